@@ -1,0 +1,1 @@
+"""tileflow.backends: one kernel backend per folder (reference, triton, ascend)."""

@@ -1,0 +1,1 @@
+"""tileflow.passes: one graph pass per module (see tileflow.pipeline)."""

@@ -1,0 +1,253 @@
+"""canonicalize: one shape for every matmul, and no no-op views or copies.
+
+Later passes match one form only. After this pass:
+- every matrix product with a 2-D right operand is `aten.linear(x2d, w[N, K], bias?)` on a 2-D
+  input: `mm`, `addmm` (unit alpha/beta, 1-D bias), `linear` on N-D inputs (flattened with a view
+  before and restored after) and 2-D-weight `matmul` all become it; a transposed weight
+  (`t`, `transpose(0, 1)`, `permute([1, 0])`) is folded into the [N, K] operand, and a [K, N]
+  operand (GPT-2's Conv1D) becomes `t(w)`;
+- batched products with equal batch dims are `aten.bmm` on 3-D operands;
+- view-like ops whose result has the input's shape, strides and offset (`view`, `reshape`,
+  `expand`, full `slice`, identity `permute`, `alias`, `detach`), double transposes, clones that
+  keep the layout and dtype conversions to the same dtype are removed.
+Nodes the graph returns directly are kept, so no output starts aliasing an input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from tileflow.graph_utils import copy_source_meta, infer_meta, same_shape
+from tileflow.pipeline import PassContext, PassResult, register_pass
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+_VIEW_LIKE = {
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.expand.default,
+    aten.slice.Tensor,
+    aten.alias.default,
+    aten.detach.default,
+    aten.permute.default,
+    aten.squeeze.dim,
+    aten.unsqueeze.default,
+}
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}
+_SAME_DTYPE_COPIES = {prims.convert_element_type.default, aten._to_copy.default, aten.clone.default}
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _is_2d_transpose(node: Any) -> bool:
+    """True when `node` swaps the two dims of a 2-D tensor."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _TRANSPOSES:
+        return False
+    src = _val(node.args[0])
+    if not isinstance(src, torch.Tensor) or src.dim() != 2:
+        return False
+    if node.target is aten.t.default:
+        return True
+    if node.target is aten.transpose.int:
+        dims = sorted(d % 2 for d in node.args[1:3])
+        return dims == [0, 1]
+    return [d % 2 for d in node.args[1]] == [1, 0]
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, strides, storage offset and dtype: the op produced a pure alias or copy."""
+    if a.dtype != b.dtype or not same_shape(a.shape, b.shape):
+        return False
+    if not same_shape(a.stride(), b.stride()):
+        # Strides of size-1 dims do not matter for layout; compare the rest only.
+        keep = [i for i, s in enumerate(a.shape) if not statically_known_true(s == 1)]
+        if not same_shape([a.stride()[i] for i in keep], [b.stride()[i] for i in keep]):
+            return False
+    return statically_known_true(a.storage_offset() == b.storage_offset())
+
+
+@register_pass
+class Canonicalize:
+    """Normalize matmul forms into `linear`/`bmm` and drop no-op views, transposes and copies."""
+
+    name = "canonicalize"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Rewrite `gm` in place (see the module docstring for the canonical forms)."""
+        result = PassResult()
+        graph = gm.graph
+        outputs = set(next(n for n in reversed(graph.nodes) if n.op == "output").all_input_nodes)
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node not in graph.nodes:
+                continue
+            kind = self._rewrite(graph, node, outputs)
+            if kind:
+                result.count(kind)
+        removed = self._remove_dead(graph)
+        if removed:
+            result.changed = True
+        gm.recompile()
+        return result
+
+    # -- matmuls ---------------------------------------------------------------------------
+    def _rewrite(self, graph: fx.Graph, node: fx.Node, outputs: set[fx.Node]) -> str | None:
+        target = node.target
+        if target is aten.mm.default:
+            return self._mm_to_linear(graph, node, node.args[0], node.args[1], None)
+        if target is aten.addmm.default:
+            beta = node.kwargs.get("beta", 1)
+            alpha = node.kwargs.get("alpha", 1)
+            bias = _val(node.args[0])
+            out = _val(node)
+            if beta == 1 and alpha == 1 and isinstance(bias, torch.Tensor) and bias.dim() == 1 and isinstance(out, torch.Tensor) and same_shape(bias.shape, out.shape[1:]):
+                return self._mm_to_linear(graph, node, node.args[1], node.args[2], node.args[0])
+            return None
+        if target is aten.linear.default:
+            return self._flatten_linear(graph, node)
+        if target is aten.matmul.default:
+            return self._matmul(graph, node)
+        if node in outputs:
+            return None
+        return self._drop_noop(node)
+
+    def _weight_nk(self, graph: fx.Graph, node: fx.Node, b: fx.Node) -> fx.Node:
+        """The [N, K] operand for `x @ b`: the source of a transpose, else `t(b)`."""
+        if _is_2d_transpose(b):
+            return b.args[0]
+        with graph.inserting_before(node):
+            w = graph.call_function(aten.t.default, (b,))
+        infer_meta(w)
+        copy_source_meta(node, w)
+        return w
+
+    def _mm_to_linear(self, graph: fx.Graph, node: fx.Node, a: Any, b: Any, bias: Any) -> str | None:
+        av, bv = _val(a), _val(b)
+        if not (isinstance(av, torch.Tensor) and isinstance(bv, torch.Tensor) and av.dim() == 2 and bv.dim() == 2):
+            return None
+        w = self._weight_nk(graph, node, b)
+        with graph.inserting_before(node):
+            lin = graph.call_function(aten.linear.default, (a, w) if bias is None else (a, w, bias))
+        infer_meta(lin)
+        copy_source_meta(node, lin)
+        node.replace_all_uses_with(lin)
+        graph.erase_node(node)
+        return "canonical_linear"
+
+    def _flatten(self, graph: fx.Graph, node: fx.Node, x: fx.Node, k: Any) -> fx.Node:
+        with graph.inserting_before(node):
+            flat = graph.call_function(aten.view.default, (x, [-1, k]))
+        infer_meta(flat)
+        copy_source_meta(node, flat)
+        return flat
+
+    def _unflatten(self, graph: fx.Graph, node: fx.Node, out2d: fx.Node, x: fx.Node, lead_dims: int, n: Any) -> fx.Node:
+        """View `out2d` back to x's leading dims plus `n`, reading symbolic dims with sym_size."""
+        xv = _val(x)
+        sizes: list[Any] = []
+        with graph.inserting_before(node):
+            for i in range(lead_dims):
+                s = xv.shape[i]
+                if isinstance(s, torch.SymInt):
+                    size_node = graph.call_function(aten.sym_size.int, (x, i))
+                    size_node.meta["val"] = s
+                    sizes.append(size_node)
+                else:
+                    sizes.append(int(s))
+            view = graph.call_function(aten.view.default, (out2d, [*sizes, n]))
+        infer_meta(view)
+        copy_source_meta(node, view)
+        return view
+
+    def _flatten_linear(self, graph: fx.Graph, node: fx.Node) -> str | None:
+        x = node.args[0]
+        xv = _val(x)
+        if not isinstance(xv, torch.Tensor) or xv.dim() <= 2 or xv.dim() > 2 + 4:
+            return None
+        w = node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        flat = self._flatten(graph, node, x, xv.shape[-1])
+        with graph.inserting_before(node):
+            lin = graph.call_function(aten.linear.default, (flat, w) if bias is None else (flat, w, bias))
+        infer_meta(lin)
+        copy_source_meta(node, lin)
+        out = self._unflatten(graph, node, lin, x, xv.dim() - 1, _val(w).shape[0])
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        return "canonical_linear"
+
+    def _matmul(self, graph: fx.Graph, node: fx.Node) -> str | None:
+        a, b = node.args[0], node.args[1]
+        av, bv = _val(a), _val(b)
+        if not (isinstance(av, torch.Tensor) and isinstance(bv, torch.Tensor)) or av.dim() < 2:
+            return None
+        if bv.dim() == 2:
+            w = self._weight_nk(graph, node, b)
+            x2d = a if av.dim() == 2 else self._flatten(graph, node, a, av.shape[-1])
+            with graph.inserting_before(node):
+                lin = graph.call_function(aten.linear.default, (x2d, w))
+            infer_meta(lin)
+            copy_source_meta(node, lin)
+            out = lin if av.dim() == 2 else self._unflatten(graph, node, lin, a, av.dim() - 1, bv.shape[1])
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            return "canonical_linear"
+        if av.dim() == bv.dim() and av.dim() >= 3 and same_shape(av.shape[:-2], bv.shape[:-2]):
+            with graph.inserting_before(node):
+                a3 = graph.call_function(aten.reshape.default, (a, [-1, av.shape[-2], av.shape[-1]]))
+                b3 = graph.call_function(aten.reshape.default, (b, [-1, bv.shape[-2], bv.shape[-1]]))
+            for n in (a3, b3):
+                infer_meta(n)
+                copy_source_meta(node, n)
+            with graph.inserting_before(node):
+                bmm = graph.call_function(aten.bmm.default, (a3, b3))
+            infer_meta(bmm)
+            copy_source_meta(node, bmm)
+            out = self._unflatten(graph, node, bmm, a, av.dim() - 1, bv.shape[-1])
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            return "canonical_bmm"
+        return None
+
+    # -- no-ops ----------------------------------------------------------------------------
+    def _drop_noop(self, node: fx.Node) -> str | None:
+        target = node.target
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        src = node.args[0]
+        sv, ov = _val(src), _val(node)
+        if not (isinstance(sv, torch.Tensor) and isinstance(ov, torch.Tensor)):
+            return None
+        if target in _VIEW_LIKE or target in _SAME_DTYPE_COPIES:
+            if target is aten._to_copy.default and set(node.kwargs) - {"dtype"}:
+                return None  # device/layout/memory-format changes are real work
+            if target is aten.clone.default and node.kwargs.get("memory_format") not in (None, torch.preserve_format) and not _same_layout(sv, ov):
+                return None
+            if _same_layout(sv, ov):
+                node.replace_all_uses_with(src)
+                node.graph.erase_node(node)
+                return "noop_removed"
+            return None
+        if target in _TRANSPOSES and _is_2d_transpose(node) and _is_2d_transpose(src):
+            node.replace_all_uses_with(src.args[0])
+            node.graph.erase_node(node)
+            return "noop_removed"
+        return None
+
+    def _remove_dead(self, graph: fx.Graph) -> int:
+        """Erase pure nodes nobody uses any more (e.g. a transpose folded into a linear)."""
+        removed = 0
+        for node in reversed(list(graph.nodes)):
+            if node.op == "call_function" and not node.users and not node.is_impure():
+                if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+                    continue
+                graph.erase_node(node)
+                removed += 1
+        return removed

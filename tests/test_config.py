@@ -1,0 +1,93 @@
+"""Config: options, environment variables, validation and use_config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tileflow
+from tileflow.config import Config, current_config, use_config
+
+
+def test_defaults_and_options() -> None:
+    config = Config.from_options({"target": "reference", "max_tokens": 512, "passes": ["canonicalize"]}, env={})
+    assert config.target == "reference"
+    assert config.max_tokens == 512
+    assert config.passes == ("canonicalize",)
+    assert config.strict is False and config.verify is False
+    assert Config.from_options(None, env={}) == Config()
+
+
+def test_unknown_option_lists_valid_keys() -> None:
+    with pytest.raises(ValueError) as info:
+        Config.from_options({"max_token": 5}, env={})
+    message = str(info.value)
+    assert "max_token" in message and "max_tokens" in message and "debug_dir" in message
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"target": "cuda"}, "'target' must be one of"),
+        ({"residual": "aot"}, "'residual' must be one of"),
+        ({"max_tokens": 0}, "'max_tokens' must be a positive integer"),
+        ({"max_tokens": "8"}, "'max_tokens' must be a positive integer"),
+        ({"nano_batches": 0}, "'nano_batches' must be 'auto' or an integer"),
+        ({"verify_rtol": -1.0}, "'verify_rtol' must be a non-negative number"),
+    ],
+)
+def test_bad_values(options: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        Config.from_options(options, env={})
+
+
+def test_environment_variables_and_precedence() -> None:
+    env = {"TILEFLOW_MAX_TOKENS": "1024", "TILEFLOW_STRICT": "yes", "TILEFLOW_TARGET": "reference",
+           "TILEFLOW_PASSES": "canonicalize", "TILEFLOW_NANO_BATCHES": "auto", "TILEFLOW_LOG": "info"}
+    config = Config.from_options({"max_tokens": 64}, env=env)
+    assert config.max_tokens == 64  # an explicit option beats the environment
+    assert config.strict is True
+    assert config.target == "reference"
+    assert config.passes == ("canonicalize",)
+    assert config.nano_batches == "auto"
+
+
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"TILEFLOW_MAX_TOKENS": "lots"}, "TILEFLOW_MAX_TOKENS='lots' is not an integer"),
+        ({"TILEFLOW_STRICT": "maybe"}, "TILEFLOW_STRICT='maybe' is not a boolean"),
+        ({"TILEFLOW_VERIFY_ATOL": "x"}, "TILEFLOW_VERIFY_ATOL='x' is not a number"),
+        ({"TILEFLOW_TARGETT": "triton"}, "unknown environment variable TILEFLOW_TARGETT"),
+        ({"TILEFLOW_TARGET": "gpu"}, "'target' must be one of"),
+    ],
+)
+def test_bad_environment(env: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        Config.from_options({}, env=env)
+
+
+def test_use_config_scopes_eager_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TILEFLOW_TARGET", raising=False)
+    assert current_config().target == "auto"
+    with use_config(Config(target="reference", max_tokens=64)) as config:
+        assert current_config() is config
+        with use_config(Config(target="triton")):
+            assert current_config().target == "triton"
+        assert current_config().max_tokens == 64
+    assert current_config().target == "auto"
+    with pytest.raises(TypeError):
+        with use_config({"target": "reference"}):  # type: ignore[arg-type]
+            pass
+
+
+def test_torch_compile_options_reach_config() -> None:
+    fn = torch.compile(lambda x: x * 2, backend="tileflow", options={"max_tokens": 77, "target": "reference"})
+    assert torch.equal(fn(torch.ones(3)), torch.full((3,), 2.0))
+    config = tileflow.session_report().graphs[-1].config
+    assert config["max_tokens"] == 77 and config["target"] == "reference"
+    bad = torch.compile(lambda x: x + 1, backend="tileflow", options={"no_such_knob": 1})
+    with pytest.raises(Exception, match="no_such_knob"):
+        bad(torch.ones(2))
+    with pytest.raises(Exception, match="not a tileflow setting"):
+        torch.compile(lambda x: x + 1, backend="tileflow", mode="max-autotune")(torch.ones(2))

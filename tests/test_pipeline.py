@@ -1,0 +1,198 @@
+"""The pass manager: timing, counts, lint, verification, rollback, strict mode and debug dumps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import tileflow
+from tileflow.config import Config
+from tileflow.pipeline import PassContext, PassManager, PassResult, TileflowError, get_pass, register_pass
+from tileflow.report import GraphReport
+
+aten = torch.ops.aten
+
+
+@register_pass
+class RaisingPass:
+    """A deliberately failing pass: edits the graph, then raises."""
+
+    name = "test_raising"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        for node in gm.graph.nodes:
+            if node.target is aten.relu.default:
+                node.target = aten.sigmoid.default  # a half-done rewrite the manager must undo
+        raise RuntimeError("boom")
+
+
+@register_pass
+class WrongNumericsPass:
+    """Swaps relu for sigmoid and claims success: only `verify` can catch it."""
+
+    name = "test_wrong_numerics"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for node in gm.graph.nodes:
+            if node.target is aten.relu.default:
+                node.target = aten.sigmoid.default
+                result.count("swapped")
+        return result
+
+
+@register_pass
+class InvalidGraphPass:
+    """Leaves a graph that uses a value before it is defined: lint must reject it."""
+
+    name = "test_invalid_graph"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+        first, last = nodes[0], nodes[-1]
+        first.args = (last,) + tuple(first.args[1:])
+        return PassResult(changed=True)
+
+
+@register_pass
+class FallbackPass:
+    """Handles nothing and says why, per node."""
+
+    name = "test_fallback"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for node in gm.graph.nodes:
+            if node.target is aten.relu.default:
+                result.fallback(node, "relu is not supported by this test pass")
+        return result
+
+
+def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x @ w.t()) * 2
+
+
+def traced() -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    inputs = [torch.randn(5, 8), torch.randn(6, 8)]
+    return make_fx(fn, tracing_mode="symbolic")(*inputs), inputs
+
+
+def context(config: Config, tmp: Path | None = None) -> PassContext:
+    return PassContext(config=config, report=GraphReport(graph_id="g"), artifact_dir=tmp)
+
+
+def test_records_time_counts_and_rewrites() -> None:
+    gm, inputs = traced()
+    config = Config(passes=("canonicalize",))
+    ctx = context(config)
+    PassManager.from_config(config).run(gm, ctx)
+    [record] = ctx.report.passes
+    assert record.name == "canonicalize" and record.ms > 0
+    assert record.nodes_after < record.nodes_before  # t + mm became one linear
+    assert record.rewrites == {"canonical_linear": 1}
+    assert any(n.target is aten.linear.default for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(*inputs), fn(*inputs))
+
+
+def test_raising_pass_is_rolled_back_and_reported() -> None:
+    gm, inputs = traced()
+    config = Config(passes=("test_raising", "canonicalize"))
+    ctx = context(config)
+    PassManager.from_config(config).run(gm, ctx)
+    torch.testing.assert_close(gm(*inputs), fn(*inputs))  # relu is back
+    [fallback] = ctx.report.fallbacks
+    assert fallback.pass_name == "test_raising" and "boom" in fallback.reason
+    assert ctx.report.passes[0].error == "RuntimeError: boom"
+    assert ctx.report.passes[1].changed  # the next pass still ran
+
+
+def test_strict_raises() -> None:
+    gm, _ = traced()
+    config = Config(passes=("test_raising",), strict=True)
+    with pytest.raises(TileflowError, match="boom"):
+        PassManager.from_config(config).run(gm, context(config))
+    config = Config(passes=("test_fallback",), strict=True)
+    with pytest.raises(TileflowError, match="relu is not supported"):
+        PassManager.from_config(config).run(traced()[0], context(config))
+
+
+def test_node_fallbacks_are_reported() -> None:
+    gm, _ = traced()
+    config = Config(passes=("test_fallback",))
+    ctx = context(config)
+    PassManager.from_config(config).run(gm, ctx)
+    [fallback] = ctx.report.fallbacks
+    assert fallback.node.startswith("relu") and fallback.pass_name == "test_fallback"
+
+
+def test_lint_failure_is_rolled_back() -> None:
+    gm, inputs = traced()
+    config = Config(passes=("test_invalid_graph",))
+    ctx = context(config)
+    PassManager.from_config(config).run(gm, ctx)
+    assert ctx.report.passes[0].error is not None
+    torch.testing.assert_close(gm(*inputs), fn(*inputs))
+
+
+def test_verify_catches_wrong_numerics() -> None:
+    gm, inputs = traced()
+    config = Config(passes=("test_wrong_numerics",), verify=True)
+    ctx = context(config)
+    PassManager.from_config(config).run(gm, ctx, real_inputs=inputs)
+    assert "changed output 0" in ctx.report.fallbacks[0].reason
+    torch.testing.assert_close(gm(*inputs), fn(*inputs))
+    # Without verify the wrong pass goes through: the check is what caught it.
+    gm2, _ = traced()
+    config = Config(passes=("test_wrong_numerics",))
+    PassManager.from_config(config).run(gm2, context(config))
+    assert not torch.allclose(gm2(*inputs), fn(*inputs))
+
+
+def test_debug_dir_has_before_after_code_and_json(tmp_path: Path) -> None:
+    gm, _ = traced()
+    config = Config(passes=("canonicalize",))
+    PassManager.from_config(config).run(gm, context(config, tmp_path))
+    before = (tmp_path / "passes" / "00_canonicalize.before.py").read_text()
+    after = (tmp_path / "passes" / "00_canonicalize.after.py").read_text()
+    assert "aten.mm" in before and "aten.linear" in after
+    nodes = json.loads((tmp_path / "passes" / "00_canonicalize.after.json").read_text())
+    linear = next(n for n in nodes if n["target"] == "aten.linear.default")
+    assert linear["dtype"] == "float32" and len(linear["shape"]) == 2
+    assert (tmp_path / "input.py").exists() and (tmp_path / "output.json").exists()
+
+
+def test_unknown_pass_name() -> None:
+    with pytest.raises(ValueError, match="available passes are"):
+        get_pass("no_such_pass")
+
+
+def test_failing_pass_through_torch_compile(tmp_path: Path) -> None:
+    x, w = torch.randn(7, 8), torch.randn(6, 8)
+    report = tileflow.Report()
+    options = {"passes": ["canonicalize", "test_raising"], "debug_dir": str(tmp_path)}
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)
+    torch.testing.assert_close(compiled(x, w), fn(x, w))
+    assert [f.pass_name for f in report.fallbacks] == ["test_raising"]
+    saved = tileflow.Report.from_json((tmp_path / "report.json").read_text())
+    assert saved.fallbacks[0].reason == report.fallbacks[0].reason
+    strict = torch.compile(fn, backend=tileflow.TileflowBackend({**options, "strict": True}), dynamic=True)
+    with pytest.raises(Exception, match="boom"):
+        strict(x, w)
+
+
+def test_verify_through_torch_compile() -> None:
+    x, w = torch.randn(7, 8), torch.randn(6, 8)
+    report = tileflow.Report()
+    options = {"passes": ["canonicalize", "test_wrong_numerics"], "verify": True}
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)
+    torch.testing.assert_close(compiled(x, w), fn(x, w))
+    x2 = torch.randn(11, 8)
+    torch.testing.assert_close(compiled(x2, w), fn(x2, w))
+    [graph] = report.graphs
+    assert graph.passes[0].changed and graph.passes[1].error is not None
+    assert "checked each pass" in graph.extra["verify"]

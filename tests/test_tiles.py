@@ -1,0 +1,442 @@
+"""Tests for tileflow.devices and tileflow.tiles: device table, candidate tiles, cost model, tile
+plans over dynamic M (SmoothGEMM), and symbolic token ranges."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from types import SimpleNamespace
+
+import pytest
+import sympy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tileflow.devices import DEVICES, DeviceInfo, detect_device, get_device
+from tileflow.kernel_spec import TileConfig
+from tileflow.tiles import (
+    ELEMENT_BYTES,
+    MAX_CONFIGS,
+    PlanPiece,
+    TilePlan,
+    _build_tile_plan_cached,
+    build_tile_plan,
+    candidate_configs,
+    estimate_seconds,
+    estimate_tile_seconds,
+    tile_efficiency,
+    token_range,
+)
+
+PLAN_DTYPES = ("bfloat16", "float16", "float32")
+H100 = DEVICES["H100-SXM"]
+CPU = DEVICES["cpu"]
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def problems(draw: st.DrawFn, max_m: int = 20000) -> dict:
+    """A GEMM problem: device, dtype it supports, N, K and an M range."""
+    device = draw(st.sampled_from(sorted(DEVICES.values(), key=lambda d: d.name)))
+    dtype = draw(st.sampled_from([d for d in PLAN_DTYPES if d in device.peak_tflops]))
+    dims = st.one_of(
+        st.sampled_from([1, 16, 17, 64, 128, 1000, 2048, 4096, 5120, 11008, 14336]),
+        st.integers(1, 20000),
+    )
+    n, k = draw(dims), draw(dims)
+    m_min = draw(st.integers(1, 300))
+    m_max = draw(st.integers(m_min, max_m))
+    return dict(n=n, k=k, dtype=dtype, device=device, m_min=m_min, m_max=m_max)
+
+
+def plan_of(p: dict, **kw) -> TilePlan:
+    return build_tile_plan(
+        p["n"], p["k"], p["dtype"], m_min=p["m_min"], m_max=p["m_max"], device=p["device"], **kw
+    )
+
+
+def brute_force_choice(m: int, p: dict, measured=None) -> tuple[TileConfig, float]:
+    """Cheapest candidate at m by direct evaluation; ties to the larger config (block_m first)."""
+    cands = candidate_configs(p["n"], p["k"], p["dtype"], p["device"])
+    costs = {
+        c: estimate_seconds(m, p["n"], p["k"], c, p["device"], p["dtype"], measured) for c in cands
+    }
+    best = min(costs.values())
+    return max(c for c in cands if costs[c] == best), best
+
+
+# ---------------------------------------------------------------------------------------------
+# device table
+
+
+def test_device_table_entries() -> None:
+    assert {"H100-SXM", "H200", "A100-SXM", "H20", "Ascend-910B", "cpu"} <= set(DEVICES)
+    assert H100.cores == 132 and H100.peak_tflops["bfloat16"] == 989.0
+    assert DEVICES["H200"].mem_bw_gbs == 4800.0 and DEVICES["H200"].mem_gb == 141.0
+    assert DEVICES["A100-SXM"].cores == 108 and DEVICES["H20"].cores == 78
+    assert DEVICES["Ascend-910B"].kind == "npu" and DEVICES["cpu"].kind == "cpu"
+    for name, info in DEVICES.items():
+        assert info.name == name
+        assert {"bfloat16", "float16", "float32"} <= set(info.peak_tflops)
+        assert DeviceInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
+        hash(info)  # frozen and hashable: it keys the plan cache
+
+
+def test_get_device_names_and_aliases() -> None:
+    assert get_device("H100-SXM") is H100
+    assert get_device("h100") is H100
+    assert get_device("h200") is DEVICES["H200"]
+    assert get_device("A100") is DEVICES["A100-SXM"]
+
+
+def test_get_device_unknown_lists_valid_names() -> None:
+    with pytest.raises(ValueError) as err:
+        get_device("TPU-v5")
+    for name in DEVICES:
+        assert name in str(err.value)
+
+
+def test_peak_flops_unknown_dtype() -> None:
+    with pytest.raises(ValueError, match="known dtypes"):
+        DEVICES["Ascend-910B"].peak_flops("float64")
+    assert H100.peak_flops("bfloat16") == 989e12
+
+
+def test_detect_device_without_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert detect_device() is CPU
+    assert detect_device("cpu") is CPU
+    with pytest.raises(ValueError, match="device type"):
+        detect_device("meta")
+
+
+@pytest.mark.parametrize(
+    "reported, sms, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", 132, "H100-SXM"),
+        ("NVIDIA H200", 132, "H200"),
+        ("NVIDIA H20", 78, "H20"),  # must not be read as H200
+        ("NVIDIA A100-SXM4-80GB", 108, "A100-SXM"),
+        ("NVIDIA H100 PCIe", 114, "NVIDIA H100 PCIe"),  # fewer SMs: rescaled entry
+        ("Tesla T4", 40, "Tesla T4"),  # unknown: built from the device properties
+    ],
+)
+def test_detect_device_cuda_names(monkeypatch, reported: str, sms: int, expected: str) -> None:
+    import torch
+
+    props = SimpleNamespace(
+        multi_processor_count=sms, total_memory=16e9, shared_memory_per_multiprocessor=65536
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: reported)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=None: props)
+    info = detect_device("cuda")
+    assert info.name == expected and info.cores == sms and info.kind == "gpu"
+    if expected in DEVICES:
+        assert info is DEVICES[expected]
+    else:
+        # Same per-SM rate as the H100 entry.
+        per_sm = info.peak_tflops["bfloat16"] / info.cores
+        assert per_sm == pytest.approx(989.0 / 132)
+    if reported == "Tesla T4":
+        assert info.smem_kib_per_core == 64 and info.mem_gb == 16.0
+
+
+# ---------------------------------------------------------------------------------------------
+# candidates and cost model
+
+
+@SETTINGS
+@given(problems())
+def test_candidates_small_fitting_and_deterministic(p: dict) -> None:
+    device, dtype = p["device"], p["dtype"]
+    cands = candidate_configs(p["n"], p["k"], dtype, device)
+    assert 1 <= len(cands) <= MAX_CONFIGS
+    assert len(set(cands)) == len(cands)
+    assert cands == candidate_configs(p["n"], p["k"], dtype, device)
+    assert [c.block_m for c in cands] == sorted(c.block_m for c in cands)
+    for c in cands:
+        assert min(c.block_m, c.block_n, c.block_k) >= 16  # tl.dot minimum
+        if device.kind == "gpu":
+            stage = (c.block_m + c.block_n) * c.block_k * ELEMENT_BYTES[dtype]
+            assert stage * c.num_stages <= device.smem_kib_per_core * 1024
+    bms = {c.block_m for c in cands}
+    if device.kind == "cpu":
+        assert bms == {16, 32, 64}
+        assert all(c.block_n <= 32 and c.block_k <= 32 for c in cands)
+    else:
+        assert bms == {16, 32, 64, 128}
+
+
+def test_candidates_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="dtypes"):
+        candidate_configs(64, 64, "int8", H100)
+    with pytest.raises(ValueError, match="positive"):
+        candidate_configs(0, 64, "float16", H100)
+
+
+def test_tile_efficiency_grows_with_block_m() -> None:
+    effs = [tile_efficiency(TileConfig(bm, 128, 64)) for bm in (16, 32, 64, 128, 256)]
+    assert effs == sorted(effs) and all(0 < e < 1 for e in effs)
+
+
+def test_estimate_seconds_counts_tiles_and_waves() -> None:
+    cfg = TileConfig(64, 128, 64)
+    t = estimate_tile_seconds(cfg, 4096, 4096, "bfloat16", H100)
+    # Memory term dominates on H100 in this model: (64+128)*4096*2 bytes at 3350/132 GB/s.
+    assert t == pytest.approx((64 + 128) * 4096 * 2 / (3350e9 / 132))
+    # 1 row of tiles x 32 column tiles < 132 cores: one wave, padded rows are free.
+    assert estimate_seconds(1, 4096, 4096, cfg, H100, "bfloat16") == t
+    assert estimate_seconds(64, 4096, 4096, cfg, H100, "bfloat16") == t
+    # 65 rows -> 2 x 32 = 64 tiles, still one wave; 5 x 32 = 160 tiles -> 2 waves.
+    assert estimate_seconds(65, 4096, 4096, cfg, H100, "bfloat16") == t
+    assert estimate_seconds(257, 4096, 4096, cfg, H100, "bfloat16") == 2 * t
+    assert estimate_seconds(0, 4096, 4096, cfg, H100, "bfloat16") == 0.0
+    assert estimate_seconds(257, 4096, 4096, cfg, H100, "bfloat16", {cfg: 1e-6}) == 2e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# plan properties
+
+
+@SETTINGS
+@given(problems(), st.data())
+def test_plan_covers_range_exactly_and_padding_below_one_tile(p: dict, data: st.DataObject) -> None:
+    plan = plan_of(p)
+    pieces = plan.pieces
+    assert pieces[0].lo == p["m_min"] and pieces[-1].hi == p["m_max"]
+    assert all(a.hi + 1 == b.lo for a, b in zip(pieces, pieces[1:]))
+    assert all(pc.lo <= pc.hi for pc in pieces)
+    assert sum(pc.hi - pc.lo + 1 for pc in pieces) == p["m_max"] - p["m_min"] + 1
+    assert all(a.config != b.config for a, b in zip(pieces, pieces[1:]))  # merged
+    assert len(plan.configs) <= MAX_CONFIGS
+    assert set(plan.configs) <= set(candidate_configs(p["n"], p["k"], p["dtype"], p["device"]))
+    ms = data.draw(st.lists(st.integers(p["m_min"], p["m_max"]), min_size=1, max_size=40))
+    for m in ms + [p["m_min"], p["m_max"]]:
+        owners = [pc for pc in pieces if pc.lo <= m <= pc.hi]
+        assert len(owners) == 1
+        cfg = plan.select_tile(m)
+        assert cfg == owners[0].config
+        pad = plan.padded_rows(m)
+        assert pad == math.ceil(m / cfg.block_m) * cfg.block_m - m
+        assert 0 <= pad < cfg.block_m
+
+
+@SETTINGS
+@given(problems(max_m=70000), st.data())
+def test_plan_agrees_with_brute_force(p: dict, data: st.DataObject) -> None:
+    plan = plan_of(p)
+    ms = data.draw(st.lists(st.integers(p["m_min"], p["m_max"]), min_size=1, max_size=30))
+    for m in ms + [p["m_min"], p["m_max"]]:
+        best_cfg, best_cost = brute_force_choice(m, p)
+        chosen = plan.select_tile(m)
+        assert estimate_seconds(m, p["n"], p["k"], chosen, p["device"], p["dtype"]) == best_cost
+        assert chosen == best_cfg  # including the tie rule (larger block_m wins)
+
+
+@pytest.mark.parametrize("device_name", sorted(DEVICES))
+@pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096), (24, 200), (128, 14336)])
+def test_plan_matches_brute_force_at_every_m(device_name: str, n: int, k: int) -> None:
+    """Exhaustive check of the segment evaluation for every M up to 600 (and an odd m_min)."""
+    device = DEVICES[device_name]
+    for m_min in (1, 37):
+        p = dict(n=n, k=k, dtype="float16", device=device, m_min=m_min, m_max=600)
+        plan = plan_of(p)
+        for m in range(m_min, 601):
+            assert plan.select_tile(m) == brute_force_choice(m, p)[0], m
+
+
+@SETTINGS
+@given(problems(), st.data())
+def test_total_cost_non_decreasing_in_m(p: dict, data: st.DataObject) -> None:
+    # Each candidate's cost waves(m) * t is non-decreasing in m, so their minimum is too.
+    plan = plan_of(p)
+    start = data.draw(st.integers(p["m_min"], p["m_max"]))
+    stop = min(p["m_max"], start + 300)
+    costs = [
+        estimate_seconds(m, p["n"], p["k"], plan.select_tile(m), p["device"], p["dtype"])
+        for m in range(start, stop + 1)
+    ]
+    assert all(a <= b for a, b in zip(costs, costs[1:]))
+
+
+@SETTINGS
+@given(problems(), st.integers(1, 16))
+def test_tiny_m_uses_smallest_block_m(p: dict, m: int) -> None:
+    # For m <= 16 every candidate needs one row of tiles. The 16-row tile's block_n is the same as
+    # another candidate's or r = 2 or 4 times narrower, so it needs at most r times the waves, and
+    # its per-tile time is less than 1/r of theirs in both roofline terms (e.g. bf16 memory:
+    # 2 * (16 + 64) < 64 + 128, 4 * (16 + 64) < 128 + 256). So it is strictly cheapest.
+    p = {**p, "m_min": 1, "m_max": max(p["m_max"], 16)}
+    plan = plan_of(p)
+    smallest = min(c.block_m for c in candidate_configs(p["n"], p["k"], p["dtype"], p["device"]))
+    assert plan.select_tile(m).block_m == smallest
+
+
+@SETTINGS
+@given(
+    st.sampled_from(["bfloat16", "float16"]),
+    st.integers(1024, 16384),
+    st.integers(16, 16384),
+    st.integers(8192, 65536),
+)
+def test_large_m_on_h100_uses_largest_block_m(dtype: str, n: int, k: int, m: int) -> None:
+    # On H100 every candidate is memory-bound in the model, so tile time ~ (bm + bn). With
+    # M >= 8192 and N >= 1024 a 64x128 candidate needs x >= 7.7 waves; a 128x128 tile does the
+    # work of two in ceil(x/2) <= (ceil(x) + 1) / 2 waves, so its cost ratio is at most
+    # (1/2 + 1/16) * (256 / 192) = 0.75 < 1 (smaller tiles lose by more; 128x256 beats 128x128
+    # or ties with it, and ties go to the larger config anyway).
+    plan = build_tile_plan(n, k, dtype, m_max=65536, device=H100)
+    assert plan.select_tile(m).block_m == max(
+        c.block_m for c in candidate_configs(n, k, dtype, H100)
+    )
+
+
+def test_h100_llama_plan_shape() -> None:
+    plan = build_tile_plan(4096, 4096, "bfloat16", m_max=65536, device=H100)
+    bms = [c.block_m for c in plan.configs]
+    assert bms == sorted(bms) and bms[0] == 16 and bms[-1] == 128
+    text = plan.describe()
+    assert text.startswith("M 1..") and "-> m16n64k64" in text
+    assert text.count("; ") == len(plan.pieces) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism, serialization, caching, speed
+
+
+@SETTINGS
+@given(problems())
+def test_plan_deterministic_and_round_trips(p: dict) -> None:
+    plan = plan_of(p)
+    again = plan_of(p)
+    assert again == plan
+    _build_tile_plan_cached.cache_clear()
+    fresh = plan_of(p)
+    assert fresh == plan and fresh is not plan
+    data = json.loads(json.dumps(plan.to_dict()))
+    restored = TilePlan.from_dict(data)
+    assert restored == plan and restored.describe() == plan.describe()
+    assert restored.select_tile(p["m_max"]) == plan.select_tile(p["m_max"])
+
+
+def test_plan_is_cached() -> None:
+    a = build_tile_plan(4096, 4096, "bfloat16", m_max=8192, device=H100)
+    b = build_tile_plan(4096, 4096, "bfloat16", m_min=1, m_max=8192, device=H100)
+    assert a is b
+
+
+def test_plan_rejects_broken_pieces() -> None:
+    cfg = TileConfig(16, 32, 32)
+    with pytest.raises(ValueError, match="contiguous"):
+        TilePlan(8, 8, "float32", "cpu", 1, 10, (PlanPiece(1, 4, cfg), PlanPiece(6, 10, cfg)))
+    with pytest.raises(ValueError, match="cover"):
+        TilePlan(8, 8, "float32", "cpu", 1, 10, (PlanPiece(1, 9, cfg),))
+    with pytest.raises(ValueError):
+        build_tile_plan(64, 64, "float32", m_min=10, m_max=5, device=CPU)
+
+
+def test_build_plan_is_fast() -> None:
+    best = math.inf
+    for _ in range(3):
+        _build_tile_plan_cached.cache_clear()
+        t0 = time.perf_counter()
+        build_tile_plan(11008, 4096, "bfloat16", m_max=65536, device=DEVICES["H20"])
+        best = min(best, time.perf_counter() - t0)
+    assert best < 0.2
+
+
+def test_select_tile_out_of_range_message() -> None:
+    plan = build_tile_plan(64, 64, "float32", m_min=4, m_max=100, device=CPU)
+    for m in (3, 101):
+        with pytest.raises(ValueError) as err:
+            plan.select_tile(m)
+        assert "[4, 100]" in str(err.value) and "max_tokens" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# measured per-tile times
+
+
+@SETTINGS
+@given(problems(), st.data())
+def test_measured_tiny_time_wins_everywhere(p: dict, data: st.DataObject) -> None:
+    cands = candidate_configs(p["n"], p["k"], p["dtype"], p["device"])
+    fav = data.draw(st.sampled_from(cands))
+    measured = {fav: 1e-15}
+    plan = plan_of(p, measured=measured)
+    assert plan.configs == (fav,)
+    # Dict and item-tuple forms are the same plan (same cache entry).
+    assert plan_of(p, measured=tuple(measured.items())) is plan
+    for m in (p["m_min"], p["m_max"]):
+        assert plan.select_tile(m) == brute_force_choice(m, p, measured)[0]
+
+
+def test_measured_slow_time_removes_default_winner() -> None:
+    p = dict(n=4096, k=4096, dtype="bfloat16", device=H100, m_min=1, m_max=8192)
+    default = plan_of(p)
+    winner = default.select_tile(8192)
+    slowed = plan_of(p, measured={winner: 1.0})
+    assert winner not in slowed.configs
+    # A config that is not a candidate is ignored.
+    other = TileConfig(256, 16, 16)
+    assert plan_of(p, measured={other: 1e-15}) == default
+    with pytest.raises(ValueError, match="positive"):
+        plan_of(p, measured={winner: 0.0})
+
+
+# ---------------------------------------------------------------------------------------------
+# token_range
+
+s0, s1 = sympy.symbols("s0 s1", integer=True, positive=True)
+
+
+@pytest.mark.parametrize(
+    "expr, ranges, max_tokens, expected",
+    [
+        (s0, {s0: (1, 512)}, 8192, (1, 512)),
+        (s0, {s0: (2, None)}, 8192, (2, 8192)),
+        (s0, {s0: (2, sympy.oo)}, 4096, (2, 4096)),
+        (s0, {s0: (1, 100000)}, 4096, (1, 4096)),
+        (s0 * s1, {s0: (1, 8), s1: (1, 128)}, 8192, (1, 1024)),
+        (s0 * s1, {s0: (2, 8), s1: (3, None)}, 8192, (6, 8192)),
+        (2 * s0 + 1, {s0: (2, 100)}, 8192, (5, 201)),
+        (2 * s0 + 1, {"s0": (0, math.inf)}, 300, (1, 300)),  # names work as keys
+        (7, {}, 100, (7, 7)),
+        (s0 - 5, {s0: (1, 10)}, 100, (1, 5)),  # lo clamped to 1
+        (s0 / 2, {s0: (3, 9)}, 100, (2, 4)),  # real bounds rounded inward
+    ],
+)
+def test_token_range(expr, ranges, max_tokens, expected) -> None:
+    assert token_range(expr, ranges, max_tokens) == expected
+
+
+def test_token_range_torch_infinity_and_floordiv() -> None:
+    from torch.utils._sympy.functions import FloorDiv
+    from torch.utils._sympy.numbers import int_oo
+
+    assert token_range(s0, {s0: (2, int_oo)}, 1000) == (2, 1000)
+    assert token_range(FloorDiv(s0 * s1, 2), {s0: (2, 8), s1: (3, 4)}, 1000) == (3, 16)
+
+
+def test_token_range_errors() -> None:
+    with pytest.raises(ValueError, match="max_tokens"):
+        token_range(s0 * s1, {s0: (64, None), s1: (64, None)}, 2048)
+    with pytest.raises(ValueError, match="never"):
+        token_range(s0 - 20, {s0: (1, 10)}, 100)
+    with pytest.raises(ValueError, match="invalid range"):
+        token_range(s0, {s0: (10, 2)}, 100)
+
+
+def test_token_range_feeds_plan() -> None:
+    lo, hi = token_range(s0 * s1, {s0: (1, 4), s1: (1, None)}, 4096)
+    plan = build_tile_plan(256, 256, "float32", m_min=lo, m_max=hi, device=CPU)
+    assert plan.m_min == 1 and plan.m_max == 4096
+    with pytest.raises(ValueError, match="max_tokens"):
+        plan.select_tile(4097)

@@ -1,0 +1,486 @@
+"""Tests for the Triton padded fixed-tile GEMM (backends/triton/gemm.py and build.py).
+
+Kernels run on the CPU under the Triton interpreter. Every launch writes into an output poisoned
+with NaN, so a tile the kernel forgets to store shows up, and is compared with a float64 torch
+reference computed on upcast inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The interpreter must be chosen before triton is first imported (`@triton.jit` reads it when a
+# kernel module is imported); tests/conftest.py sets it too, this keeps the file runnable alone.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="the Triton backend tests need triton installed")
+
+from tileflow.backends.triton import build as tbuild  # noqa: E402
+from tileflow.backends.triton.build import build_triton_kernel, clear_memo  # noqa: E402
+from tileflow.backends.triton.gemm import make_gemm_launcher, render_gemm_source  # noqa: E402
+from tileflow.kernel_spec import KernelSpec, TileConfig, make_params  # noqa: E402
+from tileflow.targets import triton_interpreter_enabled  # noqa: E402
+
+TILE_A = TileConfig(16, 32, 32)
+TILE_B = TileConfig(32, 32, 16)
+TOL = {"float32": 1e-5, "float16": 2e-3}
+
+pytestmark = pytest.mark.skipif(
+    not triton_interpreter_enabled() and not torch.cuda.is_available(),
+    reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1",
+)
+DEVICE = "cpu" if triton_interpreter_enabled() else "cuda"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Keep generated sources out of ~/.cache and start from an empty in-process memo."""
+    root = tmp_path_factory.mktemp("tileflow_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TILEFLOW_CACHE_DIR", str(root))
+        clear_memo()
+        yield root
+        clear_memo()
+
+
+def gemm_spec(
+    dtype: str = "float32",
+    epilogue: tuple[str, ...] = (),
+    *,
+    n: int = 40,
+    k: int = 24,
+    tile: TileConfig = TILE_A,
+    persistent: bool = False,
+    out_dtype: str | None = None,
+) -> KernelSpec:
+    """A padded_gemm spec; `cast` in the epilogue defaults the output to float32."""
+    if out_dtype is None:
+        out_dtype = "float32" if "cast" in epilogue else dtype
+    return KernelSpec(
+        op="padded_gemm",
+        dtype=dtype,
+        out_dtype=out_dtype,
+        tile=tile,
+        epilogue=epilogue,
+        params=make_params(n=n, k=k, persistent=persistent),
+    )
+
+
+def build(spec: KernelSpec, artifact_dir: Path | None = None):
+    return build_triton_kernel(spec, render_gemm_source, make_gemm_launcher, artifact_dir)
+
+
+def make_inputs(spec: KernelSpec, m: int, seed: int) -> dict[str, torch.Tensor | None]:
+    """Fresh random x, weight and (when the epilogue wants them) bias and residual."""
+    gen = torch.Generator().manual_seed(seed)
+    n, k = spec.param("n"), spec.param("k")
+    dt = getattr(torch, spec.dtype)
+    rows = 2 * n if "swiglu" in spec.epilogue else n
+    # Scale so pre-activation values are O(1): activations are exercised on both sides of 0.
+    x = torch.randn(m, k, generator=gen).to(dt)
+    w = (torch.randn(rows, k, generator=gen) / k**0.5).to(dt)
+    bias = torch.randn(rows, generator=gen).to(dt) if "bias" in spec.epilogue else None
+    res = torch.randn(m, n, generator=gen).to(dt) if "residual" in spec.epilogue else None
+    return {"x": x.to(DEVICE), "weight": w.to(DEVICE),
+            "bias": None if bias is None else bias.to(DEVICE),
+            "residual": None if res is None else res.to(DEVICE)}
+
+
+def reference(spec: KernelSpec, x, weight, bias=None, residual=None) -> torch.Tensor:
+    """float64 torch reference of the spec's GEMM + epilogue."""
+    n = spec.param("n")
+    acc = x.double() @ weight.double().T
+    if bias is not None:
+        acc = acc + bias.double()
+    ep = spec.epilogue
+    if "silu" in ep:
+        acc = F.silu(acc)
+    if "gelu" in ep:
+        acc = F.gelu(acc)
+    if "gelu_tanh" in ep:
+        acc = F.gelu(acc, approximate="tanh")
+    if "swiglu" in ep:
+        acc = F.silu(acc[:, :n]) * acc[:, n:]
+    if residual is not None:
+        acc = acc + residual.double()
+    return acc
+
+
+def poisoned_out(spec: KernelSpec, m: int) -> torch.Tensor:
+    return torch.full((m, spec.param("n")), float("nan"), dtype=getattr(torch, spec.out_dtype),
+                      device=DEVICE)
+
+
+def assert_close(spec: KernelSpec, out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Every element written (no NaN left) and relative error within the dtype's tolerance."""
+    assert out.dtype == getattr(torch, spec.out_dtype)
+    assert not torch.isnan(out).any(), "some output elements were never written"
+    out64, ref64 = out.double().cpu(), ref.cpu()
+    rel = ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
+    # the coarser of the input and output dtypes sets the tolerance (fp32 -> fp16 cast rounds)
+    tol = max(TOL[spec.dtype], TOL[spec.out_dtype])
+    assert rel <= tol, f"relative error {rel:.3g} > {tol} for {spec.name}"
+
+
+def run_case(spec: KernelSpec, m: int, seed: int, **launch_kwargs) -> torch.Tensor:
+    kernel = build(spec)
+    inputs = make_inputs(spec, m, seed)
+    out = poisoned_out(spec, m)
+    got = kernel(inputs["x"], inputs["weight"], inputs["bias"], inputs["residual"], out=out,
+                 **launch_kwargs)
+    assert got is out, "a given `out` must be written in place and returned"
+    assert_close(spec, out, reference(spec, **inputs))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Correctness across M (the dynamic token count)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 17, 63, 100, 129])
+def test_plain_gemm_every_m(dtype: str, m: int) -> None:
+    run_case(gemm_spec(dtype), m, seed=1000 + m)
+
+
+def test_large_m_tail_tile() -> None:
+    # 1000 = 62 full 16-row tiles + an 8-row tail; K = 72 has a masked tail step too.
+    run_case(gemm_spec("float32", ("bias",), k=72), 1000, seed=7)
+
+
+# ------------------------------------------------------------------------------------------
+# Epilogues
+# ------------------------------------------------------------------------------------------
+
+EPILOGUE_CASES = [
+    ("float32", ("bias",)),
+    ("float16", ("bias",)),
+    ("float32", ("silu",)),
+    ("float16", ("silu",)),
+    ("float32", ("gelu",)),
+    ("float16", ("gelu",)),
+    ("float32", ("gelu_tanh",)),
+    ("float16", ("gelu_tanh",)),
+    ("float32", ("swiglu",)),
+    ("float16", ("swiglu",)),
+    ("float32", ("bias", "swiglu")),
+    ("float16", ("bias", "swiglu")),
+    ("float32", ("residual",)),
+    ("float16", ("residual",)),
+    ("float16", ("cast",)),
+    ("float16", ("bias", "gelu", "residual")),
+    ("float16", ("bias", "swiglu", "residual", "cast")),
+]
+
+
+def _case_id(value: object) -> str:
+    return "-".join(value) if isinstance(value, tuple) else str(value)
+
+
+@pytest.mark.parametrize("dtype,epilogue", EPILOGUE_CASES, ids=_case_id)
+def test_epilogue(dtype: str, epilogue: tuple[str, ...]) -> None:
+    spec = gemm_spec(dtype, epilogue, k=72, tile=TILE_B)
+    run_case(spec, 37, seed=sum(map(ord, dtype + "-".join(epilogue))))
+
+
+def test_cast_to_float16_from_float32() -> None:
+    spec = gemm_spec("float32", ("cast",), out_dtype="float16")
+    out = run_case(spec, 17, seed=3)
+    assert out.dtype == torch.float16
+
+
+def test_even_k_has_no_k_mask() -> None:
+    # K = 64 is a multiple of BLOCK_K = 16 and 32: the K mask is left out of the source.
+    spec = gemm_spec("float32", ("bias",), k=64, tile=TILE_B)
+    assert "K - k0" not in render_gemm_source(spec)
+    run_case(spec, 23, seed=4)
+
+
+# ------------------------------------------------------------------------------------------
+# Layouts, in-place output, persistent schedule
+# ------------------------------------------------------------------------------------------
+
+
+def test_transposed_weight_view_and_strided_x() -> None:
+    spec = gemm_spec("float32", ("bias",), k=24)
+    gen = torch.Generator().manual_seed(11)
+    m, n, k = 45, 40, 24
+    w_kn = torch.randn(k, n, generator=gen).to(DEVICE)  # stored [K, N]; the op wants [N, K]
+    weight = w_kn.t()
+    assert not weight.is_contiguous()
+    x_wide = torch.randn(m, 2 * k, generator=gen).to(DEVICE)
+    x = x_wide[:, 5 : 5 + k]  # row stride 2K, not K
+    bias = torch.randn(n, generator=gen).to(DEVICE)
+    out = poisoned_out(spec, m)
+    build(spec)(x, weight, bias, out=out)
+    assert_close(spec, out, reference(spec, x, weight, bias))
+
+
+def test_only_real_rows_and_columns_are_written() -> None:
+    # `out` is a window of a bigger buffer: rows past M and columns past N must stay untouched
+    # (virtual padding never writes the padded part of the tail tile).
+    spec = gemm_spec("float32")
+    m, n = 19, 40
+    buf = torch.full((m + 13, n + 7), -7.0, device=DEVICE)
+    out = buf[:m, :n]
+    inputs = make_inputs(spec, m, seed=12)
+    build(spec)(inputs["x"], inputs["weight"], out=out)
+    assert_close(spec, out, reference(spec, **inputs))
+    assert torch.all(buf[m:] == -7.0) and torch.all(buf[:, n:] == -7.0)
+
+
+def test_allocates_output_when_not_given() -> None:
+    spec = gemm_spec("float16", ("cast",))
+    inputs = make_inputs(spec, 9, seed=13)
+    out = build(spec)(inputs["x"], inputs["weight"])
+    assert out.shape == (9, 40) and out.dtype == torch.float32
+    assert_close(spec, out, reference(spec, **inputs))
+
+
+def test_zero_tokens_launches_nothing() -> None:
+    spec = gemm_spec("float32")
+    kernel = build(spec)
+    x = torch.empty(0, 24, device=DEVICE)
+    w = torch.randn(40, 24, device=DEVICE)
+    out = kernel(x, w)
+    assert out.shape == (0, 40)
+
+
+@pytest.mark.parametrize(
+    "dtype,epilogue,m,num_programs",
+    [
+        ("float32", (), 100, 3),                    # 7 x 2 = 14 tiles over 3 programs
+        ("float16", ("bias", "swiglu"), 129, 5),   # 9 x 2 = 18 tiles over 5 programs
+        ("float32", ("residual",), 1000, 7),       # 63 x 2 = 126 tiles over 7 programs
+        ("float32", ("bias",), 40, None),          # default grid size
+    ],
+)
+def test_persistent(
+    dtype: str, epilogue: tuple[str, ...], m: int, num_programs: int | None
+) -> None:
+    spec = gemm_spec(dtype, epilogue, persistent=True)
+    src = render_gemm_source(spec)
+    assert "for tile_id in range(pid, num_tiles, NUM_PROGRAMS):" in src
+    run_case(spec, m, seed=20 + m, num_programs=num_programs)
+
+
+def test_persistent_more_programs_than_tiles() -> None:
+    run_case(gemm_spec("float32", persistent=True), 5, seed=21, num_programs=64)
+
+
+# ------------------------------------------------------------------------------------------
+# Build: caching, one kernel for every M, artifacts
+# ------------------------------------------------------------------------------------------
+
+
+def test_one_kernel_serves_every_m(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    clear_memo()
+    writes: list[Path] = []
+    real_write = tbuild._write_atomic
+
+    def counting_write(path: Path, text: str) -> None:
+        writes.append(Path(path))
+        real_write(path, text)
+
+    monkeypatch.setattr(tbuild, "_write_atomic", counting_write)
+    spec = gemm_spec("float32", ("bias", "silu"))
+    first = build(spec)
+    assert first.target == "triton" and first.spec == spec
+    assert first.source_path is not None and first.source_path.is_file()
+    assert first.source_path.is_relative_to(tmp_path / "cache")
+    assert first.source_path.read_text() == first.source
+    assert writes == [first.source_path]
+    stat = first.source_path.stat()
+
+    for m in (1, 16, 17, 100, 3):
+        again = build(spec)
+        assert again is first  # memoized: same CompiledKernel, nothing rebuilt
+        inputs = make_inputs(spec, m, seed=30 + m)
+        out = poisoned_out(spec, m)
+        again(inputs["x"], inputs["weight"], inputs["bias"], out=out)
+        assert_close(spec, out, reference(spec, **inputs))
+
+    # A fresh process (simulated by forgetting the memo) finds the file and does not rewrite it.
+    clear_memo()
+    rebuilt = build(spec)
+    assert rebuilt is not first and rebuilt.source_path == first.source_path
+    assert writes == [first.source_path], "the cached source file must be written only once"
+    assert first.source_path.stat().st_mtime_ns == stat.st_mtime_ns
+    clear_memo()
+
+
+def test_source_saved_to_artifact_dir(tmp_path: Path) -> None:
+    spec = gemm_spec("float16", ("bias", "gelu_tanh"), persistent=True)
+    kernel = build(spec, artifact_dir=tmp_path / "artifacts")
+    saved = tmp_path / "artifacts" / f"{spec.name}.py"
+    assert saved.is_file()
+    assert saved.read_text() == kernel.source
+    assert kernel.meta["digest"] in str(kernel.source_path)
+
+
+def test_cache_key_includes_versions() -> None:
+    spec = gemm_spec("float32")
+    import triton
+
+    kernel = build(spec)
+    expected = spec.digest(tbuild.tileflow_version(), triton.__version__)
+    assert kernel.meta["digest"] == expected
+    assert kernel.source_path.parent.name == expected
+
+
+# ------------------------------------------------------------------------------------------
+# Generated source
+# ------------------------------------------------------------------------------------------
+
+
+def test_source_is_readable_and_minimal() -> None:
+    spec = gemm_spec("float32", ("bias",))
+    src = render_gemm_source(spec)
+    compile(src, "<generated>", "exec")
+    assert "import triton\n" in src and "import triton.language as tl\n" in src
+    assert src.count("@triton.jit") == 1
+    assert re.search(r"^\s*M,", src, re.M)  # M is a runtime argument...
+    assert not re.search(r"\bM: tl.constexpr", src)  # ...never a constexpr
+    assert 'do_not_specialize=["M"]' in src
+    assert 'input_precision="ieee"' in src or "allow_tf32=False" in src
+    assert "mask_m = offs_m < M" in src and "offs_k[None, :] < K - k0" in src
+    assert "bias_ptr" in src and "res_ptr" not in src and "_sigmoid" not in src
+    assert "tl.store(out_ptrs, acc.to(tl.float32), mask=mask_out)" in src
+    # fp16 inputs: no precision override (it only means something for fp32)
+    src16 = render_gemm_source(gemm_spec("float16", ("swiglu", "cast")))
+    assert "input_precision" not in src16 and "allow_tf32" not in src16
+    assert "acc_gate" in src16 and "acc_up" in src16 and "acc.to(tl.float32)" in src16
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_every_epilogue_combination_renders(persistent: bool) -> None:
+    acts = [(), ("silu",), ("gelu",), ("gelu_tanh",), ("swiglu",)]
+    for act in acts:
+        for bias in ((), ("bias",)):
+            for res in ((), ("residual",)):
+                for cast in ((), ("cast",)):
+                    spec = gemm_spec("float16", bias + act + res + cast, persistent=persistent)
+                    compile(render_gemm_source(spec), spec.name, "exec")
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    spec = gemm_spec("float32", ("bias",))
+    kernel = build(spec)
+    x = torch.randn(5, 24, device=DEVICE)
+    w = torch.randn(40, 24, device=DEVICE)
+    b = torch.randn(40, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x must have shape \[5, 24\], got \[5, 23\]"):
+        kernel(torch.randn(5, 23, device=DEVICE), w, b)
+    with pytest.raises(ValueError, match="2-D"):
+        kernel(torch.randn(24, device=DEVICE), w, b)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        kernel(x, torch.randn(41, 24, device=DEVICE), b)
+    with pytest.raises(ValueError, match="epilogue has 'bias' but no bias was given"):
+        kernel(x, w)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        kernel(x, w, torch.randn(80, device=DEVICE))
+    with pytest.raises(ValueError, match="x must be float32, got float16"):
+        kernel(x.half(), w, b)
+    with pytest.raises(ValueError, match="has no 'residual'"):
+        kernel(x, w, b, torch.randn(5, 40, device=DEVICE))
+    with pytest.raises(ValueError, match="out must have shape"):
+        kernel(x, w, b, out=torch.empty(6, 40, device=DEVICE))
+    with pytest.raises(ValueError, match="persistent"):
+        kernel(x, w, b, num_programs=4)
+
+    plain = build(gemm_spec("float32"))
+    with pytest.raises(ValueError, match="has no 'bias'"):
+        plain(x, w, b)
+    persistent = build(gemm_spec("float32", persistent=True))
+    with pytest.raises(ValueError, match="num_programs must be a positive int"):
+        persistent(x, w, num_programs=0)
+
+
+def test_bad_specs_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="at most one activation"):
+        render_gemm_source(gemm_spec("float32", ("silu", "swiglu")))
+    with pytest.raises(ValueError, match="no 'cast'"):
+        render_gemm_source(gemm_spec("float16", (), out_dtype="float32"))
+    with pytest.raises(ValueError, match="too small for tl.dot"):
+        render_gemm_source(gemm_spec("float32", tile=TileConfig(8, 32, 32)))
+    with pytest.raises(ValueError, match="positive integer param 'k'"):
+        render_gemm_source(KernelSpec("padded_gemm", "float32", "float32", TILE_A, (),
+                                      make_params(n=40)))
+    with pytest.raises(ValueError, match="handles op 'padded_gemm'"):
+        render_gemm_source(KernelSpec("meta_attention", "float32", "float32", TILE_A))
+    with pytest.raises(ValueError, match="supports dtype"):
+        render_gemm_source(gemm_spec("float64"))
+
+
+# ------------------------------------------------------------------------------------------
+# GPU only: the compiled (not interpreted) kernel never recompiles for a new M
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton)")
+def test_cuda_no_recompile_across_m(tmp_path: Path) -> None:
+    # A subprocess, because this process runs Triton in interpreter mode.
+    script = textwrap.dedent(
+        """
+        import torch
+        from tileflow.backends.triton.build import build_triton_kernel
+        from tileflow.backends.triton.gemm import make_gemm_launcher, render_gemm_source
+        from tileflow.kernel_spec import KernelSpec, TileConfig, make_params
+
+        spec = KernelSpec("padded_gemm", "float32", "float32", TileConfig(32, 32, 32),
+                          ("bias",), make_params(n=96, k=80, persistent=False))
+        kernel = build_triton_kernel(spec, render_gemm_source, make_gemm_launcher)
+        w = torch.randn(96, 80, device="cuda")
+        b = torch.randn(96, device="cuda")
+        for m in (1, 16, 17, 100, 1000):
+            x = torch.randn(m, 80, device="cuda")
+            out = kernel(x, w, b)
+            ref = x.double() @ w.double().T + b.double()
+            rel = ((out.double() - ref).norm() / ref.norm()).item()
+            assert rel < 1e-5, (m, rel)  # also proves no TF32
+        caches = getattr(kernel.launch.kernel, "device_caches", None)
+        if caches:
+            sizes = [len(entry[0]) for entry in caches.values()]
+            assert sizes == [1], f"recompiled for a new M: {sizes}"
+        print("OK")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0", TILEFLOW_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Property: any M, one kernel (hypothesis picks the token counts)
+# ------------------------------------------------------------------------------------------
+
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(m=st.integers(min_value=1, max_value=300), persistent=st.booleans(),
+       num_programs=st.integers(min_value=1, max_value=9))
+def test_any_m_property(m: int, persistent: bool, num_programs: int) -> None:
+    spec = gemm_spec("float32", ("bias", "gelu"), k=72, tile=TILE_B, persistent=persistent)
+    kwargs = {"num_programs": num_programs} if persistent else {}
+    run_case(spec, m, seed=m, **kwargs)

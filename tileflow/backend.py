@@ -1,0 +1,85 @@
+"""The torch.compile backend: `torch.compile(model, backend="tileflow", options={...})`.
+
+Registered under the `torch_dynamo_backends` entry-point group (see pyproject.toml), so the string
+"tileflow" works in a process that never imported tileflow.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch.fx as fx
+
+from .capture import capture_dynamo
+from .compiler import compile_graph
+from .config import Config
+from .log import configure_from_env, get_logger
+from .report import Report, session_report
+
+log = get_logger("backend")
+
+
+def _current_compile_id() -> tuple[str | None, bool]:
+    """Dynamo's id for the frame being compiled, and whether it is a recompile of that frame."""
+    try:
+        from torch._guards import CompileContext
+
+        cid = CompileContext.current_compile_id()
+    except Exception:  # outside a Dynamo compile
+        return None, False
+    if cid is None:
+        return None, False
+    return str(cid), bool(getattr(cid, "frame_compile_id", 0))
+
+
+class TileflowBackend:
+    """A Dynamo backend with a fixed Config that files what it compiles into a Report."""
+
+    def __init__(self, options: Mapping[str, Any] | Config | None = None, *, report: Report | None = None) -> None:
+        configure_from_env()
+        self.config = options if isinstance(options, Config) else Config.from_options(options)
+        self.report = report if report is not None else session_report()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        compile_id, recompile = _current_compile_id()
+        log.info("Dynamo frame %s: %d nodes", compile_id, len(gm.graph.nodes))
+
+        def compile_forward(aten_gm: fx.GraphModule, aten_inputs: Sequence[Any]) -> Callable[..., Any]:
+            if self.config.verify:
+                return _VerifyOnFirstCall(self, aten_gm, aten_inputs, compile_id, recompile)
+            return compile_graph(aten_gm, aten_inputs, self.config, self.report, compile_id=compile_id, recompile=recompile)
+
+        return capture_dynamo(gm, example_inputs, compile_forward)
+
+
+class _VerifyOnFirstCall:
+    """Defers the pipeline to the first call, so `verify` can compare numerics on real inputs.
+
+    Dynamo's graph inputs are fake at compile time; the first call brings real ones. The residual
+    runs eagerly in this mode (Inductor must compile inside Dynamo's tracing context, which is
+    gone by then); the report says so.
+    """
+
+    def __init__(self, backend: TileflowBackend, gm: fx.GraphModule, inputs: Sequence[Any], compile_id: str | None, recompile: bool) -> None:
+        self.backend, self.gm, self.inputs = backend, gm, inputs
+        self.compile_id, self.recompile = compile_id, recompile
+        self.compiled: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None:
+            self.compiled = compile_graph(
+                self.gm, self.inputs, self.backend.config, self.backend.report,
+                compile_id=self.compile_id, recompile=self.recompile, real_inputs=args, residual="eager",
+            )
+            self.backend.report.graphs[-1].extra["residual_note"] = "verify=True runs the residual graph eagerly"
+        return self.compiled(*args)
+
+
+def tileflow_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None, mode: str | None = None) -> Callable[..., Any]:
+    """Entry point Dynamo calls for `backend="tileflow"`; `options` come from `torch.compile`."""
+    if mode not in (None, "default"):
+        raise ValueError(
+            f"torch.compile(mode={mode!r}) is not a tileflow setting; pass tileflow options instead "
+            f"(options={{...}} with keys {list(Config.keys())})"
+        )
+    return TileflowBackend(options)(gm, example_inputs)

@@ -1,0 +1,93 @@
+"""Capture: turn what the front end hands us into one functional ATen inference graph.
+
+Two front ends feed tileflow:
+- Dynamo (`torch.compile(backend="tileflow")`) gives a Torch-IR FX graph with SymInt token dims;
+  AOTAutograd lowers it to ATen, functionalized, with parameters as inputs and sizes still
+  symbolic. SDPA stays one node (its backend-specific ATen form, e.g.
+  `_scaled_dot_product_flash_attention_for_cpu`), since nothing here decomposes it.
+- `torch.export` gives an ExportedProgram; its decompositions are run with SDPA kept whole, and
+  the unlifted module (parameters as attributes) is what the passes see.
+Everything after capture (passes, lowering, residual execution) is shared by both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+GraphCompiler = Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]
+
+# Ops that must reach the passes whole: the attention pass matches them as one node.
+_KEEP_WHOLE = (
+    "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "linear",
+)
+
+
+def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any], compile_graph: GraphCompiler) -> Callable[..., Any]:
+    """Lower a Dynamo graph to ATen through AOTAutograd and hand it to `compile_graph`.
+
+    `compile_graph(aten_gm, example_inputs)` receives the functional forward graph (fake example
+    inputs, symbolic sizes) and returns the callable that runs it. A backward graph, when autograd
+    needs one, runs eagerly: tileflow is an inference compiler and does not rewrite it.
+    """
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    return aot_module_simplified(
+        gm,
+        example_inputs,
+        fw_compiler=compile_graph,
+        bw_compiler=_run_backward_eagerly,
+        decompositions={},
+        keep_inference_input_mutations=True,
+    )
+
+
+def _run_backward_eagerly(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    return make_boxed_func(gm.forward)
+
+
+@dataclass
+class ExportedGraph:
+    """An exported program brought to tileflow's ATen form.
+
+    `gm` runs with the program's flat user inputs (parameters live on it as attributes);
+    `example_inputs` are fake values with the symbolic sizes; `range_constraints` maps each size
+    symbol to its (min, max) as declared with `torch.export.Dim`.
+    """
+
+    gm: fx.GraphModule
+    example_inputs: list[Any]
+    range_constraints: dict[str, tuple[int, int | None]]
+
+
+def export_decompositions() -> Any:
+    """torch.export's default decomposition table, minus the ops tileflow matches whole."""
+    table = torch.export.default_decompositions()
+    for op in list(table.keys()):
+        if any(op.name().split("::")[-1].split(".")[0] == name for name in _KEEP_WHOLE):
+            table.pop(op)
+    return table
+
+
+def capture_exported(ep: torch.export.ExportedProgram) -> ExportedGraph:
+    """Decompose an ExportedProgram to functional ATen (SDPA and linear kept) and unlift it."""
+    if not isinstance(ep, torch.export.ExportedProgram):
+        raise TypeError(f"capture_exported expects a torch.export.ExportedProgram, got {type(ep).__name__}")
+    ep = ep.run_decompositions(export_decompositions())
+    gm = ep.module()
+    example_inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    ranges: dict[str, tuple[int, int | None]] = {}
+    for sym, vr in ep.range_constraints.items():
+        upper = int(vr.upper) if vr.upper.is_finite else None
+        ranges[str(sym)] = (int(vr.lower), upper)
+    return ExportedGraph(gm=gm, example_inputs=example_inputs, range_constraints=ranges)

@@ -1,0 +1,93 @@
+"""compile_graph: the shared middle of tileflow, from a captured ATen graph to a callable.
+
+Both front ends (Dynamo through `tileflow.backend`, torch.export through `tileflow.export`) call
+it: it runs the pass pipeline, builds the residual executor, and files the graph's report.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .config import Config
+from .graph_utils import count_nodes, shape_env_of, symbol_ranges
+from .log import get_logger
+from .pipeline import PassContext, PassManager
+from .report import GraphReport, Report
+from .residual import build_residual, resolve_residual
+from .targets import resolve_target
+
+log = get_logger("compiler")
+_GRAPH_IDS = itertools.count()
+
+
+def inputs_device_type(example_inputs: Sequence[Any]) -> str:
+    """The device type most of the graph's tensor inputs live on (`cpu` when there are none)."""
+    kinds = Counter(t.device.type for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type != "meta")
+    if not kinds:
+        return "cpu"
+    non_cpu = [k for k in kinds if k != "cpu"]
+    return non_cpu[0] if non_cpu else "cpu"
+
+
+def compile_graph(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: Config,
+    report: Report,
+    *,
+    compile_id: str | None = None,
+    recompile: bool = False,
+    real_inputs: Sequence[Any] | None = None,
+    residual: str | None = None,
+) -> Callable[..., Any]:
+    """Run tileflow's passes on `gm` and return a callable that executes the result.
+
+    `example_inputs` may be fake (sizes symbolic); `real_inputs`, when given, are concrete inputs
+    used by `config.verify`. `residual` overrides `config.residual` (after `auto` resolution).
+    """
+    graph_id = f"graph_{next(_GRAPH_IDS):03d}"
+    device_type = inputs_device_type(example_inputs)
+    target = resolve_target(config.target, device_type)
+    residual_mode = residual or resolve_residual(config.residual, device_type)
+    artifact_dir = Path(config.debug_dir) / graph_id if config.debug_dir else None
+    graph_report = GraphReport(
+        graph_id=graph_id,
+        compile_id=compile_id,
+        nodes_in=count_nodes(gm),
+        symbols=symbol_ranges(gm),
+        residual=residual_mode,
+        target=target,
+        debug_dir=str(artifact_dir) if artifact_dir else None,
+        config=config.to_dict(),
+    )
+    ctx = PassContext(
+        config=config,
+        report=graph_report,
+        artifact_dir=artifact_dir,
+        example_inputs=example_inputs,
+        shape_env=shape_env_of(gm),
+    )
+    PassManager.from_config(config).run(gm, ctx, real_inputs=real_inputs)
+    graph_report.nodes_out = count_nodes(gm)
+    runner = build_residual(gm, example_inputs, residual_mode)
+    report.add_graph(graph_report, recompile=recompile)
+    if config.debug_dir:
+        _write_reports(Path(config.debug_dir), graph_report, report)
+    log.info("compiled %s (%s): %d -> %d nodes", graph_id, compile_id, graph_report.nodes_in, graph_report.nodes_out)
+    return runner
+
+
+def _write_reports(root: Path, graph_report: GraphReport, report: Report) -> None:
+    """Per-graph `report.json` in the graph's folder, and the whole session's in the root."""
+    graph_dir = root / graph_report.graph_id
+    graph_dir.mkdir(parents=True, exist_ok=True)
+    (graph_dir / "report.json").write_text(json.dumps(graph_report.to_dict(), indent=2, default=str))
+    mine = [g for g in report.graphs if g.debug_dir and Path(g.debug_dir).parent == root]
+    (root / "report.json").write_text(Report(graphs=mine, recompiles=report.recompiles).to_json())

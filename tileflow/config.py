@@ -1,0 +1,184 @@
+"""tileflow.Config: every knob of the compiler, from `torch.compile(options=...)` and `TILEFLOW_*`.
+
+Precedence: an explicit option beats its `TILEFLOW_<KEY>` environment variable, which beats the
+default. An unknown key or a value of the wrong kind is a `ValueError` that names the key and says
+what is valid, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Iterator, Mapping
+
+from .targets import TARGETS
+
+RESIDUALS: tuple[str, ...] = ("auto", "eager", "inductor")
+DEFAULT_PASSES: tuple[str, ...] = ("canonicalize",)
+# Environment variables that are tileflow's but not Config keys.
+_NON_CONFIG_ENV = frozenset({"TILEFLOW_LOG", "TILEFLOW_CACHE_DIR"})
+
+
+@dataclass(frozen=True)
+class Config:
+    """The compiler's settings.
+
+    Attributes:
+        target: where kernels run: `auto` (triton on CUDA, ascend on an NPU, reference on CPU),
+            `triton`, `ascend` or `reference`.
+        residual: how the graph left after the passes runs: `eager` FX, `inductor`, or `auto`
+            (inductor on CUDA, eager on CPU).
+        max_tokens: upper bound of the token dimension when the shape environment has none; tile
+            plans and task tables cover [1, max_tokens].
+        strict: turn every fallback (a pass or node tileflow could not handle) into an error.
+        verify: check each pass's numerics against the unrewritten graph on the first real
+            inputs; a pass whose outputs diverge is rolled back (or raises with `strict`).
+        verify_rtol / verify_atol: tolerances of that check.
+        debug_dir: when set, each compiled graph writes its passes' before/after code, its
+            kernels and `report.json` under this folder (the visualizer reads it).
+        passes: the ordered pass names to run (see `tileflow.pipeline.available_passes()`).
+        nano_batches: `auto`, or an integer (1 turns nano-batching off; >= 2 forces a split).
+    """
+
+    target: str = "auto"
+    residual: str = "auto"
+    max_tokens: int = 8192
+    strict: bool = False
+    verify: bool = False
+    verify_rtol: float = 1e-4
+    verify_atol: float = 1e-4
+    debug_dir: str | None = None
+    passes: tuple[str, ...] = DEFAULT_PASSES
+    nano_batches: str | int = 1
+
+    def __post_init__(self) -> None:
+        _check_choice("target", self.target, TARGETS)
+        _check_choice("residual", self.residual, RESIDUALS)
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"tileflow option 'max_tokens' must be a positive integer, got {self.max_tokens!r}")
+        for name in ("verify_rtol", "verify_atol"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"tileflow option {name!r} must be a non-negative number, got {value!r}")
+        if not isinstance(self.passes, tuple) or not all(isinstance(p, str) for p in self.passes):
+            raise ValueError(f"tileflow option 'passes' must be a sequence of pass names, got {self.passes!r}")
+        nb = self.nano_batches
+        if not (nb == "auto" or (isinstance(nb, int) and not isinstance(nb, bool) and nb >= 1)):
+            raise ValueError(
+                f"tileflow option 'nano_batches' must be 'auto' or an integer >= 1, got {nb!r}"
+            )
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The valid option names."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_options(
+        cls, options: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> "Config":
+        """Build a Config from `torch.compile` options, then `TILEFLOW_*` variables, then defaults."""
+        options = dict(options or {})
+        env = os.environ if env is None else env
+        valid = cls.keys()
+        unknown = sorted(k for k in options if k not in valid)
+        if unknown:
+            raise ValueError(
+                f"unknown tileflow option(s) {unknown}; valid options are {list(valid)}"
+            )
+        values: dict[str, Any] = {}
+        for name, raw in env.items():
+            if not name.startswith("TILEFLOW_") or name in _NON_CONFIG_ENV:
+                continue
+            key = name[len("TILEFLOW_"):].lower()
+            if key not in valid:
+                raise ValueError(
+                    f"unknown environment variable {name}; valid ones are "
+                    f"{sorted('TILEFLOW_' + k.upper() for k in valid) + sorted(_NON_CONFIG_ENV)}"
+                )
+            if key not in options:
+                values[key] = _parse_env(key, name, raw)
+        for key, value in options.items():
+            values[key] = _coerce(key, value)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with some fields changed (validated like the constructor)."""
+        return dataclasses.replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        data = dataclasses.asdict(self)
+        data["passes"] = list(self.passes)
+        return data
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"tileflow option {key!r} must be one of {list(choices)}, got {value!r}")
+
+
+def _field_type(key: str) -> str:
+    return {f.name: str(f.type) for f in fields(Config)}[key]
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Normalize a Python option value (lists of passes become tuples)."""
+    if key == "passes" and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if key == "passes" and isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    return value
+
+
+def _parse_env(key: str, name: str, raw: str) -> Any:
+    """Parse one environment variable's text into the field's type, with a clear error."""
+    kind = _field_type(key)
+    text = raw.strip()
+    if kind == "bool":
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}={raw!r} is not a boolean; use 1/0, true/false, yes/no or on/off")
+    if kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a number") from None
+    if key == "nano_batches":
+        return "auto" if text == "auto" else _parse_env("max_tokens", name, text)
+    if key == "debug_dir":
+        return text or None
+    return _coerce(key, text)
+
+
+_CURRENT: contextvars.ContextVar[Config | None] = contextvars.ContextVar("tileflow_config", default=None)
+
+
+def current_config() -> Config:
+    """The config for eager calls of tileflow's ops: the innermost `use_config`, else from env."""
+    config = _CURRENT.get()
+    return config if config is not None else Config.from_options()
+
+
+@contextlib.contextmanager
+def use_config(config: Config) -> Iterator[Config]:
+    """Set the config of eager tileflow op calls inside a `with` block."""
+    if not isinstance(config, Config):
+        raise TypeError(f"use_config expects a tileflow.Config, got {type(config).__name__}")
+    token = _CURRENT.set(config)
+    try:
+        yield config
+    finally:
+        _CURRENT.reset(token)
+

@@ -1,0 +1,286 @@
+"""Device table: the few numbers tileflow's cost models need about a target device.
+
+Tile plans (`tileflow/tiles.py`), and later the nano-batch and disaggregation planners, reason
+about a device through a `DeviceInfo`: how many cores run tiles in parallel, the dense peak rate by
+dtype, memory bandwidth and size, on-chip memory per core, and a rough hourly price. The numbers
+are vendor datasheet figures (dense, i.e. without 2:4 sparsity), so plans are deterministic and do
+not depend on the machine they are computed on; measured per-tile times can refine a plan later.
+
+This module imports nothing heavy: `detect_device` imports torch only when it is called.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+KINDS: tuple[str, ...] = ("gpu", "npu", "cpu")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Static description of one accelerator (or the host CPU) for tileflow's cost models.
+
+    Attributes:
+        name: table key, e.g. `"H100-SXM"` (or the reported name for an unlisted GPU).
+        kind: `"gpu"`, `"npu"` or `"cpu"`; selects the tile-shape family.
+        cores: units that each run one output tile at a time (SMs, Ascend AI cube cores, CPU
+            cores).
+        peak_tflops: dense peak TFLOP/s by dtype name (`"bfloat16"`, `"float16"`, `"float32"`,
+            optionally `"float64"`). float32 means the tensor-core path (TF32 on NVIDIA), which
+            is what a Triton `tl.dot` on float32 inputs uses by default.
+        mem_bw_gbs: main-memory (HBM) bandwidth in GB/s.
+        mem_gb: main-memory size in GB.
+        smem_kib_per_core: shared memory / L1 buffer per core in KiB; bounds tile pipelining.
+        price_per_hour: rough public-cloud USD per device-hour, or None when unknown.
+
+    The dataclass is frozen so it can key caches; `peak_tflops` is left out of the hash (a dict
+    is not hashable) but still compared. Do not mutate it.
+    """
+
+    name: str
+    kind: str
+    cores: int
+    peak_tflops: dict[str, float] = field(hash=False)
+    mem_bw_gbs: float
+    mem_gb: float
+    smem_kib_per_core: int
+    price_per_hour: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"DeviceInfo.kind={self.kind!r} is not valid; use one of {KINDS}")
+        if self.cores <= 0:
+            raise ValueError(f"DeviceInfo.cores must be positive, got {self.cores}")
+        if self.mem_bw_gbs <= 0 or self.smem_kib_per_core <= 0:
+            raise ValueError("DeviceInfo.mem_bw_gbs and smem_kib_per_core must be positive")
+        if not self.peak_tflops or any(v <= 0 for v in self.peak_tflops.values()):
+            raise ValueError("DeviceInfo.peak_tflops needs at least one positive entry")
+
+    def peak_flops(self, dtype: str) -> float:
+        """Dense peak FLOP/s of the whole device for `dtype` (a dtype name).
+
+        Raises ValueError naming the dtypes the device table knows for this device.
+        """
+        try:
+            return self.peak_tflops[dtype] * 1e12
+        except KeyError:
+            raise ValueError(
+                f"device {self.name!r} has no peak rate for dtype {dtype!r}; "
+                f"known dtypes: {sorted(self.peak_tflops)}"
+            ) from None
+
+    @property
+    def mem_bw_bytes(self) -> float:
+        """Main-memory bandwidth in bytes/s."""
+        return self.mem_bw_gbs * 1e9
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (for reports and archives)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "cores": self.cores,
+            "peak_tflops": dict(self.peak_tflops),
+            "mem_bw_gbs": self.mem_bw_gbs,
+            "mem_gb": self.mem_gb,
+            "smem_kib_per_core": self.smem_kib_per_core,
+            "price_per_hour": self.price_per_hour,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DeviceInfo":
+        """Inverse of `to_dict`."""
+        return cls(**{**data, "peak_tflops": dict(data["peak_tflops"])})
+
+
+# Prices are rough on-demand USD per device-hour seen on public GPU clouds in 2024-25; they only
+# rank options in a cost planner and are not quotes.
+DEVICES: dict[str, DeviceInfo] = {
+    "H100-SXM": DeviceInfo(
+        name="H100-SXM",
+        kind="gpu",
+        cores=132,  # NVIDIA H100 datasheet / Hopper whitepaper: 132 SMs (SXM5)
+        peak_tflops={
+            "bfloat16": 989.0,  # H100 SXM datasheet: 1979 with sparsity -> 989 dense
+            "float16": 989.0,  # same as bf16 (datasheet)
+            "float32": 494.0,  # datasheet TF32 tensor core, 989 sparse -> 494 dense
+            "float64": 67.0,  # datasheet FP64 tensor core
+        },
+        mem_bw_gbs=3350.0,  # H100 SXM datasheet: 3.35 TB/s HBM3
+        mem_gb=80.0,  # datasheet: 80 GB
+        smem_kib_per_core=228,  # Hopper tuning guide: up to 228 KB shared memory per SM
+        price_per_hour=3.0,  # rough cloud on-demand price (~$2.5-4)
+    ),
+    "H200": DeviceInfo(
+        name="H200",
+        kind="gpu",
+        cores=132,  # same GH100 die as H100 SXM (H200 datasheet)
+        peak_tflops={
+            "bfloat16": 989.0,  # H200 datasheet: 1979 sparse -> 989 dense
+            "float16": 989.0,  # H200 datasheet
+            "float32": 494.0,  # H200 datasheet TF32, 989 sparse -> 494 dense
+            "float64": 67.0,  # H200 datasheet FP64 tensor core
+        },
+        mem_bw_gbs=4800.0,  # H200 datasheet: 4.8 TB/s HBM3e
+        mem_gb=141.0,  # H200 datasheet: 141 GB
+        smem_kib_per_core=228,  # Hopper: 228 KB shared memory per SM
+        price_per_hour=3.8,  # rough cloud on-demand price (~$3.5-4.5)
+    ),
+    "A100-SXM": DeviceInfo(
+        name="A100-SXM",
+        kind="gpu",
+        cores=108,  # A100 datasheet / Ampere whitepaper: 108 SMs
+        peak_tflops={
+            "bfloat16": 312.0,  # A100 datasheet: 312 dense (624 sparse)
+            "float16": 312.0,  # A100 datasheet
+            "float32": 156.0,  # A100 datasheet TF32 dense (312 sparse)
+            "float64": 19.5,  # A100 datasheet FP64 tensor core
+        },
+        mem_bw_gbs=2039.0,  # A100 80GB SXM datasheet: 2039 GB/s HBM2e
+        mem_gb=80.0,  # datasheet: 80 GB variant
+        smem_kib_per_core=164,  # Ampere tuning guide: up to 164 KB shared memory per SM
+        price_per_hour=1.8,  # rough cloud on-demand price (~$1.3-2.5)
+    ),
+    "H20": DeviceInfo(
+        name="H20",
+        kind="gpu",
+        cores=78,  # H20 (China-market Hopper) spec sheets: 78 SMs
+        peak_tflops={
+            "bfloat16": 148.0,  # H20 spec sheet: 148 TFLOP/s dense bf16/fp16
+            "float16": 148.0,  # H20 spec sheet
+            "float32": 74.0,  # H20 spec sheet: 74 TFLOP/s TF32 dense
+        },
+        mem_bw_gbs=4000.0,  # H20 spec sheet: 4.0 TB/s HBM3 (also quoted by the Lamina paper)
+        mem_gb=96.0,  # H20 spec sheet: 96 GB
+        smem_kib_per_core=228,  # Hopper SM: 228 KB shared memory
+        price_per_hour=1.3,  # estimate: ~45% of the H100 price (list-price ratio); rarely rented
+    ),
+    "Ascend-910B": DeviceInfo(
+        name="Ascend-910B",
+        kind="npu",
+        cores=24,  # Atlas 800T A2 / 910B product pages: 24 AI (cube) cores (910B3 bin)
+        peak_tflops={
+            "bfloat16": 320.0,  # 910B product pages: ~313-376 TFLOP/s fp16/bf16 by bin; ~320
+            "float16": 320.0,  # same
+            "float32": 80.0,  # estimate: cube fp32 (HF32) ~1/4 of fp16; no datasheet figure
+        },
+        mem_bw_gbs=1600.0,  # 910B product pages: ~1.6 TB/s HBM2e
+        mem_gb=64.0,  # 910B product pages: 64 GB HBM2e
+        smem_kib_per_core=512,  # Ascend C docs (Atlas A2): 512 KB L1 buffer per AI core
+        price_per_hour=None,  # no widely listed public on-demand price
+    ),
+    "cpu": DeviceInfo(
+        name="cpu",
+        kind="cpu",
+        cores=2,  # generic small host (CI runners: 2 vCPUs); keeps CPU-path plans deterministic
+        peak_tflops={
+            "bfloat16": 0.1,  # rough: bf16 is widened to fp32 on a generic AVX2 host
+            "float16": 0.1,  # rough, as bf16
+            "float32": 0.2,  # rough: 2 cores x 3 GHz x 32 FLOP/cycle (AVX2 FMA)
+            "float64": 0.1,  # rough: half the fp32 rate
+        },
+        mem_bw_gbs=20.0,  # rough: one or two DDR4 channels
+        mem_gb=8.0,  # rough: small CI host
+        smem_kib_per_core=32,  # rough: typical 32 KiB L1d per core
+        price_per_hour=0.05,  # rough: small cloud VM
+    ),
+}
+
+# Short spellings people use for the table's entries (matched case-insensitively).
+_ALIASES: dict[str, str] = {
+    "h100": "H100-SXM",
+    "a100": "A100-SXM",
+    "910b": "Ascend-910B",
+    "ascend": "Ascend-910B",
+}
+
+
+def get_device(name: str) -> DeviceInfo:
+    """The table entry called `name` (exact, case-insensitive, or a short alias like `"H100"`).
+
+    Raises ValueError listing the valid names for an unknown one.
+    """
+    if name in DEVICES:
+        return DEVICES[name]
+    lowered = name.lower()
+    for key, info in DEVICES.items():
+        if key.lower() == lowered:
+            return info
+    if lowered in _ALIASES:
+        return DEVICES[_ALIASES[lowered]]
+    raise ValueError(
+        f"unknown device {name!r}; valid names are {sorted(DEVICES)} "
+        f"(aliases: {sorted(_ALIASES)})"
+    )
+
+
+# Substrings of torch.cuda.get_device_name() -> table entry. Word boundaries matter: "H20" must not
+# match "H200", so the patterns are regexes anchored on non-alphanumerics.
+_CUDA_NAME_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"(?<![A-Za-z0-9])H200(?![0-9])", "H200"),
+    (r"(?<![A-Za-z0-9])H100(?![0-9])", "H100-SXM"),
+    (r"(?<![A-Za-z0-9])H20(?![0-9])", "H20"),
+    (r"(?<![A-Za-z0-9])A100(?![0-9])", "A100-SXM"),
+)
+
+
+def _match_cuda_name(reported: str) -> DeviceInfo | None:
+    """Table entry whose model name appears in a CUDA device name, else None."""
+    for pattern, key in _CUDA_NAME_PATTERNS:
+        if re.search(pattern, reported):
+            return DEVICES[key]
+    return None
+
+
+def _scale_cores(entry: DeviceInfo, cores: int, name: str) -> DeviceInfo:
+    """`entry` with a different core count (PCIe bins, MIG slices), keeping its per-core rate."""
+    scale = cores / entry.cores
+    return replace(
+        entry,
+        name=name,
+        cores=cores,
+        peak_tflops={k: v * scale for k, v in entry.peak_tflops.items()},
+    )
+
+
+def detect_device(device_type: str = "cuda") -> DeviceInfo:
+    """DeviceInfo for the current device of `device_type` (`"cuda"`, `"npu"` or `"cpu"`).
+
+    On CUDA the reported name is matched against the table (H100, H200, A100, H20). When the
+    matched entry's SM count differs from what the device reports (an H100 PCIe, a MIG slice),
+    the entry is rescaled to the real SM count at the same per-SM rate. An unlisted GPU gets an
+    entry built from `torch.cuda.get_device_properties` with H100-like per-SM rates. Without a
+    usable CUDA (or NPU) device the generic `cpu` entry is returned, so plans stay deterministic.
+    """
+    import torch  # local: keep `import tileflow.devices` fast
+
+    dev = torch.device(device_type)
+    if dev.type == "cpu":
+        return DEVICES["cpu"]
+    if dev.type == "npu":
+        npu = getattr(torch, "npu", None)  # present only once torch_npu is imported
+        if npu is not None and npu.is_available():
+            return DEVICES["Ascend-910B"]
+        return DEVICES["cpu"]
+    if dev.type != "cuda":
+        raise ValueError(f"unknown device type {device_type!r}; use one of ('cuda', 'npu', 'cpu')")
+    if not torch.cuda.is_available():
+        return DEVICES["cpu"]
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    reported = torch.cuda.get_device_name(index)
+    props = torch.cuda.get_device_properties(index)
+    sms = int(props.multi_processor_count)
+    entry = _match_cuda_name(reported)
+    if entry is not None:
+        return entry if sms == entry.cores else _scale_cores(entry, sms, reported)
+    # Unknown GPU: H100 per-SM compute and H100 bandwidth; real SM count, memory and smem.
+    base = _scale_cores(DEVICES["H100-SXM"], sms, reported)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0) // 1024
+    return replace(
+        base,
+        mem_gb=round(props.total_memory / 1e9, 1),
+        smem_kib_per_core=int(smem) if smem > 0 else base.smem_kib_per_core,
+        price_per_hour=None,
+    )

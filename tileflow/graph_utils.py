@@ -1,0 +1,216 @@
+"""Small FX helpers shared by the pipeline and the passes: metadata, snapshots, dumps, shapes."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils._pytree import tree_map
+
+
+def meta_val(node: Any) -> Any:
+    """The example value (usually a FakeTensor) recorded on a node, or the constant itself."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("val")
+    return node
+
+
+def fake_mode_of(gm: fx.GraphModule) -> Any:
+    """The FakeTensorMode the graph's metadata was traced under (None if it has none)."""
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    vals += [n.meta.get("val") for n in gm.graph.nodes if n.op != "placeholder"][:50]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def shape_env_of(gm: fx.GraphModule) -> Any:
+    """The ShapeEnv behind the graph's symbolic sizes (None for a static graph)."""
+    mode = fake_mode_of(gm)
+    return getattr(mode, "shape_env", None)
+
+
+def infer_meta(node: fx.Node) -> Any:
+    """Compute and store `node.meta["val"]` by running its target on its inputs' fake values."""
+    if node.op != "call_function":
+        return node.meta.get("val")
+    mode = None
+    for arg in node.all_input_nodes:
+        val = arg.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            from torch._guards import detect_fake_mode
+
+            mode = detect_fake_mode([val])
+            if mode is not None:
+                break
+    args, kwargs = tree_map(meta_val, (node.args, node.kwargs))
+    if mode is None:
+        return None
+    with mode:
+        val = node.target(*args, **kwargs)
+    node.meta["val"] = val
+    return val
+
+
+def copy_source_meta(src: fx.Node, dst: fx.Node) -> None:
+    """Carry the model source location and module path of `src` over to its replacement."""
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "seq_nr"):
+        if key in src.meta and key not in dst.meta:
+            dst.meta[key] = src.meta[key]
+
+
+def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """True when two (possibly symbolic) shapes are provably equal."""
+    if len(a) != len(b):
+        return False
+    return all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def snapshot_graph(gm: fx.GraphModule) -> fx.Graph:
+    """A structural copy of the graph (nodes and their metadata, shallow), to restore later."""
+    new_graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    new_graph._codegen = copy.deepcopy(gm.graph._codegen)
+    out = new_graph.graph_copy(gm.graph, {}, return_output_node=True)
+    output_val, old_output = out  # type: ignore[misc]
+    new_output = new_graph.output(output_val, type_expr=getattr(old_output, "type", None))
+    new_output.meta = copy.copy(old_output.meta)
+    return new_graph
+
+
+def restore_graph(gm: fx.GraphModule, graph: fx.Graph) -> None:
+    """Put a snapshot back as the module's graph."""
+    gm.graph = graph
+    gm.recompile()
+
+
+def count_nodes(gm: fx.GraphModule) -> int:
+    """Number of nodes in the graph (placeholders and output included)."""
+    return len(gm.graph.nodes)
+
+
+def graph_code(gm: fx.GraphModule) -> str:
+    """The graph as readable Python code, with shapes and dtypes in the comments."""
+    try:
+        return gm.print_readable(print_output=False, include_stride=False, include_device=False)
+    except TypeError:  # older signature
+        return gm.print_readable(print_output=False)
+
+
+def _describe_val(val: Any) -> dict[str, Any]:
+    if isinstance(val, torch.Tensor):
+        return {"shape": [str(s) for s in val.shape], "dtype": str(val.dtype).removeprefix("torch.")}
+    if isinstance(val, (list, tuple)):
+        return {"items": [_describe_val(v) for v in val]}
+    if isinstance(val, (torch.SymInt, int, float, bool)):
+        return {"value": str(val)}
+    return {}
+
+
+def _arg_text(arg: Any) -> Any:
+    if isinstance(arg, fx.Node):
+        return "%" + arg.name
+    if isinstance(arg, (list, tuple)):
+        return [_arg_text(a) for a in arg]
+    if isinstance(arg, torch.dtype):
+        return str(arg)
+    if isinstance(arg, (int, float, bool, str)) or arg is None:
+        return arg
+    return str(arg)
+
+
+def _source_line(node: fx.Node) -> str | None:
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    lines = [ln.strip() for ln in str(trace).strip().splitlines() if ln.strip()]
+    # The last "File ..." line and the code under it point at the model's own line.
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{lines[i]} :: {code}"
+    return lines[-1]
+
+
+def _module_path(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    last = list(stack.values())[-1]
+    path = last[0] if isinstance(last, tuple) else str(last)
+    return str(path).replace("L['self'].", "").replace("L__self___", "")
+
+
+def graph_to_json(gm: fx.GraphModule) -> list[dict[str, Any]]:
+    """Nodes as plain dicts (name, op, target, args, shape, dtype, source line, module path, users).
+
+    The visualizer draws graphs from this; it is also handy in tests.
+    """
+    nodes = []
+    for node in gm.graph.nodes:
+        entry: dict[str, Any] = {
+            "name": node.name,
+            "op": node.op,
+            "target": node.target if isinstance(node.target, str) else _target_name(node.target),
+            "args": _arg_text(list(node.args)),
+            "kwargs": {k: _arg_text(v) for k, v in node.kwargs.items()},
+            "users": [u.name for u in node.users],
+            "source": _source_line(node),
+            "module": _module_path(node),
+        }
+        entry.update(_describe_val(node.meta.get("val")))
+        extra = node.meta.get("tileflow")
+        if extra:
+            entry["tileflow"] = extra
+        nodes.append(entry)
+    return nodes
+
+
+def _target_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    name = getattr(target, "__name__", None)
+    module = getattr(target, "__module__", None)
+    if name and module == "_operator":
+        return f"operator.{name}"
+    return name or str(target)
+
+
+def free_symbols(values: Iterable[Any]) -> set[Any]:
+    """The sympy symbols appearing in the sizes of these tensors or SymInts."""
+    syms: set[Any] = set()
+    for val in values:
+        if isinstance(val, torch.SymInt):
+            syms |= val.node.expr.free_symbols
+        elif isinstance(val, torch.Tensor):
+            for s in val.shape:
+                if isinstance(s, torch.SymInt):
+                    syms |= s.node.expr.free_symbols
+    return syms
+
+
+def symbol_ranges(gm: fx.GraphModule) -> dict[str, list[int | None]]:
+    """Each symbol of the graph's inputs with its [lower, upper] range (None = unbounded)."""
+    env = shape_env_of(gm)
+    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    out: dict[str, list[int | None]] = {}
+    for sym in sorted(free_symbols(inputs), key=str):
+        lo: int | None = None
+        hi: int | None = None
+        if env is not None and sym in env.var_to_range:
+            vr = env.var_to_range[sym]
+            lo = _finite(vr.lower)
+            hi = _finite(vr.upper)
+        out[str(sym)] = [lo, hi]
+    return out
+
+
+def _finite(value: Any) -> int | None:
+    try:
+        if value.is_finite:  # sympy numbers
+            return int(value)
+    except AttributeError:
+        pass
+    return None

@@ -1,0 +1,142 @@
+"""KernelSpec: the target-neutral description of one kernel, the only thing a backend sees.
+
+`tileflow/lower.py` turns tileflow ops into KernelSpecs; each backend (Triton, Ascend C,
+reference) turns a KernelSpec into something that runs. A spec is frozen and hashable, so it keys
+kernel caches, and it serializes to JSON for the report, the archive and the visualizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Epilogues a GEMM kernel can fuse, in the order they are applied to the accumulator.
+EPILOGUES: tuple[str, ...] = ("bias", "silu", "gelu", "gelu_tanh", "swiglu", "residual", "cast")
+# Activations accepted by `padded_gemm(..., activation=...)`.
+ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "swiglu")
+# dtypes by their short names; specs carry names, not torch.dtype, so they stay JSON-friendly.
+DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass(frozen=True, order=True)
+class TileConfig:
+    """One fixed tile shape for a GEMM kernel.
+
+    `block_m/n/k` are the tile sizes; `num_warps`/`num_stages` are launch parameters the Triton
+    backend uses (other targets may ignore them); `group_m` is the width of the grouped,
+    L2-friendly tile order.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value <= 0 or value & (value - 1):
+                raise ValueError(f"TileConfig.{name} must be a positive power of two, got {value}")
+
+    @property
+    def name(self) -> str:
+        """Short stable name, e.g. `m64n128k32w4s3`."""
+        return (
+            f"m{self.block_m}n{self.block_n}k{self.block_k}"
+            f"w{self.num_warps}s{self.num_stages}"
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON-friendly form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, int]) -> "TileConfig":
+        """Inverse of `to_dict`."""
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A kernel to build: which op, at which tile config, for which dtypes, with which epilogue.
+
+    `op` names the kernel family (`"padded_gemm"`, `"meta_attention"`). `params` holds the
+    family's static parameters as a sorted tuple of (key, value) pairs so the spec stays hashable
+    (for a GEMM: `n`, `k`, `weight_layout`; for attention: `head_dim`, `gqa`...). Dynamic sizes
+    (the token count M) are never part of a spec: one spec serves every M its plan assigns to it.
+    """
+
+    op: str
+    dtype: str
+    out_dtype: str
+    tile: TileConfig | None = None
+    epilogue: tuple[str, ...] = ()
+    params: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name in ("dtype", "out_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(
+                    f"KernelSpec.{name}={getattr(self, name)!r} is not supported; use one of {DTYPES}"
+                )
+        unknown = [e for e in self.epilogue if e not in EPILOGUES]
+        if unknown:
+            raise ValueError(f"unknown epilogue {unknown}; valid epilogues are {EPILOGUES}")
+
+    def param(self, key: str, default: Any = None) -> Any:
+        """Value of one static parameter."""
+        return dict(self.params).get(key, default)
+
+    @property
+    def name(self) -> str:
+        """Readable kernel name, stable across runs (used for files and reports)."""
+        parts = [f"tileflow_{self.op}", self.dtype]
+        if self.tile is not None:
+            parts.append(self.tile.name)
+        parts.extend(f"{k}{v}" for k, v in self.params if isinstance(v, (int, str)))
+        parts.extend(self.epilogue)
+        return "_".join(str(p) for p in parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "op": self.op,
+            "dtype": self.dtype,
+            "out_dtype": self.out_dtype,
+            "tile": None if self.tile is None else self.tile.to_dict(),
+            "epilogue": list(self.epilogue),
+            "params": [[k, v] for k, v in self.params],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "KernelSpec":
+        """Inverse of `to_dict`."""
+        return cls(
+            op=data["op"],
+            dtype=data["dtype"],
+            out_dtype=data["out_dtype"],
+            tile=None if data["tile"] is None else TileConfig.from_dict(data["tile"]),
+            epilogue=tuple(data["epilogue"]),
+            params=tuple((k, v) for k, v in data["params"]),
+        )
+
+    def digest(self, *salt: str) -> str:
+        """Content hash of the spec (plus e.g. tool versions), for on-disk kernel caches."""
+        text = json.dumps(self.to_dict(), sort_keys=True) + "|" + "|".join(salt)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def make_params(**kwargs: Any) -> tuple[tuple[str, Any], ...]:
+    """Build a spec's `params` tuple from keyword arguments, sorted by key."""
+    return tuple(sorted(kwargs.items()))
+
+
+def dtype_name(dtype: Any) -> str:
+    """Short name (`"float16"`) of a torch dtype, or the name itself when given a string."""
+    if isinstance(dtype, str):
+        return dtype
+    return str(dtype).removeprefix("torch.")

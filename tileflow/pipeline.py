@@ -1,0 +1,270 @@
+"""The pass manager: runs tileflow's passes in order, instrumented, and never leaves a broken graph.
+
+For each pass it snapshots the graph, runs the pass, times it, counts nodes, lints the result and
+(with `verify`) compares the graph's outputs with the unrewritten graph's on real inputs. A pass
+that raises, leaves an invalid graph or changes the numbers is rolled back and recorded as a
+fallback with its reason; `strict=True` raises instead. With `debug_dir` set, every pass's before
+and after graph is written as readable code and as JSON for the visualizer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from .config import Config
+from .graph_utils import count_nodes, graph_code, graph_to_json, restore_graph, snapshot_graph
+from .log import get_logger
+from .report import Fallback, GraphReport, KernelRecord, PassRecord
+
+log = get_logger("pipeline")
+
+
+class TileflowError(RuntimeError):
+    """A fallback or verification failure raised because `strict=True`."""
+
+
+@dataclass
+class PassResult:
+    """What one pass did: whether it changed the graph, counts by rewrite kind, and fallbacks."""
+
+    changed: bool = False
+    rewrites: dict[str, int] = field(default_factory=dict)
+    fallbacks: list[Fallback] = field(default_factory=list)
+
+    def count(self, kind: str, n: int = 1) -> None:
+        """Add `n` rewrites of `kind` (and mark the graph changed)."""
+        self.rewrites[kind] = self.rewrites.get(kind, 0) + n
+        self.changed = True
+
+    def fallback(self, node: fx.Node | str, reason: str) -> None:
+        """Record that a node was left as it was, and why."""
+        name = node.name if isinstance(node, fx.Node) else str(node)
+        self.fallbacks.append(Fallback(node=name, reason=reason))
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph: config, shapes, the graph's report, artifacts."""
+
+    config: Config
+    report: GraphReport
+    artifact_dir: Path | None = None
+    example_inputs: Sequence[Any] | None = None
+    shape_env: Any = None
+
+    def add_kernel(self, name: str, target: str, source_path: str | None, spec: dict | None = None) -> None:
+        """Record an emitted kernel in the graph's report."""
+        self.report.kernels.append(
+            KernelRecord(name=name, target=target, source_path=source_path, spec=spec, graph=self.report.graph_id)
+        )
+
+
+class Pass(Protocol):
+    """A graph pass: one class per file in `passes/`."""
+
+    name: str
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Rewrite `gm` in place and say what was done."""
+
+
+_REGISTRY: dict[str, Callable[[], Pass]] = {}
+
+
+def register_pass(cls: Callable[[], Pass]) -> Callable[[], Pass]:
+    """Class decorator that makes a pass available by its `name` to `Config.passes`."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"pass class {cls!r} needs a non-empty string attribute `name`")
+    _REGISTRY[name] = cls
+    return cls
+
+
+BUILTIN_PASSES: tuple[str, ...] = ("canonicalize", "attention", "gemm_padding", "nanobatch", "disaggregate")
+
+
+def available_passes() -> list[str]:
+    """Names of the passes that can be listed in `Config.passes`."""
+    for name in BUILTIN_PASSES:
+        _import_builtin(name)
+    return sorted(_REGISTRY)
+
+
+def _import_builtin(name: str) -> None:
+    if name in _REGISTRY or name not in BUILTIN_PASSES:
+        return
+    try:
+        importlib.import_module(f"tileflow.passes.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"tileflow.passes.{name}":
+            raise
+
+
+def get_pass(name: str) -> Pass:
+    """An instance of the registered pass `name` (built-in passes are imported on demand)."""
+    _import_builtin(name)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown pass {name!r}; available passes are {available_passes()}")
+    return _REGISTRY[name]()
+
+
+class PassManager:
+    """Runs an ordered list of passes over one graph with timing, linting, verification, rollback."""
+
+    def __init__(self, passes: Sequence[Pass], config: Config) -> None:
+        self.passes = list(passes)
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: Config) -> "PassManager":
+        """The passes `config.passes` names, in that order."""
+        return cls([get_pass(name) for name in config.passes], config)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext, real_inputs: Sequence[Any] | None = None) -> fx.GraphModule:
+        """Run every pass over `gm` in place; return it.
+
+        `real_inputs` are concrete inputs for the numerical check (`config.verify`); without them
+        the check is skipped and the report says so.
+        """
+        debug = _DebugWriter(ctx.artifact_dir) if ctx.artifact_dir is not None else None
+        reference = None
+        if self.config.verify:
+            if real_inputs is None:
+                ctx.report.extra["verify"] = "skipped: no real inputs (fake tensors only)"
+            else:
+                reference = _run_graph(gm, real_inputs)
+                ctx.report.extra["verify"] = "checked each pass against the unrewritten graph"
+        if debug is not None:
+            debug.write_graph("input", gm)
+        for index, p in enumerate(self.passes):
+            self._run_one(index, p, gm, ctx, debug, reference, real_inputs)
+        if debug is not None:
+            debug.write_graph("output", gm)
+        return gm
+
+    def _run_one(
+        self,
+        index: int,
+        p: Pass,
+        gm: fx.GraphModule,
+        ctx: PassContext,
+        debug: "_DebugWriter | None",
+        reference: list[Any] | None,
+        real_inputs: Sequence[Any] | None,
+    ) -> None:
+        name = p.name
+        snapshot = snapshot_graph(gm)
+        before_code = graph_code(gm) if debug is not None else ""
+        before_json = graph_to_json(gm) if debug is not None else []
+        nodes_before = count_nodes(gm)
+        start = time.perf_counter()
+        error: str | None = None
+        result = PassResult()
+        try:
+            result = p.run(gm, ctx)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"pass {name!r} returned {type(result).__name__}, expected PassResult")
+            gm.graph.lint()
+            gm.recompile()
+            if reference is not None and real_inputs is not None and result.changed:
+                _check_numerics(name, reference, _run_graph(gm, real_inputs), self.config)
+        except Exception as exc:  # a failing pass must never take the compile down with it
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("pass %s failed on %s and was rolled back: %s", name, ctx.report.graph_id, error)
+            log.debug("%s", traceback.format_exc())
+            restore_graph(gm, snapshot)
+            if self.config.strict:
+                raise TileflowError(f"pass {name!r} failed on graph {ctx.report.graph_id}: {error}") from exc
+            result = PassResult()
+            ctx.report.fallbacks.append(
+                Fallback(node="<graph>", reason=f"pass {name} rolled back: {error}", pass_name=name, graph=ctx.report.graph_id)
+            )
+        ms = (time.perf_counter() - start) * 1e3
+        for fb in result.fallbacks:
+            fb.pass_name = fb.pass_name or name
+            fb.graph = ctx.report.graph_id
+        if result.fallbacks and self.config.strict:
+            reasons = "; ".join(f"{f.node}: {f.reason}" for f in result.fallbacks)
+            raise TileflowError(f"pass {name!r} fell back on graph {ctx.report.graph_id} (strict=True): {reasons}")
+        ctx.report.fallbacks.extend(result.fallbacks)
+        record = PassRecord(
+            name=name,
+            ms=ms,
+            changed=result.changed,
+            nodes_before=nodes_before,
+            nodes_after=count_nodes(gm),
+            rewrites=dict(result.rewrites),
+            error=error,
+            graph=ctx.report.graph_id,
+        )
+        ctx.report.passes.append(record)
+        log.info(
+            "%s %s: %.1f ms, %d -> %d nodes, %s",
+            ctx.report.graph_id, name, ms, record.nodes_before, record.nodes_after, record.rewrites or "no rewrites",
+        )
+        if debug is not None:
+            debug.write_pass(index, name, before_code, graph_code(gm), before_json, graph_to_json(gm))
+
+
+def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Any]:
+    with torch.no_grad():
+        out = gm(*inputs)
+    flat, _ = tree_flatten(out)
+    return [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in flat]
+
+
+def _check_numerics(name: str, expected: list[Any], actual: list[Any], config: Config) -> None:
+    """Raise if a pass changed the graph's outputs beyond the configured tolerance."""
+    if len(expected) != len(actual):
+        raise AssertionError(f"pass {name} changed the number of outputs ({len(expected)} -> {len(actual)})")
+    for i, (e, a) in enumerate(zip(expected, actual)):
+        if not isinstance(e, torch.Tensor):
+            if e != a:
+                raise AssertionError(f"pass {name} changed output {i}: {e!r} -> {a!r}")
+            continue
+        if e.shape != a.shape or e.dtype != a.dtype:
+            raise AssertionError(
+                f"pass {name} changed output {i} from {tuple(e.shape)}/{e.dtype} to {tuple(a.shape)}/{a.dtype}"
+            )
+        if not e.is_floating_point():
+            if not torch.equal(e, a):
+                raise AssertionError(f"pass {name} changed integer output {i}")
+            continue
+        # Half-precision outputs carry ~1e-3 rounding; never check them tighter than that.
+        loose = e.dtype in (torch.float16, torch.bfloat16)
+        rtol = max(config.verify_rtol, 2e-2 if loose else 0.0)
+        atol = max(config.verify_atol, 2e-2 if loose else 0.0)
+        if not torch.allclose(a.double(), e.double(), rtol=rtol, atol=atol, equal_nan=True):
+            diff = (a.double() - e.double()).abs().nan_to_num(float("inf")).max().item()
+            raise AssertionError(
+                f"pass {name} changed output {i}: max abs diff {diff:.3g} exceeds rtol={rtol}, atol={atol}"
+            )
+
+
+class _DebugWriter:
+    """Writes one graph's passes, before/after, under its artifact folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "passes").mkdir(parents=True, exist_ok=True)
+
+    def write_graph(self, label: str, gm: fx.GraphModule) -> None:
+        (self.root / f"{label}.py").write_text(graph_code(gm))
+        (self.root / f"{label}.json").write_text(json.dumps(graph_to_json(gm), indent=1, default=str))
+
+    def write_pass(self, index: int, name: str, before: str, after: str, before_json: list, after_json: list) -> None:
+        stem = self.root / "passes" / f"{index:02d}_{name}"
+        Path(f"{stem}.before.py").write_text(before)
+        Path(f"{stem}.after.py").write_text(after)
+        Path(f"{stem}.before.json").write_text(json.dumps(before_json, indent=1, default=str))
+        Path(f"{stem}.after.json").write_text(json.dumps(after_json, indent=1, default=str))

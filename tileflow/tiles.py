@@ -1,0 +1,599 @@
+"""Tile plans for GEMMs whose M (the token count) changes every step: SmoothGEMM / virtual padding.
+
+In LLM serving the number of tokens M that reaches a linear layer differs on every step, while
+tile-based kernels want one fixed tile shape. XY-Serve's answer, which tileflow follows, is a
+handful of fixed-tile kernels chosen by a *plan* computed once over the whole range
+[m_min, m_max]: each M runs the kernel whose tile shape wastes the least time, and the last,
+partial M tile is padded virtually (masked in on-chip buffers, never copied).
+
+This module provides:
+
+- `candidate_configs`: the few (at most 6) tile shapes worth considering on a device;
+- `estimate_tile_seconds` / `estimate_seconds`: a small, documented analytic cost model
+  (a per-tile roofline times the number of waves of tiles over the cores), which measured
+  per-tile times can replace;
+- `build_tile_plan` -> `TilePlan`: the cheapest config for every M, merged into pieces;
+- `token_range`: integer bounds of a symbolic M (a sympy expression over shape symbols).
+
+Everything here is deterministic: plans depend only on their arguments, never on the machine.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import math
+import operator
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+from .devices import DeviceInfo
+from .kernel_spec import TileConfig, dtype_name
+
+# Bytes per element for the dtypes tile plans support.
+ELEMENT_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+# Most distinct kernels a plan may use: each is a separate compiled kernel (and, on CUDA, a
+# separate set of captured graphs), so the set must stay small.
+MAX_CONFIGS = 6
+
+# Per-tile overhead of the efficiency model, in rows/columns of equivalent work (see
+# `tile_efficiency`).
+_TILE_OVERHEAD = 16
+
+# (block_m, block_n) shapes per device kind and element size, before fitting to N and K.
+# GPUs: 16-row tiles for decode-sized M up to 128x128 (or 128x256 for wide N) for prefill;
+# float32 (TF32) uses narrower tiles (BLOCK_N 64) because each element costs twice the shared
+# memory. Within a table the 16-row tile's BLOCK_N is the same as, or at most 4x narrower than,
+# any other's, and its per-tile time is correspondingly smaller, so for M <= 16 it always wins.
+_GPU_SHAPES: dict[int, tuple[tuple[int, int], ...]] = {
+    2: ((16, 64), (32, 64), (64, 128), (128, 128)),
+    4: ((16, 64), (32, 64), (64, 64), (128, 64)),
+    8: ((16, 32), (32, 32), (64, 32), (128, 32)),
+}
+_GPU_BLOCK_K: dict[int, int] = {2: 64, 4: 32, 8: 16}
+# The 128x256 half-precision tile only pays off when N is wide enough to fill the cores.
+_GPU_WIDE_MIN_N = 2048
+# Ascend cube: L0A/L0B are 64 KiB and L0C (fp32 accumulator) 128 KiB per AI core on 910B; a
+# bm x 128 tile with bk = 64 (fp16) keeps A, B and a double-buffered accumulator resident.
+_NPU_BLOCK_M: tuple[int, ...] = (16, 32, 64, 128)
+_NPU_BLOCK_N = 128
+_NPU_BLOCK_K: dict[int, int] = {2: 64, 4: 32, 8: 16}
+# CPU (Triton interpreter / reference path): small tiles keep the interpreter fast.
+_CPU_BLOCK_M: tuple[int, ...] = (16, 32, 64)
+_CPU_BLOCK_NK = 32
+# tl.dot needs every block dimension >= 16.
+_MIN_BLOCK = 16
+_MAX_STAGES = 4
+
+MeasuredArg = Union[Mapping[TileConfig, float], Iterable[tuple[TileConfig, float]], None]
+
+
+def _element_bytes(dtype: str) -> int:
+    try:
+        return ELEMENT_BYTES[dtype]
+    except KeyError:
+        raise ValueError(
+            f"tile plans support dtypes {tuple(ELEMENT_BYTES)}, got {dtype!r}"
+        ) from None
+
+
+def _pow2_ceil(x: int) -> int:
+    """Smallest power of two >= x (x >= 1)."""
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _fit(block: int, size: int) -> int:
+    """Shrink a block to the problem size (rounded up to a power of two), never below 16."""
+    return min(block, max(_MIN_BLOCK, _pow2_ceil(size)))
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if operator.index(value) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def _gpu_config(bm: int, bn: int, bk: int, nbytes: int, smem_kib: int) -> TileConfig:
+    """A GPU/CPU tile with as many pipeline stages as shared memory holds (2..4).
+
+    One stage buffers an A tile (bm x bk) and a B tile (bk x bn): (bm + bn) * bk * bytes. If even
+    two stages do not fit, BLOCK_K is halved (down to 16) rather than losing double buffering.
+    """
+    smem = smem_kib * 1024
+    while bk > _MIN_BLOCK and smem // ((bm + bn) * bk * nbytes) < 2:
+        bk //= 2
+    stages = max(1, min(_MAX_STAGES, smem // ((bm + bn) * bk * nbytes)))
+    # Big tiles need more warps to keep enough MMA work in flight per warp.
+    warps = 8 if bm * bn >= 128 * 256 else 4
+    return TileConfig(bm, bn, bk, num_warps=warps, num_stages=stages)
+
+
+@functools.lru_cache(maxsize=1024)
+def _candidate_configs_cached(
+    n: int, k: int, dtype: str, device: DeviceInfo
+) -> tuple[TileConfig, ...]:
+    nbytes = _element_bytes(dtype)
+    device.peak_flops(dtype)  # fail early, naming the known dtypes, if the device lacks a rate
+    configs: list[TileConfig] = []
+    if device.kind == "gpu":
+        shapes = list(_GPU_SHAPES[nbytes])
+        if nbytes == 2 and n >= _GPU_WIDE_MIN_N:
+            shapes.append((128, 256))
+        bk = _fit(_GPU_BLOCK_K[nbytes], k)
+        for bm, bn in shapes:
+            configs.append(_gpu_config(bm, _fit(bn, n), bk, nbytes, device.smem_kib_per_core))
+    elif device.kind == "npu":
+        bk = _fit(_NPU_BLOCK_K[nbytes], k)
+        bn = _fit(_NPU_BLOCK_N, n)
+        for bm in _NPU_BLOCK_M:
+            # One AI core runs a tile with no warps; 2 stages = the cube's ping-pong buffers.
+            configs.append(TileConfig(bm, bn, bk, num_warps=1, num_stages=2))
+    else:  # cpu
+        bn = _fit(_CPU_BLOCK_NK, n)
+        bk = _fit(_CPU_BLOCK_NK, k)
+        for bm in _CPU_BLOCK_M:
+            configs.append(_gpu_config(bm, bn, bk, nbytes, device.smem_kib_per_core))
+    # Fitting to a small N or K can make two shapes identical; keep the first of each.
+    unique = tuple(dict.fromkeys(configs))
+    assert len(unique) <= MAX_CONFIGS, unique
+    return unique
+
+
+def candidate_configs(n: int, k: int, dtype: Any, device: DeviceInfo) -> tuple[TileConfig, ...]:
+    """The fixed, small set (at most 6) of tile configs a plan for an (M x K) @ (K x N) GEMM
+    chooses from on `device`, in increasing block_m.
+
+    GPUs: BLOCK_M in {16, 32, 64, 128}; half precision uses BLOCK_K 64 and BLOCK_N 64..128
+    (plus a 128x256 tile when N >= 2048), float32 narrower tiles with BLOCK_K 32; the number of
+    pipeline stages is what shared memory holds: (bm + bn) * bk * bytes * stages <= smem.
+    NPUs (Ascend): BLOCK_M in {16, 32, 64, 128} x 128 x 64, which fits the cube's L0 buffers.
+    CPU: BLOCK_M in {16, 32, 64} x 32 x 32 so the Triton interpreter stays fast.
+    BLOCK_N and BLOCK_K shrink to N and K (rounded up to a power of two, at least 16).
+    The result depends only on the arguments (deterministic) and is cached.
+    """
+    _check_positive(n=n, k=k)
+    return _candidate_configs_cached(int(n), int(k), dtype_name(dtype), device)
+
+
+def tile_efficiency(config: TileConfig) -> float:
+    """Fraction of peak compute a tile of this shape reaches, in (0, 1).
+
+    Model: each tile pays a fixed overhead (prologue, pipeline fill, epilogue, and on Hopper
+    the 64-row granularity of warpgroup MMAs) worth about 16 rows and 16 columns of work, so
+    efficiency = bm / (bm + 16) * bn / (bn + 16). A 16x64 tile reaches 0.40 of peak, a 128x128
+    tile 0.79 and a 128x256 tile 0.84 (an 8192^3 bf16 matmul measured 0.81 of peak on an H100).
+    """
+    return (
+        config.block_m / (config.block_m + _TILE_OVERHEAD)
+        * config.block_n / (config.block_n + _TILE_OVERHEAD)
+    )
+
+
+def estimate_tile_seconds(
+    config: TileConfig, n: int, k: int, dtype: Any, device: DeviceInfo
+) -> float:
+    """Estimated time for one core to compute one full (block_m x block_n) output tile.
+
+    A per-tile roofline: max(compute, memory), where
+      compute = 2 * bm * bn * k / (peak_flops / cores * tile_efficiency(config)),
+      memory  = (bm * k + bn * k) * bytes / (bandwidth / cores).
+    Each core gets an equal share of the device's peak rate and bandwidth. The memory term
+    counts every operand tile as read from HBM, ignoring L2 reuse between tiles, so it is
+    pessimistic for large tiles at large M; measured per-tile times (see `build_tile_plan`)
+    replace the whole estimate when available. `n` does not change a full tile's time; it is
+    accepted so every cost function takes the same problem description.
+    """
+    del n  # a tile costs the same whatever the total N (see docstring)
+    name = dtype_name(dtype)
+    nbytes = _element_bytes(name)
+    peak_per_core = device.peak_flops(name) / device.cores
+    bw_per_core = device.mem_bw_bytes / device.cores
+    compute = 2.0 * config.block_m * config.block_n * k / (peak_per_core * tile_efficiency(config))
+    memory = (config.block_m + config.block_n) * k * nbytes / bw_per_core
+    return max(compute, memory)
+
+
+def _measured_items(measured: MeasuredArg) -> tuple[tuple[TileConfig, float], ...]:
+    """Canonical, hashable form of `measured`: sorted (config, seconds) pairs, validated."""
+    if measured is None:
+        return ()
+    items = measured.items() if isinstance(measured, Mapping) else measured
+    out: dict[TileConfig, float] = {}
+    for config, seconds in items:
+        if not isinstance(config, TileConfig):
+            raise TypeError(f"measured keys must be TileConfig, got {type(config).__name__}")
+        seconds = float(seconds)
+        if not (seconds > 0 and math.isfinite(seconds)):
+            raise ValueError(
+                f"measured time for {config.name} must be positive and finite, got {seconds}"
+            )
+        out[config] = seconds
+    return tuple(sorted(out.items()))
+
+
+def _tile_seconds(
+    config: TileConfig,
+    n: int,
+    k: int,
+    dtype: str,
+    device: DeviceInfo,
+    measured: Mapping[TileConfig, float],
+) -> float:
+    """Measured per-tile time when there is one, else the model's estimate."""
+    if config in measured:
+        return measured[config]
+    return estimate_tile_seconds(config, n, k, dtype, device)
+
+
+def estimate_seconds(
+    m: int,
+    n: int,
+    k: int,
+    config: TileConfig,
+    device: DeviceInfo,
+    dtype: Any,
+    measured: MeasuredArg = None,
+) -> float:
+    """Estimated time of an (m x k) @ (k x n) GEMM run with one fixed tile `config`.
+
+    tiles = ceil(m / bm) * ceil(n / bn); the cores run them in waves = ceil(tiles / cores), and
+    cost = waves * per-tile time. The per-tile time is `measured[config]` when `measured` (a
+    mapping, or an iterable of (config, seconds) pairs) has it, else `estimate_tile_seconds`.
+    Rows padded in the last M tile cost full time through ceil(m / bm); a partly filled last
+    wave costs a full wave.
+    """
+    m = operator.index(m)
+    if m < 0:
+        raise ValueError(f"m must be >= 0, got {m}")
+    _check_positive(n=n, k=k)
+    tiles = -(-m // config.block_m) * -(-n // config.block_n)
+    waves = -(-tiles // device.cores)
+    measured_map = dict(_measured_items(measured))
+    seconds = _tile_seconds(config, n, k, dtype_name(dtype), device, measured_map)
+    return waves * seconds
+
+
+@dataclass(frozen=True)
+class PlanPiece:
+    """Token counts `lo..hi` (both inclusive) run with tile config `config`."""
+
+    lo: int
+    hi: int
+    config: TileConfig
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.lo <= self.hi:
+            raise ValueError(f"PlanPiece needs 1 <= lo <= hi, got lo={self.lo}, hi={self.hi}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {"lo": self.lo, "hi": self.hi, "config": self.config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PlanPiece":
+        """Inverse of `to_dict`."""
+        return cls(int(data["lo"]), int(data["hi"]), TileConfig.from_dict(dict(data["config"])))
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Which tile config runs each token count M in [m_min, m_max] for one GEMM shape.
+
+    `pieces` are contiguous, non-overlapping and cover [m_min, m_max] exactly (checked on
+    construction, so a corrupted serialized plan fails loudly). `device` is the device's name.
+    """
+
+    n: int
+    k: int
+    dtype: str
+    device: str
+    m_min: int
+    m_max: int
+    pieces: tuple[PlanPiece, ...]
+    # Upper bounds of the pieces, for bisection in `select_tile` (derived, not compared).
+    _his: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.pieces:
+            raise ValueError("a TilePlan needs at least one piece")
+        if self.pieces[0].lo != self.m_min or self.pieces[-1].hi != self.m_max:
+            raise ValueError(
+                f"plan pieces cover {self.pieces[0].lo}..{self.pieces[-1].hi}, "
+                f"not the plan's range {self.m_min}..{self.m_max}"
+            )
+        for prev, nxt in zip(self.pieces, self.pieces[1:]):
+            if nxt.lo != prev.hi + 1:
+                raise ValueError(f"plan pieces are not contiguous: {prev.hi} then {nxt.lo}")
+        object.__setattr__(self, "_his", tuple(p.hi for p in self.pieces))
+
+    def _piece(self, m: int) -> PlanPiece:
+        m = operator.index(m)
+        if not self.m_min <= m <= self.m_max:
+            raise ValueError(
+                f"token count M={m} is outside this GEMM plan's range "
+                f"[{self.m_min}, {self.m_max}] (n={self.n}, k={self.k}, {self.dtype}); "
+                f"raise `max_tokens` (or the token dimension's upper bound) to cover it"
+            )
+        return self.pieces[bisect.bisect_left(self._his, m)]
+
+    def select_tile(self, m: int) -> TileConfig:
+        """The tile config for token count `m` (binary search over the pieces).
+
+        Raises ValueError when m is outside [m_min, m_max]; the message says to raise
+        `max_tokens`.
+        """
+        return self._piece(m).config
+
+    @property
+    def configs(self) -> tuple[TileConfig, ...]:
+        """Distinct configs the plan uses, in order of first use (increasing M)."""
+        return tuple(dict.fromkeys(p.config for p in self.pieces))
+
+    def padded_rows(self, m: int) -> int:
+        """Rows of (virtual) padding in the last M tile when `m` runs with its selected config."""
+        bm = self.select_tile(m).block_m
+        return -(-m // bm) * bm - m
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form; `TilePlan.from_dict(plan.to_dict()) == plan`."""
+        return {
+            "n": self.n,
+            "k": self.k,
+            "dtype": self.dtype,
+            "device": self.device,
+            "m_min": self.m_min,
+            "m_max": self.m_max,
+            "pieces": [p.to_dict() for p in self.pieces],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TilePlan":
+        """Inverse of `to_dict`."""
+        return cls(
+            n=int(data["n"]),
+            k=int(data["k"]),
+            dtype=str(data["dtype"]),
+            device=str(data["device"]),
+            m_min=int(data["m_min"]),
+            m_max=int(data["m_max"]),
+            pieces=tuple(PlanPiece.from_dict(p) for p in data["pieces"]),
+        )
+
+    def describe(self) -> str:
+        """One line per piece joined by '; ', e.g. `M 1..16 -> m16n64k64w4s4; M 17..64 -> ...`."""
+        return "; ".join(f"M {p.lo}..{p.hi} -> {p.config.name}" for p in self.pieces)
+
+
+@functools.lru_cache(maxsize=256)
+def _build_tile_plan_cached(
+    n: int,
+    k: int,
+    dtype: str,
+    m_min: int,
+    m_max: int,
+    device: DeviceInfo,
+    measured: tuple[tuple[TileConfig, float], ...],
+) -> TilePlan:
+    measured_map = dict(measured)
+    # Descending config order + argmin's first-minimum rule = ties go to the larger block_m
+    # (then larger block_n, block_k, ...): fewer, fuller tiles for the same estimated time.
+    cands = sorted(candidate_configs(n, k, dtype, device), reverse=True)
+    # Every block_m is a power of two, so all tile boundaries are multiples of the smallest
+    # one, g: ceil(m / bm) and hence every candidate's cost is constant on (j*g, (j+1)*g].
+    # Evaluating one M per such segment is exact and g times cheaper than every M.
+    g = functools.reduce(math.gcd, (c.block_m for c in cands))
+    j_first = -(-m_min // g)  # first j with j*g + 1 > m_min
+    j_last = (m_max - 1) // g
+    starts = np.concatenate(
+        ([m_min], np.arange(j_first, j_last + 1, dtype=np.int64) * g + 1)
+    ).astype(np.int64)
+    costs = np.empty((len(cands), len(starts)), dtype=np.float64)
+    for row, config in enumerate(cands):
+        tiles = -(-starts // config.block_m) * (-(-n // config.block_n))
+        waves = -(-tiles // device.cores)
+        # Same arithmetic as `estimate_seconds` (int waves times float seconds), so the plan
+        # agrees bit for bit with a brute-force evaluation.
+        costs[row] = waves * _tile_seconds(config, n, k, dtype, device, measured_map)
+    choice = np.argmin(costs, axis=0)
+    # Merge consecutive segments with the same choice into pieces.
+    change = np.flatnonzero(choice[1:] != choice[:-1]) + 1
+    bounds = [0, *change.tolist(), len(starts)]
+    pieces = []
+    for a, b in zip(bounds, bounds[1:]):
+        lo = int(starts[a])
+        hi = int(starts[b]) - 1 if b < len(starts) else m_max
+        pieces.append(PlanPiece(lo, hi, cands[int(choice[a])]))
+    return TilePlan(n, k, dtype, device.name, m_min, m_max, tuple(pieces))
+
+
+def build_tile_plan(
+    n: int,
+    k: int,
+    dtype: Any,
+    *,
+    m_min: int = 1,
+    m_max: int,
+    device: DeviceInfo,
+    measured: MeasuredArg = None,
+) -> TilePlan:
+    """The tile plan for an (M x k) @ (k x n) GEMM over every integer M in [m_min, m_max].
+
+    Each M gets the candidate config (see `candidate_configs`) of least `estimate_seconds`;
+    ties go to the larger block_m (then larger block_n, ...). Adjacent M with the same choice
+    are merged into `PlanPiece`s. `measured` (a mapping or (config, seconds) pairs) gives
+    measured per-tile times that replace the model for those configs; configs that are not
+    candidates are ignored. The plan is exact for every M (the costs are piecewise constant
+    between multiples of the smallest block_m, evaluated with numpy) and is cached, so
+    building it again with equal arguments returns the same object.
+    """
+    _check_positive(n=n, k=k, m_min=m_min, m_max=m_max)
+    if m_min > m_max:
+        raise ValueError(f"m_min ({m_min}) must be <= m_max ({m_max})")
+    return _build_tile_plan_cached(
+        int(n), int(k), dtype_name(dtype), int(m_min), int(m_max), device, _measured_items(measured)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# token_range: integer bounds of a symbolic token count
+
+
+def _as_bound(value: Any, *, upper: bool) -> Any:
+    """A range endpoint as a sympy number; None / oo / int_oo / inf become -oo or +oo."""
+    import sympy
+
+    if value is None:
+        return sympy.oo if upper else -sympy.oo
+    value = sympy.sympify(value)
+    if not value.is_number:
+        raise ValueError(f"range bound {value} is not a number")
+    as_float = float(value)  # also handles torch's int_oo, whose sympy flags say "finite"
+    if math.isinf(as_float):
+        return sympy.oo if as_float > 0 else -sympy.oo
+    return value
+
+
+def _mul_bound(a: Any, b: Any) -> Any:
+    # 0 * oo is nan in sympy; for interval endpoints the product is 0.
+    return 0 if a == 0 or b == 0 else a * b
+
+
+def _div_bound(a: Any, b: Any) -> Any:
+    # b > 0 here. oo / oo keeps the numerator's infinity, which only widens the interval.
+    if b.is_infinite:
+        return a if a.is_infinite else 0
+    return a / b
+
+
+def _bounds(expr: Any, ranges: Mapping[Any, tuple[Any, Any]]) -> tuple[Any, Any]:
+    """(lo, hi) of `expr` by interval arithmetic (each node bounded from its children's bounds)."""
+    import sympy
+
+    if expr.is_Number:
+        return _as_bound(expr, upper=False), _as_bound(expr, upper=True)
+    if expr.is_Symbol:
+        if expr in ranges:
+            return ranges[expr]
+        by_name = {str(s): r for s, r in ranges.items()}
+        if str(expr) in by_name:  # same name, different assumptions
+            return by_name[str(expr)]
+        # Unlisted symbol: only its sympy assumptions bound it.
+        if expr.is_positive and expr.is_integer:
+            return sympy.Integer(1), sympy.oo
+        if expr.is_nonnegative:
+            return sympy.Integer(0), sympy.oo
+        return -sympy.oo, sympy.oo
+    known = (
+        expr.is_Add
+        or expr.is_Mul
+        or (expr.is_Pow and expr.exp.is_Integer)
+        or isinstance(expr, (sympy.floor, sympy.ceiling, sympy.Max, sympy.Min))
+        or type(expr).__name__ == "FloorDiv"
+    )
+    if not known:  # bound the whole node with torch's analysis, not its pieces
+        return _torch_bounds(expr, ranges)
+    args = [_bounds(a, ranges) for a in expr.args]
+    if expr.is_Add:
+        return sum(lo for lo, _ in args), sum(hi for _, hi in args)
+    if expr.is_Mul:
+        lo, hi = args[0]
+        for blo, bhi in args[1:]:
+            prods = [_mul_bound(x, y) for x in (lo, hi) for y in (blo, bhi)]
+            lo, hi = min(prods), max(prods)
+        return lo, hi
+    if expr.is_Pow and expr.exp.is_Integer:
+        (blo, bhi), e = args[0], int(expr.exp)
+        if e >= 0:
+            if e % 2 == 1 or blo >= 0:  # monotone increasing
+                return blo**e, bhi**e
+            if bhi <= 0:  # even power of a non-positive base: decreasing
+                return bhi**e, blo**e
+            return sympy.Integer(0), max(blo**e, bhi**e)
+        if blo > 0:  # negative power of a positive base: decreasing
+            return _div_bound(sympy.Integer(1), bhi**-e), _div_bound(sympy.Integer(1), blo**-e)
+    if isinstance(expr, (sympy.floor, sympy.ceiling)):
+        (lo, hi), = args
+        return expr.func(lo), expr.func(hi)
+    if isinstance(expr, (sympy.Max, sympy.Min)):
+        pick = max if isinstance(expr, sympy.Max) else min
+        return pick(lo for lo, _ in args), pick(hi for _, hi in args)
+    if type(expr).__name__ == "FloorDiv" and len(args) == 2 and args[1][0] > 0:
+        # torch's shape-environment floor division by a positive divisor.
+        (alo, ahi), (blo, bhi) = args
+        lo = min(_div_bound(alo, blo), _div_bound(alo, bhi))
+        hi = max(_div_bound(ahi, blo), _div_bound(ahi, bhi))
+        return sympy.floor(lo), sympy.floor(hi)
+    return _torch_bounds(expr, ranges)
+
+
+def _torch_bounds(expr: Any, ranges: Mapping[Any, tuple[Any, Any]]) -> tuple[Any, Any]:
+    """Last resort for nodes the interval rules above do not know (torch's own sympy functions):
+    torch's value-range analysis, when available."""
+    try:
+        from torch.utils._sympy.numbers import int_oo
+        from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
+
+        def conv(v: Any) -> Any:
+            return v if v.is_finite else (int_oo if v > 0 else -int_oo)
+
+        vr = {
+            s: ValueRanges(conv(lo), conv(hi))
+            for s, (lo, hi) in ranges.items()
+            if s in expr.free_symbols
+        }
+        result = bound_sympy(expr, vr)
+        return _as_bound(result.lower, upper=False), _as_bound(result.upper, upper=True)
+    except Exception as exc:  # noqa: BLE001 - report any failure as "cannot bound"
+        raise ValueError(
+            f"cannot bound the token count expression {expr} ({type(expr).__name__}) by interval "
+            f"arithmetic: {exc}"
+        ) from exc
+
+
+def token_range(
+    expr: Any, var_ranges: Mapping[Any, tuple[Any, Any]], max_tokens: int
+) -> tuple[int, int]:
+    """Integer bounds (lo, hi) of a token count M given as a sympy expression (or an int).
+
+    `expr` is M in terms of shape symbols, e.g. `s0*s1` for a flattened batch x sequence (a
+    torch SymInt is accepted too). `var_ranges` maps each symbol (or its name) to (lo, hi); hi
+    may be None, `sympy.oo`, torch's `int_oo` or `math.inf` for "unbounded". Bounds come from
+    interval arithmetic over the expression tree (Add, Mul, integer Pow, floor/ceiling,
+    Max/Min, FloorDiv; torch's value-range analysis for anything else), so they are sound but
+    may be loose when a symbol appears twice. The result is clamped to [1, max_tokens]: an
+    unbounded hi becomes max_tokens. Raises ValueError when the smallest M exceeds
+    max_tokens, or when M can never be >= 1.
+    """
+    import sympy
+
+    max_tokens = operator.index(max_tokens)
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    node = getattr(expr, "node", None)  # torch.SymInt -> its sympy expression
+    if node is not None and hasattr(node, "expr"):
+        expr = node.expr
+    expr = sympy.sympify(expr)
+    ranges: dict[Any, tuple[Any, Any]] = {}
+    for key, bounds in var_ranges.items():
+        sym = key if isinstance(key, sympy.Symbol) else sympy.Symbol(str(key))
+        lo_raw, hi_raw = bounds
+        lo, hi = _as_bound(lo_raw, upper=False), _as_bound(hi_raw, upper=True)
+        if lo == sympy.oo or hi == -sympy.oo or lo > hi:
+            raise ValueError(f"invalid range ({lo_raw}, {hi_raw}) for {sym}")
+        ranges[sym] = (lo, hi)
+    lo, hi = _bounds(expr, ranges)
+    # M is an integer: round the real bounds inward.
+    lo_int = 1 if lo == -sympy.oo else max(1, int(sympy.ceiling(lo)))
+    if lo_int > max_tokens:
+        raise ValueError(
+            f"the smallest token count of {expr} is {lo_int}, above max_tokens={max_tokens}; "
+            f"raise max_tokens to at least {lo_int}"
+        )
+    hi_int = max_tokens if hi == sympy.oo else min(max_tokens, int(sympy.floor(hi)))
+    if hi_int < lo_int:
+        raise ValueError(f"token count {expr} is at most {hi} under {dict(ranges)}: never >= 1")
+    return lo_int, hi_int

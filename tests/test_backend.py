@@ -1,0 +1,114 @@
+"""Registration, capture, explain, report and logging."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import tileflow
+from tileflow.capture import capture_exported
+from tileflow.compiler import compile_graph
+from tileflow.config import Config
+from models import VOCAB, build
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TILEFLOW_")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_backend_string_works_without_importing_tileflow() -> None:
+    proc = run_python(
+        """
+        import sys, torch
+        f = torch.compile(lambda x: torch.nn.functional.linear(x, torch.ones(3, 4)).relu(), backend="tileflow", dynamic=True)
+        out = f(torch.randn(5, 4))
+        assert out.shape == (5, 3)
+        assert "tileflow" in sys.modules  # Dynamo found us through the entry point
+        import tileflow
+        print(tileflow.session_report().rewrites)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "canonical_linear" in proc.stdout
+
+
+def test_logging_is_silent_by_default_and_on_with_env() -> None:
+    code = """
+        import torch
+        torch.compile(lambda x: x.sin() @ x.t(), backend="tileflow", dynamic=True)(torch.randn(4, 4))
+        """
+    quiet = run_python(code)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "[tileflow" not in quiet.stderr and quiet.stdout == ""
+    loud = run_python(code, TILEFLOW_LOG="info")
+    assert loud.returncode == 0, loud.stderr
+    assert "[tileflow INFO] tileflow.pipeline" in loud.stderr and "canonicalize" in loud.stderr
+    bad = run_python("import tileflow", TILEFLOW_LOG="chatty")
+    assert bad.returncode != 0 and "TILEFLOW_LOG='chatty' is not a log level" in bad.stderr
+
+
+def test_explain_report_prints_and_round_trips() -> None:
+    model = build("llama")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    report = tileflow.explain(model, ids, use_cache=False)
+    [graph] = report.graphs
+    names = [p.name for p in report.passes]
+    assert names == ["canonicalize"]
+    assert report.rewrites["canonical_linear"] == 15  # 2 layers x 7 projections + lm_head
+    text = str(report)
+    assert "canonicalize" in text and "canonical_linear=15" in text and "graph_" in text
+    again = tileflow.Report.from_json(report.to_json())
+    assert again == report and again.rewrites == report.rewrites
+    assert json.loads(report.to_json())["graphs"][0]["symbols"]
+
+
+def test_explain_rejects_bad_options() -> None:
+    with pytest.raises(ValueError, match="unknown tileflow option"):
+        tileflow.explain(torch.sin, torch.randn(3), options={"targte": "reference"})
+
+
+def test_dynamo_capture_keeps_sdpa_whole_and_tokens_symbolic(tmp_path) -> None:
+    model = build("qwen2")
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"debug_dir": str(tmp_path)}), dynamic=True)
+    with torch.no_grad():
+        compiled(torch.randint(0, VOCAB, (2, 9)), use_cache=False)
+    nodes = json.loads(next(tmp_path.glob("graph_*/input.json")).read_text())
+    sdpa = [n for n in nodes if "scaled_dot_product" in n["target"]]
+    assert len(sdpa) == 2  # one node per layer, not decomposed
+    assert not any(n["target"] == "aten.softmax.int" or n["target"] == "aten._softmax.default" for n in nodes)
+    ids = next(n for n in nodes if n["op"] == "placeholder" and n.get("dtype") == "int64")
+    assert any(not dim.isdigit() for dim in ids["shape"])  # the sequence length is a symbol
+
+
+def test_export_path_reuses_the_pipeline() -> None:
+    model = build("llama")
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(ids, use_cache=False).logits
+
+    seq = torch.export.Dim("seq", min=2, max=64)
+    ids = torch.randint(0, VOCAB, (1, 8))
+    ep = torch.export.export(Step(), (ids,), dynamic_shapes=({1: seq},))
+    captured = capture_exported(ep)
+    assert captured.range_constraints and (2, 64) in captured.range_constraints.values()
+    assert sum("scaled_dot_product" in str(n.target) for n in captured.gm.graph.nodes) == 2
+    report = tileflow.Report()
+    run = compile_graph(captured.gm, captured.example_inputs, Config(target="reference"), report)
+    assert report.rewrites["canonical_linear"] == 15
+    with torch.no_grad():
+        for n in (3, 17, 40):
+            ids = torch.randint(0, VOCAB, (1, n))
+            torch.testing.assert_close(run(ids), model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,149 @@
+"""canonicalize on hand-built and traced graphs: op counts before/after, and unchanged numerics."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from tileflow.config import Config
+from tileflow.pipeline import PassContext, get_pass
+from tileflow.report import GraphReport
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+def ops(gm: fx.GraphModule) -> Counter:
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+def canonicalize(gm: fx.GraphModule) -> dict[str, int]:
+    ctx = PassContext(config=Config(), report=GraphReport(graph_id="g"))
+    result = get_pass("canonicalize").run(gm, ctx)
+    gm.graph.lint()
+    return result.rewrites
+
+
+def traced(fn: Callable, *inputs: torch.Tensor) -> fx.GraphModule:
+    """ATen graph with symbolic sizes, as AOTAutograd would give us."""
+    return make_fx(fn, tracing_mode="symbolic")(*inputs)
+
+
+def hand_built(fn: Callable, *inputs: torch.Tensor) -> fx.GraphModule:
+    """Keeps the ops exactly as written (e.g. aten.linear on 3-D input, as torch.export leaves it)."""
+    gm = fx.symbolic_trace(fn)
+    mode = FakeTensorMode()
+    FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(t) for t in inputs])
+    return gm
+
+
+def check_same(fn: Callable, gm: fx.GraphModule, *inputs: torch.Tensor) -> None:
+    torch.testing.assert_close(gm(*inputs), fn(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_3d_mm_becomes_linear() -> None:
+    def fn(x, w):
+        return F.linear(x, w)
+
+    x, w = torch.randn(2, 5, 8), torch.randn(6, 8)
+    gm = traced(fn, x, w)
+    assert ops(gm)[aten.mm.default] == 1 and ops(gm)[aten.t.default] == 1
+    assert canonicalize(gm)["canonical_linear"] == 1
+    after = ops(gm)
+    assert after[aten.linear.default] == 1 and aten.mm.default not in after and aten.t.default not in after
+    linear = next(n for n in gm.graph.nodes if n.target is aten.linear.default)
+    assert linear.args[1].op == "placeholder"  # the [N, K] weight itself, transpose folded
+    check_same(fn, gm, torch.randn(3, 9, 8), w)  # other sizes: the graph is symbolic
+
+
+def test_addmm_with_bias_becomes_linear_with_bias() -> None:
+    def fn(x, w, b):
+        return F.linear(x, w, b)
+
+    x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
+    gm = traced(fn, x, w, b)
+    assert ops(gm)[aten.addmm.default] == 1
+    canonicalize(gm)
+    linear = next(n for n in gm.graph.nodes if n.target is aten.linear.default)
+    assert len(linear.args) == 3 and aten.addmm.default not in ops(gm)
+    check_same(fn, gm, torch.randn(11, 8), w, b)
+
+
+def test_gpt2_conv1d_weight_k_by_n() -> None:
+    def fn(x, w_kn, b):
+        return torch.addmm(b, x.view(-1, x.shape[-1]), w_kn).view(*x.shape[:-1], w_kn.shape[1])
+
+    x, w, b = torch.randn(2, 5, 8), torch.randn(8, 6), torch.randn(6)
+    gm = traced(fn, x, w, b)
+    canonicalize(gm)
+    linear = next(n for n in gm.graph.nodes if n.target is aten.linear.default)
+    assert linear.args[1].target is aten.t.default  # [K, N] storage seen as an [N, K] operand
+    check_same(fn, gm, torch.randn(3, 7, 8), w, b)
+
+
+def test_addmm_with_scaling_is_left_alone() -> None:
+    def fn(b, x, w):
+        return torch.addmm(b, x, w, beta=0.5)
+
+    inputs = (torch.randn(5, 6), torch.randn(5, 8), torch.randn(8, 6))
+    gm = traced(fn, *inputs)
+    canonicalize(gm)
+    assert ops(gm)[aten.addmm.default] == 1
+    check_same(fn, gm, *inputs)
+
+
+def test_exported_linear_on_3d_input_is_flattened() -> None:
+    def fn(x, w, b):
+        return torch.ops.aten.linear.default(x, w, b)
+
+    x, w, b = torch.randn(2, 5, 8), torch.randn(6, 8), torch.randn(6)
+    gm = hand_built(fn, x, w, b)
+    canonicalize(gm)
+    linear = next(n for n in gm.graph.nodes if n.target is aten.linear.default)
+    assert linear.meta["val"].dim() == 2 and linear.args[0].meta["val"].shape == (10, 8)
+    check_same(fn, gm, x, w, b)
+
+
+def test_matmul_forms() -> None:
+    def fn(a, w, q, k):
+        return torch.ops.aten.matmul.default(a, w), torch.ops.aten.matmul.default(q, k)
+
+    inputs = (torch.randn(2, 3, 8), torch.randn(8, 6), torch.randn(2, 4, 5, 16), torch.randn(2, 4, 16, 7))
+    gm = hand_built(fn, *inputs)
+    rewrites = canonicalize(gm)
+    assert rewrites == {"canonical_linear": 1, "canonical_bmm": 1}
+    assert aten.matmul.default not in ops(gm)
+    bmm = next(n for n in gm.graph.nodes if n.target is aten.bmm.default)
+    assert bmm.meta["val"].shape == (8, 5, 7)
+    check_same(fn, gm, *inputs)
+
+
+def test_noops_removed_real_work_kept() -> None:
+    def fn(x, w):
+        y = x.view(x.shape)            # no-op view
+        y = y.expand(y.shape)          # no-op expand
+        y = y.clone()                  # copy with the same layout
+        y = y[:, :]                    # full slice
+        z = y.t().t()                  # double transpose
+        z = z.to(torch.float32)        # same dtype
+        keep = x.t().contiguous()      # a layout change: real work
+        return (z * 2, keep.view(-1), y)  # `y` itself is an output: kept as it is
+
+    x, w = torch.randn(4, 6), torch.randn(1)
+    gm = traced(fn, x, w)
+    before = ops(gm)
+    rewrites = canonicalize(gm)
+    after = ops(gm)
+    assert rewrites["noop_removed"] >= 4
+    assert after[aten.clone.default] == 1  # only the layout-changing clone remains
+    assert sum(after.values()) < sum(before.values())
+    check_same(fn, gm, torch.randn(4, 6), w)
+    out = gm(x, w)
+    assert out[1].shape == (24,)

@@ -1,0 +1,79 @@
+"""tileflow's custom ops survive Dynamo, torch.export save/load and Inductor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import tileflow
+from tileflow.ops import padded_gemm
+
+
+def gemm_block(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return padded_gemm(torch.relu(x), w, b, activation="silu") * 2
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(torch.relu(x).double() @ w.double().t() + b.double()).float() * 2
+
+
+@pytest.fixture
+def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.randn(9, 16), torch.randn(12, 16), torch.randn(12)
+
+
+def test_eager_call(inputs) -> None:
+    torch.testing.assert_close(gemm_block(*inputs), reference(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_are_clear() -> None:
+    with pytest.raises(ValueError, match="K mismatch"):
+        padded_gemm(torch.randn(3, 4), torch.randn(5, 6))
+    with pytest.raises(ValueError, match="unknown activation"):
+        padded_gemm(torch.randn(3, 4), torch.randn(5, 4), activation="relu6")
+    with pytest.raises(ValueError, match="stacked as \\[2N, K\\]"):
+        padded_gemm(torch.randn(3, 4), torch.randn(5, 4), activation="swiglu")
+
+
+def test_survives_dynamo(inputs) -> None:
+    compiled = torch.compile(gemm_block, backend="eager", fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(*inputs), reference(*inputs), rtol=1e-5, atol=1e-5)
+    x2 = torch.randn(23, 16)
+    torch.testing.assert_close(compiled(x2, *inputs[1:]), reference(x2, *inputs[1:]), rtol=1e-5, atol=1e-5)
+
+
+def test_survives_export_save_load(inputs, tmp_path: Path) -> None:
+    class Block(torch.nn.Module):
+        def forward(self, x, w, b):
+            return gemm_block(x, w, b)
+
+    m = torch.export.Dim("m", min=2, max=512)
+    ep = torch.export.export(Block(), inputs, dynamic_shapes=({0: m}, None, None))
+    assert any("tileflow.padded_gemm" in str(n.target) for n in ep.graph.nodes)
+    path = tmp_path / "block.pt2"
+    torch.export.save(ep, path)
+    loaded = torch.export.load(path)
+    x2 = torch.randn(37, 16)
+    torch.testing.assert_close(loaded.module()(x2, *inputs[1:]), reference(x2, *inputs[1:]), rtol=1e-5, atol=1e-5)
+
+
+def test_survives_inductor(inputs) -> None:
+    compiled = torch.compile(gemm_block, backend="inductor", dynamic=True)
+    torch.testing.assert_close(compiled(*inputs), reference(*inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_tileflow_residual_inductor(inputs) -> None:
+    report = tileflow.Report()
+    backend = tileflow.TileflowBackend({"residual": "inductor"}, report=report)
+
+    def fn(x, w, b):
+        return torch.nn.functional.linear(x, w, b).sin() + gemm_block(x, w, b)
+
+    compiled = torch.compile(fn, backend=backend, dynamic=True)
+    for m in (9, 21):
+        x = torch.randn(m, 16)
+        torch.testing.assert_close(compiled(x, *inputs[1:]), fn(x, *inputs[1:]), rtol=1e-4, atol=1e-4)
+    [graph] = report.graphs
+    assert graph.residual == "inductor"

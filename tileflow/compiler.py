@@ -18,6 +18,7 @@ import torch.fx as fx
 from .config import Config
 from .graph_utils import count_nodes, shape_env_of, symbol_ranges
 from .log import get_logger
+from .lower import lower_graph
 from .pipeline import PassContext, PassManager
 from .report import GraphReport, Report
 from .residual import build_residual, resolve_residual
@@ -73,8 +74,11 @@ def compile_graph(
         artifact_dir=artifact_dir,
         example_inputs=example_inputs,
         shape_env=shape_env_of(gm),
+        target=target,
+        device_type=device_type,
     )
     PassManager.from_config(config).run(gm, ctx, real_inputs=real_inputs)
+    lower_graph(gm, ctx, target)
     graph_report.nodes_out = count_nodes(gm)
     runner = build_residual(gm, example_inputs, residual_mode)
     report.add_graph(graph_report, recompile=recompile)

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 from .targets import TARGETS
 
 RESIDUALS: tuple[str, ...] = ("auto", "eager", "inductor")
-DEFAULT_PASSES: tuple[str, ...] = ("canonicalize",)
+DEFAULT_PASSES: tuple[str, ...] = ("canonicalize", "gemm_padding")
 # Environment variables that are tileflow's but not Config keys.
 _NON_CONFIG_ENV = frozenset({"TILEFLOW_LOG", "TILEFLOW_CACHE_DIR"})
 

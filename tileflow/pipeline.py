@@ -61,6 +61,8 @@ class PassContext:
     artifact_dir: Path | None = None
     example_inputs: Sequence[Any] | None = None
     shape_env: Any = None
+    target: str = "reference"
+    device_type: str = "cpu"
 
     def add_kernel(self, name: str, target: str, source_path: str | None, spec: dict | None = None) -> None:
         """Record an emitted kernel in the graph's report."""

@@ -1,1 +1,40 @@
-"""TODO"""
+"""The reference backend: KernelSpecs executed with PyTorch ops (CPU default, and the test oracle).
+
+It runs the same tile plans and task tables as the device backends, tile by tile, so their math is
+tested on the CPU without any kernel compiler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tileflow.kernel_spec import KernelSpec
+from tileflow.targets import CompiledKernel
+
+from .gemm import make_reference_launcher, render_reference_gemm
+
+
+class ReferenceBackend:
+    """Builds KernelSpecs into PyTorch-op launchers."""
+
+    name = "reference"
+
+    def available(self) -> tuple[bool, str]:
+        """Always available: it needs nothing but torch."""
+        return True, ""
+
+    def build(self, spec: KernelSpec, artifact_dir: Path | None = None) -> CompiledKernel:
+        """Render the spec's tile loop as Python source, compile it and return the launcher."""
+        if spec.op != "padded_gemm":
+            raise ValueError(f"the reference backend has no kernel family {spec.op!r}")
+        source = render_reference_gemm(spec)
+        path = None
+        if artifact_dir is not None:
+            artifact_dir.mkdir(parents=True, exist_ok=True)
+            path = artifact_dir / f"{spec.name}.reference.py"
+            path.write_text(source)
+        return CompiledKernel(spec=spec, target="reference", source=source,
+                              launch=make_reference_launcher(spec, source), source_path=path)
+
+
+BACKEND = ReferenceBackend()

@@ -150,8 +150,8 @@ def _formula(spec: KernelSpec) -> str:
     ep = spec.epilogue
     b = " + bias" if "bias" in ep else ""
     if "swiglu" in ep:
-        bg, bu = (" + bias[:N]", " + bias[N:]") if "bias" in ep else ("", "")
-        expr = f"silu(x @ W[:N]^T{bg}) * (x @ W[N:]^T{bu})"
+        bg, bu = (" + bias_gate", " + bias_up") if "bias" in ep else ("", "")
+        expr = f"silu(x @ W_gate^T{bg}) * (x @ W_up^T{bu})"
     else:
         expr = f"x @ W^T{b}"
         for act in ("silu", "gelu", "gelu_tanh"):
@@ -166,13 +166,19 @@ def _signature(spec: KernelSpec, persistent: bool) -> str:
     """The kernel's parameter list (one argument or argument group per line)."""
     ep = spec.epilogue
     lines = ["x_ptr, w_ptr, out_ptr,"]
+    if "swiglu" in ep:
+        lines.append("wu_ptr,  # up-projection weight: its own pointer, so it need not be stacked")
     if "bias" in ep:
         lines.append("bias_ptr,")
+        if "swiglu" in ep:
+            lines.append("bias_up_ptr,")
     if "residual" in ep:
         lines.append("res_ptr,")
     lines.append("M,  # token count: runtime value, never specialized on (no recompiles)")
     lines.append("stride_xm, stride_xk,")
     lines.append("stride_wn, stride_wk,  # any layout: weight may be a transposed view")
+    if "swiglu" in ep:
+        lines.append("stride_wun, stride_wuk,")
     if "residual" in ep:
         lines.append("stride_rm, stride_rn,")
     lines.append("stride_om, stride_on,")
@@ -221,9 +227,10 @@ w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols.to(tl.int64) * stride_wn"""
     if swiglu:
         add(
             """\
-# SwiGLU: rows [0, N) of W are the gate projection, rows [N, 2N) the up projection of the
-# same output columns; one program keeps both accumulators so x is read only once.
-wu_ptrs = w_ptrs + N * stride_wn
+# SwiGLU: W is the gate projection and Wu the up projection of the same output columns (the
+# [2N, K] concatenation, kept as two operands so no stacked copy is ever made); one program
+# keeps both accumulators so x is read only once.
+wu_ptrs = wu_ptr + offs_k[:, None] * stride_wuk + cols.to(tl.int64) * stride_wun
 acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"""
         )
@@ -259,7 +266,7 @@ acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"""
         "    w_ptrs += BLOCK_K * stride_wk",
     ]
     if swiglu:
-        loop.append("    wu_ptrs += BLOCK_K * stride_wk")
+        loop.append("    wu_ptrs += BLOCK_K * stride_wuk")
     add("\n".join(loop))
 
     # ---- epilogue, in EPILOGUES order, on the fp32 accumulator ----
@@ -268,7 +275,7 @@ acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"""
         if swiglu:
             epi += [
                 "bias_gate = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)",
-                "bias_up = tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)",
+                "bias_up = tl.load(bias_up_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)",
                 "acc_gate += bias_gate[None, :]",
                 "acc_up += bias_up[None, :]",
             ]
@@ -467,19 +474,41 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         *,
         out: torch.Tensor | None = None,
         num_programs: int | None = None,
+        weight_up: torch.Tensor | None = None,
+        bias_up: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the kernel: `out[M, N] = epilogue(x @ weight^T)`; returns `out`."""
+        """Run the kernel: `out[M, N] = epilogue(x @ weight^T)`; returns `out`.
+
+        For swiglu, the gate and up operands are either stacked (`weight` [2N, K], `bias` [2N])
+        or separate (`weight` and `weight_up` [N, K], `bias` and `bias_up` [N]).
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{where}: x must be a 2-D [M, K={k}] tensor, got {got}")
         m = x.shape[0]
         device = x.device
         _check_tensor("x", x, (m, k), {in_dtype}, device)
-        _check_tensor("weight", weight, (w_rows, k), {in_dtype}, device)
+        if (weight_up is not None or bias_up is not None) and not swiglu:
+            raise ValueError(f"{where}: weight_up/bias_up are for the swiglu epilogue only")
+        if swiglu and weight_up is not None:
+            _check_tensor("weight", weight, (n, k), {in_dtype}, device)
+            _check_tensor("weight_up", weight_up, (n, k), {in_dtype}, device)
+        else:
+            _check_tensor("weight", weight, (w_rows, k), {in_dtype}, device)
+            if swiglu:
+                weight, weight_up = weight[:n], weight[n:]
         if has_bias:
             if bias is None:
                 raise ValueError(f"{where}: the epilogue has 'bias' but no bias was given")
-            _check_tensor("bias", bias, (w_rows,), side_dtypes, device)
+            if swiglu and bias_up is not None:
+                _check_tensor("bias", bias, (n,), side_dtypes, device)
+                _check_tensor("bias_up", bias_up, (n,), side_dtypes, device)
+            else:
+                _check_tensor("bias", bias, (w_rows,), side_dtypes, device)
+                if swiglu:
+                    bias, bias_up = bias[:n], bias[n:]
+        elif bias_up is not None:
+            raise ValueError(f"{where}: a bias_up was given but the epilogue {ep} has no 'bias'")
         elif bias is not None:
             raise ValueError(f"{where}: a bias was given but the epilogue {ep} has no 'bias'")
         if has_res:
@@ -510,11 +539,17 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         # The grid is computed from M at call time; the kernel itself is M-agnostic.
         num_tiles = _cdiv(m, tile.block_m) * _cdiv(n, tile.block_n)
         args: list[Any] = [x, weight, out]
+        if swiglu:
+            args.append(weight_up)
         if has_bias:
             args.append(bias)
+            if swiglu:
+                args.append(bias_up)
         if has_res:
             args.append(residual)
         args += [m, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1)]
+        if swiglu:
+            args += [weight_up.stride(0), weight_up.stride(1)]
         if has_res:
             args += [residual.stride(0), residual.stride(1)]
         args += [out.stride(0), out.stride(1)]

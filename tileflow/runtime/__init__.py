@@ -1,10 +1,97 @@
-"""Runtime: runs tileflow's ops on the current target (kernel choice, caches, dispatch)."""
+"""Runtime: runs tileflow's ops on a target — plan lookup, kernel cache, dispatch by M.
+
+Kernels are cached per (target, KernelSpec) for the life of the process; the Triton backend also
+caches generated sources on disk. Dispatch picks the plan's config for the call's M and launches
+the kernel built for it, so a new token count never compiles anything.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import threading
+from pathlib import Path
+
 import torch
 
-from ..backends.reference.gemm import gemm_tile
+from ..config import current_config
+from ..devices import DeviceInfo, detect_device, get_device
+from ..kernel_spec import KernelSpec
+from ..log import get_logger
+from ..targets import CompiledKernel, get_backend, resolve_target
+from ..tiles import TilePlan, build_tile_plan
+
+log = get_logger("runtime")
+
+_KERNELS: dict[tuple[str, KernelSpec], CompiledKernel] = {}
+_LOCK = threading.Lock()
+
+
+def device_for_target(target: str, device_type: str) -> DeviceInfo:
+    """The device-table entry whose numbers drive plans for `target` on `device_type` tensors."""
+    if target == "triton" and device_type == "cuda":
+        return detect_device("cuda")
+    if target == "ascend":
+        return detect_device("npu") if device_type == "npu" else get_device("Ascend-910B")
+    return get_device("cpu")
+
+
+def gemm_plan(n: int, k: int, dtype: torch.dtype | str, target: str, device_type: str, *, m_min: int = 1, m_max: int) -> TilePlan:
+    """The tile plan for a GEMM of width N and depth K over M in [m_min, m_max] on a target."""
+    from ..kernel_spec import dtype_name
+
+    device = device_for_target(target, device_type)
+    return build_tile_plan(n, k, dtype_name(dtype), m_min=m_min, m_max=m_max, device=device)
+
+
+def encode_plan(plan: TilePlan) -> str:
+    """A plan as the compact JSON text a `padded_gemm` node carries."""
+    return json.dumps(plan.to_dict(), separators=(",", ":"), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def decode_plan(text: str) -> TilePlan:
+    """Inverse of `encode_plan` (cached: nodes carry the same text on every call)."""
+    try:
+        return TilePlan.from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"malformed tile plan in a padded_gemm node ({exc}); recompile the model") from exc
+
+
+def get_kernel(target: str, spec: KernelSpec, artifact_dir: Path | None = None) -> CompiledKernel:
+    """The built kernel for `spec` on `target` (built on first use, then cached)."""
+    key = (target, spec)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        backend = get_backend(target)
+        ok, why = backend.available()
+        if not ok:
+            raise RuntimeError(f"target {target!r} cannot run here: {why}")
+        with _LOCK:
+            kernel = _KERNELS.get(key)
+            if kernel is None:
+                kernel = backend.build(spec, artifact_dir)
+                _KERNELS[key] = kernel
+                log.debug("built %s for %s", spec.name, target)
+    elif artifact_dir is not None and kernel.source_path is not None:
+        _copy_source(kernel, artifact_dir)
+    return kernel
+
+
+def _copy_source(kernel: CompiledKernel, artifact_dir: Path) -> None:
+    """Put an already-built kernel's source into another artifact folder too."""
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    target = artifact_dir / Path(kernel.source_path).name  # type: ignore[arg-type]
+    if not target.exists():
+        target.write_text(kernel.source)
+
+
+def compiled_kernels(op: str | None = None) -> list[CompiledKernel]:
+    """Every kernel built in this process (optionally only those of one op family)."""
+    return [k for (_, spec), k in _KERNELS.items() if op is None or spec.op == op]
+
+
+_WARNED_RANGE: set[tuple[int, int, int]] = set()
 
 
 def run_padded_gemm(
@@ -15,6 +102,38 @@ def run_padded_gemm(
     activation: str,
     out_dtype: torch.dtype,
     plan: str,
+    target: str,
+    weight_up: torch.Tensor | None = None,
+    bias_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Execute `tileflow::padded_gemm` on the current target."""
-    return gemm_tile(x, weight, bias, residual, activation, out_dtype)
+    """Execute `tileflow::padded_gemm`: pick the plan's config for this M and launch its kernel.
+
+    `plan` is the node's encoded plan ("" for eager calls: built for the current config's
+    `max_tokens`); `target` is the node's target ("" for eager calls: the current config's).
+    """
+    from ..lower import gemm_spec
+
+    target = resolve_target(target or current_config().target, x.device)
+    separate_up = weight_up is not None
+    n = weight.shape[0] // 2 if activation == "swiglu" and not separate_up else weight.shape[0]
+    k = weight.shape[1]
+    m = x.shape[0]
+    tile_plan = decode_plan(plan) if plan else gemm_plan(n, k, x.dtype, target, x.device.type, m_max=current_config().max_tokens)
+    if m == 0:
+        return x.new_empty((0, n), dtype=out_dtype)
+    if m > tile_plan.m_max or m < tile_plan.m_min:
+        # The plan covers the compile-time range; outside it the nearest piece is still correct.
+        key = (n, k, m)
+        if key not in _WARNED_RANGE:
+            _WARNED_RANGE.add(key)
+            log.warning(
+                "padded_gemm M=%d is outside its plan's range [%d, %d]; using the nearest config "
+                "(raise max_tokens to plan for it)", m, tile_plan.m_min, tile_plan.m_max,
+            )
+    tile = tile_plan.select_tile(min(max(m, tile_plan.m_min), tile_plan.m_max))
+    spec = gemm_spec(
+        dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, tile=tile, activation=activation,
+        has_bias=bias is not None, has_residual=residual is not None,
+    )
+    kernel = get_kernel(target, spec)
+    return kernel(x, weight, bias, residual, weight_up=weight_up, bias_up=bias_up)

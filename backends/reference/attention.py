@@ -1,0 +1,309 @@
+"""Reference meta-attention: the op's definition (the oracle) and a tile-by-tile executor.
+
+Two PyTorch implementations of ``tileflow.ops.meta_attention_varlen`` (semantics in
+``tileflow/tasks.py`` and the shared contract):
+
+- `attention_reference_dense`: the straightforward definition — per sequence, gather K/V from
+  the pages, build the visibility mask, softmax, weighted sum. It is the oracle.
+- `run_task_table`: executes a `tileflow.tasks.TaskTable` exactly as a kernel does — program by
+  program, task by task, one tile of packed GQA rows against one KV range — writing the output
+  for whole-range tasks and a workspace slot (normalized partial output + log-sum-exp) for
+  split-KV tasks, then `merge_partials` combines the slots. It is the reference backend for
+  meta-attention and the structure the Triton kernel mirrors, so a disagreement between the two
+  localizes a bug to the table or to the kernel.
+
+Both accumulate in float32 (float64 for float64 inputs) and return q's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tileflow.tasks import TaskTable, check_metadata
+
+__all__ = [
+    "accumulation_dtype",
+    "visibility_mask",
+    "attention_reference_dense",
+    "run_task_table",
+    "run_task",
+    "merge_partials",
+]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 otherwise (the kernels' softmax precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def visibility_mask(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    *,
+    kv_len: int,
+    q_len: int,
+    causal: bool,
+    sliding_window: int | None,
+    tree: torch.Tensor | None,
+) -> torch.Tensor:
+    """Bool ``[len(rows), len(cols)]``: does query row ``rows[a]`` see KV position ``cols[b]``?
+
+    ``rows`` are query indices relative to the sequence (row i is at position
+    ``kv_len - q_len + i``), ``cols`` absolute KV positions; ``tree`` is the sequence's
+    ``[T, T]`` tree mask or None. The rules are the contract's: ``j < L``; ``j <= p`` when
+    causal; ``j > p - w`` with a sliding window; and, when a tree mask is given and
+    ``q_len <= T``, the tree mask replaces the causal rule on the new positions.
+    """
+    prefix = kv_len - q_len
+    p = (prefix + rows.to(torch.int64))[:, None]
+    j = cols.to(torch.int64)[None, :]
+    order = j <= p if causal else torch.ones_like(j, dtype=torch.bool).expand(p.shape[0], -1)
+    if tree is not None and q_len <= tree.shape[0]:
+        new = j >= prefix
+        # Clamp only to index safely; the clamped entries are discarded by `new`.
+        ti = rows.to(torch.int64).clamp(0, tree.shape[0] - 1)[:, None]
+        tj = (j - prefix).clamp(0, tree.shape[1] - 1)
+        order = torch.where(new, tree.to(torch.bool)[ti, tj], order)
+    visible = order & (j >= 0) & (j < kv_len)
+    if sliding_window is not None:
+        visible = visible & (j > p - sliding_window)
+    return visible
+
+
+def _gather_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, seq: int, positions: torch.Tensor, head: slice | int
+) -> torch.Tensor:
+    """Rows of a paged cache for KV ``positions`` of sequence ``seq`` (through the block table)."""
+    block_size = cache.shape[1]
+    blocks = block_table[seq, positions // block_size].to(torch.int64)
+    return cache[blocks, positions % block_size, head]
+
+
+def _masked_softmax_av(
+    scores: torch.Tensor, visible: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(scores | visible) @ v, logsumexp over visible) with empty rows -> (0, -inf).
+
+    Exact (not online) softmax: the whole range is in memory. A row that sees no key gets zero
+    output and ``-inf`` LSE instead of the NaN a plain softmax would give.
+    """
+    scores = scores.masked_fill(~visible, float("-inf"))
+    any_visible = visible.any(dim=-1)
+    row_max = scores.amax(dim=-1).where(any_visible, torch.zeros((), dtype=scores.dtype))
+    e = torch.exp(scores - row_max[:, None])  # masked entries: exp(-inf) == 0
+    denom = e.sum(dim=-1)
+    safe = denom.where(any_visible, torch.ones((), dtype=denom.dtype))
+    out = (e @ v) / safe[:, None]
+    lse = (row_max + torch.log(safe)).where(any_visible, torch.full((), float("-inf"), dtype=denom.dtype))
+    return out, lse
+
+
+def _resolve_scale(scale: float | None, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def attention_reference_dense(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seqlens_kv: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    tree_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The definition of varlen paged meta-attention, sequence by sequence (the oracle).
+
+    Shapes: ``q [total_q, Hq, D]``, caches ``[num_blocks, block_size, Hkv, D]``,
+    ``block_table int32 [S, max_blocks]``, ``cu_seqlens_q int32 [S+1]``,
+    ``seqlens_kv int32 [S]``, ``tree_mask bool [S, T, T]`` or None. Head h reads KV head
+    ``h // (Hq // Hkv)``; ``scale`` defaults to ``1/sqrt(D)``. Returns q's shape and dtype.
+    """
+    # causal=False here: the dense oracle handles any tree mask, ordered or not.
+    check_metadata(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, tree_mask, causal=False)
+    total_q, num_q_heads, head_dim = q.shape
+    group = num_q_heads // k_cache.shape[2]
+    scale = _resolve_scale(scale, head_dim)
+    acc = accumulation_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    kv_lens = seqlens_kv.tolist()
+    for s, kv_len in enumerate(kv_lens):
+        q_len = cu[s + 1] - cu[s]
+        if q_len == 0:
+            continue
+        positions = torch.arange(kv_len, device=q.device)
+        # [Hq, L, D]: K/V of the head each query head reads.
+        k = _gather_kv(k_cache, block_table, s, positions, slice(None)).to(acc)
+        v = _gather_kv(v_cache, block_table, s, positions, slice(None)).to(acc)
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        qs = q[cu[s]:cu[s + 1]].to(acc).transpose(0, 1)  # [Hq, n, D]
+        visible = visibility_mask(
+            torch.arange(q_len, device=q.device), positions, kv_len=kv_len, q_len=q_len,
+            causal=causal, sliding_window=sliding_window,
+            tree=None if tree_mask is None else tree_mask[s],
+        )
+        scores = (qs @ k.transpose(1, 2)) * scale  # [Hq, n, L]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        # A row with no visible key: softmax gives NaN; the contract says zeros.
+        probs = probs.masked_fill(~visible.any(dim=-1)[None, :, None], 0.0)
+        out[cu[s]:cu[s + 1]] = (probs @ v).transpose(0, 1)
+    return out.to(q.dtype)
+
+
+def run_task(
+    task: list[int],
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu: list[int],
+    kv_lens: list[int],
+    *,
+    group: int,
+    scale: float,
+    causal: bool,
+    sliding_window: int | None,
+    tree_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compute one task: its tile's ``q_rows * R`` packed rows against its KV range.
+
+    Returns ``(out [q_rows * R, D], lse [q_rows * R])`` in the accumulation dtype, rows in
+    tile order (``r = pos * R + head_in_group``); ``out`` is normalized over the task's range.
+    """
+    seq, kv_head, q_start, q_rows, kv_start, kv_end = task[:6]
+    acc = accumulation_dtype(q.dtype)
+    q_len = cu[seq + 1] - cu[seq]
+    first = cu[seq] + q_start
+    # Packed GQA rows: [q_rows, R, D] -> [q_rows * R, D], r = pos * R + h.
+    heads = slice(kv_head * group, (kv_head + 1) * group)
+    q_tile = q[first:first + q_rows, heads].reshape(q_rows * group, -1).to(acc)
+    positions = torch.arange(kv_start, kv_end, device=q.device)
+    k = _gather_kv(k_cache, block_table, seq, positions, kv_head).to(acc)
+    v = _gather_kv(v_cache, block_table, seq, positions, kv_head).to(acc)
+    visible = visibility_mask(
+        torch.arange(q_start, q_start + q_rows, device=q.device), positions,
+        kv_len=kv_lens[seq], q_len=q_len, causal=causal, sliding_window=sliding_window,
+        tree=None if tree_mask is None else tree_mask[seq],
+    ).repeat_interleave(group, dim=0)
+    scores = (q_tile @ k.T) * scale
+    return _masked_softmax_av(scores, visible, v)
+
+
+def merge_partials(
+    table: TaskTable,
+    partial_out: torch.Tensor,
+    partial_lse: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Combine split-KV partial results into ``out`` with the log-sum-exp rule.
+
+    For each merge group (one split tile) with slots ``k``: ``M = max_k lse_k``,
+    ``w_k = exp(lse_k - M)``, ``out = sum_k w_k * o_k / sum_k w_k`` where ``o_k`` is the slot's
+    normalized partial output. Slots whose row has ``lse = -inf`` contribute nothing (their
+    partial_out is ignored, even if NaN); a row with no visible key in any slot becomes zeros.
+    Only the tile's ``q_rows * R`` rows are read. Writes ``out`` in place and returns it.
+    """
+    if table.merges.shape[0] == 0:
+        return out
+    group = table.group_size
+    cu = table.cu_seqlens_q.tolist()
+    for seq, kv_head, q_start, q_rows, first_slot, num_slots in table.merges.tolist():
+        rows = q_rows * group
+        lse = partial_lse[first_slot:first_slot + num_slots, :rows]
+        parts = partial_out[first_slot:first_slot + num_slots, :rows]
+        m = lse.amax(dim=0)
+        finite = torch.isfinite(m)
+        weight = torch.exp(lse - m.where(finite, torch.zeros((), dtype=m.dtype)))  # -inf -> 0
+        contributes = weight > 0
+        weighted = torch.where(contributes[..., None], parts * weight[..., None], torch.zeros((), dtype=parts.dtype))
+        denom = weight.sum(dim=0).where(finite, torch.ones((), dtype=weight.dtype))
+        merged = weighted.sum(dim=0) / denom[:, None]
+        merged = merged.where(finite[:, None], torch.zeros((), dtype=merged.dtype))
+        first = cu[seq] + q_start
+        heads = slice(kv_head * group, (kv_head + 1) * group)
+        out[first:first + q_rows, heads] = merged.reshape(q_rows, group, -1).to(out.dtype)
+    return out
+
+
+def run_task_table(
+    table: TaskTable,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seqlens_kv: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    tree_mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Execute a task table with torch ops, tile by tile, as the meta-attention kernel does.
+
+    For each program and each of its tasks in order: gather the tile's packed query rows and the
+    task's KV range through the block table, mask, take an exact softmax over the range, and
+    write either ``out`` (``slot == -1``) or workspace slot ``slot`` (normalized partial output
+    and natural-log LSE); then `merge_partials`. ``causal`` and ``sliding_window`` must be the
+    values the table was built with.
+
+    ``out`` (q's shape and dtype) is written in place if given. ``workspace`` is
+    ``(partial_out, partial_lse)`` shaped as `TaskTable.workspace_shapes`; when omitted it is
+    allocated (in the accumulation dtype: float32, or float64 for float64 inputs) and filled
+    with NaN, so a slot read before it is written shows up in the result.
+    """
+    check_metadata(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, tree_mask, causal=causal)
+    total_q, num_q_heads, head_dim = q.shape
+    if (table.num_q_heads, table.num_kv_heads) != (num_q_heads, k_cache.shape[2]):
+        raise ValueError(
+            f"the task table was built for {table.num_q_heads} query / {table.num_kv_heads} KV "
+            f"heads but the tensors have {num_q_heads} / {k_cache.shape[2]}"
+        )
+    if not (torch.equal(table.cu_seqlens_q, cu_seqlens_q.cpu())
+            and torch.equal(table.seqlens_kv, seqlens_kv.cpu())):
+        raise ValueError("the task table was built from different cu_seqlens_q / seqlens_kv: rebuild it")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)} and dtype {q.dtype}")
+    acc = accumulation_dtype(q.dtype)
+    if workspace is None:
+        out_shape, lse_shape = table.workspace_shapes(head_dim)
+        workspace = (
+            torch.full(out_shape, float("nan"), dtype=acc, device=q.device),
+            torch.full(lse_shape, float("nan"), dtype=acc, device=q.device),
+        )
+    partial_out, partial_lse = workspace
+    group = table.group_size
+    scale = _resolve_scale(scale, head_dim)
+    cu = cu_seqlens_q.tolist()
+    kv_lens = seqlens_kv.tolist()
+    tasks = table.tasks.tolist()
+    offsets = table.program_offsets.tolist()
+    program_tasks = table.program_tasks.tolist()
+    for program in range(table.num_programs):
+        for index in program_tasks[offsets[program]:offsets[program + 1]]:
+            task = tasks[index]
+            res, lse = run_task(
+                task, q, k_cache, v_cache, block_table, cu, kv_lens, group=group, scale=scale,
+                causal=causal, sliding_window=sliding_window, tree_mask=tree_mask,
+            )
+            seq, kv_head, q_start, q_rows, _, _, slot, _ = task
+            if slot < 0:
+                first = cu[seq] + q_start
+                heads = slice(kv_head * group, (kv_head + 1) * group)
+                out[first:first + q_rows, heads] = res.reshape(q_rows, group, head_dim).to(out.dtype)
+            else:
+                partial_out[slot, :q_rows * group] = res.to(partial_out.dtype)
+                partial_lse[slot, :q_rows * group] = lse.to(partial_lse.dtype)
+    return merge_partials(table, partial_out, partial_lse, out)

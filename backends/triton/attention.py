@@ -1,0 +1,782 @@
+"""The persistent meta-attention kernel for the Triton target (XY-Serve Meta-Attention).
+
+One launch computes attention for a whole mixed batch (prefill, chunked prefill over a cached
+prefix, decode and tree-speculative verify) over a paged KV cache. The work is described by a
+*task table* built on the host (`tileflow/tasks.py`, see the contract in its docstring):
+
+- a task is (sequence, KV head, a tile of up to `block_q` query positions, a KV range); the GQA
+  query heads that share the KV head are packed into the tile's rows, so a tile computes
+  `block_q * R` rows (row r = query position `q_start + r // R`, head `kv_head * R + r % R`) and
+  every K/V page it loads serves all R heads at once;
+- the grid is static (one program per slot, CUDA-graph friendly); program p runs the tasks
+  `program_tasks[program_offsets[p]:program_offsets[p + 1]]`, dealt by cost on the host;
+- a task whose KV range is a chunk of a longer range (split-KV, `slot >= 0`) writes its normalized
+  partial output and its log-sum-exp to a workspace slot; a second, small kernel merges the slots
+  of each tile with the log-sum-exp rule.
+
+Two functions make up the backend's attention support (the same shape as `gemm.py`):
+
+- `render_attention_source(spec)` turns a `meta_attention` KernelSpec into readable Triton source
+  with two `@triton.jit` kernels: the meta-attention kernel, named `kernel_identifier(spec)`, and
+  its merge kernel, named `kernel_identifier(spec) + "_merge"`;
+- `make_attention_launcher(spec, kernels)` wraps them in a launcher that validates the inputs,
+  moves the task table to the device, allocates the split-KV workspace and launches both.
+
+`build_attention_kernel(spec)` glues them together through `build.build_triton_kernel`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tileflow.kernel_spec import KernelSpec, dtype_name
+
+from .build import build_triton_kernel, kernel_identifier
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "AttentionConfig",
+    "attention_config",
+    "build_attention_kernel",
+    "make_attention_launcher",
+    "merge_kernel_identifier",
+    "render_attention_source",
+]
+
+# Input/output dtypes the kernel supports (fp64 is left to the reference backend: tl.dot has no
+# fp64 path on every GPU Triton targets).
+SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
+# tl.dot needs every tile dimension to be at least 16 on GPUs.
+_MIN_BLOCK = 16
+# Columns of a task-table row and of a merge row (see the contract in tileflow/tasks.py).
+_TASK_COLS = 8
+_MERGE_COLS = 6
+# Defaults when the spec carries no TileConfig.
+_DEFAULT_BLOCK_KV = 32
+_DEFAULT_NUM_WARPS = 4
+_DEFAULT_NUM_STAGES = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Spec -> static configuration
+# --------------------------------------------------------------------------------------------
+
+
+def _next_pow2(x: int) -> int:
+    """Smallest power of two >= x (x >= 1)."""
+    return 1 << (x - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The static shape of one meta-attention kernel, derived from its KernelSpec.
+
+    `block_q` query positions x `gqa` heads make a tile's `block_q * gqa` real rows; `block_m` is
+    that padded to a power of two >= 16 (the extra rows are masked, never read nor written).
+    `head_dim_pad` is `head_dim` padded the same way (the padding columns are masked).
+    """
+
+    head_dim: int
+    head_dim_pad: int
+    gqa: int
+    block_q: int
+    block_m: int
+    block_kv: int
+    causal: bool
+    sliding_window: bool
+    tree: bool
+    num_warps: int
+    num_stages: int
+
+
+def _positive_int(spec: KernelSpec, key: str, value: Any) -> int:
+    """`value` if it is a positive int (not a bool), else a ValueError naming the param."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(
+            f"meta_attention spec {spec.name} needs a positive integer param {key!r}, got {value!r}"
+        )
+    return value
+
+
+def attention_config(spec: KernelSpec) -> AttentionConfig:
+    """Validate a `meta_attention` KernelSpec and derive its static configuration.
+
+    Params (built with `make_params`): `head_dim`, `gqa` (query heads per KV head), `block_q`,
+    `block_kv`, `causal`, `sliding_window`, `tree` (the last three bools; default causal=True,
+    the others False). A TileConfig, when present, supplies `block_q` (its `block_m`) and
+    `block_kv` (its `block_n`) when the params leave them out, and the launch's
+    `num_warps`/`num_stages`; a tile that contradicts the params is an error.
+
+    Raises ValueError for a spec the kernel cannot implement.
+    """
+    if spec.op != "meta_attention":
+        raise ValueError(f"the Triton attention kernel handles op 'meta_attention', not {spec.op!r}")
+    if spec.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"the Triton meta_attention supports dtype in {SUPPORTED_DTYPES}, got {spec.dtype!r}"
+        )
+    if spec.out_dtype != spec.dtype:
+        raise ValueError(
+            f"meta_attention writes q's dtype: out_dtype {spec.out_dtype!r} must equal dtype "
+            f"{spec.dtype!r}"
+        )
+    if spec.epilogue:
+        raise ValueError(f"meta_attention has no epilogues, got {spec.epilogue}")
+    tile = spec.tile
+    head_dim = _positive_int(spec, "head_dim", spec.param("head_dim"))
+    gqa = _positive_int(spec, "gqa", spec.param("gqa"))
+
+    block_q = spec.param("block_q")
+    block_kv = spec.param("block_kv")
+    if tile is not None:
+        if block_q is not None and block_q != tile.block_m:
+            raise ValueError(
+                f"spec {spec.name}: params block_q={block_q} contradicts tile.block_m={tile.block_m}"
+            )
+        if block_kv is not None and block_kv != tile.block_n:
+            raise ValueError(
+                f"spec {spec.name}: params block_kv={block_kv} contradicts "
+                f"tile.block_n={tile.block_n}"
+            )
+        block_q = tile.block_m if block_q is None else block_q
+        block_kv = tile.block_n if block_kv is None else block_kv
+    if block_kv is None:
+        block_kv = _DEFAULT_BLOCK_KV
+    block_q = _positive_int(spec, "block_q", block_q)
+    block_kv = _positive_int(spec, "block_kv", block_kv)
+    if block_kv < _MIN_BLOCK or block_kv & (block_kv - 1):
+        raise ValueError(
+            f"spec {spec.name}: block_kv={block_kv} must be a power of two >= {_MIN_BLOCK} "
+            f"(tl.dot needs every dimension >= {_MIN_BLOCK})"
+        )
+    flags = {}
+    for key, default in (("causal", True), ("sliding_window", False), ("tree", False)):
+        value = spec.param(key, default)
+        if not isinstance(value, bool):
+            raise ValueError(f"spec {spec.name}: param {key!r} must be a bool, got {value!r}")
+        flags[key] = value
+    return AttentionConfig(
+        head_dim=head_dim,
+        head_dim_pad=max(_MIN_BLOCK, _next_pow2(head_dim)),
+        gqa=gqa,
+        block_q=block_q,
+        block_m=max(_MIN_BLOCK, _next_pow2(block_q * gqa)),
+        block_kv=block_kv,
+        causal=flags["causal"],
+        sliding_window=flags["sliding_window"],
+        tree=flags["tree"],
+        num_warps=tile.num_warps if tile is not None else _DEFAULT_NUM_WARPS,
+        num_stages=tile.num_stages if tile is not None else _DEFAULT_NUM_STAGES,
+    )
+
+
+def merge_kernel_identifier(spec: KernelSpec) -> str:
+    """Name of the split-KV merge kernel in the rendered module."""
+    return kernel_identifier(spec) + "_merge"
+
+
+def _dot_precision_kwarg(dtype: str) -> str:
+    """Extra tl.dot keyword that keeps fp32 inputs in exact IEEE fp32 (no TF32)."""
+    if dtype != "float32":
+        return ""
+    import triton.language as tl
+
+    if "input_precision" in inspect.signature(tl.dot).parameters:
+        return ', input_precision="ieee"'
+    return ", allow_tf32=False"  # older spelling of the same thing
+
+
+# --------------------------------------------------------------------------------------------
+# Source rendering
+# --------------------------------------------------------------------------------------------
+
+_HEADER = '''\
+"""Generated by tileflow (Triton backend): persistent meta-attention over a paged KV cache.
+
+kernel   : {kname}  (+ {mname} for split-KV tiles)
+op       : out[t, h] = softmax(q[t, h] . K[s, h // {gqa}]^T * scale | mask) @ V[s, h // {gqa}]
+mask     : {mask}
+dtypes   : {dtype} q/k/v, fp32 scores/softmax/accumulation, {dtype} output
+tile     : BLOCK_Q={block_q} query positions x GQA={gqa} heads = {rows} rows, padded to
+           BLOCK_M={block_m}; BLOCK_KV={block_kv}; HEAD_DIM={head_dim}{dpad}; num_warps={nw}
+schedule : persistent static grid; program p runs the host-built tasks
+           program_tasks[program_offsets[p]:program_offsets[p + 1]]
+
+A task = (sequence, KV head, query tile, KV range). Tile row r is query position
+q_start + r // GQA of head kv_head * GQA + r % GQA, so the GQA heads that share a KV head
+share every K/V load. Scores are kept in base 2 (scale * log2(e) folded into qk_scale) so the
+online softmax uses exp2; exp2 only ever sees non-positive arguments.
+"""
+
+import triton
+import triton.language as tl
+'''
+
+
+def _mask_doc(cfg: AttentionConfig) -> str:
+    """One-line description of the visibility rule, for the header."""
+    parts = ["kv_pos <= q_pos (causal)" if cfg.causal else "kv_pos < seqlen_kv (not causal)"]
+    if cfg.sliding_window:
+        parts.append("kv_pos > q_pos - window")
+    if cfg.tree:
+        parts.append("tree_mask replaces the causal rule among the new tokens (n_s <= T)")
+    return "; ".join(parts)
+
+
+def _main_signature(cfg: AttentionConfig) -> str:
+    """Parameter list of the meta-attention kernel (one argument group per line)."""
+    lines = [
+        "q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,",
+        "block_table_ptr, cu_seqlens_q_ptr, seqlens_kv_ptr,",
+        "tasks_ptr, program_offsets_ptr, program_tasks_ptr,",
+        "partial_out_ptr, partial_lse_ptr,  # split-KV workspace (unused without split tasks)",
+    ]
+    if cfg.tree:
+        lines.append("tree_mask_ptr,  # uint8 [S, T, T]")
+    lines.append("qk_scale,  # softmax scale * log2(e)")
+    lines.append("block_size,  # KV cache page size: runtime, any page size reuses the kernel")
+    if cfg.sliding_window:
+        lines.append("window,  # sliding window: row at q_pos sees kv_pos > q_pos - window")
+    if cfg.tree:
+        lines.append("tree_size,  # T: sequences with more new tokens than T stay causal")
+    lines += [
+        "stride_qt, stride_qh, stride_qd,",
+        "stride_kb, stride_ks, stride_kh, stride_kd,",
+        "stride_vb, stride_vs, stride_vh, stride_vd,",
+        "stride_ot, stride_oh, stride_od,",
+        "stride_bt,  # block_table row stride",
+        "stride_pw_slot, stride_pw_row, stride_pw_d,  # partial_out [slot, row, d]",
+        "stride_pl_slot, stride_pl_row,  # partial_lse [slot, row]",
+    ]
+    if cfg.tree:
+        lines.append("stride_tm_s, stride_tm_i, stride_tm_j,")
+    lines += [
+        "HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,",
+        "GQA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr,",
+    ]
+    return "\n".join("    " + line for line in lines)
+
+
+def _main_body(cfg: AttentionConfig, dtype: str) -> str:
+    """Body of the meta-attention kernel, at indentation zero."""
+    dot_kw = _dot_precision_kwarg(dtype)
+    padded_d = cfg.head_dim_pad != cfg.head_dim
+    d_row = " & d_mask[None, :]" if padded_d else ""
+    d_col = " & d_mask[:, None]" if padded_d else ""
+    out_tl = f"tl.{dtype}"
+
+    code = f"""\
+pid = tl.program_id(axis=0)
+task_begin = tl.load(program_offsets_ptr + pid)
+task_end = tl.load(program_offsets_ptr + pid + 1)
+
+# Per-row constants, the same for every task: tile row r is query position r // GQA
+# of head r % GQA within the KV head's group.
+offs_m = tl.arange(0, BLOCK_M)
+row_pos = offs_m // GQA
+row_head = offs_m % GQA
+offs_kv = tl.arange(0, BLOCK_KV)
+offs_d = tl.arange(0, HEAD_DIM_PAD)
+"""
+    if padded_d:
+        code += f"d_mask = offs_d < HEAD_DIM  # head_dim {cfg.head_dim} padded to {cfg.head_dim_pad}\n"
+    code += "\nfor task_idx in range(task_begin, task_end):\n"
+
+    loop = f"""\
+# ---- the task: (seq, kv_head, query tile, KV range, output slot) ----
+task = tl.load(program_tasks_ptr + task_idx)
+entry = tasks_ptr + task * {_TASK_COLS}
+seq = tl.load(entry + 0)
+kv_head = tl.load(entry + 1)
+q_start = tl.load(entry + 2)  # first query position of the tile, within the sequence
+q_rows = tl.load(entry + 3)  # query positions in the tile (the rest of BLOCK_M is padding)
+kv_start = tl.load(entry + 4)
+kv_end = tl.load(entry + 5)  # already clipped on the host to what the tile can see
+slot = tl.load(entry + 6)  # -1: write out directly; >= 0: split-KV workspace slot
+
+seq_q_begin = tl.load(cu_seqlens_q_ptr + seq)
+num_new = tl.load(cu_seqlens_q_ptr + seq + 1) - seq_q_begin
+seq_kv_len = tl.load(seqlens_kv_ptr + seq)
+
+row_valid = row_pos < q_rows  # virtual padding: rows past the tile are never read or written
+q_idx = q_start + row_pos  # query index within the sequence
+q_pos = seq_kv_len - num_new + q_idx  # its position in the KV sequence
+head = kv_head * GQA + row_head
+# Token and page offsets in int64: token * stride and page * stride can overflow int32.
+token = (seq_q_begin + q_idx).to(tl.int64)
+
+q_ptrs = q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
+q = tl.load(q_ptrs, mask=row_valid[:, None]{d_row}, other=0.0)
+
+m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base-2 scores)
+l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)  # running sum of p @ V
+k_head_off = kv_head.to(tl.int64) * stride_kh
+v_head_off = kv_head.to(tl.int64) * stride_vh
+"""
+    if cfg.tree:
+        loop += """\
+# Tree verify: among the sequence's num_new new tokens the tree mask replaces the causal
+# rule, when the tree is big enough to describe them (num_new <= T).
+new_start = seq_kv_len - num_new
+use_tree = num_new <= tree_size
+"""
+    loop += """
+for kv0 in range(kv_start, kv_end, BLOCK_KV):
+"""
+    # ---- the KV step ----
+    step = f"""\
+kv_pos = kv0 + offs_kv
+kv_valid = kv_pos < kv_end
+# Paged cache: position p lives at page block_table[seq, p // block_size], row p % block_size.
+page = tl.load(block_table_ptr + seq * stride_bt + kv_pos // block_size, mask=kv_valid, other=0)
+page_row = kv_pos % block_size
+k_off = page.to(tl.int64) * stride_kb + page_row * stride_ks + k_head_off
+v_off = page.to(tl.int64) * stride_vb + page_row * stride_vs + v_head_off
+# K is loaded transposed, [HEAD_DIM_PAD, BLOCK_KV], so the scores are a plain q @ k.
+k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None] * stride_kd,
+            mask=kv_valid[None, :]{d_col}, other=0.0)
+s = tl.dot(q, k{dot_kw}) * qk_scale
+
+visible = row_valid[:, None] & kv_valid[None, :]
+"""
+    if cfg.causal:
+        step += "rule = kv_pos[None, :] <= q_pos[:, None]  # causal\n"
+    if cfg.tree:
+        step += """\
+in_tree = use_tree & (kv_pos >= new_start)
+tree_ptrs = (tree_mask_ptr + seq * stride_tm_s + q_idx[:, None] * stride_tm_i
+             + (kv_pos - new_start)[None, :] * stride_tm_j)
+tree_ok = tl.load(tree_ptrs, mask=visible & in_tree[None, :], other=0) != 0
+"""
+        if cfg.causal:
+            step += "rule = tl.where(in_tree[None, :], tree_ok, rule)\n"
+        else:
+            step += "rule = tree_ok | (~in_tree)[None, :]  # not causal: only the tree masks\n"
+    if cfg.causal or cfg.tree:
+        step += "visible = visible & rule\n"
+    if cfg.sliding_window:
+        step += "visible = visible & (kv_pos[None, :] > q_pos[:, None] - window)  # sliding window\n"
+    step += f"""\
+s = tl.where(visible, s, float("-inf"))
+
+# Online softmax. A row that has seen no visible key yet keeps m = -inf; using 0 as its
+# reference makes every exp2 argument -inf (-> 0) instead of -inf - -inf (NaN).
+m_new = tl.maximum(m_i, tl.max(s, axis=1))
+m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+p = tl.exp2(s - m_ref[:, None])
+alpha = tl.exp2(m_i - m_ref)
+l_i = l_i * alpha + tl.sum(p, axis=1)
+v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :] * stride_vd,
+            mask=kv_valid[:, None]{d_row}, other=0.0)
+# p is rounded to the cache dtype for the tensor-core dot; the sum stays fp32.
+acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None]{dot_kw})
+m_i = m_new
+"""
+    loop += _indent(step)
+
+    loop += f"""
+# Rows that saw no key (possible only with sliding windows / tree masks / split ranges)
+# output zeros, never NaN.
+has_key = l_i > 0.0
+l_safe = tl.where(has_key, l_i, 1.0)
+o = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
+if slot < 0:
+    out_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+    tl.store(out_ptrs, o.to({out_tl}), mask=row_valid[:, None]{d_row})
+else:
+    # Split-KV chunk: keep the normalized partial output and its natural-log LSE; the
+    # merge kernel combines the chunks of the tile.
+    slot_off = slot.to(tl.int64)
+    part_ptrs = (partial_out_ptr + slot_off * stride_pw_slot + offs_m[:, None] * stride_pw_row
+                 + offs_d[None, :] * stride_pw_d)
+    tl.store(part_ptrs, o, mask=row_valid[:, None]{d_row})
+    # LSE in natural-log units: (base-2 max + log2(sum)) * ln(2).
+    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(partial_lse_ptr + slot_off * stride_pl_slot + offs_m * stride_pl_row, lse, mask=row_valid)
+"""
+    return code + _indent(loop)
+
+
+def _merge_body(cfg: AttentionConfig, dtype: str) -> str:
+    """Body of the split-KV merge kernel, at indentation zero."""
+    padded_d = cfg.head_dim_pad != cfg.head_dim
+    d_row = " & d_mask[None, :]" if padded_d else ""
+    code = f"""\
+# One program per split tile: (seq, kv_head, q_start, q_rows, first_slot, num_slots).
+pid = tl.program_id(axis=0)
+entry = merges_ptr + pid * {_MERGE_COLS}
+seq = tl.load(entry + 0)
+kv_head = tl.load(entry + 1)
+q_start = tl.load(entry + 2)
+q_rows = tl.load(entry + 3)
+first_slot = tl.load(entry + 4)
+num_slots = tl.load(entry + 5)
+
+offs_m = tl.arange(0, BLOCK_M)
+offs_d = tl.arange(0, HEAD_DIM_PAD)
+"""
+    if padded_d:
+        code += "d_mask = offs_d < HEAD_DIM\n"
+    code += f"""\
+row_valid = offs_m // GQA < q_rows
+head = kv_head * GQA + offs_m % GQA
+token = (tl.load(cu_seqlens_q_ptr + seq) + q_start + offs_m // GQA).to(tl.int64)
+
+# Log-sum-exp merge: out = sum_i exp(lse_i) * o_i / sum_i exp(lse_i), computed against the
+# running max so exp only sees non-positive arguments; -inf chunks (no visible key) weigh 0.
+m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+l_i = tl.zeros([BLOCK_M], tl.float32)
+acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+first_slot = first_slot.to(tl.int64)
+for i in range(0, num_slots):
+    # (the loop index is a plain int under the interpreter: offsets are built from first_slot)
+    slot_off = first_slot + i
+    lse = tl.load(partial_lse_ptr + slot_off * stride_pl_slot + offs_m * stride_pl_row,
+                  mask=row_valid, other=float("-inf"))
+    part = tl.load(partial_out_ptr + slot_off * stride_pw_slot + offs_m[:, None] * stride_pw_row
+                   + offs_d[None, :] * stride_pw_d, mask=row_valid[:, None]{d_row}, other=0.0)
+    m_new = tl.maximum(m_i, lse)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_ref)
+    w = tl.exp(lse - m_ref)
+    acc = acc * alpha[:, None] + w[:, None] * part
+    l_i = l_i * alpha + w
+    m_i = m_new
+
+has_key = l_i > 0.0
+l_safe = tl.where(has_key, l_i, 1.0)
+o = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
+out_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+tl.store(out_ptrs, o.to(tl.{dtype}), mask=row_valid[:, None]{d_row})
+"""
+    return code
+
+
+def _indent(text: str) -> str:
+    """Indent every non-empty line of `text` by four spaces."""
+    return "".join(("    " + line) if line.strip() else line for line in text.splitlines(True))
+
+
+def render_attention_source(spec: KernelSpec) -> str:
+    """Generate the Triton source module for a `meta_attention` KernelSpec.
+
+    The module defines two `@triton.jit` kernels: `kernel_identifier(spec)`, the persistent
+    meta-attention kernel (grid = the task table's program count), and
+    `merge_kernel_identifier(spec)`, the split-KV merge (grid = the number of merge rows). Only
+    the masks the spec asks for (causal, sliding window, tree) get code, and head-dim masks appear
+    only when `head_dim` is not a power of two >= 16. fp32 inputs use IEEE (non-TF32) dots.
+
+    Raises ValueError for a spec the kernel cannot implement (see `attention_config`).
+    """
+    cfg = attention_config(spec)
+    kname = kernel_identifier(spec)
+    mname = merge_kernel_identifier(spec)
+    header = _HEADER.format(
+        kname=kname,
+        mname=mname,
+        gqa=cfg.gqa,
+        mask=_mask_doc(cfg),
+        dtype=spec.dtype,
+        block_q=cfg.block_q,
+        rows=cfg.block_q * cfg.gqa,
+        block_m=cfg.block_m,
+        block_kv=cfg.block_kv,
+        head_dim=cfg.head_dim,
+        dpad=f" (padded to {cfg.head_dim_pad})" if cfg.head_dim_pad != cfg.head_dim else "",
+        nw=cfg.num_warps,
+    )
+    # Runtime integers that vary between calls are not specialized on (no recompiles when the
+    # page size, window or tree size changes, nor variants for a value of 1).
+    no_spec = ["block_size"]
+    if cfg.sliding_window:
+        no_spec.append("window")
+    if cfg.tree:
+        no_spec.append("tree_size")
+    main = (
+        f"@triton.jit(do_not_specialize={no_spec!r})\n"
+        f"def {kname}(\n{_main_signature(cfg)}\n):\n"
+        + _indent(_main_body(cfg, spec.dtype))
+    )
+    merge_sig = "\n".join(
+        "    " + line
+        for line in (
+            "out_ptr, partial_out_ptr, partial_lse_ptr, merges_ptr, cu_seqlens_q_ptr,",
+            "stride_ot, stride_oh, stride_od,",
+            "stride_pw_slot, stride_pw_row, stride_pw_d,",
+            "stride_pl_slot, stride_pl_row,",
+            "HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,",
+            "GQA: tl.constexpr, BLOCK_M: tl.constexpr,",
+        )
+    )
+    merge = (
+        "@triton.jit\n"
+        f"def {mname}(\n{merge_sig}\n):\n"
+        + _indent(_merge_body(cfg, spec.dtype))
+    )
+    return header + "\n\n" + main + "\n\n" + merge
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_kernels(spec: KernelSpec, kernels: Any) -> tuple[Any, Any]:
+    """(attention kernel, merge kernel) from what the caller passed.
+
+    `build_triton_kernel` hands the launcher factory only the module's entry kernel; the merge
+    kernel is then looked up by name in the same generated module (the jit function's globals),
+    so build.py needs no change to carry two kernels. A (main, merge) pair or a dict with keys
+    "attention"/"merge" is accepted as well.
+    """
+    if isinstance(kernels, dict):
+        return kernels["attention"], kernels["merge"]
+    if isinstance(kernels, (tuple, list)):
+        main, merge = kernels
+        return main, merge
+    fn = getattr(kernels, "fn", None)
+    module_globals = getattr(fn, "__globals__", None)
+    name = merge_kernel_identifier(spec)
+    if module_globals is None or name not in module_globals:
+        raise ValueError(
+            f"cannot find the merge kernel {name!r} next to {kernels!r}; pass the kernels as a "
+            f"(attention, merge) pair"
+        )
+    return kernels, module_globals[name]
+
+
+def _table_field(table: Any, name: str) -> Any:
+    """One field of the task table, with a clear error when it is missing."""
+    if not hasattr(table, name):
+        raise ValueError(f"the task table has no field {name!r} (got {type(table).__name__})")
+    return getattr(table, name)
+
+
+def _int_tensor(name: str, value: Any, device: torch.device, ndim: int) -> torch.Tensor:
+    """`value` as a contiguous int32 tensor on `device`, checking its rank."""
+    t = torch.as_tensor(value)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {dtype_name(t.dtype)}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {list(t.shape)}")
+    return t.to(device=device, dtype=torch.int32).contiguous()
+
+
+def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., torch.Tensor]:
+    """Wrap the built meta-attention kernels in a launcher.
+
+    `kernels` is the attention `@triton.jit` function from the generated module (its merge kernel
+    is found beside it), or an (attention, merge) pair. Returns
+
+        launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
+               scale=None, tree_mask=None, sliding_window=None, out=None) -> out
+
+    - `q` [total_q, Hq, D] of the spec dtype; `k_cache`/`v_cache` [num_blocks, block_size, Hkv, D]
+      of the same dtype with Hq == Hkv * gqa; any strides;
+    - `block_table` [S, max_blocks], `cu_seqlens_q` [S + 1], `seqlens_kv` [S]: integer tensors
+      (converted to int32 on q's device);
+    - `table`: the TaskTable built for this batch (tasks, program_offsets, program_tasks, merges,
+      num_slots, block_q, num_q_heads, num_kv_heads); its tensors are moved to q's device;
+    - `scale` defaults to 1/sqrt(D); `sliding_window` (int >= 1) must be given exactly when the
+      spec has `sliding_window=True`, `tree_mask` (bool [S, T, T]) exactly when it has `tree=True`;
+    - `out`, when given, must be q's shape and dtype and is written in place.
+
+    The split-KV workspace (float32 partial_out [num_slots, block_q * gqa, D] and partial_lse
+    [num_slots, block_q * gqa]) is allocated per call when the table has slots; the merge kernel
+    runs when it has merge rows. Bad inputs raise ValueError.
+    """
+    cfg = attention_config(spec)
+    main_kernel, merge_kernel = _resolve_kernels(spec, kernels)
+    in_dtype = getattr(torch, spec.dtype)
+    where = f"kernel {spec.name}"
+    rows_per_slot = cfg.block_q * cfg.gqa
+
+    def fail(msg: str) -> ValueError:
+        return ValueError(f"{where}: {msg}")
+
+    def launch(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        seqlens_kv: torch.Tensor,
+        table: Any,
+        *,
+        scale: float | None = None,
+        tree_mask: torch.Tensor | None = None,
+        sliding_window: int | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run meta-attention for the batch described by `table`; returns `out`."""
+        # ---- shapes, dtypes, devices ----
+        if not isinstance(q, torch.Tensor) or q.dim() != 3:
+            got = list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+            raise fail(f"q must be a 3-D [total_q, Hq, D] tensor, got {got}")
+        total_q, hq, d = q.shape
+        device = q.device
+        if d != cfg.head_dim:
+            raise fail(f"q has head_dim {d} but the kernel was built for {cfg.head_dim}")
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            if not isinstance(t, torch.Tensor):
+                raise fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != in_dtype:
+                raise fail(f"{name} must be {spec.dtype}, got {dtype_name(t.dtype)}")
+            if t.device != device:
+                raise fail(f"{name} is on {t.device} but q is on {device}")
+        if k_cache.dim() != 4 or k_cache.shape[3] != d:
+            raise fail(
+                f"k_cache must be [num_blocks, block_size, Hkv, {d}], got {list(k_cache.shape)}"
+            )
+        if v_cache.shape != k_cache.shape:
+            raise fail(
+                f"v_cache shape {list(v_cache.shape)} differs from k_cache {list(k_cache.shape)}"
+            )
+        block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+        if hkv == 0 or hq != hkv * cfg.gqa:
+            raise fail(
+                f"q has {hq} heads and the cache {hkv} KV heads, but the kernel was built for "
+                f"gqa={cfg.gqa} query heads per KV head"
+            )
+        if block_size < 1:
+            raise fail("the KV cache pages must hold at least one position")
+
+        # ---- the task table ----
+        tq = _table_field(table, "block_q")
+        if tq != cfg.block_q:
+            raise fail(f"the task table was built with block_q={tq}, the kernel with {cfg.block_q}")
+        if (_table_field(table, "num_q_heads"), _table_field(table, "num_kv_heads")) != (hq, hkv):
+            raise fail(
+                f"the task table was built for {table.num_q_heads} query / {table.num_kv_heads} "
+                f"KV heads, the inputs have {hq} / {hkv}"
+            )
+        tasks = _int_tensor("table.tasks", _table_field(table, "tasks"), device, 2)
+        offsets = _int_tensor("table.program_offsets", table.program_offsets, device, 1)
+        prog_tasks = _int_tensor("table.program_tasks", _table_field(table, "program_tasks"),
+                                 device, 1)
+        merges = _int_tensor("table.merges", _table_field(table, "merges"), device, 2)
+        num_slots = int(_table_field(table, "num_slots"))
+        if tasks.shape[0] and tasks.shape[1] != _TASK_COLS:
+            raise fail(f"table.tasks must be [T, {_TASK_COLS}], got {list(tasks.shape)}")
+        if merges.shape[0] and merges.shape[1] != _MERGE_COLS:
+            raise fail(f"table.merges must be [G, {_MERGE_COLS}], got {list(merges.shape)}")
+        if offsets.numel() < 1 or prog_tasks.numel() != tasks.shape[0]:
+            raise fail(
+                f"table.program_offsets ({offsets.numel()} entries) / program_tasks "
+                f"({prog_tasks.numel()}) do not describe the {tasks.shape[0]} tasks"
+            )
+        if merges.shape[0] and num_slots <= 0:
+            raise fail("the task table has merge rows but num_slots == 0")
+
+        # ---- batch metadata ----
+        block_table = _int_tensor("block_table", block_table, device, 2)
+        cu_seqlens_q = _int_tensor("cu_seqlens_q", cu_seqlens_q, device, 1)
+        seqlens_kv = _int_tensor("seqlens_kv", seqlens_kv, device, 1)
+        num_seqs = seqlens_kv.shape[0]
+        if cu_seqlens_q.shape[0] != num_seqs + 1 or block_table.shape[0] != num_seqs:
+            raise fail(
+                f"cu_seqlens_q must have S + 1 entries and block_table S rows for S={num_seqs} "
+                f"sequences, got {cu_seqlens_q.shape[0]} and {block_table.shape[0]}"
+            )
+
+        # ---- masks ----
+        if cfg.sliding_window:
+            if (sliding_window is None or isinstance(sliding_window, bool)
+                    or int(sliding_window) != sliding_window or sliding_window < 1):
+                raise fail(
+                    f"the kernel was built with a sliding window: pass sliding_window=<int >= 1>, "
+                    f"got {sliding_window!r}"
+                )
+        elif sliding_window is not None:
+            raise fail("sliding_window was given but the kernel was built without one")
+        tree_arg = None
+        if cfg.tree:
+            if not isinstance(tree_mask, torch.Tensor) or tree_mask.dim() != 3:
+                raise fail("the kernel was built for tree verify: pass tree_mask bool [S, T, T]")
+            if tree_mask.dtype != torch.bool:
+                raise fail(f"tree_mask must be bool, got {dtype_name(tree_mask.dtype)}")
+            if tree_mask.shape[0] != num_seqs or tree_mask.shape[1] != tree_mask.shape[2]:
+                raise fail(f"tree_mask must be [S={num_seqs}, T, T], got {list(tree_mask.shape)}")
+            # bool storage is one byte per element: viewed as uint8 (no copy), loads are plain.
+            tree_arg = tree_mask.to(device).view(torch.uint8)
+        elif tree_mask is not None:
+            raise fail("tree_mask was given but the kernel was built without tree support")
+
+        if out is None:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
+              or out.device != device):
+            raise fail(f"out must be a {spec.dtype} tensor of shape {list(q.shape)} on {device}")
+        num_programs = offsets.numel() - 1
+        if total_q == 0 or tasks.shape[0] == 0 or num_programs == 0:
+            return out  # nothing to compute (an empty grid is an error on some versions)
+        if scale is None:
+            scale = 1.0 / math.sqrt(d)
+
+        # ---- workspace (split-KV partial results, fp32) ----
+        if num_slots > 0:
+            partial_out = torch.empty((num_slots, rows_per_slot, d), dtype=torch.float32,
+                                      device=device)
+            partial_lse = torch.empty((num_slots, rows_per_slot), dtype=torch.float32,
+                                      device=device)
+        else:  # never touched: tasks without a slot write `out` directly
+            partial_out = torch.empty((1, 1, 1), dtype=torch.float32, device=device)
+            partial_lse = torch.empty((1, 1), dtype=torch.float32, device=device)
+
+        args: list[Any] = [
+            q, k_cache, v_cache, out,
+            block_table, cu_seqlens_q, seqlens_kv,
+            tasks, offsets, prog_tasks,
+            partial_out, partial_lse,
+        ]
+        if cfg.tree:
+            args.append(tree_arg)
+        args += [float(scale) * math.log2(math.e), block_size]
+        if cfg.sliding_window:
+            args.append(int(sliding_window))
+        if cfg.tree:
+            args.append(tree_arg.shape[1])
+        args += [*q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+                 block_table.stride(0), *partial_out.stride(), *partial_lse.stride()]
+        if cfg.tree:
+            args += [*tree_arg.stride()]
+        consts = dict(
+            HEAD_DIM=cfg.head_dim,
+            HEAD_DIM_PAD=cfg.head_dim_pad,
+            GQA=cfg.gqa,
+            BLOCK_M=cfg.block_m,
+        )
+        main_kernel[(num_programs,)](
+            *args, **consts, BLOCK_KV=cfg.block_kv,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if merges.shape[0] > 0:
+            merge_kernel[(merges.shape[0],)](
+                out, partial_out, partial_lse, merges, cu_seqlens_q,
+                *out.stride(), *partial_out.stride(), *partial_lse.stride(),
+                **consts, num_warps=cfg.num_warps,
+            )
+        return out
+
+    launch.kernel = main_kernel  # type: ignore[attr-defined]  # the JIT functions, for inspection
+    launch.merge_kernel = merge_kernel  # type: ignore[attr-defined]
+    launch.spec = spec  # type: ignore[attr-defined]
+    launch.config = cfg  # type: ignore[attr-defined]
+    return launch
+
+
+def build_attention_kernel(spec: KernelSpec, artifact_dir: Path | None = None) -> Any:
+    """Render, write, import and wrap the meta-attention kernels for `spec` (cached).
+
+    A thin wrapper over `build.build_triton_kernel`; returns its `CompiledKernel`, whose
+    `launch` is the launcher described in `make_attention_launcher`.
+    """
+    return build_triton_kernel(spec, render_attention_source, make_attention_launcher,
+                               artifact_dir)

@@ -1,0 +1,312 @@
+"""gemm_padding: every canonical `linear` becomes `tileflow::padded_gemm` with a tile plan.
+
+XY-Serve's SmoothGEMM as a pass. The token count M of a linear layer changes every step; instead
+of recompiling or tuning for the first M seen, each GEMM gets a plan computed once over M's whole
+symbolic range (from the shape environment, capped by `Config.max_tokens`): a few fixed-tile
+kernels, each serving a piece of the range, with the tail tile masked (virtual padding). A static
+M gets a degenerate one-piece plan.
+
+Epilogues are fused where the graph has them, looking through the views between the 2-D GEMM
+and the model's 3-D activations (elementwise epilogues commute with those views):
+- bias (from `linear`), SiLU / GELU (erf or tanh), a residual `add`, and a dtype cast;
+- the SwiGLU pair `silu(x @ Wg.T) * (x @ Wu.T)`: two GEMMs on the same input become one kernel
+  over the gate and up weights (logically [2N, K], never copied into a stacked tensor).
+Matmuls it cannot take (dtypes the target lacks, mixed dtypes) stay as they are, with the reason
+in the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from tileflow.graph_utils import copy_source_meta, infer_meta, same_shape
+from tileflow.pipeline import PassContext, PassResult, register_pass
+from tileflow.runtime import encode_plan, gemm_plan
+from tileflow.tiles import TilePlan, token_range
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+_TARGET_DTYPES = {
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+    "ascend": (torch.float16, torch.bfloat16, torch.float32),
+    "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _activation_of(node: fx.Node, arg: fx.Node) -> str | None:
+    """The epilogue name when `node` applies a supported activation to `arg`, else None."""
+    if node.op != "call_function" or not node.args or node.args[0] is not arg:
+        return None
+    if node.target is aten.silu.default:
+        return "silu"
+    if node.target is aten.gelu.default:
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+    return None
+
+
+def _cast_dtype(node: fx.Node, arg: fx.Node) -> torch.dtype | None:
+    """The target dtype when `node` only converts `arg`'s dtype, else None."""
+    if node.op != "call_function" or not node.args or node.args[0] is not arg:
+        return None
+    if node.target is prims.convert_element_type.default:
+        return node.args[1]
+    if node.target is aten._to_copy.default and set(node.kwargs) == {"dtype"}:
+        return node.kwargs["dtype"]
+    return None
+
+
+@dataclass
+class _Chain:
+    """A linear and the epilogue nodes fused into it, ending at `tip`."""
+
+    linear: fx.Node
+    tip: fx.Node
+    last_view: fx.Node | None = None
+    activation: str = "none"
+    residual: fx.Node | None = None
+    out_dtype: torch.dtype | None = None
+    up_linear: fx.Node | None = None
+    absorbed: list[fx.Node] = field(default_factory=list)
+
+
+def _walk_views(chain: _Chain) -> None:
+    """Extend the chain through single-user reshapes."""
+    while True:
+        user = _only_user(chain.tip)
+        if user is None or user.op != "call_function" or user.target not in _VIEWS or user.args[0] is not chain.tip:
+            return
+        chain.tip = chain.last_view = user
+        chain.absorbed.append(user)
+
+
+def _source(node: fx.Node) -> tuple[Any, ...]:
+    """A key equal for two nodes that compute the same value by the same view of one tensor."""
+    if node.op == "call_function" and node.target in _VIEWS:
+        return ("view", node.args[0], tuple(str(a) for a in node.args[1]))
+    return ("node", node)
+
+
+def _up_partner(gate: fx.Node, other: Any) -> fx.Node | None:
+    """The up-projection linear behind `other` (through single-user views), if it pairs with `gate`."""
+    while isinstance(other, fx.Node) and other.op == "call_function" and other.target in _VIEWS and len(other.users) == 1:
+        other = other.args[0]
+    if not (isinstance(other, fx.Node) and other.target is aten.linear.default and len(other.users) == 1):
+        return None
+    if _source(other.args[0]) != _source(gate.args[0]):
+        return None
+    gv, uv = _val(gate.args[1]), _val(other.args[1])
+    if not same_shape(gv.shape, uv.shape) or gv.dtype != uv.dtype:
+        return None
+    if (len(gate.args) > 2 and gate.args[2] is not None) != (len(other.args) > 2 and other.args[2] is not None):
+        return None
+    return other
+
+
+@register_pass
+class GemmPadding:
+    """Rewrite canonical linears into `tileflow::padded_gemm` nodes carrying tile plans."""
+
+    name = "gemm_padding"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Rewrite every `aten.linear` (as left by canonicalize) with its fusable epilogue."""
+        result = PassResult()
+        graph = gm.graph
+        plans: dict[tuple, TilePlan] = {}
+        for node in list(graph.nodes):
+            if node.op == "call_function" and "grouped_mm" in str(node.target):
+                result.fallback(node, "grouped (MoE expert) GEMM: padded_gemm has no grouped variant yet, left as is")
+                continue
+            if node not in graph.nodes or node.target is not aten.linear.default:
+                continue
+            reason = self._unsupported(node, ctx)
+            if reason:
+                result.fallback(node, reason)
+                continue
+            chain = self._match(node)
+            plan = self._plan(node, ctx, plans)
+            kinds = self._fused_kinds(chain)
+            self._replace(graph, chain, plan, ctx, kinds)
+            result.count("padded_gemm")
+            for kind in kinds:
+                result.count(kind)
+        for plan in plans.values():
+            entry = {"op": "padded_gemm", **plan.to_dict(), "describe": plan.describe()}
+            if entry not in ctx.report.plans:
+                ctx.report.plans.append(entry)
+        graph.eliminate_dead_code()
+        gm.recompile()
+        return result
+
+    # -- checks and matching -------------------------------------------------------------------
+    def _unsupported(self, node: fx.Node, ctx: PassContext) -> str | None:
+        x, w = node.args[0], node.args[1]
+        xv, wv = _val(x), _val(w)
+        if not (isinstance(xv, torch.Tensor) and isinstance(wv, torch.Tensor)):
+            return "operands have no shape metadata"
+        if xv.dim() != 2 or wv.dim() != 2:
+            return f"expects a 2-D input and weight (canonicalize output), got {xv.dim()}-D and {wv.dim()}-D"
+        allowed = _TARGET_DTYPES.get(ctx.target, _TARGET_DTYPES["reference"])
+        if xv.dtype not in allowed:
+            return f"dtype {xv.dtype} is not supported by the {ctx.target} GEMM kernels (supported: {[str(d) for d in allowed]})"
+        if wv.dtype != xv.dtype:
+            return f"mixed dtypes (input {xv.dtype}, weight {wv.dtype})"
+        bias = node.args[2] if len(node.args) > 2 else None
+        if bias is not None and _val(bias).dtype not in (xv.dtype, torch.float32):
+            return f"bias dtype {_val(bias).dtype} differs from the input's {xv.dtype}"
+        if isinstance(wv.shape[0], torch.SymInt) or isinstance(wv.shape[1], torch.SymInt):
+            return "weight has symbolic N or K; plans need static N and K"
+        return None
+
+    def _match(self, linear: fx.Node) -> _Chain:
+        chain = _Chain(linear=linear, tip=linear)
+        _walk_views(chain)
+        user = _only_user(chain.tip)
+        if user is not None:
+            activation = _activation_of(user, chain.tip)
+            if activation == "silu":
+                swiglu = self._match_swiglu(chain, user)
+                if swiglu is not None:
+                    return swiglu
+            if activation is not None:
+                chain.activation = activation
+                chain.tip = user
+                chain.absorbed.append(user)
+                _walk_views(chain)
+        self._match_residual(chain)
+        self._match_cast(chain)
+        return chain
+
+    def _match_swiglu(self, chain: _Chain, silu: fx.Node) -> _Chain | None:
+        after = _Chain(linear=chain.linear, tip=silu, last_view=chain.last_view, absorbed=[*chain.absorbed, silu])
+        _walk_views(after)
+        mul = _only_user(after.tip)
+        if mul is None or mul.target is not aten.mul.Tensor or len(mul.args) != 2:
+            return None
+        other = mul.args[1] if mul.args[0] is after.tip else mul.args[0]
+        if other is after.tip:
+            return None
+        up = _up_partner(chain.linear, other)
+        if up is None or not same_shape(_val(other).shape, _val(after.tip).shape):
+            return None
+        after.activation = "swiglu"
+        after.up_linear = up
+        after.tip = mul
+        after.absorbed.append(mul)
+        return after
+
+    def _match_residual(self, chain: _Chain) -> None:
+        add = _only_user(chain.tip)
+        if add is None or add.target is not aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+            return
+        other = add.args[1] if add.args[0] is chain.tip else add.args[0]
+        ov, tv = _val(other), _val(chain.tip)
+        if other is chain.tip or not isinstance(ov, torch.Tensor) or ov.dtype != tv.dtype:
+            return
+        if not same_shape(ov.shape, tv.shape) or not same_shape(_val(add).shape, tv.shape):
+            return  # broadcasting adds are not a residual
+        chain.residual = other
+        chain.tip = add
+        chain.absorbed.append(add)
+        _walk_views(chain)
+
+    def _match_cast(self, chain: _Chain) -> None:
+        cast = _only_user(chain.tip)
+        if cast is None:
+            return
+        dtype = _cast_dtype(cast, chain.tip)
+        if dtype in (torch.float16, torch.bfloat16, torch.float32) and dtype != _val(chain.tip).dtype:
+            chain.out_dtype = dtype
+            chain.tip = cast
+            chain.absorbed.append(cast)
+            _walk_views(chain)
+
+    # -- planning and rewriting ----------------------------------------------------------------
+    def _plan(self, node: fx.Node, ctx: PassContext, plans: dict[tuple, TilePlan]) -> TilePlan:
+        xv, wv = _val(node.args[0]), _val(node.args[1])
+        m = xv.shape[0]
+        if isinstance(m, torch.SymInt):
+            expr = m.node.expr
+            ranges = {}
+            if ctx.shape_env is not None:
+                for sym in expr.free_symbols:
+                    vr = ctx.shape_env.var_to_range.get(sym)
+                    if vr is not None:
+                        ranges[sym] = (vr.lower, vr.upper)
+            lo, hi = token_range(expr, ranges, ctx.config.max_tokens)
+        else:
+            lo = hi = max(int(m), 1)
+        n, k = int(wv.shape[0]), int(wv.shape[1])
+        key = (n, k, xv.dtype, lo, hi)
+        if key not in plans:
+            plans[key] = gemm_plan(n, k, xv.dtype, ctx.target, ctx.device_type, m_min=lo, m_max=hi)
+        return plans[key]
+
+    def _replace(self, graph: fx.Graph, chain: _Chain, plan: TilePlan, ctx: PassContext, kinds: list[str]) -> None:
+        linear = chain.linear
+        x, w = linear.args[0], linear.args[1]
+        bias = linear.args[2] if len(linear.args) > 2 else None
+        up = chain.up_linear
+        weight_up = up.args[1] if up is not None else None
+        bias_up = (up.args[2] if len(up.args) > 2 else None) if up is not None else None
+        n = int(_val(w).shape[0])
+        tip = chain.tip
+        with graph.inserting_before(tip):
+            residual = None
+            if chain.residual is not None:
+                residual = graph.call_function(aten.reshape.default, (chain.residual, [-1, n]))
+                infer_meta(residual)
+            gemm = graph.call_function(
+                torch.ops.tileflow.padded_gemm.default,
+                (x, w, bias, residual, chain.activation, chain.out_dtype, encode_plan(plan), ctx.target, weight_up, bias_up),
+            )
+            infer_meta(gemm)
+            copy_source_meta(linear, gemm)
+            gemm.meta["tileflow"] = {
+                "kind": "padded_gemm",
+                "plan": plan.describe(),
+                "epilogue": kinds,
+                "target": ctx.target,
+            }
+            out = gemm
+            if chain.last_view is not None:
+                out = graph.call_function(aten.view.default, (gemm, chain.last_view.args[1]))
+                infer_meta(out)
+                copy_source_meta(tip, out)
+        tip.replace_all_uses_with(out)
+        # The chain's nodes each feed only the next one: erase from the tip backwards.
+        for dead in reversed([linear, *chain.absorbed]):
+            if not dead.users:
+                graph.erase_node(dead)
+        if up is not None:
+            # The up projection's views fed the mul, which is gone now.
+            graph.eliminate_dead_code()
+
+    @staticmethod
+    def _fused_kinds(chain: _Chain) -> list[str]:
+        kinds = []
+        if len(chain.linear.args) > 2 and chain.linear.args[2] is not None:
+            kinds.append("fused_bias")
+        if chain.activation != "none":
+            kinds.append(f"fused_{chain.activation}")
+        if chain.residual is not None:
+            kinds.append("fused_residual")
+        if chain.out_dtype is not None:
+            kinds.append("fused_cast")
+        return kinds

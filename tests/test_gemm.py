@@ -1,0 +1,141 @@
+"""padded_gemm through the runtime: plans, dispatch by M, reference and Triton kernels vs float64.
+
+Triton runs in the CPU interpreter here (conftest sets TRITON_INTERPRET=1 without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tileflow
+from tileflow import runtime
+from tileflow.lower import gemm_spec
+from tileflow.ops import padded_gemm
+
+M_VALUES = (1, 2, 7, 16, 17, 63, 100, 129, 1000)
+N, K = 40, 72  # multiples of no tile
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def oracle(x, w, bias=None, residual=None, activation="none", weight_up=None, bias_up=None):
+    """float64 definition of the op."""
+    acc = x.double() @ w.double().t()
+    if bias is not None:
+        acc = acc + bias.double()
+    if activation == "swiglu":
+        up = x.double() @ weight_up.double().t()
+        if bias_up is not None:
+            up = up + bias_up.double()
+        acc = F.silu(acc) * up
+    elif activation == "silu":
+        acc = F.silu(acc)
+    elif activation == "gelu":
+        acc = F.gelu(acc)
+    elif activation == "gelu_tanh":
+        acc = F.gelu(acc, approximate="tanh")
+    if residual is not None:
+        acc = acc + residual.double()
+    return acc
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+CASES = [
+    ("none", False, False),
+    ("none", True, False),
+    ("silu", True, False),
+    ("gelu", False, False),
+    ("gelu_tanh", True, False),
+    ("swiglu", False, False),
+    ("swiglu", True, False),
+    ("none", True, True),
+    ("silu", False, True),
+]
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation, has_bias, has_residual", CASES)
+def test_every_m_against_float64(target, dtype, activation, has_bias, has_residual) -> None:
+    gen = torch.Generator().manual_seed(hash((target, str(dtype), activation, has_bias, has_residual)) % 2**31)
+    plan = runtime.gemm_plan(N, K, dtype, target, "cpu", m_max=1024)
+    m_values = M_VALUES if (activation, has_bias, has_residual) == ("none", True, False) else (1, 17, 129)
+    for m in m_values:
+        x = torch.randn(m, K, generator=gen).to(dtype)
+        w = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
+        wu = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype) if activation == "swiglu" else None
+        b = torch.randn(N, generator=gen).to(dtype) if has_bias else None
+        bu = torch.randn(N, generator=gen).to(dtype) if has_bias and activation == "swiglu" else None
+        r = torch.randn(m, N, generator=gen).to(dtype) if has_residual else None
+        spec = gemm_spec(dtype=dtype, out_dtype=dtype, n=N, k=K, tile=plan.select_tile(m), activation=activation,
+                         has_bias=has_bias, has_residual=has_residual)
+        kernel = runtime.get_kernel(target, spec)
+        out = torch.full((m, N), float("nan"), dtype=dtype)  # poisoned: every element must be written
+        kernel(x, w, b, r, out=out, weight_up=wu, bias_up=bu)
+        assert not out.isnan().any(), f"M={m}: unwritten output"
+        err = rel_err(out, oracle(x, w, b, r, activation, wu, bu))
+        assert err <= TOL[dtype], f"M={m} {activation}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_stacked_swiglu_weight_and_cast(target) -> None:
+    x = torch.randn(33, K, dtype=torch.float16)
+    w2 = (torch.randn(2 * N, K) / K**0.5).half()
+    b2 = torch.randn(2 * N).half()
+    with tileflow.use_config(tileflow.Config(target=target, max_tokens=256)):
+        got = padded_gemm(x, w2, b2, activation="swiglu", out_dtype=torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (33, N)
+    want = oracle(x, w2[:N], b2[:N], None, "swiglu", w2[N:], b2[N:])
+    assert rel_err(got, want) <= 2e-3
+
+
+def test_transposed_weight_view() -> None:
+    x, w_kn = torch.randn(21, K), torch.randn(K, N)
+    with tileflow.use_config(tileflow.Config(target="triton", max_tokens=64)):
+        got = padded_gemm(x, w_kn.t())  # GPT-2 Conv1D layout: no copy of the weight
+    assert rel_err(got, oracle(x, w_kn.t())) <= 1e-5
+
+
+def test_dispatch_never_builds_for_a_new_m() -> None:
+    """Kernels are built per plan config; any M in range reuses one of them."""
+    n, k = 24, 40
+    config = tileflow.Config(target="reference", max_tokens=300)
+    plan = runtime.gemm_plan(n, k, torch.float32, "reference", "cpu", m_max=300)
+    w = torch.randn(n, k)
+    with tileflow.use_config(config):
+        for m in range(1, 300, 7):
+            padded_gemm(torch.randn(m, k), w)
+    built = [kern for kern in runtime.compiled_kernels("padded_gemm") if kern.spec.param("n") == n and kern.spec.param("k") == k]
+    assert {kern.spec.tile for kern in built} == set(plan.configs)
+    assert len(built) <= 6
+    before = len(runtime.compiled_kernels())
+    with tileflow.use_config(config):
+        for m in (5, 77, 256):
+            padded_gemm(torch.randn(m, k), w)
+    assert len(runtime.compiled_kernels()) == before
+
+
+def test_m_zero_and_out_of_plan_range() -> None:
+    w = torch.randn(8, 16)
+    with tileflow.use_config(tileflow.Config(target="reference", max_tokens=32)):
+        assert padded_gemm(torch.randn(0, 16), w).shape == (0, 8)
+        big = torch.randn(100, 16)  # past max_tokens: still right, with a warning to raise it
+        assert rel_err(padded_gemm(big, w), oracle(big, w)) < 1e-6
+
+
+def test_triton_without_gpu_or_interpreter_is_a_clear_error(monkeypatch) -> None:
+    from tileflow.backends.triton import BACKEND
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ok, why = BACKEND.available()
+    assert not ok and "TRITON_INTERPRET=1" in why
+
+
+def test_ascend_target_says_what_is_missing() -> None:
+    with tileflow.use_config(tileflow.Config(target="ascend")):
+        with pytest.raises(RuntimeError, match="ascend.*(torch_npu|Ascend C emitter)"):
+            padded_gemm(torch.randn(4, 8), torch.randn(3, 8))

@@ -1,0 +1,129 @@
+"""The gemm_padding pass on real Dynamo graphs: rewrites, fused epilogues, plans and fallbacks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import tileflow
+from tileflow.pipeline import PassContext, PassResult, register_pass
+from tileflow.runtime import decode_plan
+
+aten = torch.ops.aten
+GEMM = torch.ops.tileflow.padded_gemm.default
+_GRABBED: list[tuple[fx.GraphModule, PassContext]] = []
+
+
+@register_pass
+class GrabGraph:
+    """Keeps the graph as the passes before it left it, for inspection."""
+
+    name = "test_grab_graph"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        _GRABBED.append((gm, ctx))
+        return PassResult()
+
+
+def compile_fn(fn: Callable, *inputs: torch.Tensor, dynamic_dims=((0, 0),), target="reference", max_tokens=512):
+    """Compile through Dynamo with the given (input, dim) pairs dynamic and everything else static
+    (weights stay static, as in a real model). Returns the compiled fn, its ATen graph and context."""
+    _GRABBED.clear()
+    for index, dim in dynamic_dims:
+        torch._dynamo.mark_dynamic(inputs[index], dim)
+    options = {"target": target, "max_tokens": max_tokens, "passes": ["canonicalize", "gemm_padding", "test_grab_graph"]}
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend(options, report=tileflow.Report()), dynamic=False)
+    compiled(*inputs)
+    gm, ctx = _GRABBED[-1]
+    return compiled, gm, ctx
+
+
+def gemm_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.target is GEMM]
+
+
+def ops(gm: fx.GraphModule) -> Counter:
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+def test_mlp_swiglu_and_residual_fuse() -> None:
+    def mlp(h, wg, wu, wd):
+        return h + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
+
+    h, wg, wu, wd = torch.randn(2, 5, 16), torch.randn(24, 16), torch.randn(24, 16), torch.randn(16, 24)
+    compiled, gm, ctx = compile_fn(mlp, h, wg, wu, wd, dynamic_dims=((0, 0), (0, 1)))
+    gemms = gemm_nodes(gm)
+    assert len(gemms) == 2  # gate+up as one kernel, down with the residual
+    assert gemms[0].args[4] == "swiglu" and gemms[0].args[8] is not None
+    assert gemms[1].args[3] is not None  # residual operand
+    assert aten.mul.Tensor not in ops(gm) and aten.silu.default not in ops(gm)
+    assert ctx.report.passes[1].rewrites == {"padded_gemm": 2, "fused_swiglu": 1, "fused_residual": 1}
+    for shape in ((2, 5, 16), (3, 17, 16), (4, 2, 16)):
+        x = torch.randn(*shape)
+        torch.testing.assert_close(compiled(x, wg, wu, wd), mlp(x, wg, wu, wd), rtol=1e-5, atol=1e-5)
+
+
+def test_bias_activation_and_cast_fuse() -> None:
+    def block(x, w, b):
+        return F.gelu(F.linear(x, w, b), approximate="tanh").to(torch.float16)
+
+    x, w, b = torch.randn(7, 16), torch.randn(12, 16), torch.randn(12)
+    compiled, gm, ctx = compile_fn(block, x, w, b)
+    [gemm] = gemm_nodes(gm)
+    assert gemm.args[2] is not None and gemm.args[4] == "gelu_tanh" and gemm.args[5] == torch.float16
+    assert ctx.report.passes[1].rewrites == {"padded_gemm": 1, "fused_bias": 1, "fused_gelu_tanh": 1, "fused_cast": 1}
+    x2 = torch.randn(19, 16)
+    out = compiled(x2, w, b)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, block(x2, w, b), rtol=2e-3, atol=2e-3)
+
+
+def test_plan_covers_the_symbolic_range() -> None:
+    def fn(x, w):
+        return F.linear(x, w)
+
+    x = torch.randn(2, 9, 16)
+    _, gm, ctx = compile_fn(fn, x, torch.randn(8, 16), dynamic_dims=((0, 0), (0, 1)), max_tokens=777)
+    [gemm] = gemm_nodes(gm)
+    plan = decode_plan(gemm.args[6])
+    assert plan.m_max == 777 and plan.m_min >= 1  # batch * seq, capped by max_tokens
+    assert plan.n == 8 and plan.k == 16
+    assert ctx.report.plans and ctx.report.plans[0]["describe"] == plan.describe()
+    assert gemm.meta["tileflow"]["plan"] == plan.describe()
+
+
+def test_static_m_gets_a_degenerate_plan() -> None:
+    _, gm, _ = compile_fn(lambda x, w: F.linear(x, w), torch.randn(6, 16), torch.randn(8, 16), dynamic_dims=())
+    [gemm] = gemm_nodes(gm)
+    plan = decode_plan(gemm.args[6])
+    assert plan.m_min == plan.m_max == 6 and len(plan.pieces) == 1
+
+
+def test_unsupported_dtype_falls_back_with_reason() -> None:
+    def fn(x, w):
+        return F.linear(x, w)
+
+    x, w = torch.randn(5, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
+    compiled, gm, ctx = compile_fn(fn, x, w, target="triton")
+    assert not gemm_nodes(gm)
+    [fallback] = ctx.report.fallbacks
+    assert "float64 is not supported by the triton GEMM kernels" in fallback.reason
+    assert fallback.pass_name == "gemm_padding"
+    torch.testing.assert_close(compiled(x, w), fn(x, w))
+
+
+def test_multi_user_intermediates_are_not_fused() -> None:
+    def fn(x, w):
+        y = F.linear(x, w)
+        return F.silu(y), y * 2  # y is needed unactivated too
+
+    x, w = torch.randn(5, 16), torch.randn(8, 16)
+    compiled, gm, _ = compile_fn(fn, x, w)
+    [gemm] = gemm_nodes(gm)
+    assert gemm.args[4] == "none"
+    for got, want in zip(compiled(x, w), fn(x, w)):
+        torch.testing.assert_close(got, want)

@@ -1,0 +1,330 @@
+"""Properties of the meta-attention task table (tileflow.tasks): coverage, KV clipping,
+symmetric round-robin dealing, determinism, load balance, split-KV and validation."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tileflow.tasks import MERGE_COLUMNS, TASK_COLUMNS, TaskTable, build_task_table
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent expectations
+# ----------------------------------------------------------------------------------------------
+
+
+def visible_interval(i: int, n: int, kv_len: int, causal: bool, window: int | None) -> tuple[int, int]:
+    """[lo, hi) of KV positions query row i sees (an interval without a tree mask)."""
+    p = kv_len - n + i
+    lo = max(0, p - window + 1) if window is not None else 0
+    hi = p + 1 if causal else kv_len
+    return lo, hi
+
+
+def check_invariants(
+    table: TaskTable, q_lens: list[int], kv_lens: list[int], *, causal: bool, window: int | None
+) -> None:
+    """Every structural promise of the contract, checked from first principles."""
+    num_q, num_kv, bq = table.num_q_heads, table.num_kv_heads, table.block_q
+    group = num_q // num_kv
+    tasks = table.tasks.numpy()
+    merges = table.merges.numpy()
+    assert table.tasks.dtype == table.merges.dtype == torch.int32
+    assert table.program_offsets.dtype == table.program_tasks.dtype == torch.int32
+    assert tasks.shape == (table.num_tasks, len(TASK_COLUMNS))
+    assert merges.shape[1] == len(MERGE_COLUMNS)
+
+    # Coverage counts per (sequence, query head, query row).
+    cover = [np.zeros((num_q, n), dtype=np.int64) for n in q_lens]
+    split_by_tile: dict[tuple[int, int, int, int], list[tuple[int, int, int]]] = {}
+    for seq, g, q_start, q_rows, kv_start, kv_end, slot, cost in tasks.tolist():
+        n, kv = q_lens[seq], kv_lens[seq]
+        assert 0 <= g < num_kv
+        assert 0 <= q_start < n and 1 <= q_rows <= bq and q_start + q_rows <= n
+        assert q_start % bq == 0
+        assert cost == q_rows * (kv_end - kv_start)
+        tile_lo, _ = visible_interval(q_start, n, kv, causal, window)
+        _, tile_hi = visible_interval(q_start + q_rows - 1, n, kv, causal, window)
+        # Within what the rows can see: first row's window start, last row's last position.
+        assert tile_lo <= kv_start < kv_end <= tile_hi
+        if slot < 0:
+            # An unsplit task reads exactly the union of its rows' visible intervals.
+            assert (kv_start, kv_end) == (tile_lo, tile_hi)
+            cover[seq][g * group:(g + 1) * group, q_start:q_start + q_rows] += 1
+        else:
+            split_by_tile.setdefault((seq, g, q_start, q_rows), []).append((kv_start, kv_end, slot))
+
+    used_slots: list[int] = []
+    merged_tiles = set()
+    for seq, g, q_start, q_rows, first_slot, num_slots in merges.tolist():
+        key = (seq, g, q_start, q_rows)
+        assert key not in merged_tiles
+        merged_tiles.add(key)
+        chunks = sorted(split_by_tile.get(key, []))
+        assert len(chunks) == num_slots >= 2
+        assert sorted(c[2] for c in chunks) == list(range(first_slot, first_slot + num_slots))
+        n, kv = q_lens[seq], kv_lens[seq]
+        tile_lo, _ = visible_interval(q_start, n, kv, causal, window)
+        _, tile_hi = visible_interval(q_start + q_rows - 1, n, kv, causal, window)
+        # Split chunks tile the visible range exactly once, without gap or overlap.
+        edges = [tile_lo] + [c[1] for c in chunks]
+        assert [c[0] for c in chunks] == edges[:-1] and edges[-1] == tile_hi
+        cover[seq][g * group:(g + 1) * group, q_start:q_start + q_rows] += 1
+        used_slots.extend(range(first_slot, first_slot + num_slots))
+    assert set(split_by_tile) == merged_tiles
+    assert sorted(used_slots) == list(range(table.num_slots))
+    for c in cover:
+        assert (c == 1).all()
+
+    # Program lists: a permutation of the tasks over exactly P programs.
+    offsets = table.program_offsets.numpy()
+    assert offsets.shape == (table.num_programs + 1,) and offsets[0] == 0 and offsets[-1] == table.num_tasks
+    assert (np.diff(offsets) >= 0).all()
+    assert sorted(table.program_tasks.tolist()) == list(range(table.num_tasks))
+
+
+def check_round_robin(table: TaskTable) -> None:
+    """Program p's j-th task was dealt at step j*P + (p if j even else P-1-p), and the deal
+    sequence is sorted by cost (descending), ties by task index."""
+    num_p = table.num_programs
+    offsets = table.program_offsets.tolist()
+    prog_tasks = table.program_tasks.tolist()
+    dealt: dict[int, int] = {}
+    for p in range(num_p):
+        for j, task in enumerate(prog_tasks[offsets[p]:offsets[p + 1]]):
+            dealt[j * num_p + (p if j % 2 == 0 else num_p - 1 - p)] = task
+    assert sorted(dealt) == list(range(table.num_tasks))
+    seq = [dealt[k] for k in range(table.num_tasks)]
+    cost = table.tasks[:, 7].tolist()
+    keys = [(-cost[t], t) for t in seq]
+    assert keys == sorted(keys)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hypothesis inputs
+# ----------------------------------------------------------------------------------------------
+
+
+@st.composite
+def batches(draw: st.DrawFn, max_len: int = 300) -> tuple[list[int], list[int]]:
+    pairs = draw(st.lists(
+        st.integers(0, max_len).flatmap(lambda kv: st.tuples(st.integers(0, kv), st.just(kv))),
+        min_size=0, max_size=12,
+    ))
+    return [n for n, _ in pairs], [kv for _, kv in pairs]
+
+
+@st.composite
+def table_args(draw: st.DrawFn) -> dict:
+    num_kv = draw(st.sampled_from([1, 2, 4]))
+    return {
+        "num_q_heads": num_kv * draw(st.sampled_from([1, 2, 4])),
+        "num_kv_heads": num_kv,
+        "block_q": draw(st.sampled_from([1, 2, 3, 16, 64])),
+        "num_programs": draw(st.integers(1, 40)),
+        "sliding_window": draw(st.none() | st.integers(1, 100)),
+        "causal": draw(st.booleans()),
+        "kv_split": draw(st.none() | st.just(0) | st.integers(1, 50)),
+    }
+
+
+def cu_of(q_lens: list[int]) -> list[int]:
+    return [0, *np.cumsum(q_lens, dtype=np.int64).tolist()]
+
+
+@SETTINGS
+@given(batches(), table_args())
+def test_table_covers_every_row_once(lengths: tuple[list[int], list[int]], args: dict) -> None:
+    q_lens, kv_lens = lengths
+    table = build_task_table(cu_of(q_lens), kv_lens, **args)
+    assert table.num_programs == args["num_programs"]
+    check_invariants(table, q_lens, kv_lens, causal=args["causal"], window=args["sliding_window"])
+    check_round_robin(table)
+
+
+@SETTINGS
+@given(batches(max_len=5000), st.integers(1, 200), st.booleans())
+def test_automatic_split_kv(lengths: tuple[list[int], list[int]], num_programs: int, causal: bool) -> None:
+    """Default split-KV: only with fewer tiles than programs, chunks a multiple of 64 >= 256,
+    and the task count never exceeds the grid when splitting happened."""
+    q_lens, kv_lens = lengths
+    table = build_task_table(
+        cu_of(q_lens), kv_lens, num_q_heads=8, num_kv_heads=2, block_q=16,
+        num_programs=num_programs, causal=causal,
+    )
+    check_invariants(table, q_lens, kv_lens, causal=causal, window=None)
+    num_tiles = table.to_summary()["num_tiles"]
+    if table.num_slots:
+        assert num_tiles < num_programs
+        assert table.num_tasks <= num_programs
+        split = table.tasks[table.tasks[:, 6] >= 0]
+        chunk = int((split[:, 5] - split[:, 4]).max())
+        assert chunk % 64 == 0 and chunk >= 256
+        # Every chunk but a tile's last is exactly `chunk` long (tasks are in tile order).
+        for _, _, _, _, first, count in table.merges.tolist():
+            rows = split[first:first + count]
+            sizes = (rows[:, 5] - rows[:, 4]).tolist()
+            assert sizes[:-1] == [chunk] * (count - 1) and 0 < sizes[-1] <= chunk
+    if num_tiles >= num_programs:
+        assert table.num_slots == 0
+
+
+def test_round_robin_example() -> None:
+    """7 tasks of distinct cost over 3 programs: 0,1,2 | 2,1,0 | 0 (by descending cost)."""
+    # Decode tasks whose cost is their KV length.
+    kv = [10, 70, 30, 50, 20, 60, 40]
+    table = build_task_table(list(range(8)), kv, num_q_heads=1, num_kv_heads=1, block_q=1, num_programs=3)
+    by_cost = sorted(range(7), key=lambda t: -kv[t])  # task index == sequence here
+    want = [[by_cost[0], by_cost[5], by_cost[6]], [by_cost[1], by_cost[4]], [by_cost[2], by_cost[3]]]
+    offsets = table.program_offsets.tolist()
+    got = [table.program_tasks[offsets[p]:offsets[p + 1]].tolist() for p in range(3)]
+    assert got == want
+
+
+def test_explicit_split_and_no_split() -> None:
+    table = build_task_table([0, 1], [100], num_q_heads=4, num_kv_heads=2, block_q=4,
+                             num_programs=1, kv_split=30)
+    assert table.num_slots == 8 and table.merges.tolist() == [[0, 0, 0, 1, 0, 4], [0, 1, 0, 1, 4, 4]]
+    assert table.tasks[:4, 4:6].tolist() == [[0, 30], [30, 60], [60, 90], [90, 100]]
+    off = build_task_table([0, 1], [100_000], num_q_heads=4, num_kv_heads=2, block_q=4,
+                           num_programs=132, kv_split=0)
+    assert off.num_slots == 0 and off.num_tasks == 2
+
+
+def test_split_kv_triggers_for_few_long_sequences() -> None:
+    """Two decodes at 32k context on 8 KV heads: 16 tiles for 132 programs -> split-KV fills
+    the grid (one wave, no program left with more than one chunk)."""
+    table = build_task_table([0, 1, 2], [32768, 30000], num_q_heads=32, num_kv_heads=8,
+                             block_q=16, num_programs=132)
+    summary = table.to_summary()
+    assert summary["num_split_tiles"] == 16
+    assert 100 <= table.num_tasks <= 132
+    assert summary["max_program_cost"] == summary["max_task_cost"]
+    check_invariants(table, [1, 1], [32768, 30000], causal=True, window=None)
+    # Many short tiles: no split even with long KV.
+    many = build_task_table(list(range(201)), [32768] * 200, num_q_heads=32, num_kv_heads=8,
+                            block_q=16, num_programs=132)
+    assert many.num_slots == 0
+
+
+def test_empty_and_zero_query_batches() -> None:
+    for cu, kv in (([0], []), ([0, 0, 0], [5, 0])):
+        table = build_task_table(cu, kv, num_q_heads=2, num_kv_heads=1, block_q=4, num_programs=3)
+        assert table.num_tasks == 0 and table.tasks.shape == (0, 8) and table.merges.shape == (0, 6)
+        assert table.program_offsets.tolist() == [0, 0, 0, 0]
+        assert table.to_summary()["cost_ratio"] == 1.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(batches(), table_args())
+def test_deterministic_and_input_types_agree(lengths: tuple[list[int], list[int]], args: dict) -> None:
+    q_lens, kv_lens = lengths
+    cu = cu_of(q_lens)
+    a = build_task_table(cu, kv_lens, **args)
+    b = build_task_table(torch.tensor(cu, dtype=torch.int32), torch.tensor(kv_lens, dtype=torch.int32), **args)
+    c = build_task_table(np.array(cu), np.array(kv_lens, dtype=np.int64), **args)
+    for other in (b, c):
+        for name in ("tasks", "program_offsets", "program_tasks", "merges", "cu_seqlens_q", "seqlens_kv"):
+            assert torch.equal(getattr(a, name), getattr(other, name)), name
+        assert a.num_slots == other.num_slots
+
+
+# ----------------------------------------------------------------------------------------------
+# Load balance on reference mixes
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_mixes() -> dict[str, list[tuple[int, int]]]:
+    """Realistic serving batches as (n_s, L_s) lists (seeded)."""
+    rng = np.random.default_rng(0)
+    decodes = lambda lo, hi, k: [(1, int(x)) for x in rng.integers(lo, hi + 1, k)]  # noqa: E731
+    return {
+        "chunk512_over_1536_plus_200_decodes": [(512, 2048)] + decodes(128, 4096, 200),
+        "64_decodes_at_8k_32k": decodes(8192, 32768, 64),
+        "32_verify_trees_96_decodes_1_chunk": (
+            [(int(n), int(kv)) for n, kv in zip(rng.integers(4, 17, 32), rng.integers(512, 4097, 32))]
+            + decodes(256, 8192, 96) + [(256, 1024)]
+        ),
+        "4_decodes_at_long_context_split_kv": [(1, 16384), (1, 32768), (1, 8192), (1, 24576)],
+        "2_prompts_1024_plus_100_decodes": [(1024, 1024), (1024, 1024)] + decodes(128, 2048, 100),
+    }
+
+
+@pytest.mark.parametrize("name", list(_reference_mixes()))
+def test_balance_on_reference_mixes(name: str) -> None:
+    """Max per-program cost <= 1.5x the average on realistic batches.
+
+    The bound is a property of realistic serving batches with many tasks per program (or of
+    split-KV filling the grid when there are few); it cannot hold in general — one task whose
+    cost exceeds 1.5x the average program's work (e.g. 3 tasks on 2 programs) breaks it. The
+    mixes use an H100-sized grid (132 programs), Llama-3-8B heads (32 q / 8 kv) and
+    block_q = 16 (64-row tiles with the 4 packed query heads).
+    """
+    pairs = _reference_mixes()[name]
+    q_lens = [n for n, _ in pairs]
+    kv_lens = [kv for _, kv in pairs]
+    table = build_task_table(cu_of(q_lens), kv_lens, num_q_heads=32, num_kv_heads=8,
+                             block_q=16, num_programs=132)
+    summary = table.to_summary()
+    print(f"{name}: tasks={summary['num_tasks']} split_tiles={summary['num_split_tiles']} "
+          f"max/avg program cost = {summary['cost_ratio']:.3f}")
+    check_invariants(table, q_lens, kv_lens, causal=True, window=None)
+    assert summary["cost_ratio"] <= 1.5
+
+
+def test_build_is_fast() -> None:
+    """512 sequences x 8 KV heads (a large decode batch plus chunks) builds in well under 50 ms."""
+    rng = np.random.default_rng(1)
+    q_lens = [1] * 500 + [64] * 12
+    kv_lens = [int(x) for x in rng.integers(64, 8192, 512)]
+    cu = cu_of(q_lens)
+    best = min(
+        _timed(lambda: build_task_table(cu, kv_lens, num_q_heads=32, num_kv_heads=8,
+                                        block_q=16, num_programs=132))
+        for _ in range(5)
+    )
+    print(f"build_task_table(512 seqs x 8 kv heads): {best * 1e3:.2f} ms")
+    assert best < 0.05
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+_OK = {"num_q_heads": 4, "num_kv_heads": 2, "block_q": 4, "num_programs": 2}
+
+
+@pytest.mark.parametrize(
+    ("cu", "kv", "overrides", "match"),
+    [
+        ([0, 1, 2], [3], {}, r"len\(cu_seqlens_q\) == len\(seqlens_kv\) \+ 1"),
+        ([0, 5], [3], {}, r"n_s <= L_s"),
+        ([0, 2, 1], [3, 3], {}, r"non-decreasing"),
+        ([0, 1], [-1], {}, r"seqlens_kv must be >= 0"),
+        ([1, 2], [3], {}, r"must start at 0"),
+        ([0, 1], [3], {"num_programs": 0}, r"num_programs must be >= 1"),
+        ([0, 1], [3], {"num_q_heads": 6, "num_kv_heads": 4}, r"multiple of num_kv_heads"),
+        ([0, 1], [3], {"block_q": 0}, r"block_q must be >= 1"),
+        ([0, 1], [3], {"sliding_window": 0}, r"sliding_window must be >= 1"),
+        ([0, 1], [3], {"kv_split": -1}, r"kv_split must be >= 0"),
+        ([0.0, 1.0], [3], {}, r"must hold integers"),
+        ([[0, 1]], [3], {}, r"must be 1-D"),
+    ],
+)
+def test_validation_errors(cu, kv, overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_task_table(cu, kv, **{**_OK, **overrides})

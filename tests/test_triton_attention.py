@@ -1,0 +1,599 @@
+"""Tests for the Triton persistent meta-attention kernel (backends/triton/attention.py).
+
+Kernels run on the CPU under the Triton interpreter (on a GPU when one is present). Every launch
+writes into an output poisoned with NaN, and every KV-cache slot no sequence owns is NaN too, so
+a row the kernel forgets to store, or an invisible / out-of-range position that leaks into a
+result, shows up. Results are compared with this file's own float64 oracle, written from the op
+semantics alone, and with the shared reference (`attention_reference_dense`).
+
+Shapes are tiny (head_dim 16-32, lengths <= ~48, a few heads): the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The interpreter must be chosen before triton is first imported (`@triton.jit` reads it when a
+# kernel module is imported); tests/conftest.py sets it too, this keeps the file runnable alone.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton", reason="the Triton backend tests need triton installed")
+
+from attention_cases import batch_lengths, batch_mixes, make_batch  # noqa: E402
+
+from tileflow.backends.reference.attention import attention_reference_dense  # noqa: E402
+from tileflow.backends.triton.attention import (  # noqa: E402
+    attention_config,
+    build_attention_kernel,
+    make_attention_launcher,
+    merge_kernel_identifier,
+    render_attention_source,
+)
+from tileflow.backends.triton.build import clear_memo, kernel_identifier  # noqa: E402
+from tileflow.kernel_spec import KernelSpec, TileConfig, make_params  # noqa: E402
+from tileflow.targets import triton_interpreter_enabled  # noqa: E402
+from tileflow.tasks import build_task_table  # noqa: E402
+
+TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+pytestmark = [
+    pytest.mark.skipif(
+        not triton_interpreter_enabled() and not torch.cuda.is_available(),
+        reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1",
+    ),
+    # The kernel must never compute inf - inf or overflow exp: under the interpreter numpy warns.
+    pytest.mark.filterwarnings("error::RuntimeWarning"),
+]
+DEVICE = "cpu" if triton_interpreter_enabled() else "cuda"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Keep generated sources out of ~/.cache and start from an empty in-process memo."""
+    root = tmp_path_factory.mktemp("tileflow_attn_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TILEFLOW_CACHE_DIR", str(root))
+        clear_memo()
+        yield root
+        clear_memo()
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: spec, batches, oracle, a hand-built task table
+# --------------------------------------------------------------------------------------------
+
+
+def attn_spec(
+    dtype: str = "float32",
+    *,
+    head_dim: int = 16,
+    gqa: int = 1,
+    block_q: int = 4,
+    block_kv: int = 16,
+    causal: bool = True,
+    sliding_window: bool = False,
+    tree: bool = False,
+    tile: TileConfig | None = None,
+) -> KernelSpec:
+    """A meta_attention KernelSpec."""
+    return KernelSpec(
+        op="meta_attention",
+        dtype=dtype,
+        out_dtype=dtype,
+        tile=tile,
+        params=make_params(
+            head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=block_kv, causal=causal,
+            sliding_window=sliding_window, tree=tree,
+        ),
+    )
+
+
+def paged_batch(
+    lengths: list[tuple[int, int]],
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Op tensors for sequences with exact (n_s, L_s): shuffled pages, NaN in unowned slots.
+
+    Independent of `attention_cases.make_batch` (which draws lengths at random), for the edge
+    cases a test wants to pin down exactly.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    pages = [-(-kv // block_size) for _, kv in lengths]
+    num_blocks = sum(pages) + 1  # one spare, NaN page
+    order = torch.randperm(num_blocks, generator=gen)
+    width = max(pages, default=0) or 1
+    block_table = torch.full((len(lengths), width), int(order[-1]), dtype=torch.int32)
+    owned = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    start = 0
+    for s, ((_, kv), count) in enumerate(zip(lengths, pages)):
+        block_table[s, :count] = order[start:start + count].to(torch.int32)
+        start += count
+        pos = torch.arange(kv)
+        owned[block_table[s, pos // block_size].long(), pos % block_size] = True
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen)
+    v_cache = torch.randn(shape, generator=gen)
+    k_cache[~owned] = float("nan")
+    v_cache[~owned] = float("nan")
+    cu = [0]
+    for n, _ in lengths:
+        cu.append(cu[-1] + n)
+    q = torch.randn(cu[-1], num_q_heads, head_dim, generator=gen)
+    return {
+        "q": q.to(dtype).to(DEVICE),
+        "k_cache": k_cache.to(dtype).to(DEVICE),
+        "v_cache": v_cache.to(dtype).to(DEVICE),
+        "block_table": block_table.to(DEVICE),
+        "cu_seqlens_q": torch.tensor(cu, dtype=torch.int32, device=DEVICE),
+        "seqlens_kv": torch.tensor([kv for _, kv in lengths], dtype=torch.int32, device=DEVICE),
+        "tree_mask": None,
+    }
+
+
+def oracle(
+    batch: dict[str, Any],
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    tree_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float64 attention written directly from the contract's op semantics (this file's own)."""
+    q, kc, vc = (batch[k].cpu().double() for k in ("q", "k_cache", "v_cache"))
+    bt = batch["block_table"].cpu().long()
+    cu = batch["cu_seqlens_q"].tolist()
+    lens = batch["seqlens_kv"].tolist()
+    hq, d = q.shape[1], q.shape[2]
+    group, bs = hq // kc.shape[2], kc.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.zeros_like(q)
+    for s, kv_len in enumerate(lens):
+        n = cu[s + 1] - cu[s]
+        if n == 0:
+            continue
+        j = torch.arange(kv_len)
+        k = kc[bt[s, j // bs], j % bs].repeat_interleave(group, dim=1)  # [L, Hq, D]
+        v = vc[bt[s, j // bs], j % bs].repeat_interleave(group, dim=1)
+        p = kv_len - n + torch.arange(n)  # positions of the query rows
+        vis = (j[None, :] <= p[:, None]) if causal else torch.ones(n, kv_len, dtype=torch.bool)
+        if tree_mask is not None and n <= tree_mask.shape[1]:
+            vis[:, kv_len - n:] = tree_mask[s, :n, :n].cpu()  # replaces causality among new tokens
+        if sliding_window is not None:
+            vis &= j[None, :] > p[:, None] - sliding_window
+        scores = torch.einsum("nhd,lhd->hnl", q[cu[s]:cu[s + 1]], k) * scale
+        scores = scores.masked_fill(~vis[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # no visible key -> zeros
+        out[cu[s]:cu[s + 1]] = torch.einsum("hnl,lhd->nhd", probs, v)
+    return out
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: str, what: str = "") -> None:
+    """Every element written (no NaN left) and relative (Frobenius) error within tolerance."""
+    assert out.dtype == getattr(torch, dtype)
+    assert not torch.isnan(out).any(), f"{what}: some output elements were never written"
+    out64, ref64 = out.double().cpu(), ref.double().cpu()
+    rel = ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
+    assert rel <= TOL[dtype], f"{what}: relative error {rel:.3g} > {TOL[dtype]}"
+
+
+def table_for(batch: dict[str, Any], spec: KernelSpec, *, num_programs: int = 4,
+              sliding_window: int | None = None, kv_split: int | None = None) -> Any:
+    """The shared task table (tileflow.tasks.build_task_table) for a batch and spec."""
+    cfg = attention_config(spec)
+    return build_task_table(
+        batch["cu_seqlens_q"].cpu(), batch["seqlens_kv"].cpu(),
+        num_q_heads=batch["q"].shape[1], num_kv_heads=batch["k_cache"].shape[2],
+        block_q=cfg.block_q, num_programs=num_programs, sliding_window=sliding_window,
+        causal=cfg.causal, kv_split=kv_split,
+    )
+
+
+def run_and_check(
+    batch: dict[str, Any],
+    spec: KernelSpec,
+    *,
+    sliding_window: int | None = None,
+    num_programs: int = 4,
+    kv_split: int | None = None,
+    table: Any = None,
+    what: str = "",
+) -> tuple[torch.Tensor, Any]:
+    """Launch on a NaN-poisoned output; compare with the oracle and the shared reference."""
+    cfg = attention_config(spec)
+    if table is None:
+        table = table_for(batch, spec, num_programs=num_programs,
+                          sliding_window=sliding_window, kv_split=kv_split)
+    kernel = build_attention_kernel(spec)
+    tree = batch["tree_mask"] if cfg.tree else None
+    out = torch.full_like(batch["q"], float("nan"))
+    args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q",
+                               "seqlens_kv")]
+    res = kernel(*args, table, scale=None, tree_mask=tree, sliding_window=sliding_window, out=out)
+    assert res is out
+    mine = oracle(batch, causal=cfg.causal, sliding_window=sliding_window, tree_mask=tree)
+    assert_close(out, mine, spec.dtype, f"{what} vs float64 oracle")
+    shared = attention_reference_dense(
+        *[a.cpu() for a in args], causal=cfg.causal, sliding_window=sliding_window,
+        tree_mask=None if tree is None else tree.cpu(),
+    )
+    assert_close(out, shared, spec.dtype, f"{what} vs attention_reference_dense")
+    return out, table
+
+
+@dataclass
+class HandTable:
+    """A task table built by hand in this file (same fields as tileflow.tasks.TaskTable)."""
+
+    tasks: torch.Tensor
+    program_offsets: torch.Tensor
+    program_tasks: torch.Tensor
+    merges: torch.Tensor
+    num_slots: int
+    block_q: int
+    num_q_heads: int
+    num_kv_heads: int
+
+
+def hand_table(lengths: list[tuple[int, int]], *, hq: int, hkv: int, block_q: int,
+               cuts: dict[tuple[int, int, int], list[int]],
+               programs: list[list[int]] | None = None) -> HandTable:
+    """Causal tiles in (seq, kv head, tile) order; `cuts[(s, g, q_start)]` splits that tile's KV
+    range at the given positions (each piece its own slot); `programs[p]` lists the tasks program
+    p runs, by index, in order (default: one program runs them all)."""
+    tasks, merges, slot = [], [], 0
+    for s, (n, kv) in enumerate(lengths):
+        for g in range(hkv):
+            for q0 in range(0, n, block_q):
+                rows = min(block_q, n - q0)
+                end = kv - n + q0 + rows
+                bounds = [0, *cuts.get((s, g, q0), []), end]
+                if len(bounds) == 2:
+                    tasks.append([s, g, q0, rows, 0, end, -1, rows * end])
+                    continue
+                merges.append([s, g, q0, rows, slot, len(bounds) - 1])
+                for a, b in zip(bounds, bounds[1:]):
+                    tasks.append([s, g, q0, rows, a, b, slot, rows * (b - a)])
+                    slot += 1
+    if programs is None:
+        programs = [list(range(len(tasks)))]
+    assert sorted(i for p in programs for i in p) == list(range(len(tasks)))
+    offsets = [0]
+    for p in programs:
+        offsets.append(offsets[-1] + len(p))
+
+    def i32(rows: list, cols: int | None = None) -> torch.Tensor:
+        t = torch.tensor(rows, dtype=torch.int32)
+        return t.reshape(-1, cols) if cols else t
+
+    return HandTable(i32(tasks, 8), i32(offsets), i32([i for p in programs for i in p]),
+                     i32(merges, 6), slot, block_q, hq, hkv)
+
+
+# --------------------------------------------------------------------------------------------
+# Correctness
+# --------------------------------------------------------------------------------------------
+
+MIX = ["prefill", "chunked", "decode", "empty", "decode", "chunked"]
+
+# (dtype, block_size, Hq, Hkv, head_dim, block_q, block_kv): GQA 1/2/4, MQA, page sizes
+# 1, 7 (divides no length by design) and 16, tiles from a single decode row to BLOCK_M = 32.
+MIXED_CASES = [
+    ("float32", 16, 2, 2, 16, 4, 16),
+    ("float32", 7, 4, 2, 32, 4, 16),
+    ("float32", 1, 8, 2, 16, 2, 32),
+    ("float32", 7, 4, 1, 16, 8, 16),
+    ("float16", 16, 4, 2, 16, 8, 16),
+    ("float16", 7, 8, 1, 32, 1, 16),
+    ("float16", 1, 2, 2, 16, 16, 16),
+]
+
+
+@pytest.mark.parametrize("dtype,block_size,hq,hkv,head_dim,block_q,block_kv", MIXED_CASES)
+def test_mixed_batch(dtype: str, block_size: int, hq: int, hkv: int, head_dim: int,
+                     block_q: int, block_kv: int) -> None:
+    """Prefill, chunked prefill over a cached prefix, decode and empty sequences in one launch."""
+    batch = make_batch(MIX, num_q_heads=hq, num_kv_heads=hkv, head_dim=head_dim,
+                       block_size=block_size, dtype=getattr(torch, dtype), seed=block_size + hq,
+                       max_len=40, device=DEVICE)
+    spec = attn_spec(dtype, head_dim=head_dim, gqa=hq // hkv, block_q=block_q, block_kv=block_kv)
+    run_and_check(batch, spec, what=spec.name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_tree_verify(dtype: str) -> None:
+    """Verify sequences use their tree mask; a prefill longer than T stays causal."""
+    kinds = ["verify", "decode", "verify", "chunked", "prefill", "verify"]
+    batch = make_batch(kinds, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=7,
+                       dtype=getattr(torch, dtype), seed=3, tree_size=6, max_len=40, device=DEVICE)
+    q_lens, _ = batch_lengths(batch)
+    assert max(q_lens) > 6, "the mix should include a sequence with more new tokens than T"
+    spec = attn_spec(dtype, gqa=2, block_q=4, tree=True)
+    run_and_check(batch, spec, what="tree verify")
+
+
+def test_tree_verify_not_causal_with_split() -> None:
+    """Without causality the tree still masks the new tokens; split-KV tasks honour it too."""
+    batch = make_batch(["verify", "prefill", "verify"], num_q_heads=2, num_kv_heads=1,
+                       head_dim=16, block_size=5, dtype=torch.float32, seed=11, tree_size=5,
+                       max_len=45, device=DEVICE)
+    spec = attn_spec(gqa=2, block_q=2, causal=False, tree=True)
+    _, table = run_and_check(batch, spec, kv_split=16, what="tree, not causal, split")
+    assert table.merges.shape[0] > 0
+
+
+@pytest.mark.parametrize("window", [1, 5, 100])
+def test_sliding_window(window: int) -> None:
+    """Sliding windows (1 = each row sees itself only; 100 = wider than any sequence)."""
+    lengths = [(9, 30), (1, 23), (17, 17), (0, 4), (3, 41)]
+    batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=7,
+                        dtype=torch.float32, seed=window)
+    spec = attn_spec(gqa=2, block_q=4, sliding_window=True)
+    run_and_check(batch, spec, sliding_window=window, what=f"window {window}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_forced_split_kv_with_window(dtype: str) -> None:
+    """Split-KV: chunks of 24 positions (not a multiple of BLOCK_KV), some entirely outside a
+    row's window (LSE = -inf for that row), merged by the merge kernel; head_dim 24 (padded)."""
+    lengths = [(2, 47), (1, 40), (6, 33), (0, 9)]
+    batch = paged_batch(lengths, num_q_heads=8, num_kv_heads=2, head_dim=24, block_size=16,
+                        dtype=getattr(torch, dtype), seed=5)
+    spec = attn_spec(dtype, head_dim=24, gqa=4, block_q=4, sliding_window=True)
+    _, table = run_and_check(batch, spec, sliding_window=20, kv_split=24, num_programs=3,
+                             what="split + window")
+    assert table.merges.shape[0] > 0 and table.num_slots > table.merges.shape[0]
+
+
+def test_split_kv_decode_many_chunks() -> None:
+    """Long decode rows split into many 16-position chunks (the small-batch decode path)."""
+    lengths = [(1, 48), (1, 33), (2, 20)]
+    batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=1, head_dim=16, block_size=1,
+                        dtype=torch.float32, seed=9)
+    spec = attn_spec(gqa=4, block_q=1, block_kv=16)
+    _, table = run_and_check(batch, spec, kv_split=16, num_programs=8, what="decode split")
+    assert int(table.merges[:, 5].max()) == 3
+
+
+def test_not_causal() -> None:
+    """causal=False: every row sees all L_s positions (encoder-style / bidirectional chunks)."""
+    lengths = [(5, 12), (1, 20), (16, 16)]
+    batch = paged_batch(lengths, num_q_heads=2, num_kv_heads=2, head_dim=16, block_size=7,
+                        dtype=torch.float32, seed=2)
+    run_and_check(batch, attn_spec(block_q=4, causal=False), what="not causal")
+
+
+def test_hand_built_table() -> None:
+    """A task table built here, not by tileflow.tasks: uneven KV cuts (a chunk one position long,
+    a chunk that only the tile's last row can see), programs in an arbitrary order, an idle
+    program, programs mixing split and whole-range tasks."""
+    lengths = [(3, 20), (0, 5), (1, 9), (5, 5)]
+    hq, hkv, block_q = 2, 1, 2
+    # Sequence 0's first tile has rows at positions 17 and 18: its chunk [18, 19) is invisible
+    # to row 17 (LSE -inf there).
+    cuts = {(0, 0, 0): [5, 6, 18], (2, 0, 0): [8], (3, 0, 2): [1]}
+    table = hand_table(lengths, hq=hq, hkv=hkv, block_q=block_q, cuts=cuts)
+    num_tasks = table.tasks.shape[0]
+    order = list(range(num_tasks))[::-1]
+    programs = [order[0::3], [], order[1::3], order[2::3]]
+    table = hand_table(lengths, hq=hq, hkv=hkv, block_q=block_q, cuts=cuts, programs=programs)
+    batch = paged_batch(lengths, num_q_heads=hq, num_kv_heads=hkv, head_dim=16, block_size=3,
+                        dtype=torch.float32, seed=4)
+    run_and_check(batch, attn_spec(gqa=2, block_q=block_q), table=table, what="hand-built table")
+
+
+def test_empty_sequences() -> None:
+    """n_s = 0 anywhere in the batch, and a batch with no query rows at all."""
+    lengths = [(0, 6), (4, 9), (0, 1), (1, 1), (0, 3)]
+    batch = paged_batch(lengths, num_q_heads=2, num_kv_heads=1, head_dim=16, block_size=4,
+                        dtype=torch.float32, seed=1)
+    spec = attn_spec(gqa=2, block_q=4)
+    run_and_check(batch, spec, what="empty sequences")
+
+    empty = paged_batch([(0, 5), (0, 2)], num_q_heads=2, num_kv_heads=1, head_dim=16,
+                        block_size=4, dtype=torch.float32)
+    table = table_for(empty, spec)
+    assert table.tasks.shape[0] == 0
+    args = [empty[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q",
+                               "seqlens_kv")]
+    out = build_attention_kernel(spec)(*args, table)
+    assert out.shape == (0, 2, 16)
+
+
+def test_strided_views_and_explicit_scale() -> None:
+    """q, out and the caches as non-contiguous views (a fused qkv buffer, a kv-interleaved cache);
+    an explicit softmax scale."""
+    lengths = [(6, 14), (1, 30)]
+    base = paged_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8,
+                       dtype=torch.float32, seed=6)
+    q = base["q"]
+    qkv = torch.randn(q.shape[0], 3 * 4, 16, device=DEVICE)
+    qkv[:, 4:8] = q
+    kv = torch.stack([base["k_cache"], base["v_cache"]], dim=2)  # [blocks, bs, 2, Hkv, D]
+    out_buf = torch.full((q.shape[0], 4, 32), float("nan"), device=DEVICE)
+    batch = dict(base, q=qkv[:, 4:8], k_cache=kv[:, :, 0], v_cache=kv[:, :, 1])
+    assert not batch["q"].is_contiguous() and not batch["k_cache"].is_contiguous()
+    spec = attn_spec(gqa=2, block_q=4)
+    table = table_for(batch, spec)
+    out = out_buf[:, :, 8:24]
+    args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q",
+                               "seqlens_kv")]
+    res = build_attention_kernel(spec)(*args, table, scale=0.3, out=out)
+    assert res.data_ptr() == out.data_ptr()
+    assert torch.isnan(out_buf[:, :, :8]).all() and torch.isnan(out_buf[:, :, 24:]).all()
+    assert_close(out, oracle(batch, scale=0.3), "float32", "strided views")
+
+
+@given(
+    kinds=batch_mixes(max_size=5),
+    seed=st.integers(0, 2**16),
+    block_size=st.sampled_from([1, 5, 16]),
+    heads=st.sampled_from([(2, 2), (4, 2), (4, 1), (8, 2)]),
+    block_q=st.sampled_from([1, 3, 4]),
+    kv_split=st.sampled_from([0, 16]),
+    window=st.sampled_from([None, 6]),
+    dtype=st.sampled_from(["float32", "float16"]),
+)
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_random_mixes(kinds: list[str], seed: int, block_size: int, heads: tuple[int, int],
+                      block_q: int, kv_split: int, window: int | None, dtype: str) -> None:
+    """Random batch mixes (prefill/chunked/decode/verify/empty) against both oracles."""
+    hq, hkv = heads
+    batch = make_batch(kinds, num_q_heads=hq, num_kv_heads=hkv, head_dim=16,
+                       block_size=block_size, dtype=getattr(torch, dtype), seed=seed,
+                       tree_size=4, max_len=36, device=DEVICE)
+    spec = attn_spec(dtype, gqa=hq // hkv, block_q=block_q, tree=batch["tree_mask"] is not None,
+                     sliding_window=window is not None)
+    run_and_check(batch, spec, sliding_window=window, kv_split=kv_split, num_programs=3,
+                  what=f"{kinds} seed={seed}")
+
+
+@pytest.mark.skipif(triton_interpreter_enabled(),
+                    reason="the Triton interpreter's tl.dot multiplies bf16 bit patterns as "
+                           "integers (numpy has no bf16); bf16 is checked on GPUs only")
+def test_bfloat16_on_gpu() -> None:
+    """bf16 inputs (GPU only)."""
+    batch = make_batch(MIX, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                       dtype=torch.bfloat16, seed=0, max_len=40, device=DEVICE)
+    run_and_check(batch, attn_spec("bfloat16", gqa=2, block_q=4), what="bf16")
+
+
+# --------------------------------------------------------------------------------------------
+# Source, build and validation
+# --------------------------------------------------------------------------------------------
+
+
+def test_source_is_specialized_and_readable(tmp_path: Path) -> None:
+    """Two jit kernels; only the requested masks get code; IEEE dots for fp32 only; build is
+    memoized and copies the source to the artifact directory."""
+    plain = attn_spec("float16", head_dim=32, gqa=2)
+    src = render_attention_source(plain)
+    compile(src, "<attention>", "exec")
+    assert src.count("@triton.jit") == 2
+    assert f"def {kernel_identifier(plain)}(" in src
+    assert f"def {merge_kernel_identifier(plain)}(" in src
+    for absent in ("tree_mask_ptr", "window", "d_mask", "input_precision"):
+        assert absent not in src, absent
+    full = attn_spec("float32", head_dim=24, gqa=2, sliding_window=True, tree=True)
+    src = render_attention_source(full)
+    for present in ("tree_mask_ptr", "window", "d_mask", 'input_precision="ieee"'):
+        assert present in src, present
+    assert "kv_pos[None, :] <= q_pos[:, None]" not in render_attention_source(
+        attn_spec(causal=False))
+
+    kernel = build_attention_kernel(plain, artifact_dir=tmp_path)
+    assert build_attention_kernel(plain) is kernel
+    assert (tmp_path / f"{plain.name}.py").read_text() == kernel.source
+    assert kernel.launch.merge_kernel is not None
+
+
+def test_tile_config_supplies_blocks() -> None:
+    """A TileConfig gives block_q (block_m) / block_kv (block_n) and launch parameters."""
+    spec = KernelSpec(op="meta_attention", dtype="float32", out_dtype="float32",
+                      tile=TileConfig(2, 32, 16, num_warps=8, num_stages=1),
+                      params=make_params(head_dim=16, gqa=4))
+    cfg = attention_config(spec)
+    assert (cfg.block_q, cfg.block_m, cfg.block_kv, cfg.num_warps) == (2, 16, 32, 8)
+    with pytest.raises(ValueError, match="contradicts"):
+        attention_config(KernelSpec(op="meta_attention", dtype="float32", out_dtype="float32",
+                                    tile=TileConfig(2, 32, 16),
+                                    params=make_params(head_dim=16, gqa=4, block_kv=16)))
+
+
+@pytest.mark.parametrize("params,other,match", [
+    (dict(head_dim=16, gqa=1, block_q=4, block_kv=8), {}, "block_kv"),
+    (dict(head_dim=16, gqa=1, block_q=4, block_kv=24), {}, "power of two"),
+    (dict(gqa=1, block_q=4), {}, "head_dim"),
+    (dict(head_dim=16, gqa=0, block_q=4), {}, "gqa"),
+    (dict(head_dim=16, gqa=1), {}, "block_q"),
+    (dict(head_dim=16, gqa=1, block_q=4, causal="yes"), {}, "bool"),
+    (dict(head_dim=16, gqa=1, block_q=4), {"out_dtype": "float32"}, "out_dtype"),
+    (dict(head_dim=16, gqa=1, block_q=4), {"dtype": "float64", "out_dtype": "float64"}, "dtype"),
+    (dict(head_dim=16, gqa=1, block_q=4), {"op": "padded_gemm"}, "meta_attention"),
+])
+def test_bad_specs(params: dict, other: dict, match: str) -> None:
+    """Specs the kernel cannot implement are rejected with a message that says why."""
+    kwargs = dict(op="meta_attention", dtype="float16", out_dtype="float16",
+                  params=make_params(**params))
+    kwargs.update(other)
+    with pytest.raises(ValueError, match=match):
+        render_attention_source(KernelSpec(**kwargs))
+
+
+def test_launch_validation() -> None:
+    """Inputs that do not match the spec or the table raise ValueError before any launch."""
+    lengths = [(3, 7), (1, 4)]
+    batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=4,
+                        dtype=torch.float32)
+    spec = attn_spec(gqa=2, block_q=4)
+    launch = build_attention_kernel(spec).launch
+    table = table_for(batch, spec)
+    args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q",
+                               "seqlens_kv")]
+
+    def call(**changes: Any) -> None:
+        a = dict(zip(("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seqlens_kv"),
+                     args))
+        kw = {k: changes.pop(k) for k in ("scale", "tree_mask", "sliding_window", "out")
+              if k in changes}
+        t = changes.pop("table", table)
+        a.update(changes)
+        launch(*a.values(), t, **kw)
+
+    with pytest.raises(ValueError, match="head_dim"):
+        call(q=torch.zeros(4, 4, 32))
+    with pytest.raises(ValueError, match="gqa"):
+        call(q=torch.zeros(4, 8, 16))
+    with pytest.raises(ValueError, match="float32"):
+        call(q=args[0].half())
+    with pytest.raises(ValueError, match="built without one"):
+        call(sliding_window=4)
+    with pytest.raises(ValueError, match="without tree"):
+        call(tree_mask=torch.ones(2, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block_q"):
+        call(table=table_for(batch, attn_spec(gqa=2, block_q=2)))
+    with pytest.raises(ValueError, match="out must"):
+        call(out=torch.empty(4, 4, 8))
+    with pytest.raises(ValueError, match="S \\+ 1"):
+        call(cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32))
+
+    windowed = attn_spec(gqa=2, block_q=4, sliding_window=True)
+    with pytest.raises(ValueError, match="sliding_window=<int >= 1>"):
+        build_attention_kernel(windowed)(*args, table)
+    tree = attn_spec(gqa=2, block_q=4, tree=True)
+    with pytest.raises(ValueError, match="tree_mask bool"):
+        build_attention_kernel(tree)(*args, table)
+    with pytest.raises(ValueError, match="bool"):
+        build_attention_kernel(tree)(*args, table, tree_mask=torch.ones(2, 4, 4))
+
+
+def test_launcher_accepts_kernel_pair() -> None:
+    """make_attention_launcher also takes an explicit (attention, merge) pair."""
+    spec = attn_spec(gqa=1, block_q=4)
+    built = build_attention_kernel(spec)
+    launch = make_attention_launcher(spec, (built.launch.kernel, built.launch.merge_kernel))
+    batch = paged_batch([(2, 19)], num_q_heads=1, num_kv_heads=1, head_dim=16, block_size=4,
+                        dtype=torch.float32, seed=8)
+    table = table_for(batch, spec, kv_split=16)
+    args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q",
+                               "seqlens_kv")]
+    assert_close(launch(*args, table), oracle(batch), "float32", "kernel pair")
+    with pytest.raises(ValueError, match="merge kernel"):
+        make_attention_launcher(spec, object())

@@ -1,0 +1,93 @@
+"""Lowering: tileflow ops in a graph -> KernelSpecs, built ahead of the first call.
+
+A `padded_gemm` node carries its tile plan; every config of that plan is one KernelSpec. Lowering
+builds each distinct spec once through the runtime's kernel cache (so a new M at run time never
+compiles anything) and records the kernels in the graph's report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .kernel_spec import KernelSpec, TileConfig, dtype_name, make_params
+from .pipeline import PassContext
+from .tiles import TilePlan
+
+
+def gemm_epilogue(*, has_bias: bool, activation: str, has_residual: bool, cast: bool) -> tuple[str, ...]:
+    """The epilogue tuple of a GEMM, in the order kernels apply it."""
+    epilogue: list[str] = []
+    if has_bias:
+        epilogue.append("bias")
+    if activation != "none":
+        epilogue.append(activation)
+    if has_residual:
+        epilogue.append("residual")
+    if cast:
+        epilogue.append("cast")
+    return tuple(epilogue)
+
+
+def gemm_spec(
+    *,
+    dtype: Any,
+    out_dtype: Any,
+    n: int,
+    k: int,
+    tile: TileConfig,
+    activation: str = "none",
+    has_bias: bool = False,
+    has_residual: bool = False,
+    persistent: bool = False,
+) -> KernelSpec:
+    """The KernelSpec of one fixed-tile padded GEMM (N is the output width, K the reduction)."""
+    dtype, out_dtype = dtype_name(dtype), dtype_name(out_dtype)
+    return KernelSpec(
+        op="padded_gemm",
+        dtype=dtype,
+        out_dtype=out_dtype,
+        tile=tile,
+        epilogue=gemm_epilogue(has_bias=has_bias, activation=activation, has_residual=has_residual, cast=dtype != out_dtype),
+        params=make_params(n=n, k=k, persistent=persistent),
+    )
+
+
+def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
+    """One spec per config of `plan`, for a `tileflow::padded_gemm` node."""
+    x, weight = node.args[0], node.args[1]
+    kwargs = dict(zip(("bias", "residual", "activation", "out_dtype"), node.args[2:6]))
+    kwargs.update(node.kwargs)
+    activation = kwargs.get("activation") or "none"
+    xv, wv = x.meta["val"], weight.meta["val"]
+    out_dtype = kwargs.get("out_dtype") or xv.dtype
+    n = wv.shape[0] // 2 if activation == "swiglu" and kwargs.get("weight_up") is None else wv.shape[0]
+    return [
+        gemm_spec(
+            dtype=xv.dtype, out_dtype=out_dtype, n=int(n), k=int(wv.shape[1]), tile=tile,
+            activation=activation, has_bias=kwargs.get("bias") is not None,
+            has_residual=kwargs.get("residual") is not None,
+        )
+        for tile in plan.configs
+    ]
+
+
+def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str) -> list[KernelSpec]:
+    """Build every kernel the graph's tileflow ops need, and record them in the report."""
+    from .runtime import decode_plan, get_kernel
+
+    specs: dict[KernelSpec, None] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.tileflow.padded_gemm.default:
+            plan_text = node.kwargs.get("plan") or (node.args[6] if len(node.args) > 6 else "")
+            for spec in gemm_specs_for_node(node, decode_plan(plan_text)):
+                specs.setdefault(spec, None)
+    kernels_dir = ctx.artifact_dir / "kernels" if ctx.artifact_dir is not None else None
+    for spec in specs:
+        kernel = get_kernel(target, spec, kernels_dir)
+        ctx.add_kernel(
+            spec.name, target, str(kernel.source_path) if kernel.source_path else None, spec.to_dict()
+        )
+    return list(specs)

@@ -255,7 +255,9 @@ class GemmPadding:
         n, k = int(wv.shape[0]), int(wv.shape[1])
         key = (n, k, xv.dtype, lo, hi)
         if key not in plans:
-            plans[key] = gemm_plan(n, k, xv.dtype, ctx.target, ctx.device_type, m_min=lo, m_max=hi)
+            plans[key] = gemm_plan(
+                n, k, xv.dtype, ctx.target, ctx.device_type, m_min=lo, m_max=hi, tile_timings=ctx.config.tile_timings
+            )
         return plans[key]
 
     def _replace(self, graph: fx.Graph, chain: _Chain, plan: TilePlan, ctx: PassContext, kinds: list[str]) -> None:

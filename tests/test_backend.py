@@ -61,10 +61,12 @@ def test_explain_report_prints_and_round_trips() -> None:
     report = tileflow.explain(model, ids, use_cache=False)
     [graph] = report.graphs
     names = [p.name for p in report.passes]
-    assert names == ["canonicalize"]
+    assert names == ["canonicalize", "gemm_padding"]
     assert report.rewrites["canonical_linear"] == 15  # 2 layers x 7 projections + lm_head
+    assert report.rewrites["padded_gemm"] == 13  # gate and up share one SwiGLU kernel per layer
     text = str(report)
     assert "canonicalize" in text and "canonical_linear=15" in text and "graph_" in text
+    assert "tile plans" in text and "padded_gemm=13" in text
     again = tileflow.Report.from_json(report.to_json())
     assert again == report and again.rewrites == report.rewrites
     assert json.loads(report.to_json())["graphs"][0]["symbols"]

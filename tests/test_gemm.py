@@ -139,3 +139,27 @@ def test_ascend_target_says_what_is_missing() -> None:
     with tileflow.use_config(tileflow.Config(target="ascend")):
         with pytest.raises(RuntimeError, match="ascend.*(torch_npu|Ascend C emitter)"):
             padded_gemm(torch.randn(4, 8), torch.randn(3, 8))
+
+
+def test_measured_tile_times_replace_the_estimates(tmp_path) -> None:
+    import json
+
+    from tileflow.devices import get_device
+    from tileflow.tiles import candidate_configs
+
+    n, k = 40, 72
+    base = runtime.gemm_plan(n, k, torch.float32, "reference", "cpu", m_max=500)
+    candidates = candidate_configs(n, k, "float32", get_device("cpu"))
+    favourite = next(c for c in candidates if c not in (base.select_tile(1), base.select_tile(500)))
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps([
+        {"device": "cpu", "dtype": "float32", "n": n, "k": k, "tile": c.to_dict(), "tile_seconds": 1e-12 if c == favourite else 1.0}
+        for c in candidates
+    ]))
+    plan = runtime.gemm_plan(n, k, torch.float32, "reference", "cpu", m_max=500, tile_timings=str(path))
+    assert plan.configs == (favourite,)
+    with pytest.raises(ValueError, match="does not exist"):
+        runtime.gemm_plan(n, k, torch.float32, "reference", "cpu", m_max=500, tile_timings=str(tmp_path / "none.json"))
+    (tmp_path / "bad.json").write_text('[{"device": "cpu"}]')
+    with pytest.raises(ValueError, match="malformed"):
+        runtime.gemm_plan(n, k, torch.float32, "reference", "cpu", m_max=500, tile_timings=str(tmp_path / "bad.json"))

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 from .targets import TARGETS
 
 RESIDUALS: tuple[str, ...] = ("auto", "eager", "inductor")
-DEFAULT_PASSES: tuple[str, ...] = ("canonicalize", "gemm_padding")
+DEFAULT_PASSES: tuple[str, ...] = ("canonicalize", "attention", "gemm_padding")
 # Environment variables that are tileflow's but not Config keys.
 _NON_CONFIG_ENV = frozenset({"TILEFLOW_LOG", "TILEFLOW_CACHE_DIR"})
 
@@ -41,6 +41,9 @@ class Config:
             kernels and `report.json` under this folder (the visualizer reads it).
         passes: the ordered pass names to run (see `tileflow.pipeline.available_passes()`).
         nano_batches: `auto`, or an integer (1 turns nano-batching off; >= 2 forces a split).
+        tile_timings: path of a JSON file of per-tile times measured on the device
+            (`python bench/gemm.py --measure-tiles FILE`); they replace the cost model's
+            estimates for the configs, shapes and device they were measured for.
     """
 
     target: str = "auto"
@@ -53,6 +56,7 @@ class Config:
     debug_dir: str | None = None
     passes: tuple[str, ...] = DEFAULT_PASSES
     nano_batches: str | int = 1
+    tile_timings: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, TARGETS)
@@ -157,7 +161,7 @@ def _parse_env(key: str, name: str, raw: str) -> Any:
             raise ValueError(f"{name}={raw!r} is not a number") from None
     if key == "nano_batches":
         return "auto" if text == "auto" else _parse_env("max_tokens", name, text)
-    if key == "debug_dir":
+    if key in ("debug_dir", "tile_timings"):
         return text or None
     return _coerce(key, text)
 
@@ -165,10 +169,22 @@ def _parse_env(key: str, name: str, raw: str) -> Any:
 _CURRENT: contextvars.ContextVar[Config | None] = contextvars.ContextVar("tileflow_config", default=None)
 
 
+_ENV_CONFIG: tuple[tuple[tuple[str, str | None], ...], Config] | None = None
+_ENV_KEYS = tuple("TILEFLOW_" + f.name.upper() for f in fields(Config))
+
+
 def current_config() -> Config:
     """The config for eager calls of tileflow's ops: the innermost `use_config`, else from env."""
+    global _ENV_CONFIG
     config = _CURRENT.get()
-    return config if config is not None else Config.from_options()
+    if config is not None:
+        return config
+    # Eager op calls ask for this on every call: parse the environment only when one of the
+    # config variables changed (reading ten known keys is far cheaper than scanning os.environ).
+    env = tuple((k, os.environ.get(k)) for k in _ENV_KEYS)
+    if _ENV_CONFIG is None or _ENV_CONFIG[0] != env:
+        _ENV_CONFIG = (env, Config.from_options())
+    return _ENV_CONFIG[1]
 
 
 @contextlib.contextmanager

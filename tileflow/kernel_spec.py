@@ -97,7 +97,12 @@ class KernelSpec:
         parts = [f"tileflow_{self.op}", self.dtype]
         if self.tile is not None:
             parts.append(self.tile.name)
-        parts.extend(f"{k}{v}" for k, v in self.params if isinstance(v, (int, str)))
+        for key, value in self.params:
+            if isinstance(value, bool):
+                if value:
+                    parts.append(key)  # flags appear only when set
+            elif isinstance(value, (int, str)):
+                parts.append(f"{key}{value}")
         parts.extend(self.epilogue)
         return "_".join(str(p) for p in parts)
 

@@ -7,6 +7,7 @@ compiles anything) and records the kernels in the graph's report.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ def gemm_epilogue(*, has_bias: bool, activation: str, has_residual: bool, cast: 
     return tuple(epilogue)
 
 
+@functools.lru_cache(maxsize=4096)
 def gemm_spec(
     *,
     dtype: Any,

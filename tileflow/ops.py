@@ -12,7 +12,7 @@ import torch
 
 from .kernel_spec import ACTIVATIONS
 
-__all__ = ["padded_gemm", "gemm_out_features"]
+__all__ = ["padded_gemm", "gemm_out_features", "meta_attention", "meta_attention_varlen"]
 
 _ACTIVATION_NAMES = ("none",) + ACTIVATIONS
 
@@ -127,3 +127,98 @@ def padded_gemm(
     return torch.ops.tileflow.padded_gemm(
         x, weight, bias, residual, activation or "none", out_dtype, "", "", weight_up, bias_up
     )
+
+
+@torch.library.custom_op("tileflow::meta_attention_varlen", mutates_args=())
+def _meta_attention_varlen(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seqlens_kv: torch.Tensor,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    tree_mask: torch.Tensor | None = None,
+    target: str = "",
+) -> torch.Tensor:
+    """Varlen paged-KV attention for a mixed batch (see `meta_attention_varlen`)."""
+    from .runtime.attention import run_meta_attention_varlen
+
+    return run_meta_attention_varlen(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv,
+        scale=scale, causal=causal, sliding_window=sliding_window, tree_mask=tree_mask, target=target,
+    )
+
+
+@_meta_attention_varlen.register_fake
+def _meta_attention_varlen_fake(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, scale=None,
+                                causal=True, sliding_window=None, tree_mask=None, target=""):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def meta_attention_varlen(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seqlens_kv: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    tree_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention for a batch mixing prefill, chunked prefill, decode and speculative verify.
+
+    `q` is [total_q, Hq, D]; `k_cache`/`v_cache` are paged, [num_blocks, block_size, Hkv, D],
+    with the new tokens' K/V already written; `block_table` int32 [S, max_blocks];
+    `cu_seqlens_q` int32 [S + 1] (sequence s owns q rows cu[s]:cu[s+1]); `seqlens_kv` int32 [S].
+    Query row i of sequence s sits at position L_s - n_s + i; with `causal` it sees positions
+    <= its own, with `sliding_window=w` only the last w of those; `tree_mask` bool [S, T, T]
+    gives, for sequences with n_s <= T, exactly which of their new positions each row sees
+    (speculative verify over a token tree). Head h reads KV head h // (Hq // Hkv); `scale`
+    defaults to 1/sqrt(D). Returns q's shape and dtype. Bad metadata raises ValueError.
+    """
+    return torch.ops.tileflow.meta_attention_varlen(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, scale, causal, sliding_window, tree_mask, ""
+    )
+
+
+@torch.library.custom_op("tileflow::meta_attention", mutates_args=())
+def _meta_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    target: str = "",
+) -> torch.Tensor:
+    """Dense attention `[B, Hq, S, D]` through the meta-kernel (see `meta_attention`)."""
+    from .runtime.attention import run_meta_attention
+
+    return run_meta_attention(q, k, v, attn_mask, causal, scale, target)
+
+
+@_meta_attention.register_fake
+def _meta_attention_fake(q, k, v, attn_mask=None, causal=False, scale=None, target=""):
+    b, hq, s, d = q.shape
+    return q.new_empty((b, s, hq, d)).transpose(1, 2)
+
+
+def meta_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """`scaled_dot_product_attention` semantics for `q [B, Hq, S, D]`, `k`/`v [B, Hkv, S_kv, D]`
+    (GQA when Hkv divides Hq), run by the meta-attention kernel. `attn_mask` is bool (True =
+    attend) or additive, broadcastable to [B, Hq, S, S_kv]; `causal` needs S == S_kv."""
+    return torch.ops.tileflow.meta_attention(q, k, v, attn_mask, causal, scale, "")

@@ -213,6 +213,10 @@ def format_report(report: Report) -> str:
         if g.fallbacks:
             out.append("fallbacks:")
             out.append(_table(["pass", "node", "reason"], [[f.pass_name, f.node, f.reason] for f in g.fallbacks]))
+        if g.plans:
+            out.append("tile plans (M range -> tile config):")
+            for plan in g.plans:
+                out.append(f"  {plan.get('op', '')} N={plan.get('n')} K={plan.get('k')} {plan.get('dtype')}: {plan.get('describe', '')}")
         if g.kernels:
             out.append("kernels:")
             out.append(_table(["name", "target", "source"], [[k.name, k.target, k.source_path or "-"] for k in g.kernels]))

@@ -76,9 +76,11 @@ class TaskTable:
       ``partial_lse [num_slots, block_q * R]``, float32, rows laid out as tile rows).
     - ``block_q``, ``num_q_heads``, ``num_kv_heads``: copies of the build arguments.
 
-    Additive fields (not used by the kernels): ``cu_seqlens_q`` ``[S + 1]`` and ``seqlens_kv``
-    ``[S]``, host copies of the metadata the table was built from, so that a merge or a check
-    can map a tile back to global query rows without being handed the metadata again.
+    Additive fields (not read by the kernels): ``cu_seqlens_q`` ``[S + 1]`` and ``seqlens_kv``
+    ``[S]``, host copies of the metadata the table was built from, so that a merge can map a
+    tile back to global query rows without being handed the metadata again; ``causal`` and
+    ``sliding_window``, the masking the KV ranges were clipped for, so an executor can refuse to
+    run the table under different masking.
     """
 
     tasks: torch.Tensor
@@ -91,6 +93,8 @@ class TaskTable:
     num_kv_heads: int
     cu_seqlens_q: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int32))
     seqlens_kv: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
+    causal: bool = True
+    sliding_window: int | None = None
 
     @property
     def num_programs(self) -> int:
@@ -395,6 +399,8 @@ def build_task_table(
         num_kv_heads=num_kv_heads,
         cu_seqlens_q=_i32(cu),
         seqlens_kv=_i32(kv_len),
+        causal=bool(causal),
+        sliding_window=window,
     )
 
 

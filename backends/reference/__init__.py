@@ -11,6 +11,7 @@ from pathlib import Path
 from tileflow.kernel_spec import KernelSpec
 from tileflow.targets import CompiledKernel
 
+from .attention import build_reference_attention
 from .gemm import make_reference_launcher, render_reference_gemm
 
 
@@ -25,6 +26,8 @@ class ReferenceBackend:
 
     def build(self, spec: KernelSpec, artifact_dir: Path | None = None) -> CompiledKernel:
         """Render the spec's tile loop as Python source, compile it and return the launcher."""
+        if spec.op == "meta_attention":
+            return build_reference_attention(spec)
         if spec.op != "padded_gemm":
             raise ValueError(f"the reference backend has no kernel family {spec.op!r}")
         source = render_reference_gemm(spec)

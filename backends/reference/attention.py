@@ -12,15 +12,25 @@ Two PyTorch implementations of ``tileflow.ops.meta_attention_varlen`` (semantics
   meta-attention and the structure the Triton kernel mirrors, so a disagreement between the two
   localizes a bug to the table or to the kernel.
 
-Both accumulate in float32 (float64 for float64 inputs) and return q's dtype.
+Both accumulate in float32 (float64 for float64 inputs) and return q's dtype. Both also take an
+optional additive ``attn_bias`` (float ``[S | 1, Hq | 1, >= max n_s, >= max L_s]``, row i of
+sequence s and key j read ``attn_bias[s, h, i, j]``), which the dense ``meta_attention`` op uses
+for SDPA-style masks; ``-inf`` entries hide a key like the visibility rules do.
+
+`build_reference_attention` wraps `run_task_table` as the reference backend's kernel for a
+``meta_attention`` KernelSpec, with the launcher interface of the Triton kernel.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
 import torch
 
+from tileflow.kernel_spec import KernelSpec
+from tileflow.targets import CompiledKernel
 from tileflow.tasks import TaskTable, check_metadata
 
 __all__ = [
@@ -30,6 +40,7 @@ __all__ = [
     "run_task_table",
     "run_task",
     "merge_partials",
+    "build_reference_attention",
 ]
 
 
@@ -104,6 +115,34 @@ def _resolve_scale(scale: float | None, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
+def _check_bias(attn_bias: torch.Tensor | None, q: torch.Tensor, cu: list[int], kv_lens: list[int]) -> None:
+    """ValueError unless attn_bias broadcasts to [S, Hq, max n_s, max L_s]."""
+    if attn_bias is None:
+        return
+    num_seqs, num_q_heads = len(kv_lens), q.shape[1]
+    max_q = max((b - a for a, b in zip(cu, cu[1:])), default=0)
+    max_kv = max(kv_lens, default=0)
+    if (not isinstance(attn_bias, torch.Tensor) or attn_bias.dim() != 4
+            or not attn_bias.is_floating_point()
+            or attn_bias.shape[0] not in (1, num_seqs) or attn_bias.shape[1] not in (1, num_q_heads)
+            or attn_bias.shape[2] < max_q or attn_bias.shape[3] < max_kv):
+        got = tuple(attn_bias.shape) if isinstance(attn_bias, torch.Tensor) else type(attn_bias).__name__
+        raise ValueError(
+            f"attn_bias must be a float tensor broadcastable to [S={num_seqs} | 1, Hq={num_q_heads} | 1, "
+            f">= {max_q}, >= {max_kv}], got {got}"
+        )
+
+
+def _bias_rows(
+    attn_bias: torch.Tensor, seq: int, heads: range, rows: slice, cols: slice, dtype: torch.dtype
+) -> torch.Tensor:
+    """attn_bias for query rows x key cols of `seq`, as [len(rows), len(heads), len(cols)]."""
+    b = attn_bias[seq if attn_bias.shape[0] > 1 else 0]
+    b = b[heads.start:heads.stop] if b.shape[0] > 1 else b
+    b = b[:, rows, cols].to(dtype)
+    return b.expand(len(heads), -1, -1).transpose(0, 1)
+
+
 def attention_reference_dense(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -116,13 +155,15 @@ def attention_reference_dense(
     causal: bool = True,
     sliding_window: int | None = None,
     tree_mask: torch.Tensor | None = None,
+    attn_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The definition of varlen paged meta-attention, sequence by sequence (the oracle).
 
     Shapes: ``q [total_q, Hq, D]``, caches ``[num_blocks, block_size, Hkv, D]``,
     ``block_table int32 [S, max_blocks]``, ``cu_seqlens_q int32 [S+1]``,
     ``seqlens_kv int32 [S]``, ``tree_mask bool [S, T, T]`` or None. Head h reads KV head
-    ``h // (Hq // Hkv)``; ``scale`` defaults to ``1/sqrt(D)``. Returns q's shape and dtype.
+    ``h // (Hq // Hkv)``; ``scale`` defaults to ``1/sqrt(D)``; ``attn_bias`` is added to the
+    scaled scores (see the module docstring). Returns q's shape and dtype.
     """
     # causal=False here: the dense oracle handles any tree mask, ordered or not.
     check_metadata(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, tree_mask, causal=False)
@@ -133,6 +174,7 @@ def attention_reference_dense(
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     cu = cu_seqlens_q.tolist()
     kv_lens = seqlens_kv.tolist()
+    _check_bias(attn_bias, q, cu, kv_lens)
     for s, kv_len in enumerate(kv_lens):
         q_len = cu[s + 1] - cu[s]
         if q_len == 0:
@@ -150,10 +192,15 @@ def attention_reference_dense(
             tree=None if tree_mask is None else tree_mask[s],
         )
         scores = (qs @ k.transpose(1, 2)) * scale  # [Hq, n, L]
+        visible = visible.expand(num_q_heads, -1, -1)
+        if attn_bias is not None:
+            bias = _bias_rows(attn_bias, s, range(num_q_heads), slice(0, q_len), slice(0, kv_len), acc)
+            scores = scores + bias.transpose(0, 1)
+            visible = visible & (bias.transpose(0, 1) != float("-inf"))
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         # A row with no visible key: softmax gives NaN; the contract says zeros.
-        probs = probs.masked_fill(~visible.any(dim=-1)[None, :, None], 0.0)
+        probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
         out[cu[s]:cu[s + 1]] = (probs @ v).transpose(0, 1)
     return out.to(q.dtype)
 
@@ -172,6 +219,7 @@ def run_task(
     causal: bool,
     sliding_window: int | None,
     tree_mask: torch.Tensor | None,
+    attn_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute one task: its tile's ``q_rows * R`` packed rows against its KV range.
 
@@ -194,6 +242,12 @@ def run_task(
         tree=None if tree_mask is None else tree_mask[seq],
     ).repeat_interleave(group, dim=0)
     scores = (q_tile @ k.T) * scale
+    if attn_bias is not None:
+        bias = _bias_rows(attn_bias, seq, range(kv_head * group, (kv_head + 1) * group),
+                          slice(q_start, q_start + q_rows), slice(kv_start, kv_end), acc)
+        bias = bias.reshape(q_rows * group, -1)  # [pos, head, kv] -> tile rows pos * R + head
+        scores = scores + bias
+        visible = visible & (bias != float("-inf"))
     return _masked_softmax_av(scores, visible, v)
 
 
@@ -248,6 +302,7 @@ def run_task_table(
     tree_mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attn_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Execute a task table with torch ops, tile by tile, as the meta-attention kernel does.
 
@@ -255,7 +310,7 @@ def run_task_table(
     task's KV range through the block table, mask, take an exact softmax over the range, and
     write either ``out`` (``slot == -1``) or workspace slot ``slot`` (normalized partial output
     and natural-log LSE); then `merge_partials`. ``causal`` and ``sliding_window`` must be the
-    values the table was built with.
+    values the table was built with (checked).
 
     ``out`` (q's shape and dtype) is written in place if given. ``workspace`` is
     ``(partial_out, partial_lse)`` shaped as `TaskTable.workspace_shapes`; when omitted it is
@@ -268,6 +323,12 @@ def run_task_table(
         raise ValueError(
             f"the task table was built for {table.num_q_heads} query / {table.num_kv_heads} KV "
             f"heads but the tensors have {num_q_heads} / {k_cache.shape[2]}"
+        )
+    if (table.causal, table.sliding_window) != (bool(causal), sliding_window):
+        raise ValueError(
+            f"the task table was built for causal={table.causal}, sliding_window="
+            f"{table.sliding_window} but is run with causal={causal}, sliding_window="
+            f"{sliding_window}: its KV ranges are clipped for the former; rebuild it"
         )
     if not (torch.equal(table.cu_seqlens_q, cu_seqlens_q.cpu())
             and torch.equal(table.seqlens_kv, seqlens_kv.cpu())):
@@ -288,6 +349,7 @@ def run_task_table(
     scale = _resolve_scale(scale, head_dim)
     cu = cu_seqlens_q.tolist()
     kv_lens = seqlens_kv.tolist()
+    _check_bias(attn_bias, q, cu, kv_lens)
     tasks = table.tasks.tolist()
     offsets = table.program_offsets.tolist()
     program_tasks = table.program_tasks.tolist()
@@ -296,7 +358,7 @@ def run_task_table(
             task = tasks[index]
             res, lse = run_task(
                 task, q, k_cache, v_cache, block_table, cu, kv_lens, group=group, scale=scale,
-                causal=causal, sliding_window=sliding_window, tree_mask=tree_mask,
+                causal=causal, sliding_window=sliding_window, tree_mask=tree_mask, attn_bias=attn_bias,
             )
             seq, kv_head, q_start, q_rows, _, _, slot, _ = task
             if slot < 0:
@@ -307,3 +369,45 @@ def run_task_table(
                 partial_out[slot, :q_rows * group] = res.to(partial_out.dtype)
                 partial_lse[slot, :q_rows * group] = lse.to(partial_lse.dtype)
     return merge_partials(table, partial_out, partial_lse, out)
+
+
+def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> CompiledKernel:
+    """The reference backend's "kernel" for a ``meta_attention`` spec: `run_task_table`.
+
+    The launcher has the Triton attention launcher's interface::
+
+        launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
+               scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None) -> out
+
+    ``causal`` comes from the spec (``spec.param("causal")``) and must match the table's;
+    integer metadata is converted to int32. The returned kernel's ``source`` is the Python of
+    the tile loop it runs, so reports and the visualizer can show it like generated kernels.
+    """
+    if spec.op != "meta_attention":
+        raise ValueError(f"build_reference_attention got a {spec.op!r} spec")
+    causal = bool(spec.param("causal", True))
+
+    def launch(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        seqlens_kv: torch.Tensor,
+        table: TaskTable,
+        *,
+        scale: float | None = None,
+        tree_mask: torch.Tensor | None = None,
+        sliding_window: int | None = None,
+        out: torch.Tensor | None = None,
+        attn_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the task table with torch ops (see `run_task_table`)."""
+        return run_task_table(
+            table, q, k_cache, v_cache, block_table.to(torch.int32), cu_seqlens_q.to(torch.int32),
+            seqlens_kv.to(torch.int32), scale=scale, causal=causal, sliding_window=sliding_window,
+            tree_mask=tree_mask, out=out, attn_bias=attn_bias,
+        )
+
+    source = "\n\n".join(inspect.getsource(fn) for fn in (run_task_table, run_task, merge_partials))
+    return CompiledKernel(spec=spec, target="reference", source=source, launch=launch)

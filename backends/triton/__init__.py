@@ -34,6 +34,10 @@ class TritonBackend:
             from .gemm import make_gemm_launcher, render_gemm_source
 
             return build_triton_kernel(spec, render_gemm_source, make_gemm_launcher, artifact_dir)
+        if spec.op == "meta_attention":
+            from .attention import build_attention_kernel
+
+            return build_attention_kernel(spec, artifact_dir)
         raise ValueError(f"the triton backend has no kernel family {spec.op!r}")
 
 

@@ -91,6 +91,7 @@ class AttentionConfig:
     causal: bool
     sliding_window: bool
     tree: bool
+    bias: bool
     num_warps: int
     num_stages: int
 
@@ -156,7 +157,7 @@ def attention_config(spec: KernelSpec) -> AttentionConfig:
             f"(tl.dot needs every dimension >= {_MIN_BLOCK})"
         )
     flags = {}
-    for key, default in (("causal", True), ("sliding_window", False), ("tree", False)):
+    for key, default in (("causal", True), ("sliding_window", False), ("tree", False), ("bias", False)):
         value = spec.param(key, default)
         if not isinstance(value, bool):
             raise ValueError(f"spec {spec.name}: param {key!r} must be a bool, got {value!r}")
@@ -171,6 +172,7 @@ def attention_config(spec: KernelSpec) -> AttentionConfig:
         causal=flags["causal"],
         sliding_window=flags["sliding_window"],
         tree=flags["tree"],
+        bias=flags["bias"],
         num_warps=tile.num_warps if tile is not None else _DEFAULT_NUM_WARPS,
         num_stages=tile.num_stages if tile is not None else _DEFAULT_NUM_STAGES,
     )
@@ -226,6 +228,8 @@ def _mask_doc(cfg: AttentionConfig) -> str:
         parts.append("kv_pos > q_pos - window")
     if cfg.tree:
         parts.append("tree_mask replaces the causal rule among the new tokens (n_s <= T)")
+    if cfg.bias:
+        parts.append("plus an additive bias[seq, head, q_idx, kv_pos] (a model's own mask)")
     return "; ".join(parts)
 
 
@@ -239,6 +243,8 @@ def _main_signature(cfg: AttentionConfig) -> str:
     ]
     if cfg.tree:
         lines.append("tree_mask_ptr,  # uint8 [S, T, T]")
+    if cfg.bias:
+        lines.append("bias_ptr,  # float additive bias [S, Hq, q_len, kv_len] (broadcast dims: stride 0)")
     lines.append("qk_scale,  # softmax scale * log2(e)")
     lines.append("block_size,  # KV cache page size: runtime, any page size reuses the kernel")
     if cfg.sliding_window:
@@ -256,6 +262,8 @@ def _main_signature(cfg: AttentionConfig) -> str:
     ]
     if cfg.tree:
         lines.append("stride_tm_s, stride_tm_i, stride_tm_j,")
+    if cfg.bias:
+        lines.append("stride_ab_s, stride_ab_h, stride_ab_i, stride_ab_j,")
     lines += [
         "HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,",
         "GQA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr,",
@@ -322,10 +330,11 @@ v_head_off = kv_head.to(tl.int64) * stride_vh
 """
     if cfg.tree:
         loop += """\
-# Tree verify: among the sequence's num_new new tokens the tree mask replaces the causal
-# rule, when the tree is big enough to describe them (num_new <= T).
+# Tree verify: among the sequence's num_new new tokens (positions >= new_start) the tree
+# mask replaces the causal rule, when the tree is big enough to describe them (num_new <= T).
+# Otherwise tree_start = seq_kv_len, past every position a task reads: no tree anywhere.
 new_start = seq_kv_len - num_new
-use_tree = num_new <= tree_size
+tree_start = tl.where(num_new <= tree_size, new_start, seq_kv_len)
 """
     loop += """
 for kv0 in range(kv_start, kv_end, BLOCK_KV):
@@ -350,7 +359,7 @@ visible = row_valid[:, None] & kv_valid[None, :]
         step += "rule = kv_pos[None, :] <= q_pos[:, None]  # causal\n"
     if cfg.tree:
         step += """\
-in_tree = use_tree & (kv_pos >= new_start)
+in_tree = kv_pos >= tree_start
 tree_ptrs = (tree_mask_ptr + seq * stride_tm_s + q_idx[:, None] * stride_tm_i
              + (kv_pos - new_start)[None, :] * stride_tm_j)
 tree_ok = tl.load(tree_ptrs, mask=visible & in_tree[None, :], other=0) != 0
@@ -363,6 +372,14 @@ tree_ok = tl.load(tree_ptrs, mask=visible & in_tree[None, :], other=0) != 0
         step += "visible = visible & rule\n"
     if cfg.sliding_window:
         step += "visible = visible & (kv_pos[None, :] > q_pos[:, None] - window)  # sliding window\n"
+    if cfg.bias:
+        step += """\
+# The model's own additive mask/bias (e.g. a materialized padding or sliding-window mask):
+# -inf entries hide a key; scores are in base 2, so the bias is scaled by log2(e).
+bias_ptrs = (bias_ptr + seq.to(tl.int64) * stride_ab_s + head[:, None] * stride_ab_h
+             + q_idx[:, None] * stride_ab_i + kv_pos[None, :] * stride_ab_j)
+s = s + tl.load(bias_ptrs, mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
+"""
     step += f"""\
 s = tl.where(visible, s, float("-inf"))
 
@@ -614,8 +631,14 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         tree_mask: torch.Tensor | None = None,
         sliding_window: int | None = None,
         out: torch.Tensor | None = None,
+        attn_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run meta-attention for the batch described by `table`; returns `out`."""
+        """Run meta-attention for the batch described by `table`; returns `out`.
+
+        `attn_bias` (given exactly when the spec has `bias=True`) is a float [S | 1, Hq | 1,
+        max_q_len, max_kv_len] tensor added to the scaled scores: row i of sequence s, key j
+        reads attn_bias[s, h, i, j].
+        """
         # ---- shapes, dtypes, devices ----
         if not isinstance(q, torch.Tensor) or q.dim() != 3:
             got = list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
@@ -708,6 +731,15 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
             tree_arg = tree_mask.to(device).view(torch.uint8)
         elif tree_mask is not None:
             raise fail("tree_mask was given but the kernel was built without tree support")
+        bias_arg = None
+        if cfg.bias:
+            if not isinstance(attn_bias, torch.Tensor) or attn_bias.dim() != 4 or not attn_bias.is_floating_point():
+                raise fail("the kernel was built with an attention bias: pass attn_bias float [S, Hq, q_len, kv_len]")
+            if attn_bias.shape[0] not in (1, num_seqs) or attn_bias.shape[1] not in (1, hq):
+                raise fail(f"attn_bias must broadcast to [S={num_seqs}, Hq={hq}, q_len, kv_len], got {list(attn_bias.shape)}")
+            bias_arg = attn_bias.to(device).expand(num_seqs, hq, attn_bias.shape[2], attn_bias.shape[3])
+        elif attn_bias is not None:
+            raise fail("attn_bias was given but the kernel was built without bias support")
 
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -738,6 +770,8 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         ]
         if cfg.tree:
             args.append(tree_arg)
+        if cfg.bias:
+            args.append(bias_arg)
         args += [float(scale) * math.log2(math.e), block_size]
         if cfg.sliding_window:
             args.append(int(sliding_window))
@@ -747,6 +781,8 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
                  block_table.stride(0), *partial_out.stride(), *partial_lse.stride()]
         if cfg.tree:
             args += [*tree_arg.stride()]
+        if cfg.bias:
+            args += [*bias_arg.stride()]
         consts = dict(
             HEAD_DIM=cfg.head_dim,
             HEAD_DIM_PAD=cfg.head_dim_pad,

@@ -16,7 +16,7 @@ import torch
 
 from ..config import current_config
 from ..devices import DeviceInfo, detect_device, get_device
-from ..kernel_spec import KernelSpec
+from ..kernel_spec import KernelSpec, TileConfig
 from ..log import get_logger
 from ..targets import CompiledKernel, get_backend, resolve_target
 from ..tiles import TilePlan, build_tile_plan
@@ -36,12 +36,53 @@ def device_for_target(target: str, device_type: str) -> DeviceInfo:
     return get_device("cpu")
 
 
-def gemm_plan(n: int, k: int, dtype: torch.dtype | str, target: str, device_type: str, *, m_min: int = 1, m_max: int) -> TilePlan:
-    """The tile plan for a GEMM of width N and depth K over M in [m_min, m_max] on a target."""
+def gemm_plan(
+    n: int,
+    k: int,
+    dtype: torch.dtype | str,
+    target: str,
+    device_type: str,
+    *,
+    m_min: int = 1,
+    m_max: int,
+    tile_timings: str | None = None,
+) -> TilePlan:
+    """The tile plan for a GEMM of width N and depth K over M in [m_min, m_max] on a target.
+
+    `tile_timings` names a JSON file of measured per-tile times (see `load_tile_timings`); the
+    entries for this device, dtype, N and K replace the cost model's estimates.
+    """
     from ..kernel_spec import dtype_name
 
     device = device_for_target(target, device_type)
-    return build_tile_plan(n, k, dtype_name(dtype), m_min=m_min, m_max=m_max, device=device)
+    measured = None
+    if tile_timings:
+        measured = load_tile_timings(tile_timings).get((device.name, dtype_name(dtype), int(n), int(k)))
+    return build_tile_plan(n, k, dtype_name(dtype), m_min=m_min, m_max=m_max, device=device, measured=measured)
+
+
+def load_tile_timings(path: str) -> dict[tuple[str, str, int, int], tuple[tuple[TileConfig, float], ...]]:
+    """Read measured per-tile times: a JSON list of
+    `{"device", "dtype", "n", "k", "tile": {TileConfig fields}, "tile_seconds"}` entries,
+    grouped by (device, dtype, n, k). Cached per file path and modification time."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"tile_timings file {path!r} does not exist; write one with `python bench/gemm.py --measure-tiles {path}`")
+    return _load_tile_timings(str(p), p.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tile_timings(path: str, mtime: int) -> dict[tuple[str, str, int, int], tuple[tuple[TileConfig, float], ...]]:
+    try:
+        entries = json.loads(Path(path).read_text())
+        grouped: dict[tuple[str, str, int, int], list[tuple[TileConfig, float]]] = {}
+        for e in entries:
+            key = (str(e["device"]), str(e["dtype"]), int(e["n"]), int(e["k"]))
+            grouped.setdefault(key, []).append((TileConfig.from_dict(e["tile"]), float(e["tile_seconds"])))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"tile_timings file {path!r} is malformed ({type(exc).__name__}: {exc}); expected a JSON list of "
+                         "{device, dtype, n, k, tile, tile_seconds} entries") from exc
+    return {key: tuple(items) for key, items in grouped.items()}
 
 
 def encode_plan(plan: TilePlan) -> str:
@@ -113,12 +154,15 @@ def run_padded_gemm(
     """
     from ..lower import gemm_spec
 
-    target = resolve_target(target or current_config().target, x.device)
+    config = None if (target and plan) else current_config()
+    target = resolve_target(target or config.target, x.device)
     separate_up = weight_up is not None
     n = weight.shape[0] // 2 if activation == "swiglu" and not separate_up else weight.shape[0]
     k = weight.shape[1]
     m = x.shape[0]
-    tile_plan = decode_plan(plan) if plan else gemm_plan(n, k, x.dtype, target, x.device.type, m_max=current_config().max_tokens)
+    tile_plan = decode_plan(plan) if plan else gemm_plan(
+        n, k, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings
+    )
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype)
     if m > tile_plan.m_max or m < tile_plan.m_min:

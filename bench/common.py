@@ -1,0 +1,124 @@
+"""Shared benchmark helpers: device ceilings, median timing with events, result tables.
+
+Method (see the device notes): check every method against a reference before timing; time with
+CUDA events through `triton.testing.do_bench` (median); rotate input sets so repeated runs do not
+measure the cache; report against ceilings measured in the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def gpu_available() -> bool:
+    """True when a CUDA GPU is visible (benchmarks need one; CPU runs do a smoke check)."""
+    return torch.cuda.is_available()
+
+
+def median_ms(fn: Callable[[int], Any], *, sets: int = 1, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of `fn(i)` in ms; `i` cycles over `sets` input sets (cache rotation)."""
+    from triton.testing import do_bench
+
+    counter = [0]
+
+    def call() -> Any:
+        counter[0] = (counter[0] + 1) % sets
+        return fn(counter[0])
+
+    return float(do_bench(call, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def graph_median_ms(fns: Sequence[Callable[[], Any]], *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of one call, with each callable captured in its own CUDA graph and the graphs
+    replayed in rotation: measures device time without per-call host overhead (serving runs its
+    steps as CUDA graphs too)."""
+    graphs = []
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()  # warm up: compile and cache outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    for fn in fns:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graphs.append(graph)
+    return median_ms(lambda i: graphs[i].replay(), sets=len(graphs), warmup_ms=warmup_ms, rep_ms=rep_ms)
+
+
+def measured_matmul_tflops(dtype: torch.dtype = torch.bfloat16, size: int = 8192) -> float:
+    """TFLOP/s of a large square matmul through torch (cuBLAS): the compute ceiling used here."""
+    a = torch.randn(size, size, device="cuda", dtype=dtype)
+    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    ms = median_ms(lambda _: a @ b, rep_ms=300)
+    return 2 * size**3 / ms / 1e9
+
+
+def measured_copy_gbs(nbytes: int = 2 << 30) -> float:
+    """GB/s of a large device-to-device copy, counting bytes read plus written."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda _: dst.copy_(src), rep_ms=300)
+    return 2 * src.numel() / ms / 1e6
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ in float64."""
+    want = want.double()
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def geomean(values: Sequence[float]) -> float:
+    """Geometric mean (nan when empty)."""
+    values = [v for v in values if v > 0 and math.isfinite(v)]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def environment() -> dict[str, str]:
+    """Device, date, versions and the exact command, for the results header."""
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["device"] = f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
+    else:
+        info["device"] = f"CPU ({platform.processor() or platform.machine()})"
+    return info
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, title: str, env: dict[str, str], body: str) -> Path:
+    """Write a results file `bench/results/<name>-<device>-<date>.md` and return its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    device = env["device"].split(" (")[0].replace(" ", "_")
+    path = RESULTS / f"{name}-{device}-{env['date']}.md"
+    header = "\n".join(f"- {k}: `{v}`" for k, v in env.items())
+    path.write_text(f"# {title}\n\n{header}\n\n{body}\n")
+    return path

@@ -1,0 +1,174 @@
+"""attention: scaled-dot-product attention becomes `tileflow::meta_attention`.
+
+XY-Serve's Meta-Attention as a pass: every attention a traced model contains runs on the one
+meta-kernel (the same tiles and task table that serve prefill, chunked prefill, decode and verify
+through `meta_attention_varlen`). Matched forms:
+- `scaled_dot_product_attention` and its backend-specific ATen forms (`_scaled_dot_product_flash_
+  attention[_for_cpu]`, `_efficient_attention`, `_cudnn_attention`), with a boolean or additive
+  mask (the model's causal / sliding-window / padding mask, applied as an additive bias), or
+  `is_causal` when query and key lengths are equal;
+- GQA/MQA: K/V widened by `repeat_kv` (unsqueeze/expand/reshape) are read at their real head
+  count instead (the kernel packs the query heads of a KV head into one tile);
+Variants the kernel does not implement (dropout, a used log-sum-exp output, `is_causal` with
+different query and key lengths, head dims that differ between K and V) are left as they are,
+with the reason in the report.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from tileflow.graph_utils import copy_source_meta, infer_meta, same_shape
+from tileflow.pipeline import PassContext, PassResult, register_pass
+
+aten = torch.ops.aten
+
+# SDPA forms -> (name of the mask argument, whether the op returns a tuple whose [0] is the output)
+_SDPA_FORMS: dict[Any, tuple[str | None, bool]] = {
+    aten.scaled_dot_product_attention.default: ("attn_mask", False),
+    aten._scaled_dot_product_flash_attention_for_cpu.default: ("attn_mask", True),
+    aten._scaled_dot_product_flash_attention.default: (None, True),
+    aten._scaled_dot_product_efficient_attention.default: ("attn_bias", True),
+    aten._scaled_dot_product_cudnn_attention.default: ("attn_bias", True),
+}
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+_DTYPES = {
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+    "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def bind_arguments(node: fx.Node) -> dict[str, Any]:
+    """The node's arguments by schema name, defaults filled in."""
+    schema = node.target._schema
+    bound: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            bound[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            bound[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            bound[arg.name] = arg.default_value
+        else:
+            bound[arg.name] = None
+    return bound
+
+
+def strip_repeat_kv(node: Any) -> Any:
+    """The un-repeated K/V behind `repeat_kv` ([B, Hkv, S, D] -> [B, Hkv * R, S, D] by
+    unsqueeze + expand + reshape), or `node` itself when it is not such a widening."""
+    cur = node
+    while isinstance(cur, fx.Node) and cur.target in (_VIEWS | {aten.clone.default}):
+        cur = cur.args[0]
+    if not (isinstance(cur, fx.Node) and cur.target is aten.expand.default):
+        return node
+    src = cur.args[0]
+    if isinstance(src, fx.Node) and src.target is aten.unsqueeze.default and src.args[1] in (2, -3):
+        base = src.args[0]
+    elif isinstance(src, fx.Node) and src.target is aten.slice.Tensor:
+        return node
+    else:
+        return node
+    bv, nv, ev = _val(base), _val(node), _val(cur)
+    if not (isinstance(bv, torch.Tensor) and isinstance(nv, torch.Tensor)) or bv.dim() != 4 or ev.dim() != 5:
+        return node
+    # expand to [B, Hkv, R, S, D] then reshape to [B, Hkv*R, S, D]: head h reads KV head h // R,
+    # exactly the kernel's GQA rule.
+    if not (same_shape(ev.shape[:2], bv.shape[:2]) and same_shape(ev.shape[3:], bv.shape[2:])):
+        return node
+    if not (same_shape(nv.shape[2:], bv.shape[2:]) and same_shape(nv.shape[:1], bv.shape[:1])):
+        return node
+    return base
+
+
+@register_pass
+class Attention:
+    """Rewrite SDPA nodes into `tileflow::meta_attention`."""
+
+    name = "attention"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Rewrite every supported attention node; record why the others were left alone."""
+        result = PassResult()
+        graph = gm.graph
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in _SDPA_FORMS:
+                continue
+            reason = self._rewrite(graph, node, ctx, result)
+            if reason:
+                result.fallback(node, reason)
+        graph.eliminate_dead_code()
+        gm.recompile()
+        return result
+
+    def _rewrite(self, graph: fx.Graph, node: fx.Node, ctx: PassContext, result: PassResult) -> str | None:
+        mask_name, returns_tuple = _SDPA_FORMS[node.target]
+        args = bind_arguments(node)
+        q, k, v = args["query"], args["key"], args["value"]
+        qv, kv, vv = _val(q), _val(k), _val(v)
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (qv, kv, vv)):
+            return "attention inputs are not 4-D [B, H, S, D] tensors"
+        if float(args.get("dropout_p") or 0.0) != 0.0:
+            return "dropout is not supported by meta_attention (inference only)"
+        allowed = _DTYPES.get(ctx.target, _DTYPES["reference"])
+        if qv.dtype not in allowed or kv.dtype != qv.dtype or vv.dtype != qv.dtype:
+            return f"dtypes q={qv.dtype}, k={kv.dtype}, v={vv.dtype} are not supported by the {ctx.target} meta-attention kernel"
+        if not statically_known_true(kv.shape[-1] == qv.shape[-1]) or not statically_known_true(vv.shape[-1] == qv.shape[-1]):
+            return "q, k and v head dims differ"
+        if isinstance(qv.shape[-1], torch.SymInt) or isinstance(qv.shape[1], torch.SymInt) or isinstance(kv.shape[1], torch.SymInt):
+            return "head count or head dim is symbolic; the kernel needs them static"
+        causal = bool(args.get("is_causal") or False)
+        if causal and not statically_known_true(qv.shape[2] == kv.shape[2]):
+            return "is_causal with different query and key lengths (top-left alignment) is not supported"
+        mask = args.get(mask_name) if mask_name else None
+        if mask is not None and not (isinstance(_val(mask), torch.Tensor) and _val(mask).dim() <= 4):
+            return "attention mask is not a tensor of at most 4 dims"
+        out_users: list[fx.Node] = []
+        if returns_tuple:
+            for user in node.users:
+                if user.target is not operator.getitem:
+                    return f"unexpected user {user.name} of the attention tuple"
+                if user.args[1] == 0:
+                    out_users.append(user)
+                elif user.users:
+                    return "the log-sum-exp / debug outputs of SDPA are used; meta_attention does not produce them"
+        k_real, v_real = strip_repeat_kv(k), strip_repeat_kv(v)
+        if _val(k_real).shape[1] != _val(v_real).shape[1]:
+            k_real, v_real = k, v  # only one side was widened: keep both as they are
+        hq, hkv = int(qv.shape[1]), int(_val(k_real).shape[1])
+        if hq % hkv:
+            return f"{hq} query heads are not a multiple of {hkv} KV heads"
+        if not args.get("enable_gqa", True) and hkv != hq:
+            return "K/V head count differs from Q without enable_gqa"
+        with graph.inserting_before(node):
+            new = graph.call_function(
+                torch.ops.tileflow.meta_attention.default,
+                (q, k_real, v_real, mask, causal, args.get("scale"), ctx.target),
+            )
+        infer_meta(new)
+        copy_source_meta(node, new)
+        new.meta["tileflow"] = {
+            "kind": "meta_attention",
+            "gqa": hq // hkv,
+            "causal": causal,
+            "mask": None if mask is None else str(_val(mask).dtype),
+            "target": ctx.target,
+        }
+        if returns_tuple:
+            for user in out_users:
+                user.replace_all_uses_with(new)
+        else:
+            node.replace_all_uses_with(new)
+        result.count("meta_attention")
+        if k_real is not k:
+            result.count("gqa_unrepeated")
+        return None

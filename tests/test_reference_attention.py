@@ -1,0 +1,361 @@
+"""Reference meta-attention: the task-table executor (`run_task_table`) against the dense
+definition (`attention_reference_dense`) against an independent float64 oracle written here from
+the contract, on mixes of prefill / chunked / decode / verify / empty sequences; plus the
+metadata checks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from attention_cases import batch_lengths, batch_mixes, make_batch
+from tileflow.backends.reference.attention import (
+    attention_reference_dense,
+    merge_partials,
+    run_task_table,
+)
+from tileflow.tasks import build_task_table, check_metadata
+
+TOLERANCES = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent oracle: scalar rules straight from the contract, float64 math per head.
+# ----------------------------------------------------------------------------------------------
+
+
+def oracle_sees(i: int, j: int, n: int, kv_len: int, causal: bool, window: int | None,
+                tree: list[list[bool]] | None) -> bool:
+    """Does query row i (of n new rows, KV length kv_len) see KV position j?"""
+    p = kv_len - n + i
+    if not 0 <= j < kv_len:
+        return False
+    if window is not None and j <= p - window:
+        return False
+    if tree is not None and n <= len(tree) and j >= kv_len - n:
+        return tree[i][j - (kv_len - n)]
+    return j <= p or not causal
+
+
+def oracle_attention(batch: dict, *, scale: float | None, causal: bool, window: int | None) -> torch.Tensor:
+    """float64 attention per sequence: K/V gathered with Python page arithmetic, the mask from
+    `oracle_sees`, softmax written out as exp / sum (no shared code with the backend)."""
+    q, k_cache, v_cache = (batch[name].double() for name in ("q", "k_cache", "v_cache"))
+    block_size, num_kv = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // num_kv
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    table = batch["block_table"].tolist()
+    cu = batch["cu_seqlens_q"].tolist()
+    trees = None if batch["tree_mask"] is None else batch["tree_mask"].tolist()
+    out = torch.zeros_like(q)
+    for s, kv_len in enumerate(batch["seqlens_kv"].tolist()):
+        n = cu[s + 1] - cu[s]
+        if n == 0:
+            continue
+        pages = [table[s][j // block_size] for j in range(kv_len)]
+        offsets = [j % block_size for j in range(kv_len)]
+        # [Hq, L, D]: query head h uses KV head h // group.
+        heads = [h // group for h in range(q.shape[1])]
+        keys = k_cache[pages, offsets][:, heads].transpose(0, 1)
+        values = v_cache[pages, offsets][:, heads].transpose(0, 1)
+        tree = None if trees is None else trees[s]
+        sees = torch.tensor([[oracle_sees(i, j, n, kv_len, causal, window, tree) for j in range(kv_len)]
+                             for i in range(n)], dtype=torch.bool).reshape(n, kv_len)
+        scores = torch.einsum("nhd,hld->hnl", q[cu[s]:cu[s + 1]], keys) * scale
+        # Subtracting any per-row constant leaves softmax unchanged; the visible max keeps exp finite.
+        shift = torch.where(sees, scores, torch.full_like(scores, -1e300)).amax(dim=-1, keepdim=True)
+        weights = torch.exp(scores - shift) * sees
+        total = weights.sum(dim=-1, keepdim=True)
+        result = (weights @ values) / torch.where(total > 0, total, torch.ones_like(total))
+        out[cu[s]:cu[s + 1]] = result.transpose(0, 1)
+    return out
+
+
+def run_all(batch: dict, *, causal: bool, window: int | None, block_q: int, num_programs: int,
+            kv_split: int | None, scale: float | None = None):
+    """(task-table output, dense output, oracle output, table) for one batch."""
+    q_lens, kv_lens = batch_lengths(batch)
+    table = build_task_table(
+        batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=batch["q"].shape[1],
+        num_kv_heads=batch["k_cache"].shape[2], block_q=block_q, num_programs=num_programs,
+        sliding_window=window, causal=causal, kv_split=kv_split,
+    )
+    poisoned = torch.full_like(batch["q"], float("nan"))
+    tiled = run_task_table(table, **batch, scale=scale, causal=causal, sliding_window=window, out=poisoned)
+    assert tiled.data_ptr() == poisoned.data_ptr()
+    dense = attention_reference_dense(**batch, scale=scale, causal=causal, sliding_window=window)
+    oracle = oracle_attention(batch, scale=scale, causal=causal, window=window)
+    return tiled, dense, oracle, table
+
+
+def assert_all_close(tiled: torch.Tensor, dense: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = TOLERANCES[dtype]
+    assert tiled.dtype == dense.dtype == dtype
+    assert not tiled.isnan().any(), "an output row was never written (or read a NaN cache slot)"
+    torch.testing.assert_close(tiled.double(), oracle, **tol)
+    torch.testing.assert_close(dense.double(), oracle, **tol)
+    torch.testing.assert_close(tiled, dense, **tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hypothesis: random mixes
+# ----------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kinds=batch_mixes(max_size=5),
+    heads=st.sampled_from([(2, 2), (4, 2), (8, 2), (4, 1)]),  # GQA ratios 1, 2, 4 and MQA
+    head_dim=st.sampled_from([16, 32]),
+    block_size=st.sampled_from([1, 7, 16]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    causal=st.booleans(),
+    window=st.none() | st.integers(1, 40),
+    block_q=st.sampled_from([1, 3, 16]),
+    num_programs=st.sampled_from([1, 4, 16]),
+    kv_split=st.sampled_from([None, 0, 6, 9, 16]),  # mostly explicit: exercise merges
+    tree_size=st.sampled_from([4, 8]),
+    seed=st.integers(0, 2**16),
+)
+def test_task_table_matches_dense_and_oracle(
+    kinds, heads, head_dim, block_size, dtype, causal, window, block_q, num_programs, kv_split,
+    tree_size, seed,
+) -> None:
+    batch = make_batch(kinds, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
+                       block_size=block_size, dtype=dtype, seed=seed, tree_size=tree_size, max_len=40)
+    tiled, dense, oracle, table = run_all(batch, causal=causal, window=window, block_q=block_q,
+                                          num_programs=num_programs, kv_split=kv_split)
+    # Shown by --hypothesis-show-statistics: how often merges and tree masks are exercised.
+    event(f"split-KV merges: {table.merges.shape[0] > 0}")
+    event(f"tree mask: {batch['tree_mask'] is not None}")
+    assert_all_close(tiled, dense, oracle, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Targeted cases
+# ----------------------------------------------------------------------------------------------
+
+ALL_KINDS = ["prefill", "chunked", "decode", "verify", "empty", "verify", "decode", "chunked"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("window", [None, 5])
+def test_forced_split_kv_merges(dtype: torch.dtype, window: int | None) -> None:
+    """A small kv_split splits almost every tile: the LSE merge must reproduce the dense result."""
+    batch = make_batch(ALL_KINDS, num_q_heads=8, num_kv_heads=2, head_dim=16, block_size=7,
+                       dtype=dtype, seed=3, tree_size=6, max_len=60)
+    tiled, dense, oracle, table = run_all(batch, causal=True, window=window, block_q=4,
+                                          num_programs=5, kv_split=5)
+    assert table.num_slots > 0 and table.merges.shape[0] > 0
+    assert_all_close(tiled, dense, oracle, dtype)
+
+
+def test_automatic_split_kv_for_few_long_sequences() -> None:
+    """Two long decodes on a 64-program grid: the default policy splits (chunks >= 256)."""
+    batch = make_batch(["decode", "decode"], num_q_heads=4, num_kv_heads=1, head_dim=16,
+                       block_size=16, dtype=torch.float32, seed=5, max_len=900)
+    batch["seqlens_kv"] = torch.tensor([900, 700], dtype=torch.int32)
+    batch = make_batch_with_lengths(batch)
+    tiled, dense, oracle, table = run_all(batch, causal=True, window=None, block_q=16,
+                                          num_programs=64, kv_split=None)
+    assert table.num_slots >= 4
+    assert_all_close(tiled, dense, oracle, torch.float32)
+
+
+def make_batch_with_lengths(batch: dict) -> dict:
+    """Re-page a batch so each sequence owns exactly ceil(L_s / block_size) pages of random K/V
+    (used when a test pins the KV lengths)."""
+    block_size = batch["k_cache"].shape[1]
+    kv_lens = batch["seqlens_kv"].tolist()
+    pages = [-(-kv // block_size) for kv in kv_lens]
+    gen = torch.Generator().manual_seed(11)
+    order = torch.randperm(sum(pages), generator=gen).to(torch.int32)
+    table = torch.zeros(len(kv_lens), max(pages), dtype=torch.int32)
+    start = 0
+    for s, count in enumerate(pages):
+        table[s, :count] = order[start:start + count]
+        start += count
+    shape = (sum(pages), *batch["k_cache"].shape[1:])
+    return {**batch, "block_table": table,
+            "k_cache": torch.randn(shape, generator=gen).to(batch["q"].dtype),
+            "v_cache": torch.randn(shape, generator=gen).to(batch["q"].dtype)}
+
+
+@pytest.mark.parametrize("kv_split", [None, 1])
+def test_row_that_sees_nothing_outputs_zeros(kv_split: int | None) -> None:
+    """A verify row whose tree-mask row is empty and has no prefix sees no key: zeros, not NaN
+    (also through the merge, where every slot has LSE -inf for that row)."""
+    batch = make_batch(["prefill"], num_q_heads=2, num_kv_heads=1, head_dim=16, block_size=4,
+                       dtype=torch.float32, seed=0, poison_unused=True)
+    original_len = batch["seqlens_kv"].item()  # positions 0, 1 hold finite K/V only if >= 2
+    batch["q"], batch["cu_seqlens_q"] = batch["q"][:2], torch.tensor([0, 2], dtype=torch.int32)
+    batch["seqlens_kv"] = torch.tensor([2], dtype=torch.int32)
+    assert original_len >= 2
+    batch["tree_mask"] = torch.tensor([[[True, False], [False, False]]])
+    tiled, dense, oracle, _ = run_all(batch, causal=True, window=None, block_q=4, num_programs=2,
+                                      kv_split=kv_split)
+    assert (tiled[1] == 0).all() and (dense[1] == 0).all()
+    assert_all_close(tiled, dense, oracle, torch.float32)
+
+
+def test_custom_scale_and_sequences_longer_than_the_tree() -> None:
+    """A chunk with n_s > T stays causal even though a tree mask is given; explicit scale."""
+    batch = make_batch(["verify", "prefill", "chunked"], num_q_heads=4, num_kv_heads=2, head_dim=32,
+                       block_size=16, dtype=torch.float32, seed=9, tree_size=3, max_len=40)
+    q_lens, _ = batch_lengths(batch)
+    assert max(q_lens) > 3
+    tiled, dense, oracle, _ = run_all(batch, causal=True, window=None, block_q=16, num_programs=3,
+                                      kv_split=None, scale=0.3)
+    assert_all_close(tiled, dense, oracle, torch.float32)
+
+
+def test_merge_ignores_nan_in_empty_slots() -> None:
+    """Slots whose LSE is -inf may hold garbage (a kernel's 0/0): the merge must not read it."""
+    table = build_task_table([0, 1], [10], num_q_heads=1, num_kv_heads=1, block_q=1,
+                             num_programs=1, kv_split=5)
+    partial_out = torch.tensor([[[float("nan")]], [[2.0]]])
+    partial_lse = torch.tensor([[float("-inf")], [0.5]])
+    out = merge_partials(table, partial_out, partial_lse, torch.zeros(1, 1, 1))
+    assert out.item() == 2.0
+
+
+# ----------------------------------------------------------------------------------------------
+# check_metadata
+# ----------------------------------------------------------------------------------------------
+
+
+def _meta_batch() -> dict:
+    return make_batch(["chunked", "decode", "verify"], num_q_heads=4, num_kv_heads=2, head_dim=16,
+                      block_size=4, dtype=torch.float32, seed=1, tree_size=4, max_len=20)
+
+
+def _edit(name: str, fn: Callable[[dict], object]) -> Callable[[dict], dict]:
+    """A batch transformer replacing one argument with fn(batch)."""
+
+    def apply(batch: dict) -> dict:
+        return {**batch, name: fn(batch)}
+    return apply
+
+
+def _bad_block(batch: dict) -> torch.Tensor:
+    table = batch["block_table"].clone()
+    table[1, 0] = batch["k_cache"].shape[0]
+    return table
+
+
+def _upper_tree(batch: dict) -> torch.Tensor:
+    mask = batch["tree_mask"].clone()
+    mask[2, 0, 1] = True
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_edit("cu_seqlens_q", lambda b: b["cu_seqlens_q"].long()), r"cu_seqlens_q must be int32"),
+        (_edit("block_table", lambda b: b["block_table"].long()), r"block_table must be int32"),
+        (_edit("q", lambda b: b["q"][:, 0]), r"q must be \[total_q, num_q_heads, head_dim\]"),
+        (_edit("v_cache", lambda b: b["v_cache"][:, :, :1]), r"v_cache shape .* differs"),
+        (_edit("k_cache", lambda b: b["k_cache"].half()), r"share a dtype"),
+        (_edit("q", lambda b: b["q"][:, :3]), r"not a multiple of the cache's 2 KV heads"),
+        (_edit("q", lambda b: b["q"][..., :8]), r"head_dim differs"),
+        (_edit("block_table", lambda b: b["block_table"][:, :1]), r"widen the table"),
+        (_edit("block_table", _bad_block), r"block_table\[1, 0\] = \d+ is outside \[0, \d+\)"),
+        (_edit("block_table", lambda b: b["block_table"][:2]), r"block_table has 2 rows"),
+        (_edit("q", lambda b: b["q"][:-1]), r"must equal q.shape\[0\]"),
+        (_edit("seqlens_kv", lambda b: torch.zeros_like(b["seqlens_kv"])), r"n_s <= L_s"),
+        (_edit("cu_seqlens_q", lambda b: b["cu_seqlens_q"].flip(0)), r"must start at 0"),
+        (_edit("tree_mask", lambda b: b["tree_mask"].int()), r"tree_mask must be bool"),
+        (_edit("tree_mask", lambda b: b["tree_mask"][:2]), r"tree_mask must be \[num_seqs=3, T, T\]"),
+        (_edit("tree_mask", _upper_tree), r"order the tree's tokens"),
+    ],
+)
+def test_check_metadata_errors(edit: Callable[[dict], dict], match: str) -> None:
+    batch = edit(_meta_batch())
+    with pytest.raises(ValueError, match=match):
+        check_metadata(**batch)
+
+
+def test_check_metadata_accepts_valid_batches_and_ignores_unused_table_entries() -> None:
+    batch = _meta_batch()
+    check_metadata(**batch)
+    table = torch.cat([batch["block_table"], torch.full((3, 2), -7, dtype=torch.int32)], dim=1)
+    check_metadata(**{**batch, "block_table": table})
+    # An out-of-order tree is fine without causal (the tiles then span the whole KV length).
+    check_metadata(**{**batch, "tree_mask": _upper_tree(batch)}, causal=False)
+
+
+def test_run_task_table_rejects_a_table_from_another_batch() -> None:
+    batch = _meta_batch()
+    table = build_task_table([0, 1], [5], num_q_heads=4, num_kv_heads=2, block_q=4, num_programs=2)
+    with pytest.raises(ValueError, match="different cu_seqlens_q"):
+        run_task_table(table, **batch)
+    table = build_task_table(batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=4,
+                             num_kv_heads=2, block_q=4, num_programs=2, sliding_window=3)
+    with pytest.raises(ValueError, match="sliding_window=3 but is run with causal=True, sliding_window=None"):
+        run_task_table(table, **batch)
+    with pytest.raises(ValueError, match="built for 4 query / 2 KV heads"):
+        run_task_table(table, **{**batch, "q": batch["q"].repeat(1, 2, 1)}, sliding_window=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Additive bias and the reference backend's kernel interface
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias_heads", [1, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_launcher_with_attn_bias_matches_sdpa(bias_heads: int, causal: bool) -> None:
+    """Dense [B, H, S, D] attention viewed as a varlen batch (one page per sequence) with a bool
+    mask turned into an additive bias, through `build_reference_attention`'s launcher, against
+    torch's SDPA. Fully hidden rows come out as zeros."""
+    from tileflow.backends.reference.attention import build_reference_attention
+    from tileflow.kernel_spec import KernelSpec, make_params
+
+    gen = torch.Generator().manual_seed(4)
+    b, hq, hkv, s, s_kv, d = 3, 4, 2, 5, 9, 16
+    q = torch.randn(b, hq, s, d, generator=gen)
+    k = torch.randn(b, hkv, s_kv, d, generator=gen)
+    v = torch.randn(b, hkv, s_kv, d, generator=gen)
+    keep = torch.rand(b, bias_heads, s, s_kv, generator=gen) > 0.3
+    keep[..., -1] = True  # every row keeps its last key, so SDPA has no all-masked row
+    bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    spec = KernelSpec(op="meta_attention", dtype="float32", out_dtype="float32",
+                      params=make_params(head_dim=d, gqa=hq // hkv, block_q=2, causal=causal, bias=True))
+    kernel = build_reference_attention(spec)
+    assert "def run_task_table" in kernel.source and kernel.target == "reference"
+    cu = torch.arange(0, b * s + 1, s, dtype=torch.int32)
+    seqlens = torch.full((b,), s_kv, dtype=torch.int32)
+    table = build_task_table(cu, seqlens, num_q_heads=hq, num_kv_heads=hkv, block_q=2,
+                             num_programs=3, causal=causal, kv_split=4)
+    out = kernel(q.transpose(1, 2).reshape(b * s, hq, d), k.transpose(1, 2), v.transpose(1, 2),
+                 torch.arange(b).view(b, 1), cu, seqlens, table, attn_bias=bias)
+    mask = keep.expand(b, hq, s, s_kv)
+    if causal:  # query i sits at position s_kv - s + i
+        mask = mask & torch.ones(s, s_kv, dtype=torch.bool).tril(s_kv - s)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out.view(b, s, hq, d).transpose(1, 2), want, rtol=1e-5, atol=1e-5)
+    dense = attention_reference_dense(q.transpose(1, 2).reshape(b * s, hq, d), k.transpose(1, 2),
+                                      v.transpose(1, 2), torch.arange(b, dtype=torch.int32).view(b, 1),
+                                      cu, seqlens, causal=causal, attn_bias=bias)
+    torch.testing.assert_close(dense, out, rtol=1e-5, atol=1e-5)
+    # A row whose keys are all hidden by the bias: zeros, not NaN.
+    bias[0, :, 0] = float("-inf")
+    out = kernel(q.transpose(1, 2).reshape(b * s, hq, d), k.transpose(1, 2), v.transpose(1, 2),
+                 torch.arange(b).view(b, 1), cu, seqlens, table, attn_bias=bias)
+    assert (out[0] == 0).all() and not out.isnan().any()
+
+
+def test_attn_bias_shape_is_checked() -> None:
+    batch = _meta_batch()
+    with pytest.raises(ValueError, match=r"attn_bias must be a float tensor broadcastable to \[S=3"):
+        attention_reference_dense(**batch, attn_bias=torch.zeros(2, 1, 1, 1))

@@ -1,0 +1,137 @@
+"""Meta-attention at run time: batch metadata -> task table -> one kernel launch (plus merge).
+
+`run_meta_attention_varlen` serves the varlen paged-KV op that serving code calls;
+`run_meta_attention` serves the dense `[B, H, S, D]` op the attention pass puts into model graphs,
+by viewing the dense tensors as a varlen batch (one page per sequence: no copy of K/V).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import current_config
+from ..kernel_spec import KernelSpec, dtype_name, make_params
+from ..targets import resolve_target
+from ..tasks import build_task_table, check_metadata
+
+# Query positions per tile: small tiles for decode-like batches, larger for prefill. Tile rows
+# are block_q * GQA (heads sharing a KV head are packed into the dot's M dimension).
+_DECODE_ROWS, _PREFILL_ROWS = 16, 64
+
+
+def attention_block_q(max_q_len: int, gqa: int) -> int:
+    """Query positions per tile for a batch whose longest query run is `max_q_len`."""
+    rows = _PREFILL_ROWS if max_q_len > _DECODE_ROWS // max(gqa, 1) else _DECODE_ROWS
+    return max(1, rows // gqa)
+
+
+def attention_programs(target: str, device: torch.device) -> int:
+    """The persistent grid: one program per SM on a GPU, a few on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def attention_spec(
+    *, dtype: torch.dtype, head_dim: int, gqa: int, block_q: int, causal: bool, sliding_window: bool, tree: bool, bias: bool
+) -> KernelSpec:
+    """The KernelSpec of one meta-attention kernel."""
+    return KernelSpec(
+        op="meta_attention",
+        dtype=dtype_name(dtype),
+        out_dtype=dtype_name(dtype),
+        params=make_params(head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=32 if head_dim > 64 else 64,
+                           causal=causal, sliding_window=sliding_window, tree=tree, bias=bias),
+    )
+
+
+def run_meta_attention_varlen(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seqlens_kv: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    tree_mask: torch.Tensor | None = None,
+    attn_bias: torch.Tensor | None = None,
+    target: str = "",
+    check: bool = True,
+) -> torch.Tensor:
+    """Validate the batch (when `check`), build its task table and launch the meta-kernel."""
+    from . import get_kernel
+
+    target = resolve_target(target or current_config().target, q.device)
+    if check:
+        check_metadata(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, tree_mask, causal=causal)
+    if sliding_window is not None and (isinstance(sliding_window, bool) or sliding_window < 1):
+        raise ValueError(f"meta_attention_varlen: sliding_window must be a positive int or None, got {sliding_window!r}")
+    hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
+    gqa = hq // hkv
+    cu = cu_seqlens_q.tolist()
+    max_q = max((b - a for a, b in zip(cu, cu[1:])), default=0)
+    block_q = attention_block_q(max_q, gqa)
+    table = build_task_table(
+        cu, seqlens_kv.tolist(), num_q_heads=hq, num_kv_heads=hkv, block_q=block_q,
+        num_programs=attention_programs(target, q.device), sliding_window=sliding_window, causal=causal,
+    )
+    spec = attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=block_q, causal=causal,
+                          sliding_window=sliding_window is not None, tree=tree_mask is not None, bias=attn_bias is not None)
+    kernel = get_kernel(target, spec)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    kwargs = {}
+    if attn_bias is not None:
+        kwargs["attn_bias"] = attn_bias
+    return kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table,
+                  scale=scale if scale is not None else 1.0 / math.sqrt(d),
+                  tree_mask=tree_mask, sliding_window=sliding_window, out=out, **kwargs)
+
+
+def additive_bias(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An SDPA-style mask as an additive bias: bool True = keep (0), False = hide (-inf)."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask
+
+
+def run_meta_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float | None,
+    target: str = "",
+) -> torch.Tensor:
+    """Dense attention `[B, Hq, S, D] x [B, Hkv, S_kv, D]` through the varlen meta-kernel.
+
+    Each batch row is one sequence whose K/V are a single page (`k.transpose(1, 2)` viewed as a
+    `[B, S_kv, Hkv, D]` cache, no copy). With `causal`, query i sees keys j <= S_kv - S + i
+    (for S == S_kv: the usual lower triangle). `attn_mask` (bool or additive, broadcastable to
+    `[B, Hq, S, S_kv]`) is added to the scores. Returns `[B, Hq, S, D]` (stored as `[B, S, Hq, D]`,
+    the layout attention outputs usually have).
+    """
+    b, hq, s, d = q.shape
+    s_kv = k.shape[2]
+    device = q.device
+    q_flat = q.transpose(1, 2).reshape(b * s, hq, d)
+    k_cache, v_cache = k.transpose(1, 2), v.transpose(1, 2)
+    block_table = torch.arange(b, dtype=torch.int32, device=device).view(b, 1)
+    cu = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=device) if s > 0 else torch.zeros(b + 1, dtype=torch.int32, device=device)
+    seqlens = torch.full((b,), s_kv, dtype=torch.int32, device=device)
+    bias = None
+    if attn_mask is not None:
+        bias = additive_bias(attn_mask).to(torch.float32)
+        while bias.dim() < 4:
+            bias = bias.unsqueeze(0)
+        bias = bias.expand(bias.shape[0] if bias.shape[0] == b else 1, bias.shape[1], s, s_kv)
+    out = run_meta_attention_varlen(
+        q_flat, k_cache, v_cache, block_table, cu, seqlens,
+        scale=scale, causal=causal, attn_bias=bias, target=target, check=False,
+    )
+    return out.view(b, s, hq, d).transpose(1, 2)

@@ -61,7 +61,8 @@ def test_explain_report_prints_and_round_trips() -> None:
     report = tileflow.explain(model, ids, use_cache=False)
     [graph] = report.graphs
     names = [p.name for p in report.passes]
-    assert names == ["canonicalize", "gemm_padding"]
+    assert names == ["canonicalize", "attention", "gemm_padding"]
+    assert report.rewrites["meta_attention"] == 2  # one per layer
     assert report.rewrites["canonical_linear"] == 15  # 2 layers x 7 projections + lm_head
     assert report.rewrites["padded_gemm"] == 13  # gate and up share one SwiGLU kernel per layer
     text = str(report)

@@ -34,6 +34,8 @@ def test_model_matches_eager_with_one_graph(name: str, target: str) -> None:
     assert rewrites["canonical_linear"] == rewrites["padded_gemm"] + rewrites.get("fused_swiglu", 0) > 0
     if name in ("llama", "qwen2", "mistral"):
         assert rewrites["fused_swiglu"] == 2
+    # Every attention (2 layers) runs on the meta-attention kernel.
+    assert rewrites["meta_attention"] == 2
     # MoE experts run as a grouped GEMM, which padded_gemm does not take yet: reported, not hidden.
     assert all("grouped" in f.reason for f in report.fallbacks)
     assert bool(report.fallbacks) == (name == "mixtral")

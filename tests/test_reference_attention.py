@@ -73,7 +73,7 @@ def oracle_attention(batch: dict, *, scale: float | None, causal: bool, window: 
         scores = torch.einsum("nhd,hld->hnl", q[cu[s]:cu[s + 1]], keys) * scale
         # Subtracting any per-row constant leaves softmax unchanged; the visible max keeps exp finite.
         shift = torch.where(sees, scores, torch.full_like(scores, -1e300)).amax(dim=-1, keepdim=True)
-        weights = torch.exp(scores - shift) * sees
+        weights = torch.where(sees, torch.exp(scores - shift), torch.zeros_like(scores))
         total = weights.sum(dim=-1, keepdim=True)
         result = (weights @ values) / torch.where(total > 0, total, torch.ones_like(total))
         out[cu[s]:cu[s + 1]] = result.transpose(0, 1)
@@ -83,7 +83,6 @@ def oracle_attention(batch: dict, *, scale: float | None, causal: bool, window: 
 def run_all(batch: dict, *, causal: bool, window: int | None, block_q: int, num_programs: int,
             kv_split: int | None, scale: float | None = None):
     """(task-table output, dense output, oracle output, table) for one batch."""
-    q_lens, kv_lens = batch_lengths(batch)
     table = build_task_table(
         batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=batch["q"].shape[1],
         num_kv_heads=batch["k_cache"].shape[2], block_q=block_q, num_programs=num_programs,

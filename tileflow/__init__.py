@@ -15,6 +15,7 @@ from .explain import explain
 from .log import configure_from_env
 from .pipeline import PassContext, PassManager, PassResult, TileflowError, available_passes, register_pass
 from .report import Report, session_report
+from .transformers_integration import register_transformers
 
 try:
     __version__ = version("tileflow")
@@ -36,6 +37,7 @@ __all__ = [
     "explain",
     "ops",
     "register_pass",
+    "register_transformers",
     "session_report",
     "tileflow_backend",
     "use_config",

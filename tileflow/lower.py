@@ -84,6 +84,8 @@ def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str) -> list[Kerne
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.tileflow.padded_gemm.default:
             plan_text = node.kwargs.get("plan") or (node.args[6] if len(node.args) > 6 else "")
+            if not plan_text:
+                continue  # a call the user wrote: its plan and target are chosen at run time
             for spec in gemm_specs_for_node(node, decode_plan(plan_text)):
                 specs.setdefault(spec, None)
     kernels_dir = ctx.artifact_dir / "kernels" if ctx.artifact_dir is not None else None

@@ -1,0 +1,189 @@
+"""Meta-attention end to end: the attention pass, the varlen op on both targets, and the
+transformers attention registration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tileflow
+from attention_cases import make_batch
+from tileflow.backends.reference.attention import attention_reference_dense
+from tileflow.ops import meta_attention_varlen
+from tileflow.pipeline import PassContext, PassResult, register_pass
+
+META = torch.ops.tileflow.meta_attention.default
+_GRABBED: list[fx.GraphModule] = []
+
+
+@register_pass
+class GrabAttentionGraph:
+    """Keeps the rewritten graph for inspection."""
+
+    name = "test_grab_attention"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        _GRABBED.append(gm)
+        return PassResult()
+
+
+def compile_attention(fn, *inputs, target="reference"):
+    """Compile with dynamic shapes; head counts and head dims come from literals in `fn`'s views,
+    so they stay static as in a model."""
+    _GRABBED.clear()
+    report = tileflow.Report()
+    options = {"target": target, "passes": ["canonicalize", "attention", "test_grab_attention"]}
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)
+    out = compiled(*inputs)
+    return compiled, out, _GRABBED[-1], report
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """The GQA widening transformers models write by hand."""
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_sdpa_forms_become_meta_attention(target) -> None:
+    def attn(x, w, bool_mask, add_mask):
+        # q, k, v projected from one input, so they share the sequence length as in a model;
+        # head counts and the head dim (16) are literals, static as in a model.
+        b, s, _ = x.shape
+        q, k, v = (x @ w).split([64, 32, 32], dim=-1)
+        q = q.view(b, s, 4, 16).transpose(1, 2)
+        k = repeat_kv(k.view(b, s, 2, 16).transpose(1, 2), 2)
+        v = repeat_kv(v.view(b, s, 2, 16).transpose(1, 2), 2)
+        causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask)
+        biased = F.scaled_dot_product_attention(q, k, v, attn_mask=add_mask, scale=0.3)
+        return causal + masked + biased
+
+    def inputs(b, s):
+        window = torch.ones(s, s, dtype=torch.bool).tril() & ~torch.ones(s, s, dtype=torch.bool).tril(-4)
+        return torch.randn(b, s, 32), w, window.expand(b, 1, s, s), torch.randn(b, 1, s, s)
+
+    w = torch.randn(32, 128) / 32**0.5
+    first = inputs(2, 11)
+    compiled, out, gm, report = compile_attention(attn, *first, target=target)
+    assert report.rewrites.get("meta_attention") == 3, report.fallbacks
+    assert report.rewrites["gqa_unrepeated"] == 3
+    metas = [n for n in gm.graph.nodes if n.target is META]
+    assert all(n.args[1].meta["val"].shape[1] == 2 for n in metas)  # K read at its 2 real heads
+    assert not any("scaled_dot_product" in str(n.target) for n in gm.graph.nodes)
+    torch.testing.assert_close(out, attn(*first), rtol=1e-5, atol=1e-5)
+    second = inputs(2, 7)  # another length, same compiled graph
+    torch.testing.assert_close(compiled(*second), attn(*second), rtol=1e-5, atol=1e-5)
+    assert len(report.graphs) == 1
+
+
+def test_unsupported_variants_fall_back_with_reasons() -> None:
+    def attn(q, k, kv_longer):
+        return F.scaled_dot_product_attention(q, kv_longer, kv_longer, is_causal=True)
+
+    q, k, kv_longer = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 9, 16)
+    _GRABBED.clear()
+    report = tileflow.Report()
+    options = {"target": "reference", "passes": ["canonicalize", "attention", "test_grab_attention"]}
+    torch.compile(attn, backend=tileflow.TileflowBackend(options, report=report))(q, k, kv_longer)
+    reasons = " | ".join(f.reason for f in report.fallbacks)
+    assert "top-left alignment" in reasons
+    assert "meta_attention" not in report.rewrites
+
+
+def oracle(batch: dict, *, causal: bool, sliding_window: int | None, scale: float) -> torch.Tensor:
+    """float64 definition written from the op's spec, one sequence at a time."""
+    q = batch["q"].double()
+    out = torch.zeros_like(q)
+    cu, lens, table = batch["cu_seqlens_q"].tolist(), batch["seqlens_kv"].tolist(), batch["block_table"]
+    k_cache, v_cache, tree = batch["k_cache"].double(), batch["v_cache"].double(), batch["tree_mask"]
+    bs, hq, hkv = k_cache.shape[1], q.shape[1], k_cache.shape[2]
+    for s, (a, b) in enumerate(zip(cu, cu[1:])):
+        n, length = b - a, lens[s]
+        if n == 0:
+            continue
+        pos = torch.arange(length)
+        k = k_cache[table[s, pos // bs].long(), pos % bs]  # [L, Hkv, D]
+        v = v_cache[table[s, pos // bs].long(), pos % bs]
+        qpos = length - n + torch.arange(n)
+        vis = (pos[None, :] <= qpos[:, None]) if causal else torch.ones(n, length, dtype=torch.bool)
+        if tree is not None and n <= tree.shape[1]:
+            new = pos >= length - n
+            tree_vis = torch.zeros(n, length, dtype=torch.bool)
+            tree_vis[:, length - n:] = tree[s, :n, :n]
+            vis = torch.where(new[None, :], tree_vis, vis)
+        if sliding_window is not None:
+            vis &= pos[None, :] > qpos[:, None] - sliding_window
+        for h in range(hq):
+            scores = q[a:b, h] @ k[:, h // (hq // hkv)].t() * scale
+            scores = scores.masked_fill(~vis, float("-inf"))
+            p = torch.softmax(scores, -1).nan_to_num(0.0)
+            out[a:b, h] = p @ v[:, h // (hq // hkv)]
+    return out
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    kinds=st.lists(st.sampled_from(["prefill", "chunked", "decode", "verify", "empty"]), min_size=1, max_size=5),
+    heads=st.sampled_from([(2, 2), (4, 2), (4, 1), (8, 2)]),
+    block_size=st.sampled_from([1, 7, 16]),
+    window=st.sampled_from([None, 5]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    seed=st.integers(0, 10_000),
+)
+def test_varlen_op_mixed_batches(target, kinds, heads, block_size, window, dtype, seed) -> None:
+    hq, hkv = heads
+    batch = make_batch(kinds, num_q_heads=hq, num_kv_heads=hkv, head_dim=16, block_size=block_size,
+                       dtype=dtype, seed=seed, max_len=40)
+    if batch["tree_mask"] is not None:
+        window = None  # verify over a tree with a window is not a serving case
+    with tileflow.use_config(tileflow.Config(target=target)):
+        got = meta_attention_varlen(**batch, sliding_window=window)
+    want = oracle(batch, causal=True, sliding_window=window, scale=1 / math.sqrt(16))
+    assert got.shape == batch["q"].shape and got.dtype == dtype
+    assert not got.isnan().any()
+    err = ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+    assert err <= (1e-5 if dtype == torch.float32 else 2e-3), err
+    dense = attention_reference_dense(**batch, scale=1 / math.sqrt(16), causal=True, sliding_window=window)
+    assert ((dense.double() - want).norm() / want.norm().clamp_min(1e-30)).item() <= 2e-3
+
+
+def test_bad_metadata_is_a_clear_error() -> None:
+    batch = make_batch(["prefill", "decode"], num_q_heads=2, num_kv_heads=2, head_dim=16, block_size=4,
+                       dtype=torch.float32, seed=1)
+    bad = dict(batch, block_table=batch["block_table"].clone())
+    bad["block_table"][0, 0] = 10_000
+    with pytest.raises(ValueError, match="block"):
+        meta_attention_varlen(**bad)
+    short = dict(batch, seqlens_kv=batch["seqlens_kv"].clone())
+    short["seqlens_kv"][1] = 0  # fewer KV positions than query rows
+    with pytest.raises(ValueError):
+        meta_attention_varlen(**short)
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_transformers_attn_implementation(target) -> None:
+    import transformers
+
+    tileflow.register_transformers()
+    config = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=1, sliding_window=6)
+    torch.manual_seed(0)
+    sdpa = transformers.MistralForCausalLM(config).eval()
+    config._attn_implementation = "tileflow"
+    ours = transformers.MistralForCausalLM(config).eval()
+    ours.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, 128, (2, 13))
+    with torch.no_grad(), tileflow.use_config(tileflow.Config(target=target)):
+        torch.testing.assert_close(ours(ids).logits, sdpa(ids).logits, rtol=1e-4, atol=1e-4)
+        # Decoding with a KV cache: one query row per step against a growing cache.
+        want = sdpa.generate(ids[:1], max_new_tokens=4, do_sample=False)
+        got = ours.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)

@@ -1,0 +1,53 @@
+"""transformers integration: `attn_implementation="tileflow"` runs attention on the meta-kernel.
+
+    import tileflow
+    tileflow.register_transformers()
+    model = transformers.LlamaForCausalLM(config)          # config._attn_implementation = "tileflow"
+
+The model builds the same masks it builds for SDPA (boolean, True = attend); tileflow applies them
+as an additive bias inside the kernel, or uses its causal rule when the model passes no mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .ops import meta_attention
+
+ATTENTION_NAME = "tileflow"
+
+
+def tileflow_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: q [B, Hq, S, D], k/v [B, Hkv, S_kv, D] (GQA unrepeated)
+    -> ([B, S, Hq, D], None), like the SDPA integration."""
+    if dropout and module.training:
+        raise ValueError("tileflow attention is for inference: dropout during training is not supported")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError("tileflow attention does not support logit soft-capping or attention sinks yet")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # As transformers' SDPA path: an explicit mask wins, and one query row needs no causal rule.
+    causal = bool(causal and attention_mask is None and query.shape[2] > 1)
+    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+    out = meta_attention(query, key, value, mask, causal=causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_transformers() -> None:
+    """Register `"tileflow"` with transformers' attention and mask registries (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, tileflow_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

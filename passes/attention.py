@@ -7,11 +7,15 @@ through `meta_attention_varlen`). Matched forms:
   attention[_for_cpu]`, `_efficient_attention`, `_cudnn_attention`), with a boolean or additive
   mask (the model's causal / sliding-window / padding mask, applied as an additive bias), or
   `is_causal` when query and key lengths are equal;
+- the manual form models write by hand, `softmax(q @ k^T * scale + mask) @ v` as ATen leaves it
+  (`bmm` over flattened heads, the scale as a multiply or divide by a number or a 0-d tensor,
+  an additive mask, an optional dtype round trip around the softmax);
 - GQA/MQA: K/V widened by `repeat_kv` (unsqueeze/expand/reshape) are read at their real head
   count instead (the kernel packs the query heads of a KV head into one tile);
 Variants the kernel does not implement (dropout, a used log-sum-exp output, `is_causal` with
 different query and key lengths, head dims that differ between K and V) are left as they are,
-with the reason in the report.
+with the reason in the report; so is a manual attention with anything else between the two
+matmuls (logit soft-capping, for one).
 """
 
 from __future__ import annotations
@@ -101,9 +105,14 @@ class Attention:
         result = PassResult()
         graph = gm.graph
         for node in list(graph.nodes):
-            if node.op != "call_function" or node.target not in _SDPA_FORMS:
+            if node.op != "call_function" or node not in graph.nodes:
                 continue
-            reason = self._rewrite(graph, node, ctx, result)
+            if node.target in _SDPA_FORMS:
+                reason = self._rewrite(graph, node, ctx, result)
+            elif node.target in _SOFTMAX:
+                reason = self._rewrite_manual(graph, node, ctx, result)
+            else:
+                continue
             if reason:
                 result.fallback(node, reason)
         graph.eliminate_dead_code()
@@ -172,3 +181,129 @@ class Attention:
         if k_real is not k:
             result.count("gqa_unrepeated")
         return None
+
+    # -- the manual form ------------------------------------------------------------------------
+    def _rewrite_manual(self, graph: fx.Graph, softmax: fx.Node, ctx: PassContext, result: PassResult) -> str | None:
+        """`view(bmm(view(softmax(scale * view(bmm(q, k^T)) + mask)), v))` -> meta_attention."""
+        if softmax.args[1] not in (-1, 3) or (len(softmax.args) > 2 and softmax.args[2]):
+            return None
+        # Walk back from the softmax input: [add mask] <- [mul/div scale] <- view <- bmm(q, k^T).
+        cur, mask, scale_mul, scale_div = softmax.args[0], None, None, None
+        if _is_op(cur, aten.add.Tensor) and len(cur.users) == 1:
+            scores_side = [a for a in cur.args if _leads_to_bmm(a)]
+            if len(scores_side) != 1:
+                return None
+            mask = cur.args[1] if cur.args[0] is scores_side[0] else cur.args[0]
+            cur = scores_side[0]
+        if (_is_op(cur, aten.mul.Tensor) or _is_op(cur, aten.div.Tensor)) and len(cur.users) == 1:
+            factor = cur.args[1]
+            if isinstance(factor, fx.Node) and not (isinstance(_val(factor), torch.Tensor) and _val(factor).dim() == 0):
+                return "the score scale is not a number or a 0-d tensor"
+            scale_mul, scale_div = (factor, None) if cur.target is aten.mul.Tensor else (None, factor)
+            cur = cur.args[0]
+        if not (isinstance(cur, fx.Node) and cur.target in _VIEWS and _is_op(cur.args[0], aten.bmm.default)):
+            if _leads_to_bmm(cur):
+                op = cur.target if isinstance(cur, fx.Node) else cur
+                return f"unsupported op {op} between q @ k^T and softmax (e.g. logit soft-capping)"
+            return None
+        qk = cur.args[0]
+        q = _unflatten_heads(qk.args[0])
+        kt = _unflatten_heads(qk.args[1])
+        if q is None or kt is None or not _is_transpose_last2(kt):
+            return "q @ k^T operands are not [B, H, S, D] tensors flattened over heads"
+        k = kt.args[0]
+        # Forward from the softmax: [cast] -> view -> bmm(p, v) -> view [B, H, S, D].
+        nxt = _only_user(softmax)
+        if nxt is not None and nxt.target is torch.ops.prims.convert_element_type.default:
+            nxt = _only_user(nxt)
+        if nxt is None or nxt.target not in _VIEWS:
+            return "the softmax output is used for more than the P @ V product"
+        pv = _only_user(nxt)
+        if pv is None or pv.target is not aten.bmm.default or pv.args[0] is not nxt:
+            return "the softmax output does not feed a P @ V product"
+        v = _unflatten_heads(pv.args[1])
+        out4 = _only_user(pv)
+        if v is None or out4 is None or out4.target not in _VIEWS or _val(out4).dim() != 4:
+            return "P @ V is not over [B, H, S_kv, D] values restored to [B, H, S, D]"
+        qv, kv, vv = _val(q), _val(k), _val(v)
+        if not (qv.dtype == kv.dtype == vv.dtype) or qv.dtype not in _DTYPES.get(ctx.target, _DTYPES["reference"]):
+            return f"dtypes q={qv.dtype}, k={kv.dtype}, v={vv.dtype} are not supported by the {ctx.target} meta-attention kernel"
+        if any(isinstance(d, torch.SymInt) for d in (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[3])):
+            return "head count or head dim is symbolic; the kernel needs them static"
+        if not statically_known_true(vv.shape[3] == qv.shape[3]):
+            return "q, k and v head dims differ"
+        k_real, v_real = strip_repeat_kv(k), strip_repeat_kv(v)
+        if _val(k_real).shape[1] != _val(v_real).shape[1]:
+            k_real, v_real = k, v
+        hq, hkv = int(qv.shape[1]), int(_val(k_real).shape[1])
+        if hq % hkv:
+            return f"{hq} query heads are not a multiple of {hkv} KV heads"
+        scale: float | None = 1.0
+        with graph.inserting_before(out4):
+            q_in = q
+            # A scale that is a 0-d tensor (e.g. a buffer) is applied to q instead: same product.
+            for factor, op in ((scale_mul, aten.mul.Tensor), (scale_div, aten.div.Tensor)):
+                if isinstance(factor, fx.Node):
+                    q_in = graph.call_function(op, (q_in, factor))
+                    infer_meta(q_in)
+                elif factor is not None:
+                    scale = float(factor) if op is aten.mul.Tensor else 1.0 / float(factor)
+            new = graph.call_function(
+                torch.ops.tileflow.meta_attention.default, (q_in, k_real, v_real, mask, False, scale, ctx.target)
+            )
+        infer_meta(new)
+        if _val(new).dtype != _val(out4).dtype:
+            return "the manual attention changes dtype between its inputs and output"
+        copy_source_meta(softmax, new)
+        new.meta["tileflow"] = {"kind": "meta_attention", "form": "manual", "gqa": hq // hkv, "target": ctx.target}
+        out4.replace_all_uses_with(new)
+        result.count("meta_attention")
+        result.count("manual_attention")
+        if k_real is not k:
+            result.count("gqa_unrepeated")
+        return None
+
+
+_SOFTMAX = {aten._softmax.default, aten._safe_softmax.default}
+
+
+def _is_op(node: Any, target: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _leads_to_bmm(node: Any, depth: int = 4) -> bool:
+    """True when a `bmm` is among the few producers behind `node` (so it is part of a score chain)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or depth == 0:
+        return False
+    if node.target is aten.bmm.default:
+        return True
+    return any(_leads_to_bmm(a, depth - 1) for a in node.all_input_nodes)
+
+
+def _unflatten_heads(node: Any) -> fx.Node | None:
+    """The 4-D [B, H, X, Y] tensor a 3-D bmm operand was flattened from (through views, clones
+    and no-op expands), or None."""
+    cur = node
+    while isinstance(cur, fx.Node) and cur.op == "call_function" and (
+        cur.target in _VIEWS or cur.target in (aten.clone.default, aten.expand.default)
+    ):
+        val = _val(cur.args[0])
+        if isinstance(val, torch.Tensor) and val.dim() == 4 and cur.target is not aten.expand.default:
+            cur = cur.args[0]
+            break
+        cur = cur.args[0]
+    while _is_op(cur, aten.clone.default):  # contiguous copies made only for the flattening view
+        cur = cur.args[0]
+    val = _val(cur)
+    return cur if isinstance(val, torch.Tensor) and val.dim() == 4 else None
+
+
+def _is_transpose_last2(node: fx.Node) -> bool:
+    if not _is_op(node, aten.transpose.int):
+        return False
+    return sorted(d % 4 for d in node.args[1:3]) == [2, 3]

@@ -187,3 +187,36 @@ def test_transformers_attn_implementation(target) -> None:
         want = sdpa.generate(ids[:1], max_new_tokens=4, do_sample=False)
         got = ours.generate(ids[:1], max_new_tokens=4, do_sample=False)
     assert torch.equal(got, want)
+
+
+def test_manual_attention_with_softcap_is_left_with_reason() -> None:
+    def attn(x, w):
+        b, s, _ = x.shape
+        q, k, v = (x @ w).split([32, 32, 32], dim=-1)
+        q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in (q, k, v))
+        scores = torch.tanh((q @ k.transpose(-1, -2)) / 30.0) * 30.0  # logit soft-capping
+        return torch.softmax(scores, dim=-1) @ v
+
+    x, w = torch.randn(2, 6, 32), torch.randn(32, 96)
+    _, out, _, report = compile_attention(attn, x, w)
+    torch.testing.assert_close(out, attn(x, w))
+    assert "meta_attention" not in report.rewrites
+    assert any("soft-capping" in f.reason for f in report.fallbacks)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_models_with_hand_written_attention(name) -> None:
+    from models import SEQ_LENS, VOCAB, build
+
+    model = build(name)
+    model.config._attn_implementation = "eager"  # transformers' matmul-softmax-matmul code
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"target": "reference"}, report=report), dynamic=True)
+    with torch.no_grad():
+        for seq_len in SEQ_LENS:
+            ids = torch.randint(0, VOCAB, (2, seq_len))
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=1e-4, atol=1e-4)
+    assert len(report.graphs) == 1
+    assert report.rewrites["manual_attention"] == report.rewrites["meta_attention"] == 2
+    assert report.fallbacks == []

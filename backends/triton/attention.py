@@ -378,7 +378,9 @@ tree_ok = tl.load(tree_ptrs, mask=visible & in_tree[None, :], other=0) != 0
 # -inf entries hide a key; scores are in base 2, so the bias is scaled by log2(e).
 bias_ptrs = (bias_ptr + seq.to(tl.int64) * stride_ab_s + head[:, None] * stride_ab_h
              + q_idx[:, None] * stride_ab_i + kv_pos[None, :] * stride_ab_j)
-s = s + tl.load(bias_ptrs, mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
+bias = tl.load(bias_ptrs, mask=visible, other=0.0).to(tl.float32)
+# Masks built with finfo.min instead of -inf would overflow when rescaled: clamp first.
+s = s + tl.maximum(bias, -1.0e30) * 1.4426950408889634
 """
     step += f"""\
 s = tl.where(visible, s, float("-inf"))

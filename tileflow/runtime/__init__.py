@@ -73,6 +73,7 @@ def load_tile_timings(path: str) -> dict[tuple[str, str, int, int], tuple[tuple[
 
 @functools.lru_cache(maxsize=8)
 def _load_tile_timings(path: str, mtime: int) -> dict[tuple[str, str, int, int], tuple[tuple[TileConfig, float], ...]]:
+    # `mtime` is only part of the cache key, so an edited file is read again.
     try:
         entries = json.loads(Path(path).read_text())
         grouped: dict[tuple[str, str, int, int], list[tuple[TileConfig, float]]] = {}

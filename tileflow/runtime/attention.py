@@ -7,7 +7,9 @@ by viewing the dense tensors as a varlen batch (one page per sequence: no copy o
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
 import torch
 
@@ -62,8 +64,13 @@ def run_meta_attention_varlen(
     attn_bias: torch.Tensor | None = None,
     target: str = "",
     check: bool = True,
+    host_metadata: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
 ) -> torch.Tensor:
-    """Validate the batch (when `check`), build its task table and launch the meta-kernel."""
+    """Validate the batch (when `check`), build its task table and launch the meta-kernel.
+
+    `host_metadata` = (cu_seqlens_q, seqlens_kv) as host ints, when the caller already knows
+    them: it spares reading the device tensors back (a device sync per call).
+    """
     from . import get_kernel
 
     target = resolve_target(target or current_config().target, q.device)
@@ -73,13 +80,10 @@ def run_meta_attention_varlen(
         raise ValueError(f"meta_attention_varlen: sliding_window must be a positive int or None, got {sliding_window!r}")
     hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
     gqa = hq // hkv
-    cu = cu_seqlens_q.tolist()
+    cu, lens = host_metadata if host_metadata is not None else (tuple(cu_seqlens_q.tolist()), tuple(seqlens_kv.tolist()))
     max_q = max((b - a for a, b in zip(cu, cu[1:])), default=0)
     block_q = attention_block_q(max_q, gqa)
-    table = build_task_table(
-        cu, seqlens_kv.tolist(), num_q_heads=hq, num_kv_heads=hkv, block_q=block_q,
-        num_programs=attention_programs(target, q.device), sliding_window=sliding_window, causal=causal,
-    )
+    table = _task_table(cu, lens, hq, hkv, block_q, attention_programs(target, q.device), sliding_window, causal)
     spec = attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=block_q, causal=causal,
                           sliding_window=sliding_window is not None, tree=tree_mask is not None, bias=attn_bias is not None)
     kernel = get_kernel(target, spec)
@@ -90,6 +94,16 @@ def run_meta_attention_varlen(
     return kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table,
                   scale=scale if scale is not None else 1.0 / math.sqrt(d),
                   tree_mask=tree_mask, sliding_window=sliding_window, out=out, **kwargs)
+
+
+@functools.lru_cache(maxsize=256)
+def _task_table(
+    cu: tuple[int, ...], lens: tuple[int, ...], hq: int, hkv: int, block_q: int, programs: int, window: int | None, causal: bool
+) -> Any:
+    """Task tables are pure functions of the batch shape: cache them (dense graphs and decode
+    steps repeat the same shapes)."""
+    return build_task_table(list(cu), list(lens), num_q_heads=hq, num_kv_heads=hkv, block_q=block_q,
+                            num_programs=programs, sliding_window=window, causal=causal)
 
 
 def additive_bias(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -133,5 +147,6 @@ def run_meta_attention(
     out = run_meta_attention_varlen(
         q_flat, k_cache, v_cache, block_table, cu, seqlens,
         scale=scale, causal=causal, attn_bias=bias, target=target, check=False,
+        host_metadata=(tuple(range(0, b * s + 1, s)) if s > 0 else (0,) * (b + 1), (s_kv,) * b),
     )
     return out.view(b, s, hq, d).transpose(1, 2)

@@ -66,3 +66,19 @@ def test_graph_break_each_frame_goes_through_tileflow() -> None:
             torch.testing.assert_close(compiled(ids), step(ids), rtol=1e-5, atol=1e-5)
     assert len(report.graphs) >= 2
     assert all(g.passes and g.passes[0].name == "canonicalize" for g in report.graphs)
+
+
+def test_residual_inductor_on_a_model() -> None:
+    """The CUDA default: the graph left after tileflow's passes goes through Inductor, with
+    tileflow's ops opaque to it."""
+    model = build("llama")
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"residual": "inductor"}, report=report), dynamic=True)
+    with torch.no_grad():
+        for seq_len in (3, 9, 17):
+            ids = torch.randint(0, VOCAB, (2, seq_len))
+            got = compiled(ids, use_cache=False).logits
+            assert (got - model(ids, use_cache=False).logits).abs().max().item() <= 1e-4
+    [graph] = report.graphs
+    assert graph.residual == "inductor"
+    assert report.rewrites["padded_gemm"] == 13 and report.rewrites["meta_attention"] == 2

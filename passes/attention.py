@@ -156,7 +156,9 @@ class Attention:
         hq, hkv = int(qv.shape[1]), int(_val(k_real).shape[1])
         if hq % hkv:
             return f"{hq} query heads are not a multiple of {hkv} KV heads"
-        if not args.get("enable_gqa", True) and hkv != hq:
+        # Without enable_gqa SDPA needs K/V at the query's head count (as given, before any
+        # repeat_kv was undone here).
+        if not args.get("enable_gqa", True) and int(kv.shape[1]) != hq:
             return "K/V head count differs from Q without enable_gqa"
         with graph.inserting_before(node):
             new = graph.call_function(

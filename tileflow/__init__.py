@@ -12,6 +12,7 @@ from . import ops
 from .backend import TileflowBackend, tileflow_backend
 from .config import Config, current_config, use_config
 from .explain import explain
+from .export import export_model, load
 from .log import configure_from_env
 from .pipeline import PassContext, PassManager, PassResult, TileflowError, available_passes, register_pass
 from .report import Report, session_report

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import re
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 import click
+import torch
 
 from .pipeline import available_passes
 
@@ -35,6 +42,238 @@ def report_command(report_json: str) -> None:
         click.echo(f"error: {report_json} is not a tileflow report: {exc}", err=True)
         sys.exit(2)
     click.echo(str(report))
+
+
+# ---------------------------------------------------------------------------------------------
+# tileflow export
+
+
+class SpecError(Exception):
+    """A SPEC (or its options) that cannot be used; the message says what to fix (one line)."""
+
+
+def _parse_dynamic(items: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """`NAME=MIN:MAX` strings -> {name: (min, max)}."""
+    out: dict[str, tuple[int, int]] = {}
+    for item in items:
+        m = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*(\d+)\s*:\s*(\d+)\s*", item)
+        if not m:
+            raise SpecError(f"--dynamic {item!r} must look like NAME=MIN:MAX, e.g. seq=2:512")
+        lo, hi = int(m.group(2)), int(m.group(3))
+        if lo > hi:
+            raise SpecError(f"--dynamic {item!r}: MIN {lo} is larger than MAX {hi}")
+        out[m.group(1)] = (lo, hi)
+    return out
+
+
+def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
+    """`key=value` strings -> tileflow options; values are read as JSON when they parse (ints,
+    bools, lists), else kept as text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--options {item!r} must look like key=value, e.g. max_tokens=4096")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def _transformers_config_path(spec: str) -> Path | None:
+    """The config.json a SPEC names (a folder holding one, or the file itself), else None."""
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path / "config.json"
+    if path.is_file() and path.suffix == ".json":
+        return path
+    return None
+
+
+def _build_transformers(config_json: Path, seq_len: int, batch: int, dynamic: dict[str, tuple[int, int]]):
+    """A random-weight causal LM from a local config, wrapped so forward(input_ids) -> logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(config_json))
+        lm = AutoModelForCausalLM.from_config(cfg).eval()
+    except Exception as exc:  # transformers' errors are long: keep the first line
+        raise SpecError(f"cannot build a causal LM from {config_json}: {_first_line(exc)}") from None
+
+    class LogitsOnly(torch.nn.Module):
+        """Export wrapper: no KV cache, logits only (a cache object is not an exportable output)."""
+
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids, use_cache=False).logits
+
+    unknown = sorted(set(dynamic) - {"seq", "batch"})
+    if unknown:
+        raise SpecError(f"--dynamic names {unknown} are not dims of input_ids; use seq and/or batch")
+    max_pos = getattr(cfg, "max_position_embeddings", None) or 512
+    seq_lo, seq_hi = dynamic.get("seq", (2, max_pos))
+    dims: dict[int, Any] = {1: torch.export.Dim("seq", min=seq_lo, max=seq_hi)}
+    if "batch" in dynamic:
+        dims[0] = torch.export.Dim("batch", min=dynamic["batch"][0], max=dynamic["batch"][1])
+    vocab = int(getattr(cfg, "vocab_size", 2) or 2)
+    ids = torch.randint(0, vocab, (batch, seq_len))
+    return LogitsOnly(lm), (ids,), ({**dims},)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _apply_dynamic(dynamic_shapes: Any, dynamic: dict[str, tuple[int, int]], where: str) -> Any:
+    """Replace each Dim named in `dynamic` (anywhere in `dynamic_shapes`) by one with the new range."""
+    if not dynamic:
+        return dynamic_shapes
+    if dynamic_shapes is None:
+        raise SpecError(f"--dynamic was given but {where} returned no dynamic_shapes to name dims from")
+    found: set[str] = set()
+    replacements: dict[str, Any] = {}
+
+    def walk(obj: Any) -> Any:
+        name = getattr(obj, "__name__", None)
+        if name is not None and hasattr(obj, "min") and hasattr(obj, "max"):
+            if name in dynamic:
+                found.add(name)
+                if name not in replacements:
+                    lo, hi = dynamic[name]
+                    replacements[name] = torch.export.Dim(name, min=lo, max=hi)
+                return replacements[name]
+            return obj
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(walk(v) for v in obj)
+        return obj
+
+    out = walk(dynamic_shapes)
+    missing = sorted(set(dynamic) - found)
+    if missing:
+        raise SpecError(f"--dynamic names {missing} are not Dims in the dynamic_shapes {where} returned")
+    return out
+
+
+def _load_spec_function(spec: str, dynamic: dict[str, tuple[int, int]]):
+    """Import `package.module:function`, call it, and check what it returned."""
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise SpecError(
+            f"SPEC {spec!r} is neither package.module:function nor a transformers config "
+            "(a folder with config.json, or a config.json path)"
+        )
+    # Like `python -m`, let a module in the current folder be found from the console script.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise SpecError(f"SPEC {spec!r}: cannot import module {module_name!r} ({exc}); check the name and that it is on PYTHONPATH") from None
+    except Exception as exc:
+        raise SpecError(f"SPEC {spec!r}: importing {module_name!r} raised {_first_line(exc)}") from None
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise SpecError(f"SPEC {spec!r}: module {module_name!r} has no attribute {func_name!r}")
+    if not callable(func):
+        raise SpecError(f"SPEC {spec!r}: {func_name!r} is a {type(func).__name__}, not a function")
+    try:
+        result = func()
+    except Exception as exc:
+        raise SpecError(f"SPEC {spec!r}: {func_name}() raised {_first_line(exc)}; fix the function") from None
+    shape_hint = "it must return (model, example_args) or (model, example_args, dynamic_shapes)"
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
+        what = f"a {len(result)}-tuple" if isinstance(result, (tuple, list)) else f"a {type(result).__name__}"
+        raise SpecError(f"SPEC {spec!r}: {func_name}() returned {what}; {shape_hint}")
+    model, args = result[0], result[1]
+    dynamic_shapes = result[2] if len(result) == 3 else None
+    if not isinstance(model, torch.nn.Module):
+        raise SpecError(f"SPEC {spec!r}: {func_name}() returned a {type(model).__name__} as the model; {shape_hint} with an nn.Module model")
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    if not isinstance(args, (tuple, list)):
+        raise SpecError(f"SPEC {spec!r}: example_args is a {type(args).__name__}; make it a tuple of inputs")
+    return model, tuple(args), _apply_dynamic(dynamic_shapes, dynamic, f"{func_name}()")
+
+
+@main.command("export")
+@click.argument("spec")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="archive to write (e.g. model.pt2)")
+@click.option("--target", type=click.Choice(["reference", "triton"]), default=None, help="kernel target (default: the options' target, else reference)")
+@click.option("--dynamic", "dynamic", multiple=True, metavar="NAME=MIN:MAX", help="range of a named dynamic dim (repeatable)")
+@click.option("--options", "options", multiple=True, metavar="KEY=VALUE", help="a tileflow option (repeatable)")
+@click.option("--seq-len", type=click.IntRange(min=2), default=8, show_default=True, help="example sequence length (transformers configs)")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="example batch size (transformers configs)")
+def export_command(spec: str, output: str, target: str | None, dynamic: tuple[str, ...], options: tuple[str, ...], seq_len: int, batch: int) -> None:
+    """Compile a model ahead of time into a tileflow archive that `tileflow.load` runs.
+
+    SPEC is `package.module:function` returning (model, example_args[, dynamic_shapes]), or a
+    transformers config (a folder with config.json, or its path): the model is built from it with
+    random weights and exported as input_ids [batch, seq] -> logits, with seq dynamic.
+    """
+    import warnings
+
+    from .export import STAGES, export_model
+
+    # torch's own pytree deprecation warnings would drown the progress lines; they are not ours.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    try:
+        ranges = _parse_dynamic(dynamic)
+        opts = _parse_options(options)
+        if target is not None:
+            opts["target"] = target
+        opts.setdefault("target", "reference")
+        from .config import Config
+
+        try:
+            Config.from_options(opts)
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
+        config_json = _transformers_config_path(spec)
+        if config_json is not None:
+            model, args, dyn = _build_transformers(config_json, seq_len, batch, ranges)
+        else:
+            model, args, dyn = _load_spec_function(spec, ranges)
+    except SpecError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+    start = time.perf_counter()
+
+    def progress(stage: str) -> None:
+        # Plain step lines on stderr: stdout keeps only the result line, for scripts.
+        n = STAGES.index(stage) + 1 if stage in STAGES else "?"
+        click.echo(f"[{n}/{len(STAGES)}] {stage}  ({time.perf_counter() - start:.1f}s)", err=True)
+
+    try:
+        archive = export_model(model, args, dyn, options=opts, progress=progress)
+        path = archive.save(output)
+    except Exception as exc:  # export/compile failures: one line, what failed (TILEFLOW_LOG=debug for more)
+        click.echo(f"error: export failed: {_first_line(exc)}", err=True)
+        sys.exit(1)
+    m = archive.manifest
+    rewrites = ", ".join(f"{k}={v}" for k, v in sorted(m["rewrites"].items())) or "none"
+    dims = ", ".join(f"{k} in [{lo}, {hi}]" for k, (lo, hi) in m["dynamic"].items()) or "none"
+    click.echo(f"done in {time.perf_counter() - start:.1f}s", err=True)
+    click.echo(f"wrote {path} (target={m['target']}; dynamic: {dims}; rewrites: {rewrites}; {len(archive.kernels)} kernel file(s))")
+
+
+def _attach_planner() -> None:
+    """`tileflow plan ...` lives in tileflow/planner.py; attach its group here."""
+    from .planner import plan
+
+    main.add_command(plan)
+
+
+_attach_planner()
 
 
 if __name__ == "__main__":

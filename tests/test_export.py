@@ -1,0 +1,252 @@
+"""`tileflow export` / `tileflow.load`: round trip through a fresh process, archive contents, and
+one clear message for each kind of bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tileflow
+from tileflow.cli import main
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
+
+# The SPEC module the CLI imports: the small Llama of tests/models.py (seeded, so a second process
+# rebuilds the same weights), exported as input_ids -> logits with a dynamic sequence length.
+SPEC_MODULE = textwrap.dedent(
+    f"""
+    import sys
+    import torch
+    sys.path.insert(0, {str(TESTS_DIR)!r})
+    from models import VOCAB, build
+
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids, use_cache=False).logits
+
+
+    def llama():
+        ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
+        return Logits(build("llama")), (ids,), ({{1: torch.export.Dim("seq", min=2, max=512)}},)
+
+
+    def raises():
+        raise RuntimeError("no weights here")
+
+
+    def wrong_shape():
+        return 42
+
+
+    def tiny():
+        torch.manual_seed(0)
+        return torch.nn.Linear(16, 32).eval(), (torch.randn(4, 16),), ({{0: torch.export.Dim("tokens", min=2, max=64)}},)
+    """
+)
+
+# Runs in a fresh interpreter: load, compare with eager over several lengths, and prove that no
+# Dynamo frame was compiled (with a positive control showing the counter does move).
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch._dynamo.utils as dutils
+    import tileflow
+    sys.path.insert(0, sys.argv[2])
+    from models import VOCAB, build
+
+    run = tileflow.load(sys.argv[1])
+    model = build("llama")
+    errors = {}
+    with torch.no_grad():
+        for n in (2, 5, 13, 64, 512):
+            ids = torch.randint(0, VOCAB, (1, n))
+            errors[n] = (run(ids) - model(ids, use_cache=False).logits).abs().max().item()
+    frames = sum(dutils.counters["frames"].values())
+    graphs = dutils.counters["stats"]["unique_graphs"]
+    torch.compile(lambda x: x * 2, backend="eager")(torch.ones(3))
+    control = dutils.counters["stats"]["unique_graphs"]
+    print(json.dumps({"errors": errors, "frames": frames, "graphs": graphs, "control": control}))
+    """
+)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def spec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("spec")
+    (d / "tf_export_spec.py").write_text(SPEC_MODULE)
+    return d
+
+
+@pytest.fixture(scope="module")
+def archive(spec_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """The small Llama exported through the real CLI in a subprocess."""
+    out = spec_dir / "llama.pt2"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tileflow.cli", "export", "tf_export_spec:llama", "-o", str(out), "--target", "reference"],
+        cwd=spec_dir, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def _cli(args: list[str], cwd: Path):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(main, args)
+    finally:
+        os.chdir(old)
+
+
+def test_round_trip_in_fresh_process_without_dynamo(archive, spec_dir: Path) -> None:
+    path, proc = archive
+    for stage in ("export", "passes", "kernels", "packaging"):
+        assert stage in proc.stderr  # the progress lines
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, str(path), str(TESTS_DIR)],
+        cwd=spec_dir, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert max(result["errors"].values()) <= 1e-4, result["errors"]
+    assert result["frames"] == 0 and result["graphs"] == 0  # load never traced with Dynamo
+    assert result["control"] >= 1  # and the counter is live: a torch.compile does move it
+
+
+def test_archive_holds_rewritten_program_plans_and_kernels(archive) -> None:
+    path, _ = archive
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        manifest = json.loads(zf.read("manifest.json"))
+        program = torch.export.load(io.BytesIO(zf.read("program.pt2")))
+    assert {"manifest.json", "program.pt2"} <= names
+    assert any(n.startswith("kernels/") for n in names)
+    assert manifest["target"] == "reference"
+    assert manifest["dynamic"] == {"seq": [2, 512]}
+    assert manifest["inputs"] == [{"kind": "tensor", "shape": [1, "seq"], "dtype": "int64"}]
+    assert manifest["rewrites"]["padded_gemm"] >= 1 and manifest["rewrites"]["meta_attention"] == 2
+    assert manifest["plans"] and all(p["op"] == "padded_gemm" for p in manifest["plans"])
+    assert manifest["report"]["graphs"][0]["rewrites"]["meta_attention"] == 2
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert any(t.startswith("tileflow.padded_gemm") for t in targets)
+    assert any(t.startswith("tileflow.meta_attention") for t in targets)
+    for key in ("tileflow_version", "torch_version", "triton_version", "content_sha256"):
+        assert key in manifest
+
+
+def test_out_of_range_length_and_wrong_dtype(archive) -> None:
+    run = tileflow.load(archive[0])
+    with pytest.raises(ValueError, match=r"input 0 dim 1 is 700 but the archive was exported for seq in \[2, 512\]"):
+        run(torch.zeros(1, 700, dtype=torch.long))
+    with pytest.raises(ValueError, match="input 0 has dtype float32 but the archive was exported for int64"):
+        run(torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="input 0 dim 0 is 2 but the archive was exported with it fixed at 1"):
+        run(torch.zeros(2, 8, dtype=torch.long))
+
+
+def test_tampered_archive(archive, tmp_path: Path) -> None:
+    bad = tmp_path / "tampered.pt2"
+    with zipfile.ZipFile(archive[0]) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename == "program.pt2":
+                data = bytearray(data)
+                data[len(data) // 2] ^= 0xFF
+                data = bytes(data)
+            dst.writestr(info.filename, data)
+    with pytest.raises(ValueError, match="corrupt or was modified: the content hash"):
+        tileflow.load(bad)
+
+
+def test_truncated_file(archive, tmp_path: Path) -> None:
+    bad = tmp_path / "truncated.pt2"
+    data = archive[0].read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable tileflow archive"):
+        tileflow.load(bad)
+
+
+def test_unavailable_target_in_fresh_process(spec_dir: Path) -> None:
+    """A triton archive (built under the interpreter) cannot load without a GPU or the interpreter."""
+    out = spec_dir / "tiny_triton.pt2"
+    result = _cli(["export", "tf_export_spec:tiny", "-o", str(out), "--target", "triton"], spec_dir)
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(out) as zf:
+        assert any(n.startswith("kernels/") and n.endswith(".py") for n in zf.namelist())
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the triton target is available here")
+    code = "import tileflow, sys\ntry:\n    tileflow.load(sys.argv[1])\nexcept RuntimeError as e:\n    print(e)\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out)], env=_env(TRITON_INTERPRET="0"), capture_output=True, text=True, timeout=120,
+    )
+    assert "exported for target 'triton', which cannot run here" in proc.stdout, proc.stdout + proc.stderr
+    assert "TRITON_INTERPRET=1" in proc.stdout
+
+
+def test_export_from_transformers_config(tmp_path: Path) -> None:
+    sys.path.insert(0, str(TESTS_DIR))
+    from models import VOCAB, build
+
+    build("llama").config.save_pretrained(tmp_path / "cfg")
+    out = tmp_path / "cfg.pt2"
+    result = _cli(["export", str(tmp_path / "cfg"), "-o", str(out), "--dynamic", "seq=2:64", "--seq-len", "6"], tmp_path)
+    assert result.exit_code == 0, result.output
+    run = tileflow.load(out)
+    assert run.manifest["dynamic"] == {"seq": [2, 64]}
+    assert run(torch.randint(0, VOCAB, (1, 33))).shape == (1, 33, VOCAB)
+    with pytest.raises(ValueError, match=r"exported for seq in \[2, 64\]"):
+        run(torch.randint(0, VOCAB, (1, 65)))
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+        ("tf_export_spec:missing", "has no attribute 'missing'"),
+        ("tf_export_spec:raises", "raises() raised RuntimeError: no weights here"),
+        ("tf_export_spec:wrong_shape", "returned a int; it must return (model, example_args)"),
+        ("not-a-spec", "neither package.module:function nor a transformers config"),
+    ],
+)
+def test_bad_spec_is_one_line_exit_2(spec_dir: Path, spec: str, message: str) -> None:
+    result = _cli(["export", spec, "-o", str(spec_dir / "never.pt2")], spec_dir)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_bad_spec_in_subprocess_has_no_traceback(spec_dir: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tileflow.cli", "export", "tf_export_spec:raises", "-o", "x.pt2"],
+        cwd=spec_dir, env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: SPEC 'tf_export_spec:raises': raises() raised RuntimeError: no weights here; fix the function"
+    ]

@@ -1,0 +1,279 @@
+"""Tests for tileflow.planner: every figure against arithmetic written out here by hand (with round
+toy devices so the numbers are checkable), Lamina's cut-bytes formula, model loading, the CLI's
+errors, the does-not-fit case and a LLaMA3-70B sanity check."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from tileflow.devices import DeviceInfo, get_device
+from tileflow.planner import (
+    KNOWN_MODELS,
+    ModelShape,
+    cut_bytes_per_iteration,
+    format_plan,
+    load_model,
+    plan,
+    plan_disaggregation,
+)
+
+# Toy devices with round numbers: C is "compute-optimized", M "memory-optimized".
+C = DeviceInfo("C", "gpu", cores=4, peak_tflops={"bfloat16": 10.0}, mem_bw_gbs=100.0,
+               mem_gb=1.0, smem_kib_per_core=64, price_per_hour=2.0)
+M = DeviceInfo("M", "gpu", cores=4, peak_tflops={"bfloat16": 1.0}, mem_bw_gbs=200.0,
+               mem_gb=0.5, smem_kib_per_core=64, price_per_hour=1.25)
+# d=1024, L=2, H=8, Hkv=2 (G=4), I=4096, V=1000 -> head_dim 128.
+TOY = ModelShape("toy", hidden_size=1024, num_layers=2, num_heads=8, num_kv_heads=2,
+                 intermediate_size=4096, vocab_size=1000)
+B, S = 16, 1000
+
+
+def rel(x: float) -> object:
+    return pytest.approx(x, rel=1e-12)
+
+
+def test_toy_model_parameter_counts_by_hand():
+    # QKV: 1024*(8+2*2)*128 = 1_572_864; O: 8*128*1024 = 1_048_576; MLP: 3*1024*4096 = 12_582_912
+    assert TOY.layer_gemm_params == 1_572_864 + 1_048_576 + 12_582_912 == 15_204_352
+    # two layers + LM head 1024*1000
+    assert TOY.dense_params == 2 * 15_204_352 + 1_024_000 == 31_432_704
+    # + input embedding (not tied)
+    assert TOY.stored_params == 31_432_704 + 1_024_000 == 32_456_704
+    # per layer: qkv (1024 in + 1536 out) + o (1024 + 1024) + gate/up 2*(1024 + 4096)
+    # + down (4096 + 1024) = 19_968; two layers, plus LM head in/out 1024 + 1000
+    assert TOY.activation_elems_per_token == 2 * 19_968 + 2_024 == 41_960
+
+
+def test_toy_plan_every_figure_by_hand():
+    r = plan_disaggregation(TOY, (C, 2), (M, 2), batch=B, context=S, dtype="bfloat16")
+
+    # Dense stage: FLOPs = 2*P_dense*B; bytes = 2 bytes * (P_dense + B*A).
+    dense_flops = 2 * 31_432_704 * 16  # 1_005_846_528
+    dense_bytes = 2 * 31_432_704 + 2 * 16 * 41_960  # 62_865_408 + 1_342_720 = 64_208_128
+    # On 2 x C: compute 1_005_846_528/2/1e13 = 5.03e-5 s < memory 64_208_128/2/1e11 = 3.21e-4 s.
+    t_dense = 64_208_128 / 2 / 100e9
+    # Attention: bytes = 2*L*B*S*Hkv*hd*e, FLOPs = 4*L*B*S*H*hd.
+    attn_bytes = 2 * 2 * 16 * 1000 * 2 * 128 * 2  # 32_768_000
+    attn_flops = 4 * 2 * 16 * 1000 * 8 * 128  # 131_072_000
+    for p in r.placements:
+        assert p.dense.flops == dense_flops and p.dense.bytes == dense_bytes
+        assert p.attention.flops == attn_flops and p.attention.bytes == attn_bytes
+
+    # --- colocated on 2 x C: 2 KV heads over 2 devices -> busiest holds half.
+    co = r.colocated
+    assert co.devices == "2 x C" and co.price_per_hour == 4.0
+    assert co.dense.seconds == rel(t_dense) and co.dense.bound == "memory"
+    t_attn_c2 = 32_768_000 * 0.5 / 100e9  # 1.6384e-4 s (compute: 131_072_000*0.5/1e13 = 6.6e-6)
+    assert co.attention.seconds == rel(t_attn_c2) and co.attention.bound == "memory"
+    t_co = t_dense + t_attn_c2  # sequential on the same devices: 4.8488064e-4 s
+    assert co.iteration_s == rel(4.8488064e-4) == rel(t_co)
+    assert co.fits
+    assert co.tokens_per_s == rel(16 / 4.8488064e-4)  # ~32_998 tok/s
+    assert co.cost_per_mtok == rel(4.0 * 1e6 / (3600 * 16 / 4.8488064e-4))
+    # memory per device: weights 2*32_456_704/2 = 32_456_704 B + KV 32_768_000/2 = 16_384_000 B
+    assert co.memory[0].need_gb == rel((32_456_704 + 16_384_000) / 1e9)
+    # max batch: (1e9 - 32_456_704) / (16_384_000/16 = 1_024_000 per sequence) = 944.9 -> 944
+    assert co.max_batch == 944
+    assert co.network_bytes_per_iter == 0 and co.network_gbs_needed is None
+
+    # --- equal cost: (2*2.0 + 2*1.25) $/h = 6.5 -> floor(6.5/2.0) = 3 x C
+    eq = r.colocated_equal_cost
+    assert eq.devices == "3 x C" and eq.price_per_hour == 6.0
+    assert eq.dense.seconds == rel(64_208_128 / 3 / 100e9)
+    # 2 KV heads on 3 devices: busiest holds ceil(2/3) = 1 head -> share 1/2 (no faster than 2)
+    assert eq.attention.seconds == rel(t_attn_c2)
+    assert eq.iteration_s == rel(64_208_128 / 3 / 100e9 + 1.6384e-4)
+    assert any("2 KV heads" in n for n in eq.notes)
+
+    # --- disaggregated: dense on 2 x C, attention on 2 x M
+    dis = r.disaggregated
+    assert dis.price_per_hour == 2 * 2.0 + 2 * 1.25 == 6.5
+    assert dis.dense.seconds == rel(t_dense)
+    # M: compute 131_072_000*0.5/1e12 = 6.5536e-5 < memory 32_768_000*0.5/200e9 = 8.192e-5
+    assert dis.attention.seconds == rel(8.192e-5) and dis.attention.bound == "memory"
+    assert dis.iteration_s == rel(t_dense) and dis.bottleneck == "dense"  # max, not sum
+    assert dis.tokens_per_s == rel(16 / 3.2104064e-4)
+    assert dis.cost_per_mtok == rel(6.5 * 1e6 / (3600 * 16 / 3.2104064e-4))
+    cut = (2 + 2 / 4) * 2 * 1024 * 16 * 2  # 163_840 bytes
+    assert dis.network_bytes_per_iter == cut == 163_840
+    assert dis.network_gbs_needed == rel(163_840 / 3.2104064e-4 / 1e9)  # ~0.510 GB/s
+    assert dis.network_gbs_per_memory_device == rel(163_840 / 3.2104064e-4 / 1e9 / 2)
+    # weights 32_456_704 B per C; KV 16_384_000 B per M; max batch 0.5e9 / 1_024_000 = 488
+    assert [c.need_gb for c in dis.memory] == [rel(0.032456704), rel(0.016384)]
+    assert dis.fits and dis.max_batch == 488
+    # re-planned at batch 488: dense (62_865_408 + 2*488*41_960) B / 2 / 100e9 = 5.19e-4 s, but
+    # attention 488 seqs * 2_048_000 KV B/seq * share 0.5 / 200e9 = 2.49856e-3 s now dominates
+    assert dis.max_batch_tokens_per_s == rel(488 / (488 * 2_048_000 * 0.5 / 200e9))
+    assert dis.max_batch_tokens_per_s == rel(195_312.5)
+
+
+def test_network_bottleneck_sets_the_period():
+    # 163_840 B over 0.25 GB/s = 6.5536e-4 s > dense 3.21e-4 s
+    r = plan_disaggregation(TOY, (C, 2), (M, 2), batch=B, context=S, network_gbs=0.25)
+    dis = r.disaggregated
+    assert dis.bottleneck == "network"
+    assert dis.iteration_s == rel(163_840 / 0.25e9)
+    assert dis.network_gbs_needed == rel(0.25)
+    # colocated placements do not cross the network
+    assert r.colocated.iteration_s == rel(4.8488064e-4)
+
+
+def test_efficiency_scales_stage_times():
+    r = plan_disaggregation(TOY, (C, 2), (M, 2), batch=B, context=S, efficiency=0.5)
+    assert r.disaggregated.dense.seconds == rel(64_208_128 / 2 / (0.5 * 100e9))
+
+
+def test_cut_bytes_formula():
+    # Lamina: (2 + 2/G) * e * d * B * L
+    assert cut_bytes_per_iteration(1024, 2, 16, 4, 2) == 2.5 * 2 * 1024 * 16 * 2 == 163_840
+    # LLaMA3-70B, B=256, bf16: 2.25 * 2 * 8192 * 256 * 80 = 754_974_720 bytes
+    assert cut_bytes_per_iteration(8192, 80, 256, 8, 2) == 754_974_720
+    # MHA (G=1): q, k, v in and output back = 4 * d per layer and token
+    assert cut_bytes_per_iteration(10, 3, 5, 1, 4) == 4 * 4 * 10 * 5 * 3
+    with pytest.raises(ValueError):
+        cut_bytes_per_iteration(10, 3, 5, 0, 4)
+
+
+def test_does_not_fit():
+    # 489 sequences need 489 * 1_024_000 = 500_736_000 B of KV per M > 0.5 GB
+    r = plan_disaggregation(TOY, (C, 2), (M, 2), batch=489, context=S)
+    dis = r.disaggregated
+    assert not dis.fits and dis.tokens_per_s is None and dis.cost_per_mtok is None
+    assert dis.network_gbs_needed is None and dis.max_batch == 488
+    assert not dis.memory[1].fits and dis.memory[0].fits
+    assert "does not fit" in format_plan(r)
+    # weights alone overflow: LLaMA3-70B bf16 (141 GB) on one 80 GB H100
+    r = plan_disaggregation(KNOWN_MODELS["llama3-70b"], (get_device("H100"), 1),
+                            (get_device("H20"), 4), batch=1, context=16)
+    assert not r.disaggregated.fits and r.disaggregated.max_batch == 0
+    assert not r.colocated.fits and r.colocated.max_batch == 0
+    assert r.colocated.max_batch_tokens_per_s is None
+
+
+def test_llama3_70b_h100x2_h20x4_is_sane():
+    m = KNOWN_MODELS["llama3-70b"]
+    # 80 * (8192*10240 + 8192*8192 + 3*8192*28672) + 2 * 8192*128256 = 70.55e9 (published: 70.6B)
+    assert m.stored_params == 80 * (83_886_080 + 67_108_864 + 704_643_072) + 2 * 1_050_673_152
+    r = plan_disaggregation(m, (get_device("H100"), 2), (get_device("H20"), 4), batch=256,
+                            context=4096)
+    # KV cache: 2*80*256*4096*8*128*2 B = 343.6 GB -> 85.9 GB per H20 (2 of 8 KV heads) <= 96;
+    # weights 141.1 GB -> 70.6 GB per H100 <= 80. Colocated on 2 or 3 H100s cannot hold both.
+    dis = r.disaggregated
+    assert dis.fits and not r.colocated.fits and not r.colocated_equal_cost.fits
+    assert r.colocated_equal_cost.devices == "3 x H100-SXM"  # floor(11.2 / 3.0)
+    # attention on 4 H20: 343_597_383_680 B / 4 / 4000e9 B/s = 21.47 ms
+    assert dis.attention.seconds == rel(343_597_383_680 / 4 / 4000e9)
+    # dense on 2 H100: (2*69_501_714_432 + 2*256*11_769_088) B / 2 / 3350e9 = 21.65 ms
+    assert dis.dense.seconds == rel((2 * 69_501_714_432 + 2 * 256 * 11_769_088) / 2 / 3350e9)
+    assert dis.iteration_s == dis.dense.seconds  # the stages are nearly balanced
+    assert 11_000 < dis.tokens_per_s < 12_500
+    # The roofline iteration (21.6 ms at 100% of datasheet bandwidth) is the shortest possible,
+    # so the bandwidth need (0.755 GB / 21.65 ms = 34.9 GB/s) is an upper bound. Lamina's
+    # "<= 30 GB/s" corresponds to an iteration of >= 25.2 ms, i.e. the H100s reaching <= 86% of
+    # datasheet bandwidth, which is what real decode GEMMs reach.
+    assert dis.network_gbs_needed == rel(754_974_720 / dis.iteration_s / 1e9)
+    assert 30 < dis.network_gbs_needed < 36
+    r80 = plan_disaggregation(m, (get_device("H100"), 2), (get_device("H20"), 4), batch=256,
+                              context=4096, efficiency=0.8)
+    assert r80.disaggregated.network_gbs_needed <= 30
+    # Disaggregation beats what the equal-cost colocated set can do at its largest batch.
+    assert dis.cost_per_mtok < r.colocated_equal_cost.max_batch_cost_per_mtok
+
+
+def test_load_model_known_and_config(tmp_path):
+    assert load_model("llama3-8b") is KNOWN_MODELS["llama3-8b"]
+    assert load_model("LLaMA3.1-70B") is KNOWN_MODELS["llama3-70b"]
+    cfg = {"hidden_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 8,
+           "num_key_value_heads": 2, "intermediate_size": 4096, "vocab_size": 1000,
+           "model_type": "llama"}
+    d = tmp_path / "toy"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    for spec in (str(d), str(d / "config.json")):
+        m = load_model(spec)
+        assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
+                m.intermediate_size, m.vocab_size, m.hd) == (1024, 2, 8, 2, 4096, 1000, 128)
+        assert m.name == "toy"
+    # no num_key_value_heads: plain multi-head attention; tied embeddings stored once
+    cfg2 = {k: v for k, v in cfg.items() if k != "num_key_value_heads"}
+    cfg2.update(tie_word_embeddings=True, head_dim=64)
+    (d / "config.json").write_text(json.dumps(cfg2))
+    m = load_model(str(d))
+    assert m.num_kv_heads == 8 and m.group_size == 1 and m.hd == 64
+    assert m.stored_params == m.dense_params
+    with pytest.raises(ValueError, match="neither a known model"):
+        load_model(str(tmp_path / "missing"))
+    (d / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ValueError, match="lacks"):
+        load_model(str(d))
+
+
+ARGS = ["disaggregate", "--model", "llama3-70b", "--compute", "H100:2", "--memory", "H20:4",
+        "--batch", "256", "--context", "4096"]
+
+
+def test_cli_table_and_json(tmp_path):
+    res = CliRunner().invoke(plan, ARGS)
+    assert res.exit_code == 0, res.output
+    assert "disaggregated" in res.output and "does not fit" in res.output
+    assert "11,827" in res.output  # 256 / 21.65 ms
+    res = CliRunner().invoke(plan, [*ARGS, "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["colocated"]["tokens_per_s"] is None
+    assert data["disaggregated"]["network_gbs_needed"] == pytest.approx(34.87, abs=0.01)
+    assert data["model"]["head_dim"] == 128
+
+
+def test_cli_model_from_config_dir(tmp_path):
+    cfg = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    args = ["disaggregate", "--model", str(tmp_path), "--compute", "H100", "--memory", "H20:2",
+            "--batch", "8", "--context", "128", "--json"]
+    res = CliRunner().invoke(plan, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["model"]["hidden_size"] == 4096
+    assert data["disaggregated"]["devices"] == "1 x H100-SXM + 2 x H20"  # bare name = 1 device
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--compute", "H100:x", "count after ':' must be a positive integer"),
+    ("--compute", "H100:0", "must be positive"),
+    ("--memory", "B300:4", "unknown device 'B300'"),
+    ("--memory", ":4", "expected DEVICE:COUNT"),
+    ("--model", "no-such-model", "neither a known model"),
+    ("--dtype", "int4", "int4"),
+    ("--batch", "0", "--batch"),
+])
+def test_cli_errors_are_clear(flag, value, needle):
+    args = list(ARGS)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    res = CliRunner().invoke(plan, args)
+    assert res.exit_code == 2, res.output
+    assert needle in res.output
+    assert "Traceback" not in res.output
+
+
+def test_cli_dtype_missing_from_device_table():
+    # The table has no float64 rate for H20: a usage error, not a traceback.
+    res = CliRunner().invoke(plan, [*ARGS, "--dtype", "float64"])
+    assert res.exit_code == 2 and "no peak rate for dtype 'float64'" in res.output
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError):
+        plan_disaggregation(TOY, (C, 0), (M, 2), batch=1, context=1)
+    with pytest.raises(ValueError):
+        plan_disaggregation(TOY, (C, 1), (M, 2), batch=1, context=1, efficiency=1.5)
+    with pytest.raises(ValueError, match="multiple"):
+        ModelShape("bad", 64, 1, 6, 4, 128, 10)
+    assert math.isclose(TOY.group_size, 4)

@@ -1,0 +1,318 @@
+"""Nano-batch schedules: make_schedule output always passes the checker; each kind of mutation is
+rejected with the right message; dependencies follow row intersections; JSON round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tileflow.schedule import (
+    RESOURCES,
+    NanoOp,
+    OpEdge,
+    OpSpec,
+    Schedule,
+    ScheduleError,
+    build_dependencies,
+    check_schedule,
+    dependency_rows_intersect,
+    make_schedule,
+    nano_name,
+)
+
+SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@st.composite
+def graphs(draw):
+    """A random DAG of 1-6 ops (edges only from lower to higher index), a random split of each
+    op's rows (or none), and random sequence boundaries for global edges."""
+    n_tokens = draw(st.integers(1, 48))
+    n_ops = draw(st.integers(1, 6))
+    specs = [
+        OpSpec(f"op{i}", f"aten.k{i}", draw(st.sampled_from(RESOURCES))) for i in range(n_ops)
+    ]
+    edges = [
+        OpEdge(f"op{a}", f"op{b}", draw(st.sampled_from(["token", "global"])))
+        for b in range(n_ops)
+        for a in range(b)
+        if draw(st.booleans())
+    ]
+    splits: dict[str, list[tuple[int, int]] | None] = {}
+    for spec in specs:
+        if draw(st.booleans()):
+            splits[spec.name] = None
+            continue
+        cuts = sorted(draw(st.sets(st.integers(1, max(1, n_tokens - 1)), max_size=4)))
+        cuts = [c for c in cuts if 0 < c < n_tokens]
+        bounds = [0, *cuts, n_tokens]
+        splits[spec.name] = list(zip(bounds, bounds[1:]))
+    seq_cuts = sorted(draw(st.sets(st.integers(1, max(1, n_tokens - 1)), max_size=4)))
+    seq_bounds = [0, *[c for c in seq_cuts if 0 < c < n_tokens], n_tokens]
+    return specs, splits, edges, n_tokens, seq_bounds
+
+
+def originals_of(specs, splits, n_tokens):
+    """The checker's `originals`: token extent of split ops, None for unsplit ones."""
+    return {s.name: (n_tokens if splits.get(s.name) else None) for s in specs}
+
+
+def build(g):
+    specs, splits, edges, n, seq = g
+    return make_schedule(specs, splits, edges, n, seq_bounds=seq), originals_of(specs, splits, n)
+
+
+def replace_op(schedule: Schedule, name: str, **changes) -> Schedule:
+    ops = dict(schedule.ops)
+    ops[name] = dataclasses.replace(ops[name], **changes)
+    return dataclasses.replace(schedule, ops=ops)
+
+
+# ------------------------------------------------------------------ properties of make_schedule
+
+
+@SETTINGS
+@given(graphs())
+def test_generated_schedules_pass(g):
+    schedule, originals = build(g)
+    check_schedule(schedule, originals)
+    # Also with every extent given explicitly (an unsplit op covers [0, n) too).
+    check_schedule(schedule, {name: g[3] for name in originals})
+
+
+@SETTINGS
+@given(graphs())
+def test_deps_are_exactly_the_intersecting_producers(g):
+    specs, splits, edges, n, seq = g
+    schedule, _ = build(g)
+    for edge in edges:
+        for cons in (o for o in schedule.ops.values() if o.original == edge.consumer):
+            got = {d for d in cons.deps if schedule.ops[d].original == edge.producer}
+            lo, hi = cons.rows
+            if edge.kind == "global":  # widen to the sequences the rows touch
+                lo = max(b for b in seq if b <= lo)
+                hi = min(b for b in seq if b >= hi)
+            want = {
+                p.name
+                for p in schedule.ops.values()
+                if p.original == edge.producer and dependency_rows_intersect((lo, hi), p.rows)
+            }
+            assert got == want
+
+
+@SETTINGS
+@given(graphs())
+def test_json_round_trip(g):
+    schedule, _ = build(g)
+    data = json.loads(json.dumps(schedule.to_dict()))
+    assert Schedule.from_dict(data) == schedule
+    assert schedule.describe().startswith(f"schedule: {g[3]} tokens")
+
+
+# ------------------------------------------------------------------ mutations are rejected
+
+
+@SETTINGS
+@given(graphs(), st.data())
+def test_dropped_event_rejected(g, data):
+    schedule, originals = build(g)
+    if not schedule.events:
+        return
+    idx = data.draw(st.integers(0, len(schedule.events) - 1))
+    producer, consumer = schedule.events[idx]
+    events = [e for e in schedule.events if e != (producer, consumer)]
+    bad = dataclasses.replace(schedule, events=events)
+    with pytest.raises(ScheduleError, match=r"not satisfied.*no event"):
+        check_schedule(bad, originals)
+
+
+@SETTINGS
+@given(graphs(), st.data())
+def test_consumer_before_producer_on_stream_rejected(g, data):
+    schedule, originals = build(g)
+    pairs = [
+        (dep, op.name)
+        for op in schedule.ops.values()
+        for dep in op.deps
+        if schedule.ops[dep].stream == op.stream
+    ]
+    if not pairs:
+        return
+    producer, consumer = data.draw(st.sampled_from(pairs))
+    stream = schedule.ops[consumer].stream
+    order = list(schedule.streams[stream])
+    a, b = order.index(producer), order.index(consumer)
+    order[a], order[b] = order[b], order[a]
+    bad = dataclasses.replace(schedule, streams={**schedule.streams, stream: order})
+    with pytest.raises(ScheduleError, match=r"not satisfied: both on stream .* after the consumer"):
+        check_schedule(bad, originals)
+
+
+@SETTINGS
+@given(graphs(), st.data())
+def test_overlapping_rows_rejected(g, data):
+    schedule, originals = build(g)
+    # A nano-op that has a successor slice of the same original op: grow it into the successor.
+    growable = [
+        op.name
+        for op in schedule.ops.values()
+        if originals[op.original] is not None and op.rows[1] < g[3]
+    ]
+    if not growable:
+        return
+    name = data.draw(st.sampled_from(growable))
+    lo, hi = schedule.ops[name].rows
+    bad = replace_op(schedule, name, rows=(lo, hi + 1))
+    with pytest.raises(ScheduleError, match=r"overlap between nano-ops"):
+        check_schedule(bad, originals)
+
+
+@SETTINGS
+@given(graphs(), st.data())
+def test_missing_rows_rejected(g, data):
+    schedule, originals = build(g)
+    shrinkable = [
+        op.name
+        for op in schedule.ops.values()
+        if originals[op.original] is not None and op.rows[1] - op.rows[0] >= 2
+    ]
+    if not shrinkable:
+        return
+    name = data.draw(st.sampled_from(shrinkable))
+    lo, hi = schedule.ops[name].rows
+    from_top = data.draw(st.booleans())
+    rows = (lo, hi - 1) if from_top else (lo + 1, hi)
+    bad = replace_op(schedule, name, rows=rows)
+    missing = hi - 1 if from_top else lo
+    with pytest.raises(ScheduleError, match=rf"gap, rows \[{missing}, {missing + 1}\)"):
+        check_schedule(bad, originals)
+
+
+@SETTINGS
+@given(graphs(), st.data())
+def test_cycle_rejected(g, data):
+    schedule, originals = build(g)
+    if not schedule.events:
+        return
+    producer, consumer = data.draw(st.sampled_from(schedule.events))
+    # The reverse event keeps every dependency satisfied but makes the streams wait on each other.
+    bad = dataclasses.replace(schedule, events=[*schedule.events, (consumer, producer)])
+    with pytest.raises(ScheduleError, match=r"cycle in stream order \+ events") as info:
+        check_schedule(bad, originals)
+    assert producer in str(info.value) and consumer in str(info.value)
+
+
+# ------------------------------------------------------------------ hand-written cases
+
+
+def layer():
+    """qkv (compute) -> attention (memory, whole sequences) -> o_proj (compute), 8 tokens in two
+    sequences [0, 4) and [4, 8), every op split in two nano-batches."""
+    specs = [
+        OpSpec("qkv", "mm", "compute"),
+        OpSpec("attn", "meta_attention", "memory"),
+        OpSpec("o", "mm", "compute"),
+    ]
+    halves = [(0, 4), (4, 8)]
+    splits = {"qkv": halves, "attn": halves, "o": halves}
+    edges = [("qkv", "attn", "global"), ("attn", "o")]
+    return make_schedule(specs, splits, edges, 8, seq_bounds=[0, 4, 8])
+
+
+def test_layer_schedule_shape():
+    s = layer()
+    assert s.streams == {0: ["qkv[0]", "qkv[1]", "o[0]", "o[1]"], 1: ["attn[0]", "attn[1]"]}
+    assert s.ops["attn[1]"].deps == ("qkv[1]",)  # no barrier on nano-batch 0
+    assert s.events == [("qkv[0]", "attn[0]"), ("qkv[1]", "attn[1]"), ("attn[0]", "o[0]"),
+                        ("attn[1]", "o[1]")]
+    check_schedule(s, {"qkv": 8, "attn": 8, "o": 8})
+    text = s.describe()
+    assert "stream 1 (memory):" in text and "waits on qkv[1]" in text
+
+
+def test_global_edge_spans_sequences():
+    # A sequence [2, 6) straddles the split at 4: both attention slices need both qkv slices.
+    deps = build_dependencies(
+        {"qkv": [(0, 4), (4, 8)], "attn": [(0, 4), (4, 8)]},
+        [OpEdge("qkv", "attn", "global")],
+        seq_bounds=[0, 2, 6, 8],
+    )
+    assert deps[nano_name("attn", 0)] == ("qkv[0]", "qkv[1]")
+    assert deps[nano_name("attn", 1)] == ("qkv[0]", "qkv[1]")
+    token = build_dependencies({"a": [(0, 3), (3, 8)], "b": [(0, 5), (5, 8)]}, [("a", "b")])
+    assert token == {"a[0]": (), "a[1]": (), "b[0]": ("a[0]", "a[1]"), "b[1]": ("a[1]",)}
+
+
+def test_rows_intersect():
+    assert dependency_rows_intersect((0, 4), (3, 5))
+    assert not dependency_rows_intersect((0, 4), (4, 8))  # half-open
+    assert not dependency_rows_intersect((5, 6), (0, 5))
+
+
+def test_priority_reorders_streams():
+    specs = [OpSpec("a", "mm", "compute"), OpSpec("b", "mm", "compute")]
+    splits = {"a": [(0, 2), (2, 4)], "b": [(0, 2), (2, 4)]}
+    s = make_schedule(specs, splits, [("a", "b")], 4,
+                      priority={"a[0]": 0, "b[0]": 1, "a[1]": 2, "b[1]": 3})
+    assert s.streams[0] == ["a[0]", "b[0]", "a[1]", "b[1]"]
+    check_schedule(s, {"a": 4, "b": 4})
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda s: replace_op(s, "attn[0]", stream=7), "references unknown stream 7"),
+        (lambda s: replace_op(s, "o[0]", deps=("nope",)), "depends on unknown op 'nope'"),
+        (lambda s: replace_op(s, "o[0]", original="ghost"), "unknown original op 'ghost'"),
+        (lambda s: dataclasses.replace(s, streams={0: s.streams[0], 1: ["attn[1]"]}),
+         r"'attn\[0\]' appears in 0 stream slots"),
+        (lambda s: dataclasses.replace(s, streams={0: s.streams[0] + ["attn[0]"],
+                                                   1: s.streams[1]}),
+         r"'attn\[0\]' appears in 2 stream slots"),
+        (lambda s: dataclasses.replace(s, streams={**s.streams, 1: [*s.streams[1], "zz"]}),
+         "stream 1 lists unknown op 'zz'"),
+        (lambda s: dataclasses.replace(s, events=[*s.events, ("qkv[0]", "zz")]),
+         "names unknown op 'zz'"),
+        (lambda s: replace_op(s, "attn[1]", rows=(4, 9)), "outside original op 'attn'"),
+    ],
+)
+def test_structural_errors(mutate, message):
+    with pytest.raises(ScheduleError, match=message):
+        check_schedule(mutate(layer()), {"qkv": 8, "attn": 8, "o": 8})
+
+
+def test_unsplit_op_with_two_nano_ops_rejected():
+    with pytest.raises(ScheduleError, match=r"'attn' is not split but has 2 nano-ops"):
+        check_schedule(layer(), {"qkv": 8, "attn": None, "o": 8})
+
+
+def test_original_without_nano_ops_rejected():
+    with pytest.raises(ScheduleError, match="'extra' is not covered: it has no nano-ops"):
+        check_schedule(layer(), {"qkv": 8, "attn": 8, "o": 8, "extra": 8})
+
+
+def test_cyclic_op_graph_rejected():
+    specs = [OpSpec("a", "mm", "compute"), OpSpec("b", "mm", "memory")]
+    with pytest.raises(ScheduleError, match="cycle in the original op graph"):
+        make_schedule(specs, {}, [("a", "b"), ("b", "a")], 4)
+
+
+def test_cycle_message_names_the_cycle():
+    s = layer()
+    bad = dataclasses.replace(s, events=[*s.events, ("o[1]", "attn[0]")])
+    with pytest.raises(ScheduleError) as info:
+        check_schedule(bad, {"qkv": 8, "attn": 8, "o": 8})
+    cycle = re.search(r"deadlock\): (.*)$", str(info.value)).group(1).split(" -> ")
+    assert cycle[0] == cycle[-1] and {"o[1]", "attn[0]"} <= set(cycle)
+
+
+def test_nano_op_json_round_trip():
+    op = NanoOp("x[0]", "mm", "compute", (0, 3), ("y[0]",), 0, "x")
+    assert NanoOp.from_dict(json.loads(json.dumps(op.to_dict()))) == op

@@ -1,0 +1,193 @@
+"""Nano-batch split search: exact against brute force, threshold behaviour, determinism, cache,
+JSON, and plans that turn into valid schedules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tileflow import search
+from tileflow.devices import DEVICES, get_device
+from tileflow.schedule import OpSpec, check_schedule, make_schedule
+from tileflow.search import (
+    OpProfile,
+    SplitPlan,
+    brute_force_split,
+    makespan,
+    op_time,
+    search_split,
+    split_threshold,
+)
+
+H100 = get_device("H100")
+
+
+def llama_layer(ctx: int, layers: int = 1, net: bool = False) -> list[OpProfile]:
+    """Llama-3-8B-like decode layers in bf16: GEMMs (weights read per launch) and decode
+    attention reading `ctx` tokens of KV cache per token (8 KV heads x 128)."""
+    d, kv, ffn = 4096, 1024, 14336
+    ops: list[OpProfile] = []
+    for i in range(layers):
+        ops += [
+            OpProfile(f"qkv{i}", "compute", 2 * d * (d + 2 * kv), 2 * (2 * d + 2 * kv),
+                      2 * d * (d + 2 * kv)),
+            OpProfile(f"attn{i}", "memory", 4 * ctx * d, ctx * 2 * kv * 2),
+            OpProfile(f"o{i}", "compute", 2 * d * d, 4 * d, 2 * d * d),
+        ]
+        if net:
+            ops.append(OpProfile(f"allreduce{i}", "network", 0, 2 * d))
+        ops += [
+            OpProfile(f"up{i}", "compute", 4 * d * ffn, 2 * (d + 2 * ffn), 4 * d * ffn),
+            OpProfile(f"down{i}", "compute", 2 * ffn * d, 2 * (d + ffn), 2 * ffn * d),
+        ]
+    return ops
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    search.clear_cache()
+    yield
+    search.clear_cache()
+
+
+def same(a: SplitPlan, b: SplitPlan) -> None:
+    assert (a.k, a.sizes, a.sm_share_per_stream, a.stream_of_resource) == (
+        b.k, b.sizes, b.sm_share_per_stream, b.stream_of_resource)
+    assert a.makespan == b.makespan and a.baseline_makespan == b.baseline_makespan
+
+
+@st.composite
+def profiles(draw):
+    """Random small op chains (2-5 ops) with costs spanning compute- and memory-bound."""
+    n = draw(st.integers(2, 5))
+    ops = []
+    for i in range(n):
+        resource = draw(st.sampled_from(["compute", "compute", "memory", "network"]))
+        ops.append(OpProfile(
+            f"op{i}",
+            resource,
+            flops_per_token=draw(st.sampled_from([0.0, 1e6, 5e7, 4e8])),
+            bytes_per_token=draw(st.sampled_from([0.0, 1e4, 5e5, 4e6])),
+            fixed_bytes=draw(st.sampled_from([0.0, 3e7, 2e8])),
+        ))
+    return ops
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    profiles(),
+    st.sampled_from([1, 3, 16, 100, 512, 4096]),
+    st.integers(1, 4),
+    st.sampled_from([2, 4, 6]),
+    st.sampled_from(["H100-SXM", "A100-SXM", "H20"]),
+)
+def test_search_equals_brute_force(ops, tokens, kmax, units, device):
+    dev = DEVICES[device]
+    kw = dict(max_nano_batches=kmax, units=units, sm_shares=(0.25, 0.5, 0.75))
+    found = search_split(ops, dev, tokens, apply_threshold=False, **kw)
+    same(found, brute_force_split(ops, dev, tokens, **kw))
+    assert found.makespan <= found.baseline_makespan
+    assert sum(found.sizes) == tokens and found.k == len(found.sizes) <= kmax
+
+
+@pytest.mark.parametrize("ctx, tokens", [(1024, 512), (1024, 2048), (128, 4096)])
+def test_search_equals_brute_force_on_llama(ctx, tokens):
+    ops = llama_layer(ctx, layers=2, net=True)
+    found = search_split(ops, H100, tokens, apply_threshold=False)
+    same(found, brute_force_split(ops, H100, tokens))
+
+
+def test_threshold_is_where_splitting_starts_to_win():
+    ops = llama_layer(1024, layers=2)
+    threshold = split_threshold(ops, H100)
+    assert threshold is not None and 64 <= threshold <= 4096
+    # Just below: the best split does not beat the baseline; at the threshold it does.
+    below = brute_force_split(ops, H100, threshold - 1)
+    assert below.k == 1 or below.makespan >= below.baseline_makespan
+    at = brute_force_split(ops, H100, threshold)
+    assert at.k >= 2 and at.makespan < at.baseline_makespan
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 32, 64, 128])
+def test_small_steps_are_not_split(tokens):
+    ops = llama_layer(1024, layers=2)
+    plan = search_split(ops, H100, tokens)
+    assert plan.k == 1 and plan.sizes == (tokens,)
+    assert plan.makespan == plan.baseline_makespan
+    assert plan.threshold is not None and tokens < plan.threshold
+
+
+@pytest.mark.parametrize("ctx, tokens", [(128, 8192), (1024, 2048), (1024, 8192)])
+def test_large_steps_are_split(ctx, tokens):
+    # ctx=128: GEMM FLOPs dominate (compute-heavy); ctx=1024: attention is large as well.
+    ops = llama_layer(ctx, layers=2)
+    plan = search_split(ops, H100, tokens)
+    assert plan.k >= 2 and plan.makespan < plan.baseline_makespan
+    assert plan.stream_of_resource == {"compute": 0, "memory": 1}
+    assert plan.sm_share_per_stream[0] + plan.sm_share_per_stream[1] == pytest.approx(1.0)
+
+
+def test_deterministic_and_cached():
+    ops = llama_layer(1024, layers=2, net=True)
+    first = search_split(ops, H100, 2048)
+    cached = len(search._PLAN_CACHE)
+    assert search_split(ops, H100, 2048) == first and len(search._PLAN_CACHE) == cached
+    search.clear_cache()
+    second = search_split(list(ops), H100, 2048)
+    assert first == second
+    assert len(search._PLAN_CACHE) >= 1
+    key = (search.model_signature(ops), "H100-SXM", 2048)
+    assert any(k[:3] == key for k in search._PLAN_CACHE)
+
+
+def test_plan_json_round_trip():
+    plan = search_split(llama_layer(1024, layers=2, net=True), H100, 2048)
+    assert SplitPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    assert plan.stream_of_resource["network"] == 2 and plan.sm_share_per_stream[2] == 0.0
+
+
+def test_roofline_and_contention():
+    gemm = OpProfile("g", "compute", flops_per_token=2e8, fixed_bytes=1e8)
+    # Few tokens: weight-read (memory) bound; many tokens: FLOP bound.
+    assert op_time(gemm, 1, 1.0, H100)[1] is True
+    t, bound = op_time(gemm, 8192, 0.5, H100)
+    assert bound is False
+    assert t == pytest.approx(2e8 * 8192 / (989e12 * 0.5) + search.LAUNCH_OVERHEAD_S)
+    attn = OpProfile("a", "memory", bytes_per_token=4e6)
+    # Bandwidth saturates at BW_SATURATION_SHARE of the SMs.
+    assert op_time(attn, 64, search.BW_SATURATION_SHARE, H100)[0] == op_time(attn, 64, 1.0, H100)[0]
+    # Two memory-bound streams overlapping are slower than the contention-free pipeline.
+    mem_gemm = OpProfile("mg", "compute", flops_per_token=1e3, fixed_bytes=4e8)
+    ops = [mem_gemm, attn, mem_gemm]
+    sizes, share = (32, 32), 0.5
+    streams, shares = search._streams_and_shares(ops, 2, share)
+    times, _ = search._durations(ops, sizes, streams, shares, H100, 450.0)
+    _, finish = search._list_schedule(ops, 2, streams, times)
+    free = max(max(row) for row in finish)
+    assert makespan(ops, sizes, share, H100) > free
+
+
+def test_plan_becomes_a_valid_schedule():
+    ops = llama_layer(1024, layers=1)
+    plan = search_split(ops, H100, 2048)
+    specs = [OpSpec(o.name, "op", o.resource) for o in ops]
+    splits = {o.name: plan.ranges() for o in ops}
+    edges = [(a.name, b.name, "global" if b.resource == "memory" else "token")
+             for a, b in zip(ops, ops[1:])]
+    sched = make_schedule(specs, splits, edges, 2048,
+                          seq_bounds=list(range(0, 2049, 1)),
+                          stream_of_resource=plan.stream_of_resource)
+    check_schedule(sched, {o.name: 2048 for o in ops})
+    assert len(sched.streams) == 2 and sched.events
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="resource"):
+        OpProfile("x", "disk")
+    with pytest.raises(ValueError, match="num_tokens"):
+        search_split(llama_layer(128), H100, 0)
+    with pytest.raises(ValueError, match="sm_shares"):
+        search_split(llama_layer(128), H100, 64, sm_shares=(1.5,), apply_threshold=False)

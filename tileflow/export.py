@@ -1,0 +1,427 @@
+"""Ahead-of-time export: a model -> tileflow's passes -> a self-checking archive -> `tileflow.load`.
+
+`export_model` runs `torch.export`, brings the program to tileflow's ATen form (`capture_exported`),
+runs the same pipeline as `torch.compile(backend="tileflow")` (`compile_graph`: passes, tile plans,
+kernels), then re-exports the REWRITTEN graph, so the saved `.pt2` program calls
+`tileflow::padded_gemm` / `tileflow::meta_attention` with their plans baked into the arguments.
+
+The archive is a zip:
+
+    program.pt2     torch.export.save of the rewritten program
+    manifest.json   versions, target, dynamic ranges, input specs, report, tile plans, content hash
+    kernels/...     kernel sources the target emitted (when it writes any)
+
+`load(path)` checks the archive (format, tileflow major version, content hash, target runtime),
+`torch.export.load`s the program and returns a callable that validates inputs against the recorded
+dtypes and ranges. It never traces with Dynamo and never re-runs a pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import json
+import re
+import shutil
+import tempfile
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .capture import capture_exported
+from .compiler import compile_graph
+from .config import Config
+from .report import Report
+
+ARCHIVE_FORMAT = 1
+PROGRAM_MEMBER = "program.pt2"
+MANIFEST_MEMBER = "manifest.json"
+KERNELS_PREFIX = "kernels/"
+
+ProgressFn = Callable[[str], None]
+STAGES = ("export", "passes", "kernels", "packaging")
+
+
+def _tileflow_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return getattr(triton, "__version__", None)
+
+
+@dataclass
+class ExportedArchive:
+    """What `export_model` produced; `save(path)` writes it as a tileflow archive (zip).
+
+    Attributes:
+        program: the rewritten ExportedProgram (tileflow's custom ops in its graph).
+        manifest: the manifest, without the content hash (added by `save`).
+        report: the compiler's report for the exported graph.
+        kernels: kernel file name -> source bytes, as the target emitted them.
+    """
+
+    program: torch.export.ExportedProgram
+    manifest: dict[str, Any]
+    report: Report
+    kernels: dict[str, bytes] = field(default_factory=dict)
+
+    def members(self) -> dict[str, bytes]:
+        """Every archive member except the manifest, by name."""
+        buf = io.BytesIO()
+        torch.export.save(self.program, buf)
+        members = {PROGRAM_MEMBER: buf.getvalue()}
+        for name, data in sorted(self.kernels.items()):
+            members[KERNELS_PREFIX + name] = data
+        return members
+
+    def save(self, path: str | Path) -> Path:
+        """Write the archive to `path` (parent folders are created) and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        members = self.members()
+        manifest = dict(self.manifest)
+        manifest["content_sha256"] = content_hash(members)
+        manifest["members"] = sorted(members)
+        # Write to a temporary name first so an interrupted save never leaves a half archive
+        # under the real name.
+        tmp = path.with_name(path.name + ".partial")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(MANIFEST_MEMBER, json.dumps(manifest, indent=2, default=str))
+            for name, data in members.items():
+                zf.writestr(name, data)
+        tmp.replace(path)
+        return path
+
+
+def content_hash(members: Mapping[str, bytes]) -> str:
+    """sha256 over the members' names and bytes, in name order (the manifest is not included)."""
+    h = hashlib.sha256()
+    for name in sorted(members):
+        data = members[name]
+        h.update(name.encode())
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def export_model(
+    model: torch.nn.Module,
+    example_args: Sequence[Any],
+    dynamic_shapes: Any = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+) -> ExportedArchive:
+    """Export `model` ahead of time through tileflow's passes.
+
+    `example_args` and `dynamic_shapes` are as for `torch.export.export` (`dynamic_shapes` may be
+    a tuple aligned with the args or a dict keyed by `forward`'s parameter names; each tensor's
+    entry maps dim index -> `torch.export.Dim`). `options` are tileflow options (`Config`), e.g.
+    `{"target": "reference"}`. `progress(stage)` is called as each stage starts
+    (export, passes, kernels, packaging). The model is put in eval mode. Returns an
+    `ExportedArchive`; call `.save(path)`.
+    """
+    notify = progress or (lambda stage: None)
+    example_args = tuple(example_args)
+    options = dict(options or {})
+    user_debug_dir = options.get("debug_dir")
+
+    notify("export")
+    model = model.eval()
+    with torch.no_grad():
+        ep = torch.export.export(model, example_args, dynamic_shapes=dynamic_shapes)
+
+    notify("passes")
+    captured = capture_exported(ep)
+    names = _dim_names(model, example_args, dynamic_shapes, captured.example_inputs)
+    tmp_dir = None if user_debug_dir else tempfile.mkdtemp(prefix="tileflow-export-")
+    try:
+        config = Config.from_options({**options, "debug_dir": user_debug_dir or tmp_dir})
+        report = Report()
+        compile_graph(captured.gm, captured.example_inputs, config, report, compile_id="export")
+        graph_report = report.graphs[-1]
+
+        notify("kernels")
+        kernels: dict[str, bytes] = {}
+        if graph_report.debug_dir:
+            kdir = Path(graph_report.debug_dir) / "kernels"
+            if kdir.is_dir():
+                for f in sorted(kdir.rglob("*")):
+                    if f.is_file():
+                        kernels[f.relative_to(kdir).as_posix()] = f.read_bytes()
+    finally:
+        if tmp_dir:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    notify("packaging")
+    # Re-export the rewritten module: tileflow's ops have fake impls, so torch.export traces them
+    # as opaque calls and the saved program carries them (plans and target are string args).
+    symbols = _symbol_table(captured.example_inputs, captured.range_constraints, names)
+    flat_args, spec = pytree.tree_flatten(example_args)
+    leaf_shapes = [_leaf_dynamic_shape(v, symbols) for v in captured.example_inputs]
+    if len(leaf_shapes) != len(flat_args):
+        # Re-exporting without the ranges would silently make the program static: refuse.
+        raise RuntimeError(
+            f"the exported program has {len(leaf_shapes)} user inputs but example_args flatten to "
+            f"{len(flat_args)}; pass the inputs as a flat tuple of tensors"
+        )
+    with torch.no_grad():
+        program = torch.export.export(captured.gm, example_args, dynamic_shapes=pytree.tree_unflatten(leaf_shapes, spec))
+
+    manifest = _manifest(program, report, graph_report.target, symbols, captured.example_inputs, kernels)
+    return ExportedArchive(program=program, manifest=manifest, report=report, kernels=kernels)
+
+
+def _normalize_dynamic_shapes(model: torch.nn.Module, n_args: int, dynamic_shapes: Any) -> list[Any]:
+    """`dynamic_shapes` as a list aligned with the positional args (None where not given)."""
+    if dynamic_shapes is None:
+        return [None] * n_args
+    if isinstance(dynamic_shapes, dict):
+        params = [p for p in inspect.signature(model.forward).parameters]
+        return [dynamic_shapes.get(name) for name in params[:n_args]]
+    shapes = list(dynamic_shapes)
+    return shapes + [None] * (n_args - len(shapes))
+
+
+def _dim_names(model: torch.nn.Module, example_args: tuple, dynamic_shapes: Any, fake_inputs: Sequence[Any]) -> dict[str, str]:
+    """Size symbol (e.g. `s27`) -> the user's Dim name (e.g. `seq`), where it can be matched."""
+    names: dict[str, str] = {}
+    per_arg = _normalize_dynamic_shapes(model, len(example_args), dynamic_shapes)
+    for arg, shape_spec, fake in zip(example_args, per_arg, fake_inputs):
+        if not isinstance(arg, torch.Tensor) or not isinstance(fake, torch.Tensor) or shape_spec is None:
+            continue
+        items = shape_spec.items() if isinstance(shape_spec, dict) else enumerate(shape_spec)
+        for dim, spec in items:
+            name = getattr(spec, "__name__", None)
+            size = fake.shape[dim]
+            if name and isinstance(size, torch.SymInt):
+                names.setdefault(str(size.node.expr), name)
+    return names
+
+
+@dataclass
+class _Symbol:
+    name: str
+    lo: int
+    hi: int | None
+    dim: Any = None
+
+
+def _symbol_table(fake_inputs: Sequence[Any], ranges: Mapping[str, tuple[int, int | None]], names: Mapping[str, str]) -> dict[str, _Symbol]:
+    """Every plain size symbol of the inputs -> its user-facing name, range and a fresh Dim."""
+    table: dict[str, _Symbol] = {}
+    for fake in fake_inputs:
+        if not isinstance(fake, torch.Tensor):
+            continue
+        for size in fake.shape:
+            if isinstance(size, torch.SymInt):
+                key = str(size.node.expr)
+                if key in table or key not in ranges:
+                    continue
+                lo, hi = ranges[key]
+                name = names.get(key, key)
+                ident = re.sub(r"\W", "_", name)
+                kwargs = {"min": lo} if hi is None else {"min": lo, "max": hi}
+                table[key] = _Symbol(name=name, lo=lo, hi=hi, dim=torch.export.Dim(ident, **kwargs))
+    return table
+
+
+def _leaf_dynamic_shape(fake: Any, symbols: Mapping[str, _Symbol]) -> Any:
+    """The re-export's dynamic_shapes entry for one input leaf: dim -> Dim for symbolic dims."""
+    if not isinstance(fake, torch.Tensor):
+        return None
+    spec: dict[int, Any] = {}
+    for i, size in enumerate(fake.shape):
+        if isinstance(size, torch.SymInt):
+            sym = symbols.get(str(size.node.expr))
+            # A derived size (e.g. 2*s) lets torch.export work out the relation itself.
+            spec[i] = sym.dim if sym is not None else torch.export.Dim.AUTO
+    return spec or None
+
+
+def _input_specs(fake_inputs: Sequence[Any], symbols: Mapping[str, _Symbol]) -> list[dict[str, Any]]:
+    specs: list[dict[str, Any]] = []
+    for fake in fake_inputs:
+        if not isinstance(fake, torch.Tensor):
+            specs.append({"kind": type(fake).__name__})
+            continue
+        shape: list[int | str] = []
+        for size in fake.shape:
+            if isinstance(size, torch.SymInt):
+                key = str(size.node.expr)
+                shape.append(symbols[key].name if key in symbols else key)
+            else:
+                shape.append(int(size))
+        specs.append({"kind": "tensor", "shape": shape, "dtype": str(fake.dtype).replace("torch.", "")})
+    return specs
+
+
+def _manifest(
+    program: torch.export.ExportedProgram,
+    report: Report,
+    target: str,
+    symbols: Mapping[str, _Symbol],
+    fake_inputs: Sequence[Any],
+    kernels: Mapping[str, bytes],
+) -> dict[str, Any]:
+    graph = report.graphs[-1]
+    report_data = report.to_dict()
+    # Kernel paths pointed into a temporary folder: point them at the archive's copies instead.
+    for g in report_data["graphs"]:
+        for k in g.get("kernels", []):
+            if k.get("source_path"):
+                k["source_path"] = KERNELS_PREFIX + Path(k["source_path"]).name
+    ops = sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function" and str(n.target).startswith("tileflow.")})
+    return {
+        "format": ARCHIVE_FORMAT,
+        "tileflow_version": _tileflow_version(),
+        "torch_version": torch.__version__,
+        "triton_version": _triton_version(),
+        "target": target,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dynamic": {s.name: [s.lo, s.hi] for s in symbols.values()},
+        "inputs": _input_specs(fake_inputs, symbols),
+        "rewrites": graph.rewrites,
+        "tileflow_ops": ops,
+        "plans": graph.plans,
+        "kernels": sorted(kernels),
+        "report": report_data,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+class LoadedProgram:
+    """A loaded tileflow archive: call it like the exported model (positional tensor args)."""
+
+    def __init__(self, manifest: dict[str, Any], program: torch.export.ExportedProgram, path: str) -> None:
+        self.manifest = manifest
+        self.program = program
+        self.path = path
+        self.module = program.module()
+
+    def check_inputs(self, args: Sequence[Any]) -> None:
+        """Raise ValueError when `args` do not match the archive's recorded inputs."""
+        specs = self.manifest["inputs"]
+        if len(args) != len(specs):
+            raise ValueError(f"the archive {self.path} takes {len(specs)} input(s), got {len(args)}")
+        ranges = self.manifest.get("dynamic", {})
+        bound: dict[str, tuple[int, str]] = {}
+        for i, (arg, spec) in enumerate(zip(args, specs)):
+            if spec.get("kind") != "tensor":
+                continue
+            if not isinstance(arg, torch.Tensor):
+                raise ValueError(f"input {i} must be a tensor, got {type(arg).__name__}")
+            dtype = str(arg.dtype).replace("torch.", "")
+            if dtype != spec["dtype"]:
+                raise ValueError(f"input {i} has dtype {dtype} but the archive was exported for {spec['dtype']}")
+            shape = spec["shape"]
+            if arg.dim() != len(shape):
+                raise ValueError(f"input {i} has {arg.dim()} dims but the archive was exported for {len(shape)} ({shape})")
+            for d, (size, want) in enumerate(zip(arg.shape, shape)):
+                where = f"input {i} dim {d}"
+                if isinstance(want, int):
+                    if size != want:
+                        raise ValueError(f"{where} is {size} but the archive was exported with it fixed at {want}")
+                    continue
+                lo, hi = ranges.get(want, [None, None])
+                if (lo is not None and size < lo) or (hi is not None and size > hi):
+                    raise ValueError(f"{where} is {size} but the archive was exported for {want} in [{lo}, {hi}]")
+                if want in bound and bound[want][0] != size:
+                    raise ValueError(f"{where} is {size} but {bound[want][1]} (the same dim {want}) is {bound[want][0]}")
+                bound.setdefault(want, (int(size), where))
+
+    def __call__(self, *args: Any) -> Any:
+        self.check_inputs(args)
+        # Inference only: tileflow's ops have no autograd formulas.
+        with torch.no_grad():
+            return self.module(*args)
+
+    def __repr__(self) -> str:
+        return f"LoadedProgram({self.path!r}, target={self.manifest.get('target')!r}, dynamic={self.manifest.get('dynamic')})"
+
+
+def _major(version: str) -> str:
+    return version.split("+")[0].split(".")[0]
+
+
+def read_archive(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Read and verify an archive: (manifest, members). Raises ValueError naming what is wrong."""
+    path = str(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if MANIFEST_MEMBER not in names:
+                raise ValueError(f"{path} is not a tileflow archive: it has no {MANIFEST_MEMBER}")
+            manifest = json.loads(zf.read(MANIFEST_MEMBER))
+            members = {n: zf.read(n) for n in names if n != MANIFEST_MEMBER and not n.endswith("/")}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no tileflow archive at {path}") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable tileflow archive (truncated or not a zip file: {exc}); re-export it") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} has a corrupt {MANIFEST_MEMBER}: {exc}; re-export it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ValueError(f"{path} has archive format {got!r}; this tileflow reads format {ARCHIVE_FORMAT}")
+    made_by, here = str(manifest.get("tileflow_version", "?")), _tileflow_version()
+    if _major(made_by) != _major(here):
+        raise ValueError(f"{path} was exported by tileflow {made_by}, incompatible with tileflow {here} (major version differs); re-export it")
+    if PROGRAM_MEMBER not in members:
+        raise ValueError(f"{path} has no {PROGRAM_MEMBER}; re-export it")
+    digest = content_hash(members)
+    if digest != manifest.get("content_sha256"):
+        raise ValueError(
+            f"{path} is corrupt or was modified: the content hash {digest[:12]}… does not match the "
+            f"manifest's {str(manifest.get('content_sha256'))[:12]}…; re-export it"
+        )
+    return manifest, members
+
+
+def load(path: str | Path) -> LoadedProgram:
+    """Load a tileflow archive written by `tileflow export` / `export_model(...).save(path)`.
+
+    Checks the archive (format, tileflow major version, content hash) and that its target's
+    runtime is available here, then `torch.export.load`s the rewritten program. The returned
+    callable validates inputs against the recorded dtypes and dynamic ranges (ValueError) and runs
+    the program; no Dynamo tracing or pass happens here.
+    """
+    from .targets import get_backend
+
+    manifest, members = read_archive(path)
+    target = manifest.get("target", "reference")
+    try:
+        ok, why = get_backend(target).available()
+    except (ValueError, ImportError) as exc:
+        ok, why = False, str(exc)
+    if not ok:
+        raise RuntimeError(f"{path} was exported for target {target!r}, which cannot run here: {why}")
+    try:
+        program = torch.export.load(io.BytesIO(members[PROGRAM_MEMBER]))
+    except Exception as exc:  # a torch-internal failure: say which file and why, in one line
+        raise RuntimeError(
+            f"{path}: torch.export could not load {PROGRAM_MEMBER} (torch {torch.__version__}, exported with "
+            f"torch {manifest.get('torch_version')}): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+    return LoadedProgram(manifest, program, str(path))

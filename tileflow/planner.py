@@ -1,0 +1,624 @@
+"""Disaggregation planner: colocated vs model-attention-disaggregated decode, from the device table.
+
+`tileflow plan disaggregate` answers Lamina's question (shared/seeds/001, arXiv 2405.01814) for a
+model and two device pools before anything is deployed: if the dense layers run on *compute*
+devices and attention (with the KV cache) on *memory* devices, what decode throughput, cost per
+token and network bandwidth should one expect, against running everything on one kind of device?
+Every figure is a roofline estimate from datasheet numbers (`tileflow.devices`); it ranks
+placements, it does not predict a measured tokens/s.
+
+Model of one decode iteration (every sequence of the batch produces one token)
+------------------------------------------------------------------------------
+Symbols: d hidden size, L layers, H query heads, Hkv KV heads, hd head dim (config `head_dim`, else
+d/H), G = H/Hkv, I intermediate size, V vocab, B batch, S context (tokens already in the cache),
+e bytes per element of `dtype` (weights, activations and KV cache all in `dtype`).
+
+GEMM weights (LLaMA-style block: fused QKV, O, SwiGLU gate/up/down, LM head)::
+
+    P_layer = d·(H + 2·Hkv)·hd  +  H·hd·d  +  3·d·I
+    P_dense = L·P_layer + d·V                       (the LM head is a GEMM)
+    P_store = P_dense + d·V  (input embedding; not counted again when tied)
+
+Dense stage (all GEMMs), a roofline over FLOPs and bytes::
+
+    FLOPs_dense = 2·P_dense·B
+    bytes_dense = e·P_dense + e·B·A                 (weights read once + GEMM inputs/outputs)
+    A = L·[(d + (H+2Hkv)·hd) + (H·hd + d) + 2·(d + I) + (I + d)] + (d + V)
+
+Attention stage (decode reads the whole KV cache once)::
+
+    bytes_attn = 2·L·B·S·Hkv·hd·e                   (K and V; also the KV cache size)
+    FLOPs_attn = 4·L·B·S·H·hd                       (q·Kᵀ and p·V, 2 FLOPs per MAC each)
+
+Stage time on n devices of one kind, at fraction η (`efficiency`, default 1) of datasheet peak::
+
+    T(FLOPs, bytes, f) = max(f·FLOPs / (η·peak), f·bytes / (η·bw))
+
+where f is the busiest device's share: dense work is split evenly (tensor parallel, f = 1/n);
+attention is split by KV head (f = ceil(Hkv/n)/Hkv: with 8 KV heads on 3 devices the busiest
+holds 3, f = 3/8). Tensor-parallel collectives are not modelled.
+
+Placements
+----------
+* **colocated** on the compute devices alone, and **colocated-equal-cost** on a homogeneous set of
+  compute devices costing at most what compute + memory devices cost together
+  (N = floor(total $/h ÷ compute $/h); equal device count when a price is unknown). Both stages
+  run one after the other on the same devices: ``T_iter = T_dense(n) + T_attn(n)``.
+* **disaggregated** with Lamina's staggered pipelining: batches are staggered so the dense stage of
+  one overlaps the attention stage of another, and transfers overlap both, so the slowest of the
+  three sets the period::
+
+      T_iter = max(T_dense(n_compute), T_attn(n_memory), T_net),   T_net = cut_bytes / net_bw
+
+  T_net is only counted when a network bandwidth is given (`network_gbs`); otherwise the network
+  is assumed not to be the bottleneck and the planner reports the bandwidth it needs. This is the
+  ideal steady state: it assumes the weights are still read once per step of the whole batch.
+
+Network (Lamina's formula): per iteration the attention input q, k, v and output cross the cut in
+every layer, ``cut_bytes = (2 + 2/G)·e·d·B·L``; needed bandwidth = cut_bytes / T_iter (aggregate
+over all links).
+
+Throughput = B / T_iter tokens/s; cost = total $/h · 10⁶ / (3600 · tokens/s) per million tokens.
+
+Memory capacity (GB = 10⁹ bytes, as in the device table; activations and workspace ignored): a
+placement fits when on every device weights + KV cache ≤ mem_gb: colocated ``e·P_store/n +
+f·bytes_attn``; disaggregated ``e·P_store/n_compute`` on compute and ``f·bytes_attn`` on memory
+devices. A placement that does not fit reports "does not fit" (and the largest batch that does)
+instead of a throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import click
+
+from .devices import DeviceInfo, get_device
+
+# Bytes per element for the dtypes the device table lists peak rates for.
+ELEMENT_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The few numbers of a decoder-only transformer the planner needs."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    head_dim: int | None = None  # None: hidden_size // num_heads (LLaMA); some configs set it
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                    "intermediate_size", "vocab_size"):
+            if int(getattr(self, key)) <= 0:
+                raise ValueError(f"model {self.name!r}: {key} must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model {self.name!r}: num_attention_heads={self.num_heads} is not a multiple "
+                f"of num_key_value_heads={self.num_kv_heads}"
+            )
+
+    @property
+    def hd(self) -> int:
+        """Head dimension."""
+        return self.head_dim if self.head_dim else self.hidden_size // self.num_heads
+
+    @property
+    def group_size(self) -> int:
+        """G: query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def layer_gemm_params(self) -> int:
+        """P_layer: weights of one block's GEMMs (QKV, O, gate, up, down)."""
+        d, hd = self.hidden_size, self.hd
+        qkv = d * (self.num_heads + 2 * self.num_kv_heads) * hd
+        o = self.num_heads * hd * d
+        mlp = 3 * d * self.intermediate_size
+        return qkv + o + mlp
+
+    @property
+    def dense_params(self) -> int:
+        """P_dense: weights every decode step multiplies by (all blocks + LM head)."""
+        return self.num_layers * self.layer_gemm_params + self.hidden_size * self.vocab_size
+
+    @property
+    def stored_params(self) -> int:
+        """P_store: weights held in memory (adds the input embedding unless tied). Norms ignored."""
+        embed = 0 if self.tie_word_embeddings else self.hidden_size * self.vocab_size
+        return self.dense_params + embed
+
+    @property
+    def activation_elems_per_token(self) -> int:
+        """A: GEMM input + output elements per token per step (each GEMM reads its input)."""
+        d, hd, i = self.hidden_size, self.hd, self.intermediate_size
+        qkv = d + (self.num_heads + 2 * self.num_kv_heads) * hd
+        o = self.num_heads * hd + d
+        gate_up = 2 * (d + i)
+        down = i + d
+        return self.num_layers * (qkv + o + gate_up + down) + d + self.vocab_size
+
+
+# Published shapes. Sources: the config.json files of meta-llama/Meta-Llama-3-8B and
+# meta-llama/Meta-Llama-3-70B on the Hugging Face hub (LLaMA 3.1 keeps the same shapes).
+KNOWN_MODELS: dict[str, ModelShape] = {
+    "llama3-8b": ModelShape("llama3-8b", hidden_size=4096, num_layers=32, num_heads=32,
+                            num_kv_heads=8, intermediate_size=14336, vocab_size=128256),
+    "llama3-70b": ModelShape("llama3-70b", hidden_size=8192, num_layers=80, num_heads=64,
+                             num_kv_heads=8, intermediate_size=28672, vocab_size=128256),
+}
+_MODEL_ALIASES = {"llama3.1-8b": "llama3-8b", "llama3.1-70b": "llama3-70b",
+                  "llama-3-8b": "llama3-8b", "llama-3-70b": "llama3-70b"}
+
+
+def model_from_config(config: dict[str, Any], name: str = "config") -> ModelShape:
+    """ModelShape from a transformers config dict (uses `text_config` when nested)."""
+    if "hidden_size" not in config and isinstance(config.get("text_config"), dict):
+        config = config["text_config"]  # multimodal wrappers keep the LM shape here
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size", "vocab_size") if k not in config]
+    if missing:
+        raise ValueError(f"{name}: config lacks {missing}")
+    heads = int(config["num_attention_heads"])
+    return ModelShape(
+        name=name,
+        hidden_size=int(config["hidden_size"]),
+        num_layers=int(config["num_hidden_layers"]),
+        num_heads=heads,
+        # Absent in pre-GQA configs: every head has its own K and V.
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        intermediate_size=int(config["intermediate_size"]),
+        vocab_size=int(config["vocab_size"]),
+        head_dim=int(config["head_dim"]) if config.get("head_dim") else None,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def load_model(spec: str) -> ModelShape:
+    """A known model name (`llama3-70b`, `llama3-8b`), or a config.json path / its directory."""
+    key = spec.lower()
+    key = _MODEL_ALIASES.get(key, key)
+    if key in KNOWN_MODELS:
+        return KNOWN_MODELS[key]
+    path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{spec!r} is neither a known model {sorted(KNOWN_MODELS)} nor a config.json file "
+            "or a directory holding one"
+        )
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+    return model_from_config(config, name=label)
+
+
+def cut_bytes_per_iteration(hidden_size: int, num_layers: int, batch: int, group_size: int,
+                            elem_bytes: int) -> float:
+    """Bytes crossing the model/attention cut per decode iteration: (2 + 2/G)·e·d·B·L.
+
+    Per layer and token, q (d) goes to the attention devices with k and v (d/G each) and the
+    attention output (d) comes back: (2 + 2/G)·d elements (Lamina, arXiv 2405.01814).
+    """
+    if group_size <= 0:
+        raise ValueError("group_size must be positive")
+    return (2 + 2 / group_size) * elem_bytes * hidden_size * batch * num_layers
+
+
+@dataclass
+class StageCost:
+    """One stage on one pool of devices: totals, and the busiest device's roofline time."""
+
+    flops: float
+    bytes: float
+    seconds: float
+    bound: str  # "compute" or "memory": which roofline side sets `seconds`
+
+
+@dataclass
+class MemoryCheck:
+    """Capacity check of one device pool (per device)."""
+
+    pool: str
+    need_gb: float
+    capacity_gb: float
+    fits: bool
+
+
+@dataclass
+class Placement:
+    """Estimate for one placement. Throughput figures are None when it does not fit."""
+
+    name: str
+    devices: str
+    basis: str
+    price_per_hour: float | None
+    dense: StageCost
+    attention: StageCost
+    iteration_s: float
+    bottleneck: str
+    memory: list[MemoryCheck]
+    fits: bool
+    max_batch: int | None  # largest batch whose KV cache fits (None: not bounded by memory)
+    tokens_per_s: float | None
+    cost_per_mtok: float | None
+    network_bytes_per_iter: float  # 0 for colocated (tensor-parallel traffic not modelled)
+    network_gbs_needed: float | None  # aggregate over the cut
+    network_gbs_per_memory_device: float | None  # each memory device's link (its KV heads' share)
+    notes: list[str] = field(default_factory=list)
+    # The same placement re-planned at `max_batch` (so a placement that does not fit at the asked
+    # batch still gets a comparable figure). None when max_batch is None or 0.
+    max_batch_tokens_per_s: float | None = None
+    max_batch_cost_per_mtok: float | None = None
+
+
+@dataclass
+class PlanResult:
+    """`plan_disaggregation`'s answer: the inputs and the three placements."""
+
+    model: ModelShape
+    batch: int
+    context: int
+    dtype: str
+    efficiency: float
+    network_gbs: float | None
+    colocated: Placement  # on the compute devices alone
+    colocated_equal_cost: Placement  # homogeneous compute devices costing the same (rounded down)
+    disaggregated: Placement
+
+    @property
+    def placements(self) -> list[Placement]:
+        return [self.colocated, self.colocated_equal_cost, self.disaggregated]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        data = asdict(self)
+        data["model"]["head_dim"] = self.model.hd
+        return data
+
+
+def _roofline(flops: float, nbytes: float, share: float, dev: DeviceInfo, dtype: str,
+              efficiency: float) -> StageCost:
+    """Busiest device's time for a stage of which it does `share`."""
+    t_compute = share * flops / (efficiency * dev.peak_flops(dtype))
+    t_memory = share * nbytes / (efficiency * dev.mem_bw_bytes)
+    if t_compute >= t_memory:
+        return StageCost(flops, nbytes, t_compute, "compute")
+    return StageCost(flops, nbytes, t_memory, "memory")
+
+
+def _kv_share(model: ModelShape, n: int) -> float:
+    """Fraction of the KV heads (and so of attention work and cache) on the busiest device."""
+    return math.ceil(model.num_kv_heads / n) / model.num_kv_heads
+
+
+def _stage_work(model: ModelShape, batch: int, context: int, e: int) -> tuple[float, ...]:
+    """(FLOPs_dense, bytes_dense, FLOPs_attn, bytes_attn) of one decode iteration."""
+    p = model.dense_params
+    flops_dense = 2.0 * p * batch
+    bytes_dense = float(e * p + e * batch * model.activation_elems_per_token)
+    bytes_attn = 2.0 * model.num_layers * batch * context * model.num_kv_heads * model.hd * e
+    flops_attn = 4.0 * model.num_layers * batch * context * model.num_heads * model.hd
+    return flops_dense, bytes_dense, flops_attn, bytes_attn
+
+
+def _max_batch(capacity_gb: float, fixed_bytes: float, per_seq_bytes: float) -> int | None:
+    """Largest B with fixed + B·per_seq ≤ capacity (None when per_seq is 0)."""
+    if per_seq_bytes <= 0:
+        return None
+    return max(0, math.floor((capacity_gb * 1e9 - fixed_bytes) / per_seq_bytes))
+
+
+def _min_bound(values: list[int | None]) -> int | None:
+    bounded = [v for v in values if v is not None]
+    return min(bounded) if bounded else None
+
+
+def _pool_price(dev: DeviceInfo, n: int) -> float | None:
+    return None if dev.price_per_hour is None else dev.price_per_hour * n
+
+
+def _throughput(batch: int, iteration_s: float, price: float | None) -> tuple[float, float | None]:
+    tps = batch / iteration_s
+    cost = None if price is None else price * 1e6 / (3600.0 * tps)
+    return tps, cost
+
+
+def _colocated(model: ModelShape, dev: DeviceInfo, n: int, batch: int, context: int, dtype: str,
+               efficiency: float, name: str, basis: str) -> Placement:
+    e = ELEMENT_BYTES[dtype]
+    fd, bd, fa, ba = _stage_work(model, batch, context, e)
+    share = _kv_share(model, n)
+    dense = _roofline(fd, bd, 1.0 / n, dev, dtype, efficiency)
+    attn = _roofline(fa, ba, share, dev, dtype, efficiency)
+    # Same devices run both stages, one after the other.
+    iteration = dense.seconds + attn.seconds
+    weights = e * model.stored_params / n
+    need = weights + share * ba
+    check = MemoryCheck(f"{n} x {dev.name}", need / 1e9, dev.mem_gb, need <= dev.mem_gb * 1e9)
+    max_batch = _max_batch(dev.mem_gb, weights, share * ba / batch)
+    price = _pool_price(dev, n)
+    notes = []
+    if n > model.num_kv_heads:
+        notes.append(f"only {model.num_kv_heads} KV heads: attention uses "
+                     f"{model.num_kv_heads} of the {n} devices")
+    tps, cost = _throughput(batch, iteration, price) if check.fits else (None, None)
+    return Placement(
+        name=name, devices=f"{n} x {dev.name}", basis=basis, price_per_hour=price,
+        dense=dense, attention=attn, iteration_s=iteration,
+        bottleneck="dense" if dense.seconds >= attn.seconds else "attention",
+        memory=[check], fits=check.fits, max_batch=max_batch, tokens_per_s=tps,
+        cost_per_mtok=cost, network_bytes_per_iter=0.0, network_gbs_needed=None,
+        network_gbs_per_memory_device=None, notes=notes,
+    )
+
+
+def _disaggregated(model: ModelShape, cdev: DeviceInfo, nc: int, mdev: DeviceInfo, nm: int,
+                   batch: int, context: int, dtype: str, efficiency: float,
+                   network_gbs: float | None) -> Placement:
+    e = ELEMENT_BYTES[dtype]
+    fd, bd, fa, ba = _stage_work(model, batch, context, e)
+    share = _kv_share(model, nm)
+    dense = _roofline(fd, bd, 1.0 / nc, cdev, dtype, efficiency)
+    attn = _roofline(fa, ba, share, mdev, dtype, efficiency)
+    # Lamina's formula is in terms of d; the attention width H·hd equals d for LLaMA-style models
+    # and is what really crosses the cut when a config sets head_dim.
+    width = model.num_heads * model.hd
+    cut = cut_bytes_per_iteration(width, model.num_layers, batch, model.group_size, e)
+    # Staggered pipelining overlaps the stages (and the transfers): the slowest sets the period.
+    stages = {"dense": dense.seconds, "attention": attn.seconds}
+    if network_gbs is not None:
+        stages["network"] = cut / (network_gbs * 1e9)
+    bottleneck = max(stages, key=stages.__getitem__)
+    iteration = stages[bottleneck]
+    weights = e * model.stored_params / nc
+    kv = share * ba
+    checks = [
+        MemoryCheck(f"{nc} x {cdev.name} (weights)", weights / 1e9, cdev.mem_gb,
+                    weights <= cdev.mem_gb * 1e9),
+        MemoryCheck(f"{nm} x {mdev.name} (KV cache)", kv / 1e9, mdev.mem_gb,
+                    kv <= mdev.mem_gb * 1e9),
+    ]
+    fits = all(c.fits for c in checks)
+    max_batch = _min_bound([
+        0 if weights > cdev.mem_gb * 1e9 else None,  # weights alone overflow: nothing fits
+        _max_batch(mdev.mem_gb, 0.0, kv / batch),
+    ])
+    pc, pm = _pool_price(cdev, nc), _pool_price(mdev, nm)
+    price = None if pc is None or pm is None else pc + pm
+    notes = []
+    if nm > model.num_kv_heads:
+        notes.append(f"only {model.num_kv_heads} KV heads: attention uses "
+                     f"{model.num_kv_heads} of the {nm} memory devices")
+    tps, cost = _throughput(batch, iteration, price) if fits else (None, None)
+    need = cut / iteration / 1e9 if fits else None
+    return Placement(
+        name="disaggregated", devices=f"{nc} x {cdev.name} + {nm} x {mdev.name}",
+        basis="dense layers on the compute devices, attention + KV cache on the memory devices "
+              "(by KV head), staggered pipelining",
+        price_per_hour=price, dense=dense, attention=attn, iteration_s=iteration,
+        bottleneck=bottleneck, memory=checks, fits=fits, max_batch=max_batch,
+        tokens_per_s=tps, cost_per_mtok=cost, network_bytes_per_iter=cut,
+        network_gbs_needed=need,
+        # q/k/v/out of a KV head's query group go to the device holding that head.
+        network_gbs_per_memory_device=None if need is None else need * share,
+        notes=notes,
+    )
+
+
+def plan_disaggregation(model_shape: ModelShape, compute: tuple[DeviceInfo, int],
+                        memory: tuple[DeviceInfo, int], batch: int, context: int,
+                        dtype: str = "bfloat16", *, efficiency: float = 1.0,
+                        network_gbs: float | None = None) -> PlanResult:
+    """Estimate colocated and disaggregated decode for `model_shape` (formulas: module docstring).
+
+    Args:
+        compute: (device, count) running the dense layers when disaggregated.
+        memory: (device, count) holding the KV cache and running attention when disaggregated.
+        batch, context: concurrent sequences and tokens in each one's KV cache.
+        dtype: weights, activations and KV cache dtype (a key of the devices' `peak_tflops`).
+        efficiency: fraction of datasheet peak FLOP/s and bandwidth reached (1 = roofline).
+        network_gbs: aggregate bandwidth of the cut in GB/s; None = not a bottleneck.
+
+    Raises ValueError on a bad count, batch, context, efficiency or dtype.
+    """
+    (cdev, nc), (mdev, nm) = compute, memory
+    if nc <= 0 or nm <= 0:
+        raise ValueError("device counts must be positive")
+    if batch <= 0 or context <= 0:
+        raise ValueError("batch and context must be positive")
+    if not 0 < efficiency <= 1:
+        raise ValueError(f"efficiency must be in (0, 1], got {efficiency}")
+    if network_gbs is not None and network_gbs <= 0:
+        raise ValueError("network_gbs must be positive")
+    if dtype not in ELEMENT_BYTES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(ELEMENT_BYTES)}")
+    for dev in (cdev, mdev):
+        dev.peak_flops(dtype)  # raises a clear error if the table lacks this dtype
+
+    def at_max_batch(p: Placement, build: Any) -> Placement:
+        if p.max_batch:  # neither None (unbounded) nor 0 (nothing fits)
+            q = build(p.max_batch)
+            p.max_batch_tokens_per_s, p.max_batch_cost_per_mtok = q.tokens_per_s, q.cost_per_mtok
+        return p
+
+    def colocated_on(n: int, name: str, basis: str) -> Placement:
+        def build(b: int) -> Placement:
+            return _colocated(model_shape, cdev, n, b, context, dtype, efficiency, name, basis)
+        return at_max_batch(build(batch), build)
+
+    colocated = colocated_on(nc, "colocated", "both stages on the compute devices alone")
+    # Homogeneous set of compute devices costing at most what both pools cost together.
+    pc, pm = _pool_price(cdev, nc), _pool_price(mdev, nm)
+    if pc is None or pm is None:
+        n_eq = nc + nm
+        basis = "equal device count (a price is unknown)"
+    else:
+        n_eq = max(1, math.floor((pc + pm) / cdev.price_per_hour + 1e-9))
+        basis = (f"homogeneous {cdev.name} set costing <= ${pc + pm:.2f}/h "
+                 "(whole devices, rounded down)")
+    equal_cost = colocated_on(n_eq, "colocated-equal-cost", basis)
+
+    def build_disagg(b: int) -> Placement:
+        return _disaggregated(model_shape, cdev, nc, mdev, nm, b, context, dtype, efficiency,
+                              network_gbs)
+    disagg = at_max_batch(build_disagg(batch), build_disagg)
+    return PlanResult(model_shape, batch, context, dtype, efficiency, network_gbs,
+                      colocated, equal_cost, disagg)
+
+
+def _fmt_money(x: float | None, unit: str) -> str:
+    return "n/a (price unknown)" if x is None else f"${x:,.3f}{unit}"
+
+
+def _fmt_stage(s: StageCost) -> str:
+    return f"{s.seconds * 1e3:.2f} ms ({s.bound})"
+
+
+def format_plan(result: PlanResult) -> str:
+    """A table: one column per placement, one row per figure."""
+    m = result.model
+    head = (f"model {m.name}: d={m.hidden_size} L={m.num_layers} H={m.num_heads} "
+            f"Hkv={m.num_kv_heads} I={m.intermediate_size} V={m.vocab_size} "
+            f"({m.stored_params / 1e9:.2f}B params); batch {result.batch}, context "
+            f"{result.context}, {result.dtype}, efficiency {result.efficiency:g}"
+            + (f", network {result.network_gbs:g} GB/s" if result.network_gbs else ""))
+
+    def cell(p: Placement, key: str) -> str:
+        nofit = "does not fit"
+        if key == "devices":
+            return p.devices
+        if key == "price":
+            return _fmt_money(p.price_per_hour, "/h")
+        if key == "dense":
+            return _fmt_stage(p.dense)
+        if key == "attn":
+            return _fmt_stage(p.attention)
+        if key == "iter":
+            return f"{p.iteration_s * 1e3:.2f} ms ({p.bottleneck})"
+        if key == "tps":
+            return nofit if not p.fits else f"{p.tokens_per_s:,.0f}"
+        if key == "cost":
+            if not p.fits:
+                return nofit
+            return _fmt_money(p.cost_per_mtok, "")
+        if key == "net":
+            if p.network_bytes_per_iter == 0:
+                return "-"
+            if not p.fits:
+                return nofit
+            return (f"{p.network_gbs_needed:.1f} ({p.network_gbs_per_memory_device:.1f} per "
+                    f"memory device; {p.network_bytes_per_iter / 1e9:.3f} GB/iter)")
+        if key == "mem":
+            return "; ".join(f"{c.need_gb:.1f} of {c.capacity_gb:g}" + ("" if c.fits else " (over)")
+                             for c in p.memory)
+        if key == "maxb":
+            return "unbounded" if p.max_batch is None else str(p.max_batch)
+        if key == "atmax":
+            if p.max_batch_tokens_per_s is None:
+                return "-"
+            return (f"{p.max_batch_tokens_per_s:,.0f} tok/s, "
+                    + _fmt_money(p.max_batch_cost_per_mtok, "/1M"))
+        raise KeyError(key)
+
+    rows = [("devices", "devices"), ("price", "price"), ("dense", "dense stage"),
+            ("attn", "attention stage"), ("iter", "iteration"), ("tps", "decode tokens/s"),
+            ("cost", "$ per 1M tokens"), ("net", "network needed GB/s"),
+            ("mem", "GB per device need/cap"), ("maxb", "max batch that fits"),
+            ("atmax", "at max batch")]
+    cols = result.placements
+    table = [["", *[p.name for p in cols]]] + [[label, *[cell(p, k) for p in cols]]
+                                                for k, label in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = [head, ""]
+    for j, r in enumerate(table):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("")
+    for p in cols:
+        lines.append(f"{p.name}: {p.basis}")
+        for note in p.notes:
+            lines.append(f"  note: {note}")
+    lines.append("roofline estimates from datasheet numbers; stage times are the busiest device's.")
+    return "\n".join(lines)
+
+
+class DeviceCount(click.ParamType):
+    """Click type for `NAME[:COUNT]`, e.g. `H100:2` -> (DeviceInfo, 2)."""
+
+    name = "DEVICE:COUNT"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[DeviceInfo, int]:
+        if isinstance(value, tuple):
+            return value
+        name, sep, count_text = str(value).partition(":")
+        if not name:
+            self.fail(f"{value!r}: expected DEVICE:COUNT, e.g. H100:2", param, ctx)
+        try:
+            count = int(count_text) if sep else 1
+        except ValueError:
+            self.fail(f"{value!r}: the count after ':' must be a positive integer, "
+                      f"got {count_text!r}", param, ctx)
+        if count <= 0:
+            self.fail(f"{value!r}: the count must be positive", param, ctx)
+        try:
+            return get_device(name), count
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@click.group("plan", context_settings={"help_option_names": ["-h", "--help"]})
+def plan() -> None:
+    """Placement planners: estimate a deployment from the device table."""
+
+
+@plan.command("disaggregate")
+@click.option("--model", "model_spec", required=True,
+              help="llama3-70b, llama3-8b, or a transformers config.json (file or directory).")
+@click.option("--compute", required=True, type=DeviceCount(),
+              help="Dense-layer devices, DEVICE:COUNT (e.g. H100:2).")
+@click.option("--memory", required=True, type=DeviceCount(),
+              help="Attention / KV-cache devices, DEVICE:COUNT (e.g. H20:4).")
+@click.option("--batch", required=True, type=click.IntRange(min=1), help="Concurrent sequences.")
+@click.option("--context", required=True, type=click.IntRange(min=1),
+              help="Tokens in each sequence's KV cache.")
+@click.option("--dtype", default="bfloat16", show_default=True,
+              type=click.Choice(sorted(ELEMENT_BYTES)), help="Weights / activations / KV dtype.")
+@click.option("--network-gbs", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Aggregate cut bandwidth in GB/s (default: assume it is not the bottleneck).")
+@click.option("--efficiency", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+              show_default=True, help="Fraction of datasheet FLOP/s and bandwidth reached.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def disaggregate_command(model_spec: str, compute: tuple[DeviceInfo, int],
+                         memory: tuple[DeviceInfo, int], batch: int, context: int, dtype: str,
+                         network_gbs: float | None, efficiency: float, as_json: bool) -> None:
+    """Colocated vs model-attention-disaggregated decode: tokens/s, $/1M tokens, network need."""
+    try:
+        model = load_model(model_spec)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--model'") from None
+    try:
+        result = plan_disaggregation(model, compute, memory, batch, context, dtype,
+                                     efficiency=efficiency, network_gbs=network_gbs)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(format_plan(result))

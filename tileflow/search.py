@@ -1,0 +1,605 @@
+"""Nano-batch split search: how many nano-batches, of what sizes, with which SM shares.
+
+The search answers NanoFlow's (shared/seeds/002) parameter question for one step of a model on
+one device from the device table alone, so plans are deterministic.
+
+Cost model (per nano-op instance: op `o`, `n` tokens, SM share `s` of its stream)
+---------------------------------------------------------------------------------
+- compute and memory ops follow a roofline::
+
+      t = max(F / (peak * s), B / (bw * min(1, s / BW_SATURATION_SHARE))) + LAUNCH_OVERHEAD_S
+      F = flops_per_token * n,   B = fixed_bytes + bytes_per_token * n
+
+  `peak` is the device's dense peak for the op's dtype, `bw` its HBM bandwidth. FLOP/s scale
+  linearly with the SM share, but bandwidth does not: a memory-bound kernel saturates HBM with a
+  minority of the SMs (`BW_SATURATION_SHARE` = 0.4). Without that asymmetry overlap could never
+  win (max(C/s, M/(1-s)) >= C + M), and it is exactly what NanoFlow exploits by giving decode
+  attention a small SM partition. `fixed_bytes` (weights) is re-read by every nano-batch, which
+  together with the launch overhead is what makes splitting lose at small token counts.
+- network ops (collectives) take `B / net_bw + LAUNCH_OVERHEAD_S`; their SM use is ignored.
+- interference: two memory-bound instances (bytes term dominant) that run at the same time on
+  different streams share one HBM. The overlapped part of each is stretched by
+  `MEMORY_CONTENTION` (1.0: the two split the bandwidth evenly). It is applied once: schedule
+  with the roofline times, measure each memory-bound instance's overlap fraction `f` with
+  memory-bound instances on other streams, stretch it by `1 + MEMORY_CONTENTION * f`, and
+  schedule again (one fixed-point step, deterministic).
+
+Pipeline model (what `makespan` computes)
+-----------------------------------------
+`ops_profile` is the step's op sequence (one or more layers) as a chain: every nano-batch runs
+all ops in order. Nano-batch j has `sizes[j]` tokens. Each resource class has one stream; a
+stream runs one instance at a time, with a static SM share (a partition, like NanoFlow's green
+contexts / capped grids). Instance (j, i) (op i of nano-batch j) can start when its stream is
+free and (j, i-1) has finished. Greedy list scheduling: repeatedly start, among the next op of
+each nano-batch, the one with the earliest possible start (ties: lower j). Ops of different
+resource classes from different nano-batches thus overlap. The makespan is the last
+finish. k = 1 is the unsplit baseline: one stream, the whole device, no overlap.
+
+Search
+------
+Sizes are compositions of `units` equal token units (default 8: sizes in eighths of the step)
+into k parts; the compute stream's SM share comes from `sm_shares` (the memory stream gets the
+rest). The makespan of a list schedule is not linear in these choices, so instead of a MILP the
+search is an exact branch and bound over this small space: a lower bound valid for every
+composition of a (k, share) group (each stream's total work, using sum-of-max >= max-of-sums)
+prunes whole groups, and a per-candidate bound (stream loads and per-nano-batch chains without
+interference) prunes single candidates. It returns the same plan as `brute_force_split`, which
+evaluates every candidate; ties are broken by (makespan, k, sizes, share).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+from tileflow.devices import DeviceInfo
+from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, RESOURCES
+
+# Fixed cost of one kernel launch inside a captured graph (CUDA-graph launches are a few us).
+LAUNCH_OVERHEAD_S: float = 4e-6
+# Fraction of SMs a memory-bound kernel needs to reach full HBM bandwidth (assumption; decode
+# attention reaches near-peak bandwidth on a minority of an H100's SMs).
+BW_SATURATION_SHARE: float = 0.4
+# Stretch of the overlapped part of a memory-bound op per overlapping memory-bound op (1.0:
+# bandwidth is split evenly, so overlapping two memory-bound ops gains nothing).
+MEMORY_CONTENTION: float = 1.0
+# Interconnect bandwidth for network ops when the caller gives none (NVLink-class, GB/s).
+DEFAULT_NET_BW_GBS: float = 450.0
+# Compute-stream SM shares tried by default; the memory stream gets 1 - share.
+DEFAULT_SM_SHARES: tuple[float, ...] = (0.5, 0.625, 0.75, 0.875, 0.9375)
+# Token counts above this are not scanned when looking for the split threshold.
+MAX_THRESHOLD_TOKENS: int = 1 << 16
+
+_REL_EPS = 1e-9  # slack so floating-point rounding can never make a lower bound prune the optimum
+
+
+@dataclass(frozen=True)
+class OpProfile:
+    """Per-op cost inputs for the split search (one entry per op of the step, in order).
+
+    Attributes:
+        name: op name (unique within the profile).
+        resource: `"compute"`, `"memory"` or `"network"`: which stream runs it when split.
+        flops_per_token: FLOPs per token row.
+        bytes_per_token: HBM bytes per token row (activations, a decode sequence's KV cache), or
+            interconnect bytes per token for a network op.
+        fixed_bytes: bytes read once per launch regardless of tokens (weights).
+        dtype: dtype name selecting the device's peak rate.
+    """
+
+    name: str
+    resource: str
+    flops_per_token: float = 0.0
+    bytes_per_token: float = 0.0
+    fixed_bytes: float = 0.0
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.resource not in RESOURCES:
+            raise ValueError(f"op {self.name!r}: resource {self.resource!r} not in {RESOURCES}")
+        if min(self.flops_per_token, self.bytes_per_token, self.fixed_bytes) < 0:
+            raise ValueError(f"op {self.name!r}: costs must be non-negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "name": self.name,
+            "resource": self.resource,
+            "flops_per_token": self.flops_per_token,
+            "bytes_per_token": self.bytes_per_token,
+            "fixed_bytes": self.fixed_bytes,
+            "dtype": self.dtype,
+        }
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """The chosen nano-batch split of one step.
+
+    Attributes:
+        k: number of nano-batches (1 = not split).
+        sizes: tokens per nano-batch, in order; they sum to the step's token count.
+        stream_of_resource: resource class -> stream id (all 0 when k = 1).
+        sm_share_per_stream: stream id -> fraction of the device's SMs (network: 0, not modeled).
+        makespan: modeled step time in seconds.
+        baseline_makespan: modeled time of the unsplit step (k = 1).
+        threshold: smallest token count at which splitting beats not splitting for this model
+            and device (None if not computed or never within the scanned range).
+    """
+
+    k: int
+    sizes: tuple[int, ...]
+    stream_of_resource: dict[str, int]
+    sm_share_per_stream: dict[int, float]
+    makespan: float
+    baseline_makespan: float
+    threshold: int | None = None
+
+    @property
+    def speedup(self) -> float:
+        """Baseline makespan / plan makespan."""
+        return self.baseline_makespan / self.makespan
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """Token row ranges `[lo, hi)` of the nano-batches (input for `make_schedule`)."""
+        out, lo = [], 0
+        for size in self.sizes:
+            out.append((lo, lo + size))
+            lo += size
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "k": self.k,
+            "sizes": list(self.sizes),
+            "stream_of_resource": dict(self.stream_of_resource),
+            "sm_share_per_stream": {str(s): v for s, v in self.sm_share_per_stream.items()},
+            "makespan": self.makespan,
+            "baseline_makespan": self.baseline_makespan,
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SplitPlan":
+        """Inverse of `to_dict`."""
+        return cls(
+            k=int(data["k"]),
+            sizes=tuple(int(s) for s in data["sizes"]),
+            stream_of_resource={str(r): int(s) for r, s in data["stream_of_resource"].items()},
+            sm_share_per_stream={int(s): float(v) for s, v in data["sm_share_per_stream"].items()},
+            makespan=float(data["makespan"]),
+            baseline_makespan=float(data["baseline_makespan"]),
+            threshold=None if data.get("threshold") is None else int(data["threshold"]),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Cost model
+# --------------------------------------------------------------------------------------------
+
+
+def op_time(
+    op: OpProfile,
+    tokens: int,
+    share: float,
+    device: DeviceInfo,
+    *,
+    net_bw_gbs: float = DEFAULT_NET_BW_GBS,
+) -> tuple[float, bool]:
+    """Modeled seconds for `op` on `tokens` rows with SM share `share`, and whether it is
+    memory-bound (bytes term dominant; network ops never are). See the module docstring."""
+    if tokens <= 0:
+        return 0.0, False
+    nbytes = op.fixed_bytes + op.bytes_per_token * tokens
+    if op.resource == "network":
+        return nbytes / (net_bw_gbs * 1e9) + LAUNCH_OVERHEAD_S, False
+    t_flops = op.flops_per_token * tokens / (device.peak_flops(op.dtype) * share)
+    t_bytes = nbytes / (device.mem_bw_bytes * min(1.0, share / BW_SATURATION_SHARE))
+    return max(t_flops, t_bytes) + LAUNCH_OVERHEAD_S, t_bytes > t_flops
+
+
+def _streams_and_shares(
+    ops: Sequence[OpProfile], k: int, share: float
+) -> tuple[dict[str, int], dict[int, float]]:
+    """Stream per resource and SM share per stream for a k-way split with compute share."""
+    present = [r for r in RESOURCES if any(o.resource == r for o in ops)]
+    if k == 1:
+        return {r: 0 for r in present}, {0: 1.0}
+    streams = {r: DEFAULT_STREAM_OF_RESOURCE[r] for r in present}
+    both = "compute" in present and "memory" in present
+    shares: dict[int, float] = {}
+    for r in present:
+        if r == "network":
+            shares[streams[r]] = 0.0
+        elif both:
+            shares[streams[r]] = share if r == "compute" else 1.0 - share
+        else:
+            shares[streams[r]] = 1.0  # nothing to partition against
+    return streams, shares
+
+
+def _durations(
+    ops: Sequence[OpProfile],
+    sizes: Sequence[int],
+    streams: Mapping[str, int],
+    shares: Mapping[int, float],
+    device: DeviceInfo,
+    net_bw_gbs: float,
+) -> tuple[list[list[float]], list[list[bool]]]:
+    """Roofline time and memory-boundness of every instance, indexed [op][nano-batch]."""
+    times, bound = [], []
+    for op in ops:
+        share = shares[streams[op.resource]]
+        row = [op_time(op, n, share, device, net_bw_gbs=net_bw_gbs) for n in sizes]
+        times.append([t for t, _ in row])
+        bound.append([b for _, b in row])
+    return times, bound
+
+
+def _list_schedule(
+    ops: Sequence[OpProfile], k: int, streams: Mapping[str, int], times: list[list[float]]
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Start and finish of each instance under greedy list scheduling (module docstring).
+
+    Repeatedly schedule, among the next op of every nano-batch, the instance that can start
+    earliest (its stream free and its previous op done), ties to the earlier nano-batch. The
+    frontier holds at most k instances, so this is O(k * len(ops) * k)."""
+    m = len(ops)
+    free: dict[int, float] = {}
+    start = [[0.0] * k for _ in ops]
+    finish = [[0.0] * k for _ in ops]
+    nxt = [0] * k
+    for _ in range(m * k):
+        best: tuple[float, int] | None = None
+        for j in range(k):
+            i = nxt[j]
+            if i == m:
+                continue
+            est = max(free.get(streams[ops[i].resource], 0.0), finish[i - 1][j] if i else 0.0)
+            if best is None or (est, j) < best:
+                best = (est, j)
+        assert best is not None
+        est, j = best
+        i = nxt[j]
+        start[i][j] = est
+        finish[i][j] = free[streams[ops[i].resource]] = est + times[i][j]
+        nxt[j] = i + 1
+    return start, finish
+
+
+def makespan(
+    ops_profile: Sequence[OpProfile],
+    sizes: Sequence[int],
+    share: float,
+    device: DeviceInfo,
+    *,
+    net_bw_gbs: float = DEFAULT_NET_BW_GBS,
+) -> float:
+    """Modeled step time for nano-batch `sizes` with compute-stream SM share `share`
+    (ignored when k = 1), including the memory-contention step. See the module docstring."""
+    ops = list(ops_profile)
+    k = len(sizes)
+    streams, shares = _streams_and_shares(ops, k, share)
+    times, bound = _durations(ops, sizes, streams, shares, device, net_bw_gbs)
+    start, finish = _list_schedule(ops, k, streams, times)
+    if k > 1 and MEMORY_CONTENTION:
+        # Memory-bound intervals per stream, from the contention-free schedule.
+        intervals: list[tuple[int, float, float]] = [
+            (streams[op.resource], start[i][j], finish[i][j])
+            for i, op in enumerate(ops)
+            for j in range(k)
+            if bound[i][j]
+        ]
+        stretched = [row[:] for row in times]
+        for i, op in enumerate(ops):
+            s = streams[op.resource]
+            for j in range(k):
+                if not bound[i][j] or times[i][j] <= 0:
+                    continue
+                a, b = start[i][j], finish[i][j]
+                overlap = sum(
+                    max(0.0, min(b, q) - max(a, p)) for t, p, q in intervals if t != s
+                )
+                stretched[i][j] = times[i][j] * (1.0 + MEMORY_CONTENTION * overlap / (b - a))
+        start, finish = _list_schedule(ops, k, streams, stretched)
+    return max((f for row in finish for f in row), default=0.0)
+
+
+def _group_bound(
+    ops: Sequence[OpProfile], k: int, share: float, n: int, device: DeviceInfo, net_bw: float
+) -> float:
+    """Lower bound on the makespan of every k-way composition of n tokens at this share.
+
+    Per stream, the sum over nano-batches of max(flops term, bytes term) is at least the max of
+    the summed terms; weights are read k times; contention only adds time."""
+    streams, shares = _streams_and_shares(ops, k, share)
+    load: dict[int, float] = {}
+    for op in ops:
+        s = streams[op.resource]
+        nbytes = k * op.fixed_bytes + op.bytes_per_token * n
+        if op.resource == "network":
+            t = nbytes / (net_bw * 1e9)
+        else:
+            sh = shares[s]
+            t = max(
+                op.flops_per_token * n / (device.peak_flops(op.dtype) * sh),
+                nbytes / (device.mem_bw_bytes * min(1.0, sh / BW_SATURATION_SHARE)),
+            )
+        load[s] = load.get(s, 0.0) + t + k * LAUNCH_OVERHEAD_S
+    return max(load.values(), default=0.0)
+
+
+def _candidate_bound(
+    ops: Sequence[OpProfile], sizes: Sequence[int], share: float, device: DeviceInfo, net_bw: float
+) -> float:
+    """Lower bound for one candidate: max stream load and max nano-batch chain, no contention."""
+    k = len(sizes)
+    streams, shares = _streams_and_shares(ops, k, share)
+    times, _ = _durations(ops, sizes, streams, shares, device, net_bw)
+    load: dict[int, float] = {}
+    for i, op in enumerate(ops):
+        load[streams[op.resource]] = load.get(streams[op.resource], 0.0) + sum(times[i])
+    chains = [sum(times[i][j] for i in range(len(ops))) for j in range(k)]
+    return max(max(load.values(), default=0.0), max(chains, default=0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates, brute force and search
+# --------------------------------------------------------------------------------------------
+
+
+def _unit_sizes(num_tokens: int, units: int) -> list[int]:
+    """Split num_tokens into `units` near-equal units (the first ones one larger)."""
+    base, extra = divmod(num_tokens, units)
+    return [base + (1 if u < extra else 0) for u in range(units)]
+
+
+def _compositions(num_tokens: int, k: int, units: int) -> list[tuple[int, ...]]:
+    """All k-part token sizes whose boundaries fall on unit boundaries (equal split first)."""
+    unit = _unit_sizes(num_tokens, units)
+    prefix = [0]
+    for u in unit:
+        prefix.append(prefix[-1] + u)
+    out = []
+    for cuts in combinations(range(1, units), k - 1):
+        bounds = (0, *cuts, units)
+        out.append(tuple(prefix[bounds[a + 1]] - prefix[bounds[a]] for a in range(k)))
+    equal = [c for c in out if max(c) - min(c) <= max(1, max(unit))]
+    return sorted(set(out), key=lambda c: (c not in equal, c))
+
+
+def _effective(num_tokens: int, max_nano_batches: int, units: int) -> tuple[int, int]:
+    units = max(1, min(units, num_tokens))
+    return units, max(1, min(max_nano_batches, units))
+
+
+def _shares_for(ops: Sequence[OpProfile], k: int, sm_shares: Sequence[float]) -> list[float]:
+    """Share candidates that actually differ: one when there is nothing to partition."""
+    kinds = {o.resource for o in ops}
+    if k == 1 or not {"compute", "memory"} <= kinds:
+        return [1.0]
+    for s in sm_shares:
+        if not 0.0 < s < 1.0:
+            raise ValueError(f"sm_shares must lie in (0, 1), got {s}")
+    return sorted(set(float(s) for s in sm_shares))
+
+
+def _plan(
+    ops: Sequence[OpProfile],
+    sizes: tuple[int, ...],
+    share: float,
+    span: float,
+    baseline: float,
+    threshold: int | None = None,
+) -> SplitPlan:
+    streams, shares = _streams_and_shares(ops, len(sizes), share)
+    return SplitPlan(
+        k=len(sizes),
+        sizes=sizes,
+        stream_of_resource=streams,
+        sm_share_per_stream=shares,
+        makespan=span,
+        baseline_makespan=baseline,
+        threshold=threshold,
+    )
+
+
+def _key(span: float, sizes: tuple[int, ...], share: float) -> tuple:
+    return (span, len(sizes), sizes, share)
+
+
+def brute_force_split(
+    ops_profile: Sequence[OpProfile],
+    device: DeviceInfo,
+    num_tokens: int,
+    *,
+    max_nano_batches: int = 4,
+    sm_shares: Sequence[float] = DEFAULT_SM_SHARES,
+    units: int = 8,
+    net_bw_gbs: float = DEFAULT_NET_BW_GBS,
+) -> SplitPlan:
+    """Evaluate every candidate (k, sizes, share) and return the best (the test oracle).
+
+    Same candidate space and tie-break as `search_split`, without pruning and without the
+    threshold rule."""
+    ops = list(ops_profile)
+    if num_tokens <= 0:
+        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    units, kmax = _effective(num_tokens, max_nano_batches, units)
+    baseline = makespan(ops, (num_tokens,), 1.0, device, net_bw_gbs=net_bw_gbs)
+    best: tuple | None = None
+    for k in range(1, kmax + 1):
+        for share in _shares_for(ops, k, sm_shares):
+            for sizes in _compositions(num_tokens, k, units):
+                span = makespan(ops, sizes, share, device, net_bw_gbs=net_bw_gbs)
+                key = _key(span, sizes, share)
+                if best is None or key < best:
+                    best = key
+    assert best is not None
+    span, _, sizes, share = best
+    return _plan(ops, sizes, share, span, baseline)
+
+
+def _search(
+    ops: Sequence[OpProfile],
+    device: DeviceInfo,
+    num_tokens: int,
+    max_nano_batches: int,
+    sm_shares: Sequence[float],
+    units: int,
+    net_bw_gbs: float,
+) -> SplitPlan:
+    """Exact branch and bound over (k, share, composition); see the module docstring."""
+    units, kmax = _effective(num_tokens, max_nano_batches, units)
+    baseline = makespan(ops, (num_tokens,), 1.0, device, net_bw_gbs=net_bw_gbs)
+    best = _key(baseline, (num_tokens,), 1.0)  # k = 1 is the incumbent
+    groups = [
+        (_group_bound(ops, k, share, num_tokens, device, net_bw_gbs), k, share)
+        for k in range(2, kmax + 1)
+        for share in _shares_for(ops, k, sm_shares)
+    ]
+    for bound, k, share in sorted(groups):
+        if bound * (1 - _REL_EPS) > best[0]:
+            break  # groups are sorted by bound: none of the rest can win either
+        for sizes in _compositions(num_tokens, k, units):
+            if _candidate_bound(ops, sizes, share, device, net_bw_gbs) * (1 - _REL_EPS) > best[0]:
+                continue
+            key = _key(makespan(ops, sizes, share, device, net_bw_gbs=net_bw_gbs), sizes, share)
+            if key < best:
+                best = key
+    span, _, sizes, share = best
+    return _plan(ops, sizes, share, span, baseline)
+
+
+def model_signature(ops_profile: Sequence[OpProfile]) -> str:
+    """Stable short hash of a profile: the model part of the search cache key."""
+    text = json.dumps([op.to_dict() for op in ops_profile], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_PLAN_CACHE: dict[tuple, SplitPlan] = {}
+_THRESHOLD_CACHE: dict[tuple, int | None] = {}
+
+
+def clear_cache() -> None:
+    """Forget cached plans and thresholds (tests; after editing the cost constants)."""
+    _PLAN_CACHE.clear()
+    _THRESHOLD_CACHE.clear()
+
+
+def _cached_search(
+    ops: tuple[OpProfile, ...], device: DeviceInfo, n: int, opts: tuple
+) -> SplitPlan:
+    """Plan for exactly n tokens, cached per (model signature, device name, n, options)."""
+    key = (model_signature(ops), device.name, n, opts)
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        plan = _PLAN_CACHE[key] = _search(ops, device, n, *opts)
+    return plan
+
+
+def split_threshold(
+    ops_profile: Sequence[OpProfile],
+    device: DeviceInfo,
+    *,
+    max_nano_batches: int = 4,
+    sm_shares: Sequence[float] = DEFAULT_SM_SHARES,
+    units: int = 8,
+    net_bw_gbs: float = DEFAULT_NET_BW_GBS,
+    max_tokens: int = MAX_THRESHOLD_TOKENS,
+) -> int | None:
+    """Smallest token count at which the best split beats not splitting, per the cost model.
+
+    Scans powers of two up to `max_tokens` for the first count where a split wins, then bisects
+    between it and the previous power (assuming the win is monotone there, which the cost model
+    makes so in practice: weight re-reads and launch overheads are amortized as tokens grow).
+    None when no split wins up to `max_tokens`. Cached per (model signature, device name, options).
+    """
+    ops = tuple(ops_profile)
+    opts = (max_nano_batches, tuple(sm_shares), units, net_bw_gbs)
+    key = (model_signature(ops), device.name, max_tokens, opts)
+    if key in _THRESHOLD_CACHE:
+        return _THRESHOLD_CACHE[key]
+
+    def wins(n: int) -> bool:
+        plan = _cached_search(ops, device, n, opts)
+        return plan.k > 1 and plan.makespan < plan.baseline_makespan
+
+    result: int | None = None
+    lo, n = 0, 1
+    while n <= max_tokens:
+        if wins(n):
+            hi = n
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if wins(mid):
+                    hi = mid
+                else:
+                    lo = mid
+            result = hi
+            break
+        lo, n = n, n * 2
+    _THRESHOLD_CACHE[key] = result
+    return result
+
+
+def search_split(
+    ops_profile: Sequence[OpProfile],
+    device: DeviceInfo,
+    num_tokens: int,
+    *,
+    max_nano_batches: int = 4,
+    sm_shares: Sequence[float] = DEFAULT_SM_SHARES,
+    units: int = 8,
+    net_bw_gbs: float = DEFAULT_NET_BW_GBS,
+    apply_threshold: bool = True,
+) -> SplitPlan:
+    """Choose the nano-batch split of a `num_tokens` step of `ops_profile` on `device`.
+
+    Minimizes the pipeline makespan of the module docstring over k <= `max_nano_batches`,
+    sizes on multiples of `num_tokens / units`, and compute-stream SM shares `sm_shares` (the
+    memory stream gets the rest). The result equals `brute_force_split`. With
+    `apply_threshold`, a step below `split_threshold(...)` tokens is never split (k = 1), so an
+    isolated small count where the model predicts a marginal win does not split either.
+
+    `num_tokens` is expected to be a token bucket (the runtime captures one graph per bucket);
+    results are cached per (model signature, device name, bucket, options).
+    """
+    if num_tokens <= 0:
+        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    if max_nano_batches < 1:
+        raise ValueError(f"max_nano_batches must be >= 1, got {max_nano_batches}")
+    ops = tuple(ops_profile)
+    if not ops:
+        raise ValueError("ops_profile is empty")
+    opts = (max_nano_batches, tuple(sm_shares), units, net_bw_gbs)
+    plan = _cached_search(ops, device, num_tokens, opts)
+    if not apply_threshold:
+        return plan
+    threshold = split_threshold(
+        ops,
+        device,
+        max_nano_batches=max_nano_batches,
+        sm_shares=sm_shares,
+        units=units,
+        net_bw_gbs=net_bw_gbs,
+    )
+    if threshold is None or num_tokens < threshold:
+        base = plan.baseline_makespan
+        return _plan(ops, (num_tokens,), 1.0, base, base, threshold)
+    return _plan(
+        ops, plan.sizes, _compute_share(plan), plan.makespan, plan.baseline_makespan, threshold
+    )
+
+
+def _compute_share(plan: SplitPlan) -> float:
+    """The compute-stream share a plan was built with (1.0 when there was nothing to split)."""
+    stream = plan.stream_of_resource.get("compute")
+    if plan.k == 1 or stream is None or "memory" not in plan.stream_of_resource:
+        return 1.0
+    return plan.sm_share_per_stream[stream]

@@ -36,6 +36,8 @@ __all__ = [
     "available_passes",
     "current_config",
     "explain",
+    "export_model",
+    "load",
     "ops",
     "register_pass",
     "register_transformers",

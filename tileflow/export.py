@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .capture import capture_exported

@@ -279,7 +279,7 @@ def _main_body(cfg: AttentionConfig, dtype: str) -> str:
     d_col = " & d_mask[:, None]" if padded_d else ""
     out_tl = f"tl.{dtype}"
 
-    code = f"""\
+    code = """\
 pid = tl.program_id(axis=0)
 task_begin = tl.load(program_offsets_ptr + pid)
 task_end = tl.load(program_offsets_ptr + pid + 1)

@@ -76,6 +76,24 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     ]
 
 
+def attention_specs_for_node(node: fx.Node) -> list[KernelSpec]:
+    """The meta-attention kernels a dense `tileflow::meta_attention` node can use: the tile
+    height depends on the query length of each call, so both the decode-sized and the
+    prefill-sized variants are built ahead."""
+    from .runtime.attention import attention_block_q, attention_spec
+
+    q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+    mask, causal = node.args[3], bool(node.args[4])
+    hq, hkv, d = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
+    gqa = hq // hkv
+    block_qs = sorted({attention_block_q(1, gqa), attention_block_q(1 << 20, gqa)})
+    return [
+        attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=bq, causal=causal,
+                       sliding_window=False, tree=False, bias=mask is not None)
+        for bq in block_qs
+    ]
+
+
 def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str) -> list[KernelSpec]:
     """Build every kernel the graph's tileflow ops need, and record them in the report."""
     from .runtime import decode_plan, get_kernel
@@ -87,6 +105,9 @@ def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str) -> list[Kerne
             if not plan_text:
                 continue  # a call the user wrote: its plan and target are chosen at run time
             for spec in gemm_specs_for_node(node, decode_plan(plan_text)):
+                specs.setdefault(spec, None)
+        elif node.op == "call_function" and node.target is torch.ops.tileflow.meta_attention.default:
+            for spec in attention_specs_for_node(node):
                 specs.setdefault(spec, None)
     kernels_dir = ctx.artifact_dir / "kernels" if ctx.artifact_dir is not None else None
     for spec in specs:

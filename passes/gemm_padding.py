@@ -168,7 +168,7 @@ class GemmPadding:
         if wv.dtype != xv.dtype:
             return f"mixed dtypes (input {xv.dtype}, weight {wv.dtype})"
         bias = node.args[2] if len(node.args) > 2 else None
-        if bias is not None and _val(bias).dtype not in (xv.dtype, torch.float32):
+        if bias is not None and _val(bias).dtype != xv.dtype:
             return f"bias dtype {_val(bias).dtype} differs from the input's {xv.dtype}"
         if isinstance(wv.shape[0], torch.SymInt) or isinstance(wv.shape[1], torch.SymInt):
             return "weight has symbolic N or K; plans need static N and K"

@@ -266,14 +266,16 @@ def export_command(spec: str, output: str, target: str | None, dynamic: tuple[st
     click.echo(f"wrote {path} (target={m['target']}; dynamic: {dims}; rewrites: {rewrites}; {len(archive.kernels)} kernel file(s))")
 
 
-def _attach_planner() -> None:
-    """`tileflow plan ...` lives in tileflow/planner.py; attach its group here."""
+def _attach_subcommands() -> None:
+    """`tileflow plan ...` and `tileflow viz` live beside their code; attach them here."""
     from .planner import plan
+    from .viz import viz_command
 
     main.add_command(plan)
+    main.add_command(viz_command)
 
 
-_attach_planner()
+_attach_subcommands()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,208 @@
+"""`tileflow viz`: one self-contained HTML page from a debug_dir or an exported archive.
+
+No browser: the tests parse the page, check the embedded JSON (graphs, passes, before/after
+nodes, diff marks, code diffs, kernel sources) and that nothing in it points off the page.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tileflow
+from tileflow.viz import build_html, collect, script_json, viz_command, write_html
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import VOCAB, build  # noqa: E402
+
+DATA_RE = re.compile(r'<script type="application/json" id="tileflow-data">(.*?)</script>', re.S)
+
+
+@pytest.fixture(scope="module")
+def llama_debug_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A debug_dir from compiling the small Llama once (shared: compiling is the slow part)."""
+    root = tmp_path_factory.mktemp("llama_debug")
+    model = build("llama")
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"debug_dir": str(root)}), dynamic=True)
+    with torch.no_grad():
+        compiled(torch.randint(0, VOCAB, (1, 8)), use_cache=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def llama_page(llama_debug_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """The page written through the click command, and its embedded data."""
+    out = tmp_path_factory.mktemp("page") / "report.html"
+    result = CliRunner().invoke(viz_command, [str(llama_debug_dir), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    text = out.read_text(encoding="utf-8")
+    return text, embedded_data(text)
+
+
+def embedded_data(page: str) -> dict:
+    [raw] = DATA_RE.findall(page)
+    return json.loads(raw)
+
+
+def outside_data(page: str) -> str:
+    """The page without its embedded JSON: what the template and script themselves contain."""
+    return DATA_RE.sub("", page)
+
+
+def test_every_graph_and_pass_has_nodes_and_a_diff(llama_debug_dir: Path, llama_page: tuple[str, dict]) -> None:
+    _, data = llama_page
+    report = json.loads((llama_debug_dir / "report.json").read_text())
+    assert [g["id"] for g in data["graphs"]] == [g["graph_id"] for g in report["graphs"]]
+    for graph, rep in zip(data["graphs"], report["graphs"]):
+        assert [p["name"] for p in graph["passes"]] == [p["name"] for p in rep["passes"]] == ["canonicalize", "attention", "gemm_padding"]
+        for p in graph["passes"]:
+            before, after = data["snapshots"][p["before"]], data["snapshots"][p["after"]]
+            assert len(before["nodes"]) == p["nodes_before"] and len(after["nodes"]) == p["nodes_after"]
+            assert isinstance(p["diff"], str) and p["diff"].startswith("---")  # every pass here changed code
+            assert set(p["marks"]) == {"added", "removed", "changed"}
+        # Consecutive passes share a snapshot instead of storing the same nodes twice.
+        assert graph["passes"][0]["after"] == graph["passes"][1]["before"]
+        assert graph["input"] is not None and graph["output"] is not None
+
+
+def test_gemm_padding_marks_linears_removed_and_padded_gemms_added(llama_page: tuple[str, dict]) -> None:
+    _, data = llama_page
+    graph = data["graphs"][0]
+    p = next(p for p in graph["passes"] if p["name"] == "gemm_padding")
+    before = {n["name"]: n for n in data["snapshots"][p["before"]]["nodes"]}
+    after = {n["name"]: n for n in data["snapshots"][p["after"]]["nodes"]}
+    removed_targets = {before[n]["target"] for n in p["marks"]["removed"]}
+    added_targets = {after[n]["target"] for n in p["marks"]["added"]}
+    assert "aten.linear.default" in removed_targets
+    assert "tileflow.padded_gemm.default" in added_targets
+    assert not set(p["marks"]["added"]) & set(before) and not set(p["marks"]["removed"]) & set(after)
+    for name in p["marks"]["changed"]:
+        assert name in before and name in after
+    assert "+" in p["diff"] and "padded_gemm" in p["diff"]
+
+
+def test_nodes_carry_metadata_groups_and_kernel_links(llama_page: tuple[str, dict]) -> None:
+    _, data = llama_page
+    graph = data["graphs"][0]
+    snap = data["snapshots"][graph["output"]]
+    gemm = next(n for n in snap["nodes"] if n.get("tileflow", {}).get("kind") == "padded_gemm")
+    assert gemm["module"].startswith("model.layers.0.") and gemm["group"] == gemm["module"]
+    assert gemm["shape"] and gemm["dtype"] == "float32"
+    assert "M " in gemm["tileflow"]["plan"]
+    assert "modeling_llama.py" in data["strings"][gemm["src"]]
+    # Every linked kernel has its source embedded, and shares the node's K.
+    assert gemm["kernels"]
+    for k in gemm["kernels"]:
+        kernel = graph["kernels"][k]
+        assert kernel["spec"]["op"] == "padded_gemm"
+        assert "def kernel" in data["sources"][kernel["source"]] or data["sources"][kernel["source"]]
+    attn = next(n for n in snap["nodes"] if n.get("tileflow", {}).get("kind") == "meta_attention")
+    assert attn["tileflow"]["gqa"] == 2
+    # Groups follow the module hierarchy, each laid out in layers; weights sit with their layer.
+    groups = snap["groups"]
+    assert {"", "model", "model.layers", "model.layers.0", "model.layers.0.self_attn"} <= set(groups)
+    assert "model.layers.0" in groups["model.layers"]["children"]
+    assert groups[""]["count"] == len(snap["nodes"])
+    attn_group = groups["model.layers.0.self_attn"]
+    ys = [y for _, y, _ in attn_group["items"]]
+    assert max(ys) > 0 and len(attn_group["items"]) == len(attn_group["nodes"]) + len(attn_group["children"])
+    for a, b in attn_group["edges"]:
+        assert 0 <= a < len(attn_group["items"]) and 0 <= b < len(attn_group["items"])
+    placeholders = [n for n in snap["nodes"] if n["op"] == "placeholder" and n.get("shape") == ["64", "64"]]
+    assert placeholders and all(n["group"].startswith("model.layers.") for n in placeholders)
+
+
+def test_kernel_sources_are_embedded(llama_debug_dir: Path, llama_page: tuple[str, dict]) -> None:
+    _, data = llama_page
+    files = sorted(llama_debug_dir.glob("graph_*/kernels/*"))
+    assert files
+    for f in files:
+        key = f"{f.parent.parent.name}/kernels/{f.name}"
+        assert data["sources"][key] == f.read_text()
+    assert all(k["source"] in data["sources"] for g in data["graphs"] for k in g["kernels"] if k["source"])
+
+
+def test_page_is_self_contained_with_search_and_collapse(llama_page: tuple[str, dict]) -> None:
+    page, _ = llama_page
+    shell = outside_data(page)
+    assert "http://" not in shell and "https://" not in shell
+    assert not re.search(r"<script[^>]*\bsrc\s*=", page, re.I)
+    assert not re.search(r"<link\b|@import|url\(", shell, re.I)
+    for fn in ("function filterNodes(", "function toggleGroup(", "function renderGroup(", "function drawGroup(",
+               "function showKernel(", "function highlightPython(", "function renderDiff("):
+        assert fn in shell, fn
+    assert 'id="search"' in shell
+    # Only the root is expanded at first: every other group starts collapsed.
+    assert 'expanded: new Set([""])' in shell
+    # Exactly one data block and one script: the JSON cannot have broken out of its tag.
+    assert len(DATA_RE.findall(page)) == 1
+    assert page.count("</script>") == 2
+
+
+def test_script_json_cannot_close_the_script_tag() -> None:
+    data = {"source": "x = '</script><script>alert(1)</script>' & y", "inf": float("-inf")}
+    text = script_json(data)
+    assert "</" not in text and "<" not in text and "&" not in text
+    assert json.loads(text) == {"source": data["source"], "inf": "-inf"}
+
+
+def test_python_api_matches_the_command(llama_debug_dir: Path, llama_page: tuple[str, dict], tmp_path: Path) -> None:
+    _, data = llama_page
+    assert embedded_data(build_html(llama_debug_dir)) == data
+    out = write_html(llama_debug_dir / "report.json", tmp_path / "sub" / "page.html")  # a report.json works too
+    assert embedded_data(out.read_text())["graphs"] == data["graphs"]
+    # A single graph's folder is a source on its own.
+    assert [g["id"] for g in collect(llama_debug_dir / "graph_000")["graphs"]] == ["graph_000"]
+
+
+def test_archive_source(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 8)).eval()
+    tokens = torch.export.Dim("tokens", min=2, max=64)
+    archive = tileflow.export_model(model, (torch.randn(4, 16),), ({0: tokens},), options={"target": "reference"})
+    path = archive.save(tmp_path / "tiny.pt2")
+    out = tmp_path / "tiny.html"
+    result = CliRunner().invoke(viz_command, [str(path), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    data = embedded_data(page)
+    assert data["source"]["kind"] == "archive"
+    [graph] = data["graphs"]
+    assert [p["name"] for p in graph["passes"]] == ["canonicalize", "attention", "gemm_padding"]
+    assert all(p["before"] is None and p["diff"] is None for p in graph["passes"])  # not in archives
+    members = [n for n in zipfile.ZipFile(path).namelist() if n.startswith("kernels/")]
+    assert members and graph["kernels"]
+    for k in graph["kernels"]:
+        assert k["source"] in data["sources"]
+    assert "http://" not in outside_data(page)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty_dir", "not_zip", "zip_no_manifest", "bad_report"])
+def test_bad_source_is_a_one_line_error(kind: str, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    if kind == "empty_dir":
+        source.mkdir()
+    elif kind == "not_zip":
+        source = tmp_path / "model.pt2"
+        source.write_text("not an archive")
+    elif kind == "zip_no_manifest":
+        source = tmp_path / "model.pt2"
+        with zipfile.ZipFile(source, "w") as zf:
+            zf.writestr("other.txt", "x")
+    elif kind == "bad_report":
+        source.mkdir()
+        (source / "report.json").write_text("{ not json")
+    result = CliRunner().invoke(viz_command, [str(source), "-o", str(tmp_path / "out.html")])
+    assert result.exit_code != 0
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert str(source) in lines[0]
+    assert not (tmp_path / "out.html").exists()

@@ -1,0 +1,639 @@
+"""`tileflow viz`: one self-contained HTML page showing what the pass pipeline did.
+
+SOURCE is a `debug_dir` written by the pass manager (every pass's before/after graph as JSON and
+code, kernel sources, `report.json`) or an archive from `tileflow export` (report and kernel
+sources only). Everything the page needs is computed here, at report time, and embedded as one
+JSON document: node lists deduplicated across passes, nodes grouped by nn.Module path, a layered
+layout per group (so the browser never lays out thousands of nodes), the added/removed/changed
+marks of each pass and a unified diff of the readable code. The page itself
+(`viz_template.html`) is vanilla JS and CSS with no external references, so it works offline from
+a single file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import html
+import json
+import math
+import zipfile
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import click
+
+__all__ = ["VizError", "build_html", "collect", "render", "viz_command", "write_html"]
+
+TEMPLATE_NAME = "viz_template.html"
+TITLE_TOKEN = "__TILEFLOW_TITLE__"
+DATA_TOKEN = "__TILEFLOW_DATA__"
+
+# String arguments longer than this (the tile plan JSON of a padded_gemm) are shortened: the plan
+# is shown readably from the node's `tileflow` metadata instead.
+MAX_ARG_CHARS = 160
+# Groups with more items than this are listed, not drawn: a few hundred boxes is where an SVG
+# drawing stops being readable anyway.
+MAX_DRAWN_ITEMS = 400
+# Kernel tags that must agree between a padded_gemm node and a kernel's epilogue for a link.
+_EPILOGUE_TAGS = {"bias", "residual", "silu", "gelu", "swiglu"}
+
+
+class VizError(Exception):
+    """SOURCE cannot be visualized; the message (one line) says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def collect(source_path: str | Path) -> dict[str, Any]:
+    """The data the page embeds, read from a debug_dir, a report.json in one, or an archive."""
+    path = Path(source_path)
+    if not path.exists():
+        raise VizError(f"{path} does not exist; pass a debug_dir or an archive from `tileflow export`")
+    if path.is_dir():
+        return _from_debug_dir(path)
+    if zipfile.is_zipfile(path):
+        return _from_archive(path)
+    if path.suffix == ".json":
+        return _from_debug_dir(path.parent, report_file=path)
+    raise VizError(f"{path} is neither a debug_dir, a report.json nor a tileflow archive (.pt2 zip)")
+
+
+def build_html(source_path: str | Path) -> str:
+    """The whole page for SOURCE as one HTML string (data, script and style inlined)."""
+    return render(collect(source_path))
+
+
+def render(data: dict[str, Any]) -> str:
+    """The page for data from `collect`."""
+    template = resources.files("tileflow").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
+    title = html.escape(f"tileflow viz: {data['source']['path']}")
+    # The data goes in last so nothing in it can be mistaken for a template token.
+    return template.replace(TITLE_TOKEN, title).replace(DATA_TOKEN, script_json(data), 1)
+
+
+def write_html(source_path: str | Path, out_path: str | Path) -> Path:
+    """Write `build_html(source_path)` to `out_path` (parent folders are created); return it."""
+    out = Path(out_path)
+    text = build_html(source_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def script_json(data: Any) -> str:
+    """JSON safe to place inside `<script type="application/json">`.
+
+    `<`, `>` and `&` become `\\u003c`-style escapes, which JSON.parse reads back unchanged, so a
+    `</script>` anywhere in user data (a source line, a kernel) cannot end the script element.
+    """
+    text = json.dumps(_finite(data), separators=(",", ":"), default=str, ensure_ascii=False, allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _finite(value: Any) -> Any:
+    """`float("-inf")` (a mask fill value) -> "-inf": JSON.parse rejects Python's `-Infinity`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+@click.command("viz")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.html"),
+    show_default=True, help="HTML file to write",
+)
+def viz_command(source: Path, output: Path) -> None:
+    """Write one self-contained HTML page showing what tileflow's passes did.
+
+    SOURCE is a debug_dir (`options={"debug_dir": DIR}`) or an archive from `tileflow export`.
+    The page needs no server and no network: open it in a browser.
+    """
+    try:
+        data = collect(source)
+        text = render(data)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+    except VizError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
+    graphs = data["graphs"]
+    passes = sum(len(g["passes"]) for g in graphs)
+    kernels = sum(len(g["kernels"]) for g in graphs)
+    click.echo(
+        f"wrote {output} ({len(text) / 1024:.0f} KiB; {len(graphs)} graph(s), {passes} pass run(s), {kernels} kernel(s))"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# reading sources
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VizError(f"cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise VizError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _from_debug_dir(root: Path, report_file: Path | None = None) -> dict[str, Any]:
+    """A debug_dir's root (report.json listing graphs) or one graph's folder (its report.json)."""
+    report_file = report_file or root / "report.json"
+    if not report_file.is_file():
+        raise VizError(f"{root} is not a tileflow debug_dir: it has no report.json")
+    report = _read_json(report_file)
+    if isinstance(report, dict) and isinstance(report.get("graphs"), list):
+        graphs = [(g, root / str(g.get("graph_id", ""))) for g in report["graphs"] if isinstance(g, dict)]
+    elif isinstance(report, dict) and "graph_id" in report:
+        graphs = [(report, root)]  # the folder of a single graph
+    else:
+        raise VizError(f"{report_file} is not a tileflow report (no graphs)")
+    builder = _Builder(kind="debug_dir", path=str(root))
+    for graph, graph_dir in graphs:
+        builder.add_graph(graph, _DirReader(graph_dir))
+    return builder.data()
+
+
+def _from_archive(path: Path) -> dict[str, Any]:
+    """An exported archive: the report in manifest.json and kernels/ sources, no per-pass graphs."""
+    from .export import KERNELS_PREFIX, MANIFEST_MEMBER
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if MANIFEST_MEMBER not in names:
+                raise VizError(f"{path} is a zip file but not a tileflow archive: it has no {MANIFEST_MEMBER}")
+            manifest = json.loads(zf.read(MANIFEST_MEMBER))
+            kernels = {
+                n: zf.read(n).decode("utf-8", errors="replace")
+                for n in sorted(names)
+                if n.startswith(KERNELS_PREFIX) and not n.endswith("/")
+            }
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise VizError(f"{path} is not a readable archive: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise VizError(f"{path} has a corrupt {MANIFEST_MEMBER} ({exc.msg})") from None
+    report = manifest.get("report") if isinstance(manifest, dict) else None
+    if not isinstance(report, dict) or not isinstance(report.get("graphs"), list):
+        raise VizError(f"{path}: its {MANIFEST_MEMBER} has no report")
+    builder = _Builder(kind="archive", path=str(path))
+    builder.archive_info = {k: manifest.get(k) for k in ("target", "tileflow_version", "torch_version", "created", "dynamic", "inputs", "tileflow_ops")}
+    for graph in report["graphs"]:
+        builder.add_graph(graph, _ArchiveReader(kernels))
+    return builder.data()
+
+
+class _DirReader:
+    """Files of one graph's folder in a debug_dir (a missing file reads as None)."""
+
+    def __init__(self, graph_dir: Path) -> None:
+        self.dir = graph_dir
+
+    def nodes(self, rel: str) -> list[dict[str, Any]] | None:
+        path = self.dir / rel
+        if not path.is_file():
+            return None
+        nodes = _read_json(path)
+        return nodes if isinstance(nodes, list) else None
+
+    def text(self, rel: str) -> str | None:
+        path = self.dir / rel
+        return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+
+    def kernel_sources(self) -> dict[str, str]:
+        """Every file under kernels/, by its path relative to the graph's folder."""
+        kdir = self.dir / "kernels"
+        if not kdir.is_dir():
+            return {}
+        return {
+            f.relative_to(self.dir).as_posix(): f.read_text(encoding="utf-8", errors="replace")
+            for f in sorted(kdir.rglob("*"))
+            if f.is_file()
+        }
+
+
+class _ArchiveReader:
+    """What an archive has for a graph: kernel sources only."""
+
+    def __init__(self, kernels: dict[str, str]) -> None:
+        self.kernels = kernels
+
+    def nodes(self, rel: str) -> None:
+        return None
+
+    def text(self, rel: str) -> None:
+        return None
+
+    def kernel_sources(self) -> dict[str, str]:
+        return dict(self.kernels)
+
+
+# ---------------------------------------------------------------------------------------------
+# building the embedded data
+
+
+class _Builder:
+    """Accumulates graphs, deduplicated node snapshots, interned strings and kernel sources."""
+
+    def __init__(self, kind: str, path: str) -> None:
+        self.kind = kind
+        self.path = path
+        self.graphs: list[dict[str, Any]] = []
+        self.snapshots: list[dict[str, Any]] = []
+        self._snapshot_ids: dict[str, int] = {}
+        self.strings: list[str] = []
+        self._string_ids: dict[str, int] = {}
+        self.sources: dict[str, str] = {}
+        self.archive_info: dict[str, Any] | None = None
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "source": {"kind": self.kind, "path": self.path, "archive": self.archive_info},
+            "graphs": self.graphs,
+            "snapshots": self.snapshots,
+            "strings": self.strings,
+            "sources": self.sources,
+        }
+
+    def intern(self, text: str | None) -> int | None:
+        """Index of `text` in the shared string table (source lines repeat in every snapshot)."""
+        if text is None:
+            return None
+        if text not in self._string_ids:
+            self._string_ids[text] = len(self.strings)
+            self.strings.append(text)
+        return self._string_ids[text]
+
+    def add_graph(self, graph: dict[str, Any], reader: _DirReader | _ArchiveReader) -> None:
+        graph_id = str(graph.get("graph_id", f"graph_{len(self.graphs):03d}"))
+        kernels = self._kernels(graph_id, graph.get("kernels") or [], reader.kernel_sources())
+        passes = []
+        for index, record in enumerate(graph.get("passes") or []):
+            name = str(record.get("name", "?"))
+            stem = f"passes/{index:02d}_{name}"
+            before_nodes, after_nodes = reader.nodes(f"{stem}.before.json"), reader.nodes(f"{stem}.after.json")
+            before_code, after_code = reader.text(f"{stem}.before.py"), reader.text(f"{stem}.after.py")
+            passes.append(
+                {
+                    **{k: record.get(k) for k in ("name", "ms", "changed", "nodes_before", "nodes_after", "rewrites", "error")},
+                    "before": self.add_snapshot(graph_id, before_nodes, kernels),
+                    "after": self.add_snapshot(graph_id, after_nodes, kernels),
+                    "marks": diff_marks(before_nodes, after_nodes) if before_nodes is not None and after_nodes is not None else None,
+                    "diff": code_diff(before_code, after_code, name) if before_code is not None and after_code is not None else None,
+                }
+            )
+        self.graphs.append(
+            {
+                "id": graph_id,
+                **{k: graph.get(k) for k in ("compile_id", "nodes_in", "nodes_out", "symbols", "target", "residual", "config", "plans", "extra", "rewrites")},
+                "fallbacks": graph.get("fallbacks") or [],
+                "passes": passes,
+                "input": self.add_snapshot(graph_id, reader.nodes("input.json"), kernels),
+                "output": self.add_snapshot(graph_id, reader.nodes("output.json"), kernels),
+                "kernels": kernels,
+            }
+        )
+
+    def _kernels(self, graph_id: str, records: list[dict[str, Any]], files: dict[str, str]) -> list[dict[str, Any]]:
+        """The graph's kernel records, each with the key of its embedded source (or None)."""
+        by_name: dict[str, str] = {}
+        for rel in files:
+            by_name.setdefault(Path(rel).name, rel)
+        out: list[dict[str, Any]] = []
+        used: set[str] = set()
+        for rec in records:
+            rel = _match_kernel_file(rec.get("source_path"), files, by_name)
+            key = None
+            if rel is not None:
+                key = f"{graph_id}/{rel}"
+                self.sources[key] = files[rel]
+                used.add(rel)
+            out.append({"name": rec.get("name"), "target": rec.get("target"), "spec": rec.get("spec"), "source": key})
+        # Files the report does not list (e.g. shared helpers a backend wrote) are still shown.
+        for rel, text in files.items():
+            if rel not in used:
+                key = f"{graph_id}/{rel}"
+                self.sources[key] = text
+                out.append({"name": Path(rel).name, "target": None, "spec": None, "source": key})
+        return out
+
+    def add_snapshot(self, graph_id: str, nodes: list[dict[str, Any]] | None, kernels: list[dict[str, Any]]) -> int | None:
+        """Index of this node list in `snapshots`, adding it (grouped, laid out) when new.
+
+        Pass N's "after" is usually pass N+1's "before", so identical lists are stored once.
+        """
+        if nodes is None:
+            return None
+        digest = hashlib.sha1(json.dumps(nodes, sort_keys=True, default=str).encode()).hexdigest()
+        key = f"{graph_id}:{digest}"
+        if key not in self._snapshot_ids:
+            self._snapshot_ids[key] = len(self.snapshots)
+            self.snapshots.append(self._snapshot(nodes, kernels))
+        return self._snapshot_ids[key]
+
+    def _snapshot(self, nodes: list[dict[str, Any]], kernels: list[dict[str, Any]]) -> dict[str, Any]:
+        groups_of = assign_groups(nodes)
+        compact = []
+        for node, group in zip(nodes, groups_of):
+            entry = {k: v for k, v in node.items() if k not in ("source", "args", "kwargs") and v is not None}
+            entry["args"] = _shorten(node.get("args", []))
+            if node.get("kwargs"):
+                entry["kwargs"] = _shorten(node["kwargs"])
+            src = self.intern(_short_source(node.get("source")))
+            if src is not None:
+                entry["src"] = src
+            entry["group"] = group
+            links = link_kernels(node, kernels)
+            if links:
+                entry["kernels"] = links
+            compact.append(entry)
+        return {"nodes": compact, "groups": build_groups(nodes, groups_of)}
+
+
+def _match_kernel_file(source_path: Any, files: dict[str, str], by_name: dict[str, str]) -> str | None:
+    """The kernels/ file a report's `source_path` names (reports hold absolute paths of the run)."""
+    if not source_path:
+        return None
+    parts = Path(str(source_path)).parts
+    if "kernels" in parts:  # keep sub-folders below kernels/ when the path has them
+        rel = "/".join(parts[len(parts) - 1 - parts[::-1].index("kernels"):])
+        if rel in files:
+            return rel
+    return by_name.get(Path(str(source_path)).name)
+
+
+def _shorten(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_ARG_CHARS:
+        return value[:MAX_ARG_CHARS] + f"… ({len(value)} chars)"
+    if isinstance(value, list):
+        return [_shorten(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _shorten(v) for k, v in value.items()}
+    return value
+
+
+def _short_source(source: Any) -> str | None:
+    """`File "/long/site-packages/transformers/models/llama/modeling_llama.py", line 243, ...`
+    -> the same from `transformers/...` on: the install prefix says nothing and repeats."""
+    if not source:
+        return None
+    text = str(source)
+    for marker in ("site-packages/", "dist-packages/"):
+        cut = text.find(marker)
+        if cut >= 0 and text.startswith('File "'):
+            return 'File "' + text[cut + len(marker):]
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# pass diffs
+
+
+def _node_refs(value: Any) -> Iterable[str]:
+    """Names of the nodes an argument refers to (graph_to_json writes them as `%name`)."""
+    if isinstance(value, str):
+        if value.startswith("%"):
+            yield value[1:]
+    elif isinstance(value, list):
+        for v in value:
+            yield from _node_refs(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _node_refs(v)
+
+
+def _signature(node: dict[str, Any]) -> str:
+    return json.dumps([node.get(k) for k in ("op", "target", "args", "kwargs", "shape", "dtype")], default=str, sort_keys=True)
+
+
+def diff_marks(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Node names added, removed and changed (same name, different target/args/shape) by a pass."""
+    old = {n["name"]: n for n in before}
+    new = {n["name"]: n for n in after}
+    return {
+        "added": [n for n in new if n not in old],
+        "removed": [n for n in old if n not in new],
+        "changed": [n for n in new if n in old and _signature(new[n]) != _signature(old[n])],
+    }
+
+
+def code_diff(before: str, after: str, name: str) -> str:
+    """Unified diff of a pass's readable code (empty when the pass left the code as it was)."""
+    lines = difflib.unified_diff(
+        before.splitlines(), after.splitlines(), fromfile=f"{name}.before.py", tofile=f"{name}.after.py", lineterm="", n=3
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouping and layout
+
+
+def assign_groups(nodes: list[dict[str, Any]]) -> list[str]:
+    """The module path each node is shown under.
+
+    A node's own module when it has one. Inputs and other module-less nodes take the module of
+    their first user that has one (a weight sits with the layer that reads it), then of an input;
+    what is left, and the output, stays at the top level ("").
+    """
+    group: dict[str, str] = {n["name"]: n.get("module") or "" for n in nodes}
+    for node in reversed(nodes):  # users come later in a topologically ordered graph
+        if not group[node["name"]] and node.get("op") != "output":
+            group[node["name"]] = next((group[u] for u in node.get("users", []) if group.get(u)), "")
+    for node in nodes:
+        if not group[node["name"]] and node.get("op") != "output":
+            group[node["name"]] = next((group[a] for a in _node_refs(node.get("args")) if group.get(a)), "")
+    return [group[n["name"]] for n in nodes]
+
+
+def _ancestors(path: str) -> list[str]:
+    """"a.b.c" -> ["", "a", "a.b", "a.b.c"]."""
+    parts = path.split(".") if path else []
+    return [""] + [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _item_in(group: str, node_group: str, node_index: int) -> int | str:
+    """What stands for a node inside `group`'s drawing: the node itself, or the child group holding it."""
+    if node_group == group:
+        return node_index
+    depth = len(group.split(".")) if group else 0
+    return ".".join(node_group.split(".")[: depth + 1])
+
+
+def _common_group(a: str, b: str) -> str:
+    pa, pb = (a.split(".") if a else []), (b.split(".") if b else [])
+    common = []
+    for x, y in zip(pa, pb):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
+
+
+def build_groups(nodes: list[dict[str, Any]], groups_of: list[str]) -> dict[str, dict[str, Any]]:
+    """The module tree with a layered layout of each group's items.
+
+    A group's items are its own nodes and its child groups (each drawn as one box). An edge
+    between two nodes is drawn in exactly one group: the deepest one holding both, between the
+    items that contain them. Items sit at [x, y]: y is the longest path from the group's sources
+    (the layer), x the slot within the layer, ordered by the mean slot of the item's inputs to
+    keep edges short.
+    """
+    groups: dict[str, dict[str, Any]] = {}
+
+    def ensure(path: str) -> dict[str, Any]:
+        if path not in groups:
+            parent = path.rpartition(".")[0] if path else None
+            groups[path] = {"parent": parent, "children": [], "nodes": [], "count": 0, "first": None}
+            if parent is not None:
+                ensure(parent)["children"].append(path)
+        return groups[path]
+
+    ensure("")
+    for index, path in enumerate(groups_of):
+        ensure(path)["nodes"].append(index)
+        for anc in _ancestors(path):
+            g = groups[anc]
+            g["count"] += 1
+            g["first"] = index if g["first"] is None else g["first"]
+
+    index_of = {n["name"]: i for i, n in enumerate(nodes)}
+    edges: dict[str, set[tuple[int | str, int | str]]] = {path: set() for path in groups}
+    for v, node in enumerate(nodes):
+        for name in set(_node_refs(node.get("args"))) | set(_node_refs(node.get("kwargs"))):
+            u = index_of.get(name)
+            if u is None:
+                continue
+            where = _common_group(groups_of[u], groups_of[v])
+            a, b = _item_in(where, groups_of[u], u), _item_in(where, groups_of[v], v)
+            if a != b:
+                edges[where].add((a, b))
+
+    for path, g in groups.items():
+        g["children"].sort(key=lambda c: groups[c]["first"])
+        items: list[int | str] = sorted([*g["nodes"], *g["children"]], key=lambda it: it if isinstance(it, int) else groups[it]["first"])
+        if len(items) > MAX_DRAWN_ITEMS:
+            g["items"], g["edges"] = None, None  # listed only
+            continue
+        g["items"], g["edges"] = _layered_layout(items, edges[path])
+    for g in groups.values():
+        del g["first"]
+    return groups
+
+
+def _layered_layout(items: list[int | str], edges: set[tuple[int | str, int | str]]) -> tuple[list[list[Any]], list[list[int]]]:
+    """[[x, y, item], ...] and edges as index pairs into that list.
+
+    `items` come in graph order; an edge against that order (two sibling groups feeding each
+    other) is drawn but ignored for layering, so the layering always terminates.
+    """
+    order = {item: i for i, item in enumerate(items)}
+    preds: list[list[int]] = [[] for _ in items]
+    pairs = []
+    for a, b in edges:
+        if a in order and b in order:
+            pairs.append([order[a], order[b]])
+            if order[a] < order[b]:
+                preds[order[b]].append(order[a])
+    layer = [0] * len(items)
+    for i in range(len(items)):
+        layer[i] = 1 + max((layer[p] for p in preds[i]), default=-1)
+    by_layer: dict[int, list[int]] = {}
+    for i, y in enumerate(layer):
+        by_layer.setdefault(y, []).append(i)
+    slot = [0.0] * len(items)
+    for y in sorted(by_layer):
+        members = by_layer[y]  # in graph order
+        # Barycenter ordering: an item goes under the mean slot of its inputs; an item without
+        # inputs keeps its place in graph order.
+        key = {i: sum(slot[p] for p in preds[i]) / len(preds[i]) if preds[i] else float(rank) for rank, i in enumerate(members)}
+        members.sort(key=lambda i: (key[i], i))
+        for x, i in enumerate(members):
+            slot[i] = float(x)
+    placed = [[int(slot[i]), layer[i], item] for i, item in enumerate(items)]
+    pairs.sort()
+    return placed, pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# node -> kernel links
+
+
+def _plan_of(node: dict[str, Any]) -> dict[str, Any] | None:
+    for arg in node.get("args", []):
+        if isinstance(arg, str) and arg.startswith("{") and '"pieces"' in arg:
+            try:
+                return json.loads(arg)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def _params(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec's params, stored as [name, value] pairs, as a dict."""
+    try:
+        return dict(spec.get("params") or [])
+    except (TypeError, ValueError):
+        return {}
+
+
+def link_kernels(node: dict[str, Any], kernels: list[dict[str, Any]]) -> list[int]:
+    """Indices of the graph's kernels that a tileflow node runs on (matched on their specs).
+
+    padded_gemm: same dtype, K, N (or N/2 for a SwiGLU pair), a tile of the node's plan and the
+    same epilogue tags; meta_attention: same GQA factor and head dim. Nodes of other kinds, and
+    kernels without a spec, are never linked.
+    """
+    meta = node.get("tileflow") or {}
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    if kind not in ("padded_gemm", "meta_attention"):
+        return []
+    links: list[int] = []
+    if kind == "padded_gemm":
+        plan = _plan_of(node)
+        if plan is None:
+            return []
+        args = node.get("args", [])
+        tags = set()
+        if len(args) > 2 and args[2] is not None:
+            tags.add("bias")
+        if len(args) > 3 and args[3] is not None:
+            tags.add("residual")
+        if len(args) > 4 and isinstance(args[4], str) and args[4] != "none":
+            tags.add(args[4])
+        tiles = [p.get("config") for p in plan.get("pieces", [])]
+        for i, k in enumerate(kernels):
+            spec = k.get("spec") or {}
+            params = _params(spec)
+            if spec.get("op") != "padded_gemm" or spec.get("dtype") != plan.get("dtype") or params.get("k") != plan.get("k"):
+                continue
+            # A SwiGLU pair's plan covers gate and up together: its kernels are half as wide.
+            n = plan.get("n") if "swiglu" not in tags else (plan.get("n") or 0) // 2
+            if params.get("n") != n:
+                continue
+            tile = spec.get("tile") or {}
+            if not any(t and all(tile.get(f) == v for f, v in t.items() if f in tile) for t in tiles):
+                continue
+            if set(spec.get("epilogue") or []) & _EPILOGUE_TAGS != tags & _EPILOGUE_TAGS:
+                continue
+            links.append(i)
+    else:
+        head_dim = node.get("shape", [None])[-1] if node.get("shape") else None
+        for i, k in enumerate(kernels):
+            spec = k.get("spec") or {}
+            params = _params(spec)
+            if spec.get("op") == "meta_attention" and params.get("gqa") == meta.get("gqa") and str(params.get("head_dim")) == str(head_dim):
+                links.append(i)
+    return links

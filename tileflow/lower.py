@@ -96,7 +96,7 @@ def attention_specs_for_node(node: fx.Node) -> list[KernelSpec]:
 
 def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str) -> list[KernelSpec]:
     """Build every kernel the graph's tileflow ops need, and record them in the report."""
-    from .runtime import decode_plan, get_kernel
+    from .runtime import decode_plan, get_kernel, save_kernel_source
 
     specs: dict[KernelSpec, None] = {}
     for node in gm.graph.nodes:
@@ -112,7 +112,6 @@ def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str) -> list[Kerne
     kernels_dir = ctx.artifact_dir / "kernels" if ctx.artifact_dir is not None else None
     for spec in specs:
         kernel = get_kernel(target, spec, kernels_dir)
-        ctx.add_kernel(
-            spec.name, target, str(kernel.source_path) if kernel.source_path else None, spec.to_dict()
-        )
+        path = save_kernel_source(kernel, kernels_dir) if kernels_dir is not None else kernel.source_path
+        ctx.add_kernel(spec.name, target, str(path) if path else None, spec.to_dict())
     return list(specs)

@@ -115,17 +115,18 @@ def get_kernel(target: str, spec: KernelSpec, artifact_dir: Path | None = None) 
                 kernel = backend.build(spec, artifact_dir)
                 _KERNELS[key] = kernel
                 log.debug("built %s for %s", spec.name, target)
-    elif artifact_dir is not None and kernel.source_path is not None:
-        _copy_source(kernel, artifact_dir)
     return kernel
 
 
-def _copy_source(kernel: CompiledKernel, artifact_dir: Path) -> None:
-    """Put an already-built kernel's source into another artifact folder too."""
+def save_kernel_source(kernel: CompiledKernel, artifact_dir: Path) -> Path:
+    """Write a kernel's source into an artifact folder (a graph's `debug_dir/.../kernels`), even
+    when the kernel was built earlier for another graph; returns the file's path."""
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    target = artifact_dir / Path(kernel.source_path).name  # type: ignore[arg-type]
-    if not target.exists():
-        target.write_text(kernel.source)
+    name = Path(kernel.source_path).name if kernel.source_path else f"{kernel.spec.name}.{kernel.target}.py"
+    path = artifact_dir / name
+    if not path.exists() or path.read_text() != kernel.source:
+        path.write_text(kernel.source)
+    return path
 
 
 def compiled_kernels(op: str | None = None) -> list[CompiledKernel]:

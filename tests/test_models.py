@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tileflow
+from tileflow import runtime
 from models import MODELS, SEQ_LENS, VOCAB, build
 
 
@@ -18,6 +19,7 @@ def test_model_matches_eager_with_one_graph(name: str, target: str) -> None:
     report = tileflow.Report()
     backend = tileflow.TileflowBackend({"target": target, "max_tokens": 4096}, report=report)
     compiled = torch.compile(model, backend=backend, dynamic=True)
+    built_at_compile = None
     with torch.no_grad():
         for seq_len in SEQ_LENS:
             ids = torch.randint(0, VOCAB, (2, seq_len))
@@ -25,6 +27,10 @@ def test_model_matches_eager_with_one_graph(name: str, target: str) -> None:
             want = model(ids, use_cache=False).logits
             assert got.shape == want.shape == (2, seq_len, VOCAB)
             assert (got - want).abs().max().item() <= 1e-4, f"{name} at seq_len={seq_len}"
+            if built_at_compile is None:
+                built_at_compile = len(runtime.compiled_kernels())
+    # Every kernel was built when the graph was compiled: new token counts built nothing.
+    assert len(runtime.compiled_kernels()) == built_at_compile
     # One compile serves every length: the token dimension stayed symbolic.
     assert len(report.graphs) == 1 and report.recompiles == 0
     graph = report.graphs[0]

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .config import Config
-from .graph_utils import count_nodes, shape_env_of, symbol_ranges
+from .graph_utils import count_nodes, graph_to_json, shape_env_of, symbol_ranges
 from .log import get_logger
 from .lower import lower_graph
 from .pipeline import PassContext, PassManager
@@ -79,6 +79,9 @@ def compile_graph(
     )
     PassManager.from_config(config).run(gm, ctx, real_inputs=real_inputs)
     lower_graph(gm, ctx, target)
+    if artifact_dir is not None:
+        # Lowering annotated the tileflow nodes with their kernels: refresh the final graph dump.
+        (artifact_dir / "output.json").write_text(json.dumps(graph_to_json(gm), indent=1, default=str))
     graph_report.nodes_out = count_nodes(gm)
     runner = build_residual(gm, example_inputs, residual_mode)
     report.add_graph(graph_report, recompile=recompile)

@@ -60,7 +60,8 @@ def gemm_spec(
 def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     """One spec per config of `plan`, for a `tileflow::padded_gemm` node."""
     x, weight = node.args[0], node.args[1]
-    kwargs = dict(zip(("bias", "residual", "activation", "out_dtype"), node.args[2:6]))
+    names = ("bias", "residual", "activation", "out_dtype", "plan", "target", "weight_up", "bias_up")
+    kwargs = dict(zip(names, node.args[2:]))
     kwargs.update(node.kwargs)
     activation = kwargs.get("activation") or "none"
     xv, wv = x.meta["val"], weight.meta["val"]
@@ -100,15 +101,19 @@ def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str) -> list[Kerne
 
     specs: dict[KernelSpec, None] = {}
     for node in gm.graph.nodes:
+        node_specs: list[KernelSpec] = []
         if node.op == "call_function" and node.target is torch.ops.tileflow.padded_gemm.default:
             plan_text = node.kwargs.get("plan") or (node.args[6] if len(node.args) > 6 else "")
             if not plan_text:
                 continue  # a call the user wrote: its plan and target are chosen at run time
-            for spec in gemm_specs_for_node(node, decode_plan(plan_text)):
-                specs.setdefault(spec, None)
+            node_specs = gemm_specs_for_node(node, decode_plan(plan_text))
         elif node.op == "call_function" and node.target is torch.ops.tileflow.meta_attention.default:
-            for spec in attention_specs_for_node(node):
-                specs.setdefault(spec, None)
+            node_specs = attention_specs_for_node(node)
+        if node_specs:
+            # Which kernels serve this node: the visualizer links nodes to kernel sources by it.
+            node.meta.setdefault("tileflow", {})["kernels"] = [spec.name for spec in node_specs]
+        for spec in node_specs:
+            specs.setdefault(spec, None)
     kernels_dir = ctx.artifact_dir / "kernels" if ctx.artifact_dir is not None else None
     for spec in specs:
         kernel = get_kernel(target, spec, kernels_dir)

@@ -590,9 +590,10 @@ def _params(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def link_kernels(node: dict[str, Any], kernels: list[dict[str, Any]]) -> list[int]:
-    """Indices of the graph's kernels that a tileflow node runs on (matched on their specs).
+    """Indices of the graph's kernels that a tileflow node runs on.
 
-    padded_gemm: same dtype, K, N (or N/2 for a SwiGLU pair), a tile of the node's plan and the
+    Lowering records them on the final graph's nodes; for the per-pass graphs (before lowering)
+    they are matched on specs: padded_gemm: same dtype, K, N (or N/2 for a SwiGLU pair), a tile of the node's plan and the
     same epilogue tags; meta_attention: same GQA factor and head dim. Nodes of other kinds, and
     kernels without a spec, are never linked.
     """
@@ -600,6 +601,10 @@ def link_kernels(node: dict[str, Any], kernels: list[dict[str, Any]]) -> list[in
     kind = meta.get("kind") if isinstance(meta, dict) else None
     if kind not in ("padded_gemm", "meta_attention"):
         return []
+    if isinstance(meta.get("kernels"), list):
+        # Recorded by lowering (the graph after the last pass): exact, no matching needed.
+        names = set(meta["kernels"])
+        return [i for i, k in enumerate(kernels) if k.get("name") in names]
     links: list[int] = []
     if kind == "padded_gemm":
         plan = _plan_of(node)
@@ -619,9 +624,8 @@ def link_kernels(node: dict[str, Any], kernels: list[dict[str, Any]]) -> list[in
             params = _params(spec)
             if spec.get("op") != "padded_gemm" or spec.get("dtype") != plan.get("dtype") or params.get("k") != plan.get("k"):
                 continue
-            # A SwiGLU pair's plan covers gate and up together: its kernels are half as wide.
-            n = plan.get("n") if "swiglu" not in tags else (plan.get("n") or 0) // 2
-            if params.get("n") != n:
+            # The plan's N is the kernel's output width (for a SwiGLU pair, the gate's rows).
+            if params.get("n") != plan.get("n"):
                 continue
             tile = spec.get("tile") or {}
             if not any(t and all(tile.get(f) == v for f, v in t.items() if f in tile) for t in tiles):

@@ -40,7 +40,7 @@ from tileflow.backends.triton.attention import (  # noqa: E402
     merge_kernel_identifier,
     render_attention_source,
 )
-from tileflow.backends.triton.build import clear_memo, kernel_identifier  # noqa: E402
+from tileflow.backends.triton.build import kernel_identifier  # noqa: E402
 from tileflow.kernel_spec import KernelSpec, TileConfig, make_params  # noqa: E402
 from tileflow.targets import triton_interpreter_enabled  # noqa: E402
 from tileflow.tasks import build_task_table  # noqa: E402
@@ -59,14 +59,9 @@ DEVICE = "cpu" if triton_interpreter_enabled() else "cuda"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Keep generated sources out of ~/.cache and start from an empty in-process memo."""
-    root = tmp_path_factory.mktemp("tileflow_attn_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TILEFLOW_CACHE_DIR", str(root))
-        clear_memo()
-        yield root
-        clear_memo()
+def _private_cache(private_triton_cache: Path) -> Path:
+    """Every test of this module builds into a private kernel cache (see conftest)."""
+    return private_triton_cache
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -46,14 +45,9 @@ DEVICE = "cpu" if triton_interpreter_enabled() else "cuda"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Keep generated sources out of ~/.cache and start from an empty in-process memo."""
-    root = tmp_path_factory.mktemp("tileflow_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TILEFLOW_CACHE_DIR", str(root))
-        clear_memo()
-        yield root
-        clear_memo()
+def _private_cache(private_triton_cache: Path) -> Path:
+    """Every test of this module builds into a private kernel cache (see conftest)."""
+    return private_triton_cache
 
 
 def gemm_spec(

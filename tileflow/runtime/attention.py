@@ -7,6 +7,7 @@ by viewing the dense tensors as a varlen batch (one page per sequence: no copy o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -83,7 +84,8 @@ def run_meta_attention_varlen(
     cu, lens = host_metadata if host_metadata is not None else (tuple(cu_seqlens_q.tolist()), tuple(seqlens_kv.tolist()))
     max_q = max((b - a for a, b in zip(cu, cu[1:])), default=0)
     block_q = attention_block_q(max_q, gqa)
-    table = _task_table(cu, lens, hq, hkv, block_q, attention_programs(target, q.device), sliding_window, causal)
+    table = _task_table(cu, lens, hq, hkv, block_q, attention_programs(target, q.device), sliding_window, causal,
+                        str(q.device))
     spec = attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=block_q, causal=causal,
                           sliding_window=sliding_window is not None, tree=tree_mask is not None, bias=attn_bias is not None)
     kernel = get_kernel(target, spec)
@@ -98,12 +100,23 @@ def run_meta_attention_varlen(
 
 @functools.lru_cache(maxsize=256)
 def _task_table(
-    cu: tuple[int, ...], lens: tuple[int, ...], hq: int, hkv: int, block_q: int, programs: int, window: int | None, causal: bool
+    cu: tuple[int, ...], lens: tuple[int, ...], hq: int, hkv: int, block_q: int, programs: int,
+    window: int | None, causal: bool, device: str,
 ) -> Any:
     """Task tables are pure functions of the batch shape: cache them (dense graphs and decode
-    steps repeat the same shapes)."""
-    return build_task_table(list(cu), list(lens), num_q_heads=hq, num_kv_heads=hkv, block_q=block_q,
-                            num_programs=programs, sliding_window=window, causal=causal)
+    steps repeat the same shapes), with the tensors the kernel reads already on its device, so
+    a repeated shape costs no host-to-device copy."""
+    table = build_task_table(list(cu), list(lens), num_q_heads=hq, num_kv_heads=hkv, block_q=block_q,
+                             num_programs=programs, sliding_window=window, causal=causal)
+    if torch.device(device).type == "cpu":
+        return table
+    return dataclasses.replace(
+        table,
+        tasks=table.tasks.to(device),
+        program_offsets=table.program_offsets.to(device),
+        program_tasks=table.program_tasks.to(device),
+        merges=table.merges.to(device),
+    )
 
 
 def additive_bias(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

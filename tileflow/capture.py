@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from .graph_utils import finite_bound
+
 GraphCompiler = Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]
 
 # Ops that must reach the passes whole: the attention pass matches them as one node.
@@ -88,6 +90,5 @@ def capture_exported(ep: torch.export.ExportedProgram) -> ExportedGraph:
     example_inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     ranges: dict[str, tuple[int, int | None]] = {}
     for sym, vr in ep.range_constraints.items():
-        upper = int(vr.upper) if vr.upper.is_finite else None
-        ranges[str(sym)] = (int(vr.lower), upper)
+        ranges[str(sym)] = (int(vr.lower), finite_bound(vr.upper))
     return ExportedGraph(gm=gm, example_inputs=example_inputs, range_constraints=ranges)

@@ -201,16 +201,17 @@ def symbol_ranges(gm: fx.GraphModule) -> dict[str, list[int | None]]:
         hi: int | None = None
         if env is not None and sym in env.var_to_range:
             vr = env.var_to_range[sym]
-            lo = _finite(vr.lower)
-            hi = _finite(vr.upper)
+            lo = finite_bound(vr.lower)
+            hi = finite_bound(vr.upper)
         out[str(sym)] = [lo, hi]
     return out
 
 
-def _finite(value: Any) -> int | None:
+def finite_bound(value: Any) -> int | None:
+    """A range bound as an int, or None for an unbounded side (torch's `int_oo` claims
+    `is_finite`, so the conversion itself is the test)."""
     try:
-        if value.is_finite:  # sympy numbers
-            return int(value)
-    except AttributeError:
-        pass
-    return None
+        bound = int(value)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+    return bound if abs(bound) < 2**62 else None

@@ -17,6 +17,10 @@ import torch
 from .ops import meta_attention
 
 ATTENTION_NAME = "tileflow"
+# Every attention is causal self-attention over the tokens in order, and no mask tensor is built:
+# the form serving steps are traced in (`tileflow.distributed`), where the attention stages apply
+# the causal rule per sequence against their own KV cache.
+CAUSAL_ATTENTION_NAME = "tileflow_causal"
 
 
 def tileflow_attention_forward(
@@ -44,10 +48,34 @@ def tileflow_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def causal_attention_forward(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """`"tileflow_causal"`: always causal, never a mask tensor, no branch on the token count (so
+    one traced graph serves every count, 1 included). Padding masks are not supported."""
+    if attention_mask is not None:
+        raise ValueError(
+            "attn_implementation='tileflow_causal' takes no attention mask: pass packed tokens without "
+            "padding, or use attn_implementation='tileflow'"
+        )
+    if kwargs.get("dropout") and module.training:
+        raise ValueError("tileflow attention is for inference: dropout during training is not supported")
+    out = meta_attention(query, key, value, None, causal=True, scale=kwargs.get("scaling"))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 def register_transformers() -> None:
-    """Register `"tileflow"` with transformers' attention and mask registries (idempotent)."""
+    """Register `"tileflow"` and `"tileflow_causal"` with transformers' attention and mask
+    registries (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, tileflow_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionInterface.register(CAUSAL_ATTENTION_NAME, causal_attention_forward)
+    AttentionMaskInterface.register(CAUSAL_ATTENTION_NAME, _no_mask)

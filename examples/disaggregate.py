@@ -1,0 +1,169 @@
+"""Decode a small-config Llama with attention on other ranks (Lamina's disaggregation).
+
+    torchrun --nproc-per-node 3 examples/disaggregate.py --check
+
+Rank 0 runs the dense stages (and leads); the other ranks are attention workers, each owning a
+KV-head shard of the paged cache. Batches of sequences with different prompt lengths are
+prefilled, then decoded greedily, two batches in flight (staggered); mid-run a sequence finishes
+and a new one joins with its prompt (chunked prefill mixed with decode). `--check` runs the same
+tokens through the eager transformers model with a per-sequence KV cache on rank 0 and compares
+every step's logits; the script exits 1 on any mismatch, 2 when a peer fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+
+def build_model(gqa: int, layers: int, seed: int) -> torch.nn.Module:
+    """The same random-weight Llama on every rank (same seed)."""
+    import transformers
+
+    kv_heads = 4 if gqa == 1 else 2
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=kv_heads * gqa, num_key_value_heads=kv_heads, head_dim=64 // (kv_heads * gqa),
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+class Reference:
+    """The single-process run: the eager model (SDPA) with a transformers KV cache per sequence."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        import copy
+
+        import transformers
+
+        self.model = copy.deepcopy(model)
+        self.model.config._attn_implementation = "sdpa"
+        self.caches: dict[int, transformers.DynamicCache] = {}
+        self._cache_type = transformers.DynamicCache
+
+    @torch.no_grad()
+    def logits(self, seq: int, tokens: list[int]) -> torch.Tensor:
+        cache = self.caches.setdefault(seq, self._cache_type(config=self.model.config))
+        out = self.model(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+        return out.logits[0]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-workers", type=int, default=1, help="model replicas (ranks 0 … m − 1); the rest attend")
+    p.add_argument("--gqa", type=int, default=4, choices=(1, 4), help="query heads per KV head")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
+    p.add_argument("--batches", type=int, default=2, help="batches in flight (>= 2 staggers them)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds any receive waits before failing")
+    p.add_argument("--block-size", type=int, default=4)
+    p.add_argument("--check", action="store_true", help="compare every step's logits with a single-process run")
+    p.add_argument("--tolerance", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-delay", type=float, default=0.0, help="sleep between steps (for failure tests)")
+    p.add_argument("--pid-dir", type=Path, default=None, help="write rank<N>.pid files here (for failure tests)")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    from tileflow.distributed import (
+        AttentionWorker, Batch, CausalLMStep, ModelWorker, PeerError, RunAborted, abort_run, build_stage_program,
+        init_distributed,
+    )
+
+    layout, transport = init_distributed(args.timeout, args.model_workers)
+    rank = transport.rank
+    role = layout.role(rank)
+    if args.pid_dir is not None:
+        args.pid_dir.mkdir(parents=True, exist_ok=True)
+        (args.pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
+    try:
+        if role == "attention":
+            AttentionWorker(transport).serve()
+            return 0
+        model = build_model(args.gqa, args.layers, args.seed)
+        example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
+        program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
+        worker = ModelWorker(program, layout, transport, block_size=args.block_size, num_blocks=256)
+        if not worker.is_leader:
+            worker.serve()
+            return 0
+        return lead(args, worker, model, Batch)
+    except Exception as exc:
+        # Tell the others at once (they would otherwise wait out their timeout), then leave without
+        # process-group teardown, which could wait on peers that are gone.
+        if not isinstance(exc, PeerError):
+            traceback.print_exc()
+        print(f"[rank {rank} {role}] error: {exc}", file=sys.stderr, flush=True)
+        if not isinstance(exc, RunAborted):
+            abort_run(transport, layout, f"rank {rank} ({role}) failed: {exc}")
+        sys.stdout.flush()
+        os._exit(2 if isinstance(exc, PeerError) else 1)
+
+
+def lead(args: argparse.Namespace, worker, model: torch.nn.Module, Batch) -> int:
+    """Rank 0: schedule sequences into batches, run the steps, check against the reference."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    # Batches of different sizes, sequences of different prompt lengths.
+    groups = [list(range(10 * b, 10 * b + 2 + b % 2)) for b in range(args.batches)]
+    pending: dict[int, list[int]] = {
+        s: torch.randint(0, 128, (int(torch.randint(2, 12, (1,), generator=gen)),), generator=gen).tolist()
+        for g in groups for s in g
+    }
+    lengths: dict[int, int] = {}
+    reference = Reference(model) if args.check else None
+    worst = 0.0
+    worker.start()
+    for step in range(args.steps + 1):
+        if step == 3:  # a sequence joins mid-run: its prompt is prefilled beside the others' decode
+            new = 10 * args.batches + 1
+            groups[-1].append(new)
+            pending[new] = torch.randint(0, 128, (7,), generator=gen).tolist()
+        if step == 5:  # and one finishes: its blocks go back to the attention workers
+            done = groups[0].pop(0)
+            worker.release([done])
+        batches = []
+        for group in groups:
+            ids, pos, q_lens = [], [], []
+            for s in group:
+                toks = pending[s]
+                start = lengths.get(s, 0)
+                ids += toks
+                pos += range(start, start + len(toks))
+                q_lens.append(len(toks))
+            batches.append(Batch([torch.tensor([ids]), torch.tensor([pos])], list(group), q_lens))
+        outputs = worker.step(batches)
+        for group, batch, (logits,) in zip(groups, batches, outputs):
+            row = 0
+            for s, n in zip(group, batch.q_lens):
+                mine = logits[0, row : row + n]
+                if reference is not None:
+                    diff = (mine - reference.logits(s, pending[s])).abs().max().item()
+                    worst = max(worst, diff)
+                    if diff > args.tolerance:
+                        print(f"MISMATCH step {step} sequence {s}: max |diff| {diff:.3e}", flush=True)
+                        worker.shutdown()
+                        return 1
+                lengths[s] = lengths.get(s, 0) + n
+                pending[s] = [int(mine[-1].argmax())]
+                row += n
+        print(f"step {step}: {sum(b.tokens for b in batches)} tokens in {len(batches)} batches", flush=True)
+        if args.step_delay:
+            time.sleep(args.step_delay)
+    worker.shutdown()
+    if reference is not None:
+        print(f"check passed: {args.steps + 1} steps, max |logits diff| {worst:.3e} <= {args.tolerance:g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""disaggregate: cut a serving step at its attention ops into dense and attention stages (Lamina).
+
+Decode attention is memory-bound and everything else compute-bound, so Lamina runs the KV cache
+and attention on memory devices and the dense layers on compute devices. This pass finds the cut:
+every `tileflow::meta_attention` becomes its own stage, and the nodes between two attentions form
+a dense stage, so a model with L attention layers has L + 1 dense stages and L attention stages.
+What crosses a cut is exactly what attention needs: q and the new k/v out, the attention output
+back. The pass computes that byte count from the graph (symbolic in the token count) and checks it
+against Lamina's (2 + 2/G)·e·d·B·L.
+
+The pass only annotates (each node's stage goes in `node.meta["tileflow"]["stage"]`, the cuts go in
+the report), so the single-process graph runs exactly as before; `split_stages` turns an annotated
+graph into a `StageProgram` that `tileflow.distributed` runs across ranks. There the attention
+stages attend over a KV cache their rank owns, so the step must be traced as causal
+self-attention over packed tokens: batch dimension 1, no mask tensor (transformers'
+`attn_implementation="tileflow_causal"` traces that way). Anything else is left colocated, with
+the reason in the report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.passes.split_module import split_module
+
+from tileflow.graph_utils import meta_val
+from tileflow.pipeline import PassContext, PassResult, register_pass
+
+ATTENTION_OP = torch.ops.tileflow.meta_attention.default
+
+
+@dataclass(frozen=True)
+class AttentionCut:
+    """One attention stage: the shapes that cross the cut and the attention's parameters."""
+
+    index: int
+    node: str
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    dtype: torch.dtype
+    bytes_per_token: int
+
+    @property
+    def group_size(self) -> int:
+        """G: query heads per KV head."""
+        return self.num_q_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form for the report."""
+        data = asdict(self)
+        data["dtype"] = str(self.dtype).removeprefix("torch.")
+        return data
+
+
+def lamina_bytes(element_bytes: int, hidden: int, group_size: int, tokens: Any, layers: int) -> Any:
+    """Lamina's bytes per iteration across the model/attention cut: (2 + 2/G)·e·d·B·L."""
+    return (2 + sympy.Rational(2, group_size)) * element_bytes * hidden * tokens * layers
+
+
+def _expr(value: Any) -> Any:
+    return value.node.expr if isinstance(value, torch.SymInt) else sympy.Integer(value)
+
+
+def _numel(t: torch.Tensor) -> Any:
+    return sympy.Mul(*[_expr(s) for s in t.shape])
+
+
+def _attention_args(node: fx.Node) -> tuple[Any, ...]:
+    """(q, k, v, attn_mask, causal, scale) with the schema's defaults filled in."""
+    args = list(node.args) + [None] * 7
+    kw = node.kwargs
+    q, k, v = args[0], args[1], args[2]
+    mask = kw.get("attn_mask", args[3])
+    causal = kw.get("causal", args[4] if len(node.args) > 4 else False)
+    scale = kw.get("scale", args[5] if len(node.args) > 5 else None)
+    return q, k, v, mask, causal, scale
+
+
+def _why_not_cut(node: fx.Node) -> str | None:
+    """The reason this attention cannot be served from a remote KV cache, or None."""
+    q, k, v, mask, causal, _ = _attention_args(node)
+    if mask is not None:
+        return ("attention with a mask tensor: the attention stages apply the causal rule against "
+                "their KV cache; trace the step with attn_implementation='tileflow_causal'")
+    if not causal:
+        return "non-causal attention: a remote KV cache serves causal self-attention only"
+    qv, kv, vv = meta_val(q), meta_val(k), meta_val(v)
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (qv, kv, vv)):
+        return "attention operands without 4-D [B, H, S, D] shapes"
+    if not statically_known_true(qv.shape[0] == 1):
+        return f"batch dimension {qv.shape[0]} != 1: the step must pack its tokens into one row"
+    if not statically_known_true(qv.shape[2] == kv.shape[2]):
+        return "cross-attention (query and key lengths differ): not self-attention over new tokens"
+    if qv.shape[1] % kv.shape[1] != 0:
+        return f"{qv.shape[1]} query heads are not a multiple of {kv.shape[1]} KV heads"
+    return None
+
+
+def _cut_of(index: int, node: fx.Node) -> AttentionCut:
+    q, k, _, _, _, scale = _attention_args(node)
+    qv, kv = meta_val(q), meta_val(k)
+    hq, hkv, d = int(qv.shape[1]), int(kv.shape[1]), int(qv.shape[3])
+    e = qv.element_size()
+    # q out, k and v out, the attention output back: per token.
+    per_token = e * d * (hq + 2 * hkv + hq)
+    return AttentionCut(
+        index=index, node=node.name, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+        scale=float(scale) if scale is not None else 1.0 / math.sqrt(d), dtype=qv.dtype,
+        bytes_per_token=per_token,
+    )
+
+
+def crossing_bytes(node: fx.Node) -> Any:
+    """Bytes crossing one attention cut per iteration, from the graph's (symbolic) shapes:
+    the q, k and v operands out and the output back."""
+    q, k, v, *_ = _attention_args(node)
+    return sum((_numel(meta_val(t)) * meta_val(t).element_size() for t in (q, k, v, node)), sympy.Integer(0))
+
+
+@register_pass
+class Disaggregate:
+    """Annotate dense/attention stages at each `meta_attention` and report the cut traffic."""
+
+    name = "disaggregate"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Annotate every node with its stage; record the cuts (or why not) in the report."""
+        result = PassResult()
+        attentions = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ATTENTION_OP]
+        if not attentions:
+            result.fallback("graph", "no tileflow::meta_attention in the graph (run the attention pass first)")
+            return result
+        for node in attentions:
+            reason = _why_not_cut(node)
+            if reason is not None:
+                # One attention that stays local keeps its KV cache local: the whole step stays.
+                result.fallback(node, reason)
+                return result
+        cuts = [_cut_of(i, n) for i, n in enumerate(attentions)]
+        total = sympy.expand(sum((crossing_bytes(n) for n in attentions), sympy.Integer(0)))
+        tokens = _expr(meta_val(_attention_args(attentions[0])[0]).shape[2])
+        expected = sympy.expand(sum(
+            (lamina_bytes(c.dtype.itemsize, c.num_q_heads * c.head_dim, c.group_size, tokens, 1) for c in cuts),
+            sympy.Integer(0),
+        ))
+        if sympy.simplify(total - expected) != 0:
+            raise AssertionError(f"cut traffic {total} bytes disagrees with Lamina's formula {expected}")
+
+        stage = 0
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            if node.target is ATTENTION_OP:
+                stage += 1
+                _annotate(node, stage)
+                stage += 1
+            else:
+                _annotate(node, stage)
+        ctx.report.extra["disaggregate"] = {
+            "attention_stages": len(cuts),
+            "dense_stages": len(cuts) + 1,
+            "bytes_per_iteration": str(total),
+            "bytes_per_token": sum(c.bytes_per_token for c in cuts),
+            "token_symbol": str(tokens),
+            "cuts": [c.to_dict() for c in cuts],
+        }
+        gm.meta["tileflow_cuts"] = cuts
+        result.count("disaggregate", len(cuts))
+        return result
+
+
+def _annotate(node: fx.Node, stage: int) -> None:
+    node.meta.setdefault("tileflow", {})["stage"] = stage
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a stage argument comes from: program input `index`, output `slot` of stage `index`,
+    or `StageProgram.constants[index]` (a weight the graph reads directly)."""
+
+    kind: str  # "input" | "stage" | "constant"
+    index: int
+    slot: int = 0
+
+
+@dataclass
+class Stage:
+    """A dense stage (a GraphModule) or an attention stage (its cut), with its argument sources.
+    An attention stage's sources are (q, k, v)."""
+
+    id: int
+    kind: str  # "dense" | "attention"
+    inputs: list[Source]
+    module: fx.GraphModule | None = None
+    cut: AttentionCut | None = None
+
+    @property
+    def index(self) -> int:
+        """The dense stage number (0 … L) or the attention layer number (0 … L − 1)."""
+        return self.id // 2
+
+
+AttentionFn = Callable[[AttentionCut, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StageProgram:
+    """A step split at its attention ops: stages in execution order (dense, attention, dense, …,
+    dense) and the program's outputs."""
+
+    stages: list[Stage]
+    outputs: list[Source]
+    num_inputs: int
+    constants: list[torch.Tensor] = field(default_factory=list)
+    consumers: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+
+    @property
+    def dense(self) -> list[Stage]:
+        """The dense stages, in order."""
+        return [s for s in self.stages if s.kind == "dense"]
+
+    @property
+    def cuts(self) -> list[AttentionCut]:
+        """The attention cuts, in order."""
+        return [s.cut for s in self.stages if s.kind == "attention"]
+
+    def run(self, inputs: Sequence[Any], attention: AttentionFn | None = None) -> list[Any]:
+        """Run every stage in this process and return the graph's flat outputs;
+        `attention(cut, q, k, v)` replaces the attention stages (default: the original
+        `meta_attention` over the given tokens)."""
+        attention = attention or local_attention
+        values: dict[int, Any] = {}
+
+        def resolve(src: Source) -> Any:
+            if src.kind == "input":
+                return inputs[src.index]
+            if src.kind == "constant":
+                return self.constants[src.index]
+            return values[src.index][src.slot]
+
+        for stage in self.stages:
+            args = [resolve(s) for s in stage.inputs]
+            values[stage.id] = stage.module(*args) if stage.kind == "dense" else (attention(stage.cut, *args),)
+        return [resolve(s) for s in self.outputs]
+
+
+def local_attention(cut: AttentionCut, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The attention stage run where it is: causal meta-attention over the given tokens."""
+    return torch.ops.tileflow.meta_attention(q, k, v, None, True, cut.scale, "")
+
+
+def split_stages(gm: fx.GraphModule) -> StageProgram:
+    """Split a graph the `disaggregate` pass annotated into a `StageProgram`."""
+    cuts: list[AttentionCut] | None = gm.meta.get("tileflow_cuts")
+    if not cuts:
+        raise ValueError(
+            "split_stages needs a graph annotated by the 'disaggregate' pass; this one has no cuts "
+            "(see the report's fallbacks for why)"
+        )
+
+    def stage_of(node: fx.Node) -> int:
+        try:
+            return node.meta["tileflow"]["stage"]
+        except KeyError:
+            # get_attr nodes added after the pass (none today) belong with their first user.
+            return min(stage_of(u) for u in node.users)
+
+    split = split_module(gm, None, stage_of, keep_original_order=True, tuple_return=True)
+    placeholders = [n for n in split.graph.nodes if n.op == "placeholder"]
+    where: dict[fx.Node, Source] = {p: Source("input", i) for i, p in enumerate(placeholders)}
+    constants: list[torch.Tensor] = []
+    stages: list[Stage] = []
+    cut_iter = iter(cuts)
+    for node in split.graph.nodes:
+        if node.op == "get_attr":
+            where[node] = Source("constant", len(constants))
+            constants.append(_attr(split, str(node.target)))
+        elif node.op == "call_module":
+            sid = int(str(node.target).removeprefix("submod_"))
+            module = getattr(split, str(node.target))
+            sources = [where[a] for a in node.args]
+            if sid % 2 == 1:
+                stages.append(Stage(sid, "attention", _qkv_order(module, sources), cut=next(cut_iter)))
+            else:
+                stages.append(Stage(sid, "dense", sources, module=module))
+            where[node] = Source("stage", sid)
+        elif node.op == "call_function" and node.args and node.args[0] in where:
+            parent = where[node.args[0]]
+            where[node] = Source("stage", parent.index, int(node.args[1]))
+        elif node.op == "call_function":
+            raise AssertionError(f"unexpected top-level node {node.format_node()} after split_module")
+        elif node.op == "output":
+            out = node.args[0]
+            outputs = [where[o] for o in (out if isinstance(out, (tuple, list)) else [out])]
+    ids = [s.id for s in stages]
+    if ids != list(range(2 * len(cuts) + 1)):
+        raise AssertionError(f"stages {ids} are not dense/attention alternating from 0 to {2 * len(cuts)}")
+    consumers: dict[tuple[int, int], list[int]] = {}
+    for stage in stages:
+        for src in stage.inputs:
+            if src.kind == "stage":
+                consumers.setdefault((src.index, src.slot), []).append(stage.id)
+    for src in outputs:
+        if src.kind == "stage":
+            consumers.setdefault((src.index, src.slot), []).append(-1)
+    return StageProgram(stages, outputs, len(placeholders), constants, consumers)
+
+
+def _attr(module: torch.nn.Module, qualname: str) -> torch.Tensor:
+    for part in qualname.split("."):
+        module = getattr(module, part)
+    return module  # type: ignore[return-value]
+
+
+def _qkv_order(module: fx.GraphModule, sources: list[Source]) -> list[Source]:
+    """An attention submodule's argument sources reordered as (q, k, v)."""
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    (attn,) = [n for n in module.graph.nodes if n.op == "call_function" and n.target is ATTENTION_OP]
+    q, k, v, *_ = _attention_args(attn)
+    return [sources[placeholders.index(x)] for x in (q, k, v)]

@@ -1,0 +1,172 @@
+"""The `disaggregate` pass, the stage program it yields, and the pieces of the distributed runtime
+that need no second process (layout, rotation, KV cache)."""
+
+from __future__ import annotations
+
+import sympy
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pytest
+
+from tileflow import Config
+from tileflow.distributed import CausalLMStep, Layout, PagedKVCache, build_stage_program, replica_of
+from tileflow.passes.disaggregate import lamina_bytes
+from tileflow.report import GraphReport
+
+EXAMPLE = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
+
+
+def _llama(heads: int, kv_heads: int, layers: int = 2):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=64 // heads, max_position_embeddings=256,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "layers"), [(4, 4, 2), (8, 2, 3)])
+def test_cut_traffic_matches_lamina_formula(heads: int, kv_heads: int, layers: int) -> None:
+    model = _llama(heads, kv_heads, layers)
+    report = GraphReport(graph_id="g")
+    program = build_stage_program(CausalLMStep(model), EXAMPLE, max_tokens=64, report=report)
+    info = report.extra["disaggregate"]
+    assert info["attention_stages"] == layers and info["dense_stages"] == layers + 1
+    tokens = sympy.Symbol(info["token_symbol"], integer=True, positive=True)
+    # By hand: per layer q and the output (heads·d each), k and v (kv_heads·d each), fp32.
+    hand = layers * tokens * 4 * 64 // heads * (2 * heads + 2 * kv_heads)
+    assert sympy.simplify(sympy.sympify(info["bytes_per_iteration"], locals={str(tokens): tokens}) - hand) == 0
+    d = model.config.hidden_size
+    assert sympy.simplify(hand - lamina_bytes(4, d, heads // kv_heads, tokens, layers)) == 0
+    assert [c.group_size for c in program.cuts] == [heads // kv_heads] * layers
+
+
+def test_stage_program_matches_the_model_and_only_attention_crosses_cuts() -> None:
+    model = _llama(8, 2, 2)
+    program = build_stage_program(CausalLMStep(model), EXAMPLE, max_tokens=64)
+    kinds = [s.kind for s in program.stages]
+    assert kinds == ["dense", "attention", "dense", "attention", "dense"]
+    for stage in program.stages:
+        if stage.kind == "attention":
+            # q, k, v come from the dense stage just before; the output goes only to the one after.
+            assert {(s.kind, s.index) for s in stage.inputs} == {("stage", stage.id - 1)}
+            assert program.consumers[(stage.id, 0)] == [stage.id + 1]
+        else:
+            assert all(s.kind != "stage" or program.stages[s.index].kind == "dense" or s.index == stage.id - 1
+                       for s in stage.inputs)
+    model.config._attn_implementation = "sdpa"
+    for t in (1, 3, 9):
+        ids = torch.randint(0, 96, (1, t))
+        pos = torch.arange(t)[None]
+        (logits,) = program.run([ids, pos])
+        with torch.no_grad():
+            expected = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_attention_stays_colocated_with_the_reason() -> None:
+    class Step(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, position_ids):
+            return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    model = _llama(4, 2)
+    model.config._attn_implementation = "sdpa"  # the causal mask becomes a tensor in the graph
+    report = GraphReport(graph_id="g")
+    with pytest.raises(ValueError, match="mask tensor"):
+        build_stage_program(Step(model), EXAMPLE, max_tokens=64, report=report)
+    assert "disaggregate" not in report.rewrites and "disaggregate" not in report.extra
+    assert any(f.pass_name == "disaggregate" and "tileflow_causal" in f.reason for f in report.fallbacks)
+
+
+def test_graph_without_attention_falls_back() -> None:
+    report = GraphReport(graph_id="g")
+    mlp = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 8))
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, ids, pos):
+            return self.mlp(ids) + pos[..., None]
+
+    with pytest.raises(ValueError, match="no tileflow::meta_attention"):
+        build_stage_program(Step(), EXAMPLE, max_tokens=64, report=report)
+
+
+def test_pass_through_torch_compile_only_annotates() -> None:
+    import tileflow
+
+    model = _llama(4, 2)
+    step = CausalLMStep(model)
+    opts = {"passes": ("canonicalize", "attention", "gemm_padding", "disaggregate")}
+    ids = torch.randint(0, 96, (1, 7))
+    pos = torch.arange(7)[None]
+    report = tileflow.explain(step, ids, pos, options=opts)
+    assert report.rewrites.get("disaggregate") == 2
+    assert report.graphs[0].extra["disaggregate"]["bytes_per_token"] == 2 * 4 * 16 * (2 * 4 + 2 * 2)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="tileflow", dynamic=True, options=opts)
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        expected = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    model.config._attn_implementation = "tileflow_causal"
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, pos), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lamina_llama3_70b_by_hand() -> None:
+    # LLaMA3-70B: d = 8192, G = 64 / 8 = 8, L = 80, bf16; batch 300 → (2 + 1/4)·2·8192·300·80 bytes.
+    assert lamina_bytes(2, 8192, 8, 300, 80) == 884_736_000
+
+
+@settings(max_examples=200, deadline=None)
+@given(replicas=st.integers(1, 8), stage=st.integers(0, 100))
+def test_rotation_moves_each_batch_to_the_next_replica(replicas: int, stage: int) -> None:
+    batches = replicas + 1  # Lamina: n batches over n − 1 replicas
+    for j in range(batches):
+        assert replica_of(j, stage + 1, replicas) == (replica_of(j, stage, replicas) + 1) % replicas
+    # At every stage the first n − 1 batches occupy every replica once.
+    assert sorted(replica_of(j, stage, replicas) for j in range(replicas)) == list(range(replicas))
+
+
+@given(world=st.integers(2, 12), models=st.integers(1, 4), kv_heads=st.integers(1, 16))
+def test_kv_shards_cover_heads_contiguously(world: int, models: int, kv_heads: int) -> None:
+    if world - models < 1:
+        with pytest.raises(ValueError, match="at least one model worker and one attention worker"):
+            Layout(world, models)
+        return
+    layout = Layout(world, models)
+    assert layout.model_ranks + layout.attention_ranks == list(range(world))
+    if len(layout.attention_ranks) > kv_heads:
+        with pytest.raises(ValueError, match="at most"):
+            layout.kv_shards(kv_heads)
+        return
+    shards = layout.kv_shards(kv_heads)
+    assert shards[0][0] == 0 and shards[-1][1] == kv_heads
+    assert all(a[1] == b[0] for a, b in zip(shards, shards[1:]))
+    sizes = [hi - lo for lo, hi in shards]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def test_paged_kv_cache_blocks_and_release() -> None:
+    cache = PagedKVCache(2, 1, 2, block_size=2, num_blocks=3, dtype=torch.float32)
+    assert cache.reserve(7, 3) == 0  # two blocks
+    rows = torch.arange(6.0).view(3, 1, 2)
+    cache.write(1, 7, 0, rows, -rows)
+    cache.commit(7, 3)
+    table = cache.block_table([7])
+    flat = cache.k[1][table[0].long()].reshape(-1, 1, 2)[:3]
+    torch.testing.assert_close(flat, rows)
+    assert cache.reserve(8, 2) == 0  # the last block
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        cache.reserve(7, 2)
+    cache.release(8)
+    assert cache.reserve(7, 2) == 3 and cache.length(7) == 3

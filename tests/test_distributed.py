@@ -1,0 +1,112 @@
+"""Disaggregated decoding across processes on gloo: `examples/disaggregate.py` under torchrun
+against the single-process run, and what the other ranks do when an attention worker dies or
+hangs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "disaggregate.py"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(EXAMPLE), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
+
+
+@pytest.mark.parametrize("attention_workers", [1, 2])
+@pytest.mark.parametrize("gqa", [1, 4])
+def test_logits_match_single_process(attention_workers: int, gqa: int) -> None:
+    run = _torchrun(1 + attention_workers, "--check", "--gqa", str(gqa), "--steps", "10")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "check passed: 11 steps" in run.stdout
+    assert "step 3: " in run.stdout  # the step where a sequence joins with its prompt
+
+
+def test_rotation_over_two_model_replicas_matches() -> None:
+    # Lamina's rotation: 3 batches over 2 model replicas, one attention worker.
+    run = _torchrun(3, "--check", "--model-workers", "2", "--batches", "3", "--steps", "6")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "check passed: 7 steps" in run.stdout and "in 3 batches" in run.stdout
+
+
+def test_check_reports_a_mismatch() -> None:
+    # A tolerance no float run meets: the comparison must fire and the run exit non-zero.
+    run = _torchrun(2, "--check", "--tolerance", "0", "--steps", "2")
+    assert run.returncode != 0
+    assert "MISMATCH step 0" in run.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_ranks(tmp_path: Path, timeout_s: float) -> list[subprocess.Popen]:
+    """Start 3 ranks directly (torchrun would kill the survivors itself, hiding their behaviour)."""
+    port = _free_port()
+    procs = []
+    for rank in range(3):
+        env = _env() | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "3",
+                        "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(EXAMPLE), "--steps", "400", "--step-delay", "0.05", "--timeout", str(timeout_s),
+             "--pid-dir", str(tmp_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        ))
+    return procs
+
+
+def _wait_for_steps(tmp_path: Path, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + 120
+    while "step 3:" not in (tmp_path / "rank0.log").read_text():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), (tmp_path / "rank0.log").read_text()
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("failure", ["killed", "stuck"])
+def test_failed_attention_worker_stops_every_rank_with_a_clear_error(tmp_path: Path, failure: str) -> None:
+    timeout_s = 6.0
+    procs = _launch_ranks(tmp_path, timeout_s)
+    try:
+        _wait_for_steps(tmp_path, procs)
+        victim = procs[2]
+        victim.send_signal(signal.SIGKILL if failure == "killed" else signal.SIGSTOP)
+        start = time.monotonic()
+        codes = [p.wait(timeout=timeout_s + 30) for p in procs[:2]]
+        elapsed = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait()
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert codes == [2, 2], logs
+    # Within the configured receive timeout (plus process start-up slack for the abort to land).
+    assert elapsed < timeout_s + 5, elapsed
+    assert "[rank 0 model] error: rank 0:" in logs[0] and "rank 2" in logs[0]
+    # The other attention worker hears rank 0's abort, or (stuck peer: rank 0 waits out the same
+    # timeout) its own wait for the next request runs out first.
+    assert "[rank 1 attention] error: rank 1: " in logs[1]
+    assert "rank 0 aborted the run" in logs[1] or f"the next attention request from any rank failed after at most {timeout_s:g}s" in logs[1]
+    assert "Traceback" not in logs[0] + logs[1]

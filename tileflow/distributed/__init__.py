@@ -1,0 +1,36 @@
+"""Model-attention disaggregation across ranks (Lamina) on torch.distributed.
+
+    layout, transport = init_distributed(timeout_s=30)         # under torchrun
+    if layout.role(rank) == "attention":
+        AttentionWorker(transport).serve()
+    else:
+        worker = ModelWorker(build_stage_program(step, example_inputs), layout, transport)
+        ...
+
+Model workers run the dense stages the `disaggregate` pass cut out of the step; attention workers
+own the paged KV cache, sharded by KV head, and run meta-attention on their shard.
+"""
+
+from .attention_worker import AttentionWorker, LayerShard
+from .kv_cache import PagedKVCache
+from .layout import Layout, replica_of
+from .model_worker import Batch, ModelWorker, abort_run
+from .program import CausalLMStep, build_stage_program, init_distributed
+from .transport import PeerError, RunAborted, Transport
+
+__all__ = [
+    "AttentionWorker",
+    "Batch",
+    "CausalLMStep",
+    "LayerShard",
+    "Layout",
+    "ModelWorker",
+    "PagedKVCache",
+    "PeerError",
+    "RunAborted",
+    "Transport",
+    "abort_run",
+    "build_stage_program",
+    "init_distributed",
+    "replica_of",
+]

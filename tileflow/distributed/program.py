@@ -1,0 +1,87 @@
+"""Build a disaggregated step from a model, and start a rank's process group."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..capture import capture_exported
+from ..config import Config
+from ..pipeline import PassContext, PassManager
+from ..report import GraphReport
+from .layout import Layout
+from .transport import Transport
+
+
+class CausalLMStep(torch.nn.Module):
+    """A transformers causal LM as one serving step over packed tokens:
+    `(input_ids [1, T], position_ids [1, T]) -> logits [1, T, vocab]`.
+
+    Switches the model to `attn_implementation="tileflow_causal"` (causal, no mask tensor), the
+    form `build_stage_program` can cut; each sequence's positions restart at its KV length.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        from ..transformers_integration import CAUSAL_ATTENTION_NAME, register_transformers
+
+        register_transformers()
+        model.config._attn_implementation = CAUSAL_ATTENTION_NAME
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits for every new token."""
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+def build_stage_program(
+    step: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    max_tokens: int = 4096,
+    config: Config | None = None,
+    report: GraphReport | None = None,
+) -> Any:
+    """Export `step(*inputs)` with the token dimension (dim 1 of every input) dynamic in
+    [1, max_tokens], run tileflow's passes plus `disaggregate`, and split it into a `StageProgram`.
+
+    The step must pack its tokens into one row and use causal attention without a mask tensor
+    (for transformers models: `attn_implementation="tileflow_causal"`); otherwise the pass leaves
+    it whole and this raises with the pass's reason.
+    """
+    from tileflow.passes.disaggregate import split_stages
+
+    config = config or Config()
+    passes = tuple(p for p in config.passes if p != "disaggregate") + ("disaggregate",)
+    config = config.replace(passes=passes)
+    tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
+    dynamic = tuple({1: tokens} for _ in example_inputs)
+    with torch.no_grad():
+        ep = torch.export.export(step, tuple(example_inputs), dynamic_shapes=dynamic, strict=False)
+    graph = capture_exported(ep)
+    report = report or GraphReport(graph_id="disaggregated_step")
+    ctx = PassContext(config=config, report=report, example_inputs=graph.example_inputs)
+    PassManager.from_config(config).run(graph.gm, ctx)
+    if "disaggregate" not in report.rewrites:
+        reasons = "; ".join(f"{f.node}: {f.reason}" for f in report.fallbacks if f.pass_name == "disaggregate") or "see the report"
+        raise ValueError(f"the step cannot be disaggregated: {reasons}")
+    return split_stages(graph.gm)
+
+
+def init_distributed(timeout_s: float, model_workers: int = 1, device: str = "cpu") -> tuple[Layout, Transport]:
+    """Join the process group torchrun set up and name this rank's role: gloo for `device="cpu"`,
+    NCCL for `"cuda"` (each rank on GPU LOCAL_RANK), HCCL for `"npu"` (with torch_npu)."""
+    backends = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+    if device not in backends:
+        raise ValueError(f"device must be one of {sorted(backends)}, got {device!r}")
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group(backends[device.split(":")[0]], timeout=datetime.timedelta(seconds=timeout_s))
+    return Layout(dist.get_world_size(), model_workers), Transport(timeout_s, device=device)

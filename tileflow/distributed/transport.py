@@ -1,0 +1,120 @@
+"""Point-to-point messages between ranks on torch.distributed, with a timeout on every receive.
+
+Every value travels as a small int64 header (what it is, dtype, shape) followed by its payload, so
+a receiver never needs to know a shape in advance. Sends are non-blocking; receives wait at most
+`timeout_s` and turn any failure (timeout, closed connection) into a `PeerError` naming the peer
+and what was awaited, so a dead or stuck rank never hangs the others.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8)
+_HEADER = 13  # kind, dtype, ndim, up to 9 dims, sender rank
+_MAX_DIMS = _HEADER - 4
+_KIND_TENSOR, _KIND_INT = 0, 1
+
+
+class PeerError(RuntimeError):
+    """Another rank died, stopped answering, or aborted the run."""
+
+
+class RunAborted(PeerError):
+    """Another rank failed and told this one so: nothing left to tell the others."""
+
+
+class Transport:
+    """Tagged, self-describing tensor (and int) messages with receive timeouts."""
+
+    def __init__(self, timeout_s: float, device: torch.device | str = "cpu") -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.timeout_s = timeout_s
+        # NCCL moves device tensors only: headers and receive buffers live where the data does.
+        self.device = torch.device(device)
+        self.rank = dist.get_rank()
+        self._pending: list[tuple[Any, tuple[torch.Tensor, ...]]] = []
+
+    @property
+    def _timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.timeout_s)
+
+    def send(self, value: torch.Tensor | int, dst: int, tag: int) -> None:
+        """Send a tensor (any layout; sent contiguous) or an int to rank `dst`, without waiting."""
+        if isinstance(value, torch.Tensor):
+            if value.dtype not in _DTYPES:
+                raise TypeError(f"cannot send dtype {value.dtype}; supported: {_DTYPES}")
+            if value.dim() > _MAX_DIMS:
+                raise ValueError(f"cannot send a {value.dim()}-D tensor (at most {_MAX_DIMS} dims)")
+            payload = value.detach().to(self.device).contiguous()
+            kind = _KIND_TENSOR
+        else:
+            payload = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+            kind = _KIND_INT
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        header[0], header[1], header[2] = kind, _DTYPES.index(payload.dtype), payload.dim()
+        header[3 : 3 + payload.dim()] = torch.tensor(payload.shape, dtype=torch.int64)
+        header[-1] = self.rank
+        header = header.to(self.device)
+        try:
+            for t in (header, payload):
+                self._pending.append((dist.isend(t, dst, tag=tag), (header, payload)))
+        except RuntimeError as exc:
+            raise PeerError(f"rank {self.rank}: sending to rank {dst} failed ({_first_line(exc)}); that rank died") from exc
+        self._reap()
+
+    def recv(self, src: int, tag: int, what: str) -> Any:
+        """Receive the next value rank `src` sent with `tag`; `what` names it in errors."""
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+        self._wait(dist.irecv(header, src, tag=tag), what, src)
+        return self._recv_payload(header, src, tag, what)
+
+    def recv_any(self, tag: int, what: str) -> tuple[int, Any]:
+        """Receive the next value any rank sent with `tag`: (source rank, value)."""
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+        self._wait(dist.irecv(header, None, tag=tag), what, None)
+        src = int(header[-1])
+        return src, self._recv_payload(header, src, tag, what)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait for every send to complete; raises the first failure after waiting for all."""
+        pending, self._pending = self._pending, []
+        first: PeerError | None = None
+        for work, _ in pending:
+            # Keep going past a failed send (a dead peer): the sends to live peers still complete.
+            try:
+                self._wait(work, "a send to complete", None, timeout_s)
+            except PeerError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+    def _recv_payload(self, header: torch.Tensor, src: int, tag: int, what: str) -> Any:
+        kind, dtype, ndim, *dims = header[:-1].tolist()
+        payload = torch.empty(dims[:ndim], dtype=_DTYPES[dtype], device=self.device)
+        self._wait(dist.irecv(payload, src, tag=tag), what, src)
+        return int(payload[0]) if kind == _KIND_INT else payload
+
+    def _wait(self, work: Any, what: str, peer: int | None, timeout_s: float | None = None) -> None:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            work.wait(datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as exc:
+            who = f"rank {peer}" if peer is not None else "any rank"
+            raise PeerError(
+                f"rank {self.rank}: waiting for {what} from {who} failed after at most {timeout_s:g}s "
+                f"({_first_line(exc)}); that rank died or is stuck"
+            ) from exc
+
+    def _reap(self) -> None:
+        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -63,8 +63,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
     p.add_argument("--batches", type=int, default=2, help="batches in flight (>= 2 staggers them)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds any receive waits before failing")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a receive within a step waits before failing")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="seconds a worker waits for the next step (model loading and tracing included)")
     p.add_argument("--block-size", type=int, default=4)
+    p.add_argument("--num-blocks", type=int, default=256, help="KV blocks per attention worker")
     p.add_argument("--check", action="store_true", help="compare every step's logits with a single-process run")
     p.add_argument("--tolerance", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
@@ -76,7 +79,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     from tileflow.distributed import (
-        AttentionWorker, Batch, CausalLMStep, ModelWorker, PeerError, RunAborted, abort_run, build_stage_program,
+        AttentionWorker, Batch, CausalLMStep, ModelWorker, PeerError, abort_run, build_stage_program,
         init_distributed,
     )
 
@@ -88,24 +91,32 @@ def main() -> int:
         (args.pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
     try:
         if role == "attention":
-            AttentionWorker(transport).serve()
+            AttentionWorker(layout, transport, idle_timeout_s=args.idle_timeout).serve()
             return 0
         model = build_model(args.gqa, args.layers, args.seed)
         example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
         program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
-        worker = ModelWorker(program, layout, transport, block_size=args.block_size, num_blocks=256)
+        worker = ModelWorker(
+            program, layout, transport, block_size=args.block_size, num_blocks=args.num_blocks,
+            idle_timeout_s=args.idle_timeout,
+        )
         if not worker.is_leader:
             worker.serve()
             return 0
         return lead(args, worker, model, Batch)
     except Exception as exc:
-        # Tell the others at once (they would otherwise wait out their timeout), then leave without
-        # process-group teardown, which could wait on peers that are gone.
+        # The leader tells the others at once (they would otherwise wait out their timeout); then
+        # leave without process-group teardown, which could wait on peers that are gone.
         if not isinstance(exc, PeerError):
             traceback.print_exc()
         print(f"[rank {rank} {role}] error: {exc}", file=sys.stderr, flush=True)
-        if not isinstance(exc, RunAborted):
-            abort_run(transport, layout, f"rank {rank} ({role}) failed: {exc}")
+        if rank == 0:
+            abort_run(transport, layout, f"rank 0 failed: {exc}")
+        else:
+            try:  # deliver a failure report already queued (an attention worker's, say)
+                transport.flush(2.0)
+            except PeerError:
+                pass
         sys.stdout.flush()
         os._exit(2 if isinstance(exc, PeerError) else 1)
 
@@ -133,14 +144,15 @@ def lead(args: argparse.Namespace, worker, model: torch.nn.Module, Batch) -> int
             worker.release([done])
         batches = []
         for group in groups:
-            ids, pos, q_lens = [], [], []
+            ids, pos, q_lens, starts = [], [], [], []
             for s in group:
                 toks = pending[s]
                 start = lengths.get(s, 0)
                 ids += toks
                 pos += range(start, start + len(toks))
                 q_lens.append(len(toks))
-            batches.append(Batch([torch.tensor([ids]), torch.tensor([pos])], list(group), q_lens))
+                starts.append(start)
+            batches.append(Batch([torch.tensor([ids]), torch.tensor([pos])], list(group), q_lens, starts))
         outputs = worker.step(batches)
         for group, batch, (logits,) in zip(groups, batches, outputs):
             row = 0

@@ -4,9 +4,12 @@ Decode attention is memory-bound and everything else compute-bound, so Lamina ru
 and attention on memory devices and the dense layers on compute devices. This pass finds the cut:
 every `tileflow::meta_attention` becomes its own stage, and the nodes between two attentions form
 a dense stage, so a model with L attention layers has L + 1 dense stages and L attention stages.
-What crosses a cut is exactly what attention needs: q and the new k/v out, the attention output
-back. The pass computes that byte count from the graph (symbolic in the token count) and checks it
-against Lamina's (2 + 2/G)·e·d·B·L.
+What crosses to the attention side is exactly what attention needs: q and the new k/v out, the
+attention output back. The pass computes that byte count from the graph's shapes (symbolic in the
+token count) and checks it against Lamina's (2 + 2/G)·e·d·B·L with d = query heads × head size:
+k/v that crossed with repeated heads (GQA not undone) or any extra operand would fail the check,
+and the pass would be rolled back with the reason. (Dense stages on different model replicas also
+pass hidden states to each other under Lamina's rotation; that is not cut traffic.)
 
 The pass only annotates (each node's stage goes in `node.meta["tileflow"]["stage"]`, the cuts go in
 the report), so the single-process graph runs exactly as before; `split_stages` turns an annotated

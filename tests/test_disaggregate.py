@@ -44,7 +44,7 @@ def test_cut_traffic_matches_lamina_formula(heads: int, kv_heads: int, layers: i
     assert [c.group_size for c in program.cuts] == [heads // kv_heads] * layers
 
 
-def test_stage_program_matches_the_model_and_only_attention_crosses_cuts() -> None:
+def test_stage_program_matches_the_model_and_attention_reads_only_its_dense_neighbours() -> None:
     model = _llama(8, 2, 2)
     program = build_stage_program(CausalLMStep(model), EXAMPLE, max_tokens=64)
     kinds = [s.kind for s in program.stages]
@@ -83,6 +83,18 @@ def test_masked_attention_stays_colocated_with_the_reason() -> None:
         build_stage_program(Step(model), EXAMPLE, max_tokens=64, report=report)
     assert "disaggregate" not in report.rewrites and "disaggregate" not in report.extra
     assert any(f.pass_name == "disaggregate" and "tileflow_causal" in f.reason for f in report.fallbacks)
+
+
+def test_causal_attention_refuses_sliding_windows() -> None:
+    import transformers
+
+    cfg = transformers.MistralConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=3,
+    )
+    step = CausalLMStep(transformers.MistralForCausalLM(cfg).eval())
+    with pytest.raises(ValueError, match="does not support sliding_window"):
+        build_stage_program(step, EXAMPLE, max_tokens=64)
 
 
 def test_graph_without_attention_falls_back() -> None:
@@ -170,3 +182,28 @@ def test_paged_kv_cache_blocks_and_release() -> None:
         cache.reserve(7, 2)
     cache.release(8)
     assert cache.reserve(7, 2) == 3 and cache.length(7) == 3
+
+
+@given(st.lists(st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 64), st.integers(0, 4096)),
+                         min_size=1, max_size=5, unique_by=lambda t: t[0]), min_size=1, max_size=4),
+       st.lists(st.integers(0, 10**6), max_size=5), st.integers(1, 3))
+def test_step_plan_round_trips(batches, release, inputs_per_batch) -> None:
+    from tileflow.distributed.layout import BatchShape, decode_plan, encode_plan
+
+    shapes = [BatchShape(*(tuple(col) for col in zip(*b))) for b in batches]
+    assert decode_plan(encode_plan(shapes, release, inputs_per_batch)) == (shapes, release, inputs_per_batch)
+
+
+def test_attention_worker_rejects_positions_that_do_not_continue_the_cache() -> None:
+    from types import SimpleNamespace
+
+    from tileflow.distributed import AttentionWorker, BatchShape, LayerShard
+
+    worker = AttentionWorker(Layout(2), SimpleNamespace(rank=1))
+    worker.layers = [LayerShard(2, 1, 4, 0, 1, scale=0.5)]
+    worker.block_size, worker.num_blocks = 4, 8
+    payload = torch.randn(3, 2 + 2, 4)
+    out = worker._attend(0, BatchShape((5,), (3,), (0,)), payload.clone())
+    assert out.shape == (3, 2, 4) and worker.cache.length(5) == 3
+    with pytest.raises(ValueError, match="start at position 2 but the KV cache holds 3"):
+        worker._attend(0, BatchShape((5,), (1,), (2,)), torch.randn(1, 4, 4))

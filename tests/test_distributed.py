@@ -60,7 +60,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_ranks(tmp_path: Path, timeout_s: float) -> list[subprocess.Popen]:
+def _launch_ranks(tmp_path: Path, timeout_s: float, *extra: str) -> list[subprocess.Popen]:
     """Start 3 ranks directly (torchrun would kill the survivors itself, hiding their behaviour)."""
     port = _free_port()
     procs = []
@@ -70,7 +70,7 @@ def _launch_ranks(tmp_path: Path, timeout_s: float) -> list[subprocess.Popen]:
         log = open(tmp_path / f"rank{rank}.log", "w")
         procs.append(subprocess.Popen(
             [sys.executable, str(EXAMPLE), "--steps", "400", "--step-delay", "0.05", "--timeout", str(timeout_s),
-             "--pid-dir", str(tmp_path)],
+             "--pid-dir", str(tmp_path), *extra],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
         ))
     return procs
@@ -106,7 +106,20 @@ def test_failed_attention_worker_stops_every_rank_with_a_clear_error(tmp_path: P
     assert elapsed < timeout_s + 5, elapsed
     assert "[rank 0 model] error: rank 0:" in logs[0] and "rank 2" in logs[0]
     # The other attention worker hears rank 0's abort, or (stuck peer: rank 0 waits out the same
-    # timeout) its own wait for the next request runs out first.
+    # timeout) its own wait for rank 0's next request runs out first.
     assert "[rank 1 attention] error: rank 1: " in logs[1]
-    assert "rank 0 aborted the run" in logs[1] or f"the next attention request from any rank failed after at most {timeout_s:g}s" in logs[1]
+    assert "rank 0 reported a failure" in logs[1] or f"from rank 0 failed after at most {timeout_s:g}s" in logs[1]
     assert "Traceback" not in logs[0] + logs[1]
+
+
+def test_attention_worker_error_reaches_the_leader_with_its_reason(tmp_path: Path) -> None:
+    # Six 4-token KV blocks per worker cannot hold the prompts: the attention workers fail, and
+    # rank 0 reports their reason instead of timing out.
+    procs = _launch_ranks(tmp_path, 60.0, "--num-blocks", "6")
+    start = time.monotonic()
+    codes = [p.wait(timeout=120) for p in procs]
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(3)]
+    assert codes[0] == 2 and codes[1] != 0 and codes[2] != 0, logs
+    assert time.monotonic() - start < 60, "rank 0 waited out its timeout instead of hearing the failure"
+    assert "[rank 0 model] error: rank 0: rank 1 reported a failure" in logs[0]
+    assert "KV cache full" in logs[0]

@@ -61,6 +61,12 @@ def causal_attention_forward(
         )
     if kwargs.get("dropout") and module.training:
         raise ValueError("tileflow attention is for inference: dropout during training is not supported")
+    for name in ("sliding_window", "softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"attn_implementation='tileflow_causal' does not support {name} yet (the attention would be "
+                f"silently wrong); use attn_implementation='tileflow'"
+            )
     out = meta_attention(query, key, value, None, causal=True, scale=kwargs.get("scaling"))
     return out.transpose(1, 2).contiguous(), None
 

@@ -2,7 +2,7 @@
 
     layout, transport = init_distributed(timeout_s=30)         # under torchrun
     if layout.role(rank) == "attention":
-        AttentionWorker(transport).serve()
+        AttentionWorker(layout, transport).serve()
     else:
         worker = ModelWorker(build_stage_program(step, example_inputs), layout, transport)
         ...
@@ -13,7 +13,7 @@ own the paged KV cache, sharded by KV head, and run meta-attention on their shar
 
 from .attention_worker import AttentionWorker, LayerShard
 from .kv_cache import PagedKVCache
-from .layout import Layout, replica_of
+from .layout import BatchShape, Layout, replica_of, work_items
 from .model_worker import Batch, ModelWorker, abort_run
 from .program import CausalLMStep, build_stage_program, init_distributed
 from .transport import PeerError, RunAborted, Transport
@@ -21,6 +21,7 @@ from .transport import PeerError, RunAborted, Transport
 __all__ = [
     "AttentionWorker",
     "Batch",
+    "BatchShape",
     "CausalLMStep",
     "LayerShard",
     "Layout",
@@ -33,4 +34,5 @@ __all__ = [
     "build_stage_program",
     "init_distributed",
     "replica_of",
+    "work_items",
 ]

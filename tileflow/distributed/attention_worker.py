@@ -1,8 +1,9 @@
 """Attention worker: owns a KV-head shard of the paged cache and runs meta-attention on it.
 
-It serves requests from the model workers in arrival order: for one layer of one batch it
-appends the new tokens' k/v to its cache and attends the batch's queries (the query heads of its
-KV heads) over each sequence's whole cache, causally, with the meta-attention varlen op.
+Each step it walks the same work items as the model workers: for layer k of batch j it receives
+the batch's q/k/v for its heads from the replica that ran dense stage k, appends the new k/v to
+its cache, attends the queries over each sequence's whole cache, causally, with the
+meta-attention varlen op, and sends the output to the replica that runs dense stage k + 1.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 from ..log import get_logger
 from ..ops import meta_attention_varlen
 from .kv_cache import PagedKVCache
-from .layout import OP_ABORT, OP_ATTEND, OP_INIT, OP_RELEASE, OP_SHUTDOWN, TAG_ATTENTION, attention_tag
-from .transport import PeerError, RunAborted, Transport
+from .layout import OP_INIT, OP_SHUTDOWN, OP_STEP, BatchShape, Layout, decode_plan, replica_of, work_items
+from .transport import PeerError, Transport
 
 log = get_logger("distributed")
 
@@ -38,94 +39,104 @@ class LayerShard:
         return self.kv_lo * group, self.kv_hi * group
 
 
-def encode_init(layers: list[LayerShard], block_size: int, num_blocks: int, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The INIT control message and its float64 scales."""
-    ctl = [OP_INIT, len(layers), block_size, num_blocks, -1 if sliding_window is None else sliding_window]
+def encode_init(layers: list[LayerShard], block_size: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The INIT message and its float64 scales."""
+    ctl = [OP_INIT, len(layers), block_size, num_blocks]
     for s in layers:
         ctl += [s.num_q_heads, s.num_kv_heads, s.head_dim, s.kv_lo, s.kv_hi]
     return torch.tensor(ctl, dtype=torch.int64), torch.tensor([s.scale for s in layers], dtype=torch.float64)
 
 
 class AttentionWorker:
-    """Serves attention requests until the leader says stop (or a peer fails)."""
+    """Serves the leader's steps until SHUTDOWN (or a peer fails)."""
 
-    def __init__(self, transport: Transport, leader: int = 0) -> None:
-        self.transport = transport
-        self.leader = leader
+    def __init__(self, layout: Layout, transport: Transport, *, idle_timeout_s: float | None = None) -> None:
+        self.layout = layout
+        self.t = transport
+        self.idle_timeout_s = idle_timeout_s
         self.layers: list[LayerShard] = []
         self.cache: PagedKVCache | None = None
-        self.requests = 0
+        self.steps = 0
 
     def serve(self) -> None:
-        """Handle requests until SHUTDOWN; raises `PeerError` on a timeout, a dead peer or ABORT."""
-        t = self.transport
+        """Run steps until SHUTDOWN; raises `PeerError` on a timeout or a dead peer (`RunAborted`
+        when a peer reported a failure)."""
+        t = self.t
+        self._init(t.recv(0, "INIT", self.idle_timeout_s))
         while True:
-            src, ctl = t.recv_any(TAG_ATTENTION, "the next attention request")
+            ctl = t.recv(0, "the next step plan", self.idle_timeout_s)
             op = int(ctl[0])
-            if op == OP_INIT:
-                self._init(ctl, t.recv(src, TAG_ATTENTION, "layer scales"))
-            elif op == OP_ATTEND:
-                self._attend(src, ctl)
-            elif op == OP_RELEASE:
-                for seq in ctl[1:].tolist():
-                    self._cache().release(seq)
+            if op == OP_STEP:
+                batches, release, _ = decode_plan(ctl)
+                self._step(batches, release)
             elif op == OP_SHUTDOWN:
                 t.flush()
-                log.info("attention worker %d: shutdown after %d requests", t.rank, self.requests)
+                log.info("attention worker %d: shutdown after %d steps", t.rank, self.steps)
                 return
-            elif op == OP_ABORT:
-                reason = bytes(t.recv(src, TAG_ATTENTION, "the abort reason").tolist()).decode()
-                raise RunAborted(f"rank {t.rank}: rank {src} aborted the run: {reason}")
             else:
-                raise PeerError(f"rank {t.rank}: unknown opcode {op} from rank {src}")
+                raise PeerError(f"rank {t.rank}: unexpected opcode {op} from rank 0 (expected a step plan)")
 
-    def _init(self, ctl: torch.Tensor, scales: torch.Tensor) -> None:
-        n, self.block_size, self.num_blocks, window = (int(x) for x in ctl[1:5])
-        self.sliding_window = None if window < 0 else window
-        fields = ctl[5:].view(n, 5).tolist()
+    def _init(self, ctl: torch.Tensor) -> None:
+        if int(ctl[0]) != OP_INIT:
+            raise PeerError(f"rank {self.t.rank}: expected INIT from rank 0, got opcode {int(ctl[0])}")
+        scales = self.t.recv(0, "layer scales")
+        n, self.block_size, self.num_blocks = (int(x) for x in ctl[1:4])
+        fields = ctl[4:].view(n, 5).tolist()
         self.layers = [LayerShard(*f, scale=float(s)) for f, s in zip(fields, scales.tolist())]
+        heads = {(s.kv_hi - s.kv_lo, s.head_dim) for s in self.layers}
+        if len(heads) != 1:
+            raise ValueError(f"layers differ in KV heads or head size per shard: {sorted(heads)}")
         self.cache = None
 
-    def _cache(self, dtype: torch.dtype = torch.float32) -> PagedKVCache:
+    def _step(self, batches: list[BatchShape], release: list[int]) -> None:
+        for seq in release:
+            if self.cache is not None:
+                self.cache.release(seq)
+        ranks, m = self.layout.model_ranks, self.layout.model_workers
+        for k, j in work_items(len(batches), len(self.layers)):
+            src, reply_to = ranks[replica_of(j, k, m)], ranks[replica_of(j, k + 1, m)]
+            payload = self.t.recv(src, f"q/k/v of layer {k} (batch {j})")
+            try:
+                out = self._attend(k, batches[j], payload)
+            except Exception as exc:
+                # The replica waiting for this output learns why instead of timing out.
+                self.t.send_failure(f"attention worker rank {self.t.rank}: {exc}", reply_to)
+                raise
+            self.t.send(out, reply_to)
+        self.steps += 1
+
+    def _cache_for(self, dtype: torch.dtype) -> PagedKVCache:
         if self.cache is None:
-            if not self.layers:
-                raise PeerError(f"rank {self.transport.rank}: attention request before INIT")
-            heads = {(s.kv_hi - s.kv_lo, s.head_dim) for s in self.layers}
-            if len(heads) != 1:
-                raise ValueError(f"layers differ in KV heads or head size per shard: {sorted(heads)}")
-            (h, d), = heads
+            h, d = self.layers[0].kv_hi - self.layers[0].kv_lo, self.layers[0].head_dim
             self.cache = PagedKVCache(
                 len(self.layers), h, d, block_size=self.block_size, num_blocks=self.num_blocks, dtype=dtype,
             )
         return self.cache
 
-    def _attend(self, src: int, ctl: torch.Tensor) -> None:
-        batch, layer, reply_to, tokens, nseq = (int(x) for x in ctl[1:6])
-        seq_ids = ctl[6 : 6 + nseq].tolist()
-        q_lens = ctl[6 + nseq : 6 + 2 * nseq].tolist()
-        payload = self.transport.recv(src, TAG_ATTENTION, f"q/k/v of layer {layer}")
+    def _attend(self, layer: int, batch: BatchShape, payload: torch.Tensor) -> torch.Tensor:
         shard = self.layers[layer]
         q_lo, q_hi = shard.q_heads
         hq, hkv, d = q_hi - q_lo, shard.kv_hi - shard.kv_lo, shard.head_dim
-        q, k, v = payload.view(tokens, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)
-        cache = self._cache(payload.dtype)
-        last_layer = layer == len(self.layers) - 1
-        starts = []
+        q, k, v = payload.view(batch.tokens, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)
+        cache = self._cache_for(payload.dtype)
         row = 0
-        for seq, n in zip(seq_ids, q_lens):
-            # Layer 0 reserves room for the step; later layers find it reserved.
-            start = cache.reserve(seq, n) if layer == 0 else cache.length(seq)
+        for seq, n, start in zip(batch.seq_ids, batch.q_lens, batch.starts):
+            if cache.length(seq) != start:
+                raise ValueError(
+                    f"sequence {seq}: its new tokens start at position {start} but the KV cache holds "
+                    f"{cache.length(seq)} tokens (positions must continue the cache)"
+                )
+            if layer == 0:  # layer 0 makes room for the step; the later layers find it made
+                cache.reserve(seq, n)
             cache.write(layer, seq, start, k[row : row + n], v[row : row + n])
-            starts.append(start)
             row += n
-        cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        seqlens = torch.tensor([s + n for s, n in zip(starts, q_lens)], dtype=torch.int32)
+        cu = torch.tensor((0, *batch.q_lens), dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        seqlens = torch.tensor([s + n for s, n in zip(batch.starts, batch.q_lens)], dtype=torch.int32)
         out = meta_attention_varlen(
-            q.contiguous(), cache.k[layer], cache.v[layer], cache.block_table(seq_ids), cu, seqlens,
-            scale=shard.scale, causal=True, sliding_window=self.sliding_window,
+            q.contiguous(), cache.k[layer], cache.v[layer], cache.block_table(list(batch.seq_ids)), cu, seqlens,
+            scale=shard.scale, causal=True,
         )
-        if last_layer:
-            for seq, n in zip(seq_ids, q_lens):
+        if layer == len(self.layers) - 1:
+            for seq, n in zip(batch.seq_ids, batch.q_lens):
                 cache.commit(seq, n)
-        self.transport.send(out, reply_to, attention_tag(batch, layer))
-        self.requests += 1
+        return out

@@ -2,38 +2,65 @@
 
 Ranks 0 … m − 1 are model workers (rank 0 leads: it takes the batches and returns the outputs);
 ranks m … world − 1 are attention workers, each owning a contiguous shard of the KV heads.
+
+The protocol uses no tags and no any-source receives (NCCL has neither): every rank walks the
+same global order of work items (dense stage k of batch j, stage-major), so between any two ranks
+the receiver posts its receives in the order the sender sent.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
-# Control opcodes (first element of an int64 control message).
-OP_INIT, OP_ATTEND, OP_RELEASE, OP_STEP, OP_SHUTDOWN, OP_ABORT = range(1, 7)
+import torch
 
-# Tags: control to attention workers, plans to model replicas, then per-batch data tags.
-TAG_ATTENTION = 1
-TAG_PLAN = 2
-_TAG_DATA = 8
-_MAX_BATCHES = 256
-_MAX_STAGES = 4096
-_MAX_SLOTS = 64
+# Control opcodes: the first element of every message the leader sends between steps.
+OP_INIT, OP_STEP, OP_SHUTDOWN = range(1, 4)
 
 
-def carry_tag(batch: int, stage: int, slot: int) -> int:
-    """Tag of output `slot` of dense `stage` of in-flight `batch`, sent between model replicas."""
-    if not (0 <= batch < _MAX_BATCHES and 0 <= stage < _MAX_STAGES and 0 <= slot < _MAX_SLOTS):
-        raise ValueError(
-            f"batch {batch}, stage {stage}, slot {slot} out of range (at most {_MAX_BATCHES} batches in flight, "
-            f"{_MAX_STAGES} stages, {_MAX_SLOTS} outputs per stage)"
-        )
-    return _TAG_DATA + (batch * _MAX_STAGES + stage) * _MAX_SLOTS + slot
+@dataclass(frozen=True)
+class BatchShape:
+    """What every rank must know of a batch: its sequences in token order, each one's count of
+    new tokens and the position of its first new token (its KV length before the step)."""
+
+    seq_ids: tuple[int, ...]
+    q_lens: tuple[int, ...]
+    starts: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        """New tokens in the batch."""
+        return sum(self.q_lens)
 
 
-def attention_tag(batch: int, layer: int) -> int:
-    """Tag of the attention output of `layer` for in-flight `batch`."""
-    return carry_tag(batch, 0, 0) + _MAX_BATCHES * _MAX_STAGES * _MAX_SLOTS + layer
+def encode_plan(batches: Sequence[BatchShape], release: Sequence[int], inputs_per_batch: int) -> torch.Tensor:
+    """The STEP message: sequences to release first, then each batch's shape."""
+    ctl = [OP_STEP, len(batches), inputs_per_batch, len(release), *release]
+    for b in batches:
+        ctl += [len(b.seq_ids), *b.seq_ids, *b.q_lens, *b.starts]
+    return torch.tensor(ctl, dtype=torch.int64)
 
+
+def decode_plan(ctl: torch.Tensor) -> tuple[list[BatchShape], list[int], int]:
+    """(batch shapes, sequences to release, inputs per batch) from a STEP message."""
+    fields = ctl.tolist()
+    n_batches, inputs_per_batch, n_release = fields[1:4]
+    pos = 4 + n_release
+    release = fields[4:pos]
+    batches = []
+    for _ in range(n_batches):
+        n = fields[pos]
+        seq_ids, q_lens, starts = (tuple(fields[pos + 1 + i * n : pos + 1 + (i + 1) * n]) for i in range(3))
+        batches.append(BatchShape(seq_ids, q_lens, starts))
+        pos += 1 + 3 * n
+    return batches, release, inputs_per_batch
+
+
+def work_items(num_batches: int, num_dense_stages: int) -> list[tuple[int, int]]:
+    """The global order every rank walks: (dense stage k, batch j), stage-major, so batch j + 1's
+    stage k runs while batch j's attention k is away (staggered pipelining)."""
+    return [(k, j) for k in range(num_dense_stages) for j in range(num_batches)]
 
 def replica_of(batch: int, stage: int, replicas: int) -> int:
     """Lamina's rotation: dense `stage` of `batch` runs on model replica (batch + stage) mod replicas,

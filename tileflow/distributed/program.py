@@ -72,16 +72,20 @@ def build_stage_program(
     return split_stages(graph.gm)
 
 
-def init_distributed(timeout_s: float, model_workers: int = 1, device: str = "cpu") -> tuple[Layout, Transport]:
+def init_distributed(
+    timeout_s: float, model_workers: int = 1, device: str = "cpu",
+) -> tuple[Layout, Transport]:
     """Join the process group torchrun set up and name this rank's role: gloo for `device="cpu"`,
-    NCCL for `"cuda"` (each rank on GPU LOCAL_RANK), HCCL for `"npu"` (with torch_npu)."""
+    NCCL for `"cuda"` (each rank on GPU LOCAL_RANK), HCCL for `"npu"` (with torch_npu). The
+    protocol needs only ordered point-to-point messages, which all three provide."""
     backends = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
     if device not in backends:
         raise ValueError(f"device must be one of {sorted(backends)}, got {device!r}")
-    if device == "cuda":
+    backend = backends[device]
+    if device != "cpu":
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
+        getattr(torch, device).set_device(local)
+        device = f"{device}:{local}"
     if not dist.is_initialized():
-        dist.init_process_group(backends[device.split(":")[0]], timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return Layout(dist.get_world_size(), model_workers), Transport(timeout_s, device=device)

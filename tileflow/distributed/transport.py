@@ -1,9 +1,10 @@
 """Point-to-point messages between ranks on torch.distributed, with a timeout on every receive.
 
 Every value travels as a small int64 header (what it is, dtype, shape) followed by its payload, so
-a receiver never needs to know a shape in advance. Sends are non-blocking; receives wait at most
-`timeout_s` and turn any failure (timeout, closed connection) into a `PeerError` naming the peer
-and what was awaited, so a dead or stuck rank never hangs the others.
+a receiver never needs to know a shape in advance. Messages between two ranks match in the order
+they were sent (no tags, no any-source receives: NCCL supports neither). Sends are non-blocking;
+receives wait at most `timeout_s` and turn any failure (timeout, closed connection) into a
+`PeerError` naming the peer and what was awaited, so a dead or stuck rank never hangs the others.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import torch
 import torch.distributed as dist
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8)
-_HEADER = 13  # kind, dtype, ndim, up to 9 dims, sender rank
-_MAX_DIMS = _HEADER - 4
+# uint8 messages are reserved for failure reports: any receive can be answered by one.
+_ERROR_DTYPE = torch.uint8
+_HEADER = 12  # kind, dtype, ndim, up to 9 dims
+_MAX_DIMS = _HEADER - 3
 _KIND_TENSOR, _KIND_INT = 0, 1
 
 
@@ -29,7 +32,7 @@ class RunAborted(PeerError):
 
 
 class Transport:
-    """Tagged, self-describing tensor (and int) messages with receive timeouts."""
+    """Self-describing tensor (and int) messages, matched in send order, with receive timeouts."""
 
     def __init__(self, timeout_s: float, device: torch.device | str = "cpu") -> None:
         if timeout_s <= 0:
@@ -40,12 +43,18 @@ class Transport:
         self.rank = dist.get_rank()
         self._pending: list[tuple[Any, tuple[torch.Tensor, ...]]] = []
 
-    @property
-    def _timeout(self) -> datetime.timedelta:
-        return datetime.timedelta(seconds=self.timeout_s)
-
-    def send(self, value: torch.Tensor | int, dst: int, tag: int) -> None:
+    def send(self, value: torch.Tensor | int, dst: int) -> None:
         """Send a tensor (any layout; sent contiguous) or an int to rank `dst`, without waiting."""
+        if isinstance(value, torch.Tensor) and value.dtype == _ERROR_DTYPE:
+            raise TypeError("uint8 tensors are reserved for failure reports (send_failure); send another dtype")
+        self._send(value, dst)
+
+    def send_failure(self, reason: str, dst: int) -> None:
+        """Answer rank `dst`'s next receive from this rank with a failure: it raises `RunAborted`
+        with `reason` instead of returning a value."""
+        self._send(torch.tensor(list(reason.encode()[:4000]), dtype=_ERROR_DTYPE), dst)
+
+    def _send(self, value: torch.Tensor | int, dst: int) -> None:
         if isinstance(value, torch.Tensor):
             if value.dtype not in _DTYPES:
                 raise TypeError(f"cannot send dtype {value.dtype}; supported: {_DTYPES}")
@@ -59,27 +68,27 @@ class Transport:
         header = torch.zeros(_HEADER, dtype=torch.int64)
         header[0], header[1], header[2] = kind, _DTYPES.index(payload.dtype), payload.dim()
         header[3 : 3 + payload.dim()] = torch.tensor(payload.shape, dtype=torch.int64)
-        header[-1] = self.rank
         header = header.to(self.device)
         try:
             for t in (header, payload):
-                self._pending.append((dist.isend(t, dst, tag=tag), (header, payload)))
+                self._pending.append((dist.isend(t, dst), (header, payload)))
         except RuntimeError as exc:
             raise PeerError(f"rank {self.rank}: sending to rank {dst} failed ({_first_line(exc)}); that rank died") from exc
         self._reap()
 
-    def recv(self, src: int, tag: int, what: str) -> Any:
-        """Receive the next value rank `src` sent with `tag`; `what` names it in errors."""
+    def recv(self, src: int, what: str, timeout_s: float | None = None) -> Any:
+        """Receive the next value rank `src` sent to this rank; `what` names it in errors.
+        `timeout_s` overrides the transport's timeout (for idle waits between steps). Raises
+        `RunAborted` when `src` sent a failure report instead."""
         header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-        self._wait(dist.irecv(header, src, tag=tag), what, src)
-        return self._recv_payload(header, src, tag, what)
-
-    def recv_any(self, tag: int, what: str) -> tuple[int, Any]:
-        """Receive the next value any rank sent with `tag`: (source rank, value)."""
-        header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-        self._wait(dist.irecv(header, None, tag=tag), what, None)
-        src = int(header[-1])
-        return src, self._recv_payload(header, src, tag, what)
+        self._wait(dist.irecv(header, src), what, src, timeout_s)
+        kind, dtype, ndim, *dims = header.tolist()
+        payload = torch.empty(dims[:ndim], dtype=_DTYPES[dtype], device=self.device)
+        self._wait(dist.irecv(payload, src), what, src, timeout_s)
+        if payload.dtype == _ERROR_DTYPE:
+            reason = bytes(payload.tolist()).decode(errors="replace")
+            raise RunAborted(f"rank {self.rank}: rank {src} reported a failure instead of {what}: {reason}")
+        return int(payload[0]) if kind == _KIND_INT else payload
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait for every send to complete; raises the first failure after waiting for all."""
@@ -94,18 +103,12 @@ class Transport:
         if first is not None:
             raise first
 
-    def _recv_payload(self, header: torch.Tensor, src: int, tag: int, what: str) -> Any:
-        kind, dtype, ndim, *dims = header[:-1].tolist()
-        payload = torch.empty(dims[:ndim], dtype=_DTYPES[dtype], device=self.device)
-        self._wait(dist.irecv(payload, src, tag=tag), what, src)
-        return int(payload[0]) if kind == _KIND_INT else payload
-
     def _wait(self, work: Any, what: str, peer: int | None, timeout_s: float | None = None) -> None:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
             work.wait(datetime.timedelta(seconds=timeout_s))
         except RuntimeError as exc:
-            who = f"rank {peer}" if peer is not None else "any rank"
+            who = f"rank {peer}" if peer is not None else "a peer"
             raise PeerError(
                 f"rank {self.rank}: waiting for {what} from {who} failed after at most {timeout_s:g}s "
                 f"({_first_line(exc)}); that rank died or is stuck"

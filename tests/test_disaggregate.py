@@ -3,14 +3,12 @@ that need no second process (layout, rotation, KV cache)."""
 
 from __future__ import annotations
 
+import pytest
 import sympy
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pytest
-
-from tileflow import Config
 from tileflow.distributed import CausalLMStep, Layout, PagedKVCache, build_stage_program, replica_of
 from tileflow.passes.disaggregate import lamina_bytes
 from tileflow.report import GraphReport

@@ -1,7 +1,8 @@
 """`tileflow viz`: one self-contained HTML page from a debug_dir or an exported archive.
 
-No browser: the tests parse the page, check the embedded JSON (graphs, passes, before/after
-nodes, diff marks, code diffs, kernel sources) and that nothing in it points off the page.
+Most tests parse the page: the embedded JSON (graphs, passes, before/after nodes, diff marks,
+code diffs, kernel sources) and that nothing in it points off the page. One drives the page in
+headless Chromium (Debian's package, through Playwright) and saves a screenshot.
 """
 
 from __future__ import annotations
@@ -207,3 +208,151 @@ def test_bad_source_is_a_one_line_error(kind: str, tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert str(source) in lines[0]
     assert not (tmp_path / "out.html").exists()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without these, Chromium keeps trying to reach Google's services from a machine with no network.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def test_page_in_headless_chromium(llama_page: tuple[str, dict], tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the [test] extra has it)")
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (the README's test command installs it)")
+    page_path = tmp_path / "report.html"
+    page_path.write_text(llama_page[0], encoding="utf-8")
+    errors: list[str] = []
+    requests: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("request", lambda req: requests.append(req.url))
+            page.goto(page_path.as_uri())
+            assert "layout: graphviz dot" in page.inner_text("#source") or "layout: built-in" in page.inner_text("#source")
+
+            # Select the pass that rewrote the most: its diff and both graphs appear.
+            step = page.locator("#sidebar .step", has_text="gemm_padding").first
+            step.click()
+            page.wait_for_selector("pre.diff")
+            assert "padded_gemm" in page.inner_text("pre.diff")
+            assert page.locator(".sides .side").count() == 2
+            legend = page.inner_text(".legend")
+            assert "added" in legend and "removed" in legend
+
+            # Expand the changed groups and open an added node's details.
+            page.locator(".legend .link", has_text="expand changed groups").click()
+            box = page.locator(".side:nth-child(2) svg g.box.added[data-node]").first
+            box.click()
+            details = page.inner_text("#details")
+            assert "padded_gemm" in details and "args" in details
+            box.scroll_into_view_if_needed()
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "viz_gemm_padding.png"), full_page=False)
+
+            # The search box finds nodes by target.
+            page.fill("#search", "meta_attention")
+            page.wait_for_function("document.querySelector('#main').innerText.includes('match')")
+            assert "meta_attention" in page.inner_text("#main")
+        finally:
+            browser.close()
+    assert errors == [], errors
+    assert all(url.startswith("file://") for url in requests), requests  # nothing off the page
+    assert (ARTIFACTS / "viz_gemm_padding.png").stat().st_size > 10_000
+
+
+def test_nano_batch_timeline_in_headless_chromium(llama_page: tuple[str, dict], tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the [test] extra has it)")
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (the README's test command installs it)")
+    from tileflow.devices import get_device
+    from tileflow.search import OpProfile, modeled_timeline
+    from tileflow.viz import render
+
+    d, ctx = 4096, 1024
+    ops = [OpProfile("qkv", "compute", 2 * d * 3 * d, 8 * d, 6 * d * d), OpProfile("attn", "memory", 4 * ctx * d, 4 * ctx * d),
+           OpProfile("allreduce", "network", 0, 2 * d), OpProfile("mlp", "compute", 16 * d * d, 8 * d, 16 * d * d)]
+    timeline = modeled_timeline(ops, [192, 192, 128], 0.6, get_device("H100"))
+    data = embedded_data(llama_page[0])
+    data["graphs"][0]["extra"] = {"nano_batch": {"timeline": timeline}}
+    page_path = tmp_path / "timeline.html"
+    page_path.write_text(render(data), encoding="utf-8")
+    errors: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(page_path.as_uri())
+            page.locator("#sidebar .step", has_text="overview").first.click()
+            page.wait_for_selector(".timeline svg")
+            bars = page.locator(".timeline g.bar")
+            assert bars.count() == len(timeline) == 12
+            # One row per stream; a nano-op's bar sits in its stream's row, in time order.
+            rows = page.eval_on_selector_all(
+                ".timeline g.bar rect", "rs => rs.map(r => [r.parentNode.dataset.op, +r.getAttribute('y'), +r.getAttribute('x')])"
+            )
+            streams = {e["op"]: e["stream"] for e in timeline}
+            y_of = {}
+            for (op, y, _), entry in zip(rows, timeline):
+                assert op == entry["op"]
+                assert y_of.setdefault(streams[op], y) == y
+            assert len(set(y_of.values())) == len(set(streams.values())) >= 2
+            xs = [x for _, _, x in rows]
+            assert xs == sorted(xs)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.locator(".timeline").screenshot(path=str(ARTIFACTS / "viz_timeline.png"))
+        finally:
+            browser.close()
+    assert errors == [], errors
+
+
+def test_32_layer_model_draws_only_what_is_expanded(tmp_path_factory: pytest.TempPathFactory) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the [test] extra has it)")
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (the README's test command installs it)")
+    import transformers
+
+    root = tmp_path_factory.mktemp("llama32_debug")
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=32,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"debug_dir": str(root)}), dynamic=True)
+    with torch.no_grad():
+        compiled(torch.randint(0, 64, (1, 8)), use_cache=False)
+    page_path = write_html(root, root / "report.html")
+    assert embedded_data(page_path.read_text())["graphs"][0]["nodes_in"] > 2000
+
+    def boxes(side) -> int:
+        return side.locator("svg g.box").count()
+
+    errors: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(page_path.as_uri())
+            page.locator("#sidebar .step", has_text="gemm_padding").first.click()
+            page.wait_for_selector("pre.diff")
+            after = page.locator(".side").nth(1)
+            # Collapsed: the top level only, a handful of boxes for thousands of nodes.
+            counts = [boxes(after)]
+            for group in ("model", "model.layers", "model.layers.17", "model.layers.17.mlp"):
+                after.locator(f"svg g.box.group[data-group='{group}']").first.click()
+                counts.append(boxes(after))
+            assert counts[0] < 10
+            assert all(a < b for a, b in zip(counts, counts[1:])), counts
+            assert counts[-1] < 200  # one layer open of 32: far from every node
+            assert after.locator("svg g.box[data-group='model.layers.3']").count() == 1  # still one box
+        finally:
+            browser.close()
+    assert errors == [], errors

@@ -272,17 +272,11 @@ def _list_schedule(
     return start, finish
 
 
-def makespan(
-    ops_profile: Sequence[OpProfile],
-    sizes: Sequence[int],
-    share: float,
-    device: DeviceInfo,
-    *,
-    net_bw_gbs: float = DEFAULT_NET_BW_GBS,
-) -> float:
-    """Modeled step time for nano-batch `sizes` with compute-stream SM share `share`
-    (ignored when k = 1), including the memory-contention step. See the module docstring."""
-    ops = list(ops_profile)
+def _modeled_times(
+    ops: Sequence[OpProfile], sizes: Sequence[int], share: float, device: DeviceInfo, net_bw_gbs: float,
+) -> tuple[dict[str, int], list[list[float]], list[list[float]]]:
+    """Stream per resource, and start and finish of every instance [op][nano-batch], including
+    the memory-contention step (module docstring)."""
     k = len(sizes)
     streams, shares = _streams_and_shares(ops, k, share)
     times, bound = _durations(ops, sizes, streams, shares, device, net_bw_gbs)
@@ -307,7 +301,44 @@ def makespan(
                 )
                 stretched[i][j] = times[i][j] * (1.0 + MEMORY_CONTENTION * overlap / (b - a))
         start, finish = _list_schedule(ops, k, streams, stretched)
+    return streams, start, finish
+
+
+def makespan(
+    ops_profile: Sequence[OpProfile],
+    sizes: Sequence[int],
+    share: float,
+    device: DeviceInfo,
+    *,
+    net_bw_gbs: float = DEFAULT_NET_BW_GBS,
+) -> float:
+    """Modeled step time for nano-batch `sizes` with compute-stream SM share `share`
+    (ignored when k = 1), including the memory-contention step. See the module docstring."""
+    _, _, finish = _modeled_times(list(ops_profile), sizes, share, device, net_bw_gbs)
     return max((f for row in finish for f in row), default=0.0)
+
+
+def modeled_timeline(
+    ops_profile: Sequence[OpProfile],
+    sizes: Sequence[int],
+    share: float,
+    device: DeviceInfo,
+    *,
+    net_bw_gbs: float = DEFAULT_NET_BW_GBS,
+) -> list[dict[str, Any]]:
+    """Every nano-op of the modeled step as {op, resource, nano_batch, tokens, stream, start_us,
+    finish_us}, in start order: the per-stream timeline the visualizer draws."""
+    ops = list(ops_profile)
+    streams, start, finish = _modeled_times(ops, sizes, share, device, net_bw_gbs)
+    entries = [
+        {
+            "op": op.name, "resource": op.resource, "nano_batch": j, "tokens": int(sizes[j]),
+            "stream": streams[op.resource], "start_us": start[i][j] * 1e6, "finish_us": finish[i][j] * 1e6,
+        }
+        for i, op in enumerate(ops)
+        for j in range(len(sizes))
+    ]
+    return sorted(entries, key=lambda e: (e["start_us"], e["stream"], e["nano_batch"]))
 
 
 def _group_bound(

@@ -3,8 +3,8 @@
 SOURCE is a `debug_dir` written by the pass manager (every pass's before/after graph as JSON and
 code, kernel sources, `report.json`) or an archive from `tileflow export` (report and kernel
 sources only). Everything the page needs is computed here, at report time, and embedded as one
-JSON document: node lists deduplicated across passes, nodes grouped by nn.Module path, a layered
-layout per group (so the browser never lays out thousands of nodes), the added/removed/changed
+JSON document: node lists deduplicated across passes, nodes grouped by nn.Module path, a Graphviz
+`dot` layout per group (so the browser never lays out thousands of nodes), the added/removed/changed
 marks of each pass and a unified diff of the readable code. The page itself
 (`viz_template.html`) is vanilla JS and CSS with no external references, so it works offline from
 a single file.
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import click
+
+from .graph_layout import LayoutInput, layout_all, layout_engine
 
 __all__ = ["VizError", "build_html", "collect", "render", "viz_command", "write_html"]
 
@@ -54,12 +56,15 @@ def collect(source_path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise VizError(f"{path} does not exist; pass a debug_dir or an archive from `tileflow export`")
     if path.is_dir():
-        return _from_debug_dir(path)
-    if zipfile.is_zipfile(path):
-        return _from_archive(path)
-    if path.suffix == ".json":
-        return _from_debug_dir(path.parent, report_file=path)
-    raise VizError(f"{path} is neither a debug_dir, a report.json nor a tileflow archive (.pt2 zip)")
+        data = _from_debug_dir(path)
+    elif zipfile.is_zipfile(path):
+        data = _from_archive(path)
+    elif path.suffix == ".json":
+        data = _from_debug_dir(path.parent, report_file=path)
+    else:
+        raise VizError(f"{path} is neither a debug_dir, a report.json nor a tileflow archive (.pt2 zip)")
+    data["layout"] = layout_engine()
+    return data
 
 
 def build_html(source_path: str | Path) -> str:
@@ -483,13 +488,12 @@ def _common_group(a: str, b: str) -> str:
 
 
 def build_groups(nodes: list[dict[str, Any]], groups_of: list[str]) -> dict[str, dict[str, Any]]:
-    """The module tree with a layered layout of each group's items.
+    """The module tree with a drawing of each group's items.
 
     A group's items are its own nodes and its child groups (each drawn as one box). An edge
     between two nodes is drawn in exactly one group: the deepest one holding both, between the
-    items that contain them. Items sit at [x, y]: y is the longest path from the group's sources
-    (the layer), x the slot within the layer, ordered by the mean slot of the item's inputs to
-    keep edges short.
+    items that contain them. Items sit at [x, y] in the page's grid units, laid out by Graphviz
+    `dot` (see `tileflow.graph_layout`).
     """
     groups: dict[str, dict[str, Any]] = {}
 
@@ -521,50 +525,23 @@ def build_groups(nodes: list[dict[str, Any]], groups_of: list[str]) -> dict[str,
             if a != b:
                 edges[where].add((a, b))
 
+    drawn: list[tuple[dict[str, Any], list[int | str], list[list[int]]]] = []
     for path, g in groups.items():
         g["children"].sort(key=lambda c: groups[c]["first"])
         items: list[int | str] = sorted([*g["nodes"], *g["children"]], key=lambda it: it if isinstance(it, int) else groups[it]["first"])
         if len(items) > MAX_DRAWN_ITEMS:
             g["items"], g["edges"] = None, None  # listed only
             continue
-        g["items"], g["edges"] = _layered_layout(items, edges[path])
+        order = {item: i for i, item in enumerate(items)}
+        pairs = sorted([order[a], order[b]] for a, b in edges[path] if a in order and b in order)
+        drawn.append((g, items, pairs))
+    positions = layout_all([LayoutInput(len(items), [tuple(p) for p in pairs]) for _, items, pairs in drawn])
+    for (g, items, pairs), xy in zip(drawn, positions):
+        g["items"] = [[x, y, item] for (x, y), item in zip(xy, items)]
+        g["edges"] = pairs
     for g in groups.values():
         del g["first"]
     return groups
-
-
-def _layered_layout(items: list[int | str], edges: set[tuple[int | str, int | str]]) -> tuple[list[list[Any]], list[list[int]]]:
-    """[[x, y, item], ...] and edges as index pairs into that list.
-
-    `items` come in graph order; an edge against that order (two sibling groups feeding each
-    other) is drawn but ignored for layering, so the layering always terminates.
-    """
-    order = {item: i for i, item in enumerate(items)}
-    preds: list[list[int]] = [[] for _ in items]
-    pairs = []
-    for a, b in edges:
-        if a in order and b in order:
-            pairs.append([order[a], order[b]])
-            if order[a] < order[b]:
-                preds[order[b]].append(order[a])
-    layer = [0] * len(items)
-    for i in range(len(items)):
-        layer[i] = 1 + max((layer[p] for p in preds[i]), default=-1)
-    by_layer: dict[int, list[int]] = {}
-    for i, y in enumerate(layer):
-        by_layer.setdefault(y, []).append(i)
-    slot = [0.0] * len(items)
-    for y in sorted(by_layer):
-        members = by_layer[y]  # in graph order
-        # Barycenter ordering: an item goes under the mean slot of its inputs; an item without
-        # inputs keeps its place in graph order.
-        key = {i: sum(slot[p] for p in preds[i]) / len(preds[i]) if preds[i] else float(rank) for rank, i in enumerate(members)}
-        members.sort(key=lambda i: (key[i], i))
-        for x, i in enumerate(members):
-            slot[i] = float(x)
-    placed = [[int(slot[i]), layer[i], item] for i, item in enumerate(items)]
-    pairs.sort()
-    return placed, pairs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""Drawing positions: Graphviz `dot` and the built-in fallback put every edge downwards on
+acyclic drawings and never stack two boxes on each other."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tileflow.graph_layout import LayoutInput, layered_layout, layout_all, layout_engine
+
+
+@st.composite
+def dags(draw) -> LayoutInput:
+    n = draw(st.integers(1, 14))
+    pairs = draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=3 * n))
+    return LayoutInput(n, sorted({(min(a, b), max(a, b)) for a, b in pairs if a != b}))
+
+
+def _check(drawing: LayoutInput, xy: list[tuple[float, float]]) -> None:
+    assert len(xy) == drawing.count
+    for a, b in drawing.edges:
+        assert xy[a][1] < xy[b][1], (a, b, xy)
+    for i in range(drawing.count):
+        for j in range(i + 1, drawing.count):
+            (xi, yi), (xj, yj) = xy[i], xy[j]
+            # Boxes are one unit wide and under one unit tall in grid units: they must not overlap.
+            assert abs(xi - xj) >= 0.99 or abs(yi - yj) >= 0.5, (i, j, xy)
+
+
+@settings(max_examples=150, deadline=None)
+@given(dags())
+def test_fallback_layout(drawing: LayoutInput) -> None:
+    _check(drawing, layered_layout(drawing))
+
+
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz dot is not installed (apt-get install graphviz)")
+
+
+@needs_dot
+@settings(max_examples=40, deadline=None)
+@given(st.lists(dags(), min_size=1, max_size=4))
+def test_dot_layout_of_several_drawings_in_one_call(drawings: list[LayoutInput]) -> None:
+    positions = layout_all(drawings)
+    assert len(positions) == len(drawings)
+    for drawing, xy in zip(drawings, positions):
+        _check(drawing, xy)
+        assert min(x for x, _ in xy) == 0 and min(y for _, y in xy) == 0
+
+
+@needs_dot
+def test_engine_names_graphviz() -> None:
+    assert layout_engine().startswith("graphviz dot ")
+
+
+def test_engine_without_dot_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert layout_engine() == "built-in layered (Graphviz dot not found)"
+    drawing = LayoutInput(3, [(0, 1), (1, 2)])
+    assert layout_all([drawing]) == [layered_layout(drawing)]

@@ -207,6 +207,15 @@ def test_unavailable_target_in_fresh_process(spec_dir: Path) -> None:
     assert "TRITON_INTERPRET=1" in proc.stdout
 
 
+def test_ascend_target_without_its_toolchain_is_one_line(spec_dir: Path) -> None:
+    out = spec_dir / "tiny_ascend.pt2"
+    result = _cli(["export", "tf_export_spec:tiny", "-o", str(out), "--target", "ascend"], spec_dir)
+    assert result.exit_code == 1
+    [line] = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert "target 'ascend' cannot run here" in line and "torch_npu" in line
+    assert "Traceback" not in result.output and not out.exists()
+
+
 def test_export_from_transformers_config(tmp_path: Path) -> None:
     sys.path.insert(0, str(TESTS_DIR))
     from models import VOCAB, build

@@ -206,7 +206,7 @@ def _load_spec_function(spec: str, dynamic: dict[str, tuple[int, int]]):
 @main.command("export")
 @click.argument("spec")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="archive to write (e.g. model.pt2)")
-@click.option("--target", type=click.Choice(["reference", "triton"]), default=None, help="kernel target (default: the options' target, else reference)")
+@click.option("--target", type=click.Choice(["reference", "triton", "ascend"]), default=None, help="kernel target (default: the options' target, else reference)")
 @click.option("--dynamic", "dynamic", multiple=True, metavar="NAME=MIN:MAX", help="range of a named dynamic dim (repeatable)")
 @click.option("--options", "options", multiple=True, metavar="KEY=VALUE", help="a tileflow option (repeatable)")
 @click.option("--seq-len", type=click.IntRange(min=2), default=8, show_default=True, help="example sequence length (transformers configs)")

@@ -1,0 +1,102 @@
+"""KV block allocator with reference counts and prefix reuse.
+
+A block holds `block_size` consecutive token positions of one sequence's KV. Full blocks of a
+prompt are registered under the hash of every token up to their end, so a later request with the
+same prefix shares them (its reference count goes up) instead of recomputing them. A cached block
+nobody references stays cached until an allocation needs the room (least recently used first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Sequence
+
+
+class OutOfBlocks(RuntimeError):
+    """No free block, and no cached block that could be evicted."""
+
+
+def prefix_hashes(tokens: Sequence[int], block_size: int) -> list[str]:
+    """The hash of each full block's whole prefix (tokens 0 … end of that block)."""
+    out, h = [], hashlib.sha256()
+    for i in range(len(tokens) // block_size):
+        h.update(",".join(map(str, tokens[i * block_size : (i + 1) * block_size])).encode() + b";")
+        out.append(h.copy().hexdigest())
+    return out
+
+
+class BlockAllocator:
+    """`num_blocks` blocks: free, referenced (count > 0), or cached with no reference."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.refs = [0] * num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self._by_hash: dict[str, int] = {}
+        self._hash_of: dict[int, str] = {}
+        self._idle_cached: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced, LRU first
+
+    @property
+    def available(self) -> int:
+        """Blocks an allocation could get now (free, or cached and unreferenced)."""
+        return len(self._free) + len(self._idle_cached)
+
+    def allocate(self) -> int:
+        """A block with one reference: a free one, else the least recently used idle cached one."""
+        if self._free:
+            block = self._free.pop()
+        elif self._idle_cached:
+            block, _ = self._idle_cached.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(block)]
+        else:
+            raise OutOfBlocks(f"all {self.num_blocks} KV blocks are in use")
+        self.refs[block] = 1
+        return block
+
+    def share(self, block: int) -> None:
+        """One more reference to a block in use or cached."""
+        if self.refs[block] == 0:
+            if block not in self._idle_cached:
+                raise ValueError(f"block {block} is free: nothing to share")
+            del self._idle_cached[block]
+        self.refs[block] += 1
+
+    def release(self, block: int) -> None:
+        """Drop one reference; an unreferenced block goes back (to the cache when registered)."""
+        if self.refs[block] <= 0:
+            raise ValueError(f"block {block} released more often than it was referenced")
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            if block in self._hash_of:
+                self._idle_cached[block] = None
+            else:
+                self._free.append(block)
+
+    def register(self, block: int, prefix_hash: str) -> None:
+        """Offer a full block for reuse by later requests with the same prefix."""
+        if prefix_hash not in self._by_hash and block not in self._hash_of:
+            self._by_hash[prefix_hash] = block
+            self._hash_of[block] = prefix_hash
+
+    def lookup(self, hashes: Sequence[str]) -> list[int]:
+        """The cached blocks of the longest registered prefix among `hashes` (not yet shared)."""
+        blocks = []
+        for h in hashes:
+            if h not in self._by_hash:
+                break
+            blocks.append(self._by_hash[h])
+        return blocks
+
+    def drop_cache(self) -> None:
+        """Forget every idle cached block (they become free)."""
+        for block in list(self._idle_cached):
+            del self._by_hash[self._hash_of.pop(block)]
+            self._free.append(block)
+        self._idle_cached.clear()
+
+    def all_free(self) -> bool:
+        """True when no block is referenced (cached idle blocks count as free)."""
+        return not any(self.refs) and self.available == self.num_blocks

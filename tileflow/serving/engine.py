@@ -1,0 +1,187 @@
+"""The serving loop: continuous batching over a paged KV cache, with speculative verify.
+
+Every step packs the scheduler's entries into one flat token batch and runs the model's step as
+tileflow compiled it (a `StageProgram`: the dense stages between attentions); each attention stage
+writes the step's new k/v into the paged cache and runs `meta_attention_varlen` over it, with a
+tree mask when the step verifies drafts. Greedy tokens are sampled; a verify entry keeps the
+drafted tokens the model agrees with plus the model's own next token, and the cache length rolls
+back over the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from tileflow.passes.disaggregate import AttentionCut, StageProgram
+
+from ..ops import meta_attention_varlen
+from .blocks import BlockAllocator
+from .scheduler import Entry, Request, Scheduler, accept_draft, register_full_blocks
+
+
+def prompt_lookup_draft(tokens: Sequence[int], max_draft: int, ngram: int = 2) -> list[int]:
+    """Drafts by prompt lookup: find the latest earlier occurrence of the last `ngram` tokens and
+    propose the tokens that followed it."""
+    if max_draft < 1 or len(tokens) <= ngram:
+        return []
+    tail = list(tokens[-ngram:])
+    for i in range(len(tokens) - ngram - 1, -1, -1):
+        if list(tokens[i : i + ngram]) == tail:
+            return list(tokens[i + ngram : i + ngram + max_draft])
+    return []
+
+
+@dataclass
+class Metrics:
+    """What a run measured (seconds, wall clock)."""
+
+    steps: int = 0
+    tokens_in_steps: int = 0
+    generated: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    ttft: dict[int, float] = field(default_factory=dict)
+    token_times: dict[int, list[float]] = field(default_factory=dict)
+    wall: float = 0.0
+
+    def summary(self) -> dict[str, float]:
+        """TTFT and time between tokens (means), tokens/s, draft acceptance rate."""
+        gaps = [b - a for times in self.token_times.values() for a, b in zip(times, times[1:])]
+        return {
+            "steps": self.steps,
+            "generated_tokens": self.generated,
+            "tokens_per_s": self.generated / self.wall if self.wall else 0.0,
+            "mean_ttft_s": sum(self.ttft.values()) / len(self.ttft) if self.ttft else 0.0,
+            "mean_tbt_s": sum(gaps) / len(gaps) if gaps else 0.0,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "mean_step_tokens": self.tokens_in_steps / self.steps if self.steps else 0.0,
+        }
+
+
+class ServingEngine:
+    """Runs requests to completion through a `StageProgram` over packed tokens."""
+
+    def __init__(
+        self, program: StageProgram, *, token_budget: int = 64, decode_slots: int = 8, max_draft: int = 0,
+        block_size: int = 16, num_blocks: int = 256, dtype: torch.dtype = torch.float32,
+    ) -> None:
+        cuts = program.cuts
+        heads = {(c.num_kv_heads, c.head_dim) for c in cuts}
+        if len(heads) != 1:
+            raise ValueError(f"every layer must have the same KV heads and head size, got {sorted(heads)}")
+        (hkv, d), = heads
+        self.program = program
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.scheduler = Scheduler(self.allocator, token_budget=token_budget, decode_slots=decode_slots, max_draft=max_draft)
+        shape = (num_blocks, block_size, hkv, d)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in cuts]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in cuts]
+        self.max_draft = max_draft
+        self.metrics = Metrics()
+        self._start = 0.0
+
+    def add(self, request: Request) -> None:
+        """Queue a request."""
+        self.scheduler.add(request)
+
+    def run(self, requests: Sequence[Request] = (), *, progress: bool = False) -> Metrics:
+        """Serve until every request is done; returns the metrics."""
+        for r in requests:
+            self.add(r)
+        total = sum(r.max_new_tokens for r in list(self.scheduler.waiting) + self.scheduler.running)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="tok", desc="serving")
+        self._start = time.perf_counter()
+        while self.scheduler.has_work():
+            before = self.metrics.generated
+            self.step()
+            if bar is not None:
+                bar.update(self.metrics.generated - before)
+        self.metrics.wall = time.perf_counter() - self._start
+        if bar is not None:
+            bar.close()
+        return self.metrics
+
+    def step(self) -> list[Entry]:
+        """One scheduler step through the model."""
+        drafts = {
+            r.id: prompt_lookup_draft(r.tokens, self.max_draft) for r in self.scheduler.running if not r.prefilling
+        } if self.max_draft else {}
+        entries = self.scheduler.schedule(drafts)
+        if not entries:
+            raise RuntimeError("the scheduler produced an empty step with requests pending (no KV room?)")
+        ids = torch.tensor([[t for e in entries for t in e.tokens]])
+        pos = torch.tensor([[e.start + i for e in entries for i in range(len(e.tokens))]])
+        (logits,) = self.program.run([ids, pos], attention=lambda cut, q, k, v: self._attend(entries, cut, q, k, v))
+        now = time.perf_counter() - self._start
+        self.metrics.steps += 1
+        self.metrics.tokens_in_steps += ids.shape[1]
+        row = 0
+        for e in entries:
+            n = len(e.tokens)
+            self._advance(e, logits[0, row : row + n].argmax(-1).tolist(), now)
+            row += n
+        return entries
+
+    def _advance(self, e: Entry, predictions: list[int], now: float) -> None:
+        r = e.request
+        if e.kind == "prefill":
+            r.computed += len(e.tokens)
+            register_full_blocks(self.allocator, r, r.computed)
+            if r.prefilling:
+                return
+            new = [predictions[-1]]
+            self.metrics.ttft[r.id] = now
+        else:
+            draft = e.tokens[1:]
+            accepted = accept_draft(draft, predictions)
+            self.metrics.drafted += len(draft)
+            self.metrics.accepted += accepted
+            # The last token and the accepted drafts now have KV; the rejected drafts' slots are
+            # past the new length and get overwritten.
+            r.computed += 1 + accepted
+            new = draft[:accepted] + [predictions[accepted]]
+        new = new[: r.max_new_tokens - r.generated]
+        r.tokens += new
+        r.generated += len(new)
+        self.metrics.generated += len(new)
+        self.metrics.token_times.setdefault(r.id, []).extend([now] * len(new))
+        if r.generated >= r.max_new_tokens:
+            self.scheduler.finish(r)
+
+    def _attend(self, entries: list[Entry], cut: AttentionCut, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        layer = cut.index
+        q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, heads, head_dim]
+        bs = self.allocator.block_size
+        row = 0
+        for e in entries:
+            n = len(e.tokens)
+            positions = torch.arange(e.start, e.start + n)
+            blocks = torch.tensor(e.request.blocks)[positions // bs]
+            self.k[layer][blocks, positions % bs] = k[row : row + n]
+            self.v[layer][blocks, positions % bs] = v[row : row + n]
+            row += n
+        width = max(len(e.request.blocks) for e in entries)
+        table = torch.zeros(len(entries), width, dtype=torch.int32)
+        for i, e in enumerate(entries):
+            table[i, : len(e.request.blocks)] = torch.tensor(e.request.blocks, dtype=torch.int32)
+        q_lens = [len(e.tokens) for e in entries]
+        cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        seqlens = torch.tensor([e.start + n for e, n in zip(entries, q_lens)], dtype=torch.int32)
+        tree = None
+        if any(e.kind == "verify" for e in entries):
+            # Linear drafts: each drafted token sees the tokens before it; entries longer than the
+            # mask (prompt chunks) stay causal.
+            s = 1 + self.max_draft
+            tree = torch.tril(torch.ones(s, s, dtype=torch.bool)).expand(len(entries), s, s).contiguous()
+        out = meta_attention_varlen(
+            q.contiguous(), self.k[layer], self.v[layer], table, cu, seqlens, scale=cut.scale, causal=True, tree_mask=tree,
+        )
+        return out.unsqueeze(0).transpose(1, 2)

@@ -1,0 +1,152 @@
+"""Hybrid prefill/decode/verify scheduling under a fixed token budget (XY-Serve's hybrid P/D/V).
+
+Each step first gives every running request that finished its prompt a decode slot: its last
+token, plus the drafted tokens to verify when a drafter proposed some. The rest of the budget
+goes to prompt chunks, oldest request first, so long prompts are chunked over several steps and
+no request waits forever. A request is admitted only when the KV blocks for its whole life
+(prompt, new tokens, a draft) can be set aside, less the prompt blocks it shares with a cached
+prefix; so a step never runs out of blocks and nothing is ever preempted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .blocks import BlockAllocator, prefix_hashes
+
+
+@dataclass
+class Request:
+    """A prompt to continue greedily for `max_new_tokens` tokens, and its serving state."""
+
+    id: int
+    prompt: list[int]
+    max_new_tokens: int
+    tokens: list[int] = field(default_factory=list)  # prompt + generated (committed)
+    computed: int = 0  # leading tokens whose KV is in the cache
+    blocks: list[int] = field(default_factory=list)
+    generated: int = 0
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.prompt or self.max_new_tokens < 1:
+            raise ValueError(f"request {self.id}: needs a non-empty prompt and max_new_tokens >= 1")
+        self.tokens = list(self.prompt)
+
+    @property
+    def prefilling(self) -> bool:
+        """True until every prompt token's KV is computed."""
+        return self.computed < len(self.prompt)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One request's part of a step: `tokens` at positions start … start + len − 1."""
+
+    request: Request
+    tokens: list[int]
+    start: int
+    kind: str  # "prefill" | "decode" | "verify"
+
+
+class Scheduler:
+    """Fills steps of at most `token_budget` tokens; at most `decode_slots` requests run at once,
+    so every running request gets its decode slot in every step."""
+
+    def __init__(self, allocator: BlockAllocator, *, token_budget: int, decode_slots: int, max_draft: int = 0) -> None:
+        if decode_slots < 1 or max_draft < 0:
+            raise ValueError(f"decode_slots must be >= 1 and max_draft >= 0, got {decode_slots} and {max_draft}")
+        if token_budget <= decode_slots * (1 + max_draft):
+            raise ValueError(
+                f"token_budget {token_budget} leaves no room for prompt chunks after {decode_slots} decode slots of up "
+                f"to {1 + max_draft} tokens: raise it above {decode_slots * (1 + max_draft)}"
+            )
+        self.allocator = allocator
+        self.token_budget, self.decode_slots, self.max_draft = token_budget, decode_slots, max_draft
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        """Queue a request (first come, first served)."""
+        need = self._blocks_for(request, shared=0)
+        if need > self.allocator.num_blocks:
+            raise ValueError(
+                f"request {request.id} needs {need} KV blocks, more than the {self.allocator.num_blocks} there are"
+            )
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        """Requests waiting or running."""
+        return bool(self.waiting or self.running)
+
+    def schedule(self, drafts: dict[int, list[int]] | None = None) -> list[Entry]:
+        """The next step's entries: decode/verify slots first, then prompt chunks."""
+        drafts = drafts or {}
+        budget = self.token_budget
+        entries: list[Entry] = []
+        for r in self.running:
+            if r.prefilling:
+                continue
+            room = min(self.max_draft, r.max_new_tokens - r.generated - 1)
+            draft = list(drafts.get(r.id, []))[: max(0, room)]
+            entries.append(Entry(r, [r.tokens[-1], *draft], r.computed, "verify" if draft else "decode"))
+            budget -= 1 + len(draft)
+        for r in self.running:
+            if r.prefilling and budget > 0:
+                budget -= self._chunk(r, budget, entries)
+        while self.waiting and budget > 0 and len(self.running) < self.decode_slots and self._admit(self.waiting[0]):
+            r = self.waiting.popleft()
+            self.running.append(r)
+            budget -= self._chunk(r, budget, entries)
+        return entries
+
+    def finish(self, request: Request) -> None:
+        """Drop a finished request and give its blocks back."""
+        self.running.remove(request)
+        for block in request.blocks:
+            self.allocator.release(block)
+        request.blocks = []
+        request.done = True
+
+    def _chunk(self, r: Request, budget: int, entries: list[Entry]) -> int:
+        n = min(budget, len(r.prompt) - r.computed)
+        entries.append(Entry(r, r.tokens[r.computed : r.computed + n], r.computed, "prefill"))
+        return n
+
+    def _blocks_for(self, r: Request, shared: int) -> int:
+        bs = self.allocator.block_size
+        total = len(r.prompt) + r.max_new_tokens + self.max_draft
+        return -(-total // bs) - shared
+
+    def _admit(self, r: Request) -> bool:
+        bs = self.allocator.block_size
+        # Reuse full prompt blocks, but always compute the last prompt token (its logits are needed).
+        hashes = prefix_hashes(r.prompt[: len(r.prompt) - 1], bs)
+        shared = self.allocator.lookup(hashes)
+        if self._blocks_for(r, len(shared)) > self.allocator.available - sum(
+            1 for b in shared if self.allocator.refs[b] == 0
+        ):
+            return False
+        for b in shared:
+            self.allocator.share(b)
+        r.blocks = list(shared) + [self.allocator.allocate() for _ in range(self._blocks_for(r, len(shared)))]
+        r.computed = len(shared) * bs
+        return True
+
+
+def register_full_blocks(allocator: BlockAllocator, request: Request, upto: int) -> None:
+    """Offer the request's full prompt blocks below position `upto` for prefix reuse."""
+    bs = allocator.block_size
+    for i, h in enumerate(prefix_hashes(request.prompt[: min(upto, len(request.prompt))], bs)):
+        allocator.register(request.blocks[i], h)
+
+
+def accept_draft(draft: Sequence[int], predictions: Sequence[int]) -> int:
+    """How many drafted tokens the model agrees with: the longest prefix where draft[i] is the
+    model's greedy choice after the tokens before it (predictions[i])."""
+    n = 0
+    while n < len(draft) and draft[n] == predictions[n]:
+        n += 1
+    return n

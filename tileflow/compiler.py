@@ -84,6 +84,12 @@ def compile_graph(
         (artifact_dir / "output.json").write_text(json.dumps(graph_to_json(gm), indent=1, default=str))
     graph_report.nodes_out = count_nodes(gm)
     runner = build_residual(gm, example_inputs, residual_mode)
+    plan = gm.meta.get("tileflow_nanobatch")
+    if plan is not None:
+        from .runtime.nanobatch import NanoBatchRunner
+
+        # Debug mode checks every schedule it builds.
+        runner = NanoBatchRunner(gm, plan, runner, check=bool(config.debug_dir))
     report.add_graph(graph_report, recompile=recompile)
     if config.debug_dir:
         _write_reports(Path(config.debug_dir), graph_report, report)

@@ -1,0 +1,274 @@
+"""nanobatch: split a step's token dimension into nano-batches with a stream schedule (NanoFlow).
+
+Inside one device, compute-bound GEMMs, memory-bound attention and network collectives overlap
+when the batch is split into nano-batches whose operations run concurrently on streams. This pass
+decides which ops split and how they depend on each other; `tileflow.runtime.nanobatch` runs the
+schedule.
+
+An op is *token-wise* when each row of its output (along the token dimension) reads only the same
+row of its token-carrying inputs: elementwise ops, GEMMs (`padded_gemm`, `linear`, `mm` on the
+rows), norms and softmaxes over other dims, embeddings, and layout ops that keep the token
+dimension whole. Token-wise ops run once per nano-batch over its rows; every other op (attention
+over one sequence, anything reading across tokens) runs once over all rows, after the nano-ops
+it reads. Each nano-op depends only on the producer nano-ops whose rows it reads, never on a
+global barrier (`tileflow.schedule.build_dependencies`). Resource classes: GEMMs compute,
+attention memory, collectives network; the light ops go with the GEMMs on the compute stream.
+
+`Config.nano_batches`: 1 leaves the graph alone; an integer k >= 2 forces a k-way split of every
+step (k is capped by the token count); `"auto"` lets `tileflow.search` choose k and the sizes per
+token count from the device table, and not split below its threshold. The pass annotates each
+node (`node.meta["tileflow"]["nano"]`), puts the plan on the graph module and the schedule for the
+example token count in the report (kind `nano_batch`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from tileflow.graph_utils import meta_val
+from tileflow.pipeline import PassContext, PassResult, register_pass
+from tileflow.schedule import OpEdge, OpSpec, Schedule, check_schedule, make_schedule
+from tileflow.search import OpProfile, modeled_timeline, search_split
+
+aten = torch.ops.aten
+
+_COMPUTE_OPS = {"padded_gemm", "linear", "mm", "addmm", "bmm", "matmul", "_grouped_mm"}
+_MEMORY_OPS = {"meta_attention", "meta_attention_varlen", "scaled_dot_product_attention"}
+_NETWORK_PREFIXES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+# Layout ops that keep rows intact (the token dim may move, never merge).
+_LAYOUT = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
+    aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.expand.default, aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
+}
+# Ops reading along one dim (args[1]); token-wise when that dim is not the token dim.
+_ALONG_DIM = {
+    aten.slice.Tensor, aten.select.int, aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
+    aten.cat.default,
+}
+_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
+
+
+def op_name(node: fx.Node) -> str:
+    """The op's short name (`padded_gemm`, `add`, ...)."""
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0] if isinstance(target, torch._ops.OpOverload) else name
+
+
+def token_dim(value: Any, token: Any) -> int | None:
+    """The dim of a tensor whose size is exactly the token symbol, or None."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    dims = [i for i, s in enumerate(value.shape) if isinstance(s, torch.SymInt) and s.node.expr == token]
+    return dims[0] if len(dims) == 1 else None
+
+
+def resource_of(node: fx.Node) -> str:
+    """compute (GEMMs and the light ops beside them), memory (attention) or network."""
+    name = op_name(node)
+    if name in _MEMORY_OPS:
+        return "memory"
+    if name.startswith(_NETWORK_PREFIXES):
+        return "network"
+    return "compute"
+
+
+@dataclass
+class NanoBatchPlan:
+    """What the runtime needs: per node its output token dim and whether it splits, the op graph
+    for `make_schedule`, where to read the token count from the inputs, and the k setting."""
+
+    setting: str | int
+    token_input: tuple[int, int]  # (placeholder index, dim) holding the token count
+    token_dims: dict[str, int | None]
+    split: dict[str, bool]
+    specs: list[OpSpec]
+    edges: list[OpEdge]
+    profile: list[OpProfile] = field(default_factory=list)
+    device: Any = None
+
+    def sizes(self, tokens: int) -> list[int]:
+        """Nano-batch sizes for a step of `tokens` tokens (one size: no split)."""
+        if self.setting == "auto":
+            if self.device is None or not self.profile:
+                return [tokens]
+            return list(search_split(self.profile, self.device, tokens).sizes)
+        k = max(1, min(int(self.setting), tokens))
+        return [tokens // k + (1 if i < tokens % k else 0) for i in range(k)]
+
+    def schedule(self, sizes: list[int]) -> Schedule:
+        """The stream schedule for these nano-batch sizes."""
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        ranges = [(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
+        splits = {s.name: ranges if self.split[s.name] else None for s in self.specs}
+        return make_schedule(self.specs, splits, self.edges, bounds[-1])
+
+
+def _dim_arg(node: fx.Node, default: int = 0) -> int:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", default)
+    return dim
+
+
+def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
+    """Each output row reads only the same row of the token-carrying inputs."""
+    out_dim = dims.get(node.name)
+    if out_dim is None or node.op != "call_function":
+        return False
+    target = node.target
+    ins = [a for a in node.all_input_nodes if dims.get(a.name) is not None]
+    if not ins:
+        return False  # nothing to slice: computed whole
+    name = op_name(node)
+    if name == "padded_gemm":
+        return dims.get(node.args[0].name) == 0
+    if target in (aten.linear.default, aten.mm.default):
+        return dims.get(node.args[0].name) == 0 and dims.get(node.args[1].name) is None
+    if target is aten.embedding.default:
+        return dims.get(node.args[0].name) is None
+    if target in _LAYOUT:
+        return True
+    if target in _ALONG_DIM:
+        if target is aten.cat.default:
+            tensors = node.args[0]
+            along = node.args[1] if len(node.args) > 1 else 0
+            return all(isinstance(t, fx.Node) and dims.get(t.name) == out_dim for t in tensors) and along % meta_val(node).dim() != out_dim
+        src = node.args[0]
+        rank = meta_val(src).dim()
+        return dims.get(src.name) is not None and _dim_arg(node) % rank != dims[src.name]
+    if target in _REDUCTIONS:
+        src = node.args[0]
+        rank = meta_val(src).dim()
+        reduced = node.args[1] if len(node.args) > 1 else None
+        if reduced is None:
+            return False
+        reduced = [reduced] if isinstance(reduced, int) else list(reduced)
+        return dims.get(src.name) is not None and all(d % rank != dims[src.name] for d in reduced)
+    if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+        # Every token-carrying input must be row-aligned with the output (same rows, broadcast ok).
+        return all(meta_val(a).shape[dims[a.name]] == meta_val(node).shape[out_dim] for a in ins)
+    return False
+
+
+def _profile(node: fx.Node) -> OpProfile | None:
+    """Cost-model inputs of the heavy ops (GEMMs and attention), per token row."""
+    name = op_name(node)
+    if name == "padded_gemm":
+        w = meta_val(node.args[1])
+        n, k = int(w.shape[0]), int(w.shape[1])
+        e = w.element_size()
+        return OpProfile(node.name, "compute", 2.0 * n * k, e * (n + k), float(e * n * k), str(w.dtype).removeprefix("torch."))
+    if name == "meta_attention":
+        k = meta_val(node.args[1])
+        per_row = k.element_size() * k.shape[1] * k.shape[3] * 2  # this row's k and v, read once per query row
+        return OpProfile(node.name, "memory", 0.0, float(per_row), 0.0, str(k.dtype).removeprefix("torch."))
+    return None
+
+
+def token_symbol(gm: fx.GraphModule) -> tuple[Any, tuple[int, int]] | None:
+    """The token symbol of the graph's inputs and where to read it: (symbol, (input, dim)). With
+    several symbols, the one attention's query length carries; None when that does not decide."""
+    found: dict[Any, tuple[int, int]] = {}
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        val = meta_val(node)
+        if isinstance(val, torch.Tensor):
+            for d, s in enumerate(val.shape):
+                if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
+                    found.setdefault(s.node.expr, (i, d))
+        elif isinstance(val, torch.SymInt):
+            pass  # a size passed as an input: read from the tensors instead
+    if len(found) == 1:
+        ((sym, where),) = found.items()
+        return sym, where
+    # Several (batch and sequence, say): the sequence is what attention's queries run along.
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and op_name(node) == "meta_attention":
+            s = meta_val(node.args[0]).shape[2]
+            if isinstance(s, torch.SymInt) and s.node.expr in found:
+                return s.node.expr, found[s.node.expr]
+    return None
+
+
+@register_pass
+class NanoBatch:
+    """Annotate token-wise ops and build the nano-batch plan and schedule (see module docstring)."""
+
+    name = "nanobatch"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Record the plan on `gm.meta["tileflow_nanobatch"]` and the schedule in the report."""
+        result = PassResult()
+        setting = ctx.config.nano_batches
+        if setting == 1:
+            return result
+        found = token_symbol(gm)
+        if found is None:
+            result.fallback("graph", "no symbolic token dimension to split (none, or several and no attention to tell which)")
+            return result
+        token, where = found
+        dims: dict[str, int | None] = {n.name: token_dim(meta_val(n), token) for n in gm.graph.nodes}
+        split: dict[str, bool] = {}
+        specs, edges, profile = [], [], []
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            split[node.name] = _is_token_wise(node, dims)
+            specs.append(OpSpec(node.name, op_name(node), resource_of(node)))
+            for src in node.all_input_nodes:
+                if src.op == "call_function":
+                    edges.append(OpEdge(src.name, node.name, "token" if split[node.name] else "global"))
+            prof = _profile(node)
+            if prof is not None:
+                profile.append(prof)
+        device = _device(ctx)
+        plan = NanoBatchPlan(setting, where, dims, split, specs, edges, profile, device)
+        if setting == "auto" and device is None:
+            result.fallback("graph", f"nano_batches='auto' needs the device table entry of a {ctx.device_type} device; none")
+            return result
+        for node in gm.graph.nodes:
+            if node.name in split:
+                node.meta.setdefault("tileflow", {})["nano"] = {"split": split[node.name], "token_dim": dims[node.name]}
+        gm.meta["tileflow_nanobatch"] = plan
+
+        example = _example_tokens(ctx, token)
+        info: dict[str, Any] = {"setting": setting, "token_symbol": str(token), "split_ops": sum(split.values()),
+                                "whole_ops": len(split) - sum(split.values())}
+        if example is not None:
+            sizes = plan.sizes(example)
+            schedule = plan.schedule(sizes)
+            check_schedule(schedule, {s.name: (0, example) for s in specs})
+            info.update(example_tokens=example, sizes=sizes, schedule=schedule.to_dict())
+            if profile and device is not None and len(sizes) > 1:
+                info["timeline"] = modeled_timeline(profile, sizes, 0.6, device)
+                info["timeline_device"] = device.name
+        ctx.report.extra["nano_batch"] = info
+        result.count("nano_batch", sum(split.values()))
+        return result
+
+
+def _device(ctx: PassContext) -> Any:
+    """The device table entry the cost model uses, when this device type has one."""
+    if ctx.device_type != "cuda":
+        return None
+    from tileflow.devices import detect_device
+
+    try:
+        return detect_device("cuda")
+    except (RuntimeError, ValueError):
+        return None
+
+
+def _example_tokens(ctx: PassContext, token: Any) -> int | None:
+    env = ctx.shape_env
+    if env is None:
+        return None
+    # torch >= 2.13 names it backed_var_to_val; older versions var_to_val.
+    table = getattr(env, "backed_var_to_val", None)
+    if table is None:
+        table = getattr(env, "var_to_val", {})
+    hint = table.get(token)
+    return int(hint) if hint is not None else None

@@ -1,0 +1,124 @@
+"""The `nanobatch` pass and its CPU runtime: nano-batched models equal the unsplit ones, the
+split path really runs, and every schedule the pass emits passes the checker."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tileflow
+import tileflow.runtime.nanobatch as nanobatch_runtime
+from tileflow.schedule import Schedule, ScheduleError, check_schedule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import VOCAB, build  # noqa: E402
+
+PASSES = ("canonicalize", "attention", "gemm_padding", "nanobatch")
+
+
+@pytest.fixture
+def split_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Nano-op counts of the schedules the runtime executed."""
+    calls: list[int] = []
+    original = nanobatch_runtime.run_schedule
+
+    def counting(gm, plan, schedule, args):
+        calls.append(len(schedule.ops))
+        check_schedule(schedule, {s.name: (0, schedule.num_tokens) for s in plan.specs})
+        return original(gm, plan, schedule, args)
+
+    monkeypatch.setattr(nanobatch_runtime, "run_schedule", counting)
+    return calls
+
+
+@pytest.mark.parametrize(("name", "k"), [("llama", 2), ("llama", 3), ("llama", 4), ("gpt2", 3), ("mixtral", 4)])
+def test_nano_batched_model_equals_unsplit(name: str, k: int, split_calls: list[int]) -> None:
+    torch.manual_seed(k)
+    model = build(name)
+    report = tileflow.Report()
+    opts = {"passes": PASSES, "nano_batches": k}
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts, report=report), dynamic=True)
+    runs = 0
+    for tokens in (3, 8, 13, 21):
+        for batch in (1, 2):
+            ids = torch.randint(0, VOCAB, (batch, tokens))
+            with torch.no_grad():
+                expected = model(ids, use_cache=False).logits
+                got = compiled(ids, use_cache=False).logits
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            runs += 1
+    assert len(split_calls) == runs  # every call ran nano-batched (k is capped by the token count)
+    for graph in report.graphs:
+        info = graph.extra["nano_batch"]
+        assert graph.rewrites["nano_batch"] == info["split_ops"] > 0
+        sizes = info["sizes"]
+        assert len(sizes) == min(k, info["example_tokens"]) and sum(sizes) == info["example_tokens"]
+        schedule = Schedule.from_dict(info["schedule"])
+        assert {op.stream for op in schedule.ops.values()} <= {0, 1}
+
+
+def test_schedules_pass_the_checker_and_broken_ones_fail() -> None:
+    model = build("llama")
+    opts = {"passes": PASSES, "nano_batches": 3}
+    plans = []
+
+    def keep(gm, example_inputs):
+        from tileflow.capture import capture_dynamo
+        from tileflow.compiler import compile_graph
+        from tileflow.config import Config
+
+        def compile_and_keep(aten_gm, inputs):
+            runner = compile_graph(aten_gm, inputs, Config.from_options(opts), tileflow.Report())
+            plans.append(aten_gm.meta["tileflow_nanobatch"])
+            return runner
+
+        return capture_dynamo(gm, example_inputs, compile_and_keep)
+
+    compiled = torch.compile(model, backend=keep, dynamic=True)
+    with torch.no_grad():
+        compiled(torch.randint(0, VOCAB, (1, 9)), use_cache=False)
+    (plan,) = plans
+    originals = {s.name: None for s in plan.specs}
+    for tokens in (2, 7, 64, 1000):
+        sizes = plan.sizes(tokens)
+        schedule = plan.schedule(sizes)
+        check_schedule(schedule, {n: (0, tokens) for n in originals})
+        assert sum(sizes) == tokens
+    good = plan.schedule(plan.sizes(64))
+    # A nano-op that never runs, and a dependency on a later op (a cycle), are both caught.
+    dropped = dataclasses.replace(good, ops=dict(list(good.ops.items())[:-1]),
+                                  streams={s: names[:-1] if names[-1] == list(good.ops)[-1] else names
+                                           for s, names in good.streams.items()})
+    with pytest.raises(ScheduleError):
+        check_schedule(dropped, {n: (0, 64) for n in originals})
+    first, last = list(good.ops)[0], list(good.ops)[-1]
+    cyclic_ops = dict(good.ops)
+    cyclic_ops[first] = dataclasses.replace(good.ops[first], deps=(*good.ops[first].deps, last))
+    with pytest.raises(ScheduleError):
+        check_schedule(dataclasses.replace(good, ops=cyclic_ops), {n: (0, 64) for n in originals})
+
+
+def test_one_nano_batch_leaves_the_graph_alone(split_calls: list[int]) -> None:
+    model = build("llama")
+    report = tileflow.Report()
+    opts = {"passes": PASSES, "nano_batches": 1}
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts, report=report), dynamic=True)
+    with torch.no_grad():
+        compiled(torch.randint(0, VOCAB, (1, 9)), use_cache=False)
+    assert split_calls == [] and "nano_batch" not in report.graphs[0].extra
+    assert "nano_batch" not in report.rewrites
+
+
+def test_auto_without_a_device_entry_falls_back_with_the_reason(split_calls: list[int]) -> None:
+    model = build("llama")
+    report = tileflow.Report()
+    opts = {"passes": PASSES, "nano_batches": "auto"}
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts, report=report), dynamic=True)
+    with torch.no_grad():
+        compiled(torch.randint(0, VOCAB, (1, 9)), use_cache=False)
+    assert split_calls == []
+    assert any(f.pass_name == "nanobatch" and "device table" in f.reason for f in report.graphs[0].fallbacks)

@@ -105,10 +105,10 @@ def test_failed_attention_worker_stops_every_rank_with_a_clear_error(tmp_path: P
     # Within the configured receive timeout (plus process start-up slack for the abort to land).
     assert elapsed < timeout_s + 5, elapsed
     assert "[rank 0 model] error: rank 0:" in logs[0] and "rank 2" in logs[0]
-    # The other attention worker hears rank 0's abort, or (stuck peer: rank 0 waits out the same
-    # timeout) its own wait for rank 0's next request runs out first.
+    # The other attention worker hears rank 0's abort, or its own wait on rank 0 ends first (the
+    # same timeout runs out, or rank 0 has already exited).
     assert "[rank 1 attention] error: rank 1: " in logs[1]
-    assert "rank 0 reported a failure" in logs[1] or f"from rank 0 failed after at most {timeout_s:g}s" in logs[1]
+    assert "rank 0 reported a failure" in logs[1] or "from rank 0 failed (limit" in logs[1]
     assert "Traceback" not in logs[0] + logs[1]
 
 

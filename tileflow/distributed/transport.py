@@ -110,8 +110,8 @@ class Transport:
         except RuntimeError as exc:
             who = f"rank {peer}" if peer is not None else "a peer"
             raise PeerError(
-                f"rank {self.rank}: waiting for {what} from {who} failed after at most {timeout_s:g}s "
-                f"({_first_line(exc)}); that rank died or is stuck"
+                f"rank {self.rank}: waiting for {what} from {who} failed (limit {timeout_s:g}s): "
+                f"{_first_line(exc)}; that rank died or is stuck"
             ) from exc
 
     def _reap(self) -> None:

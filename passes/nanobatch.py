@@ -149,8 +149,9 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
         reduced = [reduced] if isinstance(reduced, int) else list(reduced)
         return dims.get(src.name) is not None and all(d % rank != dims[src.name] for d in reduced)
     if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
-        # Every token-carrying input must be row-aligned with the output (same rows, broadcast ok).
-        return all(meta_val(a).shape[dims[a.name]] == meta_val(node).shape[out_dim] for a in ins)
+        # Broadcasting aligns dims from the right: each input's token dim must be the output's.
+        out_rank = meta_val(node).dim()
+        return all(dims[a.name] - meta_val(a).dim() == out_dim - out_rank for a in ins)
     return False
 
 
@@ -179,8 +180,6 @@ def token_symbol(gm: fx.GraphModule) -> tuple[Any, tuple[int, int]] | None:
             for d, s in enumerate(val.shape):
                 if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
                     found.setdefault(s.node.expr, (i, d))
-        elif isinstance(val, torch.SymInt):
-            pass  # a size passed as an input: read from the tensors instead
     if len(found) == 1:
         ((sym, where),) = found.items()
         return sym, where

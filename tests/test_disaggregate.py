@@ -170,11 +170,11 @@ def test_paged_kv_cache_blocks_and_release() -> None:
     cache = PagedKVCache(2, 1, 2, block_size=2, num_blocks=3, dtype=torch.float32)
     assert cache.reserve(7, 3) == 0  # two blocks
     rows = torch.arange(6.0).view(3, 1, 2)
-    cache.write(1, 7, 0, rows, -rows)
+    cache.write(1, cache.blocks(7), 0, rows, -rows)
     cache.commit(7, 3)
-    table = cache.block_table([7])
-    flat = cache.k[1][table[0].long()].reshape(-1, 1, 2)[:3]
+    flat = cache.k[1][torch.tensor(cache.blocks(7))].reshape(-1, 1, 2)[:3]
     torch.testing.assert_close(flat, rows)
+    torch.testing.assert_close(cache.v[1][torch.tensor(cache.blocks(7))].reshape(-1, 1, 2)[:3], -rows)
     assert cache.reserve(8, 2) == 0  # the last block
     with pytest.raises(RuntimeError, match="KV cache full"):
         cache.reserve(7, 2)

@@ -26,10 +26,10 @@ def split_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = nanobatch_runtime.run_schedule
 
-    def counting(gm, plan, schedule, args):
+    def counting(gm, plan, schedule, args, order=None):
         calls.append(len(schedule.ops))
         check_schedule(schedule, {s.name: (0, schedule.num_tokens) for s in plan.specs})
-        return original(gm, plan, schedule, args)
+        return original(gm, plan, schedule, args, order)
 
     monkeypatch.setattr(nanobatch_runtime, "run_schedule", counting)
     return calls

@@ -11,7 +11,9 @@ import json
 import re
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -219,58 +221,69 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
-def test_page_in_headless_chromium(llama_page: tuple[str, dict], tmp_path: Path) -> None:
+@dataclass
+class Browser:
+    """A headless Chromium page, with what it logged as errors and every URL it requested."""
+
+    page: Any
+    errors: list[str]
+    requests: list[str]
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """A fresh page in Debian's Chromium driven by Playwright."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the [test] extra has it)")
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (the README's test command installs it)")
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = chromium.new_page(viewport={"width": 1500, "height": 1000})
+            env = Browser(page, [], [])
+            page.on("console", lambda msg: env.errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: env.errors.append(str(exc)))
+            page.on("request", lambda req: env.requests.append(req.url))
+            yield env
+        finally:
+            chromium.close()
+
+
+def test_page_in_headless_chromium(browser: Browser, llama_page: tuple[str, dict], tmp_path: Path) -> None:
+    page = browser.page
     page_path = tmp_path / "report.html"
     page_path.write_text(llama_page[0], encoding="utf-8")
-    errors: list[str] = []
-    requests: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("request", lambda req: requests.append(req.url))
-            page.goto(page_path.as_uri())
-            assert "layout: graphviz dot" in page.inner_text("#source") or "layout: built-in" in page.inner_text("#source")
+    page.goto(page_path.as_uri())
+    assert "layout: graphviz dot" in page.inner_text("#source") or "layout: built-in" in page.inner_text("#source")
 
-            # Select the pass that rewrote the most: its diff and both graphs appear.
-            step = page.locator("#sidebar .step", has_text="gemm_padding").first
-            step.click()
-            page.wait_for_selector("pre.diff")
-            assert "padded_gemm" in page.inner_text("pre.diff")
-            assert page.locator(".sides .side").count() == 2
-            legend = page.inner_text(".legend")
-            assert "added" in legend and "removed" in legend
+    # Select the pass that rewrote the most: its diff and both graphs appear.
+    page.locator("#sidebar .step", has_text="gemm_padding").first.click()
+    page.wait_for_selector("pre.diff")
+    assert "padded_gemm" in page.inner_text("pre.diff")
+    assert page.locator(".sides .side").count() == 2
+    legend = page.inner_text(".legend")
+    assert "added" in legend and "removed" in legend
 
-            # Expand the changed groups and open an added node's details.
-            page.locator(".legend .link", has_text="expand changed groups").click()
-            box = page.locator(".side:nth-child(2) svg g.box.added[data-node]").first
-            box.click()
-            details = page.inner_text("#details")
-            assert "padded_gemm" in details and "args" in details
-            box.scroll_into_view_if_needed()
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "viz_gemm_padding.png"), full_page=False)
+    # Expand the changed groups and open an added node's details.
+    page.locator(".legend .link", has_text="expand changed groups").click()
+    box = page.locator(".side:nth-child(2) svg g.box.added[data-node]").first
+    box.click()
+    details = page.inner_text("#details")
+    assert "padded_gemm" in details and "args" in details
+    box.scroll_into_view_if_needed()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "viz_gemm_padding.png"), full_page=False)
 
-            # The search box finds nodes by target.
-            page.fill("#search", "meta_attention")
-            page.wait_for_function("document.querySelector('#main').innerText.includes('match')")
-            assert "meta_attention" in page.inner_text("#main")
-        finally:
-            browser.close()
-    assert errors == [], errors
-    assert all(url.startswith("file://") for url in requests), requests  # nothing off the page
+    # The search box finds nodes by target.
+    page.fill("#search", "meta_attention")
+    page.wait_for_function("document.querySelector('#main').innerText.includes('match')")
+    assert "meta_attention" in page.inner_text("#main")
+    assert browser.errors == [], browser.errors
+    assert all(url.startswith("file://") for url in browser.requests), browser.requests  # nothing off the page
     assert (ARTIFACTS / "viz_gemm_padding.png").stat().st_size > 10_000
 
 
-def test_nano_batch_timeline_in_headless_chromium(llama_page: tuple[str, dict], tmp_path: Path) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the [test] extra has it)")
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (the README's test command installs it)")
+def test_nano_batch_timeline_in_headless_chromium(browser: Browser, llama_page: tuple[str, dict], tmp_path: Path) -> None:
     from tileflow.devices import get_device
     from tileflow.search import OpProfile, modeled_timeline
     from tileflow.viz import render
@@ -283,43 +296,32 @@ def test_nano_batch_timeline_in_headless_chromium(llama_page: tuple[str, dict], 
     data["graphs"][0]["extra"] = {"nano_batch": {"timeline": timeline}}
     page_path = tmp_path / "timeline.html"
     page_path.write_text(render(data), encoding="utf-8")
-    errors: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(page_path.as_uri())
-            page.locator("#sidebar .step", has_text="overview").first.click()
-            page.wait_for_selector(".timeline svg")
-            bars = page.locator(".timeline g.bar")
-            assert bars.count() == len(timeline) == 12
-            # One row per stream; a nano-op's bar sits in its stream's row, in time order.
-            rows = page.eval_on_selector_all(
-                ".timeline g.bar rect", "rs => rs.map(r => [r.parentNode.dataset.op, +r.getAttribute('y'), +r.getAttribute('x')])"
-            )
-            streams = {e["op"]: e["stream"] for e in timeline}
-            y_of = {}
-            for (op, y, _), entry in zip(rows, timeline):
-                assert op == entry["op"]
-                assert y_of.setdefault(streams[op], y) == y
-            assert len(set(y_of.values())) == len(set(streams.values())) >= 2
-            xs = [x for _, _, x in rows]
-            assert xs == sorted(xs)
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.locator(".timeline").screenshot(path=str(ARTIFACTS / "viz_timeline.png"))
-        finally:
-            browser.close()
-    assert errors == [], errors
+    page = browser.page
+    page.goto(page_path.as_uri())
+    page.locator("#sidebar .step", has_text="overview").first.click()
+    page.wait_for_selector(".timeline svg")
+    assert page.locator(".timeline g.bar").count() == len(timeline) == 12
+    # One row per stream; a nano-op's bar sits in its stream's row, in time order.
+    rows = page.eval_on_selector_all(
+        ".timeline g.bar rect", "rs => rs.map(r => [r.parentNode.dataset.op, +r.getAttribute('y'), +r.getAttribute('x')])"
+    )
+    streams = {e["op"]: e["stream"] for e in timeline}
+    y_of: dict[int, float] = {}
+    for (op, y, _), entry in zip(rows, timeline):
+        assert op == entry["op"]
+        assert y_of.setdefault(streams[op], y) == y
+    assert len(set(y_of.values())) == len(set(streams.values())) >= 2
+    xs = [x for _, _, x in rows]
+    assert xs == sorted(xs)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator(".timeline").screenshot(path=str(ARTIFACTS / "viz_timeline.png"))
+    assert browser.errors == [], browser.errors
 
 
-def test_32_layer_model_draws_only_what_is_expanded(tmp_path_factory: pytest.TempPathFactory) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the [test] extra has it)")
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (the README's test command installs it)")
+def test_32_layer_model_draws_only_what_is_expanded(browser: Browser, tmp_path: Path) -> None:
     import transformers
 
-    root = tmp_path_factory.mktemp("llama32_debug")
+    root = tmp_path / "llama32_debug"
     cfg = transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=32,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
@@ -331,28 +333,18 @@ def test_32_layer_model_draws_only_what_is_expanded(tmp_path_factory: pytest.Tem
     page_path = write_html(root, root / "report.html")
     assert embedded_data(page_path.read_text())["graphs"][0]["nodes_in"] > 2000
 
-    def boxes(side) -> int:
-        return side.locator("svg g.box").count()
-
-    errors: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(page_path.as_uri())
-            page.locator("#sidebar .step", has_text="gemm_padding").first.click()
-            page.wait_for_selector("pre.diff")
-            after = page.locator(".side").nth(1)
-            # Collapsed: the top level only, a handful of boxes for thousands of nodes.
-            counts = [boxes(after)]
-            for group in ("model", "model.layers", "model.layers.17", "model.layers.17.mlp"):
-                after.locator(f"svg g.box.group[data-group='{group}']").first.click()
-                counts.append(boxes(after))
-            assert counts[0] < 10
-            assert all(a < b for a, b in zip(counts, counts[1:])), counts
-            assert counts[-1] < 200  # one layer open of 32: far from every node
-            assert after.locator("svg g.box[data-group='model.layers.3']").count() == 1  # still one box
-        finally:
-            browser.close()
-    assert errors == [], errors
+    page = browser.page
+    page.goto(page_path.as_uri())
+    page.locator("#sidebar .step", has_text="gemm_padding").first.click()
+    page.wait_for_selector("pre.diff")
+    after = page.locator(".side").nth(1)
+    # Collapsed: the top level only, a handful of boxes for thousands of nodes.
+    counts = [after.locator("svg g.box").count()]
+    for group in ("model", "model.layers", "model.layers.17", "model.layers.17.mlp"):
+        after.locator(f"svg g.box.group[data-group='{group}']").first.click()
+        counts.append(after.locator("svg g.box").count())
+    assert counts[0] < 10
+    assert all(a < b for a, b in zip(counts, counts[1:])), counts
+    assert counts[-1] < 200  # one layer open of 32: far from every node
+    assert after.locator("svg g.box[data-group='model.layers.3']").count() == 1  # still one box
+    assert browser.errors == [], browser.errors

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from ..log import get_logger
-from ..ops import meta_attention_varlen
 from .kv_cache import PagedKVCache
 from .layout import OP_INIT, OP_SHUTDOWN, OP_STEP, BatchShape, Layout, decode_plan, replica_of, work_items
 from .transport import PeerError, Transport
@@ -128,13 +127,10 @@ class AttentionWorker:
                 )
             if layer == 0:  # layer 0 makes room for the step; the later layers find it made
                 cache.reserve(seq, n)
-            cache.write(layer, seq, start, k[row : row + n], v[row : row + n])
+            cache.write(layer, cache.blocks(seq), start, k[row : row + n], v[row : row + n])
             row += n
-        cu = torch.tensor((0, *batch.q_lens), dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        seqlens = torch.tensor([s + n for s, n in zip(batch.starts, batch.q_lens)], dtype=torch.int32)
-        out = meta_attention_varlen(
-            q.contiguous(), cache.k[layer], cache.v[layer], cache.block_table(list(batch.seq_ids)), cu, seqlens,
-            scale=shard.scale, causal=True,
+        out = cache.attend(
+            layer, q, [cache.blocks(s) for s in batch.seq_ids], batch.q_lens, batch.starts, scale=shard.scale,
         )
         if layer == len(self.layers) - 1:
             for seq, n in zip(batch.seq_ids, batch.q_lens):

@@ -2,7 +2,8 @@
 
 Blocks are shared by all layers of a sequence (one block table per sequence, as in vLLM); a step
 reserves room for its new tokens, each layer writes its new k/v rows, and the step's last layer
-commits the new length.
+commits the new length. Storage and attention are `tileflow.runtime.paged_kv.PagedKV`'s, blocks
+come from the serving engine's allocator.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..runtime.paged_kv import PagedKV
+from ..serving.blocks import BlockAllocator, OutOfBlocks
+
 
 @dataclass
 class _Sequence:
@@ -18,20 +22,17 @@ class _Sequence:
     length: int = 0  # committed tokens (all layers written)
 
 
-class PagedKVCache:
-    """`num_layers` k/v caches of `[num_blocks, block_size, num_kv_heads, head_dim]`."""
+class PagedKVCache(PagedKV):
+    """`PagedKV` plus the sequences' blocks and committed lengths (an attention worker's shard)."""
 
     def __init__(
         self, num_layers: int, num_kv_heads: int, head_dim: int, *, block_size: int, num_blocks: int,
         dtype: torch.dtype, device: torch.device | str = "cpu",
     ) -> None:
-        if block_size < 1 or num_blocks < 1:
-            raise ValueError(f"block_size and num_blocks must be >= 1, got {block_size} and {num_blocks}")
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.block_size = block_size
-        self._free = list(range(num_blocks - 1, -1, -1))
+        super().__init__(
+            num_layers, num_kv_heads, head_dim, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=device,
+        )
+        self.allocator = BlockAllocator(num_blocks, block_size)
         self._seqs: dict[int, _Sequence] = {}
 
     def length(self, seq_id: int) -> int:
@@ -39,26 +40,23 @@ class PagedKVCache:
         seq = self._seqs.get(seq_id)
         return seq.length if seq else 0
 
+    def blocks(self, seq_id: int) -> list[int]:
+        """The sequence's blocks, in position order."""
+        return self._seqs[seq_id].blocks
+
     def reserve(self, seq_id: int, new_tokens: int) -> int:
         """Make room for `new_tokens` more tokens; returns the position of the first one."""
         seq = self._seqs.setdefault(seq_id, _Sequence())
         need = -(-(seq.length + new_tokens) // self.block_size)
         while len(seq.blocks) < need:
-            if not self._free:
+            try:
+                seq.blocks.append(self.allocator.allocate())
+            except OutOfBlocks:
                 raise RuntimeError(
                     f"KV cache full: sequence {seq_id} needs {need} blocks of {self.block_size} tokens and no "
                     f"block is free; release finished sequences or give the attention workers more blocks"
-                )
-            seq.blocks.append(self._free.pop())
+                ) from None
         return seq.length
-
-    def write(self, layer: int, seq_id: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store rows `k`/`v` `[n, heads, head_dim]` at positions start … start + n − 1."""
-        blocks = self._seqs[seq_id].blocks
-        pos = torch.arange(start, start + k.shape[0])
-        block_ids = torch.tensor(blocks, dtype=torch.long)[pos // self.block_size]
-        self.k[layer][block_ids, pos % self.block_size] = k
-        self.v[layer][block_ids, pos % self.block_size] = v
 
     def commit(self, seq_id: int, new_tokens: int) -> None:
         """The step's last layer wrote its rows: the sequence is `new_tokens` longer."""
@@ -68,13 +66,5 @@ class PagedKVCache:
         """Free a finished sequence's blocks."""
         seq = self._seqs.pop(seq_id, None)
         if seq is not None:
-            self._free.extend(reversed(seq.blocks))
-
-    def block_table(self, seq_ids: list[int]) -> torch.Tensor:
-        """int32 `[len(seq_ids), max_blocks]`; unused entries point at block 0 (never read)."""
-        width = max(len(self._seqs[s].blocks) for s in seq_ids)
-        table = torch.zeros(len(seq_ids), width, dtype=torch.int32)
-        for row, s in enumerate(seq_ids):
-            blocks = self._seqs[s].blocks
-            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        return table
+            for block in seq.blocks:
+                self.allocator.release(block)

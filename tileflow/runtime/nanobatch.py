@@ -26,7 +26,6 @@ class NanoBatchRunner:
 
     def __init__(self, gm: fx.GraphModule, plan: Any, whole: Callable[..., Any], *, check: bool = False) -> None:
         self.gm, self.plan, self.whole, self.check = gm, plan, whole, check
-        self.nodes = {n.name: n for n in gm.graph.nodes}
         self._schedule = lru_cache(maxsize=64)(self._build)
         self.last_schedule = None
 
@@ -36,7 +35,7 @@ class NanoBatchRunner:
             from tileflow.schedule import check_schedule
 
             check_schedule(schedule, {s.name: (0, sum(sizes)) for s in self.plan.specs})
-        return schedule
+        return schedule, topological_order(schedule)
 
     def __call__(self, *args: Any) -> Any:
         index, dim = self.plan.token_input
@@ -44,13 +43,16 @@ class NanoBatchRunner:
         sizes = tuple(self.plan.sizes(tokens))
         if len(sizes) < 2:
             return self.whole(*args)
-        schedule = self._schedule(sizes)
+        schedule, order = self._schedule(sizes)  # built once per split
         self.last_schedule = schedule
-        return run_schedule(self.gm, self.plan, schedule, args)
+        return run_schedule(self.gm, self.plan, schedule, args, order)
 
 
-def run_schedule(gm: fx.GraphModule, plan: Any, schedule: Any, args: Sequence[Any]) -> Any:
-    """Execute every nano-op of `schedule` in a topological order; return the graph's outputs."""
+def run_schedule(
+    gm: fx.GraphModule, plan: Any, schedule: Any, args: Sequence[Any], order: Sequence[str] | None = None,
+) -> Any:
+    """Execute every nano-op of `schedule` in `order` (default: `topological_order(schedule)`);
+    return the graph's outputs."""
     dims: dict[str, int | None] = plan.token_dims
     whole: dict[str, Any] = {}
     pieces: dict[str, dict[tuple[int, int], Any]] = {}
@@ -79,7 +81,7 @@ def run_schedule(gm: fx.GraphModule, plan: Any, schedule: Any, args: Sequence[An
         return full(node).narrow(dims[node.name], lo, hi - lo)
 
     nodes = {n.name: n for n in gm.graph.nodes}
-    for name in _topological(schedule):
+    for name in order if order is not None else topological_order(schedule):
         op = schedule.ops[name]
         node = nodes[op.original]
         lo, hi = op.rows
@@ -110,7 +112,7 @@ def _resolver(full: Callable[[fx.Node], Any]) -> Callable[[Any], Any]:
     return lambda a: full(a) if isinstance(a, fx.Node) else a
 
 
-def _topological(schedule: Any) -> list[str]:
+def topological_order(schedule: Any) -> list[str]:
     """Nano-op names in an order that respects every dependency (streams merged)."""
     order, done = [], set()
     position = {name: i for i, name in enumerate(schedule.ops)}

@@ -18,7 +18,7 @@ import torch
 
 from tileflow.passes.disaggregate import AttentionCut, StageProgram
 
-from ..ops import meta_attention_varlen
+from ..runtime.paged_kv import PagedKV
 from .blocks import BlockAllocator
 from .scheduler import Entry, Request, Scheduler, accept_draft, register_full_blocks
 
@@ -77,9 +77,7 @@ class ServingEngine:
         self.program = program
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.scheduler = Scheduler(self.allocator, token_budget=token_budget, decode_slots=decode_slots, max_draft=max_draft)
-        shape = (num_blocks, block_size, hkv, d)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in cuts]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in cuts]
+        self.kv = PagedKV(len(cuts), hkv, d, block_size=block_size, num_blocks=num_blocks, dtype=dtype)
         self.max_draft = max_draft
         self.metrics = Metrics()
         self._start = 0.0
@@ -159,29 +157,19 @@ class ServingEngine:
     def _attend(self, entries: list[Entry], cut: AttentionCut, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         layer = cut.index
         q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, heads, head_dim]
-        bs = self.allocator.block_size
         row = 0
         for e in entries:
             n = len(e.tokens)
-            positions = torch.arange(e.start, e.start + n)
-            blocks = torch.tensor(e.request.blocks)[positions // bs]
-            self.k[layer][blocks, positions % bs] = k[row : row + n]
-            self.v[layer][blocks, positions % bs] = v[row : row + n]
+            self.kv.write(layer, e.request.blocks, e.start, k[row : row + n], v[row : row + n])
             row += n
-        width = max(len(e.request.blocks) for e in entries)
-        table = torch.zeros(len(entries), width, dtype=torch.int32)
-        for i, e in enumerate(entries):
-            table[i, : len(e.request.blocks)] = torch.tensor(e.request.blocks, dtype=torch.int32)
-        q_lens = [len(e.tokens) for e in entries]
-        cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        seqlens = torch.tensor([e.start + n for e, n in zip(entries, q_lens)], dtype=torch.int32)
         tree = None
         if any(e.kind == "verify" for e in entries):
             # Linear drafts: each drafted token sees the tokens before it; entries longer than the
             # mask (prompt chunks) stay causal.
             s = 1 + self.max_draft
             tree = torch.tril(torch.ones(s, s, dtype=torch.bool)).expand(len(entries), s, s).contiguous()
-        out = meta_attention_varlen(
-            q.contiguous(), self.k[layer], self.v[layer], table, cu, seqlens, scale=cut.scale, causal=True, tree_mask=tree,
+        out = self.kv.attend(
+            layer, q, [e.request.blocks for e in entries], [len(e.tokens) for e in entries],
+            [e.start for e in entries], scale=cut.scale, tree_mask=tree,
         )
         return out.unsqueeze(0).transpose(1, 2)

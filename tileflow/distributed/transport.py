@@ -81,10 +81,10 @@ class Transport:
         `timeout_s` overrides the transport's timeout (for idle waits between steps). Raises
         `RunAborted` when `src` sent a failure report instead."""
         header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-        self._wait(dist.irecv(header, src), what, src, timeout_s)
+        self._recv_into(header, src, what, timeout_s)
         kind, dtype, ndim, *dims = header.tolist()
         payload = torch.empty(dims[:ndim], dtype=_DTYPES[dtype], device=self.device)
-        self._wait(dist.irecv(payload, src), what, src, timeout_s)
+        self._recv_into(payload, src, what, timeout_s)
         if payload.dtype == _ERROR_DTYPE:
             reason = bytes(payload.tolist()).decode(errors="replace")
             raise RunAborted(f"rank {self.rank}: rank {src} reported a failure instead of {what}: {reason}")
@@ -103,16 +103,28 @@ class Transport:
         if first is not None:
             raise first
 
-    def _wait(self, work: Any, what: str, peer: int | None, timeout_s: float | None = None) -> None:
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+    def _recv_into(self, buffer: torch.Tensor, src: int, what: str, timeout_s: float | None) -> None:
+        # Posting the receive can fail already (gloo reads a reset connection at once): the same
+        # PeerError as a failed wait.
         try:
-            work.wait(datetime.timedelta(seconds=timeout_s))
+            work = dist.irecv(buffer, src)
         except RuntimeError as exc:
-            who = f"rank {peer}" if peer is not None else "a peer"
-            raise PeerError(
-                f"rank {self.rank}: waiting for {what} from {who} failed (limit {timeout_s:g}s): "
-                f"{_first_line(exc)}; that rank died or is stuck"
-            ) from exc
+            raise self._peer_error(what, src, timeout_s, exc) from exc
+        self._wait(work, what, src, timeout_s)
+
+    def _wait(self, work: Any, what: str, peer: int | None, timeout_s: float | None = None) -> None:
+        try:
+            work.wait(datetime.timedelta(seconds=self.timeout_s if timeout_s is None else timeout_s))
+        except RuntimeError as exc:
+            raise self._peer_error(what, peer, timeout_s, exc) from exc
+
+    def _peer_error(self, what: str, peer: int | None, timeout_s: float | None, exc: BaseException) -> PeerError:
+        who = f"rank {peer}" if peer is not None else "a peer"
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        return PeerError(
+            f"rank {self.rank}: waiting for {what} from {who} failed (limit {limit:g}s): "
+            f"{_first_line(exc)}; that rank died or is stuck"
+        )
 
     def _reap(self) -> None:
         self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]

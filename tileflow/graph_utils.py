@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -134,13 +135,18 @@ def _source_line(node: fx.Node) -> str | None:
     return lines[-1]
 
 
+_ROOT_SOURCE = re.compile(r"^L\['\w+'\](?:\[\d+\])*\.")
+
+
 def _module_path(node: fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
     last = list(stack.values())[-1]
     path = last[0] if isinstance(last, tuple) else str(last)
-    return str(path).replace("L['self'].", "").replace("L__self___", "")
+    # Dynamo names the root by where it found it: L['self'] for a compiled module, L['args'][0]
+    # when a decorator (transformers' output wrappers) passes the module on as an argument.
+    return _ROOT_SOURCE.sub("", str(path)).replace("L__self___", "")
 
 
 def graph_to_json(gm: fx.GraphModule) -> list[dict[str, Any]]:

@@ -23,7 +23,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton backend tests need triton installed")
 
@@ -33,9 +32,10 @@ from tileflow.backends.triton.gemm import make_gemm_launcher, render_gemm_source
 from tileflow.kernel_spec import KernelSpec, TileConfig, make_params  # noqa: E402
 from tileflow.targets import triton_interpreter_enabled  # noqa: E402
 
+from gemm_cases import assert_close, make_inputs, poisoned_out, reference  # noqa: E402
+
 TILE_A = TileConfig(16, 32, 32)
 TILE_B = TileConfig(32, 32, 16)
-TOL = {"float32": 1e-5, "float16": 2e-3}
 
 pytestmark = pytest.mark.skipif(
     not triton_interpreter_enabled() and not torch.cuda.is_available(),
@@ -77,62 +77,10 @@ def build(spec: KernelSpec, artifact_dir: Path | None = None):
     return build_triton_kernel(spec, render_gemm_source, make_gemm_launcher, artifact_dir)
 
 
-def make_inputs(spec: KernelSpec, m: int, seed: int) -> dict[str, torch.Tensor | None]:
-    """Fresh random x, weight and (when the epilogue wants them) bias and residual."""
-    gen = torch.Generator().manual_seed(seed)
-    n, k = spec.param("n"), spec.param("k")
-    dt = getattr(torch, spec.dtype)
-    rows = 2 * n if "swiglu" in spec.epilogue else n
-    # Scale so pre-activation values are O(1): activations are exercised on both sides of 0.
-    x = torch.randn(m, k, generator=gen).to(dt)
-    w = (torch.randn(rows, k, generator=gen) / k**0.5).to(dt)
-    bias = torch.randn(rows, generator=gen).to(dt) if "bias" in spec.epilogue else None
-    res = torch.randn(m, n, generator=gen).to(dt) if "residual" in spec.epilogue else None
-    return {"x": x.to(DEVICE), "weight": w.to(DEVICE),
-            "bias": None if bias is None else bias.to(DEVICE),
-            "residual": None if res is None else res.to(DEVICE)}
-
-
-def reference(spec: KernelSpec, x, weight, bias=None, residual=None) -> torch.Tensor:
-    """float64 torch reference of the spec's GEMM + epilogue."""
-    n = spec.param("n")
-    acc = x.double() @ weight.double().T
-    if bias is not None:
-        acc = acc + bias.double()
-    ep = spec.epilogue
-    if "silu" in ep:
-        acc = F.silu(acc)
-    if "gelu" in ep:
-        acc = F.gelu(acc)
-    if "gelu_tanh" in ep:
-        acc = F.gelu(acc, approximate="tanh")
-    if "swiglu" in ep:
-        acc = F.silu(acc[:, :n]) * acc[:, n:]
-    if residual is not None:
-        acc = acc + residual.double()
-    return acc
-
-
-def poisoned_out(spec: KernelSpec, m: int) -> torch.Tensor:
-    return torch.full((m, spec.param("n")), float("nan"), dtype=getattr(torch, spec.out_dtype),
-                      device=DEVICE)
-
-
-def assert_close(spec: KernelSpec, out: torch.Tensor, ref: torch.Tensor) -> None:
-    """Every element written (no NaN left) and relative error within the dtype's tolerance."""
-    assert out.dtype == getattr(torch, spec.out_dtype)
-    assert not torch.isnan(out).any(), "some output elements were never written"
-    out64, ref64 = out.double().cpu(), ref.cpu()
-    rel = ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
-    # the coarser of the input and output dtypes sets the tolerance (fp32 -> fp16 cast rounds)
-    tol = max(TOL[spec.dtype], TOL[spec.out_dtype])
-    assert rel <= tol, f"relative error {rel:.3g} > {tol} for {spec.name}"
-
-
 def run_case(spec: KernelSpec, m: int, seed: int, **launch_kwargs) -> torch.Tensor:
     kernel = build(spec)
-    inputs = make_inputs(spec, m, seed)
-    out = poisoned_out(spec, m)
+    inputs = make_inputs(spec, DEVICE, m, seed)
+    out = poisoned_out(spec, DEVICE, m)
     got = kernel(inputs["x"], inputs["weight"], inputs["bias"], inputs["residual"], out=out,
                  **launch_kwargs)
     assert got is out, "a given `out` must be written in place and returned"
@@ -219,7 +167,7 @@ def test_transposed_weight_view_and_strided_x() -> None:
     x_wide = torch.randn(m, 2 * k, generator=gen).to(DEVICE)
     x = x_wide[:, 5 : 5 + k]  # row stride 2K, not K
     bias = torch.randn(n, generator=gen).to(DEVICE)
-    out = poisoned_out(spec, m)
+    out = poisoned_out(spec, DEVICE, m)
     build(spec)(x, weight, bias, out=out)
     assert_close(spec, out, reference(spec, x, weight, bias))
 
@@ -231,7 +179,7 @@ def test_only_real_rows_and_columns_are_written() -> None:
     m, n = 19, 40
     buf = torch.full((m + 13, n + 7), -7.0, device=DEVICE)
     out = buf[:m, :n]
-    inputs = make_inputs(spec, m, seed=12)
+    inputs = make_inputs(spec, DEVICE, m, seed=12)
     build(spec)(inputs["x"], inputs["weight"], out=out)
     assert_close(spec, out, reference(spec, **inputs))
     assert torch.all(buf[m:] == -7.0) and torch.all(buf[:, n:] == -7.0)
@@ -239,7 +187,7 @@ def test_only_real_rows_and_columns_are_written() -> None:
 
 def test_allocates_output_when_not_given() -> None:
     spec = gemm_spec("float16", ("cast",))
-    inputs = make_inputs(spec, 9, seed=13)
+    inputs = make_inputs(spec, DEVICE, 9, seed=13)
     out = build(spec)(inputs["x"], inputs["weight"])
     assert out.shape == (9, 40) and out.dtype == torch.float32
     assert_close(spec, out, reference(spec, **inputs))
@@ -304,8 +252,8 @@ def test_one_kernel_serves_every_m(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     for m in (1, 16, 17, 100, 3):
         again = build(spec)
         assert again is first  # memoized: same CompiledKernel, nothing rebuilt
-        inputs = make_inputs(spec, m, seed=30 + m)
-        out = poisoned_out(spec, m)
+        inputs = make_inputs(spec, DEVICE, m, seed=30 + m)
+        out = poisoned_out(spec, DEVICE, m)
         again(inputs["x"], inputs["weight"], inputs["bias"], out=out)
         assert_close(spec, out, reference(spec, **inputs))
 
@@ -415,7 +363,7 @@ def test_bad_specs_raise_clear_errors() -> None:
         render_gemm_source(gemm_spec("float32", ("silu", "swiglu")))
     with pytest.raises(ValueError, match="no 'cast'"):
         render_gemm_source(gemm_spec("float16", (), out_dtype="float32"))
-    with pytest.raises(ValueError, match="too small for tl.dot"):
+    with pytest.raises(ValueError, match="too small for the Triton kernel"):
         render_gemm_source(gemm_spec("float32", tile=TileConfig(8, 32, 32)))
     with pytest.raises(ValueError, match="positive integer param 'k'"):
         render_gemm_source(KernelSpec("padded_gemm", "float32", "float32", TILE_A, (),

@@ -205,7 +205,7 @@ def _load_spec_function(spec: str, dynamic: dict[str, tuple[int, int]]):
 
 @main.command("export")
 @click.argument("spec")
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="archive to write (e.g. model.pt2)")
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="archive to write (e.g. model.pt2); with --target ascend, a folder for the archive and the Ascend C project")
 @click.option("--target", type=click.Choice(["reference", "triton", "ascend"]), default=None, help="kernel target (default: the options' target, else reference)")
 @click.option("--dynamic", "dynamic", multiple=True, metavar="NAME=MIN:MAX", help="range of a named dynamic dim (repeatable)")
 @click.option("--options", "options", multiple=True, metavar="KEY=VALUE", help="a tileflow option (repeatable)")
@@ -255,7 +255,16 @@ def export_command(spec: str, output: str, target: str | None, dynamic: tuple[st
 
     try:
         archive = export_model(model, args, dyn, options=opts, progress=progress)
-        path = archive.save(output)
+        if opts["target"] == "ascend":
+            # The archive and the Ascend C project side by side in one folder.
+            from .export import write_ascend_project
+
+            path = archive.save(Path(output) / "model.pt2")
+            project = write_ascend_project(archive, output)
+        else:
+            if Path(output).is_dir():
+                raise ValueError(f"{output} is a folder; give the archive's file name (e.g. model.pt2)")
+            path = archive.save(output)
     except Exception as exc:  # export/compile failures: one line, what failed (TILEFLOW_LOG=debug for more)
         click.echo(f"error: export failed: {_first_line(exc)}", err=True)
         sys.exit(1)
@@ -264,6 +273,8 @@ def export_command(spec: str, output: str, target: str | None, dynamic: tuple[st
     dims = ", ".join(f"{k} in [{lo}, {hi}]" for k, (lo, hi) in m["dynamic"].items()) or "none"
     click.echo(f"done in {time.perf_counter() - start:.1f}s", err=True)
     click.echo(f"wrote {path} (target={m['target']}; dynamic: {dims}; rewrites: {rewrites}; {len(archive.kernels)} kernel file(s))")
+    if opts["target"] == "ascend":
+        click.echo(f"wrote the Ascend C project ({len(project)} files) into {output}: build it with CMake on an Ascend machine (see {Path(output) / 'README.md'})")
 
 
 def _attach_subcommands() -> None:

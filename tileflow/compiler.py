@@ -47,11 +47,14 @@ def compile_graph(
     recompile: bool = False,
     real_inputs: Sequence[Any] | None = None,
     residual: str | None = None,
+    emit_only: bool = False,
 ) -> Callable[..., Any]:
     """Run tileflow's passes on `gm` and return a callable that executes the result.
 
     `example_inputs` may be fake (sizes symbolic); `real_inputs`, when given, are concrete inputs
     used by `config.verify`. `residual` overrides `config.residual` (after `auto` resolution).
+    `emit_only` writes the kernels' sources without building them (ahead-of-time export for a
+    target this machine cannot run).
     """
     graph_id = f"graph_{next(_GRAPH_IDS):03d}"
     device_type = inputs_device_type(example_inputs)
@@ -78,7 +81,7 @@ def compile_graph(
         device_type=device_type,
     )
     PassManager.from_config(config).run(gm, ctx, real_inputs=real_inputs)
-    lower_graph(gm, ctx, target)
+    lower_graph(gm, ctx, target, emit_only=emit_only)
     if artifact_dir is not None:
         # Lowering annotated the tileflow nodes with their kernels: refresh the final graph dump.
         (artifact_dir / "output.json").write_text(json.dumps(graph_to_json(gm), indent=1, default=str))

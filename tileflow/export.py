@@ -107,6 +107,23 @@ class ExportedArchive:
         return path
 
 
+def write_ascend_project(archive: ExportedArchive, out_dir: str | Path) -> list[Path]:
+    """Write the Ascend C project (kernels, tiling, operator bindings, CMake) for the archive's
+    kernels into `out_dir`; see `tileflow.backends.ascend.project`. Returns the files written."""
+    from .backends.ascend import render_sources
+    from .backends.ascend.project import write_project
+    from .kernel_spec import KernelSpec
+
+    specs: dict[KernelSpec, None] = {}
+    for graph in archive.report.graphs:
+        for record in graph.kernels:
+            if record.spec is not None:
+                specs.setdefault(KernelSpec.from_dict(record.spec), None)
+    if not specs:
+        raise ValueError("the exported graph has no tileflow kernels, so there is no Ascend C project to write")
+    return write_project([render_sources(spec) for spec in specs], Path(out_dir))
+
+
 def content_hash(members: Mapping[str, bytes]) -> str:
     """sha256 over the members' names and bytes, in name order (the manifest is not included)."""
     h = hashlib.sha256()
@@ -156,7 +173,9 @@ def export_model(
     try:
         config = Config.from_options({**options, "debug_dir": user_debug_dir or tmp_dir})
         report = Report()
-        compile_graph(captured.gm, captured.example_inputs, config, report, compile_id="export")
+        # Ascend C kernels are emitted, not built: CANN may not be on the exporting machine.
+        compile_graph(captured.gm, captured.example_inputs, config, report, compile_id="export",
+                      emit_only=config.target == "ascend")
         graph_report = report.graphs[-1]
 
         notify("kernels")

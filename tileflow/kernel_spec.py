@@ -14,7 +14,7 @@ from typing import Any
 
 # Epilogues a GEMM kernel can fuse, in the order they are applied to the accumulator.
 EPILOGUES: tuple[str, ...] = ("bias", "silu", "gelu", "gelu_tanh", "swiglu", "residual", "cast")
-# Activations accepted by `padded_gemm(..., activation=...)`.
+# Activations accepted by `padded_gemm(..., activation=...)`; at most one per GEMM epilogue.
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "swiglu")
 # dtypes by their short names; specs carry names, not torch.dtype, so they stay JSON-friendly.
 DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
@@ -145,3 +145,54 @@ def dtype_name(dtype: Any) -> str:
     if isinstance(dtype, str):
         return dtype
     return str(dtype).removeprefix("torch.")
+
+
+def gemm_dims(spec: KernelSpec) -> tuple[int, int]:
+    """(N, K) of a `padded_gemm` spec, validated; N is the *output* width (for swiglu the weight
+    has 2N rows: gate, then up)."""
+    n, k = spec.param("n"), spec.param("k")
+    for key, value in (("n", n), ("k", k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(
+                f"padded_gemm spec needs a positive integer param {key!r}, got {value!r} "
+                f"(build params with make_params(n=..., k=...))"
+            )
+    return n, k
+
+
+def check_gemm_spec(spec: KernelSpec, supported_dtypes: tuple[str, ...], target: str, min_block: int) -> None:
+    """Reject a `padded_gemm` spec a `target` kernel cannot implement, saying why.
+
+    Target-neutral rules (a tile, one activation at most, no repeats, `cast` exactly when the
+    dtypes differ) plus the target's dtypes and smallest tile side (`min_block`).
+    """
+    if spec.op != "padded_gemm":
+        raise ValueError(f"the {target} GEMM kernel handles op 'padded_gemm', not {spec.op!r}")
+    if spec.tile is None:
+        raise ValueError(f"padded_gemm spec {spec.name} has no TileConfig")
+    for name in ("dtype", "out_dtype"):
+        if getattr(spec, name) not in supported_dtypes:
+            raise ValueError(
+                f"the {target} padded_gemm supports {name} in {supported_dtypes}, "
+                f"got {getattr(spec, name)!r}"
+            )
+    if "cast" not in spec.epilogue and spec.out_dtype != spec.dtype:
+        raise ValueError(
+            f"out_dtype {spec.out_dtype!r} differs from dtype {spec.dtype!r} but the epilogue has "
+            f"no 'cast' (epilogue={spec.epilogue})"
+        )
+    acts = [e for e in spec.epilogue if e in ACTIVATIONS]
+    if len(acts) > 1:
+        raise ValueError(f"at most one activation per GEMM epilogue, got {acts}")
+    if len(set(spec.epilogue)) != len(spec.epilogue):
+        raise ValueError(f"repeated epilogue entry in {spec.epilogue}")
+    tile = spec.tile
+    for name in ("block_m", "block_n", "block_k"):
+        if getattr(tile, name) < min_block:
+            raise ValueError(
+                f"TileConfig.{name}={getattr(tile, name)} is too small for the {target} kernel "
+                f"(minimum {min_block})"
+            )
+    if tile.group_m <= 0:
+        raise ValueError(f"TileConfig.group_m must be positive, got {tile.group_m}")
+    gemm_dims(spec)

@@ -8,6 +8,7 @@ compiles anything) and records the kernels in the graph's report.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,8 +96,13 @@ def attention_specs_for_node(node: fx.Node) -> list[KernelSpec]:
     ]
 
 
-def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str) -> list[KernelSpec]:
-    """Build every kernel the graph's tileflow ops need, and record them in the report."""
+def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str, *, emit_only: bool = False) -> list[KernelSpec]:
+    """Build every kernel the graph's tileflow ops need, and record them in the report.
+
+    With `emit_only` (ahead-of-time export for a target that cannot build here, e.g. Ascend C on a
+    machine without CANN) the kernels' sources are emitted into the artifact folder but nothing is
+    compiled; the target's backend must offer `emit(spec) -> {relative path: text}`.
+    """
     from .runtime import decode_plan, get_kernel, save_kernel_source
 
     specs: dict[KernelSpec, None] = {}
@@ -116,7 +122,30 @@ def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str) -> list[Kerne
             specs.setdefault(spec, None)
     kernels_dir = ctx.artifact_dir / "kernels" if ctx.artifact_dir is not None else None
     for spec in specs:
-        kernel = get_kernel(target, spec, kernels_dir)
-        path = save_kernel_source(kernel, kernels_dir) if kernels_dir is not None else kernel.source_path
+        if emit_only:
+            path = _emit_sources(target, spec, kernels_dir)
+        else:
+            kernel = get_kernel(target, spec, kernels_dir)
+            path = save_kernel_source(kernel, kernels_dir) if kernels_dir is not None else kernel.source_path
         ctx.add_kernel(spec.name, target, str(path) if path else None, spec.to_dict())
     return list(specs)
+
+
+def _emit_sources(target: str, spec: KernelSpec, kernels_dir: Path | None) -> Path | None:
+    """Write `spec`'s emitted files under `kernels_dir`; returns the main (kernel) file."""
+    from .targets import get_backend
+
+    backend = get_backend(target)
+    if not hasattr(backend, "emit"):
+        raise ValueError(f"target {target!r} cannot emit sources without building them")
+    files = backend.emit(spec)
+    if kernels_dir is None:
+        return None
+    main = None
+    for rel, text in files.items():
+        path = kernels_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        if rel.startswith("op_kernel/"):
+            main = path
+    return main

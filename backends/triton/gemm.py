@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 import torch
 
-from tileflow.kernel_spec import KernelSpec, dtype_name
+from tileflow.gemm_operands import gemm_operands
+from tileflow.kernel_spec import ACTIVATIONS, KernelSpec, check_gemm_spec, gemm_dims
 
 from .build import kernel_identifier
 
@@ -44,7 +45,7 @@ __all__ = [
 # tl.dot has no fp64 path on every GPU Triton targets.
 SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 # At most one of these may appear in an epilogue: each one replaces the accumulator.
-ACTIVATION_EPILOGUES: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "swiglu")
+ACTIVATION_EPILOGUES: tuple[str, ...] = ACTIVATIONS
 # tl.dot needs every tile dimension to be at least 16 on GPUs.
 _MIN_BLOCK = 16
 
@@ -54,50 +55,9 @@ _MIN_BLOCK = 16
 # --------------------------------------------------------------------------------------------
 
 
-def _gemm_dims(spec: KernelSpec) -> tuple[int, int]:
-    """(N, K) of a GEMM spec, validated; N is the *output* width (half the rows for swiglu)."""
-    n, k = spec.param("n"), spec.param("k")
-    for key, value in (("n", n), ("k", k)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(
-                f"padded_gemm spec needs a positive integer param {key!r}, got {value!r} "
-                f"(build params with make_params(n=..., k=...))"
-            )
-    return n, k
-
-
 def _check_spec(spec: KernelSpec) -> None:
     """Reject specs this kernel cannot implement, with a message that says why."""
-    if spec.op != "padded_gemm":
-        raise ValueError(f"render_gemm_source handles op 'padded_gemm', not {spec.op!r}")
-    if spec.tile is None:
-        raise ValueError(f"padded_gemm spec {spec.name} has no TileConfig")
-    for name in ("dtype", "out_dtype"):
-        if getattr(spec, name) not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"the Triton padded_gemm supports {name} in {SUPPORTED_DTYPES}, "
-                f"got {getattr(spec, name)!r}"
-            )
-    if "cast" not in spec.epilogue and spec.out_dtype != spec.dtype:
-        raise ValueError(
-            f"out_dtype {spec.out_dtype!r} differs from dtype {spec.dtype!r} but the epilogue has "
-            f"no 'cast' (epilogue={spec.epilogue})"
-        )
-    acts = [e for e in spec.epilogue if e in ACTIVATION_EPILOGUES]
-    if len(acts) > 1:
-        raise ValueError(f"at most one activation per GEMM epilogue, got {acts}")
-    if len(set(spec.epilogue)) != len(spec.epilogue):
-        raise ValueError(f"repeated epilogue entry in {spec.epilogue}")
-    tile = spec.tile
-    for name in ("block_m", "block_n", "block_k"):
-        if getattr(tile, name) < _MIN_BLOCK:
-            raise ValueError(
-                f"TileConfig.{name}={getattr(tile, name)} is too small for tl.dot "
-                f"(minimum {_MIN_BLOCK})"
-            )
-    if tile.group_m <= 0:
-        raise ValueError(f"TileConfig.group_m must be positive, got {tile.group_m}")
-    _gemm_dims(spec)
+    check_gemm_spec(spec, SUPPORTED_DTYPES, "Triton", _MIN_BLOCK)
 
 
 def _erf_expr() -> str:
@@ -193,7 +153,7 @@ def _signature(spec: KernelSpec, persistent: bool) -> str:
 def _tile_body(spec: KernelSpec, tile_var: str) -> str:
     """Code that computes one output tile, numbered `tile_var`, at indentation zero."""
     ep = spec.epilogue
-    n, k = _gemm_dims(spec)
+    n, k = gemm_dims(spec)
     swiglu = "swiglu" in ep
     even_k = k % spec.tile.block_k == 0
     dot_kw = _dot_precision_kwarg(spec.dtype)
@@ -352,7 +312,7 @@ def render_gemm_source(spec: KernelSpec) -> str:
     dtype, several activations, tiles below 16, missing n/k).
     """
     _check_spec(spec)
-    n, k = _gemm_dims(spec)
+    n, k = gemm_dims(spec)
     tile = spec.tile
     persistent = bool(spec.param("persistent", False))
     kname = kernel_identifier(spec)
@@ -423,10 +383,6 @@ def _default_num_programs(device: torch.device) -> int:
     return os.cpu_count() or 1
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
 def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.Tensor]:
     """Wrap a built `padded_gemm` kernel in a launcher.
 
@@ -443,28 +399,13 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
     M == 0 returns the (empty) output without launching. Bad inputs raise ValueError.
     """
     _check_spec(spec)
-    n, k = _gemm_dims(spec)
+    n, k = gemm_dims(spec)
     tile = spec.tile
     ep = spec.epilogue
     swiglu = "swiglu" in ep
     has_bias, has_res = "bias" in ep, "residual" in ep
     persistent = bool(spec.param("persistent", False))
-    in_dtype, out_dtype = _torch_dtype(spec.dtype), _torch_dtype(spec.out_dtype)
-    w_rows = 2 * n if swiglu else n
-    side_dtypes = {in_dtype, out_dtype}
     where = f"kernel {spec.name}"
-
-    def _check_tensor(name: str, t: Any, shape: tuple[int, ...], dtypes: set[torch.dtype],
-                      device: torch.device) -> None:
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{where}: {name} must have shape {list(shape)}, got {list(t.shape)}")
-        if t.dtype not in dtypes:
-            want = " or ".join(sorted(dtype_name(d) for d in dtypes))
-            raise ValueError(f"{where}: {name} must be {want}, got {dtype_name(t.dtype)}")
-        if t.device != device:
-            raise ValueError(f"{where}: {name} is on {t.device} but x is on {device}")
 
     def launch(
         x: torch.Tensor,
@@ -482,47 +423,10 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         For swiglu, the gate and up operands are either stacked (`weight` [2N, K], `bias` [2N])
         or separate (`weight` and `weight_up` [N, K], `bias` and `bias_up` [N]).
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{where}: x must be a 2-D [M, K={k}] tensor, got {got}")
-        m = x.shape[0]
-        device = x.device
-        _check_tensor("x", x, (m, k), {in_dtype}, device)
-        if (weight_up is not None or bias_up is not None) and not swiglu:
-            raise ValueError(f"{where}: weight_up/bias_up are for the swiglu epilogue only")
-        if swiglu and weight_up is not None:
-            _check_tensor("weight", weight, (n, k), {in_dtype}, device)
-            _check_tensor("weight_up", weight_up, (n, k), {in_dtype}, device)
-        else:
-            _check_tensor("weight", weight, (w_rows, k), {in_dtype}, device)
-            if swiglu:
-                weight, weight_up = weight[:n], weight[n:]
-        if has_bias:
-            if bias is None:
-                raise ValueError(f"{where}: the epilogue has 'bias' but no bias was given")
-            if swiglu and bias_up is not None:
-                _check_tensor("bias", bias, (n,), side_dtypes, device)
-                _check_tensor("bias_up", bias_up, (n,), side_dtypes, device)
-            else:
-                _check_tensor("bias", bias, (w_rows,), side_dtypes, device)
-                if swiglu:
-                    bias, bias_up = bias[:n], bias[n:]
-        elif bias_up is not None:
-            raise ValueError(f"{where}: a bias_up was given but the epilogue {ep} has no 'bias'")
-        elif bias is not None:
-            raise ValueError(f"{where}: a bias was given but the epilogue {ep} has no 'bias'")
-        if has_res:
-            if residual is None:
-                raise ValueError(f"{where}: the epilogue has 'residual' but no residual was given")
-            _check_tensor("residual", residual, (m, n), side_dtypes, device)
-        elif residual is not None:
-            raise ValueError(
-                f"{where}: a residual was given but the epilogue {ep} has no 'residual'"
-            )
-        if out is None:
-            out = torch.empty((m, n), dtype=out_dtype, device=device)
-        else:
-            _check_tensor("out", out, (m, n), {out_dtype}, device)
+        ops = gemm_operands(spec, x, weight, bias, residual, out=out, weight_up=weight_up,
+                            bias_up=bias_up)
+        x, weight, bias, residual, out = ops.x, ops.weight, ops.bias, ops.residual, ops.out
+        weight_up, bias_up, m, device = ops.weight_up, ops.bias_up, ops.m, ops.x.device
         if num_programs is not None:
             if not persistent:
                 raise ValueError(

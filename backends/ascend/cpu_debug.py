@@ -1,0 +1,133 @@
+"""CPU-debug builds of emitted Ascend C kernels: compile with g++, load, launch through ctypes.
+
+CANN builds kernels for the CPU in its debug mode (`ASCENDC_CPU_DEBUG`, `ICPU_RUN_KF`), which
+runs every block of a launch in turn on the host. tileflow uses the same mode to verify its
+emitted code on machines without an NPU: the kernel and host files of a `KernelSources` are
+compiled with `-DASCENDC_CPU_DEBUG` against a directory of Ascend C headers for the CPU — CANN's
+own, or the test double under `tests/ascend_cpu/` — with warnings as errors, into a shared
+library loaded with ctypes.
+
+Libraries are cached on disk by a hash of the sources, the headers and the compiler command, so a
+kernel compiles once per change.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .sources import KernelSources
+
+__all__ = ["CpuDebugLibrary", "build_cpu_debug", "compiler_flags"]
+
+_CXX_FLAGS: tuple[str, ...] = (
+    "-std=c++17", "-O1", "-g0", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror",
+    "-DASCENDC_CPU_DEBUG",
+)
+
+
+def compiler_flags() -> tuple[str, ...]:
+    """The g++ flags of a CPU-debug build (warnings are errors: emitted code must be clean)."""
+    return _CXX_FLAGS
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("TILEFLOW_CACHE_DIR")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "tileflow"
+    return root / "ascend_cpu"
+
+
+def _header_digest(include_dirs: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for inc in include_dirs:
+        for path in sorted(Path(inc).rglob("*.h")):
+            h.update(str(path.relative_to(inc)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+class CpuDebugLibrary:
+    """A loaded CPU-debug build of one kernel's sources.
+
+    `call(function, *args)` calls an `extern "C"` function of the library. After a launch (a
+    `*_run_cpu` function) it asks the headers' error hook (`tileflow_cpu_double_last_error`, when
+    the headers have one) and raises RuntimeError with its message, so a failed check inside a
+    kernel reaches Python as an exception instead of a crash. (Only launches reset the hook, and
+    its state is shared by every library in the process, so other calls do not consult it.)
+    """
+
+    def __init__(self, sources: KernelSources, path: Path) -> None:
+        self.sources = sources
+        self.path = path
+        self.lib = ctypes.CDLL(str(path))
+        self._last_error = getattr(self.lib, "tileflow_cpu_double_last_error", None)
+        if self._last_error is not None:
+            self._last_error.restype = ctypes.c_char_p
+
+    def call(self, function: str, *args: Any, restype: Any = ctypes.c_int) -> Any:
+        """Call `function(*args)`; ints/floats/pointers as ctypes values or torch CPU tensors."""
+        fn = getattr(self.lib, function)
+        fn.restype = restype
+        result = fn(*(_c_arg(a) for a in args))
+        if self._last_error is not None and function.endswith("_run_cpu"):
+            message = self._last_error().decode()
+            if message:
+                raise RuntimeError(f"{self.sources.ident}: {function} failed on the CPU: {message}")
+        return result
+
+
+def _c_arg(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu":
+            raise ValueError(f"a CPU-debug launch needs CPU tensors, got one on {value.device}")
+        return ctypes.c_void_p(value.data_ptr())
+    if value is None:
+        return ctypes.c_void_p(0)
+    return value
+
+
+def build_cpu_debug(
+    sources: KernelSources, include_dirs: Sequence[Path], build_dir: Path | None = None
+) -> CpuDebugLibrary:
+    """Compile `sources` (kernel + host files) for the CPU and load the library.
+
+    `include_dirs` must provide the Ascend C headers (`kernel_operator.h`, `tikicpulib.h`, ...).
+    Raises RuntimeError with the compiler's output when the build fails (a warning is a failure).
+    """
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        raise RuntimeError("a CPU-debug build needs a C++17 compiler: install g++ or set CXX")
+    include_dirs = [Path(p).resolve() for p in include_dirs]
+    for inc in include_dirs:
+        if not (inc / "kernel_operator.h").exists() and not any(inc.rglob("kernel_operator.h")):
+            raise RuntimeError(f"{inc} holds no kernel_operator.h: pass the Ascend C CPU headers' folder")
+    key = hashlib.sha256()
+    for path, text in sorted(sources.files.items()):
+        key.update(path.encode() + b"\0" + text.encode())
+    key.update(_header_digest(include_dirs).encode())
+    key.update(" ".join((cxx, *_CXX_FLAGS)).encode())
+    digest = key.hexdigest()[:16]
+    root = (build_dir or _cache_dir()) / f"{sources.ident}-{digest}"
+    lib_path = root / f"lib{sources.ident}.so"
+    if not lib_path.exists():
+        for rel, text in sources.files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        cmd = [cxx, *_CXX_FLAGS, *(f"-I{inc}" for inc in include_dirs), f"-I{root / 'op_host'}",
+               str(root / sources.kernel_file), str(root / sources.host_file),
+               "-o", str(lib_path.with_suffix(".tmp"))]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(
+                f"compiling {sources.ident} for the CPU failed ({' '.join(cmd)}):\n{run.stderr[-6000:]}"
+            )
+        os.replace(lib_path.with_suffix(".tmp"), lib_path)
+    return CpuDebugLibrary(sources, lib_path)

@@ -1,0 +1,573 @@
+"""The padded fixed-tile GEMM for the Ascend C target (XY-Serve SmoothGEMM with virtual padding).
+
+`out[M, N] = epilogue(x[M, K] @ weight[N, K]^T)`, like `F.linear` plus a fused epilogue, from the
+same `padded_gemm` KernelSpec as the Triton kernel.
+
+How the emitted kernel maps onto an AI core (cube unit + vector unit, no datapath between them
+but GM and the queues):
+
+- the output is cut in BLOCK_M x BLOCK_N tiles, numbered in the grouped (L2-friendly) order; the
+  launch is persistent: block b of `blockDim = min(tiles, cores)` computes tiles b, b + blockDim, ...
+  so the grid never depends on M beyond the host tiling;
+- the cube computes a tile with the high-level Matmul API straight from GM (`SetTensorA` on x's
+  rows, `SetTensorB` on the weight rows, transposed), with `SetSingleShape(rows, cols, K)` giving
+  the *real* extent: the M tail is never padded in memory (virtual padding) and only real rows of
+  x are read;
+- the vector unit applies the epilogue on the float accumulator in the unified buffer (UB): bias
+  (a float row, host-converted), the activation (SiLU, GELU, GELU-tanh, or SwiGLU with a second
+  Matmul over the up weights), the residual (DataCopyPad of the real rows/columns), the cast, and
+  writes the real rows/columns back with DataCopyPad;
+- UB is 192 KiB: the epilogue works on `UB_ROWS`-row slices of the tile (UB_ROWS = BLOCK_M when it
+  fits), queues double-buffered when they fit, so a large tile still runs.
+
+Two functions make up the family: `render_gemm_sources(spec)` (the project files) and
+`make_gemm_launcher(spec, runner)` (validation, host tiling, launch through a runner: the CPU-debug
+library or the NPU operator).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tileflow.gemm_operands import gemm_operands
+from tileflow.kernel_spec import KernelSpec, check_gemm_spec, gemm_dims
+
+from .sources import EntryPoint, KernelSources, banner, cpp_type, cpu_runner, kernel_ident, launch_stub, torch_binding
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "UB_BYTES",
+    "GemmLayout",
+    "gemm_entry",
+    "gemm_layout",
+    "make_gemm_launcher",
+    "render_gemm_sources",
+]
+
+SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
+# The cube works on 16 x 16 fractals: a tile side below 16 wastes the cube and breaks alignment.
+_MIN_BLOCK = 16
+# Unified buffer per AI core on Atlas A2 (910B), the vector unit's working memory.
+UB_BYTES = 192 * 1024
+# Matmul API names of the element types, for the host tiling.
+_API_DTYPES = {"float16": "DT_FLOAT16", "bfloat16": "DT_BF16", "float32": "DT_FLOAT"}
+_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swiglu")
+
+
+@dataclass(frozen=True)
+class GemmLayout:
+    """How one GEMM spec uses an AI core: tile sizes, the UB slice and its buffers."""
+
+    n: int
+    k: int
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    ub_rows: int  # rows of the tile the vector epilogue holds in UB at once
+    buffer_num: int  # depth of the streamed queues (2 = double buffering)
+    in_type: str
+    out_type: str
+    activation: str | None
+    bias: bool
+    residual: bool
+
+    @property
+    def swiglu(self) -> bool:
+        """Two Matmuls per tile (gate and up), combined as silu(gate) * up."""
+        return self.activation == "swiglu"
+
+
+def _ub_bytes(block_n: int, rows: int, buffers: int, out_size: int, swiglu: bool, needs_tmp: bool,
+              bias: bool, residual: bool) -> int:
+    """UB bytes a configuration needs (every buffer is rounded up to 32 bytes by InitBuffer)."""
+    slice_f32 = rows * block_n * 4
+    total = buffers * slice_f32  # accumulator queue
+    total += buffers * slice_f32 if swiglu else 0  # up-projection accumulator queue
+    total += slice_f32 if needs_tmp else 0  # activation / residual scratch
+    total += buffers * rows * block_n * out_size  # output queue
+    total += buffers * rows * block_n * out_size if residual else 0  # residual queue
+    total += (2 if swiglu else 1) * block_n * 4 if bias else 0
+    return total
+
+
+def gemm_layout(spec: KernelSpec) -> GemmLayout:
+    """Validate `spec` for the Ascend C kernel and size its UB use; ValueError says why not."""
+    check_gemm_spec(spec, SUPPORTED_DTYPES, "Ascend C", _MIN_BLOCK)
+    n, k = gemm_dims(spec)
+    tile = spec.tile
+    ep = spec.epilogue
+    activation = next((e for e in ep if e in _ACTIVATIONS), None)
+    bias, residual = "bias" in ep, "residual" in ep
+    out_size = torch.empty((), dtype=getattr(torch, spec.out_dtype)).element_size()
+    needs_tmp = activation is not None or residual
+    # Largest UB slice first, double-buffered first: halve the rows, then drop to one buffer.
+    for rows in [tile.block_m >> i for i in range(tile.block_m.bit_length()) if tile.block_m >> i >= _MIN_BLOCK]:
+        for buffers in (2, 1):
+            if _ub_bytes(tile.block_n, rows, buffers, out_size, activation == "swiglu", needs_tmp, bias,
+                         residual) <= UB_BYTES:
+                return GemmLayout(
+                    n=n, k=k, block_m=tile.block_m, block_n=tile.block_n, block_k=tile.block_k,
+                    group_m=tile.group_m, ub_rows=rows, buffer_num=buffers,
+                    in_type=cpp_type(spec.dtype), out_type=cpp_type(spec.out_dtype),
+                    activation=activation, bias=bias, residual=residual,
+                )
+    raise ValueError(
+        f"kernel {spec.name}: BLOCK_N={tile.block_n} does not fit the {UB_BYTES // 1024} KiB unified "
+        f"buffer even with {_MIN_BLOCK}-row epilogue slices; use a smaller BLOCK_N"
+    )
+
+
+def gemm_entry(spec: KernelSpec) -> EntryPoint:
+    """The kernel's GM parameters, in order (the launcher passes tensors in this order)."""
+    ep = spec.epilogue
+    params = ["x", "weight"]
+    if "swiglu" in ep:
+        params.append("weight_up")
+    if "bias" in ep:
+        params.append("bias")
+        if "swiglu" in ep:
+            params.append("bias_up")
+    if "residual" in ep:
+        params.append("residual")
+    params += ["out", "tiling"]
+    return EntryPoint(kernel_ident(spec), tuple(params), outputs=("out",))
+
+
+# --------------------------------------------------------------------------------------------
+# Source rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _struct_name(ident: str) -> str:
+    return "".join(part.capitalize() for part in ident.split("_")[:3]) + "Tiling_" + ident.rsplit("_", 1)[-1]
+
+
+def _tiling_header(spec: KernelSpec, ident: str, struct: str) -> str:
+    guard = f"TILEFLOW_{ident.upper()}_TILING_H"
+    return f"""{banner(spec, "Tiling struct (shared by host and kernel)")}
+#ifndef {guard}
+#define {guard}
+#include <cstdint>
+#include "kernel_tiling/kernel_tiling.h"
+
+// Everything that depends on M, the token count; N, K and the tile are compile-time constants.
+struct {struct} {{
+    TCubeTiling cube;   // one UB slice: (ub_rows x BLOCK_N x K), filled by matmul_tiling
+    uint32_t m;         // rows of x and out
+    uint32_t tilesM;    // ceil(m / BLOCK_M)
+    uint32_t tilesN;    // ceil(N / BLOCK_N)
+    uint32_t numTiles;  // tilesM * tilesN, dealt over the launch's blocks
+}};
+#endif  // {guard}
+"""
+
+
+def _activation_code(layout: GemmLayout) -> str:
+    """Vector-unit code applying the activation to `acc` (count elements; `tmp` is scratch)."""
+    act = layout.activation
+    if act in ("silu", "swiglu"):
+        code = """        // silu(a) = a / (1 + exp(-a))
+        Muls(tmp, acc, -1.0f, count);
+        Exp(tmp, tmp, count);
+        Adds(tmp, tmp, 1.0f, count);
+        Div(acc, acc, tmp, count);
+"""
+        if act == "swiglu":
+            code += "        Mul(acc, acc, up, count);  // swiglu: silu(gate) * up\n"
+        return code
+    if act == "gelu":
+        return f"""        // gelu(a) = a * (1 + erf(a / sqrt(2))) / 2
+        Muls(tmp, acc, {1 / math.sqrt(2):.9g}f, count);
+        Erf(tmp, tmp, count);
+        Adds(tmp, tmp, 1.0f, count);
+        Mul(acc, acc, tmp, count);
+        Muls(acc, acc, 0.5f, count);
+"""
+    if act == "gelu_tanh":
+        return f"""        // gelu_tanh(a) = a * (1 + tanh(sqrt(2 / pi) * (a + 0.044715 a^3))) / 2
+        Mul(tmp, acc, acc, count);
+        Muls(tmp, tmp, 0.044715f, count);
+        Adds(tmp, tmp, 1.0f, count);
+        Mul(tmp, tmp, acc, count);
+        Muls(tmp, tmp, {math.sqrt(2 / math.pi):.9g}f, count);
+        Tanh(tmp, tmp, count);
+        Adds(tmp, tmp, 1.0f, count);
+        Mul(acc, acc, tmp, count);
+        Muls(acc, acc, 0.5f, count);
+"""
+    return ""
+
+
+def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, struct: str) -> str:
+    L = layout
+    ident = entry.name
+    swiglu, bias, residual = L.swiglu, L.bias, L.residual
+    needs_tmp = L.activation is not None or residual
+    members = ["    GlobalTensor<InT> xGm, wGm;", "    GlobalTensor<OutT> outGm;"]
+    if swiglu:
+        members.append("    GlobalTensor<InT> wUpGm;")
+    if bias:
+        members.append("    GlobalTensor<float> biasGm;" + ("\n    GlobalTensor<float> biasUpGm;" if swiglu else ""))
+    if residual:
+        members.append("    GlobalTensor<OutT> resGm;")
+    members.append("    TQue<QuePosition::VECIN, BUFFER_NUM> accQue;")
+    if swiglu:
+        members.append("    TQue<QuePosition::VECIN, BUFFER_NUM> upQue;")
+    if residual:
+        members.append("    TQue<QuePosition::VECIN, BUFFER_NUM> resQue;")
+    members.append("    TQue<QuePosition::VECOUT, BUFFER_NUM> outQue;")
+    if needs_tmp:
+        members.append("    TBuf<TPosition::VECCALC> tmpBuf;  // activation / residual scratch (float)")
+    if bias:
+        members.append("    TBuf<TPosition::VECCALC> biasBuf;  // this tile's bias columns (float)")
+        if swiglu:
+            members.append("    TBuf<TPosition::VECCALC> biasUpBuf;")
+
+    init_gm = [
+        "        xGm.SetGlobalBuffer(reinterpret_cast<__gm__ InT*>(x), uint64_t(t.m) * K);",
+        "        wGm.SetGlobalBuffer(reinterpret_cast<__gm__ InT*>(weight), uint64_t(N) * K);",
+        "        outGm.SetGlobalBuffer(reinterpret_cast<__gm__ OutT*>(out), uint64_t(t.m) * N);",
+    ]
+    if swiglu:
+        init_gm.append("        wUpGm.SetGlobalBuffer(reinterpret_cast<__gm__ InT*>(weight_up), uint64_t(N) * K);")
+    if bias:
+        init_gm.append("        biasGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(bias), N);")
+        if swiglu:
+            init_gm.append("        biasUpGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(bias_up), N);")
+    if residual:
+        init_gm.append("        resGm.SetGlobalBuffer(reinterpret_cast<__gm__ OutT*>(residual), uint64_t(t.m) * N);")
+    init_ub = ["        pipe.InitBuffer(accQue, BUFFER_NUM, UB_ROWS * BLOCK_N * sizeof(float));"]
+    if swiglu:
+        init_ub.append("        pipe.InitBuffer(upQue, BUFFER_NUM, UB_ROWS * BLOCK_N * sizeof(float));")
+    if residual:
+        init_ub.append("        pipe.InitBuffer(resQue, BUFFER_NUM, UB_ROWS * BLOCK_N * sizeof(OutT));")
+    init_ub.append("        pipe.InitBuffer(outQue, BUFFER_NUM, UB_ROWS * BLOCK_N * sizeof(OutT));")
+    if needs_tmp:
+        init_ub.append("        pipe.InitBuffer(tmpBuf, UB_ROWS * BLOCK_N * sizeof(float));")
+    if bias:
+        init_ub.append("        pipe.InitBuffer(biasBuf, BLOCK_N * sizeof(float));")
+        if swiglu:
+            init_ub.append("        pipe.InitBuffer(biasUpBuf, BLOCK_N * sizeof(float));")
+
+    load_bias = ""
+    if bias:
+        load_bias = """        // The tile's bias columns, once per tile (only the real columns are read).
+        const DataCopyExtParams biasCopy(1, cols * sizeof(float), 0, 0, 0);
+        LocalTensor<float> biasCols = biasBuf.Get<float>();
+        DataCopyPad(biasCols, biasGm[n0], biasCopy, DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
+"""
+        if swiglu:
+            load_bias += """        LocalTensor<float> biasUpCols = biasUpBuf.Get<float>();
+        DataCopyPad(biasUpCols, biasUpGm[n0], biasCopy, DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
+"""
+        load_bias += "        PipeBarrier<PIPE_ALL>();\n"
+
+    cube = """        // Cube: the real rows x cols of this slice, straight from GM (virtual padding: the M
+        // tail is never materialized; rows past M are neither read nor written).
+        mm.SetSingleShape(rows, cols, K);
+        mm.SetTensorA(xGm[uint64_t(row0) * K]);
+        mm.SetTensorB(wGm[uint64_t(n0) * K], true);
+        LocalTensor<float> accIn = accQue.AllocTensor<float>();
+        mm.Iterate();
+        mm.GetTensorC(accIn);
+        accQue.EnQue(accIn);
+"""
+    if swiglu:
+        cube += """        mm.SetTensorB(wUpGm[uint64_t(n0) * K], true);
+        LocalTensor<float> upIn = upQue.AllocTensor<float>();
+        mm.Iterate();
+        mm.GetTensorC(upIn);
+        upQue.EnQue(upIn);
+"""
+    if residual:
+        cube += """        // The residual's real rows/columns, row stride BLOCK_N in UB like the accumulator.
+        LocalTensor<OutT> resIn = resQue.AllocTensor<OutT>();
+        DataCopyPad(resIn, resGm[uint64_t(row0) * N + n0], outCopyIn, DataCopyPadExtParams<OutT>(false, 0, 0, OutT(0)));
+        resQue.EnQue(resIn);
+"""
+    vec = ["        LocalTensor<float> acc = accQue.DeQue<float>();"]
+    if swiglu:
+        vec.append("        LocalTensor<float> up = upQue.DeQue<float>();")
+    if needs_tmp:
+        vec.append("        LocalTensor<float> tmp = tmpBuf.Get<float>();")
+    vec.append("        const int32_t count = rows * BLOCK_N;  // whole rows: padding columns never leave UB")
+    if bias:
+        vec.append("        LocalTensor<float> biasCols = biasBuf.Get<float>();  // loaded by ComputeTile")
+        if swiglu:
+            vec.append("        LocalTensor<float> biasUpCols = biasUpBuf.Get<float>();")
+        vec.append("        for (int32_t r = 0; r < rows; ++r) {")
+        vec.append("            Add(acc[r * BLOCK_N], acc[r * BLOCK_N], biasCols, cols);")
+        if swiglu:
+            vec.append("            Add(up[r * BLOCK_N], up[r * BLOCK_N], biasUpCols, cols);")
+        vec.append("        }")
+    act = _activation_code(L)
+    if act:
+        vec.append(act.rstrip("\n"))
+    if swiglu:
+        vec.append("        upQue.FreeTensor(up);")
+    if residual:
+        vec.append("        LocalTensor<OutT> res = resQue.DeQue<OutT>();")
+        if L.out_type == "float":
+            vec.append("        Add(acc, acc, res, count);")
+        else:
+            vec.append("        Cast(tmp, res, RoundMode::CAST_NONE, count);")
+            vec.append("        Add(acc, acc, tmp, count);")
+        vec.append("        resQue.FreeTensor(res);")
+    vec.append("        LocalTensor<OutT> outTile = outQue.AllocTensor<OutT>();")
+    if L.out_type == "float":
+        vec.append("        DataCopy(outTile, acc, count);")
+    else:
+        vec.append("        Cast(outTile, acc, RoundMode::CAST_RINT, count);")
+    vec.append("        accQue.FreeTensor(acc);")
+    vec.append("        outQue.EnQue(outTile);")
+
+    fields = "\n".join(members)
+    res_copy = "        const DataCopyExtParams outCopyIn(rows, cols * sizeof(OutT), gmGap, ubGap, 0);\n" if residual else ""
+    return f"""{banner(spec, "Ascend C kernel: padded fixed-tile GEMM (SmoothGEMM)")}//
+// out[M, {L.n}] = {_formula(spec)}
+// {spec.dtype} inputs, fp32 accumulation, {spec.out_dtype} output; tile {L.block_m}x{L.block_n}x{L.block_k},
+// grouped order GROUP_M={L.group_m}, epilogue on {L.ub_rows}-row UB slices, queue depth {L.buffer_num}.
+#include "kernel_operator.h"
+#include "lib/matmul_intf.h"
+#include "{ident}_tiling.h"
+
+using namespace AscendC;
+
+namespace {{
+using InT = {L.in_type};
+using OutT = {L.out_type};
+constexpr int32_t N = {L.n};
+constexpr int32_t K = {L.k};
+constexpr int32_t BLOCK_M = {L.block_m};
+constexpr int32_t BLOCK_N = {L.block_n};
+constexpr int32_t UB_ROWS = {L.ub_rows};
+constexpr int32_t GROUP_M = {L.group_m};
+constexpr int32_t BUFFER_NUM = {L.buffer_num};
+
+using AType = matmul::MatmulType<TPosition::GM, matmul::CubeFormat::ND, InT>;
+using BType = matmul::MatmulType<TPosition::GM, matmul::CubeFormat::ND, InT, true>;
+using CType = matmul::MatmulType<TPosition::VECIN, matmul::CubeFormat::ND, float>;
+
+__aicore__ inline uint32_t Ceil32(uint32_t bytes) {{ return (bytes + 31) / 32 * 32; }}
+
+class PaddedGemm {{
+public:
+    matmul::Matmul<AType, BType, CType> mm;
+
+    __aicore__ inline void Init({entry.signature().replace(", GM_ADDR tiling", "")}, const {struct}& t, TPipe* pipe)
+    {{
+        tiling = t;
+        // Row strides: x is [m, K], the weight [N, K] (B transposed), both row-major.
+        mm.SetOrgShape(t.m, N, K, K);
+{chr(10).join(init_gm)}
+{chr(10).join(pipe_line.replace("pipe.", "pipe->") for pipe_line in init_ub)}
+    }}
+
+    __aicore__ inline void Process()
+    {{
+        // Persistent: this block computes tiles GetBlockIdx(), + GetBlockNum(), ... in grouped order.
+        for (uint32_t tile = GetBlockIdx(); tile < tiling.numTiles; tile += GetBlockNum()) {{
+            const uint32_t perGroup = GROUP_M * tiling.tilesN;
+            const uint32_t firstM = tile / perGroup * GROUP_M;
+            const uint32_t groupRows = tiling.tilesM - firstM < uint32_t(GROUP_M) ? tiling.tilesM - firstM : GROUP_M;
+            const uint32_t inGroup = tile % perGroup;
+            const uint32_t tileM = firstM + inGroup % groupRows;
+            const uint32_t tileN = inGroup / groupRows;
+            ComputeTile(tileM * BLOCK_M, tileN * BLOCK_N);
+        }}
+        mm.End();
+    }}
+
+private:
+    {struct} tiling;
+{fields}
+
+    __aicore__ inline void ComputeTile(uint32_t m0, uint32_t n0)
+    {{
+        const uint32_t cols = N - n0 < uint32_t(BLOCK_N) ? N - n0 : BLOCK_N;
+{load_bias}        const uint32_t mEnd = tiling.m - m0 < uint32_t(BLOCK_M) ? tiling.m : m0 + BLOCK_M;
+        for (uint32_t row0 = m0; row0 < mEnd; row0 += UB_ROWS) {{
+            const int32_t rows = mEnd - row0 < uint32_t(UB_ROWS) ? mEnd - row0 : UB_ROWS;
+            ComputeSlice(row0, rows, n0, cols);
+        }}
+    }}
+
+    // One UB slice: rows x cols real elements at (row0, n0), held with row stride BLOCK_N.
+    __aicore__ inline void ComputeSlice(uint32_t row0, int32_t rows, uint32_t n0, uint32_t cols)
+    {{
+        // Real rows/columns only, in both directions: GM row stride N, UB row stride BLOCK_N.
+        const uint32_t gmGap = (N - cols) * sizeof(OutT);
+        const uint32_t ubGap = (BLOCK_N * sizeof(OutT) - Ceil32(cols * sizeof(OutT))) / 32;
+{res_copy}        const DataCopyExtParams outCopyOut(rows, cols * sizeof(OutT), ubGap, gmGap, 0);
+{cube}
+        // Vector: the epilogue on the float accumulator.
+{chr(10).join(vec)}
+
+        LocalTensor<OutT> outDone = outQue.DeQue<OutT>();
+        DataCopyPad(outGm[uint64_t(row0) * N + n0], outDone, outCopyOut);
+        outQue.FreeTensor(outDone);
+    }}
+}};
+}}  // namespace
+
+extern "C" __global__ __aicore__ void {ident}({entry.signature()})
+{{
+    // The tiling lives in GM; copy it to the core's scalar memory word by word.
+    {struct} t;
+    const __gm__ uint32_t* src = reinterpret_cast<const __gm__ uint32_t*>(tiling);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(&t);
+    for (uint32_t i = 0; i < sizeof(t) / sizeof(uint32_t); ++i) {{
+        dst[i] = src[i];
+    }}
+    TPipe pipe;
+    PaddedGemm op;
+    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.mm, &t.cube);
+    op.Init({entry.arguments().replace(", tiling", "")}, t, &pipe);
+    op.Process();
+}}
+
+{launch_stub(entry)}"""
+
+
+def _formula(spec: KernelSpec) -> str:
+    ep = spec.epilogue
+    b = " + bias" if "bias" in ep else ""
+    if "swiglu" in ep:
+        bg, bu = (" + bias_gate", " + bias_up") if "bias" in ep else ("", "")
+        expr = f"silu(x @ W_gate^T{bg}) * (x @ W_up^T{bu})"
+    else:
+        expr = f"x @ W^T{b}"
+        for act in ("silu", "gelu", "gelu_tanh"):
+            if act in ep:
+                expr = f"{act}({expr})"
+    return f"{expr} + residual" if "residual" in ep else expr
+
+
+def _host_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, struct: str) -> str:
+    L = layout
+    in_api = _API_DTYPES[spec.dtype]
+    return f"""{banner(spec, "Host tiling and CPU-debug launch")}
+#include <cstdint>
+#include "tiling/tiling_api.h"
+#include "{entry.name}_tiling.h"
+#ifdef ASCENDC_CPU_DEBUG
+#include "tikicpulib.h"
+#include "kernel_operator.h"
+#endif
+
+extern "C" uint32_t {entry.name}_tiling_size()
+{{
+    return sizeof({struct});
+}}
+
+// Fill the tiling for a launch over m rows on a device with coreNum AI cores; 0 on success.
+extern "C" int32_t {entry.name}_tiling(uint32_t m, uint32_t coreNum, void* out, uint32_t* blockDim)
+{{
+    if (m == 0 || coreNum == 0 || out == nullptr || blockDim == nullptr) {{
+        return 1;
+    }}
+    {struct}* t = static_cast<{struct}*>(out);
+    *t = {struct}{{}};
+    matmul_tiling::MatmulApiTiling api;
+    api.SetAType(matmul_tiling::TPosition::GM, matmul_tiling::CubeFormat::ND, matmul_tiling::DataType::{in_api});
+    api.SetBType(matmul_tiling::TPosition::GM, matmul_tiling::CubeFormat::ND, matmul_tiling::DataType::{in_api}, true);
+    api.SetCType(matmul_tiling::TPosition::VECIN, matmul_tiling::CubeFormat::ND, matmul_tiling::DataType::DT_FLOAT);
+    api.SetShape({L.ub_rows}, {L.block_n}, {L.k});
+    api.SetOrgShape(static_cast<int>(m), {L.n}, {L.k});
+    api.SetBias(false);  // the bias is added by the vector epilogue, in float
+    api.SetFixSplit({L.ub_rows}, {L.block_n}, {L.block_k});
+    api.SetBufferSpace(-1, -1, -1);
+    if (api.GetTiling(t->cube) == -1) {{
+        return 2;
+    }}
+    t->m = m;
+    t->tilesM = (m + {L.block_m} - 1) / {L.block_m};
+    t->tilesN = ({L.n} + {L.block_n} - 1) / {L.block_n};
+    t->numTiles = t->tilesM * t->tilesN;
+    *blockDim = t->numTiles < coreNum ? t->numTiles : coreNum;
+    return 0;
+}}
+
+{cpu_runner(entry)}"""
+
+
+def render_gemm_sources(spec: KernelSpec) -> KernelSources:
+    """The Ascend C project files of a `padded_gemm` spec (see `sources.KernelSources`)."""
+    layout = gemm_layout(spec)
+    entry = gemm_entry(spec)
+    ident = entry.name
+    struct = _struct_name(ident)
+    sources = KernelSources(spec=spec, ident=ident, tiling_struct=struct, kernels=(ident,))
+    sources.files[sources.tiling_header] = _tiling_header(spec, ident, struct)
+    sources.files[sources.kernel_file] = _kernel_source(spec, layout, entry, struct)
+    sources.files[sources.host_file] = _host_source(spec, layout, entry, struct)
+    sources.files[sources.torch_file] = torch_binding([entry], spec)
+    return sources
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+# runner(function_name, *args): calls an extern "C" host function of the built kernel library
+# (the tiling function); launch(entry, block_dim, tensors) runs the kernel.
+HostCall = Callable[..., Any]
+KernelRun = Callable[[EntryPoint, int, list[torch.Tensor]], None]
+
+
+def make_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRun, cores: int) -> Callable[..., torch.Tensor]:
+    """Wrap a built GEMM in the `padded_gemm` launch interface of every backend:
+
+        launch(x, weight, bias=None, residual=None, *, out=None, weight_up=None, bias_up=None,
+               num_programs=None) -> out
+
+    Inputs are checked by `tileflow.gemm_operands`; the kernel reads row-major operands, so a
+    non-contiguous `x`/`weight` is made contiguous (a copy), the bias is passed as float32 and
+    the residual in the output dtype. `num_programs` caps the number of blocks (default: the
+    device's `cores`). M == 0 returns the empty output without launching.
+    """
+    gemm_layout(spec)
+    entry = gemm_entry(spec)
+    out_dtype = getattr(torch, spec.out_dtype)
+    where = f"kernel {spec.name}"
+
+    def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+               weight_up: torch.Tensor | None = None, bias_up: torch.Tensor | None = None,
+               num_programs: int | None = None) -> torch.Tensor:
+        ops = gemm_operands(spec, x, weight, bias, residual, out=out, weight_up=weight_up, bias_up=bias_up)
+        if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
+            raise ValueError(f"{where}: num_programs must be a positive int, got {num_programs!r}")
+        if not ops.out.is_contiguous():
+            raise ValueError(f"{where}: out must be contiguous (the kernel writes rows of N elements)")
+        if ops.m == 0:
+            return ops.out
+        tensors = {
+            "x": ops.x.contiguous(),
+            "weight": ops.weight.contiguous(),
+            "weight_up": None if ops.weight_up is None else ops.weight_up.contiguous(),
+            "bias": None if ops.bias is None else ops.bias.to(torch.float32).contiguous(),
+            "bias_up": None if ops.bias_up is None else ops.bias_up.to(torch.float32).contiguous(),
+            "residual": None if ops.residual is None else ops.residual.to(out_dtype).contiguous(),
+            "out": ops.out,
+        }
+        size = int(host_call(f"{entry.name}_tiling_size", restype=ctypes.c_uint32))
+        tiling = torch.zeros(size, dtype=torch.uint8)
+        block_dim = ctypes.c_uint32(0)
+        code = host_call(f"{entry.name}_tiling", ctypes.c_uint32(ops.m),
+                         ctypes.c_uint32(num_programs or cores), tiling, ctypes.byref(block_dim))
+        if code != 0:
+            raise ValueError(f"{where}: the host tiling refused M={ops.m} (code {code})")
+        tensors["tiling"] = tiling.to(ops.x.device)
+        run(entry, block_dim.value, [tensors[p] for p in entry.params])
+        return ops.out
+
+    launch.spec = spec  # type: ignore[attr-defined]
+    return launch

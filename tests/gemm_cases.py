@@ -1,0 +1,64 @@
+"""GEMM test cases shared by the kernel backends' tests: inputs, the float64 reference, and the
+comparison (every output element written, relative error within the dtype's tolerance)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tileflow.kernel_spec import KernelSpec
+
+TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def make_inputs(spec: KernelSpec, device: str, m: int, seed: int) -> dict[str, torch.Tensor | None]:
+    """Fresh random x, weight and (when the epilogue wants them) bias and residual."""
+    gen = torch.Generator().manual_seed(seed)
+    n, k = spec.param("n"), spec.param("k")
+    dt = getattr(torch, spec.dtype)
+    rows = 2 * n if "swiglu" in spec.epilogue else n
+    # Scale so pre-activation values are O(1): activations are exercised on both sides of 0.
+    x = torch.randn(m, k, generator=gen).to(dt)
+    w = (torch.randn(rows, k, generator=gen) / k**0.5).to(dt)
+    bias = torch.randn(rows, generator=gen).to(dt) if "bias" in spec.epilogue else None
+    res = torch.randn(m, n, generator=gen).to(dt) if "residual" in spec.epilogue else None
+    return {"x": x.to(device), "weight": w.to(device),
+            "bias": None if bias is None else bias.to(device),
+            "residual": None if res is None else res.to(device)}
+
+
+def reference(spec: KernelSpec, x, weight, bias=None, residual=None) -> torch.Tensor:
+    """float64 torch reference of the spec's GEMM + epilogue."""
+    n = spec.param("n")
+    acc = x.double() @ weight.double().T
+    if bias is not None:
+        acc = acc + bias.double()
+    ep = spec.epilogue
+    if "silu" in ep:
+        acc = F.silu(acc)
+    if "gelu" in ep:
+        acc = F.gelu(acc)
+    if "gelu_tanh" in ep:
+        acc = F.gelu(acc, approximate="tanh")
+    if "swiglu" in ep:
+        acc = F.silu(acc[:, :n]) * acc[:, n:]
+    if residual is not None:
+        acc = acc + residual.double()
+    return acc
+
+
+def poisoned_out(spec: KernelSpec, device: str, m: int) -> torch.Tensor:
+    """An output filled with NaN, so an element the kernel never writes shows."""
+    return torch.full((m, spec.param("n")), float("nan"), dtype=getattr(torch, spec.out_dtype),
+                      device=device)
+
+
+def assert_close(spec: KernelSpec, out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Every element written (no NaN left) and relative error within the dtype's tolerance."""
+    assert out.dtype == getattr(torch, spec.out_dtype)
+    assert not torch.isnan(out).any(), "some output elements were never written"
+    out64, ref64 = out.double().cpu(), ref.cpu()
+    rel = ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
+    # the coarser of the input and output dtypes sets the tolerance (fp32 -> fp16 cast rounds)
+    tol = max(TOL[spec.dtype], TOL[spec.out_dtype])
+    assert rel <= tol, f"relative error {rel:.3g} > {tol} for {spec.name}"

@@ -1,0 +1,172 @@
+"""The Ascend C padded GEMM (backends/ascend/gemm.py), verified on the CPU.
+
+The emitted kernel and host files are compiled in CANN's CPU debug mode against the Ascend C
+test double in tests/ascend_cpu/ (g++, warnings as errors) and launched on CPU tensors: every
+block of each launch runs in turn. Outputs are poisoned with NaN before each launch and compared
+with a float64 reference on the same fresh random inputs (tests/gemm_cases.py, shared with the
+Triton tests).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemm_cases import assert_close, make_inputs, poisoned_out, reference
+from golden_files import check_golden
+from tileflow.backends.ascend import BACKEND, build_cpu_debug_kernel, render_sources
+from tileflow.backends.ascend.gemm import gemm_layout
+from tileflow.backends.ascend.project import write_project
+from tileflow.kernel_spec import KernelSpec, TileConfig, make_params
+
+HEADERS = Path(__file__).parent / "ascend_cpu"
+TILE = TileConfig(16, 32, 32, group_m=4)
+M_VALUES = (1, 2, 7, 16, 17, 63, 100, 129, 1000)
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="CPU-debug builds need g++")
+
+
+def gemm_spec(dtype: str = "float32", epilogue: tuple[str, ...] = (), *, n: int = 40, k: int = 72,
+              tile: TileConfig = TILE, out_dtype: str | None = None) -> KernelSpec:
+    """A padded_gemm spec; N and K are not multiples of any tile side."""
+    if out_dtype is None:
+        out_dtype = "float32" if "cast" in epilogue else dtype
+    return KernelSpec(op="padded_gemm", dtype=dtype, out_dtype=out_dtype, tile=tile, epilogue=epilogue,
+                      params=make_params(n=n, k=k))
+
+
+EPILOGUE_CASES = [
+    ("float32", ("bias",)),
+    ("float16", ("bias",)),
+    ("float32", ("silu",)),
+    ("float16", ("silu",)),
+    ("float32", ("gelu",)),
+    ("float16", ("gelu",)),
+    ("float32", ("gelu_tanh",)),
+    ("float16", ("gelu_tanh",)),
+    ("float32", ("swiglu",)),
+    ("float16", ("bias", "swiglu")),
+    ("float32", ("residual",)),
+    ("float16", ("residual",)),
+    ("float16", ("cast",)),
+    ("bfloat16", ("bias", "gelu", "residual")),
+    ("float16", ("bias", "swiglu", "residual", "cast")),
+]
+# A 128 x 128 fp32 SwiGLU tile does not fit the 192 KiB UB at once: the epilogue runs on slices.
+BIG_TILE_SPEC = gemm_spec("float32", ("bias", "swiglu", "residual"), n=150, k=40,
+                          tile=TileConfig(128, 128, 32, group_m=2))
+ALL_SPECS = [gemm_spec("float32"), gemm_spec("float16"), BIG_TILE_SPEC] + [
+    gemm_spec(dt, ep) for dt, ep in EPILOGUE_CASES
+]
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> dict[KernelSpec, object]:
+    """Every spec of this module, compiled once (two g++ at a time)."""
+    build_dir = tmp_path_factory.mktemp("ascend_gemm")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        built = pool.map(lambda s: build_cpu_debug_kernel(s, [HEADERS], build_dir=build_dir), ALL_SPECS)
+        return dict(zip(ALL_SPECS, built))
+
+
+def run_case(kernel, spec: KernelSpec, m: int, seed: int, **kwargs) -> torch.Tensor:
+    inputs = make_inputs(spec, "cpu", m, seed)
+    out = poisoned_out(spec, "cpu", m)
+    got = kernel(inputs["x"], inputs["weight"], inputs["bias"], inputs["residual"], out=out, **kwargs)
+    assert got is out, "a given `out` must be written in place and returned"
+    assert_close(spec, out, reference(spec, **inputs))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_every_m_with_one_kernel(kernels, dtype: str) -> None:
+    # One compiled kernel serves every M: the host tiling changes, the code does not.
+    spec = gemm_spec(dtype)
+    for m in M_VALUES:
+        run_case(kernels[spec], spec, m, seed=100 + m)
+
+
+@pytest.mark.parametrize("dtype,epilogue", EPILOGUE_CASES, ids=lambda v: "-".join(v) if isinstance(v, tuple) else v)
+def test_epilogue(kernels, dtype: str, epilogue: tuple[str, ...]) -> None:
+    spec = gemm_spec(dtype, epilogue)
+    for m in (7, 37):
+        run_case(kernels[spec], spec, m, seed=sum(map(ord, dtype + "".join(epilogue))) + m)
+
+
+def test_swiglu_takes_stacked_or_separate_weights(kernels) -> None:
+    spec = gemm_spec("float16", ("bias", "swiglu"))
+    inputs = make_inputs(spec, "cpu", 19, seed=5)
+    n = spec.param("n")
+    stacked = kernels[spec](inputs["x"], inputs["weight"], inputs["bias"])
+    separate = kernels[spec](inputs["x"], inputs["weight"][:n], inputs["bias"][:n],
+                             weight_up=inputs["weight"][n:], bias_up=inputs["bias"][n:])
+    assert torch.equal(stacked, separate)
+    assert_close(spec, separate, reference(spec, inputs["x"], inputs["weight"], inputs["bias"]))
+
+
+def test_large_tile_runs_its_epilogue_in_ub_slices(kernels) -> None:
+    layout = gemm_layout(BIG_TILE_SPEC)
+    assert layout.ub_rows < layout.block_m or layout.buffer_num == 1
+    for m in (1, 129, 300):
+        run_case(kernels[BIG_TILE_SPEC], BIG_TILE_SPEC, m, seed=m)
+
+
+def test_fewer_blocks_than_tiles_cover_every_tile(kernels) -> None:
+    # 1000 rows = 63 M tiles x 2 N tiles over 1 and 5 blocks: the persistent loop and the
+    # grouped order (GROUP_M=4, a short last group) must still reach every tile once.
+    spec = gemm_spec("float32")
+    for blocks in (1, 5):
+        run_case(kernels[spec], spec, 1000, seed=blocks, num_programs=blocks)
+
+
+def test_empty_m_and_bad_inputs(kernels) -> None:
+    spec = gemm_spec("float32", ("bias",))
+    kernel = kernels[spec]
+    inputs = make_inputs(spec, "cpu", 3, seed=1)
+    assert kernel(inputs["x"][:0], inputs["weight"], inputs["bias"]).shape == (0, 40)
+    with pytest.raises(ValueError, match="no bias was given"):
+        kernel(inputs["x"], inputs["weight"])
+    with pytest.raises(ValueError, match=r"weight must have shape \[40, 72\]"):
+        kernel(inputs["x"], inputs["weight"][:, :10], inputs["bias"])
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        kernel(inputs["x"], inputs["weight"], inputs["bias"], out=torch.empty(40, 3).t())
+
+
+def test_specs_the_kernel_cannot_implement_are_refused() -> None:
+    with pytest.raises(ValueError, match="float64 runs on the reference backend|supports dtype"):
+        gemm_layout(gemm_spec("float64"))
+    with pytest.raises(ValueError, match="too small for the Ascend C kernel"):
+        gemm_layout(gemm_spec("float16", tile=TileConfig(8, 32, 32)))
+    with pytest.raises(ValueError, match="does not fit the 192 KiB unified buffer"):
+        gemm_layout(gemm_spec("float32", ("swiglu", "residual"), tile=TileConfig(16, 2048, 32)))
+
+
+def test_emitted_gemm_matches_golden() -> None:
+    sources = render_sources(gemm_spec("float16", ("bias", "swiglu", "residual")))
+    for path, text in sorted(sources.files.items()):
+        check_golden(f"ascend/gemm/{Path(path).name.replace(sources.ident, 'kernel')}", text)
+
+
+def test_exported_project_builds_with_cmake_in_cpu_debug_mode(tmp_path: Path) -> None:
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    specs = [gemm_spec("float16", ("bias",)), gemm_spec("float32", ("gelu",))]
+    write_project([render_sources(s) for s in specs], tmp_path / "proj")
+    for cmd in (["cmake", "-S", str(tmp_path / "proj"), "-B", str(tmp_path / "build"),
+                 f"-DTILEFLOW_CPU_DEBUG_INCLUDE={HEADERS}"],
+                ["cmake", "--build", str(tmp_path / "build"), "-j2"]):
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (tmp_path / "build" / "libtileflow_ascend_ops.so").exists()
+
+
+def test_target_ascend_without_torch_npu_says_what_is_missing() -> None:
+    ok, why = BACKEND.available()
+    assert not ok and "torch_npu" in why
+    with pytest.raises(RuntimeError, match="target='ascend' cannot build .*torch_npu is not installed"):
+        BACKEND.build(gemm_spec("float16"))

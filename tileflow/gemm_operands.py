@@ -1,0 +1,116 @@
+"""The operands of a `padded_gemm` launch, validated once for every backend.
+
+A GEMM launcher (Triton, Ascend C) takes `x`, `weight` and the epilogue's tensors in the
+`F.linear` convention; `gemm_operands` checks them against the KernelSpec (shapes, dtypes,
+devices), splits a stacked SwiGLU weight/bias into its gate and up halves, and allocates the
+output, so that each backend only moves pointers and strides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .kernel_spec import KernelSpec, dtype_name, gemm_dims
+
+__all__ = ["GemmOperands", "gemm_operands"]
+
+
+@dataclass
+class GemmOperands:
+    """Checked launch operands: `weight`/`bias` are the gate half for swiglu, `weight_up`/`bias_up`
+    the up half (None otherwise); `out` is [M, N] of the spec's out_dtype."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    residual: torch.Tensor | None
+    out: torch.Tensor
+    weight_up: torch.Tensor | None
+    bias_up: torch.Tensor | None
+
+    @property
+    def m(self) -> int:
+        """The token count of this launch."""
+        return self.x.shape[0]
+
+
+def gemm_operands(
+    spec: KernelSpec,
+    x: Any,
+    weight: Any,
+    bias: Any = None,
+    residual: Any = None,
+    *,
+    out: Any = None,
+    weight_up: Any = None,
+    bias_up: Any = None,
+) -> GemmOperands:
+    """Validate a launch of `spec` and return its operands; ValueError says what is wrong.
+
+    `x` is [M, K] of the spec dtype; `weight` is [N, K] ([2N, K] stacked gate/up for swiglu, or
+    [N, K] with `weight_up` [N, K]); `bias` ([N] / [2N] / [N] + `bias_up`) and `residual` [M, N]
+    are given exactly when the epilogue has them, in the spec dtype or out_dtype; `out`, when
+    given, is [M, N] of out_dtype.
+    """
+    n, k = gemm_dims(spec)
+    ep = spec.epilogue
+    swiglu = "swiglu" in ep
+    in_dtype, out_dtype = getattr(torch, spec.dtype), getattr(torch, spec.out_dtype)
+    side_dtypes = {in_dtype, out_dtype}
+    w_rows = 2 * n if swiglu else n
+    where = f"kernel {spec.name}"
+
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{where}: x must be a 2-D [M, K={k}] tensor, got {got}")
+    m, device = x.shape[0], x.device
+
+    def check(name: str, t: Any, shape: tuple[int, ...], dtypes: set[torch.dtype]) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{where}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+        if t.dtype not in dtypes:
+            want = " or ".join(sorted(dtype_name(d) for d in dtypes))
+            raise ValueError(f"{where}: {name} must be {want}, got {dtype_name(t.dtype)}")
+        if t.device != device:
+            raise ValueError(f"{where}: {name} is on {t.device} but x is on {device}")
+
+    check("x", x, (m, k), {in_dtype})
+    if (weight_up is not None or bias_up is not None) and not swiglu:
+        raise ValueError(f"{where}: weight_up/bias_up are for the swiglu epilogue only")
+    if swiglu and weight_up is not None:
+        check("weight", weight, (n, k), {in_dtype})
+        check("weight_up", weight_up, (n, k), {in_dtype})
+    else:
+        check("weight", weight, (w_rows, k), {in_dtype})
+        if swiglu:
+            weight, weight_up = weight[:n], weight[n:]
+    if "bias" in ep:
+        if bias is None:
+            raise ValueError(f"{where}: the epilogue has 'bias' but no bias was given")
+        if swiglu and bias_up is not None:
+            check("bias", bias, (n,), side_dtypes)
+            check("bias_up", bias_up, (n,), side_dtypes)
+        else:
+            check("bias", bias, (w_rows,), side_dtypes)
+            if swiglu:
+                bias, bias_up = bias[:n], bias[n:]
+    elif bias_up is not None:
+        raise ValueError(f"{where}: a bias_up was given but the epilogue {ep} has no 'bias'")
+    elif bias is not None:
+        raise ValueError(f"{where}: a bias was given but the epilogue {ep} has no 'bias'")
+    if "residual" in ep:
+        if residual is None:
+            raise ValueError(f"{where}: the epilogue has 'residual' but no residual was given")
+        check("residual", residual, (m, n), side_dtypes)
+    elif residual is not None:
+        raise ValueError(f"{where}: a residual was given but the epilogue {ep} has no 'residual'")
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=device)
+    else:
+        check("out", out, (m, n), {out_dtype})
+    return GemmOperands(x, weight, bias, residual, out, weight_up, bias_up)

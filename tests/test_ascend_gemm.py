@@ -170,3 +170,16 @@ def test_target_ascend_without_torch_npu_says_what_is_missing() -> None:
     assert not ok and "torch_npu" in why
     with pytest.raises(RuntimeError, match="target='ascend' cannot build .*torch_npu is not installed"):
         BACKEND.build(gemm_spec("float16"))
+
+
+def test_ascend_target_in_a_compiled_model_and_an_eager_call_says_what_is_missing() -> None:
+    import tileflow
+
+    x, w = torch.randn(5, 72), torch.randn(40, 72)
+    with tileflow.use_config(tileflow.Config(target="ascend")):
+        with pytest.raises(RuntimeError, match="target 'ascend' cannot run here: torch_npu is not installed"):
+            tileflow.ops.padded_gemm(x, w)
+    model = torch.nn.Sequential(torch.nn.Linear(72, 40))
+    compiled = torch.compile(model, backend="tileflow", dynamic=True, options={"target": "ascend"})
+    with pytest.raises(Exception, match="torch_npu is not installed"):
+        compiled(x)

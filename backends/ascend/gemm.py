@@ -31,14 +31,16 @@ import ctypes
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from tileflow.gemm_operands import gemm_operands
 from tileflow.kernel_spec import KernelSpec, check_gemm_spec, gemm_dims
 
-from .sources import EntryPoint, KernelSources, banner, cpp_type, cpu_runner, kernel_ident, launch_stub, torch_binding
+from .sources import (
+    EntryPoint, HostCall, KernelRun, KernelSources, banner, cpp_type, cpu_runner, kernel_ident, launch_stub,
+    torch_binding,
+)
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -515,12 +517,6 @@ def render_gemm_sources(spec: KernelSpec) -> KernelSources:
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-
-# runner(function_name, *args): calls an extern "C" host function of the built kernel library
-# (the tiling function); launch(entry, block_dim, tensors) runs the kernel.
-HostCall = Callable[..., Any]
-KernelRun = Callable[[EntryPoint, int, list[torch.Tensor]], None]
-
 
 def make_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRun, cores: int) -> Callable[..., torch.Tensor]:
     """Wrap a built GEMM in the `padded_gemm` launch interface of every backend:

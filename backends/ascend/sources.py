@@ -20,14 +20,19 @@ kernel and host files with g++ against a CPU implementation of the Ascend C head
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from tileflow.kernel_spec import KernelSpec
 
 __all__ = [
     "CPP_TYPES",
     "EntryPoint",
+    "HostCall",
+    "KernelRun",
     "KernelSources",
     "banner",
     "cpp_type",
@@ -209,3 +214,11 @@ def torch_binding(entries: Sequence[EntryPoint], spec: KernelSpec) -> str:
         lines.append(f'    m.impl("{e.name}", &{e.name}_op);')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+# How a launcher reaches a built kernel library, the same on the CPU (ctypes over the CPU-debug
+# build) and on an NPU (ctypes for the host tiling, the torch_npu operator for the launch):
+# host_call(function_name, *args, restype=...) calls an `extern "C"` host function;
+# run(entry, block_dim, tensors) launches one entry point over `block_dim` blocks.
+HostCall = Callable[..., Any]
+KernelRun = Callable[["EntryPoint", int, list[torch.Tensor]], None]

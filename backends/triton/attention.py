@@ -35,7 +35,13 @@ from typing import Any, Callable
 
 import torch
 
-from tileflow.kernel_spec import KernelSpec, dtype_name
+from tileflow.attention_inputs import (
+    MERGE_COLS,
+    TASK_COLS,
+    attention_params,
+    check_launch_inputs,
+)
+from tileflow.kernel_spec import KernelSpec
 
 from .build import build_triton_kernel, kernel_identifier
 
@@ -55,8 +61,8 @@ SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 # tl.dot needs every tile dimension to be at least 16 on GPUs.
 _MIN_BLOCK = 16
 # Columns of a task-table row and of a merge row (see the contract in tileflow/tasks.py).
-_TASK_COLS = 8
-_MERGE_COLS = 6
+_TASK_COLS = TASK_COLS
+_MERGE_COLS = MERGE_COLS
 # Defaults when the spec carries no TileConfig.
 _DEFAULT_BLOCK_KV = 32
 _DEFAULT_NUM_WARPS = 4
@@ -96,83 +102,35 @@ class AttentionConfig:
     num_stages: int
 
 
-def _positive_int(spec: KernelSpec, key: str, value: Any) -> int:
-    """`value` if it is a positive int (not a bool), else a ValueError naming the param."""
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(
-            f"meta_attention spec {spec.name} needs a positive integer param {key!r}, got {value!r}"
-        )
-    return value
-
-
 def attention_config(spec: KernelSpec) -> AttentionConfig:
     """Validate a `meta_attention` KernelSpec and derive its static configuration.
 
-    Params (built with `make_params`): `head_dim`, `gqa` (query heads per KV head), `block_q`,
-    `block_kv`, `causal`, `sliding_window`, `tree` (the last three bools; default causal=True,
-    the others False). A TileConfig, when present, supplies `block_q` (its `block_m`) and
-    `block_kv` (its `block_n`) when the params leave them out, and the launch's
-    `num_warps`/`num_stages`; a tile that contradicts the params is an error.
+    The target-neutral params (`head_dim`, `gqa`, `block_q`, `block_kv`, `causal`,
+    `sliding_window`, `tree`, `bias`; a TileConfig may supply `block_q`/`block_kv`) are checked by
+    `tileflow.attention_inputs.attention_params`; this adds the Triton limits (`block_kv` a power
+    of two >= 16) and the launch's `num_warps`/`num_stages` from the TileConfig.
 
     Raises ValueError for a spec the kernel cannot implement.
     """
-    if spec.op != "meta_attention":
-        raise ValueError(f"the Triton attention kernel handles op 'meta_attention', not {spec.op!r}")
-    if spec.dtype not in SUPPORTED_DTYPES:
+    p = attention_params(spec, target="Triton", supported_dtypes=SUPPORTED_DTYPES,
+                         default_block_kv=_DEFAULT_BLOCK_KV)
+    if p.block_kv < _MIN_BLOCK or p.block_kv & (p.block_kv - 1):
         raise ValueError(
-            f"the Triton meta_attention supports dtype in {SUPPORTED_DTYPES}, got {spec.dtype!r}"
-        )
-    if spec.out_dtype != spec.dtype:
-        raise ValueError(
-            f"meta_attention writes q's dtype: out_dtype {spec.out_dtype!r} must equal dtype "
-            f"{spec.dtype!r}"
-        )
-    if spec.epilogue:
-        raise ValueError(f"meta_attention has no epilogues, got {spec.epilogue}")
-    tile = spec.tile
-    head_dim = _positive_int(spec, "head_dim", spec.param("head_dim"))
-    gqa = _positive_int(spec, "gqa", spec.param("gqa"))
-
-    block_q = spec.param("block_q")
-    block_kv = spec.param("block_kv")
-    if tile is not None:
-        if block_q is not None and block_q != tile.block_m:
-            raise ValueError(
-                f"spec {spec.name}: params block_q={block_q} contradicts tile.block_m={tile.block_m}"
-            )
-        if block_kv is not None and block_kv != tile.block_n:
-            raise ValueError(
-                f"spec {spec.name}: params block_kv={block_kv} contradicts "
-                f"tile.block_n={tile.block_n}"
-            )
-        block_q = tile.block_m if block_q is None else block_q
-        block_kv = tile.block_n if block_kv is None else block_kv
-    if block_kv is None:
-        block_kv = _DEFAULT_BLOCK_KV
-    block_q = _positive_int(spec, "block_q", block_q)
-    block_kv = _positive_int(spec, "block_kv", block_kv)
-    if block_kv < _MIN_BLOCK or block_kv & (block_kv - 1):
-        raise ValueError(
-            f"spec {spec.name}: block_kv={block_kv} must be a power of two >= {_MIN_BLOCK} "
+            f"spec {spec.name}: block_kv={p.block_kv} must be a power of two >= {_MIN_BLOCK} "
             f"(tl.dot needs every dimension >= {_MIN_BLOCK})"
         )
-    flags = {}
-    for key, default in (("causal", True), ("sliding_window", False), ("tree", False), ("bias", False)):
-        value = spec.param(key, default)
-        if not isinstance(value, bool):
-            raise ValueError(f"spec {spec.name}: param {key!r} must be a bool, got {value!r}")
-        flags[key] = value
+    tile = spec.tile
     return AttentionConfig(
-        head_dim=head_dim,
-        head_dim_pad=max(_MIN_BLOCK, _next_pow2(head_dim)),
-        gqa=gqa,
-        block_q=block_q,
-        block_m=max(_MIN_BLOCK, _next_pow2(block_q * gqa)),
-        block_kv=block_kv,
-        causal=flags["causal"],
-        sliding_window=flags["sliding_window"],
-        tree=flags["tree"],
-        bias=flags["bias"],
+        head_dim=p.head_dim,
+        head_dim_pad=max(_MIN_BLOCK, _next_pow2(p.head_dim)),
+        gqa=p.gqa,
+        block_q=p.block_q,
+        block_m=max(_MIN_BLOCK, _next_pow2(p.block_q * p.gqa)),
+        block_kv=p.block_kv,
+        causal=p.causal,
+        sliding_window=p.sliding_window,
+        tree=p.tree,
+        bias=p.bias,
         num_warps=tile.num_warps if tile is not None else _DEFAULT_NUM_WARPS,
         num_stages=tile.num_stages if tile is not None else _DEFAULT_NUM_STAGES,
     )
@@ -571,23 +529,6 @@ def _resolve_kernels(spec: KernelSpec, kernels: Any) -> tuple[Any, Any]:
     return kernels, module_globals[name]
 
 
-def _table_field(table: Any, name: str) -> Any:
-    """One field of the task table, with a clear error when it is missing."""
-    if not hasattr(table, name):
-        raise ValueError(f"the task table has no field {name!r} (got {type(table).__name__})")
-    return getattr(table, name)
-
-
-def _int_tensor(name: str, value: Any, device: torch.device, ndim: int) -> torch.Tensor:
-    """`value` as a contiguous int32 tensor on `device`, checking its rank."""
-    t = torch.as_tensor(value)
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got {dtype_name(t.dtype)}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {list(t.shape)}")
-    return t.to(device=device, dtype=torch.int32).contiguous()
-
-
 def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., torch.Tensor]:
     """Wrap the built meta-attention kernels in a launcher.
 
@@ -613,12 +554,8 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
     """
     cfg = attention_config(spec)
     main_kernel, merge_kernel = _resolve_kernels(spec, kernels)
-    in_dtype = getattr(torch, spec.dtype)
     where = f"kernel {spec.name}"
     rows_per_slot = cfg.block_q * cfg.gqa
-
-    def fail(msg: str) -> ValueError:
-        return ValueError(f"{where}: {msg}")
 
     def launch(
         q: torch.Tensor,
@@ -641,116 +578,25 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         max_q_len, max_kv_len] tensor added to the scaled scores: row i of sequence s, key j
         reads attn_bias[s, h, i, j].
         """
-        # ---- shapes, dtypes, devices ----
-        if not isinstance(q, torch.Tensor) or q.dim() != 3:
-            got = list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
-            raise fail(f"q must be a 3-D [total_q, Hq, D] tensor, got {got}")
-        total_q, hq, d = q.shape
-        device = q.device
-        if d != cfg.head_dim:
-            raise fail(f"q has head_dim {d} but the kernel was built for {cfg.head_dim}")
-        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-            if not isinstance(t, torch.Tensor):
-                raise fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dtype != in_dtype:
-                raise fail(f"{name} must be {spec.dtype}, got {dtype_name(t.dtype)}")
-            if t.device != device:
-                raise fail(f"{name} is on {t.device} but q is on {device}")
-        if k_cache.dim() != 4 or k_cache.shape[3] != d:
-            raise fail(
-                f"k_cache must be [num_blocks, block_size, Hkv, {d}], got {list(k_cache.shape)}"
-            )
-        if v_cache.shape != k_cache.shape:
-            raise fail(
-                f"v_cache shape {list(v_cache.shape)} differs from k_cache {list(k_cache.shape)}"
-            )
-        block_size, hkv = k_cache.shape[1], k_cache.shape[2]
-        if hkv == 0 or hq != hkv * cfg.gqa:
-            raise fail(
-                f"q has {hq} heads and the cache {hkv} KV heads, but the kernel was built for "
-                f"gqa={cfg.gqa} query heads per KV head"
-            )
-        if block_size < 1:
-            raise fail("the KV cache pages must hold at least one position")
-
-        # ---- the task table ----
-        tq = _table_field(table, "block_q")
-        if tq != cfg.block_q:
-            raise fail(f"the task table was built with block_q={tq}, the kernel with {cfg.block_q}")
-        if (_table_field(table, "num_q_heads"), _table_field(table, "num_kv_heads")) != (hq, hkv):
-            raise fail(
-                f"the task table was built for {table.num_q_heads} query / {table.num_kv_heads} "
-                f"KV heads, the inputs have {hq} / {hkv}"
-            )
-        tasks = _int_tensor("table.tasks", _table_field(table, "tasks"), device, 2)
-        offsets = _int_tensor("table.program_offsets", table.program_offsets, device, 1)
-        prog_tasks = _int_tensor("table.program_tasks", _table_field(table, "program_tasks"),
-                                 device, 1)
-        merges = _int_tensor("table.merges", _table_field(table, "merges"), device, 2)
-        num_slots = int(_table_field(table, "num_slots"))
-        if tasks.shape[0] and tasks.shape[1] != _TASK_COLS:
-            raise fail(f"table.tasks must be [T, {_TASK_COLS}], got {list(tasks.shape)}")
-        if merges.shape[0] and merges.shape[1] != _MERGE_COLS:
-            raise fail(f"table.merges must be [G, {_MERGE_COLS}], got {list(merges.shape)}")
-        if offsets.numel() < 1 or prog_tasks.numel() != tasks.shape[0]:
-            raise fail(
-                f"table.program_offsets ({offsets.numel()} entries) / program_tasks "
-                f"({prog_tasks.numel()}) do not describe the {tasks.shape[0]} tasks"
-            )
-        if merges.shape[0] and num_slots <= 0:
-            raise fail("the task table has merge rows but num_slots == 0")
-
-        # ---- batch metadata ----
-        block_table = _int_tensor("block_table", block_table, device, 2)
-        cu_seqlens_q = _int_tensor("cu_seqlens_q", cu_seqlens_q, device, 1)
-        seqlens_kv = _int_tensor("seqlens_kv", seqlens_kv, device, 1)
-        num_seqs = seqlens_kv.shape[0]
-        if cu_seqlens_q.shape[0] != num_seqs + 1 or block_table.shape[0] != num_seqs:
-            raise fail(
-                f"cu_seqlens_q must have S + 1 entries and block_table S rows for S={num_seqs} "
-                f"sequences, got {cu_seqlens_q.shape[0]} and {block_table.shape[0]}"
-            )
-
-        # ---- masks ----
-        if cfg.sliding_window:
-            if (sliding_window is None or isinstance(sliding_window, bool)
-                    or int(sliding_window) != sliding_window or sliding_window < 1):
-                raise fail(
-                    f"the kernel was built with a sliding window: pass sliding_window=<int >= 1>, "
-                    f"got {sliding_window!r}"
-                )
-        elif sliding_window is not None:
-            raise fail("sliding_window was given but the kernel was built without one")
-        tree_arg = None
-        if cfg.tree:
-            if not isinstance(tree_mask, torch.Tensor) or tree_mask.dim() != 3:
-                raise fail("the kernel was built for tree verify: pass tree_mask bool [S, T, T]")
-            if tree_mask.dtype != torch.bool:
-                raise fail(f"tree_mask must be bool, got {dtype_name(tree_mask.dtype)}")
-            if tree_mask.shape[0] != num_seqs or tree_mask.shape[1] != tree_mask.shape[2]:
-                raise fail(f"tree_mask must be [S={num_seqs}, T, T], got {list(tree_mask.shape)}")
-            # bool storage is one byte per element: viewed as uint8 (no copy), loads are plain.
-            tree_arg = tree_mask.to(device).view(torch.uint8)
-        elif tree_mask is not None:
-            raise fail("tree_mask was given but the kernel was built without tree support")
-        bias_arg = None
-        if cfg.bias:
-            if not isinstance(attn_bias, torch.Tensor) or attn_bias.dim() != 4 or not attn_bias.is_floating_point():
-                raise fail("the kernel was built with an attention bias: pass attn_bias float [S, Hq, q_len, kv_len]")
-            if attn_bias.shape[0] not in (1, num_seqs) or attn_bias.shape[1] not in (1, hq):
-                raise fail(f"attn_bias must broadcast to [S={num_seqs}, Hq={hq}, q_len, kv_len], got {list(attn_bias.shape)}")
-            bias_arg = attn_bias.to(device).expand(num_seqs, hq, attn_bias.shape[2], attn_bias.shape[3])
-        elif attn_bias is not None:
-            raise fail("attn_bias was given but the kernel was built without bias support")
-
-        if out is None:
-            out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
-              or out.device != device):
-            raise fail(f"out must be a {spec.dtype} tensor of shape {list(q.shape)} on {device}")
-        num_programs = offsets.numel() - 1
-        if total_q == 0 or tasks.shape[0] == 0 or num_programs == 0:
+        # Shapes, dtypes, the table, masks and `out`: the checks every backend shares.
+        inputs = check_launch_inputs(
+            cfg, spec.dtype, where, q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv,
+            table, tree_mask=tree_mask, sliding_window=sliding_window, out=out,
+            attn_bias=attn_bias,
+        )
+        out = inputs.out
+        if inputs.nothing_to_do:
             return out  # nothing to compute (an empty grid is an error on some versions)
+        d = cfg.head_dim
+        device = q.device
+        block_size = k_cache.shape[1]
+        tasks, offsets, prog_tasks, merges = (
+            inputs.tasks, inputs.program_offsets, inputs.program_tasks, inputs.merges)
+        block_table, cu_seqlens_q = inputs.block_table, inputs.cu_seqlens_q
+        seqlens_kv, num_slots, num_programs = inputs.seqlens_kv, inputs.num_slots, inputs.num_programs
+        # bool storage is one byte per element: viewed as uint8 (no copy), loads are plain.
+        tree_arg = None if inputs.tree_mask is None else inputs.tree_mask.view(torch.uint8)
+        bias_arg = inputs.attn_bias
         if scale is None:
             scale = 1.0 / math.sqrt(d)
 
@@ -776,7 +622,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
             args.append(bias_arg)
         args += [float(scale) * math.log2(math.e), block_size]
         if cfg.sliding_window:
-            args.append(int(sliding_window))
+            args.append(inputs.sliding_window)
         if cfg.tree:
             args.append(tree_arg.shape[1])
         args += [*q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),

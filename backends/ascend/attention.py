@@ -1,0 +1,1440 @@
+"""Meta-attention for the Ascend C target (XY-Serve Meta-Attention on an Ascend 910B AI core).
+
+One launch computes attention for a whole mixed batch — prefill, chunked prefill over a cached
+prefix, decode and tree-speculative verify — over a paged KV cache, driven by the host-built task
+table of `tileflow/tasks.py` (same contract as the Triton and reference kernels): program
+``p = GetBlockIdx()`` runs ``program_tasks[program_offsets[p]:program_offsets[p + 1]]``; a task is
+(sequence, KV head, a tile of up to ``block_q`` query positions whose ``R = gqa`` heads are packed
+into ``block_q * R`` rows, a KV range); split-KV tasks write a float32 workspace slot that a second
+kernel merges with the log-sum-exp rule.
+
+How a task maps onto the AI core. The cube unit (matrices) and the vector unit (softmax) have no
+direct datapath, so matrices pass through a per-core GM workspace:
+
+- the Q tile is staged into UB with one strided `DataCopyPad` (``q_rows`` blocks of ``R * D``
+  contiguous elements) and written to the core's workspace as a dense ``[rows, D]`` matrix, the
+  cube's A operand;
+- KV is walked in chunks that never cross a page (``min(block_kv, page left, range left)``), so a
+  chunk's K rows are equally spaced (``Hkv * D`` apart) and the cube reads them in place from the
+  cache (B transposed, ``orgKb = Hkv * D``): ``S = Q K^T`` lands in UB (row stride ``block_kv``);
+- the vector unit scales, masks (causal / sliding window hide a contiguous column range per row;
+  the tree mask is applied per element over the new-token columns), runs the online softmax per
+  row, rounds P to the input type and writes it to the workspace; the cube computes ``P V`` (V
+  read in place, ``orgN = Hkv * D``) into UB, and the vector unit folds it into the accumulator.
+
+The kernel picks a pipeline per task at run time (XY-Serve's three):
+
+- **2-stage** (``q_rows == 1``, decode): K/V chunks stream into UB (double-buffered) and the
+  vector unit does both products as GEMVs — no cube, no workspace round trip for ``R`` rows;
+- **3-stage** (the KV range is one chunk): QK^T -> softmax -> PV, exact softmax, no rescale;
+- **4-stage** (otherwise): QK^T -> softmax -> PV -> Update (online rescale across chunks).
+
+Public functions: `attention_layout(spec)` (validation and the static layout, UB budget
+included), `render_attention_sources(spec)` (the project files), `make_attention_launcher(spec,
+host_call, run, cores)` (validation, host tiling, workspaces and the two launches through a
+runner: the CPU-debug library or the NPU operators), `build_cpu_attention(spec, include_dirs)`
+and `task_pipeline(...)` (which pipeline the kernel runs for a task; for tests and reports).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import torch
+
+from tileflow.attention_inputs import (
+    MERGE_COLS,
+    TASK_COLS,
+    AttentionParams,
+    attention_params,
+    check_launch_inputs,
+)
+from tileflow.kernel_spec import KernelSpec
+from tileflow.targets import CompiledKernel
+
+from .sources import (
+    EntryPoint,
+    HostCall,
+    KernelRun,
+    KernelSources,
+    banner,
+    cpp_type,
+    cpu_runner,
+    kernel_ident,
+    launch_stub,
+    torch_binding,
+)
+
+__all__ = [
+    "L0AB_BYTES",
+    "L0C_BYTES",
+    "SUPPORTED_DTYPES",
+    "TILING_ERRORS",
+    "UB_BYTES",
+    "AttentionLayout",
+    "UbBuffer",
+    "attention_entries",
+    "attention_layout",
+    "build_cpu_attention",
+    "make_attention_launcher",
+    "render_attention_sources",
+    "task_pipeline",
+]
+
+SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
+# Unified buffer of one AI core on Atlas A2 (910B): every TPipe buffer of a kernel lives in it.
+UB_BYTES = 192 * 1024
+# Cube L0 buffers on 910B: A and B operands 64 KiB each, the float accumulator 128 KiB.
+L0AB_BYTES = 64 * 1024
+L0C_BYTES = 128 * 1024
+# Depth of the streamed K/V/S/P queues: 2 = double buffering (load chunk i+1 while computing i).
+BUFFER_NUM = 2
+# KV positions per chunk when the spec does not say (as the Triton kernel).
+_DEFAULT_BLOCK_KV = 32
+# Vector instructions and DataCopy work on 32-byte blocks.
+_BLOCK_BYTES = 32
+# The cube works on 16 x 16 fractals: the Matmul base tile's M is padded to a multiple of 16.
+_FRACTAL = 16
+_API_DTYPES = {"float16": "DT_FLOAT16", "bfloat16": "DT_BF16", "float32": "DT_FLOAT"}
+_ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+# Status codes of the host tiling function; the C++ enum is generated from this table, so the
+# launcher's messages and the kernel project cannot drift apart.
+TILING_ERRORS: dict[int, tuple[str, str]] = {
+    1: ("TILING_NULL_OUTPUT", "no tiling buffer was given"),
+    2: ("TILING_BAD_HEADS", "num_q_heads must be num_kv_heads * gqa, both positive"),
+    3: ("TILING_BAD_PAGES", "block_size, max_blocks and num_blocks must be positive"),
+    4: ("TILING_BAD_COUNTS", "sequence, token, task, slot and merge counts must be >= 0"),
+    5: ("TILING_BAD_PROGRAMS", "num_programs must be >= 1"),
+    6: ("TILING_BAD_WINDOW", "the sliding window must be >= 1"),
+    7: ("TILING_BAD_TREE", "the tree mask size must be >= 0"),
+    8: ("TILING_QK_CUBE", "the cube cannot tile S = Q K^T (matmul_tiling refused the split)"),
+    9: ("TILING_PV_CUBE", "the cube cannot tile O = P V (matmul_tiling refused the split)"),
+}
+
+def _ceil(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+# --------------------------------------------------------------------------------------------
+# Spec -> static layout (and its UB budget)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UbBuffer:
+    """One TPipe buffer of an emitted kernel: its C++ member, kind, count and size.
+
+    The emitted `InitBuffer` calls are generated from these, so the budget checked here at render
+    time is exactly what the kernel asks of the UB.
+    """
+
+    member: str  # C++ member name
+    kind: str  # "TQue<TPosition::VECIN, BUFFER_NUM>", "TBuf<TPosition::VECCALC>", ...
+    num: int  # buffers (the TQue's InitBuffer `num`; 1 for a TBuf)
+    nbytes: int  # bytes per buffer, a multiple of 32
+    purpose: str
+
+    @property
+    def total(self) -> int:
+        """UB bytes the buffer takes."""
+        return self.num * self.nbytes
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """The static shape of one Ascend meta-attention kernel, derived from its KernelSpec.
+
+    A tile has ``rows = block_q * gqa`` rows (row r: query position r // gqa, head r % gqa);
+    ``cube_rows`` is that padded to the cube's 16-row fractal (the Matmul base M). Per-row
+    statistics take ``stat_len`` floats (rows padded to 32 bytes).
+    """
+
+    params: AttentionParams
+    dtype: str
+    ctype: str
+    esize: int
+
+    @property
+    def head_dim(self) -> int:
+        """D."""
+        return self.params.head_dim
+
+    @property
+    def gqa(self) -> int:
+        """R, query heads per KV head."""
+        return self.params.gqa
+
+    @property
+    def block_q(self) -> int:
+        """Query positions per tile."""
+        return self.params.block_q
+
+    @property
+    def block_kv(self) -> int:
+        """KV positions per chunk (at most; a chunk also stops at a page end)."""
+        return self.params.block_kv
+
+    @property
+    def causal(self) -> bool:
+        """Rows see positions <= their own."""
+        return self.params.causal
+
+    @property
+    def sliding_window(self) -> bool:
+        """The kernel takes a window w: rows see positions > p - w."""
+        return self.params.sliding_window
+
+    @property
+    def tree(self) -> bool:
+        """The kernel takes a tree mask for speculative verify."""
+        return self.params.tree
+
+    @property
+    def rows(self) -> int:
+        """Rows of a tile (and of a split-KV workspace slot)."""
+        return self.block_q * self.gqa
+
+    @property
+    def cube_rows(self) -> int:
+        """The Matmul base M: rows padded to the cube fractal."""
+        return _ceil(self.rows, _FRACTAL)
+
+    @property
+    def stat_len(self) -> int:
+        """Floats per per-row statistic (rows padded to a 32-byte block)."""
+        return _ceil(self.rows, _BLOCK_BYTES // 4)
+
+    @property
+    def workspace_elems(self) -> int:
+        """Elements (of the input dtype) of one program's GM workspace: Q tile + P tile."""
+        return self.rows * self.head_dim + self.rows * self.block_kv
+
+    def main_buffers(self) -> tuple[UbBuffer, ...]:
+        """The meta-attention kernel's UB buffers, in InitBuffer order."""
+        d, n, m, e = self.head_dim, self.block_kv, self.rows, self.esize
+        reduce_len = _ceil(max(n, d), _BLOCK_BYTES // 4)
+        vecin, vecout = "TQue<TPosition::VECIN, {}>", "TQue<TPosition::VECOUT, {}>"
+        calc = "TBuf<TPosition::VECCALC>"
+        return (
+            UbBuffer("queryQue", vecin.format(1), 1, m * d * e, "Q tile staged from GM"),
+            UbBuffer("kvQue", vecin.format("BUFFER_NUM"), BUFFER_NUM, n * d * e,
+                     "K / V chunks of the 2-stage (decode) pipeline"),
+            UbBuffer("scoreQue", vecin.format("BUFFER_NUM"), BUFFER_NUM, m * n * 4,
+                     "S tiles (float, row stride BLOCK_KV)"),
+            UbBuffer("probQue", vecout.format("BUFFER_NUM"), BUFFER_NUM, m * n * e,
+                     "P tiles on their way to the GM workspace"),
+            UbBuffer("valueQue", vecin.format(1), 1, m * d * 4, "P V from the cube (float)"),
+            UbBuffer("outQue", vecout.format(1), 1, m * d * e, "the output tile, cast"),
+            UbBuffer("accBuf", calc, 1, m * d * 4, "the output accumulator (float)"),
+            UbBuffer("queryFloatBuf", calc, 1, self.gqa * d * 4, "decode: the query rows in float"),
+            UbBuffer("kvFloatBuf", calc, 1, n * d * 4, "decode: the K or V chunk in float"),
+            UbBuffer("productBuf", calc, 1, d * 4, "decode: one GEMV product row"),
+            UbBuffer("statBuf", calc, 1, _MAIN_STATS * self.stat_len * 4,
+                     "per-row softmax statistics"),
+            UbBuffer("reduceWorkBuf", calc, 1, reduce_len * 4, "ReduceMax/ReduceSum scratch"),
+            UbBuffer("reduceOutBuf", calc, 1, _BLOCK_BYTES, "ReduceMax/ReduceSum result"),
+        )
+
+    def merge_buffers(self) -> tuple[UbBuffer, ...]:
+        """The merge kernel's UB buffers, in InitBuffer order."""
+        d, m, e = self.head_dim, self.rows, self.esize
+        return (
+            UbBuffer("lseQue", "TQue<TPosition::VECIN, BUFFER_NUM>", BUFFER_NUM, self.stat_len * 4,
+                     "a slot's log-sum-exp per row"),
+            UbBuffer("partQue", "TQue<TPosition::VECIN, BUFFER_NUM>", BUFFER_NUM, m * d * 4,
+                     "a slot's normalized partial output"),
+            UbBuffer("outQue", "TQue<TPosition::VECOUT, 1>", 1, m * d * e, "the output tile, cast"),
+            UbBuffer("accBuf", "TBuf<TPosition::VECCALC>", 1, m * d * 4, "the merged accumulator"),
+            UbBuffer("statBuf", "TBuf<TPosition::VECCALC>", 1, _MERGE_STATS * self.stat_len * 4,
+                     "per-row merge statistics"),
+        )
+
+
+# Per-row statistics of the main kernel, in statBuf order (each `stat_len` floats).
+_MAIN_STAT_NAMES = ("rowMax", "rowSum", "chunkMax", "chunkSum", "newMax", "refMax", "alpha",
+                    "safeSum", "invSum", "lse")
+_MAIN_STATS = len(_MAIN_STAT_NAMES)
+_MERGE_STAT_NAMES = ("runMax", "runSum", "newMax", "refMax", "alpha", "weight", "safeSum", "invSum")
+_MERGE_STATS = len(_MERGE_STAT_NAMES)
+
+
+def _check_budget(spec: KernelSpec, kernel: str, buffers: Sequence[UbBuffer]) -> None:
+    """ValueError when `buffers` do not fit the UB, listing what takes the room."""
+    total = sum(b.total for b in buffers)
+    if total > UB_BYTES:
+        biggest = sorted(buffers, key=lambda b: -b.total)[:4]
+        detail = ", ".join(f"{b.member} {b.num} x {b.nbytes} B ({b.purpose})" for b in biggest)
+        raise ValueError(
+            f"spec {spec.name}: the {kernel} kernel needs {total} bytes of unified buffer, more "
+            f"than the {UB_BYTES} (192 KiB) of an AI core; largest: {detail}. Use a smaller "
+            f"block_q, block_kv or head_dim"
+        )
+
+
+def _check_cube(spec: KernelSpec, what: str, base_m: int, base_n: int, base_k: int, esize: int) -> None:
+    """ValueError when one Matmul base block overflows the cube's L0 buffers (as matmul_tiling)."""
+    for name, size, limit in (("L0A", base_m * base_k * esize, L0AB_BYTES),
+                              ("L0B", base_n * base_k * esize, L0AB_BYTES),
+                              ("L0C", base_m * base_n * 4, L0C_BYTES)):
+        if size > limit:
+            raise ValueError(
+                f"spec {spec.name}: the cube's {what} base block {base_m} x {base_n} x {base_k} "
+                f"needs {size} bytes of {name}, more than its {limit}; use a smaller block_q, "
+                f"block_kv or head_dim"
+            )
+
+
+def attention_layout(spec: KernelSpec) -> AttentionLayout:
+    """Validate a ``meta_attention`` spec for the Ascend C kernel and derive its static layout.
+
+    Beyond the target-neutral checks (`tileflow.attention_inputs.attention_params`): no
+    attention bias (the kernel has no bias path yet); ``head_dim`` a multiple of 32 bytes of the
+    input dtype (16 for fp16/bf16, 8 for fp32) so that every tile row starts 32-byte aligned for
+    the vector unit and DataCopy; ``block_kv`` a multiple of 16; both kernels' buffers must fit
+    the 192 KiB UB and each cube base block the L0 buffers.
+
+    Raises ValueError saying what to change.
+    """
+    params = attention_params(spec, target="Ascend C", supported_dtypes=SUPPORTED_DTYPES,
+                              default_block_kv=_DEFAULT_BLOCK_KV)
+    if params.bias:
+        raise ValueError(
+            f"spec {spec.name}: bias=True is not supported by the Ascend C meta-attention kernel "
+            f"yet (no additive-bias path); run this attention on the reference or Triton target"
+        )
+    esize = _ELEMENT_BYTES[spec.dtype]
+    align = _BLOCK_BYTES // esize
+    if params.head_dim % align:
+        raise ValueError(
+            f"spec {spec.name}: head_dim={params.head_dim} must be a multiple of {align} for "
+            f"{spec.dtype} on Ascend (tile rows must start 32-byte aligned in the unified buffer)"
+        )
+    if params.block_kv % _FRACTAL:
+        raise ValueError(
+            f"spec {spec.name}: block_kv={params.block_kv} must be a multiple of {_FRACTAL} on "
+            f"Ascend (the cube's fractal; score rows must start 32-byte aligned)"
+        )
+    layout = AttentionLayout(params=params, dtype=spec.dtype, ctype=cpp_type(spec.dtype), esize=esize)
+    _check_budget(spec, "meta-attention", layout.main_buffers())
+    _check_budget(spec, "split-KV merge", layout.merge_buffers())
+    _check_cube(spec, "S = Q K^T", layout.cube_rows, layout.block_kv, layout.head_dim, esize)
+    _check_cube(spec, "O = P V", layout.cube_rows, layout.head_dim, layout.block_kv, esize)
+    return layout
+
+
+def task_pipeline(task: Sequence[int], block_kv: int, block_size: int) -> str:
+    """Which pipeline the kernel runs for one task-table row: "2-stage", "3-stage" or "4-stage".
+
+    Mirrors the kernel's run-time choice: one query position -> 2-stage (decode); a KV range that
+    is a single chunk (no longer than block_kv and inside one page) -> 3-stage; else 4-stage.
+    """
+    q_rows, kv_start, kv_end = task[3], task[4], task[5]
+    if q_rows == 1:
+        return "2-stage"
+    first_chunk = min(block_kv, block_size - kv_start % block_size, kv_end - kv_start)
+    return "3-stage" if kv_end - kv_start <= first_chunk else "4-stage"
+
+
+# --------------------------------------------------------------------------------------------
+# Source rendering
+# --------------------------------------------------------------------------------------------
+
+
+def attention_entries(spec: KernelSpec) -> tuple[EntryPoint, EntryPoint]:
+    """The two `__global__` kernels: meta-attention (`<ident>`) and its merge (`<ident>_merge`)."""
+    layout = attention_layout(spec)
+    ident = kernel_ident(spec)
+    main = ["q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seqlens_kv",
+            "tasks", "program_offsets", "program_tasks"]
+    if layout.tree:
+        main.append("tree_mask")
+    main += ["out", "partial_out", "partial_lse", "workspace", "tiling"]
+    return (
+        EntryPoint(ident, tuple(main), outputs=("out", "partial_out", "partial_lse", "workspace")),
+        EntryPoint(f"{ident}_merge",
+                   ("out", "partial_out", "partial_lse", "merges", "cu_seqlens_q", "tiling"),
+                   outputs=("out",)),
+    )
+
+
+def _struct_name(ident: str) -> str:
+    return f"{ident}_TilingData"
+
+
+def _fill(template: str, **values: Any) -> str:
+    """`string.Template` substitution ($name): C++ is full of braces, so no str.format."""
+    return Template(template).substitute(**values)
+
+
+_TILING_HEADER = """\
+$banner
+#ifndef ${guard}
+#define ${guard}
+
+#include "kernel_tiling/kernel_tiling.h"
+
+// One launch's tiling: computed on the host by ${ident}_tiling(), copied to GM, read by both
+// kernels. A POD of 32-bit words (the kernels copy it word by word).
+struct ${struct} {
+    TCubeTiling qkTiling;  // cube: S = Q K^T  (M = tile rows, N = KV chunk, K = head_dim)
+    TCubeTiling pvTiling;  // cube: O = P V    (M = tile rows, N = head_dim, K = KV chunk)
+    int32_t numSeqs;       // S
+    int32_t numQHeads;     // Hq
+    int32_t numKvHeads;    // Hkv
+    int32_t blockSize;     // KV positions per cache page
+    int32_t maxBlocks;     // block_table columns
+    int32_t numBlocks;     // cache pages
+    int32_t totalQ;        // query tokens of the batch
+    int32_t numTasks;      // task-table rows
+    int32_t numSlots;      // split-KV workspace slots
+    int32_t numMerges;     // merge-table rows
+    int32_t numPrograms;   // P: the static grid of the task table
+    int32_t treeSize;      // T of tree_mask [S, T, T] (0 without a tree)
+    int32_t window;        // sliding window (0 without one)
+    float scale;           // softmax scale
+};
+
+#endif  // ${guard}
+"""
+
+
+def _tiling_header(spec: KernelSpec, ident: str) -> str:
+    return _fill(_TILING_HEADER, banner=banner(spec, "Tiling struct (host and kernel)"),
+                 guard=f"{ident.upper()}_TILING_H", ident=ident, struct=_struct_name(ident))
+
+
+# The kernel file: shared helpers, the meta-attention class, the merge class and both entries.
+_KERNEL_TEMPLATE = """\
+$banner
+// XY-Serve Meta-Attention over a paged KV cache, driven by tileflow's host-built task table.
+//   out[t, h] = softmax(scale * q[t, h] . K[seq, h / GQA]^T | mask) @ V[seq, h / GQA]
+//   mask: $mask_doc
+// Pipelines, picked per task at run time:
+//   2-stage (one query position: decode)   K/V stream into UB; QK^T and PV as vector GEMVs
+//   3-stage (KV range is one chunk)        QK^T (cube) -> softmax (vector) -> PV (cube)
+//   4-stage (longer KV ranges)             QK^T -> softmax -> PV -> Update (online rescale)
+// The cube and the vector unit share no datapath: Q and P reach the cube through this core's
+// GM workspace; K and V are read by the cube in place from the cache.
+#include "kernel_operator.h"
+#include "lib/matmul_intf.h"
+#include "${ident}_tiling.h"
+
+using namespace AscendC;
+
+namespace ${ident}_impl {
+
+using T = ${ctype};  // q / k / v / out element type
+
+// Query heads per KV head, packed into tile rows: row r is position r / GQA, head r % GQA.
+constexpr int32_t GQA = ${gqa};
+constexpr int32_t HEAD_DIM = ${head_dim};
+// Query positions per tile, and the tile's rows.
+constexpr int32_t BLOCK_Q = ${block_q};
+constexpr int32_t TILE_ROWS = BLOCK_Q * GQA;
+// KV positions per chunk (a chunk also stops at a page end, so it never crosses a page).
+constexpr int32_t BLOCK_KV = ${block_kv};
+// Per-row statistics take STAT_LEN floats: TILE_ROWS padded to 32 bytes.
+constexpr int32_t STAT_LEN = ${stat_len};
+// Depth of the streamed K/V/S/P queues: double buffering.
+constexpr int32_t BUFFER_NUM = ${buffer_num};
+// Vector operands start on 32-byte boundaries: 8 floats.
+constexpr int32_t FLOATS_PER_BLOCK = 8;
+// Task-table columns: seq, kv_head, q_start, q_rows, kv_start, kv_end, slot, cost.
+constexpr int32_t TASK_COLS = ${task_cols};
+// Merge-table columns: seq, kv_head, q_start, q_rows, first_slot, num_slots.
+constexpr int32_t MERGE_COLS = ${merge_cols};
+constexpr float NEG_INF = -__builtin_huge_valf();
+
+using Tiling = ${struct};
+
+// Cube operand types: A (Q or P) and B (K transposed, or V) straight from GM, C into UB.
+using QueryType = matmul::MatmulType<TPosition::GM, matmul::CubeFormat::ND, T>;
+using KeyType = matmul::MatmulType<TPosition::GM, matmul::CubeFormat::ND, T, true>;
+using ProbType = matmul::MatmulType<TPosition::GM, matmul::CubeFormat::ND, T>;
+using ValueType = matmul::MatmulType<TPosition::GM, matmul::CubeFormat::ND, T>;
+using AccType = matmul::MatmulType<TPosition::VECIN, matmul::CubeFormat::ND, float>;
+
+// The tiling lives in GM; copy it to the core's scalar memory word by word.
+__aicore__ inline void LoadTiling(GM_ADDR tiling, Tiling& t)
+{
+    const __gm__ uint32_t* src = reinterpret_cast<const __gm__ uint32_t*>(tiling);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(&t);
+    for (uint32_t i = 0; i < sizeof(Tiling) / sizeof(uint32_t); ++i) {
+        dst[i] = src[i];
+    }
+}
+
+${convert_helpers}
+// Hide columns [from, to) of one score row (clipped to [0, len)): set them to -inf. Vector
+// instructions need a 32-byte aligned start, so the unaligned head goes element by element and
+// the rest in one Duplicate.
+__aicore__ inline void HideColumns(const LocalTensor<float>& row, int32_t from, int32_t to, int32_t len)
+{
+    from = from < 0 ? 0 : from;
+    to = to > len ? len : to;
+    if (from >= to) {
+        return;
+    }
+    int32_t aligned = (from + FLOATS_PER_BLOCK - 1) / FLOATS_PER_BLOCK * FLOATS_PER_BLOCK;
+    aligned = aligned > to ? to : aligned;
+    for (int32_t c = from; c < aligned; ++c) {
+        row.SetValue(c, NEG_INF);
+    }
+    if (aligned < to) {
+        Duplicate(row[aligned], NEG_INF, to - aligned);
+    }
+}
+
+// Per-row reference for exp(): the running max, or 0 for a row that has seen no visible key yet
+// (max -inf), so that exp sees -inf - 0 (-> 0) and never -inf - -inf (NaN).
+__aicore__ inline void ReferenceMax(const LocalTensor<float>& ref, const LocalTensor<float>& max, int32_t rows)
+{
+    for (int32_t r = 0; r < rows; ++r) {
+        const float m = max.GetValue(r);
+        ref.SetValue(r, m == NEG_INF ? 0.0f : m);
+    }
+}
+
+// acc[rows, HEAD_DIM] /= sum per row; rows with sum 0 (no visible key, acc == 0) stay 0.
+__aicore__ inline void NormalizeRows(const LocalTensor<float>& acc, const LocalTensor<float>& sum,
+                                     const LocalTensor<float>& safeSum, const LocalTensor<float>& invSum, int32_t rows)
+{
+    for (int32_t r = 0; r < rows; ++r) {
+        const float l = sum.GetValue(r);
+        safeSum.SetValue(r, l > 0.0f ? l : 1.0f);
+    }
+    Reciprocal(invSum, safeSum, rows);
+    for (int32_t r = 0; r < rows; ++r) {
+        const LocalTensor<float> accRow = acc[r * HEAD_DIM];
+        Muls(accRow, accRow, invSum.GetValue(r), HEAD_DIM);
+    }
+}
+
+// Element offset of a tile's first output row: token firstToken, head kvHead * GQA.
+__aicore__ inline uint64_t TileOffset(int32_t firstToken, int32_t kvHead, int32_t numQHeads)
+{
+    return (uint64_t(firstToken) * numQHeads + uint64_t(kvHead) * GQA) * HEAD_DIM;
+}
+
+// The GQA heads of one query position are contiguous (GQA * HEAD_DIM elements) in q and out;
+// positions are numQHeads * HEAD_DIM apart: one strided copy of qRows blocks moves a tile.
+__aicore__ inline DataCopyExtParams TileCopyParams(int32_t qRows, int32_t numQHeads, bool toGm)
+{
+    const uint32_t blockLen = GQA * HEAD_DIM * sizeof(T);
+    const uint32_t gap = uint32_t(numQHeads - GQA) * HEAD_DIM * sizeof(T);
+    return toGm ? DataCopyExtParams(uint16_t(qRows), blockLen, 0, gap, 0)
+                : DataCopyExtParams(uint16_t(qRows), blockLen, gap, 0, 0);
+}
+
+// One task-table row plus what the kernel derives from the batch metadata.
+struct Task {
+    int32_t seq;
+    int32_t kvHead;
+    int32_t qStart;      // first query index of the tile, within the sequence
+    int32_t qRows;       // query positions in the tile
+    int32_t kvStart;     // KV range [kvStart, kvEnd), clipped on the host to what the tile sees
+    int32_t kvEnd;
+    int32_t slot;        // -1: write out; >= 0: split-KV workspace slot
+    int32_t rows;        // qRows * GQA
+    int32_t firstToken;  // global query row of the tile's first position
+    int32_t newStart;    // KV position of the sequence's first new token
+    bool treeApplies;    // tree verify: the tree mask covers the sequence's new tokens
+};
+
+class MetaAttention {
+public:
+    matmul::Matmul<QueryType, KeyType, AccType> qk;   // cube: S = Q K^T
+    matmul::Matmul<ProbType, ValueType, AccType> pv;  // cube: O = P V
+
+    __aicore__ inline MetaAttention() {}
+
+    __aicore__ inline void Init(${main_init_params}, const Tiling& t, TPipe* pipe)
+    {
+        tiling = t;
+        const uint64_t tokens = uint64_t(t.totalQ) * t.numQHeads * HEAD_DIM;
+        const uint64_t cache = uint64_t(t.numBlocks) * t.blockSize * t.numKvHeads * HEAD_DIM;
+        qGm.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(q), tokens);
+        kGm.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(k_cache), cache);
+        vGm.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(v_cache), cache);
+        outGm.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(out), tokens);
+        blockTableGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(block_table), uint64_t(t.numSeqs) * t.maxBlocks);
+        cuSeqlensGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(cu_seqlens_q), uint64_t(t.numSeqs) + 1);
+        seqlensKvGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(seqlens_kv), uint64_t(t.numSeqs));
+        tasksGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(tasks), uint64_t(t.numTasks) * TASK_COLS);
+        programOffsetsGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(program_offsets), uint64_t(t.numPrograms) + 1);
+        programTasksGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(program_tasks), uint64_t(t.numTasks));
+${tree_init}        // Split-KV workspace: slot s holds TILE_ROWS rows (float32), see TaskTable.workspace_shapes.
+        partialOutGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_out), uint64_t(t.numSlots) * TILE_ROWS * HEAD_DIM);
+        partialLseGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_lse), uint64_t(t.numSlots) * TILE_ROWS);
+        // This core's GM workspace: the dense Q tile, then the P tile (the cube's A operands).
+        __gm__ T* mine = reinterpret_cast<__gm__ T*>(workspace) + uint64_t(GetBlockIdx()) * (TILE_ROWS * HEAD_DIM + TILE_ROWS * BLOCK_KV);
+        queryWs.SetGlobalBuffer(mine, TILE_ROWS * HEAD_DIM);
+        probWs.SetGlobalBuffer(mine + TILE_ROWS * HEAD_DIM, TILE_ROWS * BLOCK_KV);
+
+${main_init_buffers}
+        acc = accBuf.Get<float>();
+        queryF = queryFloatBuf.Get<float>();
+        kvF = kvFloatBuf.Get<float>();
+        product = productBuf.Get<float>();
+        reduceWork = reduceWorkBuf.Get<float>();
+        reduceOut = reduceOutBuf.Get<float>();
+        const LocalTensor<float> stats = statBuf.Get<float>();
+${main_stats}    }
+
+    // Run this program's tasks, in the order the host dealt them.
+    __aicore__ inline void Process()
+    {
+        const int64_t program = GetBlockIdx();
+        if (program < tiling.numPrograms) {
+            const int32_t first = programOffsetsGm.GetValue(program);
+            const int32_t last = programOffsetsGm.GetValue(program + 1);
+            for (int32_t i = first; i < last; ++i) {
+                RunTask(LoadTask(programTasksGm.GetValue(i)));
+            }
+        }
+        qk.End();
+        pv.End();
+    }
+
+private:
+    __aicore__ inline Task LoadTask(int32_t index)
+    {
+        const uint64_t row = uint64_t(index) * TASK_COLS;
+        Task t;
+        t.seq = tasksGm.GetValue(row + 0);
+        t.kvHead = tasksGm.GetValue(row + 1);
+        t.qStart = tasksGm.GetValue(row + 2);
+        t.qRows = tasksGm.GetValue(row + 3);
+        t.kvStart = tasksGm.GetValue(row + 4);
+        t.kvEnd = tasksGm.GetValue(row + 5);
+        t.slot = tasksGm.GetValue(row + 6);
+        t.rows = t.qRows * GQA;
+        const int32_t seqBegin = cuSeqlensGm.GetValue(t.seq);
+        const int32_t numNew = cuSeqlensGm.GetValue(t.seq + 1) - seqBegin;
+        t.firstToken = seqBegin + t.qStart;
+        t.newStart = seqlensKvGm.GetValue(t.seq) - numNew;  // the new tokens are the last numNew positions
+        t.treeApplies = ${tree_applies};
+        return t;
+    }
+
+    __aicore__ inline void RunTask(const Task& t)
+    {
+        // Every task starts from an empty softmax state: max -inf, sum 0, accumulator 0.
+        Duplicate(rowMax, NEG_INF, STAT_LEN);
+        Duplicate(rowSum, 0.0f, STAT_LEN);
+        Duplicate(acc, 0.0f, t.rows * HEAD_DIM);
+        if (t.kvEnd > t.kvStart) {
+            if (t.qRows == 1) {
+                TwoStageDecode(t);
+            } else if (t.kvEnd - t.kvStart <= ChunkLength(t, t.kvStart)) {
+                ThreeStageSingleChunk(t);
+            } else {
+                FourStageMultiChunk(t);
+            }
+        }
+        Finish(t);
+    }
+
+    // ---- pipeline 1: 2 stages (decode: one query position, GQA rows) -----------------------
+    // Stage 1 (MTE2) streams a chunk's K and V into UB (two buffers: V loads while the scores
+    // are computed); stage 2 (vector) computes the scores as GEMVs (Mul + ReduceSum per key),
+    // the online softmax and P V (Muls + Add per value row). No cube, no workspace round trip.
+    __aicore__ inline void TwoStageDecode(const Task& t)
+    {
+        LocalTensor<T> query = LoadQueryTile(t);
+        WidenToFloat(queryF, query, t.rows * HEAD_DIM);
+        queryQue.FreeTensor(query);
+        for (int32_t pos = t.kvStart; pos < t.kvEnd;) {
+            const int32_t chunkLen = ChunkLength(t, pos);
+            const uint64_t offset = CacheOffset(t, pos);
+            // Stage 1: K and V of the chunk (rows HEAD_DIM long, numKvHeads * HEAD_DIM apart).
+            LoadKvChunk(kGm[offset], chunkLen);
+            LoadKvChunk(vGm[offset], chunkLen);
+            // Stage 2: scores = q . k for every (row, key).
+            LocalTensor<T> keys = kvQue.DeQue<T>();
+            WidenToFloat(kvF, keys, chunkLen * HEAD_DIM);
+            kvQue.FreeTensor(keys);
+            LocalTensor<float> scores = scoreQue.AllocTensor<float>();
+            for (int32_t r = 0; r < t.rows; ++r) {
+                for (int32_t j = 0; j < chunkLen; ++j) {
+                    Mul(product, queryF[r * HEAD_DIM], kvF[j * HEAD_DIM], HEAD_DIM);
+                    ReduceSum(reduceOut, product, reduceWork, HEAD_DIM);
+                    scores.SetValue(r * BLOCK_KV + j, reduceOut.GetValue(0));
+                }
+            }
+            ScaleMaskSoftmax(t, scores, pos, chunkLen, true);
+            // acc = acc * alpha + p . V, row by row.
+            LocalTensor<T> values = kvQue.DeQue<T>();
+            WidenToFloat(kvF, values, chunkLen * HEAD_DIM);
+            kvQue.FreeTensor(values);
+            for (int32_t r = 0; r < t.rows; ++r) {
+                const LocalTensor<float> accRow = acc[r * HEAD_DIM];
+                Muls(accRow, accRow, alpha.GetValue(r), HEAD_DIM);
+                for (int32_t j = 0; j < chunkLen; ++j) {
+                    Muls(product, kvF[j * HEAD_DIM], scores.GetValue(r * BLOCK_KV + j), HEAD_DIM);
+                    Add(accRow, accRow, product, HEAD_DIM);
+                }
+            }
+            scoreQue.FreeTensor(scores);
+            pos += chunkLen;
+        }
+    }
+
+    // ---- pipeline 2: 3 stages (the KV range is one chunk) ------------------------------------
+    // QK^T (cube) -> softmax (vector, exact: the whole range is in UB) -> PV (cube). The cube's
+    // P V is the accumulator as it is: no rescale.
+    __aicore__ inline void ThreeStageSingleChunk(const Task& t)
+    {
+        QueryToWorkspace(t);
+        const int32_t chunkLen = t.kvEnd - t.kvStart;
+        const uint64_t offset = CacheOffset(t, t.kvStart);
+        LocalTensor<float> scores = ScoresOnCube(t, offset, chunkLen);    // stage 1
+        ScaleMaskSoftmax(t, scores, t.kvStart, chunkLen, false);          // stage 2
+        ProbabilitiesToWorkspace(t, scores);
+        LocalTensor<float> values = ValuesOnCube(t, offset, chunkLen);    // stage 3
+        DataCopy(acc, values, t.rows * HEAD_DIM);
+        valueQue.FreeTensor(values);
+    }
+
+    // ---- pipeline 3: 4 stages (KV ranges longer than one chunk) ------------------------------
+    // Per chunk: QK^T (cube) -> online softmax (vector) -> PV (cube) -> Update (vector):
+    // acc = acc * alpha + P V, alpha = exp(old max - new max) per row.
+    __aicore__ inline void FourStageMultiChunk(const Task& t)
+    {
+        QueryToWorkspace(t);
+        for (int32_t pos = t.kvStart; pos < t.kvEnd;) {
+            const int32_t chunkLen = ChunkLength(t, pos);
+            const uint64_t offset = CacheOffset(t, pos);
+            LocalTensor<float> scores = ScoresOnCube(t, offset, chunkLen);  // stage 1
+            ScaleMaskSoftmax(t, scores, pos, chunkLen, true);               // stage 2
+            ProbabilitiesToWorkspace(t, scores);
+            LocalTensor<float> values = ValuesOnCube(t, offset, chunkLen);  // stage 3
+            for (int32_t r = 0; r < t.rows; ++r) {                          // stage 4: update
+                const LocalTensor<float> accRow = acc[r * HEAD_DIM];
+                Muls(accRow, accRow, alpha.GetValue(r), HEAD_DIM);
+            }
+            Add(acc, acc, values, t.rows * HEAD_DIM);
+            valueQue.FreeTensor(values);
+            pos += chunkLen;
+        }
+    }
+
+    // ---- KV chunks ----------------------------------------------------------------------------
+    // A chunk stops at BLOCK_KV positions, at the end of the page and at the end of the range, so
+    // its K/V rows are equally spaced in the cache.
+    __aicore__ inline int32_t ChunkLength(const Task& t, int32_t pos) const
+    {
+        const int32_t pageLeft = tiling.blockSize - pos % tiling.blockSize;
+        int32_t len = t.kvEnd - pos;
+        len = len > BLOCK_KV ? BLOCK_KV : len;
+        return len > pageLeft ? pageLeft : len;
+    }
+
+    // Element offset of (position pos, the task's KV head) in a paged cache:
+    // page block_table[seq, pos / blockSize], row pos % blockSize.
+    __aicore__ inline uint64_t CacheOffset(const Task& t, int32_t pos) const
+    {
+        const int32_t page = blockTableGm.GetValue(uint64_t(t.seq) * tiling.maxBlocks + pos / tiling.blockSize);
+        const uint64_t cacheRow = uint64_t(page) * tiling.blockSize + pos % tiling.blockSize;
+        return (cacheRow * tiling.numKvHeads + t.kvHead) * HEAD_DIM;
+    }
+
+    __aicore__ inline void LoadKvChunk(const GlobalTensor<T>& src, int32_t chunkLen)
+    {
+        LocalTensor<T> chunk = kvQue.AllocTensor<T>();
+        const uint32_t rowBytes = HEAD_DIM * sizeof(T);
+        const uint32_t gap = uint32_t(tiling.numKvHeads - 1) * rowBytes;
+        DataCopyPad(chunk, src, DataCopyExtParams(uint16_t(chunkLen), rowBytes, gap, 0, 0),
+                    DataCopyPadExtParams<T>(false, 0, 0, T(0.0f)));
+        kvQue.EnQue(chunk);
+    }
+
+    // ---- Q and P through the GM workspace (the cube's A operands) ---------------------------
+    __aicore__ inline LocalTensor<T> LoadQueryTile(const Task& t)
+    {
+        LocalTensor<T> query = queryQue.AllocTensor<T>();
+        DataCopyPad(query, qGm[TileOffset(t.firstToken, t.kvHead, tiling.numQHeads)],
+                    TileCopyParams(t.qRows, tiling.numQHeads, false), DataCopyPadExtParams<T>(false, 0, 0, T(0.0f)));
+        queryQue.EnQue(query);
+        return queryQue.DeQue<T>();
+    }
+
+    __aicore__ inline void QueryToWorkspace(const Task& t)
+    {
+        LocalTensor<T> query = LoadQueryTile(t);
+        DataCopy(queryWs, query, t.rows * HEAD_DIM);  // dense [rows, HEAD_DIM]
+        queryQue.FreeTensor(query);
+        PipeBarrier<PIPE_ALL>();  // the cube reads the tile from GM next
+    }
+
+    __aicore__ inline void ProbabilitiesToWorkspace(const Task& t, LocalTensor<float>& scores)
+    {
+        LocalTensor<T> probs = probQue.AllocTensor<T>();
+        NarrowFromFloat(probs, scores, t.rows * BLOCK_KV);  // P in the cube's input type
+        scoreQue.FreeTensor(scores);
+        probQue.EnQue(probs);
+        probs = probQue.DeQue<T>();
+        DataCopy(probWs, probs, t.rows * BLOCK_KV);  // [rows, BLOCK_KV]; columns >= chunkLen unread
+        probQue.FreeTensor(probs);
+        PipeBarrier<PIPE_ALL>();  // the cube reads P from GM next
+    }
+
+    // ---- cube stages --------------------------------------------------------------------------
+    // S[rows, chunkLen] = Q K^T: K rows are numKvHeads * HEAD_DIM apart (B transposed, orgKb).
+    __aicore__ inline LocalTensor<float> ScoresOnCube(const Task& t, uint64_t offset, int32_t chunkLen)
+    {
+        qk.SetOrgShape(t.rows, chunkLen, HEAD_DIM, tiling.numKvHeads * HEAD_DIM);
+        qk.SetSingleShape(t.rows, chunkLen, HEAD_DIM);
+        qk.SetTensorA(queryWs);
+        qk.SetTensorB(kGm[offset], true);
+        LocalTensor<float> scores = scoreQue.AllocTensor<float>();
+        while (qk.Iterate()) {
+            qk.GetTensorC(scores);  // row stride baseN = BLOCK_KV
+        }
+        scoreQue.EnQue(scores);
+        return scoreQue.DeQue<float>();
+    }
+
+    // O[rows, HEAD_DIM] = P V: P rows BLOCK_KV apart (orgKa), V rows numKvHeads * HEAD_DIM apart (orgN).
+    __aicore__ inline LocalTensor<float> ValuesOnCube(const Task& t, uint64_t offset, int32_t chunkLen)
+    {
+        pv.SetOrgShape(t.rows, tiling.numKvHeads * HEAD_DIM, BLOCK_KV, chunkLen, HEAD_DIM);
+        pv.SetSingleShape(t.rows, HEAD_DIM, chunkLen);
+        pv.SetTensorA(probWs);
+        pv.SetTensorB(vGm[offset]);
+        LocalTensor<float> values = valueQue.AllocTensor<float>();
+        while (pv.Iterate()) {
+            pv.GetTensorC(values);  // row stride baseN = HEAD_DIM: dense [rows, HEAD_DIM]
+        }
+        valueQue.EnQue(values);
+        return valueQue.DeQue<float>();
+    }
+
+    // ---- vector stage: scale, mask, softmax ---------------------------------------------------
+    // In place: scores (row stride BLOCK_KV, columns [0, chunkLen)) become exp(s - reference max).
+    // online keeps the running statistics across chunks and leaves each row's rescale factor for
+    // what was accumulated before in alpha; otherwise the chunk is the whole range.
+    __aicore__ inline void ScaleMaskSoftmax(const Task& t, const LocalTensor<float>& scores, int32_t chunkStart,
+                                            int32_t chunkLen, bool online)
+    {
+        Muls(scores, scores, tiling.scale, t.rows * BLOCK_KV);
+${mask_call}        for (int32_t r = 0; r < t.rows; ++r) {
+            ReduceMax(reduceOut, scores[r * BLOCK_KV], reduceWork, chunkLen);
+            chunkMax.SetValue(r, reduceOut.GetValue(0));
+        }
+        if (online) {
+            Max(newMax, rowMax, chunkMax, t.rows);
+        } else {
+            DataCopy(newMax, chunkMax, STAT_LEN);
+        }
+        ReferenceMax(refMax, newMax, t.rows);
+        for (int32_t r = 0; r < t.rows; ++r) {
+            const LocalTensor<float> row = scores[r * BLOCK_KV];
+            Adds(row, row, -refMax.GetValue(r), chunkLen);
+            Exp(row, row, chunkLen);  // masked columns: exp(-inf) = 0
+            ReduceSum(reduceOut, row, reduceWork, chunkLen);
+            chunkSum.SetValue(r, reduceOut.GetValue(0));
+        }
+        if (online) {
+            // alpha = exp(old max - new reference): 0 before a row's first visible key.
+            Sub(alpha, rowMax, refMax, t.rows);
+            Exp(alpha, alpha, t.rows);
+            Mul(rowSum, rowSum, alpha, t.rows);
+            Add(rowSum, rowSum, chunkSum, t.rows);
+        } else {
+            DataCopy(rowSum, chunkSum, STAT_LEN);
+        }
+        DataCopy(rowMax, newMax, STAT_LEN);
+    }
+${mask_function}
+    // ---- finish: normalize, then the output or a split-KV slot -------------------------------
+    __aicore__ inline void Finish(const Task& t)
+    {
+        NormalizeRows(acc, rowSum, safeSum, invSum, t.rows);
+        if (t.slot < 0) {
+            LocalTensor<T> tile = outQue.AllocTensor<T>();
+            NarrowFromFloat(tile, acc, t.rows * HEAD_DIM);
+            outQue.EnQue(tile);
+            tile = outQue.DeQue<T>();
+            DataCopyPad(outGm[TileOffset(t.firstToken, t.kvHead, tiling.numQHeads)], tile,
+                        TileCopyParams(t.qRows, tiling.numQHeads, true));
+            outQue.FreeTensor(tile);
+        } else {
+            // Split-KV chunk: the normalized partial output and its natural-log LSE, m + ln(l)
+            // (-inf for a row with no visible key: then m = -inf and l is taken as 1).
+            Ln(lse, safeSum, t.rows);
+            Add(lse, lse, rowMax, t.rows);
+            DataCopy(partialOutGm[uint64_t(t.slot) * TILE_ROWS * HEAD_DIM], acc, t.rows * HEAD_DIM);
+            DataCopyPad(partialLseGm[uint64_t(t.slot) * TILE_ROWS], lse,
+                        DataCopyExtParams(1, uint32_t(t.rows) * sizeof(float), 0, 0, 0));
+        }
+    }
+
+    Tiling tiling;
+    GlobalTensor<T> qGm, kGm, vGm, outGm, queryWs, probWs;
+    GlobalTensor<int32_t> blockTableGm, cuSeqlensGm, seqlensKvGm, tasksGm, programOffsetsGm, programTasksGm;
+${tree_member}    GlobalTensor<float> partialOutGm, partialLseGm;
+${main_buffer_members}
+    LocalTensor<float> acc, queryF, kvF, product, reduceWork, reduceOut;
+    LocalTensor<float> ${main_stat_members};
+};
+
+// Split-KV merge: one merge-table row per iteration (rows dealt over the blocks), log-sum-exp
+// rule against the running max: out = sum_k w_k o_k / sum_k w_k, w_k = exp(lse_k - max).
+class MetaAttentionMerge {
+public:
+    __aicore__ inline MetaAttentionMerge() {}
+
+    __aicore__ inline void Init(${merge_init_params}, const Tiling& t, TPipe* pipe)
+    {
+        tiling = t;
+        outGm.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(out), uint64_t(t.totalQ) * t.numQHeads * HEAD_DIM);
+        partialOutGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_out), uint64_t(t.numSlots) * TILE_ROWS * HEAD_DIM);
+        partialLseGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_lse), uint64_t(t.numSlots) * TILE_ROWS);
+        mergesGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(merges), uint64_t(t.numMerges) * MERGE_COLS);
+        cuSeqlensGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(cu_seqlens_q), uint64_t(t.numSeqs) + 1);
+${merge_init_buffers}
+        acc = accBuf.Get<float>();
+        const LocalTensor<float> stats = statBuf.Get<float>();
+${merge_stats}    }
+
+    __aicore__ inline void Process()
+    {
+        for (int64_t g = GetBlockIdx(); g < tiling.numMerges; g += GetBlockNum()) {
+            MergeTile(g);
+        }
+    }
+
+private:
+    __aicore__ inline void MergeTile(int64_t g)
+    {
+        const uint64_t row = uint64_t(g) * MERGE_COLS;
+        const int32_t seq = mergesGm.GetValue(row + 0);
+        const int32_t kvHead = mergesGm.GetValue(row + 1);
+        const int32_t qStart = mergesGm.GetValue(row + 2);
+        const int32_t qRows = mergesGm.GetValue(row + 3);
+        const int32_t firstSlot = mergesGm.GetValue(row + 4);
+        const int32_t numSlots = mergesGm.GetValue(row + 5);
+        const int32_t rows = qRows * GQA;
+        Duplicate(runMax, NEG_INF, STAT_LEN);
+        Duplicate(runSum, 0.0f, STAT_LEN);
+        Duplicate(acc, 0.0f, rows * HEAD_DIM);
+        for (int32_t k = 0; k < numSlots; ++k) {
+            const uint64_t slot = uint64_t(firstSlot) + k;
+            // Stage 1: the slot's LSE and partial output stream in (double-buffered queues).
+            LocalTensor<float> lse = lseQue.AllocTensor<float>();
+            DataCopyPad(lse, partialLseGm[slot * TILE_ROWS], DataCopyExtParams(1, uint32_t(rows) * sizeof(float), 0, 0, 0),
+                        DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
+            lseQue.EnQue(lse);
+            LocalTensor<float> part = partQue.AllocTensor<float>();
+            DataCopy(part, partialOutGm[slot * TILE_ROWS * HEAD_DIM], rows * HEAD_DIM);
+            partQue.EnQue(part);
+            lse = lseQue.DeQue<float>();
+            part = partQue.DeQue<float>();
+            // Stage 2: fold the slot in. A row whose slot saw no key has lse = -inf: weight 0, and
+            // its partial output is never read (it is ignored even if it were NaN).
+            Max(newMax, runMax, lse, rows);
+            ReferenceMax(refMax, newMax, rows);
+            Sub(alpha, runMax, refMax, rows);
+            Exp(alpha, alpha, rows);
+            Sub(weight, lse, refMax, rows);
+            Exp(weight, weight, rows);
+            for (int32_t r = 0; r < rows; ++r) {
+                const LocalTensor<float> accRow = acc[r * HEAD_DIM];
+                Muls(accRow, accRow, alpha.GetValue(r), HEAD_DIM);
+                const float w = weight.GetValue(r);
+                if (w > 0.0f) {
+                    const LocalTensor<float> partRow = part[r * HEAD_DIM];
+                    Muls(partRow, partRow, w, HEAD_DIM);
+                    Add(accRow, accRow, partRow, HEAD_DIM);
+                }
+            }
+            Mul(runSum, runSum, alpha, rows);
+            Add(runSum, runSum, weight, rows);
+            DataCopy(runMax, newMax, STAT_LEN);
+            lseQue.FreeTensor(lse);
+            partQue.FreeTensor(part);
+        }
+        // Stage 3: normalize, cast and store the tile's rows.
+        NormalizeRows(acc, runSum, safeSum, invSum, rows);
+        LocalTensor<T> tile = outQue.AllocTensor<T>();
+        NarrowFromFloat(tile, acc, rows * HEAD_DIM);
+        outQue.EnQue(tile);
+        tile = outQue.DeQue<T>();
+        const int32_t firstToken = cuSeqlensGm.GetValue(seq) + qStart;
+        DataCopyPad(outGm[TileOffset(firstToken, kvHead, tiling.numQHeads)], tile,
+                    TileCopyParams(qRows, tiling.numQHeads, true));
+        outQue.FreeTensor(tile);
+    }
+
+    Tiling tiling;
+    GlobalTensor<T> outGm;
+    GlobalTensor<float> partialOutGm, partialLseGm;
+    GlobalTensor<int32_t> mergesGm, cuSeqlensGm;
+${merge_buffer_members}
+    LocalTensor<float> acc;
+    LocalTensor<float> ${merge_stat_members};
+};
+
+}  // namespace ${ident}_impl
+
+extern "C" __global__ __aicore__ void ${ident}(${main_signature})
+{
+    ${ident}_impl::Tiling t;
+    ${ident}_impl::LoadTiling(tiling, t);
+    TPipe pipe;
+    ${ident}_impl::MetaAttention op;
+    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.qk, &t.qkTiling);
+    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.pv, &t.pvTiling);
+    op.Init(${main_init_args}, t, &pipe);
+    op.Process();
+}
+
+extern "C" __global__ __aicore__ void ${ident}_merge(${merge_signature})
+{
+    ${ident}_impl::Tiling t;
+    ${ident}_impl::LoadTiling(tiling, t);
+    TPipe pipe;
+    ${ident}_impl::MetaAttentionMerge op;
+    op.Init(${merge_init_args}, t, &pipe);
+    op.Process();
+}
+
+${launch_stubs}"""
+
+
+def _mask_doc(layout: AttentionLayout) -> str:
+    """One-line description of the visibility rule, for the kernel's header comment."""
+    parts = ["kv_pos <= q_pos (causal)" if layout.causal else "every kv_pos < seqlen_kv (not causal)"]
+    if layout.sliding_window:
+        parts.append("kv_pos > q_pos - window")
+    if layout.tree:
+        parts.append("tree_mask replaces that among the new tokens when n_s <= T")
+    return "; ".join(parts)
+
+
+def _convert_helpers(layout: AttentionLayout) -> str:
+    """WidenToFloat / NarrowFromFloat: Cast for half/bf16; plain copies for float (no float->float Cast)."""
+    if layout.dtype == "float32":
+        body_w = "    DataCopy(dst, src, count);  // T is float: nothing to convert"
+        body_n = body_w
+    else:
+        body_w = "    Cast(dst, src, RoundMode::CAST_NONE, count);  // exact"
+        body_n = "    Cast(dst, src, RoundMode::CAST_RINT, count);  // round to nearest-even"
+    return (
+        "// Conversions between the input type and the float the vector math runs in.\n"
+        "__aicore__ inline void WidenToFloat(const LocalTensor<float>& dst, const LocalTensor<T>& src, uint32_t count)\n"
+        f"{{\n{body_w}\n}}\n\n"
+        "__aicore__ inline void NarrowFromFloat(const LocalTensor<T>& dst, const LocalTensor<float>& src, uint32_t count)\n"
+        f"{{\n{body_n}\n}}\n"
+    )
+
+
+def _mask_function(layout: AttentionLayout) -> str:
+    """`MaskScores` (only the rules the spec asks for), or "" when nothing is ever hidden."""
+    if not (layout.causal or layout.sliding_window or layout.tree):
+        return ""
+    body = [
+        "        const LocalTensor<float> row = scores[r * BLOCK_KV];",
+        "        const int32_t qIndex = t.qStart + r / GQA;  // query index within the sequence",
+    ]
+    if layout.causal or layout.sliding_window:
+        body.append("        const int32_t qPos = t.newStart + qIndex;   // its KV position")
+    if layout.tree:
+        body += [
+            "        if (t.treeApplies) {",
+            "            // Tree verify: among the new tokens the tree mask decides (it replaces the",
+            "            // causal rule); older positions stay visible. One bool per (row, new token).",
+            "            const int32_t firstNew = t.newStart > chunkStart ? t.newStart - chunkStart : 0;",
+            "            const uint64_t treeRow = (uint64_t(t.seq) * tiling.treeSize + qIndex) * tiling.treeSize;",
+            "            for (int32_t c = firstNew; c < chunkLen; ++c) {",
+            "                if (treeMaskGm.GetValue(treeRow + uint64_t(chunkStart + c - t.newStart)) == 0) {",
+            "                    row.SetValue(c, NEG_INF);",
+            "                }",
+            "            }",
+            "        }" + (" else {" if layout.causal else ""),
+        ]
+        if layout.causal:
+            body += [
+                "            // Causal: positions after the row's own are hidden.",
+                "            HideColumns(row, qPos + 1 - chunkStart, chunkLen, chunkLen);",
+                "        }",
+            ]
+    elif layout.causal:
+        body += [
+            "        // Causal: positions after the row's own are hidden.",
+            "        HideColumns(row, qPos + 1 - chunkStart, chunkLen, chunkLen);",
+        ]
+    if layout.sliding_window:
+        body += [
+            "        // Sliding window: positions <= qPos - window are hidden.",
+            "        HideColumns(row, 0, qPos - tiling.window + 1 - chunkStart, chunkLen);",
+        ]
+    return (
+        "\n"
+        "    // Hide what each row may not see in chunk [chunkStart, chunkStart + chunkLen): the causal\n"
+        "    // and window rules hide one contiguous column range per row; the tree mask goes per element.\n"
+        "    __aicore__ inline void MaskScores(const Task& t, const LocalTensor<float>& scores, int32_t chunkStart,\n"
+        "                                      int32_t chunkLen)\n"
+        "    {\n"
+        "        for (int32_t r = 0; r < t.rows; ++r) {\n"
+        + "\n".join("    " + line for line in body) + "\n"
+        "        }\n"
+        "    }\n"
+    )
+
+
+def _init_buffers(buffers: Sequence[UbBuffer]) -> str:
+    lines = ["        // Unified buffer (sizes checked against the 192 KiB at render time):"]
+    for b in buffers:
+        if b.kind.startswith("TBuf"):
+            lines.append(f"        pipe->InitBuffer({b.member}, {b.nbytes});  // {b.purpose}")
+        else:
+            num = "BUFFER_NUM" if b.num == BUFFER_NUM and "BUFFER_NUM" in b.kind else str(b.num)
+            lines.append(f"        pipe->InitBuffer({b.member}, {num}, {b.nbytes});  // {b.purpose}")
+    lines.append(f"        // total {sum(b.total for b in buffers)} bytes")
+    return "\n".join(lines)
+
+
+def _buffer_members(buffers: Sequence[UbBuffer]) -> str:
+    return "\n".join(f"    {b.kind} {b.member};" for b in buffers)
+
+
+def _stat_views(names: Sequence[str]) -> str:
+    return "".join(f"        {name} = stats[{i} * STAT_LEN];\n" for i, name in enumerate(names))
+
+
+def _init_params(entry: EntryPoint) -> str:
+    """`GM_ADDR a, GM_ADDR b, ...` without the tiling, four to a line."""
+    params = [f"GM_ADDR {p}" for p in entry.params if p != "tiling"]
+    lines = [", ".join(params[i:i + 4]) for i in range(0, len(params), 4)]
+    return (",\n" + " " * 32).join(lines)
+
+
+def _init_args(entry: EntryPoint) -> str:
+    return ", ".join(p for p in entry.params if p != "tiling")
+
+
+def _kernel_source(spec: KernelSpec, layout: AttentionLayout, ident: str,
+                   main: EntryPoint, merge: EntryPoint) -> str:
+    mask = _mask_function(layout)
+    return _fill(
+        _KERNEL_TEMPLATE,
+        banner=banner(spec, "Ascend C kernels (meta-attention + split-KV merge)"),
+        mask_doc=_mask_doc(layout),
+        ident=ident,
+        struct=_struct_name(ident),
+        ctype=layout.ctype,
+        gqa=layout.gqa,
+        head_dim=layout.head_dim,
+        block_q=layout.block_q,
+        block_kv=layout.block_kv,
+        stat_len=layout.stat_len,
+        buffer_num=BUFFER_NUM,
+        task_cols=TASK_COLS,
+        merge_cols=MERGE_COLS,
+        convert_helpers=_convert_helpers(layout),
+        main_init_params=_init_params(main),
+        tree_init=(
+            "        treeMaskGm.SetGlobalBuffer(reinterpret_cast<__gm__ uint8_t*>(tree_mask),\n"
+            "                                   uint64_t(t.numSeqs) * t.treeSize * t.treeSize);  // bool [S, T, T]\n"
+            if layout.tree else ""
+        ),
+        main_init_buffers=_init_buffers(layout.main_buffers()),
+        main_stats=_stat_views(_MAIN_STAT_NAMES),
+        tree_applies=(
+            "numNew <= tiling.treeSize" if layout.tree else "false"
+        ),
+        mask_call=("        MaskScores(t, scores, chunkStart, chunkLen);\n" if mask
+                   else "        (void)chunkStart;  // this kernel hides nothing\n"),
+        mask_function=mask,
+        tree_member="    GlobalTensor<uint8_t> treeMaskGm;\n" if layout.tree else "",
+        main_buffer_members=_buffer_members(layout.main_buffers()),
+        main_stat_members=", ".join(_MAIN_STAT_NAMES),
+        merge_init_params=_init_params(merge),
+        merge_init_buffers=_init_buffers(layout.merge_buffers()),
+        merge_stats=_stat_views(_MERGE_STAT_NAMES),
+        merge_buffer_members=_buffer_members(layout.merge_buffers()),
+        merge_stat_members=", ".join(_MERGE_STAT_NAMES),
+        main_signature=main.signature(),
+        merge_signature=merge.signature(),
+        main_init_args=_init_args(main),
+        merge_init_args=_init_args(merge),
+        launch_stubs=launch_stub(main) + "\n" + launch_stub(merge),
+    )
+
+
+_HOST_TEMPLATE = """\
+$banner
+// The tiling function (plain C ABI, so Python calls it through ctypes) and, in CPU-debug
+// builds, the launches of both kernels on the CPU.
+#include "tiling/tiling_api.h"
+#include "${ident}_tiling.h"
+#ifdef ASCENDC_CPU_DEBUG
+#include "kernel_operator.h"
+#include "tikicpulib.h"
+#endif
+
+namespace {
+
+constexpr int32_t GQA = ${gqa};
+constexpr int32_t HEAD_DIM = ${head_dim};
+constexpr int32_t TILE_ROWS = ${rows};
+constexpr int32_t CUBE_ROWS = ${cube_rows};  // TILE_ROWS padded to the cube's 16-row fractal
+constexpr int32_t BLOCK_KV = ${block_kv};
+
+// Status codes (tileflow's backends/ascend/attention.py TILING_ERRORS explains each).
+enum TilingStatus : int32_t {
+    TILING_OK = 0,
+${status_enum}
+};
+
+// One Matmul tiling: base block = the whole single shape (one Iterate per tile).
+int64_t CubeTiling(TCubeTiling& out, int m, int n, int k, bool transposeB)
+{
+    matmul_tiling::MatmulApiTiling api;
+    api.SetAType(matmul_tiling::TPosition::GM, matmul_tiling::CubeFormat::ND, matmul_tiling::DataType::${api_dtype});
+    api.SetBType(matmul_tiling::TPosition::GM, matmul_tiling::CubeFormat::ND, matmul_tiling::DataType::${api_dtype}, transposeB);
+    api.SetCType(matmul_tiling::TPosition::VECIN, matmul_tiling::CubeFormat::ND, matmul_tiling::DataType::DT_FLOAT);
+    api.SetShape(m, n, k);
+    api.SetOrgShape(m, n, k);
+    api.SetBias(false);
+    api.SetFixSplit(CUBE_ROWS, n, k);
+    return api.GetTiling(out);
+}
+
+}  // namespace
+
+extern "C" uint32_t ${ident}_tiling_size()
+{
+    return sizeof(${struct});
+}
+
+// Fill the tiling of one launch; returns TILING_OK or the first problem found.
+extern "C" int32_t ${ident}_tiling(
+    int32_t numSeqs, int32_t numQHeads, int32_t numKvHeads, int32_t blockSize, int32_t maxBlocks,
+    int32_t numBlocks, int32_t totalQ, int32_t numTasks, int32_t numSlots, int32_t numMerges,
+    int32_t numPrograms, int32_t treeSize, int32_t window, float scale, void* tilingOut)
+{
+    if (tilingOut == nullptr) {
+        return TILING_NULL_OUTPUT;
+    }
+    if (numKvHeads < 1 || numQHeads != numKvHeads * GQA) {
+        return TILING_BAD_HEADS;
+    }
+    if (blockSize < 1 || maxBlocks < 1 || numBlocks < 1) {
+        return TILING_BAD_PAGES;
+    }
+    if (numSeqs < 0 || totalQ < 0 || numTasks < 0 || numSlots < 0 || numMerges < 0) {
+        return TILING_BAD_COUNTS;
+    }
+    if (numPrograms < 1) {
+        return TILING_BAD_PROGRAMS;
+    }
+${window_check}${tree_check}    ${struct} t{};
+    if (CubeTiling(t.qkTiling, TILE_ROWS, BLOCK_KV, HEAD_DIM, true) != 0) {
+        return TILING_QK_CUBE;
+    }
+    if (CubeTiling(t.pvTiling, TILE_ROWS, HEAD_DIM, BLOCK_KV, false) != 0) {
+        return TILING_PV_CUBE;
+    }
+    t.numSeqs = numSeqs;
+    t.numQHeads = numQHeads;
+    t.numKvHeads = numKvHeads;
+    t.blockSize = blockSize;
+    t.maxBlocks = maxBlocks;
+    t.numBlocks = numBlocks;
+    t.totalQ = totalQ;
+    t.numTasks = numTasks;
+    t.numSlots = numSlots;
+    t.numMerges = numMerges;
+    t.numPrograms = numPrograms;
+    t.treeSize = treeSize;
+    t.window = window;
+    t.scale = scale;
+    *static_cast<${struct}*>(tilingOut) = t;
+    return TILING_OK;
+}
+
+${cpu_runners}"""
+
+
+def _host_source(spec: KernelSpec, layout: AttentionLayout, ident: str,
+                 main: EntryPoint, merge: EntryPoint) -> str:
+    status = "\n".join(f"    {name} = {code},  // {why}" for code, (name, why) in TILING_ERRORS.items())
+    window_check = (
+        "    if (window < 1) {\n        return TILING_BAD_WINDOW;\n    }\n"
+        if layout.sliding_window else ""
+    )
+    tree_check = (
+        "    if (treeSize < 0) {\n        return TILING_BAD_TREE;\n    }\n"
+        if layout.tree else ""
+    )
+    return _fill(
+        _HOST_TEMPLATE,
+        banner=banner(spec, "Host tiling and CPU-debug launch"),
+        ident=ident,
+        struct=_struct_name(ident),
+        gqa=layout.gqa,
+        head_dim=layout.head_dim,
+        rows=layout.rows,
+        cube_rows=layout.cube_rows,
+        block_kv=layout.block_kv,
+        status_enum=status,
+        api_dtype=_API_DTYPES[layout.dtype],
+        window_check=window_check,
+        tree_check=tree_check,
+        cpu_runners=cpu_runner(main) + "\n" + cpu_runner(merge),
+    )
+
+
+def render_attention_sources(spec: KernelSpec) -> KernelSources:
+    """Emit the Ascend C project files of a ``meta_attention`` spec.
+
+    Files (see `sources.KernelSources`): ``op_kernel/<ident>.cpp`` (both kernels: `<ident>` and
+    `<ident>_merge`, and their NPU launch stubs), ``op_host/<ident>_tiling.h`` (the tiling
+    struct), ``op_host/<ident>_host.cpp`` (``<ident>_tiling_size()``, ``<ident>_tiling(...)`` and
+    the CPU-debug runners) and ``op_host/<ident>_torch.cpp`` (the PyTorch operators).
+
+    Raises ValueError for a spec the kernel cannot implement (see `attention_layout`).
+    """
+    layout = attention_layout(spec)
+    ident = kernel_ident(spec)
+    main, merge = attention_entries(spec)
+    sources = KernelSources(spec=spec, ident=ident, tiling_struct=_struct_name(ident),
+                            kernels=(main.name, merge.name))
+    sources.files[sources.tiling_header] = _tiling_header(spec, ident)
+    sources.files[sources.kernel_file] = _kernel_source(spec, layout, ident, main, merge)
+    sources.files[sources.host_file] = _host_source(spec, layout, ident, main, merge)
+    sources.files[sources.torch_file] = torch_binding((main, merge), spec)
+    return sources
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _host_tiling(host_call: HostCall, ident: str, where: str, values: Sequence[int], scale: float) -> torch.Tensor:
+    """The tiling struct of one launch, computed by the emitted host function (CPU bytes)."""
+    size = int(host_call(f"{ident}_tiling_size", restype=ctypes.c_uint32))
+    tiling = torch.zeros(size, dtype=torch.uint8)
+    for v in values:
+        if not -(2**31) <= v < 2**31:
+            raise ValueError(f"{where}: a launch size ({v}) does not fit the kernel's int32 tiling")
+    code = host_call(f"{ident}_tiling", *(ctypes.c_int32(v) for v in values), ctypes.c_float(scale), tiling)
+    if code != 0:
+        why = TILING_ERRORS.get(code, ("", f"unknown status {code}"))[1]
+        raise ValueError(f"{where}: the host tiling refused the launch: {why}")
+    return tiling
+
+
+def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRun,
+                            cores: int) -> Callable[..., torch.Tensor]:
+    """Wrap the built kernels (on any runner) in the meta-attention launch interface:
+
+        launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
+               scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None) -> out
+
+    Inputs are validated by `tileflow.attention_inputs.check_launch_inputs` (the checks the
+    Triton launcher makes). `host_call(name, *args, restype=...)` calls the emitted host functions
+    (the tiling); `run(entry, block_dim, tensors)` launches a kernel — the CPU-debug library or
+    the NPU operators, so both share validation, tiling and workspace allocation. The main kernel
+    runs one block per task-table program; the merge kernel (when the table has merge rows)
+    min(merges, cores) blocks.
+
+    The kernel addresses q, the caches and out densely, so non-contiguous views are copied (and
+    a non-contiguous `out` is written back). The per-core GM workspace (Q and P tiles) and the
+    split-KV workspace (float32, `TaskTable.workspace_shapes`) are allocated per call.
+    """
+    layout = attention_layout(spec)
+    main, merge = attention_entries(spec)
+    ident = kernel_ident(spec)
+    where = f"kernel {spec.name}"
+
+    def launch(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        seqlens_kv: torch.Tensor,
+        table: Any,
+        *,
+        scale: float | None = None,
+        tree_mask: torch.Tensor | None = None,
+        sliding_window: int | None = None,
+        out: torch.Tensor | None = None,
+        attn_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run meta-attention for the batch described by `table`; returns `out`."""
+        inputs = check_launch_inputs(
+            layout.params, spec.dtype, where, q, k_cache, v_cache, block_table, cu_seqlens_q,
+            seqlens_kv, table, tree_mask=tree_mask, sliding_window=sliding_window, out=out,
+            attn_bias=attn_bias,
+        )
+        out = inputs.out
+        if inputs.nothing_to_do:
+            return out
+        device = q.device
+        d = layout.head_dim
+        num_programs, num_merges = inputs.num_programs, inputs.merges.shape[0]
+        dense_out = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+        tree = inputs.tree_mask
+        tree_size = 0 if tree is None else tree.shape[1]
+        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+        tiling = _host_tiling(host_call, ident, where, (
+            inputs.num_seqs, q.shape[1], k_cache.shape[2], k_cache.shape[1],
+            inputs.block_table.shape[1], k_cache.shape[0], q.shape[0], inputs.tasks.shape[0],
+            inputs.num_slots, num_merges, num_programs, tree_size, inputs.sliding_window or 0,
+        ), scale)
+
+        slots = max(inputs.num_slots, 1)  # a 1-slot dummy when no task is split (never touched)
+        tensors = {
+            "q": q.contiguous(),
+            "k_cache": k_cache.contiguous(),
+            "v_cache": v_cache.contiguous(),
+            "block_table": inputs.block_table,
+            "cu_seqlens_q": inputs.cu_seqlens_q,
+            "seqlens_kv": inputs.seqlens_kv,
+            "tasks": inputs.tasks,
+            "program_offsets": inputs.program_offsets,
+            "program_tasks": inputs.program_tasks,
+            "merges": inputs.merges,
+            # bool is one byte per element: the kernel reads it as uint8 (no copy for a dense mask).
+            "tree_mask": None if tree is None else tree.contiguous().view(torch.uint8),
+            "out": dense_out,
+            "partial_out": torch.empty((slots, layout.rows, d), dtype=torch.float32, device=device),
+            "partial_lse": torch.empty((slots, layout.rows), dtype=torch.float32, device=device),
+            "workspace": torch.empty(num_programs * layout.workspace_elems, dtype=q.dtype, device=device),
+            "tiling": tiling.to(device),
+        }
+        run(main, num_programs, [tensors[p] for p in main.params])
+        if num_merges:
+            run(merge, min(num_merges, max(cores, 1)), [tensors[p] for p in merge.params])
+        if dense_out is not out:
+            out.copy_(dense_out)
+        return out
+
+    launch.spec = spec  # type: ignore[attr-defined]
+    launch.layout = layout  # type: ignore[attr-defined]
+    return launch
+
+
+def build_cpu_attention(spec: KernelSpec, include_dirs: Sequence[Path],
+                        build_dir: Path | None = None) -> CompiledKernel:
+    """Emit, compile for the CPU (CANN's CPU-debug mode, against `include_dirs`) and wrap a
+    ``meta_attention`` spec: a `CompiledKernel` with target "ascend-cpu-debug" whose source is
+    the combined emitted files. Tests use it with the double under tests/ascend_cpu/."""
+    attention_layout(spec)  # refuse a bad spec before compiling anything
+    from . import build_cpu_debug_kernel
+
+    return build_cpu_debug_kernel(spec, include_dirs, build_dir=build_dir)

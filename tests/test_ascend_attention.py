@@ -1,0 +1,441 @@
+"""Tests for the Ascend C meta-attention emitter (backends/ascend/attention.py).
+
+The emitted kernels are compiled with g++ (warnings are errors) against the CPU test double of the
+Ascend C API in tests/ascend_cpu/ and run block by block on the CPU. Every launch writes into an
+output poisoned with NaN, and every KV-cache slot no sequence owns is NaN too (see
+`attention_cases.make_batch`), so a row the kernel forgets to store, or an invisible position that
+leaks into a result, shows up. Results are compared with the reference backend's dense definition
+evaluated in float64 (the oracle), with the Triton tests' tolerances.
+
+Each distinct spec is one g++ run: the specs are few and built once per module, in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import shutil
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from attention_cases import batch_lengths, batch_mixes, make_batch
+from golden_files import check_golden
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from tileflow.backends.ascend.attention import (
+    TILING_ERRORS,
+    UB_BYTES,
+    _host_tiling,
+    attention_entries,
+    attention_layout,
+    build_cpu_attention,
+    render_attention_sources,
+    task_pipeline,
+)
+from tileflow.backends.ascend.cpu_debug import build_cpu_debug
+from tileflow.backends.reference.attention import (
+    attention_reference_dense,
+    merge_partials,
+)
+
+from tileflow.kernel_spec import KernelSpec, make_params
+from tileflow.tasks import build_task_table
+
+HEADERS = Path(__file__).parent / "ascend_cpu"
+TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+ARGS = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seqlens_kv")
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="CPU-debug builds need g++")
+
+
+def attn_spec(dtype: str = "float32", *, head_dim: int = 16, gqa: int = 1, block_q: int = 4,
+              block_kv: int = 16, causal: bool = True, sliding_window: bool = False,
+              tree: bool = False, bias: bool = False) -> KernelSpec:
+    """A meta_attention KernelSpec."""
+    return KernelSpec(
+        op="meta_attention", dtype=dtype, out_dtype=dtype,
+        params=make_params(head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=block_kv,
+                           causal=causal, sliding_window=sliding_window, tree=tree, bias=bias),
+    )
+
+
+# The compiled specs. Hq/Hkv are launch-time: a gqa=4 kernel serves 8/2 (GQA) and 4/1 (MQA).
+GQA4_TREE = attn_spec("float32", gqa=4, block_q=2, tree=True)
+# The golden spec: fp16, GQA 2, tree verify and a sliding window, block_kv 32, head_dim 32.
+FP16_TREE_WINDOW = attn_spec("float16", head_dim=32, gqa=2, block_q=4, block_kv=32, tree=True,
+                             sliding_window=True)
+BF16_GQA2 = attn_spec("bfloat16", gqa=2, block_q=4)
+FP32_WINDOW = attn_spec("float32", gqa=2, block_q=4, sliding_window=True)
+NOT_CAUSAL_TREE = attn_spec("float32", gqa=1, block_q=3, causal=False, tree=True)
+SPECS = (GQA4_TREE, FP16_TREE_WINDOW, BF16_GQA2, FP32_WINDOW, NOT_CAUSAL_TREE)
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> dict[KernelSpec, Any]:
+    """Every spec of this module, compiled once (two g++ at a time) into a private build dir."""
+    build_dir = tmp_path_factory.mktemp("ascend_attention")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        built = list(pool.map(lambda s: build_cpu_attention(s, [HEADERS], build_dir=build_dir), SPECS))
+    return dict(zip(SPECS, built))
+
+
+def causal_tree(batch: dict[str, Any], size: int = 4) -> torch.Tensor:
+    """A lower-triangular tree mask for every sequence: the causal rule, for batches without
+    verify sequences run on a tree kernel."""
+    return torch.ones(batch["seqlens_kv"].shape[0], size, size, dtype=torch.bool).tril()
+
+
+def oracle(batch: dict[str, Any], spec: KernelSpec, *, tree_mask: torch.Tensor | None,
+           window: int | None, scale: float | None = None) -> torch.Tensor:
+    """The reference backend's dense definition, evaluated in float64."""
+    args = [batch[k].double() if batch[k].is_floating_point() else batch[k] for k in ARGS]
+    return attention_reference_dense(*args, scale=scale, causal=spec.param("causal"),
+                                     sliding_window=window, tree_mask=tree_mask)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: str, what: str) -> None:
+    """Every element written (no NaN left) and relative (Frobenius) error within tolerance."""
+    assert out.dtype == getattr(torch, dtype)
+    assert not torch.isnan(out).any(), f"{what}: some output elements were never written"
+    rel = ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+    assert rel <= TOL[dtype], f"{what}: relative error {rel:.3g} > {TOL[dtype]}"
+
+
+def run_and_check(kernel: Any, spec: KernelSpec, batch: dict[str, Any], *, window: int | None = None,
+                  kv_split: int | None = 0, num_programs: int = 3, what: str = "") -> Any:
+    """Build the task table, launch on a NaN-poisoned output, compare with the oracle; returns
+    the table."""
+    layout = attention_layout(spec)
+    tree = None
+    if layout.tree:
+        tree = batch["tree_mask"] if batch["tree_mask"] is not None else causal_tree(batch)
+    table = build_task_table(
+        batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=batch["q"].shape[1],
+        num_kv_heads=batch["k_cache"].shape[2], block_q=layout.block_q, num_programs=num_programs,
+        sliding_window=window, causal=layout.causal, kv_split=kv_split,
+    )
+    out = torch.full_like(batch["q"], float("nan"))
+    res = kernel(*[batch[k] for k in ARGS], table, tree_mask=tree, sliding_window=window, out=out)
+    assert res is out
+    assert_close(out, oracle(batch, spec, tree_mask=tree, window=window), spec.dtype, what)
+    return table
+
+
+def pipelines(table: Any, spec: KernelSpec, block_size: int) -> Counter:
+    """How many tasks of the table run each pipeline (the kernel's own rule, see task_pipeline)."""
+    block_kv = attention_layout(spec).block_kv
+    return Counter(task_pipeline(t, block_kv, block_size) for t in table.tasks.tolist())
+
+
+# --------------------------------------------------------------------------------------------
+# Correctness
+# --------------------------------------------------------------------------------------------
+
+MIX = ["prefill", "chunked", "decode", "verify", "empty", "decode", "chunked"]
+
+# (spec, block_size, Hq, Hkv, kinds, window, kv_split): R in {1, 2, 4}, MQA, page sizes 5 (divides
+# no chunk) and 16, all dtypes, tree verify, windows, forced split-KV (the merge kernel).
+MIXED_CASES = [
+    (GQA4_TREE, 5, 8, 2, MIX, None, 0),
+    (GQA4_TREE, 16, 4, 1, MIX, None, 16),
+    (FP16_TREE_WINDOW, 5, 4, 2, MIX, 6, 0),
+    (FP16_TREE_WINDOW, 16, 2, 1, MIX, 100, 16),
+    (BF16_GQA2, 16, 4, 2, ["prefill", "decode", "chunked", "empty", "decode"], None, 0),
+    (BF16_GQA2, 5, 2, 1, ["chunked", "decode", "prefill"], None, 32),
+    (NOT_CAUSAL_TREE, 5, 2, 2, MIX, None, 16),
+    (NOT_CAUSAL_TREE, 16, 3, 3, ["prefill", "verify", "decode"], None, 0),
+]
+
+
+@pytest.mark.parametrize("case", range(len(MIXED_CASES)))
+def test_mixed_batch(kernels: dict[KernelSpec, Any], case: int) -> None:
+    """Prefill, chunked prefill, decode, tree verify and empty sequences in one launch."""
+    spec, block_size, hq, hkv, kinds, window, kv_split = MIXED_CASES[case]
+    batch = make_batch(kinds, num_q_heads=hq, num_kv_heads=hkv, head_dim=spec.param("head_dim"),
+                       block_size=block_size, dtype=getattr(torch, spec.dtype), seed=100 + case,
+                       tree_size=6, max_len=40)
+    table = run_and_check(kernels[spec], spec, batch, window=window, kv_split=kv_split,
+                          what=f"case {case}: {spec.name} bs={block_size} {hq}/{hkv}")
+    if kv_split:
+        assert table.merges.shape[0] > 0, "the case should exercise the merge kernel"
+
+
+def test_all_three_pipelines(kernels: dict[KernelSpec, Any]) -> None:
+    """One launch whose tasks take the 2-stage (decode), 3-stage (one chunk) and 4-stage (many
+    chunks, online rescale) pipelines, with and without split-KV (chunks of 24 positions cross
+    the 16-position pages, so split tasks take the 4-stage pipeline too)."""
+    lengths = [(1, 30), (3, 3), (9, 40), (2, 7), (1, 1)]
+    batch = exact_batch(lengths, num_q_heads=8, num_kv_heads=2, head_dim=16, block_size=16,
+                        dtype=torch.float32, seed=7)
+    for kv_split in (0, 24):
+        table = run_and_check(kernels[GQA4_TREE], GQA4_TREE, batch, kv_split=kv_split,
+                              what=f"pipelines, kv_split={kv_split}")
+        kinds = pipelines(table, GQA4_TREE, block_size=16)
+        assert set(kinds) == {"2-stage", "3-stage", "4-stage"}, kinds
+
+
+@pytest.mark.parametrize("window", [1, 5, 100])
+def test_sliding_window_with_split(kernels: dict[KernelSpec, Any], window: int) -> None:
+    """Sliding windows (1 = each row sees itself only; 100 = wider than any sequence) with forced
+    split-KV chunks: some chunks are invisible to some rows (LSE -inf there) and the merge must
+    ignore them."""
+    lengths = [(9, 30), (1, 23), (17, 17), (0, 4), (3, 41)]
+    batch = exact_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=7,
+                        dtype=torch.float32, seed=window)
+    # Chunks of 3 positions: a 4-row tile with window 1 reads 4 positions, so its second chunk
+    # holds only the last row's own position.
+    table = run_and_check(kernels[FP32_WINDOW], FP32_WINDOW, batch, window=window, kv_split=3,
+                          what=f"window {window}")
+    assert table.merges.shape[0] > 0
+
+
+def test_merge_kernel_alone(kernels: dict[KernelSpec, Any]) -> None:
+    """The merge kernel on hand-made partials against the reference merge: rows whose slot saw no
+    key (LSE -inf) have NaN partial outputs, which must be ignored; a row hidden in every slot
+    becomes zeros; two blocks deal the merge rows between them."""
+    spec = GQA4_TREE
+    sources = kernels[spec].meta["sources"]
+    lib = build_cpu_debug(sources, [HEADERS], build_dir=Path(kernels[spec].meta["library"]).parent.parent)
+    batch = exact_batch([(3, 40), (1, 33), (2, 20)], num_q_heads=8, num_kv_heads=2, head_dim=16,
+                        block_size=8, dtype=torch.float32, seed=3)
+    table = build_task_table(batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=8,
+                             num_kv_heads=2, block_q=2, num_programs=2, kv_split=8)
+    rows = attention_layout(spec).rows
+    gen = torch.Generator().manual_seed(0)
+    partial_out = torch.randn(table.num_slots, rows, 16, generator=gen)
+    partial_lse = torch.randn(table.num_slots, rows, generator=gen) * 3
+    hidden = torch.rand(table.num_slots, rows, generator=gen) < 0.3
+    partial_lse[hidden] = float("-inf")
+    partial_out[hidden] = float("nan")
+    first, count = table.merges[0, 4:6].tolist()
+    partial_lse[first:first + count, 0] = float("-inf")  # row 0 of the first split tile: no key
+    partial_out[first:first + count, 0] = float("nan")
+    ref = merge_partials(table, partial_out, partial_lse, torch.full_like(batch["q"], float("nan")))
+    out = torch.full_like(batch["q"], float("nan"))
+    tiling = _host_tiling(lib.call, sources.ident, "merge test", (
+        3, 8, 2, 8, batch["block_table"].shape[1], batch["k_cache"].shape[0], out.shape[0],
+        table.num_tasks, table.num_slots, table.merges.shape[0], 2, 0, 0), 0.25)
+    lib.call(f"{sources.ident}_merge_run_cpu", ctypes.c_uint32(2), out, partial_out, partial_lse,
+             table.merges, batch["cu_seqlens_q"], tiling, restype=None)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), "the merge wrote other rows than the reference"
+    written = ~torch.isnan(ref)
+    assert written.any() and (ref[written] == 0).any()
+    torch.testing.assert_close(out[written], ref[written], rtol=1e-5, atol=1e-6)
+
+
+def test_strided_views_and_explicit_scale(kernels: dict[KernelSpec, Any]) -> None:
+    """q, out and the caches as non-contiguous views (a fused qkv buffer, a kv-interleaved cache)
+    and an explicit softmax scale: the launcher copies what the kernel reads densely and writes
+    back into the caller's view only."""
+    spec = BF16_GQA2
+    base = exact_batch([(6, 14), (1, 30)], num_q_heads=4, num_kv_heads=2, head_dim=16,
+                       block_size=8, dtype=torch.bfloat16, seed=6)
+    q = base["q"]
+    qkv = torch.randn(q.shape[0], 12, 16).to(torch.bfloat16)
+    qkv[:, 4:8] = q
+    kv = torch.stack([base["k_cache"], base["v_cache"]], dim=2)
+    out_buf = torch.full((q.shape[0], 4, 32), float("nan"), dtype=torch.bfloat16)
+    batch = dict(base, q=qkv[:, 4:8], k_cache=kv[:, :, 0], v_cache=kv[:, :, 1])
+    assert not batch["q"].is_contiguous() and not batch["k_cache"].is_contiguous()
+    table = build_task_table(batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=4,
+                             num_kv_heads=2, block_q=4, num_programs=2)
+    out = out_buf[:, :, 8:24]
+    res = kernels[spec](*[batch[k] for k in ARGS], table, scale=0.3, out=out)
+    assert res is out
+    assert torch.isnan(out_buf[:, :, :8]).all() and torch.isnan(out_buf[:, :, 24:]).all()
+    assert_close(out, oracle(batch, spec, tree_mask=None, window=None, scale=0.3), spec.dtype,
+                 "strided views")
+
+
+def test_empty_batch(kernels: dict[KernelSpec, Any]) -> None:
+    """A batch with no query rows returns the output without launching anything."""
+    batch = exact_batch([(0, 5), (0, 2)], num_q_heads=2, num_kv_heads=2, head_dim=16,
+                        block_size=4, dtype=torch.float32)
+    table = build_task_table(batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=2,
+                             num_kv_heads=2, block_q=3, num_programs=2)
+    out = kernels[NOT_CAUSAL_TREE](*[batch[k] for k in ARGS], table, tree_mask=causal_tree(batch))
+    assert out.shape == (0, 2, 16)
+
+
+@given(
+    kinds=batch_mixes(max_size=5),
+    seed=st.integers(0, 2**16),
+    block_size=st.sampled_from([1, 5, 16]),
+    heads=st.sampled_from([(4, 1), (8, 2)]),
+    kv_split=st.sampled_from([0, 16]),
+    num_programs=st.sampled_from([1, 3, 8]),
+)
+@settings(max_examples=10, deadline=None, derandomize=True, database=None,
+          phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_random_mixes(kernels: dict[KernelSpec, Any], kinds: list[str], seed: int, block_size: int,
+                      heads: tuple[int, int], kv_split: int, num_programs: int) -> None:
+    """Random batch mixes on the GQA-4 tree kernel (fresh inputs every example)."""
+    hq, hkv = heads
+    batch = make_batch(kinds, num_q_heads=hq, num_kv_heads=hkv, head_dim=16, block_size=block_size,
+                       dtype=torch.float32, seed=seed, tree_size=4, max_len=36)
+    run_and_check(kernels[GQA4_TREE], GQA4_TREE, batch, kv_split=kv_split,
+                  num_programs=num_programs, what=f"{kinds} seed={seed}")
+
+
+# --------------------------------------------------------------------------------------------
+# Specs, sources, validation
+# --------------------------------------------------------------------------------------------
+
+
+def test_golden_sources() -> None:
+    """The emitted files of one representative spec, kept under tests/golden/ascend/."""
+    sources = render_attention_sources(FP16_TREE_WINDOW)
+    assert set(sources.kernels) == {e.name for e in attention_entries(FP16_TREE_WINDOW)}
+    check_golden("ascend/meta_attention_float16_gqa2_tree_window.txt", sources.combined())
+
+
+def test_source_shape() -> None:
+    """Three pipelines as separate functions; mask code only for the rules the spec asks for;
+    the buffer sizes the UB budget counted are the ones the kernel asks for."""
+    text = render_attention_sources(FP16_TREE_WINDOW).files
+    kernel = next(v for k, v in text.items() if k.startswith("op_kernel/"))
+    for name in ("TwoStageDecode", "ThreeStageSingleChunk", "FourStageMultiChunk", "treeMaskGm",
+                 "tiling.window", "REGIST_MATMUL_OBJ", "BUFFER_NUM = 2", "Cast(dst, src"):
+        assert name in kernel, name
+    plain = render_attention_sources(attn_spec(causal=False)).files
+    plain_kernel = next(v for k, v in plain.items() if k.startswith("op_kernel/"))
+    assert "MaskScores" not in plain_kernel and "treeMaskGm" not in plain_kernel
+    assert "Cast(" not in plain_kernel  # fp32: no conversions
+    layout = attention_layout(FP16_TREE_WINDOW)
+    for buf in layout.main_buffers():
+        assert f"pipe->InitBuffer({buf.member}, " in kernel
+        assert f", {buf.nbytes});  // {buf.purpose}" in kernel
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"bias": True}, "bias=True is not supported"),
+    ({"head_dim": 1024, "block_q": 16, "gqa": 4}, "unified buffer"),
+    ({"head_dim": 24, "dtype": "float16"}, "multiple of 16"),
+    ({"head_dim": 12}, "multiple of 8"),
+    ({"block_kv": 24}, "block_kv=24"),
+    ({"dtype": "float64"}, "dtype"),
+])
+def test_bad_specs(params: dict, match: str) -> None:
+    """Specs the Ascend kernel cannot implement are refused at render time, saying why."""
+    dtype = params.pop("dtype", "float32")
+    with pytest.raises(ValueError, match=match):
+        render_attention_sources(attn_spec(dtype, **params))
+
+
+def test_ub_budget_is_what_the_double_enforces() -> None:
+    """The largest accepted spec of a family fits the UB exactly as counted (the double throws
+    beyond 192 KiB), and the next size up is refused."""
+    layout = attention_layout(attn_spec("float16", head_dim=128, gqa=4, block_q=8, block_kv=32))
+    assert sum(b.total for b in layout.main_buffers()) <= UB_BYTES
+    with pytest.raises(ValueError, match="unified buffer"):
+        attention_layout(attn_spec("float16", head_dim=128, gqa=4, block_q=32, block_kv=64))
+
+
+def test_launch_validation(kernels: dict[KernelSpec, Any]) -> None:
+    """The shared launch checks (tileflow.attention_inputs) guard the Ascend launcher too."""
+    batch = exact_batch([(3, 7), (1, 4)], num_q_heads=4, num_kv_heads=2, head_dim=16,
+                        block_size=4, dtype=torch.bfloat16)
+    table = build_task_table(batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=4,
+                             num_kv_heads=2, block_q=4, num_programs=2)
+    launch = kernels[BF16_GQA2]
+    args = [batch[k] for k in ARGS]
+    with pytest.raises(ValueError, match="head_dim"):
+        launch(torch.zeros(4, 4, 32, dtype=torch.bfloat16), *args[1:], table)
+    with pytest.raises(ValueError, match="bfloat16"):
+        launch(args[0].float(), *args[1:], table)
+    with pytest.raises(ValueError, match="built without one"):
+        launch(*args, table, sliding_window=4)
+    with pytest.raises(ValueError, match="without tree"):
+        launch(*args, table, tree_mask=torch.ones(2, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block_q"):
+        bad = build_task_table(batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=4,
+                               num_kv_heads=2, block_q=2, num_programs=2)
+        launch(*args, bad)
+    with pytest.raises(ValueError, match="tree_mask bool"):
+        kernels[GQA4_TREE](*exact_args(8, 2), build_task_table(
+            [0, 2], [5], num_q_heads=8, num_kv_heads=2, block_q=2, num_programs=1))
+
+
+def test_host_tiling_refuses_bad_launches(kernels: dict[KernelSpec, Any]) -> None:
+    """The emitted host tiling function checks its scalars and reports a status code."""
+    sources = kernels[GQA4_TREE].meta["sources"]
+    lib = build_cpu_debug(sources, [HEADERS], build_dir=Path(kernels[GQA4_TREE].meta["library"]).parent.parent)
+    size = lib.call(f"{sources.ident}_tiling_size", restype=ctypes.c_uint32)
+    buf = torch.zeros(size, dtype=torch.uint8)
+
+    def tiling(**changes: int) -> int:
+        # In the tiling function's parameter order.
+        values = {"numSeqs": 1, "numQHeads": 8, "numKvHeads": 2, "blockSize": 16, "maxBlocks": 1,
+                  "numBlocks": 1, "totalQ": 2, "numTasks": 2, "numSlots": 0, "numMerges": 0,
+                  "numPrograms": 1, "treeSize": 4, "window": 0}
+        values.update(changes)
+        return lib.call(f"{sources.ident}_tiling", *(ctypes.c_int32(v) for v in values.values()),
+                        ctypes.c_float(0.25), buf)
+
+    codes = {name: code for code, (name, _) in TILING_ERRORS.items()}
+    assert tiling() == 0
+    assert tiling(numQHeads=6) == codes["TILING_BAD_HEADS"]
+    assert tiling(blockSize=0) == codes["TILING_BAD_PAGES"]
+    assert tiling(numTasks=-1) == codes["TILING_BAD_COUNTS"]
+    assert tiling(numPrograms=0) == codes["TILING_BAD_PROGRAMS"]
+    assert tiling(treeSize=-1) == codes["TILING_BAD_TREE"]
+
+
+# --------------------------------------------------------------------------------------------
+# Batches with exact lengths
+# --------------------------------------------------------------------------------------------
+
+
+def exact_batch(lengths: list[tuple[int, int]], *, num_q_heads: int, num_kv_heads: int,
+                head_dim: int, block_size: int, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
+    """Op tensors for sequences with exact (n_s, L_s): shuffled pages, NaN in unowned slots, no
+    tree mask (for the edge cases a test pins down; `make_batch` draws lengths at random)."""
+    gen = torch.Generator().manual_seed(seed)
+    pages = [-(-kv // block_size) for _, kv in lengths]
+    num_blocks = sum(pages) + 1  # one spare, NaN page
+    order = torch.randperm(num_blocks, generator=gen)
+    width = max(pages, default=0) or 1
+    block_table = torch.full((len(lengths), width), int(order[-1]), dtype=torch.int32)
+    owned = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    start = 0
+    for s, ((_, kv), count) in enumerate(zip(lengths, pages)):
+        block_table[s, :count] = order[start:start + count].to(torch.int32)
+        start += count
+        pos = torch.arange(kv)
+        owned[block_table[s, pos // block_size].long(), pos % block_size] = True
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    k_cache[~owned] = float("nan")
+    v_cache[~owned] = float("nan")
+    cu = [0]
+    for n, _ in lengths:
+        cu.append(cu[-1] + n)
+    return {
+        "q": torch.randn(cu[-1], num_q_heads, head_dim, generator=gen).to(dtype),
+        "k_cache": k_cache.to(dtype),
+        "v_cache": v_cache.to(dtype),
+        "block_table": block_table,
+        "cu_seqlens_q": torch.tensor(cu, dtype=torch.int32),
+        "seqlens_kv": torch.tensor([kv for _, kv in lengths], dtype=torch.int32),
+        "tree_mask": None,
+    }
+
+
+def exact_args(hq: int, hkv: int) -> list[torch.Tensor]:
+    """The op's tensor arguments for one sequence with 2 new tokens over 5 positions (fp32)."""
+    batch = exact_batch([(2, 5)], num_q_heads=hq, num_kv_heads=hkv, head_dim=16, block_size=8,
+                        dtype=torch.float32)
+    return [batch[k] for k in ARGS]
+
+
+def test_batch_lengths_helper_agrees() -> None:
+    """exact_batch's metadata is what it was asked for (guards the helper itself)."""
+    batch = exact_batch([(3, 7), (0, 2)], num_q_heads=2, num_kv_heads=1, head_dim=16,
+                        block_size=3, dtype=torch.float32)
+    assert batch_lengths(batch) == ([3, 0], [7, 2])
+    assert math.isnan(batch["k_cache"][int(batch["block_table"][1, 0]), 2, 0, 0])

@@ -1,0 +1,339 @@
+"""What every meta-attention kernel backend checks, written once: spec params and launch inputs.
+
+A ``meta_attention`` KernelSpec and the launcher interface shared by the backends (reference,
+Triton, Ascend C) are target-neutral; each backend adds only its own limits (tile shapes its
+hardware needs, dtypes it has a path for). Two functions hold the common part:
+
+- `attention_params(spec, ...)`: validate the spec's params and resolve the tile sizes;
+- `check_launch_inputs(...)`: validate one launch's tensors against the spec and the task table
+  and normalize them (int32 metadata and table on q's device, the output allocated), returning
+  a `LaunchInputs`.
+
+Error messages start with ``where`` (e.g. ``"kernel tileflow_meta_attention_..."``) and say what
+to change; tests match on them, so keep their wording stable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from tileflow.kernel_spec import KernelSpec, dtype_name
+
+__all__ = [
+    "MERGE_COLS",
+    "TASK_COLS",
+    "AttentionParams",
+    "AttentionParamsLike",
+    "LaunchInputs",
+    "attention_params",
+    "check_launch_inputs",
+    "int_tensor",
+]
+
+# Columns of a task-table row and of a merge row (see the contract in tileflow/tasks.py).
+TASK_COLS = 8
+MERGE_COLS = 6
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """The target-neutral static parameters of a ``meta_attention`` spec (see `attention_params`)."""
+
+    head_dim: int
+    gqa: int
+    block_q: int
+    block_kv: int
+    causal: bool
+    sliding_window: bool
+    tree: bool
+    bias: bool
+
+
+def _positive_int(spec: KernelSpec, key: str, value: Any) -> int:
+    """`value` if it is a positive int (not a bool), else a ValueError naming the param."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(
+            f"meta_attention spec {spec.name} needs a positive integer param {key!r}, got {value!r}"
+        )
+    return value
+
+
+def attention_params(
+    spec: KernelSpec, *, target: str, supported_dtypes: tuple[str, ...], default_block_kv: int
+) -> AttentionParams:
+    """Validate a ``meta_attention`` KernelSpec's target-neutral params.
+
+    Params (built with `make_params`): `head_dim`, `gqa` (query heads per KV head), `block_q`,
+    `block_kv`, `causal`, `sliding_window`, `tree`, `bias` (the last four bools; default
+    causal=True, the others False). A TileConfig, when present, supplies `block_q` (its
+    `block_m`) and `block_kv` (its `block_n`) when the params leave them out; a tile that
+    contradicts the params is an error. `block_kv` falls back to `default_block_kv`.
+
+    `target` names the backend in messages; `supported_dtypes` are its input dtypes.
+    Raises ValueError for a spec no meta-attention kernel can implement.
+    """
+    if spec.op != "meta_attention":
+        raise ValueError(f"the {target} attention kernel handles op 'meta_attention', not {spec.op!r}")
+    if spec.dtype not in supported_dtypes:
+        raise ValueError(
+            f"the {target} meta_attention supports dtype in {supported_dtypes}, got {spec.dtype!r}"
+        )
+    if spec.out_dtype != spec.dtype:
+        raise ValueError(
+            f"meta_attention writes q's dtype: out_dtype {spec.out_dtype!r} must equal dtype "
+            f"{spec.dtype!r}"
+        )
+    if spec.epilogue:
+        raise ValueError(f"meta_attention has no epilogues, got {spec.epilogue}")
+    tile = spec.tile
+    head_dim = _positive_int(spec, "head_dim", spec.param("head_dim"))
+    gqa = _positive_int(spec, "gqa", spec.param("gqa"))
+
+    block_q = spec.param("block_q")
+    block_kv = spec.param("block_kv")
+    if tile is not None:
+        if block_q is not None and block_q != tile.block_m:
+            raise ValueError(
+                f"spec {spec.name}: params block_q={block_q} contradicts tile.block_m={tile.block_m}"
+            )
+        if block_kv is not None and block_kv != tile.block_n:
+            raise ValueError(
+                f"spec {spec.name}: params block_kv={block_kv} contradicts "
+                f"tile.block_n={tile.block_n}"
+            )
+        block_q = tile.block_m if block_q is None else block_q
+        block_kv = tile.block_n if block_kv is None else block_kv
+    if block_kv is None:
+        block_kv = default_block_kv
+    block_q = _positive_int(spec, "block_q", block_q)
+    block_kv = _positive_int(spec, "block_kv", block_kv)
+    flags = {}
+    for key, default in (("causal", True), ("sliding_window", False), ("tree", False), ("bias", False)):
+        value = spec.param(key, default)
+        if not isinstance(value, bool):
+            raise ValueError(f"spec {spec.name}: param {key!r} must be a bool, got {value!r}")
+        flags[key] = value
+    return AttentionParams(head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=block_kv, **flags)
+
+
+@dataclass
+class LaunchInputs:
+    """One launch's inputs after `check_launch_inputs`: validated and normalized.
+
+    Integer metadata and the task table are contiguous int32 tensors on q's device; `tree_mask`
+    is bool on that device (None without tree support); `attn_bias` is expanded to
+    ``[S, Hq, q_len, kv_len]`` (None without bias support); `out` is the tensor to write (the
+    caller's, or a fresh contiguous one). q/k_cache/v_cache are the caller's tensors, unchanged.
+    """
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_table: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seqlens_kv: torch.Tensor
+    tasks: torch.Tensor
+    program_offsets: torch.Tensor
+    program_tasks: torch.Tensor
+    merges: torch.Tensor
+    num_slots: int
+    tree_mask: torch.Tensor | None
+    sliding_window: int | None
+    attn_bias: torch.Tensor | None
+    out: torch.Tensor
+
+    @property
+    def num_programs(self) -> int:
+        """P, the static grid of the task table."""
+        return self.program_offsets.numel() - 1
+
+    @property
+    def num_seqs(self) -> int:
+        """S, the sequences of the batch."""
+        return self.seqlens_kv.shape[0]
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """True when no kernel needs to run (no query rows, no task or no program)."""
+        return self.q.shape[0] == 0 or self.tasks.shape[0] == 0 or self.num_programs == 0
+
+
+class AttentionParamsLike(Protocol):
+    """What `check_launch_inputs` reads of a backend's config (an `AttentionParams` or richer)."""
+
+    head_dim: int
+    gqa: int
+    block_q: int
+    sliding_window: bool
+    tree: bool
+    bias: bool
+
+
+def _table_field(table: Any, name: str) -> Any:
+    """One field of the task table, with a clear error when it is missing."""
+    if not hasattr(table, name):
+        raise ValueError(f"the task table has no field {name!r} (got {type(table).__name__})")
+    return getattr(table, name)
+
+
+def int_tensor(name: str, value: Any, device: torch.device, ndim: int) -> torch.Tensor:
+    """`value` as a contiguous int32 tensor on `device`, checking its rank."""
+    t = torch.as_tensor(value)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {dtype_name(t.dtype)}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {list(t.shape)}")
+    return t.to(device=device, dtype=torch.int32).contiguous()
+
+
+def check_launch_inputs(
+    params: AttentionParamsLike,
+    dtype: str,
+    where: str,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seqlens_kv: torch.Tensor,
+    table: Any,
+    *,
+    tree_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    attn_bias: torch.Tensor | None = None,
+) -> LaunchInputs:
+    """Validate one meta-attention launch against its spec params and task table.
+
+    - `q` [total_q, Hq, D] of `dtype`; `k_cache`/`v_cache` [num_blocks, block_size, Hkv, D] of the
+      same dtype with Hq == Hkv * gqa;
+    - `block_table` [S, max_blocks], `cu_seqlens_q` [S + 1], `seqlens_kv` [S]: integer tensors;
+    - `table`: the TaskTable built for this batch with the spec's block_q and the inputs' heads;
+    - `sliding_window` (int >= 1) exactly when the spec has `sliding_window=True`, `tree_mask`
+      (bool [S, T, T]) exactly when it has `tree=True`, `attn_bias` (float, broadcastable to
+      [S, Hq, q_len, kv_len]) exactly when it has `bias=True`;
+    - `out`, when given, q's shape, dtype and device.
+
+    Raises ValueError prefixed with `where` naming the first problem found.
+    """
+    in_dtype = getattr(torch, dtype)
+
+    def fail(msg: str) -> ValueError:
+        return ValueError(f"{where}: {msg}")
+
+    # ---- shapes, dtypes, devices ----
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        got = list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise fail(f"q must be a 3-D [total_q, Hq, D] tensor, got {got}")
+    _, hq, d = q.shape
+    device = q.device
+    if d != params.head_dim:
+        raise fail(f"q has head_dim {d} but the kernel was built for {params.head_dim}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != in_dtype:
+            raise fail(f"{name} must be {dtype}, got {dtype_name(t.dtype)}")
+        if t.device != device:
+            raise fail(f"{name} is on {t.device} but q is on {device}")
+    if k_cache.dim() != 4 or k_cache.shape[3] != d:
+        raise fail(f"k_cache must be [num_blocks, block_size, Hkv, {d}], got {list(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise fail(f"v_cache shape {list(v_cache.shape)} differs from k_cache {list(k_cache.shape)}")
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    if hkv == 0 or hq != hkv * params.gqa:
+        raise fail(
+            f"q has {hq} heads and the cache {hkv} KV heads, but the kernel was built for "
+            f"gqa={params.gqa} query heads per KV head"
+        )
+    if block_size < 1:
+        raise fail("the KV cache pages must hold at least one position")
+
+    # ---- the task table ----
+    tq = _table_field(table, "block_q")
+    if tq != params.block_q:
+        raise fail(f"the task table was built with block_q={tq}, the kernel with {params.block_q}")
+    if (_table_field(table, "num_q_heads"), _table_field(table, "num_kv_heads")) != (hq, hkv):
+        raise fail(
+            f"the task table was built for {table.num_q_heads} query / {table.num_kv_heads} "
+            f"KV heads, the inputs have {hq} / {hkv}"
+        )
+    tasks = int_tensor("table.tasks", _table_field(table, "tasks"), device, 2)
+    offsets = int_tensor("table.program_offsets", table.program_offsets, device, 1)
+    prog_tasks = int_tensor("table.program_tasks", _table_field(table, "program_tasks"), device, 1)
+    merges = int_tensor("table.merges", _table_field(table, "merges"), device, 2)
+    num_slots = int(_table_field(table, "num_slots"))
+    if tasks.shape[0] and tasks.shape[1] != TASK_COLS:
+        raise fail(f"table.tasks must be [T, {TASK_COLS}], got {list(tasks.shape)}")
+    if merges.shape[0] and merges.shape[1] != MERGE_COLS:
+        raise fail(f"table.merges must be [G, {MERGE_COLS}], got {list(merges.shape)}")
+    if offsets.numel() < 1 or prog_tasks.numel() != tasks.shape[0]:
+        raise fail(
+            f"table.program_offsets ({offsets.numel()} entries) / program_tasks "
+            f"({prog_tasks.numel()}) do not describe the {tasks.shape[0]} tasks"
+        )
+    if merges.shape[0] and num_slots <= 0:
+        raise fail("the task table has merge rows but num_slots == 0")
+
+    # ---- batch metadata ----
+    block_table = int_tensor("block_table", block_table, device, 2)
+    cu_seqlens_q = int_tensor("cu_seqlens_q", cu_seqlens_q, device, 1)
+    seqlens_kv = int_tensor("seqlens_kv", seqlens_kv, device, 1)
+    num_seqs = seqlens_kv.shape[0]
+    if cu_seqlens_q.shape[0] != num_seqs + 1 or block_table.shape[0] != num_seqs:
+        raise fail(
+            f"cu_seqlens_q must have S + 1 entries and block_table S rows for S={num_seqs} "
+            f"sequences, got {cu_seqlens_q.shape[0]} and {block_table.shape[0]}"
+        )
+
+    # ---- masks ----
+    window = None
+    if params.sliding_window:
+        if (sliding_window is None or isinstance(sliding_window, bool)
+                or int(sliding_window) != sliding_window or sliding_window < 1):
+            raise fail(
+                f"the kernel was built with a sliding window: pass sliding_window=<int >= 1>, "
+                f"got {sliding_window!r}"
+            )
+        window = int(sliding_window)
+    elif sliding_window is not None:
+        raise fail("sliding_window was given but the kernel was built without one")
+    tree = None
+    if params.tree:
+        if not isinstance(tree_mask, torch.Tensor) or tree_mask.dim() != 3:
+            raise fail("the kernel was built for tree verify: pass tree_mask bool [S, T, T]")
+        if tree_mask.dtype != torch.bool:
+            raise fail(f"tree_mask must be bool, got {dtype_name(tree_mask.dtype)}")
+        if tree_mask.shape[0] != num_seqs or tree_mask.shape[1] != tree_mask.shape[2]:
+            raise fail(f"tree_mask must be [S={num_seqs}, T, T], got {list(tree_mask.shape)}")
+        tree = tree_mask.to(device)
+    elif tree_mask is not None:
+        raise fail("tree_mask was given but the kernel was built without tree support")
+    bias = None
+    if params.bias:
+        if not isinstance(attn_bias, torch.Tensor) or attn_bias.dim() != 4 or not attn_bias.is_floating_point():
+            raise fail("the kernel was built with an attention bias: pass attn_bias float [S, Hq, q_len, kv_len]")
+        if attn_bias.shape[0] not in (1, num_seqs) or attn_bias.shape[1] not in (1, hq):
+            raise fail(
+                f"attn_bias must broadcast to [S={num_seqs}, Hq={hq}, q_len, kv_len], got "
+                f"{list(attn_bias.shape)}"
+            )
+        bias = attn_bias.to(device).expand(num_seqs, hq, attn_bias.shape[2], attn_bias.shape[3])
+    elif attn_bias is not None:
+        raise fail("attn_bias was given but the kernel was built without bias support")
+
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
+          or out.device != device):
+        raise fail(f"out must be a {dtype} tensor of shape {list(q.shape)} on {device}")
+
+    return LaunchInputs(
+        q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+        cu_seqlens_q=cu_seqlens_q, seqlens_kv=seqlens_kv, tasks=tasks, program_offsets=offsets,
+        program_tasks=prog_tasks, merges=merges, num_slots=num_slots, tree_mask=tree,
+        sliding_window=window, attn_bias=bias, out=out,
+    )

@@ -91,15 +91,28 @@ class NanoBatchPlan:
     edges: list[OpEdge]
     profile: list[OpProfile] = field(default_factory=list)
     device: Any = None
+    # token count -> search result: the search is deterministic, run once per count met.
+    _searched: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def sizes(self, tokens: int) -> list[int]:
         """Nano-batch sizes for a step of `tokens` tokens (one size: no split)."""
         if self.setting == "auto":
             if self.device is None or not self.profile:
                 return [tokens]
-            return list(search_split(self.profile, self.device, tokens).sizes)
+            return list(self._search(tokens).sizes)
         k = max(1, min(int(self.setting), tokens))
         return [tokens // k + (1 if i < tokens % k else 0) for i in range(k)]
+
+    def shares(self, tokens: int) -> dict[int, float] | None:
+        """SM share per stream chosen by the search for `tokens` ("auto" only; None: whole device)."""
+        if self.setting != "auto" or self.device is None or not self.profile:
+            return None
+        return {s: v for s, v in self._search(tokens).sm_share_per_stream.items() if v > 0}
+
+    def _search(self, tokens: int) -> Any:
+        if tokens not in self._searched:
+            self._searched[tokens] = search_split(self.profile, self.device, tokens)
+        return self._searched[tokens]
 
     def schedule(self, sizes: list[int]) -> Schedule:
         """The stream schedule for these nano-batch sizes."""

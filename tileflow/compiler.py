@@ -92,7 +92,8 @@ def compile_graph(
         from .runtime.nanobatch import NanoBatchRunner
 
         # Debug mode checks every schedule it builds.
-        runner = NanoBatchRunner(gm, plan, runner, check=bool(config.debug_dir))
+        buckets = config.graph_buckets() if config.cuda_graphs and device_type == "cuda" else ()
+        runner = NanoBatchRunner(gm, plan, runner, check=bool(config.debug_dir), graph_buckets=buckets)
     report.add_graph(graph_report, recompile=recompile)
     if config.debug_dir:
         _write_reports(Path(config.debug_dir), graph_report, report)

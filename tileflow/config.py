@@ -44,6 +44,8 @@ class Config:
         tile_timings: path of a JSON file of per-tile times measured on the device
             (`python bench/gemm.py --measure-tiles FILE`); they replace the cost model's
             estimates for the configs, shapes and device they were measured for.
+        cuda_graphs: on CUDA, capture each nano-batched step once per token bucket (powers of
+            two from 16 up to `max_tokens`) as a CUDA graph and replay it.
     """
 
     target: str = "auto"
@@ -57,6 +59,7 @@ class Config:
     passes: tuple[str, ...] = DEFAULT_PASSES
     nano_batches: str | int = 1
     tile_timings: str | None = None
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, TARGETS)
@@ -112,6 +115,13 @@ class Config:
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (validated like the constructor)."""
         return dataclasses.replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
+
+    def graph_buckets(self) -> tuple[int, ...]:
+        """Token buckets of CUDA-graph capture: 16, 32, ... up to the first >= `max_tokens`."""
+        buckets = [16]
+        while buckets[-1] < self.max_tokens:
+            buckets.append(buckets[-1] * 2)
+        return tuple(buckets)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""

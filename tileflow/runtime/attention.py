@@ -31,10 +31,13 @@ def attention_block_q(max_q_len: int, gqa: int) -> int:
 
 
 def attention_programs(target: str, device: torch.device) -> int:
-    """The persistent grid: one program per SM on a GPU, a few on the CPU."""
+    """The persistent grid: one program per SM on a GPU, a few on the CPU — scaled by the SM
+    share of the stream launching it when nano-batching partitions the device."""
+    from .streams import programs_for
+
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+        return programs_for(torch.cuda.get_device_properties(device).multi_processor_count)
+    return programs_for(4)
 
 
 def attention_spec(

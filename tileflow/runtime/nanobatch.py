@@ -22,12 +22,29 @@ _VIEWS = {aten.view.default, aten._unsafe_view.default}
 
 class NanoBatchRunner:
     """Callable like the graph: splits each call into the plan's nano-batches, or runs `whole`
-    (the graph's usual runner) when the plan keeps the step in one piece."""
+    (the graph's usual runner) when the plan keeps the step in one piece.
 
-    def __init__(self, gm: fx.GraphModule, plan: Any, whole: Callable[..., Any], *, check: bool = False) -> None:
+    Where the nano-ops run: `executor` when given (e.g. `SimulatedStreams` in tests); on CUDA
+    inputs, `CudaStreams` (each schedule stream on its own CUDA stream, with events); elsewhere in
+    one topological order. With `graph_buckets` (CUDA only) each step is captured once per token
+    bucket as a CUDA graph and replayed (see `tileflow.runtime.streams.CudaGraphBuckets`).
+    """
+
+    def __init__(self, gm: fx.GraphModule, plan: Any, whole: Callable[..., Any], *, check: bool = False,
+                 executor: Any = None, graph_buckets: Sequence[int] = (), graph_factory: Any = None) -> None:
         self.gm, self.plan, self.whole, self.check = gm, plan, whole, check
+        self.executor = executor
         self._schedule = lru_cache(maxsize=64)(self._build)
         self.last_schedule = None
+        self._cuda_streams: Any = None
+        self._graphs = None
+        self._graphs_anywhere = graph_factory is not None  # a CPU stand-in for CUDA graphs (tests)
+        if graph_buckets:
+            from .streams import CudaGraphBuckets
+
+            inputs = _input_token_dims(gm, plan)
+            self._graphs = CudaGraphBuckets(self._run, inputs, graph_buckets, self._output_token_dims,
+                                            graph_factory=graph_factory)
 
     def _build(self, sizes: tuple[int, ...]) -> Any:
         schedule = self.plan.schedule(list(sizes))
@@ -37,7 +54,30 @@ class NanoBatchRunner:
             check_schedule(schedule, {s.name: (0, sum(sizes)) for s in self.plan.specs})
         return schedule, topological_order(schedule)
 
+    def _output_token_dims(self, outputs: Any) -> Any:
+        (output,) = [n for n in self.gm.graph.nodes if n.op == "output"]
+        return fx.node.map_aggregate(
+            output.args[0], lambda a: self.plan.token_dims.get(a.name) if isinstance(a, fx.Node) else None
+        )
+
+    def _executor_for(self, device: torch.device) -> Any:
+        if self.executor is not None:
+            return self.executor
+        if device.type == "cuda":
+            if self._cuda_streams is None:
+                from .streams import CudaStreams
+
+                self._cuda_streams = CudaStreams(device)
+            return self._cuda_streams
+        return None
+
     def __call__(self, *args: Any) -> Any:
+        index, _ = self.plan.token_input
+        if self._graphs is not None and (args[index].device.type == "cuda" or self._graphs_anywhere):
+            return self._graphs(*args)
+        return self._run(*args)
+
+    def _run(self, *args: Any) -> Any:
         index, dim = self.plan.token_input
         tokens = int(args[index].shape[dim])
         sizes = tuple(self.plan.sizes(tokens))
@@ -45,7 +85,32 @@ class NanoBatchRunner:
             return self.whole(*args)
         schedule, order = self._schedule(sizes)  # built once per split
         self.last_schedule = schedule
-        return run_schedule(self.gm, self.plan, schedule, args, order)
+        executor = self._executor_for(args[index].device)
+        if executor is None:
+            return run_schedule(self.gm, self.plan, schedule, args, order)
+        from .streams import run_schedule_on_streams
+
+        return run_schedule_on_streams(ScheduleState(self.gm, self.plan, args), schedule, executor, order,
+                                       self.plan.shares(tokens))
+
+
+def _input_token_dims(gm: fx.GraphModule, plan: Any) -> list[Any]:
+    """Per graph input: its token dim, `TOKEN_COUNT` for the token count itself (Dynamo passes
+    symbolic sizes as int inputs), or None."""
+    from .streams import TOKEN_COUNT
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index, dim = plan.token_input
+    token = placeholders[index].meta["val"].shape[dim]
+    symbol = token.node.expr if isinstance(token, torch.SymInt) else None
+    dims: list[Any] = []
+    for node in placeholders:
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt) and symbol is not None and val.node.expr == symbol:
+            dims.append(TOKEN_COUNT)
+        else:
+            dims.append(plan.token_dims.get(node.name))
+    return dims
 
 
 def run_schedule(
@@ -53,59 +118,86 @@ def run_schedule(
 ) -> Any:
     """Execute every nano-op of `schedule` in `order` (default: `topological_order(schedule)`);
     return the graph's outputs."""
-    dims: dict[str, int | None] = plan.token_dims
-    whole: dict[str, Any] = {}
-    pieces: dict[str, dict[tuple[int, int], Any]] = {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, args):
-        whole[node.name] = value
+    state = ScheduleState(gm, plan, args)
+    for name in order if order is not None else topological_order(schedule):
+        state.run_op(schedule.ops[name])
+    return state.outputs()
 
-    def full(node: fx.Node) -> Any:
-        if node.name in whole:
-            return whole[node.name]
+
+class ScheduleState:
+    """The values of one nano-batched call: whole tensors and per-nano-batch row pieces.
+
+    `run_op(op)` computes one nano-op from what its producers left here (a token-wise op on its
+    rows, any other op on whole tensors, which are concatenated from their pieces on first use);
+    `outputs()` assembles the graph's outputs. Whoever calls `run_op` — in order on the CPU, or on
+    streams (`tileflow.runtime.streams`) — must respect the schedule's dependencies.
+    """
+
+    def __init__(self, gm: fx.GraphModule, plan: Any, args: Sequence[Any]) -> None:
+        self.gm, self.plan = gm, plan
+        self.dims: dict[str, int | None] = plan.token_dims
+        self.whole: dict[str, Any] = {}
+        self.pieces: dict[str, dict[tuple[int, int], Any]] = {}
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for node, value in zip(placeholders, args):
+            self.whole[node.name] = value
+
+    def full(self, node: fx.Node) -> Any:
+        """The whole value of `node` (concatenating its pieces the first time)."""
+        if node.name in self.whole:
+            return self.whole[node.name]
         if node.op == "get_attr":
-            value = gm
+            value = self.gm
             for part in str(node.target).split("."):
                 value = getattr(value, part)
-            whole[node.name] = value
+            self.whole[node.name] = value
             return value
-        parts = pieces[node.name]
-        value = torch.cat([parts[r] for r in sorted(parts)], dim=dims[node.name])
-        whole[node.name] = value
+        parts = self.pieces[node.name]
+        value = torch.cat([parts[r] for r in sorted(parts)], dim=self.dims[node.name])
+        self.whole[node.name] = value
         return value
 
-    def rows(node: fx.Node, lo: int, hi: int) -> Any:
-        parts = pieces.get(node.name)
+    def rows(self, node: fx.Node, lo: int, hi: int) -> Any:
+        """Rows [lo, hi) of `node`'s value along its token dim."""
+        parts = self.pieces.get(node.name)
         if parts is not None and (lo, hi) in parts:
             return parts[(lo, hi)]
-        return full(node).narrow(dims[node.name], lo, hi - lo)
+        return self.full(node).narrow(self.dims[node.name], lo, hi - lo)
 
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for name in order if order is not None else topological_order(schedule):
-        op = schedule.ops[name]
-        node = nodes[op.original]
+    def run_op(self, op: Any) -> Any:
+        """Compute nano-op `op` and store its result; returns it."""
+        node = self.nodes[op.original]
         lo, hi = op.rows
-        if plan.split[node.name]:
-            def arg(a: Any) -> Any:
-                if isinstance(a, fx.Node):
-                    return rows(a, lo, hi) if dims.get(a.name) is not None else full(a)
-                return a
+        dims = self.dims
+        if not self.plan.split[node.name]:
+            value = node.target(*fx.node.map_aggregate(node.args, _resolver(self.full)),
+                                **fx.node.map_aggregate(node.kwargs, _resolver(self.full)))
+            self.whole[node.name] = value
+            return value
 
-            call_args = fx.node.map_aggregate(node.args, arg)
-            call_kwargs = fx.node.map_aggregate(node.kwargs, arg)
-            target = node.target
-            if target in _SHAPED:
-                shape = list(call_args[1])
-                shape[dims[node.name]] = hi - lo
-                # A slice need not be viewable with the whole's strides: reshape copies when needed.
-                target = aten.reshape.default if target in _VIEWS else target
-                call_args = (call_args[0], shape, *call_args[2:])
-            pieces.setdefault(node.name, {})[(lo, hi)] = target(*call_args, **call_kwargs)
-        else:
-            whole[node.name] = node.target(*fx.node.map_aggregate(node.args, _resolver(full)),
-                                           **fx.node.map_aggregate(node.kwargs, _resolver(full)))
-    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
-    return fx.node.map_aggregate(output.args[0], _resolver(full))
+        def arg(a: Any) -> Any:
+            if isinstance(a, fx.Node):
+                return self.rows(a, lo, hi) if dims.get(a.name) is not None else self.full(a)
+            return a
+
+        call_args = fx.node.map_aggregate(node.args, arg)
+        call_kwargs = fx.node.map_aggregate(node.kwargs, arg)
+        target = node.target
+        if target in _SHAPED:
+            shape = list(call_args[1])
+            shape[dims[node.name]] = hi - lo
+            # A slice need not be viewable with the whole's strides: reshape copies when needed.
+            target = aten.reshape.default if target in _VIEWS else target
+            call_args = (call_args[0], shape, *call_args[2:])
+        value = target(*call_args, **call_kwargs)
+        self.pieces.setdefault(node.name, {})[(lo, hi)] = value
+        return value
+
+    def outputs(self) -> Any:
+        """The graph's outputs, from the values computed so far."""
+        (output,) = [n for n in self.gm.graph.nodes if n.op == "output"]
+        return fx.node.map_aggregate(output.args[0], _resolver(self.full))
 
 
 def _resolver(full: Callable[[fx.Node], Any]) -> Callable[[Any], Any]:

@@ -1,0 +1,163 @@
+"""The nano-batch stream runtime (tileflow/runtime/streams.py) on the CPU.
+
+`SimulatedStreams` runs each step's queued stream work in random interleavings that respect only
+stream order and events — what streams on a GPU may do — so a schedule or runtime that forgets a
+dependency produces wrong logits or a failed lookup here. CUDA-graph bucketing runs with a CPU
+stand-in for the captured graph that, like a real one, replays into the same output memory and
+reads the static inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tileflow
+import tileflow.runtime.nanobatch as nanobatch_runtime
+from tileflow.runtime.attention import attention_programs
+from tileflow.runtime.streams import CudaGraphBuckets, SimulatedStreams, grid_share, programs_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import VOCAB, build  # noqa: E402
+
+PASSES = ("canonicalize", "attention", "gemm_padding", "nanobatch")
+
+
+class ReplayOnCpu:
+    """A captured graph's behaviour on the CPU: outputs live in fixed tensors that each replay
+    overwrites, computed from whatever the static inputs hold at replay time."""
+
+    def capture(self, fn):
+        self.fn = fn
+        self.outputs = fn()
+        return self.outputs
+
+    def replay(self) -> None:
+        fresh = torch.utils._pytree.tree_leaves(self.fn())
+        for static, new in zip(torch.utils._pytree.tree_leaves(self.outputs), fresh):
+            static.copy_(new)
+
+
+def _compile(model: torch.nn.Module, k: int) -> torch.nn.Module:
+    return torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": k}), dynamic=True)
+
+
+def _use_executor(monkeypatch: pytest.MonkeyPatch, make) -> list:
+    """Every nano-batch runner of the test runs on executors made by `make()`; returns them."""
+    made: list = []
+
+    def executor_for(self, device):
+        made.append(make())
+        return made[-1]
+
+    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "_executor_for", executor_for)
+    return made
+
+
+@pytest.mark.parametrize("name,k", [("llama", 3), ("gpt2", 2)])
+def test_random_interleavings_of_the_streams_equal_eager(monkeypatch: pytest.MonkeyPatch, name: str, k: int) -> None:
+    torch.manual_seed(0)
+    model = build(name)
+    seeds = iter(range(1000))
+    made = _use_executor(monkeypatch, lambda: SimulatedStreams(seed=next(seeds)))
+    compiled = _compile(model, k)
+    for tokens in (5, 9, 16):
+        ids = torch.randint(0, VOCAB, (1, tokens))
+        with torch.no_grad():
+            expected = model(ids, use_cache=False).logits
+            for _ in range(3):  # three interleavings of the same step
+                got = compiled(ids, use_cache=False).logits
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert len(made) == 9
+    assert any(ex.interleaved for ex in made), "the simulated streams never overlapped any work"
+    assert all({s for s, _ in ex.trace} == {0, 1} for ex in made)  # compute and memory streams both ran
+
+
+def test_a_schedule_without_its_events_goes_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The power of the test above: drop the cross-stream events and some interleaving must fail.
+    torch.manual_seed(1)
+    model = build("llama")
+    original = nanobatch_runtime.NanoBatchRunner._build
+
+    def without_events(self, sizes):
+        schedule, order = original(self, sizes)
+        return dataclasses.replace(schedule, events=[]), order
+
+    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "_build", without_events)
+    seeds = iter(range(1000))
+    _use_executor(monkeypatch, lambda: SimulatedStreams(seed=next(seeds)))
+    compiled = _compile(model, 3)
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    failures = 0
+    for _ in range(8):
+        try:
+            with torch.no_grad():
+                got = compiled(ids, use_cache=False).logits
+            failures += not torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+        except (KeyError, RuntimeError, IndexError):
+            failures += 1
+    assert failures > 0
+
+
+def test_grid_shares_scale_persistent_grids() -> None:
+    assert programs_for(132) == 132
+    with grid_share(0.25):
+        assert programs_for(132) == 33
+        assert attention_programs("reference", torch.device("cpu")) == 1
+        with grid_share(1.0):
+            assert programs_for(132) == 132
+    assert programs_for(132) == 132
+    with grid_share(0.001):
+        assert programs_for(8) == 1  # never an empty grid
+    with pytest.raises(ValueError, match=r"fraction of the device in \(0, 1\]"):
+        with grid_share(1.5):
+            pass
+
+
+def test_cuda_graph_buckets_capture_once_per_bucket_and_cut_the_padding(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(2)
+    model = build("llama")
+    runners: list = []
+    original_init = nanobatch_runtime.NanoBatchRunner.__init__
+
+    def init(self, gm, plan, whole, **kwargs):
+        kwargs.update(graph_buckets=(8, 16), graph_factory=ReplayOnCpu, executor=SimulatedStreams(seed=3))
+        original_init(self, gm, plan, whole, **kwargs)
+        runners.append(self)
+
+    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "__init__", init)
+    compiled = _compile(model, 2)
+    for tokens in (3, 5, 8, 13, 16, 11, 20):
+        ids = torch.randint(0, VOCAB, (1, tokens))
+        with torch.no_grad():
+            expected = model(ids, use_cache=False).logits
+            got = compiled(ids, use_cache=False).logits
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    graphs = [r._graphs for r in runners]
+    assert sum(g.captures for g in graphs) == 2  # one per bucket; 20 tokens ran uncaptured
+
+
+def test_a_step_that_cannot_be_captured_runs_uncaptured() -> None:
+    class Refuses:
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    calls: list[int] = []
+
+    def step(x):
+        calls.append(x.shape[0])
+        return x * 2
+
+    buckets = CudaGraphBuckets(step, [0], (4,), lambda out: 0, graph_factory=Refuses)
+    x = torch.arange(3.0)
+    assert torch.equal(buckets(x), x * 2) and torch.equal(buckets(x), x * 2)
+    assert calls == [3, 3] and buckets.captures == 0  # tried once, then never again
+    with pytest.raises(ValueError, match="positive ints"):
+        CudaGraphBuckets(step, [0], (), lambda out: 0)

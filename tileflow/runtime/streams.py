@@ -1,0 +1,381 @@
+"""Nano-batch schedules on streams (NanoFlow's overlap), and CUDA-graph capture per token bucket.
+
+`run_schedule_on_streams` launches every nano-op of a `Schedule` on its own stream through a
+`StreamExecutor`, in a topological order of the schedule; a nano-op whose producer ran on another
+stream first waits on the event recorded right after that producer (the schedule's `events`), so
+operations of different nano-batches overlap while every dependency holds. Executors:
+
+- `CudaStreams`: one `torch.cuda.Stream` per schedule stream (kept across steps, so a CUDA graph
+  can capture them), forked from and joined back to the caller's stream, with an optional SM
+  share per stream: persistent kernels launched on a stream cap their grid to its share
+  (`programs_for`), NanoFlow's way of partitioning the SMs by capping grid sizes;
+- `SimulatedStreams`: a CPU stand-in that queues each stream's work and then runs it in a *random*
+  interleaving that respects only stream order and events — what a GPU may do. A missing event
+  shows up as a consumer running before its producer (a wrong result or a failed lookup).
+
+`CudaGraphBuckets` captures a whole step once per token bucket and replays it: inputs are copied
+into the bucket's static buffers (the rows past the real token count padded), and outputs are cut
+back to the real count. For causal models padded tail rows cannot influence the real rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.utils._pytree as pytree
+
+from ..log import get_logger
+
+__all__ = [
+    "TOKEN_COUNT",
+    "CudaGraphBuckets",
+    "CudaStreams",
+    "SimulatedStreams",
+    "StreamExecutor",
+    "grid_share",
+    "programs_for",
+    "run_schedule_on_streams",
+]
+
+log = get_logger("runtime.streams")
+
+# `CudaGraphBuckets` input marker: this argument is the token count itself (an int).
+TOKEN_COUNT = "token_count"
+# The SM share of the stream whose work is being launched (None: the whole device).
+_GRID_SHARE: contextvars.ContextVar[float | None] = contextvars.ContextVar("tileflow_grid_share", default=None)
+
+
+@contextlib.contextmanager
+def grid_share(share: float | None) -> Iterator[None]:
+    """Launch persistent kernels inside the block with `share` (0, 1] of the device's cores."""
+    if share is not None and not 0.0 < share <= 1.0:
+        raise ValueError(f"a grid share is a fraction of the device in (0, 1], got {share}")
+    token = _GRID_SHARE.set(share)
+    try:
+        yield
+    finally:
+        _GRID_SHARE.reset(token)
+
+
+def programs_for(full_grid: int) -> int:
+    """The program count a persistent kernel should launch: `full_grid` (one per SM/core) scaled
+    by the current stream's share, at least 1."""
+    share = _GRID_SHARE.get()
+    return full_grid if share is None else max(1, int(full_grid * share))
+
+
+class StreamExecutor(Protocol):
+    """Where a schedule's nano-ops run. Calls come in a topological order of the schedule."""
+
+    def begin(self) -> None:
+        """Start a step: every stream must see the work already queued by the caller."""
+
+    def launch(self, stream: int, fn: Callable[[], Any]) -> None:
+        """Run (or enqueue) `fn` on `stream`."""
+
+    def record(self, stream: int) -> Any:
+        """An event that completes when everything launched on `stream` so far has."""
+
+    def wait(self, stream: int, event: Any) -> None:
+        """Make later work on `stream` wait for `event`."""
+
+    def end(self) -> None:
+        """Finish a step: the caller's later work must see everything every stream did."""
+
+
+def run_schedule_on_streams(
+    state: Any,
+    schedule: Any,
+    executor: StreamExecutor,
+    order: Sequence[str],
+    shares: dict[int, float] | None = None,
+) -> Any:
+    """Run `schedule` on `executor`'s streams and return the graph's outputs.
+
+    `state` is a `ScheduleState` (it computes one nano-op from its producers' values); `order` a
+    topological order of the schedule (issue order: an event is always recorded before anything
+    waits on it); `shares` optionally maps a stream to its SM share (see `grid_share`).
+    """
+    waits: dict[str, list[str]] = defaultdict(list)
+    for producer, consumer in schedule.events:
+        waits[consumer].append(producer)
+    recorded_after = {producer for producer, _ in schedule.events}
+    events: dict[str, Any] = {}
+    executor.begin()
+    for name in order:
+        op = schedule.ops[name]
+        for producer in waits.get(name, ()):
+            executor.wait(op.stream, events[producer])
+        share = shares.get(op.stream) if shares else None
+
+        def step(op: Any = op, share: float | None = share) -> None:
+            with grid_share(share):
+                state.run_op(op)
+
+        executor.launch(op.stream, step)
+        if name in recorded_after:
+            events[name] = executor.record(op.stream)
+    executor.end()
+    return state.outputs()
+
+
+class CudaStreams:
+    """A schedule's streams as CUDA streams on `device` (created once, reused every step)."""
+
+    def __init__(self, device: torch.device | str | int | None = None) -> None:
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+        self._streams: dict[int, torch.cuda.Stream] = {}
+        self._used: list[int] = []
+        self._fork: torch.cuda.Event | None = None
+
+    def _stream(self, stream: int) -> torch.cuda.Stream:
+        if stream not in self._streams:
+            self._streams[stream] = torch.cuda.Stream(self.device)
+        s = self._streams[stream]
+        if stream not in self._used:
+            # First use in this step: fork from the caller's stream (also what capture requires).
+            s.wait_event(self._fork)
+            self._used.append(stream)
+        return s
+
+    def begin(self) -> None:
+        """Record the fork point on the caller's stream."""
+        self._used = []
+        self._fork = torch.cuda.Event()
+        self._fork.record(torch.cuda.current_stream(self.device))
+
+    def launch(self, stream: int, fn: Callable[[], Any]) -> None:
+        """Enqueue `fn`'s kernels on `stream`."""
+        with torch.cuda.stream(self._stream(stream)):
+            fn()
+
+    def record(self, stream: int) -> torch.cuda.Event:
+        """An event after the work enqueued on `stream` so far."""
+        event = torch.cuda.Event()
+        event.record(self._stream(stream))
+        return event
+
+    def wait(self, stream: int, event: torch.cuda.Event) -> None:
+        """Later work on `stream` waits for `event`."""
+        self._stream(stream).wait_event(event)
+
+    def end(self) -> None:
+        """Join every stream used in this step back into the caller's stream."""
+        current = torch.cuda.current_stream(self.device)
+        for stream in self._used:
+            current.wait_stream(self._streams[stream])
+
+
+@dataclass
+class _SimEvent:
+    done: bool = False
+
+
+@dataclass
+class SimulatedStreams:
+    """Streams simulated on the CPU: work is queued per stream and, at `end`, run in a random
+    interleaving (seeded) that respects only each stream's order and the events.
+
+    `trace` lists (stream, label) in the order things ran, for tests; `interleaved` is True when a
+    step ran work of one stream between two pieces of work of another.
+    """
+
+    seed: int = 0
+    trace: list[tuple[int, str]] = field(default_factory=list)
+    _queues: dict[int, list[tuple[str, Any]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def begin(self) -> None:
+        """Start a step with empty queues."""
+        self._queues = {}
+        self.trace = []
+
+    def launch(self, stream: int, fn: Callable[[], Any]) -> None:
+        """Queue `fn` on `stream`."""
+        self._queues.setdefault(stream, []).append(("run", fn))
+
+    def record(self, stream: int) -> _SimEvent:
+        """Queue an event on `stream`."""
+        event = _SimEvent()
+        self._queues.setdefault(stream, []).append(("record", event))
+        return event
+
+    def wait(self, stream: int, event: _SimEvent) -> None:
+        """Queue a wait for `event` on `stream`."""
+        self._queues.setdefault(stream, []).append(("wait", event))
+
+    def end(self) -> None:
+        """Run everything queued, in a random order allowed by stream order and events."""
+        queues = {s: list(q) for s, q in self._queues.items()}
+        while any(queues.values()):
+            ready = [s for s, q in queues.items() if q and (q[0][0] != "wait" or q[0][1].done)]
+            if not ready:
+                stuck = {s: q[0][0] for s, q in queues.items() if q}
+                raise RuntimeError(f"simulated streams deadlocked: every stream waits on an unrecorded event ({stuck})")
+            stream = self._rng.choice(sorted(ready))
+            kind, item = queues[stream].pop(0)
+            if kind == "run":
+                self.trace.append((stream, getattr(item, "__name__", "op")))
+                item()
+            elif kind == "record":
+                item.done = True
+
+    @property
+    def interleaved(self) -> bool:
+        """Whether the last step switched back to a stream it had left (real overlap)."""
+        seen, last = set(), None
+        for stream, _ in self.trace:
+            if stream != last and stream in seen:
+                return True
+            seen.add(stream)
+            last = stream
+        return False
+
+
+class CudaGraphBuckets:
+    """Run `step` through one captured graph per token bucket.
+
+    `input_token_dims[i]` is the token dim of argument i (None: no token dim; `TOKEN_COUNT`: the
+    argument *is* the token count, an int, as Dynamo passes a symbolic size); the first tensor
+    with a token dim gives the call's token count T, and `output_token_dims(outputs)` the token dim of
+    each output (a pytree like the outputs; None: not cut). A call uses the smallest bucket
+    B >= T: the bucket's static inputs receive the call's inputs (rows T..B of each token dim
+    filled with `pad_value`), the graph replays, and outputs are cut to T rows. Parameters are
+    referenced, never copied. Calls above the largest bucket, and buckets whose capture failed
+    (the reason is logged once), run `step` directly.
+
+    `graph_factory()` returns an object with `capture(fn) -> outputs` and `replay()`; the default
+    captures a `torch.cuda.CUDAGraph` (CUDA only), every bucket in one memory pool. Tests pass a
+    CPU stand-in.
+    """
+
+    def __init__(
+        self,
+        step: Callable[..., Any],
+        input_token_dims: Sequence[int | None],
+        buckets: Sequence[int],
+        output_token_dims: Callable[[Any], Any],
+        *,
+        pad_value: int | float = 0,
+        graph_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        if not buckets or any(b < 1 for b in buckets):
+            raise ValueError(f"token buckets must be positive ints, got {list(buckets)}")
+        if not any(isinstance(d, int) for d in input_token_dims):
+            raise ValueError("CUDA-graph buckets need an input with a token dim")
+        self.step = step
+        self.input_token_dims = list(input_token_dims)
+        self.buckets = sorted(set(int(b) for b in buckets))
+        self.output_token_dims = output_token_dims
+        self.pad_value = pad_value
+        self._pool = None
+        self.graph_factory = graph_factory or self._cuda_graph
+        self._graphs: dict[int, tuple[Any, list[Any], Any]] = {}
+        self._failed: set[int] = set()
+        self.captures = 0
+
+    def _cuda_graph(self) -> "_CudaGraph":
+        # One memory pool for every bucket's graph: buckets run one at a time.
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return _CudaGraph(self._pool)
+
+    def bucket_for(self, tokens: int) -> int | None:
+        """The smallest bucket holding `tokens`, or None above the largest."""
+        return next((b for b in self.buckets if b >= tokens), None)
+
+    def tokens_of(self, args: Sequence[Any]) -> int:
+        """The call's token count."""
+        index = next(i for i, d in enumerate(self.input_token_dims) if isinstance(d, int))
+        return int(args[index].shape[self.input_token_dims[index]])
+
+    def __call__(self, *args: Any) -> Any:
+        tokens = self.tokens_of(args)
+        bucket = self.bucket_for(tokens)
+        if bucket is None or bucket in self._failed:
+            return self.step(*args)
+        if bucket not in self._graphs:
+            try:
+                self._capture(bucket, args, tokens)
+            except Exception as exc:  # e.g. a host sync inside the step: it cannot be replayed
+                self._failed.add(bucket)
+                log.warning("step not captured for the %d-token bucket (%s: %s); running it uncaptured",
+                            bucket, type(exc).__name__, exc)
+                return self.step(*args)
+        graph, static_inputs, static_outputs = self._graphs[bucket]
+        for static, value, dim in zip(static_inputs, args, self.input_token_dims):
+            if not isinstance(static, torch.Tensor) or static is value or dim is TOKEN_COUNT:
+                continue
+            if isinstance(static, torch.nn.Parameter):
+                raise RuntimeError("a captured step was called with other parameters than at capture; recompile the model")
+            self._fill(static, value, dim, tokens)
+        graph.replay()
+        return self._cut(static_outputs, tokens)
+
+    def _fill(self, static: torch.Tensor, value: torch.Tensor, dim: int | None, tokens: int) -> None:
+        if dim is None:
+            static.copy_(value)
+            return
+        static.narrow(dim, 0, tokens).copy_(value)
+        static.narrow(dim, tokens, static.shape[dim] - tokens).fill_(self.pad_value)
+
+    def _capture(self, bucket: int, args: Sequence[Any], tokens: int) -> None:
+        static_inputs: list[Any] = []
+        for value, dim in zip(args, self.input_token_dims):
+            if dim is TOKEN_COUNT:
+                static_inputs.append(bucket)  # the graph is captured at the bucket's size
+                continue
+            if isinstance(value, torch.nn.Parameter) or not isinstance(value, torch.Tensor):
+                static_inputs.append(value)  # weights and Python values: referenced as they are
+                continue
+            shape = list(value.shape)
+            if dim is not None:
+                shape[dim] = bucket
+            static = torch.empty(shape, dtype=value.dtype, device=value.device)
+            self._fill(static, value, dim, tokens)
+            static_inputs.append(static)
+        graph = self.graph_factory()
+        static_outputs = graph.capture(lambda: self.step(*static_inputs))
+        self._graphs[bucket] = (graph, static_inputs, static_outputs)
+        self.captures += 1
+
+    def _cut(self, outputs: Any, tokens: int) -> Any:
+        flat, spec = pytree.tree_flatten(outputs, is_leaf=lambda x: x is None)
+        flat_dims = pytree.tree_leaves(self.output_token_dims(outputs), is_leaf=lambda x: x is None)
+        if len(flat_dims) != len(flat):
+            raise RuntimeError(f"output_token_dims gave {len(flat_dims)} dims for {len(flat)} outputs")
+        # Cloned: the static outputs are overwritten by the next replay.
+        cut = [o.narrow(d, 0, tokens).clone() if d is not None and isinstance(o, torch.Tensor) else o
+               for o, d in zip(flat, flat_dims)]
+        return pytree.tree_unflatten(cut, spec)
+
+
+class _CudaGraph:
+    """`torch.cuda.CUDAGraph` behind the `capture(fn) / replay()` interface."""
+
+    def __init__(self, pool: Any = None) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        self.pool = pool
+
+    def capture(self, fn: Callable[[], Any]) -> Any:
+        # Warm up on a side stream first (lazy inits and autotuning must not land in the graph).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            outputs = fn()
+        return outputs
+
+    def replay(self) -> None:
+        self.graph.replay()

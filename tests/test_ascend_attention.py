@@ -13,6 +13,7 @@ Each distinct spec is one g++ run: the specs are few and built once per module, 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import shutil
 from collections import Counter
@@ -29,6 +30,7 @@ from hypothesis import strategies as st
 from tileflow.backends.ascend.attention import (
     TILING_ERRORS,
     UB_BYTES,
+    _bias_operand,
     _host_tiling,
     attention_entries,
     attention_layout,
@@ -71,7 +73,11 @@ FP16_TREE_WINDOW = attn_spec("float16", head_dim=32, gqa=2, block_q=4, block_kv=
 BF16_GQA2 = attn_spec("bfloat16", gqa=2, block_q=4)
 FP32_WINDOW = attn_spec("float32", gqa=2, block_q=4, sliding_window=True)
 NOT_CAUSAL_TREE = attn_spec("float32", gqa=1, block_q=3, causal=False, tree=True)
-SPECS = (GQA4_TREE, FP16_TREE_WINDOW, BF16_GQA2, FP32_WINDOW, NOT_CAUSAL_TREE)
+# Additive bias: with the causal rule and tree verify (the rules override the bias), and as
+# exported models use it (not causal: the model's own mask is the bias), fp16, 6-row tiles.
+BIAS_TREE = attn_spec("float32", gqa=2, block_q=4, tree=True, bias=True)
+BIAS_FP16 = attn_spec("float16", gqa=2, block_q=3, causal=False, bias=True)
+SPECS = (GQA4_TREE, FP16_TREE_WINDOW, BF16_GQA2, FP32_WINDOW, NOT_CAUSAL_TREE, BIAS_TREE, BIAS_FP16)
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +96,13 @@ def causal_tree(batch: dict[str, Any], size: int = 4) -> torch.Tensor:
 
 
 def oracle(batch: dict[str, Any], spec: KernelSpec, *, tree_mask: torch.Tensor | None,
-           window: int | None, scale: float | None = None) -> torch.Tensor:
+           window: int | None, scale: float | None = None,
+           attn_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference backend's dense definition, evaluated in float64."""
     args = [batch[k].double() if batch[k].is_floating_point() else batch[k] for k in ARGS]
     return attention_reference_dense(*args, scale=scale, causal=spec.param("causal"),
-                                     sliding_window=window, tree_mask=tree_mask)
+                                     sliding_window=window, tree_mask=tree_mask,
+                                     attn_bias=None if attn_bias is None else attn_bias.double())
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: str, what: str) -> None:
@@ -106,7 +114,8 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: str, what: str) ->
 
 
 def run_and_check(kernel: Any, spec: KernelSpec, batch: dict[str, Any], *, window: int | None = None,
-                  kv_split: int | None = 0, num_programs: int = 3, what: str = "") -> Any:
+                  kv_split: int | None = 0, num_programs: int = 3, what: str = "",
+                  attn_bias: torch.Tensor | None = None) -> Any:
     """Build the task table, launch on a NaN-poisoned output, compare with the oracle; returns
     the table."""
     layout = attention_layout(spec)
@@ -119,9 +128,14 @@ def run_and_check(kernel: Any, spec: KernelSpec, batch: dict[str, Any], *, windo
         sliding_window=window, causal=layout.causal, kv_split=kv_split,
     )
     out = torch.full_like(batch["q"], float("nan"))
-    res = kernel(*[batch[k] for k in ARGS], table, tree_mask=tree, sliding_window=window, out=out)
+    bias = {} if attn_bias is None else {"attn_bias": attn_bias}
+    res = kernel(*[batch[k] for k in ARGS], table, tree_mask=tree, sliding_window=window, out=out, **bias)
     assert res is out
-    assert_close(out, oracle(batch, spec, tree_mask=tree, window=window), spec.dtype, what)
+    ref = oracle(batch, spec, tree_mask=tree, window=window, attn_bias=attn_bias)
+    assert_close(out, ref, spec.dtype, what)
+    # Rows that see no key output exact zeros, as the reference's (not NaN, not a mean of V).
+    empty = (ref == 0).all(dim=-1)
+    assert torch.equal(out[empty], torch.zeros_like(out[empty])), f"{what}: a hidden row is not zero"
     return table
 
 
@@ -283,6 +297,185 @@ def test_random_mixes(kernels: dict[KernelSpec, Any], kinds: list[str], seed: in
 
 
 # --------------------------------------------------------------------------------------------
+# Additive attention bias
+# --------------------------------------------------------------------------------------------
+
+
+def random_bias(batch: dict[str, Any], *, seqs: int, heads: int, causal: bool, seed: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A bias ``[seqs, heads, max n_s + 1, max L_s + 1]`` for `batch` (`seqs`/`heads` 1 to
+    broadcast): N(0, 2) values, about a fifth -inf, and query row 0 of head 0 hidden entirely (its
+    output must be zeros). NaN wherever no row may read it — the extra row and column, each
+    sequence's entries beyond its n_s x L_s (per-sequence biases), and on causal kernels the keys
+    after a row's own position, which the causal rule hides whatever the bias says — so a read
+    out of range, or a bias that leaks past the mask, poisons the result."""
+    q_lens, kv_lens = batch_lengths(batch)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (seqs, heads, max(q_lens) + 1, max(kv_lens) + 1)
+    bias = torch.randn(shape, generator=gen) * 2
+    bias[torch.rand(shape, generator=gen) < 0.2] = float("-inf")
+    bias[:, 0, 0] = float("-inf")
+    bias[:, :, -1] = float("nan")
+    bias[:, :, :, -1] = float("nan")
+    if seqs > 1:
+        for s, (n, kv) in enumerate(zip(q_lens, kv_lens)):
+            bias[s, :, n:] = float("nan")
+            bias[s, :, :, kv:] = float("nan")
+            if causal:  # row i is at position kv - n + i: keys after it are hidden
+                rows = torch.arange(n)[:, None]
+                bias[s, :, :n, :kv][:, (torch.arange(kv)[None, :] > kv - n + rows)] = float("nan")
+    return bias.to(dtype)
+
+
+# (spec, block_size, Hq, Hkv, kinds, bias seqs / heads (1: broadcast), bias dtype, kv_split):
+# per-sequence and broadcast shapes, a float16 bias (converted by the launcher), the causal rule
+# and tree verify with a bias, split-KV (the merge kernel) with rows the bias hides in some chunks.
+NO_VERIFY = ["prefill", "chunked", "decode", "empty", "decode", "chunked"]
+BIAS_CASES = [
+    (BIAS_TREE, 5, 4, 2, MIX, "S", "Hq", torch.float32, 0),
+    (BIAS_TREE, 16, 2, 1, MIX, 1, "Hq", torch.float32, 16),
+    (BIAS_FP16, 5, 4, 2, NO_VERIFY, "S", 1, torch.float16, 0),
+    (BIAS_FP16, 16, 2, 1, NO_VERIFY, "S", "Hq", torch.float32, 16),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BIAS_CASES)))
+def test_bias_mixed_batch(kernels: dict[KernelSpec, Any], case: int) -> None:
+    """An additive bias with -inf entries and fully hidden rows on a mixed batch, against the
+    reference's semantics: bias added to the scaled scores, -inf hides a key, the visibility rules
+    override the bias, a row hidden entirely outputs zeros."""
+    spec, block_size, hq, hkv, kinds, seqs, heads, bias_dtype, kv_split = BIAS_CASES[case]
+    batch = make_batch(kinds, num_q_heads=hq, num_kv_heads=hkv, head_dim=spec.param("head_dim"),
+                       block_size=block_size, dtype=getattr(torch, spec.dtype), seed=200 + case,
+                       tree_size=6, max_len=40)
+    num_seqs = batch["seqlens_kv"].shape[0]
+    bias = random_bias(batch, seqs=num_seqs if seqs == "S" else 1, heads=hq if heads == "Hq" else 1,
+                       causal=spec.param("causal"), seed=case, dtype=bias_dtype)
+    table = run_and_check(kernels[spec], spec, batch, kv_split=kv_split, attn_bias=bias,
+                          what=f"bias case {case}: {spec.name} bias {list(bias.shape)}")
+    if kv_split:
+        assert table.merges.shape[0] > 0, "the case should exercise the merge kernel"
+
+
+def test_bias_in_all_three_pipelines(kernels: dict[KernelSpec, Any]) -> None:
+    """The bias reaches the 2-stage (decode), 3-stage and 4-stage pipelines, with and without
+    split-KV; once as a float32 view (read in place) and once with strided keys (copied)."""
+    lengths = [(1, 30), (3, 3), (9, 40), (2, 7), (1, 1)]
+    batch = exact_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                        dtype=torch.float32, seed=8)
+    bias = random_bias(batch, seqs=len(lengths), heads=1, causal=True, seed=8)
+    strided_keys = bias.transpose(2, 3).contiguous().transpose(2, 3)
+    for kv_split, b in ((0, bias), (24, strided_keys)):
+        table = run_and_check(kernels[BIAS_TREE], BIAS_TREE, batch, kv_split=kv_split, attn_bias=b,
+                              what=f"bias pipelines, kv_split={kv_split}")
+        assert set(pipelines(table, BIAS_TREE, block_size=16)) == {"2-stage", "3-stage", "4-stage"}
+
+
+def test_bias_operand_is_read_in_place_when_it_can_be() -> None:
+    """The launcher hands the kernel a float32 bias with contiguous keys as it is (broadcast dims
+    as stride 0, no copy) and copies only the distinct rows of anything else."""
+    extent = (3, 7)  # the batch's longest query run and KV length
+    shared = torch.randn(1, 4, 3, 7)
+    operand, tiling = _bias_operand(shared.expand(2, 4, 3, 7), extent, "k")
+    assert operand.data_ptr() == shared.data_ptr() and tiling == (0, 21, 7, 84)
+    # A [S, 1, q, kv] float16 bias: one float32 copy per sequence, heads stay broadcast.
+    half = torch.randn(2, 1, 3, 8).half()
+    operand, tiling = _bias_operand(half.expand(2, 4, 3, 8), extent, "k")
+    assert operand.dtype == torch.float32 and operand.untyped_storage().nbytes() == 2 * 3 * 8 * 4
+    assert tiling == (24, 0, 8, 48) and torch.equal(operand[1, 3], half[1, 0].float())
+    # Strided keys: copied with contiguous keys.
+    strided = torch.randn(1, 1, 8, 3).transpose(2, 3)
+    operand, tiling = _bias_operand(strided.expand(2, 4, 3, 8), extent, "k")
+    assert operand.stride(3) == 1 and torch.equal(operand[0, 0], strided[0, 0])
+    with pytest.raises(ValueError, match=r"k: attn_bias must cover every query row and key of the batch, "
+                                         r"\[S, Hq, >= 3, >= 7\], got \[2, 4, 3, 6\]"):
+        _bias_operand(torch.zeros(2, 4, 3, 6), extent, "k")
+
+
+def test_bias_launch_validation(kernels: dict[KernelSpec, Any]) -> None:
+    """A bias kernel needs its bias; a kernel without a bias path refuses one."""
+    args = exact_args(4, 2)
+    table = build_task_table([0, 2], [5], num_q_heads=4, num_kv_heads=2, block_q=4, num_programs=1)
+    tree = torch.ones(1, 4, 4, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="built with an attention bias"):
+        kernels[BIAS_TREE](*args, table, tree_mask=tree)
+    with pytest.raises(ValueError, match="attn_bias must broadcast"):
+        kernels[BIAS_TREE](*args, table, tree_mask=tree, attn_bias=torch.zeros(1, 3, 2, 5))
+    short = torch.zeros(1, 4, 2, 4)  # 4 keys for a 5-position sequence
+    with pytest.raises(ValueError, match="attn_bias must cover"):
+        kernels[BIAS_TREE](*args, table, tree_mask=tree, attn_bias=short)
+    # A hand-made table without the host metadata: the check reads the tasks instead.
+    bare = dataclasses.replace(table, cu_seqlens_q=torch.zeros(1, dtype=torch.int32),
+                               seqlens_kv=torch.zeros(0, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"attn_bias must cover .* >= 5\]"):
+        kernels[BIAS_TREE](*args, bare, tree_mask=tree, attn_bias=short)
+    with pytest.raises(ValueError, match="without bias support"):
+        kernels[FP32_WINDOW](*args, table, sliding_window=3, attn_bias=torch.zeros(1, 4, 2, 5))
+
+
+class _Logits(torch.nn.Module):
+    """input_ids -> logits of a transformers causal LM (what `tileflow export` exports)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, use_cache=False).logits
+
+
+def test_exported_llama_attention_runs_on_the_ascend_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: the meta-attention specs a real (small) Llama exports for target 'ascend' —
+    its causal mask arrives as an additive bias — built in CPU-debug mode, (1) on a mixed batch
+    with a bias against the reference, and (2) as the attention of the exported program itself
+    (GEMMs on the reference backend), whose logits must match eager transformers."""
+    from models import VOCAB, build  # transformers: imported only here
+    from tileflow.backends.ascend import build_cpu_debug_kernel
+
+    from tileflow import runtime
+    from tileflow.export import export_model
+
+    model = build("llama")
+    example = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
+    archive = export_model(_Logits(model), (example,), ({1: torch.export.Dim("seq", min=2, max=64)},),
+                           options={"target": "ascend"})
+    specs = list(dict.fromkeys(
+        KernelSpec.from_dict(k.spec) for g in archive.report.graphs for k in g.kernels
+        if k.spec is not None and k.spec["op"] == "meta_attention"))
+    assert specs and all(s.param("bias") and not s.param("causal") for s in specs), [s.name for s in specs]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        built = dict(zip(specs, pool.map(
+            lambda s: build_cpu_debug_kernel(s, [HEADERS], build_dir=tmp_path), specs)))
+
+    cfg = model.config
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    for i, spec in enumerate(specs):
+        batch = make_batch(NO_VERIFY, num_q_heads=hq, num_kv_heads=hkv, head_dim=spec.param("head_dim"),
+                           block_size=16, dtype=getattr(torch, spec.dtype), seed=300 + i, max_len=70)
+        bias = random_bias(batch, seqs=batch["seqlens_kv"].shape[0], heads=1, causal=False, seed=i)
+        run_and_check(built[spec], spec, batch, kv_split=16 * i, attn_bias=bias,
+                      what=f"exported {spec.name}")
+
+    # The exported program, its attention on these kernels: any other spec would be a KeyError.
+    real_get_kernel = runtime.get_kernel
+    used: set[KernelSpec] = set()
+
+    def get_kernel(target: str, spec: KernelSpec, artifact_dir: Path | None = None) -> Any:
+        if spec.op == "meta_attention":
+            used.add(spec)
+            return built[spec]
+        return real_get_kernel("reference", spec, artifact_dir)
+
+    monkeypatch.setattr(runtime, "get_kernel", get_kernel)
+    program = archive.program.module()
+    with torch.no_grad():
+        for n in (3, 8, 20, 64):  # decode-sized (block_q 8) and prefill-sized (block_q 32) tiles
+            ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
+            torch.testing.assert_close(program(ids), model(ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    assert used == set(specs)
+
+
+# --------------------------------------------------------------------------------------------
 # Specs, sources, validation
 # --------------------------------------------------------------------------------------------
 
@@ -310,10 +503,16 @@ def test_source_shape() -> None:
     for buf in layout.main_buffers():
         assert f"pipe->InitBuffer({buf.member}, " in kernel
         assert f", {buf.nbytes});  // {buf.purpose}" in kernel
+    assert "bias" not in kernel.lower()  # no bias path without bias=True
+    # With a bias: the extra input, its tiling fields and UB tile, one load per pipeline.
+    biased = render_attention_sources(BIAS_FP16).files
+    bias_kernel = next(v for k, v in biased.items() if k.startswith("op_kernel/"))
+    assert bias_kernel.count("LoadBiasChunk(t, ") == 3 and "AddBias(t, scores, chunkLen)" in bias_kernel
+    assert "GM_ADDR attn_bias" in bias_kernel and "biasQue" in bias_kernel
+    assert "int32_t biasStrideRow;" in next(v for k, v in biased.items() if k.endswith("_tiling.h"))
 
 
 @pytest.mark.parametrize("params,match", [
-    ({"bias": True}, "bias=True is not supported"),
     ({"head_dim": 1024, "block_q": 16, "gqa": 4}, "unified buffer"),
     ({"head_dim": 24, "dtype": "float16"}, "multiple of 16"),
     ({"head_dim": 12}, "multiple of 8"),
@@ -334,6 +533,12 @@ def test_ub_budget_is_what_the_double_enforces() -> None:
     assert sum(b.total for b in layout.main_buffers()) <= UB_BYTES
     with pytest.raises(ValueError, match="unified buffer"):
         attention_layout(attn_spec("float16", head_dim=128, gqa=4, block_q=32, block_kv=64))
+    # The bias tile is budgeted too: an fp32 prefill tile that fits without a bias does not with one.
+    big = {"head_dim": 64, "gqa": 4, "block_q": 16, "block_kv": 64}
+    plain = attention_layout(attn_spec("float32", **big))
+    assert sum(b.total for b in plain.main_buffers()) <= UB_BYTES
+    with pytest.raises(ValueError, match="unified buffer"):
+        attention_layout(attn_spec("float32", bias=True, **big))
 
 
 def test_launch_validation(kernels: dict[KernelSpec, Any]) -> None:

@@ -17,10 +17,22 @@ direct datapath, so matrices pass through a per-core GM workspace:
 - KV is walked in chunks that never cross a page (``min(block_kv, page left, range left)``), so a
   chunk's K rows are equally spaced (``Hkv * D`` apart) and the cube reads them in place from the
   cache (B transposed, ``orgKb = Hkv * D``): ``S = Q K^T`` lands in UB (row stride ``block_kv``);
-- the vector unit scales, masks (causal / sliding window hide a contiguous column range per row;
-  the tree mask is applied per element over the new-token columns), runs the online softmax per
-  row, rounds P to the input type and writes it to the workspace; the cube computes ``P V`` (V
-  read in place, ``orgN = Hkv * D``) into UB, and the vector unit folds it into the accumulator.
+- the vector unit scales, adds the model's additive bias when the spec has one, masks (causal /
+  sliding window hide a contiguous column range per row; the tree mask is applied per element
+  over the new-token columns), runs the online softmax per row, rounds P to the input type and
+  writes it to the workspace; the cube computes ``P V`` (V read in place, ``orgN = Hkv * D``)
+  into UB, and the vector unit folds it into the accumulator.
+
+The additive bias (``bias=True``: the float mask torch.export leaves in real models) has the
+reference backend's semantics: tile row ``r`` (query index ``i = q_start + r // R`` within the
+sequence, head ``h = kv_head * R + r % R``) adds ``attn_bias[seq, h, i, j]`` to the scaled score
+of key ``j``, before the visibility rules (which override it: a hidden key stays hidden whatever
+its bias), and a ``-inf`` entry hides a key, so a row the bias hides entirely outputs zeros (LSE
+``-inf`` in a split-KV slot). A chunk's keys are contiguous in a bias row, so the bias of a
+chunk arrives as one `DataCopyPad` per tile row, issued before the scores are computed (the
+copy overlaps the cube's ``Q K^T``). The launcher passes the bias in place when it is float32
+with contiguous keys (broadcast dims are stride 0: element strides ride in the tiling) and a
+compact float32 copy otherwise.
 
 The kernel picks a pipeline per task at run time (XY-Serve's three):
 
@@ -52,6 +64,7 @@ from tileflow.attention_inputs import (
     MERGE_COLS,
     TASK_COLS,
     AttentionParams,
+    LaunchInputs,
     attention_params,
     check_launch_inputs,
 )
@@ -197,6 +210,11 @@ class AttentionLayout:
         return self.params.tree
 
     @property
+    def bias(self) -> bool:
+        """The kernel takes an additive float attention bias (see the module docstring)."""
+        return self.params.bias
+
+    @property
     def rows(self) -> int:
         """Rows of a tile (and of a split-KV workspace slot)."""
         return self.block_q * self.gqa
@@ -222,12 +240,16 @@ class AttentionLayout:
         reduce_len = _ceil(max(n, d), _BLOCK_BYTES // 4)
         vecin, vecout = "TQue<TPosition::VECIN, {}>", "TQue<TPosition::VECOUT, {}>"
         calc = "TBuf<TPosition::VECCALC>"
+        # One chunk's bias for every tile row, laid out like the S tile it is added to.
+        bias = (UbBuffer("biasQue", vecin.format(1), 1, m * n * 4,
+                         "attn_bias of a chunk (float, row stride BLOCK_KV)"),) if self.bias else ()
         return (
             UbBuffer("queryQue", vecin.format(1), 1, m * d * e, "Q tile staged from GM"),
             UbBuffer("kvQue", vecin.format("BUFFER_NUM"), BUFFER_NUM, n * d * e,
                      "K / V chunks of the 2-stage (decode) pipeline"),
             UbBuffer("scoreQue", vecin.format("BUFFER_NUM"), BUFFER_NUM, m * n * 4,
                      "S tiles (float, row stride BLOCK_KV)"),
+            *bias,
             UbBuffer("probQue", vecout.format("BUFFER_NUM"), BUFFER_NUM, m * n * e,
                      "P tiles on their way to the GM workspace"),
             UbBuffer("valueQue", vecin.format(1), 1, m * d * 4, "P V from the cube (float)"),
@@ -294,21 +316,16 @@ def _check_cube(spec: KernelSpec, what: str, base_m: int, base_n: int, base_k: i
 def attention_layout(spec: KernelSpec) -> AttentionLayout:
     """Validate a ``meta_attention`` spec for the Ascend C kernel and derive its static layout.
 
-    Beyond the target-neutral checks (`tileflow.attention_inputs.attention_params`): no
-    attention bias (the kernel has no bias path yet); ``head_dim`` a multiple of 32 bytes of the
-    input dtype (16 for fp16/bf16, 8 for fp32) so that every tile row starts 32-byte aligned for
-    the vector unit and DataCopy; ``block_kv`` a multiple of 16; both kernels' buffers must fit
-    the 192 KiB UB and each cube base block the L0 buffers.
+    Beyond the target-neutral checks (`tileflow.attention_inputs.attention_params`):
+    ``head_dim`` a multiple of 32 bytes of the input dtype (16 for fp16/bf16, 8 for fp32) so that
+    every tile row starts 32-byte aligned for the vector unit and DataCopy; ``block_kv`` a
+    multiple of 16; both kernels' buffers (with ``bias=True``, the bias tile too) must fit the
+    192 KiB UB and each cube base block the L0 buffers.
 
     Raises ValueError saying what to change.
     """
     params = attention_params(spec, target="Ascend C", supported_dtypes=SUPPORTED_DTYPES,
                               default_block_kv=_DEFAULT_BLOCK_KV)
-    if params.bias:
-        raise ValueError(
-            f"spec {spec.name}: bias=True is not supported by the Ascend C meta-attention kernel "
-            f"yet (no additive-bias path); run this attention on the reference or Triton target"
-        )
     esize = _ELEMENT_BYTES[spec.dtype]
     align = _BLOCK_BYTES // esize
     if params.head_dim % align:
@@ -355,6 +372,8 @@ def attention_entries(spec: KernelSpec) -> tuple[EntryPoint, EntryPoint]:
             "tasks", "program_offsets", "program_tasks"]
     if layout.tree:
         main.append("tree_mask")
+    if layout.bias:
+        main.append("attn_bias")
     main += ["out", "partial_out", "partial_lse", "workspace", "tiling"]
     return (
         EntryPoint(ident, tuple(main), outputs=("out", "partial_out", "partial_lse", "workspace")),
@@ -398,16 +417,28 @@ struct ${struct} {
     int32_t numPrograms;   // P: the static grid of the task table
     int32_t treeSize;      // T of tree_mask [S, T, T] (0 without a tree)
     int32_t window;        // sliding window (0 without one)
-    float scale;           // softmax scale
+${bias_fields}    float scale;           // softmax scale
 };
 
 #endif  // ${guard}
 """
 
 
-def _tiling_header(spec: KernelSpec, ident: str) -> str:
+# The tiling fields of a bias kernel: where a bias row starts (element strides of attn_bias, 0 on
+# a broadcast dim; a row's keys are contiguous) and how many elements the kernel may address.
+_BIAS_FIELDS = (
+    "    int32_t biasStrideSeq;   // attn_bias row (seq, head, q_index) starts at seq * biasStrideSeq\n"
+    "    int32_t biasStrideHead;  //   + head * biasStrideHead + q_index * biasStrideRow (elements,\n"
+    "    int32_t biasStrideRow;   //   0 on a broadcast dim); its keys are contiguous\n"
+    "    int32_t biasElems;       // attn_bias elements the kernel may address\n"
+)
+_BIAS_NAMES = ("biasStrideSeq", "biasStrideHead", "biasStrideRow", "biasElems")
+
+
+def _tiling_header(spec: KernelSpec, layout: AttentionLayout, ident: str) -> str:
     return _fill(_TILING_HEADER, banner=banner(spec, "Tiling struct (host and kernel)"),
-                 guard=f"{ident.upper()}_TILING_H", ident=ident, struct=_struct_name(ident))
+                 guard=f"{ident.upper()}_TILING_H", ident=ident, struct=_struct_name(ident),
+                 bias_fields=_BIAS_FIELDS if layout.bias else "")
 
 
 # The kernel file: shared helpers, the meta-attention class, the merge class and both entries.
@@ -570,7 +601,7 @@ public:
         tasksGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(tasks), uint64_t(t.numTasks) * TASK_COLS);
         programOffsetsGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(program_offsets), uint64_t(t.numPrograms) + 1);
         programTasksGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(program_tasks), uint64_t(t.numTasks));
-${tree_init}        // Split-KV workspace: slot s holds TILE_ROWS rows (float32), see TaskTable.workspace_shapes.
+${tree_init}${bias_init}        // Split-KV workspace: slot s holds TILE_ROWS rows (float32), see TaskTable.workspace_shapes.
         partialOutGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_out), uint64_t(t.numSlots) * TILE_ROWS * HEAD_DIM);
         partialLseGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_lse), uint64_t(t.numSlots) * TILE_ROWS);
         // This core's GM workspace: the dense Q tile, then the P tile (the cube's A operands).
@@ -657,7 +688,7 @@ private:
             // Stage 1: K and V of the chunk (rows HEAD_DIM long, numKvHeads * HEAD_DIM apart).
             LoadKvChunk(kGm[offset], chunkLen);
             LoadKvChunk(vGm[offset], chunkLen);
-            // Stage 2: scores = q . k for every (row, key).
+${bias_load_decode}            // Stage 2: scores = q . k for every (row, key).
             LocalTensor<T> keys = kvQue.DeQue<T>();
             WidenToFloat(kvF, keys, chunkLen * HEAD_DIM);
             kvQue.FreeTensor(keys);
@@ -695,7 +726,7 @@ private:
         QueryToWorkspace(t);
         const int32_t chunkLen = t.kvEnd - t.kvStart;
         const uint64_t offset = CacheOffset(t, t.kvStart);
-        LocalTensor<float> scores = ScoresOnCube(t, offset, chunkLen);    // stage 1
+${bias_load_single}        LocalTensor<float> scores = ScoresOnCube(t, offset, chunkLen);    // stage 1
         ScaleMaskSoftmax(t, scores, t.kvStart, chunkLen, false);          // stage 2
         ProbabilitiesToWorkspace(t, scores);
         LocalTensor<float> values = ValuesOnCube(t, offset, chunkLen);    // stage 3
@@ -712,7 +743,7 @@ private:
         for (int32_t pos = t.kvStart; pos < t.kvEnd;) {
             const int32_t chunkLen = ChunkLength(t, pos);
             const uint64_t offset = CacheOffset(t, pos);
-            LocalTensor<float> scores = ScoresOnCube(t, offset, chunkLen);  // stage 1
+${bias_load_multi}            LocalTensor<float> scores = ScoresOnCube(t, offset, chunkLen);  // stage 1
             ScaleMaskSoftmax(t, scores, pos, chunkLen, true);               // stage 2
             ProbabilitiesToWorkspace(t, scores);
             LocalTensor<float> values = ValuesOnCube(t, offset, chunkLen);  // stage 3
@@ -825,7 +856,7 @@ private:
                                             int32_t chunkLen, bool online)
     {
         Muls(scores, scores, tiling.scale, t.rows * BLOCK_KV);
-${mask_call}        for (int32_t r = 0; r < t.rows; ++r) {
+${bias_add_call}${mask_call}        for (int32_t r = 0; r < t.rows; ++r) {
             ReduceMax(reduceOut, scores[r * BLOCK_KV], reduceWork, chunkLen);
             chunkMax.SetValue(r, reduceOut.GetValue(0));
         }
@@ -853,7 +884,7 @@ ${mask_call}        for (int32_t r = 0; r < t.rows; ++r) {
         }
         DataCopy(rowMax, newMax, STAT_LEN);
     }
-${mask_function}
+${mask_function}${bias_functions}
     // ---- finish: normalize, then the output or a split-KV slot -------------------------------
     __aicore__ inline void Finish(const Task& t)
     {
@@ -880,7 +911,7 @@ ${mask_function}
     Tiling tiling;
     GlobalTensor<T> qGm, kGm, vGm, outGm, queryWs, probWs;
     GlobalTensor<int32_t> blockTableGm, cuSeqlensGm, seqlensKvGm, tasksGm, programOffsetsGm, programTasksGm;
-${tree_member}    GlobalTensor<float> partialOutGm, partialLseGm;
+${tree_member}${bias_member}    GlobalTensor<float> partialOutGm, partialLseGm;
 ${main_buffer_members}
     LocalTensor<float> acc, queryF, kvF, product, reduceWork, reduceOut;
     LocalTensor<float> ${main_stat_members};
@@ -1011,13 +1042,16 @@ ${launch_stubs}"""
 
 
 def _mask_doc(layout: AttentionLayout) -> str:
-    """One-line description of the visibility rule, for the kernel's header comment."""
+    """The visibility rule (one line) and the bias (a second one), for the kernel's header comment."""
     parts = ["kv_pos <= q_pos (causal)" if layout.causal else "every kv_pos < seqlen_kv (not causal)"]
     if layout.sliding_window:
         parts.append("kv_pos > q_pos - window")
     if layout.tree:
         parts.append("tree_mask replaces that among the new tokens when n_s <= T")
-    return "; ".join(parts)
+    doc = "; ".join(parts)
+    if layout.bias:
+        doc += "\n//   bias: attn_bias[seq, head, q_index, kv_pos] is added to the scaled scores first (-inf hides a key)"
+    return doc
 
 
 def _convert_helpers(layout: AttentionLayout) -> str:
@@ -1035,6 +1069,77 @@ def _convert_helpers(layout: AttentionLayout) -> str:
         "__aicore__ inline void NarrowFromFloat(const LocalTensor<T>& dst, const LocalTensor<float>& src, uint32_t count)\n"
         f"{{\n{body_n}\n}}\n"
     )
+
+
+def _mask_call(layout: AttentionLayout, has_mask: bool) -> str:
+    """The `MaskScores` call of ScaleMaskSoftmax, or a note that no visibility rule applies."""
+    if has_mask:
+        return "        MaskScores(t, scores, chunkStart, chunkLen);\n"
+    if layout.bias:
+        return "        (void)chunkStart;  // no visibility rule: only the bias hides keys\n"
+    return "        (void)chunkStart;  // this kernel hides nothing\n"
+
+
+def _bias_load(indent: int, chunk_start: str, why: str) -> str:
+    """One `LoadBiasChunk` call line of a pipeline (the chunk's length is always `chunkLen`)."""
+    return " " * indent + f"LoadBiasChunk(t, {chunk_start}, chunkLen);  // {why}\n"
+
+
+def _bias_code(layout: AttentionLayout) -> dict[str, str]:
+    """The kernel template's bias substitutions: all empty without a bias, so a spec without one
+    emits exactly the code it did before the bias path existed."""
+    names = ("bias_init", "bias_load_decode", "bias_load_single", "bias_load_multi",
+             "bias_add_call", "bias_functions", "bias_member")
+    if not layout.bias:
+        return dict.fromkeys(names, "")
+    return {
+        "bias_init": (
+            "        // The model's additive bias (float): see LoadBiasChunk.\n"
+            "        biasGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(attn_bias), uint64_t(t.biasElems));\n"
+        ),
+        "bias_load_decode": _bias_load(12, "pos", "queued behind K and V on MTE2"),
+        "bias_load_single": _bias_load(8, "t.kvStart", "MTE2, overlaps the cube's Q K^T"),
+        "bias_load_multi": _bias_load(12, "pos", "MTE2, overlaps the cube's Q K^T"),
+        # Before the mask: the visibility rules override the bias (a hidden key stays hidden even
+        # where its bias is NaN or +inf), as in the reference backend.
+        "bias_add_call": "        AddBias(t, scores, chunkLen);  // before the mask, which overrides it\n",
+        "bias_functions": _BIAS_FUNCTIONS,
+        "bias_member": "    GlobalTensor<float> biasGm;\n",
+    }
+
+
+_BIAS_FUNCTIONS = """
+    // ---- the model's additive bias ------------------------------------------------------------
+    // Stage the bias of chunk [chunkStart, chunkStart + chunkLen) for every tile row into a
+    // [rows, BLOCK_KV] tile laid out like S. Row r is query index qStart + r / GQA of the sequence,
+    // head kvHead * GQA + r % GQA; the chunk's keys are contiguous in its bias row, so each row is
+    // one DataCopyPad (its UB destination starts on a 32-byte boundary: BLOCK_KV is a multiple of 16).
+    __aicore__ inline void LoadBiasChunk(const Task& t, int32_t chunkStart, int32_t chunkLen)
+    {
+        LocalTensor<float> bias = biasQue.AllocTensor<float>();
+        const DataCopyExtParams rowCopy(1, uint32_t(chunkLen) * sizeof(float), 0, 0, 0);
+        for (int32_t r = 0; r < t.rows; ++r) {
+            const int32_t qIndex = t.qStart + r / GQA;
+            const int32_t head = t.kvHead * GQA + r % GQA;
+            const uint64_t rowStart = uint64_t(t.seq) * tiling.biasStrideSeq + uint64_t(head) * tiling.biasStrideHead
+                                      + uint64_t(qIndex) * tiling.biasStrideRow;
+            DataCopyPad(bias[r * BLOCK_KV], biasGm[rowStart + chunkStart], rowCopy,
+                        DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
+        }
+        biasQue.EnQue(bias);
+    }
+
+    // scores += bias, row by row over the chunk's columns (a -inf bias hides the key: exp gives 0,
+    // and a row the bias hides entirely keeps max -inf, so it ends with sum 0 and outputs zeros).
+    __aicore__ inline void AddBias(const Task& t, const LocalTensor<float>& scores, int32_t chunkLen)
+    {
+        LocalTensor<float> bias = biasQue.DeQue<float>();
+        for (int32_t r = 0; r < t.rows; ++r) {
+            Add(scores[r * BLOCK_KV], scores[r * BLOCK_KV], bias[r * BLOCK_KV], chunkLen);
+        }
+        biasQue.FreeTensor(bias);
+    }
+"""
 
 
 def _mask_function(layout: AttentionLayout) -> str:
@@ -1152,10 +1257,10 @@ def _kernel_source(spec: KernelSpec, layout: AttentionLayout, ident: str,
         tree_applies=(
             "numNew <= tiling.treeSize" if layout.tree else "false"
         ),
-        mask_call=("        MaskScores(t, scores, chunkStart, chunkLen);\n" if mask
-                   else "        (void)chunkStart;  // this kernel hides nothing\n"),
+        mask_call=_mask_call(layout, bool(mask)),
         mask_function=mask,
         tree_member="    GlobalTensor<uint8_t> treeMaskGm;\n" if layout.tree else "",
+        **_bias_code(layout),
         main_buffer_members=_buffer_members(layout.main_buffers()),
         main_stat_members=", ".join(_MAIN_STAT_NAMES),
         merge_init_params=_init_params(merge),
@@ -1221,7 +1326,7 @@ extern "C" uint32_t ${ident}_tiling_size()
 extern "C" int32_t ${ident}_tiling(
     int32_t numSeqs, int32_t numQHeads, int32_t numKvHeads, int32_t blockSize, int32_t maxBlocks,
     int32_t numBlocks, int32_t totalQ, int32_t numTasks, int32_t numSlots, int32_t numMerges,
-    int32_t numPrograms, int32_t treeSize, int32_t window, float scale, void* tilingOut)
+    int32_t numPrograms, int32_t treeSize, int32_t window,${bias_params} float scale, void* tilingOut)
 {
     if (tilingOut == nullptr) {
         return TILING_NULL_OUTPUT;
@@ -1258,7 +1363,7 @@ ${window_check}${tree_check}    ${struct} t{};
     t.numPrograms = numPrograms;
     t.treeSize = treeSize;
     t.window = window;
-    t.scale = scale;
+${bias_assign}    t.scale = scale;
     *static_cast<${struct}*>(tilingOut) = t;
     return TILING_OK;
 }
@@ -1291,6 +1396,8 @@ def _host_source(spec: KernelSpec, layout: AttentionLayout, ident: str,
         api_dtype=_API_DTYPES[layout.dtype],
         window_check=window_check,
         tree_check=tree_check,
+        bias_params=("\n    " + ", ".join(f"int32_t {n}" for n in _BIAS_NAMES) + ",") if layout.bias else "",
+        bias_assign="".join(f"    t.{n} = {n};\n" for n in _BIAS_NAMES) if layout.bias else "",
         cpu_runners=cpu_runner(main) + "\n" + cpu_runner(merge),
     )
 
@@ -1310,7 +1417,7 @@ def render_attention_sources(spec: KernelSpec) -> KernelSources:
     main, merge = attention_entries(spec)
     sources = KernelSources(spec=spec, ident=ident, tiling_struct=_struct_name(ident),
                             kernels=(main.name, merge.name))
-    sources.files[sources.tiling_header] = _tiling_header(spec, ident)
+    sources.files[sources.tiling_header] = _tiling_header(spec, layout, ident)
     sources.files[sources.kernel_file] = _kernel_source(spec, layout, ident, main, merge)
     sources.files[sources.host_file] = _host_source(spec, layout, ident, main, merge)
     sources.files[sources.torch_file] = torch_binding((main, merge), spec)
@@ -1336,6 +1443,55 @@ def _host_tiling(host_call: HostCall, ident: str, where: str, values: Sequence[i
     return tiling
 
 
+def _bias_extent(table: Any, inputs: LaunchInputs) -> tuple[int, int]:
+    """(query rows, keys) of each ``[seq, head]`` plane of attn_bias the kernel may read: the
+    longest n_s and L_s of the batch (the reference backend's requirement, ``[S | 1, Hq | 1,
+    >= max n_s, >= max L_s]``).
+
+    Taken from the table's host copies of the metadata, so a launch on an NPU reads nothing back
+    from the device; a table without them (hand-made) costs one read of its tasks instead, whose
+    tiles and KV ranges bound what the kernel reads.
+    """
+    cu = torch.as_tensor(getattr(table, "cu_seqlens_q", ()))
+    lens = torch.as_tensor(getattr(table, "seqlens_kv", ()))
+    host = cu.device.type == "cpu" and lens.device.type == "cpu"
+    if host and inputs.num_seqs > 0 and (cu.numel(), lens.numel()) == (inputs.num_seqs + 1, inputs.num_seqs):
+        return int((cu[1:] - cu[:-1]).max()), int(lens.max())
+    tasks = inputs.tasks.cpu()
+    if tasks.numel() == 0:
+        return 0, 0
+    return int((tasks[:, 2] + tasks[:, 3]).max()), int(tasks[:, 5].max())
+
+
+def _bias_operand(bias: torch.Tensor, extent: tuple[int, int], where: str) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """attn_bias as the kernel reads it, and its tiling values (strides of seq, head and query
+    row, addressable elements).
+
+    `bias` is the launch's bias expanded to ``[S, Hq, q_dim, kv_dim]`` (broadcast dims have
+    stride 0). The kernel reads a row's keys as one contiguous run, in float32: a float32 bias
+    whose keys are contiguous is passed as it is (no copy, whatever its other strides); anything
+    else becomes a float32 copy of its distinct rows only (broadcast dims stay stride-0 views,
+    so a ``[1, 1, q, kv]`` mask is never copied ``S * Hq`` times). Raises ValueError when the bias
+    has fewer query rows or keys than `extent` (see `_bias_extent`).
+    """
+    need_q, need_kv = extent
+    if bias.shape[2] < need_q or bias.shape[3] < need_kv:
+        raise ValueError(
+            f"{where}: attn_bias must cover every query row and key of the batch, [S, Hq, >= {need_q}, "
+            f">= {need_kv}], got {list(bias.shape)}"
+        )
+    keys_contiguous = bias.shape[3] <= 1 or bias.stride(3) == 1
+    if bias.dtype != torch.float32 or not keys_contiguous:
+        # Copy one representative of each broadcast dim (stride 0) among seq / head / row, keys
+        # in full, then broadcast again.
+        distinct = bias[tuple(slice(0, 1) if bias.stride(i) == 0 else slice(None) for i in range(3))]
+        bias = distinct.to(torch.float32).contiguous().expand(bias.shape)
+    if bias.numel() == 0:  # no key to read (every task's KV range is empty): a 1-element dummy
+        bias = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=bias.device)
+    elems = 1 + sum((size - 1) * stride for size, stride in zip(bias.shape, bias.stride()))
+    return bias, (bias.stride(0), bias.stride(1), bias.stride(2), elems)
+
+
 def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRun,
                             cores: int) -> Callable[..., torch.Tensor]:
     """Wrap the built kernels (on any runner) in the meta-attention launch interface:
@@ -1351,8 +1507,10 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
     min(merges, cores) blocks.
 
     The kernel addresses q, the caches and out densely, so non-contiguous views are copied (and
-    a non-contiguous `out` is written back). The per-core GM workspace (Q and P tiles) and the
-    split-KV workspace (float32, `TaskTable.workspace_shapes`) are allocated per call.
+    a non-contiguous `out` is written back). `attn_bias` (bias specs) is read in place when it is
+    float32 with contiguous keys, else copied (see `_bias_operand`). The per-core GM workspace
+    (Q and P tiles) and the split-KV workspace (float32, `TaskTable.workspace_shapes`) are
+    allocated per call.
     """
     layout = attention_layout(spec)
     main, merge = attention_entries(spec)
@@ -1390,11 +1548,15 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
         tree = inputs.tree_mask
         tree_size = 0 if tree is None else tree.shape[1]
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        bias, bias_tiling = None, ()
+        if inputs.attn_bias is not None:
+            bias, bias_tiling = _bias_operand(inputs.attn_bias, _bias_extent(table, inputs), where)
 
         tiling = _host_tiling(host_call, ident, where, (
             inputs.num_seqs, q.shape[1], k_cache.shape[2], k_cache.shape[1],
             inputs.block_table.shape[1], k_cache.shape[0], q.shape[0], inputs.tasks.shape[0],
             inputs.num_slots, num_merges, num_programs, tree_size, inputs.sliding_window or 0,
+            *bias_tiling,
         ), scale)
 
         slots = max(inputs.num_slots, 1)  # a 1-slot dummy when no task is split (never touched)
@@ -1411,6 +1573,7 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
             "merges": inputs.merges,
             # bool is one byte per element: the kernel reads it as uint8 (no copy for a dense mask).
             "tree_mask": None if tree is None else tree.contiguous().view(torch.uint8),
+            "attn_bias": bias,
             "out": dense_out,
             "partial_out": torch.empty((slots, layout.rows, d), dtype=torch.float32, device=device),
             "partial_lse": torch.empty((slots, layout.rows), dtype=torch.float32, device=device),

@@ -337,7 +337,9 @@ tree_ok = tl.load(tree_ptrs, mask=visible & in_tree[None, :], other=0) != 0
 bias_ptrs = (bias_ptr + seq.to(tl.int64) * stride_ab_s + head[:, None] * stride_ab_h
              + q_idx[:, None] * stride_ab_i + kv_pos[None, :] * stride_ab_j)
 bias = tl.load(bias_ptrs, mask=visible, other=0.0).to(tl.float32)
-# Masks built with finfo.min instead of -inf would overflow when rescaled: clamp first.
+# A -inf entry hides its key like a mask does (a row hidden entirely outputs zeros, as on every
+# backend); masks built with finfo.min instead would overflow when rescaled: clamp those.
+visible = visible & (bias > float("-inf"))
 s = s + tl.maximum(bias, -1.0e30) * 1.4426950408889634
 """
     step += f"""\

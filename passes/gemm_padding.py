@@ -11,12 +11,18 @@ and the model's 3-D activations (elementwise epilogues commute with those views)
 - bias (from `linear`), SiLU / GELU (erf or tanh), a residual `add`, and a dtype cast;
 - the SwiGLU pair `silu(x @ Wg.T) * (x @ Wu.T)`: two GEMMs on the same input become one kernel
   over the gate and up weights (logically [2N, K], never copied into a stacked tensor).
-Matmuls it cannot take (dtypes the target lacks, mixed dtypes) stay as they are, with the reason
-in the report.
+MoE expert GEMMs (`transformers::grouped_mm_fallback` or `aten._grouped_mm`: x [M, K] with rows
+sorted by expert, weights [E, K, N], int32 cumulative `offs`) become `tileflow::grouped_gemm`,
+whose plan is keyed by the expected rows per expert ceil(M / E); Mixtral's
+`chunk(2, -1) -> silu(gate) * up` after the gate/up experts is fused into it (kind `grouped_gemm`,
+`fused_grouped_swiglu`).
+Matmuls it cannot take (dtypes the target lacks, mixed dtypes, grouped GEMMs with a bias or a
+batched input) stay as they are, with the reason in the report.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +31,7 @@ import torch.fx as fx
 
 from tileflow.graph_utils import copy_source_meta, infer_meta, same_shape
 from tileflow.pipeline import PassContext, PassResult, register_pass
-from tileflow.runtime import encode_plan, gemm_plan
+from tileflow.runtime import encode_plan, gemm_plan, grouped_gemm_plan
 from tileflow.tiles import TilePlan, token_range
 
 aten = torch.ops.aten
@@ -118,6 +124,73 @@ def _up_partner(gate: fx.Node, other: Any) -> fx.Node | None:
     return other
 
 
+# Grouped (MoE expert) matmuls, by schema name: (x [M, K], w [E, K, N], offs int32 [E]).
+_GROUPED_MM = ("transformers::grouped_mm_fallback", "aten::_grouped_mm")
+
+
+def _grouped_mm_args(node: fx.Node) -> dict[str, Any] | None:
+    """x, w, offs, bias, out_dtype of a grouped matmul node (None when `node` is not one)."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or schema.name not in _GROUPED_MM:
+        return None
+    names = [a.name for a in schema.arguments]  # input/self, weight/mat2, offs[, bias, out_dtype]
+    values = dict(zip(names, node.args))
+    values.update(node.kwargs)
+    x, w = values.get(names[0]), values.get(names[1])
+    return {"x": x, "w": w, "offs": values.get("offs"), "bias": values.get("bias"), "out_dtype": values.get("out_dtype")}
+
+
+def _describe_grouped(plan: TilePlan, experts: int) -> str:
+    """A grouped GEMM's plan in words: its pieces are ranges of ceil(M / E), not of M."""
+    pieces = "; ".join(f"{p.lo}..{p.hi} -> {p.config.name}" for p in plan.pieces)
+    return f"rows per expert ceil(M / {experts}): {pieces}"
+
+
+def _is_last_dim(dim: Any, rank: int) -> bool:
+    return isinstance(dim, int) and dim % rank == rank - 1
+
+
+def _expert_weight(w: fx.Node) -> tuple[fx.Node | None, bool]:
+    """The [E, N, K] tensor behind a [E, K, N] grouped-matmul operand: (its source, True) when `w`
+    is `transpose(-2, -1)` (Dynamo) or `permute([0, 2, 1])` (export) of it, i.e. the model's
+    parameter, used as is; else (None, False)."""
+    if w.op != "call_function":
+        return None, False
+    if w.target is aten.transpose.int and len(w.args) == 3 and sorted(d % 3 for d in w.args[1:]) == [1, 2]:
+        return w.args[0], True
+    if w.target is aten.permute.default and len(w.args) == 2 and [d % 3 for d in w.args[1]] == [0, 2, 1]:
+        return w.args[0], True
+    return None, False
+
+
+def _swiglu_tail(gemm: fx.Node, n: int) -> fx.Node | None:
+    """The `mul` of `silu(gate) * up` when the grouped GEMM's [M, 2n] output only feeds
+    `split(n, -1)` (Mixtral's `chunk(2, dim=-1)`) whose halves are gate then up; else None."""
+    split = _only_user(gemm)
+    if split is None or split.target not in (aten.split.Tensor, aten.split_with_sizes.default):
+        return None
+    sizes = split.args[1]
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    halved = sizes == n if isinstance(sizes, int) else list(sizes) == [n, n]
+    if not (halved and _is_last_dim(dim, 2)):
+        return None
+    halves: dict[int, fx.Node] = {}
+    for user in split.users:
+        if user.target is not operator.getitem or user.args[1] in halves or len(user.users) != 1:
+            return None
+        halves[user.args[1]] = user
+    if set(halves) != {0, 1}:
+        return None
+    gate, up = halves[0], halves[1]
+    silu = _only_user(gate)
+    if silu is None or _activation_of(silu, gate) != "silu":
+        return None
+    mul = _only_user(silu)
+    if mul is None or mul.target is not aten.mul.Tensor or len(mul.args) != 2 or set(mul.args) != {silu, up}:
+        return None
+    return mul
+
+
 @register_pass
 class GemmPadding:
     """Rewrite canonical linears into `tileflow::padded_gemm` nodes carrying tile plans."""
@@ -129,9 +202,16 @@ class GemmPadding:
         result = PassResult()
         graph = gm.graph
         plans: dict[tuple, TilePlan] = {}
+        grouped_plans: dict[tuple, tuple[int, TilePlan]] = {}
         for node in list(graph.nodes):
-            if node.op == "call_function" and "grouped_mm" in str(node.target):
-                result.fallback(node, "grouped (MoE expert) GEMM: padded_gemm has no grouped variant yet, left as is")
+            grouped = _grouped_mm_args(node) if node in graph.nodes else None
+            if grouped is not None:
+                reason = self._unsupported_grouped(grouped, ctx)
+                if reason:
+                    result.fallback(node, f"grouped (MoE expert) GEMM: {reason}")
+                else:
+                    for kind in self._rewrite_grouped(graph, node, grouped, ctx, grouped_plans):
+                        result.count(kind)
                 continue
             if node not in graph.nodes or node.target is not aten.linear.default:
                 continue
@@ -146,8 +226,13 @@ class GemmPadding:
             result.count("padded_gemm")
             for kind in kinds:
                 result.count(kind)
-        for plan in plans.values():
-            entry = {"op": "padded_gemm", **plan.to_dict(), "describe": plan.describe()}
+        entries = [{"op": "padded_gemm", **plan.to_dict(), "describe": plan.describe()} for plan in plans.values()]
+        entries += [
+            {"op": "grouped_gemm", "experts": e, **plan.to_dict(),
+             "describe": _describe_grouped(plan, e)}
+            for e, plan in grouped_plans.values()
+        ]
+        for entry in entries:
             if entry not in ctx.report.plans:
                 ctx.report.plans.append(entry)
         graph.eliminate_dead_code()
@@ -240,7 +325,18 @@ class GemmPadding:
     # -- planning and rewriting ----------------------------------------------------------------
     def _plan(self, node: fx.Node, ctx: PassContext, plans: dict[tuple, TilePlan]) -> TilePlan:
         xv, wv = _val(node.args[0]), _val(node.args[1])
-        m = xv.shape[0]
+        lo, hi = self._m_range(xv.shape[0], ctx)
+        n, k = int(wv.shape[0]), int(wv.shape[1])
+        key = (n, k, xv.dtype, lo, hi)
+        if key not in plans:
+            plans[key] = gemm_plan(
+                n, k, xv.dtype, ctx.target, ctx.device_type, m_min=lo, m_max=hi, tile_timings=ctx.config.tile_timings
+            )
+        return plans[key]
+
+    @staticmethod
+    def _m_range(m: Any, ctx: PassContext) -> tuple[int, int]:
+        """Integer bounds of a GEMM's row count M: its symbol's range, capped by max_tokens."""
         if isinstance(m, torch.SymInt):
             expr = m.node.expr
             ranges = {}
@@ -252,13 +348,79 @@ class GemmPadding:
             lo, hi = token_range(expr, ranges, ctx.config.max_tokens)
         else:
             lo = hi = max(int(m), 1)
-        n, k = int(wv.shape[0]), int(wv.shape[1])
-        key = (n, k, xv.dtype, lo, hi)
+        return lo, hi
+
+    # -- grouped (MoE expert) GEMMs ------------------------------------------------------------
+    def _unsupported_grouped(self, args: dict[str, Any], ctx: PassContext) -> str | None:
+        """Why a grouped matmul cannot become `tileflow::grouped_gemm` (None when it can)."""
+        xv, wv, ov = _val(args["x"]), _val(args["w"]), _val(args["offs"])
+        if not (isinstance(xv, torch.Tensor) and isinstance(wv, torch.Tensor)):
+            return "operands have no shape metadata"
+        if args["offs"] is None:
+            return "no offsets (a batched, not a grouped, matmul), left as is"
+        if xv.dim() != 2 or wv.dim() != 3:
+            return f"expects a 2-D input [M, K] and 3-D weights [E, K, N], got {xv.dim()}-D and {wv.dim()}-D"
+        if not isinstance(ov, torch.Tensor) or ov.dim() != 1 or ov.dtype != torch.int32:
+            got = f"{ov.dtype} {ov.dim()}-D" if isinstance(ov, torch.Tensor) else "no metadata"
+            return f"offsets must be a 1-D int32 tensor, got {got}"
+        if args["bias"] is not None:
+            return "a per-expert bias is not fused by grouped_gemm yet, left as is"
+        allowed = _TARGET_DTYPES.get(ctx.target, _TARGET_DTYPES["reference"])
+        if xv.dtype not in allowed:
+            return f"dtype {xv.dtype} is not supported by the {ctx.target} GEMM kernels (supported: {[str(d) for d in allowed]})"
+        if wv.dtype != xv.dtype:
+            return f"mixed dtypes (input {xv.dtype}, weight {wv.dtype})"
+        if args["out_dtype"] not in (None, xv.dtype):
+            return f"out_dtype {args['out_dtype']} differs from the input's {xv.dtype}"
+        if any(isinstance(d, torch.SymInt) for d in wv.shape):
+            return "weights have symbolic E, N or K; plans need static sizes"
+        if not same_shape(ov.shape, wv.shape[:1]):
+            return f"offsets {list(ov.shape)} do not match the {wv.shape[0]} experts"
+        return None
+
+    def _rewrite_grouped(
+        self, graph: fx.Graph, node: fx.Node, args: dict[str, Any], ctx: PassContext,
+        plans: dict[tuple, tuple[int, TilePlan]],
+    ) -> list[str]:
+        """Replace one grouped matmul (and a SwiGLU after it) by `tileflow::grouped_gemm`; returns
+        the rewrite kinds to count."""
+        x, w, offs = args["x"], args["w"], args["offs"]
+        xv, wv = _val(x), _val(w)
+        e, k, rows = (int(d) for d in wv.shape)
+        tail = _swiglu_tail(node, rows // 2) if rows % 2 == 0 else None
+        activation, n = ("swiglu", rows // 2) if tail is not None else ("none", rows)
+        lo, hi = self._m_range(xv.shape[0], ctx)
+        key = (n, k, e, xv.dtype, lo, hi)
         if key not in plans:
-            plans[key] = gemm_plan(
-                n, k, xv.dtype, ctx.target, ctx.device_type, m_min=lo, m_max=hi, tile_timings=ctx.config.tile_timings
+            plans[key] = (e, grouped_gemm_plan(
+                n, k, e, xv.dtype, ctx.target, ctx.device_type, m_min=lo, m_max=hi, tile_timings=ctx.config.tile_timings
+            ))
+        plan = plans[key][1]
+        tip = tail if tail is not None else node
+        with graph.inserting_before(tip):
+            weight, is_param = _expert_weight(w)
+            if not is_param:
+                # A [E, K, N] tensor: its transposed view is [E, N, K] with any strides (no copy).
+                weight = graph.call_function(aten.transpose.int, (w, -2, -1))
+                infer_meta(weight)
+            gemm = graph.call_function(
+                torch.ops.tileflow.grouped_gemm.default,
+                (x, weight, offs, activation, None, encode_plan(plan), ctx.target),
             )
-        return plans[key]
+            infer_meta(gemm)
+            copy_source_meta(node, gemm)
+        kinds = ["fused_grouped_swiglu"] if tail is not None else []
+        gemm.meta["tileflow"] = {
+            "kind": "grouped_gemm",
+            "plan": _describe_grouped(plan, e),
+            "experts": e,
+            "epilogue": kinds,
+            "target": ctx.target,
+        }
+        tip.replace_all_uses_with(gemm)
+        # The grouped node, its split/silu/mul and a transpose nothing else reads are dead now;
+        # run()'s dead-code elimination removes them.
+        return ["grouped_gemm", *kinds]
 
     def _replace(self, graph: fx.Graph, chain: _Chain, plan: TilePlan, ctx: PassContext, kinds: list[str]) -> None:
         linear = chain.linear

@@ -183,3 +183,13 @@ def test_ascend_target_in_a_compiled_model_and_an_eager_call_says_what_is_missin
     compiled = torch.compile(model, backend="tileflow", dynamic=True, options={"target": "ascend"})
     with pytest.raises(Exception, match="torch_npu is not installed"):
         compiled(x)
+
+
+def test_emitted_grouped_gemm_matches_golden() -> None:
+    from tileflow.lower import grouped_gemm_spec
+
+    spec = grouped_gemm_spec(dtype="float16", out_dtype="float16", n=40, k=72, experts=8, tile=TILE,
+                             activation="swiglu")
+    sources = render_sources(spec)
+    for path in (sources.kernel_file, sources.host_file, sources.tiling_header):
+        check_golden(f"ascend/grouped_gemm/{Path(path).name.replace(sources.ident, 'kernel')}", sources.files[path])

@@ -10,7 +10,7 @@ from tileflow import runtime
 from models import MODELS, SEQ_LENS, VOCAB, build
 
 
-CASES = [(name, "reference") for name in sorted(MODELS)] + [("llama", "triton"), ("gpt2", "triton")]
+CASES = [(name, "reference") for name in sorted(MODELS)] + [("llama", "triton"), ("gpt2", "triton"), ("mixtral", "triton")]
 
 
 @pytest.mark.parametrize("name, target", CASES)
@@ -42,22 +42,29 @@ def test_model_matches_eager_with_one_graph(name: str, target: str) -> None:
         assert rewrites["fused_swiglu"] == 2
     # Every attention (2 layers) runs on the meta-attention kernel.
     assert rewrites["meta_attention"] == 2
-    # MoE experts run as a grouped GEMM, which padded_gemm does not take yet: reported, not hidden.
-    assert all("grouped" in f.reason for f in report.fallbacks)
-    assert bool(report.fallbacks) == (name == "mixtral")
-    # Kernels: at most 6 per distinct (N, K, dtype, epilogue), all reported.
+    # MoE experts (2 layers x gate/up and down) run as grouped GEMMs, the gate/up ones with the
+    # SwiGLU fused: nothing falls back.
+    assert not report.fallbacks, report.fallbacks
+    if name == "mixtral":
+        assert rewrites["grouped_gemm"] == 4 and rewrites["fused_grouped_swiglu"] == 2
+        assert {p["op"] for p in graph.plans} == {"padded_gemm", "grouped_gemm"}
+    else:
+        assert "grouped_gemm" not in rewrites
+    # Kernels: at most 6 per distinct (op, N, K, dtype, epilogue), all reported.
     groups: dict[tuple, set] = {}
     for kernel in graph.kernels:
         spec = kernel.spec
         assert kernel.target == target
-        if spec["op"] != "padded_gemm":
+        if spec["op"] not in ("padded_gemm", "grouped_gemm"):
             continue
         params = dict(spec["params"])
-        groups.setdefault((params["n"], params["k"], spec["dtype"], tuple(spec["epilogue"])), set()).add(kernel.name)
+        key = (spec["op"], params["n"], params["k"], spec["dtype"], tuple(spec["epilogue"]))
+        groups.setdefault(key, set()).add(kernel.name)
     assert groups and all(1 <= len(names) <= 6 for names in groups.values())
+    assert any(op == "grouped_gemm" for op, *_ in groups) == (name == "mixtral")
     # The meta-attention kernels are built ahead too (decode- and prefill-sized tiles).
     assert any(k.spec["op"] == "meta_attention" for k in graph.kernels)
-    assert len(graph.plans) == len({(p["n"], p["k"]) for p in graph.plans})
+    assert len(graph.plans) == len({(p["op"], p["n"], p["k"]) for p in graph.plans})
 
 
 def test_graph_break_each_frame_goes_through_tileflow() -> None:

@@ -1,9 +1,9 @@
-"""The operands of a `padded_gemm` launch, validated once for every backend.
+"""The operands of a `padded_gemm` or `grouped_gemm` launch, validated once for every backend.
 
-A GEMM launcher (Triton, Ascend C) takes `x`, `weight` and the epilogue's tensors in the
-`F.linear` convention; `gemm_operands` checks them against the KernelSpec (shapes, dtypes,
-devices), splits a stacked SwiGLU weight/bias into its gate and up halves, and allocates the
-output, so that each backend only moves pointers and strides.
+A GEMM launcher (Triton, Ascend C, reference) takes `x`, `weight` and the epilogue's tensors in
+the `F.linear` convention; `gemm_operands` / `grouped_gemm_operands` check them against the
+KernelSpec (shapes, dtypes, devices), split a stacked SwiGLU weight/bias into its gate and up
+halves, and allocate the output, so that each backend only moves pointers and strides.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .kernel_spec import KernelSpec, dtype_name, gemm_dims
+from .kernel_spec import KernelSpec, dtype_name, gemm_dims, grouped_gemm_dims
 
-__all__ = ["GemmOperands", "gemm_operands"]
+__all__ = ["GemmOperands", "GroupedGemmOperands", "gemm_operands", "grouped_gemm_operands"]
 
 
 @dataclass
@@ -35,6 +35,28 @@ class GemmOperands:
     def m(self) -> int:
         """The token count of this launch."""
         return self.x.shape[0]
+
+
+def _check_operand(
+    where: str, name: str, t: Any, shape: tuple[int, ...], dtypes: set[torch.dtype], device: torch.device
+) -> None:
+    """Raise ValueError unless `t` is a tensor of `shape`, one of `dtypes`, on `device`."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{where}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype not in dtypes:
+        want = " or ".join(sorted(dtype_name(d) for d in dtypes))
+        raise ValueError(f"{where}: {name} must be {want}, got {dtype_name(t.dtype)}")
+    if t.device != device:
+        raise ValueError(f"{where}: {name} is on {t.device} but x is on {device}")
+
+
+def _check_x(where: str, x: Any, k: int) -> None:
+    """x must be a 2-D [M, K] tensor (its dtype and K are checked with the other operands)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{where}: x must be a 2-D [M, K={k}] tensor, got {got}")
 
 
 def gemm_operands(
@@ -63,21 +85,11 @@ def gemm_operands(
     w_rows = 2 * n if swiglu else n
     where = f"kernel {spec.name}"
 
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{where}: x must be a 2-D [M, K={k}] tensor, got {got}")
+    _check_x(where, x, k)
     m, device = x.shape[0], x.device
 
     def check(name: str, t: Any, shape: tuple[int, ...], dtypes: set[torch.dtype]) -> None:
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{where}: {name} must have shape {list(shape)}, got {list(t.shape)}")
-        if t.dtype not in dtypes:
-            want = " or ".join(sorted(dtype_name(d) for d in dtypes))
-            raise ValueError(f"{where}: {name} must be {want}, got {dtype_name(t.dtype)}")
-        if t.device != device:
-            raise ValueError(f"{where}: {name} is on {t.device} but x is on {device}")
+        _check_operand(where, name, t, shape, dtypes, device)
 
     check("x", x, (m, k), {in_dtype})
     if (weight_up is not None or bias_up is not None) and not swiglu:
@@ -114,3 +126,48 @@ def gemm_operands(
     else:
         check("out", out, (m, n), {out_dtype})
     return GemmOperands(x, weight, bias, residual, out, weight_up, bias_up)
+
+
+@dataclass
+class GroupedGemmOperands:
+    """Checked launch operands of a grouped GEMM: `weight` [E, N, K] (the gate half for swiglu,
+    `weight_up` [E, N, K] the up half, else None), `offsets` int32 [E], `out` [M, N]."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    weight_up: torch.Tensor | None
+    offsets: torch.Tensor
+    out: torch.Tensor
+
+    @property
+    def m(self) -> int:
+        """The row count of this launch (all groups together)."""
+        return self.x.shape[0]
+
+
+def grouped_gemm_operands(spec: KernelSpec, x: Any, weight: Any, offsets: Any, *, out: Any = None) -> GroupedGemmOperands:
+    """Validate a launch of a `grouped_gemm` spec and return its operands; ValueError says why.
+
+    `x` is [M, K] of the spec dtype, rows sorted by group; `weight` [E, N, K] ([E, 2N, K], gate
+    rows then up rows, for swiglu) of the spec dtype, any strides; `offsets` int32 [E], the end
+    row of each group. Only metadata is checked here (no device->host copy, so a launch can be
+    captured in a CUDA graph); the offsets' values are the caller's contract (`tileflow.ops.
+    grouped_gemm` checks them in eager calls). `out`, when given, is [M, N] of out_dtype.
+    """
+    n, k, e = grouped_gemm_dims(spec)
+    swiglu = "swiglu" in spec.epilogue
+    in_dtype, out_dtype = getattr(torch, spec.dtype), getattr(torch, spec.out_dtype)
+    where = f"kernel {spec.name}"
+    _check_x(where, x, k)
+    m, device = x.shape[0], x.device
+    _check_operand(where, "x", x, (m, k), {in_dtype}, device)
+    _check_operand(where, "weight", weight, (e, 2 * n if swiglu else n, k), {in_dtype}, device)
+    _check_operand(where, "offsets", offsets, (e,), {torch.int32}, device)
+    weight_up = None
+    if swiglu:
+        weight, weight_up = weight[:, :n], weight[:, n:]  # views: the stacked tensor is not copied
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=device)
+    else:
+        _check_operand(where, "out", out, (m, n), {out_dtype}, device)
+    return GroupedGemmOperands(x, weight, weight_up, offsets, out)

@@ -64,9 +64,10 @@ class TileConfig:
 class KernelSpec:
     """A kernel to build: which op, at which tile config, for which dtypes, with which epilogue.
 
-    `op` names the kernel family (`"padded_gemm"`, `"meta_attention"`). `params` holds the
-    family's static parameters as a sorted tuple of (key, value) pairs so the spec stays hashable
-    (for a GEMM: `n`, `k`, `weight_layout`; for attention: `head_dim`, `gqa`...). Dynamic sizes
+    `op` names the kernel family (`"padded_gemm"`, `"grouped_gemm"`, `"meta_attention"`). `params`
+    holds the family's static parameters as a sorted tuple of (key, value) pairs so the spec stays
+    hashable (for a GEMM: `n`, `k`, `persistent`; a grouped GEMM adds `experts`; for attention:
+    `head_dim`, `gqa`...). Dynamic sizes
     (the token count M) are never part of a spec: one spec serves every M its plan assigns to it.
     """
 
@@ -147,33 +148,54 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _positive_int_param(spec: KernelSpec, key: str) -> int:
+    """A spec's static size parameter `key`, which must be a positive int."""
+    value = spec.param(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(
+            f"{spec.op} spec needs a positive integer param {key!r}, got {value!r} "
+            f"(build params with make_params({key}=...))"
+        )
+    return value
+
+
 def gemm_dims(spec: KernelSpec) -> tuple[int, int]:
-    """(N, K) of a `padded_gemm` spec, validated; N is the *output* width (for swiglu the weight
-    has 2N rows: gate, then up)."""
-    n, k = spec.param("n"), spec.param("k")
-    for key, value in (("n", n), ("k", k)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(
-                f"padded_gemm spec needs a positive integer param {key!r}, got {value!r} "
-                f"(build params with make_params(n=..., k=...))"
-            )
-    return n, k
+    """(N, K) of a `padded_gemm` or `grouped_gemm` spec, validated; N is the *output* width (for
+    swiglu the weight has 2N rows: gate, then up)."""
+    return _positive_int_param(spec, "n"), _positive_int_param(spec, "k")
 
 
-def check_gemm_spec(spec: KernelSpec, supported_dtypes: tuple[str, ...], target: str, min_block: int) -> None:
-    """Reject a `padded_gemm` spec a `target` kernel cannot implement, saying why.
+def grouped_gemm_dims(spec: KernelSpec) -> tuple[int, int, int]:
+    """(N, K, E) of a `grouped_gemm` spec, validated: output width, reduction depth, experts."""
+    n, k = gemm_dims(spec)
+    return n, k, _positive_int_param(spec, "experts")
+
+
+# Kernel families `check_gemm_spec` knows, with the epilogue entries each cannot fuse: a grouped
+# GEMM's bias would be per expert ([E, N]) and MoE graphs add no residual to the expert GEMM.
+GEMM_OPS: dict[str, tuple[str, ...]] = {"padded_gemm": (), "grouped_gemm": ("bias", "residual")}
+
+
+def check_gemm_spec(
+    spec: KernelSpec, supported_dtypes: tuple[str, ...], target: str, min_block: int, op: str = "padded_gemm"
+) -> None:
+    """Reject a GEMM spec (`op`: `padded_gemm` or `grouped_gemm`) a `target` kernel cannot
+    implement, saying why.
 
     Target-neutral rules (a tile, one activation at most, no repeats, `cast` exactly when the
-    dtypes differ) plus the target's dtypes and smallest tile side (`min_block`).
+    dtypes differ, the family's epilogue limits and size params) plus the target's dtypes and
+    smallest tile side (`min_block`).
     """
-    if spec.op != "padded_gemm":
-        raise ValueError(f"the {target} GEMM kernel handles op 'padded_gemm', not {spec.op!r}")
+    if op not in GEMM_OPS:
+        raise ValueError(f"check_gemm_spec: unknown GEMM family {op!r}; known: {sorted(GEMM_OPS)}")
+    if spec.op != op:
+        raise ValueError(f"the {target} GEMM kernel handles op {op!r}, not {spec.op!r}")
     if spec.tile is None:
-        raise ValueError(f"padded_gemm spec {spec.name} has no TileConfig")
+        raise ValueError(f"{op} spec {spec.name} has no TileConfig")
     for name in ("dtype", "out_dtype"):
         if getattr(spec, name) not in supported_dtypes:
             raise ValueError(
-                f"the {target} padded_gemm supports {name} in {supported_dtypes}, "
+                f"the {target} {op} supports {name} in {supported_dtypes}, "
                 f"got {getattr(spec, name)!r}"
             )
     if "cast" not in spec.epilogue and spec.out_dtype != spec.dtype:
@@ -186,6 +208,9 @@ def check_gemm_spec(spec: KernelSpec, supported_dtypes: tuple[str, ...], target:
         raise ValueError(f"at most one activation per GEMM epilogue, got {acts}")
     if len(set(spec.epilogue)) != len(spec.epilogue):
         raise ValueError(f"repeated epilogue entry in {spec.epilogue}")
+    unfusable = [e for e in spec.epilogue if e in GEMM_OPS[op]]
+    if unfusable:
+        raise ValueError(f"a {op} kernel cannot fuse {unfusable} (epilogue={spec.epilogue})")
     tile = spec.tile
     for name in ("block_m", "block_n", "block_k"):
         if getattr(tile, name) < min_block:
@@ -195,4 +220,7 @@ def check_gemm_spec(spec: KernelSpec, supported_dtypes: tuple[str, ...], target:
             )
     if tile.group_m <= 0:
         raise ValueError(f"TileConfig.group_m must be positive, got {tile.group_m}")
-    gemm_dims(spec)
+    if op == "grouped_gemm":
+        grouped_gemm_dims(spec)
+    else:
+        gemm_dims(spec)

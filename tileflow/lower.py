@@ -1,6 +1,8 @@
 """Lowering: tileflow ops in a graph -> KernelSpecs, built ahead of the first call.
 
-A `padded_gemm` node carries its tile plan; every config of that plan is one KernelSpec. Lowering
+A `padded_gemm` or `grouped_gemm` node carries its tile plan; every config of that plan is one
+KernelSpec (a grouped plan is keyed by the expected rows per expert, see
+`tileflow.runtime.expected_group_rows`). Lowering
 builds each distinct spec once through the runtime's kernel cache (so a new M at run time never
 compiles anything) and records the kernels in the graph's report.
 """
@@ -58,6 +60,47 @@ def gemm_spec(
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def grouped_gemm_spec(
+    *,
+    dtype: Any,
+    out_dtype: Any,
+    n: int,
+    k: int,
+    experts: int,
+    tile: TileConfig,
+    activation: str = "none",
+) -> KernelSpec:
+    """The KernelSpec of one fixed-tile grouped GEMM over `experts` weights [E, N, K] (N is the
+    output width: for swiglu each expert's weight has 2N rows)."""
+    dtype, out_dtype = dtype_name(dtype), dtype_name(out_dtype)
+    return KernelSpec(
+        op="grouped_gemm",
+        dtype=dtype,
+        out_dtype=out_dtype,
+        tile=tile,
+        epilogue=gemm_epilogue(has_bias=False, activation=activation, has_residual=False, cast=dtype != out_dtype),
+        params=make_params(n=n, k=k, experts=experts),
+    )
+
+
+def grouped_gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
+    """One spec per config of `plan`, for a `tileflow::grouped_gemm` node."""
+    names = ("activation", "out_dtype", "plan", "target")
+    kwargs = dict(zip(names, node.args[3:]))
+    kwargs.update(node.kwargs)
+    activation = kwargs.get("activation") or "none"
+    xv, wv = node.args[0].meta["val"], node.args[1].meta["val"]
+    e, rows, k = (int(d) for d in wv.shape)
+    return [
+        grouped_gemm_spec(
+            dtype=xv.dtype, out_dtype=kwargs.get("out_dtype") or xv.dtype, n=rows // 2 if activation == "swiglu" else rows,
+            k=k, experts=e, tile=tile, activation=activation,
+        )
+        for tile in plan.configs
+    ]
+
+
 def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     """One spec per config of `plan`, for a `tileflow::padded_gemm` node."""
     x, weight = node.args[0], node.args[1]
@@ -113,6 +156,11 @@ def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str, *, emit_only:
             if not plan_text:
                 continue  # a call the user wrote: its plan and target are chosen at run time
             node_specs = gemm_specs_for_node(node, decode_plan(plan_text))
+        elif node.op == "call_function" and node.target is torch.ops.tileflow.grouped_gemm.default:
+            plan_text = node.kwargs.get("plan") or (node.args[5] if len(node.args) > 5 else "")
+            if not plan_text:
+                continue  # as above: a call the user wrote
+            node_specs = grouped_gemm_specs_for_node(node, decode_plan(plan_text))
         elif node.op == "call_function" and node.target is torch.ops.tileflow.meta_attention.default:
             node_specs = attention_specs_for_node(node)
         if node_specs:

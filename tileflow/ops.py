@@ -12,7 +12,10 @@ import torch
 
 from .kernel_spec import ACTIVATIONS
 
-__all__ = ["padded_gemm", "gemm_out_features", "meta_attention", "meta_attention_varlen"]
+__all__ = [
+    "padded_gemm", "grouped_gemm", "gemm_out_features", "check_group_offsets", "meta_attention",
+    "meta_attention_varlen",
+]
 
 _ACTIVATION_NAMES = ("none",) + ACTIVATIONS
 
@@ -20,6 +23,12 @@ _ACTIVATION_NAMES = ("none",) + ACTIVATIONS
 def gemm_out_features(weight_rows: int, activation: str) -> int:
     """Output width N of a GEMM whose weight has `weight_rows` rows (SwiGLU halves it)."""
     return weight_rows // 2 if activation == "swiglu" else weight_rows
+
+
+def _check_activation(op: str, activation: str) -> None:
+    """Reject an epilogue activation name the GEMM kernels do not know."""
+    if activation not in _ACTIVATION_NAMES:
+        raise ValueError(f"{op}: unknown activation {activation!r}; use one of {list(_ACTIVATION_NAMES)}")
 
 
 def _check_gemm_args(
@@ -32,8 +41,7 @@ def _check_gemm_args(
     bias_up: torch.Tensor | None = None,
 ) -> int:
     """Validate a padded_gemm call; return its output width N."""
-    if activation not in _ACTIVATION_NAMES:
-        raise ValueError(f"padded_gemm: unknown activation {activation!r}; use one of {list(_ACTIVATION_NAMES)}")
+    _check_activation("padded_gemm", activation)
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(
             f"padded_gemm: x must be [M, K] and weight [N, K]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
@@ -127,6 +135,104 @@ def padded_gemm(
     return torch.ops.tileflow.padded_gemm(
         x, weight, bias, residual, activation or "none", out_dtype, "", "", weight_up, bias_up
     )
+
+
+def _check_grouped_gemm_args(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, activation: str) -> int:
+    """Validate a grouped_gemm call's shapes and dtypes (no values: that would need a device->host
+    copy on every call); return its output width N."""
+    _check_activation("grouped_gemm", activation)
+    if x.dim() != 2 or weight.dim() != 3:
+        raise ValueError(
+            f"grouped_gemm: x must be [M, K] and weight [E, N, K]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+        )
+    if x.shape[1] != weight.shape[2]:
+        raise ValueError(f"grouped_gemm: K mismatch, x is {tuple(x.shape)} and weight is {tuple(weight.shape)}")
+    if offsets.dim() != 1 or offsets.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"grouped_gemm: offsets must be [E={weight.shape[0]}] (one end row per expert), got {tuple(offsets.shape)}"
+        )
+    if offsets.dtype != torch.int32:
+        raise ValueError(f"grouped_gemm: offsets must be int32, got {offsets.dtype}")
+    if activation == "swiglu" and weight.shape[1] % 2:
+        raise ValueError(
+            f"grouped_gemm: swiglu needs each expert's gate and up weights stacked as [E, 2N, K]; got {tuple(weight.shape)}"
+        )
+    return gemm_out_features(weight.shape[1], activation)
+
+
+def check_group_offsets(offsets: torch.Tensor, m: int) -> None:
+    """Check a grouped GEMM's `offsets` values: non-negative, non-decreasing, the last equal to
+    the row count `m`. Reads the offsets on the host (a device sync), so only eager calls do it."""
+    ends = offsets.tolist()
+    if ends and ends[0] < 0:
+        raise ValueError(f"grouped_gemm: offsets must be non-negative, got {ends}")
+    for e, (a, b) in enumerate(zip(ends, ends[1:]), start=1):
+        if b < a:
+            raise ValueError(f"grouped_gemm: offsets must be non-decreasing (cumulative end rows), but offsets[{e}]={b} < offsets[{e - 1}]={a}")
+    if ends and ends[-1] != m:
+        raise ValueError(f"grouped_gemm: the last offset must equal x's row count M={m} (every row in a group), got {ends[-1]}")
+
+
+@torch.library.custom_op("tileflow::grouped_gemm", mutates_args=())
+def _grouped_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    activation: str = "none",
+    out_dtype: torch.dtype | None = None,
+    plan: str = "",
+    target: str = "",
+) -> torch.Tensor:
+    """out[M, N]: rows offsets[e-1]:offsets[e] of x times expert e's weight, by fixed-tile kernels.
+
+    `plan` is the encoded tile plan the compiler chose ("" = build one for the current config);
+    `target` the kernel target ("" = the current config's). See `grouped_gemm`.
+    """
+    from .runtime import run_grouped_gemm
+
+    _check_grouped_gemm_args(x, weight, offsets, activation)
+    return run_grouped_gemm(x, weight, offsets, activation, out_dtype or x.dtype, plan, target)
+
+
+@_grouped_gemm.register_fake
+def _grouped_gemm_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    activation: str = "none",
+    out_dtype: torch.dtype | None = None,
+    plan: str = "",
+    target: str = "",
+) -> torch.Tensor:
+    n = _check_grouped_gemm_args(x, weight, offsets, activation)
+    return x.new_empty((x.shape[0], n), dtype=out_dtype or x.dtype)
+
+
+def grouped_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    activation: str | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Grouped (MoE expert) GEMM with dynamic group sizes, run by fixed-tile kernels (SmoothGEMM).
+
+    `x` is [M, K] with its rows sorted by expert; `weight` is [E, N, K] (`F.linear` convention per
+    expert, any strides: a transposed view of a [E, K, N] tensor works); `offsets` is int32 [E],
+    the cumulative end row of each expert's group (rows of expert e are offsets[e-1]:offsets[e],
+    offsets[-1] == M; empty groups are fine). Returns out[M, N] with
+    `out[rows of e] = act(x[rows of e] @ weight[e].T)`. With `activation="swiglu"` the weight is
+    [E, 2N, K] (gate rows, then up rows) and the result `silu(x @ Wg.T) * (x @ Wu.T)`, [M, N].
+    Each group's last tile is masked (virtual padding); the tile config is the plan's for the
+    expected rows per expert, ceil(M / E). Eager calls check the offsets' values (ValueError);
+    inside a compiled graph they are the caller's contract, and rows past offsets[-1] are not
+    written (as with `torch._grouped_mm`).
+    """
+    if not torch.compiler.is_compiling():
+        _check_grouped_gemm_args(x, weight, offsets, activation or "none")
+        check_group_offsets(offsets, x.shape[0])
+    return torch.ops.tileflow.grouped_gemm(x, weight, offsets, activation or "none", out_dtype, "", "")
 
 
 @torch.library.custom_op("tileflow::meta_attention_varlen", mutates_args=())

@@ -571,17 +571,19 @@ def link_kernels(node: dict[str, Any], kernels: list[dict[str, Any]]) -> list[in
 
     Lowering records them on the final graph's nodes; for the per-pass graphs (before lowering)
     they are matched on specs: padded_gemm: same dtype, K, N (or N/2 for a SwiGLU pair), a tile of the node's plan and the
-    same epilogue tags; meta_attention: same GQA factor and head dim. Nodes of other kinds, and
+    same epilogue tags; meta_attention: same GQA factor and head dim; grouped_gemm: on the final graph only. Nodes of other kinds, and
     kernels without a spec, are never linked.
     """
     meta = node.get("tileflow") or {}
     kind = meta.get("kind") if isinstance(meta, dict) else None
-    if kind not in ("padded_gemm", "meta_attention"):
+    if kind not in ("padded_gemm", "grouped_gemm", "meta_attention"):
         return []
     if isinstance(meta.get("kernels"), list):
         # Recorded by lowering (the graph after the last pass): exact, no matching needed.
         names = set(meta["kernels"])
         return [i for i, k in enumerate(kernels) if k.get("name") in names]
+    if kind == "grouped_gemm":
+        return []  # linked on the final graph only (lowering records its kernels)
     links: list[int] = []
     if kind == "padded_gemm":
         plan = _plan_of(node)

@@ -35,8 +35,8 @@ CPU_DEBUG_CORES = 24
 
 
 def render_sources(spec: KernelSpec) -> KernelSources:
-    """The emitted project files for `spec` (a `padded_gemm` or `meta_attention` spec)."""
-    if spec.op == "padded_gemm":
+    """The emitted project files for `spec` (a `padded_gemm`, `grouped_gemm` or `meta_attention` spec)."""
+    if spec.op in ("padded_gemm", "grouped_gemm"):
         from .gemm import render_gemm_sources
 
         return render_gemm_sources(spec)
@@ -52,6 +52,10 @@ def _launcher(spec: KernelSpec, host_call, run, cores: int):
         from .gemm import make_gemm_launcher
 
         return make_gemm_launcher(spec, host_call, run, cores)
+    if spec.op == "grouped_gemm":
+        from .gemm import make_grouped_gemm_launcher
+
+        return make_grouped_gemm_launcher(spec, host_call, run, cores)
     from .attention import make_attention_launcher
 
     return make_attention_launcher(spec, host_call, run, cores)

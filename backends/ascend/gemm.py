@@ -1,7 +1,8 @@
 """The padded fixed-tile GEMM for the Ascend C target (XY-Serve SmoothGEMM with virtual padding).
 
 `out[M, N] = epilogue(x[M, K] @ weight[N, K]^T)`, like `F.linear` plus a fused epilogue, from the
-same `padded_gemm` KernelSpec as the Triton kernel.
+same `padded_gemm` KernelSpec as the Triton kernel; and its grouped (MoE) form, `grouped_gemm`:
+rows sorted by expert, expert e's rows `offsets[e-1]:offsets[e]` times its own weight [N, K].
 
 How the emitted kernel maps onto an AI core (cube unit + vector unit, no datapath between them
 but GM and the queues):
@@ -20,9 +21,13 @@ but GM and the queues):
 - UB is 192 KiB: the epilogue works on `UB_ROWS`-row slices of the tile (UB_ROWS = BLOCK_M when it
   fits), queues double-buffered when they fit, so a large tile still runs.
 
-Two functions make up the family: `render_gemm_sources(spec)` (the project files) and
-`make_gemm_launcher(spec, runner)` (validation, host tiling, launch through a runner: the CPU-debug
-library or the NPU operator).
+The grouped form deals (M-tile slot, N tile) pairs over the blocks, where the slots bound every
+grouping (ceil(M / BLOCK_M) + E): a block finds its expert by scanning the E offsets in GM, so the
+host never reads them; each group's tail tile holds only its own rows.
+
+`render_gemm_sources(spec)` emits the project files of either form; `make_gemm_launcher` and
+`make_grouped_gemm_launcher` validate a launch, run the host tiling and launch through a runner
+(the CPU-debug library or the NPU operator).
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tileflow.gemm_operands import gemm_operands
-from tileflow.kernel_spec import KernelSpec, check_gemm_spec, gemm_dims
+from tileflow.gemm_operands import gemm_operands, grouped_gemm_operands
+from tileflow.kernel_spec import KernelSpec, check_gemm_spec, gemm_dims, grouped_gemm_dims
 
 from .sources import (
     EntryPoint, HostCall, KernelRun, KernelSources, banner, cpp_type, cpu_runner, kernel_ident, launch_stub,
@@ -49,6 +54,7 @@ __all__ = [
     "gemm_entry",
     "gemm_layout",
     "make_gemm_launcher",
+    "make_grouped_gemm_launcher",
     "render_gemm_sources",
 ]
 
@@ -79,6 +85,7 @@ class GemmLayout:
     activation: str | None
     bias: bool
     residual: bool
+    experts: int = 0  # grouped (MoE) GEMM: the weight is [experts, N, K]; 0 for a plain GEMM
 
     @property
     def swiglu(self) -> bool:
@@ -100,9 +107,13 @@ def _ub_bytes(block_n: int, rows: int, buffers: int, out_size: int, swiglu: bool
 
 
 def gemm_layout(spec: KernelSpec) -> GemmLayout:
-    """Validate `spec` for the Ascend C kernel and size its UB use; ValueError says why not."""
-    check_gemm_spec(spec, SUPPORTED_DTYPES, "Ascend C", _MIN_BLOCK)
+    """Validate `spec` (`padded_gemm` or `grouped_gemm`) for the Ascend C kernel and size its UB
+    use; ValueError says why not."""
+    if spec.op not in ("padded_gemm", "grouped_gemm"):
+        raise ValueError(f"the Ascend C GEMM kernel handles padded_gemm and grouped_gemm, not {spec.op!r}")
+    check_gemm_spec(spec, SUPPORTED_DTYPES, "Ascend C", _MIN_BLOCK, op=spec.op)
     n, k = gemm_dims(spec)
+    experts = grouped_gemm_dims(spec)[2] if spec.op == "grouped_gemm" else 0
     tile = spec.tile
     ep = spec.epilogue
     activation = next((e for e in ep if e in _ACTIVATIONS), None)
@@ -118,7 +129,7 @@ def gemm_layout(spec: KernelSpec) -> GemmLayout:
                     n=n, k=k, block_m=tile.block_m, block_n=tile.block_n, block_k=tile.block_k,
                     group_m=tile.group_m, ub_rows=rows, buffer_num=buffers,
                     in_type=cpp_type(spec.dtype), out_type=cpp_type(spec.out_dtype),
-                    activation=activation, bias=bias, residual=residual,
+                    activation=activation, bias=bias, residual=residual, experts=experts,
                 )
     raise ValueError(
         f"kernel {spec.name}: BLOCK_N={tile.block_n} does not fit the {UB_BYTES // 1024} KiB unified "
@@ -132,6 +143,8 @@ def gemm_entry(spec: KernelSpec) -> EntryPoint:
     params = ["x", "weight"]
     if "swiglu" in ep:
         params.append("weight_up")
+    if spec.op == "grouped_gemm":
+        params.append("offsets")
     if "bias" in ep:
         params.append("bias")
         if "swiglu" in ep:
@@ -151,8 +164,15 @@ def _struct_name(ident: str) -> str:
     return "".join(part.capitalize() for part in ident.split("_")[:3]) + "Tiling_" + ident.rsplit("_", 1)[-1]
 
 
-def _tiling_header(spec: KernelSpec, ident: str, struct: str) -> str:
+def _tiling_header(spec: KernelSpec, layout: GemmLayout, ident: str, struct: str) -> str:
     guard = f"TILEFLOW_{ident.upper()}_TILING_H"
+    if layout.experts:
+        m_tiles = "ceil(m / BLOCK_M) + EXPERTS: M-tile slots, a bound over the groups"
+        expert_fields = """
+    uint64_t weightExpertStride;  // elements from one expert's weight to the next
+    uint64_t upExpertStride;      // the same for the up-projection weight (swiglu)"""
+    else:
+        m_tiles, expert_fields = "ceil(m / BLOCK_M)", ""
     return f"""{banner(spec, "Tiling struct (shared by host and kernel)")}
 #ifndef {guard}
 #define {guard}
@@ -163,9 +183,9 @@ def _tiling_header(spec: KernelSpec, ident: str, struct: str) -> str:
 struct {struct} {{
     TCubeTiling cube;   // one UB slice: (ub_rows x BLOCK_N x K), filled by matmul_tiling
     uint32_t m;         // rows of x and out
-    uint32_t tilesM;    // ceil(m / BLOCK_M)
+    uint32_t tilesM;    // {m_tiles}
     uint32_t tilesN;    // ceil(N / BLOCK_N)
-    uint32_t numTiles;  // tilesM * tilesN, dealt over the launch's blocks
+    uint32_t numTiles;  // tilesM * tilesN, dealt over the launch's blocks{expert_fields}
 }};
 #endif  // {guard}
 """
@@ -219,6 +239,11 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
         members.append("    GlobalTensor<float> biasGm;" + ("\n    GlobalTensor<float> biasUpGm;" if swiglu else ""))
     if residual:
         members.append("    GlobalTensor<OutT> resGm;")
+    if L.experts:
+        members.append("    GlobalTensor<int32_t> offsetsGm;  // end row of each expert's group")
+        members.append("    uint64_t wBase = 0;   // this tile's expert: offset of its weight")
+        if swiglu:
+            members.append("    uint64_t upBase = 0;")
     members.append("    TQue<QuePosition::VECIN, BUFFER_NUM> accQue;")
     if swiglu:
         members.append("    TQue<QuePosition::VECIN, BUFFER_NUM> upQue;")
@@ -232,13 +257,21 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
         if swiglu:
             members.append("    TBuf<TPosition::VECCALC> biasUpBuf;")
 
+    grouped = L.experts > 0
+
+    def w_size(stride: str) -> str:
+        # A grouped weight spans every expert: EXPERTS - 1 strides plus one [N, K] matrix.
+        return f"uint64_t(EXPERTS - 1) * t.{stride} + uint64_t(N) * K" if grouped else "uint64_t(N) * K"
+
     init_gm = [
         "        xGm.SetGlobalBuffer(reinterpret_cast<__gm__ InT*>(x), uint64_t(t.m) * K);",
-        "        wGm.SetGlobalBuffer(reinterpret_cast<__gm__ InT*>(weight), uint64_t(N) * K);",
+        f"        wGm.SetGlobalBuffer(reinterpret_cast<__gm__ InT*>(weight), {w_size('weightExpertStride')});",
         "        outGm.SetGlobalBuffer(reinterpret_cast<__gm__ OutT*>(out), uint64_t(t.m) * N);",
     ]
     if swiglu:
-        init_gm.append("        wUpGm.SetGlobalBuffer(reinterpret_cast<__gm__ InT*>(weight_up), uint64_t(N) * K);")
+        init_gm.append(f"        wUpGm.SetGlobalBuffer(reinterpret_cast<__gm__ InT*>(weight_up), {w_size('upExpertStride')});")
+    if grouped:
+        init_gm.append("        offsetsGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(offsets), EXPERTS);")
     if bias:
         init_gm.append("        biasGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(bias), N);")
         if swiglu:
@@ -275,14 +308,14 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
         // tail is never materialized; rows past M are neither read nor written).
         mm.SetSingleShape(rows, cols, K);
         mm.SetTensorA(xGm[uint64_t(row0) * K]);
-        mm.SetTensorB(wGm[uint64_t(n0) * K], true);
+        mm.SetTensorB(wGm[{w_base}uint64_t(n0) * K], true);
         LocalTensor<float> accIn = accQue.AllocTensor<float>();
         mm.Iterate();
         mm.GetTensorC(accIn);
         accQue.EnQue(accIn);
 """
     if swiglu:
-        cube += """        mm.SetTensorB(wUpGm[uint64_t(n0) * K], true);
+        cube += """        mm.SetTensorB(wUpGm[{up_base}uint64_t(n0) * K], true);
         LocalTensor<float> upIn = upQue.AllocTensor<float>();
         mm.Iterate();
         mm.GetTensorC(upIn);
@@ -294,6 +327,7 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
         DataCopyPad(resIn, resGm[uint64_t(row0) * N + n0], outCopyIn, DataCopyPadExtParams<OutT>(false, 0, 0, OutT(0)));
         resQue.EnQue(resIn);
 """
+    cube = cube.replace("{w_base}", "wBase + " if grouped else "").replace("{up_base}", "upBase + " if grouped else "")
     vec = ["        LocalTensor<float> acc = accQue.DeQue<float>();"]
     if swiglu:
         vec.append("        LocalTensor<float> up = upQue.DeQue<float>();")
@@ -331,6 +365,8 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
     vec.append("        outQue.EnQue(outTile);")
 
     fields = "\n".join(members)
+    process = _grouped_process(swiglu) if grouped else _plain_process()
+    experts_const = f"\nconstexpr int32_t EXPERTS = {L.experts};" if grouped else ""
     res_copy = "        const DataCopyExtParams outCopyIn(rows, cols * sizeof(OutT), gmGap, ubGap, 0);\n" if residual else ""
     return f"""{banner(spec, "Ascend C kernel: padded fixed-tile GEMM (SmoothGEMM)")}//
 // out[M, {L.n}] = {_formula(spec)}
@@ -351,7 +387,7 @@ constexpr int32_t BLOCK_M = {L.block_m};
 constexpr int32_t BLOCK_N = {L.block_n};
 constexpr int32_t UB_ROWS = {L.ub_rows};
 constexpr int32_t GROUP_M = {L.group_m};
-constexpr int32_t BUFFER_NUM = {L.buffer_num};
+constexpr int32_t BUFFER_NUM = {L.buffer_num};{experts_const}
 
 using AType = matmul::MatmulType<TPosition::GM, matmul::CubeFormat::ND, InT>;
 using BType = matmul::MatmulType<TPosition::GM, matmul::CubeFormat::ND, InT, true>;
@@ -372,30 +408,16 @@ public:
 {chr(10).join(pipe_line.replace("pipe.", "pipe->") for pipe_line in init_ub)}
     }}
 
-    __aicore__ inline void Process()
-    {{
-        // Persistent: this block computes tiles GetBlockIdx(), + GetBlockNum(), ... in grouped order.
-        for (uint32_t tile = GetBlockIdx(); tile < tiling.numTiles; tile += GetBlockNum()) {{
-            const uint32_t perGroup = GROUP_M * tiling.tilesN;
-            const uint32_t firstM = tile / perGroup * GROUP_M;
-            const uint32_t groupRows = tiling.tilesM - firstM < uint32_t(GROUP_M) ? tiling.tilesM - firstM : GROUP_M;
-            const uint32_t inGroup = tile % perGroup;
-            const uint32_t tileM = firstM + inGroup % groupRows;
-            const uint32_t tileN = inGroup / groupRows;
-            ComputeTile(tileM * BLOCK_M, tileN * BLOCK_N);
-        }}
-        mm.End();
-    }}
-
+{process}
 private:
     {struct} tiling;
 {fields}
 
-    __aicore__ inline void ComputeTile(uint32_t m0, uint32_t n0)
+    // One output tile: rows [m0, mEnd) (the tile's real rows), columns from n0.
+    __aicore__ inline void ComputeTile(uint32_t m0, uint32_t mEnd, uint32_t n0)
     {{
         const uint32_t cols = N - n0 < uint32_t(BLOCK_N) ? N - n0 : BLOCK_N;
-{load_bias}        const uint32_t mEnd = tiling.m - m0 < uint32_t(BLOCK_M) ? tiling.m : m0 + BLOCK_M;
-        for (uint32_t row0 = m0; row0 < mEnd; row0 += UB_ROWS) {{
+{load_bias}        for (uint32_t row0 = m0; row0 < mEnd; row0 += UB_ROWS) {{
             const int32_t rows = mEnd - row0 < uint32_t(UB_ROWS) ? mEnd - row0 : UB_ROWS;
             ComputeSlice(row0, rows, n0, cols);
         }}
@@ -438,7 +460,63 @@ extern "C" __global__ __aicore__ void {ident}({entry.signature()})
 {launch_stub(entry)}"""
 
 
+def _plain_process() -> str:
+    return """    __aicore__ inline void Process()
+    {
+        // Persistent: this block computes tiles GetBlockIdx(), + GetBlockNum(), ... in grouped order.
+        for (uint32_t tile = GetBlockIdx(); tile < tiling.numTiles; tile += GetBlockNum()) {
+            const uint32_t perGroup = GROUP_M * tiling.tilesN;
+            const uint32_t firstM = tile / perGroup * GROUP_M;
+            const uint32_t groupRows = tiling.tilesM - firstM < uint32_t(GROUP_M) ? tiling.tilesM - firstM : GROUP_M;
+            const uint32_t inGroup = tile % perGroup;
+            const uint32_t m0 = (firstM + inGroup % groupRows) * BLOCK_M;
+            const uint32_t mEnd = tiling.m - m0 < uint32_t(BLOCK_M) ? tiling.m : m0 + BLOCK_M;
+            ComputeTile(m0, mEnd, inGroup / groupRows * BLOCK_N);
+        }
+        mm.End();
+    }
+"""
+
+
+def _grouped_process(swiglu: bool) -> str:
+    up = "\n                    upBase = uint64_t(e) * tiling.upExpertStride;" if swiglu else ""
+    return f"""    __aicore__ inline void Process()
+    {{
+        // Persistent over (M-tile slot, N tile). Each expert's rows are cut in BLOCK_M tiles from
+        // the group's first row, its tail tile holding only its own rows (virtual padding per
+        // group); the slots bound every grouping (ceil(m / BLOCK_M) + EXPERTS), so the launch
+        // never reads the offsets on the host, and slots past the last group have no work.
+        for (uint32_t tile = GetBlockIdx(); tile < tiling.numTiles; tile += GetBlockNum()) {{
+            const uint32_t slot = tile / tiling.tilesN;
+            const uint32_t n0 = tile % tiling.tilesN * BLOCK_N;
+            uint32_t start = 0;
+            uint32_t seen = 0;  // M tiles of the experts before e
+            for (int32_t e = 0; e < EXPERTS; ++e) {{
+                const uint32_t end = static_cast<uint32_t>(offsetsGm.GetValue(e));
+                const uint32_t tiles = (end - start + BLOCK_M - 1) / BLOCK_M;
+                if (slot < seen + tiles) {{
+                    const uint32_t m0 = start + (slot - seen) * BLOCK_M;
+                    wBase = uint64_t(e) * tiling.weightExpertStride;{up}
+                    ComputeTile(m0, end - m0 < uint32_t(BLOCK_M) ? end : m0 + BLOCK_M, n0);
+                    break;
+                }}
+                seen += tiles;
+                start = end;
+            }}
+        }}
+        mm.End();
+    }}
+"""
+
+
 def _formula(spec: KernelSpec) -> str:
+    if spec.op == "grouped_gemm":  # per expert e, over the rows of its group
+        return _plain_formula(spec).replace("x @", "x[rows of e] @").replace("W_gate", "W_gate[e]").replace(
+            "W_up", "W_up[e]").replace("W^T", "W[e]^T")
+    return _plain_formula(spec)
+
+
+def _plain_formula(spec: KernelSpec) -> str:
     ep = spec.epilogue
     b = " + bias" if "bias" in ep else ""
     if "swiglu" in ep:
@@ -455,6 +533,16 @@ def _formula(spec: KernelSpec) -> str:
 def _host_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, struct: str) -> str:
     L = layout
     in_api = _API_DTYPES[spec.dtype]
+    if L.experts:
+        what = "m rows sorted into EXPERTS groups (expert weights the given strides apart)"
+        params = "uint32_t m, uint32_t coreNum, uint64_t weightExpertStride, uint64_t upExpertStride, void* out, uint32_t* blockDim"
+        m_tiles = f"(m + {L.block_m} - 1) / {L.block_m} + {L.experts}"
+        strides = "\n    t->weightExpertStride = weightExpertStride;\n    t->upExpertStride = upExpertStride;"
+    else:
+        what = "m rows"
+        params = "uint32_t m, uint32_t coreNum, void* out, uint32_t* blockDim"
+        m_tiles = f"(m + {L.block_m} - 1) / {L.block_m}"
+        strides = ""
     return f"""{banner(spec, "Host tiling and CPU-debug launch")}
 #include <cstdint>
 #include "tiling/tiling_api.h"
@@ -469,8 +557,8 @@ extern "C" uint32_t {entry.name}_tiling_size()
     return sizeof({struct});
 }}
 
-// Fill the tiling for a launch over m rows on a device with coreNum AI cores; 0 on success.
-extern "C" int32_t {entry.name}_tiling(uint32_t m, uint32_t coreNum, void* out, uint32_t* blockDim)
+// Fill the tiling for a launch over {what} on a device with coreNum AI cores; 0 on success.
+extern "C" int32_t {entry.name}_tiling({params})
 {{
     if (m == 0 || coreNum == 0 || out == nullptr || blockDim == nullptr) {{
         return 1;
@@ -490,9 +578,9 @@ extern "C" int32_t {entry.name}_tiling(uint32_t m, uint32_t coreNum, void* out, 
         return 2;
     }}
     t->m = m;
-    t->tilesM = (m + {L.block_m} - 1) / {L.block_m};
+    t->tilesM = {m_tiles};
     t->tilesN = ({L.n} + {L.block_n} - 1) / {L.block_n};
-    t->numTiles = t->tilesM * t->tilesN;
+    t->numTiles = t->tilesM * t->tilesN;{strides}
     *blockDim = t->numTiles < coreNum ? t->numTiles : coreNum;
     return 0;
 }}
@@ -507,7 +595,7 @@ def render_gemm_sources(spec: KernelSpec) -> KernelSources:
     ident = entry.name
     struct = _struct_name(ident)
     sources = KernelSources(spec=spec, ident=ident, tiling_struct=struct, kernels=(ident,))
-    sources.files[sources.tiling_header] = _tiling_header(spec, ident, struct)
+    sources.files[sources.tiling_header] = _tiling_header(spec, layout, ident, struct)
     sources.files[sources.kernel_file] = _kernel_source(spec, layout, entry, struct)
     sources.files[sources.host_file] = _host_source(spec, layout, entry, struct)
     sources.files[sources.torch_file] = torch_binding([entry], spec)
@@ -559,6 +647,58 @@ def make_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRun, co
         block_dim = ctypes.c_uint32(0)
         code = host_call(f"{entry.name}_tiling", ctypes.c_uint32(ops.m),
                          ctypes.c_uint32(num_programs or cores), tiling, ctypes.byref(block_dim))
+        if code != 0:
+            raise ValueError(f"{where}: the host tiling refused M={ops.m} (code {code})")
+        tensors["tiling"] = tiling.to(ops.x.device)
+        run(entry, block_dim.value, [tensors[p] for p in entry.params])
+        return ops.out
+
+    launch.spec = spec  # type: ignore[attr-defined]
+    return launch
+
+
+def _expert_rows(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [E, N, K] as the kernel reads it: rows of K contiguous elements, K apart, inside
+    each expert; experts any distance apart (a stacked gate/up view passes as it is)."""
+    k = weight.shape[2]
+    if weight.stride(2) == 1 and (weight.shape[1] == 1 or weight.stride(1) == k):
+        return weight
+    return weight.contiguous()
+
+
+def make_grouped_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRun, cores: int) -> Callable[..., torch.Tensor]:
+    """Wrap a built grouped (MoE) GEMM in the `grouped_gemm` launch interface of every backend:
+
+        launch(x, weight, offsets, *, out=None, num_programs=None) -> out
+
+    Inputs are checked by `tileflow.gemm_operands.grouped_gemm_operands`: `x` [M, K] with rows
+    sorted by expert, `weight` [E, N, K] ([E, 2N, K] gate then up for swiglu; any expert stride),
+    `offsets` int32 [E], the end row of each group (the caller's contract; only its shape is
+    checked, so a launch never reads it on the host). Rows past `offsets[-1]` are not written.
+    """
+    gemm_layout(spec)
+    entry = gemm_entry(spec)
+    where = f"kernel {spec.name}"
+
+    def launch(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, *, out: torch.Tensor | None = None,
+               num_programs: int | None = None) -> torch.Tensor:
+        ops = grouped_gemm_operands(spec, x, weight, offsets, out=out)
+        if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
+            raise ValueError(f"{where}: num_programs must be a positive int, got {num_programs!r}")
+        if not ops.out.is_contiguous():
+            raise ValueError(f"{where}: out must be contiguous (the kernel writes rows of N elements)")
+        if ops.m == 0:
+            return ops.out
+        w = _expert_rows(ops.weight)
+        up = None if ops.weight_up is None else _expert_rows(ops.weight_up)
+        tensors = {"x": ops.x.contiguous(), "weight": w, "weight_up": up, "offsets": ops.offsets.contiguous(),
+                   "out": ops.out}
+        size = int(host_call(f"{entry.name}_tiling_size", restype=ctypes.c_uint32))
+        tiling = torch.zeros(size, dtype=torch.uint8)
+        block_dim = ctypes.c_uint32(0)
+        code = host_call(f"{entry.name}_tiling", ctypes.c_uint32(ops.m), ctypes.c_uint32(num_programs or cores),
+                         ctypes.c_uint64(w.stride(0)), ctypes.c_uint64(0 if up is None else up.stride(0)),
+                         tiling, ctypes.byref(block_dim))
         if code != 0:
             raise ValueError(f"{where}: the host tiling refused M={ops.m} (code {code})")
         tensors["tiling"] = tiling.to(ops.x.device)

@@ -12,7 +12,18 @@ from tileflow.kernel_spec import KernelSpec
 from tileflow.targets import CompiledKernel
 
 from .attention import build_reference_attention
-from .gemm import make_reference_launcher, render_reference_gemm
+from .gemm import (
+    make_reference_grouped_launcher,
+    make_reference_launcher,
+    render_reference_gemm,
+    render_reference_grouped_gemm,
+)
+
+# GEMM families: (render the tile loop as source, wrap the compiled source in a launcher).
+_GEMMS = {
+    "padded_gemm": (render_reference_gemm, make_reference_launcher),
+    "grouped_gemm": (render_reference_grouped_gemm, make_reference_grouped_launcher),
+}
 
 
 class ReferenceBackend:
@@ -28,16 +39,17 @@ class ReferenceBackend:
         """Render the spec's tile loop as Python source, compile it and return the launcher."""
         if spec.op == "meta_attention":
             return build_reference_attention(spec)
-        if spec.op != "padded_gemm":
+        if spec.op not in _GEMMS:
             raise ValueError(f"the reference backend has no kernel family {spec.op!r}")
-        source = render_reference_gemm(spec)
+        render, make_launcher = _GEMMS[spec.op]
+        source = render(spec)
         path = None
         if artifact_dir is not None:
             artifact_dir.mkdir(parents=True, exist_ok=True)
             path = artifact_dir / f"{spec.name}.reference.py"
             path.write_text(source)
         return CompiledKernel(spec=spec, target="reference", source=source,
-                              launch=make_reference_launcher(spec, source), source_path=path)
+                              launch=make_launcher(spec, source), source_path=path)
 
 
 BACKEND = ReferenceBackend()

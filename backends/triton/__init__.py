@@ -34,6 +34,10 @@ class TritonBackend:
             from .gemm import make_gemm_launcher, render_gemm_source
 
             return build_triton_kernel(spec, render_gemm_source, make_gemm_launcher, artifact_dir)
+        if spec.op == "grouped_gemm":
+            from .grouped_gemm import make_grouped_gemm_launcher, render_grouped_gemm_source
+
+            return build_triton_kernel(spec, render_grouped_gemm_source, make_grouped_gemm_launcher, artifact_dir)
         if spec.op == "meta_attention":
             from .attention import build_attention_kernel
 

@@ -151,7 +151,26 @@ def _signature(spec: KernelSpec, persistent: bool) -> str:
 
 
 def _tile_body(spec: KernelSpec, tile_var: str) -> str:
-    """Code that computes one output tile, numbered `tile_var`, at indentation zero."""
+    """Code that computes one output tile of a padded GEMM, numbered `tile_var`, at indentation
+    zero: the grouped tile order picks (pid_m, pid_n), then `_tile_compute`."""
+    rows = f"""\
+# Grouped tile order: GROUP_M row-tiles sweep N together, so the weight
+# tiles they share stay in L2.
+group_id = {tile_var} // num_pid_in_group
+first_pid_m = group_id * GROUP_M
+group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+pid_m = first_pid_m + (({tile_var} % num_pid_in_group) % group_size_m)
+pid_n = ({tile_var} % num_pid_in_group) // group_size_m
+
+offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+mask_m = offs_m < M  # virtual padding: rows past M are never read or written"""
+    return rows + "\n" + _tile_compute(spec)
+
+
+def _tile_compute(spec: KernelSpec) -> str:
+    """Code that computes the output tile at rows `offs_m` (masked by `mask_m`) and column tile
+    `pid_n`: the K loop over `x_ptr`/`w_ptr` (and `wu_ptr`), the epilogue and the masked store.
+    Shared by the padded and the grouped GEMM, which differ only in how they find their rows."""
     ep = spec.epilogue
     n, k = gemm_dims(spec)
     swiglu = "swiglu" in ep
@@ -162,19 +181,9 @@ def _tile_body(spec: KernelSpec, tile_var: str) -> str:
     code: list[str] = []
     add = code.append
     add(
-        f"""\
-# Grouped tile order: GROUP_M row-tiles sweep N together, so the weight
-# tiles they share stay in L2.
-group_id = {tile_var} // num_pid_in_group
-first_pid_m = group_id * GROUP_M
-group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-pid_m = first_pid_m + (({tile_var} % num_pid_in_group) % group_size_m)
-pid_n = ({tile_var} % num_pid_in_group) // group_size_m
-
-offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        """\
 offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 offs_k = tl.arange(0, BLOCK_K)
-mask_m = offs_m < M  # virtual padding: rows past M are never read or written
 mask_n = offs_n < N
 
 # Row offsets in int64: M * stride can overflow int32 on very long batches.

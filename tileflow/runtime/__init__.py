@@ -137,6 +137,20 @@ def compiled_kernels(op: str | None = None) -> list[CompiledKernel]:
 _WARNED_RANGE: set[tuple[int, int, int]] = set()
 
 
+def _select_tile(tile_plan: TilePlan, m: int, op: str) -> TileConfig:
+    """The plan's config for dispatch key `m`; outside the plan's range, the nearest piece's."""
+    if m > tile_plan.m_max or m < tile_plan.m_min:
+        # The plan covers the compile-time range; outside it the nearest piece is still correct.
+        key = (tile_plan.n, tile_plan.k, m)
+        if key not in _WARNED_RANGE:
+            _WARNED_RANGE.add(key)
+            log.warning(
+                "%s M=%d is outside its plan's range [%d, %d]; using the nearest config "
+                "(raise max_tokens to plan for it)", op, m, tile_plan.m_min, tile_plan.m_max,
+            )
+    return tile_plan.select_tile(min(max(m, tile_plan.m_min), tile_plan.m_max))
+
+
 def run_padded_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -167,19 +181,77 @@ def run_padded_gemm(
     )
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype)
-    if m > tile_plan.m_max or m < tile_plan.m_min:
-        # The plan covers the compile-time range; outside it the nearest piece is still correct.
-        key = (n, k, m)
-        if key not in _WARNED_RANGE:
-            _WARNED_RANGE.add(key)
-            log.warning(
-                "padded_gemm M=%d is outside its plan's range [%d, %d]; using the nearest config "
-                "(raise max_tokens to plan for it)", m, tile_plan.m_min, tile_plan.m_max,
-            )
-    tile = tile_plan.select_tile(min(max(m, tile_plan.m_min), tile_plan.m_max))
+    tile = _select_tile(tile_plan, m, "padded_gemm")
     spec = gemm_spec(
         dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, tile=tile, activation=activation,
         has_bias=bias is not None, has_residual=residual is not None,
     )
     kernel = get_kernel(target, spec)
     return kernel(x, weight, bias, residual, weight_up=weight_up, bias_up=bias_up)
+
+
+def expected_group_rows(m: int, experts: int) -> int:
+    """The dispatch key of a grouped GEMM over `m` rows and `experts` groups: ceil(M / E), the
+    rows an expert gets when the routing is balanced (at least 1).
+
+    The group sizes themselves live on the device (the offsets tensor) and reading them would
+    cost a device->host sync per call, so the tile is chosen from what the host knows: M and E.
+    """
+    return max(1, -(-int(m) // int(experts)))
+
+
+def grouped_gemm_plan(
+    n: int,
+    k: int,
+    experts: int,
+    dtype: torch.dtype | str,
+    target: str,
+    device_type: str,
+    *,
+    m_min: int = 1,
+    m_max: int,
+    tile_timings: str | None = None,
+) -> TilePlan:
+    """The tile plan of a grouped GEMM whose total row count M lies in [m_min, m_max].
+
+    The same plan machinery as `gemm_plan` (cost model, at most 6 configs), over the range of the
+    dispatch key `expected_group_rows(M, E)`: [ceil(m_min / E), ceil(m_max / E)]. Each piece thus
+    answers "the best tile for one expert's GEMM of that many rows"; the cost model does not add
+    the E-fold number of tiles of the whole launch to its wave count.
+    """
+    return gemm_plan(
+        n, k, dtype, target, device_type, m_min=expected_group_rows(m_min, experts),
+        m_max=expected_group_rows(m_max, experts), tile_timings=tile_timings,
+    )
+
+
+def run_grouped_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    activation: str,
+    out_dtype: torch.dtype,
+    plan: str,
+    target: str,
+) -> torch.Tensor:
+    """Execute `tileflow::grouped_gemm`: pick the plan's config for ceil(M / E) rows per expert and
+    launch its kernel (one launch for all experts; the offsets stay on the device).
+
+    `plan` is the node's encoded plan ("" for eager calls: built for the current config's
+    `max_tokens`); `target` is the node's target ("" for eager calls: the current config's).
+    """
+    from ..lower import grouped_gemm_spec
+
+    config = None if (target and plan) else current_config()
+    target = resolve_target(target or config.target, x.device)
+    e, rows, k = (int(d) for d in weight.shape)
+    n = rows // 2 if activation == "swiglu" else rows
+    m = x.shape[0]
+    tile_plan = decode_plan(plan) if plan else grouped_gemm_plan(
+        n, k, e, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings
+    )
+    if m == 0:
+        return x.new_empty((0, n), dtype=out_dtype)
+    tile = _select_tile(tile_plan, expected_group_rows(m, e), "grouped_gemm")
+    spec = grouped_gemm_spec(dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, experts=e, tile=tile, activation=activation)
+    return get_kernel(target, spec)(x, weight, offsets)

@@ -61,9 +61,9 @@ public:
             const uint32_t firstM = tile / perGroup * GROUP_M;
             const uint32_t groupRows = tiling.tilesM - firstM < uint32_t(GROUP_M) ? tiling.tilesM - firstM : GROUP_M;
             const uint32_t inGroup = tile % perGroup;
-            const uint32_t tileM = firstM + inGroup % groupRows;
-            const uint32_t tileN = inGroup / groupRows;
-            ComputeTile(tileM * BLOCK_M, tileN * BLOCK_N);
+            const uint32_t m0 = (firstM + inGroup % groupRows) * BLOCK_M;
+            const uint32_t mEnd = tiling.m - m0 < uint32_t(BLOCK_M) ? tiling.m : m0 + BLOCK_M;
+            ComputeTile(m0, mEnd, inGroup / groupRows * BLOCK_N);
         }
         mm.End();
     }
@@ -84,7 +84,8 @@ private:
     TBuf<TPosition::VECCALC> biasBuf;  // this tile's bias columns (float)
     TBuf<TPosition::VECCALC> biasUpBuf;
 
-    __aicore__ inline void ComputeTile(uint32_t m0, uint32_t n0)
+    // One output tile: rows [m0, mEnd) (the tile's real rows), columns from n0.
+    __aicore__ inline void ComputeTile(uint32_t m0, uint32_t mEnd, uint32_t n0)
     {
         const uint32_t cols = N - n0 < uint32_t(BLOCK_N) ? N - n0 : BLOCK_N;
         // The tile's bias columns, once per tile (only the real columns are read).
@@ -94,7 +95,6 @@ private:
         LocalTensor<float> biasUpCols = biasUpBuf.Get<float>();
         DataCopyPad(biasUpCols, biasUpGm[n0], biasCopy, DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
         PipeBarrier<PIPE_ALL>();
-        const uint32_t mEnd = tiling.m - m0 < uint32_t(BLOCK_M) ? tiling.m : m0 + BLOCK_M;
         for (uint32_t row0 = m0; row0 < mEnd; row0 += UB_ROWS) {
             const int32_t rows = mEnd - row0 < uint32_t(UB_ROWS) ? mEnd - row0 : UB_ROWS;
             ComputeSlice(row0, rows, n0, cols);

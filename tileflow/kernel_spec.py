@@ -224,3 +224,20 @@ def check_gemm_spec(
         grouped_gemm_dims(spec)
     else:
         gemm_dims(spec)
+
+
+def gemm_formula(spec: KernelSpec) -> str:
+    """One-line math of a `padded_gemm` / `grouped_gemm` spec, for generated sources' headers,
+    e.g. `silu(x @ W_gate^T + bias_gate) * (x @ W_up^T + bias_up) + residual`."""
+    ep = spec.epilogue
+    grouped = spec.op == "grouped_gemm"
+    x, e = ("x[rows of e]", "[e]") if grouped else ("x", "")
+    if "swiglu" in ep:
+        bg, bu = (" + bias_gate", " + bias_up") if "bias" in ep else ("", "")
+        expr = f"silu({x} @ W_gate{e}^T{bg}) * ({x} @ W_up{e}^T{bu})"
+    else:
+        expr = f"{x} @ W{e}^T" + (" + bias" if "bias" in ep else "")
+        for act in ("silu", "gelu", "gelu_tanh"):
+            if act in ep:
+                expr = f"{act}({expr})"
+    return f"{expr} + residual" if "residual" in ep else expr

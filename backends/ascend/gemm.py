@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from tileflow.gemm_operands import gemm_operands, grouped_gemm_operands
-from tileflow.kernel_spec import KernelSpec, check_gemm_spec, gemm_dims, grouped_gemm_dims
+from tileflow.kernel_spec import KernelSpec, check_gemm_spec, gemm_dims, gemm_formula, grouped_gemm_dims
 
 from .sources import (
     EntryPoint, HostCall, KernelRun, KernelSources, banner, cpp_type, cpu_runner, kernel_ident, launch_stub,
@@ -66,6 +66,7 @@ UB_BYTES = 192 * 1024
 # Matmul API names of the element types, for the host tiling.
 _API_DTYPES = {"float16": "DT_FLOAT16", "bfloat16": "DT_BF16", "float32": "DT_FLOAT"}
 _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swiglu")
+_CPP_BYTES = {"half": 2, "bfloat16_t": 2, "float": 4}
 
 
 @dataclass(frozen=True)
@@ -93,17 +94,55 @@ class GemmLayout:
         return self.activation == "swiglu"
 
 
-def _ub_bytes(block_n: int, rows: int, buffers: int, out_size: int, swiglu: bool, needs_tmp: bool,
-              bias: bool, residual: bool) -> int:
-    """UB bytes a configuration needs (every buffer is rounded up to 32 bytes by InitBuffer)."""
-    slice_f32 = rows * block_n * 4
-    total = buffers * slice_f32  # accumulator queue
-    total += buffers * slice_f32 if swiglu else 0  # up-projection accumulator queue
-    total += slice_f32 if needs_tmp else 0  # activation / residual scratch
-    total += buffers * rows * block_n * out_size  # output queue
-    total += buffers * rows * block_n * out_size if residual else 0  # residual queue
-    total += (2 if swiglu else 1) * block_n * 4 if bias else 0
-    return total
+@dataclass(frozen=True)
+class UbBuffer:
+    """One unified-buffer allocation of the kernel: a queue (`depth` buffers) or a TBuf (depth 0).
+
+    The same table sizes the UB budget and emits the member declarations and `InitBuffer` calls,
+    so what Python budgets is exactly what the kernel asks for.
+    """
+
+    name: str
+    position: str  # VECIN / VECOUT (queues) or VECCALC (scratch)
+    elem: str  # C++ element type of the byte count (as the kernel spells it: float, OutT)
+    elem_bytes: int
+    per_row: bool  # UB_ROWS x BLOCK_N elements, else BLOCK_N
+    queue: bool
+    comment: str = ""
+
+    def bytes(self, layout: "GemmLayout") -> int:
+        """Bytes this buffer takes (InitBuffer rounds every buffer up to 32 bytes; ours are multiples)."""
+        count = (layout.ub_rows if self.per_row else 1) * layout.block_n * self.elem_bytes
+        return count * (layout.buffer_num if self.queue else 1)
+
+    def declaration(self) -> str:
+        """The class member."""
+        kind = f"TQue<QuePosition::{self.position}, BUFFER_NUM>" if self.queue else f"TBuf<TPosition::{self.position}>"
+        return f"    {kind} {self.name};" + (f"  // {self.comment}" if self.comment else "")
+
+    def init(self) -> str:
+        """The `InitBuffer` call in Init."""
+        size = ("UB_ROWS * " if self.per_row else "") + f"BLOCK_N * sizeof({self.elem})"
+        depth = "BUFFER_NUM, " if self.queue else ""
+        return f"        pipe->InitBuffer({self.name}, {depth}{size});"
+
+
+def ub_buffers(layout: "GemmLayout") -> list[UbBuffer]:
+    """Every UB allocation of a GEMM kernel with this layout, in declaration order."""
+    out_elem, out_bytes = "OutT", _CPP_BYTES[layout.out_type]
+    buffers = [UbBuffer("accQue", "VECIN", "float", 4, True, True)]
+    if layout.swiglu:
+        buffers.append(UbBuffer("upQue", "VECIN", "float", 4, True, True))
+    if layout.residual:
+        buffers.append(UbBuffer("resQue", "VECIN", out_elem, out_bytes, True, True))
+    buffers.append(UbBuffer("outQue", "VECOUT", out_elem, out_bytes, True, True))
+    if layout.activation is not None or layout.residual:
+        buffers.append(UbBuffer("tmpBuf", "VECCALC", "float", 4, True, False, "activation / residual scratch (float)"))
+    if layout.bias:
+        buffers.append(UbBuffer("biasBuf", "VECCALC", "float", 4, False, False, "this tile's bias columns (float)"))
+        if layout.swiglu:
+            buffers.append(UbBuffer("biasUpBuf", "VECCALC", "float", 4, False, False))
+    return buffers
 
 
 def gemm_layout(spec: KernelSpec) -> GemmLayout:
@@ -117,20 +156,17 @@ def gemm_layout(spec: KernelSpec) -> GemmLayout:
     tile = spec.tile
     ep = spec.epilogue
     activation = next((e for e in ep if e in _ACTIVATIONS), None)
-    bias, residual = "bias" in ep, "residual" in ep
-    out_size = torch.empty((), dtype=getattr(torch, spec.out_dtype)).element_size()
-    needs_tmp = activation is not None or residual
     # Largest UB slice first, double-buffered first: halve the rows, then drop to one buffer.
     for rows in [tile.block_m >> i for i in range(tile.block_m.bit_length()) if tile.block_m >> i >= _MIN_BLOCK]:
         for buffers in (2, 1):
-            if _ub_bytes(tile.block_n, rows, buffers, out_size, activation == "swiglu", needs_tmp, bias,
-                         residual) <= UB_BYTES:
-                return GemmLayout(
-                    n=n, k=k, block_m=tile.block_m, block_n=tile.block_n, block_k=tile.block_k,
-                    group_m=tile.group_m, ub_rows=rows, buffer_num=buffers,
-                    in_type=cpp_type(spec.dtype), out_type=cpp_type(spec.out_dtype),
-                    activation=activation, bias=bias, residual=residual, experts=experts,
-                )
+            layout = GemmLayout(
+                n=n, k=k, block_m=tile.block_m, block_n=tile.block_n, block_k=tile.block_k,
+                group_m=tile.group_m, ub_rows=rows, buffer_num=buffers,
+                in_type=cpp_type(spec.dtype), out_type=cpp_type(spec.out_dtype),
+                activation=activation, bias="bias" in ep, residual="residual" in ep, experts=experts,
+            )
+            if sum(b.bytes(layout) for b in ub_buffers(layout)) <= UB_BYTES:
+                return layout
     raise ValueError(
         f"kernel {spec.name}: BLOCK_N={tile.block_n} does not fit the {UB_BYTES // 1024} KiB unified "
         f"buffer even with {_MIN_BLOCK}-row epilogue slices; use a smaller BLOCK_N"
@@ -244,18 +280,8 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
         members.append("    uint64_t wBase = 0;   // this tile's expert: offset of its weight")
         if swiglu:
             members.append("    uint64_t upBase = 0;")
-    members.append("    TQue<QuePosition::VECIN, BUFFER_NUM> accQue;")
-    if swiglu:
-        members.append("    TQue<QuePosition::VECIN, BUFFER_NUM> upQue;")
-    if residual:
-        members.append("    TQue<QuePosition::VECIN, BUFFER_NUM> resQue;")
-    members.append("    TQue<QuePosition::VECOUT, BUFFER_NUM> outQue;")
-    if needs_tmp:
-        members.append("    TBuf<TPosition::VECCALC> tmpBuf;  // activation / residual scratch (float)")
-    if bias:
-        members.append("    TBuf<TPosition::VECCALC> biasBuf;  // this tile's bias columns (float)")
-        if swiglu:
-            members.append("    TBuf<TPosition::VECCALC> biasUpBuf;")
+    buffers = ub_buffers(L)
+    members += [b.declaration() for b in buffers]
 
     grouped = L.experts > 0
 
@@ -278,18 +304,7 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
             init_gm.append("        biasUpGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(bias_up), N);")
     if residual:
         init_gm.append("        resGm.SetGlobalBuffer(reinterpret_cast<__gm__ OutT*>(residual), uint64_t(t.m) * N);")
-    init_ub = ["        pipe.InitBuffer(accQue, BUFFER_NUM, UB_ROWS * BLOCK_N * sizeof(float));"]
-    if swiglu:
-        init_ub.append("        pipe.InitBuffer(upQue, BUFFER_NUM, UB_ROWS * BLOCK_N * sizeof(float));")
-    if residual:
-        init_ub.append("        pipe.InitBuffer(resQue, BUFFER_NUM, UB_ROWS * BLOCK_N * sizeof(OutT));")
-    init_ub.append("        pipe.InitBuffer(outQue, BUFFER_NUM, UB_ROWS * BLOCK_N * sizeof(OutT));")
-    if needs_tmp:
-        init_ub.append("        pipe.InitBuffer(tmpBuf, UB_ROWS * BLOCK_N * sizeof(float));")
-    if bias:
-        init_ub.append("        pipe.InitBuffer(biasBuf, BLOCK_N * sizeof(float));")
-        if swiglu:
-            init_ub.append("        pipe.InitBuffer(biasUpBuf, BLOCK_N * sizeof(float));")
+    init_ub = [b.init() for b in buffers]
 
     load_bias = ""
     if bias:
@@ -369,7 +384,7 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
     experts_const = f"\nconstexpr int32_t EXPERTS = {L.experts};" if grouped else ""
     res_copy = "        const DataCopyExtParams outCopyIn(rows, cols * sizeof(OutT), gmGap, ubGap, 0);\n" if residual else ""
     return f"""{banner(spec, "Ascend C kernel: padded fixed-tile GEMM (SmoothGEMM)")}//
-// out[M, {L.n}] = {_formula(spec)}
+// out[M, {L.n}] = {gemm_formula(spec)}
 // {spec.dtype} inputs, fp32 accumulation, {spec.out_dtype} output; tile {L.block_m}x{L.block_n}x{L.block_k},
 // grouped order GROUP_M={L.group_m}, epilogue on {L.ub_rows}-row UB slices, queue depth {L.buffer_num}.
 #include "kernel_operator.h"
@@ -405,7 +420,7 @@ public:
         // Row strides: x is [m, K], the weight [N, K] (B transposed), both row-major.
         mm.SetOrgShape(t.m, N, K, K);
 {chr(10).join(init_gm)}
-{chr(10).join(pipe_line.replace("pipe.", "pipe->") for pipe_line in init_ub)}
+{chr(10).join(init_ub)}
     }}
 
 {process}
@@ -507,27 +522,6 @@ def _grouped_process(swiglu: bool) -> str:
         mm.End();
     }}
 """
-
-
-def _formula(spec: KernelSpec) -> str:
-    if spec.op == "grouped_gemm":  # per expert e, over the rows of its group
-        return _plain_formula(spec).replace("x @", "x[rows of e] @").replace("W_gate", "W_gate[e]").replace(
-            "W_up", "W_up[e]").replace("W^T", "W[e]^T")
-    return _plain_formula(spec)
-
-
-def _plain_formula(spec: KernelSpec) -> str:
-    ep = spec.epilogue
-    b = " + bias" if "bias" in ep else ""
-    if "swiglu" in ep:
-        bg, bu = (" + bias_gate", " + bias_up") if "bias" in ep else ("", "")
-        expr = f"silu(x @ W_gate^T{bg}) * (x @ W_up^T{bu})"
-    else:
-        expr = f"x @ W^T{b}"
-        for act in ("silu", "gelu", "gelu_tanh"):
-            if act in ep:
-                expr = f"{act}({expr})"
-    return f"{expr} + residual" if "residual" in ep else expr
 
 
 def _host_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, struct: str) -> str:

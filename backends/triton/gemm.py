@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from tileflow.gemm_operands import gemm_operands
-from tileflow.kernel_spec import ACTIVATIONS, KernelSpec, check_gemm_spec, gemm_dims
+from tileflow.kernel_spec import ACTIVATIONS, KernelSpec, check_gemm_spec, gemm_dims, gemm_formula
 
 from .build import kernel_identifier
 
@@ -103,23 +103,6 @@ uses masked loads/stores (virtual padding): no padded copy of x, only real rows 
 import triton
 import triton.language as tl
 '''
-
-
-def _formula(spec: KernelSpec) -> str:
-    """One-line math description of what the kernel computes, for the header."""
-    ep = spec.epilogue
-    b = " + bias" if "bias" in ep else ""
-    if "swiglu" in ep:
-        bg, bu = (" + bias_gate", " + bias_up") if "bias" in ep else ("", "")
-        expr = f"silu(x @ W_gate^T{bg}) * (x @ W_up^T{bu})"
-    else:
-        expr = f"x @ W^T{b}"
-        for act in ("silu", "gelu", "gelu_tanh"):
-            if act in ep:
-                expr = f"{act}({expr})"
-    if "residual" in ep:
-        expr = f"{expr} + residual"
-    return expr
 
 
 def _signature(spec: KernelSpec, persistent: bool) -> str:
@@ -329,7 +312,7 @@ def render_gemm_source(spec: KernelSpec) -> str:
     header = _HEADER.format(
         kname=kname,
         n=n,
-        formula=_formula(spec),
+        formula=gemm_formula(spec),
         dtype=spec.dtype,
         out_dtype=spec.out_dtype,
         bm=tile.block_m,

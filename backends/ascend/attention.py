@@ -81,6 +81,7 @@ from .sources import (
     cpu_runner,
     kernel_ident,
     launch_stub,
+    tiling_struct_name,
     torch_binding,
 )
 
@@ -383,10 +384,6 @@ def attention_entries(spec: KernelSpec) -> tuple[EntryPoint, EntryPoint]:
     )
 
 
-def _struct_name(ident: str) -> str:
-    return f"{ident}_TilingData"
-
-
 def _fill(template: str, **values: Any) -> str:
     """`string.Template` substitution ($name): C++ is full of braces, so no str.format."""
     return Template(template).substitute(**values)
@@ -437,7 +434,7 @@ _BIAS_NAMES = ("biasStrideSeq", "biasStrideHead", "biasStrideRow", "biasElems")
 
 def _tiling_header(spec: KernelSpec, layout: AttentionLayout, ident: str) -> str:
     return _fill(_TILING_HEADER, banner=banner(spec, "Tiling struct (host and kernel)"),
-                 guard=f"{ident.upper()}_TILING_H", ident=ident, struct=_struct_name(ident),
+                 guard=f"{ident.upper()}_TILING_H", ident=ident, struct=tiling_struct_name(ident),
                  bias_fields=_BIAS_FIELDS if layout.bias else "")
 
 
@@ -1235,7 +1232,7 @@ def _kernel_source(spec: KernelSpec, layout: AttentionLayout, ident: str,
         banner=banner(spec, "Ascend C kernels (meta-attention + split-KV merge)"),
         mask_doc=_mask_doc(layout),
         ident=ident,
-        struct=_struct_name(ident),
+        struct=tiling_struct_name(ident),
         ctype=layout.ctype,
         gqa=layout.gqa,
         head_dim=layout.head_dim,
@@ -1386,7 +1383,7 @@ def _host_source(spec: KernelSpec, layout: AttentionLayout, ident: str,
         _HOST_TEMPLATE,
         banner=banner(spec, "Host tiling and CPU-debug launch"),
         ident=ident,
-        struct=_struct_name(ident),
+        struct=tiling_struct_name(ident),
         gqa=layout.gqa,
         head_dim=layout.head_dim,
         rows=layout.rows,
@@ -1415,7 +1412,7 @@ def render_attention_sources(spec: KernelSpec) -> KernelSources:
     layout = attention_layout(spec)
     ident = kernel_ident(spec)
     main, merge = attention_entries(spec)
-    sources = KernelSources(spec=spec, ident=ident, tiling_struct=_struct_name(ident),
+    sources = KernelSources(spec=spec, ident=ident, tiling_struct=tiling_struct_name(ident),
                             kernels=(main.name, merge.name))
     sources.files[sources.tiling_header] = _tiling_header(spec, layout, ident)
     sources.files[sources.kernel_file] = _kernel_source(spec, layout, ident, main, merge)

@@ -44,7 +44,7 @@ from tileflow.kernel_spec import KernelSpec, check_gemm_spec, gemm_dims, gemm_fo
 
 from .sources import (
     EntryPoint, HostCall, KernelRun, KernelSources, banner, cpp_type, cpu_runner, kernel_ident, launch_stub,
-    torch_binding,
+    tiling_struct_name, torch_binding,
 )
 
 __all__ = [
@@ -194,10 +194,6 @@ def gemm_entry(spec: KernelSpec) -> EntryPoint:
 # --------------------------------------------------------------------------------------------
 # Source rendering
 # --------------------------------------------------------------------------------------------
-
-
-def _struct_name(ident: str) -> str:
-    return "".join(part.capitalize() for part in ident.split("_")[:3]) + "Tiling_" + ident.rsplit("_", 1)[-1]
 
 
 def _tiling_header(spec: KernelSpec, layout: GemmLayout, ident: str, struct: str) -> str:
@@ -587,7 +583,7 @@ def render_gemm_sources(spec: KernelSpec) -> KernelSources:
     layout = gemm_layout(spec)
     entry = gemm_entry(spec)
     ident = entry.name
-    struct = _struct_name(ident)
+    struct = tiling_struct_name(ident)
     sources = KernelSources(spec=spec, ident=ident, tiling_struct=struct, kernels=(ident,))
     sources.files[sources.tiling_header] = _tiling_header(spec, layout, ident, struct)
     sources.files[sources.kernel_file] = _kernel_source(spec, layout, entry, struct)

@@ -39,6 +39,7 @@ __all__ = [
     "cpu_runner",
     "kernel_ident",
     "launch_stub",
+    "tiling_struct_name",
     "torch_binding",
     "torch_op_name",
 ]
@@ -67,6 +68,11 @@ def kernel_ident(spec: KernelSpec) -> str:
     """
     base = re.sub(r"\W", "_", spec.name)
     return f"{base}_{spec.digest()[:8]}"
+
+
+def tiling_struct_name(ident: str) -> str:
+    """The C++ name of a kernel's tiling struct (unique per kernel, as the identifier is)."""
+    return f"{ident}_TilingData"
 
 
 def torch_op_name(ident: str) -> str:

@@ -32,7 +32,7 @@ class PaddedGemm {
 public:
     matmul::Matmul<AType, BType, CType> mm;
 
-    __aicore__ inline void Init(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR bias, GM_ADDR bias_up, GM_ADDR residual, GM_ADDR out, const TileflowPaddedGemmTiling_fab7b24f& t, TPipe* pipe)
+    __aicore__ inline void Init(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR bias, GM_ADDR bias_up, GM_ADDR residual, GM_ADDR out, const tileflow_padded_gemm_float16_m16n32k32w4s3_k72_n40_bias_swiglu_residual_fab7b24f_TilingData& t, TPipe* pipe)
     {
         tiling = t;
         // Row strides: x is [m, K], the weight [N, K] (B transposed), both row-major.
@@ -69,7 +69,7 @@ public:
     }
 
 private:
-    TileflowPaddedGemmTiling_fab7b24f tiling;
+    tileflow_padded_gemm_float16_m16n32k32w4s3_k72_n40_bias_swiglu_residual_fab7b24f_TilingData tiling;
     GlobalTensor<InT> xGm, wGm;
     GlobalTensor<OutT> outGm;
     GlobalTensor<InT> wUpGm;
@@ -165,7 +165,7 @@ private:
 extern "C" __global__ __aicore__ void tileflow_padded_gemm_float16_m16n32k32w4s3_k72_n40_bias_swiglu_residual_fab7b24f(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR bias, GM_ADDR bias_up, GM_ADDR residual, GM_ADDR out, GM_ADDR tiling)
 {
     // The tiling lives in GM; copy it to the core's scalar memory word by word.
-    TileflowPaddedGemmTiling_fab7b24f t;
+    tileflow_padded_gemm_float16_m16n32k32w4s3_k72_n40_bias_swiglu_residual_fab7b24f_TilingData t;
     const __gm__ uint32_t* src = reinterpret_cast<const __gm__ uint32_t*>(tiling);
     uint32_t* dst = reinterpret_cast<uint32_t*>(&t);
     for (uint32_t i = 0; i < sizeof(t) / sizeof(uint32_t); ++i) {

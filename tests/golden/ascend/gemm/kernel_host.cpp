@@ -12,7 +12,7 @@
 
 extern "C" uint32_t tileflow_padded_gemm_float16_m16n32k32w4s3_k72_n40_bias_swiglu_residual_fab7b24f_tiling_size()
 {
-    return sizeof(TileflowPaddedGemmTiling_fab7b24f);
+    return sizeof(tileflow_padded_gemm_float16_m16n32k32w4s3_k72_n40_bias_swiglu_residual_fab7b24f_TilingData);
 }
 
 // Fill the tiling for a launch over m rows on a device with coreNum AI cores; 0 on success.
@@ -21,8 +21,8 @@ extern "C" int32_t tileflow_padded_gemm_float16_m16n32k32w4s3_k72_n40_bias_swigl
     if (m == 0 || coreNum == 0 || out == nullptr || blockDim == nullptr) {
         return 1;
     }
-    TileflowPaddedGemmTiling_fab7b24f* t = static_cast<TileflowPaddedGemmTiling_fab7b24f*>(out);
-    *t = TileflowPaddedGemmTiling_fab7b24f{};
+    tileflow_padded_gemm_float16_m16n32k32w4s3_k72_n40_bias_swiglu_residual_fab7b24f_TilingData* t = static_cast<tileflow_padded_gemm_float16_m16n32k32w4s3_k72_n40_bias_swiglu_residual_fab7b24f_TilingData*>(out);
+    *t = tileflow_padded_gemm_float16_m16n32k32w4s3_k72_n40_bias_swiglu_residual_fab7b24f_TilingData{};
     matmul_tiling::MatmulApiTiling api;
     api.SetAType(matmul_tiling::TPosition::GM, matmul_tiling::CubeFormat::ND, matmul_tiling::DataType::DT_FLOAT16);
     api.SetBType(matmul_tiling::TPosition::GM, matmul_tiling::CubeFormat::ND, matmul_tiling::DataType::DT_FLOAT16, true);

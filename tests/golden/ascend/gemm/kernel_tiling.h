@@ -8,7 +8,7 @@
 #include "kernel_tiling/kernel_tiling.h"
 
 // Everything that depends on M, the token count; N, K and the tile are compile-time constants.
-struct TileflowPaddedGemmTiling_fab7b24f {
+struct tileflow_padded_gemm_float16_m16n32k32w4s3_k72_n40_bias_swiglu_residual_fab7b24f_TilingData {
     TCubeTiling cube;   // one UB slice: (ub_rows x BLOCK_N x K), filled by matmul_tiling
     uint32_t m;         // rows of x and out
     uint32_t tilesM;    // ceil(m / BLOCK_M)

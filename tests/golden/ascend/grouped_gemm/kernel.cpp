@@ -33,7 +33,7 @@ class PaddedGemm {
 public:
     matmul::Matmul<AType, BType, CType> mm;
 
-    __aicore__ inline void Init(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR offsets, GM_ADDR out, const TileflowGroupedGemmTiling_60042978& t, TPipe* pipe)
+    __aicore__ inline void Init(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR offsets, GM_ADDR out, const tileflow_grouped_gemm_float16_m16n32k32w4s3_experts8_k72_n40_swiglu_60042978_TilingData& t, TPipe* pipe)
     {
         tiling = t;
         // Row strides: x is [m, K], the weight [N, K] (B transposed), both row-major.
@@ -78,7 +78,7 @@ public:
     }
 
 private:
-    TileflowGroupedGemmTiling_60042978 tiling;
+    tileflow_grouped_gemm_float16_m16n32k32w4s3_experts8_k72_n40_swiglu_60042978_TilingData tiling;
     GlobalTensor<InT> xGm, wGm;
     GlobalTensor<OutT> outGm;
     GlobalTensor<InT> wUpGm;
@@ -149,7 +149,7 @@ private:
 extern "C" __global__ __aicore__ void tileflow_grouped_gemm_float16_m16n32k32w4s3_experts8_k72_n40_swiglu_60042978(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR offsets, GM_ADDR out, GM_ADDR tiling)
 {
     // The tiling lives in GM; copy it to the core's scalar memory word by word.
-    TileflowGroupedGemmTiling_60042978 t;
+    tileflow_grouped_gemm_float16_m16n32k32w4s3_experts8_k72_n40_swiglu_60042978_TilingData t;
     const __gm__ uint32_t* src = reinterpret_cast<const __gm__ uint32_t*>(tiling);
     uint32_t* dst = reinterpret_cast<uint32_t*>(&t);
     for (uint32_t i = 0; i < sizeof(t) / sizeof(uint32_t); ++i) {

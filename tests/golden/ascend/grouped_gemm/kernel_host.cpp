@@ -12,7 +12,7 @@
 
 extern "C" uint32_t tileflow_grouped_gemm_float16_m16n32k32w4s3_experts8_k72_n40_swiglu_60042978_tiling_size()
 {
-    return sizeof(TileflowGroupedGemmTiling_60042978);
+    return sizeof(tileflow_grouped_gemm_float16_m16n32k32w4s3_experts8_k72_n40_swiglu_60042978_TilingData);
 }
 
 // Fill the tiling for a launch over m rows sorted into EXPERTS groups (expert weights the given strides apart) on a device with coreNum AI cores; 0 on success.
@@ -21,8 +21,8 @@ extern "C" int32_t tileflow_grouped_gemm_float16_m16n32k32w4s3_experts8_k72_n40_
     if (m == 0 || coreNum == 0 || out == nullptr || blockDim == nullptr) {
         return 1;
     }
-    TileflowGroupedGemmTiling_60042978* t = static_cast<TileflowGroupedGemmTiling_60042978*>(out);
-    *t = TileflowGroupedGemmTiling_60042978{};
+    tileflow_grouped_gemm_float16_m16n32k32w4s3_experts8_k72_n40_swiglu_60042978_TilingData* t = static_cast<tileflow_grouped_gemm_float16_m16n32k32w4s3_experts8_k72_n40_swiglu_60042978_TilingData*>(out);
+    *t = tileflow_grouped_gemm_float16_m16n32k32w4s3_experts8_k72_n40_swiglu_60042978_TilingData{};
     matmul_tiling::MatmulApiTiling api;
     api.SetAType(matmul_tiling::TPosition::GM, matmul_tiling::CubeFormat::ND, matmul_tiling::DataType::DT_FLOAT16);
     api.SetBType(matmul_tiling::TPosition::GM, matmul_tiling::CubeFormat::ND, matmul_tiling::DataType::DT_FLOAT16, true);

@@ -8,7 +8,7 @@
 #include "kernel_tiling/kernel_tiling.h"
 
 // Everything that depends on M, the token count; N, K and the tile are compile-time constants.
-struct TileflowGroupedGemmTiling_60042978 {
+struct tileflow_grouped_gemm_float16_m16n32k32w4s3_experts8_k72_n40_swiglu_60042978_TilingData {
     TCubeTiling cube;   // one UB slice: (ub_rows x BLOCK_N x K), filled by matmul_tiling
     uint32_t m;         // rows of x and out
     uint32_t tilesM;    // ceil(m / BLOCK_M) + EXPERTS: M-tile slots, a bound over the groups

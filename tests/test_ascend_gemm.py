@@ -155,7 +155,16 @@ def test_emitted_gemm_matches_golden() -> None:
 def test_exported_project_builds_with_cmake_in_cpu_debug_mode(tmp_path: Path) -> None:
     if shutil.which("cmake") is None:
         pytest.skip("cmake is not installed")
-    specs = [gemm_spec("float16", ("bias",)), gemm_spec("float32", ("gelu",))]
+    from tileflow.lower import grouped_gemm_spec
+    from tileflow.runtime.attention import attention_spec
+
+    # One kernel of each family, as an export of an MoE model writes them.
+    specs = [
+        gemm_spec("float16", ("bias",)),
+        grouped_gemm_spec(dtype="float16", out_dtype="float16", n=40, k=72, experts=4, tile=TILE, activation="swiglu"),
+        attention_spec(dtype=torch.float16, head_dim=64, gqa=4, block_q=4, causal=True, sliding_window=False,
+                       tree=True, bias=True),
+    ]
     write_project([render_sources(s) for s in specs], tmp_path / "proj")
     for cmd in (["cmake", "-S", str(tmp_path / "proj"), "-B", str(tmp_path / "build"),
                  f"-DTILEFLOW_CPU_DEBUG_INCLUDE={HEADERS}"],

@@ -161,3 +161,72 @@ def test_a_step_that_cannot_be_captured_runs_uncaptured() -> None:
     assert calls == [3, 3] and buckets.captures == 0  # tried once, then never again
     with pytest.raises(ValueError, match="positive ints"):
         CudaGraphBuckets(step, [0], (), lambda out: 0)
+
+
+def _graph_runners(monkeypatch: pytest.MonkeyPatch, buckets=(8, 16)) -> list:
+    """Every nano-batch runner of the test captures through `ReplayOnCpu` on simulated streams."""
+    runners: list = []
+    original_init = nanobatch_runtime.NanoBatchRunner.__init__
+
+    def init(self, gm, plan, whole, **kwargs):
+        kwargs.update(graph_buckets=buckets, graph_factory=ReplayOnCpu, executor=SimulatedStreams(seed=5))
+        original_init(self, gm, plan, whole, **kwargs)
+        runners.append(self)
+
+    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "__init__", init)
+    return runners
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    # transformers renames `past_key_values` to `cache`; accept either.
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(output):
+    return getattr(output, "cache", None) or output.past_key_values
+
+
+def test_graphs_are_keyed_by_every_shape_and_replays_leave_earlier_outputs_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(6)
+    model = build("llama")
+    runners = _graph_runners(monkeypatch)
+    compiled = _compile(model, 2)
+    results = []
+    for batch, tokens in ((2, 5), (3, 6), (2, 7), (3, 5)):  # two batch sizes in the 8-token bucket
+        ids = torch.randint(0, VOCAB, (batch, tokens))
+        with torch.no_grad():
+            expected = model(ids, use_cache=False).logits
+            got = compiled(ids, use_cache=False).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        results.append((got, expected))
+    for got, expected in results:  # later replays of the same graphs did not overwrite these
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    graphs = [r._graphs for r in runners]
+    assert sum(g.captures for g in graphs) == 2  # one per batch size
+    kept = [obj for g in graphs for c in g._graphs.values() for obj in c.kept_alive]
+    assert any(type(obj).__name__ == "TaskTable" for obj in kept), "cached task tables must live as long as the graph"
+
+
+def test_a_step_returning_a_grown_kv_cache_is_not_captured(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cache after a step holds past + T rows: it has no token dim to cut the padding from.
+    torch.manual_seed(7)
+    model = build("llama")
+    runners = _graph_runners(monkeypatch)
+    compiled = _compile(model, 2)
+    key = _cache_kwarg(model)
+    first, second = torch.randint(0, VOCAB, (1, 6)), torch.randint(0, VOCAB, (1, 3))
+    with torch.no_grad():
+        want1 = model(first, use_cache=True)
+        got1 = compiled(first, use_cache=True)  # prefill: the new cache rows are exactly the tokens
+        want2 = model(second, use_cache=True, **{key: _cache_of(want1)})
+        got2 = compiled(second, use_cache=True, **{key: _cache_of(got1)})
+    for want, got in ((want1, got1), (want2, got2)):
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+        for w_layer, g_layer in zip(_cache_of(want).layers, _cache_of(got).layers):
+            assert g_layer.keys.shape == w_layer.keys.shape
+            torch.testing.assert_close(g_layer.keys, w_layer.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g_layer.values, w_layer.values, rtol=1e-5, atol=1e-5)
+    captures = [r._graphs.captures for r in runners]
+    assert captures[0] == 1 and sum(captures[1:]) == 0, captures

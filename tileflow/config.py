@@ -45,7 +45,8 @@ class Config:
             (`python bench/gemm.py --measure-tiles FILE`); they replace the cost model's
             estimates for the configs, shapes and device they were measured for.
         cuda_graphs: on CUDA, capture each nano-batched step once per token bucket (powers of
-            two from 16 up to `max_tokens`) as a CUDA graph and replay it.
+            two from 16 up to `max_tokens`) and input signature as a CUDA graph and replay it.
+            Off by default until it has run on a GPU.
     """
 
     target: str = "auto"
@@ -59,7 +60,7 @@ class Config:
     passes: tuple[str, ...] = DEFAULT_PASSES
     nano_batches: str | int = 1
     tile_timings: str | None = None
-    cuda_graphs: bool = True
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, TARGETS)

@@ -36,6 +36,7 @@ import ctypes
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -378,11 +379,12 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
     fields = "\n".join(members)
     process = _grouped_process(swiglu) if grouped else _plain_process()
     experts_const = f"\nconstexpr int32_t EXPERTS = {L.experts};" if grouped else ""
+    order = f"{L.experts} experts, tiles dealt slot-major" if grouped else f"grouped order GROUP_M={L.group_m}"
     res_copy = "        const DataCopyExtParams outCopyIn(rows, cols * sizeof(OutT), gmGap, ubGap, 0);\n" if residual else ""
     return f"""{banner(spec, "Ascend C kernel: padded fixed-tile GEMM (SmoothGEMM)")}//
 // out[M, {L.n}] = {gemm_formula(spec)}
 // {spec.dtype} inputs, fp32 accumulation, {spec.out_dtype} output; tile {L.block_m}x{L.block_n}x{L.block_k},
-// grouped order GROUP_M={L.group_m}, epilogue on {L.ub_rows}-row UB slices, queue depth {L.buffer_num}.
+// {order}, epilogue on {L.ub_rows}-row UB slices, queue depth {L.buffer_num}.
 #include "kernel_operator.h"
 #include "lib/matmul_intf.h"
 #include "{ident}_tiling.h"
@@ -632,19 +634,26 @@ def make_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRun, co
             "residual": None if ops.residual is None else ops.residual.to(out_dtype).contiguous(),
             "out": ops.out,
         }
-        size = int(host_call(f"{entry.name}_tiling_size", restype=ctypes.c_uint32))
-        tiling = torch.zeros(size, dtype=torch.uint8)
-        block_dim = ctypes.c_uint32(0)
-        code = host_call(f"{entry.name}_tiling", ctypes.c_uint32(ops.m),
-                         ctypes.c_uint32(num_programs or cores), tiling, ctypes.byref(block_dim))
-        if code != 0:
-            raise ValueError(f"{where}: the host tiling refused M={ops.m} (code {code})")
-        tensors["tiling"] = tiling.to(ops.x.device)
-        run(entry, block_dim.value, [tensors[p] for p in entry.params])
+        _tile_and_run(host_call, run, entry, where, ops.m, tensors, num_programs or cores)
         return ops.out
 
     launch.spec = spec  # type: ignore[attr-defined]
     return launch
+
+
+def _tile_and_run(host_call: HostCall, run: KernelRun, entry: EntryPoint, where: str, m: int,
+                  tensors: dict[str, Any], cores: int, *extra: Any) -> None:
+    """Fill the tiling through the host function (`extra`: the family's arguments after
+    (m, cores)), then launch the kernel over the blocks it chose with `tensors` in GM order."""
+    size = int(host_call(f"{entry.name}_tiling_size", restype=ctypes.c_uint32))
+    tiling = torch.zeros(size, dtype=torch.uint8)
+    block_dim = ctypes.c_uint32(0)
+    code = host_call(f"{entry.name}_tiling", ctypes.c_uint32(m), ctypes.c_uint32(cores), *extra, tiling,
+                     ctypes.byref(block_dim))
+    if code != 0:
+        raise ValueError(f"{where}: the host tiling refused M={m} (code {code})")
+    tensors["tiling"] = tiling.to(tensors["x"].device)
+    run(entry, block_dim.value, [tensors[p] for p in entry.params])
 
 
 def _expert_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -683,16 +692,8 @@ def make_grouped_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: Kerne
         up = None if ops.weight_up is None else _expert_rows(ops.weight_up)
         tensors = {"x": ops.x.contiguous(), "weight": w, "weight_up": up, "offsets": ops.offsets.contiguous(),
                    "out": ops.out}
-        size = int(host_call(f"{entry.name}_tiling_size", restype=ctypes.c_uint32))
-        tiling = torch.zeros(size, dtype=torch.uint8)
-        block_dim = ctypes.c_uint32(0)
-        code = host_call(f"{entry.name}_tiling", ctypes.c_uint32(ops.m), ctypes.c_uint32(num_programs or cores),
-                         ctypes.c_uint64(w.stride(0)), ctypes.c_uint64(0 if up is None else up.stride(0)),
-                         tiling, ctypes.byref(block_dim))
-        if code != 0:
-            raise ValueError(f"{where}: the host tiling refused M={ops.m} (code {code})")
-        tensors["tiling"] = tiling.to(ops.x.device)
-        run(entry, block_dim.value, [tensors[p] for p in entry.params])
+        _tile_and_run(host_call, run, entry, where, ops.m, tensors, num_programs or cores,
+                      ctypes.c_uint64(w.stride(0)), ctypes.c_uint64(0 if up is None else up.stride(0)))
         return ops.out
 
     launch.spec = spec  # type: ignore[attr-defined]

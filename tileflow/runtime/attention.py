@@ -18,6 +18,7 @@ from ..config import current_config
 from ..kernel_spec import KernelSpec, dtype_name, make_params
 from ..targets import resolve_target
 from ..tasks import build_task_table, check_metadata
+from .streams import keep_alive_while_captured, programs_for
 
 # Query positions per tile: small tiles for decode-like batches, larger for prefill. Tile rows
 # are block_q * GQA (heads sharing a KV head are packed into the dot's M dimension).
@@ -33,8 +34,6 @@ def attention_block_q(max_q_len: int, gqa: int) -> int:
 def attention_programs(target: str, device: torch.device) -> int:
     """The persistent grid: one program per SM on a GPU, a few on the CPU — scaled by the SM
     share of the stream launching it when nano-batching partitions the device."""
-    from .streams import programs_for
-
     if device.type == "cuda":
         return programs_for(torch.cuda.get_device_properties(device).multi_processor_count)
     return programs_for(4)
@@ -87,8 +86,10 @@ def run_meta_attention_varlen(
     cu, lens = host_metadata if host_metadata is not None else (tuple(cu_seqlens_q.tolist()), tuple(seqlens_kv.tolist()))
     max_q = max((b - a for a, b in zip(cu, cu[1:])), default=0)
     block_q = attention_block_q(max_q, gqa)
-    table = _task_table(cu, lens, hq, hkv, block_q, attention_programs(target, q.device), sliding_window, causal,
-                        str(q.device))
+    # A cached table is device memory a captured graph would read on every replay: keep it alive
+    # with the graph, whatever the cache evicts later.
+    table = keep_alive_while_captured(_task_table(cu, lens, hq, hkv, block_q, attention_programs(target, q.device),
+                                                  sliding_window, causal, str(q.device)))
     spec = attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=block_q, causal=causal,
                           sliding_window=sliding_window is not None, tree=tree_mask is not None, bias=attn_bias is not None)
     kernel = get_kernel(target, spec)

@@ -138,13 +138,15 @@ class ScheduleState:
         self.dims: dict[str, int | None] = plan.token_dims
         self.whole: dict[str, Any] = {}
         self.pieces: dict[str, dict[tuple[int, int], Any]] = {}
+        self._joined: dict[tuple[str, int | None], Any] = {}  # (split node, stream) -> whole
+        self.stream: int | None = None  # the stream of the op being computed (None: the caller's)
         self.nodes = {n.name: n for n in gm.graph.nodes}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for node, value in zip(placeholders, args):
             self.whole[node.name] = value
 
     def full(self, node: fx.Node) -> Any:
-        """The whole value of `node` (concatenating its pieces the first time)."""
+        """The whole value of `node` (for a split node, its pieces concatenated on first use)."""
         if node.name in self.whole:
             return self.whole[node.name]
         if node.op == "get_attr":
@@ -153,10 +155,13 @@ class ScheduleState:
                 value = getattr(value, part)
             self.whole[node.name] = value
             return value
-        parts = self.pieces[node.name]
-        value = torch.cat([parts[r] for r in sorted(parts)], dim=self.dims[node.name])
-        self.whole[node.name] = value
-        return value
+        # The concatenation runs on the stream of the op that needs it, so it is reused only on that
+        # stream: a consumer on another stream waited for the pieces' producers, not for this cat.
+        key = (node.name, self.stream)
+        if key not in self._joined:
+            parts = self.pieces[node.name]
+            self._joined[key] = torch.cat([parts[r] for r in sorted(parts)], dim=self.dims[node.name])
+        return self._joined[key]
 
     def rows(self, node: fx.Node, lo: int, hi: int) -> Any:
         """Rows [lo, hi) of `node`'s value along its token dim."""
@@ -167,6 +172,13 @@ class ScheduleState:
 
     def run_op(self, op: Any) -> Any:
         """Compute nano-op `op` and store its result; returns it."""
+        self.stream = op.stream
+        try:
+            return self._compute(op)
+        finally:
+            self.stream = None
+
+    def _compute(self, op: Any) -> Any:
         node = self.nodes[op.original]
         lo, hi = op.rows
         dims = self.dims

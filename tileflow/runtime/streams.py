@@ -7,15 +7,17 @@ operations of different nano-batches overlap while every dependency holds. Execu
 
 - `CudaStreams`: one `torch.cuda.Stream` per schedule stream (kept across steps, so a CUDA graph
   can capture them), forked from and joined back to the caller's stream, with an optional SM
-  share per stream: persistent kernels launched on a stream cap their grid to its share
-  (`programs_for`), NanoFlow's way of partitioning the SMs by capping grid sizes;
+  share per stream: persistent kernels launched on a stream (the meta-attention kernel) cap their
+  grid to its share through `programs_for`, NanoFlow's way of partitioning the SMs;
 - `SimulatedStreams`: a CPU stand-in that queues each stream's work and then runs it in a *random*
   interleaving that respects only stream order and events — what a GPU may do. A missing event
-  shows up as a consumer running before its producer (a wrong result or a failed lookup).
+  shows up as a consumer running before its producer (a wrong result or a failed lookup). It
+  models ordering only: not the caching allocator's memory reuse across streams.
 
-`CudaGraphBuckets` captures a whole step once per token bucket and replays it: inputs are copied
-into the bucket's static buffers (the rows past the real token count padded), and outputs are cut
-back to the real count. For causal models padded tail rows cannot influence the real rows.
+`CudaGraphBuckets` captures a whole step once per token bucket and input signature and replays
+it: inputs are copied into static buffers (the rows past the real token count padded), and outputs
+are cut back to the real count. For causal models padded tail rows cannot influence the real
+rows; a step with an output that has no token dim (a KV cache) is not captured.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ..log import get_logger
 
 __all__ = [
     "TOKEN_COUNT",
+    "keep_alive_while_captured",
     "CudaGraphBuckets",
     "CudaStreams",
     "SimulatedStreams",
@@ -241,27 +244,61 @@ class SimulatedStreams:
         return False
 
 
+# Tensors a step in capture reads but does not own (e.g. cached task tables): the capture keeps
+# them alive for as long as its graph, whose replays read their memory.
+_CAPTURE_KEEPALIVE: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "tileflow_capture_keepalive", default=None
+)
+
+
+def keep_alive_while_captured(obj: Any) -> Any:
+    """Return `obj`; when a step is being captured as a graph, also keep `obj` alive with it.
+
+    Whoever hands a captured step device memory from a cache (which may evict it later) calls
+    this, so the graph never replays over freed memory.
+    """
+    held = _CAPTURE_KEEPALIVE.get()
+    if held is not None:
+        held.append(obj)
+    return obj
+
+
+@dataclass
+class _Captured:
+    graph: Any
+    static_inputs: list[Any]
+    static_outputs: Any
+    kept_alive: list[Any]
+
+
 class CudaGraphBuckets:
-    """Run `step` through one captured graph per token bucket.
+    """Run `step` through captured graphs, one per token bucket and input signature.
 
     `input_token_dims[i]` is the token dim of argument i (None: no token dim; `TOKEN_COUNT`: the
     argument *is* the token count, an int, as Dynamo passes a symbolic size); the first tensor
-    with a token dim gives the call's token count T, and `output_token_dims(outputs)` the token dim of
-    each output (a pytree like the outputs; None: not cut). A call uses the smallest bucket
-    B >= T: the bucket's static inputs receive the call's inputs (rows T..B of each token dim
-    filled with `pad_value`), the graph replays, and outputs are cut to T rows. Parameters are
-    referenced, never copied. Calls above the largest bucket, and buckets whose capture failed
-    (the reason is logged once), run `step` directly.
+    with a token dim gives the call's token count T, and `output_token_dims(outputs)` the token
+    dim of each output (a pytree like the outputs; None: none). A call uses the smallest bucket
+    B >= T. A graph is keyed by the bucket *and* everything else that shapes the step: every
+    input's shape with its token dim replaced by B, dtypes, and every other int input, so a new
+    batch size or cache length captures anew instead of replaying a wrong graph. The graph's
+    static inputs receive the call's inputs (rows T..B of each token dim filled with `pad_value`),
+    it replays, and every output is cut to T rows along its token dim and cloned (the static
+    outputs are overwritten by the next replay).
+
+    Padded rows must not reach real ones (true of causal models), and every output must carry the
+    token dim: a step with any other output — e.g. a KV cache of past + T rows, where the padding
+    would stay — is never captured (logged once) and runs directly, as do calls above the largest
+    bucket and steps whose capture fails. Parameters are referenced, never copied.
 
     `graph_factory()` returns an object with `capture(fn) -> outputs` and `replay()`; the default
-    captures a `torch.cuda.CUDAGraph` (CUDA only), every bucket in one memory pool. Tests pass a
+    captures a `torch.cuda.CUDAGraph` (CUDA only), every graph in one memory pool. Tests pass a
     CPU stand-in.
     """
 
     def __init__(
         self,
         step: Callable[..., Any],
-        input_token_dims: Sequence[int | None],
+        input_token_dims: Sequence[int | str | None],
         buckets: Sequence[int],
         output_token_dims: Callable[[Any], Any],
         *,
@@ -279,12 +316,12 @@ class CudaGraphBuckets:
         self.pad_value = pad_value
         self._pool = None
         self.graph_factory = graph_factory or self._cuda_graph
-        self._graphs: dict[int, tuple[Any, list[Any], Any]] = {}
-        self._failed: set[int] = set()
+        self._graphs: dict[tuple, _Captured] = {}
+        self._failed: set[tuple] = set()
         self.captures = 0
 
     def _cuda_graph(self) -> "_CudaGraph":
-        # One memory pool for every bucket's graph: buckets run one at a time.
+        # One memory pool for every graph: steps run one at a time.
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         return _CudaGraph(self._pool)
@@ -298,28 +335,47 @@ class CudaGraphBuckets:
         index = next(i for i, d in enumerate(self.input_token_dims) if isinstance(d, int))
         return int(args[index].shape[self.input_token_dims[index]])
 
+    def signature(self, args: Sequence[Any], bucket: int) -> tuple:
+        """What a graph for these inputs is keyed by (see the class docstring)."""
+        key: list[Any] = [bucket]
+        for value, dim in zip(args, self.input_token_dims):
+            if dim == TOKEN_COUNT:
+                continue
+            if isinstance(value, torch.Tensor):
+                shape = list(value.shape)
+                if isinstance(dim, int):
+                    shape[dim] = bucket
+                key.append((tuple(shape), value.dtype, value.device, isinstance(value, torch.nn.Parameter)))
+            elif isinstance(value, (int, float, bool, str)) or value is None:
+                key.append(value)
+            else:
+                key.append(type(value).__name__)
+        return tuple(key)
+
     def __call__(self, *args: Any) -> Any:
         tokens = self.tokens_of(args)
         bucket = self.bucket_for(tokens)
-        if bucket is None or bucket in self._failed:
+        if bucket is None:
             return self.step(*args)
-        if bucket not in self._graphs:
+        key = self.signature(args, bucket)
+        if key in self._failed:
+            return self.step(*args)
+        captured = self._graphs.get(key)
+        if captured is None:
             try:
-                self._capture(bucket, args, tokens)
+                captured = self._capture(key, bucket, args, tokens)
             except Exception as exc:  # e.g. a host sync inside the step: it cannot be replayed
-                self._failed.add(bucket)
+                self._failed.add(key)
                 log.warning("step not captured for the %d-token bucket (%s: %s); running it uncaptured",
                             bucket, type(exc).__name__, exc)
                 return self.step(*args)
-        graph, static_inputs, static_outputs = self._graphs[bucket]
-        for static, value, dim in zip(static_inputs, args, self.input_token_dims):
-            if not isinstance(static, torch.Tensor) or static is value or dim is TOKEN_COUNT:
-                continue
-            if isinstance(static, torch.nn.Parameter):
-                raise RuntimeError("a captured step was called with other parameters than at capture; recompile the model")
-            self._fill(static, value, dim, tokens)
-        graph.replay()
-        return self._cut(static_outputs, tokens)
+        for static, value, dim in zip(captured.static_inputs, args, self.input_token_dims):
+            if isinstance(static, torch.Tensor) and static is not value and dim != TOKEN_COUNT:
+                if isinstance(static, torch.nn.Parameter):
+                    raise RuntimeError("a captured step was called with other parameters than at capture; recompile the model")
+                self._fill(static, value, dim, tokens)
+        captured.graph.replay()
+        return self._cut(captured.static_outputs, tokens)
 
     def _fill(self, static: torch.Tensor, value: torch.Tensor, dim: int | None, tokens: int) -> None:
         if dim is None:
@@ -328,34 +384,52 @@ class CudaGraphBuckets:
         static.narrow(dim, 0, tokens).copy_(value)
         static.narrow(dim, tokens, static.shape[dim] - tokens).fill_(self.pad_value)
 
-    def _capture(self, bucket: int, args: Sequence[Any], tokens: int) -> None:
+    def _capture(self, key: tuple, bucket: int, args: Sequence[Any], tokens: int) -> _Captured:
         static_inputs: list[Any] = []
         for value, dim in zip(args, self.input_token_dims):
-            if dim is TOKEN_COUNT:
+            if dim == TOKEN_COUNT:
                 static_inputs.append(bucket)  # the graph is captured at the bucket's size
                 continue
             if isinstance(value, torch.nn.Parameter) or not isinstance(value, torch.Tensor):
                 static_inputs.append(value)  # weights and Python values: referenced as they are
                 continue
             shape = list(value.shape)
-            if dim is not None:
+            if isinstance(dim, int):
                 shape[dim] = bucket
             static = torch.empty(shape, dtype=value.dtype, device=value.device)
             self._fill(static, value, dim, tokens)
             static_inputs.append(static)
         graph = self.graph_factory()
-        static_outputs = graph.capture(lambda: self.step(*static_inputs))
-        self._graphs[bucket] = (graph, static_inputs, static_outputs)
+        kept: list[Any] = []
+        token = _CAPTURE_KEEPALIVE.set(kept)
+        try:
+            static_outputs = graph.capture(lambda: self.step(*static_inputs))
+        finally:
+            _CAPTURE_KEEPALIVE.reset(token)
+        outputs, dims = self._flat_outputs(static_outputs)
+        without = [i for i, (o, d) in enumerate(zip(outputs, dims)) if isinstance(o, torch.Tensor) and d is None]
+        if without:
+            raise RuntimeError(
+                f"outputs {without} have no token dim (e.g. a KV cache of past + new rows): padding "
+                "would stay in them, so this step is not captured"
+            )
+        captured = _Captured(graph, static_inputs, static_outputs, kept)
+        self._graphs[key] = captured
         self.captures += 1
+        return captured
+
+    def _flat_outputs(self, outputs: Any) -> tuple[list[Any], list[Any]]:
+        flat = pytree.tree_leaves(outputs, is_leaf=lambda x: x is None)
+        dims = pytree.tree_leaves(self.output_token_dims(outputs), is_leaf=lambda x: x is None)
+        if len(dims) != len(flat):
+            raise RuntimeError(f"output_token_dims gave {len(dims)} dims for {len(flat)} outputs")
+        return flat, dims
 
     def _cut(self, outputs: Any, tokens: int) -> Any:
         flat, spec = pytree.tree_flatten(outputs, is_leaf=lambda x: x is None)
-        flat_dims = pytree.tree_leaves(self.output_token_dims(outputs), is_leaf=lambda x: x is None)
-        if len(flat_dims) != len(flat):
-            raise RuntimeError(f"output_token_dims gave {len(flat_dims)} dims for {len(flat)} outputs")
-        # Cloned: the static outputs are overwritten by the next replay.
-        cut = [o.narrow(d, 0, tokens).clone() if d is not None and isinstance(o, torch.Tensor) else o
-               for o, d in zip(flat, flat_dims)]
+        _, dims = self._flat_outputs(outputs)
+        # Cloned: the static outputs belong to the graph, and the next replay overwrites them.
+        cut = [o.narrow(d, 0, tokens).clone() if isinstance(o, torch.Tensor) else o for o, d in zip(flat, dims)]
         return pytree.tree_unflatten(cut, spec)
 
 

@@ -4,7 +4,7 @@
 //
 // out[M, 40] = silu(x[rows of e] @ W_gate[e]^T) * (x[rows of e] @ W_up[e]^T)
 // float16 inputs, fp32 accumulation, float16 output; tile 16x32x32,
-// grouped order GROUP_M=4, epilogue on 16-row UB slices, queue depth 2.
+// 8 experts, tiles dealt slot-major, epilogue on 16-row UB slices, queue depth 2.
 #include "kernel_operator.h"
 #include "lib/matmul_intf.h"
 #include "tileflow_grouped_gemm_float16_m16n32k32w4s3_experts8_k72_n40_swiglu_60042978_tiling.h"

@@ -26,8 +26,9 @@ class NanoBatchRunner:
 
     Where the nano-ops run: `executor` when given (e.g. `SimulatedStreams` in tests); on CUDA
     inputs, `CudaStreams` (each schedule stream on its own CUDA stream, with events); elsewhere in
-    one topological order. With `graph_buckets` (CUDA only) each step is captured once per token
-    bucket as a CUDA graph and replayed (see `tileflow.runtime.streams.CudaGraphBuckets`).
+    one topological order. With `graph_buckets` (CUDA only; `Config.cuda_graphs`) each step is
+    captured once per token bucket and input signature as a CUDA graph and replayed (see
+    `tileflow.runtime.streams.CudaGraphBuckets`).
     """
 
     def __init__(self, gm: fx.GraphModule, plan: Any, whole: Callable[..., Any], *, check: bool = False,

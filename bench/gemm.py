@@ -121,14 +121,15 @@ def run_gpu(quick: bool, write: bool) -> int:
 
 
 def measure_tiles(path: str) -> int:
-    """Time every candidate tile config on this GPU and write per-tile seconds for
-    `Config(tile_timings=path)`: time at an M giving about four full waves, divided by the waves."""
+    """Time every candidate tile config on this GPU, plain and persistent, and write per-tile
+    seconds for `Config(tile_timings=path)`: time at an M giving about four full waves, divided by
+    the waves. Plans then run a config's persistent variant where it measured faster."""
     import json
     import math
 
     import torch
 
-    from common import graph_median_ms
+    from common import graph_median_ms, rel_err
     from tileflow import runtime
     from tileflow.devices import detect_device
     from tileflow.lower import gemm_spec
@@ -142,12 +143,19 @@ def measure_tiles(path: str) -> int:
             n_tiles = math.ceil(n / tile.block_n)
             m = min(16384, tile.block_m * math.ceil(4 * device.cores / n_tiles))
             waves = math.ceil(math.ceil(m / tile.block_m) * n_tiles / device.cores)
-            kernel = runtime.get_kernel("triton", gemm_spec(dtype=torch.bfloat16, out_dtype=torch.bfloat16, n=n, k=k, tile=tile))
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ms = graph_median_ms([lambda: kernel(x, w)])
-            entries.append({"device": device.name, "dtype": "bfloat16", "n": n, "k": k, "tile": tile.to_dict(),
-                            "tile_seconds": ms / 1e3 / waves, "m": m})
-            print(f"{n}x{k} {tile.name}: {ms:.3f} ms at M={m} ({waves} waves)", flush=True)
+            want = x.double() @ w.double().t()
+            # Both kernel variants of the config: the plan runs the persistent one where it wins.
+            for persistent in (False, True):
+                spec = gemm_spec(dtype=torch.bfloat16, out_dtype=torch.bfloat16, n=n, k=k, tile=tile, persistent=persistent)
+                kernel = runtime.get_kernel("triton", spec)
+                if not rel_err(kernel(x, w), want) < 1e-2:
+                    print(f"FAIL: {spec.name} disagrees with the float64 reference", file=sys.stderr)
+                    return 1
+                ms = graph_median_ms([lambda: kernel(x, w)])
+                entries.append({"device": device.name, "dtype": "bfloat16", "n": n, "k": k, "tile": tile.to_dict(),
+                                "tile_seconds": ms / 1e3 / waves, "m": m, "persistent": persistent})
+                print(f"{n}x{k} {spec.name}: {ms:.3f} ms at M={m} ({waves} waves)", flush=True)
     with open(path, "w") as f:
         json.dump(entries, f, indent=1)
     print(f"wrote {len(entries)} tile timings to {path}")

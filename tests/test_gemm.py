@@ -4,6 +4,8 @@ Triton runs in the CPU interpreter here (conftest sets TRITON_INTERPRET=1 withou
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,3 +165,48 @@ def test_measured_tile_times_replace_the_estimates(tmp_path) -> None:
     (tmp_path / "bad.json").write_text('[{"device": "cpu"}]')
     with pytest.raises(ValueError, match="malformed"):
         runtime.gemm_plan(n, k, torch.float32, "reference", "cpu", m_max=500, tile_timings=str(tmp_path / "bad.json"))
+
+
+def test_measured_persistent_variant_runs_and_takes_its_grid_share(tmp_path, monkeypatch) -> None:
+    import json
+
+    from tileflow.devices import get_device
+    from tileflow.runtime.streams import grid_share
+    from tileflow.tiles import candidate_configs
+
+    n, k = 40, 72
+    candidates = candidate_configs(n, k, "float32", get_device("cpu"))
+    path = tmp_path / "timings.json"
+    # Every persistent variant measured faster than its plain kernel: the plan runs them all.
+    path.write_text(json.dumps(
+        [{"device": "cpu", "dtype": "float32", "n": n, "k": k, "tile": c.to_dict(), "tile_seconds": 1e-3}
+         for c in candidates]
+        + [{"device": "cpu", "dtype": "float32", "n": n, "k": k, "tile": c.to_dict(), "tile_seconds": 5e-4,
+            "persistent": True} for c in candidates]
+    ))
+    plan = runtime.gemm_plan(n, k, torch.float32, "triton", "cpu", m_max=256, tile_timings=str(path))
+    assert all(piece.persistent for piece in plan.pieces)
+    launches: list[dict] = []
+    real_get_kernel = runtime.get_kernel
+
+    def spying_get_kernel(target, spec, artifact_dir=None):
+        kernel = real_get_kernel(target, spec, artifact_dir)
+
+        def launch(*args, **kwargs):
+            launches.append({"persistent": spec.param("persistent"), **kwargs})
+            return kernel(*args, **kwargs)
+
+        return launch
+
+    monkeypatch.setattr(runtime, "get_kernel", spying_get_kernel)
+    x, w = torch.randn(100, k), torch.randn(n, k)
+    want = x.double() @ w.double().t()
+    with tileflow.use_config(tileflow.Config(target="triton", max_tokens=256, tile_timings=str(path))):
+        whole = padded_gemm(x, w)
+        with grid_share(0.5):
+            shared = padded_gemm(x, w)
+    for out in (whole, shared):
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
+    assert [launch["persistent"] for launch in launches] == [True, True]
+    assert "num_programs" not in launches[0]  # the whole device: the kernel's own default
+    assert launches[1]["num_programs"] == max(1, int((os.cpu_count() or 1) * 0.5))

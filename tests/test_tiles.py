@@ -440,3 +440,29 @@ def test_token_range_feeds_plan() -> None:
     assert plan.m_min == 1 and plan.m_max == 4096
     with pytest.raises(ValueError, match="max_tokens"):
         plan.select_tile(4097)
+
+
+@SETTINGS
+@given(problems(), st.data())
+def test_persistent_variant_runs_exactly_where_its_measured_time_wins(p: dict, data: st.DataObject) -> None:
+    default = plan_of(p)
+    configs = default.configs
+    faster = data.draw(st.sampled_from(configs))
+    slower = data.draw(st.sampled_from(configs))
+    base = {c: estimate_tile_seconds(c, p["n"], p["k"], p["dtype"], p["device"]) for c in configs}
+    persistent = {faster: base[faster] * 0.5}
+    if slower != faster:
+        persistent[slower] = base[slower] * 2.0
+    plan = build_tile_plan(p["n"], p["k"], p["dtype"], m_min=p["m_min"], m_max=p["m_max"], device=p["device"],
+                           measured_persistent=persistent)
+    # A faster persistent variant never makes its config lose M it won, and it runs there;
+    # a slower one never runs; with no measured persistent time nothing is persistent.
+    for piece in plan.pieces:
+        assert piece.persistent == (piece.config == faster)
+    for m in {p["m_min"], p["m_max"], (p["m_min"] + p["m_max"]) // 2}:
+        if default.select_tile(m) == faster:
+            assert plan.piece_for(m).config == faster and plan.piece_for(m).persistent
+    assert len(plan.variants) == len(plan.configs)  # one variant per config: at most 6 kernels
+    assert TilePlan.from_dict(plan.to_dict()) == plan
+    assert ("persistent" in plan.describe()) == any(pc.persistent for pc in plan.pieces)
+    assert not any(pc.persistent for pc in default.pieces) and "persistent" not in json.dumps(default.to_dict())

@@ -102,7 +102,8 @@ def grouped_gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpe
 
 
 def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
-    """One spec per config of `plan`, for a `tileflow::padded_gemm` node."""
+    """One spec per kernel of `plan` (config, and its persistent variant where the plan runs it),
+    for a `tileflow::padded_gemm` node."""
     x, weight = node.args[0], node.args[1]
     names = ("bias", "residual", "activation", "out_dtype", "plan", "target", "weight_up", "bias_up")
     kwargs = dict(zip(names, node.args[2:]))
@@ -115,9 +116,9 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
         gemm_spec(
             dtype=xv.dtype, out_dtype=out_dtype, n=int(n), k=int(wv.shape[1]), tile=tile,
             activation=activation, has_bias=kwargs.get("bias") is not None,
-            has_residual=kwargs.get("residual") is not None,
+            has_residual=kwargs.get("residual") is not None, persistent=persistent,
         )
-        for tile in plan.configs
+        for tile, persistent in plan.variants
     ]
 
 

@@ -259,11 +259,13 @@ def estimate_seconds(
 
 @dataclass(frozen=True)
 class PlanPiece:
-    """Token counts `lo..hi` (both inclusive) run with tile config `config`."""
+    """Token counts `lo..hi` (both inclusive) run with tile config `config`, as the persistent
+    kernel variant when `persistent` (chosen only where measured times say it wins)."""
 
     lo: int
     hi: int
     config: TileConfig
+    persistent: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.lo <= self.hi:
@@ -271,12 +273,16 @@ class PlanPiece:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
-        return {"lo": self.lo, "hi": self.hi, "config": self.config.to_dict()}
+        data = {"lo": self.lo, "hi": self.hi, "config": self.config.to_dict()}
+        if self.persistent:
+            data["persistent"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PlanPiece":
         """Inverse of `to_dict`."""
-        return cls(int(data["lo"]), int(data["hi"]), TileConfig.from_dict(dict(data["config"])))
+        return cls(int(data["lo"]), int(data["hi"]), TileConfig.from_dict(dict(data["config"])),
+                   bool(data.get("persistent", False)))
 
 
 @dataclass(frozen=True)
@@ -310,7 +316,8 @@ class TilePlan:
                 raise ValueError(f"plan pieces are not contiguous: {prev.hi} then {nxt.lo}")
         object.__setattr__(self, "_his", tuple(p.hi for p in self.pieces))
 
-    def _piece(self, m: int) -> PlanPiece:
+    def piece_for(self, m: int) -> PlanPiece:
+        """The piece (config and kernel variant) for token count `m`; ValueError outside the range."""
         m = operator.index(m)
         if not self.m_min <= m <= self.m_max:
             raise ValueError(
@@ -326,12 +333,17 @@ class TilePlan:
         Raises ValueError when m is outside [m_min, m_max]; the message says to raise
         `max_tokens`.
         """
-        return self._piece(m).config
+        return self.piece_for(m).config
 
     @property
     def configs(self) -> tuple[TileConfig, ...]:
         """Distinct configs the plan uses, in order of first use (increasing M)."""
         return tuple(dict.fromkeys(p.config for p in self.pieces))
+
+    @property
+    def variants(self) -> tuple[tuple[TileConfig, bool], ...]:
+        """Distinct (config, persistent) kernels the plan uses, in order of first use."""
+        return tuple(dict.fromkeys((p.config, p.persistent) for p in self.pieces))
 
     def padded_rows(self, m: int) -> int:
         """Rows of (virtual) padding in the last M tile when `m` runs with its selected config."""
@@ -365,7 +377,8 @@ class TilePlan:
 
     def describe(self) -> str:
         """One line per piece joined by '; ', e.g. `M 1..16 -> m16n64k64w4s4; M 17..64 -> ...`."""
-        return "; ".join(f"M {p.lo}..{p.hi} -> {p.config.name}" for p in self.pieces)
+        return "; ".join(f"M {p.lo}..{p.hi} -> {p.config.name}" + (" persistent" if p.persistent else "")
+                         for p in self.pieces)
 
 
 @functools.lru_cache(maxsize=256)
@@ -377,27 +390,34 @@ def _build_tile_plan_cached(
     m_max: int,
     device: DeviceInfo,
     measured: tuple[tuple[TileConfig, float], ...],
+    measured_persistent: tuple[tuple[TileConfig, float], ...] = (),
 ) -> TilePlan:
     measured_map = dict(measured)
+    persistent_map = dict(measured_persistent)
     # Descending config order + argmin's first-minimum rule = ties go to the larger block_m
-    # (then larger block_n, block_k, ...): fewer, fuller tiles for the same estimated time.
-    cands = sorted(candidate_configs(n, k, dtype, device), reverse=True)
+    # (then larger block_n, block_k, ...): fewer, fuller tiles for the same estimated time. A
+    # config's persistent variant is a candidate only where it was measured, right after the
+    # plain one, so a tie keeps the plain kernel.
+    configs = sorted(candidate_configs(n, k, dtype, device), reverse=True)
+    cands = [(c, p) for c in configs for p in (False, True) if not p or c in persistent_map]
     # Every block_m is a power of two, so all tile boundaries are multiples of the smallest
     # one, g: ceil(m / bm) and hence every candidate's cost is constant on (j*g, (j+1)*g].
     # Evaluating one M per such segment is exact and g times cheaper than every M.
-    g = functools.reduce(math.gcd, (c.block_m for c in cands))
+    g = functools.reduce(math.gcd, (c.block_m for c in configs))
     j_first = -(-m_min // g)  # first j with j*g + 1 > m_min
     j_last = (m_max - 1) // g
     starts = np.concatenate(
         ([m_min], np.arange(j_first, j_last + 1, dtype=np.int64) * g + 1)
     ).astype(np.int64)
     costs = np.empty((len(cands), len(starts)), dtype=np.float64)
-    for row, config in enumerate(cands):
+    for row, (config, persistent) in enumerate(cands):
         tiles = -(-starts // config.block_m) * (-(-n // config.block_n))
         waves = -(-tiles // device.cores)
         # Same arithmetic as `estimate_seconds` (int waves times float seconds), so the plan
-        # agrees bit for bit with a brute-force evaluation.
-        costs[row] = waves * _tile_seconds(config, n, k, dtype, device, measured_map)
+        # agrees bit for bit with a brute-force evaluation. A persistent grid of one program per
+        # core runs the same waves; only its measured per-tile time differs.
+        seconds = persistent_map[config] if persistent else _tile_seconds(config, n, k, dtype, device, measured_map)
+        costs[row] = waves * seconds
     choice = np.argmin(costs, axis=0)
     # Merge consecutive segments with the same choice into pieces.
     change = np.flatnonzero(choice[1:] != choice[:-1]) + 1
@@ -406,7 +426,8 @@ def _build_tile_plan_cached(
     for a, b in zip(bounds, bounds[1:]):
         lo = int(starts[a])
         hi = int(starts[b]) - 1 if b < len(starts) else m_max
-        pieces.append(PlanPiece(lo, hi, cands[int(choice[a])]))
+        config, persistent = cands[int(choice[a])]
+        pieces.append(PlanPiece(lo, hi, config, persistent))
     return TilePlan(n, k, dtype, device.name, m_min, m_max, tuple(pieces))
 
 
@@ -419,6 +440,7 @@ def build_tile_plan(
     m_max: int,
     device: DeviceInfo,
     measured: MeasuredArg = None,
+    measured_persistent: MeasuredArg = None,
 ) -> TilePlan:
     """The tile plan for an (M x k) @ (k x n) GEMM over every integer M in [m_min, m_max].
 
@@ -426,7 +448,8 @@ def build_tile_plan(
     ties go to the larger block_m (then larger block_n, ...). Adjacent M with the same choice
     are merged into `PlanPiece`s. `measured` (a mapping or (config, seconds) pairs) gives
     measured per-tile times that replace the model for those configs; configs that are not
-    candidates are ignored. The plan is exact for every M (the costs are piecewise constant
+    candidates are ignored. `measured_persistent` gives measured per-tile times of configs'
+    persistent kernel variant: a piece runs persistent only where that time wins. The plan is exact for every M (the costs are piecewise constant
     between multiples of the smallest block_m, evaluated with numpy) and is cached, so
     building it again with equal arguments returns the same object.
     """
@@ -434,7 +457,8 @@ def build_tile_plan(
     if m_min > m_max:
         raise ValueError(f"m_min ({m_min}) must be <= m_max ({m_max})")
     return _build_tile_plan_cached(
-        int(n), int(k), dtype_name(dtype), int(m_min), int(m_max), device, _measured_items(measured)
+        int(n), int(k), dtype_name(dtype), int(m_min), int(m_max), device, _measured_items(measured),
+        _measured_items(measured_persistent),
     )
 
 

@@ -19,7 +19,8 @@ from ..devices import DeviceInfo, detect_device, get_device
 from ..kernel_spec import KernelSpec, TileConfig
 from ..log import get_logger
 from ..targets import CompiledKernel, get_backend, resolve_target
-from ..tiles import TilePlan, build_tile_plan
+from ..tiles import PlanPiece, TilePlan, build_tile_plan
+from .streams import shared_programs
 
 log = get_logger("runtime")
 
@@ -50,21 +51,28 @@ def gemm_plan(
     """The tile plan for a GEMM of width N and depth K over M in [m_min, m_max] on a target.
 
     `tile_timings` names a JSON file of measured per-tile times (see `load_tile_timings`); the
-    entries for this device, dtype, N and K replace the cost model's estimates.
+    entries for this device, dtype, N and K replace the cost model's estimates, and entries of a
+    config's persistent variant let the plan run it persistent where it measured faster.
     """
     from ..kernel_spec import dtype_name
 
     device = device_for_target(target, device_type)
-    measured = None
+    measured = measured_persistent = None
     if tile_timings:
-        measured = load_tile_timings(tile_timings).get((device.name, dtype_name(dtype), int(n), int(k)))
-    return build_tile_plan(n, k, dtype_name(dtype), m_min=m_min, m_max=m_max, device=device, measured=measured)
+        timings = load_tile_timings(tile_timings)
+        key = (device.name, dtype_name(dtype), int(n), int(k))
+        measured, measured_persistent = timings.get((*key, False)), timings.get((*key, True))
+    return build_tile_plan(n, k, dtype_name(dtype), m_min=m_min, m_max=m_max, device=device, measured=measured,
+                           measured_persistent=measured_persistent)
 
 
-def load_tile_timings(path: str) -> dict[tuple[str, str, int, int], tuple[tuple[TileConfig, float], ...]]:
+TimingKey = tuple[str, str, int, int, bool]
+
+
+def load_tile_timings(path: str) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
     """Read measured per-tile times: a JSON list of
-    `{"device", "dtype", "n", "k", "tile": {TileConfig fields}, "tile_seconds"}` entries,
-    grouped by (device, dtype, n, k). Cached per file path and modification time."""
+    `{"device", "dtype", "n", "k", "tile": {TileConfig fields}, "tile_seconds"[, "persistent"]}`
+    entries, grouped by (device, dtype, n, k, persistent). Cached per file path and mtime."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"tile_timings file {path!r} does not exist; write one with `python bench/gemm.py --measure-tiles {path}`")
@@ -72,13 +80,13 @@ def load_tile_timings(path: str) -> dict[tuple[str, str, int, int], tuple[tuple[
 
 
 @functools.lru_cache(maxsize=8)
-def _load_tile_timings(path: str, mtime: int) -> dict[tuple[str, str, int, int], tuple[tuple[TileConfig, float], ...]]:
+def _load_tile_timings(path: str, mtime: int) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
     # `mtime` is only part of the cache key, so an edited file is read again.
     try:
         entries = json.loads(Path(path).read_text())
-        grouped: dict[tuple[str, str, int, int], list[tuple[TileConfig, float]]] = {}
+        grouped: dict[TimingKey, list[tuple[TileConfig, float]]] = {}
         for e in entries:
-            key = (str(e["device"]), str(e["dtype"]), int(e["n"]), int(e["k"]))
+            key = (str(e["device"]), str(e["dtype"]), int(e["n"]), int(e["k"]), bool(e.get("persistent", False)))
             grouped.setdefault(key, []).append((TileConfig.from_dict(e["tile"]), float(e["tile_seconds"])))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"tile_timings file {path!r} is malformed ({type(exc).__name__}: {exc}); expected a JSON list of "
@@ -137,8 +145,8 @@ def compiled_kernels(op: str | None = None) -> list[CompiledKernel]:
 _WARNED_RANGE: set[tuple[int, int, int]] = set()
 
 
-def _select_tile(tile_plan: TilePlan, m: int, op: str) -> TileConfig:
-    """The plan's config for dispatch key `m`; outside the plan's range, the nearest piece's."""
+def _select_piece(tile_plan: TilePlan, m: int, op: str) -> PlanPiece:
+    """The plan's piece for dispatch key `m`; outside the plan's range, the nearest piece."""
     if m > tile_plan.m_max or m < tile_plan.m_min:
         # The plan covers the compile-time range; outside it the nearest piece is still correct.
         key = (tile_plan.n, tile_plan.k, m)
@@ -148,7 +156,7 @@ def _select_tile(tile_plan: TilePlan, m: int, op: str) -> TileConfig:
                 "%s M=%d is outside its plan's range [%d, %d]; using the nearest config "
                 "(raise max_tokens to plan for it)", op, m, tile_plan.m_min, tile_plan.m_max,
             )
-    return tile_plan.select_tile(min(max(m, tile_plan.m_min), tile_plan.m_max))
+    return tile_plan.piece_for(min(max(m, tile_plan.m_min), tile_plan.m_max))
 
 
 def run_padded_gemm(
@@ -181,13 +189,19 @@ def run_padded_gemm(
     )
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype)
-    tile = _select_tile(tile_plan, m, "padded_gemm")
+    piece = _select_piece(tile_plan, m, "padded_gemm")
     spec = gemm_spec(
-        dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, tile=tile, activation=activation,
-        has_bias=bias is not None, has_residual=residual is not None,
+        dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, tile=piece.config, activation=activation,
+        has_bias=bias is not None, has_residual=residual is not None, persistent=piece.persistent,
     )
     kernel = get_kernel(target, spec)
-    return kernel(x, weight, bias, residual, weight_up=weight_up, bias_up=bias_up)
+    kwargs = {}
+    if piece.persistent:
+        # A persistent grid can take a share of the device (nano-batching's SM partition).
+        programs = shared_programs(x.device)
+        if programs is not None:
+            kwargs["num_programs"] = programs
+    return kernel(x, weight, bias, residual, weight_up=weight_up, bias_up=bias_up, **kwargs)
 
 
 def expected_group_rows(m: int, experts: int) -> int:
@@ -252,6 +266,6 @@ def run_grouped_gemm(
     )
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype)
-    tile = _select_tile(tile_plan, expected_group_rows(m, e), "grouped_gemm")
+    tile = _select_piece(tile_plan, expected_group_rows(m, e), "grouped_gemm").config
     spec = grouped_gemm_spec(dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, experts=e, tile=tile, activation=activation)
     return get_kernel(target, spec)(x, weight, offsets)

@@ -7,8 +7,9 @@ operations of different nano-batches overlap while every dependency holds. Execu
 
 - `CudaStreams`: one `torch.cuda.Stream` per schedule stream (kept across steps, so a CUDA graph
   can capture them), forked from and joined back to the caller's stream, with an optional SM
-  share per stream: persistent kernels launched on a stream (the meta-attention kernel) cap their
-  grid to its share through `programs_for`, NanoFlow's way of partitioning the SMs;
+  share per stream: persistent kernels launched on a stream (the meta-attention kernel, GEMMs a
+  plan runs persistent) cap their grid to its share (`programs_for`, `shared_programs`),
+  NanoFlow's way of partitioning the SMs;
 - `SimulatedStreams`: a CPU stand-in that queues each stream's work and then runs it in a *random*
   interleaving that respects only stream order and events — what a GPU may do. A missing event
   shows up as a consumer running before its producer (a wrong result or a failed lookup). It
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +46,7 @@ __all__ = [
     "StreamExecutor",
     "grid_share",
     "programs_for",
+    "shared_programs",
     "run_schedule_on_streams",
 ]
 
@@ -72,6 +75,18 @@ def programs_for(full_grid: int) -> int:
     by the current stream's share, at least 1."""
     share = _GRID_SHARE.get()
     return full_grid if share is None else max(1, int(full_grid * share))
+
+
+def shared_programs(device: torch.device) -> int | None:
+    """The program count of a persistent kernel on `device` under the current stream's SM share,
+    or None when no share applies (the kernel's own default: the whole device)."""
+    if _GRID_SHARE.get() is None:
+        return None
+    if device.type == "cuda":
+        full = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        full = os.cpu_count() or 1  # the Triton interpreter's default grid on the CPU
+    return programs_for(full)
 
 
 class StreamExecutor(Protocol):

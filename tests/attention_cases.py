@@ -159,3 +159,38 @@ def batch_mixes(
 ) -> st.SearchStrategy[list[str]]:
     """Hypothesis strategy: lists of sequence kinds (a batch mix) drawn from ``kinds``."""
     return st.lists(st.sampled_from(kinds), min_size=min_size, max_size=max_size)
+
+
+def exact_batch(lengths: list[tuple[int, int]], *, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                block_size: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+    """Op tensors for sequences with exact (n_s, L_s): shuffled pages, NaN in unowned slots, no
+    tree mask — for the edge cases a test pins down (`make_batch` draws lengths at random)."""
+    gen = torch.Generator().manual_seed(seed)
+    pages = [-(-kv // block_size) for _, kv in lengths]
+    num_blocks = sum(pages) + 1  # one spare, NaN page
+    order = torch.randperm(num_blocks, generator=gen)
+    width = max(pages, default=0) or 1
+    block_table = torch.full((len(lengths), width), int(order[-1]), dtype=torch.int32)
+    owned = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    start = 0
+    for s, ((_, kv), count) in enumerate(zip(lengths, pages)):
+        block_table[s, :count] = order[start:start + count].to(torch.int32)
+        start += count
+        pos = torch.arange(kv)
+        owned[block_table[s, pos // block_size].long(), pos % block_size] = True
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    k_cache[~owned] = float("nan")
+    v_cache[~owned] = float("nan")
+    cu = [0]
+    for n, _ in lengths:
+        cu.append(cu[-1] + n)
+    return {
+        "q": torch.randn(cu[-1], num_q_heads, head_dim, generator=gen).to(dtype).to(device),
+        "k_cache": k_cache.to(dtype).to(device),
+        "v_cache": v_cache.to(dtype).to(device),
+        "block_table": block_table.to(device),
+        "cu_seqlens_q": torch.tensor(cu, dtype=torch.int32, device=device),
+        "seqlens_kv": torch.tensor([kv for _, kv in lengths], dtype=torch.int32, device=device),
+        "tree_mask": None,
+    }

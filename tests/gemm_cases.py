@@ -10,6 +10,27 @@ from tileflow.kernel_spec import KernelSpec
 
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
+# (dtype, epilogue) pairs every GEMM kernel backend is checked on.
+EPILOGUE_CASES = [
+    ("float32", ("bias",)),
+    ("float16", ("bias",)),
+    ("float32", ("silu",)),
+    ("float16", ("silu",)),
+    ("float32", ("gelu",)),
+    ("float16", ("gelu",)),
+    ("float32", ("gelu_tanh",)),
+    ("float16", ("gelu_tanh",)),
+    ("float32", ("swiglu",)),
+    ("float16", ("swiglu",)),
+    ("float32", ("bias", "swiglu")),
+    ("float16", ("bias", "swiglu")),
+    ("float32", ("residual",)),
+    ("float16", ("residual",)),
+    ("float16", ("cast",)),
+    ("float16", ("bias", "gelu", "residual")),
+    ("float16", ("bias", "swiglu", "residual", "cast")),
+]
+
 
 def make_inputs(spec: KernelSpec, device: str, m: int, seed: int) -> dict[str, torch.Tensor | None]:
     """Fresh random x, weight and (when the epilogue wants them) bias and residual."""

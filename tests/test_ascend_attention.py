@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from attention_cases import batch_lengths, batch_mixes, make_batch
+from attention_cases import batch_lengths, batch_mixes, exact_batch, make_batch
 from golden_files import check_golden
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -594,41 +594,6 @@ def test_host_tiling_refuses_bad_launches(kernels: dict[KernelSpec, Any]) -> Non
 # --------------------------------------------------------------------------------------------
 # Batches with exact lengths
 # --------------------------------------------------------------------------------------------
-
-
-def exact_batch(lengths: list[tuple[int, int]], *, num_q_heads: int, num_kv_heads: int,
-                head_dim: int, block_size: int, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
-    """Op tensors for sequences with exact (n_s, L_s): shuffled pages, NaN in unowned slots, no
-    tree mask (for the edge cases a test pins down; `make_batch` draws lengths at random)."""
-    gen = torch.Generator().manual_seed(seed)
-    pages = [-(-kv // block_size) for _, kv in lengths]
-    num_blocks = sum(pages) + 1  # one spare, NaN page
-    order = torch.randperm(num_blocks, generator=gen)
-    width = max(pages, default=0) or 1
-    block_table = torch.full((len(lengths), width), int(order[-1]), dtype=torch.int32)
-    owned = torch.zeros(num_blocks, block_size, dtype=torch.bool)
-    start = 0
-    for s, ((_, kv), count) in enumerate(zip(lengths, pages)):
-        block_table[s, :count] = order[start:start + count].to(torch.int32)
-        start += count
-        pos = torch.arange(kv)
-        owned[block_table[s, pos // block_size].long(), pos % block_size] = True
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
-    k_cache[~owned] = float("nan")
-    v_cache[~owned] = float("nan")
-    cu = [0]
-    for n, _ in lengths:
-        cu.append(cu[-1] + n)
-    return {
-        "q": torch.randn(cu[-1], num_q_heads, head_dim, generator=gen).to(dtype),
-        "k_cache": k_cache.to(dtype),
-        "v_cache": v_cache.to(dtype),
-        "block_table": block_table,
-        "cu_seqlens_q": torch.tensor(cu, dtype=torch.int32),
-        "seqlens_kv": torch.tensor([kv for _, kv in lengths], dtype=torch.int32),
-        "tree_mask": None,
-    }
 
 
 def exact_args(hq: int, hkv: int) -> list[torch.Tensor]:

@@ -186,6 +186,9 @@ def test_measured_persistent_variant_runs_and_takes_its_grid_share(tmp_path, mon
     ))
     plan = runtime.gemm_plan(n, k, torch.float32, "triton", "cpu", m_max=256, tile_timings=str(path))
     assert all(piece.persistent for piece in plan.pieces)
+    # The grouped GEMM has no persistent variant: its plans ignore those timings.
+    grouped = runtime.grouped_gemm_plan(n, k, 4, torch.float32, "triton", "cpu", m_max=256, tile_timings=str(path))
+    assert not any(piece.persistent for piece in grouped.pieces)
     launches: list[dict] = []
     real_get_kernel = runtime.get_kernel
 

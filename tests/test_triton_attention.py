@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="the Triton backend tests need triton installed")
 
-from attention_cases import batch_lengths, batch_mixes, make_batch  # noqa: E402
+from attention_cases import batch_lengths, batch_mixes, exact_batch, make_batch  # noqa: E402
 
 from tileflow.backends.reference.attention import attention_reference_dense  # noqa: E402
 from tileflow.backends.triton.attention import (  # noqa: E402
@@ -94,52 +94,9 @@ def attn_spec(
     )
 
 
-def paged_batch(
-    lengths: list[tuple[int, int]],
-    *,
-    num_q_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    block_size: int,
-    dtype: torch.dtype,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Op tensors for sequences with exact (n_s, L_s): shuffled pages, NaN in unowned slots.
-
-    Independent of `attention_cases.make_batch` (which draws lengths at random), for the edge
-    cases a test wants to pin down exactly.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    pages = [-(-kv // block_size) for _, kv in lengths]
-    num_blocks = sum(pages) + 1  # one spare, NaN page
-    order = torch.randperm(num_blocks, generator=gen)
-    width = max(pages, default=0) or 1
-    block_table = torch.full((len(lengths), width), int(order[-1]), dtype=torch.int32)
-    owned = torch.zeros(num_blocks, block_size, dtype=torch.bool)
-    start = 0
-    for s, ((_, kv), count) in enumerate(zip(lengths, pages)):
-        block_table[s, :count] = order[start:start + count].to(torch.int32)
-        start += count
-        pos = torch.arange(kv)
-        owned[block_table[s, pos // block_size].long(), pos % block_size] = True
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen)
-    v_cache = torch.randn(shape, generator=gen)
-    k_cache[~owned] = float("nan")
-    v_cache[~owned] = float("nan")
-    cu = [0]
-    for n, _ in lengths:
-        cu.append(cu[-1] + n)
-    q = torch.randn(cu[-1], num_q_heads, head_dim, generator=gen)
-    return {
-        "q": q.to(dtype).to(DEVICE),
-        "k_cache": k_cache.to(dtype).to(DEVICE),
-        "v_cache": v_cache.to(dtype).to(DEVICE),
-        "block_table": block_table.to(DEVICE),
-        "cu_seqlens_q": torch.tensor(cu, dtype=torch.int32, device=DEVICE),
-        "seqlens_kv": torch.tensor([kv for _, kv in lengths], dtype=torch.int32, device=DEVICE),
-        "tree_mask": None,
-    }
+def paged_batch(lengths: list[tuple[int, int]], **kwargs: Any) -> dict[str, Any]:
+    """`attention_cases.exact_batch` on this module's device."""
+    return exact_batch(lengths, device=DEVICE, **kwargs)
 
 
 def oracle(

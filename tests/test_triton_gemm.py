@@ -32,7 +32,7 @@ from tileflow.backends.triton.gemm import make_gemm_launcher, render_gemm_source
 from tileflow.kernel_spec import KernelSpec, TileConfig, make_params  # noqa: E402
 from tileflow.targets import triton_interpreter_enabled  # noqa: E402
 
-from gemm_cases import assert_close, make_inputs, poisoned_out, reference  # noqa: E402
+from gemm_cases import EPILOGUE_CASES, assert_close, make_inputs, poisoned_out, reference  # noqa: E402
 
 TILE_A = TileConfig(16, 32, 32)
 TILE_B = TileConfig(32, 32, 16)
@@ -108,25 +108,6 @@ def test_large_m_tail_tile() -> None:
 # Epilogues
 # ------------------------------------------------------------------------------------------
 
-EPILOGUE_CASES = [
-    ("float32", ("bias",)),
-    ("float16", ("bias",)),
-    ("float32", ("silu",)),
-    ("float16", ("silu",)),
-    ("float32", ("gelu",)),
-    ("float16", ("gelu",)),
-    ("float32", ("gelu_tanh",)),
-    ("float16", ("gelu_tanh",)),
-    ("float32", ("swiglu",)),
-    ("float16", ("swiglu",)),
-    ("float32", ("bias", "swiglu")),
-    ("float16", ("bias", "swiglu")),
-    ("float32", ("residual",)),
-    ("float16", ("residual",)),
-    ("float16", ("cast",)),
-    ("float16", ("bias", "gelu", "residual")),
-    ("float16", ("bias", "swiglu", "residual", "cast")),
-]
 
 
 def _case_id(value: object) -> str:

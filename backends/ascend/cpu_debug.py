@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .sources import KernelSources
+from .sources import KernelSources, cache_root
 
 __all__ = ["CpuDebugLibrary", "build_cpu_debug", "compiler_flags"]
 
@@ -37,12 +37,6 @@ _CXX_FLAGS: tuple[str, ...] = (
 def compiler_flags() -> tuple[str, ...]:
     """The g++ flags of a CPU-debug build (warnings are errors: emitted code must be clean)."""
     return _CXX_FLAGS
-
-
-def _cache_dir() -> Path:
-    env = os.environ.get("TILEFLOW_CACHE_DIR")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "tileflow"
-    return root / "ascend_cpu"
 
 
 def _header_digest(include_dirs: Sequence[Path]) -> str:
@@ -109,13 +103,11 @@ def build_cpu_debug(
     for inc in include_dirs:
         if not (inc / "kernel_operator.h").exists() and not any(inc.rglob("kernel_operator.h")):
             raise RuntimeError(f"{inc} holds no kernel_operator.h: pass the Ascend C CPU headers' folder")
-    key = hashlib.sha256()
-    for path, text in sorted(sources.files.items()):
-        key.update(path.encode() + b"\0" + text.encode())
+    key = hashlib.sha256(sources.digest().encode())
     key.update(_header_digest(include_dirs).encode())
     key.update(" ".join((cxx, *_CXX_FLAGS)).encode())
     digest = key.hexdigest()[:16]
-    root = (build_dir or _cache_dir()) / f"{sources.ident}-{digest}"
+    root = (build_dir or cache_root() / "cpu") / f"{sources.ident}-{digest}"
     lib_path = root / f"lib{sources.ident}.so"
     if not lib_path.exists():
         for rel, text in sources.files.items():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from .sources import TORCH_NAMESPACE, EntryPoint, KernelSources
+from .sources import TORCH_NAMESPACE, EntryPoint, KernelSources, cache_root
 
 __all__ = ["LIBRARY", "build_npu_kernel", "render_cmake", "write_project"]
 
@@ -166,8 +165,8 @@ def build_npu_kernel(
     """
     from tileflow.devices import detect_device
 
-    root = (artifact_dir or Path(os.environ.get("TILEFLOW_CACHE_DIR", Path.home() / ".cache" / "tileflow"))
-            / "ascend") / f"{sources.ident}"
+    # Keyed by the sources' content, so a changed emitter never reuses a stale build.
+    root = (artifact_dir or cache_root() / "npu") / f"{sources.ident}-{sources.digest()}"
     lib_path = root / "build" / f"lib{LIBRARY}.so"
     if not lib_path.exists():
         write_project([sources], root)

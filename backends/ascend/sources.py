@@ -19,9 +19,12 @@ kernel and host files with g++ against a CPU implementation of the Ascend C head
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +38,7 @@ __all__ = [
     "KernelRun",
     "KernelSources",
     "banner",
+    "cache_root",
     "cpp_type",
     "cpu_runner",
     "kernel_ident",
@@ -48,6 +52,12 @@ __all__ = [
 CPP_TYPES: dict[str, str] = {"float16": "half", "bfloat16": "bfloat16_t", "float32": "float"}
 # Namespace of the PyTorch operators the emitted bindings register.
 TORCH_NAMESPACE = "tileflow_ascend"
+
+
+def cache_root() -> Path:
+    """Where Ascend builds are cached: `$TILEFLOW_CACHE_DIR/ascend`, else `~/.cache/tileflow/ascend`."""
+    env = os.environ.get("TILEFLOW_CACHE_DIR")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "tileflow") / "ascend"
 
 
 def cpp_type(dtype: str) -> str:
@@ -123,6 +133,13 @@ class KernelSources:
     def tiling_header(self) -> str:
         """Project-relative path of the tiling struct header."""
         return f"op_host/{self.ident}_tiling.h"
+
+    def digest(self) -> str:
+        """Content hash of every file: a build of these sources is reused only for these sources."""
+        h = hashlib.sha256()
+        for path, text in sorted(self.files.items()):
+            h.update(path.encode() + b"\0" + text.encode() + b"\0")
+        return h.hexdigest()[:16]
 
     def combined(self) -> str:
         """All files as one text (for reports and the visualizer), each under its path."""

@@ -47,12 +47,14 @@ def gemm_plan(
     m_min: int = 1,
     m_max: int,
     tile_timings: str | None = None,
+    persistent_variants: bool = True,
 ) -> TilePlan:
     """The tile plan for a GEMM of width N and depth K over M in [m_min, m_max] on a target.
 
     `tile_timings` names a JSON file of measured per-tile times (see `load_tile_timings`); the
     entries for this device, dtype, N and K replace the cost model's estimates, and entries of a
-    config's persistent variant let the plan run it persistent where it measured faster.
+    config's persistent variant let the plan run it persistent where it measured faster (unless
+    `persistent_variants` is False: for kernels that have no persistent variant).
     """
     from ..kernel_spec import dtype_name
 
@@ -61,7 +63,8 @@ def gemm_plan(
     if tile_timings:
         timings = load_tile_timings(tile_timings)
         key = (device.name, dtype_name(dtype), int(n), int(k))
-        measured, measured_persistent = timings.get((*key, False)), timings.get((*key, True))
+        measured = timings.get((*key, False))
+        measured_persistent = timings.get((*key, True)) if persistent_variants else None
     return build_tile_plan(n, k, dtype_name(dtype), m_min=m_min, m_max=m_max, device=device, measured=measured,
                            measured_persistent=measured_persistent)
 
@@ -235,7 +238,7 @@ def grouped_gemm_plan(
     """
     return gemm_plan(
         n, k, dtype, target, device_type, m_min=expected_group_rows(m_min, experts),
-        m_max=expected_group_rows(m_max, experts), tile_timings=tile_timings,
+        m_max=expected_group_rows(m_max, experts), tile_timings=tile_timings, persistent_variants=False,
     )
 
 

@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from .streams import TOKEN_COUNT, CudaGraphBuckets, CudaStreams, run_schedule_on_streams
+
 aten = torch.ops.aten
 # Ops whose shape argument (args[1]) holds the token dim's size: rewritten per nano-batch.
 _SHAPED = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}
@@ -41,8 +43,6 @@ class NanoBatchRunner:
         self._graphs = None
         self._graphs_anywhere = graph_factory is not None  # a CPU stand-in for CUDA graphs (tests)
         if graph_buckets:
-            from .streams import CudaGraphBuckets
-
             inputs = _input_token_dims(gm, plan)
             self._graphs = CudaGraphBuckets(self._run, inputs, graph_buckets, self._output_token_dims,
                                             graph_factory=graph_factory)
@@ -66,8 +66,6 @@ class NanoBatchRunner:
             return self.executor
         if device.type == "cuda":
             if self._cuda_streams is None:
-                from .streams import CudaStreams
-
                 self._cuda_streams = CudaStreams(device)
             return self._cuda_streams
         return None
@@ -89,8 +87,6 @@ class NanoBatchRunner:
         executor = self._executor_for(args[index].device)
         if executor is None:
             return run_schedule(self.gm, self.plan, schedule, args, order)
-        from .streams import run_schedule_on_streams
-
         return run_schedule_on_streams(ScheduleState(self.gm, self.plan, args), schedule, executor, order,
                                        self.plan.shares(tokens))
 
@@ -98,8 +94,6 @@ class NanoBatchRunner:
 def _input_token_dims(gm: fx.GraphModule, plan: Any) -> list[Any]:
     """Per graph input: its token dim, `TOKEN_COUNT` for the token count itself (Dynamo passes
     symbolic sizes as int inputs), or None."""
-    from .streams import TOKEN_COUNT
-
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index, dim = plan.token_input
     token = placeholders[index].meta["val"].shape[dim]

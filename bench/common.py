@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import platform
 import shlex
 import sys
@@ -89,6 +90,8 @@ def environment() -> dict[str, str]:
     """Device, date, versions and the exact command, for the results header."""
     info = {
         "date": datetime.date.today().isoformat(),
+        # The device machine gets a copy of the tree without .git: the caller names the commit.
+        "commit": os.environ.get("BENCH_COMMIT") or _git_commit(),
         "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -107,6 +110,19 @@ def environment() -> dict[str, str]:
     return info
 
 
+def _git_commit() -> str:
+    """The checkout's short commit hash (with `+dirty` for local changes), or `unknown`."""
+    import subprocess
+
+    try:
+        root = Path(__file__).resolve().parent
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -115,10 +131,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def write_results(name: str, title: str, env: dict[str, str], body: str) -> Path:
-    """Write a results file `bench/results/<name>-<device>-<date>.md` and return its path."""
+    """Write a results file `bench/results/<name>-<device>-<date>-<commit>.md` and return its path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     device = env["device"].split(" (")[0].replace(" ", "_")
-    path = RESULTS / f"{name}-{device}-{env['date']}.md"
+    path = RESULTS / f"{name}-{device}-{env['date']}-{env['commit']}.md"
     header = "\n".join(f"- {k}: `{v}`" for k, v in env.items())
     path.write_text(f"# {title}\n\n{header}\n\n{body}\n")
     return path

@@ -220,17 +220,19 @@ class GemmPadding:
                 result.fallback(node, reason)
                 continue
             chain = self._match(node)
-            plan = self._plan(node, ctx, plans)
+            plan = self._plan(node, ctx, plans, weight_tiles=2 if chain.activation == "swiglu" else 1)
             kinds = self._fused_kinds(chain)
             self._replace(graph, chain, plan, ctx, kinds)
             result.count("padded_gemm")
             for kind in kinds:
                 result.count(kind)
-        entries = [{"op": "padded_gemm", **plan.to_dict(), "describe": plan.describe()} for plan in plans.values()]
+        # A fused SwiGLU's plan is its own (stages sized for two weight tiles), so it is marked.
+        entries = [{"op": "padded_gemm", **plan.to_dict(), "describe": plan.describe(),
+                    **({"fused_swiglu": True} if key[-1] == 2 else {})} for key, plan in plans.items()]
         entries += [
             {"op": "grouped_gemm", "experts": e, **plan.to_dict(),
-             "describe": _describe_grouped(plan, e)}
-            for e, plan in grouped_plans.values()
+             "describe": _describe_grouped(plan, e), **({"fused_swiglu": True} if key[-1] == 2 else {})}
+            for key, (e, plan) in grouped_plans.items()
         ]
         for entry in entries:
             if entry not in ctx.report.plans:
@@ -323,14 +325,15 @@ class GemmPadding:
             _walk_views(chain)
 
     # -- planning and rewriting ----------------------------------------------------------------
-    def _plan(self, node: fx.Node, ctx: PassContext, plans: dict[tuple, TilePlan]) -> TilePlan:
+    def _plan(self, node: fx.Node, ctx: PassContext, plans: dict[tuple, TilePlan], *, weight_tiles: int) -> TilePlan:
         xv, wv = _val(node.args[0]), _val(node.args[1])
         lo, hi = self._m_range(xv.shape[0], ctx)
         n, k = int(wv.shape[0]), int(wv.shape[1])
-        key = (n, k, xv.dtype, lo, hi)
+        key = (n, k, xv.dtype, lo, hi, weight_tiles)
         if key not in plans:
             plans[key] = gemm_plan(
-                n, k, xv.dtype, ctx.target, ctx.device_type, m_min=lo, m_max=hi, tile_timings=ctx.config.tile_timings
+                n, k, xv.dtype, ctx.target, ctx.device_type, m_min=lo, m_max=hi, tile_timings=ctx.config.tile_timings,
+                weight_tiles=weight_tiles,
             )
         return plans[key]
 
@@ -390,10 +393,12 @@ class GemmPadding:
         tail = _swiglu_tail(node, rows // 2) if rows % 2 == 0 else None
         activation, n = ("swiglu", rows // 2) if tail is not None else ("none", rows)
         lo, hi = self._m_range(xv.shape[0], ctx)
-        key = (n, k, e, xv.dtype, lo, hi)
+        weight_tiles = 2 if activation == "swiglu" else 1
+        key = (n, k, e, xv.dtype, lo, hi, weight_tiles)
         if key not in plans:
             plans[key] = (e, grouped_gemm_plan(
-                n, k, e, xv.dtype, ctx.target, ctx.device_type, m_min=lo, m_max=hi, tile_timings=ctx.config.tile_timings
+                n, k, e, xv.dtype, ctx.target, ctx.device_type, m_min=lo, m_max=hi, tile_timings=ctx.config.tile_timings,
+                weight_tiles=weight_tiles,
             ))
         plan = plans[key][1]
         tip = tail if tail is not None else node

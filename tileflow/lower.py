@@ -122,9 +122,9 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     ]
 
 
-def attention_specs_for_node(node: fx.Node) -> list[KernelSpec]:
-    """The meta-attention kernels a dense `tileflow::meta_attention` node can use: the tile
-    height depends on the query length of each call, so both the decode-sized and the
+def attention_specs_for_node(node: fx.Node, target: str) -> list[KernelSpec]:
+    """The meta-attention kernels a dense `tileflow::meta_attention` node can use on `target`: the
+    tile height depends on the query length of each call, so both the decode-sized and the
     prefill-sized variants are built ahead."""
     from .runtime.attention import attention_block_q, attention_spec
 
@@ -132,10 +132,10 @@ def attention_specs_for_node(node: fx.Node) -> list[KernelSpec]:
     mask, causal = node.args[3], bool(node.args[4])
     hq, hkv, d = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
     gqa = hq // hkv
-    block_qs = sorted({attention_block_q(1, gqa), attention_block_q(1 << 20, gqa)})
+    block_qs = sorted({attention_block_q(1, gqa, target), attention_block_q(1 << 20, gqa, target)})
     return [
         attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=bq, causal=causal,
-                       sliding_window=False, tree=False, bias=mask is not None)
+                       sliding_window=False, tree=False, bias=mask is not None, target=target)
         for bq in block_qs
     ]
 
@@ -163,7 +163,7 @@ def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str, *, emit_only:
                 continue  # as above: a call the user wrote
             node_specs = grouped_gemm_specs_for_node(node, decode_plan(plan_text))
         elif node.op == "call_function" and node.target is torch.ops.tileflow.meta_attention.default:
-            node_specs = attention_specs_for_node(node)
+            node_specs = attention_specs_for_node(node, target)
         if node_specs:
             # Which kernels serve this node: the visualizer links nodes to kernel sources by it.
             node.meta.setdefault("tileflow", {})["kernels"] = [spec.name for spec in node_specs]

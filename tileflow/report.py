@@ -216,7 +216,9 @@ def format_report(report: Report) -> str:
         if g.plans:
             out.append("tile plans (M range -> tile config):")
             for plan in g.plans:
-                out.append(f"  {plan.get('op', '')} N={plan.get('n')} K={plan.get('k')} {plan.get('dtype')}: {plan.get('describe', '')}")
+                swiglu = " (fused SwiGLU)" if plan.get("fused_swiglu") else ""
+                out.append(f"  {plan.get('op', '')}{swiglu} N={plan.get('n')} K={plan.get('k')} {plan.get('dtype')}: "
+                           f"{plan.get('describe', '')}")
         if g.kernels:
             out.append("kernels:")
             out.append(_table(["name", "target", "source"], [[k.name, k.target, k.source_path or "-"] for k in g.kernels]))

@@ -44,19 +44,21 @@ MAX_CONFIGS = 6
 # `tile_efficiency`).
 _TILE_OVERHEAD = 16
 
-# (block_m, block_n) shapes per device kind and element size, before fitting to N and K.
-# GPUs: 16-row tiles for decode-sized M up to 128x128 (or 128x256 for wide N) for prefill;
-# float32 (TF32) uses narrower tiles (BLOCK_N 64) because each element costs twice the shared
-# memory. Within a table the 16-row tile's BLOCK_N is the same as, or at most 4x narrower than,
-# any other's, and its per-tile time is correspondingly smaller, so for M <= 16 it always wins.
-_GPU_SHAPES: dict[int, tuple[tuple[int, int], ...]] = {
-    2: ((16, 64), (32, 64), (64, 128), (128, 128)),
-    4: ((16, 64), (32, 64), (64, 64), (128, 64)),
-    8: ((16, 32), (32, 32), (64, 32), (128, 32)),
+# (block_m, block_n, block_k) shapes per device kind and element size, before fitting to N and K.
+# GPUs: 16-row tiles for decode-sized M up to 128x128 (or 128x256 for wide N) for prefill.
+# Small-M GEMMs stream the weight and little else, so their tiles are narrow (more programs to
+# spread the weight over the SMs: 16x64 tiles left half of an H200 idle at N=4096) and deep in K
+# (more bytes in flight per program). float32 (TF32) tiles are narrower because each element
+# costs twice the shared memory. The 16-row tile has the least work per tile, so for M <= 16 it
+# wins under the cost model.
+_GPU_SHAPES: dict[int, tuple[tuple[int, int, int], ...]] = {
+    2: ((16, 32, 128), (32, 64, 128), (64, 128, 64), (128, 128, 64)),
+    4: ((16, 32, 64), (32, 64, 32), (64, 64, 32), (128, 64, 32)),
+    8: ((16, 32, 16), (32, 32, 16), (64, 32, 16), (128, 32, 16)),
 }
-_GPU_BLOCK_K: dict[int, int] = {2: 64, 4: 32, 8: 16}
 # The 128x256 half-precision tile only pays off when N is wide enough to fill the cores.
 _GPU_WIDE_MIN_N = 2048
+_GPU_WIDE_SHAPE = (128, 256, 64)
 # Ascend cube: L0A/L0B are 64 KiB and L0C (fp32 accumulator) 128 KiB per AI core on 910B; a
 # bm x 128 tile with bk = 64 (fp16) keeps A, B and a double-buffered accumulator resident.
 _NPU_BLOCK_M: tuple[int, ...] = (16, 32, 64, 128)
@@ -97,16 +99,31 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value}")
 
 
-def _gpu_config(bm: int, bn: int, bk: int, nbytes: int, smem_kib: int) -> TileConfig:
+# The system reserves 1 KiB of each SM's shared memory per block (Ampere and Hopper tuning
+# guides): a block can opt in to at most `smem_kib_per_core` - 1 KiB.
+_SMEM_RESERVED_BYTES = 1024
+
+
+def stages_that_fit(bm: int, bn: int, bk: int, nbytes: int, smem_kib: int, *, weight_tiles: int = 1) -> int:
+    """Pipeline stages (at most 4, at least 1) whose buffers fit a block's shared memory.
+
+    One stage buffers an x tile (bm x bk) and `weight_tiles` weight tiles (bk x bn each: two for
+    a fused SwiGLU, which streams the gate and up weights together).
+    """
+    per_stage = (bm + weight_tiles * bn) * bk * nbytes
+    return max(1, min(_MAX_STAGES, (smem_kib * 1024 - _SMEM_RESERVED_BYTES) // per_stage))
+
+
+def _gpu_config(bm: int, bn: int, bk: int, nbytes: int, smem_kib: int, weight_tiles: int = 1) -> TileConfig:
     """A GPU/CPU tile with as many pipeline stages as shared memory holds (2..4).
 
-    One stage buffers an A tile (bm x bk) and a B tile (bk x bn): (bm + bn) * bk * bytes. If even
-    two stages do not fit, BLOCK_K is halved (down to 16) rather than losing double buffering.
+    One stage buffers an A tile (bm x bk) and `weight_tiles` B tiles (bk x bn each):
+    (bm + weight_tiles * bn) * bk * bytes. If even two stages do not fit, BLOCK_K is halved (down
+    to 16) rather than losing double buffering.
     """
-    smem = smem_kib * 1024
-    while bk > _MIN_BLOCK and smem // ((bm + bn) * bk * nbytes) < 2:
+    while bk > _MIN_BLOCK and stages_that_fit(bm, bn, bk, nbytes, smem_kib, weight_tiles=weight_tiles) < 2:
         bk //= 2
-    stages = max(1, min(_MAX_STAGES, smem // ((bm + bn) * bk * nbytes)))
+    stages = stages_that_fit(bm, bn, bk, nbytes, smem_kib, weight_tiles=weight_tiles)
     # Big tiles need more warps to keep enough MMA work in flight per warp.
     warps = 8 if bm * bn >= 128 * 256 else 4
     return TileConfig(bm, bn, bk, num_warps=warps, num_stages=stages)
@@ -114,18 +131,19 @@ def _gpu_config(bm: int, bn: int, bk: int, nbytes: int, smem_kib: int) -> TileCo
 
 @functools.lru_cache(maxsize=1024)
 def _candidate_configs_cached(
-    n: int, k: int, dtype: str, device: DeviceInfo
+    n: int, k: int, dtype: str, device: DeviceInfo, weight_tiles: int = 1
 ) -> tuple[TileConfig, ...]:
     nbytes = _element_bytes(dtype)
     device.peak_flops(dtype)  # fail early, naming the known dtypes, if the device lacks a rate
     configs: list[TileConfig] = []
     if device.kind == "gpu":
         shapes = list(_GPU_SHAPES[nbytes])
-        if nbytes == 2 and n >= _GPU_WIDE_MIN_N:
-            shapes.append((128, 256))
-        bk = _fit(_GPU_BLOCK_K[nbytes], k)
-        for bm, bn in shapes:
-            configs.append(_gpu_config(bm, _fit(bn, n), bk, nbytes, device.smem_kib_per_core))
+        # A fused SwiGLU keeps two fp32 accumulators: at 128x256 they alone outgrow the register
+        # file (ptxas spills even with 16 warps), so it gets no wide tile.
+        if nbytes == 2 and n >= _GPU_WIDE_MIN_N and weight_tiles == 1:
+            shapes.append(_GPU_WIDE_SHAPE)
+        for bm, bn, bk in shapes:
+            configs.append(_gpu_config(bm, _fit(bn, n), _fit(bk, k), nbytes, device.smem_kib_per_core, weight_tiles))
     elif device.kind == "npu":
         bk = _fit(_NPU_BLOCK_K[nbytes], k)
         bn = _fit(_NPU_BLOCK_N, n)
@@ -136,14 +154,16 @@ def _candidate_configs_cached(
         bn = _fit(_CPU_BLOCK_NK, n)
         bk = _fit(_CPU_BLOCK_NK, k)
         for bm in _CPU_BLOCK_M:
-            configs.append(_gpu_config(bm, bn, bk, nbytes, device.smem_kib_per_core))
+            configs.append(_gpu_config(bm, bn, bk, nbytes, device.smem_kib_per_core, weight_tiles))
     # Fitting to a small N or K can make two shapes identical; keep the first of each.
     unique = tuple(dict.fromkeys(configs))
     assert len(unique) <= MAX_CONFIGS, unique
     return unique
 
 
-def candidate_configs(n: int, k: int, dtype: Any, device: DeviceInfo) -> tuple[TileConfig, ...]:
+def candidate_configs(
+    n: int, k: int, dtype: Any, device: DeviceInfo, *, weight_tiles: int = 1
+) -> tuple[TileConfig, ...]:
     """The fixed, small set (at most 6) of tile configs a plan for an (M x K) @ (K x N) GEMM
     chooses from on `device`, in increasing block_m.
 
@@ -153,10 +173,14 @@ def candidate_configs(n: int, k: int, dtype: Any, device: DeviceInfo) -> tuple[T
     NPUs (Ascend): BLOCK_M in {16, 32, 64, 128} x 128 x 64, which fits the cube's L0 buffers.
     CPU: BLOCK_M in {16, 32, 64} x 32 x 32 so the Triton interpreter stays fast.
     BLOCK_N and BLOCK_K shrink to N and K (rounded up to a power of two, at least 16).
+    `weight_tiles=2` is for a fused SwiGLU, whose kernel streams the gate and up weights together:
+    its stages are sized for two weight tiles and it gets no 128x256 tile.
     The result depends only on the arguments (deterministic) and is cached.
     """
     _check_positive(n=n, k=k)
-    return _candidate_configs_cached(int(n), int(k), dtype_name(dtype), device)
+    if weight_tiles not in (1, 2):
+        raise ValueError(f"weight_tiles must be 1 or 2 (2 for a fused SwiGLU), got {weight_tiles!r}")
+    return _candidate_configs_cached(int(n), int(k), dtype_name(dtype), device, weight_tiles)
 
 
 def tile_efficiency(config: TileConfig) -> float:
@@ -188,13 +212,17 @@ def estimate_tile_seconds(
     accepted so every cost function takes the same problem description.
     """
     del n  # a tile costs the same whatever the total N (see docstring)
-    name = dtype_name(dtype)
-    nbytes = _element_bytes(name)
-    peak_per_core = device.peak_flops(name) / device.cores
+    return max(_tile_roofline(config, k, dtype_name(dtype), device))
+
+
+def _tile_roofline(config: TileConfig, k: int, dtype: str, device: DeviceInfo) -> tuple[float, float]:
+    """(compute, memory) seconds of one tile on one core (see `estimate_tile_seconds`)."""
+    nbytes = _element_bytes(dtype)
+    peak_per_core = device.peak_flops(dtype) / device.cores
     bw_per_core = device.mem_bw_bytes / device.cores
     compute = 2.0 * config.block_m * config.block_n * k / (peak_per_core * tile_efficiency(config))
     memory = (config.block_m + config.block_n) * k * nbytes / bw_per_core
-    return max(compute, memory)
+    return compute, memory
 
 
 def _measured_items(measured: MeasuredArg) -> tuple[tuple[TileConfig, float], ...]:
@@ -215,20 +243,6 @@ def _measured_items(measured: MeasuredArg) -> tuple[tuple[TileConfig, float], ..
     return tuple(sorted(out.items()))
 
 
-def _tile_seconds(
-    config: TileConfig,
-    n: int,
-    k: int,
-    dtype: str,
-    device: DeviceInfo,
-    measured: Mapping[TileConfig, float],
-) -> float:
-    """Measured per-tile time when there is one, else the model's estimate."""
-    if config in measured:
-        return measured[config]
-    return estimate_tile_seconds(config, n, k, dtype, device)
-
-
 def estimate_seconds(
     m: int,
     n: int,
@@ -240,21 +254,30 @@ def estimate_seconds(
 ) -> float:
     """Estimated time of an (m x k) @ (k x n) GEMM run with one fixed tile `config`.
 
-    tiles = ceil(m / bm) * ceil(n / bn); the cores run them in waves = ceil(tiles / cores), and
-    cost = waves * per-tile time. The per-tile time is `measured[config]` when `measured` (a
-    mapping, or an iterable of (config, seconds) pairs) has it, else `estimate_tile_seconds`.
-    Rows padded in the last M tile cost full time through ceil(m / bm); a partly filled last
-    wave costs a full wave.
+    tiles = ceil(m / bm) * ceil(n / bn); the cores run them in waves = ceil(tiles / cores). With
+    a measured per-tile time (`measured`, a mapping or an iterable of (config, seconds) pairs),
+    cost = waves * that time. Otherwise the two roofline terms of `estimate_tile_seconds` scale
+    differently: compute costs waves * per-tile compute (a partly filled last wave costs a full
+    wave), memory costs max(1, tiles / cores) * per-tile memory (resident tiles share the
+    device's bandwidth, so a partly filled wave leaves none of it idle), and cost is the larger.
+    Rows padded in the last M tile cost full time through ceil(m / bm).
     """
     m = operator.index(m)
     if m < 0:
         raise ValueError(f"m must be >= 0, got {m}")
     _check_positive(n=n, k=k)
     tiles = -(-m // config.block_m) * -(-n // config.block_n)
+    if tiles == 0:
+        return 0.0
     waves = -(-tiles // device.cores)
     measured_map = dict(_measured_items(measured))
-    seconds = _tile_seconds(config, n, k, dtype_name(dtype), device, measured_map)
-    return waves * seconds
+    if config in measured_map:
+        return waves * measured_map[config]
+    compute, memory = _tile_roofline(config, k, dtype_name(dtype), device)
+    # Compute is bound to the core running the tile: a partly filled last wave costs a full
+    # wave. Bandwidth is not: tiles resident beside each other share the whole memory system,
+    # so memory time grows with the tile count itself once every core has a tile.
+    return max(waves * compute, max(1.0, tiles / device.cores) * memory)
 
 
 @dataclass(frozen=True)
@@ -391,6 +414,7 @@ def _build_tile_plan_cached(
     device: DeviceInfo,
     measured: tuple[tuple[TileConfig, float], ...],
     measured_persistent: tuple[tuple[TileConfig, float], ...] = (),
+    weight_tiles: int = 1,
 ) -> TilePlan:
     measured_map = dict(measured)
     persistent_map = dict(measured_persistent)
@@ -398,7 +422,7 @@ def _build_tile_plan_cached(
     # (then larger block_n, block_k, ...): fewer, fuller tiles for the same estimated time. A
     # config's persistent variant is a candidate only where it was measured, right after the
     # plain one, so a tie keeps the plain kernel.
-    configs = sorted(candidate_configs(n, k, dtype, device), reverse=True)
+    configs = sorted(candidate_configs(n, k, dtype, device, weight_tiles=weight_tiles), reverse=True)
     cands = [(c, p) for c in configs for p in (False, True) if not p or c in persistent_map]
     # Every block_m is a power of two, so all tile boundaries are multiples of the smallest
     # one, g: ceil(m / bm) and hence every candidate's cost is constant on (j*g, (j+1)*g].
@@ -413,11 +437,14 @@ def _build_tile_plan_cached(
     for row, (config, persistent) in enumerate(cands):
         tiles = -(-starts // config.block_m) * (-(-n // config.block_n))
         waves = -(-tiles // device.cores)
-        # Same arithmetic as `estimate_seconds` (int waves times float seconds), so the plan
-        # agrees bit for bit with a brute-force evaluation. A persistent grid of one program per
-        # core runs the same waves; only its measured per-tile time differs.
-        seconds = persistent_map[config] if persistent else _tile_seconds(config, n, k, dtype, device, measured_map)
-        costs[row] = waves * seconds
+        # Same arithmetic as `estimate_seconds`, so the plan agrees bit for bit with a
+        # brute-force evaluation. A persistent grid of one program per core runs the same
+        # waves; only its measured per-tile time differs.
+        if persistent or config in measured_map:
+            costs[row] = waves * (persistent_map[config] if persistent else measured_map[config])
+        else:
+            compute, memory = _tile_roofline(config, k, dtype, device)
+            costs[row] = np.maximum(waves * compute, np.maximum(1.0, tiles / device.cores) * memory)
     choice = np.argmin(costs, axis=0)
     # Merge consecutive segments with the same choice into pieces.
     change = np.flatnonzero(choice[1:] != choice[:-1]) + 1
@@ -441,6 +468,7 @@ def build_tile_plan(
     device: DeviceInfo,
     measured: MeasuredArg = None,
     measured_persistent: MeasuredArg = None,
+    weight_tiles: int = 1,
 ) -> TilePlan:
     """The tile plan for an (M x k) @ (k x n) GEMM over every integer M in [m_min, m_max].
 
@@ -451,14 +479,15 @@ def build_tile_plan(
     candidates are ignored. `measured_persistent` gives measured per-tile times of configs'
     persistent kernel variant: a piece runs persistent only where that time wins. The plan is exact for every M (the costs are piecewise constant
     between multiples of the smallest block_m, evaluated with numpy) and is cached, so
-    building it again with equal arguments returns the same object.
+    building it again with equal arguments returns the same object. `weight_tiles=2` plans a
+    fused SwiGLU (see `candidate_configs`).
     """
     _check_positive(n=n, k=k, m_min=m_min, m_max=m_max)
     if m_min > m_max:
         raise ValueError(f"m_min ({m_min}) must be <= m_max ({m_max})")
     return _build_tile_plan_cached(
         int(n), int(k), dtype_name(dtype), int(m_min), int(m_max), device, _measured_items(measured),
-        _measured_items(measured_persistent),
+        _measured_items(measured_persistent), weight_tiles,
     )
 
 

@@ -65,8 +65,13 @@ _TASK_COLS = TASK_COLS
 _MERGE_COLS = MERGE_COLS
 # Defaults when the spec carries no TileConfig.
 _DEFAULT_BLOCK_KV = 32
-_DEFAULT_NUM_WARPS = 4
-_DEFAULT_NUM_STAGES = 2
+_DEFAULT_NUM_STAGES = 3
+
+
+def _default_num_warps(block_m: int) -> int:
+    """Warps for a tile of `block_m` rows: 8 for 128-row prefill tiles (their fp32 accumulator
+    and scores would not fit 4 warps' registers), else 4."""
+    return 8 if block_m >= 128 else 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,18 +125,19 @@ def attention_config(spec: KernelSpec) -> AttentionConfig:
             f"(tl.dot needs every dimension >= {_MIN_BLOCK})"
         )
     tile = spec.tile
+    block_m = max(_MIN_BLOCK, _next_pow2(p.block_q * p.gqa))
     return AttentionConfig(
         head_dim=p.head_dim,
         head_dim_pad=max(_MIN_BLOCK, _next_pow2(p.head_dim)),
         gqa=p.gqa,
         block_q=p.block_q,
-        block_m=max(_MIN_BLOCK, _next_pow2(p.block_q * p.gqa)),
+        block_m=block_m,
         block_kv=p.block_kv,
         causal=p.causal,
         sliding_window=p.sliding_window,
         tree=p.tree,
         bias=p.bias,
-        num_warps=tile.num_warps if tile is not None else _DEFAULT_NUM_WARPS,
+        num_warps=tile.num_warps if tile is not None else _default_num_warps(block_m),
         num_stages=tile.num_stages if tile is not None else _DEFAULT_NUM_STAGES,
     )
 

@@ -39,6 +39,7 @@ __all__ = [
     "kernel_identifier",
     "render_gemm_source",
     "make_gemm_launcher",
+    "launch_warps",
 ]
 
 # Input/output dtypes the kernel supports; float64 is left to the reference backend because
@@ -363,6 +364,14 @@ num_pid_in_group = GROUP_M * num_pid_n"""
 # --------------------------------------------------------------------------------------------
 
 _SM_COUNT: dict[int, int] = {}
+def launch_warps(spec: KernelSpec) -> int:
+    """The warps to launch `spec` with: the tile's, doubled for a fused SwiGLU of 128x128 or more,
+    whose two fp32 accumulators would otherwise spill registers (ptxas for sm_90: 800 bytes per
+    thread at 128x128 with 4 warps, none with 8)."""
+    tile = spec.tile
+    if "swiglu" in spec.epilogue and tile.block_m * tile.block_n >= 128 * 128:
+        return 2 * tile.num_warps
+    return tile.num_warps
 
 
 def _default_num_programs(device: torch.device) -> int:
@@ -463,7 +472,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
             BLOCK_N=tile.block_n,
             BLOCK_K=tile.block_k,
             GROUP_M=tile.group_m,
-            num_warps=tile.num_warps,
+            num_warps=launch_warps(spec),
             num_stages=tile.num_stages,
         )
         return out

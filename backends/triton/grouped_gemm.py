@@ -31,7 +31,7 @@ from tileflow.gemm_operands import grouped_gemm_operands
 from tileflow.kernel_spec import KernelSpec, check_gemm_spec, gemm_formula, grouped_gemm_dims
 
 from .build import kernel_identifier
-from .gemm import _MIN_BLOCK, SUPPORTED_DTYPES, _cdiv, _helpers, _tile_compute
+from .gemm import _MIN_BLOCK, SUPPORTED_DTYPES, _cdiv, _helpers, _tile_compute, launch_warps
 
 __all__ = ["render_grouped_gemm_source", "make_grouped_gemm_launcher"]
 
@@ -179,7 +179,7 @@ def make_grouped_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[...
         grid = (_cdiv(m, tile.block_m) + e, _cdiv(n, tile.block_n))
         kernel_fn[grid](
             *args, N=n, K=k, E=e, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
+            num_warps=launch_warps(spec), num_stages=tile.num_stages,
         )
         return ops.out
 

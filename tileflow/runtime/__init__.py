@@ -48,6 +48,7 @@ def gemm_plan(
     m_max: int,
     tile_timings: str | None = None,
     persistent_variants: bool = True,
+    weight_tiles: int = 1,
 ) -> TilePlan:
     """The tile plan for a GEMM of width N and depth K over M in [m_min, m_max] on a target.
 
@@ -55,6 +56,7 @@ def gemm_plan(
     entries for this device, dtype, N and K replace the cost model's estimates, and entries of a
     config's persistent variant let the plan run it persistent where it measured faster (unless
     `persistent_variants` is False: for kernels that have no persistent variant).
+    `weight_tiles=2` plans a fused SwiGLU (two weight tiles per stage, no 128x256 tile).
     """
     from ..kernel_spec import dtype_name
 
@@ -66,7 +68,7 @@ def gemm_plan(
         measured = timings.get((*key, False))
         measured_persistent = timings.get((*key, True)) if persistent_variants else None
     return build_tile_plan(n, k, dtype_name(dtype), m_min=m_min, m_max=m_max, device=device, measured=measured,
-                           measured_persistent=measured_persistent)
+                           measured_persistent=measured_persistent, weight_tiles=weight_tiles)
 
 
 TimingKey = tuple[str, str, int, int, bool]
@@ -188,7 +190,8 @@ def run_padded_gemm(
     k = weight.shape[1]
     m = x.shape[0]
     tile_plan = decode_plan(plan) if plan else gemm_plan(
-        n, k, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings
+        n, k, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
+        weight_tiles=2 if activation == "swiglu" else 1,
     )
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype)
@@ -228,6 +231,7 @@ def grouped_gemm_plan(
     m_min: int = 1,
     m_max: int,
     tile_timings: str | None = None,
+    weight_tiles: int = 1,
 ) -> TilePlan:
     """The tile plan of a grouped GEMM whose total row count M lies in [m_min, m_max].
 
@@ -239,6 +243,7 @@ def grouped_gemm_plan(
     return gemm_plan(
         n, k, dtype, target, device_type, m_min=expected_group_rows(m_min, experts),
         m_max=expected_group_rows(m_max, experts), tile_timings=tile_timings, persistent_variants=False,
+        weight_tiles=weight_tiles,
     )
 
 
@@ -265,7 +270,8 @@ def run_grouped_gemm(
     n = rows // 2 if activation == "swiglu" else rows
     m = x.shape[0]
     tile_plan = decode_plan(plan) if plan else grouped_gemm_plan(
-        n, k, e, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings
+        n, k, e, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
+        weight_tiles=2 if activation == "swiglu" else 1,
     )
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype)

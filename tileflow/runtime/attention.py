@@ -20,34 +20,50 @@ from ..targets import resolve_target
 from ..tasks import build_task_table, check_metadata
 from .streams import keep_alive_while_captured, programs_for
 
-# Query positions per tile: small tiles for decode-like batches, larger for prefill. Tile rows
-# are block_q * GQA (heads sharing a KV head are packed into the dot's M dimension).
-_DECODE_ROWS, _PREFILL_ROWS = 16, 64
+# Tile rows (block_q * GQA: heads sharing a KV head are packed into the dot's M dimension):
+# small for decode-like batches, larger for prefill. GPUs take 128-row prefill tiles, the
+# flash-attention shape; an Ascend core's 192 KiB unified buffer holds 64-row ones.
+_DECODE_ROWS = 16
+_PREFILL_ROWS = {"triton": 128}
+_DEFAULT_PREFILL_ROWS = 64
+# Programs per SM on a GPU: one resident program per SM left most of an H200's bandwidth idle
+# on decode (23% of the copy rate at 32k context); several per SM keep more loads in flight.
+_PROGRAMS_PER_SM = 4
 
 
-def attention_block_q(max_q_len: int, gqa: int) -> int:
-    """Query positions per tile for a batch whose longest query run is `max_q_len`."""
-    rows = _PREFILL_ROWS if max_q_len > _DECODE_ROWS // max(gqa, 1) else _DECODE_ROWS
+def attention_block_q(max_q_len: int, gqa: int, target: str = "") -> int:
+    """Query positions per tile on `target` for a batch whose longest query run is `max_q_len`."""
+    prefill = _PREFILL_ROWS.get(target, _DEFAULT_PREFILL_ROWS)
+    rows = prefill if max_q_len > _DECODE_ROWS // max(gqa, 1) else _DECODE_ROWS
     return max(1, rows // gqa)
 
 
+def attention_block_kv(head_dim: int, target: str = "") -> int:
+    """KV positions per step on `target`: 64 on GPUs up to head_dim 128 (a 16 KiB bf16 K tile per
+    stage), 32 for wider heads and on targets with smaller on-chip buffers."""
+    if target == "triton":
+        return 64 if head_dim <= 128 else 32
+    return 32 if head_dim > 64 else 64
+
+
 def attention_programs(target: str, device: torch.device) -> int:
-    """The persistent grid: one program per SM on a GPU, a few on the CPU — scaled by the SM
+    """The persistent grid: a few programs per SM on a GPU, a few on the CPU — scaled by the SM
     share of the stream launching it when nano-batching partitions the device."""
     if device.type == "cuda":
-        return programs_for(torch.cuda.get_device_properties(device).multi_processor_count)
+        return programs_for(torch.cuda.get_device_properties(device).multi_processor_count * _PROGRAMS_PER_SM)
     return programs_for(4)
 
 
 def attention_spec(
-    *, dtype: torch.dtype, head_dim: int, gqa: int, block_q: int, causal: bool, sliding_window: bool, tree: bool, bias: bool
+    *, dtype: torch.dtype, head_dim: int, gqa: int, block_q: int, causal: bool, sliding_window: bool, tree: bool, bias: bool,
+    target: str = "",
 ) -> KernelSpec:
-    """The KernelSpec of one meta-attention kernel."""
+    """The KernelSpec of one meta-attention kernel (its KV step sized for `target`)."""
     return KernelSpec(
         op="meta_attention",
         dtype=dtype_name(dtype),
         out_dtype=dtype_name(dtype),
-        params=make_params(head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=32 if head_dim > 64 else 64,
+        params=make_params(head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=attention_block_kv(head_dim, target),
                            causal=causal, sliding_window=sliding_window, tree=tree, bias=bias),
     )
 
@@ -85,13 +101,14 @@ def run_meta_attention_varlen(
     gqa = hq // hkv
     cu, lens = host_metadata if host_metadata is not None else (tuple(cu_seqlens_q.tolist()), tuple(seqlens_kv.tolist()))
     max_q = max((b - a for a, b in zip(cu, cu[1:])), default=0)
-    block_q = attention_block_q(max_q, gqa)
+    block_q = attention_block_q(max_q, gqa, target)
     # A cached table is device memory a captured graph would read on every replay: keep it alive
     # with the graph, whatever the cache evicts later.
     table = keep_alive_while_captured(_task_table(cu, lens, hq, hkv, block_q, attention_programs(target, q.device),
                                                   sliding_window, causal, str(q.device)))
     spec = attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=block_q, causal=causal,
-                          sliding_window=sliding_window is not None, tree=tree_mask is not None, bias=attn_bias is not None)
+                          sliding_window=sliding_window is not None, tree=tree_mask is not None, bias=attn_bias is not None,
+                          target=target)
     kernel = get_kernel(target, spec)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     kwargs = {}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One GPU session in one command: install tileflow into the machine's Python, then run the
+# stages named on the command line, each under its own time limit, logging to $OUT/<stage>.log;
+# measured tables (bench/results/*.md) and tile timings are packed into $OUT/results.tar.gz.
+#
+#   BENCH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_session.sh tests:80 gemm:90 attention:150 e2e:100
+#
+# Stages: gemm, gemm-quick, attention, e2e, tiles (bench/gemm.py --measure-tiles), tests (the
+# kernel and GPU runtime tests, compiled Triton). A stage that fails or runs out of time does
+# not stop the next one.
+set -u
+OUT=${OUT:-/tmp/tileflow-gpu-session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TILEFLOW_CACHE_DIR=/tmp/tileflow-cache
+PY=${PYTHON:-python3}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
+  $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  # Offline editable install (the machine has setuptools; it has no package index).
+  $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . || {
+    echo "editable install failed: falling back to links in the working copy"
+    ln -sfn ../backends tileflow/backends && ln -sfn ../passes tileflow/passes
+    export PYTHONPATH=$PWD
+  }
+  $PY -c "import tileflow.backends.triton, tileflow.passes; print('tileflow imports')"
+} >"$OUT/env.log" 2>&1
+cat "$OUT/env.log"
+
+run_stage() {
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "=== $name (limit ${limit}s)"
+  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  echo "=== $name: exit $rc after $(( $(date +%s) - start ))s"
+  grep -E "^FAILED|FAIL:|Error:" "$OUT/$name.log" | cut -c1-240 | head -n 14
+  grep -vE "^FAILED|FAIL:|Error:|Warning|warn" "$OUT/$name.log" | tail -n 16
+}
+
+for item in "$@"; do
+  name=${item%%:*}
+  limit=${item##*:}
+  case $name in
+    gemm) run_stage gemm "$limit" $PY bench/gemm.py ;;
+    gemm-quick) run_stage gemm-quick "$limit" $PY bench/gemm.py --quick ;;
+    attention) run_stage attention "$limit" $PY bench/attention.py ;;
+    e2e) run_stage e2e "$limit" $PY bench/e2e.py --layers 2 --tokens 256,1024,4096 ;;
+    tiles) run_stage tiles "$limit" $PY bench/gemm.py --measure-tiles bench/results/tile_timings-h200.json ;;
+    # Per-test timeout and an early stop, so the run ends (and prints its summary of failures)
+    # inside the stage's limit.
+    tests) run_stage tests "$limit" $PY -m pytest -q -rf --tb=short -p no:cacheprovider -n 16 --maxfail=12 \
+             --timeout=45 tests/test_gpu.py tests/test_triton_gemm.py tests/test_triton_attention.py \
+             tests/test_grouped_gemm.py ;;
+    *) echo "unknown stage $name" ;;
+  esac
+done
+
+tar czf "$OUT/results.tar.gz" bench/results 2>/dev/null
+ls -la "$OUT"

@@ -1,0 +1,279 @@
+"""Pytest plugin: compile every Triton kernel the tests launch for a Hopper GPU, without one.
+
+Under `TRITON_INTERPRET=1` the tests run Triton kernels in the CPU interpreter, which accepts
+code the GPU compiler rejects (block shapes `tl.dot` cannot take, dtype mixes, too much shared
+memory). With this plugin loaded, each interpreted launch is also compiled ahead of time for
+sm_90 (`triton.compile` with an explicit `GPUTarget`, which needs Triton's bundled `ptxas` but no
+GPU), once per distinct signature; compile failures are collected and fail the session.
+
+    TRITON_INTERPRET=1 python -m pytest -p tools.sm90_compile_check tests/test_triton_gemm.py
+
+`SM90_REPORT=path` also writes one line per compiled kernel (name, signature, shared
+memory, registers, spills) to `path`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+_TORCH_TO_TRITON = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
+    torch.uint8: "u8", torch.bool: "i1",
+}
+
+_LAUNCHES: dict[tuple, dict[str, Any]] = {}
+# The most shared memory one block may opt in to on Hopper (228 KiB per SM less 1 KiB reserved):
+# a kernel that compiles with more fails at launch.
+_MAX_SHARED_BYTES = 227 * 1024
+
+
+def _arg_type(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TORCH_TO_TRITON[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for argument {value!r}")
+
+
+def _record_launch(interpreted: Any, args: tuple, kwargs: dict) -> None:
+    """Remember the kernel, its argument types and constexprs (once per distinct signature)."""
+    import inspect
+
+    fn = interpreted.fn
+    path = sys.modules[fn.__module__].__file__
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas") if k in kwargs}
+    params = inspect.signature(fn).parameters
+    bound = dict(zip(params, args))
+    bound.update(kwargs)
+    # Specialize as a real launch does: ints equal to 1 become constants, and pointers and ints
+    # divisible by 16 get the divisibility hint the pipeliner and vectorizer need.
+    not_specialized = set(getattr(interpreted, "kwargs", {}).get("do_not_specialize") or ())
+    signature: dict[str, str] = {}
+    constexprs: dict[str, Any] = {}
+    divisible: list[int] = []
+    for index, (name, param) in enumerate(params.items()):
+        value = bound.get(name, param.default)
+        constexpr = "constexpr" in str(param.annotation)
+        specializable = name not in not_specialized and index not in not_specialized
+        if constexpr or value is None or (specializable and type(value) is int and value == 1):
+            signature[name] = "constexpr"
+            constexprs[name] = value
+            continue
+        signature[name] = _arg_type(value)
+        if specializable and (
+            (isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0)
+            or (type(value) is int and value % 16 == 0)
+        ):
+            divisible.append(index)
+    key = (path, fn.__name__, repr(signature), repr(constexprs), repr(sorted(options.items())),
+           tuple(divisible))
+    _LAUNCHES.setdefault(key, {"path": path, "name": fn.__name__, "signature": signature,
+                               "constexprs": constexprs, "options": options,
+                               "divisible": divisible})
+
+
+# Runs in a fresh interpreter: with TRITON_INTERPRET=1 set at import, Triton's own standard
+# library (tl.cdiv, tl.sigmoid, ...) is made of interpreted functions the compiler cannot read.
+_COMPILE_SCRIPT = r'''
+import importlib.util, json, sys, traceback
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def ptxas_usage(compiled):
+    """Registers and spill bytes of the kernel, from Triton's bundled ptxas in verbose mode."""
+    import os, re, subprocess, tempfile
+    from triton.backends.nvidia.compiler import get_ptxas
+    try:
+        ptxas = get_ptxas(90)
+    except TypeError:  # older Triton: no arch argument
+        ptxas = get_ptxas()
+    ptxas = getattr(ptxas, "path", ptxas)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
+        fh.write(compiled.asm["ptx"])
+    try:
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", fh.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    finally:
+        os.unlink(fh.name)
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores", out)
+    return {"regs": int(regs.group(1)) if regs else None, "spills": int(spills.group(1)) if spills else None}
+
+
+launches = json.load(open(sys.argv[1]))
+modules, results = {}, []
+for i, launch in enumerate(launches):
+    path = launch["path"]
+    if path not in modules:
+        spec = importlib.util.spec_from_file_location(f"_sm90_{len(modules)}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        modules[path] = module
+    fn = getattr(modules[path], launch["name"])
+    try:
+        attrs = {(i,): [["tt.divisibility", 16]] for i in launch["divisible"]}
+        compiled = triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"], attrs),
+                                  target=GPUTarget("cuda", 90, 32), options=launch["options"])
+        results.append({"ok": True, "shared": compiled.metadata.shared, **ptxas_usage(compiled)})
+    except Exception:
+        results.append({"ok": False, "error": traceback.format_exc(limit=2)[-3000:]})
+json.dump(results, open(sys.argv[2], "w"))
+'''
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Wrap the interpreter's launch so every launch is compiled for sm_90 first."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise pytest.UsageError("tools.sm90_compile_check needs TRITON_INTERPRET=1")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+
+    def run(self: Any, *args: Any, grid: Any, warmup: Any, **kwargs: Any) -> Any:
+        _record_launch(self, args, dict(kwargs))
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = run
+
+
+def _compile_all() -> list[str]:
+    """Compile every recorded launch for sm_90 in a subprocess; returns one line per kernel."""
+    import json
+    import subprocess
+    import tempfile
+
+    launches = list(_LAUNCHES.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "launches.json"), os.path.join(tmp, "results.json")
+        with open(src, "w", encoding="utf-8") as fh:
+            json.dump(launches, fh)
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, src, dst], env=env, check=True)
+        with open(dst, encoding="utf-8") as fh:
+            results = json.load(fh)
+    lines = []
+    for launch, result in zip(launches, results):
+        if result["ok"] and result["shared"] > _MAX_SHARED_BYTES:
+            result = {"ok": False, "error": f"needs {result['shared']} bytes of shared memory; "
+                                            f"a Hopper block can have {_MAX_SHARED_BYTES}"}
+        consts = {k: v for k, v in launch["constexprs"].items() if v is not None}
+        head = f"{launch['name']} {launch['options']} {consts}"
+        if result["ok"]:
+            lines.append(f"ok {head} shared={result['shared']} regs={result['regs']} spills={result['spills']}")
+        else:
+            lines.append(f"FAILED {head} ({launch['path']}):\n{result['error']}")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Compile what the tests launched; print the count and every failure; fail on any."""
+    lines = _compile_all() if _LAUNCHES else []
+    failures = [line for line in lines if line.startswith("FAILED")]
+    terminalreporter.write_sep("=", f"sm_90 compile check: {len(lines)} kernels, {len(failures)} failed")
+    for failure in failures:
+        terminalreporter.write_line(failure)
+    report = os.environ.get("SM90_REPORT")
+    if report:
+        with open(report, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+    if failures:
+        config._sm90_failed = True  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A kernel that does not compile for the GPU fails the run."""
+    if getattr(config, "_sm90_failed", False):
+        os._exit(1)
+
+
+def _record_only() -> None:
+    """Make interpreted launches only record their signature (no execution): for compiling
+    kernels at real model sizes, which the interpreter would take minutes to run."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def run(self: Any, *args: Any, grid: Any, warmup: Any, **kwargs: Any) -> None:
+        _record_launch(self, args, dict(kwargs))
+
+    InterpretedFunction.run = run
+
+
+def _launch_benchmark_kernels() -> None:
+    """Launch (record-only) the kernels bench/gemm.py, bench/attention.py and the grouped GEMM
+    run on an H200: the tile configs its device entry offers, bf16, real Llama/Mixtral sizes."""
+    import math
+
+    from tileflow import runtime
+    from tileflow.devices import get_device
+    from tileflow.lower import gemm_spec, grouped_gemm_spec
+    from tileflow.runtime.attention import run_meta_attention_varlen
+    from tileflow.tiles import candidate_configs
+
+    bf16 = torch.bfloat16
+    device = get_device("H200")
+    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+        x, w = torch.randn(3, k, dtype=bf16), torch.randn(n, k, dtype=bf16)
+        for tile in candidate_configs(n, k, "bfloat16", device):
+            for persistent in (False, True):
+                spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile, persistent=persistent)
+                runtime.get_kernel("triton", spec)(x, w)
+    # Llama-3-8B's fused SwiGLU MLP (gate and up weights separate, as the pass fuses them).
+    x = torch.randn(3, 4096, dtype=bf16)
+    gate, up = torch.randn(14336, 4096, dtype=bf16), torch.randn(14336, 4096, dtype=bf16)
+    for tile in candidate_configs(14336, 4096, "bfloat16", device, weight_tiles=2):
+        spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=14336, k=4096, tile=tile, activation="swiglu")
+        runtime.get_kernel("triton", spec)(x, gate, weight_up=up)
+    # Mixtral-like experts: 8 experts, SwiGLU gate/up (N = 2 x 14336) and down.
+    for n, k, activation in [(14336, 4096, "swiglu"), (4096, 14336, "none")]:
+        rows = 2 * n if activation == "swiglu" else n
+        for tile in candidate_configs(n, k, "bfloat16", device, weight_tiles=2 if activation == "swiglu" else 1):
+            spec = grouped_gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, experts=8, tile=tile,
+                                     activation=activation)
+            kernel = runtime.get_kernel("triton", spec)
+            kernel(torch.randn(5, k, dtype=bf16), torch.randn(8, rows, k, dtype=bf16),
+                   torch.tensor([0, 2, 2, 3, 5, 5, 5, 5], dtype=torch.int32))
+    page, hq, d = 16, 32, 128
+    for q_lens, kv_lens, hkv in [([1] * 4, [40] * 4, 4), ([64, 5, 1], [64, 80, 33], 4),
+                                 ([1] * 4, [40] * 4, 8), ([64, 5, 1], [64, 80, 33], 8)]:
+        pages = [math.ceil(n / page) for n in kv_lens]
+        table = torch.zeros(len(kv_lens), max(pages), dtype=torch.int32)
+        start = 0
+        for s, count in enumerate(pages):
+            table[s, :count] = torch.arange(start, start + count, dtype=torch.int32)
+            start += count
+        cu = torch.tensor([0] + [sum(q_lens[:i + 1]) for i in range(len(q_lens))], dtype=torch.int32)
+        run_meta_attention_varlen(
+            torch.randn(sum(q_lens), hq, d, dtype=bf16), torch.randn(start, page, hkv, d, dtype=bf16),
+            torch.randn(start, page, hkv, d, dtype=bf16), table, cu,
+            torch.tensor(kv_lens, dtype=torch.int32), target="triton")
+
+
+def main() -> int:
+    """`TRITON_INTERPRET=1 python -m tools.sm90_compile_check`: compile the benchmarks' kernels
+    at their real sizes for sm_90 and print shared memory per kernel; exit 1 on any failure."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("run with TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    _record_only()
+    _launch_benchmark_kernels()
+    lines = _compile_all()
+    print("\n".join(lines))
+    failed = sum(line.startswith("FAILED") for line in lines)
+    print(f"sm_90 compile check: {len(lines)} kernels, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

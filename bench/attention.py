@@ -222,7 +222,6 @@ def run_gpu(quick: bool, write: bool) -> int:
         else:
             row += ["FAIL", "FAIL"]
         row += [f"{times[n] / t:.2f}x" if t and times[n] else "FAIL" for n in times if n != "tileflow"]
-        del batch, want
         rows.append((list(times), row))
         print(" | ".join(str(c) for c in row), flush=True)
 

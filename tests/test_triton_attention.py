@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import os
 
-# The interpreter must be chosen before triton is first imported (`@triton.jit` reads it when a
-# kernel module is imported); tests/conftest.py sets it too, this keeps the file runnable alone.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton
+
+# Without a GPU the kernels run in the interpreter, which must be chosen before triton is first
+# imported (`@triton.jit` reads it when a kernel module is imported); tests/conftest.py does the
+# same, this keeps the file runnable alone. With a GPU they run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math
 import re
@@ -24,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 

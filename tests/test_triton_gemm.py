@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 
-# The interpreter must be chosen before triton is first imported (`@triton.jit` reads it when a
-# kernel module is imported); tests/conftest.py sets it too, this keeps the file runnable alone.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton
+
+# Without a GPU the kernels run in the interpreter, which must be chosen before triton is first
+# imported (`@triton.jit` reads it when a kernel module is imported); tests/conftest.py does the
+# same, this keeps the file runnable alone. With a GPU they run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import re
 import subprocess
@@ -20,7 +24,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

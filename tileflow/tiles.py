@@ -49,8 +49,8 @@ _TILE_OVERHEAD = 16
 # Small-M GEMMs stream the weight and little else, so their tiles are narrow (more programs to
 # spread the weight over the SMs: 16x64 tiles left half of an H200 idle at N=4096) and deep in K
 # (more bytes in flight per program). float32 (TF32) tiles are narrower because each element
-# costs twice the shared memory. The 16-row tile has the least work per tile, so for M <= 16 it
-# wins under the cost model.
+# costs twice the shared memory. For M <= 16 the 16-row tile never costs more than another
+# under the cost model (see tests/test_tiles.py); ties go to the larger tile.
 _GPU_SHAPES: dict[int, tuple[tuple[int, int, int], ...]] = {
     2: ((16, 32, 128), (32, 64, 128), (64, 128, 64), (128, 128, 64)),
     4: ((16, 32, 64), (32, 64, 32), (64, 64, 32), (128, 64, 32)),
@@ -167,9 +167,10 @@ def candidate_configs(
     """The fixed, small set (at most 6) of tile configs a plan for an (M x K) @ (K x N) GEMM
     chooses from on `device`, in increasing block_m.
 
-    GPUs: BLOCK_M in {16, 32, 64, 128}; half precision uses BLOCK_K 64 and BLOCK_N 64..128
-    (plus a 128x256 tile when N >= 2048), float32 narrower tiles with BLOCK_K 32; the number of
-    pipeline stages is what shared memory holds: (bm + bn) * bk * bytes * stages <= smem.
+    GPUs: BLOCK_M in {16, 32, 64, 128}; half precision uses 16x32 and 32x64 tiles 128 deep in K
+    for small M, 64x128 and 128x128 (plus 128x256 when N >= 2048) 64 deep; float32 narrower and
+    shallower tiles; the number of pipeline stages is what a block's shared memory holds:
+    (bm + bn) * bk * bytes * stages <= smem - 1 KiB.
     NPUs (Ascend): BLOCK_M in {16, 32, 64, 128} x 128 x 64, which fits the cube's L0 buffers.
     CPU: BLOCK_M in {16, 32, 64} x 32 x 32 so the Triton interpreter stays fast.
     BLOCK_N and BLOCK_K shrink to N and K (rounded up to a power of two, at least 16).

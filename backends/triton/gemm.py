@@ -364,6 +364,8 @@ num_pid_in_group = GROUP_M * num_pid_n"""
 # --------------------------------------------------------------------------------------------
 
 _SM_COUNT: dict[int, int] = {}
+
+
 def launch_warps(spec: KernelSpec) -> int:
     """The warps to launch `spec` with: the tile's, doubled for a fused SwiGLU of 128x128 or more,
     whose two fp32 accumulators would otherwise spill registers (ptxas for sm_90: 800 bytes per

@@ -237,10 +237,8 @@ def _main_signature(cfg: AttentionConfig) -> str:
 
 def _main_body(cfg: AttentionConfig, dtype: str) -> str:
     """Body of the meta-attention kernel, at indentation zero."""
-    dot_kw = _dot_precision_kwarg(dtype)
     padded_d = cfg.head_dim_pad != cfg.head_dim
     d_row = " & d_mask[None, :]" if padded_d else ""
-    d_col = " & d_mask[:, None]" if padded_d else ""
     out_tl = f"tl.{dtype}"
 
     code = """\
@@ -300,71 +298,20 @@ v_head_off = kv_head.to(tl.int64) * stride_vh
 new_start = seq_kv_len - num_new
 tree_start = tl.where(num_new <= tree_size, new_start, seq_kv_len)
 """
-    loop += """
-for kv0 in range(kv_start, kv_end, BLOCK_KV):
-"""
-    # ---- the KV step ----
-    step = f"""\
-kv_pos = kv0 + offs_kv
-kv_valid = kv_pos < kv_end
-# Paged cache: position p lives at page block_table[seq, p // block_size], row p % block_size.
-page = tl.load(block_table_ptr + seq * stride_bt + kv_pos // block_size, mask=kv_valid, other=0)
-page_row = kv_pos % block_size
-k_off = page.to(tl.int64) * stride_kb + page_row * stride_ks + k_head_off
-v_off = page.to(tl.int64) * stride_vb + page_row * stride_vs + v_head_off
-# K is loaded transposed, [HEAD_DIM_PAD, BLOCK_KV], so the scores are a plain q @ k.
-k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None] * stride_kd,
-            mask=kv_valid[None, :]{d_col}, other=0.0)
-s = tl.dot(q, k{dot_kw}) * qk_scale
-
-visible = row_valid[:, None] & kv_valid[None, :]
-"""
-    if cfg.causal:
-        step += "rule = kv_pos[None, :] <= q_pos[:, None]  # causal\n"
-    if cfg.tree:
-        step += """\
-in_tree = kv_pos >= tree_start
-tree_ptrs = (tree_mask_ptr + seq * stride_tm_s + q_idx[:, None] * stride_tm_i
-             + (kv_pos - new_start)[None, :] * stride_tm_j)
-tree_ok = tl.load(tree_ptrs, mask=visible & in_tree[None, :], other=0) != 0
-"""
-        if cfg.causal:
-            step += "rule = tl.where(in_tree[None, :], tree_ok, rule)\n"
-        else:
-            step += "rule = tree_ok | (~in_tree)[None, :]  # not causal: only the tree masks\n"
-    if cfg.causal or cfg.tree:
-        step += "visible = visible & rule\n"
-    if cfg.sliding_window:
-        step += "visible = visible & (kv_pos[None, :] > q_pos[:, None] - window)  # sliding window\n"
-    if cfg.bias:
-        step += """\
-# The model's own additive mask/bias (e.g. a materialized padding or sliding-window mask):
-# -inf entries hide a key; scores are in base 2, so the bias is scaled by log2(e).
-bias_ptrs = (bias_ptr + seq.to(tl.int64) * stride_ab_s + head[:, None] * stride_ab_h
-             + q_idx[:, None] * stride_ab_i + kv_pos[None, :] * stride_ab_j)
-bias = tl.load(bias_ptrs, mask=visible, other=0.0).to(tl.float32)
-# A -inf entry hides its key like a mask does (a row hidden entirely outputs zeros, as on every
-# backend); masks built with finfo.min instead would overflow when rescaled: clamp those.
-visible = visible & (bias > float("-inf"))
-s = s + tl.maximum(bias, -1.0e30) * 1.4426950408889634
-"""
-    step += f"""\
-s = tl.where(visible, s, float("-inf"))
-
-# Online softmax. A row that has seen no visible key yet keeps m = -inf; using 0 as its
-# reference makes every exp2 argument -inf (-> 0) instead of -inf - -inf (NaN).
-m_new = tl.maximum(m_i, tl.max(s, axis=1))
-m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-p = tl.exp2(s - m_ref[:, None])
-alpha = tl.exp2(m_i - m_ref)
-l_i = l_i * alpha + tl.sum(p, axis=1)
-v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :] * stride_vd,
-            mask=kv_valid[:, None]{d_row}, other=0.0)
-# p is rounded to the cache dtype for the tensor-core dot; the sum stays fp32.
-acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None]{dot_kw})
-m_i = m_new
-"""
-    loop += _indent(step)
+    if cfg.tree or cfg.sliding_window or cfg.bias:
+        # Any KV block may be partly hidden: every step applies the masks.
+        loop += "\nfor kv0 in range(kv_start, kv_end, BLOCK_KV):\n" + _indent(_kv_step(cfg, dtype, masked=True))
+    else:
+        # Blocks that every row of the tile sees whole (before the first row's causal limit and
+        # the range's end) need no mask: only the diagonal and tail blocks pay for it.
+        limit = "tl.minimum(kv_end, q_pos_first + 1)" if cfg.causal else "kv_end"
+        loop += f"""
+q_pos_first = seq_kv_len - num_new + q_start  # row 0 has the tile's smallest position
+full_end = kv_start + tl.maximum({limit} - kv_start, 0) // BLOCK_KV * BLOCK_KV
+for kv0 in range(kv_start, full_end, BLOCK_KV):
+""" + _indent(_kv_step(cfg, dtype, masked=False)) + """
+for kv0 in range(full_end, kv_end, BLOCK_KV):
+""" + _indent(_kv_step(cfg, dtype, masked=True))
 
     loop += f"""
 # Rows that saw no key (possible only with sliding windows / tree masks / split ranges)
@@ -387,6 +334,93 @@ else:
     tl.store(partial_lse_ptr + slot_off * stride_pl_slot + offs_m * stride_pl_row, lse, mask=row_valid)
 """
     return code + _indent(loop)
+
+
+def _kv_step(cfg: AttentionConfig, dtype: str, *, masked: bool) -> str:
+    """One KV block of the online-softmax loop, at indentation zero.
+
+    `masked=False` is for blocks every row of the tile sees whole (no tail, no causal cut, and
+    no window, tree or bias in the spec): no visibility mask, and no guard for rows that have
+    seen nothing yet, since every score is finite.
+    """
+    dot_kw = _dot_precision_kwarg(dtype)
+    padded_d = cfg.head_dim_pad != cfg.head_dim
+    d_row = " & d_mask[None, :]" if padded_d else ""
+    d_col = " & d_mask[:, None]" if padded_d else ""
+    if masked:
+        kv_mask = "kv_valid = kv_pos < kv_end\n"
+        page_mask, k_mask, v_mask = ", mask=kv_valid, other=0", f", mask=kv_valid[None, :]{d_col}, other=0.0", \
+            f", mask=kv_valid[:, None]{d_row}, other=0.0"
+    else:
+        kv_mask, page_mask = "", ""
+        k_mask = ", mask=d_mask[:, None], other=0.0" if padded_d else ""
+        v_mask = ", mask=d_mask[None, :], other=0.0" if padded_d else ""
+    step = f"""\
+kv_pos = kv0 + offs_kv
+{kv_mask}# Paged cache: position p lives at page block_table[seq, p // block_size], row p % block_size.
+page = tl.load(block_table_ptr + seq * stride_bt + kv_pos // block_size{page_mask})
+page_row = kv_pos % block_size
+k_off = page.to(tl.int64) * stride_kb + page_row * stride_ks + k_head_off
+v_off = page.to(tl.int64) * stride_vb + page_row * stride_vs + v_head_off
+# K is loaded transposed, [HEAD_DIM_PAD, BLOCK_KV], so the scores are a plain q @ k.
+k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None] * stride_kd{k_mask})
+s = tl.dot(q, k{dot_kw}) * qk_scale
+"""
+    if masked:
+        step += "\nvisible = row_valid[:, None] & kv_valid[None, :]\n"
+        if cfg.causal:
+            step += "rule = kv_pos[None, :] <= q_pos[:, None]  # causal\n"
+        if cfg.tree:
+            step += """\
+in_tree = kv_pos >= tree_start
+tree_ptrs = (tree_mask_ptr + seq * stride_tm_s + q_idx[:, None] * stride_tm_i
+             + (kv_pos - new_start)[None, :] * stride_tm_j)
+tree_ok = tl.load(tree_ptrs, mask=visible & in_tree[None, :], other=0) != 0
+"""
+            if cfg.causal:
+                step += "rule = tl.where(in_tree[None, :], tree_ok, rule)\n"
+            else:
+                step += "rule = tree_ok | (~in_tree)[None, :]  # not causal: only the tree masks\n"
+        if cfg.causal or cfg.tree:
+            step += "visible = visible & rule\n"
+        if cfg.sliding_window:
+            step += "visible = visible & (kv_pos[None, :] > q_pos[:, None] - window)  # sliding window\n"
+        if cfg.bias:
+            step += """\
+# The model's own additive mask/bias (e.g. a materialized padding or sliding-window mask):
+# -inf entries hide a key; scores are in base 2, so the bias is scaled by log2(e).
+bias_ptrs = (bias_ptr + seq.to(tl.int64) * stride_ab_s + head[:, None] * stride_ab_h
+             + q_idx[:, None] * stride_ab_i + kv_pos[None, :] * stride_ab_j)
+bias = tl.load(bias_ptrs, mask=visible, other=0.0).to(tl.float32)
+# A -inf entry hides its key like a mask does (a row hidden entirely outputs zeros, as on every
+# backend); masks built with finfo.min instead would overflow when rescaled: clamp those.
+visible = visible & (bias > float("-inf"))
+s = s + tl.maximum(bias, -1.0e30) * 1.4426950408889634
+"""
+        step += """\
+s = tl.where(visible, s, float("-inf"))
+
+# Online softmax. A row that has seen no visible key yet keeps m = -inf; using 0 as its
+# reference makes every exp2 argument -inf (-> 0) instead of -inf - -inf (NaN).
+m_new = tl.maximum(m_i, tl.max(s, axis=1))
+m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+"""
+    else:
+        step += """
+# Online softmax over a whole block: every score is finite, so m_new is too.
+m_new = tl.maximum(m_i, tl.max(s, axis=1))
+m_ref = m_new
+"""
+    step += f"""\
+p = tl.exp2(s - m_ref[:, None])
+alpha = tl.exp2(m_i - m_ref)
+l_i = l_i * alpha + tl.sum(p, axis=1)
+v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :] * stride_vd{v_mask})
+# p is rounded to the cache dtype for the tensor-core dot; the sum stays fp32.
+acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None]{dot_kw})
+m_i = m_new
+"""
+    return step
 
 
 def _merge_body(cfg: AttentionConfig, dtype: str) -> str:

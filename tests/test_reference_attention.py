@@ -286,7 +286,8 @@ def test_check_metadata_errors(edit: Callable[[dict], dict], match: str) -> None
 
 def test_check_metadata_accepts_valid_batches_and_ignores_unused_table_entries() -> None:
     batch = _meta_batch()
-    check_metadata(**batch)
+    # The checked lengths come back as host ints (the runtime reuses them: no second read).
+    assert check_metadata(**batch) == (tuple(batch["cu_seqlens_q"].tolist()), tuple(batch["seqlens_kv"].tolist()))
     table = torch.cat([batch["block_table"], torch.full((3, 2), -7, dtype=torch.int32)], dim=1)
     check_metadata(**{**batch, "block_table": table})
     # An out-of-order tree is fine without causal (the tiles then span the whole KV length).

@@ -419,7 +419,7 @@ def check_metadata(
     tree_mask: torch.Tensor | None = None,
     *,
     causal: bool = True,
-) -> None:
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Validate the tensors of ``meta_attention_varlen``; raise ValueError saying what to fix.
 
     Checks shapes (``q [total_q, Hq, D]``, caches ``[num_blocks, block_size, Hkv, D]``), dtypes
@@ -431,6 +431,8 @@ def check_metadata(
 
     This reads the metadata on the host (a device sync for device tensors): use it in tests,
     debug mode, or once per batch before building a task table, not inside a captured graph.
+    Returns ``(cu_seqlens_q, seqlens_kv)`` as host int tuples, so the caller need not read them
+    from the device a second time.
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
                     ("block_table", block_table), ("cu_seqlens_q", cu_seqlens_q),
@@ -537,3 +539,4 @@ def check_metadata(
                     f"causal=True the kernels read only KV positions up to each tile's last row; "
                     f"order the tree's tokens so that every parent precedes its children"
                 )
+    return tuple(cu.tolist()), tuple(kv_len.tolist())

@@ -94,7 +94,9 @@ def run_meta_attention_varlen(
 
     target = resolve_target(target or current_config().target, q.device)
     if check:
-        check_metadata(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, tree_mask, causal=causal)
+        # The check reads the lengths to the host anyway: reuse them (one device sync, not two).
+        checked = check_metadata(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, tree_mask, causal=causal)
+        host_metadata = host_metadata if host_metadata is not None else checked
     if sliding_window is not None and (isinstance(sliding_window, bool) or sliding_window < 1):
         raise ValueError(f"meta_attention_varlen: sliding_window must be a positive int or None, got {sliding_window!r}")
     hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]

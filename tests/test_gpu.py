@@ -49,8 +49,8 @@ def test_models_on_the_gpu_match_eager(name: str) -> None:
 
 
 def test_bf16_llama_on_the_gpu_is_close_to_fp32() -> None:
-    """bf16 weights and activations through the Triton kernels: within bf16 rounding of the
-    fp32 model (eager bf16 is held to the same bound, so the bound is not loose for us alone)."""
+    """bf16 weights and activations through the Triton kernels: against the fp32 model, within
+    twice the error of eager bf16 itself (or 1e-2), so the bound tracks bf16 rounding."""
     model = build("llama").cuda()
     model_bf16 = build("llama").cuda().to(torch.bfloat16)
     compiled = torch.compile(model_bf16, backend="tileflow", dynamic=True)

@@ -65,29 +65,25 @@ def test_bf16_llama_on_the_gpu_is_close_to_fp32() -> None:
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 @pytest.mark.parametrize("k", [2, 3])
-def test_nano_batches_on_cuda_streams_match_eager(k: int, cuda_graphs: bool) -> None:
+def test_nano_batches_on_cuda_streams_match_eager(monkeypatch: pytest.MonkeyPatch, k: int, cuda_graphs: bool) -> None:
     """The nano-batched graph on real CUDA streams (and replayed from CUDA graphs) equals eager,
     step after step, for token counts in and across graph buckets."""
     model = build("llama").cuda()
     backend = tileflow.TileflowBackend({"passes": NANO_PASSES, "nano_batches": k, "cuda_graphs": cuda_graphs})
     compiled = torch.compile(model, backend=backend, dynamic=True)
-    runners: list = []
+    executors: list = []
     original = nanobatch_runtime.NanoBatchRunner._executor_for
 
     def spy(self, device):
-        executor = original(self, device)
-        runners.append(executor)
-        return executor
+        executors.append(original(self, device))
+        return executors[-1]
 
-    nanobatch_runtime.NanoBatchRunner._executor_for = spy
-    try:
-        for tokens in (9, 16, 40, 9, 64):
-            ids = torch.randint(0, VOCAB, (1, tokens), device="cuda")
-            with torch.no_grad():
-                want = model(ids, use_cache=False).logits
-                for _ in range(2):  # a replay must not disturb the previous step's output
-                    got = compiled(ids, use_cache=False).logits
-                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    finally:
-        nanobatch_runtime.NanoBatchRunner._executor_for = original
-    assert runners and all(isinstance(ex, CudaStreams) for ex in runners)
+    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "_executor_for", spy)
+    for tokens in (9, 16, 40, 9, 64):
+        ids = torch.randint(0, VOCAB, (1, tokens), device="cuda")
+        with torch.no_grad():
+            want = model(ids, use_cache=False).logits
+            for _ in range(2):  # a replay must not disturb the previous step's output
+                got = compiled(ids, use_cache=False).logits
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert executors and all(isinstance(ex, CudaStreams) for ex in executors)

@@ -409,6 +409,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
     has_bias, has_res = "bias" in ep, "residual" in ep
     persistent = bool(spec.param("persistent", False))
     where = f"kernel {spec.name}"
+    num_warps = launch_warps(spec)
 
     def launch(
         x: torch.Tensor,
@@ -474,7 +475,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
             BLOCK_N=tile.block_n,
             BLOCK_K=tile.block_k,
             GROUP_M=tile.group_m,
-            num_warps=launch_warps(spec),
+            num_warps=num_warps,
             num_stages=tile.num_stages,
         )
         return out

@@ -159,6 +159,7 @@ def make_grouped_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[...
     n, k, e = grouped_gemm_dims(spec)
     tile = spec.tile
     swiglu = "swiglu" in spec.epilogue
+    num_warps = launch_warps(spec)
 
     def launch(
         x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, *, out: torch.Tensor | None = None
@@ -179,7 +180,7 @@ def make_grouped_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[...
         grid = (_cdiv(m, tile.block_m) + e, _cdiv(n, tile.block_n))
         kernel_fn[grid](
             *args, N=n, K=k, E=e, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-            num_warps=launch_warps(spec), num_stages=tile.num_stages,
+            num_warps=num_warps, num_stages=tile.num_stages,
         )
         return ops.out
 

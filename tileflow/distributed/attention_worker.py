@@ -118,20 +118,18 @@ class AttentionWorker:
         hq, hkv, d = q_hi - q_lo, shard.kv_hi - shard.kv_lo, shard.head_dim
         q, k, v = payload.view(batch.tokens, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)
         cache = self._cache_for(payload.dtype)
-        row = 0
-        for seq, n, start in zip(batch.seq_ids, batch.q_lens, batch.starts):
+        for seq, start in zip(batch.seq_ids, batch.starts):
             if cache.length(seq) != start:
                 raise ValueError(
                     f"sequence {seq}: its new tokens start at position {start} but the KV cache holds "
                     f"{cache.length(seq)} tokens (positions must continue the cache)"
                 )
-            if layer == 0:  # layer 0 makes room for the step; the later layers find it made
+        if layer == 0:  # layer 0 makes room for the step; the later layers find it made
+            for seq, n in zip(batch.seq_ids, batch.q_lens):
                 cache.reserve(seq, n)
-            cache.write(layer, cache.blocks(seq), start, k[row : row + n], v[row : row + n])
-            row += n
-        out = cache.attend(
-            layer, q, [cache.blocks(s) for s in batch.seq_ids], batch.q_lens, batch.starts, scale=shard.scale,
-        )
+        step = cache.prepare([cache.blocks(s) for s in batch.seq_ids], batch.q_lens, batch.starts)
+        cache.write_batch(layer, step, k, v)
+        out = cache.attend_batch(layer, q, step, scale=shard.scale)
         if layer == len(self.layers) - 1:
             for seq, n in zip(batch.seq_ids, batch.q_lens):
                 cache.commit(seq, n)

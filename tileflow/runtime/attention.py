@@ -102,12 +102,11 @@ def run_meta_attention_varlen(
     hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
     gqa = hq // hkv
     cu, lens = host_metadata if host_metadata is not None else (tuple(cu_seqlens_q.tolist()), tuple(seqlens_kv.tolist()))
-    max_q = max((b - a for a, b in zip(cu, cu[1:])), default=0)
-    block_q = attention_block_q(max_q, gqa, target)
     # A cached table is device memory a captured graph would read on every replay: keep it alive
     # with the graph, whatever the cache evicts later.
-    table = keep_alive_while_captured(_task_table(cu, lens, hq, hkv, block_q, attention_programs(target, q.device),
-                                                  sliding_window, causal, str(q.device)))
+    block_q, table = _task_table(cu, lens, hq, hkv, target, attention_programs(target, q.device), sliding_window,
+                                 causal, str(q.device))
+    keep_alive_while_captured(table)
     spec = attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=block_q, causal=causal,
                           sliding_window=sliding_window is not None, tree=tree_mask is not None, bias=attn_bias is not None,
                           target=target)
@@ -123,23 +122,26 @@ def run_meta_attention_varlen(
 
 @functools.lru_cache(maxsize=256)
 def _task_table(
-    cu: tuple[int, ...], lens: tuple[int, ...], hq: int, hkv: int, block_q: int, programs: int,
+    cu: tuple[int, ...], lens: tuple[int, ...], hq: int, hkv: int, target: str, programs: int,
     window: int | None, causal: bool, device: str,
-) -> Any:
-    """Task tables are pure functions of the batch shape: cache them (dense graphs and decode
-    steps repeat the same shapes), with the tensors the kernel reads already on its device, so
-    a repeated shape costs no host-to-device copy."""
+) -> tuple[int, Any]:
+    """The tile height and task table of a batch shape. Both are pure functions of it: cache them
+    (dense graphs and decode steps repeat the same shapes), with the tensors the kernel reads
+    already on its device, so a repeated shape costs no host-to-device copy and no Python loop
+    over the sequences."""
+    max_q = max((b - a for a, b in zip(cu, cu[1:])), default=0)
+    block_q = attention_block_q(max_q, hq // hkv, target)
     table = build_task_table(list(cu), list(lens), num_q_heads=hq, num_kv_heads=hkv, block_q=block_q,
                              num_programs=programs, sliding_window=window, causal=causal)
-    if torch.device(device).type == "cpu":
-        return table
-    return dataclasses.replace(
-        table,
-        tasks=table.tasks.to(device),
-        program_offsets=table.program_offsets.to(device),
-        program_tasks=table.program_tasks.to(device),
-        merges=table.merges.to(device),
-    )
+    if torch.device(device).type != "cpu":
+        table = dataclasses.replace(
+            table,
+            tasks=table.tasks.to(device),
+            program_offsets=table.program_offsets.to(device),
+            program_tasks=table.program_tasks.to(device),
+            merges=table.merges.to(device),
+        )
+    return block_q, table
 
 
 def additive_bias(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from tileflow.passes.disaggregate import AttentionCut, StageProgram
 
-from ..runtime.paged_kv import PagedKV
+from ..runtime.paged_kv import PagedBatch, PagedKV
 from .blocks import BlockAllocator
 from .scheduler import Entry, Request, Scheduler, accept_draft, register_full_blocks
 
@@ -68,6 +68,7 @@ class ServingEngine:
     def __init__(
         self, program: StageProgram, *, token_budget: int = 64, decode_slots: int = 8, max_draft: int = 0,
         block_size: int = 16, num_blocks: int = 256, dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
         cuts = program.cuts
         heads = {(c.num_kv_heads, c.head_dim) for c in cuts}
@@ -77,7 +78,8 @@ class ServingEngine:
         self.program = program
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.scheduler = Scheduler(self.allocator, token_budget=token_budget, decode_slots=decode_slots, max_draft=max_draft)
-        self.kv = PagedKV(len(cuts), hkv, d, block_size=block_size, num_blocks=num_blocks, dtype=dtype)
+        self.device = torch.device(device)
+        self.kv = PagedKV(len(cuts), hkv, d, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=self.device)
         self.max_draft = max_draft
         self.metrics = Metrics()
         self._start = 0.0
@@ -115,16 +117,21 @@ class ServingEngine:
         entries = self.scheduler.schedule(drafts)
         if not entries:
             raise RuntimeError("the scheduler produced an empty step with requests pending (no KV room?)")
-        ids = torch.tensor([[t for e in entries for t in e.tokens]])
-        pos = torch.tensor([[e.start + i for e in entries for i in range(len(e.tokens))]])
-        (logits,) = self.program.run([ids, pos], attention=lambda cut, q, k, v: self._attend(entries, cut, q, k, v))
+        ids = torch.tensor([[t for e in entries for t in e.tokens]]).to(self.device)
+        pos = torch.tensor([[e.start + i for e in entries for i in range(len(e.tokens))]]).to(self.device)
+        # The step's layout (block table, lengths, cache slots) is built once for every layer.
+        batch = self.kv.prepare([e.request.blocks for e in entries], [len(e.tokens) for e in entries],
+                                [e.start for e in entries])
+        tree = self._tree_mask(entries)
+        (logits,) = self.program.run([ids, pos], attention=lambda cut, q, k, v: self._attend(batch, tree, cut, q, k, v))
+        predictions = logits[0].argmax(-1).tolist()  # one device read per step
         now = time.perf_counter() - self._start
         self.metrics.steps += 1
         self.metrics.tokens_in_steps += ids.shape[1]
         row = 0
         for e in entries:
             n = len(e.tokens)
-            self._advance(e, logits[0, row : row + n].argmax(-1).tolist(), now)
+            self._advance(e, predictions[row : row + n], now)
             row += n
         return entries
 
@@ -154,22 +161,19 @@ class ServingEngine:
         if r.generated >= r.max_new_tokens:
             self.scheduler.finish(r)
 
-    def _attend(self, entries: list[Entry], cut: AttentionCut, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        layer = cut.index
+    def _tree_mask(self, entries: list[Entry]) -> torch.Tensor | None:
+        """The step's tree mask when it verifies drafts: linear drafts, each drafted token sees the
+        tokens before it; entries longer than the mask (prompt chunks) stay causal."""
+        if not any(e.kind == "verify" for e in entries):
+            return None
+        s = 1 + self.max_draft
+        return torch.tril(torch.ones(s, s, dtype=torch.bool)).expand(len(entries), s, s).contiguous().to(self.device)
+
+    def _attend(
+        self, batch: PagedBatch, tree: torch.Tensor | None, cut: AttentionCut, q: torch.Tensor, k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> torch.Tensor:
         q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, heads, head_dim]
-        row = 0
-        for e in entries:
-            n = len(e.tokens)
-            self.kv.write(layer, e.request.blocks, e.start, k[row : row + n], v[row : row + n])
-            row += n
-        tree = None
-        if any(e.kind == "verify" for e in entries):
-            # Linear drafts: each drafted token sees the tokens before it; entries longer than the
-            # mask (prompt chunks) stay causal.
-            s = 1 + self.max_draft
-            tree = torch.tril(torch.ones(s, s, dtype=torch.bool)).expand(len(entries), s, s).contiguous()
-        out = self.kv.attend(
-            layer, q, [e.request.blocks for e in entries], [len(e.tokens) for e in entries],
-            [e.start for e in entries], scale=cut.scale, tree_mask=tree,
-        )
+        self.kv.write_batch(cut.index, batch, k, v)
+        out = self.kv.attend_batch(cut.index, q, batch, scale=cut.scale, tree_mask=tree)
         return out.unsqueeze(0).transpose(1, 2)

@@ -2,39 +2,83 @@
 
 On a GPU: a Llama-3-8B-shaped model (hidden 4096, 32 query / 8 KV heads, FFN 14336, vocabulary
 128256) with random bf16 weights and `--layers` layers (default 4, so it fits beside the
-baselines), one forward step of T tokens for T in 256..4096, in one run:
+baselines), in one run and in up to three parts (`--parts`):
 
-- eager PyTorch, `torch.compile` Inductor (dynamic shapes),
-- tileflow (`backend="tileflow"`, Triton kernels) without nano-batching,
-- tileflow with nano-batching (`nano_batches="auto"`: the split search, streams, CUDA graphs).
+- `prefill`: one forward step of T tokens (T in 256..4096, no KV cache) for eager PyTorch,
+  `torch.compile` Inductor (dynamic shapes), tileflow (`backend="tileflow"`, Triton kernels)
+  without nano-batching, and tileflow with nano-batching (`nano_batches="auto"`: the split
+  search, streams, CUDA graphs);
+- `mixed`: serving steps of T tokens over a paged KV cache, half prefill chunks (up to 512
+  tokens over cached prefixes) and half decodes (contexts of 512-2048), run the way
+  `tileflow.serving` runs them (the model cut at its attention ops, `meta_attention_varlen` over
+  the cache) with the dense stages as ATen ops, through Inductor, or as tileflow compiled them;
+- `trace`: a NanoFlow-like request trace (prompt/output 512/512 and 1024/512) served to the end
+  by `tileflow.serving.ServingEngine` (continuous batching, a 4096-token budget), with the same
+  three programs: tokens processed per second (prompt + generated), generated tokens per second,
+  mean TTFT and time between tokens.
 
-Each method is checked against eager (bf16 logits, relative error) before it is timed; times are
-medians over CUDA events. Tokens/s is compared with the optimal-throughput bound NanoFlow uses,
-measured peak FLOP/s / (2 x parameters) tokens/s (attention FLOPs ignored, as there; parameters
-that multiply, so not the input embedding), and the
-table is written under bench/results/ with the device, date, versions and command.
+The serving parts give every method the same attention (tileflow's meta-attention over the paged
+cache: `bench/attention.py` compares it with SDPA and FlexAttention), so they compare the dense
+work between attentions; nano-batching does not split serving programs yet.
 
-Not covered yet: mixed prefill/decode steps over a paged KV cache and the NanoFlow-like request
-trace (input/output 512/512 and 1024/512) through `tileflow.serving`; the steps here are
-prefill-shaped.
+Each method is checked before it is timed (prefill: logits against eager; mixed steps: against
+the ATen program on the same step and cache; relative error of bf16 logits); step times are
+medians over CUDA events, the trace is wall clock. Tokens/s is compared with the
+optimal-throughput bound NanoFlow uses, measured peak FLOP/s / (2 x parameters) tokens/s
+(attention FLOPs ignored, as there; parameters that multiply, so not the input embedding), and
+the table is written under bench/results/ with the device, date, versions and command.
 
-On a CPU-only machine it says so and runs a smoke check: a tiny Llama through both tileflow paths
-(the nano-batched one on simulated streams), compared with eager.
+On a CPU-only machine it says so and runs every part at a tiny scale as a smoke check (fp32, a
+tiny Llama; the nano-batched path on simulated streams): each method must match eager or the ATen
+program to 1e-5, and the traces' greedy tokens must not depend on the program.
 
-    python bench/e2e.py [--layers N] [--tokens 256,1024,4096] [--no-write]
+    python bench/e2e.py [--layers N] [--tokens 256,1024,4096] [--parts prefill,mixed,trace]
+                        [--trace-requests 256] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TOKENS = [256, 512, 1024, 2048, 4096]
+PARTS = ("prefill", "mixed", "trace")
 PASSES_NANO = ("canonicalize", "attention", "gemm_padding", "nanobatch")
+# Serving programs: the model cut at its attention ops; dense stages as ATen ops run eagerly,
+# the same through Inductor, or with tileflow's passes (padded GEMMs; Inductor for the rest on
+# CUDA, as `backend="tileflow"` does).
+SERVING_METHODS = {
+    "ATen": {"passes": ("canonicalize", "attention"), "residual": "eager"},
+    "Inductor": {"passes": ("canonicalize", "attention"), "residual": "inductor"},
+    "tileflow": {},
+}
+BLOCK = 16  # KV page size
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Everything that differs between the GPU run and the CPU smoke check."""
+
+    device: str
+    vocab: int
+    nano_batches: int | str  # the nano-batched method's split ("auto" needs CUDA)
+    tolerance: float  # relative error allowed against the reference (bf16 on the GPU)
+    chunk: int  # mixed steps: prompt chunk size ...
+    prefixes: tuple[int, ...]  # ... over cached prefixes of these lengths ...
+    contexts: tuple[int, int]  # ... and decodes with contexts in this range
+    traces: tuple[tuple[int, int], ...]  # (prompt, output) tokens per request
+    budget: int  # tokens per serving step
+
+
+GPU = Scale("cuda", 128256, "auto", 3e-2, 512, (0, 512, 1024, 2048), (512, 2048), ((512, 512), (1024, 512)), 4096)
+SMOKE = Scale("cpu", 256, 2, 1e-5, 8, (0, 5, 16), (3, 40), ((12, 5), (20, 4)), 32)
 
 
 def _llama(layers: int, *, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int):
@@ -47,96 +91,282 @@ def _llama(layers: int, *, hidden: int, heads: int, kv_heads: int, ffn: int, voc
     return LlamaForCausalLM(config).eval()
 
 
-def smoke() -> int:
-    """CPU: both tileflow paths of the benchmark on a tiny Llama, against eager."""
+def step_ms(fn, scale: Scale) -> float:
+    """Median time of `fn()` in ms: CUDA events on the GPU, a few wall-clock runs on the CPU."""
+    if scale.device == "cuda":
+        from common import median_ms
+
+        return median_ms(lambda _: fn(), rep_ms=300)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def serving_programs(model, max_tokens: int) -> dict:
+    """Each serving method's `StageProgram` of `model` (which is switched to the packed-token
+    causal attention serving needs)."""
     import torch
 
     import tileflow
-    import tileflow.runtime.nanobatch as nanobatch_runtime
-    from common import rel_err
-    from tileflow.runtime.streams import SimulatedStreams
+    from tileflow.distributed import CausalLMStep, build_stage_program
 
-    print("bench/e2e.py: no CUDA GPU here; timings need one. Running the CPU smoke check.")
-    torch.manual_seed(0)
-    model = _llama(2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=256)
-    # On the CPU the nano-batched path runs its streams simulated (random valid interleavings).
-    nanobatch_runtime.NanoBatchRunner._executor_for = lambda self, device: SimulatedStreams(seed=1)
-    methods = {
-        "tileflow": torch.compile(model, backend="tileflow", dynamic=True),
-        "tileflow+nano": torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES_NANO, "nano_batches": 2}),
-                                       dynamic=True),
-    }
-    for tokens in (16, 40):
-        ids = torch.randint(0, 256, (1, tokens))
-        with torch.no_grad():
-            want = model(ids, use_cache=False).logits
-            for name, fn in methods.items():
-                err = rel_err(fn(ids, use_cache=False).logits, want)
-                print(f"  {name:14s} T={tokens:3d}: rel err {err:.1e}")
-                if not err < 1e-5:
-                    print(f"FAIL: {name} disagrees with eager", file=sys.stderr)
-                    return 1
-    print("smoke check passed")
-    return 0
+    device = next(model.parameters()).device
+    step = CausalLMStep(model)
+    example = (torch.zeros(1, 4, dtype=torch.long, device=device), torch.arange(4, device=device)[None])
+    return {name: build_stage_program(step, example, max_tokens=max_tokens, config=tileflow.Config(**options))
+            for name, options in SERVING_METHODS.items()}
 
 
-def run_gpu(layers: int, tokens: list[int], write: bool) -> int:
+def mixed_entries(tokens: int, rng, scale: Scale):
+    """A serving step of `tokens` tokens: half prompt chunks (at most `scale.chunk` tokens, each
+    over a cached prefix drawn from `scale.prefixes`), half decodes (contexts drawn from
+    `scale.contexts`), each sequence on its own blocks (ids from 0). Returns (entries, blocks used)."""
+    from tileflow.serving import Entry, Request
+
+    spans = []  # (start, new tokens, kind)
+    left = tokens // 2
+    while left > 0:
+        n = min(scale.chunk, left)
+        spans.append((rng.choice(scale.prefixes), n, "prefill"))
+        left -= n
+    spans += [(rng.randint(*scale.contexts) - 1, 1, "decode") for _ in range(tokens - tokens // 2)]
+    entries, next_block = [], 0
+    for i, (start, n, kind) in enumerate(spans):
+        request = Request(i, [0] * (start + n), 1)
+        need = -(-(start + n) // BLOCK)
+        request.blocks = list(range(next_block, next_block + need))
+        next_block += need
+        entries.append(Entry(request, [rng.randrange(scale.vocab) for _ in range(n)], start, kind))
+    return entries, next_block
+
+
+def serving_engine(program, scale: Scale, *, num_blocks: int, slots: int, budget: int | None = None):
+    """A `ServingEngine` over `program` whose KV cache holds random values (a cached prefix's
+    rows are then as expensive to attend to as real ones)."""
+    import torch
+
+    from tileflow.serving import ServingEngine
+
+    dtype = torch.bfloat16 if scale.device == "cuda" else torch.float32
+    engine = ServingEngine(program, token_budget=budget or scale.budget, decode_slots=slots, block_size=BLOCK,
+                           num_blocks=num_blocks, dtype=dtype, device=scale.device)
+    gen = torch.Generator(device=scale.device).manual_seed(0)
+    for cache in engine.kv.k + engine.kv.v:
+        cache.normal_(generator=gen)
+    return engine
+
+
+def trace_requests(count: int, prompt: int, output: int, vocab: int, seed: int = 0):
+    """`count` requests with random `prompt`-token prompts, each asking for `output` tokens."""
+    import random
+
+    from tileflow.serving import Request
+
+    rng = random.Random(seed)
+    return [Request(i, [rng.randrange(vocab) for _ in range(prompt)], output) for i in range(count)]
+
+
+def _timed(failures: list[str], what: str, fn):
+    """`fn()`, or None with the failure recorded (the run goes on; the exit status becomes 1)."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
+        failures.append(f"{what}: {type(exc).__name__}: {exc}")
+        print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        return None
+
+
+def prefill_part(model, tokens: list[int], bound: float, scale: Scale, failures: list[str]) -> str:
+    """Prefill-shaped forward steps of T tokens (no KV cache) through every method."""
     import torch
 
     import tileflow
-    from common import environment, markdown_table, measured_matmul_tflops, median_ms, rel_err, write_results
+    from common import markdown_table, rel_err
 
-    torch.manual_seed(0)
-    env = environment()
-    peak = measured_matmul_tflops(torch.bfloat16)
-    model = _llama(layers, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256).to("cuda", torch.bfloat16)
-    params = sum(p.numel() for p in model.parameters())
-    # Only weights that multiply do FLOPs: the input embedding is a lookup (with a 128k vocabulary
-    # it is a third of this small model's parameters).
-    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    bound = peak * 1e12 / (2 * matmul_params)  # tokens/s at the compute ceiling
-    print(f"{env['device']}: {layers} layers, {params / 1e9:.2f} B parameters ({matmul_params / 1e9:.2f} B in matmuls); "
-          f"bf16 ceiling {peak:.0f} TFLOP/s -> optimal {bound:,.0f} tokens/s")
+    nano = tileflow.TileflowBackend({"passes": PASSES_NANO, "nano_batches": scale.nano_batches})
     methods = {
         "eager": model,
         "Inductor": torch.compile(model, dynamic=True),
         "tileflow": torch.compile(model, backend="tileflow", dynamic=True),
-        "tileflow+nano": torch.compile(
-            model, backend=tileflow.TileflowBackend({"passes": PASSES_NANO, "nano_batches": "auto"}), dynamic=True
-        ),
+        "tileflow+nano": torch.compile(model, backend=nano, dynamic=True),
     }
-    rows, failures = [], []
+    rows = []
     for t in tokens:
-        inputs = [torch.randint(0, 128256, (1, t), device="cuda") for _ in range(2)]
+        ids = torch.randint(0, scale.vocab, (1, t), device=scale.device)
+        rate: dict[str, float | None] = {}
         with torch.no_grad():
-            want = model(inputs[0], use_cache=False).logits.float()
-            rate: dict[str, float | None] = {}
+            want = model(ids, use_cache=False).logits.float()
             for name, fn in methods.items():
-                # A failing method is reported in its cell and the run goes on (exit status 1).
-                rate[name] = None
-                try:
-                    err = rel_err(fn(inputs[0], use_cache=False).logits.float(), want)
-                    if not err < 3e-2:
+                def measure(fn=fn):
+                    err = rel_err(fn(ids, use_cache=False).logits.float(), want)
+                    if not err < scale.tolerance:
                         raise AssertionError(f"relative error {err:.2e} against eager")
-                    ms = median_ms(lambda i, fn=fn: fn(inputs[i], use_cache=False), sets=len(inputs), rep_ms=300)
-                    rate[name] = t / ms * 1e3
-                except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
-                    failures.append(f"{name} at T={t}: {type(exc).__name__}: {exc}")
-                    print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
-                    traceback.print_exc()
-        rows.append([t] + ["FAIL" if rate[n] is None else f"{rate[n]:,.0f}" for n in methods]
+                    return t / step_ms(lambda: fn(ids, use_cache=False), scale) * 1e3
+
+                rate[name] = _timed(failures, f"prefill {name} at T={t}", measure)
+        rows.append([t] + [_rate(rate[n]) for n in methods]
                     + [_ratio(rate["tileflow"], rate["Inductor"]), _ratio(rate["tileflow+nano"], rate["tileflow"]),
-                       "FAIL" if rate["tileflow+nano"] is None else f"{100 * rate['tileflow+nano'] / bound:.0f}%"])
+                       _share(rate["tileflow+nano"], bound)])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
     headers = ["tokens"] + [f"{n} tok/s" for n in methods] + ["tileflow / Inductor", "nano / tileflow", "nano % of bound"]
-    summary = [
-        f"- model: Llama-3-8B-shaped, {layers} layers, {params / 1e9:.2f} B parameters, random bf16 weights",
-        f"- optimal throughput bound: measured {peak:.0f} TFLOP/s / (2 x {matmul_params / 1e9:.2f} B matmul parameters)"
-        f" = {bound:,.0f} tokens/s (the input embedding is a lookup: no FLOPs)",
-        "- steps are prefill-shaped forward passes of T tokens (no KV cache); times are medians over CUDA events",
-    ] + [f"- FAILED: {failure}" for failure in failures]
-    body = markdown_table(headers, rows) + "\n\n" + "\n".join(summary)
-    print("\n" + "\n".join(summary))
+    return ("## Prefill-shaped steps\n\n" + markdown_table(headers, rows)
+            + "\n\n- forward passes of T tokens with no KV cache; medians over CUDA events")
+
+
+def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, failures: list[str]) -> str:
+    """Serving steps of T tokens, half prompt chunks over cached prefixes and half decodes."""
+    import random
+
+    import torch
+
+    from common import markdown_table, rel_err
+
+    rng = random.Random(0)
+    steps = {t: mixed_entries(t, rng, scale) for t in tokens}
+    engine = serving_engine(programs["ATen"], scale, num_blocks=max(b for _, b in steps.values()), slots=1)
+    rows = []
+    for t, (entries, _) in steps.items():
+        rate: dict[str, float | None] = {}
+        start = time.perf_counter()
+        inputs = engine.prepare(entries)
+        if scale.device == "cuda":
+            torch.cuda.synchronize()
+        prepare_ms = 1e3 * (time.perf_counter() - start)
+        with torch.no_grad():
+            engine.program = programs["ATen"]
+            want = engine.forward(entries, inputs).float()
+            for name, program in programs.items():
+                def measure(program=program):
+                    engine.program = program
+                    err = rel_err(engine.forward(entries, inputs).float(), want)
+                    if not err < scale.tolerance:
+                        raise AssertionError(f"relative error {err:.2e} against the ATen program")
+                    return t / step_ms(lambda: engine.forward(entries, inputs), scale) * 1e3
+
+                rate[name] = _timed(failures, f"mixed {name} at T={t}", measure)
+        decodes = sum(e.kind == "decode" for e in entries)
+        rows.append([t, f"{len(entries) - decodes} chunks + {decodes} decodes", f"{prepare_ms:.1f}"]
+                    + [_rate(rate[n]) for n in programs]
+                    + [_ratio(rate["tileflow"], rate["Inductor"]), _share(rate["tileflow"], bound)])
+        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    headers = ["tokens", "step", "host prepare ms"] + [f"{n} tok/s" for n in programs] + ["tileflow / Inductor",
+                                                                                          "tileflow % of bound"]
+    return ("## Mixed prefill/decode serving steps\n\n" + markdown_table(headers, rows)
+            + "\n\n- one step through `ServingEngine.forward` (packed tokens, k/v written into a paged cache of "
+              f"{BLOCK}-token pages holding random values, `meta_attention_varlen` for every method); prompt chunks "
+              f"of up to {scale.chunk} tokens over cached prefixes of {min(scale.prefixes)}-{max(scale.prefixes)} "
+              f"tokens, decode contexts {scale.contexts[0]}-{scale.contexts[1]}; medians over CUDA events of the step "
+              "with its inputs prepared (host prepare ms: `ServingEngine.prepare`, once)")
+
+
+def trace_part(programs: dict, count: int, bound: float, scale: Scale, failures: list[str]) -> str:
+    """Request traces served to the end by the serving engine, per program; every program must
+    generate the ATen program's tokens on the CPU (fp32), and is only reported on the GPU (bf16
+    greedy decoding can flip a near-tie)."""
+    import torch
+
+    from common import markdown_table
+
+    rows = []
+    for prompt, output in scale.traces:
+        blocks = count * -(-(prompt + output) // BLOCK) + 64
+        generated = {}
+        for name, program in programs.items():
+            def serve(program=program, name=name):
+                # Warm-up runs compile what the steps need: one token (sizes 1 are specialized),
+                # and many tokens (one graph for every other size).
+                for warmup in (1, 4):
+                    serving_engine(program, scale, num_blocks=64, slots=4).run(
+                        trace_requests(warmup, 40, 3, scale.vocab, seed=1))
+                engine = serving_engine(program, scale, num_blocks=blocks, slots=count)
+                requests = trace_requests(count, prompt, output, scale.vocab)
+                with torch.no_grad():
+                    metrics = engine.run(requests)
+                generated[name] = [r.tokens for r in requests]
+                if scale.device == "cpu" and generated[name] != generated["ATen"]:
+                    raise AssertionError("the trace's greedy tokens differ from the ATen program's")
+                return metrics
+
+            metrics = _timed(failures, f"trace {prompt}/{output} {name}", serve)
+            if metrics is None:
+                rows.append([f"{count} x {prompt}/{output}", name] + ["FAIL"] * 7)
+            else:
+                m, processed = metrics.summary(), metrics.tokens_in_steps / metrics.wall
+                same = sum(g == a for g, a in zip(generated[name], generated.get("ATen", [])))
+                rows.append([f"{count} x {prompt}/{output}", name, m["steps"], _rate(processed), _rate(m["tokens_per_s"]),
+                             _share(processed, bound), f"{1e3 * m['mean_ttft_s']:.0f}", f"{1e3 * m['mean_tbt_s']:.1f}",
+                             f"{same}/{count}"])
+            print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    headers = ["trace (requests x prompt/output)", "program", "steps", "processed tok/s", "generated tok/s",
+               "processed % of bound", "mean TTFT ms", "mean time between tokens ms", "requests equal to ATen's"]
+    return ("## Request traces\n\n" + markdown_table(headers, rows)
+            + f"\n\n- `ServingEngine.run`: all requests arrive at once, {count} decode slots, {scale.budget}-token "
+              "steps; wall clock, host scheduling included; processed = prompt + generated tokens")
+
+
+def run(scale: Scale, model, tokens: list[int], parts: list[str], trace_count: int, peak_tflops: float,
+        failures: list[str]) -> str:
+    """The named parts for `model` at `scale`; returns the results' markdown."""
+    import torch
+
+    params = sum(p.numel() for p in model.parameters())
+    # Only weights that multiply do FLOPs: the input embedding is a lookup (with a 128k vocabulary
+    # it is a third of the 8B-shaped model's parameters here).
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    bound = peak_tflops * 1e12 / (2 * matmul_params)  # tokens/s at the compute ceiling
+    sections = [
+        f"- model: {model.config.num_hidden_layers} layers, {params / 1e9:.3f} B parameters, random weights",
+        f"- optimal throughput bound: measured {peak_tflops:.0f} TFLOP/s / (2 x {matmul_params / 1e9:.3f} B matmul "
+        f"parameters) = {bound:,.0f} tokens/s (the input embedding is a lookup: no FLOPs)",
+    ]
+    print("\n".join(sections), flush=True)
+    if "prefill" in parts:
+        sections.append(prefill_part(model, tokens, bound, scale, failures))
+    if "mixed" in parts or "trace" in parts:
+        # Serving switches the model to packed-token attention: after the prefill part.
+        programs = serving_programs(model, max_tokens=max(scale.budget, *tokens))
+        if "mixed" in parts:
+            sections.append(mixed_part(programs, tokens, bound, scale, failures))
+        if "trace" in parts:
+            sections.append(trace_part(programs, trace_count, bound, scale, failures))
+    return "\n\n".join(sections + [f"- FAILED: {failure}" for failure in failures])
+
+
+def smoke(parts: list[str]) -> int:
+    """CPU: every part at a tiny scale, each method checked to 1e-5."""
+    import torch
+
+    import tileflow.runtime.nanobatch as nanobatch_runtime
+    from tileflow.runtime.streams import SimulatedStreams
+
+    print("bench/e2e.py: no CUDA GPU here; timings need one. Running the CPU smoke check.")
+    torch.manual_seed(0)
+    model = _llama(2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=SMOKE.vocab)
+    # On the CPU the nano-batched path runs its streams simulated (random valid interleavings).
+    nanobatch_runtime.NanoBatchRunner._executor_for = lambda self, device: SimulatedStreams(seed=1)
+    failures: list[str] = []
+    run(SMOKE, model, [16, 40], parts, 6, peak_tflops=1.0, failures=failures)
+    print("smoke check failed" if failures else "smoke check passed")
+    return 1 if failures else 0
+
+
+def run_gpu(layers: int, tokens: list[int], parts: list[str], trace_count: int, write: bool) -> int:
+    import torch
+
+    from common import environment, measured_matmul_tflops, write_results
+
+    torch.manual_seed(0)
+    env = environment()
+    peak = measured_matmul_tflops(torch.bfloat16)
+    model = _llama(layers, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=GPU.vocab).to("cuda", torch.bfloat16)
+    print(f"{env['device']}: Llama-3-8B-shaped, bf16 ceiling {peak:.0f} TFLOP/s")
+    failures: list[str] = []
+    body = "- model: Llama-3-8B-shaped (hidden 4096, 32/8 heads, FFN 14336, vocabulary 128256), bf16\n"
+    body += run(GPU, model, tokens, parts, trace_count, peak, failures)
     if write:
         print(f"wrote {write_results('e2e', 'End-to-end step throughput (bf16)', env, body)}")
     return 1 if failures else 0
@@ -147,17 +377,32 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "FAIL" if not (a and b) else f"{a / b:.2f}"
 
 
+def _rate(rate: float | None) -> str:
+    """A tokens/s cell; FAIL when the method failed."""
+    return "FAIL" if rate is None else f"{rate:,.0f}"
+
+
+def _share(rate: float | None, bound: float) -> str:
+    """`rate` as a percentage of the bound; FAIL when the method failed."""
+    return "FAIL" if rate is None else f"{100 * rate / bound:.0f}%"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the 8B-shaped model")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated step sizes")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
+    parser.add_argument("--trace-requests", type=int, default=256, help="requests per trace (all decode at once)")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/")
     args = parser.parse_args()
+    parts = args.parts.split(",")
+    if not set(parts) <= set(PARTS) or args.trace_requests < 1:
+        parser.error(f"--parts takes names from {PARTS} (got {args.parts!r}); --trace-requests must be >= 1")
     import torch
 
     if not torch.cuda.is_available():
-        return smoke()
-    return run_gpu(args.layers, [int(t) for t in args.tokens.split(",")], not args.no_write)
+        return smoke(parts)
+    return run_gpu(args.layers, [int(t) for t in args.tokens.split(",")], parts, args.trace_requests, not args.no_write)
 
 
 if __name__ == "__main__":

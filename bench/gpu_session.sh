@@ -3,9 +3,10 @@
 # stages named on the command line, each under its own time limit, logging to $OUT/<stage>.log;
 # measured tables (bench/results/*.md) and tile timings are packed into $OUT/results.tar.gz.
 #
-#   BENCH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_session.sh tests:80 gemm:90 attention:150 e2e:100
+#   BENCH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_session.sh tests:80 gemm:90 attention:150 e2e:240
 #
-# Stages: gemm, gemm-quick, attention, e2e, tiles (bench/gemm.py --measure-tiles), tests (the
+# Stages: gemm, gemm-quick, attention, e2e (prefill-shaped steps, mixed serving steps, request
+# traces), e2e-prefill (the first part only), tiles (bench/gemm.py --measure-tiles), tests (the
 # kernel and GPU runtime tests, compiled Triton). A stage that fails or runs out of time does
 # not stop the next one.
 set -u
@@ -48,6 +49,7 @@ for item in "$@"; do
     gemm-quick) run_stage gemm-quick "$limit" $PY bench/gemm.py --quick ;;
     attention) run_stage attention "$limit" $PY bench/attention.py ;;
     e2e) run_stage e2e "$limit" $PY bench/e2e.py --layers 2 --tokens 256,1024,4096 ;;
+    e2e-prefill) run_stage e2e-prefill "$limit" $PY bench/e2e.py --layers 2 --tokens 256,1024,4096 --parts prefill ;;
     tiles) run_stage tiles "$limit" $PY bench/gemm.py --measure-tiles bench/results/tile_timings-h200.json ;;
     # Per-test timeout and an early stop, so the run ends (and prints its summary of failures)
     # inside the stage's limit.

@@ -87,3 +87,33 @@ def test_nano_batches_on_cuda_streams_match_eager(monkeypatch: pytest.MonkeyPatc
                 got = compiled(ids, use_cache=False).logits
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert executors and all(isinstance(ex, CudaStreams) for ex in executors)
+
+
+def test_serving_engine_on_the_gpu_generates_eager_tokens() -> None:
+    """The serving engine with its program, KV cache and step inputs on the GPU (dense stages
+    through Inductor and the Triton GEMMs, meta-attention over the paged cache, fp32): greedy
+    tokens equal eager transformers generation, with and without speculative verify."""
+    import copy
+
+    from tileflow.distributed import CausalLMStep, build_stage_program
+    from tileflow.serving import Request, ServingEngine
+
+    model = build("llama").cuda()
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "sdpa"
+    example = (torch.zeros(1, 4, dtype=torch.long, device="cuda"), torch.arange(4, device="cuda")[None])
+    program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40)]
+    for draft in (0, 2):
+        engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=draft, block_size=8, num_blocks=64,
+                               device="cuda")
+        requests = [Request(i, p, 8) for i, p in enumerate(prompts)]
+        engine.run(requests)
+        for r in requests:
+            ids = torch.tensor([r.prompt], device="cuda")
+            with torch.no_grad():
+                want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                          pad_token_id=0)
+            assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), (draft, r.id)
+        assert engine.allocator.all_free()

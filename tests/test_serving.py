@@ -169,6 +169,26 @@ def test_prefix_reuse_shares_blocks_and_keeps_tokens(llama_program) -> None:
     assert engine.allocator.all_free()
 
 
+def test_forward_with_prepared_inputs_equals_forward(llama_program) -> None:
+    """`prepare` is the whole host side of a step: a step run on prepared inputs gives the same
+    logits as one that prepares them itself, and both write the same rows into the cache."""
+    from tileflow.serving import Entry
+
+    program, _ = llama_program
+    engines = [ServingEngine(program, token_budget=16, decode_slots=2, block_size=4, num_blocks=16) for _ in range(2)]
+    for engine in engines:
+        for cache in engine.kv.k + engine.kv.v:
+            cache.normal_(generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
+    entries = [Entry(Request(0, [1] * 7, 1, blocks=[3, 9]), ids[0, :3].tolist(), 4, "prefill"),
+               Entry(Request(1, [2] * 6, 1, blocks=[0, 12]), ids[0, 3:].tolist(), 5, "decode")]
+    inputs = engines[0].prepare(entries)
+    assert inputs.ids.tolist() == ids.tolist() and inputs.positions.tolist() == [[4, 5, 6, 5]]
+    assert inputs.batch.host_seqlens_kv == (7, 6) and inputs.tree_mask is None
+    torch.testing.assert_close(engines[0].forward(entries, inputs), engines[1].forward(entries), rtol=0, atol=0)
+    for a, b in zip(engines[0].kv.k + engines[0].kv.v, engines[1].kv.k + engines[1].kv.v):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
 
 def test_serve_example_checks_against_eager() -> None:
     import subprocess

@@ -13,6 +13,7 @@ from ..capture import capture_exported
 from ..config import Config
 from ..pipeline import PassContext, PassManager
 from ..report import GraphReport
+from ..residual import resolve_residual
 from .layout import Layout
 from .transport import Transport
 
@@ -49,6 +50,10 @@ def build_stage_program(
     """Export `step(*inputs)` with the token dimension (dim 1 of every input) dynamic in
     [1, max_tokens], run tileflow's passes plus `disaggregate`, and split it into a `StageProgram`.
 
+    The dense stages run as `config.residual` says (`auto`: through Inductor on CUDA, with
+    tileflow's kernels opaque calls in them and every token count on one compiled graph; as
+    eager FX elsewhere), like the graph left after the passes of `backend="tileflow"`.
+
     The step must pack its tokens into one row and use causal attention without a mask tensor
     (for transformers models: `attn_implementation="tileflow_causal"`); otherwise the pass leaves
     it whole and this raises with the pass's reason.
@@ -69,7 +74,12 @@ def build_stage_program(
     if "disaggregate" not in report.rewrites:
         reasons = "; ".join(f"{f.node}: {f.reason}" for f in report.fallbacks if f.pass_name == "disaggregate") or "see the report"
         raise ValueError(f"the step cannot be disaggregated: {reasons}")
-    return split_stages(graph.gm)
+    program = split_stages(graph.gm)
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    if resolve_residual(config.residual, "cuda" if "cuda" in devices else next(iter(devices), "cpu")) == "inductor":
+        for stage in program.dense:
+            stage.module = torch.compile(stage.module, dynamic=True)
+    return program
 
 
 def init_distributed(

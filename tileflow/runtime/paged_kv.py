@@ -10,9 +10,11 @@ the device (the host already knows the lengths the task table needs).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .attention import run_meta_attention_varlen
@@ -65,33 +67,39 @@ class PagedKV:
                 f"{len(q_lens)} and {len(starts)} sequences"
             )
         bs = self.block_size
-        width = max(len(b) for b in blocks)
-        table = torch.zeros(len(blocks), max(width, 1), dtype=torch.int32)
-        slots: list[int] = []
-        for s, (b, n, start) in enumerate(zip(blocks, q_lens, starts)):
-            if n < 0 or start < 0 or start + n > len(b) * bs:
-                raise ValueError(
-                    f"sequence {s}: {n} new tokens at position {start} need {-(-(start + n) // bs)} blocks of "
-                    f"{bs} tokens, it has {len(b)}"
-                )
-            if any(not 0 <= block < self.num_blocks for block in b):
-                raise ValueError(f"sequence {s}: block ids {list(b)} outside [0, {self.num_blocks})")
-            table[s, : len(b)] = torch.tensor(list(b), dtype=torch.int32)
-            slots.extend(b[p // bs] * bs + p % bs for p in range(start, start + n))
-        cu = [0]
-        for n in q_lens:
-            cu.append(cu[-1] + n)
-        lens = [start + n for start, n in zip(starts, q_lens)]
-        host = torch.tensor(cu + lens, dtype=torch.int32)
-        # One host-to-device copy for the lengths, one for the table, one for the slots.
-        dev = host.to(self.device)
+        num_seqs = len(blocks)
+        owned = np.fromiter(map(len, blocks), dtype=np.int64, count=num_seqs)
+        ids = np.fromiter(itertools.chain.from_iterable(blocks), dtype=np.int64, count=int(owned.sum()))
+        new = np.asarray(q_lens, dtype=np.int64)
+        first = np.asarray(starts, dtype=np.int64)
+        bad = (new < 0) | (first < 0) | (first + new > owned * bs)
+        if bad.any():
+            s = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"sequence {s}: {new[s]} new tokens at position {first[s]} need {-(-(first[s] + new[s]) // bs)} "
+                f"blocks of {bs} tokens, it has {owned[s]}"
+            )
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
+            s = int(np.searchsorted(np.cumsum(owned), np.flatnonzero((ids < 0) | (ids >= self.num_blocks))[0], "right"))
+            raise ValueError(f"sequence {s}: block ids {list(blocks[s])} outside [0, {self.num_blocks})")
+        # Vectorized over tokens and blocks: a decode step has thousands of sequences.
+        row_of_block = np.repeat(np.arange(num_seqs), owned)
+        table = np.zeros((num_seqs, max(int(owned.max()), 1)), dtype=np.int32)
+        table[row_of_block, np.arange(ids.size) - np.repeat(np.cumsum(owned) - owned, owned)] = ids
+        cu = np.concatenate([[0], np.cumsum(new)])
+        row_of_token = np.repeat(np.arange(num_seqs), new)
+        pos = np.arange(int(cu[-1])) - np.repeat(cu[:-1], new) + np.repeat(first, new)
+        slots = table[row_of_token, pos // bs].astype(np.int64) * bs + pos % bs
+        lens = first + new
+        # One host-to-device copy each for the lengths, the table and the slots.
+        dev = torch.from_numpy(np.concatenate([cu, lens]).astype(np.int32)).to(self.device)
         return PagedBatch(
-            block_table=table.to(self.device),
-            cu_seqlens_q=dev[: len(cu)],
-            seqlens_kv=dev[len(cu):],
-            slots=torch.tensor(slots, dtype=torch.long).to(self.device),
-            host_cu_seqlens_q=tuple(cu),
-            host_seqlens_kv=tuple(lens),
+            block_table=torch.from_numpy(table).to(self.device),
+            cu_seqlens_q=dev[: num_seqs + 1],
+            seqlens_kv=dev[num_seqs + 1 :],
+            slots=torch.from_numpy(slots).to(self.device),
+            host_cu_seqlens_q=tuple(cu.tolist()),
+            host_seqlens_kv=tuple(lens.tolist()),
         )
 
     def write_batch(self, layer: int, batch: PagedBatch, k: torch.Tensor, v: torch.Tensor) -> None:

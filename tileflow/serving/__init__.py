@@ -6,7 +6,7 @@
 """
 
 from .blocks import BlockAllocator, OutOfBlocks, prefix_hashes
-from .engine import Metrics, ServingEngine, prompt_lookup_draft
+from .engine import Metrics, ServingEngine, StepInputs, prompt_lookup_draft
 from .scheduler import Entry, Request, Scheduler, accept_draft
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Request",
     "Scheduler",
     "ServingEngine",
+    "StepInputs",
     "accept_draft",
     "prefix_hashes",
     "prompt_lookup_draft",

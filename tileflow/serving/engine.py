@@ -35,6 +35,17 @@ def prompt_lookup_draft(tokens: Sequence[int], max_draft: int, ngram: int = 2) -
     return []
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """A step's device inputs: packed token ids and positions `[1, T]`, the batch layout over the
+    paged KV cache, and the verify tree mask (None when nothing is verified)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    batch: PagedBatch
+    tree_mask: torch.Tensor | None
+
+
 @dataclass
 class Metrics:
     """What a run measured (seconds, wall clock)."""
@@ -117,23 +128,37 @@ class ServingEngine:
         entries = self.scheduler.schedule(drafts)
         if not entries:
             raise RuntimeError("the scheduler produced an empty step with requests pending (no KV room?)")
-        ids = torch.tensor([[t for e in entries for t in e.tokens]]).to(self.device)
-        pos = torch.tensor([[e.start + i for e in entries for i in range(len(e.tokens))]]).to(self.device)
-        # The step's layout (block table, lengths, cache slots) is built once for every layer.
-        batch = self.kv.prepare([e.request.blocks for e in entries], [len(e.tokens) for e in entries],
-                                [e.start for e in entries])
-        tree = self._tree_mask(entries)
-        (logits,) = self.program.run([ids, pos], attention=lambda cut, q, k, v: self._attend(batch, tree, cut, q, k, v))
+        logits = self.forward(entries)
         predictions = logits[0].argmax(-1).tolist()  # one device read per step
         now = time.perf_counter() - self._start
         self.metrics.steps += 1
-        self.metrics.tokens_in_steps += ids.shape[1]
+        self.metrics.tokens_in_steps += logits.shape[1]
         row = 0
         for e in entries:
             n = len(e.tokens)
             self._advance(e, predictions[row : row + n], now)
             row += n
         return entries
+
+    def prepare(self, entries: Sequence[Entry]) -> StepInputs:
+        """The host work of a step: the packed token ids and positions, the batch layout over the
+        KV cache (built once for every layer) and the verify tree mask, all on the engine's device.
+        The requests' blocks must already hold every entry's positions."""
+        ids = torch.tensor([[t for e in entries for t in e.tokens]]).to(self.device)
+        pos = torch.tensor([[e.start + i for e in entries for i in range(len(e.tokens))]]).to(self.device)
+        batch = self.kv.prepare([e.request.blocks for e in entries], [len(e.tokens) for e in entries],
+                                [e.start for e in entries])
+        return StepInputs(ids, pos, batch, self._tree_mask(entries))
+
+    @torch.no_grad()  # serving never needs gradients (and compiled stages guard on grad mode)
+    def forward(self, entries: Sequence[Entry], inputs: StepInputs | None = None) -> torch.Tensor:
+        """Run the model over the entries' tokens packed into one batch, writing their k/v into
+        the cache; returns the logits `[1, total tokens, vocab]` (on the engine's device).
+        `inputs` is `prepare(entries)` when the caller already made it."""
+        step = inputs if inputs is not None else self.prepare(entries)
+        attend = lambda cut, q, k, v: self._attend(step.batch, step.tree_mask, cut, q, k, v)  # noqa: E731
+        (logits,) = self.program.run([step.ids, step.positions], attention=attend)
+        return logits
 
     def _advance(self, e: Entry, predictions: list[int], now: float) -> None:
         r = e.request

@@ -120,7 +120,8 @@ def run_gpu(quick: bool, write: bool) -> int:
         f"- geomean tileflow / {name}: **{geomean(vals):.2f}x**" for name, vals in ratios.items()
     ] + [
         f"- tileflow at M >= 2048: {100 * geomean(big_m_fraction):.0f}% of the measured {peak:.0f} TFLOP/s bf16 ceiling (geomean)",
-        f"- tileflow kernels compiled per (N, K): {kernels} (each serves its plan's M range; no recompiles)",
+        f"- tileflow kernels compiled per (N, K): {kernels} (each serves its plan's M range; a split-K kernel and its "
+        "reduce kernel count as one; no recompiles)",
         "- cuBLAS and Inductor pick their own kernels per call; Inductor compiled once per method with dynamic=True.",
         "- times: median over CUDA-graph replays (device time, no host launch overhead), rotating input sets.",
     ] + [f"- FAILED: {failure}" for failure in failures]

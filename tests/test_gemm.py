@@ -213,3 +213,48 @@ def test_measured_persistent_variant_runs_and_takes_its_grid_share(tmp_path, mon
     assert [launch["persistent"] for launch in launches] == [True, True]
     assert "num_programs" not in launches[0]  # the whole device: the kernel's own default
     assert launches[1]["num_programs"] == max(1, int((os.cpu_count() or 1) * 0.5))
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize("activation,has_bias,has_residual", [("none", False, False), ("swiglu", True, False),
+                                                              ("gelu", True, True)])
+def test_split_k_pieces_dispatch_and_match_float64(monkeypatch, target, activation, has_bias, has_residual) -> None:
+    """A plan made for an H200 splits K for these few-tile GEMMs: the runtime launches the
+    split-K kernel with the piece's factor, and the result equals float64 (the plan is
+    carried as a node would carry it; the kernels run on the CPU)."""
+    from tileflow.devices import get_device
+    from tileflow.tiles import build_tile_plan
+
+    n, k = 96, 4096
+    plan = build_tile_plan(n, k, "float32", m_max=512, device=get_device("H200"),
+                           weight_tiles=2 if activation == "swiglu" else 1)
+    launches: list[dict] = []
+    real_get_kernel = runtime.get_kernel
+
+    def spying_get_kernel(target, spec, artifact_dir=None):
+        kernel = real_get_kernel(target, spec, artifact_dir)
+
+        def launch(*args, **kwargs):
+            launches.append({"split": spec.param("split_k", False), **kwargs})
+            return kernel(*args, **kwargs)
+
+        return launch
+
+    monkeypatch.setattr(runtime, "get_kernel", spying_get_kernel)
+    gen = torch.Generator().manual_seed(11)
+    for m in (3, 40):
+        piece = plan.piece_for(m)
+        assert piece.split_k > 1, plan.describe()
+        x = torch.randn(m, k, generator=gen)
+        rows = 2 * n if activation == "swiglu" else n
+        w = torch.randn(rows, k, generator=gen) / k**0.5
+        bias = torch.randn(rows, generator=gen) if has_bias else None
+        residual = torch.randn(m, n, generator=gen) if has_residual else None
+        got = runtime.run_padded_gemm(x, w, bias, residual, activation, torch.float32, runtime.encode_plan(plan), target)
+        up = {}
+        if activation == "swiglu":
+            up = {"weight_up": w[n:], "bias_up": None if bias is None else bias[n:]}
+            w, bias = w[:n], None if bias is None else bias[:n]
+        want = oracle(x, w, bias, residual, activation, **up)
+        assert rel_err(got, want) < 1e-5
+        assert launches[-1]["split"] and launches[-1]["split_k"] == piece.split_k

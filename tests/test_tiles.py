@@ -21,10 +21,13 @@ from tileflow.tiles import (
     PlanPiece,
     TilePlan,
     _build_tile_plan_cached,
+    _tile_roofline,
     build_tile_plan,
     candidate_configs,
     estimate_seconds,
     estimate_tile_seconds,
+    split_k_factors,
+    split_reduce_seconds,
     tile_efficiency,
     token_range,
 )
@@ -57,14 +60,32 @@ def plan_of(p: dict, **kw) -> TilePlan:
     )
 
 
-def brute_force_choice(m: int, p: dict, measured=None) -> tuple[TileConfig, float]:
+def brute_force_choice(m: int, p: dict, measured=None, unsplit: frozenset = frozenset()) -> tuple[TileConfig, float]:
     """Cheapest candidate at m by direct evaluation; ties to the larger config (block_m first)."""
+    config, _, cost = brute_force_variant(m, p, measured, unsplit)
+    return config, cost
+
+
+def brute_force_variant(m: int, p: dict, measured=None, unsplit: frozenset = frozenset()) -> tuple[TileConfig, int, float]:
+    """Cheapest (config, split_k) at m by direct evaluation, split variants only without
+    measured times and not for the configs in `unsplit`; ties to the larger config, then to
+    the smaller split (one launch)."""
     cands = candidate_configs(p["n"], p["k"], p["dtype"], p["device"])
-    costs = {
-        c: estimate_seconds(m, p["n"], p["k"], c, p["device"], p["dtype"], measured) for c in cands
-    }
+    costs = {}
+    for c in cands:
+        splits = (1,) if measured or c in unsplit else split_k_factors(c, p["k"], p["device"])
+        for split in splits:
+            costs[c, split] = estimate_seconds(m, p["n"], p["k"], c, p["device"], p["dtype"], measured, split_k=split)
     best = min(costs.values())
-    return max(c for c in cands if costs[c] == best), best
+    config, neg_split = max((c, -split) for (c, split), cost in costs.items() if cost == best)
+    return config, -neg_split, best
+
+
+def kept_unsplit(plan: TilePlan, p: dict) -> frozenset:
+    """The configs whose split variant the plan never runs (so a brute force must not either:
+    the plan drops split variants to stay within MAX_CONFIGS kernels)."""
+    split = {pc.config for pc in plan.pieces if pc.split_k > 1}
+    return frozenset(c for c in candidate_configs(p["n"], p["k"], p["dtype"], p["device"]) if c not in split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,8 +237,8 @@ def test_plan_covers_range_exactly_and_padding_below_one_tile(p: dict, data: st.
     assert all(a.hi + 1 == b.lo for a, b in zip(pieces, pieces[1:]))
     assert all(pc.lo <= pc.hi for pc in pieces)
     assert sum(pc.hi - pc.lo + 1 for pc in pieces) == p["m_max"] - p["m_min"] + 1
-    assert all(a.config != b.config for a, b in zip(pieces, pieces[1:]))  # merged
-    assert len(plan.configs) <= MAX_CONFIGS
+    assert all((a.config, a.split_k) != (b.config, b.split_k) for a, b in zip(pieces, pieces[1:]))  # merged
+    assert len(plan.variants) <= MAX_CONFIGS
     assert set(plan.configs) <= set(candidate_configs(p["n"], p["k"], p["dtype"], p["device"]))
     ms = data.draw(st.lists(st.integers(p["m_min"], p["m_max"]), min_size=1, max_size=40))
     for m in ms + [p["m_min"], p["m_max"]]:
@@ -235,11 +256,12 @@ def test_plan_covers_range_exactly_and_padding_below_one_tile(p: dict, data: st.
 def test_plan_agrees_with_brute_force(p: dict, data: st.DataObject) -> None:
     plan = plan_of(p)
     ms = data.draw(st.lists(st.integers(p["m_min"], p["m_max"]), min_size=1, max_size=30))
+    unsplit = kept_unsplit(plan, p)
     for m in ms + [p["m_min"], p["m_max"]]:
-        best_cfg, best_cost = brute_force_choice(m, p)
-        chosen = plan.select_tile(m)
-        assert estimate_seconds(m, p["n"], p["k"], chosen, p["device"], p["dtype"]) == best_cost
-        assert chosen == best_cfg  # including the tie rule (larger block_m wins)
+        best_cfg, best_split, best_cost = brute_force_variant(m, p, unsplit=unsplit)
+        piece = plan.piece_for(m)
+        assert estimate_seconds(m, p["n"], p["k"], piece.config, p["device"], p["dtype"], split_k=piece.split_k) == best_cost
+        assert (piece.config, piece.split_k) == (best_cfg, best_split)  # including the tie rules
 
 
 @pytest.mark.parametrize("device_name", sorted(DEVICES))
@@ -250,8 +272,10 @@ def test_plan_matches_brute_force_at_every_m(device_name: str, n: int, k: int) -
     for m_min in (1, 37):
         p = dict(n=n, k=k, dtype="float16", device=device, m_min=m_min, m_max=600)
         plan = plan_of(p)
+        unsplit = kept_unsplit(plan, p)
         for m in range(m_min, 601):
-            assert plan.select_tile(m) == brute_force_choice(m, p)[0], m
+            piece = plan.piece_for(m)
+            assert (piece.config, piece.split_k) == brute_force_variant(m, p, unsplit=unsplit)[:2], m
 
 
 @SETTINGS
@@ -262,7 +286,7 @@ def test_total_cost_non_decreasing_in_m(p: dict, data: st.DataObject) -> None:
     start = data.draw(st.integers(p["m_min"], p["m_max"]))
     stop = min(p["m_max"], start + 300)
     costs = [
-        estimate_seconds(m, p["n"], p["k"], plan.select_tile(m), p["device"], p["dtype"])
+        estimate_seconds(m, p["n"], p["k"], plan.select_tile(m), p["device"], p["dtype"], split_k=plan.piece_for(m).split_k)
         for m in range(start, stop + 1)
     ]
     assert all(a <= b for a, b in zip(costs, costs[1:]))
@@ -282,7 +306,9 @@ def test_tiny_m_never_loses_to_a_taller_tile(p: dict, m: int) -> None:
     smallest = min(cands, key=lambda c: c.block_m)
     cost = {c: estimate_seconds(m, p["n"], p["k"], c, p["device"], p["dtype"]) for c in cands}
     assert all(cost[smallest] <= cost[c] * (1 + 1e-12) for c in cands)
-    chosen = plan_of(p).select_tile(m)
+    # A property of the tile shapes: compared among unsplit kernels (a split variant of a taller
+    # tile may fill more cores still; the brute-force tests cover those).
+    chosen = plan_of(p, split_variants=False).select_tile(m)
     assert cost[chosen] == min(cost.values())
     if -(-p["n"] // smallest.block_n) < p["device"].cores:
         assert chosen == smallest
@@ -454,7 +480,7 @@ def test_token_range_feeds_plan() -> None:
 @SETTINGS
 @given(problems(), st.data())
 def test_persistent_variant_runs_exactly_where_its_measured_time_wins(p: dict, data: st.DataObject) -> None:
-    default = plan_of(p)
+    default = plan_of(p, split_variants=False)  # plans with measured times never split K
     configs = default.configs
     faster = data.draw(st.sampled_from(configs))
     slower = data.draw(st.sampled_from(configs))
@@ -475,3 +501,70 @@ def test_persistent_variant_runs_exactly_where_its_measured_time_wins(p: dict, d
     assert TilePlan.from_dict(plan.to_dict()) == plan
     assert ("persistent" in plan.describe()) == any(pc.persistent for pc in plan.pieces)
     assert not any(pc.persistent for pc in default.pieces) and "persistent" not in json.dumps(default.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# split-K pieces
+
+
+H200 = DEVICES["H200"]
+
+
+def test_split_k_cost_adds_programs_and_the_reduce() -> None:
+    cfg = TileConfig(64, 128, 64)
+    m, n, k = 64, 4096, 4096
+    programs = 32 * 4  # 1 x 32 tiles, each split in 4
+    compute, memory = _tile_roofline(cfg, k // 4, "bfloat16", H200)
+    want = max(compute, max(1.0, programs / H200.cores) * memory) + split_reduce_seconds(64, n, 4, H200, "bfloat16")
+    assert estimate_seconds(m, n, k, cfg, H200, "bfloat16", split_k=4) == pytest.approx(want)
+    # The reduce reads and writes 2 x 4 fp32 partials per output and writes the output once.
+    assert split_reduce_seconds(64, n, 4, H200, "bfloat16") == pytest.approx(
+        (2 * 4 * 64 * n * 4 + 64 * n * 2) / H200.mem_bw_bytes + 3e-6)
+    assert split_reduce_seconds(64, n, 1, H200, "bfloat16") == 0.0
+    with pytest.raises(ValueError, match="unsplit"):
+        estimate_seconds(m, n, k, cfg, H200, "bfloat16", {cfg: 1e-6}, split_k=2)
+
+
+def test_split_k_factors_keep_enough_of_k_and_only_on_gpus() -> None:
+    cfg = TileConfig(64, 128, 64)
+    assert split_k_factors(cfg, 4096, H200) == (1, 2, 4)
+    assert split_k_factors(cfg, 2048, H200) == (1, 2)  # 4 parts of 512 would each stream too little
+    assert split_k_factors(cfg, 1000, H200) == (1,)
+    assert split_k_factors(cfg, 4096, DEVICES["Ascend-910B"]) == (1,)
+    assert split_k_factors(cfg, 4096, CPU) == (1,)
+
+
+def test_llama_plans_split_k_where_tiles_leave_sms_idle() -> None:
+    """4096-wide Llama GEMMs at a few hundred tokens fill a fraction of an H200's 132 SMs with
+    whole-K tiles: their plans split K there, and not at prefill sizes or for the 28672-wide
+    gate/up projection (whose tiles fill the SMs)."""
+    for n, k in [(4096, 4096), (6144, 4096), (4096, 14336)]:
+        plan = build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200)
+        assert all(plan.piece_for(m).split_k > 1 for m in (33, 64, 128, 256)), plan.describe()
+        assert plan.piece_for(1).split_k == 1 and plan.piece_for(4096).split_k == 1
+        assert len(plan.variants) <= MAX_CONFIGS
+        assert "split-K" in plan.describe() and TilePlan.from_dict(plan.to_dict()) == plan
+    wide = build_tile_plan(28672, 4096, "bfloat16", m_max=8192, device=H200)
+    assert all(pc.split_k == 1 for pc in wide.pieces)
+    assert all(pc.split_k == 1 for pc in build_tile_plan(4096, 4096, "bfloat16", m_max=8192, device=H200,
+                                                          split_variants=False).pieces)
+
+
+@SETTINGS
+@given(problems())
+def test_split_k_only_on_gpus_and_never_with_measured_times(p: dict) -> None:
+    plan = plan_of(p)
+    if p["device"].kind != "gpu":
+        assert all(pc.split_k == 1 for pc in plan.pieces)
+    measured = {c: estimate_tile_seconds(c, p["n"], p["k"], p["dtype"], p["device"]) for c in plan.configs}
+    assert all(pc.split_k == 1 for pc in plan_of(p, measured=measured).pieces)
+    for pc in plan.pieces:
+        assert pc.split_k in split_k_factors(pc.config, p["k"], p["device"])
+
+
+def test_plan_piece_rejects_bad_split() -> None:
+    cfg = TileConfig(64, 128, 64)
+    with pytest.raises(ValueError, match="split_k"):
+        PlanPiece(1, 2, cfg, split_k=0)
+    with pytest.raises(ValueError, match="not both"):
+        PlanPiece(1, 2, cfg, persistent=True, split_k=2)

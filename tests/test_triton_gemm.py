@@ -62,6 +62,7 @@ def gemm_spec(
     tile: TileConfig = TILE_A,
     persistent: bool = False,
     out_dtype: str | None = None,
+    split_k: bool = False,
 ) -> KernelSpec:
     """A padded_gemm spec; `cast` in the epilogue defaults the output to float32."""
     if out_dtype is None:
@@ -72,7 +73,7 @@ def gemm_spec(
         out_dtype=out_dtype,
         tile=tile,
         epilogue=epilogue,
-        params=make_params(n=n, k=k, persistent=persistent),
+        params=make_params(n=n, k=k, persistent=persistent, **({"split_k": True} if split_k else {})),
     )
 
 
@@ -121,6 +122,40 @@ def _case_id(value: object) -> str:
 def test_epilogue(dtype: str, epilogue: tuple[str, ...]) -> None:
     spec = gemm_spec(dtype, epilogue, k=72, tile=TILE_B)
     run_case(spec, 37, seed=sum(map(ord, dtype + "-".join(epilogue))))
+
+
+# ------------------------------------------------------------------------------------------
+# Split-K: partial tiles into an fp32 workspace, then the reduce kernel with the epilogue
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 17, 63, 100, 129, 1000])
+def test_split_k_gemm_every_m(dtype: str, m: int) -> None:
+    # K = 136: five BLOCK_K steps of 32, the last one masked. split_k 2 gives parts of 3 + 2
+    # steps; 4 asks for more parts than a 2-step split allows and runs 3.
+    for split_k in (2, 4):
+        run_case(gemm_spec(dtype, k=136, split_k=True), m, seed=3000 + m + split_k, split_k=split_k)
+
+
+@pytest.mark.parametrize("dtype,epilogue", EPILOGUE_CASES, ids=_case_id)
+def test_split_k_epilogue(dtype: str, epilogue: tuple[str, ...]) -> None:
+    spec = gemm_spec(dtype, epilogue, k=72, tile=TILE_B, split_k=True)
+    run_case(spec, 37, seed=sum(map(ord, dtype + "split" + "-".join(epilogue))), split_k=3)
+
+
+def test_split_k_one_part_and_launch_errors() -> None:
+    spec = gemm_spec("float32", ("bias", "residual"), k=96, split_k=True)
+    run_case(spec, 20, seed=5, split_k=1)  # one part: the reduce kernel alone applies the epilogue
+    kernel = build(spec)
+    inputs = make_inputs(spec, DEVICE, 4, 0)
+    with pytest.raises(ValueError, match="needs split_k"):
+        kernel(inputs["x"], inputs["weight"], inputs["bias"], inputs["residual"])
+    plain = build(gemm_spec("float32"))
+    with pytest.raises(ValueError, match="split-K kernel"):
+        plain(*make_inputs(gemm_spec("float32"), DEVICE, 4, 0).values(), split_k=2)
+    with pytest.raises(ValueError, match="not both"):
+        render_gemm_source(gemm_spec("float32", persistent=True, split_k=True))
 
 
 def test_cast_to_float16_from_float32() -> None:

@@ -47,16 +47,20 @@ def gemm_spec(
     has_bias: bool = False,
     has_residual: bool = False,
     persistent: bool = False,
+    split_k: bool = False,
 ) -> KernelSpec:
-    """The KernelSpec of one fixed-tile padded GEMM (N is the output width, K the reduction)."""
+    """The KernelSpec of one fixed-tile padded GEMM (N is the output width, K the reduction);
+    `split_k` asks for the split-K kernel pair (the split factor is a launch argument)."""
     dtype, out_dtype = dtype_name(dtype), dtype_name(out_dtype)
+    # The split flag joins the params only when set, so unsplit specs keep their digests.
+    extra = {"split_k": True} if split_k else {}
     return KernelSpec(
         op="padded_gemm",
         dtype=dtype,
         out_dtype=out_dtype,
         tile=tile,
         epilogue=gemm_epilogue(has_bias=has_bias, activation=activation, has_residual=has_residual, cast=dtype != out_dtype),
-        params=make_params(n=n, k=k, persistent=persistent),
+        params=make_params(n=n, k=k, persistent=persistent, **extra),
     )
 
 
@@ -102,8 +106,8 @@ def grouped_gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpe
 
 
 def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
-    """One spec per kernel of `plan` (config, and its persistent variant where the plan runs it),
-    for a `tileflow::padded_gemm` node."""
+    """One spec per kernel of `plan` (config, and its persistent or split-K variant where the
+    plan runs it), for a `tileflow::padded_gemm` node."""
     x, weight = node.args[0], node.args[1]
     names = ("bias", "residual", "activation", "out_dtype", "plan", "target", "weight_up", "bias_up")
     kwargs = dict(zip(names, node.args[2:]))
@@ -116,9 +120,9 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
         gemm_spec(
             dtype=xv.dtype, out_dtype=out_dtype, n=int(n), k=int(wv.shape[1]), tile=tile,
             activation=activation, has_bias=kwargs.get("bias") is not None,
-            has_residual=kwargs.get("residual") is not None, persistent=persistent,
+            has_residual=kwargs.get("residual") is not None, persistent=persistent, split_k=split,
         )
-        for tile, persistent in plan.variants
+        for tile, persistent, split in plan.variants
     ]
 
 

@@ -12,7 +12,11 @@ This module provides:
 - `estimate_tile_seconds` / `estimate_seconds`: a small, documented analytic cost model
   (a per-tile roofline times the number of waves of tiles over the cores), which measured
   per-tile times can replace;
-- `build_tile_plan` -> `TilePlan`: the cheapest config for every M, merged into pieces;
+- `split_k_factors` / `split_reduce_seconds`: split-K on GPUs, where a few hundred tokens leave
+  most SMs idle with whole-K tiles: each tile's K range runs on several programs and a second
+  small kernel sums the fp32 partials and applies the epilogue;
+- `build_tile_plan` -> `TilePlan`: the cheapest config (and split) for every M, merged into
+  pieces;
 - `token_range`: integer bounds of a symbolic M (a sympy expression over shape symbols).
 
 Everything here is deterministic: plans depend only on their arguments, never on the machine.
@@ -70,6 +74,15 @@ _CPU_BLOCK_NK = 32
 # tl.dot needs every block dimension >= 16.
 _MIN_BLOCK = 16
 _MAX_STAGES = 4
+
+# Split-K (GPUs only): when a GEMM's tiles leave SMs idle (a few hundred tokens against a 4096-wide
+# weight), each tile's K range is split over `split_k` programs that write fp32 partial tiles; a
+# second small kernel sums them and applies the epilogue. Each part keeps at least
+# `_MIN_SPLIT_K` of K, so a program still streams enough of the weight to pipeline its loads.
+SPLIT_K_FACTORS: tuple[int, ...] = (2, 4)
+_MIN_SPLIT_K = 1024
+# The reduce kernel's launch, on top of its memory traffic (a kernel launch on the device).
+_SPLIT_REDUCE_LAUNCH_SECONDS = 3e-6
 
 MeasuredArg = Union[Mapping[TileConfig, float], Iterable[tuple[TileConfig, float]], None]
 
@@ -244,6 +257,30 @@ def _measured_items(measured: MeasuredArg) -> tuple[tuple[TileConfig, float], ..
     return tuple(sorted(out.items()))
 
 
+def split_k_factors(config: TileConfig, k: int, device: DeviceInfo) -> tuple[int, ...]:
+    """The split-K factors a plan may run `config` with over reduction length `k` on `device`:
+    1, plus `SPLIT_K_FACTORS` on GPUs where every part keeps at least `_MIN_SPLIT_K` of K (in
+    whole BLOCK_K steps)."""
+    if device.kind != "gpu":
+        return (1,)
+    steps = -(-k // config.block_k)
+    return (1,) + tuple(s for s in SPLIT_K_FACTORS if steps // s * config.block_k >= _MIN_SPLIT_K)
+
+
+def split_reduce_seconds(rows: Any, n: int, split_k: int, device: DeviceInfo, out_dtype: Any, *, weight_tiles: int = 1) -> Any:
+    """The split-K reduce kernel's time for `rows` output rows (an int or a numpy array): it
+    reads `split_k` fp32 partial tiles per output (two per output for a fused SwiGLU), which the
+    GEMM wrote, and writes the output once; plus a launch. 0 for `split_k` 1.
+
+    Callers pass M rounded up to the tile's block_m (partials are counted in whole row tiles,
+    like the GEMM's own cost), so the cost is constant between tile boundaries."""
+    if split_k == 1:
+        return 0.0 * rows
+    partial_bytes = 2 * split_k * weight_tiles * rows * n * 4  # written, then read back
+    out_bytes = rows * n * _element_bytes(dtype_name(out_dtype))
+    return (partial_bytes + out_bytes) / device.mem_bw_bytes + _SPLIT_REDUCE_LAUNCH_SECONDS
+
+
 def estimate_seconds(
     m: int,
     n: int,
@@ -252,6 +289,9 @@ def estimate_seconds(
     device: DeviceInfo,
     dtype: Any,
     measured: MeasuredArg = None,
+    *,
+    split_k: int = 1,
+    weight_tiles: int = 1,
 ) -> float:
     """Estimated time of an (m x k) @ (k x n) GEMM run with one fixed tile `config`.
 
@@ -262,51 +302,68 @@ def estimate_seconds(
     wave), memory costs max(1, tiles / cores) * per-tile memory (resident tiles share the
     device's bandwidth, so a partly filled wave leaves none of it idle), and cost is the larger.
     Rows padded in the last M tile cost full time through ceil(m / bm).
+
+    With `split_k` > 1 (never for a measured config) each tile becomes `split_k` programs over
+    ceil(k / split_k) of the reduction, and `split_reduce_seconds` is added (`weight_tiles=2`
+    for a fused SwiGLU, whose programs keep two partial tiles).
     """
     m = operator.index(m)
     if m < 0:
         raise ValueError(f"m must be >= 0, got {m}")
-    _check_positive(n=n, k=k)
+    _check_positive(n=n, k=k, split_k=split_k)
     tiles = -(-m // config.block_m) * -(-n // config.block_n)
     if tiles == 0:
         return 0.0
-    waves = -(-tiles // device.cores)
     measured_map = dict(_measured_items(measured))
     if config in measured_map:
-        return waves * measured_map[config]
-    compute, memory = _tile_roofline(config, k, dtype_name(dtype), device)
+        if split_k != 1:
+            raise ValueError(f"measured tile times are for unsplit kernels; got split_k={split_k} for {config.name}")
+        return -(-tiles // device.cores) * measured_map[config]
+    programs = tiles * split_k
+    waves = -(-programs // device.cores)
+    compute, memory = _tile_roofline(config, -(-k // split_k), dtype_name(dtype), device)
     # Compute is bound to the core running the tile: a partly filled last wave costs a full
     # wave. Bandwidth is not: tiles resident beside each other share the whole memory system,
     # so memory time grows with the tile count itself once every core has a tile.
-    return max(waves * compute, max(1.0, tiles / device.cores) * memory)
+    rows = -(-m // config.block_m) * config.block_m
+    return max(waves * compute, max(1.0, programs / device.cores) * memory) + split_reduce_seconds(
+        rows, n, split_k, device, dtype, weight_tiles=weight_tiles)
 
 
 @dataclass(frozen=True)
 class PlanPiece:
     """Token counts `lo..hi` (both inclusive) run with tile config `config`, as the persistent
-    kernel variant when `persistent` (chosen only where measured times say it wins)."""
+    kernel variant when `persistent` (chosen only where measured times say it wins), with each
+    tile's K range split over `split_k` programs when it is more than 1 (see `SPLIT_K_FACTORS`)."""
 
     lo: int
     hi: int
     config: TileConfig
     persistent: bool = False
+    split_k: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.lo <= self.hi:
             raise ValueError(f"PlanPiece needs 1 <= lo <= hi, got lo={self.lo}, hi={self.hi}")
+        if isinstance(self.split_k, bool) or not isinstance(self.split_k, int) or self.split_k < 1:
+            raise ValueError(f"PlanPiece split_k must be an int >= 1, got {self.split_k!r}")
+        if self.persistent and self.split_k > 1:
+            raise ValueError("a PlanPiece is persistent or split along K, not both")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
         data = {"lo": self.lo, "hi": self.hi, "config": self.config.to_dict()}
         if self.persistent:
             data["persistent"] = True
+        if self.split_k > 1:
+            data["split_k"] = self.split_k
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PlanPiece":
         """Inverse of `to_dict`."""
         return cls(int(data["lo"]), int(data["hi"]), TileConfig.from_dict(dict(data["config"])),
-                   bool(data.get("persistent", False)))
+                   bool(data.get("persistent", False)), int(data.get("split_k", 1)))
 
 
 @dataclass(frozen=True)
@@ -365,9 +422,10 @@ class TilePlan:
         return tuple(dict.fromkeys(p.config for p in self.pieces))
 
     @property
-    def variants(self) -> tuple[tuple[TileConfig, bool], ...]:
-        """Distinct (config, persistent) kernels the plan uses, in order of first use."""
-        return tuple(dict.fromkeys((p.config, p.persistent) for p in self.pieces))
+    def variants(self) -> tuple[tuple[TileConfig, bool, bool], ...]:
+        """Distinct (config, persistent, split) kernels the plan uses, in order of first use: a
+        split kernel serves every split factor of its config (the factor is a launch argument)."""
+        return tuple(dict.fromkeys((p.config, p.persistent, p.split_k > 1) for p in self.pieces))
 
     def padded_rows(self, m: int) -> int:
         """Rows of (virtual) padding in the last M tile when `m` runs with its selected config."""
@@ -402,7 +460,7 @@ class TilePlan:
     def describe(self) -> str:
         """One line per piece joined by '; ', e.g. `M 1..16 -> m16n64k64w4s4; M 17..64 -> ...`."""
         return "; ".join(f"M {p.lo}..{p.hi} -> {p.config.name}" + (" persistent" if p.persistent else "")
-                         for p in self.pieces)
+                         + (f" split-K {p.split_k}" if p.split_k > 1 else "") for p in self.pieces)
 
 
 @functools.lru_cache(maxsize=256)
@@ -416,6 +474,7 @@ def _build_tile_plan_cached(
     measured: tuple[tuple[TileConfig, float], ...],
     measured_persistent: tuple[tuple[TileConfig, float], ...] = (),
     weight_tiles: int = 1,
+    split_variants: bool = True,
 ) -> TilePlan:
     measured_map = dict(measured)
     persistent_map = dict(measured_persistent)
@@ -424,7 +483,18 @@ def _build_tile_plan_cached(
     # config's persistent variant is a candidate only where it was measured, right after the
     # plain one, so a tie keeps the plain kernel.
     configs = sorted(candidate_configs(n, k, dtype, device, weight_tiles=weight_tiles), reverse=True)
-    cands = [(c, p) for c in configs for p in (False, True) if not p or c in persistent_map]
+    # Candidates: (config, persistent, split_k). Split-K variants are modeled, never measured, so
+    # they compete only in plans without measured times (mixing a model with measurements would
+    # compare numbers of different kinds); they come after their config's unsplit kernel, so a
+    # tie keeps the single launch.
+    any_measured = any(c in measured_map or c in persistent_map for c in configs)  # others are ignored
+    cands = []
+    for c in configs:
+        cands.append((c, False, 1))
+        if c in persistent_map:
+            cands.append((c, True, 1))
+        if split_variants and not any_measured:
+            cands += [(c, False, s) for s in split_k_factors(c, k, device)[1:]]
     # Every block_m is a power of two, so all tile boundaries are multiples of the smallest
     # one, g: ceil(m / bm) and hence every candidate's cost is constant on (j*g, (j+1)*g].
     # Evaluating one M per such segment is exact and g times cheaper than every M.
@@ -435,18 +505,38 @@ def _build_tile_plan_cached(
         ([m_min], np.arange(j_first, j_last + 1, dtype=np.int64) * g + 1)
     ).astype(np.int64)
     costs = np.empty((len(cands), len(starts)), dtype=np.float64)
-    for row, (config, persistent) in enumerate(cands):
+    for row, (config, persistent, split) in enumerate(cands):
         tiles = -(-starts // config.block_m) * (-(-n // config.block_n))
-        waves = -(-tiles // device.cores)
         # Same arithmetic as `estimate_seconds`, so the plan agrees bit for bit with a
         # brute-force evaluation. A persistent grid of one program per core runs the same
         # waves; only its measured per-tile time differs.
         if persistent or config in measured_map:
+            waves = -(-tiles // device.cores)
             costs[row] = waves * (persistent_map[config] if persistent else measured_map[config])
         else:
-            compute, memory = _tile_roofline(config, k, dtype, device)
-            costs[row] = np.maximum(waves * compute, np.maximum(1.0, tiles / device.cores) * memory)
+            programs = tiles * split
+            waves = -(-programs // device.cores)
+            compute, memory = _tile_roofline(config, -(-k // split), dtype, device)
+            costs[row] = np.maximum(waves * compute, np.maximum(1.0, programs / device.cores) * memory)
+            costs[row] += split_reduce_seconds(-(-starts // config.block_m) * config.block_m, n, split, device, dtype,
+                                               weight_tiles=weight_tiles)
     choice = np.argmin(costs, axis=0)
+    # A split kernel is a kernel of its own: while the plan would use more than MAX_CONFIGS,
+    # drop the split variant that serves the fewest token counts and choose again.
+    while True:
+        variants = {(cands[i][0], cands[i][1], cands[i][2] > 1) for i in np.unique(choice)}
+        if len(variants) <= MAX_CONFIGS:
+            break
+        widths = np.diff(np.append(starts, m_max + 1))
+        served = {}
+        for i, w in zip(choice, widths):
+            if cands[i][2] > 1:
+                served[cands[i][0]] = served.get(cands[i][0], 0) + int(w)
+        drop = min(served, key=lambda c: (served[c], c))
+        for row, (config, _, split) in enumerate(cands):
+            if config == drop and split > 1:
+                costs[row] = np.inf
+        choice = np.argmin(costs, axis=0)
     # Merge consecutive segments with the same choice into pieces.
     change = np.flatnonzero(choice[1:] != choice[:-1]) + 1
     bounds = [0, *change.tolist(), len(starts)]
@@ -454,8 +544,8 @@ def _build_tile_plan_cached(
     for a, b in zip(bounds, bounds[1:]):
         lo = int(starts[a])
         hi = int(starts[b]) - 1 if b < len(starts) else m_max
-        config, persistent = cands[int(choice[a])]
-        pieces.append(PlanPiece(lo, hi, config, persistent))
+        config, persistent, split = cands[int(choice[a])]
+        pieces.append(PlanPiece(lo, hi, config, persistent, split))
     return TilePlan(n, k, dtype, device.name, m_min, m_max, tuple(pieces))
 
 
@@ -470,6 +560,7 @@ def build_tile_plan(
     measured: MeasuredArg = None,
     measured_persistent: MeasuredArg = None,
     weight_tiles: int = 1,
+    split_variants: bool = True,
 ) -> TilePlan:
     """The tile plan for an (M x k) @ (k x n) GEMM over every integer M in [m_min, m_max].
 
@@ -482,13 +573,19 @@ def build_tile_plan(
     between multiples of the smallest block_m, evaluated with numpy) and is cached, so
     building it again with equal arguments returns the same object. `weight_tiles=2` plans a
     fused SwiGLU (see `candidate_configs`).
+
+    On GPUs, in plans without measured times, a piece may split each tile's K range over
+    `split_k` programs (factors from `split_k_factors`, costed by `estimate_seconds` with the
+    reduce kernel) where that is cheaper, as when a few hundred tokens leave most SMs idle;
+    `split_variants=False` plans unsplit kernels only (for kernels without a split-K variant).
+    A split kernel counts as a kernel of its own: a plan never uses more than MAX_CONFIGS.
     """
     _check_positive(n=n, k=k, m_min=m_min, m_max=m_max)
     if m_min > m_max:
         raise ValueError(f"m_min ({m_min}) must be <= m_max ({m_max})")
     return _build_tile_plan_cached(
         int(n), int(k), dtype_name(dtype), int(m_min), int(m_max), device, _measured_items(measured),
-        _measured_items(measured_persistent), weight_tiles,
+        _measured_items(measured_persistent), weight_tiles, split_variants,
     )
 
 

@@ -237,12 +237,16 @@ def _launch_benchmark_kernels() -> None:
             for persistent in (False, True):
                 spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile, persistent=persistent)
                 runtime.get_kernel("triton", spec)(x, w)
+            # The split-K pair (partial tiles, then the reduce kernel).
+            spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile, split_k=True)
+            runtime.get_kernel("triton", spec)(x, w, split_k=4)
     # Llama-3-8B's fused SwiGLU MLP (gate and up weights separate, as the pass fuses them).
     x = torch.randn(3, 4096, dtype=bf16)
     gate, up = torch.randn(14336, 4096, dtype=bf16), torch.randn(14336, 4096, dtype=bf16)
     for tile in candidate_configs(14336, 4096, "bfloat16", device, weight_tiles=2):
-        spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=14336, k=4096, tile=tile, activation="swiglu")
-        runtime.get_kernel("triton", spec)(x, gate, weight_up=up)
+        for split in (False, True):
+            spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=14336, k=4096, tile=tile, activation="swiglu", split_k=split)
+            runtime.get_kernel("triton", spec)(x, gate, weight_up=up, **({"split_k": 2} if split else {}))
     # Mixtral-like experts: 8 experts, SwiGLU gate/up (N = 2 x 14336) and down.
     for n, k, activation in [(14336, 4096, "swiglu"), (4096, 14336, "none")]:
         rows = 2 * n if activation == "swiglu" else n

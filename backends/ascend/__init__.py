@@ -39,6 +39,12 @@ def render_sources(spec: KernelSpec) -> KernelSources:
     if spec.op in ("padded_gemm", "grouped_gemm"):
         from .gemm import render_gemm_sources
 
+        if spec.param("split_k", False):
+            raise ValueError(
+                f"{spec.name}: the Ascend C backend has no split-K GEMM (tile plans split K only for GPUs); "
+                "build the spec without split_k"
+            )
+
         return render_gemm_sources(spec)
     if spec.op == "meta_attention":
         from .attention import render_attention_sources

@@ -3,6 +3,8 @@ default and the test oracle)."""
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any, Callable
 
 import torch
@@ -35,19 +37,29 @@ def gemm_tile(
     *,
     weight_up: torch.Tensor | None = None,
     bias_up: torch.Tensor | None = None,
+    k_split: int | None = None,
 ) -> torch.Tensor:
     """residual + act(x @ weight.T + bias) for one block, accumulated in float32 (float64 for
     float64 inputs) like the kernels do. For `swiglu`, `weight`/`bias` are the gate projection and
-    `weight_up`/`bias_up` the up projection."""
+    `weight_up`/`bias_up` the up projection. With `k_split`, the products are accumulated per
+    part of `k_split` columns of K and the parts added in order, as a split-K kernel does."""
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xa = x.to(acc_dtype)
-    acc = xa @ weight.to(acc_dtype).t()
+
+    def product(w: torch.Tensor) -> torch.Tensor:
+        w = w.to(acc_dtype)
+        if k_split is None:
+            return xa @ w.t()
+        parts = [xa[:, a : a + k_split] @ w[:, a : a + k_split].t() for a in range(0, xa.shape[1], k_split)]
+        return functools.reduce(operator.add, parts)
+
+    acc = product(weight)
     if bias is not None:
         acc = acc + bias.to(acc_dtype)
     if activation == "swiglu":
         if weight_up is None:
             raise ValueError("gemm_tile: swiglu needs weight_up")
-        up = xa @ weight_up.to(acc_dtype).t()
+        up = product(weight_up)
         if bias_up is not None:
             up = up + bias_up.to(acc_dtype)
         acc = F.silu(acc) * up
@@ -85,7 +97,7 @@ BLOCK_N = {tile.block_n}
 N = {n}
 
 
-def kernel(x, weight, bias, residual, out, weight_up, bias_up):
+def kernel(x, weight, bias, residual, out, weight_up, bias_up, k_split=None):
     M = x.shape[0]
     for m0 in range(0, M, BLOCK_M):
         m1 = min(m0 + BLOCK_M, M)  # virtual padding: the tail tile holds only the real rows
@@ -100,6 +112,7 @@ def kernel(x, weight, bias, residual, out, weight_up, bias_up):
                 out.dtype,
                 weight_up={up_w},
                 bias_up={up_b},
+                k_split=k_split,
             )
     return out
 '''
@@ -114,14 +127,26 @@ def make_reference_launcher(spec: KernelSpec, source: str) -> Callable[..., torc
     swiglu = "swiglu" in spec.epilogue
     out_dtype = getattr(torch, spec.out_dtype)
 
-    def launch(x, weight, bias=None, residual=None, *, out=None, weight_up=None, bias_up=None, num_programs=None):
+    split = bool(spec.param("split_k", False))
+    k, block_k = spec.param("k"), spec.tile.block_k
+
+    def launch(x, weight, bias=None, residual=None, *, out=None, weight_up=None, bias_up=None, num_programs=None,
+               split_k=None):
+        if split_k is not None and not split:
+            raise ValueError(f"kernel {spec.name}: split_k needs a split-K kernel (make_params(..., split_k=True))")
+        if split and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+            raise ValueError(f"kernel {spec.name}: a split-K kernel needs split_k, a positive int, got {split_k!r}")
+        k_split = None
+        if split:  # parts of whole BLOCK_K steps, as the Triton kernel splits K
+            steps = -(-k // block_k)
+            k_split = -(-steps // split_k) * block_k
         if swiglu and weight_up is None:
             weight, weight_up = weight[:n], weight[n:]
             if bias is not None:
                 bias, bias_up = bias[:n], bias[n:]
         if out is None:
             out = torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device)
-        return kernel(x, weight, bias, residual, out, weight_up, bias_up)
+        return kernel(x, weight, bias, residual, out, weight_up, bias_up, k_split)
 
     return launch
 

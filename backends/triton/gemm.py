@@ -134,9 +134,9 @@ def _signature(spec: KernelSpec, persistent: bool) -> str:
     return "\n".join("    " + line for line in lines)
 
 
-def _tile_body(spec: KernelSpec, tile_var: str) -> str:
+def _tile_body(spec: KernelSpec, tile_var: str, compute: str | None = None) -> str:
     """Code that computes one output tile of a padded GEMM, numbered `tile_var`, at indentation
-    zero: the grouped tile order picks (pid_m, pid_n), then `_tile_compute`."""
+    zero: the grouped tile order picks (pid_m, pid_n), then `compute` (default `_tile_compute`)."""
     rows = f"""\
 # Grouped tile order: GROUP_M row-tiles sweep N together, so the weight
 # tiles they share stay in L2.
@@ -148,24 +148,48 @@ pid_n = ({tile_var} % num_pid_in_group) // group_size_m
 
 offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 mask_m = offs_m < M  # virtual padding: rows past M are never read or written"""
-    return rows + "\n" + _tile_compute(spec)
+    return rows + "\n" + (compute if compute is not None else _tile_compute(spec))
 
 
 def _tile_compute(spec: KernelSpec) -> str:
     """Code that computes the output tile at rows `offs_m` (masked by `mask_m`) and column tile
     `pid_n`: the K loop over `x_ptr`/`w_ptr` (and `wu_ptr`), the epilogue and the masked store.
     Shared by the padded and the grouped GEMM, which differ only in how they find their rows."""
+    return _k_loop(spec, split=False) + "\n\n" + _epilogue(spec)
+
+
+def _k_loop(spec: KernelSpec, *, split: bool) -> str:
+    """Code that accumulates the tile at rows `offs_m` and column tile `pid_n` in fp32 (`acc`, or
+    `acc_gate`/`acc_up` for SwiGLU) over all of K, or with `split` over this program's part of it:
+    STEPS_PER_SPLIT steps of BLOCK_K from `pid_k * STEPS_PER_SPLIT * BLOCK_K`."""
     ep = spec.epilogue
     n, k = gemm_dims(spec)
     swiglu = "swiglu" in ep
     even_k = k % spec.tile.block_k == 0
     dot_kw = _dot_precision_kwarg(spec.dtype)
-    out_tl = f"tl.{spec.out_dtype}"
 
     code: list[str] = []
     add = code.append
-    add(
-        """\
+    if split:
+        add(
+            """\
+offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+# A multiple of the constexpr BLOCK_K, so the compiler knows the loads stay aligned (and
+# pipelines them) although the split size is a runtime value.
+k_lo = pid_k * STEPS_PER_SPLIT * BLOCK_K
+offs_k = tl.arange(0, BLOCK_K)
+mask_n = offs_n < N
+
+# Row offsets in int64: M * stride can overflow int32 on very long batches.
+rows = offs_m[:, None].to(tl.int64)
+cols = offs_n[None, :]
+x_ptrs = x_ptr + rows * stride_xm + (k_lo + offs_k)[None, :] * stride_xk
+# The weight tile is read as W^T [BLOCK_K, BLOCK_N] straight from [N, K] storage.
+w_ptrs = w_ptr + (k_lo + offs_k)[:, None] * stride_wk + cols.to(tl.int64) * stride_wn"""
+        )
+    else:
+        add(
+            """\
 offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 offs_k = tl.arange(0, BLOCK_K)
 mask_n = offs_n < N
@@ -176,16 +200,16 @@ cols = offs_n[None, :]
 x_ptrs = x_ptr + rows * stride_xm + offs_k[None, :] * stride_xk
 # The weight tile is read as W^T [BLOCK_K, BLOCK_N] straight from [N, K] storage.
 w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols.to(tl.int64) * stride_wn"""
-    )
+        )
     if swiglu:
         add(
             """\
 # SwiGLU: W is the gate projection and Wu the up projection of the same output columns (the
 # [2N, K] concatenation, kept as two operands so no stacked copy is ever made); one program
 # keeps both accumulators so x is read only once.
-wu_ptrs = wu_ptr + offs_k[:, None] * stride_wuk + cols.to(tl.int64) * stride_wun
+wu_ptrs = wu_ptr + {k_rows}[:, None] * stride_wuk + cols.to(tl.int64) * stride_wun
 acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"""
+acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)""".replace("{k_rows}", "(k_lo + offs_k)" if split else "offs_k")
         )
     else:
         add("acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)")
@@ -199,7 +223,7 @@ acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"""
         loop_note = f"# K = {k} is not a multiple of BLOCK_K: the last K step is masked too."
     loop = [
         loop_note,
-        "for k0 in range(0, K, BLOCK_K):",
+        "for k0 in range(k_lo, tl.minimum(k_lo + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K):" if split else "for k0 in range(0, K, BLOCK_K):",
         f"    a = tl.load(x_ptrs, mask={x_mask}, other=0.0)",
     ]
     if swiglu:
@@ -221,7 +245,15 @@ acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"""
     if swiglu:
         loop.append("    wu_ptrs += BLOCK_K * stride_wuk")
     add("\n".join(loop))
+    return "\n\n".join(code)
 
+
+def _epilogue(spec: KernelSpec) -> str:
+    """Code that applies the spec's epilogue to the fp32 accumulator(s) of the tile at rows
+    `offs_m`/`rows` and columns `offs_n`/`cols` (masks `mask_m`, `mask_n`) and stores it."""
+    ep = spec.epilogue
+    swiglu = "swiglu" in ep
+    out_tl = f"tl.{spec.out_dtype}"
     # ---- epilogue, in EPILOGUES order, on the fp32 accumulator ----
     epi: list[str] = ["# Epilogue, fused on the fp32 accumulator."]
     if "bias" in ep:
@@ -260,8 +292,7 @@ acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"""
         "out_ptrs = out_ptr + rows * stride_om + cols * stride_on",
         f"tl.store(out_ptrs, acc.to({out_tl}), mask=mask_out)",
     ]
-    add("\n".join(epi))
-    return "\n\n".join(code)
+    return "\n".join(epi)
 
 
 _SIGMOID_HELPER = '''\
@@ -293,6 +324,83 @@ def _helpers(spec: KernelSpec) -> str:
     return "".join("\n\n" + p for p in parts)
 
 
+# Output tile of the split-K reduce kernel: small enough that M = 17..512 still gives it a few
+# hundred programs, wide enough for coalesced fp32 loads.
+REDUCE_BLOCK_M, REDUCE_BLOCK_N = 16, 128
+
+
+def _split_sources(spec: KernelSpec, kname: str) -> str:
+    """The split-K kernel pair of a spec: `kname` accumulates its K part of one output tile and
+    stores the fp32 partial tile(s) into the workspace `ws[SPLIT_K, P, M, N]` (P = 2 for SwiGLU:
+    gate and up); `kname_reduce` sums the parts in split order, applies the epilogue and stores."""
+    swiglu = "swiglu" in spec.epilogue
+    planes = 2 if swiglu else 1
+    lines = ["x_ptr, w_ptr, ws_ptr,"]
+    if swiglu:
+        lines.append("wu_ptr,")
+    lines += ["M,  # token count: runtime value, never specialized on (no recompiles)",
+              "stride_xm, stride_xk,", "stride_wn, stride_wk,"]
+    if swiglu:
+        lines.append("stride_wun, stride_wuk,")
+    lines += ["STEPS_PER_SPLIT,  # BLOCK_K steps of K per program",
+              "N: tl.constexpr, K: tl.constexpr,",
+              "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,",
+              "GROUP_M: tl.constexpr,"]
+    main_sig = "\n".join("    " + line for line in lines)
+    store = ["", f"# The partial tile(s) go to ws[pid_k, p] (fp32, [M, N] each, P = {planes}).",
+             "mask_out = mask_m[:, None] & mask_n[None, :]",
+             f"ws_tile = ws_ptr + (pid_k * {planes} * M + rows) * N + cols"]
+    if swiglu:
+        store += ["tl.store(ws_tile, acc_gate, mask=mask_out)", "tl.store(ws_tile + M * N, acc_up, mask=mask_out)"]
+    else:
+        store += ["tl.store(ws_tile, acc, mask=mask_out)"]
+    main_body = (
+        "pid = tl.program_id(axis=0)\npid_k = tl.program_id(axis=1)\nnum_pid_m = tl.cdiv(M, BLOCK_M)\n"
+        "num_pid_n = tl.cdiv(N, BLOCK_N)\nnum_pid_in_group = GROUP_M * num_pid_n\n\n"
+        + _tile_body(spec, "pid", _k_loop(spec, split=True))
+        + "\n".join(store)
+    )
+    ep = spec.epilogue
+    rlines = ["ws_ptr, out_ptr,"]
+    if "bias" in ep:
+        rlines.append("bias_ptr, bias_up_ptr," if swiglu else "bias_ptr,")
+    if "residual" in ep:
+        rlines.append("res_ptr,")
+    rlines.append("M,")
+    if "residual" in ep:
+        rlines.append("stride_rm, stride_rn,")
+    rlines += ["stride_om, stride_on,", "SPLIT_K,", "N: tl.constexpr,", "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,"]
+    reduce_sig = "\n".join("    " + line for line in rlines)
+    sums = ["acc_gate", "acc_up"] if swiglu else ["acc"]
+    reduce_body = "\n".join([
+        "offs_m = tl.program_id(axis=0) * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "offs_n = tl.program_id(axis=1) * BLOCK_N + tl.arange(0, BLOCK_N)",
+        "mask_m = offs_m < M",
+        "mask_n = offs_n < N",
+        "rows = offs_m[:, None].to(tl.int64)",
+        "cols = offs_n[None, :]",
+        "mask_ws = mask_m[:, None] & mask_n[None, :]",
+        *[f"{a} = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)" for a in sums],
+        "# Parts are added in split order, so a result does not depend on scheduling.",
+        "for part in range(0, SPLIT_K):",
+        f"    ws_tile = ws_ptr + (part * {planes} * M + rows) * N + cols",
+        *[f"    {a} += tl.load(ws_tile + {i} * M * N, mask=mask_ws, other=0.0)" for i, a in enumerate(sums)],
+        "",
+        _epilogue(spec),
+    ])
+    return (
+        "# M and the split sizes are runtime values (no integer specialization, no recompiles).\n"
+        f'@triton.jit(do_not_specialize=["M", "STEPS_PER_SPLIT"])\n'
+        f"def {kname}(\n{main_sig}\n):\n"
+        + textwrap.indent(main_body, "    ", lambda line: bool(line.strip()))
+        + "\n\n\n"
+        + '@triton.jit(do_not_specialize=["M", "SPLIT_K"])\n'
+        + f"def {kname}_reduce(\n{reduce_sig}\n):\n"
+        + textwrap.indent(reduce_body, "    ", lambda line: bool(line.strip()))
+        + "\n"
+    )
+
+
 def render_gemm_source(spec: KernelSpec) -> str:
     """Generate the Triton source module for a `padded_gemm` KernelSpec.
 
@@ -308,7 +416,17 @@ def render_gemm_source(spec: KernelSpec) -> str:
     n, k = gemm_dims(spec)
     tile = spec.tile
     persistent = bool(spec.param("persistent", False))
+    split = bool(spec.param("split_k", False))
+    if persistent and split:
+        raise ValueError(f"{spec.name}: a GEMM kernel is persistent or split along K, not both")
     kname = kernel_identifier(spec)
+    if persistent:
+        schedule = "persistent: min(num_tiles, NUM_PROGRAMS) programs loop over the tiles"
+    elif split:
+        schedule = ("split-K: SPLIT_K programs per output tile each accumulate STEPS_PER_SPLIT BLOCK_K steps into an fp32 "
+                    "workspace; the _reduce kernel sums them and applies the epilogue")
+    else:
+        schedule = "one program per output tile (grid = cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N))"
 
     header = _HEADER.format(
         kname=kname,
@@ -322,12 +440,10 @@ def render_gemm_source(spec: KernelSpec) -> str:
         gm=tile.group_m,
         nw=tile.num_warps,
         ns=tile.num_stages,
-        schedule=(
-            "persistent: min(num_tiles, NUM_PROGRAMS) programs loop over the tiles"
-            if persistent
-            else "one program per output tile (grid = cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N))"
-        ),
+        schedule=schedule,
     )
+    if split:
+        return header + _helpers(spec) + "\n\n" + _split_sources(spec, kname)
     no_spec = '["M", "NUM_PROGRAMS"]' if persistent else '["M"]'
     prologue = """\
 pid = tl.program_id(axis=0)
@@ -408,8 +524,10 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
     swiglu = "swiglu" in ep
     has_bias, has_res = "bias" in ep, "residual" in ep
     persistent = bool(spec.param("persistent", False))
+    split = bool(spec.param("split_k", False))
     where = f"kernel {spec.name}"
     num_warps = launch_warps(spec)
+    reduce_fn = kernel_fn.fn.__globals__[kernel_fn.fn.__name__ + "_reduce"] if split else None
 
     def launch(
         x: torch.Tensor,
@@ -421,12 +539,19 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         num_programs: int | None = None,
         weight_up: torch.Tensor | None = None,
         bias_up: torch.Tensor | None = None,
+        split_k: int | None = None,
     ) -> torch.Tensor:
         """Run the kernel: `out[M, N] = epilogue(x @ weight^T)`; returns `out`.
 
         For swiglu, the gate and up operands are either stacked (`weight` [2N, K], `bias` [2N])
-        or separate (`weight` and `weight_up` [N, K], `bias` and `bias_up` [N]).
+        or separate (`weight` and `weight_up` [N, K], `bias` and `bias_up` [N]). A split-K
+        kernel takes `split_k` (>= 1): each output tile's K range is split over that many
+        programs (fewer when K has fewer BLOCK_K steps).
         """
+        if split_k is not None and not split:
+            raise ValueError(f"{where}: split_k needs a split-K kernel; build the spec with make_params(..., split_k=True)")
+        if split and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+            raise ValueError(f"{where}: a split-K kernel needs split_k, a positive int, got {split_k!r}")
         ops = gemm_operands(spec, x, weight, bias, residual, out=out, weight_up=weight_up,
                             bias_up=bias_up)
         x, weight, bias, residual, out = ops.x, ops.weight, ops.bias, ops.residual, ops.out
@@ -446,6 +571,8 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
 
         # The grid is computed from M at call time; the kernel itself is M-agnostic.
         num_tiles = _cdiv(m, tile.block_m) * _cdiv(n, tile.block_n)
+        if split:
+            return _launch_split(ops, split_k, num_tiles, num_warps)
         args: list[Any] = [x, weight, out]
         if swiglu:
             args.append(weight_up)
@@ -477,6 +604,37 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
             GROUP_M=tile.group_m,
             num_warps=num_warps,
             num_stages=tile.num_stages,
+        )
+        return out
+
+    def _launch_split(ops: Any, split_k: int, num_tiles: int, num_warps: int) -> torch.Tensor:
+        """The split-K pair: partial tiles into an fp32 workspace, then the reduce + epilogue."""
+        x, out, m = ops.x, ops.out, ops.m
+        steps = _cdiv(_cdiv(k, tile.block_k), split_k)
+        parts = _cdiv(k, steps * tile.block_k)  # no empty part when K has fewer BLOCK_K steps than split_k
+        workspace = torch.empty((parts, 2 if swiglu else 1, m, n), dtype=torch.float32, device=x.device)
+        args: list[Any] = [x, ops.weight, workspace]
+        if swiglu:
+            args.append(ops.weight_up)
+        args += [m, x.stride(0), x.stride(1), ops.weight.stride(0), ops.weight.stride(1)]
+        if swiglu:
+            args += [ops.weight_up.stride(0), ops.weight_up.stride(1)]
+        args.append(steps)
+        kernel_fn[(num_tiles, parts)](
+            *args, N=n, K=k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+            GROUP_M=tile.group_m, num_warps=num_warps, num_stages=tile.num_stages,
+        )
+        rargs: list[Any] = [workspace, out]
+        if has_bias:
+            rargs += [ops.bias, ops.bias_up] if swiglu else [ops.bias]
+        if has_res:
+            rargs.append(ops.residual)
+        rargs.append(m)
+        if has_res:
+            rargs += [ops.residual.stride(0), ops.residual.stride(1)]
+        rargs += [out.stride(0), out.stride(1), parts]
+        reduce_fn[(_cdiv(m, REDUCE_BLOCK_M), _cdiv(n, REDUCE_BLOCK_N))](
+            *rargs, N=n, BLOCK_M=REDUCE_BLOCK_M, BLOCK_N=REDUCE_BLOCK_N, num_warps=4,
         )
         return out
 

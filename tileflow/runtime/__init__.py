@@ -49,6 +49,7 @@ def gemm_plan(
     tile_timings: str | None = None,
     persistent_variants: bool = True,
     weight_tiles: int = 1,
+    split_variants: bool = True,
 ) -> TilePlan:
     """The tile plan for a GEMM of width N and depth K over M in [m_min, m_max] on a target.
 
@@ -56,7 +57,8 @@ def gemm_plan(
     entries for this device, dtype, N and K replace the cost model's estimates, and entries of a
     config's persistent variant let the plan run it persistent where it measured faster (unless
     `persistent_variants` is False: for kernels that have no persistent variant).
-    `weight_tiles=2` plans a fused SwiGLU (two weight tiles per stage, no 128x256 tile).
+    `weight_tiles=2` plans a fused SwiGLU (two weight tiles per stage, no 128x256 tile);
+    `split_variants=False` leaves split-K pieces out (for kernels without a split-K variant).
     """
     from ..kernel_spec import dtype_name
 
@@ -68,7 +70,8 @@ def gemm_plan(
         measured = timings.get((*key, False))
         measured_persistent = timings.get((*key, True)) if persistent_variants else None
     return build_tile_plan(n, k, dtype_name(dtype), m_min=m_min, m_max=m_max, device=device, measured=measured,
-                           measured_persistent=measured_persistent, weight_tiles=weight_tiles)
+                           measured_persistent=measured_persistent, weight_tiles=weight_tiles,
+                           split_variants=split_variants)
 
 
 TimingKey = tuple[str, str, int, int, bool]
@@ -199,9 +202,12 @@ def run_padded_gemm(
     spec = gemm_spec(
         dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, tile=piece.config, activation=activation,
         has_bias=bias is not None, has_residual=residual is not None, persistent=piece.persistent,
+        split_k=piece.split_k > 1,
     )
     kernel = get_kernel(target, spec)
     kwargs = {}
+    if piece.split_k > 1:
+        kwargs["split_k"] = piece.split_k
     if piece.persistent:
         # A persistent grid can take a share of the device (nano-batching's SM partition).
         programs = shared_programs(x.device)
@@ -243,7 +249,7 @@ def grouped_gemm_plan(
     return gemm_plan(
         n, k, dtype, target, device_type, m_min=expected_group_rows(m_min, experts),
         m_max=expected_group_rows(m_max, experts), tile_timings=tile_timings, persistent_variants=False,
-        weight_tiles=weight_tiles,
+        weight_tiles=weight_tiles, split_variants=False,
     )
 
 

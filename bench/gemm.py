@@ -139,9 +139,11 @@ def _cell(tflops: float | None) -> str:
 
 
 def measure_tiles(path: str) -> int:
-    """Time every candidate tile config on this GPU, plain and persistent, and write per-tile
-    seconds for `Config(tile_timings=path)`: time at an M giving about four full waves, divided by
-    the waves. Plans then run a config's persistent variant where it measured faster."""
+    """Time every candidate tile config on this GPU, plain, persistent and split along K, and
+    write per-tile seconds for `Config(tile_timings=path)`: time at an M giving about four full
+    waves, divided by the waves. Plans then run a config's persistent or split variant where it
+    measured faster. A split kernel's entry is per program (one tile's K part): its reduce
+    kernel's modeled time is taken out of the measurement, as plans add it back per M."""
     import json
     import math
 
@@ -151,7 +153,7 @@ def measure_tiles(path: str) -> int:
     from tileflow import runtime
     from tileflow.devices import detect_device
     from tileflow.lower import gemm_spec
-    from tileflow.tiles import candidate_configs
+    from tileflow.tiles import candidate_configs, split_k_factors, split_reduce_seconds
 
     device = detect_device("cuda")
     entries = []
@@ -174,6 +176,23 @@ def measure_tiles(path: str) -> int:
                 entries.append({"device": device.name, "dtype": "bfloat16", "n": n, "k": k, "tile": tile.to_dict(),
                                 "tile_seconds": ms / 1e3 / waves, "m": m, "persistent": persistent})
                 print(f"{n}x{k} {spec.name}: {ms:.3f} ms at M={m} ({waves} waves)", flush=True)
+            for split in split_k_factors(tile, k, device)[1:]:
+                # Few rows, so the split has idle SMs to fill: as many programs as about four waves.
+                m_split = tile.block_m * max(1, math.ceil(4 * device.cores / (n_tiles * split)))
+                waves_split = math.ceil(math.ceil(m_split / tile.block_m) * n_tiles * split / device.cores)
+                xs = x[:m_split] if m_split <= m else torch.randn(m_split, k, device="cuda", dtype=torch.bfloat16)
+                spec = gemm_spec(dtype=torch.bfloat16, out_dtype=torch.bfloat16, n=n, k=k, tile=tile, split_k=True)
+                kernel = runtime.get_kernel("triton", spec)
+                if not rel_err(kernel(xs, w, split_k=split), xs.double() @ w.double().t()) < 1e-2:
+                    print(f"FAIL: {spec.name} (split {split}) disagrees with the float64 reference", file=sys.stderr)
+                    return 1
+                ms = graph_median_ms([lambda: kernel(xs, w, split_k=split)])
+                reduce_s = split_reduce_seconds(m_split, n, split, device, "bfloat16")
+                entries.append({"device": device.name, "dtype": "bfloat16", "n": n, "k": k, "tile": tile.to_dict(),
+                                "tile_seconds": max(ms / 1e3 - reduce_s, 1e-9) / waves_split, "m": m_split,
+                                "split_k": split})
+                print(f"{n}x{k} {spec.name} split {split}: {ms:.3f} ms at M={m_split} ({waves_split} waves, "
+                      f"reduce modeled at {reduce_s * 1e3:.3f} ms)", flush=True)
     with open(path, "w") as f:
         json.dump(entries, f, indent=1)
     print(f"wrote {len(entries)} tile timings to {path}")

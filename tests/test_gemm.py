@@ -258,3 +258,33 @@ def test_split_k_pieces_dispatch_and_match_float64(monkeypatch, target, activati
         want = oracle(x, w, bias, residual, activation, **up)
         assert rel_err(got, want) < 1e-5
         assert launches[-1]["split"] and launches[-1]["split_k"] == piece.split_k
+
+
+def test_measured_split_k_times_reach_the_plan(tmp_path, monkeypatch) -> None:
+    """Tile timings with split-K entries (per-program times, as `bench/gemm.py --measure-tiles`
+    writes them) make a measured GPU plan split exactly where they say; without them a measured
+    plan never splits."""
+    import json
+
+    from tileflow.devices import get_device
+    from tileflow.tiles import candidate_configs
+
+    h200 = get_device("H200")
+    monkeypatch.setattr(runtime, "device_for_target", lambda target, device_type: h200)
+    n, k = 4096, 4096
+    cands = candidate_configs(n, k, "bfloat16", h200)
+    plain = [{"device": "H200", "dtype": "bfloat16", "n": n, "k": k, "tile": c.to_dict(), "tile_seconds": 2e-5}
+             for c in cands]
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps(plain))
+    measured = runtime.gemm_plan(n, k, torch.bfloat16, "triton", "cuda", m_max=4096, tile_timings=str(path))
+    assert all(piece.split_k == 1 for piece in measured.pieces)
+    fast = cands[2]
+    path.write_text(json.dumps(plain + [{**plain[2], "tile_seconds": 1e-9, "split_k": 4}]))
+    timings = runtime.load_tile_timings(str(path))
+    assert timings[("H200", "bfloat16", n, k, False, 4)] == ((fast, 1e-9),)
+    split = runtime.gemm_plan(n, k, torch.bfloat16, "triton", "cuda", m_max=4096, tile_timings=str(path))
+    assert {(p.config, p.split_k) for p in split.pieces if p.split_k > 1} == {(fast, 4)}
+    # The grouped GEMM has no split kernel: its plans ignore those entries.
+    grouped = runtime.grouped_gemm_plan(n, k, 8, torch.bfloat16, "triton", "cuda", m_max=4096, tile_timings=str(path))
+    assert all(piece.split_k == 1 for piece in grouped.pieces)

@@ -521,8 +521,26 @@ def test_split_k_cost_adds_programs_and_the_reduce() -> None:
     assert split_reduce_seconds(64, n, 4, H200, "bfloat16") == pytest.approx(
         (2 * 4 * 64 * n * 4 + 64 * n * 2) / H200.mem_bw_bytes + 3e-6)
     assert split_reduce_seconds(64, n, 1, H200, "bfloat16") == 0.0
-    with pytest.raises(ValueError, match="unsplit"):
-        estimate_seconds(m, n, k, cfg, H200, "bfloat16", {cfg: 1e-6}, split_k=2)
+    # A measured time of the split kernel is per program: 64 programs are one wave on 132 SMs.
+    assert estimate_seconds(m, n, k, cfg, H200, "bfloat16", {cfg: 1e-6}, split_k=2) == pytest.approx(
+        1e-6 + split_reduce_seconds(64, n, 2, H200, "bfloat16"))
+
+
+def test_measured_plans_split_only_where_a_split_was_measured() -> None:
+    n, k = 4096, 4096
+    cands = candidate_configs(n, k, "bfloat16", H200)
+    measured = {c: estimate_tile_seconds(c, n, k, "bfloat16", H200) for c in cands}
+    assert all(pc.split_k == 1 for pc in build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200,
+                                                         measured=measured).pieces)
+    # One split kernel measured very fast (per program): the plan runs it, with that factor only.
+    fast = next(c for c in cands if (c.block_m, c.block_n) == (64, 128))
+    plan = build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200, measured=measured,
+                           measured_split={4: {fast: 1e-9}})
+    assert {(pc.config, pc.split_k) for pc in plan.pieces if pc.split_k > 1} == {(fast, 4)}
+    piece = plan.piece_for(64)
+    assert (piece.config, piece.split_k) == (fast, 4)
+    want = estimate_seconds(64, n, k, fast, H200, "bfloat16", {fast: 1e-9}, split_k=4)
+    assert want < min(estimate_seconds(64, n, k, c, H200, "bfloat16", measured) for c in cands)
 
 
 def test_split_k_factors_keep_enough_of_k_and_only_on_gpus() -> None:

@@ -303,9 +303,11 @@ def estimate_seconds(
     device's bandwidth, so a partly filled wave leaves none of it idle), and cost is the larger.
     Rows padded in the last M tile cost full time through ceil(m / bm).
 
-    With `split_k` > 1 (never for a measured config) each tile becomes `split_k` programs over
-    ceil(k / split_k) of the reduction, and `split_reduce_seconds` is added (`weight_tiles=2`
-    for a fused SwiGLU, whose programs keep two partial tiles).
+    With `split_k` > 1 each tile becomes `split_k` programs over ceil(k / split_k) of the
+    reduction, and `split_reduce_seconds` is added (`weight_tiles=2` for a fused SwiGLU, whose
+    programs keep two partial tiles). `measured` always holds times of the variant estimated:
+    per-tile times of the unsplit kernel for `split_k` 1, per-program times of the split kernel
+    for `split_k` > 1 (cost = waves of programs * that time + the reduce).
     """
     m = operator.index(m)
     if m < 0:
@@ -315,19 +317,17 @@ def estimate_seconds(
     if tiles == 0:
         return 0.0
     measured_map = dict(_measured_items(measured))
-    if config in measured_map:
-        if split_k != 1:
-            raise ValueError(f"measured tile times are for unsplit kernels; got split_k={split_k} for {config.name}")
-        return -(-tiles // device.cores) * measured_map[config]
     programs = tiles * split_k
     waves = -(-programs // device.cores)
+    reduce = split_reduce_seconds(-(-m // config.block_m) * config.block_m, n, split_k, device, dtype,
+                                  weight_tiles=weight_tiles)
+    if config in measured_map:
+        return waves * measured_map[config] + reduce
     compute, memory = _tile_roofline(config, -(-k // split_k), dtype_name(dtype), device)
     # Compute is bound to the core running the tile: a partly filled last wave costs a full
     # wave. Bandwidth is not: tiles resident beside each other share the whole memory system,
     # so memory time grows with the tile count itself once every core has a tile.
-    rows = -(-m // config.block_m) * config.block_m
-    return max(waves * compute, max(1.0, programs / device.cores) * memory) + split_reduce_seconds(
-        rows, n, split_k, device, dtype, weight_tiles=weight_tiles)
+    return max(waves * compute, max(1.0, programs / device.cores) * memory) + reduce
 
 
 @dataclass(frozen=True)
@@ -475,9 +475,11 @@ def _build_tile_plan_cached(
     measured_persistent: tuple[tuple[TileConfig, float], ...] = (),
     weight_tiles: int = 1,
     split_variants: bool = True,
+    measured_split: tuple[tuple[int, tuple[tuple[TileConfig, float], ...]], ...] = (),
 ) -> TilePlan:
     measured_map = dict(measured)
     persistent_map = dict(measured_persistent)
+    split_maps = {split: dict(items) for split, items in measured_split}
     # Descending config order + argmin's first-minimum rule = ties go to the larger block_m
     # (then larger block_n, block_k, ...): fewer, fuller tiles for the same estimated time. A
     # config's persistent variant is a candidate only where it was measured, right after the
@@ -487,14 +489,17 @@ def _build_tile_plan_cached(
     # they compete only in plans without measured times (mixing a model with measurements would
     # compare numbers of different kinds); they come after their config's unsplit kernel, so a
     # tie keeps the single launch.
+    # Measured plans (any candidate measured) compare measured times only: a split variant runs
+    # there where it was measured; modeled plans model every split the config allows.
     any_measured = any(c in measured_map or c in persistent_map for c in configs)  # others are ignored
     cands = []
     for c in configs:
         cands.append((c, False, 1))
         if c in persistent_map:
             cands.append((c, True, 1))
-        if split_variants and not any_measured:
-            cands += [(c, False, s) for s in split_k_factors(c, k, device)[1:]]
+        if split_variants:
+            cands += [(c, False, s) for s in split_k_factors(c, k, device)[1:]
+                      if not any_measured or c in split_maps.get(s, {})]
     # Every block_m is a power of two, so all tile boundaries are multiples of the smallest
     # one, g: ceil(m / bm) and hence every candidate's cost is constant on (j*g, (j+1)*g].
     # Evaluating one M per such segment is exact and g times cheaper than every M.
@@ -510,16 +515,16 @@ def _build_tile_plan_cached(
         # Same arithmetic as `estimate_seconds`, so the plan agrees bit for bit with a
         # brute-force evaluation. A persistent grid of one program per core runs the same
         # waves; only its measured per-tile time differs.
-        if persistent or config in measured_map:
-            waves = -(-tiles // device.cores)
-            costs[row] = waves * (persistent_map[config] if persistent else measured_map[config])
+        programs = tiles * split
+        waves = -(-programs // device.cores)
+        measured_time = (persistent_map if persistent else split_maps.get(split, {}) if split > 1 else measured_map).get(config)
+        if measured_time is not None:
+            costs[row] = waves * measured_time
         else:
-            programs = tiles * split
-            waves = -(-programs // device.cores)
             compute, memory = _tile_roofline(config, -(-k // split), dtype, device)
             costs[row] = np.maximum(waves * compute, np.maximum(1.0, programs / device.cores) * memory)
-            costs[row] += split_reduce_seconds(-(-starts // config.block_m) * config.block_m, n, split, device, dtype,
-                                               weight_tiles=weight_tiles)
+        costs[row] += split_reduce_seconds(-(-starts // config.block_m) * config.block_m, n, split, device, dtype,
+                                           weight_tiles=weight_tiles)
     choice = np.argmin(costs, axis=0)
     # A split kernel is a kernel of its own: while the plan would use more than MAX_CONFIGS,
     # drop the split variant that serves the fewest token counts and choose again.
@@ -561,6 +566,7 @@ def build_tile_plan(
     measured_persistent: MeasuredArg = None,
     weight_tiles: int = 1,
     split_variants: bool = True,
+    measured_split: Mapping[int, MeasuredArg] | None = None,
 ) -> TilePlan:
     """The tile plan for an (M x k) @ (k x n) GEMM over every integer M in [m_min, m_max].
 
@@ -574,9 +580,10 @@ def build_tile_plan(
     building it again with equal arguments returns the same object. `weight_tiles=2` plans a
     fused SwiGLU (see `candidate_configs`).
 
-    On GPUs, in plans without measured times, a piece may split each tile's K range over
-    `split_k` programs (factors from `split_k_factors`, costed by `estimate_seconds` with the
-    reduce kernel) where that is cheaper, as when a few hundred tokens leave most SMs idle;
+    On GPUs a piece may split each tile's K range over `split_k` programs (factors from
+    `split_k_factors`, costed by `estimate_seconds` with the reduce kernel) where that is
+    cheaper, as when a few hundred tokens leave most SMs idle. In a measured plan, a split runs
+    only where `measured_split` ({split_k: per-program times of the split kernel}) measured it;
     `split_variants=False` plans unsplit kernels only (for kernels without a split-K variant).
     A split kernel counts as a kernel of its own: a plan never uses more than MAX_CONFIGS.
     """
@@ -586,6 +593,7 @@ def build_tile_plan(
     return _build_tile_plan_cached(
         int(n), int(k), dtype_name(dtype), int(m_min), int(m_max), device, _measured_items(measured),
         _measured_items(measured_persistent), weight_tiles, split_variants,
+        tuple(sorted((int(split), _measured_items(items)) for split, items in (measured_split or {}).items())),
     )
 
 

@@ -11,6 +11,7 @@ import functools
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,23 +65,28 @@ def gemm_plan(
 
     device = device_for_target(target, device_type)
     measured = measured_persistent = None
+    measured_split: dict[int, Any] = {}
     if tile_timings:
         timings = load_tile_timings(tile_timings)
         key = (device.name, dtype_name(dtype), int(n), int(k))
-        measured = timings.get((*key, False))
-        measured_persistent = timings.get((*key, True)) if persistent_variants else None
+        measured = timings.get((*key, False, 1))
+        measured_persistent = timings.get((*key, True, 1)) if persistent_variants else None
+        if split_variants:
+            measured_split = {t[5]: items for t, items in timings.items() if t[:5] == (*key, False) and t[5] > 1}
     return build_tile_plan(n, k, dtype_name(dtype), m_min=m_min, m_max=m_max, device=device, measured=measured,
                            measured_persistent=measured_persistent, weight_tiles=weight_tiles,
-                           split_variants=split_variants)
+                           split_variants=split_variants, measured_split=measured_split)
 
 
-TimingKey = tuple[str, str, int, int, bool]
+TimingKey = tuple[str, str, int, int, bool, int]
 
 
 def load_tile_timings(path: str) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
     """Read measured per-tile times: a JSON list of
-    `{"device", "dtype", "n", "k", "tile": {TileConfig fields}, "tile_seconds"[, "persistent"]}`
-    entries, grouped by (device, dtype, n, k, persistent). Cached per file path and mtime."""
+    `{"device", "dtype", "n", "k", "tile": {TileConfig fields}, "tile_seconds"[, "persistent"][, "split_k"]}`
+    entries, grouped by (device, dtype, n, k, persistent, split_k). For a split-K kernel
+    (`split_k` > 1) `tile_seconds` is the time of one of its programs (a tile's K part), its
+    reduce kernel left out. Cached per file path and mtime."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"tile_timings file {path!r} does not exist; write one with `python bench/gemm.py --measure-tiles {path}`")
@@ -94,7 +100,8 @@ def _load_tile_timings(path: str, mtime: int) -> dict[TimingKey, tuple[tuple[Til
         entries = json.loads(Path(path).read_text())
         grouped: dict[TimingKey, list[tuple[TileConfig, float]]] = {}
         for e in entries:
-            key = (str(e["device"]), str(e["dtype"]), int(e["n"]), int(e["k"]), bool(e.get("persistent", False)))
+            key = (str(e["device"]), str(e["dtype"]), int(e["n"]), int(e["k"]), bool(e.get("persistent", False)),
+                   int(e.get("split_k", 1)))
             grouped.setdefault(key, []).append((TileConfig.from_dict(e["tile"]), float(e["tile_seconds"])))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"tile_timings file {path!r} is malformed ({type(exc).__name__}: {exc}); expected a JSON list of "

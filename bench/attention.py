@@ -11,11 +11,13 @@ efficient backend) and FlexAttention with a block mask over the same packed batc
 Writes the table under bench/results/. On a CPU-only machine: a small interpreter smoke check.
 
     python bench/attention.py [--quick] [--no-write]
+    python bench/attention.py --sweep   # kernel configurations on a prefill and a decode batch
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import random
@@ -167,6 +169,63 @@ def mixed_lengths(rng: random.Random, budget: int = 4096):
     return q_lens, kv_lens
 
 
+# Kernel configurations the sweep times, per batch kind: (block_q, block_kv, num_warps,
+# num_stages, programs per SM). block_q x GQA rows make a tile (GQA = 8 here).
+SWEEP_PREFILL = [(bq, bkv, w, st, 4) for bq in (8, 16) for bkv in (64, 128) for w in (4, 8) for st in (2, 3)]
+SWEEP_DECODE = [(2, bkv, 4, st, pps) for bkv in (64, 128) for st in (3, 4) for pps in (4, 8)]
+
+
+def sweep_configs(batches, *, device, dtype, time_ms, check_tol):
+    """Time the meta-attention kernel of each batch under each configuration.
+
+    `batches` is a list of (label, q_lens, kv_lens, configs). Each configuration builds its own
+    kernel (a TileConfig on the spec: block_q, block_kv, warps, stages) and task table (block_q
+    and the persistent grid), is checked against SDPA per sequence, then timed by `time_ms(fn)`.
+    Returns rows of (label, config, ms or None, error or ""), best first per batch.
+    """
+    import torch
+
+    from common import rel_err
+    from tileflow.kernel_spec import KernelSpec, TileConfig, dtype_name, make_params
+    from tileflow.runtime import get_kernel
+    from tileflow.tasks import build_task_table
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
+    rows = []
+    for label, q_lens, kv_lens, configs in batches:
+        batch = paged_batch(q_lens, kv_lens, device=device, dtype=dtype)
+        batch["_dense"] = [gather_dense(batch, s) for s in range(len(kv_lens))]
+        want = sdpa_per_sequence(batch).float()
+        cu, lens = batch["_host"]
+        results = []
+        for block_q, block_kv, warps, stages, per_sm in configs:
+            name = f"block_q={block_q} block_kv={block_kv} warps={warps} stages={stages} programs/SM={per_sm}"
+            spec = KernelSpec(
+                op="meta_attention", dtype=dtype_name(dtype), out_dtype=dtype_name(dtype),
+                tile=TileConfig(block_q, block_kv, D, num_warps=warps, num_stages=stages),
+                params=make_params(head_dim=D, gqa=HQ // HKV, block_q=block_q, block_kv=block_kv, causal=True,
+                                   sliding_window=False, tree=False, bias=False),
+            )
+            try:
+                kernel = get_kernel("triton", spec)
+                table = build_task_table(list(cu), list(lens), num_q_heads=HQ, num_kv_heads=HKV, block_q=block_q,
+                                         num_programs=sms * per_sm, causal=True)
+                if device == "cuda":
+                    table = dataclasses.replace(table, tasks=table.tasks.cuda(), program_offsets=table.program_offsets.cuda(),
+                                                program_tasks=table.program_tasks.cuda(), merges=table.merges.cuda())
+                args = (batch["q"], batch["k_cache"], batch["v_cache"], batch["block_table"], batch["cu_seqlens_q"],
+                        batch["seqlens_kv"], table)
+                err = rel_err(kernel(*args), want)
+                if not err < check_tol:
+                    raise AssertionError(f"relative error {err:.2e} against SDPA")
+                results.append((label, name, time_ms(lambda: kernel(*args)), ""))
+            except Exception as exc:  # noqa: BLE001 -- a config that does not build or fit is reported
+                results.append((label, name, None, f"{type(exc).__name__}: {str(exc)[:120]}"))
+            print(" | ".join(str(c) for c in results[-1]), flush=True)
+        rows += sorted(results, key=lambda r: (r[2] is None, r[2] or 0.0))
+    return rows
+
+
 def smoke() -> int:
     """CPU: the tileflow path of this benchmark on a tiny mixed batch, under the interpreter."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -189,6 +248,14 @@ def smoke() -> int:
         if not err < 1e-5:
             print(f"FAIL: meta-attention ({name}) disagrees with SDPA", file=sys.stderr)
             return 1
+    # The configuration sweep's path, on two configurations of a tiny batch.
+    rows = sweep_configs([("mixed", [5, 1, 3], [20, 9, 40], [(4, 16, 4, 2, 1), (8, 32, 4, 3, 2)])],
+                         device="cpu", dtype=torch.float32, time_ms=lambda fn: 0.0, check_tol=1e-5)
+    failed = [r for r in rows if r[2] is None]
+    print(f"  configuration sweep: {len(rows) - len(failed)} of {len(rows)} configurations match SDPA")
+    if failed:
+        print(f"FAIL: sweep configurations failed: {failed}", file=sys.stderr)
+        return 1
     print("smoke check passed")
     return 0
 
@@ -278,15 +345,44 @@ def run_gpu(quick: bool, write: bool) -> int:
     return 1 if failures else 0
 
 
+def run_sweep(write: bool) -> int:
+    """GPU: the kernel configuration sweep on a prefill and a long-context decode batch."""
+    import torch
+
+    from common import environment, markdown_table, median_ms, write_results
+
+    env = environment()
+    batches = [("prefill 2x4096", [4096] * 2, [4096] * 2, SWEEP_PREFILL),
+               ("decode 128x32768", [1] * 128, [32768] * 128, SWEEP_DECODE)]
+    rows = sweep_configs(batches, device="cuda", dtype=torch.bfloat16, time_ms=lambda fn: median_ms(lambda _: fn()),
+                         check_tol=2e-2)
+    work = {label: (sum(4 * n * length * D * HQ for n, length in zip(q, kv)), sum(kv) * HKV * D * 2 * 2)
+            for label, q, kv, _ in batches}
+    table = [[label, name, "FAIL" if ms is None else f"{ms:.3f}",
+              "" if ms is None else f"{work[label][0] / ms / 1e9:.0f}",
+              "" if ms is None else f"{work[label][1] / ms / 1e6:.0f}", error]
+             for label, name, ms, error in rows]
+    body = markdown_table(["batch", "configuration", "ms", "TFLOP/s (causal counted full)", "KV GB/s", "error"], table)
+    body += ("\n\n- each configuration checked against SDPA per sequence, then timed (median of "
+             "`triton.testing.do_bench`); rows best first per batch; no host-side metadata work is timed")
+    print(body)
+    if write:
+        print(f"wrote {write_results('attention_sweep', 'Meta-attention kernel configurations (bf16, D=128, 32/4 heads)', env, body)}")
+    return 0 if any(ms is not None for _, _, ms, _ in rows) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time kernel configurations (tile, warps, stages, grid)")
     args = parser.parse_args()
     import torch
 
     if not torch.cuda.is_available():
         return smoke()
+    if args.sweep:
+        return run_sweep(not args.no_write)
     return run_gpu(args.quick, not args.no_write)
 
 

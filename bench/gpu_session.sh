@@ -5,10 +5,10 @@
 #
 #   BENCH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_session.sh tests:80 gemm:90 attention:150 e2e:240
 #
-# Stages: gemm, gemm-quick, attention, e2e (prefill-shaped steps, mixed serving steps, request
-# traces), e2e-prefill (the first part only), tiles (bench/gemm.py --measure-tiles), tests (the
-# kernel and GPU runtime tests, compiled Triton). A stage that fails or runs out of time does
-# not stop the next one.
+# Stages: gemm, gemm-quick, attention, attention-sweep (kernel configurations), e2e
+# (prefill-shaped steps, mixed serving steps, request traces), e2e-prefill (the first part
+# only), tiles (bench/gemm.py --measure-tiles), tests (the kernel and GPU runtime tests, compiled
+# Triton). A stage that fails or runs out of time does not stop the next one.
 set -u
 OUT=${OUT:-/tmp/tileflow-gpu-session}
 mkdir -p "$OUT"
@@ -48,6 +48,7 @@ for item in "$@"; do
     gemm) run_stage gemm "$limit" $PY bench/gemm.py ;;
     gemm-quick) run_stage gemm-quick "$limit" $PY bench/gemm.py --quick ;;
     attention) run_stage attention "$limit" $PY bench/attention.py ;;
+    attention-sweep) run_stage attention-sweep "$limit" $PY bench/attention.py --sweep ;;
     e2e) run_stage e2e "$limit" $PY bench/e2e.py --layers 2 --tokens 256,1024,4096 ;;
     e2e-prefill) run_stage e2e-prefill "$limit" $PY bench/e2e.py --layers 2 --tokens 256,1024,4096 --parts prefill ;;
     tiles) run_stage tiles "$limit" $PY bench/gemm.py --measure-tiles bench/results/tile_timings-h200.json ;;

@@ -1,0 +1,151 @@
+"""Where a compiled step's time goes: device kernels by category, and the host's share.
+
+On a GPU: the Llama-3-8B-shaped model of `bench/e2e.py` (random bf16 weights, `--layers`
+layers), one forward step of each `--tokens` size through Inductor and through tileflow, under
+`torch.profiler`. For each it reports the step's wall time, the device time summed over its
+kernels, and the kernels grouped into GEMM, attention, split-K reduce, elementwise/norm and copy
+categories (by kernel name), with the ten most expensive kernels. Device time well below wall time
+means the step waits on the host (launches, Python); a category's share says which kernels to
+work on. Writes the tables under bench/results/.
+
+On a CPU-only machine it profiles a tiny Llama on the CPU (the ops' own CPU time stands in for
+kernels) as a smoke check.
+
+    python bench/profile_step.py [--layers 2] [--tokens 256,4096] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Kernel-name patterns per category, first match wins (Triton kernels carry tileflow's names;
+# cuBLAS/cuDNN/flash kernels theirs; Inductor's fused kernels start with triton_).
+CATEGORIES = (
+    ("split-K reduce", ("_reduce",)),
+    ("attention", ("meta_attention", "flash", "fmha", "attention", "sdpa")),
+    ("GEMM", ("padded_gemm", "grouped_gemm", "gemm", "matmul", "sm90_xmma", "cutlass", "mm_", "_mm", "aten::mm",
+              "aten::addmm", "aten::linear", "aten::bmm")),
+    ("copy", ("copy", "memcpy", "memset", "cat", "fill")),
+    ("elementwise / norm", ("triton_", "elementwise", "reduce", "vectorized", "unrolled", "norm", "aten::")),
+)
+
+
+def category(name: str) -> str:
+    """The category of a kernel, by name."""
+    lowered = name.lower()
+    for label, patterns in CATEGORIES:
+        if any(p in lowered for p in patterns):
+            return label
+    return "other"
+
+
+def profile(fn, *, device: str, steps: int = 5) -> dict:
+    """Profile `steps` calls of `fn()` (after warm-up): mean wall ms per step, mean device ms
+    per step, and per-kernel device ms per step."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for _ in range(3):
+        fn()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        wall = (time.perf_counter() - start) / steps * 1e3
+    kernels: dict[str, float] = {}
+    for avg in prof.key_averages():
+        if device == "cuda":
+            # Self device time: a kernel's own row holds it (the op that launched it has none).
+            us = getattr(avg, "self_device_time_total", None) or getattr(avg, "self_cuda_time_total", 0)
+        else:
+            # On the CPU the ops themselves do the work: their self time, ATen and tileflow ops.
+            us = avg.self_cpu_time_total if avg.key.startswith(("aten::", "tileflow::")) else 0
+        if us > 0:
+            kernels[avg.key] = us / 1e3 / steps
+    return {"wall_ms": wall, "device_ms": sum(kernels.values()), "kernels": kernels}
+
+
+def report(label: str, result: dict) -> str:
+    """A markdown section: wall vs device time, categories, top kernels."""
+    from common import markdown_table
+
+    by_category: dict[str, float] = defaultdict(float)
+    for name, ms in result["kernels"].items():
+        by_category[category(name)] += ms
+    device_ms = result["device_ms"] or float("nan")
+    lines = [f"### {label}", "",
+             f"- wall {result['wall_ms']:.3f} ms per step; device (kernels summed) {result['device_ms']:.3f} ms "
+             f"({100 * result['device_ms'] / result['wall_ms']:.0f}% of wall)", ""]
+    cats = sorted(by_category.items(), key=lambda kv: -kv[1])
+    lines.append(markdown_table(["category", "device ms", "share"],
+                                [[c, f"{ms:.3f}", f"{100 * ms / device_ms:.0f}%"] for c, ms in cats]))
+    top = sorted(result["kernels"].items(), key=lambda kv: -kv[1])[:10]
+    lines += ["", markdown_table(["kernel", "category", "device ms"],
+                                 [[name[:90], category(name), f"{ms:.3f}"] for name, ms in top])]
+    return "\n".join(lines)
+
+
+def run(model, tokens: list[int], *, device: str, vocab: int) -> str:
+    """Profile Inductor and tileflow steps of `model` at each size; the report's markdown."""
+    import torch
+
+    methods = {
+        "Inductor": torch.compile(model, dynamic=True),
+        "tileflow": torch.compile(model, backend="tileflow", dynamic=True),
+    }
+    sections = []
+    for t in tokens:
+        ids = torch.randint(0, vocab, (1, t), device=device)
+        for name, fn in methods.items():
+            with torch.no_grad():
+                result = profile(lambda fn=fn: fn(ids, use_cache=False), device=device)
+            sections.append(report(f"{name}, {t} tokens", result))
+            print(sections[-1] + "\n", flush=True)
+    return "\n\n".join(sections)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--tokens", default="256,4096")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    from e2e import _llama
+
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if not torch.cuda.is_available():
+        print("bench/profile_step.py: no CUDA GPU here; device times need one. Running the CPU smoke check.")
+        model = _llama(2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=256)
+        text = run(model, [16], device="cpu", vocab=256)
+        # Both steps did GEMM work the profile attributes (tileflow's padded GEMMs, Inductor's mm).
+        if text.count("| GEMM |") < 2:
+            print("FAIL: the profile attributed no GEMM time", file=sys.stderr)
+            return 1
+        print("smoke check passed")
+        return 0
+    from common import environment, write_results
+
+    env = environment()
+    model = _llama(args.layers, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256).to("cuda", torch.bfloat16)
+    body = f"- model: Llama-3-8B-shaped, {args.layers} layers, random bf16 weights\n\n"
+    body += run(model, tokens, device="cuda", vocab=128256)
+    if not args.no_write:
+        print(f"wrote {write_results('profile', 'Where a step goes (torch.profiler)', env, body)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

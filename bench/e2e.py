@@ -54,11 +54,15 @@ PASSES_NANO = ("canonicalize", "attention", "gemm_padding", "nanobatch")
 # Serving programs: the model cut at its attention ops; dense stages as ATen ops run eagerly,
 # the same through Inductor, or with tileflow's passes (padded GEMMs; Inductor for the rest on
 # CUDA, as `backend="tileflow"` does).
-SERVING_METHODS = {
+SERVING_PROGRAMS = {
     "ATen": {"passes": ("canonicalize", "attention"), "residual": "eager"},
     "Inductor": {"passes": ("canonicalize", "attention"), "residual": "inductor"},
     "tileflow": {},
 }
+# Serving methods: (program, nano-batches per step). tileflow+nano splits each step into two
+# nano-batches on their own streams (decodes apart from prompt chunks).
+SERVING_METHODS = {"ATen": ("ATen", 1), "Inductor": ("Inductor", 1), "tileflow": ("tileflow", 1),
+                   "tileflow+nano": ("tileflow", 2)}
 BLOCK = 16  # KV page size
 
 
@@ -117,7 +121,7 @@ def serving_programs(model, max_tokens: int) -> dict:
     step = CausalLMStep(model)
     example = (torch.zeros(1, 4, dtype=torch.long, device=device), torch.arange(4, device=device)[None])
     return {name: build_stage_program(step, example, max_tokens=max_tokens, config=tileflow.Config(**options))
-            for name, options in SERVING_METHODS.items()}
+            for name, options in SERVING_PROGRAMS.items()}
 
 
 def mixed_entries(tokens: int, rng, scale: Scale):
@@ -143,7 +147,7 @@ def mixed_entries(tokens: int, rng, scale: Scale):
     return entries, next_block
 
 
-def serving_engine(program, scale: Scale, *, num_blocks: int, slots: int, budget: int | None = None):
+def serving_engine(program, scale: Scale, *, num_blocks: int, slots: int, budget: int | None = None, nano: int = 1):
     """A `ServingEngine` over `program` whose KV cache holds random values (a cached prefix's
     rows are then as expensive to attend to as real ones)."""
     import torch
@@ -152,7 +156,7 @@ def serving_engine(program, scale: Scale, *, num_blocks: int, slots: int, budget
 
     dtype = torch.bfloat16 if scale.device == "cuda" else torch.float32
     engine = ServingEngine(program, token_budget=budget or scale.budget, decode_slots=slots, block_size=BLOCK,
-                           num_blocks=num_blocks, dtype=dtype, device=scale.device)
+                           num_blocks=num_blocks, dtype=dtype, device=scale.device, nano_batches=nano)
     gen = torch.Generator(device=scale.device).manual_seed(0)
     for cache in engine.kv.k + engine.kv.v:
         cache.normal_(generator=gen)
@@ -244,30 +248,34 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
             torch.cuda.synchronize()
         prepare_ms = 1e3 * (time.perf_counter() - start)
         with torch.no_grad():
-            engine.program = programs["ATen"]
+            engine.program, engine.nano_batches = programs["ATen"], 1
             want = engine.forward(entries, inputs).float()
-            for name, program in programs.items():
-                def measure(program=program):
-                    engine.program = program
-                    err = rel_err(engine.forward(entries, inputs).float(), want)
+            for name, (program, nano) in SERVING_METHODS.items():
+                def measure(program=programs[program], nano=nano):
+                    engine.program, engine.nano_batches = program, nano
+                    # A nano-batched step prepares each nano-batch itself (on its stream).
+                    given = inputs if nano == 1 else None
+                    err = rel_err(engine.forward(entries, given).float(), want)
                     if not err < scale.tolerance:
                         raise AssertionError(f"relative error {err:.2e} against the ATen program")
-                    return t / step_ms(lambda: engine.forward(entries, inputs), scale) * 1e3
+                    return t / step_ms(lambda: engine.forward(entries, given), scale) * 1e3
 
                 rate[name] = _timed(failures, f"mixed {name} at T={t}", measure)
         decodes = sum(e.kind == "decode" for e in entries)
         rows.append([t, f"{len(entries) - decodes} chunks + {decodes} decodes", f"{prepare_ms:.1f}"]
-                    + [_rate(rate[n]) for n in programs]
-                    + [_ratio(rate["tileflow"], rate["Inductor"]), _share(rate["tileflow"], bound)])
+                    + [_rate(rate[n]) for n in SERVING_METHODS]
+                    + [_ratio(rate["tileflow"], rate["Inductor"]), _ratio(rate["tileflow+nano"], rate["tileflow"]),
+                       _share(rate["tileflow"], bound)])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    headers = ["tokens", "step", "host prepare ms"] + [f"{n} tok/s" for n in programs] + ["tileflow / Inductor",
-                                                                                          "tileflow % of bound"]
+    headers = ["tokens", "step", "host prepare ms"] + [f"{n} tok/s" for n in SERVING_METHODS] + [
+        "tileflow / Inductor", "nano / tileflow", "tileflow % of bound"]
     return ("## Mixed prefill/decode serving steps\n\n" + markdown_table(headers, rows)
             + "\n\n- one step through `ServingEngine.forward` (packed tokens, k/v written into a paged cache of "
               f"{BLOCK}-token pages holding random values, `meta_attention_varlen` for every method); prompt chunks "
               f"of up to {scale.chunk} tokens over cached prefixes of {min(scale.prefixes)}-{max(scale.prefixes)} "
               f"tokens, decode contexts {scale.contexts[0]}-{scale.contexts[1]}; medians over CUDA events of the step "
-              "with its inputs prepared (host prepare ms: `ServingEngine.prepare`, once)")
+              "with its inputs prepared (host prepare ms: `ServingEngine.prepare`, once), except tileflow+nano, whose "
+              "two nano-batches (decodes, prompt chunks) each prepare their inputs on their own stream in the step")
 
 
 def trace_part(programs: dict, count: int, bound: float, scale: Scale, failures: list[str]) -> str:
@@ -282,14 +290,14 @@ def trace_part(programs: dict, count: int, bound: float, scale: Scale, failures:
     for prompt, output in scale.traces:
         blocks = count * -(-(prompt + output) // BLOCK) + 64
         generated = {}
-        for name, program in programs.items():
-            def serve(program=program, name=name):
+        for name, (program_name, nano) in SERVING_METHODS.items():
+            def serve(program=programs[program_name], name=name, nano=nano):
                 # Warm-up runs compile what the steps need: one token (sizes 1 are specialized),
                 # and many tokens (one graph for every other size).
                 for warmup in (1, 4):
-                    serving_engine(program, scale, num_blocks=64, slots=4).run(
+                    serving_engine(program, scale, num_blocks=64, slots=4, nano=nano).run(
                         trace_requests(warmup, 40, 3, scale.vocab, seed=1))
-                engine = serving_engine(program, scale, num_blocks=blocks, slots=count)
+                engine = serving_engine(program, scale, num_blocks=blocks, slots=count, nano=nano)
                 requests = trace_requests(count, prompt, output, scale.vocab)
                 with torch.no_grad():
                     metrics = engine.run(requests)
@@ -308,7 +316,7 @@ def trace_part(programs: dict, count: int, bound: float, scale: Scale, failures:
                              _share(processed, bound), f"{1e3 * m['mean_ttft_s']:.0f}", f"{1e3 * m['mean_tbt_s']:.1f}",
                              f"{same}/{count}"])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    headers = ["trace (requests x prompt/output)", "program", "steps", "processed tok/s", "generated tok/s",
+    headers = ["trace (requests x prompt/output)", "method", "steps", "processed tok/s", "generated tok/s",
                "processed % of bound", "mean TTFT ms", "mean time between tokens ms", "requests equal to ATen's"]
     return ("## Request traces\n\n" + markdown_table(headers, rows)
             + f"\n\n- `ServingEngine.run`: all requests arrive at once, {count} decode slots, {scale.budget}-token "

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import sympy
 import torch
@@ -239,6 +239,17 @@ class StageProgram:
         """Run every stage in this process and return the graph's flat outputs;
         `attention(cut, q, k, v)` replaces the attention stages (default: the original
         `meta_attention` over the given tokens)."""
+        stages = self.stepwise(inputs, attention)
+        while True:
+            try:
+                next(stages)
+            except StopIteration as done:
+                return done.value
+
+    def stepwise(self, inputs: Sequence[Any], attention: AttentionFn | None = None) -> Generator[int, None, list[Any]]:
+        """`run`, one stage per `next()`: yields each stage's id after running it and returns the
+        outputs (as `StopIteration.value`). Callers interleave several batches' stages with it,
+        e.g. on separate streams."""
         attention = attention or local_attention
         values: dict[int, Any] = {}
 
@@ -252,6 +263,7 @@ class StageProgram:
         for stage in self.stages:
             args = [resolve(s) for s in stage.inputs]
             values[stage.id] = stage.module(*args) if stage.kind == "dense" else (attention(stage.cut, *args),)
+            yield stage.id
         return [resolve(s) for s in self.outputs]
 
 

@@ -6,7 +6,7 @@
 """
 
 from .blocks import BlockAllocator, OutOfBlocks, prefix_hashes
-from .engine import Metrics, ServingEngine, StepInputs, prompt_lookup_draft
+from .engine import Metrics, ServingEngine, StepInputs, prompt_lookup_draft, split_entries
 from .scheduler import Entry, Request, Scheduler, accept_draft
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "accept_draft",
     "prefix_hashes",
     "prompt_lookup_draft",
+    "split_entries",
 ]

@@ -12,15 +12,37 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from tileflow.passes.disaggregate import AttentionCut, StageProgram
 
 from ..runtime.paged_kv import PagedBatch, PagedKV
+from ..runtime.streams import CudaStreams, StreamExecutor
 from .blocks import BlockAllocator
 from .scheduler import Entry, Request, Scheduler, accept_draft, register_full_blocks
+
+
+def split_entries(entries: Sequence[Entry], parts: int) -> list[list[Entry]]:
+    """Cut a step's entries (in order) into at most `parts` contiguous, non-empty nano-batches of
+    about equal token counts. Entries stay whole, so a sequence's tokens stay together; the
+    scheduler puts decode/verify entries first and prompt chunks last, so the cut tends to put
+    memory-bound decodes and compute-bound prefills in different nano-batches."""
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    total = sum(len(e.tokens) for e in entries)
+    groups: list[list[Entry]] = [[]]
+    done = 0  # tokens in the groups so far
+    for i, entry in enumerate(entries):
+        still_to_open = min(parts, len(entries)) - len(groups)
+        # Open the next group once this one holds its share, or when each entry left must
+        # start a group of its own for every group to get one.
+        if groups[-1] and still_to_open > 0 and (done >= total * len(groups) / parts or len(entries) - i <= still_to_open):
+            groups.append([])
+        groups[-1].append(entry)
+        done += len(entry.tokens)
+    return groups
 
 
 def prompt_lookup_draft(tokens: Sequence[int], max_draft: int, ngram: int = 2) -> list[int]:
@@ -79,8 +101,10 @@ class ServingEngine:
     def __init__(
         self, program: StageProgram, *, token_budget: int = 64, decode_slots: int = 8, max_draft: int = 0,
         block_size: int = 16, num_blocks: int = 256, dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
+        device: torch.device | str = "cpu", nano_batches: int = 1, streams: StreamExecutor | None = None,
     ) -> None:
+        if isinstance(nano_batches, bool) or not isinstance(nano_batches, int) or nano_batches < 1:
+            raise ValueError(f"nano_batches must be an int >= 1 (1: no split), got {nano_batches!r}")
         cuts = program.cuts
         heads = {(c.num_kv_heads, c.head_dim) for c in cuts}
         if len(heads) != 1:
@@ -94,6 +118,10 @@ class ServingEngine:
         self.max_draft = max_draft
         self.metrics = Metrics()
         self._start = 0.0
+        self.nano_batches = nano_batches
+        # Where nano-batches run: CUDA streams on a GPU, one after another elsewhere (tests pass
+        # simulated streams, which run them in random interleavings).
+        self.streams = streams if streams is not None else CudaStreams(self.device) if self.device.type == "cuda" else None
 
     def add(self, request: Request) -> None:
         """Queue a request."""
@@ -154,11 +182,48 @@ class ServingEngine:
     def forward(self, entries: Sequence[Entry], inputs: StepInputs | None = None) -> torch.Tensor:
         """Run the model over the entries' tokens packed into one batch, writing their k/v into
         the cache; returns the logits `[1, total tokens, vocab]` (on the engine's device).
-        `inputs` is `prepare(entries)` when the caller already made it."""
+        `inputs` is `prepare(entries)` when the caller already made it (then the step is not
+        split into nano-batches)."""
+        if self.nano_batches > 1 and inputs is None and len(entries) > 1:
+            return self._forward_nano(split_entries(entries, self.nano_batches))
         step = inputs if inputs is not None else self.prepare(entries)
         attend = lambda cut, q, k, v: self._attend(step.batch, step.tree_mask, cut, q, k, v)  # noqa: E731
         (logits,) = self.program.run([step.ids, step.positions], attention=attend)
         return logits
+
+    def _forward_nano(self, groups: list[list[Entry]]) -> torch.Tensor:
+        """NanoFlow's overlap for a serving step: each nano-batch (whole sequences, so its
+        attention needs no other) runs the program on its own stream, stage by stage in turn,
+        so one nano-batch's memory-bound decode attention can run beside another's GEMMs.
+        Dense stages are token-wise and every nano-batch writes and reads only its own
+        sequences' KV, so nothing crosses between streams until the logits are joined."""
+        runs: list[Any] = [None] * len(groups)
+        outputs: list[torch.Tensor | None] = [None] * len(groups)
+
+        def start(j: int) -> None:
+            step = self.prepare(groups[j])
+            attend = lambda cut, q, k, v: self._attend(step.batch, step.tree_mask, cut, q, k, v)  # noqa: E731
+            runs[j] = self.program.stepwise([step.ids, step.positions], attention=attend)
+
+        def advance(j: int) -> None:
+            try:
+                next(runs[j])
+            except StopIteration as done:
+                outputs[j] = done.value[0]
+
+        streams = self.streams
+        if streams is not None:
+            streams.begin()
+        for j in range(len(groups)):
+            (streams.launch(j, lambda j=j: start(j)) if streams is not None else start(j))
+        # One launch per stage per nano-batch, round robin: a stream never waits for the host to
+        # finish enqueueing another nano-batch's whole step. The extra turn collects the outputs.
+        for _ in range(len(self.program.stages) + 1):
+            for j in range(len(groups)):
+                (streams.launch(j, lambda j=j: advance(j)) if streams is not None else advance(j))
+        if streams is not None:
+            streams.end()
+        return torch.cat(outputs, dim=1)
 
     def _advance(self, e: Entry, predictions: list[int], now: float) -> None:
         r = e.request

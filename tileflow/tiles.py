@@ -485,12 +485,11 @@ def _build_tile_plan_cached(
     # config's persistent variant is a candidate only where it was measured, right after the
     # plain one, so a tie keeps the plain kernel.
     configs = sorted(candidate_configs(n, k, dtype, device, weight_tiles=weight_tiles), reverse=True)
-    # Candidates: (config, persistent, split_k). Split-K variants are modeled, never measured, so
-    # they compete only in plans without measured times (mixing a model with measurements would
-    # compare numbers of different kinds); they come after their config's unsplit kernel, so a
-    # tie keeps the single launch.
-    # Measured plans (any candidate measured) compare measured times only: a split variant runs
-    # there where it was measured; modeled plans model every split the config allows.
+    # Candidates: (config, persistent, split_k); split variants come after their config's unsplit
+    # kernel, so a tie keeps the single launch. A measured plan (any candidate measured) compares
+    # measured times only, so a split runs there only where it was measured (a model's estimate
+    # and a measurement are numbers of different kinds); a modeled plan models every split the
+    # config allows.
     any_measured = any(c in measured_map or c in persistent_map for c in configs)  # others are ignored
     cands = []
     for c in configs:
@@ -517,7 +516,12 @@ def _build_tile_plan_cached(
         # waves; only its measured per-tile time differs.
         programs = tiles * split
         waves = -(-programs // device.cores)
-        measured_time = (persistent_map if persistent else split_maps.get(split, {}) if split > 1 else measured_map).get(config)
+        if persistent:
+            measured_time = persistent_map.get(config)
+        elif split > 1:
+            measured_time = split_maps.get(split, {}).get(config)
+        else:
+            measured_time = measured_map.get(config)
         if measured_time is not None:
             costs[row] = waves * measured_time
         else:
@@ -537,6 +541,8 @@ def _build_tile_plan_cached(
         for i, w in zip(choice, widths):
             if cands[i][2] > 1:
                 served[cands[i][0]] = served.get(cands[i][0], 0) + int(w)
+        if not served:
+            break  # only unsplit kernels left: at most one per candidate config
         drop = min(served, key=lambda c: (served[c], c))
         for row, (config, _, split) in enumerate(cands):
             if config == drop and split > 1:

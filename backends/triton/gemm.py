@@ -347,11 +347,13 @@ def _split_sources(spec: KernelSpec, kname: str) -> str:
               "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,",
               "GROUP_M: tl.constexpr,"]
     main_sig = "\n".join("    " + line for line in lines)
-    store = ["", f"# The partial tile(s) go to ws[pid_k, p] (fp32, [M, N] each, P = {planes}).",
+    store = ["", f"# The partial tile(s) go to ws[pid_k, p] (fp32, [M, N] each, P = {planes}); offsets in",
+             "# int64, as M * N can pass 2^31.",
              "mask_out = mask_m[:, None] & mask_n[None, :]",
-             f"ws_tile = ws_ptr + (pid_k * {planes} * M + rows) * N + cols"]
+             "plane = M.to(tl.int64) * N",
+             f"ws_tile = ws_ptr + (pid_k * {planes}) * plane + rows * N + cols"]
     if swiglu:
-        store += ["tl.store(ws_tile, acc_gate, mask=mask_out)", "tl.store(ws_tile + M * N, acc_up, mask=mask_out)"]
+        store += ["tl.store(ws_tile, acc_gate, mask=mask_out)", "tl.store(ws_tile + plane, acc_up, mask=mask_out)"]
     else:
         store += ["tl.store(ws_tile, acc, mask=mask_out)"]
     main_body = (
@@ -380,11 +382,12 @@ def _split_sources(spec: KernelSpec, kname: str) -> str:
         "rows = offs_m[:, None].to(tl.int64)",
         "cols = offs_n[None, :]",
         "mask_ws = mask_m[:, None] & mask_n[None, :]",
+        "plane = M.to(tl.int64) * N  # int64: M * N can pass 2^31",
         *[f"{a} = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)" for a in sums],
         "# Parts are added in split order, so a result does not depend on scheduling.",
         "for part in range(0, SPLIT_K):",
-        f"    ws_tile = ws_ptr + (part * {planes} * M + rows) * N + cols",
-        *[f"    {a} += tl.load(ws_tile + {i} * M * N, mask=mask_ws, other=0.0)" for i, a in enumerate(sums)],
+        f"    ws_tile = ws_ptr + (part * {planes}) * plane + rows * N + cols",
+        *[f"    {a} += tl.load(ws_tile{' + plane' if i else ''}, mask=mask_ws, other=0.0)" for i, a in enumerate(sums)],
         "",
         _epilogue(spec),
     ])

@@ -75,8 +75,8 @@ def build_stage_program(
         reasons = "; ".join(f"{f.node}: {f.reason}" for f in report.fallbacks if f.pass_name == "disaggregate") or "see the report"
         raise ValueError(f"the step cannot be disaggregated: {reasons}")
     program = split_stages(graph.gm)
-    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
-    if resolve_residual(config.residual, "cuda" if "cuda" in devices else next(iter(devices), "cpu")) == "inductor":
+    device_type = next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
+    if resolve_residual(config.residual, device_type) == "inductor":
         for stage in program.dense:
             stage.module = torch.compile(stage.module, dynamic=True)
     return program

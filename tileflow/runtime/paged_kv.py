@@ -106,8 +106,9 @@ class PagedKV:
         """Store the step's new rows `k`/`v` `[total_q, heads, head_dim]` (one scatter per cache)."""
         if k.shape[0] != batch.num_tokens or v.shape[0] != batch.num_tokens:
             raise ValueError(f"the batch has {batch.num_tokens} new rows, got k/v with {k.shape[0]}/{v.shape[0]}")
-        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, batch.slots, k)
-        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, batch.slots, v)
+        cache_k, cache_v = self.k[layer], self.v[layer]
+        cache_k.view(-1, *cache_k.shape[2:]).index_copy_(0, batch.slots, k.to(cache_k.dtype))
+        cache_v.view(-1, *cache_v.shape[2:]).index_copy_(0, batch.slots, v.to(cache_v.dtype))
 
     def attend_batch(
         self, layer: int, q: torch.Tensor, batch: PagedBatch, *, scale: float, tree_mask: torch.Tensor | None = None,

@@ -212,15 +212,17 @@ class ServingEngine:
                 outputs[j] = done.value[0]
 
         streams = self.streams
+        # Without streams (the CPU) the nano-batches run in the same order, one piece at a time.
+        launch = streams.launch if streams is not None else (lambda j, fn: fn())
         if streams is not None:
             streams.begin()
         for j in range(len(groups)):
-            (streams.launch(j, lambda j=j: start(j)) if streams is not None else start(j))
+            launch(j, lambda j=j: start(j))
         # One launch per stage per nano-batch, round robin: a stream never waits for the host to
         # finish enqueueing another nano-batch's whole step. The extra turn collects the outputs.
         for _ in range(len(self.program.stages) + 1):
             for j in range(len(groups)):
-                (streams.launch(j, lambda j=j: advance(j)) if streams is not None else advance(j))
+                launch(j, lambda j=j: advance(j))
         if streams is not None:
             streams.end()
         return torch.cat(outputs, dim=1)

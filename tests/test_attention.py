@@ -220,3 +220,28 @@ def test_models_with_hand_written_attention(name) -> None:
     assert len(report.graphs) == 1
     assert report.rewrites["manual_attention"] == report.rewrites["meta_attention"] == 2
     assert report.fallbacks == []
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_mixed_batch_runs_one_launch_per_tile_height(monkeypatch, target: str) -> None:
+    """Decodes and small verify groups run in decode-sized tiles, prompt chunks in prefill-sized
+    ones: two launches into one output, which equals the float64 definition."""
+    from tileflow import runtime
+
+    batch = make_batch(["decode", "prefill", "verify", "decode", "chunked"], num_q_heads=4, num_kv_heads=2,
+                       head_dim=16, block_size=7, dtype=torch.float32, seed=3, tree_size=4, max_len=60)
+    heights = []
+    real_get_kernel = runtime.get_kernel
+
+    def spying_get_kernel(target, spec, artifact_dir=None):
+        heights.append(spec.param("block_q"))
+        return real_get_kernel(target, spec, artifact_dir)
+
+    monkeypatch.setattr(runtime, "get_kernel", spying_get_kernel)
+    with tileflow.use_config(tileflow.Config(target=target)):
+        got = meta_attention_varlen(**batch, scale=0.25)
+    want = oracle(batch, causal=True, sliding_window=None, scale=0.25)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # gqa 2: a decode-sized tile holds 8 query positions (16 rows), a prefill-sized one more.
+    assert heights[0] == 8 and len(heights) == 2 and heights[1] > 8
+

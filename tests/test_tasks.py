@@ -30,9 +30,11 @@ def visible_interval(i: int, n: int, kv_len: int, causal: bool, window: int | No
 
 
 def check_invariants(
-    table: TaskTable, q_lens: list[int], kv_lens: list[int], *, causal: bool, window: int | None
+    table: TaskTable, q_lens: list[int], kv_lens: list[int], *, causal: bool, window: int | None,
+    sequences: set[int] | None = None,
 ) -> None:
-    """Every structural promise of the contract, checked from first principles."""
+    """Every structural promise of the contract, checked from first principles (each row of
+    the `sequences` chosen, default all, covered exactly once; the others not at all)."""
     num_q, num_kv, bq = table.num_q_heads, table.num_kv_heads, table.block_q
     group = num_q // num_kv
     tasks = table.tasks.numpy()
@@ -81,8 +83,8 @@ def check_invariants(
         used_slots.extend(range(first_slot, first_slot + num_slots))
     assert set(split_by_tile) == merged_tiles
     assert sorted(used_slots) == list(range(table.num_slots))
-    for c in cover:
-        assert (c == 1).all()
+    for seq, c in enumerate(cover):
+        assert (c == (1 if sequences is None or seq in sequences else 0)).all()
 
     # Program lists: a permutation of the tasks over exactly P programs.
     offsets = table.program_offsets.numpy()
@@ -148,6 +150,22 @@ def test_table_covers_every_row_once(lengths: tuple[list[int], list[int]], args:
     assert table.num_programs == args["num_programs"]
     check_invariants(table, q_lens, kv_lens, causal=args["causal"], window=args["sliding_window"])
     check_round_robin(table)
+
+
+@SETTINGS
+@given(batches(), table_args(), st.data())
+def test_table_for_some_sequences_covers_exactly_theirs(lengths: tuple[list[int], list[int]], args: dict,
+                                                        data: st.DataObject) -> None:
+    """A table built for a subset of the batch's sequences (one launch of a batch whose
+    sequences want different tile heights) covers their rows once and no other row."""
+    q_lens, kv_lens = lengths
+    chosen = set(data.draw(st.lists(st.integers(0, max(len(q_lens) - 1, 0)), max_size=len(q_lens)))) if q_lens else set()
+    table = build_task_table(cu_of(q_lens), kv_lens, **args, sequences=sorted(chosen))
+    check_invariants(table, q_lens, kv_lens, causal=args["causal"], window=args["sliding_window"], sequences=chosen)
+    check_round_robin(table)
+    assert table.cu_seqlens_q.tolist() == cu_of(q_lens)  # the whole batch's metadata, still
+    with pytest.raises(ValueError, match="sequences must index"):
+        build_task_table(cu_of(q_lens), kv_lens, **args, sequences=[len(q_lens)])
 
 
 @SETTINGS

@@ -272,6 +272,7 @@ def build_task_table(
     sliding_window: int | None = None,
     causal: bool = True,
     kv_split: int | None = None,
+    sequences: Sequence[int] | None = None,
 ) -> TaskTable:
     """Compute the meta-attention task table of one batch (host side, deterministic).
 
@@ -289,6 +290,9 @@ def build_task_table(
             64 (>= 256) positions chosen so the task count approaches ``num_programs``.
             ``k > 0``: every tile whose KV range exceeds ``k`` is split into chunks of ``k``
             positions regardless of the tile count (tuning and tests). ``0``: never split.
+        sequences: when given, only these sequences (indices into the batch) get tasks; the
+            table still describes the whole batch's metadata. A batch whose sequences want
+            different tile heights runs one launch per group, each with its own table.
 
     Returns:
         The `TaskTable`. Sequences with no query rows produce no task.
@@ -326,6 +330,13 @@ def build_task_table(
 
     # --- tiles, in (sequence, kv head, q tile) order ---------------------------------------
     tiles_per_seq = _ceil_div(n, block_q)
+    if sequences is not None:
+        chosen = np.zeros(num_seqs, dtype=bool)
+        picked = np.asarray(list(sequences), dtype=np.int64)
+        if picked.size and (picked.min() < 0 or picked.max() >= num_seqs):
+            raise ValueError(f"sequences must index the batch's {num_seqs} sequences, got {sorted(set(picked.tolist()))}")
+        chosen[picked] = True
+        tiles_per_seq = np.where(chosen, tiles_per_seq, 0)
     per_seq = tiles_per_seq * num_kv_heads
     num_tiles = int(per_seq.sum())
     seq = np.repeat(np.arange(num_seqs, dtype=np.int64), per_seq)

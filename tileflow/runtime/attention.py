@@ -102,46 +102,60 @@ def run_meta_attention_varlen(
     hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
     gqa = hq // hkv
     cu, lens = host_metadata if host_metadata is not None else (tuple(cu_seqlens_q.tolist()), tuple(seqlens_kv.tolist()))
-    # A cached table is device memory a captured graph would read on every replay: keep it alive
-    # with the graph, whatever the cache evicts later.
-    block_q, table = _task_table(cu, lens, hq, hkv, target, attention_programs(target, q.device), sliding_window,
-                                 causal, str(q.device))
-    keep_alive_while_captured(table)
-    spec = attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=block_q, causal=causal,
-                          sliding_window=sliding_window is not None, tree=tree_mask is not None, bias=attn_bias is not None,
-                          target=target)
-    kernel = get_kernel(target, spec)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     kwargs = {}
     if attn_bias is not None:
         kwargs["attn_bias"] = attn_bias
-    return kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table,
-                  scale=scale if scale is not None else 1.0 / math.sqrt(d),
-                  tree_mask=tree_mask, sliding_window=sliding_window, out=out, **kwargs)
+    for block_q, table in _launch_plan(cu, lens, hq, hkv, target, attention_programs(target, q.device), sliding_window,
+                                       causal, str(q.device)):
+        # A cached table is device memory a captured graph would read on every replay: keep it
+        # alive with the graph, whatever the cache evicts later.
+        keep_alive_while_captured(table)
+        spec = attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=block_q, causal=causal,
+                              sliding_window=sliding_window is not None, tree=tree_mask is not None,
+                              bias=attn_bias is not None, target=target)
+        get_kernel(target, spec)(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table,
+                                 scale=scale if scale is not None else 1.0 / math.sqrt(d),
+                                 tree_mask=tree_mask, sliding_window=sliding_window, out=out, **kwargs)
+    return out
 
 
 @functools.lru_cache(maxsize=256)
-def _task_table(
+def _launch_plan(
     cu: tuple[int, ...], lens: tuple[int, ...], hq: int, hkv: int, target: str, programs: int,
     window: int | None, causal: bool, device: str,
-) -> tuple[int, Any]:
-    """The tile height and task table of a batch shape. Both are pure functions of it: cache them
-    (dense graphs and decode steps repeat the same shapes), with the tensors the kernel reads
-    already on its device, so a repeated shape costs no host-to-device copy and no Python loop
-    over the sequences."""
-    max_q = max((b - a for a, b in zip(cu, cu[1:])), default=0)
-    block_q = attention_block_q(max_q, hq // hkv, target)
-    table = build_task_table(list(cu), list(lens), num_q_heads=hq, num_kv_heads=hkv, block_q=block_q,
-                             num_programs=programs, sliding_window=window, causal=causal)
-    if torch.device(device).type != "cpu":
-        table = dataclasses.replace(
-            table,
-            tasks=table.tasks.to(device),
-            program_offsets=table.program_offsets.to(device),
-            program_tasks=table.program_tasks.to(device),
-            merges=table.merges.to(device),
-        )
-    return block_q, table
+) -> tuple[tuple[int, Any], ...]:
+    """The launches of a batch: (tile height block_q, task table) each, written into one output.
+
+    A batch whose sequences all want one tile height (all decode-sized, or all longer) is one
+    launch. A batch that mixes them (decodes and small verify groups beside prompt chunks) gets
+    one launch per height, each with the tasks of its own sequences: in one prefill-sized launch a
+    decode would fill a 128-row tile with its gqa real rows and the tensor cores would spend up
+    to 32x the work on padding. Plans are pure functions of the batch shape: cached (dense
+    graphs and decode steps repeat shapes), with the tables already on their device.
+    """
+    gqa = hq // hkv
+    q_lens = [b - a for a, b in zip(cu, cu[1:])]
+    decode_q = max(1, _DECODE_ROWS // gqa)  # query positions that fit a decode-sized tile
+    small = [s for s, n in enumerate(q_lens) if 0 < n <= decode_q]
+    large = [s for s, n in enumerate(q_lens) if n > decode_q]
+    groups: list[list[int] | None] = [small, large] if small and large else [None]
+    launches = []
+    for group in groups:
+        max_q = max((q_lens[s] for s in (group if group is not None else range(len(q_lens)))), default=0)
+        block_q = attention_block_q(max_q, gqa, target)
+        table = build_task_table(list(cu), list(lens), num_q_heads=hq, num_kv_heads=hkv, block_q=block_q,
+                                 num_programs=programs, sliding_window=window, causal=causal, sequences=group)
+        if torch.device(device).type != "cpu":
+            table = dataclasses.replace(
+                table,
+                tasks=table.tasks.to(device),
+                program_offsets=table.program_offsets.to(device),
+                program_tasks=table.program_tasks.to(device),
+                merges=table.merges.to(device),
+            )
+        launches.append((block_q, table))
+    return tuple(launches)
 
 
 def additive_bias(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

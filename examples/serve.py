@@ -1,7 +1,7 @@
 """Serve a small-config Llama (random weights) with continuous batching, chunked prefill and
 speculative verify over a paged KV cache, and print the serving metrics.
 
-    python examples/serve.py [--draft 3] [--requests 12] [--check]
+    python examples/serve.py [--draft 3] [--requests 12] [--nano-batches 2] [--check]
 
 The model's step is compiled by tileflow's passes (padded GEMMs, meta-attention, cut at its
 attention ops); each step packs decode/verify tokens first, then prompt chunks, up to the token
@@ -26,6 +26,7 @@ def main() -> int:
     p.add_argument("--draft", type=int, default=3, help="drafted tokens verified per step (0: no speculation)")
     p.add_argument("--budget", type=int, default=64, help="tokens per step")
     p.add_argument("--slots", type=int, default=6, help="requests decoding at once")
+    p.add_argument("--nano-batches", type=int, default=1, help="nano-batches per step, each on its own stream (1: off)")
     p.add_argument("--check", action="store_true", help="compare with eager greedy generation")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -53,7 +54,7 @@ def main() -> int:
     ]
     requests = [Request(i, prompt, args.new_tokens) for i, prompt in enumerate(prompts)]
     engine = ServingEngine(program, token_budget=args.budget, decode_slots=args.slots, max_draft=args.draft,
-                           block_size=8, num_blocks=512)
+                           block_size=8, num_blocks=512, nano_batches=args.nano_batches)
     metrics = engine.run(requests, progress=True)
     print(json.dumps({k: round(v, 4) for k, v in metrics.summary().items()}, indent=1))
     if args.check:

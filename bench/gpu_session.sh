@@ -7,7 +7,7 @@
 #
 # Stages: gemm, gemm-quick, attention, attention-sweep (kernel configurations), e2e
 # (prefill-shaped steps, mixed serving steps, request traces), e2e-prefill (the first part
-# only), profile (where a step's time goes, bench/profile_step.py), tiles (bench/gemm.py
+# only), e2e-serving (the other two), profile (where a step's time goes, bench/profile_step.py), tiles (bench/gemm.py
 # --measure-tiles), tests (the kernel and GPU runtime tests, compiled Triton). A stage that
 # fails or runs out of time does not stop the next one.
 set -u
@@ -52,6 +52,7 @@ for item in "$@"; do
     attention-sweep) run_stage attention-sweep "$limit" $PY bench/attention.py --sweep ;;
     e2e) run_stage e2e "$limit" $PY bench/e2e.py --layers 2 --tokens 256,1024,4096 ;;
     e2e-prefill) run_stage e2e-prefill "$limit" $PY bench/e2e.py --layers 2 --tokens 256,1024,4096 --parts prefill ;;
+    e2e-serving) run_stage e2e-serving "$limit" $PY bench/e2e.py --layers 2 --tokens 256,1024,4096 --parts mixed,trace ;;
     profile) run_stage profile "$limit" $PY bench/profile_step.py --layers 2 --tokens 256,4096 ;;
     tiles) run_stage tiles "$limit" $PY bench/gemm.py --measure-tiles bench/results/tile_timings-h200.json ;;
     # Per-test timeout and an early stop, so the run ends (and prints its summary of failures)

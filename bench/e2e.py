@@ -109,9 +109,9 @@ def step_ms(fn, scale: Scale) -> float:
     return statistics.median(times)
 
 
-def serving_programs(model, max_tokens: int) -> dict:
-    """Each serving method's `StageProgram` of `model` (which is switched to the packed-token
-    causal attention serving needs)."""
+def serving_programs(model, max_tokens: int, names=tuple(SERVING_PROGRAMS)) -> dict:
+    """The named serving programs (`StageProgram`s) of `model` (which is switched to the
+    packed-token causal attention serving needs)."""
     import torch
 
     import tileflow
@@ -120,8 +120,8 @@ def serving_programs(model, max_tokens: int) -> dict:
     device = next(model.parameters()).device
     step = CausalLMStep(model)
     example = (torch.zeros(1, 4, dtype=torch.long, device=device), torch.arange(4, device=device)[None])
-    return {name: build_stage_program(step, example, max_tokens=max_tokens, config=tileflow.Config(**options))
-            for name, options in SERVING_PROGRAMS.items()}
+    return {name: build_stage_program(step, example, max_tokens=max_tokens, config=tileflow.Config(**SERVING_PROGRAMS[name]))
+            for name in names}
 
 
 def mixed_entries(tokens: int, rng, scale: Scale):

@@ -1,8 +1,9 @@
 """Where a compiled step's time goes: device kernels by category, and the host's share.
 
 On a GPU: the Llama-3-8B-shaped model of `bench/e2e.py` (random bf16 weights, `--layers`
-layers), one forward step of each `--tokens` size through Inductor and through tileflow, under
-`torch.profiler`. For each it reports the step's wall time, the device time summed over its
+layers), one forward step of each `--tokens` size through Inductor and through tileflow, and a
+mixed serving step of the largest size (half prompt chunks, half decodes over a paged cache)
+through the serving engine without and with nano-batches, under `torch.profiler`. For each it reports the step's wall time, the device time summed over its
 kernels, and the kernels grouped into GEMM, attention, split-K reduce, elementwise/norm and copy
 categories (by kernel name), with the ten most expensive kernels. Device time well below wall time
 means the step waits on the host (launches, Python); a category's share says which kernels to
@@ -96,9 +97,15 @@ def report(label: str, result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(model, tokens: list[int], *, device: str, vocab: int) -> str:
-    """Profile Inductor and tileflow steps of `model` at each size; the report's markdown."""
+def run(model, tokens: list[int], *, scale) -> str:
+    """Profile Inductor and tileflow steps of `model` at each size, then a mixed serving step
+    (half prompt chunks, half decodes over a paged cache, as in `bench/e2e.py`) through the
+    tileflow program without and with nano-batches; the report's markdown."""
+    import random
+
     import torch
+
+    from e2e import mixed_entries, serving_engine, serving_programs
 
     methods = {
         "Inductor": torch.compile(model, dynamic=True),
@@ -106,12 +113,22 @@ def run(model, tokens: list[int], *, device: str, vocab: int) -> str:
     }
     sections = []
     for t in tokens:
-        ids = torch.randint(0, vocab, (1, t), device=device)
+        ids = torch.randint(0, scale.vocab, (1, t), device=scale.device)
         for name, fn in methods.items():
             with torch.no_grad():
-                result = profile(lambda fn=fn: fn(ids, use_cache=False), device=device)
+                result = profile(lambda fn=fn: fn(ids, use_cache=False), device=scale.device)
             sections.append(report(f"{name}, {t} tokens", result))
             print(sections[-1] + "\n", flush=True)
+    # Serving switches the model to packed-token attention: after the steps above.
+    program = serving_programs(model, max_tokens=max(scale.budget, *tokens), names=("tileflow",))["tileflow"]
+    t = max(tokens)
+    entries, blocks = mixed_entries(t, random.Random(0), scale)
+    engine = serving_engine(program, scale, num_blocks=blocks, slots=1)
+    for nano in (1, 2):
+        engine.nano_batches = nano
+        result = profile(lambda: engine.forward(entries), device=scale.device)
+        sections.append(report(f"tileflow serving step, {t} tokens (half decodes), {nano} nano-batch(es)", result))
+        print(sections[-1] + "\n", flush=True)
     return "\n\n".join(sections)
 
 
@@ -123,15 +140,15 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from e2e import _llama
+    from e2e import GPU, SMOKE, _llama
 
     tokens = [int(t) for t in args.tokens.split(",")]
     if not torch.cuda.is_available():
         print("bench/profile_step.py: no CUDA GPU here; device times need one. Running the CPU smoke check.")
-        model = _llama(2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=256)
-        text = run(model, [16], device="cpu", vocab=256)
+        model = _llama(2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=SMOKE.vocab)
+        text = run(model, [16], scale=SMOKE)
         # Both steps did GEMM work the profile attributes (tileflow's padded GEMMs, Inductor's mm).
-        if text.count("| GEMM |") < 2:
+        if text.count("| GEMM |") < 4:
             print("FAIL: the profile attributed no GEMM time", file=sys.stderr)
             return 1
         print("smoke check passed")
@@ -139,9 +156,9 @@ def main() -> int:
     from common import environment, write_results
 
     env = environment()
-    model = _llama(args.layers, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256).to("cuda", torch.bfloat16)
+    model = _llama(args.layers, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=GPU.vocab).to("cuda", torch.bfloat16)
     body = f"- model: Llama-3-8B-shaped, {args.layers} layers, random bf16 weights\n\n"
-    body += run(model, tokens, device="cuda", vocab=128256)
+    body += run(model, tokens, scale=GPU)
     if not args.no_write:
         print(f"wrote {write_results('profile', 'Where a step goes (torch.profiler)', env, body)}")
     return 0

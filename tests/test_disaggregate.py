@@ -170,7 +170,7 @@ def test_paged_kv_cache_blocks_and_release() -> None:
     cache = PagedKVCache(2, 1, 2, block_size=2, num_blocks=3, dtype=torch.float32)
     assert cache.reserve(7, 3) == 0  # two blocks
     rows = torch.arange(6.0).view(3, 1, 2)
-    cache.write(1, cache.blocks(7), 0, rows, -rows)
+    cache.write_batch(1, cache.prepare([cache.blocks(7)], [3], [0]), rows, -rows)
     cache.commit(7, 3)
     flat = cache.k[1][torch.tensor(cache.blocks(7))].reshape(-1, 1, 2)[:3]
     torch.testing.assert_close(flat, rows)

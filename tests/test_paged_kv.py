@@ -67,8 +67,6 @@ def test_attend_batch_equals_the_validated_op(tree: bool) -> None:
         tree_mask=tree_mask,
     )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    # The per-sequence convenience call takes the same path.
-    torch.testing.assert_close(cache.attend(1, q, blocks, q_lens, starts, scale=0.3, tree_mask=tree_mask), want, rtol=0, atol=0)
 
 
 def test_prepare_rejects_bad_layouts() -> None:

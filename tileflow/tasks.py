@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 import numpy as np
@@ -115,6 +115,12 @@ class TaskTable:
     def tile_rows(self) -> int:
         """Rows of one tile (``block_q * R``): the row dimension of the split-KV workspace."""
         return self.block_q * self.group_size
+
+    def to(self, device: torch.device | str) -> "TaskTable":
+        """The table with the tensors the kernels read (tasks, program lists, merges) on `device`;
+        the host copies of the metadata stay on the host."""
+        return replace(self, tasks=self.tasks.to(device), program_offsets=self.program_offsets.to(device),
+                       program_tasks=self.program_tasks.to(device), merges=self.merges.to(device))
 
     def workspace_shapes(self, head_dim: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
         """Shapes of ``(partial_out, partial_lse)`` the caller allocates for split-KV tasks."""

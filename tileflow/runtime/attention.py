@@ -7,7 +7,6 @@ by viewing the dense tensors as a varlen batch (one page per sequence: no copy o
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -146,15 +145,7 @@ def _launch_plan(
         block_q = attention_block_q(max_q, gqa, target)
         table = build_task_table(list(cu), list(lens), num_q_heads=hq, num_kv_heads=hkv, block_q=block_q,
                                  num_programs=programs, sliding_window=window, causal=causal, sequences=group)
-        if torch.device(device).type != "cpu":
-            table = dataclasses.replace(
-                table,
-                tasks=table.tasks.to(device),
-                program_offsets=table.program_offsets.to(device),
-                program_tasks=table.program_tasks.to(device),
-                merges=table.merges.to(device),
-            )
-        launches.append((block_q, table))
+        launches.append((block_q, table.to(device)))
     return tuple(launches)
 
 

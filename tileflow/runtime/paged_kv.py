@@ -121,16 +121,3 @@ class PagedKV:
             scale=scale, causal=True, tree_mask=tree_mask, check=False,
             host_metadata=(batch.host_cu_seqlens_q, batch.host_seqlens_kv),
         )
-
-    def write(self, layer: int, blocks: Sequence[int], start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store rows `k`/`v` `[n, heads, head_dim]` at positions start … start + n − 1 of the
-        sequence owning `blocks`."""
-        self.write_batch(layer, self.prepare([blocks], [k.shape[0]], [start]), k, v)
-
-    def attend(
-        self, layer: int, q: torch.Tensor, blocks: Sequence[Sequence[int]], q_lens: Sequence[int],
-        starts: Sequence[int], *, scale: float, tree_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Causal meta-attention of `q` `[sum(q_lens), heads, head_dim]` over each sequence's
-        cache, its new rows (already written) included; returns q's shape."""
-        return self.attend_batch(layer, q, self.prepare(blocks, q_lens, starts), scale=scale, tree_mask=tree_mask)

@@ -5,7 +5,10 @@ run and against the copy bandwidth and matmul ceiling measured in the same run:
   (a) decode only: 64-256 sequences at 1k-32k context — GB/s of KV read, % of copy bandwidth;
   (b) prefill only: a few long prompts — TFLOP/s;
   (c) mixed batches under a 4096-token budget: prefill chunks over cached prefixes, hundreds of
-      decodes and verify groups of 4-8 tokens.
+      decodes and verify groups of 4-8 tokens;
+  (d) one prompt with the causal mask a compiled transformers model materializes, given as an
+      additive bias (the dense op the attention pass emits), against SDPA with that mask and
+      SDPA `is_causal`.
 Baselines: `scaled_dot_product_attention` called once per sequence (PyTorch picks its flash or
 efficient backend) and FlexAttention with a block mask over the same packed batch. Every method is checked against a float32 reference before it is timed.
 Writes the table under bench/results/. On a CPU-only machine: a small interpreter smoke check.
@@ -175,6 +178,30 @@ SWEEP_PREFILL = [(bq, bkv, w, st, 4) for bq in (8, 16) for bkv in (64, 128) for 
 SWEEP_DECODE = [(2, bkv, 4, st, pps) for bkv in (64, 128) for st in (3, 4) for pps in (4, 8) if bkv * st <= 384]
 
 
+def model_mask_methods(s: int, *, device, dtype):
+    """Dense causal attention of one s-token prompt the way a compiled transformers model runs
+    it: its causal mask materialized as an additive float bias [1, 1, s, s] (transformers builds
+    it under torch.compile). Returns (q, k, v, mask) and {method: fn()}: tileflow's dense op
+    (what the attention pass emits) with that bias and with `causal=True`, SDPA with the bias
+    (the efficient-attention kernel Inductor runs) and SDPA `is_causal` (flash)."""
+    import torch
+    import torch.nn.functional as F
+
+    import tileflow
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, HQ, s, D, device=device, dtype=dtype, generator=gen)
+    k, v = (torch.randn(1, HKV, s, D, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    mask = torch.full((s, s), float("-inf"), device=device).triu(1).to(dtype)[None, None]
+    methods = {
+        "tileflow, mask as bias": lambda: tileflow.ops.meta_attention(q, k, v, mask),
+        "tileflow, causal": lambda: tileflow.ops.meta_attention(q, k, v, causal=True),
+        "SDPA, mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+        "SDPA, is_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+    }
+    return (q, k, v, mask), methods
+
+
 def sweep_configs(batches, *, device, dtype, time_ms, check_tol):
     """Time the meta-attention kernel of each batch under each configuration.
 
@@ -246,6 +273,16 @@ def smoke() -> int:
         if not err < 1e-5:
             print(f"FAIL: meta-attention ({name}) disagrees with SDPA", file=sys.stderr)
             return 1
+    # The model-mask rows' methods: a causal mask given as a bias, against SDPA is_causal.
+    with tileflow.use_config(tileflow.Config(target="triton")):
+        _, methods = model_mask_methods(40, device="cpu", dtype=torch.float32)
+        want = methods["SDPA, is_causal"]()
+        for name, fn in methods.items():
+            err = rel_err(fn(), want)
+            if not err < 1e-5:
+                print(f"FAIL: {name} disagrees with SDPA is_causal (rel err {err:.1e})", file=sys.stderr)
+                return 1
+    print("  model mask (causal mask as bias) and causal dense op: match SDPA is_causal")
     # The configuration sweep's path, on two configurations of a tiny batch.
     rows = sweep_configs([("mixed", [5, 1, 3], [20, 9, 40], [(4, 16, 4, 2, 1), (8, 32, 4, 3, 2)])],
                          device="cpu", dtype=torch.float32, time_ms=lambda fn: 0.0, check_tol=1e-5)
@@ -330,6 +367,31 @@ def run_gpu(quick: bool, write: bool) -> int:
         q_lens, kv_lens = mixed_lengths(rng)
         measure(f"mixed #{i} (4096-token budget)", q_lens, kv_lens, with_flex)
 
+    # A compiled transformers model hands attention its causal mask as a float bias: the dense
+    # op, against the kernels Inductor would run, on one prompt.
+    mask_rows = []
+    for s in ([4096, 8192] if not quick else [2048]):
+        with tileflow.use_config(config):
+            _, methods = model_mask_methods(s, device="cuda", dtype=dtype)
+            want = methods["SDPA, is_causal"]().float()
+            flops = 4 * s * s * D * HQ / 2  # the causal half
+            times = {}
+            for name, fn in methods.items():
+                times[name] = None
+                try:
+                    err = rel_err(fn(), want)
+                    if not err < 2e-2:
+                        raise AssertionError(f"relative error {err:.2e} against SDPA is_causal")
+                    times[name] = median_ms(lambda _, fn=fn: fn())
+                except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
+                    failures.append(f"{name} on the {s}-token model mask: {type(exc).__name__}: {exc}")
+                    print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
+                    traceback.print_exc()
+        t = times["tileflow, mask as bias"]
+        mask_rows.append([f"1x{s}"] + ["FAIL" if ms is None else f"{ms:.3f} ({flops / ms / 1e9:.0f})" for ms in times.values()]
+                         + [f"{times[n] / t:.2f}x" if t and times[n] else "FAIL" for n in ("SDPA, mask", "SDPA, is_causal")])
+        print(" | ".join(str(c) for c in mask_rows[-1]), flush=True)
+
     names = rows[0][0]
     headers = ["batch", "seqs", "q tokens"] + [f"{n} ms" for n in names] + ["tileflow GB/s (% copy)", "tileflow TFLOP/s"] + [f"{n} / tileflow" for n in names[1:]]
     body = markdown_table(headers, [r for _, r in rows])
@@ -337,6 +399,11 @@ def run_gpu(quick: bool, write: bool) -> int:
              "\n- tileflow: the serving engine's call (host lengths, no validation on the hot path); tileflow checked op: "
              "`tileflow.ops.meta_attention_varlen`, which validates the metadata and reads it from the device per call."
              f"\n- ceilings measured in this run: copy {copy_gbs:.0f} GB/s, bf16 matmul {peak_tflops:.0f} TFLOP/s.")
+    body += ("\n\n## A model's causal mask given as a bias\n\n"
+             + markdown_table(["prompt"] + [f"{n} ms (TFLOP/s)" for n in methods]
+                              + ["SDPA, mask / tileflow, mask", "SDPA, is_causal / tileflow, mask"], mask_rows)
+             + "\n\n- dense `[1, 32, S, 128]` attention over 4 KV heads; the mask is the additive causal mask a "
+               "compiled transformers model materializes; TFLOP/s count the causal half")
     body += "".join(f"\n- FAILED: {failure}" for failure in failures)
     if write:
         print(f"wrote {write_results('attention', 'Meta-attention vs SDPA and FlexAttention (bf16, D=128, 32/4 heads)', env, body)}")

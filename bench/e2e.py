@@ -11,15 +11,17 @@ baselines), in one run and in up to three parts (`--parts`):
 - `mixed`: serving steps of T tokens over a paged KV cache, half prefill chunks (up to 512
   tokens over cached prefixes) and half decodes (contexts of 512-2048), run the way
   `tileflow.serving` runs them (the model cut at its attention ops, `meta_attention_varlen` over
-  the cache) with the dense stages as ATen ops, through Inductor, or as tileflow compiled them;
+  the cache) with the dense stages as ATen ops, through Inductor, or as tileflow compiled them,
+  tileflow also with the step cut into two nano-batches on two streams, and with its dense
+  stages replayed from CUDA graphs per token bucket (`cuda_graphs=True`);
 - `trace`: a NanoFlow-like request trace (prompt/output 512/512 and 1024/512) served to the end
   by `tileflow.serving.ServingEngine` (continuous batching, a 4096-token budget), with the same
-  three programs: tokens processed per second (prompt + generated), generated tokens per second,
-  mean TTFT and time between tokens.
+  methods: tokens processed per second (prompt + generated), generated tokens per second, mean
+  TTFT and time between tokens.
 
 The serving parts give every method the same attention (tileflow's meta-attention over the paged
 cache: `bench/attention.py` compares it with SDPA and FlexAttention), so they compare the dense
-work between attentions; nano-batching does not split serving programs yet.
+work between attentions and the host work around it.
 
 Each method is checked before it is timed (prefill: logits against eager; mixed steps: against
 the ATen program on the same step and cache; relative error of bf16 logits); step times are
@@ -58,11 +60,13 @@ SERVING_PROGRAMS = {
     "ATen": {"passes": ("canonicalize", "attention"), "residual": "eager"},
     "Inductor": {"passes": ("canonicalize", "attention"), "residual": "inductor"},
     "tileflow": {},
+    "tileflow+graphs": {"cuda_graphs": True},
 }
 # Serving methods: (program, nano-batches per step). tileflow+nano splits each step into two
-# nano-batches on their own streams (decodes apart from prompt chunks).
+# nano-batches on their own streams (decodes apart from prompt chunks); tileflow+graphs replays
+# its dense stages from CUDA graphs (vLLM's piecewise capture: attention runs between them).
 SERVING_METHODS = {"ATen": ("ATen", 1), "Inductor": ("Inductor", 1), "tileflow": ("tileflow", 1),
-                   "tileflow+nano": ("tileflow", 2)}
+                   "tileflow+nano": ("tileflow", 2), "tileflow+graphs": ("tileflow+graphs", 1)}
 BLOCK = 16  # KV page size
 
 
@@ -265,10 +269,10 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
         rows.append([t, f"{len(entries) - decodes} chunks + {decodes} decodes", f"{prepare_ms:.1f}"]
                     + [_rate(rate[n]) for n in SERVING_METHODS]
                     + [_ratio(rate["tileflow"], rate["Inductor"]), _ratio(rate["tileflow+nano"], rate["tileflow"]),
-                       _share(rate["tileflow"], bound)])
+                       _ratio(rate["tileflow+graphs"], rate["tileflow"]), _share(rate["tileflow"], bound)])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
     headers = ["tokens", "step", "host prepare ms"] + [f"{n} tok/s" for n in SERVING_METHODS] + [
-        "tileflow / Inductor", "nano / tileflow", "tileflow % of bound"]
+        "tileflow / Inductor", "nano / tileflow", "graphs / tileflow", "tileflow % of bound"]
     return ("## Mixed prefill/decode serving steps\n\n" + markdown_table(headers, rows)
             + "\n\n- one step through `ServingEngine.forward` (packed tokens, k/v written into a paged cache of "
               f"{BLOCK}-token pages holding random values, `meta_attention_varlen` for every method); prompt chunks "

@@ -3,7 +3,8 @@
 On a GPU (bf16, Llama-3-8B projection shapes, M from 1 to 8192), in one run: tileflow
 (`padded_gemm`, plan over M in [1, 8192]), `torch.mm` through F.linear (cuBLAS), `torch.compile`
 Inductor with dynamic shapes, and Inductor max-autotune with dynamic shapes. Each method is one
-compiled artifact serving every M, as in serving. Prints TFLOP/s, % of the bf16 matmul ceiling
+compiled artifact serving every M, as in serving. A second table measures the fused SwiGLU
+input projection the models run (one tileflow kernel vs two GEMMs plus the elementwise work). Prints TFLOP/s, % of the bf16 matmul ceiling
 measured in the same run, the geometric-mean ratio per baseline and the kernel count, and writes
 the table under bench/results/.
 
@@ -46,9 +47,103 @@ def smoke() -> int:
             if not err < 1e-5:
                 print("FAIL: tileflow GEMM disagrees with the float64 reference", file=sys.stderr)
                 return 1
+        # The fused SwiGLU MLP input projection of the GPU run's second table.
+        gate, up = (torch.randn(n, k) / k**0.5 for _ in range(2))
+        x = torch.randn(33, k)
+        err = rel_err(swiglu_methods(config=tileflow.current_config())["tileflow"](x, gate, up), swiglu_reference(x, gate, up))
+        print(f"  SwiGLU M=33 N={n} K={k}: rel err {err:.1e}")
+        if not err < 1e-5:
+            print("FAIL: tileflow's fused SwiGLU GEMM disagrees with the float64 reference", file=sys.stderr)
+            return 1
     kernels = tileflow.runtime.compiled_kernels("padded_gemm")
     print(f"smoke check passed ({len(kernels)} kernels built)")
     return 0
+
+
+def checked_tflops(fn, inputs, want, flops: float, failures: list[str], what: str) -> float | None:
+    """TFLOP/s of `fn` over the argument tuples `inputs` (median over CUDA-graph replays that
+    rotate through them) once `fn(*inputs[0])` matched the float64 `want`. A method that fails is
+    reported (None in its cell, the failure in `failures`, the exit status 1) and the run goes
+    on: one broken baseline must not cost the whole table."""
+    from common import graph_median_ms, rel_err
+
+    try:
+        err = rel_err(fn(*inputs[0]), want)
+        if not err < 1e-2:
+            raise AssertionError(f"relative error {err:.2e} against float64")
+        ms = graph_median_ms([lambda args=args: fn(*args) for args in inputs])
+        return flops / ms / 1e9
+    except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
+        failures.append(f"{what}: {type(exc).__name__}: {exc}")
+        print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        return None
+
+
+def add_ratios(ratios: dict[str, list[float]], tflops: dict[str, float | None]) -> float | None:
+    """Append tileflow's ratio to each baseline that ran; returns tileflow's TFLOP/s."""
+    ours = tflops["tileflow"]
+    for name in ratios:
+        if ours and tflops[name]:
+            ratios[name].append(ours / tflops[name])
+    return ours
+
+
+def swiglu_reference(x, gate, up):
+    """float64 silu(x @ gate^T) * (x @ up^T)."""
+    import torch.nn.functional as F
+
+    x, gate, up = x.double(), gate.double(), up.double()
+    return F.silu(x @ gate.t()) * (x @ up.t())
+
+
+def swiglu_methods(config):
+    """The MLP's input projection, silu(x @ gate^T) * (x @ up^T), three ways: tileflow's one fused
+    kernel (as the gemm_padding pass emits it), two cuBLAS GEMMs and eager elementwise ops, and
+    the same through Inductor with dynamic shapes (cuBLAS GEMMs, one fused elementwise kernel)."""
+    import torch
+    import torch.nn.functional as F
+
+    import tileflow
+
+    def tileflow_swiglu(x, gate, up):
+        with tileflow.use_config(config):
+            return tileflow.ops.padded_gemm(x, gate, weight_up=up, activation="swiglu")
+
+    def unfused(x, gate, up):
+        return F.silu(F.linear(x, gate)) * F.linear(x, up)
+
+    methods = {"tileflow": tileflow_swiglu, "cuBLAS + eager": unfused}
+    if torch.cuda.is_available():
+        methods["Inductor-dynamic"] = torch.compile(unfused, dynamic=True)
+    return methods
+
+
+def run_swiglu(quick: bool, peak: float, failures: list[str]) -> str:
+    """GPU: Llama-3-8B's fused SwiGLU input projection (gate and up 14336 x 4096), the model's
+    largest GEMM, which the main table measures only unfused (28672 x 4096)."""
+    import torch
+
+    import tileflow
+    from common import geomean, markdown_table
+
+    n, k = 14336, 4096
+    gate, up = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(2))
+    methods = swiglu_methods(tileflow.Config(target="triton", max_tokens=MAX_TOKENS))
+    rows, ratios = [], {name: [] for name in methods if name != "tileflow"}
+    for m in ([64, 4096] if quick else [16, 64, 256, 1024, 4096, 8192]):
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, min(8, (64 << 20) // (m * k * 2))))]
+        want = swiglu_reference(xs[0], gate, up)
+        tflops = {name: checked_tflops(fn, [(x, gate, up) for x in xs], want, 2 * m * 2 * n * k, failures,
+                                       f"SwiGLU {name} at M={m}") for name, fn in methods.items()}
+        ours = add_ratios(ratios, tflops)
+        rows.append([m] + [_cell(tflops[name]) for name in methods] + ([f"{100 * ours / peak:.0f}%"] if ours else ["FAIL"]))
+        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    headers = ["M"] + [f"{name} TFLOP/s" for name in methods] + ["tileflow % peak"]
+    return ("## Fused SwiGLU input projection (gate and up 14336 x 4096)\n\n" + markdown_table(headers, rows) + "\n\n"
+            + "\n".join(f"- geomean tileflow / {name}: **{geomean(vals):.2f}x**" for name, vals in ratios.items() if vals)
+            + "\n- tileflow: one kernel (both weights' tiles, silu(gate) * up in the epilogue); the others: two GEMMs "
+              "and the elementwise work; TFLOP/s count both GEMMs")
 
 
 def run_gpu(quick: bool, write: bool) -> int:
@@ -56,7 +151,7 @@ def run_gpu(quick: bool, write: bool) -> int:
     import torch.nn.functional as F
 
     import tileflow
-    from common import environment, geomean, graph_median_ms, markdown_table, measured_matmul_tflops, rel_err, write_results
+    from common import environment, geomean, markdown_table, measured_matmul_tflops, write_results
 
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -87,25 +182,9 @@ def run_gpu(quick: bool, write: bool) -> int:
             sets = max(1, min(8, (64 << 20) // (m * k * 2)))  # rotate inputs that fit in L2
             xs = [torch.randn(m, k, device="cuda", dtype=dtype) for _ in range(sets)]
             want = xs[0].double() @ w.double().t()
-            tflops: dict[str, float | None] = {}
-            for name, fn in methods.items():
-                # A method that fails here is reported in its cell and the run goes on (the exit
-                # status says so): one broken baseline must not cost the whole table.
-                tflops[name] = None
-                try:
-                    err = rel_err(fn(xs[0], w), want)
-                    if not err < 1e-2:
-                        raise AssertionError(f"relative error {err:.2e} against float64")
-                    ms = graph_median_ms([lambda x=x, fn=fn: fn(x, w) for x in xs])
-                    tflops[name] = 2 * m * n * k / ms / 1e9
-                except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
-                    failures.append(f"{name} at N={n} K={k} M={m}: {type(exc).__name__}: {exc}")
-                    print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
-                    traceback.print_exc()
-            ours = tflops["tileflow"]
-            for name in ratios:
-                if ours and tflops[name]:
-                    ratios[name].append(ours / tflops[name])
+            tflops = {name: checked_tflops(fn, [(x, w) for x in xs], want, 2 * m * n * k, failures,
+                                           f"{name} at N={n} K={k} M={m}") for name, fn in methods.items()}
+            ours = add_ratios(ratios, tflops)
             if m >= 2048 and ours:
                 big_m_fraction.append(ours / peak)
             rows.append([f"{n}x{k}", m] + [_cell(tflops[name]) for name in methods]
@@ -126,8 +205,10 @@ def run_gpu(quick: bool, write: bool) -> int:
         "- times: median over CUDA-graph replays (device time, no host launch overhead), rotating input sets.",
     ] + [f"- FAILED: {failure}" for failure in failures]
     headers = ["N x K", "M"] + [f"{name} TFLOP/s" for name in methods] + ["tileflow % peak", "tileflow / cuBLAS"]
-    body = markdown_table(headers, rows) + "\n\n" + "\n".join(summary)
     print("\n" + "\n".join(summary))
+    swiglu = run_swiglu(quick, peak, failures)
+    summary += [f"- FAILED: {failure}" for failure in failures if failure.startswith("SwiGLU")]
+    body = markdown_table(headers, rows) + "\n\n" + "\n".join(summary) + "\n\n" + swiglu
     if write:
         print(f"wrote {write_results('gemm', 'Dynamic-M GEMM: tileflow vs cuBLAS vs Inductor (bf16)', env, body)}")
     return 1 if failures else 0

@@ -5,8 +5,10 @@ meta-kernel (the same tiles and task table that serve prefill, chunked prefill, 
 through `meta_attention_varlen`). Matched forms:
 - `scaled_dot_product_attention` and its backend-specific ATen forms (`_scaled_dot_product_flash_
   attention[_for_cpu]`, `_efficient_attention`, `_cudnn_attention`), with a boolean or additive
-  mask (the model's causal / sliding-window / padding mask, applied as an additive bias), or
-  `is_causal` when query and key lengths are equal;
+  mask (the model's causal / sliding-window / padding mask, applied as an additive bias whose
+  per-row ranges let the kernel skip the keys it hides and read it only where it is not zero,
+  so a materialized causal mask costs about what `is_causal` does), or `is_causal` when query
+  and key lengths are equal;
 - the manual form models write by hand, `softmax(q @ k^T * scale + mask) @ v` as ATen leaves it
   (`bmm` over flattened heads, the scale as a multiply or divide by a number or a 0-d tensor,
   an additive mask, an optional dtype round trip around the softmax);
@@ -104,6 +106,7 @@ class Attention:
         """Rewrite every supported attention node; record why the others were left alone."""
         result = PassResult()
         graph = gm.graph
+        self._ranges: dict[fx.Node, fx.Node] = {}
         for node in list(graph.nodes):
             if node.op != "call_function" or node not in graph.nodes:
                 continue
@@ -116,6 +119,10 @@ class Attention:
             if reason:
                 result.fallback(node, reason)
         graph.eliminate_dead_code()
+        live = set(graph.nodes)
+        for ranges in self._ranges.values():
+            if ranges in live:  # a mask whose ranges serve at least one rewritten attention
+                result.count("mask_ranges")
         gm.recompile()
         return result
 
@@ -160,10 +167,11 @@ class Attention:
         # repeat_kv was undone here).
         if not args.get("enable_gqa", True) and int(kv.shape[1]) != hq:
             return "K/V head count differs from Q without enable_gqa"
+        ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
         with graph.inserting_before(node):
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
-                (q, k_real, v_real, mask, causal, args.get("scale"), ctx.target),
+                (q, k_real, v_real, mask, causal, args.get("scale"), ctx.target, ranges),
             )
         infer_meta(new)
         copy_source_meta(node, new)
@@ -183,6 +191,24 @@ class Attention:
         if k_real is not k:
             result.count("gqa_unrepeated")
         return None
+
+    def _mask_ranges(self, graph: fx.Graph, mask: Any, kv_len: Any, result: PassResult) -> fx.Node | None:
+        """The `attention_mask_ranges` node of `mask`, made once per mask right after it, so
+        every layer sharing the mask shares its ranges; None when there is no mask node or its
+        key dim is not the whole key length (a mask broadcast over keys: ranges per call)."""
+        if not isinstance(mask, fx.Node):
+            return None
+        mask = _bool_source(mask)
+        mv = _val(mask)
+        if not (isinstance(mv, torch.Tensor) and 1 <= mv.dim() <= 4 and statically_known_true(mv.shape[-1] == kv_len)):
+            return None
+        if mask not in self._ranges:
+            with graph.inserting_after(mask):
+                node = graph.call_function(torch.ops.tileflow.attention_mask_ranges.default, (mask,))
+            infer_meta(node)
+            copy_source_meta(mask, node)
+            self._ranges[mask] = node
+        return self._ranges[mask]
 
     # -- the manual form ------------------------------------------------------------------------
     def _rewrite_manual(self, graph: fx.Graph, softmax: fx.Node, ctx: PassContext, result: PassResult) -> str | None:
@@ -241,6 +267,7 @@ class Attention:
         if hq % hkv:
             return f"{hq} query heads are not a multiple of {hkv} KV heads"
         scale: float | None = 1.0
+        ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
         with graph.inserting_before(out4):
             q_in = q
             # A scale that is a 0-d tensor (e.g. a buffer) is applied to q instead: same product.
@@ -251,7 +278,8 @@ class Attention:
                 elif factor is not None:
                     scale = float(factor) if op is aten.mul.Tensor else 1.0 / float(factor)
             new = graph.call_function(
-                torch.ops.tileflow.meta_attention.default, (q_in, k_real, v_real, mask, False, scale, ctx.target)
+                torch.ops.tileflow.meta_attention.default,
+                (q_in, k_real, v_real, mask, False, scale, ctx.target, ranges),
             )
         infer_meta(new)
         if _val(new).dtype != _val(out4).dtype:
@@ -267,6 +295,27 @@ class Attention:
 
 
 _SOFTMAX = {aten._softmax.default, aten._safe_softmax.default}
+
+
+def _constant(arg: Any) -> float | None:
+    """The value of a number, or of a `scalar_tensor` node; None for anything else."""
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return float(arg)
+    if _is_op(arg, aten.scalar_tensor.default) and isinstance(arg.args[0], (int, float)):
+        return float(arg.args[0])
+    return None
+
+
+def _bool_source(mask: fx.Node) -> fx.Node:
+    """The bool mask an additive mask was made from by `where(keep, 0, -inf)` (its ranges are
+    the same), so layers that each convert one shared bool mask share one ranges node."""
+    if mask.target in (aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar):
+        keep, yes, no = mask.args[:3]
+        kv = _val(keep)
+        if (isinstance(keep, fx.Node) and isinstance(kv, torch.Tensor) and kv.dtype == torch.bool
+                and same_shape(kv.shape, _val(mask).shape) and _constant(yes) == 0.0 and _constant(no) == float("-inf")):
+            return keep
+    return mask
 
 
 def _is_op(node: Any, target: Any) -> bool:

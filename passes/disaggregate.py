@@ -224,6 +224,8 @@ class StageProgram:
     num_inputs: int
     constants: list[torch.Tensor] = field(default_factory=list)
     consumers: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    # The dense stages replay captured graphs (one at a time: never on two streams at once).
+    cuda_graphs: bool = False
 
     @property
     def dense(self) -> list[Stage]:

@@ -245,3 +245,54 @@ def test_mixed_batch_runs_one_launch_per_tile_height(monkeypatch, target: str) -
     # gqa 2: a decode-sized tile holds 8 query positions (16 rows), a prefill-sized one more.
     assert heights[0] == 8 and len(heights) == 2 and heights[1] > 8
 
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_a_models_mask_gets_one_ranges_node_for_every_layer(padding: bool) -> None:
+    """transformers materializes its causal (and padding) mask and every layer converts it to a
+    bias of its own: the pass computes the mask's ranges once, from the bool mask they share,
+    and hands them to every layer's meta_attention; outputs match eager, left padding included."""
+    from models import VOCAB, build
+
+    model = build("llama")
+    _GRABBED.clear()
+    report = tileflow.Report()
+    options = {"target": "reference", "passes": ["canonicalize", "attention", "test_grab_attention"]}
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)
+    with torch.no_grad():
+        for seq_len in (5, 19):
+            ids = torch.randint(0, VOCAB, (2, seq_len))
+            mask = torch.ones(2, seq_len, dtype=torch.long)
+            if padding:
+                mask[1, :3] = 0  # the second prompt is left-padded by 3 tokens
+            got = compiled(ids, attention_mask=mask, use_cache=False).logits
+            want = model(ids, attention_mask=mask, use_cache=False).logits
+            keep = mask.bool()  # padded query rows are garbage on every backend: compare the rest
+            torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
+    gm = _GRABBED[-1]
+    ranges = [n for n in gm.graph.nodes if n.target is torch.ops.tileflow.attention_mask_ranges.default]
+    metas = [n for n in gm.graph.nodes if n.target is META]
+    assert len(metas) == model.config.num_hidden_layers >= 2
+    assert len(ranges) == 1 and all(n.args[7] is ranges[0] for n in metas)
+    assert ranges[0].args[0].meta["val"].dtype == torch.bool
+    assert report.rewrites["mask_ranges"] == 1
+
+
+def test_attention_mask_ranges_op() -> None:
+    """The op gives one row of ranges per sequence and query row, the same for a bool mask and
+    the additive mask made from it; ranges that do not fit the mask are rejected."""
+    keep = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6).clone()
+    keep[1, :, :, :2] = False  # the second sequence hides its first two keys
+    additive = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    ranges = tileflow.ops.attention_mask_ranges(keep)
+    assert ranges.shape == (2, 6, 4) and ranges.dtype == torch.int32
+    assert torch.equal(ranges, tileflow.ops.attention_mask_ranges(additive))
+    assert ranges[0, 3].tolist() == [0, 0, 4, 4] and ranges[1, 3].tolist() == [2, 2, 4, 4]
+    assert tileflow.ops.attention_mask_ranges(keep[0, 0]).shape == (1, 6, 4)  # 2-D: one batch row
+    q, k = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    with tileflow.use_config(tileflow.Config(target="reference")):
+        want = tileflow.ops.meta_attention(q, k, k, keep)
+        got = torch.ops.tileflow.meta_attention(q, k, k, keep, False, None, "", ranges)
+        torch.testing.assert_close(got, want)
+        with pytest.raises(ValueError, match="mask_ranges"):
+            torch.ops.tileflow.meta_attention(q, k, k, keep, False, None, "", ranges[:, :, :3])

@@ -92,8 +92,9 @@ def test_nano_batches_on_cuda_streams_match_eager(monkeypatch: pytest.MonkeyPatc
 def test_serving_engine_on_the_gpu_generates_eager_tokens() -> None:
     """The serving engine with its program, KV cache and step inputs on the GPU (dense stages
     through Inductor and the Triton GEMMs, meta-attention over the paged cache, fp32): greedy
-    tokens equal eager transformers generation, with and without speculative verify, and with
-    steps split into nano-batches on CUDA streams."""
+    tokens equal eager transformers generation, with and without speculative verify, with
+    steps split into nano-batches on CUDA streams, and with the dense stages replayed from CUDA
+    graphs per token bucket."""
     import copy
 
     from tileflow.distributed import CausalLMStep, build_stage_program
@@ -103,11 +104,17 @@ def test_serving_engine_on_the_gpu_generates_eager_tokens() -> None:
     reference = copy.deepcopy(model)
     reference.config._attn_implementation = "sdpa"
     example = (torch.zeros(1, 4, dtype=torch.long, device="cuda"), torch.arange(4, device="cuda")[None])
+    import tileflow
+
     program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
+    graphed = build_stage_program(CausalLMStep(copy.deepcopy(model)), example, max_tokens=256,
+                                  config=tileflow.Config(cuda_graphs=True))
+    assert graphed.cuda_graphs
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40)]
-    for draft, nano in ((0, 1), (2, 1), (0, 2), (2, 3)):
-        engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=draft, block_size=8, num_blocks=64,
+    for draft, nano, stages in ((0, 1, program), (2, 1, program), (0, 2, program), (2, 3, program),
+                                (0, 1, graphed), (2, 1, graphed)):
+        engine = ServingEngine(stages, token_budget=24, decode_slots=3, max_draft=draft, block_size=8, num_blocks=64,
                                device="cuda", nano_batches=nano)
         requests = [Request(i, p, 8) for i, p in enumerate(prompts)]
         engine.run(requests)
@@ -116,5 +123,6 @@ def test_serving_engine_on_the_gpu_generates_eager_tokens() -> None:
             with torch.no_grad():
                 want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                                           pad_token_id=0)
-            assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), (draft, nano, r.id)
+            assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), (draft, nano, stages.cuda_graphs, r.id)
         assert engine.allocator.all_free()
+    assert all(stage.module.graphs.captures > 0 and not stage.module.graphs._failed for stage in graphed.dense)

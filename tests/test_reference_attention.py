@@ -19,6 +19,7 @@ from tileflow.backends.reference.attention import (
     merge_partials,
     run_task_table,
 )
+from tileflow.attention_inputs import bias_ranges
 from tileflow.tasks import build_task_table, check_metadata
 
 TOLERANCES = {
@@ -363,3 +364,84 @@ def test_attn_bias_shape_is_checked() -> None:
     batch = _meta_batch()
     with pytest.raises(ValueError, match=r"attn_bias must be a float tensor broadcastable to \[S=3"):
         attention_reference_dense(**batch, attn_bias=torch.zeros(2, 1, 1, 1))
+
+
+def _ranges_by_brute_force(bias: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
+    """`bias_ranges` from its definition, key by key, for bias [B, H, S, L]."""
+    b, _, s, kv_len = bias.shape
+    result = []
+    for seq in range(b):
+        rows = []
+        for i in range(s):
+            seen = [j for j in range(kv_len) if (bias[seq, :, i, j] > float("-inf")).any()]
+            plain = [bool((bias[seq, :, i, j] == 0).all()) for j in range(kv_len)]
+            lo, hi = (seen[0], seen[-1] + 1) if seen else (kv_len, 0)
+            full_lo = plain.index(True) if any(plain) else kv_len
+            full_hi = full_lo
+            while full_hi < kv_len and plain[full_hi]:
+                full_hi += 1
+            rows.append((lo, full_lo, full_hi, hi))
+        result.append(rows)
+    return result
+
+
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 6), st.integers(0, 9)),
+    seed=st.integers(0, 2**16),
+    hidden=st.floats(0.0, 1.0),
+    plain=st.floats(0.0, 1.0),
+)
+@settings(max_examples=80, deadline=None)
+def test_bias_ranges_match_their_definition(shape: tuple[int, int, int, int], seed: int, hidden: float,
+                                            plain: float) -> None:
+    """Random biases mixing hidden (-inf), plain (0) and other keys, per head: the ranges are
+    exactly the visible span and the first all-heads-plain run of every row."""
+    gen = torch.Generator().manual_seed(seed)
+    bias = torch.randn(shape, generator=gen)
+    draw = torch.rand(shape, generator=gen)
+    bias = bias.masked_fill(draw < plain, 0.0).masked_fill(draw > 1 - hidden * (1 - plain), float("-inf"))
+    got = bias_ranges(bias)
+    assert got.dtype == torch.int32 and got.shape == (shape[0], shape[2], 4)
+    assert got.tolist() == [[list(r) for r in rows] for rows in _ranges_by_brute_force(bias)]
+
+
+def test_bias_ranges_of_broadcast_biases() -> None:
+    """A bias broadcast over sequences, heads or query rows (stride 0, as the dense op expands a
+    model's [1, 1, S, L] mask) gives ranges of size 1 there, equal to the materialized ones."""
+    causal = torch.full((6, 9), float("-inf")).triu(4)[None, None]
+    expanded = causal.expand(3, 4, 6, 9)
+    got = bias_ranges(expanded)
+    assert got.shape == (1, 6, 4)
+    assert got.expand(3, 6, 4).tolist() == bias_ranges(expanded.contiguous()).tolist()
+    assert got[0].tolist() == [[0, 0, 4 + i, 4 + i] for i in range(6)]
+    padding = torch.zeros(2, 1, 1, 9)
+    padding[1, ..., :3] = float("-inf")  # the second sequence's first 3 keys are padding
+    assert bias_ranges(padding.expand(2, 4, 6, 9))[:, 0].tolist() == [[0, 0, 9, 9], [3, 3, 9, 9]]
+    with pytest.raises(ValueError, match="needs a float attention bias"):
+        bias_ranges(torch.zeros(6, 9))
+
+
+def test_reference_backend_narrows_tasks_to_the_bias_ranges() -> None:
+    """The reference backend reads only the keys inside a tile's ranges, as the kernel does:
+    ranges that end early drop visible keys from the result."""
+    from tileflow.kernel_spec import KernelSpec, make_params
+    from tileflow.targets import get_backend
+
+    gen = torch.Generator().manual_seed(5)
+    hq, hkv, s, d = 2, 1, 12, 8
+    q = torch.randn(s, hq, d, generator=gen)
+    k, v = (torch.randn(1, s, hkv, d, generator=gen) for _ in range(2))
+    bias = torch.full((s, s), float("-inf")).triu(1)[None, None]
+    spec = KernelSpec(op="meta_attention", dtype="float32", out_dtype="float32",
+                      params=make_params(head_dim=d, gqa=hq // hkv, block_q=4, causal=False, bias=True))
+    kernel = get_backend("reference").build(spec)
+    cu, lens = torch.tensor([0, s], dtype=torch.int32), torch.tensor([s], dtype=torch.int32)
+    table = build_task_table(cu, lens, num_q_heads=hq, num_kv_heads=hkv, block_q=4, num_programs=2, causal=False)
+    args = (q, k, v, torch.zeros(1, 1, dtype=torch.int32), cu, lens, table)
+    right = kernel(*args, attn_bias=bias)
+    torch.testing.assert_close(right, kernel(*args, attn_bias=bias, attn_bias_ranges=bias_ranges(bias)))
+    short = bias_ranges(bias)
+    short[..., 3] = short[..., 3].clamp(max=4)
+    cut = kernel(*args, attn_bias=bias, attn_bias_ranges=short)
+    torch.testing.assert_close(cut[:4], right[:4])  # rows 0-3 see keys 0-3 only: unchanged
+    assert (cut[4:] - right[4:]).abs().max() > 1e-3

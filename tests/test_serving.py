@@ -244,3 +244,64 @@ def test_nano_batched_steps_generate_the_same_tokens(llama_program, nano_batches
     assert engine.allocator.all_free()
     with pytest.raises(ValueError, match="nano_batches"):
         ServingEngine(program, nano_batches=0)
+
+
+class _ReplayOnCpu:
+    """A captured graph's behaviour on the CPU: fixed output tensors that each replay overwrites,
+    computed from whatever the static inputs hold at replay time. Counts captures and replays."""
+
+    captures = 0
+    replays = 0
+
+    def capture(self, fn):
+        type(self).captures += 1
+        self.fn = fn
+        self.outputs = fn()
+        return self.outputs
+
+    def replay(self) -> None:
+        type(self).replays += 1
+        fresh = torch.utils._pytree.tree_leaves(self.fn())
+        for static, new in zip(torch.utils._pytree.tree_leaves(self.outputs), fresh):
+            if isinstance(static, torch.Tensor):
+                static.copy_(new)
+
+
+@pytest.mark.parametrize("max_draft", [0, 3])
+def test_graphed_stages_generate_the_same_tokens(max_draft: int) -> None:
+    """Dense stages replayed from per-bucket graphs (`Config.cuda_graphs`; a CPU stand-in for
+    CUDA graphs here): steps of 1-24 real tokens run in 16- and 32-token buckets whose padding
+    rows never reach the real ones, the attention in between runs over the real tokens, and the
+    tokens are exactly eager generation's. A graphed program refuses nano-batches."""
+    import transformers
+
+    import tileflow
+    from tileflow.distributed import CausalLMStep, build_stage_program
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "sdpa"
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
+    _ReplayOnCpu.captures = _ReplayOnCpu.replays = 0
+    program = build_stage_program(CausalLMStep(model), example, max_tokens=1024,
+                                  config=tileflow.Config(cuda_graphs=True), graph_factory=_ReplayOnCpu)
+    assert program.dense[0].module.graphs.buckets == [16, 32, 64, 128, 256, 512]  # none past 512 tokens
+    assert program.cuda_graphs and all(type(s.module).__name__ == "GraphedStage" for s in program.dense)
+    gen = torch.Generator().manual_seed(30 + max_draft)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (9, 21, 4)]
+    engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4, num_blocks=64)
+    requests = [Request(i, p, 8) for i, p in enumerate(prompts)]
+    engine.run(requests)
+    for r in requests:
+        assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 8), r.id
+    assert not any(stage.module.graphs._failed for stage in program.dense)  # every stage captured
+    buckets = {b for stage in program.dense for (b, *_) in stage.module.graphs._graphs}
+    assert buckets <= {16, 32} and 16 in buckets
+    # Graphs are captured once per bucket and stage, then replayed on the later steps.
+    assert _ReplayOnCpu.captures == sum(len(s.module.graphs._graphs) for s in program.dense)
+    assert _ReplayOnCpu.replays > _ReplayOnCpu.captures
+    with pytest.raises(ValueError, match="CUDA graphs one at a time"):
+        ServingEngine(program, nano_batches=2)

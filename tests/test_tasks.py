@@ -95,7 +95,8 @@ def check_invariants(
 
 def check_round_robin(table: TaskTable) -> None:
     """Program p's j-th task was dealt at step j*P + (p if j even else P-1-p), and the deal
-    sequence is sorted by cost (descending), ties by task index."""
+    sequence is sorted by cost (descending), ties by the tile's first query position
+    (descending: later rows first), then by task index."""
     num_p = table.num_programs
     offsets = table.program_offsets.tolist()
     prog_tasks = table.program_tasks.tolist()
@@ -106,7 +107,9 @@ def check_round_robin(table: TaskTable) -> None:
     assert sorted(dealt) == list(range(table.num_tasks))
     seq = [dealt[k] for k in range(table.num_tasks)]
     cost = table.tasks[:, 7].tolist()
-    keys = [(-cost[t], t) for t in seq]
+    cu, kv_lens = table.cu_seqlens_q.tolist(), table.seqlens_kv.tolist()
+    first_pos = [kv_lens[s] - (cu[s + 1] - cu[s]) + q_start for s, _, q_start in table.tasks[:, :3].tolist()]
+    keys = [(-cost[t], -first_pos[t], t) for t in seq]
     assert keys == sorted(keys)
 
 
@@ -346,3 +349,20 @@ _OK = {"num_q_heads": 4, "num_kv_heads": 2, "block_q": 4, "num_programs": 2}
 def test_validation_errors(cu, kv, overrides: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build_task_table(cu, kv, **{**_OK, **overrides})
+
+
+@pytest.mark.parametrize(("length", "kv_heads", "block_q", "programs"), [(4096, 8, 32, 528), (4096, 4, 16, 528),
+                                                                          (2048, 8, 32, 132)])
+def test_equal_costs_deal_a_causal_ramp_evenly(length: int, kv_heads: int, block_q: int, programs: int) -> None:
+    """A prompt whose causal mask comes as a bias: the host sees every tile over the whole
+    sequence (equal costs), while the kernel's bias ranges cut each tile at its last row. Ties
+    dealt later rows first pair cheap tiles with dear ones: the real per-program work stays
+    within 5% of the average (dealt in task order instead, it is 16-29% over)."""
+    table = build_task_table([0, length], [length], num_q_heads=4 * kv_heads, num_kv_heads=kv_heads,
+                             block_q=block_q, num_programs=programs, causal=False)
+    tasks = table.tasks.numpy()
+    assert len(set(tasks[:, 7].tolist())) == 1  # the host's costs are all equal
+    real = (tasks[:, 2] + tasks[:, 3]) * tasks[:, 3]  # rows x keys up to the tile's last row
+    offsets, dealt = table.program_offsets.numpy(), table.program_tasks.numpy()
+    work = np.array([real[dealt[offsets[p]:offsets[p + 1]]].sum() for p in range(programs)])
+    assert work.max() / work.mean() < 1.05

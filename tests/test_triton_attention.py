@@ -44,6 +44,7 @@ from tileflow.backends.triton.attention import (  # noqa: E402
     render_attention_source,
 )
 from tileflow.backends.triton.build import kernel_identifier  # noqa: E402
+from tileflow.attention_inputs import bias_ranges  # noqa: E402
 from tileflow.kernel_spec import KernelSpec, TileConfig, make_params  # noqa: E402
 from tileflow.targets import triton_interpreter_enabled  # noqa: E402
 from tileflow.tasks import build_task_table  # noqa: E402
@@ -443,6 +444,107 @@ def test_random_mixes(kinds: list[str], seed: int, block_size: int, heads: tuple
                      sliding_window=window is not None)
     run_and_check(batch, spec, sliding_window=window, kv_split=kv_split, num_programs=3,
                   what=f"{kinds} seed={seed}")
+
+
+# --------------------------------------------------------------------------------------------
+# Additive bias: the kernel skips the keys its ranges hide and reads no bias where it is zero
+# --------------------------------------------------------------------------------------------
+
+
+def model_masks(b: int, s: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Additive masks [b | 1, 1 | 4, s, s] of the shapes models materialize, -inf = hidden."""
+    inf = float("-inf")
+    causal = torch.full((s, s), inf).triu(1)
+    pads = torch.tensor([0, 5, s - 3][:b])
+    padded = causal.expand(b, s, s).clone()
+    for row, pad in enumerate(pads.tolist()):
+        padded[row, :, :pad] = inf  # left padding: no row sees the pad keys
+    window = causal.clone()
+    window[torch.ones(s, s, dtype=torch.bool).tril(-20)] = inf  # sliding window of 20 keys
+    holes = causal.clone()
+    holes[:, [3, 40]] = inf  # a zero run cut by hidden keys: only the first run is plain
+    soft = torch.where(causal == 0, 0.5 * torch.randn(s, s, generator=gen), causal)
+    soft[:, 10:30] = 0.0  # a plain run in the middle of a nonzero bias
+    soft = soft.triu(0) + soft.tril(-1)
+    per_head = torch.stack([causal, window, holes, causal])  # per query head: ranges cover all
+    hidden_rows = causal.clone()
+    hidden_rows[[0, 7, 33]] = inf  # rows that see no key output zeros
+    return {"causal": causal[None, None], "left padding": padded[:, None], "window": window[None, None],
+            "holes": holes[None, None], "soft": soft[None, None], "per head": per_head[None],
+            "hidden rows": hidden_rows[None, None]}
+
+
+def biased_oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, *,
+                  causal: bool) -> torch.Tensor:
+    """float64 dense attention [B, H, S, D] plus the additive bias; no visible key -> zeros."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias.double()
+    if causal:
+        s, s_kv = q.shape[2], k.shape[2]
+        scores = scores.masked_fill(~torch.ones(s, s_kv, dtype=torch.bool).tril(s_kv - s), float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
+
+
+def run_biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, *, causal: bool,
+               block_q: int = 4, kv_split: int | None = None, ranges: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense [B, H, S, D] attention through the Triton launcher as the dense op runs it (one page
+    per sequence), on a NaN-poisoned output; returns [B, H, S, D]."""
+    b, hq, s, d = q.shape
+    hkv, s_kv = k.shape[1], k.shape[2]
+    spec = KernelSpec(op="meta_attention", dtype="float32", out_dtype="float32",
+                      params=make_params(head_dim=d, gqa=hq // hkv, block_q=block_q, block_kv=16,
+                                         causal=causal, bias=True))
+    cu = torch.arange(0, b * s + 1, s, dtype=torch.int32)
+    seqlens = torch.full((b,), s_kv, dtype=torch.int32)
+    table = build_task_table(cu, seqlens, num_q_heads=hq, num_kv_heads=hkv, block_q=block_q,
+                             num_programs=3, causal=causal, kv_split=kv_split)
+    out = torch.full((b * s, hq, d), float("nan"), device=DEVICE)
+    build_attention_kernel(spec)(
+        q.transpose(1, 2).reshape(b * s, hq, d).to(DEVICE), k.transpose(1, 2).to(DEVICE),
+        v.transpose(1, 2).to(DEVICE), torch.arange(b).view(b, 1).to(DEVICE), cu.to(DEVICE),
+        seqlens.to(DEVICE), table, attn_bias=bias.to(DEVICE), out=out,
+        attn_bias_ranges=None if ranges is None else ranges.to(DEVICE))
+    return out.view(b, s, hq, d).transpose(1, 2).cpu()
+
+
+@pytest.mark.parametrize(("causal", "kv_split"), [(False, None), (True, 24)])
+def test_model_masks_as_bias(causal: bool, kv_split: int | None) -> None:
+    """The masks models materialize (causal, left padding, sliding window, holes, a soft bias
+    with a plain run, per-head masks, hidden rows), given as an additive bias, against float64:
+    long enough (56 keys, 16-key blocks) that tiles have hidden, plain and mixed blocks, with
+    and without the spec's own causal rule and with split-KV chunks."""
+    gen = torch.Generator().manual_seed(11)
+    b, hq, hkv, s, d = 3, 4, 2, 56, 16
+    q, k, v = (torch.randn(b, h, s, d, generator=gen) for h in (hq, hkv, hkv))
+    for name, mask in model_masks(b, s, gen).items():
+        out = run_biased(q, k, v, mask, causal=causal, kv_split=kv_split)
+        assert not out.isnan().any(), f"{name}: some outputs were never written"
+        want = biased_oracle(q, k, v, mask, causal=causal)
+        rel = ((out.double() - want).norm() / want.norm()).item()
+        assert rel < 1e-5, f"{name}: relative error {rel:.3g}"
+
+
+def test_kernel_follows_the_bias_ranges() -> None:
+    """The ranges decide what the kernel reads: ranges claiming every key is plain make it skip
+    the causal mask's bias (the future leaks in), ranges ending early drop visible keys. Both
+    differ from the truth, so the test above can only pass through correct ranges."""
+    gen = torch.Generator().manual_seed(12)
+    b, hq, hkv, s, d = 1, 2, 1, 48, 16
+    q, k, v = (torch.randn(b, h, s, d, generator=gen) for h in (hq, hkv, hkv))
+    mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
+    want = biased_oracle(q, k, v, mask, causal=False)
+    right = bias_ranges(mask)
+    torch.testing.assert_close(run_biased(q, k, v, mask, causal=False, ranges=right).double(), want,
+                               rtol=1e-5, atol=1e-5)
+    all_plain = torch.tensor([0, 0, s, s], dtype=torch.int32).expand(1, s, 4)
+    leaked = run_biased(q, k, v, mask, causal=False, ranges=all_plain)
+    assert (leaked.double() - want).abs().max() > 1e-2
+    short = right.clone()
+    short[..., 3] = torch.minimum(short[..., 3], torch.tensor(16, dtype=torch.int32))
+    dropped = run_biased(q, k, v, mask, causal=False, ranges=short)
+    assert (dropped.double() - want)[:, :, 16:].abs().max() > 1e-2
 
 
 @pytest.mark.skipif(triton_interpreter_enabled(),

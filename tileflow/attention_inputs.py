@@ -125,7 +125,8 @@ class LaunchInputs:
 
     Integer metadata and the task table are contiguous int32 tensors on q's device; `tree_mask`
     is bool on that device (None without tree support); `attn_bias` is expanded to
-    ``[S, Hq, q_len, kv_len]`` (None without bias support); `out` is the tensor to write (the
+    ``[S, Hq, q_len, kv_len]`` and `bias_ranges` (see `bias_ranges`) to ``[S, q_len, 4]``
+    int32 (both None without bias support); `out` is the tensor to write (the
     caller's, or a fresh contiguous one). q/k_cache/v_cache are the caller's tensors, unchanged.
     """
 
@@ -144,6 +145,7 @@ class LaunchInputs:
     sliding_window: int | None
     attn_bias: torch.Tensor | None
     out: torch.Tensor
+    bias_ranges: torch.Tensor | None = None
 
     @property
     def num_programs(self) -> int:
@@ -205,6 +207,8 @@ def check_launch_inputs(
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
     attn_bias: torch.Tensor | None = None,
+    attn_bias_ranges: torch.Tensor | None = None,
+    need_bias_ranges: bool = False,
 ) -> LaunchInputs:
     """Validate one meta-attention launch against its spec params and task table.
 
@@ -214,7 +218,9 @@ def check_launch_inputs(
     - `table`: the TaskTable built for this batch with the spec's block_q and the inputs' heads;
     - `sliding_window` (int >= 1) exactly when the spec has `sliding_window=True`, `tree_mask`
       (bool [S, T, T]) exactly when it has `tree=True`, `attn_bias` (float, broadcastable to
-      [S, Hq, q_len, kv_len]) exactly when it has `bias=True`;
+      [S, Hq, q_len, kv_len]) exactly when it has `bias=True`, with `attn_bias_ranges` when the
+      caller has them (`bias_ranges(attn_bias)`; computed here when missing and
+      `need_bias_ranges`, for kernels that read them);
     - `out`, when given, q's shape, dtype and device.
 
     Raises ValueError prefixed with `where` naming the first problem found.
@@ -312,7 +318,7 @@ def check_launch_inputs(
         tree = tree_mask.to(device)
     elif tree_mask is not None:
         raise fail("tree_mask was given but the kernel was built without tree support")
-    bias = None
+    bias = ranges = None
     if params.bias:
         if not isinstance(attn_bias, torch.Tensor) or attn_bias.dim() != 4 or not attn_bias.is_floating_point():
             raise fail("the kernel was built with an attention bias: pass attn_bias float [S, Hq, q_len, kv_len]")
@@ -322,7 +328,18 @@ def check_launch_inputs(
                 f"{list(attn_bias.shape)}"
             )
         bias = attn_bias.to(device).expand(num_seqs, hq, attn_bias.shape[2], attn_bias.shape[3])
-    elif attn_bias is not None:
+        if attn_bias_ranges is None and need_bias_ranges:
+            attn_bias_ranges = bias_ranges(attn_bias)
+        if attn_bias_ranges is not None:
+            ranges = int_tensor("attn_bias_ranges", attn_bias_ranges, device, 3)
+            if (ranges.shape[0] not in (1, num_seqs) or ranges.shape[1] not in (1, attn_bias.shape[2])
+                    or ranges.shape[2] != 4):
+                raise fail(
+                    f"attn_bias_ranges must broadcast to [S={num_seqs}, q_len={attn_bias.shape[2]}, 4] "
+                    f"(see bias_ranges), got {list(ranges.shape)}"
+                )
+            ranges = ranges.expand(num_seqs, attn_bias.shape[2], 4)
+    elif attn_bias is not None or attn_bias_ranges is not None:
         raise fail("attn_bias was given but the kernel was built without bias support")
 
     if out is None:
@@ -335,5 +352,55 @@ def check_launch_inputs(
         q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
         cu_seqlens_q=cu_seqlens_q, seqlens_kv=seqlens_kv, tasks=tasks, program_offsets=offsets,
         program_tasks=prog_tasks, merges=merges, num_slots=num_slots, tree_mask=tree,
-        sliding_window=window, attn_bias=bias, out=out,
+        sliding_window=window, attn_bias=bias, out=out, bias_ranges=ranges,
     )
+
+
+def bias_ranges(attn_bias: torch.Tensor) -> torch.Tensor:
+    """Where an additive attention bias lets each query row's keys matter, so kernels can skip
+    the hidden blocks and run the blocks it leaves untouched without reading it.
+
+    For `attn_bias` float ``[B, H, q_len, kv_len]`` (or a bool mask, True = seen with nothing
+    added; any dim may be 1, or broadcast with stride 0), returns int32 ``[B', q_len', 4]`` (B' and q_len' are 1 where the bias does not vary
+    along them) holding, per sequence and query row, key positions ``(lo, full_lo, full_hi,
+    hi)`` over all heads:
+
+    - every key some head sees (bias > -inf) lies in ``[lo, hi)``; a row that sees no key has
+      ``lo = kv_len, hi = 0``;
+    - ``[full_lo, full_hi)`` is the first run of keys whose bias is exactly 0 for every head:
+      there the scores need neither the bias nor a mask (``full_lo = full_hi = kv_len`` when the
+      row has no such key).
+
+    A model's materialized causal mask (0 on and below the diagonal, -inf above) gives row i
+    ``(0, 0, i + 1, i + 1)``: the kernel then reads the bias only on the diagonal blocks and
+    skips the blocks above them, as for `causal=True`. The cost is a few passes over the bias.
+    """
+    if (not isinstance(attn_bias, torch.Tensor) or attn_bias.dim() != 4
+            or not (attn_bias.is_floating_point() or attn_bias.dtype == torch.bool)):
+        got = (f"{list(attn_bias.shape)} {attn_bias.dtype}" if isinstance(attn_bias, torch.Tensor)
+               else type(attn_bias).__name__)
+        raise ValueError(f"bias_ranges needs a float attention bias or bool mask [B, H, q_len, kv_len], got {got}")
+    kv_len = attn_bias.shape[3]
+    # Work on the distinct values only: a dim broadcast with stride 0 holds one.
+    bias = attn_bias
+    for dim in range(3):
+        if bias.stride(dim) == 0 and bias.shape[dim] > 1:
+            bias = bias.narrow(dim, 0, 1)
+    if bias.dtype == torch.bool:  # [B', q_len', kv_len]
+        seen, plain = bias.any(dim=1), bias.all(dim=1)
+    else:
+        seen = (bias > float("-inf")).any(dim=1)
+        plain = (bias == 0).all(dim=1)
+    if kv_len == 0:
+        shape = (*seen.shape[:2], 1)
+        zero = torch.zeros(shape, dtype=torch.int32, device=bias.device)
+        return torch.cat([zero, zero, zero, zero], dim=2)
+    any_seen = seen.any(dim=2)
+    # argmax returns the first maximal index: the first True.
+    lo = torch.where(any_seen, seen.to(torch.uint8).argmax(dim=2), kv_len)
+    hi = torch.where(any_seen, kv_len - seen.flip(2).to(torch.uint8).argmax(dim=2), 0)
+    full_lo = torch.where(plain.any(dim=2), plain.to(torch.uint8).argmax(dim=2), kv_len)
+    keys = torch.arange(kv_len, device=bias.device)
+    past_run = ~plain & (keys >= full_lo[..., None])
+    full_hi = torch.where(past_run.any(dim=2), past_run.to(torch.uint8).argmax(dim=2), kv_len)
+    return torch.stack([lo, full_lo, full_hi, hi], dim=2).to(torch.int32)

@@ -14,7 +14,7 @@ from .kernel_spec import ACTIVATIONS
 
 __all__ = [
     "padded_gemm", "grouped_gemm", "gemm_out_features", "check_group_offsets", "meta_attention",
-    "meta_attention_varlen",
+    "meta_attention_varlen", "attention_mask_ranges",
 ]
 
 _ACTIVATION_NAMES = ("none",) + ACTIVATIONS
@@ -302,17 +302,55 @@ def _meta_attention(
     causal: bool = False,
     scale: float | None = None,
     target: str = "",
+    mask_ranges: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense attention `[B, Hq, S, D]` through the meta-kernel (see `meta_attention`)."""
+    """Dense attention `[B, Hq, S, D]` through the meta-kernel (see `meta_attention`).
+
+    `mask_ranges` is `attention_mask_ranges(attn_mask)` when the graph computed it once for
+    every layer that shares the mask (the attention pass does); None: computed per call.
+    """
     from .runtime.attention import run_meta_attention
 
-    return run_meta_attention(q, k, v, attn_mask, causal, scale, target)
+    return run_meta_attention(q, k, v, attn_mask, causal, scale, target, mask_ranges=mask_ranges)
 
 
 @_meta_attention.register_fake
-def _meta_attention_fake(q, k, v, attn_mask=None, causal=False, scale=None, target=""):
+def _meta_attention_fake(q, k, v, attn_mask=None, causal=False, scale=None, target="", mask_ranges=None):
     b, hq, s, d = q.shape
     return q.new_empty((b, s, hq, d)).transpose(1, 2)
+
+
+@torch.library.custom_op("tileflow::attention_mask_ranges", mutates_args=())
+def _attention_mask_ranges(mask: torch.Tensor) -> torch.Tensor:
+    """Per row of an attention mask, where its keys matter (see `attention_mask_ranges`)."""
+    from .attention_inputs import bias_ranges
+
+    mask4 = _mask_as_4d(mask)
+    return bias_ranges(mask4).expand(mask4.shape[0], mask4.shape[2], 4).contiguous()
+
+
+@_attention_mask_ranges.register_fake
+def _attention_mask_ranges_fake(mask):
+    mask4 = _mask_as_4d(mask)
+    return mask.new_empty((mask4.shape[0], mask4.shape[2], 4), dtype=torch.int32)
+
+
+def _mask_as_4d(mask: torch.Tensor) -> torch.Tensor:
+    """An SDPA mask (at most 4-D, broadcast from the right) as a 4-D view."""
+    if mask.dim() > 4 or mask.dim() == 0:
+        raise ValueError(f"an attention mask must have 1 to 4 dims, got shape {tuple(mask.shape)}")
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+
+def attention_mask_ranges(mask: torch.Tensor) -> torch.Tensor:
+    """For an SDPA attention mask (bool, True = attend, or additive; broadcastable to
+    `[B, H, S, S_kv]` with its key dim whole), int32 `[B | 1, S | 1, 4]`: per sequence and query
+    row the keys `(lo, full_lo, full_hi, hi)` such that every key the row sees (any head) lies in
+    `[lo, hi)` and every key in `[full_lo, full_hi)` is seen by every head with nothing added
+    (see `tileflow.attention_inputs.bias_ranges`). The meta-attention kernel skips the keys
+    outside and reads the mask only outside the plain run: a causal mask costs what `causal=True`
+    does. Computed once per mask, it serves every layer that shares it."""
+    return torch.ops.tileflow.attention_mask_ranges(mask)
 
 
 def meta_attention(

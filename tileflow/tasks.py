@@ -13,9 +13,9 @@ single query position, still fill `R` rows of the matmul. Tiles whose visible KV
 while the batch has few tiles are split along KV (split-KV); their partial results are merged
 with the log-sum-exp rule (see `tileflow.backends.reference.attention.merge_partials`).
 
-Tasks are sorted by cost (longest first) and dealt in symmetric round-robin over the programs
-(0, 1, .., P-1, P-1, .., 1, 0, 0, 1, ..), which keeps the per-program work within a small factor
-of the average on realistic serving batches.
+Tasks are sorted by cost (longest first; equal costs later query rows first) and dealt in
+symmetric round-robin over the programs (0, 1, .., P-1, P-1, .., 1, 0, 0, 1, ..), which keeps the
+per-program work within a small factor of the average on realistic serving batches.
 
 The full contract (field layouts shared with the Triton kernel) is in the module docstrings below
 and in `TaskTable`. `check_metadata` validates the tensors the varlen attention op takes.
@@ -394,8 +394,11 @@ def build_task_table(
     ) if split_tiles.size else np.zeros((0, 6), dtype=np.int64)
 
     # --- scheduling: longest first, symmetric round-robin ------------------------------------
-    # Ties are broken by task index (i.e. by sequence, kv head, q tile, kv chunk): deterministic.
-    order = np.lexsort((np.arange(num_tasks), -cost))
+    # Equal costs go later query rows first, then by task index (sequence, kv head, q tile, kv
+    # chunk): deterministic. When the host cannot see the real cost (a model's causal mask given
+    # as a bias, which the kernel uses to skip keys), later rows usually cost more, and dealing
+    # that ramp in symmetric round-robin pairs cheap tasks with dear ones.
+    order = np.lexsort((np.arange(num_tasks), -p_first[tile_of], -cost))
     k = np.arange(num_tasks, dtype=np.int64)
     rnd, pos = np.divmod(k, num_programs)
     prog = np.where(rnd % 2 == 0, pos, num_programs - 1 - pos)

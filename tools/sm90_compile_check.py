@@ -5,7 +5,9 @@ what a Hopper block can have, register spills, loads it cannot pipeline). This t
 kernels ahead of time with `triton.compile` and an explicit `GPUTarget` (Triton's bundled
 `ptxas`, no GPU), specialized as a real launch would be (ints equal to 1 become constants;
 16-byte-aligned pointers and multiples of 16 get the divisibility hint), and reports each
-kernel's shared memory, registers and spill bytes.
+kernel's shared memory, registers and spill bytes, how many spill instructions sit inside its
+innermost tensor-core loops (`hot_spills`, from Triton's bundled nvdisasm: the spills that cost
+time), which tensor-core instruction its dots became and how its loads reach shared memory.
 
 Two ways to run it, both with `TRITON_INTERPRET=1`:
 
@@ -21,6 +23,7 @@ Two ways to run it, both with `TRITON_INTERPRET=1`:
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from typing import Any
@@ -89,6 +92,37 @@ def _record_launch(interpreted: Any, args: tuple, kwargs: dict) -> None:
                                "divisible": divisible})
 
 
+def hot_loop_spills(sass: str) -> int:
+    """Spill loads/stores (LDL/STL) inside the innermost loops that run tensor-core instructions:
+    the ones that cost time. A loop is a backward branch to a label; spills elsewhere (a task's
+    setup, the epilogue) run once per tile."""
+    import re
+    labels, body = {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(body)
+        elif re.search(r"/\*[0-9a-f]{4,}\*/", line):
+            body.append(line)
+    loops = []
+    for end, line in enumerate(body):
+        target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        if target and target.group(1) in labels and labels[target.group(1)] <= end:
+            loops.append((labels[target.group(1)], end))
+    mma = [(a, b) for a, b in loops if any(re.search(r"\b(HGMMA|HMMA)", body[i]) for i in range(a, b + 1))]
+    innermost = [(a, b) for a, b in mma if not any((c, d) != (a, b) and a <= c and d <= b for c, d in mma)]
+    return sum(1 for a, b in innermost for i in range(a, b + 1) if re.search(r"\b(LDL|STL)\b", body[i]))
+
+
+def ptx_instructions(compiled: "Any") -> "dict[str, Any]":
+    """Which tensor-core instruction the dots became and how operands reach shared memory:
+    Hopper's peak needs wgmma (mma.sync reaches about half) fed by async copies (cp.async or TMA)."""
+    ptx = compiled.asm["ptx"]
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    return {"mma": mma, "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+            "tma": ptx.count("cp.async.bulk.tensor")}
+
+
 # Runs in a fresh interpreter: with TRITON_INTERPRET=1 set at import, Triton's own standard
 # library (tl.cdiv, tl.sigmoid, ...) is made of interpreted functions the compiler cannot read.
 _COMPILE_SCRIPT = r'''
@@ -98,7 +132,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 def ptxas_usage(compiled):
-    """Registers and spill bytes of the kernel, from Triton's bundled ptxas in verbose mode."""
+    """Registers and spill bytes of the kernel, from Triton's bundled ptxas in verbose mode, and
+    the local-memory (spill) instructions inside its innermost tensor-core loops, from nvdisasm."""
     import os, re, subprocess, tempfile
     from triton.backends.nvidia.compiler import get_ptxas
     try:
@@ -106,16 +141,22 @@ def ptxas_usage(compiled):
     except TypeError:  # older Triton: no arch argument
         ptxas = get_ptxas()
     ptxas = getattr(ptxas, "path", ptxas)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
-        fh.write(compiled.asm["ptx"])
-    try:
-        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", fh.name, "-o", os.devnull],
-                             capture_output=True, text=True).stderr
-    finally:
-        os.unlink(fh.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as fh:
+            fh.write(compiled.asm["ptx"])
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", cubin], capture_output=True, text=True).stderr
+        nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
+        sass = (subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True).stdout
+                if os.path.exists(nvdisasm) and os.path.exists(cubin) else None)
     regs = re.search(r"Used (\d+) registers", out)
     spills = re.search(r"(\d+) bytes spill stores", out)
-    return {"regs": int(regs.group(1)) if regs else None, "spills": int(spills.group(1)) if spills else None}
+    return {"regs": int(regs.group(1)) if regs else None, "spills": int(spills.group(1)) if spills else None,
+            "hot_spills": None if sass is None else hot_loop_spills(sass)}
+'''
+# The helpers the script shares with this module (one definition, unit-tested here).
+_COMPILE_SCRIPT += "\n\n" + inspect.getsource(hot_loop_spills) + "\n\n" + inspect.getsource(ptx_instructions)
+_COMPILE_SCRIPT += r'''
 
 
 launches = json.load(open(sys.argv[1]))
@@ -133,7 +174,8 @@ for i, launch in enumerate(launches):
         attrs = {(i,): [["tt.divisibility", 16]] for i in launch["divisible"]}
         compiled = triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"], attrs),
                                   target=GPUTarget("cuda", 90, 32), options=launch["options"])
-        results.append({"ok": True, "shared": compiled.metadata.shared, **ptxas_usage(compiled)})
+        results.append({"ok": True, "shared": compiled.metadata.shared, **ptxas_usage(compiled),
+                        **ptx_instructions(compiled)})
     except Exception:
         results.append({"ok": False, "error": traceback.format_exc(limit=2)[-3000:]})
 json.dump(results, open(sys.argv[2], "w"))
@@ -178,7 +220,9 @@ def _compile_all() -> list[str]:
         consts = {k: v for k, v in launch["constexprs"].items() if v is not None}
         head = f"{launch['name']} {launch['options']} {consts}"
         if result["ok"]:
-            lines.append(f"ok {head} shared={result['shared']} regs={result['regs']} spills={result['spills']}")
+            lines.append(f"ok {head} shared={result['shared']} regs={result['regs']} spills={result['spills']} "
+                         f"hot_spills={result['hot_spills']} mma={result['mma']} cp.async={result['cp_async']} "
+                         f"tma={result['tma']}")
         else:
             lines.append(f"FAILED {head} ({launch['path']}):\n{result['error']}")
     return lines
@@ -226,7 +270,7 @@ def _launch_benchmark_kernels() -> None:
     from tileflow import runtime
     from tileflow.devices import get_device
     from tileflow.lower import gemm_spec, grouped_gemm_spec
-    from tileflow.runtime.attention import run_meta_attention_varlen
+    from tileflow.runtime.attention import run_meta_attention, run_meta_attention_varlen
     from tileflow.tiles import candidate_configs
 
     bf16 = torch.bfloat16
@@ -270,6 +314,11 @@ def _launch_benchmark_kernels() -> None:
             torch.randn(sum(q_lens), hq, d, dtype=bf16), torch.randn(start, page, hkv, d, dtype=bf16),
             torch.randn(start, page, hkv, d, dtype=bf16), table, cu,
             torch.tensor(kv_lens, dtype=torch.int32), target="triton")
+    # The dense op with a compiled transformers model's causal mask as a bias (the e2e prompts).
+    s = 80
+    mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
+    run_meta_attention(torch.randn(1, hq, s, d, dtype=bf16), torch.randn(1, 8, s, d, dtype=bf16),
+                       torch.randn(1, 8, s, d, dtype=bf16), mask, False, None, target="triton")
 
 
 def main() -> int:

@@ -1494,7 +1494,8 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
     """Wrap the built kernels (on any runner) in the meta-attention launch interface:
 
         launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
-               scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None) -> out
+               scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None,
+               attn_bias_ranges=None) -> out
 
     Inputs are validated by `tileflow.attention_inputs.check_launch_inputs` (the checks the
     Triton launcher makes). `host_call(name, *args, restype=...)` calls the emitted host functions
@@ -1528,12 +1529,15 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
         sliding_window: int | None = None,
         out: torch.Tensor | None = None,
         attn_bias: torch.Tensor | None = None,
+        attn_bias_ranges: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run meta-attention for the batch described by `table`; returns `out`."""
+        """Run meta-attention for the batch described by `table`; returns `out`.
+        `attn_bias_ranges` are validated; the kernel reads every chunk's bias (it does not
+        skip the blocks they hide yet)."""
         inputs = check_launch_inputs(
             layout.params, spec.dtype, where, q, k_cache, v_cache, block_table, cu_seqlens_q,
             seqlens_kv, table, tree_mask=tree_mask, sliding_window=sliding_window, out=out,
-            attn_bias=attn_bias,
+            attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges,
         )
         out = inputs.out
         if inputs.nothing_to_do:

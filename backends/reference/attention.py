@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from tileflow.attention_inputs import bias_ranges
 from tileflow.kernel_spec import KernelSpec
 from tileflow.targets import CompiledKernel
 from tileflow.tasks import TaskTable, check_metadata
@@ -220,14 +221,26 @@ def run_task(
     sliding_window: int | None,
     tree_mask: torch.Tensor | None,
     attn_bias: torch.Tensor | None = None,
+    attn_bias_ranges: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute one task: its tile's ``q_rows * R`` packed rows against its KV range.
 
     Returns ``(out [q_rows * R, D], lse [q_rows * R])`` in the accumulation dtype, rows in
     tile order (``r = pos * R + head_in_group``); ``out`` is normalized over the task's range.
+    With a bias, the range is narrowed to the keys its `attn_bias_ranges` say some row of the
+    tile sees, as the Triton kernel narrows it.
     """
     seq, kv_head, q_start, q_rows, kv_start, kv_end = task[:6]
     acc = accumulation_dtype(q.dtype)
+    if attn_bias_ranges is not None:
+        rows = attn_bias_ranges[seq if attn_bias_ranges.shape[0] > 1 else 0]
+        rows = rows[q_start:q_start + q_rows] if rows.shape[0] > 1 else rows
+        kv_start = max(kv_start, int(rows[:, 0].min()))
+        kv_end = min(kv_end, int(rows[:, 3].max()))
+        if kv_start >= kv_end:  # the bias hides every key of the range from every row
+            tile_rows = q_rows * group
+            return (torch.zeros(tile_rows, q.shape[2], dtype=acc, device=q.device),
+                    torch.full((tile_rows,), float("-inf"), dtype=acc, device=q.device))
     q_len = cu[seq + 1] - cu[seq]
     first = cu[seq] + q_start
     # Packed GQA rows: [q_rows, R, D] -> [q_rows * R, D], r = pos * R + h.
@@ -303,6 +316,7 @@ def run_task_table(
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     attn_bias: torch.Tensor | None = None,
+    attn_bias_ranges: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Execute a task table with torch ops, tile by tile, as the meta-attention kernel does.
 
@@ -350,6 +364,8 @@ def run_task_table(
     cu = cu_seqlens_q.tolist()
     kv_lens = seqlens_kv.tolist()
     _check_bias(attn_bias, q, cu, kv_lens)
+    if attn_bias is not None and attn_bias_ranges is None:
+        attn_bias_ranges = bias_ranges(attn_bias)
     tasks = table.tasks.tolist()
     offsets = table.program_offsets.tolist()
     program_tasks = table.program_tasks.tolist()
@@ -359,6 +375,7 @@ def run_task_table(
             res, lse = run_task(
                 task, q, k_cache, v_cache, block_table, cu, kv_lens, group=group, scale=scale,
                 causal=causal, sliding_window=sliding_window, tree_mask=tree_mask, attn_bias=attn_bias,
+                attn_bias_ranges=attn_bias_ranges,
             )
             seq, kv_head, q_start, q_rows, _, _, slot, _ = task
             if slot < 0:
@@ -377,7 +394,8 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
     The launcher has the Triton attention launcher's interface::
 
         launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
-               scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None) -> out
+               scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None,
+               attn_bias_ranges=None) -> out
 
     ``causal`` comes from the spec (``spec.param("causal")``) and must match the table's;
     integer metadata is converted to int32. The returned kernel's ``source`` is the Python of
@@ -401,12 +419,13 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
         sliding_window: int | None = None,
         out: torch.Tensor | None = None,
         attn_bias: torch.Tensor | None = None,
+        attn_bias_ranges: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the task table with torch ops (see `run_task_table`)."""
         return run_task_table(
             table, q, k_cache, v_cache, block_table.to(torch.int32), cu_seqlens_q.to(torch.int32),
             seqlens_kv.to(torch.int32), scale=scale, causal=causal, sliding_window=sliding_window,
-            tree_mask=tree_mask, out=out, attn_bias=attn_bias,
+            tree_mask=tree_mask, out=out, attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges,
         )
 
     source = "\n\n".join(inspect.getsource(fn) for fn in (run_task_table, run_task, merge_partials))

@@ -209,6 +209,7 @@ def _main_signature(cfg: AttentionConfig) -> str:
         lines.append("tree_mask_ptr,  # uint8 [S, T, T]")
     if cfg.bias:
         lines.append("bias_ptr,  # float additive bias [S, Hq, q_len, kv_len] (broadcast dims: stride 0)")
+        lines.append("bias_ranges_ptr,  # int32 [S, q_len, 4]: (lo, full_lo, full_hi, hi) keys per row")
     lines.append("qk_scale,  # softmax scale * log2(e)")
     lines.append("block_size,  # KV cache page size: runtime, any page size reuses the kernel")
     if cfg.sliding_window:
@@ -228,6 +229,7 @@ def _main_signature(cfg: AttentionConfig) -> str:
         lines.append("stride_tm_s, stride_tm_i, stride_tm_j,")
     if cfg.bias:
         lines.append("stride_ab_s, stride_ab_h, stride_ab_i, stride_ab_j,")
+        lines.append("stride_br_s, stride_br_i, stride_br_c,")
     lines += [
         "HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,",
         "GQA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr,",
@@ -298,7 +300,9 @@ v_head_off = kv_head.to(tl.int64) * stride_vh
 new_start = seq_kv_len - num_new
 tree_start = tl.where(num_new <= tree_size, new_start, seq_kv_len)
 """
-    if cfg.tree or cfg.sliding_window or cfg.bias:
+    if cfg.bias:
+        loop += _bias_loops(cfg, dtype)
+    elif cfg.tree or cfg.sliding_window:
         # Any KV block may be partly hidden: every step applies the masks.
         loop += "\nfor kv0 in range(kv_start, kv_end, BLOCK_KV):\n" + _indent(_kv_step(cfg, dtype, masked=True))
     else:
@@ -336,19 +340,60 @@ else:
     return code + _indent(loop)
 
 
-def _kv_step(cfg: AttentionConfig, dtype: str, *, masked: bool) -> str:
+def _bias_loops(cfg: AttentionConfig, dtype: str) -> str:
+    """The KV loops of a kernel with an additive bias, at indentation zero.
+
+    The per-row bias ranges (see `tileflow.attention_inputs.bias_ranges`) narrow the task's KV
+    range to the keys some row of the tile sees, and mark the run every row sees with a zero
+    bias. Without window or tree masks that run is split off into whole unmasked blocks that
+    never read the bias (a model's materialized causal mask then costs what `causal=True` does);
+    the blocks before and after it take the masked step, each bounded by its own segment end.
+    """
+    code = """
+# The bias ranges of the tile's rows: keys outside [seg_start, seg_end) are hidden from every
+# row; keys in [full_lo, full_hi) have a zero bias for every row.
+range_ptrs = bias_ranges_ptr + seq.to(tl.int64) * stride_br_s + q_idx * stride_br_i
+seen_lo = tl.min(tl.load(range_ptrs, mask=row_valid, other=2147483647), axis=0)
+full_lo = tl.max(tl.load(range_ptrs + stride_br_c, mask=row_valid, other=0), axis=0)
+full_hi = tl.min(tl.load(range_ptrs + 2 * stride_br_c, mask=row_valid, other=2147483647), axis=0)
+seen_hi = tl.max(tl.load(range_ptrs + 3 * stride_br_c, mask=row_valid, other=0), axis=0)
+seg_start = tl.maximum(kv_start, seen_lo)
+seg_end = tl.minimum(kv_end, seen_hi)
+"""
+    if cfg.tree or cfg.sliding_window:
+        return code + "for kv0 in range(seg_start, seg_end, BLOCK_KV):\n" + _indent(
+            _kv_step(cfg, dtype, masked=True, end="seg_end"))
+    limit = "tl.minimum(tl.minimum(seg_end, full_hi), q_pos_first + 1)" if cfg.causal else "tl.minimum(seg_end, full_hi)"
+    return code + f"""q_pos_first = seq_kv_len - num_new + q_start  # row 0 has the tile's smallest position
+full_start = tl.minimum(tl.maximum(seg_start, full_lo), seg_end)
+full_end = full_start + tl.maximum({limit} - full_start, 0) // BLOCK_KV * BLOCK_KV
+for kv0 in range(full_start, full_end, BLOCK_KV):
+""" + _indent(_kv_step(cfg, dtype, masked=False)) + """
+# The masked blocks before and after the unmasked run, in one loop (order does not matter to the
+# online softmax; two loops, each with its own pipeline, would spill registers).
+num_lead = tl.maximum(full_start - seg_start + BLOCK_KV - 1, 0) // BLOCK_KV
+num_tail = tl.maximum(seg_end - full_end + BLOCK_KV - 1, 0) // BLOCK_KV
+for step in range(0, num_lead + num_tail):
+    lead = step < num_lead
+    kv0 = tl.where(lead, seg_start + step * BLOCK_KV, full_end + (step - num_lead) * BLOCK_KV)
+    seg_stop = tl.where(lead, full_start, seg_end)
+""" + _indent(_kv_step(cfg, dtype, masked=True, end="seg_stop"))
+
+
+def _kv_step(cfg: AttentionConfig, dtype: str, *, masked: bool, end: str = "kv_end") -> str:
     """One KV block of the online-softmax loop, at indentation zero.
 
-    `masked=False` is for blocks every row of the tile sees whole (no tail, no causal cut, and
-    no window, tree or bias in the spec): no visibility mask, and no guard for rows that have
-    seen nothing yet, since every score is finite.
+    `masked=False` is for blocks every row of the tile sees whole (no tail, no causal cut, no
+    window or tree in the spec, and a zero bias if any): no visibility mask, no bias load, and
+    no guard for rows that have seen nothing yet, since every score is finite. A masked step
+    hides the keys at or past `end`, the end of its loop's segment.
     """
     dot_kw = _dot_precision_kwarg(dtype)
     padded_d = cfg.head_dim_pad != cfg.head_dim
     d_row = " & d_mask[None, :]" if padded_d else ""
     d_col = " & d_mask[:, None]" if padded_d else ""
     if masked:
-        kv_mask = "kv_valid = kv_pos < kv_end\n"
+        kv_mask = f"kv_valid = kv_pos < {end}\n"
         page_mask, k_mask, v_mask = ", mask=kv_valid, other=0", f", mask=kv_valid[None, :]{d_col}, other=0.0", \
             f", mask=kv_valid[:, None]{d_row}, other=0.0"
     else:
@@ -578,7 +623,8 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
     is found beside it), or an (attention, merge) pair. Returns
 
         launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
-               scale=None, tree_mask=None, sliding_window=None, out=None) -> out
+               scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None,
+               attn_bias_ranges=None) -> out
 
     - `q` [total_q, Hq, D] of the spec dtype; `k_cache`/`v_cache` [num_blocks, block_size, Hkv, D]
       of the same dtype with Hq == Hkv * gqa; any strides;
@@ -613,18 +659,21 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         sliding_window: int | None = None,
         out: torch.Tensor | None = None,
         attn_bias: torch.Tensor | None = None,
+        attn_bias_ranges: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run meta-attention for the batch described by `table`; returns `out`.
 
         `attn_bias` (given exactly when the spec has `bias=True`) is a float [S | 1, Hq | 1,
         max_q_len, max_kv_len] tensor added to the scaled scores: row i of sequence s, key j
-        reads attn_bias[s, h, i, j].
+        reads attn_bias[s, h, i, j]. `attn_bias_ranges` are its `bias_ranges` when the caller
+        has them already (computed here otherwise): the kernel skips the keys they hide and
+        reads no bias where they say it is zero.
         """
         # Shapes, dtypes, the table, masks and `out`: the checks every backend shares.
         inputs = check_launch_inputs(
             cfg, spec.dtype, where, q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv,
             table, tree_mask=tree_mask, sliding_window=sliding_window, out=out,
-            attn_bias=attn_bias,
+            attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges, need_bias_ranges=True,
         )
         out = inputs.out
         if inputs.nothing_to_do:
@@ -661,7 +710,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         if cfg.tree:
             args.append(tree_arg)
         if cfg.bias:
-            args.append(bias_arg)
+            args += [bias_arg, inputs.bias_ranges]
         args += [float(scale) * math.log2(math.e), block_size]
         if cfg.sliding_window:
             args.append(inputs.sliding_window)
@@ -672,7 +721,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         if cfg.tree:
             args += [*tree_arg.stride()]
         if cfg.bias:
-            args += [*bias_arg.stride()]
+            args += [*bias_arg.stride(), *inputs.bias_ranges.stride()]
         consts = dict(
             HEAD_DIM=cfg.head_dim,
             HEAD_DIM_PAD=cfg.head_dim_pad,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,13 +46,17 @@ def build_stage_program(
     max_tokens: int = 4096,
     config: Config | None = None,
     report: GraphReport | None = None,
+    graph_factory: Callable[[], Any] | None = None,
 ) -> Any:
     """Export `step(*inputs)` with the token dimension (dim 1 of every input) dynamic in
     [1, max_tokens], run tileflow's passes plus `disaggregate`, and split it into a `StageProgram`.
 
     The dense stages run as `config.residual` says (`auto`: through Inductor on CUDA, with
     tileflow's kernels opaque calls in them and every token count on one compiled graph; as
-    eager FX elsewhere), like the graph left after the passes of `backend="tileflow"`.
+    eager FX elsewhere), like the graph left after the passes of `backend="tileflow"`. With
+    `config.cuda_graphs` on CUDA each dense stage is replayed from CUDA graphs, one per token
+    bucket up to `MAX_GRAPHED_TOKENS` (`GraphedStage`; `graph_factory` stands in for CUDA graphs
+    in tests, on any device).
 
     The step must pack its tokens into one row and use causal attention without a mask tensor
     (for transformers models: `attn_implementation="tileflow_causal"`); otherwise the pass leaves
@@ -76,10 +80,79 @@ def build_stage_program(
         raise ValueError(f"the step cannot be disaggregated: {reasons}")
     program = split_stages(graph.gm)
     device_type = next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
-    if resolve_residual(config.residual, device_type) == "inductor":
-        for stage in program.dense:
+    graphed = config.cuda_graphs and (device_type == "cuda" or graph_factory is not None)
+    token = _token_symbol(program)
+    for stage in program.dense:
+        dims = _stage_token_dims(stage.module, token) if graphed else None
+        if resolve_residual(config.residual, device_type) == "inductor":
             stage.module = torch.compile(stage.module, dynamic=True)
+        if dims is not None:
+            buckets = [b for b in config.graph_buckets() if b <= MAX_GRAPHED_TOKENS]
+            stage.module = GraphedStage(stage, program.constants, *dims, buckets, graph_factory)
+    program.cuda_graphs = graphed
     return program
+
+
+# Serving stages are captured up to this many tokens (vLLM's default too): larger steps run
+# kernels long enough that their launches cost little beside them, and each bucket's graph
+# holds its own copies of the stage's activations and outputs (the logits: tokens x vocabulary).
+MAX_GRAPHED_TOKENS = 512
+
+
+class GraphedStage:
+    """A dense stage replayed from captured graphs, one per token bucket (16, 32, ... tokens):
+    vLLM's piecewise capture. Dense stages are token-wise (norms, GEMMs, RoPE, residual adds), so
+    the bucket's padding rows never reach real ones; the attention between two stages runs
+    uncaptured over the step's real tokens. One launch per stage replaces the host work of every
+    kernel in it, what dominates decode-sized steps. The stage's weights are referenced by the
+    graphs, never copied; each call copies its token-dim inputs into the graph's and clones the
+    outputs it returns (`tileflow.runtime.streams.CudaGraphBuckets`)."""
+
+    def __init__(self, stage: Any, constants: Sequence[Any], input_dims: list[Any], output_dims: list[Any],
+                 buckets: Sequence[int], graph_factory: Callable[[], Any] | None) -> None:
+        from ..runtime.streams import CudaGraphBuckets
+
+        self.module = stage.module
+        # Which arguments are weights (always the same tensors): bound here, not graph inputs.
+        self._fixed = {i: constants[src.index] for i, src in enumerate(stage.inputs) if src.kind == "constant"}
+        self._arity = len(stage.inputs)
+        dynamic_dims = [d for i, d in enumerate(input_dims) if i not in self._fixed]
+        self.graphs = CudaGraphBuckets(self._run, dynamic_dims, buckets, lambda outputs: list(output_dims),
+                                       graph_factory=graph_factory)
+
+    def _run(self, *dynamic: Any) -> Any:
+        values = iter(dynamic)
+        return self.module(*[self._fixed[i] if i in self._fixed else next(values) for i in range(self._arity)])
+
+    def __call__(self, *args: Any) -> Any:
+        return self.graphs(*[a for i, a in enumerate(args) if i not in self._fixed])
+
+
+def _token_symbol(program: Any) -> Any:
+    """The token count's symbol: dim 1 of the program's first input, as the first stage sees it."""
+    first = program.dense[0]
+    for src, node in zip(first.inputs, (n for n in first.module.graph.nodes if n.op == "placeholder")):
+        if src.kind == "input" and src.index == 0:
+            return node.meta["val"].shape[1].node.expr
+    raise ValueError("the first dense stage does not read the program's input_ids")
+
+
+def _stage_token_dims(gm: Any, token: Any) -> tuple[list[Any], list[Any]]:
+    """Per input and per output of a stage's GraphModule: its token dim, `TOKEN_COUNT` when it is
+    the token count itself, or None."""
+    from tileflow.passes.nanobatch import token_dim
+
+    from ..runtime.streams import TOKEN_COUNT
+
+    def dim_of(value: Any) -> Any:
+        if isinstance(value, torch.SymInt) and value.node.expr == token:
+            return TOKEN_COUNT
+        return token_dim(value, token)
+
+    inputs = [dim_of(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    outputs = [dim_of(a.meta.get("val")) if isinstance(a, torch.fx.Node) else None for a in output.args[0]]
+    return inputs, outputs
 
 
 def init_distributed(

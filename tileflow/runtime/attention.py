@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..attention_inputs import bias_ranges
 from ..config import current_config
 from ..kernel_spec import KernelSpec, dtype_name, make_params
 from ..targets import resolve_target
@@ -83,11 +84,14 @@ def run_meta_attention_varlen(
     target: str = "",
     check: bool = True,
     host_metadata: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    attn_bias_ranges: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Validate the batch (when `check`), build its task table and launch the meta-kernel.
 
     `host_metadata` = (cu_seqlens_q, seqlens_kv) as host ints, when the caller already knows
     them: it spares reading the device tensors back (a device sync per call).
+    `attn_bias_ranges` are `bias_ranges(attn_bias)` when the caller has them (computed here
+    otherwise).
     """
     from . import get_kernel
 
@@ -104,7 +108,9 @@ def run_meta_attention_varlen(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     kwargs = {}
     if attn_bias is not None:
-        kwargs["attn_bias"] = attn_bias
+        # Once per call, for every launch: where the bias hides keys or adds nothing.
+        ranges = attn_bias_ranges if attn_bias_ranges is not None else bias_ranges(attn_bias)
+        kwargs.update(attn_bias=attn_bias, attn_bias_ranges=ranges)
     for block_q, table in _launch_plan(cu, lens, hq, hkv, target, attention_programs(target, q.device), sliding_window,
                                        causal, str(q.device)):
         # A cached table is device memory a captured graph would read on every replay: keep it
@@ -164,13 +170,18 @@ def run_meta_attention(
     causal: bool,
     scale: float | None,
     target: str = "",
+    *,
+    mask_ranges: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense attention `[B, Hq, S, D] x [B, Hkv, S_kv, D]` through the varlen meta-kernel.
 
     Each batch row is one sequence whose K/V are a single page (`k.transpose(1, 2)` viewed as a
     `[B, S_kv, Hkv, D]` cache, no copy). With `causal`, query i sees keys j <= S_kv - S + i
     (for S == S_kv: the usual lower triangle). `attn_mask` (bool or additive, broadcastable to
-    `[B, Hq, S, S_kv]`) is added to the scores. Returns `[B, Hq, S, D]` (stored as `[B, S, Hq, D]`,
+    `[B, Hq, S, S_kv]`) is added to the scores; its `bias_ranges` tell the kernel which keys it
+    hides (skipped) and where it adds nothing (no bias read): `mask_ranges`
+    (`tileflow.ops.attention_mask_ranges(attn_mask)`, shared by the layers of a graph) or
+    computed here. Returns `[B, Hq, S, D]` (stored as `[B, S, Hq, D]`,
     the layout attention outputs usually have).
     """
     b, hq, s, d = q.shape
@@ -181,15 +192,23 @@ def run_meta_attention(
     block_table = torch.arange(b, dtype=torch.int32, device=device).view(b, 1)
     cu = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=device) if s > 0 else torch.zeros(b + 1, dtype=torch.int32, device=device)
     seqlens = torch.full((b,), s_kv, dtype=torch.int32, device=device)
-    bias = None
+    bias = ranges = None
     if attn_mask is not None:
         bias = additive_bias(attn_mask).to(torch.float32)
         while bias.dim() < 4:
             bias = bias.unsqueeze(0)
+        if mask_ranges is not None:
+            if (mask_ranges.dim() != 3 or mask_ranges.shape[2] != 4 or mask_ranges.shape[0] not in (1, b)
+                    or mask_ranges.shape[1] not in (1, s) or bias.shape[3] != s_kv):
+                raise ValueError(
+                    f"meta_attention: mask_ranges {list(mask_ranges.shape)} are not the ranges of a mask "
+                    f"{list(attn_mask.shape)} over {s_kv} keys for [B={b}, S={s}] queries (attention_mask_ranges)"
+                )
+            ranges = mask_ranges.expand(mask_ranges.shape[0], s, 4)
         bias = bias.expand(bias.shape[0] if bias.shape[0] == b else 1, bias.shape[1], s, s_kv)
     out = run_meta_attention_varlen(
         q_flat, k_cache, v_cache, block_table, cu, seqlens,
-        scale=scale, causal=causal, attn_bias=bias, target=target, check=False,
+        scale=scale, causal=causal, attn_bias=bias, attn_bias_ranges=ranges, target=target, check=False,
         host_metadata=(tuple(range(0, b * s + 1, s)) if s > 0 else (0,) * (b + 1), (s_kv,) * b),
     )
     return out.view(b, s, hq, d).transpose(1, 2)

@@ -292,7 +292,8 @@ class CudaGraphBuckets:
     `input_token_dims[i]` is the token dim of argument i (None: no token dim; `TOKEN_COUNT`: the
     argument *is* the token count, an int, as Dynamo passes a symbolic size); the first tensor
     with a token dim gives the call's token count T, and `output_token_dims(outputs)` the token
-    dim of each output (a pytree like the outputs; None: none). A call uses the smallest bucket
+    dim of each output (a pytree like the outputs; None: none; `TOKEN_COUNT`: the output is the
+    token count, an int, which a call returns as T). A call uses the smallest bucket
     B >= T. A graph is keyed by the bucket *and* everything else that shapes the step: every
     input's shape with its token dim replaced by B, dtypes, and every other int input, so a new
     batch size or cache length captures anew instead of replaying a wrong graph. The graph's
@@ -411,7 +412,7 @@ class CudaGraphBuckets:
             shape = list(value.shape)
             if isinstance(dim, int):
                 shape[dim] = bucket
-            static = torch.empty(shape, dtype=value.dtype, device=value.device)
+            static = _empty_in_layout(value, shape)
             self._fill(static, value, dim, tokens)
             static_inputs.append(static)
         graph = self.graph_factory()
@@ -444,8 +445,19 @@ class CudaGraphBuckets:
         flat, spec = pytree.tree_flatten(outputs, is_leaf=lambda x: x is None)
         _, dims = self._flat_outputs(outputs)
         # Cloned: the static outputs belong to the graph, and the next replay overwrites them.
-        cut = [o.narrow(d, 0, tokens).clone() if isinstance(o, torch.Tensor) else o for o, d in zip(flat, dims)]
+        cut = [tokens if d == TOKEN_COUNT else o.narrow(d, 0, tokens).clone() if isinstance(o, torch.Tensor) else o
+               for o, d in zip(flat, dims)]
         return pytree.tree_unflatten(cut, spec)
+
+
+def _empty_in_layout(like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """An uninitialized tensor of `shape` whose dims are laid out in memory in the order of
+    `like`'s (a transposed view stays transposed): a step may view its inputs in ways that only
+    their layout allows."""
+    # Outermost first: larger strides first; equal strides (size-1 dims) keep their order.
+    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))
+    inverse = [order.index(d) for d in range(like.dim())]
+    return torch.empty([shape[d] for d in order], dtype=like.dtype, device=like.device).permute(inverse)
 
 
 class _CudaGraph:

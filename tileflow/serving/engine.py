@@ -105,6 +105,11 @@ class ServingEngine:
     ) -> None:
         if isinstance(nano_batches, bool) or not isinstance(nano_batches, int) or nano_batches < 1:
             raise ValueError(f"nano_batches must be an int >= 1 (1: no split), got {nano_batches!r}")
+        if nano_batches > 1 and getattr(program, "cuda_graphs", False):
+            raise ValueError(
+                "nano_batches > 1 runs stages of several nano-batches at once on separate streams, but this "
+                "program's stages replay CUDA graphs one at a time: build it without cuda_graphs, or use nano_batches=1"
+            )
         cuts = program.cuts
         heads = {(c.num_kv_heads, c.head_dim) for c in cuts}
         if len(heads) != 1:

@@ -182,8 +182,9 @@ def model_mask_methods(s: int, *, device, dtype):
     """Dense causal attention of one s-token prompt the way a compiled transformers model runs
     it: its causal mask materialized as an additive float bias [1, 1, s, s] (transformers builds
     it under torch.compile). Returns (q, k, v, mask) and {method: fn()}: tileflow's dense op
-    (what the attention pass emits) with that bias and with `causal=True`, SDPA with the bias
-    (the efficient-attention kernel Inductor runs) and SDPA `is_causal` (flash)."""
+    as the attention pass emits it (the bias, and its ranges computed once per model for every
+    layer), the same with `causal=True`, SDPA with the bias (the efficient-attention kernel
+    Inductor runs) and SDPA `is_causal` (flash); and the once-per-model ranges alone."""
     import torch
     import torch.nn.functional as F
 
@@ -192,14 +193,15 @@ def model_mask_methods(s: int, *, device, dtype):
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(1, HQ, s, D, device=device, dtype=dtype, generator=gen)
     k, v = (torch.randn(1, HKV, s, D, device=device, dtype=dtype, generator=gen) for _ in range(2))
-    mask = torch.full((s, s), float("-inf"), device=device).triu(1).to(dtype)[None, None]
+    mask = torch.full((s, s), float("-inf"), device=device).triu(1)[None, None]  # float32, as the graph has it
+    ranges = tileflow.ops.attention_mask_ranges(mask)
     methods = {
-        "tileflow, mask as bias": lambda: tileflow.ops.meta_attention(q, k, v, mask),
+        "tileflow, mask as bias": lambda: torch.ops.tileflow.meta_attention(q, k, v, mask, False, None, "", ranges),
         "tileflow, causal": lambda: tileflow.ops.meta_attention(q, k, v, causal=True),
         "SDPA, mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
         "SDPA, is_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
     }
-    return (q, k, v, mask), methods
+    return (q, k, v, mask), methods, lambda: tileflow.ops.attention_mask_ranges(mask)
 
 
 def sweep_configs(batches, *, device, dtype, time_ms, check_tol):
@@ -275,7 +277,7 @@ def smoke() -> int:
             return 1
     # The model-mask rows' methods: a causal mask given as a bias, against SDPA is_causal.
     with tileflow.use_config(tileflow.Config(target="triton")):
-        _, methods = model_mask_methods(40, device="cpu", dtype=torch.float32)
+        _, methods, _ = model_mask_methods(40, device="cpu", dtype=torch.float32)
         want = methods["SDPA, is_causal"]()
         for name, fn in methods.items():
             err = rel_err(fn(), want)
@@ -372,7 +374,7 @@ def run_gpu(quick: bool, write: bool) -> int:
     mask_rows = []
     for s in ([4096, 8192] if not quick else [2048]):
         with tileflow.use_config(config):
-            _, methods = model_mask_methods(s, device="cuda", dtype=dtype)
+            _, methods, mask_ranges = model_mask_methods(s, device="cuda", dtype=dtype)
             want = methods["SDPA, is_causal"]().float()
             flops = 4 * s * s * D * HQ / 2  # the causal half
             times = {}
@@ -387,8 +389,10 @@ def run_gpu(quick: bool, write: bool) -> int:
                     failures.append(f"{name} on the {s}-token model mask: {type(exc).__name__}: {exc}")
                     print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
                     traceback.print_exc()
+            ranges_ms = median_ms(lambda _: mask_ranges())
         t = times["tileflow, mask as bias"]
         mask_rows.append([f"1x{s}"] + ["FAIL" if ms is None else f"{ms:.3f} ({flops / ms / 1e9:.0f})" for ms in times.values()]
+                         + [f"{ranges_ms:.3f}"]
                          + [f"{times[n] / t:.2f}x" if t and times[n] else "FAIL" for n in ("SDPA, mask", "SDPA, is_causal")])
         print(" | ".join(str(c) for c in mask_rows[-1]), flush=True)
 
@@ -400,10 +404,11 @@ def run_gpu(quick: bool, write: bool) -> int:
              "`tileflow.ops.meta_attention_varlen`, which validates the metadata and reads it from the device per call."
              f"\n- ceilings measured in this run: copy {copy_gbs:.0f} GB/s, bf16 matmul {peak_tflops:.0f} TFLOP/s.")
     body += ("\n\n## A model's causal mask given as a bias\n\n"
-             + markdown_table(["prompt"] + [f"{n} ms (TFLOP/s)" for n in methods]
+             + markdown_table(["prompt"] + [f"{n} ms (TFLOP/s)" for n in methods] + ["mask ranges ms (once per model)"]
                               + ["SDPA, mask / tileflow, mask", "SDPA, is_causal / tileflow, mask"], mask_rows)
-             + "\n\n- dense `[1, 32, S, 128]` attention over 4 KV heads; the mask is the additive causal mask a "
-               "compiled transformers model materializes; TFLOP/s count the causal half")
+             + "\n\n- dense `[1, 32, S, 128]` attention over 4 KV heads; the mask is the additive float32 causal "
+               "mask a compiled transformers model materializes; tileflow reads it with its ranges, which the "
+               "attention pass computes once per model for every layer (timed apart); TFLOP/s count the causal half")
     body += "".join(f"\n- FAILED: {failure}" for failure in failures)
     if write:
         print(f"wrote {write_results('attention', 'Meta-attention vs SDPA and FlexAttention (bf16, D=128, 32/4 heads)', env, body)}")

@@ -7,7 +7,7 @@ baselines), in one run and in up to three parts (`--parts`):
 - `prefill`: one forward step of T tokens (T in 256..4096, no KV cache) for eager PyTorch,
   `torch.compile` Inductor (dynamic shapes), tileflow (`backend="tileflow"`, Triton kernels)
   without nano-batching, and tileflow with nano-batching (`nano_batches="auto"`: the split
-  search and CUDA streams), without and with CUDA graphs (`cuda_graphs=True`);
+  search and CUDA streams), each without and with CUDA graphs (`cuda_graphs=True`);
 - `mixed`: serving steps of T tokens over a paged KV cache, half prefill chunks (up to 512
   tokens over cached prefixes) and half decodes (contexts of 512-2048), run the way
   `tileflow.serving` runs them (the model cut at its attention ops, `meta_attention_varlen` over
@@ -203,8 +203,12 @@ def prefill_part(model, tokens: list[int], bound: float, scale: Scale, failures:
         "tileflow+nano": torch.compile(model, backend=nano, dynamic=True),
     }
     if scale.device == "cuda":
-        # The nano-batched step replayed as one CUDA graph per token bucket: its nano-ops run
-        # op by op, so launch overhead is what graphs remove.
+        # Steps replayed as one CUDA graph per token bucket, whole or nano-batched (whose nano-ops
+        # run op by op): launch overhead is what graphs remove.
+        graphs = tileflow.TileflowBackend({"cuda_graphs": True})
+        methods["tileflow+graphs"] = torch.compile(model, backend=graphs, dynamic=True)
+        # Inductor's own CUDA graphs (one recording per token count), the baseline for the above.
+        methods["Inductor+graphs"] = torch.compile(model, dynamic=True, mode="reduce-overhead")
         graphs = tileflow.TileflowBackend({"passes": PASSES_NANO, "nano_batches": scale.nano_batches, "cuda_graphs": True})
         methods["tileflow+nano+graphs"] = torch.compile(model, backend=graphs, dynamic=True)
     rows = []
@@ -222,12 +226,14 @@ def prefill_part(model, tokens: list[int], bound: float, scale: Scale, failures:
 
                 rate[name] = _timed(failures, f"prefill {name} at T={t}", measure)
         nano_best = max((rate[n] for n in methods if n.startswith("tileflow+nano") and rate[n]), default=None)
+        graphed = [_ratio(rate["tileflow+graphs"], rate["Inductor+graphs"])] if "Inductor+graphs" in methods else []
         rows.append([t] + [_rate(rate[n]) for n in methods]
-                    + [_ratio(rate["tileflow"], rate["Inductor"]), _ratio(nano_best, rate["tileflow"]),
-                       _share(nano_best, bound)])
+                    + [_ratio(rate["tileflow"], rate["Inductor"])] + graphed
+                    + [_ratio(nano_best, rate["tileflow"]), _share(nano_best, bound)])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    headers = ["tokens"] + [f"{n} tok/s" for n in methods] + ["tileflow / Inductor", "best nano / tileflow",
-                                                              "best nano % of bound"]
+    headers = (["tokens"] + [f"{n} tok/s" for n in methods] + ["tileflow / Inductor"]
+               + (["tileflow+graphs / Inductor+graphs"] if "Inductor+graphs" in methods else [])
+               + ["best nano / tileflow", "best nano % of bound"])
     return ("## Prefill-shaped steps\n\n" + markdown_table(headers, rows)
             + "\n\n- forward passes of T tokens with no KV cache; medians over CUDA events")
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from tileflow.graph_utils import meta_val
+from tileflow.graph_utils import meta_val, token_dim
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.schedule import OpEdge, OpSpec, Schedule, check_schedule, make_schedule
 from tileflow.search import OpProfile, modeled_timeline, search_split
@@ -59,14 +59,6 @@ def op_name(node: fx.Node) -> str:
     target = node.target
     name = getattr(target, "__name__", str(target))
     return name.split(".")[0] if isinstance(target, torch._ops.OpOverload) else name
-
-
-def token_dim(value: Any, token: Any) -> int | None:
-    """The dim of a tensor whose size is exactly the token symbol, or None."""
-    if not isinstance(value, torch.Tensor):
-        return None
-    dims = [i for i, s in enumerate(value.shape) if isinstance(s, torch.SymInt) and s.node.expr == token]
-    return dims[0] if len(dims) == 1 else None
 
 
 def resource_of(node: fx.Node) -> str:

@@ -230,3 +230,31 @@ def test_a_step_returning_a_grown_kv_cache_is_not_captured(monkeypatch: pytest.M
             torch.testing.assert_close(g_layer.values, w_layer.values, rtol=1e-5, atol=1e-5)
     captures = [r._graphs.captures for r in runners]
     assert captures[0] == 1 and sum(captures[1:]) == 0, captures
+
+
+def test_cuda_graphs_capture_a_whole_step_without_nano_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cuda_graphs=True` with the default passes (no nano-batch split): the whole compiled step
+    is replayed from one graph per token bucket (a CPU stand-in here), padded rows cut, outputs
+    equal eager at every length, and the report says so."""
+    import tileflow.compiler
+
+    class Counting(ReplayOnCpu):
+        captures = 0
+
+        def capture(self, fn):
+            type(self).captures += 1
+            return super().capture(fn)
+
+    monkeypatch.setattr(tileflow.compiler, "GRAPH_FACTORY", Counting)
+    torch.manual_seed(3)
+    model = build("llama")
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32},
+                                                                     report=report), dynamic=True)
+    for tokens in (3, 5, 16, 11, 20, 40):
+        ids = torch.randint(0, VOCAB, (1, tokens))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
+    assert Counting.captures == 2  # the 16- and 32-token buckets; 40 tokens ran uncaptured
+    assert [g.extra.get("cuda_graphs") for g in report.graphs] == ["whole step, token buckets [16, 32]"]

@@ -28,6 +28,28 @@ log = get_logger("compiler")
 _GRAPH_IDS = itertools.count()
 
 
+# What captures a step's graphs: None is CUDA graphs; tests set a CPU stand-in.
+GRAPH_FACTORY: Callable[[], Any] | None = None
+
+
+def graphed_step(gm: fx.GraphModule, runner: Callable[..., Any], buckets: Sequence[int],
+                 graph_report: GraphReport) -> Callable[..., Any]:
+    """`runner` replayed from one captured graph per token bucket (`Config.cuda_graphs` on a
+    graph the nano-batch pass did not split), or `runner` itself, with the reason in the report,
+    when the graph has no single symbolic token dim to bucket."""
+    from tileflow.passes.nanobatch import token_symbol
+
+    from .runtime.streams import CudaGraphBuckets, graph_token_dims
+
+    found = token_symbol(gm)
+    if found is None:
+        graph_report.extra["cuda_graphs"] = "not captured: no single symbolic token dimension to bucket"
+        return runner
+    inputs, outputs = graph_token_dims(gm, found[0])
+    graph_report.extra["cuda_graphs"] = f"whole step, token buckets {list(buckets)}"
+    return CudaGraphBuckets(runner, inputs, buckets, lambda _: outputs, graph_factory=GRAPH_FACTORY)
+
+
 def inputs_device_type(example_inputs: Sequence[Any]) -> str:
     """The device type most of the graph's tensor inputs live on (`cpu` when there are none)."""
     kinds = Counter(t.device.type for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type != "meta")
@@ -88,12 +110,16 @@ def compile_graph(
     graph_report.nodes_out = count_nodes(gm)
     runner = build_residual(gm, example_inputs, residual_mode)
     plan = gm.meta.get("tileflow_nanobatch")
+    graphs = config.cuda_graphs and (device_type == "cuda" or GRAPH_FACTORY is not None)
+    buckets = config.graph_buckets() if graphs else ()
     if plan is not None:
         from .runtime.nanobatch import NanoBatchRunner
 
         # Debug mode checks every schedule it builds.
-        buckets = config.graph_buckets() if config.cuda_graphs and device_type == "cuda" else ()
-        runner = NanoBatchRunner(gm, plan, runner, check=bool(config.debug_dir), graph_buckets=buckets)
+        runner = NanoBatchRunner(gm, plan, runner, check=bool(config.debug_dir), graph_buckets=buckets,
+                                 graph_factory=GRAPH_FACTORY)
+    elif buckets:
+        runner = graphed_step(gm, runner, buckets, graph_report)
     report.add_graph(graph_report, recompile=recompile)
     if config.debug_dir:
         _write_reports(Path(config.debug_dir), graph_report, report)

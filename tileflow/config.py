@@ -44,10 +44,10 @@ class Config:
         tile_timings: path of a JSON file of per-tile times measured on the device
             (`python bench/gemm.py --measure-tiles FILE`); they replace the cost model's
             estimates for the configs, shapes and device they were measured for.
-        cuda_graphs: on CUDA, capture each nano-batched step once per token bucket (powers of
-            two from 16 up to `max_tokens`) and input signature as a CUDA graph and replay it;
-            in a serving program (`build_stage_program`), each dense stage between two
-            attentions. Off by default until it has run on a GPU.
+        cuda_graphs: on CUDA, capture each compiled step (nano-batched or whole) once per token
+            bucket (powers of two from 16 up to `max_tokens`) and input signature as a CUDA
+            graph and replay it; in a serving program (`build_stage_program`), each dense stage
+            between two attentions. Off by default until it has run on a GPU.
     """
 
     target: str = "auto"

@@ -8,6 +8,7 @@ halves, and allocate the output, so that each backend only moves pointers and st
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,15 @@ def _check_x(where: str, x: Any, k: int) -> None:
         raise ValueError(f"{where}: x must be a 2-D [M, K={k}] tensor, got {got}")
 
 
+@functools.lru_cache(maxsize=512)
+def _gemm_layout(spec: KernelSpec) -> tuple[int, int, bool, torch.dtype, torch.dtype, frozenset, str]:
+    """What `gemm_operands` checks a launch of `spec` against, worked out once per spec:
+    (n, k, swiglu, in dtype, out dtype, dtypes a side operand may have, where)."""
+    n, k = gemm_dims(spec)
+    in_dtype, out_dtype = getattr(torch, spec.dtype), getattr(torch, spec.out_dtype)
+    return n, k, "swiglu" in spec.epilogue, in_dtype, out_dtype, frozenset({in_dtype, out_dtype}), f"kernel {spec.name}"
+
+
 def gemm_operands(
     spec: KernelSpec,
     x: Any,
@@ -77,13 +87,9 @@ def gemm_operands(
     are given exactly when the epilogue has them, in the spec dtype or out_dtype; `out`, when
     given, is [M, N] of out_dtype.
     """
-    n, k = gemm_dims(spec)
+    n, k, swiglu, in_dtype, out_dtype, side_dtypes, where = _gemm_layout(spec)
     ep = spec.epilogue
-    swiglu = "swiglu" in ep
-    in_dtype, out_dtype = getattr(torch, spec.dtype), getattr(torch, spec.out_dtype)
-    side_dtypes = {in_dtype, out_dtype}
     w_rows = 2 * n if swiglu else n
-    where = f"kernel {spec.name}"
 
     _check_x(where, x, k)
     m, device = x.shape[0], x.device

@@ -19,6 +19,14 @@ def meta_val(node: Any) -> Any:
     return node
 
 
+def token_dim(value: Any, token: Any) -> int | None:
+    """The dim of a tensor whose size is exactly the token symbol, or None."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    dims = [i for i, s in enumerate(value.shape) if isinstance(s, torch.SymInt) and s.node.expr == token]
+    return dims[0] if len(dims) == 1 else None
+
+
 def fake_mode_of(gm: fx.GraphModule) -> Any:
     """The FakeTensorMode the graph's metadata was traced under (None if it has none)."""
     from torch._guards import detect_fake_mode

@@ -7,6 +7,7 @@ kernel caches, and it serializes to JSON for the report, the archive and the vis
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -92,7 +93,7 @@ class KernelSpec:
         """Value of one static parameter."""
         return dict(self.params).get(key, default)
 
-    @property
+    @functools.cached_property  # hot: launchers and caches ask for it on every call
     def name(self) -> str:
         """Readable kernel name, stable across runs (used for files and reports)."""
         parts = [f"tileflow_{self.op}", self.dtype]

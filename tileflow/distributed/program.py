@@ -14,6 +14,7 @@ from ..config import Config
 from ..pipeline import PassContext, PassManager
 from ..report import GraphReport
 from ..residual import resolve_residual
+from ..runtime.streams import graph_token_dims
 from .layout import Layout
 from .transport import Transport
 
@@ -83,12 +84,12 @@ def build_stage_program(
     graphed = config.cuda_graphs and (device_type == "cuda" or graph_factory is not None)
     token = _token_symbol(program)
     for stage in program.dense:
-        dims = _stage_token_dims(stage.module, token) if graphed else None
+        dims = graph_token_dims(stage.module, token) if graphed else None
         if resolve_residual(config.residual, device_type) == "inductor":
             stage.module = torch.compile(stage.module, dynamic=True)
         if dims is not None:
             buckets = [b for b in config.graph_buckets() if b <= MAX_GRAPHED_TOKENS]
-            stage.module = GraphedStage(stage, program.constants, *dims, buckets, graph_factory)
+            stage.module = GraphedStage(stage, program.constants, dims[0], list(dims[1]), buckets, graph_factory)
     program.cuda_graphs = graphed
     return program
 
@@ -135,24 +136,6 @@ def _token_symbol(program: Any) -> Any:
         if src.kind == "input" and src.index == 0:
             return node.meta["val"].shape[1].node.expr
     raise ValueError("the first dense stage does not read the program's input_ids")
-
-
-def _stage_token_dims(gm: Any, token: Any) -> tuple[list[Any], list[Any]]:
-    """Per input and per output of a stage's GraphModule: its token dim, `TOKEN_COUNT` when it is
-    the token count itself, or None."""
-    from tileflow.passes.nanobatch import token_dim
-
-    from ..runtime.streams import TOKEN_COUNT
-
-    def dim_of(value: Any) -> Any:
-        if isinstance(value, torch.SymInt) and value.node.expr == token:
-            return TOKEN_COUNT
-        return token_dim(value, token)
-
-    inputs = [dim_of(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
-    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
-    outputs = [dim_of(a.meta.get("val")) if isinstance(a, torch.fx.Node) else None for a in output.args[0]]
-    return inputs, outputs
 
 
 def init_distributed(

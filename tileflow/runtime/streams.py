@@ -286,6 +286,25 @@ class _Captured:
     kept_alive: list[Any]
 
 
+def graph_token_dims(gm: Any, token: Any) -> tuple[list[Any], Any]:
+    """What `CudaGraphBuckets` needs to know of a graph run as a step: per input (placeholder)
+    and per output (a pytree like the graph's outputs), its token dim, `TOKEN_COUNT` when it is
+    the token count `token` itself (a symbolic size), or None."""
+    import torch.fx as fx
+
+    from ..graph_utils import token_dim
+
+    def dim_of(value: Any) -> Any:
+        if isinstance(value, torch.SymInt) and value.node.expr == token:
+            return TOKEN_COUNT
+        return token_dim(value, token)
+
+    inputs = [dim_of(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    outputs = fx.node.map_aggregate(output.args[0], lambda a: dim_of(a.meta.get("val")) if isinstance(a, fx.Node) else None)
+    return inputs, outputs
+
+
 class CudaGraphBuckets:
     """Run `step` through captured graphs, one per token bucket and input signature.
 

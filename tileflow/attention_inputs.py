@@ -387,20 +387,22 @@ def bias_ranges(attn_bias: torch.Tensor) -> torch.Tensor:
         if bias.stride(dim) == 0 and bias.shape[dim] > 1:
             bias = bias.narrow(dim, 0, 1)
     if bias.dtype == torch.bool:  # [B', q_len', kv_len]
-        seen, plain = bias.any(dim=1), bias.all(dim=1)
+        seen, plain = (bias[:, 0], bias[:, 0]) if bias.shape[1] == 1 else (bias.any(dim=1), bias.all(dim=1))
     else:
-        seen = (bias > float("-inf")).any(dim=1)
-        plain = (bias == 0).all(dim=1)
+        seen, plain = bias > float("-inf"), bias == 0
+        seen, plain = (seen[:, 0], plain[:, 0]) if bias.shape[1] == 1 else (seen.any(dim=1), plain.all(dim=1))
     if kv_len == 0:
         shape = (*seen.shape[:2], 1)
         zero = torch.zeros(shape, dtype=torch.int32, device=bias.device)
         return torch.cat([zero, zero, zero, zero], dim=2)
-    any_seen = seen.any(dim=2)
-    # argmax returns the first maximal index: the first True.
-    lo = torch.where(any_seen, seen.to(torch.uint8).argmax(dim=2), kv_len)
-    hi = torch.where(any_seen, kv_len - seen.flip(2).to(torch.uint8).argmax(dim=2), 0)
-    full_lo = torch.where(plain.any(dim=2), plain.to(torch.uint8).argmax(dim=2), kv_len)
+    # max over bools gives whether any key is True and, documented, the index of the first True.
+    any_seen, lo = seen.max(dim=2)
+    _, last = seen.flip(2).max(dim=2)
+    any_plain, full_lo = plain.max(dim=2)
+    full_lo = torch.where(any_plain, full_lo, kv_len)
     keys = torch.arange(kv_len, device=bias.device)
-    past_run = ~plain & (keys >= full_lo[..., None])
-    full_hi = torch.where(past_run.any(dim=2), past_run.to(torch.uint8).argmax(dim=2), kv_len)
+    any_past, full_hi = ((keys >= full_lo[..., None]) & ~plain).max(dim=2)
+    full_hi = torch.where(any_past, full_hi, kv_len)
+    lo = torch.where(any_seen, lo, kv_len)
+    hi = torch.where(any_seen, kv_len - last, 0)
     return torch.stack([lo, full_lo, full_hi, hi], dim=2).to(torch.int32)

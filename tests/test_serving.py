@@ -291,6 +291,11 @@ def test_graphed_stages_generate_the_same_tokens(max_draft: int) -> None:
     assert program.dense[0].module.graphs.buckets == [16, 32, 64, 128, 256, 512]  # none past 512 tokens
     assert program.cuda_graphs and all(type(s.module).__name__ == "GraphedStage" for s in program.dense)
     gen = torch.Generator().manual_seed(30 + max_draft)
+    # A one-token prompt alone first: the 16-token bucket is captured from 1-row inputs, whose
+    # size-1 token dim must still get the layout the stage views it in.
+    first = Request(9, [5], 3)
+    ServingEngine(program, token_budget=24, decode_slots=3, block_size=4, num_blocks=64).run([first])
+    assert first.tokens[1:] == _eager_greedy(reference, [5], 3)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (9, 21, 4)]
     engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4, num_blocks=64)
     requests = [Request(i, p, 8) for i, p in enumerate(prompts)]

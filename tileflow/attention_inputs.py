@@ -361,9 +361,9 @@ def bias_ranges(attn_bias: torch.Tensor) -> torch.Tensor:
     the hidden blocks and run the blocks it leaves untouched without reading it.
 
     For `attn_bias` float ``[B, H, q_len, kv_len]`` (or a bool mask, True = seen with nothing
-    added; any dim may be 1, or broadcast with stride 0), returns int32 ``[B', q_len', 4]`` (B' and q_len' are 1 where the bias does not vary
-    along them) holding, per sequence and query row, key positions ``(lo, full_lo, full_hi,
-    hi)`` over all heads:
+    added; any dim may be 1, or broadcast with stride 0), returns int32 ``[B', q_len', 4]`` (B'
+    and q_len' are 1 where the bias does not vary along them) holding, per sequence and query
+    row, key positions ``(lo, full_lo, full_hi, hi)`` over all heads:
 
     - every key some head sees (bias > -inf) lies in ``[lo, hi)``; a row that sees no key has
       ``lo = kv_len, hi = 0``;

@@ -464,8 +464,7 @@ def model_masks(b: int, s: int, gen: torch.Generator) -> dict[str, torch.Tensor]
     holes = causal.clone()
     holes[:, [3, 40]] = inf  # a zero run cut by hidden keys: only the first run is plain
     soft = torch.where(causal == 0, 0.5 * torch.randn(s, s, generator=gen), causal)
-    soft[:, 10:30] = 0.0  # a plain run in the middle of a nonzero bias
-    soft = soft.triu(0) + soft.tril(-1)
+    soft[:, 10:30] = 0.0  # a plain run in the middle of a nonzero bias (future keys too, for rows < 10)
     per_head = torch.stack([causal, window, holes, causal])  # per query head: ranges cover all
     hidden_rows = causal.clone()
     hidden_rows[[0, 7, 33]] = inf  # rows that see no key output zeros

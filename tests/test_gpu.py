@@ -104,8 +104,6 @@ def test_serving_engine_on_the_gpu_generates_eager_tokens() -> None:
     reference = copy.deepcopy(model)
     reference.config._attn_implementation = "sdpa"
     example = (torch.zeros(1, 4, dtype=torch.long, device="cuda"), torch.arange(4, device="cuda")[None])
-    import tileflow
-
     program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
     graphed = build_stage_program(CausalLMStep(copy.deepcopy(model)), example, max_tokens=256,
                                   config=tileflow.Config(cuda_graphs=True))

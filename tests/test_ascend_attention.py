@@ -413,6 +413,28 @@ def test_bias_launch_validation(kernels: dict[KernelSpec, Any]) -> None:
         kernels[FP32_WINDOW](*args, table, sliding_window=3, attn_bias=torch.zeros(1, 4, 2, 5))
 
 
+def test_bias_ranges_narrow_the_ascend_tasks(kernels: dict[KernelSpec, Any]) -> None:
+    """The kernel narrows each task to the keys its bias ranges say the tile's rows see: a
+    prompt with a causal mask as its bias matches the reference, and ranges ending early drop
+    the keys past them (so the kernel does read them)."""
+    from tileflow.attention_inputs import bias_ranges
+
+    batch = exact_batch([(20, 20)], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8,
+                        dtype=torch.float16, seed=9)
+    bias = torch.full((20, 20), float("-inf")).triu(1)[None, None]
+    table = build_task_table(batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=4, num_kv_heads=2,
+                             block_q=3, num_programs=2, causal=False)
+    args = [batch[k] for k in ARGS]
+    want = attention_reference_dense(*args, causal=False, attn_bias=bias)
+    got = kernels[BIAS_FP16](*args, table, attn_bias=bias)
+    assert_close(got, want, "float16", "causal mask as a bias")
+    short = bias_ranges(bias)
+    short[..., 3] = short[..., 3].clamp(max=6)  # every row's keys end at 6
+    cut = kernels[BIAS_FP16](*args, table, attn_bias=bias, attn_bias_ranges=short)
+    assert_close(cut[:6], want[:6], "float16", "rows that see keys 0-5 only")
+    assert (cut[6:].float() - want[6:].float()).abs().max() > 1e-2
+
+
 class _Logits(torch.nn.Module):
     """input_ids -> logits of a transformers causal LM (what `tileflow export` exports)."""
 

@@ -32,7 +32,9 @@ its bias), and a ``-inf`` entry hides a key, so a row the bias hides entirely ou
 chunk arrives as one `DataCopyPad` per tile row, issued before the scores are computed (the
 copy overlaps the cube's ``Q K^T``). The launcher passes the bias in place when it is float32
 with contiguous keys (broadcast dims are stride 0: element strides ride in the tiling) and a
-compact float32 copy otherwise.
+compact float32 copy otherwise. With the bias come its per-row ranges (``attn_bias_ranges``,
+`tileflow.attention_inputs.bias_ranges`): each task's KV range is narrowed to the keys some row
+of its tile sees, so the chunks a causal mask hides are never loaded.
 
 The kernel picks a pipeline per task at run time (XY-Serve's three):
 
@@ -374,7 +376,7 @@ def attention_entries(spec: KernelSpec) -> tuple[EntryPoint, EntryPoint]:
     if layout.tree:
         main.append("tree_mask")
     if layout.bias:
-        main.append("attn_bias")
+        main += ["attn_bias", "attn_bias_ranges"]
     main += ["out", "partial_out", "partial_lse", "workspace", "tiling"]
     return (
         EntryPoint(ident, tuple(main), outputs=("out", "partial_out", "partial_lse", "workspace")),
@@ -428,8 +430,9 @@ _BIAS_FIELDS = (
     "    int32_t biasStrideHead;  //   + head * biasStrideHead + q_index * biasStrideRow (elements,\n"
     "    int32_t biasStrideRow;   //   0 on a broadcast dim); its keys are contiguous\n"
     "    int32_t biasElems;       // attn_bias elements the kernel may address\n"
+    "    int32_t rangeRows;       // attn_bias_ranges: int32 [numSeqs, rangeRows, 4], dense\n"
 )
-_BIAS_NAMES = ("biasStrideSeq", "biasStrideHead", "biasStrideRow", "biasElems")
+_BIAS_NAMES = ("biasStrideSeq", "biasStrideHead", "biasStrideRow", "biasElems", "rangeRows")
 
 
 def _tiling_header(spec: KernelSpec, layout: AttentionLayout, ident: str) -> str:
@@ -649,7 +652,7 @@ private:
         t.firstToken = seqBegin + t.qStart;
         t.newStart = seqlensKvGm.GetValue(t.seq) - numNew;  // the new tokens are the last numNew positions
         t.treeApplies = ${tree_applies};
-        return t;
+${bias_clip}        return t;
     }
 
     __aicore__ inline void RunTask(const Task& t)
@@ -1086,14 +1089,17 @@ def _bias_code(layout: AttentionLayout) -> dict[str, str]:
     """The kernel template's bias substitutions: all empty without a bias, so a spec without one
     emits exactly the code it did before the bias path existed."""
     names = ("bias_init", "bias_load_decode", "bias_load_single", "bias_load_multi",
-             "bias_add_call", "bias_functions", "bias_member")
+             "bias_add_call", "bias_functions", "bias_member", "bias_clip")
     if not layout.bias:
         return dict.fromkeys(names, "")
     return {
         "bias_init": (
-            "        // The model's additive bias (float): see LoadBiasChunk.\n"
+            "        // The model's additive bias (float): see LoadBiasChunk; and its per-row ranges.\n"
             "        biasGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(attn_bias), uint64_t(t.biasElems));\n"
+            "        rangesGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(attn_bias_ranges),\n"
+            "                                 uint64_t(t.numSeqs) * t.rangeRows * 4);\n"
         ),
+        "bias_clip": _BIAS_CLIP,
         "bias_load_decode": _bias_load(12, "pos", "queued behind K and V on MTE2"),
         "bias_load_single": _bias_load(8, "t.kvStart", "MTE2, overlaps the cube's Q K^T"),
         "bias_load_multi": _bias_load(12, "pos", "MTE2, overlaps the cube's Q K^T"),
@@ -1101,8 +1107,25 @@ def _bias_code(layout: AttentionLayout) -> dict[str, str]:
         # where its bias is NaN or +inf), as in the reference backend.
         "bias_add_call": "        AddBias(t, scores, chunkLen);  // before the mask, which overrides it\n",
         "bias_functions": _BIAS_FUNCTIONS,
-        "bias_member": "    GlobalTensor<float> biasGm;\n",
+        "bias_member": "    GlobalTensor<float> biasGm;\n    GlobalTensor<int32_t> rangesGm;\n",
     }
+
+
+# The task's KV range narrowed to the keys some row of its tile sees (tileflow's bias_ranges:
+# (lo, full_lo, full_hi, hi) per query row); chunks the bias hides from every row are skipped.
+_BIAS_CLIP = """\
+        int32_t seenLo = t.kvEnd;
+        int32_t seenHi = t.kvStart;
+        for (int32_t i = 0; i < t.qRows; ++i) {
+            const uint64_t at = (uint64_t(t.seq) * tiling.rangeRows + uint64_t(t.qStart + i)) * 4;
+            const int32_t lo = rangesGm.GetValue(at);
+            const int32_t hi = rangesGm.GetValue(at + 3);
+            seenLo = lo < seenLo ? lo : seenLo;
+            seenHi = hi > seenHi ? hi : seenHi;
+        }
+        t.kvStart = seenLo > t.kvStart ? seenLo : t.kvStart;
+        t.kvEnd = seenHi < t.kvEnd ? seenHi : t.kvEnd;
+"""
 
 
 _BIAS_FUNCTIONS = """
@@ -1531,13 +1554,13 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
         attn_bias: torch.Tensor | None = None,
         attn_bias_ranges: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run meta-attention for the batch described by `table`; returns `out`.
-        `attn_bias_ranges` are validated; the kernel reads every chunk's bias (it does not
-        skip the blocks they hide yet)."""
+        """Run meta-attention for the batch described by `table`; returns `out`. With a bias,
+        each task's KV range is narrowed to the keys its `attn_bias_ranges` (computed when not
+        given) say some row of the tile sees."""
         inputs = check_launch_inputs(
             layout.params, spec.dtype, where, q, k_cache, v_cache, block_table, cu_seqlens_q,
             seqlens_kv, table, tree_mask=tree_mask, sliding_window=sliding_window, out=out,
-            attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges,
+            attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges, need_bias_ranges=True,
         )
         out = inputs.out
         if inputs.nothing_to_do:
@@ -1549,9 +1572,11 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
         tree = inputs.tree_mask
         tree_size = 0 if tree is None else tree.shape[1]
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-        bias, bias_tiling = None, ()
+        bias, bias_tiling, ranges = None, (), None
         if inputs.attn_bias is not None:
             bias, bias_tiling = _bias_operand(inputs.attn_bias, _bias_extent(table, inputs), where)
+            ranges = inputs.bias_ranges.contiguous()  # [S, q rows, 4], a few bytes per row
+            bias_tiling = (*bias_tiling, ranges.shape[1])
 
         tiling = _host_tiling(host_call, ident, where, (
             inputs.num_seqs, q.shape[1], k_cache.shape[2], k_cache.shape[1],
@@ -1575,6 +1600,7 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
             # bool is one byte per element: the kernel reads it as uint8 (no copy for a dense mask).
             "tree_mask": None if tree is None else tree.contiguous().view(torch.uint8),
             "attn_bias": bias,
+            "attn_bias_ranges": ranges,
             "out": dense_out,
             "partial_out": torch.empty((slots, layout.rows, d), dtype=torch.float32, device=device),
             "partial_lse": torch.empty((slots, layout.rows), dtype=torch.float32, device=device),

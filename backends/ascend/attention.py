@@ -353,7 +353,8 @@ def task_pipeline(task: Sequence[int], block_kv: int, block_size: int) -> str:
     """Which pipeline the kernel runs for one task-table row: "2-stage", "3-stage" or "4-stage".
 
     Mirrors the kernel's run-time choice: one query position -> 2-stage (decode); a KV range that
-    is a single chunk (no longer than block_kv and inside one page) -> 3-stage; else 4-stage.
+    is a single chunk (no longer than block_kv and inside one page) -> 3-stage; else 4-stage. (A
+    bias kernel first narrows the range to its bias ranges, which this row does not show.)
     """
     q_rows, kv_start, kv_end = task[3], task[4], task[5]
     if q_rows == 1:

@@ -181,10 +181,10 @@ SWEEP_DECODE = [(2, bkv, 4, st, pps) for bkv in (64, 128) for st in (3, 4) for p
 def model_mask_methods(s: int, *, device, dtype):
     """Dense causal attention of one s-token prompt the way a compiled transformers model runs
     it: its causal mask materialized as an additive float bias [1, 1, s, s] (transformers builds
-    it under torch.compile). Returns (q, k, v, mask) and {method: fn()}: tileflow's dense op
-    as the attention pass emits it (the bias, and its ranges computed once per model for every
+    it under torch.compile). Returns ({method: fn()}, ranges()): the methods are tileflow's dense
+    op as the attention pass emits it (the bias, and its ranges computed once per model for every
     layer), the same with `causal=True`, SDPA with the bias (the efficient-attention kernel
-    Inductor runs) and SDPA `is_causal` (flash); and the once-per-model ranges alone."""
+    Inductor runs) and SDPA `is_causal` (flash); `ranges()` computes the once-per-model ranges."""
     import torch
     import torch.nn.functional as F
 
@@ -201,7 +201,7 @@ def model_mask_methods(s: int, *, device, dtype):
         "SDPA, mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
         "SDPA, is_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
     }
-    return (q, k, v, mask), methods, lambda: tileflow.ops.attention_mask_ranges(mask)
+    return methods, lambda: tileflow.ops.attention_mask_ranges(mask)
 
 
 def sweep_configs(batches, *, device, dtype, time_ms, check_tol):
@@ -277,7 +277,7 @@ def smoke() -> int:
             return 1
     # The model-mask rows' methods: a causal mask given as a bias, against SDPA is_causal.
     with tileflow.use_config(tileflow.Config(target="triton")):
-        _, methods, _ = model_mask_methods(40, device="cpu", dtype=torch.float32)
+        methods, _ = model_mask_methods(40, device="cpu", dtype=torch.float32)
         want = methods["SDPA, is_causal"]()
         for name, fn in methods.items():
             err = rel_err(fn(), want)
@@ -374,7 +374,7 @@ def run_gpu(quick: bool, write: bool) -> int:
     mask_rows = []
     for s in ([4096, 8192] if not quick else [2048]):
         with tileflow.use_config(config):
-            _, methods, mask_ranges = model_mask_methods(s, device="cuda", dtype=dtype)
+            methods, mask_ranges = model_mask_methods(s, device="cuda", dtype=dtype)
             want = methods["SDPA, is_causal"]().float()
             flops = 4 * s * s * D * HQ / 2  # the causal half
             times = {}

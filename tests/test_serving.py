@@ -246,29 +246,8 @@ def test_nano_batched_steps_generate_the_same_tokens(llama_program, nano_batches
         ServingEngine(program, nano_batches=0)
 
 
-class _ReplayOnCpu:
-    """A captured graph's behaviour on the CPU: fixed output tensors that each replay overwrites,
-    computed from whatever the static inputs hold at replay time. Counts captures and replays."""
-
-    captures = 0
-    replays = 0
-
-    def capture(self, fn):
-        type(self).captures += 1
-        self.fn = fn
-        self.outputs = fn()
-        return self.outputs
-
-    def replay(self) -> None:
-        type(self).replays += 1
-        fresh = torch.utils._pytree.tree_leaves(self.fn())
-        for static, new in zip(torch.utils._pytree.tree_leaves(self.outputs), fresh):
-            if isinstance(static, torch.Tensor):
-                static.copy_(new)
-
-
 @pytest.mark.parametrize("max_draft", [0, 3])
-def test_graphed_stages_generate_the_same_tokens(max_draft: int) -> None:
+def test_graphed_stages_generate_the_same_tokens(monkeypatch: pytest.MonkeyPatch, max_draft: int) -> None:
     """Dense stages replayed from per-bucket graphs (`Config.cuda_graphs`; a CPU stand-in for
     CUDA graphs here): steps of 1-24 real tokens run in 16- and 32-token buckets whose padding
     rows never reach the real ones, the attention in between runs over the real tokens, and the
@@ -276,6 +255,8 @@ def test_graphed_stages_generate_the_same_tokens(max_draft: int) -> None:
     import transformers
 
     import tileflow
+    import tileflow.runtime.streams
+    from graph_doubles import ReplayOnCpu
     from tileflow.distributed import CausalLMStep, build_stage_program
 
     torch.manual_seed(0)
@@ -285,9 +266,10 @@ def test_graphed_stages_generate_the_same_tokens(max_draft: int) -> None:
     reference = copy.deepcopy(model)
     reference.config._attn_implementation = "sdpa"
     example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
-    _ReplayOnCpu.captures = _ReplayOnCpu.replays = 0
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    ReplayOnCpu.captures = ReplayOnCpu.replays = 0
     program = build_stage_program(CausalLMStep(model), example, max_tokens=1024,
-                                  config=tileflow.Config(cuda_graphs=True), graph_factory=_ReplayOnCpu)
+                                  config=tileflow.Config(cuda_graphs=True))
     assert program.dense[0].module.graphs.buckets == [16, 32, 64, 128, 256, 512]  # none past 512 tokens
     assert program.cuda_graphs and all(type(s.module).__name__ == "GraphedStage" for s in program.dense)
     gen = torch.Generator().manual_seed(30 + max_draft)
@@ -306,7 +288,7 @@ def test_graphed_stages_generate_the_same_tokens(max_draft: int) -> None:
     buckets = {b for stage in program.dense for (b, *_) in stage.module.graphs._graphs}
     assert buckets <= {16, 32} and 16 in buckets
     # Graphs are captured once per bucket and stage, then replayed on the later steps.
-    assert _ReplayOnCpu.captures == sum(len(s.module.graphs._graphs) for s in program.dense)
-    assert _ReplayOnCpu.replays > _ReplayOnCpu.captures
+    assert ReplayOnCpu.captures == sum(len(s.module.graphs._graphs) for s in program.dense)
+    assert ReplayOnCpu.replays > ReplayOnCpu.captures
     with pytest.raises(ValueError, match="CUDA graphs one at a time"):
         ServingEngine(program, nano_batches=2)

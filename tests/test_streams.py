@@ -22,24 +22,10 @@ from tileflow.runtime.attention import attention_programs
 from tileflow.runtime.streams import CudaGraphBuckets, SimulatedStreams, grid_share, programs_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graph_doubles import ReplayOnCpu  # noqa: E402
 from models import VOCAB, build  # noqa: E402
 
 PASSES = ("canonicalize", "attention", "gemm_padding", "nanobatch")
-
-
-class ReplayOnCpu:
-    """A captured graph's behaviour on the CPU: outputs live in fixed tensors that each replay
-    overwrites, computed from whatever the static inputs hold at replay time."""
-
-    def capture(self, fn):
-        self.fn = fn
-        self.outputs = fn()
-        return self.outputs
-
-    def replay(self) -> None:
-        fresh = torch.utils._pytree.tree_leaves(self.fn())
-        for static, new in zip(torch.utils._pytree.tree_leaves(self.outputs), fresh):
-            static.copy_(new)
 
 
 def _compile(model: torch.nn.Module, k: int) -> torch.nn.Module:
@@ -236,16 +222,10 @@ def test_cuda_graphs_capture_a_whole_step_without_nano_batches(monkeypatch: pyte
     """`cuda_graphs=True` with the default passes (no nano-batch split): the whole compiled step
     is replayed from one graph per token bucket (a CPU stand-in here), padded rows cut, outputs
     equal eager at every length, and the report says so."""
-    import tileflow.compiler
+    import tileflow.runtime.streams
 
-    class Counting(ReplayOnCpu):
-        captures = 0
-
-        def capture(self, fn):
-            type(self).captures += 1
-            return super().capture(fn)
-
-    monkeypatch.setattr(tileflow.compiler, "GRAPH_FACTORY", Counting)
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    ReplayOnCpu.captures = 0
     torch.manual_seed(3)
     model = build("llama")
     report = tileflow.Report()
@@ -256,5 +236,5 @@ def test_cuda_graphs_capture_a_whole_step_without_nano_batches(monkeypatch: pyte
         with torch.no_grad():
             torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
                                        rtol=1e-5, atol=1e-5)
-    assert Counting.captures == 2  # the 16- and 32-token buckets; 40 tokens ran uncaptured
+    assert ReplayOnCpu.captures == 2  # the 16- and 32-token buckets; 40 tokens ran uncaptured
     assert [g.extra.get("cuda_graphs") for g in report.graphs] == ["whole step, token buckets [16, 32]"]

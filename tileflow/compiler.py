@@ -22,14 +22,11 @@ from .lower import lower_graph
 from .pipeline import PassContext, PassManager
 from .report import GraphReport, Report
 from .residual import build_residual, resolve_residual
+from .runtime import streams
 from .targets import resolve_target
 
 log = get_logger("compiler")
 _GRAPH_IDS = itertools.count()
-
-
-# What captures a step's graphs: None is CUDA graphs; tests set a CPU stand-in.
-GRAPH_FACTORY: Callable[[], Any] | None = None
 
 
 def graphed_step(gm: fx.GraphModule, runner: Callable[..., Any], buckets: Sequence[int],
@@ -47,7 +44,7 @@ def graphed_step(gm: fx.GraphModule, runner: Callable[..., Any], buckets: Sequen
         return runner
     inputs, outputs = graph_token_dims(gm, found[0])
     graph_report.extra["cuda_graphs"] = f"whole step, token buckets {list(buckets)}"
-    return CudaGraphBuckets(runner, inputs, buckets, lambda _: outputs, graph_factory=GRAPH_FACTORY)
+    return CudaGraphBuckets(runner, inputs, buckets, lambda _: outputs)
 
 
 def inputs_device_type(example_inputs: Sequence[Any]) -> str:
@@ -110,14 +107,13 @@ def compile_graph(
     graph_report.nodes_out = count_nodes(gm)
     runner = build_residual(gm, example_inputs, residual_mode)
     plan = gm.meta.get("tileflow_nanobatch")
-    graphs = config.cuda_graphs and (device_type == "cuda" or GRAPH_FACTORY is not None)
-    buckets = config.graph_buckets() if graphs else ()
+    buckets = config.graph_buckets() if streams.graphs_apply(config.cuda_graphs, device_type) else ()
     if plan is not None:
         from .runtime.nanobatch import NanoBatchRunner
 
         # Debug mode checks every schedule it builds.
         runner = NanoBatchRunner(gm, plan, runner, check=bool(config.debug_dir), graph_buckets=buckets,
-                                 graph_factory=GRAPH_FACTORY)
+                                 graph_factory=streams.GRAPH_FACTORY)
     elif buckets:
         runner = graphed_step(gm, runner, buckets, graph_report)
     report.add_graph(graph_report, recompile=recompile)

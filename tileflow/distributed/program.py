@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -14,7 +14,7 @@ from ..config import Config
 from ..pipeline import PassContext, PassManager
 from ..report import GraphReport
 from ..residual import resolve_residual
-from ..runtime.streams import graph_token_dims
+from ..runtime.streams import graph_token_dims, graphs_apply
 from .layout import Layout
 from .transport import Transport
 
@@ -47,7 +47,6 @@ def build_stage_program(
     max_tokens: int = 4096,
     config: Config | None = None,
     report: GraphReport | None = None,
-    graph_factory: Callable[[], Any] | None = None,
 ) -> Any:
     """Export `step(*inputs)` with the token dimension (dim 1 of every input) dynamic in
     [1, max_tokens], run tileflow's passes plus `disaggregate`, and split it into a `StageProgram`.
@@ -56,14 +55,14 @@ def build_stage_program(
     tileflow's kernels opaque calls in them and every token count on one compiled graph; as
     eager FX elsewhere), like the graph left after the passes of `backend="tileflow"`. With
     `config.cuda_graphs` on CUDA each dense stage is replayed from CUDA graphs, one per token
-    bucket up to `MAX_GRAPHED_TOKENS` (`GraphedStage`; `graph_factory` stands in for CUDA graphs
-    in tests, on any device).
+    bucket up to `MAX_GRAPHED_TOKENS` (`GraphedStage`).
 
     The step must pack its tokens into one row and use causal attention without a mask tensor
     (for transformers models: `attn_implementation="tileflow_causal"`); otherwise the pass leaves
     it whole and this raises with the pass's reason.
     """
     from tileflow.passes.disaggregate import split_stages
+    from tileflow.passes.nanobatch import token_symbol
 
     config = config or Config()
     passes = tuple(p for p in config.passes if p != "disaggregate") + ("disaggregate",)
@@ -81,15 +80,15 @@ def build_stage_program(
         raise ValueError(f"the step cannot be disaggregated: {reasons}")
     program = split_stages(graph.gm)
     device_type = next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
-    graphed = config.cuda_graphs and (device_type == "cuda" or graph_factory is not None)
-    token = _token_symbol(program)
+    graphed = graphs_apply(config.cuda_graphs, device_type)
     for stage in program.dense:
-        dims = graph_token_dims(stage.module, token) if graphed else None
+        # Every stage's sizes are the one token count (the export's only dynamic dim).
+        dims = graph_token_dims(stage.module, token_symbol(stage.module)[0]) if graphed else None
         if resolve_residual(config.residual, device_type) == "inductor":
             stage.module = torch.compile(stage.module, dynamic=True)
         if dims is not None:
             buckets = [b for b in config.graph_buckets() if b <= MAX_GRAPHED_TOKENS]
-            stage.module = GraphedStage(stage, program.constants, dims[0], list(dims[1]), buckets, graph_factory)
+            stage.module = GraphedStage(stage, program.constants, dims[0], list(dims[1]), buckets)
     program.cuda_graphs = graphed
     return program
 
@@ -110,7 +109,7 @@ class GraphedStage:
     outputs it returns (`tileflow.runtime.streams.CudaGraphBuckets`)."""
 
     def __init__(self, stage: Any, constants: Sequence[Any], input_dims: list[Any], output_dims: list[Any],
-                 buckets: Sequence[int], graph_factory: Callable[[], Any] | None) -> None:
+                 buckets: Sequence[int]) -> None:
         from ..runtime.streams import CudaGraphBuckets
 
         self.module = stage.module
@@ -118,8 +117,7 @@ class GraphedStage:
         self._fixed = {i: constants[src.index] for i, src in enumerate(stage.inputs) if src.kind == "constant"}
         self._arity = len(stage.inputs)
         dynamic_dims = [d for i, d in enumerate(input_dims) if i not in self._fixed]
-        self.graphs = CudaGraphBuckets(self._run, dynamic_dims, buckets, lambda outputs: list(output_dims),
-                                       graph_factory=graph_factory)
+        self.graphs = CudaGraphBuckets(self._run, dynamic_dims, buckets, lambda outputs: list(output_dims))
 
     def _run(self, *dynamic: Any) -> Any:
         values = iter(dynamic)
@@ -127,15 +125,6 @@ class GraphedStage:
 
     def __call__(self, *args: Any) -> Any:
         return self.graphs(*[a for i, a in enumerate(args) if i not in self._fixed])
-
-
-def _token_symbol(program: Any) -> Any:
-    """The token count's symbol: dim 1 of the program's first input, as the first stage sees it."""
-    first = program.dense[0]
-    for src, node in zip(first.inputs, (n for n in first.module.graph.nodes if n.op == "placeholder")):
-        if src.kind == "input" and src.index == 0:
-            return node.meta["val"].shape[1].node.expr
-    raise ValueError("the first dense stage does not read the program's input_ids")
 
 
 def init_distributed(

@@ -286,6 +286,17 @@ class _Captured:
     kept_alive: list[Any]
 
 
+# What captures steps' graphs: None is CUDA graphs, for CUDA tensors only. Tests set a CPU
+# stand-in (an object with `capture(fn)` and `replay()`), which lets graphs apply anywhere.
+GRAPH_FACTORY: Callable[[], Any] | None = None
+
+
+def graphs_apply(enabled: bool, device_type: str) -> bool:
+    """Whether `Config.cuda_graphs` (`enabled`) captures steps on `device_type` tensors: on CUDA,
+    or on any device under a stand-in `GRAPH_FACTORY`."""
+    return enabled and (device_type == "cuda" or GRAPH_FACTORY is not None)
+
+
 def graph_token_dims(gm: Any, token: Any) -> tuple[list[Any], Any]:
     """What `CudaGraphBuckets` needs to know of a graph run as a step: per input (placeholder)
     and per output (a pytree like the graph's outputs), its token dim, `TOKEN_COUNT` when it is
@@ -325,7 +336,8 @@ class CudaGraphBuckets:
     would stay — is never captured (logged once) and runs directly, as do calls above the largest
     bucket and steps whose capture fails. Parameters are referenced, never copied.
 
-    `graph_factory()` returns an object with `capture(fn) -> outputs` and `replay()`; the default
+    `graph_factory()` (default: the module's `GRAPH_FACTORY` when set) returns an object with
+    `capture(fn) -> outputs` and `replay()`; without either, the default
     captures a `torch.cuda.CUDAGraph` (CUDA only), every graph in one memory pool. Tests pass a
     CPU stand-in.
     """
@@ -350,7 +362,7 @@ class CudaGraphBuckets:
         self.output_token_dims = output_token_dims
         self.pad_value = pad_value
         self._pool = None
-        self.graph_factory = graph_factory or self._cuda_graph
+        self.graph_factory = graph_factory or GRAPH_FACTORY or self._cuda_graph
         self._graphs: dict[tuple, _Captured] = {}
         self._failed: set[tuple] = set()
         self.captures = 0

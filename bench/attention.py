@@ -173,9 +173,24 @@ def mixed_lengths(rng: random.Random, budget: int = 4096):
 
 # Kernel configurations the sweep times, per batch kind: (block_q, block_kv, num_warps,
 # num_stages, programs per SM). block_q x GQA rows make a tile (GQA = 8 here).
-SWEEP_PREFILL = [(bq, bkv, w, st, 4) for bq in (8, 16) for bkv in (64, 128) for w in (4, 8) for st in (2, 3)]
+# The first sweep (bench/results/attention_sweep-*-97eab47.md) ranged over block_q 8/16, block_kv
+# 64/128, 4/8 warps and 2/3 stages; these are its leaders and their neighbours (block_kv 32,
+# which keeps 4-warp tiles under 255 registers where Triton 3.9 spills at 64).
+SWEEP_PREFILL = [(16, bkv, w, st, 4) for bkv, w, st in
+                 [(64, 4, 3), (64, 8, 3), (128, 8, 2), (32, 4, 3), (32, 8, 3), (64, 4, 2)]]
 # (A 128-position KV block with 4 stages would need 256 KiB of shared memory: left out.)
-SWEEP_DECODE = [(2, bkv, 4, st, pps) for bkv in (64, 128) for st in (3, 4) for pps in (4, 8) if bkv * st <= 384]
+SWEEP_DECODE = [(2, bkv, 4, st, pps) for bkv, st, pps in [(128, 3, 8), (128, 2, 8), (128, 3, 4), (64, 3, 4), (128, 3, 12)]]
+
+
+def compiled_resources(kernel) -> str:
+    """'registers/spill bytes' of the main Triton kernel behind a tileflow launcher, as the GPU
+    compiler built it ('?' where this Triton keeps them elsewhere)."""
+    jit = getattr(getattr(kernel, "launch", kernel), "kernel", None)
+    try:
+        compiled = [c for caches in jit.device_caches.values() for c in caches[0].values()]
+        return ", ".join(f"{c.n_regs}/{c.n_spills}" for c in compiled) or "?"
+    except (AttributeError, TypeError, IndexError):
+        return "?"
 
 
 def model_mask_methods(s: int, *, device, dtype):
@@ -245,7 +260,8 @@ def sweep_configs(batches, *, device, dtype, time_ms, check_tol):
                 err = rel_err(kernel(*args), want)
                 if not err < check_tol:
                     raise AssertionError(f"relative error {err:.2e} against SDPA")
-                results.append((label, name, time_ms(lambda: kernel(*args)), ""))
+                ms = time_ms(lambda: kernel(*args))
+                results.append((label, f"{name} (regs/spills {compiled_resources(kernel)})", ms, ""))
             except Exception as exc:  # noqa: BLE001 -- a config that does not build or fit is reported
                 results.append((label, name, None, f"{type(exc).__name__}: {str(exc)[:120]}"))
             print(" | ".join(str(c) for c in results[-1]), flush=True)
@@ -297,7 +313,10 @@ def smoke() -> int:
     return 0
 
 
-def run_gpu(quick: bool, write: bool) -> int:
+ATTENTION_PARTS = ("decode", "prefill", "mixed", "mask")
+
+
+def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) -> int:
     import torch
 
     import tileflow
@@ -361,18 +380,18 @@ def run_gpu(quick: bool, write: bool) -> int:
 
     rng = random.Random(0)
     decode = [(64, 1024), (256, 1024), (64, 8192), (128, 32768)] if not quick else [(64, 4096)]
-    for n_seqs, ctx in decode:
+    for n_seqs, ctx in decode if "decode" in parts else ():
         measure(f"decode {n_seqs}x{ctx}", [1] * n_seqs, [ctx] * n_seqs, with_flex)
-    for n_seqs, length in ([(2, 4096), (1, 8192)] if not quick else [(1, 2048)]):
+    for n_seqs, length in ([(2, 4096), (1, 8192)] if not quick else [(1, 2048)]) if "prefill" in parts else ():
         measure(f"prefill {n_seqs}x{length}", [length] * n_seqs, [length] * n_seqs, with_flex)
-    for i in range(3 if not quick else 1):
+    for i in range(3 if not quick else 1) if "mixed" in parts else ():
         q_lens, kv_lens = mixed_lengths(rng)
         measure(f"mixed #{i} (4096-token budget)", q_lens, kv_lens, with_flex)
 
     # A compiled transformers model hands attention its causal mask as a float bias: the dense
     # op, against the kernels Inductor would run, on one prompt.
     mask_rows = []
-    for s in ([4096, 8192] if not quick else [2048]):
+    for s in ([4096, 8192] if not quick else [2048]) if "mask" in parts else ():
         with tileflow.use_config(config):
             methods, mask_ranges = model_mask_methods(s, device="cuda", dtype=dtype)
             want = methods["SDPA, is_causal"]().float()
@@ -396,19 +415,23 @@ def run_gpu(quick: bool, write: bool) -> int:
                          + [f"{times[n] / t:.2f}x" if t and times[n] else "FAIL" for n in ("SDPA, mask", "SDPA, is_causal")])
         print(" | ".join(str(c) for c in mask_rows[-1]), flush=True)
 
-    names = rows[0][0]
-    headers = ["batch", "seqs", "q tokens"] + [f"{n} ms" for n in names] + ["tileflow GB/s (% copy)", "tileflow TFLOP/s"] + [f"{n} / tileflow" for n in names[1:]]
-    body = markdown_table(headers, [r for _, r in rows])
-    body += ("\n\n- times: median of `triton.testing.do_bench`; tileflow includes finding its task table on the host."
-             "\n- tileflow: the serving engine's call (host lengths, no validation on the hot path); tileflow checked op: "
-             "`tileflow.ops.meta_attention_varlen`, which validates the metadata and reads it from the device per call."
-             f"\n- ceilings measured in this run: copy {copy_gbs:.0f} GB/s, bf16 matmul {peak_tflops:.0f} TFLOP/s.")
-    body += ("\n\n## A model's causal mask given as a bias\n\n"
-             + markdown_table(["prompt"] + [f"{n} ms (TFLOP/s)" for n in methods] + ["mask ranges ms (once per model)"]
-                              + ["SDPA, mask / tileflow, mask", "SDPA, is_causal / tileflow, mask"], mask_rows)
-             + "\n\n- dense `[1, 32, S, 128]` attention over 4 KV heads; the mask is the additive float32 causal "
-               "mask a compiled transformers model materializes; tileflow reads it with its ranges, which the "
-               "attention pass computes once per model for every layer (timed apart); TFLOP/s count the causal half")
+    body = ""
+    if rows:
+        names = rows[0][0]
+        headers = (["batch", "seqs", "q tokens"] + [f"{n} ms" for n in names]
+                   + ["tileflow GB/s (% copy)", "tileflow TFLOP/s"] + [f"{n} / tileflow" for n in names[1:]])
+        body += markdown_table(headers, [r for _, r in rows])
+        body += ("\n\n- times: median of `triton.testing.do_bench`; tileflow includes finding its task table on the host."
+                 "\n- tileflow: the serving engine's call (host lengths, no validation on the hot path); tileflow checked op: "
+                 "`tileflow.ops.meta_attention_varlen`, which validates the metadata and reads it from the device per call.")
+    body += f"\n- ceilings measured in this run: copy {copy_gbs:.0f} GB/s, bf16 matmul {peak_tflops:.0f} TFLOP/s."
+    if mask_rows:
+        body += ("\n\n## A model's causal mask given as a bias\n\n"
+                 + markdown_table(["prompt"] + [f"{n} ms (TFLOP/s)" for n in methods] + ["mask ranges ms (once per model)"]
+                                  + ["SDPA, mask / tileflow, mask", "SDPA, is_causal / tileflow, mask"], mask_rows)
+                 + "\n\n- dense `[1, 32, S, 128]` attention over 4 KV heads; the mask is the additive float32 causal "
+                   "mask a compiled transformers model materializes; tileflow reads it with its ranges, which the "
+                   "attention pass computes once per model for every layer (timed apart); TFLOP/s count the causal half")
     body += "".join(f"\n- FAILED: {failure}" for failure in failures)
     if write:
         print(f"wrote {write_results('attention', 'Meta-attention vs SDPA and FlexAttention (bf16, D=128, 32/4 heads)', env, body)}")
@@ -447,14 +470,19 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="time kernel configurations (tile, warps, stages, grid)")
+    parser.add_argument("--parts", default=",".join(ATTENTION_PARTS),
+                        help=f"comma-separated tables of {ATTENTION_PARTS} (GPU run)")
     args = parser.parse_args()
+    parts = tuple(p for p in args.parts.split(",") if p)
+    if unknown := set(parts) - set(ATTENTION_PARTS):
+        parser.error(f"unknown parts {sorted(unknown)}: choose from {ATTENTION_PARTS}")
     import torch
 
     if not torch.cuda.is_available():
         return smoke()
     if args.sweep:
         return run_sweep(not args.no_write)
-    return run_gpu(args.quick, not args.no_write)
+    return run_gpu(args.quick, not args.no_write, parts)
 
 
 if __name__ == "__main__":

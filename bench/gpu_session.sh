@@ -8,13 +8,17 @@
 # Stages: gemm, gemm-quick, attention, attention-sweep (kernel configurations), e2e
 # (prefill-shaped steps, mixed serving steps, request traces), e2e-prefill (the first part
 # only), e2e-serving (the other two), profile (where a step's time goes, bench/profile_step.py), tiles (bench/gemm.py
-# --measure-tiles), tests (the kernel and GPU runtime tests, compiled Triton). A stage that
-# fails or runs out of time does not stop the next one.
+# --measure-tiles), tests (the kernel and GPU runtime tests, compiled Triton), tests-gpu (only
+# tests/test_gpu.py: models, graphs and streams on CUDA). A stage that fails or runs out of time
+# does not stop the next one. Narrower runs: ATTENTION_PARTS (default decode,prefill,mixed,mask),
+# E2E_TOKENS (default 256,1024,4096) and E2E_TRACE_REQUESTS (default 256).
 set -u
 OUT=${OUT:-/tmp/tileflow-gpu-session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TILEFLOW_CACHE_DIR=/tmp/tileflow-cache
 PY=${PYTHON:-python3}
+E2E_TOKENS=${E2E_TOKENS:-256,1024,4096}
+E2E_TRACE=${E2E_TRACE_REQUESTS:-256}
 
 {
   date -u
@@ -38,8 +42,8 @@ run_stage() {
   timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
   echo "=== $name: exit $rc after $(( $(date +%s) - start ))s"
-  grep -E "^FAILED|FAIL:|Error:" "$OUT/$name.log" | cut -c1-240 | head -n 14
-  grep -vE "^FAILED|FAIL:|Error:|Warning|warn" "$OUT/$name.log" | tail -n 16
+  grep -E "FAILED|FAIL:|Error:" "$OUT/$name.log" | cut -c1-240 | head -n 14
+  grep -vE "FAILED|PASSED|SKIPPED|FAIL:|Error:|Warning|warn" "$OUT/$name.log" | tail -n 16
 }
 
 for item in "$@"; do
@@ -48,18 +52,21 @@ for item in "$@"; do
   case $name in
     gemm) run_stage gemm "$limit" $PY bench/gemm.py ;;
     gemm-quick) run_stage gemm-quick "$limit" $PY bench/gemm.py --quick ;;
-    attention) run_stage attention "$limit" $PY bench/attention.py ;;
+    attention) run_stage attention "$limit" $PY bench/attention.py --parts "${ATTENTION_PARTS:-decode,prefill,mixed,mask}" ;;
     attention-sweep) run_stage attention-sweep "$limit" $PY bench/attention.py --sweep ;;
-    e2e) run_stage e2e "$limit" $PY bench/e2e.py --layers 2 --tokens 256,1024,4096 ;;
-    e2e-prefill) run_stage e2e-prefill "$limit" $PY bench/e2e.py --layers 2 --tokens 256,1024,4096 --parts prefill ;;
-    e2e-serving) run_stage e2e-serving "$limit" $PY bench/e2e.py --layers 2 --tokens 256,1024,4096 --parts mixed,trace ;;
+    e2e) run_stage e2e "$limit" $PY bench/e2e.py --layers 2 --tokens "$E2E_TOKENS" --trace-requests "$E2E_TRACE" ;;
+    e2e-prefill) run_stage e2e-prefill "$limit" $PY bench/e2e.py --layers 2 --tokens "$E2E_TOKENS" --parts prefill ;;
+    e2e-serving) run_stage e2e-serving "$limit" $PY bench/e2e.py --layers 2 --tokens "$E2E_TOKENS" --parts mixed,trace \
+                   --trace-requests "$E2E_TRACE" ;;
     profile) run_stage profile "$limit" $PY bench/profile_step.py --layers 2 --tokens 256,4096 ;;
     tiles) run_stage tiles "$limit" $PY bench/gemm.py --measure-tiles bench/results/tile_timings-h200.json ;;
-    # Per-test timeout and an early stop, so the run ends (and prints its summary of failures)
-    # inside the stage's limit.
-    tests) run_stage tests "$limit" $PY -m pytest -q -rf --tb=short -p no:cacheprovider -n 16 --maxfail=12 \
+    # Per-test timeout, an early stop and one line per test as it ends (-v), so the failures'
+    # names are in the log even when the stage's limit cuts the run before pytest's summary.
+    tests) run_stage tests "$limit" $PY -m pytest -v -rf --tb=short -p no:cacheprovider -n 16 --maxfail=12 \
              --timeout=45 tests/test_gpu.py tests/test_triton_gemm.py tests/test_triton_attention.py \
              tests/test_grouped_gemm.py ;;
+    tests-gpu) run_stage tests-gpu "$limit" $PY -m pytest -v -rf --tb=short -p no:cacheprovider -n 8 \
+                 --timeout=60 tests/test_gpu.py ;;
     *) echo "unknown stage $name" ;;
   esac
 done

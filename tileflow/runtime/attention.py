@@ -26,9 +26,12 @@ from .streams import keep_alive_while_captured, programs_for
 _DECODE_ROWS = 16
 _PREFILL_ROWS = {"triton": 128}
 _DEFAULT_PREFILL_ROWS = 64
-# Programs per SM on a GPU: one resident program per SM left most of an H200's bandwidth idle
-# on decode (23% of the copy rate at 32k context); several per SM keep more loads in flight.
-_PROGRAMS_PER_SM = 4
+# Programs per SM on a GPU, for decode-sized and prefill tiles. One resident program per SM
+# left most of an H200's bandwidth idle on decode (23% of the copy rate at 32k context). The
+# configuration sweep of 2026-11-30 (bench/results/attention_sweep-*-97eab47.md) measured decode
+# 128x32768 at 2.09 ms with 8 programs per SM and 128-position KV steps against 2.73 ms with 4
+# and 64 (97% against 75% of the copy rate); prefill ran its best with 4 per SM.
+_PROGRAMS_PER_SM = {"decode": 8, "prefill": 4}
 
 
 def attention_block_q(max_q_len: int, gqa: int, target: str = "") -> int:
@@ -38,19 +41,32 @@ def attention_block_q(max_q_len: int, gqa: int, target: str = "") -> int:
     return max(1, rows // gqa)
 
 
-def attention_block_kv(head_dim: int, target: str = "") -> int:
-    """KV positions per step on `target`: 64 on GPUs up to head_dim 128 (a 16 KiB bf16 K tile per
-    stage), 32 for wider heads and on targets with smaller on-chip buffers."""
+def is_decode_tile(block_q: int, gqa: int) -> bool:
+    """Whether a tile of `block_q` query positions x `gqa` heads is decode-sized (at most
+    `_DECODE_ROWS` rows): such tiles stream KV and barely use the tensor cores."""
+    return block_q * max(gqa, 1) <= _DECODE_ROWS
+
+
+def attention_block_kv(head_dim: int, target: str = "", *, decode: bool = False, dtype: torch.dtype | None = None) -> int:
+    """KV positions per step on `target`. On GPUs up to head_dim 128: 128 for decode-sized
+    tiles of 2-byte dtypes (a 32 KiB K tile per stage; a longer step keeps more bytes in
+    flight, the sweep's best), else 64 (a 16 KiB bf16 K tile per stage); 32 for wider heads and
+    on targets with smaller on-chip buffers."""
     if target == "triton":
-        return 64 if head_dim <= 128 else 32
+        if head_dim > 128:
+            return 32
+        two_byte = dtype is None or dtype.itemsize <= 2
+        return 128 if decode and two_byte else 64
     return 32 if head_dim > 64 else 64
 
 
-def attention_programs(target: str, device: torch.device) -> int:
-    """The persistent grid: a few programs per SM on a GPU, a few on the CPU — scaled by the SM
-    share of the stream launching it when nano-batching partitions the device."""
+def attention_programs(target: str, device: torch.device, *, decode: bool = False) -> int:
+    """The persistent grid: a few programs per SM on a GPU (more for decode-sized tiles), a few
+    on the CPU — scaled by the SM share of the stream launching it when nano-batching
+    partitions the device."""
     if device.type == "cuda":
-        return programs_for(torch.cuda.get_device_properties(device).multi_processor_count * _PROGRAMS_PER_SM)
+        per_sm = _PROGRAMS_PER_SM["decode" if decode else "prefill"]
+        return programs_for(torch.cuda.get_device_properties(device).multi_processor_count * per_sm)
     return programs_for(4)
 
 
@@ -63,7 +79,8 @@ def attention_spec(
         op="meta_attention",
         dtype=dtype_name(dtype),
         out_dtype=dtype_name(dtype),
-        params=make_params(head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=attention_block_kv(head_dim, target),
+        params=make_params(head_dim=head_dim, gqa=gqa, block_q=block_q,
+                           block_kv=attention_block_kv(head_dim, target, decode=is_decode_tile(block_q, gqa), dtype=dtype),
                            causal=causal, sliding_window=sliding_window, tree=tree, bias=bias),
     )
 
@@ -111,8 +128,8 @@ def run_meta_attention_varlen(
         # Once per call, for every launch: where the bias hides keys or adds nothing.
         ranges = attn_bias_ranges if attn_bias_ranges is not None else bias_ranges(attn_bias)
         kwargs.update(attn_bias=attn_bias, attn_bias_ranges=ranges)
-    for block_q, table in _launch_plan(cu, lens, hq, hkv, target, attention_programs(target, q.device), sliding_window,
-                                       causal, str(q.device)):
+    programs = (attention_programs(target, q.device, decode=True), attention_programs(target, q.device))
+    for block_q, table in _launch_plan(cu, lens, hq, hkv, target, programs, sliding_window, causal, str(q.device)):
         # A cached table is device memory a captured graph would read on every replay: keep it
         # alive with the graph, whatever the cache evicts later.
         keep_alive_while_captured(table)
@@ -127,7 +144,7 @@ def run_meta_attention_varlen(
 
 @functools.lru_cache(maxsize=256)
 def _launch_plan(
-    cu: tuple[int, ...], lens: tuple[int, ...], hq: int, hkv: int, target: str, programs: int,
+    cu: tuple[int, ...], lens: tuple[int, ...], hq: int, hkv: int, target: str, programs: tuple[int, int],
     window: int | None, causal: bool, device: str,
 ) -> tuple[tuple[int, Any], ...]:
     """The launches of a batch: (tile height block_q, task table) each, written into one output.
@@ -136,7 +153,8 @@ def _launch_plan(
     launch. A batch that mixes them (decodes and small verify groups beside prompt chunks) gets
     one launch per height, each with the tasks of its own sequences: in one prefill-sized launch a
     decode would fill a 128-row tile with its gqa real rows and the tensor cores would spend up
-    to 32x the work on padding. Plans are pure functions of the batch shape: cached (dense
+    to 32x the work on padding. `programs` = (grid of a decode-sized launch, grid of a prefill
+    launch). Plans are pure functions of the batch shape: cached (dense
     graphs and decode steps repeat shapes), with the tables already on their device.
     """
     gqa = hq // hkv
@@ -150,7 +168,8 @@ def _launch_plan(
         max_q = max((q_lens[s] for s in (group if group is not None else range(len(q_lens)))), default=0)
         block_q = attention_block_q(max_q, gqa, target)
         table = build_task_table(list(cu), list(lens), num_q_heads=hq, num_kv_heads=hkv, block_q=block_q,
-                                 num_programs=programs, sliding_window=window, causal=causal, sequences=group)
+                                 num_programs=programs[0 if is_decode_tile(block_q, gqa) else 1],
+                                 sliding_window=window, causal=causal, sequences=group)
         launches.append((block_q, table.to(device)))
     return tuple(launches)
 

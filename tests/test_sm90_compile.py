@@ -38,12 +38,26 @@ def test_benchmark_kernels_compile_for_hopper_without_spills(tmp_path: Path) -> 
     for family in ("padded_gemm", "persistent", "swiglu", "grouped_gemm", "meta_attention"):
         assert family in names, family
     assert len(lines) >= 50
-    spills = {line.split()[1]: int(re.search(r" spills=(\d+)", line).group(1)) for line in lines}
-    hot = {line.split()[1]: re.search(r"hot_spills=(\w+)", line).group(1) for line in lines}
+    # One exception, chosen by measurement: the 128-row prefill attention tile at 4 warps spills
+    # inside its KV loop (255 registers; Triton 3.6 and 3.9 alike) but fits two programs per SM
+    # where the spill-free 8-warp tile fits one, and ran causal prefill 2x4096 in 0.97 ms
+    # against 1.15 ms on an H200 (bench/results/attention_sweep-*-97eab47.md).
+    measured = [line for line in lines if _is_four_warp_prefill_attention(line)]
+    assert measured, "the benchmarks no longer launch the 4-warp prefill attention tile: drop the exception"
+    checked = [line for line in lines if line not in measured]
+    spills = {line.split()[1]: int(re.search(r" spills=(\d+)", line).group(1)) for line in checked}
+    hot = {line.split()[1]: re.search(r"hot_spills=(\w+)", line).group(1) for line in checked}
     # No spill inside a tensor-core loop; a few bytes of a task's setup reloaded once per tile
     # (the bias kernel, at 255 registers) cost nothing measurable.
     assert not {name: n for name, n in hot.items() if n != "0"}, "kernels spill registers inside their MMA loops"
     assert not {name: n for name, n in spills.items() if n > 64}, "kernels spill more than a few registers"
+
+
+def _is_four_warp_prefill_attention(line: str) -> bool:
+    """A compile-check line of a meta-attention kernel with 128-row tiles, 4 warps and no bias."""
+    name = line.split()[1]
+    return ("meta_attention" in name and "_bias_" not in name and "'BLOCK_M': 128" in line
+            and "'num_warps': 4" in line)
 
 
 def test_hot_loop_spills_counts_spills_inside_the_innermost_mma_loops() -> None:

@@ -183,6 +183,9 @@ def _table_field(table: Any, name: str) -> Any:
 
 def int_tensor(name: str, value: Any, device: torch.device, ndim: int) -> torch.Tensor:
     """`value` as a contiguous int32 tensor on `device`, checking its rank."""
+    if (isinstance(value, torch.Tensor) and value.dtype == torch.int32 and value.device == device
+            and value.dim() == ndim and value.is_contiguous()):
+        return value  # the hot path's tensors: already right, and a conversion costs microseconds
     t = torch.as_tensor(value)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {dtype_name(t.dtype)}")

@@ -66,8 +66,14 @@ def attention_programs(target: str, device: torch.device, *, decode: bool = Fals
     partitions the device."""
     if device.type == "cuda":
         per_sm = _PROGRAMS_PER_SM["decode" if decode else "prefill"]
-        return programs_for(torch.cuda.get_device_properties(device).multi_processor_count * per_sm)
+        return programs_for(_sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm)
     return programs_for(4)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    """SMs of CUDA device `index` (asked once: the query costs microseconds per call)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def attention_spec(
@@ -110,8 +116,6 @@ def run_meta_attention_varlen(
     `attn_bias_ranges` are `bias_ranges(attn_bias)` when the caller has them (computed here
     otherwise).
     """
-    from . import get_kernel
-
     target = resolve_target(target or current_config().target, q.device)
     if check:
         # The check reads the lengths to the host anyway: reuse them (one device sync, not two).
@@ -133,13 +137,25 @@ def run_meta_attention_varlen(
         # A cached table is device memory a captured graph would read on every replay: keep it
         # alive with the graph, whatever the cache evicts later.
         keep_alive_while_captured(table)
-        spec = attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=block_q, causal=causal,
-                              sliding_window=sliding_window is not None, tree=tree_mask is not None,
-                              bias=attn_bias is not None, target=target)
-        get_kernel(target, spec)(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table,
+        kernel = _attention_kernel(target, q.dtype, d, gqa, block_q, causal, sliding_window is not None,
+                                   tree_mask is not None, attn_bias is not None)
+        kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table,
                                  scale=scale if scale is not None else 1.0 / math.sqrt(d),
                                  tree_mask=tree_mask, sliding_window=sliding_window, out=out, **kwargs)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _attention_kernel(
+    target: str, dtype: torch.dtype, head_dim: int, gqa: int, block_q: int, causal: bool, sliding_window: bool,
+    tree: bool, bias: bool,
+) -> Any:
+    """The built kernel of `attention_spec(...)`: looked up once per variant, since building the
+    spec and hashing it for `get_kernel` cost more host time than a decode step can spare."""
+    from . import get_kernel
+
+    return get_kernel(target, attention_spec(dtype=dtype, head_dim=head_dim, gqa=gqa, block_q=block_q, causal=causal,
+                                             sliding_window=sliding_window, tree=tree, bias=bias, target=target))
 
 
 @functools.lru_cache(maxsize=256)

@@ -282,9 +282,72 @@ def test_measured_split_k_times_reach_the_plan(tmp_path, monkeypatch) -> None:
     fast = cands[2]
     path.write_text(json.dumps(plain + [{**plain[2], "tile_seconds": 1e-9, "split_k": 4}]))
     timings = runtime.load_tile_timings(str(path))
-    assert timings[("H200", "bfloat16", n, k, False, 4)] == ((fast, 1e-9),)
+    assert timings[("H200", "bfloat16", n, k, False, 4, False)] == ((fast, 1e-9),)
     split = runtime.gemm_plan(n, k, torch.bfloat16, "triton", "cuda", m_max=4096, tile_timings=str(path))
     assert {(p.config, p.split_k) for p in split.pieces if p.split_k > 1} == {(fast, 4)}
     # The grouped GEMM has no split kernel: its plans ignore those entries.
     grouped = runtime.grouped_gemm_plan(n, k, 8, torch.bfloat16, "triton", "cuda", m_max=4096, tile_timings=str(path))
     assert all(piece.split_k == 1 for piece in grouped.pieces)
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize("activation,has_bias,has_residual", [("none", False, False), ("swiglu", True, False),
+                                                              ("gelu", True, True)])
+def test_measured_stream_k_pieces_dispatch_and_match_float64(tmp_path, monkeypatch, target, activation, has_bias,
+                                                             has_residual) -> None:
+    """Tile timings with a stream-K entry (a time per work unit, as `bench/gemm.py
+    --measure-tiles` writes it) put stream-K pieces into a measured plan; the runtime launches
+    the stream-K kernel over the whole device, or over its grid share under nano-batching, and
+    the result equals float64 on both targets."""
+    import json
+
+    from tileflow.devices import get_device
+    from tileflow.runtime.streams import grid_share
+    from tileflow.tiles import candidate_configs
+
+    n, k = 96, 4096
+    h200 = get_device("H200")
+    monkeypatch.setattr(runtime, "device_for_target", lambda target, device_type: h200)
+    weight_tiles = 2 if activation == "swiglu" else 1
+    cands = candidate_configs(n, k, "float32", h200, weight_tiles=weight_tiles)
+    entry = {"device": "H200", "dtype": "float32", "n": n, "k": k}
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps([{**entry, "tile": c.to_dict(), "tile_seconds": 1e-4} for c in cands]
+                               + [{**entry, "tile": cands[0].to_dict(), "tile_seconds": 1e-9, "stream_k": True}]))
+    plan = runtime.gemm_plan(n, k, torch.float32, target, "cuda", m_max=512, tile_timings=str(path),
+                             weight_tiles=weight_tiles)
+    assert all(piece.stream_k and piece.config == cands[0] for piece in plan.pieces), plan.describe()
+    launches: list[dict] = []
+    real_get_kernel = runtime.get_kernel
+
+    def spying_get_kernel(target, spec, artifact_dir=None):
+        kernel = real_get_kernel(target, spec, artifact_dir)
+
+        def launch(*args, **kwargs):
+            launches.append({"stream_k": spec.param("stream_k", False), **kwargs})
+            return kernel(*args, **kwargs)
+
+        return launch
+
+    monkeypatch.setattr(runtime, "get_kernel", spying_get_kernel)
+    gen = torch.Generator().manual_seed(12)
+    for m, share in ((3, None), (40, 0.25)):
+        x = torch.randn(m, k, generator=gen)
+        rows = 2 * n if activation == "swiglu" else n
+        w = torch.randn(rows, k, generator=gen) / k**0.5
+        bias = torch.randn(rows, generator=gen) if has_bias else None
+        residual = torch.randn(m, n, generator=gen) if has_residual else None
+        call = lambda: runtime.run_padded_gemm(x, w, bias, residual, activation, torch.float32,  # noqa: E731
+                                               runtime.encode_plan(plan), target)
+        if share is None:
+            got = call()
+        else:
+            with grid_share(share):
+                got = call()
+        up = {}
+        if activation == "swiglu":
+            up = {"weight_up": w[n:], "bias_up": None if bias is None else bias[n:]}
+            w, bias = w[:n], None if bias is None else bias[:n]
+        assert rel_err(got, oracle(x, w, bias, residual, activation, **up)) < 1e-5
+        assert launches[-1]["stream_k"]
+        assert launches[-1].get("num_programs") == (None if share is None else max(1, int((os.cpu_count() or 1) * share)))

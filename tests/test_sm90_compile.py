@@ -34,8 +34,9 @@ def test_benchmark_kernels_compile_for_hopper_without_spills(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
     names = " ".join(lines)
-    # GEMMs (both variants), fused SwiGLU, grouped experts and both attention tile heights.
-    for family in ("padded_gemm", "persistent", "swiglu", "grouped_gemm", "meta_attention"):
+    # GEMMs (every variant), fused SwiGLU, grouped experts and both attention tile heights.
+    for family in ("padded_gemm", "persistent", "split_k", "stream_k", "_fixup", "swiglu", "grouped_gemm",
+                   "meta_attention"):
         assert family in names, family
     assert len(lines) >= 50
     # One exception, chosen by measurement: the 128-row prefill attention tile at 4 warps spills

@@ -28,6 +28,9 @@ from tileflow.tiles import (
     estimate_tile_seconds,
     split_k_factors,
     split_reduce_seconds,
+    stream_k_fixup_seconds,
+    stream_k_range,
+    stream_k_segments,
     tile_efficiency,
     token_range,
 )
@@ -584,5 +587,82 @@ def test_plan_piece_rejects_bad_split() -> None:
     cfg = TileConfig(64, 128, 64)
     with pytest.raises(ValueError, match="split_k"):
         PlanPiece(1, 2, cfg, split_k=0)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="at most one of"):
         PlanPiece(1, 2, cfg, persistent=True, split_k=2)
+    with pytest.raises(ValueError, match="at most one of"):
+        PlanPiece(1, 2, cfg, split_k=2, stream_k=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# stream-K: the partition of (tile, BLOCK_K step) units over programs, and its pieces
+
+
+@SETTINGS
+@given(st.integers(1, 60), st.integers(1, 40), st.integers(1, 300))
+def test_stream_k_partition_covers_every_unit_once(tiles: int, steps: int, programs: int) -> None:
+    units = tiles * steps
+    ranges = [stream_k_range(p, units, programs) for p in range(programs)]
+    # Contiguous, in order, covering [0, units); sizes differ by at most one.
+    assert ranges[0][0] == 0 and ranges[-1][1] == units
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = {hi - lo for lo, hi in ranges}
+    assert max(sizes) - min(sizes) <= 1
+    owner = [p for p, (lo, hi) in enumerate(ranges) for _ in range(lo, hi)]
+    partials: dict[int, int] = {}
+    for t in range(tiles):
+        segments = stream_k_segments(t, steps, units, programs)
+        # The closed forms name exactly the programs that own the tile's units, in order.
+        assert [q for q, _, _ in segments] == sorted(set(owner[t * steps:(t + 1) * steps]))
+        assert segments[0][1] == 0 and segments[-1][2] == steps
+        assert all(a[2] == b[1] for a, b in zip(segments, segments[1:]))
+        for q, lo, hi in segments:
+            assert (ranges[q][0] - t * steps <= lo) and (hi <= ranges[q][1] - t * steps) and lo < hi
+            if len(segments) > 1:
+                partials[q] = partials.get(q, 0) + 1
+    # A program keeps at most two partial tiles: the workspace has two slots per program.
+    assert all(count <= 2 for count in partials.values())
+
+
+def test_stream_k_is_costed_only_from_measured_unit_times() -> None:
+    n, k = 6144, 4096
+    cfg = next(c for c in candidate_configs(n, k, "bfloat16", H200) if (c.block_m, c.block_n) == (128, 256))
+    with pytest.raises(ValueError, match="no analytic cost model"):
+        estimate_seconds(512, n, k, cfg, H200, "bfloat16", stream_k=True)
+    # M = 512: 4 x 24 tiles x 64 steps = 6144 units, 47 on the busiest of 132 programs.
+    want = 47 * 1e-6 + stream_k_fixup_seconds(96, 128, 256, 132, H200)
+    assert estimate_seconds(512, n, k, cfg, H200, "bfloat16", {cfg: 1e-6}, stream_k=True) == pytest.approx(want)
+    # At most two fp32 partial tiles per program, written and read once, plus a launch.
+    assert stream_k_fixup_seconds(96, 128, 256, 132, H200) == pytest.approx(
+        2 * 228 * 128 * 256 * 4 / H200.mem_bw_bytes + 3e-6)
+    assert stream_k_fixup_seconds(1000, 128, 256, 132, H200) == pytest.approx(
+        2 * 264 * 128 * 256 * 4 / H200.mem_bw_bytes + 3e-6)
+
+
+def test_measured_plans_run_stream_k_exactly_where_it_wins() -> None:
+    n, k = 6144, 4096
+    cands = candidate_configs(n, k, "bfloat16", H200)
+    measured = {c: estimate_tile_seconds(c, n, k, "bfloat16", H200) for c in cands}
+    wide = next(c for c in cands if (c.block_m, c.block_n) == (128, 256))
+    steps = k // wide.block_k
+    # A stream-K unit exactly as fast as a whole tile's step: it wins where the last wave of
+    # whole tiles leaves SMs idle (192 tiles at M = 1024: 1.45 waves), and stays off where the
+    # tiles fill whole waves (M = 5632: 44 x 24 = 1056 tiles, exactly 8 waves).
+    unit = measured[wide] / steps
+    plan = build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200, measured=measured,
+                           measured_stream_k={wide: unit})
+    assert plan.piece_for(1024).stream_k and plan.piece_for(1024).config == wide
+    assert not plan.piece_for(5632).stream_k
+    for m in (1, 100, 1024, 5632, 8192):  # each M takes the cheapest candidate
+        piece = plan.piece_for(m)
+        got = estimate_seconds(m, n, k, piece.config, H200, "bfloat16",
+                               {wide: unit} if piece.stream_k else measured, stream_k=piece.stream_k)
+        whole = min(estimate_seconds(m, n, k, c, H200, "bfloat16", measured) for c in cands)
+        streamed = estimate_seconds(m, n, k, wide, H200, "bfloat16", {wide: unit}, stream_k=True)
+        assert got == pytest.approx(min(whole, streamed))
+    assert "stream-K" in plan.describe() and TilePlan.from_dict(plan.to_dict()) == plan
+    assert (wide, False, False, True) in plan.variants and len(plan.variants) <= MAX_CONFIGS
+    # Unmeasured, never: the analytic plans have no stream-K pieces, and neither do kernels
+    # without split variants.
+    assert not any(pc.stream_k for pc in build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200).pieces)
+    assert not any(pc.stream_k for pc in build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200, measured=measured,
+                                                         measured_stream_k={wide: unit}, split_variants=False).pieces)

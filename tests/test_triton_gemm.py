@@ -63,6 +63,7 @@ def gemm_spec(
     persistent: bool = False,
     out_dtype: str | None = None,
     split_k: bool = False,
+    stream_k: bool = False,
 ) -> KernelSpec:
     """A padded_gemm spec; `cast` in the epilogue defaults the output to float32."""
     if out_dtype is None:
@@ -73,7 +74,8 @@ def gemm_spec(
         out_dtype=out_dtype,
         tile=tile,
         epilogue=epilogue,
-        params=make_params(n=n, k=k, persistent=persistent, **({"split_k": True} if split_k else {})),
+        params=make_params(n=n, k=k, persistent=persistent, **({"split_k": True} if split_k else {}),
+                           **({"stream_k": True} if stream_k else {})),
     )
 
 
@@ -154,8 +156,44 @@ def test_split_k_one_part_and_launch_errors() -> None:
     plain = build(gemm_spec("float32"))
     with pytest.raises(ValueError, match="split-K kernel"):
         plain(*make_inputs(gemm_spec("float32"), DEVICE, 4, 0).values(), split_k=2)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="at most one of"):
         render_gemm_source(gemm_spec("float32", persistent=True, split_k=True))
+
+
+# ------------------------------------------------------------------------------------------
+# Stream-K: equal ranges of (tile, BLOCK_K step) units per program, then the fixup kernel
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 17, 63, 100, 129])
+def test_stream_k_gemm_every_m(dtype: str, m: int) -> None:
+    # N = 40 and K = 136 (five BLOCK_K steps of 32, the last masked): grids that split tiles
+    # at every kind of boundary, one program, and more programs than units (capped).
+    spec = gemm_spec(dtype, k=136, stream_k=True)
+    for programs in (1, 3, 7, 13, 10_000):
+        run_case(spec, m, seed=4000 + m + programs, num_programs=programs)
+
+
+@pytest.mark.parametrize("dtype,epilogue", EPILOGUE_CASES, ids=_case_id)
+def test_stream_k_epilogue(dtype: str, epilogue: tuple[str, ...]) -> None:
+    # 37 rows x 40 columns in 32x32 tiles = 4 tiles of 5 steps over 7 programs: every tile is
+    # shared, so the fixup kernel applies the epilogue; over 2 programs, two tiles are whole.
+    spec = gemm_spec(dtype, epilogue, k=72, tile=TILE_B, stream_k=True)
+    for programs in (7, 2):
+        run_case(spec, 37, seed=sum(map(ord, dtype + "stream" + "-".join(epilogue))) + programs,
+                 num_programs=programs)
+
+
+def test_stream_k_source_and_launch_errors() -> None:
+    spec = gemm_spec("float32", ("bias",), stream_k=True)
+    src = render_gemm_source(spec)
+    assert "while u < u_end:" in src and "_fixup(" in src
+    assert "stream-K" in src.split('"""')[1]  # the header says how the kernel schedules its work
+    with pytest.raises(ValueError, match="at most one of"):
+        render_gemm_source(gemm_spec("float32", stream_k=True, split_k=True))
+    with pytest.raises(ValueError, match="persistent or stream-K kernel only"):
+        build(gemm_spec("float32"))(*make_inputs(gemm_spec("float32"), DEVICE, 4, 0).values(), num_programs=2)
 
 
 def test_cast_to_float16_from_float32() -> None:

@@ -48,12 +48,16 @@ def gemm_spec(
     has_residual: bool = False,
     persistent: bool = False,
     split_k: bool = False,
+    stream_k: bool = False,
 ) -> KernelSpec:
     """The KernelSpec of one fixed-tile padded GEMM (N is the output width, K the reduction);
-    `split_k` asks for the split-K kernel pair (the split factor is a launch argument)."""
+    `split_k` asks for the split-K kernel pair (the split factor is a launch argument),
+    `stream_k` for the stream-K pair (its grid is a launch argument)."""
     dtype, out_dtype = dtype_name(dtype), dtype_name(out_dtype)
-    # The split flag joins the params only when set, so unsplit specs keep their digests.
+    # These flags join the params only when set, so other specs keep their digests.
     extra = {"split_k": True} if split_k else {}
+    if stream_k:
+        extra["stream_k"] = True
     return KernelSpec(
         op="padded_gemm",
         dtype=dtype,
@@ -106,8 +110,8 @@ def grouped_gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpe
 
 
 def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
-    """One spec per kernel of `plan` (config, and its persistent or split-K variant where the
-    plan runs it), for a `tileflow::padded_gemm` node."""
+    """One spec per kernel of `plan` (config, and its persistent, split-K or stream-K variant
+    where the plan runs it), for a `tileflow::padded_gemm` node."""
     x, weight = node.args[0], node.args[1]
     names = ("bias", "residual", "activation", "out_dtype", "plan", "target", "weight_up", "bias_up")
     kwargs = dict(zip(names, node.args[2:]))
@@ -121,8 +125,9 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
             dtype=xv.dtype, out_dtype=out_dtype, n=int(n), k=int(wv.shape[1]), tile=tile,
             activation=activation, has_bias=kwargs.get("bias") is not None,
             has_residual=kwargs.get("residual") is not None, persistent=persistent, split_k=split,
+            stream_k=stream_k,
         )
-        for tile, persistent, split in plan.variants
+        for tile, persistent, split, stream_k in plan.variants
     ]
 
 

@@ -15,6 +15,9 @@ This module provides:
 - `split_k_factors` / `split_reduce_seconds`: split-K on GPUs, where a few hundred tokens leave
   most SMs idle with whole-K tiles: each tile's K range runs on several programs and a second
   small kernel sums the fp32 partials and applies the epilogue;
+- `stream_k_range` / `stream_k_segments`: stream-K on GPUs, where the tiles of one M leave the
+  last wave of SMs partly idle: every SM takes an equal, contiguous share of all tiles' BLOCK_K
+  steps, and a tile whose steps several SMs ran is summed from their fp32 partials;
 - `build_tile_plan` -> `TilePlan`: the cheapest config (and split) for every M, merged into
   pieces;
 - `token_range`: integer bounds of a symbolic M (a sympy expression over shape symbols).
@@ -281,6 +284,42 @@ def split_reduce_seconds(rows: Any, n: int, split_k: int, device: DeviceInfo, ou
     return (partial_bytes + out_bytes) / device.mem_bw_bytes + _SPLIT_REDUCE_LAUNCH_SECONDS
 
 
+def stream_k_range(program: int, units: int, programs: int) -> tuple[int, int]:
+    """The work units `[lo, hi)` that program `program` of a stream-K launch runs: `units` (output
+    tiles x BLOCK_K steps, tile-major) dealt to `programs` programs in equal contiguous ranges
+    (their sizes differ by at most one; a program gets none when units < programs)."""
+    return program * units // programs, (program + 1) * units // programs
+
+
+def stream_k_segments(tile: int, steps: int, units: int, programs: int) -> tuple[tuple[int, int, int], ...]:
+    """Who ran output tile `tile` (of `steps` BLOCK_K steps) in a stream-K launch: (program,
+    first step, end step) per program, in program order; one segment (0, steps) when one
+    program ran the whole tile. The programs are those whose ranges meet the tile's units
+    `[tile * steps, (tile + 1) * steps)`: the first is the last program starting at or before
+    the tile's first unit, the last the one that owns its last unit (closed forms that the
+    kernels compute too)."""
+    u0 = tile * steps
+    first = ((u0 + 1) * programs - 1) // units
+    last = ((u0 + steps) * programs - 1) // units
+    segments = []
+    for q in range(first, last + 1):
+        lo, hi = stream_k_range(q, units, programs)
+        if hi > lo:
+            segments.append((q, max(lo, u0) - u0, min(hi, u0 + steps) - u0))
+    return tuple(segments)
+
+
+def stream_k_fixup_seconds(tiles: Any, block_m: int, block_n: int, programs: int, device: DeviceInfo, *,
+                           weight_tiles: int = 1) -> Any:
+    """The stream-K fixup's time for `tiles` output tiles (an int or a numpy array) over
+    `programs` programs: every program writes at most two fp32 partial tiles (its range's first
+    and last, where they are partial), each read back once by the fixup kernel, which sums a
+    split tile and applies the epilogue; plus a launch. Bounded by min(2 * programs, programs +
+    tiles) partial tiles, counted at that bound."""
+    partials = np.minimum(2 * programs, programs + np.asarray(tiles))
+    return 2 * partials * weight_tiles * block_m * block_n * 4 / device.mem_bw_bytes + _SPLIT_REDUCE_LAUNCH_SECONDS
+
+
 def estimate_seconds(
     m: int,
     n: int,
@@ -292,6 +331,7 @@ def estimate_seconds(
     *,
     split_k: int = 1,
     weight_tiles: int = 1,
+    stream_k: bool = False,
 ) -> float:
     """Estimated time of an (m x k) @ (k x n) GEMM run with one fixed tile `config`.
 
@@ -308,15 +348,29 @@ def estimate_seconds(
     programs keep two partial tiles). `measured` always holds times of the variant estimated:
     per-tile times of the unsplit kernel for `split_k` 1, per-program times of the split kernel
     for `split_k` > 1 (cost = waves of programs * that time + the reduce).
+
+    `stream_k` estimates the stream-K variant over one program per core, from a measured time
+    per work unit (one BLOCK_K step of one tile) in `measured` only: ceil(units / cores) units on
+    the busiest core plus `stream_k_fixup_seconds`. It has no analytic model (the roofline
+    above cannot rank it against whole tiles), so an unmeasured config raises ValueError.
     """
     m = operator.index(m)
     if m < 0:
         raise ValueError(f"m must be >= 0, got {m}")
     _check_positive(n=n, k=k, split_k=split_k)
+    if stream_k and split_k > 1:
+        raise ValueError("a GEMM runs split along K or stream-K, not both")
     tiles = -(-m // config.block_m) * -(-n // config.block_n)
     if tiles == 0:
         return 0.0
     measured_map = dict(_measured_items(measured))
+    if stream_k:
+        if config not in measured_map:
+            raise ValueError(f"stream-K has no analytic cost model: measure {config.name} (bench/gemm.py --measure-tiles)")
+        units = tiles * -(-k // config.block_k)
+        return (-(-units // device.cores) * measured_map[config]
+                + float(stream_k_fixup_seconds(tiles, config.block_m, config.block_n, device.cores, device,
+                                               weight_tiles=weight_tiles)))
     programs = tiles * split_k
     waves = -(-programs // device.cores)
     reduce = split_reduce_seconds(-(-m // config.block_m) * config.block_m, n, split_k, device, dtype,
@@ -334,21 +388,29 @@ def estimate_seconds(
 class PlanPiece:
     """Token counts `lo..hi` (both inclusive) run with tile config `config`, as the persistent
     kernel variant when `persistent` (chosen only where measured times say it wins), with each
-    tile's K range split over `split_k` programs when it is more than 1 (see `SPLIT_K_FACTORS`)."""
+    tile's K range split over `split_k` programs when it is more than 1 (see `SPLIT_K_FACTORS`),
+    or as stream-K when `stream_k` (see `stream_k_segments`; chosen only where measured)."""
 
     lo: int
     hi: int
     config: TileConfig
     persistent: bool = False
     split_k: int = 1
+    stream_k: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.lo <= self.hi:
             raise ValueError(f"PlanPiece needs 1 <= lo <= hi, got lo={self.lo}, hi={self.hi}")
         if isinstance(self.split_k, bool) or not isinstance(self.split_k, int) or self.split_k < 1:
             raise ValueError(f"PlanPiece split_k must be an int >= 1, got {self.split_k!r}")
-        if self.persistent and self.split_k > 1:
-            raise ValueError("a PlanPiece is persistent or split along K, not both")
+        if self.persistent + (self.split_k > 1) + self.stream_k > 1:
+            raise ValueError("a PlanPiece is at most one of persistent, split along K and stream-K")
+
+    @property
+    def kernel_variant(self) -> tuple[TileConfig, bool, bool, bool]:
+        """(config, persistent, split, stream_k): the compiled kernel this piece runs (a split
+        kernel serves every split factor of its config)."""
+        return self.config, self.persistent, self.split_k > 1, self.stream_k
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -357,13 +419,15 @@ class PlanPiece:
             data["persistent"] = True
         if self.split_k > 1:
             data["split_k"] = self.split_k
+        if self.stream_k:
+            data["stream_k"] = True
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PlanPiece":
         """Inverse of `to_dict`."""
         return cls(int(data["lo"]), int(data["hi"]), TileConfig.from_dict(dict(data["config"])),
-                   bool(data.get("persistent", False)), int(data.get("split_k", 1)))
+                   bool(data.get("persistent", False)), int(data.get("split_k", 1)), bool(data.get("stream_k", False)))
 
 
 @dataclass(frozen=True)
@@ -422,10 +486,11 @@ class TilePlan:
         return tuple(dict.fromkeys(p.config for p in self.pieces))
 
     @property
-    def variants(self) -> tuple[tuple[TileConfig, bool, bool], ...]:
-        """Distinct (config, persistent, split) kernels the plan uses, in order of first use: a
-        split kernel serves every split factor of its config (the factor is a launch argument)."""
-        return tuple(dict.fromkeys((p.config, p.persistent, p.split_k > 1) for p in self.pieces))
+    def variants(self) -> tuple[tuple[TileConfig, bool, bool, bool], ...]:
+        """Distinct (config, persistent, split, stream_k) kernels the plan uses, in order of first
+        use: a split kernel serves every split factor of its config (the factor is a launch
+        argument)."""
+        return tuple(dict.fromkeys(p.kernel_variant for p in self.pieces))
 
     def padded_rows(self, m: int) -> int:
         """Rows of (virtual) padding in the last M tile when `m` runs with its selected config."""
@@ -460,7 +525,8 @@ class TilePlan:
     def describe(self) -> str:
         """One line per piece joined by '; ', e.g. `M 1..16 -> m16n64k64w4s4; M 17..64 -> ...`."""
         return "; ".join(f"M {p.lo}..{p.hi} -> {p.config.name}" + (" persistent" if p.persistent else "")
-                         + (f" split-K {p.split_k}" if p.split_k > 1 else "") for p in self.pieces)
+                         + (f" split-K {p.split_k}" if p.split_k > 1 else "") + (" stream-K" if p.stream_k else "")
+                         for p in self.pieces)
 
 
 @functools.lru_cache(maxsize=256)
@@ -476,10 +542,12 @@ def _build_tile_plan_cached(
     weight_tiles: int = 1,
     split_variants: bool = True,
     measured_split: tuple[tuple[int, tuple[tuple[TileConfig, float], ...]], ...] = (),
+    measured_stream_k: tuple[tuple[TileConfig, float], ...] = (),
 ) -> TilePlan:
     measured_map = dict(measured)
     persistent_map = dict(measured_persistent)
     split_maps = {split: dict(items) for split, items in measured_split}
+    stream_k_map = dict(measured_stream_k) if split_variants else {}
     # Descending config order + argmin's first-minimum rule = ties go to the larger block_m
     # (then larger block_n, block_k, ...): fewer, fuller tiles for the same estimated time. A
     # config's persistent variant is a candidate only where it was measured, right after the
@@ -490,14 +558,17 @@ def _build_tile_plan_cached(
     # measured times only, so a split runs there only where it was measured (a model's estimate
     # and a measurement are numbers of different kinds); a modeled plan models every split the
     # config allows.
-    any_measured = any(c in measured_map or c in persistent_map for c in configs)  # others are ignored
+    # A config's stream-K variant, like its persistent one, is a candidate only where measured.
+    any_measured = any(c in measured_map or c in persistent_map or c in stream_k_map for c in configs)  # others are ignored
     cands = []
     for c in configs:
-        cands.append((c, False, 1))
+        cands.append((c, False, 1, False))
         if c in persistent_map:
-            cands.append((c, True, 1))
+            cands.append((c, True, 1, False))
+        if c in stream_k_map:
+            cands.append((c, False, 1, True))
         if split_variants:
-            cands += [(c, False, s) for s in split_k_factors(c, k, device)[1:]
+            cands += [(c, False, s, False) for s in split_k_factors(c, k, device)[1:]
                       if not any_measured or c in split_maps.get(s, {})]
     # Every block_m is a power of two, so all tile boundaries are multiples of the smallest
     # one, g: ceil(m / bm) and hence every candidate's cost is constant on (j*g, (j+1)*g].
@@ -509,8 +580,14 @@ def _build_tile_plan_cached(
         ([m_min], np.arange(j_first, j_last + 1, dtype=np.int64) * g + 1)
     ).astype(np.int64)
     costs = np.empty((len(cands), len(starts)), dtype=np.float64)
-    for row, (config, persistent, split) in enumerate(cands):
+    for row, (config, persistent, split, stream_k) in enumerate(cands):
         tiles = -(-starts // config.block_m) * (-(-n // config.block_n))
+        if stream_k:  # same arithmetic as `estimate_seconds(..., stream_k=True)`
+            units = tiles * -(-k // config.block_k)
+            costs[row] = (-(-units // device.cores) * stream_k_map[config]
+                          + stream_k_fixup_seconds(tiles, config.block_m, config.block_n, device.cores, device,
+                                                   weight_tiles=weight_tiles))
+            continue
         # Same arithmetic as `estimate_seconds`, so the plan agrees bit for bit with a
         # brute-force evaluation. A persistent grid of one program per core runs the same
         # waves; only its measured per-tile time differs.
@@ -530,22 +607,23 @@ def _build_tile_plan_cached(
         costs[row] += split_reduce_seconds(-(-starts // config.block_m) * config.block_m, n, split, device, dtype,
                                            weight_tiles=weight_tiles)
     choice = np.argmin(costs, axis=0)
-    # A split kernel is a kernel of its own: while the plan would use more than MAX_CONFIGS,
-    # drop the split variant that serves the fewest token counts and choose again.
+    # A split or stream-K kernel is a kernel of its own: while the plan would use more than
+    # MAX_CONFIGS, drop the such variant that serves the fewest token counts and choose again.
     while True:
-        variants = {(cands[i][0], cands[i][1], cands[i][2] > 1) for i in np.unique(choice)}
+        variants = {(cands[i][0], cands[i][1], cands[i][2] > 1, cands[i][3]) for i in np.unique(choice)}
         if len(variants) <= MAX_CONFIGS:
             break
         widths = np.diff(np.append(starts, m_max + 1))
-        served = {}
+        served: dict[tuple[TileConfig, bool], int] = {}
         for i, w in zip(choice, widths):
-            if cands[i][2] > 1:
-                served[cands[i][0]] = served.get(cands[i][0], 0) + int(w)
+            if cands[i][2] > 1 or cands[i][3]:
+                key = (cands[i][0], cands[i][3])
+                served[key] = served.get(key, 0) + int(w)
         if not served:
-            break  # only unsplit kernels left: at most one per candidate config
-        drop = min(served, key=lambda c: (served[c], c))
-        for row, (config, _, split) in enumerate(cands):
-            if config == drop and split > 1:
+            break  # only whole-tile kernels left: at most two (plain, persistent) per candidate config
+        drop = min(served, key=lambda key: (served[key], key))
+        for row, (config, _, split, stream_k) in enumerate(cands):
+            if (config, stream_k) == drop and (split > 1 or stream_k):
                 costs[row] = np.inf
         choice = np.argmin(costs, axis=0)
     # Merge consecutive segments with the same choice into pieces.
@@ -555,8 +633,8 @@ def _build_tile_plan_cached(
     for a, b in zip(bounds, bounds[1:]):
         lo = int(starts[a])
         hi = int(starts[b]) - 1 if b < len(starts) else m_max
-        config, persistent, split = cands[int(choice[a])]
-        pieces.append(PlanPiece(lo, hi, config, persistent, split))
+        config, persistent, split, stream_k = cands[int(choice[a])]
+        pieces.append(PlanPiece(lo, hi, config, persistent, split, stream_k))
     return TilePlan(n, k, dtype, device.name, m_min, m_max, tuple(pieces))
 
 
@@ -573,6 +651,7 @@ def build_tile_plan(
     weight_tiles: int = 1,
     split_variants: bool = True,
     measured_split: Mapping[int, MeasuredArg] | None = None,
+    measured_stream_k: MeasuredArg = None,
 ) -> TilePlan:
     """The tile plan for an (M x k) @ (k x n) GEMM over every integer M in [m_min, m_max].
 
@@ -590,8 +669,11 @@ def build_tile_plan(
     `split_k_factors`, costed by `estimate_seconds` with the reduce kernel) where that is
     cheaper, as when a few hundred tokens leave most SMs idle. In a measured plan, a split runs
     only where `measured_split` ({split_k: per-program times of the split kernel}) measured it;
-    `split_variants=False` plans unsplit kernels only (for kernels without a split-K variant).
-    A split kernel counts as a kernel of its own: a plan never uses more than MAX_CONFIGS.
+    `split_variants=False` plans unsplit kernels only (for kernels without split-K or stream-K
+    variants). `measured_stream_k` gives configs' measured stream-K time per work unit (one
+    BLOCK_K step of one tile): a piece runs stream-K only where that, costed by
+    `estimate_seconds(..., stream_k=True)`, wins. A split or stream-K kernel counts as a kernel of its
+    own: a plan never uses more than MAX_CONFIGS.
     """
     _check_positive(n=n, k=k, m_min=m_min, m_max=m_max)
     if m_min > m_max:
@@ -600,6 +682,7 @@ def build_tile_plan(
         int(n), int(k), dtype_name(dtype), int(m_min), int(m_max), device, _measured_items(measured),
         _measured_items(measured_persistent), weight_tiles, split_variants,
         tuple(sorted((int(split), _measured_items(items)) for split, items in (measured_split or {}).items())),
+        _measured_items(measured_stream_k),
     )
 
 

@@ -281,9 +281,11 @@ def _launch_benchmark_kernels() -> None:
             for persistent in (False, True):
                 spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile, persistent=persistent)
                 runtime.get_kernel("triton", spec)(x, w)
-            # The split-K pair (partial tiles, then the reduce kernel).
+            # The split-K pair (partial tiles, then the reduce kernel) and the stream-K pair.
             spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile, split_k=True)
             runtime.get_kernel("triton", spec)(x, w, split_k=4)
+            spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile, stream_k=True)
+            runtime.get_kernel("triton", spec)(x, w, num_programs=device.cores)
     # Llama-3-8B's fused SwiGLU MLP (gate and up weights separate, as the pass fuses them).
     x = torch.randn(3, 4096, dtype=bf16)
     gate, up = torch.randn(14336, 4096, dtype=bf16), torch.randn(14336, 4096, dtype=bf16)

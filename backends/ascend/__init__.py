@@ -39,11 +39,12 @@ def render_sources(spec: KernelSpec) -> KernelSources:
     if spec.op in ("padded_gemm", "grouped_gemm"):
         from .gemm import render_gemm_sources
 
-        if spec.param("split_k", False):
-            raise ValueError(
-                f"{spec.name}: the Ascend C backend has no split-K GEMM (tile plans split K only for GPUs); "
-                "build the spec without split_k"
-            )
+        for variant, what in (("split_k", "split-K"), ("stream_k", "stream-K")):
+            if spec.param(variant, False):
+                raise ValueError(
+                    f"{spec.name}: the Ascend C backend has no {what} GEMM (tile plans use it only on GPUs); "
+                    f"build the spec without {variant}"
+                )
 
         return render_gemm_sources(spec)
     if spec.op == "meta_attention":

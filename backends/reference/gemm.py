@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import os
 from typing import Any, Callable
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from tileflow.gemm_operands import grouped_gemm_operands
 from tileflow.kernel_spec import ACTIVATIONS, DTYPES, KernelSpec, check_gemm_spec, grouped_gemm_dims
+from tileflow.tiles import stream_k_segments
 
 
 def activate(acc: torch.Tensor, activation: str) -> torch.Tensor:
@@ -37,20 +39,23 @@ def gemm_tile(
     *,
     weight_up: torch.Tensor | None = None,
     bias_up: torch.Tensor | None = None,
-    k_split: int | None = None,
+    k_split: int | tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """residual + act(x @ weight.T + bias) for one block, accumulated in float32 (float64 for
     float64 inputs) like the kernels do. For `swiglu`, `weight`/`bias` are the gate projection and
     `weight_up`/`bias_up` the up projection. With `k_split`, the products are accumulated per
-    part of `k_split` columns of K and the parts added in order, as a split-K kernel does."""
+    part of K and the parts added in order, as a split-K or stream-K kernel does: an int is the
+    width of every part, a tuple the parts' boundaries (0, ..., K)."""
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xa = x.to(acc_dtype)
+    if isinstance(k_split, int):
+        k_split = (*range(0, xa.shape[1], k_split), xa.shape[1])
 
     def product(w: torch.Tensor) -> torch.Tensor:
         w = w.to(acc_dtype)
         if k_split is None:
             return xa @ w.t()
-        parts = [xa[:, a : a + k_split] @ w[:, a : a + k_split].t() for a in range(0, xa.shape[1], k_split)]
+        parts = [xa[:, a:b] @ w[:, a:b].t() for a, b in zip(k_split, k_split[1:])]
         return functools.reduce(operator.add, parts)
 
     acc = product(weight)
@@ -97,12 +102,15 @@ BLOCK_N = {tile.block_n}
 N = {n}
 
 
-def kernel(x, weight, bias, residual, out, weight_up, bias_up, k_split=None):
+def kernel(x, weight, bias, residual, out, weight_up, bias_up, k_split=None, tile_k_parts=None):
+    # tile_k_parts(pid_m, pid_n, num_pid_m): a stream-K launch's K boundaries for that tile.
     M = x.shape[0]
     for m0 in range(0, M, BLOCK_M):
         m1 = min(m0 + BLOCK_M, M)  # virtual padding: the tail tile holds only the real rows
         for n0 in range(0, N, BLOCK_N):
             n1 = min(n0 + BLOCK_N, N)
+            if tile_k_parts is not None:
+                k_split = tile_k_parts(m0 // BLOCK_M, n0 // BLOCK_N, -(-M // BLOCK_M))
             out[m0:m1, n0:n1] = gemm_tile(
                 x[m0:m1],
                 weight[n0:n1],
@@ -128,7 +136,9 @@ def make_reference_launcher(spec: KernelSpec, source: str) -> Callable[..., torc
     out_dtype = getattr(torch, spec.out_dtype)
 
     split = bool(spec.param("split_k", False))
+    stream_k = bool(spec.param("stream_k", False))
     k, block_k = spec.param("k"), spec.tile.block_k
+    steps = -(-k // block_k)
 
     def launch(x, weight, bias=None, residual=None, *, out=None, weight_up=None, bias_up=None, num_programs=None,
                split_k=None):
@@ -136,19 +146,42 @@ def make_reference_launcher(spec: KernelSpec, source: str) -> Callable[..., torc
             raise ValueError(f"kernel {spec.name}: split_k needs a split-K kernel (make_params(..., split_k=True))")
         if split and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
             raise ValueError(f"kernel {spec.name}: a split-K kernel needs split_k, a positive int, got {split_k!r}")
-        k_split = None
+        k_split = tile_k_parts = None
         if split:  # parts of whole BLOCK_K steps, as the Triton kernel splits K
-            steps = -(-k // block_k)
             k_split = -(-steps // split_k) * block_k
+        if stream_k:
+            tile_k_parts = _stream_k_parts(spec, x.shape[0], num_programs or os.cpu_count() or 1)
         if swiglu and weight_up is None:
             weight, weight_up = weight[:n], weight[n:]
             if bias is not None:
                 bias, bias_up = bias[:n], bias[n:]
         if out is None:
             out = torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device)
-        return kernel(x, weight, bias, residual, out, weight_up, bias_up, k_split)
+        return kernel(x, weight, bias, residual, out, weight_up, bias_up, k_split, tile_k_parts)
 
     return launch
+
+
+def _stream_k_parts(spec: KernelSpec, m: int, num_programs: int) -> Callable[[int, int, int], tuple[int, ...]]:
+    """For a stream-K spec at M = `m` over `num_programs` programs (capped at the work units, as
+    the Triton launcher does): (pid_m, pid_n, num_pid_m) -> the K boundaries of that tile's
+    segments, the tile numbered in the kernels' grouped order."""
+    tile = spec.tile
+    n, k = spec.param("n"), spec.param("k")
+    steps = -(-k // tile.block_k)
+    num_pid_n = -(-n // tile.block_n)
+    units = -(-m // tile.block_m) * num_pid_n * steps
+    programs = max(1, min(num_programs, units))
+
+    def parts(pid_m: int, pid_n: int, num_pid_m: int) -> tuple[int, ...]:
+        # Inverse of the kernels' grouped order (GROUP_M row-tiles sweep N together).
+        first_pid_m = pid_m // tile.group_m * tile.group_m
+        group_size_m = min(num_pid_m - first_pid_m, tile.group_m)
+        tile_id = first_pid_m * num_pid_n + pid_n * group_size_m + (pid_m - first_pid_m)
+        segments = stream_k_segments(tile_id, steps, units, programs)
+        return (0, *(min(end * tile.block_k, k) for _, _, end in segments))
+
+    return parts
 
 
 def render_reference_grouped_gemm(spec: KernelSpec) -> str:

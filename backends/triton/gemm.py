@@ -106,10 +106,13 @@ import triton.language as tl
 '''
 
 
-def _signature(spec: KernelSpec, persistent: bool) -> str:
-    """The kernel's parameter list (one argument or argument group per line)."""
+def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False) -> str:
+    """The kernel's parameter list (one argument or argument group per line); a stream-K kernel
+    also takes its fp32 workspace and its grid size."""
     ep = spec.epilogue
     lines = ["x_ptr, w_ptr, out_ptr,"]
+    if stream_k:
+        lines.append("ws_ptr,  # fp32 partial tiles: [2 * NUM_PROGRAMS, planes, BLOCK_M, BLOCK_N]")
     if "swiglu" in ep:
         lines.append("wu_ptr,  # up-projection weight: its own pointer, so it need not be stacked")
     if "bias" in ep:
@@ -126,7 +129,7 @@ def _signature(spec: KernelSpec, persistent: bool) -> str:
     if "residual" in ep:
         lines.append("stride_rm, stride_rn,")
     lines.append("stride_om, stride_on,")
-    if persistent:
+    if persistent or stream_k:
         lines.append("NUM_PROGRAMS,  # grid size; capped by nano-batching to share the SMs")
     lines.append("N: tl.constexpr, K: tl.constexpr,")
     lines.append("BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,")
@@ -155,28 +158,34 @@ def _tile_compute(spec: KernelSpec) -> str:
     """Code that computes the output tile at rows `offs_m` (masked by `mask_m`) and column tile
     `pid_n`: the K loop over `x_ptr`/`w_ptr` (and `wu_ptr`), the epilogue and the masked store.
     Shared by the padded and the grouped GEMM, which differ only in how they find their rows."""
-    return _k_loop(spec, split=False) + "\n\n" + _epilogue(spec)
+    return _k_loop(spec) + "\n\n" + _epilogue(spec)
 
 
-def _k_loop(spec: KernelSpec, *, split: bool) -> str:
+# The K parts of the split-K and stream-K kernels: (first K index, end of the loop) expressions.
+_SPLIT_K_PART = ("pid_k * STEPS_PER_SPLIT * BLOCK_K", "tl.minimum(k_lo + STEPS_PER_SPLIT * BLOCK_K, K)")
+_STREAM_K_PART = ("ks * BLOCK_K", "tl.minimum(ke * BLOCK_K, K)")
+
+
+def _k_loop(spec: KernelSpec, k_part: tuple[str, str] | None = None) -> str:
     """Code that accumulates the tile at rows `offs_m` and column tile `pid_n` in fp32 (`acc`, or
-    `acc_gate`/`acc_up` for SwiGLU) over all of K, or with `split` over this program's part of it:
-    STEPS_PER_SPLIT steps of BLOCK_K from `pid_k * STEPS_PER_SPLIT * BLOCK_K`."""
+    `acc_gate`/`acc_up` for SwiGLU) over all of K, or over the part `k_part` = (first K index,
+    loop end) given as expressions in whole BLOCK_K steps (`_SPLIT_K_PART`, `_STREAM_K_PART`)."""
     ep = spec.epilogue
     n, k = gemm_dims(spec)
     swiglu = "swiglu" in ep
     even_k = k % spec.tile.block_k == 0
     dot_kw = _dot_precision_kwarg(spec.dtype)
+    split = k_part is not None
 
     code: list[str] = []
     add = code.append
     if split:
         add(
-            """\
+            f"""\
 offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 # A multiple of the constexpr BLOCK_K, so the compiler knows the loads stay aligned (and
-# pipelines them) although the split size is a runtime value.
-k_lo = pid_k * STEPS_PER_SPLIT * BLOCK_K
+# pipelines them) although where the part starts is a runtime value.
+k_lo = {k_part[0]}
 offs_k = tl.arange(0, BLOCK_K)
 mask_n = offs_n < N
 
@@ -223,7 +232,7 @@ acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)""".replace("{k_rows}", "
         loop_note = f"# K = {k} is not a multiple of BLOCK_K: the last K step is masked too."
     loop = [
         loop_note,
-        "for k0 in range(k_lo, tl.minimum(k_lo + STEPS_PER_SPLIT * BLOCK_K, K), BLOCK_K):" if split else "for k0 in range(0, K, BLOCK_K):",
+        f"for k0 in range(k_lo, {k_part[1]}, BLOCK_K):" if split else "for k0 in range(0, K, BLOCK_K):",
         f"    a = tl.load(x_ptrs, mask={x_mask}, other=0.0)",
     ]
     if swiglu:
@@ -329,6 +338,22 @@ def _helpers(spec: KernelSpec) -> str:
 REDUCE_BLOCK_M, REDUCE_BLOCK_N = 16, 128
 
 
+def _finish_signature(spec: KernelSpec, tail: list[str]) -> str:
+    """Parameters of a kernel that finishes tiles from an fp32 workspace (the split-K reduce,
+    the stream-K fixup): the workspace, the output and the epilogue's operands, then `tail`."""
+    ep = spec.epilogue
+    lines = ["ws_ptr, out_ptr,"]
+    if "bias" in ep:
+        lines.append("bias_ptr, bias_up_ptr," if "swiglu" in ep else "bias_ptr,")
+    if "residual" in ep:
+        lines.append("res_ptr,")
+    lines.append("M,")
+    if "residual" in ep:
+        lines.append("stride_rm, stride_rn,")
+    lines.append("stride_om, stride_on,")
+    return "\n".join("    " + line for line in lines + tail)
+
+
 def _split_sources(spec: KernelSpec, kname: str) -> str:
     """The split-K kernel pair of a spec: `kname` accumulates its K part of one output tile and
     stores the fp32 partial tile(s) into the workspace `ws[SPLIT_K, P, M, N]` (P = 2 for SwiGLU:
@@ -359,20 +384,10 @@ def _split_sources(spec: KernelSpec, kname: str) -> str:
     main_body = (
         "pid = tl.program_id(axis=0)\npid_k = tl.program_id(axis=1)\nnum_pid_m = tl.cdiv(M, BLOCK_M)\n"
         "num_pid_n = tl.cdiv(N, BLOCK_N)\nnum_pid_in_group = GROUP_M * num_pid_n\n\n"
-        + _tile_body(spec, "pid", _k_loop(spec, split=True))
+        + _tile_body(spec, "pid", _k_loop(spec, _SPLIT_K_PART))
         + "\n".join(store)
     )
-    ep = spec.epilogue
-    rlines = ["ws_ptr, out_ptr,"]
-    if "bias" in ep:
-        rlines.append("bias_ptr, bias_up_ptr," if swiglu else "bias_ptr,")
-    if "residual" in ep:
-        rlines.append("res_ptr,")
-    rlines.append("M,")
-    if "residual" in ep:
-        rlines.append("stride_rm, stride_rn,")
-    rlines += ["stride_om, stride_on,", "SPLIT_K,", "N: tl.constexpr,", "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,"]
-    reduce_sig = "\n".join("    " + line for line in rlines)
+    reduce_sig = _finish_signature(spec, ["SPLIT_K,", "N: tl.constexpr,", "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,"])
     sums = ["acc_gate", "acc_up"] if swiglu else ["acc"]
     reduce_body = "\n".join([
         "offs_m = tl.program_id(axis=0) * BLOCK_M + tl.arange(0, BLOCK_M)",
@@ -404,6 +419,99 @@ def _split_sources(spec: KernelSpec, kname: str) -> str:
     )
 
 
+def _stream_k_sources(spec: KernelSpec, kname: str) -> str:
+    """The stream-K kernel pair of a spec. `kname` runs on a persistent grid of NUM_PROGRAMS
+    programs; the work units (one BLOCK_K step of one output tile, tile-major in the grouped
+    tile order) are dealt in equal contiguous ranges, so every program streams the same share of
+    operands however the tiles divide over the SMs. A program finishes the tiles its range holds
+    whole (epilogue and store) and writes the fp32 partial tile(s) of the at most two it holds
+    in part (its range's first and last) to workspace slots 2p and 2p + 1. `kname_fixup`, one
+    program per tile, sums the partials of each tile several programs ran, in program order,
+    applies the epilogue and stores it. The unit arithmetic is `tileflow.tiles.stream_k_range`
+    and `stream_k_segments`, written out for the device."""
+    swiglu = "swiglu" in spec.epilogue
+    planes = 2 if swiglu else 1
+    sums = ["acc_gate", "acc_up"] if swiglu else ["acc"]
+    units = """\
+num_pid_m = tl.cdiv(M, BLOCK_M)
+num_pid_n = tl.cdiv(N, BLOCK_N)
+num_pid_in_group = GROUP_M * num_pid_n
+STEPS = (K + BLOCK_K - 1) // BLOCK_K  # a constant (K and BLOCK_K are)
+# Work units in int64: tiles * steps * NUM_PROGRAMS can pass 2^31.
+units = (num_pid_m * num_pid_n).to(tl.int64) * STEPS
+tile_elems = BLOCK_M * BLOCK_N
+ws_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]"""
+    partial = [
+        "# Part of a tile: its fp32 partial goes to this program's slot (first segment 0, last 1).",
+        "slot = (u != u_begin).to(tl.int64)",
+        f"ws_tile = ws_ptr + ((pid * 2 + slot) * {planes}) * tile_elems + ws_offs",
+        *[f"tl.store(ws_tile{f' + {i} * tile_elems' if i else ''}, {a})" for i, a in enumerate(sums)],
+    ]
+    segment = (
+        _tile_body(spec, "tile_id", _k_loop(spec, _STREAM_K_PART))
+        + "\n\nif (ks == 0) & (ke == STEPS):  # the whole tile: finish it here\n"
+        + textwrap.indent(_epilogue(spec), "    ", lambda line: bool(line.strip()))
+        + "\nelse:\n"
+        + textwrap.indent("\n".join(partial), "    ")
+        + "\nu += ke - ks"
+    )
+    main_body = "\n".join([
+        "pid = tl.program_id(axis=0).to(tl.int64)",
+        units,
+        "u_begin = pid * units // NUM_PROGRAMS",
+        "u_end = (pid + 1) * units // NUM_PROGRAMS",
+        "u = u_begin",
+        "while u < u_end:",
+        "    tile_id = (u // STEPS).to(tl.int32)",
+        "    ks = (u % STEPS).to(tl.int32)",
+        "    ke = tl.minimum(u_end - u + ks, STEPS).to(tl.int32)",
+        textwrap.indent(segment, "    ", lambda line: bool(line.strip())),
+    ])
+    fixup_sig = _finish_signature(spec, ["NUM_PROGRAMS,", "N: tl.constexpr, K: tl.constexpr,",
+                                         "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,",
+                                         "GROUP_M: tl.constexpr,"])
+    gather = "\n".join([
+        "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
+        "mask_n = offs_n < N",
+        "rows = offs_m[:, None].to(tl.int64)",
+        "cols = offs_n[None, :]",
+        *[f"{a} = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)" for a in sums],
+        "# Partials are added in program order, so a result does not depend on scheduling.",
+        "for q in range(p_first, p_last + 1):",
+        "    q_lo = q * units // NUM_PROGRAMS",
+        "    q_hi = (q + 1) * units // NUM_PROGRAMS",
+        "    slot = (q_lo < u_first).to(tl.int64)  # 0: q's range starts in this tile",
+        "    # A program without units wrote nothing (the launcher keeps NUM_PROGRAMS <= units).",
+        "    written = ws_offs < (q_hi - q_lo) * tile_elems",
+        f"    ws_tile = ws_ptr + ((q * 2 + slot) * {planes}) * tile_elems + ws_offs",
+        *[f"    {a} += tl.load(ws_tile{f' + {i} * tile_elems' if i else ''}, mask=written, other=0.0)"
+          for i, a in enumerate(sums)],
+        "",
+        _epilogue(spec),
+    ])
+    fixup_body = "\n".join([
+        "tile_id = tl.program_id(axis=0)",
+        units,
+        "u_first = tile_id.to(tl.int64) * STEPS",
+        "# The programs whose ranges meet this tile's units: one means it was finished whole.",
+        "p_first = ((u_first + 1) * NUM_PROGRAMS - 1) // units",
+        "p_last = ((u_first + STEPS) * NUM_PROGRAMS - 1) // units",
+        "if p_first != p_last:",
+        textwrap.indent(_tile_body(spec, "tile_id", gather), "    ", lambda line: bool(line.strip())),
+    ])
+    return (
+        "# M and the grid size are runtime values (no integer specialization, no recompiles).\n"
+        '@triton.jit(do_not_specialize=["M", "NUM_PROGRAMS"])\n'
+        f"def {kname}(\n{_signature(spec, False, stream_k=True)}\n):\n"
+        + textwrap.indent(main_body, "    ", lambda line: bool(line.strip()))
+        + "\n\n\n"
+        + '@triton.jit(do_not_specialize=["M", "NUM_PROGRAMS"])\n'
+        + f"def {kname}_fixup(\n{fixup_sig}\n):\n"
+        + textwrap.indent(fixup_body, "    ", lambda line: bool(line.strip()))
+        + "\n"
+    )
+
+
 def render_gemm_source(spec: KernelSpec) -> str:
     """Generate the Triton source module for a `padded_gemm` KernelSpec.
 
@@ -420,11 +528,15 @@ def render_gemm_source(spec: KernelSpec) -> str:
     tile = spec.tile
     persistent = bool(spec.param("persistent", False))
     split = bool(spec.param("split_k", False))
-    if persistent and split:
-        raise ValueError(f"{spec.name}: a GEMM kernel is persistent or split along K, not both")
+    stream_k = bool(spec.param("stream_k", False))
+    if persistent + split + stream_k > 1:
+        raise ValueError(f"{spec.name}: a GEMM kernel is at most one of persistent, split along K and stream-K")
     kname = kernel_identifier(spec)
     if persistent:
         schedule = "persistent: min(num_tiles, NUM_PROGRAMS) programs loop over the tiles"
+    elif stream_k:
+        schedule = ("stream-K: NUM_PROGRAMS programs each run an equal range of (tile, BLOCK_K step) units; "
+                    "the _fixup kernel sums the tiles several programs shared and applies the epilogue")
     elif split:
         schedule = ("split-K: SPLIT_K programs per output tile each accumulate STEPS_PER_SPLIT BLOCK_K steps into an fp32 "
                     "workspace; the _reduce kernel sums them and applies the epilogue")
@@ -447,6 +559,8 @@ def render_gemm_source(spec: KernelSpec) -> str:
     )
     if split:
         return header + _helpers(spec) + "\n\n" + _split_sources(spec, kname)
+    if stream_k:
+        return header + _helpers(spec) + "\n\n" + _stream_k_sources(spec, kname)
     no_spec = '["M", "NUM_PROGRAMS"]' if persistent else '["M"]'
     prologue = """\
 pid = tl.program_id(axis=0)
@@ -515,8 +629,9 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
     - `bias` ([N], or [2N] for swiglu) and `residual` ([M, N]) must be given exactly when the
       epilogue has them; their dtype is the spec dtype or out_dtype;
     - `out`, when given, must be [M, N] of out_dtype and is written in place (any strides);
-    - `num_programs` caps the grid of a persistent kernel (default: SM count on CUDA); it is an
-      error for a non-persistent spec, whose grid cannot be capped without dropping tiles.
+    - `num_programs` caps the grid of a persistent kernel and sets that of a stream-K kernel
+      (default: SM count on CUDA); it is an error for other specs, whose grid cannot be capped
+      without dropping tiles.
 
     M == 0 returns the (empty) output without launching. Bad inputs raise ValueError.
     """
@@ -528,9 +643,11 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
     has_bias, has_res = "bias" in ep, "residual" in ep
     persistent = bool(spec.param("persistent", False))
     split = bool(spec.param("split_k", False))
+    stream_k = bool(spec.param("stream_k", False))
     where = f"kernel {spec.name}"
     num_warps = launch_warps(spec)
     reduce_fn = kernel_fn.fn.__globals__[kernel_fn.fn.__name__ + "_reduce"] if split else None
+    fixup_fn = kernel_fn.fn.__globals__[kernel_fn.fn.__name__ + "_fixup"] if stream_k else None
 
     def launch(
         x: torch.Tensor,
@@ -560,10 +677,10 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         x, weight, bias, residual, out = ops.x, ops.weight, ops.bias, ops.residual, ops.out
         weight_up, bias_up, m, device = ops.weight_up, ops.bias_up, ops.m, ops.x.device
         if num_programs is not None:
-            if not persistent:
+            if not (persistent or stream_k):
                 raise ValueError(
-                    f"{where}: num_programs caps the grid of a persistent kernel only; "
-                    f"build the spec with make_params(..., persistent=True)"
+                    f"{where}: num_programs sets the grid of a persistent or stream-K kernel only; "
+                    f"build the spec with make_params(..., persistent=True) or stream_k=True"
                 )
             if not isinstance(num_programs, int) or num_programs < 1:
                 raise ValueError(
@@ -577,6 +694,13 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         if split:
             return _launch_split(ops, split_k, num_tiles, num_warps)
         args: list[Any] = [x, weight, out]
+        if stream_k:
+            # Every program keeps at most two partial tiles (its range's first and last).
+            grid_size = min(num_programs if num_programs is not None else _default_num_programs(device),
+                            num_tiles * _cdiv(k, tile.block_k))
+            workspace = torch.empty((2 * grid_size, 2 if swiglu else 1, tile.block_m, tile.block_n),
+                                    dtype=torch.float32, device=device)
+            args.append(workspace)
         if swiglu:
             args.append(weight_up)
         if has_bias:
@@ -595,20 +719,28 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
             cap = num_programs if num_programs is not None else _default_num_programs(device)
             grid_size = min(num_tiles, cap)
             args.append(grid_size)
+        elif stream_k:
+            args.append(grid_size)
         else:
             grid_size = num_tiles
-        kernel_fn[(grid_size,)](
-            *args,
-            N=n,
-            K=k,
-            BLOCK_M=tile.block_m,
-            BLOCK_N=tile.block_n,
-            BLOCK_K=tile.block_k,
-            GROUP_M=tile.group_m,
-            num_warps=num_warps,
-            num_stages=tile.num_stages,
-        )
+        consts = dict(N=n, K=k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+                      GROUP_M=tile.group_m)
+        kernel_fn[(grid_size,)](*args, **consts, num_warps=num_warps, num_stages=tile.num_stages)
+        if stream_k:
+            fixup_fn[(num_tiles,)](*_finish_args(ops, workspace), grid_size, **consts, num_warps=num_warps)
         return out
+
+    def _finish_args(ops: Any, workspace: torch.Tensor) -> list[Any]:
+        """The arguments `_finish_signature` names, up to its tail."""
+        args: list[Any] = [workspace, ops.out]
+        if has_bias:
+            args += [ops.bias, ops.bias_up] if swiglu else [ops.bias]
+        if has_res:
+            args.append(ops.residual)
+        args.append(ops.m)
+        if has_res:
+            args += [ops.residual.stride(0), ops.residual.stride(1)]
+        return args + [ops.out.stride(0), ops.out.stride(1)]
 
     def _launch_split(ops: Any, split_k: int, num_tiles: int, num_warps: int) -> torch.Tensor:
         """The split-K pair: partial tiles into an fp32 workspace, then the reduce + epilogue."""
@@ -627,17 +759,8 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
             *args, N=n, K=k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
             GROUP_M=tile.group_m, num_warps=num_warps, num_stages=tile.num_stages,
         )
-        rargs: list[Any] = [workspace, out]
-        if has_bias:
-            rargs += [ops.bias, ops.bias_up] if swiglu else [ops.bias]
-        if has_res:
-            rargs.append(ops.residual)
-        rargs.append(m)
-        if has_res:
-            rargs += [ops.residual.stride(0), ops.residual.stride(1)]
-        rargs += [out.stride(0), out.stride(1), parts]
         reduce_fn[(_cdiv(m, REDUCE_BLOCK_M), _cdiv(n, REDUCE_BLOCK_N))](
-            *rargs, N=n, BLOCK_M=REDUCE_BLOCK_M, BLOCK_N=REDUCE_BLOCK_N, num_warps=4,
+            *_finish_args(ops, workspace), parts, N=n, BLOCK_M=REDUCE_BLOCK_M, BLOCK_N=REDUCE_BLOCK_N, num_warps=4,
         )
         return out
 

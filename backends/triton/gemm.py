@@ -338,6 +338,13 @@ def _helpers(spec: KernelSpec) -> str:
 REDUCE_BLOCK_M, REDUCE_BLOCK_N = 16, 128
 
 
+def _jit_function(name: str, signature: str, body: str, runtime_ints: tuple[str, ...]) -> str:
+    """Source of one `@triton.jit` function whose `runtime_ints` are never specialized on."""
+    return (f"@triton.jit(do_not_specialize={list(runtime_ints)!r})\n".replace("'", '"')
+            + f"def {name}(\n{signature}\n):\n"
+            + textwrap.indent(body, "    ", lambda line: bool(line.strip())) + "\n")
+
+
 def _finish_signature(spec: KernelSpec, tail: list[str]) -> str:
     """Parameters of a kernel that finishes tiles from an fp32 workspace (the split-K reduce,
     the stream-K fixup): the workspace, the output and the epilogue's operands, then `tail`."""
@@ -408,14 +415,9 @@ def _split_sources(spec: KernelSpec, kname: str) -> str:
     ])
     return (
         "# M and the split sizes are runtime values (no integer specialization, no recompiles).\n"
-        f'@triton.jit(do_not_specialize=["M", "STEPS_PER_SPLIT"])\n'
-        f"def {kname}(\n{main_sig}\n):\n"
-        + textwrap.indent(main_body, "    ", lambda line: bool(line.strip()))
-        + "\n\n\n"
-        + '@triton.jit(do_not_specialize=["M", "SPLIT_K"])\n'
-        + f"def {kname}_reduce(\n{reduce_sig}\n):\n"
-        + textwrap.indent(reduce_body, "    ", lambda line: bool(line.strip()))
-        + "\n"
+        + _jit_function(kname, main_sig, main_body, ("M", "STEPS_PER_SPLIT"))
+        + "\n\n"
+        + _jit_function(f"{kname}_reduce", reduce_sig, reduce_body, ("M", "SPLIT_K"))
     )
 
 
@@ -501,14 +503,9 @@ ws_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None,
     ])
     return (
         "# M and the grid size are runtime values (no integer specialization, no recompiles).\n"
-        '@triton.jit(do_not_specialize=["M", "NUM_PROGRAMS"])\n'
-        f"def {kname}(\n{_signature(spec, False, stream_k=True)}\n):\n"
-        + textwrap.indent(main_body, "    ", lambda line: bool(line.strip()))
-        + "\n\n\n"
-        + '@triton.jit(do_not_specialize=["M", "NUM_PROGRAMS"])\n'
-        + f"def {kname}_fixup(\n{fixup_sig}\n):\n"
-        + textwrap.indent(fixup_body, "    ", lambda line: bool(line.strip()))
-        + "\n"
+        + _jit_function(kname, _signature(spec, False, stream_k=True), main_body, ("M", "NUM_PROGRAMS"))
+        + "\n\n"
+        + _jit_function(f"{kname}_fixup", fixup_sig, fixup_body, ("M", "NUM_PROGRAMS"))
     )
 
 
@@ -561,7 +558,6 @@ def render_gemm_source(spec: KernelSpec) -> str:
         return header + _helpers(spec) + "\n\n" + _split_sources(spec, kname)
     if stream_k:
         return header + _helpers(spec) + "\n\n" + _stream_k_sources(spec, kname)
-    no_spec = '["M", "NUM_PROGRAMS"]' if persistent else '["M"]'
     prologue = """\
 pid = tl.program_id(axis=0)
 num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -585,10 +581,7 @@ num_pid_in_group = GROUP_M * num_pid_n"""
         + "\n\n"
         + "# M (and the grid size) are excluded from integer specialization: a new token\n"
         + "# count reuses the compiled kernel, no variant for M % 16 == 0 or M == 1.\n"
-        + f"@triton.jit(do_not_specialize={no_spec})\n"
-        + f"def {kname}(\n{_signature(spec, persistent)}\n):\n"
-        + textwrap.indent(body, "    ", lambda line: bool(line.strip()))
-        + "\n"
+        + _jit_function(kname, _signature(spec, persistent), body, ("M", "NUM_PROGRAMS") if persistent else ("M",))
     )
 
 

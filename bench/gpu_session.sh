@@ -8,8 +8,8 @@
 # Stages: gemm, gemm-quick, attention, attention-sweep (kernel configurations), e2e
 # (prefill-shaped steps, mixed serving steps, request traces), e2e-prefill (the first part
 # only), e2e-serving (the other two), profile (where a step's time goes, bench/profile_step.py), tiles (bench/gemm.py
-# --measure-tiles), tests (the kernel and GPU runtime tests, compiled Triton), tests-gpu (only
-# tests/test_gpu.py: models, graphs and streams on CUDA). A stage that fails or runs out of time
+# --measure-tiles), tests (the kernel tests, compiled Triton), tests-gpu (tests/test_gpu.py:
+# models, graphs and streams on CUDA). A stage that fails or runs out of time
 # does not stop the next one. Narrower runs: ATTENTION_PARTS (default decode,prefill,mixed,mask),
 # E2E_TOKENS (default 256,1024,4096) and E2E_TRACE_REQUESTS (default 256).
 set -u
@@ -62,11 +62,15 @@ for item in "$@"; do
     tiles) run_stage tiles "$limit" $PY bench/gemm.py --measure-tiles bench/results/tile_timings-h200.json ;;
     # Per-test timeout, an early stop and one line per test as it ends (-v), so the failures'
     # names are in the log even when the stage's limit cuts the run before pytest's summary.
-    tests) run_stage tests "$limit" $PY -m pytest -v -rf --tb=short -p no:cacheprovider -n 16 --maxfail=12 \
-             --timeout=45 tests/test_gpu.py tests/test_triton_gemm.py tests/test_triton_attention.py \
-             tests/test_grouped_gemm.py ;;
-    tests-gpu) run_stage tests-gpu "$limit" $PY -m pytest -v -rf --tb=short -p no:cacheprovider -n 8 \
-                 --timeout=60 tests/test_gpu.py ;;
+    # One Inductor compile thread per worker: 16 workers each starting a pool of 16 starve the
+    # machine and push model tests past their timeout.
+    tests) TORCHINDUCTOR_COMPILE_THREADS=1 run_stage tests "$limit" $PY -m pytest -v -rf --tb=short \
+             -p no:cacheprovider -n 16 --maxfail=12 --timeout=45 tests/test_triton_gemm.py \
+             tests/test_triton_attention.py tests/test_grouped_gemm.py ;;
+    # The model, stream and graph tests: fewer workers, a longer per-test limit, and the thread
+    # method, which dumps every stack of a test that overruns and names it.
+    tests-gpu) TORCHINDUCTOR_COMPILE_THREADS=1 run_stage tests-gpu "$limit" $PY -m pytest -v -rf --tb=short \
+                 -p no:cacheprovider -n 4 --timeout=150 --timeout-method=thread tests/test_gpu.py ;;
     *) echo "unknown stage $name" ;;
   esac
 done

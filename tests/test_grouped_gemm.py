@@ -27,13 +27,22 @@ from tileflow.kernel_spec import TileConfig, check_gemm_spec
 from tileflow.lower import grouped_gemm_spec
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.runtime import decode_plan, expected_group_rows, get_kernel
-from tileflow.targets import get_backend
+from tileflow.targets import get_backend, triton_interpreter_enabled
 
 from gemm_cases import TOL
 from models import build
 
 aten = torch.ops.aten
 GROUPED = torch.ops.tileflow.grouped_gemm.default
+
+# Where a target's kernels run: compiled Triton kernels need CUDA tensors (the interpreter and
+# the other targets run on the CPU).
+TRITON_DEVICE = "cpu" if triton_interpreter_enabled() or not torch.cuda.is_available() else "cuda"
+
+
+def _device(target: str) -> str:
+    return TRITON_DEVICE if target == "triton" else "cpu"
+
 
 # N and K are no multiple of any tile side (tiles are powers of two >= 16).
 N, K = 40, 20
@@ -101,9 +110,10 @@ KERNEL_CASES = [
         (torch.float32, 8, "gelu", TileConfig(16, 32, 32)),
     )
 ] + [
-    # bfloat16 on the reference and Ascend CPU backends only: Triton's CPU interpreter computes
-    # bf16 dots wrongly (the padded GEMM's too); on a GPU this case belongs with the others.
-    (target, torch.bfloat16, 3, "swiglu", TileConfig(16, 32, 32)) for target in ("reference", "ascend-cpu")
+    # bfloat16 on the reference and Ascend CPU backends, and on Triton with a GPU: Triton's CPU
+    # interpreter computes bf16 dots wrongly (the padded GEMM's too).
+    (target, torch.bfloat16, 3, "swiglu", TileConfig(16, 32, 32))
+    for target in ("reference", "ascend-cpu") + (("triton",) if TRITON_DEVICE == "cuda" else ())
 ]
 ASCEND_HEADERS = Path(__file__).parent / "ascend_cpu"
 
@@ -123,21 +133,25 @@ def test_kernel_matches_float64(target: str, dtype: torch.dtype, e: int, activat
     rows = 2 * N if activation == "swiglu" else N
     spec = grouped_gemm_spec(dtype=dtype, out_dtype=dtype, n=N, k=K, experts=e, tile=tile, activation=activation)
     kernel = _kernel(target, spec)
+    dev = _device(target)
     for seed, transposed in ((0, True), (1, False)):
         x, w, offsets = _inputs(sizes, rows, dtype, seed, transposed)
-        out = torch.full((x.shape[0], N), float("nan"), dtype=dtype)
-        assert kernel(x, w, offsets, out=out) is out
-        _assert_close(out, _reference(x, w, offsets, activation), dtype)
+        out = torch.full((x.shape[0], N), float("nan"), dtype=dtype, device=dev)
+        assert kernel(x.to(dev), w.to(dev), offsets.to(dev), out=out) is out
+        _assert_close(out.cpu(), _reference(x, w, offsets, activation), dtype)
 
 
 @pytest.mark.parametrize("target", ["reference", "triton", "ascend-cpu"])
 def test_kernel_with_no_rows_and_with_every_row_in_one_group(target: str) -> None:
     spec = grouped_gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=N, k=K, experts=3, tile=TileConfig(16, 32, 32))
     kernel = _kernel(target, spec)
-    empty = kernel(torch.empty(0, K), torch.randn(3, N, K), torch.zeros(3, dtype=torch.int32))
+    dev = _device(target)
+    empty = kernel(torch.empty(0, K, device=dev), torch.randn(3, N, K, device=dev),
+                   torch.zeros(3, dtype=torch.int32, device=dev))
     assert empty.shape == (0, N)
     x, w, offsets = _inputs([0, 0, 50], N, torch.float32, 2, True)
-    _assert_close(kernel(x, w, offsets), _reference(x, w, offsets, "none"), torch.float32)
+    got = kernel(x.to(dev), w.to(dev), offsets.to(dev))
+    _assert_close(got.cpu(), _reference(x, w, offsets, "none"), torch.float32)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])

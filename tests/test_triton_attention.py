@@ -638,22 +638,25 @@ def test_launch_validation() -> None:
         a.update(changes)
         launch(*a.values(), t, **kw)
 
+    # Every hand-made input on the batch's device: each call has exactly one thing wrong.
     with pytest.raises(ValueError, match="head_dim"):
-        call(q=torch.zeros(4, 4, 32))
+        call(q=torch.zeros(4, 4, 32, device=DEVICE))
     with pytest.raises(ValueError, match="gqa"):
-        call(q=torch.zeros(4, 8, 16))
+        call(q=torch.zeros(4, 8, 16, device=DEVICE))
     with pytest.raises(ValueError, match="float32"):
         call(q=args[0].half())
     with pytest.raises(ValueError, match="built without one"):
         call(sliding_window=4)
     with pytest.raises(ValueError, match="without tree"):
-        call(tree_mask=torch.ones(2, 4, 4, dtype=torch.bool))
+        call(tree_mask=torch.ones(2, 4, 4, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="block_q"):
         call(table=table_for(batch, attn_spec(gqa=2, block_q=2)))
     with pytest.raises(ValueError, match="out must"):
-        call(out=torch.empty(4, 4, 8))
+        call(out=torch.empty(4, 4, 8, device=DEVICE))
     with pytest.raises(ValueError, match="S \\+ 1"):
-        call(cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32))
+        call(cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="is on"):
+        call(q=args[0].to("meta"))  # a q on another device than the cache
 
     windowed = attn_spec(gqa=2, block_q=4, sliding_window=True)
     with pytest.raises(ValueError, match="sliding_window=<int >= 1>"):

@@ -413,8 +413,10 @@ class CudaGraphBuckets:
                 captured = self._capture(key, bucket, args, tokens)
             except Exception as exc:  # e.g. a host sync inside the step: it cannot be replayed
                 self._failed.add(key)
+                # With the traceback: on CUDA, ending a failed capture can raise again, and the
+                # first error (chained under it) is the one that says why.
                 log.warning("step not captured for the %d-token bucket (%s: %s); running it uncaptured",
-                            bucket, type(exc).__name__, exc)
+                            bucket, type(exc).__name__, exc, exc_info=exc)
                 return self.step(*args)
         for static, value, dim in zip(captured.static_inputs, args, self.input_token_dims):
             if isinstance(static, torch.Tensor) and static is not value and dim != TOKEN_COUNT:

@@ -16,6 +16,7 @@ On a CPU-only machine it says so and runs a small smoke check through the Triton
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import traceback
@@ -28,16 +29,20 @@ M_VALUES = [1, 8, 16, 33, 64, 100, 128, 256, 512, 1000, 1024, 2048, 4096, 8192]
 MAX_TOKENS = 8192
 
 
-def planned_stream_k(x, w):
-    """`x @ w^T` with the tile tileflow's plan picks for this M on x's device, run as stream-K
-    over every SM (or CPU core). Plans run stream-K only where measured tile times say so: this
-    is what such a measurement would compare."""
+# Kernel variants a plan runs only where measured tile times say so: the main table times each
+# M's planned tile as each of them, which is what such a measurement would compare.
+VARIANTS = {"stream-K": {"stream_k": True}, "TMA": {"tma": True}}
+
+
+def planned_variant(x, w, variant: str):
+    """`x @ w^T` with the tile tileflow's plan picks for this M on x's device, run as `variant`
+    (a key of VARIANTS; stream-K over every SM or CPU core)."""
     import tileflow
     from tileflow.lower import gemm_spec
 
     n, k = w.shape
     plan = tileflow.runtime.gemm_plan(n, k, x.dtype, "triton", x.device.type, m_max=MAX_TOKENS)
-    spec = gemm_spec(dtype=x.dtype, out_dtype=x.dtype, n=n, k=k, tile=plan.select_tile(x.shape[0]), stream_k=True)
+    spec = gemm_spec(dtype=x.dtype, out_dtype=x.dtype, n=n, k=k, tile=plan.select_tile(x.shape[0]), **VARIANTS[variant])
     return tileflow.runtime.get_kernel("triton", spec)(x, w)
 
 
@@ -55,7 +60,8 @@ def smoke() -> int:
     with tileflow.use_config(tileflow.Config(target="triton", max_tokens=256)):
         for m in (1, 17, 100):
             x = torch.randn(m, k)
-            for name, fn in (("planned", tileflow.ops.padded_gemm), ("stream-K", planned_stream_k)):
+            for name, fn in (("planned", tileflow.ops.padded_gemm),
+                             *((v, functools.partial(planned_variant, variant=v)) for v in VARIANTS)):
                 err = rel_err(fn(x, w), x.double() @ w.double().t())
                 print(f"  M={m:4d} N={n} K={k} {name}: rel err {err:.1e}")
                 if not err < 1e-5:
@@ -160,7 +166,7 @@ def run_swiglu(quick: bool, peak: float, failures: list[str]) -> str:
               "and the elementwise work; TFLOP/s count both GEMMs")
 
 
-def run_gpu(quick: bool, write: bool) -> int:
+def run_gpu(quick: bool, write: bool, tile_timings: str | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
@@ -180,16 +186,17 @@ def run_gpu(quick: bool, write: bool) -> int:
 
     inductor_dyn = torch.compile(linear, dynamic=True)
     inductor_max = torch.compile(linear, dynamic=True, mode="max-autotune-no-cudagraphs")
-    config = tileflow.Config(target="triton", max_tokens=MAX_TOKENS)
+    # With measured tile times the plans choose among every kernel variant by measurement.
+    config = tileflow.Config(target="triton", max_tokens=MAX_TOKENS, tile_timings=tile_timings)
 
     def tileflow_gemm(x, w):
         with tileflow.use_config(config):
             return tileflow.ops.padded_gemm(x, w)
 
     methods = {"tileflow": tileflow_gemm, "cuBLAS": linear, "Inductor-dynamic": inductor_dyn, "Inductor-max-autotune": inductor_max,
-               "tileflow stream-K": planned_stream_k}
+               **{f"tileflow {v}": functools.partial(planned_variant, variant=v) for v in VARIANTS}}
     rows, ratios = [], {name: [] for name in methods if not name.startswith("tileflow")}
-    stream_k_ratios: list[float] = []
+    variant_ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
     failures: list[str] = []
     big_m_fraction = []
     for n, k in shapes:
@@ -203,25 +210,25 @@ def run_gpu(quick: bool, write: bool) -> int:
             ours = add_ratios(ratios, tflops)
             if m >= 2048 and ours:
                 big_m_fraction.append(ours / peak)
-            streamed = tflops["tileflow stream-K"]
-            if streamed and tflops["cuBLAS"]:
-                stream_k_ratios.append(streamed / tflops["cuBLAS"])
+            for v, vals in variant_ratios.items():
+                if tflops[f"tileflow {v}"] and tflops["cuBLAS"]:
+                    vals.append(tflops[f"tileflow {v}"] / tflops["cuBLAS"])
             rows.append([f"{n}x{k}", m] + [_cell(tflops[name]) for name in methods]
                         + ([f"{100 * ours / peak:.0f}%"] if ours else ["FAIL"])
-                        + ([f"{ours / tflops['cuBLAS']:.2f}"] if ours and tflops["cuBLAS"] else ["FAIL"])
-                        + ([f"{streamed / tflops['cuBLAS']:.2f}"] if streamed and tflops["cuBLAS"] else ["FAIL"]))
+                        + [f"{tflops[name] / tflops['cuBLAS']:.2f}" if tflops[name] and tflops["cuBLAS"] else "FAIL"
+                           for name in ("tileflow", *(f"tileflow {v}" for v in VARIANTS))])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     kernels = {}
     for kern in tileflow.runtime.compiled_kernels("padded_gemm"):
-        if kern.spec.param("stream_k", False):
-            continue  # the stream-K column's kernels are not the plans'
+        if any(kern.spec.param(flag, False) for variant in VARIANTS.values() for flag in variant):
+            continue  # the variant columns' kernels are not the plans'
         key = f"{kern.spec.param('n')}x{kern.spec.param('k')}"
         kernels[key] = kernels.get(key, 0) + 1
     summary = [
         f"- geomean tileflow / {name}: **{geomean(vals):.2f}x**" for name, vals in ratios.items()
     ] + [
-        f"- geomean tileflow stream-K / cuBLAS: **{geomean(stream_k_ratios):.2f}x** (each M's planned tile as stream-K "
-        "over every SM: not in the plans until measured tile times put it there)",
+        *(f"- geomean tileflow {v} / cuBLAS: **{geomean(vals):.2f}x** (each M's planned tile as {v}: not in the plans "
+          "until measured tile times put it there)" for v, vals in variant_ratios.items()),
         f"- tileflow at M >= 2048: {100 * geomean(big_m_fraction):.0f}% of the measured {peak:.0f} TFLOP/s bf16 ceiling (geomean)",
         f"- tileflow kernels compiled per (N, K): {kernels} (each serves its plan's M range; a split-K kernel and its "
         "reduce kernel count as one; no recompiles)",
@@ -229,13 +236,17 @@ def run_gpu(quick: bool, write: bool) -> int:
         "- times: median over CUDA-graph replays (device time, no host launch overhead), rotating input sets.",
     ] + [f"- FAILED: {failure}" for failure in failures]
     headers = (["N x K", "M"] + [f"{name} TFLOP/s" for name in methods]
-               + ["tileflow % peak", "tileflow / cuBLAS", "stream-K / cuBLAS"])
+               + ["tileflow % peak", "tileflow / cuBLAS"] + [f"{v} / cuBLAS" for v in VARIANTS])
     print("\n" + "\n".join(summary))
     swiglu = run_swiglu(quick, peak, failures)
     summary += [f"- FAILED: {failure}" for failure in failures if failure.startswith("SwiGLU")]
     body = markdown_table(headers, rows) + "\n\n" + "\n".join(summary) + "\n\n" + swiglu
     if write:
-        print(f"wrote {write_results('gemm', 'Dynamic-M GEMM: tileflow vs cuBLAS vs Inductor (bf16)', env, body)}")
+        name, title = (("gemm_measured_plans", "Dynamic-M GEMM with measured tile plans: tileflow vs cuBLAS vs Inductor (bf16)")
+                       if tile_timings else ("gemm", "Dynamic-M GEMM: tileflow vs cuBLAS vs Inductor (bf16)"))
+        if tile_timings:
+            body = f"- tileflow's plans from the tile times in `{tile_timings}`\n\n" + body
+        print(f"wrote {write_results(name, title, env, body)}")
     return 1 if failures else 0
 
 
@@ -245,11 +256,12 @@ def _cell(tflops: float | None) -> str:
 
 
 def measure_tiles(path: str) -> int:
-    """Time every candidate tile config on this GPU, plain, persistent and split along K, and
-    write per-tile seconds for `Config(tile_timings=path)`: time at an M giving about four full
-    waves, divided by the waves. Plans then run a config's persistent or split variant where it
-    measured faster. A split kernel's entry is per program (one tile's K part): its reduce
-    kernel's modeled time is taken out of the measurement, as plans add it back per M."""
+    """Time every candidate tile config on this GPU, plain, persistent, with TMA loads, as
+    stream-K and split along K, and write per-tile seconds for `Config(tile_timings=path)`: time
+    at an M giving about four full waves, divided by the waves. Plans then run a config's
+    variant where it measured faster. A split kernel's entry is per program (one tile's K
+    part), a stream-K kernel's per work unit (one BLOCK_K step of one tile): the reduce's or
+    fixup's modeled time is taken out of the measurement, as plans add it back per M."""
     import json
     import math
 
@@ -271,16 +283,16 @@ def measure_tiles(path: str) -> int:
             waves = math.ceil(math.ceil(m / tile.block_m) * n_tiles / device.cores)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             want = x.double() @ w.double().t()
-            # Both kernel variants of the config: the plan runs the persistent one where it wins.
-            for persistent in (False, True):
-                spec = gemm_spec(dtype=torch.bfloat16, out_dtype=torch.bfloat16, n=n, k=k, tile=tile, persistent=persistent)
+            # The config's whole-tile kernels: plans run the persistent or TMA one where it wins.
+            for variant in ({}, {"persistent": True}, {"tma": True}):
+                spec = gemm_spec(dtype=torch.bfloat16, out_dtype=torch.bfloat16, n=n, k=k, tile=tile, **variant)
                 kernel = runtime.get_kernel("triton", spec)
                 if not rel_err(kernel(x, w), want) < 1e-2:
                     print(f"FAIL: {spec.name} disagrees with the float64 reference", file=sys.stderr)
                     return 1
                 ms = graph_median_ms([lambda: kernel(x, w)])
                 entries.append({"device": device.name, "dtype": "bfloat16", "n": n, "k": k, "tile": tile.to_dict(),
-                                "tile_seconds": ms / 1e3 / waves, "m": m, "persistent": persistent})
+                                "tile_seconds": ms / 1e3 / waves, "m": m, **variant})
                 print(f"{n}x{k} {spec.name}: {ms:.3f} ms at M={m} ({waves} waves)", flush=True)
             # Stream-K at the same M: the time of one work unit (a BLOCK_K step of one tile) on the
             # busiest SM, the fixup's modeled time taken out (plans add it back per M).
@@ -325,6 +337,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="two shapes and four M values")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/")
     parser.add_argument("--measure-tiles", metavar="FILE", help="measure per-tile times for Config(tile_timings=FILE)")
+    parser.add_argument("--tile-timings", metavar="FILE", help="plan tileflow's GEMMs from these measured tile times")
     args = parser.parse_args()
     import torch
 
@@ -335,7 +348,7 @@ def main() -> int:
         return smoke()
     if args.measure_tiles:
         return measure_tiles(args.measure_tiles)
-    return run_gpu(args.quick, not args.no_write)
+    return run_gpu(args.quick, not args.no_write, args.tile_timings)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@
 #
 # Stages: gemm, gemm-quick, attention, attention-sweep (kernel configurations), e2e
 # (prefill-shaped steps, mixed serving steps, request traces), e2e-prefill (the first part
-# only), e2e-serving (the other two), profile (where a step's time goes, bench/profile_step.py), tiles (bench/gemm.py
-# --measure-tiles), tests (the kernel tests, compiled Triton), tests-gpu (tests/test_gpu.py:
-# models, graphs and streams on CUDA). A stage that fails or runs out of time
-# does not stop the next one. Narrower runs: ATTENTION_PARTS (default decode,prefill,mixed,mask),
-# E2E_TOKENS (default 256,1024,4096) and E2E_TRACE_REQUESTS (default 256).
+# only), e2e-serving (the other two), profile (where a step's time goes,
+# bench/profile_step.py), tiles (bench/gemm.py --measure-tiles), gemm-measured (the GEMM table
+# with plans from those tile times), tests (the kernel tests, compiled Triton), tests-gpu
+# (tests/test_gpu.py: models, graphs and streams on CUDA). A stage that fails or runs out of
+# time does not stop the next one. Narrower runs: ATTENTION_PARTS (default
+# decode,prefill,mixed,mask), E2E_TOKENS (default 256,1024,4096) and E2E_TRACE_REQUESTS
+# (default 256).
 set -u
 OUT=${OUT:-/tmp/tileflow-gpu-session}
 mkdir -p "$OUT"
@@ -60,6 +62,7 @@ for item in "$@"; do
                    --trace-requests "$E2E_TRACE" ;;
     profile) run_stage profile "$limit" $PY bench/profile_step.py --layers 2 --tokens 256,4096 ;;
     tiles) run_stage tiles "$limit" $PY bench/gemm.py --measure-tiles bench/results/tile_timings-h200.json ;;
+    gemm-measured) run_stage gemm-measured "$limit" $PY bench/gemm.py --tile-timings bench/results/tile_timings-h200.json ;;
     # Per-test timeout, an early stop and one line per test as it ends (-v), so the failures'
     # names are in the log even when the stage's limit cuts the run before pytest's summary.
     # One Inductor compile thread per worker: 16 workers each starting a pool of 16 starve the

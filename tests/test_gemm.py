@@ -282,7 +282,7 @@ def test_measured_split_k_times_reach_the_plan(tmp_path, monkeypatch) -> None:
     fast = cands[2]
     path.write_text(json.dumps(plain + [{**plain[2], "tile_seconds": 1e-9, "split_k": 4}]))
     timings = runtime.load_tile_timings(str(path))
-    assert timings[("H200", "bfloat16", n, k, False, 4, False)] == ((fast, 1e-9),)
+    assert timings[("H200", "bfloat16", n, k, False, 4, False, False)] == ((fast, 1e-9),)
     split = runtime.gemm_plan(n, k, torch.bfloat16, "triton", "cuda", m_max=4096, tile_timings=str(path))
     assert {(p.config, p.split_k) for p in split.pieces if p.split_k > 1} == {(fast, 4)}
     # The grouped GEMM has no split kernel: its plans ignore those entries.
@@ -351,3 +351,35 @@ def test_measured_stream_k_pieces_dispatch_and_match_float64(tmp_path, monkeypat
         assert rel_err(got, oracle(x, w, bias, residual, activation, **up)) < 1e-5
         assert launches[-1]["stream_k"]
         assert launches[-1].get("num_programs") == (None if share is None else max(1, int((os.cpu_count() or 1) * share)))
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_measured_tma_pieces_dispatch_and_match_float64(tmp_path, monkeypatch, target) -> None:
+    """Tile timings with TMA entries faster than the plain kernels put TMA pieces into a
+    measured GPU plan; the runtime builds and launches the TMA kernel, and the result equals
+    float64 (the reference target runs the same math without TMA)."""
+    import json
+
+    from tileflow.devices import get_device
+    from tileflow.tiles import candidate_configs
+
+    n, k = 96, 512
+    h200 = get_device("H200")
+    monkeypatch.setattr(runtime, "device_for_target", lambda target, device_type: h200)
+    cands = candidate_configs(n, k, "float32", h200)
+    entry = {"device": "H200", "dtype": "float32", "n": n, "k": k}
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps([{**entry, "tile": c.to_dict(), "tile_seconds": 1e-4} for c in cands]
+                               + [{**entry, "tile": c.to_dict(), "tile_seconds": 5e-5, "tma": True} for c in cands]))
+    plan = runtime.gemm_plan(n, k, torch.float32, target, "cuda", m_max=512, tile_timings=str(path))
+    assert all(piece.tma for piece in plan.pieces), plan.describe()
+    built = []
+    real_get_kernel = runtime.get_kernel
+    monkeypatch.setattr(runtime, "get_kernel", lambda target, spec, artifact_dir=None: (
+        built.append(spec), real_get_kernel(target, spec, artifact_dir))[1])
+    gen = torch.Generator().manual_seed(13)
+    for m in (5, 70):
+        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k**0.5
+        got = runtime.run_padded_gemm(x, w, None, None, "gelu", torch.float32, runtime.encode_plan(plan), target)
+        assert rel_err(got, oracle(x, w, None, None, "gelu")) < 1e-5
+        assert built[-1].param("tma", False)

@@ -35,10 +35,14 @@ def test_benchmark_kernels_compile_for_hopper_without_spills(tmp_path: Path) -> 
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
     names = " ".join(lines)
     # GEMMs (every variant), fused SwiGLU, grouped experts and both attention tile heights.
-    for family in ("padded_gemm", "persistent", "split_k", "stream_k", "_fixup", "swiglu", "grouped_gemm",
+    for family in ("padded_gemm", "persistent", "split_k", "stream_k", "_fixup", "_tma", "swiglu", "grouped_gemm",
                    "meta_attention"):
         assert family in names, family
     assert len(lines) >= 50
+    # TMA kernels fetch their operands with the copy engine (bulk tensor copies), not cp.async.
+    for line in lines:
+        if line.split()[1].endswith("_tma"):
+            assert re.search(r" tma=[1-9]", line) and " cp.async=0 " in line, line
     # One exception, chosen by measurement: the 128-row prefill attention tile at 4 warps spills
     # inside its KV loop (255 registers; Triton 3.6 and 3.9 alike) but fits two programs per SM
     # where the spill-free 8-warp tile fits one, and ran causal prefill 2x4096 in 0.97 ms

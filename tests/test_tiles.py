@@ -32,6 +32,7 @@ from tileflow.tiles import (
     stream_k_range,
     stream_k_segments,
     tile_efficiency,
+    tma_rows_aligned,
     token_range,
 )
 
@@ -591,6 +592,8 @@ def test_plan_piece_rejects_bad_split() -> None:
         PlanPiece(1, 2, cfg, persistent=True, split_k=2)
     with pytest.raises(ValueError, match="at most one of"):
         PlanPiece(1, 2, cfg, split_k=2, stream_k=True)
+    with pytest.raises(ValueError, match="at most one of"):
+        PlanPiece(1, 2, cfg, persistent=True, tma=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,9 +663,49 @@ def test_measured_plans_run_stream_k_exactly_where_it_wins() -> None:
         streamed = estimate_seconds(m, n, k, wide, H200, "bfloat16", {wide: unit}, stream_k=True)
         assert got == pytest.approx(min(whole, streamed))
     assert "stream-K" in plan.describe() and TilePlan.from_dict(plan.to_dict()) == plan
-    assert (wide, False, False, True) in plan.variants and len(plan.variants) <= MAX_CONFIGS
+    assert (wide, False, False, True, False) in plan.variants and len(plan.variants) <= MAX_CONFIGS
     # Unmeasured, never: the analytic plans have no stream-K pieces, and neither do kernels
     # without split variants.
     assert not any(pc.stream_k for pc in build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200).pieces)
     assert not any(pc.stream_k for pc in build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200, measured=measured,
                                                          measured_stream_k={wide: unit}, split_variants=False).pieces)
+
+
+# ---------------------------------------------------------------------------------------------
+# TMA pieces
+
+
+def test_measured_tma_variant_runs_where_it_wins_on_gpus_with_aligned_rows() -> None:
+    n, k = 4096, 4096
+    cands = candidate_configs(n, k, "bfloat16", H200)
+    measured = {c: estimate_tile_seconds(c, n, k, "bfloat16", H200) for c in cands}
+    faster = {c: t * 0.8 for c, t in measured.items()}
+    plan = build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200, measured=measured, measured_tma=faster)
+    # Every config 20% faster with TMA: every piece runs its config's TMA kernel, one kernel each.
+    assert all(pc.tma for pc in plan.pieces) and len(plan.variants) == len(plan.configs)
+    assert "TMA" in plan.describe() and TilePlan.from_dict(plan.to_dict()) == plan
+    slower = {c: t * 1.2 for c, t in measured.items()}
+    assert not any(pc.tma for pc in build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200, measured=measured,
+                                                    measured_tma=slower).pieces)
+    # Rows TMA cannot read (K x 2 bytes not a multiple of 16), or no GPU: never.
+    assert not tma_rows_aligned(4096, 4100, "bfloat16") and tma_rows_aligned(4096, 4104, "bfloat16")
+    odd = {c: 1e-9 for c in candidate_configs(n, 4100, "bfloat16", H200)}
+    assert not any(pc.tma for pc in build_tile_plan(n, 4100, "bfloat16", m_max=8192, device=H200,
+                                                    measured_tma=odd).pieces)
+    cpu = {c: 1e-9 for c in candidate_configs(n, k, "float32", CPU)}
+    assert not any(pc.tma for pc in build_tile_plan(n, k, "float32", m_max=512, device=CPU, measured_tma=cpu).pieces)
+
+
+def test_plans_keep_at_most_max_configs_kernels_whatever_variants_win() -> None:
+    """Persistent, TMA and stream-K variants all measured faster than the plain kernels: a plan
+    drops the variants that serve the fewest token counts until it uses at most MAX_CONFIGS
+    kernels, and every M still gets the cheapest of what is left."""
+    n, k = 4096, 4096
+    cands = candidate_configs(n, k, "bfloat16", H200)
+    measured = {c: estimate_tile_seconds(c, n, k, "bfloat16", H200) for c in cands}
+    plan = build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200, measured=measured,
+                           measured_persistent={c: t * 0.9 for c, t in measured.items()},
+                           measured_tma={c: t * 0.8 for c, t in measured.items()},
+                           measured_stream_k={c: t * 0.7 / (k // c.block_k) for c, t in measured.items()})
+    assert len(plan.variants) <= MAX_CONFIGS
+    assert len({pc.kernel_variant for pc in plan.pieces}) == len(plan.variants)

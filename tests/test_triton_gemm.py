@@ -64,6 +64,7 @@ def gemm_spec(
     out_dtype: str | None = None,
     split_k: bool = False,
     stream_k: bool = False,
+    tma: bool = False,
 ) -> KernelSpec:
     """A padded_gemm spec; `cast` in the epilogue defaults the output to float32."""
     if out_dtype is None:
@@ -75,7 +76,7 @@ def gemm_spec(
         tile=tile,
         epilogue=epilogue,
         params=make_params(n=n, k=k, persistent=persistent, **({"split_k": True} if split_k else {}),
-                           **({"stream_k": True} if stream_k else {})),
+                           **({"stream_k": True} if stream_k else {}), **({"tma": True} if tma else {})),
     )
 
 
@@ -158,6 +159,45 @@ def test_split_k_one_part_and_launch_errors() -> None:
         plain(*make_inputs(gemm_spec("float32"), DEVICE, 4, 0).values(), split_k=2)
     with pytest.raises(ValueError, match="at most one of"):
         render_gemm_source(gemm_spec("float32", persistent=True, split_k=True))
+
+
+# ------------------------------------------------------------------------------------------
+# TMA: operand tiles through tensor descriptors, zero-filled past M, N and K by the hardware
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 17, 63, 100, 129])
+def test_tma_gemm_every_m(dtype: str, m: int) -> None:
+    # K = 136 and N = 40: the last K step and column tile read past the operands (zeros).
+    run_case(gemm_spec(dtype, k=136, tma=True), m, seed=5000 + m)
+
+
+@pytest.mark.parametrize("dtype,epilogue", EPILOGUE_CASES, ids=_case_id)
+def test_tma_epilogue(dtype: str, epilogue: tuple[str, ...]) -> None:
+    run_case(gemm_spec(dtype, epilogue, k=72, tile=TILE_B, tma=True), 37, seed=sum(map(ord, dtype + "tma" + "-".join(epilogue))))
+
+
+def test_tma_weight_layouts_and_unaligned_operands() -> None:
+    """A weight stored [K, N] (a transposed view) is read as such; operands TMA cannot read in
+    place (a row stride or base off 16 bytes) are copied, and a shape whose rows can never be
+    aligned is refused with a message that says so."""
+    spec = gemm_spec("float32", ("bias",), k=72, tma=True)
+    kernel = build(spec)
+    gen = torch.Generator().manual_seed(50)
+    x = torch.randn(21, 72, generator=gen)
+    w_kn = torch.randn(72, 40, generator=gen)
+    bias = torch.randn(40, generator=gen)
+    want = x.double() @ w_kn.double() + bias.double()
+    for xv, wv in [(x, w_kn.t()),                                   # [K, N] storage: W_KN
+                   (torch.randn(21, 73, generator=gen)[:, 1:].copy_(x), w_kn.t().contiguous()),  # base off by 4 bytes
+                   (x, torch.randn(40, 80, generator=gen)[:, :72].copy_(w_kn.t()))]:           # rows of 80
+        out = torch.full((21, 40), float("nan"), device=DEVICE)
+        kernel(xv.to(DEVICE), wv.to(DEVICE), bias.to(DEVICE), out=out)
+        torch.testing.assert_close(out.cpu().double(), want, rtol=1e-5, atol=1e-4)
+    odd = build(gemm_spec("float16", k=20, tma=True))  # 20 x 2 bytes per row of x
+    with pytest.raises(ValueError, match="multiple of 16 bytes"):
+        odd(torch.randn(3, 20, device=DEVICE).half(), torch.randn(40, 20, device=DEVICE).half())
 
 
 # ------------------------------------------------------------------------------------------

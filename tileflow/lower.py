@@ -49,15 +49,15 @@ def gemm_spec(
     persistent: bool = False,
     split_k: bool = False,
     stream_k: bool = False,
+    tma: bool = False,
 ) -> KernelSpec:
     """The KernelSpec of one fixed-tile padded GEMM (N is the output width, K the reduction);
     `split_k` asks for the split-K kernel pair (the split factor is a launch argument),
-    `stream_k` for the stream-K pair (its grid is a launch argument)."""
+    `stream_k` for the stream-K pair (its grid is a launch argument), `tma` for operand tiles
+    fetched by the Hopper copy engine."""
     dtype, out_dtype = dtype_name(dtype), dtype_name(out_dtype)
     # These flags join the params only when set, so other specs keep their digests.
-    extra = {"split_k": True} if split_k else {}
-    if stream_k:
-        extra["stream_k"] = True
+    extra = {name: True for name, on in (("split_k", split_k), ("stream_k", stream_k), ("tma", tma)) if on}
     return KernelSpec(
         op="padded_gemm",
         dtype=dtype,
@@ -110,8 +110,8 @@ def grouped_gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpe
 
 
 def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
-    """One spec per kernel of `plan` (config, and its persistent, split-K or stream-K variant
-    where the plan runs it), for a `tileflow::padded_gemm` node."""
+    """One spec per kernel of `plan` (config, and its persistent, split-K, stream-K or TMA
+    variant where the plan runs it), for a `tileflow::padded_gemm` node."""
     x, weight = node.args[0], node.args[1]
     names = ("bias", "residual", "activation", "out_dtype", "plan", "target", "weight_up", "bias_up")
     kwargs = dict(zip(names, node.args[2:]))
@@ -125,9 +125,9 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
             dtype=xv.dtype, out_dtype=out_dtype, n=int(n), k=int(wv.shape[1]), tile=tile,
             activation=activation, has_bias=kwargs.get("bias") is not None,
             has_residual=kwargs.get("residual") is not None, persistent=persistent, split_k=split,
-            stream_k=stream_k,
+            stream_k=stream_k, tma=tma,
         )
-        for tile, persistent, split, stream_k in plan.variants
+        for tile, persistent, split, stream_k, tma in plan.variants
     ]
 
 

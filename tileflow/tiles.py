@@ -284,6 +284,14 @@ def split_reduce_seconds(rows: Any, n: int, split_k: int, device: DeviceInfo, ou
     return (partial_bytes + out_bytes) / device.mem_bw_bytes + _SPLIT_REDUCE_LAUNCH_SECONDS
 
 
+def tma_rows_aligned(n: int, k: int, dtype: Any) -> bool:
+    """Whether a GEMM's operands can feed TMA (the Hopper copy engine reads 2-D tiles from rows
+    that start at 16-byte boundaries) in their usual layouts: K elements (a row of x, of an
+    [N, K] weight) and N elements (a row of a [K, N] weight) whole multiples of 16 bytes."""
+    size = _element_bytes(dtype_name(dtype))
+    return (k * size) % 16 == 0 and (n * size) % 16 == 0
+
+
 def stream_k_range(program: int, units: int, programs: int) -> tuple[int, int]:
     """The work units `[lo, hi)` that program `program` of a stream-K launch runs: `units` (output
     tiles x BLOCK_K steps, tile-major) dealt to `programs` programs in equal contiguous ranges
@@ -389,7 +397,8 @@ class PlanPiece:
     """Token counts `lo..hi` (both inclusive) run with tile config `config`, as the persistent
     kernel variant when `persistent` (chosen only where measured times say it wins), with each
     tile's K range split over `split_k` programs when it is more than 1 (see `SPLIT_K_FACTORS`),
-    or as stream-K when `stream_k` (see `stream_k_segments`; chosen only where measured)."""
+    as stream-K when `stream_k` (see `stream_k_segments`), or with its operand tiles fetched by
+    TMA when `tma` (the last two chosen only where measured)."""
 
     lo: int
     hi: int
@@ -397,20 +406,21 @@ class PlanPiece:
     persistent: bool = False
     split_k: int = 1
     stream_k: bool = False
+    tma: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.lo <= self.hi:
             raise ValueError(f"PlanPiece needs 1 <= lo <= hi, got lo={self.lo}, hi={self.hi}")
         if isinstance(self.split_k, bool) or not isinstance(self.split_k, int) or self.split_k < 1:
             raise ValueError(f"PlanPiece split_k must be an int >= 1, got {self.split_k!r}")
-        if self.persistent + (self.split_k > 1) + self.stream_k > 1:
-            raise ValueError("a PlanPiece is at most one of persistent, split along K and stream-K")
+        if self.persistent + (self.split_k > 1) + self.stream_k + self.tma > 1:
+            raise ValueError("a PlanPiece is at most one of persistent, split along K, stream-K and TMA")
 
     @property
-    def kernel_variant(self) -> tuple[TileConfig, bool, bool, bool]:
-        """(config, persistent, split, stream_k): the compiled kernel this piece runs (a split
-        kernel serves every split factor of its config)."""
-        return self.config, self.persistent, self.split_k > 1, self.stream_k
+    def kernel_variant(self) -> tuple[TileConfig, bool, bool, bool, bool]:
+        """(config, persistent, split, stream_k, tma): the compiled kernel this piece runs (a
+        split kernel serves every split factor of its config)."""
+        return self.config, self.persistent, self.split_k > 1, self.stream_k, self.tma
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -421,13 +431,16 @@ class PlanPiece:
             data["split_k"] = self.split_k
         if self.stream_k:
             data["stream_k"] = True
+        if self.tma:
+            data["tma"] = True
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PlanPiece":
         """Inverse of `to_dict`."""
         return cls(int(data["lo"]), int(data["hi"]), TileConfig.from_dict(dict(data["config"])),
-                   bool(data.get("persistent", False)), int(data.get("split_k", 1)), bool(data.get("stream_k", False)))
+                   bool(data.get("persistent", False)), int(data.get("split_k", 1)), bool(data.get("stream_k", False)),
+                   bool(data.get("tma", False)))
 
 
 @dataclass(frozen=True)
@@ -486,10 +499,10 @@ class TilePlan:
         return tuple(dict.fromkeys(p.config for p in self.pieces))
 
     @property
-    def variants(self) -> tuple[tuple[TileConfig, bool, bool, bool], ...]:
-        """Distinct (config, persistent, split, stream_k) kernels the plan uses, in order of first
-        use: a split kernel serves every split factor of its config (the factor is a launch
-        argument)."""
+    def variants(self) -> tuple[tuple[TileConfig, bool, bool, bool, bool], ...]:
+        """Distinct (config, persistent, split, stream_k, tma) kernels the plan uses, in order of
+        first use: a split kernel serves every split factor of its config (the factor is a
+        launch argument)."""
         return tuple(dict.fromkeys(p.kernel_variant for p in self.pieces))
 
     def padded_rows(self, m: int) -> int:
@@ -526,7 +539,7 @@ class TilePlan:
         """One line per piece joined by '; ', e.g. `M 1..16 -> m16n64k64w4s4; M 17..64 -> ...`."""
         return "; ".join(f"M {p.lo}..{p.hi} -> {p.config.name}" + (" persistent" if p.persistent else "")
                          + (f" split-K {p.split_k}" if p.split_k > 1 else "") + (" stream-K" if p.stream_k else "")
-                         for p in self.pieces)
+                         + (" TMA" if p.tma else "") for p in self.pieces)
 
 
 @functools.lru_cache(maxsize=256)
@@ -543,11 +556,13 @@ def _build_tile_plan_cached(
     split_variants: bool = True,
     measured_split: tuple[tuple[int, tuple[tuple[TileConfig, float], ...]], ...] = (),
     measured_stream_k: tuple[tuple[TileConfig, float], ...] = (),
+    measured_tma: tuple[tuple[TileConfig, float], ...] = (),
 ) -> TilePlan:
     measured_map = dict(measured)
     persistent_map = dict(measured_persistent)
     split_maps = {split: dict(items) for split, items in measured_split}
     stream_k_map = dict(measured_stream_k) if split_variants else {}
+    tma_map = dict(measured_tma) if device.kind == "gpu" and tma_rows_aligned(n, k, dtype) else {}
     # Descending config order + argmin's first-minimum rule = ties go to the larger block_m
     # (then larger block_n, block_k, ...): fewer, fuller tiles for the same estimated time. A
     # config's persistent variant is a candidate only where it was measured, right after the
@@ -558,17 +573,22 @@ def _build_tile_plan_cached(
     # measured times only, so a split runs there only where it was measured (a model's estimate
     # and a measurement are numbers of different kinds); a modeled plan models every split the
     # config allows.
-    # A config's stream-K variant, like its persistent one, is a candidate only where measured.
-    any_measured = any(c in measured_map or c in persistent_map or c in stream_k_map for c in configs)  # others are ignored
+    # A config's stream-K and TMA variants, like its persistent one, are candidates only where
+    # measured (TMA also only where the operands' rows are aligned for it).
+    any_measured = any(c in measured_map or c in persistent_map or c in stream_k_map or c in tma_map
+                       for c in configs)  # others are ignored
+    # Candidates: (config, persistent, split_k, stream_k, tma).
     cands = []
     for c in configs:
-        cands.append((c, False, 1, False))
+        cands.append((c, False, 1, False, False))
         if c in persistent_map:
-            cands.append((c, True, 1, False))
+            cands.append((c, True, 1, False, False))
+        if c in tma_map:
+            cands.append((c, False, 1, False, True))
         if c in stream_k_map:
-            cands.append((c, False, 1, True))
+            cands.append((c, False, 1, True, False))
         if split_variants:
-            cands += [(c, False, s, False) for s in split_k_factors(c, k, device)[1:]
+            cands += [(c, False, s, False, False) for s in split_k_factors(c, k, device)[1:]
                       if not any_measured or c in split_maps.get(s, {})]
     # Every block_m is a power of two, so all tile boundaries are multiples of the smallest
     # one, g: ceil(m / bm) and hence every candidate's cost is constant on (j*g, (j+1)*g].
@@ -580,7 +600,7 @@ def _build_tile_plan_cached(
         ([m_min], np.arange(j_first, j_last + 1, dtype=np.int64) * g + 1)
     ).astype(np.int64)
     costs = np.empty((len(cands), len(starts)), dtype=np.float64)
-    for row, (config, persistent, split, stream_k) in enumerate(cands):
+    for row, (config, persistent, split, stream_k, tma) in enumerate(cands):
         tiles = -(-starts // config.block_m) * (-(-n // config.block_n))
         if stream_k:  # same arithmetic as `estimate_seconds(..., stream_k=True)`
             units = tiles * -(-k // config.block_k)
@@ -595,6 +615,8 @@ def _build_tile_plan_cached(
         waves = -(-programs // device.cores)
         if persistent:
             measured_time = persistent_map.get(config)
+        elif tma:
+            measured_time = tma_map.get(config)
         elif split > 1:
             measured_time = split_maps.get(split, {}).get(config)
         else:
@@ -607,23 +629,22 @@ def _build_tile_plan_cached(
         costs[row] += split_reduce_seconds(-(-starts // config.block_m) * config.block_m, n, split, device, dtype,
                                            weight_tiles=weight_tiles)
     choice = np.argmin(costs, axis=0)
-    # A split or stream-K kernel is a kernel of its own: while the plan would use more than
-    # MAX_CONFIGS, drop the such variant that serves the fewest token counts and choose again.
-    while True:
-        variants = {(cands[i][0], cands[i][1], cands[i][2] > 1, cands[i][3]) for i in np.unique(choice)}
-        if len(variants) <= MAX_CONFIGS:
-            break
+    # Every kernel variant is a kernel of its own: while the plan would use more than MAX_CONFIGS,
+    # drop the variant other than a config's plain kernel that serves the fewest token counts
+    # and choose again (at most MAX_CONFIGS candidate configs, so the plain kernels alone fit).
+    def variant(i: int) -> tuple[TileConfig, bool, bool, bool, bool]:
+        config, persistent, split, stream_k, tma = cands[i]
+        return config, persistent, split > 1, stream_k, tma
+
+    while len({variant(i) for i in np.unique(choice)}) > MAX_CONFIGS:
         widths = np.diff(np.append(starts, m_max + 1))
-        served: dict[tuple[TileConfig, bool], int] = {}
+        served: dict[tuple[TileConfig, bool, bool, bool, bool], int] = {}
         for i, w in zip(choice, widths):
-            if cands[i][2] > 1 or cands[i][3]:
-                key = (cands[i][0], cands[i][3])
-                served[key] = served.get(key, 0) + int(w)
-        if not served:
-            break  # only whole-tile kernels left: at most two (plain, persistent) per candidate config
+            if any(variant(i)[1:]):
+                served[variant(i)] = served.get(variant(i), 0) + int(w)
         drop = min(served, key=lambda key: (served[key], key))
-        for row, (config, _, split, stream_k) in enumerate(cands):
-            if (config, stream_k) == drop and (split > 1 or stream_k):
+        for row in range(len(cands)):
+            if variant(row) == drop:
                 costs[row] = np.inf
         choice = np.argmin(costs, axis=0)
     # Merge consecutive segments with the same choice into pieces.
@@ -633,8 +654,8 @@ def _build_tile_plan_cached(
     for a, b in zip(bounds, bounds[1:]):
         lo = int(starts[a])
         hi = int(starts[b]) - 1 if b < len(starts) else m_max
-        config, persistent, split, stream_k = cands[int(choice[a])]
-        pieces.append(PlanPiece(lo, hi, config, persistent, split, stream_k))
+        config, persistent, split, stream_k, tma = cands[int(choice[a])]
+        pieces.append(PlanPiece(lo, hi, config, persistent, split, stream_k, tma))
     return TilePlan(n, k, dtype, device.name, m_min, m_max, tuple(pieces))
 
 
@@ -652,6 +673,7 @@ def build_tile_plan(
     split_variants: bool = True,
     measured_split: Mapping[int, MeasuredArg] | None = None,
     measured_stream_k: MeasuredArg = None,
+    measured_tma: MeasuredArg = None,
 ) -> TilePlan:
     """The tile plan for an (M x k) @ (k x n) GEMM over every integer M in [m_min, m_max].
 
@@ -672,8 +694,10 @@ def build_tile_plan(
     `split_variants=False` plans unsplit kernels only (for kernels without split-K or stream-K
     variants). `measured_stream_k` gives configs' measured stream-K time per work unit (one
     BLOCK_K step of one tile): a piece runs stream-K only where that, costed by
-    `estimate_seconds(..., stream_k=True)`, wins. A split or stream-K kernel counts as a kernel of its
-    own: a plan never uses more than MAX_CONFIGS.
+    `estimate_seconds(..., stream_k=True)`, wins. `measured_tma` gives configs' measured per-tile
+    times with TMA operand loads: on GPUs, for N and K whose rows TMA can read
+    (`tma_rows_aligned`), a piece runs TMA where that time wins. Every kernel variant counts as
+    a kernel of its own: a plan never uses more than MAX_CONFIGS.
     """
     _check_positive(n=n, k=k, m_min=m_min, m_max=m_max)
     if m_min > m_max:
@@ -683,6 +707,7 @@ def build_tile_plan(
         _measured_items(measured_persistent), weight_tiles, split_variants,
         tuple(sorted((int(split), _measured_items(items)) for split, items in (measured_split or {}).items())),
         _measured_items(measured_stream_k),
+        _measured_items(measured_tma),
     )
 
 

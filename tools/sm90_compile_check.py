@@ -44,6 +44,10 @@ _MAX_SHARED_BYTES = 227 * 1024
 
 
 def _arg_type(value: Any) -> str:
+    if type(value).__name__ == "TensorDescriptor":  # a TMA kernel's operand: Triton names its type
+        from triton.runtime.jit import mangle_type
+
+        return mangle_type(value)
     if isinstance(value, torch.Tensor):
         return "*" + _TORCH_TO_TRITON[value.dtype]
     if isinstance(value, bool):
@@ -286,6 +290,8 @@ def _launch_benchmark_kernels() -> None:
             runtime.get_kernel("triton", spec)(x, w, split_k=4)
             spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile, stream_k=True)
             runtime.get_kernel("triton", spec)(x, w, num_programs=device.cores)
+            spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile, tma=True)
+            runtime.get_kernel("triton", spec)(x, w)
     # Llama-3-8B's fused SwiGLU MLP (gate and up weights separate, as the pass fuses them).
     x = torch.randn(3, 4096, dtype=bf16)
     gate, up = torch.randn(14336, 4096, dtype=bf16), torch.randn(14336, 4096, dtype=bf16)

@@ -39,7 +39,7 @@ def render_sources(spec: KernelSpec) -> KernelSources:
     if spec.op in ("padded_gemm", "grouped_gemm"):
         from .gemm import render_gemm_sources
 
-        for variant, what in (("split_k", "split-K"), ("stream_k", "stream-K")):
+        for variant, what in (("split_k", "split-K"), ("stream_k", "stream-K"), ("tma", "TMA")):
             if spec.param(variant, False):
                 raise ValueError(
                     f"{spec.name}: the Ascend C backend has no {what} GEMM (tile plans use it only on GPUs); "

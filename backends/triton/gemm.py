@@ -22,6 +22,7 @@ Two functions make up the backend's GEMM support:
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import textwrap
 from typing import Any, Callable
@@ -32,6 +33,8 @@ from tileflow.gemm_operands import gemm_operands
 from tileflow.kernel_spec import ACTIVATIONS, KernelSpec, check_gemm_spec, gemm_dims, gemm_formula
 
 from .build import kernel_identifier
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ACTIVATION_EPILOGUES",
@@ -106,15 +109,17 @@ import triton.language as tl
 '''
 
 
-def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False) -> str:
+def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False, tma: bool = False) -> str:
     """The kernel's parameter list (one argument or argument group per line); a stream-K kernel
-    also takes its fp32 workspace and its grid size."""
+    also takes its fp32 workspace and its grid size, a TMA kernel tensor descriptors for x and
+    the weight(s) instead of their pointers and strides."""
     ep = spec.epilogue
-    lines = ["x_ptr, w_ptr, out_ptr,"]
+    lines = ["x_desc, w_desc, out_ptr,  # x and the weight as TMA descriptors" if tma else "x_ptr, w_ptr, out_ptr,"]
     if stream_k:
         lines.append("ws_ptr,  # fp32 partial tiles: [2 * NUM_PROGRAMS, planes, BLOCK_M, BLOCK_N]")
     if "swiglu" in ep:
-        lines.append("wu_ptr,  # up-projection weight: its own pointer, so it need not be stacked")
+        lines.append("wu_desc,  # the up-projection weight's descriptor" if tma
+                     else "wu_ptr,  # up-projection weight: its own pointer, so it need not be stacked")
     if "bias" in ep:
         lines.append("bias_ptr,")
         if "swiglu" in ep:
@@ -122,10 +127,11 @@ def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False) ->
     if "residual" in ep:
         lines.append("res_ptr,")
     lines.append("M,  # token count: runtime value, never specialized on (no recompiles)")
-    lines.append("stride_xm, stride_xk,")
-    lines.append("stride_wn, stride_wk,  # any layout: weight may be a transposed view")
-    if "swiglu" in ep:
-        lines.append("stride_wun, stride_wuk,")
+    if not tma:
+        lines.append("stride_xm, stride_xk,")
+        lines.append("stride_wn, stride_wk,  # any layout: weight may be a transposed view")
+        if "swiglu" in ep:
+            lines.append("stride_wun, stride_wuk,")
     if "residual" in ep:
         lines.append("stride_rm, stride_rn,")
     lines.append("stride_om, stride_on,")
@@ -134,6 +140,8 @@ def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False) ->
     lines.append("N: tl.constexpr, K: tl.constexpr,")
     lines.append("BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,")
     lines.append("GROUP_M: tl.constexpr,")
+    if tma:
+        lines.append("W_KN: tl.constexpr,  # the weight descriptor is over [K, N] storage (a transposed view)")
     return "\n".join("    " + line for line in lines)
 
 
@@ -159,6 +167,35 @@ def _tile_compute(spec: KernelSpec) -> str:
     `pid_n`: the K loop over `x_ptr`/`w_ptr` (and `wu_ptr`), the epilogue and the masked store.
     Shared by the padded and the grouped GEMM, which differ only in how they find their rows."""
     return _k_loop(spec) + "\n\n" + _epilogue(spec)
+
+
+def _tma_k_loop(spec: KernelSpec) -> str:
+    """Like `_k_loop` over all of K, with every operand tile fetched by the Hopper copy engine
+    (TMA) through a tensor descriptor: rows past M and columns past N or K arrive as zeros, so
+    virtual padding costs no mask and no address arithmetic in the loop."""
+    swiglu = "swiglu" in spec.epilogue
+    dot_kw = _dot_precision_kwarg(spec.dtype)
+    weights = [("w_desc", "w", "acc_gate" if swiglu else "acc")] + ([("wu_desc", "wu", "acc_up")] if swiglu else [])
+    code = [
+        "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
+        "mask_n = offs_n < N",
+        "# Row offsets in int64: M * stride can overflow int32 on very long batches.",
+        "rows = offs_m[:, None].to(tl.int64)",
+        "cols = offs_n[None, :]",
+        *[f"{acc} = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)" for _, _, acc in weights],
+        "",
+        "for k0 in range(0, K, BLOCK_K):",
+        "    a = x_desc.load([pid_m * BLOCK_M, k0])",
+    ]
+    for desc, tile, acc in weights:
+        code += [
+            "    if W_KN:  # stored [K, N]: the tile is W^T already",
+            f"        {tile} = {desc}.load([k0, pid_n * BLOCK_N])",
+            "    else:",
+            f"        {tile} = {desc}.load([pid_n * BLOCK_N, k0]).T",
+            f"    {acc} = tl.dot(a, {tile}, {acc}{dot_kw})",
+        ]
+    return "\n".join(code)
 
 
 # The K parts of the split-K and stream-K kernels: (first K index, end of the loop) expressions.
@@ -526,10 +563,14 @@ def render_gemm_source(spec: KernelSpec) -> str:
     persistent = bool(spec.param("persistent", False))
     split = bool(spec.param("split_k", False))
     stream_k = bool(spec.param("stream_k", False))
-    if persistent + split + stream_k > 1:
-        raise ValueError(f"{spec.name}: a GEMM kernel is at most one of persistent, split along K and stream-K")
+    tma = bool(spec.param("tma", False))
+    if persistent + split + stream_k + tma > 1:
+        raise ValueError(f"{spec.name}: a GEMM kernel is at most one of persistent, split along K, stream-K and TMA")
     kname = kernel_identifier(spec)
-    if persistent:
+    if tma:
+        schedule = ("one program per output tile; x and weight tiles fetched by TMA (descriptors), whose zero fill "
+                    "past M, N and K is the virtual padding")
+    elif persistent:
         schedule = "persistent: min(num_tiles, NUM_PROGRAMS) programs loop over the tiles"
     elif stream_k:
         schedule = ("stream-K: NUM_PROGRAMS programs each run an equal range of (tile, BLOCK_K step) units; "
@@ -572,6 +613,8 @@ num_pid_in_group = GROUP_M * num_pid_n"""
             + "for tile_id in range(pid, num_tiles, NUM_PROGRAMS):\n"
             + textwrap.indent(_tile_body(spec, "tile_id"), "    ", lambda line: bool(line.strip()))
         )
+    elif tma:
+        body = prologue + "\n\n" + _tile_body(spec, "pid", _tma_k_loop(spec) + "\n\n" + _epilogue(spec))
     else:
         body = prologue + "\n\n" + _tile_body(spec, "pid")
 
@@ -581,7 +624,8 @@ num_pid_in_group = GROUP_M * num_pid_n"""
         + "\n\n"
         + "# M (and the grid size) are excluded from integer specialization: a new token\n"
         + "# count reuses the compiled kernel, no variant for M % 16 == 0 or M == 1.\n"
-        + _jit_function(kname, _signature(spec, persistent), body, ("M", "NUM_PROGRAMS") if persistent else ("M",))
+        + _jit_function(kname, _signature(spec, persistent, tma=tma), body,
+                        ("M", "NUM_PROGRAMS") if persistent else ("M",))
     )
 
 
@@ -612,6 +656,29 @@ def _default_num_programs(device: torch.device) -> int:
     return os.cpu_count() or 1
 
 
+# TMA reads a 2-D tensor whose rows are contiguous and start at 16-byte boundaries (the rule
+# `tileflow.tiles.tma_rows_aligned` applies to plans).
+_TMA_ALIGN = 16
+
+
+def tma_operand(t: torch.Tensor, where: str, name: str) -> torch.Tensor:
+    """`t` ([rows, cols], 2-D) as a TMA kernel can read it: itself when its last dimension is
+    contiguous and its base and row stride are multiples of 16 bytes, else a contiguous copy
+    (logged, since it costs a pass over `t`). Raises ValueError when even a copy's rows cannot
+    be aligned (cols x element size not a multiple of 16 bytes): plans run TMA kernels only
+    for shapes where they can."""
+    size = t.element_size()
+    if t.stride(1) == 1 and (t.stride(0) * size) % _TMA_ALIGN == 0 and t.data_ptr() % _TMA_ALIGN == 0:
+        return t
+    if (t.shape[1] * size) % _TMA_ALIGN:
+        raise ValueError(
+            f"{where}: a TMA kernel needs rows of a multiple of {_TMA_ALIGN} bytes, but {name} has "
+            f"{t.shape[1]} x {size}-byte elements per row; use a kernel without TMA for this shape"
+        )
+    log.info("%s: %s %s (strides %s) copied for TMA", where, name, list(t.shape), t.stride())
+    return t.clone(memory_format=torch.contiguous_format)  # a fresh allocation: aligned
+
+
 def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.Tensor]:
     """Wrap a built `padded_gemm` kernel in a launcher.
 
@@ -637,6 +704,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
     persistent = bool(spec.param("persistent", False))
     split = bool(spec.param("split_k", False))
     stream_k = bool(spec.param("stream_k", False))
+    tma = bool(spec.param("tma", False))
     where = f"kernel {spec.name}"
     num_warps = launch_warps(spec)
     reduce_fn = kernel_fn.fn.__globals__[kernel_fn.fn.__name__ + "_reduce"] if split else None
@@ -686,6 +754,8 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         num_tiles = _cdiv(m, tile.block_m) * _cdiv(n, tile.block_n)
         if split:
             return _launch_split(ops, split_k, num_tiles, num_warps)
+        if tma:
+            return _launch_tma(ops, num_tiles)
         args: list[Any] = [x, weight, out]
         if stream_k:
             # Every program keeps at most two partial tiles (its range's first and last).
@@ -723,9 +793,36 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
             fixup_fn[(num_tiles,)](*_finish_args(ops, workspace), grid_size, **consts, num_warps=num_warps)
         return out
 
+    def _launch_tma(ops: Any, num_tiles: int) -> torch.Tensor:
+        """The TMA kernel: x and the weight(s) as tensor descriptors (no copy where their
+        layout allows one; see `tma_operand`), the epilogue's operands as pointers."""
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        x = tma_operand(ops.x, where, "x")
+        x_desc = TensorDescriptor.from_tensor(x, [tile.block_m, tile.block_k])
+        weights = [ops.weight] + ([ops.weight_up] if swiglu else [])
+        # A weight stored [K, N] (a transposed view) is read as such; both SwiGLU weights alike.
+        w_kn = all(w.stride(0) == 1 and w.stride(1) != 1 for w in weights)
+        if w_kn:
+            descs = [TensorDescriptor.from_tensor(tma_operand(w.t(), where, "weight"), [tile.block_k, tile.block_n])
+                     for w in weights]
+        else:
+            descs = [TensorDescriptor.from_tensor(tma_operand(w, where, "weight"), [tile.block_n, tile.block_k])
+                     for w in weights]
+        kernel_fn[(num_tiles,)](
+            x_desc, descs[0], ops.out, *descs[1:], *_epilogue_args(ops), N=n, K=k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+            GROUP_M=tile.group_m, W_KN=w_kn, num_warps=num_warps, num_stages=tile.num_stages,
+        )
+        return ops.out
+
     def _finish_args(ops: Any, workspace: torch.Tensor) -> list[Any]:
         """The arguments `_finish_signature` names, up to its tail."""
-        args: list[Any] = [workspace, ops.out]
+        return [workspace, ops.out, *_epilogue_args(ops)]
+
+    def _epilogue_args(ops: Any) -> list[Any]:
+        """The epilogue's operands, M and the strides of the residual and the output, in the
+        order of the signatures of the TMA kernel and the finishing kernels."""
+        args: list[Any] = []
         if has_bias:
             args += [ops.bias, ops.bias_up] if swiglu else [ops.bias]
         if has_res:

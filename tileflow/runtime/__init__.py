@@ -56,8 +56,8 @@ def gemm_plan(
 
     `tile_timings` names a JSON file of measured per-tile times (see `load_tile_timings`); the
     entries for this device, dtype, N and K replace the cost model's estimates, and entries of a
-    config's persistent variant let the plan run it persistent where it measured faster (unless
-    `persistent_variants` is False: for kernels that have no persistent variant).
+    config's persistent or TMA variant let the plan run it so where it measured faster (unless
+    `persistent_variants` is False: for kernels that have neither variant).
     `weight_tiles=2` plans a fused SwiGLU (two weight tiles per stage, no 128x256 tile);
     `split_variants=False` leaves split-K and stream-K pieces out (for kernels without them);
     measured stream-K entries let the plan run stream-K where they win.
@@ -65,30 +65,32 @@ def gemm_plan(
     from ..kernel_spec import dtype_name
 
     device = device_for_target(target, device_type)
-    measured = measured_persistent = measured_stream_k = None
+    measured = measured_persistent = measured_stream_k = measured_tma = None
     measured_split: dict[int, Any] = {}
     if tile_timings:
         timings = load_tile_timings(tile_timings)
         key = (device.name, dtype_name(dtype), int(n), int(k))
-        measured = timings.get((*key, False, 1, False))
-        measured_persistent = timings.get((*key, True, 1, False)) if persistent_variants else None
+        measured = timings.get((*key, False, 1, False, False))
+        if persistent_variants:  # the padded GEMM's whole-tile variants: persistent grid, TMA loads
+            measured_persistent = timings.get((*key, True, 1, False, False))
+            measured_tma = timings.get((*key, False, 1, False, True))
         if split_variants:
             measured_split = {t[5]: items for t, items in timings.items()
-                              if t[:5] == (*key, False) and t[5] > 1 and not t[6]}
-            measured_stream_k = timings.get((*key, False, 1, True))
+                              if t[:5] == (*key, False) and t[5] > 1 and not t[6] and not t[7]}
+            measured_stream_k = timings.get((*key, False, 1, True, False))
     return build_tile_plan(n, k, dtype_name(dtype), m_min=m_min, m_max=m_max, device=device, measured=measured,
                            measured_persistent=measured_persistent, weight_tiles=weight_tiles,
                            split_variants=split_variants, measured_split=measured_split,
-                           measured_stream_k=measured_stream_k)
+                           measured_stream_k=measured_stream_k, measured_tma=measured_tma)
 
 
-TimingKey = tuple[str, str, int, int, bool, int, bool]
+TimingKey = tuple[str, str, int, int, bool, int, bool, bool]
 
 
 def load_tile_timings(path: str) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
     """Read measured per-tile times: a JSON list of
-    `{"device", "dtype", "n", "k", "tile": {TileConfig fields}, "tile_seconds"[, "persistent"][, "split_k"][, "stream_k"]}`
-    entries, grouped by (device, dtype, n, k, persistent, split_k, stream_k). For a split-K kernel
+    `{"device", "dtype", "n", "k", "tile": {TileConfig fields}, "tile_seconds"[, "persistent"][, "split_k"][, "stream_k"][, "tma"]}`
+    entries, grouped by (device, dtype, n, k, persistent, split_k, stream_k, tma). For a split-K kernel
     (`split_k` > 1) `tile_seconds` is the time of one of its programs (a tile's K part), its
     reduce kernel left out; for a stream-K kernel, the time of one work unit (one BLOCK_K step
     of one tile), its fixup left out. Cached per file path and mtime."""
@@ -106,7 +108,7 @@ def _load_tile_timings(path: str, mtime: int) -> dict[TimingKey, tuple[tuple[Til
         grouped: dict[TimingKey, list[tuple[TileConfig, float]]] = {}
         for e in entries:
             key = (str(e["device"]), str(e["dtype"]), int(e["n"]), int(e["k"]), bool(e.get("persistent", False)),
-                   int(e.get("split_k", 1)), bool(e.get("stream_k", False)))
+                   int(e.get("split_k", 1)), bool(e.get("stream_k", False)), bool(e.get("tma", False)))
             grouped.setdefault(key, []).append((TileConfig.from_dict(e["tile"]), float(e["tile_seconds"])))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"tile_timings file {path!r} is malformed ({type(exc).__name__}: {exc}); expected a JSON list of "
@@ -214,7 +216,7 @@ def run_padded_gemm(
     spec = gemm_spec(
         dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, tile=piece.config, activation=activation,
         has_bias=bias is not None, has_residual=residual is not None, persistent=piece.persistent,
-        split_k=piece.split_k > 1, stream_k=piece.stream_k,
+        split_k=piece.split_k > 1, stream_k=piece.stream_k, tma=piece.tma,
     )
     kernel = get_kernel(target, spec)
     kwargs = {}

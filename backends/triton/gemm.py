@@ -377,7 +377,8 @@ REDUCE_BLOCK_M, REDUCE_BLOCK_N = 16, 128
 
 def _jit_function(name: str, signature: str, body: str, runtime_ints: tuple[str, ...]) -> str:
     """Source of one `@triton.jit` function whose `runtime_ints` are never specialized on."""
-    return (f"@triton.jit(do_not_specialize={list(runtime_ints)!r})\n".replace("'", '"')
+    names = ", ".join(f'"{n}"' for n in runtime_ints)
+    return (f"@triton.jit(do_not_specialize=[{names}])\n"
             + f"def {name}(\n{signature}\n):\n"
             + textwrap.indent(body, "    ", lambda line: bool(line.strip())) + "\n")
 

@@ -18,7 +18,7 @@ from ..config import current_config
 from ..kernel_spec import KernelSpec, dtype_name, make_params
 from ..targets import resolve_target
 from ..tasks import build_task_table, check_metadata
-from .streams import keep_alive_while_captured, programs_for
+from .streams import device_cores, keep_alive_while_captured, programs_for
 
 # Tile rows (block_q * GQA: heads sharing a KV head are packed into the dot's M dimension):
 # small for decode-like batches, larger for prefill. GPUs take 128-row prefill tiles, the
@@ -65,15 +65,8 @@ def attention_programs(target: str, device: torch.device, *, decode: bool = Fals
     on the CPU — scaled by the SM share of the stream launching it when nano-batching
     partitions the device."""
     if device.type == "cuda":
-        per_sm = _PROGRAMS_PER_SM["decode" if decode else "prefill"]
-        return programs_for(_sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm)
+        return programs_for(device_cores(device) * _PROGRAMS_PER_SM["decode" if decode else "prefill"])
     return programs_for(4)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    """SMs of CUDA device `index` (asked once: the query costs microseconds per call)."""
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def attention_spec(
@@ -140,8 +133,8 @@ def run_meta_attention_varlen(
         kernel = _attention_kernel(target, q.dtype, d, gqa, block_q, causal, sliding_window is not None,
                                    tree_mask is not None, attn_bias is not None)
         kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table,
-                                 scale=scale if scale is not None else 1.0 / math.sqrt(d),
-                                 tree_mask=tree_mask, sliding_window=sliding_window, out=out, **kwargs)
+               scale=scale if scale is not None else 1.0 / math.sqrt(d),
+               tree_mask=tree_mask, sliding_window=sliding_window, out=out, **kwargs)
     return out
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import random
 from collections import defaultdict
@@ -77,16 +78,26 @@ def programs_for(full_grid: int) -> int:
     return full_grid if share is None else max(1, int(full_grid * share))
 
 
+def device_cores(device: torch.device) -> int:
+    """SMs of a CUDA device (asked once per device: the query costs microseconds, and the
+    attention path asks on every call), else the CPU cores (the Triton interpreter's default
+    grid on the CPU)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def shared_programs(device: torch.device) -> int | None:
     """The program count of a persistent kernel on `device` under the current stream's SM share,
     or None when no share applies (the kernel's own default: the whole device)."""
     if _GRID_SHARE.get() is None:
         return None
-    if device.type == "cuda":
-        full = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        full = os.cpu_count() or 1  # the Triton interpreter's default grid on the CPU
-    return programs_for(full)
+    return programs_for(device_cores(device))
 
 
 class StreamExecutor(Protocol):

@@ -175,7 +175,7 @@ def mixed_lengths(rng: random.Random, budget: int = 4096):
 # num_stages, programs per SM). block_q x GQA rows make a tile (GQA = 8 here).
 # The first sweep (bench/results/attention_sweep-*-97eab47.md) ranged over block_q 8/16, block_kv
 # 64/128, 4/8 warps and 2/3 stages; these are its leaders and their neighbours (block_kv 32,
-# which keeps 4-warp tiles under 255 registers where Triton 3.9 spills at 64).
+# whose 4-warp tile spills outside the KV loop only, where the 64-position one spills inside).
 SWEEP_PREFILL = [(16, bkv, w, st, 4) for bkv, w, st in
                  [(64, 4, 3), (64, 8, 3), (128, 8, 2), (32, 4, 3), (32, 8, 3), (64, 4, 2)]]
 # (A 128-position KV block with 4 stages would need 256 KiB of shared memory: left out.)

@@ -90,6 +90,12 @@ class _Chain:
     up_linear: fx.Node | None = None
     absorbed: list[fx.Node] = field(default_factory=list)
 
+    @property
+    def has_bias(self) -> bool:
+        """Whether the linear (or its SwiGLU partner) adds a bias."""
+        return any(lin is not None and len(lin.args) > 2 and lin.args[2] is not None
+                   for lin in (self.linear, self.up_linear))
+
 
 def _walk_views(chain: _Chain) -> None:
     """Extend the chain through single-user reshapes."""
@@ -220,7 +226,8 @@ class GemmPadding:
                 result.fallback(node, reason)
                 continue
             chain = self._match(node)
-            plan = self._plan(node, ctx, plans, weight_tiles=2 if chain.activation == "swiglu" else 1)
+            plan = self._plan(node, ctx, plans, weight_tiles=2 if chain.activation == "swiglu" else 1,
+                              tma=not chain.has_bias and chain.residual is None)
             kinds = self._fused_kinds(chain)
             self._replace(graph, chain, plan, ctx, kinds)
             result.count("padded_gemm")
@@ -325,15 +332,16 @@ class GemmPadding:
             _walk_views(chain)
 
     # -- planning and rewriting ----------------------------------------------------------------
-    def _plan(self, node: fx.Node, ctx: PassContext, plans: dict[tuple, TilePlan], *, weight_tiles: int) -> TilePlan:
+    def _plan(self, node: fx.Node, ctx: PassContext, plans: dict[tuple, TilePlan], *, weight_tiles: int,
+              tma: bool) -> TilePlan:
         xv, wv = _val(node.args[0]), _val(node.args[1])
         lo, hi = self._m_range(xv.shape[0], ctx)
         n, k = int(wv.shape[0]), int(wv.shape[1])
-        key = (n, k, xv.dtype, lo, hi, weight_tiles)
+        key = (n, k, xv.dtype, lo, hi, weight_tiles, tma)
         if key not in plans:
             plans[key] = gemm_plan(
                 n, k, xv.dtype, ctx.target, ctx.device_type, m_min=lo, m_max=hi, tile_timings=ctx.config.tile_timings,
-                weight_tiles=weight_tiles,
+                weight_tiles=weight_tiles, tma_variants=tma,
             )
         return plans[key]
 

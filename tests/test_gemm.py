@@ -356,8 +356,9 @@ def test_measured_stream_k_pieces_dispatch_and_match_float64(tmp_path, monkeypat
 @pytest.mark.parametrize("target", ["reference", "triton"])
 def test_measured_tma_pieces_dispatch_and_match_float64(tmp_path, monkeypatch, target) -> None:
     """Tile timings with TMA entries faster than the plain kernels put TMA pieces into a
-    measured GPU plan; the runtime builds and launches the TMA kernel, and the result equals
-    float64 (the reference target runs the same math without TMA)."""
+    measured GPU plan for 16-bit operands without a bias or residual epilogue; the runtime
+    builds and launches the TMA kernel, and the result equals float64 (the reference target runs
+    the same math without TMA). An eager call with a bias plans without TMA."""
     import json
 
     from tileflow.devices import get_device
@@ -366,20 +367,27 @@ def test_measured_tma_pieces_dispatch_and_match_float64(tmp_path, monkeypatch, t
     n, k = 96, 512
     h200 = get_device("H200")
     monkeypatch.setattr(runtime, "device_for_target", lambda target, device_type: h200)
-    cands = candidate_configs(n, k, "float32", h200)
-    entry = {"device": "H200", "dtype": "float32", "n": n, "k": k}
+    cands = candidate_configs(n, k, "float16", h200)
+    entry = {"device": "H200", "dtype": "float16", "n": n, "k": k}
     path = tmp_path / "timings.json"
     path.write_text(json.dumps([{**entry, "tile": c.to_dict(), "tile_seconds": 1e-4} for c in cands]
                                + [{**entry, "tile": c.to_dict(), "tile_seconds": 5e-5, "tma": True} for c in cands]))
-    plan = runtime.gemm_plan(n, k, torch.float32, target, "cuda", m_max=512, tile_timings=str(path))
+    plan = runtime.gemm_plan(n, k, torch.float16, target, "cuda", m_max=512, tile_timings=str(path))
     assert all(piece.tma for piece in plan.pieces), plan.describe()
+    assert not any(piece.tma for piece in runtime.gemm_plan(n, k, torch.float16, target, "cuda", m_max=512,
+                                                            tile_timings=str(path), tma_variants=False).pieces)
     built = []
     real_get_kernel = runtime.get_kernel
     monkeypatch.setattr(runtime, "get_kernel", lambda target, spec, artifact_dir=None: (
         built.append(spec), real_get_kernel(target, spec, artifact_dir))[1])
     gen = torch.Generator().manual_seed(13)
     for m in (5, 70):
-        x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k**0.5
-        got = runtime.run_padded_gemm(x, w, None, None, "gelu", torch.float32, runtime.encode_plan(plan), target)
-        assert rel_err(got, oracle(x, w, None, None, "gelu")) < 1e-5
+        x, w = torch.randn(m, k, generator=gen).half(), (torch.randn(n, k, generator=gen) / k**0.5).half()
+        got = runtime.run_padded_gemm(x, w, None, None, "gelu", torch.float16, runtime.encode_plan(plan), target)
+        assert rel_err(got, oracle(x, w, None, None, "gelu")) < 2e-3
         assert built[-1].param("tma", False)
+    with tileflow.use_config(tileflow.Config(target=target, max_tokens=512, tile_timings=str(path))):
+        x, bias = torch.randn(9, k, generator=gen).half(), torch.randn(n, generator=gen).half()
+        got = padded_gemm(x, w, bias)
+    assert rel_err(got, oracle(x, w, bias, None, "none")) < 2e-3
+    assert not built[-1].param("tma", False)  # a bias epilogue: the config's plain kernel

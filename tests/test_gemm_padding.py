@@ -127,3 +127,40 @@ def test_multi_user_intermediates_are_not_fused() -> None:
     assert gemm.args[4] == "none"
     for got, want in zip(compiled(x, w), fn(x, w)):
         torch.testing.assert_close(got, want)
+
+
+def test_measured_tma_plans_only_for_gemms_without_bias_or_residual(tmp_path, monkeypatch) -> None:
+    """With measured TMA times that win everywhere, a linear with no bias or residual plans TMA
+    pieces and one with a residual does not (its TMA tiles would spill in the K loop, and the
+    times were measured without an epilogue); both still match eager."""
+    import json
+
+    from tileflow import runtime
+    from tileflow.devices import get_device
+    from tileflow.tiles import candidate_configs
+
+    h200 = get_device("H200")
+    monkeypatch.setattr(runtime, "device_for_target", lambda target, device_type: h200)
+    entries = []
+    for n in (24, 16):  # the two GEMMs' widths, K = 16 and 24
+        k = 16 if n == 24 else 24
+        for c in candidate_configs(n, k, "float16", h200):
+            entry = {"device": "H200", "dtype": "float16", "n": n, "k": k, "tile": c.to_dict()}
+            entries += [{**entry, "tile_seconds": 1e-4}, {**entry, "tile_seconds": 1e-5, "tma": True}]
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps(entries))
+
+    def block(h, w1, w2):
+        return h + F.linear(F.gelu(F.linear(h, w1)), w2)
+
+    h, w1, w2 = torch.randn(9, 16).half(), (torch.randn(24, 16) / 4).half(), (torch.randn(16, 24) / 5).half()
+    torch._dynamo.mark_dynamic(h, 0)
+    options = {"target": "reference", "max_tokens": 512, "tile_timings": str(path),
+               "passes": ["canonicalize", "gemm_padding", "test_grab_graph"]}
+    _GRABBED.clear()
+    compiled = torch.compile(block, backend=tileflow.TileflowBackend(options, report=tileflow.Report()), dynamic=False)
+    torch.testing.assert_close(compiled(h, w1, w2), block(h, w1, w2), rtol=2e-3, atol=2e-3)
+    up, down = gemm_nodes(_GRABBED[-1][0])
+    assert down.args[3] is not None  # the residual is fused into the second GEMM
+    assert all(piece.tma for piece in decode_plan(up.args[6]).pieces)
+    assert not any(piece.tma for piece in decode_plan(down.args[6]).pieces)

@@ -694,6 +694,13 @@ def test_measured_tma_variant_runs_where_it_wins_on_gpus_with_aligned_rows() -> 
                                                     measured_tma=odd).pieces)
     cpu = {c: 1e-9 for c in candidate_configs(n, k, "float32", CPU)}
     assert not any(pc.tma for pc in build_tile_plan(n, k, "float32", m_max=512, device=CPU, measured_tma=cpu).pieces)
+    # fp32 on a GPU: never (its tiles read as [N, K] spill kilobytes), and stream-K off GPUs.
+    fp32 = {c: 1e-9 for c in candidate_configs(n, k, "float32", H200)}
+    assert not any(pc.tma for pc in build_tile_plan(n, k, "float32", m_max=512, device=H200, measured_tma=fp32).pieces)
+    npu = DEVICES["Ascend-910B"]
+    fast = {c: 1e-12 for c in candidate_configs(n, k, "float16", npu)}
+    assert not any(pc.stream_k for pc in build_tile_plan(n, k, "float16", m_max=512, device=npu,
+                                                         measured_stream_k=fast).pieces)
 
 
 def test_plans_keep_at_most_max_configs_kernels_whatever_variants_win() -> None:

@@ -195,6 +195,15 @@ def test_tma_weight_layouts_and_unaligned_operands() -> None:
         out = torch.full((21, 40), float("nan"), device=DEVICE)
         kernel(xv.to(DEVICE), wv.to(DEVICE), bias.to(DEVICE), out=out)
         torch.testing.assert_close(out.cpu().double(), want, rtol=1e-5, atol=1e-4)
+    # A fused SwiGLU whose stacked fp16 weight is stored [K, 2N], and an expanded x (overlapping rows).
+    swiglu = build(gemm_spec("float16", ("swiglu",), k=72, tma=True))
+    x16 = torch.randn(1, 72, generator=gen).half().expand(21, 72)
+    w16 = (torch.randn(72, 80, generator=gen) / 72**0.5).half()
+    out = torch.full((21, 40), float("nan"), device=DEVICE, dtype=torch.float16)
+    swiglu(x16.to(DEVICE), w16.t().to(DEVICE), out=out)
+    acc = x16.double() @ w16.double()
+    torch.testing.assert_close(out.cpu().double(), torch.nn.functional.silu(acc[:, :40]) * acc[:, 40:],
+                               rtol=2e-3, atol=2e-3)
     odd = build(gemm_spec("float16", k=20, tma=True))  # 20 x 2 bytes per row of x
     with pytest.raises(ValueError, match="multiple of 16 bytes"):
         odd(torch.randn(3, 20, device=DEVICE).half(), torch.randn(40, 20, device=DEVICE).half())
@@ -210,9 +219,10 @@ def test_tma_weight_layouts_and_unaligned_operands() -> None:
 def test_stream_k_gemm_every_m(dtype: str, m: int) -> None:
     # N = 40 and K = 136 (five BLOCK_K steps of 32, the last masked): grids that split tiles
     # at every kind of boundary, one program, and more programs than units (capped).
-    spec = gemm_spec(dtype, k=136, stream_k=True)
-    for programs in (1, 3, 7, 13, 10_000):
-        run_case(spec, m, seed=4000 + m + programs, num_programs=programs)
+    for k in (136, 128):  # a masked last K step, and K a multiple of BLOCK_K (as in models)
+        spec = gemm_spec(dtype, k=k, stream_k=True)
+        for programs in (1, 3, 7, 13, 10_000):
+            run_case(spec, m, seed=4000 + m + k + programs, num_programs=programs)
 
 
 @pytest.mark.parametrize("dtype,epilogue", EPILOGUE_CASES, ids=_case_id)

@@ -561,8 +561,11 @@ def _build_tile_plan_cached(
     measured_map = dict(measured)
     persistent_map = dict(measured_persistent)
     split_maps = {split: dict(items) for split, items in measured_split}
-    stream_k_map = dict(measured_stream_k) if split_variants else {}
-    tma_map = dict(measured_tma) if device.kind == "gpu" and tma_rows_aligned(n, k, dtype) else {}
+    stream_k_map = dict(measured_stream_k) if split_variants and device.kind == "gpu" else {}
+    # TMA for 16-bit operands only: fp32 TMA tiles read as [N, K] spill kilobytes (their
+    # transpose goes through registers; sm_90 compile check), and no GPU run measured them.
+    tma_map = (dict(measured_tma) if device.kind == "gpu" and _element_bytes(dtype) == 2 and tma_rows_aligned(n, k, dtype)
+               else {})
     # Descending config order + argmin's first-minimum rule = ties go to the larger block_m
     # (then larger block_n, block_k, ...): fewer, fuller tiles for the same estimated time. A
     # config's persistent variant is a candidate only where it was measured, right after the
@@ -694,10 +697,10 @@ def build_tile_plan(
     `split_variants=False` plans unsplit kernels only (for kernels without split-K or stream-K
     variants). `measured_stream_k` gives configs' measured stream-K time per work unit (one
     BLOCK_K step of one tile): a piece runs stream-K only where that, costed by
-    `estimate_seconds(..., stream_k=True)`, wins. `measured_tma` gives configs' measured per-tile
-    times with TMA operand loads: on GPUs, for N and K whose rows TMA can read
-    (`tma_rows_aligned`), a piece runs TMA where that time wins. Every kernel variant counts as
-    a kernel of its own: a plan never uses more than MAX_CONFIGS.
+    `estimate_seconds(..., stream_k=True)`, wins (GPUs only). `measured_tma` gives configs'
+    measured per-tile times with TMA operand loads: on GPUs, for 16-bit operands whose rows TMA
+    can read (`tma_rows_aligned`), a piece runs TMA where that time wins. Every kernel variant
+    counts as a kernel of its own: a plan never uses more than MAX_CONFIGS.
     """
     _check_positive(n=n, k=k, m_min=m_min, m_max=m_max)
     if m_min > m_max:

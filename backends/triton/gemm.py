@@ -229,9 +229,10 @@ mask_n = offs_n < N
 # Row offsets in int64: M * stride can overflow int32 on very long batches.
 rows = offs_m[:, None].to(tl.int64)
 cols = offs_n[None, :]
-x_ptrs = x_ptr + rows * stride_xm + (k_lo + offs_k)[None, :] * stride_xk
+# K offsets in int64 too: a weight stored [K, N] has stride_wk = N, and K * N can pass 2^31.
+x_ptrs = x_ptr + rows * stride_xm + (k_lo + offs_k).to(tl.int64)[None, :] * stride_xk
 # The weight tile is read as W^T [BLOCK_K, BLOCK_N] straight from [N, K] storage.
-w_ptrs = w_ptr + (k_lo + offs_k)[:, None] * stride_wk + cols.to(tl.int64) * stride_wn"""
+w_ptrs = w_ptr + (k_lo + offs_k).to(tl.int64)[:, None] * stride_wk + cols.to(tl.int64) * stride_wn"""
         )
     else:
         add(
@@ -255,7 +256,7 @@ w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols.to(tl.int64) * stride_wn"""
 # keeps both accumulators so x is read only once.
 wu_ptrs = wu_ptr + {k_rows}[:, None] * stride_wuk + cols.to(tl.int64) * stride_wun
 acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)""".replace("{k_rows}", "(k_lo + offs_k)" if split else "offs_k")
+acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)""".replace("{k_rows}", "(k_lo + offs_k).to(tl.int64)" if split else "offs_k")
         )
     else:
         add("acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)")
@@ -664,12 +665,15 @@ _TMA_ALIGN = 16
 
 def tma_operand(t: torch.Tensor, where: str, name: str) -> torch.Tensor:
     """`t` ([rows, cols], 2-D) as a TMA kernel can read it: itself when its last dimension is
-    contiguous and its base and row stride are multiples of 16 bytes, else a contiguous copy
+    contiguous, its rows do not overlap and its base and row stride are multiples of 16 bytes,
+    else a contiguous copy
     (logged, since it costs a pass over `t`). Raises ValueError when even a copy's rows cannot
     be aligned (cols x element size not a multiple of 16 bytes): plans run TMA kernels only
     for shapes where they can."""
     size = t.element_size()
-    if t.stride(1) == 1 and (t.stride(0) * size) % _TMA_ALIGN == 0 and t.data_ptr() % _TMA_ALIGN == 0:
+    # Rows that overlap (an expanded tensor's stride 0, say) are copied too.
+    if (t.stride(1) == 1 and t.stride(0) >= t.shape[1] and (t.stride(0) * size) % _TMA_ALIGN == 0
+            and t.data_ptr() % _TMA_ALIGN == 0):
         return t
     if (t.shape[1] * size) % _TMA_ALIGN:
         raise ValueError(

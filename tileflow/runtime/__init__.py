@@ -51,6 +51,7 @@ def gemm_plan(
     persistent_variants: bool = True,
     weight_tiles: int = 1,
     split_variants: bool = True,
+    tma_variants: bool = True,
 ) -> TilePlan:
     """The tile plan for a GEMM of width N and depth K over M in [m_min, m_max] on a target.
 
@@ -60,7 +61,10 @@ def gemm_plan(
     `persistent_variants` is False: for kernels that have neither variant).
     `weight_tiles=2` plans a fused SwiGLU (two weight tiles per stage, no 128x256 tile);
     `split_variants=False` leaves split-K and stream-K pieces out (for kernels without them);
-    measured stream-K entries let the plan run stream-K where they win.
+    measured stream-K entries let the plan run stream-K where they win. `tma_variants=False`
+    leaves TMA pieces out: for GEMMs with a bias or residual epilogue, whose TMA tiles spill
+    inside the K loop at 255 registers (sm_90 compile check) while the measured TMA times are
+    of tiles without an epilogue.
     """
     from ..kernel_spec import dtype_name
 
@@ -73,7 +77,7 @@ def gemm_plan(
         measured = timings.get((*key, False, 1, False, False))
         if persistent_variants:  # the padded GEMM's whole-tile variants: persistent grid, TMA loads
             measured_persistent = timings.get((*key, True, 1, False, False))
-            measured_tma = timings.get((*key, False, 1, False, True))
+            measured_tma = timings.get((*key, False, 1, False, True)) if tma_variants else None
         if split_variants:
             measured_split = {t[5]: items for t, items in timings.items()
                               if t[:5] == (*key, False) and t[5] > 1 and not t[6] and not t[7]}
@@ -208,7 +212,7 @@ def run_padded_gemm(
     m = x.shape[0]
     tile_plan = decode_plan(plan) if plan else gemm_plan(
         n, k, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
-        weight_tiles=2 if activation == "swiglu" else 1,
+        weight_tiles=2 if activation == "swiglu" else 1, tma_variants=bias is None and residual is None,
     )
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype)

@@ -337,7 +337,9 @@ class GemmPadding:
         xv, wv = _val(node.args[0]), _val(node.args[1])
         lo, hi = self._m_range(xv.shape[0], ctx)
         n, k = int(wv.shape[0]), int(wv.shape[1])
-        key = (n, k, xv.dtype, lo, hi, weight_tiles, tma)
+        # TMA pieces come only from measured tile times: without them one plan serves both kinds.
+        # (weight_tiles stays last: the report marks fused SwiGLU plans by it.)
+        key = (n, k, xv.dtype, lo, hi, tma and bool(ctx.config.tile_timings), weight_tiles)
         if key not in plans:
             plans[key] = gemm_plan(
                 n, k, xv.dtype, ctx.target, ctx.device_type, m_min=lo, m_max=hi, tile_timings=ctx.config.tile_timings,

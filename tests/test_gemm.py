@@ -4,6 +4,7 @@ Triton runs in the CPU interpreter here (conftest sets TRITON_INTERPRET=1 withou
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -43,6 +44,41 @@ def oracle(x, w, bias=None, residual=None, activation="none", weight_up=None, bi
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def record_launches(monkeypatch, *flags: str) -> list[dict]:
+    """Make `runtime.get_kernel` hand out kernels that record each launch: the launch's keyword
+    arguments, and under "spec" the spec's values of the params `flags`. Returns the records."""
+    launches: list[dict] = []
+    real_get_kernel = runtime.get_kernel
+
+    def recording_get_kernel(target, spec, artifact_dir=None):
+        kernel = real_get_kernel(target, spec, artifact_dir)
+
+        def launch(*args, **kwargs):
+            launches.append({"spec": {flag: spec.param(flag, False) for flag in flags}, **kwargs})
+            return kernel(*args, **kwargs)
+
+        return launch
+
+    monkeypatch.setattr(runtime, "get_kernel", recording_get_kernel)
+    return launches
+
+
+def padded_gemm_case(m: int, n: int, k: int, activation: str, has_bias: bool, has_residual: bool, gen):
+    """Fresh operands of a padded GEMM (x, weight, bias, residual; the weight stacked [2N, K] for
+    SwiGLU) and their float64 result."""
+    x = torch.randn(m, k, generator=gen)
+    rows = 2 * n if activation == "swiglu" else n
+    w = torch.randn(rows, k, generator=gen) / k**0.5
+    bias = torch.randn(rows, generator=gen) if has_bias else None
+    residual = torch.randn(m, n, generator=gen) if has_residual else None
+    up = {}
+    w_gate, bias_gate = w, bias
+    if activation == "swiglu":
+        up = {"weight_up": w[n:], "bias_up": None if bias is None else bias[n:]}
+        w_gate, bias_gate = w[:n], None if bias is None else bias[:n]
+    return (x, w, bias, residual), oracle(x, w_gate, bias_gate, residual, activation, **up)
 
 
 CASES = [
@@ -189,19 +225,7 @@ def test_measured_persistent_variant_runs_and_takes_its_grid_share(tmp_path, mon
     # The grouped GEMM has no persistent variant: its plans ignore those timings.
     grouped = runtime.grouped_gemm_plan(n, k, 4, torch.float32, "triton", "cpu", m_max=256, tile_timings=str(path))
     assert not any(piece.persistent for piece in grouped.pieces)
-    launches: list[dict] = []
-    real_get_kernel = runtime.get_kernel
-
-    def spying_get_kernel(target, spec, artifact_dir=None):
-        kernel = real_get_kernel(target, spec, artifact_dir)
-
-        def launch(*args, **kwargs):
-            launches.append({"persistent": spec.param("persistent"), **kwargs})
-            return kernel(*args, **kwargs)
-
-        return launch
-
-    monkeypatch.setattr(runtime, "get_kernel", spying_get_kernel)
+    launches = record_launches(monkeypatch, "persistent")
     x, w = torch.randn(100, k), torch.randn(n, k)
     want = x.double() @ w.double().t()
     with tileflow.use_config(tileflow.Config(target="triton", max_tokens=256, tile_timings=str(path))):
@@ -210,7 +234,7 @@ def test_measured_persistent_variant_runs_and_takes_its_grid_share(tmp_path, mon
             shared = padded_gemm(x, w)
     for out in (whole, shared):
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
-    assert [launch["persistent"] for launch in launches] == [True, True]
+    assert [launch["spec"]["persistent"] for launch in launches] == [True, True]
     assert "num_programs" not in launches[0]  # the whole device: the kernel's own default
     assert launches[1]["num_programs"] == max(1, int((os.cpu_count() or 1) * 0.5))
 
@@ -228,36 +252,15 @@ def test_split_k_pieces_dispatch_and_match_float64(monkeypatch, target, activati
     n, k = 96, 4096
     plan = build_tile_plan(n, k, "float32", m_max=512, device=get_device("H200"),
                            weight_tiles=2 if activation == "swiglu" else 1)
-    launches: list[dict] = []
-    real_get_kernel = runtime.get_kernel
-
-    def spying_get_kernel(target, spec, artifact_dir=None):
-        kernel = real_get_kernel(target, spec, artifact_dir)
-
-        def launch(*args, **kwargs):
-            launches.append({"split": spec.param("split_k", False), **kwargs})
-            return kernel(*args, **kwargs)
-
-        return launch
-
-    monkeypatch.setattr(runtime, "get_kernel", spying_get_kernel)
+    launches = record_launches(monkeypatch, "split_k")
     gen = torch.Generator().manual_seed(11)
     for m in (3, 40):
         piece = plan.piece_for(m)
         assert piece.split_k > 1, plan.describe()
-        x = torch.randn(m, k, generator=gen)
-        rows = 2 * n if activation == "swiglu" else n
-        w = torch.randn(rows, k, generator=gen) / k**0.5
-        bias = torch.randn(rows, generator=gen) if has_bias else None
-        residual = torch.randn(m, n, generator=gen) if has_residual else None
-        got = runtime.run_padded_gemm(x, w, bias, residual, activation, torch.float32, runtime.encode_plan(plan), target)
-        up = {}
-        if activation == "swiglu":
-            up = {"weight_up": w[n:], "bias_up": None if bias is None else bias[n:]}
-            w, bias = w[:n], None if bias is None else bias[:n]
-        want = oracle(x, w, bias, residual, activation, **up)
+        operands, want = padded_gemm_case(m, n, k, activation, has_bias, has_residual, gen)
+        got = runtime.run_padded_gemm(*operands, activation, torch.float32, runtime.encode_plan(plan), target)
         assert rel_err(got, want) < 1e-5
-        assert launches[-1]["split"] and launches[-1]["split_k"] == piece.split_k
+        assert launches[-1]["spec"]["split_k"] and launches[-1]["split_k"] == piece.split_k
 
 
 def test_measured_split_k_times_reach_the_plan(tmp_path, monkeypatch) -> None:
@@ -317,39 +320,14 @@ def test_measured_stream_k_pieces_dispatch_and_match_float64(tmp_path, monkeypat
     plan = runtime.gemm_plan(n, k, torch.float32, target, "cuda", m_max=512, tile_timings=str(path),
                              weight_tiles=weight_tiles)
     assert all(piece.stream_k and piece.config == cands[0] for piece in plan.pieces), plan.describe()
-    launches: list[dict] = []
-    real_get_kernel = runtime.get_kernel
-
-    def spying_get_kernel(target, spec, artifact_dir=None):
-        kernel = real_get_kernel(target, spec, artifact_dir)
-
-        def launch(*args, **kwargs):
-            launches.append({"stream_k": spec.param("stream_k", False), **kwargs})
-            return kernel(*args, **kwargs)
-
-        return launch
-
-    monkeypatch.setattr(runtime, "get_kernel", spying_get_kernel)
+    launches = record_launches(monkeypatch, "stream_k")
     gen = torch.Generator().manual_seed(12)
     for m, share in ((3, None), (40, 0.25)):
-        x = torch.randn(m, k, generator=gen)
-        rows = 2 * n if activation == "swiglu" else n
-        w = torch.randn(rows, k, generator=gen) / k**0.5
-        bias = torch.randn(rows, generator=gen) if has_bias else None
-        residual = torch.randn(m, n, generator=gen) if has_residual else None
-        call = lambda: runtime.run_padded_gemm(x, w, bias, residual, activation, torch.float32,  # noqa: E731
-                                               runtime.encode_plan(plan), target)
-        if share is None:
-            got = call()
-        else:
-            with grid_share(share):
-                got = call()
-        up = {}
-        if activation == "swiglu":
-            up = {"weight_up": w[n:], "bias_up": None if bias is None else bias[n:]}
-            w, bias = w[:n], None if bias is None else bias[:n]
-        assert rel_err(got, oracle(x, w, bias, residual, activation, **up)) < 1e-5
-        assert launches[-1]["stream_k"]
+        operands, want = padded_gemm_case(m, n, k, activation, has_bias, has_residual, gen)
+        with grid_share(share) if share is not None else contextlib.nullcontext():
+            got = runtime.run_padded_gemm(*operands, activation, torch.float32, runtime.encode_plan(plan), target)
+        assert rel_err(got, want) < 1e-5
+        assert launches[-1]["spec"]["stream_k"]
         assert launches[-1].get("num_programs") == (None if share is None else max(1, int((os.cpu_count() or 1) * share)))
 
 
@@ -376,18 +354,15 @@ def test_measured_tma_pieces_dispatch_and_match_float64(tmp_path, monkeypatch, t
     assert all(piece.tma for piece in plan.pieces), plan.describe()
     assert not any(piece.tma for piece in runtime.gemm_plan(n, k, torch.float16, target, "cuda", m_max=512,
                                                             tile_timings=str(path), tma_variants=False).pieces)
-    built = []
-    real_get_kernel = runtime.get_kernel
-    monkeypatch.setattr(runtime, "get_kernel", lambda target, spec, artifact_dir=None: (
-        built.append(spec), real_get_kernel(target, spec, artifact_dir))[1])
+    launches = record_launches(monkeypatch, "tma")
     gen = torch.Generator().manual_seed(13)
     for m in (5, 70):
         x, w = torch.randn(m, k, generator=gen).half(), (torch.randn(n, k, generator=gen) / k**0.5).half()
         got = runtime.run_padded_gemm(x, w, None, None, "gelu", torch.float16, runtime.encode_plan(plan), target)
         assert rel_err(got, oracle(x, w, None, None, "gelu")) < 2e-3
-        assert built[-1].param("tma", False)
+        assert launches[-1]["spec"]["tma"]
     with tileflow.use_config(tileflow.Config(target=target, max_tokens=512, tile_timings=str(path))):
         x, bias = torch.randn(9, k, generator=gen).half(), torch.randn(n, generator=gen).half()
         got = padded_gemm(x, w, bias)
     assert rel_err(got, oracle(x, w, bias, None, "none")) < 2e-3
-    assert not built[-1].param("tma", False)  # a bias epilogue: the config's plain kernel
+    assert not launches[-1]["spec"]["tma"]  # a bias epilogue: the config's plain kernel

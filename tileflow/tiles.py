@@ -284,12 +284,16 @@ def split_reduce_seconds(rows: Any, n: int, split_k: int, device: DeviceInfo, ou
     return (partial_bytes + out_bytes) / device.mem_bw_bytes + _SPLIT_REDUCE_LAUNCH_SECONDS
 
 
+# TMA (the Hopper copy engine) reads 2-D tiles from rows that start at 16-byte boundaries.
+TMA_ALIGN_BYTES = 16
+
+
 def tma_rows_aligned(n: int, k: int, dtype: Any) -> bool:
-    """Whether a GEMM's operands can feed TMA (the Hopper copy engine reads 2-D tiles from rows
-    that start at 16-byte boundaries) in their usual layouts: K elements (a row of x, of an
-    [N, K] weight) and N elements (a row of a [K, N] weight) whole multiples of 16 bytes."""
+    """Whether a GEMM's operands can feed TMA in their usual layouts: K elements (a row of x, of
+    an [N, K] weight) and N elements (a row of a [K, N] weight) whole multiples of
+    `TMA_ALIGN_BYTES`."""
     size = _element_bytes(dtype_name(dtype))
-    return (k * size) % 16 == 0 and (n * size) % 16 == 0
+    return (k * size) % TMA_ALIGN_BYTES == 0 and (n * size) % TMA_ALIGN_BYTES == 0
 
 
 def stream_k_range(program: int, units: int, programs: int) -> tuple[int, int]:

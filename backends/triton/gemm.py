@@ -31,6 +31,7 @@ import torch
 
 from tileflow.gemm_operands import gemm_operands
 from tileflow.kernel_spec import ACTIVATIONS, KernelSpec, check_gemm_spec, gemm_dims, gemm_formula
+from tileflow.tiles import TMA_ALIGN_BYTES
 
 from .build import kernel_identifier
 
@@ -658,11 +659,6 @@ def _default_num_programs(device: torch.device) -> int:
     return os.cpu_count() or 1
 
 
-# TMA reads a 2-D tensor whose rows are contiguous and start at 16-byte boundaries (the rule
-# `tileflow.tiles.tma_rows_aligned` applies to plans).
-_TMA_ALIGN = 16
-
-
 def tma_operand(t: torch.Tensor, where: str, name: str) -> torch.Tensor:
     """`t` ([rows, cols], 2-D) as a TMA kernel can read it: itself when its last dimension is
     contiguous, its rows do not overlap and its base and row stride are multiples of 16 bytes,
@@ -672,12 +668,12 @@ def tma_operand(t: torch.Tensor, where: str, name: str) -> torch.Tensor:
     for shapes where they can."""
     size = t.element_size()
     # Rows that overlap (an expanded tensor's stride 0, say) are copied too.
-    if (t.stride(1) == 1 and t.stride(0) >= t.shape[1] and (t.stride(0) * size) % _TMA_ALIGN == 0
-            and t.data_ptr() % _TMA_ALIGN == 0):
+    if (t.stride(1) == 1 and t.stride(0) >= t.shape[1] and (t.stride(0) * size) % TMA_ALIGN_BYTES == 0
+            and t.data_ptr() % TMA_ALIGN_BYTES == 0):
         return t
-    if (t.shape[1] * size) % _TMA_ALIGN:
+    if (t.shape[1] * size) % TMA_ALIGN_BYTES:
         raise ValueError(
-            f"{where}: a TMA kernel needs rows of a multiple of {_TMA_ALIGN} bytes, but {name} has "
+            f"{where}: a TMA kernel needs rows of a multiple of {TMA_ALIGN_BYTES} bytes, but {name} has "
             f"{t.shape[1]} x {size}-byte elements per row; use a kernel without TMA for this shape"
         )
     log.info("%s: %s %s (strides %s) copied for TMA", where, name, list(t.shape), t.stride())
@@ -714,6 +710,8 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
     num_warps = launch_warps(spec)
     reduce_fn = kernel_fn.fn.__globals__[kernel_fn.fn.__name__ + "_reduce"] if split else None
     fixup_fn = kernel_fn.fn.__globals__[kernel_fn.fn.__name__ + "_fixup"] if stream_k else None
+    if tma:  # imported once per launcher, not on every launch
+        from triton.tools.tensor_descriptor import TensorDescriptor
 
     def launch(
         x: torch.Tensor,
@@ -801,8 +799,6 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
     def _launch_tma(ops: Any, num_tiles: int) -> torch.Tensor:
         """The TMA kernel: x and the weight(s) as tensor descriptors (no copy where their
         layout allows one; see `tma_operand`), the epilogue's operands as pointers."""
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         x = tma_operand(ops.x, where, "x")
         x_desc = TensorDescriptor.from_tensor(x, [tile.block_m, tile.block_k])
         weights = [ops.weight] + ([ops.weight_up] if swiglu else [])

@@ -414,9 +414,10 @@ def test_bias_launch_validation(kernels: dict[KernelSpec, Any]) -> None:
 
 
 def test_bias_ranges_narrow_the_ascend_tasks(kernels: dict[KernelSpec, Any]) -> None:
-    """The kernel narrows each task to the keys its bias ranges say the tile's rows see: a
-    prompt with a causal mask as its bias matches the reference, and ranges ending early drop
-    the keys past them (so the kernel does read them)."""
+    """The kernel narrows each task to the keys its bias ranges say the tile's rows see, and
+    reads no bias in their zero-bias run: a prompt with a causal mask as its bias matches the
+    reference; ranges ending early drop the keys past them, and ranges calling every key
+    plain leave the mask unread (the future leaks in), so the kernel does follow them."""
     from tileflow.attention_inputs import bias_ranges
 
     batch = exact_batch([(20, 20)], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8,
@@ -433,6 +434,9 @@ def test_bias_ranges_narrow_the_ascend_tasks(kernels: dict[KernelSpec, Any]) -> 
     cut = kernels[BIAS_FP16](*args, table, attn_bias=bias, attn_bias_ranges=short)
     assert_close(cut[:6], want[:6], "float16", "rows that see keys 0-5 only")
     assert (cut[6:].float() - want[6:].float()).abs().max() > 1e-2
+    all_plain = torch.tensor([0, 0, 20, 20], dtype=torch.int32).expand(1, 20, 4)
+    leaked = kernels[BIAS_FP16](*args, table, attn_bias=bias, attn_bias_ranges=all_plain)
+    assert_close(leaked, attention_reference_dense(*args, causal=False), "float16", "no bias read")
 
 
 class _Logits(torch.nn.Module):

@@ -66,9 +66,10 @@ def _is_four_warp_prefill_attention(line: str) -> bool:
 
 
 def test_hot_loop_spills_counts_spills_inside_the_innermost_mma_loops() -> None:
-    """Spill instructions count only inside a loop that runs tensor-core instructions and holds
-    no other such loop: a task loop around the KV loop, or setup code, does not count."""
-    from tools.sm90_compile_check import hot_loop_spills
+    """Spill instructions, and loop sizes, count only inside a loop that runs tensor-core
+    instructions and holds no other such loop: a task loop around the KV loop, or setup code,
+    does not count."""
+    from tools.sm90_compile_check import hot_loop_sizes, hot_loop_spills
 
     def sass(*lines: str) -> str:
         out, address = [], 0
@@ -93,6 +94,8 @@ def test_hot_loop_spills_counts_spills_inside_the_innermost_mma_loops() -> None:
     )
     assert hot_loop_spills(program.replace("{spill}", "FADD R2, R2, R3")) == 0
     assert hot_loop_spills(program.replace("{spill}", "LDL.LU R23, [R1+0x14]")) == 1
+    assert hot_loop_sizes(program.replace("{spill}", "FADD R2, R2, R3")) == [3]  # the KV loop only
     # A loop without tensor-core instructions (say, an epilogue) is not hot.
     cold = sass(".L_x_2:", "STL [R1], R3", "@P0 BRA `(.L_x_2)", "HMMA.16816.F32 R4, R8, R12, R4")
     assert hot_loop_spills(cold) == 0
+    assert hot_loop_sizes(cold) == []

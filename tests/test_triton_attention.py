@@ -556,6 +556,45 @@ def test_bfloat16_on_gpu() -> None:
     run_and_check(batch, attn_spec("bfloat16", gqa=2, block_q=4), what="bf16")
 
 
+@pytest.mark.parametrize("scale", [0.3, 0.0, -0.4])
+def test_cache_layouts_and_scale_signs(scale: float) -> None:
+    """A V cache laid out unlike the K cache (so K and V tiles need their own offsets), with
+    positive, zero and negative softmax scales: the unmasked blocks keep scores unscaled and
+    rely on the launcher to make the scale non-negative."""
+    lengths = [(12, 40), (1, 37), (3, 19)]
+    batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8,
+                        dtype=torch.float32, seed=21)
+    v = batch["v_cache"]
+    heads_first = v.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)  # [B, Hkv, bs, D] storage
+    assert heads_first.stride() != batch["k_cache"].stride()
+    assert torch.allclose(heads_first, v, rtol=0, atol=0, equal_nan=True)  # unowned slots are NaN
+    batch = dict(batch, v_cache=heads_first)
+    spec = attn_spec(gqa=2, block_q=4)
+    table = table_for(batch, spec)
+    out = torch.full_like(batch["q"], float("nan"))
+    args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q",
+                               "seqlens_kv")]
+    build_attention_kernel(spec)(*args, table, scale=scale, out=out)
+    assert_close(out, oracle(batch, scale=scale), "float32", f"scale {scale}")
+
+
+def test_wide_cache_offsets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caches whose element offsets reach 2**31 get int64 offsets: the decision from the
+    caches' shapes and strides, and the int64 path's results (forced on a small batch)."""
+    from tileflow.backends.triton import attention as triton_attention
+
+    wide = triton_attention._needs_wide_offsets
+    assert not wide(torch.empty(2**17, 16, 8, 128, device="meta"))  # largest offset 2**31 - 1
+    assert wide(torch.empty(2**17 + 1, 16, 8, 128, device="meta"))
+    kv = torch.empty(2**16 + 1, 2, 16, 8, 128, device="meta")  # K and V pages interleaved
+    assert not wide(kv[:2**16, 1]) and wide(kv[:, 1])  # the view's strides span twice its size
+    lengths = [(9, 33), (1, 20)]
+    batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=4,
+                        dtype=torch.float32, seed=22)
+    monkeypatch.setattr(triton_attention, "_needs_wide_offsets", lambda cache: True)
+    run_and_check(batch, attn_spec(gqa=2, block_q=4), what="int64 cache offsets")
+
+
 # --------------------------------------------------------------------------------------------
 # Source, build and validation
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ kernels ahead of time with `triton.compile` and an explicit `GPUTarget` (Triton'
 16-byte-aligned pointers and multiples of 16 get the divisibility hint), and reports each
 kernel's shared memory, registers and spill bytes, how many spill instructions sit inside its
 innermost tensor-core loops (`hot_spills`, from Triton's bundled nvdisasm: the spills that cost
-time), which tensor-core instruction its dots became and how its loads reach shared memory.
+time), how many instructions one iteration of each such loop issues (`loop_instrs`), which
+tensor-core instruction its dots became and how its loads reach shared memory.
 
 Two ways to run it, both with `TRITON_INTERPRET=1`:
 
@@ -96,10 +97,10 @@ def _record_launch(interpreted: Any, args: tuple, kwargs: dict) -> None:
                                "divisible": divisible})
 
 
-def hot_loop_spills(sass: str) -> int:
-    """Spill loads/stores (LDL/STL) inside the innermost loops that run tensor-core instructions:
-    the ones that cost time. A loop is a backward branch to a label; spills elsewhere (a task's
-    setup, the epilogue) run once per tile."""
+def innermost_mma_loops(sass: str) -> list[list[str]]:
+    """The instructions of each innermost loop that runs tensor-core instructions (a loop is a
+    backward branch to a label; one holding another such loop, say a task loop around a KV loop,
+    is not innermost), from nvdisasm's SASS listing, in program order."""
     import re
     labels, body = {}, []
     for line in sass.splitlines():
@@ -114,8 +115,21 @@ def hot_loop_spills(sass: str) -> int:
         if target and target.group(1) in labels and labels[target.group(1)] <= end:
             loops.append((labels[target.group(1)], end))
     mma = [(a, b) for a, b in loops if any(re.search(r"\b(HGMMA|HMMA)", body[i]) for i in range(a, b + 1))]
-    innermost = [(a, b) for a, b in mma if not any((c, d) != (a, b) and a <= c and d <= b for c, d in mma)]
-    return sum(1 for a, b in innermost for i in range(a, b + 1) if re.search(r"\b(LDL|STL)\b", body[i]))
+    return [body[a:b + 1] for a, b in mma if not any((c, d) != (a, b) and a <= c and d <= b for c, d in mma)]
+
+
+def hot_loop_spills(sass: str) -> int:
+    """Spill loads/stores (LDL/STL) inside the innermost loops that run tensor-core instructions:
+    the ones that cost time. Spills elsewhere (a task's setup, the epilogue) run once per tile."""
+    import re
+    return sum(1 for loop in innermost_mma_loops(sass) for line in loop if re.search(r"\b(LDL|STL)\b", line))
+
+
+def hot_loop_sizes(sass: str) -> list[int]:
+    """Instructions per iteration of each innermost tensor-core loop, in program order: what one
+    warp issues per K or KV step. Where the non-MMA part of that outgrows the tensor cores' time
+    for the step, the loop is issue-bound (the attention kernel's address arithmetic was)."""
+    return [len(loop) for loop in innermost_mma_loops(sass)]
 
 
 def ptx_instructions(compiled: "Any") -> "dict[str, Any]":
@@ -156,10 +170,12 @@ def ptxas_usage(compiled):
     regs = re.search(r"Used (\d+) registers", out)
     spills = re.search(r"(\d+) bytes spill stores", out)
     return {"regs": int(regs.group(1)) if regs else None, "spills": int(spills.group(1)) if spills else None,
-            "hot_spills": None if sass is None else hot_loop_spills(sass)}
+            "hot_spills": None if sass is None else hot_loop_spills(sass),
+            "loop_instrs": None if sass is None else hot_loop_sizes(sass)}
 '''
 # The helpers the script shares with this module (one definition, unit-tested here).
-_COMPILE_SCRIPT += "\n\n" + inspect.getsource(hot_loop_spills) + "\n\n" + inspect.getsource(ptx_instructions)
+_COMPILE_SCRIPT += "\n\n" + "\n\n".join(
+    inspect.getsource(fn) for fn in (innermost_mma_loops, hot_loop_spills, hot_loop_sizes, ptx_instructions))
 _COMPILE_SCRIPT += r'''
 
 
@@ -225,11 +241,17 @@ def _compile_all() -> list[str]:
         head = f"{launch['name']} {launch['options']} {consts}"
         if result["ok"]:
             lines.append(f"ok {head} shared={result['shared']} regs={result['regs']} spills={result['spills']} "
-                         f"hot_spills={result['hot_spills']} mma={result['mma']} cp.async={result['cp_async']} "
+                         f"hot_spills={result['hot_spills']} loop_instrs={_loop_sizes(result['loop_instrs'])} "
+                         f"mma={result['mma']} cp.async={result['cp_async']} "
                          f"tma={result['tma']}")
         else:
             lines.append(f"FAILED {head} ({launch['path']}):\n{result['error']}")
     return lines
+
+
+def _loop_sizes(sizes: list[int] | None) -> str:
+    """'985/1449' for two innermost loops, '?' without nvdisasm."""
+    return "?" if sizes is None else "/".join(map(str, sizes)) or "0"
 
 
 _RESULT_LINES: list[str] = []

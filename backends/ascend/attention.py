@@ -578,7 +578,7 @@ struct Task {
     int32_t firstToken;  // global query row of the tile's first position
     int32_t newStart;    // KV position of the sequence's first new token
     bool treeApplies;    // tree verify: the tree mask covers the sequence's new tokens
-};
+${bias_task_fields}};
 
 class MetaAttention {
 public:
@@ -1082,15 +1082,18 @@ def _mask_call(layout: AttentionLayout, has_mask: bool) -> str:
 
 
 def _bias_load(indent: int, chunk_start: str, why: str) -> str:
-    """One `LoadBiasChunk` call line of a pipeline (the chunk's length is always `chunkLen`)."""
-    return " " * indent + f"LoadBiasChunk(t, {chunk_start}, chunkLen);  // {why}\n"
+    """A pipeline's `LoadBiasChunk` call (the chunk's length is always `chunkLen`), made only for
+    chunks that need the bias (`AddBias` is called under the same condition)."""
+    return (" " * indent + f"if (BiasApplies(t, {chunk_start}, chunkLen)) {{\n"
+            + " " * (indent + 4) + f"LoadBiasChunk(t, {chunk_start}, chunkLen);  // {why}\n"
+            + " " * indent + "}\n")
 
 
 def _bias_code(layout: AttentionLayout) -> dict[str, str]:
     """The kernel template's bias substitutions: all empty without a bias, so a spec without one
     emits exactly the code it did before the bias path existed."""
     names = ("bias_init", "bias_load_decode", "bias_load_single", "bias_load_multi",
-             "bias_add_call", "bias_functions", "bias_member", "bias_clip")
+             "bias_add_call", "bias_functions", "bias_member", "bias_clip", "bias_task_fields")
     if not layout.bias:
         return dict.fromkeys(names, "")
     return {
@@ -1106,23 +1109,38 @@ def _bias_code(layout: AttentionLayout) -> dict[str, str]:
         "bias_load_multi": _bias_load(12, "pos", "MTE2, overlaps the cube's Q K^T"),
         # Before the mask: the visibility rules override the bias (a hidden key stays hidden even
         # where its bias is NaN or +inf), as in the reference backend.
-        "bias_add_call": "        AddBias(t, scores, chunkLen);  // before the mask, which overrides it\n",
+        "bias_add_call": (
+            "        if (BiasApplies(t, chunkStart, chunkLen)) {\n"
+            "            AddBias(t, scores, chunkLen);  // before the mask, which overrides it\n"
+            "        }\n"
+        ),
+        "bias_task_fields": (
+            "    int32_t fullLo;      // keys [fullLo, fullHi) have a zero bias for every row of the tile\n"
+            "    int32_t fullHi;\n"
+        ),
         "bias_functions": _BIAS_FUNCTIONS,
         "bias_member": "    GlobalTensor<float> biasGm;\n    GlobalTensor<int32_t> rangesGm;\n",
     }
 
 
 # The task's KV range narrowed to the keys some row of its tile sees (tileflow's bias_ranges:
-# (lo, full_lo, full_hi, hi) per query row); chunks the bias hides from every row are skipped.
+# (lo, full_lo, full_hi, hi) per query row), so chunks the bias hides from every row are skipped;
+# and the run of keys whose bias is zero for every row, whose chunks neither load nor add it.
 _BIAS_CLIP = """\
         int32_t seenLo = t.kvEnd;
         int32_t seenHi = t.kvStart;
+        t.fullLo = 0;
+        t.fullHi = t.kvEnd;
         for (int32_t i = 0; i < t.qRows; ++i) {
             const uint64_t at = (uint64_t(t.seq) * tiling.rangeRows + uint64_t(t.qStart + i)) * 4;
             const int32_t lo = rangesGm.GetValue(at);
+            const int32_t fullLo = rangesGm.GetValue(at + 1);
+            const int32_t fullHi = rangesGm.GetValue(at + 2);
             const int32_t hi = rangesGm.GetValue(at + 3);
             seenLo = lo < seenLo ? lo : seenLo;
             seenHi = hi > seenHi ? hi : seenHi;
+            t.fullLo = fullLo > t.fullLo ? fullLo : t.fullLo;
+            t.fullHi = fullHi < t.fullHi ? fullHi : t.fullHi;
         }
         t.kvStart = seenLo > t.kvStart ? seenLo : t.kvStart;
         t.kvEnd = seenHi < t.kvEnd ? seenHi : t.kvEnd;
@@ -1131,6 +1149,13 @@ _BIAS_CLIP = """\
 
 _BIAS_FUNCTIONS = """
     // ---- the model's additive bias ------------------------------------------------------------
+    // Whether chunk [chunkStart, chunkStart + chunkLen) needs the bias: not when it lies in the
+    // tile's zero-bias run (a materialized causal mask: every chunk below the diagonal).
+    __aicore__ inline bool BiasApplies(const Task& t, int32_t chunkStart, int32_t chunkLen) const
+    {
+        return chunkStart < t.fullLo || chunkStart + chunkLen > t.fullHi;
+    }
+
     // Stage the bias of chunk [chunkStart, chunkStart + chunkLen) for every tile row into a
     // [rows, BLOCK_KV] tile laid out like S. Row r is query index qStart + r / GQA of the sequence,
     // head kvHead * GQA + r % GQA; the chunk's keys are contiguous in its bias row, so each row is

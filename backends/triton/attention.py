@@ -213,7 +213,6 @@ def _main_signature(cfg: AttentionConfig) -> str:
         lines.append("bias_ptr,  # float additive bias [S, Hq, q_len, kv_len] (broadcast dims: stride 0)")
         lines.append("bias_ranges_ptr,  # int32 [S, q_len, 4]: (lo, full_lo, full_hi, hi) keys per row")
     lines.append("qk_scale,  # softmax scale * log2(e)")
-    lines.append("block_size,  # KV cache page size: runtime, any page size reuses the kernel")
     if cfg.sliding_window:
         lines.append("window,  # sliding window: row at q_pos sees kv_pos > q_pos - window")
     if cfg.tree:
@@ -235,6 +234,10 @@ def _main_signature(cfg: AttentionConfig) -> str:
     lines += [
         "HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,",
         "GQA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr,",
+        "PAGE_SIZE: tl.constexpr,  # KV cache page size: one compile per page size, so the page",
+        "                          # lookups divide by a constant (a shift for powers of two)",
+        "WIDE_OFFSETS: tl.constexpr,  # int64 cache offsets: a cache spans 2**31 elements or more",
+        "SAME_KV_STRIDES: tl.constexpr,  # v_cache.stride() == k_cache.stride()",
     ]
     return "\n".join("    " + line for line in lines)
 
@@ -291,8 +294,11 @@ q = tl.load(q_ptrs, mask=row_valid[:, None]{d_row}, other=0.0)
 m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base-2 scores)
 l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
 acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)  # running sum of p @ V
-k_head_off = kv_head.to(tl.int64) * stride_kh
-v_head_off = kv_head.to(tl.int64) * stride_vh
+# Cache offsets in int64 only when a cache spans 2**31 elements or more (the launcher decides):
+# int32 offsets halve the address arithmetic of every K/V tile.
+kv_head_idx = kv_head.to(tl.int64) if WIDE_OFFSETS else kv_head
+k_head_off = kv_head_idx * stride_kh
+v_head_off = kv_head_idx * stride_vh
 """
     if cfg.tree:
         loop += """\
@@ -393,27 +399,29 @@ def _kv_step(cfg: AttentionConfig, dtype: str, *, masked: bool, end: str = "kv_e
     dot_kw = _dot_precision_kwarg(dtype)
     padded_d = cfg.head_dim_pad != cfg.head_dim
     d_row = " & d_mask[None, :]" if padded_d else ""
-    d_col = " & d_mask[:, None]" if padded_d else ""
     if masked:
         kv_mask = f"kv_valid = kv_pos < {end}\n"
-        page_mask, k_mask, v_mask = ", mask=kv_valid, other=0", f", mask=kv_valid[None, :]{d_col}, other=0.0", \
-            f", mask=kv_valid[:, None]{d_row}, other=0.0"
+        page_mask, kv_tile_mask = ", mask=kv_valid, other=0", f", mask=kv_valid[:, None]{d_row}, other=0.0"
     else:
         kv_mask, page_mask = "", ""
-        k_mask = ", mask=d_mask[:, None], other=0.0" if padded_d else ""
-        v_mask = ", mask=d_mask[None, :], other=0.0" if padded_d else ""
+        kv_tile_mask = ", mask=d_mask[None, :], other=0.0" if padded_d else ""
     step = f"""\
 kv_pos = kv0 + offs_kv
-{kv_mask}# Paged cache: position p lives at page block_table[seq, p // block_size], row p % block_size.
-page = tl.load(block_table_ptr + seq * stride_bt + kv_pos // block_size{page_mask})
-page_row = kv_pos % block_size
-k_off = page.to(tl.int64) * stride_kb + page_row * stride_ks + k_head_off
-v_off = page.to(tl.int64) * stride_vb + page_row * stride_vs + v_head_off
-# K is loaded transposed, [HEAD_DIM_PAD, BLOCK_KV], so the scores are a plain q @ k.
-k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None] * stride_kd{k_mask})
-s = tl.dot(q, k{dot_kw}) * qk_scale
+{kv_mask}# Paged cache: position p lives at page block_table[seq, p // PAGE_SIZE], row p % PAGE_SIZE.
+page = tl.load(block_table_ptr + seq * stride_bt + kv_pos // PAGE_SIZE{page_mask})
+page_row = kv_pos % PAGE_SIZE
+if WIDE_OFFSETS:
+    page = page.to(tl.int64)
+k_off = page * stride_kb + page_row * stride_ks + k_head_off
+if SAME_KV_STRIDES:  # the usual case, K and V caches alike: one set of offsets serves both
+    v_off = k_off
+else:
+    v_off = page * stride_vb + page_row * stride_vs + v_head_off
+# K and V tiles are both [BLOCK_KV, HEAD_DIM_PAD] (the dot reads K transposed from shared memory).
+k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :] * stride_kd{kv_tile_mask})
 """
     if masked:
+        step += f"s = tl.dot(q, tl.trans(k){dot_kw}) * qk_scale\n"
         step += "\nvisible = row_valid[:, None] & kv_valid[None, :]\n"
         if cfg.causal:
             step += "rule = kv_pos[None, :] <= q_pos[:, None]  # causal\n"
@@ -452,17 +460,21 @@ s = tl.where(visible, s, float("-inf"))
 m_new = tl.maximum(m_i, tl.max(s, axis=1))
 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
 """
+        step += "p = tl.exp2(s - m_ref[:, None])\n"
     else:
-        step += """
-# Online softmax over a whole block: every score is finite, so m_new is too.
-m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        step += f"""\
+s = tl.dot(q, tl.trans(k){dot_kw})
+# Online softmax over a whole block: every score is finite, so m_new is too. The scores stay
+# unscaled: qk_scale >= 0 (the launcher makes it so), so the block's max times qk_scale is the
+# max of the scaled scores, and s * qk_scale - m_new is one fused multiply-add per score.
+m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
 m_ref = m_new
+p = tl.exp2(s * qk_scale - m_ref[:, None])
 """
     step += f"""\
-p = tl.exp2(s - m_ref[:, None])
 alpha = tl.exp2(m_i - m_ref)
 l_i = l_i * alpha + tl.sum(p, axis=1)
-v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :] * stride_vd{v_mask})
+v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :] * stride_vd{kv_tile_mask})
 # p is rounded to the cache dtype for the tensor-core dot; the sum stays fp32.
 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None]{dot_kw})
 m_i = m_new
@@ -559,8 +571,9 @@ def render_attention_source(spec: KernelSpec) -> str:
         nw=cfg.num_warps,
     )
     # Runtime integers that vary between calls are not specialized on (no recompiles when the
-    # page size, window or tree size changes, nor variants for a value of 1).
-    no_spec = ["block_size"]
+    # window or tree size changes, nor variants for a value of 1). The page size, fixed for a
+    # cache's life, is a constexpr instead.
+    no_spec = []
     if cfg.sliding_window:
         no_spec.append("window")
     if cfg.tree:
@@ -592,6 +605,14 @@ def render_attention_source(spec: KernelSpec) -> str:
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
+
+
+def _needs_wide_offsets(cache: torch.Tensor) -> bool:
+    """Whether an element offset into `cache` can reach 2**31 (then the kernel computes its cache
+    offsets in int64): the largest offset is the sum of (size - 1) * stride over its dims."""
+    if cache.is_contiguous():  # the usual cache, asked on every launch: the cheap form
+        return cache.numel() > 2**31
+    return sum((n - 1) * abs(st) for n, st in zip(cache.shape, cache.stride())) >= 2**31
 
 
 def _resolve_kernels(spec: KernelSpec, kernels: Any) -> tuple[Any, Any]:
@@ -692,6 +713,12 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         bias_arg = inputs.attn_bias
         if scale is None:
             scale = 1.0 / math.sqrt(d)
+        if not math.isfinite(scale):
+            raise ValueError(f"{where}: the softmax scale must be a finite number, got {scale}")
+        if scale < 0:
+            # The kernel's unmasked blocks rely on qk_scale >= 0 (max(s) * scale is the max of
+            # the scaled scores); q . k * scale == (-q) . k * -scale.
+            q, scale = -q, -scale
 
         # ---- workspace (split-KV partial results, fp32) ----
         if num_slots > 0:
@@ -713,7 +740,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
             args.append(tree_arg)
         if cfg.bias:
             args += [bias_arg, inputs.bias_ranges]
-        args += [float(scale) * math.log2(math.e), block_size]
+        args += [float(scale) * math.log2(math.e)]
         if cfg.sliding_window:
             args.append(inputs.sliding_window)
         if cfg.tree:
@@ -731,7 +758,9 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
             BLOCK_M=cfg.block_m,
         )
         main_kernel[(num_programs,)](
-            *args, **consts, BLOCK_KV=cfg.block_kv,
+            *args, **consts, BLOCK_KV=cfg.block_kv, PAGE_SIZE=block_size,
+            WIDE_OFFSETS=_needs_wide_offsets(k_cache) or _needs_wide_offsets(v_cache),
+            SAME_KV_STRIDES=k_cache.stride() == v_cache.stride(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if merges.shape[0] > 0:

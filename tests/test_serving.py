@@ -103,6 +103,27 @@ def test_drafting_and_acceptance() -> None:
     assert prefix_hashes([1, 2, 3, 4, 5], 2)[1] == prefix_hashes([1, 2, 3, 4, 9], 2)[1]
 
 
+def test_prepare_follows_each_requests_block_list() -> None:
+    """The engine converts a request's block list to an array once; a request id that comes back
+    with another list (a new request, or new blocks appended) gets its own blocks, never stale ones."""
+    from tileflow.serving import Entry
+
+    engine = ServingEngine(RandomProgram(0), token_budget=16, decode_slots=2, block_size=4, num_blocks=16)
+
+    def table_row(blocks: list[int], start: int) -> list[int]:
+        request = Request(3, [1] * (start + 1), 1)
+        request.blocks = blocks
+        step = engine.prepare([Entry(request, [1], start, "decode")])
+        return step.batch.block_table[0, : len(blocks)].tolist()
+
+    assert table_row([5, 6], 6) == [5, 6]
+    assert table_row([9, 2], 6) == [9, 2]  # same id, same length, another list
+    blocks = [7]
+    assert table_row(blocks, 2) == [7]
+    blocks.append(11)  # the same list, grown
+    assert table_row(blocks, 6) == [7, 11]
+
+
 def test_scheduler_rejects_budgets_without_room_for_prompts() -> None:
     with pytest.raises(ValueError, match="no room for prompt chunks"):
         ServingEngine(RandomProgram(0), token_budget=8, decode_slots=4, max_draft=1)

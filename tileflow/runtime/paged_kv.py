@@ -59,8 +59,9 @@ class PagedKV:
         self.device = torch.device(device)
 
     def prepare(self, blocks: Sequence[Sequence[int]], q_lens: Sequence[int], starts: Sequence[int]) -> PagedBatch:
-        """The layout of a step whose sequence s owns `blocks[s]` and brings `q_lens[s]` new tokens
-        at positions `starts[s]` …; raises ValueError when a sequence's blocks cannot hold them."""
+        """The layout of a step whose sequence s owns `blocks[s]` (block ids: lists, or integer
+        numpy arrays, which are cheaper) and brings `q_lens[s]` new tokens at positions
+        `starts[s]` …; raises ValueError when a sequence's blocks cannot hold them."""
         if not (len(blocks) == len(q_lens) == len(starts)) or not blocks:
             raise ValueError(
                 f"blocks, q_lens and starts must describe the same non-empty batch, got {len(blocks)}, "
@@ -69,7 +70,10 @@ class PagedKV:
         bs = self.block_size
         num_seqs = len(blocks)
         owned = np.fromiter(map(len, blocks), dtype=np.int64, count=num_seqs)
-        ids = np.fromiter(itertools.chain.from_iterable(blocks), dtype=np.int64, count=int(owned.sum()))
+        if isinstance(blocks[0], np.ndarray):  # arrays (the serving engine keeps one per request): one call
+            ids = np.concatenate(blocks).astype(np.int64, copy=False)
+        else:
+            ids = np.fromiter(itertools.chain.from_iterable(blocks), dtype=np.int64, count=int(owned.sum()))
         new = np.asarray(q_lens, dtype=np.int64)
         first = np.asarray(starts, dtype=np.int64)
         bad = (new < 0) | (first < 0) | (first + new > owned * bs)
@@ -81,7 +85,7 @@ class PagedKV:
             )
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
             s = int(np.searchsorted(np.cumsum(owned), np.flatnonzero((ids < 0) | (ids >= self.num_blocks))[0], "right"))
-            raise ValueError(f"sequence {s}: block ids {list(blocks[s])} outside [0, {self.num_blocks})")
+            raise ValueError(f"sequence {s}: block ids {[int(b) for b in blocks[s]]} outside [0, {self.num_blocks})")
         # Vectorized over tokens and blocks: a decode step has thousands of sequences.
         row_of_block = np.repeat(np.arange(num_seqs), owned)
         table = np.zeros((num_seqs, max(int(owned.max()), 1)), dtype=np.int32)

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from tileflow.passes.disaggregate import AttentionCut, StageProgram
@@ -124,6 +125,7 @@ class ServingEngine:
         self.metrics = Metrics()
         self._start = 0.0
         self.nano_batches = nano_batches
+        self._block_arrays: dict[int, tuple[list[int], np.ndarray]] = {}  # see _block_ids
         # Where nano-batches run: CUDA streams on a GPU, one after another elsewhere (tests pass
         # simulated streams, which run them in random interleavings).
         self.streams = streams if streams is not None else CudaStreams(self.device) if self.device.type == "cuda" else None
@@ -179,7 +181,7 @@ class ServingEngine:
         The requests' blocks must already hold every entry's positions."""
         ids = torch.tensor([[t for e in entries for t in e.tokens]]).to(self.device)
         pos = torch.tensor([[e.start + i for e in entries for i in range(len(e.tokens))]]).to(self.device)
-        batch = self.kv.prepare([e.request.blocks for e in entries], [len(e.tokens) for e in entries],
+        batch = self.kv.prepare([self._block_ids(e.request) for e in entries], [len(e.tokens) for e in entries],
                                 [e.start for e in entries])
         return StepInputs(ids, pos, batch, self._tree_mask(entries))
 
@@ -232,6 +234,15 @@ class ServingEngine:
             streams.end()
         return torch.cat(outputs, dim=1)
 
+    def _block_ids(self, r: Request) -> np.ndarray:
+        """`r.blocks` as an int32 array, converted once per block list: the scheduler gives a
+        request a new list when it admits it and keeps it to the end, so the list (the same
+        object, the same length) keys the array; any other list gets a new one."""
+        cached = self._block_arrays.get(r.id)
+        if cached is None or cached[0] is not r.blocks or len(cached[1]) != len(r.blocks):
+            cached = self._block_arrays[r.id] = (r.blocks, np.asarray(r.blocks, dtype=np.int32))
+        return cached[1]
+
     def _advance(self, e: Entry, predictions: list[int], now: float) -> None:
         r = e.request
         if e.kind == "prefill":
@@ -257,6 +268,7 @@ class ServingEngine:
         self.metrics.token_times.setdefault(r.id, []).extend([now] * len(new))
         if r.generated >= r.max_new_tokens:
             self.scheduler.finish(r)
+            self._block_arrays.pop(r.id, None)
 
     def _tree_mask(self, entries: list[Entry]) -> torch.Tensor | None:
         """The step's tree mask when it verifies drafts: linear drafts, each drafted token sees the

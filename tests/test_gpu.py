@@ -30,6 +30,14 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
+def _attention_variants() -> dict[str, int]:
+    """Compiled variants (Triton's per-specialization cache entries) of every meta-attention
+    kernel built for the GPU in this process, by kernel name."""
+    return {k.spec.name: sum(len(caches[0]) for caches in k.launch.kernel.device_caches.values())
+            for k in tileflow.runtime.compiled_kernels("meta_attention")
+            if k.target == "triton" and not k.meta.get("interpreted", True)}
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "mixtral", "gpt2"])
 def test_models_on_the_gpu_match_eager(name: str) -> None:
     """fp32 models through the compiled Triton kernels (IEEE fp32 dots) match eager on the GPU
@@ -37,6 +45,7 @@ def test_models_on_the_gpu_match_eager(name: str) -> None:
     model = build(name).cuda()
     report = tileflow.Report()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"max_tokens": 4096}, report=report), dynamic=True)
+    before = _attention_variants()
     for tokens in SEQ_LENS:
         ids = torch.randint(0, VOCAB, (2, tokens), device="cuda")
         with torch.no_grad():
@@ -46,6 +55,11 @@ def test_models_on_the_gpu_match_eager(name: str) -> None:
     assert len(report.graphs) == 1 and report.recompiles == 0
     kernels = tileflow.runtime.compiled_kernels("padded_gemm")
     assert any(k.target == "triton" and not k.meta.get("interpreted", True) for k in kernels)
+    # Nor does Triton compile an attention kernel per sequence length (the dense op's page is the
+    # whole sequence; the kernel's page size is a compile-time constant only for paged caches).
+    after = _attention_variants()
+    grown = {name: n - before.get(name, 0) for name, n in after.items()}
+    assert after and all(n < len(SEQ_LENS) for n in grown.values()), f"compiled variants over {SEQ_LENS}: {grown}"
 
 
 def test_bf16_llama_on_the_gpu_is_close_to_fp32() -> None:

@@ -707,6 +707,27 @@ def test_launch_validation() -> None:
         build_attention_kernel(tree)(*args, table, tree_mask=torch.ones(2, 4, 4))
 
 
+def test_page_size_is_a_constant_except_for_one_page_sequences() -> None:
+    """The page size is a compile-time constant of the kernel, so a paged cache gets one compile
+    per page size; a one-column block table (the dense op: one page per sequence, as long as the
+    sequence) passes 0 instead, so prompts of every length share one compile."""
+    spec = attn_spec(gqa=2, block_q=4)
+    built = build_attention_kernel(spec)
+    seen: list[int] = []
+
+    class Recorder:
+        def __getitem__(self, grid: Any) -> Any:
+            return lambda *args, **kwargs: seen.append(kwargs["PAGE_SIZE"])
+
+    launch = make_attention_launcher(spec, (Recorder(), built.launch.merge_kernel))
+    for lengths, block_size in (([(5, 5)], 5), ([(9, 9)], 9), ([(9, 9), (3, 12)], 4)):
+        batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=block_size,
+                            dtype=torch.float32)
+        args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seqlens_kv")]
+        launch(*args, table_for(batch, spec))
+    assert seen == [0, 0, 4]
+
+
 def test_launcher_accepts_kernel_pair() -> None:
     """make_attention_launcher also takes an explicit (attention, merge) pair."""
     spec = attn_spec(gqa=1, block_q=4)

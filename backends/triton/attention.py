@@ -234,8 +234,8 @@ def _main_signature(cfg: AttentionConfig) -> str:
     lines += [
         "HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,",
         "GQA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr,",
-        "PAGE_SIZE: tl.constexpr,  # KV cache page size: one compile per page size, so the page",
-        "                          # lookups divide by a constant (a shift for powers of two)",
+        "PAGE_SIZE: tl.constexpr,  # KV cache page size, a constant: page lookups divide by it (a shift",
+        "                          # for powers of two); 0: each sequence's KV is one page (dense attention)",
         "WIDE_OFFSETS: tl.constexpr,  # int64 cache offsets: a cache spans 2**31 elements or more",
         "SAME_KV_STRIDES: tl.constexpr,  # v_cache.stride() == k_cache.stride()",
     ]
@@ -299,6 +299,8 @@ acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)  # running sum of p @ V
 kv_head_idx = kv_head.to(tl.int64) if WIDE_OFFSETS else kv_head
 k_head_off = kv_head_idx * stride_kh
 v_head_off = kv_head_idx * stride_vh
+if PAGE_SIZE == 0:  # one page per sequence: its id is the table's first entry, positions index it
+    seq_page = tl.load(block_table_ptr + seq * stride_bt)
 """
     if cfg.tree:
         loop += """\
@@ -408,8 +410,12 @@ def _kv_step(cfg: AttentionConfig, dtype: str, *, masked: bool, end: str = "kv_e
     step = f"""\
 kv_pos = kv0 + offs_kv
 {kv_mask}# Paged cache: position p lives at page block_table[seq, p // PAGE_SIZE], row p % PAGE_SIZE.
-page = tl.load(block_table_ptr + seq * stride_bt + kv_pos // PAGE_SIZE{page_mask})
-page_row = kv_pos % PAGE_SIZE
+if PAGE_SIZE == 0:
+    page = seq_page
+    page_row = kv_pos
+else:
+    page = tl.load(block_table_ptr + seq * stride_bt + kv_pos // PAGE_SIZE{page_mask})
+    page_row = kv_pos % PAGE_SIZE
 if WIDE_OFFSETS:
     page = page.to(tl.int64)
 k_off = page * stride_kb + page_row * stride_ks + k_head_off
@@ -758,7 +764,10 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
             BLOCK_M=cfg.block_m,
         )
         main_kernel[(num_programs,)](
-            *args, **consts, BLOCK_KV=cfg.block_kv, PAGE_SIZE=block_size,
+            *args, **consts, BLOCK_KV=cfg.block_kv,
+            # A one-column table holds every sequence in one page (the dense op's case, whose page
+            # size is the sequence length): no page size in the kernel, so no compile per length.
+            PAGE_SIZE=0 if block_table.shape[1] == 1 else block_size,
             WIDE_OFFSETS=_needs_wide_offsets(k_cache) or _needs_wide_offsets(v_cache),
             SAME_KV_STRIDES=k_cache.stride() == v_cache.stride(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

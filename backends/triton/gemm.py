@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import textwrap
 from typing import Any, Callable
 
@@ -31,6 +30,7 @@ import torch
 
 from tileflow.gemm_operands import gemm_operands
 from tileflow.kernel_spec import ACTIVATIONS, KernelSpec, check_gemm_spec, gemm_dims, gemm_formula
+from tileflow.runtime.streams import device_cores
 from tileflow.tiles import TMA_ALIGN_BYTES
 
 from .build import kernel_identifier
@@ -636,9 +636,6 @@ num_pid_in_group = GROUP_M * num_pid_n"""
 # Launcher
 # --------------------------------------------------------------------------------------------
 
-_SM_COUNT: dict[int, int] = {}
-
-
 def launch_warps(spec: KernelSpec) -> int:
     """The warps to launch `spec` with: the tile's, doubled for a fused SwiGLU of 128x128 or more,
     whose two fp32 accumulators would otherwise spill registers (ptxas for sm_90: 800 bytes per
@@ -649,21 +646,10 @@ def launch_warps(spec: KernelSpec) -> int:
     return tile.num_warps
 
 
-def _default_num_programs(device: torch.device) -> int:
-    """Default persistent grid size: one program per SM on CUDA, per CPU core otherwise."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _SM_COUNT:
-            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        return _SM_COUNT[index]
-    return os.cpu_count() or 1
-
-
 def tma_operand(t: torch.Tensor, where: str, name: str) -> torch.Tensor:
     """`t` ([rows, cols], 2-D) as a TMA kernel can read it: itself when its last dimension is
     contiguous, its rows do not overlap and its base and row stride are multiples of 16 bytes,
-    else a contiguous copy
-    (logged, since it costs a pass over `t`). Raises ValueError when even a copy's rows cannot
+    else a contiguous copy (logged, since it costs a pass over `t`). Raises ValueError when even a copy's rows cannot
     be aligned (cols x element size not a multiple of 16 bytes): plans run TMA kernels only
     for shapes where they can."""
     size = t.element_size()
@@ -762,7 +748,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         args: list[Any] = [x, weight, out]
         if stream_k:
             # Every program keeps at most two partial tiles (its range's first and last).
-            grid_size = min(num_programs if num_programs is not None else _default_num_programs(device),
+            grid_size = min(num_programs if num_programs is not None else device_cores(device),
                             num_tiles * _cdiv(k, tile.block_k))
             workspace = torch.empty((2 * grid_size, 2 if swiglu else 1, tile.block_m, tile.block_n),
                                     dtype=torch.float32, device=device)
@@ -782,7 +768,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
             args += [residual.stride(0), residual.stride(1)]
         args += [out.stride(0), out.stride(1)]
         if persistent:
-            cap = num_programs if num_programs is not None else _default_num_programs(device)
+            cap = num_programs if num_programs is not None else device_cores(device)
             grid_size = min(num_tiles, cap)
             args.append(grid_size)
         elif stream_k:
@@ -811,8 +797,9 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
             descs = [TensorDescriptor.from_tensor(tma_operand(w, where, "weight"), [tile.block_n, tile.block_k])
                      for w in weights]
         kernel_fn[(num_tiles,)](
-            x_desc, descs[0], ops.out, *descs[1:], *_epilogue_args(ops), N=n, K=k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-            GROUP_M=tile.group_m, W_KN=w_kn, num_warps=num_warps, num_stages=tile.num_stages,
+            x_desc, descs[0], ops.out, *descs[1:], *_epilogue_args(ops),
+            N=n, K=k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
+            W_KN=w_kn, num_warps=num_warps, num_stages=tile.num_stages,
         )
         return ops.out
 

@@ -43,19 +43,23 @@ def graph_median_ms(fns: Sequence[Callable[[], Any]], *, warmup_ms: float = 25, 
     """Median time of one call, with each callable captured in its own CUDA graph and the graphs
     replayed in rotation: measures device time without per-call host overhead (serving runs its
     steps as CUDA graphs too)."""
-    graphs = []
+    graphs = [capture_graph(fn)[0] for fn in fns]
+    return median_ms(lambda i: graphs[i].replay(), sets=len(graphs), warmup_ms=warmup_ms, rep_ms=rep_ms)
+
+
+def capture_graph(fn: Callable[[], Any]) -> tuple[Any, Any]:
+    """`fn` run once on a side stream (so compiling and caching stay outside the capture), then
+    captured in a CUDA graph; returns (the graph, `fn`'s output inside it, which each replay
+    rewrites)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()  # warm up: compile and cache outside the capture
+        fn()
     torch.cuda.current_stream().wait_stream(stream)
-    for fn in fns:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graphs.append(graph)
-    return median_ms(lambda i: graphs[i].replay(), sets=len(graphs), warmup_ms=warmup_ms, rep_ms=rep_ms)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def measured_matmul_tflops(dtype: torch.dtype = torch.bfloat16, size: int = 8192) -> float:

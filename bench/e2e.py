@@ -15,9 +15,10 @@ baselines), in one run and in up to three parts (`--parts`):
   tileflow also with the step cut into two nano-batches on two streams, and with its dense
   stages replayed from CUDA graphs per token bucket (`cuda_graphs=True`);
 - `trace`: a NanoFlow-like request trace (prompt/output 512/512 and 1024/512) served to the end
-  by `tileflow.serving.ServingEngine` (continuous batching, a 4096-token budget), with the same
-  methods: tokens processed per second (prompt + generated), generated tokens per second, mean
-  TTFT and time between tokens.
+  by `tileflow.serving.ServingEngine` (continuous batching, a 4096-token budget, each step
+  launched before the previous step's tokens are read back), with the same methods and
+  tileflow+graphs with the steps run one at a time: tokens processed per second (prompt +
+  generated), generated tokens per second, mean TTFT and time between tokens.
 
 The serving parts give every method the same attention (tileflow's meta-attention over the paged
 cache: `bench/attention.py` compares it with SDPA and FlexAttention), so they compare the dense
@@ -67,6 +68,10 @@ SERVING_PROGRAMS = {
 # its dense stages from CUDA graphs (vLLM's piecewise capture: attention runs between them).
 SERVING_METHODS = {"ATen": ("ATen", 1), "Inductor": ("Inductor", 1), "tileflow": ("tileflow", 1),
                    "tileflow+nano": ("tileflow", 2), "tileflow+graphs": ("tileflow+graphs", 1)}
+# The traces also serve with the engine's steps one at a time (each step's tokens read back
+# before the next is scheduled): what overlapping the host's work with the device's gains.
+IN_TURN = "tileflow+graphs, steps in turn"
+TRACE_METHODS = {**SERVING_METHODS, IN_TURN: ("tileflow+graphs", 1)}
 BLOCK = 16  # KV page size
 
 
@@ -151,7 +156,8 @@ def mixed_entries(tokens: int, rng, scale: Scale):
     return entries, next_block
 
 
-def serving_engine(program, scale: Scale, *, num_blocks: int, slots: int, budget: int | None = None, nano: int = 1):
+def serving_engine(program, scale: Scale, *, num_blocks: int, slots: int, budget: int | None = None, nano: int = 1,
+                   overlap: bool | None = None):
     """A `ServingEngine` over `program` whose KV cache holds random values (a cached prefix's
     rows are then as expensive to attend to as real ones)."""
     import torch
@@ -160,7 +166,8 @@ def serving_engine(program, scale: Scale, *, num_blocks: int, slots: int, budget
 
     dtype = torch.bfloat16 if scale.device == "cuda" else torch.float32
     engine = ServingEngine(program, token_budget=budget or scale.budget, decode_slots=slots, block_size=BLOCK,
-                           num_blocks=num_blocks, dtype=dtype, device=scale.device, nano_batches=nano)
+                           num_blocks=num_blocks, dtype=dtype, device=scale.device, nano_batches=nano,
+                           overlap=overlap)
     gen = torch.Generator(device=scale.device).manual_seed(0)
     for cache in engine.kv.k + engine.kv.v:
         cache.normal_(generator=gen)
@@ -300,14 +307,15 @@ def trace_part(programs: dict, count: int, bound: float, scale: Scale, failures:
     for prompt, output in scale.traces:
         blocks = count * -(-(prompt + output) // BLOCK) + 64
         generated = {}
-        for name, (program_name, nano) in SERVING_METHODS.items():
+        for name, (program_name, nano) in TRACE_METHODS.items():
             def serve(program=programs[program_name], name=name, nano=nano):
+                overlap = name != IN_TURN
                 # Warm-up runs compile what the steps need: one token (sizes 1 are specialized),
                 # and many tokens (one graph for every other size).
                 for warmup in (1, 4):
                     serving_engine(program, scale, num_blocks=64, slots=4, nano=nano).run(
                         trace_requests(warmup, 40, 3, scale.vocab, seed=1))
-                engine = serving_engine(program, scale, num_blocks=blocks, slots=count, nano=nano)
+                engine = serving_engine(program, scale, num_blocks=blocks, slots=count, nano=nano, overlap=overlap)
                 requests = trace_requests(count, prompt, output, scale.vocab)
                 with torch.no_grad():
                     metrics = engine.run(requests)
@@ -330,7 +338,8 @@ def trace_part(programs: dict, count: int, bound: float, scale: Scale, failures:
                "processed % of bound", "mean TTFT ms", "mean time between tokens ms", "requests equal to ATen's"]
     return ("## Request traces\n\n" + markdown_table(headers, rows)
             + f"\n\n- `ServingEngine.run`: all requests arrive at once, {count} decode slots, {scale.budget}-token "
-              "steps; wall clock, host scheduling included; processed = prompt + generated tokens")
+              "steps; wall clock, host scheduling included; processed = prompt + generated tokens; every method "
+              f"overlaps each step's host work with the previous step on the device, except \"{IN_TURN}\"")
 
 
 def run(scale: Scale, model, tokens: list[int], parts: list[str], trace_count: int, peak_tflops: float,

@@ -138,3 +138,72 @@ def test_serving_engine_on_the_gpu_generates_eager_tokens() -> None:
             assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), (draft, nano, stages.cuda_graphs, r.id)
         assert engine.allocator.all_free()
     assert all(stage.module.graphs.captures > 0 and not stage.module.graphs._failed for stage in graphed.dense)
+
+
+def test_to_device_copies_without_waiting_for_the_device() -> None:
+    """Host arrays of several dtypes reach the GPU unchanged, each view 16-byte aligned, with no
+    synchronization (the copy is queued behind a long kernel instead of waiting for it)."""
+    import numpy as np
+
+    from tileflow.transfers import to_device
+
+    arrays = [np.arange(5, dtype=np.int32), np.arange(7, dtype=np.int64) * 3, np.arange(6, dtype=np.int32).reshape(2, 3),
+              np.array([True, False, True])]
+    busy = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    busy @ busy  # keeps the stream busy while the copies are queued
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = to_device("cuda", *arrays)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for t, a in zip(got, arrays):
+        assert t.is_cuda and t.is_contiguous() and t.data_ptr() % 16 == 0
+        assert t.cpu().numpy().tolist() == a.tolist()
+
+
+def test_overlapped_serving_steps_never_wait_for_the_device() -> None:
+    """Once its kernels are built, an overlapped serving step (schedule, batch layout, task
+    tables, the model's launches) never synchronizes with the GPU; only reading the previous
+    step's tokens back waits, and the tokens equal eager generation's."""
+    import copy
+
+    from tileflow.distributed import CausalLMStep, build_stage_program
+    from tileflow.serving import Request, ServingEngine
+
+    model = build("llama").cuda()
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "sdpa"
+    example = (torch.zeros(1, 4, dtype=torch.long, device="cuda"), torch.arange(4, device="cuda")[None])
+    program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40)]
+    ServingEngine(program, token_budget=48, decode_slots=3, block_size=8, num_blocks=64, device="cuda").run(
+        [Request(i, p, 8) for i, p in enumerate(prompts)])  # builds every kernel these steps need
+    import tileflow.runtime.attention
+
+    tileflow.runtime.attention._launch_plan.cache_clear()  # every step builds and uploads its task tables again
+    engine = ServingEngine(program, token_budget=48, decode_slots=3, block_size=8, num_blocks=64, device="cuda")
+    assert engine.overlap
+    read_back = engine.synchronize
+
+    def synchronize() -> None:  # the one place a step may wait
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            read_back()
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    engine.synchronize = synchronize
+    requests = [Request(i, p, 8) for i, p in enumerate(prompts)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine.run(requests)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for r in requests:
+        ids = torch.tensor([r.prompt], device="cuda")
+        with torch.no_grad():
+            want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                      pad_token_id=0)
+        assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), r.id

@@ -80,3 +80,22 @@ def test_prepare_rejects_bad_layouts() -> None:
     batch = cache.prepare([[0]], [2], [0])
     with pytest.raises(ValueError, match="the batch has 2 new rows"):
         cache.write_batch(0, batch, torch.zeros(3, HKV, D), torch.zeros(3, HKV, D))
+
+
+def test_to_device_keeps_values_shapes_and_dtypes() -> None:
+    """The step's host arrays reach the device unchanged (on the CPU without a copy); a tensor
+    that is not on the host is refused."""
+    import numpy as np
+
+    from tileflow.transfers import to_device
+
+    table = np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2]  # not contiguous
+    slots = np.array([7, 2**40], dtype=np.int64)
+    mask = torch.tril(torch.ones(2, 3, 3, dtype=torch.bool))
+    got = to_device("cpu", table, slots, mask)
+    assert [t.dtype for t in got] == [torch.int32, torch.int64, torch.bool]
+    assert got[0].tolist() == table.tolist() and got[1].tolist() == [7, 2**40] and got[2] is mask
+    flat = np.zeros(4, dtype=np.int64)
+    assert to_device("cpu", flat)[0].data_ptr() == flat.ctypes.data  # shared, not copied
+    with pytest.raises(ValueError, match="copies host arrays; got a tensor on meta"):
+        to_device("cpu", torch.empty(2, device="meta"))

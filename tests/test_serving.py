@@ -211,6 +211,79 @@ def test_forward_with_prepared_inputs_equals_forward(llama_program) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+class _RecordingProgram:
+    """A StageProgram that logs each step it runs (for the order of launches and reads)."""
+
+    def __init__(self, program, log: list[str]) -> None:
+        self._program, self._log = program, log
+
+    def __getattr__(self, name):
+        return getattr(self._program, name)
+
+    def run(self, inputs, attention):
+        self._log.append("launch")
+        return self._program.run(inputs, attention)
+
+
+def test_overlapped_steps_launch_before_reading_back(llama_program) -> None:
+    """With overlap (the default without drafts) each step is launched before the previous
+    step's tokens are read back, its decode inputs are gathered from those predictions on the
+    device, and the tokens are those of steps run one at a time, and of eager generation."""
+    program, reference = llama_program
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (6, 19, 1, 11)]
+    tokens = {}
+    for overlap in (True, False):
+        log: list[str] = []
+        engine = ServingEngine(_RecordingProgram(program, log), token_budget=16, decode_slots=3, block_size=4,
+                               num_blocks=64, overlap=overlap)
+        assert engine.overlap is overlap
+        read_back = engine.synchronize
+
+        def synchronize(engine=engine, read_back=read_back, log=log) -> None:
+            if engine._in_flight is not None:
+                log.append("read")
+            read_back()
+
+        engine.synchronize = synchronize
+        requests = [Request(i, p, 7) for i, p in enumerate(prompts)]
+        metrics = engine.run(requests)
+        tokens[overlap] = [r.tokens for r in requests]
+        assert metrics.generated == 28 and sum(map(len, metrics.token_times.values())) == 28
+        assert set(metrics.ttft) == {0, 1, 2, 3} and engine.allocator.all_free()
+        if overlap:  # every read of a step comes after the next step's launch, but the last
+            assert log == ["launch"] + ["launch", "read"] * (metrics.steps - 1) + ["read"]
+        else:
+            assert log == ["launch"] * metrics.steps
+    assert tokens[True] == tokens[False]
+    for r_tokens, prompt in zip(tokens[True], prompts):
+        assert r_tokens[len(prompt):] == _eager_greedy(reference, prompt, 7)
+    with pytest.raises(ValueError, match="overlap=True .* drafting"):
+        ServingEngine(program, token_budget=24, decode_slots=3, max_draft=2, overlap=True)
+
+
+def test_step_leaves_placeholders_until_the_next_step_reads_them(llama_program) -> None:
+    """Between overlapped steps, the tokens of the step in flight are placeholders (-1 - row)
+    that the next step's decode entries carry and `synchronize` replaces."""
+    program, _ = llama_program
+    engine = ServingEngine(program, token_budget=16, decode_slots=2, block_size=4, num_blocks=32)
+    first, second = Request(0, [3, 1, 4, 1, 5], 4), Request(1, [9, 2, 6], 4)
+    engine.add(first)
+    engine.add(second)
+    engine.step()  # both prompts whole: rows 0-4 and 5-7, each request's next token pending
+    assert first.tokens[-1] == -1 - 4 and second.tokens[-1] == -1 - 7
+    entries = engine.step()  # decodes carry the placeholders, gathered on the device
+    assert [e.tokens for e in entries] == [[-5], [-8]]
+    assert first.tokens[5] >= 0 and second.tokens[3] >= 0  # read back after the launch
+    assert first.tokens[-1] == -1 and second.tokens[-1] == -2
+    engine.synchronize()
+    assert min(first.tokens + second.tokens) >= 0
+    with pytest.raises(ValueError, match="placeholder tokens .* no step is in flight"):
+        from tileflow.serving import Entry
+
+        engine.prepare([Entry(first, [-3], first.computed, "decode")])
+
+
 def test_serve_example_checks_against_eager() -> None:
     import subprocess
     import sys

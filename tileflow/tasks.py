@@ -31,6 +31,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from .transfers import to_device
+
 __all__ = [
     "TASK_COLUMNS",
     "MERGE_COLUMNS",
@@ -118,9 +120,11 @@ class TaskTable:
 
     def to(self, device: torch.device | str) -> "TaskTable":
         """The table with the tensors the kernels read (tasks, program lists, merges) on `device`;
-        the host copies of the metadata stay on the host."""
-        return replace(self, tasks=self.tasks.to(device), program_offsets=self.program_offsets.to(device),
-                       program_tasks=self.program_tasks.to(device), merges=self.merges.to(device))
+        the host copies of the metadata stay on the host. The copy does not wait for the device
+        (`to_device`), so building a table never stalls the host behind queued kernels."""
+        tasks, offsets, order, merges = to_device(device, self.tasks, self.program_offsets, self.program_tasks,
+                                                  self.merges)
+        return replace(self, tasks=tasks, program_offsets=offsets, program_tasks=order, merges=merges)
 
     def workspace_shapes(self, head_dim: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
         """Shapes of ``(partial_out, partial_lse)`` the caller allocates for split-KV tasks."""

@@ -3,9 +3,9 @@
 `PagedKV` holds `num_layers` k/v caches of `[num_blocks, block_size, num_kv_heads, head_dim]`;
 which blocks belong to which sequence is the caller's business (a block allocator). A step's
 batch layout (`PagedBatch`: block table, lengths, the cache slot of every new row) is built once
-on the host and copied to the cache's device in one go; every layer then writes its new rows with
-one scatter and runs `meta_attention_varlen` over the batch without reading anything back from
-the device (the host already knows the lengths the task table needs).
+on the host and copied to the cache's device without waiting for it (`to_device`); every layer
+then writes its new rows with one scatter and runs `meta_attention_varlen` over the batch without
+reading anything back from the device (the host already knows the lengths the task table needs).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..transfers import to_device
 from .attention import run_meta_attention_varlen
 
 
@@ -95,13 +96,14 @@ class PagedKV:
         pos = np.arange(int(cu[-1])) - np.repeat(cu[:-1], new) + np.repeat(first, new)
         slots = table[row_of_token, pos // bs].astype(np.int64) * bs + pos % bs
         lens = first + new
-        # One host-to-device copy each for the lengths, the table and the slots.
-        dev = torch.from_numpy(np.concatenate([cu, lens]).astype(np.int32)).to(self.device)
+        # Copies that do not wait for the device (two: int32 metadata and int64 slots).
+        cu_dev, lens_dev, table_dev, slots_dev = to_device(
+            self.device, cu.astype(np.int32), lens.astype(np.int32), table, slots)
         return PagedBatch(
-            block_table=torch.from_numpy(table).to(self.device),
-            cu_seqlens_q=dev[: num_seqs + 1],
-            seqlens_kv=dev[num_seqs + 1 :],
-            slots=torch.from_numpy(slots).to(self.device),
+            block_table=table_dev,
+            cu_seqlens_q=cu_dev,
+            seqlens_kv=lens_dev,
+            slots=slots_dev,
             host_cu_seqlens_q=tuple(cu.tolist()),
             host_seqlens_kv=tuple(lens.tolist()),
         )

@@ -6,6 +6,13 @@ writes the step's new k/v into the paged cache and runs `meta_attention_varlen` 
 tree mask when the step verifies drafts. Greedy tokens are sampled; a verify entry keeps the
 drafted tokens the model agrees with plus the model's own next token, and the cache length rolls
 back over the rest.
+
+Without drafts the steps overlap (vLLM's asynchronous scheduling): which requests run, with how
+many tokens at which positions, never depends on the tokens the model picks (requests stop at
+their token count), so the engine schedules and launches step n + 1 before it reads step n's
+tokens back. Step n + 1's decode inputs are gathered from step n's predictions on the device, and
+the host's work for one step (scheduling, the batch layout, the kernel launches) runs while the
+device computes the one before.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from tileflow.passes.disaggregate import AttentionCut, StageProgram
 
 from ..runtime.paged_kv import PagedBatch, PagedKV
 from ..runtime.streams import CudaStreams, StreamExecutor
+from ..transfers import to_device
 from .blocks import BlockAllocator
 from .scheduler import Entry, Request, Scheduler, accept_draft, register_full_blocks
 
@@ -96,14 +104,37 @@ class Metrics:
         }
 
 
+@dataclass
+class _UnreadStep:
+    """A launched step whose tokens the host has not read yet: its predictions on the device, the
+    copy of them on its way to the host (and the event that says it arrived), and where the
+    placeholders for them sit: (request, index in its tokens)."""
+
+    predictions: torch.Tensor
+    host: torch.Tensor
+    arrived: torch.cuda.Event | None
+    placeholders: list[tuple[Request, int]]
+
+
 class ServingEngine:
-    """Runs requests to completion through a `StageProgram` over packed tokens."""
+    """Runs requests to completion through a `StageProgram` over packed tokens.
+
+    `overlap` (default: on unless drafting) launches each step before reading the previous
+    step's tokens back; between `step` calls the tokens of the step in flight are placeholders in
+    `Request.tokens` (negative: -1 - row of that step), until the next step or `synchronize`.
+    """
 
     def __init__(
         self, program: StageProgram, *, token_budget: int = 64, decode_slots: int = 8, max_draft: int = 0,
         block_size: int = 16, num_blocks: int = 256, dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu", nano_batches: int = 1, streams: StreamExecutor | None = None,
+        overlap: bool | None = None,
     ) -> None:
+        if overlap and max_draft:
+            raise ValueError(
+                "overlap=True launches a step before the previous step's tokens are on the host, but drafting "
+                "(max_draft > 0) needs them to propose the next tokens: use max_draft=0, or overlap=False"
+            )
         if isinstance(nano_batches, bool) or not isinstance(nano_batches, int) or nano_batches < 1:
             raise ValueError(f"nano_batches must be an int >= 1 (1: no split), got {nano_batches!r}")
         if nano_batches > 1 and getattr(program, "cuda_graphs", False):
@@ -126,6 +157,8 @@ class ServingEngine:
         self._start = 0.0
         self.nano_batches = nano_batches
         self._block_arrays: dict[int, tuple[list[int], np.ndarray]] = {}  # see _block_ids
+        self.overlap = not max_draft if overlap is None else overlap
+        self._in_flight: _UnreadStep | None = None  # the launched step whose tokens are not read yet
         # Where nano-batches run: CUDA streams on a GPU, one after another elsewhere (tests pass
         # simulated streams, which run them in random interleavings).
         self.streams = streams if streams is not None else CudaStreams(self.device) if self.device.type == "cuda" else None
@@ -150,13 +183,16 @@ class ServingEngine:
             self.step()
             if bar is not None:
                 bar.update(self.metrics.generated - before)
+        self.synchronize()
         self.metrics.wall = time.perf_counter() - self._start
         if bar is not None:
             bar.close()
         return self.metrics
 
     def step(self) -> list[Entry]:
-        """One scheduler step through the model."""
+        """One scheduler step through the model. With `overlap`, the step's tokens are read back
+        during the next step (or by `synchronize`, or at once when no work is left): until then
+        they, and the decode inputs in the next step's entries, are placeholders."""
         drafts = {
             r.id: prompt_lookup_draft(r.tokens, self.max_draft) for r in self.scheduler.running if not r.prefilling
         } if self.max_draft else {}
@@ -164,25 +200,75 @@ class ServingEngine:
         if not entries:
             raise RuntimeError("the scheduler produced an empty step with requests pending (no KV room?)")
         logits = self.forward(entries)
-        predictions = logits[0].argmax(-1).tolist()  # one device read per step
-        now = time.perf_counter() - self._start
+        predictions = logits[0].argmax(-1)
         self.metrics.steps += 1
         self.metrics.tokens_in_steps += logits.shape[1]
+        if not self.overlap:
+            self._commit(entries, predictions.tolist(), time.perf_counter() - self._start)  # waits for the device
+            return entries
+        # This step is queued on the device: read the previous one's tokens while it runs, then
+        # commit this one's as placeholders (-1 - row), which the next step gathers on the device.
+        self.synchronize()
+        placeholders = self._commit(entries, list(range(-1, -1 - len(predictions), -1)), None)
+        self._in_flight = _UnreadStep(predictions, *_start_read_back(predictions), placeholders)
+        if not self.scheduler.has_work():  # nothing left to overlap with
+            self.synchronize()
+        return entries
+
+    def synchronize(self) -> None:
+        """Read back the tokens of the step in flight (overlapped steps), waiting for the device,
+        and put them in place of their placeholders."""
+        step, self._in_flight = self._in_flight, None
+        if step is None:
+            return
+        if step.arrived is not None:
+            step.arrived.synchronize()
+        values = step.host.tolist()
+        now = time.perf_counter() - self._start
+        for r, index in step.placeholders:
+            r.tokens[index] = values[-1 - r.tokens[index]]
+            self._stamp(r, 1, now)
+
+    def _commit(self, entries: Sequence[Entry], predictions: list[int], now: float | None) -> list[tuple[Request, int]]:
+        """Advance every entry's request by the step's `predictions` (one per packed row; tokens,
+        or placeholders when `now` is None, which are returned as (request, index) and stamped
+        when read)."""
+        placeholders = []
         row = 0
         for e in entries:
             n = len(e.tokens)
-            self._advance(e, predictions[row : row + n], now)
+            r = e.request
+            added = self._advance(e, predictions[row : row + n])
             row += n
-        return entries
+            if now is not None:
+                self._stamp(r, added, now)
+            else:
+                placeholders.extend((r, i) for i in range(len(r.tokens) - added, len(r.tokens)))
+        return placeholders
+
+    def _stamp(self, r: Request, count: int, now: float) -> None:
+        """`count` of r's tokens reached the host at `now` (the first one sets r's TTFT)."""
+        if count:
+            self.metrics.ttft.setdefault(r.id, now)
+            self.metrics.token_times.setdefault(r.id, []).extend([now] * count)
 
     def prepare(self, entries: Sequence[Entry]) -> StepInputs:
         """The host work of a step: the packed token ids and positions, the batch layout over the
         KV cache (built once for every layer) and the verify tree mask, all on the engine's device.
         The requests' blocks must already hold every entry's positions."""
-        ids = torch.tensor([[t for e in entries for t in e.tokens]]).to(self.device)
-        pos = torch.tensor([[e.start + i for e in entries for i in range(len(e.tokens))]]).to(self.device)
-        batch = self.kv.prepare([self._block_ids(e.request) for e in entries], [len(e.tokens) for e in entries],
-                                [e.start for e in entries])
+        tokens = np.array([t for e in entries for t in e.tokens], dtype=np.int64)
+        lengths = np.array([len(e.tokens) for e in entries], dtype=np.int64)
+        starts = np.array([e.start for e in entries], dtype=np.int64)
+        positions = np.arange(tokens.size) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        batch = self.kv.prepare([self._block_ids(e.request) for e in entries], lengths, starts)
+        pending = np.flatnonzero(tokens < 0)  # placeholders for the step in flight's tokens
+        if not pending.size:
+            ids, pos = to_device(self.device, tokens[None], positions[None])
+        else:
+            if self._in_flight is None:
+                raise ValueError(f"entries hold placeholder tokens {tokens[pending].tolist()} but no step is in flight")
+            ids, pos, where, rows = to_device(self.device, tokens[None], positions[None], pending, -1 - tokens[pending])
+            ids[0, where] = self._in_flight.predictions[rows]  # on the device, after the step that makes them
         return StepInputs(ids, pos, batch, self._tree_mask(entries))
 
     @torch.no_grad()  # serving never needs gradients (and compiled stages guard on grad mode)
@@ -243,15 +329,15 @@ class ServingEngine:
             cached = self._block_arrays[r.id] = (r.blocks, np.asarray(r.blocks, dtype=np.int32))
         return cached[1]
 
-    def _advance(self, e: Entry, predictions: list[int], now: float) -> None:
+    def _advance(self, e: Entry, predictions: list[int]) -> int:
+        """Commit the entry's outcome to its request; returns how many tokens it appended."""
         r = e.request
         if e.kind == "prefill":
             r.computed += len(e.tokens)
             register_full_blocks(self.allocator, r, r.computed)
             if r.prefilling:
-                return
+                return 0
             new = [predictions[-1]]
-            self.metrics.ttft[r.id] = now
         else:
             draft = e.tokens[1:]
             accepted = accept_draft(draft, predictions)
@@ -265,10 +351,10 @@ class ServingEngine:
         r.tokens += new
         r.generated += len(new)
         self.metrics.generated += len(new)
-        self.metrics.token_times.setdefault(r.id, []).extend([now] * len(new))
         if r.generated >= r.max_new_tokens:
             self.scheduler.finish(r)
             self._block_arrays.pop(r.id, None)
+        return len(new)
 
     def _tree_mask(self, entries: list[Entry]) -> torch.Tensor | None:
         """The step's tree mask when it verifies drafts: linear drafts, each drafted token sees the
@@ -276,7 +362,7 @@ class ServingEngine:
         if not any(e.kind == "verify" for e in entries):
             return None
         s = 1 + self.max_draft
-        return torch.tril(torch.ones(s, s, dtype=torch.bool)).expand(len(entries), s, s).contiguous().to(self.device)
+        return to_device(self.device, torch.tril(torch.ones(s, s, dtype=torch.bool)).expand(len(entries), s, s).contiguous())[0]
 
     def _attend(
         self, batch: PagedBatch, tree: torch.Tensor | None, cut: AttentionCut, q: torch.Tensor, k: torch.Tensor,
@@ -286,3 +372,15 @@ class ServingEngine:
         self.kv.write_batch(cut.index, batch, k, v)
         out = self.kv.attend_batch(cut.index, q, batch, scale=cut.scale, tree_mask=tree)
         return out.unsqueeze(0).transpose(1, 2)
+
+
+def _start_read_back(predictions: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying a step's predictions to the host without waiting for them: (the host
+    tensor, the event recorded after the copy; None on the CPU, where they already are)."""
+    if predictions.device.type != "cuda":
+        return predictions, None
+    host = torch.empty(predictions.shape, dtype=predictions.dtype, pin_memory=True)
+    host.copy_(predictions, non_blocking=True)
+    arrived = torch.cuda.Event()
+    arrived.record()
+    return host, arrived

@@ -24,7 +24,9 @@ class Request:
     id: int
     prompt: list[int]
     max_new_tokens: int
-    tokens: list[int] = field(default_factory=list)  # prompt + generated (committed)
+    # Prompt + generated (committed). A negative entry -1 - row stands for a token the engine
+    # launched but has not read back yet: row `row` of the step in flight (ServingEngine.overlap).
+    tokens: list[int] = field(default_factory=list)
     computed: int = 0  # leading tokens whose KV is in the cache
     blocks: list[int] = field(default_factory=list)
     generated: int = 0

@@ -1,0 +1,58 @@
+"""Host-to-device copies that do not wait for the device.
+
+`tensor.to("cuda")` from ordinary (pageable) host memory synchronizes the host with the current
+stream before it returns: the host stops until every kernel queued so far has run. A serving
+step uploads its batch layout (token ids, positions, block table, task tables) every step, so
+each such copy would stall the host behind the previous step's kernels and the host's work could
+never overlap the device's. `to_device` stages the arrays in pinned memory instead and copies
+them with `non_blocking=True`: the copy is queued in stream order like a kernel, and PyTorch's
+pinned-memory cache keeps each staging buffer until its copy has run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+_ALIGN_BYTES = 16  # each array starts 16-byte aligned, as Triton's pointer specialization expects
+
+
+def to_device(device: torch.device | str, *arrays: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`arrays` (numpy arrays or CPU tensors) as tensors on `device`, same shapes and dtypes.
+
+    On a CPU device the tensors share the arrays' memory (no copy). On CUDA, arrays of one dtype
+    travel together: one pinned staging buffer and one non-blocking copy per dtype, each result
+    a contiguous, 16-byte-aligned view of the device buffer.
+    """
+    device = torch.device(device)
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a for a in arrays]
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise ValueError(f"to_device copies host arrays; got a tensor on {t.device}")
+    if device.type != "cuda":
+        return tuple(t.to(device) for t in tensors)
+    if torch.cuda.is_current_stream_capturing():
+        # A copy captured into a graph would replay from a staging buffer that is reused later.
+        raise RuntimeError(
+            "to_device: a host-to-device copy inside CUDA graph capture; run the step once before "
+            "capturing it, so its host metadata is already on the device"
+        )
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        by_dtype[t.dtype].append(i)
+    for dtype, members in by_dtype.items():
+        step = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        offsets, size = [], 0
+        for i in members:
+            offsets.append(size)
+            size += -(-tensors[i].numel() // step) * step
+        staged = torch.empty(max(size, 1), dtype=dtype, pin_memory=True)
+        for i, offset in zip(members, offsets):
+            staged[offset : offset + tensors[i].numel()] = tensors[i].reshape(-1)
+        buffer = staged.to(device, non_blocking=True)
+        for i, offset in zip(members, offsets):
+            out[i] = buffer[offset : offset + tensors[i].numel()].view(tensors[i].shape)
+    return tuple(out)  # type: ignore[arg-type]

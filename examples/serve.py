@@ -52,7 +52,9 @@ def main() -> int:
         system + torch.randint(0, 128, (int(torch.randint(1, 60, (1,), generator=gen)),), generator=gen).tolist()
         for _ in range(args.requests)
     ]
-    requests = [Request(i, prompt, args.new_tokens) for i, prompt in enumerate(prompts)]
+    eos = model.generation_config.eos_token_id  # requests stop after it, as `generate` does
+    requests = [Request(i, prompt, args.new_tokens, stop_tokens=[eos] if isinstance(eos, int) else eos or [])
+                for i, prompt in enumerate(prompts)]
     engine = ServingEngine(program, token_budget=args.budget, decode_slots=args.slots, max_draft=args.draft,
                            block_size=8, num_blocks=512, nano_batches=args.nano_batches)
     metrics = engine.run(requests, progress=True)

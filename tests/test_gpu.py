@@ -117,6 +117,7 @@ def test_serving_engine_on_the_gpu_generates_eager_tokens() -> None:
     model = build("llama").cuda()
     reference = copy.deepcopy(model)
     reference.config._attn_implementation = "sdpa"
+    eos = [reference.generation_config.eos_token_id]  # requests stop after it, as generate does
     example = (torch.zeros(1, 4, dtype=torch.long, device="cuda"), torch.arange(4, device="cuda")[None])
     program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
     graphed = build_stage_program(CausalLMStep(copy.deepcopy(model)), example, max_tokens=256,
@@ -128,7 +129,7 @@ def test_serving_engine_on_the_gpu_generates_eager_tokens() -> None:
                                 (0, 1, graphed), (2, 1, graphed)):
         engine = ServingEngine(stages, token_budget=24, decode_slots=3, max_draft=draft, block_size=8, num_blocks=64,
                                device="cuda", nano_batches=nano)
-        requests = [Request(i, p, 8) for i, p in enumerate(prompts)]
+        requests = [Request(i, p, 8, stop_tokens=eos) for i, p in enumerate(prompts)]
         engine.run(requests)
         for r in requests:
             ids = torch.tensor([r.prompt], device="cuda")
@@ -174,12 +175,13 @@ def test_overlapped_serving_steps_never_wait_for_the_device() -> None:
     model = build("llama").cuda()
     reference = copy.deepcopy(model)
     reference.config._attn_implementation = "sdpa"
+    eos = [reference.generation_config.eos_token_id]  # requests stop after it, as generate does
     example = (torch.zeros(1, 4, dtype=torch.long, device="cuda"), torch.arange(4, device="cuda")[None])
     program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40)]
     ServingEngine(program, token_budget=48, decode_slots=3, block_size=8, num_blocks=64, device="cuda").run(
-        [Request(i, p, 8) for i, p in enumerate(prompts)])  # builds every kernel these steps need
+        [Request(i, p, 8, stop_tokens=eos) for i, p in enumerate(prompts)])  # builds every kernel these steps need
     import tileflow.runtime.attention
 
     tileflow.runtime.attention._launch_plan.cache_clear()  # every step builds and uploads its task tables again
@@ -195,7 +197,7 @@ def test_overlapped_serving_steps_never_wait_for_the_device() -> None:
             torch.cuda.set_sync_debug_mode("error")
 
     engine.synchronize = synchronize
-    requests = [Request(i, p, 8) for i, p in enumerate(prompts)]
+    requests = [Request(i, p, 8, stop_tokens=eos) for i, p in enumerate(prompts)]
     torch.cuda.set_sync_debug_mode("error")
     try:
         engine.run(requests)

@@ -149,11 +149,20 @@ def llama_program():
     return build_stage_program(CausalLMStep(model), example, max_tokens=256), reference
 
 
-def _eager_greedy(model, prompt: list[int], n: int) -> list[int]:
+def _eager_greedy(model, prompt: list[int], n: int, stop: list[int] | None = None) -> list[int]:
+    """transformers' greedy generation; it stops after the model's EOS token (or one of `stop`)."""
     ids = torch.tensor([prompt])
+    kwargs = {} if stop is None else {"eos_token_id": stop}
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                             **kwargs)
     return out[0, len(prompt):].tolist()
+
+
+def _eos(model) -> frozenset[int]:
+    """The stop tokens transformers' generation uses for `model` (its EOS), for engine requests."""
+    eos = model.generation_config.eos_token_id
+    return frozenset([eos] if isinstance(eos, int) else eos or [])
 
 
 @pytest.mark.parametrize("max_draft", [0, 3])
@@ -163,15 +172,73 @@ def test_greedy_tokens_equal_eager_generation(llama_program, max_draft: int) -> 
     shared = torch.randint(0, VOCAB, (17,), generator=gen).tolist()
     prompts = [shared[:13], torch.randint(0, VOCAB, (30,), generator=gen).tolist(), shared + [3], [5]]
     engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4, num_blocks=64)
-    requests = [Request(i, p, 10) for i, p in enumerate(prompts)]
+    requests = [Request(i, p, 10, stop_tokens=_eos(reference)) for i, p in enumerate(prompts)]
     metrics = engine.run(requests)
     for r in requests:
         assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 10), r.id
     summary = metrics.summary()
-    assert summary["generated_tokens"] == 40 and metrics.steps < 40
+    assert summary["generated_tokens"] == sum(r.generated for r in requests) and metrics.steps < 40
     if max_draft:
         assert 0 < metrics.accepted <= metrics.drafted  # a repetitive random model accepts some drafts
     assert engine.allocator.all_free()
+
+
+@pytest.mark.parametrize("max_draft,overlap", [(0, True), (0, False), (3, False)])
+def test_stop_tokens_end_requests_as_generate_does(llama_program, max_draft: int, overlap: bool) -> None:
+    """A request ends after the first of its stop tokens it generates, which it keeps, exactly
+    where transformers' `generate` stops with those EOS tokens: one step at a time, with drafts
+    (a stop token among the accepted ones), and overlapped (the stop is seen a step late, and the
+    step already launched for the request is dropped). Its blocks all come back."""
+    program, reference = llama_program
+    gen = torch.Generator().manual_seed(40 + max_draft)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (7, 15, 3, 22, 9)]
+    requests, stops_early = [], set()
+    for i, prompt in enumerate(prompts):
+        free_run = _eager_greedy(reference, prompt, 10)
+        # Stop at a token the continuation reaches after 2-5 others (its first occurrence there).
+        at = next((k for k in range(2 + i % 4, len(free_run) - 1) if free_run[k] not in free_run[:k]), None)
+        stop = sorted(_eos(reference) | ({free_run[at]} if at is not None else set()))
+        requests.append(Request(i, prompt, 10, stop_tokens=stop))
+        if at is not None:
+            stops_early.add(i)
+    engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4, num_blocks=64,
+                           overlap=overlap)
+    metrics = engine.run(requests)
+    for r in requests:
+        want = _eager_greedy(reference, r.prompt, 10, stop=sorted(r.stop_tokens))
+        assert r.tokens[len(r.prompt):] == want, r.id
+        assert r.done and r.generated == len(want)
+    assert len(stops_early) >= 3 and all(requests[i].generated < 10 for i in stops_early)
+    assert metrics.generated == sum(r.generated for r in requests) == sum(map(len, metrics.token_times.values()))
+    assert engine.allocator.all_free()
+    with pytest.raises(ValueError, match="stop_tokens must be token ids"):
+        Request(0, [1], 2, stop_tokens=[-1])
+
+
+class EchoProgram(RandomProgram):
+    """A model that always agrees with the draft: row i predicts input token i + 1 (the last
+    row predicts `last`)."""
+
+    def __init__(self, last: int) -> None:
+        super().__init__(0)
+        self.last = last
+
+    def run(self, inputs, attention):
+        ids = inputs[0][0]
+        following = torch.cat([ids[1:], torch.tensor([self.last])])
+        return [torch.nn.functional.one_hot(following, VOCAB).float()[None]]
+
+
+def test_a_stop_token_among_accepted_drafts_ends_the_request_there() -> None:
+    """Drafts accepted past a stop token are cut after it: the request keeps the stop token and
+    nothing the step accepted beyond it."""
+    engine = ServingEngine(EchoProgram(last=7), token_budget=16, decode_slots=1, max_draft=3, block_size=4,
+                           num_blocks=16)
+    request = Request(0, [5, 6, 7, 8, 5, 6], 8, stop_tokens=[8])
+    engine.run([request])
+    # Prefill predicts 7; prompt lookup then drafts [8, 5, 6] after "6 7", all accepted.
+    assert request.tokens[6:] == [7, 8] and request.done and engine.allocator.all_free()
+    assert engine.metrics.accepted == 3 and engine.metrics.generated == 2
 
 
 def test_prefix_reuse_shares_blocks_and_keeps_tokens(llama_program) -> None:
@@ -179,7 +246,7 @@ def test_prefix_reuse_shares_blocks_and_keeps_tokens(llama_program) -> None:
     gen = torch.Generator().manual_seed(7)
     prefix = torch.randint(0, VOCAB, (12,), generator=gen).tolist()
     engine = ServingEngine(program, token_budget=32, decode_slots=1, block_size=4, num_blocks=32)
-    first, second = Request(0, prefix + [1, 2], 4), Request(1, prefix + [9], 4)
+    first, second = (Request(i, prefix + tail, 4, stop_tokens=_eos(reference)) for i, tail in enumerate(([1, 2], [9])))
     engine.run([first])
     engine.add(second)
     fed = engine.metrics.tokens_in_steps
@@ -246,10 +313,10 @@ def test_overlapped_steps_launch_before_reading_back(llama_program) -> None:
             read_back()
 
         engine.synchronize = synchronize
-        requests = [Request(i, p, 7) for i, p in enumerate(prompts)]
+        requests = [Request(i, p, 7, stop_tokens=_eos(reference)) for i, p in enumerate(prompts)]
         metrics = engine.run(requests)
         tokens[overlap] = [r.tokens for r in requests]
-        assert metrics.generated == 28 and sum(map(len, metrics.token_times.values())) == 28
+        assert metrics.generated == sum(r.generated for r in requests) == sum(map(len, metrics.token_times.values()))
         assert set(metrics.ttft) == {0, 1, 2, 3} and engine.allocator.all_free()
         if overlap:  # every read of a step comes after the next step's launch, but the last
             assert log == ["launch"] + ["launch", "read"] * (metrics.steps - 1) + ["read"]
@@ -325,7 +392,7 @@ def test_nano_batched_steps_generate_the_same_tokens(llama_program, nano_batches
     streams = SimulatedStreams(seed=nano_batches)
     engine = ServingEngine(program, token_budget=24, decode_slots=4, max_draft=max_draft, block_size=4, num_blocks=64,
                            nano_batches=nano_batches, streams=streams)
-    requests = [Request(i, p, 8) for i, p in enumerate(prompts)]
+    requests = [Request(i, p, 8, stop_tokens=_eos(reference)) for i, p in enumerate(prompts)]
     for r in requests:
         engine.add(r)
     interleaved = False
@@ -369,12 +436,12 @@ def test_graphed_stages_generate_the_same_tokens(monkeypatch: pytest.MonkeyPatch
     gen = torch.Generator().manual_seed(30 + max_draft)
     # A one-token prompt alone first: the 16-token bucket is captured from 1-row inputs, whose
     # size-1 token dim must still get the layout the stage views it in.
-    first = Request(9, [5], 3)
+    first = Request(9, [5], 3, stop_tokens=_eos(reference))
     ServingEngine(program, token_budget=24, decode_slots=3, block_size=4, num_blocks=64).run([first])
     assert first.tokens[1:] == _eager_greedy(reference, [5], 3)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (9, 21, 4)]
     engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4, num_blocks=64)
-    requests = [Request(i, p, 8) for i, p in enumerate(prompts)]
+    requests = [Request(i, p, 8, stop_tokens=_eos(reference)) for i, p in enumerate(prompts)]
     engine.run(requests)
     for r in requests:
         assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 8), r.id

@@ -7,12 +7,13 @@ tree mask when the step verifies drafts. Greedy tokens are sampled; a verify ent
 drafted tokens the model agrees with plus the model's own next token, and the cache length rolls
 back over the rest.
 
-Without drafts the steps overlap (vLLM's asynchronous scheduling): which requests run, with how
-many tokens at which positions, never depends on the tokens the model picks (requests stop at
-their token count), so the engine schedules and launches step n + 1 before it reads step n's
-tokens back. Step n + 1's decode inputs are gathered from step n's predictions on the device, and
-the host's work for one step (scheduling, the batch layout, the kernel launches) runs while the
-device computes the one before.
+Without drafts the steps overlap (vLLM's asynchronous scheduling): the engine schedules and
+launches step n + 1 before it reads step n's tokens back, as if every request went on. Step
+n + 1's decode inputs are gathered from step n's predictions on the device, and the host's work
+for one step (scheduling, the batch layout, the kernel launches) runs while the device computes
+the one before. A request whose token read back from step n is one of its stop tokens finishes
+then, and its entry in step n + 1 (already launched) is dropped: its cache rows are released
+with its blocks, and nothing it computed there is kept.
 """
 
 from __future__ import annotations
@@ -226,8 +227,10 @@ class ServingEngine:
         values = step.host.tolist()
         now = time.perf_counter() - self._start
         for r, index in step.placeholders:
-            r.tokens[index] = values[-1 - r.tokens[index]]
+            token = r.tokens[index] = values[-1 - r.tokens[index]]
             self._stamp(r, 1, now)
+            if token in r.stop_tokens and not r.done:
+                self._finish(r)  # the step launched after this one drops r's entry (_commit)
 
     def _commit(self, entries: Sequence[Entry], predictions: list[int], now: float | None) -> list[tuple[Request, int]]:
         """Advance every entry's request by the step's `predictions` (one per packed row; tokens,
@@ -238,8 +241,10 @@ class ServingEngine:
         for e in entries:
             n = len(e.tokens)
             r = e.request
-            added = self._advance(e, predictions[row : row + n])
             row += n
+            if r.done:  # stopped by a token read back after this step was launched
+                continue
+            added = self._advance(e, predictions[row - n : row])
             if now is not None:
                 self._stamp(r, added, now)
             else:
@@ -348,13 +353,20 @@ class ServingEngine:
             r.computed += 1 + accepted
             new = draft[:accepted] + [predictions[accepted]]
         new = new[: r.max_new_tokens - r.generated]
+        # Placeholders (negative) never match: an overlapped step's stop tokens are found when read.
+        stop = next((i for i, t in enumerate(new) if t in r.stop_tokens), None)
+        if stop is not None:
+            new = new[: stop + 1]
         r.tokens += new
         r.generated += len(new)
         self.metrics.generated += len(new)
-        if r.generated >= r.max_new_tokens:
-            self.scheduler.finish(r)
-            self._block_arrays.pop(r.id, None)
+        if r.generated >= r.max_new_tokens or stop is not None:
+            self._finish(r)
         return len(new)
+
+    def _finish(self, r: Request) -> None:
+        self.scheduler.finish(r)
+        self._block_arrays.pop(r.id, None)
 
     def _tree_mask(self, entries: list[Entry]) -> torch.Tensor | None:
         """The step's tree mask when it verifies drafts: linear drafts, each drafted token sees the

@@ -19,11 +19,13 @@ from .blocks import BlockAllocator, prefix_hashes
 
 @dataclass
 class Request:
-    """A prompt to continue greedily for `max_new_tokens` tokens, and its serving state."""
+    """A prompt to continue greedily for `max_new_tokens` tokens, or until it generates one of
+    `stop_tokens` (kept, as `generate` keeps its EOS token), and its serving state."""
 
     id: int
     prompt: list[int]
     max_new_tokens: int
+    stop_tokens: frozenset[int] = frozenset()
     # Prompt + generated (committed). A negative entry -1 - row stands for a token the engine
     # launched but has not read back yet: row `row` of the step in flight (ServingEngine.overlap).
     tokens: list[int] = field(default_factory=list)
@@ -35,6 +37,9 @@ class Request:
     def __post_init__(self) -> None:
         if not self.prompt or self.max_new_tokens < 1:
             raise ValueError(f"request {self.id}: needs a non-empty prompt and max_new_tokens >= 1")
+        self.stop_tokens = frozenset(self.stop_tokens)
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_tokens):
+            raise ValueError(f"request {self.id}: stop_tokens must be token ids (ints >= 0), got {sorted(self.stop_tokens, key=str)}")
         self.tokens = list(self.prompt)
 
     @property

@@ -259,8 +259,10 @@ class ServingEngine:
 
     def prepare(self, entries: Sequence[Entry]) -> StepInputs:
         """The host work of a step: the packed token ids and positions, the batch layout over the
-        KV cache (built once for every layer) and the verify tree mask, all on the engine's device.
-        The requests' blocks must already hold every entry's positions."""
+        KV cache (built once for every layer) and the verify tree mask, all on the engine's device,
+        copied without waiting for it. Placeholder tokens (negative: overlapped steps) are gathered
+        on the device from the predictions of the step in flight. The requests' blocks must
+        already hold every entry's positions."""
         tokens = np.array([t for e in entries for t in e.tokens], dtype=np.int64)
         lengths = np.array([len(e.tokens) for e in entries], dtype=np.int64)
         starts = np.array([e.start for e in entries], dtype=np.int64)
@@ -374,7 +376,8 @@ class ServingEngine:
         if not any(e.kind == "verify" for e in entries):
             return None
         s = 1 + self.max_draft
-        return to_device(self.device, torch.tril(torch.ones(s, s, dtype=torch.bool)).expand(len(entries), s, s).contiguous())[0]
+        mask = torch.tril(torch.ones(s, s, dtype=torch.bool)).expand(len(entries), s, s).contiguous()
+        return to_device(self.device, mask)[0]
 
     def _attend(
         self, batch: PagedBatch, tree: torch.Tensor | None, cut: AttentionCut, q: torch.Tensor, k: torch.Tensor,

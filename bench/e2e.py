@@ -12,8 +12,9 @@ baselines), in one run and in up to three parts (`--parts`):
   tokens over cached prefixes) and half decodes (contexts of 512-2048), run the way
   `tileflow.serving` runs them (the model cut at its attention ops, `meta_attention_varlen` over
   the cache) with the dense stages as ATen ops, through Inductor, or as tileflow compiled them,
-  tileflow also with the step cut into two nano-batches on two streams, and with its dense
-  stages replayed from CUDA graphs per token bucket (`cuda_graphs=True`);
+  tileflow also with the step cut into two nano-batches on two streams (their kernels over SM
+  shares in proportion to their tokens, and over the whole device), and with its dense stages
+  replayed from CUDA graphs per token bucket (`cuda_graphs=True`);
 - `trace`: a NanoFlow-like request trace (prompt/output 512/512 and 1024/512) served to the end
   by `tileflow.serving.ServingEngine` (continuous batching, a 4096-token budget, each step
   launched before the previous step's tokens are read back), with the same methods and
@@ -68,8 +69,12 @@ SERVING_PROGRAMS = {
 # its dense stages from CUDA graphs (vLLM's piecewise capture: attention runs between them).
 SERVING_METHODS = {"ATen": ("ATen", 1), "Inductor": ("Inductor", 1), "tileflow": ("tileflow", 1),
                    "tileflow+nano": ("tileflow", 2), "tileflow+graphs": ("tileflow+graphs", 1)}
-# The traces also serve with the engine's steps one at a time (each step's tokens read back
-# before the next is scheduled): what overlapping the host's work with the device's gains.
+# The mixed steps also run the nano-batches with every kernel over the whole device (no SM
+# shares): what partitioning the SMs gains. The traces also serve with the engine's steps one at
+# a time (each step's tokens read back before the next is scheduled): what overlapping the
+# host's work with the device's gains.
+WHOLE_GRIDS = "tileflow+nano, whole grids"
+MIXED_METHODS = {**SERVING_METHODS, WHOLE_GRIDS: ("tileflow", 2)}
 IN_TURN = "tileflow+graphs, steps in turn"
 TRACE_METHODS = {**SERVING_METHODS, IN_TURN: ("tileflow+graphs", 1)}
 BLOCK = 16  # KV page size
@@ -267,9 +272,9 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
         with torch.no_grad():
             engine.program, engine.nano_batches = programs["ATen"], 1
             want = engine.forward(entries, inputs).float()
-            for name, (program, nano) in SERVING_METHODS.items():
-                def measure(program=programs[program], nano=nano):
-                    engine.program, engine.nano_batches = program, nano
+            for name, (program, nano) in MIXED_METHODS.items():
+                def measure(program=programs[program], nano=nano, shares=name != WHOLE_GRIDS):
+                    engine.program, engine.nano_batches, engine.nano_shares = program, nano, shares
                     # A nano-batched step prepares each nano-batch itself (on its stream).
                     given = inputs if nano == 1 else None
                     err = rel_err(engine.forward(entries, given).float(), want)
@@ -280,19 +285,23 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
                 rate[name] = _timed(failures, f"mixed {name} at T={t}", measure)
         decodes = sum(e.kind == "decode" for e in entries)
         rows.append([t, f"{len(entries) - decodes} chunks + {decodes} decodes", f"{prepare_ms:.1f}"]
-                    + [_rate(rate[n]) for n in SERVING_METHODS]
+                    + [_rate(rate[n]) for n in MIXED_METHODS]
                     + [_ratio(rate["tileflow"], rate["Inductor"]), _ratio(rate["tileflow+nano"], rate["tileflow"]),
+                       _ratio(rate["tileflow+nano"], rate[WHOLE_GRIDS]),
                        _ratio(rate["tileflow+graphs"], rate["tileflow"]), _share(rate["tileflow"], bound)])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    headers = ["tokens", "step", "host prepare ms"] + [f"{n} tok/s" for n in SERVING_METHODS] + [
-        "tileflow / Inductor", "nano / tileflow", "graphs / tileflow", "tileflow % of bound"]
+    headers = ["tokens", "step", "host prepare ms"] + [f"{n} tok/s" for n in MIXED_METHODS] + [
+        "tileflow / Inductor", "nano / tileflow", "nano SM shares / whole grids", "graphs / tileflow",
+        "tileflow % of bound"]
     return ("## Mixed prefill/decode serving steps\n\n" + markdown_table(headers, rows)
             + "\n\n- one step through `ServingEngine.forward` (packed tokens, k/v written into a paged cache of "
               f"{BLOCK}-token pages holding random values, `meta_attention_varlen` for every method); prompt chunks "
               f"of up to {scale.chunk} tokens over cached prefixes of {min(scale.prefixes)}-{max(scale.prefixes)} "
               f"tokens, decode contexts {scale.contexts[0]}-{scale.contexts[1]}; medians over CUDA events of the step "
               "with its inputs prepared (host prepare ms: `ServingEngine.prepare`, once), except tileflow+nano, whose "
-              "two nano-batches (decodes, prompt chunks) each prepare their inputs on their own stream in the step")
+              "two nano-batches (decodes, prompt chunks) each prepare their inputs on their own stream in the step, "
+              "their persistent kernels over a share of the SMs in proportion to their tokens (whole grids: every "
+              "kernel over the whole device)")
 
 
 def trace_part(programs: dict, count: int, bound: float, scale: Scale, failures: list[str]) -> str:

@@ -407,6 +407,36 @@ def test_nano_batched_steps_generate_the_same_tokens(llama_program, nano_batches
         ServingEngine(program, nano_batches=0)
 
 
+@pytest.mark.parametrize("shares", [True, False])
+def test_nano_batches_split_the_grid_by_tokens(llama_program, monkeypatch: pytest.MonkeyPatch, shares: bool) -> None:
+    """With `nano_shares`, each nano-batch's attention launches over its share of the device's
+    programs (its share of the step's tokens, at least half an equal share); without, over all."""
+    import tileflow.runtime.attention as attention_runtime
+    from tileflow.runtime.streams import SimulatedStreams
+    from tileflow.serving import Entry
+    from tileflow.serving.engine import sm_shares
+
+    program, _ = llama_program
+    grids: list[tuple[int, int]] = []  # (tokens of the launch, prefill-sized grid)
+    plan = attention_runtime._launch_plan
+
+    def spying_plan(cu, lens, hq, hkv, target, programs, *args):
+        grids.append((cu[-1], programs[1]))
+        return plan(cu, lens, hq, hkv, target, programs, *args)
+
+    monkeypatch.setattr(attention_runtime, "_launch_plan", spying_plan)
+    engine = ServingEngine(program, token_budget=64, decode_slots=4, block_size=4, num_blocks=64, nano_batches=2,
+                           streams=SimulatedStreams(seed=0), nano_shares=shares)
+    chunk = Request(0, list(range(1, 41)), 1, blocks=list(range(10)))
+    decodes = [Request(i, [5] * 8, 1, blocks=[10 + 2 * i, 11 + 2 * i]) for i in range(1, 4)]
+    entries = [Entry(r, [3], 7, "decode") for r in decodes] + [Entry(chunk, chunk.prompt[:30], 0, "prefill")]
+    engine.forward(entries)
+    full = attention_runtime.attention_programs("reference", torch.device("cpu"))
+    want = ([max(1, int(full * s)) for s in sm_shares([entries[:3], entries[3:]])] if shares else [full, full])
+    assert sm_shares([entries[:3], entries[3:]]) == [0.25, 30 / 33]
+    assert sorted(set(grids)) == sorted({(3, want[0]), (30, want[1])})
+
+
 @pytest.mark.parametrize("max_draft", [0, 3])
 def test_graphed_stages_generate_the_same_tokens(monkeypatch: pytest.MonkeyPatch, max_draft: int) -> None:
     """Dense stages replayed from per-bucket graphs (`Config.cuda_graphs`; a CPU stand-in for

@@ -28,7 +28,7 @@ import torch
 from tileflow.passes.disaggregate import AttentionCut, StageProgram
 
 from ..runtime.paged_kv import PagedBatch, PagedKV
-from ..runtime.streams import CudaStreams, StreamExecutor
+from ..runtime.streams import CudaStreams, StreamExecutor, grid_share
 from ..transfers import to_device
 from .blocks import BlockAllocator
 from .scheduler import Entry, Request, Scheduler, accept_draft, register_full_blocks
@@ -53,6 +53,14 @@ def split_entries(entries: Sequence[Entry], parts: int) -> list[list[Entry]]:
         groups[-1].append(entry)
         done += len(entry.tokens)
     return groups
+
+
+def sm_shares(groups: Sequence[Sequence[Entry]]) -> list[float]:
+    """Each nano-batch's share of the device's SMs: its share of the step's tokens, at least
+    half an equal share (a nano-batch of a few decodes still reads its whole KV)."""
+    tokens = [sum(len(e.tokens) for e in g) for g in groups]
+    total = sum(tokens)
+    return [min(1.0, max(t / total, 0.5 / len(groups))) for t in tokens]
 
 
 def prompt_lookup_draft(tokens: Sequence[int], max_draft: int, ngram: int = 2) -> list[int]:
@@ -123,13 +131,16 @@ class ServingEngine:
     `overlap` (default: on unless drafting) launches each step before reading the previous
     step's tokens back; between `step` calls the tokens of the step in flight are placeholders in
     `Request.tokens` (negative: -1 - row of that step), until the next step or `synchronize`.
+    With `nano_batches` > 1 and `nano_shares`, each nano-batch's persistent kernels take a share
+    of the device's SMs in proportion to its tokens (NanoFlow's partition: kernels that each
+    filled the device could not run side by side); without, every kernel takes the whole device.
     """
 
     def __init__(
         self, program: StageProgram, *, token_budget: int = 64, decode_slots: int = 8, max_draft: int = 0,
         block_size: int = 16, num_blocks: int = 256, dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu", nano_batches: int = 1, streams: StreamExecutor | None = None,
-        overlap: bool | None = None,
+        overlap: bool | None = None, nano_shares: bool = True,
     ) -> None:
         if overlap and max_draft:
             raise ValueError(
@@ -157,6 +168,7 @@ class ServingEngine:
         self.metrics = Metrics()
         self._start = 0.0
         self.nano_batches = nano_batches
+        self.nano_shares = nano_shares
         self._block_arrays: dict[int, tuple[list[int], np.ndarray]] = {}  # see _block_ids
         self.overlap = not max_draft if overlap is None else overlap
         self._in_flight: _UnreadStep | None = None  # the launched step whose tokens are not read yet
@@ -299,6 +311,7 @@ class ServingEngine:
         sequences' KV, so nothing crosses between streams until the logits are joined."""
         runs: list[Any] = [None] * len(groups)
         outputs: list[torch.Tensor | None] = [None] * len(groups)
+        shares = sm_shares(groups) if self.nano_shares else [None] * len(groups)
 
         def start(j: int) -> None:
             step = self.prepare(groups[j])
@@ -307,7 +320,8 @@ class ServingEngine:
 
         def advance(j: int) -> None:
             try:
-                next(runs[j])
+                with grid_share(shares[j]):  # the stage's kernels are launched inside next()
+                    next(runs[j])
             except StopIteration as done:
                 outputs[j] = done.value[0]
 

@@ -49,12 +49,15 @@ class RandomProgram:
     prompts=st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=40), min_size=1, max_size=7),
     new_tokens=st.lists(st.integers(1, 12), min_size=7, max_size=7),
     slots=st.integers(1, 4), draft=st.integers(0, 3), extra_budget=st.integers(1, 20), seed=st.integers(0, 1000),
+    stops=st.sets(st.integers(0, 7), max_size=3), overlap=st.booleans(),
 )
-def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, seed) -> None:
+def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, seed, stops, overlap) -> None:
     program = RandomProgram(seed)
+    draft = 0 if overlap else draft  # overlapped steps do not draft
     budget = slots * (1 + draft) + extra_budget
-    engine = ServingEngine(program, token_budget=budget, decode_slots=slots, max_draft=draft, block_size=4, num_blocks=64)
-    requests = [Request(i, p, new_tokens[i]) for i, p in enumerate(prompts)]
+    engine = ServingEngine(program, token_budget=budget, decode_slots=slots, max_draft=draft, block_size=4, num_blocks=64,
+                           overlap=overlap)
+    requests = [Request(i, p, new_tokens[i], stop_tokens=stops) for i, p in enumerate(prompts)]
     for r in requests:
         engine.add(r)
     # Every request is served within a bound: prompt tokens at >= 1 per step, plus one step per new token.
@@ -70,7 +73,12 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
         assert len(engine.scheduler.running) <= slots
         assert len({id(e.request) for e in entries}) == len(entries)
     assert not engine.scheduler.has_work(), "a request starved"
-    assert all(r.done and r.generated == r.max_new_tokens for r in requests)
+    for r in requests:  # each ran to its token count or to its first stop token
+        generated = r.tokens[len(r.prompt):]
+        assert r.done and len(generated) == r.generated and min(generated) >= 0
+        assert not stops & set(generated[:-1])
+        assert r.generated == r.max_new_tokens or generated[-1] in stops
+    assert engine.metrics.generated == sum(r.generated for r in requests)
     assert engine.allocator.all_free()
     engine.allocator.drop_cache()
     assert sorted(engine.allocator._free) == list(range(64))

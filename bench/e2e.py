@@ -335,19 +335,22 @@ def trace_part(programs: dict, count: int, bound: float, scale: Scale, failures:
 
             metrics = _timed(failures, f"trace {prompt}/{output} {name}", serve)
             if metrics is None:
-                rows.append([f"{count} x {prompt}/{output}", name] + ["FAIL"] * 7)
+                rows.append([f"{count} x {prompt}/{output}", name] + ["FAIL"] * 8)
             else:
                 m, processed = metrics.summary(), metrics.tokens_in_steps / metrics.wall
                 same = sum(g == a for g, a in zip(generated[name], generated.get("ATen", [])))
                 rows.append([f"{count} x {prompt}/{output}", name, m["steps"], _rate(processed), _rate(m["tokens_per_s"]),
                              _share(processed, bound), f"{1e3 * m['mean_ttft_s']:.0f}", f"{1e3 * m['mean_tbt_s']:.1f}",
-                             f"{same}/{count}"])
+                             f"{100 * m['host_waiting_share']:.0f}%", f"{same}/{count}"])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     headers = ["trace (requests x prompt/output)", "method", "steps", "processed tok/s", "generated tok/s",
-               "processed % of bound", "mean TTFT ms", "mean time between tokens ms", "requests equal to ATen's"]
+               "processed % of bound", "mean TTFT ms", "mean time between tokens ms",
+               "host waiting for the device", "requests equal to ATen's"]
     return ("## Request traces\n\n" + markdown_table(headers, rows)
             + f"\n\n- `ServingEngine.run`: all requests arrive at once, {count} decode slots, {scale.budget}-token "
-              "steps; wall clock, host scheduling included; processed = prompt + generated tokens; every method "
+              "steps; wall clock, host scheduling included; processed = prompt + generated tokens; host waiting "
+              "for the device: the share of the wall time spent reading steps' tokens back (near 100%: the device "
+              "is the bottleneck; near 0: the host); every method "
               f"overlaps each step's host work with the previous step on the device, except \"{IN_TURN}\"")
 
 

@@ -186,6 +186,7 @@ def test_greedy_tokens_equal_eager_generation(llama_program, max_draft: int) -> 
         assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 10), r.id
     summary = metrics.summary()
     assert summary["generated_tokens"] == sum(r.generated for r in requests) and metrics.steps < 40
+    assert 0 <= metrics.waited < metrics.wall and summary["host_waiting_share"] == metrics.waited / metrics.wall
     if max_draft:
         assert 0 < metrics.accepted <= metrics.drafted  # a repetitive random model accepts some drafts
     assert engine.allocator.all_free()

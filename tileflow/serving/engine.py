@@ -98,9 +98,13 @@ class Metrics:
     ttft: dict[int, float] = field(default_factory=dict)
     token_times: dict[int, list[float]] = field(default_factory=dict)
     wall: float = 0.0
+    # Time the host spent waiting for steps' tokens: near the wall time, the device is the
+    # bottleneck; near zero (with overlapped steps), the host is.
+    waited: float = 0.0
 
     def summary(self) -> dict[str, float]:
-        """TTFT and time between tokens (means), tokens/s, draft acceptance rate."""
+        """TTFT and time between tokens (means), tokens/s, draft acceptance rate, and the share
+        of the wall time the host waited for the device."""
         gaps = [b - a for times in self.token_times.values() for a, b in zip(times, times[1:])]
         return {
             "steps": self.steps,
@@ -110,6 +114,7 @@ class Metrics:
             "mean_tbt_s": sum(gaps) / len(gaps) if gaps else 0.0,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
             "mean_step_tokens": self.tokens_in_steps / self.steps if self.steps else 0.0,
+            "host_waiting_share": self.waited / self.wall if self.wall else 0.0,
         }
 
 
@@ -217,7 +222,11 @@ class ServingEngine:
         self.metrics.steps += 1
         self.metrics.tokens_in_steps += logits.shape[1]
         if not self.overlap:
-            self._commit(entries, predictions.tolist(), time.perf_counter() - self._start)  # waits for the device
+            start = time.perf_counter()
+            tokens = predictions.tolist()  # waits for the device
+            now = time.perf_counter()
+            self.metrics.waited += now - start
+            self._commit(entries, tokens, now - self._start)
             return entries
         # This step is queued on the device: read the previous one's tokens while it runs, then
         # commit this one's as placeholders (-1 - row), which the next step gathers on the device.
@@ -234,9 +243,11 @@ class ServingEngine:
         step, self._in_flight = self._in_flight, None
         if step is None:
             return
+        start = time.perf_counter()
         if step.arrived is not None:
             step.arrived.synchronize()
         values = step.host.tolist()
+        self.metrics.waited += time.perf_counter() - start
         now = time.perf_counter() - self._start
         for r, index in step.placeholders:
             token = r.tokens[index] = values[-1 - r.tokens[index]]

@@ -209,3 +209,55 @@ def test_overlapped_serving_steps_never_wait_for_the_device() -> None:
             want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                                       pad_token_id=0)
         assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), r.id
+
+
+def test_nano_batches_with_equal_shapes_share_task_tables_safely() -> None:
+    """Two nano-batches of one serving step with the same shapes (equal prompt lengths, split
+    evenly) share the attention's cached task tables, uploaded on one stream and read on the
+    other: the reading stream waits for the upload, and the tokens equal eager generation."""
+    import copy
+
+    from tileflow.distributed import CausalLMStep, build_stage_program
+    from tileflow.serving import Request, ServingEngine
+
+    model = build("llama").cuda()
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "sdpa"
+    eos = [reference.generation_config.eos_token_id]
+    example = (torch.zeros(1, 4, dtype=torch.long, device="cuda"), torch.arange(4, device="cuda")[None])
+    program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, VOCAB, (24,), generator=gen).tolist() for _ in range(4)]
+    engine = ServingEngine(program, token_budget=128, decode_slots=4, block_size=8, num_blocks=64, device="cuda",
+                           nano_batches=2)
+    requests = [Request(i, p, 8, stop_tokens=eos) for i, p in enumerate(prompts)]
+    engine.run(requests)
+    for r in requests:
+        ids = torch.tensor([r.prompt], device="cuda")
+        with torch.no_grad():
+            want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                      pad_token_id=0)
+        assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), r.id
+
+
+def test_a_cached_upload_is_waited_for_on_another_stream() -> None:
+    """An upload queued on a busy stream and read on another stream: after `wait_for_upload`
+    the reading stream sees the copied values, not the buffer's earlier contents."""
+    import numpy as np
+
+    from tileflow.transfers import record_upload, to_device, wait_for_upload
+
+    values = np.arange(1 << 16, dtype=np.int32)
+    busy, reader = torch.cuda.Stream(), torch.cuda.Stream()
+    x = torch.randn(8192, 8192, device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(busy):
+        for _ in range(4):
+            x = x @ x.T / 8192  # keeps `busy` occupied while the copy waits behind it
+        (uploaded,) = to_device("cuda", values)
+        ready = record_upload("cuda")
+    with torch.cuda.stream(reader):
+        wait_for_upload(ready, uploaded)
+        seen = uploaded.clone()
+    torch.cuda.synchronize()
+    assert seen.cpu().numpy().tolist() == values.tolist()

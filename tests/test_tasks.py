@@ -366,3 +366,12 @@ def test_equal_costs_deal_a_causal_ramp_evenly(length: int, kv_heads: int, block
     offsets, dealt = table.program_offsets.numpy(), table.program_tasks.numpy()
     work = np.array([real[dealt[offsets[p]:offsets[p + 1]]].sum() for p in range(programs)])
     assert work.max() / work.mean() < 1.05
+
+
+def test_a_table_on_the_host_has_nothing_to_wait_for() -> None:
+    """`to()` records the upload's event only for CUDA devices (see the GPU tests for streams);
+    on the CPU the table's tensors stay as they are and using it waits for nothing."""
+    table = build_task_table([0, 3, 4], [5, 9], num_q_heads=4, num_kv_heads=2, block_q=2, num_programs=3)
+    moved = table.to("cpu")
+    assert moved.uploaded is None and moved.tasks is table.tasks
+    moved.ready_on_current_stream()

@@ -31,7 +31,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from .transfers import to_device
+from .transfers import record_upload, to_device, wait_for_upload
 
 __all__ = [
     "TASK_COLUMNS",
@@ -82,7 +82,8 @@ class TaskTable:
     ``[S]``, host copies of the metadata the table was built from, so that a merge can map a
     tile back to global query rows without being handed the metadata again; ``causal`` and
     ``sliding_window``, the masking the KV ranges were clipped for, so an executor can refuse to
-    run the table under different masking.
+    run the table under different masking; ``uploaded``, the event after the copy ``to()`` made
+    to a CUDA device (see ``ready_on_current_stream``).
     """
 
     tasks: torch.Tensor
@@ -97,6 +98,7 @@ class TaskTable:
     seqlens_kv: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
     causal: bool = True
     sliding_window: int | None = None
+    uploaded: Any = None  # the event after `to()`'s copy to a CUDA device (None: nothing to wait for)
 
     @property
     def num_programs(self) -> int:
@@ -124,7 +126,14 @@ class TaskTable:
         (`to_device`), so building a table never stalls the host behind queued kernels."""
         tasks, offsets, order, merges = to_device(device, self.tasks, self.program_offsets, self.program_tasks,
                                                   self.merges)
-        return replace(self, tasks=tasks, program_offsets=offsets, program_tasks=order, merges=merges)
+        return replace(self, tasks=tasks, program_offsets=offsets, program_tasks=order, merges=merges,
+                       uploaded=record_upload(device))
+
+    def ready_on_current_stream(self) -> None:
+        """Call before launching kernels that read the table on the current stream: a table
+        `to()` uploaded (and a cache kept) may be used on another stream than the one its copy
+        was queued on; this stream then waits for the copy (see `wait_for_upload`)."""
+        wait_for_upload(self.uploaded, self.tasks, self.program_offsets, self.program_tasks, self.merges)
 
     def workspace_shapes(self, head_dim: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
         """Shapes of ``(partial_out, partial_lse)`` the caller allocates for split-KV tasks."""

@@ -24,14 +24,13 @@ def to_device(device: torch.device | str, *arrays: np.ndarray | torch.Tensor) ->
 
     On a CPU device the tensors share the arrays' memory (no copy). On CUDA, arrays of one dtype
     travel together: one pinned staging buffer and one non-blocking copy per dtype, each result
-    a contiguous, 16-byte-aligned view of the device buffer.
+    a contiguous, 16-byte-aligned view of the device buffer. The copies are queued on the current
+    stream: kernels on other streams may read the results only after `wait_for_upload`.
     """
     device = torch.device(device)
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a for a in arrays]
-    for t in tensors:
-        if t.device.type != "cpu":
-            raise ValueError(f"to_device copies host arrays; got a tensor on {t.device}")
-    if device.type != "cuda":
+    tensors = [torch.from_numpy(np.require(a, requirements="C")) if isinstance(a, np.ndarray) else a for a in arrays]
+    if device.type != "cuda" or any(t.device.type != "cpu" for t in tensors):
+        # Nothing to stage: a copy between devices, or to the CPU (a no-op there).
         return tuple(t.to(device) for t in tensors)
     if torch.cuda.is_current_stream_capturing():
         # A copy captured into a graph would replay from a staging buffer that is reused later.
@@ -56,3 +55,29 @@ def to_device(device: torch.device | str, *arrays: np.ndarray | torch.Tensor) ->
         for i, offset in zip(members, offsets):
             out[i] = buffer[offset : offset + tensors[i].numel()].view(tensors[i].shape)
     return tuple(out)  # type: ignore[arg-type]
+
+
+def record_upload(device: torch.device | str) -> torch.cuda.Event | None:
+    """An event after the copies `to_device` just queued on `device`'s current stream (None off
+    CUDA). A cache that hands uploaded tensors to later calls, which may run on other streams
+    (nano-batches), keeps it beside them for `wait_for_upload`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def wait_for_upload(event: torch.cuda.Event | None, *tensors: torch.Tensor) -> None:
+    """Before kernels on the current stream read cached uploaded `tensors`: the stream waits for
+    the copy (`event`, from `record_upload`; the host does not wait), and the tensors' memory is
+    marked in use by the stream, so the caching allocator cannot hand it out while those kernels
+    may still run. Nothing during graph capture: capture begins after a device synchronization,
+    so the copy is done, and the graph keeps what it reads alive itself."""
+    if event is None or torch.cuda.is_current_stream_capturing():
+        return
+    stream = torch.cuda.current_stream(tensors[0].device)
+    stream.wait_event(event)
+    for t in tensors:
+        t.record_stream(stream)

@@ -130,6 +130,7 @@ def run_meta_attention_varlen(
         # A cached table is device memory a captured graph would read on every replay: keep it
         # alive with the graph, whatever the cache evicts later.
         keep_alive_while_captured(table)
+        table.ready_on_current_stream()  # its copy may have been queued on another stream
         kernel = _attention_kernel(target, q.dtype, d, gqa, block_q, causal, sliding_window is not None,
                                    tree_mask is not None, attn_bias is not None)
         kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table,

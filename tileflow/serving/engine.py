@@ -56,11 +56,13 @@ def split_entries(entries: Sequence[Entry], parts: int) -> list[list[Entry]]:
 
 
 def sm_shares(groups: Sequence[Sequence[Entry]]) -> list[float]:
-    """Each nano-batch's share of the device's SMs: its share of the step's tokens, at least
-    half an equal share (a nano-batch of a few decodes still reads its whole KV)."""
+    """Each nano-batch's share of the device's SMs, summing to 1: its share of the step's tokens,
+    raised to at least half an equal share (a nano-batch of a few decodes still reads its whole
+    KV), then all scaled back to a whole device."""
     tokens = [sum(len(e.tokens) for e in g) for g in groups]
     total = sum(tokens)
-    return [min(1.0, max(t / total, 0.5 / len(groups))) for t in tokens]
+    raised = [max(t / total, 0.5 / len(groups)) for t in tokens]
+    return [r / sum(raised) for r in raised]
 
 
 def prompt_lookup_draft(tokens: Sequence[int], max_draft: int, ngram: int = 2) -> list[int]:
@@ -137,8 +139,9 @@ class ServingEngine:
     step's tokens back; between `step` calls the tokens of the step in flight are placeholders in
     `Request.tokens` (negative: -1 - row of that step), until the next step or `synchronize`.
     With `nano_batches` > 1 and `nano_shares`, each nano-batch's persistent kernels take a share
-    of the device's SMs in proportion to its tokens (NanoFlow's partition: kernels that each
-    filled the device could not run side by side); without, every kernel takes the whole device.
+    of the device's SMs about in proportion to its tokens (`sm_shares`; NanoFlow's partition:
+    kernels that each filled the device could not run side by side); without, every kernel takes
+    the whole device.
     """
 
     def __init__(

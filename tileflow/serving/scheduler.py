@@ -10,6 +10,7 @@ prefix; so a step never runs out of blocks and nothing is ever preempted.
 
 from __future__ import annotations
 
+import numbers
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -37,9 +38,11 @@ class Request:
     def __post_init__(self) -> None:
         if not self.prompt or self.max_new_tokens < 1:
             raise ValueError(f"request {self.id}: needs a non-empty prompt and max_new_tokens >= 1")
-        self.stop_tokens = frozenset(self.stop_tokens)
-        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_tokens):
-            raise ValueError(f"request {self.id}: stop_tokens must be token ids (ints >= 0), got {sorted(self.stop_tokens, key=str)}")
+        if any(not isinstance(t, numbers.Integral) or isinstance(t, bool) or t < 0 for t in self.stop_tokens):
+            raise ValueError(
+                f"request {self.id}: stop_tokens must be token ids (ints >= 0), got {sorted(self.stop_tokens, key=str)}"
+            )
+        self.stop_tokens = frozenset(int(t) for t in self.stop_tokens)
         self.tokens = list(self.prompt)
 
     @property

@@ -165,8 +165,9 @@ def test_to_device_copies_without_waiting_for_the_device() -> None:
 
 def test_overlapped_serving_steps_never_wait_for_the_device() -> None:
     """Once its kernels are built, an overlapped serving step (schedule, batch layout, task
-    tables, the model's launches) never synchronizes with the GPU; only reading the previous
-    step's tokens back waits, and the tokens equal eager generation's."""
+    tables, the model's launches; also split into nano-batches on streams) never synchronizes
+    with the GPU; only reading the previous step's tokens back waits, and the tokens equal eager
+    generation's."""
     import copy
 
     from tileflow.distributed import CausalLMStep, build_stage_program
@@ -180,35 +181,37 @@ def test_overlapped_serving_steps_never_wait_for_the_device() -> None:
     program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40)]
-    ServingEngine(program, token_budget=48, decode_slots=3, block_size=8, num_blocks=64, device="cuda").run(
-        [Request(i, p, 8, stop_tokens=eos) for i, p in enumerate(prompts)])  # builds every kernel these steps need
     import tileflow.runtime.attention
 
-    tileflow.runtime.attention._launch_plan.cache_clear()  # every step builds and uploads its task tables again
-    engine = ServingEngine(program, token_budget=48, decode_slots=3, block_size=8, num_blocks=64, device="cuda")
-    assert engine.overlap
-    read_back = engine.synchronize
+    for nano in (1, 2):  # also with nano-batches on CUDA streams, each over its SM share
+        ServingEngine(program, token_budget=48, decode_slots=3, block_size=8, num_blocks=64, device="cuda",
+                      nano_batches=nano).run([Request(i, p, 8, stop_tokens=eos) for i, p in enumerate(prompts)])
+        tileflow.runtime.attention._launch_plan.cache_clear()  # every step builds and uploads its task tables again
+        engine = ServingEngine(program, token_budget=48, decode_slots=3, block_size=8, num_blocks=64, device="cuda",
+                               nano_batches=nano)
+        assert engine.overlap
+        read_back = engine.synchronize
 
-    def synchronize() -> None:  # the one place a step may wait
-        torch.cuda.set_sync_debug_mode("default")
+        def synchronize(read_back=read_back) -> None:  # the one place a step may wait
+            torch.cuda.set_sync_debug_mode("default")
+            try:
+                read_back()
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+
+        engine.synchronize = synchronize
+        requests = [Request(i, p, 8, stop_tokens=eos) for i, p in enumerate(prompts)]
+        torch.cuda.set_sync_debug_mode("error")
         try:
-            read_back()
+            engine.run(requests)
         finally:
-            torch.cuda.set_sync_debug_mode("error")
-
-    engine.synchronize = synchronize
-    requests = [Request(i, p, 8, stop_tokens=eos) for i, p in enumerate(prompts)]
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        engine.run(requests)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    for r in requests:
-        ids = torch.tensor([r.prompt], device="cuda")
-        with torch.no_grad():
-            want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                      pad_token_id=0)
-        assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), r.id
+            torch.cuda.set_sync_debug_mode("default")
+        for r in requests:
+            ids = torch.tensor([r.prompt], device="cuda")
+            with torch.no_grad():
+                want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                          pad_token_id=0)
+            assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), (nano, r.id)
 
 
 def test_nano_batches_with_equal_shapes_share_task_tables_safely() -> None:

@@ -103,6 +103,29 @@ def test_nano_batches_on_cuda_streams_match_eager(monkeypatch: pytest.MonkeyPatc
     assert executors and all(isinstance(ex, CudaStreams) for ex in executors)
 
 
+def _serving_llama():
+    """A small Llama on the GPU, its eager SDPA twin for `generate`, the stop tokens generate uses
+    (its EOS) and an example step input for `build_stage_program`."""
+    import copy
+
+    model = build("llama").cuda()
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "sdpa"
+    eos = [reference.generation_config.eos_token_id]  # requests stop after it, as generate does
+    example = (torch.zeros(1, 4, dtype=torch.long, device="cuda"), torch.arange(4, device="cuda")[None])
+    return model, reference, eos, example
+
+
+def _assert_eager_tokens(reference, requests, what=()) -> None:
+    """Every request's generated tokens are `generate`'s greedy tokens for its prompt."""
+    for r in requests:
+        ids = torch.tensor([r.prompt], device="cuda")
+        with torch.no_grad():
+            want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.max_new_tokens,
+                                      do_sample=False, pad_token_id=0)
+        assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), (*what, r.id)
+
+
 def test_serving_engine_on_the_gpu_generates_eager_tokens() -> None:
     """The serving engine with its program, KV cache and step inputs on the GPU (dense stages
     through Inductor and the Triton GEMMs, meta-attention over the paged cache, fp32): greedy
@@ -114,11 +137,7 @@ def test_serving_engine_on_the_gpu_generates_eager_tokens() -> None:
     from tileflow.distributed import CausalLMStep, build_stage_program
     from tileflow.serving import Request, ServingEngine
 
-    model = build("llama").cuda()
-    reference = copy.deepcopy(model)
-    reference.config._attn_implementation = "sdpa"
-    eos = [reference.generation_config.eos_token_id]  # requests stop after it, as generate does
-    example = (torch.zeros(1, 4, dtype=torch.long, device="cuda"), torch.arange(4, device="cuda")[None])
+    model, reference, eos, example = _serving_llama()
     program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
     graphed = build_stage_program(CausalLMStep(copy.deepcopy(model)), example, max_tokens=256,
                                   config=tileflow.Config(cuda_graphs=True))
@@ -131,12 +150,7 @@ def test_serving_engine_on_the_gpu_generates_eager_tokens() -> None:
                                device="cuda", nano_batches=nano)
         requests = [Request(i, p, 8, stop_tokens=eos) for i, p in enumerate(prompts)]
         engine.run(requests)
-        for r in requests:
-            ids = torch.tensor([r.prompt], device="cuda")
-            with torch.no_grad():
-                want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                          pad_token_id=0)
-            assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), (draft, nano, stages.cuda_graphs, r.id)
+        _assert_eager_tokens(reference, requests, (draft, nano, stages.cuda_graphs))
         assert engine.allocator.all_free()
     assert all(stage.module.graphs.captures > 0 and not stage.module.graphs._failed for stage in graphed.dense)
 
@@ -168,16 +182,10 @@ def test_overlapped_serving_steps_never_wait_for_the_device() -> None:
     tables, the model's launches; also split into nano-batches on streams) never synchronizes
     with the GPU; only reading the previous step's tokens back waits, and the tokens equal eager
     generation's."""
-    import copy
-
     from tileflow.distributed import CausalLMStep, build_stage_program
     from tileflow.serving import Request, ServingEngine
 
-    model = build("llama").cuda()
-    reference = copy.deepcopy(model)
-    reference.config._attn_implementation = "sdpa"
-    eos = [reference.generation_config.eos_token_id]  # requests stop after it, as generate does
-    example = (torch.zeros(1, 4, dtype=torch.long, device="cuda"), torch.arange(4, device="cuda")[None])
+    model, reference, eos, example = _serving_llama()
     program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40)]
@@ -206,28 +214,17 @@ def test_overlapped_serving_steps_never_wait_for_the_device() -> None:
             engine.run(requests)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        for r in requests:
-            ids = torch.tensor([r.prompt], device="cuda")
-            with torch.no_grad():
-                want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                          pad_token_id=0)
-            assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), (nano, r.id)
+        _assert_eager_tokens(reference, requests, (nano,))
 
 
 def test_nano_batches_with_equal_shapes_share_task_tables_safely() -> None:
     """Two nano-batches of one serving step with the same shapes (equal prompt lengths, split
     evenly) share the attention's cached task tables, uploaded on one stream and read on the
     other: the reading stream waits for the upload, and the tokens equal eager generation."""
-    import copy
-
     from tileflow.distributed import CausalLMStep, build_stage_program
     from tileflow.serving import Request, ServingEngine
 
-    model = build("llama").cuda()
-    reference = copy.deepcopy(model)
-    reference.config._attn_implementation = "sdpa"
-    eos = [reference.generation_config.eos_token_id]
-    example = (torch.zeros(1, 4, dtype=torch.long, device="cuda"), torch.arange(4, device="cuda")[None])
+    model, reference, eos, example = _serving_llama()
     program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, VOCAB, (24,), generator=gen).tolist() for _ in range(4)]
@@ -235,12 +232,7 @@ def test_nano_batches_with_equal_shapes_share_task_tables_safely() -> None:
                            nano_batches=2)
     requests = [Request(i, p, 8, stop_tokens=eos) for i, p in enumerate(prompts)]
     engine.run(requests)
-    for r in requests:
-        ids = torch.tensor([r.prompt], device="cuda")
-        with torch.no_grad():
-            want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                      pad_token_id=0)
-        assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), r.id
+    _assert_eager_tokens(reference, requests)
 
 
 def test_a_cached_upload_is_waited_for_on_another_stream() -> None:

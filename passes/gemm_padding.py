@@ -226,8 +226,7 @@ class GemmPadding:
                 result.fallback(node, reason)
                 continue
             chain = self._match(node)
-            plan = self._plan(node, ctx, plans, weight_tiles=2 if chain.activation == "swiglu" else 1,
-                              tma=not chain.has_bias and chain.residual is None)
+            plan = self._plan(node, ctx, plans, weight_tiles=2 if chain.activation == "swiglu" else 1)
             kinds = self._fused_kinds(chain)
             self._replace(graph, chain, plan, ctx, kinds)
             result.count("padded_gemm")
@@ -332,18 +331,16 @@ class GemmPadding:
             _walk_views(chain)
 
     # -- planning and rewriting ----------------------------------------------------------------
-    def _plan(self, node: fx.Node, ctx: PassContext, plans: dict[tuple, TilePlan], *, weight_tiles: int,
-              tma: bool) -> TilePlan:
+    def _plan(self, node: fx.Node, ctx: PassContext, plans: dict[tuple, TilePlan], *, weight_tiles: int) -> TilePlan:
         xv, wv = _val(node.args[0]), _val(node.args[1])
         lo, hi = self._m_range(xv.shape[0], ctx)
         n, k = int(wv.shape[0]), int(wv.shape[1])
-        # TMA pieces come only from measured tile times: without them one plan serves both kinds.
         # (weight_tiles stays last: the report marks fused SwiGLU plans by it.)
-        key = (n, k, xv.dtype, lo, hi, tma and bool(ctx.config.tile_timings), weight_tiles)
+        key = (n, k, xv.dtype, lo, hi, weight_tiles)
         if key not in plans:
             plans[key] = gemm_plan(
                 n, k, xv.dtype, ctx.target, ctx.device_type, m_min=lo, m_max=hi, tile_timings=ctx.config.tile_timings,
-                weight_tiles=weight_tiles, tma_variants=tma,
+                weight_tiles=weight_tiles,
             )
         return plans[key]
 

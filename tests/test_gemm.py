@@ -48,7 +48,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def record_launches(monkeypatch, *flags: str) -> list[dict]:
     """Make `runtime.get_kernel` hand out kernels that record each launch: the launch's keyword
-    arguments, and under "spec" the spec's values of the params `flags`. Returns the records."""
+    arguments, under "spec" the spec's values of the params `flags`, under "epilogue" the spec's
+    epilogue. Returns the records."""
     launches: list[dict] = []
     real_get_kernel = runtime.get_kernel
 
@@ -56,7 +57,8 @@ def record_launches(monkeypatch, *flags: str) -> list[dict]:
         kernel = real_get_kernel(target, spec, artifact_dir)
 
         def launch(*args, **kwargs):
-            launches.append({"spec": {flag: spec.param(flag, False) for flag in flags}, **kwargs})
+            launches.append({"spec": {flag: spec.param(flag, False) for flag in flags},
+                             "epilogue": list(spec.epilogue), **kwargs})
             return kernel(*args, **kwargs)
 
         return launch
@@ -334,9 +336,9 @@ def test_measured_stream_k_pieces_dispatch_and_match_float64(tmp_path, monkeypat
 @pytest.mark.parametrize("target", ["reference", "triton"])
 def test_measured_tma_pieces_dispatch_and_match_float64(tmp_path, monkeypatch, target) -> None:
     """Tile timings with TMA entries faster than the plain kernels put TMA pieces into a
-    measured GPU plan for 16-bit operands without a bias or residual epilogue; the runtime
-    builds and launches the TMA kernel, and the result equals float64 (the reference target runs
-    the same math without TMA). An eager call with a bias plans without TMA."""
+    measured GPU plan for 16-bit operands; the runtime builds and launches the TMA kernel, with
+    or without a bias and residual epilogue, and the result equals float64 (the reference
+    target runs the same math without TMA). `tma_variants=False` plans without TMA."""
     import json
 
     from tileflow.devices import get_device
@@ -365,4 +367,8 @@ def test_measured_tma_pieces_dispatch_and_match_float64(tmp_path, monkeypatch, t
         x, bias = torch.randn(9, k, generator=gen).half(), torch.randn(n, generator=gen).half()
         got = padded_gemm(x, w, bias)
     assert rel_err(got, oracle(x, w, bias, None, "none")) < 2e-3
-    assert not launches[-1]["spec"]["tma"]  # a bias epilogue: the config's plain kernel
+    assert launches[-1]["spec"]["tma"] and launches[-1]["epilogue"] == ["bias"]
+    residual = torch.randn(9, n, generator=gen).half()
+    got = runtime.run_padded_gemm(x, w, bias, residual, "none", torch.float16, runtime.encode_plan(plan), target)
+    assert rel_err(got, oracle(x, w, bias, residual, "none")) < 2e-3
+    assert launches[-1]["spec"]["tma"] and launches[-1]["epilogue"] == ["bias", "residual"]

@@ -179,9 +179,9 @@ def test_tma_epilogue(dtype: str, epilogue: tuple[str, ...]) -> None:
 
 
 def test_tma_weight_layouts_and_unaligned_operands() -> None:
-    """A weight stored [K, N] (a transposed view) is read as such; operands TMA cannot read in
-    place (a row stride or base off 16 bytes) are copied, and a shape whose rows can never be
-    aligned is refused with a message that says so."""
+    """A weight stored [K, N] (a transposed view) is read as such; operands TMA cannot read or
+    write in place (a row stride or base off 16 bytes) are copied, and a shape whose rows can
+    never be aligned is refused with a message that says so."""
     spec = gemm_spec("float32", ("bias",), k=72, tma=True)
     kernel = build(spec)
     gen = torch.Generator().manual_seed(50)
@@ -204,6 +204,15 @@ def test_tma_weight_layouts_and_unaligned_operands() -> None:
     acc = x16.double() @ w16.double()
     torch.testing.assert_close(out.cpu().double(), torch.nn.functional.silu(acc[:, :40]) * acc[:, 40:],
                                rtol=2e-3, atol=2e-3)
+    # The residual comes in and the output goes out through descriptors too: ones whose base is
+    # off 16 bytes are copied (the output computed into a copy and copied back into place).
+    res_kernel = build(gemm_spec("float32", ("residual",), k=72, tma=True))
+    residual = torch.randn(21, 41, generator=gen)[:, 1:]
+    out_big = torch.full((21, 41), float("nan"), device=DEVICE)
+    out = out_big[:, 1:]
+    res_kernel(x.to(DEVICE), w_kn.t().contiguous().to(DEVICE), None, residual.to(DEVICE), out=out)
+    torch.testing.assert_close(out.cpu().double(), x.double() @ w_kn.double() + residual.double(), rtol=1e-5, atol=1e-4)
+    assert torch.isnan(out_big[:, 0]).all()  # nothing written beside the output
     odd = build(gemm_spec("float16", k=20, tma=True))  # 20 x 2 bytes per row of x
     with pytest.raises(ValueError, match="multiple of 16 bytes"):
         odd(torch.randn(3, 20, device=DEVICE).half(), torch.randn(40, 20, device=DEVICE).half())

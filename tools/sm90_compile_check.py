@@ -314,6 +314,12 @@ def _launch_benchmark_kernels() -> None:
             runtime.get_kernel("triton", spec)(x, w, num_programs=device.cores)
             spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile, tma=True)
             runtime.get_kernel("triton", spec)(x, w)
+            # With the epilogues models give these GEMMs: a residual add (attention output and
+            # down projections), a bias (Qwen2's QKV), both.
+            epilogue = {"has_bias": True} if n == 6144 else {"has_residual": True, "has_bias": k == 4096}
+            spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile, tma=True, **epilogue)
+            runtime.get_kernel("triton", spec)(x, w, torch.randn(n, dtype=bf16) if epilogue["has_bias"] else None,
+                                                torch.randn(3, n, dtype=bf16) if epilogue.get("has_residual") else None)
     # Llama-3-8B's fused SwiGLU MLP (gate and up weights separate, as the pass fuses them).
     x = torch.randn(3, 4096, dtype=bf16)
     gate, up = torch.randn(14336, 4096, dtype=bf16), torch.randn(14336, 4096, dtype=bf16)

@@ -115,7 +115,8 @@ def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False, tm
     also takes its fp32 workspace and its grid size, a TMA kernel tensor descriptors for x and
     the weight(s) instead of their pointers and strides."""
     ep = spec.epilogue
-    lines = ["x_desc, w_desc, out_ptr,  # x and the weight as TMA descriptors" if tma else "x_ptr, w_ptr, out_ptr,"]
+    lines = ["x_desc, w_desc, out_desc,  # x, the weight and the output as TMA descriptors" if tma
+             else "x_ptr, w_ptr, out_ptr,"]
     if stream_k:
         lines.append("ws_ptr,  # fp32 partial tiles: [2 * NUM_PROGRAMS, planes, BLOCK_M, BLOCK_N]")
     if "swiglu" in ep:
@@ -126,16 +127,16 @@ def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False, tm
         if "swiglu" in ep:
             lines.append("bias_up_ptr,")
     if "residual" in ep:
-        lines.append("res_ptr,")
+        lines.append("res_desc," if tma else "res_ptr,")
     lines.append("M,  # token count: runtime value, never specialized on (no recompiles)")
     if not tma:
         lines.append("stride_xm, stride_xk,")
         lines.append("stride_wn, stride_wk,  # any layout: weight may be a transposed view")
         if "swiglu" in ep:
             lines.append("stride_wun, stride_wuk,")
-    if "residual" in ep:
-        lines.append("stride_rm, stride_rn,")
-    lines.append("stride_om, stride_on,")
+        if "residual" in ep:
+            lines.append("stride_rm, stride_rn,")
+        lines.append("stride_om, stride_on,")
     if persistent or stream_k:
         lines.append("NUM_PROGRAMS,  # grid size; capped by nano-batching to share the SMs")
     lines.append("N: tl.constexpr, K: tl.constexpr,")
@@ -296,9 +297,12 @@ acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)""".replace("{k_rows}", "
     return "\n\n".join(code)
 
 
-def _epilogue(spec: KernelSpec) -> str:
+def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
     """Code that applies the spec's epilogue to the fp32 accumulator(s) of the tile at rows
-    `offs_m`/`rows` and columns `offs_n`/`cols` (masks `mask_m`, `mask_n`) and stores it."""
+    `offs_m`/`rows` and columns `offs_n`/`cols` (masks `mask_m`, `mask_n`) and stores it; with
+    `tma`, the residual tile arrives and the output tile leaves through tensor descriptors (the
+    copy engine clips them at M and N), so no [BLOCK_M, BLOCK_N] pointer or mask tensor is
+    built: with them, a 128x256 tile reached 254 registers and spilled inside its K loop."""
     ep = spec.epilogue
     swiglu = "swiglu" in ep
     out_tl = f"tl.{spec.out_dtype}"
@@ -330,6 +334,10 @@ def _epilogue(spec: KernelSpec) -> str:
         ]
     if swiglu:
         epi += ["acc = acc_gate * _sigmoid(acc_gate) * acc_up  # silu(gate) * up"]
+    if tma:
+        if "residual" in ep:
+            epi += ["acc += res_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]).to(tl.float32)"]
+        return "\n".join(epi + [f"out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to({out_tl}))"])
     epi += ["", "mask_out = mask_m[:, None] & mask_n[None, :]"]
     if "residual" in ep:
         epi += [
@@ -617,7 +625,7 @@ num_pid_in_group = GROUP_M * num_pid_n"""
             + textwrap.indent(_tile_body(spec, "tile_id"), "    ", lambda line: bool(line.strip()))
         )
     elif tma:
-        body = prologue + "\n\n" + _tile_body(spec, "pid", _tma_k_loop(spec) + "\n\n" + _epilogue(spec))
+        body = prologue + "\n\n" + _tile_body(spec, "pid", _tma_k_loop(spec) + "\n\n" + _epilogue(spec, tma=True))
     else:
         body = prologue + "\n\n" + _tile_body(spec, "pid")
 
@@ -783,10 +791,13 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         return out
 
     def _launch_tma(ops: Any, num_tiles: int) -> torch.Tensor:
-        """The TMA kernel: x and the weight(s) as tensor descriptors (no copy where their
-        layout allows one; see `tma_operand`), the epilogue's operands as pointers."""
+        """The TMA kernel: x, the weight(s), the residual and the output as tensor descriptors
+        (no copy where their layout allows one; see `tma_operand`: an output that does not is
+        computed into a copy and copied back), the bias as a pointer."""
         x = tma_operand(ops.x, where, "x")
         x_desc = TensorDescriptor.from_tensor(x, [tile.block_m, tile.block_k])
+        out = tma_operand(ops.out, where, "out")
+        tile_shape = [tile.block_m, tile.block_n]
         weights = [ops.weight] + ([ops.weight_up] if swiglu else [])
         # A weight stored [K, N] (a transposed view) is read as such; both SwiGLU weights alike.
         w_kn = all(w.stride(0) == 1 and w.stride(1) != 1 for w in weights)
@@ -796,11 +807,18 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         else:
             descs = [TensorDescriptor.from_tensor(tma_operand(w, where, "weight"), [tile.block_n, tile.block_k])
                      for w in weights]
+        epilogue: list[Any] = []
+        if has_bias:
+            epilogue += [ops.bias, ops.bias_up] if swiglu else [ops.bias]
+        if has_res:
+            epilogue.append(TensorDescriptor.from_tensor(tma_operand(ops.residual, where, "residual"), tile_shape))
         kernel_fn[(num_tiles,)](
-            x_desc, descs[0], ops.out, *descs[1:], *_epilogue_args(ops),
+            x_desc, descs[0], TensorDescriptor.from_tensor(out, tile_shape), *descs[1:], *epilogue, ops.m,
             N=n, K=k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
             W_KN=w_kn, num_warps=num_warps, num_stages=tile.num_stages,
         )
+        if out is not ops.out:
+            ops.out.copy_(out)
         return ops.out
 
     def _finish_args(ops: Any, workspace: torch.Tensor) -> list[Any]:
@@ -809,7 +827,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
 
     def _epilogue_args(ops: Any) -> list[Any]:
         """The epilogue's operands, M and the strides of the residual and the output, in the
-        order of the signatures of the TMA kernel and the finishing kernels."""
+        order of the finishing kernels' signatures."""
         args: list[Any] = []
         if has_bias:
             args += [ops.bias, ops.bias_up] if swiglu else [ops.bias]

@@ -62,9 +62,7 @@ def gemm_plan(
     `weight_tiles=2` plans a fused SwiGLU (two weight tiles per stage, no 128x256 tile);
     `split_variants=False` leaves split-K and stream-K pieces out (for kernels without them);
     measured stream-K entries let the plan run stream-K where they win. `tma_variants=False`
-    leaves TMA pieces out: for GEMMs with a bias or residual epilogue, whose TMA tiles spill
-    inside the K loop at 255 registers (sm_90 compile check) while the measured TMA times are
-    of tiles without an epilogue.
+    leaves TMA pieces out (for kernels that have none).
     """
     from ..kernel_spec import dtype_name
 
@@ -212,7 +210,7 @@ def run_padded_gemm(
     m = x.shape[0]
     tile_plan = decode_plan(plan) if plan else gemm_plan(
         n, k, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
-        weight_tiles=2 if activation == "swiglu" else 1, tma_variants=bias is None and residual is None,
+        weight_tiles=2 if activation == "swiglu" else 1,
     )
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype)

@@ -51,7 +51,6 @@ def gemm_plan(
     persistent_variants: bool = True,
     weight_tiles: int = 1,
     split_variants: bool = True,
-    tma_variants: bool = True,
 ) -> TilePlan:
     """The tile plan for a GEMM of width N and depth K over M in [m_min, m_max] on a target.
 
@@ -61,8 +60,7 @@ def gemm_plan(
     `persistent_variants` is False: for kernels that have neither variant).
     `weight_tiles=2` plans a fused SwiGLU (two weight tiles per stage, no 128x256 tile);
     `split_variants=False` leaves split-K and stream-K pieces out (for kernels without them);
-    measured stream-K entries let the plan run stream-K where they win. `tma_variants=False`
-    leaves TMA pieces out (for kernels that have none).
+    measured stream-K entries let the plan run stream-K where they win.
     """
     from ..kernel_spec import dtype_name
 
@@ -75,7 +73,7 @@ def gemm_plan(
         measured = timings.get((*key, False, 1, False, False))
         if persistent_variants:  # the padded GEMM's whole-tile variants: persistent grid, TMA loads
             measured_persistent = timings.get((*key, True, 1, False, False))
-            measured_tma = timings.get((*key, False, 1, False, True)) if tma_variants else None
+            measured_tma = timings.get((*key, False, 1, False, True))
         if split_variants:
             measured_split = {t[5]: items for t, items in timings.items()
                               if t[:5] == (*key, False) and t[5] > 1 and not t[6] and not t[7]}

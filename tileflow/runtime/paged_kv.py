@@ -27,13 +27,15 @@ class PagedBatch:
     lengths for the task table.
 
     `block_table` int32 [S, max_blocks]; `cu_seqlens_q` int32 [S + 1]; `seqlens_kv` int32 [S];
-    `slots` int64 [total_q]: the flat cache slot (block * block_size + offset) of each new row.
+    `slots` int64 [total_q]: the flat cache slot (block * block_size + offset) of each new row;
+    `positions` int64 [total_q]: each new row's position in its sequence.
     """
 
     block_table: torch.Tensor
     cu_seqlens_q: torch.Tensor
     seqlens_kv: torch.Tensor
     slots: torch.Tensor
+    positions: torch.Tensor
     host_cu_seqlens_q: tuple[int, ...]
     host_seqlens_kv: tuple[int, ...]
 
@@ -96,14 +98,15 @@ class PagedKV:
         pos = np.arange(int(cu[-1])) - np.repeat(cu[:-1], new) + np.repeat(first, new)
         slots = table[row_of_token, pos // bs].astype(np.int64) * bs + pos % bs
         lens = first + new
-        # Copies that do not wait for the device (two: int32 metadata and int64 slots).
-        cu_dev, lens_dev, table_dev, slots_dev = to_device(
-            self.device, cu.astype(np.int32), lens.astype(np.int32), table, slots)
+        # Copies that do not wait for the device (two: int32 metadata, int64 slots and positions).
+        cu_dev, lens_dev, table_dev, slots_dev, pos_dev = to_device(
+            self.device, cu.astype(np.int32), lens.astype(np.int32), table, slots, pos)
         return PagedBatch(
             block_table=table_dev,
             cu_seqlens_q=cu_dev,
             seqlens_kv=lens_dev,
             slots=slots_dev,
+            positions=pos_dev,
             host_cu_seqlens_q=tuple(cu.tolist()),
             host_seqlens_kv=tuple(lens.tolist()),
         )

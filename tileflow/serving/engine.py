@@ -290,19 +290,17 @@ class ServingEngine:
         on the device from the predictions of the step in flight. The requests' blocks must
         already hold every entry's positions."""
         tokens = np.array([t for e in entries for t in e.tokens], dtype=np.int64)
-        lengths = np.array([len(e.tokens) for e in entries], dtype=np.int64)
-        starts = np.array([e.start for e in entries], dtype=np.int64)
-        positions = np.arange(tokens.size) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-        batch = self.kv.prepare([self._block_ids(e.request) for e in entries], lengths, starts)
+        batch = self.kv.prepare([self._block_ids(e.request) for e in entries], [len(e.tokens) for e in entries],
+                                [e.start for e in entries])
         pending = np.flatnonzero(tokens < 0)  # placeholders for the step in flight's tokens
         if not pending.size:
-            ids, pos = to_device(self.device, tokens[None], positions[None])
+            (ids,) = to_device(self.device, tokens[None])
         else:
             if self._in_flight is None:
                 raise ValueError(f"entries hold placeholder tokens {tokens[pending].tolist()} but no step is in flight")
-            ids, pos, where, rows = to_device(self.device, tokens[None], positions[None], pending, -1 - tokens[pending])
+            ids, where, rows = to_device(self.device, tokens[None], pending, -1 - tokens[pending])
             ids[0, where] = self._in_flight.predictions[rows]  # on the device, after the step that makes them
-        return StepInputs(ids, pos, batch, self._tree_mask(entries))
+        return StepInputs(ids, batch.positions[None], batch, self._tree_mask(entries))
 
     @torch.no_grad()  # serving never needs gradients (and compiled stages guard on grad mode)
     def forward(self, entries: Sequence[Entry], inputs: StepInputs | None = None) -> torch.Tensor:

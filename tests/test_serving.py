@@ -50,8 +50,9 @@ class RandomProgram:
     new_tokens=st.lists(st.integers(1, 12), min_size=7, max_size=7),
     slots=st.integers(1, 4), draft=st.integers(0, 3), extra_budget=st.integers(1, 20), seed=st.integers(0, 1000),
     stops=st.sets(st.integers(0, 7), max_size=3), overlap=st.booleans(),
+    aborts=st.dictionaries(st.integers(0, 6), st.integers(0, 30), max_size=3),
 )
-def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, seed, stops, overlap) -> None:
+def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, seed, stops, overlap, aborts) -> None:
     program = RandomProgram(seed)
     draft = 0 if overlap else draft  # overlapped steps do not draft
     budget = slots * (1 + draft) + extra_budget
@@ -62,7 +63,13 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
         engine.add(r)
     # Every request is served within a bound: prompt tokens at >= 1 per step, plus one step per new token.
     bound = sum(len(p) + n for p, n in zip(prompts, new_tokens)) + 1
-    for _ in range(bound):
+    aborted = set()
+    for step in range(bound):
+        for i in sorted(i for i, at in aborts.items() if at == step and i < len(requests)):
+            # Waiting, running or done: only an unfinished request can be aborted.
+            unfinished = not requests[i].done
+            assert engine.abort(i) is unfinished
+            aborted.add(i)
         if not engine.scheduler.has_work():
             break
         ready = [r for r in engine.scheduler.running if not r.prefilling]
@@ -73,11 +80,16 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
         assert len(engine.scheduler.running) <= slots
         assert len({id(e.request) for e in entries}) == len(entries)
     assert not engine.scheduler.has_work(), "a request starved"
-    for r in requests:  # each ran to its token count or to its first stop token
+    engine.synchronize()  # an abort after the last step leaves that step's tokens in flight
+    for r in requests:  # each ran to its token count, to its first stop token, or until aborted
         generated = r.tokens[len(r.prompt):]
-        assert r.done and len(generated) == r.generated and min(generated) >= 0
+        assert r.done and len(generated) == r.generated and min(generated, default=0) >= 0
         assert not stops & set(generated[:-1])
-        assert r.generated == r.max_new_tokens or generated[-1] in stops
+        if r.finish_reason == "abort":
+            assert r.id in aborted and r.generated <= r.max_new_tokens
+        else:
+            assert r.finish_reason == ("stop" if generated[-1] in stops else "length")
+            assert r.generated == r.max_new_tokens or r.finish_reason == "stop"
     assert engine.metrics.generated == sum(r.generated for r in requests)
     assert engine.allocator.all_free()
     engine.allocator.drop_cache()
@@ -223,6 +235,35 @@ def test_stop_tokens_end_requests_as_generate_does(llama_program, max_draft: int
     with pytest.raises(ValueError, match="stop_tokens must be token ids"):
         Request(0, [1], 2, stop_tokens=[-1])
     assert Request(0, [1], 2, stop_tokens=torch.tensor([4, 7]).numpy()).stop_tokens == {4, 7}
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_aborted_requests_free_their_blocks_and_leave_the_others_alone(llama_program, overlap: bool) -> None:
+    """`abort` ends a running request at once (its tokens so far are a prefix of its greedy
+    continuation) and a waiting one before it starts; the others still generate exactly what
+    eager generation does, and every block comes back."""
+    program, reference = llama_program
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (9, 14, 5, 8)]
+    engine = ServingEngine(program, token_budget=24, decode_slots=2, block_size=4, num_blocks=64, overlap=overlap)
+    requests = [Request(i, p, 10) for i, p in enumerate(prompts)]
+    for r in requests:
+        engine.add(r)
+    for _ in range(3):
+        engine.step()
+    assert requests[0] in engine.scheduler.running and requests[3] in engine.scheduler.waiting
+    assert engine.abort(0) and engine.abort(3)
+    assert not engine.abort(0) and not engine.abort(99)  # already ended; never added
+    assert requests[0].blocks == [] and requests[0] not in engine.scheduler.running
+    engine.run()
+    assert [r.finish_reason for r in requests] == ["abort", "length", "length", "abort"]
+    kept = requests[0].tokens[len(prompts[0]):]
+    assert 1 <= len(kept) == requests[0].generated < 10 and min(kept) >= 0
+    assert kept == _eager_greedy(reference, prompts[0], 10, stop=[])[: len(kept)]
+    assert requests[3].tokens == prompts[3] and requests[3].generated == 0
+    for r in requests[1:3]:
+        assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 10, stop=[]), r.id
+    assert engine.allocator.all_free()
 
 
 class EchoProgram(RandomProgram):

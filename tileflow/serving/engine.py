@@ -255,8 +255,11 @@ class ServingEngine:
         for r, index in step.placeholders:
             token = r.tokens[index] = values[-1 - r.tokens[index]]
             self._stamp(r, 1, now)
-            if token in r.stop_tokens and not r.done:
-                self._finish(r)  # the step launched after this one drops r's entry (_commit)
+            if token in r.stop_tokens:
+                if not r.done:
+                    self._finish(r, "stop")  # the step launched after this one drops r's entry (_commit)
+                elif r.finish_reason == "length":  # its last token: a stop token, as it turns out
+                    r.finish_reason = "stop"
 
     def _commit(self, entries: Sequence[Entry], predictions: list[int], now: float | None) -> list[tuple[Request, int]]:
         """Advance every entry's request by the step's `predictions` (one per packed row; tokens,
@@ -389,11 +392,23 @@ class ServingEngine:
         r.generated += len(new)
         self.metrics.generated += len(new)
         if r.generated >= r.max_new_tokens or stop is not None:
-            self._finish(r)
+            self._finish(r, "length" if stop is None else "stop")
         return len(new)
 
-    def _finish(self, r: Request) -> None:
-        self.scheduler.finish(r)
+    def abort(self, request_id: int) -> bool:
+        """End a waiting or running request now (`finish_reason` "abort"), keeping the tokens it
+        has; its KV blocks are free for the next step. Call it between steps. With overlapped
+        steps, its token from the step in flight still arrives (with the next step's read-back or
+        `synchronize`), and no later step includes it. False when no unfinished request has this
+        id."""
+        r = self.scheduler.find(request_id)
+        if r is None:
+            return False
+        self._finish(r, "abort")
+        return True
+
+    def _finish(self, r: Request, reason: str) -> None:
+        self.scheduler.finish(r, reason)
         self._block_arrays.pop(r.id, None)
 
     def _tree_mask(self, entries: list[Entry]) -> torch.Tensor | None:

@@ -18,7 +18,7 @@ from typing import Sequence
 from .blocks import BlockAllocator, prefix_hashes
 
 
-@dataclass
+@dataclass(eq=False)  # requests are identities: two with equal fields are still two requests
 class Request:
     """A prompt to continue greedily for `max_new_tokens` tokens, or until it generates one of
     `stop_tokens` (kept, as `generate` keeps its EOS token), and its serving state."""
@@ -34,6 +34,8 @@ class Request:
     blocks: list[int] = field(default_factory=list)
     generated: int = 0
     done: bool = False
+    # Why it ended, once done: "length" (max_new_tokens), "stop" (a stop token) or "abort".
+    finish_reason: str | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt or self.max_new_tokens < 1:
@@ -112,13 +114,22 @@ class Scheduler:
             budget -= self._chunk(r, budget, entries)
         return entries
 
-    def finish(self, request: Request) -> None:
-        """Drop a finished request and give its blocks back."""
-        self.running.remove(request)
+    def finish(self, request: Request, reason: str) -> None:
+        """Drop a finished request (running or still waiting) and give its blocks back; `reason`
+        becomes its `finish_reason`."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        else:
+            self.running.remove(request)
         for block in request.blocks:
             self.allocator.release(block)
         request.blocks = []
         request.done = True
+        request.finish_reason = reason
+
+    def find(self, request_id: int) -> Request | None:
+        """The waiting or running request with this id, if any."""
+        return next((r for r in (*self.running, *self.waiting) if r.id == request_id), None)
 
     def _chunk(self, r: Request, budget: int, entries: list[Entry]) -> int:
         n = min(budget, len(r.prompt) - r.computed)

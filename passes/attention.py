@@ -71,12 +71,15 @@ def bind_arguments(node: fx.Node) -> dict[str, Any]:
 
 def strip_repeat_kv(node: Any) -> Any:
     """The un-repeated K/V behind `repeat_kv` ([B, Hkv, S, D] -> [B, Hkv * R, S, D] by
-    unsqueeze + expand + reshape), or `node` itself when it is not such a widening."""
+    unsqueeze + expand + reshape) or behind a broadcast of one head ([B, 1, S, D] expanded to
+    [B, H, S, D]), or `node` itself when it is not such a widening."""
     cur = node
     while isinstance(cur, fx.Node) and cur.target in (_VIEWS | {aten.clone.default}):
         cur = cur.args[0]
     if not (isinstance(cur, fx.Node) and cur.target is aten.expand.default):
         return node
+    if _head_broadcast_source(cur) is not cur and same_shape(_val(cur).shape, _val(node).shape):
+        return cur.args[0]  # one K/V head broadcast to every query head
     src = cur.args[0]
     if isinstance(src, fx.Node) and src.target is aten.unsqueeze.default and src.args[1] in (2, -3):
         base = src.args[0]
@@ -213,14 +216,17 @@ class Attention:
     # -- the manual form ------------------------------------------------------------------------
     def _rewrite_manual(self, graph: fx.Graph, softmax: fx.Node, ctx: PassContext, result: PassResult) -> str | None:
         """`view(bmm(view(softmax(scale * view(bmm(q, k^T)) + mask)), v))` -> meta_attention."""
+        # A softmax that is not the P of a P @ V product (a MoE router's, say) is not attention;
+        # one that is, but whose scores are not matched below, is reported with what they are.
+        unmatched = _unmatched_scores(softmax) if _feeds_pv_product(softmax) else None
         if softmax.args[1] not in (-1, 3) or (len(softmax.args) > 2 and softmax.args[2]):
-            return None
+            return unmatched and "the softmax is not over the keys (the last dimension) in the input dtype"
         # Walk back from the softmax input: [add mask] <- [mul/div scale] <- view <- bmm(q, k^T).
         cur, mask, scale_mul, scale_div = softmax.args[0], None, None, None
         if _is_op(cur, aten.add.Tensor) and len(cur.users) == 1:
             scores_side = [a for a in cur.args if _leads_to_bmm(a)]
             if len(scores_side) != 1:
-                return None
+                return unmatched
             mask = cur.args[1] if cur.args[0] is scores_side[0] else cur.args[0]
             cur = scores_side[0]
         if (_is_op(cur, aten.mul.Tensor) or _is_op(cur, aten.div.Tensor)) and len(cur.users) == 1:
@@ -230,16 +236,21 @@ class Attention:
             scale_mul, scale_div = (factor, None) if cur.target is aten.mul.Tensor else (None, factor)
             cur = cur.args[0]
         if not (isinstance(cur, fx.Node) and cur.target in _VIEWS and _is_op(cur.args[0], aten.bmm.default)):
-            if _leads_to_bmm(cur):
-                op = cur.target if isinstance(cur, fx.Node) else cur
-                return f"unsupported op {op} between q @ k^T and softmax (e.g. logit soft-capping)"
-            return None
+            return unmatched
         qk = cur.args[0]
         q = _unflatten_heads(qk.args[0])
         kt = _unflatten_heads(qk.args[1])
-        if q is None or kt is None or not _is_transpose_last2(kt):
+        if q is None or kt is None:
             return "q @ k^T operands are not [B, H, S, D] tensors flattened over heads"
-        k = kt.args[0]
+        # Scale factors models put on q and k instead of the scores (Falcon: each by
+        # head_dim ** -0.25), and k^T broadcast over the query heads by the product (MQA).
+        q, q_factor = _constant_factor(q)
+        kt = _head_broadcast_source(kt)
+        kt, k_factor = _constant_factor(kt)
+        if not _is_transpose_last2(kt):
+            return "the k operand of q @ k^T is not a [B, H, S, D] tensor transposed in its last two dimensions"
+        k, k_inner = _constant_factor(kt.args[0])
+        k_factor *= k_inner
         # Forward from the softmax: [cast] -> view -> bmm(p, v) -> view [B, H, S, D].
         nxt = _only_user(softmax)
         if nxt is not None and nxt.target is torch.ops.prims.convert_element_type.default:
@@ -263,10 +274,12 @@ class Attention:
         k_real, v_real = strip_repeat_kv(k), strip_repeat_kv(v)
         if _val(k_real).shape[1] != _val(v_real).shape[1]:
             k_real, v_real = k, v
+        if _val(k_real).shape[1] != _val(v_real).shape[1]:
+            return f"K has {_val(k_real).shape[1]} heads and V {_val(v_real).shape[1]} after undoing their widening"
         hq, hkv = int(qv.shape[1]), int(_val(k_real).shape[1])
         if hq % hkv:
             return f"{hq} query heads are not a multiple of {hkv} KV heads"
-        scale: float | None = 1.0
+        scale: float | None = q_factor * k_factor
         ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
         with graph.inserting_before(out4):
             q_in = q
@@ -276,7 +289,7 @@ class Attention:
                     q_in = graph.call_function(op, (q_in, factor))
                     infer_meta(q_in)
                 elif factor is not None:
-                    scale = float(factor) if op is aten.mul.Tensor else 1.0 / float(factor)
+                    scale *= float(factor) if op is aten.mul.Tensor else 1.0 / float(factor)
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
                 (q_in, k_real, v_real, mask, False, scale, ctx.target, ranges),
@@ -318,6 +331,55 @@ def _bool_source(mask: fx.Node) -> fx.Node:
     return mask
 
 
+_PRODUCTS = (aten.bmm.default, aten.baddbmm.default)
+# What may sit between a softmax and the P @ V product it feeds: casts, views, copies, dropout.
+_PASS_THROUGH = {
+    *_VIEWS, torch.ops.prims.convert_element_type.default, aten._to_copy.default, aten.clone.default,
+    aten.expand.default, aten.native_dropout.default, aten.dropout.default, operator.getitem,
+}
+
+
+def _feeds_pv_product(softmax: fx.Node, depth: int = 5) -> bool:
+    """True when the softmax's output reaches the left operand of a bmm through casts, views,
+    copies or dropout: it is the P of an attention's P @ V."""
+    frontier = [softmax]
+    for _ in range(depth):
+        users = [u for n in frontier for u in n.users]
+        if any(u.target is aten.bmm.default and u.args[0] in frontier for u in users):
+            return True
+        frontier = [u for u in users if u.target in _PASS_THROUGH]
+    return False
+
+
+def _unmatched_scores(softmax: fx.Node) -> str:
+    """Why the scores of an attention's softmax are not `scale * (q @ k^T) + mask`: the ops
+    between the softmax and the score product, named (and what models use them for)."""
+    path = _path_to_product(softmax.args[0], depth=10)
+    if path is None:
+        return "the softmax feeds a P @ V product, but no q @ k^T product was found within 10 ops before it"
+    names = [getattr(n.target, "_opname", str(n.target)) for n in path]
+    uses = []
+    if any(n.target is aten.tanh.default for n in path):
+        uses.append("tanh on the scores is logit soft-capping")
+    if path[-1].target is aten.baddbmm.default:
+        uses.append("baddbmm adds a bias inside the q @ k^T product, as ALiBi models write it")
+    hint = f" ({'; '.join(uses)})" if uses else ""
+    return f"the meta-kernel does not implement the scores {' <- '.join(reversed(names))} before the softmax{hint}"
+
+
+def _path_to_product(node: Any, depth: int) -> list[fx.Node] | None:
+    """The shortest chain of ops from `node` back to a bmm or baddbmm (both ends included)."""
+    frontier: list[list[fx.Node]] = [[node]] if isinstance(node, fx.Node) else []
+    for _ in range(depth):
+        grown = []
+        for path in frontier:
+            if path[-1].op == "call_function" and path[-1].target in _PRODUCTS:
+                return path
+            grown += [[*path, a] for a in path[-1].all_input_nodes if a.op == "call_function"]
+        frontier = grown
+    return None
+
+
 def _is_op(node: Any, target: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
 
@@ -352,6 +414,31 @@ def _unflatten_heads(node: Any) -> fx.Node | None:
         cur = cur.args[0]
     val = _val(cur)
     return cur if isinstance(val, torch.Tensor) and val.dim() == 4 else None
+
+
+def _constant_factor(node: Any) -> tuple[Any, float]:
+    """(x, c) when `node` is x * c or x / c (1 / c returned) with c a number; else (node, 1.0)."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target in _SCALINGS:
+        c = _constant(node.args[1])
+        if c is not None and c != 0.0 and isinstance(node.args[0], fx.Node):
+            return node.args[0], c if node.target in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / c
+    return node, 1.0
+
+
+_SCALINGS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+
+
+def _head_broadcast_source(node: Any) -> Any:
+    """The one-head tensor a 4-D `expand` widens over the head dimension only ([B, 1, X, Y] ->
+    [B, H, X, Y]: every query head reads the same K/V, MQA's rule), or `node` itself."""
+    if not _is_op(node, aten.expand.default):
+        return node
+    src, wide = _val(node.args[0]), _val(node)
+    if isinstance(src, torch.Tensor) and src.dim() == wide.dim() == 4 and src.shape[1] == 1 and (
+        same_shape((src.shape[0], *src.shape[2:]), (wide.shape[0], *wide.shape[2:]))
+    ):
+        return node.args[0]
+    return node
 
 
 def _is_transpose_last2(node: fx.Node) -> bool:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tileflow
-from tileflow.capture import capture_exported
+from tileflow.capture import capture_exported, export_program
 from tileflow.compiler import compile_graph
 from tileflow.config import Config
 from models import VOCAB, build
@@ -104,7 +104,7 @@ def test_export_path_reuses_the_pipeline() -> None:
 
     seq = torch.export.Dim("seq", min=2, max=64)
     ids = torch.randint(0, VOCAB, (1, 8))
-    ep = torch.export.export(Step(), (ids,), dynamic_shapes=({1: seq},))
+    ep = export_program(Step(), (ids,), ({1: seq},))
     captured = capture_exported(ep)
     assert captured.range_constraints and (2, 64) in captured.range_constraints.values()
     assert sum("scaled_dot_product" in str(n.target) for n in captured.gm.graph.nodes) == 2

@@ -81,6 +81,24 @@ def export_decompositions() -> Any:
     return table
 
 
+def export_program(module: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any, **kwargs: Any) -> torch.export.ExportedProgram:
+    """`torch.export.export`, retried with the guards it cannot prove over a dimension's range
+    deferred to runtime asserts in the program.
+
+    Older torch (2.11) fails to prove guards that hold for every size (transformers' masks give
+    it `min(16 * s, 32 * s) == 16 * s`) and rejects the range; later versions prove them. A range
+    the model really narrows (a specialization) still raises on the retry."""
+    from torch._dynamo.exc import UserError
+
+    try:
+        return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, **kwargs)
+    except UserError as err:
+        if "Constraints violated" not in str(err):
+            raise
+        return torch.export.export(module, args, dynamic_shapes=dynamic_shapes,
+                                   prefer_deferred_runtime_asserts_over_guards=True, **kwargs)
+
+
 def capture_exported(ep: torch.export.ExportedProgram) -> ExportedGraph:
     """Decompose an ExportedProgram to functional ATen (SDPA and linear kept) and unlift it."""
     if not isinstance(ep, torch.export.ExportedProgram):

@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from .capture import capture_exported
+from .capture import capture_exported, export_program
 from .compiler import compile_graph
 from .config import Config
 from .report import Report
@@ -164,7 +164,7 @@ def export_model(
     notify("export")
     model = model.eval()
     with torch.no_grad():
-        ep = torch.export.export(model, example_args, dynamic_shapes=dynamic_shapes)
+        ep = export_program(model, example_args, dynamic_shapes)
 
     notify("passes")
     captured = capture_exported(ep)
@@ -203,7 +203,7 @@ def export_model(
             f"{len(flat_args)}; pass the inputs as a flat tuple of tensors"
         )
     with torch.no_grad():
-        program = torch.export.export(captured.gm, example_args, dynamic_shapes=pytree.tree_unflatten(leaf_shapes, spec))
+        program = export_program(captured.gm, example_args, pytree.tree_unflatten(leaf_shapes, spec))
 
     manifest = _manifest(program, report, graph_report.target, symbols, captured.example_inputs, kernels)
     return ExportedArchive(program=program, manifest=manifest, report=report, kernels=kernels)

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from ..capture import capture_exported
+from ..capture import capture_exported, export_program
 from ..config import Config
 from ..pipeline import PassContext, PassManager
 from ..report import GraphReport
@@ -70,7 +70,7 @@ def build_stage_program(
     tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
     dynamic = tuple({1: tokens} for _ in example_inputs)
     with torch.no_grad():
-        ep = torch.export.export(step, tuple(example_inputs), dynamic_shapes=dynamic, strict=False)
+        ep = export_program(step, tuple(example_inputs), dynamic, strict=False)
     graph = capture_exported(ep)
     report = report or GraphReport(graph_id="disaggregated_step")
     ctx = PassContext(config=config, report=report, example_inputs=graph.example_inputs)

@@ -374,6 +374,9 @@ class ServingEngine:
             if r.prefilling:
                 return 0
             new = [predictions[-1]]
+        elif e.kind == "decode":  # most entries of most steps: nothing drafted to check
+            r.computed += 1
+            new = [predictions[0]]
         else:
             draft = e.tokens[1:]
             accepted = accept_draft(draft, predictions)
@@ -385,8 +388,9 @@ class ServingEngine:
             new = draft[:accepted] + [predictions[accepted]]
         new = new[: r.max_new_tokens - r.generated]
         # Placeholders (negative) never match: an overlapped step's stop tokens are found when read.
-        stop = next((i for i, t in enumerate(new) if t in r.stop_tokens), None)
-        if stop is not None:
+        stop = None
+        if r.stop_tokens and not r.stop_tokens.isdisjoint(new):
+            stop = next(i for i, t in enumerate(new) if t in r.stop_tokens)
             new = new[: stop + 1]
         r.tokens += new
         r.generated += len(new)

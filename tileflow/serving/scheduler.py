@@ -13,7 +13,7 @@ from __future__ import annotations
 import numbers
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from .blocks import BlockAllocator, prefix_hashes
 
@@ -36,6 +36,9 @@ class Request:
     done: bool = False
     # Why it ended, once done: "length" (max_new_tokens), "stop" (a stop token) or "abort".
     finish_reason: str | None = None
+    # The prompt's full blocks' prefix hashes, made once (see `prompt_hashes`).
+    _hashes: tuple[int, list[str]] | None = field(default=None, init=False, repr=False)
+    _registered: int = field(default=0, init=False, repr=False)  # leading prompt blocks offered for reuse
 
     def __post_init__(self) -> None:
         if not self.prompt or self.max_new_tokens < 1:
@@ -47,14 +50,20 @@ class Request:
         self.stop_tokens = frozenset(int(t) for t in self.stop_tokens)
         self.tokens = list(self.prompt)
 
+    def prompt_hashes(self, block_size: int) -> list[str]:
+        """`prefix_hashes(prompt, block_size)`, computed on the first call only: admission (tried
+        every step while the cache is full) and every prompt chunk need them."""
+        if self._hashes is None or self._hashes[0] != block_size:
+            self._hashes = (block_size, prefix_hashes(self.prompt, block_size))
+        return self._hashes[1]
+
     @property
     def prefilling(self) -> bool:
         """True until every prompt token's KV is computed."""
         return self.computed < len(self.prompt)
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):  # a tuple: made for every running request in every step, cheaply
     """One request's part of a step: `tokens` at positions start … start + len − 1."""
 
     request: Request
@@ -95,18 +104,24 @@ class Scheduler:
 
     def schedule(self, drafts: dict[int, list[int]] | None = None) -> list[Entry]:
         """The next step's entries: decode/verify slots first, then prompt chunks."""
-        drafts = drafts or {}
         budget = self.token_budget
         entries: list[Entry] = []
-        for r in self.running:
-            if r.prefilling:
+        prefilling = []
+        for r in self.running:  # one pass per step over every running request: kept lean
+            if r.computed < len(r.prompt):
+                prefilling.append(r)
                 continue
-            room = min(self.max_draft, r.max_new_tokens - r.generated - 1)
-            draft = list(drafts.get(r.id, []))[: max(0, room)]
-            entries.append(Entry(r, [r.tokens[-1], *draft], r.computed, "verify" if draft else "decode"))
-            budget -= 1 + len(draft)
-        for r in self.running:
-            if r.prefilling and budget > 0:
+            draft = drafts.get(r.id) if drafts else None
+            if draft:
+                draft = list(draft)[: max(0, min(self.max_draft, r.max_new_tokens - r.generated - 1))]
+            if draft:
+                entries.append(Entry(r, [r.tokens[-1], *draft], r.computed, "verify"))
+                budget -= 1 + len(draft)
+            else:
+                entries.append(Entry(r, [r.tokens[-1]], r.computed, "decode"))
+                budget -= 1
+        for r in prefilling:
+            if budget > 0:
                 budget -= self._chunk(r, budget, entries)
         while self.waiting and budget > 0 and len(self.running) < self.decode_slots and self._admit(self.waiting[0]):
             r = self.waiting.popleft()
@@ -144,8 +159,7 @@ class Scheduler:
     def _admit(self, r: Request) -> bool:
         bs = self.allocator.block_size
         # Reuse full prompt blocks, but always compute the last prompt token (its logits are needed).
-        hashes = prefix_hashes(r.prompt[: len(r.prompt) - 1], bs)
-        shared = self.allocator.lookup(hashes)
+        shared = self.allocator.lookup(r.prompt_hashes(bs)[: (len(r.prompt) - 1) // bs])
         if self._blocks_for(r, len(shared)) > self.allocator.available - sum(
             1 for b in shared if self.allocator.refs[b] == 0
         ):
@@ -160,8 +174,11 @@ class Scheduler:
 def register_full_blocks(allocator: BlockAllocator, request: Request, upto: int) -> None:
     """Offer the request's full prompt blocks below position `upto` for prefix reuse."""
     bs = allocator.block_size
-    for i, h in enumerate(prefix_hashes(request.prompt[: min(upto, len(request.prompt))], bs)):
-        allocator.register(request.blocks[i], h)
+    hashes = request.prompt_hashes(bs)
+    full = min(upto, len(request.prompt)) // bs
+    for i in range(request._registered, full):  # blocks offered by earlier chunks stay offered
+        allocator.register(request.blocks[i], hashes[i])
+    request._registered = max(request._registered, full)
 
 
 def accept_draft(draft: Sequence[int], predictions: Sequence[int]) -> int:

@@ -22,7 +22,9 @@ the reason in the report.
 
 from __future__ import annotations
 
+import inspect
 import math
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Generator, Sequence
 
@@ -274,6 +276,31 @@ def local_attention(cut: AttentionCut, q: torch.Tensor, k: torch.Tensor, v: torc
     return torch.ops.tileflow.meta_attention(q, k, v, None, True, cut.scale, "")
 
 
+def _split_returning_tuples(gm: fx.GraphModule, stage_of: Callable[[fx.Node], int]) -> fx.GraphModule:
+    """`split_module` in original order with every stage returning a tuple, so each output of a
+    stage is `getitem(stage, slot)` in the parent graph. torch >= 2.12 does this itself
+    (`tuple_return=True`); on 2.11 the single outputs are wrapped here."""
+    if "tuple_return" in inspect.signature(split_module).parameters:
+        return split_module(gm, None, stage_of, keep_original_order=True, tuple_return=True)
+    split = split_module(gm, None, stage_of, keep_original_order=True)
+    for node in list(split.graph.nodes):
+        if node.op != "call_module":
+            continue
+        stage = getattr(split, str(node.target))
+        out = next(n for n in stage.graph.nodes if n.op == "output")
+        if isinstance(out.args[0], (tuple, list)):
+            continue
+        out.args = ((out.args[0],),)
+        stage.recompile()
+        users = list(node.users)
+        with split.graph.inserting_after(node):
+            first = split.graph.call_function(operator.getitem, (node, 0))
+        for user in users:
+            user.replace_input_with(node, first)
+    split.recompile()
+    return split
+
+
 def split_stages(gm: fx.GraphModule) -> StageProgram:
     """Split a graph the `disaggregate` pass annotated into a `StageProgram`."""
     cuts: list[AttentionCut] | None = gm.meta.get("tileflow_cuts")
@@ -290,7 +317,7 @@ def split_stages(gm: fx.GraphModule) -> StageProgram:
             # get_attr nodes added after the pass (none today) belong with their first user.
             return min(stage_of(u) for u in node.users)
 
-    split = split_module(gm, None, stage_of, keep_original_order=True, tuple_return=True)
+    split = _split_returning_tuples(gm, stage_of)
     placeholders = [n for n in split.graph.nodes if n.op == "placeholder"]
     where: dict[fx.Node, Source] = {p: Source("input", i) for i, p in enumerate(placeholders)}
     constants: list[torch.Tensor] = []

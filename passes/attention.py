@@ -218,15 +218,15 @@ class Attention:
         """`view(bmm(view(softmax(scale * view(bmm(q, k^T)) + mask)), v))` -> meta_attention."""
         # A softmax that is not the P of a P @ V product (a MoE router's, say) is not attention;
         # one that is, but whose scores are not matched below, is reported with what they are.
-        unmatched = _unmatched_scores(softmax) if _feeds_pv_product(softmax) else None
+        attention = _feeds_pv_product(softmax)
         if softmax.args[1] not in (-1, 3) or (len(softmax.args) > 2 and softmax.args[2]):
-            return unmatched and "the softmax is not over the keys (the last dimension) in the input dtype"
+            return "the softmax is not over the keys (the last dimension) in the input dtype" if attention else None
         # Walk back from the softmax input: [add mask] <- [mul/div scale] <- view <- bmm(q, k^T).
         cur, mask, scale_mul, scale_div = softmax.args[0], None, None, None
         if _is_op(cur, aten.add.Tensor) and len(cur.users) == 1:
             scores_side = [a for a in cur.args if _leads_to_bmm(a)]
             if len(scores_side) != 1:
-                return unmatched
+                return _unmatched_scores(softmax) if attention else None
             mask = cur.args[1] if cur.args[0] is scores_side[0] else cur.args[0]
             cur = scores_side[0]
         if (_is_op(cur, aten.mul.Tensor) or _is_op(cur, aten.div.Tensor)) and len(cur.users) == 1:
@@ -236,7 +236,7 @@ class Attention:
             scale_mul, scale_div = (factor, None) if cur.target is aten.mul.Tensor else (None, factor)
             cur = cur.args[0]
         if not (isinstance(cur, fx.Node) and cur.target in _VIEWS and _is_op(cur.args[0], aten.bmm.default)):
-            return unmatched
+            return _unmatched_scores(softmax) if attention else None
         qk = cur.args[0]
         q = _unflatten_heads(qk.args[0])
         kt = _unflatten_heads(qk.args[1])
@@ -369,13 +369,23 @@ def _unmatched_scores(softmax: fx.Node) -> str:
 
 def _path_to_product(node: Any, depth: int) -> list[fx.Node] | None:
     """The shortest chain of ops from `node` back to a bmm or baddbmm (both ends included)."""
-    frontier: list[list[fx.Node]] = [[node]] if isinstance(node, fx.Node) else []
+    if not isinstance(node, fx.Node):
+        return None
+    came_from: dict[fx.Node, fx.Node | None] = {node: None}  # breadth first, each node once
+    frontier = [node]
     for _ in range(depth):
+        for n in frontier:
+            if n.op == "call_function" and n.target in _PRODUCTS:
+                path = [n]
+                while came_from[path[-1]] is not None:
+                    path.append(came_from[path[-1]])
+                return path[::-1]
         grown = []
-        for path in frontier:
-            if path[-1].op == "call_function" and path[-1].target in _PRODUCTS:
-                return path
-            grown += [[*path, a] for a in path[-1].all_input_nodes if a.op == "call_function"]
+        for n in frontier:
+            for a in n.all_input_nodes:
+                if a.op == "call_function" and a not in came_from:
+                    came_from[a] = n
+                    grown.append(a)
         frontier = grown
     return None
 

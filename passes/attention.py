@@ -224,7 +224,7 @@ class Attention:
         # Walk back from the softmax input: [add mask] <- [mul/div scale] <- view <- bmm(q, k^T).
         cur, mask, scale_mul, scale_div = softmax.args[0], None, None, None
         if _is_op(cur, aten.add.Tensor) and len(cur.users) == 1:
-            scores_side = [a for a in cur.args if _leads_to_bmm(a)]
+            scores_side = [a for a in cur.args if _path_to_product(a, depth=4) is not None]
             if len(scores_side) != 1:
                 return _unmatched_scores(softmax) if attention else None
             mask = cur.args[1] if cur.args[0] is scores_side[0] else cur.args[0]
@@ -399,15 +399,6 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _leads_to_bmm(node: Any, depth: int = 4) -> bool:
-    """True when a `bmm` is among the few producers behind `node` (so it is part of a score chain)."""
-    if not isinstance(node, fx.Node) or node.op != "call_function" or depth == 0:
-        return False
-    if node.target is aten.bmm.default:
-        return True
-    return any(_leads_to_bmm(a, depth - 1) for a in node.all_input_nodes)
-
-
 def _unflatten_heads(node: Any) -> fx.Node | None:
     """The 4-D [B, H, X, Y] tensor a 3-D bmm operand was flattened from (through views, clones
     and no-op expands), or None."""
@@ -426,6 +417,9 @@ def _unflatten_heads(node: Any) -> fx.Node | None:
     return cur if isinstance(val, torch.Tensor) and val.dim() == 4 else None
 
 
+_SCALINGS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+
+
 def _constant_factor(node: Any) -> tuple[Any, float]:
     """(x, c) when `node` is x * c or x / c (1 / c returned) with c a number; else (node, 1.0)."""
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target in _SCALINGS:
@@ -433,9 +427,6 @@ def _constant_factor(node: Any) -> tuple[Any, float]:
         if c is not None and c != 0.0 and isinstance(node.args[0], fx.Node):
             return node.args[0], c if node.target in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / c
     return node, 1.0
-
-
-_SCALINGS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
 
 
 def _head_broadcast_source(node: Any) -> Any:

@@ -43,7 +43,7 @@ def to_device(device: torch.device | str, *arrays: np.ndarray | torch.Tensor) ->
     for i, t in enumerate(tensors):
         by_dtype[t.dtype].append(i)
     for dtype, members in by_dtype.items():
-        step = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        step = max(1, _ALIGN_BYTES // dtype.itemsize)
         offsets, size = [], 0
         for i in members:
             offsets.append(size)

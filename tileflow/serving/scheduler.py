@@ -111,15 +111,10 @@ class Scheduler:
             if r.computed < len(r.prompt):
                 prefilling.append(r)
                 continue
-            draft = drafts.get(r.id) if drafts else None
-            if draft:
-                draft = list(draft)[: max(0, min(self.max_draft, r.max_new_tokens - r.generated - 1))]
-            if draft:
-                entries.append(Entry(r, [r.tokens[-1], *draft], r.computed, "verify"))
-                budget -= 1 + len(draft)
-            else:
-                entries.append(Entry(r, [r.tokens[-1]], r.computed, "decode"))
-                budget -= 1
+            room = min(self.max_draft, r.max_new_tokens - r.generated - 1)
+            draft = drafts[r.id][: max(0, room)] if drafts and r.id in drafts else ()
+            entries.append(Entry(r, [r.tokens[-1], *draft], r.computed, "verify" if draft else "decode"))
+            budget -= 1 + len(draft)
         for r in prefilling:
             if budget > 0:
                 budget -= self._chunk(r, budget, entries)

@@ -8,7 +8,10 @@ run and against the copy bandwidth and matmul ceiling measured in the same run:
       decodes and verify groups of 4-8 tokens;
   (d) one prompt with the causal mask a compiled transformers model materializes, given as an
       additive bias (the dense op the attention pass emits), against SDPA with that mask and
-      SDPA `is_causal`.
+      SDPA `is_causal`;
+  (e) Gemma-2-9B's attention (16 query heads over 8 KV heads of 256, scores soft-capped at 50):
+      a prompt and a decode batch, tileflow with and without the cap against FlexAttention with
+      the cap as its score_mod (SDPA has no soft-capping).
 tileflow is timed as the serving engine calls it (host work per call included), as the checked
 public op, and replayed from a CUDA graph (device time only).
 Baselines: `scaled_dot_product_attention` called once per sequence (PyTorch picks its flash or
@@ -32,12 +35,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 HQ, HKV, D, PAGE = 32, 4, 128, 16
+# Gemma-2-9B's attention heads (query, KV), head dim and logit soft-cap, for part (e).
+SOFTCAP_HEADS, SOFTCAP_HEAD_DIM, SOFTCAP = (16, 8), 256, 50.0
 
 
-def paged_batch(q_lens, kv_lens, *, device, dtype, seed=0):
-    """Packed q, a paged KV cache with shuffled pages, and the varlen metadata."""
+def paged_batch(q_lens, kv_lens, *, device, dtype, seed=0, heads=None, head_dim=None):
+    """Packed q, a paged KV cache with shuffled pages, and the varlen metadata (`heads` =
+    (query, KV) heads and `head_dim` default to the module's Llama-3-8B-like ones)."""
     import torch
 
+    hq, hkv = heads or (HQ, HKV)
+    d = head_dim or D
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # Values are drawn where they live: a 32k-context decode batch holds GBs of KV cache.
     values = torch.Generator(device=device).manual_seed(seed)
@@ -50,9 +58,9 @@ def paged_batch(q_lens, kv_lens, *, device, dtype, seed=0):
     for s, n in enumerate(pages_per_seq):
         table[s, :n] = order[start:start + n].int()
         start += n
-    q = torch.randn(sum(q_lens), HQ, D, generator=values, device=device, dtype=dtype)
-    k_cache = torch.randn(total_pages, PAGE, HKV, D, generator=values, device=device, dtype=dtype)
-    v_cache = torch.randn(total_pages, PAGE, HKV, D, generator=values, device=device, dtype=dtype)
+    q = torch.randn(sum(q_lens), hq, d, generator=values, device=device, dtype=dtype)
+    k_cache = torch.randn(total_pages, PAGE, hkv, d, generator=values, device=device, dtype=dtype)
+    v_cache = torch.randn(total_pages, PAGE, hkv, d, generator=values, device=device, dtype=dtype)
     cu = torch.tensor([0] + list(_cumsum(q_lens)), dtype=torch.int32)
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=table.to(device),
                 cu_seqlens_q=cu.to(device), seqlens_kv=torch.tensor(kv_lens, dtype=torch.int32, device=device),
@@ -72,12 +80,12 @@ def tileflow_checked(batch):
     return tileflow.ops.meta_attention_varlen(**op_args(batch))
 
 
-def tileflow_serving(batch):
+def tileflow_serving(batch, softcap=None):
     """The call the serving engine's paged KV cache makes: lengths known on the host, no
     validation on the hot path (the cache built the metadata), so nothing is read back."""
     from tileflow.runtime.attention import run_meta_attention_varlen
 
-    return run_meta_attention_varlen(**op_args(batch), check=False, host_metadata=batch["_host"])
+    return run_meta_attention_varlen(**op_args(batch), check=False, host_metadata=batch["_host"], softcap=softcap)
 
 
 def tileflow_graphed(batch):
@@ -135,8 +143,28 @@ def sdpa_per_sequence(batch):
     return out
 
 
-def make_flex(batch):
-    """Build the FlexAttention call (block mask over the packed layout) for one batch."""
+def capped_reference(batch, cap):
+    """float32 causal attention of each sequence with its scores soft-capped at `cap`."""
+    import torch
+
+    cu = batch["cu_seqlens_q"].tolist()
+    out = torch.empty_like(batch["q"], dtype=torch.float32)
+    for s in range(len(cu) - 1):
+        n = cu[s + 1] - cu[s]
+        k, v = (t[0].float() for t in batch["_dense"][s])  # [Hkv, L, D]
+        q = batch["q"][cu[s]:cu[s + 1]].float().transpose(0, 1)  # [Hq, n, D]
+        group = q.shape[0] // k.shape[0]
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+        scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
+        scores = cap * torch.tanh(scores / cap)
+        hidden = ~torch.ones(n, k.shape[1], dtype=torch.bool, device=q.device).tril(k.shape[1] - n)
+        out[cu[s]:cu[s + 1]] = (scores.masked_fill(hidden, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+    return out
+
+
+def make_flex(batch, score_mod=None):
+    """Build the FlexAttention call (block mask over the packed layout, and `score_mod` when
+    given) for one batch."""
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -164,7 +192,8 @@ def make_flex(batch):
     options = {"BACKEND": "TRITON"}
 
     def run(_batch):
-        return flex(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=options)[0].permute(1, 0, 2)
+        return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True,
+                    kernel_options=options)[0].permute(1, 0, 2)
 
     return run
 
@@ -306,6 +335,16 @@ def smoke() -> int:
         if not err < 1e-5:
             print(f"FAIL: meta-attention ({name}) disagrees with SDPA", file=sys.stderr)
             return 1
+    # The soft-capped rows' tileflow call and their float32 reference (a cap that bends the scores).
+    capped = paged_batch([5, 1, 3], [20, 9, 33], device="cpu", dtype=torch.float32, heads=(4, 2), head_dim=32)
+    capped["q"] *= 4
+    capped["_dense"] = [gather_dense(capped, s) for s in range(3)]
+    with tileflow.use_config(tileflow.Config(target="triton")):
+        err = rel_err(tileflow_serving(capped, 2.0), capped_reference(capped, 2.0))
+    print(f"  soft-capped batch: rel err vs the capped reference {err:.1e}")
+    if not err < 1e-5:
+        print("FAIL: soft-capped meta-attention disagrees with the capped reference", file=sys.stderr)
+        return 1
     # The model-mask rows' methods: a causal mask given as a bias, against SDPA is_causal.
     with tileflow.use_config(tileflow.Config(target="triton")):
         methods, _ = model_mask_methods(40, device="cpu", dtype=torch.float32)
@@ -328,7 +367,7 @@ def smoke() -> int:
     return 0
 
 
-ATTENTION_PARTS = ("decode", "prefill", "mixed", "mask")
+ATTENTION_PARTS = ("decode", "prefill", "mixed", "mask", "softcap")
 
 
 def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) -> int:
@@ -429,6 +468,44 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
                          + [f"{times[n] / t:.2f}x" if t and times[n] else "FAIL" for n in ("SDPA, mask", "SDPA, is_causal")])
         print(" | ".join(str(c) for c in mask_rows[-1]), flush=True)
 
+    # Gemma-2's soft-capped attention: what the cap costs tileflow, and FlexAttention with it.
+    softcap_rows = []
+    softcap_batches = ([("prefill 1x4096", [4096], [4096]), ("decode 64x4096", [1] * 64, [4096] * 64)]
+                       if not quick else [("prefill 1x2048", [2048], [2048])])
+    for label, q_lens, kv_lens in softcap_batches if "softcap" in parts else ():
+        batch = paged_batch(q_lens, kv_lens, device="cuda", dtype=dtype, heads=SOFTCAP_HEADS,
+                            head_dim=SOFTCAP_HEAD_DIM)
+        batch["_dense"] = [gather_dense(batch, s) for s in range(len(kv_lens))]
+        capped, plain = capped_reference(batch, SOFTCAP), sdpa_per_sequence(batch).float()
+
+        def cap_mod(score, b, h, qi, ki):
+            return SOFTCAP * torch.tanh(score / SOFTCAP)
+
+        methods = {"tileflow": (under_config(lambda b: tileflow_serving(b, SOFTCAP)), capped),
+                   "tileflow, no cap": (under_config(tileflow_serving), plain),
+                   "FlexAttention": (make_flex(batch, cap_mod), capped)}
+        times = {}
+        for name, (fn, want) in methods.items():
+            times[name] = None
+            try:
+                err = rel_err(fn(batch), want)
+                if not err < 2e-2:
+                    raise AssertionError(f"relative error {err:.2e} against the float32 reference")
+                times[name] = median_ms(lambda _, fn=fn, batch=batch: fn(batch))
+            except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
+                failures.append(f"{name} on soft-capped {label}: {type(exc).__name__}: {exc}")
+                print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
+                traceback.print_exc()
+        hq, hkv = SOFTCAP_HEADS
+        kv_bytes = sum(kv_lens) * hkv * SOFTCAP_HEAD_DIM * 2 * 2 + 2 * batch["q"].numel() * 2
+        flops = sum(4 * n * length * SOFTCAP_HEAD_DIM * hq for n, length in zip(q_lens, kv_lens))
+        t = times["tileflow"]
+        softcap_rows.append([label] + ["FAIL" if ms is None else f"{ms:.3f}" for ms in times.values()]
+                            + [f"{kv_bytes / t / 1e6:.0f} ({100 * kv_bytes / t / 1e6 / copy_gbs:.0f}%)" if t else "FAIL",
+                               f"{flops / t / 1e9:.1f}" if t else "FAIL"]
+                            + [f"{times[n] / t:.2f}x" if t and times[n] else "FAIL" for n in ("tileflow, no cap", "FlexAttention")])
+        print(" | ".join(str(c) for c in softcap_rows[-1]), flush=True)
+
     body = ""
     if rows:
         names = rows[0][0]
@@ -448,6 +525,15 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
                  + "\n\n- dense `[1, 32, S, 128]` attention over 4 KV heads; the mask is the additive float32 causal "
                    "mask a compiled transformers model materializes; tileflow reads it with its ranges, which the "
                    "attention pass computes once per model for every layer (timed apart); TFLOP/s count the causal half")
+    if softcap_rows:
+        body += ("\n\n## Gemma-2's soft-capped attention\n\n"
+                 + markdown_table(["batch", "tileflow ms", "tileflow, no cap ms", "FlexAttention ms",
+                                   "tileflow GB/s (% copy)", "tileflow TFLOP/s", "no cap / tileflow",
+                                   "FlexAttention / tileflow"], softcap_rows)
+                 + f"\n\n- {SOFTCAP_HEADS[0]} query heads over {SOFTCAP_HEADS[1]} KV heads of {SOFTCAP_HEAD_DIM}, causal, "
+                   f"scores capped at {SOFTCAP:g} (`cap * tanh(scores / cap)`); tileflow as the serving engine calls it; "
+                   "FlexAttention with the cap as its score_mod and a block mask over the packed batch; both checked "
+                   "against a float32 reference with the cap, \"no cap\" against SDPA per sequence.")
     body += "".join(f"\n- FAILED: {failure}" for failure in failures)
     if write:
         print(f"wrote {write_results('attention', 'Meta-attention vs SDPA and FlexAttention (bf16, D=128, 32/4 heads)', env, body)}")

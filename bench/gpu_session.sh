@@ -12,7 +12,7 @@
 # with plans from those tile times), tests (the kernel tests, compiled Triton), tests-gpu
 # (tests/test_gpu.py: models, graphs and streams on CUDA). A stage that fails or runs out of
 # time does not stop the next one. Narrower runs: ATTENTION_PARTS (default
-# decode,prefill,mixed,mask), E2E_TOKENS (default 256,1024,4096) and E2E_TRACE_REQUESTS
+# decode,prefill,mixed,mask,softcap), E2E_TOKENS (default 256,1024,4096) and E2E_TRACE_REQUESTS
 # (default 256).
 set -u
 OUT=${OUT:-/tmp/tileflow-gpu-session}
@@ -54,7 +54,7 @@ for item in "$@"; do
   case $name in
     gemm) run_stage gemm "$limit" $PY bench/gemm.py ;;
     gemm-quick) run_stage gemm-quick "$limit" $PY bench/gemm.py --quick ;;
-    attention) run_stage attention "$limit" $PY bench/attention.py --parts "${ATTENTION_PARTS:-decode,prefill,mixed,mask}" ;;
+    attention) run_stage attention "$limit" $PY bench/attention.py --parts "${ATTENTION_PARTS:-decode,prefill,mixed,mask,softcap}" ;;
     attention-sweep) run_stage attention-sweep "$limit" $PY bench/attention.py --sweep ;;
     e2e) run_stage e2e "$limit" $PY bench/e2e.py --layers 2 --tokens "$E2E_TOKENS" --trace-requests "$E2E_TRACE" ;;
     e2e-prefill) run_stage e2e-prefill "$limit" $PY bench/e2e.py --layers 2 --tokens "$E2E_TOKENS" --parts prefill ;;

@@ -7,7 +7,9 @@ KV-head shard of the paged cache. Batches of sequences with different prompt len
 prefilled, then decoded greedily, two batches in flight (staggered); mid-run a sequence finishes
 and a new one joins with its prompt (chunked prefill mixed with decode). `--check` runs the same
 tokens through the eager transformers model with a per-sequence KV cache on rank 0 and compares
-every step's logits; the script exits 1 on any mismatch, 2 when a peer fails.
+every step's logits; the script exits 1 on any mismatch, 2 when a peer fails. `--arch gemma2`
+decodes a Gemma-2 instead: every other layer has a 5-token sliding window and every layer soft-
+caps its scores, which the attention workers apply from what the cuts carry.
 """
 
 from __future__ import annotations
@@ -22,22 +24,25 @@ from pathlib import Path
 import torch
 
 
-def build_model(gqa: int, layers: int, seed: int) -> torch.nn.Module:
-    """The same random-weight Llama on every rank (same seed)."""
+def build_model(gqa: int, layers: int, seed: int, arch: str = "llama") -> torch.nn.Module:
+    """The same random-weight model on every rank (same seed): a Llama, or a Gemma-2 with a
+    sliding window shorter than the prompts and a soft-cap that bends its scores."""
     import transformers
 
     kv_heads = 4 if gqa == 1 else 2
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=kv_heads * gqa, num_key_value_heads=kv_heads, head_dim=64 // (kv_heads * gqa),
-        max_position_embeddings=512,
-    )
+    shape = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
+             "num_attention_heads": kv_heads * gqa, "num_key_value_heads": kv_heads,
+             "head_dim": 64 // (kv_heads * gqa), "max_position_embeddings": 512}
     torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    if arch == "gemma2":
+        cfg = transformers.Gemma2Config(**shape, sliding_window=5, attn_logit_softcapping=0.5, initializer_range=0.2)
+        return transformers.Gemma2ForCausalLM(cfg).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).eval()
 
 
 class Reference:
-    """The single-process run: the eager model (SDPA) with a transformers KV cache per sequence."""
+    """The single-process run: the eager model (SDPA; transformers' own attention for soft-capped
+    models) with a transformers KV cache per sequence."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         import copy
@@ -45,7 +50,8 @@ class Reference:
         import transformers
 
         self.model = copy.deepcopy(model)
-        self.model.config._attn_implementation = "sdpa"
+        capped = getattr(self.model.config, "attn_logit_softcapping", None) is not None
+        self.model.config._attn_implementation = "eager" if capped else "sdpa"
         self.caches: dict[int, transformers.DynamicCache] = {}
         self._cache_type = transformers.DynamicCache
 
@@ -61,6 +67,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model-workers", type=int, default=1, help="model replicas (ranks 0 … m − 1); the rest attend")
     p.add_argument("--gqa", type=int, default=4, choices=(1, 4), help="query heads per KV head")
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--arch", choices=("llama", "gemma2"), default="llama",
+                   help="gemma2: sliding-window layers and soft-capped scores")
     p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
     p.add_argument("--batches", type=int, default=2, help="batches in flight (>= 2 staggers them)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a receive within a step waits before failing")
@@ -93,7 +101,7 @@ def main() -> int:
         if role == "attention":
             AttentionWorker(layout, transport, idle_timeout_s=args.idle_timeout).serve()
             return 0
-        model = build_model(args.gqa, args.layers, args.seed)
+        model = build_model(args.gqa, args.layers, args.seed, args.arch)
         example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
         program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
         worker = ModelWorker(

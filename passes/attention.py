@@ -11,17 +11,21 @@ through `meta_attention_varlen`). Matched forms:
   and key lengths are equal;
 - the manual form models write by hand, `softmax(q @ k^T * scale + mask) @ v` as ATen leaves it
   (`bmm` over flattened heads, the scale as a multiply or divide by a number or a 0-d tensor,
-  an additive mask, an optional dtype round trip around the softmax);
+  an additive mask or a bool one applied by `masked_fill(scores, ~keep, -inf)` or
+  `where(keep, scores, -inf)`, an optional dtype round trip around the softmax), with or without logit
+  soft-capping, `cap * tanh(scores / cap)` before the mask (Gemma-2);
 - GQA/MQA: K/V widened by `repeat_kv` (unsqueeze/expand/reshape) are read at their real head
   count instead (the kernel packs the query heads of a KV head into one tile);
 Variants the kernel does not implement (dropout, a used log-sum-exp output, `is_causal` with
 different query and key lengths, head dims that differ between K and V) are left as they are,
 with the reason in the report; so is a manual attention with anything else between the two
-matmuls (logit soft-capping, for one).
+matmuls (ALiBi's bias inside the product, for one), and soft-capping on a target whose kernel
+lacks it.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -47,6 +51,8 @@ _DTYPES = {
     "triton": (torch.float16, torch.bfloat16, torch.float32),
     "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
+# Targets whose meta-attention kernel implements logit soft-capping.
+_SOFTCAP_TARGETS = ("triton", "reference")
 
 
 def _val(node: Any) -> Any:
@@ -221,14 +227,26 @@ class Attention:
         attention = _feeds_pv_product(softmax)
         if softmax.args[1] not in (-1, 3) or (len(softmax.args) > 2 and softmax.args[2]):
             return "the softmax is not over the keys (the last dimension) in the input dtype" if attention else None
-        # Walk back from the softmax input: [add mask] <- [mul/div scale] <- view <- bmm(q, k^T).
+        # Walk back from the softmax input:
+        # [add mask] <- [cap * tanh(. / cap)] <- [mul/div scale] <- view <- bmm(q, k^T).
         cur, mask, scale_mul, scale_div = softmax.args[0], None, None, None
         if _is_op(cur, aten.add.Tensor) and len(cur.users) == 1:
-            scores_side = [a for a in cur.args if _path_to_product(a, depth=4) is not None]
+            scores_side = [a for a in cur.args if _path_to_product(a, depth=7) is not None]
             if len(scores_side) != 1:
                 return _unmatched_scores(softmax) if attention else None
             mask = cur.args[1] if cur.args[0] is scores_side[0] else cur.args[0]
             cur = scores_side[0]
+        elif len(cur.users) == 1 and (filled := _filled_with_neg_inf(cur)) is not None:
+            cur, mask, hides = filled
+            if hides:  # masked_fill(scores, hide, -inf): the kernel's bool masks say what is kept
+                mask = _negation_source(mask)
+                if mask is None:
+                    with graph.inserting_after(filled[1]):
+                        mask = graph.call_function(aten.logical_not.default, (filled[1],))
+                    infer_meta(mask)
+        softcap, cur = _soft_cap(cur)
+        if softcap is not None and ctx.target not in _SOFTCAP_TARGETS:
+            return f"logit soft-capping (tanh on the scores) is not implemented by the {ctx.target} meta-attention kernel"
         if (_is_op(cur, aten.mul.Tensor) or _is_op(cur, aten.div.Tensor)) and len(cur.users) == 1:
             factor = cur.args[1]
             if isinstance(factor, fx.Node) and not (isinstance(_val(factor), torch.Tensor) and _val(factor).dim() == 0):
@@ -290,20 +308,27 @@ class Attention:
                     infer_meta(q_in)
                 elif factor is not None:
                     scale *= float(factor) if op is aten.mul.Tensor else 1.0 / float(factor)
+            if softcap is not None and not isinstance(softcap, fx.Node):
+                softcap = graph.call_function(aten.scalar_tensor.default, (float(softcap),), {"dtype": torch.float32})
+                infer_meta(softcap)
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
-                (q_in, k_real, v_real, mask, False, scale, ctx.target, ranges),
+                (q_in, k_real, v_real, mask, False, scale, ctx.target, ranges)
+                + ((softcap,) if softcap is not None else ()),
             )
         infer_meta(new)
         if _val(new).dtype != _val(out4).dtype:
             return "the manual attention changes dtype between its inputs and output"
         copy_source_meta(softmax, new)
-        new.meta["tileflow"] = {"kind": "meta_attention", "form": "manual", "gqa": hq // hkv, "target": ctx.target}
+        new.meta["tileflow"] = {"kind": "meta_attention", "form": "manual", "gqa": hq // hkv, "target": ctx.target,
+                                "softcap": softcap is not None}
         out4.replace_all_uses_with(new)
         result.count("meta_attention")
         result.count("manual_attention")
         if k_real is not k:
             result.count("gqa_unrepeated")
+        if softcap is not None:
+            result.count("logit_softcap")
         return None
 
 
@@ -359,8 +384,8 @@ def _unmatched_scores(softmax: fx.Node) -> str:
         return "the softmax feeds a P @ V product, but no q @ k^T product was found within 10 ops before it"
     names = [getattr(n.target, "_opname", str(n.target)) for n in path]
     uses = []
-    if any(n.target is aten.tanh.default for n in path):
-        uses.append("tanh on the scores is logit soft-capping")
+    if any(n.target is aten.tanh.default for n in path) and all(_soft_cap(n)[0] is None for n in path):
+        uses.append("tanh on the scores, but not as the logit soft-capping cap * tanh(scores / cap)")
     if path[-1].target is aten.baddbmm.default:
         uses.append("baddbmm adds a bias inside the q @ k^T product, as ALiBi models write it")
     hint = f" ({'; '.join(uses)})" if uses else ""
@@ -388,6 +413,78 @@ def _path_to_product(node: Any, depth: int) -> list[fx.Node] | None:
                     grown.append(a)
         frontier = grown
     return None
+
+
+def _filled_with_neg_inf(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
+    """(scores, bool mask, whether the mask says what is hidden) when `node` hides scores by
+    filling them with -inf: `masked_fill(scores, hide, -inf)` or `where(keep, scores, -inf)`."""
+    if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+        scores, mask, fill, hides = *node.args[:3], True
+    elif node.target in (aten.where.self, aten.where.ScalarOther):
+        mask, scores, fill, hides = *node.args[:3], False
+    else:
+        return None
+    mv = _val(mask)
+    if not (isinstance(scores, fx.Node) and isinstance(mask, fx.Node) and isinstance(mv, torch.Tensor)
+            and mv.dtype == torch.bool and mv.dim() <= 4 and _constant(fill) == float("-inf")):
+        return None
+    return scores, mask, hides
+
+
+def _negation_source(mask: fx.Node) -> fx.Node | None:
+    """x when the bool `mask` is `~x` (bitwise or logical not), else None."""
+    if mask.target in (aten.bitwise_not.default, aten.logical_not.default) and isinstance(mask.args[0], fx.Node):
+        return mask.args[0]
+    return None
+
+
+def _soft_cap(node: Any) -> tuple[Any, Any]:
+    """(cap, x) when `node` is logit soft-capping `cap * tanh(x / cap)` (or `x * (1 / cap)` inside,
+    for a number), the two caps the same number or 0-d tensor; else (None, node). The cap is
+    returned as the graph has it (a number, or the node of a 0-d tensor)."""
+    if not (isinstance(node, fx.Node) and node.target in (aten.mul.Tensor, aten.mul.Scalar) and len(node.users) == 1):
+        return None, node
+    first, second = node.args[:2]
+    tanh, cap = (first, second) if _is_op(first, aten.tanh.default) else (second, first)
+    if not _is_op(tanh, aten.tanh.default) or len(tanh.users) != 1:
+        return None, node
+    inner = tanh.args[0]
+    if not (isinstance(inner, fx.Node) and inner.target in _SCALINGS and len(inner.users) == 1
+            and isinstance(inner.args[0], fx.Node)):
+        return None, node
+    x, divisor = inner.args[:2]
+    if inner.target in (aten.div.Tensor, aten.div.Scalar):
+        same = _same_number(divisor, cap)
+    else:
+        c, r = _constant(cap), _constant(divisor)
+        same = c is not None and r is not None and math.isclose(c * r, 1.0, rel_tol=1e-6)
+    if not same:
+        return None, node
+    value = _constant(cap)
+    if value is None:
+        return cap, x  # a 0-d tensor (Dynamo's form of a model's float attribute)
+    return (value, x) if value > 0 else (None, node)
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    """Whether `a` and `b` are the same number: equal constants, or 0-d tensors made by casts of
+    the same node."""
+    ca, cb = _constant(a), _constant(b)
+    if ca is not None or cb is not None:
+        return ca == cb
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return False
+    if not all(isinstance(_val(n), torch.Tensor) and _val(n).dim() == 0 and _val(n).is_floating_point() for n in (a, b)):
+        return False
+    return _uncast(a) is _uncast(b)
+
+
+def _uncast(node: fx.Node) -> fx.Node:
+    """`node` with the dtype casts over it removed."""
+    while node.target in (torch.ops.prims.convert_element_type.default, aten._to_copy.default) and isinstance(
+            node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def _is_op(node: Any, target: Any) -> bool:

@@ -52,6 +52,8 @@ class AttentionCut:
     scale: float
     dtype: torch.dtype
     bytes_per_token: int
+    sliding_window: int | None = None
+    softcap: float | None = None
 
     @property
     def group_size(self) -> int:
@@ -79,19 +81,51 @@ def _numel(t: torch.Tensor) -> Any:
 
 
 def _attention_args(node: fx.Node) -> tuple[Any, ...]:
-    """(q, k, v, attn_mask, causal, scale) with the schema's defaults filled in."""
-    args = list(node.args) + [None] * 7
+    """(q, k, v, attn_mask, causal, scale, softcap, sliding_window) with the schema's defaults
+    filled in."""
+    args = list(node.args) + [None] * 10
     kw = node.kwargs
     q, k, v = args[0], args[1], args[2]
     mask = kw.get("attn_mask", args[3])
     causal = kw.get("causal", args[4] if len(node.args) > 4 else False)
     scale = kw.get("scale", args[5] if len(node.args) > 5 else None)
-    return q, k, v, mask, causal, scale
+    return q, k, v, mask, causal, scale, kw.get("softcap", args[8]), kw.get("sliding_window", args[9])
+
+
+# Ops a constant passes through unchanged on its way to an attention (export's copies of a lifted
+# constant, casts).
+_CONSTANT_COPIES = {
+    torch.ops.aten.clone.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.detach.default,
+    torch.ops.aten.detach_.default, torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default,
+}
+
+
+def constant_number(node: Any) -> float | None:
+    """The value of a number, or of a one-element tensor the graph holds as a constant (an
+    attribute, or `scalar_tensor` of a number) reached through copies and casts; None when the
+    value is only known at run time (a graph input, say)."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return float(node)
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CONSTANT_COPIES:
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is torch.ops.aten.scalar_tensor.default:
+        return constant_number(node.args[0])
+    if node.op == "get_attr":
+        value = node.graph.owning_module
+        for name in str(node.target).split("."):
+            value = getattr(value, name, None)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return float(value.item())
+    return None
 
 
 def _why_not_cut(node: fx.Node) -> str | None:
     """The reason this attention cannot be served from a remote KV cache, or None."""
-    q, k, v, mask, causal, _ = _attention_args(node)
+    q, k, v, mask, causal, _, softcap, _ = _attention_args(node)
+    if softcap is not None and constant_number(softcap) is None:
+        return "logit soft-capping with a cap known only at run time: the attention stages need it as a constant"
     if mask is not None:
         return ("attention with a mask tensor: the attention stages apply the causal rule against "
                 "their KV cache; trace the step with attn_implementation='tileflow_causal'")
@@ -110,7 +144,7 @@ def _why_not_cut(node: fx.Node) -> str | None:
 
 
 def _cut_of(index: int, node: fx.Node) -> AttentionCut:
-    q, k, _, _, _, scale = _attention_args(node)
+    q, k, _, _, _, scale, softcap, window = _attention_args(node)
     qv, kv = meta_val(q), meta_val(k)
     hq, hkv, d = int(qv.shape[1]), int(kv.shape[1]), int(qv.shape[3])
     e = qv.element_size()
@@ -119,7 +153,8 @@ def _cut_of(index: int, node: fx.Node) -> AttentionCut:
     return AttentionCut(
         index=index, node=node.name, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(d), dtype=qv.dtype,
-        bytes_per_token=per_token,
+        bytes_per_token=per_token, sliding_window=None if window is None else int(window),
+        softcap=None if softcap is None else constant_number(softcap),
     )
 
 
@@ -272,8 +307,10 @@ class StageProgram:
 
 
 def local_attention(cut: AttentionCut, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The attention stage run where it is: causal meta-attention over the given tokens."""
-    return torch.ops.tileflow.meta_attention(q, k, v, None, True, cut.scale, "")
+    """The attention stage run where it is: causal meta-attention over the given tokens (with the
+    cut's sliding window and soft-cap)."""
+    softcap = None if cut.softcap is None else torch.tensor(cut.softcap)
+    return torch.ops.tileflow.meta_attention(q, k, v, None, True, cut.scale, "", None, softcap, cut.sliding_window)
 
 
 def _split_returning_tuples(gm: fx.GraphModule, stage_of: Callable[[fx.Node], int]) -> fx.GraphModule:

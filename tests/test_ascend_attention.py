@@ -56,12 +56,13 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="CPU-debug b
 
 def attn_spec(dtype: str = "float32", *, head_dim: int = 16, gqa: int = 1, block_q: int = 4,
               block_kv: int = 16, causal: bool = True, sliding_window: bool = False,
-              tree: bool = False, bias: bool = False) -> KernelSpec:
+              tree: bool = False, bias: bool = False, softcap: bool = False) -> KernelSpec:
     """A meta_attention KernelSpec."""
     return KernelSpec(
         op="meta_attention", dtype=dtype, out_dtype=dtype,
         params=make_params(head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=block_kv,
-                           causal=causal, sliding_window=sliding_window, tree=tree, bias=bias),
+                           causal=causal, sliding_window=sliding_window, tree=tree, bias=bias,
+                           **({"softcap": True} if softcap else {})),
     )
 
 
@@ -544,6 +545,7 @@ def test_source_shape() -> None:
     ({"head_dim": 12}, "multiple of 8"),
     ({"block_kv": 24}, "block_kv=24"),
     ({"dtype": "float64"}, "dtype"),
+    ({"softcap": True}, "does not implement logit soft-capping"),
 ])
 def test_bad_specs(params: dict, match: str) -> None:
     """Specs the Ascend kernel cannot implement are refused at render time, saying why."""

@@ -189,19 +189,93 @@ def test_transformers_attn_implementation(target) -> None:
     assert torch.equal(got, want)
 
 
-def test_manual_attention_with_softcap_is_left_with_reason() -> None:
-    def attn(x, w):
+def softcapped_attention(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Hand-written attention with Gemma-2's logit soft-capping: cap * tanh(scores / cap)."""
+    b, s, _ = x.shape
+    q, k, v = (x @ w).split([32, 32, 32], dim=-1)
+    q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in (q, k, v))
+    scores = torch.tanh((q @ k.transpose(-1, -2)) * 0.25 / 30.0) * 30.0
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_manual_attention_with_softcap(target: str) -> None:
+    """The scores' tanh becomes the kernel's soft-capping; the cap bends these scores (their
+    scale is in the hundreds), so a kernel that skipped it would not match."""
+    x, w = torch.randn(2, 6, 32), torch.randn(32, 96)
+    _, out, gm, report = compile_attention(softcapped_attention, x, w, target=target)
+    torch.testing.assert_close(out, softcapped_attention(x, w), rtol=1e-4, atol=1e-4)
+    assert report.rewrites["meta_attention"] == report.rewrites["logit_softcap"] == 1
+    assert not any(n.target is torch.ops.aten.tanh.default for n in gm.graph.nodes)
+    scores = (x @ w)[..., :16] @ (x @ w)[..., 32:48].transpose(-1, -2) * 0.25
+    assert scores.abs().max() > 60  # the cap of 30 matters
+
+
+@pytest.mark.parametrize("form", ["masked_fill", "where"])
+def test_manual_attention_hiding_scores_with_neg_inf(form: str) -> None:
+    """A bool mask applied by `masked_fill(scores, ~keep, -inf)` or `where(keep, scores, -inf)`
+    becomes the kernel's mask (rows that see nothing output zeros in both)."""
+    def attn(x, w, keep):
         b, s, _ = x.shape
-        q, k, v = (x @ w).split([32, 32, 32], dim=-1)
+        q, k, v = ((x @ w).split([32, 32, 32], dim=-1))
         q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in (q, k, v))
-        scores = torch.tanh((q @ k.transpose(-1, -2)) / 30.0) * 30.0  # logit soft-capping
+        scores = q @ k.transpose(-1, -2) * 0.25
+        if form == "masked_fill":
+            scores = scores.masked_fill(~keep, float("-inf"))
+        else:
+            scores = torch.where(keep, scores, float("-inf"))
         return torch.softmax(scores, dim=-1) @ v
 
     x, w = torch.randn(2, 6, 32), torch.randn(32, 96)
-    _, out, _, report = compile_attention(attn, x, w)
-    torch.testing.assert_close(out, attn(x, w))
+    keep = torch.rand(2, 1, 6, 6) < 0.6
+    keep[..., 0] = True  # every row sees a key: eager's softmax of an all -inf row is NaN
+    _, out, gm, report = compile_attention(attn, x, w, keep)
+    torch.testing.assert_close(out, attn(x, w, keep), rtol=1e-4, atol=1e-4)
+    assert report.rewrites["meta_attention"] == 1 and not report.fallbacks
+    assert not any(n.target in (torch.ops.aten.masked_fill.Scalar, torch.ops.aten.where.self)
+                   for n in gm.graph.nodes)
+
+
+def test_manual_attention_with_softcap_falls_back_where_the_kernel_lacks_it(monkeypatch) -> None:
+    import tileflow.passes.attention as attention_pass
+
+    monkeypatch.setattr(attention_pass, "_SOFTCAP_TARGETS", ("triton",))
+    x, w = torch.randn(2, 6, 32), torch.randn(32, 96)
+    _, out, _, report = compile_attention(softcapped_attention, x, w)
+    torch.testing.assert_close(out, softcapped_attention(x, w))
     assert "meta_attention" not in report.rewrites
-    assert any("soft-capping" in f.reason for f in report.fallbacks)
+    assert [f.reason for f in report.fallbacks] == [
+        "logit soft-capping (tanh on the scores) is not implemented by the reference meta-attention kernel"]
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_transformers_attn_implementation_with_softcap(target: str) -> None:
+    """Gemma-2 with `attn_implementation="tileflow"`: its attention passes `softcap` (and a
+    sliding window through the mask) to the meta-kernel, eager and compiled."""
+    import transformers
+
+    tileflow.register_transformers()
+    config = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+                                       attn_logit_softcapping=0.5, initializer_range=0.2)
+    torch.manual_seed(0)
+    config._attn_implementation = "eager"
+    eager = transformers.Gemma2ForCausalLM(config).eval()
+    config._attn_implementation = "tileflow"
+    ours = transformers.Gemma2ForCausalLM(config).eval()
+    ours.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 128, (2, 11))
+    report = tileflow.Report()
+    compiled = torch.compile(ours, backend=tileflow.TileflowBackend({"target": target}, report=report), dynamic=True)
+    with torch.no_grad(), tileflow.use_config(tileflow.Config(target=target)):
+        want = eager(ids, use_cache=False).logits
+        torch.testing.assert_close(ours(ids, use_cache=False).logits, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, want, rtol=1e-4, atol=1e-4)
+    # The model's own meta_attention calls, lowered ahead: soft-capping kernels only.
+    attention_kernels = [k.spec for k in report.kernels if k.spec["op"] == "meta_attention"]
+    assert attention_kernels and all(dict(spec["params"]).get("softcap") for spec in attention_kernels)
+    assert not report.fallbacks
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

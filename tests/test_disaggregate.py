@@ -8,9 +8,10 @@ import sympy
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import fx
 
 from tileflow.distributed import CausalLMStep, Layout, PagedKVCache, build_stage_program, replica_of
-from tileflow.passes.disaggregate import lamina_bytes
+from tileflow.passes.disaggregate import constant_number, lamina_bytes
 from tileflow.report import GraphReport
 
 EXAMPLE = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
@@ -67,10 +68,15 @@ def test_stage_program_matches_the_model_and_attention_reads_only_its_dense_neig
         else:
             assert all(s.kind != "stage" or program.stages[s.index].kind == "dense" or s.index == stage.id - 1
                        for s in stage.inputs)
+    assert_program_matches_eager(program, model, (1, 3, 9))
+
+
+def assert_program_matches_eager(program, model, lengths: tuple[int, ...]) -> None:
+    """The stage program (attention run locally) gives the eager model's logits (SDPA, with
+    transformers' own masks) for a packed step of each length."""
     model.config._attn_implementation = "sdpa"
-    for t in (1, 3, 9):
-        ids = torch.randint(0, 96, (1, t))
-        pos = torch.arange(t)[None]
+    for t in lengths:
+        ids, pos = torch.randint(0, 96, (1, t)), torch.arange(t)[None]
         (logits,) = program.run([ids, pos])
         with torch.no_grad():
             expected = model(input_ids=ids, position_ids=pos, use_cache=False).logits
@@ -95,16 +101,51 @@ def test_masked_attention_stays_colocated_with_the_reason() -> None:
     assert any(f.pass_name == "disaggregate" and "tileflow_causal" in f.reason for f in report.fallbacks)
 
 
-def test_causal_attention_refuses_sliding_windows() -> None:
+def test_cuts_carry_sliding_windows() -> None:
+    """Mistral's window (3 keys, shorter than the steps) rides on the cut, and the attention stage
+    applies it: the program's logits equal the eager model's (SDPA with transformers' own mask)."""
     import transformers
 
     cfg = transformers.MistralConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=3,
     )
-    step = CausalLMStep(transformers.MistralForCausalLM(cfg).eval())
-    with pytest.raises(ValueError, match="does not support sliding_window"):
-        build_stage_program(step, EXAMPLE, max_tokens=64)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    program = build_stage_program(CausalLMStep(model), EXAMPLE, max_tokens=64)
+    assert [(c.sliding_window, c.softcap) for c in program.cuts] == [(3, None), (3, None)]
+    assert_program_matches_eager(program, model, (1, 5, 9))
+
+
+def test_a_softcap_known_only_at_run_time_is_not_cut() -> None:
+    import tileflow
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(96, 32)
+
+        def forward(self, ids, pos):
+            x = self.embed(ids).view(1, -1, 2, 16).transpose(1, 2)
+            cap = pos.float().amax() + 30.0  # a cap the attention stages cannot know ahead
+            return tileflow.ops.meta_attention(x, x, x, causal=True, softcap=cap)
+
+    report = GraphReport(graph_id="g")
+    with pytest.raises(ValueError, match="cap known only at run time"):
+        build_stage_program(Step(), EXAMPLE, max_tokens=64, report=report)
+
+
+def test_constant_number_reads_the_constants_exports_leave() -> None:
+    root = torch.nn.Module()
+    root.register_buffer("cap", torch.tensor(50.0))
+    graph = fx.Graph()
+    runtime = graph.placeholder("runtime")
+    held = graph.call_function(torch.ops.aten.clone.default, (graph.get_attr("cap"),))
+    made = graph.call_function(torch.ops.aten.scalar_tensor.default, (30.0,))
+    cast = graph.call_function(torch.ops.prims.convert_element_type.default, (made, torch.float64))
+    graph.output((runtime, held, cast))
+    fx.GraphModule(root, graph)
+    assert (constant_number(held), constant_number(cast), constant_number(2), constant_number(runtime)) == (
+        50.0, 30.0, 2.0, None)
 
 
 def test_graph_without_attention_falls_back() -> None:

@@ -40,6 +40,13 @@ def test_logits_match_single_process(attention_workers: int, gqa: int) -> None:
     assert "step 3: " in run.stdout  # the step where a sequence joins with its prompt
 
 
+def test_sliding_window_and_softcap_layers_match_single_process() -> None:
+    # Gemma-2: the attention workers learn each layer's window and cap from the cuts.
+    run = _torchrun(3, "--check", "--arch", "gemma2", "--steps", "6")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "check passed: 7 steps" in run.stdout
+
+
 def test_rotation_over_two_model_replicas_matches() -> None:
     # Lamina's rotation: 3 batches over 2 model replicas, one attention worker.
     run = _torchrun(3, "--check", "--model-workers", "2", "--batches", "3", "--steps", "6")

@@ -1,8 +1,8 @@
 """More transformers architectures through `backend="tileflow"` than the five of `test_models.py`:
 each compiles to one graph over every length and matches eager, every linear becomes a
-`padded_gemm`, and every attention either runs on the meta-kernel or is left as it was with a
-reason in the report that names what the kernel lacks (Gemma-2's logit soft-capping, BLOOM's
-ALiBi)."""
+`padded_gemm`, and every attention either runs on the meta-kernel (Gemma-2's with its logit
+soft-capping) or is left as it was with a reason in the report that names what the kernel lacks
+(BLOOM's ALiBi)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ def _causal_lm(config: str, model: str, **overrides) -> Callable[[], torch.nn.Mo
 # name -> (model, the attention it must show: "meta" (rewritten) or the words its fallback reason must hold)
 ZOO: dict[str, tuple[Callable[[], torch.nn.Module], str]] = {
     "gemma": (_causal_lm("GemmaConfig", "GemmaForCausalLM", head_dim=16), "meta"),
-    "gemma2": (_causal_lm("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, sliding_window=8), "soft-capping"),
+    # Logit soft-capping (its cap a tensor input under dynamic=True) and a sliding window in every other layer.
+    "gemma2": (_causal_lm("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, sliding_window=8,
+                          attn_logit_softcapping=0.5, initializer_range=0.2), "meta"),  # scores the cap bends
     "phi3": (_causal_lm("Phi3Config", "Phi3ForCausalLM", pad_token_id=0), "meta"),
     "qwen3": (_causal_lm("Qwen3Config", "Qwen3ForCausalLM", head_dim=16), "meta"),
     # The manual attention, MQA by broadcasting one K/V head in the product, q and k each scaled.
@@ -65,6 +67,8 @@ def test_architecture_compiles_once_and_matches_eager(name: str) -> None:
     attention_fallbacks = [f for f in report.fallbacks if f.pass_name == "attention"]
     if attention == "meta":
         assert rewrites["meta_attention"] == 2 and not report.fallbacks, report.fallbacks
+        capped = model.config.to_dict().get("attn_logit_softcapping")
+        assert rewrites.get("logit_softcap", 0) == (2 if capped else 0)
     else:
         assert "meta_attention" not in rewrites
         assert len(attention_fallbacks) == 2 == len(report.fallbacks), report.fallbacks

@@ -204,6 +204,57 @@ def test_greedy_tokens_equal_eager_generation(llama_program, max_draft: int) -> 
     assert engine.allocator.all_free()
 
 
+# Models whose attention layers carry a sliding window (Mistral's, Gemma-2's every other layer) or a
+# logit soft-cap (Gemma-2's): the window shorter than the prompts, the cap small enough to change
+# the scores (so greedy tokens differ if the attention stages dropped either).
+_WINDOWED = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", "sdpa", {"sliding_window": 5}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "eager",
+               {"head_dim": 16, "sliding_window": 5, "attn_logit_softcapping": 0.5, "initializer_range": 0.2}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_WINDOWED))
+def test_sliding_window_and_softcap_models_equal_eager_generation(name: str) -> None:
+    import transformers
+
+    from tileflow.distributed import CausalLMStep, build_stage_program
+
+    config_cls, model_cls, reference_attention, extra = _WINDOWED[name]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_cls)(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, **extra)
+    model = getattr(transformers, model_cls)(cfg).eval()
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = reference_attention
+    program = build_stage_program(CausalLMStep(model), (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None]),
+                                  max_tokens=256)
+    layer_types = getattr(cfg, "layer_types", None) or ["sliding_attention"] * 2
+    assert [c.sliding_window for c in program.cuts] == [5 if t == "sliding_attention" else None for t in layer_types]
+    assert all(c.softcap == extra.get("attn_logit_softcapping") for c in program.cuts)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (13, 30, 3)]
+    # Greedy tokens of these tiny random models barely depend on attention: the logits of a step
+    # over a prompt chunk and a cached prefix longer than the window are compared too.
+    from tileflow.serving import Entry
+
+    engine = ServingEngine(program, token_budget=32, decode_slots=2, block_size=4, num_blocks=16)
+    first = Entry(Request(0, prompts[1], 1, blocks=list(range(8))), prompts[1][:20], 0, "prefill")
+    engine.forward([first])
+    rest = Entry(first.request, prompts[1][20:], 20, "prefill")
+    with torch.no_grad():
+        want = reference(torch.tensor([prompts[1]])).logits[0, 20:]
+    torch.testing.assert_close(engine.forward([rest]).reshape(want.shape), want, rtol=1e-4, atol=1e-4)
+    for max_draft in (0, 3):  # decode steps, and tree verify within the window
+        engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4,
+                               num_blocks=64)
+        requests = [Request(i, p, 10, stop_tokens=_eos(reference)) for i, p in enumerate(prompts)]
+        engine.run(requests)
+        for r in requests:
+            assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 10), (name, max_draft, r.id)
+
+
 @pytest.mark.parametrize("max_draft,overlap", [(0, True), (0, False), (3, False)])
 def test_stop_tokens_end_requests_as_generate_does(llama_program, max_draft: int, overlap: bool) -> None:
     """A request ends after the first of its stop tokens it generates, which it keeps, exactly

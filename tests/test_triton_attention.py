@@ -84,6 +84,7 @@ def attn_spec(
     sliding_window: bool = False,
     tree: bool = False,
     tile: TileConfig | None = None,
+    softcap: bool = False,
 ) -> KernelSpec:
     """A meta_attention KernelSpec."""
     return KernelSpec(
@@ -93,7 +94,7 @@ def attn_spec(
         tile=tile,
         params=make_params(
             head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=block_kv, causal=causal,
-            sliding_window=sliding_window, tree=tree,
+            sliding_window=sliding_window, tree=tree, **({"softcap": True} if softcap else {}),
         ),
     )
 
@@ -110,6 +111,7 @@ def oracle(
     causal: bool = True,
     sliding_window: int | None = None,
     tree_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """float64 attention written directly from the contract's op semantics (this file's own)."""
     q, kc, vc = (batch[k].cpu().double() for k in ("q", "k_cache", "v_cache"))
@@ -134,6 +136,8 @@ def oracle(
         if sliding_window is not None:
             vis &= j[None, :] > p[:, None] - sliding_window
         scores = torch.einsum("nhd,lhd->hnl", q[cu[s]:cu[s + 1]], k) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~vis[None], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # no visible key -> zeros
         out[cu[s]:cu[s + 1]] = torch.einsum("hnl,lhd->nhd", probs, v)
@@ -170,6 +174,7 @@ def run_and_check(
     kv_split: int | None = None,
     table: Any = None,
     what: str = "",
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, Any]:
     """Launch on a NaN-poisoned output; compare with the oracle and the shared reference."""
     cfg = attention_config(spec)
@@ -181,13 +186,14 @@ def run_and_check(
     out = torch.full_like(batch["q"], float("nan"))
     args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q",
                                "seqlens_kv")]
-    res = kernel(*args, table, scale=None, tree_mask=tree, sliding_window=sliding_window, out=out)
+    cap = {"softcap": softcap} if softcap is not None else {}
+    res = kernel(*args, table, scale=None, tree_mask=tree, sliding_window=sliding_window, out=out, **cap)
     assert res is out
-    mine = oracle(batch, causal=cfg.causal, sliding_window=sliding_window, tree_mask=tree)
+    mine = oracle(batch, causal=cfg.causal, sliding_window=sliding_window, tree_mask=tree, softcap=softcap)
     assert_close(out, mine, spec.dtype, f"{what} vs float64 oracle")
     shared = attention_reference_dense(
         *[a.cpu() for a in args], causal=cfg.causal, sliding_window=sliding_window,
-        tree_mask=None if tree is None else tree.cpu(),
+        tree_mask=None if tree is None else tree.cpu(), softcap=softcap,
     )
     assert_close(out, shared, spec.dtype, f"{what} vs attention_reference_dense")
     return out, table
@@ -335,6 +341,26 @@ def test_split_kv_decode_many_chunks() -> None:
     assert int(table.merges[:, 5].max()) == 3
 
 
+@pytest.mark.parametrize(("dtype", "window", "kv_split"), [("float32", None, None), ("float16", 9, 16)])
+def test_logit_softcap(dtype: str, window: int | None, kv_split: int | None) -> None:
+    """Soft-capped scores (cap 0.5 against scores of a few units: the cap bends every one of them)
+    in the kernel's unmasked blocks (a long prompt), its masked ones (diagonals, tails, windows,
+    tree verify) and split-KV chunks, against both oracles; and the cap is not a compile-time
+    constant (one kernel serves any cap)."""
+    lengths = [(40, 40), (1, 37), (6, 30), (0, 5)]
+    batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                        dtype=getattr(torch, dtype), seed=21)
+    batch["q"] = batch["q"] * 4
+    spec = attn_spec(dtype, gqa=2, block_q=4, sliding_window=window is not None, softcap=True)
+    for cap in (0.5, 3.0):
+        out, _ = run_and_check(batch, spec, sliding_window=window, kv_split=kv_split, softcap=cap,
+                               what=f"softcap {cap}")
+    plain = oracle(batch, sliding_window=window)
+    assert (out.double().cpu() - plain).abs().max() > 0.05  # the cap changed the result
+    assert "softcap" in render_attention_source(spec) and "softcap" not in render_attention_source(
+        attn_spec(dtype, gqa=2, block_q=4, sliding_window=window is not None))
+
+
 def test_not_causal() -> None:
     """causal=False: every row sees all L_s positions (encoder-style / bidirectional chunks)."""
     lengths = [(5, 12), (1, 20), (16, 16)]
@@ -427,6 +453,7 @@ def test_strided_views_and_explicit_scale() -> None:
     kv_split=st.sampled_from([0, 16]),
     window=st.sampled_from([None, 6]),
     dtype=st.sampled_from(["float32", "float16"]),
+    softcap=st.sampled_from([None, 0.5]),
 )
 # No shrinking: under the interpreter a failing example would be re-run for minutes; the
 # example hypothesis prints is small already.
@@ -434,16 +461,18 @@ def test_strided_views_and_explicit_scale() -> None:
           phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 def test_random_mixes(kinds: list[str], seed: int, block_size: int, heads: tuple[int, int],
-                      block_q: int, kv_split: int, window: int | None, dtype: str) -> None:
-    """Random batch mixes (prefill/chunked/decode/verify/empty) against both oracles."""
+                      block_q: int, kv_split: int, window: int | None, dtype: str,
+                      softcap: float | None) -> None:
+    """Random batch mixes (prefill/chunked/decode/verify/empty) against both oracles, with and
+    without logit soft-capping."""
     hq, hkv = heads
     batch = make_batch(kinds, num_q_heads=hq, num_kv_heads=hkv, head_dim=16,
                        block_size=block_size, dtype=getattr(torch, dtype), seed=seed,
                        tree_size=4, max_len=36, device=DEVICE)
     spec = attn_spec(dtype, gqa=hq // hkv, block_q=block_q, tree=batch["tree_mask"] is not None,
-                     sliding_window=window is not None)
+                     sliding_window=window is not None, softcap=softcap is not None)
     run_and_check(batch, spec, sliding_window=window, kv_split=kv_split, num_programs=3,
-                  what=f"{kinds} seed={seed}")
+                  what=f"{kinds} seed={seed} softcap={softcap}", softcap=softcap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -705,6 +734,12 @@ def test_launch_validation() -> None:
         build_attention_kernel(tree)(*args, table)
     with pytest.raises(ValueError, match="bool"):
         build_attention_kernel(tree)(*args, table, tree_mask=torch.ones(2, 4, 4))
+    with pytest.raises(ValueError, match="without logit soft-capping"):
+        launch(*args, table, softcap=30.0)
+    capped = build_attention_kernel(attn_spec(gqa=2, block_q=4, softcap=True))
+    for bad in (None, 0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="softcap=<number > 0>"):
+            capped(*args, table, softcap=bad)
 
 
 def test_page_size_is_a_constant_except_for_one_page_sequences() -> None:

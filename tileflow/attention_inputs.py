@@ -15,6 +15,7 @@ to change; tests match on them, so keep their wording stable.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,6 +51,7 @@ class AttentionParams:
     sliding_window: bool
     tree: bool
     bias: bool
+    softcap: bool = False
 
 
 def _positive_int(spec: KernelSpec, key: str, value: Any) -> int:
@@ -67,10 +69,11 @@ def attention_params(
     """Validate a ``meta_attention`` KernelSpec's target-neutral params.
 
     Params (built with `make_params`): `head_dim`, `gqa` (query heads per KV head), `block_q`,
-    `block_kv`, `causal`, `sliding_window`, `tree`, `bias` (the last four bools; default
-    causal=True, the others False). A TileConfig, when present, supplies `block_q` (its
-    `block_m`) and `block_kv` (its `block_n`) when the params leave them out; a tile that
-    contradicts the params is an error. `block_kv` falls back to `default_block_kv`.
+    `block_kv`, `causal`, `sliding_window`, `tree`, `bias`, `softcap` (the last five bools;
+    default causal=True, the others False; `softcap`: logit soft-capping, the scores become
+    `cap * tanh(scores / cap)` before any mask or bias, the cap a launch argument). A
+    TileConfig, when present, supplies `block_q` (its `block_m`) and `block_kv` (its `block_n`)
+    when the params leave them out; a tile that contradicts the params is an error. `block_kv` falls back to `default_block_kv`.
 
     `target` names the backend in messages; `supported_dtypes` are its input dtypes.
     Raises ValueError for a spec no meta-attention kernel can implement.
@@ -111,7 +114,8 @@ def attention_params(
     block_q = _positive_int(spec, "block_q", block_q)
     block_kv = _positive_int(spec, "block_kv", block_kv)
     flags = {}
-    for key, default in (("causal", True), ("sliding_window", False), ("tree", False), ("bias", False)):
+    for key, default in (("causal", True), ("sliding_window", False), ("tree", False), ("bias", False),
+                         ("softcap", False)):
         value = spec.param(key, default)
         if not isinstance(value, bool):
             raise ValueError(f"spec {spec.name}: param {key!r} must be a bool, got {value!r}")
@@ -146,6 +150,7 @@ class LaunchInputs:
     attn_bias: torch.Tensor | None
     out: torch.Tensor
     bias_ranges: torch.Tensor | None = None
+    softcap: float | None = None
 
     @property
     def num_programs(self) -> int:
@@ -172,6 +177,7 @@ class AttentionParamsLike(Protocol):
     sliding_window: bool
     tree: bool
     bias: bool
+    softcap: bool
 
 
 def _table_field(table: Any, name: str) -> Any:
@@ -212,6 +218,7 @@ def check_launch_inputs(
     attn_bias: torch.Tensor | None = None,
     attn_bias_ranges: torch.Tensor | None = None,
     need_bias_ranges: bool = False,
+    softcap: float | None = None,
 ) -> LaunchInputs:
     """Validate one meta-attention launch against its spec params and task table.
 
@@ -223,7 +230,8 @@ def check_launch_inputs(
       (bool [S, T, T]) exactly when it has `tree=True`, `attn_bias` (float, broadcastable to
       [S, Hq, q_len, kv_len]) exactly when it has `bias=True`, with `attn_bias_ranges` when the
       caller has them (`bias_ranges(attn_bias)`; computed here when missing and
-      `need_bias_ranges`, for kernels that read them);
+      `need_bias_ranges`, for kernels that read them); `softcap` (a finite number > 0) exactly
+      when it has `softcap=True`;
     - `out`, when given, q's shape, dtype and device.
 
     Raises ValueError prefixed with `where` naming the first problem found.
@@ -345,6 +353,15 @@ def check_launch_inputs(
     elif attn_bias is not None or attn_bias_ranges is not None:
         raise fail("attn_bias was given but the kernel was built without bias support")
 
+    cap = None
+    if params.softcap:
+        if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                or not math.isfinite(softcap) or softcap <= 0):
+            raise fail(f"the kernel was built with logit soft-capping: pass softcap=<number > 0>, got {softcap!r}")
+        cap = float(softcap)
+    elif softcap is not None:
+        raise fail("softcap was given but the kernel was built without logit soft-capping")
+
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
@@ -355,7 +372,7 @@ def check_launch_inputs(
         q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
         cu_seqlens_q=cu_seqlens_q, seqlens_kv=seqlens_kv, tasks=tasks, program_offsets=offsets,
         program_tasks=prog_tasks, merges=merges, num_slots=num_slots, tree_mask=tree,
-        sliding_window=window, attn_bias=bias, out=out, bias_ranges=ranges,
+        sliding_window=window, attn_bias=bias, out=out, bias_ranges=ranges, softcap=cap,
     )
 
 

@@ -139,12 +139,15 @@ def attention_specs_for_node(node: fx.Node, target: str) -> list[KernelSpec]:
 
     q, k = node.args[0].meta["val"], node.args[1].meta["val"]
     mask, causal = node.args[3], bool(node.args[4])
+    softcap = node.kwargs.get("softcap", node.args[8] if len(node.args) > 8 else None)
+    window = node.kwargs.get("sliding_window", node.args[9] if len(node.args) > 9 else None)
     hq, hkv, d = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
     gqa = hq // hkv
     block_qs = sorted({attention_block_q(1, gqa, target), attention_block_q(1 << 20, gqa, target)})
     return [
         attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=bq, causal=causal,
-                       sliding_window=False, tree=False, bias=mask is not None, target=target)
+                       sliding_window=window is not None, tree=False, bias=mask is not None, target=target,
+                       softcap=softcap is not None)
         for bq in block_qs
     ]
 

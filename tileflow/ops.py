@@ -248,6 +248,7 @@ def _meta_attention_varlen(
     sliding_window: int | None = None,
     tree_mask: torch.Tensor | None = None,
     target: str = "",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Varlen paged-KV attention for a mixed batch (see `meta_attention_varlen`)."""
     from .runtime.attention import run_meta_attention_varlen
@@ -255,12 +256,13 @@ def _meta_attention_varlen(
     return run_meta_attention_varlen(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv,
         scale=scale, causal=causal, sliding_window=sliding_window, tree_mask=tree_mask, target=target,
+        softcap=softcap,
     )
 
 
 @_meta_attention_varlen.register_fake
 def _meta_attention_varlen_fake(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, scale=None,
-                                causal=True, sliding_window=None, tree_mask=None, target=""):
+                                causal=True, sliding_window=None, tree_mask=None, target="", softcap=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -276,6 +278,7 @@ def meta_attention_varlen(
     causal: bool = True,
     sliding_window: int | None = None,
     tree_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention for a batch mixing prefill, chunked prefill, decode and speculative verify.
 
@@ -286,10 +289,13 @@ def meta_attention_varlen(
     <= its own, with `sliding_window=w` only the last w of those; `tree_mask` bool [S, T, T]
     gives, for sequences with n_s <= T, exactly which of their new positions each row sees
     (speculative verify over a token tree). Head h reads KV head h // (Hq // Hkv); `scale`
-    defaults to 1/sqrt(D). Returns q's shape and dtype. Bad metadata raises ValueError.
+    defaults to 1/sqrt(D); `softcap` caps the scaled scores at +-softcap, `softcap * tanh(scores
+    / softcap)` (Gemma-2's logit soft-capping). Returns q's shape and dtype. Bad metadata raises
+    ValueError.
     """
     return torch.ops.tileflow.meta_attention_varlen(
-        q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, scale, causal, sliding_window, tree_mask, ""
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, scale, causal, sliding_window, tree_mask, "",
+        softcap,
     )
 
 
@@ -303,19 +309,25 @@ def _meta_attention(
     scale: float | None = None,
     target: str = "",
     mask_ranges: torch.Tensor | None = None,
+    softcap: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Dense attention `[B, Hq, S, D]` through the meta-kernel (see `meta_attention`).
 
     `mask_ranges` is `attention_mask_ranges(attn_mask)` when the graph computed it once for
     every layer that shares the mask (the attention pass does); None: computed per call.
+    `softcap` is a one-element tensor holding the logit soft-cap: a tensor, since under
+    `dynamic=True` Dynamo makes a model's float attribute a 0-d (CPU) tensor input.
     """
     from .runtime.attention import run_meta_attention
 
-    return run_meta_attention(q, k, v, attn_mask, causal, scale, target, mask_ranges=mask_ranges)
+    return run_meta_attention(q, k, v, attn_mask, causal, scale, target, mask_ranges=mask_ranges, softcap=softcap,
+                              sliding_window=sliding_window)
 
 
 @_meta_attention.register_fake
-def _meta_attention_fake(q, k, v, attn_mask=None, causal=False, scale=None, target="", mask_ranges=None):
+def _meta_attention_fake(q, k, v, attn_mask=None, causal=False, scale=None, target="", mask_ranges=None, softcap=None,
+                         sliding_window=None):
     b, hq, s, d = q.shape
     return q.new_empty((b, s, hq, d)).transpose(1, 2)
 
@@ -361,8 +373,16 @@ def meta_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    softcap: float | torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """`scaled_dot_product_attention` semantics for `q [B, Hq, S, D]`, `k`/`v [B, Hkv, S_kv, D]`
     (GQA when Hkv divides Hq), run by the meta-attention kernel. `attn_mask` is bool (True =
-    attend) or additive, broadcastable to [B, Hq, S, S_kv]; `causal` needs S == S_kv."""
-    return torch.ops.tileflow.meta_attention(q, k, v, attn_mask, causal, scale, "")
+    attend) or additive, broadcastable to [B, Hq, S, S_kv]; `causal` needs S == S_kv. `softcap`
+    (a number or a one-element tensor) caps the scaled scores before the mask: `softcap *
+    tanh(scores / softcap)`, Gemma-2's logit soft-capping. `sliding_window=w`: query i (at key
+    position S_kv - S + i) sees only the keys after position S_kv - S + i - w, as transformers'
+    sliding-window layers."""
+    if softcap is not None and not isinstance(softcap, torch.Tensor):
+        softcap = torch.tensor(float(softcap))
+    return torch.ops.tileflow.meta_attention(q, k, v, attn_mask, causal, scale, "", None, softcap, sliding_window)

@@ -38,13 +38,13 @@ def tileflow_attention_forward(
     -> ([B, S, Hq, D], None), like the SDPA integration."""
     if dropout and module.training:
         raise ValueError("tileflow attention is for inference: dropout during training is not supported")
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise ValueError("tileflow attention does not support logit soft-capping or attention sinks yet")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("tileflow attention does not support attention sinks (s_aux) yet")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers' SDPA path: an explicit mask wins, and one query row needs no causal rule.
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
     mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
-    out = meta_attention(query, key, value, mask, causal=causal, scale=scaling)
+    out = meta_attention(query, key, value, mask, causal=causal, scale=scaling, softcap=kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -52,8 +52,9 @@ def causal_attention_forward(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """`"tileflow_causal"`: always causal, never a mask tensor, no branch on the token count (so
-    one traced graph serves every count, 1 included). Padding masks are not supported."""
+    """`"tileflow_causal"`: always causal (within the layer's sliding window, if it has one, and
+    with its logit soft-cap), never a mask tensor, no branch on the token count (so one traced
+    graph serves every count, 1 included). Padding masks are not supported."""
     if attention_mask is not None:
         raise ValueError(
             "attn_implementation='tileflow_causal' takes no attention mask: pass packed tokens without "
@@ -61,13 +62,13 @@ def causal_attention_forward(
         )
     if kwargs.get("dropout") and module.training:
         raise ValueError("tileflow attention is for inference: dropout during training is not supported")
-    for name in ("sliding_window", "softcap", "s_aux"):
-        if kwargs.get(name) is not None:
-            raise ValueError(
-                f"attn_implementation='tileflow_causal' does not support {name} yet (the attention would be "
-                f"silently wrong); use attn_implementation='tileflow'"
-            )
-    out = meta_attention(query, key, value, None, causal=True, scale=kwargs.get("scaling"))
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(
+            "attn_implementation='tileflow_causal' does not support attention sinks (s_aux) yet (the attention "
+            "would be silently wrong)"
+        )
+    out = meta_attention(query, key, value, None, causal=True, scale=kwargs.get("scaling"), softcap=kwargs.get("softcap"),
+                         sliding_window=kwargs.get("sliding_window"))
     return out.transpose(1, 2).contiguous(), None
 
 

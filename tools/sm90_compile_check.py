@@ -90,6 +90,10 @@ def _record_launch(interpreted: Any, args: tuple, kwargs: dict) -> None:
             or (type(value) is int and value % 16 == 0)
         ):
             divisible.append(index)
+    # Launched from CPU tensors, the attention launcher turns off the GPU-only tanh.approx; an H200
+    # launch of half-precision inputs takes it.
+    if constexprs.get("FAST_TANH") is False and signature.get("q_ptr") in ("*fp16", "*bf16"):
+        constexprs["FAST_TANH"] = True
     key = (path, fn.__name__, repr(signature), repr(constexprs), repr(sorted(options.items())),
            tuple(divisible))
     _LAUNCHES.setdefault(key, {"path": path, "name": fn.__name__, "signature": signature,
@@ -343,9 +347,13 @@ def _launch_benchmark_kernels() -> None:
             kernel = runtime.get_kernel("triton", spec)
             kernel(torch.randn(5, k, dtype=bf16), torch.randn(8, rows, k, dtype=bf16),
                    torch.tensor([0, 2, 2, 3, 5, 5, 5, 5], dtype=torch.int32))
-    page, hq, d = 16, 32, 128
-    for q_lens, kv_lens, hkv in [([1] * 4, [40] * 4, 4), ([64, 5, 1], [64, 80, 33], 4),
-                                 ([1] * 4, [40] * 4, 8), ([64, 5, 1], [64, 80, 33], 8)]:
+    page = 16
+    # Llama-3-8B-like heads (32 query heads of 128 over 4 or 8 KV heads), and Gemma-2-9B's
+    # (16 over 8 heads of 256, scores soft-capped): decode-sized and prefill tiles.
+    for q_lens, kv_lens, hq, hkv, d, softcap in [
+            ([1] * 4, [40] * 4, 32, 4, 128, None), ([64, 5, 1], [64, 80, 33], 32, 4, 128, None),
+            ([1] * 4, [40] * 4, 32, 8, 128, None), ([64, 5, 1], [64, 80, 33], 32, 8, 128, None),
+            ([1] * 4, [40] * 4, 16, 8, 256, 50.0), ([80, 5, 1], [80, 80, 33], 16, 8, 256, 50.0)]:
         pages = [math.ceil(n / page) for n in kv_lens]
         table = torch.zeros(len(kv_lens), max(pages), dtype=torch.int32)
         start = 0
@@ -356,12 +364,15 @@ def _launch_benchmark_kernels() -> None:
         run_meta_attention_varlen(
             torch.randn(sum(q_lens), hq, d, dtype=bf16), torch.randn(start, page, hkv, d, dtype=bf16),
             torch.randn(start, page, hkv, d, dtype=bf16), table, cu,
-            torch.tensor(kv_lens, dtype=torch.int32), target="triton")
+            torch.tensor(kv_lens, dtype=torch.int32), target="triton", softcap=softcap)
     # The dense op with a compiled transformers model's causal mask as a bias (the e2e prompts).
     s = 80
     mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
-    run_meta_attention(torch.randn(1, hq, s, d, dtype=bf16), torch.randn(1, 8, s, d, dtype=bf16),
-                       torch.randn(1, 8, s, d, dtype=bf16), mask, False, None, target="triton")
+    run_meta_attention(torch.randn(1, 32, s, 128, dtype=bf16), torch.randn(1, 8, s, 128, dtype=bf16),
+                       torch.randn(1, 8, s, 128, dtype=bf16), mask, False, None, target="triton")
+    run_meta_attention(torch.randn(1, 16, s, 256, dtype=bf16), torch.randn(1, 8, s, 256, dtype=bf16),
+                       torch.randn(1, 8, s, 256, dtype=bf16), mask, False, None, target="triton",
+                       softcap=torch.tensor(50.0))
 
 
 def main() -> int:

@@ -218,6 +218,11 @@ class AttentionLayout:
         return self.params.bias
 
     @property
+    def softcap(self) -> bool:
+        """Logit soft-capping: never, on Ascend (`attention_layout` refuses it)."""
+        return False
+
+    @property
     def rows(self) -> int:
         """Rows of a tile (and of a split-KV workspace slot)."""
         return self.block_q * self.gqa
@@ -329,6 +334,11 @@ def attention_layout(spec: KernelSpec) -> AttentionLayout:
     """
     params = attention_params(spec, target="Ascend C", supported_dtypes=SUPPORTED_DTYPES,
                               default_block_kv=_DEFAULT_BLOCK_KV)
+    if params.softcap:
+        raise ValueError(
+            f"spec {spec.name}: the Ascend C meta-attention kernel does not implement logit "
+            f"soft-capping; use the triton or reference target for such models"
+        )
     esize = _ELEMENT_BYTES[spec.dtype]
     align = _BLOCK_BYTES // esize
     if params.head_dim % align:

@@ -37,6 +37,7 @@ from tileflow.tasks import TaskTable, check_metadata
 __all__ = [
     "accumulation_dtype",
     "visibility_mask",
+    "capped_scores",
     "attention_reference_dense",
     "run_task_table",
     "run_task",
@@ -112,6 +113,12 @@ def _masked_softmax_av(
     return out, lse
 
 
+def capped_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Logit soft-capping, `softcap * tanh(scores / softcap)` (Gemma-2, Grok), or `scores` as
+    they are when `softcap` is None. Applied to the scaled scores, before any mask or bias."""
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
+
 def _resolve_scale(scale: float | None, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
@@ -157,14 +164,16 @@ def attention_reference_dense(
     sliding_window: int | None = None,
     tree_mask: torch.Tensor | None = None,
     attn_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The definition of varlen paged meta-attention, sequence by sequence (the oracle).
 
     Shapes: ``q [total_q, Hq, D]``, caches ``[num_blocks, block_size, Hkv, D]``,
     ``block_table int32 [S, max_blocks]``, ``cu_seqlens_q int32 [S+1]``,
     ``seqlens_kv int32 [S]``, ``tree_mask bool [S, T, T]`` or None. Head h reads KV head
-    ``h // (Hq // Hkv)``; ``scale`` defaults to ``1/sqrt(D)``; ``attn_bias`` is added to the
-    scaled scores (see the module docstring). Returns q's shape and dtype.
+    ``h // (Hq // Hkv)``; ``scale`` defaults to ``1/sqrt(D)``; ``softcap`` caps the scaled scores
+    (`capped_scores`); ``attn_bias`` is added to them after (see the module docstring). Returns
+    q's shape and dtype.
     """
     # causal=False here: the dense oracle handles any tree mask, ordered or not.
     check_metadata(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, tree_mask, causal=False)
@@ -192,7 +201,7 @@ def attention_reference_dense(
             causal=causal, sliding_window=sliding_window,
             tree=None if tree_mask is None else tree_mask[s],
         )
-        scores = (qs @ k.transpose(1, 2)) * scale  # [Hq, n, L]
+        scores = capped_scores((qs @ k.transpose(1, 2)) * scale, softcap)  # [Hq, n, L]
         visible = visible.expand(num_q_heads, -1, -1)
         if attn_bias is not None:
             bias = _bias_rows(attn_bias, s, range(num_q_heads), slice(0, q_len), slice(0, kv_len), acc)
@@ -222,6 +231,7 @@ def run_task(
     tree_mask: torch.Tensor | None,
     attn_bias: torch.Tensor | None = None,
     attn_bias_ranges: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute one task: its tile's ``q_rows * R`` packed rows against its KV range.
 
@@ -254,7 +264,7 @@ def run_task(
         kv_len=kv_lens[seq], q_len=q_len, causal=causal, sliding_window=sliding_window,
         tree=None if tree_mask is None else tree_mask[seq],
     ).repeat_interleave(group, dim=0)
-    scores = (q_tile @ k.T) * scale
+    scores = capped_scores((q_tile @ k.T) * scale, softcap)
     if attn_bias is not None:
         bias = _bias_rows(attn_bias, seq, range(kv_head * group, (kv_head + 1) * group),
                           slice(q_start, q_start + q_rows), slice(kv_start, kv_end), acc)
@@ -317,6 +327,7 @@ def run_task_table(
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     attn_bias: torch.Tensor | None = None,
     attn_bias_ranges: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Execute a task table with torch ops, tile by tile, as the meta-attention kernel does.
 
@@ -375,7 +386,7 @@ def run_task_table(
             res, lse = run_task(
                 task, q, k_cache, v_cache, block_table, cu, kv_lens, group=group, scale=scale,
                 causal=causal, sliding_window=sliding_window, tree_mask=tree_mask, attn_bias=attn_bias,
-                attn_bias_ranges=attn_bias_ranges,
+                attn_bias_ranges=attn_bias_ranges, softcap=softcap,
             )
             seq, kv_head, q_start, q_rows, _, _, slot, _ = task
             if slot < 0:
@@ -395,7 +406,7 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
 
         launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
                scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None,
-               attn_bias_ranges=None) -> out
+               attn_bias_ranges=None, softcap=None) -> out
 
     ``causal`` comes from the spec (``spec.param("causal")``) and must match the table's;
     integer metadata is converted to int32. The returned kernel's ``source`` is the Python of
@@ -404,6 +415,7 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
     if spec.op != "meta_attention":
         raise ValueError(f"build_reference_attention got a {spec.op!r} spec")
     causal = bool(spec.param("causal", True))
+    has_softcap = bool(spec.param("softcap", False))
 
     def launch(
         q: torch.Tensor,
@@ -420,12 +432,19 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
         out: torch.Tensor | None = None,
         attn_bias: torch.Tensor | None = None,
         attn_bias_ranges: torch.Tensor | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """Run the task table with torch ops (see `run_task_table`)."""
+        if has_softcap != (softcap is not None):
+            raise ValueError(
+                f"kernel {spec.name}: softcap must be given exactly when the spec has softcap=True "
+                f"(spec: {has_softcap}, got softcap={softcap!r})"
+            )
         return run_task_table(
             table, q, k_cache, v_cache, block_table.to(torch.int32), cu_seqlens_q.to(torch.int32),
             seqlens_kv.to(torch.int32), scale=scale, causal=causal, sliding_window=sliding_window,
             tree_mask=tree_mask, out=out, attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges,
+            softcap=softcap,
         )
 
     source = "\n\n".join(inspect.getsource(fn) for fn in (run_task_table, run_task, merge_partials))

@@ -30,6 +30,8 @@ class LayerShard:
     kv_lo: int
     kv_hi: int
     scale: float
+    sliding_window: int | None = None
+    softcap: float | None = None
 
     @property
     def q_heads(self) -> tuple[int, int]:
@@ -39,11 +41,13 @@ class LayerShard:
 
 
 def encode_init(layers: list[LayerShard], block_size: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The INIT message and its float64 scales."""
+    """The INIT message (a layer's sliding window 0 when it has none) and its float64 scales and
+    soft-caps ([L, 2]; a cap of 0 when the layer has none)."""
     ctl = [OP_INIT, len(layers), block_size, num_blocks]
     for s in layers:
-        ctl += [s.num_q_heads, s.num_kv_heads, s.head_dim, s.kv_lo, s.kv_hi]
-    return torch.tensor(ctl, dtype=torch.int64), torch.tensor([s.scale for s in layers], dtype=torch.float64)
+        ctl += [s.num_q_heads, s.num_kv_heads, s.head_dim, s.kv_lo, s.kv_hi, s.sliding_window or 0]
+    floats = [[s.scale, s.softcap or 0.0] for s in layers]
+    return torch.tensor(ctl, dtype=torch.int64), torch.tensor(floats, dtype=torch.float64).view(len(layers), 2)
 
 
 class AttentionWorker:
@@ -78,10 +82,11 @@ class AttentionWorker:
     def _init(self, ctl: torch.Tensor) -> None:
         if int(ctl[0]) != OP_INIT:
             raise PeerError(f"rank {self.t.rank}: expected INIT from rank 0, got opcode {int(ctl[0])}")
-        scales = self.t.recv(0, "layer scales")
+        floats = self.t.recv(0, "layer scales and soft-caps")
         n, self.block_size, self.num_blocks = (int(x) for x in ctl[1:4])
-        fields = ctl[4:].view(n, 5).tolist()
-        self.layers = [LayerShard(*f, scale=float(s)) for f, s in zip(fields, scales.tolist())]
+        fields = ctl[4:].view(n, 6).tolist()
+        self.layers = [LayerShard(*f[:5], scale=scale, sliding_window=f[5] or None, softcap=cap or None)
+                       for f, (scale, cap) in zip(fields, floats.view(n, 2).tolist())]
         heads = {(s.kv_hi - s.kv_lo, s.head_dim) for s in self.layers}
         if len(heads) != 1:
             raise ValueError(f"layers differ in KV heads or head size per shard: {sorted(heads)}")
@@ -129,7 +134,8 @@ class AttentionWorker:
                 cache.reserve(seq, n)
         step = cache.prepare([cache.blocks(s) for s in batch.seq_ids], batch.q_lens, batch.starts)
         cache.write_batch(layer, step, k, v)
-        out = cache.attend_batch(layer, q, step, scale=shard.scale)
+        out = cache.attend_batch(layer, q, step, scale=shard.scale, sliding_window=shard.sliding_window,
+                                 softcap=shard.softcap)
         if layer == len(self.layers) - 1:
             for seq, n in zip(batch.seq_ids, batch.q_lens):
                 cache.commit(seq, n)

@@ -123,7 +123,8 @@ class ModelWorker:
         self._leader_only("start")
         for w, rank in enumerate(self.layout.attention_ranks):
             shards = [
-                LayerShard(c.num_q_heads, c.num_kv_heads, c.head_dim, *self.shards[i][w], scale=c.scale)
+                LayerShard(c.num_q_heads, c.num_kv_heads, c.head_dim, *self.shards[i][w], scale=c.scale,
+                           sliding_window=c.sliding_window, softcap=c.softcap)
                 for i, c in enumerate(self.program.cuts)
             ]
             ctl, scales = encode_init(shards, self.block_size, self.num_blocks)

@@ -71,16 +71,18 @@ def attention_programs(target: str, device: torch.device, *, decode: bool = Fals
 
 def attention_spec(
     *, dtype: torch.dtype, head_dim: int, gqa: int, block_q: int, causal: bool, sliding_window: bool, tree: bool, bias: bool,
-    target: str = "",
+    target: str = "", softcap: bool = False,
 ) -> KernelSpec:
     """The KernelSpec of one meta-attention kernel (its KV step sized for `target`)."""
+    # `softcap` joins the params only when set, so the other specs keep their digests.
+    extra = {"softcap": True} if softcap else {}
     return KernelSpec(
         op="meta_attention",
         dtype=dtype_name(dtype),
         out_dtype=dtype_name(dtype),
         params=make_params(head_dim=head_dim, gqa=gqa, block_q=block_q,
                            block_kv=attention_block_kv(head_dim, target, decode=is_decode_tile(block_q, gqa), dtype=dtype),
-                           causal=causal, sliding_window=sliding_window, tree=tree, bias=bias),
+                           causal=causal, sliding_window=sliding_window, tree=tree, bias=bias, **extra),
     )
 
 
@@ -101,13 +103,14 @@ def run_meta_attention_varlen(
     check: bool = True,
     host_metadata: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     attn_bias_ranges: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Validate the batch (when `check`), build its task table and launch the meta-kernel.
 
     `host_metadata` = (cu_seqlens_q, seqlens_kv) as host ints, when the caller already knows
     them: it spares reading the device tensors back (a device sync per call).
     `attn_bias_ranges` are `bias_ranges(attn_bias)` when the caller has them (computed here
-    otherwise).
+    otherwise). `softcap` caps the scaled scores: `softcap * tanh(scores / softcap)`.
     """
     target = resolve_target(target or current_config().target, q.device)
     if check:
@@ -116,6 +119,8 @@ def run_meta_attention_varlen(
         host_metadata = host_metadata if host_metadata is not None else checked
     if sliding_window is not None and (isinstance(sliding_window, bool) or sliding_window < 1):
         raise ValueError(f"meta_attention_varlen: sliding_window must be a positive int or None, got {sliding_window!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"meta_attention_varlen: softcap must be a number > 0 or None, got {softcap!r}")
     hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
     gqa = hq // hkv
     cu, lens = host_metadata if host_metadata is not None else (tuple(cu_seqlens_q.tolist()), tuple(seqlens_kv.tolist()))
@@ -125,6 +130,8 @@ def run_meta_attention_varlen(
         # Once per call, for every launch: where the bias hides keys or adds nothing.
         ranges = attn_bias_ranges if attn_bias_ranges is not None else bias_ranges(attn_bias)
         kwargs.update(attn_bias=attn_bias, attn_bias_ranges=ranges)
+    if softcap is not None:
+        kwargs["softcap"] = float(softcap)
     programs = (attention_programs(target, q.device, decode=True), attention_programs(target, q.device))
     for block_q, table in _launch_plan(cu, lens, hq, hkv, target, programs, sliding_window, causal, str(q.device)):
         # A cached table is device memory a captured graph would read on every replay: keep it
@@ -132,7 +139,7 @@ def run_meta_attention_varlen(
         keep_alive_while_captured(table)
         table.ready_on_current_stream()  # its copy may have been queued on another stream
         kernel = _attention_kernel(target, q.dtype, d, gqa, block_q, causal, sliding_window is not None,
-                                   tree_mask is not None, attn_bias is not None)
+                                   tree_mask is not None, attn_bias is not None, softcap is not None)
         kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table,
                scale=scale if scale is not None else 1.0 / math.sqrt(d),
                tree_mask=tree_mask, sliding_window=sliding_window, out=out, **kwargs)
@@ -142,14 +149,15 @@ def run_meta_attention_varlen(
 @functools.lru_cache(maxsize=256)
 def _attention_kernel(
     target: str, dtype: torch.dtype, head_dim: int, gqa: int, block_q: int, causal: bool, sliding_window: bool,
-    tree: bool, bias: bool,
+    tree: bool, bias: bool, softcap: bool = False,
 ) -> Any:
     """The built kernel of `attention_spec(...)`: looked up once per variant, since building the
     spec and hashing it for `get_kernel` cost more host time than a decode step can spare."""
     from . import get_kernel
 
     return get_kernel(target, attention_spec(dtype=dtype, head_dim=head_dim, gqa=gqa, block_q=block_q, causal=causal,
-                                             sliding_window=sliding_window, tree=tree, bias=bias, target=target))
+                                             sliding_window=sliding_window, tree=tree, bias=bias, target=target,
+                                             softcap=softcap))
 
 
 @functools.lru_cache(maxsize=256)
@@ -201,6 +209,8 @@ def run_meta_attention(
     target: str = "",
     *,
     mask_ranges: torch.Tensor | None = None,
+    softcap: torch.Tensor | float | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Dense attention `[B, Hq, S, D] x [B, Hkv, S_kv, D]` through the varlen meta-kernel.
 
@@ -210,8 +220,11 @@ def run_meta_attention(
     `[B, Hq, S, S_kv]`) is added to the scores; its `bias_ranges` tell the kernel which keys it
     hides (skipped) and where it adds nothing (no bias read): `mask_ranges`
     (`tileflow.ops.attention_mask_ranges(attn_mask)`, shared by the layers of a graph) or
-    computed here. Returns `[B, Hq, S, D]` (stored as `[B, S, Hq, D]`,
-    the layout attention outputs usually have).
+    computed here. `softcap` caps the scaled scores before the mask (`softcap * tanh(scores /
+    softcap)`): a number or a 0-d tensor (what Dynamo makes of a model's float; read on the host,
+    which for a tensor on a device waits for it). `sliding_window=w` hides the keys at or before
+    position p - w from the query at position p = S_kv - S + i. Returns `[B, Hq, S, D]` (stored as
+    `[B, S, Hq, D]`, the layout attention outputs usually have).
     """
     b, hq, s, d = q.shape
     s_kv = k.shape[2]
@@ -238,6 +251,17 @@ def run_meta_attention(
     out = run_meta_attention_varlen(
         q_flat, k_cache, v_cache, block_table, cu, seqlens,
         scale=scale, causal=causal, attn_bias=bias, attn_bias_ranges=ranges, target=target, check=False,
+        softcap=_number(softcap, "softcap"), sliding_window=sliding_window,
         host_metadata=(tuple(range(0, b * s + 1, s)) if s > 0 else (0,) * (b + 1), (s_kv,) * b),
     )
     return out.view(b, s, hq, d).transpose(1, 2)
+
+
+def _number(value: torch.Tensor | float | None, name: str) -> float | None:
+    """A number given as a Python number or a one-element tensor, as a float (None stays None)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"meta_attention: {name} must be a number or a one-element float tensor, "
+                             f"got a {value.dtype} tensor of shape {list(value.shape)}")
+        return float(value.item())
+    return None if value is None else float(value)

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from tileflow.passes.disaggregate import AttentionCut
@@ -51,18 +51,25 @@ class RandomProgram:
     slots=st.integers(1, 4), draft=st.integers(0, 3), extra_budget=st.integers(1, 20), seed=st.integers(0, 1000),
     stops=st.sets(st.integers(0, 7), max_size=3), overlap=st.booleans(),
     aborts=st.dictionaries(st.integers(0, 6), st.integers(0, 30), max_size=3),
+    spare_blocks=st.integers(0, 12),
 )
-def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, seed, stops, overlap, aborts) -> None:
+def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, seed, stops, overlap, aborts,
+                              spare_blocks) -> None:
     program = RandomProgram(seed)
     draft = 0 if overlap else draft  # overlapped steps do not draft
     budget = slots * (1 + draft) + extra_budget
-    engine = ServingEngine(program, token_budget=budget, decode_slots=slots, max_draft=draft, block_size=4, num_blocks=64,
-                           overlap=overlap)
+    # As few KV blocks as the longest request's life needs, and a few more: requests grow into
+    # each other's room and the youngest are preempted.
+    lives = [-(-(len(p) + n + draft) // 4) for p, n in zip(prompts, new_tokens)]
+    num_blocks = max(lives) + spare_blocks
+    engine = ServingEngine(program, token_budget=budget, decode_slots=slots, max_draft=draft, block_size=4,
+                           num_blocks=num_blocks, overlap=overlap)
     requests = [Request(i, p, new_tokens[i], stop_tokens=stops) for i, p in enumerate(prompts)]
     for r in requests:
         engine.add(r)
-    # Every request is served within a bound: prompt tokens at >= 1 per step, plus one step per new token.
-    bound = sum(len(p) + n for p, n in zip(prompts, new_tokens)) + 1
+    # Every request is served within a bound: its tokens at >= 1 per step, computed again after
+    # each preemption (only older requests' growth preempts it: at most their blocks in all).
+    bound = sum(len(p) + n for p, n in zip(prompts, new_tokens)) * (2 + sum(lives))
     aborted = set()
     for step in range(bound):
         for i in sorted(i for i, at in aborts.items() if at == step and i < len(requests)):
@@ -73,12 +80,19 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
         if not engine.scheduler.has_work():
             break
         ready = [r for r in engine.scheduler.running if not r.prefilling]
+        before = list(engine.scheduler.running)
         entries = engine.step()
         assert sum(len(e.tokens) for e in entries) <= budget
         decoding = [e.request for e in entries if e.kind in ("decode", "verify")]
-        assert decoding == ready  # every request past its prompt got its slot, in order
+        preempted = engine.scheduler.last_preempted
+        # Every request past its prompt got its slot, in order, unless it gave its blocks up.
+        assert decoding == [r for r in ready if r not in preempted]
+        assert all(not r.blocks and (r.done or r in engine.scheduler.waiting) for r in preempted)
+        assert not preempted or all(e.request in before for e in entries)  # a step that preempts admits no one
         assert len(engine.scheduler.running) <= slots
         assert len({id(e.request) for e in entries}) == len(entries)
+        # Every reference is a running request's block; nothing leaks across preemptions.
+        assert sum(engine.allocator.refs) == sum(len(r.blocks) for r in engine.scheduler.running)
     assert not engine.scheduler.has_work(), "a request starved"
     engine.synchronize()  # an abort after the last step leaves that step's tokens in flight
     for r in requests:  # each ran to its token count, to its first stop token, or until aborted
@@ -91,9 +105,11 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
             assert r.finish_reason == ("stop" if generated[-1] in stops else "length")
             assert r.generated == r.max_new_tokens or r.finish_reason == "stop"
     assert engine.metrics.generated == sum(r.generated for r in requests)
+    assert engine.metrics.preemptions == engine.scheduler.preemptions
+    event("preempted" if engine.metrics.preemptions else "no preemption")  # --hypothesis-show-statistics
     assert engine.allocator.all_free()
     engine.allocator.drop_cache()
-    assert sorted(engine.allocator._free) == list(range(64))
+    assert sorted(engine.allocator._free) == list(range(num_blocks))
 
 
 def test_block_allocator_refcounts_and_cache() -> None:
@@ -201,6 +217,25 @@ def test_greedy_tokens_equal_eager_generation(llama_program, max_draft: int) -> 
     assert 0 <= metrics.waited < metrics.wall and summary["host_waiting_share"] == metrics.waited / metrics.wall
     if max_draft:
         assert 0 < metrics.accepted <= metrics.drafted  # a repetitive random model accepts some drafts
+    assert engine.allocator.all_free()
+
+
+@pytest.mark.parametrize("max_draft,overlap", [(0, True), (0, False), (3, False)])
+def test_preempted_requests_recompute_and_generate_the_same_tokens(llama_program, max_draft: int,
+                                                                   overlap: bool) -> None:
+    """A cache of 12 blocks for requests whose lives need up to 11: they grow into each other's
+    room, the youngest are preempted and recompute their prompt and generated tokens later; the
+    tokens are still eager generation's, and every block comes back."""
+    program, reference = llama_program
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (30, 13, 18, 5)]
+    engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4, num_blocks=12,
+                           overlap=overlap)
+    requests = [Request(i, p, 10, stop_tokens=_eos(reference)) for i, p in enumerate(prompts)]
+    metrics = engine.run(requests)
+    assert metrics.preemptions > 0
+    for r in requests:
+        assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 10), r.id
     assert engine.allocator.all_free()
 
 

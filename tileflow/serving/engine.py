@@ -97,6 +97,7 @@ class Metrics:
     generated: int = 0
     drafted: int = 0
     accepted: int = 0
+    preemptions: int = 0  # requests sent back to recompute for want of KV blocks
     ttft: dict[int, float] = field(default_factory=dict)
     token_times: dict[int, list[float]] = field(default_factory=dict)
     wall: float = 0.0
@@ -115,6 +116,7 @@ class Metrics:
             "mean_ttft_s": sum(self.ttft.values()) / len(self.ttft) if self.ttft else 0.0,
             "mean_tbt_s": sum(gaps) / len(gaps) if gaps else 0.0,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "preemptions": self.preemptions,
             "mean_step_tokens": self.tokens_in_steps / self.steps if self.steps else 0.0,
             "host_waiting_share": self.waited / self.wall if self.wall else 0.0,
         }
@@ -218,6 +220,7 @@ class ServingEngine:
             r.id: prompt_lookup_draft(r.tokens, self.max_draft) for r in self.scheduler.running if not r.prefilling
         } if self.max_draft else {}
         entries = self.scheduler.schedule(drafts)
+        self.metrics.preemptions += len(self.scheduler.last_preempted)
         if not entries:
             raise RuntimeError("the scheduler produced an empty step with requests pending (no KV room?)")
         logits = self.forward(entries)

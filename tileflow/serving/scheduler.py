@@ -3,9 +3,15 @@
 Each step first gives every running request that finished its prompt a decode slot: its last
 token, plus the drafted tokens to verify when a drafter proposed some. The rest of the budget
 goes to prompt chunks, oldest request first, so long prompts are chunked over several steps and
-no request waits forever. A request is admitted only when the KV blocks for its whole life
-(prompt, new tokens, a draft) can be set aside, less the prompt blocks it shares with a cached
-prefix; so a step never runs out of blocks and nothing is ever preempted.
+no request waits forever.
+
+KV blocks are given as requests grow (vLLM's paged allocation): a request is admitted when the
+blocks for its prompt are free, less the prompt blocks it shares with a cached prefix, and each
+decode or verify slot takes the blocks its new positions need. When none is left, the youngest
+running request is preempted: its blocks go back, and it returns to the head of the queue to
+recompute its prompt and the tokens it generated when it is admitted again (vLLM's recompute
+preemption). The oldest request is never preempted for another, and every request's whole life
+fits the cache, so each request finishes.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class Request:
     # launched but has not read back yet: row `row` of the step in flight (ServingEngine.overlap).
     tokens: list[int] = field(default_factory=list)
     computed: int = 0  # leading tokens whose KV is in the cache
+    # Leading tokens computed as prompt chunks: the prompt, or after a preemption every token.
+    prefill_len: int = field(default=0, init=False)
     blocks: list[int] = field(default_factory=list)
     generated: int = 0
     done: bool = False
@@ -49,6 +57,7 @@ class Request:
             )
         self.stop_tokens = frozenset(int(t) for t in self.stop_tokens)
         self.tokens = list(self.prompt)
+        self.prefill_len = len(self.prompt)
 
     def prompt_hashes(self, block_size: int) -> list[str]:
         """`prefix_hashes(prompt, block_size)`, computed on the first call only: admission (tried
@@ -59,8 +68,9 @@ class Request:
 
     @property
     def prefilling(self) -> bool:
-        """True until every prompt token's KV is computed."""
-        return self.computed < len(self.prompt)
+        """True until the KV of every token to prefill (the prompt; after a preemption, every
+        token so far) is computed."""
+        return self.computed < self.prefill_len
 
 
 class Entry(NamedTuple):  # a tuple: made for every running request in every step, cheaply
@@ -88,10 +98,12 @@ class Scheduler:
         self.token_budget, self.decode_slots, self.max_draft = token_budget, decode_slots, max_draft
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.preemptions = 0  # over the scheduler's life
+        self.last_preempted: list[Request] = []  # by the latest `schedule`
 
     def add(self, request: Request) -> None:
         """Queue a request (first come, first served)."""
-        need = self._blocks_for(request, shared=0)
+        need = self._blocks_for(len(request.prompt) + request.max_new_tokens + self.max_draft)
         if need > self.allocator.num_blocks:
             raise ValueError(
                 f"request {request.id} needs {need} KV blocks, more than the {self.allocator.num_blocks} there are"
@@ -103,21 +115,32 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self, drafts: dict[int, list[int]] | None = None) -> list[Entry]:
-        """The next step's entries: decode/verify slots first, then prompt chunks."""
+        """The next step's entries: decode/verify slots first, then prompt chunks. A slot that
+        needs a block when none is free preempts the youngest running request (see the module
+        docstring); a step that preempted admits no one."""
         budget = self.token_budget
         entries: list[Entry] = []
         prefilling = []
-        for r in self.running:  # one pass per step over every running request: kept lean
-            if r.computed < len(r.prompt):
+        self.last_preempted = []
+        bs = self.allocator.block_size
+        i = 0
+        while i < len(self.running):  # one pass per step over every running request: kept lean
+            r = self.running[i]
+            i += 1
+            if r.computed < r.prefill_len:
                 prefilling.append(r)
                 continue
             room = min(self.max_draft, r.max_new_tokens - r.generated - 1)
             draft = drafts[r.id][: max(0, room)] if drafts and r.id in drafts else ()
+            if len(r.blocks) * bs < r.computed + 1 + len(draft) and not self._grow(r, r.computed + 1 + len(draft)):
+                break  # r, the youngest left, gave its own blocks up
             entries.append(Entry(r, [r.tokens[-1], *draft], r.computed, "verify" if draft else "decode"))
             budget -= 1 + len(draft)
-        for r in prefilling:
+        for r in prefilling:  # older than any request preempted above: still running
             if budget > 0:
                 budget -= self._chunk(r, budget, entries)
+        if self.last_preempted:
+            return entries
         while self.waiting and budget > 0 and len(self.running) < self.decode_slots and self._admit(self.waiting[0]):
             r = self.waiting.popleft()
             self.running.append(r)
@@ -142,28 +165,52 @@ class Scheduler:
         return next((r for r in (*self.running, *self.waiting) if r.id == request_id), None)
 
     def _chunk(self, r: Request, budget: int, entries: list[Entry]) -> int:
-        n = min(budget, len(r.prompt) - r.computed)
+        n = min(budget, r.prefill_len - r.computed)
         entries.append(Entry(r, r.tokens[r.computed : r.computed + n], r.computed, "prefill"))
         return n
 
-    def _blocks_for(self, r: Request, shared: int) -> int:
-        bs = self.allocator.block_size
-        total = len(r.prompt) + r.max_new_tokens + self.max_draft
-        return -(-total // bs) - shared
+    def _blocks_for(self, positions: int) -> int:
+        return -(-positions // self.allocator.block_size)
 
     def _admit(self, r: Request) -> bool:
         bs = self.allocator.block_size
-        # Reuse full prompt blocks, but always compute the last prompt token (its logits are needed).
-        shared = self.allocator.lookup(r.prompt_hashes(bs)[: (len(r.prompt) - 1) // bs])
-        if self._blocks_for(r, len(shared)) > self.allocator.available - sum(
-            1 for b in shared if self.allocator.refs[b] == 0
-        ):
+        # Reuse full prompt blocks, but always compute the last token to prefill (its logits are needed).
+        shared = self.allocator.lookup(r.prompt_hashes(bs)[: (r.prefill_len - 1) // bs])
+        need = self._blocks_for(r.prefill_len) - len(shared)
+        if need > self.allocator.available - sum(1 for b in shared if self.allocator.refs[b] == 0):
             return False
         for b in shared:
             self.allocator.share(b)
-        r.blocks = list(shared) + [self.allocator.allocate() for _ in range(self._blocks_for(r, len(shared)))]
+        r.blocks = list(shared) + [self.allocator.allocate() for _ in range(need)]
         r.computed = len(shared) * bs
         return True
+
+    def _grow(self, r: Request, positions: int) -> bool:
+        """Give r the blocks for its first `positions` positions, preempting the youngest running
+        requests while none is free; False when r itself had to go."""
+        while len(r.blocks) * self.allocator.block_size < positions:
+            if self.allocator.available == 0:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is r:
+                    return False
+                continue
+            r.blocks.append(self.allocator.allocate())
+        return True
+
+    def _preempt(self, r: Request) -> None:
+        """Take a running request's blocks back and queue it first, to recompute every token it
+        has (prompt and generated) as its prompt when admitted again."""
+        self.running.remove(r)
+        for block in r.blocks:
+            self.allocator.release(block)
+        r.blocks = []
+        r.computed = 0
+        r.prefill_len = len(r.tokens)
+        r._registered = 0
+        self.waiting.appendleft(r)
+        self.preemptions += 1
+        self.last_preempted.append(r)
 
 
 def register_full_blocks(allocator: BlockAllocator, request: Request, upto: int) -> None:

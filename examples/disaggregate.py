@@ -9,7 +9,8 @@ and a new one joins with its prompt (chunked prefill mixed with decode). `--chec
 tokens through the eager transformers model with a per-sequence KV cache on rank 0 and compares
 every step's logits; the script exits 1 on any mismatch, 2 when a peer fails. `--arch gemma2`
 decodes a Gemma-2 instead: every other layer has a 5-token sliding window and every layer soft-
-caps its scores, which the attention workers apply from what the cuts carry.
+caps its scores; `--arch gpt_oss` a gpt-oss, with windows and attention sinks. The attention
+workers apply them from what the cuts carry.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import torch
 
 
 def build_model(gqa: int, layers: int, seed: int, arch: str = "llama") -> torch.nn.Module:
-    """The same random-weight model on every rank (same seed): a Llama, or a Gemma-2 with a
-    sliding window shorter than the prompts and a soft-cap that bends its scores."""
+    """The same random-weight model on every rank (same seed): a Llama, a Gemma-2 with a sliding
+    window shorter than the prompts and a soft-cap that bends its scores, or a gpt-oss with such
+    windows and random attention sinks."""
     import transformers
 
     kv_heads = 4 if gqa == 1 else 2
@@ -37,12 +39,19 @@ def build_model(gqa: int, layers: int, seed: int, arch: str = "llama") -> torch.
     if arch == "gemma2":
         cfg = transformers.Gemma2Config(**shape, sliding_window=5, attn_logit_softcapping=0.5, initializer_range=0.2)
         return transformers.Gemma2ForCausalLM(cfg).eval()
+    if arch == "gpt_oss":
+        cfg = transformers.GptOssConfig(**shape, sliding_window=5, num_local_experts=4, num_experts_per_tok=2)
+        model = transformers.GptOssForCausalLM(cfg).eval()
+        with torch.no_grad():  # they start at zero: random ones, to matter
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 2.0)
+        return model
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).eval()
 
 
 class Reference:
-    """The single-process run: the eager model (SDPA; transformers' own attention for soft-capped
-    models) with a transformers KV cache per sequence."""
+    """The single-process run: the eager model (SDPA; transformers' own attention for models with
+    soft-caps or sinks, which SDPA lacks) with a transformers KV cache per sequence."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         import copy
@@ -50,8 +59,8 @@ class Reference:
         import transformers
 
         self.model = copy.deepcopy(model)
-        capped = getattr(self.model.config, "attn_logit_softcapping", None) is not None
-        self.model.config._attn_implementation = "eager" if capped else "sdpa"
+        beyond_sdpa = self.model.config.model_type in ("gemma2", "gpt_oss")
+        self.model.config._attn_implementation = "eager" if beyond_sdpa else "sdpa"
         self.caches: dict[int, transformers.DynamicCache] = {}
         self._cache_type = transformers.DynamicCache
 
@@ -67,8 +76,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model-workers", type=int, default=1, help="model replicas (ranks 0 … m − 1); the rest attend")
     p.add_argument("--gqa", type=int, default=4, choices=(1, 4), help="query heads per KV head")
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--arch", choices=("llama", "gemma2"), default="llama",
-                   help="gemma2: sliding-window layers and soft-capped scores")
+    p.add_argument("--arch", choices=("llama", "gemma2", "gpt_oss"), default="llama",
+                   help="gemma2: sliding-window layers and soft-capped scores; gpt_oss: windows and attention sinks")
     p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
     p.add_argument("--batches", type=int, default=2, help="batches in flight (>= 2 staggers them)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a receive within a step waits before failing")

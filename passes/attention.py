@@ -13,7 +13,9 @@ through `meta_attention_varlen`). Matched forms:
   (`bmm` over flattened heads, the scale as a multiply or divide by a number or a 0-d tensor,
   an additive mask or a bool one applied by `masked_fill(scores, ~keep, -inf)` or
   `where(keep, scores, -inf)`, an optional dtype round trip around the softmax), with or without logit
-  soft-capping, `cap * tanh(scores / cap)` before the mask (Gemma-2);
+  soft-capping, `cap * tanh(scores / cap)` before the mask (Gemma-2), and with or without
+  attention sinks, a per-head logit joined to the scores before the softmax and its column
+  dropped after (`softmax(cat([scores, sinks]) - max)[..., :-1]`, gpt-oss);
 - GQA/MQA: K/V widened by `repeat_kv` (unsqueeze/expand/reshape) are read at their real head
   count instead (the kernel packs the query heads of a KV head into one tile);
 Variants the kernel does not implement (dropout, a used log-sum-exp output, `is_causal` with
@@ -51,8 +53,8 @@ _DTYPES = {
     "triton": (torch.float16, torch.bfloat16, torch.float32),
     "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
-# Targets whose meta-attention kernel implements logit soft-capping.
-_SOFTCAP_TARGETS = ("triton", "reference")
+# Targets whose meta-attention kernel implements logit soft-capping and attention sinks.
+_SOFTCAP_TARGETS = _SINK_TARGETS = ("triton", "reference")
 
 
 def _val(node: Any) -> Any:
@@ -230,6 +232,9 @@ class Attention:
         # Walk back from the softmax input:
         # [add mask] <- [cap * tanh(. / cap)] <- [mul/div scale] <- view <- bmm(q, k^T).
         cur, mask, scale_mul, scale_div = softmax.args[0], None, None, None
+        sinks, cur = _sink_join(cur)
+        if sinks is not None and ctx.target not in _SINK_TARGETS:
+            return f"attention sinks (a logit joined to the scores) are not implemented by the {ctx.target} meta-attention kernel"
         if _is_op(cur, aten.add.Tensor) and len(cur.users) == 1:
             scores_side = [a for a in cur.args if _path_to_product(a, depth=7) is not None]
             if len(scores_side) != 1:
@@ -269,10 +274,17 @@ class Attention:
             return "the k operand of q @ k^T is not a [B, H, S, D] tensor transposed in its last two dimensions"
         k, k_inner = _constant_factor(kt.args[0])
         k_factor *= k_inner
-        # Forward from the softmax: [cast] -> view -> bmm(p, v) -> view [B, H, S, D].
+        # Forward from the softmax: [cast] -> [drop the sinks' column] -> view -> bmm(p, v) -> view [B, H, S, D].
         nxt = _only_user(softmax)
         if nxt is not None and nxt.target is torch.ops.prims.convert_element_type.default:
             nxt = _only_user(nxt)
+        if sinks is not None:
+            if not (_is_op(nxt, aten.slice.Tensor) and nxt.args[1] in (-1, 3) and nxt.args[2] in (0, None)
+                    and nxt.args[3] == -1):
+                return "the sinks' column is not dropped from the softmax output before P @ V"
+            nxt = _only_user(nxt)
+            while nxt is not None and nxt.target is aten.clone.default:
+                nxt = _only_user(nxt)
         if nxt is None or nxt.target not in _VIEWS:
             return "the softmax output is used for more than the P @ V product"
         pv = _only_user(nxt)
@@ -297,6 +309,8 @@ class Attention:
         hq, hkv = int(qv.shape[1]), int(_val(k_real).shape[1])
         if hq % hkv:
             return f"{hq} query heads are not a multiple of {hkv} KV heads"
+        if sinks is not None and tuple(_val(sinks).shape) != (hq,):
+            return f"the attention sinks hold {_val(sinks).numel()} logits for {hq} query heads"
         scale: float | None = q_factor * k_factor
         ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
         with graph.inserting_before(out4):
@@ -311,17 +325,24 @@ class Attention:
             if softcap is not None and not isinstance(softcap, fx.Node):
                 softcap = graph.call_function(aten.scalar_tensor.default, (float(softcap),), {"dtype": torch.float32})
                 infer_meta(softcap)
+            extra: tuple[Any, ...] = ()
+            if sinks is not None:
+                if _val(sinks).dim() != 1:  # the [1, H, 1, 1] logits models broadcast, as [H]
+                    sinks = graph.call_function(aten.reshape.default, (sinks, [hq]))
+                    infer_meta(sinks)
+                extra = (softcap, None, sinks)
+            elif softcap is not None:
+                extra = (softcap,)
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
-                (q_in, k_real, v_real, mask, False, scale, ctx.target, ranges)
-                + ((softcap,) if softcap is not None else ()),
+                (q_in, k_real, v_real, mask, False, scale, ctx.target, ranges) + extra,
             )
         infer_meta(new)
         if _val(new).dtype != _val(out4).dtype:
             return "the manual attention changes dtype between its inputs and output"
         copy_source_meta(softmax, new)
         new.meta["tileflow"] = {"kind": "meta_attention", "form": "manual", "gqa": hq // hkv, "target": ctx.target,
-                                "softcap": softcap is not None}
+                                "softcap": softcap is not None, "sinks": sinks is not None}
         out4.replace_all_uses_with(new)
         result.count("meta_attention")
         result.count("manual_attention")
@@ -329,6 +350,8 @@ class Attention:
             result.count("gqa_unrepeated")
         if softcap is not None:
             result.count("logit_softcap")
+        if sinks is not None:
+            result.count("attention_sinks")
         return None
 
 
@@ -361,6 +384,7 @@ _PRODUCTS = (aten.bmm.default, aten.baddbmm.default)
 _PASS_THROUGH = {
     *_VIEWS, torch.ops.prims.convert_element_type.default, aten._to_copy.default, aten.clone.default,
     aten.expand.default, aten.native_dropout.default, aten.dropout.default, operator.getitem,
+    aten.slice.Tensor,  # an attention sink's column dropped
 }
 
 
@@ -413,6 +437,43 @@ def _path_to_product(node: Any, depth: int) -> list[fx.Node] | None:
                     grown.append(a)
         frontier = grown
     return None
+
+
+# What a per-head sink logit goes through on its way to the scores' shape.
+_SINK_BROADCASTS = {*_VIEWS, aten.expand.default, aten.unsqueeze.default, aten.clone.default,
+                    torch.ops.prims.convert_element_type.default, aten._to_copy.default}
+
+
+def _sink_join(node: Any) -> tuple[fx.Node | None, Any]:
+    """(sinks, scores) when `node` joins one logit per head to the scores as a last column,
+    `cat([scores, sinks broadcast to [B, H, S, 1]], -1)`, optionally minus the row max (which a
+    softmax ignores); sinks is the smallest tensor behind the broadcast with one value per head.
+    Else (None, node)."""
+    if _is_op(node, aten.sub.Tensor) and len(node.users) == 1:
+        joined, row_max = node.args[:2]
+        if _is_op(row_max, operator.getitem) and row_max.args[1] == 0:
+            row_max = row_max.args[0]
+        over_keys = isinstance(row_max, fx.Node) and (
+            (row_max.target is aten.max.dim and row_max.args[1] in (-1, 3))
+            or (row_max.target is aten.amax.default and list(row_max.args[1]) in ([-1], [3])))
+        if over_keys and row_max.args[0] is joined:  # each row's own max: the softmax ignores it
+            node = joined
+    if not (_is_op(node, aten.cat.default) and len(node.args[0]) == 2 and node.args[1] in (-1, 3)):
+        return None, node
+    scores, sink = node.args[0]
+    sv = _val(sink)
+    if not (isinstance(sv, torch.Tensor) and sv.dim() == 4 and statically_known_true(sv.shape[3] == 1)
+            and not isinstance(sv.shape[1], torch.SymInt)):
+        return None, node
+    heads = int(sv.shape[1])
+    source = sink
+    while (source.op == "call_function" and source.target in _SINK_BROADCASTS
+           and isinstance(source.args[0], fx.Node) and isinstance(_val(source.args[0]), torch.Tensor)
+           and _val(source.args[0]).numel() == heads):
+        source = source.args[0]
+    if not (isinstance(_val(source), torch.Tensor) and _val(source).numel() == heads and _val(source).is_floating_point()):
+        return None, node
+    return source, scores
 
 
 def _filled_with_neg_inf(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:

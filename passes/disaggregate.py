@@ -22,6 +22,7 @@ the reason in the report.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import operator
@@ -54,11 +55,16 @@ class AttentionCut:
     bytes_per_token: int
     sliding_window: int | None = None
     softcap: float | None = None
+    sinks: tuple[float, ...] | None = None  # one attention-sink logit per query head
 
     @property
     def group_size(self) -> int:
         """G: query heads per KV head."""
         return self.num_q_heads // self.num_kv_heads
+
+    def sink_logits(self, device: torch.device | str) -> torch.Tensor | None:
+        """`sinks` as a float32 tensor on `device` (made once per cut and device), or None."""
+        return None if self.sinks is None else _sink_tensor(self.sinks, str(device))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form for the report."""
@@ -81,15 +87,16 @@ def _numel(t: torch.Tensor) -> Any:
 
 
 def _attention_args(node: fx.Node) -> tuple[Any, ...]:
-    """(q, k, v, attn_mask, causal, scale, softcap, sliding_window) with the schema's defaults
-    filled in."""
-    args = list(node.args) + [None] * 10
+    """(q, k, v, attn_mask, causal, scale, softcap, sliding_window, sinks) with the schema's
+    defaults filled in."""
+    args = list(node.args) + [None] * 11
     kw = node.kwargs
     q, k, v = args[0], args[1], args[2]
     mask = kw.get("attn_mask", args[3])
     causal = kw.get("causal", args[4] if len(node.args) > 4 else False)
     scale = kw.get("scale", args[5] if len(node.args) > 5 else None)
-    return q, k, v, mask, causal, scale, kw.get("softcap", args[8]), kw.get("sliding_window", args[9])
+    return (q, k, v, mask, causal, scale, kw.get("softcap", args[8]), kw.get("sliding_window", args[9]),
+            kw.get("sinks", args[10]))
 
 
 # Ops a constant passes through unchanged on its way to an attention (export's copies of a lifted
@@ -106,24 +113,41 @@ def constant_number(node: Any) -> float | None:
     value is only known at run time (a graph input, say)."""
     if isinstance(node, (int, float)) and not isinstance(node, bool):
         return float(node)
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CONSTANT_COPIES:
+    values = constant_values(node)
+    return values[0] if values is not None and len(values) == 1 else None
+
+
+def constant_values(node: Any) -> tuple[float, ...] | None:
+    """The values of a tensor the graph holds as a constant (an attribute, a parameter, or
+    `scalar_tensor` of a number), reached through copies, casts and reshapes, flattened; None
+    when they are only known at run time."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and (
+            node.target in _CONSTANT_COPIES or node.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default)):
         node = node.args[0]
     if not isinstance(node, fx.Node):
         return None
     if node.op == "call_function" and node.target is torch.ops.aten.scalar_tensor.default:
-        return constant_number(node.args[0])
+        value = constant_number(node.args[0])
+        return None if value is None else (value,)
     if node.op == "get_attr":
         value = node.graph.owning_module
         for name in str(node.target).split("."):
             value = getattr(value, name, None)
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            return float(value.item())
+        if isinstance(value, torch.Tensor):
+            return tuple(float(x) for x in value.detach().flatten().tolist())
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _sink_tensor(sinks: tuple[float, ...], device: str) -> torch.Tensor:
+    return torch.tensor(sinks, dtype=torch.float32).to(device)
 
 
 def _why_not_cut(node: fx.Node) -> str | None:
     """The reason this attention cannot be served from a remote KV cache, or None."""
-    q, k, v, mask, causal, _, softcap, _ = _attention_args(node)
+    q, k, v, mask, causal, _, softcap, _, sinks = _attention_args(node)
+    if sinks is not None and constant_values(sinks) is None:
+        return "attention sinks known only at run time: the attention stages need them as constants"
     if softcap is not None and constant_number(softcap) is None:
         return "logit soft-capping with a cap known only at run time: the attention stages need it as a constant"
     if mask is not None:
@@ -144,7 +168,7 @@ def _why_not_cut(node: fx.Node) -> str | None:
 
 
 def _cut_of(index: int, node: fx.Node) -> AttentionCut:
-    q, k, _, _, _, scale, softcap, window = _attention_args(node)
+    q, k, _, _, _, scale, softcap, window, sinks = _attention_args(node)
     qv, kv = meta_val(q), meta_val(k)
     hq, hkv, d = int(qv.shape[1]), int(kv.shape[1]), int(qv.shape[3])
     e = qv.element_size()
@@ -155,6 +179,7 @@ def _cut_of(index: int, node: fx.Node) -> AttentionCut:
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(d), dtype=qv.dtype,
         bytes_per_token=per_token, sliding_window=None if window is None else int(window),
         softcap=None if softcap is None else constant_number(softcap),
+        sinks=None if sinks is None else constant_values(sinks),
     )
 
 
@@ -310,7 +335,8 @@ def local_attention(cut: AttentionCut, q: torch.Tensor, k: torch.Tensor, v: torc
     """The attention stage run where it is: causal meta-attention over the given tokens (with the
     cut's sliding window and soft-cap)."""
     softcap = None if cut.softcap is None else torch.tensor(cut.softcap)
-    return torch.ops.tileflow.meta_attention(q, k, v, None, True, cut.scale, "", None, softcap, cut.sliding_window)
+    return torch.ops.tileflow.meta_attention(q, k, v, None, True, cut.scale, "", None, softcap, cut.sliding_window,
+                                             cut.sink_logits(q.device))
 
 
 def _split_returning_tuples(gm: fx.GraphModule, stage_of: Callable[[fx.Node], int]) -> fx.GraphModule:

@@ -56,13 +56,13 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="CPU-debug b
 
 def attn_spec(dtype: str = "float32", *, head_dim: int = 16, gqa: int = 1, block_q: int = 4,
               block_kv: int = 16, causal: bool = True, sliding_window: bool = False,
-              tree: bool = False, bias: bool = False, softcap: bool = False) -> KernelSpec:
+              tree: bool = False, bias: bool = False, softcap: bool = False, sinks: bool = False) -> KernelSpec:
     """A meta_attention KernelSpec."""
     return KernelSpec(
         op="meta_attention", dtype=dtype, out_dtype=dtype,
         params=make_params(head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=block_kv,
                            causal=causal, sliding_window=sliding_window, tree=tree, bias=bias,
-                           **({"softcap": True} if softcap else {})),
+                           **{name: True for name, on in (("softcap", softcap), ("sinks", sinks)) if on}),
     )
 
 
@@ -546,6 +546,7 @@ def test_source_shape() -> None:
     ({"block_kv": 24}, "block_kv=24"),
     ({"dtype": "float64"}, "dtype"),
     ({"softcap": True}, "does not implement logit soft-capping"),
+    ({"sinks": True}, "does not implement attention sinks"),
 ])
 def test_bad_specs(params: dict, match: str) -> None:
     """Specs the Ascend kernel cannot implement are refused at render time, saying why."""

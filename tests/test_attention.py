@@ -249,21 +249,35 @@ def test_manual_attention_with_softcap_falls_back_where_the_kernel_lacks_it(monk
         "logit soft-capping (tanh on the scores) is not implemented by the reference meta-attention kernel"]
 
 
+# Models whose attention functions take more than q, k, v and a mask: Gemma-2's logit soft-cap
+# (with a sliding window through the mask), gpt-oss's sinks (`s_aux`, with windows and MoE).
+_EXTRA_ATTENTION = {
+    "gemma2": ("Gemma2", {"sliding_window": 6, "attn_logit_softcapping": 0.5, "initializer_range": 0.2}, "softcap"),
+    "gpt_oss": ("GptOss", {"sliding_window": 6, "num_local_experts": 4, "num_experts_per_tok": 2}, "sinks"),
+}
+
+
 @pytest.mark.parametrize("target", ["reference", "triton"])
-def test_transformers_attn_implementation_with_softcap(target: str) -> None:
-    """Gemma-2 with `attn_implementation="tileflow"`: its attention passes `softcap` (and a
-    sliding window through the mask) to the meta-kernel, eager and compiled."""
+@pytest.mark.parametrize("arch", sorted(_EXTRA_ATTENTION))
+def test_transformers_attn_implementation_passes_softcap_and_sinks(arch: str, target: str) -> None:
+    """`attn_implementation="tileflow"` hands the model's soft-cap or sinks to the meta-kernel:
+    eager and compiled, the logits are transformers' own attention's."""
     import transformers
 
+    prefix, extra, flag = _EXTRA_ATTENTION[arch]
     tileflow.register_transformers()
-    config = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
-                                       attn_logit_softcapping=0.5, initializer_range=0.2)
+    config = getattr(transformers, f"{prefix}Config")(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, **extra)
     torch.manual_seed(0)
     config._attn_implementation = "eager"
-    eager = transformers.Gemma2ForCausalLM(config).eval()
+    eager = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    with torch.no_grad():  # sinks start at zero: random ones, to matter
+        for module in eager.modules():
+            if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+                module.sinks.normal_(0.0, 2.0)
     config._attn_implementation = "tileflow"
-    ours = transformers.Gemma2ForCausalLM(config).eval()
+    ours = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
     ours.load_state_dict(eager.state_dict())
     ids = torch.randint(0, 128, (2, 11))
     report = tileflow.Report()
@@ -272,10 +286,10 @@ def test_transformers_attn_implementation_with_softcap(target: str) -> None:
         want = eager(ids, use_cache=False).logits
         torch.testing.assert_close(ours(ids, use_cache=False).logits, want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, want, rtol=1e-4, atol=1e-4)
-    # The model's own meta_attention calls, lowered ahead: soft-capping kernels only.
+    # The model's own meta_attention calls, lowered ahead: every one with the soft-cap or the sinks.
     attention_kernels = [k.spec for k in report.kernels if k.spec["op"] == "meta_attention"]
-    assert attention_kernels and all(dict(spec["params"]).get("softcap") for spec in attention_kernels)
-    assert not report.fallbacks
+    assert attention_kernels and all(dict(spec["params"]).get(flag) for spec in attention_kernels)
+    assert not report.fallbacks, report.fallbacks
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import fx
 
 from tileflow.distributed import CausalLMStep, Layout, PagedKVCache, build_stage_program, replica_of
-from tileflow.passes.disaggregate import constant_number, lamina_bytes
+from tileflow.passes.disaggregate import constant_number, constant_values, lamina_bytes
 from tileflow.report import GraphReport
 
 EXAMPLE = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
@@ -137,15 +137,19 @@ def test_a_softcap_known_only_at_run_time_is_not_cut() -> None:
 def test_constant_number_reads_the_constants_exports_leave() -> None:
     root = torch.nn.Module()
     root.register_buffer("cap", torch.tensor(50.0))
+    root.sinks = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
     graph = fx.Graph()
     runtime = graph.placeholder("runtime")
     held = graph.call_function(torch.ops.aten.clone.default, (graph.get_attr("cap"),))
     made = graph.call_function(torch.ops.aten.scalar_tensor.default, (30.0,))
     cast = graph.call_function(torch.ops.prims.convert_element_type.default, (made, torch.float64))
-    graph.output((runtime, held, cast))
+    sinks = graph.call_function(torch.ops.aten.view.default, (graph.get_attr("sinks"), [1, 3, 1, 1]))
+    graph.output((runtime, held, cast, sinks))
     fx.GraphModule(root, graph)
     assert (constant_number(held), constant_number(cast), constant_number(2), constant_number(runtime)) == (
         50.0, 30.0, 2.0, None)
+    assert constant_values(sinks) == (0.5, -1.0, 2.0) and constant_values(runtime) is None
+    assert constant_number(sinks) is None  # three values are not a number
 
 
 def test_graph_without_attention_falls_back() -> None:

@@ -23,7 +23,12 @@ def _causal_lm(config: str, model: str, **overrides) -> Callable[[], torch.nn.Mo
         import transformers
 
         args = {**_SMALL, **overrides}
-        return getattr(transformers, model)(getattr(transformers, config)(**{k: v for k, v in args.items() if v is not None}))
+        built = getattr(transformers, model)(getattr(transformers, config)(**{k: v for k, v in args.items() if v is not None}))
+        with torch.no_grad():  # attention sinks start at zero: random ones, to matter
+            for module in built.modules():
+                if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+                    module.sinks.normal_(0.0, 2.0)
+        return built
     return make
 
 
@@ -42,6 +47,9 @@ ZOO: dict[str, tuple[Callable[[], torch.nn.Module], str]] = {
                          num_attention_heads=None, num_key_value_heads=None, intermediate_size=None,
                          max_position_embeddings=None), "ALiBi"),
     "gpt_neox": (_causal_lm("GPTNeoXConfig", "GPTNeoXForCausalLM"), "meta"),
+    # Attention sinks, sliding windows on every other layer, MoE.
+    "gpt_oss": (_causal_lm("GptOssConfig", "GptOssForCausalLM", head_dim=16, intermediate_size=64, num_local_experts=4,
+                           num_experts_per_tok=2, sliding_window=8), "meta"),
     "deepseek_v3": (_causal_lm("DeepseekV3Config", "DeepseekV3ForCausalLM", num_key_value_heads=4, q_lora_rank=32,
                                kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                                n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -69,6 +77,7 @@ def test_architecture_compiles_once_and_matches_eager(name: str) -> None:
         assert rewrites["meta_attention"] == 2 and not report.fallbacks, report.fallbacks
         capped = model.config.to_dict().get("attn_logit_softcapping")
         assert rewrites.get("logit_softcap", 0) == (2 if capped else 0)
+        assert rewrites.get("attention_sinks", 0) == (2 if name == "gpt_oss" else 0)
     else:
         assert "meta_attention" not in rewrites
         assert len(attention_fallbacks) == 2 == len(report.fallbacks), report.fallbacks

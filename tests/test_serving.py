@@ -239,18 +239,20 @@ def test_preempted_requests_recompute_and_generate_the_same_tokens(llama_program
     assert engine.allocator.all_free()
 
 
-# Models whose attention layers carry a sliding window (Mistral's, Gemma-2's every other layer) or a
-# logit soft-cap (Gemma-2's): the window shorter than the prompts, the cap small enough to change
-# the scores (so greedy tokens differ if the attention stages dropped either).
+# Models whose attention layers carry a sliding window (Mistral's, every other layer of Gemma-2's
+# and gpt-oss's), a logit soft-cap (Gemma-2's) or attention sinks (gpt-oss's): the window shorter
+# than the prompts, the cap small enough and the sinks large enough to change the result.
 _WINDOWED = {
     "mistral": ("MistralConfig", "MistralForCausalLM", "sdpa", {"sliding_window": 5}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "eager",
                {"head_dim": 16, "sliding_window": 5, "attn_logit_softcapping": 0.5, "initializer_range": 0.2}),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", "eager",
+                {"head_dim": 16, "sliding_window": 5, "num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 
 
 @pytest.mark.parametrize("name", sorted(_WINDOWED))
-def test_sliding_window_and_softcap_models_equal_eager_generation(name: str) -> None:
+def test_sliding_window_softcap_and_sink_models_equal_eager_generation(name: str) -> None:
     import transformers
 
     from tileflow.distributed import CausalLMStep, build_stage_program
@@ -261,6 +263,10 @@ def test_sliding_window_and_softcap_models_equal_eager_generation(name: str) -> 
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, **extra)
     model = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():  # gpt-oss's sinks start at zero: random ones, to matter
+        for module in model.modules():
+            if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+                module.sinks.normal_(0.0, 2.0)
     reference = copy.deepcopy(model)
     reference.config._attn_implementation = reference_attention
     program = build_stage_program(CausalLMStep(model), (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None]),
@@ -268,6 +274,7 @@ def test_sliding_window_and_softcap_models_equal_eager_generation(name: str) -> 
     layer_types = getattr(cfg, "layer_types", None) or ["sliding_attention"] * 2
     assert [c.sliding_window for c in program.cuts] == [5 if t == "sliding_attention" else None for t in layer_types]
     assert all(c.softcap == extra.get("attn_logit_softcapping") for c in program.cuts)
+    assert all((c.sinks is not None) == (name == "gpt_oss") for c in program.cuts)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (13, 30, 3)]
     # Greedy tokens of these tiny random models barely depend on attention: the logits of a step

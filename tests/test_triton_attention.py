@@ -85,6 +85,7 @@ def attn_spec(
     tree: bool = False,
     tile: TileConfig | None = None,
     softcap: bool = False,
+    sinks: bool = False,
 ) -> KernelSpec:
     """A meta_attention KernelSpec."""
     return KernelSpec(
@@ -94,7 +95,8 @@ def attn_spec(
         tile=tile,
         params=make_params(
             head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=block_kv, causal=causal,
-            sliding_window=sliding_window, tree=tree, **({"softcap": True} if softcap else {}),
+            sliding_window=sliding_window, tree=tree,
+            **{name: True for name, on in (("softcap", softcap), ("sinks", sinks)) if on},
         ),
     )
 
@@ -112,6 +114,7 @@ def oracle(
     sliding_window: int | None = None,
     tree_mask: torch.Tensor | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float64 attention written directly from the contract's op semantics (this file's own)."""
     q, kc, vc = (batch[k].cpu().double() for k in ("q", "k_cache", "v_cache"))
@@ -139,7 +142,11 @@ def oracle(
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~vis[None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # no visible key -> zeros
+        if sinks is not None:  # a key per head that every row sees, whose value is zero
+            scores = torch.cat([scores, sinks.double().view(-1, 1, 1).expand(-1, n, 1)], dim=-1)
+            probs = torch.softmax(scores, dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # no visible key -> zeros
         out[cu[s]:cu[s + 1]] = torch.einsum("hnl,lhd->nhd", probs, v)
     return out
 
@@ -175,6 +182,7 @@ def run_and_check(
     table: Any = None,
     what: str = "",
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Any]:
     """Launch on a NaN-poisoned output; compare with the oracle and the shared reference."""
     cfg = attention_config(spec)
@@ -186,14 +194,15 @@ def run_and_check(
     out = torch.full_like(batch["q"], float("nan"))
     args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q",
                                "seqlens_kv")]
-    cap = {"softcap": softcap} if softcap is not None else {}
-    res = kernel(*args, table, scale=None, tree_mask=tree, sliding_window=sliding_window, out=out, **cap)
+    extra = {name: value for name, value in (("softcap", softcap), ("sinks", sinks)) if value is not None}
+    res = kernel(*args, table, scale=None, tree_mask=tree, sliding_window=sliding_window, out=out, **extra)
     assert res is out
-    mine = oracle(batch, causal=cfg.causal, sliding_window=sliding_window, tree_mask=tree, softcap=softcap)
+    mine = oracle(batch, causal=cfg.causal, sliding_window=sliding_window, tree_mask=tree, softcap=softcap,
+                  sinks=None if sinks is None else sinks.cpu())
     assert_close(out, mine, spec.dtype, f"{what} vs float64 oracle")
     shared = attention_reference_dense(
         *[a.cpu() for a in args], causal=cfg.causal, sliding_window=sliding_window,
-        tree_mask=None if tree is None else tree.cpu(), softcap=softcap,
+        tree_mask=None if tree is None else tree.cpu(), softcap=softcap, sinks=None if sinks is None else sinks.cpu(),
     )
     assert_close(out, shared, spec.dtype, f"{what} vs attention_reference_dense")
     return out, table
@@ -359,6 +368,23 @@ def test_logit_softcap(dtype: str, window: int | None, kv_split: int | None) -> 
     assert (out.double().cpu() - plain).abs().max() > 0.05  # the cap changed the result
     assert "softcap" in render_attention_source(spec) and "softcap" not in render_attention_source(
         attn_spec(dtype, gqa=2, block_q=4, sliding_window=window is not None))
+
+
+@pytest.mark.parametrize(("dtype", "window"), [("float32", None), ("float16", 20)])
+def test_attention_sinks(dtype: str, window: int | None) -> None:
+    """gpt-oss's sinks: one logit per head joins each row's softmax, counted once per row whether
+    the row's keys are one task's or split-KV chunks merged (sinks large enough to take most of
+    the weight, and rows that see no key: zeros), against both oracles."""
+    lengths = [(40, 40), (1, 48), (1, 37), (6, 30), (0, 5)]
+    batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                        dtype=getattr(torch, dtype), seed=23)
+    sinks = torch.tensor([2.5, -1.0, 0.5, 4.0], device=DEVICE)
+    spec = attn_spec(dtype, gqa=2, block_q=4, sliding_window=window is not None, sinks=True)
+    out, table = run_and_check(batch, spec, sliding_window=window, kv_split=16, num_programs=3, sinks=sinks,
+                               what="sinks")
+    assert table.merges.shape[0] > 0  # the merge kernel counts the sinks of split rows
+    plain = oracle(batch, sliding_window=window)
+    assert (out.double().cpu() - plain).abs().max() > 0.1  # the sinks changed the result
 
 
 def test_not_causal() -> None:
@@ -736,6 +762,12 @@ def test_launch_validation() -> None:
         build_attention_kernel(tree)(*args, table, tree_mask=torch.ones(2, 4, 4))
     with pytest.raises(ValueError, match="without logit soft-capping"):
         launch(*args, table, softcap=30.0)
+    with pytest.raises(ValueError, match="without attention sinks"):
+        launch(*args, table, sinks=torch.zeros(4, device=DEVICE))
+    with_sinks = build_attention_kernel(attn_spec(gqa=2, block_q=4, sinks=True))
+    for bad in (None, torch.zeros(3, device=DEVICE), torch.zeros(4, dtype=torch.int32, device=DEVICE)):
+        with pytest.raises(ValueError, match="pass sinks, a float"):
+            with_sinks(*args, table, sinks=bad)
     capped = build_attention_kernel(attn_spec(gqa=2, block_q=4, softcap=True))
     for bad in (None, 0.0, -1.0, float("inf"), True):
         with pytest.raises(ValueError, match="softcap=<number > 0>"):

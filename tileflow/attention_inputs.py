@@ -52,6 +52,7 @@ class AttentionParams:
     tree: bool
     bias: bool
     softcap: bool = False
+    sinks: bool = False
 
 
 def _positive_int(spec: KernelSpec, key: str, value: Any) -> int:
@@ -69,9 +70,11 @@ def attention_params(
     """Validate a ``meta_attention`` KernelSpec's target-neutral params.
 
     Params (built with `make_params`): `head_dim`, `gqa` (query heads per KV head), `block_q`,
-    `block_kv`, `causal`, `sliding_window`, `tree`, `bias`, `softcap` (the last five bools;
-    default causal=True, the others False; `softcap`: logit soft-capping, the scores become
-    `cap * tanh(scores / cap)` before any mask or bias, the cap a launch argument). A
+    `block_kv`, `causal`, `sliding_window`, `tree`, `bias`, `softcap`, `sinks` (the last six
+    bools; default causal=True, the others False; `softcap`: logit soft-capping, the scores
+    become `cap * tanh(scores / cap)` before any mask or bias, the cap a launch argument;
+    `sinks`: attention sinks, one learned logit per query head that joins every row's softmax
+    with no value, as gpt-oss has them, given at launch). A
     TileConfig, when present, supplies `block_q` (its `block_m`) and `block_kv` (its `block_n`)
     when the params leave them out; a tile that contradicts the params is an error. `block_kv` falls back to `default_block_kv`.
 
@@ -115,7 +118,7 @@ def attention_params(
     block_kv = _positive_int(spec, "block_kv", block_kv)
     flags = {}
     for key, default in (("causal", True), ("sliding_window", False), ("tree", False), ("bias", False),
-                         ("softcap", False)):
+                         ("softcap", False), ("sinks", False)):
         value = spec.param(key, default)
         if not isinstance(value, bool):
             raise ValueError(f"spec {spec.name}: param {key!r} must be a bool, got {value!r}")
@@ -151,6 +154,7 @@ class LaunchInputs:
     out: torch.Tensor
     bias_ranges: torch.Tensor | None = None
     softcap: float | None = None
+    sinks: torch.Tensor | None = None
 
     @property
     def num_programs(self) -> int:
@@ -178,6 +182,7 @@ class AttentionParamsLike(Protocol):
     tree: bool
     bias: bool
     softcap: bool
+    sinks: bool
 
 
 def _table_field(table: Any, name: str) -> Any:
@@ -219,6 +224,7 @@ def check_launch_inputs(
     attn_bias_ranges: torch.Tensor | None = None,
     need_bias_ranges: bool = False,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> LaunchInputs:
     """Validate one meta-attention launch against its spec params and task table.
 
@@ -231,7 +237,8 @@ def check_launch_inputs(
       [S, Hq, q_len, kv_len]) exactly when it has `bias=True`, with `attn_bias_ranges` when the
       caller has them (`bias_ranges(attn_bias)`; computed here when missing and
       `need_bias_ranges`, for kernels that read them); `softcap` (a finite number > 0) exactly
-      when it has `softcap=True`;
+      when it has `softcap=True`; `sinks` (float [Hq], one logit per query head) exactly when it
+      has `sinks=True`;
     - `out`, when given, q's shape, dtype and device.
 
     Raises ValueError prefixed with `where` naming the first problem found.
@@ -361,6 +368,14 @@ def check_launch_inputs(
         cap = float(softcap)
     elif softcap is not None:
         raise fail("softcap was given but the kernel was built without logit soft-capping")
+    sink_logits = None
+    if params.sinks:
+        if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != hq or not sinks.is_floating_point():
+            got = f"{sinks.dtype} {list(sinks.shape)}" if isinstance(sinks, torch.Tensor) else repr(sinks)
+            raise fail(f"the kernel was built with attention sinks: pass sinks, a float [Hq={hq}] tensor, got {got}")
+        sink_logits = sinks.to(device=device, dtype=torch.float32).contiguous()
+    elif sinks is not None:
+        raise fail("sinks were given but the kernel was built without attention sinks")
 
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -372,7 +387,7 @@ def check_launch_inputs(
         q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
         cu_seqlens_q=cu_seqlens_q, seqlens_kv=seqlens_kv, tasks=tasks, program_offsets=offsets,
         program_tasks=prog_tasks, merges=merges, num_slots=num_slots, tree_mask=tree,
-        sliding_window=window, attn_bias=bias, out=out, bias_ranges=ranges, softcap=cap,
+        sliding_window=window, attn_bias=bias, out=out, bias_ranges=ranges, softcap=cap, sinks=sink_logits,
     )
 
 

@@ -141,13 +141,14 @@ def attention_specs_for_node(node: fx.Node, target: str) -> list[KernelSpec]:
     mask, causal = node.args[3], bool(node.args[4])
     softcap = node.kwargs.get("softcap", node.args[8] if len(node.args) > 8 else None)
     window = node.kwargs.get("sliding_window", node.args[9] if len(node.args) > 9 else None)
+    sinks = node.kwargs.get("sinks", node.args[10] if len(node.args) > 10 else None)
     hq, hkv, d = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
     gqa = hq // hkv
     block_qs = sorted({attention_block_q(1, gqa, target), attention_block_q(1 << 20, gqa, target)})
     return [
         attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=bq, causal=causal,
                        sliding_window=window is not None, tree=False, bias=mask is not None, target=target,
-                       softcap=softcap is not None)
+                       softcap=softcap is not None, sinks=sinks is not None)
         for bq in block_qs
     ]
 

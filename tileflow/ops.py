@@ -249,6 +249,7 @@ def _meta_attention_varlen(
     tree_mask: torch.Tensor | None = None,
     target: str = "",
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen paged-KV attention for a mixed batch (see `meta_attention_varlen`)."""
     from .runtime.attention import run_meta_attention_varlen
@@ -256,13 +257,14 @@ def _meta_attention_varlen(
     return run_meta_attention_varlen(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv,
         scale=scale, causal=causal, sliding_window=sliding_window, tree_mask=tree_mask, target=target,
-        softcap=softcap,
+        softcap=softcap, sinks=sinks,
     )
 
 
 @_meta_attention_varlen.register_fake
 def _meta_attention_varlen_fake(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, scale=None,
-                                causal=True, sliding_window=None, tree_mask=None, target="", softcap=None):
+                                causal=True, sliding_window=None, tree_mask=None, target="", softcap=None,
+                                sinks=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -279,6 +281,7 @@ def meta_attention_varlen(
     sliding_window: int | None = None,
     tree_mask: torch.Tensor | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention for a batch mixing prefill, chunked prefill, decode and speculative verify.
 
@@ -290,12 +293,13 @@ def meta_attention_varlen(
     gives, for sequences with n_s <= T, exactly which of their new positions each row sees
     (speculative verify over a token tree). Head h reads KV head h // (Hq // Hkv); `scale`
     defaults to 1/sqrt(D); `softcap` caps the scaled scores at +-softcap, `softcap * tanh(scores
-    / softcap)` (Gemma-2's logit soft-capping). Returns q's shape and dtype. Bad metadata raises
-    ValueError.
+    / softcap)` (Gemma-2's logit soft-capping); `sinks` (float [Hq]) are attention-sink logits,
+    each joining its head's softmax as a key that adds no value (gpt-oss). Returns q's shape and
+    dtype. Bad metadata raises ValueError.
     """
     return torch.ops.tileflow.meta_attention_varlen(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, scale, causal, sliding_window, tree_mask, "",
-        softcap,
+        softcap, sinks,
     )
 
 
@@ -311,6 +315,7 @@ def _meta_attention(
     mask_ranges: torch.Tensor | None = None,
     softcap: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense attention `[B, Hq, S, D]` through the meta-kernel (see `meta_attention`).
 
@@ -322,12 +327,12 @@ def _meta_attention(
     from .runtime.attention import run_meta_attention
 
     return run_meta_attention(q, k, v, attn_mask, causal, scale, target, mask_ranges=mask_ranges, softcap=softcap,
-                              sliding_window=sliding_window)
+                              sliding_window=sliding_window, sinks=sinks)
 
 
 @_meta_attention.register_fake
 def _meta_attention_fake(q, k, v, attn_mask=None, causal=False, scale=None, target="", mask_ranges=None, softcap=None,
-                         sliding_window=None):
+                         sliding_window=None, sinks=None):
     b, hq, s, d = q.shape
     return q.new_empty((b, s, hq, d)).transpose(1, 2)
 
@@ -375,6 +380,7 @@ def meta_attention(
     scale: float | None = None,
     softcap: float | torch.Tensor | None = None,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`scaled_dot_product_attention` semantics for `q [B, Hq, S, D]`, `k`/`v [B, Hkv, S_kv, D]`
     (GQA when Hkv divides Hq), run by the meta-attention kernel. `attn_mask` is bool (True =
@@ -382,7 +388,9 @@ def meta_attention(
     (a number or a one-element tensor) caps the scaled scores before the mask: `softcap *
     tanh(scores / softcap)`, Gemma-2's logit soft-capping. `sliding_window=w`: query i (at key
     position S_kv - S + i) sees only the keys after position S_kv - S + i - w, as transformers'
-    sliding-window layers."""
+    sliding-window layers. `sinks` (float [Hq]): gpt-oss's attention sinks, one logit per head
+    that joins the head's softmax as a key adding no value."""
     if softcap is not None and not isinstance(softcap, torch.Tensor):
         softcap = torch.tensor(float(softcap))
-    return torch.ops.tileflow.meta_attention(q, k, v, attn_mask, causal, scale, "", None, softcap, sliding_window)
+    return torch.ops.tileflow.meta_attention(q, k, v, attn_mask, causal, scale, "", None, softcap, sliding_window,
+                                             sinks)

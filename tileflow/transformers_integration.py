@@ -38,13 +38,12 @@ def tileflow_attention_forward(
     -> ([B, S, Hq, D], None), like the SDPA integration."""
     if dropout and module.training:
         raise ValueError("tileflow attention is for inference: dropout during training is not supported")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("tileflow attention does not support attention sinks (s_aux) yet")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers' SDPA path: an explicit mask wins, and one query row needs no causal rule.
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
     mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
-    out = meta_attention(query, key, value, mask, causal=causal, scale=scaling, softcap=kwargs.get("softcap"))
+    out = meta_attention(query, key, value, mask, causal=causal, scale=scaling, softcap=kwargs.get("softcap"),
+                         sinks=kwargs.get("s_aux"))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -62,13 +61,8 @@ def causal_attention_forward(
         )
     if kwargs.get("dropout") and module.training:
         raise ValueError("tileflow attention is for inference: dropout during training is not supported")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError(
-            "attn_implementation='tileflow_causal' does not support attention sinks (s_aux) yet (the attention "
-            "would be silently wrong)"
-        )
     out = meta_attention(query, key, value, None, causal=True, scale=kwargs.get("scaling"), softcap=kwargs.get("softcap"),
-                         sliding_window=kwargs.get("sliding_window"))
+                         sliding_window=kwargs.get("sliding_window"), sinks=kwargs.get("s_aux"))
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -348,12 +348,14 @@ def _launch_benchmark_kernels() -> None:
             kernel(torch.randn(5, k, dtype=bf16), torch.randn(8, rows, k, dtype=bf16),
                    torch.tensor([0, 2, 2, 3, 5, 5, 5, 5], dtype=torch.int32))
     page = 16
-    # Llama-3-8B-like heads (32 query heads of 128 over 4 or 8 KV heads), and Gemma-2-9B's
-    # (16 over 8 heads of 256, scores soft-capped): decode-sized and prefill tiles.
-    for q_lens, kv_lens, hq, hkv, d, softcap in [
-            ([1] * 4, [40] * 4, 32, 4, 128, None), ([64, 5, 1], [64, 80, 33], 32, 4, 128, None),
-            ([1] * 4, [40] * 4, 32, 8, 128, None), ([64, 5, 1], [64, 80, 33], 32, 8, 128, None),
-            ([1] * 4, [40] * 4, 16, 8, 256, 50.0), ([80, 5, 1], [80, 80, 33], 16, 8, 256, 50.0)]:
+    # Llama-3-8B-like heads (32 query heads of 128 over 4 or 8 KV heads), Gemma-2-9B's (16 over 8
+    # heads of 256, scores soft-capped) and gpt-oss-20b's (64 over 8 heads of 64, attention sinks,
+    # 128-token windows): decode-sized and prefill tiles.
+    for q_lens, kv_lens, hq, hkv, d, softcap, sinks in [
+            ([1] * 4, [40] * 4, 32, 4, 128, None, False), ([64, 5, 1], [64, 80, 33], 32, 4, 128, None, False),
+            ([1] * 4, [40] * 4, 32, 8, 128, None, False), ([64, 5, 1], [64, 80, 33], 32, 8, 128, None, False),
+            ([1] * 4, [40] * 4, 16, 8, 256, 50.0, False), ([80, 5, 1], [80, 80, 33], 16, 8, 256, 50.0, False),
+            ([1] * 4, [40] * 4, 64, 8, 64, None, True), ([80, 5, 1], [80, 80, 33], 64, 8, 64, None, True)]:
         pages = [math.ceil(n / page) for n in kv_lens]
         table = torch.zeros(len(kv_lens), max(pages), dtype=torch.int32)
         start = 0
@@ -364,7 +366,8 @@ def _launch_benchmark_kernels() -> None:
         run_meta_attention_varlen(
             torch.randn(sum(q_lens), hq, d, dtype=bf16), torch.randn(start, page, hkv, d, dtype=bf16),
             torch.randn(start, page, hkv, d, dtype=bf16), table, cu,
-            torch.tensor(kv_lens, dtype=torch.int32), target="triton", softcap=softcap)
+            torch.tensor(kv_lens, dtype=torch.int32), target="triton", softcap=softcap,
+            sinks=torch.randn(hq) if sinks else None, sliding_window=128 if sinks else None)
     # The dense op with a compiled transformers model's causal mask as a bias (the e2e prompts).
     s = 80
     mask = torch.full((s, s), float("-inf")).triu(1)[None, None]

@@ -223,6 +223,11 @@ class AttentionLayout:
         return False
 
     @property
+    def sinks(self) -> bool:
+        """Attention sinks: never, on Ascend (`attention_layout` refuses them)."""
+        return False
+
+    @property
     def rows(self) -> int:
         """Rows of a tile (and of a split-KV workspace slot)."""
         return self.block_q * self.gqa
@@ -334,11 +339,12 @@ def attention_layout(spec: KernelSpec) -> AttentionLayout:
     """
     params = attention_params(spec, target="Ascend C", supported_dtypes=SUPPORTED_DTYPES,
                               default_block_kv=_DEFAULT_BLOCK_KV)
-    if params.softcap:
-        raise ValueError(
-            f"spec {spec.name}: the Ascend C meta-attention kernel does not implement logit "
-            f"soft-capping; use the triton or reference target for such models"
-        )
+    for flag, what in (("softcap", "logit soft-capping"), ("sinks", "attention sinks")):
+        if getattr(params, flag):
+            raise ValueError(
+                f"spec {spec.name}: the Ascend C meta-attention kernel does not implement {what}; use "
+                f"the triton or reference target for such models"
+            )
     esize = _ELEMENT_BYTES[spec.dtype]
     align = _BLOCK_BYTES // esize
     if params.head_dim % align:

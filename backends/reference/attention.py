@@ -38,6 +38,7 @@ __all__ = [
     "accumulation_dtype",
     "visibility_mask",
     "capped_scores",
+    "with_sinks",
     "attention_reference_dense",
     "run_task_table",
     "run_task",
@@ -119,6 +120,15 @@ def capped_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return scores if softcap is None else softcap * torch.tanh(scores / softcap)
 
 
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Rows' attention output `out` [rows, D] over keys whose log-sum-exp is `lse` [rows], with
+    each row's sink logit (`sinks` [rows], or None: unchanged) joined to its softmax as a key that
+    adds no value: the output shrinks by exp(lse) / (exp(lse) + exp(sink))."""
+    if sinks is None:
+        return out
+    return out * torch.sigmoid(lse - sinks.to(lse.dtype))[:, None]
+
+
 def _resolve_scale(scale: float | None, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
@@ -165,6 +175,7 @@ def attention_reference_dense(
     tree_mask: torch.Tensor | None = None,
     attn_bias: torch.Tensor | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The definition of varlen paged meta-attention, sequence by sequence (the oracle).
 
@@ -172,8 +183,9 @@ def attention_reference_dense(
     ``block_table int32 [S, max_blocks]``, ``cu_seqlens_q int32 [S+1]``,
     ``seqlens_kv int32 [S]``, ``tree_mask bool [S, T, T]`` or None. Head h reads KV head
     ``h // (Hq // Hkv)``; ``scale`` defaults to ``1/sqrt(D)``; ``softcap`` caps the scaled scores
-    (`capped_scores`); ``attn_bias`` is added to them after (see the module docstring). Returns
-    q's shape and dtype.
+    (`capped_scores`); ``attn_bias`` is added to them after (see the module docstring);
+    ``sinks`` [Hq], when given, join each head's softmax as keys with no value. Returns q's shape
+    and dtype.
     """
     # causal=False here: the dense oracle handles any tree mask, ordered or not.
     check_metadata(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, tree_mask, causal=False)
@@ -208,9 +220,13 @@ def attention_reference_dense(
             scores = scores + bias.transpose(0, 1)
             visible = visible & (bias.transpose(0, 1) != float("-inf"))
         scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        # A row with no visible key: softmax gives NaN; the contract says zeros.
-        probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+        if sinks is not None:  # one more key per head, always seen, whose value is zero
+            sink = sinks.to(acc)[:, None, None].expand(num_q_heads, q_len, 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+            # A row with no visible key: softmax gives NaN; the contract says zeros.
+            probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
         out[cu[s]:cu[s + 1]] = (probs @ v).transpose(0, 1)
     return out.to(q.dtype)
 
@@ -279,6 +295,7 @@ def merge_partials(
     partial_out: torch.Tensor,
     partial_lse: torch.Tensor,
     out: torch.Tensor,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Combine split-KV partial results into ``out`` with the log-sum-exp rule.
 
@@ -286,7 +303,8 @@ def merge_partials(
     ``w_k = exp(lse_k - M)``, ``out = sum_k w_k * o_k / sum_k w_k`` where ``o_k`` is the slot's
     normalized partial output. Slots whose row has ``lse = -inf`` contribute nothing (their
     partial_out is ignored, even if NaN); a row with no visible key in any slot becomes zeros.
-    Only the tile's ``q_rows * R`` rows are read. Writes ``out`` in place and returns it.
+    Only the tile's ``q_rows * R`` rows are read; ``sinks`` [Hq], when given, join the merged
+    softmax once (`with_sinks`). Writes ``out`` in place and returns it.
     """
     if table.merges.shape[0] == 0:
         return out
@@ -304,6 +322,9 @@ def merge_partials(
         denom = weight.sum(dim=0).where(finite, torch.ones((), dtype=weight.dtype))
         merged = weighted.sum(dim=0) / denom[:, None]
         merged = merged.where(finite[:, None], torch.zeros((), dtype=merged.dtype))
+        if sinks is not None:
+            lse_all = (m + torch.log(denom)).where(finite, torch.full((), float("-inf"), dtype=m.dtype))
+            merged = with_sinks(merged, lse_all, _row_sinks(sinks, kv_head, group, q_rows))
         first = cu[seq] + q_start
         heads = slice(kv_head * group, (kv_head + 1) * group)
         out[first:first + q_rows, heads] = merged.reshape(q_rows, group, -1).to(out.dtype)
@@ -328,6 +349,7 @@ def run_task_table(
     attn_bias: torch.Tensor | None = None,
     attn_bias_ranges: torch.Tensor | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Execute a task table with torch ops, tile by tile, as the meta-attention kernel does.
 
@@ -390,13 +412,20 @@ def run_task_table(
             )
             seq, kv_head, q_start, q_rows, _, _, slot, _ = task
             if slot < 0:
+                if sinks is not None:
+                    res = with_sinks(res, lse, _row_sinks(sinks, kv_head, group, q_rows))
                 first = cu[seq] + q_start
                 heads = slice(kv_head * group, (kv_head + 1) * group)
                 out[first:first + q_rows, heads] = res.reshape(q_rows, group, head_dim).to(out.dtype)
             else:
                 partial_out[slot, :q_rows * group] = res.to(partial_out.dtype)
                 partial_lse[slot, :q_rows * group] = lse.to(partial_lse.dtype)
-    return merge_partials(table, partial_out, partial_lse, out)
+    return merge_partials(table, partial_out, partial_lse, out, sinks)
+
+
+def _row_sinks(sinks: torch.Tensor, kv_head: int, group: int, q_rows: int) -> torch.Tensor:
+    """The sink logit of each packed tile row (r = pos * R + head in the group)."""
+    return sinks[kv_head * group:(kv_head + 1) * group].repeat(q_rows)
 
 
 def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> CompiledKernel:
@@ -406,7 +435,7 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
 
         launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
                scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None,
-               attn_bias_ranges=None, softcap=None) -> out
+               attn_bias_ranges=None, softcap=None, sinks=None) -> out
 
     ``causal`` comes from the spec (``spec.param("causal")``) and must match the table's;
     integer metadata is converted to int32. The returned kernel's ``source`` is the Python of
@@ -416,6 +445,7 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
         raise ValueError(f"build_reference_attention got a {spec.op!r} spec")
     causal = bool(spec.param("causal", True))
     has_softcap = bool(spec.param("softcap", False))
+    has_sinks = bool(spec.param("sinks", False))
 
     def launch(
         q: torch.Tensor,
@@ -433,18 +463,20 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
         attn_bias: torch.Tensor | None = None,
         attn_bias_ranges: torch.Tensor | None = None,
         softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the task table with torch ops (see `run_task_table`)."""
-        if has_softcap != (softcap is not None):
-            raise ValueError(
-                f"kernel {spec.name}: softcap must be given exactly when the spec has softcap=True "
-                f"(spec: {has_softcap}, got softcap={softcap!r})"
-            )
+        for name, wanted, value in (("softcap", has_softcap, softcap), ("sinks", has_sinks, sinks)):
+            if wanted != (value is not None):
+                raise ValueError(
+                    f"kernel {spec.name}: {name} must be given exactly when the spec has {name}=True "
+                    f"(spec: {wanted}, got {name}={value!r})"
+                )
         return run_task_table(
             table, q, k_cache, v_cache, block_table.to(torch.int32), cu_seqlens_q.to(torch.int32),
             seqlens_kv.to(torch.int32), scale=scale, causal=causal, sliding_window=sliding_window,
             tree_mask=tree_mask, out=out, attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges,
-            softcap=softcap,
+            softcap=softcap, sinks=sinks,
         )
 
     source = "\n\n".join(inspect.getsource(fn) for fn in (run_task_table, run_task, merge_partials))

@@ -109,6 +109,7 @@ class AttentionConfig:
     tree: bool
     bias: bool
     softcap: bool
+    sinks: bool
     num_warps: int
     num_stages: int
 
@@ -117,7 +118,7 @@ def attention_config(spec: KernelSpec) -> AttentionConfig:
     """Validate a `meta_attention` KernelSpec and derive its static configuration.
 
     The target-neutral params (`head_dim`, `gqa`, `block_q`, `block_kv`, `causal`,
-    `sliding_window`, `tree`, `bias`, `softcap`; a TileConfig may supply `block_q`/`block_kv`) are checked by
+    `sliding_window`, `tree`, `bias`, `softcap`, `sinks`; a TileConfig may supply `block_q`/`block_kv`) are checked by
     `tileflow.attention_inputs.attention_params`; this adds the Triton limits (`block_kv` a power
     of two >= 16) and the launch's `num_warps`/`num_stages` from the TileConfig.
 
@@ -145,6 +146,7 @@ def attention_config(spec: KernelSpec) -> AttentionConfig:
         tree=p.tree,
         bias=p.bias,
         softcap=p.softcap,
+        sinks=p.sinks,
         num_warps=tile.num_warps if tile is not None else _default_num_warps(block_m, p.bias, head_dim_pad),
         num_stages=tile.num_stages if tile is not None else _DEFAULT_NUM_STAGES,
     )
@@ -208,6 +210,8 @@ def _mask_doc(cfg: AttentionConfig) -> str:
         parts.append("tree_mask replaces the causal rule among the new tokens (n_s <= T)")
     if cfg.bias:
         parts.append("plus an additive bias[seq, head, q_idx, kv_pos] (a model's own mask)")
+    if cfg.sinks:
+        parts.append("one sink logit per head joins every row's softmax, with no value")
     return "; ".join(parts)
 
 
@@ -224,6 +228,8 @@ def _main_signature(cfg: AttentionConfig) -> str:
     if cfg.bias:
         lines.append("bias_ptr,  # float additive bias [S, Hq, q_len, kv_len] (broadcast dims: stride 0)")
         lines.append("bias_ranges_ptr,  # int32 [S, q_len, 4]: (lo, full_lo, full_hi, hi) keys per row")
+    if cfg.sinks:
+        lines.append("sinks_ptr,  # float32 [Hq]: each head's attention-sink logit")
     lines.append("qk_scale,  # softmax scale * log2(e)")
     if cfg.softcap:
         lines.append("softcap,  # logit soft-capping: scores become softcap * tanh(scores / softcap)")
@@ -288,6 +294,19 @@ cap_out = softcap * 1.4426950408889634
 """
     code += "\nfor task_idx in range(task_begin, task_end):\n"
 
+    if cfg.sinks:
+        init = """\
+# Attention sinks: each head's logit joins the softmax as a key every row sees and that adds no
+# value, so the running max and sum start from it. A split-KV chunk leaves it to the merge.
+sink = tl.load(sinks_ptr + head) * 1.4426950408889634  # base 2
+m_i = tl.where(slot < 0, sink, float("-inf"))  # running max (base-2 scores)
+l_i = tl.where(slot < 0, 1.0, 0.0) + tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+"""
+    else:
+        init = """\
+m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base-2 scores)
+l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+"""
     loop = f"""\
 # ---- the task: (seq, kv_head, query tile, KV range, output slot) ----
 task = tl.load(program_tasks_ptr + task_idx)
@@ -314,9 +333,7 @@ token = (seq_q_begin + q_idx).to(tl.int64)
 q_ptrs = q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
 q = tl.load(q_ptrs, mask=row_valid[:, None]{d_row}, other=0.0)
 
-m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base-2 scores)
-l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
-acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)  # running sum of p @ V
+{init}acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)  # running sum of p @ V
 # Cache offsets in int64 only when a cache spans 2**31 elements or more (the launcher decides):
 # int32 offsets halve the address arithmetic of every K/V tile.
 kv_head_idx = kv_head.to(tl.int64) if WIDE_OFFSETS else kv_head
@@ -546,6 +563,16 @@ def _merge_body(cfg: AttentionConfig, dtype: str) -> str:
     """Body of the split-KV merge kernel, at indentation zero."""
     padded_d = cfg.head_dim_pad != cfg.head_dim
     d_row = " & d_mask[None, :]" if padded_d else ""
+    if cfg.sinks:  # the head's sink counted once, here: a chunk with lse = sink and no value
+        merge_init = """\
+m_i = tl.load(sinks_ptr + head)
+l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+"""
+    else:
+        merge_init = """\
+m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+l_i = tl.zeros([BLOCK_M], tl.float32)
+"""
     code = f"""\
 # One program per split tile: (seq, kv_head, q_start, q_rows, first_slot, num_slots).
 pid = tl.program_id(axis=0)
@@ -569,9 +596,7 @@ token = (tl.load(cu_seqlens_q_ptr + seq) + q_start + offs_m // GQA).to(tl.int64)
 
 # Log-sum-exp merge: out = sum_i exp(lse_i) * o_i / sum_i exp(lse_i), computed against the
 # running max so exp only sees non-positive arguments; -inf chunks (no visible key) weigh 0.
-m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-l_i = tl.zeros([BLOCK_M], tl.float32)
-acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+{merge_init}acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 first_slot = first_slot.to(tl.int64)
 for i in range(0, num_slots):
     # (the loop index is a plain int under the interpreter: offsets are built from first_slot)
@@ -647,7 +672,8 @@ def render_attention_source(spec: KernelSpec) -> str:
     merge_sig = "\n".join(
         "    " + line
         for line in (
-            "out_ptr, partial_out_ptr, partial_lse_ptr, merges_ptr, cu_seqlens_q_ptr,",
+            "out_ptr, partial_out_ptr, partial_lse_ptr, merges_ptr, cu_seqlens_q_ptr,"
+            + (" sinks_ptr," if cfg.sinks else ""),
             "stride_ot, stride_oh, stride_od,",
             "stride_pw_slot, stride_pw_row, stride_pw_d,",
             "stride_pl_slot, stride_pl_row,",
@@ -714,7 +740,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
 
         launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
                scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None,
-               attn_bias_ranges=None, softcap=None) -> out
+               attn_bias_ranges=None, softcap=None, sinks=None) -> out
 
     - `q` [total_q, Hq, D] of the spec dtype; `k_cache`/`v_cache` [num_blocks, block_size, Hkv, D]
       of the same dtype with Hq == Hkv * gqa; any strides;
@@ -724,7 +750,8 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
       num_slots, block_q, num_q_heads, num_kv_heads); its tensors are moved to q's device;
     - `scale` defaults to 1/sqrt(D); `sliding_window` (int >= 1) must be given exactly when the
       spec has `sliding_window=True`, `tree_mask` (bool [S, T, T]) exactly when it has `tree=True`,
-      `softcap` (a number > 0) exactly when it has `softcap=True`;
+      `softcap` (a number > 0) exactly when it has `softcap=True`, `sinks` (float [Hq]) exactly
+      when it has `sinks=True`;
     - `out`, when given, must be q's shape and dtype and is written in place.
 
     The split-KV workspace (float32 partial_out [num_slots, block_q * gqa, D] and partial_lse
@@ -752,6 +779,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         attn_bias: torch.Tensor | None = None,
         attn_bias_ranges: torch.Tensor | None = None,
         softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run meta-attention for the batch described by `table`; returns `out`.
 
@@ -761,13 +789,15 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         has them already (computed here otherwise): the kernel skips the keys they hide and
         reads no bias where they say it is zero. `softcap` (given exactly when the spec has
         `softcap=True`) caps the scaled scores at +-softcap: softcap * tanh(scores / softcap).
+        `sinks` (float [Hq], exactly when the spec has `sinks=True`) are the heads' attention-sink
+        logits: each joins its head's softmax as a key that adds no value.
         """
         # Shapes, dtypes, the table, masks and `out`: the checks every backend shares.
         inputs = check_launch_inputs(
             cfg, spec.dtype, where, q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv,
             table, tree_mask=tree_mask, sliding_window=sliding_window, out=out,
             attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges, need_bias_ranges=True,
-            softcap=softcap,
+            softcap=softcap, sinks=sinks,
         )
         out = inputs.out
         if inputs.nothing_to_do:
@@ -811,6 +841,8 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
             args.append(tree_arg)
         if cfg.bias:
             args += [bias_arg, inputs.bias_ranges]
+        if cfg.sinks:
+            args.append(inputs.sinks)
         args += [float(scale) * math.log2(math.e)]
         if cfg.softcap:
             args.append(inputs.softcap)
@@ -842,7 +874,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         )
         if merges.shape[0] > 0:
             merge_kernel[(merges.shape[0],)](
-                out, partial_out, partial_lse, merges, cu_seqlens_q,
+                out, partial_out, partial_lse, merges, cu_seqlens_q, *([inputs.sinks] if cfg.sinks else []),
                 *out.stride(), *partial_out.stride(), *partial_lse.stride(),
                 **consts, num_warps=cfg.num_warps,
             )

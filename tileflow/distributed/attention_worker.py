@@ -32,6 +32,7 @@ class LayerShard:
     scale: float
     sliding_window: int | None = None
     softcap: float | None = None
+    sinks: tuple[float, ...] | None = None  # the attention-sink logits of this shard's query heads
 
     @property
     def q_heads(self) -> tuple[int, int]:
@@ -41,13 +42,15 @@ class LayerShard:
 
 
 def encode_init(layers: list[LayerShard], block_size: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The INIT message (a layer's sliding window 0 when it has none) and its float64 scales and
-    soft-caps ([L, 2]; a cap of 0 when the layer has none)."""
+    """The INIT message (a layer's sliding window 0 when it has none, then how many sink logits it
+    has) and its float64 values: per layer the scale, the soft-cap (0 when none) and the sinks."""
     ctl = [OP_INIT, len(layers), block_size, num_blocks]
+    floats: list[float] = []
     for s in layers:
-        ctl += [s.num_q_heads, s.num_kv_heads, s.head_dim, s.kv_lo, s.kv_hi, s.sliding_window or 0]
-    floats = [[s.scale, s.softcap or 0.0] for s in layers]
-    return torch.tensor(ctl, dtype=torch.int64), torch.tensor(floats, dtype=torch.float64).view(len(layers), 2)
+        sinks = s.sinks or ()
+        ctl += [s.num_q_heads, s.num_kv_heads, s.head_dim, s.kv_lo, s.kv_hi, s.sliding_window or 0, len(sinks)]
+        floats += [s.scale, s.softcap or 0.0, *sinks]
+    return torch.tensor(ctl, dtype=torch.int64), torch.tensor(floats, dtype=torch.float64)
 
 
 class AttentionWorker:
@@ -60,6 +63,7 @@ class AttentionWorker:
         self.layers: list[LayerShard] = []
         self.cache: PagedKVCache | None = None
         self.steps = 0
+        self._sinks: dict[tuple[int, str], torch.Tensor] = {}
 
     def serve(self) -> None:
         """Run steps until SHUTDOWN; raises `PeerError` on a timeout or a dead peer (`RunAborted`
@@ -82,11 +86,14 @@ class AttentionWorker:
     def _init(self, ctl: torch.Tensor) -> None:
         if int(ctl[0]) != OP_INIT:
             raise PeerError(f"rank {self.t.rank}: expected INIT from rank 0, got opcode {int(ctl[0])}")
-        floats = self.t.recv(0, "layer scales and soft-caps")
+        floats = self.t.recv(0, "layer scales, soft-caps and sinks").tolist()
         n, self.block_size, self.num_blocks = (int(x) for x in ctl[1:4])
-        fields = ctl[4:].view(n, 6).tolist()
-        self.layers = [LayerShard(*f[:5], scale=scale, sliding_window=f[5] or None, softcap=cap or None)
-                       for f, (scale, cap) in zip(fields, floats.view(n, 2).tolist())]
+        self.layers, at = [], 0
+        for f in ctl[4:].view(n, 7).tolist():
+            scale, cap, sinks = floats[at], floats[at + 1], tuple(floats[at + 2:at + 2 + f[6]])
+            at += 2 + f[6]
+            self.layers.append(LayerShard(*f[:5], scale=scale, sliding_window=f[5] or None, softcap=cap or None,
+                                          sinks=sinks or None))
         heads = {(s.kv_hi - s.kv_lo, s.head_dim) for s in self.layers}
         if len(heads) != 1:
             raise ValueError(f"layers differ in KV heads or head size per shard: {sorted(heads)}")
@@ -108,6 +115,13 @@ class AttentionWorker:
                 raise
             self.t.send(out, reply_to)
         self.steps += 1
+
+    def _sink_logits(self, layer: int, device: torch.device) -> torch.Tensor:
+        """A layer's sink logits as a tensor on `device`, made on first use."""
+        key = (layer, str(device))
+        if key not in self._sinks:
+            self._sinks[key] = torch.tensor(self.layers[layer].sinks, dtype=torch.float32, device=device)
+        return self._sinks[key]
 
     def _cache_for(self, dtype: torch.dtype) -> PagedKVCache:
         if self.cache is None:
@@ -134,8 +148,9 @@ class AttentionWorker:
                 cache.reserve(seq, n)
         step = cache.prepare([cache.blocks(s) for s in batch.seq_ids], batch.q_lens, batch.starts)
         cache.write_batch(layer, step, k, v)
+        sinks = None if shard.sinks is None else self._sink_logits(layer, q.device)
         out = cache.attend_batch(layer, q, step, scale=shard.scale, sliding_window=shard.sliding_window,
-                                 softcap=shard.softcap)
+                                 softcap=shard.softcap, sinks=sinks)
         if layer == len(self.layers) - 1:
             for seq, n in zip(batch.seq_ids, batch.q_lens):
                 cache.commit(seq, n)

@@ -124,7 +124,8 @@ class ModelWorker:
         for w, rank in enumerate(self.layout.attention_ranks):
             shards = [
                 LayerShard(c.num_q_heads, c.num_kv_heads, c.head_dim, *self.shards[i][w], scale=c.scale,
-                           sliding_window=c.sliding_window, softcap=c.softcap)
+                           sliding_window=c.sliding_window, softcap=c.softcap,
+                           sinks=_shard_sinks(c.sinks, c.group_size, *self.shards[i][w]))
                 for i, c in enumerate(self.program.cuts)
             ]
             ctl, scales = encode_init(shards, self.block_size, self.num_blocks)
@@ -270,3 +271,8 @@ class ModelWorker:
     def _leader_only(self, what: str) -> None:
         if not self.is_leader:
             raise RuntimeError(f"{what}() runs on the leader (rank 0); other model replicas call serve()")
+
+
+def _shard_sinks(sinks: tuple[float, ...] | None, group: int, kv_lo: int, kv_hi: int) -> tuple[float, ...] | None:
+    """The sink logits of the query heads that read KV heads [kv_lo, kv_hi)."""
+    return None if sinks is None else sinks[kv_lo * group:kv_hi * group]

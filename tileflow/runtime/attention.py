@@ -71,11 +71,11 @@ def attention_programs(target: str, device: torch.device, *, decode: bool = Fals
 
 def attention_spec(
     *, dtype: torch.dtype, head_dim: int, gqa: int, block_q: int, causal: bool, sliding_window: bool, tree: bool, bias: bool,
-    target: str = "", softcap: bool = False,
+    target: str = "", softcap: bool = False, sinks: bool = False,
 ) -> KernelSpec:
     """The KernelSpec of one meta-attention kernel (its KV step sized for `target`)."""
-    # `softcap` joins the params only when set, so the other specs keep their digests.
-    extra = {"softcap": True} if softcap else {}
+    # `softcap` and `sinks` join the params only when set, so the other specs keep their digests.
+    extra = {name: True for name, on in (("softcap", softcap), ("sinks", sinks)) if on}
     return KernelSpec(
         op="meta_attention",
         dtype=dtype_name(dtype),
@@ -104,13 +104,15 @@ def run_meta_attention_varlen(
     host_metadata: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     attn_bias_ranges: torch.Tensor | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Validate the batch (when `check`), build its task table and launch the meta-kernel.
 
     `host_metadata` = (cu_seqlens_q, seqlens_kv) as host ints, when the caller already knows
     them: it spares reading the device tensors back (a device sync per call).
     `attn_bias_ranges` are `bias_ranges(attn_bias)` when the caller has them (computed here
-    otherwise). `softcap` caps the scaled scores: `softcap * tanh(scores / softcap)`.
+    otherwise). `softcap` caps the scaled scores: `softcap * tanh(scores / softcap)`. `sinks`
+    (float [Hq]) are attention-sink logits: each joins its head's softmax with no value.
     """
     target = resolve_target(target or current_config().target, q.device)
     if check:
@@ -132,6 +134,8 @@ def run_meta_attention_varlen(
         kwargs.update(attn_bias=attn_bias, attn_bias_ranges=ranges)
     if softcap is not None:
         kwargs["softcap"] = float(softcap)
+    if sinks is not None:
+        kwargs["sinks"] = sinks
     programs = (attention_programs(target, q.device, decode=True), attention_programs(target, q.device))
     for block_q, table in _launch_plan(cu, lens, hq, hkv, target, programs, sliding_window, causal, str(q.device)):
         # A cached table is device memory a captured graph would read on every replay: keep it
@@ -139,7 +143,8 @@ def run_meta_attention_varlen(
         keep_alive_while_captured(table)
         table.ready_on_current_stream()  # its copy may have been queued on another stream
         kernel = _attention_kernel(target, q.dtype, d, gqa, block_q, causal, sliding_window is not None,
-                                   tree_mask is not None, attn_bias is not None, softcap is not None)
+                                   tree_mask is not None, attn_bias is not None, softcap is not None,
+                                   sinks is not None)
         kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table,
                scale=scale if scale is not None else 1.0 / math.sqrt(d),
                tree_mask=tree_mask, sliding_window=sliding_window, out=out, **kwargs)
@@ -149,7 +154,7 @@ def run_meta_attention_varlen(
 @functools.lru_cache(maxsize=256)
 def _attention_kernel(
     target: str, dtype: torch.dtype, head_dim: int, gqa: int, block_q: int, causal: bool, sliding_window: bool,
-    tree: bool, bias: bool, softcap: bool = False,
+    tree: bool, bias: bool, softcap: bool = False, sinks: bool = False,
 ) -> Any:
     """The built kernel of `attention_spec(...)`: looked up once per variant, since building the
     spec and hashing it for `get_kernel` cost more host time than a decode step can spare."""
@@ -157,7 +162,7 @@ def _attention_kernel(
 
     return get_kernel(target, attention_spec(dtype=dtype, head_dim=head_dim, gqa=gqa, block_q=block_q, causal=causal,
                                              sliding_window=sliding_window, tree=tree, bias=bias, target=target,
-                                             softcap=softcap))
+                                             softcap=softcap, sinks=sinks))
 
 
 @functools.lru_cache(maxsize=256)
@@ -211,6 +216,7 @@ def run_meta_attention(
     mask_ranges: torch.Tensor | None = None,
     softcap: torch.Tensor | float | None = None,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense attention `[B, Hq, S, D] x [B, Hkv, S_kv, D]` through the varlen meta-kernel.
 
@@ -223,7 +229,8 @@ def run_meta_attention(
     computed here. `softcap` caps the scaled scores before the mask (`softcap * tanh(scores /
     softcap)`): a number or a 0-d tensor (what Dynamo makes of a model's float; read on the host,
     which for a tensor on a device waits for it). `sliding_window=w` hides the keys at or before
-    position p - w from the query at position p = S_kv - S + i. Returns `[B, Hq, S, D]` (stored as
+    position p - w from the query at position p = S_kv - S + i. `sinks` (float [Hq]) join each
+    head's softmax as keys with no value (gpt-oss). Returns `[B, Hq, S, D]` (stored as
     `[B, S, Hq, D]`, the layout attention outputs usually have).
     """
     b, hq, s, d = q.shape
@@ -251,7 +258,7 @@ def run_meta_attention(
     out = run_meta_attention_varlen(
         q_flat, k_cache, v_cache, block_table, cu, seqlens,
         scale=scale, causal=causal, attn_bias=bias, attn_bias_ranges=ranges, target=target, check=False,
-        softcap=_number(softcap, "softcap"), sliding_window=sliding_window,
+        softcap=_number(softcap, "softcap"), sliding_window=sliding_window, sinks=sinks,
         host_metadata=(tuple(range(0, b * s + 1, s)) if s > 0 else (0,) * (b + 1), (s_kv,) * b),
     )
     return out.view(b, s, hq, d).transpose(1, 2)

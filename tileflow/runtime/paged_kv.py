@@ -121,15 +121,15 @@ class PagedKV:
 
     def attend_batch(
         self, layer: int, q: torch.Tensor, batch: PagedBatch, *, scale: float, tree_mask: torch.Tensor | None = None,
-        sliding_window: int | None = None, softcap: float | None = None,
+        sliding_window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal meta-attention of `q` `[total_q, heads, head_dim]` over each sequence's cache,
         its new rows (already written) included, within the layer's `sliding_window` and with its
-        `softcap` when it has them; returns q's shape. `prepare` validated the metadata on the
+        `softcap` and attention `sinks` (float [heads]) when it has them; returns q's shape. `prepare` validated the metadata on the
         host, so nothing is read back from the device."""
         return run_meta_attention_varlen(
             q.contiguous(), self.k[layer], self.v[layer], batch.block_table, batch.cu_seqlens_q, batch.seqlens_kv,
             scale=scale, causal=True, tree_mask=tree_mask, check=False,
             host_metadata=(batch.host_cu_seqlens_q, batch.host_seqlens_kv),
-            sliding_window=sliding_window, softcap=softcap,
+            sliding_window=sliding_window, softcap=softcap, sinks=sinks,
         )

@@ -434,7 +434,8 @@ class ServingEngine:
         q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, heads, head_dim]
         self.kv.write_batch(cut.index, batch, k, v)
         out = self.kv.attend_batch(cut.index, q, batch, scale=cut.scale, tree_mask=tree,
-                                   sliding_window=cut.sliding_window, softcap=cut.softcap)
+                                   sliding_window=cut.sliding_window, softcap=cut.softcap,
+                                   sinks=cut.sink_logits(self.device))
         return out.unsqueeze(0).transpose(1, 2)
 
 

@@ -326,6 +326,19 @@ def test_sliding_window(window: int) -> None:
     run_and_check(batch, spec, sliding_window=window, what=f"window {window}")
 
 
+@pytest.mark.parametrize(("window", "causal"), [(40, True), (23, True), (30, False)])
+def test_window_interior_blocks(window: int, causal: bool) -> None:
+    """Prompts long against their windows: the keys every row of a tile sees (after the last
+    row's window start, up to the first row's position) run as unmasked blocks, the window's edge
+    and the diagonal as masked ones; split into chunks too."""
+    lengths = [(90, 90), (33, 70), (1, 64)]
+    batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                        dtype=torch.float32, seed=window)
+    spec = attn_spec(gqa=2, block_q=4, sliding_window=True, causal=causal)
+    run_and_check(batch, spec, sliding_window=window, what=f"window {window}")
+    run_and_check(batch, spec, sliding_window=window, kv_split=32, what=f"window {window}, split")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_forced_split_kv_with_window(dtype: str) -> None:
     """Split-KV: chunks of 24 positions (not a multiple of BLOCK_KV), merged by the merge kernel;

@@ -352,9 +352,11 @@ tree_start = tl.where(num_new <= tree_size, new_start, seq_kv_len)
 """
     if cfg.bias:
         loop += _bias_loops(cfg, dtype)
-    elif cfg.tree or cfg.sliding_window:
+    elif cfg.tree:
         # Any KV block may be partly hidden: every step applies the masks.
         loop += "\nfor kv0 in range(kv_start, kv_end, BLOCK_KV):\n" + _indent(_kv_step(cfg, dtype, masked=True))
+    elif cfg.sliding_window:
+        loop += _window_loops(cfg, dtype)
     else:
         # Blocks that every row of the tile sees whole (before the first row's causal limit and
         # the range's end) need no mask: only the diagonal and tail blocks pay for it.
@@ -390,6 +392,42 @@ else:
     return code + _indent(loop)
 
 
+def _window_loops(cfg: AttentionConfig, dtype: str) -> str:
+    """The KV loops of a sliding-window kernel (no bias, no tree), at indentation zero.
+
+    Keys after the last row's window start and (causal) up to the first row's position are seen
+    by every row of the tile: whole blocks of them take the unmasked step, as a causal tile's
+    blocks below its diagonal do (with a window of thousands of keys, most of a prompt's). The
+    blocks before that run (the window's edge) and after it (the diagonal, the range's tail) take
+    the masked step, in one loop.
+    """
+    limit = "tl.minimum(kv_end, q_pos_first + 1)" if cfg.causal else "kv_end"
+    return f"""
+q_pos_first = seq_kv_len - num_new + q_start  # row 0 has the tile's smallest position
+q_pos_last = q_pos_first + q_rows - 1
+seen_by_all = tl.maximum(q_pos_last - window + 1, kv_start)  # the last row's window starts here
+full_start = tl.minimum(kv_start + (seen_by_all - kv_start + BLOCK_KV - 1) // BLOCK_KV * BLOCK_KV, kv_end)
+full_end = full_start + tl.maximum({limit} - full_start, 0) // BLOCK_KV * BLOCK_KV
+for kv0 in range(full_start, full_end, BLOCK_KV):
+""" + _indent(_kv_step(cfg, dtype, masked=False)) + _lead_and_tail_loop(cfg, dtype, "kv_start", "kv_end")
+
+
+def _lead_and_tail_loop(cfg: AttentionConfig, dtype: str, start: str, end: str) -> str:
+    """The masked blocks of [`start`, `end`) before `full_start` and after `full_end` (the
+    unmasked run), in one loop, at indentation zero: two loops, each with its own pipeline, would
+    spill registers. Each block is masked at its own segment's end."""
+    return f"""
+# The masked blocks before and after the unmasked run, in one loop (order does not matter to the
+# online softmax; two loops, each with its own pipeline, would spill registers).
+num_lead = tl.maximum(full_start - {start} + BLOCK_KV - 1, 0) // BLOCK_KV
+num_tail = tl.maximum({end} - full_end + BLOCK_KV - 1, 0) // BLOCK_KV
+for step in range(0, num_lead + num_tail):
+    lead = step < num_lead
+    kv0 = tl.where(lead, {start} + step * BLOCK_KV, full_end + (step - num_lead) * BLOCK_KV)
+    seg_stop = tl.where(lead, full_start, {end})
+""" + _indent(_kv_step(cfg, dtype, masked=True, end="seg_stop"))
+
+
 def _bias_loops(cfg: AttentionConfig, dtype: str) -> str:
     """The KV loops of a kernel with an additive bias, at indentation zero.
 
@@ -418,16 +456,7 @@ seg_end = tl.minimum(kv_end, seen_hi)
 full_start = tl.minimum(tl.maximum(seg_start, full_lo), seg_end)
 full_end = full_start + tl.maximum({limit} - full_start, 0) // BLOCK_KV * BLOCK_KV
 for kv0 in range(full_start, full_end, BLOCK_KV):
-""" + _indent(_kv_step(cfg, dtype, masked=False)) + """
-# The masked blocks before and after the unmasked run, in one loop (order does not matter to the
-# online softmax; two loops, each with its own pipeline, would spill registers).
-num_lead = tl.maximum(full_start - seg_start + BLOCK_KV - 1, 0) // BLOCK_KV
-num_tail = tl.maximum(seg_end - full_end + BLOCK_KV - 1, 0) // BLOCK_KV
-for step in range(0, num_lead + num_tail):
-    lead = step < num_lead
-    kv0 = tl.where(lead, seg_start + step * BLOCK_KV, full_end + (step - num_lead) * BLOCK_KV)
-    seg_stop = tl.where(lead, full_start, seg_end)
-""" + _indent(_kv_step(cfg, dtype, masked=True, end="seg_stop"))
+""" + _indent(_kv_step(cfg, dtype, masked=False)) + _lead_and_tail_loop(cfg, dtype, "seg_start", "seg_end")
 
 
 # The capped base-2 scores from the raw products `s` (see `cap_in`/`cap_out`).

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from tileflow.graph_utils import copy_source_meta, infer_meta, same_shape
+from tileflow.graph_utils import bind_arguments, copy_source_meta, infer_meta, same_shape
 from tileflow.pipeline import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -59,22 +59,6 @@ _SOFTCAP_TARGETS = _SINK_TARGETS = ("triton", "reference")
 
 def _val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def bind_arguments(node: fx.Node) -> dict[str, Any]:
-    """The node's arguments by schema name, defaults filled in."""
-    schema = node.target._schema
-    bound: dict[str, Any] = {}
-    for i, arg in enumerate(schema.arguments):
-        if i < len(node.args):
-            bound[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            bound[arg.name] = node.kwargs[arg.name]
-        elif arg.has_default_value():
-            bound[arg.name] = arg.default_value
-        else:
-            bound[arg.name] = None
-    return bound
 
 
 def strip_repeat_kv(node: Any) -> Any:

@@ -22,7 +22,6 @@ the reason in the report.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import operator
@@ -35,7 +34,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.split_module import split_module
 
-from tileflow.graph_utils import meta_val
+from tileflow.graph_utils import bind_arguments, meta_val
 from tileflow.pipeline import PassContext, PassResult, register_pass
 
 ATTENTION_OP = torch.ops.tileflow.meta_attention.default
@@ -64,7 +63,9 @@ class AttentionCut:
 
     def sink_logits(self, device: torch.device | str) -> torch.Tensor | None:
         """`sinks` as a float32 tensor on `device` (made once per cut and device), or None."""
-        return None if self.sinks is None else _sink_tensor(self.sinks, str(device))
+        from tileflow.runtime.attention import sink_logits
+
+        return None if self.sinks is None else sink_logits(self.sinks, str(device))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form for the report."""
@@ -84,19 +85,6 @@ def _expr(value: Any) -> Any:
 
 def _numel(t: torch.Tensor) -> Any:
     return sympy.Mul(*[_expr(s) for s in t.shape])
-
-
-def _attention_args(node: fx.Node) -> tuple[Any, ...]:
-    """(q, k, v, attn_mask, causal, scale, softcap, sliding_window, sinks) with the schema's
-    defaults filled in."""
-    args = list(node.args) + [None] * 11
-    kw = node.kwargs
-    q, k, v = args[0], args[1], args[2]
-    mask = kw.get("attn_mask", args[3])
-    causal = kw.get("causal", args[4] if len(node.args) > 4 else False)
-    scale = kw.get("scale", args[5] if len(node.args) > 5 else None)
-    return (q, k, v, mask, causal, scale, kw.get("softcap", args[8]), kw.get("sliding_window", args[9]),
-            kw.get("sinks", args[10]))
 
 
 # Ops a constant passes through unchanged on its way to an attention (export's copies of a lifted
@@ -138,22 +126,18 @@ def constant_values(node: Any) -> tuple[float, ...] | None:
     return None
 
 
-@functools.lru_cache(maxsize=256)
-def _sink_tensor(sinks: tuple[float, ...], device: str) -> torch.Tensor:
-    return torch.tensor(sinks, dtype=torch.float32).to(device)
-
-
 def _why_not_cut(node: fx.Node) -> str | None:
     """The reason this attention cannot be served from a remote KV cache, or None."""
-    q, k, v, mask, causal, _, softcap, _, sinks = _attention_args(node)
-    if sinks is not None and constant_values(sinks) is None:
+    args = bind_arguments(node)
+    q, k, v = args["q"], args["k"], args["v"]
+    if args["sinks"] is not None and constant_values(args["sinks"]) is None:
         return "attention sinks known only at run time: the attention stages need them as constants"
-    if softcap is not None and constant_number(softcap) is None:
+    if args["softcap"] is not None and constant_number(args["softcap"]) is None:
         return "logit soft-capping with a cap known only at run time: the attention stages need it as a constant"
-    if mask is not None:
+    if args["attn_mask"] is not None:
         return ("attention with a mask tensor: the attention stages apply the causal rule against "
                 "their KV cache; trace the step with attn_implementation='tileflow_causal'")
-    if not causal:
+    if not args["causal"]:
         return "non-causal attention: a remote KV cache serves causal self-attention only"
     qv, kv, vv = meta_val(q), meta_val(k), meta_val(v)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (qv, kv, vv)):
@@ -168,8 +152,9 @@ def _why_not_cut(node: fx.Node) -> str | None:
 
 
 def _cut_of(index: int, node: fx.Node) -> AttentionCut:
-    q, k, _, _, _, scale, softcap, window, sinks = _attention_args(node)
-    qv, kv = meta_val(q), meta_val(k)
+    args = bind_arguments(node)
+    scale, softcap, window, sinks = args["scale"], args["softcap"], args["sliding_window"], args["sinks"]
+    qv, kv = meta_val(args["q"]), meta_val(args["k"])
     hq, hkv, d = int(qv.shape[1]), int(kv.shape[1]), int(qv.shape[3])
     e = qv.element_size()
     # q out, k and v out, the attention output back: per token.
@@ -186,8 +171,9 @@ def _cut_of(index: int, node: fx.Node) -> AttentionCut:
 def crossing_bytes(node: fx.Node) -> Any:
     """Bytes crossing one attention cut per iteration, from the graph's (symbolic) shapes:
     the q, k and v operands out and the output back."""
-    q, k, v, *_ = _attention_args(node)
-    return sum((_numel(meta_val(t)) * meta_val(t).element_size() for t in (q, k, v, node)), sympy.Integer(0))
+    args = bind_arguments(node)
+    return sum((_numel(meta_val(t)) * meta_val(t).element_size() for t in (args["q"], args["k"], args["v"], node)),
+               sympy.Integer(0))
 
 
 @register_pass
@@ -211,7 +197,7 @@ class Disaggregate:
                 return result
         cuts = [_cut_of(i, n) for i, n in enumerate(attentions)]
         total = sympy.expand(sum((crossing_bytes(n) for n in attentions), sympy.Integer(0)))
-        tokens = _expr(meta_val(_attention_args(attentions[0])[0]).shape[2])
+        tokens = _expr(meta_val(attentions[0].args[0]).shape[2])  # q [B, H, S, D]
         expected = sympy.expand(sum(
             (lamina_bytes(c.dtype.itemsize, c.num_q_heads * c.head_dim, c.group_size, tokens, 1) for c in cuts),
             sympy.Integer(0),
@@ -431,5 +417,5 @@ def _qkv_order(module: fx.GraphModule, sources: list[Source]) -> list[Source]:
     """An attention submodule's argument sources reordered as (q, k, v)."""
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
     (attn,) = [n for n in module.graph.nodes if n.op == "call_function" and n.target is ATTENTION_OP]
-    q, k, v, *_ = _attention_args(attn)
-    return [sources[placeholders.index(x)] for x in (q, k, v)]
+    args = bind_arguments(attn)
+    return [sources[placeholders.index(args[name])] for name in ("q", "k", "v")]

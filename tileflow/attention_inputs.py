@@ -74,9 +74,9 @@ def attention_params(
     bools; default causal=True, the others False; `softcap`: logit soft-capping, the scores
     become `cap * tanh(scores / cap)` before any mask or bias, the cap a launch argument;
     `sinks`: attention sinks, one learned logit per query head that joins every row's softmax
-    with no value, as gpt-oss has them, given at launch). A
-    TileConfig, when present, supplies `block_q` (its `block_m`) and `block_kv` (its `block_n`)
-    when the params leave them out; a tile that contradicts the params is an error. `block_kv` falls back to `default_block_kv`.
+    with no value, as gpt-oss has them, given at launch). A TileConfig, when present, supplies
+    `block_q` (its `block_m`) and `block_kv` (its `block_n`) when the params leave them out; a
+    tile that contradicts the params is an error. `block_kv` falls back to `default_block_kv`.
 
     `target` names the backend in messages; `supported_dtypes` are its input dtypes.
     Raises ValueError for a spec no meta-attention kernel can implement.

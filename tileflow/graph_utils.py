@@ -12,6 +12,22 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._pytree import tree_map
 
 
+def bind_arguments(node: fx.Node) -> dict[str, Any]:
+    """An op node's arguments by schema name, defaults filled in (None where the schema has none)."""
+    schema = node.target._schema
+    bound: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            bound[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            bound[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            bound[arg.name] = arg.default_value
+        else:
+            bound[arg.name] = None
+    return bound
+
+
 def meta_val(node: Any) -> Any:
     """The example value (usually a FakeTensor) recorded on a node, or the constant itself."""
     if isinstance(node, fx.Node):

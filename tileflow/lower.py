@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .graph_utils import bind_arguments
 from .kernel_spec import KernelSpec, TileConfig, dtype_name, make_params
 from .pipeline import PassContext
 from .tiles import TilePlan
@@ -137,18 +138,16 @@ def attention_specs_for_node(node: fx.Node, target: str) -> list[KernelSpec]:
     prefill-sized variants are built ahead."""
     from .runtime.attention import attention_block_q, attention_spec
 
-    q, k = node.args[0].meta["val"], node.args[1].meta["val"]
-    mask, causal = node.args[3], bool(node.args[4])
-    softcap = node.kwargs.get("softcap", node.args[8] if len(node.args) > 8 else None)
-    window = node.kwargs.get("sliding_window", node.args[9] if len(node.args) > 9 else None)
-    sinks = node.kwargs.get("sinks", node.args[10] if len(node.args) > 10 else None)
+    args = bind_arguments(node)
+    q, k = args["q"].meta["val"], args["k"].meta["val"]
     hq, hkv, d = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
     gqa = hq // hkv
     block_qs = sorted({attention_block_q(1, gqa, target), attention_block_q(1 << 20, gqa, target)})
     return [
-        attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=bq, causal=causal,
-                       sliding_window=window is not None, tree=False, bias=mask is not None, target=target,
-                       softcap=softcap is not None, sinks=sinks is not None)
+        attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=bq, causal=bool(args["causal"]),
+                       sliding_window=args["sliding_window"] is not None, tree=False,
+                       bias=args["attn_mask"] is not None, target=target, softcap=args["softcap"] is not None,
+                       sinks=args["sinks"] is not None)
         for bq in block_qs
     ]
 

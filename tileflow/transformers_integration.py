@@ -51,8 +51,8 @@ def causal_attention_forward(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """`"tileflow_causal"`: always causal (within the layer's sliding window, if it has one, and
-    with its logit soft-cap), never a mask tensor, no branch on the token count (so one traced
+    """`"tileflow_causal"`: always causal (within the layer's sliding window, with its logit
+    soft-cap and attention sinks, when it has them), never a mask tensor, no branch on the token count (so one traced
     graph serves every count, 1 included). Padding masks are not supported."""
     if attention_mask is not None:
         raise ValueError(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..log import get_logger
+from ..runtime.attention import sink_logits
 from .kv_cache import PagedKVCache
 from .layout import OP_INIT, OP_SHUTDOWN, OP_STEP, BatchShape, Layout, decode_plan, replica_of, work_items
 from .transport import PeerError, Transport
@@ -63,7 +64,6 @@ class AttentionWorker:
         self.layers: list[LayerShard] = []
         self.cache: PagedKVCache | None = None
         self.steps = 0
-        self._sinks: dict[tuple[int, str], torch.Tensor] = {}
 
     def serve(self) -> None:
         """Run steps until SHUTDOWN; raises `PeerError` on a timeout or a dead peer (`RunAborted`
@@ -116,13 +116,6 @@ class AttentionWorker:
             self.t.send(out, reply_to)
         self.steps += 1
 
-    def _sink_logits(self, layer: int, device: torch.device) -> torch.Tensor:
-        """A layer's sink logits as a tensor on `device`, made on first use."""
-        key = (layer, str(device))
-        if key not in self._sinks:
-            self._sinks[key] = torch.tensor(self.layers[layer].sinks, dtype=torch.float32, device=device)
-        return self._sinks[key]
-
     def _cache_for(self, dtype: torch.dtype) -> PagedKVCache:
         if self.cache is None:
             h, d = self.layers[0].kv_hi - self.layers[0].kv_lo, self.layers[0].head_dim
@@ -148,7 +141,7 @@ class AttentionWorker:
                 cache.reserve(seq, n)
         step = cache.prepare([cache.blocks(s) for s in batch.seq_ids], batch.q_lens, batch.starts)
         cache.write_batch(layer, step, k, v)
-        sinks = None if shard.sinks is None else self._sink_logits(layer, q.device)
+        sinks = None if shard.sinks is None else sink_logits(shard.sinks, str(q.device))
         out = cache.attend_batch(layer, q, step, scale=shard.scale, sliding_window=shard.sliding_window,
                                  softcap=shard.softcap, sinks=sinks)
         if layer == len(self.layers) - 1:

@@ -264,6 +264,14 @@ def run_meta_attention(
     return out.view(b, s, hq, d).transpose(1, 2)
 
 
+@functools.lru_cache(maxsize=256)
+def sink_logits(values: tuple[float, ...], device: str) -> torch.Tensor:
+    """Attention-sink logits held as numbers (a disaggregation cut's, an attention worker's) as
+    the float32 tensor the kernels take, on `device`: made once per (values, device), not per
+    call (a copy to a GPU per layer per step would wait for it)."""
+    return torch.tensor(values, dtype=torch.float32).to(device)
+
+
 def _number(value: torch.Tensor | float | None, name: str) -> float | None:
     """A number given as a Python number or a one-element tensor, as a float (None stays None)."""
     if isinstance(value, torch.Tensor):

@@ -125,8 +125,8 @@ class PagedKV:
     ) -> torch.Tensor:
         """Causal meta-attention of `q` `[total_q, heads, head_dim]` over each sequence's cache,
         its new rows (already written) included, within the layer's `sliding_window` and with its
-        `softcap` and attention `sinks` (float [heads]) when it has them; returns q's shape. `prepare` validated the metadata on the
-        host, so nothing is read back from the device."""
+        `softcap` and attention `sinks` (float [heads]) when it has them; returns q's shape.
+        `prepare` validated the metadata on the host, so nothing is read back from the device."""
         return run_meta_attention_varlen(
             q.contiguous(), self.k[layer], self.v[layer], batch.block_table, batch.cu_seqlens_q, batch.seqlens_kv,
             scale=scale, causal=True, tree_mask=tree_mask, check=False,

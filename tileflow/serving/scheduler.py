@@ -98,7 +98,6 @@ class Scheduler:
         self.token_budget, self.decode_slots, self.max_draft = token_budget, decode_slots, max_draft
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.preemptions = 0  # over the scheduler's life
         self.last_preempted: list[Request] = []  # by the latest `schedule`
 
     def add(self, request: Request) -> None:
@@ -117,7 +116,8 @@ class Scheduler:
     def schedule(self, drafts: dict[int, list[int]] | None = None) -> list[Entry]:
         """The next step's entries: decode/verify slots first, then prompt chunks. A slot that
         needs a block when none is free preempts the youngest running request (see the module
-        docstring); a step that preempted admits no one."""
+        docstring); a step that preempted admits no one (the request it preempted could come
+        straight back, to be preempted again)."""
         budget = self.token_budget
         entries: list[Entry] = []
         prefilling = []
@@ -132,7 +132,8 @@ class Scheduler:
                 continue
             room = min(self.max_draft, r.max_new_tokens - r.generated - 1)
             draft = drafts[r.id][: max(0, room)] if drafts and r.id in drafts else ()
-            if len(r.blocks) * bs < r.computed + 1 + len(draft) and not self._grow(r, r.computed + 1 + len(draft)):
+            positions = r.computed + 1 + len(draft)
+            if len(r.blocks) * bs < positions and not self._grow(r, positions):  # the call only when it grows
                 break  # r, the youngest left, gave its own blocks up
             entries.append(Entry(r, [r.tokens[-1], *draft], r.computed, "verify" if draft else "decode"))
             budget -= 1 + len(draft)
@@ -209,7 +210,6 @@ class Scheduler:
         r.prefill_len = len(r.tokens)
         r._registered = 0
         self.waiting.appendleft(r)
-        self.preemptions += 1
         self.last_preempted.append(r)
 
 

@@ -35,7 +35,12 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from tileflow.graph_utils import bind_arguments, copy_source_meta, infer_meta, same_shape
+from tileflow.graph_utils import (
+    bind_arguments,
+    copy_source_meta,
+    infer_meta,
+    same_shape,
+)
 from tileflow.pipeline import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten

@@ -378,6 +378,13 @@ def test_attention_mask_ranges_op() -> None:
     assert ranges.shape == (2, 6, 4) and ranges.dtype == torch.int32
     assert torch.equal(ranges, tileflow.ops.attention_mask_ranges(additive))
     assert ranges[0, 3].tolist() == [0, 0, 4, 4] and ranges[1, 3].tolist() == [2, 2, 4, 4]
+    # transformers' eager masks hide with finfo.min: the same ranges for every row that sees a
+    # key, so the kernel skips the hidden keys as for -inf; the two rows of the second sequence
+    # that see none keep every key, which eager attention averages.
+    eager = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    eager_ranges = tileflow.ops.attention_mask_ranges(eager)
+    assert torch.equal(eager_ranges[0], ranges[0]) and torch.equal(eager_ranges[1, 2:], ranges[1, 2:])
+    assert eager_ranges[1, :2].tolist() == [[0, 6, 6, 6]] * 2
     assert tileflow.ops.attention_mask_ranges(keep[0, 0]).shape == (1, 6, 4)  # 2-D: one batch row
     q, k = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
     with tileflow.use_config(tileflow.Config(target="reference")):

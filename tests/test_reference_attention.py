@@ -368,12 +368,15 @@ def test_attn_bias_shape_is_checked() -> None:
 
 def _ranges_by_brute_force(bias: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
     """`bias_ranges` from its definition, key by key, for bias [B, H, S, L]."""
-    b, _, s, kv_len = bias.shape
+    b, heads, s, kv_len = bias.shape
+    lowest = torch.finfo(bias.dtype).min
     result = []
     for seq in range(b):
         rows = []
         for i in range(s):
-            seen = [j for j in range(kv_len) if (bias[seq, :, i, j] > float("-inf")).any()]
+            # A head's row hides its finfo.min keys when it sees some key above finfo.min.
+            floor = [lowest if (bias[seq, h, i] > lowest).any() else float("-inf") for h in range(heads)]
+            seen = [j for j in range(kv_len) if any(bias[seq, h, i, j] > floor[h] for h in range(heads))]
             plain = [bool((bias[seq, :, i, j] == 0).all()) for j in range(kv_len)]
             lo, hi = (seen[0], seen[-1] + 1) if seen else (kv_len, 0)
             full_lo = plain.index(True) if any(plain) else kv_len
@@ -390,16 +393,20 @@ def _ranges_by_brute_force(bias: torch.Tensor) -> list[list[tuple[int, int, int,
     seed=st.integers(0, 2**16),
     hidden=st.floats(0.0, 1.0),
     plain=st.floats(0.0, 1.0),
+    fill=st.sampled_from([float("-inf"), "lowest"]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
 )
 @settings(max_examples=80, deadline=None)
 def test_bias_ranges_match_their_definition(shape: tuple[int, int, int, int], seed: int, hidden: float,
-                                            plain: float) -> None:
-    """Random biases mixing hidden (-inf), plain (0) and other keys, per head: the ranges are
-    exactly the visible span and the first all-heads-plain run of every row."""
+                                            plain: float, fill: float | str, dtype: torch.dtype) -> None:
+    """Random biases mixing hidden (-inf, or the dtype's lowest value as eager masks write it),
+    plain (0) and other keys, per head: the ranges are exactly the visible span and the first
+    all-heads-plain run of every row."""
     gen = torch.Generator().manual_seed(seed)
-    bias = torch.randn(shape, generator=gen)
+    bias = torch.randn(shape, generator=gen).to(dtype)
     draw = torch.rand(shape, generator=gen)
-    bias = bias.masked_fill(draw < plain, 0.0).masked_fill(draw > 1 - hidden * (1 - plain), float("-inf"))
+    hide = torch.finfo(dtype).min if fill == "lowest" else fill
+    bias = bias.masked_fill(draw < plain, 0.0).masked_fill(draw > 1 - hidden * (1 - plain), hide)
     got = bias_ranges(bias)
     assert got.dtype == torch.int32 and got.shape == (shape[0], shape[2], 4)
     assert got.tolist() == [[list(r) for r in rows] for rows in _ranges_by_brute_force(bias)]

@@ -400,15 +400,20 @@ def bias_ranges(attn_bias: torch.Tensor) -> torch.Tensor:
     and q_len' are 1 where the bias does not vary along them) holding, per sequence and query
     row, key positions ``(lo, full_lo, full_hi, hi)`` over all heads:
 
-    - every key some head sees (bias > -inf) lies in ``[lo, hi)``; a row that sees no key has
-      ``lo = kv_len, hi = 0``;
+    - every key some head sees lies in ``[lo, hi)``; a row that sees no key has
+      ``lo = kv_len, hi = 0``. A key is hidden by -inf, and also by the lowest finite value of
+      the bias dtype (``finfo.min``, which transformers' eager masks use) in a row of a head
+      that sees some key above it: there it adds exactly nothing to the softmax (its exp
+      underflows to 0 next to any real score). A row that sees nothing above ``finfo.min``
+      keeps those keys, so it averages them as eager attention does;
     - ``[full_lo, full_hi)`` is the first run of keys whose bias is exactly 0 for every head:
       there the scores need neither the bias nor a mask (``full_lo = full_hi = kv_len`` when the
       row has no such key).
 
-    A model's materialized causal mask (0 on and below the diagonal, -inf above) gives row i
-    ``(0, 0, i + 1, i + 1)``: the kernel then reads the bias only on the diagonal blocks and
-    skips the blocks above them, as for `causal=True`. The cost is a few passes over the bias.
+    A model's materialized causal mask (0 on and below the diagonal, -inf or ``finfo.min``
+    above) gives row i ``(0, 0, i + 1, i + 1)``: the kernel then reads the bias only on the
+    diagonal blocks and skips the blocks above them, as for `causal=True`. The cost is a few
+    passes over the bias.
     """
     if (not isinstance(attn_bias, torch.Tensor) or attn_bias.dim() != 4
             or not (attn_bias.is_floating_point() or attn_bias.dtype == torch.bool)):
@@ -424,7 +429,9 @@ def bias_ranges(attn_bias: torch.Tensor) -> torch.Tensor:
     if bias.dtype == torch.bool:  # [B', q_len', kv_len]
         seen, plain = (bias[:, 0], bias[:, 0]) if bias.shape[1] == 1 else (bias.any(dim=1), bias.all(dim=1))
     else:
-        seen, plain = bias > float("-inf"), bias == 0
+        seen, real = bias > float("-inf"), bias > torch.finfo(bias.dtype).min
+        seen = torch.where(real.any(dim=3, keepdim=True), real, seen)
+        plain = bias == 0
         seen, plain = (seen[:, 0], plain[:, 0]) if bias.shape[1] == 1 else (seen.any(dim=1), plain.all(dim=1))
     if kv_len == 0:
         shape = (*seen.shape[:2], 1)

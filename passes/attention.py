@@ -29,17 +29,22 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tileflow.graph_utils import (
     bind_arguments,
+    constant_number,
     copy_source_meta,
+    evaluate_at_example_sizes,
     infer_meta,
     same_shape,
+    size_hint,
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
 
@@ -58,8 +63,8 @@ _DTYPES = {
     "triton": (torch.float16, torch.bfloat16, torch.float32),
     "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
-# Targets whose meta-attention kernel implements logit soft-capping and attention sinks.
-_SOFTCAP_TARGETS = _SINK_TARGETS = ("triton", "reference")
+# Targets whose meta-attention kernel implements logit soft-capping, attention sinks and ALiBi.
+_SOFTCAP_TARGETS = _SINK_TARGETS = _ALIBI_TARGETS = ("triton", "reference")
 
 
 def _val(node: Any) -> Any:
@@ -107,6 +112,7 @@ class Attention:
         result = PassResult()
         graph = gm.graph
         self._ranges: dict[fx.Node, fx.Node] = {}
+        self._made: dict[tuple[Any, ...], fx.Node] = {}  # masks made from the graph's, shared by its layers
         for node in list(graph.nodes):
             if node.op != "call_function" or node not in graph.nodes:
                 continue
@@ -218,26 +224,30 @@ class Attention:
         attention = _feeds_pv_product(softmax)
         if softmax.args[1] not in (-1, 3) or (len(softmax.args) > 2 and softmax.args[2]):
             return "the softmax is not over the keys (the last dimension) in the input dtype" if attention else None
-        # Walk back from the softmax input:
-        # [add mask] <- [cap * tanh(. / cap)] <- [mul/div scale] <- view <- bmm(q, k^T).
-        cur, mask, scale_mul, scale_div = softmax.args[0], None, None, None
+        # Walk back from the softmax input: [masks and an ALiBi bias, added or filled in, any
+        # order] <- [cap * tanh(. / cap)] <- [mul/div scale] <- view <- bmm(q, k^T) (or baddbmm,
+        # an ALiBi bias inside the product).
+        cur, mask, scale_mul, scale_div, alibi, product_scale = softmax.args[0], None, None, None, None, 1.0
         sinks, cur = _sink_join(cur)
         if sinks is not None and ctx.target not in _SINK_TARGETS:
             return f"attention sinks (a logit joined to the scores) are not implemented by the {ctx.target} meta-attention kernel"
-        if _is_op(cur, aten.add.Tensor) and len(cur.users) == 1:
-            scores_side = [a for a in cur.args if _path_to_product(a, depth=7) is not None]
-            if len(scores_side) != 1:
-                return _unmatched_scores(softmax) if attention else None
-            mask = cur.args[1] if cur.args[0] is scores_side[0] else cur.args[0]
-            cur = scores_side[0]
-        elif len(cur.users) == 1 and (filled := _filled_with_neg_inf(cur)) is not None:
-            cur, mask, hides = filled
-            if hides:  # masked_fill(scores, hide, -inf): the kernel's bool masks say what is kept
-                mask = _negation_source(mask)
-                if mask is None:
-                    with graph.inserting_after(filled[1]):
-                        mask = graph.call_function(aten.logical_not.default, (filled[1],))
-                    infer_meta(mask)
+        while len(cur.users) == 1:
+            if _is_op(cur, aten.add.Tensor):
+                scores_side = [a for a in cur.args if _path_to_product(a, depth=7) is not None]
+                if len(scores_side) != 1:
+                    return _unmatched_scores(softmax) if attention else None
+                term = cur.args[1] if cur.args[0] is scores_side[0] else cur.args[0]
+                slopes = _alibi_slopes(term, cur) if alibi is None else None
+                if slopes is not None:
+                    alibi = slopes
+                else:
+                    mask = self._joined_mask(graph, mask, term, softmax)
+                cur = scores_side[0]
+            elif (filled := _filled_with_low_value(cur)) is not None:
+                cur, hide_mask = filled[0], self._fill_mask(graph, *filled[1:])
+                mask = self._joined_mask(graph, mask, hide_mask, softmax)
+            else:
+                break
         softcap, cur = _soft_cap(cur)
         if softcap is not None and ctx.target not in _SOFTCAP_TARGETS:
             return f"logit soft-capping (tanh on the scores) is not implemented by the {ctx.target} meta-attention kernel"
@@ -247,22 +257,40 @@ class Attention:
                 return "the score scale is not a number or a 0-d tensor"
             scale_mul, scale_div = (factor, None) if cur.target is aten.mul.Tensor else (None, factor)
             cur = cur.args[0]
-        if not (isinstance(cur, fx.Node) and cur.target in _VIEWS and _is_op(cur.args[0], aten.bmm.default)):
+        if not (isinstance(cur, fx.Node) and cur.target in _VIEWS and isinstance(cur.args[0], fx.Node)
+                and cur.args[0].target in _PRODUCTS):
             return _unmatched_scores(softmax) if attention else None
         qk = cur.args[0]
-        q = _unflatten_heads(qk.args[0])
-        kt = _unflatten_heads(qk.args[1])
-        if q is None or kt is None:
+        if qk.target is aten.baddbmm.default:  # beta * bias + alpha * q @ k^T
+            product = bind_arguments(qk)
+            slopes = _alibi_slopes(product["self"], qk, view=cur) if alibi is None else None
+            if slopes is None or softcap is not None or not all(
+                    isinstance(product[c], (int, float)) for c in ("alpha", "beta")):
+                return _unmatched_scores(softmax) if attention else None
+            alibi = [float(product["beta"]) * x for x in slopes]
+            product_scale = float(product["alpha"])
+        q_flat, kt_flat = qk.args[-2:]
+        q = _unflatten_heads(q_flat)
+        if _is_op(kt_flat, aten.transpose.int) and sorted(d % 3 for d in kt_flat.args[1:3]) == [1, 2]:
+            kt = None  # transposed after the heads were flattened (BLOOM): k itself is behind it
+            k = _unflatten_heads(kt_flat.args[0])
+        else:
+            kt = _unflatten_heads(kt_flat)
+            k = kt
+        if q is None or k is None:
             return "q @ k^T operands are not [B, H, S, D] tensors flattened over heads"
         # Scale factors models put on q and k instead of the scores (Falcon: each by
         # head_dim ** -0.25), and k^T broadcast over the query heads by the product (MQA).
         q, q_factor = _constant_factor(q)
-        kt = _head_broadcast_source(kt)
-        kt, k_factor = _constant_factor(kt)
-        if not _is_transpose_last2(kt):
-            return "the k operand of q @ k^T is not a [B, H, S, D] tensor transposed in its last two dimensions"
-        k, k_inner = _constant_factor(kt.args[0])
-        k_factor *= k_inner
+        if kt is None:
+            k, k_factor = _constant_factor(_head_broadcast_source(k))
+        else:
+            kt = _head_broadcast_source(kt)
+            kt, k_factor = _constant_factor(kt)
+            if not _is_transpose_last2(kt):
+                return "the k operand of q @ k^T is not a [B, H, S, D] tensor transposed in its last two dimensions"
+            k, k_inner = _constant_factor(kt.args[0])
+            k_factor *= k_inner
         # Forward from the softmax: [cast] -> [drop the sinks' column] -> view -> bmm(p, v) -> view [B, H, S, D].
         nxt = _only_user(softmax)
         if nxt is not None and nxt.target is torch.ops.prims.convert_element_type.default:
@@ -288,7 +316,7 @@ class Attention:
             return f"dtypes q={qv.dtype}, k={kv.dtype}, v={vv.dtype} are not supported by the {ctx.target} meta-attention kernel"
         if any(isinstance(d, torch.SymInt) for d in (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[3])):
             return "head count or head dim is symbolic; the kernel needs them static"
-        if not statically_known_true(vv.shape[3] == qv.shape[3]):
+        if not (statically_known_true(vv.shape[3] == qv.shape[3]) and statically_known_true(kv.shape[3] == qv.shape[3])):
             return "q, k and v head dims differ"
         k_real, v_real = strip_repeat_kv(k), strip_repeat_kv(v)
         if _val(k_real).shape[1] != _val(v_real).shape[1]:
@@ -300,7 +328,9 @@ class Attention:
             return f"{hq} query heads are not a multiple of {hkv} KV heads"
         if sinks is not None and tuple(_val(sinks).shape) != (hq,):
             return f"the attention sinks hold {_val(sinks).numel()} logits for {hq} query heads"
-        scale: float | None = q_factor * k_factor
+        if alibi is not None and ctx.target not in _ALIBI_TARGETS:
+            return f"ALiBi (a per-head linear bias on the scores) is not implemented by the {ctx.target} meta-attention kernel"
+        scale: float | None = q_factor * k_factor * product_scale
         ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
         with graph.inserting_before(out4):
             q_in = q
@@ -314,24 +344,23 @@ class Attention:
             if softcap is not None and not isinstance(softcap, fx.Node):
                 softcap = graph.call_function(aten.scalar_tensor.default, (float(softcap),), {"dtype": torch.float32})
                 infer_meta(softcap)
-            extra: tuple[Any, ...] = ()
-            if sinks is not None:
-                if _val(sinks).dim() != 1:  # the [1, H, 1, 1] logits models broadcast, as [H]
-                    sinks = graph.call_function(aten.reshape.default, (sinks, [hq]))
-                    infer_meta(sinks)
-                extra = (softcap, None, sinks)
-            elif softcap is not None:
-                extra = (softcap,)
+            if sinks is not None and _val(sinks).dim() != 1:  # the [1, H, 1, 1] logits models broadcast, as [H]
+                sinks = graph.call_function(aten.reshape.default, (sinks, [hq]))
+                infer_meta(sinks)
+            # (softcap, sliding_window, sinks, alibi_slopes), the trailing unset ones left out.
+            extra = [softcap, None, sinks, alibi]
+            while extra and extra[-1] is None:
+                extra.pop()
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
-                (q_in, k_real, v_real, mask, False, scale, ctx.target, ranges) + extra,
+                (q_in, k_real, v_real, mask, False, scale, ctx.target, ranges, *extra),
             )
         infer_meta(new)
         if _val(new).dtype != _val(out4).dtype:
             return "the manual attention changes dtype between its inputs and output"
         copy_source_meta(softmax, new)
         new.meta["tileflow"] = {"kind": "meta_attention", "form": "manual", "gqa": hq // hkv, "target": ctx.target,
-                                "softcap": softcap is not None, "sinks": sinks is not None}
+                                "softcap": softcap is not None, "sinks": sinks is not None, "alibi": alibi is not None}
         out4.replace_all_uses_with(new)
         result.count("meta_attention")
         result.count("manual_attention")
@@ -341,19 +370,63 @@ class Attention:
             result.count("logit_softcap")
         if sinks is not None:
             result.count("attention_sinks")
+        if alibi is not None:
+            result.count("alibi")
         return None
+
+    def _joined_mask(self, graph: fx.Graph, mask: Any, more: Any, at: fx.Node) -> Any:
+        """The mask that hides what `mask` and `more` hide and adds what they add (either may be
+        None), made before `at`: one node per pair, shared by the later layers that apply the
+        same two masks (GPT-Neo's causal fill and padding mask, say)."""
+        if mask is None or more is None:
+            return more if mask is None else mask
+        key = ("joined", mask, more)
+        if key not in self._made:
+            with graph.inserting_before(at):
+                if _val(mask).dtype == _val(more).dtype == torch.bool:
+                    joined = graph.call_function(aten.logical_and.default, (mask, more))
+                else:
+                    parts = []
+                    for m in (mask, more):
+                        if _val(m).dtype == torch.bool:  # True = seen: 0, else -inf
+                            m = graph.call_function(aten.where.Scalar, (m, 0.0, float("-inf")))
+                            infer_meta(m)
+                        parts.append(m)
+                    joined = graph.call_function(aten.add.Tensor, tuple(parts))
+            infer_meta(joined)
+            self._made[key] = joined
+        return self._made[key]
+
+    def _fill_mask(self, graph: fx.Graph, mask: fx.Node, hides: bool, fill: float) -> fx.Node:
+        """The mask that a fill of the scores with `fill` where `mask` is True (`hides`) or False
+        applies: a bool keep-mask for -inf (the kernel hides those keys), else the additive
+        `fill`-or-0 mask (a fill of finfo.min: eager attention averages the keys of a row that
+        sees nothing above it, and so does the kernel with it as a bias). One node per form."""
+        if fill == float("-inf"):
+            if not hides:
+                return mask
+            keep = _negation_source(mask)
+            if keep is not None:
+                return keep
+        key = ("fill", mask, hides, fill)
+        if key not in self._made:
+            with graph.inserting_after(mask):
+                if fill == float("-inf"):
+                    self._made[key] = graph.call_function(aten.logical_not.default, (mask,))
+                else:
+                    hidden, shown = (fill, 0.0) if hides else (0.0, fill)
+                    self._made[key] = graph.call_function(aten.where.Scalar, (mask, hidden, shown))
+            infer_meta(self._made[key])
+        return self._made[key]
 
 
 _SOFTMAX = {aten._softmax.default, aten._safe_softmax.default}
 
 
 def _constant(arg: Any) -> float | None:
-    """The value of a number, or of a `scalar_tensor` node; None for anything else."""
-    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
-        return float(arg)
-    if _is_op(arg, aten.scalar_tensor.default) and isinstance(arg.args[0], (int, float)):
-        return float(arg.args[0])
-    return None
+    """The value of a number, or of a one-element tensor the graph holds as a constant (say a
+    `scalar_tensor`, or the attribute `torch.tensor(finfo.min)` becomes); None for anything else."""
+    return constant_number(arg)
 
 
 def _bool_source(mask: fx.Node) -> fx.Node:
@@ -400,7 +473,13 @@ def _unmatched_scores(softmax: fx.Node) -> str:
     if any(n.target is aten.tanh.default for n in path) and all(_soft_cap(n)[0] is None for n in path):
         uses.append("tanh on the scores, but not as the logit soft-capping cap * tanh(scores / cap)")
     if path[-1].target is aten.baddbmm.default:
-        uses.append("baddbmm adds a bias inside the q @ k^T product, as ALiBi models write it")
+        bias = path[-1].args[0]
+        if isinstance(bias, fx.Node) and _reads_an_input(bias):
+            uses.append("baddbmm adds a bias computed from a graph input inside the q @ k^T product, as BLOOM "
+                        "does when it counts ALiBi positions along a padding mask; the kernel's ALiBi counts "
+                        "key positions")
+        else:
+            uses.append("baddbmm adds a bias inside the q @ k^T product that is not ALiBi's")
     hint = f" ({'; '.join(uses)})" if uses else ""
     return f"the meta-kernel does not implement the scores {' <- '.join(reversed(names))} before the softmax{hint}"
 
@@ -465,20 +544,107 @@ def _sink_join(node: Any) -> tuple[fx.Node | None, Any]:
     return source, scores
 
 
-def _filled_with_neg_inf(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
-    """(scores, bool mask, whether the mask says what is hidden) when `node` hides scores by
-    filling them with -inf: `masked_fill(scores, hide, -inf)` or `where(keep, scores, -inf)`."""
+# Ops an ALiBi bias may go through between its slopes x positions product and the scores.
+_LAYOUTS = {*_VIEWS, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+            aten.slice.Tensor, aten.expand.default, aten.repeat.default, aten.clone.default, aten.alias.default,
+            aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+_SHIFTS = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar}
+
+
+def _alibi_slopes(term: Any, over: fx.Node, view: fx.Node | None = None) -> list[float] | None:
+    """One slope per head when `term`, added to the scores `over` (4-D [B, H, S, L], or a
+    baddbmm's [B * H, S, L] that `view` makes 4-D), is an ALiBi bias: `slope[h] * (j + c)` for
+    key j, c constant along the keys (the softmax ignores it, so BLOOM's `slope * j` and MPT's
+    `slope * (j - L + 1)` are both `slope * (j - p)` for the query at p, the kernel's form).
+    Else None.
+
+    The bias must be a product of constants (the slopes, made from numbers only) and a unit-step
+    `arange` (the positions, shifted by constants) behind layout ops, so that it has this form at
+    every size; its value at the example sizes says which head has which slope."""
+    if not isinstance(term, fx.Node):
+        return None
+    product = term
+    while product.op == "call_function" and product.target in _LAYOUTS and isinstance(product.args[0], fx.Node):
+        product = product.args[0]
+    if not _is_op(product, aten.mul.Tensor) or not all(isinstance(a, fx.Node) for a in product.args[:2]):
+        return None
+    a, b = product.args[:2]
+    if not ((_is_positions(a) and not _depends_on_sizes(b)) or (_is_positions(b) and not _depends_on_sizes(a))):
+        return None
+    value = evaluate_at_example_sizes(term)
+    if value is None:
+        return None
+    with unset_fake_temporarily():  # real numbers, while the pass runs under fake tensors
+        try:
+            value = value.expand([size_hint(d) for d in _val(over).shape])
+            if view is not None:
+                value = value.reshape([size_hint(d) for d in _val(view).shape])
+        except RuntimeError:
+            return None
+        if value.dim() != 4:
+            return None
+        if value.shape[3] < 2:  # one key: any bias is a row constant, which the softmax ignores
+            return [0.0] * value.shape[1]
+        steps = value.diff(dim=3)  # the slope of every row, at every key
+        slopes = steps[:1, :, :1, :1]
+        tolerance = 1e-9 * max(1.0, value.abs().max().item())
+        if (steps - slopes).abs().max().item() > tolerance:
+            return None  # not linear in the key, or a slope that depends on the sequence or the row
+        return slopes.flatten().tolist()
+
+
+def _is_positions(node: fx.Node) -> bool:
+    """Whether `node` is a unit-step `arange` behind layout ops and shifts by constants."""
+    while node.op == "call_function" and (node.target in _LAYOUTS or (
+            node.target in _SHIFTS and _constant(node.args[1]) is not None)):
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return False
+    if node.target in (aten.arange.default, aten.arange.start):
+        return True
+    return node.target is aten.arange.start_step and node.args[2] == 1
+
+
+def _any_ancestor(node: fx.Node, test: Callable[[fx.Node], bool]) -> bool:
+    """Whether `test` holds for `node` or any node its value is computed from."""
+    stack, seen = [node], set()
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if test(cur):
+            return True
+        stack.extend(cur.all_input_nodes)
+    return False
+
+
+def _reads_an_input(node: fx.Node) -> bool:
+    """Whether `node`'s value depends on a tensor input of the graph."""
+    return _any_ancestor(node, lambda n: n.op == "placeholder" and isinstance(_val(n), torch.Tensor))
+
+
+def _depends_on_sizes(node: fx.Node) -> bool:
+    """Whether `node`'s value depends on a size or a graph input (else it is made of numbers)."""
+    return _any_ancestor(node, lambda n: n.op != "call_function" or isinstance(_val(n), torch.SymInt))
+
+
+def _filled_with_low_value(node: fx.Node) -> tuple[fx.Node, fx.Node, bool, float] | None:
+    """(scores, bool mask, whether the mask says what is hidden, the fill) when `node` hides
+    scores by filling them with -inf or the scores dtype's lowest value (transformers' eager
+    masks: MPT, GPT-Neo): `masked_fill(scores, hide, fill)` or `where(keep, scores, fill)`."""
     if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
         scores, mask, fill, hides = *node.args[:3], True
     elif node.target in (aten.where.self, aten.where.ScalarOther):
         mask, scores, fill, hides = *node.args[:3], False
     else:
         return None
-    mv = _val(mask)
+    mv, sv, value = _val(mask), _val(scores), _constant(fill)
     if not (isinstance(scores, fx.Node) and isinstance(mask, fx.Node) and isinstance(mv, torch.Tensor)
-            and mv.dtype == torch.bool and mv.dim() <= 4 and _constant(fill) == float("-inf")):
+            and mv.dtype == torch.bool and mv.dim() <= 4 and isinstance(sv, torch.Tensor) and sv.is_floating_point()
+            and value in (float("-inf"), torch.finfo(sv.dtype).min)):
         return None
-    return scores, mask, hides
+    return scores, mask, hides, value
 
 
 def _negation_source(mask: fx.Node) -> fx.Node | None:

@@ -34,7 +34,12 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.split_module import split_module
 
-from tileflow.graph_utils import bind_arguments, meta_val
+from tileflow.graph_utils import (
+    bind_arguments,
+    constant_number,
+    constant_values,
+    meta_val,
+)
 from tileflow.pipeline import PassContext, PassResult, register_pass
 
 ATTENTION_OP = torch.ops.tileflow.meta_attention.default
@@ -63,9 +68,9 @@ class AttentionCut:
 
     def sink_logits(self, device: torch.device | str) -> torch.Tensor | None:
         """`sinks` as a float32 tensor on `device` (made once per cut and device), or None."""
-        from tileflow.runtime.attention import sink_logits
+        from tileflow.runtime.attention import per_head_tensor
 
-        return None if self.sinks is None else sink_logits(self.sinks, str(device))
+        return None if self.sinks is None else per_head_tensor(self.sinks, str(device))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form for the report."""
@@ -87,45 +92,6 @@ def _numel(t: torch.Tensor) -> Any:
     return sympy.Mul(*[_expr(s) for s in t.shape])
 
 
-# Ops a constant passes through unchanged on its way to an attention (export's copies of a lifted
-# constant, casts).
-_CONSTANT_COPIES = {
-    torch.ops.aten.clone.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.detach.default,
-    torch.ops.aten.detach_.default, torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default,
-}
-
-
-def constant_number(node: Any) -> float | None:
-    """The value of a number, or of a one-element tensor the graph holds as a constant (an
-    attribute, or `scalar_tensor` of a number) reached through copies and casts; None when the
-    value is only known at run time (a graph input, say)."""
-    if isinstance(node, (int, float)) and not isinstance(node, bool):
-        return float(node)
-    values = constant_values(node)
-    return values[0] if values is not None and len(values) == 1 else None
-
-
-def constant_values(node: Any) -> tuple[float, ...] | None:
-    """The values of a tensor the graph holds as a constant (an attribute, a parameter, or
-    `scalar_tensor` of a number), reached through copies, casts and reshapes, flattened; None
-    when they are only known at run time."""
-    while isinstance(node, fx.Node) and node.op == "call_function" and (
-            node.target in _CONSTANT_COPIES or node.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default)):
-        node = node.args[0]
-    if not isinstance(node, fx.Node):
-        return None
-    if node.op == "call_function" and node.target is torch.ops.aten.scalar_tensor.default:
-        value = constant_number(node.args[0])
-        return None if value is None else (value,)
-    if node.op == "get_attr":
-        value = node.graph.owning_module
-        for name in str(node.target).split("."):
-            value = getattr(value, name, None)
-        if isinstance(value, torch.Tensor):
-            return tuple(float(x) for x in value.detach().flatten().tolist())
-    return None
-
-
 def _why_not_cut(node: fx.Node) -> str | None:
     """The reason this attention cannot be served from a remote KV cache, or None."""
     args = bind_arguments(node)
@@ -134,6 +100,8 @@ def _why_not_cut(node: fx.Node) -> str | None:
         return "attention sinks known only at run time: the attention stages need them as constants"
     if args["softcap"] is not None and constant_number(args["softcap"]) is None:
         return "logit soft-capping with a cap known only at run time: the attention stages need it as a constant"
+    if args["alibi_slopes"] is not None:
+        return "ALiBi attention: the attention stages do not apply ALiBi slopes yet"
     if args["attn_mask"] is not None:
         return ("attention with a mask tensor: the attention stages apply the causal rule against "
                 "their KV cache; trace the step with attn_implementation='tileflow_causal'")

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import tileflow
 from attention_cases import make_batch
 from tileflow.backends.reference.attention import attention_reference_dense
+from tileflow.graph_utils import bind_arguments
 from tileflow.ops import meta_attention_varlen
 from tileflow.pipeline import PassContext, PassResult, register_pass
 
@@ -97,7 +98,8 @@ def test_unsupported_variants_fall_back_with_reasons() -> None:
     assert "meta_attention" not in report.rewrites
 
 
-def oracle(batch: dict, *, causal: bool, sliding_window: int | None, scale: float) -> torch.Tensor:
+def oracle(batch: dict, *, causal: bool, sliding_window: int | None, scale: float,
+           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """float64 definition written from the op's spec, one sequence at a time."""
     q = batch["q"].double()
     out = torch.zeros_like(q)
@@ -122,6 +124,8 @@ def oracle(batch: dict, *, causal: bool, sliding_window: int | None, scale: floa
             vis &= pos[None, :] > qpos[:, None] - sliding_window
         for h in range(hq):
             scores = q[a:b, h] @ k[:, h // (hq // hkv)].t() * scale
+            if alibi_slopes is not None:
+                scores = scores + float(alibi_slopes[h]) * (pos[None, :] - qpos[:, None])
             scores = scores.masked_fill(~vis, float("-inf"))
             p = torch.softmax(scores, -1).nan_to_num(0.0)
             out[a:b, h] = p @ v[:, h // (hq // hkv)]
@@ -137,21 +141,24 @@ def oracle(batch: dict, *, causal: bool, sliding_window: int | None, scale: floa
     window=st.sampled_from([None, 5]),
     dtype=st.sampled_from([torch.float32, torch.float16]),
     seed=st.integers(0, 10_000),
+    alibi=st.booleans(),
 )
-def test_varlen_op_mixed_batches(target, kinds, heads, block_size, window, dtype, seed) -> None:
+def test_varlen_op_mixed_batches(target, kinds, heads, block_size, window, dtype, seed, alibi) -> None:
     hq, hkv = heads
     batch = make_batch(kinds, num_q_heads=hq, num_kv_heads=hkv, head_dim=16, block_size=block_size,
                        dtype=dtype, seed=seed, max_len=40)
     if batch["tree_mask"] is not None:
         window = None  # verify over a tree with a window is not a serving case
+    slopes = 2.0 ** -torch.arange(1.0, hq + 1) if alibi else None  # ALiBi's geometric slopes
     with tileflow.use_config(tileflow.Config(target=target)):
-        got = meta_attention_varlen(**batch, sliding_window=window)
-    want = oracle(batch, causal=True, sliding_window=window, scale=1 / math.sqrt(16))
+        got = meta_attention_varlen(**batch, sliding_window=window, alibi_slopes=slopes)
+    want = oracle(batch, causal=True, sliding_window=window, scale=1 / math.sqrt(16), alibi_slopes=slopes)
     assert got.shape == batch["q"].shape and got.dtype == dtype
     assert not got.isnan().any()
     err = ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
     assert err <= (1e-5 if dtype == torch.float32 else 2e-3), err
-    dense = attention_reference_dense(**batch, scale=1 / math.sqrt(16), causal=True, sliding_window=window)
+    dense = attention_reference_dense(**batch, scale=1 / math.sqrt(16), causal=True, sliding_window=window,
+                                      alibi_slopes=slopes)
     assert ((dense.double() - want).norm() / want.norm().clamp_min(1e-30)).item() <= 2e-3
 
 
@@ -235,6 +242,69 @@ def test_manual_attention_hiding_scores_with_neg_inf(form: str) -> None:
     assert report.rewrites["meta_attention"] == 1 and not report.fallbacks
     assert not any(n.target in (torch.ops.aten.masked_fill.Scalar, torch.ops.aten.where.self)
                    for n in gm.graph.nodes)
+
+
+def alibi_attention(x: torch.Tensor, w: torch.Tensor, *, form: str, bias: str = "alibi") -> torch.Tensor:
+    """Hand-written attention over 4 heads of 16 with a position bias, as ALiBi models write it:
+    `baddbmm(bias, q, k^T)` over flattened heads (BLOOM) or the bias added to the scaled scores
+    (MPT), then a causal mask filled in with finfo.min. `bias`: "alibi" (slope * key position),
+    "squared" (slope * position ** 2: not ALiBi) or "learned" (a tensor: not ALiBi either)."""
+    b, s, _ = x.shape
+    q, k, v = ((x @ w).split([64, 64, 64], dim=-1))
+    q, k, v = (t.view(b, s, 4, 16).transpose(1, 2) for t in (q, k, v))
+    slopes = torch.pow(torch.full((), 0.5), torch.arange(1, 5, dtype=torch.int32))  # [4], from numbers
+    positions = torch.arange(s)
+    if bias == "squared":
+        positions = positions * positions
+    term = slopes[:, None, None] * positions  # [4, 1, S]
+    if bias == "learned":
+        term = w[:4, :s, None].transpose(1, 2) * 3.0  # from an input
+    if form == "baddbmm":
+        flat = term.repeat(b, 1, 1)  # [B * 4, 1, S]
+        scores = flat.baddbmm(q.reshape(b * 4, s, 16), k.reshape(b * 4, s, 16).transpose(-1, -2), beta=1.0, alpha=0.25)
+        scores = scores.view(b, 4, s, s)
+    else:
+        scores = q @ k.transpose(-1, -2) * 0.25 + term
+    hidden = ~torch.ones(s, s, dtype=torch.bool).tril()
+    scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize("form", ["baddbmm", "add"])
+def test_manual_attention_with_alibi(target: str, form: str) -> None:
+    """ALiBi, inside the product or added to the scores: the pass reads each head's slope from
+    the graph's constants and the kernel applies slope * (j - p), equal to the model's slope * j
+    up to a per-row constant; two lengths, one graph."""
+    w = torch.randn(32, 192) / 32**0.5
+    first = torch.randn(2, 7, 32)
+    compiled, out, gm, report = compile_attention(lambda x, w: alibi_attention(x, w, form=form), first, w,
+                                                  target=target)
+    torch.testing.assert_close(out, alibi_attention(first, w, form=form), rtol=1e-4, atol=1e-4)
+    assert report.rewrites["meta_attention"] == report.rewrites["alibi"] == 1 and not report.fallbacks
+    (meta,) = [n for n in gm.graph.nodes if n.target is META]
+    assert bind_arguments(meta)["alibi_slopes"] == [0.5, 0.25, 0.125, 0.0625]
+    second = torch.randn(2, 12, 32)
+    torch.testing.assert_close(compiled(second, w), alibi_attention(second, w, form=form), rtol=1e-4, atol=1e-4)
+    assert len(report.graphs) == 1
+
+
+@pytest.mark.parametrize("bias", ["squared", "learned"])
+def test_position_biases_that_are_not_alibi(bias: str) -> None:
+    """A bias that is not linear in the key position, or that comes from an input, is not taken
+    for ALiBi: added to the scores it is the kernel's additive bias (exact); inside a baddbmm
+    it is left as it is, with the reason."""
+    x, w = torch.randn(2, 7, 32), torch.randn(32, 192) / 32**0.5
+    _, out, _, report = compile_attention(lambda x, w: alibi_attention(x, w, form="add", bias=bias), x, w)
+    torch.testing.assert_close(out, alibi_attention(x, w, form="add", bias=bias), rtol=1e-4, atol=1e-4)
+    assert report.rewrites["meta_attention"] == 1 and "alibi" not in report.rewrites and not report.fallbacks
+    _, out, _, report = compile_attention(lambda x, w: alibi_attention(x, w, form="baddbmm", bias=bias), x, w)
+    torch.testing.assert_close(out, alibi_attention(x, w, form="baddbmm", bias=bias), rtol=1e-4, atol=1e-4)
+    assert "meta_attention" not in report.rewrites
+    why = {"squared": "a bias inside the q @ k^T product that is not ALiBi's",
+           "learned": "a bias computed from a graph input inside the q @ k^T product"}[bias]
+    assert len(report.fallbacks) == 1 and report.fallbacks[0].reason.startswith(
+        f"the meta-kernel does not implement the scores baddbmm <- view <- masked_fill before the softmax (baddbmm adds {why}")
 
 
 def test_manual_attention_with_softcap_falls_back_where_the_kernel_lacks_it(monkeypatch) -> None:

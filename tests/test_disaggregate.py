@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from torch import fx
 
 from tileflow.distributed import CausalLMStep, Layout, PagedKVCache, build_stage_program, replica_of
-from tileflow.passes.disaggregate import constant_number, constant_values, lamina_bytes
+from tileflow.graph_utils import constant_number, constant_values
+from tileflow.passes.disaggregate import lamina_bytes
 from tileflow.report import GraphReport
 
 EXAMPLE = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])

@@ -86,6 +86,7 @@ def attn_spec(
     tile: TileConfig | None = None,
     softcap: bool = False,
     sinks: bool = False,
+    alibi: bool = False,
 ) -> KernelSpec:
     """A meta_attention KernelSpec."""
     return KernelSpec(
@@ -96,7 +97,7 @@ def attn_spec(
         params=make_params(
             head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=block_kv, causal=causal,
             sliding_window=sliding_window, tree=tree,
-            **{name: True for name, on in (("softcap", softcap), ("sinks", sinks)) if on},
+            **{name: True for name, on in (("softcap", softcap), ("sinks", sinks), ("alibi", alibi)) if on},
         ),
     )
 
@@ -115,6 +116,7 @@ def oracle(
     tree_mask: torch.Tensor | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float64 attention written directly from the contract's op semantics (this file's own)."""
     q, kc, vc = (batch[k].cpu().double() for k in ("q", "k_cache", "v_cache"))
@@ -141,6 +143,8 @@ def oracle(
         scores = torch.einsum("nhd,lhd->hnl", q[cu[s]:cu[s + 1]], k) * scale
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
+        if alibi_slopes is not None:  # slope * (j - p): minus the slope times the distance, for causal rows
+            scores = scores + alibi_slopes.cpu().double()[:, None, None] * (j[None, None, :] - p[None, :, None])
         scores = scores.masked_fill(~vis[None], float("-inf"))
         if sinks is not None:  # a key per head that every row sees, whose value is zero
             scores = torch.cat([scores, sinks.double().view(-1, 1, 1).expand(-1, n, 1)], dim=-1)
@@ -183,6 +187,7 @@ def run_and_check(
     what: str = "",
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Any]:
     """Launch on a NaN-poisoned output; compare with the oracle and the shared reference."""
     cfg = attention_config(spec)
@@ -194,15 +199,16 @@ def run_and_check(
     out = torch.full_like(batch["q"], float("nan"))
     args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q",
                                "seqlens_kv")]
-    extra = {name: value for name, value in (("softcap", softcap), ("sinks", sinks)) if value is not None}
+    extra = {name: value for name, value in (("softcap", softcap), ("sinks", sinks), ("alibi_slopes", alibi_slopes))
+             if value is not None}
     res = kernel(*args, table, scale=None, tree_mask=tree, sliding_window=sliding_window, out=out, **extra)
     assert res is out
-    mine = oracle(batch, causal=cfg.causal, sliding_window=sliding_window, tree_mask=tree, softcap=softcap,
-                  sinks=None if sinks is None else sinks.cpu())
+    on_cpu = {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in extra.items()}
+    mine = oracle(batch, causal=cfg.causal, sliding_window=sliding_window, tree_mask=tree, **on_cpu)
     assert_close(out, mine, spec.dtype, f"{what} vs float64 oracle")
     shared = attention_reference_dense(
         *[a.cpu() for a in args], causal=cfg.causal, sliding_window=sliding_window,
-        tree_mask=None if tree is None else tree.cpu(), softcap=softcap, sinks=None if sinks is None else sinks.cpu(),
+        tree_mask=None if tree is None else tree.cpu(), **on_cpu,
     )
     assert_close(out, shared, spec.dtype, f"{what} vs attention_reference_dense")
     return out, table
@@ -381,6 +387,27 @@ def test_logit_softcap(dtype: str, window: int | None, kv_split: int | None) -> 
     assert (out.double().cpu() - plain).abs().max() > 0.05  # the cap changed the result
     assert "softcap" in render_attention_source(spec) and "softcap" not in render_attention_source(
         attn_spec(dtype, gqa=2, block_q=4, sliding_window=window is not None))
+
+
+@pytest.mark.parametrize(("dtype", "causal", "window", "tree"),
+                         [("float32", True, None, False), ("float16", True, 20, False), ("float32", False, None, False),
+                          ("float32", True, None, True)])
+def test_alibi(dtype: str, causal: bool, window: int | None, tree: bool) -> None:
+    """ALiBi (BLOOM, MPT): each head's slope times the key's distance to the query joins the
+    scores, in the unmasked blocks as in the masked ones, for prefill, chunked prefill over a
+    cached prefix, decode, tree verify and split-KV chunks, against both oracles."""
+    kinds = ["prefill", "chunked", "decode", "decode"] + (["verify", "verify"] if tree else [])
+    batch = make_batch(kinds, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                       dtype=getattr(torch, dtype), seed=29, tree_size=4, max_len=70, device=DEVICE)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 1.0 / 16], device=DEVICE)  # BLOOM's for 4 heads, largest first
+    spec = attn_spec(dtype, gqa=2, block_q=4, causal=causal, sliding_window=window is not None, tree=tree, alibi=True)
+    out, table = run_and_check(batch, spec, sliding_window=window, kv_split=16, num_programs=3, alibi_slopes=slopes,
+                               what="alibi")
+    assert table.merges.shape[0] > 0  # split rows carry the bias into their chunks' log-sum-exp
+    plain = oracle(batch, causal=causal, sliding_window=window, tree_mask=batch["tree_mask"] if tree else None)
+    assert (out.double().cpu() - plain).abs().max() > 0.1  # the slopes changed the result
+    text = render_attention_source(spec)
+    assert "ALiBi" in text and "alibi" not in render_attention_source(attn_spec(dtype, gqa=2, block_q=4))
 
 
 @pytest.mark.parametrize(("dtype", "window"), [("float32", None), ("float16", 20)])
@@ -806,6 +833,12 @@ def test_launch_validation() -> None:
     for bad in (None, 0.0, -1.0, float("inf"), True):
         with pytest.raises(ValueError, match="softcap=<number > 0>"):
             capped(*args, table, softcap=bad)
+    with pytest.raises(ValueError, match="without ALiBi"):
+        launch(*args, table, alibi_slopes=torch.ones(4, device=DEVICE))
+    with_alibi = build_attention_kernel(attn_spec(gqa=2, block_q=4, alibi=True))
+    for bad in (None, torch.ones(2, device=DEVICE), torch.ones(4, 1, device=DEVICE)):
+        with pytest.raises(ValueError, match="pass alibi_slopes, a float"):
+            with_alibi(*args, table, alibi_slopes=bad)
 
 
 def test_page_size_is_a_constant_except_for_one_page_sequences() -> None:

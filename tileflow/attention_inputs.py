@@ -53,6 +53,7 @@ class AttentionParams:
     bias: bool
     softcap: bool = False
     sinks: bool = False
+    alibi: bool = False
 
 
 def _positive_int(spec: KernelSpec, key: str, value: Any) -> int:
@@ -70,11 +71,13 @@ def attention_params(
     """Validate a ``meta_attention`` KernelSpec's target-neutral params.
 
     Params (built with `make_params`): `head_dim`, `gqa` (query heads per KV head), `block_q`,
-    `block_kv`, `causal`, `sliding_window`, `tree`, `bias`, `softcap`, `sinks` (the last six
-    bools; default causal=True, the others False; `softcap`: logit soft-capping, the scores
-    become `cap * tanh(scores / cap)` before any mask or bias, the cap a launch argument;
+    `block_kv`, `causal`, `sliding_window`, `tree`, `bias`, `softcap`, `sinks`, `alibi` (the
+    last seven bools; default causal=True, the others False; `softcap`: logit soft-capping, the
+    scores become `cap * tanh(scores / cap)` before any mask or bias, the cap a launch argument;
     `sinks`: attention sinks, one learned logit per query head that joins every row's softmax
-    with no value, as gpt-oss has them, given at launch). A TileConfig, when present, supplies
+    with no value, as gpt-oss has them, given at launch; `alibi`: ALiBi, each head's score of
+    the key at position j for the query at position p gains `slope * (j - p)`, the slopes (one
+    per query head) given at launch). A TileConfig, when present, supplies
     `block_q` (its `block_m`) and `block_kv` (its `block_n`) when the params leave them out; a
     tile that contradicts the params is an error. `block_kv` falls back to `default_block_kv`.
 
@@ -118,7 +121,7 @@ def attention_params(
     block_kv = _positive_int(spec, "block_kv", block_kv)
     flags = {}
     for key, default in (("causal", True), ("sliding_window", False), ("tree", False), ("bias", False),
-                         ("softcap", False), ("sinks", False)):
+                         ("softcap", False), ("sinks", False), ("alibi", False)):
         value = spec.param(key, default)
         if not isinstance(value, bool):
             raise ValueError(f"spec {spec.name}: param {key!r} must be a bool, got {value!r}")
@@ -155,6 +158,7 @@ class LaunchInputs:
     bias_ranges: torch.Tensor | None = None
     softcap: float | None = None
     sinks: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
 
     @property
     def num_programs(self) -> int:
@@ -183,6 +187,7 @@ class AttentionParamsLike(Protocol):
     bias: bool
     softcap: bool
     sinks: bool
+    alibi: bool
 
 
 def _table_field(table: Any, name: str) -> Any:
@@ -225,6 +230,7 @@ def check_launch_inputs(
     need_bias_ranges: bool = False,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> LaunchInputs:
     """Validate one meta-attention launch against its spec params and task table.
 
@@ -238,7 +244,8 @@ def check_launch_inputs(
       caller has them (`bias_ranges(attn_bias)`; computed here when missing and
       `need_bias_ranges`, for kernels that read them); `softcap` (a finite number > 0) exactly
       when it has `softcap=True`; `sinks` (float [Hq], one logit per query head) exactly when it
-      has `sinks=True`;
+      has `sinks=True`; `alibi_slopes` (float [Hq], one slope per query head) exactly when it
+      has `alibi=True`;
     - `out`, when given, q's shape, dtype and device.
 
     Raises ValueError prefixed with `where` naming the first problem found.
@@ -368,14 +375,20 @@ def check_launch_inputs(
         cap = float(softcap)
     elif softcap is not None:
         raise fail("softcap was given but the kernel was built without logit soft-capping")
-    sink_logits = None
-    if params.sinks:
-        if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != hq or not sinks.is_floating_point():
-            got = f"{sinks.dtype} {list(sinks.shape)}" if isinstance(sinks, torch.Tensor) else repr(sinks)
-            raise fail(f"the kernel was built with attention sinks: pass sinks, a float [Hq={hq}] tensor, got {got}")
-        sink_logits = sinks.to(device=device, dtype=torch.float32).contiguous()
-    elif sinks is not None:
-        raise fail("sinks were given but the kernel was built without attention sinks")
+
+    def per_head(name: str, value: Any, built: bool, what: str) -> torch.Tensor | None:
+        """`value`, one float per query head, as float32 on q's device; None when not built."""
+        if not built:
+            if value is not None:
+                raise fail(f"{name} were given but the kernel was built without {what}")
+            return None
+        if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.shape[0] != hq or not value.is_floating_point():
+            got = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+            raise fail(f"the kernel was built with {what}: pass {name}, a float [Hq={hq}] tensor, got {got}")
+        return value.to(device=device, dtype=torch.float32).contiguous()
+
+    sink_logits = per_head("sinks", sinks, params.sinks, "attention sinks")
+    slopes = per_head("alibi_slopes", alibi_slopes, params.alibi, "ALiBi")
 
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -388,6 +401,7 @@ def check_launch_inputs(
         cu_seqlens_q=cu_seqlens_q, seqlens_kv=seqlens_kv, tasks=tasks, program_offsets=offsets,
         program_tasks=prog_tasks, merges=merges, num_slots=num_slots, tree_mask=tree,
         sliding_window=window, attn_bias=bias, out=out, bias_ranges=ranges, softcap=cap, sinks=sink_logits,
+        alibi_slopes=slopes,
     )
 
 

@@ -245,3 +245,108 @@ def finite_bound(value: Any) -> int | None:
     except (TypeError, ValueError, OverflowError, AttributeError):
         return None
     return bound if abs(bound) < 2**62 else None
+
+
+_aten = torch.ops.aten
+# Ops a size-and-constant subgraph may use for `evaluate_at_example_sizes`: creation,
+# arithmetic, layout and casts; nothing that reads a tensor input or depends on data.
+_EVALUABLE = {
+    _aten.arange.default, _aten.arange.start, _aten.arange.start_step, _aten.full.default,
+    _aten.scalar_tensor.default, _aten.zeros.default, _aten.ones.default,
+    _aten.mul.Tensor, _aten.mul.Scalar, _aten.add.Tensor, _aten.add.Scalar, _aten.sub.Tensor,
+    _aten.sub.Scalar, _aten.div.Tensor, _aten.div.Scalar, _aten.pow.Tensor_Tensor, _aten.pow.Tensor_Scalar,
+    _aten.pow.Scalar, _aten.reciprocal.default, _aten.neg.default,
+    _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.unsqueeze.default,
+    _aten.squeeze.dim, _aten.squeeze.dims, _aten.squeeze.default, _aten.slice.Tensor, _aten.expand.default,
+    _aten.repeat.default, _aten.clone.default, _aten.alias.default, _aten._to_copy.default,
+    torch.ops.prims.convert_element_type.default,
+}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def size_hint(value: Any) -> int | None:
+    """The example value of a SymInt (the size the graph was traced at), or an int itself."""
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint
+        return None if hint is None else int(hint)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def evaluate_at_example_sizes(node: fx.Node) -> torch.Tensor | None:
+    """The value `node` takes at the graph's example sizes (the SymInts' hints), on the CPU and
+    in float64 wherever the graph computes in a float dtype, when it depends on nothing but sizes
+    and constants (aranges, fills, arithmetic, layout ops, casts: say an ALiBi bias built from
+    the sequence length); None when it reads a tensor input or uses any other op."""
+    env: dict[fx.Node, Any] = {}
+
+    def widen(value: Any) -> Any:
+        return torch.float64 if value in _FLOAT_DTYPES else value
+
+    def visit(cur: fx.Node) -> bool:  # post-order: a node's inputs are evaluated before it
+        if cur in env:
+            return True
+        hint = size_hint(cur.meta.get("val"))
+        if hint is not None:  # a size: its example value, whatever computed it
+            env[cur] = hint
+            return True
+        if cur.op != "call_function" or cur.target not in _EVALUABLE:
+            return False
+        if not all(visit(n) for n in cur.all_input_nodes):
+            return False
+        args = fx.node.map_arg(cur.args, lambda n: env[n])
+        kwargs = {key: ("cpu" if key == "device" else widen(value))
+                  for key, value in fx.node.map_arg(cur.kwargs, lambda n: env[n]).items()}
+        if cur.target is torch.ops.prims.convert_element_type.default:
+            args = (args[0], widen(args[1]))
+        env[cur] = cur.target(*args, **kwargs)
+        return True
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # real numbers, even while a pass runs under fake tensors
+        if not visit(node):
+            return None
+    value = env[node]
+    return value if isinstance(value, torch.Tensor) else None
+
+
+# Ops a constant passes through unchanged on its way to an attention (export's copies of a lifted
+# constant, casts).
+_CONSTANT_COPIES = {
+    torch.ops.aten.clone.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.detach.default,
+    torch.ops.aten.detach_.default, torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default,
+}
+
+
+def constant_number(node: Any) -> float | None:
+    """The value of a number, or of a one-element tensor the graph holds as a constant (an
+    attribute, or `scalar_tensor` of a number) reached through copies and casts; None when the
+    value is only known at run time (a graph input, say)."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return float(node)
+    values = constant_values(node)
+    return values[0] if values is not None and len(values) == 1 else None
+
+
+def constant_values(node: Any) -> tuple[float, ...] | None:
+    """The values of a tensor the graph holds as a constant (an attribute, a parameter, or
+    `scalar_tensor` of a number), reached through copies, casts and reshapes, flattened; None
+    when they are only known at run time."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and (
+            node.target in _CONSTANT_COPIES or node.target in (_aten.view.default, _aten.reshape.default)):
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is _aten.scalar_tensor.default:
+        value = constant_number(node.args[0])
+        return None if value is None else (value,)
+    if node.op == "get_attr":
+        value = node.graph.owning_module
+        for name in str(node.target).split("."):
+            value = getattr(value, name, None)
+        if isinstance(value, torch.Tensor):
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():  # a real attribute, even while a pass runs under fake tensors
+                return tuple(float(x) for x in value.detach().flatten().tolist())
+    return None

@@ -147,7 +147,7 @@ def attention_specs_for_node(node: fx.Node, target: str) -> list[KernelSpec]:
         attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=bq, causal=bool(args["causal"]),
                        sliding_window=args["sliding_window"] is not None, tree=False,
                        bias=args["attn_mask"] is not None, target=target, softcap=args["softcap"] is not None,
-                       sinks=args["sinks"] is not None)
+                       sinks=args["sinks"] is not None, alibi=args["alibi_slopes"] is not None)
         for bq in block_qs
     ]
 

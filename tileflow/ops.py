@@ -8,6 +8,9 @@ target (`tileflow.use_config` picks it for eager calls).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
 from .kernel_spec import ACTIVATIONS
@@ -250,6 +253,7 @@ def _meta_attention_varlen(
     target: str = "",
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen paged-KV attention for a mixed batch (see `meta_attention_varlen`)."""
     from .runtime.attention import run_meta_attention_varlen
@@ -257,14 +261,14 @@ def _meta_attention_varlen(
     return run_meta_attention_varlen(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv,
         scale=scale, causal=causal, sliding_window=sliding_window, tree_mask=tree_mask, target=target,
-        softcap=softcap, sinks=sinks,
+        softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
     )
 
 
 @_meta_attention_varlen.register_fake
 def _meta_attention_varlen_fake(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, scale=None,
                                 causal=True, sliding_window=None, tree_mask=None, target="", softcap=None,
-                                sinks=None):
+                                sinks=None, alibi_slopes=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -282,6 +286,7 @@ def meta_attention_varlen(
     tree_mask: torch.Tensor | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention for a batch mixing prefill, chunked prefill, decode and speculative verify.
 
@@ -294,12 +299,14 @@ def meta_attention_varlen(
     (speculative verify over a token tree). Head h reads KV head h // (Hq // Hkv); `scale`
     defaults to 1/sqrt(D); `softcap` caps the scaled scores at +-softcap, `softcap * tanh(scores
     / softcap)` (Gemma-2's logit soft-capping); `sinks` (float [Hq]) are attention-sink logits,
-    each joining its head's softmax as a key that adds no value (gpt-oss). Returns q's shape and
-    dtype. Bad metadata raises ValueError.
+    each joining its head's softmax as a key that adds no value (gpt-oss); `alibi_slopes` (float
+    [Hq]): ALiBi, head h's score of the key at position j gains `slope[h] * (j - p)` for the query
+    at position p (BLOOM, MPT; `-slope * |p - j|` on the keys a causal row sees, as in
+    flash-attention). Returns q's shape and dtype. Bad metadata raises ValueError.
     """
     return torch.ops.tileflow.meta_attention_varlen(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, scale, causal, sliding_window, tree_mask, "",
-        softcap, sinks,
+        softcap, sinks, alibi_slopes,
     )
 
 
@@ -316,23 +323,25 @@ def _meta_attention(
     softcap: torch.Tensor | None = None,
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
+    alibi_slopes: list[float] | None = None,
 ) -> torch.Tensor:
     """Dense attention `[B, Hq, S, D]` through the meta-kernel (see `meta_attention`).
 
     `mask_ranges` is `attention_mask_ranges(attn_mask)` when the graph computed it once for
     every layer that shares the mask (the attention pass does); None: computed per call.
     `softcap` is a one-element tensor holding the logit soft-cap: a tensor, since under
-    `dynamic=True` Dynamo makes a model's float attribute a 0-d (CPU) tensor input.
+    `dynamic=True` Dynamo makes a model's float attribute a 0-d (CPU) tensor input. The ALiBi
+    slopes are numbers: the attention pass reads them from the graph's constants.
     """
     from .runtime.attention import run_meta_attention
 
     return run_meta_attention(q, k, v, attn_mask, causal, scale, target, mask_ranges=mask_ranges, softcap=softcap,
-                              sliding_window=sliding_window, sinks=sinks)
+                              sliding_window=sliding_window, sinks=sinks, alibi_slopes=alibi_slopes)
 
 
 @_meta_attention.register_fake
 def _meta_attention_fake(q, k, v, attn_mask=None, causal=False, scale=None, target="", mask_ranges=None, softcap=None,
-                         sliding_window=None, sinks=None):
+                         sliding_window=None, sinks=None, alibi_slopes=None):
     b, hq, s, d = q.shape
     return q.new_empty((b, s, hq, d)).transpose(1, 2)
 
@@ -381,6 +390,7 @@ def meta_attention(
     softcap: float | torch.Tensor | None = None,
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
+    alibi_slopes: Sequence[float] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`scaled_dot_product_attention` semantics for `q [B, Hq, S, D]`, `k`/`v [B, Hkv, S_kv, D]`
     (GQA when Hkv divides Hq), run by the meta-attention kernel. `attn_mask` is bool (True =
@@ -389,8 +399,17 @@ def meta_attention(
     tanh(scores / softcap)`, Gemma-2's logit soft-capping. `sliding_window=w`: query i (at key
     position S_kv - S + i) sees only the keys after position S_kv - S + i - w, as transformers'
     sliding-window layers. `sinks` (float [Hq]): gpt-oss's attention sinks, one logit per head
-    that joins the head's softmax as a key adding no value."""
+    that joins the head's softmax as a key adding no value. `alibi_slopes` (Hq numbers, or a
+    float [Hq] tensor, read on the host): ALiBi, head h's score of key j for query i gains
+    `slope[h] * (j - (S_kv - S + i))`, as BLOOM's and MPT's `slope * j` does up to a per-row
+    constant the softmax ignores."""
     if softcap is not None and not isinstance(softcap, torch.Tensor):
         softcap = torch.tensor(float(softcap))
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.tolist() if isinstance(alibi_slopes, torch.Tensor) else list(alibi_slopes)
+        if len(slopes) != q.shape[1] or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in slopes):
+            raise ValueError(f"meta_attention: alibi_slopes must be {q.shape[1]} finite numbers (one per query "
+                             f"head), got {alibi_slopes!r}")
+        alibi_slopes = [float(x) for x in slopes]
     return torch.ops.tileflow.meta_attention(q, k, v, attn_mask, causal, scale, "", None, softcap, sliding_window,
-                                             sinks)
+                                             sinks, alibi_slopes)

@@ -349,13 +349,14 @@ def _launch_benchmark_kernels() -> None:
                    torch.tensor([0, 2, 2, 3, 5, 5, 5, 5], dtype=torch.int32))
     page = 16
     # Llama-3-8B-like heads (32 query heads of 128 over 4 or 8 KV heads), Gemma-2-9B's (16 over 8
-    # heads of 256, scores soft-capped) and gpt-oss-20b's (64 over 8 heads of 64, attention sinks,
-    # 128-token windows): decode-sized and prefill tiles.
-    for q_lens, kv_lens, hq, hkv, d, softcap, sinks in [
-            ([1] * 4, [40] * 4, 32, 4, 128, None, False), ([64, 5, 1], [64, 80, 33], 32, 4, 128, None, False),
-            ([1] * 4, [40] * 4, 32, 8, 128, None, False), ([64, 5, 1], [64, 80, 33], 32, 8, 128, None, False),
-            ([1] * 4, [40] * 4, 16, 8, 256, 50.0, False), ([80, 5, 1], [80, 80, 33], 16, 8, 256, 50.0, False),
-            ([1] * 4, [40] * 4, 64, 8, 64, None, True), ([80, 5, 1], [80, 80, 33], 64, 8, 64, None, True)]:
+    # heads of 256, scores soft-capped), gpt-oss-20b's (64 over 8 heads of 64, attention sinks,
+    # 128-token windows) and MPT-7B's (32 heads of 128, no GQA, ALiBi): decode-sized and prefill tiles.
+    for q_lens, kv_lens, hq, hkv, d, softcap, sinks, alibi in [
+            ([1] * 4, [40] * 4, 32, 4, 128, None, False, False), ([64, 5, 1], [64, 80, 33], 32, 4, 128, None, False, False),
+            ([1] * 4, [40] * 4, 32, 8, 128, None, False, False), ([64, 5, 1], [64, 80, 33], 32, 8, 128, None, False, False),
+            ([1] * 4, [40] * 4, 16, 8, 256, 50.0, False, False), ([80, 5, 1], [80, 80, 33], 16, 8, 256, 50.0, False, False),
+            ([1] * 4, [40] * 4, 64, 8, 64, None, True, False), ([80, 5, 1], [80, 80, 33], 64, 8, 64, None, True, False),
+            ([1] * 4, [40] * 4, 32, 32, 128, None, False, True), ([64, 5, 1], [64, 80, 33], 32, 32, 128, None, False, True)]:
         pages = [math.ceil(n / page) for n in kv_lens]
         table = torch.zeros(len(kv_lens), max(pages), dtype=torch.int32)
         start = 0
@@ -367,7 +368,8 @@ def _launch_benchmark_kernels() -> None:
             torch.randn(sum(q_lens), hq, d, dtype=bf16), torch.randn(start, page, hkv, d, dtype=bf16),
             torch.randn(start, page, hkv, d, dtype=bf16), table, cu,
             torch.tensor(kv_lens, dtype=torch.int32), target="triton", softcap=softcap,
-            sinks=torch.randn(hq) if sinks else None, sliding_window=128 if sinks else None)
+            sinks=torch.randn(hq) if sinks else None, sliding_window=128 if sinks else None,
+            alibi_slopes=2.0 ** -torch.arange(1.0, hq + 1) if alibi else None)
     # The dense op with a compiled transformers model's causal mask as a bias (the e2e prompts).
     s = 80
     mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
@@ -376,6 +378,11 @@ def _launch_benchmark_kernels() -> None:
     run_meta_attention(torch.randn(1, 16, s, 256, dtype=bf16), torch.randn(1, 8, s, 256, dtype=bf16),
                        torch.randn(1, 8, s, 256, dtype=bf16), mask, False, None, target="triton",
                        softcap=torch.tensor(50.0))
+    # BLOOM-like: its finfo.min causal mask as a bias, ALiBi slopes, 32 heads of 128.
+    eager_mask = torch.full((s, s), torch.finfo(torch.float32).min).triu(1)[None, None]
+    run_meta_attention(torch.randn(1, 32, s, 128, dtype=bf16), torch.randn(1, 32, s, 128, dtype=bf16),
+                       torch.randn(1, 32, s, 128, dtype=bf16), eager_mask, False, None, target="triton",
+                       alibi_slopes=[2.0 ** -(h + 1) for h in range(32)])
 
 
 def main() -> int:

@@ -228,6 +228,11 @@ class AttentionLayout:
         return False
 
     @property
+    def alibi(self) -> bool:
+        """ALiBi: never, on Ascend (`attention_layout` refuses it)."""
+        return False
+
+    @property
     def rows(self) -> int:
         """Rows of a tile (and of a split-KV workspace slot)."""
         return self.block_q * self.gqa
@@ -339,7 +344,7 @@ def attention_layout(spec: KernelSpec) -> AttentionLayout:
     """
     params = attention_params(spec, target="Ascend C", supported_dtypes=SUPPORTED_DTYPES,
                               default_block_kv=_DEFAULT_BLOCK_KV)
-    for flag, what in (("softcap", "logit soft-capping"), ("sinks", "attention sinks")):
+    for flag, what in (("softcap", "logit soft-capping"), ("sinks", "attention sinks"), ("alibi", "ALiBi")):
         if getattr(params, flag):
             raise ValueError(
                 f"spec {spec.name}: the Ascend C meta-attention kernel does not implement {what}; use "

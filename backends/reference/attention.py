@@ -39,6 +39,7 @@ __all__ = [
     "visibility_mask",
     "capped_scores",
     "with_sinks",
+    "alibi_bias",
     "attention_reference_dense",
     "run_task_table",
     "run_task",
@@ -120,6 +121,17 @@ def capped_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return scores if softcap is None else softcap * torch.tanh(scores / softcap)
 
 
+def alibi_bias(slopes: torch.Tensor | None, q_positions: torch.Tensor, kv_positions: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor | float:
+    """ALiBi's bias `slope * (j - p)` for query rows at positions `q_positions` [rows] with their
+    heads' `slopes` [rows] against the keys at `kv_positions` [L]: [rows, L] in `dtype`; 0 when
+    `slopes` is None. For a causal row it is `-slope * |p - j|` on every key it sees."""
+    if slopes is None:
+        return 0.0
+    distance = kv_positions.to(dtype)[None, :] - q_positions.to(dtype)[:, None]
+    return slopes.to(dtype)[:, None] * distance
+
+
 def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
     """Rows' attention output `out` [rows, D] over keys whose log-sum-exp is `lse` [rows], with
     each row's sink logit (`sinks` [rows], or None: unchanged) joined to its softmax as a key that
@@ -176,6 +188,7 @@ def attention_reference_dense(
     attn_bias: torch.Tensor | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The definition of varlen paged meta-attention, sequence by sequence (the oracle).
 
@@ -184,8 +197,9 @@ def attention_reference_dense(
     ``seqlens_kv int32 [S]``, ``tree_mask bool [S, T, T]`` or None. Head h reads KV head
     ``h // (Hq // Hkv)``; ``scale`` defaults to ``1/sqrt(D)``; ``softcap`` caps the scaled scores
     (`capped_scores`); ``attn_bias`` is added to them after (see the module docstring);
-    ``sinks`` [Hq], when given, join each head's softmax as keys with no value. Returns q's shape
-    and dtype.
+    ``sinks`` [Hq], when given, join each head's softmax as keys with no value; with
+    ``alibi_slopes`` [Hq], head h's score of key j for the query at position p gains
+    ``slope[h] * (j - p)`` (after the cap, before the bias). Returns q's shape and dtype.
     """
     # causal=False here: the dense oracle handles any tree mask, ordered or not.
     check_metadata(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, tree_mask, causal=False)
@@ -214,6 +228,10 @@ def attention_reference_dense(
             tree=None if tree_mask is None else tree_mask[s],
         )
         scores = capped_scores((qs @ k.transpose(1, 2)) * scale, softcap)  # [Hq, n, L]
+        if alibi_slopes is not None:
+            rows = (kv_len - q_len + torch.arange(q_len, device=q.device)).repeat(num_q_heads)
+            bias = alibi_bias(alibi_slopes.repeat_interleave(q_len), rows, positions, acc)
+            scores = scores + bias.view(num_q_heads, q_len, kv_len)
         visible = visible.expand(num_q_heads, -1, -1)
         if attn_bias is not None:
             bias = _bias_rows(attn_bias, s, range(num_q_heads), slice(0, q_len), slice(0, kv_len), acc)
@@ -248,6 +266,7 @@ def run_task(
     attn_bias: torch.Tensor | None = None,
     attn_bias_ranges: torch.Tensor | None = None,
     softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute one task: its tile's ``q_rows * R`` packed rows against its KV range.
 
@@ -281,6 +300,9 @@ def run_task(
         tree=None if tree_mask is None else tree_mask[seq],
     ).repeat_interleave(group, dim=0)
     scores = capped_scores((q_tile @ k.T) * scale, softcap)
+    if alibi_slopes is not None:
+        rows = (kv_lens[seq] - q_len + torch.arange(q_start, q_start + q_rows, device=q.device)).repeat_interleave(group)
+        scores = scores + alibi_bias(_row_values(alibi_slopes, kv_head, group, q_rows), rows, positions, acc)
     if attn_bias is not None:
         bias = _bias_rows(attn_bias, seq, range(kv_head * group, (kv_head + 1) * group),
                           slice(q_start, q_start + q_rows), slice(kv_start, kv_end), acc)
@@ -324,7 +346,7 @@ def merge_partials(
         merged = merged.where(finite[:, None], torch.zeros((), dtype=merged.dtype))
         if sinks is not None:
             lse_all = (m + torch.log(denom)).where(finite, torch.full((), float("-inf"), dtype=m.dtype))
-            merged = with_sinks(merged, lse_all, _row_sinks(sinks, kv_head, group, q_rows))
+            merged = with_sinks(merged, lse_all, _row_values(sinks, kv_head, group, q_rows))
         first = cu[seq] + q_start
         heads = slice(kv_head * group, (kv_head + 1) * group)
         out[first:first + q_rows, heads] = merged.reshape(q_rows, group, -1).to(out.dtype)
@@ -350,6 +372,7 @@ def run_task_table(
     attn_bias_ranges: torch.Tensor | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Execute a task table with torch ops, tile by tile, as the meta-attention kernel does.
 
@@ -408,12 +431,12 @@ def run_task_table(
             res, lse = run_task(
                 task, q, k_cache, v_cache, block_table, cu, kv_lens, group=group, scale=scale,
                 causal=causal, sliding_window=sliding_window, tree_mask=tree_mask, attn_bias=attn_bias,
-                attn_bias_ranges=attn_bias_ranges, softcap=softcap,
+                attn_bias_ranges=attn_bias_ranges, softcap=softcap, alibi_slopes=alibi_slopes,
             )
             seq, kv_head, q_start, q_rows, _, _, slot, _ = task
             if slot < 0:
                 if sinks is not None:
-                    res = with_sinks(res, lse, _row_sinks(sinks, kv_head, group, q_rows))
+                    res = with_sinks(res, lse, _row_values(sinks, kv_head, group, q_rows))
                 first = cu[seq] + q_start
                 heads = slice(kv_head * group, (kv_head + 1) * group)
                 out[first:first + q_rows, heads] = res.reshape(q_rows, group, head_dim).to(out.dtype)
@@ -423,9 +446,10 @@ def run_task_table(
     return merge_partials(table, partial_out, partial_lse, out, sinks)
 
 
-def _row_sinks(sinks: torch.Tensor, kv_head: int, group: int, q_rows: int) -> torch.Tensor:
-    """The sink logit of each packed tile row (r = pos * R + head in the group)."""
-    return sinks[kv_head * group:(kv_head + 1) * group].repeat(q_rows)
+def _row_values(per_head: torch.Tensor, kv_head: int, group: int, q_rows: int) -> torch.Tensor:
+    """The value (sink logit, ALiBi slope) of each packed tile row's query head (r = pos * R +
+    head in the group), from one value per query head."""
+    return per_head[kv_head * group:(kv_head + 1) * group].repeat(q_rows)
 
 
 def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> CompiledKernel:
@@ -435,7 +459,7 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
 
         launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
                scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None,
-               attn_bias_ranges=None, softcap=None, sinks=None) -> out
+               attn_bias_ranges=None, softcap=None, sinks=None, alibi_slopes=None) -> out
 
     ``causal`` comes from the spec (``spec.param("causal")``) and must match the table's;
     integer metadata is converted to int32. The returned kernel's ``source`` is the Python of
@@ -446,6 +470,7 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
     causal = bool(spec.param("causal", True))
     has_softcap = bool(spec.param("softcap", False))
     has_sinks = bool(spec.param("sinks", False))
+    has_alibi = bool(spec.param("alibi", False))
 
     def launch(
         q: torch.Tensor,
@@ -464,19 +489,22 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
         attn_bias_ranges: torch.Tensor | None = None,
         softcap: float | None = None,
         sinks: torch.Tensor | None = None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the task table with torch ops (see `run_task_table`)."""
-        for name, wanted, value in (("softcap", has_softcap, softcap), ("sinks", has_sinks, sinks)):
+        for name, param, wanted, value in (("softcap", "softcap", has_softcap, softcap),
+                                           ("sinks", "sinks", has_sinks, sinks),
+                                           ("alibi_slopes", "alibi", has_alibi, alibi_slopes)):
             if wanted != (value is not None):
                 raise ValueError(
-                    f"kernel {spec.name}: {name} must be given exactly when the spec has {name}=True "
+                    f"kernel {spec.name}: {name} must be given exactly when the spec has {param}=True "
                     f"(spec: {wanted}, got {name}={value!r})"
                 )
         return run_task_table(
             table, q, k_cache, v_cache, block_table.to(torch.int32), cu_seqlens_q.to(torch.int32),
             seqlens_kv.to(torch.int32), scale=scale, causal=causal, sliding_window=sliding_window,
             tree_mask=tree_mask, out=out, attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges,
-            softcap=softcap, sinks=sinks,
+            softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
         )
 
     source = "\n\n".join(inspect.getsource(fn) for fn in (run_task_table, run_task, merge_partials))

@@ -110,6 +110,7 @@ class AttentionConfig:
     bias: bool
     softcap: bool
     sinks: bool
+    alibi: bool
     num_warps: int
     num_stages: int
 
@@ -118,7 +119,7 @@ def attention_config(spec: KernelSpec) -> AttentionConfig:
     """Validate a `meta_attention` KernelSpec and derive its static configuration.
 
     The target-neutral params (`head_dim`, `gqa`, `block_q`, `block_kv`, `causal`,
-    `sliding_window`, `tree`, `bias`, `softcap`, `sinks`; a TileConfig may supply
+    `sliding_window`, `tree`, `bias`, `softcap`, `sinks`, `alibi`; a TileConfig may supply
     `block_q`/`block_kv`) are checked by `tileflow.attention_inputs.attention_params`; this adds the Triton limits (`block_kv` a power
     of two >= 16) and the launch's `num_warps`/`num_stages` from the TileConfig.
 
@@ -147,6 +148,7 @@ def attention_config(spec: KernelSpec) -> AttentionConfig:
         bias=p.bias,
         softcap=p.softcap,
         sinks=p.sinks,
+        alibi=p.alibi,
         num_warps=tile.num_warps if tile is not None else _default_num_warps(block_m, p.bias, head_dim_pad),
         num_stages=tile.num_stages if tile is not None else _DEFAULT_NUM_STAGES,
     )
@@ -198,7 +200,9 @@ import triton.language as tl
 def _scores_doc(cfg: AttentionConfig) -> str:
     """The scores' formula, for the header."""
     scores = f"q[t, h] . K[s, h // {cfg.gqa}]^T * scale"
-    return f"softcap * tanh({scores} / softcap)" if cfg.softcap else scores
+    if cfg.softcap:
+        scores = f"softcap * tanh({scores} / softcap)"
+    return scores + " + slope[h] * (kv_pos - q_pos)" if cfg.alibi else scores
 
 
 def _mask_doc(cfg: AttentionConfig) -> str:
@@ -212,6 +216,8 @@ def _mask_doc(cfg: AttentionConfig) -> str:
         parts.append("plus an additive bias[seq, head, q_idx, kv_pos] (a model's own mask)")
     if cfg.sinks:
         parts.append("one sink logit per head joins every row's softmax, with no value")
+    if cfg.alibi:
+        parts.append("ALiBi: each head's slope times the key's distance to the query is added")
     return "; ".join(parts)
 
 
@@ -230,6 +236,8 @@ def _main_signature(cfg: AttentionConfig) -> str:
         lines.append("bias_ranges_ptr,  # int32 [S, q_len, 4]: (lo, full_lo, full_hi, hi) keys per row")
     if cfg.sinks:
         lines.append("sinks_ptr,  # float32 [Hq]: each head's attention-sink logit")
+    if cfg.alibi:
+        lines.append("alibi_ptr,  # float32 [Hq]: each head's ALiBi slope")
     lines.append("qk_scale,  # softmax scale * log2(e)")
     if cfg.softcap:
         lines.append("softcap,  # logit soft-capping: scores become softcap * tanh(scores / softcap)")
@@ -307,6 +315,10 @@ l_i = tl.where(slot < 0, 1.0, 0.0) + tl.zeros([BLOCK_M], tl.float32)  # running 
 m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base-2 scores)
 l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
 """
+    alibi = """\
+# ALiBi: each row's head slope, in base 2 like the scores (its bias is slope * (kv_pos - q_pos)).
+alibi = tl.load(alibi_ptr + head) * 1.4426950408889634
+""" if cfg.alibi else ""
     loop = f"""\
 # ---- the task: (seq, kv_head, query tile, KV range, output slot) ----
 task = tl.load(program_tasks_ptr + task_idx)
@@ -327,7 +339,7 @@ row_valid = row_pos < q_rows  # virtual padding: rows past the tile are never re
 q_idx = q_start + row_pos  # query index within the sequence
 q_pos = seq_kv_len - num_new + q_idx  # its position in the KV sequence
 head = kv_head * GQA + row_head
-# Token and page offsets in int64: token * stride and page * stride can overflow int32.
+{alibi}# Token and page offsets in int64: token * stride and page * stride can overflow int32.
 token = (seq_q_begin + q_idx).to(tl.int64)
 
 q_ptrs = q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
@@ -478,6 +490,10 @@ s = cap_out * th
 """
 
 
+# ALiBi's bias, added to the base-2 scores (after any cap): the distance is exact in int32.
+_ALIBI_SCORES = "s = s + alibi[:, None] * (kv_pos[None, :] - q_pos[:, None]).to(tl.float32)  # ALiBi\n"
+
+
 def _kv_step(cfg: AttentionConfig, dtype: str, *, masked: bool, end: str = "kv_end") -> str:
     """One KV block of the online-softmax loop, at indentation zero.
 
@@ -514,12 +530,14 @@ else:
 # K and V tiles are both [BLOCK_KV, HEAD_DIM_PAD] (the dot reads K transposed from shared memory).
 k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :] * stride_kd{kv_tile_mask})
 """
+    # The base-2 scores, scaled, capped and biased as the spec says.
+    if cfg.softcap:
+        scores = f"s = tl.dot(q, tl.trans(k){dot_kw})\n" + _SOFTCAP_SCORES
+    else:
+        scores = f"s = tl.dot(q, tl.trans(k){dot_kw}) * qk_scale\n"
+    scores += _ALIBI_SCORES if cfg.alibi else ""
     if masked:
-        if cfg.softcap:
-            step += f"s = tl.dot(q, tl.trans(k){dot_kw})\n" + _SOFTCAP_SCORES
-        else:
-            step += f"s = tl.dot(q, tl.trans(k){dot_kw}) * qk_scale\n"
-        step += "\nvisible = row_valid[:, None] & kv_valid[None, :]\n"
+        step += scores + "\nvisible = row_valid[:, None] & kv_valid[None, :]\n"
         if cfg.causal:
             step += "rule = kv_pos[None, :] <= q_pos[:, None]  # causal\n"
         if cfg.tree:
@@ -558,10 +576,8 @@ m_new = tl.maximum(m_i, tl.max(s, axis=1))
 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
 """
         step += "p = tl.exp2(s - m_ref[:, None])\n"
-    elif cfg.softcap:
-        step += f"""\
-s = tl.dot(q, tl.trans(k){dot_kw})
-""" + _SOFTCAP_SCORES + """\
+    elif cfg.softcap or cfg.alibi:
+        step += scores + """\
 # Online softmax over a whole block: every score is finite, so m_new is too.
 m_new = tl.maximum(m_i, tl.max(s, axis=1))
 m_ref = m_new
@@ -769,7 +785,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
 
         launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
                scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None,
-               attn_bias_ranges=None, softcap=None, sinks=None) -> out
+               attn_bias_ranges=None, softcap=None, sinks=None, alibi_slopes=None) -> out
 
     - `q` [total_q, Hq, D] of the spec dtype; `k_cache`/`v_cache` [num_blocks, block_size, Hkv, D]
       of the same dtype with Hq == Hkv * gqa; any strides;
@@ -780,7 +796,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
     - `scale` defaults to 1/sqrt(D); `sliding_window` (int >= 1) must be given exactly when the
       spec has `sliding_window=True`, `tree_mask` (bool [S, T, T]) exactly when it has `tree=True`,
       `softcap` (a number > 0) exactly when it has `softcap=True`, `sinks` (float [Hq]) exactly
-      when it has `sinks=True`;
+      when it has `sinks=True`, `alibi_slopes` (float [Hq]) exactly when it has `alibi=True`;
     - `out`, when given, must be q's shape and dtype and is written in place.
 
     The split-KV workspace (float32 partial_out [num_slots, block_q * gqa, D] and partial_lse
@@ -809,6 +825,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         attn_bias_ranges: torch.Tensor | None = None,
         softcap: float | None = None,
         sinks: torch.Tensor | None = None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run meta-attention for the batch described by `table`; returns `out`.
 
@@ -819,14 +836,16 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         reads no bias where they say it is zero. `softcap` (given exactly when the spec has
         `softcap=True`) caps the scaled scores at +-softcap: softcap * tanh(scores / softcap).
         `sinks` (float [Hq], exactly when the spec has `sinks=True`) are the heads' attention-sink
-        logits: each joins its head's softmax as a key that adds no value.
+        logits: each joins its head's softmax as a key that adds no value. `alibi_slopes` (float
+        [Hq], exactly when the spec has `alibi=True`): ALiBi, the score of key position j for the
+        query at position p gains slope[h] * (j - p).
         """
         # Shapes, dtypes, the table, masks and `out`: the checks every backend shares.
         inputs = check_launch_inputs(
             cfg, spec.dtype, where, q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv,
             table, tree_mask=tree_mask, sliding_window=sliding_window, out=out,
             attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges, need_bias_ranges=True,
-            softcap=softcap, sinks=sinks,
+            softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
         )
         out = inputs.out
         if inputs.nothing_to_do:
@@ -872,6 +891,8 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
             args += [bias_arg, inputs.bias_ranges]
         if cfg.sinks:
             args.append(inputs.sinks)
+        if cfg.alibi:
+            args.append(inputs.alibi_slopes)
         args += [float(scale) * math.log2(math.e)]
         if cfg.softcap:
             args.append(inputs.softcap)

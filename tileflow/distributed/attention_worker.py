@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..log import get_logger
-from ..runtime.attention import sink_logits
+from ..runtime.attention import per_head_tensor
 from .kv_cache import PagedKVCache
 from .layout import OP_INIT, OP_SHUTDOWN, OP_STEP, BatchShape, Layout, decode_plan, replica_of, work_items
 from .transport import PeerError, Transport
@@ -141,7 +141,7 @@ class AttentionWorker:
                 cache.reserve(seq, n)
         step = cache.prepare([cache.blocks(s) for s in batch.seq_ids], batch.q_lens, batch.starts)
         cache.write_batch(layer, step, k, v)
-        sinks = None if shard.sinks is None else sink_logits(shard.sinks, str(q.device))
+        sinks = None if shard.sinks is None else per_head_tensor(shard.sinks, str(q.device))
         out = cache.attend_batch(layer, q, step, scale=shard.scale, sliding_window=shard.sliding_window,
                                  softcap=shard.softcap, sinks=sinks)
         if layer == len(self.layers) - 1:

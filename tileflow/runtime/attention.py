@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -71,11 +72,11 @@ def attention_programs(target: str, device: torch.device, *, decode: bool = Fals
 
 def attention_spec(
     *, dtype: torch.dtype, head_dim: int, gqa: int, block_q: int, causal: bool, sliding_window: bool, tree: bool, bias: bool,
-    target: str = "", softcap: bool = False, sinks: bool = False,
+    target: str = "", softcap: bool = False, sinks: bool = False, alibi: bool = False,
 ) -> KernelSpec:
     """The KernelSpec of one meta-attention kernel (its KV step sized for `target`)."""
-    # `softcap` and `sinks` join the params only when set, so the other specs keep their digests.
-    extra = {name: True for name, on in (("softcap", softcap), ("sinks", sinks)) if on}
+    # `softcap`, `sinks` and `alibi` join the params only when set, so the other specs keep their digests.
+    extra = {name: True for name, on in (("softcap", softcap), ("sinks", sinks), ("alibi", alibi)) if on}
     return KernelSpec(
         op="meta_attention",
         dtype=dtype_name(dtype),
@@ -105,6 +106,7 @@ def run_meta_attention_varlen(
     attn_bias_ranges: torch.Tensor | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Validate the batch (when `check`), build its task table and launch the meta-kernel.
 
@@ -113,6 +115,8 @@ def run_meta_attention_varlen(
     `attn_bias_ranges` are `bias_ranges(attn_bias)` when the caller has them (computed here
     otherwise). `softcap` caps the scaled scores: `softcap * tanh(scores / softcap)`. `sinks`
     (float [Hq]) are attention-sink logits: each joins its head's softmax with no value.
+    `alibi_slopes` (float [Hq]): ALiBi, head h's score of key j for the query at position p
+    gains `slope[h] * (j - p)`.
     """
     target = resolve_target(target or current_config().target, q.device)
     if check:
@@ -136,6 +140,8 @@ def run_meta_attention_varlen(
         kwargs["softcap"] = float(softcap)
     if sinks is not None:
         kwargs["sinks"] = sinks
+    if alibi_slopes is not None:
+        kwargs["alibi_slopes"] = alibi_slopes
     programs = (attention_programs(target, q.device, decode=True), attention_programs(target, q.device))
     for block_q, table in _launch_plan(cu, lens, hq, hkv, target, programs, sliding_window, causal, str(q.device)):
         # A cached table is device memory a captured graph would read on every replay: keep it
@@ -144,7 +150,7 @@ def run_meta_attention_varlen(
         table.ready_on_current_stream()  # its copy may have been queued on another stream
         kernel = _attention_kernel(target, q.dtype, d, gqa, block_q, causal, sliding_window is not None,
                                    tree_mask is not None, attn_bias is not None, softcap is not None,
-                                   sinks is not None)
+                                   sinks is not None, alibi_slopes is not None)
         kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table,
                scale=scale if scale is not None else 1.0 / math.sqrt(d),
                tree_mask=tree_mask, sliding_window=sliding_window, out=out, **kwargs)
@@ -154,7 +160,7 @@ def run_meta_attention_varlen(
 @functools.lru_cache(maxsize=256)
 def _attention_kernel(
     target: str, dtype: torch.dtype, head_dim: int, gqa: int, block_q: int, causal: bool, sliding_window: bool,
-    tree: bool, bias: bool, softcap: bool = False, sinks: bool = False,
+    tree: bool, bias: bool, softcap: bool = False, sinks: bool = False, alibi: bool = False,
 ) -> Any:
     """The built kernel of `attention_spec(...)`: looked up once per variant, since building the
     spec and hashing it for `get_kernel` cost more host time than a decode step can spare."""
@@ -162,7 +168,7 @@ def _attention_kernel(
 
     return get_kernel(target, attention_spec(dtype=dtype, head_dim=head_dim, gqa=gqa, block_q=block_q, causal=causal,
                                              sliding_window=sliding_window, tree=tree, bias=bias, target=target,
-                                             softcap=softcap, sinks=sinks))
+                                             softcap=softcap, sinks=sinks, alibi=alibi))
 
 
 @functools.lru_cache(maxsize=256)
@@ -217,6 +223,7 @@ def run_meta_attention(
     softcap: torch.Tensor | float | None = None,
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
+    alibi_slopes: Sequence[float] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense attention `[B, Hq, S, D] x [B, Hkv, S_kv, D]` through the varlen meta-kernel.
 
@@ -230,8 +237,10 @@ def run_meta_attention(
     softcap)`): a number or a 0-d tensor (what Dynamo makes of a model's float; read on the host,
     which for a tensor on a device waits for it). `sliding_window=w` hides the keys at or before
     position p - w from the query at position p = S_kv - S + i. `sinks` (float [Hq]) join each
-    head's softmax as keys with no value (gpt-oss). Returns `[B, Hq, S, D]` (stored as
-    `[B, S, Hq, D]`, the layout attention outputs usually have).
+    head's softmax as keys with no value (gpt-oss). `alibi_slopes` (Hq numbers, or a float [Hq]
+    tensor): ALiBi, head h's score of key j for query i gains `slope[h] * (j - (S_kv - S + i))`.
+    Returns `[B, Hq, S, D]` (stored as `[B, S, Hq, D]`, the layout attention outputs usually
+    have).
     """
     b, hq, s, d = q.shape
     s_kv = k.shape[2]
@@ -259,16 +268,19 @@ def run_meta_attention(
         q_flat, k_cache, v_cache, block_table, cu, seqlens,
         scale=scale, causal=causal, attn_bias=bias, attn_bias_ranges=ranges, target=target, check=False,
         softcap=_number(softcap, "softcap"), sliding_window=sliding_window, sinks=sinks,
+        alibi_slopes=(per_head_tensor(tuple(map(float, alibi_slopes)), str(device))
+                      if alibi_slopes is not None and not isinstance(alibi_slopes, torch.Tensor) else alibi_slopes),
         host_metadata=(tuple(range(0, b * s + 1, s)) if s > 0 else (0,) * (b + 1), (s_kv,) * b),
     )
     return out.view(b, s, hq, d).transpose(1, 2)
 
 
 @functools.lru_cache(maxsize=256)
-def sink_logits(values: tuple[float, ...], device: str) -> torch.Tensor:
-    """Attention-sink logits held as numbers (a disaggregation cut's, an attention worker's) as
-    the float32 tensor the kernels take, on `device`: made once per (values, device), not per
-    call (a copy to a GPU per layer per step would wait for it)."""
+def per_head_tensor(values: tuple[float, ...], device: str) -> torch.Tensor:
+    """Per-head numbers held on the host (attention-sink logits of a disaggregation cut or an
+    attention worker, ALiBi slopes in a graph) as the float32 tensor the kernels take, on
+    `device`: made once per (values, device), not per call (a copy to a GPU per layer per step
+    would wait for it)."""
     return torch.tensor(values, dtype=torch.float32).to(device)
 
 

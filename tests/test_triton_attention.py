@@ -672,11 +672,13 @@ def test_bfloat16_on_gpu() -> None:
     run_and_check(batch, attn_spec("bfloat16", gqa=2, block_q=4), what="bf16")
 
 
+@pytest.mark.parametrize("alibi", [False, True])
 @pytest.mark.parametrize("scale", [0.3, 0.0, -0.4])
-def test_cache_layouts_and_scale_signs(scale: float) -> None:
+def test_cache_layouts_and_scale_signs(scale: float, alibi: bool) -> None:
     """A V cache laid out unlike the K cache (so K and V tiles need their own offsets), with
     positive, zero and negative softmax scales: the unmasked blocks keep scores unscaled and
-    rely on the launcher to make the scale non-negative."""
+    rely on the launcher to make the scale non-negative (positive with ALiBi, whose slopes they
+    divide by it)."""
     lengths = [(12, 40), (1, 37), (3, 19)]
     batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8,
                         dtype=torch.float32, seed=21)
@@ -685,13 +687,14 @@ def test_cache_layouts_and_scale_signs(scale: float) -> None:
     assert heads_first.stride() != batch["k_cache"].stride()
     assert torch.allclose(heads_first, v, rtol=0, atol=0, equal_nan=True)  # unowned slots are NaN
     batch = dict(batch, v_cache=heads_first)
-    spec = attn_spec(gqa=2, block_q=4)
+    spec = attn_spec(gqa=2, block_q=4, alibi=alibi)
     table = table_for(batch, spec)
     out = torch.full_like(batch["q"], float("nan"))
     args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q",
                                "seqlens_kv")]
-    build_attention_kernel(spec)(*args, table, scale=scale, out=out)
-    assert_close(out, oracle(batch, scale=scale), "float32", f"scale {scale}")
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEVICE) if alibi else None
+    build_attention_kernel(spec)(*args, table, scale=scale, out=out, alibi_slopes=slopes)
+    assert_close(out, oracle(batch, scale=scale, alibi_slopes=slopes), "float32", f"scale {scale}")
 
 
 def test_wide_cache_offsets(monkeypatch: pytest.MonkeyPatch) -> None:

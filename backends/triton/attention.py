@@ -291,6 +291,8 @@ row_head = offs_m % GQA
 offs_kv = tl.arange(0, BLOCK_KV)
 offs_d = tl.arange(0, HEAD_DIM_PAD)
 """
+    if cfg.alibi and not cfg.softcap:
+        code += "offs_kv_f = offs_kv.to(tl.float32)\n"
     if padded_d:
         code += f"d_mask = offs_d < HEAD_DIM  # head_dim {cfg.head_dim} padded to {cfg.head_dim_pad}\n"
     if cfg.softcap:
@@ -319,6 +321,12 @@ l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
 # ALiBi: each row's head slope, in base 2 like the scores (its bias is slope * (kv_pos - q_pos)).
 alibi = tl.load(alibi_ptr + head) * 1.4426950408889634
 """ if cfg.alibi else ""
+    if cfg.alibi and not cfg.softcap:
+        alibi += """\
+# The unmasked blocks keep their scores unscaled: the slope per key of the block in those units
+# (qk_scale > 0 with ALiBi: the launcher makes it so), the rest of the bias once per row.
+alibi_unscaled = alibi / qk_scale
+"""
     loop = f"""\
 # ---- the task: (seq, kv_head, query tile, KV range, output slot) ----
 task = tl.load(program_tasks_ptr + task_idx)
@@ -576,12 +584,25 @@ m_new = tl.maximum(m_i, tl.max(s, axis=1))
 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
 """
         step += "p = tl.exp2(s - m_ref[:, None])\n"
-    elif cfg.softcap or cfg.alibi:
+    elif cfg.softcap:
         step += scores + """\
 # Online softmax over a whole block: every score is finite, so m_new is too.
 m_new = tl.maximum(m_i, tl.max(s, axis=1))
 m_ref = m_new
 p = tl.exp2(s - m_ref[:, None])
+"""
+    elif cfg.alibi:
+        # The bias split as slope * (key offset in the block) + slope * (kv0 - q_pos): the first
+        # part one multiply-add per unscaled score, the second per row, folded into the max and
+        # the exp2 argument (one multiply-add per score, as without ALiBi).
+        step += f"""\
+s = tl.dot(q, tl.trans(k){dot_kw})
+s = s + alibi_unscaled[:, None] * offs_kv_f[None, :]  # ALiBi within the block
+row_bias = alibi * (kv0 - q_pos).to(tl.float32)  # ALiBi of the block's first key, per row
+# Online softmax over a whole block: every score is finite, so m_new is too.
+m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale + row_bias)
+m_ref = m_new
+p = tl.exp2(s * qk_scale - (m_ref - row_bias)[:, None])
 """
     else:
         step += f"""\
@@ -868,6 +889,9 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
             # The kernel's unmasked blocks rely on qk_scale >= 0 (max(s) * scale is the max of
             # the scaled scores); q . k * scale == (-q) . k * -scale.
             q, scale = -q, -scale
+        if scale == 0 and cfg.alibi:
+            # ...and with ALiBi on qk_scale > 0 (they divide the slopes by it): zero scores alike.
+            q, scale = torch.zeros_like(q), 1.0
 
         # ---- workspace (split-KV partial results, fp32) ----
         if num_slots > 0:

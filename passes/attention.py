@@ -11,18 +11,22 @@ through `meta_attention_varlen`). Matched forms:
   and key lengths are equal;
 - the manual form models write by hand, `softmax(q @ k^T * scale + mask) @ v` as ATen leaves it
   (`bmm` over flattened heads, the scale as a multiply or divide by a number or a 0-d tensor,
-  an additive mask or a bool one applied by `masked_fill(scores, ~keep, -inf)` or
-  `where(keep, scores, -inf)`, an optional dtype round trip around the softmax), with or without logit
-  soft-capping, `cap * tanh(scores / cap)` before the mask (Gemma-2), and with or without
-  attention sinks, a per-head logit joined to the scores before the softmax and its column
-  dropped after (`softmax(cat([scores, sinks]) - max)[..., :-1]`, gpt-oss);
+  additive masks and bool ones applied by `masked_fill(scores, ~keep, fill)` or
+  `where(keep, scores, fill)` with a fill of -inf or the dtype's lowest value, joined into one
+  mask, an optional dtype round trip around the softmax), with or without logit soft-capping,
+  `cap * tanh(scores / cap)` before the mask (Gemma-2), with or without attention sinks, a
+  per-head logit joined to the scores before the softmax and its column dropped after
+  (`softmax(cat([scores, sinks]) - max)[..., :-1]`, gpt-oss), and with or without ALiBi, a
+  slope per head times the key position, added to the scores (MPT) or inside the product as
+  `baddbmm(bias, q, k^T)` (BLOOM);
 - GQA/MQA: K/V widened by `repeat_kv` (unsqueeze/expand/reshape) are read at their real head
   count instead (the kernel packs the query heads of a KV head into one tile);
 Variants the kernel does not implement (dropout, a used log-sum-exp output, `is_causal` with
 different query and key lengths, head dims that differ between K and V) are left as they are,
 with the reason in the report; so is a manual attention with anything else between the two
-matmuls (ALiBi's bias inside the product, for one), and soft-capping on a target whose kernel
-lacks it.
+matmuls (a bias inside the product that is not ALiBi's, for one: BLOOM's when it counts
+positions along a padding mask), and soft-capping, sinks or ALiBi on a target whose kernel
+lacks them.
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ class Attention:
         graph = gm.graph
         self._ranges: dict[fx.Node, fx.Node] = {}
         self._made: dict[tuple[Any, ...], fx.Node] = {}  # masks made from the graph's, shared by its layers
+        self._slopes: dict[tuple[Any, ...], list[float] | None] = {}
         for node in list(graph.nodes):
             if node.op != "call_function" or node not in graph.nodes:
                 continue
@@ -231,13 +236,17 @@ class Attention:
         sinks, cur = _sink_join(cur)
         if sinks is not None and ctx.target not in _SINK_TARGETS:
             return f"attention sinks (a logit joined to the scores) are not implemented by the {ctx.target} meta-attention kernel"
+        # ALiBi's bias is `slope * (j - p)` in the kernel and `slope * j` (or another shift) in the
+        # models: the same softmax, unless a sink joins it without the shift. Without the kernel's
+        # ALiBi the bias is an additive mask (exact).
+        find_alibi = sinks is None and ctx.target in _ALIBI_TARGETS
         while len(cur.users) == 1:
-            if _is_op(cur, aten.add.Tensor):
+            if _is_op(cur, aten.add.Tensor) and cur.kwargs.get("alpha", 1) == 1:
                 scores_side = [a for a in cur.args if _path_to_product(a, depth=7) is not None]
                 if len(scores_side) != 1:
                     return _unmatched_scores(softmax) if attention else None
                 term = cur.args[1] if cur.args[0] is scores_side[0] else cur.args[0]
-                slopes = _alibi_slopes(term, cur) if alibi is None else None
+                slopes = self._alibi_slopes(term, cur) if alibi is None and find_alibi else None
                 if slopes is not None:
                     alibi = slopes
                 else:
@@ -263,11 +272,17 @@ class Attention:
         qk = cur.args[0]
         if qk.target is aten.baddbmm.default:  # beta * bias + alpha * q @ k^T
             product = bind_arguments(qk)
-            slopes = _alibi_slopes(product["self"], qk, view=cur) if alibi is None else None
-            if slopes is None or softcap is not None or not all(
+            slopes = self._alibi_slopes(product["self"], qk, view=cur) if alibi is None and find_alibi else None
+            # The bias is inside what a cap or a scale after the product acts on: a numeric
+            # scale scales the slopes too; a cap (not linear) or a tensor scale is not matched.
+            outer = 1.0
+            for factor, op in ((scale_mul, "mul"), (scale_div, "div")):
+                value = _constant(factor) if factor is not None else 1.0
+                outer = None if value is None or outer is None else outer * (value if op == "mul" else 1.0 / value)
+            if slopes is None or softcap is not None or outer is None or not all(
                     isinstance(product[c], (int, float)) for c in ("alpha", "beta")):
                 return _unmatched_scores(softmax) if attention else None
-            alibi = [float(product["beta"]) * x for x in slopes]
+            alibi = [float(product["beta"]) * outer * x for x in slopes]
             product_scale = float(product["alpha"])
         q_flat, kt_flat = qk.args[-2:]
         q = _unflatten_heads(q_flat)
@@ -374,6 +389,13 @@ class Attention:
             result.count("alibi")
         return None
 
+    def _alibi_slopes(self, term: Any, over: fx.Node, view: fx.Node | None = None) -> list[float] | None:
+        """`_alibi_slopes`, once per bias and score shape (the layers of a model share both)."""
+        key = (term, *(tuple(size_hint(d) for d in _val(n).shape) for n in (over, view) if n is not None))
+        if key not in self._slopes:
+            self._slopes[key] = _alibi_slopes(term, over, view)
+        return self._slopes[key]
+
     def _joined_mask(self, graph: fx.Graph, mask: Any, more: Any, at: fx.Node) -> Any:
         """The mask that hides what `mask` and `more` hide and adds what they add (either may be
         None), made before `at`: one node per pair, shared by the later layers that apply the
@@ -401,7 +423,9 @@ class Attention:
         """The mask that a fill of the scores with `fill` where `mask` is True (`hides`) or False
         applies: a bool keep-mask for -inf (the kernel hides those keys), else the additive
         `fill`-or-0 mask (a fill of finfo.min: eager attention averages the keys of a row that
-        sees nothing above it, and so does the kernel with it as a bias). One node per form."""
+        sees nothing above it, and so does the kernel with it as a bias, unless a second mask
+        hides such a key too: the two add up to -inf, where eager's second fill leaves finfo.min;
+        only padding rows see that). One node per form."""
         if fill == float("-inf"):
             if not hides:
                 return mask
@@ -413,8 +437,10 @@ class Attention:
             with graph.inserting_after(mask):
                 if fill == float("-inf"):
                     self._made[key] = graph.call_function(aten.logical_not.default, (mask,))
-                else:
-                    hidden, shown = (fill, 0.0) if hides else (0.0, fill)
+                else:  # the fill is a dtype's lowest value: float32's hides as well, and the
+                    # mask ranges of a float32 mask skip it (fp16's -65504 would count as seen)
+                    low = torch.finfo(torch.float32).min
+                    hidden, shown = (low, 0.0) if hides else (0.0, low)
                     self._made[key] = graph.call_function(aten.where.Scalar, (mask, hidden, shown))
             infer_meta(self._made[key])
         return self._made[key]
@@ -555,12 +581,14 @@ def _alibi_slopes(term: Any, over: fx.Node, view: fx.Node | None = None) -> list
     """One slope per head when `term`, added to the scores `over` (4-D [B, H, S, L], or a
     baddbmm's [B * H, S, L] that `view` makes 4-D), is an ALiBi bias: `slope[h] * (j + c)` for
     key j, c constant along the keys (the softmax ignores it, so BLOOM's `slope * j` and MPT's
-    `slope * (j - L + 1)` are both `slope * (j - p)` for the query at p, the kernel's form).
-    Else None.
+    `slope * (j - L + 1)` are both `slope * (j - p)` for the query at p, the kernel's form; not
+    with attention sinks, which the caller checks). Else None.
 
     The bias must be a product of constants (the slopes, made from numbers only) and a unit-step
     `arange` (the positions, shifted by constants) behind layout ops, so that it has this form at
-    every size; its value at the example sizes says which head has which slope."""
+    every size; its value at the example sizes, in float64, says which head has which slope. The
+    kernel then computes it in float32 from integer distances, where a bf16 model rounds its own
+    bias to bf16 (BLOOM does): closer to the formula than the model, within its precision."""
     if not isinstance(term, fx.Node):
         return None
     product = term
@@ -572,25 +600,33 @@ def _alibi_slopes(term: Any, over: fx.Node, view: fx.Node | None = None) -> list
     if not ((_is_positions(a) and not _depends_on_sizes(b)) or (_is_positions(b) and not _depends_on_sizes(a))):
         return None
     value = evaluate_at_example_sizes(term)
-    if value is None:
+    over_shape = [size_hint(d) for d in _val(over).shape]
+    view_shape = None if view is None else [size_hint(d) for d in _val(view).shape]
+    if value is None or None in over_shape or (view_shape is not None and (
+            None in view_shape or view_shape[-2:] != over_shape[-2:])):
         return None
     with unset_fake_temporarily():  # real numbers, while the pass runs under fake tensors
+        if value.dim() == 0 or value.dim() > len(over_shape) or value.shape[-1] not in (1, over_shape[-1]):
+            return None
+        if over_shape[-1] < 2:  # one key: any bias is a row constant, which the softmax ignores
+            return [0.0] * (view_shape or over_shape)[1]
+        if value.shape[-1] == 1:
+            return None  # constant along the keys at the example but not a product of positions
+        # The slope of every row of the bias as it is (small: no query dim), checked along the
+        # keys, then spread over the scores' rows with the key dim cut to one.
+        steps = value.diff(dim=-1)
+        slope = steps[..., :1]
+        if (steps - slope).abs().max().item() > 1e-9 * max(1.0, value.abs().max().item()):
+            return None  # not linear in the key
         try:
-            value = value.expand([size_hint(d) for d in _val(over).shape])
-            if view is not None:
-                value = value.reshape([size_hint(d) for d in _val(view).shape])
+            rows = slope.expand([*over_shape[:-1], 1])
+            if view_shape is not None:
+                rows = rows.reshape([*view_shape[:-1], 1])
         except RuntimeError:
             return None
-        if value.dim() != 4:
-            return None
-        if value.shape[3] < 2:  # one key: any bias is a row constant, which the softmax ignores
-            return [0.0] * value.shape[1]
-        steps = value.diff(dim=3)  # the slope of every row, at every key
-        slopes = steps[:1, :, :1, :1]
-        tolerance = 1e-9 * max(1.0, value.abs().max().item())
-        if (steps - slopes).abs().max().item() > tolerance:
-            return None  # not linear in the key, or a slope that depends on the sequence or the row
-        return slopes.flatten().tolist()
+        if rows.dim() != 4 or (rows - rows[:1, :, :1]).abs().max().item() > 1e-9 * max(1.0, rows.abs().max().item()):
+            return None  # a slope that depends on the sequence or the query row
+        return rows[0, :, 0, 0].tolist()
 
 
 def _is_positions(node: fx.Node) -> bool:
@@ -602,7 +638,7 @@ def _is_positions(node: fx.Node) -> bool:
             return False
     if node.target in (aten.arange.default, aten.arange.start):
         return True
-    return node.target is aten.arange.start_step and node.args[2] == 1
+    return node.target is aten.arange.start_step and bind_arguments(node)["step"] == 1
 
 
 def _any_ancestor(node: fx.Node, test: Callable[[fx.Node], bool]) -> bool:

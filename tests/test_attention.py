@@ -148,7 +148,7 @@ def test_varlen_op_mixed_batches(target, kinds, heads, block_size, window, dtype
     batch = make_batch(kinds, num_q_heads=hq, num_kv_heads=hkv, head_dim=16, block_size=block_size,
                        dtype=dtype, seed=seed, max_len=40)
     if batch["tree_mask"] is not None:
-        window = None  # verify over a tree with a window is not a serving case
+        window = alibi = None  # verify over a tree with a window is not a serving case; ALiBi refuses trees
     slopes = 2.0 ** -torch.arange(1.0, hq + 1) if alibi else None  # ALiBi's geometric slopes
     with tileflow.use_config(tileflow.Config(target=target)):
         got = meta_attention_varlen(**batch, sliding_window=window, alibi_slopes=slopes)
@@ -246,9 +246,11 @@ def test_manual_attention_hiding_scores_with_neg_inf(form: str) -> None:
 
 def alibi_attention(x: torch.Tensor, w: torch.Tensor, *, form: str, bias: str = "alibi") -> torch.Tensor:
     """Hand-written attention over 4 heads of 16 with a position bias, as ALiBi models write it:
-    `baddbmm(bias, q, k^T)` over flattened heads (BLOOM) or the bias added to the scaled scores
-    (MPT), then a causal mask filled in with finfo.min. `bias`: "alibi" (slope * key position),
-    "squared" (slope * position ** 2: not ALiBi) or "learned" (a tensor: not ALiBi either)."""
+    `baddbmm(bias, q, k^T)` over flattened heads (BLOOM; "baddbmm_halved": the scores halved
+    after it, bias included) or the bias added to the scaled scores (MPT; "add_with_sinks": and
+    a sink logit per head joined to the softmax), then a causal mask filled in with finfo.min.
+    `bias`: "alibi" (slope * key position), "squared" (slope * position ** 2: not ALiBi) or
+    "learned" (a tensor: not ALiBi either)."""
     b, s, _ = x.shape
     q, k, v = ((x @ w).split([64, 64, 64], dim=-1))
     q, k, v = (t.view(b, s, 4, 16).transpose(1, 2) for t in (q, k, v))
@@ -259,34 +261,79 @@ def alibi_attention(x: torch.Tensor, w: torch.Tensor, *, form: str, bias: str = 
     term = slopes[:, None, None] * positions  # [4, 1, S]
     if bias == "learned":
         term = w[:4, :s, None].transpose(1, 2) * 3.0  # from an input
-    if form == "baddbmm":
+    if form.startswith("baddbmm"):
         flat = term.repeat(b, 1, 1)  # [B * 4, 1, S]
         scores = flat.baddbmm(q.reshape(b * 4, s, 16), k.reshape(b * 4, s, 16).transpose(-1, -2), beta=1.0, alpha=0.25)
         scores = scores.view(b, 4, s, s)
+        if form == "baddbmm_halved":
+            scores = scores / 2.0
     else:
         scores = q @ k.transpose(-1, -2) * 0.25 + term
     hidden = ~torch.ones(s, s, dtype=torch.bool).tril()
     scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+    if form == "add_with_sinks":  # gpt-oss's sinks: the softmax over one more key, then dropped
+        sinks = torch.tensor([1.0, -0.5, 2.0, 0.0]).view(1, 4, 1, 1).expand(b, 4, s, 1)
+        return torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1] @ v
     return torch.softmax(scores, dim=-1) @ v
 
 
 @pytest.mark.parametrize("target", ["reference", "triton"])
-@pytest.mark.parametrize("form", ["baddbmm", "add"])
+@pytest.mark.parametrize("form", ["baddbmm", "baddbmm_halved", "add", "add_with_sinks"])
 def test_manual_attention_with_alibi(target: str, form: str) -> None:
-    """ALiBi, inside the product or added to the scores: the pass reads each head's slope from
-    the graph's constants and the kernel applies slope * (j - p), equal to the model's slope * j
-    up to a per-row constant; two lengths, one graph."""
+    """ALiBi, inside the product (with the scores scaled after it: the slopes too) or added to
+    the scores: the pass reads each head's slope from the graph's constants and the kernel
+    applies slope * (j - p), equal to the model's slope * j up to a per-row constant; two
+    lengths, one graph. With sinks that constant would matter: the bias is then a plain
+    additive mask."""
     w = torch.randn(32, 192) / 32**0.5
     first = torch.randn(2, 7, 32)
     compiled, out, gm, report = compile_attention(lambda x, w: alibi_attention(x, w, form=form), first, w,
                                                   target=target)
     torch.testing.assert_close(out, alibi_attention(first, w, form=form), rtol=1e-4, atol=1e-4)
-    assert report.rewrites["meta_attention"] == report.rewrites["alibi"] == 1 and not report.fallbacks
+    assert report.rewrites["meta_attention"] == 1 and not report.fallbacks
     (meta,) = [n for n in gm.graph.nodes if n.target is META]
-    assert bind_arguments(meta)["alibi_slopes"] == [0.5, 0.25, 0.125, 0.0625]
+    slopes = [0.5, 0.25, 0.125, 0.0625] if form != "baddbmm_halved" else [0.25, 0.125, 0.0625, 0.03125]
+    if form == "add_with_sinks":
+        assert "alibi" not in report.rewrites and bind_arguments(meta)["alibi_slopes"] is None
+    else:
+        assert report.rewrites["alibi"] == 1 and bind_arguments(meta)["alibi_slopes"] == slopes
     second = torch.randn(2, 12, 32)
     torch.testing.assert_close(compiled(second, w), alibi_attention(second, w, form=form), rtol=1e-4, atol=1e-4)
     assert len(report.graphs) == 1
+
+
+def test_alibi_where_the_kernel_lacks_it(monkeypatch) -> None:
+    """On a target without ALiBi (Ascend) a bias added to the scores is an additive mask (exact);
+    one inside a baddbmm is left as it was, with the reason."""
+    import tileflow.passes.attention as attention_pass
+
+    monkeypatch.setattr(attention_pass, "_ALIBI_TARGETS", ("triton",))
+    x, w = torch.randn(2, 7, 32), torch.randn(32, 192) / 32**0.5
+    _, out, _, report = compile_attention(lambda x, w: alibi_attention(x, w, form="add"), x, w)
+    torch.testing.assert_close(out, alibi_attention(x, w, form="add"), rtol=1e-4, atol=1e-4)
+    assert report.rewrites["meta_attention"] == 1 and "alibi" not in report.rewrites and not report.fallbacks
+    _, out, _, report = compile_attention(lambda x, w: alibi_attention(x, w, form="baddbmm"), x, w)
+    torch.testing.assert_close(out, alibi_attention(x, w, form="baddbmm"), rtol=1e-4, atol=1e-4)
+    assert "meta_attention" not in report.rewrites and len(report.fallbacks) == 1
+
+
+def test_dense_op_with_alibi_slopes() -> None:
+    """`tileflow.ops.meta_attention(..., alibi_slopes=)` eagerly: numbers or a tensor, causal
+    with a cached prefix (S < S_kv), against float64; a wrong count is a clear error."""
+    q, k, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    slopes = [0.5, 0.25, 0.125, 0.0625]
+    kk, vv = (t.double().repeat_interleave(2, dim=1) for t in (k, v))
+    j, p = torch.arange(9), 4 + torch.arange(5)  # query i sits at position S_kv - S + i
+    scores = q.double() @ kk.transpose(-1, -2) / 4.0 + torch.tensor(slopes, dtype=torch.float64)[:, None, None] * (
+        j[None, None, :] - p[None, :, None])
+    want = torch.softmax(scores.masked_fill(j[None, :] > p[:, None], float("-inf")), dim=-1) @ vv
+    with tileflow.use_config(tileflow.Config(target="reference")):
+        for given in (slopes, torch.tensor(slopes)):
+            got = tileflow.ops.meta_attention(q, k, v, causal=False, attn_mask=j[None, :] <= p[:, None],
+                                              alibi_slopes=given)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="alibi_slopes must be 4 finite numbers"):
+            tileflow.ops.meta_attention(q, k, v, alibi_slopes=slopes[:3])
 
 
 @pytest.mark.parametrize("bias", ["squared", "learned"])

@@ -47,6 +47,10 @@ ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[str, ...]]] = {
     "bloom": (_causal_lm("BloomConfig", "BloomForCausalLM", n_layer=2, n_head=4, num_hidden_layers=None,
                          num_attention_heads=None, num_key_value_heads=None, intermediate_size=None,
                          max_position_embeddings=None), ("alibi",)),
+    # Six heads: slopes for the nearest power of two and interleaved ones for the rest (a cat).
+    "bloom_6_heads": (_causal_lm("BloomConfig", "BloomForCausalLM", n_layer=2, n_head=6, hidden_size=96,
+                                 num_hidden_layers=None, num_attention_heads=None, num_key_value_heads=None,
+                                 intermediate_size=None, max_position_embeddings=None), ("alibi",)),
     # ALiBi added to the scaled scores, sliced from a table for the longest sequence; a bool mask
     # filled in with finfo.min.
     "mpt": (_causal_lm("MptConfig", "MptForCausalLM", d_model=64, n_layers=2, n_heads=4, max_seq_len=64,

@@ -389,25 +389,26 @@ def test_logit_softcap(dtype: str, window: int | None, kv_split: int | None) -> 
         attn_spec(dtype, gqa=2, block_q=4, sliding_window=window is not None))
 
 
-@pytest.mark.parametrize(("dtype", "causal", "window", "tree"),
-                         [("float32", True, None, False), ("float16", True, 20, False), ("float32", False, None, False),
-                          ("float32", True, None, True)])
-def test_alibi(dtype: str, causal: bool, window: int | None, tree: bool) -> None:
+@pytest.mark.parametrize(("dtype", "causal", "window"), [("float32", True, None), ("float16", True, 20),
+                                                     ("float32", False, None)])
+def test_alibi(dtype: str, causal: bool, window: int | None) -> None:
     """ALiBi (BLOOM, MPT): each head's slope times the key's distance to the query joins the
     scores, in the unmasked blocks as in the masked ones, for prefill, chunked prefill over a
-    cached prefix, decode, tree verify and split-KV chunks, against both oracles."""
-    kinds = ["prefill", "chunked", "decode", "decode"] + (["verify", "verify"] if tree else [])
-    batch = make_batch(kinds, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
-                       dtype=getattr(torch, dtype), seed=29, tree_size=4, max_len=70, device=DEVICE)
+    cached prefix, decode and split-KV chunks, against both oracles. With a token tree the
+    positions are depths, not cache slots: such a spec is refused."""
+    batch = make_batch(["prefill", "chunked", "decode", "decode"], num_q_heads=4, num_kv_heads=2, head_dim=16,
+                       block_size=16, dtype=getattr(torch, dtype), seed=29, max_len=70, device=DEVICE)
     slopes = torch.tensor([0.5, 0.25, 0.125, 1.0 / 16], device=DEVICE)  # BLOOM's for 4 heads, largest first
-    spec = attn_spec(dtype, gqa=2, block_q=4, causal=causal, sliding_window=window is not None, tree=tree, alibi=True)
+    spec = attn_spec(dtype, gqa=2, block_q=4, causal=causal, sliding_window=window is not None, alibi=True)
     out, table = run_and_check(batch, spec, sliding_window=window, kv_split=16, num_programs=3, alibi_slopes=slopes,
                                what="alibi")
     assert table.merges.shape[0] > 0  # split rows carry the bias into their chunks' log-sum-exp
-    plain = oracle(batch, causal=causal, sliding_window=window, tree_mask=batch["tree_mask"] if tree else None)
+    plain = oracle(batch, causal=causal, sliding_window=window)
     assert (out.double().cpu() - plain).abs().max() > 0.1  # the slopes changed the result
     text = render_attention_source(spec)
     assert "ALiBi" in text and "alibi" not in render_attention_source(attn_spec(dtype, gqa=2, block_q=4))
+    with pytest.raises(ValueError, match="ALiBi with tree verify is not supported"):
+        build_attention_kernel(attn_spec(dtype, gqa=2, block_q=4, tree=True, alibi=True))
 
 
 @pytest.mark.parametrize(("dtype", "window"), [("float32", None), ("float16", 20)])

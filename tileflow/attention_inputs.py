@@ -126,6 +126,11 @@ def attention_params(
         if not isinstance(value, bool):
             raise ValueError(f"spec {spec.name}: param {key!r} must be a bool, got {value!r}")
         flags[key] = value
+    if flags["alibi"] and flags["tree"]:
+        # The kernels measure ALiBi's distances between cache slots; in a token tree a draft's
+        # position is its depth, which the slots do not give.
+        raise ValueError(f"spec {spec.name}: ALiBi with tree verify is not supported (a token tree's positions are "
+                         f"depths, not cache slots); verify linear drafts without the tree mask")
     return AttentionParams(head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=block_kv, **flags)
 
 

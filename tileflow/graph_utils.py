@@ -258,7 +258,7 @@ _EVALUABLE = {
     _aten.pow.Scalar, _aten.reciprocal.default, _aten.neg.default,
     _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.unsqueeze.default,
     _aten.squeeze.dim, _aten.squeeze.dims, _aten.squeeze.default, _aten.slice.Tensor, _aten.expand.default,
-    _aten.repeat.default, _aten.clone.default, _aten.alias.default, _aten._to_copy.default,
+    _aten.repeat.default, _aten.clone.default, _aten.alias.default, _aten._to_copy.default, _aten.cat.default,
     torch.ops.prims.convert_element_type.default,
 }
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -324,14 +324,14 @@ def constant_number(node: Any) -> float | None:
     value is only known at run time (a graph input, say)."""
     if isinstance(node, (int, float)) and not isinstance(node, bool):
         return float(node)
-    values = constant_values(node)
+    values = constant_values(node, max_values=1)
     return values[0] if values is not None and len(values) == 1 else None
 
 
-def constant_values(node: Any) -> tuple[float, ...] | None:
+def constant_values(node: Any, max_values: int | None = None) -> tuple[float, ...] | None:
     """The values of a tensor the graph holds as a constant (an attribute, a parameter, or
     `scalar_tensor` of a number), reached through copies, casts and reshapes, flattened; None
-    when they are only known at run time."""
+    when they are only known at run time, or when there are more than `max_values`."""
     while isinstance(node, fx.Node) and node.op == "call_function" and (
             node.target in _CONSTANT_COPIES or node.target in (_aten.view.default, _aten.reshape.default)):
         node = node.args[0]
@@ -344,7 +344,7 @@ def constant_values(node: Any) -> tuple[float, ...] | None:
         value = node.graph.owning_module
         for name in str(node.target).split("."):
             value = getattr(value, name, None)
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and (max_values is None or value.numel() <= max_values):
             from torch._subclasses.fake_tensor import unset_fake_temporarily
 
             with unset_fake_temporarily():  # a real attribute, even while a pass runs under fake tensors

@@ -302,7 +302,8 @@ def meta_attention_varlen(
     each joining its head's softmax as a key that adds no value (gpt-oss); `alibi_slopes` (float
     [Hq]): ALiBi, head h's score of the key at position j gains `slope[h] * (j - p)` for the query
     at position p (BLOOM, MPT; `-slope * |p - j|` on the keys a causal row sees, as in
-    flash-attention). Returns q's shape and dtype. Bad metadata raises ValueError.
+    flash-attention; not with `tree_mask`, whose drafts' positions are depths). Returns q's shape
+    and dtype. Bad metadata raises ValueError.
     """
     return torch.ops.tileflow.meta_attention_varlen(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, scale, causal, sliding_window, tree_mask, "",
@@ -402,7 +403,7 @@ def meta_attention(
     that joins the head's softmax as a key adding no value. `alibi_slopes` (Hq numbers, or a
     float [Hq] tensor, read on the host): ALiBi, head h's score of key j for query i gains
     `slope[h] * (j - (S_kv - S + i))`, as BLOOM's and MPT's `slope * j` does up to a per-row
-    constant the softmax ignores."""
+    constant the softmax ignores (with `sinks` too, the kernel's form is the one applied)."""
     if softcap is not None and not isinstance(softcap, torch.Tensor):
         softcap = torch.tensor(float(softcap))
     if alibi_slopes is not None:

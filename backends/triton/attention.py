@@ -889,8 +889,9 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
             # The kernel's unmasked blocks rely on qk_scale >= 0 (max(s) * scale is the max of
             # the scaled scores); q . k * scale == (-q) . k * -scale.
             q, scale = -q, -scale
-        if scale == 0 and cfg.alibi:
-            # ...and with ALiBi on qk_scale > 0 (they divide the slopes by it): zero scores alike.
+        if scale < 1e-30 and cfg.alibi:
+            # ...and with ALiBi on qk_scale > 0, not tiny (they divide the slopes by it): scores
+            # that small are zeros in float32 next to any bias.
             q, scale = torch.zeros_like(q), 1.0
 
         # ---- workspace (split-KV partial results, fp32) ----

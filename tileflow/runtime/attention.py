@@ -127,6 +127,9 @@ def run_meta_attention_varlen(
         raise ValueError(f"meta_attention_varlen: sliding_window must be a positive int or None, got {sliding_window!r}")
     if softcap is not None and (isinstance(softcap, bool) or not math.isfinite(softcap) or softcap <= 0):
         raise ValueError(f"meta_attention_varlen: softcap must be a number > 0 or None, got {softcap!r}")
+    if alibi_slopes is not None and tree_mask is not None:
+        raise ValueError("meta_attention_varlen: ALiBi with a tree_mask is not supported (a token tree's positions "
+                         "are depths, not cache slots); verify linear drafts without the tree mask")
     hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
     gqa = hq // hkv
     cu, lens = host_metadata if host_metadata is not None else (tuple(cu_seqlens_q.tolist()), tuple(seqlens_kv.tolist()))

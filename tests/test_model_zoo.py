@@ -101,9 +101,8 @@ def test_architecture_compiles_once_and_matches_eager(name: str) -> None:
 def test_eager_masks_with_left_padding(name: str) -> None:
     """Models whose attention is their own code get transformers' eager masks, which hide keys
     with finfo.min instead of -inf: with a left-padded batch (query rows that see no key at all)
-    the compiled model matches eager at every real token, and the mask's ranges let the kernel
-    skip the hidden keys (the causal half of each prompt) as they would for -inf. BLOOM, given a
-    mask, counts its ALiBi positions along it (a cumulative sum of the mask): that attention is
+    the compiled model matches eager at every real token (the ranges of such masks:
+    `test_attention_mask_ranges_op`). BLOOM, given a mask, counts its ALiBi positions along it (a cumulative sum of the mask): that attention is
     left as it is, with the reason."""
     model, compiled, report = _compiled(name)
     with torch.no_grad():
@@ -120,5 +119,3 @@ def test_eager_masks_with_left_padding(name: str) -> None:
         assert all("counts ALiBi positions along a padding mask" in f.reason for f in report.fallbacks)
     else:
         assert report.rewrites["meta_attention"] == 2 and not report.fallbacks, report.fallbacks
-    causal = torch.full((5, 5), torch.finfo(torch.float32).min).triu(1)[None, None]
-    assert tileflow.ops.attention_mask_ranges(causal)[0, :, 3].tolist() == [1, 2, 3, 4, 5]  # the hidden half skipped

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._pytree import tree_map
 
@@ -301,8 +302,6 @@ def evaluate_at_example_sizes(node: fx.Node) -> torch.Tensor | None:
         env[cur] = cur.target(*args, **kwargs)
         return True
 
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     with unset_fake_temporarily():  # real numbers, even while a pass runs under fake tensors
         if not visit(node):
             return None
@@ -313,8 +312,8 @@ def evaluate_at_example_sizes(node: fx.Node) -> torch.Tensor | None:
 # Ops a constant passes through unchanged on its way to an attention (export's copies of a lifted
 # constant, casts).
 _CONSTANT_COPIES = {
-    torch.ops.aten.clone.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.detach.default,
-    torch.ops.aten.detach_.default, torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default,
+    _aten.clone.default, _aten.lift_fresh_copy.default, _aten.detach.default, _aten.detach_.default,
+    _aten._to_copy.default, torch.ops.prims.convert_element_type.default,
 }
 
 
@@ -345,8 +344,6 @@ def constant_values(node: Any, max_values: int | None = None) -> tuple[float, ..
         for name in str(node.target).split("."):
             value = getattr(value, name, None)
         if isinstance(value, torch.Tensor) and (max_values is None or value.numel() <= max_values):
-            from torch._subclasses.fake_tensor import unset_fake_temporarily
-
             with unset_fake_temporarily():  # a real attribute, even while a pass runs under fake tensors
                 return tuple(float(x) for x in value.detach().flatten().tolist())
     return None

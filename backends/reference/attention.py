@@ -121,15 +121,14 @@ def capped_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return scores if softcap is None else softcap * torch.tanh(scores / softcap)
 
 
-def alibi_bias(slopes: torch.Tensor | None, q_positions: torch.Tensor, kv_positions: torch.Tensor,
-               dtype: torch.dtype) -> torch.Tensor | float:
-    """ALiBi's bias `slope * (j - p)` for query rows at positions `q_positions` [rows] with their
-    heads' `slopes` [rows] against the keys at `kv_positions` [L]: [rows, L] in `dtype`; 0 when
-    `slopes` is None. For a causal row it is `-slope * |p - j|` on every key it sees."""
-    if slopes is None:
-        return 0.0
-    distance = kv_positions.to(dtype)[None, :] - q_positions.to(dtype)[:, None]
-    return slopes.to(dtype)[:, None] * distance
+def alibi_bias(slopes: torch.Tensor, q_positions: torch.Tensor, kv_positions: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi's bias `slope * (j - p)` for query rows at positions `q_positions` with their heads'
+    `slopes` (any shapes that broadcast together) against the keys at `kv_positions` [L]: the
+    rows' shape plus [L], in `dtype`. For a causal row it is `-slope * |p - j|` on every key it
+    sees."""
+    distance = kv_positions.to(dtype) - q_positions.to(dtype)[..., None]
+    return slopes.to(dtype)[..., None] * distance
 
 
 def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
@@ -228,10 +227,9 @@ def attention_reference_dense(
             tree=None if tree_mask is None else tree_mask[s],
         )
         scores = capped_scores((qs @ k.transpose(1, 2)) * scale, softcap)  # [Hq, n, L]
-        if alibi_slopes is not None:
-            rows = (kv_len - q_len + torch.arange(q_len, device=q.device)).repeat(num_q_heads)
-            bias = alibi_bias(alibi_slopes.repeat_interleave(q_len), rows, positions, acc)
-            scores = scores + bias.view(num_q_heads, q_len, kv_len)
+        if alibi_slopes is not None:  # [Hq, 1] slopes over [1, n] query positions: [Hq, n, L]
+            rows = kv_len - q_len + torch.arange(q_len, device=q.device)
+            scores = scores + alibi_bias(alibi_slopes[:, None], rows[None, :], positions, acc)
         visible = visible.expand(num_q_heads, -1, -1)
         if attn_bias is not None:
             bias = _bias_rows(attn_bias, s, range(num_q_heads), slice(0, q_len), slice(0, kv_len), acc)

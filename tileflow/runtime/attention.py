@@ -226,7 +226,7 @@ def run_meta_attention(
     softcap: torch.Tensor | float | None = None,
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
-    alibi_slopes: Sequence[float] | torch.Tensor | None = None,
+    alibi_slopes: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Dense attention `[B, Hq, S, D] x [B, Hkv, S_kv, D]` through the varlen meta-kernel.
 
@@ -240,8 +240,7 @@ def run_meta_attention(
     softcap)`): a number or a 0-d tensor (what Dynamo makes of a model's float; read on the host,
     which for a tensor on a device waits for it). `sliding_window=w` hides the keys at or before
     position p - w from the query at position p = S_kv - S + i. `sinks` (float [Hq]) join each
-    head's softmax as keys with no value (gpt-oss). `alibi_slopes` (Hq numbers, or a float [Hq]
-    tensor): ALiBi, head h's score of key j for query i gains `slope[h] * (j - (S_kv - S + i))`.
+    head's softmax as keys with no value (gpt-oss). `alibi_slopes` (Hq numbers): ALiBi, head h's score of key j for query i gains `slope[h] * (j - (S_kv - S + i))`.
     Returns `[B, Hq, S, D]` (stored as `[B, S, Hq, D]`, the layout attention outputs usually
     have).
     """
@@ -271,8 +270,7 @@ def run_meta_attention(
         q_flat, k_cache, v_cache, block_table, cu, seqlens,
         scale=scale, causal=causal, attn_bias=bias, attn_bias_ranges=ranges, target=target, check=False,
         softcap=_number(softcap, "softcap"), sliding_window=sliding_window, sinks=sinks,
-        alibi_slopes=(per_head_tensor(tuple(map(float, alibi_slopes)), str(device))
-                      if alibi_slopes is not None and not isinstance(alibi_slopes, torch.Tensor) else alibi_slopes),
+        alibi_slopes=None if alibi_slopes is None else per_head_tensor(tuple(map(float, alibi_slopes)), str(device)),
         host_metadata=(tuple(range(0, b * s + 1, s)) if s > 0 else (0,) * (b + 1), (s_kv,) * b),
     )
     return out.view(b, s, hq, d).transpose(1, 2)

@@ -49,6 +49,7 @@ from tileflow.graph_utils import (
     infer_meta,
     same_shape,
     size_hint,
+    transposed_dims,
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
 
@@ -66,9 +67,8 @@ _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _DTYPES = {
     "triton": (torch.float16, torch.bfloat16, torch.float32),
     "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "ascend": (torch.float16, torch.bfloat16, torch.float32),
 }
-# Targets whose meta-attention kernel implements logit soft-capping, attention sinks and ALiBi.
-_SOFTCAP_TARGETS = _SINK_TARGETS = _ALIBI_TARGETS = ("triton", "reference")
 
 
 def _val(node: Any) -> Any:
@@ -175,8 +175,8 @@ class Attention:
         if hq % hkv:
             return f"{hq} query heads are not a multiple of {hkv} KV heads"
         # Without enable_gqa SDPA needs K/V at the query's head count (as given, before any
-        # repeat_kv was undone here).
-        if not args.get("enable_gqa", True) and int(kv.shape[1]) != hq:
+        # repeat_kv was undone here), or one K/V head that its products broadcast (Falcon's MQA).
+        if not args.get("enable_gqa", True) and int(kv.shape[1]) not in (hq, 1):
             return "K/V head count differs from Q without enable_gqa"
         ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
         with graph.inserting_before(node):
@@ -234,12 +234,10 @@ class Attention:
         # an ALiBi bias inside the product).
         cur, mask, scale_mul, scale_div, alibi, product_scale = softmax.args[0], None, None, None, None, 1.0
         sinks, cur = _sink_join(cur)
-        if sinks is not None and ctx.target not in _SINK_TARGETS:
-            return f"attention sinks (a logit joined to the scores) are not implemented by the {ctx.target} meta-attention kernel"
         # ALiBi's bias is `slope * (j - p)` in the kernel and `slope * j` (or another shift) in the
-        # models: the same softmax, unless a sink joins it without the shift. Without the kernel's
-        # ALiBi the bias is an additive mask (exact).
-        find_alibi = sinks is None and ctx.target in _ALIBI_TARGETS
+        # models: the same softmax, unless a sink joins it without the shift. With a sink the bias
+        # is an additive mask (exact).
+        find_alibi = sinks is None
         while len(cur.users) == 1:
             if _is_op(cur, aten.add.Tensor) and cur.kwargs.get("alpha", 1) == 1:
                 scores_side = [a for a in cur.args if _path_to_product(a, depth=7) is not None]
@@ -258,20 +256,17 @@ class Attention:
             else:
                 break
         softcap, cur = _soft_cap(cur)
-        if softcap is not None and ctx.target not in _SOFTCAP_TARGETS:
-            return f"logit soft-capping (tanh on the scores) is not implemented by the {ctx.target} meta-attention kernel"
         if (_is_op(cur, aten.mul.Tensor) or _is_op(cur, aten.div.Tensor)) and len(cur.users) == 1:
             factor = cur.args[1]
             if isinstance(factor, fx.Node) and not (isinstance(_val(factor), torch.Tensor) and _val(factor).dim() == 0):
                 return "the score scale is not a number or a 0-d tensor"
             scale_mul, scale_div = (factor, None) if cur.target is aten.mul.Tensor else (None, factor)
             cur = cur.args[0]
-        if not (isinstance(cur, fx.Node) and cur.target in _VIEWS and isinstance(cur.args[0], fx.Node)
-                and cur.args[0].target in _PRODUCTS):
+        product = _scores_product(cur.args[0]) if isinstance(cur, fx.Node) and cur.target in _VIEWS else None
+        if product is None:
             return _unmatched_scores(softmax) if attention else None
-        qk = cur.args[0]
-        if qk.target is aten.baddbmm.default:  # beta * bias + alpha * q @ k^T
-            product = bind_arguments(qk)
+        qk = product["node"]
+        if "self" in product:  # beta * bias + alpha * q @ k^T
             slopes = self._alibi_slopes(product["self"], qk, view=cur) if alibi is None and find_alibi else None
             # The bias is inside what a cap or a scale after the product acts on: a numeric
             # scale scales the slopes too; a cap (not linear) or a tensor scale is not matched.
@@ -284,9 +279,9 @@ class Attention:
                 return _unmatched_scores(softmax) if attention else None
             alibi = [float(product["beta"]) * outer * x for x in slopes]
             product_scale = float(product["alpha"])
-        q_flat, kt_flat = qk.args[-2:]
+        q_flat, kt_flat = product["batch1"], product["batch2"]
         q = _unflatten_heads(q_flat)
-        if _is_op(kt_flat, aten.transpose.int) and sorted(d % 3 for d in kt_flat.args[1:3]) == [1, 2]:
+        if transposed_dims(kt_flat) == (1, 2):
             kt = None  # transposed after the heads were flattened (BLOOM): k itself is behind it
             k = _unflatten_heads(kt_flat.args[0])
         else:
@@ -343,8 +338,6 @@ class Attention:
             return f"{hq} query heads are not a multiple of {hkv} KV heads"
         if sinks is not None and tuple(_val(sinks).shape) != (hq,):
             return f"the attention sinks hold {_val(sinks).numel()} logits for {hq} query heads"
-        if alibi is not None and ctx.target not in _ALIBI_TARGETS:
-            return f"ALiBi (a per-head linear bias on the scores) is not implemented by the {ctx.target} meta-attention kernel"
         scale: float | None = q_factor * k_factor * product_scale
         ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
         with graph.inserting_before(out4):
@@ -498,8 +491,9 @@ def _unmatched_scores(softmax: fx.Node) -> str:
     uses = []
     if any(n.target is aten.tanh.default for n in path) and all(_soft_cap(n)[0] is None for n in path):
         uses.append("tanh on the scores, but not as the logit soft-capping cap * tanh(scores / cap)")
-    if path[-1].target is aten.baddbmm.default:
-        bias = path[-1].args[0]
+    biased = next((p for n in path if (p := _scores_product(n)) is not None and "self" in p), None)
+    if biased is not None:
+        bias = biased["self"]
         if isinstance(bias, fx.Node) and _reads_an_input(bias):
             uses.append("baddbmm adds a bias computed from a graph input inside the q @ k^T product, as BLOOM "
                         "does when it counts ALiBi positions along a padding mask; the kernel's ALiBi counts "
@@ -508,6 +502,26 @@ def _unmatched_scores(softmax: fx.Node) -> str:
             uses.append("baddbmm adds a bias inside the q @ k^T product that is not ALiBi's")
     hint = f" ({'; '.join(uses)})" if uses else ""
     return f"the meta-kernel does not implement the scores {' <- '.join(reversed(names))} before the softmax{hint}"
+
+
+def _scores_product(node: Any) -> dict[str, Any] | None:
+    """The q @ k^T product behind the scores: ``{"node", "batch1", "batch2"}`` for a bmm, with
+    ``"self"`` (the bias), ``"beta"`` and ``"alpha"`` for a baddbmm or torch.export's
+    decomposition of one, ``bias + bmm * alpha`` (BLOOM exported). Else None."""
+    if _is_op(node, aten.bmm.default):
+        return {"node": node, "batch1": node.args[0], "batch2": node.args[1]}
+    if _is_op(node, aten.baddbmm.default):
+        return {"node": node, **bind_arguments(node)}
+    if not (_is_op(node, aten.add.Tensor) and node.kwargs.get("alpha", 1) == 1):
+        return None
+    for bias, scaled in (node.args[:2], node.args[1::-1]):
+        alpha, bmm = 1.0, scaled
+        if _is_op(scaled, aten.mul.Tensor) and len(scaled.users) == 1 and _constant(scaled.args[1]) is not None:
+            alpha, bmm = _constant(scaled.args[1]), scaled.args[0]
+        if _is_op(bmm, aten.bmm.default) and len(bmm.users) == 1:
+            return {"node": node, "self": bias, "batch1": bmm.args[0], "batch2": bmm.args[1], "beta": 1.0,
+                    "alpha": alpha}
+    return None
 
 
 def _path_to_product(node: Any, depth: int) -> list[fx.Node] | None:
@@ -668,11 +682,14 @@ def _depends_on_sizes(node: fx.Node) -> bool:
 def _filled_with_low_value(node: fx.Node) -> tuple[fx.Node, fx.Node, bool, float] | None:
     """(scores, bool mask, whether the mask says what is hidden, the fill) when `node` hides
     scores by filling them with -inf or the scores dtype's lowest value (transformers' eager
-    masks: MPT, GPT-Neo): `masked_fill(scores, hide, fill)` or `where(keep, scores, fill)`."""
+    masks: MPT, GPT-Neo): `masked_fill(scores, hide, fill)`, `where(keep, scores, fill)` or
+    `where(hide, fill, scores)` (torch.export's form of masked_fill)."""
     if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
         scores, mask, fill, hides = *node.args[:3], True
-    elif node.target in (aten.where.self, aten.where.ScalarOther):
+    elif node.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
         mask, scores, fill, hides = *node.args[:3], False
+        if _constant(scores) is not None and _constant(fill) is None:
+            scores, fill, hides = fill, scores, True
     else:
         return None
     mv, sv, value = _val(mask), _val(scores), _constant(fill)
@@ -792,6 +809,4 @@ def _head_broadcast_source(node: Any) -> Any:
 
 
 def _is_transpose_last2(node: fx.Node) -> bool:
-    if not _is_op(node, aten.transpose.int):
-        return False
-    return sorted(d % 4 for d in node.args[1:3]) == [2, 3]
+    return _val(node) is not None and _val(node).dim() == 4 and transposed_dims(node) == (2, 3)

@@ -9,7 +9,8 @@ Later passes match one form only. After this pass:
 - batched products with equal batch dims are `aten.bmm` on 3-D operands;
 - view-like ops whose result has the input's shape, strides and offset (`view`, `reshape`,
   `expand`, full `slice`, identity `permute`, `alias`, `detach`), double transposes, clones that
-  keep the layout and dtype conversions to the same dtype are removed.
+  keep the layout and dtype conversions to the same dtype are removed, and so are the
+  `_assert_tensor_metadata` checks torch.export writes where the traced values prove them.
 Nodes the graph returns directly are kept, so no output starts aliasing an input.
 """
 
@@ -21,7 +22,12 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from tileflow.graph_utils import copy_source_meta, infer_meta, same_shape
+from tileflow.graph_utils import (
+    copy_source_meta,
+    infer_meta,
+    same_shape,
+    transposed_dims,
+)
 from tileflow.pipeline import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -39,7 +45,6 @@ _VIEW_LIKE = {
     aten.squeeze.dim,
     aten.unsqueeze.default,
 }
-_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}
 _SAME_DTYPE_COPIES = {prims.convert_element_type.default, aten._to_copy.default, aten.clone.default}
 
 
@@ -49,17 +54,7 @@ def _val(node: Any) -> Any:
 
 def _is_2d_transpose(node: Any) -> bool:
     """True when `node` swaps the two dims of a 2-D tensor."""
-    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _TRANSPOSES:
-        return False
-    src = _val(node.args[0])
-    if not isinstance(src, torch.Tensor) or src.dim() != 2:
-        return False
-    if node.target is aten.t.default:
-        return True
-    if node.target is aten.transpose.int:
-        dims = sorted(d % 2 for d in node.args[1:3])
-        return dims == [0, 1]
-    return [d % 2 for d in node.args[1]] == [1, 0]
+    return transposed_dims(node) == (0, 1) and _val(node.args[0]).dim() == 2
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -114,6 +109,8 @@ class Canonicalize:
             return self._flatten_linear(graph, node)
         if target is aten.matmul.default:
             return self._matmul(graph, node)
+        if target is aten._assert_tensor_metadata.default:
+            return self._drop_proven_assert(node)
         if node in outputs:
             return None
         return self._drop_noop(node)
@@ -235,11 +232,28 @@ class Canonicalize:
                 node.graph.erase_node(node)
                 return "noop_removed"
             return None
-        if target in _TRANSPOSES and _is_2d_transpose(node) and _is_2d_transpose(src):
+        if _is_2d_transpose(node) and _is_2d_transpose(src):
             node.replace_all_uses_with(src.args[0])
             node.graph.erase_node(node)
             return "noop_removed"
         return None
+
+    def _drop_proven_assert(self, node: fx.Node) -> str | None:
+        """Erase an `_assert_tensor_metadata` (torch.export writes one per `.to()` that changes
+        nothing) whose dtype, device, layout, size and stride the traced value already has: it
+        can never fire, and as a second user it would hide the tensor's only real one."""
+        checked = _val(node.args[0])
+        if not isinstance(checked, torch.Tensor):
+            return None
+        args = dict(zip(("size", "stride", "dtype"), node.args[1:]), **node.kwargs)
+        facts = {"size": lambda v: same_shape(v, checked.shape), "stride": lambda v: same_shape(v, checked.stride()),
+                 "dtype": lambda v: v == checked.dtype, "device": lambda v: torch.device(v) == checked.device,
+                 "layout": lambda v: v == checked.layout}
+        given = {name: value for name, value in args.items() if value is not None}
+        if any(name not in facts or isinstance(value, fx.Node) or not facts[name](value) for name, value in given.items()):
+            return None
+        node.graph.erase_node(node)
+        return "noop_removed"
 
     def _remove_dead(self, graph: fx.Graph) -> int:
         """Erase pure nodes nobody uses any more (e.g. a transpose folded into a linear)."""

@@ -29,7 +29,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from tileflow.graph_utils import copy_source_meta, infer_meta, same_shape
+from tileflow.graph_utils import (
+    copy_source_meta,
+    infer_meta,
+    same_shape,
+    transposed_dims,
+)
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.runtime import encode_plan, gemm_plan, grouped_gemm_plan
 from tileflow.tiles import TilePlan, token_range
@@ -160,11 +165,7 @@ def _expert_weight(w: fx.Node) -> tuple[fx.Node | None, bool]:
     """The [E, N, K] tensor behind a [E, K, N] grouped-matmul operand: (its source, True) when `w`
     is `transpose(-2, -1)` (Dynamo) or `permute([0, 2, 1])` (export) of it, i.e. the model's
     parameter, used as is; else (None, False)."""
-    if w.op != "call_function":
-        return None, False
-    if w.target is aten.transpose.int and len(w.args) == 3 and sorted(d % 3 for d in w.args[1:]) == [1, 2]:
-        return w.args[0], True
-    if w.target is aten.permute.default and len(w.args) == 2 and [d % 3 for d in w.args[1]] == [0, 2, 1]:
+    if transposed_dims(w) == (1, 2) and _val(w.args[0]).dim() == 3:
         return w.args[0], True
     return None, False
 

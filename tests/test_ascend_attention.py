@@ -56,13 +56,14 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="CPU-debug b
 
 def attn_spec(dtype: str = "float32", *, head_dim: int = 16, gqa: int = 1, block_q: int = 4,
               block_kv: int = 16, causal: bool = True, sliding_window: bool = False,
-              tree: bool = False, bias: bool = False, softcap: bool = False, sinks: bool = False) -> KernelSpec:
+              tree: bool = False, bias: bool = False, softcap: bool = False, sinks: bool = False,
+              alibi: bool = False) -> KernelSpec:
     """A meta_attention KernelSpec."""
+    features = {name: True for name, on in (("softcap", softcap), ("sinks", sinks), ("alibi", alibi)) if on}
     return KernelSpec(
         op="meta_attention", dtype=dtype, out_dtype=dtype,
         params=make_params(head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=block_kv,
-                           causal=causal, sliding_window=sliding_window, tree=tree, bias=bias,
-                           **{name: True for name, on in (("softcap", softcap), ("sinks", sinks)) if on}),
+                           causal=causal, sliding_window=sliding_window, tree=tree, bias=bias, **features),
     )
 
 
@@ -78,7 +79,12 @@ NOT_CAUSAL_TREE = attn_spec("float32", gqa=1, block_q=3, causal=False, tree=True
 # exported models use it (not causal: the model's own mask is the bias), fp16, 6-row tiles.
 BIAS_TREE = attn_spec("float32", gqa=2, block_q=4, tree=True, bias=True)
 BIAS_FP16 = attn_spec("float16", gqa=2, block_q=3, causal=False, bias=True)
-SPECS = (GQA4_TREE, FP16_TREE_WINDOW, BF16_GQA2, FP32_WINDOW, NOT_CAUSAL_TREE, BIAS_TREE, BIAS_FP16)
+# Gemma-2's logit soft-capping and gpt-oss's sinks with a window (fp16); ALiBi (BLOOM, MPT) with
+# both (fp32).
+CAP_SINKS_WINDOW = attn_spec("float16", gqa=2, block_q=4, sliding_window=True, softcap=True, sinks=True)
+ALIBI_CAP_SINKS = attn_spec("float32", gqa=2, block_q=4, softcap=True, sinks=True, alibi=True)
+SPECS = (GQA4_TREE, FP16_TREE_WINDOW, BF16_GQA2, FP32_WINDOW, NOT_CAUSAL_TREE, BIAS_TREE, BIAS_FP16,
+         CAP_SINKS_WINDOW, ALIBI_CAP_SINKS)
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +104,14 @@ def causal_tree(batch: dict[str, Any], size: int = 4) -> torch.Tensor:
 
 def oracle(batch: dict[str, Any], spec: KernelSpec, *, tree_mask: torch.Tensor | None,
            window: int | None, scale: float | None = None,
-           attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference backend's dense definition, evaluated in float64."""
+           attn_bias: torch.Tensor | None = None, features: dict[str, Any] | None = None) -> torch.Tensor:
+    """The reference backend's dense definition, evaluated in float64. `features`: softcap,
+    sinks and alibi_slopes, as the kernel takes them."""
     args = [batch[k].double() if batch[k].is_floating_point() else batch[k] for k in ARGS]
+    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in (features or {}).items()}
     return attention_reference_dense(*args, scale=scale, causal=spec.param("causal"),
                                      sliding_window=window, tree_mask=tree_mask,
-                                     attn_bias=None if attn_bias is None else attn_bias.double())
+                                     attn_bias=None if attn_bias is None else attn_bias.double(), **wide)
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: str, what: str) -> None:
@@ -116,9 +124,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: str, what: str) ->
 
 def run_and_check(kernel: Any, spec: KernelSpec, batch: dict[str, Any], *, window: int | None = None,
                   kv_split: int | None = 0, num_programs: int = 3, what: str = "",
-                  attn_bias: torch.Tensor | None = None) -> Any:
+                  attn_bias: torch.Tensor | None = None, features: dict[str, Any] | None = None) -> Any:
     """Build the task table, launch on a NaN-poisoned output, compare with the oracle; returns
-    the table."""
+    the table. `features`: softcap, sinks and alibi_slopes for the specs that have them."""
     layout = attention_layout(spec)
     tree = None
     if layout.tree:
@@ -130,9 +138,10 @@ def run_and_check(kernel: Any, spec: KernelSpec, batch: dict[str, Any], *, windo
     )
     out = torch.full_like(batch["q"], float("nan"))
     bias = {} if attn_bias is None else {"attn_bias": attn_bias}
-    res = kernel(*[batch[k] for k in ARGS], table, tree_mask=tree, sliding_window=window, out=out, **bias)
+    res = kernel(*[batch[k] for k in ARGS], table, tree_mask=tree, sliding_window=window, out=out, **bias,
+                 **(features or {}))
     assert res is out
-    ref = oracle(batch, spec, tree_mask=tree, window=window, attn_bias=attn_bias)
+    ref = oracle(batch, spec, tree_mask=tree, window=window, attn_bias=attn_bias, features=features)
     assert_close(out, ref, spec.dtype, what)
     # Rows that see no key output exact zeros, as the reference's (not NaN, not a mean of V).
     empty = (ref == 0).all(dim=-1)
@@ -208,6 +217,34 @@ def test_sliding_window_with_split(kernels: dict[KernelSpec, Any], window: int) 
     assert table.merges.shape[0] > 0
 
 
+@pytest.mark.parametrize("spec", [CAP_SINKS_WINDOW, ALIBI_CAP_SINKS], ids=["softcap_sinks_window", "alibi"])
+def test_softcap_sinks_and_alibi(kernels: dict[KernelSpec, Any], spec: KernelSpec) -> None:
+    """Logit soft-capping (a cap of 0.7 against scores of a few units: it bends them all),
+    attention sinks (large enough to take most of a row's weight) and ALiBi in the 2-, 3- and
+    4-stage pipelines, whole and in split-KV chunks (the merge counts each row's sink once),
+    against float64; each feature changes the result, and one kernel serves any cap."""
+    lengths = [(1, 30), (3, 3), (9, 40), (2, 7), (1, 1), (0, 5)]
+    batch = exact_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                        dtype=getattr(torch, spec.dtype), seed=17)
+    batch["q"] = batch["q"] * 3
+    window = 20 if spec.param("sliding_window", False) else None
+    features: dict[str, Any] = {"softcap": 0.7, "sinks": torch.tensor([2.5, -1.0, 0.5, 4.0])}
+    if spec.param("alibi", False):
+        features["alibi_slopes"] = torch.tensor([0.5, 0.25, 0.125, 1.0 / 16])  # BLOOM's for 4 heads
+    for cap in (0.7, 3.0):
+        whole = run_and_check(kernels[spec], spec, batch, window=window, kv_split=0,
+                              features={**features, "softcap": cap}, what=f"cap {cap}")
+        split = run_and_check(kernels[spec], spec, batch, window=window, kv_split=16,
+                              features={**features, "softcap": cap}, what=f"cap {cap}, split-KV")
+    assert set(pipelines(whole, spec, block_size=16)) == {"2-stage", "3-stage", "4-stage"}
+    assert split.merges.shape[0] > 0
+    full = oracle(batch, spec, tree_mask=None, window=window, features=features)
+    for name in features:
+        without = oracle(batch, spec, tree_mask=None, window=window,
+                         features={k: v for k, v in features.items() if k != name})
+        assert (full - without).abs().max() > 0.05, f"{name} does not change the result"
+
+
 def test_merge_kernel_alone(kernels: dict[KernelSpec, Any]) -> None:
     """The merge kernel on hand-made partials against the reference merge: rows whose slot saw no
     key (LSE -inf) have NaN partial outputs, which must be ignored; a row hidden in every slot
@@ -233,7 +270,7 @@ def test_merge_kernel_alone(kernels: dict[KernelSpec, Any]) -> None:
     out = torch.full_like(batch["q"], float("nan"))
     tiling = _host_tiling(lib.call, sources.ident, "merge test", (
         3, 8, 2, 8, batch["block_table"].shape[1], batch["k_cache"].shape[0], out.shape[0],
-        table.num_tasks, table.num_slots, table.merges.shape[0], 2, 0, 0), 0.25)
+        table.num_tasks, table.num_slots, table.merges.shape[0], 2, 0, 0), (0.25,))
     lib.call(f"{sources.ident}_merge_run_cpu", ctypes.c_uint32(2), out, partial_out, partial_lse,
              table.merges, batch["cu_seqlens_q"], tiling, restype=None)
     assert torch.equal(torch.isnan(out), torch.isnan(ref)), "the merge wrote other rows than the reference"
@@ -440,50 +477,30 @@ def test_bias_ranges_narrow_the_ascend_tasks(kernels: dict[KernelSpec, Any]) -> 
     assert_close(leaked, attention_reference_dense(*args, causal=False), "float16", "no bias read")
 
 
-class _Logits(torch.nn.Module):
-    """input_ids -> logits of a transformers causal LM (what `tileflow export` exports)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, use_cache=False).logits
-
-
-def test_exported_llama_attention_runs_on_the_ascend_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """End to end: the meta-attention specs a real (small) Llama exports for target 'ascend' —
-    its causal mask arrives as an additive bias — built in CPU-debug mode, (1) on a mixed batch
-    with a bias against the reference, and (2) as the attention of the exported program itself
-    (GEMMs on the reference backend), whose logits must match eager transformers."""
-    from models import VOCAB, build  # transformers: imported only here
-    from tileflow.backends.ascend import build_cpu_debug_kernel
-
-    from tileflow import runtime
-    from tileflow.export import export_model
-
-    model = build("llama")
-    example = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
-    archive = export_model(_Logits(model), (example,), ({1: torch.export.Dim("seq", min=2, max=64)},),
-                           options={"target": "ascend"})
-    specs = list(dict.fromkeys(
+def _attention_specs(archive: Any) -> list[KernelSpec]:
+    """The distinct meta-attention specs an exported archive's graphs call."""
+    return list(dict.fromkeys(
         KernelSpec.from_dict(k.spec) for g in archive.report.graphs for k in g.kernels
         if k.spec is not None and k.spec["op"] == "meta_attention"))
-    assert specs and all(s.param("bias") and not s.param("causal") for s in specs), [s.name for s in specs]
+
+
+def _build_all(specs: list[KernelSpec], build_dir: Path) -> dict[KernelSpec, Any]:
+    """Each spec built in CPU-debug mode (two g++ at a time)."""
+    from tileflow.backends.ascend import build_cpu_debug_kernel
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        built = dict(zip(specs, pool.map(
-            lambda s: build_cpu_debug_kernel(s, [HEADERS], build_dir=tmp_path), specs)))
+        return dict(zip(specs, pool.map(lambda s: build_cpu_debug_kernel(s, [HEADERS], build_dir=build_dir), specs)))
 
-    cfg = model.config
-    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    for i, spec in enumerate(specs):
-        batch = make_batch(NO_VERIFY, num_q_heads=hq, num_kv_heads=hkv, head_dim=spec.param("head_dim"),
-                           block_size=16, dtype=getattr(torch, spec.dtype), seed=300 + i, max_len=70)
-        bias = random_bias(batch, seqs=batch["seqlens_kv"].shape[0], heads=1, causal=False, seed=i)
-        run_and_check(built[spec], spec, batch, kv_split=16 * i, attn_bias=bias,
-                      what=f"exported {spec.name}")
 
-    # The exported program, its attention on these kernels: any other spec would be a KeyError.
+def _check_exported_program(archive: Any, model: torch.nn.Module, built: dict[KernelSpec, Any],
+                            monkeypatch: pytest.MonkeyPatch, lengths: tuple[int, ...], tol: float) -> None:
+    """The exported program with its attention on the `built` Ascend kernels (any other
+    attention spec would be a KeyError) and its GEMMs on the reference backend: logits match
+    eager transformers at every length, and every built kernel ran."""
+    from models import VOCAB
+
+    from tileflow import runtime
+
     real_get_kernel = runtime.get_kernel
     used: set[KernelSpec] = set()
 
@@ -496,10 +513,49 @@ def test_exported_llama_attention_runs_on_the_ascend_kernels(tmp_path: Path, mon
     monkeypatch.setattr(runtime, "get_kernel", get_kernel)
     program = archive.program.module()
     with torch.no_grad():
-        for n in (3, 8, 20, 64):  # decode-sized (block_q 8) and prefill-sized (block_q 32) tiles
+        for n in lengths:
             ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
-            torch.testing.assert_close(program(ids), model(ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
-    assert used == set(specs)
+            torch.testing.assert_close(program(ids), model(ids, use_cache=False).logits, rtol=tol, atol=tol)
+    assert used == set(built)
+
+
+def test_exported_llama_attention_runs_on_the_ascend_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: the meta-attention specs a real (small) Llama exports for target 'ascend' —
+    its causal mask arrives as an additive bias — built in CPU-debug mode, (1) on a mixed batch
+    with a bias against the reference, and (2) as the attention of the exported program itself
+    (GEMMs on the reference backend), whose logits must match eager transformers."""
+    from models import build, export_logits  # transformers: imported only here
+
+    model = build("llama")
+    archive = export_logits(model, "ascend")
+    specs = _attention_specs(archive)
+    assert specs and all(s.param("bias") and not s.param("causal") for s in specs), [s.name for s in specs]
+    built = _build_all(specs, tmp_path)
+
+    cfg = model.config
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    for i, spec in enumerate(specs):
+        batch = make_batch(NO_VERIFY, num_q_heads=hq, num_kv_heads=hkv, head_dim=spec.param("head_dim"),
+                           block_size=16, dtype=getattr(torch, spec.dtype), seed=300 + i, max_len=70)
+        bias = random_bias(batch, seqs=batch["seqlens_kv"].shape[0], heads=1, causal=False, seed=i)
+        run_and_check(built[spec], spec, batch, kv_split=16 * i, attn_bias=bias,
+                      what=f"exported {spec.name}")
+    # decode-sized (block_q 8) and prefill-sized (block_q 32) tiles
+    _check_exported_program(archive, model, built, monkeypatch, (3, 8, 20, 64), tol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss", "bloom"])
+def test_exported_softcap_sinks_and_alibi_run_on_the_ascend_kernels(name: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma-2 (logit soft-capping; a window in every other layer's mask), gpt-oss (sinks,
+    windows, MoE) and BLOOM (ALiBi inside the baddbmm that torch.export decomposes) exported for
+    target 'ascend': both layers' attention on the meta-kernel with the model's feature, and the
+    exported program on the CPU-debug Ascend kernels matches eager past the windows."""
+    from models import export_zoo_model
+
+    model, archive = export_zoo_model(name, "ascend")
+    _check_exported_program(archive, model, _build_all(_attention_specs(archive), tmp_path), monkeypatch,
+                            (3, 20), tol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,8 +601,7 @@ def test_source_shape() -> None:
     ({"head_dim": 12}, "multiple of 8"),
     ({"block_kv": 24}, "block_kv=24"),
     ({"dtype": "float64"}, "dtype"),
-    ({"softcap": True}, "does not implement logit soft-capping"),
-    ({"sinks": True}, "does not implement attention sinks"),
+    ({"alibi": True, "tree": True}, "ALiBi with tree verify is not supported"),
 ])
 def test_bad_specs(params: dict, match: str) -> None:
     """Specs the Ascend kernel cannot implement are refused at render time, saying why."""
@@ -618,6 +673,29 @@ def test_host_tiling_refuses_bad_launches(kernels: dict[KernelSpec, Any]) -> Non
     assert tiling(numTasks=-1) == codes["TILING_BAD_COUNTS"]
     assert tiling(numPrograms=0) == codes["TILING_BAD_PROGRAMS"]
     assert tiling(treeSize=-1) == codes["TILING_BAD_TREE"]
+
+
+def test_softcap_launches_are_checked(kernels: dict[KernelSpec, Any]) -> None:
+    """A soft-capping kernel needs its cap at launch (and a kernel without one refuses a cap);
+    its host tiling refuses caps that are not finite and positive."""
+    kernel = kernels[ALIBI_CAP_SINKS]
+    batch = exact_batch([(2, 5)], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8,
+                        dtype=torch.float32, seed=3)
+    table = build_task_table(batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=4, num_kv_heads=2,
+                             block_q=4, num_programs=1)
+    per_head = {"sinks": torch.zeros(4), "alibi_slopes": torch.ones(4)}
+    with pytest.raises(ValueError, match="built with logit soft-capping: pass softcap"):
+        kernel(*[batch[k] for k in ARGS], table, **per_head)
+    with pytest.raises(ValueError, match="softcap was given but the kernel was built without"):
+        kernels[BF16_GQA2](*[batch[k].bfloat16() if batch[k].is_floating_point() else batch[k] for k in ARGS],
+                           table, softcap=1.0)
+    sources = kernel.meta["sources"]
+    lib = build_cpu_debug(sources, [HEADERS], build_dir=Path(kernel.meta["library"]).parent.parent)
+    sizes = (1, 4, 2, 8, 1, 1, 2, 1, 0, 0, 1, 0, 0)
+    assert _host_tiling(lib.call, sources.ident, "cap", sizes, (0.25, 30.0)).numel() > 0
+    for cap in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="the logit soft-cap must be a finite number > 0"):
+            _host_tiling(lib.call, sources.ident, "cap", sizes, (0.25, cap))
 
 
 # --------------------------------------------------------------------------------------------

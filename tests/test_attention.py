@@ -302,21 +302,6 @@ def test_manual_attention_with_alibi(target: str, form: str) -> None:
     assert len(report.graphs) == 1
 
 
-def test_alibi_where_the_kernel_lacks_it(monkeypatch) -> None:
-    """On a target without ALiBi (Ascend) a bias added to the scores is an additive mask (exact);
-    one inside a baddbmm is left as it was, with the reason."""
-    import tileflow.passes.attention as attention_pass
-
-    monkeypatch.setattr(attention_pass, "_ALIBI_TARGETS", ("triton",))
-    x, w = torch.randn(2, 7, 32), torch.randn(32, 192) / 32**0.5
-    _, out, _, report = compile_attention(lambda x, w: alibi_attention(x, w, form="add"), x, w)
-    torch.testing.assert_close(out, alibi_attention(x, w, form="add"), rtol=1e-4, atol=1e-4)
-    assert report.rewrites["meta_attention"] == 1 and "alibi" not in report.rewrites and not report.fallbacks
-    _, out, _, report = compile_attention(lambda x, w: alibi_attention(x, w, form="baddbmm"), x, w)
-    torch.testing.assert_close(out, alibi_attention(x, w, form="baddbmm"), rtol=1e-4, atol=1e-4)
-    assert "meta_attention" not in report.rewrites and len(report.fallbacks) == 1
-
-
 def test_dense_op_with_alibi_slopes() -> None:
     """`tileflow.ops.meta_attention(..., alibi_slopes=)` eagerly: numbers or a tensor, causal
     with a cached prefix (S < S_kv), against float64; a wrong count is a clear error."""
@@ -352,18 +337,6 @@ def test_position_biases_that_are_not_alibi(bias: str) -> None:
            "learned": "a bias computed from a graph input inside the q @ k^T product"}[bias]
     assert len(report.fallbacks) == 1 and report.fallbacks[0].reason.startswith(
         f"the meta-kernel does not implement the scores baddbmm <- view <- masked_fill before the softmax (baddbmm adds {why}")
-
-
-def test_manual_attention_with_softcap_falls_back_where_the_kernel_lacks_it(monkeypatch) -> None:
-    import tileflow.passes.attention as attention_pass
-
-    monkeypatch.setattr(attention_pass, "_SOFTCAP_TARGETS", ("triton",))
-    x, w = torch.randn(2, 6, 32), torch.randn(32, 96)
-    _, out, _, report = compile_attention(softcapped_attention, x, w)
-    torch.testing.assert_close(out, softcapped_attention(x, w))
-    assert "meta_attention" not in report.rewrites
-    assert [f.reason for f in report.fallbacks] == [
-        "logit soft-capping (tanh on the scores) is not implemented by the reference meta-attention kernel"]
 
 
 # Models whose attention functions take more than q, k, v and a mask: Gemma-2's logit soft-cap

@@ -8,11 +8,14 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from tileflow.config import Config
+from tileflow.graph_utils import transposed_dims
 from tileflow.pipeline import PassContext, get_pass
 from tileflow.report import GraphReport
 
@@ -147,3 +150,38 @@ def test_noops_removed_real_work_kept() -> None:
     check_same(fn, gm, torch.randn(4, 6), w)
     out = gm(x, w)
     assert out[1].shape == (24,)
+
+
+def test_proven_metadata_asserts_are_dropped() -> None:
+    """torch.export writes `_assert_tensor_metadata` for each `.to()` that changes nothing; one
+    the traced value proves is dropped (it would be the scores' second user and hide the softmax
+    -> P @ V chain from the attention pass), one it does not prove is kept."""
+    def fn(x):
+        torch.ops.aten._assert_tensor_metadata.default(x, dtype=torch.float32, device="cpu", layout=torch.strided)
+        return x * 2
+
+    x = torch.randn(3, 4)
+    gm = hand_built(fn, x)
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(placeholder):  # added after tracing: it would fire there
+        gm.graph.call_function(aten._assert_tensor_metadata.default, (placeholder, None, None, torch.float16))
+    assert ops(gm)[aten._assert_tensor_metadata.default] == 2
+    assert canonicalize(gm)["noop_removed"] == 1
+    kept = [n for n in gm.graph.nodes if n.target is aten._assert_tensor_metadata.default]
+    assert len(kept) == 1 and kept[0].args[3] == torch.float16
+
+
+@given(st.integers(2, 5).flatmap(lambda rank: st.permutations(range(rank))))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_transposed_dims_of_every_permutation(order: list[int]) -> None:
+    """A permute is a transpose exactly when it swaps two dims (torch.export writes transposes
+    that way), and `transposed_dims` names those two; `transpose(a, b)` and `t` agree."""
+    x = torch.randn(*range(2, 2 + len(order)))
+    a, b = order[0], len(order) - 1
+    gm = traced(lambda x: (x.permute(order), x.transpose(a, b)) + ((x.t(),) if x.dim() == 2 else ()), x)
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_function"}
+    moved = [i for i, d in enumerate(order) if d != i]
+    assert transposed_dims(nodes[aten.permute.default]) == (tuple(moved) if len(moved) == 2 else None)
+    assert transposed_dims(nodes[aten.transpose.int]) == ((min(a, b), b) if a != b else None)
+    if len(order) == 2:
+        assert transposed_dims(nodes[aten.t.default]) == (0, 1)

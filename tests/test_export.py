@@ -29,16 +29,7 @@ SPEC_MODULE = textwrap.dedent(
     import sys
     import torch
     sys.path.insert(0, {str(TESTS_DIR)!r})
-    from models import VOCAB, build
-
-
-    class Logits(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            return self.model(input_ids, use_cache=False).logits
+    from models import VOCAB, Logits, build
 
 
     def llama():

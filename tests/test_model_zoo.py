@@ -10,65 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from models import VOCAB
+from models import VOCAB, ZOO, export_zoo_model
 
 import tileflow
-
-_SMALL = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
-
-
-def _causal_lm(config: str, model: str, **overrides) -> Callable[[], torch.nn.Module]:
-    def make() -> torch.nn.Module:
-        import transformers
-
-        args = {**_SMALL, **overrides}
-        built = getattr(transformers, model)(getattr(transformers, config)(**{k: v for k, v in args.items() if v is not None}))
-        with torch.no_grad():  # attention sinks start at zero: random ones, to matter
-            for module in built.modules():
-                if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
-                    module.sinks.normal_(0.0, 2.0)
-        return built
-    return make
-
-
-# name -> (model, the attention features the pass must find in both of its layers)
-ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[str, ...]]] = {
-    "gemma": (_causal_lm("GemmaConfig", "GemmaForCausalLM", head_dim=16), ()),
-    # Logit soft-capping (its cap a tensor input under dynamic=True) and a sliding window in every other layer.
-    "gemma2": (_causal_lm("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, sliding_window=8,
-                          attn_logit_softcapping=0.5, initializer_range=0.2), ("logit_softcap",)),  # scores the cap bends
-    "phi3": (_causal_lm("Phi3Config", "Phi3ForCausalLM", pad_token_id=0), ()),
-    "qwen3": (_causal_lm("Qwen3Config", "Qwen3ForCausalLM", head_dim=16), ()),
-    # The manual attention, MQA by broadcasting one K/V head in the product, q and k each scaled.
-    "falcon": (_causal_lm("FalconConfig", "FalconForCausalLM", num_key_value_heads=None, intermediate_size=None,
-                          max_position_embeddings=None), ()),
-    # ALiBi: BLOOM's bias inside a baddbmm over flattened heads, k transposed after flattening.
-    "bloom": (_causal_lm("BloomConfig", "BloomForCausalLM", n_layer=2, n_head=4, num_hidden_layers=None,
-                         num_attention_heads=None, num_key_value_heads=None, intermediate_size=None,
-                         max_position_embeddings=None), ("alibi",)),
-    # Six heads: slopes for the nearest power of two and interleaved ones for the rest (a cat).
-    "bloom_6_heads": (_causal_lm("BloomConfig", "BloomForCausalLM", n_layer=2, n_head=6, hidden_size=96,
-                                 num_hidden_layers=None, num_attention_heads=None, num_key_value_heads=None,
-                                 intermediate_size=None, max_position_embeddings=None), ("alibi",)),
-    # ALiBi added to the scaled scores, sliced from a table for the longest sequence; a bool mask
-    # filled in with finfo.min.
-    "mpt": (_causal_lm("MptConfig", "MptForCausalLM", d_model=64, n_layers=2, n_heads=4, max_seq_len=64,
-                       hidden_size=None, intermediate_size=None, num_hidden_layers=None, num_attention_heads=None,
-                       num_key_value_heads=None, max_position_embeddings=None), ("alibi",)),
-    # No scale, a causal fill of finfo.min (a constant tensor) and the padding mask added after it.
-    "gpt_neo": (_causal_lm("GPTNeoConfig", "GPTNeoForCausalLM", num_layers=2, num_heads=4,
-                           attention_types=[[["global", "local"], 1]], window_size=8, num_hidden_layers=None,
-                           num_attention_heads=None, num_key_value_heads=None), ()),
-    "gpt_neox": (_causal_lm("GPTNeoXConfig", "GPTNeoXForCausalLM"), ()),
-    # Attention sinks, sliding windows on every other layer, MoE.
-    "gpt_oss": (_causal_lm("GptOssConfig", "GptOssForCausalLM", head_dim=16, intermediate_size=64, num_local_experts=4,
-                           num_experts_per_tok=2, sliding_window=8), ("attention_sinks",)),
-    "deepseek_v3": (_causal_lm("DeepseekV3Config", "DeepseekV3ForCausalLM", num_key_value_heads=4, q_lora_rank=32,
-                               kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-                               n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                               first_k_dense_replace=1, n_group=1, topk_group=1), ()),
-}
 
 
 def _compiled(name: str) -> tuple[torch.nn.Module, Callable[..., Any], tileflow.Report]:
@@ -119,3 +63,19 @@ def test_eager_masks_with_left_padding(name: str) -> None:
         assert all("counts ALiBi positions along a padding mask" in f.reason for f in report.fallbacks)
     else:
         assert report.rewrites["meta_attention"] == 2 and not report.fallbacks, report.fallbacks
+
+
+@pytest.mark.parametrize("name", ["mpt", "falcon"])
+def test_architecture_exports_with_attention_on_the_meta_kernel(name: str) -> None:
+    """torch.export's graphs are not Dynamo's (core ATen: transposes are permutes, masked_fill
+    is a `where`, BLOOM's baddbmm is a bmm, a mul and an add, `.to()` leaves checks behind):
+    `tileflow export` of MPT (ALiBi, a finfo.min fill) and Falcon (SDPA over one K/V head that
+    the products broadcast) still puts both attentions on the meta-kernel, and the exported
+    program matches eager. Gemma-2, gpt-oss and BLOOM are exported, and run on the Ascend
+    kernels, in tests/test_ascend_attention.py."""
+    model, archive = export_zoo_model(name, "reference")
+    program = archive.program.module()
+    with torch.no_grad():
+        for seq_len in (3, 20):
+            ids = torch.randint(0, VOCAB, (1, seq_len))
+            torch.testing.assert_close(program(ids), model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)

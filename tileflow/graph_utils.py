@@ -88,6 +88,28 @@ def copy_source_meta(src: fx.Node, dst: fx.Node) -> None:
             dst.meta[key] = src.meta[key]
 
 
+def transposed_dims(node: Any) -> tuple[int, int] | None:
+    """The two dims `node` swaps, as non-negative indices in increasing order, when it is a
+    transpose: `aten.t`, `aten.transpose.int`, or an `aten.permute` that swaps exactly two dims
+    (torch.export's core decompositions write every transpose as a permute). Else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    src = meta_val(node.args[0]) if node.args else None
+    if not isinstance(src, torch.Tensor):
+        return None
+    rank = src.dim()
+    if node.target is torch.ops.aten.t.default:
+        return (0, 1) if rank == 2 else None
+    if node.target is torch.ops.aten.transpose.int:
+        a, b = sorted(d % rank for d in node.args[1:3])
+        return (a, b) if a != b else None
+    if node.target is torch.ops.aten.permute.default:
+        moved = [i for i, d in enumerate(node.args[1]) if d % rank != i]
+        if len(moved) == 2 and node.args[1][moved[0]] % rank == moved[1]:
+            return moved[0], moved[1]
+    return None
+
+
 def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
     """True when two (possibly symbolic) shapes are provably equal."""
     if len(a) != len(b):

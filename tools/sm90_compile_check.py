@@ -228,14 +228,25 @@ def _compile_all() -> list[str]:
     import tempfile
 
     launches = list(_LAUNCHES.values())
+    # One compiler process per core, each with every n-th launch: ptxas and Triton's passes are
+    # single-threaded, and the kernels are independent.
+    workers = max(1, min(len(launches), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count() or 1))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    results: list[dict] = [{}] * len(launches)
     with tempfile.TemporaryDirectory() as tmp:
-        src, dst = os.path.join(tmp, "launches.json"), os.path.join(tmp, "results.json")
-        with open(src, "w", encoding="utf-8") as fh:
-            json.dump(launches, fh)
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, src, dst], env=env, check=True)
-        with open(dst, encoding="utf-8") as fh:
-            results = json.load(fh)
+        procs = []
+        for w in range(workers):
+            src, dst = os.path.join(tmp, f"launches{w}.json"), os.path.join(tmp, f"results{w}.json")
+            with open(src, "w", encoding="utf-8") as fh:
+                json.dump(launches[w::workers], fh)
+            procs.append((w, dst, subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, src, dst], env=env)))
+        codes = [proc.wait() for _, _, proc in procs]  # all finish before any failure is raised
+        for (w, dst, proc), code in zip(procs, codes):
+            if code != 0:
+                raise subprocess.CalledProcessError(code, proc.args)
+            with open(dst, encoding="utf-8") as fh:
+                results[w::workers] = json.load(fh)
     lines = []
     for launch, result in zip(launches, results):
         if result["ok"] and result["shared"] > _MAX_SHARED_BYTES:

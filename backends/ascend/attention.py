@@ -17,11 +17,15 @@ direct datapath, so matrices pass through a per-core GM workspace:
 - KV is walked in chunks that never cross a page (``min(block_kv, page left, range left)``), so a
   chunk's K rows are equally spaced (``Hkv * D`` apart) and the cube reads them in place from the
   cache (B transposed, ``orgKb = Hkv * D``): ``S = Q K^T`` lands in UB (row stride ``block_kv``);
-- the vector unit scales, adds the model's additive bias when the spec has one, masks (causal /
-  sliding window hide a contiguous column range per row; the tree mask is applied per element
-  over the new-token columns), runs the online softmax per row, rounds P to the input type and
-  writes it to the workspace; the cube computes ``P V`` (V read in place, ``orgN = Hkv * D``)
-  into UB, and the vector unit folds it into the accumulator.
+- the vector unit scales (and, with ``softcap``, caps: ``c * tanh(s / c)``), adds ALiBi's
+  ``slope * (j - p)`` (``alibi``: one multiply and one add of a column-offset row per tile row)
+  and the model's additive bias when the spec has them, masks (causal / sliding window hide a
+  contiguous column range per row; the tree mask is applied per element over the new-token
+  columns), runs the online softmax per row, rounds P to the input type and writes it to the
+  workspace; the cube computes ``P V`` (V read in place, ``orgN = Hkv * D``) into UB, and the
+  vector unit folds it into the accumulator.
+- with ``sinks``, each row's sink logit joins its softmax once as a key with no value (its sum
+  gains ``exp(sink - max)``): at the end of an unsplit task, or in the merge for split rows.
 
 The additive bias (``bias=True``: the float mask torch.export leaves in real models) has the
 reference backend's semantics: tile row ``r`` (query index ``i = q_start + r // R`` within the
@@ -132,6 +136,7 @@ TILING_ERRORS: dict[int, tuple[str, str]] = {
     7: ("TILING_BAD_TREE", "the tree mask size must be >= 0"),
     8: ("TILING_QK_CUBE", "the cube cannot tile S = Q K^T (matmul_tiling refused the split)"),
     9: ("TILING_PV_CUBE", "the cube cannot tile O = P V (matmul_tiling refused the split)"),
+    10: ("TILING_BAD_SOFTCAP", "the logit soft-cap must be a finite number > 0"),
 }
 
 def _ceil(x: int, multiple: int) -> int:
@@ -219,18 +224,20 @@ class AttentionLayout:
 
     @property
     def softcap(self) -> bool:
-        """Logit soft-capping: never, on Ascend (`attention_layout` refuses it)."""
-        return False
+        """Logit soft-capping: the scaled scores become ``c * tanh(s / c)``, c given at launch."""
+        return self.params.softcap
 
     @property
     def sinks(self) -> bool:
-        """Attention sinks: never, on Ascend (`attention_layout` refuses them)."""
-        return False
+        """Attention sinks: one logit per query head (float32 [Hq] at launch) joins each row's
+        softmax as a key with no value, counted once per row (by the merge for split rows)."""
+        return self.params.sinks
 
     @property
     def alibi(self) -> bool:
-        """ALiBi: never, on Ascend (`attention_layout` refuses it)."""
-        return False
+        """ALiBi: head h's score of key j for the query at position p gains ``slope_h * (j - p)``
+        (float32 [Hq] slopes at launch)."""
+        return self.params.alibi
 
     @property
     def rows(self) -> int:
@@ -261,6 +268,8 @@ class AttentionLayout:
         # One chunk's bias for every tile row, laid out like the S tile it is added to.
         bias = (UbBuffer("biasQue", vecin.format(1), 1, m * n * 4,
                          "attn_bias of a chunk (float, row stride BLOCK_KV)"),) if self.bias else ()
+        alibi = (UbBuffer("alibiBuf", calc, 1, 2 * n * 4,
+                          "ALiBi: the column offsets 0 .. BLOCK_KV - 1, then one row's term"),) if self.alibi else ()
         return (
             UbBuffer("queryQue", vecin.format(1), 1, m * d * e, "Q tile staged from GM"),
             UbBuffer("kvQue", vecin.format("BUFFER_NUM"), BUFFER_NUM, n * d * e,
@@ -276,10 +285,11 @@ class AttentionLayout:
             UbBuffer("queryFloatBuf", calc, 1, self.gqa * d * 4, "decode: the query rows in float"),
             UbBuffer("kvFloatBuf", calc, 1, n * d * 4, "decode: the K or V chunk in float"),
             UbBuffer("productBuf", calc, 1, d * 4, "decode: one GEMV product row"),
-            UbBuffer("statBuf", calc, 1, _MAIN_STATS * self.stat_len * 4,
+            UbBuffer("statBuf", calc, 1, len(self.main_stat_names()) * self.stat_len * 4,
                      "per-row softmax statistics"),
             UbBuffer("reduceWorkBuf", calc, 1, reduce_len * 4, "ReduceMax/ReduceSum scratch"),
             UbBuffer("reduceOutBuf", calc, 1, _BLOCK_BYTES, "ReduceMax/ReduceSum result"),
+            *alibi,
         )
 
     def merge_buffers(self) -> tuple[UbBuffer, ...]:
@@ -292,17 +302,25 @@ class AttentionLayout:
                      "a slot's normalized partial output"),
             UbBuffer("outQue", "TQue<TPosition::VECOUT, 1>", 1, m * d * e, "the output tile, cast"),
             UbBuffer("accBuf", "TBuf<TPosition::VECCALC>", 1, m * d * 4, "the merged accumulator"),
-            UbBuffer("statBuf", "TBuf<TPosition::VECCALC>", 1, _MERGE_STATS * self.stat_len * 4,
+            UbBuffer("statBuf", "TBuf<TPosition::VECCALC>", 1, len(self.merge_stat_names()) * self.stat_len * 4,
                      "per-row merge statistics"),
         )
 
+    def main_stat_names(self) -> tuple[str, ...]:
+        """The main kernel's per-row statistics, in statBuf order (each `stat_len` floats)."""
+        return (_MAIN_STAT_NAMES + (("sinkWeight",) if self.sinks else ())
+                + (("rowSlope",) if self.alibi else ()))
 
-# Per-row statistics of the main kernel, in statBuf order (each `stat_len` floats).
+    def merge_stat_names(self) -> tuple[str, ...]:
+        """The merge kernel's per-row statistics, in statBuf order."""
+        return _MERGE_STAT_NAMES + (("sinkWeight",) if self.sinks else ())
+
+
+# Per-row statistics every kernel has (`AttentionLayout.main_stat_names` / `merge_stat_names`
+# add those of the spec's features).
 _MAIN_STAT_NAMES = ("rowMax", "rowSum", "chunkMax", "chunkSum", "newMax", "refMax", "alpha",
                     "safeSum", "invSum", "lse")
-_MAIN_STATS = len(_MAIN_STAT_NAMES)
 _MERGE_STAT_NAMES = ("runMax", "runSum", "newMax", "refMax", "alpha", "weight", "safeSum", "invSum")
-_MERGE_STATS = len(_MERGE_STAT_NAMES)
 
 
 def _check_budget(spec: KernelSpec, kernel: str, buffers: Sequence[UbBuffer]) -> None:
@@ -344,12 +362,6 @@ def attention_layout(spec: KernelSpec) -> AttentionLayout:
     """
     params = attention_params(spec, target="Ascend C", supported_dtypes=SUPPORTED_DTYPES,
                               default_block_kv=_DEFAULT_BLOCK_KV)
-    for flag, what in (("softcap", "logit soft-capping"), ("sinks", "attention sinks"), ("alibi", "ALiBi")):
-        if getattr(params, flag):
-            raise ValueError(
-                f"spec {spec.name}: the Ascend C meta-attention kernel does not implement {what}; use "
-                f"the triton or reference target for such models"
-            )
     esize = _ELEMENT_BYTES[spec.dtype]
     align = _BLOCK_BYTES // esize
     if params.head_dim % align:
@@ -399,11 +411,15 @@ def attention_entries(spec: KernelSpec) -> tuple[EntryPoint, EntryPoint]:
         main.append("tree_mask")
     if layout.bias:
         main += ["attn_bias", "attn_bias_ranges"]
+    sinks = ["sinks"] if layout.sinks else []
+    main += sinks
+    if layout.alibi:
+        main.append("alibi_slopes")
     main += ["out", "partial_out", "partial_lse", "workspace", "tiling"]
     return (
         EntryPoint(ident, tuple(main), outputs=("out", "partial_out", "partial_lse", "workspace")),
         EntryPoint(f"{ident}_merge",
-                   ("out", "partial_out", "partial_lse", "merges", "cu_seqlens_q", "tiling"),
+                   ("out", "partial_out", "partial_lse", "merges", "cu_seqlens_q", *sinks, "tiling"),
                    outputs=("out",)),
     )
 
@@ -439,7 +455,7 @@ struct ${struct} {
     int32_t treeSize;      // T of tree_mask [S, T, T] (0 without a tree)
     int32_t window;        // sliding window (0 without one)
 ${bias_fields}    float scale;           // softmax scale
-};
+${softcap_field}};
 
 #endif  // ${guard}
 """
@@ -460,7 +476,9 @@ _BIAS_NAMES = ("biasStrideSeq", "biasStrideHead", "biasStrideRow", "biasElems", 
 def _tiling_header(spec: KernelSpec, layout: AttentionLayout, ident: str) -> str:
     return _fill(_TILING_HEADER, banner=banner(spec, "Tiling struct (host and kernel)"),
                  guard=f"{ident.upper()}_TILING_H", ident=ident, struct=tiling_struct_name(ident),
-                 bias_fields=_BIAS_FIELDS if layout.bias else "")
+                 bias_fields=_BIAS_FIELDS if layout.bias else "",
+                 softcap_field=("    float softcap;         // logit soft-cap c: scores become c * tanh(s / c)\n"
+                                if layout.softcap else ""))
 
 
 # The kernel file: shared helpers, the meta-attention class, the merge class and both entries.
@@ -569,7 +587,7 @@ __aicore__ inline void NormalizeRows(const LocalTensor<float>& acc, const LocalT
         Muls(accRow, accRow, invSum.GetValue(r), HEAD_DIM);
     }
 }
-
+${sinks_helper}
 // Element offset of a tile's first output row: token firstToken, head kvHead * GQA.
 __aicore__ inline uint64_t TileOffset(int32_t firstToken, int32_t kvHead, int32_t numQHeads)
 {
@@ -623,7 +641,7 @@ public:
         tasksGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(tasks), uint64_t(t.numTasks) * TASK_COLS);
         programOffsetsGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(program_offsets), uint64_t(t.numPrograms) + 1);
         programTasksGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(program_tasks), uint64_t(t.numTasks));
-${tree_init}${bias_init}        // Split-KV workspace: slot s holds TILE_ROWS rows (float32), see TaskTable.workspace_shapes.
+${tree_init}${bias_init}${sinks_init}${alibi_init}        // Split-KV workspace: slot s holds TILE_ROWS rows (float32), see TaskTable.workspace_shapes.
         partialOutGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_out), uint64_t(t.numSlots) * TILE_ROWS * HEAD_DIM);
         partialLseGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_lse), uint64_t(t.numSlots) * TILE_ROWS);
         // This core's GM workspace: the dense Q tile, then the P tile (the cube's A operands).
@@ -639,7 +657,7 @@ ${main_init_buffers}
         reduceWork = reduceWorkBuf.Get<float>();
         reduceOut = reduceOutBuf.Get<float>();
         const LocalTensor<float> stats = statBuf.Get<float>();
-${main_stats}    }
+${main_stats}${alibi_columns}    }
 
     // Run this program's tasks, in the order the host dealt them.
     __aicore__ inline void Process()
@@ -683,7 +701,7 @@ ${bias_clip}        return t;
         Duplicate(rowMax, NEG_INF, STAT_LEN);
         Duplicate(rowSum, 0.0f, STAT_LEN);
         Duplicate(acc, 0.0f, t.rows * HEAD_DIM);
-        if (t.kvEnd > t.kvStart) {
+${alibi_task}        if (t.kvEnd > t.kvStart) {
             if (t.qRows == 1) {
                 TwoStageDecode(t);
             } else if (t.kvEnd - t.kvStart <= ChunkLength(t, t.kvStart)) {
@@ -877,8 +895,7 @@ ${bias_load_multi}            LocalTensor<float> scores = ScoresOnCube(t, offset
     __aicore__ inline void ScaleMaskSoftmax(const Task& t, const LocalTensor<float>& scores, int32_t chunkStart,
                                             int32_t chunkLen, bool online)
     {
-        Muls(scores, scores, tiling.scale, t.rows * BLOCK_KV);
-${bias_add_call}${mask_call}        for (int32_t r = 0; r < t.rows; ++r) {
+${scale_scores}${alibi_call}${bias_add_call}${mask_call}        for (int32_t r = 0; r < t.rows; ++r) {
             ReduceMax(reduceOut, scores[r * BLOCK_KV], reduceWork, chunkLen);
             chunkMax.SetValue(r, reduceOut.GetValue(0));
         }
@@ -906,11 +923,11 @@ ${bias_add_call}${mask_call}        for (int32_t r = 0; r < t.rows; ++r) {
         }
         DataCopy(rowMax, newMax, STAT_LEN);
     }
-${mask_function}${bias_functions}
+${mask_function}${bias_functions}${alibi_function}
     // ---- finish: normalize, then the output or a split-KV slot -------------------------------
     __aicore__ inline void Finish(const Task& t)
     {
-        NormalizeRows(acc, rowSum, safeSum, invSum, t.rows);
+${main_sinks}        NormalizeRows(acc, rowSum, safeSum, invSum, t.rows);
         if (t.slot < 0) {
             LocalTensor<T> tile = outQue.AllocTensor<T>();
             NarrowFromFloat(tile, acc, t.rows * HEAD_DIM);
@@ -933,10 +950,10 @@ ${mask_function}${bias_functions}
     Tiling tiling;
     GlobalTensor<T> qGm, kGm, vGm, outGm, queryWs, probWs;
     GlobalTensor<int32_t> blockTableGm, cuSeqlensGm, seqlensKvGm, tasksGm, programOffsetsGm, programTasksGm;
-${tree_member}${bias_member}    GlobalTensor<float> partialOutGm, partialLseGm;
+${tree_member}${bias_member}${sinks_member}${alibi_member}    GlobalTensor<float> partialOutGm, partialLseGm;
 ${main_buffer_members}
     LocalTensor<float> acc, queryF, kvF, product, reduceWork, reduceOut;
-    LocalTensor<float> ${main_stat_members};
+${alibi_locals}    LocalTensor<float> ${main_stat_members};
 };
 
 // Split-KV merge: one merge-table row per iteration (rows dealt over the blocks), log-sum-exp
@@ -953,7 +970,7 @@ public:
         partialLseGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_lse), uint64_t(t.numSlots) * TILE_ROWS);
         mergesGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(merges), uint64_t(t.numMerges) * MERGE_COLS);
         cuSeqlensGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(cu_seqlens_q), uint64_t(t.numSeqs) + 1);
-${merge_init_buffers}
+${sinks_init}${merge_init_buffers}
         acc = accBuf.Get<float>();
         const LocalTensor<float> stats = statBuf.Get<float>();
 ${merge_stats}    }
@@ -1016,7 +1033,7 @@ private:
             partQue.FreeTensor(part);
         }
         // Stage 3: normalize, cast and store the tile's rows.
-        NormalizeRows(acc, runSum, safeSum, invSum, rows);
+${merge_sinks}        NormalizeRows(acc, runSum, safeSum, invSum, rows);
         LocalTensor<T> tile = outQue.AllocTensor<T>();
         NarrowFromFloat(tile, acc, rows * HEAD_DIM);
         outQue.EnQue(tile);
@@ -1031,7 +1048,7 @@ private:
     GlobalTensor<T> outGm;
     GlobalTensor<float> partialOutGm, partialLseGm;
     GlobalTensor<int32_t> mergesGm, cuSeqlensGm;
-${merge_buffer_members}
+${sinks_member}${merge_buffer_members}
     LocalTensor<float> acc;
     LocalTensor<float> ${merge_stat_members};
 };
@@ -1071,6 +1088,12 @@ def _mask_doc(layout: AttentionLayout) -> str:
     if layout.tree:
         parts.append("tree_mask replaces that among the new tokens when n_s <= T")
     doc = "; ".join(parts)
+    if layout.softcap:
+        doc += "\n//   logit soft-capping: the scaled scores become softcap * tanh(s / softcap)"
+    if layout.alibi:
+        doc += "\n//   ALiBi: head h's score of key j for the query at position p gains alibi_slopes[h] * (j - p)"
+    if layout.sinks:
+        doc += "\n//   sinks: each head's logit sinks[h] joins every row's softmax as a key with no value"
     if layout.bias:
         doc += "\n//   bias: attn_bias[seq, head, q_index, kv_pos] is added to the scaled scores first (-inf hides a key)"
     return doc
@@ -1209,6 +1232,108 @@ _BIAS_FUNCTIONS = """
 """
 
 
+def _feature_code(layout: AttentionLayout) -> dict[str, str]:
+    """The kernel template's substitutions for logit soft-capping, attention sinks and ALiBi:
+    the plain scale and empty strings without them, so a spec without them emits exactly the
+    code it did before they existed."""
+    def per_head(member: str, arg: str) -> str:
+        """The Init line of a launch tensor of one float per query head."""
+        return (f"        {member}.SetGlobalBuffer(reinterpret_cast<__gm__ float*>({arg}), "
+                "uint64_t(t.numQHeads));  // float [Hq]\n")
+
+    code = dict.fromkeys(("sinks_init", "sinks_member", "main_sinks", "merge_sinks", "sinks_helper",
+                          "alibi_init", "alibi_member", "alibi_locals", "alibi_columns", "alibi_task",
+                          "alibi_call", "alibi_function"), "")
+    code["scale_scores"] = (
+        "        // Logit soft-capping, c * tanh(scale * s / c), before ALiBi, the bias and the mask.\n"
+        "        Muls(scores, scores, tiling.scale / tiling.softcap, t.rows * BLOCK_KV);\n"
+        "        Tanh(scores, scores, t.rows * BLOCK_KV);\n"
+        "        Muls(scores, scores, tiling.softcap, t.rows * BLOCK_KV);\n"
+        if layout.softcap else "        Muls(scores, scores, tiling.scale, t.rows * BLOCK_KV);\n"
+    )
+    if layout.sinks or layout.alibi:
+        code["sinks_helper"] = _ROW_VALUES + (_ADD_SINKS if layout.sinks else "")
+    if layout.sinks:
+        code.update(
+            sinks_init=per_head("sinksGm", "sinks"),
+            sinks_member="    GlobalTensor<float> sinksGm;\n",
+            main_sinks=(
+                "        if (t.slot < 0) {  // a split row's sink joins once, in the merge\n"
+                "            AddSinks(sinksGm, t.kvHead, rowSum, rowMax, refMax, sinkWeight, t.rows);\n"
+                "        }\n"
+            ),
+            merge_sinks="        AddSinks(sinksGm, kvHead, runSum, runMax, refMax, sinkWeight, rows);\n",
+        )
+    if layout.alibi:
+        code.update(
+            alibi_init=per_head("alibiGm", "alibi_slopes"),
+            alibi_member="    GlobalTensor<float> alibiGm;\n",
+            alibi_locals="    LocalTensor<float> columnOffset, alibiTerm;\n",
+            alibi_columns=(
+                "        // ALiBi's column offsets 0 .. BLOCK_KV - 1, written once: a row's term over a chunk\n"
+                "        // is one Muls and one Adds of them.\n"
+                "        columnOffset = alibiBuf.Get<float>(BLOCK_KV);\n"
+                "        alibiTerm = alibiBuf.Get<float>()[BLOCK_KV];\n"
+                "        for (int32_t c = 0; c < BLOCK_KV; ++c) {\n"
+                "            columnOffset.SetValue(c, float(c));\n"
+                "        }\n"
+            ),
+            alibi_task="        RowValues(alibiGm, t.kvHead, rowSlope, t.rows);  // ALiBi: each row's head slope\n",
+            alibi_call="        AddAlibi(t, scores, chunkStart, chunkLen);  // before the mask, which overrides it\n",
+            alibi_function=_ADD_ALIBI,
+        )
+    return code
+
+
+# Per-head launch values (sinks, ALiBi slopes) laid out per tile row; shared by both kernels.
+_ROW_VALUES = """
+// dst[r] = perHead[kvHead * GQA + r % GQA] for the tile's rows: one GM read per head.
+__aicore__ inline void RowValues(const GlobalTensor<float>& perHead, int32_t kvHead, const LocalTensor<float>& dst,
+                                 int32_t rows)
+{
+    for (int32_t g = 0; g < GQA; ++g) {
+        const float value = perHead.GetValue(uint64_t(kvHead) * GQA + g);
+        for (int32_t r = g; r < rows; r += GQA) {
+            dst.SetValue(r, value);
+        }
+    }
+}
+"""
+
+_ADD_SINKS = """
+// Attention sinks: each row's sink logit joins its softmax as a key with no value, so its sum
+// gains exp(sink - reference max) and the normalized output shrinks by l / (l + exp(sink - m)).
+// A row that saw no key keeps acc 0 and outputs 0.
+__aicore__ inline void AddSinks(const GlobalTensor<float>& sinks, int32_t kvHead, const LocalTensor<float>& sum,
+                                const LocalTensor<float>& max, const LocalTensor<float>& ref,
+                                const LocalTensor<float>& weight, int32_t rows)
+{
+    RowValues(sinks, kvHead, weight, rows);
+    ReferenceMax(ref, max, rows);
+    Sub(weight, weight, ref, rows);
+    Exp(weight, weight, rows);
+    Add(sum, sum, weight, rows);
+}
+"""
+
+_ADD_ALIBI = """
+    // ---- ALiBi ----------------------------------------------------------------------------------
+    // Row r (query position p = newStart + qStart + r / GQA) gains rowSlope[r] * (j - p) at key j;
+    // over the chunk's columns c (j = chunkStart + c): slope * c + slope * (chunkStart - p).
+    __aicore__ inline void AddAlibi(const Task& t, const LocalTensor<float>& scores, int32_t chunkStart,
+                                    int32_t chunkLen)
+    {
+        for (int32_t r = 0; r < t.rows; ++r) {
+            const float slope = rowSlope.GetValue(r);
+            const int32_t qPos = t.newStart + t.qStart + r / GQA;
+            Muls(alibiTerm, columnOffset, slope, chunkLen);
+            Adds(alibiTerm, alibiTerm, slope * float(chunkStart - qPos), chunkLen);
+            Add(scores[r * BLOCK_KV], scores[r * BLOCK_KV], alibiTerm, chunkLen);
+        }
+    }
+"""
+
+
 def _mask_function(layout: AttentionLayout) -> str:
     """`MaskScores` (only the rules the spec asks for), or "" when nothing is ever hidden."""
     if not (layout.causal or layout.sliding_window or layout.tree):
@@ -1320,7 +1445,7 @@ def _kernel_source(spec: KernelSpec, layout: AttentionLayout, ident: str,
             if layout.tree else ""
         ),
         main_init_buffers=_init_buffers(layout.main_buffers()),
-        main_stats=_stat_views(_MAIN_STAT_NAMES),
+        main_stats=_stat_views(layout.main_stat_names()),
         tree_applies=(
             "numNew <= tiling.treeSize" if layout.tree else "false"
         ),
@@ -1328,13 +1453,14 @@ def _kernel_source(spec: KernelSpec, layout: AttentionLayout, ident: str,
         mask_function=mask,
         tree_member="    GlobalTensor<uint8_t> treeMaskGm;\n" if layout.tree else "",
         **_bias_code(layout),
+        **_feature_code(layout),
         main_buffer_members=_buffer_members(layout.main_buffers()),
-        main_stat_members=", ".join(_MAIN_STAT_NAMES),
+        main_stat_members=", ".join(layout.main_stat_names()),
         merge_init_params=_init_params(merge),
         merge_init_buffers=_init_buffers(layout.merge_buffers()),
-        merge_stats=_stat_views(_MERGE_STAT_NAMES),
+        merge_stats=_stat_views(layout.merge_stat_names()),
         merge_buffer_members=_buffer_members(layout.merge_buffers()),
-        merge_stat_members=", ".join(_MERGE_STAT_NAMES),
+        merge_stat_members=", ".join(layout.merge_stat_names()),
         main_signature=main.signature(),
         merge_signature=merge.signature(),
         main_init_args=_init_args(main),
@@ -1393,7 +1519,7 @@ extern "C" uint32_t ${ident}_tiling_size()
 extern "C" int32_t ${ident}_tiling(
     int32_t numSeqs, int32_t numQHeads, int32_t numKvHeads, int32_t blockSize, int32_t maxBlocks,
     int32_t numBlocks, int32_t totalQ, int32_t numTasks, int32_t numSlots, int32_t numMerges,
-    int32_t numPrograms, int32_t treeSize, int32_t window,${bias_params} float scale, void* tilingOut)
+    int32_t numPrograms, int32_t treeSize, int32_t window,${bias_params} float scale,${softcap_param} void* tilingOut)
 {
     if (tilingOut == nullptr) {
         return TILING_NULL_OUTPUT;
@@ -1410,7 +1536,7 @@ extern "C" int32_t ${ident}_tiling(
     if (numPrograms < 1) {
         return TILING_BAD_PROGRAMS;
     }
-${window_check}${tree_check}    ${struct} t{};
+${window_check}${tree_check}${softcap_check}    ${struct} t{};
     if (CubeTiling(t.qkTiling, TILE_ROWS, BLOCK_KV, HEAD_DIM, true) != 0) {
         return TILING_QK_CUBE;
     }
@@ -1431,7 +1557,7 @@ ${window_check}${tree_check}    ${struct} t{};
     t.treeSize = treeSize;
     t.window = window;
 ${bias_assign}    t.scale = scale;
-    *static_cast<${struct}*>(tilingOut) = t;
+${softcap_assign}    *static_cast<${struct}*>(tilingOut) = t;
     return TILING_OK;
 }
 
@@ -1463,6 +1589,12 @@ def _host_source(spec: KernelSpec, layout: AttentionLayout, ident: str,
         api_dtype=_API_DTYPES[layout.dtype],
         window_check=window_check,
         tree_check=tree_check,
+        softcap_param=" float softcap," if layout.softcap else "",
+        softcap_check=(
+            "    if (!(softcap > 0.0f && softcap < __builtin_huge_valf())) {\n"
+            "        return TILING_BAD_SOFTCAP;\n    }\n" if layout.softcap else ""
+        ),
+        softcap_assign="    t.softcap = softcap;\n" if layout.softcap else "",
         bias_params=("\n    " + ", ".join(f"int32_t {n}" for n in _BIAS_NAMES) + ",") if layout.bias else "",
         bias_assign="".join(f"    t.{n} = {n};\n" for n in _BIAS_NAMES) if layout.bias else "",
         cpu_runners=cpu_runner(main) + "\n" + cpu_runner(merge),
@@ -1496,14 +1628,17 @@ def render_attention_sources(spec: KernelSpec) -> KernelSources:
 # --------------------------------------------------------------------------------------------
 
 
-def _host_tiling(host_call: HostCall, ident: str, where: str, values: Sequence[int], scale: float) -> torch.Tensor:
-    """The tiling struct of one launch, computed by the emitted host function (CPU bytes)."""
+def _host_tiling(host_call: HostCall, ident: str, where: str, values: Sequence[int],
+                 floats: Sequence[float]) -> torch.Tensor:
+    """The tiling struct of one launch, computed by the emitted host function from its int32
+    `values` and then its `floats` (the scale, and the soft-cap when the spec has one)."""
     size = int(host_call(f"{ident}_tiling_size", restype=ctypes.c_uint32))
     tiling = torch.zeros(size, dtype=torch.uint8)
     for v in values:
         if not -(2**31) <= v < 2**31:
             raise ValueError(f"{where}: a launch size ({v}) does not fit the kernel's int32 tiling")
-    code = host_call(f"{ident}_tiling", *(ctypes.c_int32(v) for v in values), ctypes.c_float(scale), tiling)
+    code = host_call(f"{ident}_tiling", *(ctypes.c_int32(v) for v in values),
+                     *(ctypes.c_float(f) for f in floats), tiling)
     if code != 0:
         why = TILING_ERRORS.get(code, ("", f"unknown status {code}"))[1]
         raise ValueError(f"{where}: the host tiling refused the launch: {why}")
@@ -1565,7 +1700,7 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
 
         launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
                scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None,
-               attn_bias_ranges=None) -> out
+               attn_bias_ranges=None, softcap=None, sinks=None, alibi_slopes=None) -> out
 
     Inputs are validated by `tileflow.attention_inputs.check_launch_inputs` (the checks the
     Triton launcher makes). `host_call(name, *args, restype=...)` calls the emitted host functions
@@ -1600,14 +1735,19 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
         out: torch.Tensor | None = None,
         attn_bias: torch.Tensor | None = None,
         attn_bias_ranges: torch.Tensor | None = None,
+        softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run meta-attention for the batch described by `table`; returns `out`. With a bias,
         each task's KV range is narrowed to the keys its `attn_bias_ranges` (computed when not
-        given) say some row of the tile sees."""
+        given) say some row of the tile sees. `softcap`, `sinks` and `alibi_slopes` exactly when
+        the spec has them (see `check_launch_inputs`)."""
         inputs = check_launch_inputs(
             layout.params, spec.dtype, where, q, k_cache, v_cache, block_table, cu_seqlens_q,
             seqlens_kv, table, tree_mask=tree_mask, sliding_window=sliding_window, out=out,
             attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges, need_bias_ranges=True,
+            softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
         )
         out = inputs.out
         if inputs.nothing_to_do:
@@ -1630,7 +1770,7 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
             inputs.block_table.shape[1], k_cache.shape[0], q.shape[0], inputs.tasks.shape[0],
             inputs.num_slots, num_merges, num_programs, tree_size, inputs.sliding_window or 0,
             *bias_tiling,
-        ), scale)
+        ), (scale,) if inputs.softcap is None else (scale, inputs.softcap))
 
         slots = max(inputs.num_slots, 1)  # a 1-slot dummy when no task is split (never touched)
         tensors = {
@@ -1648,6 +1788,8 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
             "tree_mask": None if tree is None else tree.contiguous().view(torch.uint8),
             "attn_bias": bias,
             "attn_bias_ranges": ranges,
+            "sinks": inputs.sinks,
+            "alibi_slopes": inputs.alibi_slopes,
             "out": dense_out,
             "partial_out": torch.empty((slots, layout.rows, d), dtype=torch.float32, device=device),
             "partial_lse": torch.empty((slots, layout.rows), dtype=torch.float32, device=device),

@@ -172,6 +172,8 @@ class Attention:
         if _val(k_real).shape[1] != _val(v_real).shape[1]:
             k_real, v_real = k, v  # only one side was widened: keep both as they are
         hq, hkv = int(qv.shape[1]), int(_val(k_real).shape[1])
+        if int(_val(v_real).shape[1]) != hkv:
+            return f"K has {hkv} heads and V {int(_val(v_real).shape[1])}; the kernel reads both at one head count"
         if hq % hkv:
             return f"{hq} query heads are not a multiple of {hkv} KV heads"
         # Without enable_gqa SDPA needs K/V at the query's head count (as given, before any

@@ -98,6 +98,44 @@ def test_unsupported_variants_fall_back_with_reasons() -> None:
     assert "meta_attention" not in report.rewrites
 
 
+@pytest.mark.parametrize(("k_heads", "v_heads"), [(1, 4), (4, 1), (1, 1)])
+def test_exported_sdpa_over_broadcast_kv_heads(k_heads: int, v_heads: int) -> None:
+    """torch.export keeps SDPA whole, and SDPA without enable_gqa broadcasts one K/V head over
+    the query heads (Falcon's MQA): with one head on both sides it is the meta-kernel's MQA; with
+    one on one side only, the kernel (which reads K and V at one head count) does not apply and
+    the graph stays as it was, with the reason. The exported program matches eager each way."""
+    from tileflow.export import export_model
+
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(32, 64 + 16 * (k_heads + v_heads))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, s, _ = x.shape
+            q, k, v = self.proj(x).split([64, 16 * k_heads, 16 * v_heads], dim=-1)
+            q = q.view(b, s, 4, 16).transpose(1, 2)
+            k = k.view(b, s, k_heads, 16).transpose(1, 2)
+            v = v.view(b, s, v_heads, 16).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    torch.manual_seed(0)
+    model = Attention().eval()
+    archive = export_model(model, (torch.randn(1, 8, 32),), ({1: torch.export.Dim("s", min=2, max=64)},),
+                           options={"target": "reference"})
+    if k_heads == v_heads:
+        assert archive.report.rewrites["meta_attention"] == 1 and not archive.report.fallbacks
+    else:
+        assert "meta_attention" not in archive.report.rewrites
+        assert [f.reason for f in archive.report.fallbacks] == [
+            f"K has {k_heads} heads and V {v_heads}; the kernel reads both at one head count"]
+    program = archive.program.module()
+    with torch.no_grad():
+        for n in (5, 13):
+            x = torch.randn(1, n, 32)
+            torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def oracle(batch: dict, *, causal: bool, sliding_window: int | None, scale: float,
            alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """float64 definition written from the op's spec, one sequence at a time."""

@@ -80,24 +80,14 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-class Logits(torch.nn.Module):
-    """input_ids -> logits of a transformers causal LM (what `tileflow export` exports)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, use_cache=False).logits
-
-
 def export_logits(model: torch.nn.Module, target: str, max_len: int = 64) -> Any:
-    """`tileflow.export.export_model` of `Logits(model)` for `target`, the sequence length
-    dynamic over 2..max_len."""
+    """`tileflow.export.export_model` of `LogitsOnly(model)` (the CLI's wrapper) for `target`,
+    the sequence length dynamic over 2..max_len."""
+    from tileflow.cli import LogitsOnly
     from tileflow.export import export_model
 
     example = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
-    return export_model(Logits(model), (example,), ({1: torch.export.Dim("seq", min=2, max=max_len)},),
+    return export_model(LogitsOnly(model), (example,), ({1: torch.export.Dim("seq", min=2, max=max_len)},),
                         options={"target": target})
 
 

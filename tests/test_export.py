@@ -29,12 +29,14 @@ SPEC_MODULE = textwrap.dedent(
     import sys
     import torch
     sys.path.insert(0, {str(TESTS_DIR)!r})
-    from models import VOCAB, Logits, build
+    from models import VOCAB, build
+
+    from tileflow.cli import LogitsOnly
 
 
     def llama():
         ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
-        return Logits(build("llama")), (ids,), ({{1: torch.export.Dim("seq", min=2, max=512)}},)
+        return LogitsOnly(build("llama")), (ids,), ({{1: torch.export.Dim("seq", min=2, max=512)}},)
 
 
     def raises():

@@ -48,6 +48,18 @@ def report_command(report_json: str) -> None:
 # tileflow export
 
 
+class LogitsOnly(torch.nn.Module):
+    """Export wrapper of a causal LM: input_ids -> logits, no KV cache (a cache object is not an
+    exportable output)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, use_cache=False).logits
+
+
 class SpecError(Exception):
     """A SPEC (or its options) that cannot be used; the message says what to fix (one line)."""
 
@@ -101,16 +113,6 @@ def _build_transformers(config_json: Path, seq_len: int, batch: int, dynamic: di
         lm = AutoModelForCausalLM.from_config(cfg).eval()
     except Exception as exc:  # transformers' errors are long: keep the first line
         raise SpecError(f"cannot build a causal LM from {config_json}: {_first_line(exc)}") from None
-
-    class LogitsOnly(torch.nn.Module):
-        """Export wrapper: no KV cache, logits only (a cache object is not an exportable output)."""
-
-        def __init__(self, model: torch.nn.Module) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids, use_cache=False).logits
 
     unknown = sorted(set(dynamic) - {"seq", "batch"})
     if unknown:

@@ -31,8 +31,9 @@ def _torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.Comple
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
 
 
-@pytest.mark.parametrize("attention_workers", [1, 2])
-@pytest.mark.parametrize("gqa", [1, 4])
+# Each GQA ratio and worker count once (three processes start per case): query heads split over
+# two workers in groups that share a KV head is the case with the most to get wrong.
+@pytest.mark.parametrize(("gqa", "attention_workers"), [(1, 1), (4, 2)])
 def test_logits_match_single_process(attention_workers: int, gqa: int) -> None:
     run = _torchrun(1 + attention_workers, "--check", "--gqa", str(gqa), "--steps", "10")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

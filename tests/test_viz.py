@@ -318,12 +318,14 @@ def test_nano_batch_timeline_in_headless_chromium(browser: Browser, llama_page: 
     assert browser.errors == [], browser.errors
 
 
-def test_32_layer_model_draws_only_what_is_expanded(browser: Browser, tmp_path: Path) -> None:
+def test_deep_model_draws_only_what_is_expanded(browser: Browser, tmp_path: Path) -> None:
+    """Twelve layers (a thousand nodes; Dynamo takes minutes on 32 on a CI core) collapse to a
+    handful of boxes, and opening one layer draws that layer, not the model."""
     import transformers
 
-    root = tmp_path / "llama32_debug"
+    root = tmp_path / "llama12_debug"
     cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=32,
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=12,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
     )
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -331,20 +333,21 @@ def test_32_layer_model_draws_only_what_is_expanded(browser: Browser, tmp_path: 
     with torch.no_grad():
         compiled(torch.randint(0, 64, (1, 8)), use_cache=False)
     page_path = write_html(root, root / "report.html")
-    assert embedded_data(page_path.read_text())["graphs"][0]["nodes_in"] > 2000
+    nodes = embedded_data(page_path.read_text())["graphs"][0]["nodes_in"]
+    assert nodes > 700
 
     page = browser.page
     page.goto(page_path.as_uri())
     page.locator("#sidebar .step", has_text="gemm_padding").first.click()
     page.wait_for_selector("pre.diff")
     after = page.locator(".side").nth(1)
-    # Collapsed: the top level only, a handful of boxes for thousands of nodes.
+    # Collapsed: the top level only, a handful of boxes for a thousand nodes.
     counts = [after.locator("svg g.box").count()]
-    for group in ("model", "model.layers", "model.layers.17", "model.layers.17.mlp"):
+    for group in ("model", "model.layers", "model.layers.7", "model.layers.7.mlp"):
         after.locator(f"svg g.box.group[data-group='{group}']").first.click()
         counts.append(after.locator("svg g.box").count())
     assert counts[0] < 10
     assert all(a < b for a, b in zip(counts, counts[1:])), counts
-    assert counts[-1] < 200  # one layer open of 32: far from every node
+    assert counts[-1] < nodes / 4  # one layer open of 12: far from every node
     assert after.locator("svg g.box[data-group='model.layers.3']").count() == 1  # still one box
     assert browser.errors == [], browser.errors

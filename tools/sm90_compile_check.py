@@ -322,8 +322,10 @@ def _launch_benchmark_kernels() -> None:
 
     bf16 = torch.bfloat16
     device = get_device("H200")
+    # Launches only record their signature, so GEMM operands are left uninitialized: random
+    # values for the expert weights alone (8 x 28672 x 4096) took most of a minute.
     for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
-        x, w = torch.randn(3, k, dtype=bf16), torch.randn(n, k, dtype=bf16)
+        x, w = torch.empty(3, k, dtype=bf16), torch.empty(n, k, dtype=bf16)
         for tile in candidate_configs(n, k, "bfloat16", device):
             for persistent in (False, True):
                 spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile, persistent=persistent)
@@ -340,11 +342,11 @@ def _launch_benchmark_kernels() -> None:
             if bias or residual:
                 spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile, tma=True, has_bias=bias,
                                  has_residual=residual)
-                runtime.get_kernel("triton", spec)(x, w, torch.randn(n, dtype=bf16) if bias else None,
-                                                    torch.randn(3, n, dtype=bf16) if residual else None)
+                runtime.get_kernel("triton", spec)(x, w, torch.empty(n, dtype=bf16) if bias else None,
+                                                    torch.empty(3, n, dtype=bf16) if residual else None)
     # Llama-3-8B's fused SwiGLU MLP (gate and up weights separate, as the pass fuses them).
-    x = torch.randn(3, 4096, dtype=bf16)
-    gate, up = torch.randn(14336, 4096, dtype=bf16), torch.randn(14336, 4096, dtype=bf16)
+    x = torch.empty(3, 4096, dtype=bf16)
+    gate, up = torch.empty(14336, 4096, dtype=bf16), torch.empty(14336, 4096, dtype=bf16)
     for tile in candidate_configs(14336, 4096, "bfloat16", device, weight_tiles=2):
         for split in (False, True):
             spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=14336, k=4096, tile=tile, activation="swiglu", split_k=split)
@@ -356,7 +358,7 @@ def _launch_benchmark_kernels() -> None:
             spec = grouped_gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, experts=8, tile=tile,
                                      activation=activation)
             kernel = runtime.get_kernel("triton", spec)
-            kernel(torch.randn(5, k, dtype=bf16), torch.randn(8, rows, k, dtype=bf16),
+            kernel(torch.empty(5, k, dtype=bf16), torch.empty(8, rows, k, dtype=bf16),
                    torch.tensor([0, 2, 2, 3, 5, 5, 5, 5], dtype=torch.int32))
     page = 16
     # Llama-3-8B-like heads (32 query heads of 128 over 4 or 8 KV heads), Gemma-2-9B's (16 over 8

@@ -205,7 +205,7 @@ def test_all_three_pipelines(kernels: dict[KernelSpec, Any]) -> None:
 @pytest.mark.parametrize("window", [1, 5, 100])
 def test_sliding_window_with_split(kernels: dict[KernelSpec, Any], window: int) -> None:
     """Sliding windows (1 = each row sees itself only; 100 = wider than any sequence) with forced
-    split-KV chunks: some chunks are invisible to some rows (LSE -inf there) and the merge must
+    split-KV chunks: some chunks are invisible to some rows (max -inf there) and the merge must
     ignore them."""
     lengths = [(9, 30), (1, 23), (17, 17), (0, 4), (3, 41)]
     batch = exact_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=7,
@@ -247,7 +247,7 @@ def test_softcap_sinks_and_alibi(kernels: dict[KernelSpec, Any], spec: KernelSpe
 
 def test_merge_kernel_alone(kernels: dict[KernelSpec, Any]) -> None:
     """The merge kernel on hand-made partials against the reference merge: rows whose slot saw no
-    key (LSE -inf) have NaN partial outputs, which must be ignored; a row hidden in every slot
+    key (max -inf) have NaN partial outputs, which must be ignored; a row hidden in every slot
     becomes zeros; two blocks deal the merge rows between them."""
     spec = GQA4_TREE
     sources = kernels[spec].meta["sources"]
@@ -259,19 +259,25 @@ def test_merge_kernel_alone(kernels: dict[KernelSpec, Any]) -> None:
     rows = attention_layout(spec).rows
     gen = torch.Generator().manual_seed(0)
     partial_out = torch.randn(table.num_slots, rows, 16, generator=gen)
-    partial_lse = torch.randn(table.num_slots, rows, generator=gen) * 3
+    # Each slot's rows: max (natural log units) and sum of exp against it, any positive sum.
+    partial_stats = torch.stack([torch.randn(table.num_slots, rows, generator=gen) * 3,
+                                 torch.rand(table.num_slots, rows, generator=gen) * 20 + 0.5], dim=1)
     hidden = torch.rand(table.num_slots, rows, generator=gen) < 0.3
-    partial_lse[hidden] = float("-inf")
+    partial_stats[:, 0][hidden] = float("-inf")
     partial_out[hidden] = float("nan")
     first, count = table.merges[0, 4:6].tolist()
-    partial_lse[first:first + count, 0] = float("-inf")  # row 0 of the first split tile: no key
+    partial_stats[first:first + count, 0, 0] = float("-inf")  # row 0 of the first split tile: no key
     partial_out[first:first + count, 0] = float("nan")
-    ref = merge_partials(table, partial_out, partial_lse, torch.full_like(batch["q"], float("nan")))
+    # Row 1 of the second split tile sees its keys only through a finfo.min mask: its slots'
+    # maxima are all about -3.4e38 and only their sums tell the slots apart.
+    first, count = table.merges[1, 4:6].tolist()
+    partial_stats[first:first + count, 0, 1] = torch.finfo(torch.float32).min
+    ref = merge_partials(table, partial_out, partial_stats, torch.full_like(batch["q"], float("nan")))
     out = torch.full_like(batch["q"], float("nan"))
     tiling = _host_tiling(lib.call, sources.ident, "merge test", (
         3, 8, 2, 8, batch["block_table"].shape[1], batch["k_cache"].shape[0], out.shape[0],
         table.num_tasks, table.num_slots, table.merges.shape[0], 2, 0, 0), (0.25,))
-    lib.call(f"{sources.ident}_merge_run_cpu", ctypes.c_uint32(2), out, partial_out, partial_lse,
+    lib.call(f"{sources.ident}_merge_run_cpu", ctypes.c_uint32(2), out, partial_out, partial_stats,
              table.merges, batch["cu_seqlens_q"], tiling, restype=None)
     assert torch.equal(torch.isnan(out), torch.isnan(ref)), "the merge wrote other rows than the reference"
     written = ~torch.isnan(ref)

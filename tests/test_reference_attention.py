@@ -219,13 +219,25 @@ def test_custom_scale_and_sequences_longer_than_the_tree() -> None:
 
 
 def test_merge_ignores_nan_in_empty_slots() -> None:
-    """Slots whose LSE is -inf may hold garbage (a kernel's 0/0): the merge must not read it."""
+    """Slots whose max is -inf may hold garbage (a kernel's 0/0): the merge must not read it."""
     table = build_task_table([0, 1], [10], num_q_heads=1, num_kv_heads=1, block_q=1,
                              num_programs=1, kv_split=5)
     partial_out = torch.tensor([[[float("nan")]], [[2.0]]])
-    partial_lse = torch.tensor([[float("-inf")], [0.5]])
-    out = merge_partials(table, partial_out, partial_lse, torch.zeros(1, 1, 1))
+    partial_stats = torch.tensor([[[float("-inf")], [float("nan")]], [[0.5], [3.0]]])
+    out = merge_partials(table, partial_out, partial_stats, torch.zeros(1, 1, 1))
     assert out.item() == 2.0
+
+
+def test_merge_weighs_slots_by_their_key_counts_at_any_magnitude() -> None:
+    """Rows that see keys only through transformers' finfo.min mask have maxima near -3.4e38,
+    where max + log(count) rounds to max: the merge weighs each slot by its sum, not one LSE."""
+    table = build_task_table([0, 1], [10], num_q_heads=1, num_kv_heads=1, block_q=1,
+                             num_programs=1, kv_split=5)
+    lowest = torch.finfo(torch.float32).min
+    partial_out = torch.tensor([[[1.0]], [[4.0]]])
+    partial_stats = torch.tensor([[[lowest], [1.0]], [[lowest], [3.0]]])  # one key, then three
+    out = merge_partials(table, partial_out, partial_stats, torch.zeros(1, 1, 1))
+    assert out.item() == (1.0 * 1 + 4.0 * 3) / 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,6 +370,15 @@ def test_launcher_with_attn_bias_matches_sdpa(backend: str, bias_heads: int, cau
     out = kernel(q.transpose(1, 2).reshape(b * s, hq, d), k.transpose(1, 2), v.transpose(1, 2),
                  torch.arange(b).view(b, 1), cu, seqlens, table, attn_bias=bias)
     assert (out[0] == 0).all() and not out.isnan().any()
+    # A row that sees its keys only through finfo.min, as transformers' eager masks hide padding:
+    # their plain average, as eager attention gives, across split-KV chunks of unequal key counts
+    # (4 and 1 keys with the causal rule, 4, 4 and 1 without).
+    bias[1, :, 0] = torch.finfo(torch.float32).min
+    out = kernel(q.transpose(1, 2).reshape(b * s, hq, d), k.transpose(1, 2), v.transpose(1, 2),
+                 torch.arange(b).view(b, 1), cu, seqlens, table, attn_bias=bias)
+    seen = s_kv - s + 1 if causal else s_kv
+    want_row = v[1, :, :seen].double().mean(dim=1).repeat_interleave(hq // hkv, dim=0)
+    torch.testing.assert_close(out[s].double(), want_row, rtol=1e-5, atol=1e-5)
 
 
 def test_attn_bias_shape_is_checked() -> None:

@@ -74,8 +74,10 @@ class TaskTable:
       ``program_tasks[program_offsets[p]:program_offsets[p + 1]]`` in that order.
     - ``merges`` ``[G, 6]``: ``seq, kv_head, q_start, q_rows, first_slot, num_slots`` for each
       split tile.
-    - ``num_slots``: workspace slots needed (``partial_out [num_slots, block_q * R, D]`` and
-      ``partial_lse [num_slots, block_q * R]``, float32, rows laid out as tile rows).
+    - ``num_slots``: workspace slots needed (``partial_out [num_slots, block_q * R, D]``, the
+      normalized partial outputs, and ``partial_stats [num_slots, 2, block_q * R]``, each row's
+      max score in natural-log units (``-inf``: no visible key) and its sum of exp against that
+      max; float32, rows laid out as tile rows).
     - ``block_q``, ``num_q_heads``, ``num_kv_heads``: copies of the build arguments.
 
     Additive fields (not read by the kernels): ``cu_seqlens_q`` ``[S + 1]`` and ``seqlens_kv``
@@ -135,9 +137,9 @@ class TaskTable:
         was queued on; this stream then waits for the copy (see `wait_for_upload`)."""
         wait_for_upload(self.uploaded, self.tasks, self.program_offsets, self.program_tasks, self.merges)
 
-    def workspace_shapes(self, head_dim: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
-        """Shapes of ``(partial_out, partial_lse)`` the caller allocates for split-KV tasks."""
-        return (self.num_slots, self.tile_rows, head_dim), (self.num_slots, self.tile_rows)
+    def workspace_shapes(self, head_dim: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """Shapes of ``(partial_out, partial_stats)`` the caller allocates for split-KV tasks."""
+        return (self.num_slots, self.tile_rows, head_dim), (self.num_slots, 2, self.tile_rows)
 
     def program_costs(self) -> np.ndarray:
         """Total task cost per program (int64 numpy array of length P)."""

@@ -296,8 +296,8 @@ class AttentionLayout:
         """The merge kernel's UB buffers, in InitBuffer order."""
         d, m, e = self.head_dim, self.rows, self.esize
         return (
-            UbBuffer("lseQue", "TQue<TPosition::VECIN, BUFFER_NUM>", BUFFER_NUM, self.stat_len * 4,
-                     "a slot's log-sum-exp per row"),
+            UbBuffer("slotStatQue", "TQue<TPosition::VECIN, BUFFER_NUM>", BUFFER_NUM, 2 * self.stat_len * 4,
+                     "a slot's max and sum per row"),
             UbBuffer("partQue", "TQue<TPosition::VECIN, BUFFER_NUM>", BUFFER_NUM, m * d * 4,
                      "a slot's normalized partial output"),
             UbBuffer("outQue", "TQue<TPosition::VECOUT, 1>", 1, m * d * e, "the output tile, cast"),
@@ -319,7 +319,7 @@ class AttentionLayout:
 # Per-row statistics every kernel has (`AttentionLayout.main_stat_names` / `merge_stat_names`
 # add those of the spec's features).
 _MAIN_STAT_NAMES = ("rowMax", "rowSum", "chunkMax", "chunkSum", "newMax", "refMax", "alpha",
-                    "safeSum", "invSum", "lse")
+                    "safeSum", "invSum")
 _MERGE_STAT_NAMES = ("runMax", "runSum", "newMax", "refMax", "alpha", "weight", "safeSum", "invSum")
 
 
@@ -415,11 +415,11 @@ def attention_entries(spec: KernelSpec) -> tuple[EntryPoint, EntryPoint]:
     main += sinks
     if layout.alibi:
         main.append("alibi_slopes")
-    main += ["out", "partial_out", "partial_lse", "workspace", "tiling"]
+    main += ["out", "partial_out", "partial_stats", "workspace", "tiling"]
     return (
-        EntryPoint(ident, tuple(main), outputs=("out", "partial_out", "partial_lse", "workspace")),
+        EntryPoint(ident, tuple(main), outputs=("out", "partial_out", "partial_stats", "workspace")),
         EntryPoint(f"{ident}_merge",
-                   ("out", "partial_out", "partial_lse", "merges", "cu_seqlens_q", *sinks, "tiling"),
+                   ("out", "partial_out", "partial_stats", "merges", "cu_seqlens_q", *sinks, "tiling"),
                    outputs=("out",)),
     )
 
@@ -641,9 +641,10 @@ public:
         tasksGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(tasks), uint64_t(t.numTasks) * TASK_COLS);
         programOffsetsGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(program_offsets), uint64_t(t.numPrograms) + 1);
         programTasksGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(program_tasks), uint64_t(t.numTasks));
-${tree_init}${bias_init}${sinks_init}${alibi_init}        // Split-KV workspace: slot s holds TILE_ROWS rows (float32), see TaskTable.workspace_shapes.
+${tree_init}${bias_init}${sinks_init}${alibi_init}        // Split-KV workspace: slot s holds TILE_ROWS rows (float32) of output, then of max and of
+        // sum, see TaskTable.workspace_shapes.
         partialOutGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_out), uint64_t(t.numSlots) * TILE_ROWS * HEAD_DIM);
-        partialLseGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_lse), uint64_t(t.numSlots) * TILE_ROWS);
+        partialStatsGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_stats), uint64_t(t.numSlots) * 2 * TILE_ROWS);
         // This core's GM workspace: the dense Q tile, then the P tile (the cube's A operands).
         __gm__ T* mine = reinterpret_cast<__gm__ T*>(workspace) + uint64_t(GetBlockIdx()) * (TILE_ROWS * HEAD_DIM + TILE_ROWS * BLOCK_KV);
         queryWs.SetGlobalBuffer(mine, TILE_ROWS * HEAD_DIM);
@@ -937,12 +938,13 @@ ${main_sinks}        NormalizeRows(acc, rowSum, safeSum, invSum, t.rows);
                         TileCopyParams(t.qRows, tiling.numQHeads, true));
             outQue.FreeTensor(tile);
         } else {
-            // Split-KV chunk: the normalized partial output and its natural-log LSE, m + ln(l)
-            // (-inf for a row with no visible key: then m = -inf and l is taken as 1).
-            Ln(lse, safeSum, t.rows);
-            Add(lse, lse, rowMax, t.rows);
+            // Split-KV chunk: the normalized partial output and the rows' max and sum, kept apart
+            // (max -inf and sum 0 for a row with no visible key): one LSE, m + ln(l), would round
+            // ln(l) away next to the -3e38 of a finfo.min mask, and with it the chunk's key count.
+            const uint64_t stats = uint64_t(t.slot) * 2 * TILE_ROWS;
             DataCopy(partialOutGm[uint64_t(t.slot) * TILE_ROWS * HEAD_DIM], acc, t.rows * HEAD_DIM);
-            DataCopyPad(partialLseGm[uint64_t(t.slot) * TILE_ROWS], lse,
+            DataCopyPad(partialStatsGm[stats], rowMax, DataCopyExtParams(1, uint32_t(t.rows) * sizeof(float), 0, 0, 0));
+            DataCopyPad(partialStatsGm[stats + TILE_ROWS], rowSum,
                         DataCopyExtParams(1, uint32_t(t.rows) * sizeof(float), 0, 0, 0));
         }
     }
@@ -950,14 +952,14 @@ ${main_sinks}        NormalizeRows(acc, rowSum, safeSum, invSum, t.rows);
     Tiling tiling;
     GlobalTensor<T> qGm, kGm, vGm, outGm, queryWs, probWs;
     GlobalTensor<int32_t> blockTableGm, cuSeqlensGm, seqlensKvGm, tasksGm, programOffsetsGm, programTasksGm;
-${tree_member}${bias_member}${sinks_member}${alibi_member}    GlobalTensor<float> partialOutGm, partialLseGm;
+${tree_member}${bias_member}${sinks_member}${alibi_member}    GlobalTensor<float> partialOutGm, partialStatsGm;
 ${main_buffer_members}
     LocalTensor<float> acc, queryF, kvF, product, reduceWork, reduceOut;
 ${alibi_locals}    LocalTensor<float> ${main_stat_members};
 };
 
 // Split-KV merge: one merge-table row per iteration (rows dealt over the blocks), log-sum-exp
-// rule against the running max: out = sum_k w_k o_k / sum_k w_k, w_k = exp(lse_k - max).
+// rule against the running max: out = sum_k w_k o_k / sum_k w_k, w_k = sum_k * exp(max_k - max).
 class MetaAttentionMerge {
 public:
     __aicore__ inline MetaAttentionMerge() {}
@@ -967,7 +969,7 @@ public:
         tiling = t;
         outGm.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(out), uint64_t(t.totalQ) * t.numQHeads * HEAD_DIM);
         partialOutGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_out), uint64_t(t.numSlots) * TILE_ROWS * HEAD_DIM);
-        partialLseGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_lse), uint64_t(t.numSlots) * TILE_ROWS);
+        partialStatsGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_stats), uint64_t(t.numSlots) * 2 * TILE_ROWS);
         mergesGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(merges), uint64_t(t.numMerges) * MERGE_COLS);
         cuSeqlensGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(cu_seqlens_q), uint64_t(t.numSeqs) + 1);
 ${sinks_init}${merge_init_buffers}
@@ -998,24 +1000,30 @@ private:
         Duplicate(acc, 0.0f, rows * HEAD_DIM);
         for (int32_t k = 0; k < numSlots; ++k) {
             const uint64_t slot = uint64_t(firstSlot) + k;
-            // Stage 1: the slot's LSE and partial output stream in (double-buffered queues).
-            LocalTensor<float> lse = lseQue.AllocTensor<float>();
-            DataCopyPad(lse, partialLseGm[slot * TILE_ROWS], DataCopyExtParams(1, uint32_t(rows) * sizeof(float), 0, 0, 0),
+            // Stage 1: the slot's max, sum and partial output stream in (double-buffered queues).
+            LocalTensor<float> slotStats = slotStatQue.AllocTensor<float>();
+            const DataCopyExtParams statRow(1, uint32_t(rows) * sizeof(float), 0, 0, 0);
+            DataCopyPad(slotStats, partialStatsGm[slot * 2 * TILE_ROWS], statRow,
                         DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
-            lseQue.EnQue(lse);
+            DataCopyPad(slotStats[STAT_LEN], partialStatsGm[slot * 2 * TILE_ROWS + TILE_ROWS], statRow,
+                        DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
+            slotStatQue.EnQue(slotStats);
             LocalTensor<float> part = partQue.AllocTensor<float>();
             DataCopy(part, partialOutGm[slot * TILE_ROWS * HEAD_DIM], rows * HEAD_DIM);
             partQue.EnQue(part);
-            lse = lseQue.DeQue<float>();
+            slotStats = slotStatQue.DeQue<float>();
+            const LocalTensor<float> slotMax = slotStats;
+            const LocalTensor<float> slotSum = slotStats[STAT_LEN];
             part = partQue.DeQue<float>();
-            // Stage 2: fold the slot in. A row whose slot saw no key has lse = -inf: weight 0, and
+            // Stage 2: fold the slot in. A row whose slot saw no key has max = -inf: weight 0, and
             // its partial output is never read (it is ignored even if it were NaN).
-            Max(newMax, runMax, lse, rows);
+            Max(newMax, runMax, slotMax, rows);
             ReferenceMax(refMax, newMax, rows);
             Sub(alpha, runMax, refMax, rows);
             Exp(alpha, alpha, rows);
-            Sub(weight, lse, refMax, rows);
+            Sub(weight, slotMax, refMax, rows);
             Exp(weight, weight, rows);
+            Mul(weight, weight, slotSum, rows);
             for (int32_t r = 0; r < rows; ++r) {
                 const LocalTensor<float> accRow = acc[r * HEAD_DIM];
                 Muls(accRow, accRow, alpha.GetValue(r), HEAD_DIM);
@@ -1029,7 +1037,7 @@ private:
             Mul(runSum, runSum, alpha, rows);
             Add(runSum, runSum, weight, rows);
             DataCopy(runMax, newMax, STAT_LEN);
-            lseQue.FreeTensor(lse);
+            slotStatQue.FreeTensor(slotStats);
             partQue.FreeTensor(part);
         }
         // Stage 3: normalize, cast and store the tile's rows.
@@ -1046,7 +1054,7 @@ ${merge_sinks}        NormalizeRows(acc, runSum, safeSum, invSum, rows);
 
     Tiling tiling;
     GlobalTensor<T> outGm;
-    GlobalTensor<float> partialOutGm, partialLseGm;
+    GlobalTensor<float> partialOutGm, partialStatsGm;
     GlobalTensor<int32_t> mergesGm, cuSeqlensGm;
 ${sinks_member}${merge_buffer_members}
     LocalTensor<float> acc;
@@ -1792,7 +1800,7 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
             "alibi_slopes": inputs.alibi_slopes,
             "out": dense_out,
             "partial_out": torch.empty((slots, layout.rows, d), dtype=torch.float32, device=device),
-            "partial_lse": torch.empty((slots, layout.rows), dtype=torch.float32, device=device),
+            "partial_stats": torch.empty((slots, 2, layout.rows), dtype=torch.float32, device=device),
             "workspace": torch.empty(num_programs * layout.workspace_elems, dtype=q.dtype, device=device),
             "tiling": tiling.to(device),
         }

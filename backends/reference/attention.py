@@ -39,6 +39,7 @@ __all__ = [
     "visibility_mask",
     "capped_scores",
     "with_sinks",
+    "softmax_lse",
     "alibi_bias",
     "attention_reference_dense",
     "run_task_table",
@@ -99,10 +100,11 @@ def _gather_kv(
 def _masked_softmax_av(
     scores: torch.Tensor, visible: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax(scores | visible) @ v, logsumexp over visible) with empty rows -> (0, -inf).
+    """(softmax(scores | visible) @ v, softmax statistics) with empty rows -> zeros.
 
-    Exact (not online) softmax: the whole range is in memory. A row that sees no key gets zero
-    output and ``-inf`` LSE instead of the NaN a plain softmax would give.
+    Exact (not online) softmax: the whole range is in memory. The statistics [2, rows] are each
+    row's max score and its sum of exp(score - max) (`-inf` and 0 for a row that sees no key,
+    which gets zero output instead of the NaN a plain softmax would give).
     """
     scores = scores.masked_fill(~visible, float("-inf"))
     any_visible = visible.any(dim=-1)
@@ -111,8 +113,18 @@ def _masked_softmax_av(
     denom = e.sum(dim=-1)
     safe = denom.where(any_visible, torch.ones((), dtype=denom.dtype))
     out = (e @ v) / safe[:, None]
-    lse = (row_max + torch.log(safe)).where(any_visible, torch.full((), float("-inf"), dtype=denom.dtype))
-    return out, lse
+    row_max = row_max.where(any_visible, torch.full((), float("-inf"), dtype=row_max.dtype))
+    return out, torch.stack([row_max, denom])
+
+
+def softmax_lse(stats: torch.Tensor) -> torch.Tensor:
+    """Rows' log-sum-exp from their softmax statistics ``[2, rows]`` (max, sum of exp against
+    it): ``max + log(sum)``, ``-inf`` for a row that sees no key."""
+    row_max, row_sum = stats[0], stats[1]
+    seen = row_sum > 0
+    lse = row_max.where(seen, torch.zeros((), dtype=row_max.dtype)) + torch.log(
+        row_sum.where(seen, torch.ones((), dtype=row_sum.dtype)))
+    return lse.where(seen, torch.full((), float("-inf"), dtype=lse.dtype))
 
 
 def capped_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -268,7 +280,8 @@ def run_task(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute one task: its tile's ``q_rows * R`` packed rows against its KV range.
 
-    Returns ``(out [q_rows * R, D], lse [q_rows * R])`` in the accumulation dtype, rows in
+    Returns ``(out [q_rows * R, D], stats [2, q_rows * R])`` in the accumulation dtype (stats:
+    each row's max score and sum of exp against it, see `_masked_softmax_av`), rows in
     tile order (``r = pos * R + head_in_group``); ``out`` is normalized over the task's range.
     With a bias, the range is narrowed to the keys its `attn_bias_ranges` say some row of the
     tile sees, as the Triton kernel narrows it.
@@ -282,8 +295,9 @@ def run_task(
         kv_end = min(kv_end, int(rows[:, 3].max()))
         if kv_start >= kv_end:  # the bias hides every key of the range from every row
             tile_rows = q_rows * group
-            return (torch.zeros(tile_rows, q.shape[2], dtype=acc, device=q.device),
-                    torch.full((tile_rows,), float("-inf"), dtype=acc, device=q.device))
+            stats = torch.zeros(2, tile_rows, dtype=acc, device=q.device)
+            stats[0] = float("-inf")
+            return torch.zeros(tile_rows, q.shape[2], dtype=acc, device=q.device), stats
     q_len = cu[seq + 1] - cu[seq]
     first = cu[seq] + q_start
     # Packed GQA rows: [q_rows, R, D] -> [q_rows * R, D], r = pos * R + h.
@@ -313,18 +327,22 @@ def run_task(
 def merge_partials(
     table: TaskTable,
     partial_out: torch.Tensor,
-    partial_lse: torch.Tensor,
+    partial_stats: torch.Tensor,
     out: torch.Tensor,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Combine split-KV partial results into ``out`` with the log-sum-exp rule.
 
-    For each merge group (one split tile) with slots ``k``: ``M = max_k lse_k``,
-    ``w_k = exp(lse_k - M)``, ``out = sum_k w_k * o_k / sum_k w_k`` where ``o_k`` is the slot's
-    normalized partial output. Slots whose row has ``lse = -inf`` contribute nothing (their
-    partial_out is ignored, even if NaN); a row with no visible key in any slot becomes zeros.
-    Only the tile's ``q_rows * R`` rows are read; ``sinks`` [Hq], when given, join the merged
-    softmax once (`with_sinks`). Writes ``out`` in place and returns it.
+    For each merge group (one split tile) with slots ``k``, each holding its rows' max score
+    ``m_k`` and sum ``l_k`` of exp against it (`TaskTable.workspace_shapes`): ``M = max_k m_k``,
+    ``w_k = l_k * exp(m_k - M)``, ``out = sum_k w_k * o_k / sum_k w_k`` where ``o_k`` is the
+    slot's normalized partial output. Max and sum stay apart rather than folded into one LSE:
+    rows that see keys only through a finfo.min mask have maxima near -3e38, where ``log(l_k)``
+    would vanish in the rounding and every slot would weigh the same whatever its key count.
+    Slots whose row saw no key (``m_k = -inf``) contribute nothing (their partial_out is
+    ignored, even if NaN); a row with no visible key in any slot becomes zeros. Only the tile's
+    ``q_rows * R`` rows are read; ``sinks`` [Hq], when given, join the merged softmax once
+    (`with_sinks`). Writes ``out`` in place and returns it.
     """
     if table.merges.shape[0] == 0:
         return out
@@ -332,18 +350,21 @@ def merge_partials(
     cu = table.cu_seqlens_q.tolist()
     for seq, kv_head, q_start, q_rows, first_slot, num_slots in table.merges.tolist():
         rows = q_rows * group
-        lse = partial_lse[first_slot:first_slot + num_slots, :rows]
+        stats = partial_stats[first_slot:first_slot + num_slots, :, :rows]
+        maxima, sums = stats[:, 0], stats[:, 1]
         parts = partial_out[first_slot:first_slot + num_slots, :rows]
-        m = lse.amax(dim=0)
+        m = maxima.amax(dim=0)
         finite = torch.isfinite(m)
-        weight = torch.exp(lse - m.where(finite, torch.zeros((), dtype=m.dtype)))  # -inf -> 0
+        scale = torch.exp(maxima - m.where(finite, torch.zeros((), dtype=m.dtype)))  # -inf -> 0
+        weight = torch.where(scale > 0, sums * scale, torch.zeros((), dtype=scale.dtype))
         contributes = weight > 0
         weighted = torch.where(contributes[..., None], parts * weight[..., None], torch.zeros((), dtype=parts.dtype))
-        denom = weight.sum(dim=0).where(finite, torch.ones((), dtype=weight.dtype))
-        merged = weighted.sum(dim=0) / denom[:, None]
-        merged = merged.where(finite[:, None], torch.zeros((), dtype=merged.dtype))
+        denom = weight.sum(dim=0)
+        seen = denom > 0
+        merged = weighted.sum(dim=0) / denom.where(seen, torch.ones((), dtype=denom.dtype))[:, None]
+        merged = merged.where(seen[:, None], torch.zeros((), dtype=merged.dtype))
         if sinks is not None:
-            lse_all = (m + torch.log(denom)).where(finite, torch.full((), float("-inf"), dtype=m.dtype))
+            lse_all = softmax_lse(torch.stack([m, denom]))
             merged = with_sinks(merged, lse_all, _row_values(sinks, kv_head, group, q_rows))
         first = cu[seq] + q_start
         heads = slice(kv_head * group, (kv_head + 1) * group)
@@ -377,11 +398,11 @@ def run_task_table(
     For each program and each of its tasks in order: gather the tile's packed query rows and the
     task's KV range through the block table, mask, take an exact softmax over the range, and
     write either ``out`` (``slot == -1``) or workspace slot ``slot`` (normalized partial output
-    and natural-log LSE); then `merge_partials`. ``causal`` and ``sliding_window`` must be the
+    and its rows' softmax statistics); then `merge_partials`. ``causal`` and ``sliding_window`` must be the
     values the table was built with (checked).
 
     ``out`` (q's shape and dtype) is written in place if given. ``workspace`` is
-    ``(partial_out, partial_lse)`` shaped as `TaskTable.workspace_shapes`; when omitted it is
+    ``(partial_out, partial_stats)`` shaped as `TaskTable.workspace_shapes`; when omitted it is
     allocated (in the accumulation dtype: float32, or float64 for float64 inputs) and filled
     with NaN, so a slot read before it is written shows up in the result.
     """
@@ -407,12 +428,12 @@ def run_task_table(
         raise ValueError(f"out must have q's shape {tuple(q.shape)} and dtype {q.dtype}")
     acc = accumulation_dtype(q.dtype)
     if workspace is None:
-        out_shape, lse_shape = table.workspace_shapes(head_dim)
+        out_shape, stats_shape = table.workspace_shapes(head_dim)
         workspace = (
             torch.full(out_shape, float("nan"), dtype=acc, device=q.device),
-            torch.full(lse_shape, float("nan"), dtype=acc, device=q.device),
+            torch.full(stats_shape, float("nan"), dtype=acc, device=q.device),
         )
-    partial_out, partial_lse = workspace
+    partial_out, partial_stats = workspace
     group = table.group_size
     scale = _resolve_scale(scale, head_dim)
     cu = cu_seqlens_q.tolist()
@@ -426,7 +447,7 @@ def run_task_table(
     for program in range(table.num_programs):
         for index in program_tasks[offsets[program]:offsets[program + 1]]:
             task = tasks[index]
-            res, lse = run_task(
+            res, stats = run_task(
                 task, q, k_cache, v_cache, block_table, cu, kv_lens, group=group, scale=scale,
                 causal=causal, sliding_window=sliding_window, tree_mask=tree_mask, attn_bias=attn_bias,
                 attn_bias_ranges=attn_bias_ranges, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -434,14 +455,14 @@ def run_task_table(
             seq, kv_head, q_start, q_rows, _, _, slot, _ = task
             if slot < 0:
                 if sinks is not None:
-                    res = with_sinks(res, lse, _row_values(sinks, kv_head, group, q_rows))
+                    res = with_sinks(res, softmax_lse(stats), _row_values(sinks, kv_head, group, q_rows))
                 first = cu[seq] + q_start
                 heads = slice(kv_head * group, (kv_head + 1) * group)
                 out[first:first + q_rows, heads] = res.reshape(q_rows, group, head_dim).to(out.dtype)
             else:
                 partial_out[slot, :q_rows * group] = res.to(partial_out.dtype)
-                partial_lse[slot, :q_rows * group] = lse.to(partial_lse.dtype)
-    return merge_partials(table, partial_out, partial_lse, out, sinks)
+                partial_stats[slot, :, :q_rows * group] = stats.to(partial_stats.dtype)
+    return merge_partials(table, partial_out, partial_stats, out, sinks)
 
 
 def _row_values(per_head: torch.Tensor, kv_head: int, group: int, q_rows: int) -> torch.Tensor:

@@ -227,7 +227,7 @@ def _main_signature(cfg: AttentionConfig) -> str:
         "q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,",
         "block_table_ptr, cu_seqlens_q_ptr, seqlens_kv_ptr,",
         "tasks_ptr, program_offsets_ptr, program_tasks_ptr,",
-        "partial_out_ptr, partial_lse_ptr,  # split-KV workspace (unused without split tasks)",
+        "partial_out_ptr, partial_stats_ptr,  # split-KV workspace (unused without split tasks)",
     ]
     if cfg.tree:
         lines.append("tree_mask_ptr,  # uint8 [S, T, T]")
@@ -252,7 +252,7 @@ def _main_signature(cfg: AttentionConfig) -> str:
         "stride_ot, stride_oh, stride_od,",
         "stride_bt,  # block_table row stride",
         "stride_pw_slot, stride_pw_row, stride_pw_d,  # partial_out [slot, row, d]",
-        "stride_pl_slot, stride_pl_row,  # partial_lse [slot, row]",
+        "stride_ps_slot, stride_ps_stat, stride_ps_row,  # partial_stats [slot, (max, sum), row]",
     ]
     if cfg.tree:
         lines.append("stride_tm_s, stride_tm_i, stride_tm_j,")
@@ -399,15 +399,16 @@ if slot < 0:
     out_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
     tl.store(out_ptrs, o.to({out_tl}), mask=row_valid[:, None]{d_row})
 else:
-    # Split-KV chunk: keep the normalized partial output and its natural-log LSE; the
-    # merge kernel combines the chunks of the tile.
+    # Split-KV chunk: keep the normalized partial output and the rows' max (natural-log units)
+    # and sum apart, not one LSE: a row that sees keys only through a finfo.min mask has its
+    # max near -1e30, where adding log(sum) would round away the count of keys it weighs.
     slot_off = slot.to(tl.int64)
     part_ptrs = (partial_out_ptr + slot_off * stride_pw_slot + offs_m[:, None] * stride_pw_row
                  + offs_d[None, :] * stride_pw_d)
     tl.store(part_ptrs, o, mask=row_valid[:, None]{d_row})
-    # LSE in natural-log units: (base-2 max + log2(sum)) * ln(2).
-    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(partial_lse_ptr + slot_off * stride_pl_slot + offs_m * stride_pl_row, lse, mask=row_valid)
+    stats_ptrs = partial_stats_ptr + slot_off * stride_ps_slot + offs_m * stride_ps_row
+    tl.store(stats_ptrs, tl.where(has_key, m_i * 0.6931471805599453, float("-inf")), mask=row_valid)
+    tl.store(stats_ptrs + stride_ps_stat, l_i, mask=row_valid)
 """
     return code + _indent(loop)
 
@@ -629,7 +630,7 @@ def _merge_body(cfg: AttentionConfig, dtype: str) -> str:
     """Body of the split-KV merge kernel, at indentation zero."""
     padded_d = cfg.head_dim_pad != cfg.head_dim
     d_row = " & d_mask[None, :]" if padded_d else ""
-    if cfg.sinks:  # the head's sink counted once, here: a chunk with lse = sink and no value
+    if cfg.sinks:  # the head's sink counted once, here: a chunk with max = sink, sum 1, no value
         merge_init = """\
 m_i = tl.load(sinks_ptr + head)
 l_i = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -660,21 +661,23 @@ row_valid = offs_m // GQA < q_rows
 head = kv_head * GQA + offs_m % GQA
 token = (tl.load(cu_seqlens_q_ptr + seq) + q_start + offs_m // GQA).to(tl.int64)
 
-# Log-sum-exp merge: out = sum_i exp(lse_i) * o_i / sum_i exp(lse_i), computed against the
-# running max so exp only sees non-positive arguments; -inf chunks (no visible key) weigh 0.
+# Log-sum-exp merge: out = sum_i w_i * o_i / sum_i w_i with w_i = sum_i * exp(max_i), computed
+# against the running max so exp only sees non-positive arguments; chunks whose max is -inf (no
+# visible key) weigh 0.
 {merge_init}acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 first_slot = first_slot.to(tl.int64)
 for i in range(0, num_slots):
     # (the loop index is a plain int under the interpreter: offsets are built from first_slot)
     slot_off = first_slot + i
-    lse = tl.load(partial_lse_ptr + slot_off * stride_pl_slot + offs_m * stride_pl_row,
-                  mask=row_valid, other=float("-inf"))
+    stats_ptrs = partial_stats_ptr + slot_off * stride_ps_slot + offs_m * stride_ps_row
+    chunk_max = tl.load(stats_ptrs, mask=row_valid, other=float("-inf"))
+    chunk_sum = tl.load(stats_ptrs + stride_ps_stat, mask=row_valid, other=0.0)
     part = tl.load(partial_out_ptr + slot_off * stride_pw_slot + offs_m[:, None] * stride_pw_row
                    + offs_d[None, :] * stride_pw_d, mask=row_valid[:, None]{d_row}, other=0.0)
-    m_new = tl.maximum(m_i, lse)
+    m_new = tl.maximum(m_i, chunk_max)
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_ref)
-    w = tl.exp(lse - m_ref)
+    w = chunk_sum * tl.exp(chunk_max - m_ref)
     acc = acc * alpha[:, None] + w[:, None] * part
     l_i = l_i * alpha + w
     m_i = m_new
@@ -738,11 +741,11 @@ def render_attention_source(spec: KernelSpec) -> str:
     merge_sig = "\n".join(
         "    " + line
         for line in (
-            "out_ptr, partial_out_ptr, partial_lse_ptr, merges_ptr, cu_seqlens_q_ptr,"
+            "out_ptr, partial_out_ptr, partial_stats_ptr, merges_ptr, cu_seqlens_q_ptr,"
             + (" sinks_ptr," if cfg.sinks else ""),
             "stride_ot, stride_oh, stride_od,",
             "stride_pw_slot, stride_pw_row, stride_pw_d,",
-            "stride_pl_slot, stride_pl_row,",
+            "stride_ps_slot, stride_ps_stat, stride_ps_row,",
             "HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,",
             "GQA: tl.constexpr, BLOCK_M: tl.constexpr,",
         )
@@ -820,8 +823,8 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
       when it has `sinks=True`, `alibi_slopes` (float [Hq]) exactly when it has `alibi=True`;
     - `out`, when given, must be q's shape and dtype and is written in place.
 
-    The split-KV workspace (float32 partial_out [num_slots, block_q * gqa, D] and partial_lse
-    [num_slots, block_q * gqa]) is allocated per call when the table has slots; the merge kernel
+    The split-KV workspace (float32 partial_out [num_slots, block_q * gqa, D] and partial_stats
+    [num_slots, 2, block_q * gqa], see `TaskTable.workspace_shapes`) is allocated per call when the table has slots; the merge kernel
     runs when it has merge rows. Bad inputs raise ValueError.
     """
     cfg = attention_config(spec)
@@ -898,17 +901,17 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         if num_slots > 0:
             partial_out = torch.empty((num_slots, rows_per_slot, d), dtype=torch.float32,
                                       device=device)
-            partial_lse = torch.empty((num_slots, rows_per_slot), dtype=torch.float32,
-                                      device=device)
+            partial_stats = torch.empty((num_slots, 2, rows_per_slot), dtype=torch.float32,
+                                        device=device)
         else:  # never touched: tasks without a slot write `out` directly
             partial_out = torch.empty((1, 1, 1), dtype=torch.float32, device=device)
-            partial_lse = torch.empty((1, 1), dtype=torch.float32, device=device)
+            partial_stats = torch.empty((1, 2, 1), dtype=torch.float32, device=device)
 
         args: list[Any] = [
             q, k_cache, v_cache, out,
             block_table, cu_seqlens_q, seqlens_kv,
             tasks, offsets, prog_tasks,
-            partial_out, partial_lse,
+            partial_out, partial_stats,
         ]
         if cfg.tree:
             args.append(tree_arg)
@@ -926,7 +929,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         if cfg.tree:
             args.append(tree_arg.shape[1])
         args += [*q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-                 block_table.stride(0), *partial_out.stride(), *partial_lse.stride()]
+                 block_table.stride(0), *partial_out.stride(), *partial_stats.stride()]
         if cfg.tree:
             args += [*tree_arg.stride()]
         if cfg.bias:
@@ -949,8 +952,8 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         )
         if merges.shape[0] > 0:
             merge_kernel[(merges.shape[0],)](
-                out, partial_out, partial_lse, merges, cu_seqlens_q, *([inputs.sinks] if cfg.sinks else []),
-                *out.stride(), *partial_out.stride(), *partial_lse.stride(),
+                out, partial_out, partial_stats, merges, cu_seqlens_q, *([inputs.sinks] if cfg.sinks else []),
+                *out.stride(), *partial_out.stride(), *partial_stats.stride(),
                 **consts, num_warps=cfg.num_warps,
             )
         return out

@@ -21,12 +21,31 @@ VOCAB = 64
 
 # ---- a model that answers at random (for the scheduler's invariants) ---------------------------
 
+def poison_freed_blocks(engine: ServingEngine) -> list[int]:
+    """Fill every block with NaN the moment it becomes free (no reference, not cached for prefix
+    reuse), in every layer: attention that read one again would output NaN. Returns the list of
+    blocks given back while their request still ran (sliding windows), growing as it runs."""
+    release, window_releases = engine.allocator.release, []
+
+    def release_and_poison(block: int) -> None:
+        running = any(block in r.held_blocks for r in engine.scheduler.running)
+        release(block)
+        if running:
+            window_releases.append(block)
+        if engine.allocator.is_free(block):
+            for cache in (*engine.kv.k, *engine.kv.v):
+                cache[block] = float("nan")
+
+    engine.allocator.release = release_and_poison
+    return window_releases
+
+
 class RandomProgram:
     """Looks like a one-layer StageProgram: runs the attention stage (so the KV cache and the
     varlen op are exercised) and returns logits from a seeded generator."""
 
-    def __init__(self, seed: int) -> None:
-        self.cuts = [AttentionCut(0, "attn", 2, 1, 4, 0.5, torch.float32, 64)]
+    def __init__(self, seed: int, sliding_window: int | None = None) -> None:
+        self.cuts = [AttentionCut(0, "attn", 2, 1, 4, 0.5, torch.float32, 64, sliding_window=sliding_window)]
         self.gen = torch.Generator().manual_seed(seed)
         self.steps: list[int] = []
 
@@ -47,18 +66,21 @@ class RandomProgram:
 @settings(max_examples=60, deadline=None)
 # A preempted request that would come straight back in the same step were admission not paused.
 @example(prompts=[[0] * 12, [0] * 12], new_tokens=[4, 5, 1, 1, 1, 1, 1], slots=2, draft=0, extra_budget=1, seed=0,
-         stops=set(), overlap=False, aborts={}, spare_blocks=0)
+         stops=set(), overlap=False, aborts={}, spare_blocks=0, window=None)
+# A window far shorter than the requests: their leading blocks go back while they run.
+@example(prompts=[list(range(8)) * 4, [1, 2] * 9], new_tokens=[12, 9, 1, 1, 1, 1, 1], slots=2, draft=2,
+         extra_budget=3, seed=1, stops=set(), overlap=False, aborts={}, spare_blocks=1, window=3)
 @given(
     prompts=st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=40), min_size=1, max_size=7),
     new_tokens=st.lists(st.integers(1, 12), min_size=7, max_size=7),
     slots=st.integers(1, 4), draft=st.integers(0, 3), extra_budget=st.integers(1, 20), seed=st.integers(0, 1000),
     stops=st.sets(st.integers(0, 7), max_size=3), overlap=st.booleans(),
     aborts=st.dictionaries(st.integers(0, 6), st.integers(0, 30), max_size=3),
-    spare_blocks=st.integers(0, 12),
+    spare_blocks=st.integers(0, 12), window=st.none() | st.integers(1, 12),
 )
 def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, seed, stops, overlap, aborts,
-                              spare_blocks) -> None:
-    program = RandomProgram(seed)
+                              spare_blocks, window) -> None:
+    program = RandomProgram(seed, window)
     draft = 0 if overlap else draft  # overlapped steps do not draft
     budget = slots * (1 + draft) + extra_budget
     # As few KV blocks as the longest request's life needs, and a few more: requests grow into
@@ -70,6 +92,8 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
     requests = [Request(i, p, new_tokens[i], stop_tokens=stops) for i, p in enumerate(prompts)]
     for r in requests:
         engine.add(r)
+    assert engine.scheduler.sliding_window == window
+    poison_freed_blocks(engine)  # a read of a block given back turns the attention output NaN
     # Every request is served within a bound: its tokens at >= 1 per step, computed again after
     # each preemption (only older requests' growth preempts it: at most their blocks in all).
     bound = sum(len(p) + n for p, n in zip(prompts, new_tokens)) * (2 + sum(lives))
@@ -96,7 +120,9 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
         assert len(engine.scheduler.running) <= slots
         assert len({id(e.request) for e in entries}) == len(entries)
         # Every reference is a running request's block; nothing leaks across preemptions.
-        assert sum(engine.allocator.refs) == sum(len(r.blocks) for r in engine.scheduler.running)
+        assert sum(engine.allocator.refs) == sum(len(r.held_blocks) for r in engine.scheduler.running)
+        if window is not None:  # a decoding request holds its window's blocks, not its length's
+            assert all(len(r.held_blocks) <= -(-(window + draft) // 4) + 1 for r in decoding), window
     assert not engine.scheduler.has_work(), "a request starved"
     engine.synchronize()  # an abort after the last step leaves that step's tokens in flight
     for r in requests:  # each ran to its token count, to its first stop token, or until aborted
@@ -295,10 +321,16 @@ def test_sliding_window_softcap_and_sink_models_equal_eager_generation(name: str
     for max_draft in (0, 3):  # decode steps, and tree verify within the window
         engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4,
                                num_blocks=64)
+        # Every layer of Mistral slides its window: the blocks it passes go back while the
+        # requests run (and are NaN from then on); Gemma-2's and gpt-oss's full layers keep all.
+        assert engine.scheduler.sliding_window == (5 if name == "mistral" else None)
+        window_releases = poison_freed_blocks(engine)
         requests = [Request(i, p, 10, stop_tokens=_eos(reference)) for i, p in enumerate(prompts)]
         engine.run(requests)
         for r in requests:
             assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 10), (name, max_draft, r.id)
+        assert bool(window_releases) == (name == "mistral")
+        assert engine.allocator.all_free()
 
 
 @pytest.mark.parametrize("max_draft,overlap", [(0, True), (0, False), (3, False)])

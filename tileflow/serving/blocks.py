@@ -75,6 +75,11 @@ class BlockAllocator:
             else:
                 self._free.append(block)
 
+    def is_free(self, block: int) -> bool:
+        """True when nothing references the block and it is not cached for prefix reuse: its
+        contents mean nothing to anyone."""
+        return self.refs[block] == 0 and block not in self._hash_of
+
     def register(self, block: int, prefix_hash: str) -> None:
         """Offer a full block for reuse by later requests with the same prefix."""
         if prefix_hash not in self._by_hash and block not in self._hash_of:

@@ -140,6 +140,8 @@ class ServingEngine:
     `overlap` (default: on unless drafting) launches each step before reading the previous
     step's tokens back; between `step` calls the tokens of the step in flight are placeholders in
     `Request.tokens` (negative: -1 - row of that step), until the next step or `synchronize`.
+    When every layer of the program slides a window, the scheduler gives back each request's
+    blocks behind its window while it runs (`Scheduler`, `sliding_window`).
     With `nano_batches` > 1 and `nano_shares`, each nano-batch's persistent kernels take a share
     of the device's SMs about in proportion to its tokens (`sm_shares`; NanoFlow's partition:
     kernels that each filled the device could not run side by side); without, every kernel takes
@@ -171,7 +173,11 @@ class ServingEngine:
         (hkv, d), = heads
         self.program = program
         self.allocator = BlockAllocator(num_blocks, block_size)
-        self.scheduler = Scheduler(self.allocator, token_budget=token_budget, decode_slots=decode_slots, max_draft=max_draft)
+        # Blocks behind a request's window go back early only when every layer slides one (a
+        # single full-attention layer reads the whole sequence); different windows: the widest.
+        windows = [c.sliding_window for c in cuts]
+        self.scheduler = Scheduler(self.allocator, token_budget=token_budget, decode_slots=decode_slots,
+                                   max_draft=max_draft, sliding_window=None if None in windows else max(windows))
         self.device = torch.device(device)
         self.kv = PagedKV(len(cuts), hkv, d, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=self.device)
         self.max_draft = max_draft

@@ -12,6 +12,11 @@ running request is preempted: its blocks go back, and it returns to the head of 
 recompute its prompt and the tokens it generated when it is admitted again (vLLM's recompute
 preemption). The oldest request is never preempted for another, and every request's whole life
 fits the cache, so each request finishes.
+
+When every attention layer of the model slides a window of `w` keys (Mistral's), a request's
+leading blocks go back as soon as its next query position has moved `w` past their last token:
+no later query of it sees them, so a long request holds about `w / block_size` blocks, not its
+whole length. Their entries stay in its block list (positions keep their index), unread.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ class Request:
     # Leading tokens computed as prompt chunks: the prompt, or after a preemption every token.
     prefill_len: int = field(default=0, init=False)
     blocks: list[int] = field(default_factory=list)
+    # Leading entries of `blocks` given back because every layer's window has passed them (see the
+    # module docstring): never read again, possibly another request's by now.
+    released: int = field(default=0, init=False)
     generated: int = 0
     done: bool = False
     # Why it ended, once done: "length" (max_new_tokens), "stop" (a stop token) or "abort".
@@ -67,6 +75,11 @@ class Request:
         return self._hashes[1]
 
     @property
+    def held_blocks(self) -> list[int]:
+        """The blocks this request holds a reference to: `blocks` past the released ones."""
+        return self.blocks[self.released:]
+
+    @property
     def prefilling(self) -> bool:
         """True until the KV of every token to prefill (the prompt; after a preemption, every
         token so far) is computed."""
@@ -84,11 +97,18 @@ class Entry(NamedTuple):  # a tuple: made for every running request in every ste
 
 class Scheduler:
     """Fills steps of at most `token_budget` tokens; at most `decode_slots` requests run at once,
-    so every running request gets its decode slot in every step."""
+    so every running request gets its decode slot in every step. `sliding_window`: the window
+    every attention layer of the model slides (None when some layer sees the whole sequence);
+    blocks it has passed go back early (see the module docstring)."""
 
-    def __init__(self, allocator: BlockAllocator, *, token_budget: int, decode_slots: int, max_draft: int = 0) -> None:
+    def __init__(self, allocator: BlockAllocator, *, token_budget: int, decode_slots: int, max_draft: int = 0,
+                 sliding_window: int | None = None) -> None:
         if decode_slots < 1 or max_draft < 0:
             raise ValueError(f"decode_slots must be >= 1 and max_draft >= 0, got {decode_slots} and {max_draft}")
+        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                           or sliding_window < 1):
+            raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
+        self.sliding_window = sliding_window
         if token_budget <= decode_slots * (1 + max_draft):
             raise ValueError(
                 f"token_budget {token_budget} leaves no room for prompt chunks after {decode_slots} decode slots of up "
@@ -127,6 +147,8 @@ class Scheduler:
         while i < len(self.running):  # one pass per step over every running request: kept lean
             r = self.running[i]
             i += 1
+            if self.sliding_window is not None:
+                self._release_passed(r)
             if r.computed < r.prefill_len:
                 prefilling.append(r)
                 continue
@@ -155,9 +177,10 @@ class Scheduler:
             self.waiting.remove(request)
         else:
             self.running.remove(request)
-        for block in request.blocks:
+        for block in request.held_blocks:
             self.allocator.release(block)
         request.blocks = []
+        request.released = 0
         request.done = True
         request.finish_reason = reason
 
@@ -199,13 +222,23 @@ class Scheduler:
             r.blocks.append(self.allocator.allocate())
         return True
 
+    def _release_passed(self, r: Request) -> None:
+        """Give back r's leading blocks whose every position is outside the window of its next
+        query position, `r.computed` (it sees positions > r.computed - w; later ones see less)."""
+        passed = (r.computed - self.sliding_window + 1) // self.allocator.block_size
+        if passed > r.released:
+            for block in r.blocks[r.released:passed]:
+                self.allocator.release(block)
+            r.released = passed
+
     def _preempt(self, r: Request) -> None:
         """Take a running request's blocks back and queue it first, to recompute every token it
         has (prompt and generated) as its prompt when admitted again."""
         self.running.remove(r)
-        for block in r.blocks:
+        for block in r.held_blocks:
             self.allocator.release(block)
         r.blocks = []
+        r.released = 0
         r.computed = 0
         r.prefill_len = len(r.tokens)
         r._registered = 0
@@ -214,11 +247,13 @@ class Scheduler:
 
 
 def register_full_blocks(allocator: BlockAllocator, request: Request, upto: int) -> None:
-    """Offer the request's full prompt blocks below position `upto` for prefix reuse."""
+    """Offer the request's full prompt blocks below position `upto` for prefix reuse (not those
+    it gave back already: they may hold another request's keys by now)."""
     bs = allocator.block_size
     hashes = request.prompt_hashes(bs)
     full = min(upto, len(request.prompt)) // bs
-    for i in range(request._registered, full):  # blocks offered by earlier chunks stay offered
+    # Blocks offered by earlier chunks stay offered.
+    for i in range(max(request._registered, request.released), full):
         allocator.register(request.blocks[i], hashes[i])
     request._registered = max(request._registered, full)
 

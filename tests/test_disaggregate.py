@@ -240,6 +240,33 @@ def test_paged_kv_cache_blocks_and_release() -> None:
     assert cache.reserve(7, 2) == 3 and cache.length(7) == 3
 
 
+def test_paged_kv_cache_gives_back_blocks_behind_every_layers_window() -> None:
+    """A window of 3 keys over blocks of 2: a sequence decoding token by token holds at most 3
+    blocks, the ones it gave back are NaN-filled, and its attention equals that of a cache that
+    keeps every block."""
+    gen = torch.Generator().manual_seed(0)
+    window = 3
+    kept = PagedKVCache(1, 1, 4, block_size=2, num_blocks=16, dtype=torch.float32)
+    windowed = PagedKVCache(1, 1, 4, block_size=2, num_blocks=16, dtype=torch.float32, sliding_window=window)
+    for step in range(12):
+        n = 3 if step == 0 else 1  # a prompt of 3 tokens, then decodes
+        q, k, v = (torch.randn(n, h, 4, generator=gen) for h in (2, 1, 1))
+        outs = []
+        for cache in (kept, windowed):
+            start = cache.reserve(7, n)
+            batch = cache.prepare([cache.blocks(7)], [n], [start])
+            cache.write_batch(0, batch, k, v)
+            free = [b for b in range(cache.num_blocks) if cache.allocator.is_free(b)]
+            cache.k[0][free], cache.v[0][free] = float("nan"), float("nan")
+            outs.append(cache.attend_batch(0, q, batch, scale=0.5, sliding_window=window))
+            cache.commit(7, n)
+        torch.testing.assert_close(outs[1], outs[0])
+        assert sum(windowed.allocator.refs) <= 3
+    assert sum(kept.allocator.refs) == 7 and len(windowed.blocks(7)) == 7  # 14 positions
+    windowed.release(7)
+    assert windowed.allocator.all_free()
+
+
 @given(st.lists(st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 64), st.integers(0, 4096)),
                          min_size=1, max_size=5, unique_by=lambda t: t[0]), min_size=1, max_size=4),
        st.lists(st.integers(0, 10**6), max_size=5), st.integers(1, 3))

@@ -119,8 +119,11 @@ class AttentionWorker:
     def _cache_for(self, dtype: torch.dtype) -> PagedKVCache:
         if self.cache is None:
             h, d = self.layers[0].kv_hi - self.layers[0].kv_lo, self.layers[0].head_dim
+            # Blocks behind the window go back early only when every layer slides one.
+            windows = [s.sliding_window for s in self.layers]
             self.cache = PagedKVCache(
                 len(self.layers), h, d, block_size=self.block_size, num_blocks=self.num_blocks, dtype=dtype,
+                sliding_window=None if None in windows else max(windows),
             )
         return self.cache
 

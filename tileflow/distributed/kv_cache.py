@@ -3,7 +3,9 @@
 Blocks are shared by all layers of a sequence (one block table per sequence, as in vLLM); a step
 reserves room for its new tokens, each layer writes its new k/v rows, and the step's last layer
 commits the new length. Storage and attention are `tileflow.runtime.paged_kv.PagedKV`'s, blocks
-come from the serving engine's allocator.
+come from the serving engine's allocator. When every layer slides a window of `w` keys, a step
+first gives back the sequence's blocks that its first new position no longer sees (as the
+serving scheduler does): their entries stay in the block list, never read again.
 """
 
 from __future__ import annotations
@@ -13,25 +15,31 @@ from dataclasses import dataclass, field
 import torch
 
 from ..runtime.paged_kv import PagedKV
-from ..serving.blocks import BlockAllocator, OutOfBlocks
+from ..serving.blocks import BlockAllocator, OutOfBlocks, blocks_behind_window
 
 
 @dataclass
 class _Sequence:
     blocks: list[int] = field(default_factory=list)
     length: int = 0  # committed tokens (all layers written)
+    released: int = 0  # leading blocks given back: every layer's window has passed them
 
 
 class PagedKVCache(PagedKV):
-    """`PagedKV` plus the sequences' blocks and committed lengths (an attention worker's shard)."""
+    """`PagedKV` plus the sequences' blocks and committed lengths (an attention worker's shard).
+    `sliding_window`: the window every layer slides, or None when some layer sees the whole
+    sequence (then no block goes back before its sequence is released)."""
 
     def __init__(
         self, num_layers: int, num_kv_heads: int, head_dim: int, *, block_size: int, num_blocks: int,
-        dtype: torch.dtype, device: torch.device | str = "cpu",
+        dtype: torch.dtype, device: torch.device | str = "cpu", sliding_window: int | None = None,
     ) -> None:
         super().__init__(
             num_layers, num_kv_heads, head_dim, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=device,
         )
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+        self.sliding_window = sliding_window
         self.allocator = BlockAllocator(num_blocks, block_size)
         self._seqs: dict[int, _Sequence] = {}
 
@@ -45,8 +53,14 @@ class PagedKVCache(PagedKV):
         return self._seqs[seq_id].blocks
 
     def reserve(self, seq_id: int, new_tokens: int) -> int:
-        """Make room for `new_tokens` more tokens; returns the position of the first one."""
+        """Make room for `new_tokens` more tokens; returns the position of the first one. With a
+        sliding window, the blocks no new token sees go back first."""
         seq = self._seqs.setdefault(seq_id, _Sequence())
+        if self.sliding_window is not None:
+            passed = blocks_behind_window(seq.length, self.sliding_window, self.block_size)
+            for block in seq.blocks[seq.released:passed]:
+                self.allocator.release(block)
+            seq.released = max(seq.released, passed)
         need = -(-(seq.length + new_tokens) // self.block_size)
         while len(seq.blocks) < need:
             try:
@@ -63,8 +77,8 @@ class PagedKVCache(PagedKV):
         self._seqs[seq_id].length += new_tokens
 
     def release(self, seq_id: int) -> None:
-        """Free a finished sequence's blocks."""
+        """Free a finished sequence's blocks (those it still holds)."""
         seq = self._seqs.pop(seq_id, None)
         if seq is not None:
-            for block in seq.blocks:
+            for block in seq.blocks[seq.released:]:
                 self.allocator.release(block)

@@ -5,7 +5,7 @@
     metrics = engine.run([Request(0, prompt_ids, max_new_tokens=32)])
 """
 
-from .blocks import BlockAllocator, OutOfBlocks, prefix_hashes
+from .blocks import BlockAllocator, OutOfBlocks, blocks_behind_window, prefix_hashes
 from .engine import Metrics, ServingEngine, StepInputs, prompt_lookup_draft, split_entries
 from .scheduler import Entry, Request, Scheduler, accept_draft
 
@@ -19,6 +19,7 @@ __all__ = [
     "ServingEngine",
     "StepInputs",
     "accept_draft",
+    "blocks_behind_window",
     "prefix_hashes",
     "prompt_lookup_draft",
     "split_entries",

@@ -26,6 +26,12 @@ def prefix_hashes(tokens: Sequence[int], block_size: int) -> list[str]:
     return out
 
 
+def blocks_behind_window(position: int, window: int, block_size: int) -> int:
+    """How many leading blocks a sequence's queries at `position` and later never see under a
+    sliding window of `window` keys (a query at p sees positions > p - window)."""
+    return max(0, (position - window + 1) // block_size)
+
+
 class BlockAllocator:
     """`num_blocks` blocks: free, referenced (count > 0), or cached with no reference."""
 

@@ -263,15 +263,17 @@ def test_merge_kernel_alone(kernels: dict[KernelSpec, Any]) -> None:
     partial_stats = torch.stack([torch.randn(table.num_slots, rows, generator=gen) * 3,
                                  torch.rand(table.num_slots, rows, generator=gen) * 20 + 0.5], dim=1)
     hidden = torch.rand(table.num_slots, rows, generator=gen) < 0.3
+    # Row 1 of the second split tile sees its keys only through a finfo.min mask (below): in
+    # every slot, so none of them hides it.
+    seq1, head1, start1, _, first1, count1 = table.merges[1].tolist()
+    hidden[first1:first1 + count1, 1] = False
     partial_stats[:, 0][hidden] = float("-inf")
     partial_out[hidden] = float("nan")
     first, count = table.merges[0, 4:6].tolist()
     partial_stats[first:first + count, 0, 0] = float("-inf")  # row 0 of the first split tile: no key
     partial_out[first:first + count, 0] = float("nan")
-    # Row 1 of the second split tile sees its keys only through a finfo.min mask: its slots'
-    # maxima are all about -3.4e38 and only their sums tell the slots apart.
-    first, count = table.merges[1, 4:6].tolist()
-    partial_stats[first:first + count, 0, 1] = torch.finfo(torch.float32).min
+    # Its slots' maxima are all about -3.4e38: only their sums tell the slots apart.
+    partial_stats[first1:first1 + count1, 0, 1] = torch.finfo(torch.float32).min
     ref = merge_partials(table, partial_out, partial_stats, torch.full_like(batch["q"], float("nan")))
     out = torch.full_like(batch["q"], float("nan"))
     tiling = _host_tiling(lib.call, sources.ident, "merge test", (
@@ -283,6 +285,12 @@ def test_merge_kernel_alone(kernels: dict[KernelSpec, Any]) -> None:
     written = ~torch.isnan(ref)
     assert written.any() and (ref[written] == 0).any()
     torch.testing.assert_close(out[written], ref[written], rtol=1e-5, atol=1e-6)
+    # The finfo.min row: its slots' outputs weighed by their sums (tile row 1 = position 0, head 1
+    # of the KV head's group of 4).
+    sums, parts = partial_stats[first1:first1 + count1, 1, 1], partial_out[first1:first1 + count1, 1]
+    token = int(batch["cu_seqlens_q"][seq1]) + start1
+    torch.testing.assert_close(out[token, head1 * 4 + 1], (sums[:, None] * parts).sum(0) / sums.sum(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_strided_views_and_explicit_scale(kernels: dict[KernelSpec, Any]) -> None:

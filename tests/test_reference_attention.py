@@ -226,6 +226,10 @@ def test_merge_ignores_nan_in_empty_slots() -> None:
     partial_stats = torch.tensor([[[float("-inf")], [float("nan")]], [[0.5], [3.0]]])
     out = merge_partials(table, partial_out, partial_stats, torch.zeros(1, 1, 1))
     assert out.item() == 2.0
+    # A slot that saw keys but whose stats were never written (the NaN a fresh workspace holds)
+    # must show in the result, not weigh nothing.
+    partial_stats[0] = float("nan")
+    assert merge_partials(table, partial_out, partial_stats, torch.zeros(1, 1, 1)).isnan().all()
 
 
 def test_merge_weighs_slots_by_their_key_counts_at_any_magnitude() -> None:

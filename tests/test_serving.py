@@ -23,20 +23,24 @@ VOCAB = 64
 
 def poison_freed_blocks(engine: ServingEngine) -> list[int]:
     """Fill every block with NaN the moment it becomes free (no reference, not cached for prefix
-    reuse), in every layer: attention that read one again would output NaN. Returns the list of
-    blocks given back while their request still ran (sliding windows), growing as it runs."""
-    release, window_releases = engine.allocator.release, []
+    reuse), in every layer: attention that read one again would output NaN. A block a window
+    passed is taken out of the prefix cache first, so prompt blocks are poisoned too. Returns the
+    list of blocks given back while their request still ran (sliding windows), growing as it runs."""
+    allocator, window_releases = engine.allocator, []
+    release = allocator.release
 
     def release_and_poison(block: int) -> None:
         running = any(block in r.held_blocks for r in engine.scheduler.running)
         release(block)
         if running:
             window_releases.append(block)
-        if engine.allocator.is_free(block):
+            if allocator.refs[block] == 0 and not allocator.is_free(block):
+                allocator.forget(block)
+        if allocator.is_free(block):
             for cache in (*engine.kv.k, *engine.kv.v):
                 cache[block] = float("nan")
 
-    engine.allocator.release = release_and_poison
+    allocator.release = release_and_poison
     return window_releases
 
 
@@ -154,10 +158,19 @@ def test_block_allocator_refcounts_and_cache() -> None:
     a.release(b1)
     with pytest.raises(ValueError, match="released more often"):
         a.release(b1)
+    assert a.is_free(b1) and not a.is_free(b0)  # b0 stays cached for reuse
+    with pytest.raises(ValueError, match="nothing to forget"):
+        a.forget(b1)
     got = {a.allocate(), a.allocate(), a.allocate()}  # the idle cached block is evicted last
     assert got == {0, 1, 2} and a.lookup(["h0"]) == []
     with pytest.raises(OutOfBlocks):
         a.allocate()
+    c = BlockAllocator(1, 2)
+    block = c.allocate()
+    c.register(block, "h")
+    c.release(block)
+    c.forget(block)  # no longer offered: free, and found by no lookup
+    assert c.is_free(block) and c.lookup(["h"]) == [] and c.all_free()
 
 
 def test_drafting_and_acceptance() -> None:

@@ -355,14 +355,16 @@ def merge_partials(
         parts = partial_out[first_slot:first_slot + num_slots, :rows]
         m = maxima.amax(dim=0)
         finite = torch.isfinite(m)
-        scale = torch.exp(maxima - m.where(finite, torch.zeros((), dtype=m.dtype)))  # -inf -> 0
-        weight = torch.where(scale > 0, sums * scale, torch.zeros((), dtype=scale.dtype))
-        contributes = weight > 0
-        weighted = torch.where(contributes[..., None], parts * weight[..., None], torch.zeros((), dtype=parts.dtype))
+        scale = torch.exp(maxima - m.where(finite, torch.zeros((), dtype=m.dtype)))
+        # Only a row that saw no key (max -inf) is skipped, its partial output unread; NaN stats
+        # (a slot never written) stay NaN through the merge, so the result shows them.
+        empty = maxima == float("-inf")
+        weight = torch.where(empty, torch.zeros((), dtype=scale.dtype), sums * scale)
+        weighted = torch.where(empty[..., None], torch.zeros((), dtype=parts.dtype), parts * weight[..., None])
         denom = weight.sum(dim=0)
-        seen = denom > 0
-        merged = weighted.sum(dim=0) / denom.where(seen, torch.ones((), dtype=denom.dtype))[:, None]
-        merged = merged.where(seen[:, None], torch.zeros((), dtype=merged.dtype))
+        keep = (denom > 0) | denom.isnan()  # else: no key in any slot -> zeros
+        merged = weighted.sum(dim=0) / denom.where(keep, torch.ones((), dtype=denom.dtype))[:, None]
+        merged = merged.where(keep[:, None], torch.zeros((), dtype=merged.dtype))
         if sinks is not None:
             lse_all = softmax_lse(torch.stack([m, denom]))
             merged = with_sinks(merged, lse_all, _row_values(sinks, kv_head, group, q_rows))

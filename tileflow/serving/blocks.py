@@ -101,12 +101,18 @@ class BlockAllocator:
             blocks.append(self._by_hash[h])
         return blocks
 
+    def forget(self, block: int) -> None:
+        """Stop offering an idle cached block for prefix reuse: it becomes free."""
+        if block not in self._idle_cached:
+            raise ValueError(f"block {block} is not cached and unreferenced: nothing to forget")
+        del self._idle_cached[block]
+        del self._by_hash[self._hash_of.pop(block)]
+        self._free.append(block)
+
     def drop_cache(self) -> None:
         """Forget every idle cached block (they become free)."""
         for block in list(self._idle_cached):
-            del self._by_hash[self._hash_of.pop(block)]
-            self._free.append(block)
-        self._idle_cached.clear()
+            self.forget(block)
 
     def all_free(self) -> bool:
         """True when no block is referenced (cached idle blocks count as free)."""

@@ -15,8 +15,9 @@ fits the cache, so each request finishes.
 
 When every attention layer of the model slides a window of `w` keys (Mistral's), a request's
 leading blocks go back as soon as its next query position has moved `w` past their last token:
-no later query of it sees them, so a long request holds about `w / block_size` blocks, not its
-whole length. Their entries stay in its block list (positions keep their index), unread.
+no later query of it sees them, so a decoding request holds about `w / block_size` blocks, not
+its whole length (admission still takes all of a prompt's blocks). Their entries stay in its
+block list (positions keep their index), unread.
 """
 
 from __future__ import annotations

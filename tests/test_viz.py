@@ -319,8 +319,8 @@ def test_nano_batch_timeline_in_headless_chromium(browser: Browser, llama_page: 
 
 
 def test_deep_model_draws_only_what_is_expanded(browser: Browser, tmp_path: Path) -> None:
-    """Twelve layers (a thousand nodes; Dynamo takes minutes on 32 on a CI core) collapse to a
-    handful of boxes, and opening one layer draws that layer, not the model."""
+    """Twelve layers (over 700 nodes; Dynamo took over two minutes to trace 32 on one core)
+    collapse to a handful of boxes, and opening one layer draws that layer, not the model."""
     import transformers
 
     root = tmp_path / "llama12_debug"
@@ -341,7 +341,7 @@ def test_deep_model_draws_only_what_is_expanded(browser: Browser, tmp_path: Path
     page.locator("#sidebar .step", has_text="gemm_padding").first.click()
     page.wait_for_selector("pre.diff")
     after = page.locator(".side").nth(1)
-    # Collapsed: the top level only, a handful of boxes for a thousand nodes.
+    # Collapsed: the top level only, a handful of boxes for hundreds of nodes.
     counts = [after.locator("svg g.box").count()]
     for group in ("model", "model.layers", "model.layers.7", "model.layers.7.mlp"):
         after.locator(f"svg g.box.group[data-group='{group}']").first.click()

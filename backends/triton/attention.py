@@ -824,8 +824,8 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
     - `out`, when given, must be q's shape and dtype and is written in place.
 
     The split-KV workspace (float32 partial_out [num_slots, block_q * gqa, D] and partial_stats
-    [num_slots, 2, block_q * gqa], see `TaskTable.workspace_shapes`) is allocated per call when the table has slots; the merge kernel
-    runs when it has merge rows. Bad inputs raise ValueError.
+    [num_slots, 2, block_q * gqa], see `TaskTable.workspace_shapes`) is allocated per call when
+    the table has slots; the merge kernel runs when it has merge rows. Bad inputs raise ValueError.
     """
     cfg = attention_config(spec)
     main_kernel, merge_kernel = _resolve_kernels(spec, kernels)

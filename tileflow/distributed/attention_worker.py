@@ -14,6 +14,7 @@ import torch
 
 from ..log import get_logger
 from ..runtime.attention import per_head_tensor
+from ..serving.blocks import common_window
 from .kv_cache import PagedKVCache
 from .layout import OP_INIT, OP_SHUTDOWN, OP_STEP, BatchShape, Layout, decode_plan, replica_of, work_items
 from .transport import PeerError, Transport
@@ -119,11 +120,9 @@ class AttentionWorker:
     def _cache_for(self, dtype: torch.dtype) -> PagedKVCache:
         if self.cache is None:
             h, d = self.layers[0].kv_hi - self.layers[0].kv_lo, self.layers[0].head_dim
-            # Blocks behind the window go back early only when every layer slides one.
-            windows = [s.sliding_window for s in self.layers]
             self.cache = PagedKVCache(
                 len(self.layers), h, d, block_size=self.block_size, num_blocks=self.num_blocks, dtype=dtype,
-                sliding_window=None if None in windows else max(windows),
+                sliding_window=common_window(s.sliding_window for s in self.layers),
             )
         return self.cache
 

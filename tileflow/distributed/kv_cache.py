@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..runtime.paged_kv import PagedKV
-from ..serving.blocks import BlockAllocator, OutOfBlocks, blocks_behind_window
+from ..serving.blocks import BlockAllocator, OutOfBlocks, release_behind_window
 
 
 @dataclass
@@ -57,10 +57,8 @@ class PagedKVCache(PagedKV):
         sliding window, the blocks no new token sees go back first."""
         seq = self._seqs.setdefault(seq_id, _Sequence())
         if self.sliding_window is not None:
-            passed = blocks_behind_window(seq.length, self.sliding_window, self.block_size)
-            for block in seq.blocks[seq.released:passed]:
-                self.allocator.release(block)
-            seq.released = max(seq.released, passed)
+            seq.released = release_behind_window(self.allocator, seq.blocks, seq.released, seq.length,
+                                                 self.sliding_window)
         need = -(-(seq.length + new_tokens) // self.block_size)
         while len(seq.blocks) < need:
             try:

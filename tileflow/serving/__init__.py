@@ -5,7 +5,7 @@
     metrics = engine.run([Request(0, prompt_ids, max_new_tokens=32)])
 """
 
-from .blocks import BlockAllocator, OutOfBlocks, blocks_behind_window, prefix_hashes
+from .blocks import BlockAllocator, OutOfBlocks, common_window, prefix_hashes, release_behind_window
 from .engine import Metrics, ServingEngine, StepInputs, prompt_lookup_draft, split_entries
 from .scheduler import Entry, Request, Scheduler, accept_draft
 
@@ -19,8 +19,9 @@ __all__ = [
     "ServingEngine",
     "StepInputs",
     "accept_draft",
-    "blocks_behind_window",
+    "common_window",
     "prefix_hashes",
     "prompt_lookup_draft",
+    "release_behind_window",
     "split_entries",
 ]

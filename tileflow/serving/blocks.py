@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Sequence
+from typing import Iterable, Sequence
 
 
 class OutOfBlocks(RuntimeError):
@@ -26,10 +26,23 @@ def prefix_hashes(tokens: Sequence[int], block_size: int) -> list[str]:
     return out
 
 
-def blocks_behind_window(position: int, window: int, block_size: int) -> int:
-    """How many leading blocks a sequence's queries at `position` and later never see under a
-    sliding window of `window` keys (a query at p sees positions > p - window)."""
-    return max(0, (position - window + 1) // block_size)
+def common_window(windows: Iterable[int | None]) -> int | None:
+    """The window a model's attention layers all slide (the widest, if they differ), or None
+    when some layer sees the whole sequence: only then may blocks go back before it ends."""
+    windows = list(windows)
+    return None if None in windows else max(windows)
+
+
+def release_behind_window(allocator: BlockAllocator, blocks: Sequence[int], released: int, position: int,
+                          window: int) -> int:
+    """Release the leading `blocks` past `released` that a sequence's queries at `position` and
+    later never see under a sliding window of `window` keys (a query at p sees positions
+    > p - window); returns how many leading blocks are released now."""
+    # Never below `released` (nor 0): early positions give a negative count, a slice end from the back.
+    passed = max(released, (position - window + 1) // allocator.block_size)
+    for block in blocks[released:passed]:
+        allocator.release(block)
+    return passed
 
 
 class BlockAllocator:

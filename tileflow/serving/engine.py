@@ -30,7 +30,7 @@ from tileflow.passes.disaggregate import AttentionCut, StageProgram
 from ..runtime.paged_kv import PagedBatch, PagedKV
 from ..runtime.streams import CudaStreams, StreamExecutor, grid_share
 from ..transfers import to_device
-from .blocks import BlockAllocator
+from .blocks import BlockAllocator, common_window
 from .scheduler import Entry, Request, Scheduler, accept_draft, register_full_blocks
 
 
@@ -173,11 +173,8 @@ class ServingEngine:
         (hkv, d), = heads
         self.program = program
         self.allocator = BlockAllocator(num_blocks, block_size)
-        # Blocks behind a request's window go back early only when every layer slides one (a
-        # single full-attention layer reads the whole sequence); different windows: the widest.
-        windows = [c.sliding_window for c in cuts]
         self.scheduler = Scheduler(self.allocator, token_budget=token_budget, decode_slots=decode_slots,
-                                   max_draft=max_draft, sliding_window=None if None in windows else max(windows))
+                                   max_draft=max_draft, sliding_window=common_window(c.sliding_window for c in cuts))
         self.device = torch.device(device)
         self.kv = PagedKV(len(cuts), hkv, d, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=self.device)
         self.max_draft = max_draft

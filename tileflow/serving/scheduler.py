@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
-from .blocks import BlockAllocator, blocks_behind_window, prefix_hashes
+from .blocks import BlockAllocator, prefix_hashes, release_behind_window
 
 
 @dataclass(eq=False)  # requests are identities: two with equal fields are still two requests
@@ -226,11 +226,7 @@ class Scheduler:
     def _release_passed(self, r: Request) -> None:
         """Give back r's leading blocks whose every position is outside the window of its next
         query position, `r.computed` (it sees positions > r.computed - w; later ones see less)."""
-        passed = blocks_behind_window(r.computed, self.sliding_window, self.allocator.block_size)
-        if passed > r.released:
-            for block in r.blocks[r.released:passed]:
-                self.allocator.release(block)
-            r.released = passed
+        r.released = release_behind_window(self.allocator, r.blocks, r.released, r.computed, self.sliding_window)
 
     def _preempt(self, r: Request) -> None:
         """Take a running request's blocks back and queue it first, to recompute every token it

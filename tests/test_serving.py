@@ -74,6 +74,10 @@ class RandomProgram:
 # A window far shorter than the requests: their leading blocks go back while they run.
 @example(prompts=[list(range(8)) * 4, [1, 2] * 9], new_tokens=[12, 9, 1, 1, 1, 1, 1], slots=2, draft=2,
          extra_budget=3, seed=1, stops=set(), overlap=False, aborts={}, spare_blocks=1, window=3)
+# Prompts longer than the whole cache under a window: chunks cut short to the blocks there are,
+# or waiting for some.
+@example(prompts=[[i % 8 for i in range(40)], [3] * 25], new_tokens=[6, 4, 1, 1, 1, 1, 1], slots=2, draft=1,
+         extra_budget=9, seed=2, stops=set(), overlap=False, aborts={}, spare_blocks=0, window=6)
 @given(
     prompts=st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=40), min_size=1, max_size=7),
     new_tokens=st.lists(st.integers(1, 12), min_size=7, max_size=7),
@@ -88,8 +92,12 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
     draft = 0 if overlap else draft  # overlapped steps do not draft
     budget = slots * (1 + draft) + extra_budget
     # As few KV blocks as the longest request's life needs, and a few more: requests grow into
-    # each other's room and the youngest are preempted.
+    # each other's room and the youngest are preempted. Under a window, a request needs only its
+    # widest step's (a one-token prompt chunk, or a decode slot with its drafts): prompts longer
+    # than the cache.
     lives = [-(-(len(p) + n + draft) // 4) for p, n in zip(prompts, new_tokens)]
+    if window is not None:
+        lives = [min(life, (window + draft - 1) // 4 + 2) for life in lives]
     num_blocks = max(lives) + spare_blocks
     engine = ServingEngine(program, token_budget=budget, decode_slots=slots, max_draft=draft, block_size=4,
                            num_blocks=num_blocks, overlap=overlap)
@@ -125,8 +133,8 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
         assert len({id(e.request) for e in entries}) == len(entries)
         # Every reference is a running request's block; nothing leaks across preemptions.
         assert sum(engine.allocator.refs) == sum(len(r.held_blocks) for r in engine.scheduler.running)
-        if window is not None:  # a decoding request holds its window's blocks, not its length's
-            assert all(len(r.held_blocks) <= -(-(window + draft) // 4) + 1 for r in decoding), window
+        if window is not None:  # a request holds its window's and its step's blocks, not its length's
+            assert all(len(e.request.held_blocks) <= (window + len(e.tokens) - 2) // 4 + 2 for e in entries), window
     assert not engine.scheduler.has_work(), "a request starved"
     engine.synchronize()  # an abort after the last step leaves that step's tokens in flight
     for r in requests:  # each ran to its token count, to its first stop token, or until aborted
@@ -332,8 +340,10 @@ def test_sliding_window_softcap_and_sink_models_equal_eager_generation(name: str
         want = reference(torch.tensor([prompts[1]])).logits[0, 20:]
     torch.testing.assert_close(engine.forward([rest]).reshape(want.shape), want, rtol=1e-4, atol=1e-4)
     for max_draft in (0, 3):  # decode steps, and tree verify within the window
+        # Mistral's requests hold only their window's blocks: 8 of them serve a 30-token prompt
+        # (11 blocks with its new tokens) beside two others.
         engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4,
-                               num_blocks=64)
+                               num_blocks=8 if name == "mistral" else 64)
         # Every layer of Mistral slides its window: the blocks it passes go back while the
         # requests run (and are NaN from then on); Gemma-2's and gpt-oss's full layers keep all.
         assert engine.scheduler.sliding_window == (5 if name == "mistral" else None)

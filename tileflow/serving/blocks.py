@@ -33,13 +33,19 @@ def common_window(windows: Iterable[int | None]) -> int | None:
     return None if None in windows else max(windows)
 
 
+def first_block_in_window(position: int, window: int, block_size: int) -> int:
+    """The index of the first block a query at `position` sees under a sliding window of
+    `window` keys (it sees positions > position - window)."""
+    # Never below 0: early positions give a negative count, a slice end from the back.
+    return max(0, (position - window + 1) // block_size)
+
+
 def release_behind_window(allocator: BlockAllocator, blocks: Sequence[int], released: int, position: int,
                           window: int) -> int:
     """Release the leading `blocks` past `released` that a sequence's queries at `position` and
     later never see under a sliding window of `window` keys (a query at p sees positions
     > p - window); returns how many leading blocks are released now."""
-    # Never below `released` (nor 0): early positions give a negative count, a slice end from the back.
-    passed = max(released, (position - window + 1) // allocator.block_size)
+    passed = max(released, first_block_in_window(position, window, allocator.block_size))
     for block in blocks[released:passed]:
         allocator.release(block)
     return passed

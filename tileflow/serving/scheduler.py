@@ -15,9 +15,14 @@ fits the cache, so each request finishes.
 
 When every attention layer of the model slides a window of `w` keys (Mistral's), a request's
 leading blocks go back as soon as its next query position has moved `w` past their last token:
-no later query of it sees them, so a decoding request holds about `w / block_size` blocks, not
-its whole length (admission still takes all of a prompt's blocks). Their entries stay in its
-block list (positions keep their index), unread.
+no later query of it sees them, so a request holds about `(w + tokens in its step) / block_size`
+blocks, not its whole length. Their entries stay in its block list (positions keep their index),
+unread. Such a request is then admitted with one free block, and each prompt chunk takes the
+blocks it writes, cut short to the blocks there are, so a prompt longer than the whole cache is
+served. A chunk that gets no block waits for the next step without preempting anyone: a request
+is admitted only when budget and a block are left after every running request's chunk, that is
+when those chunks end their prompts, so the running requests older than one in its prompt are
+all past theirs, and their decode slots preempt it, the youngest, when they need its blocks.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
-from .blocks import BlockAllocator, prefix_hashes, release_behind_window
+from .blocks import BlockAllocator, first_block_in_window, prefix_hashes, release_behind_window
 
 
 @dataclass(eq=False)  # requests are identities: two with equal fields are still two requests
@@ -124,6 +129,9 @@ class Scheduler:
     def add(self, request: Request) -> None:
         """Queue a request (first come, first served)."""
         need = self._blocks_for(len(request.prompt) + request.max_new_tokens + self.max_draft)
+        if self.sliding_window is not None:
+            # Positions p - w + 1 … p + max_draft of its widest step (a chunk can be one token).
+            need = min(need, (self.sliding_window + self.max_draft - 1) // self.allocator.block_size + 2)
         if need > self.allocator.num_blocks:
             raise ValueError(
                 f"request {request.id} needs {need} KV blocks, more than the {self.allocator.num_blocks} there are"
@@ -190,7 +198,17 @@ class Scheduler:
         return next((r for r in (*self.running, *self.waiting) if r.id == request_id), None)
 
     def _chunk(self, r: Request, budget: int, entries: list[Entry]) -> int:
+        """Add r's next prompt chunk, at most `budget` tokens, to the step; returns its length."""
         n = min(budget, r.prefill_len - r.computed)
+        bs = self.allocator.block_size
+        # Only windowed requests take their prompt's blocks chunk by chunk (see `_admit`).
+        while len(r.blocks) * bs < r.computed + n:
+            if self.allocator.available:
+                r.blocks.append(self.allocator.allocate())
+            elif len(r.blocks) * bs > r.computed:  # blocks for the chunk's start: a shorter chunk
+                n = len(r.blocks) * bs - r.computed
+            else:  # none: r waits for blocks to come back (see the module docstring)
+                return 0
         entries.append(Entry(r, r.tokens[r.computed : r.computed + n], r.computed, "prefill"))
         return n
 
@@ -198,16 +216,26 @@ class Scheduler:
         return -(-positions // self.allocator.block_size)
 
     def _admit(self, r: Request) -> bool:
+        """Give r its prompt's blocks, when free, less those a cached prefix shares: all of them,
+        or under a sliding window the shared ones its first query sees and one more (its prompt
+        chunks take the rest as they go)."""
         bs = self.allocator.block_size
         # Reuse full prompt blocks, but always compute the last token to prefill (its logits are needed).
         shared = self.allocator.lookup(r.prompt_hashes(bs)[: (r.prefill_len - 1) // bs])
-        need = self._blocks_for(r.prefill_len) - len(shared)
-        if need > self.allocator.available - sum(1 for b in shared if self.allocator.refs[b] == 0):
+        computed = len(shared) * bs
+        if self.sliding_window is None:
+            passed, need = 0, self._blocks_for(r.prefill_len) - len(shared)
+        else:
+            passed, need = first_block_in_window(computed, self.sliding_window, bs), 1
+        kept = shared[passed:]
+        if need > self.allocator.available - sum(1 for b in kept if self.allocator.refs[b] == 0):
             return False
-        for b in shared:
+        for b in kept:
             self.allocator.share(b)
+        # The passed blocks' entries are never read (`released`): any block id keeps their index.
         r.blocks = list(shared) + [self.allocator.allocate() for _ in range(need)]
-        r.computed = len(shared) * bs
+        r.released = passed
+        r.computed = computed
         return True
 
     def _grow(self, r: Request, positions: int) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import event, example, given, settings
@@ -214,6 +215,14 @@ def test_prepare_follows_each_requests_block_list() -> None:
 def test_scheduler_rejects_budgets_without_room_for_prompts() -> None:
     with pytest.raises(ValueError, match="no room for prompt chunks"):
         ServingEngine(RandomProgram(0), token_budget=8, decode_slots=4, max_draft=1)
+
+
+@pytest.mark.parametrize("prompt", [[3, -1, 2], [3, 2.0], [True, 1]])
+def test_requests_reject_prompts_that_are_not_token_ids(prompt) -> None:
+    # A negative id would otherwise stand for a token of the step in flight.
+    with pytest.raises(ValueError, match=r"the prompt must hold token ids \(ints >= 0\)"):
+        Request(0, prompt, 2)
+    assert Request(1, [np.int64(3), 0], 2).prompt == [3, 0]  # numpy ids are ids
 
 
 # ---- a real model: the same tokens as eager generation ----------------------------------------

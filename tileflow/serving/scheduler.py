@@ -65,10 +65,15 @@ class Request:
     def __post_init__(self) -> None:
         if not self.prompt or self.max_new_tokens < 1:
             raise ValueError(f"request {self.id}: needs a non-empty prompt and max_new_tokens >= 1")
-        if any(not isinstance(t, numbers.Integral) or isinstance(t, bool) or t < 0 for t in self.stop_tokens):
+        # A negative token would read as a placeholder for a token in flight (see `tokens`).
+        bad = [t for t in self.prompt if not _is_token_id(t)]
+        if bad:
+            raise ValueError(f"request {self.id}: the prompt must hold token ids (ints >= 0), got {bad[:5]}")
+        if not all(_is_token_id(t) for t in self.stop_tokens):
             raise ValueError(
                 f"request {self.id}: stop_tokens must be token ids (ints >= 0), got {sorted(self.stop_tokens, key=str)}"
             )
+        self.prompt = [int(t) for t in self.prompt]
         self.stop_tokens = frozenset(int(t) for t in self.stop_tokens)
         self.tokens = list(self.prompt)
         self.prefill_len = len(self.prompt)
@@ -90,6 +95,10 @@ class Request:
         """True until the KV of every token to prefill (the prompt; after a preemption, every
         token so far) is computed."""
         return self.computed < self.prefill_len
+
+
+def _is_token_id(t: object) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0
 
 
 class Entry(NamedTuple):  # a tuple: made for every running request in every step, cheaply

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from tileflow.passes.disaggregate import AttentionCut
 from tileflow.serving import (
-    BlockAllocator, OutOfBlocks, Request, ServingEngine, accept_draft, prefix_hashes, prompt_lookup_draft,
+    BlockAllocator, OutOfBlocks, Request, Scheduler, ServingEngine, accept_draft, prefix_hashes, prompt_lookup_draft,
 )
 
 VOCAB = 64
@@ -79,6 +79,9 @@ class RandomProgram:
 # or waiting for some.
 @example(prompts=[[i % 8 for i in range(40)], [3] * 25], new_tokens=[6, 4, 1, 1, 1, 1, 1], slots=2, draft=1,
          extra_budget=9, seed=2, stops=set(), overlap=False, aborts={}, spare_blocks=0, window=6)
+# A verify's blocks kept after its drafts were rejected, into a step of one token.
+@example(prompts=[[0, 1, 2, 0, 2, 0, 0]], new_tokens=[9, 1, 1, 1, 1, 1, 1], slots=1, draft=3, extra_budget=1,
+         seed=10, stops=set(), overlap=False, aborts={}, spare_blocks=0, window=4)
 @given(
     prompts=st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=40), min_size=1, max_size=7),
     new_tokens=st.lists(st.integers(1, 12), min_size=7, max_size=7),
@@ -98,7 +101,7 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
     # than the cache.
     lives = [-(-(len(p) + n + draft) // 4) for p, n in zip(prompts, new_tokens)]
     if window is not None:
-        lives = [min(life, (window + draft - 1) // 4 + 2) for life in lives]
+        lives = [min(life, (window + draft - 2) // 4 + 2) for life in lives]
     num_blocks = max(lives) + spare_blocks
     engine = ServingEngine(program, token_budget=budget, decode_slots=slots, max_draft=draft, block_size=4,
                            num_blocks=num_blocks, overlap=overlap)
@@ -135,7 +138,9 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
         # Every reference is a running request's block; nothing leaks across preemptions.
         assert sum(engine.allocator.refs) == sum(len(r.held_blocks) for r in engine.scheduler.running)
         if window is not None:  # a request holds its window's and its step's blocks, not its length's
-            assert all(len(e.request.held_blocks) <= (window + len(e.tokens) - 2) // 4 + 2 for e in entries), window
+            # (or its drafts', after a verify whose drafts were rejected)
+            assert all(len(e.request.held_blocks) <= (window + max(len(e.tokens), 1 + draft) - 3) // 4 + 2
+                       for e in entries), window
     assert not engine.scheduler.has_work(), "a request starved"
     engine.synchronize()  # an abort after the last step leaves that step's tokens in flight
     for r in requests:  # each ran to its token count, to its first stop token, or until aborted
@@ -349,10 +354,10 @@ def test_sliding_window_softcap_and_sink_models_equal_eager_generation(name: str
         want = reference(torch.tensor([prompts[1]])).logits[0, 20:]
     torch.testing.assert_close(engine.forward([rest]).reshape(want.shape), want, rtol=1e-4, atol=1e-4)
     for max_draft in (0, 3):  # decode steps, and tree verify within the window
-        # Mistral's requests hold only their window's blocks: 8 of them serve a 30-token prompt
-        # (11 blocks with its new tokens) beside two others.
+        # Mistral's requests hold only their window's blocks: 6 of them serve a 30-token prompt
+        # (8 blocks; 11 with its new tokens) beside two others.
         engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4,
-                               num_blocks=8 if name == "mistral" else 64)
+                               num_blocks=6 if name == "mistral" else 64)
         # Every layer of Mistral slides its window: the blocks it passes go back while the
         # requests run (and are NaN from then on); Gemma-2's and gpt-oss's full layers keep all.
         assert engine.scheduler.sliding_window == (5 if name == "mistral" else None)
@@ -467,6 +472,59 @@ def test_prefix_reuse_shares_blocks_and_keeps_tokens(llama_program) -> None:
     engine.run()
     assert second.tokens[13:] == _eager_greedy(reference, second.prompt, 4)
     assert engine.allocator.all_free()
+
+
+def test_windowed_prompt_chunks_leave_decoding_requests_a_block() -> None:
+    # A 100-token prompt beside a decoding request, under an 8-key window with 5 blocks of 4: were
+    # the chunks to take every free block, the decoder would preempt the prompt (to start over)
+    # each time it crossed into a new block.
+    scheduler = Scheduler(BlockAllocator(5, 4), token_budget=9, decode_slots=2, sliding_window=8)
+    decoder, prompt = Request(0, [1, 2, 3, 4], 60), Request(1, list(range(100)), 1)
+    scheduler.add(decoder)
+    scheduler.add(prompt)
+    prompt_tokens = preemptions = 0
+    while scheduler.has_work():
+        entries = scheduler.schedule()
+        preemptions += len(scheduler.last_preempted)
+        for e in entries:  # what the engine does with the step's outcome
+            r = e.request
+            r.computed += len(e.tokens)
+            prompt_tokens += len(e.tokens) * (e.kind == "prefill" and r is prompt)
+            if not r.prefilling:
+                r.tokens.append(0)
+                r.generated += 1
+                if r.generated == r.max_new_tokens:
+                    scheduler.finish(r, "length")
+    assert (preemptions, prompt_tokens) == (0, 100)
+    assert scheduler.allocator.all_free()
+
+
+def test_windowed_prefix_reuse_shares_only_the_cached_blocks_the_window_sees() -> None:
+    # The second prompt starts with the first one's 24 tokens: 6 cached full blocks of 4. Its first
+    # query (position 24) sees positions 19..24 under a 6-key window, so it shares blocks 4 and 5;
+    # blocks 0-3 keep their index in its block list without a reference, and are never read.
+    program = RandomProgram(0, sliding_window=6)  # asserts every attention output is finite
+    engine = ServingEngine(program, token_budget=32, decode_slots=1, block_size=4, num_blocks=16, overlap=False)
+    prompt = [i % 7 for i in range(24)]
+    first, second = Request(0, prompt, 3), Request(1, prompt + [5, 6, 1], 4)
+    engine.run([first])
+    engine.add(second)
+    schedule = engine.scheduler.schedule
+
+    def schedule_and_poison_passed(*args, **kwargs):
+        entries = schedule(*args, **kwargs)
+        for e in entries:  # NaN in the blocks its window passed: a read would show in the output
+            for block in e.request.blocks[: e.request.released]:
+                for cache in (*engine.kv.k, *engine.kv.v):
+                    cache[block] = float("nan")
+        return entries
+
+    engine.scheduler.schedule = schedule_and_poison_passed
+    engine.step()
+    assert (second.released, second.prefill_len) == (4, 27) and program.steps[-1] == 3  # 3 tokens computed
+    assert [engine.allocator.refs[b] for b in second.blocks] == [0, 0, 0, 0, 1, 1, 1]
+    engine.run()
+    assert second.done and second.generated == 4 and engine.allocator.all_free()
 
 
 def test_forward_with_prepared_inputs_equals_forward(llama_program) -> None:

@@ -10,19 +10,22 @@ blocks for its prompt are free, less the prompt blocks it shares with a cached p
 decode or verify slot takes the blocks its new positions need. When none is left, the youngest
 running request is preempted: its blocks go back, and it returns to the head of the queue to
 recompute its prompt and the tokens it generated when it is admitted again (vLLM's recompute
-preemption). The oldest request is never preempted for another, and every request's whole life
-fits the cache, so each request finishes.
+preemption). The oldest request is never preempted for another, and every request's widest need
+fits the cache (its whole life; under a window, its widest step), so each request finishes.
 
 When every attention layer of the model slides a window of `w` keys (Mistral's), a request's
 leading blocks go back as soon as its next query position has moved `w` past their last token:
-no later query of it sees them, so a request holds about `(w + tokens in its step) / block_size`
-blocks, not its whole length. Their entries stay in its block list (positions keep their index),
-unread. Such a request is then admitted with one free block, and each prompt chunk takes the
-blocks it writes, cut short to the blocks there are, so a prompt longer than the whole cache is
-served. A chunk that gets no block waits for the next step without preempting anyone: a request
-is admitted only when budget and a block are left after every running request's chunk, that is
-when those chunks end their prompts, so the running requests older than one in its prompt are
-all past theirs, and their decode slots preempt it, the youngest, when they need its blocks.
+no later query of it sees them, so a request holds about `(w + max(tokens in its step,
+max_draft)) / block_size` blocks (a verify's blocks stay when its drafts are rejected), not its
+whole length. Their entries stay in its block list (positions keep their index), unread. Such a
+request is admitted with one free block, and each prompt chunk takes the blocks it writes, so a
+prompt longer than the whole cache is served. A chunk leaves one free block for each other
+running request, whose next decode slot would otherwise preempt it (to recompute the prompt from
+its start) for the block it crosses into; it is cut short to the blocks it may take, or waits a
+step without preempting anyone. A request is admitted only when budget is left after every
+running request's chunk and a block beyond those left for them is free, that is when those
+chunks end their prompts, so the running requests older than one in its prompt are all past
+theirs, and their decode slots preempt it, the youngest, if they still need its blocks.
 """
 
 from __future__ import annotations
@@ -139,8 +142,9 @@ class Scheduler:
         """Queue a request (first come, first served)."""
         need = self._blocks_for(len(request.prompt) + request.max_new_tokens + self.max_draft)
         if self.sliding_window is not None:
-            # Positions p - w + 1 … p + max_draft of its widest step (a chunk can be one token).
-            need = min(need, (self.sliding_window + self.max_draft - 1) // self.allocator.block_size + 2)
+            # The w + max_draft positions p - w + 1 … p + max_draft of its widest step (a chunk can
+            # be one token), over at most (positions - 2) // block_size + 2 blocks.
+            need = min(need, (self.sliding_window + self.max_draft - 2) // self.allocator.block_size + 2)
         if need > self.allocator.num_blocks:
             raise ValueError(
                 f"request {request.id} needs {need} KV blocks, more than the {self.allocator.num_blocks} there are"
@@ -209,10 +213,10 @@ class Scheduler:
     def _chunk(self, r: Request, budget: int, entries: list[Entry]) -> int:
         """Add r's next prompt chunk, at most `budget` tokens, to the step; returns its length."""
         n = min(budget, r.prefill_len - r.computed)
-        bs = self.allocator.block_size
+        bs, spare = self.allocator.block_size, len(self.running) - 1  # a block for each other request
         # Only windowed requests take their prompt's blocks chunk by chunk (see `_admit`).
         while len(r.blocks) * bs < r.computed + n:
-            if self.allocator.available:
+            if self.allocator.available > spare:
                 r.blocks.append(self.allocator.allocate())
             elif len(r.blocks) * bs > r.computed:  # blocks for the chunk's start: a shorter chunk
                 n = len(r.blocks) * bs - r.computed
@@ -237,7 +241,9 @@ class Scheduler:
         else:
             passed, need = first_block_in_window(computed, self.sliding_window, bs), 1
         kept = shared[passed:]
-        if need > self.allocator.available - sum(1 for b in kept if self.allocator.refs[b] == 0):
+        # Under a window, beyond the blocks left for the running requests (see `_chunk`).
+        spare = 0 if self.sliding_window is None else len(self.running)
+        if need + spare > self.allocator.available - sum(1 for b in kept if self.allocator.refs[b] == 0):
             return False
         for b in kept:
             self.allocator.share(b)

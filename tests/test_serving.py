@@ -499,15 +499,22 @@ def test_windowed_prompt_chunks_leave_decoding_requests_a_block() -> None:
     assert scheduler.allocator.all_free()
 
 
-def test_windowed_prefix_reuse_shares_only_the_cached_blocks_the_window_sees() -> None:
+@pytest.mark.parametrize("evicted", [False, True])
+def test_windowed_prefix_reuse_shares_only_the_cached_blocks_the_window_sees(evicted: bool) -> None:
     # The second prompt starts with the first one's 24 tokens: 6 cached full blocks of 4. Its first
-    # query (position 24) sees positions 19..24 under a 6-key window, so it shares blocks 4 and 5;
-    # blocks 0-3 keep their index in its block list without a reference, and are never read.
+    # query (position 24) sees positions 19..24 under a 6-key window, so it shares blocks 4 and 5
+    # (even when blocks 0-3 have left the cache); blocks 0-3 keep their index in its block list
+    # without a reference, and are never read.
     program = RandomProgram(0, sliding_window=6)  # asserts every attention output is finite
     engine = ServingEngine(program, token_budget=32, decode_slots=1, block_size=4, num_blocks=16, overlap=False)
     prompt = [i % 7 for i in range(24)]
     first, second = Request(0, prompt, 3), Request(1, prompt + [5, 6, 1], 4)
     engine.run([first])
+    cached = engine.allocator.lookup(prefix_hashes(prompt, 4))
+    assert len(cached) == 6
+    if evicted:
+        for block in cached[:4]:
+            engine.allocator.forget(block)
     engine.add(second)
     schedule = engine.scheduler.schedule
 
@@ -515,14 +522,16 @@ def test_windowed_prefix_reuse_shares_only_the_cached_blocks_the_window_sees() -
         entries = schedule(*args, **kwargs)
         for e in entries:  # NaN in the blocks its window passed: a read would show in the output
             for block in e.request.blocks[: e.request.released]:
-                for cache in (*engine.kv.k, *engine.kv.v):
-                    cache[block] = float("nan")
+                if engine.allocator.refs[block] == 0:  # (the entry may name any block)
+                    for cache in (*engine.kv.k, *engine.kv.v):
+                        cache[block] = float("nan")
         return entries
 
     engine.scheduler.schedule = schedule_and_poison_passed
     engine.step()
     assert (second.released, second.prefill_len) == (4, 27) and program.steps[-1] == 3  # 3 tokens computed
-    assert [engine.allocator.refs[b] for b in second.blocks] == [0, 0, 0, 0, 1, 1, 1]
+    assert second.held_blocks[:2] == cached[4:]
+    assert [engine.allocator.refs[b] for b in second.held_blocks] == [1, 1, 1]
     engine.run()
     assert second.done and second.generated == 4 and engine.allocator.all_free()
 

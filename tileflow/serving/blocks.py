@@ -112,7 +112,8 @@ class BlockAllocator:
             self._hash_of[block] = prefix_hash
 
     def lookup(self, hashes: Sequence[str]) -> list[int]:
-        """The cached blocks of the longest registered prefix among `hashes` (not yet shared)."""
+        """The cached blocks of the longest run of registered hashes at the start of `hashes`
+        (not yet shared)."""
         blocks = []
         for h in hashes:
             if h not in self._by_hash:

@@ -19,7 +19,8 @@ no later query of it sees them, so a request holds about `(w + max(tokens in its
 max_draft)) / block_size` blocks (a verify's blocks stay when its drafts are rejected), not its
 whole length. Their entries stay in its block list (positions keep their index), unread. Such a
 request is admitted with one free block, and each prompt chunk takes the blocks it writes, so a
-prompt longer than the whole cache is served. A chunk leaves one free block for each other
+prompt longer than the whole cache is served; a cached prefix serves it when the blocks its first
+query sees are cached, even if the earlier ones were evicted. A chunk leaves one free block for each other
 running request, whose next decode slot would otherwise preempt it (to recompute the prompt from
 its start) for the block it crosses into; it is cut short to the blocks it may take, or waits a
 step without preempting anyone. A request is admitted only when budget is left after every
@@ -234,13 +235,16 @@ class Scheduler:
         chunks take the rest as they go)."""
         bs = self.allocator.block_size
         # Reuse full prompt blocks, but always compute the last token to prefill (its logits are needed).
-        shared = self.allocator.lookup(r.prompt_hashes(bs)[: (r.prefill_len - 1) // bs])
-        computed = len(shared) * bs
+        hashes = r.prompt_hashes(bs)[: (r.prefill_len - 1) // bs]
         if self.sliding_window is None:
-            passed, need = 0, self._blocks_for(r.prefill_len) - len(shared)
+            passed, kept = 0, self.allocator.lookup(hashes)
+            need = self._blocks_for(r.prefill_len) - len(kept)
+        elif self.allocator.available < 1 + len(self.running):  # cannot pass the check below: skip the search
+            return False
         else:
-            passed, need = first_block_in_window(computed, self.sliding_window, bs), 1
-        kept = shared[passed:]
+            passed, kept = self._windowed_prefix(hashes)
+            need = 1
+        computed = (passed + len(kept)) * bs
         # Under a window, beyond the blocks left for the running requests (see `_chunk`).
         spare = 0 if self.sliding_window is None else len(self.running)
         if need + spare > self.allocator.available - sum(1 for b in kept if self.allocator.refs[b] == 0):
@@ -248,10 +252,23 @@ class Scheduler:
         for b in kept:
             self.allocator.share(b)
         # The passed blocks' entries are never read (`released`): any block id keeps their index.
-        r.blocks = list(shared) + [self.allocator.allocate() for _ in range(need)]
+        r.blocks = [0] * passed + kept + [self.allocator.allocate() for _ in range(need)]
         r.released = passed
         r.computed = computed
         return True
+
+    def _windowed_prefix(self, hashes: Sequence[str]) -> tuple[int, list[int]]:
+        """The longest cached prompt prefix a windowed request can start from: (the count of its
+        leading blocks the window has passed, the cached blocks after them). Only the blocks the
+        first query's window sees need to be cached: a block's hash covers every token before
+        it, so the passed ones may have been evicted, as they are first (they go back first)."""
+        for end in range(len(hashes), 0, -1):
+            passed = first_block_in_window(end * self.allocator.block_size, self.sliding_window,
+                                           self.allocator.block_size)
+            kept = self.allocator.lookup(hashes[passed:end])
+            if len(kept) == end - passed:
+                return passed, kept
+        return 0, []
 
     def _grow(self, r: Request, positions: int) -> bool:
         """Give r the blocks for its first `positions` positions, preempting the youngest running

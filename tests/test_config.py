@@ -33,6 +33,8 @@ def test_unknown_option_lists_valid_keys() -> None:
         ({"max_tokens": 0}, "'max_tokens' must be a positive integer"),
         ({"max_tokens": "8"}, "'max_tokens' must be a positive integer"),
         ({"nano_batches": 0}, "'nano_batches' must be 'auto' or an integer"),
+        ({"nano_batches": 2}, r"nano_batches=2 needs the 'nanobatch' pass, which 'passes' does not name"),
+        ({"nano_batches": "auto", "passes": ["canonicalize", "gemm_padding"]}, "add it after 'gemm_padding'"),
         ({"verify_rtol": -1.0}, "'verify_rtol' must be a non-negative number"),
     ],
 )
@@ -43,12 +45,12 @@ def test_bad_values(options: dict, needle: str) -> None:
 
 def test_environment_variables_and_precedence() -> None:
     env = {"TILEFLOW_MAX_TOKENS": "1024", "TILEFLOW_STRICT": "yes", "TILEFLOW_TARGET": "reference",
-           "TILEFLOW_PASSES": "canonicalize", "TILEFLOW_NANO_BATCHES": "auto", "TILEFLOW_LOG": "info"}
+           "TILEFLOW_PASSES": "canonicalize,nanobatch", "TILEFLOW_NANO_BATCHES": "auto", "TILEFLOW_LOG": "info"}
     config = Config.from_options({"max_tokens": 64}, env=env)
     assert config.max_tokens == 64  # an explicit option beats the environment
     assert config.strict is True
     assert config.target == "reference"
-    assert config.passes == ("canonicalize",)
+    assert config.passes == ("canonicalize", "nanobatch")
     assert config.nano_batches == "auto"
 
 

@@ -79,6 +79,11 @@ class Config:
             raise ValueError(
                 f"tileflow option 'nano_batches' must be 'auto' or an integer >= 1, got {nb!r}"
             )
+        if nb != 1 and "nanobatch" not in self.passes:  # else the knob would do nothing
+            raise ValueError(
+                f"tileflow option nano_batches={nb!r} needs the 'nanobatch' pass, which 'passes' does not name "
+                f"({list(self.passes)}): add it after 'gemm_padding', or set nano_batches=1"
+            )
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

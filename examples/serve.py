@@ -1,7 +1,12 @@
-"""Serve a small-config Llama (random weights) with continuous batching, chunked prefill and
-speculative verify over a paged KV cache, and print the serving metrics.
+"""Serve a small-config Llama or Mistral (random weights) with continuous batching, chunked
+prefill and speculative verify over a paged KV cache, and print the serving metrics.
 
     python examples/serve.py [--draft 3] [--requests 12] [--nano-batches 2] [--check]
+    python examples/serve.py --arch mistral --window 8 --blocks 10 --check
+
+Mistral slides a window over every layer, so each request holds only the KV blocks its window
+and its step need: 10 blocks of 8 tokens serve prompts of up to 76 tokens (and their 24 new
+ones) beside each other.
 
 The model's step is compiled by tileflow's passes (padded GEMMs, meta-attention, cut at its
 attention ops); each step packs decode/verify tokens first, then prompt chunks, up to the token
@@ -21,6 +26,9 @@ import torch
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=("llama", "mistral"), default="llama")
+    p.add_argument("--window", type=int, default=8, help="Mistral's sliding window (keys)")
+    p.add_argument("--blocks", type=int, default=512, help="KV cache blocks of 8 tokens")
     p.add_argument("--requests", type=int, default=12)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--draft", type=int, default=3, help="drafted tokens verified per step (0: no speculation)")
@@ -37,11 +45,13 @@ def main() -> int:
     from tileflow.serving import Request, ServingEngine
 
     torch.manual_seed(args.seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    shape = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512)
+    if args.arch == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=args.window, **shape))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+    model.eval()
     reference = copy.deepcopy(model)
     reference.config._attn_implementation = "sdpa"
     program = build_stage_program(CausalLMStep(model), (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None]),
@@ -56,7 +66,7 @@ def main() -> int:
     requests = [Request(i, prompt, args.new_tokens, stop_tokens=[eos] if isinstance(eos, int) else eos or [])
                 for i, prompt in enumerate(prompts)]
     engine = ServingEngine(program, token_budget=args.budget, decode_slots=args.slots, max_draft=args.draft,
-                           block_size=8, num_blocks=512, nano_batches=args.nano_batches)
+                           block_size=8, num_blocks=args.blocks, nano_batches=args.nano_batches)
     metrics = engine.run(requests, progress=True)
     print(json.dumps({k: round(v, 4) for k, v in metrics.summary().items()}, indent=1))
     if args.check:

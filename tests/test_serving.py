@@ -630,14 +630,16 @@ def test_step_leaves_placeholders_until_the_next_step_reads_them(llama_program) 
         engine.prepare([Entry(first, [-3], first.computed, "decode")])
 
 
-def test_serve_example_checks_against_eager() -> None:
+# Mistral's window lets 6 blocks of 8 serve its prompts of up to 75 tokens side by side.
+@pytest.mark.parametrize("args", [(), ("--arch", "mistral", "--window", "8", "--blocks", "6")], ids=["llama", "mistral"])
+def test_serve_example_checks_against_eager(args: tuple[str, ...]) -> None:
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run(
-        [sys.executable, str(root / "examples" / "serve.py"), "--requests", "4", "--new-tokens", "8", "--check"],
+        [sys.executable, str(root / "examples" / "serve.py"), "--requests", "4", "--new-tokens", "8", "--check", *args],
         capture_output=True, text=True, timeout=300, cwd=root,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]

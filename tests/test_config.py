@@ -33,6 +33,17 @@ def test_unknown_option_lists_valid_keys() -> None:
         ({"max_tokens": 0}, "'max_tokens' must be a positive integer"),
         ({"max_tokens": "8"}, "'max_tokens' must be a positive integer"),
         ({"nano_batches": 0}, "'nano_batches' must be 'auto' or an integer"),
+        # A string would read as on: "false" too.
+        ({"strict": "false"}, "'strict' must be True or False, got 'false'"),
+        ({"cuda_graphs": 1}, "'cuda_graphs' must be True or False"),
+        ({"verify_atol": float("nan")}, "'verify_atol' must be a non-negative number"),
+        ({"debug_dir": 123}, "'debug_dir' must be a path or None"),
+        ({"tile_timings": "/no/such/timings.json"}, r"no file at '/no/such/timings.json'.*--measure-tiles FILE"),
+        # Built-in passes match what the ones before them left: their order is fixed.
+        ({"passes": ["gemm_padding", "canonicalize"]}, r"out of order \(\['gemm_padding', 'canonicalize'\]\)"),
+        ({"passes": ["canonicalize", "attention", "nanobatch", "gemm_padding"]}, "out of order"),
+        ({"passes": ["gemm_padding"]}, r"add 'canonicalize' before them"),
+        ({"passes": ["canonicalize", "attention", "canonicalize"]}, r"names \['canonicalize'\] more than once"),
         ({"nano_batches": 2}, r"nano_batches=2 needs the 'nanobatch' pass, which 'passes' does not name"),
         ({"nano_batches": "auto", "passes": ["canonicalize", "gemm_padding"]}, "add it after 'gemm_padding'"),
         ({"verify_rtol": -1.0}, "'verify_rtol' must be a non-negative number"),
@@ -41,6 +52,10 @@ def test_unknown_option_lists_valid_keys() -> None:
 def test_bad_values(options: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         Config.from_options(options, env={})
+
+
+def test_passes_given_as_a_list_become_a_tuple() -> None:
+    assert Config(passes=["canonicalize", "attention"]).passes == ("canonicalize", "attention")
 
 
 def test_environment_variables_and_precedence() -> None:

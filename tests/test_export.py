@@ -237,6 +237,15 @@ def test_export_from_transformers_config(tmp_path: Path) -> None:
         run(torch.randint(0, VOCAB, (1, 65)))
 
 
+@pytest.mark.parametrize("options", [{"passes": ["canonicalize", "gemm_padding", "nanobatch"], "nano_batches": 2},
+                                     {"cuda_graphs": True}])
+def test_export_refuses_what_an_archive_cannot_hold(options: dict) -> None:
+    # The nano-batch schedule and CUDA graphs live in a compiled model's runtime, not in the graph.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.SiLU())
+    with pytest.raises(ValueError, match="does not archive nano-batching or CUDA graphs"):
+        tileflow.export_model(model, (torch.randn(4, 8),), options=options)
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [

@@ -37,6 +37,18 @@ def test_bad_arguments_are_clear() -> None:
         padded_gemm(torch.randn(3, 4), torch.randn(5, 4), activation="swiglu")
 
 
+def test_attention_ops_refuse_a_boolean_window() -> None:
+    # The ops' schema would turn True into a window of 1.
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="meta_attention: sliding_window must be a positive int or None, got True"):
+        tileflow.ops.meta_attention(q, q, q, causal=True, sliding_window=True)
+    table, cu, lens = torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32), \
+        torch.tensor([3], dtype=torch.int32)
+    cache = torch.randn(1, 4, 2, 4)
+    with pytest.raises(ValueError, match="meta_attention_varlen: sliding_window must be a positive int"):
+        tileflow.ops.meta_attention_varlen(torch.randn(3, 2, 4), cache, cache, table, cu, lens, sliding_window=False)
+
+
 def test_survives_dynamo(inputs) -> None:
     compiled = torch.compile(gemm_block, backend="eager", fullgraph=True, dynamic=True)
     torch.testing.assert_close(compiled(*inputs), reference(*inputs), rtol=1e-5, atol=1e-5)

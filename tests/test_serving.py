@@ -222,6 +222,28 @@ def test_scheduler_rejects_budgets_without_room_for_prompts() -> None:
         ServingEngine(RandomProgram(0), token_budget=8, decode_slots=4, max_draft=1)
 
 
+def test_scheduler_rejects_a_request_twice_and_a_done_one() -> None:
+    engine = ServingEngine(RandomProgram(0), token_budget=16, decode_slots=2, block_size=4, num_blocks=16)
+    first = Request(7, [1, 2, 3], 2)
+    engine.add(first)
+    # Same object, or another with its id: metrics and abort() go by id.
+    for again in (first, Request(7, [4], 1)):
+        with pytest.raises(ValueError, match="a request with id 7 is already waiting or running"):
+            engine.add(again)
+    engine.run()
+    with pytest.raises(ValueError, match="request 7 is done: make a new Request"):
+        engine.add(first)  # it would stay in `running` forever, done
+    assert engine.allocator.all_free() and first.generated == 2
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, 2.5, "3"])
+def test_requests_need_an_integer_token_count(max_new_tokens) -> None:
+    with pytest.raises(ValueError, match="max_new_tokens an int >= 1"):
+        Request(0, [1], max_new_tokens)
+    with pytest.raises(ValueError, match="the prompt must be a list of token ids, got Tensor"):
+        Request(0, torch.tensor([1, 2]), 2)
+
+
 @pytest.mark.parametrize("prompt", [[3, -1, 2], [3, 2.0], [True, 1]])
 def test_requests_reject_prompts_that_are_not_token_ids(prompt) -> None:
     # A negative id would otherwise stand for a token of the step in flight.

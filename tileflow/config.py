@@ -17,6 +17,8 @@ from typing import Any, Iterator, Mapping
 from .targets import TARGETS
 
 RESIDUALS: tuple[str, ...] = ("auto", "eager", "inductor")
+# tileflow's own passes, in the only order they may run (see `_check_pass_order`).
+BUILTIN_PASSES: tuple[str, ...] = ("canonicalize", "attention", "gemm_padding", "nanobatch", "disaggregate")
 DEFAULT_PASSES: tuple[str, ...] = ("canonicalize", "attention", "gemm_padding")
 # Environment variables that are tileflow's but not Config keys.
 _NON_CONFIG_ENV = frozenset({"TILEFLOW_LOG", "TILEFLOW_CACHE_DIR"})
@@ -70,10 +72,22 @@ class Config:
             raise ValueError(f"tileflow option 'max_tokens' must be a positive integer, got {self.max_tokens!r}")
         for name in ("verify_rtol", "verify_atol"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:  # NaN too
                 raise ValueError(f"tileflow option {name!r} must be a non-negative number, got {value!r}")
+        if isinstance(self.passes, list):
+            object.__setattr__(self, "passes", tuple(self.passes))
         if not isinstance(self.passes, tuple) or not all(isinstance(p, str) for p in self.passes):
             raise ValueError(f"tileflow option 'passes' must be a sequence of pass names, got {self.passes!r}")
+        _check_pass_order(self.passes)
+        for name in ("strict", "verify", "cuda_graphs"):  # a string such as "false" would read as on
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"tileflow option {name!r} must be True or False, got {getattr(self, name)!r}")
+        for name in ("debug_dir", "tile_timings"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
+                raise ValueError(f"tileflow option {name!r} must be a path or None, got {getattr(self, name)!r}")
+        if self.tile_timings is not None and not os.path.isfile(self.tile_timings):
+            raise ValueError(f"tileflow option 'tile_timings': no file at {str(self.tile_timings)!r}; write one with "
+                             "`python bench/gemm.py --measure-tiles FILE` on the device, or leave it unset")
         nb = self.nano_batches
         if not (nb == "auto" or (isinstance(nb, int) and not isinstance(nb, bool) and nb >= 1)):
             raise ValueError(
@@ -135,6 +149,23 @@ class Config:
         data = dataclasses.asdict(self)
         data["passes"] = list(self.passes)
         return data
+
+
+def _check_pass_order(passes: tuple[str, ...]) -> None:
+    """Built-in passes run at most once, in their pipeline order (each matches what the ones before
+    it left: `gemm_padding` canonical linears, `nanobatch` the rewritten graph's nodes), and
+    `attention` and `gemm_padding` after `canonicalize`; other passes go anywhere."""
+    repeated = sorted({p for p in passes if passes.count(p) > 1})
+    if repeated:
+        raise ValueError(f"tileflow option 'passes' names {repeated} more than once: {list(passes)}")
+    builtin = [p for p in passes if p in BUILTIN_PASSES]
+    if builtin != sorted(builtin, key=BUILTIN_PASSES.index):
+        raise ValueError(f"tileflow option 'passes' runs built-in passes out of order ({builtin}): they must keep "
+                         f"the order {list(BUILTIN_PASSES)}")
+    needs = [p for p in ("attention", "gemm_padding") if p in passes]
+    if needs and "canonicalize" not in passes:
+        raise ValueError(f"tileflow option 'passes': {needs} match the graph 'canonicalize' leaves; add "
+                         f"'canonicalize' before them")
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -160,6 +160,12 @@ def export_model(
     example_args = tuple(example_args)
     options = dict(options or {})
     user_debug_dir = options.get("debug_dir")
+    # An archive holds the rewritten graph only: the nano-batch schedule and CUDA graphs live in
+    # the runtime of a torch.compile'd model, so an archive made with them would run without them.
+    checked = Config.from_options({k: v for k, v in options.items() if k != "debug_dir"})
+    if "nanobatch" in checked.passes or checked.cuda_graphs:
+        raise ValueError("tileflow export does not archive nano-batching or CUDA graphs (the 'nanobatch' pass, "
+                         "cuda_graphs=True): drop them from the options, or use torch.compile(backend='tileflow')")
 
     notify("export")
     model = model.eval()

@@ -75,6 +75,12 @@ def _check_gemm_args(
     return n
 
 
+def _check_window(op: str, sliding_window: object) -> None:
+    # The ops' schema (Optional[int]) would turn True into a window of 1 before any check ran.
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)):
+        raise ValueError(f"{op}: sliding_window must be a positive int or None, got {sliding_window!r}")
+
+
 @torch.library.custom_op("tileflow::padded_gemm", mutates_args=())
 def _padded_gemm(
     x: torch.Tensor,
@@ -305,6 +311,7 @@ def meta_attention_varlen(
     flash-attention; not with `tree_mask`, whose drafts' positions are depths). Returns q's shape
     and dtype. Bad metadata raises ValueError.
     """
+    _check_window("meta_attention_varlen", sliding_window)
     return torch.ops.tileflow.meta_attention_varlen(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, scale, causal, sliding_window, tree_mask, "",
         softcap, sinks, alibi_slopes,
@@ -404,6 +411,7 @@ def meta_attention(
     float [Hq] tensor, read on the host): ALiBi, head h's score of key j for query i gains
     `slope[h] * (j - (S_kv - S + i))`, as BLOOM's and MPT's `slope * j` does up to a per-row
     constant the softmax ignores (with `sinks` too, the kernel's form is the one applied)."""
+    _check_window("meta_attention", sliding_window)
     if softcap is not None and not isinstance(softcap, torch.Tensor):
         softcap = torch.tensor(float(softcap))
     if alibi_slopes is not None:

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from .config import Config
+from .config import BUILTIN_PASSES, Config
 from .graph_utils import count_nodes, graph_code, graph_to_json, restore_graph, snapshot_graph
 from .log import get_logger
 from .report import Fallback, GraphReport, KernelRecord, PassRecord
@@ -90,9 +90,6 @@ def register_pass(cls: Callable[[], Pass]) -> Callable[[], Pass]:
         raise TypeError(f"pass class {cls!r} needs a non-empty string attribute `name`")
     _REGISTRY[name] = cls
     return cls
-
-
-BUILTIN_PASSES: tuple[str, ...] = ("canonicalize", "attention", "gemm_padding", "nanobatch", "disaggregate")
 
 
 def available_passes() -> list[str]:

@@ -67,8 +67,11 @@ class Request:
     _registered: int = field(default=0, init=False, repr=False)  # leading prompt blocks offered for reuse
 
     def __post_init__(self) -> None:
-        if not self.prompt or self.max_new_tokens < 1:
-            raise ValueError(f"request {self.id}: needs a non-empty prompt and max_new_tokens >= 1")
+        if isinstance(self.prompt, (str, bytes)) or not isinstance(self.prompt, Sequence):
+            raise ValueError(f"request {self.id}: the prompt must be a list of token ids, got {type(self.prompt).__name__}")
+        if not self.prompt or not _is_token_id(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"request {self.id}: needs a non-empty prompt and max_new_tokens an int >= 1, got "
+                             f"{len(self.prompt)} tokens and {self.max_new_tokens!r}")
         # A negative token would read as a placeholder for a token in flight (see `tokens`).
         bad = [t for t in self.prompt if not _is_token_id(t)]
         if bad:
@@ -141,6 +144,11 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         """Queue a request (first come, first served)."""
+        if request.done:
+            raise ValueError(f"request {request.id} is done: make a new Request to serve its prompt again")
+        if self.find(request.id) is not None:
+            raise ValueError(f"a request with id {request.id} is already waiting or running: ids must be unique "
+                             "(metrics and abort() go by id)")
         need = self._blocks_for(len(request.prompt) + request.max_new_tokens + self.max_draft)
         if self.sliding_window is not None:
             # The w + max_draft positions p - w + 1 … p + max_draft of its widest step (a chunk can

@@ -242,6 +242,8 @@ class StageProgram:
     consumers: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     # The dense stages replay captured graphs (one at a time: never on two streams at once).
     cuda_graphs: bool = False
+    # The most tokens a step may hold (the exported token dimension's bound), when known.
+    max_tokens: int | None = None
 
     @property
     def dense(self) -> list[Stage]:

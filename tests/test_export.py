@@ -237,6 +237,14 @@ def test_export_from_transformers_config(tmp_path: Path) -> None:
         run(torch.randint(0, VOCAB, (1, 65)))
 
 
+@pytest.mark.parametrize("text", ["[]", "{", '{"graphs": 3}'])
+def test_report_command_says_a_file_is_not_a_report(text: str, tmp_path: Path) -> None:
+    (tmp_path / "report.json").write_text(text)
+    result = _cli(["report", str(tmp_path / "report.json")], tmp_path)
+    assert result.exit_code == 2 and "is not a tileflow report" in result.stderr, result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("options", [{"passes": ["canonicalize", "gemm_padding", "nanobatch"], "nano_batches": 2},
                                      {"cuda_graphs": True}])
 def test_export_refuses_what_an_archive_cannot_hold(options: dict) -> None:

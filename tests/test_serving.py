@@ -236,6 +236,12 @@ def test_scheduler_rejects_a_request_twice_and_a_done_one() -> None:
     assert engine.allocator.all_free() and first.generated == 2
 
 
+def test_engine_refuses_a_budget_beyond_the_programs_steps(llama_program) -> None:
+    program, _ = llama_program  # built for steps of up to 256 tokens
+    with pytest.raises(ValueError, match="token_budget 300 is more than the 256 tokens a step of this program may hold"):
+        ServingEngine(program, token_budget=300, decode_slots=2)
+
+
 @pytest.mark.parametrize("max_new_tokens", [0, 2.5, "3"])
 def test_requests_need_an_integer_token_count(max_new_tokens) -> None:
     with pytest.raises(ValueError, match="max_new_tokens an int >= 1"):

@@ -38,7 +38,7 @@ def report_command(report_json: str) -> None:
 
     try:
         report = Report.from_json(open(report_json).read())
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:  # AttributeError: not an object
         click.echo(f"error: {report_json} is not a tileflow report: {exc}", err=True)
         sys.exit(2)
     click.echo(str(report))

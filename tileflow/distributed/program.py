@@ -90,6 +90,7 @@ def build_stage_program(
             buckets = [b for b in config.graph_buckets() if b <= MAX_GRAPHED_TOKENS]
             stage.module = GraphedStage(stage, program.constants, dims[0], list(dims[1]), buckets)
     program.cuda_graphs = graphed
+    program.max_tokens = max_tokens
     return program
 
 

@@ -166,6 +166,10 @@ class ServingEngine:
                 "nano_batches > 1 runs stages of several nano-batches at once on separate streams, but this "
                 "program's stages replay CUDA graphs one at a time: build it without cuda_graphs, or use nano_batches=1"
             )
+        max_tokens = getattr(program, "max_tokens", None)
+        if max_tokens is not None and token_budget > max_tokens:
+            raise ValueError(f"token_budget {token_budget} is more than the {max_tokens} tokens a step of this program "
+                             "may hold: lower it, or build the program with build_stage_program(max_tokens=...)")
         cuts = program.cuts
         heads = {(c.num_kv_heads, c.head_dim) for c in cuts}
         if len(heads) != 1:

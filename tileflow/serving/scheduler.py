@@ -20,10 +20,10 @@ max_draft)) / block_size` blocks (a verify's blocks stay when its drafts are rej
 whole length. Their entries stay in its block list (positions keep their index), unread. Such a
 request is admitted with one free block, and each prompt chunk takes the blocks it writes, so a
 prompt longer than the whole cache is served; a cached prefix serves it when the blocks its first
-query sees are cached, even if the earlier ones were evicted. A chunk leaves one free block for each other
-running request, whose next decode slot would otherwise preempt it (to recompute the prompt from
-its start) for the block it crosses into; it is cut short to the blocks it may take, or waits a
-step without preempting anyone. A request is admitted only when budget is left after every
+query sees are cached, even if the earlier ones were evicted. A chunk leaves one free block for
+each other running request, whose next decode slot would otherwise preempt it (to recompute the
+prompt from its start) for the block it crosses into; it is cut short to the blocks it may take,
+or waits a step without preempting anyone. A request is admitted only when budget is left after every
 running request's chunk and a block beyond those left for them is free, that is when those
 chunks end their prompts, so the running requests older than one in its prompt are all past
 theirs, and their decode slots preempt it, the youngest, if they still need its blocks.

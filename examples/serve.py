@@ -5,7 +5,7 @@ prefill and speculative verify over a paged KV cache, and print the serving metr
     python examples/serve.py --arch mistral --window 8 --blocks 10 --check
 
 Mistral slides a window over every layer, so each request holds only the KV blocks its window
-and its step need: 10 blocks of 8 tokens serve prompts of up to 76 tokens (and their 24 new
+and its step need: 10 blocks of 8 tokens serve prompts of up to 75 tokens (and their 24 new
 ones) beside each other.
 
 The model's step is compiled by tileflow's passes (padded GEMMs, meta-attention, cut at its

@@ -162,8 +162,8 @@ def export_model(
     user_debug_dir = options.get("debug_dir")
     # An archive holds the rewritten graph only: the nano-batch schedule and CUDA graphs live in
     # the runtime of a torch.compile'd model, so an archive made with them would run without them.
-    checked = Config.from_options({k: v for k, v in options.items() if k != "debug_dir"})
-    if "nanobatch" in checked.passes or checked.cuda_graphs:
+    config = Config.from_options(options)
+    if "nanobatch" in config.passes or config.cuda_graphs:
         raise ValueError("tileflow export does not archive nano-batching or CUDA graphs (the 'nanobatch' pass, "
                          "cuda_graphs=True): drop them from the options, or use torch.compile(backend='tileflow')")
 
@@ -177,7 +177,7 @@ def export_model(
     names = _dim_names(model, example_args, dynamic_shapes, captured.example_inputs)
     tmp_dir = None if user_debug_dir else tempfile.mkdtemp(prefix="tileflow-export-")
     try:
-        config = Config.from_options({**options, "debug_dir": user_debug_dir or tmp_dir})
+        config = config.replace(debug_dir=user_debug_dir or tmp_dir)
         report = Report()
         # Ascend C kernels are emitted, not built: CANN may not be on the exporting machine.
         compile_graph(captured.gm, captured.example_inputs, config, report, compile_id="export",

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from .kernel_spec import ACTIVATIONS
+from .tasks import check_sliding_window
 
 __all__ = [
     "padded_gemm", "grouped_gemm", "gemm_out_features", "check_group_offsets", "meta_attention",
@@ -73,12 +74,6 @@ def _check_gemm_args(
     if residual is not None and (residual.dim() != 2 or residual.shape[1] != n or residual.shape[0] != x.shape[0]):
         raise ValueError(f"padded_gemm: residual must be [M, {n}], got {tuple(residual.shape)}")
     return n
-
-
-def _check_window(op: str, sliding_window: object) -> None:
-    # The ops' schema (Optional[int]) would turn True into a window of 1 before any check ran.
-    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)):
-        raise ValueError(f"{op}: sliding_window must be a positive int or None, got {sliding_window!r}")
 
 
 @torch.library.custom_op("tileflow::padded_gemm", mutates_args=())
@@ -311,7 +306,8 @@ def meta_attention_varlen(
     flash-attention; not with `tree_mask`, whose drafts' positions are depths). Returns q's shape
     and dtype. Bad metadata raises ValueError.
     """
-    _check_window("meta_attention_varlen", sliding_window)
+    # Before the op: its schema (Optional[int]) would turn True into a window of 1.
+    check_sliding_window("meta_attention_varlen", sliding_window)
     return torch.ops.tileflow.meta_attention_varlen(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, scale, causal, sliding_window, tree_mask, "",
         softcap, sinks, alibi_slopes,
@@ -411,7 +407,7 @@ def meta_attention(
     float [Hq] tensor, read on the host): ALiBi, head h's score of key j for query i gains
     `slope[h] * (j - (S_kv - S + i))`, as BLOOM's and MPT's `slope * j` does up to a per-row
     constant the softmax ignores (with `sinks` too, the kernel's form is the one applied)."""
-    _check_window("meta_attention", sliding_window)
+    check_sliding_window("meta_attention", sliding_window)  # before the op's schema, as above
     if softcap is not None and not isinstance(softcap, torch.Tensor):
         softcap = torch.tensor(float(softcap))
     if alibi_slopes is not None:

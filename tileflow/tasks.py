@@ -23,6 +23,7 @@ and in `TaskTable`. `check_metadata` validates the tensors the varlen attention 
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -442,6 +443,12 @@ def build_task_table(
 # ---------------------------------------------------------------------------------------------
 # Metadata check for the varlen op
 # ---------------------------------------------------------------------------------------------
+
+
+def check_sliding_window(op: str, window: object) -> None:
+    """Raise ValueError unless `window` is None or an int >= 1 (a bool is not a window)."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
+        raise ValueError(f"{op}: sliding_window must be a positive int or None, got {window!r}")
 
 
 def check_metadata(

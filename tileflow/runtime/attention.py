@@ -18,7 +18,7 @@ from ..attention_inputs import bias_ranges
 from ..config import current_config
 from ..kernel_spec import KernelSpec, dtype_name, make_params
 from ..targets import resolve_target
-from ..tasks import build_task_table, check_metadata
+from ..tasks import build_task_table, check_metadata, check_sliding_window
 from .streams import device_cores, keep_alive_while_captured, programs_for
 
 # Tile rows (block_q * GQA: heads sharing a KV head are packed into the dot's M dimension):
@@ -123,8 +123,7 @@ def run_meta_attention_varlen(
         # The check reads the lengths to the host anyway: reuse them (one device sync, not two).
         checked = check_metadata(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, tree_mask, causal=causal)
         host_metadata = host_metadata if host_metadata is not None else checked
-    if sliding_window is not None and (isinstance(sliding_window, bool) or sliding_window < 1):
-        raise ValueError(f"meta_attention_varlen: sliding_window must be a positive int or None, got {sliding_window!r}")
+    check_sliding_window("meta_attention_varlen", sliding_window)
     if softcap is not None and (isinstance(softcap, bool) or not math.isfinite(softcap) or softcap <= 0):
         raise ValueError(f"meta_attention_varlen: softcap must be a number > 0 or None, got {softcap!r}")
     if alibi_slopes is not None and tree_mask is not None:

@@ -140,13 +140,14 @@ class Scheduler:
         self.token_budget, self.decode_slots, self.max_draft = token_budget, decode_slots, max_draft
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._unfinished: dict[int, Request] = {}  # waiting or running, by id
         self.last_preempted: list[Request] = []  # by the latest `schedule`
 
     def add(self, request: Request) -> None:
         """Queue a request (first come, first served)."""
         if request.done:
             raise ValueError(f"request {request.id} is done: make a new Request to serve its prompt again")
-        if self.find(request.id) is not None:
+        if request.id in self._unfinished:
             raise ValueError(f"a request with id {request.id} is already waiting or running: ids must be unique "
                              "(metrics and abort() go by id)")
         need = self._blocks_for(len(request.prompt) + request.max_new_tokens + self.max_draft)
@@ -159,6 +160,7 @@ class Scheduler:
                 f"request {request.id} needs {need} KV blocks, more than the {self.allocator.num_blocks} there are"
             )
         self.waiting.append(request)
+        self._unfinished[request.id] = request
 
     def has_work(self) -> bool:
         """Requests waiting or running."""
@@ -208,6 +210,7 @@ class Scheduler:
             self.waiting.remove(request)
         else:
             self.running.remove(request)
+        del self._unfinished[request.id]
         for block in request.held_blocks:
             self.allocator.release(block)
         request.blocks = []
@@ -217,7 +220,7 @@ class Scheduler:
 
     def find(self, request_id: int) -> Request | None:
         """The waiting or running request with this id, if any."""
-        return next((r for r in (*self.running, *self.waiting) if r.id == request_id), None)
+        return self._unfinished.get(request_id)
 
     def _chunk(self, r: Request, budget: int, entries: list[Entry]) -> int:
         """Add r's next prompt chunk, at most `budget` tokens, to the step; returns its length."""
@@ -245,16 +248,16 @@ class Scheduler:
         # Reuse full prompt blocks, but always compute the last token to prefill (its logits are needed).
         hashes = r.prompt_hashes(bs)[: (r.prefill_len - 1) // bs]
         if self.sliding_window is None:
-            passed, kept = 0, self.allocator.lookup(hashes)
+            passed, kept, spare = 0, self.allocator.lookup(hashes), 0
             need = self._blocks_for(r.prefill_len) - len(kept)
-        elif self.allocator.available < 1 + len(self.running):  # cannot pass the check below: skip the search
-            return False
         else:
+            # Beyond one block for each running request (see `_chunk`); when that fails even with
+            # nothing shared, the check below would too: skip the search.
+            need, spare = 1, len(self.running)
+            if need + spare > self.allocator.available:
+                return False
             passed, kept = self._windowed_prefix(hashes)
-            need = 1
         computed = (passed + len(kept)) * bs
-        # Under a window, beyond the blocks left for the running requests (see `_chunk`).
-        spare = 0 if self.sliding_window is None else len(self.running)
         if need + spare > self.allocator.available - sum(1 for b in kept if self.allocator.refs[b] == 0):
             return False
         for b in kept:

@@ -244,6 +244,8 @@ class StageProgram:
     cuda_graphs: bool = False
     # The most tokens a step may hold (the exported token dimension's bound), when known.
     max_tokens: int | None = None
+    # The rows of the embedding table input 0 indexes (token ids must be below it), when known.
+    vocab_size: int | None = None
 
     @property
     def dense(self) -> list[Stage]:

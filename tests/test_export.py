@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 import tileflow
 from tileflow.cli import main
+from tileflow.pipeline import PassContext, PassResult, register_pass
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -254,6 +255,42 @@ def test_export_refuses_what_an_archive_cannot_hold(options: dict) -> None:
         tileflow.export_model(model, (torch.randn(4, 8),), options=options)
 
 
+@register_pass
+class _ReluToSigmoid:
+    """Swaps relu for sigmoid and claims success: only `verify` can catch it."""
+
+    name = "test_export_relu_to_sigmoid"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.aten.relu.default:
+                node.target = torch.ops.aten.sigmoid.default
+                result.count("swapped")
+        return result
+
+
+def test_export_verify_checks_each_pass_on_the_example_inputs() -> None:
+    """`verify=True` in an export runs each pass's graph on the example args against the
+    unrewritten one (it used to record "skipped"): the wrong pass is rolled back, the GEMM
+    rewrite kept, and the archive computes the model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
+    x = torch.randn(4, 8)
+    options = {"target": "reference", "verify": True,
+               "passes": ["canonicalize", "gemm_padding", "test_export_relu_to_sigmoid"]}
+    archive = tileflow.export_model(model, (x,), ({0: torch.export.Dim("tokens", min=2, max=64)},), options=options)
+    [graph] = archive.report.graphs
+    assert graph.extra["verify"] == "checked each pass against the unrewritten graph"
+    errors = {p.name: p.error for p in graph.passes}
+    assert errors["gemm_padding"] is None and "changed output 0" in errors["test_export_relu_to_sigmoid"]
+    assert graph.rewrites.get("padded_gemm") == 1
+    with torch.no_grad():
+        torch.testing.assert_close(archive.program.module()(x), model(x))
+    with pytest.raises(ValueError, match="only emits its kernels here: drop verify"):
+        tileflow.export_model(model, (x,), options={"target": "ascend", "verify": True})
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
@@ -271,6 +308,18 @@ def test_bad_spec_is_one_line_exit_2(spec_dir: Path, spec: str, message: str) ->
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0]
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("dynamic, message", [
+    ("tokens=8:8", "MIN 8 must be below MAX 8 (for one fixed size, leave the dim static"),
+    ("tokens=9:3", "MIN 9 must be below MAX 3"),
+    ("tokens=8", "must look like NAME=MIN:MAX"),
+])
+def test_bad_dynamic_range_is_one_line_exit_2(spec_dir: Path, dynamic: str, message: str) -> None:
+    result = _cli(["export", "tf_export_spec:tiny", "-o", str(spec_dir / "never.pt2"), "--dynamic", dynamic], spec_dir)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: --dynamic {dynamic!r}") and message in line
 
 
 def test_bad_spec_in_subprocess_has_no_traceback(spec_dir: Path) -> None:

@@ -132,6 +132,20 @@ def test_stacked_swiglu_weight_and_cast(target) -> None:
     assert rel_err(got, want) <= 2e-3
 
 
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_every_target_refuses_operands_of_another_dtype(target) -> None:
+    """The reference target checks a launch as the device kernels do: operands whose dtype is
+    not the kernel's are refused, not silently computed in a mix of precisions."""
+    x, w = torch.randn(5, K), torch.randn(N, K)
+    with tileflow.use_config(tileflow.Config(target=target, max_tokens=64)):
+        with pytest.raises(ValueError, match="weight must be float32, got float16"):
+            padded_gemm(x, w.half())
+        with pytest.raises(ValueError, match="bias must be float32, got float64"):
+            padded_gemm(x, w, torch.randn(N, dtype=torch.float64))
+        with pytest.raises(ValueError, match=r"bias must be \[40\], got \(41,\)"):
+            padded_gemm(x, w, torch.randn(N + 1))
+
+
 def test_transposed_weight_view() -> None:
     x, w_kn = torch.randn(21, K), torch.randn(K, N)
     with tileflow.use_config(tileflow.Config(target="triton", max_tokens=64)):

@@ -477,3 +477,37 @@ def test_reference_backend_narrows_tasks_to_the_bias_ranges() -> None:
     cut = kernel(*args, attn_bias=bias, attn_bias_ranges=short)
     torch.testing.assert_close(cut[:4], right[:4])  # rows 0-3 see keys 0-3 only: unchanged
     assert (cut[4:] - right[4:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_every_backend_refuses_the_same_bad_launches(backend: str) -> None:
+    """The reference launcher makes the device launchers' checks (`check_launch_inputs`,
+    `softmax_scale`): sinks or ALiBi slopes that are not one per query head, a scale that is not
+    finite and a cache of another dtype are refused before anything runs."""
+    from tileflow.kernel_spec import KernelSpec, make_params
+    from tileflow.targets import get_backend
+
+    hq, hkv, d, s = 4, 2, 8, 5
+    kernels = {
+        extra: get_backend(backend).build(KernelSpec(
+            op="meta_attention", dtype="float32", out_dtype="float32",
+            params=make_params(head_dim=d, gqa=hq // hkv, block_q=4, causal=True, **{extra: True})))
+        for extra in ("sinks", "alibi")
+    }
+    q = torch.randn(s, hq, d)
+    k_cache, v_cache = torch.randn(2, 4, hkv, d), torch.randn(2, 4, hkv, d)
+    cu, lens = torch.tensor([0, s], dtype=torch.int32), torch.tensor([s], dtype=torch.int32)
+    table = build_task_table(cu, lens, num_q_heads=hq, num_kv_heads=hkv, block_q=4, num_programs=2)
+    args = (q, k_cache, v_cache, torch.tensor([[0, 1]], dtype=torch.int32), cu, lens, table)
+    good = {"sinks": {"sinks": torch.zeros(hq)}, "alibi": {"alibi_slopes": torch.full((hq,), 0.5)}}
+    for extra, kernel in kernels.items():
+        name = next(iter(good[extra]))
+        out = kernel(*args, out=torch.full_like(q, float("nan")), **good[extra])
+        assert out.isfinite().all()
+        with pytest.raises(ValueError, match=rf"pass {name}, a float \[Hq=4\] tensor"):
+            kernel(*args, **{name: torch.zeros(hq + 1)})
+        for scale in (float("nan"), float("inf"), True):
+            with pytest.raises(ValueError, match="the softmax scale must be a finite number"):
+                kernel(*args, scale=scale, **good[extra])
+        with pytest.raises(ValueError, match="k_cache must be float32, got float64"):
+            kernel(q, k_cache.double(), *args[2:], **good[extra])

@@ -242,6 +242,28 @@ def test_engine_refuses_a_budget_beyond_the_programs_steps(llama_program) -> Non
         ServingEngine(program, token_budget=300, decode_slots=2)
 
 
+def test_engine_cache_takes_the_programs_attention_dtype(llama_program) -> None:
+    program, _ = llama_program  # a float32 model
+    assert ServingEngine(program, token_budget=32).kv.k[0].dtype == torch.float32
+    with pytest.raises(ValueError, match=r"dtype=torch.float16 for the KV cache, but the program's attention runs in "
+                                         r"torch.float32: pass dtype=torch.float32"):
+        ServingEngine(program, token_budget=32, dtype=torch.float16)
+
+
+def test_engine_refuses_token_ids_past_the_vocabulary(llama_program) -> None:
+    # Inside the step such an id is an index error mid-batch (a device-side assert on a GPU).
+    program, _ = llama_program
+    assert program.vocab_size == VOCAB  # read from the embedding the token ids index
+    engine = ServingEngine(program, token_budget=32, decode_slots=2)
+    with pytest.raises(ValueError, match=rf"request 0: token ids \[{VOCAB}\] are not below the model's vocabulary size {VOCAB}"):
+        engine.add(Request(0, [1, VOCAB, 2], 2))
+    with pytest.raises(ValueError, match="not below the model's vocabulary"):
+        engine.add(Request(1, [1], 2, stop_tokens=frozenset({VOCAB + 5})))
+    assert not engine.scheduler.has_work()
+    engine.add(Request(2, [VOCAB - 1, 0], 2))  # the largest id is fine
+    assert engine.run().generated == 2
+
+
 @pytest.mark.parametrize("max_new_tokens", [0, 2.5, "3"])
 def test_requests_need_an_integer_token_count(max_new_tokens) -> None:
     with pytest.raises(ValueError, match="max_new_tokens an int >= 1"):

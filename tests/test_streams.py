@@ -238,3 +238,15 @@ def test_cuda_graphs_capture_a_whole_step_without_nano_batches(monkeypatch: pyte
                                        rtol=1e-5, atol=1e-5)
     assert ReplayOnCpu.captures == 2  # the 16- and 32-token buckets; 40 tokens ran uncaptured
     assert [g.extra.get("cuda_graphs") for g in report.graphs] == ["whole step, token buckets [16, 32]"]
+
+
+def test_cuda_graphs_on_a_cpu_graph_say_why_nothing_was_captured() -> None:
+    def step(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(x @ w.t())
+
+    report = tileflow.Report()
+    compiled = torch.compile(step, backend=tileflow.TileflowBackend({"cuda_graphs": True}, report=report), dynamic=True)
+    x, w = torch.randn(5, 8), torch.randn(4, 8)
+    torch.testing.assert_close(compiled(x, w), step(x, w))
+    [graph] = report.graphs
+    assert graph.extra["cuda_graphs"] == "not captured: CUDA graphs capture CUDA work, this graph runs on cpu"

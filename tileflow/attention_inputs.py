@@ -7,7 +7,8 @@ hardware needs, dtypes it has a path for). Two functions hold the common part:
 - `attention_params(spec, ...)`: validate the spec's params and resolve the tile sizes;
 - `check_launch_inputs(...)`: validate one launch's tensors against the spec and the task table
   and normalize them (int32 metadata and table on q's device, the output allocated), returning
-  a `LaunchInputs`.
+  a `LaunchInputs`;
+- `softmax_scale(...)`: the launch's softmax scale, 1/sqrt(head_dim) by default, checked finite.
 
 Error messages start with ``where`` (e.g. ``"kernel tileflow_meta_attention_..."``) and say what
 to change; tests match on them, so keep their wording stable.
@@ -16,6 +17,7 @@ to change; tests match on them, so keep their wording stable.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,6 +34,7 @@ __all__ = [
     "attention_params",
     "check_launch_inputs",
     "int_tensor",
+    "softmax_scale",
 ]
 
 # Columns of a task-table row and of a merge row (see the contract in tileflow/tasks.py).
@@ -408,6 +411,19 @@ def check_launch_inputs(
         sliding_window=window, attn_bias=bias, out=out, bias_ranges=ranges, softcap=cap, sinks=sink_logits,
         alibi_slopes=slopes,
     )
+
+
+def softmax_scale(scale: Any, head_dim: int, where: str) -> float:
+    """The softmax scale of a launch: `scale`, or 1/sqrt(head_dim) when it is None. A scale that
+    is not a finite real number raises ValueError prefixed with `where` (a NaN scale would
+    otherwise turn every output into NaN without a word)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.is_complex():
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{where}: the softmax scale must be a finite number, got {scale!r}")
+    return float(scale)
 
 
 def bias_ranges(attn_bias: torch.Tensor) -> torch.Tensor:

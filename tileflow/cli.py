@@ -72,8 +72,10 @@ def _parse_dynamic(items: tuple[str, ...]) -> dict[str, tuple[int, int]]:
         if not m:
             raise SpecError(f"--dynamic {item!r} must look like NAME=MIN:MAX, e.g. seq=2:512")
         lo, hi = int(m.group(2)), int(m.group(3))
-        if lo > hi:
-            raise SpecError(f"--dynamic {item!r}: MIN {lo} is larger than MAX {hi}")
+        if lo >= hi:
+            # torch.export.Dim needs a range: one size is a static dim (drop its --dynamic).
+            raise SpecError(f"--dynamic {item!r}: MIN {lo} must be below MAX {hi} (for one fixed size, leave the "
+                            "dim static: drop this --dynamic)")
         out[m.group(1)] = (lo, hi)
     return out
 

@@ -108,6 +108,8 @@ def compile_graph(
     runner = build_residual(gm, example_inputs, residual_mode)
     plan = gm.meta.get("tileflow_nanobatch")
     buckets = config.graph_buckets() if streams.graphs_apply(config.cuda_graphs, device_type) else ()
+    if config.cuda_graphs and not buckets:
+        graph_report.extra["cuda_graphs"] = f"not captured: CUDA graphs capture CUDA work, this graph runs on {device_type}"
     if plan is not None:
         from .runtime.nanobatch import NanoBatchRunner
 

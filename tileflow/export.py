@@ -166,6 +166,11 @@ def export_model(
     if "nanobatch" in config.passes or config.cuda_graphs:
         raise ValueError("tileflow export does not archive nano-batching or CUDA graphs (the 'nanobatch' pass, "
                          "cuda_graphs=True): drop them from the options, or use torch.compile(backend='tileflow')")
+    # Ascend C kernels are emitted, not built: CANN may not be on the exporting machine.
+    emit_only = config.target == "ascend"
+    if config.verify and emit_only:
+        raise ValueError("verify=True runs each pass's output on the example inputs, but an export for target "
+                         "'ascend' only emits its kernels here: drop verify, or check the archive where CANN runs it")
 
     notify("export")
     model = model.eval()
@@ -179,9 +184,10 @@ def export_model(
     try:
         config = config.replace(debug_dir=user_debug_dir or tmp_dir)
         report = Report()
-        # Ascend C kernels are emitted, not built: CANN may not be on the exporting machine.
+        # The exported module takes the example args as the model does, so they are the real
+        # inputs `verify` checks each pass on.
         compile_graph(captured.gm, captured.example_inputs, config, report, compile_id="export",
-                      emit_only=config.target == "ascend")
+                      emit_only=emit_only, real_inputs=example_args if config.verify else None)
         graph_report = report.graphs[-1]
 
         notify("kernels")

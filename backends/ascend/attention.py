@@ -57,7 +57,6 @@ and `task_pipeline(...)` (which pipeline the kernel runs for a task; for tests a
 from __future__ import annotations
 
 import ctypes
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +72,7 @@ from tileflow.attention_inputs import (
     LaunchInputs,
     attention_params,
     check_launch_inputs,
+    softmax_scale,
 )
 from tileflow.kernel_spec import KernelSpec
 from tileflow.targets import CompiledKernel
@@ -1766,7 +1766,7 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
         dense_out = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
         tree = inputs.tree_mask
         tree_size = 0 if tree is None else tree.shape[1]
-        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        scale = softmax_scale(scale, d, where)
         bias, bias_tiling, ranges = None, (), None
         if inputs.attn_bias is not None:
             bias, bias_tiling = _bias_operand(inputs.attn_bias, _bias_extent(table, inputs), where)

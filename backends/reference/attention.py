@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from tileflow.attention_inputs import bias_ranges
-from tileflow.kernel_spec import KernelSpec
+from tileflow.attention_inputs import attention_params, bias_ranges, check_launch_inputs, softmax_scale
+from tileflow.kernel_spec import DTYPES, KernelSpec
 from tileflow.targets import CompiledKernel
 from tileflow.tasks import TaskTable, check_metadata
 
@@ -486,12 +486,9 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
     integer metadata is converted to int32. The returned kernel's ``source`` is the Python of
     the tile loop it runs, so reports and the visualizer can show it like generated kernels.
     """
-    if spec.op != "meta_attention":
-        raise ValueError(f"build_reference_attention got a {spec.op!r} spec")
-    causal = bool(spec.param("causal", True))
-    has_softcap = bool(spec.param("softcap", False))
-    has_sinks = bool(spec.param("sinks", False))
-    has_alibi = bool(spec.param("alibi", False))
+    # The reference takes each task's whole KV range at once, so block_kv is never used.
+    params = attention_params(spec, target="reference", supported_dtypes=DTYPES, default_block_kv=64)
+    where = f"kernel {spec.name}"
 
     def launch(
         q: torch.Tensor,
@@ -512,20 +509,20 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
         sinks: torch.Tensor | None = None,
         alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the task table with torch ops (see `run_task_table`)."""
-        for name, param, wanted, value in (("softcap", "softcap", has_softcap, softcap),
-                                           ("sinks", "sinks", has_sinks, sinks),
-                                           ("alibi_slopes", "alibi", has_alibi, alibi_slopes)):
-            if wanted != (value is not None):
-                raise ValueError(
-                    f"kernel {spec.name}: {name} must be given exactly when the spec has {param}=True "
-                    f"(spec: {wanted}, got {name}={value!r})"
-                )
+        """Run the task table with torch ops (see `run_task_table`), after the checks every
+        backend's launcher makes (`check_launch_inputs`), so what the device kernels refuse
+        the reference refuses too."""
+        inputs = check_launch_inputs(
+            params, spec.dtype, where, q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv,
+            table, tree_mask=tree_mask, sliding_window=sliding_window, out=out, attn_bias=attn_bias,
+            attn_bias_ranges=attn_bias_ranges, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+        )
         return run_task_table(
-            table, q, k_cache, v_cache, block_table.to(torch.int32), cu_seqlens_q.to(torch.int32),
-            seqlens_kv.to(torch.int32), scale=scale, causal=causal, sliding_window=sliding_window,
-            tree_mask=tree_mask, out=out, attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges,
-            softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+            table, q, k_cache, v_cache, inputs.block_table, inputs.cu_seqlens_q, inputs.seqlens_kv,
+            scale=softmax_scale(scale, params.head_dim, where), causal=params.causal,
+            sliding_window=inputs.sliding_window, tree_mask=inputs.tree_mask, out=inputs.out,
+            attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges, softcap=inputs.softcap,
+            sinks=sinks, alibi_slopes=alibi_slopes,  # as given: the checked copies are float32
         )
 
     source = "\n\n".join(inspect.getsource(fn) for fn in (run_task_table, run_task, merge_partials))

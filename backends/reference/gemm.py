@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from tileflow.gemm_operands import grouped_gemm_operands
+from tileflow.gemm_operands import gemm_operands, grouped_gemm_operands
 from tileflow.kernel_spec import ACTIVATIONS, DTYPES, KernelSpec, check_gemm_spec, grouped_gemm_dims
 from tileflow.tiles import stream_k_segments
 
@@ -131,10 +131,6 @@ def make_reference_launcher(spec: KernelSpec, source: str) -> Callable[..., torc
     namespace: dict[str, Any] = {"gemm_tile": gemm_tile}
     exec(compile(source, f"<tileflow reference {spec.name}>", "exec"), namespace)
     kernel = namespace["kernel"]
-    n = spec.param("n")
-    swiglu = "swiglu" in spec.epilogue
-    out_dtype = getattr(torch, spec.out_dtype)
-
     split = bool(spec.param("split_k", False))
     stream_k = bool(spec.param("stream_k", False))
     k, block_k = spec.param("k"), spec.tile.block_k
@@ -146,18 +142,16 @@ def make_reference_launcher(spec: KernelSpec, source: str) -> Callable[..., torc
             raise ValueError(f"kernel {spec.name}: split_k needs a split-K kernel (make_params(..., split_k=True))")
         if split and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
             raise ValueError(f"kernel {spec.name}: a split-K kernel needs split_k, a positive int, got {split_k!r}")
+        # The checks (and the SwiGLU split) every backend's launcher makes, so what the device
+        # kernels refuse the reference refuses too.
+        ops = gemm_operands(spec, x, weight, bias, residual, out=out, weight_up=weight_up, bias_up=bias_up)
         k_split = tile_k_parts = None
         if split:  # parts of whole BLOCK_K steps, as the Triton kernel splits K
             k_split = -(-steps // split_k) * block_k
         if stream_k:
-            tile_k_parts = _stream_k_parts(spec, x.shape[0], num_programs or os.cpu_count() or 1)
-        if swiglu and weight_up is None:
-            weight, weight_up = weight[:n], weight[n:]
-            if bias is not None:
-                bias, bias_up = bias[:n], bias[n:]
-        if out is None:
-            out = torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device)
-        return kernel(x, weight, bias, residual, out, weight_up, bias_up, k_split, tile_k_parts)
+            tile_k_parts = _stream_k_parts(spec, ops.m, num_programs or os.cpu_count() or 1)
+        return kernel(ops.x, ops.weight, ops.bias, ops.residual, ops.out, ops.weight_up, ops.bias_up, k_split,
+                      tile_k_parts)
 
     return launch
 

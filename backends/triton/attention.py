@@ -40,6 +40,7 @@ from tileflow.attention_inputs import (
     TASK_COLS,
     attention_params,
     check_launch_inputs,
+    softmax_scale,
 )
 from tileflow.kernel_spec import KernelSpec
 
@@ -884,10 +885,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         # bool storage is one byte per element: viewed as uint8 (no copy), loads are plain.
         tree_arg = None if inputs.tree_mask is None else inputs.tree_mask.view(torch.uint8)
         bias_arg = inputs.attn_bias
-        if scale is None:
-            scale = 1.0 / math.sqrt(d)
-        if not math.isfinite(scale):
-            raise ValueError(f"{where}: the softmax scale must be a finite number, got {scale}")
+        scale = softmax_scale(scale, d, where)
         if scale < 0:
             # The kernel's unmasked blocks rely on qk_scale >= 0 (max(s) * scale is the max of
             # the scaled scores); q . k * scale == (-q) . k * -scale.

@@ -78,7 +78,9 @@ def build_stage_program(
     if "disaggregate" not in report.rewrites:
         reasons = "; ".join(f"{f.node}: {f.reason}" for f in report.fallbacks if f.pass_name == "disaggregate") or "see the report"
         raise ValueError(f"the step cannot be disaggregated: {reasons}")
+    vocab_size = embedding_rows(graph.gm, 0)  # before the split moves the embedding into a stage
     program = split_stages(graph.gm)
+    program.vocab_size = vocab_size
     device_type = next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
     graphed = graphs_apply(config.cuda_graphs, device_type)
     for stage in program.dense:
@@ -92,6 +94,27 @@ def build_stage_program(
     program.cuda_graphs = graphed
     program.max_tokens = max_tokens
     return program
+
+
+def embedding_rows(gm: torch.fx.GraphModule, input_index: int) -> int | None:
+    """The rows of the embedding table the graph's `input_index`-th input indexes directly (a
+    language model's vocabulary: its token ids must be below it), or None when it indexes none.
+    Checked on the host before a step, an id past the table is a clear error; inside the step it
+    is an index error mid-batch, or a device-side assert that ends the CUDA context."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if input_index >= len(inputs):
+        return None
+    for user in inputs[input_index].users:
+        if user.op == "call_function" and user.target is torch.ops.aten.embedding.default \
+                and user.args[1] is inputs[input_index]:
+            weight = user.args[0]
+            table = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+            if table is None and isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+                table = gm.get_parameter(weight.target) if weight.target in dict(gm.named_parameters()) \
+                    else gm.get_buffer(weight.target)
+            if isinstance(table, torch.Tensor) and table.dim() == 2:
+                return int(table.shape[0])
+    return None
 
 
 # Serving stages are captured up to this many tokens (vLLM's default too): larger steps run

@@ -137,6 +137,8 @@ class _UnreadStep:
 class ServingEngine:
     """Runs requests to completion through a `StageProgram` over packed tokens.
 
+    The KV cache has `num_blocks` blocks of `block_size` positions, in the program's attention
+    dtype (`dtype`, when given, must be that one).
     `overlap` (default: on unless drafting) launches each step before reading the previous
     step's tokens back; between `step` calls the tokens of the step in flight are placeholders in
     `Request.tokens` (negative: -1 - row of that step), until the next step or `synchronize`.
@@ -150,7 +152,7 @@ class ServingEngine:
 
     def __init__(
         self, program: StageProgram, *, token_budget: int = 64, decode_slots: int = 8, max_draft: int = 0,
-        block_size: int = 16, num_blocks: int = 256, dtype: torch.dtype = torch.float32,
+        block_size: int = 16, num_blocks: int = 256, dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu", nano_batches: int = 1, streams: StreamExecutor | None = None,
         overlap: bool | None = None, nano_shares: bool = True,
     ) -> None:
@@ -175,12 +177,21 @@ class ServingEngine:
         if len(heads) != 1:
             raise ValueError(f"every layer must have the same KV heads and head size, got {sorted(heads)}")
         (hkv, d), = heads
+        # The KV cache holds what the attention reads: the program's q, k and v dtype.
+        dtypes = {c.dtype for c in cuts}
+        if len(dtypes) != 1:
+            raise ValueError(f"every layer's attention must have one dtype, got {sorted(map(str, dtypes))}")
+        (attention_dtype,) = dtypes
+        if dtype is not None and dtype != attention_dtype:
+            raise ValueError(f"dtype={dtype} for the KV cache, but the program's attention runs in {attention_dtype}: "
+                             f"pass dtype={attention_dtype} (or leave dtype out)")
         self.program = program
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.scheduler = Scheduler(self.allocator, token_budget=token_budget, decode_slots=decode_slots,
                                    max_draft=max_draft, sliding_window=common_window(c.sliding_window for c in cuts))
         self.device = torch.device(device)
-        self.kv = PagedKV(len(cuts), hkv, d, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=self.device)
+        self.kv = PagedKV(len(cuts), hkv, d, block_size=block_size, num_blocks=num_blocks, dtype=attention_dtype,
+                          device=self.device)
         self.max_draft = max_draft
         self.metrics = Metrics()
         self._start = 0.0
@@ -194,7 +205,13 @@ class ServingEngine:
         self.streams = streams if streams is not None else CudaStreams(self.device) if self.device.type == "cuda" else None
 
     def add(self, request: Request) -> None:
-        """Queue a request."""
+        """Queue a request; ValueError for token ids the model has no embedding for."""
+        vocab = getattr(self.program, "vocab_size", None)
+        if vocab is not None:
+            bad = sorted({t for t in (*request.prompt, *request.stop_tokens) if t >= vocab})
+            if bad:
+                raise ValueError(f"request {request.id}: token ids {bad[:5]} are not below the model's vocabulary "
+                                 f"size {vocab}")
         self.scheduler.add(request)
 
     def run(self, requests: Sequence[Request] = (), *, progress: bool = False) -> Metrics:

@@ -391,7 +391,7 @@ def smoke(parts: list[str]) -> int:
 
     print("bench/e2e.py: no CUDA GPU here; timings need one. Running the CPU smoke check.")
     torch.manual_seed(0)
-    model = _llama(2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=SMOKE.vocab)
+    model = _llama(1, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=SMOKE.vocab)
     # On the CPU the nano-batched path runs its streams simulated (random valid interleavings).
     nanobatch_runtime.NanoBatchRunner._executor_for = lambda self, device: SimulatedStreams(seed=1)
     failures: list[str] = []

@@ -145,7 +145,7 @@ def main() -> int:
     tokens = [int(t) for t in args.tokens.split(",")]
     if not torch.cuda.is_available():
         print("bench/profile_step.py: no CUDA GPU here; device times need one. Running the CPU smoke check.")
-        model = _llama(2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=SMOKE.vocab)
+        model = _llama(1, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=SMOKE.vocab)
         text = run(model, [16], scale=SMOKE)
         # Both steps did GEMM work the profile attributes (tileflow's padded GEMMs, Inductor's mm).
         if text.count("| GEMM |") < 4:

@@ -133,7 +133,9 @@ def test_epilogue(dtype: str, epilogue: tuple[str, ...]) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("m", [1, 2, 7, 16, 17, 63, 100, 129, 1000])
+# Split-K is planned for few M tiles; 129 already spans several (M = 1000, half a minute in the
+# interpreter, adds nothing the plain kernel's test does not cover).
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 17, 63, 100, 129])
 def test_split_k_gemm_every_m(dtype: str, m: int) -> None:
     # K = 136: five BLOCK_K steps of 32, the last one masked. split_k 2 gives parts of 3 + 2
     # steps; 4 asks for more parts than a 2-step split allows and runs 3.

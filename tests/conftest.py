@@ -11,6 +11,14 @@ if not torch.cuda.is_available():
     # Must happen before anything imports triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
+    # Each xdist worker gets a core: torch's own thread pool per worker (and Inductor's pool of
+    # compile processes) would oversubscribe the CPU, and two long files side by side then ran
+    # about twice as long as either alone.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 from pathlib import Path  # noqa: E402
 from typing import Iterator  # noqa: E402
 

@@ -290,3 +290,22 @@ def test_attention_worker_rejects_positions_that_do_not_continue_the_cache() -> 
     assert out.shape == (3, 2, 4) and worker.cache.length(5) == 3
     with pytest.raises(ValueError, match="start at position 2 but the KV cache holds 3"):
         worker._attend(0, BatchShape((5,), (1,), (2,)), torch.randn(1, 4, 4))
+
+
+def test_embedding_rows_follow_the_token_ids_through_views() -> None:
+    """`build_stage_program` records the vocabulary the serving engine checks token ids against:
+    the rows of the table the first input indexes, found through the views GPT-2 puts first."""
+    from tileflow.capture import capture_exported
+    from tileflow.distributed.program import embedding_rows
+
+    class Embed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte, self.wpe = torch.nn.Embedding(50, 8), torch.nn.Embedding(20, 8)
+
+        def forward(self, ids: torch.Tensor, positions: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return (self.wte(ids.view(-1, ids.shape[-1])) + self.wpe(positions)) * scale
+
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None], torch.ones(1))
+    gm = capture_exported(torch.export.export(Embed(), example)).gm
+    assert [embedding_rows(gm, i) for i in range(4)] == [50, 20, None, None]

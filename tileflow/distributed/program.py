@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import operator
 import os
 from typing import Any, Sequence
 
@@ -96,25 +97,36 @@ def build_stage_program(
     return program
 
 
+# Ops that only reshape the token ids on their way to the embedding (GPT-2 views them first).
+_ID_RESHAPES = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+                          torch.ops.aten._unsafe_view.default, torch.ops.aten.clone.default,
+                          torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim})
+
+
 def embedding_rows(gm: torch.fx.GraphModule, input_index: int) -> int | None:
-    """The rows of the embedding table the graph's `input_index`-th input indexes directly (a
+    """The rows of the smallest embedding table the graph's `input_index`-th input indexes (a
     language model's vocabulary: its token ids must be below it), or None when it indexes none.
     Checked on the host before a step, an id past the table is a clear error; inside the step it
     is an index error mid-batch, or a device-side assert that ends the CUDA context."""
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if input_index >= len(inputs):
         return None
-    for user in inputs[input_index].users:
-        if user.op == "call_function" and user.target is torch.ops.aten.embedding.default \
-                and user.args[1] is inputs[input_index]:
-            weight = user.args[0]
-            table = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
-            if table is None and isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
-                table = gm.get_parameter(weight.target) if weight.target in dict(gm.named_parameters()) \
-                    else gm.get_buffer(weight.target)
-            if isinstance(table, torch.Tensor) and table.dim() == 2:
-                return int(table.shape[0])
-    return None
+    rows, ids = [], [inputs[input_index]]
+    while ids:
+        node = ids.pop()
+        for user in node.users:
+            if user.op != "call_function":
+                continue
+            if user.target in _ID_RESHAPES and user.args[0] is node:
+                ids.append(user)
+            elif user.target is torch.ops.aten.embedding.default and user.args[1] is node:
+                weight = user.args[0]
+                table = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else weight
+                if table is None and weight.op == "get_attr":
+                    table = operator.attrgetter(weight.target)(gm)
+                if isinstance(table, torch.Tensor) and table.dim() == 2:
+                    rows.append(int(table.shape[0]))
+    return min(rows, default=None)
 
 
 # Serving stages are captured up to this many tokens (vLLM's default too): larger steps run

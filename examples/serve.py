@@ -3,6 +3,7 @@ prefill and speculative verify over a paged KV cache, and print the serving metr
 
     python examples/serve.py [--draft 3] [--requests 12] [--nano-batches 2] [--check]
     python examples/serve.py --arch mistral --window 8 --blocks 10 --check
+    python examples/serve.py --temperature 0.8 --top-p 0.95 --check
 
 Mistral slides a window over every layer, so each request holds only the KV blocks its window
 and its step need: 10 blocks of 8 tokens serve prompts of up to 75 tokens (and their 24 new
@@ -10,8 +11,9 @@ ones) beside each other.
 
 The model's step is compiled by tileflow's passes (padded GEMMs, meta-attention, cut at its
 attention ops); each step packs decode/verify tokens first, then prompt chunks, up to the token
-budget. `--check` compares every request's tokens with eager transformers greedy generation and
-exits 1 on any difference.
+budget. `--check` compares every request's tokens with eager transformers greedy generation (with
+`--temperature` > 0, with the eager model's draws under each request's seed) and exits 1 on any
+difference.
 """
 
 from __future__ import annotations
@@ -35,14 +37,17 @@ def main() -> int:
     p.add_argument("--budget", type=int, default=64, help="tokens per step")
     p.add_argument("--slots", type=int, default=6, help="requests decoding at once")
     p.add_argument("--nano-batches", type=int, default=1, help="nano-batches per step, each on its own stream (1: off)")
-    p.add_argument("--check", action="store_true", help="compare with eager greedy generation")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sample, each request with its seed")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens reaching this mass")
+    p.add_argument("--check", action="store_true", help="compare with eager generation")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     import transformers
 
     from tileflow.distributed import CausalLMStep, build_stage_program
-    from tileflow.serving import Request, ServingEngine
+    from tileflow.serving import Request, SamplingParams, ServingEngine, generate_reference
 
     torch.manual_seed(args.seed)
     shape = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -63,7 +68,9 @@ def main() -> int:
         for _ in range(args.requests)
     ]
     eos = model.generation_config.eos_token_id  # requests stop after it, as `generate` does
-    requests = [Request(i, prompt, args.new_tokens, stop_tokens=[eos] if isinstance(eos, int) else eos or [])
+    stops = [eos] if isinstance(eos, int) else eos or []
+    requests = [Request(i, prompt, args.new_tokens, stop_tokens=stops,
+                        sampling=SamplingParams(args.temperature, args.top_k, args.top_p, seed=args.seed * 1000 + i))
                 for i, prompt in enumerate(prompts)]
     engine = ServingEngine(program, token_budget=args.budget, decode_slots=args.slots, max_draft=args.draft,
                            block_size=8, num_blocks=args.blocks, nano_batches=args.nano_batches)
@@ -71,14 +78,19 @@ def main() -> int:
     print(json.dumps({k: round(v, 4) for k, v in metrics.summary().items()}, indent=1))
     if args.check:
         for r in requests:
-            ids = torch.tensor([r.prompt])
-            with torch.no_grad():
-                out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                                         do_sample=False, pad_token_id=0)
-            if out[0, len(r.prompt):].tolist() != r.tokens[len(r.prompt):]:
+            if r.sampling.greedy:
+                ids = torch.tensor([r.prompt])
+                with torch.no_grad():
+                    out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                             do_sample=False, pad_token_id=0)
+                want = out[0, len(r.prompt):].tolist()
+            else:  # the eager model's draws, one token at a time, keyed by the request's seed
+                want = generate_reference(reference, r.prompt, args.new_tokens, r.sampling, r.stop_tokens)
+            if want != r.tokens[len(r.prompt):]:
                 print(f"MISMATCH request {r.id}", file=sys.stderr)
                 return 1
-        print(f"check passed: {len(requests)} requests equal eager greedy generation")
+        mode = "greedy generation" if args.temperature == 0 else "sampling with the same seeds"
+        print(f"check passed: {len(requests)} requests equal eager {mode}")
     return 0
 
 

@@ -117,8 +117,15 @@ def _serving_llama():
 
 
 def _assert_eager_tokens(reference, requests, what=()) -> None:
-    """Every request's generated tokens are `generate`'s greedy tokens for its prompt."""
+    """Every request's generated tokens are `generate`'s greedy tokens for its prompt (a sampled
+    request's: the eager model's draws under its seed)."""
+    from tileflow.serving import generate_reference
+
     for r in requests:
+        if not r.sampling.greedy:
+            want = generate_reference(reference, r.prompt, r.max_new_tokens, r.sampling, r.stop_tokens)
+            assert r.tokens[len(r.prompt):] == want, (*what, r.id)
+            continue
         ids = torch.tensor([r.prompt], device="cuda")
         with torch.no_grad():
             want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.max_new_tokens,
@@ -179,11 +186,11 @@ def test_to_device_copies_without_waiting_for_the_device() -> None:
 
 def test_overlapped_serving_steps_never_wait_for_the_device() -> None:
     """Once its kernels are built, an overlapped serving step (schedule, batch layout, task
-    tables, the model's launches; also split into nano-batches on streams) never synchronizes
-    with the GPU; only reading the previous step's tokens back waits, and the tokens equal eager
-    generation's."""
+    tables, the model's launches, a sampled request's draws; also split into nano-batches on
+    streams) never synchronizes with the GPU; only reading the previous step's tokens back waits,
+    and the tokens equal eager generation's (the sampled request's: eager draws, same seed)."""
     from tileflow.distributed import CausalLMStep, build_stage_program
-    from tileflow.serving import Request, ServingEngine
+    from tileflow.serving import Request, SamplingParams, ServingEngine
 
     model, reference, eos, example = _serving_llama()
     program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
@@ -191,9 +198,16 @@ def test_overlapped_serving_steps_never_wait_for_the_device() -> None:
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40)]
     import tileflow.runtime.attention
 
+    # The middle request samples: its draws are made on the device without waiting either.
+    sampled = SamplingParams(0.9, top_k=20, top_p=0.9, seed=5)
+
+    def make_requests() -> list[Request]:
+        return [Request(i, p, 8, stop_tokens=eos, sampling=sampled if i == 1 else SamplingParams())
+                for i, p in enumerate(prompts)]
+
     for nano in (1, 2):  # also with nano-batches on CUDA streams, each over its SM share
         ServingEngine(program, token_budget=48, decode_slots=3, block_size=8, num_blocks=64, device="cuda",
-                      nano_batches=nano).run([Request(i, p, 8, stop_tokens=eos) for i, p in enumerate(prompts)])
+                      nano_batches=nano).run(make_requests())
         tileflow.runtime.attention._launch_plan.cache_clear()  # every step builds and uploads its task tables again
         engine = ServingEngine(program, token_budget=48, decode_slots=3, block_size=8, num_blocks=64, device="cuda",
                                nano_batches=nano)
@@ -208,7 +222,7 @@ def test_overlapped_serving_steps_never_wait_for_the_device() -> None:
                 torch.cuda.set_sync_debug_mode("error")
 
         engine.synchronize = synchronize
-        requests = [Request(i, p, 8, stop_tokens=eos) for i, p in enumerate(prompts)]
+        requests = make_requests()
         torch.cuda.set_sync_debug_mode("error")
         try:
             engine.run(requests)

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from tileflow.passes.disaggregate import AttentionCut
 from tileflow.serving import (
-    BlockAllocator, OutOfBlocks, Request, Scheduler, ServingEngine, accept_draft, prefix_hashes, prompt_lookup_draft,
+    BlockAllocator, OutOfBlocks, Request, SamplingParams, Scheduler, ServingEngine, accept_draft, prefix_hashes,
+    prompt_lookup_draft,
 )
 
 VOCAB = 64
@@ -105,7 +106,10 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
     num_blocks = max(lives) + spare_blocks
     engine = ServingEngine(program, token_budget=budget, decode_slots=slots, max_draft=draft, block_size=4,
                            num_blocks=num_blocks, overlap=overlap)
-    requests = [Request(i, p, new_tokens[i], stop_tokens=stops) for i, p in enumerate(prompts)]
+    # Odd seeds sample every other request (the keyed draws, through placeholders and preemption).
+    sampling = [SamplingParams(0.8, top_k=seed % 5, seed=seed + i) if seed % 2 and i % 2 else SamplingParams()
+                for i in range(len(prompts))]
+    requests = [Request(i, p, new_tokens[i], stop_tokens=stops, sampling=sampling[i]) for i, p in enumerate(prompts)]
     for r in requests:
         engine.add(r)
     assert engine.scheduler.sliding_window == window
@@ -332,6 +336,49 @@ def test_greedy_tokens_equal_eager_generation(llama_program, max_draft: int) -> 
     assert 0 <= metrics.waited < metrics.wall and summary["host_waiting_share"] == metrics.waited / metrics.wall
     if max_draft:
         assert 0 < metrics.accepted <= metrics.drafted  # a repetitive random model accepts some drafts
+    assert engine.allocator.all_free()
+
+
+@pytest.mark.parametrize("max_draft,nano_batches", [(0, 1), (3, 1), (0, 2)])
+def test_sampled_tokens_equal_eager_sampling_in_any_batch(llama_program, monkeypatch: pytest.MonkeyPatch,
+                                                          max_draft: int, nano_batches: int) -> None:
+    """Sampled requests (temperature, top-k, top-p, each with its seed) served beside greedy ones,
+    with overlapped steps, drafts or nano-batches, get exactly the tokens the eager model draws
+    one token at a time with the same seeds: the draw is keyed by seed and position, so
+    batching, speculation and chunking change nothing. With drafts, an oracle drafter proposes
+    the eager tokens with every other draft's last token wrong, so verify steps accept and
+    reject drafted tokens that were drawn, not taken as the argmax."""
+    import tileflow.serving.engine as engine_module
+    from tileflow.serving import generate_reference
+
+    program, reference = llama_program
+    gen = torch.Generator().manual_seed(40 + max_draft + nano_batches)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (23, 5, 12, 30, 8)]
+    prompts[2] = prompts[0][:8] + [1, 2, 1, 2]  # shares a cached prefix with request 0
+    kinds = [SamplingParams(1.0, seed=1), SamplingParams(0.7, top_k=8, seed=2), SamplingParams(),
+             SamplingParams(1.3, top_p=0.8, seed=3), SamplingParams(0.5, top_k=5, top_p=0.9)]  # the last seeds itself
+    requests = [Request(i, p, 10, stop_tokens=_eos(reference), sampling=s) for i, (p, s) in enumerate(zip(prompts, kinds))]
+    wants = [generate_reference(reference, r.prompt, 10, r.sampling, r.stop_tokens) for r in requests]
+
+    def oracle_draft(tokens: list[int], k: int) -> list[int]:
+        full = next(r.prompt + w for r, w in zip(requests, wants) if (r.prompt + w)[: len(tokens)] == tokens)
+        draft = full[len(tokens) : len(tokens) + k]
+        if draft and len(tokens) % 2:
+            draft[-1] = (draft[-1] + 1) % VOCAB
+        return draft
+
+    monkeypatch.setattr(engine_module, "prompt_lookup_draft", oracle_draft)
+    engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4, num_blocks=64,
+                           nano_batches=nano_batches)
+    engine.run(requests)
+    for r, want in zip(requests, wants):
+        assert r.tokens[len(r.prompt):] == want, r.id
+    # The draws are not the argmax: some sampled request differs from greedy generation.
+    assert any(r.tokens[len(r.prompt):] != _eager_greedy(reference, r.prompt, 10) for r in requests if r.id != 2)
+    assert wants[2] == _eager_greedy(reference, requests[2].prompt, 10)
+    if max_draft:
+        m = engine.metrics
+        assert 0 < m.accepted < m.drafted and m.steps < 20, (m.accepted, m.drafted, m.steps)
     assert engine.allocator.all_free()
 
 
@@ -681,7 +728,8 @@ def test_step_leaves_placeholders_until_the_next_step_reads_them(llama_program) 
 
 
 # Mistral's window lets 6 blocks of 8 serve its prompts of up to 75 tokens side by side.
-@pytest.mark.parametrize("args", [(), ("--arch", "mistral", "--window", "8", "--blocks", "6")], ids=["llama", "mistral"])
+@pytest.mark.parametrize("args", [(), ("--arch", "mistral", "--window", "8", "--blocks", "6"),
+                                  ("--temperature", "0.8", "--top-p", "0.9")], ids=["llama", "mistral", "sampled"])
 def test_serve_example_checks_against_eager(args: tuple[str, ...]) -> None:
     import subprocess
     import sys

@@ -3,10 +3,13 @@
     program = tileflow.distributed.build_stage_program(CausalLMStep(model), example_inputs)
     engine = ServingEngine(program, token_budget=64, decode_slots=8, max_draft=3)
     metrics = engine.run([Request(0, prompt_ids, max_new_tokens=32)])
+    # sampled instead of greedy: the same tokens in any batch, with or without drafts
+    Request(1, prompt_ids, 32, sampling=SamplingParams(temperature=0.8, top_p=0.95, seed=7))
 """
 
 from .blocks import BlockAllocator, OutOfBlocks, common_window, prefix_hashes, release_behind_window
 from .engine import Metrics, ServingEngine, StepInputs, prompt_lookup_draft, split_entries
+from .sampling import SamplingParams, generate_reference, next_tokens
 from .scheduler import Entry, Request, Scheduler, accept_draft
 
 __all__ = [
@@ -15,11 +18,14 @@ __all__ = [
     "Metrics",
     "OutOfBlocks",
     "Request",
+    "SamplingParams",
     "Scheduler",
     "ServingEngine",
     "StepInputs",
     "accept_draft",
     "common_window",
+    "generate_reference",
+    "next_tokens",
     "prefix_hashes",
     "prompt_lookup_draft",
     "release_behind_window",

@@ -3,9 +3,10 @@
 Every step packs the scheduler's entries into one flat token batch and runs the model's step as
 tileflow compiled it (a `StageProgram`: the dense stages between attentions); each attention stage
 writes the step's new k/v into the paged cache and runs `meta_attention_varlen` over it, with a
-tree mask when the step verifies drafts. Greedy tokens are sampled; a verify entry keeps the
-drafted tokens the model agrees with plus the model's own next token, and the cache length rolls
-back over the rest.
+tree mask when the step verifies drafts. Each request's tokens are greedy or drawn as its
+`SamplingParams` say (`sampling.py`: a draw keyed by its seed and position, so batching and
+speculation never change its tokens); a verify entry keeps the drafted tokens equal to the ones
+the model picks plus the model's own next token, and the cache length rolls back over the rest.
 
 Without drafts the steps overlap (vLLM's asynchronous scheduling): the engine schedules and
 launches step n + 1 before it reads step n's tokens back, as if every request went on. Step
@@ -31,6 +32,7 @@ from ..runtime.paged_kv import PagedBatch, PagedKV
 from ..runtime.streams import CudaStreams, StreamExecutor, grid_share
 from ..transfers import to_device
 from .blocks import BlockAllocator, common_window
+from .sampling import RowSampling, SamplingParams, pick_tokens, row_sampling
 from .scheduler import Entry, Request, Scheduler, accept_draft, register_full_blocks
 
 
@@ -248,7 +250,7 @@ class ServingEngine:
         if not entries:
             raise RuntimeError("the scheduler produced an empty step with requests pending (no KV room?)")
         logits = self.forward(entries)
-        predictions = logits[0].argmax(-1)
+        predictions = pick_tokens(logits[0], self._row_sampling(entries))
         self.metrics.steps += 1
         self.metrics.tokens_in_steps += logits.shape[1]
         if not self.overlap:
@@ -306,6 +308,24 @@ class ServingEngine:
             else:
                 placeholders.extend((r, i) for i in range(len(r.tokens) - added, len(r.tokens)))
         return placeholders
+
+    def _row_sampling(self, entries: Sequence[Entry]) -> RowSampling | None:
+        """The step's rows that draw their token (requests that sample, not greedy), with the
+        position each draws for; a prompt chunk draws only in its last row (the others' tokens are
+        the prompt's). None when every request of the step is greedy."""
+        rows: list[int] = []
+        params: list[SamplingParams] = []
+        positions: list[int] = []
+        row = 0
+        for e in entries:
+            n = len(e.tokens)
+            if not e.request.sampling.greedy:
+                first = n - 1 if e.kind == "prefill" else 0
+                rows.extend(range(row + first, row + n))
+                positions.extend(range(e.start + first + 1, e.start + n + 1))  # row i picks the token after it
+                params.extend([e.request.sampling] * (n - first))
+            row += n
+        return row_sampling(self.device, rows, params, positions) if rows else None
 
     def _stamp(self, r: Request, count: int, now: float) -> None:
         """`count` of r's tokens reached the host at `now` (the first one sets r's TTFT)."""

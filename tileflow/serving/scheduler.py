@@ -37,17 +37,21 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 from .blocks import BlockAllocator, first_block_in_window, prefix_hashes, release_behind_window
+from .sampling import SamplingParams
 
 
 @dataclass(eq=False)  # requests are identities: two with equal fields are still two requests
 class Request:
-    """A prompt to continue greedily for `max_new_tokens` tokens, or until it generates one of
-    `stop_tokens` (kept, as `generate` keeps its EOS token), and its serving state."""
+    """A prompt to continue for `max_new_tokens` tokens, or until it generates one of
+    `stop_tokens` (kept, as `generate` keeps its EOS token), and its serving state. `sampling`
+    says how each token is picked (greedy by default); a sampled request without a seed gets
+    one here, kept in `sampling.seed`."""
 
     id: int
     prompt: list[int]
     max_new_tokens: int
     stop_tokens: frozenset[int] = frozenset()
+    sampling: SamplingParams = SamplingParams()
     # Prompt + generated (committed). A negative entry -1 - row stands for a token the engine
     # launched but has not read back yet: row `row` of the step in flight (ServingEngine.overlap).
     tokens: list[int] = field(default_factory=list)
@@ -80,6 +84,9 @@ class Request:
             raise ValueError(
                 f"request {self.id}: stop_tokens must be token ids (ints >= 0), got {sorted(self.stop_tokens, key=str)}"
             )
+        if not isinstance(self.sampling, SamplingParams):
+            raise ValueError(f"request {self.id}: sampling must be a SamplingParams, got {type(self.sampling).__name__}")
+        self.sampling = self.sampling.seeded()
         self.prompt = [int(t) for t in self.prompt]
         self.stop_tokens = frozenset(int(t) for t in self.stop_tokens)
         self.tokens = list(self.prompt)

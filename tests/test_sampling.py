@@ -1,0 +1,144 @@
+"""Per-request sampling: the keyed noise is uniform and independent across rows, draws follow the
+filtered softmax, top-k/top-p keep exactly the tokens they should (property test against a plain
+float64 reference), and a row's token depends on nothing but its logits, seed and position."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tileflow.serving import Request, SamplingParams, next_tokens
+from tileflow.serving.sampling import filter_logits, keyed_uniform, row_keys
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    n = counts.sum().item()
+    expected = probs.double() * n
+    return (((counts.double() - expected) ** 2) / expected).sum().item()
+
+
+@pytest.mark.parametrize("same_seed", [False, True])
+def test_keyed_noise_is_uniform_and_independent_across_rows(same_seed: bool) -> None:
+    seeds = torch.full((64,), 12345) if same_seed else torch.randint(0, 2**62, (64,))
+    u = keyed_uniform(torch.from_numpy(row_keys(seeds.numpy(), np.arange(64))), 4096)
+    assert u.dtype == torch.float32 and bool(((u > 0) & (u < 1)).all())
+    # 16 equal buckets over 262144 values: chi-square with 15 degrees of freedom stays far below 60
+    # (p < 1e-6) for uniform numbers; a biased hash (say, its low bits) fails it.
+    counts = torch.histc(u, bins=16, min=0, max=1)
+    assert _chi_square(counts, torch.full((16,), 1 / 16)) < 60
+    # Rows (consecutive positions, one seed or many) are uncorrelated: each correlation is about
+    # N(0, 1/64) over 4096 values, so none of the 2016 pairs comes near 0.1.
+    corr = torch.corrcoef(u.double())
+    corr.fill_diagonal_(0)
+    assert corr.abs().max().item() < 0.1
+
+
+def test_draws_follow_the_temperature_scaled_softmax() -> None:
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 30000
+    params = [SamplingParams(0.7, seed=s) for s in range(n)]
+    tokens = next_tokens(logits.expand(n, -1), params, [5] * n)
+    counts = torch.bincount(tokens, minlength=6)
+    # 5 degrees of freedom: 35 is p ~ 1e-6; argmax (every draw token 0) would give about 13000.
+    assert _chi_square(counts, (logits.double() / 0.7).softmax(0)) < 35
+
+
+@pytest.mark.parametrize("top_k,top_p,support", [(2, 1.0, [0, 1]), (0, 0.6, [0, 1]), (3, 0.9, [0, 1, 2])])
+def test_draws_stay_in_the_top_k_and_top_p_set(top_k: int, top_p: float, support: list[int]) -> None:
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()  # probabilities 0.5, 0.3, 0.15, 0.05
+    n = 20000
+    params = [SamplingParams(1.0, top_k=top_k, top_p=top_p, seed=s) for s in range(n)]
+    counts = torch.bincount(next_tokens(logits.expand(n, -1), params, [0] * n), minlength=4)
+    kept = torch.zeros(4, dtype=torch.bool)
+    kept[support] = True
+    assert counts[~kept].sum() == 0
+    probs = logits.exp()[kept] / logits.exp()[kept].sum()
+    assert _chi_square(counts[kept], probs) < 35
+
+
+def _reference_keep(row: list[float], top_k: int, top_p: float) -> tuple[set[int], bool]:
+    """The tokens top-k then top-p keep, by the definition (float64, ties broken by index), and
+    whether some token's mass-before sits within float32 rounding of the cut (it may go either
+    way)."""
+    order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+    if top_k:
+        order = order[:top_k]
+    if top_p >= 1:
+        return set(order), False
+    weights = [math.exp(row[i] - row[order[0]]) for i in order]
+    total, before, kept, near = sum(weights), 0.0, set(), False
+    for i, w in zip(order, weights):
+        near |= abs(before / total - top_p) < 1e-5
+        if before < top_p * total:
+            kept.add(i)
+        before += w
+    return kept, near
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.integers(-40, 40), min_size=1, max_size=12), min_size=1, max_size=6),
+    top_k=st.lists(st.integers(0, 14), min_size=6, max_size=6),
+    top_p=st.lists(st.sampled_from([0.05, 0.3, 0.5, 0.77, 0.9, 1.0]), min_size=6, max_size=6),
+)
+def test_filter_keeps_exactly_the_top_k_then_top_p_set(rows, top_k, top_p) -> None:
+    width = max(map(len, rows))
+    # Logits on a grid of 1/8 (ties included), padded rows filled with very unlikely tokens.
+    padded = [[v / 8 for v in r] + [-100.0 - i for i in range(width - len(r))] for r in rows]
+    n = len(rows)
+    out = filter_logits(torch.tensor(padded), torch.tensor(top_k[:n]), torch.tensor(top_p[:n]))
+    for i, row in enumerate(padded):
+        kept = {j for j in range(width) if out[i, j] != -math.inf}
+        want, near_the_cut = _reference_keep(row, top_k[i], top_p[i])
+        if not near_the_cut:
+            assert kept == want, (row, top_k[i], top_p[i])
+        assert all(out[i, j] == row[j] for j in kept)
+
+
+def test_a_rows_token_depends_only_on_its_logits_seed_and_position() -> None:
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 50, generator=gen)
+    params = [SamplingParams(0.9, top_k=10 * (i % 3), top_p=(1.0, 0.8)[i % 2], seed=100 + i) for i in range(8)]
+    positions = list(range(20, 28))
+    together = next_tokens(logits, params, positions)
+    alone = torch.stack([next_tokens(logits[i : i + 1], params[i : i + 1], positions[i : i + 1])[0] for i in range(8)])
+    reversed_ = next_tokens(logits.flip(0), params[::-1], positions[::-1]).flip(0)
+    assert together.tolist() == alone.tolist() == reversed_.tolist()
+    # Another seed or position draws again: over 8 rows, some token changes.
+    assert next_tokens(logits, [SamplingParams(0.9, seed=7)] * 8, positions).tolist() != \
+        next_tokens(logits, [SamplingParams(0.9, seed=8)] * 8, positions).tolist()
+    # Greedy rows (temperature 0, or below vLLM's 1e-5) are the argmax.
+    greedy = [SamplingParams(), SamplingParams(1e-6, seed=1)] * 4
+    assert next_tokens(logits, greedy, positions).tolist() == logits.argmax(-1).tolist()
+
+
+def test_requests_seed_themselves_from_torch() -> None:
+    torch.manual_seed(11)
+    first = Request(0, [1, 2], 4, sampling=SamplingParams(0.8)).sampling.seed
+    torch.manual_seed(11)
+    again = Request(1, [1, 2], 4, sampling=SamplingParams(0.8)).sampling.seed
+    assert first is not None and first == again
+    assert Request(2, [1], 1, sampling=SamplingParams(0.8, seed=5)).sampling.seed == 5
+    assert Request(3, [1], 1).sampling.seed is None  # greedy needs none
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"temperature": -0.5}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": True}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"),
+])
+def test_bad_sampling_parameters_are_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_requests_refuse_sampling_that_is_not_sampling_params() -> None:
+    with pytest.raises(ValueError, match="SamplingParams"):
+        Request(0, [1], 1, sampling={"temperature": 0.7})
+    with pytest.raises(ValueError, match="seed"):
+        next_tokens(torch.zeros(1, 4), [SamplingParams(0.5)], [0])  # unseeded: the request seeds it

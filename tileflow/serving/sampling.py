@@ -1,0 +1,228 @@
+"""Per-request sampling (temperature, top-k, top-p) that gives the same tokens in any batch.
+
+Each sampled token is the Gumbel-max draw `argmax(logits / temperature + g)`, where the noise
+`g` is a counter-based hash of (the request's seed, the position of the token drawn, the
+vocabulary index), not the state of a random generator. So a request's tokens depend only on its
+seed and on its own logits:
+- not on which requests share its step, their order, how the step was cut into nano-batches, or
+  whether its steps overlapped;
+- not on speculation: a verified draft is kept when it equals the token the draw gives at its
+  position, and every other token comes from the same draw as well, so drafts change how many
+  steps a request takes, never which tokens it gets. With drafts that are single tokens (prompt
+  lookup), this is also exactly speculative sampling's distribution: the token at each position is
+  drawn from the target model's (filtered) distribution, whatever was drafted;
+- not on preemption: a recomputed request draws its next token with the same key.
+
+Fresh keys at every position make the draws independent across positions, and the Gumbel-max
+draw over a row is an exact sample from `softmax(logits / temperature)` restricted to the tokens
+top-k and top-p keep (SGLang's deterministic sampling keys its noise the same way).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Collection, Sequence
+
+import numpy as np
+import torch
+
+from ..transfers import to_device
+
+_MASK32 = 0xFFFFFFFF
+# Two odd multipliers below 2**31 (hash-prospector's "lowbias32" family), so a 32-bit value times
+# one stays inside int64 and the hash runs as plain int64 ops, in numpy or torch on any device.
+_MUL_A, _MUL_B = 0x21F0AAAD, 0x735A2D97
+_GREEDY_BELOW = 1e-5
+_ELEMENTS_PER_CHUNK = 1 << 22  # rows x vocabulary hashed at once: bounds the int64 temporaries
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request picks each new token.
+
+    `temperature` 0 (the default) is greedy decoding and ignores the rest; so is any temperature
+    below 1e-5 (vLLM's cut-off: dividing by less overflows the logits). Otherwise tokens are
+    drawn from `softmax(logits / temperature)`, first cut to the `top_k` most likely tokens (0: no
+    cut), then to the smallest set of those whose probability reaches `top_p` (1: no cut), as
+    transformers' and vLLM's samplers order them. `seed` keys the draws; None gets a fresh one
+    from torch's default generator when the request is made (so `torch.manual_seed` makes runs
+    repeat), kept in `Request.sampling`.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t, p = self.temperature, self.top_p
+        if not _is_real(t) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {t!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0: no limit), got {self.top_k!r}")
+        if not _is_real(p) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1] (1: no limit), got {p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an int in [0, 2**63) or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when tokens are the argmax of the logits."""
+        return self.temperature < _GREEDY_BELOW
+
+    def seeded(self) -> SamplingParams:
+        """These parameters with a seed: their own, or a fresh one for a sampled request."""
+        if self.greedy or self.seed is not None:
+            return self
+        seed = int(torch.randint(0, 2**62, ()))
+        return SamplingParams(self.temperature, self.top_k, self.top_p, seed)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _mix32(x: Any) -> Any:
+    """A 32-bit avalanche hash of each element of `x` (int64 holding values below 2**32; a torch
+    tensor or a numpy array: the keys are made on the host, the noise on the device)."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL_A) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MUL_B) & _MASK32
+    return x ^ (x >> 15)
+
+
+def row_keys(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Two 32-bit keys per row, int64 `[rows, 2]`, from each row's seed (int64 >= 0) and the
+    position of the token it draws."""
+    seeds, positions = np.asarray(seeds, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+    k = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) ^ 0x9E3779B9))
+    k = _mix32(k ^ (positions & _MASK32))
+    return np.stack([k, _mix32(k ^ 0x5BD1E995)], axis=-1)
+
+
+def keyed_uniform(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform numbers in (0, 1), float32 `[rows, vocab]`: element (r, v) hashes v with row r's
+    two keys, one per round of mixing (with one, two rows whose keys agreed in their high bits
+    would draw the same numbers in another order)."""
+    index = torch.arange(vocab, device=keys.device, dtype=torch.int64)
+    h = _mix32(_mix32(index[None, :] ^ keys[:, :1]) ^ keys[:, 1:])
+    # The top 24 bits, centred in their bucket: exactly representable, never 0 or 1.
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`logits` (float32 `[rows, vocab]`, already divided by the temperature) with every token
+    outside each row's top-k, then outside the smallest set reaching top-p of what is left, set
+    to -inf. A row with top_k 0 and top_p 1 is unchanged; the most likely token always stays."""
+    cut_k, cut_p = top_k > 0, top_p < 1
+    ordered, order = logits.sort(dim=-1, descending=True, stable=True)  # stable: ties cut the same way
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    keep = ~cut_k[:, None] | (rank[None, :] < top_k[:, None])
+    ordered = ordered.masked_fill(~keep, -math.inf)
+    probs = ordered.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # the mass of the more likely tokens
+    # Rows without a top-p cut skip it: a float32 cumsum over a large vocabulary can reach 1.0
+    # before its last tokens.
+    keep &= ~cut_p[:, None] | (before < top_p[:, None])
+    return torch.full_like(logits, -math.inf).scatter(-1, order, ordered.masked_fill(~keep, -math.inf))
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """The sampled rows of a step's logits and their parameters, as tensors on the logits'
+    device: row indices (int64 `[n]`), temperatures and top-p (float32), top-k (int64) and the
+    noise keys (`row_keys`, int64 `[n, 2]`)."""
+
+    rows: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    keys: torch.Tensor
+    filtered: bool  # some row cuts by top-k or top-p (known on the host: no device sync to ask)
+
+
+def row_sampling(device: torch.device | str, rows: Sequence[int], params: Sequence[SamplingParams],
+                 positions: Sequence[int]) -> RowSampling | None:
+    """`RowSampling` for the rows whose `params` sample (temperature > 0, seeded); row `rows[i]`
+    draws the token at position `positions[i]` of its request. None when every row is greedy.
+    The arrays reach the device without waiting for it (`to_device`)."""
+    if not len(rows) == len(params) == len(positions):
+        raise ValueError(f"{len(rows)} rows, {len(params)} sampling parameters and {len(positions)} positions: "
+                         "give one of each per row")
+    picked = [i for i, p in enumerate(params) if not p.greedy]
+    if not picked:
+        return None
+    if any(params[i].seed is None for i in picked):
+        raise ValueError("sampled rows need a seed: use SamplingParams.seeded() (requests seed themselves)")
+    chosen = [params[i] for i in picked]
+    keys = row_keys(np.array([p.seed for p in chosen], dtype=np.int64),
+                    np.array([positions[i] for i in picked], dtype=np.int64))
+    row_index, temperature, top_k, top_p, keys = to_device(
+        device,
+        np.array([rows[i] for i in picked], dtype=np.int64),
+        np.array([p.temperature for p in chosen], dtype=np.float32),
+        np.array([p.top_k for p in chosen], dtype=np.int64),
+        np.array([p.top_p for p in chosen], dtype=np.float32),
+        keys,
+    )
+    filtered = any(p.top_k > 0 or p.top_p < 1 for p in chosen)
+    return RowSampling(row_index, temperature, top_k, top_p, keys, filtered)
+
+
+def draw(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
+    """The tokens drawn for `sampling.rows` of `logits` `[rows, vocab]` (any float dtype and
+    device), int64 `[n]`: Gumbel-max over the filtered, temperature-scaled logits with the keyed
+    noise (see the module docstring). Rows go through in chunks, so the int64 temporaries of the
+    hash stay small for any vocabulary."""
+    vocab = logits.shape[1]
+    chunk = max(1, _ELEMENTS_PER_CHUNK // max(1, vocab))
+    tokens = []
+    for s in range(0, sampling.rows.shape[0], chunk):
+        part = slice(s, s + chunk)
+        scaled = logits[sampling.rows[part]].float() / sampling.temperature[part, None]
+        if sampling.filtered:
+            scaled = filter_logits(scaled, sampling.top_k[part], sampling.top_p[part])
+        gumbel = -torch.log(-torch.log(keyed_uniform(sampling.keys[part], vocab)))
+        tokens.append((scaled + gumbel).argmax(dim=-1))
+    return torch.cat(tokens) if tokens else torch.empty(0, dtype=torch.int64, device=logits.device)
+
+
+def pick_tokens(logits: torch.Tensor, sampling: RowSampling | None) -> torch.Tensor:
+    """The token each row of `logits` `[rows, vocab]` picks: the keyed draw for `sampling.rows`,
+    the argmax for the others; int64 `[rows]` on the logits' device."""
+    tokens = logits.argmax(dim=-1)
+    if sampling is not None:
+        tokens[sampling.rows] = draw(logits, sampling)
+    return tokens
+
+
+def next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]) -> torch.Tensor:
+    """The token each row of `logits` `[rows, vocab]` picks under `params[i]` (greedy or drawn);
+    `positions[i]` is the position in its request of the token row i picks."""
+    return pick_tokens(logits, row_sampling(logits.device, range(len(params)), params, positions))
+
+
+@torch.no_grad()
+def generate_reference(model: torch.nn.Module, prompt: Sequence[int], max_new_tokens: int,
+                       sampling: SamplingParams = SamplingParams(), stop_tokens: Collection[int] = ()) -> list[int]:
+    """The tokens a request gets from the eager `model` (a transformers causal LM) one token at a
+    time, each over the whole sequence so far with no cache: what a served request with the same
+    prompt, seeded `sampling` and stop tokens must generate (the engine's check). Stops after the
+    first stop token, keeping it."""
+    if not sampling.greedy and sampling.seed is None:
+        raise ValueError("generate_reference needs the seed the request used: pass request.sampling")
+    tokens = list(prompt)
+    device = next(model.parameters()).device
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([tokens], device=device), use_cache=False).logits[0, -1:]
+        tokens.append(int(next_tokens(logits, [sampling], [len(tokens)])[0]))
+        if tokens[-1] in stop_tokens:
+            break
+    return tokens[len(prompt):]

@@ -198,8 +198,9 @@ def test_overlapped_serving_steps_never_wait_for_the_device() -> None:
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40)]
     import tileflow.runtime.attention
 
-    # The middle request samples: its draws are made on the device without waiting either.
-    sampled = SamplingParams(0.9, top_k=20, top_p=0.9, seed=5)
+    # The middle request samples and returns logprobs: its draws and its logprobs are made on the
+    # device and read back with the tokens, without waiting either.
+    sampled = SamplingParams(0.9, top_k=20, top_p=0.9, seed=5, logprobs=2)
 
     def make_requests() -> list[Request]:
         return [Request(i, p, 8, stop_tokens=eos, sampling=sampled if i == 1 else SamplingParams())
@@ -229,6 +230,9 @@ def test_overlapped_serving_steps_never_wait_for_the_device() -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         _assert_eager_tokens(reference, requests, (nano,))
+        scored = requests[1]
+        assert len(scored.logprobs) == len(scored.top_logprobs) == scored.generated
+        assert all(lp <= 0 for lp in scored.logprobs) and all(len(top) == 2 for top in scored.top_logprobs)
 
 
 def test_nano_batches_with_equal_shapes_share_task_tables_safely() -> None:

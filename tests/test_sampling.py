@@ -131,6 +131,7 @@ def test_requests_seed_themselves_from_torch() -> None:
     ({"temperature": -0.5}, "temperature"), ({"temperature": float("nan")}, "temperature"),
     ({"temperature": True}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"),
     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"),
+    ({"logprobs": -1}, "logprobs"), ({"logprobs": 1.5}, "logprobs"), ({"logprobs": True}, "logprobs"),
 ])
 def test_bad_sampling_parameters_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -107,7 +107,9 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
     engine = ServingEngine(program, token_budget=budget, decode_slots=slots, max_draft=draft, block_size=4,
                            num_blocks=num_blocks, overlap=overlap)
     # Odd seeds sample every other request (the keyed draws, through placeholders and preemption).
-    sampling = [SamplingParams(0.8, top_k=seed % 5, seed=seed + i) if seed % 2 and i % 2 else SamplingParams()
+    # Even requests of even seeds ask for logprobs (placed as their tokens are, read back late).
+    sampling = [SamplingParams(0.8, top_k=seed % 5, seed=seed + i) if seed % 2 and i % 2
+                else SamplingParams(logprobs=i % 3) if i % 2 == 0 and seed % 2 == 0 else SamplingParams()
                 for i in range(len(prompts))]
     requests = [Request(i, p, new_tokens[i], stop_tokens=stops, sampling=sampling[i]) for i, p in enumerate(prompts)]
     for r in requests:
@@ -150,6 +152,9 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
     for r in requests:  # each ran to its token count, to its first stop token, or until aborted
         generated = r.tokens[len(r.prompt):]
         assert r.done and len(generated) == r.generated and min(generated, default=0) >= 0
+        if r.sampling.logprobs is not None:  # one per token, each read back (no NaN left)
+            assert len(r.logprobs) == len(r.top_logprobs) == r.generated
+            assert all(lp <= 0 for lp in r.logprobs) and all(len(t) == min(r.sampling.logprobs, VOCAB) for t in r.top_logprobs)
         assert not stops & set(generated[:-1])
         if r.finish_reason == "abort":
             assert r.id in aborted and r.generated <= r.max_new_tokens
@@ -355,7 +360,7 @@ def test_sampled_tokens_equal_eager_sampling_in_any_batch(llama_program, monkeyp
     gen = torch.Generator().manual_seed(40 + max_draft + nano_batches)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (23, 5, 12, 30, 8)]
     prompts[2] = prompts[0][:8] + [1, 2, 1, 2]  # shares a cached prefix with request 0
-    kinds = [SamplingParams(1.0, seed=1), SamplingParams(0.7, top_k=8, seed=2), SamplingParams(),
+    kinds = [SamplingParams(1.0, seed=1), SamplingParams(0.7, top_k=8, seed=2, logprobs=3), SamplingParams(logprobs=0),
              SamplingParams(1.3, top_p=0.8, seed=3), SamplingParams(0.5, top_k=5, top_p=0.9)]  # the last seeds itself
     requests = [Request(i, p, 10, stop_tokens=_eos(reference), sampling=s) for i, (p, s) in enumerate(zip(prompts, kinds))]
     wants = [generate_reference(reference, r.prompt, 10, r.sampling, r.stop_tokens) for r in requests]
@@ -373,6 +378,21 @@ def test_sampled_tokens_equal_eager_sampling_in_any_batch(llama_program, monkeyp
     engine.run(requests)
     for r, want in zip(requests, wants):
         assert r.tokens[len(r.prompt):] == want, r.id
+    # Logprobs where asked (a sampled and a greedy request): the eager model's log-softmax at each
+    # generated token, before temperature and filters; the top-n, the n most likely tokens.
+    for r in requests[1:3]:
+        with torch.no_grad():
+            scores = reference(torch.tensor([r.tokens]), use_cache=False).logits[0].double().log_softmax(-1)
+        rows = scores[len(r.prompt) - 1 : len(r.tokens) - 1]
+        generated = torch.tensor(r.tokens[len(r.prompt):])
+        assert len(r.logprobs) == len(r.top_logprobs) == r.generated
+        torch.testing.assert_close(torch.tensor(r.logprobs, dtype=torch.float64), rows[torch.arange(r.generated), generated],
+                                   rtol=0, atol=1e-4)
+        for got, row in zip(r.top_logprobs, rows):
+            best = row.topk(r.sampling.logprobs)
+            assert list(got) == best.indices.tolist()
+            torch.testing.assert_close(torch.tensor(list(got.values()), dtype=torch.float64), best.values, rtol=0, atol=1e-4)
+    assert all(not r.logprobs and not r.top_logprobs for r in requests if r.sampling.logprobs is None)
     # The draws are not the argmax: some sampled request differs from greedy generation.
     assert any(r.tokens[len(r.prompt):] != _eager_greedy(reference, r.prompt, 10) for r in requests if r.id != 2)
     assert wants[2] == _eager_greedy(reference, requests[2].prompt, 10)

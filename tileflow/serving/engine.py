@@ -19,6 +19,7 @@ with its blocks, and nothing it computed there is kept.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -32,7 +33,7 @@ from ..runtime.paged_kv import PagedBatch, PagedKV
 from ..runtime.streams import CudaStreams, StreamExecutor, grid_share
 from ..transfers import to_device
 from .blocks import BlockAllocator, common_window
-from .sampling import RowSampling, SamplingParams, pick_tokens, row_sampling
+from .sampling import RowSampling, SamplingParams, pick_tokens, row_sampling, token_logprobs
 from .scheduler import Entry, Request, Scheduler, accept_draft, register_full_blocks
 
 
@@ -125,15 +126,27 @@ class Metrics:
 
 
 @dataclass
+class _StepScores:
+    """A step's logprobs (`token_logprobs` over the rows of requests that asked for them, with
+    the largest top-n any of them asked for) and where each row's sit (row -> index)."""
+
+    values: torch.Tensor
+    index: dict[int, int]
+
+
+@dataclass
 class _UnreadStep:
     """A launched step whose tokens the host has not read yet: its predictions on the device, the
-    copy of them on its way to the host (and the event that says it arrived), and where the
-    placeholders for them sit: (request, index in its tokens)."""
+    copy of them (and of its logprobs) on its way to the host, the event that says they arrived,
+    and where the placeholders for them sit: (request, index in its tokens), and (request, index
+    in its logprobs, row)."""
 
     predictions: torch.Tensor
     host: torch.Tensor
+    scores: _StepScores | None
     arrived: torch.cuda.Event | None
     placeholders: list[tuple[Request, int]]
+    scored: list[tuple[Request, int, int]]
 
 
 class ServingEngine:
@@ -251,20 +264,26 @@ class ServingEngine:
             raise RuntimeError("the scheduler produced an empty step with requests pending (no KV room?)")
         logits = self.forward(entries)
         predictions = pick_tokens(logits[0], self._row_sampling(entries))
+        scores = self._scores(entries, logits[0], predictions)
         self.metrics.steps += 1
         self.metrics.tokens_in_steps += logits.shape[1]
         if not self.overlap:
             start = time.perf_counter()
             tokens = predictions.tolist()  # waits for the device
+            values = scores.values.tolist() if scores is not None else []
             now = time.perf_counter()
             self.metrics.waited += now - start
-            self._commit(entries, tokens, now - self._start)
+            _, scored = self._commit(entries, tokens, now - self._start)
+            _fill_logprobs(scored, values, scores)
             return entries
         # This step is queued on the device: read the previous one's tokens while it runs, then
         # commit this one's as placeholders (-1 - row), which the next step gathers on the device.
         self.synchronize()
-        placeholders = self._commit(entries, list(range(-1, -1 - len(predictions), -1)), None)
-        self._in_flight = _UnreadStep(predictions, *_start_read_back(predictions), placeholders)
+        placeholders, scored = self._commit(entries, list(range(-1, -1 - len(predictions), -1)), None)
+        hosts, arrived = _start_read_back(predictions, *([scores.values] if scores is not None else []))
+        if scores is not None:
+            scores = _StepScores(hosts[1], scores.index)  # the copy on its way to the host
+        self._in_flight = _UnreadStep(predictions, hosts[0], scores, arrived, placeholders, scored)
         if not self.scheduler.has_work():  # nothing left to overlap with
             self.synchronize()
         return entries
@@ -279,6 +298,7 @@ class ServingEngine:
         if step.arrived is not None:
             step.arrived.synchronize()
         values = step.host.tolist()
+        _fill_logprobs(step.scored, step.scores.values.tolist() if step.scores is not None else [], step.scores)
         self.metrics.waited += time.perf_counter() - start
         now = time.perf_counter() - self._start
         for r, index in step.placeholders:
@@ -290,11 +310,13 @@ class ServingEngine:
                 elif r.finish_reason == "length":  # its last token: a stop token, as it turns out
                     r.finish_reason = "stop"
 
-    def _commit(self, entries: Sequence[Entry], predictions: list[int], now: float | None) -> list[tuple[Request, int]]:
+    def _commit(self, entries: Sequence[Entry], predictions: list[int], now: float | None
+                ) -> tuple[list[tuple[Request, int]], list[tuple[Request, int, int]]]:
         """Advance every entry's request by the step's `predictions` (one per packed row; tokens,
         or placeholders when `now` is None, which are returned as (request, index) and stamped
-        when read)."""
-        placeholders = []
+        when read). Also returns where the new tokens' logprobs go, for requests that asked:
+        (request, index in its logprobs, the row that picked the token), NaN until filled."""
+        placeholders, scored = [], []
         row = 0
         for e in entries:
             n = len(e.tokens)
@@ -307,12 +329,18 @@ class ServingEngine:
                 self._stamp(r, added, now)
             else:
                 placeholders.extend((r, i) for i in range(len(r.tokens) - added, len(r.tokens)))
-        return placeholders
+            if added and r.sampling.logprobs is not None:
+                # The new tokens are the picks of the entry's rows from its first picking row on
+                # (accepted drafts equal the picks of the rows before them).
+                first = row - n + _first_pick(e)
+                scored.extend((r, len(r.logprobs) + j, first + j) for j in range(added))
+                r.logprobs.extend([math.nan] * added)
+                r.top_logprobs.extend({} for _ in range(added))
+        return placeholders, scored
 
     def _row_sampling(self, entries: Sequence[Entry]) -> RowSampling | None:
         """The step's rows that draw their token (requests that sample, not greedy), with the
-        position each draws for; a prompt chunk draws only in its last row (the others' tokens are
-        the prompt's). None when every request of the step is greedy."""
+        position each draws for. None when every request of the step is greedy."""
         rows: list[int] = []
         params: list[SamplingParams] = []
         positions: list[int] = []
@@ -320,12 +348,31 @@ class ServingEngine:
         for e in entries:
             n = len(e.tokens)
             if not e.request.sampling.greedy:
-                first = n - 1 if e.kind == "prefill" else 0
+                first = _first_pick(e)
                 rows.extend(range(row + first, row + n))
                 positions.extend(range(e.start + first + 1, e.start + n + 1))  # row i picks the token after it
                 params.extend([e.request.sampling] * (n - first))
             row += n
         return row_sampling(self.device, rows, params, positions) if rows else None
+
+    def _scores(self, entries: Sequence[Entry], logits: torch.Tensor, predictions: torch.Tensor) -> _StepScores | None:
+        """The logprobs of the step's picks (and the top-n) for the requests that asked for them,
+        computed on the device; None when none did."""
+        rows: list[int] = []
+        top = 0
+        row = 0
+        for e in entries:
+            n = len(e.tokens)
+            asked = e.request.sampling.logprobs
+            if asked is not None:
+                rows.extend(range(row + _first_pick(e), row + n))
+                top = max(top, asked)
+            row += n
+        if not rows:
+            return None
+        (index,) = to_device(self.device, np.array(rows, dtype=np.int64))
+        values = token_logprobs(logits, index, predictions[index], top)
+        return _StepScores(values, {r: i for i, r in enumerate(rows)})
 
     def _stamp(self, r: Request, count: int, now: float) -> None:
         """`count` of r's tokens reached the host at `now` (the first one sets r's TTFT)."""
@@ -483,13 +530,33 @@ class ServingEngine:
         return out.unsqueeze(0).transpose(1, 2)
 
 
-def _start_read_back(predictions: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """Start copying a step's predictions to the host without waiting for them: (the host
-    tensor, the event recorded after the copy; None on the CPU, where they already are)."""
-    if predictions.device.type != "cuda":
-        return predictions, None
-    host = torch.empty(predictions.shape, dtype=predictions.dtype, pin_memory=True)
-    host.copy_(predictions, non_blocking=True)
+def _first_pick(e: Entry) -> int:
+    """The entry's first row whose pick is used: a prompt chunk picks only in its last row (the
+    tokens after the others are the prompt's); decode and verify rows all pick."""
+    return len(e.tokens) - 1 if e.kind == "prefill" else 0
+
+
+def _fill_logprobs(scored: Sequence[tuple[Request, int, int]], values: list[list[float]],
+                   scores: _StepScores | None) -> None:
+    """Put a step's logprobs (read back: `values`) where `_commit` left NaN for them."""
+    for r, i, row in scored:
+        v = values[scores.index[row]]
+        r.logprobs[i] = v[0]
+        k = (len(v) - 1) // 2  # the step's top-n: values, then their token ids
+        r.top_logprobs[i] = {int(v[1 + k + j]): v[1 + j] for j in range(min(r.sampling.logprobs, k))}
+
+
+def _start_read_back(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+    """Start copying a step's results (its predictions, its logprobs) to the host without
+    waiting for them: (the host tensors, the event recorded after the copies; None on the CPU,
+    where they already are)."""
+    if tensors[0].device.type != "cuda":
+        return list(tensors), None
+    hosts = []
+    for t in tensors:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        hosts.append(host)
     arrived = torch.cuda.Event()
     arrived.record()
-    return host, arrived
+    return hosts, arrived

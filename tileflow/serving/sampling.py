@@ -20,6 +20,7 @@ top-k and top-p keep (SGLang's deterministic sampling keys its noise the same wa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -48,13 +49,17 @@ class SamplingParams:
     cut), then to the smallest set of those whose probability reaches `top_p` (1: no cut), as
     transformers' and vLLM's samplers order them. `seed` keys the draws; None gets a fresh one
     from torch's default generator when the request is made (so `torch.manual_seed` makes runs
-    repeat), kept in `Request.sampling`.
+    repeat), kept in `Request.sampling`. `logprobs`: None (the default) returns none; n >= 0
+    returns each generated token's log-probability under the model's own distribution (the
+    log-softmax of its logits, before temperature and filters, as vLLM's default), and with
+    n > 0 the n most likely tokens' too (`Request.logprobs`, `Request.top_logprobs`).
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         t, p = self.temperature, self.top_p
@@ -66,6 +71,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be a number in (0, 1] (1: no limit), got {p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be an int in [0, 2**63) or None, got {self.seed!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+            raise ValueError(f"logprobs must be None (none) or an int >= 0 (the chosen token's, plus that many "
+                             f"most likely), got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -76,8 +84,7 @@ class SamplingParams:
         """These parameters with a seed: their own, or a fresh one for a sampled request."""
         if self.greedy or self.seed is not None:
             return self
-        seed = int(torch.randint(0, 2**62, ()))
-        return SamplingParams(self.temperature, self.top_k, self.top_p, seed)
+        return dataclasses.replace(self, seed=int(torch.randint(0, 2**62, ())))
 
 
 def _is_real(x: object) -> bool:
@@ -201,6 +208,22 @@ def pick_tokens(logits: torch.Tensor, sampling: RowSampling | None) -> torch.Ten
     if sampling is not None:
         tokens[sampling.rows] = draw(logits, sampling)
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, top: int) -> torch.Tensor:
+    """Per row of `logits[rows]` (`[rows, vocab]`, any float dtype): the log-probability of
+    `tokens` (int64 `[n]`, one per row) under the row's log-softmax, then the `top` largest
+    log-probabilities and their token ids; float32 `[n, 1 + 2 * top]` (ids as floats: exact
+    below 2**24), one tensor so the host reads it back in one copy."""
+    if logits.shape[-1] > 1 << 24:
+        raise ValueError(f"a vocabulary of {logits.shape[-1]} tokens: token ids above 2**24 do not fit the float32 "
+                         "read-back of logprobs")
+    scores = logits[rows].float().log_softmax(dim=-1)
+    parts = [scores.gather(1, tokens[:, None])]
+    if top:
+        best = scores.topk(min(top, scores.shape[-1]), dim=-1)
+        parts += [best.values, best.indices.float()]
+    return torch.cat(parts, dim=1)
 
 
 def next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]) -> torch.Tensor:

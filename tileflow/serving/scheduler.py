@@ -63,6 +63,11 @@ class Request:
     # module docstring): never read again, possibly another request's by now.
     released: int = field(default=0, init=False)
     generated: int = 0
+    # With `sampling.logprobs` set, one entry per generated token: its log-probability, and the
+    # most likely tokens' ({token: log-probability}, when sampling.logprobs > 0). NaN (and {})
+    # until an overlapped step's values are read back, as its tokens are.
+    logprobs: list[float] = field(default_factory=list, init=False)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list, init=False)
     done: bool = False
     # Why it ended, once done: "length" (max_new_tokens), "stop" (a stop token) or "abort".
     finish_reason: str | None = None

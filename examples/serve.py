@@ -40,6 +40,7 @@ def main() -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sample, each request with its seed")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens reaching this mass")
+    p.add_argument("--min-p", type=float, default=0.0, help="sample among tokens at least this share as likely as the best")
     p.add_argument("--check", action="store_true", help="compare with eager generation")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -70,7 +71,8 @@ def main() -> int:
     eos = model.generation_config.eos_token_id  # requests stop after it, as `generate` does
     stops = [eos] if isinstance(eos, int) else eos or []
     requests = [Request(i, prompt, args.new_tokens, stop_tokens=stops,
-                        sampling=SamplingParams(args.temperature, args.top_k, args.top_p, seed=args.seed * 1000 + i))
+                        sampling=SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p,
+                                                seed=args.seed * 1000 + i))
                 for i, prompt in enumerate(prompts)]
     engine = ServingEngine(program, token_budget=args.budget, decode_slots=args.slots, max_draft=args.draft,
                            block_size=8, num_blocks=args.blocks, nano_batches=args.nano_batches)

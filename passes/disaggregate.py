@@ -246,6 +246,9 @@ class StageProgram:
     max_tokens: int | None = None
     # The rows of the embedding table input 0 indexes (token ids must be below it), when known.
     vocab_size: int | None = None
+    # The rows of a learned position table input 1 indexes (positions must be below it): GPT-2's
+    # `n_positions`; None for models without one (RoPE).
+    max_positions: int | None = None
 
     @property
     def dense(self) -> list[Stage]:

@@ -48,11 +48,12 @@ def test_draws_follow_the_temperature_scaled_softmax() -> None:
     assert _chi_square(counts, (logits.double() / 0.7).softmax(0)) < 35
 
 
-@pytest.mark.parametrize("top_k,top_p,support", [(2, 1.0, [0, 1]), (0, 0.6, [0, 1]), (3, 0.9, [0, 1, 2])])
-def test_draws_stay_in_the_top_k_and_top_p_set(top_k: int, top_p: float, support: list[int]) -> None:
+@pytest.mark.parametrize("top_k,top_p,min_p,support", [(2, 1.0, 0.0, [0, 1]), (0, 0.6, 0.0, [0, 1]),
+                                                        (3, 0.9, 0.0, [0, 1, 2]), (0, 1.0, 0.2, [0, 1, 2])])
+def test_draws_stay_in_the_filtered_set(top_k: int, top_p: float, min_p: float, support: list[int]) -> None:
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()  # probabilities 0.5, 0.3, 0.15, 0.05
     n = 20000
-    params = [SamplingParams(1.0, top_k=top_k, top_p=top_p, seed=s) for s in range(n)]
+    params = [SamplingParams(1.0, top_k=top_k, top_p=top_p, min_p=min_p, seed=s) for s in range(n)]
     counts = torch.bincount(next_tokens(logits.expand(n, -1), params, [0] * n), minlength=4)
     kept = torch.zeros(4, dtype=torch.bool)
     kept[support] = True
@@ -61,20 +62,21 @@ def test_draws_stay_in_the_top_k_and_top_p_set(top_k: int, top_p: float, support
     assert _chi_square(counts[kept], probs) < 35
 
 
-def _reference_keep(row: list[float], top_k: int, top_p: float) -> tuple[set[int], bool]:
-    """The tokens top-k then top-p keep, by the definition (float64, ties broken by index), and
-    whether some token's mass-before sits within float32 rounding of the cut (it may go either
+def _reference_keep(row: list[float], top_k: int, top_p: float, min_p: float) -> tuple[set[int], bool]:
+    """The tokens top-k, then top-p, then min-p keep, by the definition (float64, ties broken by
+    index), and whether some token sits within float32 rounding of a cut (it may go either
     way)."""
     order = sorted(range(len(row)), key=lambda i: (-row[i], i))
     if top_k:
         order = order[:top_k]
-    if top_p >= 1:
-        return set(order), False
-    weights = [math.exp(row[i] - row[order[0]]) for i in order]
+    weights = [math.exp(row[i] - row[order[0]]) for i in order]  # p / p_max
     total, before, kept, near = sum(weights), 0.0, set(), False
     for i, w in zip(order, weights):
-        near |= abs(before / total - top_p) < 1e-5
-        if before < top_p * total:
+        if top_p < 1:
+            near |= abs(before / total - top_p) < 1e-5
+        if min_p > 0:
+            near |= abs(math.log(w) - math.log(min_p)) < 1e-5
+        if (top_p >= 1 or before < top_p * total) and w >= min_p:
             kept.add(i)
         before += w
     return kept, near
@@ -85,25 +87,28 @@ def _reference_keep(row: list[float], top_k: int, top_p: float) -> tuple[set[int
     rows=st.lists(st.lists(st.integers(-40, 40), min_size=1, max_size=12), min_size=1, max_size=6),
     top_k=st.lists(st.integers(0, 14), min_size=6, max_size=6),
     top_p=st.lists(st.sampled_from([0.05, 0.3, 0.5, 0.77, 0.9, 1.0]), min_size=6, max_size=6),
+    min_p=st.lists(st.sampled_from([0.0, 0.0, 0.01, 0.2, 0.6, 1.0]), min_size=6, max_size=6),
 )
-def test_filter_keeps_exactly_the_top_k_then_top_p_set(rows, top_k, top_p) -> None:
+def test_filter_keeps_exactly_the_top_k_top_p_min_p_set(rows, top_k, top_p, min_p) -> None:
     width = max(map(len, rows))
     # Logits on a grid of 1/8 (ties included), padded rows filled with very unlikely tokens.
     padded = [[v / 8 for v in r] + [-100.0 - i for i in range(width - len(r))] for r in rows]
     n = len(rows)
-    out = filter_logits(torch.tensor(padded), torch.tensor(top_k[:n]), torch.tensor(top_p[:n]))
+    out = filter_logits(torch.tensor(padded), torch.tensor(top_k[:n]), torch.tensor(top_p[:n]), torch.tensor(min_p[:n]))
     for i, row in enumerate(padded):
         kept = {j for j in range(width) if out[i, j] != -math.inf}
-        want, near_the_cut = _reference_keep(row, top_k[i], top_p[i])
+        want, near_the_cut = _reference_keep(row, top_k[i], top_p[i], min_p[i])
         if not near_the_cut:
-            assert kept == want, (row, top_k[i], top_p[i])
+            assert kept == want, (row, top_k[i], top_p[i], min_p[i])
+        assert max(row) in {row[j] for j in kept}  # the most likely token always stays
         assert all(out[i, j] == row[j] for j in kept)
 
 
 def test_a_rows_token_depends_only_on_its_logits_seed_and_position() -> None:
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(8, 50, generator=gen)
-    params = [SamplingParams(0.9, top_k=10 * (i % 3), top_p=(1.0, 0.8)[i % 2], seed=100 + i) for i in range(8)]
+    params = [SamplingParams(0.9, top_k=10 * (i % 3), top_p=(1.0, 0.8)[i % 2], min_p=0.05 * (i % 4 == 3), seed=100 + i)
+              for i in range(8)]
     positions = list(range(20, 28))
     together = next_tokens(logits, params, positions)
     alone = torch.stack([next_tokens(logits[i : i + 1], params[i : i + 1], positions[i : i + 1])[0] for i in range(8)])
@@ -131,7 +136,7 @@ def test_requests_seed_themselves_from_torch() -> None:
     ({"temperature": -0.5}, "temperature"), ({"temperature": float("nan")}, "temperature"),
     ({"temperature": True}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"),
     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"),
-    ({"logprobs": -1}, "logprobs"), ({"logprobs": 1.5}, "logprobs"), ({"logprobs": True}, "logprobs"),
+    ({"min_p": -0.1}, "min_p"), ({"min_p": 1.1}, "min_p"), ({"logprobs": -1}, "logprobs"), ({"logprobs": 1.5}, "logprobs"), ({"logprobs": True}, "logprobs"),
 ])
 def test_bad_sampling_parameters_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

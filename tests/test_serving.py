@@ -273,6 +273,38 @@ def test_engine_refuses_token_ids_past_the_vocabulary(llama_program) -> None:
     assert engine.run().generated == 2
 
 
+def test_engine_serves_gpt2_up_to_its_learned_positions_and_refuses_past_them(llama_program) -> None:
+    """GPT-2 looks its positions up in a table of `n_positions` rows: a request that would feed a
+    position past it is refused when added (inside a step it is an index error mid-batch, a
+    device-side assert on a GPU), and one that reaches the last row is served as eager generates
+    it, drafts included. RoPE models (Llama) have no such table and no such limit."""
+    import transformers
+
+    from tileflow.distributed import CausalLMStep, build_stage_program
+
+    assert llama_program[0].max_positions is None
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                  bos_token_id=None, eos_token_id=None)  # no EOS: 13 new tokens each time
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    reference = copy.deepcopy(model)
+    program = build_stage_program(CausalLMStep(model), (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None]),
+                                  max_tokens=64)
+    assert (program.vocab_size, program.max_positions) == (VOCAB, 32)
+    engine = ServingEngine(program, token_budget=24, decode_slots=2, max_draft=2, block_size=4, num_blocks=32)
+    prompt = torch.randint(1, VOCAB, (20,)).tolist()
+    with pytest.raises(ValueError, match="reach position 32, past the model's 32 learned positions: lower "
+                                         "max_new_tokens to 13"):
+        engine.add(Request(0, prompt, 14))
+    request = Request(1, prompt, 13)  # its last fed token sits at position 31
+    engine.run([request])
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=13, do_sample=False,
+                                  pad_token_id=0)
+    assert request.tokens == want[0].tolist()
+
+
 @pytest.mark.parametrize("max_new_tokens", [0, 2.5, "3"])
 def test_requests_need_an_integer_token_count(max_new_tokens) -> None:
     with pytest.raises(ValueError, match="max_new_tokens an int >= 1"):
@@ -347,7 +379,7 @@ def test_greedy_tokens_equal_eager_generation(llama_program, max_draft: int) -> 
 @pytest.mark.parametrize("max_draft,nano_batches", [(0, 1), (3, 1), (0, 2)])
 def test_sampled_tokens_equal_eager_sampling_in_any_batch(llama_program, monkeypatch: pytest.MonkeyPatch,
                                                           max_draft: int, nano_batches: int) -> None:
-    """Sampled requests (temperature, top-k, top-p, each with its seed) served beside greedy ones,
+    """Sampled requests (temperature, top-k, top-p, min-p, each with its seed) served beside greedy ones,
     with overlapped steps, drafts or nano-batches, get exactly the tokens the eager model draws
     one token at a time with the same seeds: the draw is keyed by seed and position, so
     batching, speculation and chunking change nothing. With drafts, an oracle drafter proposes
@@ -361,7 +393,7 @@ def test_sampled_tokens_equal_eager_sampling_in_any_batch(llama_program, monkeyp
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (23, 5, 12, 30, 8)]
     prompts[2] = prompts[0][:8] + [1, 2, 1, 2]  # shares a cached prefix with request 0
     kinds = [SamplingParams(1.0, seed=1), SamplingParams(0.7, top_k=8, seed=2, logprobs=3), SamplingParams(logprobs=0),
-             SamplingParams(1.3, top_p=0.8, seed=3), SamplingParams(0.5, top_k=5, top_p=0.9)]  # the last seeds itself
+             SamplingParams(1.3, top_p=0.8, min_p=0.05, seed=3), SamplingParams(0.5, top_k=5, top_p=0.9)]  # the last seeds itself
     requests = [Request(i, p, 10, stop_tokens=_eos(reference), sampling=s) for i, (p, s) in enumerate(zip(prompts, kinds))]
     wants = [generate_reference(reference, r.prompt, 10, r.sampling, r.stop_tokens) for r in requests]
 

@@ -79,9 +79,11 @@ def build_stage_program(
     if "disaggregate" not in report.rewrites:
         reasons = "; ".join(f"{f.node}: {f.reason}" for f in report.fallbacks if f.pass_name == "disaggregate") or "see the report"
         raise ValueError(f"the step cannot be disaggregated: {reasons}")
-    vocab_size = embedding_rows(graph.gm, 0)  # before the split moves the embedding into a stage
+    # Before the split moves the embeddings into a stage: the token table, and a learned
+    # position table (GPT-2's; RoPE models index none).
+    vocab_size, max_positions = embedding_rows(graph.gm, 0), embedding_rows(graph.gm, 1)
     program = split_stages(graph.gm)
-    program.vocab_size = vocab_size
+    program.vocab_size, program.max_positions = vocab_size, max_positions
     device_type = next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
     graphed = graphs_apply(config.cuda_graphs, device_type)
     for stage in program.dense:
@@ -105,7 +107,8 @@ _ID_RESHAPES = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.de
 
 def embedding_rows(gm: torch.fx.GraphModule, input_index: int) -> int | None:
     """The rows of the smallest embedding table the graph's `input_index`-th input indexes (a
-    language model's vocabulary: its token ids must be below it), or None when it indexes none.
+    language model's vocabulary: its token ids must be below it; or its learned position table:
+    its positions must be), or None when it indexes none.
     Checked on the host before a step, an id past the table is a clear error; inside the step it
     is an index error mid-batch, or a device-side assert that ends the CUDA context."""
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]

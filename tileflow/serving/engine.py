@@ -220,13 +220,22 @@ class ServingEngine:
         self.streams = streams if streams is not None else CudaStreams(self.device) if self.device.type == "cuda" else None
 
     def add(self, request: Request) -> None:
-        """Queue a request; ValueError for token ids the model has no embedding for."""
+        """Queue a request; ValueError for token ids the model has no embedding for, or for a
+        request longer than the model's learned position table (GPT-2's `n_positions`)."""
         vocab = getattr(self.program, "vocab_size", None)
         if vocab is not None:
             bad = sorted({t for t in (*request.prompt, *request.stop_tokens) if t >= vocab})
             if bad:
                 raise ValueError(f"request {request.id}: token ids {bad[:5]} are not below the model's vocabulary "
                                  f"size {vocab}")
+        positions = getattr(self.program, "max_positions", None)
+        # Every token but the last generated one is fed to the model, at positions 0, 1, ...
+        if positions is not None and len(request.prompt) + request.max_new_tokens - 1 > positions:
+            raise ValueError(
+                f"request {request.id}: {len(request.prompt)} prompt tokens and {request.max_new_tokens} new ones reach "
+                f"position {len(request.prompt) + request.max_new_tokens - 2}, past the model's {positions} learned "
+                f"positions: lower max_new_tokens to {positions + 1 - len(request.prompt)} or shorten the prompt"
+            )
         self.scheduler.add(request)
 
     def run(self, requests: Sequence[Request] = (), *, progress: bool = False) -> Metrics:

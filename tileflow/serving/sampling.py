@@ -1,4 +1,4 @@
-"""Per-request sampling (temperature, top-k, top-p) that gives the same tokens in any batch.
+"""Per-request sampling (temperature, top-k, top-p, min-p) that gives the same tokens in any batch.
 
 Each sampled token is the Gumbel-max draw `argmax(logits / temperature + g)`, where the noise
 `g` is a counter-based hash of (the request's seed, the position of the token drawn, the
@@ -15,7 +15,7 @@ seed and on its own logits:
 
 Fresh keys at every position make the draws independent across positions, and the Gumbel-max
 draw over a row is an exact sample from `softmax(logits / temperature)` restricted to the tokens
-top-k and top-p keep (SGLang's deterministic sampling keys its noise the same way).
+the filters keep (SGLang's deterministic sampling keys its noise the same way).
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ class SamplingParams:
     `temperature` 0 (the default) is greedy decoding and ignores the rest; so is any temperature
     below 1e-5 (vLLM's cut-off: dividing by less overflows the logits). Otherwise tokens are
     drawn from `softmax(logits / temperature)`, first cut to the `top_k` most likely tokens (0: no
-    cut), then to the smallest set of those whose probability reaches `top_p` (1: no cut), as
-    transformers' and vLLM's samplers order them. `seed` keys the draws; None gets a fresh one
+    cut), then to the smallest set of those whose probability reaches `top_p` (1: no cut), then
+    to those at least `min_p` times as likely as the most likely token (0: no cut), in
+    transformers' order. `seed` keys the draws; None gets a fresh one
     from torch's default generator when the request is made (so `torch.manual_seed` makes runs
     repeat), kept in `Request.sampling`. `logprobs`: None (the default) returns none; n >= 0
     returns each generated token's log-probability under the model's own distribution (the
@@ -58,6 +59,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     seed: int | None = None
     logprobs: int | None = None
 
@@ -69,6 +71,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an int >= 0 (0: no limit), got {self.top_k!r}")
         if not _is_real(p) or not 0 < p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1] (1: no limit), got {p!r}")
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be a number in [0, 1] (0: no limit), got {self.min_p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be an int in [0, 2**63) or None, got {self.seed!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
@@ -124,10 +128,11 @@ def keyed_uniform(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """`logits` (float32 `[rows, vocab]`, already divided by the temperature) with every token
-    outside each row's top-k, then outside the smallest set reaching top-p of what is left, set
-    to -inf. A row with top_k 0 and top_p 1 is unchanged; the most likely token always stays."""
+    outside each row's top-k, then outside the smallest set reaching top-p of what is left, then
+    less than min_p times as likely as the most likely token, set to -inf. A row with top_k 0,
+    top_p 1 and min_p 0 is unchanged; the most likely token always stays."""
     cut_k, cut_p = top_k > 0, top_p < 1
     ordered, order = logits.sort(dim=-1, descending=True, stable=True)  # stable: ties cut the same way
     rank = torch.arange(logits.shape[-1], device=logits.device)
@@ -138,21 +143,25 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     # Rows without a top-p cut skip it: a float32 cumsum over a large vocabulary can reach 1.0
     # before its last tokens.
     keep &= ~cut_p[:, None] | (before < top_p[:, None])
+    # p >= min_p * p_max, as logits (the cuts above keep the most likely token, so p_max is the
+    # same before and after them); min_p 0 is a bound of -inf, which cuts nothing.
+    keep &= ordered >= ordered[:, :1] + min_p[:, None].log()
     return torch.full_like(logits, -math.inf).scatter(-1, order, ordered.masked_fill(~keep, -math.inf))
 
 
 @dataclass(frozen=True)
 class RowSampling:
     """The sampled rows of a step's logits and their parameters, as tensors on the logits'
-    device: row indices (int64 `[n]`), temperatures and top-p (float32), top-k (int64) and the
+    device: row indices (int64 `[n]`), temperatures, top-p and min-p (float32), top-k (int64) and the
     noise keys (`row_keys`, int64 `[n, 2]`)."""
 
     rows: torch.Tensor
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
+    min_p: torch.Tensor
     keys: torch.Tensor
-    filtered: bool  # some row cuts by top-k or top-p (known on the host: no device sync to ask)
+    filtered: bool  # some row cuts by top-k, top-p or min-p (known on the host: no device sync to ask)
 
 
 def row_sampling(device: torch.device | str, rows: Sequence[int], params: Sequence[SamplingParams],
@@ -171,16 +180,17 @@ def row_sampling(device: torch.device | str, rows: Sequence[int], params: Sequen
     chosen = [params[i] for i in picked]
     keys = row_keys(np.array([p.seed for p in chosen], dtype=np.int64),
                     np.array([positions[i] for i in picked], dtype=np.int64))
-    row_index, temperature, top_k, top_p, keys = to_device(
+    row_index, temperature, top_k, top_p, min_p, keys = to_device(
         device,
         np.array([rows[i] for i in picked], dtype=np.int64),
         np.array([p.temperature for p in chosen], dtype=np.float32),
         np.array([p.top_k for p in chosen], dtype=np.int64),
         np.array([p.top_p for p in chosen], dtype=np.float32),
+        np.array([p.min_p for p in chosen], dtype=np.float32),
         keys,
     )
-    filtered = any(p.top_k > 0 or p.top_p < 1 for p in chosen)
-    return RowSampling(row_index, temperature, top_k, top_p, keys, filtered)
+    filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in chosen)
+    return RowSampling(row_index, temperature, top_k, top_p, min_p, keys, filtered)
 
 
 def draw(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
@@ -195,7 +205,7 @@ def draw(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
         part = slice(s, s + chunk)
         scaled = logits[sampling.rows[part]].float() / sampling.temperature[part, None]
         if sampling.filtered:
-            scaled = filter_logits(scaled, sampling.top_k[part], sampling.top_p[part])
+            scaled = filter_logits(scaled, sampling.top_k[part], sampling.top_p[part], sampling.min_p[part])
         gumbel = -torch.log(-torch.log(keyed_uniform(sampling.keys[part], vocab)))
         tokens.append((scaled + gumbel).argmax(dim=-1))
     return torch.cat(tokens) if tokens else torch.empty(0, dtype=torch.int64, device=logits.device)

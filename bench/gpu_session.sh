@@ -8,7 +8,7 @@
 # Stages: gemm, gemm-quick, attention, attention-sweep (kernel configurations), e2e
 # (prefill-shaped steps, mixed serving steps, request traces), e2e-prefill (the first part
 # only), e2e-serving (the other two), profile (where a step's time goes,
-# bench/profile_step.py), tiles (bench/gemm.py --measure-tiles), gemm-measured (the GEMM table
+# bench/profile_step.py), sampling (a step's sampled tokens, eager and fused; bench/sampling.py), tiles (bench/gemm.py --measure-tiles), gemm-measured (the GEMM table
 # with plans from those tile times), tests (the kernel tests, compiled Triton), tests-gpu
 # (tests/test_gpu.py: models, graphs and streams on CUDA). A stage that fails or runs out of
 # time does not stop the next one. Narrower runs: ATTENTION_PARTS (default
@@ -61,6 +61,7 @@ for item in "$@"; do
     e2e-serving) run_stage e2e-serving "$limit" $PY bench/e2e.py --layers 2 --tokens "$E2E_TOKENS" --parts mixed,trace \
                    --trace-requests "$E2E_TRACE" ;;
     profile) run_stage profile "$limit" $PY bench/profile_step.py --layers 2 --tokens 256,4096 ;;
+    sampling) run_stage sampling "$limit" $PY bench/sampling.py ;;
     tiles) run_stage tiles "$limit" $PY bench/gemm.py --measure-tiles bench/results/tile_timings-h200.json ;;
     gemm-measured) run_stage gemm-measured "$limit" $PY bench/gemm.py --tile-timings bench/results/tile_timings-h200.json ;;
     # Per-test timeout, an early stop and one line per test as it ends (-v), so the failures'

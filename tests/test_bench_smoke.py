@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["gemm.py", "attention.py", "e2e.py", "profile_step.py"])
+@pytest.mark.parametrize("script", ["gemm.py", "attention.py", "e2e.py", "profile_step.py", "sampling.py"])
 def test_benchmark_smoke_check_passes_on_cpu(script: str) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -148,3 +148,17 @@ def test_requests_refuse_sampling_that_is_not_sampling_params() -> None:
         Request(0, [1], 1, sampling={"temperature": 0.7})
     with pytest.raises(ValueError, match="seed"):
         next_tokens(torch.zeros(1, 4), [SamplingParams(0.5)], [0])  # unseeded: the request seeds it
+
+
+@pytest.mark.parametrize("filters", [{}, {"top_k": 40, "top_p": 0.9, "min_p": 0.02}])
+def test_fused_draws_equal_eager_draws(filters: dict) -> None:
+    """The draw compiled by Inductor (the default on CUDA; here its C++ backend) gives the eager
+    draw's tokens, for one row and for many, temperature-only and filtered."""
+    from tileflow.serving.sampling import draw, row_sampling
+
+    logits = torch.randn(40, 700) * 3
+    for rows in ([7], list(range(40))):
+        params = [SamplingParams(0.8, seed=50 + r, **filters) for r in rows]
+        sampling = row_sampling("cpu", rows, params, [9 + r for r in rows])
+        fused, eager = draw(logits, sampling, fused=True), draw(logits, sampling, fused=False)
+        assert fused.tolist() == eager.tolist()

@@ -21,10 +21,11 @@ the filters keep (SGLang's deterministic sampling keys its noise the same way).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -193,21 +194,46 @@ def row_sampling(device: torch.device | str, rows: Sequence[int], params: Sequen
     return RowSampling(row_index, temperature, top_k, top_p, min_p, keys, filtered)
 
 
-def draw(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
+def noisy_argmax(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`argmax(logits[rows] / temperature + g)` per row, with the keyed Gumbel noise `g`
+    (`keyed_uniform`): the draw itself, int64 `[n]`. Written as whole-tensor torch ops so that
+    Inductor fuses it (`draw(fused=True)`) into one pass over the logits: the gather, the hash,
+    the logs and the argmax, without the `[n, vocab]` int64 temporaries eager ops write."""
+    scores = logits[rows].float() / temperature[:, None]
+    gumbel = -torch.log(-torch.log(keyed_uniform(keys, logits.shape[-1])))
+    return (scores + gumbel).argmax(dim=-1)
+
+
+@functools.cache
+def _fused_noisy_argmax() -> Callable[..., torch.Tensor]:
+    # dynamic: one compiled kernel for every row count (the vocabulary is the model's).
+    return torch.compile(noisy_argmax, dynamic=True)
+
+
+def draw(logits: torch.Tensor, sampling: RowSampling, *, fused: bool | None = None) -> torch.Tensor:
     """The tokens drawn for `sampling.rows` of `logits` `[rows, vocab]` (any float dtype and
     device), int64 `[n]`: Gumbel-max over the filtered, temperature-scaled logits with the keyed
-    noise (see the module docstring). Rows go through in chunks, so the int64 temporaries of the
-    hash stay small for any vocabulary."""
-    vocab = logits.shape[1]
-    chunk = max(1, _ELEMENTS_PER_CHUNK // max(1, vocab))
+    noise (see the module docstring). `fused` (default: on CUDA) runs `noisy_argmax` compiled
+    by Inductor, one kernel over the logits; otherwise as eager ops, over chunks of rows so the
+    int64 temporaries of the hash stay small for any vocabulary. Rows that top-k, top-p or
+    min-p filter are scaled and filtered with eager ops first (a sort)."""
+    if fused is None:
+        fused = logits.device.type == "cuda"
+    argmax = _fused_noisy_argmax() if fused else noisy_argmax
+    n, vocab = sampling.rows.shape[0], logits.shape[1]
+    chunk = max(1, n if fused else _ELEMENTS_PER_CHUNK // max(1, vocab))
     tokens = []
-    for s in range(0, sampling.rows.shape[0], chunk):
+    for s in range(0, n, chunk):
         part = slice(s, s + chunk)
-        scaled = logits[sampling.rows[part]].float() / sampling.temperature[part, None]
+        rows, temperature = sampling.rows[part], sampling.temperature[part]
         if sampling.filtered:
+            scaled = logits[rows].float() / temperature[:, None]
             scaled = filter_logits(scaled, sampling.top_k[part], sampling.top_p[part], sampling.min_p[part])
-        gumbel = -torch.log(-torch.log(keyed_uniform(sampling.keys[part], vocab)))
-        tokens.append((scaled + gumbel).argmax(dim=-1))
+            # Already scaled: dividing by 1 again changes no bit.
+            rows, temperature, logits_part = torch.arange(len(scaled), device=scaled.device), torch.ones_like(temperature), scaled
+        else:
+            logits_part = logits
+        tokens.append(argmax(logits_part, rows, temperature, sampling.keys[part]))
     return torch.cat(tokens) if tokens else torch.empty(0, dtype=torch.int64, device=logits.device)
 
 

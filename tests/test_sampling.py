@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tileflow.serving import Request, SamplingParams, next_tokens
-from tileflow.serving.sampling import filter_logits, keyed_uniform, row_keys
+from tileflow.serving.sampling import filter_logits, gumbel_noise, keyed_bits, row_keys, unit_interval
 
 
 def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -25,7 +25,7 @@ def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
 @pytest.mark.parametrize("same_seed", [False, True])
 def test_keyed_noise_is_uniform_and_independent_across_rows(same_seed: bool) -> None:
     seeds = torch.full((64,), 12345) if same_seed else torch.randint(0, 2**62, (64,))
-    u = keyed_uniform(torch.from_numpy(row_keys(seeds.numpy(), np.arange(64))), 4096)
+    u = unit_interval(keyed_bits(torch.from_numpy(row_keys(seeds.numpy(), np.arange(64))), 4096))
     assert u.dtype == torch.float32 and bool(((u > 0) & (u < 1)).all())
     # 16 equal buckets over 262144 values: chi-square with 15 degrees of freedom stays far below 60
     # (p < 1e-6) for uniform numbers; a biased hash (say, its low bits) fails it.
@@ -36,6 +36,22 @@ def test_keyed_noise_is_uniform_and_independent_across_rows(same_seed: bool) -> 
     corr = torch.corrcoef(u.double())
     corr.fill_diagonal_(0)
     assert corr.abs().max().item() < 0.1
+
+
+def test_noise_stays_finite_at_the_extreme_hash_values() -> None:
+    """Every 32-bit value maps inside (0, 1) and to finite Gumbel noise: (2**24 - 1 + 1/2) / 2**24
+    rounded to 1.0 in float32 once, which made the noise +inf and the draw an arbitrary token."""
+    bits = torch.tensor([0, 1, 2**24 - 1, 2**31, 2**32 - 256, 2**32 - 1], dtype=torch.int64)
+    u, g = unit_interval(bits), gumbel_noise(bits)
+    assert bool(((u > 0) & (u < 1)).all()) and bool(torch.isfinite(g).all())
+    assert g[0].item() == pytest.approx(33 * math.log(2), rel=1e-5)  # u = 2**-33: the largest noise
+    assert g[-1].item() == pytest.approx(-math.log(24 * math.log(2)), rel=1e-5)  # u just under 1
+
+
+def test_seeds_that_agree_in_32_bits_draw_differently() -> None:
+    # 12345 and 6695189633 folded to the same 32-bit key when the seed's halves were mixed into one.
+    a, b = row_keys(np.array([12345, 6695189633]), np.array([5, 5]))
+    assert (a != b).all()
 
 
 def test_draws_follow_the_temperature_scaled_softmax() -> None:
@@ -122,6 +138,11 @@ def test_a_rows_token_depends_only_on_its_logits_seed_and_position() -> None:
     assert next_tokens(logits, greedy, positions).tolist() == logits.argmax(-1).tolist()
 
 
+def test_a_top_p_below_float32s_range_keeps_the_best_token() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    assert next_tokens(logits, [SamplingParams(1.0, top_p=1e-46, seed=1)], [0]).item() == 1
+
+
 def test_requests_seed_themselves_from_torch() -> None:
     torch.manual_seed(11)
     first = Request(0, [1, 2], 4, sampling=SamplingParams(0.8)).sampling.seed
@@ -134,7 +155,7 @@ def test_requests_seed_themselves_from_torch() -> None:
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"temperature": -0.5}, "temperature"), ({"temperature": float("nan")}, "temperature"),
-    ({"temperature": True}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"),
+    ({"temperature": True}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"top_k": 2**70}, "top_k"),
     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"),
     ({"min_p": -0.1}, "min_p"), ({"min_p": 1.1}, "min_p"), ({"logprobs": -1}, "logprobs"), ({"logprobs": 1.5}, "logprobs"), ({"logprobs": True}, "logprobs"),
 ])

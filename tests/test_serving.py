@@ -296,6 +296,8 @@ def test_engine_serves_gpt2_up_to_its_learned_positions_and_refuses_past_them(ll
     with pytest.raises(ValueError, match="reach position 32, past the model's 32 learned positions: lower "
                                          "max_new_tokens to 13"):
         engine.add(Request(0, prompt, 14))
+    with pytest.raises(ValueError, match="shorten the prompt to at most 32 tokens"):
+        engine.add(Request(2, prompt * 2, 1))
     request = Request(1, prompt, 13)  # its last fed token sits at position 31
     engine.run([request])
     with torch.no_grad():

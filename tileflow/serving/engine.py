@@ -5,7 +5,7 @@ tileflow compiled it (a `StageProgram`: the dense stages between attentions); ea
 writes the step's new k/v into the paged cache and runs `meta_attention_varlen` over it, with a
 tree mask when the step verifies drafts. Each request's tokens are greedy or drawn as its
 `SamplingParams` say (`sampling.py`: a draw keyed by its seed and position, so batching and
-speculation never change its tokens); a verify entry keeps the drafted tokens equal to the ones
+speculation change its tokens only as far as they change its logits); a verify entry keeps the drafted tokens equal to the ones
 the model picks plus the model's own next token, and the cache length rolls back over the rest.
 
 Without drafts the steps overlap (vLLM's asynchronous scheduling): the engine schedules and
@@ -231,10 +231,12 @@ class ServingEngine:
         positions = getattr(self.program, "max_positions", None)
         # Every token but the last generated one is fed to the model, at positions 0, 1, ...
         if positions is not None and len(request.prompt) + request.max_new_tokens - 1 > positions:
+            fix = (f"lower max_new_tokens to {positions + 1 - len(request.prompt)} or shorten the prompt"
+                   if len(request.prompt) <= positions else f"shorten the prompt to at most {positions} tokens")
             raise ValueError(
                 f"request {request.id}: {len(request.prompt)} prompt tokens and {request.max_new_tokens} new ones reach "
                 f"position {len(request.prompt) + request.max_new_tokens - 2}, past the model's {positions} learned "
-                f"positions: lower max_new_tokens to {positions + 1 - len(request.prompt)} or shorten the prompt"
+                f"positions: {fix}"
             )
         self.scheduler.add(request)
 

@@ -8,14 +8,17 @@ seed and on its own logits:
   whether its steps overlapped;
 - not on speculation: a verified draft is kept when it equals the token the draw gives at its
   position, and every other token comes from the same draw as well, so drafts change how many
-  steps a request takes, never which tokens it gets. With drafts that are single tokens (prompt
-  lookup), this is also exactly speculative sampling's distribution: the token at each position is
-  drawn from the target model's (filtered) distribution, whatever was drafted;
+  steps a request takes, never which tokens it gets. With deterministic drafts (prompt lookup, of
+  any length), this is also exactly speculative sampling's distribution: the token at each
+  position is drawn from the target model's (filtered) distribution, whatever was drafted;
 - not on preemption: a recomputed request draws its next token with the same key.
+The logits themselves must not depend on the batch for this to hold to the bit: in bf16, another
+batch's kernels may round a near-tie the other way, as they may for greedy decoding.
 
 Fresh keys at every position make the draws independent across positions, and the Gumbel-max
-draw over a row is an exact sample from `softmax(logits / temperature)` restricted to the tokens
-the filters keep (SGLang's deterministic sampling keys its noise the same way).
+draw over a row samples `softmax(logits / temperature)` restricted to the tokens the filters keep
+(exactly but for tokens whose probability is below 7e-12, see `gumbel_noise`; SGLang's
+deterministic sampling keys its noise the same way).
 """
 
 from __future__ import annotations
@@ -68,8 +71,8 @@ class SamplingParams:
         t, p = self.temperature, self.top_p
         if not _is_real(t) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {t!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0: no limit), got {self.top_k!r}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k < 2**31:
+            raise ValueError(f"top_k must be an int in [0, 2**31) (0: no limit), got {self.top_k!r}")
         if not _is_real(p) or not 0 < p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1] (1: no limit), got {p!r}")
         if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
@@ -112,21 +115,40 @@ def _mix32(x: Any) -> Any:
 
 def row_keys(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Two 32-bit keys per row, int64 `[rows, 2]`, from each row's seed (int64 >= 0) and the
-    position of the token it draws."""
+    position of the token it draws: one from each half of the seed, the position mixed into
+    both, so two rows share their noise only if they share seed and position."""
     seeds, positions = np.asarray(seeds, dtype=np.int64), np.asarray(positions, dtype=np.int64)
-    k = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) ^ 0x9E3779B9))
-    k = _mix32(k ^ (positions & _MASK32))
-    return np.stack([k, _mix32(k ^ 0x5BD1E995)], axis=-1)
+    position = positions & _MASK32
+    low = _mix32(_mix32((seeds & _MASK32) ^ 0x9E3779B9) ^ position)
+    high = _mix32(_mix32(((seeds >> 32) & _MASK32) ^ 0x85EBCA6B) ^ _mix32(position ^ 0x5BD1E995))
+    return np.stack([low, high], axis=-1)
 
 
-def keyed_uniform(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Uniform numbers in (0, 1), float32 `[rows, vocab]`: element (r, v) hashes v with row r's
-    two keys, one per round of mixing (with one, two rows whose keys agreed in their high bits
-    would draw the same numbers in another order)."""
+def keyed_bits(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """32 random-looking bits per (row, vocabulary index), int64 `[rows, vocab]`: element (r, v)
+    hashes v with row r's two keys, one per round of mixing (with one, two rows whose keys
+    agreed in their high bits would draw the same numbers in another order)."""
     index = torch.arange(vocab, device=keys.device, dtype=torch.int64)
-    h = _mix32(_mix32(index[None, :] ^ keys[:, :1]) ^ keys[:, 1:])
-    # The top 24 bits, centred in their bucket: exactly representable, never 0 or 1.
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return _mix32(_mix32(index[None, :] ^ keys[:, :1]) ^ keys[:, 1:])
+
+
+# Below 1 in float32 (the largest float32 under 1): float32 rounds the top 32-bit values to 1.
+_UNDER_ONE = 1.0 - 2.0**-24
+
+
+def unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in (0, 1), float32, from 32-bit values: (bits + 1/2) / 2**32, which keeps
+    full relative precision near 0 (down to 2**-33), capped just under 1."""
+    return ((bits.to(torch.float32) + 0.5) * 2.0**-32).clamp(max=_UNDER_ONE)
+
+
+def gumbel_noise(bits: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise `-log(E)` from 32-bit values, with `E = -log1p(-u)` exponential
+    (`u = unit_interval(bits)`): near u = 0 the exponential keeps u's relative precision, so the
+    noise reaches 22.9 (a 24-bit uniform through -log(-log u) stops at 16.6), and the cap under 1
+    bounds it below at -2.8: always finite. Tokens more than 25.7 below a row's best scaled
+    logit can never be drawn, where their probability is below e**-25.7 = 7e-12 each."""
+    return -torch.log(-torch.log1p(-unit_interval(bits)))
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -147,6 +169,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     # p >= min_p * p_max, as logits (the cuts above keep the most likely token, so p_max is the
     # same before and after them); min_p 0 is a bound of -inf, which cuts nothing.
     keep &= ordered >= ordered[:, :1] + min_p[:, None].log()
+    keep[:, 0] = True  # whatever the float32 rounding of a tiny top_p
     return torch.full_like(logits, -math.inf).scatter(-1, order, ordered.masked_fill(~keep, -math.inf))
 
 
@@ -196,12 +219,11 @@ def row_sampling(device: torch.device | str, rows: Sequence[int], params: Sequen
 
 def noisy_argmax(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """`argmax(logits[rows] / temperature + g)` per row, with the keyed Gumbel noise `g`
-    (`keyed_uniform`): the draw itself, int64 `[n]`. Written as whole-tensor torch ops so that
+    (`gumbel_noise(keyed_bits(...))`): the draw itself, int64 `[n]`. Written as whole-tensor torch ops so that
     Inductor fuses it (`draw(fused=True)`) into one pass over the logits: the gather, the hash,
     the logs and the argmax, without the `[n, vocab]` int64 temporaries eager ops write."""
     scores = logits[rows].float() / temperature[:, None]
-    gumbel = -torch.log(-torch.log(keyed_uniform(keys, logits.shape[-1])))
-    return (scores + gumbel).argmax(dim=-1)
+    return (scores + gumbel_noise(keyed_bits(keys, logits.shape[-1]))).argmax(dim=-1)
 
 
 @functools.cache

@@ -340,7 +340,7 @@ def register_full_blocks(allocator: BlockAllocator, request: Request, upto: int)
 
 def accept_draft(draft: Sequence[int], predictions: Sequence[int]) -> int:
     """How many drafted tokens the model agrees with: the longest prefix where draft[i] is the
-    model's greedy choice after the tokens before it (predictions[i])."""
+    model's pick (greedy or drawn) after the tokens before it (predictions[i])."""
     n = 0
     while n < len(draft) and draft[n] == predictions[n]:
         n += 1

@@ -5,8 +5,9 @@ tileflow compiled it (a `StageProgram`: the dense stages between attentions); ea
 writes the step's new k/v into the paged cache and runs `meta_attention_varlen` over it, with a
 tree mask when the step verifies drafts. Each request's tokens are greedy or drawn as its
 `SamplingParams` say (`sampling.py`: a draw keyed by its seed and position, so batching and
-speculation change its tokens only as far as they change its logits); a verify entry keeps the drafted tokens equal to the ones
-the model picks plus the model's own next token, and the cache length rolls back over the rest.
+speculation change its tokens only as far as they change its logits); a verify entry keeps the
+drafted tokens equal to the ones the model picks plus the model's own next token, and the cache
+length rolls back over the rest.
 
 Without drafts the steps overlap (vLLM's asynchronous scheduling): the engine schedules and
 launches step n + 1 before it reads step n's tokens back, as if every request went on. Step

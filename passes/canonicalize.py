@@ -3,7 +3,7 @@
 Later passes match one form only. After this pass:
 - every matrix product with a 2-D right operand is `aten.linear(x2d, w[N, K], bias?)` on a 2-D
   input: `mm`, `addmm` (unit alpha/beta, 1-D bias), `linear` on N-D inputs (flattened with a view
-  before and restored after) and 2-D-weight `matmul` all become it; a transposed weight
+  before, a reshape when the leading dims cannot be viewed as one, and restored after) and 2-D-weight `matmul` all become it; a transposed weight
   (`t`, `transpose(0, 1)`, `permute([1, 0])`) is folded into the [N, K] operand, and a [K, N]
   operand (GPT-2's Conv1D) becomes `t(w)`;
 - batched products with equal batch dims are `aten.bmm` on 3-D operands;
@@ -11,7 +11,8 @@ Later passes match one form only. After this pass:
   `expand`, full `slice`, identity `permute`, `alias`, `detach`), double transposes, clones that
   keep the layout and dtype conversions to the same dtype are removed, and so are the
   `_assert_tensor_metadata` checks torch.export writes where the traced values prove them.
-Nodes the graph returns directly are kept, so no output starts aliasing an input.
+Nodes the graph returns directly are kept, and so is every copy an output views (`x.clone()
+.view(-1)` returned), so no output starts aliasing an input.
 """
 
 from __future__ import annotations
@@ -57,6 +58,37 @@ def _is_2d_transpose(node: Any) -> bool:
     return transposed_dims(node) == (0, 1) and _val(node.args[0]).dim() == 2
 
 
+def _is_view(target: Any) -> bool:
+    """True for ops whose output aliases their first input (per their schema: view, transpose,
+    slice, expand, ...), which a graph's output can reach its source through."""
+    schema = getattr(target, "_schema", None)
+    return bool(schema and schema.returns and schema.returns[0].alias_info is not None
+                and not schema.returns[0].alias_info.is_write)
+
+
+def _viewed_by(outputs: set[fx.Node]) -> set[fx.Node]:
+    """The nodes whose memory the graph's outputs share: the outputs, and what they view,
+    through chains of view ops."""
+    seen, stack = set(outputs), list(outputs)
+    while stack:
+        node = stack.pop()
+        if node.op == "call_function" and _is_view(node.target) and node.args and isinstance(node.args[0], fx.Node):
+            if node.args[0] not in seen:
+                seen.add(node.args[0])
+                stack.append(node.args[0])
+    return seen
+
+
+def _leading_dims_merge(x: Any) -> bool:
+    """True when every dim of `x` but the last merges into one by a view (each leading dim's
+    stride is the next one's stride times its size, provably for all sizes)."""
+    if not isinstance(x, torch.Tensor):
+        return False
+    size, stride = x.shape, x.stride()
+    return all(statically_known_true(stride[i] == stride[i + 1] * size[i + 1]) or statically_known_true(size[i] == 1)
+               for i in range(x.dim() - 2))
+
+
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape, strides, storage offset and dtype: the op produced a pure alias or copy."""
     if a.dtype != b.dtype or not same_shape(a.shape, b.shape):
@@ -80,6 +112,7 @@ class Canonicalize:
         result = PassResult()
         graph = gm.graph
         outputs = set(next(n for n in reversed(graph.nodes) if n.op == "output").all_input_nodes)
+        self._viewed_by_outputs = _viewed_by(outputs)
         for node in list(graph.nodes):
             if node.op != "call_function" or node not in graph.nodes:
                 continue
@@ -139,8 +172,11 @@ class Canonicalize:
         return "canonical_linear"
 
     def _flatten(self, graph: fx.Graph, node: fx.Node, x: fx.Node, k: Any) -> fx.Node:
+        # A view where the leading dims merge into one (a contiguous activation); a transposed
+        # input (`x.transpose(0, 1)`) has none, and a view of it fails when the graph runs.
+        op = aten.view.default if _leading_dims_merge(_val(x)) else aten.reshape.default
         with graph.inserting_before(node):
-            flat = graph.call_function(aten.view.default, (x, [-1, k]))
+            flat = graph.call_function(op, (x, [-1, k]))
         infer_meta(flat)
         copy_source_meta(node, flat)
         return flat
@@ -223,6 +259,8 @@ class Canonicalize:
         if not (isinstance(sv, torch.Tensor) and isinstance(ov, torch.Tensor)):
             return None
         if target in _VIEW_LIKE or target in _SAME_DTYPE_COPIES:
+            if target in _SAME_DTYPE_COPIES and node in self._viewed_by_outputs:
+                return None  # an output views this copy: without it, the output views the input
             if target is aten._to_copy.default and set(node.kwargs) - {"dtype"}:
                 return None  # device/layout/memory-format changes are real work
             if target is aten.clone.default and node.kwargs.get("memory_format") not in (None, torch.preserve_format) and not _same_layout(sv, ov):

@@ -137,7 +137,7 @@ def test_noops_removed_real_work_kept() -> None:
         z = y.t().t()                  # double transpose
         z = z.to(torch.float32)        # same dtype
         keep = x.t().contiguous()      # a layout change: real work
-        return (z * 2, keep.view(-1), y)  # `y` itself is an output: kept as it is
+        return (z * 2, keep.view(-1), x[:, :])  # `x[:, :]` itself is an output: kept as it is
 
     x, w = torch.randn(4, 6), torch.randn(1)
     gm = traced(fn, x, w)
@@ -150,6 +150,42 @@ def test_noops_removed_real_work_kept() -> None:
     check_same(fn, gm, torch.randn(4, 6), w)
     out = gm(x, w)
     assert out[1].shape == (24,)
+
+
+def test_copies_an_output_views_are_kept() -> None:
+    """A same-layout copy is no no-op when an output views it: without it the output would view
+    the graph's input, and an update of either would show in the other. One that only feeds
+    arithmetic is still dropped."""
+    def fn(x):
+        snapshot = x.clone().view(-1)          # returned through a view: must stay a copy
+        cast = x.to(torch.float32, copy=True).t()
+        dropped = x.clone() * 2                # read once, never returned: a no-op
+        return snapshot, cast, dropped
+
+    x = torch.randn(3, 4)
+    gm = traced(fn, x)
+    canonicalize(gm)
+    assert ops(gm)[aten.clone.default] + ops(gm)[aten._to_copy.default] == 2
+    snapshot, cast, _ = gm(x)
+    assert snapshot.data_ptr() != x.data_ptr() and cast.data_ptr() != x.data_ptr()
+    check_same(fn, gm, x)
+
+
+def test_a_transposed_input_to_a_linear_is_reshaped_not_viewed() -> None:
+    """Leading dims that no view can merge (a transposed activation) are flattened by a reshape:
+    a view failed when the graph ran, which rolled the whole pass back."""
+    def fn(x, w):  # as torch.export leaves it: aten.linear on a 3-D input
+        return torch.ops.aten.linear.default(torch.ops.aten.transpose.int(x, 0, 1), w)
+
+    x, w = torch.randn(2, 5, 8), torch.randn(6, 8)
+    gm = hand_built(fn, x, w)
+    assert canonicalize(gm)["canonical_linear"] == 1
+    linear = next(n for n in gm.graph.nodes if n.target is aten.linear.default)
+    assert linear.args[0].target is aten.reshape.default
+    check_same(fn, gm, x, w)
+    contiguous = hand_built(lambda x, w: torch.ops.aten.linear.default(x, w), x, w)  # the usual case: a view
+    canonicalize(contiguous)
+    assert next(n for n in contiguous.graph.nodes if n.target is aten.linear.default).args[0].target is aten.view.default
 
 
 def test_proven_metadata_asserts_are_dropped() -> None:

@@ -176,6 +176,43 @@ def test_tampered_archive(archive, tmp_path: Path) -> None:
         tileflow.load(bad)
 
 
+def test_edited_manifest_is_detected(archive, tmp_path: Path) -> None:
+    """The content hash covers the manifest: a wider dynamic range written into it (which would
+    let inputs the program was never checked for through) is refused like an edited program."""
+    bad = tmp_path / "widened.pt2"
+    with zipfile.ZipFile(archive[0]) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename == "manifest.json":
+                manifest = json.loads(data)
+                manifest["dynamic"]["seq"] = [1, 100000]
+                data = json.dumps(manifest).encode()
+            dst.writestr(info.filename, data)
+    with pytest.raises(ValueError, match="corrupt or was modified: the content hash"):
+        tileflow.load(bad)
+
+
+def test_inputs_fixed_at_export_are_checked(tmp_path: Path) -> None:
+    """An input exported as None (an optional mask) or as a number is built into the program:
+    passing a tensor or another value there is refused, not silently ignored."""
+    from tileflow.export import export_model
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x, mask=None, k: int = 3):
+            return x * k if mask is None else x * mask
+
+    archive = export_model(Scaled(), (torch.randn(2, 4), None, 3), ({0: torch.export.Dim("n", min=1, max=8)}, None, None),
+                           options={"target": "reference"})
+    run = tileflow.load(archive.save(tmp_path / "scaled.pt2"))
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(run(x, None, 3), x * 3)
+    with pytest.raises(ValueError, match=r"input 1 is a tensor of shape \[5, 4\] but the archive was exported with it fixed at None"):
+        run(x, torch.zeros(5, 4), 3)
+    with pytest.raises(ValueError, match="input 2 is 4 but the archive was exported with it fixed at 3"):
+        run(x, None, 4)
+    assert not list(tmp_path.glob("*.partial"))
+
+
 def test_truncated_file(archive, tmp_path: Path) -> None:
     bad = tmp_path / "truncated.pt2"
     data = archive[0].read_bytes()
@@ -314,12 +351,20 @@ def test_bad_spec_is_one_line_exit_2(spec_dir: Path, spec: str, message: str) ->
     ("tokens=8:8", "MIN 8 must be below MAX 8 (for one fixed size, leave the dim static"),
     ("tokens=9:3", "MIN 9 must be below MAX 3"),
     ("tokens=8", "must look like NAME=MIN:MAX"),
+    (("tokens=2:8", "tokens=2:16"), "tokens is given twice (2:8 and 2:16): give each dim once"),
 ])
-def test_bad_dynamic_range_is_one_line_exit_2(spec_dir: Path, dynamic: str, message: str) -> None:
-    result = _cli(["export", "tf_export_spec:tiny", "-o", str(spec_dir / "never.pt2"), "--dynamic", dynamic], spec_dir)
+def test_bad_dynamic_range_is_one_line_exit_2(spec_dir: Path, dynamic: str | tuple[str, ...], message: str) -> None:
+    flags = [f for d in ((dynamic,) if isinstance(dynamic, str) else dynamic) for f in ("--dynamic", d)]
+    result = _cli(["export", "tf_export_spec:tiny", "-o", str(spec_dir / "never.pt2"), *flags], spec_dir)
     assert result.exit_code == 2 and "Traceback" not in result.output
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith(f"error: --dynamic {dynamic!r}") and message in line
+    assert line.startswith("error: --dynamic ") and message in line
+
+
+def test_an_output_path_naming_a_folder_is_refused_before_the_export(spec_dir: Path) -> None:
+    result = _cli(["export", "tf_export_spec:tiny", "-o", str(spec_dir / "newdir") + "/"], spec_dir)
+    assert result.exit_code == 2 and "is a folder; give the archive's file name" in result.stderr
+    assert not (spec_dir / "newdir").exists()
 
 
 def test_bad_spec_in_subprocess_has_no_traceback(spec_dir: Path) -> None:

@@ -76,6 +76,9 @@ def _parse_dynamic(items: tuple[str, ...]) -> dict[str, tuple[int, int]]:
             # torch.export.Dim needs a range: one size is a static dim (drop its --dynamic).
             raise SpecError(f"--dynamic {item!r}: MIN {lo} must be below MAX {hi} (for one fixed size, leave the "
                             "dim static: drop this --dynamic)")
+        if m.group(1) in out:
+            raise SpecError(f"--dynamic {m.group(1)} is given twice ({out[m.group(1)][0]}:{out[m.group(1)][1]} and "
+                            f"{lo}:{hi}): give each dim once")
         out[m.group(1)] = (lo, hi)
     return out
 
@@ -130,8 +133,14 @@ def _build_transformers(config_json: Path, seq_len: int, batch: int, dynamic: di
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    """The exception's type and first line, and its first "- ..." detail line when it has one
+    (torch.export puts the reason a dim was specialized there, below a generic first line)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    detail = next((line for line in lines[1:] if line.startswith("- ")), None)
+    text = lines[0] if lines else ""
+    if detail:
+        text += " " + detail[2:]
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def _apply_dynamic(dynamic_shapes: Any, dynamic: dict[str, tuple[int, int]], where: str) -> Any:
@@ -246,6 +255,8 @@ def export_command(spec: str, output: str, target: str | None, dynamic: tuple[st
             model, args, dyn = _build_transformers(config_json, seq_len, batch, ranges)
         else:
             model, args, dyn = _load_spec_function(spec, ranges)
+        if opts["target"] != "ascend" and (Path(output).is_dir() or output.endswith(("/", os.sep))):
+            raise SpecError(f"{output} is a folder; give the archive's file name (e.g. model.pt2)")
     except SpecError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -263,11 +274,11 @@ def export_command(spec: str, output: str, target: str | None, dynamic: tuple[st
             # The archive and the Ascend C project side by side in one folder.
             from .export import write_ascend_project
 
-            path = archive.save(Path(output) / "model.pt2")
+            # The project first: it refuses a graph without tileflow kernels before writing
+            # anything, and then no archive is left as if the export had worked.
             project = write_ascend_project(archive, output)
+            path = archive.save(Path(output) / "model.pt2")
         else:
-            if Path(output).is_dir():
-                raise ValueError(f"{output} is a folder; give the archive's file name (e.g. model.pt2)")
             path = archive.save(output)
     except Exception as exc:  # export/compile failures: one line, what failed (TILEFLOW_LOG=debug for more)
         click.echo(f"error: export failed: {_first_line(exc)}", err=True)

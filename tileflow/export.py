@@ -40,7 +40,8 @@ from .compiler import compile_graph
 from .config import Config
 from .report import Report
 
-ARCHIVE_FORMAT = 1
+# 2: the content hash covers the manifest too, and inputs that are not tensors record their value.
+ARCHIVE_FORMAT = 2
 PROGRAM_MEMBER = "program.pt2"
 MANIFEST_MEMBER = "manifest.json"
 KERNELS_PREFIX = "kernels/"
@@ -93,17 +94,21 @@ class ExportedArchive:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         members = self.members()
-        manifest = dict(self.manifest)
-        manifest["content_sha256"] = content_hash(members)
+        # As it will read back (JSON types), so the hash the reader computes is this one.
+        manifest = json.loads(json.dumps(self.manifest, default=str))
         manifest["members"] = sorted(members)
+        manifest["content_sha256"] = content_hash(members, manifest)
         # Write to a temporary name first so an interrupted save never leaves a half archive
-        # under the real name.
+        # under the real name, nor a stale partial one.
         tmp = path.with_name(path.name + ".partial")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr(MANIFEST_MEMBER, json.dumps(manifest, indent=2, default=str))
-            for name, data in members.items():
-                zf.writestr(name, data)
-        tmp.replace(path)
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                zf.writestr(MANIFEST_MEMBER, json.dumps(manifest, indent=2))
+                for name, data in members.items():
+                    zf.writestr(name, data)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
 
@@ -124,9 +129,12 @@ def write_ascend_project(archive: ExportedArchive, out_dir: str | Path) -> list[
     return write_project([render_sources(spec) for spec in specs], Path(out_dir))
 
 
-def content_hash(members: Mapping[str, bytes]) -> str:
-    """sha256 over the members' names and bytes, in name order (the manifest is not included)."""
+def content_hash(members: Mapping[str, bytes], manifest: Mapping[str, Any]) -> str:
+    """sha256 over the manifest (all but this hash, as canonical JSON) and the members' names
+    and bytes, in name order: editing the recorded inputs, ranges or versions is detected as
+    surely as editing the program."""
     h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in manifest.items() if k != "content_sha256"}, sort_keys=True).encode())
     for name in sorted(members):
         data = members[name]
         h.update(name.encode())
@@ -292,7 +300,11 @@ def _input_specs(fake_inputs: Sequence[Any], symbols: Mapping[str, _Symbol]) -> 
     specs: list[dict[str, Any]] = []
     for fake in fake_inputs:
         if not isinstance(fake, torch.Tensor):
-            specs.append({"kind": type(fake).__name__})
+            spec: dict[str, Any] = {"kind": type(fake).__name__}
+            # torch.export specializes these: the program holds the value it was exported with.
+            if fake is None or isinstance(fake, (bool, int, float, str)):
+                spec["value"] = fake
+            specs.append(spec)
             continue
         shape: list[int | str] = []
         for size in fake.shape:
@@ -360,6 +372,10 @@ class LoadedProgram:
         bound: dict[str, tuple[int, str]] = {}
         for i, (arg, spec) in enumerate(zip(args, specs)):
             if spec.get("kind") != "tensor":
+                if "value" in spec and not (type(arg).__name__ == spec["kind"] and arg == spec["value"]):
+                    got = f"a tensor of shape {list(arg.shape)}" if isinstance(arg, torch.Tensor) else repr(arg)
+                    raise ValueError(f"input {i} is {got} but the archive was exported with it fixed at "
+                                     f"{spec['value']!r} (its program has that value built in)")
                 continue
             if not isinstance(arg, torch.Tensor):
                 raise ValueError(f"input {i} must be a tensor, got {type(arg).__name__}")
@@ -393,7 +409,10 @@ class LoadedProgram:
 
 
 def _major(version: str) -> str:
-    return version.split("+")[0].split(".")[0]
+    """The part of a version that must match to read an archive: the major version, and the
+    minor one too before 1.0 (0.x releases may change what they write)."""
+    parts = version.split("+")[0].split(".")
+    return ".".join(parts[:2]) if parts[0] == "0" else parts[0]
 
 
 def read_archive(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -417,10 +436,11 @@ def read_archive(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         raise ValueError(f"{path} has archive format {got!r}; this tileflow reads format {ARCHIVE_FORMAT}")
     made_by, here = str(manifest.get("tileflow_version", "?")), _tileflow_version()
     if _major(made_by) != _major(here):
-        raise ValueError(f"{path} was exported by tileflow {made_by}, incompatible with tileflow {here} (major version differs); re-export it")
+        raise ValueError(f"{path} was exported by tileflow {made_by}, incompatible with tileflow {here} (version "
+                         f"{_major(made_by)} vs {_major(here)}); re-export it")
     if PROGRAM_MEMBER not in members:
         raise ValueError(f"{path} has no {PROGRAM_MEMBER}; re-export it")
-    digest = content_hash(members)
+    digest = content_hash(members, manifest)
     if digest != manifest.get("content_sha256"):
         raise ValueError(
             f"{path} is corrupt or was modified: the content hash {digest[:12]}… does not match the "

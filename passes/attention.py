@@ -71,6 +71,13 @@ _DTYPES = {
 }
 
 
+# meta_attention places a sequence's n queries at the last n of its key positions (decode and
+# chunked prefill over a cache), so it needs n <= keys: cross-attention with a longer decoder
+# input than encoder output is left to the original ops.
+_MORE_QUERIES_THAN_KEYS = ("the queries may outnumber the keys (cross-attention over a shorter input): meta_attention "
+                           "puts each query at a key position")
+
+
 def _val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
@@ -156,6 +163,8 @@ class Attention:
         causal = bool(args.get("is_causal") or False)
         if causal and not statically_known_true(qv.shape[2] == kv.shape[2]):
             return "is_causal with different query and key lengths (top-left alignment) is not supported"
+        if not statically_known_true(qv.shape[2] <= kv.shape[2]):
+            return _MORE_QUERIES_THAN_KEYS
         mask = args.get(mask_name) if mask_name else None
         if mask is not None and not (isinstance(_val(mask), torch.Tensor) and _val(mask).dim() <= 4):
             return "attention mask is not a tensor of at most 4 dims"
@@ -250,6 +259,12 @@ class Attention:
                 if slopes is not None:
                     alibi = slopes
                 else:
+                    tv = _val(term)
+                    if isinstance(tv, torch.Tensor) and not tv.dtype.is_floating_point:
+                        # Added, a bool counts 1.0 where True (it is no mask) and an integer
+                        # bias promotes the scores: the kernel reads float biases only.
+                        return (f"a tensor of {str(tv.dtype).replace('torch.', '')} is added to the scores; meta_attention "
+                                "adds float biases (a bool mask hides keys through masked_fill or where)")
                     mask = self._joined_mask(graph, mask, term, softmax)
                 cur = scores_side[0]
             elif (filled := _filled_with_low_value(cur)) is not None:
@@ -340,6 +355,14 @@ class Attention:
             return f"{hq} query heads are not a multiple of {hkv} KV heads"
         if sinks is not None and tuple(_val(sinks).shape) != (hq,):
             return f"the attention sinks hold {_val(sinks).numel()} logits for {hq} query heads"
+        want_scores = (qv.shape[0], hq, qv.shape[2], kv.shape[2])
+        if not same_shape(_val(cur).shape, want_scores):
+            return f"the scores are viewed as {list(_val(cur).shape)}, not [B, H, S_q, S_kv] = {list(want_scores)}"
+        want_out = (qv.shape[0], hq, qv.shape[2], vv.shape[3])
+        if not same_shape(_val(out4).shape, want_out):
+            return f"P @ V is restored to {list(_val(out4).shape)}, not [B, H, S, D] = {list(want_out)}"
+        if not statically_known_true(qv.shape[2] <= kv.shape[2]):
+            return _MORE_QUERIES_THAN_KEYS
         scale: float | None = q_factor * k_factor * product_scale
         ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
         with graph.inserting_before(out4):

@@ -98,6 +98,61 @@ def test_unsupported_variants_fall_back_with_reasons() -> None:
     assert "meta_attention" not in report.rewrites
 
 
+def _projected(x, y, w):
+    """q from x, k and v from y (cross-attention when they differ): 2 heads of 8, the head
+    count and size literals in the views as in a model."""
+    b, s, n = x.shape[0], x.shape[1], y.shape[1]
+    q = (x @ w[:, :16]).view(b, s, 2, 8).transpose(1, 2)
+    k = (y @ w[:, 16:32]).view(b, n, 2, 8).transpose(1, 2)
+    return q, k, (y @ w[:, 32:]).view(b, n, 2, 8).transpose(1, 2)
+
+
+def _manual_attention(x, y, w, bias=None, out_layout="bhsd"):
+    """softmax(q @ k^T / sqrt(d) + bias) @ v over heads flattened into the batch, as models write it."""
+    q, k, v = _projected(x, y, w)
+    b, s, n = x.shape[0], x.shape[1], y.shape[1]
+    scores = torch.bmm(q.reshape(b * 2, s, 8), k.reshape(b * 2, n, 8).transpose(1, 2)).view(b, 2, s, n) / 8**0.5
+    if bias is not None:
+        scores = scores + bias
+    p = torch.softmax(scores, dim=-1)
+    out = torch.bmm(p.view(b * 2, s, n), v.reshape(b * 2, n, 8))
+    return out.view(b, 2, s, 8) if out_layout == "bhsd" else out.view(b, s, 2, 8)
+
+
+def _cross_sdpa(x, y, w):
+    return F.scaled_dot_product_attention(*_projected(x, y, w))
+
+
+def _output_bshd(x, y, w):
+    return _manual_attention(x, y, w, out_layout="bshd")
+
+
+@pytest.mark.parametrize("case", ["cross_sdpa", "cross_manual", "bool_added", "int_added", "output_bshd", "control"])
+def test_attention_the_kernel_would_get_wrong_is_left_alone(case: str) -> None:
+    """Forms a rewrite would get wrong stay the original ops, with the reason, and match eager:
+    more queries than keys (meta_attention puts each query at a key position: cross-attention
+    over a shorter encoder output raised at run time); a bool or integer tensor added to the
+    scores (added, a bool is 1.0 where True, not a mask: it was read as one); P @ V restored to
+    another layout than [B, H, S, D] (the output took the kernel's shape). The control, a float
+    bias over equal lengths, is rewritten."""
+    x, short, w = torch.randn(2, 7, 16), torch.randn(2, 4, 16), torch.randn(16, 48)
+    fn, inputs, reason = {
+        "cross_sdpa": (_cross_sdpa, (x, short, w), "queries may outnumber"),
+        "cross_manual": (_manual_attention, (x, short, w), "queries may outnumber"),
+        "bool_added": (_manual_attention, (x, x, w, torch.rand(7, 7) > 0.5), "tensor of bool is added"),
+        "int_added": (_manual_attention, (x, x, w, torch.randint(0, 3, (7, 7))), "tensor of int64 is added"),
+        "output_bshd": (_output_bshd, (x, x, w), "P @ V is restored to"),
+        "control": (_manual_attention, (x, x, w, torch.randn(7, 7)), None),
+    }[case]
+    compiled, out, _, report = compile_attention(fn, *inputs)
+    torch.testing.assert_close(out, fn(*inputs), rtol=1e-5, atol=1e-5)
+    if reason is None:
+        assert report.rewrites["meta_attention"] == 1 and not report.fallbacks
+        return
+    assert "meta_attention" not in report.rewrites
+    assert any(reason in f.reason for f in report.fallbacks), [f.reason for f in report.fallbacks]
+
+
 @pytest.mark.parametrize(("k_heads", "v_heads"), [(1, 4), (4, 1), (1, 1)])
 def test_exported_sdpa_over_broadcast_kv_heads(k_heads: int, v_heads: int) -> None:
     """torch.export keeps SDPA whole, and SDPA without enable_gqa broadcasts one K/V head over

@@ -153,6 +153,24 @@ def test_attention_the_kernel_would_get_wrong_is_left_alone(case: str) -> None:
     assert any(reason in f.reason for f in report.fallbacks), [f.reason for f in report.fallbacks]
 
 
+def test_float64_lowest_mask_rows_match_eager() -> None:
+    """A float64 model's mask hides keys with float64's lowest (transformers' eager masks): rows
+    that see no other key average the hidden ones, as eager does. Rounded to float32 that value
+    was -inf, and those rows came out 0."""
+    low = torch.finfo(torch.float64).min
+    mask = torch.zeros(2, 1, 7, 7, dtype=torch.float64)
+    mask[0, :, :, :3] = low  # left padding of 3 in the first sequence: its first rows see only it
+    mask = mask.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), low)
+
+    def fn(x, w, mask):
+        return F.scaled_dot_product_attention(*_projected(x, x, w), attn_mask=mask)
+
+    x, w = torch.randn(2, 7, 16, dtype=torch.float64), torch.randn(16, 48, dtype=torch.float64)
+    _, out, _, report = compile_attention(fn, x, w, mask)
+    assert report.rewrites["meta_attention"] == 1
+    torch.testing.assert_close(out, fn(x, w, mask), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(("k_heads", "v_heads"), [(1, 4), (4, 1), (1, 1)])
 def test_exported_sdpa_over_broadcast_kv_heads(k_heads: int, v_heads: int) -> None:
     """torch.export keeps SDPA whole, and SDPA without enable_gqa broadcasts one K/V head over

@@ -253,7 +253,14 @@ def run_meta_attention(
     seqlens = torch.full((b,), s_kv, dtype=torch.int32, device=device)
     bias = ranges = None
     if attn_mask is not None:
-        bias = additive_bias(attn_mask).to(torch.float32)
+        bias = additive_bias(attn_mask)
+        if bias.dtype == torch.float64:
+            # float64's lowest (transformers' finfo(float64).min masks) rounds to -inf in float32:
+            # a row that sees only such keys would come out 0 where eager averages them. Float32's
+            # lowest keeps that meaning; -inf stays -inf.
+            low = torch.finfo(torch.float32).min
+            bias = torch.where(torch.isfinite(bias) & (bias < low), low, bias)
+        bias = bias.to(torch.float32)
         while bias.dim() < 4:
             bias = bias.unsqueeze(0)
         if mask_ranges is not None:

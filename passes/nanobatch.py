@@ -23,11 +23,14 @@ example token count in the report (kind `nano_batch`).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tileflow.graph_utils import meta_val, token_dim
 from tileflow.pipeline import PassContext, PassResult, register_pass
@@ -47,6 +50,8 @@ _LAYOUT = {
     aten.expand.default, aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
 }
 # Ops reading along one dim (args[1]); token-wise when that dim is not the token dim.
+# Of _LAYOUT, those that may merge or split dims (the rest move or keep them).
+_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _ALONG_DIM = {
     aten.slice.Tensor, aten.select.int, aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
     aten.cat.default,
@@ -136,6 +141,17 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
         return dims.get(node.args[0].name) == 0 and dims.get(node.args[1].name) is None
     if target is aten.embedding.default:
         return dims.get(node.args[0].name) is None
+    if target in _RESHAPES:
+        # Rows stay whole only when the dims before the token dim hold as many elements before
+        # and after (`[2, S, H] -> [S, 2, H]` mixes rows; `[B*S, N] -> [B, S, N]` is fine only
+        # for B == 1) and the token dim keeps its length.
+        src = node.args[0]
+        src_dim = dims.get(src.name) if isinstance(src, fx.Node) else None
+        if src_dim is None:
+            return False
+        sv, ov = meta_val(src), meta_val(node)
+        return (statically_known_true(math.prod(sv.shape[:src_dim]) == math.prod(ov.shape[:out_dim]))
+                and statically_known_true(sv.shape[src_dim] == ov.shape[out_dim]))
     if target in _LAYOUT:
         return True
     if target in _ALONG_DIM:
@@ -215,6 +231,12 @@ class NanoBatch:
             result.fallback("graph", "no symbolic token dimension to split (none, or several and no attention to tell which)")
             return result
         token, where = found
+        shared = _symbol_in_two_dims(gm, token)
+        if shared is not None:
+            result.fallback("graph", f"input {shared} has the token count's size symbol in two dims (a batch as long "
+                                     "as the sequence on the first call: Dynamo sized both alike), so rows cannot be "
+                                     "told apart; mark the dims dynamic separately")
+            return result
         dims: dict[str, int | None] = {n.name: token_dim(meta_val(n), token) for n in gm.graph.nodes}
         split: dict[str, bool] = {}
         specs, edges, profile = [], [], []
@@ -226,6 +248,13 @@ class NanoBatch:
             for src in node.all_input_nodes:
                 if src.op == "call_function":
                     edges.append(OpEdge(src.name, node.name, "token" if split[node.name] else "global"))
+            # An op writing into a tensor (the copy_ back into a mutated input) waits for every
+            # op before it that reads that tensor or a view of it, which may run on another stream.
+            written = _written_input(node)
+            if written is not None:
+                for reader in _readers_of(written):
+                    if reader is not node and reader.name in split:  # split holds the ops before this one
+                        edges.append(OpEdge(reader.name, node.name, "global"))
             prof = _profile(node)
             if prof is not None:
                 profile.append(prof)
@@ -253,6 +282,41 @@ class NanoBatch:
         ctx.report.extra["nano_batch"] = info
         result.count("nano_batch", sum(split.values()))
         return result
+
+
+def _symbol_in_two_dims(gm: fx.GraphModule, token: Any) -> int | None:
+    """The index of an input whose shape holds the token symbol in more than one dim, if any."""
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        val = meta_val(node)
+        if isinstance(val, torch.Tensor):
+            if sum(1 for s in val.shape if isinstance(s, torch.SymInt) and s.node.expr == token) > 1:
+                return i
+    return None
+
+
+def _written_input(node: fx.Node) -> fx.Node | None:
+    """The tensor an in-place op writes (its first argument, per its schema), or None."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.arguments or not node.args:
+        return None
+    alias = schema.arguments[0].alias_info
+    return node.args[0] if alias is not None and alias.is_write and isinstance(node.args[0], fx.Node) else None
+
+
+def _readers_of(tensor: fx.Node) -> list[fx.Node]:
+    """The ops that read `tensor` directly or through views of it (views of views too)."""
+    aliases, readers, stack = {tensor}, [], [tensor]
+    while stack:
+        for user in stack.pop().users:
+            if user.op != "call_function" or user in readers:
+                continue
+            readers.append(user)
+            schema = getattr(user.target, "_schema", None)
+            returns = schema.returns if schema is not None else ()
+            if returns and returns[0].alias_info is not None and not returns[0].alias_info.is_write and user not in aliases:
+                aliases.add(user)
+                stack.append(user)
+    return readers
 
 
 def _device(ctx: PassContext) -> Any:

@@ -122,3 +122,86 @@ def test_auto_without_a_device_entry_falls_back_with_the_reason(split_calls: lis
         compiled(torch.randint(0, VOCAB, (1, 9)), use_cache=False)
     assert split_calls == []
     assert any(f.pass_name == "nanobatch" and "device table" in f.reason for f in report.graphs[0].fallbacks)
+
+
+class _TokenMixingViews(torch.nn.Module):
+    """Reshapes that keep or mix rows: `[S, N] -> [H, S']` and `[2, S, H] -> [S, 2, H]` move
+    elements between token rows (split per nano-batch, they gave other numbers); `[S, 2H] ->
+    [S, 2, H]` keeps each row whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, pair: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.proj(x)  # [S, 8]
+        mixed = h.reshape(8, -1) * 2
+        swapped = pair.view(pair.shape[1], 2, -1) + 1
+        kept = h.view(-1, 2, 4) * 3
+        return mixed, swapped, kept
+
+
+def test_reshapes_that_mix_token_rows_are_not_split(split_calls: list[int]) -> None:
+    torch.manual_seed(0)
+    model = _TokenMixingViews()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 3}),
+                             dynamic=True)
+    for tokens in (5, 7):
+        x, pair = torch.randn(tokens, 8), torch.randn(2, tokens, 8)
+        with torch.no_grad():
+            for got, want in zip(compiled(x, pair), model(x, pair)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert split_calls  # the row-keeping part still ran split
+
+
+def test_a_batch_as_long_as_the_sequence_falls_back(split_calls: list[int]) -> None:
+    """On a first call with batch == sequence length Dynamo gives both dims one symbol: rows
+    cannot be told from sequences, and GPT-NeoX split that way failed or came out wrong."""
+    torch.manual_seed(1)
+    model = build("llama")
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}, report=report),
+                             dynamic=True)
+    ids = torch.randint(0, VOCAB, (3, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert split_calls == []
+    assert any("in two dims" in f.reason for g in report.graphs for f in g.fallbacks)
+
+
+class _MutatesItsInput(torch.nn.Module):
+    """Attention reads x through a view; x is then updated in place (a copy_ back into the
+    input at the end of the functional graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x).view(1, -1, 2, 8).transpose(1, 2)
+        kv = x.view(1, -1, 2, 8).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True)
+        x.mul_(2)
+        return out
+
+
+def test_an_input_written_in_place_waits_for_its_readers_on_every_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy_ into the mutated input waits for the attention that reads it on the memory
+    stream: without that edge, 4 of 10 random stream interleavings read the doubled input."""
+    from tileflow.runtime.streams import SimulatedStreams
+
+    seeds = iter(range(1000))
+    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "_executor_for",
+                        lambda self, device: SimulatedStreams(seed=next(seeds)))
+    torch.manual_seed(2)
+    model = _MutatesItsInput()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}),
+                             dynamic=True)
+    with torch.no_grad():
+        for _ in range(10):
+            x = torch.randn(6, 16)
+            want_x, got_x = x.clone(), x.clone()
+            want = model(want_x)
+            torch.testing.assert_close(compiled(got_x), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got_x, want_x)

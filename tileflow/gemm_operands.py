@@ -131,6 +131,9 @@ def gemm_operands(
         out = torch.empty((m, n), dtype=out_dtype, device=device)
     else:
         check("out", out, (m, n), {out_dtype})
+    # The kernels read a bias as N consecutive values (no stride): a strided or expanded one
+    # (`b[::2]`, `b.expand(n)`) is copied first (a no-op for the usual contiguous bias).
+    bias, bias_up = (None if b is None else b.contiguous() for b in (bias, bias_up))
     return GemmOperands(x, weight, bias, residual, out, weight_up, bias_up)
 
 
@@ -169,6 +172,7 @@ def grouped_gemm_operands(spec: KernelSpec, x: Any, weight: Any, offsets: Any, *
     _check_operand(where, "x", x, (m, k), {in_dtype}, device)
     _check_operand(where, "weight", weight, (e, 2 * n if swiglu else n, k), {in_dtype}, device)
     _check_operand(where, "offsets", offsets, (e,), {torch.int32}, device)
+    offsets = offsets.contiguous()  # the kernels read offsets[e] with no stride
     weight_up = None
     if swiglu:
         weight, weight_up = weight[:, :n], weight[:, n:]  # views: the stacked tensor is not copied

@@ -504,9 +504,9 @@ def check_metadata(
     num_blocks, block_size, num_kv_heads, kv_dim = k_cache.shape
     if kv_dim != head_dim:
         raise ValueError(f"head_dim differs: q has {head_dim}, the KV cache has {kv_dim}")
-    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+    if num_kv_heads < 1 or num_q_heads < 1 or num_q_heads % num_kv_heads:
         raise ValueError(
-            f"q has {num_q_heads} heads, not a multiple of the cache's {num_kv_heads} KV heads"
+            f"q has {num_q_heads} heads, not a multiple of the cache's {num_kv_heads} KV heads (each needs at least one)"
         )
     if block_size < 1:
         raise ValueError("k_cache has block_size 0: each page must hold at least one position")

@@ -392,8 +392,9 @@ for kv0 in range(full_end, kv_end, BLOCK_KV):
 
     loop += f"""
 # Rows that saw no key (possible only with sliding windows / tree masks / split ranges)
-# output zeros, never NaN.
-has_key = l_i > 0.0
+# output zeros, never NaN; a NaN input (in q, the cache, sinks, slopes) stays NaN, as in the
+# reference, rather than reading as "no key".
+has_key = l_i != 0.0
 l_safe = tl.where(has_key, l_i, 1.0)
 o = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
 if slot < 0:
@@ -683,7 +684,7 @@ for i in range(0, num_slots):
     l_i = l_i * alpha + w
     m_i = m_new
 
-has_key = l_i > 0.0
+has_key = l_i != 0.0  # NaN stats stay NaN
 l_safe = tl.where(has_key, l_i, 1.0)
 o = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
 out_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od

@@ -16,6 +16,7 @@ import re
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
@@ -191,6 +192,13 @@ def build_triton_kernel(
                 },
             )
             _MEMO[key] = kernel
+            if key[1] and "bfloat16" in (spec.dtype, spec.out_dtype):
+                # Once per kernel: the interpreter's tl.dot multiplies bf16 bit patterns as
+                # integers (numpy has no bf16), so such a kernel's results are garbage on the CPU.
+                warnings.warn(
+                    f"{spec.name}: bf16 kernels give wrong results under TRITON_INTERPRET=1 (Triton's "
+                    "interpreter computes bf16 dots wrongly); run them on a GPU, or use fp16/fp32 or the "
+                    "reference target on the CPU", RuntimeWarning, stacklevel=2)
     if artifact_dir is not None:
         # Written from the kept text (not copied from the cache file, which may be pruned).
         _write_atomic(Path(artifact_dir) / f"{_safe_filename(spec.name)}.py", kernel.source)

@@ -26,6 +26,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from tileflow.graph_utils import (
     copy_source_meta,
     infer_meta,
+    is_view_op,
     same_shape,
     transposed_dims,
 )
@@ -58,21 +59,13 @@ def _is_2d_transpose(node: Any) -> bool:
     return transposed_dims(node) == (0, 1) and _val(node.args[0]).dim() == 2
 
 
-def _is_view(target: Any) -> bool:
-    """True for ops whose output aliases their first input (per their schema: view, transpose,
-    slice, expand, ...), which a graph's output can reach its source through."""
-    schema = getattr(target, "_schema", None)
-    return bool(schema and schema.returns and schema.returns[0].alias_info is not None
-                and not schema.returns[0].alias_info.is_write)
-
-
 def _viewed_by(outputs: set[fx.Node]) -> set[fx.Node]:
     """The nodes whose memory the graph's outputs share: the outputs, and what they view,
     through chains of view ops."""
     seen, stack = set(outputs), list(outputs)
     while stack:
         node = stack.pop()
-        if node.op == "call_function" and _is_view(node.target) and node.args and isinstance(node.args[0], fx.Node):
+        if node.op == "call_function" and is_view_op(node.target) and node.args and isinstance(node.args[0], fx.Node):
             if node.args[0] not in seen:
                 seen.add(node.args[0])
                 stack.append(node.args[0])

@@ -24,7 +24,6 @@ example token count in the report (kind `nano_batch`).
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from tileflow.graph_utils import meta_val, token_dim
+from tileflow.graph_utils import is_view_op, meta_val, token_dim
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.schedule import OpEdge, OpSpec, Schedule, check_schedule, make_schedule
 from tileflow.search import OpProfile, modeled_timeline, search_split
@@ -49,9 +48,9 @@ _LAYOUT = {
     aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
     aten.expand.default, aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
 }
-# Ops reading along one dim (args[1]); token-wise when that dim is not the token dim.
 # Of _LAYOUT, those that may merge or split dims (the rest move or keep them).
 _RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+# Ops reading along one dim (args[1]); token-wise when that dim is not the token dim.
 _ALONG_DIM = {
     aten.slice.Tensor, aten.select.int, aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
     aten.cat.default,
@@ -311,9 +310,7 @@ def _readers_of(tensor: fx.Node) -> list[fx.Node]:
             if user.op != "call_function" or user in readers:
                 continue
             readers.append(user)
-            schema = getattr(user.target, "_schema", None)
-            returns = schema.returns if schema is not None else ()
-            if returns and returns[0].alias_info is not None and not returns[0].alias_info.is_write and user not in aliases:
+            if is_view_op(user.target) and user not in aliases:
                 aliases.add(user)
                 stack.append(user)
     return readers

@@ -88,6 +88,14 @@ def copy_source_meta(src: fx.Node, dst: fx.Node) -> None:
             dst.meta[key] = src.meta[key]
 
 
+def is_view_op(target: Any) -> bool:
+    """True for ops whose output aliases their first input without writing it, per their schema
+    (view, transpose, slice, expand, ...): memory an output or a reader reaches through them."""
+    schema = getattr(target, "_schema", None)
+    returns = schema.returns if schema is not None else ()
+    return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+
+
 def transposed_dims(node: Any) -> tuple[int, int] | None:
     """The two dims `node` swaps, as non-negative indices in increasing order, when it is a
     transpose: `aten.t`, `aten.transpose.int`, or an `aten.permute` that swaps exactly two dims

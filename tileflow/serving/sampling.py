@@ -52,9 +52,9 @@ class SamplingParams:
     drawn from `softmax(logits / temperature)`, first cut to the `top_k` most likely tokens (0: no
     cut), then to the smallest set of those whose probability reaches `top_p` (1: no cut), then
     to those at least `min_p` times as likely as the most likely token (0: no cut), in
-    transformers' order. `seed` keys the draws; None gets a fresh one
-    from torch's default generator when the request is made (so `torch.manual_seed` makes runs
-    repeat), kept in `Request.sampling`. `logprobs`: None (the default) returns none; n >= 0
+    transformers' order. `seed` keys the draws; None gets a fresh one from torch's default
+    generator when the request is made (so `torch.manual_seed` makes runs repeat), kept in
+    `Request.sampling`. `logprobs`: None (the default) returns none; n >= 0
     returns each generated token's log-probability under the model's own distribution (the
     log-softmax of its logits, before temperature and filters, as vLLM's default), and with
     n > 0 the n most likely tokens' too (`Request.logprobs`, `Request.top_logprobs`).
@@ -116,7 +116,7 @@ def _mix32(x: Any) -> Any:
 def row_keys(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Two 32-bit keys per row, int64 `[rows, 2]`, from each row's seed (int64 >= 0) and the
     position of the token it draws: one from each half of the seed, the position mixed into
-    both, so two rows share their noise only if they share seed and position."""
+    both, so rows with another seed or position share their noise only by a 64-bit collision."""
     seeds, positions = np.asarray(seeds, dtype=np.int64), np.asarray(positions, dtype=np.int64)
     position = positions & _MASK32
     low = _mix32(_mix32((seeds & _MASK32) ^ 0x9E3779B9) ^ position)

@@ -183,3 +183,19 @@ def test_fused_draws_equal_eager_draws(filters: dict) -> None:
         sampling = row_sampling("cpu", rows, params, [9 + r for r in rows])
         fused, eager = draw(logits, sampling, fused=True), draw(logits, sampling, fused=False)
         assert fused.tolist() == eager.tolist()
+
+
+def test_inductor_fuses_the_draw_into_one_kernel() -> None:
+    """What `draw(fused=True)` is for: Inductor (its C++ backend here; Triton on CUDA) makes the
+    gather, the hash, the logs and the argmax one kernel, with no `[rows, vocab]` temporaries."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from tileflow.serving.sampling import noisy_argmax
+
+    keys = torch.from_numpy(row_keys(np.full(6, 3), np.arange(6)))
+    logits, rows, temperature = torch.randn(9, 500), torch.tensor([0, 2, 3, 5, 7, 8]), torch.full((6,), 0.7)
+    fused, (code, *_) = run_and_get_code(torch.compile(noisy_argmax, dynamic=True), logits, rows, temperature, keys)
+    assert fused.tolist() == noisy_argmax(logits, rows, temperature, keys).tolist()
+    assert len(re.findall(r"\b(cpp_fused_\w+|triton_\w+) = async_compile", code)) == 1, code

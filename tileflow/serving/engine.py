@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -329,14 +329,11 @@ class ServingEngine:
         when read). Also returns where the new tokens' logprobs go, for requests that asked:
         (request, index in its logprobs, the row that picked the token), NaN until filled."""
         placeholders, scored = [], []
-        row = 0
-        for e in entries:
-            n = len(e.tokens)
+        for e, picks in _picking_rows(entries):
             r = e.request
-            row += n
             if r.done:  # stopped by a token read back after this step was launched
                 continue
-            added = self._advance(e, predictions[row - n : row])
+            added = self._advance(e, predictions[picks.stop - len(e.tokens) : picks.stop])
             if now is not None:
                 self._stamp(r, added, now)
             else:
@@ -344,8 +341,7 @@ class ServingEngine:
             if added and r.sampling.logprobs is not None:
                 # The new tokens are the picks of the entry's rows from its first picking row on
                 # (accepted drafts equal the picks of the rows before them).
-                first = row - n + _first_pick(e)
-                scored.extend((r, len(r.logprobs) + j, first + j) for j in range(added))
+                scored.extend((r, len(r.logprobs) + j, picks.start + j) for j in range(added))
                 r.logprobs.extend([math.nan] * added)
                 r.top_logprobs.extend({} for _ in range(added))
         return placeholders, scored
@@ -356,15 +352,13 @@ class ServingEngine:
         rows: list[int] = []
         params: list[SamplingParams] = []
         positions: list[int] = []
-        row = 0
-        for e in entries:
-            n = len(e.tokens)
+        for e, picks in _picking_rows(entries):
             if not e.request.sampling.greedy:
-                first = _first_pick(e)
-                rows.extend(range(row + first, row + n))
-                positions.extend(range(e.start + first + 1, e.start + n + 1))  # row i picks the token after it
-                params.extend([e.request.sampling] * (n - first))
-            row += n
+                rows.extend(picks)
+                # Row i of the entry (at position start + i) picks the token after it.
+                after = e.start + len(e.tokens) - len(picks) + 1
+                positions.extend(range(after, after + len(picks)))
+                params.extend([e.request.sampling] * len(picks))
         return row_sampling(self.device, rows, params, positions) if rows else None
 
     def _scores(self, entries: Sequence[Entry], logits: torch.Tensor, predictions: torch.Tensor) -> _StepScores | None:
@@ -372,14 +366,11 @@ class ServingEngine:
         computed on the device; None when none did."""
         rows: list[int] = []
         top = 0
-        row = 0
-        for e in entries:
-            n = len(e.tokens)
+        for e, picks in _picking_rows(entries):
             asked = e.request.sampling.logprobs
             if asked is not None:
-                rows.extend(range(row + _first_pick(e), row + n))
+                rows.extend(picks)
                 top = max(top, asked)
-            row += n
         if not rows:
             return None
         (index,) = to_device(self.device, np.array(rows, dtype=np.int64))
@@ -542,10 +533,14 @@ class ServingEngine:
         return out.unsqueeze(0).transpose(1, 2)
 
 
-def _first_pick(e: Entry) -> int:
-    """The entry's first row whose pick is used: a prompt chunk picks only in its last row (the
-    tokens after the others are the prompt's); decode and verify rows all pick."""
-    return len(e.tokens) - 1 if e.kind == "prefill" else 0
+def _picking_rows(entries: Sequence[Entry]) -> Iterator[tuple[Entry, range]]:
+    """Each entry and the rows of the packed step whose picks it uses: a prompt chunk only its
+    last row (the tokens after the others are the prompt's), decode and verify entries all."""
+    row = 0
+    for e in entries:
+        n = len(e.tokens)
+        yield e, range(row + n - 1 if e.kind == "prefill" else row, row + n)
+        row += n
 
 
 def _fill_logprobs(scored: Sequence[tuple[Request, int, int]], values: list[list[float]],

@@ -176,8 +176,8 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 @dataclass(frozen=True)
 class RowSampling:
     """The sampled rows of a step's logits and their parameters, as tensors on the logits'
-    device: row indices (int64 `[n]`), temperatures, top-p and min-p (float32), top-k (int64) and the
-    noise keys (`row_keys`, int64 `[n, 2]`)."""
+    device: row indices (int64 `[n]`), temperatures, top-p and min-p (float32), top-k (int64)
+    and the noise keys (`row_keys`, int64 `[n, 2]`)."""
 
     rows: torch.Tensor
     temperature: torch.Tensor
@@ -219,9 +219,10 @@ def row_sampling(device: torch.device | str, rows: Sequence[int], params: Sequen
 
 def noisy_argmax(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """`argmax(logits[rows] / temperature + g)` per row, with the keyed Gumbel noise `g`
-    (`gumbel_noise(keyed_bits(...))`): the draw itself, int64 `[n]`. Written as whole-tensor torch ops so that
-    Inductor fuses it (`draw(fused=True)`) into one pass over the logits: the gather, the hash,
-    the logs and the argmax, without the `[n, vocab]` int64 temporaries eager ops write."""
+    (`gumbel_noise(keyed_bits(...))`): the draw itself, int64 `[n]`. Written as whole-tensor
+    torch ops so that Inductor fuses it (`draw(fused=True)`) into one kernel over the logits:
+    the gather, the hash, the logs and the argmax, without the `[n, vocab]` int64 temporaries
+    eager ops write."""
     scores = logits[rows].float() / temperature[:, None]
     return (scores + gumbel_noise(keyed_bits(keys, logits.shape[-1]))).argmax(dim=-1)
 
@@ -252,7 +253,8 @@ def draw(logits: torch.Tensor, sampling: RowSampling, *, fused: bool | None = No
             scaled = logits[rows].float() / temperature[:, None]
             scaled = filter_logits(scaled, sampling.top_k[part], sampling.top_p[part], sampling.min_p[part])
             # Already scaled: dividing by 1 again changes no bit.
-            rows, temperature, logits_part = torch.arange(len(scaled), device=scaled.device), torch.ones_like(temperature), scaled
+            logits_part, rows, temperature = scaled, torch.arange(len(scaled), device=scaled.device), \
+                torch.ones_like(temperature)
         else:
             logits_part = logits
         tokens.append(argmax(logits_part, rows, temperature, sampling.keys[part]))

@@ -6,9 +6,10 @@ every `tileflow::meta_attention` becomes its own stage, and the nodes between tw
 a dense stage, so a model with L attention layers has L + 1 dense stages and L attention stages.
 What crosses to the attention side is exactly what attention needs: q and the new k/v out, the
 attention output back. The pass computes that byte count from the graph's shapes (symbolic in the
-token count) and checks it against Lamina's (2 + 2/G)·e·d·B·L with d = query heads × head size:
-k/v that crossed with repeated heads (GQA not undone) or any extra operand would fail the check,
-and the pass would be rolled back with the reason. (Dense stages on different model replicas also
+token count) and checks it against Lamina's (2 + 2/G)·e·d·B·L with d = query heads × head size
+and G read from the same q and k shapes: it catches v or the output with another head size, not
+k/v whose heads were repeated before the attention (GQA not undone: that cut is taken with G = 1,
+and the attention workers hold G times the KV cache). (Dense stages on different model replicas also
 pass hidden states to each other under Lamina's rotation; that is not cut traffic.)
 
 The pass only annotates (each node's stage goes in `node.meta["tileflow"]["stage"]`, the cuts go in
@@ -341,6 +342,7 @@ def split_stages(gm: fx.GraphModule) -> StageProgram:
             # get_attr nodes added after the pass (none today) belong with their first user.
             return min(stage_of(u) for u in node.users)
 
+    _relay_attention_outputs(gm, stage_of)
     split = _split_returning_tuples(gm, stage_of)
     placeholders = [n for n in split.graph.nodes if n.op == "placeholder"]
     where: dict[fx.Node, Source] = {p: Source("input", i) for i, p in enumerate(placeholders)}
@@ -380,6 +382,24 @@ def split_stages(gm: fx.GraphModule) -> StageProgram:
         if src.kind == "stage":
             consumers.setdefault((src.index, src.slot), []).append(-1)
     return StageProgram(stages, outputs, len(placeholders), constants, consumers)
+
+
+def _relay_attention_outputs(gm: fx.GraphModule, stage_of: Callable[[fx.Node], int]) -> None:
+    """An attention's output goes back to one place, the dense stage after it. Where something
+    else reads it (the graph's output, a later stage, the next attention with no node between
+    them), an alias in that dense stage relays it, so the stage exists and is its only reader."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not ATTENTION_OP:
+            continue
+        after = stage_of(node) + 1
+        if node.users and all(u.op != "output" and stage_of(u) == after for u in node.users):
+            continue
+        with gm.graph.inserting_after(node):
+            relay = gm.graph.call_function(torch.ops.aten.alias.default, (node,))
+        relay.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")})
+        _annotate(relay, after)
+        node.replace_all_uses_with(relay, delete_user_cb=lambda user, relay=relay: user is not relay)
+    gm.recompile()
 
 
 def _attr(module: torch.nn.Module, qualname: str) -> torch.Tensor:

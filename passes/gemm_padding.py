@@ -54,6 +54,11 @@ def _val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
+def _linear_bias(linear: fx.Node) -> Any:
+    """The bias of an `aten.linear` node, passed by position or by keyword (None when absent)."""
+    return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+
+
 def _only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -98,7 +103,7 @@ class _Chain:
     @property
     def has_bias(self) -> bool:
         """Whether the linear (or its SwiGLU partner) adds a bias."""
-        return any(lin is not None and len(lin.args) > 2 and lin.args[2] is not None
+        return any(lin is not None and _linear_bias(lin) is not None
                    for lin in (self.linear, self.up_linear))
 
 
@@ -130,7 +135,7 @@ def _up_partner(gate: fx.Node, other: Any) -> fx.Node | None:
     gv, uv = _val(gate.args[1]), _val(other.args[1])
     if not same_shape(gv.shape, uv.shape) or gv.dtype != uv.dtype:
         return None
-    if (len(gate.args) > 2 and gate.args[2] is not None) != (len(other.args) > 2 and other.args[2] is not None):
+    if (_linear_bias(gate) is not None) != (_linear_bias(other) is not None):
         return None
     return other
 
@@ -214,6 +219,11 @@ class GemmPadding:
             grouped = _grouped_mm_args(node) if node in graph.nodes else None
             if grouped is not None:
                 reason = self._unsupported_grouped(grouped, ctx)
+                if not reason:
+                    try:
+                        self._m_range(_val(grouped["x"]).shape[0], ctx)
+                    except ValueError as exc:
+                        reason = f"no tile plan: {exc}"
                 if reason:
                     result.fallback(node, f"grouped (MoE expert) GEMM: {reason}")
                 else:
@@ -227,7 +237,11 @@ class GemmPadding:
                 result.fallback(node, reason)
                 continue
             chain = self._match(node)
-            plan = self._plan(node, ctx, plans, weight_tiles=2 if chain.activation == "swiglu" else 1)
+            try:
+                plan = self._plan(node, ctx, plans, weight_tiles=2 if chain.activation == "swiglu" else 1)
+            except ValueError as exc:  # e.g. M's smallest value above max_tokens: this GEMM only
+                result.fallback(node, f"no tile plan: {exc}")
+                continue
             kinds = self._fused_kinds(chain)
             self._replace(graph, chain, plan, ctx, kinds)
             result.count("padded_gemm")
@@ -261,7 +275,7 @@ class GemmPadding:
             return f"dtype {xv.dtype} is not supported by the {ctx.target} GEMM kernels (supported: {[str(d) for d in allowed]})"
         if wv.dtype != xv.dtype:
             return f"mixed dtypes (input {xv.dtype}, weight {wv.dtype})"
-        bias = node.args[2] if len(node.args) > 2 else None
+        bias = _linear_bias(node)
         if bias is not None and _val(bias).dtype != xv.dtype:
             return f"bias dtype {_val(bias).dtype} differs from the input's {xv.dtype}"
         if isinstance(wv.shape[0], torch.SymInt) or isinstance(wv.shape[1], torch.SymInt):
@@ -438,10 +452,10 @@ class GemmPadding:
     def _replace(self, graph: fx.Graph, chain: _Chain, plan: TilePlan, ctx: PassContext, kinds: list[str]) -> None:
         linear = chain.linear
         x, w = linear.args[0], linear.args[1]
-        bias = linear.args[2] if len(linear.args) > 2 else None
+        bias = _linear_bias(linear)
         up = chain.up_linear
         weight_up = up.args[1] if up is not None else None
-        bias_up = (up.args[2] if len(up.args) > 2 else None) if up is not None else None
+        bias_up = _linear_bias(up) if up is not None else None
         n = int(_val(w).shape[0])
         tip = chain.tip
         with graph.inserting_before(tip):
@@ -478,7 +492,7 @@ class GemmPadding:
     @staticmethod
     def _fused_kinds(chain: _Chain) -> list[str]:
         kinds = []
-        if len(chain.linear.args) > 2 and chain.linear.args[2] is not None:
+        if _linear_bias(chain.linear) is not None:
             kinds.append("fused_bias")
         if chain.activation != "none":
             kinds.append(f"fused_{chain.activation}")

@@ -309,3 +309,120 @@ def test_embedding_rows_follow_the_token_ids_through_views() -> None:
     example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None], torch.ones(1))
     gm = capture_exported(torch.export.export(Embed(), example)).gm
     assert [embedding_rows(gm, i) for i in range(4)] == [50, 20, None, None]
+
+
+class _AttentionLast(torch.nn.Module):
+    """A step whose attention output is the graph's output (no dense node after it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(96, 32)
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        import tileflow
+
+        x = self.embed(ids).view(1, -1, 2, 16).transpose(1, 2)
+        return tileflow.ops.meta_attention(x, x, x, causal=True)
+
+
+class _AdjacentAttentions(_AttentionLast):
+    """Two attentions with no node between them: the second's queries are the first's output."""
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        import tileflow
+
+        x = self.embed(ids).view(1, -1, 2, 16).transpose(1, 2)
+        a = tileflow.ops.meta_attention(x, x, x, causal=True)
+        return tileflow.ops.meta_attention(a, x, x, causal=True) + 1
+
+
+@pytest.mark.parametrize("step", [_AttentionLast, _AdjacentAttentions])
+def test_attention_output_read_outside_the_next_dense_stage_is_relayed(step) -> None:
+    # Before: split_stages raised "stages [0, 1] are not dense/attention alternating" (no node for
+    # the dense stage after the attention). Now an alias in that stage relays the output.
+    torch.manual_seed(0)
+    model = step()
+    program = build_stage_program(model, EXAMPLE, max_tokens=64)
+    cuts = len(program.cuts)
+    assert [s.kind for s in program.stages] == ["dense", "attention"] * cuts + ["dense"]
+    for stage in program.stages:
+        if stage.kind == "attention":  # what ModelWorker requires of every cut
+            assert program.consumers[(stage.id, 0)] == [stage.id + 1]
+    ids, pos = torch.randint(0, 96, (1, 7)), torch.arange(7)[None]
+    (out,) = program.run([ids, pos])
+    torch.testing.assert_close(out, model(ids, pos))
+
+
+class _Recorder:
+    """A transport stand-in on rank 0 that records what would be sent."""
+
+    rank = 0
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, value, dst: int) -> None:
+        self.sent.append((dst, value))
+
+
+def test_model_worker_refuses_a_batch_it_cannot_run_before_sending_the_plan() -> None:
+    # Before: the plan went to the attention workers, then the dense stage failed on an export
+    # guard (too many tokens) or an embedding index error, leaving them reading the next step's
+    # messages as this one's q/k/v.
+    from tileflow.distributed import Batch, ModelWorker
+
+    class Step(_AttentionLast):
+        def forward(self, ids, pos):
+            return super().forward(ids, pos) * 2
+
+    program = build_stage_program(Step(), EXAMPLE, max_tokens=16)
+    t = _Recorder()
+    worker = ModelWorker(program, Layout(2), t)
+    too_long = Batch([torch.zeros(1, 20, dtype=torch.long), torch.arange(20)[None]], [0], [20], [0])
+    with pytest.raises(ValueError, match="20 tokens is more than the 16"):
+        worker.step([too_long])
+    past_vocab = Batch([torch.tensor([[3, 96]]), torch.arange(2)[None]], [0], [2], [0])
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 96\)"):
+        worker.step([past_vocab])
+    assert t.sent == []
+
+
+def test_model_worker_refuses_layers_with_different_kv_heads() -> None:
+    # Before: accepted; each attention worker then refused its INIT, and the leader heard only that
+    # the worker died.
+    import tileflow
+    from tileflow.distributed import ModelWorker
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(96, 64)
+
+        def forward(self, ids, pos):
+            x = self.embed(ids)
+            q, k = x.view(1, -1, 4, 16).transpose(1, 2), x[..., :32].reshape(1, -1, 2, 16).transpose(1, 2)
+            a = tileflow.ops.meta_attention(q, k, k, causal=True)
+            return tileflow.ops.meta_attention(a + 1, a[:, :1] * 2, a[:, :1] * 2, causal=True) * 3
+
+    program = build_stage_program(Step(), EXAMPLE, max_tokens=64)
+    assert [c.num_kv_heads for c in program.cuts] == [2, 1]
+    with pytest.raises(ValueError, match="layers differ in KV heads"):
+        ModelWorker(program, Layout(2), _Recorder())
+
+
+def test_attention_worker_cache_lives_where_the_payload_arrives() -> None:
+    # Under NCCL the q/k/v arrive on cuda:N; the cache was made on the CPU regardless, so the
+    # first write mixed devices. No GPU here: a "meta" payload stands in for the device.
+    from types import SimpleNamespace
+
+    from tileflow.distributed import AttentionWorker, BatchShape, LayerShard
+
+    worker = AttentionWorker(Layout(2), SimpleNamespace(rank=1))
+    worker.layers = [LayerShard(2, 1, 4, 0, 1, scale=0.5)]
+    worker.block_size, worker.num_blocks = 4, 8
+    try:
+        worker._attend(0, BatchShape((5,), (3,), (0,)), torch.empty(3, 2 + 2, 4, device="meta"))
+    except (NotImplementedError, RuntimeError):
+        pass  # the attention itself cannot run on meta tensors; where the cache went is the point
+    assert worker.cache is not None and worker.cache.device == torch.device("meta")
+    assert worker.cache.k[0].device == torch.device("meta")

@@ -384,3 +384,14 @@ def test_measured_tma_pieces_dispatch_and_match_float64(tmp_path, monkeypatch, t
     got = runtime.run_padded_gemm(x, w, bias, residual, "none", torch.float16, runtime.encode_plan(plan), target)
     assert rel_err(got, oracle(x, w, bias, residual, "none")) < 2e-3
     assert launches[-1]["spec"]["tma"] and launches[-1]["epilogue"] == ["bias", "residual"]
+
+
+def test_swiglu_with_separate_weights_needs_both_biases_or_neither() -> None:
+    x, wg, wu, b = torch.randn(5, 16), torch.randn(8, 16), torch.randn(8, 16), torch.randn(8)
+    with tileflow.use_config(tileflow.Config(target="reference")):
+        with pytest.raises(ValueError, match="give both bias and bias_up or neither"):
+            padded_gemm(x, wg, b, activation="swiglu", weight_up=wu)
+        with pytest.raises(ValueError, match="bias_up .* needs bias"):
+            padded_gemm(x, wg, activation="swiglu", weight_up=wu, bias_up=b)
+        got = padded_gemm(x, wg, b, activation="swiglu", weight_up=wu, bias_up=b)
+    torch.testing.assert_close(got, F.silu(F.linear(x, wg, b)) * F.linear(x, wu, b))

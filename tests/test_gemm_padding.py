@@ -164,3 +164,42 @@ def test_measured_tma_plans_for_gemms_with_and_without_epilogues(tmp_path, monke
     assert down.args[3] is not None  # the residual is fused into the second GEMM
     assert all(piece.tma for piece in decode_plan(up.args[6]).pieces)
     assert all(piece.tma for piece in decode_plan(down.args[6]).pieces)
+
+
+def test_linear_bias_given_by_keyword_is_kept() -> None:
+    # A hand-built graph may spell the bias as a keyword: it must not be dropped.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from tileflow.config import Config
+    from tileflow.pipeline import get_pass
+    from tileflow.report import GraphReport
+
+    def fn(x, w, b):
+        return aten.linear.default(x, w, bias=b)
+
+    x, w, b = torch.randn(5, 16), torch.randn(8, 16), torch.randn(8)
+    gm = fx.symbolic_trace(fn)
+    mode = FakeTensorMode()
+    FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(t) for t in (x, w, b)])
+    result = get_pass("gemm_padding").run(gm, PassContext(config=Config(), report=GraphReport(graph_id="g")))
+    assert result.rewrites == {"padded_gemm": 1, "fused_bias": 1}
+    [gemm] = gemm_nodes(gm)
+    assert gemm.args[2] is not None
+    torch.testing.assert_close(gm(x, w, b), F.linear(x, w, b))
+
+
+def test_m_above_max_tokens_falls_back_for_that_gemm_only() -> None:
+    # M = 40 * batch >= 80 > max_tokens: that GEMM has no plan and stays as it was, with the reason;
+    # the other GEMM of the graph (static M) is still rewritten (the pass is not rolled back).
+    def fn(x, w, w2):
+        return F.linear(x, w), F.linear(x[0], w2)
+
+    x, w, w2 = torch.randn(5, 40, 16), torch.randn(8, 16), torch.randn(8, 16)
+    compiled, gm, ctx = compile_fn(fn, x, w, w2, max_tokens=64)
+    assert len(gemm_nodes(gm)) == 1
+    [fallback] = ctx.report.fallbacks
+    assert "above max_tokens=64" in fallback.reason and "rolled back" not in fallback.reason
+    x2 = torch.randn(3, 40, 16)
+    for got, want in zip(compiled(x2, w, w2), fn(x2, w, w2)):
+        torch.testing.assert_close(got, want)

@@ -625,6 +625,50 @@ def test_prefix_reuse_shares_blocks_and_keeps_tokens(llama_program) -> None:
     assert engine.allocator.all_free()
 
 
+def test_a_cached_prefix_loses_its_last_block_first() -> None:
+    """A finished request's prompt blocks stay cached; when an allocation evicts one of them it is
+    the prefix's last block, so a later request still finds the blocks before it. (Released front
+    to back, the first block went first: the rest stayed cached, never found again.)"""
+    engine = ServingEngine(RandomProgram(0), token_budget=32, decode_slots=1, block_size=4, num_blocks=4,
+                           overlap=False)
+    prefix = list(range(12))  # three full blocks, cached when the first request ends
+    engine.run([Request(0, prefix + [50], 1)])
+    assert len(engine.allocator.lookup(prefix_hashes(prefix, 4))) == 3
+    engine.run([Request(1, [40, 41, 42, 43, 44], 1)])  # two blocks: the free one and one evicted
+    assert len(engine.allocator.lookup(prefix_hashes(prefix, 4))) == 2
+    second = Request(2, prefix + [51], 2)
+    engine.add(second)
+    engine.step()
+    assert second.computed == 13 and engine.program.steps[-1] == 5  # 8 tokens cached, 5 computed
+    engine.run()
+    assert second.done and engine.allocator.all_free()
+
+
+@pytest.mark.parametrize("max_draft,overlap", [(0, True), (0, False), (3, False)])
+def test_requests_whose_kv_fills_the_whole_cache_are_served(max_draft: int, overlap: bool) -> None:
+    """A request's KV never holds its last generated token (never fed) nor drafts past its
+    max_new_tokens: one whose prompt and new tokens but one fill the cache exactly is served."""
+    engine = ServingEngine(EchoProgram(last=3), token_budget=8, decode_slots=1, max_draft=max_draft, block_size=4,
+                           num_blocks=4, overlap=overlap)
+    requests = [Request(0, [5, 6, 7, 8, 5, 6], 11), Request(1, list(range(16)), 1)]  # 16 positions each
+    engine.run(requests)
+    assert [r.generated for r in requests] == [11, 1] and engine.allocator.all_free()
+    with pytest.raises(ValueError, match="needs 5 KV blocks, more than the 4 there are"):
+        engine.add(Request(2, list(range(16)), 2))
+
+
+def test_requests_read_stop_tokens_once_and_refuse_a_bare_id() -> None:
+    # A generator used to be consumed by the validation: the request then had no stop tokens.
+    assert Request(0, [1], 2, stop_tokens=(t for t in [7, 9])).stop_tokens == {7, 9}
+    engine = ServingEngine(EchoProgram(last=7), token_budget=8, decode_slots=1, block_size=4, num_blocks=8)
+    request = Request(1, [1, 2], 5, stop_tokens=iter([7]))
+    engine.run([request])
+    assert request.tokens == [1, 2, 7] and request.finish_reason == "stop"
+    # One id (transformers' eos_token_id often is one) is refused with a hint, not a bare TypeError.
+    with pytest.raises(ValueError, match=r"stop_tokens must be a collection of token ids, got 5: pass \[5\]"):
+        Request(2, [1], 2, stop_tokens=5)
+
+
 def test_windowed_prompt_chunks_leave_decoding_requests_a_block() -> None:
     # A 100-token prompt beside a decoding request, under an 8-key window with 5 blocks of 4: were
     # the chunks to take every free block, the decoder would preempt the prompt (to start over)

@@ -19,6 +19,7 @@ from .config import Config
 from .graph_utils import count_nodes, graph_to_json, shape_env_of, symbol_ranges
 from .log import get_logger
 from .lower import lower_graph
+from .padding_safety import padding_hazard
 from .pipeline import PassContext, PassManager
 from .report import GraphReport, Report
 from .residual import build_residual, resolve_residual
@@ -45,6 +46,15 @@ def graphed_step(gm: fx.GraphModule, runner: Callable[..., Any], buckets: Sequen
     inputs, outputs = graph_token_dims(gm, found[0])
     graph_report.extra["cuda_graphs"] = f"whole step, token buckets {list(buckets)}"
     return CudaGraphBuckets(runner, inputs, buckets, lambda _: outputs)
+
+
+def _padding_hazard(gm: fx.GraphModule) -> str | None:
+    """Why running `gm` padded to a token bucket could change its real rows (None: it cannot);
+    a graph with no single token symbol is left to the runners, which then capture nothing."""
+    from tileflow.passes.nanobatch import token_symbol
+
+    found = token_symbol(gm)
+    return padding_hazard(gm, found[0]) if found is not None else None
 
 
 def inputs_device_type(example_inputs: Sequence[Any]) -> str:
@@ -110,6 +120,10 @@ def compile_graph(
     buckets = config.graph_buckets() if streams.graphs_apply(config.cuda_graphs, device_type) else ()
     if config.cuda_graphs and not buckets:
         graph_report.extra["cuda_graphs"] = f"not captured: CUDA graphs capture CUDA work, this graph runs on {device_type}"
+    elif buckets and (hazard := _padding_hazard(gm)):
+        buckets = ()
+        graph_report.extra["cuda_graphs"] = f"not captured: a replay at a token bucket could differ from the step ({hazard})"
+        log.warning("%s: cuda_graphs not applied: %s", graph_id, hazard)
     if plan is not None:
         from .runtime.nanobatch import NanoBatchRunner
 

@@ -67,6 +67,13 @@ def _check_gemm_args(
                 f"separately as weight and weight_up); got {tuple(weight.shape)}"
             )
         n = gemm_out_features(weight.shape[0], activation)
+    if bias_up is not None and bias is None:
+        raise ValueError("padded_gemm: bias_up (the up projection's bias) needs bias (the gate's) too")
+    if weight_up is not None and bias is not None and bias_up is None:
+        raise ValueError(
+            "padded_gemm: with separate gate and up weights (weight_up), give both bias and bias_up or "
+            "neither (the kernels add a bias to both projections or to none)"
+        )
     bias_rows = n if (weight_up is not None or bias_up is not None) else weight.shape[0]
     for name, b in (("bias", bias), ("bias_up", bias_up)):
         if b is not None and (b.dim() != 1 or b.shape[0] != bias_rows):

@@ -117,12 +117,13 @@ class AttentionWorker:
             self.t.send(out, reply_to)
         self.steps += 1
 
-    def _cache_for(self, dtype: torch.dtype) -> PagedKVCache:
+    def _cache_for(self, dtype: torch.dtype, device: torch.device) -> PagedKVCache:
         if self.cache is None:
+            # Where the q/k/v arrive (the transport's device: cuda:N under NCCL), not the CPU.
             h, d = self.layers[0].kv_hi - self.layers[0].kv_lo, self.layers[0].head_dim
             self.cache = PagedKVCache(
                 len(self.layers), h, d, block_size=self.block_size, num_blocks=self.num_blocks, dtype=dtype,
-                sliding_window=common_window(s.sliding_window for s in self.layers),
+                device=device, sliding_window=common_window(s.sliding_window for s in self.layers),
             )
         return self.cache
 
@@ -131,7 +132,7 @@ class AttentionWorker:
         q_lo, q_hi = shard.q_heads
         hq, hkv, d = q_hi - q_lo, shard.kv_hi - shard.kv_lo, shard.head_dim
         q, k, v = payload.view(batch.tokens, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)
-        cache = self._cache_for(payload.dtype)
+        cache = self._cache_for(payload.dtype, payload.device)
         for seq, start in zip(batch.seq_ids, batch.starts):
             if cache.length(seq) != start:
                 raise ValueError(

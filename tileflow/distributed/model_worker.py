@@ -107,6 +107,14 @@ class ModelWorker:
         self.replicas = layout.model_workers
         self.num_layers = len(program.cuts)
         self.shards: list[list[tuple[int, int]]] = [layout.kv_shards(c.num_kv_heads) for c in program.cuts]
+        # An attention worker keeps one paged cache for every layer: the same KV heads and head
+        # size in each (it would refuse its INIT, and the leader hear only that it died).
+        per_layer = sorted({(c.num_kv_heads, c.head_dim) for c in program.cuts})
+        if len(per_layer) > 1:
+            raise ValueError(
+                f"layers differ in KV heads or head size, (KV heads, head size) = {per_layer}: an attention "
+                "worker's KV cache holds the same heads for every layer"
+            )
         self.block_size, self.num_blocks = block_size, num_blocks
         self.idle_timeout_s = idle_timeout_s
         self._release: list[int] = []
@@ -142,6 +150,8 @@ class ModelWorker:
             seen |= set(b.seq_ids)
             if len(b.inputs) != self.program.num_inputs:
                 raise ValueError(f"the program takes {self.program.num_inputs} inputs, a batch gave {len(b.inputs)}")
+            self._check_batch(b)
+        # Nothing has been sent yet: a batch refused above leaves every rank ready for the next step.
         plan = encode_plan([b.shape for b in batches], self._release, self.program.num_inputs)
         self._release = []
         for rank in self.layout.model_ranks[1:]:
@@ -152,6 +162,25 @@ class ModelWorker:
         for rank in self.layout.attention_ranks:
             self.t.send(plan, rank)
         return self._run(list(batches))
+
+    def _check_batch(self, b: Batch) -> None:
+        """What the program cannot run, refused before the plan goes out: once the attention
+        workers have it they wait for the step's q/k/v, and a dense stage failing mid-step (a
+        failed shape guard, an embedding index error) would leave them reading the next step's
+        messages as those."""
+        p = self.program
+        if p.max_tokens is not None and b.tokens > p.max_tokens:
+            raise ValueError(f"a batch of {b.tokens} tokens is more than the {p.max_tokens} a step of this program "
+                             "may hold: split it, or build the program with build_stage_program(max_tokens=...)")
+        for index, rows, what in ((0, p.vocab_size, "token ids"), (1, p.max_positions, "positions")):
+            if rows is None or index >= len(b.inputs) or b.inputs[index].numel() == 0:
+                continue
+            lo, hi = torch.aminmax(b.inputs[index])  # one reduction, one read back
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= rows:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"{what} must be in [0, {rows}) (the rows of the model's table), got {bad} "
+                                 f"in the batch of sequences {b.seq_ids}")
 
     def release(self, seq_ids: Sequence[int]) -> None:
         """Free finished sequences' KV blocks on every attention worker (before the next step)."""

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from ..capture import capture_exported, export_program
 from ..config import Config
+from ..padding_safety import padding_hazard
 from ..pipeline import PassContext, PassManager
 from ..report import GraphReport
 from ..residual import resolve_residual
@@ -86,9 +87,13 @@ def build_stage_program(
     program.vocab_size, program.max_positions = vocab_size, max_positions
     device_type = next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
     graphed = graphs_apply(config.cuda_graphs, device_type)
-    for stage in program.dense:
+    for i, stage in enumerate(program.dense):
         # Every stage's sizes are the one token count (the export's only dynamic dim).
-        dims = graph_token_dims(stage.module, token_symbol(stage.module)[0]) if graphed else None
+        token = token_symbol(stage.module)[0] if graphed else None
+        hazard = padding_hazard(stage.module, token) if graphed else None
+        if hazard:
+            report.extra[f"cuda_graphs_stage_{i}"] = f"not captured: a replay at a token bucket could differ from the step ({hazard})"
+        dims = graph_token_dims(stage.module, token) if graphed and not hazard else None
         if resolve_residual(config.residual, device_type) == "inductor":
             stage.module = torch.compile(stage.module, dynamic=True)
         if dims is not None:

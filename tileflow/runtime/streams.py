@@ -342,7 +342,8 @@ class CudaGraphBuckets:
     it replays, and every output is cut to T rows along its token dim and cloned (the static
     outputs are overwritten by the next replay).
 
-    Padded rows must not reach real ones (true of causal models), and every output must carry the
+    Padded rows must not reach real ones (`tileflow.padding_safety` proves it for a compiled
+    graph before one is wrapped; true of causal models), and every output must carry the
     token dim: a step with any other output — e.g. a KV cache of past + T rows, where the padding
     would stay — is never captured (logged once) and runs directly, as do calls above the largest
     bucket and steps whose capture fails. Parameters are referenced, never copied.

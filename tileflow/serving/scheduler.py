@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import numbers
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -85,6 +86,13 @@ class Request:
         bad = [t for t in self.prompt if not _is_token_id(t)]
         if bad:
             raise ValueError(f"request {self.id}: the prompt must hold token ids (ints >= 0), got {bad[:5]}")
+        if isinstance(self.stop_tokens, (numbers.Integral, str, bytes)) or not isinstance(self.stop_tokens, Iterable):
+            # One id (transformers' eos_token_id often is one) would fail below as "not iterable".
+            hint = f": pass [{self.stop_tokens}] for one stop token" if _is_token_id(self.stop_tokens) else ""
+            raise ValueError(f"request {self.id}: stop_tokens must be a collection of token ids, got "
+                             f"{self.stop_tokens!r}{hint}")
+        # Read once: a generator checked by all() and then read again would give no stop tokens.
+        self.stop_tokens = tuple(self.stop_tokens)
         if not all(_is_token_id(t) for t in self.stop_tokens):
             raise ValueError(
                 f"request {self.id}: stop_tokens must be token ids (ints >= 0), got {sorted(self.stop_tokens, key=str)}"
@@ -162,7 +170,9 @@ class Scheduler:
         if request.id in self._unfinished:
             raise ValueError(f"a request with id {request.id} is already waiting or running: ids must be unique "
                              "(metrics and abort() go by id)")
-        need = self._blocks_for(len(request.prompt) + request.max_new_tokens + self.max_draft)
+        # Its last generated token is never fed, and its drafts stop short of max_new_tokens (see
+        # `schedule`): its KV never holds more than len(prompt) + max_new_tokens - 1 positions.
+        need = self._blocks_for(len(request.prompt) + request.max_new_tokens - 1)
         if self.sliding_window is not None:
             # The w + max_draft positions p - w + 1 … p + max_draft of its widest step (a chunk can
             # be one token), over at most (positions - 2) // block_size + 2 blocks.
@@ -223,8 +233,9 @@ class Scheduler:
         else:
             self.running.remove(request)
         del self._unfinished[request.id]
-        for block in request.held_blocks:
-            self.allocator.release(block)
+        # Last block first: the allocator evicts the least recently released idle block first, and
+        # a cached prefix is found only from its first block on (see `_release_tail_first`).
+        self._release_tail_first(request)
         request.blocks = []
         request.released = 0
         request.done = True
@@ -306,6 +317,14 @@ class Scheduler:
             r.blocks.append(self.allocator.allocate())
         return True
 
+    def _release_tail_first(self, r: Request) -> None:
+        """Give back every block r holds, its last block first. A prefix is found in the cache
+        only from its first block on (`BlockAllocator.lookup`), and idle cached blocks are evicted
+        least recently released first: released front to back, one eviction would take the
+        prefix's first block and strand the rest, cached but never found again."""
+        for block in reversed(r.held_blocks):
+            self.allocator.release(block)
+
     def _release_passed(self, r: Request) -> None:
         """Give back r's leading blocks whose every position is outside the window of its next
         query position, `r.computed` (it sees positions > r.computed - w; later ones see less)."""
@@ -315,8 +334,7 @@ class Scheduler:
         """Take a running request's blocks back and queue it first, to recompute every token it
         has (prompt and generated) as its prompt when admitted again."""
         self.running.remove(r)
-        for block in r.held_blocks:
-            self.allocator.release(block)
+        self._release_tail_first(r)
         r.blocks = []
         r.released = 0
         r.computed = 0

@@ -1,0 +1,211 @@
+"""Padding safety of `cuda_graphs=True`: a step replayed at a token bucket must give the real rows
+exactly, so graphs where padded rows could reach real ones run uncaptured, with the reason.
+
+Graphs are replayed through `ReplayOnCpu` (a CPU stand-in for CUDA graphs that really runs the
+padded step), so a wrongly captured graph shows up as wrong outputs here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tileflow
+import tileflow.runtime.streams
+
+sys.path.insert(0, str(Path(__file__).parent))
+from graph_doubles import ReplayOnCpu  # noqa: E402
+from models import VOCAB, build  # noqa: E402
+
+H = 16
+
+
+@pytest.fixture
+def replay_on_cpu(monkeypatch: pytest.MonkeyPatch) -> type[ReplayOnCpu]:
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    ReplayOnCpu.captures = 0
+    return ReplayOnCpu
+
+
+def _run(fn: Callable[..., torch.Tensor], make_inputs: Callable[[int], tuple], lengths=(3, 5, 11)) -> tileflow.Report:
+    """Compile `fn` with `cuda_graphs=True` and check it against eager at each token count."""
+    report = tileflow.Report()
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report))
+    for tokens in lengths:
+        args = make_inputs(tokens)
+        for arg in args:  # only the token dim is dynamic, as in a serving step
+            torch._dynamo.mark_dynamic(arg, list(arg.shape).index(tokens))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-5, atol=1e-5)
+    return report
+
+
+def _cuda_graphs_notes(report: tileflow.Report) -> list[str]:
+    return [g.extra.get("cuda_graphs", "") for g in report.graphs]
+
+
+# Weights are globals, not arguments: Dynamo keeps their sizes static, as a model's parameters.
+QKV = torch.randn(3 * H, H)
+W = torch.randn(H, H)
+
+
+def _tokens(tokens: int) -> tuple[torch.Tensor]:
+    return (torch.randn(1, tokens, H),)
+
+
+def _rows(tokens: int) -> tuple[torch.Tensor]:
+    return (torch.randn(tokens, H),)
+
+
+def _heads(x: torch.Tensor) -> list[torch.Tensor]:
+    """q, k, v [1, 2, T, H/2] projected from the same tokens (one token symbol)."""
+    return [t.view(1, -1, 2, H // 2).transpose(1, 2) for t in (x @ QKV.t()).split(H, dim=-1)]
+
+
+def _bidirectional(x: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(*_heads(x))
+
+
+def _causal(x: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(*_heads(x), is_causal=True)
+
+
+def _causal_mask_from_positions(x: torch.Tensor) -> torch.Tensor:
+    # transformers' way: key position <= query position, as a 0/-inf bias.
+    pos = torch.arange(x.shape[1])
+    allowed = pos[None, :] <= pos[:, None]
+    bias = torch.where(allowed, torch.tensor(0.0), torch.tensor(float("-inf")))
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=bias)
+
+
+def _anti_causal_mask(x: torch.Tensor) -> torch.Tensor:
+    pos = torch.arange(x.shape[1])
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=pos[None, :] >= pos[:, None])
+
+
+def _centered(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(0)) @ W
+
+
+def _last_row_added(x: torch.Tensor) -> torch.Tensor:
+    return (x + x[-1]) @ W
+
+
+def _scaled_by_token_count(x: torch.Tensor) -> torch.Tensor:
+    return (x * x.shape[0]) @ W
+
+
+def _row_after_tokens(x: torch.Tensor) -> torch.Tensor:
+    y = torch.cat([x, W[:1]], dim=0)  # a row after the tokens: padding would come before it
+    return (y[1:] @ W).relu()
+
+
+def _token_mixing_matmul(x: torch.Tensor) -> torch.Tensor:
+    return (x.t() @ x) @ W
+
+
+def _shifted_rows(x: torch.Tensor) -> torch.Tensor:
+    # A row before the tokens, then the first T rows: the diff transformers takes of positions.
+    y = torch.cat([x[:1] - 1.0, x], dim=0)
+    return (y[1:] - y[:-1]) @ W + x.cumsum(0)
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (_bidirectional, "attention over the token dim that is not provably causal"),
+    (_anti_causal_mask, "a mask that does not hide the padded keys"),
+])
+def test_bidirectional_attention_is_not_captured(replay_on_cpu, fn, reason: str) -> None:
+    """Real queries would see the padded keys: the step runs uncaptured and equals eager."""
+    report = _run(fn, _tokens)
+    (note,) = _cuda_graphs_notes(report)
+    assert note.startswith("not captured: a replay at a token bucket could differ from the step") and reason in note, note
+    assert replay_on_cpu.captures == 0
+
+
+@pytest.mark.parametrize("fn", [_causal, _causal_mask_from_positions])
+def test_causal_attention_is_captured(replay_on_cpu, fn) -> None:
+    report = _run(fn, _tokens)
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (_centered, "reads across the token dim"),
+    (_last_row_added, "may be a padded row"),
+    (_scaled_by_token_count, "token count as a value"),
+    (_row_after_tokens, "padding would sit between real rows"),
+    (_token_mixing_matmul, "matmul that sums over the token dim"),
+])
+def test_reads_across_tokens_are_not_captured(replay_on_cpu, fn, reason: str) -> None:
+    report = _run(fn, _rows)
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note and reason in note, note
+    assert replay_on_cpu.captures == 0
+
+
+def test_shifted_rows_and_scans_are_captured(replay_on_cpu) -> None:
+    """A prefix row before the tokens, slices that stay inside the real rows, and a scan along
+    the tokens read no padding."""
+    report = _run(_shifted_rows, _rows)
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gpt2"])
+def test_causal_models_are_captured(replay_on_cpu, arch: str) -> None:
+    """transformers' causal models (their masks built from positions) are captured and equal
+    eager at lengths inside and across the buckets (Llama: tests/test_streams.py)."""
+    torch.manual_seed(0)
+    model = build(arch)
+
+    def make(tokens: int) -> tuple[torch.Tensor]:
+        return (torch.randint(0, VOCAB, (1, tokens)),)
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids, use_cache=False).logits
+
+    report = _run(logits, make, lengths=(3, 12, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 2
+
+
+def test_mixture_of_experts_routing_is_not_captured(replay_on_cpu) -> None:
+    """Mixtral routes tokens through a flattened [2T] index list the analysis does not follow:
+    it stays uncaptured (conservative) and correct."""
+    torch.manual_seed(0)
+    model = build("mixtral")
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids, use_cache=False).logits
+
+    report = _run(logits, lambda t: (torch.randint(0, VOCAB, (1, t)),), lengths=(3, 12))
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note, note
+    assert replay_on_cpu.captures == 0
+
+
+def test_a_step_that_writes_its_input_in_place_is_not_captured(replay_on_cpu) -> None:
+    """A replay runs on static copies of the inputs, so an in-place update of an input would
+    never reach the caller's tensor: such a step runs uncaptured, and the update lands."""
+    def accumulate(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        total.add_(x)
+        return x @ W
+
+    report = tileflow.Report()
+    compiled = torch.compile(accumulate, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32},
+                                                                          report=report))
+    for tokens in (3, 5):
+        x, total = torch.randn(tokens, H), torch.randn(tokens, H)
+        want = total + x
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(total, 0)
+        torch.testing.assert_close(compiled(x, total), x @ W)
+        torch.testing.assert_close(total, want)
+    (note,) = _cuda_graphs_notes(report)
+    assert "writes a tensor in place" in note, note
+    assert replay_on_cpu.captures == 0

@@ -1,0 +1,573 @@
+"""padding_hazard: whether a step run padded to a token bucket still gives the real rows exactly.
+
+`Config.cuda_graphs` replays a step captured at a bucket of B tokens for every call of T <= B
+tokens: the call's rows are copied into rows 0..T-1 of the static inputs, rows T..B-1 hold
+padding, and the outputs are cut back to T rows. That is right only when no real output element
+reads a padded row. Token-wise ops (GEMMs on the rows, elementwise ops, norms over features)
+keep rows apart, and so does causal attention (padding comes after every real key); a
+bidirectional attention, a mean over the tokens or a read of the last row does not.
+
+The analysis walks the graph once. A dim is a *token dim* when its size is `T + a` with `a` free
+of T (`a` > 0: a prefix of rows that are not tokens, such as a cache, before them; padding is at
+the end either way). A value is *clean* when each element whose token-dim indices are all real
+equals the unpadded run's; every op below keeps that or names why not. Two facts let masks
+through: a *position* (an integer tensor equal to its token index plus a constant, as
+`arange`), and *causal* (a mask whose elements with key index past the query index are masked,
+as `kv_pos <= q_pos`). What the walk does not know is a hazard: the step then runs uncaptured.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from .graph_utils import bind_arguments, meta_val
+
+aten = torch.ops.aten
+
+__all__ = ["padding_hazard"]
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What the walk knows of one value (see the module docstring)."""
+
+    hazard: str | None = None
+    position: Any = None  # int tensor with one token dim: value = token index + position
+    causal: tuple[int, int] | None = None  # (query dim, key dim), masked past the diagonal
+    neg_inf: bool = False  # a constant -inf (the masked value of an additive mask)
+
+
+_CLEAN = _Facts()
+
+# Ops whose output dims are their input's, moved or kept (views and copies).
+_SAME_DIMS = {
+    aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
+    aten.contiguous.default, aten.lift_fresh_copy.default, torch.ops.prims.convert_element_type.default,
+}
+# Elementwise ops without the pointwise tag: `copy` (functionalized in-place copies) and where
+# with scalar branches.
+_ELEMENTWISE = {aten.copy.default, aten.where.Scalar, aten.where.ScalarOther, aten.where.ScalarSelf}
+_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+# Ops reading along their `dim` argument (every dim when it is None or empty): reductions,
+# softmaxes and splits are fine along feature dims only; scans read only earlier rows, so a
+# token dim is fine too.
+_ALONG = {
+    aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction,
+    aten.std.correction, aten.max.dim, aten.min.dim, aten.argmax.default, aten.argmin.default,
+    aten.topk.default, aten.sort.default, aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
+    aten.log_softmax.int, aten.prod.dim_int, aten.any.dim, aten.all.dim, aten.logsumexp.default,
+    aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default,
+}
+_SCANS = {aten.cumsum.default, aten.cumprod.default}
+# Comparisons of two positions that build a causal mask (True = attend): `key <= query` and
+# its mirror images; the first set takes the key first.
+_KEY_FIRST = {aten.le.Tensor, aten.lt.Tensor}
+_COMPARE = _KEY_FIRST | {aten.ge.Tensor, aten.gt.Tensor}
+_AND = {aten.bitwise_and.Tensor, aten.logical_and.default, aten.mul.Tensor}
+_ATTENTION = {"meta_attention"}
+
+
+def padding_hazard(gm: fx.GraphModule, token: Any) -> str | None:
+    """Why running `gm` padded along the token symbol `token` could change a real output element
+    (`node: reason`), or None when padded rows provably never reach real ones. A graph that
+    writes any tensor in place is refused too: a replay writes the static copy of an input."""
+    return _Walk(token).run(gm)
+
+
+class _Walk:
+    """One pass over the graph, node by node, computing each value's `_Facts`."""
+
+    def __init__(self, token: Any) -> None:
+        self.token = token
+        self.facts: dict[fx.Node, _Facts] = {}
+
+    def run(self, gm: fx.GraphModule) -> str | None:
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                for arg in _flat(node.args[0]):
+                    if isinstance(arg, fx.Node) and self.facts[arg].hazard:
+                        return self.facts[arg].hazard
+                return None
+            if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+                # A replay runs on static copies of the inputs: an in-place write would miss the caller's.
+                return f"{node.name}: {node.target.name()} writes a tensor in place, and a replayed step would write its copy"
+            try:
+                facts = self.visit(node)
+            except Exception as exc:  # an op shape the walk did not expect: refuse, never guess
+                facts = _Facts(hazard=f"{node.name}: not analysed ({type(exc).__name__}: {exc})")
+            self.facts[node] = facts
+        return None
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def dims(self, value: Any) -> dict[int, Any] | None:
+        """Token dims of a tensor as {dim: prefix a}, or None when a size depends on T otherwise
+        (such as 2*T: padding would not be at the end)."""
+        out: dict[int, Any] = {}
+        if not isinstance(value, torch.Tensor):
+            return out
+        for d, size in enumerate(value.shape):
+            expr = _expr(size)
+            if self.token not in getattr(expr, "free_symbols", ()):
+                continue
+            rest = sympy.expand(expr - self.token)
+            if self.token in rest.free_symbols:
+                return None
+            out[d] = rest
+        return out
+
+    def depends_on_token(self, value: Any) -> bool:
+        """A scalar argument whose value is the token count (or built from it)."""
+        return isinstance(value, (torch.SymInt, torch.SymFloat)) and self.token in _expr(value).free_symbols
+
+    def inputs(self, node: fx.Node) -> list[fx.Node]:
+        return [a for a in node.all_input_nodes if a in self.facts]
+
+    def carries_tokens(self, node: fx.Node) -> bool:
+        dims = self.dims(meta_val(node))
+        return dims is None or bool(dims)
+
+    def hazard_of(self, node: fx.Node) -> str | None:
+        return next((self.facts[a].hazard for a in self.inputs(node) if self.facts[a].hazard), None)
+
+    def refuse(self, node: fx.Node, why: str) -> _Facts:
+        return _Facts(hazard=f"{node.name}: {why}")
+
+    # -- the walk ------------------------------------------------------------------------------
+
+    def visit(self, node: fx.Node) -> _Facts:
+        if node.op == "placeholder":
+            return _CLEAN  # padded inputs: their real rows are the call's
+        if node.op == "get_attr":
+            value = _attribute(node)
+            with unset_fake_temporarily():  # a real constant, read while the graph's fake mode is active
+                neg_inf = isinstance(value, torch.Tensor) and value.numel() == 1 and _is_neg_inf(float(value))
+            return _Facts(neg_inf=neg_inf)
+        if node.op != "call_function":
+            return self.refuse(node, f"{node.op} is not analysed")
+        hazard = self.hazard_of(node)
+        if hazard:
+            return _Facts(hazard=hazard)
+        val = meta_val(node)
+        out_dims = self.dims(val) if isinstance(val, torch.Tensor) else {}
+        if out_dims is None and not isinstance(val, (tuple, list)):
+            return self.refuse(node, f"its shape {tuple(val.shape)} depends on the token count other than as one "
+                                     "dim of T (+ a prefix) rows, so padding would not sit at the end")
+        if not any(self.carries_tokens(a) for a in self.inputs(node)) and not self.uses_token_count(node):
+            return self.constant(node)
+        target = node.target
+        if target is operator.getitem:
+            return self.facts[node.args[0]]
+        name = getattr(target, "__name__", str(target)).split(".")[0]
+        if target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
+            return self.arange(node)
+        if not isinstance(val, (torch.Tensor, tuple, list)):
+            return _CLEAN  # a size computed from shapes: shapes are the bucket's by design
+        if target in (aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format,
+                      aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default,
+                      aten.full_like.default, aten.zeros_like.default, aten.ones_like.default,
+                      aten.empty_like.default, aten.scalar_tensor.default):
+            return self.filled(node)
+        if target in _SAME_DIMS:
+            return self.facts[node.args[0]]
+        if target in _ELEMENTWISE:
+            return _CLEAN  # each element from the same element (broadcast) of clean inputs
+        if target in (aten.slice_scatter.default, aten.select_scatter.default):
+            return self.scattered(node)
+        if target in _RESHAPES:
+            return self.reshape(node)
+        if target in (aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default,
+                      aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default):
+            return self.moved(node)
+        if target in (aten.slice.Tensor, aten.select.int):
+            return self.sliced(node)
+        if target is aten.cat.default:
+            return self.concatenated(node)
+        if target in _ALONG or target in _SCANS:
+            return self.along(node)
+        if target in (aten.native_layer_norm.default, aten.layer_norm.default):
+            return self.layer_norm(node)
+        if target is aten.index.Tensor:
+            return self.indexed(node)
+        if target is aten.embedding.default:
+            return self.row_lookup(node, table=node.args[0])
+        if target in (aten.mm.default, aten.bmm.default, aten.matmul.default, aten.linear.default,
+                      aten.addmm.default):
+            return self.matmul(node)
+        if name == "padded_gemm":
+            return self.padded_gemm(node)
+        if name == "attention_mask_ranges":
+            return self.mask_ranges(node)
+        if name in _ATTENTION:
+            return self.attention(node)
+        if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+            return self.pointwise(node)
+        return self.refuse(node, f"{name} is not known to keep padded rows apart from real ones")
+
+    def uses_token_count(self, node: fx.Node) -> bool:
+        flat = _flat((node.args, node.kwargs))
+        return any(self.depends_on_token(meta_val(a) if isinstance(a, fx.Node) else a) for a in flat)
+
+    def constant(self, node: fx.Node) -> _Facts:
+        """An op on values free of the token count: the same in both runs (noting -inf fills)."""
+        if node.target in _SAME_DIMS:
+            return self.facts[node.args[0]]
+        if node.target is aten.scalar_tensor.default:
+            return _Facts(neg_inf=_is_neg_inf(node.args[0]))
+        if node.target is aten.full.default:
+            return _Facts(neg_inf=_is_neg_inf(node.args[1]))
+        return _CLEAN
+
+    def filled(self, node: fx.Node) -> _Facts:
+        """A tensor filled with one value (or uninitialized): clean unless the value is T."""
+        fill = bind_arguments(node).get("fill_value")
+        if self.depends_on_token(meta_val(fill) if isinstance(fill, fx.Node) else fill):
+            return self.refuse(node, "fills a tensor with the token count, which padding changes")
+        return _Facts(neg_inf=_is_neg_inf(fill))
+
+    def arange(self, node: fx.Node) -> _Facts:
+        """`arange(start, start + T (+ a))`: a position (clean); any other use of T refuses."""
+        args = bind_arguments(node)
+        step = args.get("step", 1)
+        start = args.get("start", 0) if node.target is not aten.arange.default else 0
+        if step not in (1, None) or self.depends_on_token(_scalar(start)):
+            return self.refuse(node, "arange whose start or step is the token count")
+        dims = self.dims(meta_val(node))
+        if not dims:
+            return self.refuse(node, "arange whose length depends on the token count oddly")
+        (prefix,) = dims.values()
+        # Element r is start + r, and its token index r - prefix.
+        return _Facts(position=sympy.sympify(_expr(_scalar(start))) + prefix)
+
+    def reshape(self, node: fx.Node) -> _Facts:
+        """A view that keeps every token row's elements together and in order."""
+        src = node.args[0]
+        sv, ov = meta_val(src), meta_val(node)
+        s_dims, o_dims = self.dims(sv), self.dims(ov)
+        facts = self.facts[src]
+        if not s_dims and not o_dims:
+            return facts
+        if s_dims is None or o_dims is None or len(s_dims) != 1 or len(o_dims) != 1:
+            if _same_sizes(sv.shape, ov.shape):
+                return facts
+            return self.refuse(node, "a view that merges or splits a token dim")
+        ((sd, sa),), ((od, oa),) = s_dims.items(), o_dims.items()
+        # Each element keeps its token index when the dims before the token dim hold as many
+        # elements before and after (then so do the dims after it).
+        before_same = _equal(math.prod(_expr(s) for s in sv.shape[:sd]), math.prod(_expr(s) for s in ov.shape[:od]))
+        if before_same and _equal(sa, oa):
+            return replace(facts, causal=None)
+        return self.refuse(node, "a view that moves elements between token rows")
+
+    def moved(self, node: fx.Node) -> _Facts:
+        """Transpose, permute, unsqueeze, squeeze, expand: the same elements, dims moved."""
+        src = node.args[0]
+        facts = self.facts[src]
+        if node.target is aten.expand.default:
+            s_dims, o_dims = self.dims(meta_val(src)), self.dims(meta_val(node))
+            # Broadcasting a size-1 dim to T repeats one real value along it: still clean.
+            shift = meta_val(node).dim() - meta_val(src).dim()
+            if facts.causal:
+                facts = replace(facts, causal=(facts.causal[0] + shift, facts.causal[1] + shift))
+            return replace(facts, position=facts.position if len(o_dims) == len(s_dims) else None)
+        mapping = _dim_mapping(node)
+        causal = None
+        if facts.causal and mapping is not None and all(d in mapping for d in facts.causal):
+            causal = (mapping[facts.causal[0]], mapping[facts.causal[1]])
+        return replace(facts, causal=causal)
+
+    def sliced(self, node: fx.Node) -> _Facts:
+        """`slice`/`select` along a token dim read rows that exist in both runs only when they sit
+        inside the real rows: from a constant start no later than the prefix, not from the end."""
+        src = node.args[0]
+        sv = meta_val(src)
+        dim = node.args[1] % sv.dim() if len(node.args) > 1 else 0
+        s_dims = self.dims(sv) or {}
+        facts = self.facts[src]
+        if dim not in s_dims:
+            mapping = _dim_mapping(node)
+            causal = None
+            if facts.causal and mapping is not None and all(d in mapping for d in facts.causal):
+                causal = (mapping[facts.causal[0]], mapping[facts.causal[1]])
+            return replace(facts, causal=causal)
+        prefix = s_dims[dim]
+        if node.target is aten.select.int:
+            index = node.args[2]
+            if isinstance(index, int) and 0 <= index and _provably_le(index, prefix):
+                return replace(facts, causal=None, position=None)
+            return self.refuse(node, f"selects row {index} of a token dim, which may be a padded row")
+        args = bind_arguments(node)
+        start, end = _scalar(args.get("start") or 0), _scalar(args.get("end"))
+        if self.depends_on_token(start) or not _provably_le(0, _expr(start)) or not _provably_le(_expr(start), prefix):
+            return self.refuse(node, "slices a token dim from a row that may be padding (or from the end)")
+        o_dims = self.dims(meta_val(node)) or {}
+        if dim in o_dims:
+            # Output row r is input row start + r: real while the input's is (prefix - start >= new prefix).
+            if _provably_le(o_dims[dim], prefix - _expr(start)):
+                return replace(facts, causal=None, position=None)
+        elif end is not None and not self.depends_on_token(end) and _provably_le(_expr(end), prefix + 1):
+            return replace(facts, causal=None, position=None)  # rows before the first token row's end
+        return self.refuse(node, "slices a token dim past its real rows")
+
+    def scattered(self, node: fx.Node) -> _Facts:
+        """A functionalized write into part of a tensor: along a feature dim each row receives its
+        own row; along the token dim rows would move."""
+        base = node.args[0]
+        dim = bind_arguments(node)["dim"] % meta_val(base).dim()
+        if dim in (self.dims(meta_val(base)) or {}):
+            return self.refuse(node, "writes into a slice of the token dim")
+        return _CLEAN
+
+    def concatenated(self, node: fx.Node) -> _Facts:
+        """`cat` along a token dim keeps padding at the end only when the token-carrying tensor is
+        the last one; along other dims every piece must carry the same token dims."""
+        tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]
+        out = meta_val(node)
+        dim = (node.args[1] if len(node.args) > 1 else 0) % out.dim()
+        o_dims = self.dims(out) or {}
+        if dim in o_dims:
+            carriers = [i for i, t in enumerate(tensors) if dim in (self.dims(meta_val(t)) or {})]
+            if carriers == [len(tensors) - 1]:
+                return _CLEAN
+            return self.refuse(node, "concatenates along the token dim with rows after the tokens: padding would sit "
+                                     "between real rows")
+        for t in tensors:
+            if (self.dims(meta_val(t)) or {}).keys() - {dim} != o_dims.keys():
+                return self.refuse(node, "concatenates pieces with different token dims")
+        return _CLEAN
+
+    def along(self, node: fx.Node) -> _Facts:
+        """Reductions, softmaxes and splits: fine along feature dims; along a token dim only a scan."""
+        src = node.args[0]
+        rank = max(meta_val(src).dim(), 1)
+        dims = bind_arguments(node).get("dim")
+        dims = list(range(rank)) if dims is None or dims == [] else [dims] if isinstance(dims, int) else list(dims)
+        if node.target not in _SCANS and any(d % rank in (self.dims(meta_val(src)) or {}) for d in dims):
+            return self.refuse(node, "reads across the token dim, so padded rows enter real rows' results")
+        return _CLEAN
+
+    def indexed(self, node: fx.Node) -> _Facts:
+        """`x[i0, i1, ...]` with index tensors: along a token dim of `x`, only the identity (a
+        position with no offset) keeps rows apart; along other dims any index does."""
+        src, indices = node.args[0], node.args[1]
+        s_dims = self.dims(meta_val(src)) or {}
+        result = self.facts[src]
+        for d, idx in enumerate(indices):
+            if idx is None:
+                continue
+            if d in s_dims:
+                pos = self.facts[idx].position
+                # Index row i (token index i) reads source row i + pos, token index i + pos - prefix.
+                if pos is None or not _equal(pos, s_dims[d]):
+                    return self.refuse(node, "indexes a token dim with values that may point at padded rows")
+        if len([i for i in indices if i is not None]) and s_dims:
+            # The identity index onto the source's token dim: values keep the source's position.
+            return _Facts(position=result.position)
+        return _CLEAN
+
+    def layer_norm(self, node: fx.Node) -> _Facts:
+        """A norm over the last dims (`normalized_shape`) reads only its own row when those dims
+        are features and its weight and bias carry no tokens."""
+        args = bind_arguments(node)
+        x, normalized = args["input"], args["normalized_shape"]
+        rank = meta_val(x).dim()
+        if any(d >= rank - len(normalized) for d in self.dims(meta_val(x)) or {}):
+            return self.refuse(node, "a norm over the token dim")
+        if any(isinstance(args.get(k), fx.Node) and self.carries_tokens(args[k]) for k in ("weight", "bias")):
+            return self.refuse(node, "a norm whose weight or bias carries the token dim")
+        return _CLEAN
+
+    def row_lookup(self, node: fx.Node, table: fx.Node) -> _Facts:
+        if self.carries_tokens(table):
+            return self.refuse(node, "looks rows up in a table that carries the token dim")
+        return _CLEAN
+
+    def matmul(self, node: fx.Node) -> _Facts:
+        """A matmul keeps rows apart unless it contracts over a token dim."""
+        args = list(node.args)
+        if node.target is aten.addmm.default:
+            args = args[1:]
+        a, b = args[0], args[1]
+        av, bv = meta_val(a), meta_val(b)
+        a_dims, b_dims = self.dims(av) or {}, self.dims(bv) or {}
+        a_k = av.dim() - 1
+        if node.target is aten.linear.default:
+            b_k = bv.dim() - 1
+        else:
+            b_k = bv.dim() - 2 if bv.dim() >= 2 else 0
+        if a_k in a_dims or b_k in b_dims:
+            return self.refuse(node, "a matmul that sums over the token dim")
+        return _CLEAN
+
+    def padded_gemm(self, node: fx.Node) -> _Facts:
+        args = bind_arguments(node)
+        for name in ("weight", "bias", "weight_up", "bias_up"):
+            value = args.get(name)
+            if isinstance(value, fx.Node) and self.carries_tokens(value):
+                return self.refuse(node, f"a GEMM whose {name} carries the token dim")
+        x = args.get("x")
+        if isinstance(x, fx.Node) and 1 in (self.dims(meta_val(x)) or {}):
+            return self.refuse(node, "a GEMM that sums over the token dim")
+        return _CLEAN
+
+    def mask_ranges(self, node: fx.Node) -> _Facts:
+        """Per-query-row key ranges of a mask read the whole row, padded keys too: fine when the
+        padded keys are masked (causal) or the keys are not tokens."""
+        mask = node.args[0]
+        mv = meta_val(mask)
+        key_dim = mv.dim() - 1
+        if key_dim not in (self.dims(mv) or {}) or self.facts[mask].causal == (mv.dim() - 2, key_dim):
+            return _CLEAN
+        return self.refuse(node, "key ranges of a mask that does not hide the padded keys")
+
+    def attention(self, node: fx.Node) -> _Facts:
+        """Attention over token keys: real queries must not see padded keys. They come after every
+        real key, so a causal attention (flag or mask) never does; a bidirectional one would."""
+        args = bind_arguments(node)
+        k = args["k"]
+        if 2 not in (self.dims(meta_val(k)) or {}):
+            return _CLEAN  # keys are not tokens (a cache, an encoder's output)
+        if args.get("causal"):
+            return _CLEAN
+        mask = args.get("attn_mask")
+        if isinstance(mask, fx.Node):
+            mv = meta_val(mask)
+            if self.facts[mask].causal == (mv.dim() - 2, mv.dim() - 1):
+                return _CLEAN
+        return self.refuse(node, "attention over the token dim that is not provably causal (no causal flag, and no "
+                                 "mask built from positions): real queries could see the padded keys")
+
+    def pointwise(self, node: fx.Node) -> _Facts:
+        """Elementwise ops broadcast clean values to clean values; comparisons of positions build
+        causal masks, and masks combined with them stay causal."""
+        if self.uses_token_count(node):
+            return self.refuse(node, "uses the token count as a value, which padding changes")
+        out = meta_val(node)
+        rank = out.dim()
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and isinstance(meta_val(a), torch.Tensor)]
+
+        def aligned(a: fx.Node) -> dict[int, Any]:
+            shift = rank - meta_val(a).dim()
+            return {d + shift: p for d, p in (self.dims(meta_val(a)) or {}).items()}
+
+        target = node.target
+        if target in _COMPARE and len(tensors) == 2:
+            first, second = tensors
+            p1, p2 = self.facts[first].position, self.facts[second].position
+            d1, d2 = aligned(first), aligned(second)
+            if p1 is not None and p2 is not None and len(d1) == 1 and len(d2) == 1 and _equal(p1, p2):
+                ((dim1, _),), ((dim2, _),) = d1.items(), d2.items()
+                if dim1 != dim2:
+                    key, query = (dim1, dim2) if target in _KEY_FIRST else (dim2, dim1)
+                    return _Facts(causal=(query, key))
+            return _CLEAN
+        if target in _AND and out.dtype == torch.bool:
+            for a in tensors:
+                causal = self.facts[a].causal
+                if causal is not None:
+                    shift = rank - meta_val(a).dim()
+                    return _Facts(causal=(causal[0] + shift, causal[1] + shift))
+            return _CLEAN
+        if target is aten.where.self and len(tensors) == 3:
+            cond, _, other = node.args[:3]
+            causal = self.facts[cond].causal if isinstance(cond, fx.Node) else None
+            if causal is not None and isinstance(other, fx.Node) and self.facts[other].neg_inf:
+                shift = rank - meta_val(cond).dim()
+                return _Facts(causal=(causal[0] + shift, causal[1] + shift))
+            return _CLEAN
+        if target in (aten.add.Tensor, aten.sub.Tensor) and len(tensors) == 1:
+            facts = self.facts[tensors[0]]
+            other = next((a for a in node.args[1:] if not isinstance(a, fx.Node)), 0)
+            if facts.position is not None and isinstance(other, (int, torch.SymInt)):
+                sign = 1 if target is aten.add.Tensor else -1
+                alpha = node.kwargs.get("alpha", 1)
+                return _Facts(position=facts.position + sign * alpha * _expr(other))
+        if target is torch.ops.prims.convert_element_type.default or target is aten._to_copy.default:
+            return self.facts[node.args[0]]
+        return _CLEAN
+
+
+def _attribute(node: fx.Node) -> Any:
+    """The constant a get_attr node reads from its graph module."""
+    value: Any = node.graph.owning_module
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _flat(value: Any) -> list[Any]:
+    out: list[Any] = []
+    fx.node.map_aggregate(value, lambda a: out.append(a))
+    return out
+
+
+def _expr(value: Any) -> Any:
+    """A size or scalar as a sympy expression (ints stay ints)."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return value.node.expr
+    return value
+
+
+def _scalar(value: Any) -> Any:
+    return meta_val(value) if isinstance(value, fx.Node) else value
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    except (TypeError, sympy.SympifyError):
+        return False
+
+
+def _provably_le(a: Any, b: Any) -> bool:
+    """a <= b for every value of the symbols (sizes are non-negative)."""
+    diff = sympy.expand(sympy.sympify(_expr(b)) - sympy.sympify(_expr(a)))
+    if diff.is_number:
+        return bool(diff >= 0)
+    return bool(all(s.is_nonnegative for s in diff.free_symbols)) and diff.is_polynomial() and all(
+        c >= 0 for c in sympy.Poly(diff, *diff.free_symbols).coeffs())
+
+
+def _same_sizes(a: Any, b: Any) -> bool:
+    return len(a) == len(b) and all(_equal(_expr(x), _expr(y)) for x, y in zip(a, b))
+
+
+def _is_neg_inf(value: Any) -> bool:
+    return isinstance(value, float) and value == float("-inf")
+
+
+def _dim_mapping(node: fx.Node) -> dict[int, int] | None:
+    """Input dim -> output dim of a transpose, permute, unsqueeze, squeeze or slice/select."""
+    src = meta_val(node.args[0])
+    rank = src.dim()
+    target = node.target
+    if target in (aten.slice.Tensor,):
+        return {d: d for d in range(rank)}
+    if target is aten.select.int:
+        dim = node.args[1] % rank
+        return {d: d - (d > dim) for d in range(rank) if d != dim}
+    if target is aten.t.default:
+        return {0: 1, 1: 0} if rank == 2 else {0: 0}
+    if target is aten.transpose.int:
+        a, b = node.args[1] % rank, node.args[2] % rank
+        mapping = {d: d for d in range(rank)}
+        mapping[a], mapping[b] = b, a
+        return mapping
+    if target is aten.permute.default:
+        order = [d % rank for d in node.args[1]]
+        return {src_dim: out_dim for out_dim, src_dim in enumerate(order)}
+    if target is aten.unsqueeze.default:
+        dim = node.args[1] % (rank + 1)
+        return {d: d + (d >= dim) for d in range(rank)}
+    out_rank = meta_val(node).dim()
+    if out_rank == rank:
+        return {d: d for d in range(rank)}
+    return None  # a squeeze: dims shift in ways not worth tracking for masks

@@ -23,7 +23,9 @@ example token count in the report (kind `nano_batch`).
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +98,7 @@ class NanoBatchPlan:
         if self.setting == "auto":
             if self.device is None or not self.profile:
                 return [tokens]
-            return list(self._search(tokens).sizes)
+            return self._search(tokens)[0]
         k = max(1, min(int(self.setting), tokens))
         return [tokens // k + (1 if i < tokens % k else 0) for i in range(k)]
 
@@ -104,11 +106,23 @@ class NanoBatchPlan:
         """SM share per stream chosen by the search for `tokens` ("auto" only; None: whole device)."""
         if self.setting != "auto" or self.device is None or not self.profile:
             return None
-        return {s: v for s, v in self._search(tokens).sm_share_per_stream.items() if v > 0}
+        return self._search(tokens)[1]
 
-    def _search(self, tokens: int) -> Any:
+    def _search(self, tokens: int) -> tuple[list[int], dict[int, float] | None]:
+        """(sizes, SM shares) for `tokens`. The search runs once per power-of-two bucket, not per
+        count (it takes up to a second for a deep model, on the step's critical path), and the
+        bucket's cuts are scaled to the real count; below the model's split threshold the step
+        stays whole."""
         if tokens not in self._searched:
-            self._searched[tokens] = search_split(self.profile, self.device, tokens)
+            bucket = 1 << (tokens - 1).bit_length()
+            plan = search_split(self.profile, self.device, bucket)
+            if plan.k == 1 or (plan.threshold is not None and tokens < plan.threshold):
+                self._searched[tokens] = ([tokens], None)
+            else:
+                cuts = [round(c * tokens / bucket) for c in itertools.accumulate(plan.sizes)]
+                sizes = [b - a for a, b in zip([0] + cuts, cuts) if b > a]
+                shares = {s: v for s, v in plan.sm_share_per_stream.items() if v > 0}
+                self._searched[tokens] = (sizes, shares if len(sizes) > 1 else None)
         return self._searched[tokens]
 
     def schedule(self, sizes: list[int]) -> Schedule:
@@ -303,14 +317,16 @@ def _written_input(node: fx.Node) -> fx.Node | None:
 
 
 def _readers_of(tensor: fx.Node) -> list[fx.Node]:
-    """The ops that read `tensor` directly or through views of it (views of views too)."""
+    """The ops that read `tensor` directly or through views of it (views of views too, and the
+    items of a view op returning several views: `split`, `chunk`, `unbind`)."""
     aliases, readers, stack = {tensor}, [], [tensor]
     while stack:
         for user in stack.pop().users:
             if user.op != "call_function" or user in readers:
                 continue
             readers.append(user)
-            if is_view_op(user.target) and user not in aliases:
+            # A getitem reached from an alias picks one view out of a tuple of views.
+            if (is_view_op(user.target) or user.target is operator.getitem) and user not in aliases:
                 aliases.add(user)
                 stack.append(user)
     return readers

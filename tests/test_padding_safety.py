@@ -209,3 +209,16 @@ def test_a_step_that_writes_its_input_in_place_is_not_captured(replay_on_cpu) ->
     (note,) = _cuda_graphs_notes(report)
     assert "writes a tensor in place" in note, note
     assert replay_on_cpu.captures == 0
+
+
+def _causal_bool_as_float_bias(x: torch.Tensor) -> torch.Tensor:
+    # A causal bool mask turned into a float bias adds 0 or 1: it hides no key.
+    pos = torch.arange(x.shape[1])
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=(pos[None, :] <= pos[:, None]).float())
+
+
+def test_a_bool_mask_cast_to_a_float_bias_is_not_taken_as_causal(replay_on_cpu) -> None:
+    report = _run(_causal_bool_as_float_bias, _tokens)
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note, note
+    assert replay_on_cpu.captures == 0

@@ -139,7 +139,7 @@ def test_deterministic_and_cached():
     second = search_split(list(ops), H100, 2048)
     assert first == second
     assert len(search._PLAN_CACHE) >= 1
-    key = (search.model_signature(ops), "H100-SXM", 2048)
+    key = (search.model_signature(ops), H100, 2048)  # keyed by the device, not its name
     assert any(k[:3] == key for k in search._PLAN_CACHE)
 
 
@@ -191,3 +191,47 @@ def test_bad_inputs():
         search_split(llama_layer(128), H100, 0)
     with pytest.raises(ValueError, match="sm_shares"):
         search_split(llama_layer(128), H100, 64, sm_shares=(1.5,), apply_threshold=False)
+
+
+def test_devices_sharing_a_name_get_their_own_plans():
+    """The cache is keyed by the device, not its name: a derated copy of an entry (same name,
+    a twentieth of the bandwidth) must not get the original's plan."""
+    import dataclasses
+
+    ops = llama_layer(1024)
+    slow = dataclasses.replace(H100, mem_bw_gbs=H100.mem_bw_gbs / 20)
+    for dev in (H100, slow, H100):
+        same(search_split(ops, dev, 2048, apply_threshold=False), brute_force_split(ops, dev, 2048))
+        assert search_split(ops, dev, 2048).threshold == split_threshold(ops, dev)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tokens=st.lists(st.integers(1, 4096), min_size=1, max_size=6))
+def test_auto_plans_search_once_per_bucket_and_scale_its_cuts(tokens: list[int], monkeypatch) -> None:
+    """`nano_batches="auto"`: the search runs at the power-of-two bucket of each count, never at
+    the count itself (a new count would pay a search on the step's critical path; a bucket's is
+    cached), and the bucket's cuts, scaled to the count, give positive sizes that sum to it;
+    below the threshold the step stays whole."""
+    from tileflow.passes import nanobatch
+
+    searched: list[int] = []
+
+    def spy(ops, device, n, **kw):
+        searched.append(n)
+        return search_split(ops, device, n, **kw)
+
+    monkeypatch.setattr(nanobatch, "search_split", spy)
+    ops = llama_layer(ctx=4096, layers=2)
+    plan = nanobatch.NanoBatchPlan("auto", (0, 0), {}, {}, [], [], profile=ops, device=H100)
+    threshold = split_threshold(ops, H100)
+    for n in tokens:
+        sizes = plan.sizes(n)
+        bucket = 1 << (n - 1).bit_length()
+        assert sum(sizes) == n and all(s > 0 for s in sizes), (n, sizes)
+        whole = search_split(ops, H100, bucket)
+        if threshold is None or n < threshold or whole.k == 1:
+            assert sizes == [n] and plan.shares(n) is None
+        else:
+            assert len(sizes) <= whole.k
+            assert plan.shares(n) == {s: v for s, v in whole.sm_share_per_stream.items() if v > 0} or len(sizes) == 1
+    assert set(searched) == {1 << (n - 1).bit_length() for n in tokens}  # the buckets, never the counts

@@ -250,3 +250,78 @@ def test_cuda_graphs_on_a_cpu_graph_say_why_nothing_was_captured() -> None:
     torch.testing.assert_close(compiled(x, w), step(x, w))
     [graph] = report.graphs
     assert graph.extra["cuda_graphs"] == "not captured: CUDA graphs capture CUDA work, this graph runs on cpu"
+
+
+def test_a_step_that_writes_into_its_input_is_not_captured() -> None:
+    """A replay would write into the graph's static copy of the input, never into the caller's
+    tensor: such a step runs uncaptured, and the caller's tensor is updated as in eager."""
+    def step(x):
+        y = x + 1
+        x.mul_(2)
+        return y
+
+    buckets = CudaGraphBuckets(step, [0], (4, 8), lambda out: 0, graph_factory=ReplayOnCpu)
+    for tokens in (3, 3, 6):
+        x = torch.arange(float(tokens))
+        got_x, want_x = x.clone(), x.clone()
+        got, want = buckets(got_x), step(want_x)
+        assert torch.equal(got, want) and torch.equal(got_x, want_x)
+    assert buckets.captures == 0
+    with torch.inference_mode():  # static copies of inference tensors still tell a write apart
+        x = torch.arange(5.0)
+        buckets(x)
+        assert torch.equal(x, torch.arange(5.0) * 2)
+
+
+def test_a_compiled_step_that_mutates_its_input_updates_the_callers_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tileflow.runtime.streams
+
+    class MutatesItsInput(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = torch.nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.q(x)
+            x.mul_(2)
+            return y
+
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    torch.manual_seed(0)
+    model = MutatesItsInput()
+    for options in ({"cuda_graphs": True}, {"cuda_graphs": True, "passes": PASSES, "nano_batches": 2}):
+        compiled = torch.compile(model, backend=tileflow.TileflowBackend(options), dynamic=True)
+        with torch.no_grad():
+            for tokens in (5, 6):
+                x = torch.randn(tokens, 16)
+                got_x, want_x = x.clone(), x.clone()
+                torch.testing.assert_close(compiled(got_x), model(want_x))
+                torch.testing.assert_close(got_x, want_x)
+
+
+def test_the_issue_order_follows_the_events_and_the_streams() -> None:
+    """A checked schedule whose event orders two nano-ops that no dependency links: the runtime
+    issues the producer first instead of failing on an event not recorded yet."""
+    from tileflow.runtime.nanobatch import topological_order
+    from tileflow.runtime.streams import run_schedule_on_streams
+    from tileflow.schedule import NanoOp, Schedule, check_schedule
+
+    ran: list[str] = []
+
+    class State:
+        def run_op(self, op):
+            ran.append(op.name)
+
+        def outputs(self):
+            return list(ran)
+
+    ops = {"b": NanoOp("b", "y", "memory", (0, 4), (), 1, "b"), "c": NanoOp("c", "x", "compute", (0, 4), (), 0, "c"),
+           "a": NanoOp("a", "x", "compute", (0, 4), (), 0, "a")}
+    schedule = Schedule(streams={0: ["a", "c"], 1: ["b"]}, ops=ops, events=[("a", "b")], num_tokens=4)
+    check_schedule(schedule, {"a": 4, "b": 4, "c": 4})
+    order = topological_order(schedule)
+    assert order.index("a") < order.index("b") and order.index("a") < order.index("c")
+    for seed in range(5):
+        ran.clear()
+        done = run_schedule_on_streams(State(), schedule, SimulatedStreams(seed=seed), order)
+        assert done.index("a") < done.index("b") and done.index("a") < done.index("c")

@@ -177,7 +177,7 @@ class _Walk:
                       aten.empty_like.default, aten.scalar_tensor.default):
             return self.filled(node)
         if target in _SAME_DIMS:
-            return self.facts[node.args[0]]
+            return self.copied(node)
         if target in _ELEMENTWISE:
             return _CLEAN  # each element from the same element (broadcast) of clean inputs
         if target in (aten.slice_scatter.default, aten.select_scatter.default):
@@ -219,12 +219,25 @@ class _Walk:
     def constant(self, node: fx.Node) -> _Facts:
         """An op on values free of the token count: the same in both runs (noting -inf fills)."""
         if node.target in _SAME_DIMS:
-            return self.facts[node.args[0]]
+            return self.copied(node)
         if node.target is aten.scalar_tensor.default:
             return _Facts(neg_inf=_is_neg_inf(node.args[0]))
         if node.target is aten.full.default:
             return _Facts(neg_inf=_is_neg_inf(node.args[1]))
         return _CLEAN
+
+    def copied(self, node: fx.Node) -> _Facts:
+        """A copy, possibly to another dtype. A mask's facts hold for its own dtype only (a bool
+        mask's False is masked, a float mask's -inf is: `causal_bool.float()` masks nothing), and
+        a bool holds no position."""
+        facts = self.facts[node.args[0]]
+        before, after = meta_val(node.args[0]), meta_val(node)
+        if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)) or before.dtype == after.dtype:
+            return facts
+        to_bool = after.dtype == torch.bool
+        kept_kind = (before.dtype == torch.bool) == to_bool
+        return replace(facts, causal=facts.causal if kept_kind else None,
+                       neg_inf=facts.neg_inf and after.is_floating_point(), position=None if to_bool else facts.position)
 
     def filled(self, node: fx.Node) -> _Facts:
         """A tensor filled with one value (or uninitialized): clean unless the value is T."""
@@ -490,8 +503,6 @@ class _Walk:
                 sign = 1 if target is aten.add.Tensor else -1
                 alpha = node.kwargs.get("alpha", 1)
                 return _Facts(position=facts.position + sign * alpha * _expr(other))
-        if target is torch.ops.prims.convert_element_type.default or target is aten._to_copy.default:
-            return self.facts[node.args[0]]
         return _CLEAN
 
 

@@ -526,8 +526,9 @@ def clear_cache() -> None:
 def _cached_search(
     ops: tuple[OpProfile, ...], device: DeviceInfo, n: int, opts: tuple
 ) -> SplitPlan:
-    """Plan for exactly n tokens, cached per (model signature, device name, n, options)."""
-    key = (model_signature(ops), device.name, n, opts)
+    """Plan for exactly n tokens, cached per (model signature, device, n, options): the device
+    itself, not its name, since two entries may share a name and differ in their numbers."""
+    key = (model_signature(ops), device, n, opts)
     plan = _PLAN_CACHE.get(key)
     if plan is None:
         plan = _PLAN_CACHE[key] = _search(ops, device, n, *opts)
@@ -549,11 +550,11 @@ def split_threshold(
     Scans powers of two up to `max_tokens` for the first count where a split wins, then bisects
     between it and the previous power (assuming the win is monotone there, which the cost model
     makes so in practice: weight re-reads and launch overheads are amortized as tokens grow).
-    None when no split wins up to `max_tokens`. Cached per (model signature, device name, options).
+    None when no split wins up to `max_tokens`. Cached per (model signature, device, options).
     """
     ops = tuple(ops_profile)
     opts = (max_nano_batches, tuple(sm_shares), units, net_bw_gbs)
-    key = (model_signature(ops), device.name, max_tokens, opts)
+    key = (model_signature(ops), device, max_tokens, opts)
     if key in _THRESHOLD_CACHE:
         return _THRESHOLD_CACHE[key]
 
@@ -599,7 +600,7 @@ def search_split(
     isolated small count where the model predicts a marginal win does not split either.
 
     `num_tokens` is expected to be a token bucket (the runtime captures one graph per bucket);
-    results are cached per (model signature, device name, bucket, options).
+    results are cached per (model signature, device, bucket, options).
     """
     if num_tokens <= 0:
         raise ValueError(f"num_tokens must be positive, got {num_tokens}")

@@ -212,14 +212,22 @@ def _resolver(full: Callable[[fx.Node], Any]) -> Callable[[Any], Any]:
 
 
 def topological_order(schedule: Any) -> list[str]:
-    """Nano-op names in an order that respects every dependency (streams merged)."""
+    """Nano-op names in an order that respects every dependency, every event and each stream's
+    own order (streams merged): the issue order, in which each stream launches its nano-ops as the
+    schedule lists them and every event is recorded before anything waits on it."""
+    before: dict[str, set[str]] = {name: set(op.deps) for name, op in schedule.ops.items()}
+    for names in schedule.streams.values():
+        for earlier, later in zip(names, names[1:]):
+            before[later].add(earlier)
+    for producer, consumer in schedule.events:
+        before[consumer].add(producer)
     order, done = [], set()
     position = {name: i for i, name in enumerate(schedule.ops)}
     pending = sorted(schedule.ops, key=position.get)
     while pending:
         rest = []
         for name in pending:
-            if all(d in done for d in schedule.ops[name].deps):
+            if before[name] <= done:
                 order.append(name)
                 done.add(name)
             else:

@@ -17,8 +17,9 @@ operations of different nano-batches overlap while every dependency holds. Execu
 
 `CudaGraphBuckets` captures a whole step once per token bucket and input signature and replays
 it: inputs are copied into static buffers (the rows past the real token count padded), and outputs
-are cut back to the real count. For causal models padded tail rows cannot influence the real
-rows; a step with an output that has no token dim (a KV cache) is not captured.
+are cut back to the real count. Padded tail rows must not reach the real rows (true of causal
+models; `tileflow.padding_safety` checks a compiled graph); a step with an output that has no token dim (a KV cache), or that writes into an input, is
+not captured.
 """
 
 from __future__ import annotations
@@ -345,8 +346,10 @@ class CudaGraphBuckets:
     Padded rows must not reach real ones (`tileflow.padding_safety` proves it for a compiled
     graph before one is wrapped; true of causal models), and every output must carry the
     token dim: a step with any other output — e.g. a KV cache of past + T rows, where the padding
-    would stay — is never captured (logged once) and runs directly, as do calls above the largest
-    bucket and steps whose capture fails. Parameters are referenced, never copied.
+    would stay — is never captured (logged once) and runs directly, as do a step that writes into
+    one of its inputs in place (a replay would update the graph's static copy of it, not the
+    caller's tensor), calls above the largest bucket and steps whose capture fails. Parameters
+    are referenced, never copied.
 
     `graph_factory()` (default: the module's `GRAPH_FACTORY` when set) returns an object with
     `capture(fn) -> outputs` and `replay()`; without either, the default
@@ -457,9 +460,14 @@ class CudaGraphBuckets:
             shape = list(value.shape)
             if isinstance(dim, int):
                 shape[dim] = bucket
-            static = _empty_in_layout(value, shape)
+            # Not an inference tensor (even under inference_mode): its version counter tells
+            # whether the step writes into it.
+            with torch.inference_mode(False):
+                static = _empty_in_layout(value, shape)
             self._fill(static, value, dim, tokens)
             static_inputs.append(static)
+        versions = [s._version if isinstance(s, torch.Tensor) and not isinstance(s, torch.nn.Parameter) else None
+                    for s in static_inputs]
         graph = self.graph_factory()
         kept: list[Any] = []
         token = _CAPTURE_KEEPALIVE.set(kept)
@@ -467,6 +475,12 @@ class CudaGraphBuckets:
             static_outputs = graph.capture(lambda: self.step(*static_inputs))
         finally:
             _CAPTURE_KEEPALIVE.reset(token)
+        written = [i for i, (s, v) in enumerate(zip(static_inputs, versions)) if v is not None and s._version != v]
+        if written:
+            raise RuntimeError(
+                f"the step writes into inputs {written} in place: a replay would write into the graph's "
+                "static copies, never into the caller's tensors, so this step is not captured"
+            )
         outputs, dims = self._flat_outputs(static_outputs)
         without = [i for i, (o, d) in enumerate(zip(outputs, dims)) if isinstance(o, torch.Tensor) and d is None]
         if without:

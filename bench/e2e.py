@@ -214,14 +214,16 @@ def prefill_part(model, tokens: list[int], bound: float, scale: Scale, failures:
         "tileflow": torch.compile(model, backend="tileflow", dynamic=True),
         "tileflow+nano": torch.compile(model, backend=nano, dynamic=True),
     }
+    graph_report = tileflow.Report()  # whether each graph was captured, and if not, why
     if scale.device == "cuda":
         # Steps replayed as one CUDA graph per token bucket, whole or nano-batched (whose nano-ops
         # run op by op): launch overhead is what graphs remove.
-        graphs = tileflow.TileflowBackend({"cuda_graphs": True})
+        graphs = tileflow.TileflowBackend({"cuda_graphs": True}, report=graph_report)
         methods["tileflow+graphs"] = torch.compile(model, backend=graphs, dynamic=True)
         # Inductor's own CUDA graphs (one recording per token count), the baseline for the above.
         methods["Inductor+graphs"] = torch.compile(model, dynamic=True, mode="reduce-overhead")
-        graphs = tileflow.TileflowBackend({"passes": PASSES_NANO, "nano_batches": scale.nano_batches, "cuda_graphs": True})
+        graphs = tileflow.TileflowBackend({"passes": PASSES_NANO, "nano_batches": scale.nano_batches, "cuda_graphs": True},
+                                          report=graph_report)
         methods["tileflow+nano+graphs"] = torch.compile(model, backend=graphs, dynamic=True)
     rows = []
     for t in tokens:
@@ -246,8 +248,10 @@ def prefill_part(model, tokens: list[int], bound: float, scale: Scale, failures:
     headers = (["tokens"] + [f"{n} tok/s" for n in methods] + ["tileflow / Inductor"]
                + (["tileflow+graphs / Inductor+graphs"] if "Inductor+graphs" in methods else [])
                + ["best nano / tileflow", "best nano % of bound"])
+    notes = sorted({g.extra.get("cuda_graphs", "no note") for g in graph_report.graphs})
+    captured = f"\n- tileflow's CUDA graphs: {'; '.join(notes)}" if notes else ""
     return ("## Prefill-shaped steps\n\n" + markdown_table(headers, rows)
-            + "\n\n- forward passes of T tokens with no KV cache; medians over CUDA events")
+            + "\n\n- forward passes of T tokens with no KV cache; medians over CUDA events" + captured)
 
 
 def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, failures: list[str]) -> str:

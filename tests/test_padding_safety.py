@@ -211,14 +211,83 @@ def test_a_step_that_writes_its_input_in_place_is_not_captured(replay_on_cpu) ->
     assert replay_on_cpu.captures == 0
 
 
-def _causal_bool_as_float_bias(x: torch.Tensor) -> torch.Tensor:
-    # A causal bool mask turned into a float bias adds 0 or 1: it hides no key.
+# Second reader's findings: each was captured, and its replay differed from the step.
+def _bool_mask_as_additive(x: torch.Tensor) -> torch.Tensor:
+    # A causal bool mask cast to float is an additive 0/1 mask: it hides nothing.
     pos = torch.arange(x.shape[1])
     return F.scaled_dot_product_attention(*_heads(x), attn_mask=(pos[None, :] <= pos[:, None]).float())
 
 
-def test_a_bool_mask_cast_to_a_float_bias_is_not_taken_as_causal(replay_on_cpu) -> None:
-    report = _run(_causal_bool_as_float_bias, _tokens)
+def _additive_mask_as_bool(x: torch.Tensor) -> torch.Tensor:
+    # A 0/-inf bias cast to bool is True exactly where it masked: anti-causal.
+    pos = torch.arange(x.shape[1])
+    bias = torch.where(pos[None, :] <= pos[:, None], torch.tensor(0.0), torch.tensor(float("-inf")))
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=bias.bool())
+
+
+def _positions_as_bool(x: torch.Tensor) -> torch.Tensor:
+    # bool(position) is no position: every key but the first compares as 1.
+    pos = torch.arange(x.shape[1]).bool()
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=pos[None, :] <= pos[:, None])
+
+
+def _bf16_positions(x: torch.Tensor) -> torch.Tensor:
+    # Positions past 256 round in bf16, so a key one past the query can compare equal to it.
+    pos = (torch.arange(x.shape[1]) + 301).to(torch.bfloat16)
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=pos[None, :] <= pos[:, None])
+
+
+@pytest.mark.parametrize("fn", [_bool_mask_as_additive, _additive_mask_as_bool, _positions_as_bool, _bf16_positions])
+def test_a_cast_mask_or_position_is_not_taken_as_causal(replay_on_cpu, fn) -> None:
+    report = _run(fn, _tokens)
     (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note, note
+    assert "could differ from the step" in note and "does not hide the padded keys" in note, note
+    assert replay_on_cpu.captures == 0
+
+
+
+def _token_count_tensor(x: torch.Tensor) -> torch.Tensor:
+    return (x * torch.tensor(x.shape[0], dtype=torch.float32)) @ W  # scalar_tensor(T)
+
+
+def _where_token_count(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x, x.shape[0] * 1.0) @ W  # where(c, x, scalar_tensor(T))
+
+
+def _feature_columns_at_token_count(x: torch.Tensor) -> torch.Tensor:
+    wide = torch.cat([x, x, x, x], dim=1)  # [T, 64]: columns T..T+3 move with the bucket
+    return wide.narrow(1, x.shape[0], H // 4) @ W[: H // 4]
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (_token_count_tensor, "fills a tensor with the token count"),
+    (_where_token_count, "fills a tensor with the token count"),
+    (_feature_columns_at_token_count, "an index computed from the token count"),
+])
+def test_the_token_count_as_a_value_is_not_captured(replay_on_cpu, fn, reason: str) -> None:
+    report = _run(fn, _rows)
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note and reason in note, note
+    assert replay_on_cpu.captures == 0
+
+
+def _twice_the_token_count(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return x @ W, x.shape[0] * 2
+
+
+def _rows_by_positions(x: torch.Tensor) -> torch.Tensor:
+    return x[:, :1] * torch.arange(x.shape[0] + 1)[None, :]  # [T, T + 1]
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (_twice_the_token_count, "a number output computed from the token count"),
+    (_rows_by_positions, "cuts back only one dim"),
+])
+def test_outputs_a_replay_cannot_cut_back_are_not_captured(replay_on_cpu, fn, reason: str) -> None:
+    """A replay cuts each output along its one dim of exactly T rows and returns numbers as
+    captured: an output with another token-sized dim, or a number computed from T, would come
+    back at the bucket's size."""
+    report = _run(fn, _rows)
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note and reason in note, note
     assert replay_on_cpu.captures == 0

@@ -73,6 +73,14 @@ _KEY_FIRST = {aten.le.Tensor, aten.lt.Tensor}
 _COMPARE = _KEY_FIRST | {aten.ge.Tensor, aten.gt.Tensor}
 _AND = {aten.bitwise_and.Tensor, aten.logical_and.default, aten.mul.Tensor}
 _ATTENTION = {"meta_attention"}
+# Ops whose arguments may follow the token count because they are sizes (the output's shape is
+# checked); fills, slices and selects check their other arguments themselves.
+_SIZE_ARGS = _RESHAPES | {
+    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.arange.default, aten.arange.start,
+    aten.arange.start_step, aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format,
+    aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default,
+    aten.scalar_tensor.default,
+}
 
 
 def padding_hazard(gm: fx.GraphModule, token: Any) -> str | None:
@@ -95,6 +103,9 @@ class _Walk:
                 for arg in _flat(node.args[0]):
                     if isinstance(arg, fx.Node) and self.facts[arg].hazard:
                         return self.facts[arg].hazard
+                for arg in _flat(node.args[0]):
+                    if isinstance(arg, fx.Node) and (why := self.uncuttable(meta_val(arg))):
+                        return f"{arg.name}: {why}"
                 return None
             if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
                 # A replay runs on static copies of the inputs: an in-place write would miss the caller's.
@@ -127,6 +138,20 @@ class _Walk:
     def depends_on_token(self, value: Any) -> bool:
         """A scalar argument whose value is the token count (or built from it)."""
         return isinstance(value, (torch.SymInt, torch.SymFloat)) and self.token in _expr(value).free_symbols
+
+    def uncuttable(self, value: Any) -> str | None:
+        """Why an output would come back wrong from a replay even with clean values: a replay
+        cuts each tensor output back to T rows along its one dim of exactly T rows, and returns
+        a number output as captured (the token count itself is passed as T)."""
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            if self.token in _expr(value).free_symbols and _expr(value) != self.token:
+                return "a number output computed from the token count: a replay returns the bucket's"
+            return None
+        dims = self.dims(value)
+        if dims is None or (dims and (len(dims) != 1 or any(a != 0 for a in dims.values()))):
+            return (f"an output of shape {tuple(value.shape)}: a replay cuts back only one dim of exactly the "
+                    "token count, so its other token-sized dims would keep the padding")
+        return None
 
     def inputs(self, node: fx.Node) -> list[fx.Node]:
         return [a for a in node.all_input_nodes if a in self.facts]
@@ -171,13 +196,16 @@ class _Walk:
             return self.arange(node)
         if not isinstance(val, (torch.Tensor, tuple, list)):
             return _CLEAN  # a size computed from shapes: shapes are the bucket's by design
+        if target not in _SIZE_ARGS and self.uses_token_count(node):
+            # Only sizes may follow T (fills, slices and selects check their other arguments).
+            return self.refuse(node, "uses the token count as a value, which padding changes")
         if target in (aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format,
                       aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default,
                       aten.full_like.default, aten.zeros_like.default, aten.ones_like.default,
                       aten.empty_like.default, aten.scalar_tensor.default):
             return self.filled(node)
         if target in _SAME_DIMS:
-            return self.copied(node)
+            return self.converted(node)
         if target in _ELEMENTWISE:
             return _CLEAN  # each element from the same element (broadcast) of clean inputs
         if target in (aten.slice_scatter.default, aten.select_scatter.default):
@@ -219,31 +247,35 @@ class _Walk:
     def constant(self, node: fx.Node) -> _Facts:
         """An op on values free of the token count: the same in both runs (noting -inf fills)."""
         if node.target in _SAME_DIMS:
-            return self.copied(node)
+            return self.converted(node)
         if node.target is aten.scalar_tensor.default:
             return _Facts(neg_inf=_is_neg_inf(node.args[0]))
         if node.target is aten.full.default:
             return _Facts(neg_inf=_is_neg_inf(node.args[1]))
         return _CLEAN
 
-    def copied(self, node: fx.Node) -> _Facts:
-        """A copy, possibly to another dtype. A mask's facts hold for its own dtype only (a bool
-        mask's False is masked, a float mask's -inf is: `causal_bool.float()` masks nothing), and
-        a bool holds no position."""
+    def converted(self, node: fx.Node) -> _Facts:
+        """A copy or view of one value, maybe in another dtype: the facts that survive the cast.
+        A bool mask (False = masked) cast to a number is an additive mask that masks nothing,
+        and an additive one (-inf = masked) cast to bool masks the other elements; a position
+        stays one only in a dtype that holds every index exactly."""
         facts = self.facts[node.args[0]]
-        before, after = meta_val(node.args[0]), meta_val(node)
-        if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)) or before.dtype == after.dtype:
+        src, out = meta_val(node.args[0]), meta_val(node)
+        if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor) or src.dtype == out.dtype:
             return facts
-        to_bool = after.dtype == torch.bool
-        kept_kind = (before.dtype == torch.bool) == to_bool
-        return replace(facts, causal=facts.causal if kept_kind else None,
-                       neg_inf=facts.neg_inf and after.is_floating_point(), position=None if to_bool else facts.position)
+        both_float = src.dtype.is_floating_point and out.dtype.is_floating_point
+        exact = src.dtype != torch.bool and out.dtype in (torch.int32, torch.int64, torch.float32, torch.float64)
+        return replace(facts, causal=facts.causal if both_float else None,
+                       neg_inf=facts.neg_inf and out.dtype.is_floating_point,
+                       position=facts.position if exact else None)
 
     def filled(self, node: fx.Node) -> _Facts:
         """A tensor filled with one value (or uninitialized): clean unless the value is T."""
-        fill = bind_arguments(node).get("fill_value")
-        if self.depends_on_token(meta_val(fill) if isinstance(fill, fx.Node) else fill):
-            return self.refuse(node, "fills a tensor with the token count, which padding changes")
+        args = bind_arguments(node)
+        fill = args.get("fill_value", args.get("s"))
+        for name, value in args.items():
+            if name != "size" and self.depends_on_token(meta_val(value) if isinstance(value, fx.Node) else value):
+                return self.refuse(node, "fills a tensor with the token count, which padding changes")
         return _Facts(neg_inf=_is_neg_inf(fill))
 
     def arange(self, node: fx.Node) -> _Facts:
@@ -306,6 +338,10 @@ class _Walk:
         s_dims = self.dims(sv) or {}
         facts = self.facts[src]
         if dim not in s_dims:
+            # Along a dim of the same size in both runs: from a place that must not follow T.
+            at = node.args[2] if node.target is aten.select.int else bind_arguments(node).get("start")
+            if self.depends_on_token(_scalar(at)):
+                return self.refuse(node, "slices or selects a dim at an index computed from the token count")
             mapping = _dim_mapping(node)
             causal = None
             if facts.causal and mapping is not None and all(d in mapping for d in facts.causal):

@@ -89,11 +89,15 @@ def build_stage_program(
     graphed = graphs_apply(config.cuda_graphs, device_type)
     for i, stage in enumerate(program.dense):
         # Every stage's sizes are the one token count (the export's only dynamic dim).
-        token = token_symbol(stage.module)[0] if graphed else None
-        hazard = padding_hazard(stage.module, token) if graphed else None
-        if hazard:
-            report.extra[f"cuda_graphs_stage_{i}"] = f"not captured: a replay at a token bucket could differ from the step ({hazard})"
-        dims = graph_token_dims(stage.module, token) if graphed and not hazard else None
+        found = token_symbol(stage.module) if graphed else None
+        refused = None
+        if graphed and found is None:
+            refused = "not captured: no single symbolic token dimension to bucket"
+        elif graphed and (hazard := padding_hazard(stage.module, found[0])):
+            refused = f"not captured: a replay at a token bucket could differ from the step ({hazard})"
+        if refused:
+            report.extra[f"cuda_graphs_stage_{i}"] = refused
+        dims = graph_token_dims(stage.module, found[0]) if graphed and not refused else None
         if resolve_residual(config.residual, device_type) == "inductor":
             stage.module = torch.compile(stage.module, dynamic=True)
         if dims is not None:

@@ -156,20 +156,21 @@ def test_shifted_rows_and_scans_are_captured(replay_on_cpu) -> None:
     assert replay_on_cpu.captures == 1
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gpt2"])
-def test_causal_models_are_captured(replay_on_cpu, arch: str) -> None:
+@pytest.mark.parametrize("arch, batch", [("qwen2", 1), ("mistral", 1), ("gpt2", 1), ("llama", 2), ("gpt2", 3)])
+def test_causal_models_are_captured(replay_on_cpu, arch: str, batch: int) -> None:
     """transformers' causal models (their masks built from positions) are captured and equal
-    eager at lengths inside and across the buckets (Llama: tests/test_streams.py)."""
+    eager at lengths inside and across the buckets, one sequence or several (their rows
+    flattened to [batch * T, H] for the GEMMs, each sequence padded at its end)."""
     torch.manual_seed(0)
     model = build(arch)
 
     def make(tokens: int) -> tuple[torch.Tensor]:
-        return (torch.randint(0, VOCAB, (1, tokens)),)
+        return (torch.randint(0, VOCAB, (batch, tokens)),)
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(ids, use_cache=False).logits
 
-    report = _run(logits, make, lengths=(3, 12, 20))
+    report = _run(logits, make, lengths=(5, 12, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 2
 
@@ -291,3 +292,46 @@ def test_outputs_a_replay_cannot_cut_back_are_not_captured(replay_on_cpu, fn, re
     (note,) = _cuda_graphs_notes(report)
     assert "could differ from the step" in note and reason in note, note
     assert replay_on_cpu.captures == 0
+
+
+def _batch(tokens: int) -> tuple[torch.Tensor]:
+    return (torch.randn(2, tokens, H),)
+
+
+def _scan_across_sequences(x: torch.Tensor) -> torch.Tensor:
+    # Two sequences flattened to [2T, H]: a scan from the first into the second reads the first's padding.
+    return (x.reshape(-1, H).cumsum(0) @ W).view(2, -1, H)
+
+
+def _first_rows_of_the_flattened_batch(x: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, H)
+    return x + (rows[:1] @ W).sum()
+
+
+def _causal_over_the_flattened_batch(x: torch.Tensor) -> torch.Tensor:
+    q, k, v = [t.reshape(1, 1, -1, H) for t in (x, x * 2, x * 3)]  # keys of both sequences in one row
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).view(2, -1, H)
+
+
+def _rowwise_over_the_flattened_batch(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.layer_norm((x.reshape(-1, H) @ W).relu(), (H,)).view(2, -1, H)
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (_scan_across_sequences, "reads across the token dim"),
+    (_causal_over_the_flattened_batch, "several sequences"),
+    (_first_rows_of_the_flattened_batch, "several sequences"),
+])
+def test_reads_across_flattened_sequences_are_not_captured(replay_on_cpu, fn, reason: str) -> None:
+    """Several sequences flattened into one dim are padded at the end of each: only row-wise
+    ops keep the padding apart."""
+    report = _run(fn, _batch)
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note and reason in note, note
+    assert replay_on_cpu.captures == 0
+
+
+def test_rowwise_ops_over_flattened_sequences_are_captured(replay_on_cpu) -> None:
+    report = _run(_rowwise_over_the_flattened_batch, _batch)
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1

@@ -47,6 +47,15 @@ class _Facts:
 
 _CLEAN = _Facts()
 
+
+@dataclass(frozen=True)
+class _Blocks:
+    """A token dim of c * T rows: c sequences of T rows, flattened (a batch of c before a GEMM).
+    Padding sits at the end of every block, so only row-wise ops keep it apart; anything that
+    relies on padding at the end of the dim (slices, scans, attention over it) refuses it."""
+
+    count: int
+
 # Ops whose output dims are their input's, moved or kept (views and copies).
 _SAME_DIMS = {
     aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
@@ -120,8 +129,9 @@ class _Walk:
     # -- helpers -------------------------------------------------------------------------------
 
     def dims(self, value: Any) -> dict[int, Any] | None:
-        """Token dims of a tensor as {dim: prefix a}, or None when a size depends on T otherwise
-        (such as 2*T: padding would not be at the end)."""
+        """Token dims of a tensor as {dim: prefix a} for a size T + a, or {dim: `_Blocks(c)`} for
+        c * T (c sequences of T rows, flattened: each block's padding at its end), or None when
+        a size depends on T otherwise."""
         out: dict[int, Any] = {}
         if not isinstance(value, torch.Tensor):
             return out
@@ -130,9 +140,13 @@ class _Walk:
             if self.token not in getattr(expr, "free_symbols", ()):
                 continue
             rest = sympy.expand(expr - self.token)
-            if self.token in rest.free_symbols:
+            if self.token not in rest.free_symbols:
+                out[d] = rest
+                continue
+            c = sympy.simplify(expr / self.token)
+            if not (c.is_Integer and c > 1):
                 return None
-            out[d] = rest
+            out[d] = _Blocks(int(c))
         return out
 
     def depends_on_token(self, value: Any) -> bool:
@@ -289,6 +303,8 @@ class _Walk:
         if not dims:
             return self.refuse(node, "arange whose length depends on the token count oddly")
         (prefix,) = dims.values()
+        if isinstance(prefix, _Blocks):
+            return self.refuse(node, "arange over several sequences' tokens")
         # Element r is start + r, and its token index r - prefix.
         return _Facts(position=sympy.sympify(_expr(_scalar(start))) + prefix)
 
@@ -305,11 +321,30 @@ class _Walk:
                 return facts
             return self.refuse(node, "a view that merges or splits a token dim")
         ((sd, sa),), ((od, oa),) = s_dims.items(), o_dims.items()
+        if isinstance(sa, _Blocks) or isinstance(oa, _Blocks):
+            return self.blocks_reshape(node, (sd, sa), (od, oa), facts)
         # Each element keeps its token index when the dims before the token dim hold as many
         # elements before and after (then so do the dims after it).
         before_same = _equal(math.prod(_expr(s) for s in sv.shape[:sd]), math.prod(_expr(s) for s in ov.shape[:od]))
         if before_same and _equal(sa, oa):
             return replace(facts, causal=None)
+        return self.refuse(node, "a view that moves elements between token rows")
+
+    def blocks_reshape(self, node: fx.Node, src: tuple[int, Any], out: tuple[int, Any], facts: _Facts) -> _Facts:
+        """`[b, T, H] -> [b*T, H]` and back: every token row stays one row (the elements after the
+        token dim are the same), and the b outer rows become the blocks (or the blocks the outer
+        rows). Only T rows with no prefix flatten into blocks."""
+        sv, ov = meta_val(node.args[0]), meta_val(node)
+        (sd, sa), (od, oa) = src, out
+        s_count = sa.count if isinstance(sa, _Blocks) else 1
+        o_count = oa.count if isinstance(oa, _Blocks) else 1
+        if not isinstance(sa, _Blocks) and not _equal(sa, 0) or not isinstance(oa, _Blocks) and not _equal(oa, 0):
+            return self.refuse(node, "a view that flattens a token dim with a prefix into blocks")
+        s_outer = math.prod(_expr(x) for x in sv.shape[:sd]) * s_count
+        o_outer = math.prod(_expr(x) for x in ov.shape[:od]) * o_count
+        s_inner, o_inner = math.prod(_expr(x) for x in sv.shape[sd + 1:]), math.prod(_expr(x) for x in ov.shape[od + 1:])
+        if _equal(s_outer, o_outer) and _equal(s_inner, o_inner):
+            return replace(facts, causal=None, position=None)
         return self.refuse(node, "a view that moves elements between token rows")
 
     def moved(self, node: fx.Node) -> _Facts:
@@ -348,6 +383,8 @@ class _Walk:
                 causal = (mapping[facts.causal[0]], mapping[facts.causal[1]])
             return replace(facts, causal=causal)
         prefix = s_dims[dim]
+        if isinstance(prefix, _Blocks):
+            return self.refuse(node, "slices a dim of several sequences' tokens, each padded at its end")
         if node.target is aten.select.int:
             index = node.args[2]
             if isinstance(index, int) and 0 <= index and _provably_le(index, prefix):
@@ -399,7 +436,11 @@ class _Walk:
         rank = max(meta_val(src).dim(), 1)
         dims = bind_arguments(node).get("dim")
         dims = list(range(rank)) if dims is None or dims == [] else [dims] if isinstance(dims, int) else list(dims)
-        if node.target not in _SCANS and any(d % rank in (self.dims(meta_val(src)) or {}) for d in dims):
+        s_dims = self.dims(meta_val(src)) or {}
+        along_tokens = [s_dims[d % rank] for d in dims if d % rank in s_dims]
+        # A scan reads only earlier rows: fine along T + a rows, not across blocks (a block's
+        # padding comes before the next block's rows).
+        if along_tokens and (node.target not in _SCANS or any(isinstance(a, _Blocks) for a in along_tokens)):
             return self.refuse(node, "reads across the token dim, so padded rows enter real rows' results")
         return _CLEAN
 
@@ -482,8 +523,11 @@ class _Walk:
         real key, so a causal attention (flag or mask) never does; a bidirectional one would."""
         args = bind_arguments(node)
         k = args["k"]
-        if 2 not in (self.dims(meta_val(k)) or {}):
+        k_dims = self.dims(meta_val(k)) or {}
+        if 2 not in k_dims:
             return _CLEAN  # keys are not tokens (a cache, an encoder's output)
+        if isinstance(k_dims[2], _Blocks):
+            return self.refuse(node, "attention over keys from several sequences, each padded at its end")
         if args.get("causal"):
             return _CLEAN
         mask = args.get("attn_mask")
@@ -568,6 +612,8 @@ def _scalar(value: Any) -> Any:
 
 
 def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, _Blocks) or isinstance(b, _Blocks):
+        return False  # a count of blocks is no size: never provably equal to one
     try:
         return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
     except (TypeError, sympy.SympifyError):
@@ -576,6 +622,8 @@ def _equal(a: Any, b: Any) -> bool:
 
 def _provably_le(a: Any, b: Any) -> bool:
     """a <= b for every value of the symbols (sizes are non-negative)."""
+    if isinstance(a, _Blocks) or isinstance(b, _Blocks):
+        return False
     diff = sympy.expand(sympy.sympify(_expr(b)) - sympy.sympify(_expr(a)))
     if diff.is_number:
         return bool(diff >= 0)

@@ -108,3 +108,11 @@ def test_torch_compile_options_reach_config() -> None:
         bad(torch.ones(2))
     with pytest.raises(Exception, match="not a tileflow setting"):
         torch.compile(lambda x: x + 1, backend="tileflow", mode="max-autotune")(torch.ones(2))
+
+
+def test_the_documented_golden_update_variable_is_not_a_config_error() -> None:
+    """README: `TILEFLOW_UPDATE_GOLDEN=1 python -m pytest tests -k golden`; exported in a shell, it
+    used to make every Config (every compile) raise "unknown environment variable"."""
+    assert Config.from_options({}, env={"TILEFLOW_UPDATE_GOLDEN": "1"}) == Config()
+    with pytest.raises(ValueError, match="unknown environment variable TILEFLOW_UPDATE_GOLDN"):
+        Config.from_options({}, env={"TILEFLOW_UPDATE_GOLDN": "1"})

@@ -376,3 +376,76 @@ def test_bad_spec_in_subprocess_has_no_traceback(spec_dir: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         "error: SPEC 'tf_export_spec:raises': raises() raised RuntimeError: no weights here; fix the function"
     ]
+
+
+def _tiny_debug_dir(root: Path) -> Path:
+    """A debug_dir of one small compiled graph."""
+    torch._dynamo.reset()
+    tileflow.explain(torch.nn.Linear(16, 32), torch.randn(4, 16), options={"debug_dir": str(root)})
+    return root
+
+
+def test_report_command_reads_what_viz_reads(tmp_path: Path) -> None:
+    """A debug_dir, one graph's folder or report.json in it, and an archive all print (they used to
+    be refused: a graph's own report.json with "schema None ... regenerate the report")."""
+    root = _tiny_debug_dir(tmp_path / "dd")
+    archive = tmp_path / "tiny.pt2"
+    tileflow.export_model(torch.nn.Linear(16, 32), (torch.randn(4, 16),), ({0: torch.export.Dim("tokens", min=2, max=64)},),
+                          options={"target": "reference"}).save(archive)
+    [graph_dir] = root.glob("graph_*")  # graph ids count on over the process
+    for source in (root, root / "report.json", graph_dir, graph_dir / "report.json", archive):
+        result = _cli(["report", str(source)], tmp_path)
+        assert result.exit_code == 0, (source, result.output)
+        assert result.stdout.startswith("tileflow report: 1 graph(s)") and "padded_gemm=1" in result.stdout
+    result = _cli(["report", str(tmp_path)], tmp_path)  # a folder without a report.json
+    assert result.exit_code == 2 and "is a folder without a report.json" in result.stderr
+
+
+@pytest.mark.parametrize("text", ['{"schema": 1, "graphs": [{"graph_id": "g", "symbols": {"s0": [1]}}]}',
+                                  '{"schema": 1, "graphs": [{"graph_id": "g", "passes": [{"name": "p", "ms": "x", '
+                                  '"changed": true, "nodes_before": 1, "nodes_after": 1}]}]}'])
+def test_report_command_bad_values_are_one_line(text: str, tmp_path: Path) -> None:
+    (tmp_path / "report.json").write_text(text)
+    result = _cli(["report", str(tmp_path / "report.json")], tmp_path)
+    assert result.exit_code == 2 and "is not a tileflow report" in result.stderr, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_reused_debug_dir_adds_no_stale_kernels_to_an_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second process exporting into the same debug_dir compiles a graph of the same id: the
+    first one's kernels used to stay in its kernels/ folder and be packed into the new archive."""
+    import itertools
+
+    import tileflow.compiler
+
+    dyn = ({0: torch.export.Dim("tokens", min=2, max=64)},)
+    options = {"target": "reference", "debug_dir": str(tmp_path / "dd")}
+    monkeypatch.setattr(tileflow.compiler, "_GRAPH_IDS", itertools.count())
+    tileflow.export_model(torch.nn.Linear(16, 32), (torch.randn(4, 16),), dyn, options=options)
+    monkeypatch.setattr(tileflow.compiler, "_GRAPH_IDS", itertools.count())  # as in a fresh process
+    second = tileflow.export_model(torch.nn.Linear(24, 40, bias=False), (torch.randn(4, 24),), dyn, options=options)
+    assert second.kernels and all("_k24_n40" in name for name in second.kernels), sorted(second.kernels)
+    assert sorted(p.name for p in (tmp_path / "dd" / "graph_000" / "kernels").iterdir()) == sorted(second.kernels)
+
+
+def test_export_reads_tileflow_environment_variables(spec_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TILEFLOW_DEBUG_DIR and TILEFLOW_TARGET count as for torch.compile (both used to be ignored)."""
+    monkeypatch.setenv("TILEFLOW_DEBUG_DIR", str(tmp_path / "dd"))
+    tileflow.export_model(torch.nn.Linear(16, 32), (torch.randn(4, 16),), options={"target": "reference"})
+    assert (tmp_path / "dd" / "report.json").is_file()
+    monkeypatch.delenv("TILEFLOW_DEBUG_DIR")
+    monkeypatch.setenv("TILEFLOW_TARGET", "ascend")
+    out = tmp_path / "ascend"
+    result = _cli(["export", "tf_export_spec:tiny", "-o", str(out)], spec_dir)
+    assert result.exit_code == 0, result.output
+    assert "target=ascend" in result.stdout and (out / "model.pt2").is_file() and (out / "CMakeLists.txt").is_file()
+    result = _cli(["export", "tf_export_spec:tiny", "-o", str(tmp_path / "ref.pt2"), "--target", "reference"], spec_dir)
+    assert result.exit_code == 0 and "target=reference" in result.stdout, result.output
+
+
+def test_an_unwritable_output_is_refused_before_the_export(spec_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    result = _cli(["export", "tf_export_spec:tiny", "-o", str(tmp_path / "afile" / "model.pt2")], spec_dir)
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()  # no progress lines: nothing was compiled
+    assert line == f"error: cannot write {tmp_path / 'afile' / 'model.pt2'}: {tmp_path / 'afile'} is a file, not a folder"

@@ -351,3 +351,16 @@ def test_deep_model_draws_only_what_is_expanded(browser: Browser, tmp_path: Path
     assert counts[-1] < nodes / 4  # one layer open of 12: far from every node
     assert after.locator("svg g.box[data-group='model.layers.3']").count() == 1  # still one box
     assert browser.errors == [], browser.errors
+
+
+@pytest.mark.parametrize("kind", ["debug_dir", "report_json"])
+def test_output_onto_the_source_is_refused(kind: str, tmp_path: Path) -> None:
+    """`-o DIR/report.json` used to replace the debug_dir's report with the page."""
+    root = tmp_path / "dd"
+    root.mkdir()
+    report = root / "report.json"
+    report.write_text(json.dumps({"schema": 1, "recompiles": 0, "graphs": []}))
+    source = root if kind == "debug_dir" else report
+    result = CliRunner().invoke(viz_command, [str(source), "-o", str(report)])
+    assert result.exit_code != 0 and "would overwrite" in result.output, result.output
+    assert json.loads(report.read_text())["schema"] == 1

@@ -7,7 +7,9 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +33,38 @@ def passes_command() -> None:
 
 
 @main.command("report")
-@click.argument("report_json", type=click.Path(exists=True, dir_okay=False))
-def report_command(report_json: str) -> None:
-    """Print a report.json written by `debug_dir` as tables."""
-    from .report import Report
+@click.argument("source", metavar="REPORT_JSON", type=click.Path(exists=True))
+def report_command(source: str) -> None:
+    """Print a report as tables: a debug_dir's report.json (or the debug_dir itself, or one
+    graph's folder or report.json in it), or an archive from `tileflow export`."""
+    from .report import GraphReport, Report
 
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "report.json").is_file():
+            click.echo(f"error: {source} is a folder without a report.json; give a debug_dir, one of its graph "
+                       "folders, or a report.json", err=True)
+            sys.exit(2)
+        path = path / "report.json"
     try:
-        report = Report.from_json(open(report_json).read())
-    except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:  # AttributeError: not an object
-        click.echo(f"error: {report_json} is not a tileflow report: {exc}", err=True)
+        if zipfile.is_zipfile(path):
+            from .export import MANIFEST_MEMBER
+
+            with zipfile.ZipFile(path) as zf:
+                data = json.loads(zf.read(MANIFEST_MEMBER)).get("report")
+        else:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "graph_id" in data and "graphs" not in data:
+            # One graph's report.json (DIR/graph_NNN/report.json): the same data, one graph.
+            report = Report(graphs=[GraphReport.from_dict(data)])
+        else:
+            report = Report.from_dict(data)
+        text = str(report)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+        # AttributeError: not an object; KeyError: an archive without a manifest; ValueError: bad JSON or values.
+        click.echo(f"error: {source} is not a tileflow report: {exc}", err=True)
         sys.exit(2)
-    click.echo(str(report))
+    click.echo(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +198,21 @@ def _apply_dynamic(dynamic_shapes: Any, dynamic: dict[str, tuple[int, int]], whe
     return out
 
 
+def _output_problem(path: Path) -> str | None:
+    """Why the file `path` could not be written (its folder is created as needed), else None."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"{folder} is not writable ({exc.strerror or exc})"
+    return None
+
+
 def _load_spec_function(spec: str, dynamic: dict[str, tuple[int, int]]):
     """Import `package.module:function`, call it, and check what it returned."""
     module_name, sep, func_name = spec.partition(":")
@@ -219,7 +257,7 @@ def _load_spec_function(spec: str, dynamic: dict[str, tuple[int, int]]):
 @main.command("export")
 @click.argument("spec")
 @click.option("-o", "--output", "output", required=True, type=click.Path(), help="archive to write (e.g. model.pt2); with --target ascend, a folder for the archive and the Ascend C project")
-@click.option("--target", type=click.Choice(["reference", "triton", "ascend"]), default=None, help="kernel target (default: the options' target, else reference)")
+@click.option("--target", type=click.Choice(["reference", "triton", "ascend"]), default=None, help="kernel target (default: the options' target, else TILEFLOW_TARGET, else reference)")
 @click.option("--dynamic", "dynamic", multiple=True, metavar="NAME=MIN:MAX", help="range of a named dynamic dim (repeatable)")
 @click.option("--options", "options", multiple=True, metavar="KEY=VALUE", help="a tileflow option (repeatable)")
 @click.option("--seq-len", type=click.IntRange(min=2), default=8, show_default=True, help="example sequence length (transformers configs)")
@@ -243,11 +281,13 @@ def export_command(spec: str, output: str, target: str | None, dynamic: tuple[st
         opts = _parse_options(options)
         if target is not None:
             opts["target"] = target
-        opts.setdefault("target", "reference")
+        if "target" not in opts and "TILEFLOW_TARGET" not in os.environ:
+            opts["target"] = "reference"
         from .config import Config
 
         try:
-            Config.from_options(opts)
+            # The options, then TILEFLOW_* variables (TILEFLOW_TARGET too), then the defaults.
+            target = Config.from_options(opts).target
         except ValueError as exc:
             raise SpecError(str(exc)) from None
         config_json = _transformers_config_path(spec)
@@ -255,8 +295,12 @@ def export_command(spec: str, output: str, target: str | None, dynamic: tuple[st
             model, args, dyn = _build_transformers(config_json, seq_len, batch, ranges)
         else:
             model, args, dyn = _load_spec_function(spec, ranges)
-        if opts["target"] != "ascend" and (Path(output).is_dir() or output.endswith(("/", os.sep))):
+        if target != "ascend" and (Path(output).is_dir() or output.endswith(("/", os.sep))):
             raise SpecError(f"{output} is a folder; give the archive's file name (e.g. model.pt2)")
+        # Checked before the compile, which can take minutes, rather than after it.
+        problem = _output_problem(Path(output) / "model.pt2" if target == "ascend" else Path(output))
+        if problem:
+            raise SpecError(f"cannot write {output}: {problem}")
     except SpecError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -270,7 +314,7 @@ def export_command(spec: str, output: str, target: str | None, dynamic: tuple[st
 
     try:
         archive = export_model(model, args, dyn, options=opts, progress=progress)
-        if opts["target"] == "ascend":
+        if target == "ascend":
             # The archive and the Ascend C project side by side in one folder.
             from .export import write_ascend_project
 
@@ -288,7 +332,7 @@ def export_command(spec: str, output: str, target: str | None, dynamic: tuple[st
     dims = ", ".join(f"{k} in [{lo}, {hi}]" for k, (lo, hi) in m["dynamic"].items()) or "none"
     click.echo(f"done in {time.perf_counter() - start:.1f}s", err=True)
     click.echo(f"wrote {path} (target={m['target']}; dynamic: {dims}; rewrites: {rewrites}; {len(archive.kernels)} kernel file(s))")
-    if opts["target"] == "ascend":
+    if target == "ascend":
         click.echo(f"wrote the Ascend C project ({len(project)} files) into {output}: build it with CMake on an Ascend machine (see {Path(output) / 'README.md'})")
 
 

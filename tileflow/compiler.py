@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -90,6 +91,10 @@ def compile_graph(
     target = resolve_target(config.target, device_type)
     residual_mode = residual or resolve_residual(config.residual, device_type)
     artifact_dir = Path(config.debug_dir) / graph_id if config.debug_dir else None
+    if artifact_dir is not None and artifact_dir.is_dir():
+        # A debug_dir used by an earlier process holds a graph of this id: start it afresh, else
+        # its old kernels would be listed beside this graph's (by the visualizer, in an archive).
+        shutil.rmtree(artifact_dir, ignore_errors=True)
     graph_report = GraphReport(
         graph_id=graph_id,
         compile_id=compile_id,

@@ -21,7 +21,7 @@ RESIDUALS: tuple[str, ...] = ("auto", "eager", "inductor")
 BUILTIN_PASSES: tuple[str, ...] = ("canonicalize", "attention", "gemm_padding", "nanobatch", "disaggregate")
 DEFAULT_PASSES: tuple[str, ...] = ("canonicalize", "attention", "gemm_padding")
 # Environment variables that are tileflow's but not Config keys.
-_NON_CONFIG_ENV = frozenset({"TILEFLOW_LOG", "TILEFLOW_CACHE_DIR"})
+_NON_CONFIG_ENV = frozenset({"TILEFLOW_LOG", "TILEFLOW_CACHE_DIR", "TILEFLOW_UPDATE_GOLDEN"})  # the last: tests/golden_files.py
 
 
 @dataclass(frozen=True)

@@ -167,10 +167,10 @@ def export_model(
     notify = progress or (lambda stage: None)
     example_args = tuple(example_args)
     options = dict(options or {})
-    user_debug_dir = options.get("debug_dir")
     # An archive holds the rewritten graph only: the nano-batch schedule and CUDA graphs live in
     # the runtime of a torch.compile'd model, so an archive made with them would run without them.
     config = Config.from_options(options)
+    user_debug_dir = config.debug_dir  # from the options or TILEFLOW_DEBUG_DIR
     if "nanobatch" in config.passes or config.cuda_graphs:
         raise ValueError("tileflow export does not archive nano-batching or CUDA graphs (the 'nanobatch' pass, "
                          "cuda_graphs=True): drop them from the options, or use torch.compile(backend='tileflow')")

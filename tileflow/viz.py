@@ -122,6 +122,10 @@ def viz_command(source: Path, output: Path) -> None:
     SOURCE is a debug_dir (`options={"debug_dir": DIR}`) or an archive from `tileflow export`.
     The page needs no server and no network: open it in a browser.
     """
+    read = source / "report.json" if source.is_dir() else source
+    if output.resolve() == read.resolve():
+        raise click.ClickException(f"-o {output} would overwrite the {'report' if source.is_dir() else 'source'} "
+                                   "it reads; write the page elsewhere (e.g. -o report.html)")
     try:
         data = collect(source)
         text = render(data)

@@ -335,3 +335,56 @@ def test_rowwise_ops_over_flattened_sequences_are_captured(replay_on_cpu) -> Non
     report = _run(_rowwise_over_the_flattened_batch, _batch)
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 1
+
+
+LOWEST = torch.finfo(torch.float32).min
+
+
+def _lowest_filled(allowed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    bias = torch.where(allowed, torch.tensor(0.0), torch.tensor(LOWEST))
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=bias)
+
+
+def _causal_window_lowest(x: torch.Tensor) -> torch.Tensor:
+    # transformers' sliding-window mask (Gemma-2, gpt-oss): key <= query and key > query - 4,
+    # filled with the dtype's lowest value: each real query keeps its own key.
+    pos = torch.arange(x.shape[1])
+    return _lowest_filled((pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - 4), x)
+
+
+def _strictly_causal_lowest(x: torch.Tensor) -> torch.Tensor:
+    # key < query: the first query sees no key, so its softmax averages every key, padding too.
+    pos = torch.arange(x.shape[1])
+    return _lowest_filled(pos[None, :] < pos[:, None], x)
+
+
+def test_a_lowest_value_mask_with_its_diagonal_is_captured(replay_on_cpu) -> None:
+    report = _run(_causal_window_lowest, _tokens, lengths=(3, 7, 12))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1
+
+
+def test_a_lowest_value_mask_without_its_diagonal_is_not_captured(replay_on_cpu) -> None:
+    """Were it captured, the first row would average the padded keys' values too."""
+    report = _run(_strictly_causal_lowest, _tokens)
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note, note
+    assert replay_on_cpu.captures == 0
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "bloom"])
+def test_zoo_models_with_lowest_value_masks_are_captured(replay_on_cpu, arch: str) -> None:
+    """Gemma-2 (sliding windows, soft-capping) and BLOOM (ALiBi) fill their masks with the
+    dtype's lowest value; each real query keeps its own key, so they are captured, and equal
+    eager at lengths past Gemma-2's window of 8."""
+    from models import ZOO
+
+    torch.manual_seed(0)
+    model = ZOO[arch][0]().eval()
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids, use_cache=False).logits
+
+    report = _run(logits, lambda t: (torch.randint(0, VOCAB, (1, t)),), lengths=(5, 12, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 2

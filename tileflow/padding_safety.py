@@ -9,11 +9,15 @@ bidirectional attention, a mean over the tokens or a read of the last row does n
 
 The analysis walks the graph once. A dim is a *token dim* when its size is `T + a` with `a` free
 of T (`a` > 0: a prefix of rows that are not tokens, such as a cache, before them; padding is at
-the end either way). A value is *clean* when each element whose token-dim indices are all real
-equals the unpadded run's; every op below keeps that or names why not. Two facts let masks
-through: a *position* (an integer tensor equal to its token index plus a constant, as
-`arange`), and *causal* (a mask whose elements with key index past the query index are masked,
-as `kv_pos <= q_pos`). What the walk does not know is a hazard: the step then runs uncaptured.
+the end either way), or `c * T` (c sequences flattened, each padded at its end). A value is
+*clean* when each element whose token-dim indices are all real equals the unpadded run's; every
+op below keeps that or names why not. Facts let masks through: a *position* (an integer tensor
+equal to its token index plus a constant, as `arange`), *causal* (a mask whose elements with key
+index past the query index are masked, as `kv_pos <= q_pos`), a mask's *diagonal* (True where
+query and key are one token, as `kv_pos > q_pos - w` or `seq[q] == seq[k]`), and a tensor's
+*fill* (one value everywhere). A mask filled with -inf hides padded keys once causal; one filled
+with the dtype's lowest value only when its diagonal holds too (a row seeing no key would
+average every key). What the walk does not know is a hazard: the step then runs uncaptured.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import sympy
 import torch
@@ -42,7 +46,10 @@ class _Facts:
     hazard: str | None = None
     position: Any = None  # int tensor with one token dim: value = token index + position
     causal: tuple[int, int] | None = None  # (query dim, key dim), masked past the diagonal
-    neg_inf: bool = False  # a constant -inf (the masked value of an additive mask)
+    fill: float | None = None  # the one value every element holds (a constant or a filled tensor)
+    # Dims (q, k) whose diagonal (same token index) is True in a bool mask; "all": True everywhere.
+    diagonal: tuple[int, int] | str | None = None
+    row_source: Any = None  # one token dim: the value at token index t is this node's at t
 
 
 _CLEAN = _Facts()
@@ -79,9 +86,19 @@ _SCANS = {aten.cumsum.default, aten.cumprod.default}
 # Comparisons of two positions that build a causal mask (True = attend): `key <= query` and
 # its mirror images; the first set takes the key first.
 _KEY_FIRST = {aten.le.Tensor, aten.lt.Tensor}
-_COMPARE = _KEY_FIRST | {aten.ge.Tensor, aten.gt.Tensor}
+_COMPARE = _KEY_FIRST | {aten.ge.Tensor, aten.gt.Tensor, aten.eq.Tensor}
 _AND = {aten.bitwise_and.Tensor, aten.logical_and.default, aten.mul.Tensor}
 _ATTENTION = {"meta_attention"}
+# Ops that fill a tensor with one value: the value, or the argument that holds it (None: none).
+_FILLS: dict[Any, Any] = {
+    aten.full.default: "fill_value", aten.new_full.default: "fill_value", aten.full_like.default: "fill_value",
+    aten.scalar_tensor.default: "s", aten.zeros.default: 0, aten.new_zeros.default: 0, aten.zeros_like.default: 0,
+    aten.ones.default: 1, aten.new_ones.default: 1, aten.ones_like.default: 1, aten.empty.memory_format: None,
+    aten.new_empty.default: None, aten.empty_like.default: None,
+}
+# An additive mask's masked value may be the dtype's lowest instead of -inf: exp() of it is 0
+# beside any visible key, but a row with no visible key would average all keys, padding too.
+_LOWEST = -1e30
 # Ops whose arguments may follow the token count because they are sizes (the output's shape is
 # checked); fills, slices and selects check their other arguments themselves.
 _SIZE_ARGS = _RESHAPES | {
@@ -188,8 +205,8 @@ class _Walk:
         if node.op == "get_attr":
             value = _attribute(node)
             with unset_fake_temporarily():  # a real constant, read while the graph's fake mode is active
-                neg_inf = isinstance(value, torch.Tensor) and value.numel() == 1 and _is_neg_inf(float(value))
-            return _Facts(neg_inf=neg_inf)
+                one = isinstance(value, torch.Tensor) and value.numel() == 1
+                return _Facts(fill=float(value) if one else None)
         if node.op != "call_function":
             return self.refuse(node, f"{node.op} is not analysed")
         hazard = self.hazard_of(node)
@@ -213,10 +230,7 @@ class _Walk:
         if target not in _SIZE_ARGS and self.uses_token_count(node):
             # Only sizes may follow T (fills, slices and selects check their other arguments).
             return self.refuse(node, "uses the token count as a value, which padding changes")
-        if target in (aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format,
-                      aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default,
-                      aten.full_like.default, aten.zeros_like.default, aten.ones_like.default,
-                      aten.empty_like.default, aten.scalar_tensor.default):
+        if target in _FILLS:
             return self.filled(node)
         if target in _SAME_DIMS:
             return self.converted(node)
@@ -262,10 +276,8 @@ class _Walk:
         """An op on values free of the token count: the same in both runs (noting -inf fills)."""
         if node.target in _SAME_DIMS:
             return self.converted(node)
-        if node.target is aten.scalar_tensor.default:
-            return _Facts(neg_inf=_is_neg_inf(node.args[0]))
-        if node.target is aten.full.default:
-            return _Facts(neg_inf=_is_neg_inf(node.args[1]))
+        if node.target in _FILLS:
+            return self.filled(node)
         return _CLEAN
 
     def converted(self, node: fx.Node) -> _Facts:
@@ -279,18 +291,22 @@ class _Walk:
             return facts
         both_float = src.dtype.is_floating_point and out.dtype.is_floating_point
         exact = src.dtype != torch.bool and out.dtype in (torch.int32, torch.int64, torch.float32, torch.float64)
-        return replace(facts, causal=facts.causal if both_float else None,
-                       neg_inf=facts.neg_inf and out.dtype.is_floating_point,
-                       position=facts.position if exact else None)
+        return replace(facts, causal=facts.causal if both_float else None, fill=facts.fill if both_float else None,
+                       diagonal=None, row_source=None, position=facts.position if exact else None)
 
     def filled(self, node: fx.Node) -> _Facts:
-        """A tensor filled with one value (or uninitialized): clean unless the value is T."""
+        """A tensor filled with one value (or uninitialized): clean unless the value is T. A bool
+        tensor of True is a mask whose every diagonal is True."""
         args = bind_arguments(node)
-        fill = args.get("fill_value", args.get("s"))
         for name, value in args.items():
             if name != "size" and self.depends_on_token(meta_val(value) if isinstance(value, fx.Node) else value):
                 return self.refuse(node, "fills a tensor with the token count, which padding changes")
-        return _Facts(neg_inf=_is_neg_inf(fill))
+        fill = _FILLS[node.target]
+        fill = args.get(fill) if isinstance(fill, str) else fill
+        fill = float(fill) if isinstance(fill, (bool, int, float)) else None
+        out = meta_val(node)
+        everywhere = fill == 1.0 and isinstance(out, torch.Tensor) and out.dtype == torch.bool
+        return _Facts(fill=fill, diagonal="all" if everywhere else None)
 
     def arange(self, node: fx.Node) -> _Facts:
         """`arange(start, start + T (+ a))`: a position (clean); any other use of T refuses."""
@@ -327,7 +343,7 @@ class _Walk:
         # elements before and after (then so do the dims after it).
         before_same = _equal(math.prod(_expr(s) for s in sv.shape[:sd]), math.prod(_expr(s) for s in ov.shape[:od]))
         if before_same and _equal(sa, oa):
-            return replace(facts, causal=None)
+            return replace(facts, causal=None, diagonal=None)
         return self.refuse(node, "a view that moves elements between token rows")
 
     def blocks_reshape(self, node: fx.Node, src: tuple[int, Any], out: tuple[int, Any], facts: _Facts) -> _Facts:
@@ -344,7 +360,7 @@ class _Walk:
         o_outer = math.prod(_expr(x) for x in ov.shape[:od]) * o_count
         s_inner, o_inner = math.prod(_expr(x) for x in sv.shape[sd + 1:]), math.prod(_expr(x) for x in ov.shape[od + 1:])
         if _equal(s_outer, o_outer) and _equal(s_inner, o_inner):
-            return replace(facts, causal=None, position=None)
+            return replace(facts, causal=None, diagonal=None, position=None, row_source=None)
         return self.refuse(node, "a view that moves elements between token rows")
 
     def moved(self, node: fx.Node) -> _Facts:
@@ -355,14 +371,10 @@ class _Walk:
             s_dims, o_dims = self.dims(meta_val(src)), self.dims(meta_val(node))
             # Broadcasting a size-1 dim to T repeats one real value along it: still clean.
             shift = meta_val(node).dim() - meta_val(src).dim()
-            if facts.causal:
-                facts = replace(facts, causal=(facts.causal[0] + shift, facts.causal[1] + shift))
-            return replace(facts, position=facts.position if len(o_dims) == len(s_dims) else None)
-        mapping = _dim_mapping(node)
-        causal = None
-        if facts.causal and mapping is not None and all(d in mapping for d in facts.causal):
-            causal = (mapping[facts.causal[0]], mapping[facts.causal[1]])
-        return replace(facts, causal=causal)
+            facts = _with_dims_moved(facts, {d: d + shift for d in range(meta_val(src).dim())})
+            same = len(o_dims) == len(s_dims)
+            return replace(facts, position=facts.position if same else None, row_source=facts.row_source if same else None)
+        return _with_dims_moved(facts, _dim_mapping(node))
 
     def sliced(self, node: fx.Node) -> _Facts:
         """`slice`/`select` along a token dim read rows that exist in both runs only when they sit
@@ -377,18 +389,14 @@ class _Walk:
             at = node.args[2] if node.target is aten.select.int else bind_arguments(node).get("start")
             if self.depends_on_token(_scalar(at)):
                 return self.refuse(node, "slices or selects a dim at an index computed from the token count")
-            mapping = _dim_mapping(node)
-            causal = None
-            if facts.causal and mapping is not None and all(d in mapping for d in facts.causal):
-                causal = (mapping[facts.causal[0]], mapping[facts.causal[1]])
-            return replace(facts, causal=causal)
+            return _with_dims_moved(facts, _dim_mapping(node))
         prefix = s_dims[dim]
         if isinstance(prefix, _Blocks):
             return self.refuse(node, "slices a dim of several sequences' tokens, each padded at its end")
         if node.target is aten.select.int:
             index = node.args[2]
             if isinstance(index, int) and 0 <= index and _provably_le(index, prefix):
-                return replace(facts, causal=None, position=None)
+                return replace(facts, causal=None, diagonal=None, position=None, row_source=None)
             return self.refuse(node, f"selects row {index} of a token dim, which may be a padded row")
         args = bind_arguments(node)
         start, end = _scalar(args.get("start") or 0), _scalar(args.get("end"))
@@ -398,9 +406,9 @@ class _Walk:
         if dim in o_dims:
             # Output row r is input row start + r: real while the input's is (prefix - start >= new prefix).
             if _provably_le(o_dims[dim], prefix - _expr(start)):
-                return replace(facts, causal=None, position=None)
+                return replace(facts, causal=None, diagonal=None, position=None, row_source=None)
         elif end is not None and not self.depends_on_token(end) and _provably_le(_expr(end), prefix + 1):
-            return replace(facts, causal=None, position=None)  # rows before the first token row's end
+            return replace(facts, causal=None, diagonal=None, position=None, row_source=None)  # rows before the first token row's end
         return self.refuse(node, "slices a token dim past its real rows")
 
     def scattered(self, node: fx.Node) -> _Facts:
@@ -459,8 +467,9 @@ class _Walk:
                 if pos is None or not _equal(pos, s_dims[d]):
                     return self.refuse(node, "indexes a token dim with values that may point at padded rows")
         if len([i for i in indices if i is not None]) and s_dims:
-            # The identity index onto the source's token dim: values keep the source's position.
-            return _Facts(position=result.position)
+            # The identity index onto the source's token dim: values keep the source's position,
+            # and the value at token index t is the source's at t.
+            return _Facts(position=result.position, row_source=result.row_source or src)
         return _CLEAN
 
     def layer_norm(self, node: fx.Node) -> _Facts:
@@ -538,6 +547,38 @@ class _Walk:
         return self.refuse(node, "attention over the token dim that is not provably causal (no causal flag, and no "
                                  "mask built from positions): real queries could see the padded keys")
 
+    def compared(self, node: fx.Node, tensors: list[fx.Node], aligned: Callable[[fx.Node], dict[int, Any]]) -> _Facts:
+        """A comparison of two values along two token dims of the output. Of positions: causal
+        when `key <= query` (equal offsets; `<` too), and True on the diagonal when the offsets
+        compare so (`key > query - w`, a sliding window). Of one row's values read at both
+        (`seq[q] == seq[k]`, transformers' packed sequences): True on the diagonal."""
+        first, second = tensors
+        d1, d2 = aligned(first), aligned(second)
+        if len(d1) != 1 or len(d2) != 1:
+            return _CLEAN
+        ((dim1, _),), ((dim2, _),) = d1.items(), d2.items()
+        if dim1 == dim2:
+            return _CLEAN
+        f1, f2 = self.facts[first], self.facts[second]
+        target = node.target
+        pair = (min(dim1, dim2), max(dim1, dim2))
+        if target is aten.eq.Tensor:
+            if any(meta_val(t).dtype.is_floating_point for t in tensors):
+                return _CLEAN  # NaN != NaN: a value need not equal itself
+            same_row = f1.row_source is not None and f1.row_source is f2.row_source
+            same_position = f1.position is not None and f2.position is not None and _equal(f1.position, f2.position)
+            return _Facts(diagonal=pair) if same_row or same_position else _CLEAN
+        p1, p2 = f1.position, f2.position
+        if p1 is None or p2 is None or target not in _COMPARE:
+            return _CLEAN
+        key, query = (dim1, dim2) if target in _KEY_FIRST else (dim2, dim1)
+        causal = (query, key) if _equal(p1, p2) else None
+        # At the diagonal both sides sit at one token index: the values are p1 and p2.
+        strict = target in (aten.lt.Tensor, aten.gt.Tensor)
+        small, large = (p1, p2) if target in _KEY_FIRST else (p2, p1)
+        on_diagonal = _provably_le(small + 1, large) if strict else _provably_le(small, large)
+        return _Facts(causal=causal, diagonal=pair if on_diagonal else None)
+
     def pointwise(self, node: fx.Node) -> _Facts:
         """Elementwise ops broadcast clean values to clean values; comparisons of positions build
         causal masks, and masks combined with them stay causal."""
@@ -553,28 +594,31 @@ class _Walk:
 
         target = node.target
         if target in _COMPARE and len(tensors) == 2:
-            first, second = tensors
-            p1, p2 = self.facts[first].position, self.facts[second].position
-            d1, d2 = aligned(first), aligned(second)
-            if p1 is not None and p2 is not None and len(d1) == 1 and len(d2) == 1 and _equal(p1, p2):
-                ((dim1, _),), ((dim2, _),) = d1.items(), d2.items()
-                if dim1 != dim2:
-                    key, query = (dim1, dim2) if target in _KEY_FIRST else (dim2, dim1)
-                    return _Facts(causal=(query, key))
-            return _CLEAN
+            return self.compared(node, tensors, aligned)
         if target in _AND and out.dtype == torch.bool:
+            causal, diagonals = None, set()
             for a in tensors:
-                causal = self.facts[a].causal
-                if causal is not None:
-                    shift = rank - meta_val(a).dim()
-                    return _Facts(causal=(causal[0] + shift, causal[1] + shift))
-            return _CLEAN
+                facts, shift = self.facts[a], rank - meta_val(a).dim()
+                if facts.causal is not None and causal is None:
+                    causal = (facts.causal[0] + shift, facts.causal[1] + shift)
+                if facts.diagonal == "all" or facts.fill == 1.0:
+                    continue
+                diagonals.add(None if facts.diagonal is None else tuple(d + shift for d in facts.diagonal))
+            # True on a diagonal only when every operand is (or is True everywhere).
+            diagonal = "all" if not diagonals else (diagonals.pop() if len(diagonals) == 1 else None)
+            return _Facts(causal=causal, diagonal=diagonal)
         if target is aten.where.self and len(tensors) == 3:
-            cond, _, other = node.args[:3]
-            causal = self.facts[cond].causal if isinstance(cond, fx.Node) else None
-            if causal is not None and isinstance(other, fx.Node) and self.facts[other].neg_inf:
-                shift = rank - meta_val(cond).dim()
-                return _Facts(causal=(causal[0] + shift, causal[1] + shift))
+            cond, attend, masked = node.args[:3]
+            c = self.facts[cond]
+            low = self.facts[masked].fill
+            if c.causal is not None and low is not None and low <= _LOWEST:
+                # -inf hides the keys whatever else the row sees; the dtype's lowest only beside a
+                # visible key (the diagonal) and an attend value that is a finite constant.
+                visible = (c.diagonal == tuple(sorted(c.causal)) and self.facts[attend].fill is not None
+                           and math.isfinite(self.facts[attend].fill))
+                if low == float("-inf") or visible:
+                    shift = rank - meta_val(cond).dim()
+                    return _Facts(causal=(c.causal[0] + shift, c.causal[1] + shift))
             return _CLEAN
         if target in (aten.add.Tensor, aten.sub.Tensor) and len(tensors) == 1:
             facts = self.facts[tensors[0]]
@@ -584,6 +628,21 @@ class _Walk:
                 alpha = node.kwargs.get("alpha", 1)
                 return _Facts(position=facts.position + sign * alpha * _expr(other))
         return _CLEAN
+
+
+def _with_dims_moved(facts: _Facts, mapping: dict[int, int] | None) -> _Facts:
+    """A mask's facts after its dims moved (`mapping`: input dim -> output dim; None: untracked,
+    so the mask facts are dropped). Value facts (positions, row sources) do not depend on dims."""
+    def moved(dims: Any) -> Any:
+        if dims is None or dims == "all":
+            return dims
+        if mapping is None or not all(d in mapping for d in dims):
+            return None
+        return tuple(mapping[d] for d in dims)
+
+    diagonal = moved(facts.diagonal)
+    return replace(facts, causal=moved(facts.causal),
+                   diagonal=tuple(sorted(diagonal)) if isinstance(diagonal, tuple) else diagonal)
 
 
 def _attribute(node: fx.Node) -> Any:
@@ -633,10 +692,6 @@ def _provably_le(a: Any, b: Any) -> bool:
 
 def _same_sizes(a: Any, b: Any) -> bool:
     return len(a) == len(b) and all(_equal(_expr(x), _expr(y)) for x, y in zip(a, b))
-
-
-def _is_neg_inf(value: Any) -> bool:
-    return isinstance(value, float) and value == float("-inf")
 
 
 def _dim_mapping(node: fx.Node) -> dict[int, int] | None:

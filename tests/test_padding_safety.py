@@ -388,3 +388,41 @@ def test_zoo_models_with_lowest_value_masks_are_captured(replay_on_cpu, arch: st
     report = _run(logits, lambda t: (torch.randint(0, VOCAB, (1, t)),), lengths=(5, 12, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 2
+
+
+# Third reader's findings on flattened sequences.
+TABLE = torch.randn(64, H)
+
+
+def _table_rows_for_the_flattened_batch(x: torch.Tensor) -> torch.Tensor:
+    # The first 2T rows of a fixed table are one run of rows, not two blocks of T: the bucket's
+    # run would give the second sequence rows B.., where the step gives it rows T..
+    return (x.reshape(-1, H) + TABLE[: 2 * x.shape[1]]).view(2, -1, H)
+
+
+def test_a_run_of_twice_the_token_count_rows_is_not_taken_for_blocks(replay_on_cpu) -> None:
+    report = _run(_table_rows_for_the_flattened_batch, _batch)
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note and "one run of rows" in note, note
+    assert replay_on_cpu.captures == 0
+
+
+def test_an_input_the_replay_cannot_pad_is_not_captured(replay_on_cpu) -> None:
+    """A replay pads an input only along its one dim of exactly T rows: an input of 2T rows (here
+    Dynamo ties its size to twice x's token count) would be copied whole, at the call's size,
+    into a step run at the bucket's. It is refused before any capture is tried."""
+    def add_flattened(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((x.reshape(-1, H) + y) @ W).view(2, -1, H)
+
+    report = tileflow.Report()
+    compiled = torch.compile(add_flattened, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32},
+                                                                             report=report))
+    for tokens in (3, 5, 11):
+        x, y = torch.randn(2, tokens, H), torch.randn(2 * tokens, H)
+        torch._dynamo.mark_dynamic(x, 1)
+        torch._dynamo.mark_dynamic(y, 0)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, y), add_flattened(x, y), rtol=1e-5, atol=1e-5)
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note and "a replay pads only one dim" in note, note
+    assert replay_on_cpu.captures == 0

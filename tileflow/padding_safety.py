@@ -201,6 +201,14 @@ class _Walk:
 
     def visit(self, node: fx.Node) -> _Facts:
         if node.op == "placeholder":
+            # A replay pads an input along its one dim of exactly T rows and copies any other
+            # input whole, at the call's size: one with T rows behind a prefix, in blocks or in two
+            # dims would meet the bucket's sizes (`CudaGraphBuckets` pads what `token_dim` finds).
+            dims = self.dims(meta_val(node))
+            if dims is None or (dims and (len(dims) != 1 or any(isinstance(a, _Blocks) or not _equal(a, 0)
+                                                                 for a in dims.values()))):
+                return self.refuse(node, f"an input of shape {tuple(meta_val(node).shape)}: a replay pads only one "
+                                         "dim of exactly the token count, and copies this one whole at the call's size")
             return _CLEAN  # padded inputs: their real rows are the call's
         if node.op == "get_attr":
             value = _attribute(node)
@@ -389,6 +397,11 @@ class _Walk:
             at = node.args[2] if node.target is aten.select.int else bind_arguments(node).get("start")
             if self.depends_on_token(_scalar(at)):
                 return self.refuse(node, "slices or selects a dim at an index computed from the token count")
+            if node.target is aten.slice.Tensor and isinstance((self.dims(meta_val(node)) or {}).get(dim), _Blocks):
+                # The first c*T rows of a fixed dim are one run of rows, not c blocks of T: the
+                # bucket's run would start the second block at row B, not at row T.
+                return self.refuse(node, "slices c * T rows of a dim that is not a token dim: they are one run of "
+                                         "rows, not c sequences' blocks each padded at its end")
             return _with_dims_moved(facts, _dim_mapping(node))
         prefix = s_dims[dim]
         if isinstance(prefix, _Blocks):

@@ -426,3 +426,19 @@ def test_an_input_the_replay_cannot_pad_is_not_captured(replay_on_cpu) -> None:
     (note,) = _cuda_graphs_notes(report)
     assert "could differ from the step" in note and "a replay pads only one dim" in note, note
     assert replay_on_cpu.captures == 0
+
+
+TABLE20 = torch.randn(20, H)
+
+
+def _first_rows_of_a_table(x: torch.Tensor) -> torch.Tensor:
+    return (x + TABLE20[: x.shape[0]]) @ W  # Dynamo guards T <= 20
+
+
+def test_buckets_stay_within_the_token_counts_guarded_range(replay_on_cpu) -> None:
+    """A replay runs the graph at its bucket's size: past the range the graph's guards allow
+    (T <= 20 here) it would read past the table, so the buckets stop at the bound, which
+    becomes a bucket itself."""
+    report = _run(_first_rows_of_a_table, _rows, lengths=(5, 18, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 20]"]
+    assert replay_on_cpu.captures == 2

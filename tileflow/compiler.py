@@ -58,6 +58,23 @@ def _padding_hazard(gm: fx.GraphModule) -> str | None:
     return padding_hazard(gm, found[0]) if found is not None else None
 
 
+def _buckets_in_range(gm: fx.GraphModule, buckets: Sequence[int], graph_report: GraphReport) -> tuple[int, ...]:
+    """The buckets within the token count's guarded range, and its upper bound as a bucket when
+    it falls between two: a replay runs the graph at its bucket's size, and past the range (a
+    table of 20 rows sliced by T guards T <= 20) the compiled code would read what the guards
+    kept out."""
+    from tileflow.passes.nanobatch import token_symbol
+
+    found = token_symbol(gm)
+    upper = graph_report.symbols.get(str(found[0]), [None, None])[1] if found is not None else None
+    if upper is None:
+        return tuple(buckets)
+    kept = [b for b in buckets if b <= upper]
+    if (not kept or kept[-1] < upper) and upper < max(buckets):
+        kept.append(upper)
+    return tuple(kept)
+
+
 def inputs_device_type(example_inputs: Sequence[Any]) -> str:
     """The device type most of the graph's tensor inputs live on (`cpu` when there are none)."""
     kinds = Counter(t.device.type for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type != "meta")
@@ -129,6 +146,8 @@ def compile_graph(
         buckets = ()
         graph_report.extra["cuda_graphs"] = f"not captured: a replay at a token bucket could differ from the step ({hazard})"
         log.warning("%s: cuda_graphs not applied: %s", graph_id, hazard)
+    if buckets:
+        buckets = _buckets_in_range(gm, buckets, graph_report)
     if plan is not None:
         from .runtime.nanobatch import NanoBatchRunner
 

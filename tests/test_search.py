@@ -235,3 +235,33 @@ def test_auto_plans_search_once_per_bucket_and_scale_its_cuts(tokens: list[int],
             assert len(sizes) <= whole.k
             assert plan.shares(n) == {s: v for s, v in whole.sm_share_per_stream.items() if v > 0} or len(sizes) == 1
     assert set(searched) == {1 << (n - 1).bit_length() for n in tokens}  # the buckets, never the counts
+
+
+def _naive_makespan(ops: list[OpProfile], sizes: tuple[int, ...], share: float) -> float:
+    """The contention step as written first: every memory-bound instance against every one on
+    another stream, O(n^2) (the module's version bisects per stream)."""
+    k = len(sizes)
+    streams, shares = search._streams_and_shares(ops, k, share)
+    times, bound = search._durations(ops, sizes, streams, shares, H100, search.DEFAULT_NET_BW_GBS)
+    start, finish = search._list_schedule(ops, k, streams, times)
+    intervals = [(streams[op.resource], start[i][j], finish[i][j]) for i, op in enumerate(ops) for j in range(k)
+                 if bound[i][j]]
+    stretched = [row[:] for row in times]
+    for i, op in enumerate(ops):
+        for j in range(k):
+            if bound[i][j] and times[i][j] > 0:
+                a, b = start[i][j], finish[i][j]
+                overlap = sum(max(0.0, min(b, q) - max(a, p)) for t, p, q in intervals if t != streams[op.resource])
+                stretched[i][j] = times[i][j] * (1.0 + search.MEMORY_CONTENTION * overlap / (b - a))
+    _, finish = search._list_schedule(ops, k, streams, stretched)
+    return max(f for row in finish for f in row)
+
+
+@settings(max_examples=40, deadline=None)
+@given(layers=st.integers(1, 4), ctx=st.sampled_from([256, 4096, 32768]), net=st.booleans(),
+       sizes=st.lists(st.integers(1, 4096), min_size=2, max_size=4), share=st.sampled_from(search.DEFAULT_SM_SHARES))
+def test_contention_by_bisection_equals_the_quadratic_sum(layers, ctx, net, sizes, share) -> None:
+    """The per-stream bisection finds the same overlaps, summed in the same order: makespans
+    are bitwise equal to the all-pairs sum's."""
+    ops = llama_layer(ctx=ctx, layers=layers, net=net)
+    assert makespan(ops, tuple(sizes), share, H100) == _naive_makespan(ops, tuple(sizes), share)

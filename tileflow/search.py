@@ -50,6 +50,7 @@ evaluates every candidate; ties are broken by (makespan, k, sizes, share).
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_right
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -282,13 +283,19 @@ def _modeled_times(
     times, bound = _durations(ops, sizes, streams, shares, device, net_bw_gbs)
     start, finish = _list_schedule(ops, k, streams, times)
     if k > 1 and MEMORY_CONTENTION:
-        # Memory-bound intervals per stream, from the contention-free schedule.
-        intervals: list[tuple[int, float, float]] = [
-            (streams[op.resource], start[i][j], finish[i][j])
-            for i, op in enumerate(ops)
-            for j in range(k)
-            if bound[i][j]
-        ]
+        # Memory-bound intervals per stream, from the contention-free schedule. A stream runs one
+        # instance at a time, so its intervals are disjoint: sorted by start, they are sorted by
+        # finish too, and the ones overlapping [a, b) are found by bisection.
+        per_stream: dict[int, list[tuple[float, float, int]]] = {}
+        order = 0
+        for i, op in enumerate(ops):
+            for j in range(k):
+                if bound[i][j]:
+                    per_stream.setdefault(streams[op.resource], []).append((start[i][j], finish[i][j], order))
+                    order += 1
+        for found in per_stream.values():
+            found.sort()
+        finishes = {t: [q for _, q, _ in found] for t, found in per_stream.items()}
         stretched = [row[:] for row in times]
         for i, op in enumerate(ops):
             s = streams[op.resource]
@@ -296,9 +303,16 @@ def _modeled_times(
                 if not bound[i][j] or times[i][j] <= 0:
                     continue
                 a, b = start[i][j], finish[i][j]
-                overlap = sum(
-                    max(0.0, min(b, q) - max(a, p)) for t, p, q in intervals if t != s
-                )
+                parts: list[tuple[int, float]] = []
+                for t, found in per_stream.items():
+                    if t == s:
+                        continue
+                    for p, q, index in found[bisect_right(finishes[t], a):]:
+                        if p >= b:
+                            break
+                        parts.append((index, min(b, q) - max(a, p)))
+                # Summed in the schedule's order, as a plain sum over every interval would be.
+                overlap = sum(v for _, v in sorted(parts))
                 stretched[i][j] = times[i][j] * (1.0 + MEMORY_CONTENTION * overlap / (b - a))
         start, finish = _list_schedule(ops, k, streams, stretched)
     return streams, start, finish

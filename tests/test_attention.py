@@ -432,6 +432,34 @@ def test_dense_op_with_alibi_slopes() -> None:
             tileflow.ops.meta_attention(q, k, v, alibi_slopes=slopes[:3])
 
 
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize(("causal", "window", "pads"), [(True, None, "left"), (True, 2, "right"), (False, 2, "right")])
+def test_dense_op_lowest_mask_with_causal_or_window_matches_eager(target: str, causal: bool, window: int | None,
+                                                                   pads: str) -> None:
+    """A padding mask of finfo.min (transformers' eager form) with `causal=True` or a sliding
+    window: a row whose keys above finfo.min are all hidden by the causal / window rule sees only
+    finfo.min keys and averages them, as eager does. The mask's ranges used to count the hidden
+    keys as seen, so such rows (left-padding rows under causal, padding rows whose window holds
+    only pads) came out 0."""
+    s, d = 7, 16
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, s, d, generator=gen) for _ in range(3))
+    mask = torch.zeros(1, 1, 1, s)
+    if pads == "left":
+        mask[..., :2] = torch.finfo(torch.float32).min
+    else:
+        mask[..., 4:] = torch.finfo(torch.float32).min
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    rule = (j > i) if causal else torch.zeros(s, s, dtype=torch.bool)
+    if window is not None:
+        rule = rule | (j <= i - window)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d) + mask.double()
+    want = torch.softmax(scores.masked_fill(rule, float("-inf")), dim=-1) @ v.double()
+    with tileflow.use_config(tileflow.Config(target=target)):
+        got = tileflow.ops.meta_attention(q, k, v, mask, causal=causal, sliding_window=window)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bias", ["squared", "learned"])
 def test_position_biases_that_are_not_alibi(bias: str) -> None:
     """A bias that is not linear in the key position, or that comes from an input, is not taken

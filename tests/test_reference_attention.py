@@ -511,3 +511,37 @@ def test_every_backend_refuses_the_same_bad_launches(backend: str) -> None:
                 kernel(*args, scale=scale, **good[extra])
         with pytest.raises(ValueError, match="k_cache must be float32, got float64"):
             kernel(q, k_cache.double(), *args[2:], **good[extra])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_every_backend_refuses_a_table_or_bias_of_another_batch(backend: str) -> None:
+    """A task table built for another window (its KV ranges clipped narrower than the launch
+    sees) and an attn_bias smaller than the batch's query runs and KV lengths are refused by
+    every launcher: the Triton one ran both, dropping keys and reading the bias past its end."""
+    from tileflow.kernel_spec import KernelSpec, make_params
+    from tileflow.targets import get_backend
+
+    hq, hkv, d = 2, 1, 16
+    q = torch.randn(9, hq, d)
+    k_cache, v_cache = torch.randn(4, 4, hkv, d), torch.randn(4, 4, hkv, d)
+    cu, lens = torch.tensor([0, 6, 9], dtype=torch.int32), torch.tensor([6, 9], dtype=torch.int32)
+    block_table = torch.tensor([[0, 1, 3], [2, 3, 1]], dtype=torch.int32)
+    args = (q, k_cache, v_cache, block_table, cu, lens)
+
+    def build(**flags: bool):
+        return get_backend(backend).build(KernelSpec(
+            op="meta_attention", dtype="float32", out_dtype="float32",
+            params=make_params(head_dim=d, gqa=hq // hkv, block_q=4, block_kv=16, causal=True, **flags)))
+
+    windowed = build(sliding_window=True)
+    narrow = build_task_table(cu, lens, num_q_heads=hq, num_kv_heads=hkv, block_q=4, num_programs=2, sliding_window=2)
+    with pytest.raises(ValueError, match="the task table was built for causal=True, sliding_window=2"):
+        windowed(*args, narrow, sliding_window=8)
+    right = build_task_table(cu, lens, num_q_heads=hq, num_kv_heads=hkv, block_q=4, num_programs=2, sliding_window=8)
+    assert windowed(*args, right, sliding_window=8, out=torch.full_like(q, float("nan"))).isfinite().all()
+
+    biased = build(bias=True)
+    table = build_task_table(cu, lens, num_q_heads=hq, num_kv_heads=hkv, block_q=4, num_programs=2)
+    with pytest.raises(ValueError, match=r"attn_bias must .*>= 6, >= 9\]"):
+        biased(*args, table, attn_bias=torch.zeros(2, 1, 2, 3))
+    assert biased(*args, table, attn_bias=torch.zeros(2, 1, 6, 9), out=torch.full_like(q, float("nan"))).isfinite().all()

@@ -218,6 +218,23 @@ def int_tensor(name: str, value: Any, device: torch.device, ndim: int) -> torch.
     return t.to(device=device, dtype=torch.int32).contiguous()
 
 
+def _bias_extent(table: Any, tasks: torch.Tensor, num_seqs: int) -> tuple[int, int]:
+    """(query rows, keys) of each ``[seq, head]`` plane of attn_bias a launch may read: the
+    longest n_s and L_s of the batch, from the table's host copies of the metadata (nothing read
+    back from the device); a table without them (hand-made) costs one read of its tasks, whose
+    tiles and KV ranges bound what the kernel reads."""
+    cu = getattr(table, "cu_seqlens_q", None)
+    lens = getattr(table, "seqlens_kv", None)
+    if (isinstance(cu, torch.Tensor) and isinstance(lens, torch.Tensor) and cu.device.type == "cpu"
+            and lens.device.type == "cpu" and num_seqs > 0
+            and (cu.numel(), lens.numel()) == (num_seqs + 1, num_seqs)):
+        return int((cu[1:] - cu[:-1]).max()), int(lens.max())
+    host = tasks.cpu()
+    if host.numel() == 0:
+        return 0, 0
+    return int((host[:, 2] + host[:, 3]).max()), int(host[:, 5].max())
+
+
 def check_launch_inputs(
     params: AttentionParamsLike,
     dtype: str,
@@ -360,6 +377,14 @@ def check_launch_inputs(
                 f"attn_bias must broadcast to [S={num_seqs}, Hq={hq}, q_len, kv_len], got "
                 f"{list(attn_bias.shape)}"
             )
+        # The kernels read bias[s, h, i, j] for every query row i < n_s and key j < L_s without
+        # bounds checks: a smaller bias would be read past its end (silently, on the Triton target).
+        need_q, need_kv = _bias_extent(table, tasks, num_seqs)
+        if attn_bias.shape[2] < need_q or attn_bias.shape[3] < need_kv:
+            raise fail(
+                f"attn_bias must cover every query row and key of the batch, [S, Hq, >= {need_q}, "
+                f">= {need_kv}], got {list(attn_bias.shape)}"
+            )
         bias = attn_bias.to(device).expand(num_seqs, hq, attn_bias.shape[2], attn_bias.shape[3])
         if attn_bias_ranges is None and need_bias_ranges:
             attn_bias_ranges = bias_ranges(attn_bias)
@@ -397,6 +422,19 @@ def check_launch_inputs(
 
     sink_logits = per_head("sinks", sinks, params.sinks, "attention sinks")
     slopes = per_head("alibi_slopes", alibi_slopes, params.alibi, "ALiBi")
+
+    # A TaskTable records the masking its KV ranges were clipped for (a hand-built table may
+    # not): ranges clipped for another causal rule or window silently drop keys this launch sees
+    # (a table without tasks reads nothing).
+    built_causal, built_window = getattr(table, "causal", None), getattr(table, "sliding_window", None)
+    launch_causal = getattr(params, "causal", None)
+    if tasks.shape[0] and hasattr(table, "causal") and launch_causal is not None and (
+            bool(built_causal) != bool(launch_causal) or built_window != window):
+        raise fail(
+            f"the task table was built for causal={built_causal}, sliding_window={built_window} but is run "
+            f"with causal={launch_causal}, sliding_window={window}: its KV ranges are clipped for "
+            f"the former; rebuild it"
+        )
 
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)

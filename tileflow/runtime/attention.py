@@ -272,6 +272,16 @@ def run_meta_attention(
                 )
             ranges = mask_ranges.expand(mask_ranges.shape[0], s, 4)
         bias = bias.expand(bias.shape[0] if bias.shape[0] == b else 1, bias.shape[1], s, s_kv)
+        if causal or sliding_window is not None:
+            # `bias_ranges` hides a row's finfo.min keys when the row sees a key above finfo.min,
+            # judged from the mask alone; the causal / window rule may hide all of those keys
+            # (a left-padding row under causal=True, a padding row whose window holds only pads),
+            # and then eager averages the finfo.min keys the row does see. So the ranges come
+            # from the mask with the rule's hidden keys at -inf (the kernel applies the rule to
+            # them anyway); a materialized [B, H, S, S_kv] mask only in this rare combination
+            # (graphs put their causal / window rule into the mask, with causal=False).
+            ranges = bias_ranges(bias.masked_fill(_rule_hides(s, s_kv, causal, sliding_window, device),
+                                                  float("-inf")))
     out = run_meta_attention_varlen(
         q_flat, k_cache, v_cache, block_table, cu, seqlens,
         scale=scale, causal=causal, attn_bias=bias, attn_bias_ranges=ranges, target=target, check=False,
@@ -280,6 +290,17 @@ def run_meta_attention(
         host_metadata=(tuple(range(0, b * s + 1, s)) if s > 0 else (0,) * (b + 1), (s_kv,) * b),
     )
     return out.view(b, s, hq, d).transpose(1, 2)
+
+
+def _rule_hides(s: int, s_kv: int, causal: bool, window: int | None, device: torch.device) -> torch.Tensor:
+    """Bool [S, S_kv]: the keys the causal / sliding-window rule hides from each query row of
+    the dense op (query i at key position S_kv - S + i)."""
+    pos = torch.arange(s_kv - s, s_kv, device=device)[:, None]
+    keys = torch.arange(s_kv, device=device)[None, :]
+    hidden = keys > pos if causal else torch.zeros(s, s_kv, dtype=torch.bool, device=device)
+    if window is not None:
+        hidden = hidden | (keys <= pos - window)
+    return hidden
 
 
 @functools.lru_cache(maxsize=256)

@@ -307,6 +307,30 @@ def test_transformers_attn_implementation(target) -> None:
     assert torch.equal(got, want)
 
 
+def test_transformers_causal_attn_implementation_refuses_a_padding_mask() -> None:
+    """"tileflow_causal" builds no mask: a padding mask must be refused, not silently dropped
+    (the padded row's real tokens would attend to the padding); an all-ones mask is no mask."""
+    import transformers
+
+    tileflow.register_transformers()
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    sdpa = transformers.LlamaForCausalLM(config).eval()
+    config._attn_implementation = "tileflow_causal"
+    ours = transformers.LlamaForCausalLM(config).eval()
+    ours.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(1, 128, (2, 6))
+    padded = torch.ones(2, 6, dtype=torch.long)
+    padded[1, :3] = 0
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="masks tokens"):
+            ours(input_ids=ids, attention_mask=padded)
+        ones = torch.ones_like(padded)
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=ones).logits,
+                                   sdpa(input_ids=ids, attention_mask=ones).logits, rtol=1e-4, atol=1e-4)
+
+
 def softcapped_attention(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Hand-written attention with Gemma-2's logit soft-capping: cap * tanh(scores / cap)."""
     b, s, _ = x.shape

@@ -99,3 +99,22 @@ def test_residual_inductor_on_a_model() -> None:
     [graph] = report.graphs
     assert graph.residual == "inductor"
     assert report.rewrites["padded_gemm"] == 13 and report.rewrites["meta_attention"] == 2
+
+
+def test_residual_inductor_keeps_eager_output_strides() -> None:
+    """A KV cache's first update is `cat([empty, keys])`: eager returns a contiguous copy, and
+    Inductor's decompositions (which drop the empty input) must not hand back the keys' transposed
+    layout instead, else the next step's stride guards recompile it."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 32)
+
+    def step(x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+        keys = lin(x).view(x.shape[0], x.shape[1], 2, 16).transpose(1, 2)
+        return torch.cat([torch.empty(x.shape[0], 2, 0, 16), keys * cos], dim=-2)
+
+    x, cos = torch.randn(2, 6, 32), torch.randn(2, 1, 6, 16)
+    compiled = torch.compile(step, backend=tileflow.TileflowBackend({"residual": "inductor"}), dynamic=True)
+    with torch.no_grad():
+        got, want = compiled(x, cos), step(x, cos)
+    torch.testing.assert_close(got, want)
+    assert got.stride() == want.stride()

@@ -196,3 +196,93 @@ def test_verify_through_torch_compile() -> None:
     [graph] = report.graphs
     assert graph.passes[0].changed and graph.passes[1].error is not None
     assert "checked each pass" in graph.extra["verify"]
+
+
+class _Counting(torch.nn.Module):
+    """A buffer counted once per call and an input doubled in place: verify's runs must not repeat them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.steps.add_(1)
+        y = torch.relu(self.lin(x)) + self.steps
+        x.mul_(2)
+        return y
+
+
+def test_verify_runs_leave_mutated_inputs_and_buffers_alone() -> None:
+    torch.manual_seed(0)
+    model, eager = _Counting().eval(), _Counting().eval()
+    eager.load_state_dict(model.state_dict())
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"verify": True}, report=report), dynamic=True)
+    with torch.no_grad():
+        for rows in (3, 5, 7):
+            x = torch.randn(rows, 8)
+            x_compiled, x_eager = x.clone(), x.clone()
+            torch.testing.assert_close(compiled(x_compiled), eager(x_eager), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(x_compiled, x_eager)
+            assert model.steps.item() == eager.steps.item()
+    # The passes were right: none was rolled back for the inputs the check runs had changed.
+    assert not report.fallbacks, report.fallbacks
+    assert report.graphs[0].passes[0].changed and "checked each pass" in report.graphs[0].extra["verify"]
+
+
+@register_pass
+class WrongMutationPass:
+    """Changes only what the graph writes back into its input (x *= 2 becomes x += 2)."""
+
+    name = "test_wrong_mutation"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for node in gm.graph.nodes:
+            if node.target is aten.mul.Tensor:
+                node.target = aten.add.Tensor
+                result.count("swapped")
+        return result
+
+
+def test_verify_catches_a_pass_that_changes_an_input_mutation() -> None:
+    def step(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(x @ w.t())
+        x.mul_(2)
+        return y
+
+    report = tileflow.Report()
+    options = {"passes": ["canonicalize", "test_wrong_mutation"], "verify": True}
+    compiled = torch.compile(step, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)
+    x, w = torch.randn(5, 8), torch.randn(6, 8)
+    x_compiled, x_eager = x.clone(), x.clone()
+    torch.testing.assert_close(compiled(x_compiled, w), step(x_eager, w))
+    torch.testing.assert_close(x_compiled, x_eager)
+    [fallback] = report.fallbacks
+    assert fallback.pass_name == "test_wrong_mutation" and "changed output" in fallback.reason
+
+
+@register_pass
+class PlanThenRaisePass:
+    """Leaves a plan on gm.meta and in the report, then fails: the rollback must undo both."""
+
+    name = "test_plan_then_raise"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        gm.meta["tileflow_nanobatch"] = object()
+        ctx.report.plans.append({"op": "padded_gemm"})
+        ctx.report.extra["nano_batch"] = {"setting": 2}
+        raise RuntimeError("schedule check failed")
+
+
+def test_rollback_undoes_what_a_pass_left_on_the_module_and_report() -> None:
+    gm, inputs = traced()
+    config = Config(passes=("canonicalize", "test_plan_then_raise"))
+    ctx = context(config)
+    PassManager.from_config(config).run(gm, ctx)
+    assert "tileflow_nanobatch" not in gm.meta  # else compile_graph runs the rejected plan
+    assert ctx.report.plans == [] and "nano_batch" not in ctx.report.extra
+    [fallback] = ctx.report.fallbacks
+    assert "schedule check failed" in fallback.reason
+    torch.testing.assert_close(gm(*inputs), fn(*inputs))

@@ -163,6 +163,10 @@ class PassManager:
     ) -> None:
         name = p.name
         snapshot = snapshot_graph(gm)
+        # What a pass may write besides the graph (nanobatch's plan and disaggregate's cuts on
+        # gm.meta, which the compiler acts on; plans and notes in the report): a rollback undoes it too.
+        meta_snapshot = dict(gm.meta)
+        report_snapshot = (list(ctx.report.plans), list(ctx.report.kernels), dict(ctx.report.extra))
         before_code = graph_code(gm) if debug is not None else ""
         before_json = graph_to_json(gm) if debug is not None else []
         nodes_before = count_nodes(gm)
@@ -182,6 +186,11 @@ class PassManager:
             log.warning("pass %s failed on %s and was rolled back: %s", name, ctx.report.graph_id, error)
             log.debug("%s", traceback.format_exc())
             restore_graph(gm, snapshot)
+            gm.meta.clear()
+            gm.meta.update(meta_snapshot)
+            ctx.report.plans[:], ctx.report.kernels[:] = report_snapshot[0], report_snapshot[1]
+            ctx.report.extra.clear()
+            ctx.report.extra.update(report_snapshot[2])
             if self.config.strict:
                 raise TileflowError(f"pass {name!r} failed on graph {ctx.report.graph_id}: {error}") from exc
             result = PassResult()
@@ -215,10 +224,38 @@ class PassManager:
             debug.write_pass(index, name, before_code, graph_code(gm), before_json, graph_to_json(gm))
 
 
+def _mutated_inputs(gm: fx.GraphModule) -> list[int]:
+    """Positions of the placeholders the graph writes in place (a functionalized graph's trailing
+    `copy_` into an input or buffer, or any op whose schema writes an argument)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index = {n: i for i, n in enumerate(placeholders)}
+    written: set[int] = set()
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if isinstance(value, fx.Node) and value in index:
+                written.add(index[value])
+    return sorted(written)
+
+
 def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Any]:
+    """`gm`'s flat outputs on `inputs`, then the values it wrote into its mutated inputs; those
+    inputs are cloned first, so a check run never changes the caller's tensors (a buffer counted
+    once per verification run, an input doubled each time) and each run starts from the same state."""
+    mutated = _mutated_inputs(gm)
+    args = list(inputs)
+    for i in mutated:
+        if isinstance(args[i], torch.Tensor):
+            args[i] = args[i].clone()
     with torch.no_grad():
-        out = gm(*inputs)
+        out = gm(*args)
     flat, _ = tree_flatten(out)
+    flat += [args[i] for i in mutated]
     return [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in flat]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.fx as fx
 
 from .config import RESIDUALS
@@ -35,9 +36,45 @@ def build_residual(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str)
         from torch._inductor.compile_fx import compile_fx_inner
 
         decomposed = _decompose_for_inductor(gm, example_inputs)
+        _keep_output_strides(decomposed, gm)
         compiled = compile_fx_inner(decomposed, list(example_inputs))
         return _unbox(compiled)
     raise ValueError(f"unknown residual mode {mode!r}; use 'eager' or 'inductor'")
+
+
+def _keep_output_strides(decomposed: fx.GraphModule, gm: fx.GraphModule) -> None:
+    """Make the re-traced graph return each output laid out as `gm` returns it when run eagerly.
+
+    The re-trace with Inductor's decompositions can change an output's layout (a KV cache's keys,
+    a `cat` of transposed tensors, came back [B, S, H, D]-ordered where eager returns them
+    contiguous), and Inductor keeps the layout its graph says: the outputs would differ from
+    eager's in their strides, and Dynamo's stride guards would recompile the next step that
+    receives them. An output that was contiguous and no longer is gets a contiguous copy."""
+    def outputs_of(module: fx.GraphModule) -> tuple[fx.Node, list]:
+        (output,) = module.graph.find_nodes(op="output")
+        args = output.args[0] if isinstance(output.args[0], (tuple, list)) else output.args
+        return output, list(args)
+
+    output, outputs = outputs_of(decomposed)
+    _, originals = outputs_of(gm)
+    if len(outputs) != len(originals):
+        return
+    fixed = list(outputs)
+    for i, (new, old) in enumerate(zip(outputs, originals)):
+        want = old.meta.get("val") if isinstance(old, fx.Node) else None
+        got = new.meta.get("val") if isinstance(new, fx.Node) else None
+        if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)):
+            continue
+        if want.is_contiguous() and not got.is_contiguous():
+            with decomposed.graph.inserting_before(output):
+                copy = decomposed.graph.call_function(torch.ops.aten.clone.default, (new,),
+                                                      {"memory_format": torch.contiguous_format})
+            copy.meta = dict(new.meta)
+            copy.meta["val"] = got.clone(memory_format=torch.contiguous_format)
+            fixed[i] = copy
+    if fixed != outputs:
+        output.args = (type(output.args[0])(fixed),) if isinstance(output.args[0], (tuple, list)) else tuple(fixed)
+        decomposed.recompile()
 
 
 def _decompose_for_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:

@@ -66,7 +66,24 @@ def causal_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
+def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
+    """`"tileflow_causal"`'s mask function: no mask tensor. A padding mask that masks a token is
+    refused (the attention would silently attend to the padding); an all-ones one is no mask."""
+    if attention_mask is None:
+        return None
+    try:
+        # Under torch.compile the check is a graph break (the mask's values are only known at run time).
+        masks_tokens = not bool(attention_mask.all())
+    except Exception as exc:  # export: the values are unknown while tracing
+        raise ValueError(
+            "attn_implementation='tileflow_causal' takes no attention mask when exported: pass packed tokens "
+            "without padding and no attention_mask, or use attn_implementation='tileflow'"
+        ) from exc
+    if masks_tokens:
+        raise ValueError(
+            "attn_implementation='tileflow_causal' takes no attention mask, and this one masks tokens (padding): "
+            "pass packed tokens without padding, or use attn_implementation='tileflow'"
+        )
     return None
 
 

@@ -63,6 +63,7 @@ class _Blocks:
 
     count: int
 
+
 # Ops whose output dims are their input's, moved or kept (views and copies).
 _SAME_DIMS = {
     aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
@@ -83,8 +84,8 @@ _ALONG = {
     aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default,
 }
 _SCANS = {aten.cumsum.default, aten.cumprod.default}
-# Comparisons of two positions that build a causal mask (True = attend): `key <= query` and
-# its mirror images; the first set takes the key first.
+# Comparisons that build masks (True = attend): of two positions, `key <= query` and its mirror
+# images (the first set takes the key first); `==` of one row's values read at query and key.
 _KEY_FIRST = {aten.le.Tensor, aten.lt.Tensor}
 _COMPARE = _KEY_FIRST | {aten.ge.Tensor, aten.gt.Tensor, aten.eq.Tensor}
 _AND = {aten.bitwise_and.Tensor, aten.logical_and.default, aten.mul.Tensor}

@@ -328,6 +328,38 @@ def test_export_verify_checks_each_pass_on_the_example_inputs() -> None:
         tileflow.export_model(model, (x,), options={"target": "ascend", "verify": True})
 
 
+class _CountsItsCalls(torch.nn.Module):
+    """A buffer updated in place on every call (a step counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.proj(x) + self.calls
+
+
+def test_export_verify_leaves_the_models_buffers_as_they_were(tmp_path: Path) -> None:
+    """An exported module's buffers are its own attributes: verify's runs of the graph updated
+    them in place, so the archive started from the state after verification (the counter's
+    first call gave 3 instead of 1). Now each run restores them and compares what it wrote."""
+    torch.manual_seed(0)
+    model, x = _CountsItsCalls(), torch.randn(4, 8)
+    fresh = _CountsItsCalls()
+    fresh.load_state_dict(model.state_dict())
+    options = {"target": "reference", "verify": True}
+    archive = tileflow.export_model(model, (x,), ({0: torch.export.Dim("tokens", min=2, max=64)},), options=options)
+    assert model.calls.item() == 0
+    assert all(p.error is None for p in archive.report.graphs[0].passes)
+    archive.save(tmp_path / "counter.pt2")
+    loaded = tileflow.export.load(tmp_path / "counter.pt2")
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(loaded(x), fresh(x))
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [

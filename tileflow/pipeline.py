@@ -224,12 +224,11 @@ class PassManager:
             debug.write_pass(index, name, before_code, graph_code(gm), before_json, graph_to_json(gm))
 
 
-def _mutated_inputs(gm: fx.GraphModule) -> list[int]:
-    """Positions of the placeholders the graph writes in place (a functionalized graph's trailing
-    `copy_` into an input or buffer, or any op whose schema writes an argument)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    index = {n: i for i, n in enumerate(placeholders)}
-    written: set[int] = set()
+def _written_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The placeholders and module attributes (an exported module's buffers) the graph writes in
+    place: a functionalized graph's trailing `copy_` into an input or buffer, or any op whose
+    schema writes an argument."""
+    written: dict[fx.Node, None] = {}
     for node in gm.graph.nodes:
         schema = getattr(node.target, "_schema", None)
         if node.op != "call_function" or schema is None:
@@ -238,25 +237,45 @@ def _mutated_inputs(gm: fx.GraphModule) -> list[int]:
             if arg.alias_info is None or not arg.alias_info.is_write:
                 continue
             value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-            if isinstance(value, fx.Node) and value in index:
-                written.add(index[value])
-    return sorted(written)
+            if isinstance(value, fx.Node) and value.op in ("placeholder", "get_attr"):
+                written[value] = None
+    return list(written)
 
 
 def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Any]:
-    """`gm`'s flat outputs on `inputs`, then the values it wrote into its mutated inputs; those
-    inputs are cloned first, so a check run never changes the caller's tensors (a buffer counted
-    once per verification run, an input doubled each time) and each run starts from the same state."""
-    mutated = _mutated_inputs(gm)
+    """`gm`'s flat outputs on `inputs`, then the values it wrote into its mutated inputs and
+    buffers. Those inputs are cloned first and those buffers restored after, so a check run never
+    changes the caller's tensors or the module's state (a buffer counted once per verification
+    run, an input doubled each time; an exported model's buffers, which an archive keeps), and
+    each run starts from the same state."""
+    written = _written_nodes(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     args = list(inputs)
+    mutated = [placeholders.index(n) for n in written if n.op == "placeholder"]
     for i in mutated:
         if isinstance(args[i], torch.Tensor):
             args[i] = args[i].clone()
-    with torch.no_grad():
-        out = gm(*args)
-    flat, _ = tree_flatten(out)
-    flat += [args[i] for i in mutated]
-    return [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in flat]
+    buffers = [b for b in (_attribute(gm, str(n.target)) for n in written if n.op == "get_attr")
+               if isinstance(b, torch.Tensor)]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        with torch.no_grad():
+            out = gm(*args)
+        flat, _ = tree_flatten(out)
+        flat += [args[i] for i in mutated] + list(buffers)
+        return [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in flat]
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> Any:
+    """What a get_attr node of `gm` reads (a buffer, a parameter or a constant)."""
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _check_numerics(name: str, expected: list[Any], actual: list[Any], config: Config) -> None:

@@ -646,3 +646,30 @@ def test_attention_mask_ranges_op() -> None:
         torch.testing.assert_close(got, want)
         with pytest.raises(ValueError, match="mask_ranges"):
             torch.ops.tileflow.meta_attention(q, k, k, keep, False, None, "", ranges[:, :, :3])
+
+
+@pytest.mark.parametrize("implementation", ["tileflow", "tileflow_causal"])
+@pytest.mark.parametrize("v_head_dim", [8, 32])
+def test_transformers_attention_with_another_value_head_size(implementation: str, v_head_dim: int) -> None:
+    """DeepSeek-V3's latent attention has values narrower (or wider) than queries and keys: the
+    meta-kernel takes one head size, so the integration pads the narrower side with zero columns
+    and cuts the output back (it raised a shape error before); logits equal SDPA's."""
+    import transformers
+
+    tileflow.register_transformers()
+    args = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                v_head_dim=v_head_dim, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                first_k_dense_replace=1, n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(**args)
+    config._attn_implementation = "sdpa"
+    sdpa = transformers.DeepseekV3ForCausalLM(config).eval()
+    config = transformers.DeepseekV3Config(**args)
+    config._attn_implementation = implementation
+    ours = transformers.DeepseekV3ForCausalLM(config).eval()
+    ours.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, use_cache=False).logits, sdpa(ids, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-5)

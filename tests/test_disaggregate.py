@@ -426,3 +426,20 @@ def test_attention_worker_cache_lives_where_the_payload_arrives() -> None:
         pass  # the attention itself cannot run on meta tensors; where the cache went is the point
     assert worker.cache is not None and worker.cache.device == torch.device("meta")
     assert worker.cache.k[0].device == torch.device("meta")
+
+
+def test_latent_attention_with_narrower_values_is_cut() -> None:
+    """DeepSeek-V3's latent attention (values narrower than queries and keys) is cut like any
+    other: the value rows cross padded to the query head size (the meta-kernel takes one), and
+    the logits are eager's (the stage program failed with a shape error before)."""
+    import transformers
+
+    args = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                first_k_dense_replace=1, n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**args)).eval()
+    program = build_stage_program(CausalLMStep(model), EXAMPLE, max_tokens=64)
+    assert len(program.cuts) == 2
+    assert_program_matches_eager(program, model, (1, 5, 9))

@@ -42,9 +42,26 @@ def tileflow_attention_forward(
     # As transformers' SDPA path: an explicit mask wins, and one query row needs no causal rule.
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
     mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+    query, key, value, scaling, width = _one_head_size(query, key, value, scaling)
     out = meta_attention(query, key, value, mask, causal=causal, scale=scaling, softcap=kwargs.get("softcap"),
                          sinks=kwargs.get("s_aux"))
-    return out.transpose(1, 2).contiguous(), None
+    return out[..., :width].transpose(1, 2).contiguous(), None
+
+
+def _one_head_size(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
+    """q, k, v with one head size, the scale, and v's own head size to cut the output back to.
+    The meta-kernel takes one head size; multi-head latent attention (DeepSeek-V3) has values
+    narrower than queries and keys. Zero columns change neither q.k nor P @ v's first columns,
+    as transformers' flash-attention path pads them too; the default scale is the queries'."""
+    d_qk, d_v = query.shape[-1], value.shape[-1]
+    scale = scale if scale is not None else d_qk ** -0.5
+    if d_v < d_qk:
+        value = torch.nn.functional.pad(value, (0, d_qk - d_v))
+    elif d_v > d_qk:
+        query = torch.nn.functional.pad(query, (0, d_v - d_qk))
+        key = torch.nn.functional.pad(key, (0, d_v - d_qk))
+    return query, key, value, scale, d_v
 
 
 def causal_attention_forward(
@@ -61,9 +78,10 @@ def causal_attention_forward(
         )
     if kwargs.get("dropout") and module.training:
         raise ValueError("tileflow attention is for inference: dropout during training is not supported")
-    out = meta_attention(query, key, value, None, causal=True, scale=kwargs.get("scaling"), softcap=kwargs.get("softcap"),
+    query, key, value, scaling, width = _one_head_size(query, key, value, kwargs.get("scaling"))
+    out = meta_attention(query, key, value, None, causal=True, scale=scaling, softcap=kwargs.get("softcap"),
                          sliding_window=kwargs.get("sliding_window"), sinks=kwargs.get("s_aux"))
-    return out.transpose(1, 2).contiguous(), None
+    return out[..., :width].transpose(1, 2).contiguous(), None
 
 
 def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:

@@ -624,6 +624,19 @@ def test_bad_specs(params: dict, match: str) -> None:
         render_attention_sources(attn_spec(dtype, **params))
 
 
+def test_cube_outputs_hold_a_whole_base_block() -> None:
+    """GetTensorC writes a whole baseM x baseN block (CANN: the C tensor must hold baseM * baseN
+    elements) and the base M is the tile rows padded to 16: the S and P V queues are sized for
+    CUBE_ROWS, not TILE_ROWS (rows 8 = block_q 4 x gqa 2 used to get half a base block; the
+    mixed-batch tests run those specs through a double that enforces the rule)."""
+    for spec in SPECS:
+        layout = attention_layout(spec)
+        sizes = {b.member: b.nbytes for b in layout.main_buffers()}
+        assert sizes["scoreQue"] >= layout.cube_rows * layout.block_kv * 4, spec.name
+        assert sizes["valueQue"] >= layout.cube_rows * layout.head_dim * 4, spec.name
+    assert any(attention_layout(s).rows % 16 for s in SPECS)
+
+
 def test_ub_budget_is_what_the_double_enforces() -> None:
     """The largest accepted spec of a family fits the UB exactly as counted (the double throws
     beyond 192 KiB), and the next size up is refused."""

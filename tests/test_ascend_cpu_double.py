@@ -521,6 +521,12 @@ void body() {
     put("iters", std::to_string(iters));
     putt("ub", c, 256);
     thrown("after_false", [&] { mm.GetTensorC(c); });
+    // CANN: GetTensorC's UB tensor must hold baseM * baseN elements, even for a 3 x 4 single shape.
+    TQue<QuePosition::VECOUT, 1> smallq;
+    pipe.InitBuffer(smallq, 1, 15 * 16 * 4);
+    LocalTensor<float> small = smallq.AllocTensor<float>();
+    mm.Iterate();
+    thrown("small_c", [&] { mm.GetTensorC(small); });
     mm.SetTensorB(gshort, true);
     thrown("b_range", [&] { mm.Iterate(); });
     mm.SetSingleShape(17, 4, 5);
@@ -570,6 +576,7 @@ void body() {
             else:
                 assert math.isnan(ub[16 * i + j]), (i, j)  # untouched poison
     raised(r, "after_false", "logic_error", "GetTensorC: no result")
+    raised(r, "small_c", "out_of_range", "Matmul::GetTensorC: count 256 exceeds ub's 240 elements")
     raised(r, "b_range", "out_of_range", "Matmul::Iterate: GlobalTensor: element 21 out of range (size 20)")
     raised(r, "too_big", "logic_error", "single shape 17x4 exceeds the base block 16x16")
     raised(r, "after_end", "logic_error", "not initialised")

@@ -131,6 +131,22 @@ def test_specs_the_kernel_cannot_implement_are_refused() -> None:
         gemm_layout(gemm_spec("float32", ("swiglu", "residual"), tile=TileConfig(16, 2048, 32)))
 
 
+def test_cube_base_blocks_fit_l0_at_render_time() -> None:
+    # L0B (BLOCK_N x BLOCK_K) cannot shrink with the epilogue slice: refused when the spec is
+    # rendered (export), not by the host tiling at launch ("refused M=5 (code 2)").
+    with pytest.raises(ValueError, match="B base block BLOCK_N x BLOCK_K = 256 x 128 .* L0B"):
+        render_sources(gemm_spec("float32", tile=TileConfig(16, 256, 128)))
+    # L0A (slice rows x BLOCK_K) shrinks with the slice: 128 x 256 fp32 = 128 KiB, 64 rows fit.
+    assert gemm_layout(gemm_spec("float32", tile=TileConfig(128, 16, 256))).ub_rows == 64
+
+
+def test_a_deep_tile_runs_with_slices_that_fit_l0a(tmp_path: Path) -> None:
+    spec = gemm_spec("float32", ("bias",), n=20, k=300, tile=TileConfig(128, 16, 256))
+    kernel = build_cpu_debug_kernel(spec, [HEADERS], build_dir=tmp_path)
+    for m in (5, 200):
+        run_case(kernel, spec, m, seed=m)
+
+
 def test_emitted_gemm_matches_golden() -> None:
     sources = render_sources(gemm_spec("float16", ("bias", "swiglu", "residual")))
     for path, text in sorted(sources.files.items()):

@@ -262,6 +262,9 @@ class AttentionLayout:
     def main_buffers(self) -> tuple[UbBuffer, ...]:
         """The meta-attention kernel's UB buffers, in InitBuffer order."""
         d, n, m, e = self.head_dim, self.block_kv, self.rows, self.esize
+        # GetTensorC writes a whole baseM x baseN block (CANN: "the C matrix must hold at least
+        # baseM * baseN"), and the cube's base M is the rows padded to its 16-row fractal.
+        cm = self.cube_rows
         reduce_len = _ceil(max(n, d), _BLOCK_BYTES // 4)
         vecin, vecout = "TQue<TPosition::VECIN, {}>", "TQue<TPosition::VECOUT, {}>"
         calc = "TBuf<TPosition::VECCALC>"
@@ -274,12 +277,12 @@ class AttentionLayout:
             UbBuffer("queryQue", vecin.format(1), 1, m * d * e, "Q tile staged from GM"),
             UbBuffer("kvQue", vecin.format("BUFFER_NUM"), BUFFER_NUM, n * d * e,
                      "K / V chunks of the 2-stage (decode) pipeline"),
-            UbBuffer("scoreQue", vecin.format("BUFFER_NUM"), BUFFER_NUM, m * n * 4,
-                     "S tiles (float, row stride BLOCK_KV)"),
+            UbBuffer("scoreQue", vecin.format("BUFFER_NUM"), BUFFER_NUM, cm * n * 4,
+                     "S tiles (float, row stride BLOCK_KV; CUBE_ROWS rows for GetTensorC)"),
             *bias,
             UbBuffer("probQue", vecout.format("BUFFER_NUM"), BUFFER_NUM, m * n * e,
                      "P tiles on their way to the GM workspace"),
-            UbBuffer("valueQue", vecin.format(1), 1, m * d * 4, "P V from the cube (float)"),
+            UbBuffer("valueQue", vecin.format(1), 1, cm * d * 4, "P V from the cube (float; CUBE_ROWS rows for GetTensorC)"),
             UbBuffer("outQue", vecout.format(1), 1, m * d * e, "the output tile, cast"),
             UbBuffer("accBuf", calc, 1, m * d * 4, "the output accumulator (float)"),
             UbBuffer("queryFloatBuf", calc, 1, self.gqa * d * 4, "decode: the query rows in float"),

@@ -64,6 +64,10 @@ SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 _MIN_BLOCK = 16
 # Unified buffer per AI core on Atlas A2 (910B), the vector unit's working memory.
 UB_BYTES = 192 * 1024
+# Cube L0 buffers on 910B: A and B operand base blocks 64 KiB each, the float accumulator 128 KiB
+# (matmul_tiling refuses a fixed split beyond them, so the host tiling would fail at launch).
+L0AB_BYTES = 64 * 1024
+L0C_BYTES = 128 * 1024
 # Matmul API names of the element types, for the host tiling.
 _API_DTYPES = {"float16": "DT_FLOAT16", "bfloat16": "DT_BF16", "float32": "DT_FLOAT"}
 _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swiglu")
@@ -157,6 +161,8 @@ def gemm_layout(spec: KernelSpec) -> GemmLayout:
     tile = spec.tile
     ep = spec.epilogue
     activation = next((e for e in ep if e in _ACTIVATIONS), None)
+    in_bytes = _CPP_BYTES[cpp_type(spec.dtype)]
+    fits_ub = False
     # Largest UB slice first, double-buffered first: halve the rows, then drop to one buffer.
     for rows in [tile.block_m >> i for i in range(tile.block_m.bit_length()) if tile.block_m >> i >= _MIN_BLOCK]:
         for buffers in (2, 1):
@@ -166,8 +172,26 @@ def gemm_layout(spec: KernelSpec) -> GemmLayout:
                 in_type=cpp_type(spec.dtype), out_type=cpp_type(spec.out_dtype),
                 activation=activation, bias="bias" in ep, residual="residual" in ep, experts=experts,
             )
-            if sum(b.bytes(layout) for b in ub_buffers(layout)) <= UB_BYTES:
+            if sum(b.bytes(layout) for b in ub_buffers(layout)) > UB_BYTES:
+                continue
+            fits_ub = True
+            # The slice is also the cube's base M: A's (rows x BLOCK_K) and C's (rows x BLOCK_N,
+            # float) base blocks must fit L0A / L0C (matmul_tiling refuses the split otherwise).
+            if rows * tile.block_k * in_bytes <= L0AB_BYTES and rows * tile.block_n * 4 <= L0C_BYTES:
+                # B's base block (BLOCK_N x BLOCK_K) does not depend on the slice.
+                if tile.block_n * tile.block_k * in_bytes > L0AB_BYTES:
+                    raise ValueError(
+                        f"kernel {spec.name}: the cube's B base block BLOCK_N x BLOCK_K = {tile.block_n} x "
+                        f"{tile.block_k} ({spec.dtype}) needs {tile.block_n * tile.block_k * in_bytes} bytes of "
+                        f"L0B, more than its {L0AB_BYTES}; use a smaller BLOCK_N or BLOCK_K"
+                    )
                 return layout
+    if fits_ub:
+        raise ValueError(
+            f"kernel {spec.name}: no epilogue slice of {_MIN_BLOCK} rows or more fits the cube's L0A "
+            f"({L0AB_BYTES} bytes: rows x BLOCK_K={tile.block_k}) and L0C ({L0C_BYTES} bytes: float rows x "
+            f"BLOCK_N={tile.block_n}); use a smaller BLOCK_N or BLOCK_K"
+        )
     raise ValueError(
         f"kernel {spec.name}: BLOCK_N={tile.block_n} does not fit the {UB_BYTES // 1024} KiB unified "
         f"buffer even with {_MIN_BLOCK}-row epilogue slices; use a smaller BLOCK_N"

@@ -106,7 +106,9 @@ public:
         CheckShape("GetTensorC", true);
         if (result_.empty()) Fail("GetTensorC", "no result; call it after an Iterate() that returned true");
         const uint64_t ld = uint64_t(t_.baseN);
-        uint8_t* d = AscendC::detail::Access::Vec("Matmul::GetTensorC", "ub", ub, int64_t((m_ - 1) * ld + n_));
+        // CANN: the C matrix passed in must hold at least baseM * baseN elements (the cube writes a
+        // whole base block, padded rows included), whatever the single shape.
+        uint8_t* d = AscendC::detail::Access::Vec("Matmul::GetTensorC", "ub", ub, int64_t(t_.baseM) * t_.baseN);
         for (int i = 0; i < m_; ++i)
             for (int j = 0; j < n_; ++j) AscendC::detail::Store<C>(d + (i * ld + j) * sizeof(C), result_[i * n_ + j]);
     }

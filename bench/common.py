@@ -134,11 +134,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def write_results(name: str, title: str, env: dict[str, str], body: str) -> Path:
-    """Write a results file `bench/results/<name>-<device>-<date>-<commit>.md` and return its path."""
+def write_results(name: str, title: str, env: dict[str, str], body: str, *, partial: bool = False) -> Path:
+    """Write a results file `bench/results/<name>-<device>-<date>-<commit>.md` and return its path.
+
+    Benchmarks call this with `partial=True` after every row, so a stage that its time limit
+    cuts still leaves the rows it measured (marked partial), then once more at the end. The
+    file is replaced atomically: a kill mid-write leaves the previous version."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     device = env["device"].split(" (")[0].replace(" ", "_")
     path = RESULTS / f"{name}-{device}-{env['date']}-{env['commit']}.md"
     header = "\n".join(f"- {k}: `{v}`" for k, v in env.items())
-    path.write_text(f"# {title}\n\n{header}\n\n{body}\n")
+    status = "\n- status: **partial** (the run stopped, or has not yet finished, after the rows below)\n" if partial else ""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"# {title}\n\n{header}\n{status}\n{body}\n")
+    os.replace(tmp, path)
     return path

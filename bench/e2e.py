@@ -200,7 +200,7 @@ def _timed(failures: list[str], what: str, fn):
         return None
 
 
-def prefill_part(model, tokens: list[int], bound: float, scale: Scale, failures: list[str]) -> str:
+def prefill_part(model, tokens: list[int], bound: float, scale: Scale, failures: list[str], progress=None) -> str:
     """Prefill-shaped forward steps of T tokens (no KV cache) through every method."""
     import torch
 
@@ -226,6 +226,16 @@ def prefill_part(model, tokens: list[int], bound: float, scale: Scale, failures:
                                           report=graph_report)
         methods["tileflow+nano+graphs"] = torch.compile(model, backend=graphs, dynamic=True)
     rows = []
+    headers = (["tokens"] + [f"{n} tok/s" for n in methods] + ["tileflow / Inductor"]
+               + (["tileflow+graphs / Inductor+graphs"] if "Inductor+graphs" in methods else [])
+               + ["best nano / tileflow", "best nano % of bound"])
+
+    def section() -> str:
+        notes = sorted({g.extra.get("cuda_graphs", "no note") for g in graph_report.graphs})
+        captured = f"\n- tileflow's CUDA graphs: {'; '.join(notes)}" if notes else ""
+        return ("## Prefill-shaped steps\n\n" + markdown_table(headers, rows)
+                + "\n\n- forward passes of T tokens with no KV cache; medians over CUDA events" + captured)
+
     for t in tokens:
         ids = torch.randint(0, scale.vocab, (1, t), device=scale.device)
         rate: dict[str, float | None] = {}
@@ -245,16 +255,12 @@ def prefill_part(model, tokens: list[int], bound: float, scale: Scale, failures:
                     + [_ratio(rate["tileflow"], rate["Inductor"])] + graphed
                     + [_ratio(nano_best, rate["tileflow"]), _share(nano_best, bound)])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    headers = (["tokens"] + [f"{n} tok/s" for n in methods] + ["tileflow / Inductor"]
-               + (["tileflow+graphs / Inductor+graphs"] if "Inductor+graphs" in methods else [])
-               + ["best nano / tileflow", "best nano % of bound"])
-    notes = sorted({g.extra.get("cuda_graphs", "no note") for g in graph_report.graphs})
-    captured = f"\n- tileflow's CUDA graphs: {'; '.join(notes)}" if notes else ""
-    return ("## Prefill-shaped steps\n\n" + markdown_table(headers, rows)
-            + "\n\n- forward passes of T tokens with no KV cache; medians over CUDA events" + captured)
+        if progress:
+            progress(section())
+    return section()
 
 
-def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, failures: list[str]) -> str:
+def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, failures: list[str], progress=None) -> str:
     """Serving steps of T tokens, half prompt chunks over cached prefixes and half decodes."""
     import random
 
@@ -266,6 +272,21 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
     steps = {t: mixed_entries(t, rng, scale) for t in tokens}
     engine = serving_engine(programs["ATen"], scale, num_blocks=max(b for _, b in steps.values()), slots=1)
     rows = []
+    headers = ["tokens", "step", "host prepare ms"] + [f"{n} tok/s" for n in MIXED_METHODS] + [
+        "tileflow / Inductor", "nano / tileflow", "nano SM shares / whole grids", "graphs / tileflow",
+        "tileflow % of bound"]
+
+    def section() -> str:
+        return ("## Mixed prefill/decode serving steps\n\n" + markdown_table(headers, rows)
+                + "\n\n- one step through `ServingEngine.forward` (packed tokens, k/v written into a paged cache of "
+                  f"{BLOCK}-token pages holding random values, `meta_attention_varlen` for every method); prompt chunks "
+                  f"of up to {scale.chunk} tokens over cached prefixes of {min(scale.prefixes)}-{max(scale.prefixes)} "
+                  f"tokens, decode contexts {scale.contexts[0]}-{scale.contexts[1]}; medians over CUDA events of the step "
+                  "with its inputs prepared (host prepare ms: `ServingEngine.prepare`, once), except tileflow+nano, whose "
+                  "two nano-batches (decodes, prompt chunks) each prepare their inputs on their own stream in the step, "
+                  "their persistent kernels over a share of the SMs in proportion to their tokens (whole grids: every "
+                  "kernel over the whole device)")
+
     for t, (entries, _) in steps.items():
         rate: dict[str, float | None] = {}
         start = time.perf_counter()
@@ -294,21 +315,12 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
                        _ratio(rate["tileflow+nano"], rate[WHOLE_GRIDS]),
                        _ratio(rate["tileflow+graphs"], rate["tileflow"]), _share(rate["tileflow"], bound)])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    headers = ["tokens", "step", "host prepare ms"] + [f"{n} tok/s" for n in MIXED_METHODS] + [
-        "tileflow / Inductor", "nano / tileflow", "nano SM shares / whole grids", "graphs / tileflow",
-        "tileflow % of bound"]
-    return ("## Mixed prefill/decode serving steps\n\n" + markdown_table(headers, rows)
-            + "\n\n- one step through `ServingEngine.forward` (packed tokens, k/v written into a paged cache of "
-              f"{BLOCK}-token pages holding random values, `meta_attention_varlen` for every method); prompt chunks "
-              f"of up to {scale.chunk} tokens over cached prefixes of {min(scale.prefixes)}-{max(scale.prefixes)} "
-              f"tokens, decode contexts {scale.contexts[0]}-{scale.contexts[1]}; medians over CUDA events of the step "
-              "with its inputs prepared (host prepare ms: `ServingEngine.prepare`, once), except tileflow+nano, whose "
-              "two nano-batches (decodes, prompt chunks) each prepare their inputs on their own stream in the step, "
-              "their persistent kernels over a share of the SMs in proportion to their tokens (whole grids: every "
-              "kernel over the whole device)")
+        if progress:
+            progress(section())
+    return section()
 
 
-def trace_part(programs: dict, count: int, bound: float, scale: Scale, failures: list[str]) -> str:
+def trace_part(programs: dict, count: int, bound: float, scale: Scale, failures: list[str], progress=None) -> str:
     """Request traces served to the end by the serving engine, per program; every program must
     generate the ATen program's tokens on the CPU (fp32), and is only reported on the GPU (bf16
     greedy decoding can flip a near-tie)."""
@@ -317,6 +329,18 @@ def trace_part(programs: dict, count: int, bound: float, scale: Scale, failures:
     from common import markdown_table
 
     rows = []
+    headers = ["trace (requests x prompt/output)", "method", "steps", "processed tok/s", "generated tok/s",
+               "processed % of bound", "mean TTFT ms", "mean time between tokens ms",
+               "host waiting for the device", "requests equal to ATen's"]
+
+    def section() -> str:
+        return ("## Request traces\n\n" + markdown_table(headers, rows)
+                + f"\n\n- `ServingEngine.run`: all requests arrive at once, {count} decode slots, {scale.budget}-token "
+                  "steps; wall clock, host scheduling included; processed = prompt + generated tokens; host waiting "
+                  "for the device: the share of the wall time spent reading steps' tokens back (near 100%: the device "
+                  "is the bottleneck; near 0: the host); every method "
+                  f"overlaps each step's host work with the previous step on the device, except \"{IN_TURN}\"")
+
     for prompt, output in scale.traces:
         blocks = count * -(-(prompt + output) // BLOCK) + 64
         generated = {}
@@ -347,20 +371,16 @@ def trace_part(programs: dict, count: int, bound: float, scale: Scale, failures:
                              _share(processed, bound), f"{1e3 * m['mean_ttft_s']:.0f}", f"{1e3 * m['mean_tbt_s']:.1f}",
                              f"{100 * m['host_waiting_share']:.0f}%", f"{same}/{count}"])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    headers = ["trace (requests x prompt/output)", "method", "steps", "processed tok/s", "generated tok/s",
-               "processed % of bound", "mean TTFT ms", "mean time between tokens ms",
-               "host waiting for the device", "requests equal to ATen's"]
-    return ("## Request traces\n\n" + markdown_table(headers, rows)
-            + f"\n\n- `ServingEngine.run`: all requests arrive at once, {count} decode slots, {scale.budget}-token "
-              "steps; wall clock, host scheduling included; processed = prompt + generated tokens; host waiting "
-              "for the device: the share of the wall time spent reading steps' tokens back (near 100%: the device "
-              "is the bottleneck; near 0: the host); every method "
-              f"overlaps each step's host work with the previous step on the device, except \"{IN_TURN}\"")
+            if progress:
+                progress(section())
+    return section()
 
 
 def run(scale: Scale, model, tokens: list[int], parts: list[str], trace_count: int, peak_tflops: float,
-        failures: list[str]) -> str:
-    """The named parts for `model` at `scale`; returns the results' markdown."""
+        failures: list[str], checkpoint=None) -> str:
+    """The named parts for `model` at `scale`; returns the results' markdown. `checkpoint(text)`
+    gets the markdown so far after every row (the GPU run rewrites its results file with it, so
+    a stage cut by its time limit keeps the rows it measured)."""
     import torch
 
     params = sum(p.numel() for p in model.parameters())
@@ -374,15 +394,20 @@ def run(scale: Scale, model, tokens: list[int], parts: list[str], trace_count: i
         f"parameters) = {bound:,.0f} tokens/s (the input embedding is a lookup: no FLOPs)",
     ]
     print("\n".join(sections), flush=True)
+
+    def progress(section: str) -> None:
+        if checkpoint:
+            checkpoint("\n\n".join(sections + [section] + [f"- FAILED: {failure}" for failure in failures]))
+
     if "prefill" in parts:
-        sections.append(prefill_part(model, tokens, bound, scale, failures))
+        sections.append(prefill_part(model, tokens, bound, scale, failures, progress))
     if "mixed" in parts or "trace" in parts:
         # Serving switches the model to packed-token attention: after the prefill part.
         programs = serving_programs(model, max_tokens=max(scale.budget, *tokens))
         if "mixed" in parts:
-            sections.append(mixed_part(programs, tokens, bound, scale, failures))
+            sections.append(mixed_part(programs, tokens, bound, scale, failures, progress))
         if "trace" in parts:
-            sections.append(trace_part(programs, trace_count, bound, scale, failures))
+            sections.append(trace_part(programs, trace_count, bound, scale, failures, progress))
     return "\n\n".join(sections + [f"- FAILED: {failure}" for failure in failures])
 
 
@@ -399,7 +424,13 @@ def smoke(parts: list[str]) -> int:
     # On the CPU the nano-batched path runs its streams simulated (random valid interleavings).
     nanobatch_runtime.NanoBatchRunner._executor_for = lambda self, device: SimulatedStreams(seed=1)
     failures: list[str] = []
-    run(SMOKE, model, [16, 40], parts, 6, peak_tflops=1.0, failures=failures)
+    updates: list[str] = []  # what the GPU run writes to its results file after every row
+    text = run(SMOKE, model, [16, 40], parts, 6, peak_tflops=1.0, failures=failures, checkpoint=updates.append)
+    titles = {"prefill": "## Prefill-shaped steps", "mixed": "## Mixed prefill/decode serving steps",
+              "trace": "## Request traces"}
+    if not updates or any(titles[p] not in updates[-1] or titles[p] not in text for p in parts):
+        failures.append("the partial results written after each row miss a part's table")
+        print(f"FAIL: {failures[-1]}", file=sys.stderr)
     print("smoke check failed" if failures else "smoke check passed")
     return 1 if failures else 0
 
@@ -416,9 +447,15 @@ def run_gpu(layers: int, tokens: list[int], parts: list[str], trace_count: int, 
     print(f"{env['device']}: Llama-3-8B-shaped, bf16 ceiling {peak:.0f} TFLOP/s")
     failures: list[str] = []
     body = "- model: Llama-3-8B-shaped (hidden 4096, 32/8 heads, FFN 14336, vocabulary 128256), bf16\n"
-    body += run(GPU, model, tokens, parts, trace_count, peak, failures)
+    title = "End-to-end step throughput (bf16)"
+
+    def checkpoint(text: str) -> None:
+        if write:
+            write_results("e2e", title, env, body + text, partial=True)
+
+    body += run(GPU, model, tokens, parts, trace_count, peak, failures, checkpoint)
     if write:
-        print(f"wrote {write_results('e2e', 'End-to-end step throughput (bf16)', env, body)}")
+        print(f"wrote {write_results('e2e', title, env, body)}")
     return 1 if failures else 0
 
 

@@ -139,7 +139,7 @@ def swiglu_methods(config):
     return methods
 
 
-def run_swiglu(quick: bool, peak: float, failures: list[str]) -> str:
+def run_swiglu(quick: bool, peak: float, failures: list[str], checkpoint=None) -> str:
     """GPU: Llama-3-8B's fused SwiGLU input projection (gate and up 14336 x 4096), the model's
     largest GEMM, which the main table measures only unfused (28672 x 4096)."""
     import torch
@@ -151,6 +151,7 @@ def run_swiglu(quick: bool, peak: float, failures: list[str]) -> str:
     gate, up = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(2))
     methods = swiglu_methods(tileflow.Config(target="triton", max_tokens=MAX_TOKENS))
     rows, ratios = [], {name: [] for name in methods if name != "tileflow"}
+    headers = ["M"] + [f"{name} TFLOP/s" for name in methods] + ["tileflow % peak"]
     for m in ([64, 4096] if quick else [16, 64, 256, 1024, 4096, 8192]):
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, min(8, (64 << 20) // (m * k * 2))))]
         want = swiglu_reference(xs[0], gate, up)
@@ -159,7 +160,8 @@ def run_swiglu(quick: bool, peak: float, failures: list[str]) -> str:
         ours = add_ratios(ratios, tflops)
         rows.append([m] + [_cell(tflops[name]) for name in methods] + ([f"{100 * ours / peak:.0f}%"] if ours else ["FAIL"]))
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    headers = ["M"] + [f"{name} TFLOP/s" for name in methods] + ["tileflow % peak"]
+        if checkpoint:
+            checkpoint("## Fused SwiGLU input projection (gate and up 14336 x 4096)\n\n" + markdown_table(headers, rows))
     return ("## Fused SwiGLU input projection (gate and up 14336 x 4096)\n\n" + markdown_table(headers, rows) + "\n\n"
             + "\n".join(f"- geomean tileflow / {name}: **{geomean(vals):.2f}x**" for name, vals in ratios.items() if vals)
             + "\n- tileflow: one kernel (both weights' tiles, silu(gate) * up in the epilogue); the others: two GEMMs "
@@ -199,6 +201,20 @@ def run_gpu(quick: bool, write: bool, tile_timings: str | None = None) -> int:
     variant_ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
     failures: list[str] = []
     big_m_fraction = []
+    headers = (["N x K", "M"] + [f"{name} TFLOP/s" for name in methods]
+               + ["tileflow % peak", "tileflow / cuBLAS"] + [f"{v} / cuBLAS" for v in VARIANTS])
+    name, title = (("gemm_measured_plans", "Dynamic-M GEMM with measured tile plans: tileflow vs cuBLAS vs Inductor (bf16)")
+                   if tile_timings else ("gemm", "Dynamic-M GEMM: tileflow vs cuBLAS vs Inductor (bf16)"))
+    preface = f"- tileflow's plans from the tile times in `{tile_timings}`\n\n" if tile_timings else ""
+    preface += f"- bf16 matmul ceiling measured in this run: {peak:.0f} TFLOP/s\n\n"
+
+    def checkpoint(extra: str = "") -> None:
+        """Rewrite the results file (marked partial) with the rows so far: a stage cut by its
+        time limit keeps them."""
+        if write:
+            write_results(name, title, env, preface + markdown_table(headers, rows) + "\n"
+                          + "".join(f"\n- FAILED: {failure}" for failure in failures) + extra, partial=True)
+
     for n, k in shapes:
         w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
         for m in m_values:
@@ -218,6 +234,7 @@ def run_gpu(quick: bool, write: bool, tile_timings: str | None = None) -> int:
                         + [f"{tflops[name] / tflops['cuBLAS']:.2f}" if tflops[name] and tflops["cuBLAS"] else "FAIL"
                            for name in ("tileflow", *(f"tileflow {v}" for v in VARIANTS))])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
+            checkpoint()
     kernels = {}
     for kern in tileflow.runtime.compiled_kernels("padded_gemm"):
         if any(kern.spec.param(flag, False) for variant in VARIANTS.values() for flag in variant):
@@ -235,17 +252,16 @@ def run_gpu(quick: bool, write: bool, tile_timings: str | None = None) -> int:
         "- cuBLAS and Inductor pick their own kernels per call; Inductor compiled once per method with dynamic=True.",
         "- times: median over CUDA-graph replays (device time, no host launch overhead), rotating input sets.",
     ] + [f"- FAILED: {failure}" for failure in failures]
-    headers = (["N x K", "M"] + [f"{name} TFLOP/s" for name in methods]
-               + ["tileflow % peak", "tileflow / cuBLAS"] + [f"{v} / cuBLAS" for v in VARIANTS])
     print("\n" + "\n".join(summary))
-    swiglu = run_swiglu(quick, peak, failures)
-    summary += [f"- FAILED: {failure}" for failure in failures if failure.startswith("SwiGLU")]
-    body = markdown_table(headers, rows) + "\n\n" + "\n".join(summary) + "\n\n" + swiglu
     if write:
-        name, title = (("gemm_measured_plans", "Dynamic-M GEMM with measured tile plans: tileflow vs cuBLAS vs Inductor (bf16)")
-                       if tile_timings else ("gemm", "Dynamic-M GEMM: tileflow vs cuBLAS vs Inductor (bf16)"))
-        if tile_timings:
-            body = f"- tileflow's plans from the tile times in `{tile_timings}`\n\n" + body
+        write_results(name, title, env, preface + markdown_table(headers, rows) + "\n\n" + "\n".join(summary), partial=True)
+    swiglu = run_swiglu(quick, peak, failures,
+                        checkpoint=lambda text: write_results(name, title, env, preface + markdown_table(headers, rows)
+                                                              + "\n\n" + "\n".join(summary) + "\n\n" + text,
+                                                              partial=True) if write else None)
+    summary += [f"- FAILED: {failure}" for failure in failures if failure.startswith("SwiGLU")]
+    body = preface + markdown_table(headers, rows) + "\n\n" + "\n".join(summary) + "\n\n" + swiglu
+    if write:
         print(f"wrote {write_results(name, title, env, body)}")
     return 1 if failures else 0
 
@@ -255,13 +271,20 @@ def _cell(tflops: float | None) -> str:
     return "FAIL" if tflops is None else f"{tflops:.1f}"
 
 
-def measure_tiles(path: str) -> int:
+def measure_tiles(path: str, *, shapes=SHAPES, device_type: str = "cuda", time_ms=None) -> int:
     """Time every candidate tile config on this GPU, plain, persistent, with TMA loads, as
     stream-K and split along K, and write per-tile seconds for `Config(tile_timings=path)`: time
     at an M giving about four full waves, divided by the waves. Plans then run a config's
     variant where it measured faster. A split kernel's entry is per program (one tile's K
     part), a stream-K kernel's per work unit (one BLOCK_K step of one tile): the reduce's or
-    fixup's modeled time is taken out of the measurement, as plans add it back per M."""
+    fixup's modeled time is taken out of the measurement, as plans add it back per M.
+
+    The file is rewritten (atomically) after each (N, K) shape, so a run cut by its time limit
+    keeps every shape it finished, and a shape in the file always has all its configs (a plan
+    mixing measured and modeled configs of one shape would compare numbers of different kinds).
+    A kernel that fails its check or its build is reported and left out (exit status 1); the
+    rest are still measured. `shapes`, `device_type` and `time_ms` (ms of a callable) are for
+    the CPU check of this path."""
     import json
     import math
 
@@ -273,64 +296,88 @@ def measure_tiles(path: str) -> int:
     from tileflow.lower import gemm_spec
     from tileflow.tiles import candidate_configs, split_k_factors, split_reduce_seconds, stream_k_fixup_seconds
 
-    device = detect_device("cuda")
-    entries = []
-    for n, k in SHAPES:
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-        for tile in candidate_configs(n, k, "bfloat16", device):
+    time_ms = time_ms or (lambda fn: graph_median_ms([fn]))
+    device = detect_device(device_type)
+    dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    dtype_label = "bfloat16" if device_type == "cuda" else "float32"
+    tol = 1e-2 if device_type == "cuda" else 1e-5
+    entries: list[dict] = []
+    failures: list[str] = []
+
+    def checked_ms(what: str, fn, want) -> float | None:
+        try:
+            err = rel_err(fn(), want)
+            if not err < tol:
+                raise AssertionError(f"relative error {err:.2e} against float64")
+            return time_ms(fn)
+        except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
+            failures.append(f"{what}: {type(exc).__name__}: {exc}")
+            print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
+            return None
+
+    for n, k in shapes:
+        shape_entries = []
+        w = torch.randn(n, k, device=device_type, dtype=dtype) / k**0.5
+        for tile in candidate_configs(n, k, dtype_label, device):
             n_tiles = math.ceil(n / tile.block_n)
             m = min(16384, tile.block_m * math.ceil(4 * device.cores / n_tiles))
             waves = math.ceil(math.ceil(m / tile.block_m) * n_tiles / device.cores)
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device=device_type, dtype=dtype)
             want = x.double() @ w.double().t()
+            base = {"device": device.name, "dtype": dtype_label, "n": n, "k": k, "tile": tile.to_dict()}
             # The config's whole-tile kernels: plans run the persistent or TMA one where it wins.
             for variant in ({}, {"persistent": True}, {"tma": True}):
-                spec = gemm_spec(dtype=torch.bfloat16, out_dtype=torch.bfloat16, n=n, k=k, tile=tile, **variant)
-                kernel = runtime.get_kernel("triton", spec)
-                if not rel_err(kernel(x, w), want) < 1e-2:
-                    print(f"FAIL: {spec.name} disagrees with the float64 reference", file=sys.stderr)
-                    return 1
-                ms = graph_median_ms([lambda: kernel(x, w)])
-                entries.append({"device": device.name, "dtype": "bfloat16", "n": n, "k": k, "tile": tile.to_dict(),
-                                "tile_seconds": ms / 1e3 / waves, "m": m, **variant})
+                spec = gemm_spec(dtype=dtype, out_dtype=dtype, n=n, k=k, tile=tile, **variant)
+                try:
+                    kernel = runtime.get_kernel("triton", spec)
+                except Exception as exc:  # noqa: BLE001 -- reported, the rest still measured
+                    failures.append(f"{spec.name}: {type(exc).__name__}: {exc}")
+                    print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
+                    continue
+                ms = checked_ms(spec.name, lambda kernel=kernel: kernel(x, w), want)
+                if ms is None:
+                    continue
+                shape_entries.append({**base, "tile_seconds": ms / 1e3 / waves, "m": m, **variant})
                 print(f"{n}x{k} {spec.name}: {ms:.3f} ms at M={m} ({waves} waves)", flush=True)
             # Stream-K at the same M: the time of one work unit (a BLOCK_K step of one tile) on the
             # busiest SM, the fixup's modeled time taken out (plans add it back per M).
-            spec = gemm_spec(dtype=torch.bfloat16, out_dtype=torch.bfloat16, n=n, k=k, tile=tile, stream_k=True)
-            kernel = runtime.get_kernel("triton", spec)
-            if not rel_err(kernel(x, w, num_programs=device.cores), want) < 1e-2:
-                print(f"FAIL: {spec.name} disagrees with the float64 reference", file=sys.stderr)
-                return 1
-            ms = graph_median_ms([lambda: kernel(x, w, num_programs=device.cores)])
-            tiles = math.ceil(m / tile.block_m) * n_tiles
-            busiest = math.ceil(tiles * math.ceil(k / tile.block_k) / device.cores)
-            fixup_s = float(stream_k_fixup_seconds(tiles, tile.block_m, tile.block_n, device.cores, device))
-            # The fixup's model may overestimate it: never credit it with more than half the time.
-            entries.append({"device": device.name, "dtype": "bfloat16", "n": n, "k": k, "tile": tile.to_dict(),
-                            "tile_seconds": max(ms / 1e3 - fixup_s, ms / 2e3) / busiest, "m": m, "stream_k": True})
-            print(f"{n}x{k} {spec.name}: {ms:.3f} ms at M={m} ({busiest} units on the busiest SM, "
-                  f"fixup modeled at {fixup_s * 1e3:.3f} ms)", flush=True)
+            spec = gemm_spec(dtype=dtype, out_dtype=dtype, n=n, k=k, tile=tile, stream_k=True)
+            ms = checked_ms(f"{spec.name} (stream-K)",
+                            lambda spec=spec: runtime.get_kernel("triton", spec)(x, w, num_programs=device.cores), want)
+            if ms is not None:
+                tiles = math.ceil(m / tile.block_m) * n_tiles
+                busiest = math.ceil(tiles * math.ceil(k / tile.block_k) / device.cores)
+                fixup_s = float(stream_k_fixup_seconds(tiles, tile.block_m, tile.block_n, device.cores, device))
+                # The fixup's model may overestimate it: never credit it with more than half the time.
+                shape_entries.append({**base, "tile_seconds": max(ms / 1e3 - fixup_s, ms / 2e3) / busiest, "m": m,
+                                      "stream_k": True})
+                print(f"{n}x{k} {spec.name}: {ms:.3f} ms at M={m} ({busiest} units on the busiest SM, "
+                      f"fixup modeled at {fixup_s * 1e3:.3f} ms)", flush=True)
             for split in split_k_factors(tile, k, device)[1:]:
                 # Few rows, so the split has idle SMs to fill: as many programs as about four waves.
                 m_split = tile.block_m * max(1, math.ceil(4 * device.cores / (n_tiles * split)))
                 waves_split = math.ceil(math.ceil(m_split / tile.block_m) * n_tiles * split / device.cores)
-                xs = x[:m_split] if m_split <= m else torch.randn(m_split, k, device="cuda", dtype=torch.bfloat16)
-                spec = gemm_spec(dtype=torch.bfloat16, out_dtype=torch.bfloat16, n=n, k=k, tile=tile, split_k=True)
-                kernel = runtime.get_kernel("triton", spec)
-                if not rel_err(kernel(xs, w, split_k=split), xs.double() @ w.double().t()) < 1e-2:
-                    print(f"FAIL: {spec.name} (split {split}) disagrees with the float64 reference", file=sys.stderr)
-                    return 1
-                ms = graph_median_ms([lambda: kernel(xs, w, split_k=split)])
-                reduce_s = split_reduce_seconds(m_split, n, split, device, "bfloat16")
-                entries.append({"device": device.name, "dtype": "bfloat16", "n": n, "k": k, "tile": tile.to_dict(),
-                                "tile_seconds": max(ms / 1e3 - reduce_s, 1e-9) / waves_split, "m": m_split,
-                                "split_k": split})
+                xs = x[:m_split] if m_split <= m else torch.randn(m_split, k, device=device_type, dtype=dtype)
+                spec = gemm_spec(dtype=dtype, out_dtype=dtype, n=n, k=k, tile=tile, split_k=True)
+                ms = checked_ms(f"{spec.name} (split {split})",
+                                lambda spec=spec, xs=xs, split=split: runtime.get_kernel("triton", spec)(xs, w, split_k=split),
+                                xs.double() @ w.double().t())
+                if ms is None:
+                    continue
+                reduce_s = split_reduce_seconds(m_split, n, split, device, dtype_label)
+                shape_entries.append({**base, "tile_seconds": max(ms / 1e3 - reduce_s, 1e-9) / waves_split, "m": m_split,
+                                      "split_k": split})
                 print(f"{n}x{k} {spec.name} split {split}: {ms:.3f} ms at M={m_split} ({waves_split} waves, "
                       f"reduce modeled at {reduce_s * 1e3:.3f} ms)", flush=True)
-    with open(path, "w") as f:
-        json.dump(entries, f, indent=1)
-    print(f"wrote {len(entries)} tile timings to {path}")
-    return 0
+        entries += shape_entries
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(entries, f, indent=1)
+        os.replace(tmp, path)
+        print(f"wrote {len(entries)} tile timings to {path} ({n}x{k} done)", flush=True)
+    for failure in failures:
+        print(f"FAILED: {failure}")
+    return 1 if failures else 0
 
 
 def main() -> int:

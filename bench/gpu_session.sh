@@ -3,7 +3,13 @@
 # stages named on the command line, each under its own time limit, logging to $OUT/<stage>.log;
 # measured tables (bench/results/*.md) and tile timings are packed into $OUT/results.tar.gz.
 #
-#   BENCH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_session.sh tests:80 gemm:90 attention:150 e2e:240
+#   BENCH_COMMIT=<hash> bash bench/gpu_session.sh tests:80 gemm:90 attention:150 e2e:240
+#
+# The device machine gets the working tree without .git: write the hash into the command here
+# (`BENCH_COMMIT=$(git rev-parse --short HEAD)` would run there, find no repository and name
+# every results file `...-unknown.md`). Results files are packed into $OUT/results.tar.gz after
+# every stage (each benchmark rewrites its table after every row), so a call cut short still
+# brings back what the finished rows measured.
 #
 # Stages: gemm, gemm-quick, attention, attention-sweep (kernel configurations), e2e
 # (prefill-shaped steps, mixed serving steps, request traces), e2e-prefill (the first part
@@ -24,6 +30,9 @@ E2E_TRACE=${E2E_TRACE_REQUESTS:-256}
 
 {
   date -u
+  if [ -z "${BENCH_COMMIT:-}" ] && ! git rev-parse --short HEAD 2>/dev/null; then
+    echo "WARNING: BENCH_COMMIT is not set and there is no git checkout here: results files will be named '-unknown'"
+  fi
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
   $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
   # Offline editable install (the machine has setuptools; it has no package index).
@@ -46,6 +55,9 @@ run_stage() {
   echo "=== $name: exit $rc after $(( $(date +%s) - start ))s"
   grep -E "FAILED|FAIL:|Error:" "$OUT/$name.log" | cut -c1-240 | head -n 14
   grep -vE "FAILED|PASSED|SKIPPED|FAIL:|Error:|Warning|warn" "$OUT/$name.log" | tail -n 16
+  # After every stage, not only at the end: if the whole call is stopped (the device tool's
+  # timeout_s, the session's device time), the tables measured so far still come back.
+  tar czf "$OUT/results.tar.gz" bench/results 2>/dev/null
 }
 
 for item in "$@"; do

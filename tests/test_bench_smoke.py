@@ -17,3 +17,191 @@ def test_benchmark_smoke_check_passes_on_cpu(script: str) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "needs a GPU" in proc.stdout or "no CUDA GPU" in proc.stdout
     assert "smoke check passed" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU paths' arithmetic and plumbing, checked on the CPU (the device minutes are scarce: a
+# wrong count or a lost table there costs a session).
+
+import importlib
+import json
+import os
+import shutil
+
+BENCH = ROOT / "bench"
+
+
+def _bench_module(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return importlib.import_module(name)
+
+
+def test_attention_flops_count_the_scores_each_query_sees(monkeypatch) -> None:
+    attention = _bench_module("attention", monkeypatch)
+    # A causal prompt: S(S+1)/2 pairs, not S^2 (runs 1-3 reported twice the achieved rate).
+    assert attention.attention_flops([4096], [4096], 32, 128) == 4 * 32 * 128 * 4096 * 4097 // 2
+    # A decode sees its whole context; a chunk of n over a prefix p sees n*p + n(n+1)/2.
+    assert attention.attention_flops([1], [1000], 32, 128) == 4 * 32 * 128 * 1000
+    assert attention.attention_flops([512], [2048 + 512], 1, 1) == 4 * (512 * 2048 + 512 * 513 // 2)
+
+
+def test_sdpa_baseline_avoids_the_math_kernel_and_matches_the_float32_reference(monkeypatch) -> None:
+    """SDPA's flash kernel takes no mask and `enable_gqa` is flash-only: a decode must go
+    unmasked, a masked sequence must come with repeated KV heads (else the math kernel)."""
+    import torch
+    import torch.nn.functional as F
+
+    attention = _bench_module("attention", monkeypatch)
+    monkeypatch.setattr(attention, "HQ", 4)
+    monkeypatch.setattr(attention, "HKV", 2)
+    monkeypatch.setattr(attention, "D", 16)
+    batch = attention.paged_batch([1, 1, 5, 3], [20, 9, 33, 3], device="cpu", dtype=torch.float32)
+    batch["_dense"] = [attention.gather_dense(batch, s) for s in range(4)]
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        calls.append((q.shape[2], q.shape[1], k.shape[1], attn_mask is not None, enable_gqa, q.dtype))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    got = attention.sdpa_per_sequence(batch)
+    assert [c[3] for c in calls] == [False, False, True, False]  # only the chunk over a prefix is masked
+    assert all(hq == hkv for _, hq, hkv, masked, _, _ in calls if masked)  # masked: heads repeated
+    assert all(not gqa for *_, masked, gqa, _ in calls if masked)
+    calls.clear()
+    want = attention.sdpa_per_sequence(batch, reference=True)
+    assert all(dtype == torch.float32 and hq == hkv for _, hq, hkv, _, _, dtype in calls)
+    # Against a plain float64 softmax(QK^T)V with bottom-right causal masks.
+    cu = batch["cu_seqlens_q"].tolist()
+    for s in range(4):
+        k, v = (t[0].double().repeat_interleave(2, 0) for t in batch["_dense"][s])
+        q = batch["q"][cu[s]:cu[s + 1]].double().transpose(0, 1)
+        n, length = q.shape[1], k.shape[1]
+        scores = (q @ k.transpose(1, 2)) / 4.0
+        hidden = ~torch.ones(n, length, dtype=torch.bool).tril(length - n)
+        ref = (scores.masked_fill(hidden, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+        for out in (got, want):
+            assert torch.allclose(out[cu[s]:cu[s + 1]].double(), ref, atol=1e-5)
+
+
+def test_model_mask_sdpa_baseline_takes_the_bias_in_q_dtype_over_repeated_heads(monkeypatch) -> None:
+    """A float32 bias with bf16 q fails in SDPA's efficient kernel on CUDA ("invalid dtype for
+    bias"), and GQA with a mask falls back to the math kernel: table (d) never ran on a GPU."""
+    import torch
+    import torch.nn.functional as F
+
+    attention = _bench_module("attention", monkeypatch)
+    monkeypatch.setattr(attention, "HQ", 4)
+    monkeypatch.setattr(attention, "HKV", 2)
+    monkeypatch.setattr(attention, "D", 16)
+    methods, _, reference = attention.model_mask_methods(24, device="cpu", dtype=torch.bfloat16)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((attn_mask.dtype if attn_mask is not None else None, q.shape[1], k.shape[1], kw.get("enable_gqa", False)))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    methods["SDPA, mask"]()
+    assert seen == [(torch.bfloat16, 4, 4, False)]
+    assert reference().dtype == torch.float32
+
+
+def test_write_results_marks_partial_tables_and_replaces_them(monkeypatch, tmp_path) -> None:
+    common = _bench_module("common", monkeypatch)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    env = {"date": "2026-12-01", "commit": "abc", "device": "NVIDIA H200 (132 SMs, 139 GiB)"}
+    path = common.write_results("x", "T", env, "| row 1 |", partial=True)
+    assert "partial" in path.read_text() and "| row 1 |" in path.read_text()
+    assert common.write_results("x", "T", env, "| row 1 |\n| row 2 |") == path
+    assert "partial" not in path.read_text() and "| row 2 |" in path.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_attention_gpu_run_follows_the_parts_order_and_keeps_rows_when_cut(monkeypatch, tmp_path) -> None:
+    """bench/attention.py's GPU path on the CPU (device-only pieces stubbed): `--parts mask,...`
+    runs the mask table first, and a stage killed in the next part leaves its table on disk (runs
+    1 and 3 lost their attention tables to the stage limit)."""
+    import torch
+
+    attention = _bench_module("attention", monkeypatch)
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "measured_copy_gbs", lambda *a, **k: 1000.0)
+    monkeypatch.setattr(common, "measured_matmul_tflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr(common, "median_ms", lambda fn, **k: (fn(0), 1.0)[1])
+    monkeypatch.setattr(attention, "HQ", 4)
+    monkeypatch.setattr(attention, "HKV", 2)
+    monkeypatch.setattr(attention, "D", 16)
+    model_mask_methods = attention.model_mask_methods
+    monkeypatch.setattr(attention, "model_mask_methods",
+                        lambda s, *, device, dtype: model_mask_methods(40, device="cpu", dtype=torch.float32))
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(attention, "paged_batch", killed)  # the decode part: "the stage limit"
+    with pytest.raises(Killed):
+        attention.run_gpu(True, True, ("mask", "decode"))
+    (path,) = tmp_path.iterdir()
+    text = path.read_text()
+    assert "partial" in text and "## A model's causal mask given as a bias" in text and "| 1x2048 |" in text
+
+
+def test_measure_tiles_keeps_finished_shapes_when_cut(monkeypatch, tmp_path) -> None:
+    """`gemm.py --measure-tiles` (the `tiles` stage: about 120 kernels to build and time) wrote its
+    file only at the end: a stage limit lost every timing. Now each finished shape is on disk and
+    loads as tile timings."""
+    import torch
+
+    gemm = _bench_module("gemm", monkeypatch)
+    from tileflow.runtime import gemm_plan, load_tile_timings
+
+    class Killed(BaseException):
+        pass
+
+    shapes_seen = []
+
+    def time_ms(fn):
+        out = fn()
+        shapes_seen.append(tuple(out.shape[1:]))
+        if out.shape[1] == 32:
+            raise Killed
+        return 1.0
+
+    path = tmp_path / "tiles.json"
+    with pytest.raises(Killed):
+        gemm.measure_tiles(str(path), shapes=[(48, 40), (32, 64)], device_type="cpu", time_ms=time_ms)
+    entries = json.loads(path.read_text())
+    assert entries and {(e["n"], e["k"]) for e in entries} == {(48, 40)}
+    assert load_tile_timings(str(path))
+    gemm_plan(48, 40, torch.float32, "triton", "cpu", m_max=256, tile_timings=str(path))
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
+def test_gpu_session_packs_results_after_each_stage(tmp_path) -> None:
+    """A stage cut by its limit (or a call stopped before the end) must not lose the tables the
+    finished rows wrote: results.tar.gz is refreshed after every stage."""
+    tree = tmp_path / "tree"
+    (tree / "bench" / "results").mkdir(parents=True)
+    shutil.copy(BENCH / "gpu_session.sh", tree / "bench")
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\ncase \"$*\" in\n  *gemm.py*) echo row > bench/results/gemm-partial.md; sleep 30;;\n"
+                    "  *sampling.py*) sleep 60;;\n  *) exit 0;;\nesac\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    log = tmp_path / "session.log"
+    # The call itself is stopped during the second stage (the device tool's timeout, the
+    # session's device time): the script never reaches its end.
+    with open(log, "w") as f:
+        subprocess.run(["timeout", "-s", "KILL", "12", "bash", "bench/gpu_session.sh", "gemm:3", "sampling:50"], cwd=tree,
+                       stdout=f, stderr=subprocess.STDOUT, timeout=60, env={**os.environ, "OUT": str(out), "PYTHON": str(fake)})
+    assert "gemm: exit 124" in log.read_text()
+    listing = subprocess.run(["tar", "tzf", str(out / "results.tar.gz")], capture_output=True, text=True, check=True)
+    assert "bench/results/gemm-partial.md" in listing.stdout

@@ -31,19 +31,22 @@ class RaisingPass:
         raise RuntimeError("boom")
 
 
-@register_pass
-class WrongNumericsPass:
-    """Swaps relu for sigmoid and claims success: only `verify` can catch it."""
-
-    name = "test_wrong_numerics"
+def _register_swap(name: str, old: object, new: object, doc: str) -> None:
+    """Register a pass that swaps one op for another and claims success: only `verify` can
+    catch it."""
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
         for node in gm.graph.nodes:
-            if node.target is aten.relu.default:
-                node.target = aten.sigmoid.default
+            if node.target is old:
+                node.target = new
                 result.count("swapped")
         return result
+
+    register_pass(type(f"Swap_{name}", (), {"__doc__": doc, "name": name, "run": run}))
+
+
+_register_swap("test_wrong_numerics", aten.relu.default, aten.sigmoid.default, "Swaps relu for sigmoid.")
 
 
 @register_pass
@@ -231,19 +234,8 @@ def test_verify_runs_leave_mutated_inputs_and_buffers_alone() -> None:
     assert report.graphs[0].passes[0].changed and "checked each pass" in report.graphs[0].extra["verify"]
 
 
-@register_pass
-class WrongMutationPass:
-    """Changes only what the graph writes back into its input (x *= 2 becomes x += 2)."""
-
-    name = "test_wrong_mutation"
-
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult()
-        for node in gm.graph.nodes:
-            if node.target is aten.mul.Tensor:
-                node.target = aten.add.Tensor
-                result.count("swapped")
-        return result
+_register_swap("test_wrong_mutation", aten.mul.Tensor, aten.add.Tensor,
+               "Changes only what the graph writes back into its input (x *= 2 becomes x += 2).")
 
 
 def test_verify_catches_a_pass_that_changes_an_input_mutation() -> None:

@@ -673,3 +673,28 @@ def test_transformers_attention_with_another_value_head_size(implementation: str
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, use_cache=False).logits, sdpa(ids, use_cache=False).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_transformers_causal_attn_implementation_refuses_a_static_cache() -> None:
+    """"tileflow_causal" applies only the causal rule with the last query at the last key: a
+    StaticCache's empty slots past the queries (its prefill was off by about 0.5 in logits) are
+    refused; a DynamicCache generates SDPA's tokens."""
+    import transformers
+
+    tileflow.register_transformers()
+    args = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**args)
+    config._attn_implementation = "sdpa"
+    sdpa = transformers.LlamaForCausalLM(config).eval()
+    config = transformers.LlamaConfig(**args)
+    config._attn_implementation = "tileflow_causal"
+    ours = transformers.LlamaForCausalLM(config).eval()
+    ours.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="keys to end at the last query"):
+            ours(ids, past_key_values=transformers.StaticCache(config=config, max_cache_len=32), use_cache=True)
+        assert torch.equal(ours.generate(ids, max_new_tokens=5, do_sample=False),
+                           sdpa.generate(ids, max_new_tokens=5, do_sample=False))

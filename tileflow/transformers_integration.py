@@ -70,7 +70,10 @@ def causal_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """`"tileflow_causal"`: always causal (within the layer's sliding window, with its logit
     soft-cap and attention sinks, when it has them), never a mask tensor, no branch on the token count (so one traced
-    graph serves every count, 1 included). Padding masks are not supported."""
+    graph serves every count, 1 included). Padding masks and caches whose keys run past the
+    queries (a StaticCache) are refused. Several sequences packed in one row attend across each
+    other here: serving steps are traced this way because their attention stages apply the rule
+    per sequence."""
     if attention_mask is not None:
         raise ValueError(
             "attn_implementation='tileflow_causal' takes no attention mask: pass packed tokens without "
@@ -87,6 +90,16 @@ def causal_attention_forward(
 def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
     """`"tileflow_causal"`'s mask function: no mask tensor. A padding mask that masks a token is
     refused (the attention would silently attend to the padding); an all-ones one is no mask."""
+    kv_length, kv_offset = kwargs.get("kv_length"), kwargs.get("kv_offset", 0)
+    q_length, q_offset = kwargs.get("q_length"), kwargs.get("q_offset", 0)
+    if None not in (kv_length, q_length) and kv_offset + kv_length != q_offset + q_length:
+        # The rule puts the last query at the last key: a cache whose keys run past the
+        # queries (a static cache's empty slots at prefill) would be attended to.
+        raise ValueError(
+            f"attn_implementation='tileflow_causal' needs the keys to end at the last query, but the cache "
+            f"holds {kv_offset + kv_length} positions for queries ending at {q_offset + q_length} (a static "
+            "cache?): use attn_implementation='tileflow', or a DynamicCache"
+        )
     if attention_mask is None:
         return None
     try:

@@ -36,6 +36,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.split_module import split_module
 
 from tileflow.graph_utils import (
+    attribute,
     bind_arguments,
     constant_number,
     constant_values,
@@ -352,7 +353,7 @@ def split_stages(gm: fx.GraphModule) -> StageProgram:
     for node in split.graph.nodes:
         if node.op == "get_attr":
             where[node] = Source("constant", len(constants))
-            constants.append(_attr(split, str(node.target)))
+            constants.append(attribute(split, str(node.target)))
         elif node.op == "call_module":
             sid = int(str(node.target).removeprefix("submod_"))
             module = getattr(split, str(node.target))
@@ -400,12 +401,6 @@ def _relay_attention_outputs(gm: fx.GraphModule, stage_of: Callable[[fx.Node], i
         _annotate(relay, after)
         node.replace_all_uses_with(relay, delete_user_cb=lambda user, relay=relay: user is not relay)
     gm.recompile()
-
-
-def _attr(module: torch.nn.Module, qualname: str) -> torch.Tensor:
-    for part in qualname.split("."):
-        module = getattr(module, part)
-    return module  # type: ignore[return-value]
 
 
 def _qkv_order(module: fx.GraphModule, sources: list[Source]) -> list[Source]:

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from tileflow.graph_utils import is_view_op, meta_val, token_dim
+from tileflow.graph_utils import is_view_op, meta_val, token_dim, written_arguments
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.schedule import OpEdge, OpSpec, Schedule, check_schedule, make_schedule
 from tileflow.search import OpProfile, modeled_timeline, search_split
@@ -263,8 +263,7 @@ class NanoBatch:
                     edges.append(OpEdge(src.name, node.name, "token" if split[node.name] else "global"))
             # An op writing into a tensor (the copy_ back into a mutated input) waits for every
             # op before it that reads that tensor or a view of it, which may run on another stream.
-            written = _written_input(node)
-            if written is not None:
+            for written in written_arguments(node):
                 for reader in _readers_of(written):
                     if reader is not node and reader.name in split:  # split holds the ops before this one
                         edges.append(OpEdge(reader.name, node.name, "global"))
@@ -305,15 +304,6 @@ def _symbol_in_two_dims(gm: fx.GraphModule, token: Any) -> int | None:
             if sum(1 for s in val.shape if isinstance(s, torch.SymInt) and s.node.expr == token) > 1:
                 return i
     return None
-
-
-def _written_input(node: fx.Node) -> fx.Node | None:
-    """The tensor an in-place op writes (its first argument, per its schema), or None."""
-    schema = getattr(node.target, "_schema", None)
-    if node.op != "call_function" or schema is None or not schema.arguments or not node.args:
-        return None
-    alias = schema.arguments[0].alias_info
-    return node.args[0] if alias is not None and alias.is_write and isinstance(node.args[0], fx.Node) else None
 
 
 def _readers_of(tensor: fx.Node) -> list[fx.Node]:

@@ -49,24 +49,24 @@ def graphed_step(gm: fx.GraphModule, runner: Callable[..., Any], buckets: Sequen
     return CudaGraphBuckets(runner, inputs, buckets, lambda _: outputs)
 
 
-def _padding_hazard(gm: fx.GraphModule) -> str | None:
-    """Why running `gm` padded to a token bucket could change its real rows (None: it cannot);
-    a graph with no single token symbol is left to the runners, which then capture nothing."""
+def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int], graph_report: GraphReport) -> tuple[int, ...]:
+    """The token buckets `gm` may be replayed at: none when running it padded could change its
+    real rows (`padding_hazard`; the reason goes in the report), else those within the token
+    count's guarded range plus its upper bound when that falls between two (a replay runs the
+    graph at its bucket's size, and past the range, as a table of 20 rows sliced by T guards
+    T <= 20, the compiled code would read what the guards kept out). A graph with no single
+    token symbol keeps them: the runners capture nothing there."""
     from tileflow.passes.nanobatch import token_symbol
 
     found = token_symbol(gm)
-    return padding_hazard(gm, found[0]) if found is not None else None
-
-
-def _buckets_in_range(gm: fx.GraphModule, buckets: Sequence[int], graph_report: GraphReport) -> tuple[int, ...]:
-    """The buckets within the token count's guarded range, and its upper bound as a bucket when
-    it falls between two: a replay runs the graph at its bucket's size, and past the range (a
-    table of 20 rows sliced by T guards T <= 20) the compiled code would read what the guards
-    kept out."""
-    from tileflow.passes.nanobatch import token_symbol
-
-    found = token_symbol(gm)
-    upper = graph_report.symbols.get(str(found[0]), [None, None])[1] if found is not None else None
+    if found is None:
+        return tuple(buckets)
+    hazard = padding_hazard(gm, found[0])
+    if hazard:
+        graph_report.extra["cuda_graphs"] = f"not captured: a replay at a token bucket could differ from the step ({hazard})"
+        log.warning("%s: cuda_graphs not applied: %s", graph_report.graph_id, hazard)
+        return ()
+    upper = graph_report.symbols.get(str(found[0]), [None, None])[1]
     if upper is None:
         return tuple(buckets)
     kept = [b for b in buckets if b <= upper]
@@ -142,12 +142,8 @@ def compile_graph(
     buckets = config.graph_buckets() if streams.graphs_apply(config.cuda_graphs, device_type) else ()
     if config.cuda_graphs and not buckets:
         graph_report.extra["cuda_graphs"] = f"not captured: CUDA graphs capture CUDA work, this graph runs on {device_type}"
-    elif buckets and (hazard := _padding_hazard(gm)):
-        buckets = ()
-        graph_report.extra["cuda_graphs"] = f"not captured: a replay at a token bucket could differ from the step ({hazard})"
-        log.warning("%s: cuda_graphs not applied: %s", graph_id, hazard)
-    if buckets:
-        buckets = _buckets_in_range(gm, buckets, graph_report)
+    elif buckets:
+        buckets = _safe_buckets(gm, buckets, graph_report)
     if plan is not None:
         from .runtime.nanobatch import NanoBatchRunner
 

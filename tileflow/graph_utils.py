@@ -96,6 +96,28 @@ def is_view_op(target: Any) -> bool:
     return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
 
 
+def written_arguments(node: fx.Node) -> list[fx.Node]:
+    """The values an op writes in place, per its schema's alias annotations (`copy_`'s and
+    `add_`'s self, an `out=` tensor): none for a functional op."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return []
+    written = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if isinstance(value, fx.Node):
+                written.append(value)
+    return written
+
+
+def attribute(module: Any, qualname: str) -> Any:
+    """The attribute `qualname` (dotted: `layers.0.weight`) of `module`: what a get_attr node reads."""
+    for part in qualname.split("."):
+        module = getattr(module, part)
+    return module
+
+
 def transposed_dims(node: Any) -> tuple[int, int] | None:
     """The two dims `node` swaps, as non-negative indices in increasing order, when it is a
     transpose: `aten.t`, `aten.transpose.int`, or an `aten.permute` that swaps exactly two dims

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .graph_utils import bind_arguments, meta_val
+from .graph_utils import attribute, bind_arguments, meta_val, written_arguments
 
 aten = torch.ops.aten
 
@@ -134,7 +134,7 @@ class _Walk:
                     if isinstance(arg, fx.Node) and (why := self.uncuttable(meta_val(arg))):
                         return f"{arg.name}: {why}"
                 return None
-            if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+            if written_arguments(node):
                 # A replay runs on static copies of the inputs: an in-place write would miss the caller's.
                 return f"{node.name}: {node.target.name()} writes a tensor in place, and a replayed step would write its copy"
             try:
@@ -212,7 +212,7 @@ class _Walk:
                                          "dim of exactly the token count, and copies this one whole at the call's size")
             return _CLEAN  # padded inputs: their real rows are the call's
         if node.op == "get_attr":
-            value = _attribute(node)
+            value = attribute(node.graph.owning_module, str(node.target))
             with unset_fake_temporarily():  # a real constant, read while the graph's fake mode is active
                 one = isinstance(value, torch.Tensor) and value.numel() == 1
                 return _Facts(fill=float(value) if one else None)
@@ -657,14 +657,6 @@ def _with_dims_moved(facts: _Facts, mapping: dict[int, int] | None) -> _Facts:
     diagonal = moved(facts.diagonal)
     return replace(facts, causal=moved(facts.causal),
                    diagonal=tuple(sorted(diagonal)) if isinstance(diagonal, tuple) else diagonal)
-
-
-def _attribute(node: fx.Node) -> Any:
-    """The constant a get_attr node reads from its graph module."""
-    value: Any = node.graph.owning_module
-    for part in str(node.target).split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 def _flat(value: Any) -> list[Any]:

@@ -22,7 +22,15 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from .config import BUILTIN_PASSES, Config
-from .graph_utils import count_nodes, graph_code, graph_to_json, restore_graph, snapshot_graph
+from .graph_utils import (
+    attribute,
+    count_nodes,
+    graph_code,
+    graph_to_json,
+    restore_graph,
+    snapshot_graph,
+    written_arguments,
+)
 from .log import get_logger
 from .report import Fallback, GraphReport, KernelRecord, PassRecord
 
@@ -228,18 +236,8 @@ def _written_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """The placeholders and module attributes (an exported module's buffers) the graph writes in
     place: a functionalized graph's trailing `copy_` into an input or buffer, or any op whose
     schema writes an argument."""
-    written: dict[fx.Node, None] = {}
-    for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None:
-            continue
-        for i, arg in enumerate(schema.arguments):
-            if arg.alias_info is None or not arg.alias_info.is_write:
-                continue
-            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-            if isinstance(value, fx.Node) and value.op in ("placeholder", "get_attr"):
-                written[value] = None
-    return list(written)
+    written = (w for node in gm.graph.nodes for w in written_arguments(node))
+    return list(dict.fromkeys(w for w in written if w.op in ("placeholder", "get_attr")))
 
 
 def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Any]:
@@ -255,7 +253,7 @@ def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Any]:
     for i in mutated:
         if isinstance(args[i], torch.Tensor):
             args[i] = args[i].clone()
-    buffers = [b for b in (_attribute(gm, str(n.target)) for n in written if n.op == "get_attr")
+    buffers = [b for b in (attribute(gm, str(n.target)) for n in written if n.op == "get_attr")
                if isinstance(b, torch.Tensor)]
     saved = [b.detach().clone() for b in buffers]
     try:
@@ -268,14 +266,6 @@ def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Any]:
         with torch.no_grad():
             for buffer, value in zip(buffers, saved):
                 buffer.copy_(value)
-
-
-def _attribute(gm: fx.GraphModule, target: str) -> Any:
-    """What a get_attr node of `gm` reads (a buffer, a parameter or a constant)."""
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _check_numerics(name: str, expected: list[Any], actual: list[Any], config: Config) -> None:

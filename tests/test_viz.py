@@ -157,6 +157,36 @@ def test_script_json_cannot_close_the_script_tag() -> None:
     assert json.loads(text) == {"source": data["source"], "inf": "-inf"}
 
 
+def _bare_data(path: str) -> dict:
+    """The data `collect` returns for a source with no graphs, at `path`."""
+    return {"version": 1, "source": {"kind": "debug_dir", "path": path, "archive": None}, "graphs": [],
+            "snapshots": [], "strings": [], "sources": {}, "layout": "built-in"}
+
+
+def test_template_tokens_in_the_source_path_stay_text() -> None:
+    """A path holding `__TILEFLOW_DATA__` went into the title first, and the data then replaced
+    that copy instead of the script's: the data block held the bare token and the page broke."""
+    from tileflow.viz import DATA_TOKEN, TITLE_TOKEN, render
+
+    path = f"/runs/{DATA_TOKEN}/{TITLE_TOKEN}"
+    page = render(_bare_data(path))
+    assert embedded_data(page)["source"]["path"] == path
+    assert re.search(r"<title>tileflow viz: ([^<]*)</title>", page).group(1) == path
+    assert page.count("</script>") == 2
+
+
+def test_undecodable_path_bytes_still_write_a_page(tmp_path: Path) -> None:
+    """Python reads a folder name's non-UTF-8 bytes as lone surrogates; raw in the page they made
+    writing it raise UnicodeEncodeError. They travel as JSON escapes (and U+FFFD in the title)."""
+    from tileflow.viz import render
+
+    path = "/runs/caf\udce9"  # what os.fsdecode(b"/runs/caf\xe9") gives
+    page = render(_bare_data(path))
+    (tmp_path / "page.html").write_text(page, encoding="utf-8")
+    assert embedded_data(page)["source"]["path"] == path
+    assert "<title>tileflow viz: /runs/caf\ufffd</title>" in page
+
+
 def test_python_api_matches_the_command(llama_debug_dir: Path, llama_page: tuple[str, dict], tmp_path: Path) -> None:
     _, data = llama_page
     assert embedded_data(build_html(llama_debug_dir)) == data
@@ -315,6 +345,73 @@ def test_nano_batch_timeline_in_headless_chromium(browser: Browser, llama_page: 
     assert xs == sorted(xs)
     ARTIFACTS.mkdir(exist_ok=True)
     page.locator(".timeline").screenshot(path=str(ARTIFACTS / "viz_timeline.png"))
+    assert browser.errors == [], browser.errors
+
+
+def test_nano_batch_timeline_values_are_not_markup(browser: Browser, llama_page: tuple[str, dict], tmp_path: Path) -> None:
+    """The timeline's stream and nano-batch values went into the SVG markup unescaped: a report.json
+    with markup there ran it in the page."""
+    from tileflow.viz import render
+
+    evil = '<img src="x" onerror="document.title=\'pwned\'">'
+    entry = {"op": "mlp", "stream": evil, "nano_batch": evil, "tokens": 8, "resource": "compute", "start_us": 0.0, "finish_us": 50.0}
+    data = embedded_data(llama_page[0])
+    data["graphs"][0]["extra"] = {"nano_batch": {"timeline": [entry]}}
+    page_path = tmp_path / "timeline.html"
+    page_path.write_text(render(data), encoding="utf-8")
+    page = browser.page
+    page.goto(page_path.as_uri())
+    page.wait_for_selector(".timeline svg")
+    assert page.locator("#main img").count() == 0
+    assert evil in page.inner_text(".timeline")  # shown as text
+    assert page.title() != "pwned"
+    assert page.locator(".timeline g.bar").get_attribute("data-nb") == evil
+
+
+def test_kernel_link_of_a_node_keeps_its_graph(browser: Browser, llama_page: tuple[str, dict], tmp_path: Path) -> None:
+    """A node's kernel links looked kernels up in whichever graph was shown when clicked: after
+    selecting another graph, the details panel still showing the node opened that graph's kernel
+    of the same index (or failed on a graph with fewer kernels)."""
+    from tileflow.viz import render
+
+    data = embedded_data(llama_page[0])
+    first = data["graphs"][0]
+    data["graphs"].append({**first, "id": "graph_other", "kernels": [], "passes": [], "input": None, "output": None})
+    page_path = tmp_path / "two_graphs.html"
+    page_path.write_text(render(data), encoding="utf-8")
+    page = browser.page
+    page.goto(page_path.as_uri())
+    page.locator("#sidebar .step", has_text="output graph").first.click()
+    page.fill("#search", "padded_gemm")
+    page.wait_for_function("document.querySelector('#main').innerText.includes('match')")
+    page.locator("#main .node-row").first.click()
+    link = page.locator("#details span.link.mono").first
+    name = link.inner_text()
+    page.locator("#sidebar .graph-title", has_text="graph_other").click()
+    link.click()
+    assert page.inner_text("#details h2") == name
+    [kernel] = [k for k in first["kernels"] if k["name"] == name]
+    assert data["sources"][kernel["source"]].splitlines()[0] in page.inner_text("#details pre:last-of-type")
+    assert browser.errors == [], browser.errors
+
+
+def test_output_graph_is_labelled_output_when_no_pass_changed_it(browser: Browser, llama_page: tuple[str, dict], tmp_path: Path) -> None:
+    """Input and output share one snapshot when nothing changed the graph; choosing "output graph"
+    showed the heading "input graph" and highlighted both entries."""
+    from tileflow.viz import render
+
+    data = embedded_data(llama_page[0])
+    data["graphs"][0]["output"] = data["graphs"][0]["input"]
+    page_path = tmp_path / "unchanged.html"
+    page_path.write_text(render(data), encoding="utf-8")
+    page = browser.page
+    page.goto(page_path.as_uri())
+    page.locator("#sidebar .step", has_text="output graph").first.click()
+    assert page.inner_text("#main h2").endswith(": output graph")
+    assert page.locator("#sidebar .step.active").all_inner_texts() == ["output graph"]
+    page.locator("#sidebar .step", has_text="input graph").first.click()
+    assert page.inner_text("#main h2").endswith(": input graph")
+    assert page.locator("#sidebar .step.active").all_inner_texts() == ["input graph"]
     assert browser.errors == [], browser.errors
 
 

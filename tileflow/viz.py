@@ -17,6 +17,7 @@ import hashlib
 import html
 import json
 import math
+import re
 import zipfile
 from importlib import resources
 from pathlib import Path
@@ -40,6 +41,9 @@ MAX_ARG_CHARS = 160
 MAX_DRAWN_ITEMS = 400
 # Kernel tags that must agree between a padded_gemm node and a kernel's epilogue for a link.
 _EPILOGUE_TAGS = {"bias", "residual", "silu", "gelu", "swiglu"}
+# A lone surrogate: how Python decodes a path's non-UTF-8 bytes (and how JSON's "\udce9" reads
+# back). UTF-8 cannot encode it, so the page must not carry it raw.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class VizError(Exception):
@@ -75,9 +79,11 @@ def build_html(source_path: str | Path) -> str:
 def render(data: dict[str, Any]) -> str:
     """The page for data from `collect`."""
     template = resources.files("tileflow").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
-    title = html.escape(f"tileflow viz: {data['source']['path']}")
-    # The data goes in last so nothing in it can be mistaken for a template token.
-    return template.replace(TITLE_TOKEN, title).replace(DATA_TOKEN, script_json(data), 1)
+    title = html.escape(_SURROGATE.sub("\ufffd", f"tileflow viz: {data['source']['path']}"))
+    # Split at the data token first: the title (a path) and the data may both contain either
+    # token's text, and neither may be mistaken for the template's own.
+    head, _, tail = template.partition(DATA_TOKEN)
+    return head.replace(TITLE_TOKEN, title) + script_json(data) + tail
 
 
 def write_html(source_path: str | Path, out_path: str | Path) -> Path:
@@ -94,8 +100,11 @@ def script_json(data: Any) -> str:
 
     `<`, `>` and `&` become `\\u003c`-style escapes, which JSON.parse reads back unchanged, so a
     `</script>` anywhere in user data (a source line, a kernel) cannot end the script element.
+    Lone surrogates (a path's undecodable bytes) are escaped the same way: raw, they would make
+    the page unwritable as UTF-8.
     """
     text = json.dumps(_finite(data), separators=(",", ":"), default=str, ensure_ascii=False, allow_nan=False)
+    text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 

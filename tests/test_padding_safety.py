@@ -175,18 +175,152 @@ def test_causal_models_are_captured(replay_on_cpu, arch: str, batch: int) -> Non
     assert replay_on_cpu.captures == 2
 
 
-def test_mixture_of_experts_routing_is_not_captured(replay_on_cpu) -> None:
-    """Mixtral routes tokens through a flattened [2T] index list the analysis does not follow:
-    it stays uncaptured (conservative) and correct."""
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_mixture_of_experts_models_are_captured(replay_on_cpu, arch: str) -> None:
+    """Mixtral, gpt-oss (expert biases gathered by id) and DeepSeek-V3 (group-limited routing by
+    scatter and gather) sort their rows by expert and back: captured, and equal to eager although
+    the padded rows (zeros) join the experts' groups and shift every group's offsets."""
+    from models import ZOO
+
     torch.manual_seed(0)
-    model = build("mixtral")
+    model = build(arch) if arch == "mixtral" else ZOO[arch][0]().eval()
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(ids, use_cache=False).logits
 
-    report = _run(logits, lambda t: (torch.randint(0, VOCAB, (1, t)),), lengths=(3, 12))
+    report = _run(logits, lambda t: (torch.randint(0, VOCAB, (1, t)),), lengths=(3, 12, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 2
+
+
+# Mixture-of-experts routing written out as transformers' grouped-GEMM experts do it.
+EXPERTS = 4
+ROUTER = torch.randn(EXPERTS, H)
+EXPERT_W = torch.randn(EXPERTS, H, H)
+# Padded rows (zeros) go to experts 0 and 1, so they change those groups' counts and offsets.
+ROUTER_BIAS = torch.tensor([3.0, 2.0, 0.0, 0.0])
+
+
+def _route(x: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """Rows sorted by expert id: (the weights per row, the sorted ids, the permutation, the rows)."""
+    weights, ids = torch.topk((x @ ROUTER.T + ROUTER_BIAS).softmax(-1), top)
+    keys, order = torch.sort(ids.reshape(-1))
+    rows = x[order // top] if top > 1 else x[order]
+    return weights.reshape(-1)[order], keys, order, rows
+
+
+def _offsets(keys: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(torch.histc(keys.float(), EXPERTS, 0, EXPERTS - 1), 0, dtype=torch.int32)
+
+
+def _unsort(y: torch.Tensor, order: torch.Tensor, top: int) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return y[inverse].view(-1, top, H).sum(1)
+
+
+def _rows(tokens: int) -> tuple[torch.Tensor]:
+    return (torch.randn(tokens, H),)
+
+
+def _moe(x: torch.Tensor, top: int = 2) -> torch.Tensor:
+    weights, keys, order, rows = _route(x, top)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * weights[:, None]
+    return _unsort(y, order, top)
+
+
+@pytest.mark.parametrize("top", [1, 2, 3])
+def test_expert_routing_is_captured(replay_on_cpu, top: int) -> None:
+    report = _run(lambda x: _moe(x, top), _rows, lengths=(3, 7, 12, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 2
+
+
+def _moe_counts_as_values(x: torch.Tensor) -> torch.Tensor:
+    # How many rows expert 0 got: the padded rows' count too.
+    weights, keys, order, rows = _route(x, 2)
+    return _moe(x) * torch.histc(keys.float(), EXPERTS, 0, EXPERTS - 1)[0]
+
+
+def _moe_offsets_of_other_ids(x: torch.Tensor) -> torch.Tensor:
+    # Offsets counting another router's ids: groups do not follow the rows' own ids.
+    weights, keys, order, rows = _route(x, 2)
+    other = torch.sort(torch.topk(x @ ROUTER.T - ROUTER_BIAS, 2)[1].reshape(-1))[0]
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(other)) * weights[:, None]
+    return _unsort(y, order, 2)
+
+
+def _moe_weights_in_token_order(x: torch.Tensor) -> torch.Tensor:
+    # Rows in expert order times weights still in token order: rows of different tokens meet.
+    weights, keys, order, rows = _route(x, 2)
+    weights_by_token = torch.topk((x @ ROUTER.T + ROUTER_BIAS).softmax(-1), 2)[0].reshape(-1)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * weights_by_token[:, None]
+    return _unsort(y, order, 2)
+
+
+def _moe_not_put_back(x: torch.Tensor) -> torch.Tensor:
+    # Indexed by the permutation again instead of its inverse.
+    weights, keys, order, rows = _route(x, 2)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * weights[:, None]
+    return y[order].view(-1, 2, H).sum(1)
+
+
+def _moe_running_sum_over_expert_rows(x: torch.Tensor) -> torch.Tensor:
+    weights, keys, order, rows = _route(x, 1)
+    y = (tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) + 1).cumsum(0)  # + 1: padded rows count
+    return _unsort(y, order, 1)
+
+
+def _moe_inverse_as_values(x: torch.Tensor) -> torch.Tensor:
+    # Where each row went in the sort: padded rows sorted among real ones move it.
+    weights, keys, order, rows = _route(x, 1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return x * inverse[:, None].float()
+
+
+def _moe_returns_its_counts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # (A replay would also refuse an output without a token dim when capturing.)
+    weights, keys, order, rows = _route(x, 2)
+    return _moe(x), torch.histc(keys.float(), EXPERTS, 0, EXPERTS - 1)
+
+
+def _moe_returns_rows_in_expert_order(x: torch.Tensor) -> torch.Tensor:
+    # T rows, as many as the tokens, but sorted by expert: a replay would cut the wrong ones.
+    weights, keys, order, rows = _route(x, 1)
+    return tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys))
+
+
+def _moe_rows_regrouped_as_blocks(x: torch.Tensor) -> torch.Tensor:
+    # [2T] rows in expert order read as two blocks of T tokens: the halves are no sequences.
+    weights, keys, order, rows = _route(x, 2)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys))
+    return y.view(2, -1, H)[0]
+
+
+def _moe_split_rows_regrouped_as_blocks(x: torch.Tensor) -> torch.Tensor:
+    # The same through a split of the features: its pieces keep the expert order.
+    weights, keys, order, rows = _route(x, 2)
+    first, _ = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)).split(H // 2, dim=1)
+    return first.reshape(2, -1, H // 2)[0]
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (_moe_counts_as_values, "per-expert counts"),
+    (_moe_offsets_of_other_ids, "not the ones sorted by the expert ids its offsets count"),
+    (_moe_weights_in_token_order, "different orders"),
+    (_moe_not_put_back, "indexes a token dim"),
+    (_moe_running_sum_over_expert_rows, "reads along rows routed out of token order"),
+    (_moe_inverse_as_values, "inverse permutation"),
+    (_moe_returns_its_counts, "an output of per-expert counts"),
+    (_moe_returns_rows_in_expert_order, "an output whose rows are out of token order"),
+    (_moe_rows_regrouped_as_blocks, "regroups rows routed out of token order"),
+    (_moe_split_rows_regrouped_as_blocks, "regroups rows routed out of token order"),
+])
+def test_expert_routing_that_mixes_rows_is_not_captured(replay_on_cpu, fn, reason: str) -> None:
+    report = _run(fn, _rows, lengths=(3, 7, 12))
     (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note, note
+    assert "could differ from the step" in note and reason in note, note
     assert replay_on_cpu.captures == 0
 
 

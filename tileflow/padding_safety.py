@@ -18,6 +18,16 @@ query and key are one token, as `kv_pos > q_pos - w` or `seq[q] == seq[k]`), and
 *fill* (one value everywhere). A mask filled with -inf hides padded keys once causal; one filled
 with the dtype's lowest value only when its diagonal holds too (a row seeing no key would
 average every key). What the walk does not know is a hazard: the step then runs uncaptured.
+
+Mixture-of-experts routing moves rows out of token order and back (transformers' grouped-GEMM
+experts): the router's top-k expert ids, flattened token-major ([T, k] -> [k*T]: row r belongs to
+token r // k, padding at the end), are sorted; the sort's permutation P gathers the rows, each
+expert's rows go through one grouped GEMM whose group offsets count the sorted ids, and the
+inverse of P puts the rows back. A value's *order* records such a layout: token-major with k
+rows per token, or gathered by P (row j computed from row P[j] alone). Gathered rows meet only
+row-wise ops and values gathered by the same P. Counts of the sorted ids include the padded
+rows: they are accepted only as a grouped GEMM's offsets, where row j's group is its own sorted
+id in either run (`route`: how an integer tensor relates to a sort).
 """
 
 from __future__ import annotations
@@ -50,9 +60,28 @@ class _Facts:
     # Dims (q, k) whose diagonal (same token index) is True in a bool mask; "all": True everywhere.
     diagonal: tuple[int, int] | str | None = None
     row_source: Any = None  # one token dim: the value at token index t is this node's at t
+    # The layout of the one token dim when it is not the plain one: ("major", k) for k rows per
+    # token in token order, ("gathered", sort) for rows permuted by a sort's indices.
+    order: tuple[str, Any] | None = None
+    route: _Route | None = None  # how an integer tensor relates to a sort (module docstring)
+    key_range: int | None = None  # integer values in [0, key_range) (top-k indices of a fixed dim)
+    parts: tuple[_Facts, ...] | None = None  # of an op returning several tensors, one per output
 
 
 _CLEAN = _Facts()
+
+
+@dataclass(frozen=True)
+class _Route:
+    """An integer tensor's relation to `sort` (the node sorting a token-major vector of `count`
+    rows per token): `perm` (its indices P), `token` (P // count: the token of each gathered row),
+    `inverse` (P's inverse), `sorted` (its values), `histogram` and `offsets` (counts of the sorted
+    values per key, and their running sum: they include the padded rows), or `iota` (0, 1, ... over
+    a token-major dim; `sort` None)."""
+
+    kind: str
+    sort: fx.Node | None
+    count: int
 
 
 @dataclass(frozen=True)
@@ -110,6 +139,23 @@ _SIZE_ARGS = _RESHAPES | {
 }
 
 
+# Routes whose values depend on where the padded rows sorted, not on one row: usable only as a
+# grouped GEMM's offsets (counts) or to index rows back into token order (the inverse).
+_RUN_WIDE = {"histogram", "offsets", "inverse"}
+_SORTS = {aten.sort.default, aten.sort.stable}
+_GROUPED_GEMMS = {"tileflow::grouped_gemm", "transformers::grouped_mm_fallback", "aten::_grouped_mm"}
+# Ops that keep each row of their token dim apart (given `_axes` stays off that dim): they may
+# take rows in expert order, or token-major ones, and give rows in the same order.
+_ROW_WISE = (_SAME_DIMS | _ELEMENTWISE | set(_FILLS) | _ALONG | _SCANS | {
+    operator.getitem, aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.slice.Tensor,
+    aten.select.int, aten.cat.default, aten.index.Tensor, aten.embedding.default, aten.mm.default,
+    aten.bmm.default, aten.matmul.default, aten.linear.default, aten.addmm.default, aten.native_layer_norm.default,
+    aten.layer_norm.default, aten.gather.default, aten.scatter.value, aten.scatter.src,
+    aten.slice_scatter.default, aten.select_scatter.default,
+})
+
+
 def padding_hazard(gm: fx.GraphModule, token: Any) -> str | None:
     """Why running `gm` padded along the token symbol `token` could change a real output element
     (`node: reason`), or None when padded rows provably never reach real ones. A graph that
@@ -131,7 +177,7 @@ class _Walk:
                     if isinstance(arg, fx.Node) and self.facts[arg].hazard:
                         return self.facts[arg].hazard
                 for arg in _flat(node.args[0]):
-                    if isinstance(arg, fx.Node) and (why := self.uncuttable(meta_val(arg))):
+                    if isinstance(arg, fx.Node) and (why := self.uncuttable(meta_val(arg)) or self.unordered(arg)):
                         return f"{arg.name}: {why}"
                 return None
             if written_arguments(node):
@@ -185,6 +231,16 @@ class _Walk:
                     "token count, so its other token-sized dims would keep the padding")
         return None
 
+    def unordered(self, node: fx.Node) -> str | None:
+        """Why an output's rows are not where a replay cuts them: permuted, or counts that
+        include the padded rows."""
+        facts = self.facts[node]
+        if facts.order is not None:
+            return "an output whose rows are out of token order (routed to experts)"
+        if facts.route is not None and facts.route.kind in _RUN_WIDE:
+            return "an output of per-expert counts or an inverse permutation, which include the padded rows"
+        return None
+
     def inputs(self, node: fx.Node) -> list[fx.Node]:
         return [a for a in node.all_input_nodes if a in self.facts]
 
@@ -221,16 +277,24 @@ class _Walk:
         hazard = self.hazard_of(node)
         if hazard:
             return _Facts(hazard=hazard)
+        routed = self.routed(node)
+        if routed is not None:
+            return routed
+        return self.ordered(node, self.dispatch(node))
+
+    def dispatch(self, node: fx.Node) -> _Facts:
+        """The facts of an op's value by what the op is (every op but the routing ones)."""
         val = meta_val(node)
         out_dims = self.dims(val) if isinstance(val, torch.Tensor) else {}
         if out_dims is None and not isinstance(val, (tuple, list)):
             return self.refuse(node, f"its shape {tuple(val.shape)} depends on the token count other than as one "
                                      "dim of T (+ a prefix) rows, so padding would not sit at the end")
-        if not any(self.carries_tokens(a) for a in self.inputs(node)) and not self.uses_token_count(node):
-            return self.constant(node)
         target = node.target
         if target is operator.getitem:
-            return self.facts[node.args[0]]
+            whole = self.facts[node.args[0]]
+            return whole.parts[node.args[1]] if whole.parts is not None else whole
+        if not any(self.carries_tokens(a) for a in self.inputs(node)) and not self.uses_token_count(node):
+            return self.constant(node)
         name = getattr(target, "__name__", str(target)).split(".")[0]
         if target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
             return self.arange(node)
@@ -262,6 +326,8 @@ class _Walk:
             return self.layer_norm(node)
         if target is aten.index.Tensor:
             return self.indexed(node)
+        if target in (aten.gather.default, aten.scatter.value, aten.scatter.src):
+            return self.gathered_along(node)
         if target is aten.embedding.default:
             return self.row_lookup(node, table=node.args[0])
         if target in (aten.mm.default, aten.bmm.default, aten.matmul.default, aten.linear.default,
@@ -276,6 +342,153 @@ class _Walk:
         if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
             return self.pointwise(node)
         return self.refuse(node, f"{name} is not known to keep padded rows apart from real ones")
+
+    # -- mixture-of-experts routing -----------------------------------------------------------
+
+    def routed(self, node: fx.Node) -> _Facts | None:
+        """The facts of a routing op (module docstring), a refusal for any other use of values
+        that depend on where padded rows sorted, or None for every other op."""
+        target = node.target
+        if target in _SORTS:
+            return self.sorted_rows(node)
+        if target in (aten.floor_divide.default, aten.div.Tensor_mode):
+            return self.token_of(node)
+        if target is aten.index.Tensor:
+            return self.routed_index(node)
+        if target is aten.index_put.default:
+            return self.inverted(node)
+        if target is aten.histc.default:
+            return self.histogram(node)
+        if getattr(getattr(target, "_schema", None), "name", None) in _GROUPED_GEMMS:
+            return self.grouped_gemm(node)
+        wide = [a for a in self.inputs(node) if self.facts[a].route is not None and self.facts[a].route.kind in _RUN_WIDE]
+        if target is aten.cumsum.default and wide and self.facts[wide[0]].route.kind == "histogram":
+            return _Facts(route=replace(self.facts[wide[0]].route, kind="offsets"))
+        if wide:
+            return self.refuse(node, "uses per-expert counts or an inverse permutation, which include the padded "
+                                     "rows, other than as a grouped GEMM's offsets or to put rows back in order")
+        return None
+
+    def token_major(self, node: fx.Node) -> int | None:
+        """k when `node`'s one token dim holds k rows per token in token order (k = 1: the plain
+        token dim with no prefix), else None."""
+        dims = self.dims(meta_val(node))
+        if not dims or len(dims) != 1:
+            return None
+        (prefix,) = dims.values()
+        order = self.facts[node].order
+        if order is None:
+            return 1 if not isinstance(prefix, _Blocks) and _equal(prefix, 0) else None
+        return order[1] if order[0] == "major" else None
+
+    def sorted_rows(self, node: fx.Node) -> _Facts | None:
+        """`sort` of a token-major vector (flattened top-k expert ids): values and indices in the
+        sort's order, row j from row P[j]. Other sorts are reductions (`along`)."""
+        src = node.args[0]
+        count = self.token_major(src)
+        if count is None or meta_val(src).dim() != 1:
+            return None
+        gathered = ("gathered", node)
+        values = _Facts(order=gathered, key_range=self.facts[src].key_range, route=_Route("sorted", node, count))
+        return _Facts(parts=(values, _Facts(order=gathered, route=_Route("perm", node, count))))
+
+    def token_of(self, node: fx.Node) -> _Facts | None:
+        """`P // k`: the token of each gathered row, for indexing the token rows."""
+        route = self.facts[node.args[0]].route if isinstance(node.args[0], fx.Node) else None
+        floor = node.target is aten.floor_divide.default or bind_arguments(node).get("rounding_mode") == "floor"
+        if route is None or route.kind != "perm" or not floor or node.args[1] != route.count:
+            return None
+        return _Facts(order=("gathered", route.sort), route=replace(route, kind="token"))
+
+    def routed_index(self, node: fx.Node) -> _Facts | None:
+        """`x[P]` of token-major rows or `x[P // k]` of token rows: rows in the sort's order;
+        `y[inverse of P]` of rows in that order: token-major rows again."""
+        x, indices = node.args[0], node.args[1]
+        if len(indices) != 1 or not isinstance(indices[0], fx.Node) or list(self.dims(meta_val(x)) or {}) != [0]:
+            return None
+        route = self.facts[indices[0]].route
+        if route is None:
+            return None
+        gathered = ("gathered", route.sort)
+        if route.kind == "perm" and self.token_major(x) == route.count or route.kind == "token" and self.token_major(x) == 1:
+            return _Facts(order=gathered)
+        if route.kind == "inverse" and self.facts[x].order == gathered:
+            return _Facts(order=("major", route.count) if route.count > 1 else None)
+        return None
+
+    def inverted(self, node: fx.Node) -> _Facts | None:
+        """`inv[P] = arange(len(P))`: P's inverse (P is a permutation, so every element is written)."""
+        args = bind_arguments(node)
+        indices, values = args["indices"], args["values"]
+        if args.get("accumulate") or len(indices) != 1 or not isinstance(indices[0], fx.Node) or not isinstance(values, fx.Node):
+            return None
+        route, iota = self.facts[indices[0]].route, self.facts[values].route
+        if (route is None or route.kind != "perm" or iota is None or iota.kind != "iota" or iota.count != route.count
+                or not _same_sizes(meta_val(args["self"]).shape, meta_val(indices[0]).shape)):
+            return None
+        return _Facts(order=("major", route.count) if route.count > 1 else None, route=replace(route, kind="inverse"))
+
+    def histogram(self, node: fx.Node) -> _Facts | None:
+        """`histc` of sorted expert ids in [0, n) into n bins over [0, n - 1]: bin e counts id e
+        (padded rows' ids too, which are ids all the same), so the running sum ends each group."""
+        args = bind_arguments(node)
+        keys = args["self"]
+        if not self.carries_tokens(keys):
+            return None
+        facts = self.facts[keys]
+        n = facts.key_range
+        if (facts.route is None or facts.route.kind != "sorted" or n is None or n < 2 or args["bins"] != n
+                or args["min"] != 0 or args["max"] != n - 1):
+            return self.refuse(node, "a histogram over the token rows that is not of sorted expert ids over their "
+                                     "whole range")
+        return _Facts(route=replace(facts.route, kind="histogram"))
+
+    def grouped_gemm(self, node: fx.Node) -> _Facts:
+        """A grouped GEMM over rows sorted by expert id, its offsets the running counts of those
+        ids: row j's group is its own id in either run, so rows stay apart."""
+        x, offsets = node.args[0], node.args[2]
+        route = self.facts[offsets].route if isinstance(offsets, fx.Node) else None
+        others = [a for a in node.all_input_nodes if a is not x and a is not offsets]
+        if (route is not None and route.kind == "offsets" and self.facts[x].order == ("gathered", route.sort)
+                and not any(self.carries_tokens(a) for a in others)):
+            return _Facts(order=("gathered", route.sort))
+        return self.refuse(node, "a grouped GEMM whose rows are not the ones sorted by the expert ids its offsets count")
+
+    def ordered(self, node: fx.Node, facts: _Facts) -> _Facts:
+        """Rows out of token order (or token-major) through a row-wise op keep their order; other
+        ops, and ops combining rows of different orders, are refused."""
+        carriers = [a for a in self.inputs(node) if self.carries_tokens(a)]
+        orders = {self.facts[a].order for a in carriers}
+        if facts.hazard or orders <= {None} or node.target in _RESHAPES:  # a view decides its order itself
+            return facts
+        if len(orders) > 1:
+            return self.refuse(node, "combines rows in different orders (routed to experts and in token order)")
+        if node.target not in _ROW_WISE and not (isinstance(node.target, torch._ops.OpOverload)
+                                                 and torch.Tag.pointwise in node.target.tags):
+            return self.refuse(node, f"{node.target} on rows routed out of token order")
+        first = carriers[0] if node.target is not aten.cat.default else node
+        if set(_axes(node)) & set(self.dims(meta_val(first)) or {}):
+            return self.refuse(node, "reads along rows routed out of token order")
+        (order,) = orders
+        if facts.parts is not None:
+            return replace(facts, parts=tuple(replace(p, order=order) for p in facts.parts))
+        val = meta_val(node)
+        if isinstance(val, (tuple, list)):
+            return replace(facts, order=order)  # a split's pieces, read through getitem
+        return replace(facts, order=order if isinstance(val, torch.Tensor) and self.dims(val) else None)
+
+    def gathered_along(self, node: fx.Node) -> _Facts:
+        """`gather` / `scatter` along a dim: each row reads and writes its own row when that dim is
+        not a token dim and every tensor has its token dims in the same places."""
+        args = bind_arguments(node)
+        dim = args["dim"] % max(meta_val(args["self"]).dim(), 1)
+        tensors = [args[k] for k in ("self", "index", "src") if isinstance(args.get(k), fx.Node)]
+        dims = [self.dims(meta_val(t)) for t in tensors]
+        if any(d is None or dim in d for d in dims):
+            return self.refuse(node, "gathers or scatters along the token dim")
+        if any(d != dims[0] for d in dims):
+            return self.refuse(node, "gathers or scatters between tensors with token dims in different places")
+        return _CLEAN
 
     def uses_token_count(self, node: fx.Node) -> bool:
         flat = _flat((node.args, node.kwargs))
@@ -301,7 +514,8 @@ class _Walk:
         both_float = src.dtype.is_floating_point and out.dtype.is_floating_point
         exact = src.dtype != torch.bool and out.dtype in (torch.int32, torch.int64, torch.float32, torch.float64)
         return replace(facts, causal=facts.causal if both_float else None, fill=facts.fill if both_float else None,
-                       diagonal=None, row_source=None, position=facts.position if exact else None)
+                       diagonal=None, row_source=None, position=facts.position if exact else None,
+                       route=facts.route if exact else None, key_range=facts.key_range if exact else None)
 
     def filled(self, node: fx.Node) -> _Facts:
         """A tensor filled with one value (or uninitialized): clean unless the value is T. A bool
@@ -328,10 +542,15 @@ class _Walk:
         if not dims:
             return self.refuse(node, "arange whose length depends on the token count oddly")
         (prefix,) = dims.values()
+        from_zero = _equal(_expr(_scalar(start)), 0)
         if isinstance(prefix, _Blocks):
-            return self.refuse(node, "arange over several sequences' tokens")
+            if not from_zero:
+                return self.refuse(node, "arange over several sequences' tokens")
+            # 0 .. k*T - 1: the same values at the real rows of a token-major dim of k rows per token.
+            return _Facts(order=("major", prefix.count), route=_Route("iota", None, prefix.count))
         # Element r is start + r, and its token index r - prefix.
-        return _Facts(position=sympy.sympify(_expr(_scalar(start))) + prefix)
+        iota = _Route("iota", None, 1) if from_zero and _equal(prefix, 0) else None
+        return _Facts(position=sympy.sympify(_expr(_scalar(start))) + prefix, route=iota)
 
     def reshape(self, node: fx.Node) -> _Facts:
         """A view that keeps every token row's elements together and in order."""
@@ -365,11 +584,21 @@ class _Walk:
         o_count = oa.count if isinstance(oa, _Blocks) else 1
         if not isinstance(sa, _Blocks) and not _equal(sa, 0) or not isinstance(oa, _Blocks) and not _equal(oa, 0):
             return self.refuse(node, "a view that flattens a token dim with a prefix into blocks")
-        s_outer = math.prod(_expr(x) for x in sv.shape[:sd]) * s_count
-        o_outer = math.prod(_expr(x) for x in ov.shape[:od]) * o_count
         s_inner, o_inner = math.prod(_expr(x) for x in sv.shape[sd + 1:]), math.prod(_expr(x) for x in ov.shape[od + 1:])
-        if _equal(s_outer, o_outer) and _equal(s_inner, o_inner):
-            return replace(facts, causal=None, diagonal=None, position=None, row_source=None)
+        outer_same = _equal(math.prod(_expr(x) for x in sv.shape[:sd]), math.prod(_expr(x) for x in ov.shape[:od]))
+        kept = replace(facts, causal=None, diagonal=None, position=None, row_source=None)
+        # [.., T, k, ..] -> [.., k*T, ..] and back: each token's k rows one after another (token-major).
+        if outer_same and facts.order is None and s_count == 1 and _equal(s_inner, o_count * o_inner):
+            return replace(kept, order=("major", o_count))
+        if facts.order is not None:
+            if outer_same and facts.order == ("major", s_count) and o_count == 1 and _equal(o_inner, s_count * s_inner):
+                return replace(kept, order=None, route=None)
+            if outer_same and s_count == o_count and _equal(s_inner, o_inner):
+                return kept  # the same rows, in the same order
+            return self.refuse(node, "a view that regroups rows routed out of token order")
+        if _equal(math.prod(_expr(x) for x in sv.shape[:sd]) * s_count, math.prod(_expr(x) for x in ov.shape[:od]) * o_count) \
+                and _equal(s_inner, o_inner):
+            return kept
         return self.refuse(node, "a view that moves elements between token rows")
 
     def moved(self, node: fx.Node) -> _Facts:
@@ -464,6 +693,9 @@ class _Walk:
         # padding comes before the next block's rows).
         if along_tokens and (node.target not in _SCANS or any(isinstance(a, _Blocks) for a in along_tokens)):
             return self.refuse(node, "reads across the token dim, so padded rows enter real rows' results")
+        size = meta_val(src).shape[dims[0] % rank] if meta_val(src).dim() else 1
+        if node.target is aten.topk.default and isinstance(size, int):
+            return _Facts(parts=(_CLEAN, _Facts(key_range=size)))  # indices into a dim of `size`
         return _CLEAN
 
     def indexed(self, node: fx.Node) -> _Facts:
@@ -642,6 +874,22 @@ class _Walk:
                 alpha = node.kwargs.get("alpha", 1)
                 return _Facts(position=facts.position + sign * alpha * _expr(other))
         return _CLEAN
+
+
+def _axes(node: fx.Node) -> list[int]:
+    """The dims an op reads along (reductions, scans, slices, cats, gathers), normalized; every dim
+    for a reduction over all of them."""
+    target = node.target
+    if target not in _ALONG and target not in _SCANS and target not in (
+            aten.slice.Tensor, aten.select.int, aten.cat.default, aten.gather.default, aten.scatter.value,
+            aten.scatter.src, aten.slice_scatter.default, aten.select_scatter.default):
+        return []
+    value = meta_val(node) if target is aten.cat.default else meta_val(node.args[0])
+    rank = max(value.dim(), 1)
+    dims = bind_arguments(node).get("dim", 0)
+    if dims is None or dims == []:
+        return list(range(rank))
+    return [d % rank for d in ([dims] if isinstance(dims, int) else dims)]
 
 
 def _with_dims_moved(facts: _Facts, mapping: dict[int, int] | None) -> _Facts:

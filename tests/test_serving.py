@@ -231,6 +231,16 @@ def test_scheduler_rejects_budgets_without_room_for_prompts() -> None:
         ServingEngine(RandomProgram(0), token_budget=8, decode_slots=4, max_draft=1)
 
 
+@pytest.mark.parametrize("setting", [{"token_budget": 20.5}, {"max_draft": 1.5}, {"decode_slots": 2.0},
+                                     {"num_blocks": 16.0}, {"max_draft": True}])
+def test_engine_refuses_sizes_that_are_not_ints(setting: dict) -> None:
+    # A float budget or draft length used to be accepted, then failed mid-run as a slice bound.
+    kwargs = {"token_budget": 16, "decode_slots": 2, "block_size": 4, "num_blocks": 16, **setting}
+    with pytest.raises(ValueError, match=f"{next(iter(setting))} must be an int"):
+        ServingEngine(EchoProgram(last=7), **kwargs)
+    assert ServingEngine(EchoProgram(last=7), token_budget=np.int64(16), decode_slots=2).scheduler.token_budget == 16
+
+
 def test_scheduler_rejects_a_request_twice_and_a_done_one() -> None:
     engine = ServingEngine(RandomProgram(0), token_budget=16, decode_slots=2, block_size=4, num_blocks=16)
     first = Request(7, [1, 2, 3], 2)
@@ -595,6 +605,52 @@ class EchoProgram(RandomProgram):
         ids = inputs[0][0]
         following = torch.cat([ids[1:], torch.tensor([self.last])])
         return [torch.nn.functional.one_hot(following, VOCAB).float()[None]]
+
+
+class _ClockedProgram(RandomProgram):
+    """A RandomProgram whose every step takes one second of a fake clock (`now`)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.now = 1000.0  # far from 0: a stamp taken against the wrong origin shows
+
+    def run(self, inputs, attention):
+        self.now += 1.0
+        return super().run(inputs, attention)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_metrics_time_each_request_from_its_arrival_across_runs(monkeypatch: pytest.MonkeyPatch,
+                                                                overlap: bool) -> None:
+    """TTFT counts from when a request was added, also when it joins between steps or runs long
+    after the engine started; its tokens' times share one origin across `step` and `run` calls
+    (no negative time between tokens), and tokens/s divides every run's tokens by every run's time."""
+    import types
+
+    import tileflow.serving.engine as engine_module
+
+    program = _ClockedProgram()
+    monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(perf_counter=lambda: program.now))
+    engine = ServingEngine(program, token_budget=16, decode_slots=2, block_size=4, num_blocks=32, overlap=overlap)
+    # Without overlap a token is read back in the step that makes it; with it, in the next step.
+    lag = 1.0 + overlap
+    first = Request(0, [1, 2, 3], 4)
+    engine.add(first)
+    engine.step()  # outside any run: the first request's prefill
+    engine.synchronize()  # its token read back now (a no-op without overlap)
+    program.now += 10.0  # idle
+    second = Request(1, [4, 5], 2)
+    engine.add(second)  # joins mid-run
+    engine.run()
+    program.now += 50.0  # idle between runs
+    engine.run([Request(2, [6], 3)])
+    m = engine.metrics
+    assert m.ttft == {0: 1.0, 1: lag, 2: lag}
+    gaps = {i: np.diff(t).tolist() for i, t in m.token_times.items()}
+    assert all(g >= 0 for gs in gaps.values() for g in gs), gaps
+    assert sum(gaps[0]) == m.token_times[0][-1] - m.token_times[0][0] <= 3 + 10 + lag
+    # The first run: 3 steps (first's last 3 tokens, second's 2 beside them); the second: 3.
+    assert (m.wall, m.generated) == (6.0, 9) and m.summary()["tokens_per_s"] == 1.5
 
 
 def test_a_stop_token_among_accepted_drafts_ends_the_request_there() -> None:

@@ -400,7 +400,54 @@ def test_cache_key_includes_versions() -> None:
     kernel = build(spec)
     expected = spec.digest(tbuild.tileflow_version(), triton.__version__)
     assert kernel.meta["digest"] == expected
-    assert kernel.source_path.parent.name == expected
+    assert kernel.source_path.parent.parent.name == expected  # <digest>/<text hash>/<name>.py
+
+
+def test_two_generators_of_one_version_keep_their_own_cache_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two tileflow trees with one version string (a checkout and an edited copy of it, both
+    reporting the installed version) render different text for the same spec. They shared one
+    cache file, which each rewrote with its own text: a process whose kernel was built but not
+    yet launched then ran the other tree's code (the interpreter reads the file at the first
+    launch; a compiled build reads it at import, which races the same way)."""
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    clear_memo()
+    spec = gemm_spec("float32")
+    store = "tl.store(out_ptrs, acc.to(tl.float32), mask=mask_out)"
+
+    def negating_render(s: KernelSpec) -> str:  # the other tree's (edited) generator
+        text = render_gemm_source(s)
+        assert store in text
+        return text.replace(store, "tl.store(out_ptrs, (-acc).to(tl.float32), mask=mask_out)")
+
+    mine = build(spec)  # built here, not launched yet
+    clear_memo()  # the other process: its own memo, the same cache directory
+    theirs = build_triton_kernel(spec, negating_render, make_gemm_launcher)
+    assert mine.source_path.read_text() == mine.source
+    assert theirs.source_path.read_text() == theirs.source
+    inputs = make_inputs(spec, DEVICE, 7, seed=41)
+    ref = reference(spec, **inputs)
+    for kernel, expected in ((mine, ref), (theirs, -ref)):
+        out = poisoned_out(spec, DEVICE, 7)
+        kernel(inputs["x"], inputs["weight"], out=out)
+        assert_close(spec, out, expected)
+    clear_memo()
+
+
+@pytest.mark.filterwarnings("ignore:.*bf16 kernels give wrong results")
+def test_specs_differing_in_out_dtype_or_group_m_keep_apart(tmp_path: Path) -> None:
+    """A kernel's name keys its file in a debug_dir or archive, the report and the visualizer's
+    links: specs that differ only in the cast's output dtype, or in the tile's GROUP_M, had one
+    name, and the second one's source overwrote the first's."""
+    specs = [
+        gemm_spec("float32", ("cast",), out_dtype="float16"),
+        gemm_spec("float32", ("cast",), out_dtype="bfloat16"),
+        gemm_spec("float32", tile=TileConfig(16, 32, 32, group_m=4)),
+        gemm_spec("float32", tile=TileConfig(16, 32, 32)),
+    ]
+    kernels = [build(spec, artifact_dir=tmp_path) for spec in specs]
+    assert len({spec.name for spec in specs}) == len(specs), [spec.name for spec in specs]
+    for spec, kernel in zip(specs, kernels):
+        assert (tmp_path / f"{spec.name}.py").read_text() == kernel.source
 
 
 # ------------------------------------------------------------------------------------------
@@ -490,6 +537,15 @@ def test_bad_specs_raise_clear_errors() -> None:
         render_gemm_source(KernelSpec("meta_attention", "float32", "float32", TILE_A))
     with pytest.raises(ValueError, match="supports dtype"):
         render_gemm_source(gemm_spec("float64"))
+
+
+def test_epilogue_out_of_order_is_refused() -> None:
+    """The kernels apply the epilogue in EPILOGUES order whatever order a spec lists it in: a
+    spec of silu then bias rendered silu(x @ W^T + bias), not silu(x @ W^T) + bias."""
+    with pytest.raises(ValueError, match="order"):
+        render_gemm_source(gemm_spec("float32", ("silu", "bias")))
+    with pytest.raises(ValueError, match="order"):
+        render_gemm_source(gemm_spec("float16", ("cast", "residual")))
 
 
 # ------------------------------------------------------------------------------------------

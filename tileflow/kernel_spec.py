@@ -19,6 +19,8 @@ EPILOGUES: tuple[str, ...] = ("bias", "silu", "gelu", "gelu_tanh", "swiglu", "re
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "swiglu")
 # dtypes by their short names; specs carry names, not torch.dtype, so they stay JSON-friendly.
 DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
+# TileConfig's default width of the grouped tile order (left out of tile names).
+_DEFAULT_GROUP_M = 8
 
 
 @dataclass(frozen=True, order=True)
@@ -35,7 +37,7 @@ class TileConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
-    group_m: int = 8
+    group_m: int = _DEFAULT_GROUP_M
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -45,10 +47,12 @@ class TileConfig:
 
     @property
     def name(self) -> str:
-        """Short stable name, e.g. `m64n128k32w4s3`."""
+        """Short stable name, e.g. `m64n128k32w4s3` (`...s3g4` when `group_m` is not the
+        default 8: names key files and reports, so two tiles must not share one)."""
+        group = "" if self.group_m == _DEFAULT_GROUP_M else f"g{self.group_m}"
         return (
             f"m{self.block_m}n{self.block_n}k{self.block_k}"
-            f"w{self.num_warps}s{self.num_stages}"
+            f"w{self.num_warps}s{self.num_stages}{group}"
         )
 
     def to_dict(self) -> dict[str, int]:
@@ -97,6 +101,9 @@ class KernelSpec:
     def name(self) -> str:
         """Readable kernel name, stable across runs (used for files and reports)."""
         parts = [f"tileflow_{self.op}", self.dtype]
+        if self.out_dtype != self.dtype:
+            # A cast's target: kernels casting to two dtypes must not share a name (and a file).
+            parts.append(f"to_{self.out_dtype}")
         if self.tile is not None:
             parts.append(self.tile.name)
         for key, value in self.params:
@@ -183,9 +190,9 @@ def check_gemm_spec(
     """Reject a GEMM spec (`op`: `padded_gemm` or `grouped_gemm`) a `target` kernel cannot
     implement, saying why.
 
-    Target-neutral rules (a tile, one activation at most, no repeats, `cast` exactly when the
-    dtypes differ, the family's epilogue limits and size params) plus the target's dtypes and
-    smallest tile side (`min_block`).
+    Target-neutral rules (a tile, one activation at most, no repeats, entries in `EPILOGUES`
+    order, `cast` exactly when the dtypes differ, the family's epilogue limits and size params)
+    plus the target's dtypes and smallest tile side (`min_block`).
     """
     if op not in GEMM_OPS:
         raise ValueError(f"check_gemm_spec: unknown GEMM family {op!r}; known: {sorted(GEMM_OPS)}")
@@ -209,6 +216,10 @@ def check_gemm_spec(
         raise ValueError(f"at most one activation per GEMM epilogue, got {acts}")
     if len(set(spec.epilogue)) != len(spec.epilogue):
         raise ValueError(f"repeated epilogue entry in {spec.epilogue}")
+    if list(spec.epilogue) != sorted(spec.epilogue, key=EPILOGUES.index):
+        # Kernels apply the entries in EPILOGUES order whatever the spec's order: a spec of silu
+        # then bias would silently compute silu(x @ W^T + bias).
+        raise ValueError(f"epilogue {spec.epilogue} is out of order; list its entries in the order {EPILOGUES}")
     unfusable = [e for e in spec.epilogue if e in GEMM_OPS[op]]
     if unfusable:
         raise ValueError(f"a {op} kernel cannot fuse {unfusable} (epilogue={spec.epilogue})")

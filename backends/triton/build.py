@@ -2,13 +2,16 @@
 
 Triton's `@triton.jit` reads a kernel's source with `inspect`, so the generated text has to live
 in a real file before it is imported. Files go to an on-disk cache keyed by the spec's digest
-salted with the tileflow and Triton versions (a new version of either renders afresh); the
-resulting `CompiledKernel` is memoized in-process, so building a spec twice returns the same
-object and never rewrites or re-imports the file.
+salted with the tileflow and Triton versions (a new version of either renders afresh) and by a
+hash of the rendered text itself (two trees with one version string, a checkout and an edited
+copy, render different text: each gets its own file); the resulting `CompiledKernel` is memoized
+in-process, so building a spec twice returns the same object and never rewrites or re-imports the
+file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -157,9 +160,9 @@ def build_triton_kernel(
     - `render(spec)` returns the module's source text;
     - `make_launcher(spec, kernel_fn)` turns the imported `@triton.jit` function into the launcher.
 
-    The source goes to `cache_root()/<digest>/<spec.name>.py`, where the digest is
-    `spec.digest(tileflow_version(), triton.__version__)`; it is written atomically and only when
-    missing or different. The CompiledKernel is memoized per digest, so building the same spec
+    The source goes to `cache_root()/<digest>/<text hash>/<spec.name>.py`, where the digest is
+    `spec.digest(tileflow_version(), triton.__version__)` and the text hash a hash of the rendered
+    source; it is written atomically and only when missing or different. The CompiledKernel is memoized per digest, so building the same spec
     again returns the same object. When `artifact_dir` is given the source is also copied there as
     `<spec.name>.py` (on every call, so each run's artifact directory gets its copy).
     """
@@ -171,9 +174,14 @@ def build_triton_kernel(
         kernel = _MEMO.get(key)
         if kernel is None:
             text = render(spec)
-            path = cache_root() / digest / f"{_safe_filename(spec.name)}.py"
+            # The file is named by its text as well: the version strings do not change when the
+            # generator is edited (an editable install, a second checkout), and two such trees
+            # sharing one file rewrote it in turn, so a process could import, or (the interpreter
+            # reads the file at the first launch) run, the other tree's kernel.
+            text_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+            path = cache_root() / digest / text_hash / f"{_safe_filename(spec.name)}.py"
             _ensure_source_file(path, text)
-            module_name = f"_tileflow_triton_{digest}" + ("_interp" if key[1] else "")
+            module_name = f"_tileflow_triton_{digest}_{text_hash}" + ("_interp" if key[1] else "")
             module = _import_module(module_name, path)
             kernel_fn = _find_kernel(module, spec, path)
             kernel = CompiledKernel(

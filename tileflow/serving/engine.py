@@ -21,6 +21,7 @@ with its blocks, and nothing it computed there is kept.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -102,9 +103,9 @@ class Metrics:
     drafted: int = 0
     accepted: int = 0
     preemptions: int = 0  # requests sent back to recompute for want of KV blocks
-    ttft: dict[int, float] = field(default_factory=dict)
+    ttft: dict[int, float] = field(default_factory=dict)  # by request id: from `add` to its first token
     token_times: dict[int, list[float]] = field(default_factory=dict)
-    wall: float = 0.0
+    wall: float = 0.0  # of every `run` call
     # Time the host spent waiting for steps' tokens: near the wall time, the device is the
     # bottleneck; near zero (with overlapped steps), the host is.
     waited: float = 0.0
@@ -172,6 +173,12 @@ class ServingEngine:
         device: torch.device | str = "cpu", nano_batches: int = 1, streams: StreamExecutor | None = None,
         overlap: bool | None = None, nano_shares: bool = True,
     ) -> None:
+        for name, value in (("token_budget", token_budget), ("decode_slots", decode_slots), ("max_draft", max_draft),
+                            ("block_size", block_size), ("num_blocks", num_blocks)):
+            # A float budget or draft length passed the range checks below, then failed mid-run as a
+            # slice bound, with requests holding blocks (a float cache size, as a bare TypeError).
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an int, got {value!r}")
         if overlap and max_draft:
             raise ValueError(
                 "overlap=True launches a step before the previous step's tokens are on the host, but drafting "
@@ -210,7 +217,10 @@ class ServingEngine:
                           device=self.device)
         self.max_draft = max_draft
         self.metrics = Metrics()
-        self._start = 0.0
+        # The time base of every stamp in the metrics, fixed for the engine's life: a request's
+        # tokens may come in several `run` calls, or in `step` calls outside one.
+        self._start = time.perf_counter()
+        self._arrivals: dict[int, float] = {}  # request id -> when `add` queued it, until its first token
         self.nano_batches = nano_batches
         self.nano_shares = nano_shares
         self._block_arrays: dict[int, tuple[list[int], np.ndarray]] = {}  # see _block_ids
@@ -240,6 +250,8 @@ class ServingEngine:
                 f"positions: {fix}"
             )
         self.scheduler.add(request)
+        # TTFT counts from here: a request may join between steps or runs, long after a run began.
+        self._arrivals[request.id] = time.perf_counter() - self._start
 
     def run(self, requests: Sequence[Request] = (), *, progress: bool = False) -> Metrics:
         """Serve until every request is done; returns the metrics."""
@@ -251,14 +263,15 @@ class ServingEngine:
             from tqdm import tqdm
 
             bar = tqdm(total=total, unit="tok", desc="serving")
-        self._start = time.perf_counter()
+        start = time.perf_counter()
         while self.scheduler.has_work():
             before = self.metrics.generated
             self.step()
             if bar is not None:
                 bar.update(self.metrics.generated - before)
         self.synchronize()
-        self.metrics.wall = time.perf_counter() - self._start
+        # Summed over runs, as the tokens and steps are (tokens/s divides one by the other).
+        self.metrics.wall += time.perf_counter() - start
         if bar is not None:
             bar.close()
         return self.metrics
@@ -378,9 +391,12 @@ class ServingEngine:
         return _StepScores(values, {r: i for i, r in enumerate(rows)})
 
     def _stamp(self, r: Request, count: int, now: float) -> None:
-        """`count` of r's tokens reached the host at `now` (the first one sets r's TTFT)."""
+        """`count` of r's tokens reached the host at `now` (the first one sets r's TTFT, from when
+        r was added)."""
         if count:
-            self.metrics.ttft.setdefault(r.id, now)
+            arrival = self._arrivals.pop(r.id, None)
+            if arrival is not None:
+                self.metrics.ttft[r.id] = now - arrival
             self.metrics.token_times.setdefault(r.id, []).extend([now] * count)
 
     def prepare(self, entries: Sequence[Entry]) -> StepInputs:

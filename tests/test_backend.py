@@ -73,6 +73,22 @@ def test_explain_report_prints_and_round_trips() -> None:
     assert json.loads(report.to_json())["graphs"][0]["symbols"]
 
 
+def test_recompiles_count_only_this_reports_own_compiles_of_a_frame() -> None:
+    """A second `explain` of one function is Dynamo's recompile of its frame (the first explain's
+    backend compiled it), not one of the second report's; a guard failure under one backend is."""
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    first = tileflow.explain(double, torch.randn(4))
+    second = tileflow.explain(double, torch.randn(4))
+    assert (first.recompiles, second.recompiles) == (0, 0)
+    report = tileflow.Report()
+    compiled = torch.compile(double, backend=tileflow.TileflowBackend({}, report=report), dynamic=True)
+    compiled(torch.randn(4))
+    compiled(torch.randn(4, dtype=torch.float64))  # a dtype guard fails: the frame compiles again
+    assert len(report.graphs) == 2 and report.recompiles == 1
+
+
 def test_explain_rejects_bad_options() -> None:
     with pytest.raises(ValueError, match="unknown tileflow option"):
         tileflow.explain(torch.sin, torch.randn(3), options={"targte": "reference"})

@@ -7,6 +7,7 @@ reference computed on upcast inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch  # importing torch does not import triton
@@ -347,6 +348,15 @@ def test_persistent_more_programs_than_tiles() -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def test_an_unwritable_cache_names_the_setting_to_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file where the cache should be")
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(not_a_dir))
+    clear_memo()
+    with pytest.raises(OSError, match="TILEFLOW_CACHE_DIR"):
+        build(gemm_spec("float32"))
+
+
 def test_one_kernel_serves_every_m(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
     clear_memo()
@@ -546,6 +556,14 @@ def test_epilogue_out_of_order_is_refused() -> None:
         render_gemm_source(gemm_spec("float32", ("silu", "bias")))
     with pytest.raises(ValueError, match="order"):
         render_gemm_source(gemm_spec("float16", ("cast", "residual")))
+
+
+def test_a_param_no_kernel_reads_is_refused() -> None:
+    """A misspelt flag built the plain kernel without a word."""
+    spec = gemm_spec("float32")
+    misspelt = dataclasses.replace(spec, params=spec.params + (("persistant", True),))
+    with pytest.raises(ValueError, match="persistant"):
+        render_gemm_source(misspelt)
 
 
 # ------------------------------------------------------------------------------------------

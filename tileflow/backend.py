@@ -19,17 +19,17 @@ from .report import Report, session_report
 log = get_logger("backend")
 
 
-def _current_compile_id() -> tuple[str | None, bool]:
-    """Dynamo's id for the frame being compiled, and whether it is a recompile of that frame."""
+def _current_compile_id() -> tuple[str | None, int | None]:
+    """Dynamo's id for the frame being compiled, and the frame's number (None outside Dynamo)."""
     try:
         from torch._guards import CompileContext
 
         cid = CompileContext.current_compile_id()
     except Exception:  # outside a Dynamo compile
-        return None, False
+        return None, None
     if cid is None:
-        return None, False
-    return str(cid), bool(getattr(cid, "frame_compile_id", 0))
+        return None, None
+    return str(cid), getattr(cid, "frame_id", None)
 
 
 class TileflowBackend:
@@ -41,7 +41,8 @@ class TileflowBackend:
         self.report = report if report is not None else session_report()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        compile_id, recompile = _current_compile_id()
+        compile_id, frame = _current_compile_id()
+        recompile = frame is not None and self.report.compiled_frame_before(frame)
         log.info("Dynamo frame %s: %d nodes", compile_id, len(gm.graph.nodes))
 
         def compile_forward(aten_gm: fx.GraphModule, aten_inputs: Sequence[Any]) -> Callable[..., Any]:

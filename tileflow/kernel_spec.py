@@ -182,6 +182,11 @@ def grouped_gemm_dims(spec: KernelSpec) -> tuple[int, int, int]:
 # Kernel families `check_gemm_spec` knows, with the epilogue entries each cannot fuse: a grouped
 # GEMM's bias would be per expert ([E, N]) and MoE graphs add no residual to the expert GEMM.
 GEMM_OPS: dict[str, tuple[str, ...]] = {"padded_gemm": (), "grouped_gemm": ("bias", "residual")}
+# The static params each family's kernels read (`lower.gemm_spec`, `lower.grouped_gemm_spec`).
+GEMM_PARAMS: dict[str, frozenset[str]] = {
+    "padded_gemm": frozenset({"n", "k", "persistent", "split_k", "stream_k", "tma"}),
+    "grouped_gemm": frozenset({"n", "k", "experts"}),
+}
 
 
 def check_gemm_spec(
@@ -220,6 +225,10 @@ def check_gemm_spec(
         # Kernels apply the entries in EPILOGUES order whatever the spec's order: a spec of silu
         # then bias would silently compute silu(x @ W^T + bias).
         raise ValueError(f"epilogue {spec.epilogue} is out of order; list its entries in the order {EPILOGUES}")
+    unknown = sorted(set(dict(spec.params)) - GEMM_PARAMS[op])
+    if unknown:
+        # A misspelt flag (`persistant=True`) would build the plain kernel without a word.
+        raise ValueError(f"{op} spec has params {unknown} no {op} kernel reads; known: {sorted(GEMM_PARAMS[op])}")
     unfusable = [e for e in spec.epilogue if e in GEMM_OPS[op]]
     if unfusable:
         raise ValueError(f"a {op} kernel cannot fuse {unfusable} (epilogue={spec.epilogue})")

@@ -104,6 +104,16 @@ class Report:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._frames: set[int] = set()
+
+    def compiled_frame_before(self, frame: int) -> bool:
+        """Whether this report already holds a compile of Dynamo frame `frame` (and note it): a
+        recompile. Dynamo's own count also grows when another backend (an earlier `explain`,
+        Inductor) compiled the frame first."""
+        with self._lock:
+            seen = frame in self._frames
+            self._frames.add(frame)
+            return seen
 
     def add_graph(self, graph: GraphReport, *, recompile: bool = False) -> None:
         """Record a newly compiled graph (thread-safe: Dynamo may compile from several threads)."""

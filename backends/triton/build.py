@@ -108,7 +108,11 @@ def _ensure_source_file(path: Path, text: str) -> None:
             return  # another process (or an earlier run) already wrote it
     except (OSError, UnicodeDecodeError):
         pass
-    _write_atomic(path, text)
+    try:
+        _write_atomic(path, text)
+    except OSError as exc:
+        raise OSError(f"cannot write the generated kernel source {path} ({exc.strerror or exc}); set "
+                      "TILEFLOW_CACHE_DIR to a writable directory") from exc
 
 
 def _import_module(module_name: str, path: Path) -> ModuleType:

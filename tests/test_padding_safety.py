@@ -305,6 +305,72 @@ def _moe_split_rows_regrouped_as_blocks(x: torch.Tensor) -> torch.Tensor:
     return first.reshape(2, -1, H // 2)[0]
 
 
+def _moe_counts_floor_divided(x: torch.Tensor) -> torch.Tensor:
+    # A division of the counts (no token dim) must not pass for a constant or for `P // k`.
+    weights, keys, order, rows = _route(x, 2)
+    return _moe(x) * (torch.histc(keys.float(), EXPERTS, 0, EXPERTS - 1) // 1)[0]
+
+
+def _moe_sorted_counts(x: torch.Tensor) -> torch.Tensor:
+    # A sort of the counts must not pass for a reduction over features.
+    weights, keys, order, rows = _route(x, 2)
+    return _moe(x) * torch.sort(torch.histc(keys.float(), EXPERTS, 0, EXPERTS - 1))[0][-1]
+
+
+def _moe_table_rows_at_the_inverse(x: torch.Tensor) -> torch.Tensor:
+    # Rows of a table picked by where each token sorted: padded rows sorted among real ones move it.
+    weights, keys, order, rows = _route(x, 1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return x + TABLE[inverse]
+
+
+def _moe_inverse_gathered_again(x: torch.Tensor) -> torch.Tensor:
+    # inverse[P] is 0, 1, ... in sorted order: put back, it is the inverse again.
+    weights, keys, order, rows = _route(x, 1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return x * inverse[order][inverse][:, None].float()
+
+
+def _moe_sorted_descending(x: torch.Tensor) -> torch.Tensor:
+    # Offsets end ascending groups: with the ids sorted descending, padded rows counted in expert
+    # 0's group shift which real rows the other experts get.
+    weights, ids = torch.topk((x @ ROUTER.T + ROUTER_BIAS).softmax(-1), 2)
+    keys, order = torch.sort(ids.reshape(-1), descending=True)
+    y = tileflow.ops.grouped_gemm(x[order // 2], EXPERT_W, _offsets(keys)) * weights.reshape(-1)[order][:, None]
+    return _unsort(y, order, 2)
+
+
+def _moe_counts_of_repeated_ids(x: torch.Tensor) -> torch.Tensor:
+    # Each sorted id counted twice: the offsets end no group at its own ids.
+    weights, keys, order, rows = _route(x, 1)
+    y = torch.ops.tileflow.grouped_gemm(rows, EXPERT_W, _offsets(keys[None].expand(2, -1)))
+    return _unsort(y * weights[:, None], order, 1)
+
+
+def _moe_inverse_of_a_broadcast_permutation(x: torch.Tensor) -> torch.Tensor:
+    # P broadcast to [T, T] writes inv[P[j], c] = c, no inverse: y[inv][:, 0] is sorted row 0
+    # (a padded row: sorted by |x[:, 0]|, the zeros come first) for every token.
+    n = x.shape[0]
+    order = torch.sort(x[:, 0].abs())[1]
+    inverse = torch.empty((n, n), dtype=torch.long)
+    inverse[order[None].expand(n, n)] = torch.arange(n)
+    return (x[order] * 2)[inverse][:, 0]
+
+
+def _moe_grouped_mm_over_features(x: torch.Tensor) -> torch.Tensor:
+    # A 2-D weight: the offsets split each row's 4 * H features into groups, which the padded
+    # rows' counts move.
+    weights, keys, order, rows = _route(x, 1)
+    grouped = torch._grouped_mm(torch.cat([rows] * 4, dim=1).bfloat16(), FEATURE_GROUPS_W, offs=_offsets(keys))
+    return _unsort(grouped.float().sum(0), order, 1)
+
+
+TABLE = torch.randn(64, H)
+FEATURE_GROUPS_W = torch.randn(4 * H, H).bfloat16()
+
+
 @pytest.mark.parametrize("fn, reason", [
     (_moe_counts_as_values, "per-expert counts"),
     (_moe_offsets_of_other_ids, "not the ones sorted by the expert ids its offsets count"),
@@ -316,6 +382,14 @@ def _moe_split_rows_regrouped_as_blocks(x: torch.Tensor) -> torch.Tensor:
     (_moe_returns_rows_in_expert_order, "an output whose rows are out of token order"),
     (_moe_rows_regrouped_as_blocks, "regroups rows routed out of token order"),
     (_moe_split_rows_regrouped_as_blocks, "regroups rows routed out of token order"),
+    (_moe_counts_floor_divided, "per-expert counts"),
+    (_moe_sorted_counts, "per-expert counts"),
+    (_moe_table_rows_at_the_inverse, "inverse permutation"),
+    (_moe_inverse_gathered_again, "inverse permutation"),
+    (_moe_sorted_descending, "not of sorted expert ids"),
+    (_moe_counts_of_repeated_ids, "not of sorted expert ids"),
+    (_moe_inverse_of_a_broadcast_permutation, "index_put is not known"),
+    (_moe_grouped_mm_over_features, "offsets split features, not rows"),
 ])
 def test_expert_routing_that_mixes_rows_is_not_captured(replay_on_cpu, fn, reason: str) -> None:
     report = _run(fn, _rows, lengths=(3, 7, 12))

@@ -22,12 +22,13 @@ average every key). What the walk does not know is a hazard: the step then runs 
 Mixture-of-experts routing moves rows out of token order and back (transformers' grouped-GEMM
 experts): the router's top-k expert ids, flattened token-major ([T, k] -> [k*T]: row r belongs to
 token r // k, padding at the end), are sorted; the sort's permutation P gathers the rows, each
-expert's rows go through one grouped GEMM whose group offsets count the sorted ids, and the
-inverse of P puts the rows back. A value's *order* records such a layout: token-major with k
-rows per token, or gathered by P (row j computed from row P[j] alone). Gathered rows meet only
-row-wise ops and values gathered by the same P. Counts of the sorted ids include the padded
-rows: they are accepted only as a grouped GEMM's offsets, where row j's group is its own sorted
-id in either run (`route`: how an integer tensor relates to a sort).
+expert's rows go through one grouped GEMM whose group offsets count the sorted ids (ascending,
+each once, the offsets splitting the rows), and the inverse of P puts the rows back. A value's
+*order* records such a layout: token-major with k rows per token, or gathered by P (row j computed
+from row P[j] alone). Gathered rows meet only row-wise ops and values gathered by the same P.
+Counts of the sorted ids and the inverse of P depend on where the padded rows sorted: they are
+accepted only as a grouped GEMM's offsets, where row j's group is its own sorted id in either
+run, and as the index that puts rows back (`route`: how an integer tensor relates to a sort).
 """
 
 from __future__ import annotations
@@ -349,6 +350,14 @@ class _Walk:
         """The facts of a routing op (module docstring), a refusal for any other use of values
         that depend on where padded rows sorted, or None for every other op."""
         target = node.target
+        wide = [a for a in self.inputs(node) if self.run_wide(a)]
+        if wide:
+            # Checked before the routing ops below: a sort, an index or a division of counts or of
+            # an inverse would otherwise be read as a routing step (or, without a token dim, as a
+            # constant) and the values would reach real rows.
+            return self.wide_use(node, wide) or self.refuse(
+                node, "uses per-expert counts or an inverse permutation, which include the padded rows, other "
+                      "than as a grouped GEMM's offsets or to put rows back in order")
         if target in _SORTS:
             return self.sorted_rows(node)
         if target in (aten.floor_divide.default, aten.div.Tensor_mode):
@@ -361,12 +370,27 @@ class _Walk:
             return self.histogram(node)
         if getattr(getattr(target, "_schema", None), "name", None) in _GROUPED_GEMMS:
             return self.grouped_gemm(node)
-        wide = [a for a in self.inputs(node) if self.facts[a].route is not None and self.facts[a].route.kind in _RUN_WIDE]
-        if target is aten.cumsum.default and wide and self.facts[wide[0]].route.kind == "histogram":
-            return _Facts(route=replace(self.facts[wide[0]].route, kind="offsets"))
-        if wide:
-            return self.refuse(node, "uses per-expert counts or an inverse permutation, which include the padded "
-                                     "rows, other than as a grouped GEMM's offsets or to put rows back in order")
+        return None
+
+    def run_wide(self, node: fx.Node) -> bool:
+        """Whether `node` holds counts or an inverse permutation (`_RUN_WIDE`)."""
+        route = self.facts[node].route
+        return route is not None and route.kind in _RUN_WIDE
+
+    def wide_use(self, node: fx.Node, wide: list[fx.Node]) -> _Facts | None:
+        """The facts of one of the three uses of run-wide values (`wide`, `node`'s inputs) that
+        keep them out of real rows: the running sum of counts, a grouped GEMM's offsets (which
+        `grouped_gemm` checks are its only run-wide input) and rows put back by the inverse
+        (the index, not the rows indexed); None for any other."""
+        target, (first, *rest) = node.target, wide
+        if target is aten.cumsum.default and not rest and node.args[0] is first:
+            return _Facts(route=replace(self.facts[first].route, kind="offsets")) \
+                if self.facts[first].route.kind == "histogram" else None
+        if getattr(getattr(target, "_schema", None), "name", None) in _GROUPED_GEMMS:
+            return self.grouped_gemm(node)
+        if (target is aten.index.Tensor and not rest and node.args[0] is not first and list(node.args[1]) == [first]
+                and self.facts[first].route.kind == "inverse"):
+            return self.routed_index(node)
         return None
 
     def token_major(self, node: fx.Node) -> int | None:
@@ -389,7 +413,11 @@ class _Walk:
         if count is None or meta_val(src).dim() != 1:
             return None
         gathered = ("gathered", node)
-        values = _Facts(order=gathered, key_range=self.facts[src].key_range, route=_Route("sorted", node, count))
+        # Only ascending values end each id's group where the running counts do (`grouped_gemm`):
+        # sorted descending, padded rows counted in a group would shift the real rows of others.
+        ascending = not bind_arguments(node).get("descending")
+        values = _Facts(order=gathered, key_range=self.facts[src].key_range,
+                        route=_Route("sorted", node, count) if ascending else None)
         return _Facts(parts=(values, _Facts(order=gathered, route=_Route("perm", node, count))))
 
     def token_of(self, node: fx.Node) -> _Facts | None:
@@ -417,13 +445,15 @@ class _Walk:
         return None
 
     def inverted(self, node: fx.Node) -> _Facts | None:
-        """`inv[P] = arange(len(P))`: P's inverse (P is a permutation, so every element is written)."""
+        """`inv[P] = arange(len(P))`: P's inverse (P is a permutation, so every element is written).
+        Only of P itself, one dim: P broadcast to [n, n] writes `inv[P[j], c] = c`, no inverse."""
         args = bind_arguments(node)
         indices, values = args["indices"], args["values"]
         if args.get("accumulate") or len(indices) != 1 or not isinstance(indices[0], fx.Node) or not isinstance(values, fx.Node):
             return None
         route, iota = self.facts[indices[0]].route, self.facts[values].route
         if (route is None or route.kind != "perm" or iota is None or iota.kind != "iota" or iota.count != route.count
+                or meta_val(indices[0]).dim() != 1
                 or not _same_sizes(meta_val(args["self"]).shape, meta_val(indices[0]).shape)):
             return None
         return _Facts(order=("major", route.count) if route.count > 1 else None, route=replace(route, kind="inverse"))
@@ -437,7 +467,12 @@ class _Walk:
             return None
         facts = self.facts[keys]
         n = facts.key_range
-        if (facts.route is None or facts.route.kind != "sorted" or n is None or n < 2 or args["bins"] != n
+        # Each sorted id counted once: a view keeps the sort's values, but an expand repeats them
+        # (then the counts end no group at its own ids).
+        sort = facts.route.sort if facts.route is not None else None
+        once = sort is not None and _equal(math.prod(_expr(d) for d in meta_val(keys).shape),
+                                           math.prod(_expr(d) for d in meta_val(sort.args[0]).shape))
+        if (facts.route is None or facts.route.kind != "sorted" or not once or n is None or n < 2 or args["bins"] != n
                 or args["min"] != 0 or args["max"] != n - 1):
             return self.refuse(node, "a histogram over the token rows that is not of sorted expert ids over their "
                                      "whole range")
@@ -445,14 +480,19 @@ class _Walk:
 
     def grouped_gemm(self, node: fx.Node) -> _Facts:
         """A grouped GEMM over rows sorted by expert id, its offsets the running counts of those
-        ids: row j's group is its own id in either run, so rows stay apart."""
-        x, offsets = node.args[0], node.args[2]
+        ids: row j's group is its own id in either run, so rows stay apart. Only the form whose
+        offsets split the rows (x [M, K], weight [E, K, N] or [E, N, K]): `_grouped_mm` of a 2-D
+        weight splits K or N by them, and those groups would move with the padded rows' counts."""
+        x, weight, offsets = node.args[0], node.args[1], node.args[2]
         route = self.facts[offsets].route if isinstance(offsets, fx.Node) else None
         others = [a for a in node.all_input_nodes if a is not x and a is not offsets]
-        if (route is not None and route.kind == "offsets" and self.facts[x].order == ("gathered", route.sort)
-                and not any(self.carries_tokens(a) for a in others)):
-            return _Facts(order=("gathered", route.sort))
-        return self.refuse(node, "a grouped GEMM whose rows are not the ones sorted by the expert ids its offsets count")
+        if not (route is not None and route.kind == "offsets" and self.facts[x].order == ("gathered", route.sort)
+                and not self.run_wide(x) and not any(self.carries_tokens(a) or self.run_wide(a) for a in others)):
+            return self.refuse(node, "a grouped GEMM whose rows are not the ones sorted by the expert ids its offsets count")
+        if meta_val(x).dim() != 2 or meta_val(weight).dim() != 3 or list(self.dims(meta_val(x)) or {}) != [0]:
+            return self.refuse(node, "a grouped GEMM whose offsets split features, not rows: its groups would follow "
+                                     "the counts of the padded rows")
+        return _Facts(order=("gathered", route.sort))
 
     def ordered(self, node: fx.Node, facts: _Facts) -> _Facts:
         """Rows out of token order (or token-major) through a row-wise op keep their order; other

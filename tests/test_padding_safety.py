@@ -20,7 +20,7 @@ import tileflow.runtime.streams
 
 sys.path.insert(0, str(Path(__file__).parent))
 from graph_doubles import ReplayOnCpu  # noqa: E402
-from models import VOCAB, build  # noqa: E402
+from models import VOCAB, _causal_lm, build  # noqa: E402
 
 H = 16
 
@@ -175,15 +175,25 @@ def test_causal_models_are_captured(replay_on_cpu, arch: str, batch: int) -> Non
     assert replay_on_cpu.captures == 2
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3"])
+# MoE architectures beyond the zoo's (the shared expert with its sigmoid gate; normalized top-k).
+MOE = {
+    "qwen2_moe": _causal_lm("Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    "qwen3_moe": _causal_lm("Qwen3MoeConfig", "Qwen3MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=32, head_dim=16),
+}
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe", "qwen3_moe"])
 def test_mixture_of_experts_models_are_captured(replay_on_cpu, arch: str) -> None:
-    """Mixtral, gpt-oss (expert biases gathered by id) and DeepSeek-V3 (group-limited routing by
-    scatter and gather) sort their rows by expert and back: captured, and equal to eager although
-    the padded rows (zeros) join the experts' groups and shift every group's offsets."""
+    """Mixtral, gpt-oss (expert biases gathered by id), DeepSeek-V3 (group-limited routing by
+    scatter and gather), Qwen2-MoE and Qwen3-MoE sort their rows by expert and back: captured, and
+    equal to eager although the padded rows (zeros) join the experts' groups and shift every
+    group's offsets."""
     from models import ZOO
 
     torch.manual_seed(0)
-    model = build(arch) if arch == "mixtral" else ZOO[arch][0]().eval()
+    model = build(arch) if arch == "mixtral" else (MOE.get(arch) or ZOO[arch][0])().eval()
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(ids, use_cache=False).logits

@@ -239,9 +239,17 @@ def _moe(x: torch.Tensor, top: int = 2) -> torch.Tensor:
     return _unsort(y, order, top)
 
 
+def _moe_with_a_dense_projection(x: torch.Tensor, top: int) -> torch.Tensor:
+    # A plain GEMM (a padded_gemm once compiled) on the rows in expert order: row-wise too.
+    weights, keys, order, rows = _route(x, top)
+    y = torch.relu(tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys))) @ W * weights[:, None]
+    return _unsort(y, order, top)
+
+
 @pytest.mark.parametrize("top", [1, 2, 3])
-def test_expert_routing_is_captured(replay_on_cpu, top: int) -> None:
-    report = _run(lambda x: _moe(x, top), _rows, lengths=(3, 7, 12, 20))
+@pytest.mark.parametrize("moe", [_moe, _moe_with_a_dense_projection])
+def test_expert_routing_is_captured(replay_on_cpu, moe, top: int) -> None:
+    report = _run(lambda x: moe(x, top), _rows, lengths=(3, 7, 12, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 2
 

@@ -503,8 +503,9 @@ class _Walk:
             return facts
         if len(orders) > 1:
             return self.refuse(node, "combines rows in different orders (routed to experts and in token order)")
-        if node.target not in _ROW_WISE and not (isinstance(node.target, torch._ops.OpOverload)
-                                                 and torch.Tag.pointwise in node.target.tags):
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if node.target not in _ROW_WISE and name != "padded_gemm" and not (
+                isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags):
             return self.refuse(node, f"{node.target} on rows routed out of token order")
         first = carriers[0] if node.target is not aten.cat.default else node
         if set(_axes(node)) & set(self.dims(meta_val(first)) or {}):

@@ -8,6 +8,7 @@ headless Chromium (Debian's package, through Playwright) and saves a screenshot.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import zipfile
@@ -195,6 +196,21 @@ def test_python_api_matches_the_command(llama_debug_dir: Path, llama_page: tuple
     # A single graph's folder is a source on its own.
     [graph_dir] = sorted(llama_debug_dir.glob("graph_*"))  # ids are numbered per process
     assert [g["id"] for g in collect(graph_dir)["graphs"]] == [graph_dir.name]
+
+
+def test_a_failing_graphviz_is_one_clear_error(llama_debug_dir: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `dot` on PATH that fails (a broken install) ends the command with what to do, not a traceback."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    dot = bin_dir / "dot"
+    dot.write_text("#!/bin/sh\necho 'dot: broken plugin' >&2\nexit 3\n")
+    dot.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    result = CliRunner().invoke(viz_command, [str(llama_debug_dir), "-o", str(tmp_path / "out.html")])
+    assert result.exit_code == 1 and result.exception is not None and isinstance(result.exception, SystemExit)
+    assert "exit code 3" in result.output and "broken plugin" in result.output and "built-in layout" in result.output
+    assert not (tmp_path / "out.html").exists()
 
 
 def test_archive_source(tmp_path: Path) -> None:
@@ -461,3 +477,19 @@ def test_output_onto_the_source_is_refused(kind: str, tmp_path: Path) -> None:
     result = CliRunner().invoke(viz_command, [str(source), "-o", str(report)])
     assert result.exit_code != 0 and "would overwrite" in result.output, result.output
     assert json.loads(report.read_text())["schema"] == 1
+
+
+def test_output_onto_a_graphs_report_in_the_debug_dir_is_refused(llama_debug_dir: Path, tmp_path: Path) -> None:
+    """Only the root report.json was protected: `-o DIR/graph_000/report.json` replaced that
+    graph's report with the page. A page may still go into the debug_dir."""
+    [graph_dir] = sorted(llama_debug_dir.glob("graph_*"))
+    graph_report = graph_dir / "report.json"
+    before = graph_report.read_text()
+    result = CliRunner().invoke(viz_command, [str(llama_debug_dir), "-o", str(graph_report)])
+    assert result.exit_code != 0 and "would overwrite" in result.output, result.output
+    assert graph_report.read_text() == before
+    page = llama_debug_dir / "page.html"
+    try:
+        assert CliRunner().invoke(viz_command, [str(llama_debug_dir), "-o", str(page)]).exit_code == 0
+    finally:
+        page.unlink(missing_ok=True)  # the debug_dir is shared by the module's tests

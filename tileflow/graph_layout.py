@@ -41,14 +41,20 @@ def layout_engine() -> str:
 
 
 def layout_all(drawings: Sequence[LayoutInput]) -> list[list[tuple[float, float]]]:
-    """The (x, y) grid position of every item of every drawing, by `dot` when installed."""
+    """The (x, y) grid position of every item of every drawing, by `dot` when installed;
+    RuntimeError (saying what to do) when `dot` cannot run or fails."""
     dot = shutil.which("dot")
     if dot is None or not drawings:
         return [layered_layout(d) for d in drawings]
     source = "\n".join(_dot_source(i, d) for i, d in enumerate(drawings))
-    out = subprocess.run([dot, "-Tplain"], input=source, capture_output=True, text=True, timeout=600)
+    fix = "fix the Graphviz install, or take `dot` off PATH to use the built-in layout"
+    try:
+        out = subprocess.run([dot, "-Tplain"], input=source, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"graphviz dot ({dot}) could not lay the graphs out: {exc}; {fix}") from None
     if out.returncode != 0:
-        raise RuntimeError(f"graphviz dot failed ({out.returncode}): {out.stderr.strip()[:500]}")
+        raise RuntimeError(f"graphviz dot ({dot}) failed with exit code {out.returncode}: "
+                           f"{out.stderr.strip()[:500]}; {fix}")
     return _parse_plain(out.stdout, drawings)
 
 

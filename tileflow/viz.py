@@ -132,7 +132,10 @@ def viz_command(source: Path, output: Path) -> None:
     The page needs no server and no network: open it in a browser.
     """
     read = source / "report.json" if source.is_dir() else source
-    if output.resolve() == read.resolve():
+    # Inside a debug_dir only a page may be written: every other file there (each graph's
+    # report.json, snapshots, kernels) is something viz reads.
+    inside = source.is_dir() and output.resolve().is_relative_to(source.resolve()) and output.suffix != ".html"
+    if output.resolve() == read.resolve() or inside:
         raise click.ClickException(f"-o {output} would overwrite the {'report' if source.is_dir() else 'source'} "
                                    "it reads; write the page elsewhere (e.g. -o report.html)")
     try:
@@ -140,7 +143,7 @@ def viz_command(source: Path, output: Path) -> None:
         text = render(data)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text, encoding="utf-8")
-    except VizError as exc:
+    except (VizError, RuntimeError) as exc:  # RuntimeError: Graphviz failed (`layout_all`)
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None

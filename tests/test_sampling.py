@@ -79,12 +79,14 @@ def test_draws_stay_in_the_filtered_set(top_k: int, top_p: float, min_p: float, 
 
 
 def _reference_keep(row: list[float], top_k: int, top_p: float, min_p: float) -> tuple[set[int], bool]:
-    """The tokens top-k, then top-p, then min-p keep, by the definition (float64, ties broken by
+    """The tokens top-k (with every token tied with the k-th, as transformers' and vLLM's
+    filters), then top-p, then min-p keep, by the definition (float64, top-p's ties broken by
     index), and whether some token sits within float32 rounding of a cut (it may go either
     way)."""
     order = sorted(range(len(row)), key=lambda i: (-row[i], i))
     if top_k:
-        order = order[:top_k]
+        kth = row[order[min(top_k, len(order)) - 1]]
+        order = [i for i in order if row[i] >= kth]
     weights = [math.exp(row[i] - row[order[0]]) for i in order]  # p / p_max
     total, before, kept, near = sum(weights), 0.0, set(), False
     for i, w in zip(order, weights):
@@ -118,6 +120,20 @@ def test_filter_keeps_exactly_the_top_k_top_p_min_p_set(rows, top_k, top_p, min_
             assert kept == want, (row, top_k[i], top_p[i], min_p[i])
         assert max(row) in {row[j] for j in kept}  # the most likely token always stays
         assert all(out[i, j] == row[j] for j in kept)
+
+
+def test_top_k_keeps_the_tokens_transformers_keeps_with_ties() -> None:
+    """bf16 logits tie often: the cut keeps every token tied with the k-th, as transformers'
+    `TopKLogitsWarper` does (the first filter cut ties by token id, favouring low ids)."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(64, 40, generator=gen) * 0.5).round(decimals=1)  # many ties per row
+    for k in (1, 2, 5, 13, 40, 41):
+        ks = torch.full((64,), k)
+        ours = filter_logits(logits, ks, torch.ones(64), torch.zeros(64))
+        theirs = TopKLogitsWarper(top_k=k)(None, logits.clone())
+        assert torch.equal(ours == -math.inf, theirs == -math.inf), k
 
 
 def test_a_rows_token_depends_only_on_its_logits_seed_and_position() -> None:

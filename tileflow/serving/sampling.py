@@ -49,8 +49,8 @@ class SamplingParams:
 
     `temperature` 0 (the default) is greedy decoding and ignores the rest; so is any temperature
     below 1e-5 (vLLM's cut-off: dividing by less overflows the logits). Otherwise tokens are
-    drawn from `softmax(logits / temperature)`, first cut to the `top_k` most likely tokens (0: no
-    cut), then to the smallest set of those whose probability reaches `top_p` (1: no cut), then
+    drawn from `softmax(logits / temperature)`, first cut to the `top_k` most likely tokens and
+    those tied with the k-th (0: no cut), then to the smallest set of those whose probability reaches `top_p` (1: no cut), then
     to those at least `min_p` times as likely as the most likely token (0: no cut), in
     transformers' order. `seed` keys the draws; None gets a fresh one from torch's default
     generator when the request is made (so `torch.manual_seed` makes runs repeat), kept in
@@ -153,13 +153,16 @@ def gumbel_noise(bits: torch.Tensor) -> torch.Tensor:
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """`logits` (float32 `[rows, vocab]`, already divided by the temperature) with every token
-    outside each row's top-k, then outside the smallest set reaching top-p of what is left, then
+    outside each row's top-k (ties with the k-th kept), then outside the smallest set reaching
+    top-p of what is left (ties broken by token id), then
     less than min_p times as likely as the most likely token, set to -inf. A row with top_k 0,
     top_p 1 and min_p 0 is unchanged; the most likely token always stays."""
     cut_k, cut_p = top_k > 0, top_p < 1
     ordered, order = logits.sort(dim=-1, descending=True, stable=True)  # stable: ties cut the same way
-    rank = torch.arange(logits.shape[-1], device=logits.device)
-    keep = ~cut_k[:, None] | (rank[None, :] < top_k[:, None])
+    # Top-k keeps every token tied with the k-th (as transformers and vLLM do): with bf16 logits
+    # ties are common, and cutting them by index would favour low token ids.
+    kth = ordered.gather(-1, (top_k.clamp(min=1, max=logits.shape[-1]) - 1)[:, None])
+    keep = ~cut_k[:, None] | (ordered >= kth)
     ordered = ordered.masked_fill(~keep, -math.inf)
     probs = ordered.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # the mass of the more likely tokens

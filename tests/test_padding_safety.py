@@ -502,17 +502,24 @@ def _twice_the_token_count(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x @ W, x.shape[0] * 2
 
 
+def test_a_number_output_computed_from_the_token_count_is_computed_at_the_calls(replay_on_cpu) -> None:
+    """A replay returns an int computed from T alone (a MoE stage hands the next its 2T flattened
+    expert rows) at the call's T, not the bucket's."""
+    report = _run(_twice_the_token_count, _rows, lengths=(3, 5, 11, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 2
+
+
 def _rows_by_positions(x: torch.Tensor) -> torch.Tensor:
     return x[:, :1] * torch.arange(x.shape[0] + 1)[None, :]  # [T, T + 1]
 
 
 @pytest.mark.parametrize("fn, reason", [
-    (_twice_the_token_count, "a number output computed from the token count"),
     (_rows_by_positions, "cuts back only one dim"),
 ])
 def test_outputs_a_replay_cannot_cut_back_are_not_captured(replay_on_cpu, fn, reason: str) -> None:
     """A replay cuts each output along its one dim of exactly T rows and returns numbers as
-    captured: an output with another token-sized dim, or a number computed from T, would come
+    captured (but ints computed from T alone): an output with another token-sized dim would come
     back at the bucket's size."""
     report = _run(fn, _rows)
     (note,) = _cuda_graphs_notes(report)

@@ -970,12 +970,13 @@ def test_nano_batches_split_the_grid_by_tokens(llama_program, monkeypatch: pytes
     assert sorted(set(grids)) == sorted({(3, want[0]), (30, want[1])})
 
 
-@pytest.mark.parametrize("max_draft", [0, 3])
-def test_graphed_stages_generate_the_same_tokens(monkeypatch: pytest.MonkeyPatch, max_draft: int) -> None:
+@pytest.mark.parametrize("arch, max_draft", [("llama", 0), ("llama", 3), ("mixtral", 0)])
+def test_graphed_stages_generate_the_same_tokens(monkeypatch: pytest.MonkeyPatch, arch: str, max_draft: int) -> None:
     """Dense stages replayed from per-bucket graphs (`Config.cuda_graphs`; a CPU stand-in for
     CUDA graphs here): steps of 1-24 real tokens run in 16- and 32-token buckets whose padding
-    rows never reach the real ones, the attention in between runs over the real tokens, and the
-    tokens are exactly eager generation's. A graphed program refuses nano-batches."""
+    rows never reach the real ones (Mixtral's padded rows join its experts' groups), the
+    attention in between runs over the real tokens, and the tokens are exactly eager
+    generation's. A graphed program refuses nano-batches."""
     import transformers
 
     import tileflow
@@ -984,9 +985,13 @@ def test_graphed_stages_generate_the_same_tokens(monkeypatch: pytest.MonkeyPatch
     from tileflow.distributed import CausalLMStep, build_stage_program
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    sizes = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if arch == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**sizes, num_local_experts=4,
+                                                                           num_experts_per_tok=2)).eval()
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes)).eval()
     reference = copy.deepcopy(model)
     reference.config._attn_implementation = "sdpa"
     example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])

@@ -125,7 +125,7 @@ _FILLS: dict[Any, Any] = {
     aten.full.default: "fill_value", aten.new_full.default: "fill_value", aten.full_like.default: "fill_value",
     aten.scalar_tensor.default: "s", aten.zeros.default: 0, aten.new_zeros.default: 0, aten.zeros_like.default: 0,
     aten.ones.default: 1, aten.new_ones.default: 1, aten.ones_like.default: 1, aten.empty.memory_format: None,
-    aten.new_empty.default: None, aten.empty_like.default: None,
+    aten.new_empty.default: None, aten.empty_like.default: None, aten.empty_permuted.default: None,
 }
 # An additive mask's masked value may be the dtype's lowest instead of -inf: exp() of it is 0
 # beside any visible key, but a row with no visible key would average all keys, padding too.
@@ -136,7 +136,7 @@ _SIZE_ARGS = _RESHAPES | {
     aten.expand.default, aten.slice.Tensor, aten.select.int, aten.arange.default, aten.arange.start,
     aten.arange.start_step, aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format,
     aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default,
-    aten.scalar_tensor.default,
+    aten.scalar_tensor.default, aten.empty_permuted.default,
 }
 
 
@@ -221,10 +221,12 @@ class _Walk:
     def uncuttable(self, value: Any) -> str | None:
         """Why an output would come back wrong from a replay even with clean values: a replay
         cuts each tensor output back to T rows along its one dim of exactly T rows, and returns
-        a number output as captured (the token count itself is passed as T)."""
+        a number output as captured, except one computed from T alone, which it computes at
+        the call's T (`runtime.streams.TokenExpression`)."""
         if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-            if self.token in _expr(value).free_symbols and _expr(value) != self.token:
-                return "a number output computed from the token count: a replay returns the bucket's"
+            symbols = _expr(value).free_symbols
+            if self.token in symbols and (symbols != {self.token} or not isinstance(value, torch.SymInt)):
+                return "a number output computed from the token count and other sizes: a replay returns the bucket's"
             return None
         dims = self.dims(value)
         if dims is None or (dims and (len(dims) != 1 or any(a != 0 for a in dims.values()))):

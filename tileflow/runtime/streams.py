@@ -41,6 +41,7 @@ from ..log import get_logger
 
 __all__ = [
     "TOKEN_COUNT",
+    "TokenExpression",
     "keep_alive_while_captured",
     "CudaGraphBuckets",
     "CudaStreams",
@@ -56,6 +57,21 @@ log = get_logger("runtime.streams")
 
 # `CudaGraphBuckets` input marker: this argument is the token count itself (an int).
 TOKEN_COUNT = "token_count"
+
+
+@dataclass(frozen=True)
+class TokenExpression:
+    """`CudaGraphBuckets` marker of an int argument or output computed from the token count
+    alone (`2 * T` for the flattened top-2 expert ids a MoE stage hands the next one): a graph
+    is captured with its value at the bucket's count, and a call returns its value at the
+    call's."""
+
+    expr: Any  # a sympy expression in `symbol` only
+    symbol: Any
+
+    def at(self, tokens: int) -> int:
+        """The value for `tokens` tokens."""
+        return int(self.expr.subs(self.symbol, tokens))
 # The SM share of the stream whose work is being launched (None: the whole device).
 _GRID_SHARE: contextvars.ContextVar[float | None] = contextvars.ContextVar("tileflow_grid_share", default=None)
 
@@ -320,6 +336,8 @@ def graph_token_dims(gm: Any, token: Any) -> tuple[list[Any], Any]:
     def dim_of(value: Any) -> Any:
         if isinstance(value, torch.SymInt) and value.node.expr == token:
             return TOKEN_COUNT
+        if isinstance(value, torch.SymInt) and value.node.expr.free_symbols == {token}:
+            return TokenExpression(value.node.expr, token)
         return token_dim(value, token)
 
     inputs = [dim_of(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
@@ -335,7 +353,8 @@ class CudaGraphBuckets:
     argument *is* the token count, an int, as Dynamo passes a symbolic size); the first tensor
     with a token dim gives the call's token count T, and `output_token_dims(outputs)` the token
     dim of each output (a pytree like the outputs; None: none; `TOKEN_COUNT`: the output is the
-    token count, an int, which a call returns as T). A call uses the smallest bucket
+    token count, an int, which a call returns as T; a `TokenExpression`: an int computed from T,
+    which a call returns at T, and as an input is captured at B). A call uses the smallest bucket
     B >= T. A graph is keyed by the bucket *and* everything else that shapes the step: every
     input's shape with its token dim replaced by B, dtypes, and every other int input, so a new
     batch size or cache length captures anew instead of replaying a wrong graph. The graph's
@@ -401,8 +420,8 @@ class CudaGraphBuckets:
         """What a graph for these inputs is keyed by (see the class docstring)."""
         key: list[Any] = [bucket]
         for value, dim in zip(args, self.input_token_dims):
-            if dim == TOKEN_COUNT:
-                continue
+            if dim == TOKEN_COUNT or isinstance(dim, TokenExpression):
+                continue  # follows the bucket
             if isinstance(value, torch.Tensor):
                 shape = list(value.shape)
                 if isinstance(dim, int):
@@ -454,6 +473,9 @@ class CudaGraphBuckets:
             if dim == TOKEN_COUNT:
                 static_inputs.append(bucket)  # the graph is captured at the bucket's size
                 continue
+            if isinstance(dim, TokenExpression):
+                static_inputs.append(dim.at(bucket))
+                continue
             if isinstance(value, torch.nn.Parameter) or not isinstance(value, torch.Tensor):
                 static_inputs.append(value)  # weights and Python values: referenced as they are
                 continue
@@ -504,8 +526,8 @@ class CudaGraphBuckets:
         flat, spec = pytree.tree_flatten(outputs, is_leaf=lambda x: x is None)
         _, dims = self._flat_outputs(outputs)
         # Cloned: the static outputs belong to the graph, and the next replay overwrites them.
-        cut = [tokens if d == TOKEN_COUNT else o.narrow(d, 0, tokens).clone() if isinstance(o, torch.Tensor) else o
-               for o, d in zip(flat, dims)]
+        cut = [tokens if d == TOKEN_COUNT else d.at(tokens) if isinstance(d, TokenExpression)
+               else o.narrow(d, 0, tokens).clone() if isinstance(o, torch.Tensor) else o for o, d in zip(flat, dims)]
         return pytree.tree_unflatten(cut, spec)
 
 

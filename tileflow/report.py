@@ -107,13 +107,16 @@ class Report:
         self._frames: set[int] = set()
 
     def compiled_frame_before(self, frame: int) -> bool:
-        """Whether this report already holds a compile of Dynamo frame `frame` (and note it): a
+        """Whether this report already holds a finished compile of Dynamo frame `frame`: a
         recompile. Dynamo's own count also grows when another backend (an earlier `explain`,
         Inductor) compiled the frame first."""
         with self._lock:
-            seen = frame in self._frames
+            return frame in self._frames
+
+    def note_compiled_frame(self, frame: int) -> None:
+        """Note that a compile of Dynamo frame `frame` finished (see `compiled_frame_before`)."""
+        with self._lock:
             self._frames.add(frame)
-            return seen
 
     def add_graph(self, graph: GraphReport, *, recompile: bool = False) -> None:
         """Record a newly compiled graph (thread-safe: Dynamo may compile from several threads)."""

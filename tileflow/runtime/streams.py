@@ -78,6 +78,8 @@ class TokenExpression:
 def _evaluate_at(expr: Any, symbol: Any, tokens: int) -> int:
     # Cached: sympy's substitution costs tens of microseconds, on every step's host path.
     return int(expr.subs(symbol, tokens))
+
+
 # The SM share of the stream whose work is being launched (None: the whole device).
 _GRID_SHARE: contextvars.ContextVar[float | None] = contextvars.ContextVar("tileflow_grid_share", default=None)
 

@@ -181,15 +181,17 @@ MOE = {
                             moe_intermediate_size=32, shared_expert_intermediate_size=64),
     "qwen3_moe": _causal_lm("Qwen3MoeConfig", "Qwen3MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
                             moe_intermediate_size=32, head_dim=16),
+    # Sparse-mixer routing: two `max` picks side by side (`cat`) instead of a top-k.
+    "phimoe": _causal_lm("PhimoeConfig", "PhimoeForCausalLM", num_local_experts=4, num_experts_per_tok=2),
 }
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe", "qwen3_moe", "phimoe"])
 def test_mixture_of_experts_models_are_captured(replay_on_cpu, arch: str) -> None:
     """Mixtral, gpt-oss (expert biases gathered by id), DeepSeek-V3 (group-limited routing by
-    scatter and gather), Qwen2-MoE and Qwen3-MoE sort their rows by expert and back: captured, and
-    equal to eager although the padded rows (zeros) join the experts' groups and shift every
-    group's offsets."""
+    scatter and gather), Qwen2-MoE, Qwen3-MoE and PhiMoE sort their rows by expert and back:
+    captured, and equal to eager although the padded rows (zeros) join the experts' groups and
+    shift every group's offsets."""
     from models import ZOO
 
     torch.manual_seed(0)

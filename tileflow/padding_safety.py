@@ -722,7 +722,9 @@ class _Walk:
         for t in tensors:
             if (self.dims(meta_val(t)) or {}).keys() - {dim} != o_dims.keys():
                 return self.refuse(node, "concatenates pieces with different token dims")
-        return _CLEAN
+        # Indices side by side (PhiMoE's two expert choices): within the widest piece's range.
+        ranges = [self.facts[t].key_range for t in tensors]
+        return _Facts(key_range=max(ranges)) if None not in ranges else _CLEAN
 
     def along(self, node: fx.Node) -> _Facts:
         """Reductions, softmaxes and splits: fine along feature dims; along a token dim only a scan."""
@@ -737,8 +739,11 @@ class _Walk:
         if along_tokens and (node.target not in _SCANS or any(isinstance(a, _Blocks) for a in along_tokens)):
             return self.refuse(node, "reads across the token dim, so padded rows enter real rows' results")
         size = meta_val(src).shape[dims[0] % rank] if meta_val(src).dim() else 1
-        if node.target is aten.topk.default and isinstance(size, int):
-            return _Facts(parts=(_CLEAN, _Facts(key_range=size)))  # indices into a dim of `size`
+        if isinstance(size, int) and len(dims) == 1:  # indices into one dim of `size`, whatever the values
+            if node.target in (aten.topk.default, aten.max.dim, aten.min.dim):
+                return _Facts(parts=(_CLEAN, _Facts(key_range=size)))
+            if node.target in (aten.argmax.default, aten.argmin.default):
+                return _Facts(key_range=size)
         return _CLEAN
 
     def indexed(self, node: fx.Node) -> _Facts:

@@ -183,15 +183,19 @@ MOE = {
                             moe_intermediate_size=32, head_dim=16),
     # Sparse-mixer routing: two `max` picks side by side (`cat`) instead of a top-k.
     "phimoe": _causal_lm("PhimoeConfig", "PhimoeForCausalLM", num_local_experts=4, num_experts_per_tok=2),
+    # Every expert sees every token (`repeat`, then one bmm), complex RoPE, attention in chunks of 8.
+    "llama4": _causal_lm("Llama4TextConfig", "Llama4ForCausalLM", head_dim=16, intermediate_size=64,
+                         intermediate_size_mlp=128, num_local_experts=4, num_experts_per_tok=1,
+                         interleave_moe_layer_step=1, attention_chunk_size=8),
 }
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe", "qwen3_moe", "phimoe"])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe", "qwen3_moe", "phimoe", "llama4"])
 def test_mixture_of_experts_models_are_captured(replay_on_cpu, arch: str) -> None:
     """Mixtral, gpt-oss (expert biases gathered by id), DeepSeek-V3 (group-limited routing by
-    scatter and gather), Qwen2-MoE, Qwen3-MoE and PhiMoE sort their rows by expert and back:
-    captured, and equal to eager although the padded rows (zeros) join the experts' groups and
-    shift every group's offsets."""
+    scatter and gather), Qwen2-MoE, Qwen3-MoE and PhiMoE sort their rows by expert and back, and
+    Llama-4 runs every token through every expert: captured, and equal to eager although the
+    padded rows (zeros) join the experts' groups and shift every group's offsets."""
     from models import ZOO
 
     torch.manual_seed(0)
@@ -246,6 +250,25 @@ def _moe_with_a_dense_projection(x: torch.Tensor, top: int) -> torch.Tensor:
     weights, keys, order, rows = _route(x, top)
     y = torch.relu(tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys))) @ W * weights[:, None]
     return _unsort(y, order, top)
+
+
+def _every_expert_sees_every_token(x: torch.Tensor) -> torch.Tensor:
+    # Llama-4's experts: E copies of the rows (E blocks of T, each padded at its end), one bmm.
+    return torch.bmm(x.repeat(EXPERTS, 1).view(EXPERTS, -1, H), EXPERT_W).sum(0)
+
+
+def _running_sum_over_repeated_rows(x: torch.Tensor) -> torch.Tensor:
+    # Into the second copy, the first copy's padded rows (+ 1: zeros would add nothing).
+    return (x + 1).repeat(2, 1).cumsum(0).view(2, -1, H)[1]
+
+
+def test_repeated_rows_are_blocks(replay_on_cpu) -> None:
+    report = _run(_every_expert_sees_every_token, _rows, lengths=(3, 7, 12, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    torch._dynamo.reset()
+    report = _run(_running_sum_over_repeated_rows, _rows, lengths=(3, 7, 12))
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note and "reads across the token dim" in note, note
 
 
 @pytest.mark.parametrize("top", [1, 2, 3])

@@ -99,9 +99,11 @@ _SAME_DIMS = {
     aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
     aten.contiguous.default, aten.lift_fresh_copy.default, torch.ops.prims.convert_element_type.default,
 }
-# Elementwise ops without the pointwise tag: `copy` (functionalized in-place copies) and where
-# with scalar branches.
-_ELEMENTWISE = {aten.copy.default, aten.where.Scalar, aten.where.ScalarOther, aten.where.ScalarSelf}
+# Elementwise ops without the pointwise tag: `copy` (functionalized in-place copies), where
+# with scalar branches, `polar` (Llama-4's complex RoPE factors) and `floor_divide` (its attention
+# chunks, `pos // chunk`).
+_ELEMENTWISE = {aten.copy.default, aten.where.Scalar, aten.where.ScalarOther, aten.where.ScalarSelf, aten.polar.default,
+                aten.floor_divide.default}
 _RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 # Ops reading along their `dim` argument (every dim when it is None or empty): reductions,
 # softmaxes and splits are fine along feature dims only; scans read only earlier rows, so a
@@ -321,6 +323,10 @@ class _Walk:
             return self.moved(node)
         if target in (aten.slice.Tensor, aten.select.int):
             return self.sliced(node)
+        if target in (aten.view_as_complex.default, aten.view_as_real.default):
+            return self.complex_view(node)
+        if target is aten.repeat.default:
+            return self.repeated(node)
         if target is aten.cat.default:
             return self.concatenated(node)
         if target in _ALONG or target in _SCANS:
@@ -656,6 +662,29 @@ class _Walk:
             same = len(o_dims) == len(s_dims)
             return replace(facts, position=facts.position if same else None, row_source=facts.row_source if same else None)
         return _with_dims_moved(facts, _dim_mapping(node))
+
+    def complex_view(self, node: fx.Node) -> _Facts:
+        """`view_as_complex` / `view_as_real` (Llama-4's RoPE) pair or split the last dim: rows
+        stay whole while that dim is not a token dim."""
+        src = meta_val(node.args[0])
+        last = src.dim() - 1 if node.target is aten.view_as_complex.default else src.dim()
+        if any(d >= last for d in self.dims(src) or {}):
+            return self.refuse(node, "a complex view across the token dim")
+        return replace(self.facts[node.args[0]], causal=None, diagonal=None, position=None, row_source=None, fill=None)
+
+    def repeated(self, node: fx.Node) -> _Facts:
+        """`repeat` tiles the whole tensor: r copies of a token dim are r blocks of its rows,
+        each padded at its end (Llama-4's experts each see every token); `dims` reads that from
+        the size r * T, so only a token dim with a prefix (whose copies would put padding
+        between rows) is refused."""
+        src = meta_val(node.args[0])
+        shift = len(node.args[1]) - src.dim()
+        for d, prefix in (self.dims(src) or {}).items():
+            if node.args[1][d + shift] != 1 and not isinstance(prefix, _Blocks) and not _equal(prefix, 0):
+                return self.refuse(node, "repeats a token dim that has rows before its tokens")
+        # A permutation or counts repeated are neither: only the values' facts stay.
+        return replace(self.facts[node.args[0]], causal=None, diagonal=None, position=None, row_source=None,
+                       route=None)
 
     def sliced(self, node: fx.Node) -> _Facts:
         """`slice`/`select` along a token dim read rows that exist in both runs only when they sit

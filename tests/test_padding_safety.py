@@ -535,6 +535,36 @@ def test_a_number_output_computed_from_the_token_count_is_computed_at_the_calls(
     assert replay_on_cpu.captures == 2
 
 
+def _scaled_by_a_comparison_of_the_token_count(x: torch.Tensor) -> torch.Tensor:
+    # T > 4 is a SymBool: captured at the bucket (16 > 4), a replay at T = 3 would scale by 1, not 0.
+    return ((x + 1) * (x.shape[0] > 4)) @ W
+
+
+def _filled_with_a_comparison_of_the_token_count(x: torch.Tensor) -> torch.Tensor:
+    return (x + torch.full((x.shape[0], H), x.shape[0] > 4)) @ W
+
+
+@pytest.mark.parametrize("fn", [_scaled_by_a_comparison_of_the_token_count,
+                                _filled_with_a_comparison_of_the_token_count])
+def test_a_comparison_of_the_token_count_as_a_value_is_not_captured(replay_on_cpu, fn) -> None:
+    report = _run(fn, _rows, lengths=(3, 5, 11))
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note and "token count" in note, note
+    assert replay_on_cpu.captures == 0
+
+
+def _comparison_of_the_token_count_returned(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    return x @ W, x.shape[0] > 4
+
+
+def test_a_comparison_of_the_token_count_returned_is_not_captured(replay_on_cpu) -> None:
+    """A SymBool output is returned as captured (16 > 4 at the bucket): refused, not a crash."""
+    report = _run(_comparison_of_the_token_count_returned, _rows, lengths=(3, 5, 11))
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note and "a number output" in note, note
+    assert replay_on_cpu.captures == 0
+
+
 def _rows_by_positions(x: torch.Tensor) -> torch.Tensor:
     return x[:, :1] * torch.arange(x.shape[0] + 1)[None, :]  # [T, T + 1]
 

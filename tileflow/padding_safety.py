@@ -217,8 +217,9 @@ class _Walk:
         return out
 
     def depends_on_token(self, value: Any) -> bool:
-        """A scalar argument whose value is the token count (or built from it)."""
-        return isinstance(value, (torch.SymInt, torch.SymFloat)) and self.token in _expr(value).free_symbols
+        """A scalar argument whose value is the token count (or built from it), a comparison of
+        it (`T > 4`, a SymBool) too: a replay would keep the bucket's value."""
+        return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) and self.token in _expr(value).free_symbols
 
     def uncuttable(self, value: Any) -> str | None:
         """Why an output would come back wrong from a replay even with clean values: a replay
@@ -228,7 +229,8 @@ class _Walk:
         if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             symbols = _expr(value).free_symbols
             if self.token in symbols and (symbols != {self.token} or not isinstance(value, torch.SymInt)):
-                return "a number output computed from the token count and other sizes: a replay returns the bucket's"
+                return ("a number output computed from the token count other than as an int of it alone: a replay "
+                        "returns the bucket's")
             return None
         dims = self.dims(value)
         if dims is None or (dims and (len(dims) != 1 or any(a != 0 for a in dims.values()))):
@@ -991,8 +993,8 @@ def _flat(value: Any) -> list[Any]:
 
 
 def _expr(value: Any) -> Any:
-    """A size or scalar as a sympy expression (ints stay ints)."""
-    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+    """A size or scalar (a SymBool too) as a sympy expression (ints stay ints)."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return value.node.expr
     return value
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .streams import TOKEN_COUNT, CudaGraphBuckets, CudaStreams, TokenExpression, run_schedule_on_streams
+from .streams import TOKEN_COUNT, CudaGraphBuckets, CudaStreams, run_schedule_on_streams
 
 aten = torch.ops.aten
 # Ops whose shape argument (args[1]) holds the token dim's size: rewritten per nano-batch.
@@ -93,7 +93,7 @@ class NanoBatchRunner:
 
 def _input_token_dims(gm: fx.GraphModule, plan: Any) -> list[Any]:
     """Per graph input: its token dim, `TOKEN_COUNT` for the token count itself (Dynamo passes
-    symbolic sizes as int inputs), a `TokenExpression` for an int computed from it, or None."""
+    symbolic sizes as int inputs), or None."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index, dim = plan.token_input
     token = placeholders[index].meta["val"].shape[dim]
@@ -103,8 +103,6 @@ def _input_token_dims(gm: fx.GraphModule, plan: Any) -> list[Any]:
         val = node.meta.get("val")
         if isinstance(val, torch.SymInt) and symbol is not None and val.node.expr == symbol:
             dims.append(TOKEN_COUNT)
-        elif isinstance(val, torch.SymInt) and symbol is not None and val.node.expr.free_symbols == {symbol}:
-            dims.append(TokenExpression(val.node.expr, symbol))  # e.g. 2 * T: follows the bucket
         else:
             dims.append(plan.token_dims.get(node.name))
     return dims

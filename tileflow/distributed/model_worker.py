@@ -172,11 +172,14 @@ class ModelWorker:
         if p.max_tokens is not None and b.tokens > p.max_tokens:
             raise ValueError(f"a batch of {b.tokens} tokens is more than the {p.max_tokens} a step of this program "
                              "may hold: split it, or build the program with build_stage_program(max_tokens=...)")
-        for index, rows, what in ((0, p.vocab_size, "token ids"), (1, p.max_positions, "positions")):
-            if rows is None or index >= len(b.inputs) or b.inputs[index].numel() == 0:
-                continue
-            lo, hi = torch.aminmax(b.inputs[index])  # one reduction, one read back
-            lo, hi = int(lo), int(hi)
+        checks = [(index, rows, what) for index, rows, what in ((0, p.vocab_size, "token ids"), (1, p.max_positions, "positions"))
+                  if rows is not None and index < len(b.inputs) and b.inputs[index].numel()]
+        if not checks:
+            return
+        # One read-back for every bound: each read of a device value waits for the device.
+        device = b.inputs[checks[0][0]].device
+        bounds = torch.stack([torch.stack(torch.aminmax(b.inputs[index])).to(device, torch.int64) for index, _, _ in checks])
+        for (_, rows, what), (lo, hi) in zip(checks, bounds.tolist()):
             if lo < 0 or hi >= rows:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"{what} must be in [0, {rows}) (the rows of the model's table), got {bad} "

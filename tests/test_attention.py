@@ -4,6 +4,7 @@ transformers attention registration."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -289,18 +290,28 @@ def test_bad_metadata_is_a_clear_error() -> None:
         meta_attention_varlen(**short)
 
 
-@pytest.mark.parametrize("target", ["reference", "triton"])
-def test_transformers_attn_implementation(target) -> None:
+def sdpa_and_ours(config_class: str, model_class: str, implementation: str, **args: Any) -> tuple[Any, Any]:
+    """transformers' `model_class` twice with one set of seeded weights: on SDPA, and on the
+    attention `implementation` (tileflow's, registered here)."""
     import transformers
 
     tileflow.register_transformers()
-    config = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=1, sliding_window=6)
     torch.manual_seed(0)
-    sdpa = transformers.MistralForCausalLM(config).eval()
-    config._attn_implementation = "tileflow"
-    ours = transformers.MistralForCausalLM(config).eval()
+    models = []
+    for attention in ("sdpa", implementation):
+        config = getattr(transformers, config_class)(**args)
+        config._attn_implementation = attention
+        models.append(getattr(transformers, model_class)(config).eval())
+    sdpa, ours = models
     ours.load_state_dict(sdpa.state_dict())
+    return sdpa, ours
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_transformers_attn_implementation(target) -> None:
+    sdpa, ours = sdpa_and_ours("MistralConfig", "MistralForCausalLM", "tileflow", vocab_size=128, hidden_size=64,
+                               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=1, sliding_window=6)
     ids = torch.randint(0, 128, (2, 13))
     with torch.no_grad(), tileflow.use_config(tileflow.Config(target=target)):
         torch.testing.assert_close(ours(ids).logits, sdpa(ids).logits, rtol=1e-4, atol=1e-4)
@@ -313,16 +324,8 @@ def test_transformers_attn_implementation(target) -> None:
 def test_transformers_causal_attn_implementation_refuses_a_padding_mask() -> None:
     """"tileflow_causal" builds no mask: a padding mask must be refused, not silently dropped
     (the padded row's real tokens would attend to the padding); an all-ones mask is no mask."""
-    import transformers
-
-    tileflow.register_transformers()
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    sdpa = transformers.LlamaForCausalLM(config).eval()
-    config._attn_implementation = "tileflow_causal"
-    ours = transformers.LlamaForCausalLM(config).eval()
-    ours.load_state_dict(sdpa.state_dict())
+    sdpa, ours = sdpa_and_ours("LlamaConfig", "LlamaForCausalLM", "tileflow_causal", vocab_size=128, hidden_size=64,
+                               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     ids = torch.randint(1, 128, (2, 6))
     padded = torch.ones(2, 6, dtype=torch.long)
     padded[1, :3] = 0
@@ -657,21 +660,11 @@ def test_transformers_attention_with_another_value_head_size(implementation: str
     """DeepSeek-V3's latent attention has values narrower (or wider) than queries and keys: the
     meta-kernel takes one head size, so the integration pads the narrower side with zero columns
     and cuts the output back (it raised a shape error before); logits equal SDPA's."""
-    import transformers
-
-    tileflow.register_transformers()
-    args = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                v_head_dim=v_head_dim, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                first_k_dense_replace=1, n_group=1, topk_group=1)
-    torch.manual_seed(0)
-    config = transformers.DeepseekV3Config(**args)
-    config._attn_implementation = "sdpa"
-    sdpa = transformers.DeepseekV3ForCausalLM(config).eval()
-    config = transformers.DeepseekV3Config(**args)
-    config._attn_implementation = implementation
-    ours = transformers.DeepseekV3ForCausalLM(config).eval()
-    ours.load_state_dict(sdpa.state_dict())
+    sdpa, ours = sdpa_and_ours(
+        "DeepseekV3Config", "DeepseekV3ForCausalLM", implementation, vocab_size=128, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=v_head_dim, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1)
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, use_cache=False).logits, sdpa(ids, use_cache=False).logits,
@@ -684,20 +677,11 @@ def test_transformers_causal_attn_implementation_refuses_a_static_cache() -> Non
     refused; a DynamicCache generates SDPA's tokens."""
     import transformers
 
-    tileflow.register_transformers()
-    args = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**args)
-    config._attn_implementation = "sdpa"
-    sdpa = transformers.LlamaForCausalLM(config).eval()
-    config = transformers.LlamaConfig(**args)
-    config._attn_implementation = "tileflow_causal"
-    ours = transformers.LlamaForCausalLM(config).eval()
-    ours.load_state_dict(sdpa.state_dict())
+    sdpa, ours = sdpa_and_ours("LlamaConfig", "LlamaForCausalLM", "tileflow_causal", vocab_size=128, hidden_size=64,
+                               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
         with pytest.raises(ValueError, match="keys to end at the last query"):
-            ours(ids, past_key_values=transformers.StaticCache(config=config, max_cache_len=32), use_cache=True)
+            ours(ids, past_key_values=transformers.StaticCache(config=ours.config, max_cache_len=32), use_cache=True)
         assert torch.equal(ours.generate(ids, max_new_tokens=5, do_sample=False),
                            sdpa.generate(ids, max_new_tokens=5, do_sample=False))

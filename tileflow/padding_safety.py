@@ -302,7 +302,7 @@ class _Walk:
             return whole.parts[node.args[1]] if whole.parts is not None else whole
         if not any(self.carries_tokens(a) for a in self.inputs(node)) and not self.uses_token_count(node):
             return self.constant(node)
-        name = getattr(target, "__name__", str(target)).split(".")[0]
+        name = _short_name(target)
         if target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
             return self.arange(node)
         if not isinstance(val, (torch.Tensor, tuple, list)):
@@ -378,7 +378,7 @@ class _Walk:
             return self.inverted(node)
         if target is aten.histc.default:
             return self.histogram(node)
-        if getattr(getattr(target, "_schema", None), "name", None) in _GROUPED_GEMMS:
+        if _is_grouped_gemm(target):
             return self.grouped_gemm(node)
         return None
 
@@ -396,7 +396,7 @@ class _Walk:
         if target is aten.cumsum.default and not rest and node.args[0] is first:
             return _Facts(route=replace(self.facts[first].route, kind="offsets")) \
                 if self.facts[first].route.kind == "histogram" else None
-        if getattr(getattr(target, "_schema", None), "name", None) in _GROUPED_GEMMS:
+        if _is_grouped_gemm(target):
             return self.grouped_gemm(node)
         if (target is aten.index.Tensor and not rest and node.args[0] is not first and list(node.args[1]) == [first]
                 and self.facts[first].route.kind == "inverse"):
@@ -507,14 +507,16 @@ class _Walk:
     def ordered(self, node: fx.Node, facts: _Facts) -> _Facts:
         """Rows out of token order (or token-major) through a row-wise op keep their order; other
         ops, and ops combining rows of different orders, are refused."""
+        # The order-free case first, without reading every input's dims again.
+        if facts.hazard or node.target in _RESHAPES or all(self.facts[a].order is None for a in self.inputs(node)):
+            return facts  # (a view decides its order itself)
         carriers = [a for a in self.inputs(node) if self.carries_tokens(a)]
         orders = {self.facts[a].order for a in carriers}
-        if facts.hazard or orders <= {None} or node.target in _RESHAPES:  # a view decides its order itself
-            return facts
+        if orders <= {None}:
+            return facts  # a tuple's piece (getitem) carries its tuple's order already
         if len(orders) > 1:
             return self.refuse(node, "combines rows in different orders (routed to experts and in token order)")
-        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        if node.target not in _ROW_WISE and name != "padded_gemm" and not (
+        if node.target not in _ROW_WISE and _short_name(node.target) != "padded_gemm" and not (
                 isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags):
             return self.refuse(node, f"{node.target} on rows routed out of token order")
         first = carriers[0] if node.target is not aten.cat.default else node
@@ -953,6 +955,16 @@ class _Walk:
                 alpha = node.kwargs.get("alpha", 1)
                 return _Facts(position=facts.position + sign * alpha * _expr(other))
         return _CLEAN
+
+
+def _short_name(target: Any) -> str:
+    """An op's name without its overload (`padded_gemm`, `meta_attention`)."""
+    return getattr(target, "__name__", str(target)).split(".")[0]
+
+
+def _is_grouped_gemm(target: Any) -> bool:
+    """A grouped (MoE expert) GEMM: tileflow's, transformers' fallback or aten's."""
+    return getattr(getattr(target, "_schema", None), "name", None) in _GROUPED_GEMMS
 
 
 def _axes(node: fx.Node) -> list[int]:

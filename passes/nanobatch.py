@@ -35,7 +35,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tileflow.graph_utils import is_view_op, meta_val, token_dim, written_arguments
 from tileflow.pipeline import PassContext, PassResult, register_pass
-from tileflow.schedule import OpEdge, OpSpec, Schedule, check_schedule, make_schedule
+from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, OpEdge, OpSpec, Schedule, check_schedule, make_schedule
 from tileflow.search import OpProfile, modeled_timeline, search_split
 
 aten = torch.ops.aten
@@ -124,6 +124,19 @@ class NanoBatchPlan:
                 shares = {s: v for s, v in plan.sm_share_per_stream.items() if v > 0}
                 self._searched[tokens] = (sizes, shares if len(sizes) > 1 else None)
         return self._searched[tokens]
+
+    def timeline(self, tokens: int) -> list[dict[str, Any]] | None:
+        """The modeled per-stream timeline of a `tokens` step split as `sizes(tokens)` (None when
+        it is not split or there is no cost model). With "auto" it is drawn at the SM share the
+        search chose, so it shows the plan the runtime runs and ends at the plan's makespan."""
+        sizes = self.sizes(tokens)
+        if len(sizes) < 2 or not self.profile or self.device is None:
+            return None
+        # The searched share, not a fixed one the search may not even try (the report drew every
+        # "auto" plan at 0.6). A fixed k runs without an SM partition, which the model cannot
+        # express, so it keeps 0.6; so does a profile without both compute and memory (unused).
+        share = (self.shares(tokens) or {}).get(DEFAULT_STREAM_OF_RESOURCE["compute"], 0.6)
+        return modeled_timeline(self.profile, sizes, share, self.device)
 
     def schedule(self, sizes: list[int]) -> Schedule:
         """The stream schedule for these nano-batch sizes."""
@@ -286,10 +299,11 @@ class NanoBatch:
         if example is not None:
             sizes = plan.sizes(example)
             schedule = plan.schedule(sizes)
-            check_schedule(schedule, {s.name: (0, example) for s in specs})
+            check_schedule(schedule, {s.name: (0, example) for s in specs}, edges)
             info.update(example_tokens=example, sizes=sizes, schedule=schedule.to_dict())
-            if profile and device is not None and len(sizes) > 1:
-                info["timeline"] = modeled_timeline(profile, sizes, 0.6, device)
+            timeline = plan.timeline(example)
+            if timeline is not None:
+                info["timeline"] = timeline
                 info["timeline_device"] = device.name
         ctx.report.extra["nano_batch"] = info
         result.count("nano_batch", sum(split.values()))

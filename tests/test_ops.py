@@ -37,6 +37,39 @@ def test_bad_arguments_are_clear() -> None:
         padded_gemm(torch.randn(3, 4), torch.randn(5, 4), activation="swiglu")
 
 
+@pytest.mark.parametrize("n, k", [(0, 4), (4, 0), (0, 0)])
+@pytest.mark.parametrize("activation, separate_up", [("none", False), ("silu", False), ("gelu", False),
+                                                     ("gelu_tanh", False), ("swiglu", False), ("swiglu", True)])
+def test_gemms_with_an_empty_dimension_answer_as_linear_does(n: int, k: int, activation: str,
+                                                             separate_up: bool) -> None:
+    """N = 0 gives an empty result and K = 0 the epilogue of zero products (bias, activation,
+    residual), as `F.linear` does; no tile plan covers an empty dimension, and they used to fail
+    in tile planning."""
+    f = torch.nn.functional
+    m, stacked = 3, activation == "swiglu" and not separate_up
+    x = torch.randn(m, k, dtype=torch.float64)
+    w = torch.randn(2 * n if stacked else n, k, dtype=torch.float64)
+    b = torch.randn(w.shape[0], dtype=torch.float64)
+    w_up = torch.randn(n, k, dtype=torch.float64) if separate_up else None
+    b_up = torch.randn(n, dtype=torch.float64) if separate_up else None
+    residual = torch.randn(m, n, dtype=torch.float64)
+    out = padded_gemm(x, w, b, activation=activation, residual=residual, weight_up=w_up, bias_up=b_up,
+                      out_dtype=torch.float32)
+    if activation == "swiglu":
+        gate = f.linear(x, w[:n], b[:n]) if stacked else f.linear(x, w, b)
+        up = f.linear(x, w[n:], b[n:]) if stacked else f.linear(x, w_up, b_up)
+        want = f.silu(gate) * up
+    else:
+        act = {"none": lambda t: t, "silu": f.silu, "gelu": f.gelu,
+               "gelu_tanh": lambda t: f.gelu(t, approximate="tanh")}[activation]
+        want = act(f.linear(x, w, b))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (want + residual).float(), rtol=0, atol=1e-6)
+    xg, wg = torch.randn(5, k), torch.randn(2, 2 * n if activation == "swiglu" else n, k)
+    grouped = tileflow.ops.grouped_gemm(xg, wg, torch.tensor([2, 5], dtype=torch.int32), activation=activation)
+    assert grouped.shape == (5, n) and not grouped.any()
+
+
 def test_attention_ops_refuse_a_boolean_window() -> None:
     # The ops' schema would turn True into a window of 1.
     q = torch.randn(1, 2, 3, 4)

@@ -190,12 +190,18 @@ MOE = {
 }
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe", "qwen3_moe", "phimoe", "llama4"])
-def test_mixture_of_experts_models_are_captured(replay_on_cpu, arch: str) -> None:
+MOE_ARCHS = ["mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe", "qwen3_moe", "phimoe", "llama4"]
+
+
+@pytest.mark.parametrize("arch, batch", [*((arch, 1) for arch in MOE_ARCHS), *((arch, 2) for arch in MOE_ARCHS),
+                                         ("mixtral", 3), ("llama4", 3)])
+def test_mixture_of_experts_models_are_captured(replay_on_cpu, arch: str, batch: int) -> None:
     """Mixtral, gpt-oss (expert biases gathered by id), DeepSeek-V3 (group-limited routing by
     scatter and gather), Qwen2-MoE, Qwen3-MoE and PhiMoE sort their rows by expert and back, and
     Llama-4 runs every token through every expert: captured, and equal to eager although the
-    padded rows (zeros) join the experts' groups and shift every group's offsets."""
+    padded rows (zeros) join the experts' groups and shift every group's offsets. Batches above
+    one flatten their sequences first ([b, T, H] -> [b*T, H], each padded at its end; the top-k
+    ids [b*T, k] -> [b*T*k]), so the padded rows sort in among the real ones of every block."""
     from models import ZOO
 
     torch.manual_seed(0)
@@ -204,7 +210,8 @@ def test_mixture_of_experts_models_are_captured(replay_on_cpu, arch: str) -> Non
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(ids, use_cache=False).logits
 
-    report = _run(logits, lambda t: (torch.randint(0, VOCAB, (1, t)),), lengths=(3, 12, 20))
+    # Lengths unlike the batch, so `_run` marks the token dim dynamic, not the batch's.
+    report = _run(logits, lambda t: (torch.randint(0, VOCAB, (batch, t)),), lengths=(5, 12, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 2
 
@@ -277,6 +284,49 @@ def test_expert_routing_is_captured(replay_on_cpu, moe, top: int) -> None:
     report = _run(lambda x: moe(x, top), _rows, lengths=(3, 7, 12, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 2
+
+
+def _sequences(tokens: int) -> tuple[torch.Tensor]:
+    return (torch.randn(3, tokens, H),)
+
+
+def _moe_over_a_batch(x: torch.Tensor, top: int) -> torch.Tensor:
+    # Three sequences' rows flattened: each block's padded rows go to experts 0 and 1.
+    return _moe(x.reshape(-1, H), top).view(3, -1, H)
+
+
+def _moe_over_a_batch_regrouped(x: torch.Tensor) -> torch.Tensor:
+    # Rows put back in order, then read as [T, 3, H]: row t holds rows 3t..3t+2 of the flattened
+    # batch, which cross into the next sequence at a different place once padded.
+    return (_moe(x.reshape(-1, H), 2).view(-1, 3, H) @ W).sum(1)
+
+
+def _moe_ids_of_a_batch_regrouped(x: torch.Tensor) -> torch.Tensor:
+    # The top-k ids [3T, 2] read as [T, 6]: token t of the first sequence takes the ids of
+    # flattened token 3t, another sequence's past the first third, and which one moves with the
+    # padding.
+    weights, ids = torch.topk((x.reshape(-1, H) @ ROUTER.T + ROUTER_BIAS).softmax(-1), 2)
+    keys, order = torch.sort(ids.view(-1, 6)[:, :2].reshape(-1))
+    y = tileflow.ops.grouped_gemm(x[0][order // 2], EXPERT_W, _offsets(keys))
+    return _unsort(y, order, 2)
+
+
+@pytest.mark.parametrize("top", [1, 2, 3])
+def test_expert_routing_over_a_batch_is_captured(replay_on_cpu, top: int) -> None:
+    report = _run(lambda x: _moe_over_a_batch(x, top), _sequences, lengths=(4, 7, 12, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 2
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (_moe_over_a_batch_regrouped, "moves elements between token rows"),
+    (_moe_ids_of_a_batch_regrouped, "moves elements between token rows"),
+])
+def test_expert_routing_over_a_batch_that_mixes_sequences_is_not_captured(replay_on_cpu, fn, reason: str) -> None:
+    report = _run(fn, _sequences, lengths=(4, 7, 12))
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note and reason in note, note
+    assert replay_on_cpu.captures == 0
 
 
 def _moe_counts_as_values(x: torch.Tensor) -> torch.Tensor:

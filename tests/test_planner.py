@@ -17,6 +17,7 @@ from tileflow.planner import (
     cut_bytes_per_iteration,
     format_plan,
     load_model,
+    model_from_config,
     plan,
     plan_disaggregation,
 )
@@ -277,3 +278,99 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="multiple"):
         ModelShape("bad", 64, 1, 6, 4, 128, 10)
     assert math.isclose(TOY.group_size, 4)
+
+
+BASE_CFG = {"hidden_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 8,
+            "num_key_value_heads": 2, "intermediate_size": 4096, "vocab_size": 1000}
+
+
+def _cli_with_config(tmp_path, cfg: dict, *extra: str):
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    args = ["disaggregate", "--model", str(tmp_path), "--compute", "H100", "--memory", "H20:2",
+            "--batch", "8", "--context", "128", *extra]
+    return CliRunner().invoke(plan, args)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    # Mixtral-style: 8 experts of the given intermediate size per block; counting one would
+    # store ~1/8 of the MLP weights.
+    ({"num_local_experts": 8, "num_experts_per_tok": 2}, "mixture-of-experts"),
+    ({"num_experts": 60, "moe_intermediate_size": 1408}, "mixture-of-experts"),  # Qwen-MoE
+    ({"n_routed_experts": 64, "moe_intermediate_size": 1408}, "mixture-of-experts"),  # DeepSeek
+    ({"kv_lora_rank": 512}, "latent attention"),  # MLA caches a latent, not 2*Hkv*hd
+])
+def test_moe_and_mla_configs_are_refused(tmp_path, extra, needle):
+    with pytest.raises(ValueError, match=needle):
+        model_from_config({**BASE_CFG, **extra})
+    res = _cli_with_config(tmp_path, {**BASE_CFG, **extra})
+    assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output
+
+
+def test_dense_config_with_one_expert_key_still_loads():
+    m = model_from_config({**BASE_CFG, "num_experts": None, "num_local_experts": 1})
+    assert m.dense_params == TOY.dense_params
+
+
+@pytest.mark.parametrize("key,value", [
+    ("hidden_size", None), ("hidden_size", [1024]), ("hidden_size", 1024.5),
+    ("num_hidden_layers", "two"), ("vocab_size", True), ("head_dim", 0), ("head_dim", -128),
+    ("num_key_value_heads", 0), ("tie_word_embeddings", "false"),
+])
+def test_bad_config_values_are_clear_errors(tmp_path, key, value):
+    # Before: null / a list crashed with a TypeError traceback, 1024.5 was truncated, 0 KV heads
+    # silently meant multi-head attention, a negative head_dim gave negative parameter counts, and
+    # the string "false" tied the embeddings.
+    with pytest.raises(ValueError, match=key if key != "num_key_value_heads" else "kv_heads"):
+        model_from_config({**BASE_CFG, key: value})
+    res = _cli_with_config(tmp_path, {**BASE_CFG, key: value})
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+
+
+def test_model_shape_refuses_non_positive_head_dim():
+    with pytest.raises(ValueError, match="head_dim"):
+        ModelShape("bad", 1024, 2, 8, 2, 4096, 1000, head_dim=-128)
+    # integral floats in a config are fine: JSON writers sometimes emit 1024.0
+    assert model_from_config({**BASE_CFG, "hidden_size": 1024.0}).hidden_size == 1024
+
+
+def test_missing_tie_word_embeddings_follows_transformers_default():
+    # transformers (before 5) left out of config.json the values equal to a class's defaults, so
+    # Gemma configs may lack tie_word_embeddings although Gemma ties its LM head to the input
+    # embedding; LLaMA's default is untied.
+    transformers = pytest.importorskip("transformers")
+    for model_type in ("gemma", "llama"):
+        tied = transformers.AutoConfig.for_model(model_type).tie_word_embeddings
+        m = model_from_config({**BASE_CFG, "model_type": model_type})
+        embed = 0 if tied else 1024 * 1000
+        assert m.stored_params == 2 * 15_204_352 + 1024 * 1000 + embed
+    assert model_from_config({**BASE_CFG, "model_type": "gemma"}).stored_params == \
+        TOY.dense_params
+    # an explicit value always wins
+    assert not model_from_config({**BASE_CFG, "model_type": "gemma",
+                                  "tie_word_embeddings": False}).tie_word_embeddings
+
+
+def test_network_gbs_nan_is_refused():
+    # NaN compares False with everything, so it used to drop out of the max() that sets the
+    # disaggregated period: the plan silently ignored the network.
+    with pytest.raises(ValueError, match="network_gbs"):
+        plan_disaggregation(TOY, (C, 2), (M, 2), batch=B, context=S, network_gbs=float("nan"))
+    res = CliRunner().invoke(plan, [*ARGS, "--network-gbs", "nan"])
+    assert res.exit_code == 2 and "network_gbs" in res.output
+
+
+@pytest.mark.parametrize("counts", [((C, 1.5), (M, 2), 16, 1000), ((C, 2), (M, 2), 8.5, 1000),
+                                    ((C, 2), (M, 2), 16, 10.0), ((C, True), (M, 2), 16, 1000)])
+def test_counts_batch_and_context_must_be_integers(counts):
+    compute, memory, batch, context = counts
+    with pytest.raises(ValueError, match="integer"):
+        plan_disaggregation(TOY, compute, memory, batch=batch, context=context)
+
+
+def test_cut_uses_attention_width_when_head_dim_is_set():
+    # d=1024 but H*hd = 8*64 = 512: q and the attention output are 512 wide, k and v 2*64 each,
+    # so per layer and token (512 + 128 + 128 + 512) elements cross the cut.
+    m = ModelShape("narrow", 1024, 2, 8, 2, 4096, 1000, head_dim=64)
+    r = plan_disaggregation(m, (C, 2), (M, 2), batch=B, context=S)
+    assert r.disaggregated.network_bytes_per_iter == (512 + 128 + 128 + 512) * 2 * 16 * 2

@@ -85,6 +85,8 @@ def test_generated_schedules_pass(g):
     check_schedule(schedule, originals)
     # Also with every extent given explicitly (an unsplit op covers [0, n) too).
     check_schedule(schedule, {name: g[3] for name in originals})
+    # And with the dependencies derived from the graph rather than read from the nano-ops.
+    check_schedule(schedule, originals, g[2], seq_bounds=g[4])
 
 
 @SETTINGS
@@ -207,6 +209,77 @@ def test_cycle_rejected(g, data):
     with pytest.raises(ScheduleError, match=r"cycle in stream order \+ events") as info:
         check_schedule(bad, originals)
     assert producer in str(info.value) and consumer in str(info.value)
+
+
+def runs_before(schedule: Schedule, producer: str, consumer: str) -> bool:
+    """Whether stream order and events make `producer` finish before `consumer` starts (a
+    search over the run-time order, independent of the checker's bitsets)."""
+    preds: dict[str, set[str]] = {name: set() for name in schedule.ops}
+    for names in schedule.streams.values():
+        for a, b in zip(names, names[1:]):
+            preds[b].add(a)
+    for a, b in schedule.events:
+        preds[b].add(a)
+    seen, stack = set(), [consumer]
+    while stack:
+        for pred in preds[stack.pop()] - seen:
+            seen.add(pred)
+            stack.append(pred)
+    return producer in seen
+
+
+@SETTINGS
+@given(graphs(), st.data())
+def test_dependency_left_out_rejected_by_the_graph_check(g, data):
+    """A cross-stream dependency dropped from a nano-op's deps together with its event passes
+    the declared-dependency checks; the graph's edges show it missing, unless stream order and
+    other events still put the producer first."""
+    specs, splits, edges, n, seq = g
+    schedule, originals = build(g)
+    if not schedule.events:
+        return
+    producer, consumer = data.draw(st.sampled_from(schedule.events))
+    deps = tuple(d for d in schedule.ops[consumer].deps if d != producer)
+    bad = replace_op(schedule, consumer, deps=deps)
+    bad.events = [e for e in schedule.events if e != (producer, consumer)]
+    check_schedule(bad, originals)  # what the nano-ops declare is consistent
+    if runs_before(bad, producer, consumer):
+        check_schedule(bad, originals, edges, seq_bounds=seq)
+    else:
+        with pytest.raises(ScheduleError, match=rf"{re.escape(repr(producer))} \(rows .* is not ordered before it"):
+            check_schedule(bad, originals, edges, seq_bounds=seq)
+
+
+def test_consumer_waiting_on_part_of_its_producer_rejected():
+    """o reads all 8 rows of qkv but waits only for qkv[0]: the declared checks pass; the graph
+    check names qkv[1]."""
+    ops = {
+        "qkv[0]": NanoOp("qkv[0]", "mm", "compute", (0, 4), (), 0, "qkv"),
+        "qkv[1]": NanoOp("qkv[1]", "mm", "compute", (4, 8), (), 0, "qkv"),
+        "o[0]": NanoOp("o[0]", "mm", "memory", (0, 8), ("qkv[0]",), 1, "o"),
+    }
+    s = Schedule(streams={0: ["qkv[0]", "qkv[1]"], 1: ["o[0]"]}, ops=ops,
+                 events=[("qkv[0]", "o[0]")], num_tokens=8)
+    check_schedule(s, {"qkv": 8, "o": None})
+    with pytest.raises(ScheduleError, match=r"'o\[0\]' reads rows \[0, 8\) of 'qkv' \(token edge\), "
+                                            r"but 'qkv\[1\]' \(rows \[4, 8\)\) is not ordered before it"):
+        check_schedule(s, {"qkv": 8, "o": None}, [("qkv", "o")])
+    # Waiting on the last slice is enough: stream 0 runs qkv[0] before it.
+    fixed = replace_op(s, "o[0]", deps=("qkv[1]",))
+    fixed.events = [("qkv[1]", "o[0]")]
+    check_schedule(fixed, {"qkv": 8, "o": None}, [("qkv", "o")])
+
+
+def test_event_without_dependency_rejected():
+    s = layer()
+    bad = dataclasses.replace(s, events=[*s.events, ("qkv[0]", "attn[1]")])
+    with pytest.raises(ScheduleError, match=r"event \('qkv\[0\]', 'attn\[1\]'\) orders no dependency"):
+        check_schedule(bad, {"qkv": 8, "attn": 8, "o": 8})
+
+
+def test_graph_check_names_an_edge_to_an_op_outside_the_schedule():
+    with pytest.raises(ScheduleError, match=r"op 'ghost' has no nano-op"):
+        check_schedule(layer(), {"qkv": 8, "attn": 8, "o": 8}, [("qkv", "ghost")])
 
 
 # ------------------------------------------------------------------ hand-written cases

@@ -300,11 +300,12 @@ def test_a_compiled_step_that_mutates_its_input_updates_the_callers_tensor(monke
 
 
 def test_the_issue_order_follows_the_events_and_the_streams() -> None:
-    """A checked schedule whose event orders two nano-ops that no dependency links: the runtime
-    issues the producer first instead of failing on an event not recorded yet."""
+    """A schedule whose event orders two nano-ops that no dependency links: the checker refuses
+    it, and the runtime (which also runs unchecked schedules) still issues the producer first
+    instead of failing on an event not recorded yet."""
     from tileflow.runtime.nanobatch import topological_order
     from tileflow.runtime.streams import run_schedule_on_streams
-    from tileflow.schedule import NanoOp, Schedule, check_schedule
+    from tileflow.schedule import NanoOp, Schedule, ScheduleError, check_schedule
 
     ran: list[str] = []
 
@@ -318,7 +319,8 @@ def test_the_issue_order_follows_the_events_and_the_streams() -> None:
     ops = {"b": NanoOp("b", "y", "memory", (0, 4), (), 1, "b"), "c": NanoOp("c", "x", "compute", (0, 4), (), 0, "c"),
            "a": NanoOp("a", "x", "compute", (0, 4), (), 0, "a")}
     schedule = Schedule(streams={0: ["a", "c"], 1: ["b"]}, ops=ops, events=[("a", "b")], num_tokens=4)
-    check_schedule(schedule, {"a": 4, "b": 4, "c": 4})
+    with pytest.raises(ScheduleError, match=r"event \('a', 'b'\) orders no dependency"):
+        check_schedule(schedule, {"a": 4, "b": 4, "c": 4})
     order = topological_order(schedule)
     assert order.index("a") < order.index("b") and order.index("a") < order.index("c")
     for seed in range(5):

@@ -57,6 +57,13 @@ class DeviceInfo:
             raise ValueError("DeviceInfo.mem_bw_gbs and smem_kib_per_core must be positive")
         if not self.peak_tflops or any(v <= 0 for v in self.peak_tflops.values()):
             raise ValueError("DeviceInfo.peak_tflops needs at least one positive entry")
+        # The planners divide by both: a zero price made the equal-cost device count divide by
+        # zero, and a zero or negative size made every placement "not fit" without saying why.
+        if not self.mem_gb > 0:
+            raise ValueError(f"DeviceInfo.mem_gb must be positive, got {self.mem_gb}")
+        if self.price_per_hour is not None and not self.price_per_hour > 0:
+            raise ValueError(f"DeviceInfo.price_per_hour must be positive or None (unknown), "
+                             f"got {self.price_per_hour}")
 
     def peak_flops(self, dtype: str) -> float:
         """Dense peak FLOP/s of the whole device for `dtype` (a dtype name).

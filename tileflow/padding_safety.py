@@ -21,11 +21,13 @@ average every key). What the walk does not know is a hazard: the step then runs 
 
 Mixture-of-experts routing moves rows out of token order and back (transformers' grouped-GEMM
 experts): the router's top-k expert ids, flattened token-major ([T, k] -> [k*T]: row r belongs to
-token r // k, padding at the end), are sorted; the sort's permutation P gathers the rows, each
+token r // k, padding at the end; a batch's [b*T, k] -> [b*T*k], each sequence's block padded at
+its end), are sorted; the sort's permutation P gathers the rows, each
 expert's rows go through one grouped GEMM whose group offsets count the sorted ids (ascending,
 each once, the offsets splitting the rows), and the inverse of P puts the rows back. A value's
-*order* records such a layout: token-major with k rows per token, or gathered by P (row j computed
-from row P[j] alone). Gathered rows meet only row-wise ops and values gathered by the same P.
+*order* records such a layout: token-major with k rows per token (in one block of tokens or
+several), or gathered by P (row j computed from row P[j] alone). Where the padded rows sit does
+not matter to the sort: each run's indices address its own layout, and a row's group is its id. Gathered rows meet only row-wise ops and values gathered by the same P.
 Counts of the sorted ids and the inverse of P depend on where the padded rows sorted: they are
 accepted only as a grouped GEMM's offsets, where row j's group is its own sorted id in either
 run, and as the index that puts rows back (`route`: how an integer tensor relates to a sort).
@@ -404,15 +406,15 @@ class _Walk:
         return None
 
     def token_major(self, node: fx.Node) -> int | None:
-        """k when `node`'s one token dim holds k rows per token in token order (k = 1: the plain
-        token dim with no prefix), else None."""
+        """k when `node`'s one token dim holds k rows per token in token order, in one block of
+        tokens or several (a flattened batch); k = 1 for a token dim with no prefix. Else None."""
         dims = self.dims(meta_val(node))
         if not dims or len(dims) != 1:
             return None
         (prefix,) = dims.values()
         order = self.facts[node].order
-        if order is None:
-            return 1 if not isinstance(prefix, _Blocks) and _equal(prefix, 0) else None
+        if order is None:  # one row per token, in one block or several (a flattened batch)
+            return 1 if isinstance(prefix, _Blocks) or _equal(prefix, 0) else None
         return order[1] if order[0] == "major" else None
 
     def sorted_rows(self, node: fx.Node) -> _Facts | None:
@@ -462,8 +464,8 @@ class _Walk:
         if args.get("accumulate") or len(indices) != 1 or not isinstance(indices[0], fx.Node) or not isinstance(values, fx.Node):
             return None
         route, iota = self.facts[indices[0]].route, self.facts[values].route
-        if (route is None or route.kind != "perm" or iota is None or iota.kind != "iota" or iota.count != route.count
-                or meta_val(indices[0]).dim() != 1
+        if (route is None or route.kind != "perm" or iota is None or iota.kind != "iota"
+                or not _same_sizes(meta_val(values).shape, meta_val(indices[0]).shape) or meta_val(indices[0]).dim() != 1
                 or not _same_sizes(meta_val(args["self"]).shape, meta_val(indices[0]).shape)):
             return None
         return _Facts(order=("major", route.count) if route.count > 1 else None, route=replace(route, kind="inverse"))
@@ -628,9 +630,11 @@ class _Walk:
         return self.refuse(node, "a view that moves elements between token rows")
 
     def blocks_reshape(self, node: fx.Node, src: tuple[int, Any], out: tuple[int, Any], facts: _Facts) -> _Facts:
-        """`[b, T, H] -> [b*T, H]` and back: every token row stays one row (the elements after the
-        token dim are the same), and the b outer rows become the blocks (or the blocks the outer
-        rows). Only T rows with no prefix flatten into blocks."""
+        """`[b, T, H] -> [b*T, H]`, `[b*T, k] -> [b*T*k]` (token-major: each token's k rows one
+        after another) and back. In memory both sides are [blocks, T, rows per token x features]:
+        the view keeps every token's elements together when the token blocks (the dims before the
+        token dim times its blocks, over its rows per token) and the elements per token agree.
+        Only T rows with no prefix flatten into blocks."""
         sv, ov = meta_val(node.args[0]), meta_val(node)
         (sd, sa), (od, oa) = src, out
         s_count = sa.count if isinstance(sa, _Blocks) else 1
@@ -638,20 +642,20 @@ class _Walk:
         if not isinstance(sa, _Blocks) and not _equal(sa, 0) or not isinstance(oa, _Blocks) and not _equal(oa, 0):
             return self.refuse(node, "a view that flattens a token dim with a prefix into blocks")
         s_inner, o_inner = math.prod(_expr(x) for x in sv.shape[sd + 1:]), math.prod(_expr(x) for x in ov.shape[od + 1:])
-        outer_same = _equal(math.prod(_expr(x) for x in sv.shape[:sd]), math.prod(_expr(x) for x in ov.shape[:od]))
+        s_outer, o_outer = math.prod(_expr(x) for x in sv.shape[:sd]), math.prod(_expr(x) for x in ov.shape[:od])
         kept = replace(facts, causal=None, diagonal=None, position=None, row_source=None)
-        # [.., T, k, ..] -> [.., k*T, ..] and back: each token's k rows one after another (token-major).
-        if outer_same and facts.order is None and s_count == 1 and _equal(s_inner, o_count * o_inner):
-            return replace(kept, order=("major", o_count))
-        if facts.order is not None:
-            if outer_same and facts.order == ("major", s_count) and o_count == 1 and _equal(o_inner, s_count * s_inner):
-                return replace(kept, order=None, route=None)
-            if outer_same and s_count == o_count and _equal(s_inner, o_inner):
+        if facts.order is not None and facts.order[0] == "gathered":
+            if _equal(s_outer, o_outer) and s_count == o_count and _equal(s_inner, o_inner):
                 return kept  # the same rows, in the same order
             return self.refuse(node, "a view that regroups rows routed out of token order")
-        if _equal(math.prod(_expr(x) for x in sv.shape[:sd]) * s_count, math.prod(_expr(x) for x in ov.shape[:od]) * o_count) \
-                and _equal(s_inner, o_inner):
-            return kept
+        k_src = facts.order[1] if facts.order is not None else 1
+        k_out = sympy.simplify(sympy.sympify(k_src * s_inner) / o_inner)  # the output's rows per token
+        if k_out.is_Integer and k_out >= 1 and _equal(s_outer * s_count * int(k_out), o_outer * o_count * k_src):
+            k_out = int(k_out)
+            return replace(kept, order=("major", k_out) if k_out > 1 else None,
+                           route=kept.route if k_out == k_src else None)
+        if facts.order is not None:
+            return self.refuse(node, "a view that regroups rows routed out of token order")
         return self.refuse(node, "a view that moves elements between token rows")
 
     def moved(self, node: fx.Node) -> _Facts:

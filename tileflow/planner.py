@@ -13,6 +13,9 @@ Symbols: d hidden size, L layers, H query heads, Hkv KV heads, hd head dim (conf
 d/H), G = H/Hkv, I intermediate size, V vocab, B batch, S context (tokens already in the cache),
 e bytes per element of `dtype` (weights, activations and KV cache all in `dtype`).
 
+Only dense decoders with one gated MLP per block and per-head K/V are modelled: a config with
+routed experts (MoE) or a compressed latent KV cache (MLA) is refused rather than mis-counted.
+
 GEMM weights (LLaMA-style block: fused QKV, O, SwiGLU gate/up/down, LM head)::
 
     P_layer = d·(H + 2·Hkv)·hd  +  H·hd·d  +  3·d·I
@@ -55,8 +58,9 @@ Placements
   ideal steady state: it assumes the weights are still read once per step of the whole batch.
 
 Network (Lamina's formula): per iteration the attention input q, k, v and output cross the cut in
-every layer, ``cut_bytes = (2 + 2/G)·e·d·B·L``; needed bandwidth = cut_bytes / T_iter (aggregate
-over all links).
+every layer, ``cut_bytes = (2 + 2/G)·e·H·hd·B·L`` (Lamina writes d, which is H·hd for LLaMA; a
+config with its own `head_dim` sends H·hd-wide q and output); needed bandwidth = cut_bytes / T_iter
+(aggregate over all links).
 
 Throughput = B / T_iter tokens/s; cost = total $/h · 10⁶ / (3600 · tokens/s) per million tokens.
 
@@ -71,6 +75,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -102,6 +107,10 @@ class ModelShape:
                     "intermediate_size", "vocab_size"):
             if int(getattr(self, key)) <= 0:
                 raise ValueError(f"model {self.name!r}: {key} must be positive")
+        # 0 or a negative head_dim would silently flip or zero every count; None means d/H.
+        if self.head_dim is not None and int(self.head_dim) <= 0:
+            raise ValueError(f"model {self.name!r}: head_dim must be positive (or None for "
+                             f"hidden_size // num_heads), got {self.head_dim}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"model {self.name!r}: num_attention_heads={self.num_heads} is not a multiple "
@@ -161,26 +170,84 @@ _MODEL_ALIASES = {"llama3.1-8b": "llama3-8b", "llama3.1-70b": "llama3-70b",
                   "llama-3-8b": "llama3-8b", "llama-3-70b": "llama3-70b"}
 
 
+# Config keys that hold a routed-expert count (Mixtral / GPT-OSS / PhiMoE, Qwen-MoE / OLMoE,
+# DeepSeek): such a model stores every expert but reads only the routed ones, which the dense
+# formulas above cannot express.
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _config_int(config: dict[str, Any], key: str, name: str) -> int:
+    """`config[key]` as an int; a clear ValueError for null, text, lists or fractional values."""
+    value = config[key]
+    # bool is an int subclass, and int() would truncate 4096.5 or crash on None / a list / NaN.
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not value.is_integer())):
+        raise ValueError(f"{name}: config {key}={value!r} is not an integer")
+    return int(value)
+
+
+def _tie_default(config: dict[str, Any]) -> bool:
+    """tie_word_embeddings for a config that does not set it: what transformers would use.
+
+    transformers omits values equal to a config class's defaults when it writes config.json (older
+    versions), so a Gemma config may lack the key and still tie. The class default is looked up
+    when transformers is installed; otherwise False (LLaMA's default) is assumed.
+    """
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        return False
+    try:
+        # Optional dependency, and a slow import: only when a config leaves the key out.
+        from transformers import AutoConfig
+    except ImportError:
+        return False
+    try:
+        return bool(getattr(AutoConfig.for_model(model_type), "tie_word_embeddings", False))
+    except ValueError:  # a model_type this transformers does not know
+        return False
+
+
 def model_from_config(config: dict[str, Any], name: str = "config") -> ModelShape:
-    """ModelShape from a transformers config dict (uses `text_config` when nested)."""
+    """ModelShape from a transformers config dict (uses `text_config` when nested).
+
+    Raises ValueError for a missing or non-integer field, and for MoE or MLA configs (see the
+    module docstring).
+    """
     if "hidden_size" not in config and isinstance(config.get("text_config"), dict):
         config = config["text_config"]  # multimodal wrappers keep the LM shape here
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                            "intermediate_size", "vocab_size") if k not in config]
     if missing:
         raise ValueError(f"{name}: config lacks {missing}")
-    heads = int(config["num_attention_heads"])
+    experts = {k: config[k] for k in _EXPERT_COUNT_KEYS
+               if isinstance(config.get(k), (int, float)) and config[k] > 1}
+    if experts:
+        raise ValueError(f"{name}: mixture-of-experts configs ({experts}) are not supported: "
+                         "the planner models one dense MLP per block")
+    if config.get("kv_lora_rank") is not None:
+        raise ValueError(f"{name}: multi-head latent attention (kv_lora_rank) is not supported: "
+                         "the planner models a KV cache of 2·Hkv·head_dim per token and layer")
+    heads = _config_int(config, "num_attention_heads", name)
+    # Absent (or null) in pre-GQA configs: every head has its own K and V. An explicit 0 is an
+    # error (ModelShape refuses it), not MHA.
+    kv_heads = (heads if config.get("num_key_value_heads") is None
+                else _config_int(config, "num_key_value_heads", name))
+    head_dim = None if config.get("head_dim") is None else _config_int(config, "head_dim", name)
+    tie = config.get("tie_word_embeddings")
+    if tie is None:
+        tie = _tie_default(config)
+    elif not isinstance(tie, bool):
+        raise ValueError(f"{name}: config tie_word_embeddings={tie!r} is not true or false")
     return ModelShape(
         name=name,
-        hidden_size=int(config["hidden_size"]),
-        num_layers=int(config["num_hidden_layers"]),
+        hidden_size=_config_int(config, "hidden_size", name),
+        num_layers=_config_int(config, "num_hidden_layers", name),
         num_heads=heads,
-        # Absent in pre-GQA configs: every head has its own K and V.
-        num_kv_heads=int(config.get("num_key_value_heads") or heads),
-        intermediate_size=int(config["intermediate_size"]),
-        vocab_size=int(config["vocab_size"]),
-        head_dim=int(config["head_dim"]) if config.get("head_dim") else None,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        num_kv_heads=kv_heads,
+        intermediate_size=_config_int(config, "intermediate_size", name),
+        vocab_size=_config_int(config, "vocab_size", name),
+        head_dim=head_dim,
+        tie_word_embeddings=tie,
     )
 
 
@@ -437,14 +504,21 @@ def plan_disaggregation(model_shape: ModelShape, compute: tuple[DeviceInfo, int]
     Raises ValueError on a bad count, batch, context, efficiency or dtype.
     """
     (cdev, nc), (mdev, nm) = compute, memory
+    # Whole devices, sequences and tokens: 1.5 devices or 8.5 sequences would plan silently.
+    for label, value in (("compute device count", nc), ("memory device count", nm),
+                         ("batch", batch), ("context", context)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{label} must be an integer, got {value!r}")
     if nc <= 0 or nm <= 0:
         raise ValueError("device counts must be positive")
     if batch <= 0 or context <= 0:
         raise ValueError("batch and context must be positive")
     if not 0 < efficiency <= 1:
         raise ValueError(f"efficiency must be in (0, 1], got {efficiency}")
-    if network_gbs is not None and network_gbs <= 0:
-        raise ValueError("network_gbs must be positive")
+    # `not x > 0` also refuses NaN, which compares False with everything and would drop the
+    # network from the max() that sets the disaggregated period.
+    if network_gbs is not None and not network_gbs > 0:
+        raise ValueError(f"network_gbs must be positive, got {network_gbs}")
     if dtype not in ELEMENT_BYTES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(ELEMENT_BYTES)}")
     for dev in (cdev, mdev):

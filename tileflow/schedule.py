@@ -307,41 +307,114 @@ def _find_cycle(nodes: Iterable[str], preds: Mapping[str, list[str]]) -> list[st
     return cycle
 
 
-def _check_acyclic(schedule: Schedule) -> None:
-    """Stream order plus events must form a DAG, or the streams would deadlock."""
+def _check_acyclic(schedule: Schedule) -> list[str]:
+    """Stream order plus events must form a DAG, or the streams would deadlock; returns the
+    nano-ops in one topological order of it."""
     succ: dict[str, list[str]] = {name: [] for name in schedule.ops}
     preds: dict[str, list[str]] = {name: [] for name in schedule.ops}
-    edges: list[tuple[str, str]] = []
-    for names in schedule.streams.values():
-        edges.extend(zip(names, names[1:]))
-    edges.extend(schedule.events)
-    for a, b in edges:
+    for a, b in _order_edges(schedule):
         succ[a].append(b)
         preds[b].append(a)
     indeg = {name: len(preds[name]) for name in schedule.ops}
     ready = [name for name, d in indeg.items() if d == 0]
-    done = 0
+    order: list[str] = []
     while ready:
         node = ready.pop()
-        done += 1
+        order.append(node)
         for nxt in succ[node]:
             indeg[nxt] -= 1
             if indeg[nxt] == 0:
                 ready.append(nxt)
-    if done != len(schedule.ops):
+    if len(order) != len(schedule.ops):
         left = [name for name, d in indeg.items() if d > 0]
         cycle = _find_cycle(left, preds)
         raise ScheduleError(
             "cycle in stream order + events (the streams would deadlock): "
             + " -> ".join(cycle + [cycle[0]])
         )
+    return order
 
 
-def check_schedule(schedule: Schedule, originals: Mapping[str, int | Rows | None]) -> None:
+def _order_edges(schedule: Schedule) -> list[tuple[str, str]]:
+    """What orders nano-ops at run time: each stream's consecutive pairs, then the events."""
+    edges: list[tuple[str, str]] = []
+    for names in schedule.streams.values():
+        edges.extend(zip(names, names[1:]))
+    edges.extend(schedule.events)
+    return edges
+
+
+def _check_events_have_dependencies(schedule: Schedule) -> None:
+    """An event that orders no dependency only costs overlap, but it means whoever built the
+    schedule had another dependency in mind than the one it declared: refuse it."""
+    for producer, consumer in schedule.events:
+        if producer not in schedule.ops[consumer].deps:
+            raise ScheduleError(
+                f"event ({producer!r}, {consumer!r}) orders no dependency: {consumer!r} does not "
+                f"list {producer!r} among its deps; drop the event or declare the dependency"
+            )
+
+
+def _check_graph_dependencies(
+    schedule: Schedule,
+    edges: Iterable[EdgeLike],
+    seq_bounds: Sequence[int] | None,
+    order: Sequence[str],
+) -> None:
+    """Every producer nano-op whose rows a consumer nano-op reads (by the unsplit graph's
+    `edges`) runs before it: through stream order and events, directly or transitively."""
+    index = {name: i for i, name in enumerate(order)}
+    preds: dict[str, list[str]] = {name: [] for name in order}
+    for a, b in _order_edges(schedule):
+        preds[b].append(a)
+    # ancestors[n]: bit i set when order[i] finishes before n starts (a bitset per nano-op).
+    ancestors: dict[str, int] = {}
+    for name in order:
+        bits = 0
+        for pred in preds[name]:
+            bits |= ancestors[pred] | (1 << index[pred])
+        ancestors[name] = bits
+    parts: dict[str, list[NanoOp]] = {}
+    for op in schedule.ops.values():
+        parts.setdefault(op.original, []).append(op)
+    for raw in edges:
+        edge = _as_edge(raw)
+        for end in (edge.producer, edge.consumer):
+            if end not in parts:
+                raise ScheduleError(
+                    f"edge {edge.producer!r} -> {edge.consumer!r}: op {end!r} has no nano-op in "
+                    f"the schedule"
+                )
+        producers = parts[edge.producer]
+        whole = (min(p.rows[0] for p in producers), max(p.rows[1] for p in producers))
+        for consumer in parts[edge.consumer]:
+            need = _needed_rows(consumer.rows, edge.kind, seq_bounds, whole)
+            for producer in producers:
+                if dependency_rows_intersect(need, producer.rows) and not (
+                    ancestors[consumer.name] >> index[producer.name] & 1
+                ):
+                    raise ScheduleError(
+                        f"{consumer.name!r} reads rows [{need[0]}, {need[1]}) of "
+                        f"{edge.producer!r} ({edge.kind} edge), but {producer.name!r} (rows "
+                        f"[{producer.rows[0]}, {producer.rows[1]})) is not ordered before it by "
+                        f"stream order or events"
+                    )
+
+
+def check_schedule(
+    schedule: Schedule,
+    originals: Mapping[str, int | Rows | None],
+    edges: Iterable[EdgeLike] | None = None,
+    *,
+    seq_bounds: Sequence[int] | None = None,
+) -> None:
     """Validate `schedule`; raise `ScheduleError` with a precise message on the first problem.
 
     `originals` maps every op of the unsplit graph to its token extent: an int `n` (rows
     `[0, n)`), a `(lo, hi)` pair, or None for an op that is not split (exactly one nano-op).
+    `edges` (and `seq_bounds`), the unsplit graph's edges as given to `make_schedule`, let the
+    checker derive the dependencies from the graph instead of trusting the ones the nano-ops
+    declare.
 
     Checked, in this order:
       1. structure: nano-ops name known streams, originals and dependency ops; stream lists
@@ -352,12 +425,21 @@ def check_schedule(schedule: Schedule, originals: Mapping[str, int | Rows | None
       3. dependencies: a producer on the consumer's stream comes earlier in it; a producer on
          another stream has a listed `(producer, consumer)` event (transitive orderings through
          other events are deliberately not accepted: the pass emits direct events);
-      4. no cycle in the combined order (stream order + events), via a topological sort.
+      4. no cycle in the combined order (stream order + events), via a topological sort;
+      5. every event orders a declared dependency;
+      6. with `edges`: every producer nano-op whose rows a consumer nano-op reads (its own rows
+         over a token edge, its sequences' rows over a global one) finishes before it starts,
+         by stream order and events (transitively: the run-time order is what matters here).
+         This catches dependencies left out of `deps`, such as a consumer waiting on only part
+         of the producer rows it reads.
     """
     where = _check_structure(schedule, originals)
     _check_coverage(schedule, originals)
     _check_dependencies(schedule, where)
-    _check_acyclic(schedule)
+    order = _check_acyclic(schedule)
+    _check_events_have_dependencies(schedule)
+    if edges is not None:
+        _check_graph_dependencies(schedule, edges, seq_bounds, order)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import functools
 import json
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -206,6 +206,8 @@ def run_padded_gemm(
     n = weight.shape[0] // 2 if activation == "swiglu" and not separate_up else weight.shape[0]
     k = weight.shape[1]
     m = x.shape[0]
+    if n == 0 or k == 0:
+        return _gemm_of_empty_dim(x, n, bias, residual, activation, out_dtype, separate_up, bias_up)
     tile_plan = decode_plan(plan) if plan else gemm_plan(
         n, k, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
         weight_tiles=2 if activation == "swiglu" else 1,
@@ -228,6 +230,41 @@ def run_padded_gemm(
         if programs is not None:
             kwargs["num_programs"] = programs
     return kernel(x, weight, bias, residual, weight_up=weight_up, bias_up=bias_up, **kwargs)
+
+
+def _gemm_of_empty_dim(
+    x: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    activation: str,
+    out_dtype: torch.dtype,
+    separate_up: bool,
+    bias_up: torch.Tensor | None,
+) -> torch.Tensor:
+    """`padded_gemm` with N = 0 or K = 0, as `F.linear` answers it: no tile plan covers an empty
+    dimension, and there is nothing to tile (an empty result, or the epilogue of zero products)."""
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = x.new_zeros((x.shape[0], n), dtype=acc_dtype)
+    gate_bias, up_bias = bias, bias_up
+    if activation == "swiglu" and bias is not None and not separate_up:
+        gate_bias, up_bias = bias[:n], bias[n:]  # stacked [2N] bias: gate half, then up half
+    gate = acc if gate_bias is None else acc + gate_bias.to(acc_dtype)
+    if activation == "swiglu":
+        acc = torch.nn.functional.silu(gate) * (acc if up_bias is None else acc + up_bias.to(acc_dtype))
+    else:
+        acc = _ACTIVATIONS[activation](gate)
+    if residual is not None:
+        acc = acc + residual.to(acc_dtype)
+    return acc.to(out_dtype)
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda t: t,
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+}
 
 
 def expected_group_rows(m: int, experts: int) -> int:
@@ -289,6 +326,9 @@ def run_grouped_gemm(
     e, rows, k = (int(d) for d in weight.shape)
     n = rows // 2 if activation == "swiglu" else rows
     m = x.shape[0]
+    if n == 0 or k == 0:
+        # No tile plan covers an empty dimension; every activation maps zero products to zero.
+        return x.new_zeros((m, n), dtype=out_dtype)
     tile_plan = decode_plan(plan) if plan else grouped_gemm_plan(
         n, k, e, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
         weight_tiles=2 if activation == "swiglu" else 1,

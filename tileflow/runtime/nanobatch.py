@@ -52,7 +52,7 @@ class NanoBatchRunner:
         if self.check:
             from tileflow.schedule import check_schedule
 
-            check_schedule(schedule, {s.name: (0, sum(sizes)) for s in self.plan.specs})
+            check_schedule(schedule, {s.name: (0, sum(sizes)) for s in self.plan.specs}, self.plan.edges)
         return schedule, topological_order(schedule)
 
     def _output_token_dims(self, outputs: Any) -> Any:

@@ -374,3 +374,75 @@ def test_cut_uses_attention_width_when_head_dim_is_set():
     m = ModelShape("narrow", 1024, 2, 8, 2, 4096, 1000, head_dim=64)
     r = plan_disaggregation(m, (C, 2), (M, 2), batch=B, context=S)
     assert r.disaggregated.network_bytes_per_iter == (512 + 128 + 128 + 512) * 2 * 16 * 2
+
+
+def test_an_mlp_without_a_gate_counts_two_matrices():
+    """GPT-NeoX / Phi-2 / StarCoder2 blocks have an up and a down projection: counted as
+    LLaMA's three, their MLP weights came out 1.5x too large."""
+    m = model_from_config({**BASE_CFG, "model_type": "gpt_neox"})
+    assert not m.gated_mlp
+    # QKV 1024*(8+2*2)*128 + O 8*128*1024 + MLP 2*1024*4096, per layer
+    assert m.layer_gemm_params == 1_572_864 + 1_048_576 + 8_388_608
+    # GEMM inputs and outputs per token and layer: QKV (1024 + 1536), O (1024 + 1024), up
+    # (1024 + 4096), down (4096 + 1024); then the LM head (1024 + 1000)
+    assert m.activation_elems_per_token == 2 * (2560 + 2048 + 5120 + 5120) + 2024
+    assert model_from_config({**BASE_CFG, "model_type": "llama"}).gated_mlp
+
+
+def _kv_bytes(model: ModelShape, context: int) -> float:
+    r = plan_disaggregation(model, (C, 2), (M, 2), batch=B, context=context)
+    return r.disaggregated.attention.bytes
+
+
+@pytest.mark.parametrize("context", [1000, 3000])
+def test_sliding_window_layers_keep_only_their_window(context: int):
+    """A layer with a window of w keys keeps and reads its last min(S, w) positions; counting
+    every layer at S overstated Mistral v0.1's or Gemma-2's cache and decode time."""
+    full = _kv_bytes(TOY, context)
+    per_layer = 2 * B * context * 2 * 128 * 2  # K and V, B sequences, Hkv 2, hd 128, bf16
+    assert full == rel(2 * per_layer)
+    windows = model_from_config({**BASE_CFG, "layer_types": ["sliding_attention", "full_attention"],
+                                 "sliding_window": 2048})
+    assert windows.layer_windows == (2048, None)
+    assert _kv_bytes(windows, context) == rel(per_layer * (min(context, 2048) / context) + per_layer)
+    r = plan_disaggregation(windows, (C, 2), (M, 2), batch=B, context=context)
+    assert r.disaggregated.attention.flops == rel(4 * B * (min(context, 2048) + context) * 8 * 128)
+
+
+def test_windows_are_read_as_transformers_reads_the_config():
+    """Keys a config file leaves out take the class defaults of its model_type: Mistral slides
+    in every layer, Gemma-2 in every other one, Qwen2 not unless use_sliding_window."""
+    pytest.importorskip("transformers")
+    mistral = model_from_config({**BASE_CFG, "model_type": "mistral", "sliding_window": 512})
+    assert mistral.layer_windows == (512, 512)
+    assert model_from_config({**BASE_CFG, "model_type": "mistral", "sliding_window": None}).layer_windows is None
+    gemma2 = model_from_config({**BASE_CFG, "model_type": "gemma2", "num_hidden_layers": 4, "sliding_window": 256})
+    assert gemma2.layer_windows == (256, None, 256, None)
+    qwen2 = {**BASE_CFG, "model_type": "qwen2", "sliding_window": 256}
+    assert model_from_config({**qwen2, "use_sliding_window": False}).layer_windows is None
+    assert model_from_config({**qwen2, "use_sliding_window": True, "max_window_layers": 1}).layer_windows == (None, 256)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"sliding_window": 512}, "not which layers slide"),  # no model_type to read the layers from
+    ({"layer_types": ["full_attention", "linear_attention"]}, r"\['linear_attention'\] are not modelled"),
+    ({"layer_types": ["full_attention"]}, "1 entries for 2 layers"),
+    ({"layer_types": ["sliding_attention", "full_attention"], "sliding_window": None}, "sliding_window=None"),
+])
+def test_windows_the_planner_cannot_read_are_refused(extra: dict, needle: str):
+    with pytest.raises(ValueError, match=needle):
+        model_from_config({**BASE_CFG, **extra})
+
+
+def test_model_shape_checks_its_windows():
+    with pytest.raises(ValueError, match="3 entries for 2 layers"):
+        ModelShape("bad", 1024, 2, 8, 2, 4096, 1000, layer_windows=(8, 8, 8))
+    with pytest.raises(ValueError, match="positive int"):
+        ModelShape("bad", 1024, 2, 8, 2, 4096, 1000, layer_windows=(0, None))
+
+
+def test_the_plan_names_the_windows_and_an_ungated_mlp(tmp_path):
+    cfg = {**BASE_CFG, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64}
+    res = _cli_with_config(tmp_path, cfg)
+    assert res.exit_code == 0, res.output
+    assert "sliding windows 64 in 1 of 2 layers" in res.output

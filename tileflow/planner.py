@@ -13,12 +13,13 @@ Symbols: d hidden size, L layers, H query heads, Hkv KV heads, hd head dim (conf
 d/H), G = H/Hkv, I intermediate size, V vocab, B batch, S context (tokens already in the cache),
 e bytes per element of `dtype` (weights, activations and KV cache all in `dtype`).
 
-Only dense decoders with one gated MLP per block and per-head K/V are modelled: a config with
-routed experts (MoE) or a compressed latent KV cache (MLA) is refused rather than mis-counted.
+Only dense decoders with one MLP per block and per-head K/V are modelled: a config with routed
+experts (MoE), a compressed latent KV cache (MLA) or layers other than full and sliding-window
+attention is refused rather than mis-counted.
 
 GEMM weights (LLaMA-style block: fused QKV, O, SwiGLU gate/up/down, LM head)::
 
-    P_layer = d·(H + 2·Hkv)·hd  +  H·hd·d  +  3·d·I
+    P_layer = d·(H + 2·Hkv)·hd  +  H·hd·d  +  m·d·I      (m = 3 gated MLP, 2 for up/down only)
     P_dense = L·P_layer + d·V                       (the LM head is a GEMM)
     P_store = P_dense + d·V  (input embedding; not counted again when tied)
 
@@ -26,12 +27,17 @@ Dense stage (all GEMMs), a roofline over FLOPs and bytes::
 
     FLOPs_dense = 2·P_dense·B
     bytes_dense = e·P_dense + e·B·A                 (weights read once + GEMM inputs/outputs)
-    A = L·[(d + (H+2Hkv)·hd) + (H·hd + d) + 2·(d + I) + (I + d)] + (d + V)
+    A = L·[(d + (H+2Hkv)·hd) + (H·hd + d) + (m - 1)·(d + I) + (I + d)] + (d + V)
 
 Attention stage (decode reads the whole KV cache once)::
 
-    bytes_attn = 2·L·B·S·Hkv·hd·e                   (K and V; also the KV cache size)
-    FLOPs_attn = 4·L·B·S·H·hd                       (q·Kᵀ and p·V, 2 FLOPs per MAC each)
+    bytes_attn = 2·B·Σ_l S_l·Hkv·hd·e               (K and V; also the KV cache size)
+    FLOPs_attn = 4·B·Σ_l S_l·H·hd                   (q·Kᵀ and p·V, 2 FLOPs per MAC each)
+
+where S_l = S for a layer of full attention and min(S, w) for a sliding window of w keys (it
+keeps and reads only its last w positions); Σ_l S_l = L·S without windows. Which layers slide is
+read as transformers reads the config (`layer_types`, else `sliding_window` for every layer, as
+Mistral does), with the class defaults of its `model_type` for keys the file leaves out.
 
 Stage time on n devices of one kind, at fraction η (`efficiency`, default 1) of datasheet peak::
 
@@ -101,6 +107,9 @@ class ModelShape:
     vocab_size: int
     head_dim: int | None = None  # None: hidden_size // num_heads (LLaMA); some configs set it
     tie_word_embeddings: bool = False
+    gated_mlp: bool = True  # gate, up and down projections (SwiGLU); False: up and down only
+    # Per layer, the sliding window in keys, or None for full attention; None: every layer full.
+    layer_windows: tuple[int | None, ...] | None = None
 
     def __post_init__(self) -> None:
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -111,6 +120,14 @@ class ModelShape:
         if self.head_dim is not None and int(self.head_dim) <= 0:
             raise ValueError(f"model {self.name!r}: head_dim must be positive (or None for "
                              f"hidden_size // num_heads), got {self.head_dim}")
+        if self.layer_windows is not None:
+            if len(self.layer_windows) != self.num_layers:
+                raise ValueError(f"model {self.name!r}: layer_windows has {len(self.layer_windows)} entries for "
+                                 f"{self.num_layers} layers")
+            bad = [w for w in self.layer_windows if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0)]
+            if bad:
+                raise ValueError(f"model {self.name!r}: a sliding window must be a positive int (or None for full "
+                                 f"attention), got {bad[0]!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"model {self.name!r}: num_attention_heads={self.num_heads} is not a multiple "
@@ -133,7 +150,7 @@ class ModelShape:
         d, hd = self.hidden_size, self.hd
         qkv = d * (self.num_heads + 2 * self.num_kv_heads) * hd
         o = self.num_heads * hd * d
-        mlp = 3 * d * self.intermediate_size
+        mlp = (3 if self.gated_mlp else 2) * d * self.intermediate_size
         return qkv + o + mlp
 
     @property
@@ -153,9 +170,16 @@ class ModelShape:
         d, hd, i = self.hidden_size, self.hd, self.intermediate_size
         qkv = d + (self.num_heads + 2 * self.num_kv_heads) * hd
         o = self.num_heads * hd + d
-        gate_up = 2 * (d + i)
+        gate_up = (2 if self.gated_mlp else 1) * (d + i)  # gate and up read d and write I each
         down = i + d
         return self.num_layers * (qkv + o + gate_up + down) + d + self.vocab_size
+
+    def cached_positions(self, context: int) -> int:
+        """Σ_l S_l: the positions every layer keeps and reads at `context` tokens, summed over the
+        layers (a sliding-window layer only its last w)."""
+        if self.layer_windows is None:
+            return self.num_layers * context
+        return sum(context if w is None else min(context, w) for w in self.layer_windows)
 
 
 # Published shapes. Sources: the config.json files of meta-llama/Meta-Llama-3-8B and
@@ -186,25 +210,63 @@ def _config_int(config: dict[str, Any], key: str, name: str) -> int:
     return int(value)
 
 
-def _tie_default(config: dict[str, Any]) -> bool:
-    """tie_word_embeddings for a config that does not set it: what transformers would use.
+# model_types whose MLP is an up and a down projection with no gate (GPT-NeoX, Phi-2, StarCoder2,
+# ...); every other model_type is taken to be LLaMA-style (gate, up, down).
+_UNGATED_MLP_MODEL_TYPES = frozenset({
+    "gpt2", "gpt_neo", "gpt_neox", "gptj", "gpt_bigcode", "codegen", "phi", "starcoder2", "opt",
+    "falcon", "bloom", "mpt",
+})
+
+
+def _as_transformers_reads_it(config: dict[str, Any], name: str) -> Any:
+    """The config as transformers reads it (class defaults filled in for the keys the file leaves
+    out), or None without transformers or for a `model_type` it does not know.
 
     transformers omits values equal to a config class's defaults when it writes config.json (older
-    versions), so a Gemma config may lack the key and still tie. The class default is looked up
-    when transformers is installed; otherwise False (LLaMA's default) is assumed.
+    versions): a Gemma config may lack `tie_word_embeddings` and still tie, a Mistral one lack
+    `sliding_window` and still slide, and Gemma-2's alternating windows come from the class.
     """
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
-        return False
+        return None
     try:
-        # Optional dependency, and a slow import: only when a config leaves the key out.
+        # Optional dependency, and a slow import: only for configs that name their model_type.
         from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except ImportError:
-        return False
+        return None
+    if model_type not in CONFIG_MAPPING:
+        return None  # a model this transformers does not know: the file's own keys are all there is
     try:
-        return bool(getattr(AutoConfig.for_model(model_type), "tie_word_embeddings", False))
-    except ValueError:  # a model_type this transformers does not know
-        return False
+        return AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
+    except Exception as exc:  # the values themselves: say so rather than plan from half a config
+        raise ValueError(f"{name}: transformers cannot read this {model_type} config: {exc}") from None
+
+
+def _layer_windows(config: dict[str, Any], read: Any, num_layers: int, name: str) -> tuple[int | None, ...] | None:
+    """Each layer's sliding window (None: full attention), or None when no layer slides."""
+    source = read if read is not None else config
+    layer_types = getattr(source, "layer_types", None) if read is not None else config.get("layer_types")
+    window = getattr(source, "sliding_window", None) if read is not None else config.get("sliding_window")
+    if not layer_types:
+        if window is None or (read is None and config.get("use_sliding_window") is False):
+            return None
+        if read is None:
+            raise ValueError(f"{name}: config sets sliding_window={window!r} but not which layers slide "
+                             "(layer_types): install transformers so the planner reads it as the model does, "
+                             "or add layer_types")
+        layer_types = ["sliding_attention"] * num_layers  # every layer slides (Mistral)
+    if len(layer_types) != num_layers:
+        raise ValueError(f"{name}: config layer_types has {len(layer_types)} entries for {num_layers} layers")
+    unknown = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    if unknown:
+        raise ValueError(f"{name}: layers of type {unknown} are not modelled (only full_attention and "
+                         "sliding_attention: the planner counts a KV cache of every position or of a window)")
+    if "sliding_attention" in layer_types:
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            raise ValueError(f"{name}: config has sliding_attention layers but sliding_window={window!r}")
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    return None
 
 
 def model_from_config(config: dict[str, Any], name: str = "config") -> ModelShape:
@@ -234,20 +296,25 @@ def model_from_config(config: dict[str, Any], name: str = "config") -> ModelShap
                 else _config_int(config, "num_key_value_heads", name))
     head_dim = None if config.get("head_dim") is None else _config_int(config, "head_dim", name)
     tie = config.get("tie_word_embeddings")
-    if tie is None:
-        tie = _tie_default(config)
-    elif not isinstance(tie, bool):
+    if tie is not None and not isinstance(tie, bool):
         raise ValueError(f"{name}: config tie_word_embeddings={tie!r} is not true or false")
+    num_layers = _config_int(config, "num_hidden_layers", name)
+    hidden, inter, vocab = (_config_int(config, key, name) for key in ("hidden_size", "intermediate_size", "vocab_size"))
+    read = _as_transformers_reads_it(config, name)  # after the checks above: their messages are clearer
+    if tie is None:  # the class default when transformers knows the model (LLaMA's, untied, if not)
+        tie = bool(getattr(read, "tie_word_embeddings", False))
     return ModelShape(
         name=name,
-        hidden_size=_config_int(config, "hidden_size", name),
-        num_layers=_config_int(config, "num_hidden_layers", name),
+        hidden_size=hidden,
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
-        intermediate_size=_config_int(config, "intermediate_size", name),
-        vocab_size=_config_int(config, "vocab_size", name),
+        intermediate_size=inter,
+        vocab_size=vocab,
         head_dim=head_dim,
         tie_word_embeddings=tie,
+        gated_mlp=config.get("model_type") not in _UNGATED_MLP_MODEL_TYPES,
+        layer_windows=_layer_windows(config, read, num_layers, name),
     )
 
 
@@ -378,8 +445,9 @@ def _stage_work(model: ModelShape, batch: int, context: int, e: int) -> tuple[fl
     p = model.dense_params
     flops_dense = 2.0 * p * batch
     bytes_dense = float(e * p + e * batch * model.activation_elems_per_token)
-    bytes_attn = 2.0 * model.num_layers * batch * context * model.num_kv_heads * model.hd * e
-    flops_attn = 4.0 * model.num_layers * batch * context * model.num_heads * model.hd
+    positions = model.cached_positions(context)
+    bytes_attn = 2.0 * batch * positions * model.num_kv_heads * model.hd * e
+    flops_attn = 4.0 * batch * positions * model.num_heads * model.hd
     return flops_dense, bytes_dense, flops_attn, bytes_attn
 
 
@@ -563,12 +631,20 @@ def _fmt_stage(s: StageCost) -> str:
     return f"{s.seconds * 1e3:.2f} ms ({s.bound})"
 
 
+def _describe_windows(windows: tuple[int | None, ...]) -> str:
+    """`4096 in 13 of 26 layers` (each distinct window and its layer count)."""
+    sizes = sorted({w for w in windows if w is not None})
+    return ", ".join(f"{w} in {sum(1 for x in windows if x == w)} of {len(windows)} layers" for w in sizes)
+
+
 def format_plan(result: PlanResult) -> str:
     """A table: one column per placement, one row per figure."""
     m = result.model
     head = (f"model {m.name}: d={m.hidden_size} L={m.num_layers} H={m.num_heads} "
-            f"Hkv={m.num_kv_heads} I={m.intermediate_size} V={m.vocab_size} "
-            f"({m.stored_params / 1e9:.2f}B params); batch {result.batch}, context "
+            f"Hkv={m.num_kv_heads} I={m.intermediate_size} V={m.vocab_size}"
+            + ("" if m.gated_mlp else " MLP up/down")
+            + (f" sliding windows {_describe_windows(m.layer_windows)}" if m.layer_windows else "")
+            + f" ({m.stored_params / 1e9:.2f}B params); batch {result.batch}, context "
             f"{result.context}, {result.dtype}, efficiency {result.efficiency:g}"
             + (f", network {result.network_gbs:g} GB/s" if result.network_gbs else ""))
 

@@ -278,8 +278,15 @@ def test_repeated_rows_are_blocks(replay_on_cpu) -> None:
     assert "could differ from the step" in note and "reads across the token dim" in note, note
 
 
+def _moe_put_back_by_argsort(x: torch.Tensor, top: int) -> torch.Tensor:
+    # The permutation's inverse as its argsort, instead of `inverse[order] = arange`.
+    weights, keys, order, rows = _route(x, top)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * weights[:, None]
+    return y[torch.argsort(order)].view(-1, top, H).sum(1)
+
+
 @pytest.mark.parametrize("top", [1, 2, 3])
-@pytest.mark.parametrize("moe", [_moe, _moe_with_a_dense_projection])
+@pytest.mark.parametrize("moe", [_moe, _moe_with_a_dense_projection, _moe_put_back_by_argsort])
 def test_expert_routing_is_captured(replay_on_cpu, moe, top: int) -> None:
     report = _run(lambda x: moe(x, top), _rows, lengths=(3, 7, 12, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
@@ -370,6 +377,13 @@ def _moe_inverse_as_values(x: torch.Tensor) -> torch.Tensor:
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel())
     return x * inverse[:, None].float()
+
+
+def _moe_put_back_by_a_descending_argsort(x: torch.Tensor) -> torch.Tensor:
+    # The permutation's argsort descending: not its inverse, rows of other tokens come back.
+    weights, keys, order, rows = _route(x, 2)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * weights[:, None]
+    return y[torch.argsort(order, descending=True)].view(-1, 2, H).sum(1)
 
 
 def _moe_returns_its_counts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,6 +486,7 @@ FEATURE_GROUPS_W = torch.randn(4 * H, H).bfloat16()
     (_moe_running_sum_over_expert_rows, "reads along rows routed out of token order"),
     (_moe_inverse_as_values, "inverse permutation"),
     (_moe_returns_its_counts, "an output of per-expert counts"),
+    (_moe_put_back_by_a_descending_argsort, "reads across the token dim"),
     (_moe_returns_rows_in_expert_order, "an output whose rows are out of token order"),
     (_moe_rows_regrouped_as_blocks, "regroups rows routed out of token order"),
     (_moe_split_rows_regrouped_as_blocks, "regroups rows routed out of token order"),

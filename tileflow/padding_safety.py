@@ -30,7 +30,8 @@ several), or gathered by P (row j computed from row P[j] alone). Where the padde
 not matter to the sort: each run's indices address its own layout, and a row's group is its id. Gathered rows meet only row-wise ops and values gathered by the same P.
 Counts of the sorted ids and the inverse of P depend on where the padded rows sorted: they are
 accepted only as a grouped GEMM's offsets, where row j's group is its own sorted id in either
-run, and as the index that puts rows back (`route`: how an integer tensor relates to a sort).
+run, and as the index that puts rows back (`inv[P] = arange`, or `argsort(P)`; `route`: how an
+integer tensor relates to a sort).
 """
 
 from __future__ import annotations
@@ -419,15 +420,23 @@ class _Walk:
 
     def sorted_rows(self, node: fx.Node) -> _Facts | None:
         """`sort` of a token-major vector (flattened top-k expert ids): values and indices in the
-        sort's order, row j from row P[j]. Other sorts are reductions (`along`)."""
+        sort's order, row j from row P[j]; an ascending sort of P itself gives P's inverse. Other
+        sorts are reductions (`along`)."""
         src = node.args[0]
+        ascending = not bind_arguments(node).get("descending")
+        route = self.facts[src].route
+        if route is not None and route.kind == "perm" and ascending and meta_val(src).dim() == 1:
+            # argsort(P): P's inverse, in token-major order like `inv[P] = arange` (P's values are
+            # distinct, so every sort gives these indices); the values are 0, 1, ... again.
+            order = ("major", route.count) if route.count > 1 else None
+            return _Facts(parts=(_Facts(order=order, route=_Route("iota", None, route.count)),
+                                 _Facts(order=order, route=replace(route, kind="inverse"))))
         count = self.token_major(src)
         if count is None or meta_val(src).dim() != 1:
             return None
         gathered = ("gathered", node)
         # Only ascending values end each id's group where the running counts do (`grouped_gemm`):
         # sorted descending, padded rows counted in a group would shift the real rows of others.
-        ascending = not bind_arguments(node).get("descending")
         values = _Facts(order=gathered, key_range=self.facts[src].key_range,
                         route=_Route("sorted", node, count) if ascending else None)
         return _Facts(parts=(values, _Facts(order=gathered, route=_Route("perm", node, count))))

@@ -143,11 +143,14 @@ def test_archive_holds_rewritten_program_plans_and_kernels(archive) -> None:
     assert manifest["dynamic"] == {"seq": [2, 512]}
     assert manifest["inputs"] == [{"kind": "tensor", "shape": [1, "seq"], "dtype": "int64"}]
     assert manifest["rewrites"]["padded_gemm"] >= 1 and manifest["rewrites"]["meta_attention"] == 2
+    # SwiGLU fused as on the JIT path: torch.export's table decomposes silu unless it is kept whole.
+    assert manifest["rewrites"].get("fused_swiglu") == 2
     assert manifest["plans"] and all(p["op"] == "padded_gemm" for p in manifest["plans"])
     assert manifest["report"]["graphs"][0]["rewrites"]["meta_attention"] == 2
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert any(t.startswith("tileflow.padded_gemm") for t in targets)
     assert any(t.startswith("tileflow.meta_attention") for t in targets)
+    assert not any("silu" in t or "sigmoid" in t for t in targets)  # in the GEMMs' epilogues
     for key in ("tileflow_version", "torch_version", "triton_version", "content_sha256"):
         assert key in manifest
 

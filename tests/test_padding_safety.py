@@ -297,9 +297,9 @@ def _sequences(tokens: int) -> tuple[torch.Tensor]:
     return (torch.randn(3, tokens, H),)
 
 
-def _moe_over_a_batch(x: torch.Tensor, top: int) -> torch.Tensor:
+def _over_a_batch(moe: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, top: int) -> torch.Tensor:
     # Three sequences' rows flattened: each block's padded rows go to experts 0 and 1.
-    return _moe(x.reshape(-1, H), top).view(3, -1, H)
+    return moe(x.reshape(-1, H), top).view(3, -1, H)
 
 
 def _moe_over_a_batch_regrouped(x: torch.Tensor) -> torch.Tensor:
@@ -318,9 +318,66 @@ def _moe_ids_of_a_batch_regrouped(x: torch.Tensor) -> torch.Tensor:
     return _unsort(y, order, 2)
 
 
+def _moe_permutation_of_a_batch_as_values(x: torch.Tensor) -> torch.Tensor:
+    # P[j] is the flattened row b*T*k + t*k + s: a replay's is b*B*k + t*k + s.
+    weights, keys, order, rows = _route(x.reshape(-1, H), 2)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * order[:, None].float()
+    return _unsort(y, order, 2).view(3, -1, H)
+
+
+def _moe_tokens_of_a_batch_as_values(x: torch.Tensor) -> torch.Tensor:
+    # P // k is the flattened token b*T + t.
+    weights, keys, order, rows = _route(x.reshape(-1, H), 2)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * (order // 2)[:, None].float()
+    return _unsort(y, order, 2).view(3, -1, H)
+
+
+def _moe_table_rows_at_a_batch_permutation(x: torch.Tensor) -> torch.Tensor:
+    weights, keys, order, rows = _route(x.reshape(-1, H), 2)
+    y = tileflow.ops.grouped_gemm(rows + BATCH_TABLE[order], EXPERT_W, _offsets(keys))
+    return _unsort(y, order, 2).view(3, -1, H)
+
+
+def _moe_batch_permutation_put_back(x: torch.Tensor) -> torch.Tensor:
+    # P put back by its inverse is 0, 1, .. over the flattened batch: its values still number rows.
+    weights, keys, order, rows = _route(x.reshape(-1, H), 1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return (x.reshape(-1, H) * order[inverse][:, None].float()).view(3, -1, H)
+
+
+def _moe_batch_permutation_in_bfloat16(x: torch.Tensor) -> torch.Tensor:
+    # A cast that does not keep every index loses the permutation's route, not its values.
+    weights, keys, order, rows = _route(x.reshape(-1, H), 1)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * order.bfloat16().float()[:, None]
+    return _unsort(y, order, 1).view(3, -1, H)
+
+
+def _moe_batch_inverse_from_repeated_positions(x: torch.Tensor) -> torch.Tensor:
+    # 0..T-1 three times (an arange expanded) is no inverse: inv[P[j]] = j mod T, then mod B.
+    weights, keys, order, rows = _route(x.reshape(-1, H), 1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(x.shape[1])[None].expand(3, -1).reshape(-1)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * weights[:, None]
+    return y[inverse].view(3, -1, H)
+
+
+BATCH_TABLE = torch.randn(256, H)
+
+
+def _moe_sorted_batch_permutation_as_values(x: torch.Tensor) -> torch.Tensor:
+    # argsort(P) puts rows back, but the sorted P (0, 1, ..) numbers the batch's padded layout.
+    flat = x.reshape(-1, H)
+    weights, keys, order, rows = _route(flat, 2)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * weights[:, None]
+    numbers, inverse = torch.sort(order)
+    return (y[inverse] * numbers[:, None].float()).view(-1, 2, H).sum(1).view(3, -1, H)
+
+
 @pytest.mark.parametrize("top", [1, 2, 3])
-def test_expert_routing_over_a_batch_is_captured(replay_on_cpu, top: int) -> None:
-    report = _run(lambda x: _moe_over_a_batch(x, top), _sequences, lengths=(4, 7, 12, 20))
+@pytest.mark.parametrize("moe", [_moe, _moe_put_back_by_argsort])
+def test_expert_routing_over_a_batch_is_captured(replay_on_cpu, moe, top: int) -> None:
+    report = _run(lambda x: _over_a_batch(moe, x, top), _sequences, lengths=(4, 7, 12, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 2
 
@@ -328,6 +385,13 @@ def test_expert_routing_over_a_batch_is_captured(replay_on_cpu, top: int) -> Non
 @pytest.mark.parametrize("fn, reason", [
     (_moe_over_a_batch_regrouped, "moves elements between token rows"),
     (_moe_ids_of_a_batch_regrouped, "moves elements between token rows"),
+    (_moe_permutation_of_a_batch_as_values, "a permutation of a batch's rows as values"),
+    (_moe_tokens_of_a_batch_as_values, "a permutation of a batch's rows as values"),
+    (_moe_table_rows_at_a_batch_permutation, "a permutation of a batch's rows as values"),
+    (_moe_batch_permutation_put_back, "a permutation of a batch's rows as values"),
+    (_moe_batch_permutation_in_bfloat16, "a permutation of a batch's rows as values"),
+    (_moe_batch_inverse_from_repeated_positions, "a permutation of a batch's rows as values"),
+    (_moe_sorted_batch_permutation_as_values, "sorted values of a permutation of a batch's rows"),
 ])
 def test_expert_routing_over_a_batch_that_mixes_sequences_is_not_captured(replay_on_cpu, fn, reason: str) -> None:
     report = _run(fn, _sequences, lengths=(4, 7, 12))
@@ -474,6 +538,27 @@ def _moe_grouped_mm_over_features(x: torch.Tensor) -> torch.Tensor:
     return _unsort(grouped.float().sum(0), order, 1)
 
 
+def _moe_inverse_from_repeated_positions(x: torch.Tensor) -> torch.Tensor:
+    # 0..T-1 twice (an arange expanded to [2, T], flattened) is no inverse of the 2T rows' P.
+    weights, keys, order, rows = _route(x, 2)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(x.shape[0])[None].expand(2, -1).reshape(-1)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * weights[:, None]
+    return y[inverse].view(-1, 2, H).sum(1)
+
+
+def _moe_permutation_as_values(x: torch.Tensor) -> torch.Tensor:
+    # Over one sequence P[j] = t*k + s in either run: its values are clean.
+    weights, keys, order, rows = _route(x, 2)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * order[:, None].float()
+    return _unsort(y, order, 2)
+
+
+def test_a_permutation_of_one_sequence_as_values_is_captured(replay_on_cpu) -> None:
+    report = _run(_moe_permutation_as_values, _rows, lengths=(3, 7, 12))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+
+
 TABLE = torch.randn(64, H)
 FEATURE_GROUPS_W = torch.randn(4 * H, H).bfloat16()
 
@@ -498,6 +583,7 @@ FEATURE_GROUPS_W = torch.randn(4 * H, H).bfloat16()
     (_moe_counts_of_repeated_ids, "not of sorted expert ids"),
     (_moe_inverse_of_a_broadcast_permutation, "index_put is not known"),
     (_moe_grouped_mm_over_features, "offsets split features, not rows"),
+    (_moe_inverse_from_repeated_positions, "index_put is not known"),
 ])
 def test_expert_routing_that_mixes_rows_is_not_captured(replay_on_cpu, fn, reason: str) -> None:
     report = _run(fn, _rows, lengths=(3, 7, 12))
@@ -681,6 +767,30 @@ def test_reads_across_flattened_sequences_are_not_captured(replay_on_cpu, fn, re
     report = _run(fn, _batch)
     (note,) = _cuda_graphs_notes(report)
     assert "could differ from the step" in note and reason in note, note
+    assert replay_on_cpu.captures == 0
+
+
+HALVES = torch.tensor([[1.0], [10.0]])
+
+
+def _token_major_rows_cut_in_halves(x: torch.Tensor) -> torch.Tensor:
+    # [T, 2] -> [2T] (2 rows per token) -> [2, T]: the halves of one block of T tokens, cut at
+    # row T, where a replay cuts at row B; scaled per half, then read back as [T, 2].
+    y = (x @ W[:, :2]).reshape(-1) + 1
+    z = y.view(2, -1) * HALVES
+    return (z.reshape(-1) + 1).view(-1, 2) @ W[:2]
+
+
+def _arange_of_two_rows_per_token_cut_in_halves(x: torch.Tensor) -> torch.Tensor:
+    pos = torch.arange(2 * x.shape[0]).view(2, -1) * torch.tensor([[1], [100]])
+    return x * (pos.reshape(-1) + 0).view(-1, 2).float().sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("fn", [_token_major_rows_cut_in_halves, _arange_of_two_rows_per_token_cut_in_halves])
+def test_a_view_that_cuts_a_block_of_tokens_is_not_captured(replay_on_cpu, fn) -> None:
+    report = _run(fn, _rows, lengths=(3, 7, 12))
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note and "a view that regroups rows" in note, note
     assert replay_on_cpu.captures == 0
 
 

@@ -27,7 +27,10 @@ expert's rows go through one grouped GEMM whose group offsets count the sorted i
 each once, the offsets splitting the rows), and the inverse of P puts the rows back. A value's
 *order* records such a layout: token-major with k rows per token (in one block of tokens or
 several), or gathered by P (row j computed from row P[j] alone). Where the padded rows sit does
-not matter to the sort: each run's indices address its own layout, and a row's group is its id. Gathered rows meet only row-wise ops and values gathered by the same P.
+not matter to the sort: each run's indices address its own layout, and a row's group is its id.
+Gathered rows meet only row-wise ops and values gathered by the same P. Over several blocks P's
+values number rows of a layout padded per block (b*T*k + t*k + s, a replay's b*B*k + ..): they
+are used only to index rows, never as values.
 Counts of the sorted ids and the inverse of P depend on where the padded rows sorted: they are
 accepted only as a grouped GEMM's offsets, where row j's group is its own sorted id in either
 run, and as the index that puts rows back (`inv[P] = arange`, or `argsort(P)`; `route`: how an
@@ -363,6 +366,11 @@ class _Walk:
         """The facts of a routing op (module docstring), a refusal for any other use of values
         that depend on where padded rows sorted, or None for every other op."""
         target = node.target
+        rows = [a for a in self.inputs(node) if self.numbers_batch_rows(a)]
+        if rows:
+            return self.row_number_use(node, rows) or self.refuse(
+                node, "uses a permutation of a batch's rows as values: they number rows of sequences each padded "
+                      "at its end, which a replay at the bucket numbers otherwise; only indexing rows keeps them out")
         wide = [a for a in self.inputs(node) if self.run_wide(a)]
         if wide:
             # Checked before the routing ops below: a sort, an index or a division of counts or of
@@ -384,6 +392,41 @@ class _Walk:
         if _is_grouped_gemm(target):
             return self.grouped_gemm(node)
         return None
+
+    def numbers_batch_rows(self, node: fx.Node) -> bool:
+        """Whether `node` holds a sort's permutation P (or the token P // k) over several blocks of
+        tokens: row b*T*k + t*k + s of the flattened batch is P's value there, and a replay's is
+        b*B*k + t*k + s. (Over one block of tokens the values are the same in both runs.)"""
+        route = self.facts[node].route
+        if route is None or route.kind not in ("perm", "token"):
+            return False
+        (prefix,) = self.dims(meta_val(route.sort.args[0])).values()
+        return isinstance(prefix, _Blocks) and prefix.count > route.count
+
+    def row_number_use(self, node: fx.Node, rows: list[fx.Node]) -> _Facts | None:
+        """The facts of a use of a batch's row numbers (`rows`, `node`'s inputs) that reads no
+        value of them: as the index of the rows (`x[P]`, `x[P // k]`, the inverse's `inv[P] = ..`),
+        `P // k`, P's inverse by `argsort`, a tensor of P's shape (`empty_like`), or a view or exact
+        cast that keeps them row numbers; None for any other."""
+        target, (first, *rest) = node.target, rows
+        if rest:
+            return None
+        if target is aten.index.Tensor:
+            use = node.args[0] is not first and list(node.args[1]) == [first] and self.routed_index(node)
+        elif target in (aten.floor_divide.default, aten.div.Tensor_mode):
+            use = self.token_of(node)
+        elif target is aten.index_put.default:
+            use = list(bind_arguments(node)["indices"]) == [first] and self.inverted(node)
+        elif target in _SORTS:  # `argsort(P)`: its inverse
+            use = self.sorted_rows(node)
+        elif target in _FILLS:  # `empty_like(P)`: only P's shape
+            use = self.dispatch(node)
+        elif target in _RESHAPES or target in _SAME_DIMS:
+            use = self.dispatch(node)
+            use = use if use.hazard or use.route == self.facts[first].route else None
+        else:
+            use = None
+        return use or None
 
     def run_wide(self, node: fx.Node) -> bool:
         """Whether `node` holds counts or an inverse permutation (`_RUN_WIDE`)."""
@@ -427,10 +470,13 @@ class _Walk:
         route = self.facts[src].route
         if route is not None and route.kind == "perm" and ascending and meta_val(src).dim() == 1:
             # argsort(P): P's inverse, in token-major order like `inv[P] = arange` (P's values are
-            # distinct, so every sort gives these indices); the values are 0, 1, ... again.
+            # distinct, so every sort gives these indices); the values are 0, 1, ... again, which
+            # over several blocks of tokens number rows as P did (`numbers_batch_rows`).
             order = ("major", route.count) if route.count > 1 else None
-            return _Facts(parts=(_Facts(order=order, route=_Route("iota", None, route.count)),
-                                 _Facts(order=order, route=replace(route, kind="inverse"))))
+            values = (self.refuse(node, "the sorted values of a permutation of a batch's rows number rows of "
+                                        "sequences each padded at its end")
+                      if self.numbers_batch_rows(src) else _Facts(order=order, route=_Route("iota", None, route.count)))
+            return _Facts(parts=(values, _Facts(order=order, route=replace(route, kind="inverse"))))
         count = self.token_major(src)
         if count is None or meta_val(src).dim() != 1:
             return None
@@ -659,7 +705,10 @@ class _Walk:
             return self.refuse(node, "a view that regroups rows routed out of token order")
         k_src = facts.order[1] if facts.order is not None else 1
         k_out = sympy.simplify(sympy.sympify(k_src * s_inner) / o_inner)  # the output's rows per token
-        if k_out.is_Integer and k_out >= 1 and _equal(s_outer * s_count * int(k_out), o_outer * o_count * k_src):
+        # Each side's blocks are whole blocks of tokens (count / k of them): [2T] of 2 rows per token
+        # read as [2, T] would cut one block of T tokens in halves, which a replay cuts at B.
+        if (k_out.is_Integer and k_out >= 1 and s_count % k_src == 0 and o_count % int(k_out) == 0
+                and _equal(s_outer * s_count * int(k_out), o_outer * o_count * k_src)):
             k_out = int(k_out)
             return replace(kept, order=("major", k_out) if k_out > 1 else None,
                            route=kept.route if k_out == k_src else None)
@@ -677,7 +726,11 @@ class _Walk:
             shift = meta_val(node).dim() - meta_val(src).dim()
             facts = _with_dims_moved(facts, {d: d + shift for d in range(meta_val(src).dim())})
             same = len(o_dims) == len(s_dims)
-            return replace(facts, position=facts.position if same else None, row_source=facts.row_source if same else None)
+            # Values broadcast along a new or size-1 dim repeat: 0, 1, .. (an iota), sorted ids or a
+            # permutation repeated are none of them.
+            once = _equal(math.prod(_expr(x) for x in meta_val(src).shape), math.prod(_expr(x) for x in meta_val(node).shape))
+            return replace(facts, position=facts.position if same else None, row_source=facts.row_source if same else None,
+                           route=facts.route if once else None)
         return _with_dims_moved(facts, _dim_mapping(node))
 
     def complex_view(self, node: fx.Node) -> _Facts:

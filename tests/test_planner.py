@@ -446,3 +446,41 @@ def test_the_plan_names_the_windows_and_an_ungated_mlp(tmp_path):
     res = _cli_with_config(tmp_path, cfg)
     assert res.exit_code == 0, res.output
     assert "sliding windows 64 in 1 of 2 layers" in res.output
+
+
+@pytest.mark.parametrize("model_type", ["nemotron", "persimmon", "arcee", "apertus", "jais2", "nanochat"])
+def test_other_ungated_mlps_count_two_matrices(model_type: str):
+    """Nemotron/Minitron (relu² up/down), Persimmon (and Fuyu's text model), Arcee AFM, Apertus,
+    Jais-2 and nanochat have no gate either: counted as gated they came out 1.5x too large."""
+    m = model_from_config({**BASE_CFG, "model_type": model_type})
+    assert not m.gated_mlp
+    assert m.layer_gemm_params == 1_572_864 + 1_048_576 + 8_388_608
+
+
+def test_a_per_layer_config_is_a_clear_error(monkeypatch):
+    """transformers raises a RuntimeError (not AttributeError) for a global read of a per-layer
+    attribute of a heterogeneous config; the CLI catches ValueError only, so it escaped as a
+    traceback."""
+    import tileflow.planner as planner
+
+    class PerLayer:
+        @property
+        def sliding_window(self):
+            raise RuntimeError("'sliding_window' is a per-layer attribute and may vary across layers")
+
+        layer_types = None
+        tie_word_embeddings = False
+
+    monkeypatch.setattr(planner, "_as_transformers_reads_it", lambda config, name: PerLayer())
+    with pytest.raises(ValueError, match="no single sliding_window"):
+        model_from_config({**BASE_CFG, "model_type": "llama"})
+
+
+def test_a_heterogeneous_transformers_config_is_a_clear_error():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "neomme" not in CONFIG_MAPPING:
+        pytest.skip("this transformers has no per-layer (heterogeneous) model config")
+    with pytest.raises(ValueError, match="per-layer"):
+        model_from_config({**BASE_CFG, "model_type": "neomme"})

@@ -211,10 +211,12 @@ def _config_int(config: dict[str, Any], key: str, name: str) -> int:
 
 
 # model_types whose MLP is an up and a down projection with no gate (GPT-NeoX, Phi-2, StarCoder2,
-# ...); every other model_type is taken to be LLaMA-style (gate, up, down).
+# Nemotron/Minitron, Persimmon/Fuyu, Arcee AFM, Apertus, ...); every other model_type is taken to
+# be LLaMA-style (gate, up, down).
 _UNGATED_MLP_MODEL_TYPES = frozenset({
     "gpt2", "gpt_neo", "gpt_neox", "gptj", "gpt_bigcode", "codegen", "phi", "starcoder2", "opt",
-    "falcon", "bloom", "mpt",
+    "falcon", "bloom", "mpt", "nemotron", "persimmon", "arcee", "apertus", "apertus1p5",
+    "apertus1p5_text", "jais2", "nanochat", "biogpt",
 })
 
 
@@ -223,8 +225,8 @@ def _as_transformers_reads_it(config: dict[str, Any], name: str) -> Any:
     out), or None without transformers or for a `model_type` it does not know.
 
     transformers omits values equal to a config class's defaults when it writes config.json (older
-    versions): a Gemma config may lack `tie_word_embeddings` and still tie, a Mistral one lack
-    `sliding_window` and still slide, and Gemma-2's alternating windows come from the class.
+    versions): a Gemma config may lack `tie_word_embeddings` and still tie, and Gemma-2's
+    alternating windows come from the class, not the file.
     """
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
@@ -243,11 +245,20 @@ def _as_transformers_reads_it(config: dict[str, Any], name: str) -> Any:
         raise ValueError(f"{name}: transformers cannot read this {model_type} config: {exc}") from None
 
 
+def _read_attr(read: Any, key: str, name: str) -> Any:
+    """`read.key` (None when absent). A config whose value differs per layer (transformers raises
+    a RuntimeError rather than give one global value) is refused with a ValueError."""
+    try:
+        return getattr(read, key, None)
+    except Exception as exc:
+        raise ValueError(f"{name}: transformers gives no single {key} for this config (per-layer "
+                         f"configurations are not modelled): {exc}") from None
+
+
 def _layer_windows(config: dict[str, Any], read: Any, num_layers: int, name: str) -> tuple[int | None, ...] | None:
     """Each layer's sliding window (None: full attention), or None when no layer slides."""
-    source = read if read is not None else config
-    layer_types = getattr(source, "layer_types", None) if read is not None else config.get("layer_types")
-    window = getattr(source, "sliding_window", None) if read is not None else config.get("sliding_window")
+    layer_types = _read_attr(read, "layer_types", name) if read is not None else config.get("layer_types")
+    window = _read_attr(read, "sliding_window", name) if read is not None else config.get("sliding_window")
     if not layer_types:
         if window is None or (read is None and config.get("use_sliding_window") is False):
             return None
@@ -302,7 +313,7 @@ def model_from_config(config: dict[str, Any], name: str = "config") -> ModelShap
     hidden, inter, vocab = (_config_int(config, key, name) for key in ("hidden_size", "intermediate_size", "vocab_size"))
     read = _as_transformers_reads_it(config, name)  # after the checks above: their messages are clearer
     if tie is None:  # the class default when transformers knows the model (LLaMA's, untied, if not)
-        tie = bool(getattr(read, "tie_word_embeddings", False))
+        tie = bool(_read_attr(read, "tie_word_embeddings", name))
     return ModelShape(
         name=name,
         hidden_size=hidden,

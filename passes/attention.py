@@ -245,11 +245,19 @@ class Attention:
         # an ALiBi bias inside the product).
         cur, mask, scale_mul, scale_div, alibi, product_scale = softmax.args[0], None, None, None, None, 1.0
         sinks, cur = _sink_join(cur)
+        # Without a sink the row-max subtraction `_sink_join` looked through reads the scores
+        # twice (MiMo-V2-Flash's layers without sinks): the row max is no other use of them.
+        skip = set() if sinks is not None or cur is softmax.args[0] else set(softmax.args[0].all_input_nodes[1:])
+        skip |= {n.args[0] for n in skip if _is_op(n, operator.getitem)}
+
+        def single_use(n: fx.Node) -> bool:
+            return len([u for u in n.users if u not in skip]) == 1
+
         # ALiBi's bias is `slope * (j - p)` in the kernel and `slope * j` (or another shift) in the
         # models: the same softmax, unless a sink joins it without the shift. With a sink the bias
         # is an additive mask (exact).
         find_alibi = sinks is None
-        while len(cur.users) == 1:
+        while single_use(cur):
             if _is_op(cur, aten.add.Tensor) and cur.kwargs.get("alpha", 1) == 1:
                 scores_side = [a for a in cur.args if _path_to_product(a, depth=7) is not None]
                 if len(scores_side) != 1:
@@ -272,8 +280,8 @@ class Attention:
                 mask = self._joined_mask(graph, mask, hide_mask, softmax)
             else:
                 break
-        softcap, cur = _soft_cap(cur)
-        if (_is_op(cur, aten.mul.Tensor) or _is_op(cur, aten.div.Tensor)) and len(cur.users) == 1:
+        softcap, cur = _soft_cap(cur, skip)
+        if (_is_op(cur, aten.mul.Tensor) or _is_op(cur, aten.div.Tensor)) and single_use(cur):
             factor = cur.args[1]
             if isinstance(factor, fx.Node) and not (isinstance(_val(factor), torch.Tensor) and _val(factor).dim() == 0):
                 return "the score scale is not a number or a 0-d tensor"
@@ -525,6 +533,15 @@ def _unmatched_scores(softmax: fx.Node) -> str:
                         "key positions")
         else:
             uses.append("baddbmm adds a bias inside the q @ k^T product that is not ALiBi's")
+    # The manual match follows single-user scores only: a score tensor read by more than the
+    # chain to the softmax (GraniteSWA's sinks scale the output by sigmoid(logsumexp(scores) -
+    # sink)) is left for that reason, not for its ops, which the kernel may well implement.
+    for consumer, n in zip([softmax, *path], path):
+        others = sorted(getattr(u.target, "_opname", str(u.target)) for u in n.users if u is not consumer)
+        if others:
+            uses.append(f"the scores after {names[path.index(n)]} are also read by {', '.join(others)}, "
+                        "and the kernel returns only the attention output")
+            break
     hint = f" ({'; '.join(uses)})" if uses else ""
     return f"the meta-kernel does not implement the scores {' <- '.join(reversed(names))} before the softmax{hint}"
 
@@ -584,9 +601,13 @@ def _sink_join(node: Any) -> tuple[fx.Node | None, Any]:
     Else (None, node)."""
     if _is_op(node, aten.sub.Tensor) and len(node.users) == 1:
         joined, row_max = node.args[:2]
+        # Kept dims: a [B, H, S] max would broadcast along the wrong dims, no per-row constant.
+        kept = _val(row_max) if isinstance(row_max, fx.Node) else None
+        kept = (isinstance(kept, torch.Tensor) and isinstance(_val(joined), torch.Tensor)
+                and kept.dim() == _val(joined).dim() and statically_known_true(kept.shape[-1] == 1))
         if _is_op(row_max, operator.getitem) and row_max.args[1] == 0:
             row_max = row_max.args[0]
-        over_keys = isinstance(row_max, fx.Node) and (
+        over_keys = kept and isinstance(row_max, fx.Node) and (
             (row_max.target is aten.max.dim and row_max.args[1] in (-1, 3))
             or (row_max.target is aten.amax.default and list(row_max.args[1]) in ([-1], [3])))
         if over_keys and row_max.args[0] is joined:  # each row's own max: the softmax ignores it
@@ -732,11 +753,13 @@ def _negation_source(mask: fx.Node) -> fx.Node | None:
     return None
 
 
-def _soft_cap(node: Any) -> tuple[Any, Any]:
+def _soft_cap(node: Any, skip: frozenset[fx.Node] | set[fx.Node] = frozenset()) -> tuple[Any, Any]:
     """(cap, x) when `node` is logit soft-capping `cap * tanh(x / cap)` (or `x * (1 / cap)` inside,
     for a number), the two caps the same number or 0-d tensor; else (None, node). The cap is
-    returned as the graph has it (a number, or the node of a 0-d tensor)."""
-    if not (isinstance(node, fx.Node) and node.target in (aten.mul.Tensor, aten.mul.Scalar) and len(node.users) == 1):
+    returned as the graph has it (a number, or the node of a 0-d tensor). Users of `node` in
+    `skip` (a row-max subtraction the softmax ignores) do not count."""
+    if not (isinstance(node, fx.Node) and node.target in (aten.mul.Tensor, aten.mul.Scalar)
+            and len([u for u in node.users if u not in skip]) == 1):
         return None, node
     first, second = node.args[:2]
     tanh, cap = (first, second) if _is_op(first, aten.tanh.default) else (second, first)

@@ -508,6 +508,72 @@ def test_position_biases_that_are_not_alibi(bias: str) -> None:
         f"the meta-kernel does not implement the scores baddbmm <- view <- masked_fill before the softmax (baddbmm adds {why}")
 
 
+def test_scores_read_besides_the_softmax_are_named_in_the_reason() -> None:
+    """GraniteSWA's eager attention scales its output by sigmoid(logsumexp(scores) - sink), so its
+    scores feed a logsumexp as well as the softmax: the attention is left as it is, and the reason
+    names that second reader (it named the scores' ops, `scale * (q @ k^T) + mask`, as if the
+    kernel did not implement them)."""
+    def lse_sink_attention(x: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+        mask = torch.full((s, s), float("-inf")).triu(1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * 0.25 + mask
+        scale = (torch.logsumexp(scores, dim=-1) - sinks.view(1, -1, 1)).sigmoid()
+        out = torch.matmul(F.softmax(scores, dim=-1), v) * scale.unsqueeze(-1)
+        return out.transpose(1, 2).reshape(b, s, 32)
+
+    x, sinks = torch.randn(2, 7, 96), torch.randn(2)
+    _, out, _, report = compile_attention(lse_sink_attention, x, sinks)
+    torch.testing.assert_close(out, lse_sink_attention(x, sinks), rtol=1e-4, atol=1e-4)
+    assert "meta_attention" not in report.rewrites and len(report.fallbacks) == 1
+    reason = report.fallbacks[0].reason
+    assert "bmm <- view <- mul <- add before the softmax" in reason, reason
+    assert "the scores after add are also read by logsumexp" in reason, reason
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_row_max_subtraction_without_sinks_is_matched(cap: float | None) -> None:
+    """`scores - scores.max(-1, keepdim=True).values` before the softmax (which ignores it), with no
+    sink column joined (MiMo-V2-Flash's layers without sinks; gpt-oss's form with them is matched
+    already): the scores are read by the max as well, which left the attention as it was."""
+    def max_shifted_attention(x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+        scores = torch.matmul(q, k.transpose(2, 3)) * 0.25
+        if cap is not None:
+            scores = torch.tanh(scores / cap) * cap
+        else:
+            scores = scores + torch.full((s, s), float("-inf")).triu(1)
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        out = torch.matmul(F.softmax(scores, dim=-1), v)
+        return out.transpose(1, 2).reshape(b, s, 32)
+
+    x = torch.randn(2, 7, 96)
+    compiled, out, _, report = compile_attention(max_shifted_attention, x)
+    torch.testing.assert_close(out, max_shifted_attention(x), rtol=1e-4, atol=1e-4)
+    assert report.rewrites["meta_attention"] == 1 and not report.fallbacks, report.fallbacks
+    assert report.rewrites.get("logit_softcap", 0) == (cap is not None)
+    x = torch.randn(2, 12, 96)
+    torch.testing.assert_close(compiled(x), max_shifted_attention(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_max_without_kept_dims_is_not_taken_for_the_row_max() -> None:
+    """`scores - scores.max(-1).values` (no keepdim) broadcasts the [B, H, S] maxima along the
+    keys when B = H = 1 and S = L: column j loses row j's max, which changes the softmax. It was
+    taken for the row-max subtraction the softmax ignores (off by 0.36)."""
+    def max_without_keepdim(x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, 1, 16).transpose(1, 2) for t in x.split(16, dim=-1))
+        scores = torch.matmul(q, k.transpose(2, 3)) * 0.25
+        scores = scores - scores.max(dim=-1).values
+        return torch.matmul(F.softmax(scores, dim=-1), v).transpose(1, 2).reshape(b, s, 16)
+
+    x = torch.randn(1, 7, 48)
+    _, out, _, report = compile_attention(max_without_keepdim, x)
+    torch.testing.assert_close(out, max_without_keepdim(x), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites and len(report.fallbacks) == 1
+
+
 # Models whose attention functions take more than q, k, v and a mask: Gemma-2's logit soft-cap
 # (with a sliding window through the mask), gpt-oss's sinks (`s_aux`, with windows and MoE).
 _EXTRA_ATTENTION = {

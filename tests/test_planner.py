@@ -477,7 +477,7 @@ def test_a_per_layer_config_is_a_clear_error(monkeypatch):
 
 
 def test_a_heterogeneous_transformers_config_is_a_clear_error():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if "neomme" not in CONFIG_MAPPING:

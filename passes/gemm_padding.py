@@ -32,6 +32,7 @@ import torch.fx as fx
 from tileflow.graph_utils import (
     copy_source_meta,
     infer_meta,
+    is_view_op,
     same_shape,
     transposed_dims,
 )
@@ -156,6 +157,19 @@ def _grouped_mm_args(node: fx.Node) -> dict[str, Any] | None:
     return {"x": x, "w": w, "offs": values.get("offs"), "bias": values.get("bias"), "out_dtype": values.get("out_dtype")}
 
 
+def _stacked_weights_bmm(node: fx.Node) -> bool:
+    """Whether a `bmm` multiplies token rows by a stack of weights: its second operand a graph
+    input or attribute of static shape (behind views), its first one of a symbolic size. The
+    attention pass has taken its own bmms before this pass (or left them with a reason)."""
+    x, w = node.args[0], node.args[1]
+    while isinstance(w, fx.Node) and w.op == "call_function" and is_view_op(w.target):
+        w = w.args[0]
+    xv, wv = _val(x), _val(w)
+    return (isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr") and isinstance(wv, torch.Tensor)
+            and isinstance(xv, torch.Tensor) and not any(isinstance(d, torch.SymInt) for d in wv.shape)
+            and any(isinstance(d, torch.SymInt) for d in xv.shape))
+
+
 def _describe_grouped(plan: TilePlan, experts: int) -> str:
     """A grouped GEMM's plan in words: its pieces are ranges of ceil(M / E), not of M."""
     pieces = "; ".join(f"{p.lo}..{p.hi} -> {p.config.name}" for p in plan.pieces)
@@ -229,6 +243,11 @@ class GemmPadding:
                 else:
                     for kind in self._rewrite_grouped(graph, node, grouped, ctx, grouped_plans):
                         result.count(kind)
+                continue
+            if node in graph.nodes and node.target is aten.bmm.default and _stacked_weights_bmm(node):
+                result.fallback(node, "a batched GEMM over stacked weights (one per expert, as Llama-4's dense experts "
+                                      "run every token through every expert): no padded or grouped GEMM form yet, left to "
+                                      "the residual compiler")
                 continue
             if node not in graph.nodes or node.target is not aten.linear.default:
                 continue

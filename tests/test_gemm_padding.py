@@ -116,6 +116,25 @@ def test_unsupported_dtype_falls_back_with_reason() -> None:
     torch.testing.assert_close(compiled(x, w), fn(x, w))
 
 
+EXPERT_W = torch.randn(3, 16, 8)
+
+
+def test_a_batched_gemm_over_stacked_weights_is_reported() -> None:
+    """Llama-4's dense experts: every token's row times every expert's weight, one bmm. It stays
+    a bmm (no padded or grouped form yet), and the report says so instead of nothing; the plain
+    linear beside it is still rewritten."""
+    def experts(x, w):
+        return torch.bmm(x.repeat(3, 1).view(3, -1, 16), EXPERT_W).sum(0) + F.linear(x, w)
+
+    x, w = torch.randn(5, 16), torch.randn(8, 16)
+    compiled, gm, ctx = compile_fn(experts, x, w)
+    assert len(gemm_nodes(gm)) == 1
+    [fallback] = ctx.report.fallbacks
+    assert "batched GEMM over stacked weights" in fallback.reason and fallback.pass_name == "gemm_padding"
+    x = torch.randn(9, 16)
+    torch.testing.assert_close(compiled(x, w), experts(x, w), rtol=1e-5, atol=1e-5)
+
+
 def test_multi_user_intermediates_are_not_fused() -> None:
     def fn(x, w):
         y = F.linear(x, w)

@@ -114,10 +114,10 @@ def test_device_info_refuses_zero_price_and_memory() -> None:
     # 0 GB device was accepted; None stays the way to say "price unknown".
     base = dict(name="X", kind="gpu", cores=4, peak_tflops={"bfloat16": 1.0}, mem_bw_gbs=100.0,
                 smem_kib_per_core=64)
-    for price in (0.0, -1.0, float("nan")):
+    for price in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="price_per_hour"):
             DeviceInfo(**base, mem_gb=1.0, price_per_hour=price)
-    for mem in (0.0, -8.0):
+    for mem in (0.0, -8.0, float("inf")):
         with pytest.raises(ValueError, match="mem_gb"):
             DeviceInfo(**base, mem_gb=mem, price_per_hour=1.0)
     assert DeviceInfo(**base, mem_gb=1.0, price_per_hour=None).price_per_hour is None

@@ -11,6 +11,8 @@ This module imports nothing heavy: `detect_device` imports torch only when it is
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -53,16 +55,18 @@ class DeviceInfo:
             raise ValueError(f"DeviceInfo.kind={self.kind!r} is not valid; use one of {KINDS}")
         if self.cores <= 0:
             raise ValueError(f"DeviceInfo.cores must be positive, got {self.cores}")
-        if self.mem_bw_gbs <= 0 or self.smem_kib_per_core <= 0:
-            raise ValueError("DeviceInfo.mem_bw_gbs and smem_kib_per_core must be positive")
-        if not self.peak_tflops or any(v <= 0 for v in self.peak_tflops.values()):
-            raise ValueError("DeviceInfo.peak_tflops needs at least one positive entry")
+        # `not 0 < x < inf` also refuses NaN: every figure below divides or is divided by these.
+        if not (0 < self.mem_bw_gbs < math.inf and 0 < self.smem_kib_per_core < math.inf):
+            raise ValueError("DeviceInfo.mem_bw_gbs and smem_kib_per_core must be positive and finite")
+        if not self.peak_tflops or any(not 0 < v < math.inf for v in self.peak_tflops.values()):
+            raise ValueError("DeviceInfo.peak_tflops needs at least one entry, each positive and finite")
         # The planners divide by both: a zero price made the equal-cost device count divide by
-        # zero, and a zero or negative size made every placement "not fit" without saying why.
-        if not self.mem_gb > 0:
-            raise ValueError(f"DeviceInfo.mem_gb must be positive, got {self.mem_gb}")
-        if self.price_per_hour is not None and not self.price_per_hour > 0:
-            raise ValueError(f"DeviceInfo.price_per_hour must be positive or None (unknown), "
+        # zero (an infinite one gave inf / inf), and a zero or negative size made every placement
+        # "not fit" without saying why.
+        if not 0 < self.mem_gb < math.inf:
+            raise ValueError(f"DeviceInfo.mem_gb must be positive and finite, got {self.mem_gb}")
+        if self.price_per_hour is not None and not 0 < self.price_per_hour < math.inf:
+            raise ValueError(f"DeviceInfo.price_per_hour must be positive and finite, or None (unknown), "
                              f"got {self.price_per_hour}")
 
     def peak_flops(self, dtype: str) -> float:

@@ -16,6 +16,7 @@ from tileflow.schedule import Schedule, ScheduleError, check_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import VOCAB, build  # noqa: E402
+from test_schedule import runs_before  # noqa: E402
 
 PASSES = ("canonicalize", "attention", "gemm_padding", "nanobatch")
 
@@ -28,7 +29,7 @@ def split_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     def counting(gm, plan, schedule, args, order=None):
         calls.append(len(schedule.ops))
-        check_schedule(schedule, {s.name: (0, schedule.num_tokens) for s in plan.specs})
+        check_schedule(schedule, {s.name: (0, schedule.num_tokens) for s in plan.specs}, plan.edges)
         return original(gm, plan, schedule, args, order)
 
     monkeypatch.setattr(nanobatch_runtime, "run_schedule", counting)
@@ -86,9 +87,21 @@ def test_schedules_pass_the_checker_and_broken_ones_fail() -> None:
     for tokens in (2, 7, 64, 1000):
         sizes = plan.sizes(tokens)
         schedule = plan.schedule(sizes)
-        check_schedule(schedule, {n: (0, tokens) for n in originals})
+        check_schedule(schedule, {n: (0, tokens) for n in originals}, plan.edges)
         assert sum(sizes) == tokens
     good = plan.schedule(plan.sizes(64))
+    # A cross-stream wait left out (the dependency and its event): what the nano-ops declare
+    # still checks, the graph's edges show the consumer reading rows nothing orders before it.
+    def without(event: tuple[str, str]) -> Schedule:
+        producer, consumer = event
+        ops = dict(good.ops)
+        ops[consumer] = dataclasses.replace(ops[consumer], deps=tuple(d for d in ops[consumer].deps if d != producer))
+        return dataclasses.replace(good, ops=ops, events=[e for e in good.events if e != event])
+
+    unsafe = next(without(e) for e in good.events if not runs_before(without(e), *e))
+    check_schedule(unsafe, {n: (0, 64) for n in originals})
+    with pytest.raises(ScheduleError, match="is not ordered before it"):
+        check_schedule(unsafe, {n: (0, 64) for n in originals}, plan.edges)
     # A nano-op that never runs, and a dependency on a later op (a cycle), are both caught.
     dropped = dataclasses.replace(good, ops=dict(list(good.ops.items())[:-1]),
                                   streams={s: names[:-1] if names[-1] == list(good.ops)[-1] else names

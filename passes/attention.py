@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -249,6 +250,10 @@ class Attention:
         # twice (MiMo-V2-Flash's layers without sinks): the row max is no other use of them.
         skip = set() if sinks is not None or cur is softmax.args[0] else set(softmax.args[0].all_input_nodes[1:])
         skip |= {n.args[0] for n in skip if _is_op(n, operator.getitem)}
+        gate = _sink_gate(cur) if sinks is None and cur is softmax.args[0] else None
+        if gate is not None:  # the gate's logsumexp is its other reader
+            sinks = gate.sinks
+            skip.add(gate.lse)
 
         def single_use(n: fx.Node) -> bool:
             return len([u for u in n.users if u not in skip]) == 1
@@ -330,7 +335,7 @@ class Attention:
         nxt = _only_user(softmax)
         if nxt is not None and nxt.target is torch.ops.prims.convert_element_type.default:
             nxt = _only_user(nxt)
-        if sinks is not None:
+        if sinks is not None and gate is None:
             if not (_is_op(nxt, aten.slice.Tensor) and nxt.args[1] in (-1, 3) and nxt.args[2] in (0, None)
                     and nxt.args[3] == -1):
                 return "the sinks' column is not dropped from the softmax output before P @ V"
@@ -369,6 +374,9 @@ class Attention:
         want_out = (qv.shape[0], hq, qv.shape[2], vv.shape[3])
         if not same_shape(_val(out4).shape, want_out):
             return f"P @ V is restored to {list(_val(out4).shape)}, not [B, H, S, D] = {list(want_out)}"
+        if gate is not None and (gate.out is not out4 or _val(gate.mul).dtype != _val(out4).dtype
+                                 or not same_shape(_val(gate.mul).shape, want_out)):
+            return "the sink gate sigmoid(logsumexp(scores) - sinks) scales another tensor than the P @ V output"
         if not statically_known_true(qv.shape[2] <= kv.shape[2]):
             return _MORE_QUERIES_THAN_KEYS
         scale: float | None = q_factor * k_factor * product_scale
@@ -402,7 +410,7 @@ class Attention:
         copy_source_meta(softmax, new)
         new.meta["tileflow"] = {"kind": "meta_attention", "form": "manual", "gqa": hq // hkv, "target": ctx.target,
                                 "softcap": softcap is not None, "sinks": sinks is not None, "alibi": alibi is not None}
-        out4.replace_all_uses_with(new)
+        (gate.mul if gate is not None else out4).replace_all_uses_with(new)
         result.count("meta_attention")
         result.count("manual_attention")
         if k_real is not k:
@@ -619,15 +627,85 @@ def _sink_join(node: Any) -> tuple[fx.Node | None, Any]:
     if not (isinstance(sv, torch.Tensor) and sv.dim() == 4 and statically_known_true(sv.shape[3] == 1)
             and not isinstance(sv.shape[1], torch.SymInt)):
         return None, node
-    heads = int(sv.shape[1])
+    source = _per_head_source(sink, int(sv.shape[1]))
+    return (source, scores) if source is not None else (None, node)
+
+
+def _per_head_source(sink: fx.Node, heads: int) -> fx.Node | None:
+    """The smallest floating tensor behind `sink`'s broadcast (`_SINK_BROADCASTS`) that holds one
+    value per head, or None."""
     source = sink
     while (source.op == "call_function" and source.target in _SINK_BROADCASTS
            and isinstance(source.args[0], fx.Node) and isinstance(_val(source.args[0]), torch.Tensor)
            and _val(source.args[0]).numel() == heads):
         source = source.args[0]
     if not (isinstance(_val(source), torch.Tensor) and _val(source).numel() == heads and _val(source).is_floating_point()):
-        return None, node
-    return source, scores
+        return None
+    return source
+
+
+# Casts between the steps of a sink gate (models force it to float32 and back).
+_CASTS = {torch.ops.prims.convert_element_type.default, aten._to_copy.default}
+
+
+@dataclass(frozen=True)
+class _SinkGate:
+    """GraniteSWA's sinks: `out * sigmoid(logsumexp(scores, -1) - sinks)[..., None]`, which equals
+    a sink logit joining each row's softmax (out * L / (L + e^sink) for L = sum of e^scores)."""
+
+    sinks: fx.Node  # one logit per head
+    lse: fx.Node  # the scores' second reader
+    mul: fx.Node  # the gated output, which the meta-attention (with sinks) replaces
+    out: Any  # the P @ V output the gate multiplies
+
+
+def _sink_gate(scores: fx.Node) -> _SinkGate | None:
+    """The sink gate read from `scores` (4-D [B, H, S, L]) besides the softmax, or None."""
+    readers = [u for u in scores.users if _is_op(u, aten.logsumexp.default)]
+    sv = _val(scores)
+    if len(readers) != 1 or len(scores.users) != 2 or not (isinstance(sv, torch.Tensor) and sv.dim() == 4):
+        return None
+    lse = readers[0]
+    if list(lse.args[1]) not in ([-1], [3]) or (len(lse.args) > 2 and lse.args[2]) or lse.kwargs.get("keepdim"):
+        return None
+
+    def after_casts(node: fx.Node) -> fx.Node | None:
+        nxt = _only_user(node)
+        while nxt is not None and nxt.target in _CASTS:
+            nxt = _only_user(nxt)
+        return nxt
+
+    sub = after_casts(lse)
+    if not (_is_op(sub, aten.sub.Tensor) and sub.args[0] is not None and isinstance(sub.args[1], fx.Node)
+            and sub.kwargs.get("alpha", 1) == 1):
+        return None
+    behind = sub.args[0]
+    while isinstance(behind, fx.Node) and behind is not lse and behind.target in _CASTS:
+        behind = behind.args[0]
+    heads = sv.shape[1]
+    sinks = _per_head_source(sub.args[1], int(heads)) if not isinstance(heads, torch.SymInt) else None
+    sigmoid = after_casts(sub)
+    if behind is not lse or sinks is None or not _is_op(sigmoid, aten.sigmoid.default):
+        return None
+    # [B, H, S] -> [B, H, S, 1]: an unsqueeze of the last dim (casts around it).
+    widened = after_casts(sigmoid)
+    if not (_is_op(widened, aten.unsqueeze.default) and widened.args[1] in (-1, 3)):
+        return None
+    mul = after_casts(widened)
+    if not (_is_op(mul, aten.mul.Tensor) and len(mul.args) == 2):
+        return None
+    gate_side = [a for a in mul.args if a is widened or (isinstance(a, fx.Node) and a.target in _CASTS and _reaches(a, widened))]
+    if len(gate_side) != 1:
+        return None
+    out = mul.args[1] if mul.args[0] is gate_side[0] else mul.args[0]
+    return _SinkGate(sinks, lse, mul, out)
+
+
+def _reaches(node: fx.Node, target: fx.Node) -> bool:
+    """Whether `node` is `target` behind casts only."""
+    while node is not target and isinstance(node, fx.Node) and node.target in _CASTS:
+        node = node.args[0]
+    return node is target
 
 
 # Ops an ALiBi bias may go through between its slopes x positions product and the scores.

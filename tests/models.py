@@ -143,6 +143,8 @@ ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[str, ...]]] = {
     # Attention sinks, sliding windows on every other layer, MoE.
     "gpt_oss": (_causal_lm("GptOssConfig", "GptOssForCausalLM", head_dim=16, intermediate_size=64, num_local_experts=4,
                            num_experts_per_tok=2, sliding_window=8), ("attention_sinks",)),
+    # Sinks applied after the attention, as out * sigmoid(logsumexp(scores) - sink).
+    "granite_swa": (_causal_lm("GraniteSWAConfig", "GraniteSWAForCausalLM"), ("attention_sinks",)),
     "deepseek_v3": (_causal_lm("DeepseekV3Config", "DeepseekV3ForCausalLM", num_key_value_heads=4, q_lora_rank=32,
                                kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                                n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,

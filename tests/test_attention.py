@@ -3,6 +3,8 @@ transformers attention registration."""
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Any
 
@@ -508,23 +510,42 @@ def test_position_biases_that_are_not_alibi(bias: str) -> None:
         f"the meta-kernel does not implement the scores baddbmm <- view <- masked_fill before the softmax (baddbmm adds {why}")
 
 
-def test_scores_read_besides_the_softmax_are_named_in_the_reason() -> None:
-    """GraniteSWA's eager attention scales its output by sigmoid(logsumexp(scores) - sink), so its
-    scores feed a logsumexp as well as the softmax: the attention is left as it is, and the reason
-    names that second reader (it named the scores' ops, `scale * (q @ k^T) + mask`, as if the
-    kernel did not implement them)."""
-    def lse_sink_attention(x: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
-        mask = torch.full((s, s), float("-inf")).triu(1)
-        scores = torch.matmul(q, k.transpose(2, 3)) * 0.25 + mask
-        scale = (torch.logsumexp(scores, dim=-1) - sinks.view(1, -1, 1)).sigmoid()
-        out = torch.matmul(F.softmax(scores, dim=-1), v) * scale.unsqueeze(-1)
-        return out.transpose(1, 2).reshape(b, s, 32)
+def _lse_gated(x: torch.Tensor, sinks: torch.Tensor, *, reader: str = "gate") -> torch.Tensor:
+    """GraniteSWA's eager attention: the output scaled by sigmoid(logsumexp(scores) - sink), or
+    (reader="bias") the scores' logsumexp added to the output, which no kernel form gives."""
+    b, s, _ = x.shape
+    q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+    mask = torch.full((s, s), float("-inf")).triu(1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * 0.25 + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(F.softmax(scores, dim=-1), v)
+    if reader == "gate":
+        out = out * (lse - sinks.view(1, -1, 1)).to(torch.float32).sigmoid().unsqueeze(-1)
+    else:
+        out = out + lse.unsqueeze(-1)
+    return out.transpose(1, 2).reshape(b, s, 32)
 
+
+def test_sinks_applied_as_a_logsumexp_gate_are_matched() -> None:
+    """out * sigmoid(logsumexp(scores) - sink) is out * L / (L + e^sink) for L the row's sum of
+    e^scores: a sink logit in the softmax, which the kernel has. GraniteSWA writes its sinks so."""
+    x, sinks = torch.randn(2, 7, 96), torch.randn(2) * 2
+    compiled, out, _, report = compile_attention(_lse_gated, x, sinks)
+    torch.testing.assert_close(out, _lse_gated(x, sinks), rtol=1e-4, atol=1e-4)
+    assert report.rewrites["meta_attention"] == 1 and report.rewrites["attention_sinks"] == 1, report.rewrites
+    assert not report.fallbacks
+    x = torch.randn(2, 12, 96)
+    torch.testing.assert_close(compiled(x, sinks), _lse_gated(x, sinks), rtol=1e-4, atol=1e-4)
+
+
+def test_scores_read_besides_the_softmax_are_named_in_the_reason() -> None:
+    """Scores whose logsumexp feeds something other than a sink gate are left as they are, and
+    the reason names that second reader (it named the scores' ops, `scale * (q @ k^T) + mask`,
+    as if the kernel did not implement them)."""
     x, sinks = torch.randn(2, 7, 96), torch.randn(2)
-    _, out, _, report = compile_attention(lse_sink_attention, x, sinks)
-    torch.testing.assert_close(out, lse_sink_attention(x, sinks), rtol=1e-4, atol=1e-4)
+    fn = functools.partial(_lse_gated, reader="bias")
+    _, out, _, report = compile_attention(fn, x, sinks)
+    torch.testing.assert_close(out, fn(x, sinks), rtol=1e-4, atol=1e-4)
     assert "meta_attention" not in report.rewrites and len(report.fallbacks) == 1
     reason = report.fallbacks[0].reason
     assert "bmm <- view <- mul <- add before the softmax" in reason, reason

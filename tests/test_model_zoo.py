@@ -65,12 +65,13 @@ def test_eager_masks_with_left_padding(name: str) -> None:
         assert report.rewrites["meta_attention"] == 2 and not report.fallbacks, report.fallbacks
 
 
-@pytest.mark.parametrize("name", ["mpt", "falcon"])
+@pytest.mark.parametrize("name", ["mpt", "falcon", "granite_swa"])
 def test_architecture_exports_with_attention_on_the_meta_kernel(name: str) -> None:
     """torch.export's graphs are not Dynamo's (core ATen: transposes are permutes, masked_fill
-    is a `where`, BLOOM's baddbmm is a bmm, a mul and an add, `.to()` leaves checks behind):
-    `tileflow export` of MPT (ALiBi, a finfo.min fill) and Falcon (SDPA over one K/V head that
-    the products broadcast) still puts both attentions on the meta-kernel, and the exported
+    is a `where`, BLOOM's baddbmm is a bmm, a mul and an add, `.to()` leaves checks behind,
+    logsumexp is decomposed unless kept whole): `tileflow export` of MPT (ALiBi, a finfo.min
+    fill), Falcon (SDPA over one K/V head that the products broadcast) and GraniteSWA (sinks as
+    a logsumexp gate) still puts both attentions on the meta-kernel, and the exported
     program matches eager. Gemma-2, gpt-oss and BLOOM are exported, and run on the Ascend
     kernels, in tests/test_ascend_attention.py."""
     model, archive = export_zoo_model(name, "reference")

@@ -22,9 +22,10 @@ from .graph_utils import finite_bound
 
 GraphCompiler = Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]
 
-# Ops that must reach the passes whole: the attention pass matches them as one node, the GEMM
-# pass fuses `silu` (alone, or SwiGLU's `silu(gate) * up`) into a GEMM's epilogue, which
-# torch.export's table would otherwise decompose into `x * sigmoid(x)` first.
+# Ops that must reach the passes whole: the attention pass matches them as one node (and a
+# sink gate by its `logsumexp`), the GEMM pass fuses `silu` (alone, or SwiGLU's `silu(gate) * up`)
+# into a GEMM's epilogue, which torch.export's table would otherwise decompose into
+# `x * sigmoid(x)` first.
 _KEEP_WHOLE = (
     "scaled_dot_product_attention",
     "_scaled_dot_product_flash_attention_for_cpu",
@@ -33,6 +34,7 @@ _KEEP_WHOLE = (
     "_scaled_dot_product_cudnn_attention",
     "linear",
     "silu",
+    "logsumexp",
 )
 
 

@@ -627,8 +627,29 @@ def _sink_join(node: Any) -> tuple[fx.Node | None, Any]:
     if not (isinstance(sv, torch.Tensor) and sv.dim() == 4 and statically_known_true(sv.shape[3] == 1)
             and not isinstance(sv.shape[1], torch.SymInt)):
         return None, node
-    source = _per_head_source(sink, int(sv.shape[1]))
+    heads = int(sv.shape[1])
+    source = _per_head_source(sink, heads) if _head_aligned(sink, heads, 4) else None
     return (source, scores) if source is not None else (None, node)
+
+
+# Ops that broadcast a tensor without moving its elements between dims.
+_BROADCASTS = {aten.expand.default, aten.clone.default, torch.ops.prims.convert_element_type.default,
+               aten._to_copy.default}
+
+
+def _head_aligned(sink: fx.Node, heads: int, rank: int) -> bool:
+    """Whether `sink`, broadcast to `rank` dims with the heads at dim 1, holds one value per head
+    along dim 1: behind its expands (and copies, casts), a tensor whose shape right-aligned to
+    `rank` dims is `heads` at dim 1 and 1 elsewhere. (A [H, 1, 1, 1] view expanded to [B, H, S,
+    1] would vary along the batch: the same shapes when B = H.)"""
+    node = sink
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _BROADCASTS:
+        node = node.args[0]
+    val = _val(node)
+    if not isinstance(val, torch.Tensor) or val.dim() > rank:
+        return False
+    shape = [1] * (rank - val.dim()) + list(val.shape)
+    return all(statically_known_true(d == (heads if i == 1 else 1)) for i, d in enumerate(shape))
 
 
 def _per_head_source(sink: fx.Node, heads: int) -> fx.Node | None:
@@ -683,7 +704,8 @@ def _sink_gate(scores: fx.Node) -> _SinkGate | None:
     while isinstance(behind, fx.Node) and behind is not lse and behind.target in _CASTS:
         behind = behind.args[0]
     heads = sv.shape[1]
-    sinks = _per_head_source(sub.args[1], int(heads)) if not isinstance(heads, torch.SymInt) else None
+    sinks = (_per_head_source(sub.args[1], int(heads))
+             if not isinstance(heads, torch.SymInt) and _head_aligned(sub.args[1], int(heads), 3) else None)
     sigmoid = after_casts(sub)
     if behind is not lse or sinks is None or not _is_op(sigmoid, aten.sigmoid.default):
         return None

@@ -538,6 +538,32 @@ def test_sinks_applied_as_a_logsumexp_gate_are_matched() -> None:
     torch.testing.assert_close(compiled(x, sinks), _lse_gated(x, sinks), rtol=1e-4, atol=1e-4)
 
 
+def _sinks_along_the_batch(x: torch.Tensor, sinks: torch.Tensor, *, form: str) -> torch.Tensor:
+    """Sinks viewed as [H, 1, 1(, 1)]: broadcast against [B, H, S(, 1)] they vary along the batch,
+    not the heads (the same shapes when B = H)."""
+    b, s, _ = x.shape
+    q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+    scores = torch.matmul(q, k.transpose(2, 3)) * 0.25 + torch.full((s, s), float("-inf")).triu(1)
+    if form == "gate":
+        gate = (torch.logsumexp(scores, dim=-1) - sinks.view(-1, 1, 1)).sigmoid().unsqueeze(-1)
+        out = torch.matmul(F.softmax(scores, dim=-1), v) * gate
+    else:
+        column = sinks.view(-1, 1, 1, 1).expand(b, 2, s, 1)
+        out = torch.matmul(F.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1], v)
+    return out.transpose(1, 2).reshape(b, s, 32)
+
+
+@pytest.mark.parametrize("form", ["gate", "column"])
+def test_sinks_that_vary_along_the_batch_are_not_taken_for_per_head_ones(form: str) -> None:
+    """Two heads, a batch of two: sinks that hold one value per head but broadcast along the batch
+    were matched as per-head sinks (off by about 2)."""
+    fn = functools.partial(_sinks_along_the_batch, form=form)
+    x, sinks = torch.randn(2, 7, 96), torch.tensor([3.0, -3.0])
+    _, out, _, report = compile_attention(fn, x, sinks)
+    torch.testing.assert_close(out, fn(x, sinks), rtol=1e-4, atol=1e-4)
+    assert "meta_attention" not in report.rewrites and len(report.fallbacks) == 1
+
+
 def test_scores_read_besides_the_softmax_are_named_in_the_reason() -> None:
     """Scores whose logsumexp feeds something other than a sink gate are left as they are, and
     the reason names that second reader (it named the scores' ops, `scale * (q @ k^T) + mask`,

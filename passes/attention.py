@@ -273,7 +273,12 @@ class Attention:
                     alibi = slopes
                 else:
                     tv = _val(term)
-                    if isinstance(tv, torch.Tensor) and not tv.dtype.is_floating_point:
+                    if not isinstance(tv, torch.Tensor):
+                        # A number (or a size) added to every score: no mask for the kernel to
+                        # read (taken for one, it crashed the pass and undid every rewrite in it).
+                        return (f"a number ({term if not isinstance(term, fx.Node) else term.name}) is added to the "
+                                "scores; meta_attention adds tensor biases")
+                    if not tv.dtype.is_floating_point:
                         # Added, a bool counts 1.0 where True (it is no mask) and an integer
                         # bias promotes the scores: the kernel reads float biases only.
                         return (f"a tensor of {str(tv.dtype).replace('torch.', '')} is added to the scores; meta_attention "
@@ -354,8 +359,12 @@ class Attention:
         qv, kv, vv = _val(q), _val(k), _val(v)
         if not (qv.dtype == kv.dtype == vv.dtype) or qv.dtype not in _DTYPES.get(ctx.target, _DTYPES["reference"]):
             return f"dtypes q={qv.dtype}, k={kv.dtype}, v={vv.dtype} are not supported by the {ctx.target} meta-attention kernel"
-        if any(isinstance(d, torch.SymInt) for d in (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[3])):
+        if any(isinstance(d, torch.SymInt) for d in (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3])):
             return "head count or head dim is symbolic; the kernel needs them static"
+        if not statically_known_true(vv.shape[2] == kv.shape[2]):
+            # V flattened from another layout (say [B, S, H, D]) that lines up with K's only at
+            # some lengths: the kernel raised at run time on its other head count.
+            return f"V is viewed as {list(vv.shape)}, not [B, H, S_kv, D] with K's {kv.shape[2]} keys"
         if not (statically_known_true(vv.shape[3] == qv.shape[3]) and statically_known_true(kv.shape[3] == qv.shape[3])):
             return "q, k and v head dims differ"
         k_real, v_real = strip_repeat_kv(k), strip_repeat_kv(v)

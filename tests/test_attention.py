@@ -798,3 +798,61 @@ def test_transformers_causal_attn_implementation_refuses_a_static_cache() -> Non
             ours(ids, past_key_values=transformers.StaticCache(config=ours.config, max_cache_len=32), use_cache=True)
         assert torch.equal(ours.generate(ids, max_new_tokens=5, do_sample=False),
                            sdpa.generate(ids, max_new_tokens=5, do_sample=False))
+
+
+def test_a_number_added_to_the_scores_is_refused_without_undoing_other_rewrites() -> None:
+    """`scores * scale + 1.5` (a number added to every score) was taken for a mask: the pass
+    raised on its missing dtype and was rolled back, which left every attention of the graph,
+    the plain one beside it as well, unrewritten. Now that one attention is refused, with the
+    reason, and the other is rewritten."""
+    def two_attentions(x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+        plain = torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1) @ v
+        shifted = torch.softmax(q @ k.transpose(-1, -2) * 0.25 + 1.5, dim=-1) @ v
+        return plain + shifted
+
+    x = torch.randn(2, 7, 96)
+    _, out, _, report = compile_attention(two_attentions, x)
+    torch.testing.assert_close(out, two_attentions(x), rtol=1e-4, atol=1e-4)
+    reasons = [f.reason for f in report.fallbacks]
+    assert report.rewrites.get("meta_attention") == 1, reasons
+    assert len(reasons) == 1 and "a number (1.5) is added to the scores" in reasons[0], reasons
+
+
+def test_per_row_sink_logits_are_not_taken_for_per_head_ones() -> None:
+    """A logit column joined to the scores that holds one value per query row ([1, 1, S, 1]
+    expanded over the heads), not per head: with as many rows as heads (S = H = 2 here) it has
+    one value per head by count, and was taken for gpt-oss's sinks, each head reading row h's
+    logit (off by about 0.2). It is left as it is."""
+    def per_row_sink(x: torch.Tensor, row_logits: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+        scores = q @ k.transpose(-1, -2) * 0.25
+        sink = row_logits.view(1, 1, s, 1).expand(b, 2, s, 1)
+        return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1] @ v
+
+    torch.manual_seed(0)
+    x, row_logits = torch.randn(2, 2, 96), torch.tensor([-2.0, 3.0])
+    _, out, _, report = compile_attention(per_row_sink, x, row_logits)
+    torch.testing.assert_close(out, per_row_sink(x, row_logits), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites
+
+
+def test_values_flattened_from_another_layout_are_left_alone() -> None:
+    """P @ V over `v.transpose(1, 2).reshape(b * h, s, d)` (V flattened from [B, S, H, D]) reads
+    V as [B, S, H, D]: with as many positions as K/V heads (2 here) it was taken for a [B, H, S,
+    D] value tensor and the rewritten graph raised at run time (V and K head counts differ). It
+    is left as it is."""
+    def wrong_layout_values(x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = x[..., :64].view(b, s, 4, 16).transpose(1, 2)
+        k, v = (repeat_kv(t.view(b, s, 2, 16).transpose(1, 2), 2) for t in x[..., 64:].split(32, dim=-1))
+        p = torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1)
+        out = torch.bmm(p.reshape(b * 4, s, s), v.transpose(1, 2).reshape(b * 4, s, 16))
+        return out.view(b, 4, s, 16)
+
+    x = torch.randn(1, 2, 128)
+    _, out, _, report = compile_attention(wrong_layout_values, x)
+    torch.testing.assert_close(out, wrong_layout_values(x), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites

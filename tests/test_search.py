@@ -265,3 +265,106 @@ def test_contention_by_bisection_equals_the_quadratic_sum(layers, ctx, net, size
     are bitwise equal to the all-pairs sum's."""
     ops = llama_layer(ctx=ctx, layers=layers, net=net)
     assert makespan(ops, tuple(sizes), share, H100) == _naive_makespan(ops, tuple(sizes), share)
+
+
+@pytest.mark.parametrize("cost", ["flops_per_token", "bytes_per_token", "fixed_bytes"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_costs_are_rejected(cost: str, value: float) -> None:
+    """`min(nan, ...) < 0` is False: a NaN cost passed the check and every makespan came out
+    NaN (search_split then returned k = 1 with makespan nan); inf gave inf makespans."""
+    with pytest.raises(ValueError, match="finite"):
+        OpProfile("x", "compute", **{cost: value})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(units=0), "units"),                    # silently turned splitting off
+    (dict(units=-3), "units"),
+    (dict(sm_shares=()), "sm_shares"),            # silently turned splitting off
+    (dict(net_bw_gbs=0.0), "net_bw_gbs"),         # ZeroDivisionError
+    (dict(net_bw_gbs=-100.0), "net_bw_gbs"),      # negative network times, a plan all the same
+    (dict(max_nano_batches=0), "max_nano_batches"),
+])
+@pytest.mark.parametrize("entry", ["search_split", "brute_force_split"])
+def test_bad_options_are_rejected(kwargs: dict, match: str, entry: str) -> None:
+    fn = {"search_split": search_split, "brute_force_split": brute_force_split}[entry]
+    with pytest.raises(ValueError, match=match):
+        fn(llama_layer(1024, net=True), H100, 2048, **kwargs)
+
+
+def test_non_integer_token_counts_are_rejected() -> None:
+    """A float count gave fractional nano-batch sizes (513.0, 768.0, ...)."""
+    with pytest.raises(ValueError, match="integer"):
+        search_split(llama_layer(1024), H100, 2048.5, apply_threshold=False)
+    with pytest.raises(ValueError, match="integer"):
+        brute_force_split(llama_layer(1024), H100, 2048.5)
+
+
+def test_shares_outside_the_partition_are_rejected_by_makespan() -> None:
+    # A compute share of 1.0 leaves the memory stream no SMs: ZeroDivisionError before.
+    with pytest.raises(ValueError, match="share"):
+        makespan(llama_layer(1024), (8, 8), 1.0, H100)
+    # Without a memory op there is nothing to partition: any share is fine (and unused).
+    gemm_only = [OpProfile("g", "compute", 1e6, 1e3, 1e6)]
+    assert makespan(gemm_only, (8, 8), 1.0, H100) == makespan(gemm_only, (8, 8), 0.5, H100)
+
+
+def test_shares_given_as_an_iterator_are_read_once() -> None:
+    """search_split read `sm_shares` twice (the plan, then the threshold scan): an iterator was
+    empty the second time, the threshold scan found no split and a 2048-token step that the
+    plan splits came back whole."""
+    ops = llama_layer(1024, layers=2)
+    want = search_split(ops, H100, 2048)
+    assert want.k >= 2  # threshold is in the hundreds for this model (see the tests above)
+    search.clear_cache()
+    same(search_split(ops, H100, 2048, sm_shares=iter(search.DEFAULT_SM_SHARES)), want)
+
+
+def test_steps_beyond_the_threshold_scan_follow_their_plan() -> None:
+    """A threshold of None says only that no split wins up to MAX_THRESHOLD_TOKENS (the scanned
+    range); search_split read it as "never split" and kept larger steps whole even where the
+    plan wins. Huge weights (10 GB re-read per nano-batch) push the win past the scan."""
+    ops = [OpProfile("g", "compute", flops_per_token=1e8, fixed_bytes=1e10),
+           OpProfile("a", "memory", bytes_per_token=3e5)]
+    big = 4 * search.MAX_THRESHOLD_TOKENS
+    assert split_threshold(ops, H100) is None
+    # Baseline by hand: the GEMM is FLOP-bound, attention reads 3e5 B per token.
+    baseline = 1e8 * big / 989e12 + 3e5 * big / 3.35e12 + 2 * search.LAUNCH_OVERHEAD_S
+    oracle = brute_force_split(ops, H100, big)
+    assert oracle.baseline_makespan == pytest.approx(baseline, rel=1e-12)
+    assert oracle.k >= 2 and oracle.makespan < baseline
+    plan = search_split(ops, H100, big)
+    same(plan, oracle)
+    assert plan.threshold is None
+    # Inside the scanned range nothing wins, so a step there stays whole.
+    inside = search_split(ops, H100, search.MAX_THRESHOLD_TOKENS)
+    assert inside.k == 1 and inside.sizes == (search.MAX_THRESHOLD_TOKENS,)
+
+
+def test_auto_report_timeline_is_drawn_at_the_searched_share() -> None:
+    """The pass's report drew the "auto" plan's timeline at a fixed compute share of 0.6 (not
+    even one of the shares searched), so it ended elsewhere than the plan's makespan."""
+    from tileflow.passes import nanobatch
+
+    ops = llama_layer(ctx=1024, layers=2)
+    plan = nanobatch.NanoBatchPlan("auto", (0, 0), {}, {}, [], [], profile=ops, device=H100)
+    chosen = search_split(ops, H100, 2048)  # a power of two: the bucket itself, sizes unscaled
+    assert chosen.k >= 2
+    timeline = plan.timeline(2048)
+    assert timeline is not None and len(timeline) == len(ops) * chosen.k
+    assert max(e["finish_us"] for e in timeline) == pytest.approx(chosen.makespan * 1e6, rel=1e-12)
+    assert sorted({e["tokens"] for e in timeline}) == sorted(set(chosen.sizes))
+    assert plan.timeline(16) is None  # below the threshold: not split, nothing to draw
+
+
+def test_two_op_two_nano_batch_makespan_by_hand() -> None:
+    """The docstring's model worked by hand on a 2-op chain, 2 equal nano-batches, share 0.5:
+    a weight-bound GEMM (1 GB of weights) and attention, both memory-bound on H100."""
+    gemm = OpProfile("g", "compute", flops_per_token=1.0, fixed_bytes=1e9)
+    attn = OpProfile("a", "memory", bytes_per_token=1e7)
+    # 0.5 >= BW_SATURATION_SHARE: both streams read at the full 3.35 TB/s.
+    tg = 1e9 / 3.35e12 + search.LAUNCH_OVERHEAD_S
+    ta = 1e8 / 3.35e12 + search.LAUNCH_OVERHEAD_S
+    # Contention-free list schedule: g0 [0, tg]; a0 and g1 both at tg (tie: nano-batch 0 first);
+    # a1 after g1 at 2tg. a0 lies wholly inside g1 (f = 1, a0 -> 2ta); g1 overlaps a0 for ta
+    # (g1 -> tg + ta); g0 and a1 overlap nothing. Rescheduled: a1 starts when g1 ends.
+    assert makespan([gemm, attn], (10, 10), 0.5, H100) == pytest.approx(2 * tg + 2 * ta, rel=1e-12)

@@ -50,8 +50,10 @@ evaluates every candidate; ties are broken by (makespan, k, sizes, share).
 from __future__ import annotations
 
 import hashlib
-from bisect import bisect_right
 import json
+import math
+import operator
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -102,8 +104,11 @@ class OpProfile:
     def __post_init__(self) -> None:
         if self.resource not in RESOURCES:
             raise ValueError(f"op {self.name!r}: resource {self.resource!r} not in {RESOURCES}")
-        if min(self.flops_per_token, self.bytes_per_token, self.fixed_bytes) < 0:
-            raise ValueError(f"op {self.name!r}: costs must be non-negative")
+        costs = (self.flops_per_token, self.bytes_per_token, self.fixed_bytes)
+        # `min(nan, ...) < 0` is False, so a NaN cost must be caught explicitly: it would make
+        # every makespan NaN and the search return an arbitrary plan.
+        if not all(math.isfinite(c) and c >= 0 for c in costs):
+            raise ValueError(f"op {self.name!r}: costs must be finite and non-negative, got {costs}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -280,6 +285,9 @@ def _modeled_times(
     the memory-contention step (module docstring)."""
     k = len(sizes)
     streams, shares = _streams_and_shares(ops, k, share)
+    if any(not shares[streams[o.resource]] > 0 for o in ops if o.resource != "network"):
+        # A compute or memory stream without SMs: the roofline would divide by zero.
+        raise ValueError(f"share must lie in (0, 1) when compute and memory streams split the SMs, got {share}")
     times, bound = _durations(ops, sizes, streams, shares, device, net_bw_gbs)
     start, finish = _list_schedule(ops, k, streams, times)
     if k > 1 and MEMORY_CONTENTION:
@@ -418,6 +426,40 @@ def _compositions(num_tokens: int, k: int, units: int) -> list[tuple[int, ...]]:
     return sorted(set(out), key=lambda c: (c not in equal, c))
 
 
+def _check_options(
+    max_nano_batches: int, sm_shares: Sequence[float], units: int, net_bw_gbs: float
+) -> tuple[float, ...]:
+    """Validate the search options; returns `sm_shares` as a tuple (read once: an iterator
+    would be empty by the time the threshold scan reads it again).
+
+    Unchecked, no shares or units <= 0 silently turn splitting off, and net_bw_gbs <= 0 gives
+    a division by zero or negative network times."""
+    if operator.index(max_nano_batches) < 1:
+        raise ValueError(f"max_nano_batches must be >= 1, got {max_nano_batches}")
+    if operator.index(units) < 1:
+        raise ValueError(f"units must be >= 1, got {units}")
+    if not (math.isfinite(net_bw_gbs) and net_bw_gbs > 0):
+        raise ValueError(f"net_bw_gbs must be finite and positive, got {net_bw_gbs}")
+    shares = tuple(sm_shares)
+    if not shares:
+        raise ValueError("sm_shares is empty")
+    for s in shares:
+        if not 0.0 < s < 1.0:
+            raise ValueError(f"sm_shares must lie in (0, 1), got {s}")
+    return shares
+
+
+def _check_tokens(num_tokens: int) -> int:
+    """num_tokens as a positive int (a float count would give fractional nano-batch sizes)."""
+    try:
+        n = operator.index(num_tokens)
+    except TypeError:
+        raise ValueError(f"num_tokens must be an integer, got {num_tokens!r}") from None
+    if n <= 0:
+        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    return n
+
+
 def _effective(num_tokens: int, max_nano_batches: int, units: int) -> tuple[int, int]:
     units = max(1, min(units, num_tokens))
     return units, max(1, min(max_nano_batches, units))
@@ -428,9 +470,6 @@ def _shares_for(ops: Sequence[OpProfile], k: int, sm_shares: Sequence[float]) ->
     kinds = {o.resource for o in ops}
     if k == 1 or not {"compute", "memory"} <= kinds:
         return [1.0]
-    for s in sm_shares:
-        if not 0.0 < s < 1.0:
-            raise ValueError(f"sm_shares must lie in (0, 1), got {s}")
     return sorted(set(float(s) for s in sm_shares))
 
 
@@ -473,8 +512,8 @@ def brute_force_split(
     Same candidate space and tie-break as `search_split`, without pruning and without the
     threshold rule."""
     ops = list(ops_profile)
-    if num_tokens <= 0:
-        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    num_tokens = _check_tokens(num_tokens)
+    sm_shares = _check_options(max_nano_batches, sm_shares, units, net_bw_gbs)
     units, kmax = _effective(num_tokens, max_nano_batches, units)
     baseline = makespan(ops, (num_tokens,), 1.0, device, net_bw_gbs=net_bw_gbs)
     best: tuple | None = None
@@ -567,7 +606,7 @@ def split_threshold(
     None when no split wins up to `max_tokens`. Cached per (model signature, device, options).
     """
     ops = tuple(ops_profile)
-    opts = (max_nano_batches, tuple(sm_shares), units, net_bw_gbs)
+    opts = (max_nano_batches, _check_options(max_nano_batches, sm_shares, units, net_bw_gbs), units, net_bw_gbs)
     key = (model_signature(ops), device, max_tokens, opts)
     if key in _THRESHOLD_CACHE:
         return _THRESHOLD_CACHE[key]
@@ -611,19 +650,19 @@ def search_split(
     sizes on multiples of `num_tokens / units`, and compute-stream SM shares `sm_shares` (the
     memory stream gets the rest). The result equals `brute_force_split`. With
     `apply_threshold`, a step below `split_threshold(...)` tokens is never split (k = 1), so an
-    isolated small count where the model predicts a marginal win does not split either.
+    isolated small count where the model predicts a marginal win does not split either; when
+    no split wins anywhere in the threshold's scanned range (threshold None), a step within
+    that range is not split and a larger one follows its plan.
 
     `num_tokens` is expected to be a token bucket (the runtime captures one graph per bucket);
     results are cached per (model signature, device, bucket, options).
     """
-    if num_tokens <= 0:
-        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
-    if max_nano_batches < 1:
-        raise ValueError(f"max_nano_batches must be >= 1, got {max_nano_batches}")
+    num_tokens = _check_tokens(num_tokens)
+    sm_shares = _check_options(max_nano_batches, sm_shares, units, net_bw_gbs)
     ops = tuple(ops_profile)
     if not ops:
         raise ValueError("ops_profile is empty")
-    opts = (max_nano_batches, tuple(sm_shares), units, net_bw_gbs)
+    opts = (max_nano_batches, sm_shares, units, net_bw_gbs)
     plan = _cached_search(ops, device, num_tokens, opts)
     if not apply_threshold:
         return plan
@@ -635,7 +674,11 @@ def search_split(
         units=units,
         net_bw_gbs=net_bw_gbs,
     )
-    if threshold is None or num_tokens < threshold:
+    # None says only that no split won up to MAX_THRESHOLD_TOKENS, the scanned range; above it
+    # the step's own plan decides (treating None as "never" kept large steps whole even where
+    # their plan wins).
+    whole = num_tokens <= MAX_THRESHOLD_TOKENS if threshold is None else num_tokens < threshold
+    if whole:
         base = plan.baseline_makespan
         return _plan(ops, (num_tokens,), 1.0, base, base, threshold)
     return _plan(

@@ -21,7 +21,7 @@ Row ranges are half-open `[lo, hi)` over the step's flattened token dimension.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -377,28 +377,15 @@ def _check_graph_dependencies(
     parts: dict[str, list[NanoOp]] = {}
     for op in schedule.ops.values():
         parts.setdefault(op.original, []).append(op)
-    for raw in edges:
-        edge = _as_edge(raw)
-        for end in (edge.producer, edge.consumer):
-            if end not in parts:
-                raise ScheduleError(
-                    f"edge {edge.producer!r} -> {edge.consumer!r}: op {end!r} has no nano-op in "
-                    f"the schedule"
-                )
-        producers = parts[edge.producer]
-        whole = (min(p.rows[0] for p in producers), max(p.rows[1] for p in producers))
-        for consumer in parts[edge.consumer]:
-            need = _needed_rows(consumer.rows, edge.kind, seq_bounds, whole)
-            for producer in producers:
-                if dependency_rows_intersect(need, producer.rows) and not (
-                    ancestors[consumer.name] >> index[producer.name] & 1
-                ):
-                    raise ScheduleError(
-                        f"{consumer.name!r} reads rows [{need[0]}, {need[1]}) of "
-                        f"{edge.producer!r} ({edge.kind} edge), but {producer.name!r} (rows "
-                        f"[{producer.rows[0]}, {producer.rows[1]})) is not ordered before it by "
-                        f"stream order or events"
-                    )
+    splits = {original: [op.rows for op in ops] for original, ops in parts.items()}
+    for edge, i, j, need in _row_dependencies(splits, edges, seq_bounds):
+        consumer, producer = parts[edge.consumer][i], parts[edge.producer][j]
+        if not ancestors[consumer.name] >> index[producer.name] & 1:
+            raise ScheduleError(
+                f"{consumer.name!r} reads rows [{need[0]}, {need[1]}) of {edge.producer!r} ({edge.kind} "
+                f"edge), but {producer.name!r} (rows [{producer.rows[0]}, {producer.rows[1]})) is not "
+                f"ordered before it by stream order or events"
+            )
 
 
 def check_schedule(
@@ -524,6 +511,21 @@ def build_dependencies(
     deps: dict[str, list[str]] = {
         nano_name(op, i): [] for op, ranges in splits.items() for i in range(len(ranges))
     }
+    for edge, i, j, _ in _row_dependencies(splits, edges, seq_bounds):
+        name = nano_name(edge.producer, j)
+        if name not in deps[nano_name(edge.consumer, i)]:
+            deps[nano_name(edge.consumer, i)].append(name)
+    return {name: tuple(ds) for name, ds in deps.items()}
+
+
+def _row_dependencies(
+    splits: Mapping[str, Sequence[Rows]],
+    edges: Iterable[EdgeLike],
+    seq_bounds: Sequence[int] | None,
+) -> Iterator[tuple[OpEdge, int, int, Rows]]:
+    """(edge, consumer slice i, producer slice j, the rows slice i needs) for every pair of
+    slices of an edge's ops whose rows meet (see `build_dependencies`); the builder and the
+    checker both read dependencies from here."""
     for raw in edges:
         edge = _as_edge(raw)
         for end in (edge.producer, edge.consumer):
@@ -537,10 +539,7 @@ def build_dependencies(
             need = _needed_rows(tuple(rows), edge.kind, seq_bounds, whole)
             for j, prow in enumerate(producer_ranges):
                 if dependency_rows_intersect(need, tuple(prow)):
-                    name = nano_name(edge.producer, j)
-                    if name not in deps[nano_name(edge.consumer, i)]:
-                        deps[nano_name(edge.consumer, i)].append(name)
-    return {name: tuple(ds) for name, ds in deps.items()}
+                    yield edge, i, j, need
 
 
 def make_schedule(

@@ -606,9 +606,12 @@ def _path_to_product(node: Any, depth: int) -> list[fx.Node] | None:
     return None
 
 
+# Casts (models force a sink gate to float32 and back).
+_CASTS = {torch.ops.prims.convert_element_type.default, aten._to_copy.default}
+# Ops that broadcast a tensor without moving its elements between dims.
+_BROADCASTS = {aten.expand.default, aten.clone.default, *_CASTS}
 # What a per-head sink logit goes through on its way to the scores' shape.
-_SINK_BROADCASTS = {*_VIEWS, aten.expand.default, aten.unsqueeze.default, aten.clone.default,
-                    torch.ops.prims.convert_element_type.default, aten._to_copy.default}
+_SINK_BROADCASTS = {*_VIEWS, aten.unsqueeze.default, *_BROADCASTS}
 
 
 def _sink_join(node: Any) -> tuple[fx.Node | None, Any]:
@@ -641,11 +644,6 @@ def _sink_join(node: Any) -> tuple[fx.Node | None, Any]:
     return (source, scores) if source is not None else (None, node)
 
 
-# Ops that broadcast a tensor without moving its elements between dims.
-_BROADCASTS = {aten.expand.default, aten.clone.default, torch.ops.prims.convert_element_type.default,
-               aten._to_copy.default}
-
-
 def _head_aligned(sink: fx.Node, heads: int, rank: int) -> bool:
     """Whether `sink`, broadcast to `rank` dims with the heads at dim 1, holds one value per head
     along dim 1: behind its expands (and copies, casts), a tensor whose shape right-aligned to
@@ -672,10 +670,6 @@ def _per_head_source(sink: fx.Node, heads: int) -> fx.Node | None:
     if not (isinstance(_val(source), torch.Tensor) and _val(source).numel() == heads and _val(source).is_floating_point()):
         return None
     return source
-
-
-# Casts between the steps of a sink gate (models force it to float32 and back).
-_CASTS = {torch.ops.prims.convert_element_type.default, aten._to_copy.default}
 
 
 @dataclass(frozen=True)
@@ -706,17 +700,14 @@ def _sink_gate(scores: fx.Node) -> _SinkGate | None:
         return nxt
 
     sub = after_casts(lse)
-    if not (_is_op(sub, aten.sub.Tensor) and sub.args[0] is not None and isinstance(sub.args[1], fx.Node)
+    if not (_is_op(sub, aten.sub.Tensor) and _reaches(sub.args[0], lse) and isinstance(sub.args[1], fx.Node)
             and sub.kwargs.get("alpha", 1) == 1):
         return None
-    behind = sub.args[0]
-    while isinstance(behind, fx.Node) and behind is not lse and behind.target in _CASTS:
-        behind = behind.args[0]
     heads = sv.shape[1]
     sinks = (_per_head_source(sub.args[1], int(heads))
              if not isinstance(heads, torch.SymInt) and _head_aligned(sub.args[1], int(heads), 3) else None)
     sigmoid = after_casts(sub)
-    if behind is not lse or sinks is None or not _is_op(sigmoid, aten.sigmoid.default):
+    if sinks is None or not _is_op(sigmoid, aten.sigmoid.default):
         return None
     # [B, H, S] -> [B, H, S, 1]: an unsqueeze of the last dim (casts around it).
     widened = after_casts(sigmoid)
@@ -725,15 +716,15 @@ def _sink_gate(scores: fx.Node) -> _SinkGate | None:
     mul = after_casts(widened)
     if not (_is_op(mul, aten.mul.Tensor) and len(mul.args) == 2):
         return None
-    gate_side = [a for a in mul.args if a is widened or (isinstance(a, fx.Node) and a.target in _CASTS and _reaches(a, widened))]
+    gate_side = [a for a in mul.args if _reaches(a, widened)]
     if len(gate_side) != 1:
         return None
     out = mul.args[1] if mul.args[0] is gate_side[0] else mul.args[0]
     return _SinkGate(sinks, lse, mul, out)
 
 
-def _reaches(node: fx.Node, target: fx.Node) -> bool:
-    """Whether `node` is `target` behind casts only."""
+def _reaches(node: Any, target: fx.Node) -> bool:
+    """Whether `node` is `target`, or `target` behind casts only."""
     while node is not target and isinstance(node, fx.Node) and node.target in _CASTS:
         node = node.args[0]
     return node is target

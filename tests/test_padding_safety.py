@@ -49,6 +49,13 @@ def _cuda_graphs_notes(report: tileflow.Report) -> list[str]:
     return [g.extra.get("cuda_graphs", "") for g in report.graphs]
 
 
+def _assert_not_captured(report: tileflow.Report, reason: str = "") -> None:
+    """The step's one graph runs uncaptured, its note naming `reason`, and nothing was replayed."""
+    (note,) = _cuda_graphs_notes(report)
+    assert "could differ from the step" in note and reason in note, note
+    assert ReplayOnCpu.captures == 0
+
+
 # Weights are globals, not arguments: Dynamo keeps their sizes static, as a model's parameters.
 QKV = torch.randn(3 * H, H)
 W = torch.randn(H, H)
@@ -143,9 +150,7 @@ def test_causal_attention_is_captured(replay_on_cpu, fn) -> None:
 ])
 def test_reads_across_tokens_are_not_captured(replay_on_cpu, fn, reason: str) -> None:
     report = _run(fn, _rows)
-    (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note and reason in note, note
-    assert replay_on_cpu.captures == 0
+    _assert_not_captured(report, reason)
 
 
 def test_shifted_rows_and_scans_are_captured(replay_on_cpu) -> None:
@@ -395,9 +400,7 @@ def test_expert_routing_over_a_batch_is_captured(replay_on_cpu, moe, top: int) -
 ])
 def test_expert_routing_over_a_batch_that_mixes_sequences_is_not_captured(replay_on_cpu, fn, reason: str) -> None:
     report = _run(fn, _sequences, lengths=(4, 7, 12))
-    (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note and reason in note, note
-    assert replay_on_cpu.captures == 0
+    _assert_not_captured(report, reason)
 
 
 def _moe_counts_as_values(x: torch.Tensor) -> torch.Tensor:
@@ -587,9 +590,7 @@ FEATURE_GROUPS_W = torch.randn(4 * H, H).bfloat16()
 ])
 def test_expert_routing_that_mixes_rows_is_not_captured(replay_on_cpu, fn, reason: str) -> None:
     report = _run(fn, _rows, lengths=(3, 7, 12))
-    (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note and reason in note, note
-    assert replay_on_cpu.captures == 0
+    _assert_not_captured(report, reason)
 
 
 def test_a_step_that_writes_its_input_in_place_is_not_captured(replay_on_cpu) -> None:
@@ -643,9 +644,7 @@ def _bf16_positions(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("fn", [_bool_mask_as_additive, _additive_mask_as_bool, _positions_as_bool, _bf16_positions])
 def test_a_cast_mask_or_position_is_not_taken_as_causal(replay_on_cpu, fn) -> None:
     report = _run(fn, _tokens)
-    (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note and "does not hide the padded keys" in note, note
-    assert replay_on_cpu.captures == 0
+    _assert_not_captured(report, "does not hide the padded keys")
 
 
 
@@ -669,9 +668,7 @@ def _feature_columns_at_token_count(x: torch.Tensor) -> torch.Tensor:
 ])
 def test_the_token_count_as_a_value_is_not_captured(replay_on_cpu, fn, reason: str) -> None:
     report = _run(fn, _rows)
-    (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note and reason in note, note
-    assert replay_on_cpu.captures == 0
+    _assert_not_captured(report, reason)
 
 
 def _twice_the_token_count(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -699,9 +696,7 @@ def _filled_with_a_comparison_of_the_token_count(x: torch.Tensor) -> torch.Tenso
                                 _filled_with_a_comparison_of_the_token_count])
 def test_a_comparison_of_the_token_count_as_a_value_is_not_captured(replay_on_cpu, fn) -> None:
     report = _run(fn, _rows, lengths=(3, 5, 11))
-    (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note and "token count" in note, note
-    assert replay_on_cpu.captures == 0
+    _assert_not_captured(report, "token count")
 
 
 def _comparison_of_the_token_count_returned(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -711,9 +706,7 @@ def _comparison_of_the_token_count_returned(x: torch.Tensor) -> tuple[torch.Tens
 def test_a_comparison_of_the_token_count_returned_is_not_captured(replay_on_cpu) -> None:
     """A SymBool output is returned as captured (16 > 4 at the bucket): refused, not a crash."""
     report = _run(_comparison_of_the_token_count_returned, _rows, lengths=(3, 5, 11))
-    (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note and "a number output" in note, note
-    assert replay_on_cpu.captures == 0
+    _assert_not_captured(report, "a number output")
 
 
 def _rows_by_positions(x: torch.Tensor) -> torch.Tensor:
@@ -728,9 +721,7 @@ def test_outputs_a_replay_cannot_cut_back_are_not_captured(replay_on_cpu, fn, re
     captured (but ints computed from T alone): an output with another token-sized dim would come
     back at the bucket's size."""
     report = _run(fn, _rows)
-    (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note and reason in note, note
-    assert replay_on_cpu.captures == 0
+    _assert_not_captured(report, reason)
 
 
 def _batch(tokens: int) -> tuple[torch.Tensor]:
@@ -765,9 +756,7 @@ def test_reads_across_flattened_sequences_are_not_captured(replay_on_cpu, fn, re
     """Several sequences flattened into one dim are padded at the end of each: only row-wise
     ops keep the padding apart."""
     report = _run(fn, _batch)
-    (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note and reason in note, note
-    assert replay_on_cpu.captures == 0
+    _assert_not_captured(report, reason)
 
 
 HALVES = torch.tensor([[1.0], [10.0]])
@@ -789,9 +778,7 @@ def _arange_of_two_rows_per_token_cut_in_halves(x: torch.Tensor) -> torch.Tensor
 @pytest.mark.parametrize("fn", [_token_major_rows_cut_in_halves, _arange_of_two_rows_per_token_cut_in_halves])
 def test_a_view_that_cuts_a_block_of_tokens_is_not_captured(replay_on_cpu, fn) -> None:
     report = _run(fn, _rows, lengths=(3, 7, 12))
-    (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note and "a view that regroups rows" in note, note
-    assert replay_on_cpu.captures == 0
+    _assert_not_captured(report, "a view that regroups rows")
 
 
 def test_rowwise_ops_over_flattened_sequences_are_captured(replay_on_cpu) -> None:
@@ -830,9 +817,7 @@ def test_a_lowest_value_mask_with_its_diagonal_is_captured(replay_on_cpu) -> Non
 def test_a_lowest_value_mask_without_its_diagonal_is_not_captured(replay_on_cpu) -> None:
     """Were it captured, the first row would average the padded keys' values too."""
     report = _run(_strictly_causal_lowest, _tokens)
-    (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note, note
-    assert replay_on_cpu.captures == 0
+    _assert_not_captured(report)
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "bloom"])
@@ -865,9 +850,7 @@ def _table_rows_for_the_flattened_batch(x: torch.Tensor) -> torch.Tensor:
 
 def test_a_run_of_twice_the_token_count_rows_is_not_taken_for_blocks(replay_on_cpu) -> None:
     report = _run(_table_rows_for_the_flattened_batch, _batch)
-    (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note and "one run of rows" in note, note
-    assert replay_on_cpu.captures == 0
+    _assert_not_captured(report, "one run of rows")
 
 
 def test_an_input_the_replay_cannot_pad_is_not_captured(replay_on_cpu) -> None:
@@ -886,9 +869,7 @@ def test_an_input_the_replay_cannot_pad_is_not_captured(replay_on_cpu) -> None:
         torch._dynamo.mark_dynamic(y, 0)
         with torch.no_grad():
             torch.testing.assert_close(compiled(x, y), add_flattened(x, y), rtol=1e-5, atol=1e-5)
-    (note,) = _cuda_graphs_notes(report)
-    assert "could differ from the step" in note and "a replay pads only one dim" in note, note
-    assert replay_on_cpu.captures == 0
+    _assert_not_captured(report, "a replay pads only one dim")
 
 
 TABLE20 = torch.randn(20, H)

@@ -257,8 +257,10 @@ def _read_attr(read: Any, key: str, name: str) -> Any:
 
 def _layer_windows(config: dict[str, Any], read: Any, num_layers: int, name: str) -> tuple[int | None, ...] | None:
     """Each layer's sliding window (None: full attention), or None when no layer slides."""
-    layer_types = _read_attr(read, "layer_types", name) if read is not None else config.get("layer_types")
-    window = _read_attr(read, "sliding_window", name) if read is not None else config.get("sliding_window")
+    def get(key: str) -> Any:
+        return _read_attr(read, key, name) if read is not None else config.get(key)
+
+    layer_types, window = get("layer_types"), get("sliding_window")
     if not layer_types:
         if window is None or (read is None and config.get("use_sliding_window") is False):
             return None

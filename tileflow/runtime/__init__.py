@@ -11,7 +11,7 @@ import functools
 import json
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -207,7 +207,7 @@ def run_padded_gemm(
     k = weight.shape[1]
     m = x.shape[0]
     if n == 0 or k == 0:
-        return _gemm_of_empty_dim(x, n, bias, residual, activation, out_dtype, separate_up, bias_up)
+        return _gemm_of_empty_dim(x, weight, bias, residual, activation, out_dtype, weight_up, bias_up)
     tile_plan = decode_plan(plan) if plan else gemm_plan(
         n, k, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
         weight_tiles=2 if activation == "swiglu" else 1,
@@ -234,37 +234,33 @@ def run_padded_gemm(
 
 def _gemm_of_empty_dim(
     x: torch.Tensor,
-    n: int,
+    weight: torch.Tensor,
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
     activation: str,
     out_dtype: torch.dtype,
-    separate_up: bool,
+    weight_up: torch.Tensor | None,
     bias_up: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`padded_gemm` with N = 0 or K = 0, as `F.linear` answers it: no tile plan covers an empty
-    dimension, and there is nothing to tile (an empty result, or the epilogue of zero products)."""
+    """`padded_gemm` with N = 0 or K = 0, by `F.linear` in the accumulator's dtype: no tile plan
+    covers an empty dimension, and there is nothing to tile (an empty result, or the epilogue of
+    zero products)."""
+    f = torch.nn.functional
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    acc = x.new_zeros((x.shape[0], n), dtype=acc_dtype)
-    gate_bias, up_bias = bias, bias_up
-    if activation == "swiglu" and bias is not None and not separate_up:
-        gate_bias, up_bias = bias[:n], bias[n:]  # stacked [2N] bias: gate half, then up half
-    gate = acc if gate_bias is None else acc + gate_bias.to(acc_dtype)
+
+    def linear(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return f.linear(x.to(acc_dtype), w.to(acc_dtype), None if b is None else b.to(acc_dtype))
+
+    acc = linear(weight, bias)
     if activation == "swiglu":
-        acc = torch.nn.functional.silu(gate) * (acc if up_bias is None else acc + up_bias.to(acc_dtype))
-    else:
-        acc = _ACTIVATIONS[activation](gate)
+        n = acc.shape[1] if weight_up is not None else acc.shape[1] // 2
+        gate, up = (acc, linear(weight_up, bias_up)) if weight_up is not None else (acc[:, :n], acc[:, n:])
+        acc = f.silu(gate) * up
+    elif activation != "none":
+        acc = {"silu": f.silu, "gelu": f.gelu, "gelu_tanh": lambda t: f.gelu(t, approximate="tanh")}[activation](acc)
     if residual is not None:
         acc = acc + residual.to(acc_dtype)
     return acc.to(out_dtype)
-
-
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "none": lambda t: t,
-    "silu": torch.nn.functional.silu,
-    "gelu": torch.nn.functional.gelu,
-    "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-}
 
 
 def expected_group_rows(m: int, experts: int) -> int:

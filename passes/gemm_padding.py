@@ -146,7 +146,10 @@ _GROUPED_MM = ("transformers::grouped_mm_fallback", "aten::_grouped_mm")
 
 
 def _grouped_mm_args(node: fx.Node) -> dict[str, Any] | None:
-    """x, w, offs, bias, out_dtype of a grouped matmul node (None when `node` is not one)."""
+    """x, w, offs, bias, out_dtype of a grouped matmul node (None when `node` is not one): a
+    `_grouped_mm`, or a `bmm` over stacked weights (the batched form: no offsets)."""
+    if node.op == "call_function" and node.target is aten.bmm.default and _stacked_weights_bmm(node):
+        return {"x": node.args[0], "w": node.args[1], "offs": None, "bias": None, "out_dtype": None}
     schema = getattr(node.target, "_schema", None)
     if node.op != "call_function" or schema is None or schema.name not in _GROUPED_MM:
         return None
@@ -189,16 +192,17 @@ def _expert_weight(w: fx.Node) -> tuple[fx.Node | None, bool]:
     return None, False
 
 
-def _swiglu_tail(gemm: fx.Node, n: int) -> fx.Node | None:
-    """The `mul` of `silu(gate) * up` when the grouped GEMM's [M, 2n] output only feeds
-    `split(n, -1)` (Mixtral's `chunk(2, dim=-1)`) whose halves are gate then up; else None."""
+def _swiglu_tail(gemm: fx.Node, n: int, rank: int) -> fx.Node | None:
+    """The `mul` of `silu(gate) * up` when the grouped GEMM's [..., 2n] output (of `rank` dims)
+    only feeds `split(n, -1)` (Mixtral's `chunk(2, dim=-1)`) whose halves are gate then up; else
+    None."""
     split = _only_user(gemm)
     if split is None or split.target not in (aten.split.Tensor, aten.split_with_sizes.default):
         return None
     sizes = split.args[1]
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
     halved = sizes == n if isinstance(sizes, int) else list(sizes) == [n, n]
-    if not (halved and _is_last_dim(dim, 2)):
+    if not (halved and _is_last_dim(dim, rank)):
         return None
     halves: dict[int, fx.Node] = {}
     for user in split.users:
@@ -235,7 +239,7 @@ class GemmPadding:
                 reason = self._unsupported_grouped(grouped, ctx)
                 if not reason:
                     try:
-                        self._m_range(_val(grouped["x"]).shape[0], ctx)
+                        self._grouped_m_range(grouped, ctx)
                     except ValueError as exc:
                         reason = f"no tile plan: {exc}"
                 if reason:
@@ -243,11 +247,6 @@ class GemmPadding:
                 else:
                     for kind in self._rewrite_grouped(graph, node, grouped, ctx, grouped_plans):
                         result.count(kind)
-                continue
-            if node in graph.nodes and node.target is aten.bmm.default and _stacked_weights_bmm(node):
-                result.fallback(node, "a batched GEMM over stacked weights (one per expert, as Llama-4's dense experts "
-                                      "run every token through every expert): no padded or grouped GEMM form yet, left to "
-                                      "the residual compiler")
                 continue
             if node not in graph.nodes or node.target is not aten.linear.default:
                 continue
@@ -395,16 +394,31 @@ class GemmPadding:
         return lo, hi
 
     # -- grouped (MoE expert) GEMMs ------------------------------------------------------------
+    def _grouped_m_range(self, args: dict[str, Any], ctx: PassContext) -> tuple[int, int]:
+        """Bounds of a grouped GEMM's row count M, which its plan reads as ceil(M / E) rows per
+        expert: x's rows [M, K], or E times the T rows of each expert's block in the batched
+        [E, T, K] (T tokens at most max_tokens, not E * T)."""
+        xv = _val(args["x"])
+        if args["offs"] is not None:
+            return self._m_range(xv.shape[0], ctx)
+        lo, hi = self._m_range(xv.shape[1], ctx)
+        return lo * int(xv.shape[0]), hi * int(xv.shape[0])
+
     def _unsupported_grouped(self, args: dict[str, Any], ctx: PassContext) -> str | None:
         """Why a grouped matmul cannot become `tileflow::grouped_gemm` (None when it can)."""
         xv, wv, ov = _val(args["x"]), _val(args["w"]), _val(args["offs"])
         if not (isinstance(xv, torch.Tensor) and isinstance(wv, torch.Tensor)):
             return "operands have no shape metadata"
         if args["offs"] is None:
-            return "no offsets (a batched, not a grouped, matmul), left as is"
-        if xv.dim() != 2 or wv.dim() != 3:
+            # The batched form: expert e's rows are x[e].
+            if xv.dim() != 3 or wv.dim() != 3:
+                return (f"a batched matmul (no offsets) needs a 3-D input [E, T, K] and 3-D weights [E, K, N], got "
+                        f"{xv.dim()}-D and {wv.dim()}-D")
+            if not same_shape(xv.shape[:1], wv.shape[:1]):
+                return f"a batched matmul over {xv.shape[0]} row blocks and {wv.shape[0]} experts' weights"
+        elif xv.dim() != 2 or wv.dim() != 3:
             return f"expects a 2-D input [M, K] and 3-D weights [E, K, N], got {xv.dim()}-D and {wv.dim()}-D"
-        if not isinstance(ov, torch.Tensor) or ov.dim() != 1 or ov.dtype != torch.int32:
+        elif not isinstance(ov, torch.Tensor) or ov.dim() != 1 or ov.dtype != torch.int32:
             got = f"{ov.dtype} {ov.dim()}-D" if isinstance(ov, torch.Tensor) else "no metadata"
             return f"offsets must be a 1-D int32 tensor, got {got}"
         if args["bias"] is not None:
@@ -418,7 +432,7 @@ class GemmPadding:
             return f"out_dtype {args['out_dtype']} differs from the input's {xv.dtype}"
         if any(isinstance(d, torch.SymInt) for d in wv.shape):
             return "weights have symbolic E, N or K; plans need static sizes"
-        if not same_shape(ov.shape, wv.shape[:1]):
+        if args["offs"] is not None and not same_shape(ov.shape, wv.shape[:1]):
             return f"offsets {list(ov.shape)} do not match the {wv.shape[0]} experts"
         return None
 
@@ -431,9 +445,9 @@ class GemmPadding:
         x, w, offs = args["x"], args["w"], args["offs"]
         xv, wv = _val(x), _val(w)
         e, k, rows = (int(d) for d in wv.shape)
-        tail = _swiglu_tail(node, rows // 2) if rows % 2 == 0 else None
+        tail = _swiglu_tail(node, rows // 2, xv.dim()) if rows % 2 == 0 else None
         activation, n = ("swiglu", rows // 2) if tail is not None else ("none", rows)
-        lo, hi = self._m_range(xv.shape[0], ctx)
+        lo, hi = self._grouped_m_range(args, ctx)
         weight_tiles = 2 if activation == "swiglu" else 1
         key = (n, k, e, xv.dtype, lo, hi, weight_tiles)
         if key not in plans:

@@ -41,7 +41,8 @@ from tileflow.search import OpProfile, modeled_timeline, search_split
 aten = torch.ops.aten
 
 # Everything else is compute-bound. grouped_gemm (MoE experts) is never token-wise: its rows are
-# sorted by expert and its offsets cover all of them, so it runs once over every row.
+# sorted by expert and its offsets cover all of them (or, batched, each expert's block holds every
+# token), so it runs once over every row.
 _MEMORY_OPS = {"meta_attention", "meta_attention_varlen", "scaled_dot_product_attention"}
 _NETWORK_PREFIXES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 # Layout ops that keep rows intact (the token dim may move, never merge).

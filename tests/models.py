@@ -163,3 +163,19 @@ def export_zoo_model(name: str, target: str) -> tuple[torch.nn.Module, Any]:
     for feature in ZOO[name][1]:
         assert rewrites[feature] == 2, feature
     return model, archive
+
+
+# MoE architectures beyond the zoo's (the shared expert with its sigmoid gate; normalized top-k).
+MOE = {
+    "qwen2_moe": _causal_lm("Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    "qwen3_moe": _causal_lm("Qwen3MoeConfig", "Qwen3MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=32, head_dim=16),
+    # Sparse-mixer routing: two `max` picks side by side (`cat`) instead of a top-k.
+    "phimoe": _causal_lm("PhimoeConfig", "PhimoeForCausalLM", num_local_experts=4, num_experts_per_tok=2),
+    # Every expert sees every token (`repeat`, then one bmm over stacked weights: a batched grouped
+    # GEMM once compiled), complex RoPE, attention in chunks of 8.
+    "llama4": _causal_lm("Llama4TextConfig", "Llama4ForCausalLM", head_dim=16, intermediate_size=64,
+                         intermediate_size_mlp=128, num_local_experts=4, num_experts_per_tok=1,
+                         interleave_moe_layer_step=1, attention_chunk_size=8),
+}

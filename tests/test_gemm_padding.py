@@ -15,6 +15,7 @@ from tileflow.runtime import decode_plan
 
 aten = torch.ops.aten
 GEMM = torch.ops.tileflow.padded_gemm.default
+GROUPED = torch.ops.tileflow.grouped_gemm.default
 _GRABBED: list[tuple[fx.GraphModule, PassContext]] = []
 
 
@@ -116,23 +117,47 @@ def test_unsupported_dtype_falls_back_with_reason() -> None:
     torch.testing.assert_close(compiled(x, w), fn(x, w))
 
 
-EXPERT_W = torch.randn(3, 16, 8)
+EXPERT_W = torch.randn(3, 16, 8)  # [E, K, N], as Llama-4 stores its experts
+EXPERT_GATE_UP, EXPERT_DOWN = torch.randn(3, 16, 2 * 12) / 4, torch.randn(3, 12, 16) / 12**0.5
 
 
-def test_a_batched_gemm_over_stacked_weights_is_reported() -> None:
-    """Llama-4's dense experts: every token's row times every expert's weight, one bmm. It stays
-    a bmm (no padded or grouped form yet), and the report says so instead of nothing; the plain
-    linear beside it is still rewritten."""
+def test_a_batched_gemm_over_stacked_weights_becomes_a_batched_grouped_gemm() -> None:
+    """Llama-4's dense experts: every token's row times every expert's weight, one bmm over
+    [E, T, K] rows. It becomes a grouped GEMM without offsets (expert e's rows are block e),
+    planned for T rows per expert up to max_tokens (not E * T up to max_tokens); the plain linear
+    beside it is rewritten too, and one compiled graph serves every T."""
     def experts(x, w):
         return torch.bmm(x.repeat(3, 1).view(3, -1, 16), EXPERT_W).sum(0) + F.linear(x, w)
 
     x, w = torch.randn(5, 16), torch.randn(8, 16)
     compiled, gm, ctx = compile_fn(experts, x, w)
-    assert len(gemm_nodes(gm)) == 1
-    [fallback] = ctx.report.fallbacks
-    assert "batched GEMM over stacked weights" in fallback.reason and fallback.pass_name == "gemm_padding"
-    x = torch.randn(9, 16)
-    torch.testing.assert_close(compiled(x, w), experts(x, w), rtol=1e-5, atol=1e-5)
+    assert len(gemm_nodes(gm)) == 1 and not ctx.report.fallbacks
+    [node] = [n for n in gm.graph.nodes if n.target is GROUPED]
+    assert node.args[2] is None and node.args[3] == "none"
+    assert aten.bmm.default not in ops(gm)
+    plan = decode_plan(node.args[5])
+    assert (plan.m_min, plan.m_max) == (2, 512)  # rows per expert: T in [2, max_tokens] (Dynamo marks T >= 2)
+    assert node.meta["tileflow"]["plan"].startswith("rows per expert ceil(M / 3)")
+    for t in (1, 9, 40):
+        x = torch.randn(t, 16)
+        torch.testing.assert_close(compiled(x, w), experts(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_a_batched_swiglu_over_stacked_weights_fuses() -> None:
+    """Llama-4's expert MLP: `gate, up = bmm(x, gate_up).chunk(2, -1)`, then `up * silu(gate)`
+    (up first) times the down weights: one fused SwiGLU grouped GEMM and one plain."""
+    def mlp(x):
+        gate, up = torch.bmm(x.view(3, -1, 16), EXPERT_GATE_UP).chunk(2, dim=-1)
+        return torch.bmm(up * F.silu(gate), EXPERT_DOWN).view(-1, 16)
+
+    compiled, gm, ctx = compile_fn(mlp, torch.randn(12, 16))
+    nodes = [n for n in gm.graph.nodes if n.target is GROUPED]
+    assert [n.args[3] for n in nodes] == ["swiglu", "none"] and not ctx.report.fallbacks
+    assert aten.silu.default not in ops(gm)
+    assert ctx.report.passes[1].rewrites == {"grouped_gemm": 2, "fused_grouped_swiglu": 1}
+    for t in (1, 4, 35):
+        x = torch.randn(3 * t, 16)
+        torch.testing.assert_close(compiled(x), mlp(x), rtol=1e-5, atol=1e-5)
 
 
 def test_multi_user_intermediates_are_not_fused() -> None:

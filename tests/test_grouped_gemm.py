@@ -30,7 +30,7 @@ from tileflow.runtime import decode_plan, expected_group_rows, get_kernel
 from tileflow.targets import get_backend, triton_interpreter_enabled
 
 from gemm_cases import TOL
-from models import build
+from models import MOE, SEQ_LENS, VOCAB, build
 
 aten = torch.ops.aten
 GROUPED = torch.ops.tileflow.grouped_gemm.default
@@ -170,6 +170,22 @@ def test_eager_op_random_group_sizes(sizes: list[int], activation: str, seed: in
     _assert_close(out, _reference(x, w, offsets, activation), torch.float32)
 
 
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize("activation", ["none", "swiglu"])
+def test_eager_batched_op_without_offsets(target: str, activation: str) -> None:
+    """No offsets: x [E, T, K] and expert e's rows are x[e] (a bmm with per-expert weights, as
+    Llama-4's dense experts), T from none to more than a tile."""
+    rows = 2 * N if activation == "swiglu" else N
+    for t, seed in ((0, 0), (1, 1), (17, 2)):
+        gen = torch.Generator().manual_seed(seed)
+        x, w = torch.randn(3, t, K, generator=gen), torch.randn(3, K, rows, generator=gen).transpose(1, 2) / K**0.5
+        with tileflow.use_config(tileflow.Config(target=target)):
+            out = tileflow.ops.grouped_gemm(x.to(_device(target)), w.to(_device(target)), activation=activation)
+        assert out.shape == (3, t, N)
+        ref = _reference(x.reshape(3 * t, K), w, torch.arange(1, 4, dtype=torch.int32) * t, activation)
+        _assert_close(out.cpu().reshape(3 * t, N), ref, torch.float32)
+
+
 def test_eager_validation_errors() -> None:
     x, w, offsets = _inputs([3, 0, 5], N, torch.float32, 0, False)
     gg = tileflow.ops.grouped_gemm
@@ -183,6 +199,9 @@ def test_eager_validation_errors() -> None:
         (lambda: gg(x[:, :7], w, offsets), "K mismatch"),
         (lambda: gg(x, w[:, :39], offsets, activation="swiglu"), r"stacked as \[E, 2N, K\]"),
         (lambda: gg(x, w, offsets, activation="relu"), "unknown activation"),
+        (lambda: gg(x, w), r"without offsets is batched: x must be \[E, T, K\]"),
+        (lambda: gg(x.view(2, 4, K), w), r"one row block per expert"),
+        (lambda: gg(x.view(1, 8, K)[:, :, :7], w[:1]), "K mismatch"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -317,9 +336,9 @@ def test_pass_rewrites_aten_grouped_mm_and_keeps_what_it_cannot_take() -> None:
 
 
 def test_pass_fallback_reasons_on_a_traced_graph() -> None:
-    """Forms grouped_gemm does not take stay as they are, with the reason: a batched (3-D, no
-    offsets) `_grouped_mm`, and one with a bias (added to the traced graph by hand: `_grouped_mm`
-    itself rejects a bias today)."""
+    """A `_grouped_mm` with a bias (added to the traced graph by hand: `_grouped_mm` itself rejects
+    a bias today) stays as it is, with the reason; the batched one (3-D, no offsets) beside it
+    becomes a batched grouped GEMM."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from passes.gemm_padding import GemmPadding
@@ -339,6 +358,27 @@ def test_pass_fallback_reasons_on_a_traced_graph() -> None:
     grouped[0].args = (*grouped[0].args[:3], placeholders[4])  # bias
     ctx = PassContext(config=Config(), report=GraphReport(graph_id="g"))
     result = GemmPadding().run(gm, ctx)
-    reasons = sorted(f.reason for f in result.fallbacks)
-    assert len(reasons) == 2 and "grouped_gemm" not in result.rewrites
-    assert any("per-expert bias" in r for r in reasons) and any("no offsets" in r for r in reasons)
+    [fallback] = result.fallbacks
+    assert "per-expert bias" in fallback.reason and result.rewrites["grouped_gemm"] == 1
+    [batched] = [n for n in gm.graph.nodes if n.target is GROUPED]
+    assert batched.args[0] is placeholders[1] and batched.args[2] is None
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_llama4_experts_run_as_batched_grouped_gemms(target: str) -> None:
+    """Llama-4 runs every token through every expert (a `bmm` of [E, T, K] rows over stacked
+    weights): each MoE layer's gate/up and down experts become batched grouped GEMMs, the gate/up
+    one with `up * silu(gate)` fused, nothing left with a reason, equal to eager at every length
+    on one graph."""
+    model = MOE["llama4"]().eval()
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"target": target}, report=report), dynamic=True)
+    with torch.no_grad():
+        for seq_len in SEQ_LENS[:2] if target == "triton" else SEQ_LENS:
+            ids = torch.randint(0, VOCAB, (2, seq_len))
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=1e-4, atol=1e-4)
+    assert len(report.graphs) == 1 and report.recompiles == 0
+    assert report.rewrites["grouped_gemm"] == 4 and report.rewrites["fused_grouped_swiglu"] == 2
+    assert not report.fallbacks, report.fallbacks
+

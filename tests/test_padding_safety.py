@@ -20,7 +20,7 @@ import tileflow.runtime.streams
 
 sys.path.insert(0, str(Path(__file__).parent))
 from graph_doubles import ReplayOnCpu  # noqa: E402
-from models import VOCAB, _causal_lm, build  # noqa: E402
+from models import MOE, VOCAB, build  # noqa: E402
 
 H = 16
 
@@ -178,21 +178,6 @@ def test_causal_models_are_captured(replay_on_cpu, arch: str, batch: int) -> Non
     report = _run(logits, make, lengths=(5, 12, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 2
-
-
-# MoE architectures beyond the zoo's (the shared expert with its sigmoid gate; normalized top-k).
-MOE = {
-    "qwen2_moe": _causal_lm("Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
-                            moe_intermediate_size=32, shared_expert_intermediate_size=64),
-    "qwen3_moe": _causal_lm("Qwen3MoeConfig", "Qwen3MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
-                            moe_intermediate_size=32, head_dim=16),
-    # Sparse-mixer routing: two `max` picks side by side (`cat`) instead of a top-k.
-    "phimoe": _causal_lm("PhimoeConfig", "PhimoeForCausalLM", num_local_experts=4, num_experts_per_tok=2),
-    # Every expert sees every token (`repeat`, then one bmm), complex RoPE, attention in chunks of 8.
-    "llama4": _causal_lm("Llama4TextConfig", "Llama4ForCausalLM", head_dim=16, intermediate_size=64,
-                         intermediate_size_mlp=128, num_local_experts=4, num_experts_per_tok=1,
-                         interleave_moe_layer_step=1, attention_chunk_size=8),
-}
 
 
 MOE_ARCHS = ["mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe", "qwen3_moe", "phimoe", "llama4"]

@@ -148,21 +148,31 @@ def padded_gemm(
     )
 
 
-def _check_grouped_gemm_args(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, activation: str) -> int:
+def _check_grouped_gemm_args(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor | None, activation: str
+) -> int:
     """Validate a grouped_gemm call's shapes and dtypes (no values: that would need a device->host
     copy on every call); return its output width N."""
     _check_activation("grouped_gemm", activation)
-    if x.dim() != 2 or weight.dim() != 3:
+    if offsets is None:
+        # The batched form: expert e's rows are x[e], as many for every expert.
+        if x.dim() != 3 or weight.dim() != 3 or x.shape[0] != weight.shape[0]:
+            raise ValueError(
+                "grouped_gemm without offsets is batched: x must be [E, T, K] with one row block per expert of "
+                f"weight [E, N, K]; got x {tuple(x.shape)}, weight {tuple(weight.shape)} (pass offsets for rows "
+                "grouped by expert in an [M, K] x)"
+            )
+    elif x.dim() != 2 or weight.dim() != 3:
         raise ValueError(
             f"grouped_gemm: x must be [M, K] and weight [E, N, K]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
         )
-    if x.shape[1] != weight.shape[2]:
+    if x.shape[-1] != weight.shape[2]:
         raise ValueError(f"grouped_gemm: K mismatch, x is {tuple(x.shape)} and weight is {tuple(weight.shape)}")
-    if offsets.dim() != 1 or offsets.shape[0] != weight.shape[0]:
+    if offsets is not None and (offsets.dim() != 1 or offsets.shape[0] != weight.shape[0]):
         raise ValueError(
             f"grouped_gemm: offsets must be [E={weight.shape[0]}] (one end row per expert), got {tuple(offsets.shape)}"
         )
-    if offsets.dtype != torch.int32:
+    if offsets is not None and offsets.dtype != torch.int32:
         raise ValueError(f"grouped_gemm: offsets must be int32, got {offsets.dtype}")
     if activation == "swiglu" and weight.shape[1] % 2:
         raise ValueError(
@@ -188,13 +198,14 @@ def check_group_offsets(offsets: torch.Tensor, m: int) -> None:
 def _grouped_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
-    offsets: torch.Tensor,
+    offsets: torch.Tensor | None,
     activation: str = "none",
     out_dtype: torch.dtype | None = None,
     plan: str = "",
     target: str = "",
 ) -> torch.Tensor:
-    """out[M, N]: rows offsets[e-1]:offsets[e] of x times expert e's weight, by fixed-tile kernels.
+    """out[M, N]: rows offsets[e-1]:offsets[e] of x times expert e's weight, by fixed-tile kernels
+    (out[E, T, N]: x[e] times expert e's weight, when offsets is None).
 
     `plan` is the encoded tile plan the compiler chose ("" = build one for the current config);
     `target` the kernel target ("" = the current config's). See `grouped_gemm`.
@@ -209,20 +220,20 @@ def _grouped_gemm(
 def _grouped_gemm_fake(
     x: torch.Tensor,
     weight: torch.Tensor,
-    offsets: torch.Tensor,
+    offsets: torch.Tensor | None,
     activation: str = "none",
     out_dtype: torch.dtype | None = None,
     plan: str = "",
     target: str = "",
 ) -> torch.Tensor:
     n = _check_grouped_gemm_args(x, weight, offsets, activation)
-    return x.new_empty((x.shape[0], n), dtype=out_dtype or x.dtype)
+    return x.new_empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype)
 
 
 def grouped_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
-    offsets: torch.Tensor,
+    offsets: torch.Tensor | None = None,
     *,
     activation: str | None = None,
     out_dtype: torch.dtype | None = None,
@@ -239,10 +250,15 @@ def grouped_gemm(
     expected rows per expert, ceil(M / E). Eager calls check the offsets' values (ValueError);
     inside a compiled graph they are the caller's contract, and rows past offsets[-1] are not
     written (as with `torch._grouped_mm`).
+
+    Without `offsets` the GEMM is batched: `x` is [E, T, K], expert e's rows are x[e], and the
+    result is [E, T, N] (`torch.bmm(x, weight.transpose(1, 2))` with the activation; Llama-4
+    runs every token through every expert that way).
     """
     if not torch.compiler.is_compiling():
         _check_grouped_gemm_args(x, weight, offsets, activation or "none")
-        check_group_offsets(offsets, x.shape[0])
+        if offsets is not None:
+            check_group_offsets(offsets, x.shape[0])
     return torch.ops.tileflow.grouped_gemm(x, weight, offsets, activation or "none", out_dtype, "", "")
 
 

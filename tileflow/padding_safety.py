@@ -550,7 +550,9 @@ class _Walk:
         ids: row j's group is its own id in either run, so rows stay apart. Only the form whose
         offsets split the rows (x [M, K], weight [E, K, N] or [E, N, K]): `_grouped_mm` of a 2-D
         weight splits K or N by them, and those groups would move with the padded rows' counts."""
-        x, weight, offsets = node.args[0], node.args[1], node.args[2]
+        x, weight, offsets = list(bind_arguments(node).values())[:3]  # schema order; offsets by keyword too
+        if offsets is None:
+            return self.ordered(node, self.batched_gemm(node))
         route = self.facts[offsets].route if isinstance(offsets, fx.Node) else None
         others = [a for a in node.all_input_nodes if a is not x and a is not offsets]
         if not (route is not None and route.kind == "offsets" and self.facts[x].order == ("gathered", route.sort)
@@ -560,6 +562,16 @@ class _Walk:
             return self.refuse(node, "a grouped GEMM whose offsets split features, not rows: its groups would follow "
                                      "the counts of the padded rows")
         return _Facts(order=("gathered", route.sort))
+
+    def batched_gemm(self, node: fx.Node) -> _Facts:
+        """A batched grouped GEMM (no offsets: x [E, T, K], expert e's rows x[e]) keeps rows apart
+        as a bmm does, unless it sums over a token dim or its weights carry tokens."""
+        x, weight = node.args[0], node.args[1]
+        if self.carries_tokens(weight) or self.run_wide(x) or self.run_wide(weight):
+            return self.refuse(node, "a batched GEMM whose weights carry the token dim")
+        if meta_val(x).dim() - 1 in (self.dims(meta_val(x)) or {}):
+            return self.refuse(node, "a batched GEMM that sums over the token dim")
+        return _CLEAN
 
     def ordered(self, node: fx.Node, facts: _Facts) -> _Facts:
         """Rows out of token order (or token-major) through a row-wise op keep their order; other

@@ -303,7 +303,7 @@ def grouped_gemm_plan(
 def run_grouped_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
-    offsets: torch.Tensor,
+    offsets: torch.Tensor | None,
     activation: str,
     out_dtype: torch.dtype,
     plan: str,
@@ -314,7 +314,14 @@ def run_grouped_gemm(
 
     `plan` is the node's encoded plan ("" for eager calls: built for the current config's
     `max_tokens`); `target` is the node's target ("" for eager calls: the current config's).
+    Without offsets (x [E, T, K], the batched form), expert e's rows are x[e]: the same kernel
+    runs over x's rows with offsets T, 2T, ..., ET, and the result is [E, T, N].
     """
+    if offsets is None:
+        e, t = x.shape[0], x.shape[1]
+        offsets = torch.arange(1, e + 1, dtype=torch.int32, device=x.device) * t
+        out = run_grouped_gemm(x.reshape(e * t, x.shape[2]), weight, offsets, activation, out_dtype, plan, target)
+        return out.view(e, t, out.shape[1])
     from ..lower import grouped_gemm_spec
 
     config = None if (target and plan) else current_config()

@@ -26,6 +26,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -171,6 +172,16 @@ def _stacked_weights_bmm(node: fx.Node) -> bool:
     return (isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr") and isinstance(wv, torch.Tensor)
             and isinstance(xv, torch.Tensor) and not any(isinstance(d, torch.SymInt) for d in wv.shape)
             and any(isinstance(d, torch.SymInt) for d in xv.shape))
+
+
+def _rows_and_multiple(m: Any) -> tuple[Any, int]:
+    """A row count as (rows, k) with M = k * rows for a constant k: `2*s0` (top-2 routing over
+    s0 tokens) is (s0, 2); anything else is (m, 1)."""
+    if isinstance(m, torch.SymInt):
+        coeff, rest = m.node.expr.as_coeff_Mul()
+        if coeff.is_Integer and int(coeff) > 1 and rest.free_symbols:
+            return rest, int(coeff)
+    return m, 1
 
 
 def _describe_grouped(plan: TilePlan, experts: int) -> str:
@@ -379,9 +390,10 @@ class GemmPadding:
 
     @staticmethod
     def _m_range(m: Any, ctx: PassContext) -> tuple[int, int]:
-        """Integer bounds of a GEMM's row count M: its symbol's range, capped by max_tokens."""
-        if isinstance(m, torch.SymInt):
-            expr = m.node.expr
+        """Integer bounds of a GEMM's row count M (an int, a SymInt or its sympy expression): its
+        symbols' range, capped by max_tokens."""
+        if isinstance(m, torch.SymInt) or isinstance(m, sympy.Expr) and m.free_symbols:
+            expr = m.node.expr if isinstance(m, torch.SymInt) else m
             ranges = {}
             if ctx.shape_env is not None:
                 for sym in expr.free_symbols:
@@ -396,13 +408,15 @@ class GemmPadding:
     # -- grouped (MoE expert) GEMMs ------------------------------------------------------------
     def _grouped_m_range(self, args: dict[str, Any], ctx: PassContext) -> tuple[int, int]:
         """Bounds of a grouped GEMM's row count M, which its plan reads as ceil(M / E) rows per
-        expert: x's rows [M, K], or E times the T rows of each expert's block in the batched
-        [E, T, K] (T tokens at most max_tokens, not E * T)."""
+        expert: E times the T rows of each expert's block in the batched [E, T, K], and for rows
+        [M, K] routed top-k (M = k * T) k times T's bounds: max_tokens caps T, not k * T."""
         xv = _val(args["x"])
-        if args["offs"] is not None:
-            return self._m_range(xv.shape[0], ctx)
-        lo, hi = self._m_range(xv.shape[1], ctx)
-        return lo * int(xv.shape[0]), hi * int(xv.shape[0])
+        if args["offs"] is None:
+            rows, per_token = xv.shape[1], int(xv.shape[0])
+        else:
+            rows, per_token = _rows_and_multiple(xv.shape[0])
+        lo, hi = self._m_range(rows, ctx)
+        return lo * per_token, hi * per_token
 
     def _unsupported_grouped(self, args: dict[str, Any], ctx: PassContext) -> str | None:
         """Why a grouped matmul cannot become `tileflow::grouped_gemm` (None when it can)."""

@@ -310,6 +310,24 @@ def test_pass_rewrites_transformers_experts_with_swiglu() -> None:
         torch.testing.assert_close(compiled(x, offs, gate_up, down), experts(x, offs, gate_up, down), rtol=1e-5, atol=1e-5)
 
 
+def test_plan_of_top_k_routed_rows_covers_k_rows_per_token() -> None:
+    """Top-2 routing hands the experts 2T rows for T tokens: max_tokens caps T, so the plan covers
+    up to 2 * max_tokens rows (ceil(2 * 512 / E) per expert), not max_tokens."""
+    import transformers.integrations.moe  # noqa: F401
+
+    w = torch.randn(4, 24, K) / K**0.5
+
+    def top2(h, offs):
+        return torch.ops.transformers.grouped_mm_fallback(h.repeat(2, 1), w.transpose(-2, -1), offs=offs)
+
+    x, offs = _moe_inputs(18)
+    compiled, gm, _ = _compile(top2, x[:9], offs)
+    [node] = [n for n in gm.graph.nodes if n.target is GROUPED]
+    plan = decode_plan(node.args[5])
+    assert (plan.m_min, plan.m_max) == (1, math.ceil(2 * 512 / 4))
+    torch.testing.assert_close(compiled(x[:9], offs), top2(x[:9], offs), rtol=1e-5, atol=1e-5)
+
+
 def test_pass_rewrites_aten_grouped_mm_and_keeps_what_it_cannot_take() -> None:
     # aten._grouped_mm takes bfloat16 only. [E, K, N] weights that are no transpose of a
     # parameter: the pass reads a transposed view of them.

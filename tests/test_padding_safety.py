@@ -259,9 +259,19 @@ def _running_sum_over_repeated_rows(x: torch.Tensor) -> torch.Tensor:
     return (x + 1).repeat(2, 1).cumsum(0).view(2, -1, H)[1]
 
 
+def _batched_gemm_over_token_weights(x: torch.Tensor) -> torch.Tensor:
+    # Each expert's "weights" are the tokens themselves: row t of the output reads every row.
+    return tileflow.ops.grouped_gemm(x.repeat(EXPERTS, 1).view(EXPERTS, -1, H), x.expand(EXPERTS, -1, -1)).sum(-1)
+
+
 def test_repeated_rows_are_blocks(replay_on_cpu) -> None:
+    # The bmm becomes a batched grouped GEMM (no offsets): row-wise in each block.
     report = _run(_every_expert_sees_every_token, _rows, lengths=(3, 7, 12, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert report.rewrites["grouped_gemm"] == 1
+    torch._dynamo.reset()
+    replay_on_cpu.captures = 0
+    _assert_not_captured(_run(_batched_gemm_over_token_weights, _rows), "a batched GEMM whose weights carry the token dim")
     torch._dynamo.reset()
     report = _run(_running_sum_over_repeated_rows, _rows, lengths=(3, 7, 12))
     (note,) = _cuda_graphs_notes(report)

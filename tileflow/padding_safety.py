@@ -567,7 +567,9 @@ class _Walk:
         """A batched grouped GEMM (no offsets: x [E, T, K], expert e's rows x[e]) keeps rows apart
         as a bmm does, unless it sums over a token dim or its weights carry tokens."""
         x, weight = node.args[0], node.args[1]
-        if self.carries_tokens(weight) or self.run_wide(x) or self.run_wide(weight):
+        if self.run_wide(x) or self.run_wide(weight):
+            return self.refuse(node, "a batched GEMM over per-expert counts or an inverse permutation")
+        if self.carries_tokens(weight):
             return self.refuse(node, "a batched GEMM whose weights carry the token dim")
         if meta_val(x).dim() - 1 in (self.dims(meta_val(x)) or {}):
             return self.refuse(node, "a batched GEMM that sums over the token dim")

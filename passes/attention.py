@@ -13,7 +13,9 @@ through `meta_attention_varlen`). Matched forms:
   (`bmm` over flattened heads, the scale as a multiply or divide by a number or a 0-d tensor,
   additive masks and bool ones applied by `masked_fill(scores, ~keep, fill)` or
   `where(keep, scores, fill)` with a fill of -inf or the dtype's lowest value, joined into one
-  mask, an optional dtype round trip around the softmax), with or without logit soft-capping,
+  mask, a float cast before the softmax and back after it (transformers' eager attention in
+  bf16/fp16: `softmax(scores, dtype=float32)`, or `_softmax(half_to_float=True)` on CUDA), q
+  and k cast up to float32 for the product (GPT-Neo)), with or without logit soft-capping,
   `cap * tanh(scores / cap)` before the mask (Gemma-2), with or without attention sinks, a
   per-head logit joined to the scores before the softmax and its column dropped after
   (`softmax(cat([scores, sinks]) - max)[..., :-1]`, gpt-oss), and with or without ALiBi, a
@@ -239,18 +241,24 @@ class Attention:
         # A softmax that is not the P of a P @ V product (a MoE router's, say) is not attention;
         # one that is, but whose scores are not matched below, is reported with what they are.
         attention = _feeds_pv_product(softmax)
-        if softmax.args[1] not in (-1, 3) or (len(softmax.args) > 2 and softmax.args[2]):
-            return "the softmax is not over the keys (the last dimension) in the input dtype" if attention else None
-        # Walk back from the softmax input: [masks and an ALiBi bias, added or filled in, any
-        # order] <- [cap * tanh(. / cap)] <- [mul/div scale] <- view <- bmm(q, k^T) (or baddbmm,
-        # an ALiBi bias inside the product).
-        cur, mask, scale_mul, scale_div, alibi, product_scale = softmax.args[0], None, None, None, None, 1.0
+        if softmax.args[1] not in (-1, 3):
+            return "the softmax is not over the keys (the last dimension)" if attention else None
+        # Walk back from the softmax input: [a float cast] <- [masks and an ALiBi bias, added or
+        # filled in, any order] <- [cap * tanh(. / cap)] <- [mul/div scale] <- view <- bmm(q, k^T)
+        # (or baddbmm, an ALiBi bias inside the product). The cast is transformers' eager
+        # `softmax(scores, dtype=float32)` of bf16/fp16 scores (on CUDA, fp16 ones become
+        # `_softmax(scores, half_to_float=True)` instead): the kernel's softmax is float32 anyway,
+        # over scores it keeps in float32 rather than rounding them to the input dtype first.
+        scores_in = softmax.args[0]
+        if _float_cast_source(scores_in) is not None and len(scores_in.users) == 1:
+            scores_in = _float_cast_source(scores_in)
+        cur, mask, scale_mul, scale_div, alibi, product_scale = scores_in, None, None, None, None, 1.0
         sinks, cur = _sink_join(cur)
         # Without a sink the row-max subtraction `_sink_join` looked through reads the scores
         # twice (MiMo-V2-Flash's layers without sinks): the row max is no other use of them.
-        skip = set() if sinks is not None or cur is softmax.args[0] else set(softmax.args[0].all_input_nodes[1:])
+        skip = set() if sinks is not None or cur is scores_in else set(scores_in.all_input_nodes[1:])
         skip |= {n.args[0] for n in skip if _is_op(n, operator.getitem)}
-        gate = _sink_gate(cur) if sinks is None and cur is softmax.args[0] else None
+        gate = _sink_gate(cur) if sinks is None and cur is scores_in else None
         if gate is not None:  # the gate's logsumexp is its other reader
             sinks = gate.sinks
             skip.add(gate.lse)
@@ -338,7 +346,7 @@ class Attention:
             k_factor *= k_inner
         # Forward from the softmax: [cast] -> [drop the sinks' column] -> view -> bmm(p, v) -> view [B, H, S, D].
         nxt = _only_user(softmax)
-        if nxt is not None and nxt.target is torch.ops.prims.convert_element_type.default:
+        if nxt is not None and _float_cast_source(nxt) is softmax:
             nxt = _only_user(nxt)
         if sinks is not None and gate is None:
             if not (_is_op(nxt, aten.slice.Tensor) and nxt.args[1] in (-1, 3) and nxt.args[2] in (0, None)
@@ -356,6 +364,13 @@ class Attention:
         out4 = _only_user(pv)
         if v is None or out4 is None or out4.target not in _VIEWS or _val(out4).dim() != 4:
             return "P @ V is not over [B, H, S_kv, D] values restored to [B, H, S, D]"
+        # GPT-Neo takes q @ k^T in float32, q and k cast up from v's dtype: the kernel's product
+        # accumulates in float32 from q and k as they were.
+        q_source, k_source = _float_cast_source(q), _float_cast_source(k)
+        if q_source is not None and k_source is not None and len(q.users) == len(k.users) == 1 and all(
+                _val(n).dtype == _val(v).dtype and _val(n).dtype.itemsize < _val(q).dtype.itemsize  # exact casts
+                for n in (q_source, k_source)):
+            q, k = q_source, k_source
         qv, kv, vv = _val(q), _val(k), _val(v)
         if not (qv.dtype == kv.dtype == vv.dtype) or qv.dtype not in _DTYPES.get(ctx.target, _DTYPES["reference"]):
             return f"dtypes q={qv.dtype}, k={kv.dtype}, v={vv.dtype} are not supported by the {ctx.target} meta-attention kernel"
@@ -840,10 +855,18 @@ def _filled_with_low_value(node: fx.Node) -> tuple[fx.Node, fx.Node, bool, float
         return None
     mv, sv, value = _val(mask), _val(scores), _constant(fill)
     if not (isinstance(scores, fx.Node) and isinstance(mask, fx.Node) and isinstance(mv, torch.Tensor)
-            and mv.dtype == torch.bool and mv.dim() <= 4 and isinstance(sv, torch.Tensor) and sv.is_floating_point()
-            and value in (float("-inf"), torch.finfo(sv.dtype).min)):
+            and mv.dtype == torch.bool and mv.dim() <= 4 and isinstance(sv, torch.Tensor) and sv.is_floating_point()):
+        return None
+    # Any float dtype's lowest value hides a key as the kernel's float32 lowest does (MPT fills
+    # float32 scores with bf16's), unless it overflows the scores' dtype: it would fill -inf,
+    # and a row that sees nothing would be NaN, not the average of its keys.
+    lowest = value in _LOWEST_VALUES and value >= torch.finfo(sv.dtype).min
+    if not (value == float("-inf") or lowest):
         return None
     return scores, mask, hides, value
+
+
+_LOWEST_VALUES = {torch.finfo(d).min for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def _negation_source(mask: fx.Node) -> fx.Node | None:
@@ -894,6 +917,27 @@ def _same_number(a: Any, b: Any) -> bool:
     if not all(isinstance(_val(n), torch.Tensor) and _val(n).dim() == 0 and _val(n).is_floating_point() for n in (a, b)):
         return False
     return _uncast(a) is _uncast(b)
+
+
+def _float_cast_source(node: Any) -> fx.Node | None:
+    """The tensor a cast between floating dtypes reads (`prims.convert_element_type`, or a
+    `_to_copy` that changes nothing but the dtype); None for any other node."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or not isinstance(node.args[0], fx.Node):
+        return None
+    src = _val(node.args[0])
+    if not (isinstance(src, torch.Tensor) and src.dtype.is_floating_point):
+        return None
+    if node.target is torch.ops.prims.convert_element_type.default:
+        dtype = node.args[1]
+    elif node.target is aten._to_copy.default and len(node.args) == 1 and set(node.kwargs) <= {
+            "dtype", "layout", "device", "memory_format"}:
+        kw = node.kwargs
+        same_place = (kw.get("layout") in (None, torch.strided) and kw.get("device") in (None, src.device)
+                      and kw.get("memory_format") in (None, torch.preserve_format))
+        dtype = kw.get("dtype") if same_place else None
+    else:
+        return None
+    return node.args[0] if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def _uncast(node: fx.Node) -> fx.Node:

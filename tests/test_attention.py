@@ -682,6 +682,80 @@ def test_models_with_hand_written_attention(name) -> None:
     assert report.fallbacks == []
 
 
+@pytest.mark.parametrize(("name", "dtype"), [("llama", torch.bfloat16), ("llama", torch.float16), ("gemma2", torch.bfloat16),
+                                           ("mpt", torch.bfloat16), ("gpt_neo", torch.float16)])
+def test_hand_written_attention_in_half_precision(name: str, dtype: torch.dtype) -> None:
+    """transformers' eager attention in bf16/fp16 takes the softmax in float32,
+    `softmax(scores, dtype=float32).to(dtype)`: a cast on each side of it, which hid the
+    attention from the pass (Gemma-2, whose soft-cap needs eager attention, kept every layer as
+    it was). MPT adds a float32 ALiBi bias, so its scores are float32 filled with bf16's lowest
+    value; GPT-Neo casts q and k to float32 for the product. The kernel's softmax is float32
+    anyway, over scores it does not round first: the compiled model, on a batch with a
+    left-padded row, is as close to the float32 model at every real token as eager is."""
+    import copy
+
+    from models import VOCAB, ZOO, build
+
+    reference = build(name) if name == "llama" else ZOO[name][0]().eval()
+    reference.config._attn_implementation = "eager"
+    model = copy.deepcopy(reference).to(dtype)
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"target": "reference"}, report=report), dynamic=True)
+    with torch.no_grad():
+        for seq_len in (5, 13):
+            ids = torch.randint(0, VOCAB, (2, seq_len))
+            mask = torch.ones_like(ids)
+            mask[1, :3] = 0
+            real = mask.bool()
+
+            def logits(m: torch.nn.Module) -> torch.Tensor:
+                return m(ids, attention_mask=mask, use_cache=False).logits[real].double()
+
+            want = logits(reference)
+            eager_error = (logits(model) - want).abs().max().item()
+            error = (logits(compiled) - want).abs().max().item()
+            assert error <= 1.5 * eager_error + 1e-3, (error, eager_error)
+    assert report.rewrites["manual_attention"] == report.rewrites["meta_attention"] == 2
+    assert report.rewrites.get("logit_softcap", 0) == (2 if name == "gemma2" else 0)
+    assert not [f for f in report.fallbacks if f.pass_name == "attention"], report.fallbacks
+
+
+@register_pass
+class SoftmaxHalfToFloat:
+    """Rewrites `_softmax(x.float(), dim, False)` of an fp16 x into CUDA's form of
+    `softmax(x, dtype=float32)`: `_softmax(x, dim, half_to_float=True)` (no CPU kernel)."""
+
+    name = "test_softmax_half_to_float"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        for node in gm.graph.nodes:
+            cast = node.args[0] if node.target is torch.ops.aten._softmax.default else None
+            if cast is not None and cast.target is torch.ops.aten._to_copy.default:
+                node.args = (cast.args[0], node.args[1], True)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return PassResult()
+
+
+QKV_HALF = torch.randn(16, 48, dtype=torch.float16) / 4  # a global: static, as a model's weights
+
+
+def test_a_softmax_from_half_to_float_is_matched() -> None:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.view(1, -1, 2, 8).transpose(1, 2) for t in (x @ QKV_HALF).split(16, dim=-1))
+        p = torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1, dtype=torch.float32).to(x.dtype)
+        return (p @ v).transpose(1, 2).reshape(1, -1, 16)
+
+    options = {"target": "reference", "passes": ["canonicalize", "test_softmax_half_to_float", "attention"]}
+    report = tileflow.Report()
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend(options, report=report))
+    for tokens in (9, 14):
+        x = torch.randn(1, tokens, 16, dtype=torch.float16)
+        # Left as it was, the fp16-to-float32 softmax would raise: the CPU has no kernel for it.
+        torch.testing.assert_close(compiled(x), fn(x), rtol=2e-3, atol=2e-3)
+    assert report.rewrites["meta_attention"] == len(report.graphs) and not report.fallbacks
+
+
 @pytest.mark.parametrize("target", ["reference", "triton"])
 def test_mixed_batch_runs_one_launch_per_tile_height(monkeypatch, target: str) -> None:
     """Decodes and small verify groups run in decode-sized tiles, prompt chunks in prefill-sized

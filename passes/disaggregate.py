@@ -121,6 +121,22 @@ def _why_not_cut(node: fx.Node) -> str | None:
     return None
 
 
+def _token_mixing_outside_attention(gm: fx.GraphModule, tokens: Any) -> tuple[fx.Node, str] | None:
+    """A convolution whose spatial dim is the token count (Mamba's and LFM2's causal short
+    convolutions), with the reason it cannot be served; None when there is none. It reads the
+    tokens before each one outside attention: a serving step would read the other sequences
+    packed beside it, and none of its own earlier steps (it keeps no state but the KV cache)."""
+    symbols = _expr(tokens).free_symbols
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.convolution.default:
+            continue
+        x = meta_val(node.args[0])
+        if isinstance(x, torch.Tensor) and any(_expr(s).free_symbols & symbols for s in x.shape[2:]):
+            return node, ("convolution over the token dimension (a Mamba or short-convolution layer): it reads earlier "
+                          "tokens outside attention, and a serving step keeps no state between steps but the KV cache")
+    return None
+
+
 def _cut_of(index: int, node: fx.Node) -> AttentionCut:
     args = bind_arguments(node)
     scale, softcap, window, sinks = args["scale"], args["softcap"], args["sliding_window"], args["sinks"]
@@ -158,6 +174,10 @@ class Disaggregate:
         attentions = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ATTENTION_OP]
         if not attentions:
             result.fallback("graph", "no tileflow::meta_attention in the graph (run the attention pass first)")
+            return result
+        mixing = _token_mixing_outside_attention(gm, meta_val(attentions[0].args[0]).shape[2])
+        if mixing is not None:
+            result.fallback(*mixing)
             return result
         for node in attentions:
             reason = _why_not_cut(node)

@@ -858,6 +858,26 @@ def test_transformers_attention_with_another_value_head_size(implementation: str
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_transformers_causal_attn_implementation_applies_a_window_only_in_the_mask_and_refuses_chunks() -> None:
+    """"tileflow_causal" builds no mask, so a rule only the mask held was dropped: Phi-3.5-MoE
+    passes its sliding window to the mask alone (its logits were off past the window), and
+    Llama 4's chunked attention lives only in its mask. The window is taken from the mask; the
+    chunks are refused."""
+    sdpa, ours = sdpa_and_ours("PhimoeConfig", "PhimoeForCausalLM", "tileflow_causal", vocab_size=128, hidden_size=64,
+                               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               num_local_experts=4, num_experts_per_tok=2, sliding_window=3)
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, use_cache=False).logits, sdpa(ids, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-5)
+    _, llama4 = sdpa_and_ours("Llama4TextConfig", "Llama4ForCausalLM", "tileflow_causal", vocab_size=128, hidden_size=64,
+                              intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                              attention_chunk_size=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="chunked attention"):
+        llama4(ids, use_cache=False)
+
+
 def test_transformers_causal_attn_implementation_refuses_a_static_cache() -> None:
     """"tileflow_causal" applies only the causal rule with the last query at the last key: a
     StaticCache's empty slots past the queries (its prefill was off by about 0.5 in logits) are

@@ -84,20 +84,24 @@ def assert_program_matches_eager(program, model, lengths: tuple[int, ...]) -> No
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+class _LogitsStep(torch.nn.Module):
+    """A model's logits over packed ids and positions, with the model's attention as configured
+    (unlike `CausalLMStep`, which switches it to "tileflow_causal")."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
 def test_masked_attention_stays_colocated_with_the_reason() -> None:
-    class Step(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, position_ids):
-            return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-
     model = _llama(4, 2)
     model.config._attn_implementation = "sdpa"  # the causal mask becomes a tensor in the graph
     report = GraphReport(graph_id="g")
     with pytest.raises(ValueError, match="mask tensor"):
-        build_stage_program(Step(model), EXAMPLE, max_tokens=64, report=report)
+        build_stage_program(_LogitsStep(model), EXAMPLE, max_tokens=64, report=report)
     assert "disaggregate" not in report.rewrites and "disaggregate" not in report.extra
     assert any(f.pass_name == "disaggregate" and "tileflow_causal" in f.reason for f in report.fallbacks)
 
@@ -115,6 +119,50 @@ def test_cuts_carry_sliding_windows() -> None:
     program = build_stage_program(CausalLMStep(model), EXAMPLE, max_tokens=64)
     assert [(c.sliding_window, c.softcap) for c in program.cuts] == [(3, None), (3, None)]
     assert_program_matches_eager(program, model, (1, 5, 9))
+
+
+def test_layers_with_state_outside_attention_are_refused_at_build() -> None:
+    """LFM2's short convolutions read the tokens before each one outside attention: a served
+    step read the sequences packed beside it and none of its own earlier steps (logits off by
+    about 3e-4 here, more in trained models), without an error. `CausalLMStep` refuses layer
+    types other than attention and token-wise ones; a step that hides them is refused by the
+    pass at its convolution over the tokens."""
+    import transformers
+
+    import tileflow
+
+    cfg = transformers.Lfm2Config(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["conv", "full_attention"], block_ff_dim=96, block_auto_adjust_ff_dim=False,
+    )
+    model = transformers.Lfm2ForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="'conv' layers"):
+        CausalLMStep(model)
+
+    tileflow.register_transformers()
+    model.config._attn_implementation = "tileflow_causal"
+    report = GraphReport(graph_id="g")
+    with pytest.raises(ValueError, match="convolution over the token dimension"):
+        build_stage_program(_LogitsStep(model), EXAMPLE, max_tokens=64, report=report)
+    assert "disaggregate" not in report.rewrites
+
+
+def test_a_step_that_does_not_export_is_refused_with_where_it_broke() -> None:
+    """A data-dependent branch in the step (DBRX's and LongCat's expert loops) failed deep inside
+    torch.export with a guard error; it is a ValueError naming the export and the model's line."""
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(96, 32)
+
+        def forward(self, ids, pos):
+            x = self.embed(ids)
+            if (ids > 10).sum() > 2:  # data-dependent: no one graph for every input
+                x = x * 2
+            return x
+
+    with pytest.raises(ValueError, match=r"cannot be exported .* at test_disaggregate\.py:\d+"):
+        build_stage_program(Step(), EXAMPLE, max_tokens=64)
 
 
 def test_a_softcap_known_only_at_run_time_is_not_cut() -> None:

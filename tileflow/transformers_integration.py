@@ -74,6 +74,16 @@ def causal_attention_forward(
     queries (a StaticCache) are refused. Several sequences packed in one row attend across each
     other here: serving steps are traced this way because their attention stages apply the rule
     per sequence."""
+    window = kwargs.get("sliding_window")
+    if isinstance(attention_mask, SlidingWindowRule):
+        # The layer's window may live only in its mask (Phi-3.5-MoE passes none to the attention
+        # function): SDPA and eager apply the mask, so it is the one to follow.
+        if window is not None and window != attention_mask.window:
+            raise ValueError(
+                f"attn_implementation='tileflow_causal': the layer's mask slides a window of {attention_mask.window} "
+                f"keys but its attention function is given sliding_window={window}; the two would disagree"
+            )
+        window, attention_mask = attention_mask.window, None
     if attention_mask is not None:
         raise ValueError(
             "attn_implementation='tileflow_causal' takes no attention mask: pass packed tokens without "
@@ -83,13 +93,77 @@ def causal_attention_forward(
         raise ValueError("tileflow attention is for inference: dropout during training is not supported")
     query, key, value, scaling, width = _one_head_size(query, key, value, kwargs.get("scaling"))
     out = meta_attention(query, key, value, None, causal=True, scale=scaling, softcap=kwargs.get("softcap"),
-                         sliding_window=kwargs.get("sliding_window"), sinks=kwargs.get("s_aux"))
+                         sliding_window=window, sinks=kwargs.get("s_aux"))
     return out[..., :width].transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
-    """`"tileflow_causal"`'s mask function: no mask tensor. A padding mask that masks a token is
-    refused (the attention would silently attend to the padding); an all-ones one is no mask."""
+class SlidingWindowRule:
+    """What `"tileflow_causal"`'s mask function returns for a sliding-window causal mask: no
+    tensor, the window (a query sees keys at positions > its own - window) for the attention
+    function to apply, which the layer need not pass it as `sliding_window`."""
+
+    __slots__ = ("window",)
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+
+    def __repr__(self) -> str:
+        return f"SlidingWindowRule({self.window})"
+
+    def __getattr__(self, name: str) -> Any:
+        # Model code that uses its mask as a tensor outside the attention function (Doge's).
+        raise AttributeError(
+            f"attn_implementation='tileflow_causal' builds no mask tensor (this sliding-window mask is {self!r}), "
+            f"but the model reads the mask's {name!r} outside its attention function"
+        )
+
+
+# transformers' mask functions (`transformers.masking_utils`) the causal rule covers: the causal
+# rule itself, and the packed-sequence ones (the serving attention keeps each sequence apart).
+_CAUSAL_PARTS = frozenset({
+    "causal_mask_function", "packed_sequence_mask_function.<locals>.inner_mask",
+    "remap_positions_for_packed_sequence.<locals>.inner_mask", "and_masks.<locals>.and_mask",
+})
+_WINDOW_PART = "sliding_window_overlay.<locals>.inner_mask"
+
+
+def _mask_rule(mask_function: Any) -> int | None:
+    """The sliding window of a transformers mask function built of the causal rule (None: no
+    window); ValueError for any other mask (chunked attention, bidirectional, or/and overlays
+    such as image tokens), which the causal rule would silently replace."""
+    windows: list[int] = []
+    causal = False
+    pending = [mask_function]
+    while pending:
+        fn = pending.pop()
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        known = getattr(fn, "__module__", None) == "transformers.masking_utils"
+        cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+        if known and name == _WINDOW_PART:
+            windows.extend(c for c in cells if isinstance(c, int))
+            continue
+        if not known or name not in _CAUSAL_PARTS:
+            what = {"chunked_overlay.<locals>.inner_mask": "chunked attention (attention_chunk_size)"}.get(name, name)
+            raise ValueError(
+                f"attn_implementation='tileflow_causal' applies the causal rule (with a sliding window) only, but the "
+                f"model's mask also has {what}, which it would silently drop (attn_implementation='tileflow' applies it)"
+            )
+        causal |= name == "causal_mask_function"
+        for cell in cells:
+            pending.extend(f for f in (cell if isinstance(cell, tuple) else (cell,)) if callable(f)
+                           and not isinstance(f, torch.Tensor))
+    if not causal:
+        raise ValueError(f"attn_implementation='tileflow_causal' is causal, but the model's mask "
+                         f"({getattr(mask_function, '__qualname__', mask_function)}) is not (attn_implementation='tileflow' "
+                         "applies it)")
+    return min(windows, default=None)
+
+
+def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> SlidingWindowRule | None:
+    """`"tileflow_causal"`'s mask function: no mask tensor (a sliding window's mask: the window,
+    `SlidingWindowRule`). A padding mask that masks a token is refused (the attention would
+    silently attend to the padding); an all-ones one is no mask. So is any mask other than the
+    causal rule and a sliding window (a chunked or bidirectional one), which it would drop."""
     kv_length, kv_offset = kwargs.get("kv_length"), kwargs.get("kv_offset", 0)
     q_length, q_offset = kwargs.get("q_length"), kwargs.get("q_offset", 0)
     if None not in (kv_length, q_length) and kv_offset + kv_length != q_offset + q_length:
@@ -100,8 +174,15 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
             f"holds {kv_offset + kv_length} positions for queries ending at {q_offset + q_length} (a static "
             "cache?): use attn_implementation='tileflow', or a DynamicCache"
         )
+    mask_function = kwargs.get("mask_function")
+    # Dynamo cannot read a function's closure (it would break the graph here): under
+    # torch.compile the mask's rule is not checked, as before. Serving steps are exported
+    # without Dynamo (`build_stage_program`), and eager runs check it.
+    traced = torch.compiler.is_dynamo_compiling()
+    window = None if mask_function is None or traced else _mask_rule(mask_function)
+    rule = None if window is None else SlidingWindowRule(window)
     if attention_mask is None:
-        return None
+        return rule
     try:
         # Under torch.compile the check is a graph break (the mask's values are only known at run time).
         masks_tokens = not bool(attention_mask.all())
@@ -115,7 +196,7 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
             "attn_implementation='tileflow_causal' takes no attention mask, and this one masks tokens (padding): "
             "pass packed tokens without padding, or use attn_implementation='tileflow'"
         )
-    return None
+    return rule
 
 
 def register_transformers() -> None:

@@ -27,12 +27,23 @@ class CausalLMStep(torch.nn.Module):
 
     Switches the model to `attn_implementation="tileflow_causal"` (causal, no mask tensor), the
     form `build_stage_program` can cut; each sequence's positions restart at its KV length.
+    Refuses models with layers that carry state across tokens outside attention (see
+    `stateful_layer_types`): a step keeps no state but the attention's KV cache.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         from ..transformers_integration import CAUSAL_ATTENTION_NAME, register_transformers
 
+        stateful = stateful_layer_types(model.config)
+        if stateful:
+            raise ValueError(
+                f"{type(model).__name__} has {', '.join(repr(t) for t in stateful)} layers (config.layer_types), which a "
+                f"serving step cannot run: it runs attention layers over the paged KV cache and token-wise layers "
+                f"({', '.join(sorted(SERVABLE_LAYER_TYPES))}), and keeps no other state between steps or apart between "
+                "the sequences packed in it (recurrent, linear-attention and convolution layers carry state from "
+                "token to token outside attention)"
+            )
         register_transformers()
         model.config._attn_implementation = CAUSAL_ATTENTION_NAME
         self.model = model
@@ -40,6 +51,20 @@ class CausalLMStep(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Logits for every new token."""
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+# transformers' `config.layer_types` values whose layers a serving step can run: attention over
+# the KV cache, and token-wise blocks (Nemotron-H's MLP and MoE layers).
+SERVABLE_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention", "mlp", "moe"})
+
+
+def stateful_layer_types(config: Any) -> list[str]:
+    """The kinds of layer in a transformers `config.layer_types` a serving step cannot run: any
+    but attention and token-wise ones (Mamba, linear attention, short convolutions, hybrid
+    layers, DeepSeek-V3.2's indexed sparse attention); Llama 4's "chunked_attention" is refused
+    by its mask instead (`tileflow_causal`). Empty without `layer_types`."""
+    types = getattr(config, "layer_types", None) or ()
+    return sorted({t for t in types if isinstance(t, str) and t not in SERVABLE_LAYER_TYPES | {"chunked_attention"}})
 
 
 def build_stage_program(
@@ -71,8 +96,21 @@ def build_stage_program(
     config = config.replace(passes=passes)
     tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
     dynamic = tuple({1: tokens} for _ in example_inputs)
-    with torch.no_grad():
-        ep = export_program(step, tuple(example_inputs), dynamic, strict=False)
+    try:
+        with torch.no_grad():
+            ep = export_program(step, tuple(example_inputs), dynamic, strict=False)
+    except ValueError:
+        raise  # a refusal with its reason (tileflow_causal's, or the model's own)
+    except Exception as exc:
+        # A shape or data-dependent guard deep inside torch.export: say what was asked, and where
+        # in the model it broke.
+        hint = (" (a data-dependent branch or a size the model fixes, such as a recurrent layer's chunking or a "
+                "loop over the experts that got tokens)" if type(exc).__module__.startswith("torch") else "")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(
+            f"the step cannot be exported as one graph over any token count in [1, {max_tokens}] (torch.export): "
+            f"{type(exc).__name__} at {_model_frame(exc)}: {first}{hint}"
+        ) from exc
     graph = capture_exported(ep)
     report = report or GraphReport(graph_id="disaggregated_step")
     ctx = PassContext(config=config, report=report, example_inputs=graph.example_inputs)
@@ -106,6 +144,16 @@ def build_stage_program(
     program.cuda_graphs = graphed
     program.max_tokens = max_tokens
     return program
+
+
+def _model_frame(exc: BaseException) -> str:
+    """`file:line` of the innermost frame of `exc`'s traceback outside torch (the model's code
+    that the export failed in), or "torch.export" when every frame is torch's."""
+    import traceback
+
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "torch.export"
 
 
 # Ops that only reshape the token ids on their way to the embedding (GPT-2 views them first).

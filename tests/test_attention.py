@@ -867,9 +867,11 @@ def test_transformers_causal_attn_implementation_applies_a_window_only_in_the_ma
                                intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                num_local_experts=4, num_experts_per_tok=2, sliding_window=3)
     ids = torch.randint(0, 128, (1, 9))
+    compiled = torch.compile(ours, backend="tileflow", dynamic=True)  # Dynamo cannot read the mask's closure
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids, use_cache=False).logits, sdpa(ids, use_cache=False).logits,
-                                   rtol=1e-5, atol=1e-5)
+        for run in (ours, compiled):
+            torch.testing.assert_close(run(ids, use_cache=False).logits, sdpa(ids, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
     _, llama4 = sdpa_and_ours("Llama4TextConfig", "Llama4ForCausalLM", "tileflow_causal", vocab_size=128, hidden_size=64,
                               intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,

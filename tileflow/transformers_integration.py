@@ -112,8 +112,12 @@ class SlidingWindowRule:
 
     def __getattr__(self, name: str) -> Any:
         # Model code that uses its mask as a tensor outside the attention function (Doge's).
+        # Dunder probes (copy, Dynamo) and an unset slot get a plain AttributeError: the message
+        # reads no attribute, which would recurse here.
+        if name.startswith("__") or name == "window":
+            raise AttributeError(name)
         raise AttributeError(
-            f"attn_implementation='tileflow_causal' builds no mask tensor (this sliding-window mask is {self!r}), "
+            "attn_implementation='tileflow_causal' builds no mask tensor (this mask is a sliding window's rule), "
             f"but the model reads the mask's {name!r} outside its attention function"
         )
 
@@ -159,6 +163,16 @@ def _mask_rule(mask_function: Any) -> int | None:
     return min(windows, default=None)
 
 
+def _plain_causal(config: Any) -> bool:
+    """Whether a transformers config asks only for the causal rule: no sliding window, no
+    attention chunks and no layer type but full attention (None: unknown, so not plain)."""
+    if config is None:
+        return False
+    types = getattr(config, "layer_types", None) or ()
+    return (getattr(config, "sliding_window", None) is None and getattr(config, "attention_chunk_size", None) is None
+            and all(t == "full_attention" for t in types))
+
+
 def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> SlidingWindowRule | None:
     """`"tileflow_causal"`'s mask function: no mask tensor (a sliding window's mask: the window,
     `SlidingWindowRule`). A padding mask that masks a token is refused (the attention would
@@ -175,11 +189,13 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
             "cache?): use attn_implementation='tileflow', or a DynamicCache"
         )
     mask_function = kwargs.get("mask_function")
-    # Dynamo cannot read a function's closure (it would break the graph here): under
-    # torch.compile the mask's rule is not checked, as before. Serving steps are exported
-    # without Dynamo (`build_stage_program`), and eager runs check it.
-    traced = torch.compiler.is_dynamo_compiling()
-    window = None if mask_function is None or traced else _mask_rule(mask_function)
+    if mask_function is None or (torch.compiler.is_dynamo_compiling() and _plain_causal(kwargs.get("config"))):
+        window = None
+    else:
+        # Dynamo cannot trace into a function's closure: under torch.compile the rule is read
+        # eagerly, a graph break that a model whose config sets no window or chunk is spared
+        # (Dynamo wraps even the plain causal rule in packed-sequence masks).
+        window = torch._dynamo.disable(_mask_rule)(mask_function)
     rule = None if window is None else SlidingWindowRule(window)
     if attention_mask is None:
         return rule

@@ -881,3 +881,85 @@ def test_buckets_stay_within_the_token_counts_guarded_range(replay_on_cpu) -> No
     report = _run(_first_rows_of_a_table, _rows, lengths=(5, 18, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 20]"]
     assert replay_on_cpu.captures == 2
+
+
+# Architecture sweep (cuda_graphs=True over ~90 transformers models): GPT-J's, GLM's and Cohere's
+# interleaved RoPE (a stack), LFM2's short convolution, XGLM's position table (index_select) and
+# DBRX's router norm (linalg_vector_norm) were refused though row-safe.
+def _interleaved_rotary(x: torch.Tensor) -> torch.Tensor:
+    # rotate_half of interleaved pairs: (x0, x1) -> (-x1, x0), stacked along a new last dim.
+    pairs = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
+    return (x + pairs) @ W
+
+
+def _stacked_along_the_tokens(x: torch.Tensor) -> torch.Tensor:
+    # A new dim before the token dim: row t of each piece stays row t.
+    return torch.stack([x, x.relu()], dim=0).sum(0) @ W
+
+
+CONV_W = torch.randn(H, 1, 4)
+
+
+def _causal_short_conv(x: torch.Tensor) -> torch.Tensor:
+    # transformers' short conv: padding K - 1 on both sides, the first T rows kept (+ 1: padded
+    # rows that are not the conv's zeros).
+    y = F.conv1d((x + 1).transpose(1, 2), CONV_W, padding=3, groups=H)[..., : x.shape[1]]
+    return F.silu(y).transpose(1, 2) @ W
+
+
+def _dilated_causal_short_conv(x: torch.Tensor) -> torch.Tensor:
+    y = F.conv1d((x + 1).transpose(1, 2), CONV_W, padding=6, dilation=2, groups=H)[..., : x.shape[1]]
+    return y.transpose(1, 2) @ W
+
+
+POSITION_TABLE = torch.randn(40, H)
+
+
+def _position_table_rows(x: torch.Tensor) -> torch.Tensor:
+    # XGLM's sinusoidal positions: rows arange(T) + 2 of a fixed table.
+    return (x + POSITION_TABLE.index_select(0, torch.arange(x.shape[1]) + 2)) @ W
+
+
+def _feature_columns_selected(x: torch.Tensor) -> torch.Tensor:
+    return x.index_select(2, torch.arange(H).flip(0)) @ W
+
+
+def _normalized_by_vector_norm(x: torch.Tensor) -> torch.Tensor:
+    # DBRX's router: top-k weights divided by their norm over the features.
+    return (x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)) @ W
+
+
+@pytest.mark.parametrize("fn", [_interleaved_rotary, _stacked_along_the_tokens, _causal_short_conv,
+                                _dilated_causal_short_conv, _position_table_rows, _feature_columns_selected,
+                                _normalized_by_vector_norm])
+def test_stacks_convolutions_and_lookups_are_captured(replay_on_cpu, fn) -> None:
+    report = _run(fn, _tokens, lengths=(3, 5, 11, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 2
+
+
+def _short_conv_shifted_by_one_row(x: torch.Tensor) -> torch.Tensor:
+    # Rows 1..T: the last reads the first padded row (+ 1: padded zeros would read as the conv's).
+    y = F.conv1d((x + 1).transpose(1, 2), CONV_W, padding=3, groups=H)[..., 1 : x.shape[1] + 1]
+    return y.transpose(1, 2) @ W
+
+
+def _short_conv_row_past_the_prefix(x: torch.Tensor) -> torch.Tensor:
+    # Row 3 of T + 3 (no later than its size's prefix) reads token 3: a padded row at T = 3.
+    y = F.conv1d((x + 1).transpose(1, 2), CONV_W, padding=3, groups=H)
+    return (x + y[..., 3][:, None]) @ W
+
+
+def _centered_conv(x: torch.Tensor) -> torch.Tensor:
+    # A kernel of 3 padded by 1 ("same"): row t reads row t + 1, a padded row for the last real one.
+    return F.conv1d((x + 1).transpose(1, 2), CONV_W[..., :3], padding=1, groups=H).transpose(1, 2) @ W
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (_short_conv_shifted_by_one_row, "used beyond its first T rows"),
+    (_short_conv_row_past_the_prefix, "used beyond its first T rows"),
+    (_centered_conv, "read later rows"),
+])
+def test_convolutions_reading_padded_rows_are_not_captured(replay_on_cpu, fn, reason: str) -> None:
+    report = _run(fn, _tokens)
+    _assert_not_captured(report, reason)

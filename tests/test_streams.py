@@ -195,6 +195,33 @@ def test_graphs_are_keyed_by_every_shape_and_replays_leave_earlier_outputs_alone
     assert any(type(obj).__name__ == "TaskTable" for obj in kept), "cached task tables must live as long as the graph"
 
 
+def test_one_graph_run_with_each_layers_parameters_captures_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph break inside a layer makes Dynamo reuse the layer's graph for every layer, its
+    parameters passed as inputs (JetMoE): each layer's weights get their own graph, where a
+    replay used to raise ("called with other parameters than at capture")."""
+    import tileflow.runtime.streams
+
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    ReplayOnCpu.captures = 0
+    torch.manual_seed(8)
+    layers = [torch.nn.Linear(16, 16) for _ in range(2)]
+
+    def block(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer(x).relu()
+
+    report = tileflow.Report()
+    compiled = torch.compile(block, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32},
+                                                                     report=report))
+    with torch.no_grad():
+        for tokens in (3, 5, 20):
+            for layer in layers:
+                x = torch.randn(tokens, 16)
+                torch._dynamo.mark_dynamic(x, 0)
+                torch.testing.assert_close(compiled(layer, x), block(layer, x))
+    assert [g.extra.get("cuda_graphs") for g in report.graphs] == ["whole step, token buckets [16, 32]"]
+    assert ReplayOnCpu.captures == 4  # two buckets, two layers
+
+
 def test_a_step_returning_a_grown_kv_cache_is_not_captured(monkeypatch: pytest.MonkeyPatch) -> None:
     # The cache after a step holds past + T rows: it has no token dim to cut the padding from.
     torch.manual_seed(7)

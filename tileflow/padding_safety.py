@@ -120,6 +120,7 @@ _ALONG = {
     aten.topk.default, aten.sort.default, aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
     aten.log_softmax.int, aten.prod.dim_int, aten.any.dim, aten.all.dim, aten.logsumexp.default,
     aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default,
+    aten.linalg_vector_norm.default,
 }
 _SCANS = {aten.cumsum.default, aten.cumprod.default}
 # Comparisons that build masks (True = attend): of two positions, `key <= query` and its mirror
@@ -337,6 +338,8 @@ class _Walk:
             return self.repeated(node)
         if target is aten.cat.default:
             return self.concatenated(node)
+        if target is aten.stack.default:
+            return self.stacked(node)
         if target in _ALONG or target in _SCANS:
             return self.along(node)
         if target in (aten.native_layer_norm.default, aten.layer_norm.default):
@@ -347,9 +350,13 @@ class _Walk:
             return self.gathered_along(node)
         if target is aten.embedding.default:
             return self.row_lookup(node, table=node.args[0])
+        if target is aten.index_select.default:
+            return self.selected(node)
         if target in (aten.mm.default, aten.bmm.default, aten.matmul.default, aten.linear.default,
                       aten.addmm.default):
             return self.matmul(node)
+        if target is aten.convolution.default:
+            return self.causal_convolution(node)
         if name == "padded_gemm":
             return self.padded_gemm(node)
         if name == "attention_mask_ranges":
@@ -839,6 +846,17 @@ class _Walk:
         ranges = [self.facts[t].key_range for t in tensors]
         return _Facts(key_range=max(ranges)) if None not in ranges else _CLEAN
 
+    def stacked(self, node: fx.Node) -> _Facts:
+        """`stack` puts pieces of one shape side by side along a new dim (GPT-J's and GLM's
+        interleaved RoPE: `stack([-x2, x1], -1)`): each output element is one piece's element at
+        the same token indices, so rows stay apart along any dim. The pieces' token dims are
+        equal (one shape); only their value facts would need each piece's, so they are dropped."""
+        tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]
+        dims = [self.dims(meta_val(t)) for t in tensors]
+        if len(tensors) != len(node.args[0]) or any(d is None or d != dims[0] for d in dims):
+            return self.refuse(node, "stacks pieces with different token dims")
+        return _CLEAN
+
     def along(self, node: fx.Node) -> _Facts:
         """Reductions, softmaxes and splits: fine along feature dims; along a token dim only a scan."""
         src = node.args[0]
@@ -879,6 +897,20 @@ class _Walk:
             return _Facts(position=result.position, row_source=result.row_source or src)
         return _CLEAN
 
+    def selected(self, node: fx.Node) -> _Facts:
+        """`index_select(x, dim, i)`: output row r along `dim` is x's row i[r]. Rows of a table
+        with no token dim by token-wise indices (XGLM's sinusoidal positions at `arange(T) + 2`)
+        are a lookup, as `embedding`; fixed indices along a feature dim keep each token's
+        elements in its row. Any other use of a token dim refuses."""
+        args = bind_arguments(node)
+        x, index = args["self"], args["index"]
+        x_dims = self.dims(meta_val(x))
+        if not self.carries_tokens(x):
+            return _CLEAN
+        if x_dims is not None and not self.carries_tokens(index) and args["dim"] % max(meta_val(x).dim(), 1) not in x_dims:
+            return _CLEAN
+        return self.refuse(node, "index_select along a token dim, or of a tensor with a token dim by indices that carry one")
+
     def layer_norm(self, node: fx.Node) -> _Facts:
         """A norm over the last dims (`normalized_shape`) reads only its own row when those dims
         are features and its weight and bias carry no tokens."""
@@ -911,6 +943,38 @@ class _Walk:
             b_k = bv.dim() - 2 if bv.dim() >= 2 else 0
         if a_k in a_dims or b_k in b_dims:
             return self.refuse(node, "a matmul that sums over the token dim")
+        return _CLEAN
+
+    def causal_convolution(self, node: fx.Node) -> _Facts:
+        """A 1-D convolution along the token dim (Mamba's, LFM2's and gated-DeltaNet's short conv:
+        `conv1d(x, w, padding=K - 1, groups=C)[..., :T]`), stride 1. Output row r reads input rows
+        r - p + d*j (j < K; zeros outside): with padding p >= d*(K - 1) none after row r, so the
+        first T + a rows (a: the input's prefix) read only real rows. Its T + a + 2p - d*(K - 1)
+        rows end in rows that read the padding (in the unpadded run, zeros): every use must cut
+        the output back to its first T + a rows or fewer."""
+        args = bind_arguments(node)
+        x, weight, bias = args["input"], args["weight"], args.get("bias")
+        xv, wv = meta_val(x), meta_val(weight)
+        x_dims = self.dims(xv) or {}
+        stride, padding, dilation = list(args["stride"]), list(args["padding"]), list(args["dilation"])
+        if (wv.dim() != 3 or xv.dim() != 3 or list(x_dims) != [2] or isinstance(x_dims[2], _Blocks)
+                or args.get("transposed") or stride != [1] or len(padding) != 1 or len(dilation) != 1
+                or self.carries_tokens(weight) or isinstance(bias, fx.Node) and self.carries_tokens(bias)
+                or not all(type(v) is int for v in (*padding, *dilation))):
+            return self.refuse(node, "a convolution over the token dim that is not a 1-D one of stride 1 along it")
+        prefix = x_dims[2]
+        if not padding[0] >= dilation[0] * (wv.shape[2] - 1):
+            return self.refuse(node, "a convolution along the token dim whose rows read later rows (padding under "
+                                     "dilation * (kernel - 1))")
+        for user in node.users:
+            out = self.dims(meta_val(user)) if user.target is aten.slice.Tensor else None
+            cut = bind_arguments(user) if out is not None else {}
+            first_rows = (out is not None and user.args[0] is node and cut.get("dim", 0) % 3 == 2
+                          and (cut.get("start") is None or _is_int(cut["start"], 0)) and _is_int(cut.get("step", 1), 1)
+                          and 2 in out and not isinstance(out[2], _Blocks) and _provably_le(out[2], prefix))
+            if not first_rows:
+                return self.refuse(node, "a convolution along the token dim whose output is used beyond its first "
+                                         "T rows, which read the padded rows")
         return _CLEAN
 
     def padded_gemm(self, node: fx.Node) -> _Facts:
@@ -1089,6 +1153,11 @@ def _expr(value: Any) -> Any:
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return value.node.expr
     return value
+
+
+def _is_int(value: Any, expected: int) -> bool:
+    """`value` is the plain int `expected` (a symbolic one is not compared: that would guard)."""
+    return type(value) is int and value == expected
 
 
 def _scalar(value: Any) -> Any:

@@ -364,8 +364,10 @@ class CudaGraphBuckets:
     token count, an int, which a call returns as T; a `TokenExpression`: an int computed from T,
     which a call returns at T, and as an input is captured at B). A call uses the smallest bucket
     B >= T. A graph is keyed by the bucket *and* everything else that shapes the step: every
-    input's shape with its token dim replaced by B, dtypes, and every other int input, so a new
-    batch size or cache length captures anew instead of replaying a wrong graph. The graph's
+    input's shape with its token dim replaced by B, dtypes, every other int input and which
+    parameters it gets, so a new batch size or cache length captures anew instead of replaying a
+    wrong graph, and so does each layer that runs one graph with its own weights (Dynamo reuses
+    a layer's graph, its parameters as inputs, for every layer when a graph break splits it). The graph's
     static inputs receive the call's inputs (rows T..B of each token dim filled with `pad_value`),
     it replays, and every output is cut to T rows along its token dim and cloned (the static
     outputs are overwritten by the next replay).
@@ -434,7 +436,10 @@ class CudaGraphBuckets:
                 shape = list(value.shape)
                 if isinstance(dim, int):
                     shape[dim] = bucket
-                key.append((tuple(shape), value.dtype, value.device, isinstance(value, torch.nn.Parameter)))
+                # A parameter is referenced by the graph, not copied: its identity keys the graph
+                # (the graph holds it, so its id is not reused while the key is).
+                parameter = id(value) if isinstance(value, torch.nn.Parameter) else None
+                key.append((tuple(shape), value.dtype, value.device, parameter))
             elif isinstance(value, (int, float, bool, str)) or value is None:
                 key.append(value)
             else:

@@ -47,6 +47,7 @@ _VIEW_LIKE = {
     aten.squeeze.dim,
     aten.unsqueeze.default,
 }
+_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _SAME_DTYPE_COPIES = {prims.convert_element_type.default, aten._to_copy.default, aten.clone.default}
 
 
@@ -260,6 +261,14 @@ class Canonicalize:
                 return None
             if _same_layout(sv, ov):
                 node.replace_all_uses_with(src)
+                node.graph.erase_node(node)
+                return "noop_removed"
+            base = src.args[0] if src.target in _RESHAPES and src.args and isinstance(src.args[0], fx.Node) else None
+            if target in _RESHAPES and base is not None and isinstance(_val(base), torch.Tensor) \
+                    and _same_layout(_val(base), ov):
+                # A round trip through another shape (Falcon's scores, [B, H, S, L] flattened to
+                # [B*H, S, L] by an in-place divide and back): the base itself.
+                node.replace_all_uses_with(base)
                 node.graph.erase_node(node)
                 return "noop_removed"
             return None

@@ -683,13 +683,15 @@ def test_models_with_hand_written_attention(name) -> None:
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("llama", torch.bfloat16), ("llama", torch.float16), ("gemma2", torch.bfloat16),
-                                           ("mpt", torch.bfloat16), ("gpt_neo", torch.float16)])
+                                           ("mpt", torch.bfloat16), ("gpt_neo", torch.float16), ("falcon", torch.bfloat16)])
 def test_hand_written_attention_in_half_precision(name: str, dtype: torch.dtype) -> None:
     """transformers' eager attention in bf16/fp16 takes the softmax in float32,
     `softmax(scores, dtype=float32).to(dtype)`: a cast on each side of it, which hid the
     attention from the pass (Gemma-2, whose soft-cap needs eager attention, kept every layer as
     it was). MPT adds a float32 ALiBi bias, so its scores are float32 filled with bf16's lowest
-    value; GPT-Neo casts q and k to float32 for the product. The kernel's softmax is float32
+    value; GPT-Neo casts q and k to float32 for the product (and Falcon's scores, with a padding
+    mask, go through [B*H, S, L] and back between the scale and the mask, in any dtype). The
+    kernel's softmax is float32
     anyway, over scores it does not round first: the compiled model, on a batch with a
     left-padded row, is as close to the float32 model at every real token as eager is."""
     import copy

@@ -221,3 +221,24 @@ def test_transposed_dims_of_every_permutation(order: list[int]) -> None:
     assert transposed_dims(nodes[aten.transpose.int]) == ((min(a, b), b) if a != b else None)
     if len(order) == 2:
         assert transposed_dims(nodes[aten.t.default]) == (0, 1)
+
+
+def test_a_reshape_round_trip_is_its_base() -> None:
+    """Falcon's scores go [B, H, S, L] -> [B*H, S, L] -> [B, H, S, L] between the scale and the
+    mask (an in-place divide on a flattened view): the round trip is the base itself, so the
+    attention pass sees scale then mask. A trip to another layout stays."""
+    def fn(x):
+        y = x * 0.5
+        back = y.view(-1, y.shape[2], y.shape[3]).view(y.shape) + 1.0
+        merged = y.view(-1, y.shape[3]).view(y.shape[0], -1, y.shape[3])  # [B, H*S, L]: not y's shape
+        return back, merged
+
+    x = torch.randn(2, 3, 5, 5)
+    gm = traced(fn, x)
+    assert ops(gm)[aten.view.default] >= 4
+    canonicalize(gm)
+    add = next(n for n in gm.graph.nodes if n.target is aten.add.Tensor)
+    assert add.args[0].target is aten.mul.Tensor  # the two views are gone
+    merged = list(gm.graph.nodes)[-1].args[0][1]
+    assert merged.target is aten.view.default and merged.meta["val"].dim() == 3
+    check_same(fn, gm, torch.randn(2, 4, 6, 6))

@@ -250,8 +250,9 @@ class Attention:
         # `_softmax(scores, half_to_float=True)` instead): the kernel's softmax is float32 anyway,
         # over scores it keeps in float32 rather than rounding them to the input dtype first.
         scores_in = softmax.args[0]
-        if _float_cast_source(scores_in) is not None and len(scores_in.users) == 1:
-            scores_in = _float_cast_source(scores_in)
+        uncast = _float_cast_source(scores_in)
+        if uncast is not None and len(scores_in.users) == 1:
+            scores_in = uncast
         cur, mask, scale_mul, scale_div, alibi, product_scale = scores_in, None, None, None, None, 1.0
         sinks, cur = _sink_join(cur)
         # Without a sink the row-max subtraction `_sink_join` looked through reads the scores
@@ -922,7 +923,7 @@ def _same_number(a: Any, b: Any) -> bool:
 def _float_cast_source(node: Any) -> fx.Node | None:
     """The tensor a cast between floating dtypes reads (`prims.convert_element_type`, or a
     `_to_copy` that changes nothing but the dtype); None for any other node."""
-    if not isinstance(node, fx.Node) or node.op != "call_function" or not isinstance(node.args[0], fx.Node):
+    if not (isinstance(node, fx.Node) and node.target in _CASTS and node.args and isinstance(node.args[0], fx.Node)):
         return None
     src = _val(node.args[0])
     if not (isinstance(src, torch.Tensor) and src.dtype.is_floating_point):
@@ -942,8 +943,7 @@ def _float_cast_source(node: Any) -> fx.Node | None:
 
 def _uncast(node: fx.Node) -> fx.Node:
     """`node` with the dtype casts over it removed."""
-    while node.target in (torch.ops.prims.convert_element_type.default, aten._to_copy.default) and isinstance(
-            node.args[0], fx.Node):
+    while node.target in _CASTS and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 

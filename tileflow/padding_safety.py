@@ -559,7 +559,7 @@ class _Walk:
         weight splits K or N by them, and those groups would move with the padded rows' counts."""
         x, weight, offsets = list(bind_arguments(node).values())[:3]  # schema order; offsets by keyword too
         if offsets is None:
-            return self.ordered(node, self.batched_gemm(node))
+            return self.ordered(node, self.batched_gemm(node, x, weight))
         route = self.facts[offsets].route if isinstance(offsets, fx.Node) else None
         others = [a for a in node.all_input_nodes if a is not x and a is not offsets]
         if not (route is not None and route.kind == "offsets" and self.facts[x].order == ("gathered", route.sort)
@@ -570,10 +570,9 @@ class _Walk:
                                      "the counts of the padded rows")
         return _Facts(order=("gathered", route.sort))
 
-    def batched_gemm(self, node: fx.Node) -> _Facts:
+    def batched_gemm(self, node: fx.Node, x: fx.Node, weight: fx.Node) -> _Facts:
         """A batched grouped GEMM (no offsets: x [E, T, K], expert e's rows x[e]) keeps rows apart
         as a bmm does, unless it sums over a token dim or its weights carry tokens."""
-        x, weight = node.args[0], node.args[1]
         if self.run_wide(x) or self.run_wide(weight):
             return self.refuse(node, "a batched GEMM over per-expert counts or an inverse permutation")
         if self.carries_tokens(weight):

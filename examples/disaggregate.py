@@ -11,8 +11,9 @@ every step's logits; the script exits 1 on any mismatch, 2 when a peer fails. `-
 decodes a Gemma-2 instead: every other layer has a 5-token sliding window and every layer soft-
 caps its scores; `--arch gpt_oss` a gpt-oss, with windows and attention sinks; `--arch mistral`
 a Mistral, whose every layer slides a 5-token window, so the attention workers give each
-sequence's blocks behind it back as it decodes. The attention workers apply them from what the
-cuts carry.
+sequence's blocks behind it back as it decodes; `--arch llama4` a Llama 4, whose RoPE layers
+attend in chunks of 4 positions (its NoPE layers see the whole sequence). The attention workers
+apply them from what the cuts carry.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 def build_model(gqa: int, layers: int, seed: int, arch: str = "llama") -> torch.nn.Module:
     """The same random-weight model on every rank (same seed): a Llama, a Gemma-2 with a sliding
     window shorter than the prompts and a soft-cap that bends its scores, a gpt-oss with such
-    windows and random attention sinks, or a Mistral with such a window on every layer."""
+    windows and random attention sinks, a Mistral with such a window on every layer, or a Llama 4
+    whose every other layer attends in chunks of 4 positions (a mixture-of-experts model)."""
     import transformers
 
     kv_heads = 4 if gqa == 1 else 2
@@ -41,6 +43,11 @@ def build_model(gqa: int, layers: int, seed: int, arch: str = "llama") -> torch.
     if arch == "gemma2":
         cfg = transformers.Gemma2Config(**shape, sliding_window=5, attn_logit_softcapping=0.5, initializer_range=0.2)
         return transformers.Gemma2ForCausalLM(cfg).eval()
+    if arch == "llama4":
+        cfg = transformers.Llama4TextConfig(**shape, intermediate_size_mlp=128, num_local_experts=2,
+                                            num_experts_per_tok=1, attention_chunk_size=4,
+                                            no_rope_layers=[1 - i % 2 for i in range(layers)])
+        return transformers.Llama4ForCausalLM(cfg).eval()
     if arch == "mistral":
         return transformers.MistralForCausalLM(transformers.MistralConfig(**shape, sliding_window=5)).eval()
     if arch == "gpt_oss":
@@ -80,9 +87,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model-workers", type=int, default=1, help="model replicas (ranks 0 … m − 1); the rest attend")
     p.add_argument("--gqa", type=int, default=4, choices=(1, 4), help="query heads per KV head")
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--arch", choices=("llama", "gemma2", "gpt_oss", "mistral"), default="llama",
+    p.add_argument("--arch", choices=("llama", "gemma2", "gpt_oss", "mistral", "llama4"), default="llama",
                    help="gemma2: sliding-window layers and soft-capped scores; gpt_oss: windows and attention sinks; "
-                        "mistral: a window on every layer (blocks behind it go back)")
+                        "mistral: a window on every layer (blocks behind it go back); llama4: chunked attention")
     p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
     p.add_argument("--batches", type=int, default=2, help="batches in flight (>= 2 staggers them)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a receive within a step waits before failing")

@@ -62,6 +62,7 @@ class AttentionCut:
     sliding_window: int | None = None
     softcap: float | None = None
     sinks: tuple[float, ...] | None = None  # one attention-sink logit per query head
+    attention_chunk: int | None = None  # Llama 4's chunked attention: a query sees its chunk's keys only
 
     @property
     def group_size(self) -> int:
@@ -151,6 +152,7 @@ def _cut_of(index: int, node: fx.Node) -> AttentionCut:
         bytes_per_token=per_token, sliding_window=None if window is None else int(window),
         softcap=None if softcap is None else constant_number(softcap),
         sinks=None if sinks is None else constant_values(sinks),
+        attention_chunk=None if args["attention_chunk"] is None else int(args["attention_chunk"]),
     )
 
 
@@ -268,9 +270,11 @@ class StageProgram:
     max_tokens: int | None = None
     # The rows of the embedding table input 0 indexes (token ids must be below it), when known.
     vocab_size: int | None = None
-    # The rows of a learned position table input 1 indexes (positions must be below it): GPT-2's
-    # `n_positions`; None for models without one (RoPE).
+    # Positions (input 1) must be below it: the rows of a learned position table (GPT-2's
+    # `n_positions`), or where the step stops equalling the model (`max_positions_reason` says
+    # which); None for models without such a bound (RoPE).
     max_positions: int | None = None
+    max_positions_reason: str = "learned positions"
 
     @property
     def dense(self) -> list[Stage]:
@@ -316,10 +320,10 @@ class StageProgram:
 
 def local_attention(cut: AttentionCut, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The attention stage run where it is: causal meta-attention over the given tokens (with the
-    cut's sliding window and soft-cap)."""
+    cut's sliding window or attention chunks, soft-cap and sinks)."""
     softcap = None if cut.softcap is None else torch.tensor(cut.softcap)
     return torch.ops.tileflow.meta_attention(q, k, v, None, True, cut.scale, "", None, softcap, cut.sliding_window,
-                                             cut.sink_logits(q.device))
+                                             cut.sink_logits(q.device), None, cut.attention_chunk)
 
 
 def _split_returning_tuples(gm: fx.GraphModule, stage_of: Callable[[fx.Node], int]) -> fx.GraphModule:

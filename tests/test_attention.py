@@ -860,26 +860,60 @@ def test_transformers_attention_with_another_value_head_size(implementation: str
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_transformers_causal_attn_implementation_applies_a_window_only_in_the_mask_and_refuses_chunks() -> None:
+def test_transformers_causal_attn_implementation_applies_a_window_or_chunks_only_in_the_mask() -> None:
     """"tileflow_causal" builds no mask, so a rule only the mask held was dropped: Phi-3.5-MoE
     passes its sliding window to the mask alone (its logits were off past the window), and
-    Llama 4's chunked attention lives only in its mask. The window is taken from the mask; the
-    chunks are refused."""
-    sdpa, ours = sdpa_and_ours("PhimoeConfig", "PhimoeForCausalLM", "tileflow_causal", vocab_size=128, hidden_size=64,
-                               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               num_local_experts=4, num_experts_per_tok=2, sliding_window=3)
+    Llama 4's chunked attention lives only in its mask (refused before). Both are read from the
+    mask's function, eagerly and under torch.compile, and equal SDPA's masks; a mask of two chunk
+    sizes is refused."""
+    from tileflow.transformers_integration import _mask_rule
+
     ids = torch.randint(0, 128, (1, 9))
-    compiled = torch.compile(ours, backend="tileflow", dynamic=True)  # Dynamo cannot read the mask's closure
-    with torch.no_grad():
-        for run in (ours, compiled):
-            torch.testing.assert_close(run(ids, use_cache=False).logits, sdpa(ids, use_cache=False).logits,
-                                       rtol=1e-5, atol=1e-5)
-    _, llama4 = sdpa_and_ours("Llama4TextConfig", "Llama4ForCausalLM", "tileflow_causal", vocab_size=128, hidden_size=64,
-                              intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
-                              attention_chunk_size=4)
-    with torch.no_grad(), pytest.raises(ValueError, match="chunked attention"):
-        llama4(ids, use_cache=False)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    # Llama 4: chunks of 4 on its RoPE layers, the last layer (NoPE) sees the whole sequence.
+    llama4 = dict(common, intermediate_size_mlp=128, head_dim=16, attention_chunk_size=4, no_rope_layers=[1, 0],
+                  attn_temperature_tuning=False)
+    for config, model, extra in (("PhimoeConfig", "PhimoeForCausalLM", dict(sliding_window=3)),
+                                 ("Llama4TextConfig", "Llama4ForCausalLM", llama4)):
+        sdpa, ours = sdpa_and_ours(config, model, "tileflow_causal", **{**common, **extra})
+        compiled = torch.compile(ours, backend="tileflow", dynamic=True)  # Dynamo cannot read the mask's closure
+        with torch.no_grad():
+            want = sdpa(ids, use_cache=False).logits
+            for run in (ours, compiled):
+                torch.testing.assert_close(run(ids, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
+    import transformers.masking_utils as masks
+
+    two_sizes = masks.and_masks(masks.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)),
+                                masks.chunked_overlay(8, torch.zeros(1, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"chunks of \[4, 8\] positions"):
+        _mask_rule(two_sizes)
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_dense_meta_attention_applies_attention_chunks(target: str, window: int | None) -> None:
+    """`attention_chunk=c` (a traced serving step's dense form, run whole): the query at position
+    p sees only the keys at or after c * (p // c), with the causal rule, a window and a model's
+    own mask on top; against float64 attention with the rule written out, a query longer than
+    the keys' chunk and a cached prefix (S_kv > S) included."""
+    gen = torch.Generator().manual_seed(3)
+    s, s_kv, chunk = 9, 13, 4
+    q = torch.randn(2, 4, s, 16, generator=gen)
+    k, v = torch.randn(2, 2, 2, s_kv, 16, generator=gen).unbind(0)
+    keep = torch.rand(2, 1, s, s_kv, generator=gen) < 0.7
+    pos = torch.arange(s_kv - s, s_kv)[:, None]
+    keys = torch.arange(s_kv)[None, :]
+    rule = (keys <= pos) & (keys // chunk == pos // chunk)
+    if window is not None:
+        rule &= keys > pos - window
+    keep |= keys == pos  # every row sees its own key
+    want = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1),
+                                          attn_mask=keep & rule)
+    got = torch.ops.tileflow.meta_attention(q, k, v, keep, True, None, target, None, None, window, None, None, chunk)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention_chunk must be a positive int"):
+        tileflow.ops.meta_attention(q, k, v, attention_chunk=0)
 
 
 def test_transformers_causal_attn_implementation_refuses_a_static_cache() -> None:

@@ -41,11 +41,12 @@ def test_logits_match_single_process(attention_workers: int, gqa: int) -> None:
     assert "step 3: " in run.stdout  # the step where a sequence joins with its prompt
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss", "mistral"])
+@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss", "mistral", "llama4"])
 def test_sliding_window_softcap_and_sink_layers_match_single_process(arch: str) -> None:
     # Gemma-2 and gpt-oss: the attention workers learn each layer's window, cap and sinks (their
     # shard's query heads' share) from the cuts. Mistral: every layer windowed, so the workers
     # give blocks behind the window back mid-sequence, and the sequence joining later reuses them.
+    # Llama 4: chunks of 4 positions on every other layer, crossed by prompts and decode steps.
     run = _torchrun(3, "--check", "--arch", arch, "--steps", "6")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "check passed: 7 steps" in run.stdout

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import tileflow
@@ -67,6 +67,55 @@ def test_attend_batch_equals_the_validated_op(tree: bool) -> None:
         tree_mask=tree_mask,
     )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(lens=st.lists(st.tuples(st.integers(0, 14), st.integers(0, 9)), min_size=1, max_size=4),
+       chunk=st.sampled_from([3, 6, 9]), tree=st.booleans(), seed=st.integers(0, 99))
+@example(lens=[(2, 4), (7, 3), (0, 9)], chunk=3, tree=True, seed=0)  # trees across a boundary, a prompt across two
+def test_chunked_attention_sees_only_each_querys_chunk(lens, chunk: int, tree: bool, seed: int) -> None:
+    """Llama 4's chunked attention through the step's chunk view: query rows at position p see
+    the keys at or after chunk * (p // chunk), up to p, whichever chunks the sequence's new
+    tokens span (decode, prompt chunks across several boundaries, empty sequences) and under a
+    tree mask (a random tree over each short sequence's new tokens, causal for the longer ones);
+    against float64 attention with the rule written out."""
+    blocks, q_lens, starts = _layout(lens, seed)
+    gen = torch.Generator().manual_seed(seed)
+    cache = PagedKV(1, HKV, D, block_size=BLOCK, num_blocks=sum(map(len, blocks)) + 2, dtype=torch.float32)
+    cache.k[0].normal_(generator=gen)
+    cache.v[0].normal_(generator=gen)
+    batch = cache.prepare(blocks, q_lens, starts, attention_chunks=(chunk,))
+    q = torch.randn(sum(q_lens), HQ, D, generator=gen)
+    t = 4
+    tree_mask = None
+    if tree:  # each drafted token sees itself and a random set of the tokens before it
+        tree_mask = (torch.rand(len(lens), t, t, generator=gen) < 0.5).tril_(-1) | torch.eye(t, dtype=torch.bool)
+    got = cache.attend_batch(0, q, batch, scale=0.3, tree_mask=tree_mask, attention_chunk=chunk)
+    row = 0
+    for s, (owned, n, start) in enumerate(zip(blocks, q_lens, starts)):
+        positions = torch.arange(start + n)
+        keys = cache.k[0][torch.tensor(owned, dtype=torch.long)[positions // BLOCK], positions % BLOCK].double()
+        values = cache.v[0][torch.tensor(owned, dtype=torch.long)[positions // BLOCK], positions % BLOCK].double()
+        for i in range(n):
+            p = start + i
+            sees = (positions <= p) & (positions >= p // chunk * chunk)
+            if tree_mask is not None and n <= t:
+                new = positions >= start
+                sees &= ~new | torch.nn.functional.pad(tree_mask[s, i, :n], (start, 0))
+            for h in range(HQ):
+                scores = (keys[sees, h // (HQ // HKV)] @ q[row, h].double()) * 0.3
+                want = scores.softmax(0) @ values[sees, h // (HQ // HKV)]
+                torch.testing.assert_close(got[row, h].double(), want, rtol=1e-5, atol=1e-5)
+            row += 1
+
+
+def test_chunked_attention_needs_its_chunk_view_and_whole_blocks_per_chunk() -> None:
+    cache = PagedKV(1, HKV, D, block_size=BLOCK, num_blocks=4, dtype=torch.float32)
+    batch = cache.prepare([[0, 1]], [4], [0], attention_chunks=(6,))
+    with pytest.raises(ValueError, match=r"prepared for chunks of \[6\]: pass attention_chunks=\(3,\)"):
+        cache.attend_batch(0, torch.randn(4, HQ, D), batch, scale=1.0, attention_chunk=3)
+    with pytest.raises(ValueError, match="chunks of 4 positions, which the KV block size 3 does not divide"):
+        cache.prepare([[0, 1]], [4], [0], attention_chunks=(4,))
 
 
 def test_prepare_rejects_bad_layouts() -> None:

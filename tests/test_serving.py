@@ -536,6 +536,57 @@ def test_sliding_window_softcap_and_sink_models_equal_eager_generation(name: str
         assert engine.allocator.all_free()
 
 
+def test_chunked_attention_model_equals_eager_generation() -> None:
+    """Llama 4 attends in chunks on its RoPE layers (a query sees only its chunk's keys), a rule
+    that lives only in its mask: served as plain causal attention its logits were off by 0.35
+    (refused since). Each step is read through its chunk view, and the logits of a prompt chunk
+    across two chunk boundaries, greedy tokens with and without drafts (verify slots cross
+    boundaries too) and with nano-batches equal eager's. Its NoPE layers' temperature tuning
+    reads a token's index in the step for its position: requests and steps past where the two
+    agree are refused, as is a block size that does not divide the chunk."""
+    import transformers
+
+    from tileflow.distributed import CausalLMStep, build_stage_program
+    from tileflow.serving import Entry
+
+    torch.manual_seed(0)
+    cfg = transformers.Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+        attention_chunk_size=8, no_rope_layers=[1, 0], floor_scale=64, max_position_embeddings=256)
+    model = transformers.Llama4ForCausalLM(cfg).eval()
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "sdpa"
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
+    with pytest.raises(ValueError, match="temperature tuning.*max_tokens <= 63"):
+        build_stage_program(CausalLMStep(copy.deepcopy(model)), example, max_tokens=64)
+    program = build_stage_program(CausalLMStep(model), example, max_tokens=63)
+    assert [c.attention_chunk for c in program.cuts] == [8, None]
+    assert program.max_positions == 63
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (13, 30, 3)]
+    engine = ServingEngine(program, token_budget=32, decode_slots=2, block_size=4, num_blocks=16)
+    first = Entry(Request(0, prompts[1], 1, blocks=list(range(8))), prompts[1][:13], 0, "prefill")
+    engine.forward([first])
+    rest = Entry(first.request, prompts[1][13:], 13, "prefill")  # positions 13-29: chunks 1, 2 and 3
+    with torch.no_grad():
+        want = reference(torch.tensor([prompts[1]])).logits[0, 13:]
+    torch.testing.assert_close(engine.forward([rest]).reshape(want.shape), want, rtol=1e-4, atol=1e-4)
+    for max_draft, nano_batches in ((0, 1), (3, 1), (0, 2)):
+        engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4,
+                               num_blocks=64, nano_batches=nano_batches)
+        requests = [Request(i, p, 10, stop_tokens=_eos(reference)) for i, p in enumerate(prompts)]
+        engine.run(requests)
+        for r in requests:
+            assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 10), (max_draft, nano_batches, r.id)
+        assert engine.allocator.all_free()
+        assert bool(engine.metrics.drafted) == bool(max_draft)
+    with pytest.raises(ValueError, match="past the model's 63 positions its attention temperature tuning"):
+        engine.add(Request(9, prompts[1], 35))
+    with pytest.raises(ValueError, match="chunks of 8 positions, which the KV block size 3 does not divide"):
+        ServingEngine(program, token_budget=24, block_size=3)
+
+
 @pytest.mark.parametrize("max_draft,overlap", [(0, True), (0, False), (3, False)])
 def test_stop_tokens_end_requests_as_generate_does(llama_program, max_draft: int, overlap: bool) -> None:
     """A request ends after the first of its stop tokens it generates, which it keeps, exactly

@@ -146,7 +146,8 @@ def attention_specs_for_node(node: fx.Node, target: str) -> list[KernelSpec]:
     return [
         attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=bq, causal=bool(args["causal"]),
                        sliding_window=args["sliding_window"] is not None, tree=False,
-                       bias=args["attn_mask"] is not None, target=target, softcap=args["softcap"] is not None,
+                       # A chunk rule runs as a mask (`run_meta_attention`).
+                       bias=args["attn_mask"] is not None or args["attention_chunk"] is not None, target=target, softcap=args["softcap"] is not None,
                        sinks=args["sinks"] is not None, alibi=args["alibi_slopes"] is not None)
         for bq in block_qs
     ]

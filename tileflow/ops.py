@@ -351,6 +351,7 @@ def _meta_attention(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: list[float] | None = None,
+    attention_chunk: int | None = None,
 ) -> torch.Tensor:
     """Dense attention `[B, Hq, S, D]` through the meta-kernel (see `meta_attention`).
 
@@ -363,12 +364,13 @@ def _meta_attention(
     from .runtime.attention import run_meta_attention
 
     return run_meta_attention(q, k, v, attn_mask, causal, scale, target, mask_ranges=mask_ranges, softcap=softcap,
-                              sliding_window=sliding_window, sinks=sinks, alibi_slopes=alibi_slopes)
+                              sliding_window=sliding_window, sinks=sinks, alibi_slopes=alibi_slopes,
+                              attention_chunk=attention_chunk)
 
 
 @_meta_attention.register_fake
 def _meta_attention_fake(q, k, v, attn_mask=None, causal=False, scale=None, target="", mask_ranges=None, softcap=None,
-                         sliding_window=None, sinks=None, alibi_slopes=None):
+                         sliding_window=None, sinks=None, alibi_slopes=None, attention_chunk=None):
     b, hq, s, d = q.shape
     return q.new_empty((b, s, hq, d)).transpose(1, 2)
 
@@ -418,6 +420,7 @@ def meta_attention(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: Sequence[float] | torch.Tensor | None = None,
+    attention_chunk: int | None = None,
 ) -> torch.Tensor:
     """`scaled_dot_product_attention` semantics for `q [B, Hq, S, D]`, `k`/`v [B, Hkv, S_kv, D]`
     (GQA when Hkv divides Hq), run by the meta-attention kernel. `attn_mask` is bool (True =
@@ -429,8 +432,11 @@ def meta_attention(
     that joins the head's softmax as a key adding no value. `alibi_slopes` (Hq numbers, or a
     float [Hq] tensor, read on the host): ALiBi, head h's score of key j for query i gains
     `slope[h] * (j - (S_kv - S + i))`, as BLOOM's and MPT's `slope * j` does up to a per-row
-    constant the softmax ignores (with `sinks` too, the kernel's form is the one applied)."""
+    constant the softmax ignores (with `sinks` too, the kernel's form is the one applied).
+    `attention_chunk=c`: Llama 4's chunked attention, the positions cut into chunks of c and a
+    query seeing only the keys of its own chunk (query at position p: keys at or after c * (p // c))."""
     check_sliding_window("meta_attention", sliding_window)  # before the op's schema, as above
+    check_sliding_window("meta_attention", attention_chunk, "attention_chunk")
     if softcap is not None and not isinstance(softcap, torch.Tensor):
         softcap = torch.tensor(float(softcap))
     if alibi_slopes is not None:
@@ -440,4 +446,4 @@ def meta_attention(
                              f"head), got {alibi_slopes!r}")
         alibi_slopes = [float(x) for x in slopes]
     return torch.ops.tileflow.meta_attention(q, k, v, attn_mask, causal, scale, "", None, softcap, sliding_window,
-                                             sinks, alibi_slopes)
+                                             sinks, alibi_slopes, attention_chunk)

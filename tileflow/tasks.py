@@ -445,10 +445,11 @@ def build_task_table(
 # ---------------------------------------------------------------------------------------------
 
 
-def check_sliding_window(op: str, window: object) -> None:
-    """Raise ValueError unless `window` is None or an int >= 1 (a bool is not a window)."""
+def check_sliding_window(op: str, window: object, name: str = "sliding_window") -> None:
+    """Raise ValueError unless `window` is None or an int >= 1 (a bool is not a window); `name`:
+    the argument's name in the message (an attention chunk is checked the same way)."""
     if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
-        raise ValueError(f"{op}: sliding_window must be a positive int or None, got {window!r}")
+        raise ValueError(f"{op}: {name} must be a positive int or None, got {window!r}")
 
 
 def check_metadata(

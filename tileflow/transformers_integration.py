@@ -68,22 +68,23 @@ def causal_attention_forward(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """`"tileflow_causal"`: always causal (within the layer's sliding window, with its logit
-    soft-cap and attention sinks, when it has them), never a mask tensor, no branch on the token count (so one traced
+    """`"tileflow_causal"`: always causal (within the layer's sliding window or attention chunk,
+    with its logit soft-cap and attention sinks, when it has them), never a mask tensor, no branch on the token count (so one traced
     graph serves every count, 1 included). Padding masks and caches whose keys run past the
     queries (a StaticCache) are refused. Several sequences packed in one row attend across each
     other here: serving steps are traced this way because their attention stages apply the rule
     per sequence."""
-    window = kwargs.get("sliding_window")
-    if isinstance(attention_mask, SlidingWindowRule):
+    window, chunk = kwargs.get("sliding_window"), None
+    if isinstance(attention_mask, CausalRule):
         # The layer's window may live only in its mask (Phi-3.5-MoE passes none to the attention
-        # function): SDPA and eager apply the mask, so it is the one to follow.
-        if window is not None and window != attention_mask.window:
+        # function), as Llama 4's chunks do: SDPA and eager apply the mask, so it is the one to follow.
+        if window is not None and attention_mask.window is not None and window != attention_mask.window:
             raise ValueError(
                 f"attn_implementation='tileflow_causal': the layer's mask slides a window of {attention_mask.window} "
                 f"keys but its attention function is given sliding_window={window}; the two would disagree"
             )
-        window, attention_mask = attention_mask.window, None
+        window = attention_mask.window if attention_mask.window is not None else window
+        chunk, attention_mask = attention_mask.chunk, None
     if attention_mask is not None:
         raise ValueError(
             "attn_implementation='tileflow_causal' takes no attention mask: pass packed tokens without "
@@ -93,31 +94,34 @@ def causal_attention_forward(
         raise ValueError("tileflow attention is for inference: dropout during training is not supported")
     query, key, value, scaling, width = _one_head_size(query, key, value, kwargs.get("scaling"))
     out = meta_attention(query, key, value, None, causal=True, scale=scaling, softcap=kwargs.get("softcap"),
-                         sliding_window=window, sinks=kwargs.get("s_aux"))
+                         sliding_window=window, sinks=kwargs.get("s_aux"), attention_chunk=chunk)
     return out[..., :width].transpose(1, 2).contiguous(), None
 
 
-class SlidingWindowRule:
-    """What `"tileflow_causal"`'s mask function returns for a sliding-window causal mask: no
-    tensor, the window (a query sees keys at positions > its own - window) for the attention
-    function to apply, which the layer need not pass it as `sliding_window`."""
+class CausalRule:
+    """What `"tileflow_causal"`'s mask function returns for a causal mask with a sliding window or
+    attention chunks: no tensor, the rule for the attention function to apply, which the layer
+    need not pass it: `window` (a query sees keys at positions > its own - window) and `chunk`
+    (Llama 4's chunked attention: positions cut into chunks of `chunk`, a query sees only its own
+    chunk's keys), either None when the mask has none."""
 
-    __slots__ = ("window",)
+    __slots__ = ("window", "chunk")
 
-    def __init__(self, window: int) -> None:
-        self.window = window
+    def __init__(self, window: int | None, chunk: int | None = None) -> None:
+        self.window, self.chunk = window, chunk
 
     def __repr__(self) -> str:
-        return f"SlidingWindowRule({self.window})"
+        return f"CausalRule(window={self.window}, chunk={self.chunk})"
 
     def __getattr__(self, name: str) -> Any:
         # Model code that uses its mask as a tensor outside the attention function (Doge's).
         # Dunder probes (copy, Dynamo) and an unset slot get a plain AttributeError: the message
         # reads no attribute, which would recurse here.
-        if name.startswith("__") or name == "window":
+        if name.startswith("__") or name in self.__slots__:
             raise AttributeError(name)
         raise AttributeError(
-            "attn_implementation='tileflow_causal' builds no mask tensor (this mask is a sliding window's rule), "
+            "attn_implementation='tileflow_causal' builds no mask tensor (this mask is a causal rule's window or "
+            "chunks), "
             f"but the model reads the mask's {name!r} outside its attention function"
         )
 
@@ -129,13 +133,15 @@ _CAUSAL_PARTS = frozenset({
     "remap_positions_for_packed_sequence.<locals>.inner_mask", "and_masks.<locals>.and_mask",
 })
 _WINDOW_PART = "sliding_window_overlay.<locals>.inner_mask"
+_CHUNK_PART = "chunked_overlay.<locals>.inner_mask"
 
 
-def _mask_rule(mask_function: Any) -> int | None:
-    """The sliding window of a transformers mask function built of the causal rule (None: no
-    window); ValueError for any other mask (chunked attention, bidirectional, or/and overlays
+def _mask_rule(mask_function: Any) -> CausalRule | None:
+    """The sliding window and attention chunks of a transformers mask function built of the
+    causal rule (None: neither); ValueError for any other mask (bidirectional, or/and overlays
     such as image tokens), which the causal rule would silently replace."""
     windows: list[int] = []
+    chunks: list[int] = []
     causal = False
     pending = [mask_function]
     while pending:
@@ -143,14 +149,16 @@ def _mask_rule(mask_function: Any) -> int | None:
         name = getattr(fn, "__qualname__", type(fn).__name__)
         known = getattr(fn, "__module__", None) == "transformers.masking_utils"
         cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
-        if known and name == _WINDOW_PART:
-            windows.extend(c for c in cells if isinstance(c, int))
+        if known and name in (_WINDOW_PART, _CHUNK_PART):
+            # The chunks' other cell is the rows' left padding, none here: `_no_mask` refuses a
+            # padding mask, and without one transformers counts none.
+            (windows if name == _WINDOW_PART else chunks).extend(c for c in cells if isinstance(c, int))
             continue
         if not known or name not in _CAUSAL_PARTS:
-            what = {"chunked_overlay.<locals>.inner_mask": "chunked attention (attention_chunk_size)"}.get(name, name)
             raise ValueError(
-                f"attn_implementation='tileflow_causal' applies the causal rule (with a sliding window) only, but the "
-                f"model's mask also has {what}, which it would silently drop (attn_implementation='tileflow' applies it)"
+                f"attn_implementation='tileflow_causal' applies the causal rule (with a sliding window or attention "
+                f"chunks) only, but the model's mask also has {name}, which it would silently drop "
+                "(attn_implementation='tileflow' applies it)"
             )
         causal |= name == "causal_mask_function"
         for cell in cells:
@@ -160,7 +168,11 @@ def _mask_rule(mask_function: Any) -> int | None:
         raise ValueError(f"attn_implementation='tileflow_causal' is causal, but the model's mask "
                          f"({getattr(mask_function, '__qualname__', mask_function)}) is not (attn_implementation='tileflow' "
                          "applies it)")
-    return min(windows, default=None)
+    if len(set(chunks)) > 1:
+        raise ValueError(f"attn_implementation='tileflow_causal': the model's mask has chunks of {sorted(set(chunks))} "
+                         "positions at once, which no one chunk size applies")
+    window, chunk = min(windows, default=None), (chunks or [None])[0]
+    return None if window is None and chunk is None else CausalRule(window, chunk)
 
 
 def _plain_causal(config: Any) -> bool:
@@ -173,11 +185,11 @@ def _plain_causal(config: Any) -> bool:
             and all(t == "full_attention" for t in types))
 
 
-def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> SlidingWindowRule | None:
-    """`"tileflow_causal"`'s mask function: no mask tensor (a sliding window's mask: the window,
-    `SlidingWindowRule`). A padding mask that masks a token is refused (the attention would
-    silently attend to the padding); an all-ones one is no mask. So is any mask other than the
-    causal rule and a sliding window (a chunked or bidirectional one), which it would drop."""
+def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> CausalRule | None:
+    """`"tileflow_causal"`'s mask function: no mask tensor (a sliding window's or chunked
+    attention's mask: its rule, `CausalRule`). A padding mask that masks a token is refused (the
+    attention would silently attend to the padding); an all-ones one is no mask. So is any mask
+    other than the causal rule, a sliding window and chunks (a bidirectional one), which it would drop."""
     kv_length, kv_offset = kwargs.get("kv_length"), kwargs.get("kv_offset", 0)
     q_length, q_offset = kwargs.get("q_length"), kwargs.get("q_offset", 0)
     if None not in (kv_length, q_length) and kv_offset + kv_length != q_offset + q_length:
@@ -190,13 +202,12 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
         )
     mask_function = kwargs.get("mask_function")
     if mask_function is None or (torch.compiler.is_dynamo_compiling() and _plain_causal(kwargs.get("config"))):
-        window = None
+        rule = None
     else:
         # Dynamo cannot trace into a function's closure: under torch.compile the rule is read
         # eagerly, a graph break that a model whose config sets no window or chunk is spared
         # (Dynamo wraps even the plain causal rule in packed-sequence masks).
-        window = torch._dynamo.disable(_mask_rule)(mask_function)
-    rule = None if window is None else SlidingWindowRule(window)
+        rule = torch._dynamo.disable(_mask_rule)(mask_function)
     if attention_mask is None:
         return rule
     try:

@@ -35,6 +35,7 @@ class LayerShard:
     sliding_window: int | None = None
     softcap: float | None = None
     sinks: tuple[float, ...] | None = None  # the attention-sink logits of this shard's query heads
+    attention_chunk: int | None = None  # chunked attention: a query sees its chunk's keys only
 
     @property
     def q_heads(self) -> tuple[int, int]:
@@ -44,13 +45,15 @@ class LayerShard:
 
 
 def encode_init(layers: list[LayerShard], block_size: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The INIT message (a layer's sliding window 0 when it has none, then how many sink logits it
-    has) and its float64 values: per layer the scale, the soft-cap (0 when none) and the sinks."""
+    """The INIT message (a layer's sliding window and attention chunk 0 when it has none, then how
+    many sink logits it has) and its float64 values: per layer the scale, the soft-cap (0 when
+    none) and the sinks."""
     ctl = [OP_INIT, len(layers), block_size, num_blocks]
     floats: list[float] = []
     for s in layers:
         sinks = s.sinks or ()
-        ctl += [s.num_q_heads, s.num_kv_heads, s.head_dim, s.kv_lo, s.kv_hi, s.sliding_window or 0, len(sinks)]
+        ctl += [s.num_q_heads, s.num_kv_heads, s.head_dim, s.kv_lo, s.kv_hi, s.sliding_window or 0,
+                s.attention_chunk or 0, len(sinks)]
         floats += [s.scale, s.softcap or 0.0, *sinks]
     return torch.tensor(ctl, dtype=torch.int64), torch.tensor(floats, dtype=torch.float64)
 
@@ -90,11 +93,11 @@ class AttentionWorker:
         floats = self.t.recv(0, "layer scales, soft-caps and sinks").tolist()
         n, self.block_size, self.num_blocks = (int(x) for x in ctl[1:4])
         self.layers, at = [], 0
-        for f in ctl[4:].view(n, 7).tolist():
-            scale, cap, sinks = floats[at], floats[at + 1], tuple(floats[at + 2:at + 2 + f[6]])
-            at += 2 + f[6]
+        for f in ctl[4:].view(n, 8).tolist():
+            scale, cap, sinks = floats[at], floats[at + 1], tuple(floats[at + 2:at + 2 + f[7]])
+            at += 2 + f[7]
             self.layers.append(LayerShard(*f[:5], scale=scale, sliding_window=f[5] or None, softcap=cap or None,
-                                          sinks=sinks or None))
+                                          sinks=sinks or None, attention_chunk=f[6] or None))
         heads = {(s.kv_hi - s.kv_lo, s.head_dim) for s in self.layers}
         if len(heads) != 1:
             raise ValueError(f"layers differ in KV heads or head size per shard: {sorted(heads)}")
@@ -142,11 +145,13 @@ class AttentionWorker:
         if layer == 0:  # layer 0 makes room for the step; the later layers find it made
             for seq, n in zip(batch.seq_ids, batch.q_lens):
                 cache.reserve(seq, n)
-        step = cache.prepare([cache.blocks(s) for s in batch.seq_ids], batch.q_lens, batch.starts)
+        chunks = () if shard.attention_chunk is None else (shard.attention_chunk,)
+        step = cache.prepare([cache.blocks(s) for s in batch.seq_ids], batch.q_lens, batch.starts,
+                             attention_chunks=chunks)
         cache.write_batch(layer, step, k, v)
         sinks = None if shard.sinks is None else per_head_tensor(shard.sinks, str(q.device))
         out = cache.attend_batch(layer, q, step, scale=shard.scale, sliding_window=shard.sliding_window,
-                                 softcap=shard.softcap, sinks=sinks)
+                                 softcap=shard.softcap, sinks=sinks, attention_chunk=shard.attention_chunk)
         if layer == len(self.layers) - 1:
             for seq, n in zip(batch.seq_ids, batch.q_lens):
                 cache.commit(seq, n)

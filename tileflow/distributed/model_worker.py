@@ -21,6 +21,7 @@ import torch
 from tileflow.passes.disaggregate import Source, StageProgram
 
 from ..log import get_logger
+from ..runtime.paged_kv import check_chunk_blocks
 from .attention_worker import LayerShard, encode_init
 from .layout import (
     OP_SHUTDOWN, OP_STEP, BatchShape, Layout, decode_plan, encode_plan, replica_of, work_items,
@@ -115,6 +116,7 @@ class ModelWorker:
                 f"layers differ in KV heads or head size, (KV heads, head size) = {per_layer}: an attention "
                 "worker's KV cache holds the same heads for every layer"
             )
+        check_chunk_blocks((c.attention_chunk for c in program.cuts), block_size)
         self.block_size, self.num_blocks = block_size, num_blocks
         self.idle_timeout_s = idle_timeout_s
         self._release: list[int] = []
@@ -133,7 +135,8 @@ class ModelWorker:
             shards = [
                 LayerShard(c.num_q_heads, c.num_kv_heads, c.head_dim, *self.shards[i][w], scale=c.scale,
                            sliding_window=c.sliding_window, softcap=c.softcap,
-                           sinks=_shard_sinks(c.sinks, c.group_size, *self.shards[i][w]))
+                           sinks=_shard_sinks(c.sinks, c.group_size, *self.shards[i][w]),
+                           attention_chunk=c.attention_chunk)
                 for i, c in enumerate(self.program.cuts)
             ]
             ctl, scales = encode_init(shards, self.block_size, self.num_blocks)
@@ -172,17 +175,19 @@ class ModelWorker:
         if p.max_tokens is not None and b.tokens > p.max_tokens:
             raise ValueError(f"a batch of {b.tokens} tokens is more than the {p.max_tokens} a step of this program "
                              "may hold: split it, or build the program with build_stage_program(max_tokens=...)")
-        checks = [(index, rows, what) for index, rows, what in ((0, p.vocab_size, "token ids"), (1, p.max_positions, "positions"))
-                  if rows is not None and index < len(b.inputs) and b.inputs[index].numel()]
+        # (input, bound, what, why the bound): the token table's rows, the positions the step holds for.
+        bounds_of = ((0, p.vocab_size, "token ids", "vocabulary entries"),
+                     (1, p.max_positions, "positions", p.max_positions_reason))
+        checks = [c for c in bounds_of if c[1] is not None and c[0] < len(b.inputs) and b.inputs[c[0]].numel()]
         if not checks:
             return
         # One read-back for every bound: each read of a device value waits for the device.
         device = b.inputs[checks[0][0]].device
-        bounds = torch.stack([torch.stack(torch.aminmax(b.inputs[index])).to(device, torch.int64) for index, _, _ in checks])
-        for (_, rows, what), (lo, hi) in zip(checks, bounds.tolist()):
+        bounds = torch.stack([torch.stack(torch.aminmax(b.inputs[index])).to(device, torch.int64) for index, *_ in checks])
+        for (_, rows, what, why), (lo, hi) in zip(checks, bounds.tolist()):
             if lo < 0 or hi >= rows:
                 bad = lo if lo < 0 else hi
-                raise ValueError(f"{what} must be in [0, {rows}) (the rows of the model's table), got {bad} "
+                raise ValueError(f"{what} must be in [0, {rows}) (the model's {rows} {why}), got {bad} "
                                  f"in the batch of sequences {b.seq_ids}")
 
     def release(self, seq_ids: Sequence[int]) -> None:

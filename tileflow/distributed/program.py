@@ -47,10 +47,27 @@ class CausalLMStep(torch.nn.Module):
         register_transformers()
         model.config._attn_implementation = CAUSAL_ATTENTION_NAME
         self.model = model
+        # (bound, why): positions and step sizes the step is exact below (`build_stage_program`).
+        self.position_limit = index_as_position_limit(model.config)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Logits for every new token."""
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+def index_as_position_limit(config: Any) -> tuple[int, str] | None:
+    """Llama 4's attention temperature tuning scales the queries of its NoPE layers by
+    `log1p(floor((p + 1) / floor_scale)) * attn_scale + 1`, with p taken from `arange(T)` plus the
+    cache's length: a token's index in the forward, which in a packed serving step (no cache) is
+    not its position. Both give a factor of 1, and the step equals the model, while the position
+    and the index are below `floor_scale - 1`: (that bound, the reason), or None for models
+    without it."""
+    no_rope = [flag for flag in getattr(config, "no_rope_layers", None) or () if not flag]
+    if not (getattr(config, "attn_temperature_tuning", False) and no_rope):
+        return None
+    bound = max(int(getattr(config, "floor_scale")) - 1, 1)
+    return bound, ("positions its attention temperature tuning is exact for (its NoPE layers read a token's index in "
+                   "the step as its position, which agree while both are below floor_scale - 1)")
 
 
 # transformers' `config.layer_types` values whose layers a serving step can run: attention over
@@ -61,8 +78,8 @@ SERVABLE_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attent
 def stateful_layer_types(config: Any) -> list[str]:
     """The kinds of layer in a transformers `config.layer_types` a serving step cannot run: any
     but attention and token-wise ones (Mamba, linear attention, short convolutions, hybrid
-    layers, DeepSeek-V3.2's indexed sparse attention); Llama 4's "chunked_attention" is refused
-    by its mask instead (`tileflow_causal`). Empty without `layer_types`."""
+    layers, DeepSeek-V3.2's indexed sparse attention); Llama 4's "chunked_attention" layers are
+    attention, whose chunks `tileflow_causal` reads from their mask. Empty without `layer_types`."""
     types = getattr(config, "layer_types", None) or ()
     return sorted({t for t in types if isinstance(t, str) and t not in SERVABLE_LAYER_TYPES | {"chunked_attention"}})
 
@@ -86,11 +103,18 @@ def build_stage_program(
 
     The step must pack its tokens into one row and use causal attention without a mask tensor
     (for transformers models: `attn_implementation="tileflow_causal"`); otherwise the pass leaves
-    it whole and this raises with the pass's reason.
+    it whole and this raises with the pass's reason. A step whose results hold only below some
+    position (`step.position_limit`: GPT-2's learned positions are found in the graph, Llama 4's
+    temperature tuning by `CausalLMStep`) gives the program `max_positions`, which the engine
+    checks each request against.
     """
     from tileflow.passes.disaggregate import split_stages
     from tileflow.passes.nanobatch import token_symbol
 
+    limit = getattr(step, "position_limit", None)
+    if limit is not None and max_tokens > limit[0]:
+        raise ValueError(f"max_tokens={max_tokens}, but the model's step is exact only below {limit[0]} "
+                         f"{limit[1]}: build it with max_tokens <= {limit[0]}")
     config = config or Config()
     passes = tuple(p for p in config.passes if p != "disaggregate") + ("disaggregate",)
     config = config.replace(passes=passes)
@@ -123,6 +147,8 @@ def build_stage_program(
     vocab_size, max_positions = embedding_rows(graph.gm, 0), embedding_rows(graph.gm, 1)
     program = split_stages(graph.gm)
     program.vocab_size, program.max_positions = vocab_size, max_positions
+    if limit is not None and (max_positions is None or limit[0] < max_positions):
+        program.max_positions, program.max_positions_reason = limit
     device_type = next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
     graphed = graphs_apply(config.cuda_graphs, device_type)
     for i, stage in enumerate(program.dense):

@@ -226,6 +226,7 @@ def run_meta_attention(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: Sequence[float] | None = None,
+    attention_chunk: int | None = None,
 ) -> torch.Tensor:
     """Dense attention `[B, Hq, S, D] x [B, Hkv, S_kv, D]` through the varlen meta-kernel.
 
@@ -240,6 +241,9 @@ def run_meta_attention(
     which for a tensor on a device waits for it). `sliding_window=w` hides the keys at or before
     position p - w from the query at position p = S_kv - S + i. `sinks` (float [Hq]) join each
     head's softmax as keys with no value (gpt-oss). `alibi_slopes` (Hq numbers): ALiBi, head h's score of key j for query i gains `slope[h] * (j - (S_kv - S + i))`.
+    `attention_chunk=c` hides from the query at position p the keys before c * (p // c) (Llama
+    4's chunked attention), applied as a mask here (the paged serving path cuts the sequences at
+    chunk boundaries instead: `tileflow.runtime.paged_kv`).
     Returns `[B, Hq, S, D]` (stored as `[B, S, Hq, D]`, the layout attention outputs usually
     have).
     """
@@ -252,6 +256,13 @@ def run_meta_attention(
     cu = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=device) if s > 0 else torch.zeros(b + 1, dtype=torch.int32, device=device)
     seqlens = torch.full((b,), s_kv, dtype=torch.int32, device=device)
     bias = ranges = None
+    if attention_chunk is not None:
+        # The chunk rule as a mask: dense graphs from transformers' masks carry it in their mask
+        # already, so only a traced serving step's dense form (run whole) comes here.
+        pos = torch.arange(s_kv - s, s_kv, device=device)[:, None]
+        other_chunk = torch.arange(s_kv, device=device)[None, :] // attention_chunk != pos // attention_chunk
+        base = additive_bias(attn_mask) if attn_mask is not None else torch.zeros((), device=device)
+        attn_mask, mask_ranges = torch.where(other_chunk, float("-inf"), base), None
     if attn_mask is not None:
         bias = additive_bias(attn_mask)
         if bias.dtype == torch.float64:

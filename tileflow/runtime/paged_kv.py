@@ -6,12 +6,19 @@ batch layout (`PagedBatch`: block table, lengths, the cache slot of every new ro
 on the host and copied to the cache's device without waiting for it (`to_device`); every layer
 then writes its new rows with one scatter and runs `meta_attention_varlen` over the batch without
 reading anything back from the device (the host already knows the lengths the task table needs).
+
+Chunked attention (Llama 4's: positions cut into chunks of `c`, a query sees only its own
+chunk's keys) runs on the same kernel through a second layout of the step, its chunk view: each
+sequence's new tokens are cut at chunk boundaries and each piece is a sequence of its own, whose
+block list starts at its chunk's first block, so the causal rule over it is the chunked one. It
+needs `c` to be a multiple of the block size.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -38,11 +45,50 @@ class PagedBatch:
     positions: torch.Tensor
     host_cu_seqlens_q: tuple[int, ...]
     host_seqlens_kv: tuple[int, ...]
+    # Per attention chunk size the step was prepared for, its chunk view (module docstring).
+    chunk_views: dict[int, ChunkView] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
         """Query rows in the step."""
         return self.host_cu_seqlens_q[-1]
+
+
+def check_chunk_blocks(chunks: Iterable[int | None], block_size: int) -> None:
+    """ValueError unless `block_size` divides every attention chunk size in `chunks` (None: a
+    layer without chunks): a chunk view starts each piece's block list at its chunk's first block."""
+    bad = sorted(c for c in set(chunks) if c is not None and c % block_size)
+    if bad:
+        raise ValueError(f"the model attends in chunks of {bad[0]} positions, which the KV block size {block_size} "
+                         "does not divide: pick a block size that divides the chunk (a power of two below it)")
+
+
+@dataclass(frozen=True)
+class ChunkView:
+    """A step cut at the boundaries of attention chunks: `batch` has one sequence per piece (the
+    new tokens of one sequence within one chunk, in the step's row order), whose blocks start at
+    the chunk's first block. `piece_seq[p]`, `piece_row[p]`: the step's sequence piece p comes
+    from and the piece's first row among that sequence's new tokens; `seq_new[s]`: the new
+    tokens of the step's sequence s (host arrays, for the tree mask)."""
+
+    batch: PagedBatch
+    piece_seq: np.ndarray
+    piece_row: np.ndarray
+    seq_new: np.ndarray
+
+    def tree_mask(self, tree_mask: torch.Tensor) -> torch.Tensor:
+        """The step's tree mask (bool [S, T, T], rows and columns over each sequence's new tokens,
+        a sequence with more than T new tokens causal) for the pieces: each piece's block of its
+        sequence's mask, and causal where its sequence was. A row sees no drafted token after it
+        (drafts come in tree order), so none it loses to another piece."""
+        t = tree_mask.shape[-1]
+        device = tree_mask.device
+        seq = torch.as_tensor(self.piece_seq, device=device)
+        rows = (torch.as_tensor(self.piece_row, device=device)[:, None] + torch.arange(t, device=device)).clamp_(max=t - 1)
+        pieces = tree_mask[seq[:, None, None], rows[:, :, None], rows[:, None, :]]
+        causal = torch.as_tensor(self.seq_new[self.piece_seq] > t, device=device)
+        tril = torch.ones(t, t, dtype=torch.bool, device=device).tril_()
+        return torch.where(causal[:, None, None], tril, pieces)
 
 
 class PagedKV:
@@ -61,10 +107,40 @@ class PagedKV:
         self.num_blocks = num_blocks
         self.device = torch.device(device)
 
-    def prepare(self, blocks: Sequence[Sequence[int]], q_lens: Sequence[int], starts: Sequence[int]) -> PagedBatch:
+    def prepare(self, blocks: Sequence[Sequence[int]], q_lens: Sequence[int], starts: Sequence[int], *,
+                attention_chunks: Iterable[int] = ()) -> PagedBatch:
         """The layout of a step whose sequence s owns `blocks[s]` (block ids: lists, or integer
         numpy arrays, which are cheaper) and brings `q_lens[s]` new tokens at positions
-        `starts[s]` …; raises ValueError when a sequence's blocks cannot hold them."""
+        `starts[s]` …, with its chunk view for each size in `attention_chunks` (module docstring);
+        raises ValueError when a sequence's blocks cannot hold them."""
+        batch = self._layout(blocks, q_lens, starts)
+        for chunk in set(attention_chunks):
+            batch.chunk_views[chunk] = self._chunk_view(blocks, q_lens, starts, chunk)
+        return batch
+
+    def _chunk_view(self, blocks: Sequence[Sequence[int]], q_lens: Sequence[int], starts: Sequence[int],
+                    chunk: int) -> ChunkView:
+        check_chunk_blocks((chunk,), self.block_size)
+        piece_blocks, piece_lens, piece_starts, piece_seq, piece_row = [], [], [], [], []
+        # A Python loop over the step's sequences (a decode step's are one piece each): only
+        # chunked models pay it.
+        for s, (owned, new, first) in enumerate(zip(blocks, q_lens, starts)):
+            at = first
+            while True:
+                base = at // chunk * chunk
+                end = min(first + new, base + chunk)
+                piece_blocks.append(owned[base // self.block_size:])
+                piece_lens.append(end - at)
+                piece_starts.append(at - base)
+                piece_seq.append(s)
+                piece_row.append(at - first)
+                if end >= first + new:
+                    break
+                at = end
+        return ChunkView(self._layout(piece_blocks, piece_lens, piece_starts), np.asarray(piece_seq, dtype=np.int64),
+                         np.asarray(piece_row, dtype=np.int64), np.asarray(q_lens, dtype=np.int64))
+
+    def _layout(self, blocks: Sequence[Sequence[int]], q_lens: Sequence[int], starts: Sequence[int]) -> PagedBatch:
         if not (len(blocks) == len(q_lens) == len(starts)) or not blocks:
             raise ValueError(
                 f"blocks, q_lens and starts must describe the same non-empty batch, got {len(blocks)}, "
@@ -122,11 +198,21 @@ class PagedKV:
     def attend_batch(
         self, layer: int, q: torch.Tensor, batch: PagedBatch, *, scale: float, tree_mask: torch.Tensor | None = None,
         sliding_window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+        attention_chunk: int | None = None,
     ) -> torch.Tensor:
         """Causal meta-attention of `q` `[total_q, heads, head_dim]` over each sequence's cache,
-        its new rows (already written) included, within the layer's `sliding_window` and with its
-        `softcap` and attention `sinks` (float [heads]) when it has them; returns q's shape.
-        `prepare` validated the metadata on the host, so nothing is read back from the device."""
+        its new rows (already written) included, within the layer's `sliding_window` or
+        `attention_chunk` (the batch must be prepared with that chunk size) and with its `softcap`
+        and attention `sinks` (float [heads]) when it has them; returns q's shape. `prepare`
+        validated the metadata on the host, so nothing is read back from the device."""
+        if attention_chunk is not None:
+            view = batch.chunk_views.get(attention_chunk)
+            if view is None:
+                raise ValueError(f"the layer attends in chunks of {attention_chunk} positions, but the batch was "
+                                 f"prepared for chunks of {sorted(batch.chunk_views)}: pass "
+                                 f"attention_chunks=({attention_chunk},) to prepare")
+            batch = view.batch
+            tree_mask = None if tree_mask is None else view.tree_mask(tree_mask)
         return run_meta_attention_varlen(
             q.contiguous(), self.k[layer], self.v[layer], batch.block_table, batch.cu_seqlens_q, batch.seqlens_kv,
             scale=scale, causal=True, tree_mask=tree_mask, check=False,

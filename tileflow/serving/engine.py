@@ -31,7 +31,7 @@ import torch
 
 from tileflow.passes.disaggregate import AttentionCut, StageProgram
 
-from ..runtime.paged_kv import PagedBatch, PagedKV
+from ..runtime.paged_kv import PagedBatch, PagedKV, check_chunk_blocks
 from ..runtime.streams import CudaStreams, StreamExecutor, grid_share
 from ..transfers import to_device
 from .blocks import BlockAllocator, common_window
@@ -208,6 +208,9 @@ class ServingEngine:
         if dtype is not None and dtype != attention_dtype:
             raise ValueError(f"dtype={dtype} for the KV cache, but the program's attention runs in {attention_dtype}: "
                              f"pass dtype={attention_dtype} (or leave dtype out)")
+        # Chunked attention layers read each step through its chunk view (`PagedKV.prepare`).
+        self._attention_chunks = sorted({c.attention_chunk for c in cuts if c.attention_chunk is not None})
+        check_chunk_blocks(self._attention_chunks, block_size)
         self.program = program
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.scheduler = Scheduler(self.allocator, token_budget=token_budget, decode_slots=decode_slots,
@@ -232,7 +235,7 @@ class ServingEngine:
 
     def add(self, request: Request) -> None:
         """Queue a request; ValueError for token ids the model has no embedding for, or for a
-        request longer than the model's learned position table (GPT-2's `n_positions`)."""
+        request longer than the program's `max_positions` (GPT-2's learned position table)."""
         vocab = getattr(self.program, "vocab_size", None)
         if vocab is not None:
             bad = sorted({t for t in (*request.prompt, *request.stop_tokens) if t >= vocab})
@@ -244,10 +247,10 @@ class ServingEngine:
         if positions is not None and len(request.prompt) + request.max_new_tokens - 1 > positions:
             fix = (f"lower max_new_tokens to {positions + 1 - len(request.prompt)} or shorten the prompt"
                    if len(request.prompt) <= positions else f"shorten the prompt to at most {positions} tokens")
+            what = self.program.max_positions_reason
             raise ValueError(
                 f"request {request.id}: {len(request.prompt)} prompt tokens and {request.max_new_tokens} new ones reach "
-                f"position {len(request.prompt) + request.max_new_tokens - 2}, past the model's {positions} learned "
-                f"positions: {fix}"
+                f"position {len(request.prompt) + request.max_new_tokens - 2}, past the model's {positions} {what}: {fix}"
             )
         self.scheduler.add(request)
         # TTFT counts from here: a request may join between steps or runs, long after a run began.
@@ -407,7 +410,7 @@ class ServingEngine:
         already hold every entry's positions."""
         tokens = np.array([t for e in entries for t in e.tokens], dtype=np.int64)
         batch = self.kv.prepare([self._block_ids(e.request) for e in entries], [len(e.tokens) for e in entries],
-                                [e.start for e in entries])
+                                [e.start for e in entries], attention_chunks=self._attention_chunks)
         pending = np.flatnonzero(tokens < 0)  # placeholders for the step in flight's tokens
         if not pending.size:
             (ids,) = to_device(self.device, tokens[None])
@@ -545,7 +548,7 @@ class ServingEngine:
         self.kv.write_batch(cut.index, batch, k, v)
         out = self.kv.attend_batch(cut.index, q, batch, scale=cut.scale, tree_mask=tree,
                                    sliding_window=cut.sliding_window, softcap=cut.softcap,
-                                   sinks=cut.sink_logits(self.device))
+                                   sinks=cut.sink_logits(self.device), attention_chunk=cut.attention_chunk)
         return out.unsqueeze(0).transpose(1, 2)
 
 

@@ -883,6 +883,42 @@ def test_buckets_stay_within_the_token_counts_guarded_range(replay_on_cpu) -> No
     assert replay_on_cpu.captures == 2
 
 
+TABLE22 = torch.randn(22, H)
+
+
+def _embedded_positions(x: torch.Tensor) -> torch.Tensor:
+    return (x + F.embedding(torch.arange(x.shape[0]), TABLE20)) @ W
+
+
+def _selected_positions(x: torch.Tensor) -> torch.Tensor:
+    return (x + TABLE22.index_select(0, torch.arange(x.shape[0]) + 2)) @ W
+
+
+def _indexed_positions(x: torch.Tensor) -> torch.Tensor:
+    return (x + TABLE22[torch.arange(2, x.shape[0] + 2)]) @ W
+
+
+@pytest.mark.parametrize("fn", [_embedded_positions, _selected_positions, _indexed_positions])
+def test_buckets_stay_within_a_table_read_at_positions(replay_on_cpu, monkeypatch: pytest.MonkeyPatch, fn) -> None:
+    """A table of 20 rows read at positions arange(T) + c guards nothing, and a replay at the
+    32-token bucket read rows up to 31 + c: past the table (a device-side assert on a GPU). The
+    buckets stop at rows - c, which becomes a bucket itself; no replay reads past the table."""
+    failed = []
+    capture = ReplayOnCpu.capture
+
+    def recording_capture(self, step):
+        try:
+            return capture(self, step)
+        except Exception as exc:  # a read past the table; the runner would run the step uncaptured
+            failed.append(exc)
+            raise
+
+    monkeypatch.setattr(ReplayOnCpu, "capture", recording_capture)
+    report = _run(fn, _rows, lengths=(5, 18, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 20]"]
+    assert replay_on_cpu.captures == 2 and not failed
+
+
 # Architecture sweep (cuda_graphs=True over ~90 transformers models): GPT-J's, GLM's and Cohere's
 # interleaved RoPE (a stack), LFM2's short convolution, XGLM's position table (index_select) and
 # DBRX's router norm (linalg_vector_norm) were refused though row-safe.

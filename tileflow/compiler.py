@@ -20,7 +20,7 @@ from .config import Config
 from .graph_utils import count_nodes, graph_to_json, shape_env_of, symbol_ranges
 from .log import get_logger
 from .lower import lower_graph
-from .padding_safety import padding_hazard
+from .padding_safety import capped_buckets, check_padding
 from .pipeline import PassContext, PassManager
 from .report import GraphReport, Report
 from .residual import build_residual, resolve_residual
@@ -51,28 +51,27 @@ def graphed_step(gm: fx.GraphModule, runner: Callable[..., Any], buckets: Sequen
 
 def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int], graph_report: GraphReport) -> tuple[int, ...]:
     """The token buckets `gm` may be replayed at: none when running it padded could change its
-    real rows (`padding_hazard`; the reason goes in the report), else those within the token
+    real rows (`check_padding`; the reason goes in the report), else those within the token
     count's guarded range plus its upper bound when that falls between two (a replay runs the
     graph at its bucket's size, and past the range, as a table of 20 rows sliced by T guards
-    T <= 20, the compiled code would read what the guards kept out). A graph with no single
-    token symbol keeps them: the runners capture nothing there."""
+    T <= 20, the compiled code would read what the guards kept out), and within the tables it
+    looks positions up in (a table of 20 rows read at `arange(T)` guards nothing, and a replay at
+    32 would read past it). A graph with no single token symbol keeps them: the runners capture
+    nothing there."""
     from tileflow.passes.nanobatch import token_symbol
 
     found = token_symbol(gm)
     if found is None:
         return tuple(buckets)
-    hazard = padding_hazard(gm, found[0])
-    if hazard:
-        graph_report.extra["cuda_graphs"] = f"not captured: a replay at a token bucket could differ from the step ({hazard})"
-        log.warning("%s: cuda_graphs not applied: %s", graph_report.graph_id, hazard)
+    check = check_padding(gm, found[0])
+    if check.hazard:
+        graph_report.extra["cuda_graphs"] = (f"not captured: a replay at a token bucket could differ from the step "
+                                             f"({check.hazard})")
+        log.warning("%s: cuda_graphs not applied: %s", graph_report.graph_id, check.hazard)
         return ()
-    upper = graph_report.symbols.get(str(found[0]), [None, None])[1]
-    if upper is None:
-        return tuple(buckets)
-    kept = [b for b in buckets if b <= upper]
-    if (not kept or kept[-1] < upper) and upper < max(buckets):
-        kept.append(upper)
-    return tuple(kept)
+    # Also within the tables the step looks positions up in (`PaddingCheck.max_bucket`).
+    bounds = [b for b in (graph_report.symbols.get(str(found[0]), [None, None])[1], check.max_bucket) if b is not None]
+    return capped_buckets(buckets, min(bounds, default=None))
 
 
 def inputs_device_type(example_inputs: Sequence[Any]) -> str:

@@ -19,6 +19,11 @@ query and key are one token, as `kv_pos > q_pos - w` or `seq[q] == seq[k]`), and
 with the dtype's lowest value only when its diagonal holds too (a row seeing no key would
 average every key). What the walk does not know is a hazard: the step then runs uncaptured.
 
+A lookup of a fixed table (an embedding, `index_select`, an index) at positions reads row t + c
+for token t: a replay at bucket B reads rows up to B - 1 + c, past the table when it has fewer
+rows, an index error (on a GPU a device-side assert) where the call itself reads none. Such a
+step is captured only at buckets of at most rows - c tokens (`PaddingCheck.max_bucket`).
+
 Mixture-of-experts routing moves rows out of token order and back (transformers' grouped-GEMM
 experts): the router's top-k expert ids, flattened token-major ([T, k] -> [k*T]: row r belongs to
 token r // k, padding at the end; a batch's [b*T, k] -> [b*T*k], each sequence's block padded at
@@ -42,7 +47,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import sympy
 import torch
@@ -53,7 +58,7 @@ from .graph_utils import attribute, bind_arguments, meta_val, written_arguments
 
 aten = torch.ops.aten
 
-__all__ = ["padding_hazard"]
+__all__ = ["PaddingCheck", "capped_buckets", "check_padding", "padding_hazard"]
 
 
 @dataclass(frozen=True)
@@ -166,11 +171,39 @@ _ROW_WISE = (_SAME_DIMS | _ELEMENTWISE | set(_FILLS) | _ALONG | _SCANS | {
 })
 
 
+@dataclass(frozen=True)
+class PaddingCheck:
+    """`check_padding`'s answer: `hazard`, why a padded run could change a real output element
+    (`node: reason`; None when padded rows provably never reach real ones), and `max_bucket`,
+    the most tokens a replay may be padded to (None: no bound; see the module docstring)."""
+
+    hazard: str | None
+    max_bucket: int | None = None
+
+
+def check_padding(gm: fx.GraphModule, token: Any) -> PaddingCheck:
+    """Whether `gm` may run padded along the token symbol `token` (see `PaddingCheck`). A graph
+    that writes any tensor in place is refused too: a replay writes the static copy of an input."""
+    walk = _Walk(token)
+    hazard = walk.run(gm)
+    return PaddingCheck(hazard, None if hazard else walk.max_bucket)
+
+
 def padding_hazard(gm: fx.GraphModule, token: Any) -> str | None:
-    """Why running `gm` padded along the token symbol `token` could change a real output element
-    (`node: reason`), or None when padded rows provably never reach real ones. A graph that
-    writes any tensor in place is refused too: a replay writes the static copy of an input."""
-    return _Walk(token).run(gm)
+    """`check_padding(gm, token).hazard`."""
+    return check_padding(gm, token).hazard
+
+
+def capped_buckets(buckets: Sequence[int], upper: int | None) -> tuple[int, ...]:
+    """The token buckets a step may be replayed at when its token count may not exceed `upper`
+    (None: no bound): those up to it, and `upper` itself when it falls between two buckets, so
+    the counts between the last kept bucket and it are captured too."""
+    if upper is None:
+        return tuple(buckets)
+    kept = [b for b in buckets if b <= upper]
+    if upper >= 1 and (not kept or kept[-1] < upper) and upper < max(buckets, default=0):
+        kept.append(upper)
+    return tuple(kept)
 
 
 class _Walk:
@@ -179,6 +212,7 @@ class _Walk:
     def __init__(self, token: Any) -> None:
         self.token = token
         self.facts: dict[fx.Node, _Facts] = {}
+        self.max_bucket: int | None = None  # lowest table bound of lookups at positions (module docstring)
 
     def run(self, gm: fx.GraphModule) -> str | None:
         for node in gm.graph.nodes:
@@ -885,6 +919,8 @@ class _Walk:
         for d, idx in enumerate(indices):
             if idx is None:
                 continue
+            if d not in s_dims and (refused := self.table_rows_at(node, meta_val(src).shape[d], idx)):
+                return refused
             if d in s_dims:
                 pos = self.facts[idx].position
                 # Index row i (token index i) reads source row i + pos, token index i + pos - prefix.
@@ -905,7 +941,7 @@ class _Walk:
         x, index = args["self"], args["index"]
         x_dims = self.dims(meta_val(x))
         if not self.carries_tokens(x):
-            return _CLEAN
+            return self.table_rows_at(node, meta_val(x).shape[args["dim"]] if meta_val(x).dim() else 1, index) or _CLEAN
         if x_dims is not None and not self.carries_tokens(index) and args["dim"] % max(meta_val(x).dim(), 1) not in x_dims:
             return _CLEAN
         return self.refuse(node, "index_select along a token dim, or of a tensor with a token dim by indices that carry one")
@@ -925,7 +961,22 @@ class _Walk:
     def row_lookup(self, node: fx.Node, table: fx.Node) -> _Facts:
         if self.carries_tokens(table):
             return self.refuse(node, "looks rows up in a table that carries the token dim")
-        return _CLEAN
+        return self.table_rows_at(node, meta_val(table).shape[0], node.args[1]) or _CLEAN
+
+    def table_rows_at(self, node: fx.Node, rows: Any, index: Any) -> _Facts | None:
+        """A lookup of one of a fixed table's `rows` rows at `index`: at positions (row t + c for
+        token t) a replay at bucket B reads up to row B - 1 + c, so the buckets stop at rows - c
+        (`max_bucket`); a refusal when c or the rows are not numbers, else None."""
+        position = self.facts[index].position if isinstance(index, fx.Node) else None
+        if position is None:
+            return None
+        offset = sympy.sympify(position)
+        if not (offset.is_Integer and isinstance(rows, int)):
+            return self.refuse(node, "looks a table's rows up at token positions plus an offset that is not a "
+                                     "number: a replay at a larger bucket could read past the table")
+        bound = max(rows - int(offset), 0)
+        self.max_bucket = bound if self.max_bucket is None else min(self.max_bucket, bound)
+        return None
 
     def matmul(self, node: fx.Node) -> _Facts:
         """A matmul keeps rows apart unless it contracts over a token dim."""

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ..capture import capture_exported, export_program
 from ..config import Config
-from ..padding_safety import padding_hazard
+from ..padding_safety import capped_buckets, check_padding
 from ..pipeline import PassContext, PassManager
 from ..report import GraphReport
 from ..residual import resolve_residual
@@ -154,11 +154,11 @@ def build_stage_program(
     for i, stage in enumerate(program.dense):
         # Every stage's sizes are the one token count (the export's only dynamic dim).
         found = token_symbol(stage.module) if graphed else None
-        refused = None
+        refused = check = None
         if graphed and found is None:
             refused = "not captured: no single symbolic token dimension to bucket"
-        elif graphed and (hazard := padding_hazard(stage.module, found[0])):
-            refused = f"not captured: a replay at a token bucket could differ from the step ({hazard})"
+        elif graphed and (check := check_padding(stage.module, found[0])).hazard:
+            refused = f"not captured: a replay at a token bucket could differ from the step ({check.hazard})"
         if refused:
             report.extra[f"cuda_graphs_stage_{i}"] = refused
         dims = graph_token_dims(stage.module, found[0]) if graphed and not refused else None
@@ -166,7 +166,11 @@ def build_stage_program(
             stage.module = torch.compile(stage.module, dynamic=True)
         if dims is not None:
             buckets = [b for b in config.graph_buckets() if b <= MAX_GRAPHED_TOKENS]
-            stage.module = GraphedStage(stage, program.constants, dims[0], list(dims[1]), buckets)
+            capped = capped_buckets(buckets, check.max_bucket)  # within the tables it looks positions up in
+            if capped:
+                stage.module = GraphedStage(stage, program.constants, dims[0], list(dims[1]), capped)
+            else:
+                report.extra[f"cuda_graphs_stage_{i}"] = "not captured: it looks positions up in a table shorter than any bucket"
     program.cuda_graphs = graphed
     program.max_tokens = max_tokens
     return program

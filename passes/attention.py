@@ -267,6 +267,11 @@ class Attention:
         def single_use(n: fx.Node) -> bool:
             return len([u for u in n.users if u not in skip]) == 1
 
+        # XGLM masks its scores as [B, H, S, S_kv] between two views of the product's [B*H, S,
+        # S_kv]: the masks below the second view are in the kernel's layout.
+        if isinstance(cur, fx.Node) and single_use(cur) and _merges_heads(cur) and _scores_product(cur.args[0]) is None:
+            cur = cur.args[0]
+        clamped = False
         # ALiBi's bias is `slope * (j - p)` in the kernel and `slope * j` (or another shift) in the
         # models: the same softmax, unless a sink joins it without the shift. With a sink the bias
         # is an additive mask (exact).
@@ -297,8 +302,14 @@ class Attention:
             elif (filled := _filled_with_low_value(cur)) is not None:
                 cur, hide_mask = filled[0], self._fill_mask(graph, *filled[1:])
                 mask = self._joined_mask(graph, mask, hide_mask, softmax)
+            elif mask is None and not clamped and (below := _clamped_at_lowest(cur)) is not None:
+                # `max(scores + mask, finfo.min)` (XGLM): the masks below it hide keys with the
+                # lowest value, not -inf (a row that sees nothing averages its keys).
+                cur, clamped = below, True
             else:
                 break
+        if clamped and mask is not None:
+            mask = self._lowest_for_hidden(graph, mask)
         softcap, cur = _soft_cap(cur, skip)
         if (_is_op(cur, aten.mul.Tensor) or _is_op(cur, aten.div.Tensor)) and single_use(cur):
             factor = cur.args[1]
@@ -310,6 +321,10 @@ class Attention:
         if product is None:
             return _unmatched_scores(softmax) if attention else None
         qk = product["node"]
+        if "self" in product and _zero_fill(product["self"]) and isinstance(product["alpha"], (int, float)):
+            # `baddbmm(zeros, q, k^T, alpha=scale)` (GPT-NeoX-Japanese): no bias, a scale.
+            product_scale = float(product.pop("alpha"))
+            del product["self"]
         if "self" in product:  # beta * bias + alpha * q @ k^T
             slopes = self._alibi_slopes(product["self"], qk, view=cur) if alibi is None and find_alibi else None
             # The bias is inside what a cap or a scale after the product acts on: a numeric
@@ -356,9 +371,13 @@ class Attention:
             nxt = _only_user(nxt)
             while nxt is not None and nxt.target is aten.clone.default:
                 nxt = _only_user(nxt)
-        if nxt is None or nxt.target not in _VIEWS:
+        if nxt is not None and nxt.target is aten.bmm.default and _val(nxt.args[0]).dim() == 3:
+            # The product reads the [B*H, S, S_kv] softmax as it is (XGLM's views of it cancel).
+            nxt, pv = nxt.args[0], nxt
+        elif nxt is None or nxt.target not in _VIEWS:
             return "the softmax output is used for more than the P @ V product"
-        pv = _only_user(nxt)
+        else:
+            pv = _only_user(nxt)
         if pv is None or pv.target is not aten.bmm.default or pv.args[0] is not nxt:
             return "the softmax output does not feed a P @ V product"
         v = _unflatten_heads(pv.args[1])
@@ -476,6 +495,26 @@ class Attention:
                     joined = graph.call_function(aten.add.Tensor, tuple(parts))
             infer_meta(joined)
             self._made[key] = joined
+        return self._made[key]
+
+    def _lowest_for_hidden(self, graph: fx.Graph, mask: fx.Node) -> fx.Node:
+        """The additive float32 mask that is `mask` with its hidden keys (-inf, or any value below
+        float32's lowest) at float32's lowest: what `max(scores + mask, finfo.min)` applies. One
+        node per mask."""
+        key = ("lowest", mask)
+        if key not in self._made:
+            low = torch.finfo(torch.float32).min
+            with graph.inserting_after(mask):
+                if _val(mask).dtype == torch.bool:
+                    made = graph.call_function(aten.where.Scalar, (mask, 0.0, low))
+                else:
+                    as_float = graph.call_function(torch.ops.prims.convert_element_type.default, (mask, torch.float32))
+                    infer_meta(as_float)
+            if _val(mask).dtype != torch.bool:
+                with graph.inserting_after(as_float):
+                    made = graph.call_function(aten.clamp_min.default, (as_float, low))
+            infer_meta(made)
+            self._made[key] = made
         return self._made[key]
 
     def _fill_mask(self, graph: fx.Graph, mask: fx.Node, hides: bool, fill: float) -> fx.Node:
@@ -868,6 +907,47 @@ def _filled_with_low_value(node: fx.Node) -> tuple[fx.Node, fx.Node, bool, float
 
 
 _LOWEST_VALUES = {torch.finfo(d).min for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def _clamped_at_lowest(node: fx.Node) -> fx.Node | None:
+    """x when `node` is `maximum(x, lowest)` or `clamp_min(x, lowest)` for a lowest value of a
+    float dtype that x's dtype holds (XGLM's clamp of its masked scores), else None."""
+    if node.target is aten.maximum.default:
+        pair = [(a, b) for a, b in (node.args[:2], node.args[1::-1]) if isinstance(a, fx.Node) and _constant(b) is not None]
+    elif node.target is aten.clamp_min.default:
+        pair = [tuple(node.args[:2])]
+    else:
+        return None
+    if len(pair) != 1:
+        return None
+    x, low = pair[0][0], _constant(pair[0][1])
+    xv = _val(x)
+    if not (isinstance(xv, torch.Tensor) and xv.is_floating_point() and low in _LOWEST_VALUES
+            and low >= torch.finfo(xv.dtype).min and same_shape(xv.shape, _val(node).shape)):
+        return None
+    return x
+
+
+_ZERO_FILLS = {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}
+_FILLS = {aten.full.default: 1, aten.new_full.default: 2, aten.full_like.default: 1}
+
+
+def _zero_fill(node: Any) -> bool:
+    """Whether `node` is a tensor of zeros made in the graph (`zeros`, or `full` of 0)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target in _ZERO_FILLS:
+        return True
+    return node.target in _FILLS and _constant(node.args[_FILLS[node.target]]) == 0.0
+
+
+def _merges_heads(node: fx.Node) -> bool:
+    """Whether `node` views a [B, H, S, L] tensor as [B*H, S, L]."""
+    if node.target not in _VIEWS or not isinstance(node.args[0], fx.Node):
+        return False
+    src, out = _val(node.args[0]), _val(node)
+    return (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() == 4 and out.dim() == 3
+            and same_shape(out.shape, (src.shape[0] * src.shape[1], *src.shape[2:])))
 
 
 def _negation_source(mask: fx.Node) -> fx.Node | None:

@@ -140,6 +140,13 @@ ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[str, ...]]] = {
                            attention_types=[[["global", "local"], 1]], window_size=8, num_hidden_layers=None,
                            num_attention_heads=None, num_key_value_heads=None), ()),
     "gpt_neox": (_causal_lm("GPTNeoXConfig", "GPTNeoXForCausalLM"), ()),
+    # Scores from `baddbmm(zeros, q, k^T, alpha=1/sqrt(d))`.
+    "gpt_neox_japanese": (_causal_lm("GPTNeoXJapaneseConfig", "GPTNeoXJapaneseForCausalLM", intermediate_multiple_size=2,
+                                     intermediate_size=None, num_key_value_heads=None), ()),
+    # Masked scores clamped at finfo.min, between views of [B*H, S, L] and [B, H, S, L].
+    "xglm": (_causal_lm("XGLMConfig", "XGLMForCausalLM", d_model=64, ffn_dim=128, num_layers=2, attention_heads=4,
+                        hidden_size=None, intermediate_size=None, num_hidden_layers=None, num_attention_heads=None,
+                        num_key_value_heads=None, max_position_embeddings=64), ()),
     # Attention sinks, sliding windows on every other layer, MoE.
     "gpt_oss": (_causal_lm("GptOssConfig", "GptOssForCausalLM", head_dim=16, intermediate_size=64, num_local_experts=4,
                            num_experts_per_tok=2, sliding_window=8), ("attention_sinks",)),

@@ -683,15 +683,17 @@ def test_models_with_hand_written_attention(name) -> None:
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("llama", torch.bfloat16), ("llama", torch.float16), ("gemma2", torch.bfloat16),
-                                           ("mpt", torch.bfloat16), ("gpt_neo", torch.float16), ("falcon", torch.bfloat16)])
+                                           ("mpt", torch.bfloat16), ("gpt_neo", torch.float16), ("falcon", torch.bfloat16),
+                                           ("xglm", torch.float16), ("gpt_neox_japanese", torch.bfloat16)])
 def test_hand_written_attention_in_half_precision(name: str, dtype: torch.dtype) -> None:
     """transformers' eager attention in bf16/fp16 takes the softmax in float32,
     `softmax(scores, dtype=float32).to(dtype)`: a cast on each side of it, which hid the
     attention from the pass (Gemma-2, whose soft-cap needs eager attention, kept every layer as
     it was). MPT adds a float32 ALiBi bias, so its scores are float32 filled with bf16's lowest
     value; GPT-Neo casts q and k to float32 for the product (and Falcon's scores, with a padding
-    mask, go through [B*H, S, L] and back between the scale and the mask, in any dtype). The
-    kernel's softmax is float32
+    mask, go through [B*H, S, L] and back between the scale and the mask, in any dtype; XGLM
+    clamps its fp16 scores at fp16's lowest; GPT-NeoX-Japanese takes them from a baddbmm of
+    zeros). The kernel's softmax is float32
     anyway, over scores it does not round first: the compiled model, on a batch with a
     left-padded row, is as close to the float32 model at every real token as eager is."""
     import copy
@@ -755,6 +757,37 @@ def test_a_softmax_from_half_to_float_is_matched() -> None:
         x = torch.randn(1, tokens, 16, dtype=torch.float16)
         # Left as it was, the fp16-to-float32 softmax would raise: the CPU has no kernel for it.
         torch.testing.assert_close(compiled(x), fn(x), rtol=2e-3, atol=2e-3)
+    assert report.rewrites["meta_attention"] == len(report.graphs) and not report.fallbacks
+
+
+QKV_CLAMPED = torch.randn(16, 48)
+
+
+def test_scores_clamped_at_the_lowest_value_are_matched() -> None:
+    """XGLM adds its mask to the [B, H, S, L] scores between two views of the product's
+    [B*H, S, L] and clamps them at finfo.min: `max(scores + mask, finfo.min)`. Keys the mask hides
+    with -inf then hold the lowest value, and a row that sees no key averages every key instead
+    of coming out NaN: the kernel gets the mask with its hidden keys at float32's lowest. Every
+    row is compared, the one that sees nothing too."""
+    def fn(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[:2]
+        q, k, v = (x @ QKV_CLAMPED).split(16, -1)
+        q, k, v = (y.view(b, t, 2, 8).transpose(1, 2).reshape(b * 2, t, 8) for y in (q * 0.3, k, v))
+        mask = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+        scores = torch.bmm(q, k.transpose(1, 2)).view(b, 2, t, t) + mask
+        scores = torch.max(scores, torch.full((), torch.finfo(scores.dtype).min)).view(b * 2, t, t)
+        p = torch.softmax(scores, dim=-1).view(b, 2, t, t).view(b * 2, t, t)
+        return torch.bmm(p, v).view(b, 2, t, 8).transpose(1, 2).reshape(b, t, 16)
+
+    report = tileflow.Report()
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend({"target": "reference"}, report=report))
+    for tokens in (6, 11):
+        keep = torch.ones(2, 1, tokens, tokens, dtype=torch.bool).tril()
+        keep[1, :, :, :3] = False  # left padding: the second row's first 3 queries see no key
+        x = torch.randn(2, tokens, 16)
+        want = fn(x, keep)
+        assert want.isfinite().all()
+        torch.testing.assert_close(compiled(x, keep), want, rtol=1e-5, atol=1e-5)
     assert report.rewrites["meta_attention"] == len(report.graphs) and not report.fallbacks
 
 

@@ -41,7 +41,7 @@ def test_architecture_compiles_once_and_matches_eager(name: str) -> None:
         assert rewrites.get(feature, 0) == (2 if feature in features else 0), feature
 
 
-@pytest.mark.parametrize("name", ["bloom", "mpt", "gpt_neo", "gemma2"])
+@pytest.mark.parametrize("name", ["bloom", "mpt", "gpt_neo", "gemma2", "xglm"])
 def test_eager_masks_with_left_padding(name: str) -> None:
     """Models whose attention is their own code get transformers' eager masks, which hide keys
     with finfo.min instead of -inf: with a left-padded batch (query rows that see no key at all)

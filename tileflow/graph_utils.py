@@ -381,7 +381,7 @@ def constant_number(node: Any) -> float | None:
 
 def constant_values(node: Any, max_values: int | None = None) -> tuple[float, ...] | None:
     """The values of a tensor the graph holds as a constant (an attribute, a parameter, or
-    `scalar_tensor` of a number), reached through copies, casts and reshapes, flattened; None
+    `scalar_tensor` or a one-element `full` of a number), reached through copies, casts and reshapes, flattened; None
     when they are only known at run time, or when there are more than `max_values`."""
     while isinstance(node, fx.Node) and node.op == "call_function" and (
             node.target in _CONSTANT_COPIES or node.target in (_aten.view.default, _aten.reshape.default)):
@@ -390,6 +390,10 @@ def constant_values(node: Any, max_values: int | None = None) -> tuple[float, ..
         return None
     if node.op == "call_function" and node.target is _aten.scalar_tensor.default:
         value = constant_number(node.args[0])
+        return None if value is None else (value,)
+    if node.op == "call_function" and node.target is _aten.full.default and all(
+            isinstance(d, int) and d == 1 for d in node.args[0]):  # `torch.full((), v)`: one number
+        value = constant_number(node.args[1])
         return None if value is None else (value,)
     if node.op == "get_attr":
         value = node.graph.owning_module

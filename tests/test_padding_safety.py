@@ -815,11 +815,39 @@ def test_a_lowest_value_mask_without_its_diagonal_is_not_captured(replay_on_cpu)
     _assert_not_captured(report)
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "bloom"])
+def _clamped_inf_mask(allowed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # XGLM: an -inf mask, clamped at the lowest value (hidden keys then hide only beside a seen one).
+    bias = torch.clamp_min(torch.where(allowed, torch.tensor(0.0), torch.tensor(float("-inf"))), LOWEST)
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=bias)
+
+
+def _causal_clamped(x: torch.Tensor) -> torch.Tensor:
+    pos = torch.arange(x.shape[1])
+    return _clamped_inf_mask(pos[None, :] <= pos[:, None], x)
+
+
+def _strictly_causal_clamped(x: torch.Tensor) -> torch.Tensor:
+    pos = torch.arange(x.shape[1])
+    return _clamped_inf_mask(pos[None, :] < pos[:, None], x)
+
+
+def test_a_clamped_mask_is_captured_only_with_its_diagonal(replay_on_cpu) -> None:
+    """Clamped at the lowest value, an -inf mask keeps its padded keys out only of rows that see
+    a key: a causal one is captured; a strictly causal one, whose first row would average the
+    padded keys too, is not."""
+    report = _run(_causal_clamped, _tokens, lengths=(3, 7, 12))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1
+    torch._dynamo.reset()
+    replay_on_cpu.captures = 0
+    _assert_not_captured(_run(_strictly_causal_clamped, _tokens))
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "bloom", "xglm"])
 def test_zoo_models_with_lowest_value_masks_are_captured(replay_on_cpu, arch: str) -> None:
     """Gemma-2 (sliding windows, soft-capping) and BLOOM (ALiBi) fill their masks with the
-    dtype's lowest value; each real query keeps its own key, so they are captured, and equal
-    eager at lengths past Gemma-2's window of 8."""
+    dtype's lowest value, XGLM clamps its masked scores at it; each real query keeps its own
+    key, so they are captured, and equal eager at lengths past Gemma-2's window of 8."""
     from models import ZOO
 
     torch.manual_seed(0)

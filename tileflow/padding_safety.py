@@ -1139,7 +1139,20 @@ class _Walk:
                            and math.isfinite(self.facts[attend].fill))
                 if low == float("-inf") or visible:
                     shift = rank - meta_val(cond).dim()
-                    return _Facts(causal=(c.causal[0] + shift, c.causal[1] + shift))
+                    causal = (c.causal[0] + shift, c.causal[1] + shift)
+                    # A diagonal of visible keys: the fill may become the lowest value (a clamp).
+                    return _Facts(causal=causal, diagonal=causal if visible else None)
+            return _CLEAN
+        if target in (aten.clamp_min.default, aten.maximum.default) and tensors:
+            # `max(mask, lowest)` (XGLM's clamp of masked scores): hidden keys hold the lowest
+            # value, which hides them only beside a visible key, so the diagonal must hold.
+            x = node.args[0] if node.args[0] in tensors else node.args[1]
+            bound = node.args[1] if x is node.args[0] else node.args[0]
+            low = self.facts[bound].fill if isinstance(bound, fx.Node) else bound
+            facts = self.facts[x]
+            if (isinstance(low, (int, float)) and low <= _LOWEST and facts.causal is not None
+                    and facts.diagonal == tuple(sorted(facts.causal))):
+                return _Facts(causal=facts.causal, diagonal=facts.diagonal)
             return _CLEAN
         if target in (aten.add.Tensor, aten.sub.Tensor) and len(tensors) == 1:
             facts = self.facts[tensors[0]]

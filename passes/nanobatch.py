@@ -287,7 +287,10 @@ class NanoBatch:
         device = _device(ctx)
         plan = NanoBatchPlan(setting, where, dims, split, specs, edges, profile, device)
         if setting == "auto" and device is None:
-            result.fallback("graph", f"nano_batches='auto' needs the device table entry of a {ctx.device_type} device; none")
+            why = ("this GPU has no entry in the device table (tileflow.devices)" if ctx.device_type == "cuda"
+                   else f"this graph runs on {ctx.device_type}")
+            result.fallback("graph", f"nano_batches='auto' runs the split search, which needs a CUDA device's figures, "
+                                     f"and {why}: not split (an integer nano_batches >= 2 forces a split)")
             return result
         for node in gm.graph.nodes:
             if node.name in split:

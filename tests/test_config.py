@@ -77,11 +77,46 @@ def test_environment_variables_and_precedence() -> None:
         ({"TILEFLOW_VERIFY_ATOL": "x"}, "TILEFLOW_VERIFY_ATOL='x' is not a number"),
         ({"TILEFLOW_TARGETT": "triton"}, "unknown environment variable TILEFLOW_TARGETT"),
         ({"TILEFLOW_TARGET": "gpu"}, "'target' must be one of"),
+        ({"TILEFLOW_NANO_BATCHES": "x"}, "TILEFLOW_NANO_BATCHES='x' is neither 'auto' nor an integer"),
     ],
 )
 def test_bad_environment(env: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         Config.from_options({}, env=env)
+
+
+@pytest.mark.parametrize("text, what", [("not json", "JSONDecodeError"), ("{}", "TypeError: the file holds a JSON dict"),
+                                        ('[{"device": "h100"}]', "KeyError")])
+def test_a_malformed_tile_timings_file_is_an_error(tmp_path, text: str, what: str) -> None:
+    """Read when the config is made: a malformed file used to leave every GEMM unplanned, with
+    only a fallback in the report (and `{}` read as no timings at all)."""
+    path = tmp_path / "timings.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"tile_timings file .* is malformed \\({what}"):
+        Config(tile_timings=str(path))
+
+
+def test_command_line_options_read_as_environment_variables() -> None:
+    """`--options KEY=VALUE` takes a value as its option's environment variable does: `True`
+    and `true` are both on (JSON's `true` alone was), passes may be comma-separated."""
+    from tileflow.cli import SpecError, _parse_options
+
+    assert _parse_options(("strict=True", "verify=false", "max_tokens=64", "passes=canonicalize,attention",
+                           "nano_batches=auto", "target=reference")) == {
+        "strict": True, "verify": False, "max_tokens": 64, "passes": ("canonicalize", "attention"),
+        "nano_batches": "auto", "target": "reference"}
+    with pytest.raises(SpecError, match="--options strict='maybe' is not a boolean"):
+        _parse_options(("strict=maybe",))
+
+
+def test_passes_command_lists_the_pipeline_in_order() -> None:
+    from click.testing import CliRunner
+
+    from tileflow.cli import main
+
+    lines = CliRunner().invoke(main, ["passes"]).output.splitlines()
+    assert lines[:5] == ["canonicalize  (default)", "attention  (default)", "gemm_padding  (default)", "nanobatch",
+                         "disaggregate"]
 
 
 def test_use_config_scopes_eager_calls(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -224,6 +224,15 @@ def test_truncated_file(archive, tmp_path: Path) -> None:
         tileflow.load(bad)
 
 
+def test_loading_an_ascend_export_folder_names_its_archive(archive, tmp_path: Path) -> None:
+    """`export --target ascend` writes a folder with the archive in it, as model.pt2."""
+    folder = tmp_path / "ascend_project"
+    folder.mkdir()
+    (folder / "model.pt2").write_bytes(archive[0].read_bytes())
+    with pytest.raises(ValueError, match=f"is a folder: load the archive in it, {folder / 'model.pt2'}"):
+        tileflow.load(folder)
+
+
 def test_unavailable_target_in_fresh_process(spec_dir: Path) -> None:
     """A triton archive (built under the interpreter) cannot load without a GPU or the interpreter."""
     out = spec_dir / "tiny_triton.pt2"

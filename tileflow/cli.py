@@ -16,6 +16,7 @@ from typing import Any
 import click
 import torch
 
+from .config import BUILTIN_PASSES, DEFAULT_PASSES, option_from_text
 from .pipeline import available_passes
 
 
@@ -27,9 +28,11 @@ def main() -> None:
 
 @main.command("passes")
 def passes_command() -> None:
-    """List the passes that `options={"passes": [...]}` can name."""
-    for name in available_passes():
-        click.echo(name)
+    """List the passes that `options={"passes": [...]}` can name: the built-in ones in the order
+    they run (the default pipeline's marked), then any registered by other packages."""
+    names = available_passes()
+    for name in [*(p for p in BUILTIN_PASSES if p in names), *(p for p in names if p not in BUILTIN_PASSES)]:
+        click.echo(f"{name}  (default)" if name in DEFAULT_PASSES else name)
 
 
 @main.command("report")
@@ -107,18 +110,17 @@ def _parse_dynamic(items: tuple[str, ...]) -> dict[str, tuple[int, int]]:
 
 
 def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
-    """`key=value` strings -> tileflow options; values are read as JSON when they parse (ints,
-    bools, lists), else kept as text."""
+    """`key=value` strings -> tileflow options, each value read as its option's environment
+    variable is (`true`/`True`/`1`, numbers, comma-separated passes)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise SpecError(f"--options {item!r} must look like key=value, e.g. max_tokens=4096")
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key.strip()] = value
+            out[key.strip()] = option_from_text(key.strip(), raw, f"--options {key.strip()}")
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
     return out
 
 

@@ -85,9 +85,12 @@ class Config:
         for name in ("debug_dir", "tile_timings"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
                 raise ValueError(f"tileflow option {name!r} must be a path or None, got {getattr(self, name)!r}")
-        if self.tile_timings is not None and not os.path.isfile(self.tile_timings):
-            raise ValueError(f"tileflow option 'tile_timings': no file at {str(self.tile_timings)!r}; write one with "
-                             "`python bench/gemm.py --measure-tiles FILE` on the device, or leave it unset")
+        if self.tile_timings is not None:
+            from .runtime import load_tile_timings  # here: the runtime imports this module
+
+            # Read now (a missing or malformed file would otherwise leave every GEMM unplanned,
+            # only a fallback in the report saying why).
+            load_tile_timings(str(self.tile_timings))
         nb = self.nano_batches
         if not (nb == "auto" or (isinstance(nb, int) and not isinstance(nb, bool) and nb >= 1)):
             raise ValueError(
@@ -186,6 +189,15 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
+def option_from_text(key: str, text: str, source: str) -> Any:
+    """An option's value written as text (a command line's KEY=VALUE, as an environment
+    variable's) in its field's type; `source` names it in errors. An unknown key keeps its text:
+    `Config` names it."""
+    if key not in {f.name for f in fields(Config)}:
+        return text
+    return _parse_env(key, source, text)
+
+
 def _parse_env(key: str, name: str, raw: str) -> Any:
     """Parse one environment variable's text into the field's type, with a clear error."""
     kind = _field_type(key)
@@ -208,7 +220,12 @@ def _parse_env(key: str, name: str, raw: str) -> Any:
         except ValueError:
             raise ValueError(f"{name}={raw!r} is not a number") from None
     if key == "nano_batches":
-        return "auto" if text == "auto" else _parse_env("max_tokens", name, text)
+        if text == "auto":
+            return "auto"
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is neither 'auto' nor an integer") from None
     if key in ("debug_dir", "tile_timings"):
         return text or None
     return _coerce(key, text)

@@ -22,6 +22,7 @@ import hashlib
 import inspect
 import io
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -428,6 +429,9 @@ def read_archive(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     except FileNotFoundError:
         raise FileNotFoundError(f"no tileflow archive at {path}") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        inside = os.path.join(path, "model.pt2")
+        if os.path.isdir(path) and os.path.isfile(inside):  # `export --target ascend` writes a folder
+            raise ValueError(f"{path} is a folder: load the archive in it, {inside}") from None
         raise ValueError(f"{path} is not a readable tileflow archive (truncated or not a zip file: {exc}); re-export it") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} has a corrupt {MANIFEST_MEMBER}: {exc}; re-export it") from None

@@ -96,7 +96,8 @@ def load_tile_timings(path: str) -> dict[TimingKey, tuple[tuple[TileConfig, floa
     of one tile), its fixup left out. Cached per file path and mtime."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"tile_timings file {path!r} does not exist; write one with `python bench/gemm.py --measure-tiles {path}`")
+        raise ValueError(f"tileflow option 'tile_timings': no file at {str(path)!r}; write one with "
+                         "`python bench/gemm.py --measure-tiles FILE` on the device, or leave it unset")
     return _load_tile_timings(str(p), p.stat().st_mtime_ns)
 
 
@@ -105,6 +106,8 @@ def _load_tile_timings(path: str, mtime: int) -> dict[TimingKey, tuple[tuple[Til
     # `mtime` is only part of the cache key, so an edited file is read again.
     try:
         entries = json.loads(Path(path).read_text())
+        if not isinstance(entries, list):
+            raise TypeError(f"the file holds a JSON {type(entries).__name__}")
         grouped: dict[TimingKey, list[tuple[TileConfig, float]]] = {}
         for e in entries:
             key = (str(e["device"]), str(e["dtype"]), int(e["n"]), int(e["k"]), bool(e.get("persistent", False)),

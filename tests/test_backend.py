@@ -68,6 +68,8 @@ def test_explain_report_prints_and_round_trips() -> None:
     text = str(report)
     assert "canonicalize" in text and "canonical_linear=15" in text and "graph_" in text
     assert "tile plans" in text and "padded_gemm=13" in text
+    for symbol, (lo, hi) in graph.symbols.items():  # an unbounded range reads [lo, ∞), not [lo, None]
+        assert f"{symbol}∈[{lo}, {'∞)' if hi is None else f'{hi}]'}" in text
     again = tileflow.Report.from_json(report.to_json())
     assert again == report and again.rewrites == report.rewrites
     assert json.loads(report.to_json())["graphs"][0]["symbols"]

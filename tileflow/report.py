@@ -202,7 +202,8 @@ def format_report(report: Report) -> str:
     """Human-readable summary: one block per graph, then totals."""
     out = [f"tileflow report: {len(report.graphs)} graph(s), {report.recompiles} recompile(s)"]
     for g in report.graphs:
-        syms = ", ".join(f"{s}∈[{lo}, {hi}]" for s, (lo, hi) in g.symbols.items()) or "none"
+        syms = ", ".join(f"{s}∈[{lo}, {hi}]" if hi is not None else f"{s}∈[{lo}, ∞)"
+                         for s, (lo, hi) in g.symbols.items()) or "none"
         out.append("")
         out.append(
             f"graph {g.graph_id} (compile {g.compile_id}): {g.nodes_in} -> {g.nodes_out} nodes, "

@@ -1,13 +1,15 @@
-"""Serve a small-config Llama or Mistral (random weights) with continuous batching, chunked
-prefill and speculative verify over a paged KV cache, and print the serving metrics.
+"""Serve a small-config Llama, Mistral or Llama 4 (random weights) with continuous batching,
+chunked prefill and speculative verify over a paged KV cache, and print the serving metrics.
 
     python examples/serve.py [--draft 3] [--requests 12] [--nano-batches 2] [--check]
     python examples/serve.py --arch mistral --window 8 --blocks 10 --check
+    python examples/serve.py --arch llama4 --chunk 16 --check
     python examples/serve.py --temperature 0.8 --top-p 0.95 --check
 
 Mistral slides a window over every layer, so each request holds only the KV blocks its window
 and its step need: 10 blocks of 8 tokens serve prompts of up to 75 tokens (and their 24 new
-ones) beside each other.
+ones) beside each other. Llama 4 (a mixture of experts) attends in chunks of `--chunk`
+positions on its RoPE layers, its NoPE layer over the whole sequence.
 
 The model's step is compiled by tileflow's passes (padded GEMMs, meta-attention, cut at its
 attention ops); each step packs decode/verify tokens first, then prompt chunks, up to the token
@@ -22,14 +24,16 @@ import argparse
 import copy
 import json
 import sys
+import warnings
 
 import torch
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=("llama", "mistral"), default="llama")
+    p.add_argument("--arch", choices=("llama", "mistral", "llama4"), default="llama")
     p.add_argument("--window", type=int, default=8, help="Mistral's sliding window (keys)")
+    p.add_argument("--chunk", type=int, default=16, help="Llama 4's attention chunk (positions; a multiple of 8)")
     p.add_argument("--blocks", type=int, default=512, help="KV cache blocks of 8 tokens")
     p.add_argument("--requests", type=int, default=12)
     p.add_argument("--new-tokens", type=int, default=24)
@@ -44,6 +48,8 @@ def main() -> int:
     p.add_argument("--check", action="store_true", help="compare with eager generation")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    # torch.export's pytree deprecation notes (torch's own use, nothing the example can change).
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
     import transformers
 
@@ -55,6 +61,11 @@ def main() -> int:
                  num_key_value_heads=2, max_position_embeddings=512)
     if args.arch == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=args.window, **shape))
+    elif args.arch == "llama4":
+        config = transformers.Llama4TextConfig(**shape, head_dim=16, intermediate_size_mlp=128, num_local_experts=4,
+                                               num_experts_per_tok=1, attention_chunk_size=args.chunk,
+                                               no_rope_layers=[1, 0])
+        model = transformers.Llama4ForCausalLM(config)
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
     model.eval()

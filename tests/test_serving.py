@@ -937,9 +937,11 @@ def test_step_leaves_placeholders_until_the_next_step_reads_them(llama_program) 
         engine.prepare([Entry(first, [-3], first.computed, "decode")])
 
 
-# Mistral's window lets 6 blocks of 8 serve its prompts of up to 75 tokens side by side.
+# Mistral's window lets 6 blocks of 8 serve its prompts of up to 75 tokens side by side; Llama 4's
+# prompts (17-76 tokens) cross its chunks of 16.
 @pytest.mark.parametrize("args", [(), ("--arch", "mistral", "--window", "8", "--blocks", "6"),
-                                  ("--temperature", "0.8", "--top-p", "0.9")], ids=["llama", "mistral", "sampled"])
+                                  ("--arch", "llama4", "--chunk", "16"),
+                                  ("--temperature", "0.8", "--top-p", "0.9")], ids=["llama", "mistral", "llama4", "sampled"])
 def test_serve_example_checks_against_eager(args: tuple[str, ...]) -> None:
     import subprocess
     import sys

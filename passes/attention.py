@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +44,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tileflow.graph_utils import (
+    any_ancestor,
     bind_arguments,
     constant_number,
     copy_source_meta,
@@ -271,7 +271,7 @@ class Attention:
         # S_kv]: the masks below the second view are in the kernel's layout.
         if isinstance(cur, fx.Node) and single_use(cur) and _merges_heads(cur) and _scores_product(cur.args[0]) is None:
             cur = cur.args[0]
-        clamped = False
+        clamped: float | None = None  # the value a clamp of the masked scores holds them at
         # ALiBi's bias is `slope * (j - p)` in the kernel and `slope * j` (or another shift) in the
         # models: the same softmax, unless a sink joins it without the shift. With a sink the bias
         # is an additive mask (exact).
@@ -302,14 +302,14 @@ class Attention:
             elif (filled := _filled_with_low_value(cur)) is not None:
                 cur, hide_mask = filled[0], self._fill_mask(graph, *filled[1:])
                 mask = self._joined_mask(graph, mask, hide_mask, softmax)
-            elif mask is None and not clamped and (below := _clamped_at_lowest(cur)) is not None:
+            elif mask is None and clamped is None and (below := _clamped_at_lowest(cur)) is not None:
                 # `max(scores + mask, finfo.min)` (XGLM): the masks below it hide keys with the
                 # lowest value, not -inf (a row that sees nothing averages its keys).
-                cur, clamped = below, True
+                cur, clamped = below
             else:
                 break
-        if clamped and mask is not None:
-            mask = self._lowest_for_hidden(graph, mask)
+        if clamped is not None and mask is not None:
+            mask = self._lowest_for_hidden(graph, mask, clamped)
         softcap, cur = _soft_cap(cur, skip)
         if (_is_op(cur, aten.mul.Tensor) or _is_op(cur, aten.div.Tensor)) and single_use(cur):
             factor = cur.args[1]
@@ -497,11 +497,11 @@ class Attention:
             self._made[key] = joined
         return self._made[key]
 
-    def _lowest_for_hidden(self, graph: fx.Graph, mask: fx.Node) -> fx.Node:
-        """The additive float32 mask that is `mask` with its hidden keys (-inf, or any value below
-        float32's lowest) at float32's lowest: what `max(scores + mask, finfo.min)` applies. One
-        node per mask."""
-        key = ("lowest", mask)
+    def _lowest_for_hidden(self, graph: fx.Graph, mask: fx.Node, clamp: float) -> fx.Node:
+        """The additive float32 mask that is `mask` with the keys it hides (at or below `clamp`,
+        the scores dtype's lowest value: -inf, or that value) at float32's lowest: what
+        `max(scores + mask, clamp)` applies (keys a row sees are far above it). One node per mask."""
+        key = ("lowest", mask, clamp)
         if key not in self._made:
             low = torch.finfo(torch.float32).min
             with graph.inserting_after(mask):
@@ -510,9 +510,16 @@ class Attention:
                 else:
                     as_float = graph.call_function(torch.ops.prims.convert_element_type.default, (mask, torch.float32))
                     infer_meta(as_float)
-            if _val(mask).dtype != torch.bool:
+            if _val(mask).dtype != torch.bool and clamp == low:
+                # float32 scores: a clamp of the mask is the same (and padding safety reads it).
                 with graph.inserting_after(as_float):
                     made = graph.call_function(aten.clamp_min.default, (as_float, low))
+            elif _val(mask).dtype != torch.bool:
+                with graph.inserting_after(as_float):
+                    hidden = graph.call_function(aten.le.Scalar, (as_float, clamp))
+                    infer_meta(hidden)
+                with graph.inserting_after(hidden):
+                    made = graph.call_function(aten.where.ScalarSelf, (hidden, low, as_float))
             infer_meta(made)
             self._made[key] = made
         return self._made[key]
@@ -856,28 +863,14 @@ def _is_positions(node: fx.Node) -> bool:
     return node.target is aten.arange.start_step and bind_arguments(node)["step"] == 1
 
 
-def _any_ancestor(node: fx.Node, test: Callable[[fx.Node], bool]) -> bool:
-    """Whether `test` holds for `node` or any node its value is computed from."""
-    stack, seen = [node], set()
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        if test(cur):
-            return True
-        stack.extend(cur.all_input_nodes)
-    return False
-
-
 def _reads_an_input(node: fx.Node) -> bool:
     """Whether `node`'s value depends on a tensor input of the graph."""
-    return _any_ancestor(node, lambda n: n.op == "placeholder" and isinstance(_val(n), torch.Tensor))
+    return any_ancestor(node, lambda n: n.op == "placeholder" and isinstance(_val(n), torch.Tensor))
 
 
 def _depends_on_sizes(node: fx.Node) -> bool:
     """Whether `node`'s value depends on a size or a graph input (else it is made of numbers)."""
-    return _any_ancestor(node, lambda n: n.op != "call_function" or isinstance(_val(n), torch.SymInt))
+    return any_ancestor(node, lambda n: n.op != "call_function" or isinstance(_val(n), torch.SymInt))
 
 
 def _filled_with_low_value(node: fx.Node) -> tuple[fx.Node, fx.Node, bool, float] | None:
@@ -909,9 +902,9 @@ def _filled_with_low_value(node: fx.Node) -> tuple[fx.Node, fx.Node, bool, float
 _LOWEST_VALUES = {torch.finfo(d).min for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
-def _clamped_at_lowest(node: fx.Node) -> fx.Node | None:
-    """x when `node` is `maximum(x, lowest)` or `clamp_min(x, lowest)` for a lowest value of a
-    float dtype that x's dtype holds (XGLM's clamp of its masked scores), else None."""
+def _clamped_at_lowest(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """(x, the clamp) when `node` is `maximum(x, lowest)` or `clamp_min(x, lowest)` for x's
+    dtype's lowest value (XGLM's clamp of its masked scores), else None."""
     if node.target is aten.maximum.default:
         pair = [(a, b) for a, b in (node.args[:2], node.args[1::-1]) if isinstance(a, fx.Node) and _constant(b) is not None]
     elif node.target is aten.clamp_min.default:
@@ -922,10 +915,10 @@ def _clamped_at_lowest(node: fx.Node) -> fx.Node | None:
         return None
     x, low = pair[0][0], _constant(pair[0][1])
     xv = _val(x)
-    if not (isinstance(xv, torch.Tensor) and xv.is_floating_point() and low in _LOWEST_VALUES
-            and low >= torch.finfo(xv.dtype).min and same_shape(xv.shape, _val(node).shape)):
+    if not (isinstance(xv, torch.Tensor) and xv.is_floating_point() and low == torch.finfo(xv.dtype).min
+            and same_shape(xv.shape, _val(node).shape)):
         return None
-    return x
+    return x, low
 
 
 _ZERO_FILLS = {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}

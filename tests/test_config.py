@@ -96,6 +96,15 @@ def test_a_malformed_tile_timings_file_is_an_error(tmp_path, text: str, what: st
         Config(tile_timings=str(path))
 
 
+def test_a_relative_tile_timings_path_survives_a_change_of_directory(tmp_path, monkeypatch) -> None:
+    """The planner reads the file later, and `replace` checks it again: from wherever it runs."""
+    (tmp_path / "timings.json").write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    config = Config(tile_timings="timings.json")
+    monkeypatch.chdir("/")
+    assert config.replace(cuda_graphs=True).tile_timings == str(tmp_path / "timings.json")
+
+
 def test_command_line_options_read_as_environment_variables() -> None:
     """`--options KEY=VALUE` takes a value as its option's environment variable does: `True`
     and `true` are both on (JSON's `true` alone was), passes may be comma-separated."""
@@ -105,6 +114,7 @@ def test_command_line_options_read_as_environment_variables() -> None:
                            "nano_batches=auto", "target=reference")) == {
         "strict": True, "verify": False, "max_tokens": 64, "passes": ("canonicalize", "attention"),
         "nano_batches": "auto", "target": "reference"}
+    assert _parse_options(('passes=["canonicalize", "attention"]',)) == {"passes": ("canonicalize", "attention")}
     with pytest.raises(SpecError, match="--options strict='maybe' is not a boolean"):
         _parse_options(("strict=maybe",))
 

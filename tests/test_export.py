@@ -216,6 +216,40 @@ def test_inputs_fixed_at_export_are_checked(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_a_size_the_program_asserts_against_is_left_out_of_the_recorded_range(tmp_path: Path) -> None:
+    """MPT slices its ALiBi table at `max(0, max_seq_len - seq)`; torch.export's trace asserts the
+    start is not 0, a guard `export_program`'s retry defers to the program. The archive records
+    seq up to max_seq_len - 1, so max_seq_len is refused by name at the call (not by an assert
+    on an internal symbol), and the sizes below it still match eager."""
+    sys.path.insert(0, str(TESTS_DIR))
+    from models import VOCAB, ZOO, export_logits
+
+    torch.manual_seed(0)
+    model = ZOO["mpt"][0]().eval()  # max_seq_len=64
+    archive = export_logits(model, "reference", max_len=64)
+    assert archive.manifest["dynamic"]["seq"] == [2, 63]
+    run = tileflow.load(archive.save(tmp_path / "mpt.pt2"))
+    with pytest.raises(ValueError, match=r"input 0 dim 1 is 64 but the archive was exported for seq in \[2, 63\]"):
+        run(torch.randint(0, VOCAB, (1, 64)))
+    ids = torch.randint(0, VOCAB, (1, 63))
+    with torch.no_grad():
+        torch.testing.assert_close(run(ids), model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_torch_export_cannot_trace_is_a_clear_error() -> None:
+    """torch.export's own errors reached the user raw (the CLI showed one line of a guard on an
+    internal symbol); they name the model's line now, as serving programs' builds do."""
+    class DataDependent(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if (x > 0).sum() > 3:  # a branch on the values: no one graph for every input
+                return x * 2
+            return x
+
+    with pytest.raises(ValueError, match=r"cannot be exported over the given dynamic ranges \(torch.export\): "
+                                         r"\w+ at test_export\.py:\d+"):
+        tileflow.export_model(DataDependent(), (torch.randn(4, 8),), ({0: torch.export.Dim("n", min=2, max=16)},))
+
+
 def test_truncated_file(archive, tmp_path: Path) -> None:
     bad = tmp_path / "truncated.pt2"
     data = archive[0].read_bytes()

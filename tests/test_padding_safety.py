@@ -843,6 +843,27 @@ def test_a_clamped_mask_is_captured_only_with_its_diagonal(replay_on_cpu) -> Non
     _assert_not_captured(_run(_strictly_causal_clamped, _tokens))
 
 
+def _clamped_bool_mask(x: torch.Tensor) -> torch.Tensor:
+    # A bool mask promoted by the clamp: 1.0 where seen, 0.0 where "hidden" (nothing is hidden).
+    pos = torch.arange(x.shape[1])
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=torch.clamp_min(pos[None, :] <= pos[:, None], LOWEST))
+
+
+def _float_mask_read_as_bool(x: torch.Tensor) -> torch.Tensor:
+    # `logical_and` of an additive mask is True where it is not 0: on the keys it hides.
+    pos = torch.arange(x.shape[1])
+    additive = torch.where(pos[None, :] <= pos[:, None], torch.tensor(0.0), torch.tensor(LOWEST))
+    hides = torch.logical_and(additive, torch.ones((), dtype=torch.bool))
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=torch.where(hides, 0.0, float("-inf")))
+
+
+@pytest.mark.parametrize("fn", [_clamped_bool_mask, _float_mask_read_as_bool])
+def test_float_and_bool_masks_are_not_read_as_each_other(replay_on_cpu, fn) -> None:
+    """A second reader's finds: a bool mask's facts say where it is True, an additive mask's what
+    it hides; read as the other, both were captured and replayed wrong (15 and 32 of 48 outputs)."""
+    _assert_not_captured(_run(fn, _tokens))
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "bloom", "xglm"])
 def test_zoo_models_with_lowest_value_masks_are_captured(replay_on_cpu, arch: str) -> None:
     """Gemma-2 (sliding windows, soft-capping) and BLOOM (ALiBi) fill their masks with the
@@ -945,6 +966,32 @@ def test_buckets_stay_within_a_table_read_at_positions(replay_on_cpu, monkeypatc
     report = _run(fn, _rows, lengths=(5, 18, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 20]"]
     assert replay_on_cpu.captures == 2 and not failed
+
+
+def _counted_positions(x: torch.Tensor) -> torch.Tensor:
+    # OPT without a padding mask: positions = cumsum(ones) * ones - 1, offset by 2 (a 22-row table).
+    ones = torch.ones(1, x.shape[0])
+    positions = (torch.cumsum(ones, dim=1) * ones).long() - 1
+    return (x + F.embedding(positions[0] + 2, TABLE22)) @ W
+
+
+def _doubled_positions(x: torch.Tensor) -> torch.Tensor:
+    return (x + F.embedding(torch.arange(x.shape[0]) * 2, TABLE40_ROWS)) @ W
+
+
+TABLE40_ROWS = torch.randn(40, H)
+
+
+def test_tables_read_at_counted_positions_cap_and_other_computed_indices_refuse(replay_on_cpu) -> None:
+    """OPT's positions, a running count of ones, are positions: the buckets stop at the table
+    (they read past it at 32 before); indices computed from the token count otherwise (`arange(T)
+    * 2`, which read row 62 at 32) are refused."""
+    report = _run(_counted_positions, _rows, lengths=(5, 18, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 20]"]
+    assert replay_on_cpu.captures == 2
+    torch._dynamo.reset()
+    replay_on_cpu.captures = 0
+    _assert_not_captured(_run(_doubled_positions, _rows, lengths=(5, 18, 20)), "indices computed from the token count")
 
 
 # Architecture sweep (cuda_graphs=True over ~90 transformers models): GPT-J's, GLM's and Cohere's

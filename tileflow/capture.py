@@ -12,6 +12,8 @@ Everything after capture (passes, lowering, residual execution) is shared by bot
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -102,6 +104,21 @@ def export_program(module: torch.nn.Module, args: tuple[Any, ...], dynamic_shape
             raise
         return torch.export.export(module, args, dynamic_shapes=dynamic_shapes,
                                    prefer_deferred_runtime_asserts_over_guards=True, **kwargs)
+
+
+def export_failure(exc: BaseException, what: str) -> ValueError:
+    """A torch.export failure as a ValueError that says what was asked (`what`) and where in the
+    model it broke: the innermost frame of the traceback outside torch, and a hint for torch's
+    own errors (a data-dependent branch, a size the model fixes)."""
+    import traceback
+
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "torch.export"
+    hint = (" (a data-dependent branch or a size the model fixes, such as a recurrent layer's chunking or a "
+            "loop over the experts that got tokens)" if type(exc).__module__.startswith("torch") else "")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ValueError(f"{what} (torch.export): {type(exc).__name__} at {where}: {first}{hint}")
 
 
 def capture_exported(ep: torch.export.ExportedProgram) -> ExportedGraph:

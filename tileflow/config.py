@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Iterator, Mapping
@@ -88,9 +89,11 @@ class Config:
         if self.tile_timings is not None:
             from .runtime import load_tile_timings  # here: the runtime imports this module
 
+            # Absolute: the planner reads it later, maybe from another working directory.
+            object.__setattr__(self, "tile_timings", os.path.abspath(self.tile_timings))
             # Read now (a missing or malformed file would otherwise leave every GEMM unplanned,
             # only a fallback in the report saying why).
-            load_tile_timings(str(self.tile_timings))
+            load_tile_timings(self.tile_timings)
         nb = self.nano_batches
         if not (nb == "auto" or (isinstance(nb, int) and not isinstance(nb, bool) and nb >= 1)):
             raise ValueError(
@@ -185,6 +188,11 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "passes" and isinstance(value, (list, tuple)):
         return tuple(value)
     if key == "passes" and isinstance(value, str):
+        if value.strip().startswith("["):  # a JSON list, as `--options passes=["canonicalize"]`
+            try:
+                return tuple(json.loads(value))
+            except (json.JSONDecodeError, TypeError):
+                raise ValueError(f"tileflow option 'passes': {value!r} is not a JSON list of pass names") from None
         return tuple(p.strip() for p in value.split(",") if p.strip())
     return value
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from .capture import capture_exported, export_program
+from .capture import capture_exported, export_failure, export_program
 from .compiler import compile_graph
 from .config import Config
 from .report import Report
@@ -184,10 +184,16 @@ def export_model(
     notify("export")
     model = model.eval()
     with torch.no_grad():
-        ep = export_program(model, example_args, dynamic_shapes)
+        try:
+            ep = export_program(model, example_args, dynamic_shapes)
+        except ValueError:
+            raise  # a refusal with its reason (tileflow's, or the model's own)
+        except Exception as exc:
+            raise export_failure(exc, "the model cannot be exported over the given dynamic ranges") from exc
 
     notify("passes")
     captured = capture_exported(ep)
+    captured.range_constraints = _ranges_the_program_accepts(captured.gm, captured.range_constraints)
     names = _dim_names(model, example_args, dynamic_shapes, captured.example_inputs)
     tmp_dir = None if user_debug_dir else tempfile.mkdtemp(prefix="tileflow-export-")
     try:
@@ -228,6 +234,48 @@ def export_model(
 
     manifest = _manifest(program, report, graph_report.target, symbols, captured.example_inputs, kernels)
     return ExportedArchive(program=program, manifest=manifest, report=report, kernels=kernels)
+
+
+def _ranges_the_program_accepts(gm: torch.fx.GraphModule, ranges: Mapping[str, tuple[int, int | None]],
+                                max_steps: int = 64) -> dict[str, tuple[int, int | None]]:
+    """`ranges`, each narrowed from its ends past the sizes the program's runtime asserts refuse.
+
+    `export_program`'s retry turns guards torch.export could not prove into runtime asserts, and
+    some of them are real: MPT slices its ALiBi table at `max(0, max_seq_len - s)` and the trace
+    asserts the start is not 0, so a program exported for seq in [2, max_seq_len] stops at
+    max_seq_len with an assert naming an internal symbol. Recording the range it accepts makes
+    `LoadedProgram.check_inputs` refuse that size by name instead. Only single-symbol asserts are
+    read, and only at the ends (up to `max_steps` sizes in from each)."""
+    import sympy
+
+    narrowed = dict(ranges)
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten._assert_scalar.default:
+            continue
+        val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        if not isinstance(val, torch.SymBool):
+            continue
+        expr = val.node.expr
+        if len(expr.free_symbols) != 1:
+            continue
+        sym = next(iter(expr.free_symbols))
+        if str(sym) not in narrowed:
+            continue
+        lo, hi = narrowed[str(sym)]
+
+        def refused(size: int) -> bool:
+            return expr.xreplace({sym: sympy.Integer(size)}) is sympy.false
+
+        for _ in range(max_steps):
+            if hi is None or hi <= lo or not refused(hi):
+                break
+            hi -= 1
+        for _ in range(max_steps):
+            if (hi is not None and lo >= hi) or not refused(lo):
+                break
+            lo += 1
+        narrowed[str(sym)] = (lo, hi)
+    return narrowed
 
 
 def _normalize_dynamic_shapes(model: torch.nn.Module, n_args: int, dynamic_shapes: Any) -> list[Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -138,6 +138,23 @@ def transposed_dims(node: Any) -> tuple[int, int] | None:
         if len(moved) == 2 and node.args[1][moved[0]] % rank == moved[1]:
             return moved[0], moved[1]
     return None
+
+
+def any_ancestor(node: fx.Node, test: Callable[[fx.Node], bool],
+                 stop: Callable[[fx.Node], bool] | None = None) -> bool:
+    """Whether `test` holds for `node` or any node its value is computed from, not looking past
+    the nodes `stop` holds for."""
+    stack, seen = [node], set()
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if test(cur):
+            return True
+        if stop is None or not stop(cur):
+            stack.extend(cur.all_input_nodes)
+    return False
 
 
 def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:

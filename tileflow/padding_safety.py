@@ -54,7 +54,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .graph_utils import attribute, bind_arguments, meta_val, written_arguments
+from .graph_utils import any_ancestor, attribute, bind_arguments, meta_val, same_shape, written_arguments
 
 aten = torch.ops.aten
 
@@ -134,6 +134,17 @@ _KEY_FIRST = {aten.le.Tensor, aten.lt.Tensor}
 _COMPARE = _KEY_FIRST | {aten.ge.Tensor, aten.gt.Tensor, aten.eq.Tensor}
 _AND = {aten.bitwise_and.Tensor, aten.logical_and.default, aten.mul.Tensor}
 _ATTENTION = {"meta_attention"}
+# Ops that pick indices along a dim (their output 1, or their output): below its size, whatever
+# they were computed from.
+_PICKS = {aten.topk.default, aten.sort.default, aten.sort.stable, aten.max.dim, aten.min.dim}
+_ARG_PICKS = {aten.argmax.default, aten.argmin.default, aten.argsort.default, aten.argsort.stable}
+
+
+def _picks_indices(node: fx.Node) -> bool:
+    """Indices along a fixed dim: an arg-max's, or output 1 of a sort or top-k (their values, output
+    0, are not)."""
+    return node.op == "call_function" and (node.target in _ARG_PICKS or (
+        node.target is operator.getitem and node.args[1] == 1 and getattr(node.args[0], "target", None) in _PICKS))
 # Ops that fill a tensor with one value: the value, or the argument that holds it (None: none).
 _FILLS: dict[Any, Any] = {
     aten.full.default: "fill_value", aten.new_full.default: "fill_value", aten.full_like.default: "fill_value",
@@ -256,6 +267,20 @@ class _Walk:
                 return None
             out[d] = _Blocks(int(c))
         return out
+
+    def computed_from_token_count(self, index: fx.Node) -> bool:
+        """Whether `index`'s values come from a tensor the graph sizes by the token count
+        (`arange(T)`), other than through the indices a sort, top-k or arg-max picks, which a
+        fixed dim bounds (experts' ids)."""
+        return any_ancestor(index, self.sized_by_tokens, stop=_picks_indices)
+
+    def sized_by_tokens(self, node: fx.Node) -> bool:
+        """A tensor the graph makes from sizes alone (`arange(T)`, `ones(B, T)`; not an input) whose
+        size follows the token count."""
+        value = meta_val(node)
+        return (node.op == "call_function" and isinstance(value, torch.Tensor)
+                and all(isinstance(meta_val(a), (int, torch.SymInt)) for a in node.all_input_nodes)
+                and any(self.token in getattr(_expr(d), "free_symbols", ()) for d in value.shape))
 
     def depends_on_token(self, value: Any) -> bool:
         """A scalar argument whose value is the token count (or built from it), a comparison of
@@ -902,6 +927,9 @@ class _Walk:
         # padding comes before the next block's rows).
         if along_tokens and (node.target not in _SCANS or any(isinstance(a, _Blocks) for a in along_tokens)):
             return self.refuse(node, "reads across the token dim, so padded rows enter real rows' results")
+        if node.target is aten.cumsum.default and len(along_tokens) == 1 and self.facts[src].fill == 1.0:
+            # A running count of ones (OPT's positions without a padding mask): row r holds r + 1.
+            return _Facts(position=sympy.sympify(along_tokens[0]) + 1)
         size = meta_val(src).shape[dims[0] % rank] if meta_val(src).dim() else 1
         if isinstance(size, int) and len(dims) == 1:  # indices into one dim of `size`, whatever the values
             if node.target in (aten.topk.default, aten.max.dim, aten.min.dim):
@@ -969,6 +997,11 @@ class _Walk:
         (`max_bucket`); a refusal when c or the rows are not numbers, else None."""
         position = self.facts[index].position if isinstance(index, fx.Node) else None
         if position is None:
+            # Indices read from the inputs hold the pad value at padded rows; ones computed from
+            # the token count (`arange(T) * 2`) may run past the table at a larger bucket.
+            if isinstance(index, fx.Node) and self.computed_from_token_count(index):
+                return self.refuse(node, "looks a table's rows up at indices computed from the token count: a "
+                                         "replay at a larger bucket could read past the table")
             return None
         offset = sympy.sympify(position)
         if not (offset.is_Integer and isinstance(rows, int)):
@@ -1117,6 +1150,9 @@ class _Walk:
         if target in _COMPARE and len(tensors) == 2:
             return self.compared(node, tensors, aligned)
         if target in _AND and out.dtype == torch.bool:
+            if any(meta_val(a).dtype != torch.bool for a in tensors):
+                # A float mask's truth is "not zero": its hidden (-inf, lowest) keys read True.
+                return _CLEAN
             causal, diagonals = None, set()
             for a in tensors:
                 facts, shift = self.facts[a], rank - meta_val(a).dim()
@@ -1150,10 +1186,16 @@ class _Walk:
             bound = node.args[1] if x is node.args[0] else node.args[0]
             low = self.facts[bound].fill if isinstance(bound, fx.Node) else bound
             facts = self.facts[x]
-            if (isinstance(low, (int, float)) and low <= _LOWEST and facts.causal is not None
-                    and facts.diagonal == tuple(sorted(facts.causal))):
+            # An additive (float) mask: a bool one's facts say where it is True, not what it hides.
+            if (meta_val(x).is_floating_point() and isinstance(low, (int, float)) and low <= _LOWEST
+                    and facts.causal is not None and facts.diagonal == tuple(sorted(facts.causal))):
                 return _Facts(causal=facts.causal, diagonal=facts.diagonal)
             return _CLEAN
+        if target is aten.mul.Tensor and len(tensors) == 2:
+            ones = [a for a in tensors if self.facts[a].fill == 1.0]
+            if ones and same_shape(meta_val(node).shape, meta_val(tensors[0] if ones[0] is tensors[1] else tensors[1]).shape):
+                # Times ones (OPT's positions times the padding mask it made of ones): unchanged.
+                return self.facts[tensors[0] if ones[0] is tensors[1] else tensors[1]]
         if target in (aten.add.Tensor, aten.sub.Tensor) and len(tensors) == 1:
             facts = self.facts[tensors[0]]
             other = next((a for a in node.args[1:] if not isinstance(a, fx.Node)), 0)

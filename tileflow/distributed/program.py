@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from ..capture import capture_exported, export_program
+from ..capture import capture_exported, export_failure, export_program
 from ..config import Config
 from ..padding_safety import capped_buckets, check_padding
 from ..pipeline import PassContext, PassManager
@@ -128,13 +128,7 @@ def build_stage_program(
     except Exception as exc:
         # A shape or data-dependent guard deep inside torch.export: say what was asked, and where
         # in the model it broke.
-        hint = (" (a data-dependent branch or a size the model fixes, such as a recurrent layer's chunking or a "
-                "loop over the experts that got tokens)" if type(exc).__module__.startswith("torch") else "")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ValueError(
-            f"the step cannot be exported as one graph over any token count in [1, {max_tokens}] (torch.export): "
-            f"{type(exc).__name__} at {_model_frame(exc)}: {first}{hint}"
-        ) from exc
+        raise export_failure(exc, f"the step cannot be exported as one graph over any token count in [1, {max_tokens}]") from exc
     graph = capture_exported(ep)
     report = report or GraphReport(graph_id="disaggregated_step")
     ctx = PassContext(config=config, report=report, example_inputs=graph.example_inputs)
@@ -174,16 +168,6 @@ def build_stage_program(
     program.cuda_graphs = graphed
     program.max_tokens = max_tokens
     return program
-
-
-def _model_frame(exc: BaseException) -> str:
-    """`file:line` of the innermost frame of `exc`'s traceback outside torch (the model's code
-    that the export failed in), or "torch.export" when every frame is torch's."""
-    import traceback
-
-    torch_dir = os.path.dirname(torch.__file__)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
-    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "torch.export"
 
 
 # Ops that only reshape the token ids on their way to the embedding (GPT-2 views them first).

@@ -75,12 +75,16 @@ class ChunkView:
     piece_seq: np.ndarray
     piece_row: np.ndarray
     seq_new: np.ndarray
+    # The step's tree mask and the pieces' (every chunked layer of the step asks for the same one).
+    _tree: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
 
     def tree_mask(self, tree_mask: torch.Tensor) -> torch.Tensor:
         """The step's tree mask (bool [S, T, T], rows and columns over each sequence's new tokens,
         a sequence with more than T new tokens causal) for the pieces: each piece's block of its
         sequence's mask, and causal where its sequence was. A row sees no drafted token after it
         (drafts come in tree order), so none it loses to another piece."""
+        if self._tree and self._tree[0] is tree_mask:
+            return self._tree[1]
         t = tree_mask.shape[-1]
         device = tree_mask.device
         seq = torch.as_tensor(self.piece_seq, device=device)
@@ -88,7 +92,8 @@ class ChunkView:
         pieces = tree_mask[seq[:, None, None], rows[:, :, None], rows[:, None, :]]
         causal = torch.as_tensor(self.seq_new[self.piece_seq] > t, device=device)
         tril = torch.ones(t, t, dtype=torch.bool, device=device).tril_()
-        return torch.where(causal[:, None, None], tril, pieces)
+        self._tree[:] = [tree_mask, torch.where(causal[:, None, None], tril, pieces)]
+        return self._tree[1]
 
 
 class PagedKV:

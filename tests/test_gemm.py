@@ -212,7 +212,7 @@ def test_measured_tile_times_replace_the_estimates(tmp_path) -> None:
     ]))
     plan = runtime.gemm_plan(n, k, torch.float32, "reference", "cpu", m_max=500, tile_timings=str(path))
     assert plan.configs == (favourite,)
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="no file at .*none.json"):
         runtime.gemm_plan(n, k, torch.float32, "reference", "cpu", m_max=500, tile_timings=str(tmp_path / "none.json"))
     (tmp_path / "bad.json").write_text('[{"device": "cpu"}]')
     with pytest.raises(ValueError, match="malformed"):

@@ -1177,7 +1177,7 @@ class _Walk:
                     shift = rank - meta_val(cond).dim()
                     causal = (c.causal[0] + shift, c.causal[1] + shift)
                     # A diagonal of visible keys: the fill may become the lowest value (a clamp).
-                    return _Facts(causal=causal, diagonal=causal if visible else None)
+                    return _Facts(causal=causal, diagonal=tuple(sorted(causal)) if visible else None)
             return _CLEAN
         if target in (aten.clamp_min.default, aten.maximum.default) and tensors:
             # `max(mask, lowest)` (XGLM's clamp of masked scores): hidden keys hold the lowest

@@ -504,22 +504,22 @@ class Attention:
         key = ("lowest", mask, clamp)
         if key not in self._made:
             low = torch.finfo(torch.float32).min
-            with graph.inserting_after(mask):
-                if _val(mask).dtype == torch.bool:
+            if _val(mask).dtype == torch.bool:
+                with graph.inserting_after(mask):
                     made = graph.call_function(aten.where.Scalar, (mask, 0.0, low))
-                else:
+            else:
+                with graph.inserting_after(mask):
                     as_float = graph.call_function(torch.ops.prims.convert_element_type.default, (mask, torch.float32))
-                    infer_meta(as_float)
-            if _val(mask).dtype != torch.bool and clamp == low:
-                # float32 scores: a clamp of the mask is the same (and padding safety reads it).
-                with graph.inserting_after(as_float):
-                    made = graph.call_function(aten.clamp_min.default, (as_float, low))
-            elif _val(mask).dtype != torch.bool:
-                with graph.inserting_after(as_float):
-                    hidden = graph.call_function(aten.le.Scalar, (as_float, clamp))
+                infer_meta(as_float)
+                if clamp == low:  # float32 scores: a clamp of the mask is the same (and padding safety reads it)
+                    with graph.inserting_after(as_float):
+                        made = graph.call_function(aten.clamp_min.default, (as_float, low))
+                else:  # each insert goes right after its anchor: one anchor per node keeps their order
+                    with graph.inserting_after(as_float):
+                        hidden = graph.call_function(aten.le.Scalar, (as_float, clamp))
                     infer_meta(hidden)
-                with graph.inserting_after(hidden):
-                    made = graph.call_function(aten.where.ScalarSelf, (hidden, low, as_float))
+                    with graph.inserting_after(hidden):
+                        made = graph.call_function(aten.where.ScalarSelf, (hidden, low, as_float))
             infer_meta(made)
             self._made[key] = made
         return self._made[key]

@@ -994,7 +994,8 @@ class _Walk:
     def table_rows_at(self, node: fx.Node, rows: Any, index: Any) -> _Facts | None:
         """A lookup of one of a fixed table's `rows` rows at `index`: at positions (row t + c for
         token t) a replay at bucket B reads up to row B - 1 + c, so the buckets stop at rows - c
-        (`max_bucket`); a refusal when c or the rows are not numbers, else None."""
+        (`max_bucket`). A refusal when c or the rows are not numbers, or when the index is
+        computed from the token count otherwise (no bound is known); else None."""
         position = self.facts[index].position if isinstance(index, fx.Node) else None
         if position is None:
             # Indices read from the inputs hold the pad value at padded rows; ones computed from

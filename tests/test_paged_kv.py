@@ -15,10 +15,11 @@ from tileflow.runtime.paged_kv import PagedKV
 BLOCK, HKV, HQ, D = 3, 2, 4, 8
 
 
-def _layout(draw_lens: list[tuple[int, int]], seed: int) -> tuple[list[list[int]], list[int], list[int]]:
-    """Shuffled, disjoint blocks for sequences with (cached prefix, new tokens) lengths."""
+def _layout(draw_lens: list[tuple[int, int]], seed: int, spare: int = 0) -> tuple[list[list[int]], list[int], list[int]]:
+    """Shuffled, disjoint blocks for sequences with (cached prefix, new tokens) lengths, each
+    owning `spare` blocks past the ones it fills (as a serving engine reserves them)."""
     gen = torch.Generator().manual_seed(seed)
-    need = [-(-(prefix + n) // BLOCK) for prefix, n in draw_lens]
+    need = [-(-(prefix + n) // BLOCK) + spare for prefix, n in draw_lens]
     order = torch.randperm(sum(need) + 2, generator=gen).tolist()  # two spare blocks stay unused
     blocks, at = [], 0
     for k in need:
@@ -71,15 +72,17 @@ def test_attend_batch_equals_the_validated_op(tree: bool) -> None:
 
 @settings(max_examples=30, deadline=None)
 @given(lens=st.lists(st.tuples(st.integers(0, 14), st.integers(0, 9)), min_size=1, max_size=4),
-       chunk=st.sampled_from([3, 6, 9]), tree=st.booleans(), seed=st.integers(0, 99))
-@example(lens=[(2, 4), (7, 3), (0, 9)], chunk=3, tree=True, seed=0)  # trees across a boundary, a prompt across two
-def test_chunked_attention_sees_only_each_querys_chunk(lens, chunk: int, tree: bool, seed: int) -> None:
+       chunk=st.sampled_from([3, 6, 9]), tree=st.booleans(), seed=st.integers(0, 99), spare=st.integers(0, 2))
+@example(lens=[(2, 4), (7, 3), (0, 9)], chunk=3, tree=True, seed=0, spare=0)  # trees across a boundary, a prompt across two
+@example(lens=[(1, 1), (4, 1), (8, 0)], chunk=9, tree=True, seed=1, spare=2)  # every sequence inside its first chunk
+@example(lens=[(10, 1), (4, 1)], chunk=6, tree=False, seed=2, spare=1)  # decodes past the first chunk
+def test_chunked_attention_sees_only_each_querys_chunk(lens, chunk: int, tree: bool, seed: int, spare: int) -> None:
     """Llama 4's chunked attention through the step's chunk view: query rows at position p see
     the keys at or after chunk * (p // chunk), up to p, whichever chunks the sequence's new
     tokens span (decode, prompt chunks across several boundaries, empty sequences) and under a
     tree mask (a random tree over each short sequence's new tokens, causal for the longer ones);
     against float64 attention with the rule written out."""
-    blocks, q_lens, starts = _layout(lens, seed)
+    blocks, q_lens, starts = _layout(lens, seed, spare)
     gen = torch.Generator().manual_seed(seed)
     cache = PagedKV(1, HKV, D, block_size=BLOCK, num_blocks=sum(map(len, blocks)) + 2, dtype=torch.float32)
     cache.k[0].normal_(generator=gen)

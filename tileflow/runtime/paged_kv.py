@@ -85,6 +85,8 @@ class ChunkView:
         (drafts come in tree order), so none it loses to another piece."""
         if self._tree and self._tree[0] is tree_mask:
             return self._tree[1]
+        if self.piece_seq.size == self.seq_new.size:  # one piece per sequence: its own rows
+            return tree_mask
         t = tree_mask.shape[-1]
         device = tree_mask.device
         seq = torch.as_tensor(self.piece_seq, device=device)
@@ -94,6 +96,34 @@ class ChunkView:
         tril = torch.ones(t, t, dtype=torch.bool, device=device).tril_()
         self._tree[:] = [tree_mask, torch.where(causal[:, None, None], tril, pieces)]
         return self._tree[1]
+
+
+@dataclass(frozen=True)
+class _HostLayout:
+    """A step's layout on the host: block table int32 [S, max_blocks] (zero past a sequence's
+    blocks), and per sequence the blocks it owns, its new tokens and its first new position."""
+
+    table: np.ndarray
+    owned: np.ndarray
+    new: np.ndarray
+    first: np.ndarray
+
+    @property
+    def cu(self) -> np.ndarray:
+        """Cumulative new tokens, [S + 1]."""
+        return np.concatenate([[0], np.cumsum(self.new)])
+
+    @property
+    def lens(self) -> np.ndarray:
+        """KV length of each sequence once its new tokens are in."""
+        return self.first + self.new
+
+    def slots_and_positions(self, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each new row's flat cache slot and position (int64 [total_q])."""
+        rows = np.repeat(np.arange(self.new.size), self.new)
+        cu = self.cu
+        pos = np.arange(int(cu[-1])) - np.repeat(cu[:-1], self.new) + np.repeat(self.first, self.new)
+        return self.table[rows, pos // block_size].astype(np.int64) * block_size + pos % block_size, pos
 
 
 class PagedKV:
@@ -118,34 +148,49 @@ class PagedKV:
         numpy arrays, which are cheaper) and brings `q_lens[s]` new tokens at positions
         `starts[s]` …, with its chunk view for each size in `attention_chunks` (module docstring);
         raises ValueError when a sequence's blocks cannot hold them."""
-        batch = self._layout(blocks, q_lens, starts)
+        host = self._host_layout(blocks, q_lens, starts)
+        slots, positions = host.slots_and_positions(self.block_size)
+        # Copies that do not wait for the device (two: int32 metadata, int64 slots and positions).
+        cu, lens, table, slots_dev, positions_dev = to_device(
+            self.device, host.cu.astype(np.int32), host.lens.astype(np.int32), host.table, slots, positions)
+        batch = PagedBatch(cu_seqlens_q=cu, seqlens_kv=lens, block_table=table, slots=slots_dev,
+                           positions=positions_dev, host_cu_seqlens_q=tuple(host.cu.tolist()),
+                           host_seqlens_kv=tuple(host.lens.tolist()))
         for chunk in set(attention_chunks):
-            batch.chunk_views[chunk] = self._chunk_view(blocks, q_lens, starts, chunk)
+            batch.chunk_views[chunk] = self._chunk_view(host, batch, chunk)
         return batch
 
-    def _chunk_view(self, blocks: Sequence[Sequence[int]], q_lens: Sequence[int], starts: Sequence[int],
-                    chunk: int) -> ChunkView:
+    def _chunk_view(self, host: _HostLayout, batch: PagedBatch, chunk: int) -> ChunkView:
         check_chunk_blocks((chunk,), self.block_size)
-        piece_blocks, piece_lens, piece_starts, piece_seq, piece_row = [], [], [], [], []
-        # A Python loop over the step's sequences (a decode step's are one piece each): only
-        # chunked models pay it.
-        for s, (owned, new, first) in enumerate(zip(blocks, q_lens, starts)):
-            at = first
-            while True:
-                base = at // chunk * chunk
-                end = min(first + new, base + chunk)
-                piece_blocks.append(owned[base // self.block_size:])
-                piece_lens.append(end - at)
-                piece_starts.append(at - base)
-                piece_seq.append(s)
-                piece_row.append(at - first)
-                if end >= first + new:
-                    break
-                at = end
-        return ChunkView(self._layout(piece_blocks, piece_lens, piece_starts), np.asarray(piece_seq, dtype=np.int64),
-                         np.asarray(piece_row, dtype=np.int64), np.asarray(q_lens, dtype=np.int64))
+        # Vectorized over pieces (a decode step's sequences are one piece each): piece k of
+        # sequence s lies in chunk first // chunk + k, and a sequence without new tokens keeps
+        # one empty piece so that every sequence stays in the view.
+        end = host.first + host.new
+        pieces = np.where(host.new > 0, (end - 1) // chunk - host.first // chunk + 1, 1)
+        seq = np.repeat(np.arange(host.new.size), pieces)
+        k = np.arange(seq.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        base = (host.first[seq] // chunk + k) * chunk
+        at = np.where(k == 0, host.first[seq], base)
+        piece_end = np.minimum(end[seq], base + chunk)
+        cu = np.concatenate([[0], np.cumsum(piece_end - at)])
+        lens = piece_end - base
+        skip = base // self.block_size
+        if seq.size == host.new.size and not skip.any():
+            # Every sequence is one piece in its first chunk (contexts shorter than a chunk): the step itself.
+            return ChunkView(batch, seq, at - host.first[seq], host.new)
+        # Piece p's block list is its sequence's from the chunk's first block on, as far as the
+        # piece reads (its keys lie in one chunk, so the table is at most a chunk's blocks wide).
+        column = skip[:, None] + np.arange(max(int(-(-lens.max() // self.block_size)), 1))
+        table = np.where(column < host.owned[seq, None],
+                         host.table[seq[:, None], np.minimum(column, host.table.shape[1] - 1)], 0).astype(np.int32)
+        cu_dev, lens_dev, table_dev = to_device(self.device, cu.astype(np.int32), lens.astype(np.int32), table)
+        # The pieces keep the step's rows in order, so the rows' cache slots and positions are the step's.
+        view = PagedBatch(block_table=table_dev, cu_seqlens_q=cu_dev, seqlens_kv=lens_dev, slots=batch.slots,
+                          positions=batch.positions, host_cu_seqlens_q=tuple(cu.tolist()),
+                          host_seqlens_kv=tuple(lens.tolist()))
+        return ChunkView(view, seq, at - host.first[seq], host.new)
 
-    def _layout(self, blocks: Sequence[Sequence[int]], q_lens: Sequence[int], starts: Sequence[int]) -> PagedBatch:
+    def _host_layout(self, blocks: Sequence[Sequence[int]], q_lens: Sequence[int], starts: Sequence[int]) -> _HostLayout:
         if not (len(blocks) == len(q_lens) == len(starts)) or not blocks:
             raise ValueError(
                 f"blocks, q_lens and starts must describe the same non-empty batch, got {len(blocks)}, "
@@ -171,26 +216,9 @@ class PagedKV:
             s = int(np.searchsorted(np.cumsum(owned), np.flatnonzero((ids < 0) | (ids >= self.num_blocks))[0], "right"))
             raise ValueError(f"sequence {s}: block ids {[int(b) for b in blocks[s]]} outside [0, {self.num_blocks})")
         # Vectorized over tokens and blocks: a decode step has thousands of sequences.
-        row_of_block = np.repeat(np.arange(num_seqs), owned)
         table = np.zeros((num_seqs, max(int(owned.max()), 1)), dtype=np.int32)
-        table[row_of_block, np.arange(ids.size) - np.repeat(np.cumsum(owned) - owned, owned)] = ids
-        cu = np.concatenate([[0], np.cumsum(new)])
-        row_of_token = np.repeat(np.arange(num_seqs), new)
-        pos = np.arange(int(cu[-1])) - np.repeat(cu[:-1], new) + np.repeat(first, new)
-        slots = table[row_of_token, pos // bs].astype(np.int64) * bs + pos % bs
-        lens = first + new
-        # Copies that do not wait for the device (two: int32 metadata, int64 slots and positions).
-        cu_dev, lens_dev, table_dev, slots_dev, pos_dev = to_device(
-            self.device, cu.astype(np.int32), lens.astype(np.int32), table, slots, pos)
-        return PagedBatch(
-            block_table=table_dev,
-            cu_seqlens_q=cu_dev,
-            seqlens_kv=lens_dev,
-            slots=slots_dev,
-            positions=pos_dev,
-            host_cu_seqlens_q=tuple(cu.tolist()),
-            host_seqlens_kv=tuple(lens.tolist()),
-        )
+        table[np.repeat(np.arange(num_seqs), owned), np.arange(ids.size) - np.repeat(np.cumsum(owned) - owned, owned)] = ids
+        return _HostLayout(table, owned, new, first)
 
     def write_batch(self, layer: int, batch: PagedBatch, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's new rows `k`/`v` `[total_q, heads, head_dim]` (one scatter per cache)."""

@@ -359,6 +359,37 @@ def test_embedding_rows_follow_the_token_ids_through_views() -> None:
     assert [embedding_rows(gm, i) for i in range(4)] == [50, 20, None, None]
 
 
+def test_token_indices_read_as_numbers_become_the_steps_positions() -> None:
+    """`token_indices_as_positions` (Llama 4's temperature tuning computes `arange(T)` as the
+    tokens' positions) replaces an `arange(T)` the graph uses only as a number by the step's
+    positions, and leaves one used as an index (a lookup, a comparison) as it was: the packed
+    step with restarting positions then computes what each sequence alone would."""
+    from tileflow.capture import capture_exported, export_program
+    from tileflow.distributed.program import token_indices_as_positions
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(64, 3))
+
+        def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            t = ids.shape[1]
+            scale = torch.log1p(((torch.arange(t) + 1) // 2).float())  # a number: the tokens' positions
+            rows = self.table[torch.arange(t)]  # an index
+            seen = (torch.arange(t)[:, None] >= torch.arange(t)).sum(-1, keepdim=True)  # a comparison
+            return rows * scale[:, None] + seen
+
+    tokens = torch.export.Dim("tokens", min=1, max=32)
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
+    with torch.no_grad():
+        gm = capture_exported(export_program(Step(), example, ({1: tokens}, {1: tokens}), strict=False)).gm
+    assert token_indices_as_positions(gm) == 1
+    positions = torch.tensor([[5, 6, 7, 0, 1, 2, 3]])
+    index = torch.arange(7)
+    want = gm.table[index] * torch.log1p(((positions[0] + 1) // 2).float())[:, None] + (index + 1)[:, None]
+    torch.testing.assert_close(gm(torch.zeros(1, 7, dtype=torch.long), positions), want)
+
+
 class _AttentionLast(torch.nn.Module):
     """A step whose attention output is the graph's output (no dense node after it)."""
 

@@ -12,6 +12,7 @@ import torch
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
+from tileflow.report import GraphReport
 from tileflow.passes.disaggregate import AttentionCut
 from tileflow.serving import (
     BlockAllocator, OutOfBlocks, Request, SamplingParams, Scheduler, ServingEngine, accept_draft, prefix_hashes,
@@ -542,8 +543,11 @@ def test_chunked_attention_model_equals_eager_generation() -> None:
     (refused since). Each step is read through its chunk view, and the logits of a prompt chunk
     across two chunk boundaries, greedy tokens with and without drafts (verify slots cross
     boundaries too) and with nano-batches equal eager's. Its NoPE layers' temperature tuning
-    reads a token's index in the step for its position: requests and steps past where the two
-    agree are refused, as is a block size that does not divide the chunk."""
+    reads a token's index in the forward for its position (`arange(T)`): the build reads the
+    step's positions there instead, so with a floor_scale of 4 the factor changes every 4
+    positions and still matches; a step where that is not done is exact only below
+    floor_scale - 1 and refuses longer steps. A block size that does not divide the chunk is
+    refused."""
     import transformers
 
     from tileflow.distributed import CausalLMStep, build_stage_program
@@ -553,16 +557,20 @@ def test_chunked_attention_model_equals_eager_generation() -> None:
     cfg = transformers.Llama4TextConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
-        attention_chunk_size=8, no_rope_layers=[1, 0], floor_scale=64, max_position_embeddings=256)
+        attention_chunk_size=8, no_rope_layers=[1, 0], floor_scale=4, attn_scale=1.0, max_position_embeddings=256)
     model = transformers.Llama4ForCausalLM(cfg).eval()
     reference = copy.deepcopy(model)
     reference.config._attn_implementation = "sdpa"
     example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
-    with pytest.raises(ValueError, match="temperature tuning.*max_tokens <= 63"):
-        build_stage_program(CausalLMStep(copy.deepcopy(model)), example, max_tokens=64)
-    program = build_stage_program(CausalLMStep(model), example, max_tokens=63)
+    unread = CausalLMStep(copy.deepcopy(model))
+    unread.reads_index_as_position = False
+    with pytest.raises(ValueError, match="temperature tuning.*max_tokens <= 3"):
+        build_stage_program(unread, example, max_tokens=64)
+    report = GraphReport(graph_id="llama4")
+    program = build_stage_program(CausalLMStep(model), example, max_tokens=64, report=report)
     assert [c.attention_chunk for c in program.cuts] == [8, None]
-    assert program.max_positions == 63
+    assert program.max_positions is None
+    assert report.extra["token_indices_as_positions"].startswith("1 arange")
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (13, 30, 3)]
     engine = ServingEngine(program, token_budget=32, decode_slots=2, block_size=4, num_blocks=16)
@@ -581,8 +589,6 @@ def test_chunked_attention_model_equals_eager_generation() -> None:
             assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 10), (max_draft, nano_batches, r.id)
         assert engine.allocator.all_free()
         assert bool(engine.metrics.drafted) == bool(max_draft)
-    with pytest.raises(ValueError, match="past the model's 63 positions its attention temperature tuning"):
-        engine.add(Request(9, prompts[1], 35))
     with pytest.raises(ValueError, match="chunks of 8 positions, which the KV block size 3 does not divide"):
         ServingEngine(program, token_budget=24, block_size=3)
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from ..capture import capture_exported, export_failure, export_program
 from ..config import Config
+from ..graph_utils import bind_arguments
 from ..padding_safety import capped_buckets, check_padding
 from ..pipeline import PassContext, PassManager
 from ..report import GraphReport
@@ -47,8 +48,10 @@ class CausalLMStep(torch.nn.Module):
         register_transformers()
         model.config._attn_implementation = CAUSAL_ATTENTION_NAME
         self.model = model
-        # (bound, why): positions and step sizes the step is exact below (`build_stage_program`).
+        # (bound, why): positions and step sizes the step is exact below (`build_stage_program`),
+        # unless the build finds the token indices the model reads as positions and replaces them.
         self.position_limit = index_as_position_limit(model.config)
+        self.reads_index_as_position = self.position_limit is not None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Logits for every new token."""
@@ -61,13 +64,81 @@ def index_as_position_limit(config: Any) -> tuple[int, str] | None:
     cache's length: a token's index in the forward, which in a packed serving step (no cache) is
     not its position. Both give a factor of 1, and the step equals the model, while the position
     and the index are below `floor_scale - 1`: (that bound, the reason), or None for models
-    without it."""
+    without it. `build_stage_program` lifts the bound when it finds that index in the graph and
+    reads the step's positions there instead (`token_indices_as_positions`)."""
     no_rope = [flag for flag in getattr(config, "no_rope_layers", None) or () if not flag]
     if not (getattr(config, "attn_temperature_tuning", False) and no_rope):
         return None
     bound = max(int(getattr(config, "floor_scale")) - 1, 1)
     return bound, ("positions its attention temperature tuning is exact for (its NoPE layers read a token's index in "
                    "the step as its position, which agree while both are below floor_scale - 1)")
+
+
+_ARANGES = frozenset({torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step})
+# What an integer index may pass through and still be a number: arithmetic, casts, reshapes (an
+# index reaching anything else, a lookup or a comparison, is left alone).
+_NUMBER_OPS = frozenset({
+    torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor, torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor,
+    torch.ops.aten.div.Tensor_mode, torch.ops.aten.floor_divide.default, torch.ops.aten.remainder.Scalar,
+    torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default,
+    torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+    torch.ops.aten.unsqueeze.default, torch.ops.aten.expand.default, torch.ops.aten.clone.default,
+    torch.ops.aten.alias.default,
+})
+
+
+def token_indices_as_positions(gm: torch.fx.GraphModule) -> int:
+    """Replace each `arange(T)` over a packed step's tokens (T: the token dimension of input 1,
+    the positions `[1, T]`) that the graph uses only as a number, by the positions: the model
+    computed a token's index in its forward as its position (Llama 4's temperature tuning, with
+    no cache), which in a packed step the positions are. An arange used as an index (a lookup, a
+    comparison, any op but plain arithmetic before it becomes floating point) is left alone.
+    Returns how many were replaced."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    positions = inputs[1] if len(inputs) > 1 else None
+    val = positions.meta.get("val") if positions is not None else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 2 or val.shape[0] != 1 or not isinstance(val.shape[1], torch.SymInt):
+        return 0
+    tokens = val.shape[1].node.expr
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _ARANGES:
+            continue
+        out, bound = node.meta.get("val"), bind_arguments(node)
+        if (not isinstance(out, torch.Tensor) or out.dim() != 1 or not isinstance(out.shape[0], torch.SymInt)
+                or out.shape[0].node.expr != tokens or bound.get("start", 0) != 0 or bound.get("step", 1) != 1
+                or not _used_as_number(node)):
+            continue
+        with gm.graph.inserting_before(node):
+            row = gm.graph.call_function(torch.ops.aten.select.int, (positions, 0, 0))
+            row.meta["val"] = val.select(0, 0)
+            if out.dtype != val.dtype:
+                row = gm.graph.call_function(torch.ops.aten._to_copy.default, (row,), {"dtype": out.dtype})
+                row.meta["val"] = val.select(0, 0).to(out.dtype)
+        node.replace_all_uses_with(row)
+        gm.graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        gm.recompile()
+    return replaced
+
+
+def _used_as_number(node: torch.fx.Node) -> bool:
+    """Whether every integer value computed from `node` reaches only `_NUMBER_OPS` (a
+    floating-point result ends the walk: from there it is a number)."""
+    pending, seen = [node], {node}
+    while pending:
+        current = pending.pop()
+        out = current.meta.get("val")
+        if current is not node and isinstance(out, torch.Tensor) and out.is_floating_point():
+            continue
+        for user in current.users:
+            if user.op != "call_function" or user.target not in _NUMBER_OPS:
+                return False
+            if user not in seen:
+                seen.add(user)
+                pending.append(user)
+    return True
 
 
 # transformers' `config.layer_types` values whose layers a serving step can run: attention over
@@ -112,9 +183,6 @@ def build_stage_program(
     from tileflow.passes.nanobatch import token_symbol
 
     limit = getattr(step, "position_limit", None)
-    if limit is not None and max_tokens > limit[0]:
-        raise ValueError(f"max_tokens={max_tokens}, but the model's step is exact only below {limit[0]} "
-                         f"{limit[1]}: build it with max_tokens <= {limit[0]}")
     config = config or Config()
     passes = tuple(p for p in config.passes if p != "disaggregate") + ("disaggregate",)
     config = config.replace(passes=passes)
@@ -131,6 +199,16 @@ def build_stage_program(
         raise export_failure(exc, f"the step cannot be exported as one graph over any token count in [1, {max_tokens}]") from exc
     graph = capture_exported(ep)
     report = report or GraphReport(graph_id="disaggregated_step")
+    if limit is not None and getattr(step, "reads_index_as_position", False):
+        replaced = token_indices_as_positions(graph.gm)
+        if replaced:
+            limit = None
+            report.extra["token_indices_as_positions"] = (
+                f"{replaced} arange(s) over the step's tokens, which the model reads as positions, replaced by the "
+                "step's positions (input 1)")
+    if limit is not None and max_tokens > limit[0]:
+        raise ValueError(f"max_tokens={max_tokens}, but the model's step is exact only below {limit[0]} "
+                         f"{limit[1]}: build it with max_tokens <= {limit[0]}")
     ctx = PassContext(config=config, report=report, example_inputs=graph.example_inputs)
     PassManager.from_config(config).run(graph.gm, ctx)
     if "disaggregate" not in report.rewrites:

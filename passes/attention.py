@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import guard_int, statically_known_true
 
 from tileflow.graph_utils import (
     any_ancestor,
@@ -49,6 +49,7 @@ from tileflow.graph_utils import (
     constant_number,
     copy_source_meta,
     evaluate_at_example_sizes,
+    free_symbols,
     infer_meta,
     same_shape,
     size_hint,
@@ -115,6 +116,30 @@ def strip_repeat_kv(node: Any) -> Any:
     return base
 
 
+def _pin_head_dims(ctx: PassContext, dims: tuple[Any, ...], tensors: tuple[torch.Tensor, ...]) -> str | None:
+    """Make the head counts and head dims `dims` static, or say why they cannot be. The kernel
+    needs them static; they are symbolic when a graph break hands q, k and v to this graph as
+    inputs under `dynamic=True`. Where the graph's shape guards are checked at each call
+    (`ctx.shape_guards`: under Dynamo), each is pinned to its example value with a guard, so a
+    call with other heads recompiles: a model's heads never change. A symbol that is also one
+    of the tensors' batch or sequence sizes (Dynamo gives equal sizes one symbol) is not pinned,
+    which would recompile at every new length."""
+    symbolic = [d for d in dims if isinstance(d, torch.SymInt) and d.node.maybe_as_int() is None]
+    if not symbolic:
+        return None
+    if not ctx.shape_guards:
+        return "head count or head dim is symbolic; the kernel needs them static"
+    lengths = free_symbols(s for t in tensors for i, s in enumerate(t.shape) if i in (0, 2))
+    if any(d.node.expr.free_symbols & lengths for d in symbolic):
+        return ("head count or head dim has the symbol of a batch or sequence size (equal sizes at this trace): "
+                "pinning it would recompile at every length")
+    if not all(d.node.has_hint() for d in symbolic):
+        return "head count or head dim is symbolic, with no example value to pin it to"
+    for d in symbolic:
+        guard_int(d)
+    return None
+
+
 @register_pass
 class Attention:
     """Rewrite SDPA nodes into `tileflow::meta_attention`."""
@@ -161,8 +186,9 @@ class Attention:
             return f"dtypes q={qv.dtype}, k={kv.dtype}, v={vv.dtype} are not supported by the {ctx.target} meta-attention kernel"
         if not statically_known_true(kv.shape[-1] == qv.shape[-1]) or not statically_known_true(vv.shape[-1] == qv.shape[-1]):
             return "q, k and v head dims differ"
-        if isinstance(qv.shape[-1], torch.SymInt) or isinstance(qv.shape[1], torch.SymInt) or isinstance(kv.shape[1], torch.SymInt):
-            return "head count or head dim is symbolic; the kernel needs them static"
+        reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1]), (qv, kv, vv))
+        if reason:
+            return reason
         causal = bool(args.get("is_causal") or False)
         if causal and not statically_known_true(qv.shape[2] == kv.shape[2]):
             return "is_causal with different query and key lengths (top-left alignment) is not supported"
@@ -394,8 +420,9 @@ class Attention:
         qv, kv, vv = _val(q), _val(k), _val(v)
         if not (qv.dtype == kv.dtype == vv.dtype) or qv.dtype not in _DTYPES.get(ctx.target, _DTYPES["reference"]):
             return f"dtypes q={qv.dtype}, k={kv.dtype}, v={vv.dtype} are not supported by the {ctx.target} meta-attention kernel"
-        if any(isinstance(d, torch.SymInt) for d in (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3])):
-            return "head count or head dim is symbolic; the kernel needs them static"
+        reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv))
+        if reason:
+            return reason
         if not statically_known_true(vv.shape[2] == kv.shape[2]):
             # V flattened from another layout (say [B, S, H, D]) that lines up with K's only at
             # some lengths: the kernel raised at run time on its other head count.

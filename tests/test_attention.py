@@ -1014,6 +1014,48 @@ def test_per_row_sink_logits_are_not_taken_for_per_head_ones() -> None:
     assert "meta_attention" not in report.rewrites
 
 
+def test_heads_made_symbolic_by_a_graph_break_are_pinned_by_a_guard() -> None:
+    """Under `dynamic=True` a graph break hands q, k and v to the attention's graph as inputs,
+    with symbolic head counts and head dims (JetMoE's attention stayed off the kernel for it).
+    The pass pins them to their example values with a guard: lengths share one compiled graph,
+    other heads recompile (the pinned kernel never sees them), every output equals eager."""
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    compiled = torch.compile(attention, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
+                             dynamic=True)
+    for heads, length, head_dim in ((4, 5, 8), (4, 7, 8), (2, 5, 8)):
+        q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+        if heads == 4:
+            assert len(report.graphs) == 1 and report.graphs[0].rewrites.get("meta_attention") == 1
+            assert any(v == [2, None] for v in report.graphs[0].symbols.values())  # the lengths stayed dynamic
+    assert len(report.graphs) == 2 and report.recompiles == 1
+
+
+def test_heads_declared_dynamic_in_an_export_are_left_alone() -> None:
+    """An exported program checks no guards at its calls, so a head count the export keeps
+    symbolic is not pinned: the attention stays as it was, with the reason, and the archive
+    runs other head counts correctly."""
+
+    class Attention(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    heads, length = torch.export.Dim("heads", min=2, max=8), torch.export.Dim("length", min=2, max=32)
+    shapes = tuple({1: heads, 2: length} for _ in range(3))
+    archive = tileflow.export_model(Attention(), tuple(torch.randn(1, 4, 5, 8) for _ in range(3)), shapes,
+                                    options={"target": "reference"})
+    reasons = [f.reason for g in archive.report.graphs for f in g.fallbacks]
+    assert any("head count or head dim is symbolic" in r for r in reasons), reasons
+    q, k, v = (torch.randn(1, 3, 6, 8) for _ in range(3))
+    torch.testing.assert_close(archive.program.module()(q, k, v), Attention()(q, k, v), rtol=1e-5, atol=1e-5)
+
+
 def test_values_flattened_from_another_layout_are_left_alone() -> None:
     """P @ V over `v.transpose(1, 2).reshape(b * h, s, d)` (V flattened from [B, S, H, D]) reads
     V as [B, S, H, D]: with as many positions as K/V heads (2 here) it was taken for a [B, H, S,

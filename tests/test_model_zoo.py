@@ -41,6 +41,31 @@ def test_architecture_compiles_once_and_matches_eager(name: str) -> None:
         assert rewrites.get(feature, 0) == (2 if feature in features else 0), feature
 
 
+def test_attention_after_graph_breaks_runs_on_the_meta_kernel() -> None:
+    """JetMoE breaks its graph around each layer's attention, so under `dynamic=True` the
+    attention's graph gets q, k and v as inputs whose head counts and head dims are symbolic:
+    the pass pins them with a guard (they never change) and both layers' attention runs on the
+    meta-kernel in every graph Dynamo compiles for it (its expert routing recompiles at some
+    lengths, with or without the pinning); every length matches eager."""
+    import transformers
+
+    from models import _causal_lm
+
+    torch.manual_seed(0)
+    model = _causal_lm("JetMoeConfig", "JetMoeForCausalLM", kv_channels=16, num_key_value_heads=None)().eval()
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"target": "reference"}, report=report), dynamic=True)
+    with torch.no_grad():
+        for seq_len in (3, 9, 14):
+            ids = torch.randint(0, VOCAB, (2, seq_len))
+            got, want = compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits
+            assert (got - want).abs().max().item() <= 1e-4, f"seq_len={seq_len}"
+    assert isinstance(model, transformers.JetMoeForCausalLM)
+    assert report.rewrites.get("meta_attention", 0) >= model.config.num_hidden_layers, report.rewrites
+    assert not [f for f in report.fallbacks if f.pass_name == "attention"], report.fallbacks
+
+
 @pytest.mark.parametrize("name", ["bloom", "mpt", "gpt_neo", "gemma2", "xglm"])
 def test_eager_masks_with_left_padding(name: str) -> None:
     """Models whose attention is their own code get transformers' eager masks, which hide keys

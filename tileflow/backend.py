@@ -48,7 +48,8 @@ class TileflowBackend:
         def compile_forward(aten_gm: fx.GraphModule, aten_inputs: Sequence[Any]) -> Callable[..., Any]:
             if self.config.verify:
                 return _VerifyOnFirstCall(self, aten_gm, aten_inputs, compile_id, recompile)
-            return compile_graph(aten_gm, aten_inputs, self.config, self.report, compile_id=compile_id, recompile=recompile)
+            return compile_graph(aten_gm, aten_inputs, self.config, self.report, compile_id=compile_id, recompile=recompile,
+                                 shape_guards=True)
 
         compiled = capture_dynamo(gm, example_inputs, compile_forward)
         if frame is not None:
@@ -78,7 +79,7 @@ class _VerifyOnFirstCall:
         if self.compiled is None:
             self.compiled = compile_graph(
                 self.gm, self.inputs, self.backend.config, self.backend.report,
-                compile_id=self.compile_id, recompile=self.recompile, real_inputs=args, residual="eager",
+                compile_id=self.compile_id, recompile=self.recompile, real_inputs=args, residual="eager", shape_guards=True,
             )
             self.backend.report.graphs[-1].extra["residual_note"] = "verify=True runs the residual graph eagerly"
         return self.compiled(*args)

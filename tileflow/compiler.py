@@ -94,13 +94,15 @@ def compile_graph(
     real_inputs: Sequence[Any] | None = None,
     residual: str | None = None,
     emit_only: bool = False,
+    shape_guards: bool = False,
 ) -> Callable[..., Any]:
     """Run tileflow's passes on `gm` and return a callable that executes the result.
 
     `example_inputs` may be fake (sizes symbolic); `real_inputs`, when given, are concrete inputs
     used by `config.verify`. `residual` overrides `config.residual` (after `auto` resolution).
     `emit_only` writes the kernels' sources without building them (ahead-of-time export for a
-    target this machine cannot run).
+    target this machine cannot run). `shape_guards`: the caller checks the graph's shape guards
+    before each call (Dynamo), so passes may pin symbolic sizes with guards (`PassContext`).
     """
     graph_id = f"graph_{next(_GRAPH_IDS):03d}"
     device_type = inputs_device_type(example_inputs)
@@ -129,6 +131,7 @@ def compile_graph(
         shape_env=shape_env_of(gm),
         target=target,
         device_type=device_type,
+        shape_guards=shape_guards,
     )
     PassManager.from_config(config).run(gm, ctx, real_inputs=real_inputs)
     lower_graph(gm, ctx, target, emit_only=emit_only)

@@ -71,6 +71,10 @@ class PassContext:
     shape_env: Any = None
     target: str = "reference"
     device_type: str = "cpu"
+    # Whether the graph's shape guards are checked before each call (under Dynamo: a call that
+    # breaks one recompiles), so a pass may pin a symbolic size to its example value with a
+    # guard; an exported program has no such check.
+    shape_guards: bool = False
 
     def add_kernel(self, name: str, target: str, source_path: str | None, spec: dict | None = None) -> None:
         """Record an emitted kernel in the graph's report."""

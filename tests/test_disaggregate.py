@@ -390,6 +390,43 @@ def test_token_indices_read_as_numbers_become_the_steps_positions() -> None:
     torch.testing.assert_close(gm(torch.zeros(1, 7, dtype=torch.long), positions), want)
 
 
+def test_token_indices_that_become_indices_again_are_left_alone() -> None:
+    """An `arange(T)` that turns floating point and then back into an index (a bucket lookup
+    `(arange(T) / 2).long()`, a mask from comparing float indices) is an index, and is left as it
+    was: the graph computes the same before and after, with restarting positions. One created
+    floating (`arange(T, dtype=float)`) and read only as a number is replaced."""
+    from tileflow.capture import capture_exported, export_program
+    from tileflow.distributed.program import token_indices_as_positions
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(64, 3))
+
+        def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            t = ids.shape[1]
+            rows = self.table[(torch.arange(t) / 2).long()]  # an index through a float
+            index = torch.arange(t).float()
+            seen = (index[:, None] >= index).float().sum(-1, keepdim=True)  # a comparison of floats
+            return rows + seen
+
+    class Scale(torch.nn.Module):
+        def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return torch.log1p(torch.arange(ids.shape[1], dtype=torch.float32))[None, :] + ids
+
+    tokens = torch.export.Dim("tokens", min=1, max=32)
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
+    ids, positions = torch.zeros(1, 7, dtype=torch.long), torch.tensor([[5, 6, 7, 0, 1, 2, 3]])
+    with torch.no_grad():
+        gm = capture_exported(export_program(Step(), example, ({1: tokens}, {1: tokens}), strict=False)).gm
+        scale = capture_exported(export_program(Scale(), example, ({1: tokens}, {1: tokens}), strict=False)).gm
+    want = gm(ids, positions)
+    assert token_indices_as_positions(gm) == 0
+    torch.testing.assert_close(gm(ids, positions), want)
+    assert token_indices_as_positions(scale) == 1
+    torch.testing.assert_close(scale(ids, positions), torch.log1p(positions.float()))
+
+
 class _AttentionLast(torch.nn.Module):
     """A step whose attention output is the graph's output (no dense node after it)."""
 

@@ -236,6 +236,46 @@ def test_a_size_the_program_asserts_against_is_left_out_of_the_recorded_range(tm
         torch.testing.assert_close(run(ids), model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
 
 
+class _AlibiSlice(torch.nn.Module):
+    """MPT's ALiBi slice, `table[max(0, 64 - seq):]` added to the seq rows: exported past 64, the
+    trace asserts `seq + max(0, 64 - seq) == 64`, which refuses every seq above 64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.table[max(0, 64 - x.shape[0]):]
+
+
+@pytest.mark.parametrize("top", [200, None])
+def test_a_long_refused_tail_or_an_open_range_is_left_out_of_the_recorded_range(tmp_path: Path, top) -> None:
+    """A range exported far past the sizes a runtime assert accepts (more refused sizes than the
+    ends are stepped in by) or without a max: the archive still records only the sizes the
+    program runs, and the first refused one is refused by name at the call."""
+    from tileflow.export import export_model
+
+    dim = torch.export.Dim("seq", min=2) if top is None else torch.export.Dim("seq", min=2, max=top)
+    model = _AlibiSlice().eval()
+    archive = export_model(model, (torch.randn(8),), ({0: dim},), options={"target": "reference"})
+    accepted = [n for n in (63, 64, 65, 136, 199) if _runs(model, n)]
+    assert archive.manifest["dynamic"]["seq"] == [2, max(accepted)]
+    run = tileflow.load(archive.save(tmp_path / "alibi.pt2"))
+    x = torch.randn(max(accepted))
+    torch.testing.assert_close(run(x), model(x))
+    with pytest.raises(ValueError, match=rf"input 0 dim 0 is 65 but the archive was exported for seq in \[2, {max(accepted)}\]"):
+        run(torch.randn(65))
+
+
+def _runs(model: torch.nn.Module, size: int) -> bool:
+    """Whether eager `model` takes a `size`-row input."""
+    try:
+        model(torch.randn(size))
+    except RuntimeError:
+        return False
+    return True
+
+
 def test_a_model_torch_export_cannot_trace_is_a_clear_error() -> None:
     """torch.export's own errors reached the user raw (the CLI showed one line of a guard on an
     internal symbol); they name the model's line now, as serving programs' builds do."""

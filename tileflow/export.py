@@ -245,7 +245,8 @@ def _ranges_the_program_accepts(gm: torch.fx.GraphModule, ranges: Mapping[str, t
     asserts the start is not 0, so a program exported for seq in [2, max_seq_len] stops at
     max_seq_len with an assert naming an internal symbol. Recording the range it accepts makes
     `LoadedProgram.check_inputs` refuse that size by name instead. Only single-symbol asserts are
-    read, and only at the ends (up to `max_steps` sizes in from each)."""
+    read, and only at the ends: up to `max_steps` sizes in from each, and past that (or with no
+    max) the top by bisection when what it cuts off is a tail of refused sizes."""
     import sympy
 
     narrowed = dict(ranges)
@@ -267,15 +268,43 @@ def _ranges_the_program_accepts(gm: torch.fx.GraphModule, ranges: Mapping[str, t
             return expr.xreplace({sym: sympy.Integer(size)}) is sympy.false
 
         for _ in range(max_steps):
-            if hi is None or hi <= lo or not refused(hi):
-                break
-            hi -= 1
-        for _ in range(max_steps):
             if (hi is not None and lo >= hi) or not refused(lo):
                 break
             lo += 1
+        for _ in range(max_steps):
+            if hi is None or hi <= lo or not refused(hi):
+                break
+            hi -= 1
+        if not refused(lo) and (hi is None or hi > lo and refused(hi)):
+            # More than `max_steps` refused sizes at the top, or no top at all (a Dim without
+            # max): the last accepted size, found by bisection, when every size from it to the
+            # first refused one past `max_steps` is refused (a tail, not a pattern such as Mod).
+            hi = _last_accepted(refused, lo, hi, max_steps)
         narrowed[str(sym)] = (lo, hi)
     return narrowed
+
+
+def _last_accepted(refused: Callable[[int], bool], lo: int, hi: int | None, max_steps: int,
+                   limit: int = 1 << 62) -> int | None:
+    """The largest size in [lo, hi] (`lo` accepted, `hi` refused or None: unbounded) before a
+    tail of refused sizes that reaches `hi`, or `hi` itself when the refusals are not such a tail."""
+    top, step = hi, 1
+    if top is None:  # probe upwards until a size is refused
+        while lo + step <= limit and not refused(lo + step):
+            step *= 2
+        if lo + step > limit:
+            return None
+        top = lo + step
+    good = lo
+    while top - good > 1:  # good accepted, top refused
+        mid = (good + top) // 2
+        if refused(mid):
+            top = mid
+        else:
+            good = mid
+    far = hi if hi is not None else min(limit, 2 * top + max_steps)
+    probes = [*range(top, min(top + max_steps, far) + 1), far, (top + far) // 2]
+    return good if all(refused(size) for size in probes) else hi
 
 
 def _normalize_dynamic_shapes(model: torch.nn.Module, n_args: int, dynamic_shapes: Any) -> list[Any]:

@@ -92,7 +92,8 @@ def token_indices_as_positions(gm: torch.fx.GraphModule) -> int:
     the positions `[1, T]`) that the graph uses only as a number, by the positions: the model
     computed a token's index in its forward as its position (Llama 4's temperature tuning, with
     no cache), which in a packed step the positions are. An arange used as an index (a lookup, a
-    comparison, any op but plain arithmetic before it becomes floating point) is left alone.
+    comparison, any op but plain arithmetic before it becomes floating point, or a float computed
+    from it alone and turned back into an index: `_used_as_number`) is left alone.
     Returns how many were replaced."""
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     positions = inputs[1] if len(inputs) > 1 else None
@@ -124,21 +125,36 @@ def token_indices_as_positions(gm: torch.fx.GraphModule) -> int:
 
 
 def _used_as_number(node: torch.fx.Node) -> bool:
-    """Whether every integer value computed from `node` reaches only `_NUMBER_OPS` (a
-    floating-point result ends the walk: from there it is a number)."""
-    pending, seen = [node], {node}
+    """Whether every value computed from the index `node` is used as a number. An integer one
+    may reach only `_NUMBER_OPS`; a floating-point one is a number once it meets the model's data
+    in a floating-point result (an op with an input not computed from `node`), and until then
+    its users are followed too, so that a cast back to an integer (`(arange(T) / 2).long()` for a
+    lookup) or a comparison (`arange(T).float()[:, None] >= arange(T).float()`, a mask) is still
+    an index. Parameters count as data."""
+    derived, pending = {node}, [node]
     while pending:
         current = pending.pop()
-        out = current.meta.get("val")
-        if current is not node and isinstance(out, torch.Tensor) and out.is_floating_point():
-            continue
+        floating = current.meta["val"].is_floating_point()
         for user in current.users:
-            if user.op != "call_function" or user.target not in _NUMBER_OPS:
-                return False
-            if user not in seen:
-                seen.add(user)
-                pending.append(user)
+            if user in derived:
+                continue
+            out = user.meta.get("val")
+            if not isinstance(out, torch.Tensor):
+                if user.target is torch.ops.aten._assert_tensor_metadata.default:
+                    continue  # a check of the value's metadata
+                return False  # returned, or read as a Python number: not followed
+            if floating and out.is_floating_point() and not all(arg in derived for arg in _tensor_inputs(user)):
+                continue  # meets the model's data: a number from here on
+            if user.target not in _NUMBER_OPS and not (floating and out.is_floating_point()):
+                return False  # an integer reaching a lookup, or a comparison: an index
+            derived.add(user)
+            pending.append(user)
     return True
+
+
+def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """`node`'s inputs that are tensors."""
+    return [arg for arg in node.all_input_nodes if isinstance(arg.meta.get("val"), torch.Tensor)]
 
 
 # transformers' `config.layer_types` values whose layers a serving step can run: attention over

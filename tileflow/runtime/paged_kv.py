@@ -67,11 +67,12 @@ def check_chunk_blocks(chunks: Iterable[int | None], block_size: int) -> None:
 class ChunkView:
     """A step cut at the boundaries of attention chunks: `batch` has one sequence per piece (the
     new tokens of one sequence within one chunk, in the step's row order), whose blocks start at
-    the chunk's first block. `piece_seq[p]`, `piece_row[p]`: the step's sequence piece p comes
+    the chunk's first block; None when that is the step itself (every sequence one piece in its
+    first chunk: the view then holds no reference back to the step). `piece_seq[p]`, `piece_row[p]`: the step's sequence piece p comes
     from and the piece's first row among that sequence's new tokens; `seq_new[s]`: the new
     tokens of the step's sequence s (host arrays, for the tree mask)."""
 
-    batch: PagedBatch
+    batch: PagedBatch | None
     piece_seq: np.ndarray
     piece_row: np.ndarray
     seq_new: np.ndarray
@@ -177,7 +178,7 @@ class PagedKV:
         skip = base // self.block_size
         if seq.size == host.new.size and not skip.any():
             # Every sequence is one piece in its first chunk (contexts shorter than a chunk): the step itself.
-            return ChunkView(batch, seq, at - host.first[seq], host.new)
+            return ChunkView(None, seq, at - host.first[seq], host.new)
         # Piece p's block list is its sequence's from the chunk's first block on, as far as the
         # piece reads (its keys lie in one chunk, so the table is at most a chunk's blocks wide).
         column = skip[:, None] + np.arange(max(int(-(-lens.max() // self.block_size)), 1))
@@ -244,7 +245,7 @@ class PagedKV:
                 raise ValueError(f"the layer attends in chunks of {attention_chunk} positions, but the batch was "
                                  f"prepared for chunks of {sorted(batch.chunk_views)}: pass "
                                  f"attention_chunks=({attention_chunk},) to prepare")
-            batch = view.batch
+            batch = view.batch or batch
             tree_mask = None if tree_mask is None else view.tree_mask(tree_mask)
         return run_meta_attention_varlen(
             q.contiguous(), self.k[layer], self.v[layer], batch.block_table, batch.cu_seqlens_q, batch.seqlens_kv,

@@ -236,6 +236,35 @@ def test_a_size_the_program_asserts_against_is_left_out_of_the_recorded_range(tm
         torch.testing.assert_close(run(ids), model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
 
 
+class _RefusesSomeSizes(torch.nn.Module):
+    """A model whose trace refuses sizes inside its range: one length, and pairs of lengths."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        torch._check(x.shape[0] != 10)
+        torch._check(x.shape[0] != y.shape[0] + 1)
+        return x.sum() * 2 + y.sum()
+
+
+def test_sizes_the_program_asserts_against_inside_the_range_are_refused_by_name(tmp_path: Path) -> None:
+    """A runtime assert of the trace that refuses a size in the middle of the recorded range
+    (only the ends are cut from the range) is checked before the call: a clear ValueError naming
+    the inputs, their sizes and the condition over the archive's dim names, where the program
+    raised mid-run on an internal symbol. Sizes it accepts run as eager."""
+    from tileflow.export import export_model
+
+    seq, other = torch.export.Dim("seq", min=2, max=32), torch.export.Dim("other", min=2, max=32)
+    model = _RefusesSomeSizes()
+    archive = export_model(model, (torch.randn(8), torch.randn(4)), ({0: seq}, {0: other}), options={"target": "reference"})
+    assert archive.manifest["dynamic"] == {"seq": [2, 32], "other": [2, 32]}
+    run = tileflow.load(archive.save(tmp_path / "checks.pt2"))
+    x, y = torch.randn(11), torch.randn(4)
+    torch.testing.assert_close(run(x, y), model(x, y))
+    with pytest.raises(ValueError, match=r"input 0 dim 0 is 10, which the program refuses: the model's trace requires Ne\(seq, 10\)"):
+        run(torch.randn(10), y)
+    with pytest.raises(ValueError, match=r"input 0 dim 0 is 5, input 1 dim 0 is 4|input 1 dim 0 is 4, input 0 dim 0 is 5"):
+        run(torch.randn(5), y)
+
+
 class _AlibiSlice(torch.nn.Module):
     """MPT's ALiBi slice, `table[max(0, 64 - seq):]` added to the seq rows: exported past 64, the
     trace asserts `seq + max(0, 64 - seq) == 64`, which refuses every seq above 64."""

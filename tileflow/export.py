@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import sympy
 import torch
 import torch.utils._pytree as pytree
 
@@ -247,8 +248,6 @@ def _ranges_the_program_accepts(gm: torch.fx.GraphModule, ranges: Mapping[str, t
     `LoadedProgram.check_inputs` refuse that size by name instead. Only single-symbol asserts are
     read, and only at the ends: up to `max_steps` sizes in from each, and past that (or with no
     max) the top by bisection when what it cuts off is a tail of refused sizes."""
-    import sympy
-
     narrowed = dict(ranges)
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not torch.ops.aten._assert_scalar.default:
@@ -440,6 +439,7 @@ class LoadedProgram:
         self.program = program
         self.path = path
         self.module = program.module()
+        self._size_checks = _size_checks(program, manifest)
 
     def check_inputs(self, args: Sequence[Any]) -> None:
         """Raise ValueError when `args` do not match the archive's recorded inputs."""
@@ -475,6 +475,13 @@ class LoadedProgram:
                 if want in bound and bound[want][0] != size:
                     raise ValueError(f"{where} is {size} but {bound[want][1]} (the same dim {want}) is {bound[want][0]}")
                 bound.setdefault(want, (int(size), where))
+        for expr, dims in self._size_checks:
+            sizes = {sym: args[i].shape[d] for sym, (i, d, _) in dims.items()}
+            if expr.xreplace({sym: sympy.Integer(int(size)) for sym, size in sizes.items()}) is sympy.false:
+                named = expr.xreplace({sym: sympy.Symbol(name, integer=True) for sym, (_, _, name) in dims.items()})
+                where = ", ".join(f"input {i} dim {d} is {sizes[sym]}" for sym, (i, d, _) in dims.items())
+                raise ValueError(f"{where}, which the program refuses: the model's trace requires {named} "
+                                 "(a runtime check torch.export kept for these sizes); use other sizes")
 
     def __call__(self, *args: Any) -> Any:
         self.check_inputs(args)
@@ -484,6 +491,32 @@ class LoadedProgram:
 
     def __repr__(self) -> str:
         return f"LoadedProgram({self.path!r}, target={self.manifest.get('target')!r}, dynamic={self.manifest.get('dynamic')})"
+
+
+def _size_checks(program: torch.export.ExportedProgram, manifest: Mapping[str, Any]) -> list[tuple[Any, dict[Any, tuple[int, int, str]]]]:
+    """The program's runtime asserts on its input sizes (`_assert_scalar` of an expression over
+    the user inputs' symbolic dims), each with its symbols' (input, dim, name in the manifest):
+    `LoadedProgram.check_inputs` evaluates them before a call, so a size the model's trace
+    refuses anywhere in the recorded range is refused by name instead of by an assert on an
+    internal symbol mid-run."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    dims: dict[Any, tuple[int, int, str]] = {}
+    for i, (node, spec) in enumerate(zip(placeholders, manifest.get("inputs", []))):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or spec.get("kind") != "tensor":
+            continue
+        for d, (size, name) in enumerate(zip(val.shape, spec["shape"])):
+            if isinstance(size, torch.SymInt) and isinstance(name, str) and size.node.expr.is_Symbol:
+                dims.setdefault(size.node.expr, (i, d, name))
+    checks = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten._assert_scalar.default:
+            continue
+        val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        if isinstance(val, torch.SymBool) and val.node.expr.free_symbols and val.node.expr.free_symbols <= dims.keys():
+            checks.append((val.node.expr, {sym: dims[sym] for sym in val.node.expr.free_symbols}))
+    return checks
 
 
 def _major(version: str) -> str:

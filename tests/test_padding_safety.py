@@ -843,6 +843,30 @@ def test_a_clamped_mask_is_captured_only_with_its_diagonal(replay_on_cpu) -> Non
     _assert_not_captured(_run(_strictly_causal_clamped, _tokens))
 
 
+def _half_mask_lowered(below: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A causal float16 mask (float16's lowest on hidden keys) taken to float32, its entries at
+    most `below` sent to float32's lowest: the attention pass's form for XGLM in float16."""
+    def attend(x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1])
+        half = torch.where(pos[None, :] <= pos[:, None], torch.tensor(0.0, dtype=torch.float16),
+                           torch.tensor(torch.finfo(torch.float16).min, dtype=torch.float16))
+        bias = half.float()
+        return F.scaled_dot_product_attention(*_heads(x), attn_mask=torch.where(bias <= below, LOWEST, bias))
+    return attend
+
+
+def test_a_half_mask_lowered_to_float32s_lowest_is_captured_while_its_visible_keys_stay(replay_on_cpu) -> None:
+    """`where(mask <= c, lowest, mask)` of a causal float16 mask widened to float32 keeps its
+    causal facts while its visible keys (0) are above c: captured at c = float16's lowest. At
+    c = 0 it hides every key, each row would average the padded keys too: not captured."""
+    report = _run(_half_mask_lowered(torch.finfo(torch.float16).min), _tokens, lengths=(3, 7, 12))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1
+    torch._dynamo.reset()
+    replay_on_cpu.captures = 0
+    _assert_not_captured(_run(_half_mask_lowered(0.0), _tokens))
+
+
 def _clamped_bool_mask(x: torch.Tensor) -> torch.Tensor:
     # A bool mask promoted by the clamp: 1.0 where seen, 0.0 where "hidden" (nothing is hidden).
     pos = torch.arange(x.shape[1])
@@ -878,6 +902,28 @@ def test_zoo_models_with_lowest_value_masks_are_captured(replay_on_cpu, arch: st
         return model(ids, use_cache=False).logits
 
     report = _run(logits, lambda t: (torch.randint(0, VOCAB, (1, t)),), lengths=(5, 12, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 2
+
+
+@pytest.mark.parametrize("arch", ["xglm", "gemma2", "bloom"])
+def test_zoo_models_in_float16_are_captured(replay_on_cpu, arch: str) -> None:
+    """In float16 the masks hide keys with float16's lowest value (-65504), and for XGLM the
+    attention pass sends those to float32's lowest (`where(mask <= lowest16, lowest32, mask)`):
+    both keep the mask causal with its diagonal, so the steps are captured (they ran uncaptured),
+    and are as close to eager as float16 allows."""
+    from models import ZOO
+
+    torch.manual_seed(0)
+    model = ZOO[arch][0]().eval().half()
+    report = tileflow.Report()
+    compiled = torch.compile(lambda ids: model(ids, use_cache=False).logits,
+                             backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report))
+    for tokens in (5, 12, 20):
+        ids = torch.randint(0, VOCAB, (1, tokens))
+        torch._dynamo.mark_dynamic(ids, 1)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids), model(ids, use_cache=False).logits, rtol=1e-2, atol=1e-2)
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 2
 

@@ -71,6 +71,7 @@ class _Facts:
     fill: float | None = None  # the one value every element holds (a constant or a filled tensor)
     # Dims (q, k) whose diagonal (same token index) is True in a bool mask; "all": True everywhere.
     diagonal: tuple[int, int] | str | None = None
+    visible: float | None = None  # of a causal additive mask: the value every visible key holds
     row_source: Any = None  # one token dim: the value at token index t is this node's at t
     # The layout of the one token dim when it is not the plain one: ("major", k) for k rows per
     # token in token order, ("gathered", sort) for rows permuted by a sort's indices.
@@ -154,7 +155,8 @@ _FILLS: dict[Any, Any] = {
 }
 # An additive mask's masked value may be the dtype's lowest instead of -inf: exp() of it is 0
 # beside any visible key, but a row with no visible key would average all keys, padding too.
-_LOWEST = -1e30
+# float16's lowest (-65504) is the highest of the float dtypes' lowest values.
+_LOWEST = -65504.0
 # Ops whose arguments may follow the token count because they are sizes (the output's shape is
 # checked); fills, slices and selects check their other arguments themselves.
 _SIZE_ARGS = _RESHAPES | {
@@ -380,6 +382,8 @@ class _Walk:
             return self.filled(node)
         if target in _SAME_DIMS:
             return self.converted(node)
+        if target is aten.where.ScalarSelf:
+            return self.lowered(node)
         if target in _ELEMENTWISE:
             return _CLEAN  # each element from the same element (broadcast) of clean inputs
         if target in (aten.slice_scatter.default, aten.select_scatter.default):
@@ -702,8 +706,12 @@ class _Walk:
             return facts
         both_float = src.dtype.is_floating_point and out.dtype.is_floating_point
         exact = src.dtype != torch.bool and out.dtype in (torch.int32, torch.int64, torch.float32, torch.float64)
+        # A wider float dtype holds every value exactly: an additive mask's visible keys stay visible.
+        wider = both_float and torch.finfo(out.dtype).max >= torch.finfo(src.dtype).max and (
+            torch.finfo(out.dtype).eps <= torch.finfo(src.dtype).eps)
         return replace(facts, causal=facts.causal if both_float else None, fill=facts.fill if both_float else None,
-                       diagonal=None, row_source=None, position=facts.position if exact else None,
+                       diagonal=facts.diagonal if wider else None, visible=facts.visible if wider else None,
+                       row_source=None, position=facts.position if exact else None,
                        route=facts.route if exact else None, key_range=facts.key_range if exact else None)
 
     def filled(self, node: fx.Node) -> _Facts:
@@ -1134,6 +1142,25 @@ class _Walk:
         on_diagonal = _provably_le(small + 1, large) if strict else _provably_le(small, large)
         return _Facts(causal=causal, diagonal=pair if on_diagonal else None)
 
+    def lowered(self, node: fx.Node) -> _Facts:
+        """`where(x <= c, low, x)` (or `<`; `low` a number or a filled tensor) of a causal additive
+        mask x whose visible keys hold more than c (the attention pass sends a float16 mask's
+        hidden keys to float32's lowest value this way): the visible keys, the diagonal among
+        them, stay as they were, and the hidden ones hold either their value or `low`, both
+        hiding them beside a visible key. Any other `where` with a scalar branch: each element
+        from the same element of clean inputs."""
+        cond, low, x = node.args[:3]
+        facts = self.facts[x] if isinstance(x, fx.Node) else _CLEAN
+        low = self.facts[low].fill if isinstance(low, fx.Node) else low
+        if not (isinstance(cond, fx.Node) and cond.target in (aten.le.Scalar, aten.lt.Scalar) and cond.args[0] is x
+                and isinstance(low, (int, float)) and low <= _LOWEST and meta_val(x).is_floating_point()
+                and facts.causal is not None and facts.diagonal == tuple(sorted(facts.causal))
+                and facts.visible is not None and isinstance(cond.args[1], (int, float))):
+            return _CLEAN
+        bound = cond.args[1]
+        kept = facts.visible > bound if cond.target is aten.le.Scalar else facts.visible >= bound
+        return replace(facts, fill=None) if kept and same_shape(meta_val(node).shape, meta_val(x).shape) else _CLEAN
+
     def pointwise(self, node: fx.Node) -> _Facts:
         """Elementwise ops broadcast clean values to clean values; comparisons of positions build
         causal masks, and masks combined with them stay causal."""
@@ -1167,6 +1194,8 @@ class _Walk:
             return _Facts(causal=causal, diagonal=diagonal)
         if target is aten.where.self and len(tensors) == 3:
             cond, attend, masked = node.args[:3]
+            if cond.target in (aten.le.Scalar, aten.lt.Scalar) and cond.args[0] is masked:
+                return self.lowered(node)
             c = self.facts[cond]
             low = self.facts[masked].fill
             if c.causal is not None and low is not None and low <= _LOWEST:
@@ -1178,7 +1207,8 @@ class _Walk:
                     shift = rank - meta_val(cond).dim()
                     causal = (c.causal[0] + shift, c.causal[1] + shift)
                     # A diagonal of visible keys: the fill may become the lowest value (a clamp).
-                    return _Facts(causal=causal, diagonal=tuple(sorted(causal)) if visible else None)
+                    return _Facts(causal=causal, diagonal=tuple(sorted(causal)) if visible else None,
+                                  visible=self.facts[attend].fill if out.is_floating_point() else None)
             return _CLEAN
         if target in (aten.clamp_min.default, aten.maximum.default) and tensors:
             # `max(mask, lowest)` (XGLM's clamp of masked scores): hidden keys hold the lowest
@@ -1190,7 +1220,8 @@ class _Walk:
             # An additive (float) mask: a bool one's facts say where it is True, not what it hides.
             if (meta_val(x).is_floating_point() and isinstance(low, (int, float)) and low <= _LOWEST
                     and facts.causal is not None and facts.diagonal == tuple(sorted(facts.causal))):
-                return _Facts(causal=facts.causal, diagonal=facts.diagonal)
+                return _Facts(causal=facts.causal, diagonal=facts.diagonal,
+                              visible=None if facts.visible is None else max(facts.visible, low))
             return _CLEAN
         if target is aten.mul.Tensor and len(tensors) == 2:
             ones = [a for a in tensors if self.facts[a].fill == 1.0]

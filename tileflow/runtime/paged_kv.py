@@ -68,9 +68,10 @@ class ChunkView:
     """A step cut at the boundaries of attention chunks: `batch` has one sequence per piece (the
     new tokens of one sequence within one chunk, in the step's row order), whose blocks start at
     the chunk's first block; None when that is the step itself (every sequence one piece in its
-    first chunk: the view then holds no reference back to the step). `piece_seq[p]`, `piece_row[p]`: the step's sequence piece p comes
-    from and the piece's first row among that sequence's new tokens; `seq_new[s]`: the new
-    tokens of the step's sequence s (host arrays, for the tree mask)."""
+    first chunk: the view then holds no reference back to the step). `piece_seq[p]`,
+    `piece_row[p]`: the step's sequence piece p comes from and the piece's first row among that
+    sequence's new tokens; `seq_new[s]`: the new tokens of the step's sequence s (host arrays,
+    for the tree mask)."""
 
     batch: PagedBatch | None
     piece_seq: np.ndarray
@@ -102,17 +103,14 @@ class ChunkView:
 @dataclass(frozen=True)
 class _HostLayout:
     """A step's layout on the host: block table int32 [S, max_blocks] (zero past a sequence's
-    blocks), and per sequence the blocks it owns, its new tokens and its first new position."""
+    blocks), and per sequence the blocks it owns, its new tokens, its first new position, and
+    the running count of new tokens (`cu`, [S + 1])."""
 
     table: np.ndarray
     owned: np.ndarray
     new: np.ndarray
     first: np.ndarray
-
-    @property
-    def cu(self) -> np.ndarray:
-        """Cumulative new tokens, [S + 1]."""
-        return np.concatenate([[0], np.cumsum(self.new)])
+    cu: np.ndarray
 
     @property
     def lens(self) -> np.ndarray:
@@ -122,8 +120,7 @@ class _HostLayout:
     def slots_and_positions(self, block_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Each new row's flat cache slot and position (int64 [total_q])."""
         rows = np.repeat(np.arange(self.new.size), self.new)
-        cu = self.cu
-        pos = np.arange(int(cu[-1])) - np.repeat(cu[:-1], self.new) + np.repeat(self.first, self.new)
+        pos = np.arange(int(self.cu[-1])) - np.repeat(self.cu[:-1], self.new) + np.repeat(self.first, self.new)
         return self.table[rows, pos // block_size].astype(np.int64) * block_size + pos % block_size, pos
 
 
@@ -219,7 +216,7 @@ class PagedKV:
         # Vectorized over tokens and blocks: a decode step has thousands of sequences.
         table = np.zeros((num_seqs, max(int(owned.max()), 1)), dtype=np.int32)
         table[np.repeat(np.arange(num_seqs), owned), np.arange(ids.size) - np.repeat(np.cumsum(owned) - owned, owned)] = ids
-        return _HostLayout(table, owned, new, first)
+        return _HostLayout(table, owned, new, first, np.concatenate([[0], np.cumsum(new)]))
 
     def write_batch(self, layer: int, batch: PagedBatch, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's new rows `k`/`v` `[total_q, heads, head_dim]` (one scatter per cache)."""

@@ -123,12 +123,16 @@ def _pin_head_dims(ctx: PassContext, dims: tuple[Any, ...], tensors: tuple[torch
     (`ctx.shape_guards`: under Dynamo), each is pinned to its example value with a guard, so a
     call with other heads recompiles: a model's heads never change. A symbol that is also one
     of the tensors' batch or sequence sizes (Dynamo gives equal sizes one symbol) is not pinned,
-    which would recompile at every new length."""
+    which would recompile at every new length; nor is one the caller marked dynamic
+    (`ctx.declared_dynamic`), which Dynamo would refuse."""
     symbolic = [d for d in dims if isinstance(d, torch.SymInt) and d.node.maybe_as_int() is None]
     if not symbolic:
         return None
     if not ctx.shape_guards:
         return "head count or head dim is symbolic; the kernel needs them static"
+    if any(d.node.expr.free_symbols & ctx.declared_dynamic for d in symbolic):
+        # Dynamo refuses the whole compile when a guard pins a size marked dynamic.
+        return "head count or head dim is marked dynamic (mark_dynamic); the kernel needs them static"
     lengths = free_symbols(s for t in tensors for i, s in enumerate(t.shape) if i in (0, 2))
     if any(d.node.expr.free_symbols & lengths for d in symbolic):
         return ("head count or head dim has the symbol of a batch or sequence size (equal sizes at this trace): "

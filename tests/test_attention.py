@@ -1037,6 +1037,33 @@ def test_heads_made_symbolic_by_a_graph_break_are_pinned_by_a_guard() -> None:
     assert len(report.graphs) == 2 and report.recompiles == 1
 
 
+@pytest.mark.parametrize("manual", [False, True])
+@pytest.mark.parametrize("dim", [1, 3])
+def test_heads_marked_dynamic_are_not_pinned(manual: bool, dim: int) -> None:
+    """A head count or head dim the caller marked dynamic (`mark_dynamic`) must stay symbolic:
+    Dynamo refuses the whole compile (ConstraintViolationError) when a guard pins it. The
+    attention (SDPA, or matmul-softmax-matmul by hand) keeps the fallback with the reason, and
+    other heads run in the same graph, equal to eager."""
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if manual:
+            return torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    compiled = torch.compile(attention, backend=tileflow.TileflowBackend({"target": "reference"}, report=report))
+    for size in (4, 2):
+        shape = [1, 4, 5, 8]
+        shape[dim] = size if dim == 1 else 4 * size
+        q, k, v = (torch.randn(*shape) for _ in range(3))
+        for t in (q, k, v):
+            torch._dynamo.mark_dynamic(t, dim)
+        torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert len(report.graphs) == 1 and "meta_attention" not in report.rewrites
+    assert any("marked dynamic" in f.reason for f in report.fallbacks), report.fallbacks
+
+
 def test_heads_declared_dynamic_in_an_export_are_left_alone() -> None:
     """An exported program checks no guards at its calls, so a head count the export keeps
     symbolic is not pinned: the attention stays as it was, with the reason, and the archive

@@ -867,6 +867,28 @@ def test_a_half_mask_lowered_to_float32s_lowest_is_captured_while_its_visible_ke
     _assert_not_captured(_run(_half_mask_lowered(0.0), _tokens))
 
 
+def _half_lowest_mask_in(dtype: torch.dtype, widen: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A causal mask hiding keys with float16's lowest value (-65504), built in `dtype` (and
+    taken to float32 with `widen`), over float32 scores: q = -k, so every real score is far
+    below -65504."""
+    def attend(x: torch.Tensor) -> torch.Tensor:
+        k = x.view(1, -1, 2, H // 2).transpose(1, 2)
+        pos = torch.arange(x.shape[1])
+        mask = torch.where(pos[None, :] <= pos[:, None], torch.tensor(0.0, dtype=dtype),
+                           torch.tensor(torch.finfo(torch.float16).min, dtype=dtype))
+        return F.scaled_dot_product_attention(-k, k, k, attn_mask=mask.float() if widen else mask)
+    return attend
+
+
+@pytest.mark.parametrize("dtype, widen", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True)])
+def test_float16s_lowest_hides_no_key_from_float32_scores(replay_on_cpu, dtype: torch.dtype, widen: bool) -> None:
+    """-65504 is the lowest only of float16: beside float32 scores far below it (a float32 or
+    bfloat16 mask holding it, or a float16 one widened to float32) a padded key, whose score is
+    just -65504, outweighs every real key. Such a step is not captured and equals eager."""
+    _assert_not_captured(_run(_half_lowest_mask_in(dtype, widen), lambda t: (1000 + torch.randn(1, t, H),)),
+                         "does not hide the padded keys")
+
+
 def _clamped_bool_mask(x: torch.Tensor) -> torch.Tensor:
     # A bool mask promoted by the clamp: 1.0 where seen, 0.0 where "hidden" (nothing is hidden).
     pos = torch.arange(x.shape[1])

@@ -32,6 +32,24 @@ def _current_compile_id() -> tuple[str | None, int | None]:
     return str(cid), getattr(cid, "frame_id", None)
 
 
+def _declared_dynamic(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> frozenset[Any]:
+    """The symbols of the input sizes the caller marked dynamic (`torch._dynamo.mark_dynamic`):
+    Dynamo's example inputs are the real tensors, which carry the marks, and its graph's
+    placeholders the fake ones, whose sizes carry the symbols (one placeholder per input)."""
+    import torch
+
+    symbols: set[Any] = set()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, real in zip(placeholders, example_inputs):
+        fake = node.meta.get("example_value")
+        if not isinstance(fake, torch.Tensor):
+            continue
+        for i in getattr(real, "_dynamo_dynamic_indices", ()):
+            if i < fake.dim() and isinstance(fake.shape[i], torch.SymInt):
+                symbols |= fake.shape[i].node.expr.free_symbols
+    return frozenset(symbols)
+
+
 class TileflowBackend:
     """A Dynamo backend with a fixed Config that files what it compiles into a Report."""
 
@@ -45,11 +63,13 @@ class TileflowBackend:
         recompile = frame is not None and self.report.compiled_frame_before(frame)
         log.info("Dynamo frame %s: %d nodes", compile_id, len(gm.graph.nodes))
 
+        declared = _declared_dynamic(gm, example_inputs)
+
         def compile_forward(aten_gm: fx.GraphModule, aten_inputs: Sequence[Any]) -> Callable[..., Any]:
             if self.config.verify:
-                return _VerifyOnFirstCall(self, aten_gm, aten_inputs, compile_id, recompile)
+                return _VerifyOnFirstCall(self, aten_gm, aten_inputs, compile_id, recompile, declared)
             return compile_graph(aten_gm, aten_inputs, self.config, self.report, compile_id=compile_id, recompile=recompile,
-                                 shape_guards=True)
+                                 shape_guards=True, declared_dynamic=declared)
 
         compiled = capture_dynamo(gm, example_inputs, compile_forward)
         if frame is not None:
@@ -70,9 +90,11 @@ class _VerifyOnFirstCall:
     gone by then); the report says so.
     """
 
-    def __init__(self, backend: TileflowBackend, gm: fx.GraphModule, inputs: Sequence[Any], compile_id: str | None, recompile: bool) -> None:
+    def __init__(self, backend: TileflowBackend, gm: fx.GraphModule, inputs: Sequence[Any], compile_id: str | None, recompile: bool,
+                 declared_dynamic: frozenset[Any] = frozenset()) -> None:
         self.backend, self.gm, self.inputs = backend, gm, inputs
         self.compile_id, self.recompile = compile_id, recompile
+        self.declared_dynamic = declared_dynamic
         self.compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
@@ -80,6 +102,7 @@ class _VerifyOnFirstCall:
             self.compiled = compile_graph(
                 self.gm, self.inputs, self.backend.config, self.backend.report,
                 compile_id=self.compile_id, recompile=self.recompile, real_inputs=args, residual="eager", shape_guards=True,
+                declared_dynamic=self.declared_dynamic,
             )
             self.backend.report.graphs[-1].extra["residual_note"] = "verify=True runs the residual graph eagerly"
         return self.compiled(*args)

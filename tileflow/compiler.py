@@ -95,6 +95,7 @@ def compile_graph(
     residual: str | None = None,
     emit_only: bool = False,
     shape_guards: bool = False,
+    declared_dynamic: frozenset[Any] = frozenset(),
 ) -> Callable[..., Any]:
     """Run tileflow's passes on `gm` and return a callable that executes the result.
 
@@ -102,7 +103,8 @@ def compile_graph(
     used by `config.verify`. `residual` overrides `config.residual` (after `auto` resolution).
     `emit_only` writes the kernels' sources without building them (ahead-of-time export for a
     target this machine cannot run). `shape_guards`: the caller checks the graph's shape guards
-    before each call (Dynamo), so passes may pin symbolic sizes with guards (`PassContext`).
+    before each call (Dynamo), so passes may pin symbolic sizes with guards (`PassContext`), but
+    never the symbols in `declared_dynamic` (sizes the caller marked dynamic).
     """
     graph_id = f"graph_{next(_GRAPH_IDS):03d}"
     device_type = inputs_device_type(example_inputs)
@@ -132,6 +134,7 @@ def compile_graph(
         target=target,
         device_type=device_type,
         shape_guards=shape_guards,
+        declared_dynamic=declared_dynamic,
     )
     PassManager.from_config(config).run(gm, ctx, real_inputs=real_inputs)
     lower_graph(gm, ctx, target, emit_only=emit_only)

@@ -72,6 +72,7 @@ class _Facts:
     # Dims (q, k) whose diagonal (same token index) is True in a bool mask; "all": True everywhere.
     diagonal: tuple[int, int] | str | None = None
     visible: float | None = None  # of a causal additive mask: the value every visible key holds
+    hidden: float | None = None  # of a causal additive mask: the most any hidden key holds (`_hides`)
     row_source: Any = None  # one token dim: the value at token index t is this node's at t
     # The layout of the one token dim when it is not the plain one: ("major", k) for k rows per
     # token in token order, ("gathered", sort) for rows permuted by a sort's indices.
@@ -155,8 +156,16 @@ _FILLS: dict[Any, Any] = {
 }
 # An additive mask's masked value may be the dtype's lowest instead of -inf: exp() of it is 0
 # beside any visible key, but a row with no visible key would average all keys, padding too.
-# float16's lowest (-65504) is the highest of the float dtypes' lowest values.
+# float16's lowest (-65504) is the highest of the float dtypes' lowest values. Whether a mask's
+# value hides a key depends on the scores it is added to: in float16 no score reaches past
+# float16's range, in a wider dtype one can, so there only a far lower value counts
+# (`_lowest_of`; `_Facts.hidden` carries the value to the attention).
 _LOWEST = -65504.0
+
+
+def _lowest_of(dtype: torch.dtype) -> float:
+    """The highest value that hides a key beside a visible one in a mask of `dtype`."""
+    return _LOWEST if dtype == torch.float16 else -1e30
 # Ops whose arguments may follow the token count because they are sizes (the output's shape is
 # checked); fills, slices and selects check their other arguments themselves.
 _SIZE_ARGS = _RESHAPES | {
@@ -1086,7 +1095,8 @@ class _Walk:
         mask = node.args[0]
         mv = meta_val(mask)
         key_dim = mv.dim() - 1
-        if key_dim not in (self.dims(mv) or {}) or self.facts[mask].causal == (mv.dim() - 2, key_dim):
+        if key_dim not in (self.dims(mv) or {}) or (self.facts[mask].causal == (mv.dim() - 2, key_dim)
+                                                   and self.hides(mask)):
             return _CLEAN
         return self.refuse(node, "key ranges of a mask that does not hide the padded keys")
 
@@ -1105,7 +1115,7 @@ class _Walk:
         mask = args.get("attn_mask")
         if isinstance(mask, fx.Node):
             mv = meta_val(mask)
-            if self.facts[mask].causal == (mv.dim() - 2, mv.dim() - 1):
+            if self.facts[mask].causal == (mv.dim() - 2, mv.dim() - 1) and self.hides(mask):
                 return _CLEAN
         return self.refuse(node, "attention over the token dim that is not provably causal (no causal flag, and no "
                                  "mask built from positions): real queries could see the padded keys")
@@ -1142,6 +1152,14 @@ class _Walk:
         on_diagonal = _provably_le(small + 1, large) if strict else _provably_le(small, large)
         return _Facts(causal=causal, diagonal=pair if on_diagonal else None)
 
+    def hides(self, mask: fx.Node) -> bool:
+        """Whether a causal mask's masked keys stay hidden in its dtype: a bool one's False, -inf,
+        or a value at most the dtype's `_lowest_of` (a float16 mask's -65504 widened to float32
+        meets float32 scores, which may reach past it)."""
+        dtype = meta_val(mask).dtype
+        hidden = self.facts[mask].hidden
+        return dtype == torch.bool or (hidden is not None and hidden <= _lowest_of(dtype))
+
     def lowered(self, node: fx.Node) -> _Facts:
         """`where(x <= c, low, x)` (or `<`; `low` a number or a filled tensor) of a causal additive
         mask x whose visible keys hold more than c (the attention pass sends a float16 mask's
@@ -1158,8 +1176,12 @@ class _Walk:
                 and facts.visible is not None and isinstance(cond.args[1], (int, float))):
             return _CLEAN
         bound = cond.args[1]
-        kept = facts.visible > bound if cond.target is aten.le.Scalar else facts.visible >= bound
-        return replace(facts, fill=None) if kept and same_shape(meta_val(node).shape, meta_val(x).shape) else _CLEAN
+        below = (lambda v: v <= bound) if cond.target is aten.le.Scalar else (lambda v: v < bound)
+        kept = not below(facts.visible)
+        # Hidden keys at most `hidden`: all sent to `low` when `hidden` is below c, else some keep theirs.
+        hidden = None if facts.hidden is None else low if below(facts.hidden) else max(facts.hidden, low)
+        return (replace(facts, fill=None, hidden=hidden) if kept and same_shape(meta_val(node).shape, meta_val(x).shape)
+                else _CLEAN)
 
     def pointwise(self, node: fx.Node) -> _Facts:
         """Elementwise ops broadcast clean values to clean values; comparisons of positions build
@@ -1208,7 +1230,8 @@ class _Walk:
                     causal = (c.causal[0] + shift, c.causal[1] + shift)
                     # A diagonal of visible keys: the fill may become the lowest value (a clamp).
                     return _Facts(causal=causal, diagonal=tuple(sorted(causal)) if visible else None,
-                                  visible=self.facts[attend].fill if out.is_floating_point() else None)
+                                  visible=self.facts[attend].fill if out.is_floating_point() else None,
+                                  hidden=low if out.is_floating_point() else None)
             return _CLEAN
         if target in (aten.clamp_min.default, aten.maximum.default) and tensors:
             # `max(mask, lowest)` (XGLM's clamp of masked scores): hidden keys hold the lowest
@@ -1221,7 +1244,8 @@ class _Walk:
             if (meta_val(x).is_floating_point() and isinstance(low, (int, float)) and low <= _LOWEST
                     and facts.causal is not None and facts.diagonal == tuple(sorted(facts.causal))):
                 return _Facts(causal=facts.causal, diagonal=facts.diagonal,
-                              visible=None if facts.visible is None else max(facts.visible, low))
+                              visible=None if facts.visible is None else max(facts.visible, low),
+                              hidden=None if facts.hidden is None else max(facts.hidden, low))
             return _CLEAN
         if target is aten.mul.Tensor and len(tensors) == 2:
             ones = [a for a in tensors if self.facts[a].fill == 1.0]

@@ -75,6 +75,9 @@ class PassContext:
     # breaks one recompiles), so a pass may pin a symbolic size to its example value with a
     # guard; an exported program has no such check.
     shape_guards: bool = False
+    # Symbols of sizes the caller declared dynamic (`torch._dynamo.mark_dynamic`): Dynamo fails
+    # the whole compile (ConstraintViolationError) when a guard pins one, so none may be pinned.
+    declared_dynamic: frozenset[Any] = frozenset()
 
     def add_kernel(self, name: str, target: str, source_path: str | None, spec: dict | None = None) -> None:
         """Record an emitted kernel in the graph's report."""

@@ -116,6 +116,35 @@ def strip_repeat_kv(node: Any) -> Any:
     return base
 
 
+def _one_head_size(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """q, k and v at one head size, the narrower side padded with zero columns (made at the
+    graph's insertion point). The kernel takes one head size; multi-head latent attention
+    (DeepSeek-V3, Kimi-K2: q and k 192 wide, v 128) has two. Zero columns change neither q.k
+    nor the first columns of P @ v, so the output cut back to v's width (`_cut_to_width`) is
+    the attention's; the caller passes the scale explicitly, the queries' own."""
+    d_qk, d_v = int(_val(q).shape[3]), int(_val(v).shape[3])
+
+    def padded(node: fx.Node, width: int) -> fx.Node:
+        pad = graph.call_function(aten.constant_pad_nd.default, (node, [0, width - int(_val(node).shape[3])], 0.0))
+        infer_meta(pad)
+        return pad
+
+    if d_v < d_qk:
+        return q, k, padded(v, d_qk)
+    if d_v > d_qk:
+        return padded(q, d_v), padded(k, d_v), v
+    return q, k, v
+
+
+def _cut_to_width(graph: fx.Graph, out: fx.Node, width: int) -> fx.Node:
+    """`out[..., :width]` (made at the graph's insertion point), or `out` when that is all of it."""
+    if int(_val(out).shape[-1]) == width:
+        return out
+    cut = graph.call_function(aten.slice.Tensor, (out, -1, 0, width))
+    infer_meta(cut)
+    return cut
+
+
 def _pin_head_dims(ctx: PassContext, dims: tuple[Any, ...], tensors: tuple[torch.Tensor, ...]) -> str | None:
     """Make the head counts and head dims `dims` static, or say why they cannot be. The kernel
     needs them static; they are symbolic when a graph break hands q, k and v to this graph as
@@ -188,9 +217,9 @@ class Attention:
         allowed = _DTYPES.get(ctx.target, _DTYPES["reference"])
         if qv.dtype not in allowed or kv.dtype != qv.dtype or vv.dtype != qv.dtype:
             return f"dtypes q={qv.dtype}, k={kv.dtype}, v={vv.dtype} are not supported by the {ctx.target} meta-attention kernel"
-        if not statically_known_true(kv.shape[-1] == qv.shape[-1]) or not statically_known_true(vv.shape[-1] == qv.shape[-1]):
-            return "q, k and v head dims differ"
-        reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1]), (qv, kv, vv))
+        if not statically_known_true(kv.shape[-1] == qv.shape[-1]):
+            return "q and k head dims differ"
+        reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv))
         if reason:
             return reason
         causal = bool(args.get("is_causal") or False)
@@ -223,12 +252,17 @@ class Attention:
         if not args.get("enable_gqa", True) and int(kv.shape[1]) not in (hq, 1):
             return "K/V head count differs from Q without enable_gqa"
         ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
+        scale = args.get("scale")
         with graph.inserting_before(node):
+            if int(vv.shape[3]) != int(qv.shape[3]):
+                scale = float(qv.shape[3]) ** -0.5 if scale is None else scale  # SDPA's default: the queries'
+            q, k_real, v_real = _one_head_size(graph, q, k_real, v_real)
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
-                (q, k_real, v_real, mask, causal, args.get("scale"), ctx.target, ranges),
+                (q, k_real, v_real, mask, causal, scale, ctx.target, ranges),
             )
-        infer_meta(new)
+            infer_meta(new)
+            out = _cut_to_width(graph, new, int(vv.shape[3]))
         copy_source_meta(node, new)
         new.meta["tileflow"] = {
             "kind": "meta_attention",
@@ -239,10 +273,12 @@ class Attention:
         }
         if returns_tuple:
             for user in out_users:
-                user.replace_all_uses_with(new)
+                user.replace_all_uses_with(out)
         else:
-            node.replace_all_uses_with(new)
+            node.replace_all_uses_with(out)
         result.count("meta_attention")
+        if int(vv.shape[3]) != int(qv.shape[3]):
+            result.count("head_size_padded")
         if k_real is not k:
             result.count("gqa_unrepeated")
         return None
@@ -431,8 +467,8 @@ class Attention:
             # V flattened from another layout (say [B, S, H, D]) that lines up with K's only at
             # some lengths: the kernel raised at run time on its other head count.
             return f"V is viewed as {list(vv.shape)}, not [B, H, S_kv, D] with K's {kv.shape[2]} keys"
-        if not (statically_known_true(vv.shape[3] == qv.shape[3]) and statically_known_true(kv.shape[3] == qv.shape[3])):
-            return "q, k and v head dims differ"
+        if not statically_known_true(kv.shape[3] == qv.shape[3]):
+            return "q and k head dims differ"
         k_real, v_real = strip_repeat_kv(k), strip_repeat_kv(v)
         if _val(k_real).shape[1] != _val(v_real).shape[1]:
             k_real, v_real = k, v
@@ -475,19 +511,23 @@ class Attention:
             extra = [softcap, None, sinks, alibi]
             while extra and extra[-1] is None:
                 extra.pop()
+            q_in, k_real, v_real = _one_head_size(graph, q_in, k_real, v_real)
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
                 (q_in, k_real, v_real, mask, False, scale, ctx.target, ranges, *extra),
             )
-        infer_meta(new)
+            infer_meta(new)
+            out = _cut_to_width(graph, new, int(vv.shape[3]))
         if _val(new).dtype != _val(out4).dtype:
             return "the manual attention changes dtype between its inputs and output"
         copy_source_meta(softmax, new)
         new.meta["tileflow"] = {"kind": "meta_attention", "form": "manual", "gqa": hq // hkv, "target": ctx.target,
                                 "softcap": softcap is not None, "sinks": sinks is not None, "alibi": alibi is not None}
-        (gate.mul if gate is not None else out4).replace_all_uses_with(new)
+        (gate.mul if gate is not None else out4).replace_all_uses_with(out)
         result.count("meta_attention")
         result.count("manual_attention")
+        if int(vv.shape[3]) != int(qv.shape[3]):
+            result.count("head_size_padded")
         if k_real is not k:
             result.count("gqa_unrepeated")
         if softcap is not None:

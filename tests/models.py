@@ -156,6 +156,11 @@ ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[str, ...]]] = {
                                kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                                n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                first_k_dense_replace=1, n_group=1, topk_group=1), ()),
+    # Latent attention as DeepSeek-V3 has it: queries and keys (nope + rope) wider than values.
+    "deepseek_v3_mla": (_causal_lm("DeepseekV3Config", "DeepseekV3ForCausalLM", num_key_value_heads=4, q_lora_rank=32,
+                                   kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                                   n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   first_k_dense_replace=1, n_group=1, topk_group=1), ()),
 }
 
 

@@ -130,6 +130,34 @@ def _output_bshd(x, y, w):
     return _manual_attention(x, y, w, out_layout="bshd")
 
 
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize("v_width", [4, 12])
+def test_values_of_another_head_size_are_padded_to_one(target: str, v_width: int) -> None:
+    """Multi-head latent attention (DeepSeek-V3, Kimi-K2: q and k 192 wide, v 128) has two head
+    sizes; the kernel takes one. The narrower side gets zero columns (they change neither q.k
+    nor P @ v's first columns) and the output is cut back to v's width, with the queries' own
+    scale: SDPA with its default scale and a given one, and the hand-written form, each equal
+    to eager with values narrower and wider than the queries."""
+    w = torch.randn(32, 16 + 16 + 2 * v_width) / 4
+
+    def attention(x: torch.Tensor) -> torch.Tensor:
+        b, s = x.shape[:2]
+        q = (x @ w[:, :16]).view(b, s, 2, 8).transpose(1, 2)
+        k = (x @ w[:, 16:32]).view(b, s, 2, 8).transpose(1, 2)
+        v = (x @ w[:, 32:]).view(b, s, 2, v_width).transpose(1, 2)
+        scores = torch.bmm(q.reshape(b * 2, s, 8), k.reshape(b * 2, s, 8).transpose(1, 2)).view(b, 2, s, s) * 0.4
+        manual = torch.bmm(torch.softmax(scores, dim=-1).view(b * 2, s, s), v.reshape(b * 2, s, v_width))
+        return (F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                + F.scaled_dot_product_attention(q, k, v, scale=0.3) + manual.view(b, 2, s, v_width))
+
+    for length in (3, 9):
+        x = torch.randn(2, length, 32)
+        _, out, gm, report = compile_attention(attention, x, target=target)
+        torch.testing.assert_close(out, attention(x), rtol=1e-4, atol=1e-4)
+    assert report.rewrites.get("meta_attention") == report.rewrites.get("head_size_padded") == 3, (report.rewrites, report.fallbacks)
+    assert not report.fallbacks, report.fallbacks
+
+
 @pytest.mark.parametrize("case", ["cross_sdpa", "cross_manual", "bool_added", "int_added", "output_bshd", "control"])
 def test_attention_the_kernel_would_get_wrong_is_left_alone(case: str) -> None:
     """Forms a rewrite would get wrong stay the original ops, with the reason, and match eager:
@@ -684,7 +712,8 @@ def test_models_with_hand_written_attention(name) -> None:
 
 @pytest.mark.parametrize(("name", "dtype"), [("llama", torch.bfloat16), ("llama", torch.float16), ("gemma2", torch.bfloat16),
                                            ("mpt", torch.bfloat16), ("gpt_neo", torch.float16), ("falcon", torch.bfloat16),
-                                           ("xglm", torch.float16), ("gpt_neox_japanese", torch.bfloat16)])
+                                           ("xglm", torch.float16), ("gpt_neox_japanese", torch.bfloat16),
+                                           ("deepseek_v3_mla", torch.bfloat16)])
 def test_hand_written_attention_in_half_precision(name: str, dtype: torch.dtype) -> None:
     """transformers' eager attention in bf16/fp16 takes the softmax in float32,
     `softmax(scores, dtype=float32).to(dtype)`: a cast on each side of it, which hid the

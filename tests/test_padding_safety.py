@@ -889,6 +889,33 @@ def test_float16s_lowest_hides_no_key_from_float32_scores(replay_on_cpu, dtype: 
                          "does not hide the padded keys")
 
 
+def _latent_attention(x: torch.Tensor) -> torch.Tensor:
+    # Queries and keys wider than values (DeepSeek-V3's latent attention): the attention pass
+    # gives the values zero columns along their head size and cuts the output back.
+    q, k, v = _heads(x)
+    pos = torch.arange(x.shape[1])
+    return F.scaled_dot_product_attention(q, k, v[..., : H // 4], attn_mask=pos[None, :] <= pos[:, None])
+
+
+def _rows_padded_then_shifted(x: torch.Tensor) -> torch.Tensor:
+    # Zero rows after the tokens, then the rows shifted onto them: the last real rows read the
+    # zeros, which a replay's padded rows replace.
+    return F.pad(x, (0, 0, 0, 3))[:, 3:] @ W
+
+
+def test_padding_off_the_token_dims_is_captured_and_along_them_is_not(replay_on_cpu) -> None:
+    """`constant_pad_nd` of a head size keeps each row apart (latent attention is captured and
+    equals eager); padding the token dim itself puts rows after the tokens, which a replay's
+    padded rows stand in front of: not captured."""
+    report = _run(_latent_attention, _tokens, lengths=(3, 7, 12))
+    assert report.rewrites.get("head_size_padded") == 1
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1
+    torch._dynamo.reset()
+    replay_on_cpu.captures = 0
+    _assert_not_captured(_run(_rows_padded_then_shifted, _tokens), "pads along the token dim")
+
+
 def _clamped_bool_mask(x: torch.Tensor) -> torch.Tensor:
     # A bool mask promoted by the clamp: 1.0 where seen, 0.0 where "hidden" (nothing is hidden).
     pos = torch.arange(x.shape[1])

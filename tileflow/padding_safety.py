@@ -189,7 +189,7 @@ _ROW_WISE = (_SAME_DIMS | _ELEMENTWISE | set(_FILLS) | _ALONG | _SCANS | {
     aten.select.int, aten.cat.default, aten.index.Tensor, aten.embedding.default, aten.mm.default,
     aten.bmm.default, aten.matmul.default, aten.linear.default, aten.addmm.default, aten.native_layer_norm.default,
     aten.layer_norm.default, aten.gather.default, aten.scatter.value, aten.scatter.src,
-    aten.slice_scatter.default, aten.select_scatter.default,
+    aten.slice_scatter.default, aten.select_scatter.default, aten.constant_pad_nd.default,
 })
 
 
@@ -397,6 +397,8 @@ class _Walk:
             return _CLEAN  # each element from the same element (broadcast) of clean inputs
         if target in (aten.slice_scatter.default, aten.select_scatter.default):
             return self.scattered(node)
+        if target is aten.constant_pad_nd.default:
+            return self.padded(node)
         if target in _RESHAPES:
             return self.reshape(node)
         if target in (aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default,
@@ -678,6 +680,13 @@ class _Walk:
         if isinstance(val, (tuple, list)):
             return replace(facts, order=order)  # a split's pieces, read through getitem
         return replace(facts, order=order if isinstance(val, torch.Tensor) and self.dims(val) else None)
+
+    def padded(self, node: fx.Node) -> _Facts:
+        """`constant_pad_nd` off the token dims (the attention pass gives latent attention's
+        narrower head size zero columns): each row from its own row."""
+        if set(_axes(node)) & set(self.dims(meta_val(node.args[0])) or {}):
+            return self.refuse(node, "pads along the token dim")
+        return _CLEAN
 
     def gathered_along(self, node: fx.Node) -> _Facts:
         """`gather` / `scatter` along a dim: each row reads and writes its own row when that dim is
@@ -1276,6 +1285,9 @@ def _axes(node: fx.Node) -> list[int]:
     """The dims an op reads along (reductions, scans, slices, cats, gathers), normalized; every dim
     for a reduction over all of them."""
     target = node.target
+    if target is aten.constant_pad_nd.default:  # pads: (last dim's low, high, the one before's, ...)
+        rank = meta_val(node.args[0]).dim()
+        return sorted({rank - 1 - i // 2 for i, pad in enumerate(node.args[1]) if not _is_int(pad, 0)})
     if target not in _ALONG and target not in _SCANS and target not in (
             aten.slice.Tensor, aten.select.int, aten.cat.default, aten.gather.default, aten.scatter.value,
             aten.scatter.src, aten.slice_scatter.default, aten.select_scatter.default):

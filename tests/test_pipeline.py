@@ -201,6 +201,28 @@ def test_verify_through_torch_compile() -> None:
     assert "checked each pass" in graph.extra["verify"]
 
 
+def test_verify_pins_no_symbolic_heads() -> None:
+    """With `verify=True` the passes run at the first call, after Dynamo built the graph's
+    guards: a head count pinned then would never be checked (another head count reused the
+    graph while its report said the attention was rewritten for the first). So the attention
+    after a graph break keeps its fallback there, with the reason, and every head count equals
+    eager."""
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    options = {"target": "reference", "verify": True}
+    compiled = torch.compile(attention, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)
+    for heads in (4, 2):
+        q, k, v = (torch.randn(1, heads, 5, 8) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites
+    assert any("head count or head dim is symbolic" in f.reason for f in report.fallbacks), report.fallbacks
+
+
 class _Counting(torch.nn.Module):
     """A buffer counted once per call and an input doubled in place: verify's runs must not repeat them."""
 

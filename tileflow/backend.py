@@ -67,7 +67,7 @@ class TileflowBackend:
 
         def compile_forward(aten_gm: fx.GraphModule, aten_inputs: Sequence[Any]) -> Callable[..., Any]:
             if self.config.verify:
-                return _VerifyOnFirstCall(self, aten_gm, aten_inputs, compile_id, recompile, declared)
+                return _VerifyOnFirstCall(self, aten_gm, aten_inputs, compile_id, recompile)
             return compile_graph(aten_gm, aten_inputs, self.config, self.report, compile_id=compile_id, recompile=recompile,
                                  shape_guards=True, declared_dynamic=declared)
 
@@ -90,19 +90,18 @@ class _VerifyOnFirstCall:
     gone by then); the report says so.
     """
 
-    def __init__(self, backend: TileflowBackend, gm: fx.GraphModule, inputs: Sequence[Any], compile_id: str | None, recompile: bool,
-                 declared_dynamic: frozenset[Any] = frozenset()) -> None:
+    def __init__(self, backend: TileflowBackend, gm: fx.GraphModule, inputs: Sequence[Any], compile_id: str | None, recompile: bool) -> None:
         self.backend, self.gm, self.inputs = backend, gm, inputs
         self.compile_id, self.recompile = compile_id, recompile
-        self.declared_dynamic = declared_dynamic
         self.compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
+            # No shape guards for the passes: Dynamo built the graph's guards before this first
+            # call, so a size pinned now would never be checked (`PassContext.shape_guards`).
             self.compiled = compile_graph(
                 self.gm, self.inputs, self.backend.config, self.backend.report,
-                compile_id=self.compile_id, recompile=self.recompile, real_inputs=args, residual="eager", shape_guards=True,
-                declared_dynamic=self.declared_dynamic,
+                compile_id=self.compile_id, recompile=self.recompile, real_inputs=args, residual="eager",
             )
             self.backend.report.graphs[-1].extra["residual_note"] = "verify=True runs the residual graph eagerly"
         return self.compiled(*args)

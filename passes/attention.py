@@ -137,12 +137,20 @@ def _one_head_size(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node) -> tuple
 
 
 def _cut_to_width(graph: fx.Graph, out: fx.Node, width: int) -> fx.Node:
-    """`out[..., :width]` (made at the graph's insertion point), or `out` when that is all of it."""
+    """`out[..., :width]` (made at the graph's insertion point), or `out` when that is all of it.
+    The cut is copied into the attention's own layout ([B, H, S, D] laid out as [B, S, H, D],
+    as `meta_attention` and the GPU's SDPA give it): the graph's later views were traced
+    against that layout (`transpose(1, 2)` then a view merging heads), which a slice's rows,
+    strided by the padded width, cannot be viewed as."""
     if int(_val(out).shape[-1]) == width:
         return out
-    cut = graph.call_function(aten.slice.Tensor, (out, -1, 0, width))
-    infer_meta(cut)
-    return cut
+    node = out
+    for target, args, kwargs in ((aten.slice.Tensor, (-1, 0, width), {}), (aten.transpose.int, (1, 2), {}),
+                                 (aten.clone.default, (), {"memory_format": torch.contiguous_format}),
+                                 (aten.transpose.int, (1, 2), {})):
+        node = graph.call_function(target, (node, *args), kwargs)
+        infer_meta(node)
+    return node
 
 
 def _pin_head_dims(ctx: PassContext, dims: tuple[Any, ...], tensors: tuple[torch.Tensor, ...]) -> str | None:
@@ -256,6 +264,7 @@ class Attention:
         with graph.inserting_before(node):
             if int(vv.shape[3]) != int(qv.shape[3]):
                 scale = float(qv.shape[3]) ** -0.5 if scale is None else scale  # SDPA's default: the queries'
+            unrepeated = k_real is not k  # before the padding makes k_real another node
             q, k_real, v_real = _one_head_size(graph, q, k_real, v_real)
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
@@ -279,7 +288,7 @@ class Attention:
         result.count("meta_attention")
         if int(vv.shape[3]) != int(qv.shape[3]):
             result.count("head_size_padded")
-        if k_real is not k:
+        if unrepeated:
             result.count("gqa_unrepeated")
         return None
 
@@ -511,6 +520,7 @@ class Attention:
             extra = [softcap, None, sinks, alibi]
             while extra and extra[-1] is None:
                 extra.pop()
+            unrepeated = k_real is not k  # before the padding makes k_real another node
             q_in, k_real, v_real = _one_head_size(graph, q_in, k_real, v_real)
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
@@ -528,7 +538,7 @@ class Attention:
         result.count("manual_attention")
         if int(vv.shape[3]) != int(qv.shape[3]):
             result.count("head_size_padded")
-        if k_real is not k:
+        if unrepeated:
             result.count("gqa_unrepeated")
         if softcap is not None:
             result.count("logit_softcap")

@@ -158,6 +158,57 @@ def test_values_of_another_head_size_are_padded_to_one(target: str, v_width: int
     assert not report.fallbacks, report.fallbacks
 
 
+@pytest.mark.parametrize("v_width", [4, 8, 12])
+def test_padded_attention_output_keeps_the_layout_views_rely_on(v_width: int) -> None:
+    """The GPU's SDPA (efficient attention) gives [B, H, S, Dv] laid out as [B, S, H, Dv], so a
+    model's `out.transpose(1, 2).contiguous().reshape(B, S, H * Dv)` is traced as a plain view
+    (transformers' sdpa_attention_forward). The rewritten output, cut back to v's width when v
+    is narrower than q/k (DeepSeek-V3's latent attention), must keep that layout: the graph runs
+    and equals eager attention, for v narrower, as wide and wider."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tileflow.config import Config
+    from tileflow.pipeline import get_pass
+    from tileflow.report import GraphReport
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False, is_causal=True)[0]
+        return out.transpose(1, 2).view(2, 5, 2 * v_width)
+
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, v_width)
+    gm = make_fx(attention, tracing_mode="fake")(q, k, v)  # the CPU has no efficient attention kernel
+    ctx = PassContext(config=Config(), report=GraphReport(graph_id="g"))
+    result = get_pass("attention").run(gm, ctx)
+    assert result.rewrites.get("meta_attention") == 1, (result.rewrites, result.fallbacks)
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))  # the replaced op (seeded: kept as impure)
+    gm.recompile()
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 5, 2 * v_width)
+    torch.testing.assert_close(gm(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["sdpa", "manual"])
+def test_padding_queries_and_keys_is_not_reported_as_gqa(form: str) -> None:
+    """Values wider than the queries pad q and k; with as many K/V heads as query heads there is
+    no repeat_kv to undo, so the report counts `head_size_padded` and no `gqa_unrepeated`."""
+    w = torch.randn(32, 16 + 24) / 4
+
+    def attention(x: torch.Tensor) -> torch.Tensor:
+        b, s = x.shape[:2]
+        q = (x @ w[:, :8]).view(b, s, 2, 4).transpose(1, 2)
+        k = (x @ w[:, 8:16]).view(b, s, 2, 4).transpose(1, 2)
+        v = (x @ w[:, 16:]).view(b, s, 2, 12).transpose(1, 2)
+        if form == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        scores = torch.bmm(q.reshape(b * 2, s, 4), k.reshape(b * 2, s, 4).transpose(1, 2)).view(b, 2, s, s) * 0.5
+        return torch.bmm(torch.softmax(scores, dim=-1).view(b * 2, s, s), v.reshape(b * 2, s, 12)).view(b, 2, s, 12)
+
+    x = torch.randn(2, 5, 32)
+    _, out, _, report = compile_attention(attention, x)
+    torch.testing.assert_close(out, attention(x), rtol=1e-4, atol=1e-4)
+    assert report.rewrites.get("head_size_padded") == 1, (report.rewrites, report.fallbacks)
+    assert "gqa_unrepeated" not in report.rewrites, report.rewrites
+
+
 @pytest.mark.parametrize("case", ["cross_sdpa", "cross_manual", "bool_added", "int_added", "output_bshd", "control"])
 def test_attention_the_kernel_would_get_wrong_is_left_alone(case: str) -> None:
     """Forms a rewrite would get wrong stay the original ops, with the reason, and match eager:

@@ -265,6 +265,32 @@ def test_sizes_the_program_asserts_against_inside_the_range_are_refused_by_name(
         run(torch.randn(5), y)
 
 
+class _RefusesSizesAfterANone(torch.nn.Module):
+    """A model taking a None between its tensors whose trace refuses one size of its last input."""
+
+    def forward(self, x: torch.Tensor, mask: None, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        torch._check(z.shape[0] != 10)
+        return x.sum() + y.sum() * 2 + z.sum()
+
+
+def test_size_checks_read_the_inputs_they_name_when_a_none_sits_between_tensors(tmp_path: Path) -> None:
+    """The runtime asserts are checked against the input that carries their dim, also when an
+    input that is not a tensor (None, kept as a constant placeholder) sits before it: a size of
+    another input that the program accepts runs, and the refused size of the asserted input is
+    the ValueError naming that input (input 3), not the program's internal assert."""
+    from tileflow.export import export_model
+
+    dims = tuple(torch.export.Dim(name, min=2, max=32) for name in ("seq", "other", "last"))
+    model = _RefusesSizesAfterANone()
+    example = (torch.randn(8), None, torch.randn(4), torch.randn(6))
+    archive = export_model(model, example, ({0: dims[0]}, None, {0: dims[1]}, {0: dims[2]}), options={"target": "reference"})
+    run = tileflow.load(archive.save(tmp_path / "none_between.pt2"))
+    x, y, z = torch.randn(8), torch.randn(10), torch.randn(6)
+    torch.testing.assert_close(run(x, None, y, z), model(x, None, y, z))
+    with pytest.raises(ValueError, match=r"input 3 dim 0 is 10, which the program refuses: .*Ne\(last, 10\)"):
+        run(x, None, torch.randn(4), torch.randn(10))
+
+
 class _AlibiSlice(torch.nn.Module):
     """MPT's ALiBi slice, `table[max(0, 64 - seq):]` added to the seq rows: exported past 64, the
     trace asserts `seq + max(0, 64 - seq) == 64`, which refuses every seq above 64."""

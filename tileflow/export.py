@@ -440,6 +440,10 @@ class LoadedProgram:
         self.path = path
         self.module = program.module()
         self._size_checks = _size_checks(program, manifest)
+        # The (input, dim) sizes the checks read, and the size tuples already accepted: sympy
+        # costs about 10 us per assert, a dict lookup per call once a size has been seen.
+        self._checked_dims = sorted({(i, d) for _, dims in self._size_checks for i, d, _ in dims.values()})
+        self._accepted_sizes: set[tuple[int, ...]] = set()
 
     def check_inputs(self, args: Sequence[Any]) -> None:
         """Raise ValueError when `args` do not match the archive's recorded inputs."""
@@ -475,6 +479,9 @@ class LoadedProgram:
                 if want in bound and bound[want][0] != size:
                     raise ValueError(f"{where} is {size} but {bound[want][1]} (the same dim {want}) is {bound[want][0]}")
                 bound.setdefault(want, (int(size), where))
+        key = tuple(int(args[i].shape[d]) for i, d in self._checked_dims)
+        if key in self._accepted_sizes:
+            return
         for expr, dims in self._size_checks:
             sizes = {sym: args[i].shape[d] for sym, (i, d, _) in dims.items()}
             if expr.xreplace({sym: sympy.Integer(int(size)) for sym, size in sizes.items()}) is sympy.false:
@@ -482,6 +489,8 @@ class LoadedProgram:
                 where = ", ".join(f"input {i} dim {d} is {sizes[sym]}" for sym, (i, d, _) in dims.items())
                 raise ValueError(f"{where}, which the program refuses: the model's trace requires {named} "
                                  "(a runtime check torch.export kept for these sizes); use other sizes")
+        if len(self._accepted_sizes) < 4096:
+            self._accepted_sizes.add(key)
 
     def __call__(self, *args: Any) -> Any:
         self.check_inputs(args)
@@ -499,8 +508,13 @@ def _size_checks(program: torch.export.ExportedProgram, manifest: Mapping[str, A
     `LoadedProgram.check_inputs` evaluates them before a call, so a size the model's trace
     refuses anywhere in the recorded range is refused by name instead of by an assert on an
     internal symbol mid-run."""
-    user_inputs = set(program.graph_signature.user_inputs)
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    # The user inputs' placeholders by position: the graph signature's `user_inputs` names a
+    # constant input (None, an int) by its value, not its placeholder, so a name filter would
+    # drop it and shift every later input onto the manifest's entry before it.
+    from torch.export.graph_signature import InputKind
+
+    placeholders = [n for n, s in zip((n for n in program.graph.nodes if n.op == "placeholder"),
+                                      program.graph_signature.input_specs) if s.kind == InputKind.USER_INPUT]
     dims: dict[Any, tuple[int, int, str]] = {}
     for i, (node, spec) in enumerate(zip(placeholders, manifest.get("inputs", []))):
         val = node.meta.get("val")

@@ -383,7 +383,7 @@ def test_token_indices_read_as_numbers_become_the_steps_positions() -> None:
     example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
     with torch.no_grad():
         gm = capture_exported(export_program(Step(), example, ({1: tokens}, {1: tokens}), strict=False)).gm
-    assert token_indices_as_positions(gm) == 1
+    assert token_indices_as_positions(gm) == (1, 3)  # the lookup's and the comparison's two are left
     positions = torch.tensor([[5, 6, 7, 0, 1, 2, 3]])
     index = torch.arange(7)
     want = gm.table[index] * torch.log1p(((positions[0] + 1) // 2).float())[:, None] + (index + 1)[:, None]
@@ -421,10 +421,40 @@ def test_token_indices_that_become_indices_again_are_left_alone() -> None:
         gm = capture_exported(export_program(Step(), example, ({1: tokens}, {1: tokens}), strict=False)).gm
         scale = capture_exported(export_program(Scale(), example, ({1: tokens}, {1: tokens}), strict=False)).gm
     want = gm(ids, positions)
-    assert token_indices_as_positions(gm) == 0
+    assert token_indices_as_positions(gm) == (0, 2)
     torch.testing.assert_close(gm(ids, positions), want)
-    assert token_indices_as_positions(scale) == 1
+    assert token_indices_as_positions(scale) == (1, 0)
     torch.testing.assert_close(scale(ids, positions), torch.log1p(positions.float()))
+
+
+class _IndexedTemperature(torch.nn.Module):
+    """A step flagged as reading token indices as positions (as `CausalLMStep` flags Llama 4),
+    exact only below position 3 otherwise, with an arange used as a number and, optionally,
+    one used as an index."""
+
+    position_limit = (3, "(a test's bound)")
+    reads_index_as_position = True
+
+    def __init__(self, indexed: bool) -> None:
+        super().__init__()
+        self.indexed = indexed
+        self.table = torch.nn.Parameter(torch.randn(64, 4))
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        out = self.table[ids[0]] * torch.log1p(torch.arange(t).float())[:, None]
+        return out + self.table[torch.arange(t)] if self.indexed else out
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_token_index_left_in_the_step_keeps_the_position_bound(indexed: bool) -> None:
+    """The bound of a step that reads token indices as positions is lifted only when every
+    arange over its tokens was replaced: an index left (here a lookup) might be one the model
+    reads as a position, so the build still refuses steps past the bound."""
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
+    match = "exact only below 3" if indexed else "cannot be disaggregated"  # past the bound: no attention to cut
+    with pytest.raises(ValueError, match=match):
+        build_stage_program(_IndexedTemperature(indexed), example, max_tokens=8)
 
 
 class _AttentionLast(torch.nn.Module):

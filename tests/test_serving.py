@@ -570,7 +570,8 @@ def test_chunked_attention_model_equals_eager_generation() -> None:
     program = build_stage_program(CausalLMStep(model), example, max_tokens=64, report=report)
     assert [c.attention_chunk for c in program.cuts] == [8, None]
     assert program.max_positions is None
-    assert report.extra["token_indices_as_positions"].startswith("1 arange")
+    assert report.extra["token_indices_as_positions"].startswith("1 arange") and "; 0 used as indices" in \
+        report.extra["token_indices_as_positions"]
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (13, 30, 3)]
     engine = ServingEngine(program, token_budget=32, decode_slots=2, block_size=4, num_blocks=16)

@@ -87,28 +87,30 @@ _NUMBER_OPS = frozenset({
 })
 
 
-def token_indices_as_positions(gm: torch.fx.GraphModule) -> int:
+def token_indices_as_positions(gm: torch.fx.GraphModule) -> tuple[int, int]:
     """Replace each `arange(T)` over a packed step's tokens (T: the token dimension of input 1,
     the positions `[1, T]`) that the graph uses only as a number, by the positions: the model
     computed a token's index in its forward as its position (Llama 4's temperature tuning, with
     no cache), which in a packed step the positions are. An arange used as an index (a lookup, a
     comparison, any op but plain arithmetic before it becomes floating point, or a float computed
     from it alone and turned back into an index: `_used_as_number`) is left alone.
-    Returns how many were replaced."""
+    Returns how many were replaced and how many aranges over the tokens were left."""
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     positions = inputs[1] if len(inputs) > 1 else None
     val = positions.meta.get("val") if positions is not None else None
     if not isinstance(val, torch.Tensor) or val.dim() != 2 or val.shape[0] != 1 or not isinstance(val.shape[1], torch.SymInt):
-        return 0
+        return 0, 0
     tokens = val.shape[1].node.expr
-    replaced = 0
+    replaced = left = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _ARANGES:
             continue
         out, bound = node.meta.get("val"), bind_arguments(node)
         if (not isinstance(out, torch.Tensor) or out.dim() != 1 or not isinstance(out.shape[0], torch.SymInt)
-                or out.shape[0].node.expr != tokens or bound.get("start", 0) != 0 or bound.get("step", 1) != 1
-                or not _used_as_number(node)):
+                or out.shape[0].node.expr != tokens or bound.get("start", 0) != 0 or bound.get("step", 1) != 1):
+            continue
+        if not _used_as_number(node):
+            left += 1
             continue
         with gm.graph.inserting_before(node):
             row = gm.graph.call_function(torch.ops.aten.select.int, (positions, 0, 0))
@@ -121,7 +123,7 @@ def token_indices_as_positions(gm: torch.fx.GraphModule) -> int:
         replaced += 1
     if replaced:
         gm.recompile()
-    return replaced
+    return replaced, left
 
 
 def _used_as_number(node: torch.fx.Node) -> bool:
@@ -216,12 +218,12 @@ def build_stage_program(
     graph = capture_exported(ep)
     report = report or GraphReport(graph_id="disaggregated_step")
     if limit is not None and getattr(step, "reads_index_as_position", False):
-        replaced = token_indices_as_positions(graph.gm)
-        if replaced:
+        replaced, left = token_indices_as_positions(graph.gm)
+        report.extra["token_indices_as_positions"] = (
+            f"{replaced} arange(s) over the step's tokens, which the model reads as positions, replaced by the "
+            f"step's positions (input 1); {left} used as indices left as they are")
+        if replaced and not left:  # an index left might be one the model reads as a position: keep the bound
             limit = None
-            report.extra["token_indices_as_positions"] = (
-                f"{replaced} arange(s) over the step's tokens, which the model reads as positions, replaced by the "
-                "step's positions (input 1)")
     if limit is not None and max_tokens > limit[0]:
         raise ValueError(f"max_tokens={max_tokens}, but the model's step is exact only below {limit[0]} "
                          f"{limit[1]}: build it with max_tokens <= {limit[0]}")

@@ -359,30 +359,55 @@ def test_embedding_rows_follow_the_token_ids_through_views() -> None:
     assert [embedding_rows(gm, i) for i in range(4)] == [50, 20, None, None]
 
 
+class _TableStep(torch.nn.Module):
+    """A packed step `(ids, positions) -> out` with a table of 64 rows to look rows up in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(64, 3))
+
+
+def _step_graph(step: torch.nn.Module) -> fx.GraphModule:
+    """`step`'s graph exported over a dynamic token count, as `build_stage_program` exports it."""
+    from tileflow.capture import capture_exported, export_program
+
+    tokens = torch.export.Dim("tokens", min=1, max=32)
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
+    with torch.no_grad():
+        return capture_exported(export_program(step, example, ({1: tokens}, {1: tokens}), strict=False)).gm
+
+
+class _NumberIndexAndComparison(_TableStep):
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        scale = torch.log1p(((torch.arange(t) + 1) // 2).float())  # a number: the tokens' positions
+        rows = self.table[torch.arange(t)]  # an index
+        seen = (torch.arange(t)[:, None] >= torch.arange(t)).sum(-1, keepdim=True)  # a comparison
+        return rows * scale[:, None] + seen
+
+
+class _IndicesThroughFloats(_TableStep):
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        rows = self.table[(torch.arange(t) / 2).long()]  # an index through a float
+        index = torch.arange(t).float()
+        seen = (index[:, None] >= index).float().sum(-1, keepdim=True)  # a comparison of floats
+        return rows + seen
+
+
+class _FloatPositions(torch.nn.Module):
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(torch.arange(ids.shape[1], dtype=torch.float32))[None, :] + ids
+
+
 def test_token_indices_read_as_numbers_become_the_steps_positions() -> None:
     """`token_indices_as_positions` (Llama 4's temperature tuning computes `arange(T)` as the
     tokens' positions) replaces an `arange(T)` the graph uses only as a number by the step's
     positions, and leaves one used as an index (a lookup, a comparison) as it was: the packed
     step with restarting positions then computes what each sequence alone would."""
-    from tileflow.capture import capture_exported, export_program
     from tileflow.distributed.program import token_indices_as_positions
 
-    class Step(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.table = torch.nn.Parameter(torch.randn(64, 3))
-
-        def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            t = ids.shape[1]
-            scale = torch.log1p(((torch.arange(t) + 1) // 2).float())  # a number: the tokens' positions
-            rows = self.table[torch.arange(t)]  # an index
-            seen = (torch.arange(t)[:, None] >= torch.arange(t)).sum(-1, keepdim=True)  # a comparison
-            return rows * scale[:, None] + seen
-
-    tokens = torch.export.Dim("tokens", min=1, max=32)
-    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
-    with torch.no_grad():
-        gm = capture_exported(export_program(Step(), example, ({1: tokens}, {1: tokens}), strict=False)).gm
+    gm = _step_graph(_NumberIndexAndComparison())
     assert token_indices_as_positions(gm) == (1, 3)  # the lookup's and the comparison's two are left
     positions = torch.tensor([[5, 6, 7, 0, 1, 2, 3]])
     index = torch.arange(7)
@@ -395,31 +420,10 @@ def test_token_indices_that_become_indices_again_are_left_alone() -> None:
     `(arange(T) / 2).long()`, a mask from comparing float indices) is an index, and is left as it
     was: the graph computes the same before and after, with restarting positions. One created
     floating (`arange(T, dtype=float)`) and read only as a number is replaced."""
-    from tileflow.capture import capture_exported, export_program
     from tileflow.distributed.program import token_indices_as_positions
 
-    class Step(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.table = torch.nn.Parameter(torch.randn(64, 3))
-
-        def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            t = ids.shape[1]
-            rows = self.table[(torch.arange(t) / 2).long()]  # an index through a float
-            index = torch.arange(t).float()
-            seen = (index[:, None] >= index).float().sum(-1, keepdim=True)  # a comparison of floats
-            return rows + seen
-
-    class Scale(torch.nn.Module):
-        def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return torch.log1p(torch.arange(ids.shape[1], dtype=torch.float32))[None, :] + ids
-
-    tokens = torch.export.Dim("tokens", min=1, max=32)
-    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
     ids, positions = torch.zeros(1, 7, dtype=torch.long), torch.tensor([[5, 6, 7, 0, 1, 2, 3]])
-    with torch.no_grad():
-        gm = capture_exported(export_program(Step(), example, ({1: tokens}, {1: tokens}), strict=False)).gm
-        scale = capture_exported(export_program(Scale(), example, ({1: tokens}, {1: tokens}), strict=False)).gm
+    gm, scale = _step_graph(_IndicesThroughFloats()), _step_graph(_FloatPositions())
     want = gm(ids, positions)
     assert token_indices_as_positions(gm) == (0, 2)
     torch.testing.assert_close(gm(ids, positions), want)

@@ -227,9 +227,6 @@ class Attention:
             return f"dtypes q={qv.dtype}, k={kv.dtype}, v={vv.dtype} are not supported by the {ctx.target} meta-attention kernel"
         if not statically_known_true(kv.shape[-1] == qv.shape[-1]):
             return "q and k head dims differ"
-        reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv))
-        if reason:
-            return reason
         causal = bool(args.get("is_causal") or False)
         if causal and not statically_known_true(qv.shape[2] == kv.shape[2]):
             return "is_causal with different query and key lengths (top-left alignment) is not supported"
@@ -247,6 +244,10 @@ class Attention:
                     out_users.append(user)
                 elif user.users:
                     return "the log-sum-exp / debug outputs of SDPA are used; meta_attention does not produce them"
+        # Pinned only now that no check above refuses the attention (a pin is a guard).
+        reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv))
+        if reason:
+            return reason
         k_real, v_real = strip_repeat_kv(k), strip_repeat_kv(v)
         if _val(k_real).shape[1] != _val(v_real).shape[1]:
             k_real, v_real = k, v  # only one side was widened: keep both as they are
@@ -469,15 +470,15 @@ class Attention:
         qv, kv, vv = _val(q), _val(k), _val(v)
         if not (qv.dtype == kv.dtype == vv.dtype) or qv.dtype not in _DTYPES.get(ctx.target, _DTYPES["reference"]):
             return f"dtypes q={qv.dtype}, k={kv.dtype}, v={vv.dtype} are not supported by the {ctx.target} meta-attention kernel"
-        reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv))
-        if reason:
-            return reason
         if not statically_known_true(vv.shape[2] == kv.shape[2]):
             # V flattened from another layout (say [B, S, H, D]) that lines up with K's only at
             # some lengths: the kernel raised at run time on its other head count.
             return f"V is viewed as {list(vv.shape)}, not [B, H, S_kv, D] with K's {kv.shape[2]} keys"
         if not statically_known_true(kv.shape[3] == qv.shape[3]):
             return "q and k head dims differ"
+        reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv))
+        if reason:
+            return reason
         k_real, v_real = strip_repeat_kv(k), strip_repeat_kv(v)
         if _val(k_real).shape[1] != _val(v_real).shape[1]:
             k_real, v_real = k, v

@@ -1144,6 +1144,26 @@ def test_heads_marked_dynamic_are_not_pinned(manual: bool, dim: int) -> None:
     assert any("marked dynamic" in f.reason for f in report.fallbacks), report.fallbacks
 
 
+def test_an_attention_refused_after_a_graph_break_pins_no_heads() -> None:
+    """An attention the pass refuses (here causal over fewer queries than keys) keeps its heads
+    symbolic: pinned first, a guard would recompile the graph for every other head count for
+    nothing. One graph serves both head counts, equal to eager."""
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    compiled = torch.compile(attention, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
+                             dynamic=True)
+    for heads in (4, 2):
+        q, k, v = torch.randn(1, heads, 3, 8), torch.randn(1, heads, 5, 8), torch.randn(1, heads, 5, 8)
+        torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert len(report.graphs) == 1 and report.recompiles == 0
+    assert any("top-left alignment" in f.reason for f in report.fallbacks), report.fallbacks
+
+
 def test_heads_declared_dynamic_in_an_export_are_left_alone() -> None:
     """An exported program checks no guards at its calls, so a head count the export keeps
     symbolic is not pinned: the attention stays as it was, with the reason, and the archive

@@ -181,6 +181,12 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
                 and statically_known_true(sv.shape[src_dim] == ov.shape[out_dim]))
     if target in _LAYOUT:
         return True
+    if target is aten.constant_pad_nd.default:
+        # Padding other dims (latent attention's narrower head size) keeps each row whole.
+        src = node.args[0]
+        rank = meta_val(src).dim()
+        padded = {rank - 1 - i // 2 for i, pad in enumerate(node.args[1]) if not (type(pad) is int and pad == 0)}
+        return dims.get(src.name) == out_dim and out_dim not in padded
     if target in _ALONG_DIM:
         if target is aten.cat.default:
             tensors = node.args[0]

@@ -3,6 +3,7 @@ split path really runs, and every schedule the pass emits passes the checker."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
 from pathlib import Path
@@ -166,6 +167,29 @@ def test_reshapes_that_mix_token_rows_are_not_split(split_calls: list[int]) -> N
             for got, want in zip(compiled(x, pair), model(x, pair)):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert split_calls  # the row-keeping part still ran split
+
+
+def test_padding_off_the_token_dim_is_split(split_calls: list[int]) -> None:
+    """`constant_pad_nd` of a feature dim (the attention pass pads latent attention's narrower
+    head size so) keeps rows whole, so it runs per nano-batch instead of joining them: the
+    model equals the unsplit one, and each pad runs once per nano-batch."""
+    from models import ZOO
+
+    torch.manual_seed(0)
+    model = ZOO["deepseek_v3_mla"][0]().eval()
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}, report=report),
+                             dynamic=True)
+    for tokens in (5, 9):
+        ids = torch.randint(0, VOCAB, (1, tokens))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("head_size_padded") == 2 and split_calls
+    [graph] = report.graphs
+    schedule = Schedule.from_dict(graph.extra["nano_batch"]["schedule"])
+    pieces = collections.Counter(op.original for op in schedule.ops.values() if op.original.startswith("constant_pad_nd"))
+    assert pieces and set(pieces.values()) == {2}, pieces  # each pad runs as two nano-ops
 
 
 def test_a_batch_as_long_as_the_sequence_falls_back(split_calls: list[int]) -> None:

@@ -1094,20 +1094,26 @@ def test_per_row_sink_logits_are_not_taken_for_per_head_ones() -> None:
     assert "meta_attention" not in report.rewrites
 
 
+def _attention_after_a_graph_break(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA in a graph of its own: q, k and v arrive as that graph's inputs."""
+    torch._dynamo.graph_break()
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+
+def _compiled_dynamic(fn: Any) -> tuple[Any, tileflow.Report]:
+    """`fn` compiled afresh with `dynamic=True` for the reference target, and its report."""
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    return torch.compile(fn, backend=tileflow.TileflowBackend({"target": "reference"}, report=report), dynamic=True), report
+
+
 def test_heads_made_symbolic_by_a_graph_break_are_pinned_by_a_guard() -> None:
     """Under `dynamic=True` a graph break hands q, k and v to the attention's graph as inputs,
     with symbolic head counts and head dims (JetMoE's attention stayed off the kernel for it).
     The pass pins them to their example values with a guard: lengths share one compiled graph,
     other heads recompile (the pinned kernel never sees them), every output equals eager."""
-
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        torch._dynamo.graph_break()
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
-
-    torch._dynamo.reset()
-    report = tileflow.Report()
-    compiled = torch.compile(attention, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
-                             dynamic=True)
+    attention = _attention_after_a_graph_break
+    compiled, report = _compiled_dynamic(attention)
     for heads, length, head_dim in ((4, 5, 8), (4, 7, 8), (2, 5, 8)):
         q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
         torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
@@ -1148,15 +1154,8 @@ def test_an_attention_refused_after_a_graph_break_pins_no_heads() -> None:
     """An attention the pass refuses (here causal over fewer queries than keys) keeps its heads
     symbolic: pinned first, a guard would recompile the graph for every other head count for
     nothing. One graph serves both head counts, equal to eager."""
-
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        torch._dynamo.graph_break()
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
-
-    torch._dynamo.reset()
-    report = tileflow.Report()
-    compiled = torch.compile(attention, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
-                             dynamic=True)
+    attention = _attention_after_a_graph_break
+    compiled, report = _compiled_dynamic(attention)
     for heads in (4, 2):
         q, k, v = torch.randn(1, heads, 3, 8), torch.randn(1, heads, 5, 8), torch.randn(1, heads, 5, 8)
         torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)

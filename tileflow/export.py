@@ -249,13 +249,7 @@ def _ranges_the_program_accepts(gm: torch.fx.GraphModule, ranges: Mapping[str, t
     read, and only at the ends: up to `max_steps` sizes in from each, and past that (or with no
     max) the top by bisection when what it cuts off is a tail of refused sizes."""
     narrowed = dict(ranges)
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.aten._assert_scalar.default:
-            continue
-        val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
-        if not isinstance(val, torch.SymBool):
-            continue
-        expr = val.node.expr
+    for expr in _asserted_conditions(gm.graph):
         if len(expr.free_symbols) != 1:
             continue
         sym = next(iter(expr.free_symbols))
@@ -523,14 +517,19 @@ def _size_checks(program: torch.export.ExportedProgram, manifest: Mapping[str, A
         for d, (size, name) in enumerate(zip(val.shape, spec["shape"])):
             if isinstance(size, torch.SymInt) and isinstance(name, str) and size.node.expr.is_Symbol:
                 dims.setdefault(size.node.expr, (i, d, name))
-    checks = []
-    for node in program.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.aten._assert_scalar.default:
-            continue
-        val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
-        if isinstance(val, torch.SymBool) and val.node.expr.free_symbols and val.node.expr.free_symbols <= dims.keys():
-            checks.append((val.node.expr, {sym: dims[sym] for sym in val.node.expr.free_symbols}))
-    return checks
+    return [(expr, {sym: dims[sym] for sym in expr.free_symbols}) for expr in _asserted_conditions(program.graph)
+            if expr.free_symbols and expr.free_symbols <= dims.keys()]
+
+
+def _asserted_conditions(graph: torch.fx.Graph) -> list[Any]:
+    """The sympy conditions of the graph's runtime asserts (`_assert_scalar` of a SymBool)."""
+    conditions = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_scalar.default:
+            val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+            if isinstance(val, torch.SymBool):
+                conditions.append(val.node.expr)
+    return conditions
 
 
 def _major(version: str) -> str:

@@ -95,6 +95,21 @@ def _anti_causal_mask(x: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(*_heads(x), attn_mask=pos[None, :] >= pos[:, None])
 
 
+def _causal_mask_per_head_group(x: torch.Tensor) -> torch.Tensor:
+    # A mask per KV-head group repeated for its query heads, [1, G, R, T, T] -> [1, G*R, T, T]:
+    # the view merges dims before the token dims only.
+    pos = torch.arange(x.shape[1])
+    allowed = (pos[None, :] <= pos[:, None])[None, None, None].expand(1, 1, 2, -1, -1)
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=allowed.reshape(1, 2, x.shape[1], x.shape[1]))
+
+
+def _causal_mask_viewed_across_tokens(x: torch.Tensor) -> torch.Tensor:
+    # [1, T, 2, T] read as [1, 2, T, T]: the view moves elements between query rows.
+    pos = torch.arange(x.shape[1])
+    allowed = (pos[None, :] <= pos[:, None])[None, :, None].expand(1, -1, 2, -1).contiguous()
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=allowed.view(1, 2, x.shape[1], x.shape[1]))
+
+
 def _centered(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean(0)) @ W
 
@@ -125,6 +140,7 @@ def _shifted_rows(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("fn, reason", [
     (_bidirectional, "attention over the token dim that is not provably causal"),
     (_anti_causal_mask, "a mask that does not hide the padded keys"),
+    (_causal_mask_viewed_across_tokens, "a view that merges or splits a token dim"),
 ])
 def test_bidirectional_attention_is_not_captured(replay_on_cpu, fn, reason: str) -> None:
     """Real queries would see the padded keys: the step runs uncaptured and equals eager."""
@@ -134,7 +150,7 @@ def test_bidirectional_attention_is_not_captured(replay_on_cpu, fn, reason: str)
     assert replay_on_cpu.captures == 0
 
 
-@pytest.mark.parametrize("fn", [_causal, _causal_mask_from_positions])
+@pytest.mark.parametrize("fn", [_causal, _causal_mask_from_positions, _causal_mask_per_head_group])
 def test_causal_attention_is_captured(replay_on_cpu, fn) -> None:
     report = _run(fn, _tokens)
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]

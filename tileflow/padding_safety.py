@@ -778,6 +778,9 @@ class _Walk:
         if s_dims is None or o_dims is None or len(s_dims) != 1 or len(o_dims) != 1:
             if _same_sizes(sv.shape, ov.shape):
                 return facts
+            mapping = _token_dims_kept(sv.shape, ov.shape, s_dims, o_dims)
+            if mapping is not None:  # a mask's [B, G, R, S, L] -> [B, G*R, S, L]: the facts follow the dims
+                return replace(_with_dims_moved(facts, mapping), position=None, row_source=None)
             return self.refuse(node, "a view that merges or splits a token dim")
         ((sd, sa),), ((od, oa),) = s_dims.items(), o_dims.items()
         if isinstance(sa, _Blocks) or isinstance(oa, _Blocks):
@@ -1359,6 +1362,28 @@ def _provably_le(a: Any, b: Any) -> bool:
 
 def _same_sizes(a: Any, b: Any) -> bool:
     return len(a) == len(b) and all(_equal(_expr(x), _expr(y)) for x, y in zip(a, b))
+
+
+def _token_dims_kept(src: Sequence[Any], out: Sequence[Any], s_dims: dict[int, Any] | None,
+                     o_dims: dict[int, Any] | None) -> dict[int, int] | None:
+    """Source token dim -> output token dim of a view that only merges or splits the dims between
+    token dims (or None when it does more). An element's flat index is a mixed-radix number whose
+    digits are the dims; split at the token dims into segments, equal segment sizes on both sides
+    and the same token dims in the same order keep every element's token digits."""
+    if s_dims is None or o_dims is None or len(s_dims) != len(o_dims) or any(
+            isinstance(a, _Blocks) for a in (*s_dims.values(), *o_dims.values())):
+        return None
+    s_at, o_at = sorted(s_dims), sorted(o_dims)
+
+    def segments(shape: Sequence[Any], at: list[int]) -> list[Any]:
+        cuts = [-1, *at, len(shape)]
+        return [math.prod(_expr(x) for x in shape[a + 1:b]) for a, b in zip(cuts, cuts[1:])]
+
+    if not all(_equal(_expr(src[s]), _expr(out[o])) and _equal(s_dims[s], o_dims[o]) for s, o in zip(s_at, o_at)):
+        return None
+    if not all(_equal(a, b) for a, b in zip(segments(src, s_at), segments(out, o_at))):
+        return None
+    return dict(zip(s_at, o_at))
 
 
 def _dim_mapping(node: fx.Node) -> dict[int, int] | None:

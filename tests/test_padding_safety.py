@@ -652,9 +652,56 @@ def _bf16_positions(x: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(*_heads(x), attn_mask=pos[None, :] <= pos[:, None])
 
 
-@pytest.mark.parametrize("fn", [_bool_mask_as_additive, _additive_mask_as_bool, _positions_as_bool, _bf16_positions])
+# A third reader's: positions made in a dtype that rounds or wraps them, masks whose visible keys
+# hold the lowest value too, and one row's values compared at two of its columns.
+def _causal_over(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=pos[None, :] <= pos[:, None])
+
+
+def _bf16_arange(x: torch.Tensor) -> torch.Tensor:
+    return _causal_over(x, torch.arange(300, 300 + x.shape[1], dtype=torch.bfloat16))  # 301 rounds to 300
+
+
+def _int8_arange(x: torch.Tensor) -> torch.Tensor:
+    return _causal_over(x, torch.arange(125, 125 + x.shape[1], dtype=torch.int8))  # 128 wraps to -128
+
+
+def _fp16_running_count(x: torch.Tensor) -> torch.Tensor:
+    return _causal_over(x, torch.ones(x.shape[1], dtype=torch.float16).cumsum(0) + 3001)
+
+
+def _positions_times_bf16_ones(x: torch.Tensor) -> torch.Tensor:
+    return _causal_over(x, (torch.arange(x.shape[1]) + 301) * torch.ones(x.shape[1], dtype=torch.bfloat16))
+
+
+def _lowest_everywhere(x: torch.Tensor) -> torch.Tensor:
+    # Visible keys at the lowest value too: every key scores alike, and a row averages all of them.
+    pos, lowest = torch.arange(x.shape[1]), torch.tensor(torch.finfo(torch.float32).min)
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=torch.where(pos[None, :] <= pos[:, None], lowest, lowest))
+
+
+def _infinite_mask_clamped_to_the_lowest(x: torch.Tensor) -> torch.Tensor:
+    pos, lowest = torch.arange(x.shape[1]), torch.finfo(torch.float32).min
+    bias = torch.where(pos[None, :] <= pos[:, None], torch.tensor(lowest), torch.tensor(float("-inf")))
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=torch.clamp_min(bias, lowest))
+
+
+def _one_row_at_two_columns(x: torch.Tensor) -> torch.Tensor:
+    # ids[t, 0] == ids[t, 1] is no diagonal: a row whose two columns differ sees no key.
+    ids = (x[0] > 0).long()[torch.arange(x.shape[1])]
+    same = ids[:, 0][None, :] == ids[:, 1][:, None]
+    pos, lowest = torch.arange(x.shape[1]), torch.tensor(torch.finfo(torch.float32).min)
+    allowed = (pos[None, :] <= pos[:, None]) & same
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=torch.where(allowed, torch.tensor(0.0), lowest))
+
+
+@pytest.mark.parametrize("fn", [
+    _bool_mask_as_additive, _additive_mask_as_bool, _positions_as_bool, _bf16_positions, _bf16_arange, _int8_arange,
+    _fp16_running_count, _positions_times_bf16_ones, _lowest_everywhere, _infinite_mask_clamped_to_the_lowest,
+    _one_row_at_two_columns,
+])
 def test_a_cast_mask_or_position_is_not_taken_as_causal(replay_on_cpu, fn) -> None:
-    report = _run(fn, _tokens)
+    report = _run(fn, _tokens, lengths=(3, 4, 5, 11))
     _assert_not_captured(report, "does not hide the padded keys")
 
 
@@ -1093,6 +1140,15 @@ def _doubled_positions(x: torch.Tensor) -> torch.Tensor:
 TABLE40_ROWS = torch.randn(40, H)
 
 
+def _table_rows_in_token_order(x: torch.Tensor) -> torch.Tensor:
+    # The tokens' sort order reads rows up to T - 1, a replay's up to B - 1: past 20 rows at 32.
+    order = x[:, 0].sort().indices
+    return (x + TABLE20_ROWS[order][torch.argsort(order)]) @ W
+
+
+TABLE20_ROWS = torch.randn(20, H)
+
+
 def test_tables_read_at_counted_positions_cap_and_other_computed_indices_refuse(replay_on_cpu) -> None:
     """OPT's positions, a running count of ones, are positions: the buckets stop at the table
     (they read past it at 32 before); indices computed from the token count otherwise (`arange(T)
@@ -1103,6 +1159,10 @@ def test_tables_read_at_counted_positions_cap_and_other_computed_indices_refuse(
     torch._dynamo.reset()
     replay_on_cpu.captures = 0
     _assert_not_captured(_run(_doubled_positions, _rows, lengths=(5, 18, 20)), "indices computed from the token count")
+    torch._dynamo.reset()
+    replay_on_cpu.captures = 0
+    _assert_not_captured(_run(_table_rows_in_token_order, _rows, lengths=(5, 18, 20)),
+                         "indices computed from the token count")
 
 
 # Architecture sweep (cuda_graphs=True over ~90 transformers models): GPT-J's, GLM's and Cohere's

@@ -147,6 +147,13 @@ def _picks_indices(node: fx.Node) -> bool:
     0, are not)."""
     return node.op == "call_function" and (node.target in _ARG_PICKS or (
         node.target is operator.getitem and node.args[1] == 1 and getattr(node.args[0], "target", None) in _PICKS))
+def _picked_size(node: fx.Node) -> Any:
+    """The size of the dim a `_picks_indices` node picks along (None for an arg-max over every
+    element)."""
+    op = node if node.target in _ARG_PICKS else node.args[0]
+    source = meta_val(op.args[0])
+    dim = bind_arguments(op).get("dim", -1 if op.target not in _ARG_PICKS else None)
+    return source.numel() if dim is None else source.shape[dim]
 # Ops that fill a tensor with one value: the value, or the argument that holds it (None: none).
 _FILLS: dict[Any, Any] = {
     aten.full.default: "fill_value", aten.new_full.default: "fill_value", aten.full_like.default: "fill_value",
@@ -166,6 +173,11 @@ _LOWEST = -65504.0
 def _lowest_of(dtype: torch.dtype) -> float:
     """The highest value that hides a key beside a visible one in a mask of `dtype`."""
     return _LOWEST if dtype == torch.float16 else -1e30
+
+
+# Dtypes that hold every position (an index plus a constant) exactly: narrower ones round
+# (bfloat16, float16) or wrap (int8, int16, uint8) neighbouring positions together.
+_POSITION_DTYPES = (torch.int32, torch.int64, torch.float32, torch.float64)
 # Ops whose arguments may follow the token count because they are sizes (the output's shape is
 # checked); fills, slices and selects check their other arguments themselves.
 _SIZE_ARGS = _RESHAPES | {
@@ -281,9 +293,17 @@ class _Walk:
 
     def computed_from_token_count(self, index: fx.Node) -> bool:
         """Whether `index`'s values come from a tensor the graph sizes by the token count
-        (`arange(T)`), other than through the indices a sort, top-k or arg-max picks, which a
-        fixed dim bounds (experts' ids)."""
-        return any_ancestor(index, self.sized_by_tokens, stop=_picks_indices)
+        (`arange(T)`) or from indices picked along a token dim (a sort of the tokens: below B in
+        a replay), other than through the indices a sort, top-k or arg-max picks along a fixed
+        dim, which bounds them (experts' ids)."""
+        def picked_along_tokens(node: fx.Node) -> bool:
+            return _picks_indices(node) and self.depends_on_token(_picked_size(node))
+
+        def picked_along_fixed_dim(node: fx.Node) -> bool:
+            return _picks_indices(node) and not picked_along_tokens(node)
+
+        return any_ancestor(index, lambda n: self.sized_by_tokens(n) or picked_along_tokens(n),
+                            stop=picked_along_fixed_dim)
 
     def sized_by_tokens(self, node: fx.Node) -> bool:
         """A tensor the graph makes from sizes alone (`arange(T)`, `ones(B, T)`; not an input) whose
@@ -723,7 +743,7 @@ class _Walk:
         if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor) or src.dtype == out.dtype:
             return facts
         both_float = src.dtype.is_floating_point and out.dtype.is_floating_point
-        exact = src.dtype != torch.bool and out.dtype in (torch.int32, torch.int64, torch.float32, torch.float64)
+        exact = src.dtype != torch.bool and out.dtype in _POSITION_DTYPES
         # A wider float dtype holds every value exactly: an additive mask's visible keys stay visible.
         wider = both_float and torch.finfo(out.dtype).max >= torch.finfo(src.dtype).max and (
             torch.finfo(out.dtype).eps <= torch.finfo(src.dtype).eps)
@@ -765,6 +785,8 @@ class _Walk:
             return _Facts(order=("major", prefix.count), route=_Route("iota", None, prefix.count))
         # Element r is start + r, and its token index r - prefix.
         iota = _Route("iota", None, 1) if from_zero and _equal(prefix, 0) else None
+        if meta_val(node).dtype not in _POSITION_DTYPES:
+            return _CLEAN  # rounded or wrapped: neighbouring positions may compare equal
         return _Facts(position=sympy.sympify(_expr(_scalar(start))) + prefix, route=iota)
 
     def reshape(self, node: fx.Node) -> _Facts:
@@ -956,7 +978,8 @@ class _Walk:
         # padding comes before the next block's rows).
         if along_tokens and (node.target not in _SCANS or any(isinstance(a, _Blocks) for a in along_tokens)):
             return self.refuse(node, "reads across the token dim, so padded rows enter real rows' results")
-        if node.target is aten.cumsum.default and len(along_tokens) == 1 and self.facts[src].fill == 1.0:
+        if (node.target is aten.cumsum.default and len(along_tokens) == 1 and self.facts[src].fill == 1.0
+                and meta_val(node).dtype in _POSITION_DTYPES):
             # A running count of ones (OPT's positions without a padding mask): row r holds r + 1.
             return _Facts(position=sympy.sympify(along_tokens[0]) + 1)
         size = meta_val(src).shape[dims[0] % rank] if meta_val(src).dim() else 1
@@ -1150,7 +1173,10 @@ class _Walk:
         if target is aten.eq.Tensor:
             if any(meta_val(t).dtype.is_floating_point for t in tensors):
                 return _CLEAN  # NaN != NaN: a value need not equal itself
-            same_row = f1.row_source is not None and f1.row_source is f2.row_source
+            # The same row's value only where the row is one value: of a row of several (features,
+            # a batch), two views may read different elements of it (`s[:, 0]` and `s[:, 1]`).
+            same_row = (f1.row_source is not None and f1.row_source is f2.row_source
+                        and self.one_per_token(f1.row_source))
             same_position = f1.position is not None and f2.position is not None and _equal(f1.position, f2.position)
             return _Facts(diagonal=pair) if same_row or same_position else _CLEAN
         p1, p2 = f1.position, f2.position
@@ -1164,13 +1190,26 @@ class _Walk:
         on_diagonal = _provably_le(small + 1, large) if strict else _provably_le(small, large)
         return _Facts(causal=causal, diagonal=pair if on_diagonal else None)
 
+    def one_per_token(self, node: fx.Node) -> bool:
+        """Whether `node` holds one element per token: every dim but its one token dim has size 1."""
+        value = meta_val(node)
+        dims = self.dims(value)
+        return (isinstance(value, torch.Tensor) and dims is not None and len(dims) == 1
+                and all(_equal(_expr(size), 1) for d, size in enumerate(value.shape) if d not in dims))
+
     def hides(self, mask: fx.Node) -> bool:
         """Whether a causal mask's masked keys stay hidden in its dtype: a bool one's False, -inf,
         or a value at most the dtype's `_lowest_of` (a float16 mask's -65504 widened to float32
         meets float32 scores, which may reach past it)."""
         dtype = meta_val(mask).dtype
-        hidden = self.facts[mask].hidden
-        return dtype == torch.bool or (hidden is not None and hidden <= _lowest_of(dtype))
+        facts = self.facts[mask]
+        hidden, visible = facts.hidden, facts.visible
+        if dtype == torch.bool or hidden == float("-inf"):
+            return True
+        # A finite value hides a key only beside a visible key far above it: a mask whose visible
+        # keys hold the lowest value too scores every key alike, and a row averages them all.
+        return (hidden is not None and hidden <= _lowest_of(dtype) and visible is not None
+                and hidden <= visible + _lowest_of(dtype))
 
     def lowered(self, node: fx.Node) -> _Facts:
         """`where(x <= c, low, x)` (or `<`; `low` a number or a filled tensor) of a causal additive
@@ -1261,13 +1300,17 @@ class _Walk:
             return _CLEAN
         if target is aten.mul.Tensor and len(tensors) == 2:
             ones = [a for a in tensors if self.facts[a].fill == 1.0]
-            if ones and same_shape(meta_val(node).shape, meta_val(tensors[0] if ones[0] is tensors[1] else tensors[1]).shape):
-                # Times ones (OPT's positions times the padding mask it made of ones): unchanged.
-                return self.facts[tensors[0] if ones[0] is tensors[1] else tensors[1]]
+            other = tensors[0] if ones and ones[0] is tensors[1] else tensors[1]
+            if (ones and same_shape(meta_val(node).shape, meta_val(other).shape)
+                    and meta_val(node).dtype == meta_val(other).dtype):
+                # Times ones (OPT's positions times the padding mask it made of ones): unchanged
+                # (in its own dtype: promoted, a position or mask would need `converted`'s checks).
+                return self.facts[other]
         if target in (aten.add.Tensor, aten.sub.Tensor) and len(tensors) == 1:
             facts = self.facts[tensors[0]]
             other = next((a for a in node.args[1:] if not isinstance(a, fx.Node)), 0)
-            if facts.position is not None and isinstance(other, (int, torch.SymInt)):
+            if (facts.position is not None and isinstance(other, (int, torch.SymInt))
+                    and meta_val(node).dtype in _POSITION_DTYPES):
                 sign = 1 if target is aten.add.Tensor else -1
                 alpha = node.kwargs.get("alpha", 1)
                 return _Facts(position=facts.position + sign * alpha * _expr(other))

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch._prims_common
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import guard_int, statically_known_true
@@ -151,6 +152,29 @@ def _cut_to_width(graph: fx.Graph, out: fx.Node, width: int) -> fx.Node:
         node = graph.call_function(target, (node, *args), kwargs)
         infer_meta(node)
     return node
+
+
+def _in_replaced_layout(graph: fx.Graph, replaced: list[fx.Node], out: fx.Node) -> fx.Node:
+    """`out` ([B, H, S, D] laid out as [B, S, H, D]), copied to the contiguous layout the
+    replaced attention output had in the traced graph (a bmm's view, or the CPU's SDPA) when a
+    reader depends on it: a view traced against that layout (`out.view(B, H * S, D)` merges dims
+    the kernel's layout keeps apart: it raised at run time) or the graph's output (the caller's
+    views). Readers that transpose or compute elementwise take `out` as it is."""
+    nv = _val(out)
+    for old in replaced:
+        ov = _val(old)
+        if not (isinstance(ov, torch.Tensor) and isinstance(nv, torch.Tensor)):
+            continue
+        if same_shape(ov.stride(), nv.stride()):
+            continue
+        contiguous = torch._prims_common.make_contiguous_strides_for(ov.shape)
+        if not same_shape(ov.stride(), contiguous):
+            continue
+        if any(u.op == "output" or u.target in _VIEWS or u.target is aten.as_strided.default for u in old.users):
+            copy = graph.call_function(aten.clone.default, (out,), {"memory_format": torch.contiguous_format})
+            infer_meta(copy)
+            return copy
+    return out
 
 
 def _pin_head_dims(ctx: PassContext, dims: tuple[Any, ...], tensors: tuple[torch.Tensor, ...]) -> str | None:
@@ -273,6 +297,7 @@ class Attention:
             )
             infer_meta(new)
             out = _cut_to_width(graph, new, int(vv.shape[3]))
+            out = _in_replaced_layout(graph, out_users if returns_tuple else [node], out)
         copy_source_meta(node, new)
         new.meta["tileflow"] = {
             "kind": "meta_attention",
@@ -358,6 +383,12 @@ class Attention:
                 if len(scores_side) != 1:
                     return _unmatched_scores(softmax) if attention else None
                 term = cur.args[1] if cur.args[0] is scores_side[0] else cur.args[0]
+                sv = _val(scores_side[0])
+                if not (isinstance(sv, torch.Tensor) and same_shape(_val(cur).shape, sv.shape)):
+                    # The term widens the scores (a mask with an extra leading dim): the kernel
+                    # takes an SDPA mask that broadcasts to the scores' [B, H, S, S_kv].
+                    return (f"a tensor of shape {list(_val(term).shape) if isinstance(_val(term), torch.Tensor) else term} "
+                            f"added to the scores widens them to {list(_val(cur).shape)}")
                 slopes = self._alibi_slopes(term, cur) if alibi is None and find_alibi else None
                 if slopes is not None:
                     alibi = slopes
@@ -476,6 +507,13 @@ class Attention:
             return f"V is viewed as {list(vv.shape)}, not [B, H, S_kv, D] with K's {kv.shape[2]} keys"
         if not statically_known_true(kv.shape[3] == qv.shape[3]):
             return "q and k head dims differ"
+        if not (statically_known_true(kv.shape[0] == qv.shape[0]) and statically_known_true(vv.shape[0] == qv.shape[0])):
+            # The bmm pairs q, k and v by their flattened batch * heads index; the kernel pairs
+            # them by batch (and query head h with KV head h // R). Only with one batch size
+            # are those the same pairs (k broadcast over the batch by a 3-D expand, or K/V with
+            # another batch/head split: it raised on a missing block, or read other heads).
+            return (f"q, k and v are flattened from batches of {qv.shape[0]}, {kv.shape[0]} and {vv.shape[0]}; "
+                    "meta_attention pairs them by batch")
         reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv))
         if reason:
             return reason
@@ -514,6 +552,11 @@ class Attention:
             if softcap is not None and not isinstance(softcap, fx.Node):
                 softcap = graph.call_function(aten.scalar_tensor.default, (float(softcap),), {"dtype": torch.float32})
                 infer_meta(softcap)
+            elif isinstance(softcap, fx.Node):
+                # A cap held in a 0-d tensor is known only at run time, where the kernel takes a
+                # cap > 0: cap * tanh(x / cap) is even in cap, so its magnitude is the same cap.
+                softcap = graph.call_function(aten.abs.default, (softcap,))
+                infer_meta(softcap)
             if sinks is not None and _val(sinks).dim() != 1:  # the [1, H, 1, 1] logits models broadcast, as [H]
                 sinks = graph.call_function(aten.reshape.default, (sinks, [hq]))
                 infer_meta(sinks)
@@ -529,6 +572,7 @@ class Attention:
             )
             infer_meta(new)
             out = _cut_to_width(graph, new, int(vv.shape[3]))
+            out = _in_replaced_layout(graph, [gate.mul if gate is not None else out4], out)
         if _val(new).dtype != _val(out4).dtype:
             return "the manual attention changes dtype between its inputs and output"
         copy_source_meta(softmax, new)
@@ -663,15 +707,20 @@ _PASS_THROUGH = {
 }
 
 
-def _feeds_pv_product(softmax: fx.Node, depth: int = 5) -> bool:
-    """True when the softmax's output reaches the left operand of a bmm through casts, views,
-    copies or dropout: it is the P of an attention's P @ V."""
+# Layout moves an einsum's product puts around P (unsqueezes and permutes of size-1 dims): they
+# make a softmax attention too, reported rather than left alone without a word.
+_LAYOUT_MOVES = {aten.permute.default, aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims}
+
+
+def _feeds_pv_product(softmax: fx.Node, depth: int = 8) -> bool:
+    """True when the softmax's output reaches a bmm through casts, views, layout moves, copies or
+    dropout: it is the P of an attention's P @ V (matched further only as the left operand)."""
     frontier = [softmax]
     for _ in range(depth):
         users = [u for n in frontier for u in n.users]
-        if any(u.target is aten.bmm.default and u.args[0] in frontier for u in users):
+        if any(u.target is aten.bmm.default and (u.args[0] in frontier or u.args[1] in frontier) for u in users):
             return True
-        frontier = [u for u in users if u.target in _PASS_THROUGH]
+        frontier = [u for u in users if u.target in _PASS_THROUGH or u.target in _LAYOUT_MOVES]
     return False
 
 

@@ -1199,3 +1199,103 @@ def test_values_flattened_from_another_layout_are_left_alone() -> None:
     _, out, _, report = compile_attention(wrong_layout_values, x)
     torch.testing.assert_close(out, wrong_layout_values(x), rtol=1e-5, atol=1e-5)
     assert "meta_attention" not in report.rewrites
+
+
+# A fourth reader's findings: each raised at run time or differed from eager before.
+def _compiled_reference(fn: Any, dynamic: bool | None = None) -> tuple[Any, tileflow.Report]:
+    """`fn` compiled afresh for the reference target, and its report."""
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    return torch.compile(fn, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
+                         dynamic=dynamic), report
+
+
+def _bmm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 8 ** -0.5) -> torch.Tensor:
+    """Hand-written attention over [B*H, S, D] rows, restored to the queries' [B, H, S, D]."""
+    b, h, s, d = q.shape
+    rows = k.shape[0] * k.shape[1]
+    scores = torch.bmm(q.reshape(b * h, s, d), k.reshape(rows, -1, d).expand(b * h, -1, -1).transpose(1, 2))
+    p = torch.softmax(scores.view(b, h, s, -1) * scale, dim=-1)
+    return torch.bmm(p.view(b * h, s, -1), v.reshape(rows, -1, d).expand(b * h, -1, -1)).view(b, h, s, d)
+
+
+@pytest.mark.parametrize("after", [
+    lambda out: out.view(2, -1, 8),  # merges heads with positions: only the contiguous layout allows it
+    lambda out: out.view(8, 6, 8),
+    lambda out: out.reshape(2, -1),
+])
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_views_after_the_attention_see_the_layout_they_were_traced_against(after: Any, sdpa: bool) -> None:
+    """The kernel's output is [B, H, S, D] laid out as [B, S, H, D]; the node it replaces (a view
+    of the P @ V bmm, or the CPU's SDPA) was contiguous, so views traced against that layout
+    raised at run time. The output is copied to that layout where such a view (or the graph's
+    output) reads it, and comes back with eager's strides."""
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return after(F.scaled_dot_product_attention(q, k, v) if sdpa else _bmm_attention(q, k, v))
+
+    compiled, report = _compiled_reference(attention)
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    out, want = compiled(q, k, v), attention(q, k, v)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert out.stride() == want.stride() and report.rewrites.get("meta_attention") == 1
+
+
+@pytest.mark.parametrize("kv_shape", [(1, 1, 6, 8), (2, 2, 6, 8), (4, 1, 6, 8)])
+def test_keys_and_values_flattened_from_another_batch_are_left_alone(kv_shape: tuple[int, ...]) -> None:
+    """The bmm pairs q, k and v by their flattened batch x heads row; the kernel pairs them by
+    batch, query head h with KV head h // R. K and V from another batch (one shared sequence
+    broadcast over every row, or [2, 2] / head-major [4, 1] splits of q's 4 rows) crashed or
+    read other heads (off by 2.3-2.9). Left as they are, with the reason."""
+    q_shape = (2, 4, 6, 8) if kv_shape[0] == 1 else (1, 4, 6, 8)
+    compiled, report = _compiled_reference(_bmm_attention)
+    q, k, v = torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape)
+    torch.testing.assert_close(compiled(q, k, v), _bmm_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites
+    assert any("pairs them by batch" in f.reason for f in report.fallbacks), report.fallbacks
+
+
+def test_a_negative_cap_held_in_a_tensor_caps_as_its_magnitude() -> None:
+    """cap * tanh(x / cap) is even in cap; a cap the graph holds in a tensor (an input here, or a
+    float attribute under `dynamic=True`) is known only at run time, where the kernel raised
+    on a negative one. Its magnitude is passed."""
+    def capped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+        scores = q @ k.transpose(-1, -2) * 0.3
+        return torch.softmax(cap * torch.tanh(scores / cap), dim=-1) @ v
+
+    compiled, report = _compiled_reference(capped)
+    q, k, v = (torch.randn(2, 4, 6, 8) * 3 for _ in range(3))
+    for cap in (-2.0, 2.0):
+        torch.testing.assert_close(compiled(q, k, v, torch.tensor(cap)), capped(q, k, v, torch.tensor(cap)),
+                                   rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("logit_softcap") == 1
+
+
+def test_a_mask_that_widens_the_scores_is_left_alone() -> None:
+    """A [1, B, 1, S, S] mask (`mask[None]`) widens the scores to 5-D, which the softmax and the
+    view back to [B*H, S, S] absorb in eager; the kernel, taking it as an SDPA mask, raised."""
+    def masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, h, s, d = q.shape
+        scores = torch.bmm(q.reshape(b * h, s, d), k.reshape(b * h, s, d).transpose(1, 2)).view(b, h, s, s) * 0.3
+        p = torch.softmax(scores + mask, dim=-1)
+        return torch.bmm(p.view(b * h, s, s), v.reshape(b * h, s, d)).view(b, h, s, d)
+
+    compiled, report = _compiled_reference(masked)
+    q, k, v, mask = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8), torch.randn(1, 2, 1, 6, 6)
+    torch.testing.assert_close(compiled(q, k, v, mask), masked(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites
+    assert any("widens them" in f.reason for f in report.fallbacks), report.fallbacks
+
+
+def test_attention_written_with_einsum_is_reported() -> None:
+    """An einsum's products come with unsqueezes and permutes of size-1 dims around P: the
+    softmax was taken for no attention and left without a word. It stays as it was, with the
+    reason in the report."""
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(torch.einsum("bhsd,bhld->bhsl", q, k) * 0.3, dim=-1)
+        return torch.einsum("bhsl,bhld->bhsd", p, v)
+
+    compiled, report = _compiled_reference(attention)
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites
+    assert any("before the softmax" in f.reason for f in report.fallbacks), report.fallbacks

@@ -7,6 +7,10 @@ Later passes match one form only. After this pass:
   (`t`, `transpose(0, 1)`, `permute([1, 0])`) is folded into the [N, K] operand, and a [K, N]
   operand (GPT-2's Conv1D) becomes `t(w)`;
 - batched products with equal batch dims are `aten.bmm` on 3-D operands;
+- a chain of views, unsqueezes, squeezes and permutes that only moves size-1 dims around the
+  real ones (einsum's way of lining operands up for a bmm: `einsum("bhsd,bhld->bhsl", q, k)` is
+  unsqueezes, permutes and a view around `bmm(q, kᵀ)`) is one `view`, of a `permute` of the
+  source when the real dims change order: the form a hand-written product has;
 - view-like ops whose result has the input's shape, strides and offset (`view`, `reshape`,
   `expand`, full `slice`, identity `permute`, `alias`, `detach`), double transposes, clones that
   keep the layout and dtype conversions to the same dtype are removed, and so are the
@@ -48,6 +52,8 @@ _VIEW_LIKE = {
     aten.unsqueeze.default,
 }
 _RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+_UNIT_DIM_MOVES = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims}
+_LAYOUT_OPS = _RESHAPES | _UNIT_DIM_MOVES | {aten.permute.default, aten.transpose.int, aten.clone.default}
 _SAME_DTYPE_COPIES = {prims.convert_element_type.default, aten._to_copy.default, aten.clone.default}
 
 
@@ -95,6 +101,143 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return statically_known_true(a.storage_offset() == b.storage_offset())
 
 
+def _is_unit(size: Any) -> bool:
+    return statically_known_true(size == 1)
+
+
+def _leading_units(shape: Any) -> int:
+    return next((i for i, size in enumerate(shape) if not _is_unit(size)), len(shape))
+
+
+def _real_sizes(shape: Any) -> list[Any]:
+    return [d for d in shape if not _is_unit(d)]
+
+
+def _fold_unit_dim_moves(graph: fx.Graph, end: fx.Node) -> bool:
+    """Replace the chain of layout ops ending at the view `end` by `view(permute(x), shape)` when
+    the chain only moves size-1 dims around the real dims of its source x (and reorders those),
+    apart from a view at either end that may merge or split them (module docstring). Only chains
+    with a size-1 dim added or dropped and a permute are folded: the others are already in the
+    form the matchers read. True when folded."""
+    if end.target not in _RESHAPES or not isinstance(_val(end), torch.Tensor):
+        return False
+    chain = [end]
+    while (chain[-1].args and isinstance(chain[-1].args[0], fx.Node) and chain[-1].args[0].op == "call_function"
+           and chain[-1].args[0].target in _LAYOUT_OPS):
+        chain.append(chain[-1].args[0])
+    chain.reverse()
+    # (A view first that adds a size-1 dim, a batch of 1, is no sign of einsum by itself.)
+    if len(chain) < 3 or not any(n.target in (aten.permute.default, aten.transpose.int) for n in chain) or not any(
+            map(_moves_unit_dims, chain[1:] if chain[0].target in _RESHAPES else chain)):
+        return False
+    source = chain[0].args[0]
+    first = None
+    if chain[0].target in _RESHAPES:
+        # A view first may split the source's dims (a bmm's [B*H, S, D] into [B, H, S, 1, D]): it
+        # stays, without its size-1 dims, and the chain starts after it.
+        first, chain = chain[0], chain[1:]
+    start = _val(first) if first is not None else _val(source)
+    if not isinstance(start, torch.Tensor) or any(
+            n.target is aten.clone.default and set(n.kwargs) - {"memory_format"} for n in chain):
+        return False
+    # The first view's sizes without the size-1 dims it puts after a real one (einsum's; a
+    # leading one, a batch of 1, stays: matchers read [B, H, S, D] there).
+    kept: list[Any] = []
+    if first is not None:
+        if not isinstance(first.args[1], (list, tuple)) or len(first.args[1]) != start.dim():
+            return False
+        after_real = False
+        for size, given in zip(start.shape, first.args[1]):
+            if not (_is_unit(size) and after_real):
+                kept.append(given)
+            after_real = after_real or not _is_unit(size)
+        # As many leading size-1 dims as the chain ends with (a batch of 1 einsum moved to the
+        # back of a bmm's output, `[H, S, 1, 1, D]`, comes out `[1, H, S, D]`).
+        # (The kept sizes lead with as many as the first view's.)
+        kept = [1] * max(_leading_units(_val(end).shape) - _leading_units(start.shape), 0) + kept
+    slots: list[int | None] = []
+    for size in start.shape:
+        slots.append(None if _is_unit(size) else sum(s is not None for s in slots))
+    for node in chain[:-1]:
+        slots = _moved_slots(node, slots)
+        if slots is None:
+            return False
+    order = [s for s in slots if s is not None]
+    if sorted(order) != list(range(len(_real_sizes(start.shape)))):
+        return False
+    with graph.inserting_before(end):
+        base = source
+        if first is not None:
+            base = graph.call_function(aten.view.default, (source, kept))
+            infer_meta(base)
+        # The right operand of a bmm as `transpose(·, -2, -1)` of the rest when its last two dims
+        # come swapped (einsum's kᵀ): the form `q @ k.transpose(-2, -1)` takes.
+        rhs = len(order) >= 2 and order[-1] < order[-2] and any(
+            u.target is aten.bmm.default and u.args[1] is end for u in end.users)
+        inner = [*order[:-2], order[-1], order[-2]] if rhs else order
+        # Over the base's dims, its size-1 ones (a source's own) staying where they are.
+        real = [d for d, size in enumerate(_val(base).shape) if not _is_unit(size)]
+        if inner != sorted(inner):
+            perm = list(range(_val(base).dim()))
+            for j, d in enumerate(real):
+                perm[d] = real[inner[j]]
+            base = graph.call_function(aten.permute.default, (base, perm))
+            infer_meta(base)
+        if rhs:
+            base = graph.call_function(aten.transpose.int, (base, real[-2], real[-1]))
+            infer_meta(base)
+        # A clone in the chain made the moved dims contiguous for the view after it (a `reshape`
+        # traced as clone + `_unsafe_view`): the folded view is a reshape then.
+        copies = any(n.target is aten.clone.default for n in chain)
+        folded = graph.call_function(aten.reshape.default if copies else aten.view.default, (base, end.args[1]))
+        infer_meta(folded)
+    if not same_shape(_val(folded).shape, _val(end).shape):
+        return False
+    copy_source_meta(end, folded)
+    end.replace_all_uses_with(folded)
+    graph.erase_node(end)
+    return True
+
+
+def _moved_slots(node: fx.Node, slots: list[int | None]) -> list[int | None] | None:
+    """Which real dim of the chain's start each dim of `node`'s output is (None: size 1), after
+    `node` moved `slots`; None when `node` does more than move dims and add or drop size-1 ones."""
+    out = _val(node)
+    if not isinstance(out, torch.Tensor):
+        return None
+    if node.target is aten.unsqueeze.default:
+        dim = node.args[1] % out.dim()
+        return [*slots[:dim], None, *slots[dim:]]
+    if node.target in (aten.squeeze.dim, aten.squeeze.dims):
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        gone = {d % len(slots) for d in dims}
+        if any(slots[d] is not None for d in gone):
+            return None  # squeezing a real dim (a no-op, or a size known only at run time)
+        return [s for d, s in enumerate(slots) if d not in gone]
+    if node.target is aten.clone.default:
+        return slots  # the same values, in a new buffer
+    if node.target is aten.permute.default:
+        return [slots[d % len(slots)] for d in node.args[1]]
+    if node.target is aten.transpose.int:
+        a, b = node.args[1] % len(slots), node.args[2] % len(slots)
+        moved = list(slots)
+        moved[a], moved[b] = moved[b], moved[a]
+        return moved
+    if not same_shape(_real_sizes(out.shape), _real_sizes(_val(node.args[0]).shape)):
+        return None  # a view that merges or splits real dims, inside the chain
+    it = iter([s for s in slots if s is not None])
+    return [None if _is_unit(size) else next(it) for size in out.shape]
+
+
+def _moves_unit_dims(node: fx.Node) -> bool:
+    """An unsqueeze or squeeze, or a view that adds or drops size-1 dims (and nothing else)."""
+    if node.target in _UNIT_DIM_MOVES:
+        return True
+    src, out = _val(node.args[0]), _val(node)
+    return (node.target in _RESHAPES and isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)
+            and src.dim() != out.dim() and same_shape(_real_sizes(src.shape), _real_sizes(out.shape)))
+
+
 @register_pass
 class Canonicalize:
     """Normalize matmul forms into `linear`/`bmm` and drop no-op views, transposes and copies."""
@@ -105,6 +248,10 @@ class Canonicalize:
         """Rewrite `gm` in place (see the module docstring for the canonical forms)."""
         result = PassResult()
         graph = gm.graph
+        for node in list(graph.nodes):
+            # (An output folded stays a view of the same source: no new aliasing.)
+            if node.op == "call_function" and node in graph.nodes and _fold_unit_dim_moves(graph, node):
+                result.count("layout_folded")
         outputs = set(next(n for n in reversed(graph.nodes) if n.op == "output").all_input_nodes)
         self._viewed_by_outputs = _viewed_by(outputs)
         for node in list(graph.nodes):
@@ -136,6 +283,8 @@ class Canonicalize:
             return self._flatten_linear(graph, node)
         if target is aten.matmul.default:
             return self._matmul(graph, node)
+        if target is aten.bmm.default:
+            return self._single_batch_bmm(graph, node)
         if target is aten._assert_tensor_metadata.default:
             return self._drop_proven_assert(node)
         if node in outputs:
@@ -152,16 +301,19 @@ class Canonicalize:
         copy_source_meta(node, w)
         return w
 
-    def _mm_to_linear(self, graph: fx.Graph, node: fx.Node, a: Any, b: Any, bias: Any) -> str | None:
+    def _mm_to_linear(self, graph: fx.Graph, node: fx.Node, a: Any, b: Any, bias: Any,
+                      unsqueeze: bool = False) -> str | None:
         av, bv = _val(a), _val(b)
         if not (isinstance(av, torch.Tensor) and isinstance(bv, torch.Tensor) and av.dim() == 2 and bv.dim() == 2):
             return None
         w = self._weight_nk(graph, node, b)
         with graph.inserting_before(node):
             lin = graph.call_function(aten.linear.default, (a, w) if bias is None else (a, w, bias))
-        infer_meta(lin)
-        copy_source_meta(node, lin)
-        node.replace_all_uses_with(lin)
+            out = graph.call_function(aten.unsqueeze.default, (lin, 0)) if unsqueeze else lin
+        for n in {lin, out}:
+            infer_meta(n)
+            copy_source_meta(node, n)
+        node.replace_all_uses_with(out)
         graph.erase_node(node)
         return "canonical_linear"
 
@@ -242,6 +394,21 @@ class Canonicalize:
             graph.erase_node(node)
             return "canonical_bmm"
         return None
+
+    def _single_batch_bmm(self, graph: fx.Graph, node: fx.Node) -> str | None:
+        """`bmm` over one batch whose right operand is a 2-D tensor viewed as [1, K, N] (einsum's
+        `"bsk,nk->bsn"` with a weight): `linear` on the rows, viewed back to [1, M, N]."""
+        a, b = node.args[0], node.args[1]
+        av, bv = _val(a), _val(b)
+        if not (isinstance(av, torch.Tensor) and isinstance(bv, torch.Tensor) and _is_unit(av.shape[0])
+                and b.op == "call_function" and b.target in _RESHAPES and isinstance(_val(b.args[0]), torch.Tensor)
+                and _val(b.args[0]).dim() == 2 and same_shape(_val(b.args[0]).shape, bv.shape[1:])):
+            return None
+        with graph.inserting_before(node):
+            rows = graph.call_function(aten.select.int, (a, 0, 0))
+            infer_meta(rows)
+        kind = self._mm_to_linear(graph, node, rows, b.args[0], None, unsqueeze=True)
+        return kind
 
     # -- no-ops ----------------------------------------------------------------------------
     def _drop_noop(self, node: fx.Node) -> str | None:

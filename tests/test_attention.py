@@ -1286,16 +1286,23 @@ def test_a_mask_that_widens_the_scores_is_left_alone() -> None:
     assert any("widens them" in f.reason for f in report.fallbacks), report.fallbacks
 
 
-def test_attention_written_with_einsum_is_reported() -> None:
-    """An einsum's products come with unsqueezes and permutes of size-1 dims around P: the
-    softmax was taken for no attention and left without a word. It stays as it was, with the
-    reason in the report."""
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(torch.einsum("bhsd,bhld->bhsl", q, k) * 0.3, dim=-1)
-        return torch.einsum("bhsl,bhld->bhsd", p, v)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_attention_written_with_einsum_becomes_meta_attention(batch: int, layout: str) -> None:
+    """An einsum's products come with unsqueezes and permutes of size-1 dims around each operand
+    (the softmax was taken for no attention, and left without a word); `canonicalize` folds them
+    into the views and transposes of a hand-written product, so the attention is matched, in
+    [B, H, S, D] and [B, S, H, D] layouts alike."""
+    kv = layout.replace("s", "l")
 
-    compiled, report = _compiled_reference(attention)
-    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
-    torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
-    assert "meta_attention" not in report.rewrites
-    assert any("before the softmax" in f.reason for f in report.fallbacks), report.fallbacks
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(torch.einsum(f"{layout},{kv}->bhsl", q, k) * 0.3, dim=-1)
+        return torch.einsum(f"bhsl,{kv}->{layout}", p, v)
+
+    compiled, report = _compiled_reference(attention, dynamic=True)
+    for length in (5, 7):
+        q, k, v = (torch.randn(batch, length, 4, 8) if layout == "bshd" else torch.randn(batch, 4, length, 8)
+                   for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1 and report.rewrites.get("layout_folded"), report.rewrites
+    assert len(report.graphs) == 1 and not report.fallbacks

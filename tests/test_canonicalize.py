@@ -242,3 +242,29 @@ def test_a_reshape_round_trip_is_its_base() -> None:
     merged = list(gm.graph.nodes)[-1].args[0][1]
     assert merged.target is aten.view.default and merged.meta["val"].dim() == 3
     check_same(fn, gm, torch.randn(2, 4, 6, 6))
+
+
+@settings(max_examples=25, deadline=None)
+@given(equation=st.sampled_from([
+    "bhsd,bhld->bhsl", "bshd,blhd->bhsl", "bhsl,bhld->bhsd", "bhsl,blhd->bshd", "bij,bjk->bik", "ij,jk->ik",
+    "bsk,nk->bsn", "bsk,kn->bsn", "sk,nk->ns", "abcd,abde->acbe",
+]), batch=st.integers(1, 3))
+def test_einsum_layout_moves_fold_into_views(equation: str, batch: int) -> None:
+    """einsum lines its operands up for a bmm with unsqueezes and permutes of size-1 dims; the
+    chains fold into views (and a permute and transpose where the real dims change order), with
+    the same values, and a product with a 2-D weight becomes a linear."""
+    sizes = {"b": batch, "h": 2, "s": 5, "l": 5, "d": 4, "i": 3, "j": 4, "k": 6, "n": 7, "a": batch, "c": 3, "e": 2}
+    lhs, rhs = equation.split("->")[0].split(",")
+    x, w = torch.randn(*[sizes[c] for c in lhs]), torch.randn(*[sizes[c] for c in rhs])
+
+    def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum(equation, x, w)
+
+    gm = traced(product, x, w)
+    rewrites = canonicalize(gm)
+    check_same(product, gm, x, w)
+    moves = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims}
+    # (A linear's [M, N] output is put back as the bmm's [1, M, N] by an unsqueeze of its own.)
+    assert not [n for n in gm.graph.nodes if n.target in moves and n.args[0].target is not aten.linear.default], gm.code
+    if len(rhs) == 2 and len(lhs) == 3:
+        assert ops(gm)[aten.linear.default] == 1 and rewrites.get("canonical_linear"), gm.code

@@ -8,7 +8,9 @@ M gets a degenerate one-piece plan.
 
 Epilogues are fused where the graph has them, looking through the views between the 2-D GEMM
 and the model's 3-D activations (elementwise epilogues commute with those views):
-- bias (from `linear`), SiLU / GELU (erf or tanh), a residual `add`, and a dtype cast;
+- bias (from `linear`), SiLU / GELU (erf or tanh), a residual `add`, and a cast of a float32
+  (or float64) result to another float dtype (a half-precision result's cast stays apart:
+  eager rounds to it first);
 - the SwiGLU pair `silu(x @ Wg.T) * (x @ Wu.T)`: two GEMMs on the same input become one kernel
   over the gate and up weights (logically [2N, K], never copied into a stacked tensor).
 MoE expert GEMMs (`transformers::grouped_mm_fallback` or `aten._grouped_mm`: x [M, K] with rows
@@ -368,7 +370,12 @@ class GemmPadding:
         if cast is None:
             return
         dtype = _cast_dtype(cast, chain.tip)
-        if dtype in (torch.float16, torch.bfloat16, torch.float32) and dtype != _val(chain.tip).dtype:
+        # The kernel casts its accumulator (fp32, fp64 for fp64 inputs) straight to `dtype`; eager
+        # rounds the result to the tip's dtype first. Only a cast from the accumulator's own dtype
+        # matches: a widening one (fp16/bf16 -> fp32, bf16 <-> fp16) would skip that rounding
+        # (and fp16's overflow to inf), so it stays a separate node.
+        src = _val(chain.tip).dtype
+        if src in (torch.float32, torch.float64) and dtype in (torch.float16, torch.bfloat16, torch.float32) and dtype != src:
             chain.out_dtype = dtype
             chain.tip = cast
             chain.absorbed.append(cast)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable
 
+import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -81,6 +82,26 @@ def test_bias_activation_and_cast_fuse() -> None:
     out = compiled(x2, w, b)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out, block(x2, w, b), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype, to", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                       (torch.bfloat16, torch.float16)])
+def test_a_cast_that_widens_a_half_precision_result_stays_apart(dtype: torch.dtype, to: torch.dtype) -> None:
+    """The kernel writes its float32 accumulator straight to the fused cast's dtype; eager rounds
+    the product to the input dtype first (where float16 overflows to inf), then converts. A cast
+    from a half-precision result stays its own op (fused, an fp16 overflow came back finite and
+    bf16 results differed by an ulp); one from float32 is fused."""
+    def logits(x, w):
+        return F.linear(x, w).to(to)
+
+    x, w = torch.randn(7, 16, dtype=dtype) * 30, torch.randn(12, 16, dtype=dtype) * 30
+    x[0] = 100.0  # 16 * 100 * 100 * 30: past float16's range
+    w[0] = 100.0
+    compiled, gm, ctx = compile_fn(logits, x, w)
+    assert "fused_cast" not in ctx.report.passes[1].rewrites
+    out, want = compiled(x, w), logits(x, w)
+    assert out.dtype == want.dtype
+    torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
 
 
 def test_plan_covers_the_symbolic_range() -> None:

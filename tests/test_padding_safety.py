@@ -1245,3 +1245,106 @@ def _centered_conv(x: torch.Tensor) -> torch.Tensor:
 def test_convolutions_reading_padded_rows_are_not_captured(replay_on_cpu, fn, reason: str) -> None:
     report = _run(fn, _tokens)
     _assert_not_captured(report, reason)
+
+
+# Padded rows hold finite values computed from the pad value (0), but an op undefined at some
+# finite values makes them inf or NaN where real rows are finite: attention multiplies the
+# padded values by weight 0 (0 * NaN = NaN), and under a finite mask adds it to the padded keys'
+# scores (NaN + lowest = NaN), so real rows would come out NaN.
+def _split(t: torch.Tensor) -> torch.Tensor:
+    return t.view(1, -1, 2, H // 2).transpose(1, 2)
+
+
+def _values_normalized_without_eps(x: torch.Tensor) -> torch.Tensor:
+    q, k, _ = _heads(x)
+    v = _split(x)
+    return F.scaled_dot_product_attention(q, k, v / v.norm(dim=-1, keepdim=True), is_causal=True)  # 0 / 0
+
+
+def _log_values(x: torch.Tensor) -> torch.Tensor:
+    q, k, _ = _heads(x)
+    return F.scaled_dot_product_attention(q, k, _split(torch.log(x.abs())), is_causal=True)  # log 0 = -inf
+
+
+def _fractional_power_values(x: torch.Tensor) -> torch.Tensor:
+    q, k, _ = _heads(x)
+    return F.scaled_dot_product_attention(q, k, _split(x.abs().pow(-0.5)), is_causal=True)  # 0 ** -0.5 = inf
+
+
+def _reciprocal_keys(x: torch.Tensor, **mask: torch.Tensor | bool) -> torch.Tensor:
+    q, _, v = _heads(x)
+    return F.scaled_dot_product_attention(q, _split(1.0 / x), v, **mask)  # 1 / 0 = inf
+
+
+def _reciprocal_keys_under_a_lowest_mask(x: torch.Tensor) -> torch.Tensor:
+    pos = torch.arange(x.shape[1])
+    bias = torch.where(pos[None, :] <= pos[:, None], torch.tensor(0.0), torch.tensor(LOWEST))
+    return _reciprocal_keys(x, attn_mask=bias)
+
+
+def _weighted_by(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return _causal(x * weights[..., :1])
+
+
+def _router_logits_over_their_sum(x: torch.Tensor) -> torch.Tensor:
+    logits = torch.topk(x @ ROUTER.T, 2).values  # padded rows: 0 / 0
+    return _weighted_by(x, logits / logits.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (_values_normalized_without_eps, "values (V) whose padded rows may be inf or NaN (from div"),
+    (_router_logits_over_their_sum, "values (V) whose padded rows may be inf or NaN (from div"),
+    (_log_values, "values (V) whose padded rows may be inf or NaN (from log"),
+    (_fractional_power_values, "values (V) whose padded rows may be inf or NaN (from pow"),
+    (_reciprocal_keys_under_a_lowest_mask, "keys (K) whose padded rows may be inf or NaN (from reciprocal"),
+])
+def test_padded_rows_made_inf_or_nan_that_reach_real_rows_are_not_captured(replay_on_cpu, fn, reason: str) -> None:
+    _assert_not_captured(_run(fn, _tokens), reason)
+
+
+def _rms_normed_values(x: torch.Tensor) -> torch.Tensor:
+    # Llama's RMSNorm: mean(v^2) + eps is positive, so rsqrt of it is finite.
+    q, k, _ = _heads(x)
+    v = _split(x)
+    return F.scaled_dot_product_attention(q, k, v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6),
+                                          is_causal=True)
+
+
+def _normalized_values(x: torch.Tensor) -> torch.Tensor:
+    # F.normalize: x / norm.clamp_min(eps).
+    q, k, _ = _heads(x)
+    return F.scaled_dot_product_attention(q, k, F.normalize(_split(x), dim=-1), is_causal=True)
+
+
+def _reciprocal_keys_causal(x: torch.Tensor) -> torch.Tensor:
+    # The causal flag hides the padded keys' scores (inf or NaN) before the softmax.
+    return _reciprocal_keys(x, is_causal=True)
+
+
+def _softmax_router_weights(x: torch.Tensor) -> torch.Tensor:
+    # Mixtral's: the top-k of a softmax over their sum, which holds its largest (at least 1/n).
+    weights = torch.topk((x @ ROUTER.T).softmax(-1), 2).values
+    return _weighted_by(x, weights / weights.sum(-1, keepdim=True))
+
+
+def _sigmoid_router_weights(x: torch.Tensor) -> torch.Tensor:
+    # DeepSeek-V3's: sigmoid scores at the top-k ids over their sum plus an epsilon.
+    scores = torch.sigmoid(x @ ROUTER.T)
+    weights = scores.gather(-1, torch.topk(scores + ROUTER_BIAS, 2).indices)
+    return _weighted_by(x, weights / (weights.sum(-1, keepdim=True) + 1e-20))
+
+
+def _sigmoid_router_weights_without_eps(x: torch.Tensor) -> torch.Tensor:
+    # MiniMax-M2's: a sigmoid is positive while exp(-x) stays in float32's range, so is their sum.
+    scores = torch.sigmoid(x @ ROUTER.T)
+    weights = scores.gather(-1, torch.topk(scores + ROUTER_BIAS, 2).indices)
+    return _weighted_by(x, weights / weights.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("fn", [_rms_normed_values, _normalized_values, _reciprocal_keys_causal,
+                                _softmax_router_weights, _sigmoid_router_weights,
+                                _sigmoid_router_weights_without_eps])
+def test_padded_rows_kept_finite_or_hidden_are_captured(replay_on_cpu, fn) -> None:
+    report = _run(fn, _tokens)
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1

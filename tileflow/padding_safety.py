@@ -40,6 +40,20 @@ Counts of the sorted ids and the inverse of P depend on where the padded rows so
 accepted only as a grouped GEMM's offsets, where row j's group is its own sorted id in either
 run, and as the index that puts rows back (`inv[P] = arange`, or `argsort(P)`; `route`: how an
 integer tensor relates to a sort).
+
+Padded rows hold finite values computed from the (finite) pad value. The walk assumes their
+arithmetic stays in range as real rows' does (it does not guard against overflow, as `exp` of a
+large value; so a sigmoid, `1 / (1 + exp(-x))`, is positive in a dtype that holds 1 over float32's
+largest value), and guards only against ops undefined at some finite values: `1/x`, `log` or
+`rsqrt` at 0, `sqrt` of a negative, a fractional power, `acos` past 1 (`_DOMAINS`) may make
+padded rows inf or NaN where real rows are finite (`nonfinite`, passed on to every value computed
+from them). Attention gives padded keys weight 0, but the kernel still multiplies that 0 by their
+values (0 * NaN = NaN), and under a finite (lowest-value) mask adds the mask to their scores
+(NaN + lowest = NaN): such values may not be an attention's V, nor its K under a finite mask (a
+bool or -inf mask and the causal flag skip the padded keys' scores). What the walk knows of
+values' signs proves the usual forms defined: RMSNorm's `x * rsqrt(mean(x^2) + eps)`, `x /
+norm.clamp_min(eps)`, a router's top-k weights over their sum (a softmax's top-k keep its
+largest element, at least 1/n; `peak`).
 """
 
 from __future__ import annotations
@@ -80,6 +94,12 @@ class _Facts:
     route: _Route | None = None  # how an integer tensor relates to a sort (module docstring)
     key_range: int | None = None  # integer values in [0, key_range) (top-k indices of a fixed dim)
     parts: tuple[_Facts, ...] | None = None  # of an op returning several tensors, one per output
+    # Value facts (`_Walk.valued`), for finite inputs: "positive" or "non-negative" when every
+    # element is; a dim along which every slice holds a positive element (a softmax's); and the
+    # op that may leave inf or NaN in the padded rows of a float value (module docstring).
+    sign: str | None = None
+    peak: int | None = None
+    nonfinite: str | None = None
 
 
 _CLEAN = _Facts()
@@ -203,6 +223,42 @@ _ROW_WISE = (_SAME_DIMS | _ELEMENTWISE | set(_FILLS) | _ALONG | _SCANS | {
     aten.layer_norm.default, aten.gather.default, aten.scatter.value, aten.scatter.src,
     aten.slice_scatter.default, aten.select_scatter.default, aten.constant_pad_nd.default,
 })
+
+
+# Ops undefined (inf or NaN) at some finite values of one argument, and the sign that keeps it in
+# their domain: "positive" where 0 is a pole (1/0, log 0), "non-negative" where only negatives
+# are outside (sqrt), None where no sign does (acos past 1). A divisor is checked only when it
+# carries tokens: one the same for every row divides real rows by its zeros too. (`pow`:
+# `_Walk.power_domain`.)
+_DOMAINS: dict[Any, tuple[str, str | None]] = {
+    aten.div.Tensor: ("other", "positive"), aten.div.Tensor_mode: ("other", "positive"),
+    aten.remainder.Tensor: ("other", "positive"), aten.fmod.Tensor: ("other", "positive"),
+    aten.xlogy.Tensor: ("other", "positive"), aten.reciprocal.default: ("self", "positive"),
+    aten.rsqrt.default: ("self", "positive"), aten.log.default: ("self", "positive"),
+    aten.log2.default: ("self", "positive"), aten.log10.default: ("self", "positive"),
+    aten.sqrt.default: ("self", "non-negative"), aten.log1p.default: ("self", "non-negative"),
+    **{op: ("self", None) for op in (
+        aten.acos.default, aten.asin.default, aten.atanh.default, aten.acosh.default, aten.erfinv.default,
+        aten.logit.default, aten.lgamma.default, aten.digamma.default, aten.polygamma.default,
+        aten.mvlgamma.default)},
+}
+_DIVISIONS = {aten.div.Tensor, aten.div.Tensor_mode, aten.remainder.Tensor, aten.fmod.Tensor}
+# Ops whose finite values are never negative.
+_NON_NEGATIVE = {
+    aten.abs.default, aten.exp.default, aten.exp2.default, aten.sigmoid.default, aten.relu.default,
+    aten.softplus.default, aten.sqrt.default, aten.rsqrt.default, aten.var.correction, aten.std.correction,
+    aten.linalg_vector_norm.default, aten._softmax.default, aten.softmax.int, aten.hardsigmoid.default,
+}
+# Ops whose values are elements of their first argument's (moved, picked, cast or summed up).
+_KEEPS_SIGN = (_SAME_DIMS | _RESHAPES | {
+    operator.getitem, aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.slice.Tensor,
+    aten.select.int, aten.repeat.default, aten.index.Tensor, aten.gather.default, aten.amax.default,
+    aten.amin.default, aten.max.dim, aten.min.dim, aten.topk.default, aten.sort.default, aten.sort.stable,
+    aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default, aten.sum.dim_IntList,
+    aten.cumsum.default,
+})
+_SIGNS = (None, "non-negative", "positive")  # weakest first
 
 
 @dataclass(frozen=True)
@@ -382,9 +438,7 @@ class _Walk:
         if hazard:
             return _Facts(hazard=hazard)
         routed = self.routed(node)
-        if routed is not None:
-            return routed
-        return self.ordered(node, self.dispatch(node))
+        return self.valued(node, routed if routed is not None else self.ordered(node, self.dispatch(node)))
 
     def dispatch(self, node: fx.Node) -> _Facts:
         """The facts of an op's value by what the op is (every op but the routing ones)."""
@@ -460,6 +514,145 @@ class _Walk:
         if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
             return self.pointwise(node)
         return self.refuse(node, f"{name} is not known to keep padded rows apart from real ones")
+
+    # -- values: signs, and inf or NaN in padded rows (module docstring) -----------------------
+
+    def valued(self, node: fx.Node, facts: _Facts) -> _Facts:
+        """`facts` with `node`'s value facts (`sign`, `peak`, `nonfinite`)."""
+        if facts.hazard:
+            return facts
+        sign, peak = self.sign_of(node)
+        return replace(facts, sign=sign, peak=peak, nonfinite=self.nonfinite_of(node))
+
+    def nonfinite_of(self, node: fx.Node) -> str | None:
+        """Where `node`'s padded rows may have got inf or NaN: at `node` itself when its argument
+        may leave its domain (`out_of_domain`), else where its inputs' did. A value with no token
+        dim has no padded rows, an integer one holds no inf or NaN, and `nan_to_num` clears them."""
+        val = meta_val(node)
+        floating = isinstance(val, torch.Tensor) and (val.is_floating_point() or val.is_complex())
+        if not isinstance(val, (tuple, list)) and not (floating and self.carries_tokens(node)):
+            return None
+        if self.out_of_domain(node):
+            return node.name
+        if node.target is aten.nan_to_num.default:
+            return None
+        return next((self.facts[a].nonfinite for a in self.inputs(node) if self.facts[a].nonfinite), None)
+
+    def out_of_domain(self, node: fx.Node) -> bool:
+        """Whether `node` is an op undefined at some finite values (`_DOMAINS`, `pow`'s `domain`)
+        whose argument is not provably inside its domain."""
+        target = node.target
+        if target in (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar):
+            domain = self.power_domain(node)
+        else:
+            domain = _DOMAINS.get(target)
+        if domain is None:
+            return False
+        name, needed = domain
+        value = bind_arguments(node)[name]
+        if not isinstance(value, fx.Node) or (target in _DIVISIONS and not self.carries_tokens(value)):
+            return False
+        return needed is None or _SIGNS.index(self.sign(value, meta_val(node).dtype)) < _SIGNS.index(needed)
+
+    def power_domain(self, node: fx.Node) -> tuple[str, str | None] | None:
+        """The argument `pow` needs in its domain and the sign that keeps it there (`_DOMAINS`),
+        None when it is defined everywhere: a tensor to a non-negative integer power; else a
+        non-negative base to a positive number, a positive one to anything; a number base above
+        0 to any exponent, 0 to non-negative ones."""
+        args = bind_arguments(node)
+        base, exponent = args["self"], args["exponent"]
+        if not isinstance(base, fx.Node):
+            if not isinstance(base, (int, float)):
+                return "exponent", None
+            return None if base > 0 else ("exponent", "non-negative" if base == 0 else None)
+        if not isinstance(exponent, (int, float)):
+            return "self", "positive"
+        if float(exponent).is_integer() and exponent >= 0:
+            return None
+        return "self", "non-negative" if exponent > 0 else "positive"
+
+    def sign(self, value: Any, dtype: torch.dtype) -> str | None:
+        """What is known of a number's or a tensor's sign (`_SIGNS`) as a value of `dtype`: a
+        positive one below a dtype's smallest value (its own or `dtype`'s) rounds to 0."""
+        src = meta_val(value).dtype if isinstance(value, fx.Node) and isinstance(meta_val(value), torch.Tensor) else None
+        number = self.facts[value].fill if isinstance(value, fx.Node) else value
+        sign = self.facts[value].sign if isinstance(value, fx.Node) else None
+        if isinstance(number, (int, float)):
+            sign = "positive" if number > 0 else "non-negative" if number == 0 else None
+        if sign != "positive":
+            return sign
+        low = number if isinstance(number, (int, float)) else _smallest(src)
+        return "non-negative" if any(low < _smallest(d) for d in (src, dtype) if d is not None) else sign
+
+    def sign_of(self, node: fx.Node) -> tuple[str | None, int | None]:
+        """`node`'s sign and peak (`_Facts`) when it is a float tensor; a piece of an op's output
+        (a top-k's values) has the op's."""
+        val = meta_val(node)
+        if not isinstance(val, torch.Tensor) or not val.is_floating_point():
+            return None, None
+        piece = node.target is operator.getitem and isinstance(meta_val(node.args[0]), (tuple, list))
+        op = node.args[0] if piece else node
+        return self.signed(op, val.dtype), self.peak_of(op)
+
+    def signed(self, op: fx.Node, dtype: torch.dtype) -> str | None:
+        """The sign of `op`'s finite values in `dtype`: non-negative ops (`_NON_NEGATIVE`), an
+        even power or a square, elements of a tensor kept (`_KEEPS_SIGN`), and sums, products,
+        maxima and branches of signed values. A sum or maximum along a `peak` is positive."""
+        target = op.target
+        if target is aten.sigmoid.default and _smallest(dtype) * torch.finfo(torch.float32).max < 1:
+            return "positive"  # exp(-x) in range (module docstring): 1 / (1 + exp(-x)) holds at least 1 / max
+        if target in _NON_NEGATIVE:
+            return "non-negative"
+        if not isinstance(target, torch._ops.OpOverload) and target is not operator.getitem:
+            return None
+        args = list(bind_arguments(op).values()) if target is not operator.getitem else list(op.args)
+        signs = [self.sign(a, dtype) for a in (*args, None, None)[:2]]
+        weakest, strongest = min(signs, key=_SIGNS.index), max(signs, key=_SIGNS.index)
+        if (target in (aten.sum.dim_IntList, aten.amax.default, aten.max.dim) and self.facts[op.args[0]].peak in _axes(op)
+                and (target is not aten.sum.dim_IntList or signs[0] is not None)):
+            return "positive"
+        if target in _KEEPS_SIGN:
+            return signs[0]
+        if target is aten.mean.dim:
+            return min(signs[0], "non-negative", key=_SIGNS.index)
+        if target in (aten.add.Tensor, aten.add.Scalar) and _SIGNS.index(weakest) and _is_int(args[2], 1):
+            return strongest  # x + c: at least c
+        if target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+            # (A product of positive values may round to 0.)
+            return "non-negative" if _SIGNS.index(weakest) or args[0] is args[1] else None
+        if target is aten.pow.Tensor_Scalar and isinstance(args[1], (int, float)) and float(args[1]).is_integer():
+            return "positive" if args[1] == 0 else "non-negative" if args[1] % 2 == 0 or signs[0] else None
+        if target in (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor):
+            return "non-negative" if signs[0] else None
+        if target in (aten.clamp_min.default, aten.maximum.default, aten.clamp.default, aten.clamp.Tensor):
+            # At least either, and at most a clamp's `max`.
+            high = args[2] if target in (aten.clamp.default, aten.clamp.Tensor) else None
+            return strongest if high is None else min(strongest, self.sign(high, dtype), key=_SIGNS.index)
+        if target in (aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar,
+                      aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            branches = args[::2] if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) else args[1:3]
+            return min((self.sign(a, dtype) for a in branches), key=_SIGNS.index)
+        if target in (aten.cat.default, aten.stack.default):
+            return min((self.sign(a, dtype) for a in args[0]), key=_SIGNS.index)
+        return None
+
+    def peak_of(self, op: fx.Node) -> int | None:
+        """A dim along which every slice of `op`'s float value holds a positive element: a
+        softmax's (its largest element is at least 1/n), kept by a float copy and by the values of
+        a sort, or a top-k of the largest, along it."""
+        target = op.target
+        if target in (aten._softmax.default, aten.softmax.int):
+            return bind_arguments(op)["dim"] % max(meta_val(op).dim(), 1)
+        if not isinstance(target, torch._ops.OpOverload) or not op.args or not isinstance(op.args[0], fx.Node):
+            return None
+        peak = self.facts[op.args[0]].peak
+        if target in _SAME_DIMS and meta_val(op.args[0]).is_floating_point():
+            return peak
+        args = bind_arguments(op)
+        if target in (aten.topk.default, *_SORTS) and args.get("largest", True) and peak is not None and (
+                peak == args["dim"] % max(meta_val(op.args[0]).dim(), 1)):
+            return peak
+        return None
 
     # -- mixture-of-experts routing -----------------------------------------------------------
 
@@ -1126,7 +1319,8 @@ class _Walk:
 
     def mask_ranges(self, node: fx.Node) -> _Facts:
         """Per-query-row key ranges of a mask read the whole row, padded keys too: fine when the
-        padded keys are masked (causal) or the keys are not tokens."""
+        padded keys are masked (causal) or the keys are not tokens. A causal mask holds its hidden
+        fill (`where`) at the padded keys, whatever inf or NaN its other values came from."""
         mask = node.args[0]
         mv = meta_val(mask)
         key_dim = mv.dim() - 1
@@ -1137,20 +1331,29 @@ class _Walk:
 
     def attention(self, node: fx.Node) -> _Facts:
         """Attention over token keys: real queries must not see padded keys. They come after every
-        real key, so a causal attention (flag or mask) never does; a bidirectional one would."""
+        real key, so a causal attention (flag or mask) never does; a bidirectional one would.
+        Hidden padded keys still meet the kernel: their values times weight 0, and under a finite
+        mask their scores plus it, so those may not hold inf or NaN (module docstring)."""
         args = bind_arguments(node)
-        k = args["k"]
+        k, v = args["k"], args["v"]
         k_dims = self.dims(meta_val(k)) or {}
         if 2 not in k_dims:
             return _CLEAN  # keys are not tokens (a cache, an encoder's output)
         if isinstance(k_dims[2], _Blocks):
             return self.refuse(node, "attention over keys from several sequences, each padded at its end")
+        if self.facts[v].nonfinite:
+            return self.refuse(node, f"values (V) whose padded rows may be inf or NaN (from {self.facts[v].nonfinite}): "
+                                     "the kernel's zero weights would turn them into NaN in real rows")
         if args.get("causal"):
             return _CLEAN
         mask = args.get("attn_mask")
         if isinstance(mask, fx.Node):
             mv = meta_val(mask)
             if self.facts[mask].causal == (mv.dim() - 2, mv.dim() - 1) and self.hides(mask):
+                if self.facts[k].nonfinite and not (mv.dtype == torch.bool or self.facts[mask].hidden == float("-inf")):
+                    return self.refuse(node, f"keys (K) whose padded rows may be inf or NaN (from "
+                                             f"{self.facts[k].nonfinite}) under a mask that hides them with a finite "
+                                             "value: their scores plus it would be NaN in real rows")
                 return _CLEAN
         return self.refuse(node, "attention over the token dim that is not provably causal (no causal flag, and no "
                                  "mask built from positions): real queries could see the padded keys")
@@ -1315,6 +1518,14 @@ class _Walk:
                 alpha = node.kwargs.get("alpha", 1)
                 return _Facts(position=facts.position + sign * alpha * _expr(other))
         return _CLEAN
+
+
+def _smallest(dtype: torch.dtype) -> float:
+    """The smallest positive value of a float dtype (its smallest subnormal); 1 for the others."""
+    if not dtype.is_floating_point:
+        return 1.0
+    info = torch.finfo(dtype)
+    return info.tiny * info.eps
 
 
 def _short_name(target: Any) -> str:

@@ -152,8 +152,8 @@ def _fold_unit_dim_moves(graph: fx.Graph, end: fx.Node) -> bool:
                 kept.append(given)
             after_real = after_real or not _is_unit(size)
         # As many leading size-1 dims as the chain ends with (a batch of 1 einsum moved to the
-        # back of a bmm's output, `[H, S, 1, 1, D]`, comes out `[1, H, S, D]`).
-        # (The kept sizes lead with as many as the first view's.)
+        # back of a bmm's output, `[H, S, 1, 1, D]`, comes out `[1, H, S, D]`); the kept sizes
+        # lead with as many as the first view's.
         kept = [1] * max(_leading_units(_val(end).shape) - _leading_units(start.shape), 0) + kept
     slots: list[int | None] = []
     for size in start.shape:
@@ -168,7 +168,7 @@ def _fold_unit_dim_moves(graph: fx.Graph, end: fx.Node) -> bool:
     with graph.inserting_before(end):
         base = source
         if first is not None:
-            base = graph.call_function(aten.view.default, (source, kept))
+            base = graph.call_function(first.target, (source, kept))  # a view, or a reshape as first was
             infer_meta(base)
         # The right operand of a bmm as `transpose(·, -2, -1)` of the rest when its last two dims
         # come swapped (einsum's kᵀ): the form `q @ k.transpose(-2, -1)` takes.
@@ -407,8 +407,7 @@ class Canonicalize:
         with graph.inserting_before(node):
             rows = graph.call_function(aten.select.int, (a, 0, 0))
             infer_meta(rows)
-        kind = self._mm_to_linear(graph, node, rows, b.args[0], None, unsqueeze=True)
-        return kind
+        return self._mm_to_linear(graph, node, rows, b.args[0], None, unsqueeze=True)
 
     # -- no-ops ----------------------------------------------------------------------------
     def _drop_noop(self, node: fx.Node) -> str | None:

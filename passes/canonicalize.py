@@ -140,6 +140,8 @@ def _fold_unit_dim_moves(graph: fx.Graph, end: fx.Node) -> bool:
     if not isinstance(start, torch.Tensor) or any(
             n.target is aten.clone.default and set(n.kwargs) - {"memory_format"} for n in chain):
         return False
+    if any(n.target is aten.reshape.default for n in (first, *chain) if n is not None):
+        return False  # a reshape may copy (one this fold made, over a strided source): no view for it
     # The first view's sizes without the size-1 dims it puts after a real one (einsum's; a
     # leading one, a batch of 1, stays: matchers read [B, H, S, D] there).
     kept: list[Any] = []
@@ -187,9 +189,13 @@ def _fold_unit_dim_moves(graph: fx.Graph, end: fx.Node) -> bool:
             base = graph.call_function(aten.transpose.int, (base, real[-2], real[-1]))
             infer_meta(base)
         # A clone in the chain made the moved dims contiguous for the view after it (a `reshape`
-        # traced as clone + `_unsafe_view`): the folded view is a reshape then.
-        copies = any(n.target is aten.clone.default for n in chain)
-        folded = graph.call_function(aten.reshape.default if copies else aten.view.default, (base, end.args[1]))
+        # traced as clone + `_unsafe_view`). It stays a copy, and a contiguous one: a reshape would
+        # be a view where it can (an output aliasing an input, strides a later view of the copy
+        # cannot merge).
+        if any(n.target is aten.clone.default for n in chain):
+            base = graph.call_function(aten.clone.default, (base,), {"memory_format": torch.contiguous_format})
+            infer_meta(base)
+        folded = graph.call_function(aten.view.default, (base, end.args[1]))
         infer_meta(folded)
     if not same_shape(_val(folded).shape, _val(end).shape):
         return False

@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+import tileflow
 from tileflow.config import Config
 from tileflow.graph_utils import transposed_dims
 from tileflow.pipeline import PassContext, get_pass
@@ -268,3 +269,53 @@ def test_einsum_layout_moves_fold_into_views(equation: str, batch: int) -> None:
     assert not [n for n in gm.graph.nodes if n.target in moves and n.args[0].target is not aten.linear.default], gm.code
     if len(rhs) == 2 and len(lhs) == 3:
         assert ops(gm)[aten.linear.default] == 1 and rewrites.get("canonical_linear"), gm.code
+
+
+def _compiled(fn: Callable) -> tuple[Callable, tileflow.Report]:
+    """`fn` compiled afresh with `dynamic=True` for the reference target, and its report."""
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    return torch.compile(fn, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
+                         dynamic=True), report
+
+
+def test_a_copy_in_a_folded_chain_stays_a_contiguous_copy() -> None:
+    """A reader's findings: a chain holding a copy (`contiguous()`, traced as a clone) was folded
+    into a reshape, which is a view where it can: the result aliased the input (an in-place
+    update of the input after it showed through, off by up to 34) and came back strided, so a
+    view of it failed; and a later chain rebuilt that reshape as a view of its strided source,
+    which raised inside the pass and rolled the whole pass back (the linear lost its rewrite)."""
+    def copied_then_input_updated(x: torch.Tensor) -> torch.Tensor:
+        y = x.unsqueeze(0).permute(0, 2, 1).contiguous().view(x.shape[1], x.shape[0])
+        x.mul_(2)
+        return y
+
+    def viewed_after_the_copy(x: torch.Tensor) -> torch.Tensor:
+        a, b, c = x.shape
+        y = x.view(1, a, b, c).transpose(1, 3).contiguous().unsqueeze(0).view(c, b, a, 1)
+        return y.view(c * b, a) * 2
+
+    def folded_twice(x: torch.Tensor) -> torch.Tensor:
+        a, b = x.shape
+        y1 = x.unsqueeze(0).transpose(0, 1).contiguous().view(a * b)
+        y2 = y1.unsqueeze(1).permute(1, 0).view(a * b)
+        return F.linear(y2.view(a, b) * 2, W8)
+
+    compiled, _ = _compiled(copied_then_input_updated)
+    for shape in ((3, 4), (5, 7)):
+        x = torch.randn(shape)
+        want, got = copied_then_input_updated(x.clone()), compiled(x)
+        torch.testing.assert_close(got, want)
+        assert got.is_contiguous() and got.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    compiled, _ = _compiled(viewed_after_the_copy)
+    for shape in ((2, 3, 4), (3, 5, 6)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(compiled(x), viewed_after_the_copy(x))
+    compiled, report = _compiled(folded_twice)
+    for a in (3, 5):
+        x = torch.randn(8, a).t()  # a strided input
+        torch.testing.assert_close(compiled(x), folded_twice(x))
+    assert report.rewrites.get("canonical_linear") and not [p for p in report.passes if p.error], report.passes
+
+
+W8 = torch.randn(16, 8)

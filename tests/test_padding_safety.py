@@ -1341,9 +1341,18 @@ def _sigmoid_router_weights_without_eps(x: torch.Tensor) -> torch.Tensor:
     return _weighted_by(x, weights / weights.sum(-1, keepdim=True))
 
 
+def _position_scaled_queries(x: torch.Tensor) -> torch.Tensor:
+    # Ministral-3's: queries scaled by 1 + b * log(1 + floor(position / n)); positions are >= 0.
+    # The output is the next attention's values (as a layer's output reaches the next layer's V).
+    q, k, v = _heads(x)
+    scale = 1 + 0.1 * torch.log(1 + torch.floor(torch.arange(x.shape[1]) / 4))
+    out = F.scaled_dot_product_attention(q * scale[:, None], k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, out, is_causal=True)
+
+
 @pytest.mark.parametrize("fn", [_rms_normed_values, _normalized_values, _reciprocal_keys_causal,
                                 _softmax_router_weights, _sigmoid_router_weights,
-                                _sigmoid_router_weights_without_eps])
+                                _sigmoid_router_weights_without_eps, _position_scaled_queries])
 def test_padded_rows_kept_finite_or_hidden_are_captured(replay_on_cpu, fn) -> None:
     report = _run(fn, _tokens)
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]

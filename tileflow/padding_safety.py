@@ -579,6 +579,9 @@ class _Walk:
         sign = self.facts[value].sign if isinstance(value, fx.Node) else None
         if isinstance(number, (int, float)):
             sign = "positive" if number > 0 else "non-negative" if number == 0 else None
+        position = self.facts[value].position if isinstance(value, fx.Node) else None
+        if sign is None and position is not None and _provably_le(0, position):
+            sign = "non-negative"  # token index + a non-negative offset (Ministral-3's position scaling)
         if sign != "positive":
             return sign
         low = number if isinstance(number, (int, float)) else _smallest(src)
@@ -615,6 +618,8 @@ class _Walk:
             return signs[0]
         if target is aten.mean.dim:
             return min(signs[0], "non-negative", key=_SIGNS.index)
+        if target in (aten.floor.default, aten.ceil.default, aten.trunc.default, aten.round.default):
+            return min(signs[0], "non-negative", key=_SIGNS.index)  # a positive value may round to 0
         if target in (aten.add.Tensor, aten.add.Scalar) and _SIGNS.index(weakest) and _is_int(args[2], 1):
             return strongest  # x + c: at least c
         if target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):

@@ -1357,3 +1357,27 @@ def test_padded_rows_kept_finite_or_hidden_are_captured(replay_on_cpu, fn) -> No
     report = _run(fn, _tokens)
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 1
+
+
+def _values_normed_by_an_input_eps(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    q, k, _ = _heads(x)
+    v = _split(x)
+    return F.scaled_dot_product_attention(q, k, v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps), is_causal=True)
+
+
+def test_an_input_eps_is_taken_as_positive_and_checked_at_each_call(replay_on_cpu) -> None:
+    """Under `dynamic=True` Dynamo passes a model's eps as a 0-d input: RMSNorm's `mean(x^2) +
+    eps` is positive only while it is. The step is captured, replayed at calls with a positive
+    eps, and runs uncaptured at one with eps 0 (a replay would give NaN: padded rows of zeros)."""
+    report = tileflow.Report()
+    compiled = torch.compile(_values_normed_by_an_input_eps, dynamic=True,
+                             backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report))
+    for tokens, eps in ((3, 1e-6), (5, 1e-6), (5, 0.0)):
+        x = torch.randn(1, tokens, H)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, torch.tensor(eps)), _values_normed_by_an_input_eps(x, torch.tensor(eps)),
+                                       rtol=1e-5, atol=1e-5)
+        if eps:
+            replays = replay_on_cpu.replays
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1 and replays > 0 and replay_on_cpu.replays == replays

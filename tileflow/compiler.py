@@ -49,7 +49,8 @@ def graphed_step(gm: fx.GraphModule, runner: Callable[..., Any], buckets: Sequen
     return CudaGraphBuckets(runner, inputs, buckets, lambda _: outputs)
 
 
-def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int], graph_report: GraphReport) -> tuple[int, ...]:
+def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int],
+                  graph_report: GraphReport) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The token buckets `gm` may be replayed at: none when running it padded could change its
     real rows (`check_padding`; the reason goes in the report), else those within the token
     count's guarded range plus its upper bound when that falls between two (a replay runs the
@@ -57,21 +58,35 @@ def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int], graph_report: Grap
     T <= 20, the compiled code would read what the guards kept out), and within the tables it
     looks positions up in (a table of 20 rows read at `arange(T)` guards nothing, and a replay at
     32 would read past it). A graph with no single token symbol keeps them: the runners capture
-    nothing there."""
+    nothing there. Also the inputs that must be positive at a call for its replay to be right
+    (`PaddingCheck.positive_inputs`)."""
     from tileflow.passes.nanobatch import token_symbol
 
     found = token_symbol(gm)
     if found is None:
-        return tuple(buckets)
+        return tuple(buckets), ()
     check = check_padding(gm, found[0])
     if check.hazard:
         graph_report.extra["cuda_graphs"] = (f"not captured: a replay at a token bucket could differ from the step "
                                              f"({check.hazard})")
         log.warning("%s: cuda_graphs not applied: %s", graph_report.graph_id, check.hazard)
-        return ()
+        return (), ()
     # Also within the tables the step looks positions up in (`PaddingCheck.max_bucket`).
     bounds = [b for b in (graph_report.symbols.get(str(found[0]), [None, None])[1], check.max_bucket) if b is not None]
-    return capped_buckets(buckets, min(bounds, default=None))
+    return capped_buckets(buckets, min(bounds, default=None)), check.positive_inputs
+
+
+def _replayed_while_positive(replayed: Callable[..., Any], plain: Callable[..., Any],
+                             positive_inputs: tuple[int, ...]) -> Callable[..., Any]:
+    """`replayed` at calls whose inputs at `positive_inputs` (0-d numbers the padding proof took
+    as positive: an eps Dynamo passes as an input) are positive, else `plain`, uncaptured."""
+    if not positive_inputs:
+        return replayed
+
+    def step(*args: Any) -> Any:
+        return replayed(*args) if all(float(args[i]) > 0 for i in positive_inputs) else plain(*args)
+
+    return step
 
 
 def inputs_device_type(example_inputs: Sequence[Any]) -> str:
@@ -147,16 +162,24 @@ def compile_graph(
     buckets = config.graph_buckets() if streams.graphs_apply(config.cuda_graphs, device_type) else ()
     if config.cuda_graphs and not buckets:
         graph_report.extra["cuda_graphs"] = f"not captured: CUDA graphs capture CUDA work, this graph runs on {device_type}"
-    elif buckets:
-        buckets = _safe_buckets(gm, buckets, graph_report)
+    positive_inputs: tuple[int, ...] = ()
+    if buckets:
+        buckets, positive_inputs = _safe_buckets(gm, buckets, graph_report)
     if plan is not None:
         from .runtime.nanobatch import NanoBatchRunner
 
-        # Debug mode checks every schedule it builds.
-        runner = NanoBatchRunner(gm, plan, runner, check=bool(config.debug_dir), graph_buckets=buckets,
-                                 graph_factory=streams.GRAPH_FACTORY)
+        residual = runner
+
+        def nano_batched(graph_buckets: Sequence[int]) -> Callable[..., Any]:
+            # Debug mode checks every schedule it builds.
+            return NanoBatchRunner(gm, plan, residual, check=bool(config.debug_dir), graph_buckets=graph_buckets,
+                                   graph_factory=streams.GRAPH_FACTORY)
+
+        runner = nano_batched(buckets)
+        if buckets and positive_inputs:
+            runner = _replayed_while_positive(runner, nano_batched(()), positive_inputs)
     elif buckets:
-        runner = graphed_step(gm, runner, buckets, graph_report)
+        runner = _replayed_while_positive(graphed_step(gm, runner, buckets, graph_report), runner, positive_inputs)
     report.add_graph(graph_report, recompile=recompile)
     if config.debug_dir:
         _write_reports(Path(config.debug_dir), graph_report, report)

@@ -53,7 +53,9 @@ values (0 * NaN = NaN), and under a finite (lowest-value) mask adds the mask to 
 bool or -inf mask and the causal flag skip the padded keys' scores). What the walk knows of
 values' signs proves the usual forms defined: RMSNorm's `x * rsqrt(mean(x^2) + eps)`, `x /
 norm.clamp_min(eps)`, a router's top-k weights over their sum (a softmax's top-k keep its
-largest element, at least 1/n; `peak`).
+largest element, at least 1/n; `peak`). An eps that Dynamo passes as a 0-d input (a model's
+float attribute under `dynamic=True`) is taken as positive, and the replay checks it at each call
+(`PaddingCheck.positive_inputs`).
 """
 
 from __future__ import annotations
@@ -265,10 +267,13 @@ _SIGNS = (None, "non-negative", "positive")  # weakest first
 class PaddingCheck:
     """`check_padding`'s answer: `hazard`, why a padded run could change a real output element
     (`node: reason`; None when padded rows provably never reach real ones), and `max_bucket`,
-    the most tokens a replay may be padded to (None: no bound; see the module docstring)."""
+    the most tokens a replay may be padded to (None: no bound; see the module docstring), and
+    `positive_inputs`, the graph's 0-d float inputs (by position) the proof takes as positive:
+    a replay is right only at calls where each holds a positive value."""
 
     hazard: str | None
     max_bucket: int | None = None
+    positive_inputs: tuple[int, ...] = ()
 
 
 def check_padding(gm: fx.GraphModule, token: Any) -> PaddingCheck:
@@ -276,7 +281,8 @@ def check_padding(gm: fx.GraphModule, token: Any) -> PaddingCheck:
     that writes any tensor in place is refused too: a replay writes the static copy of an input."""
     walk = _Walk(token)
     hazard = walk.run(gm)
-    return PaddingCheck(hazard, None if hazard else walk.max_bucket)
+    return PaddingCheck(hazard, None if hazard else walk.max_bucket,
+                        () if hazard else tuple(sorted(walk.positive_inputs)))
 
 
 def padding_hazard(gm: fx.GraphModule, token: Any) -> str | None:
@@ -303,8 +309,11 @@ class _Walk:
         self.token = token
         self.facts: dict[fx.Node, _Facts] = {}
         self.max_bucket: int | None = None  # lowest table bound of lookups at positions (module docstring)
+        self.positive_inputs: set[int] = set()  # 0-d inputs taken as positive (`PaddingCheck`)
+        self.placeholders: list[fx.Node] = []
 
     def run(self, gm: fx.GraphModule) -> str | None:
+        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for node in gm.graph.nodes:
             if node.op == "output":
                 for arg in _flat(node.args[0]):
@@ -587,6 +596,16 @@ class _Walk:
         low = number if isinstance(number, (int, float)) else _smallest(src)
         return "non-negative" if any(low < _smallest(d) for d in (src, dtype) if d is not None) else sign
 
+    def scalar_input(self, value: Any) -> int | None:
+        """The position of the 0-d float graph input `value` is (maybe cast), or None."""
+        while isinstance(value, fx.Node) and value.op == "call_function" and value.target in _SAME_DIMS:
+            value = value.args[0]
+        val = meta_val(value) if isinstance(value, fx.Node) else None
+        if (isinstance(val, torch.Tensor) and val.dim() == 0 and val.is_floating_point()
+                and value in self.placeholders):
+            return self.placeholders.index(value)
+        return None
+
     def sign_of(self, node: fx.Node) -> tuple[str | None, int | None]:
         """`node`'s sign and peak (`_Facts`) when it is a float tensor; a piece of an op's output
         (a top-k's values) has the op's."""
@@ -620,8 +639,15 @@ class _Walk:
             return min(signs[0], "non-negative", key=_SIGNS.index)
         if target in (aten.floor.default, aten.ceil.default, aten.trunc.default, aten.round.default):
             return min(signs[0], "non-negative", key=_SIGNS.index)  # a positive value may round to 0
-        if target in (aten.add.Tensor, aten.add.Scalar) and _SIGNS.index(weakest) and _is_int(args[2], 1):
-            return strongest  # x + c: at least c
+        if target in (aten.add.Tensor, aten.add.Scalar) and _is_int(args[2], 1):
+            # x + c: at least c. A 0-d float input c (a model's eps Dynamo passes as a number
+            # under `dynamic=True`) is taken as positive, and the replay checks it at every call.
+            for x, c in ((args[0], args[1]), (args[1], args[0])):
+                if self.sign(x, dtype) is not None and signs[args.index(c)] is None and (
+                        (index := self.scalar_input(c)) is not None):
+                    self.positive_inputs.add(index)
+                    return "positive"
+            return strongest if _SIGNS.index(weakest) else None
         if target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
             # (A product of positive values may round to 0.)
             return "non-negative" if _SIGNS.index(weakest) or args[0] is args[1] else None

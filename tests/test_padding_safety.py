@@ -695,6 +695,25 @@ def _one_row_at_two_columns(x: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(*_heads(x), attn_mask=torch.where(allowed, torch.tensor(0.0), lowest))
 
 
+def _packed_sequences_of_a_batch(x: torch.Tensor) -> torch.Tensor:
+    # transformers' packed sequences over a batch: seq[b, q] == seq[b, k], read at one batch row.
+    b, t = x.shape[:2]
+    seq = (x[..., 0] > 1).long().cumsum(-1)
+    pos, rows = torch.arange(t), torch.arange(b)[:, None, None]
+    allowed = (pos[None, :] <= pos[:, None]) & (seq[rows, pos[:, None]] == seq[rows, pos[None, :]])
+    bias = torch.where(allowed, torch.tensor(0.0), torch.tensor(torch.finfo(torch.float32).min))[:, None]
+    q, k, v = (y.view(b, t, 2, H // 2).transpose(1, 2) for y in (x @ QKV.t()).split(H, dim=-1))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def test_packed_sequences_of_a_batch_are_captured(replay_on_cpu) -> None:
+    """The row-source fact read at one batch row by the same index in both operands (unlike two
+    columns of a row, below): the lowest-value mask sees its diagonal and is captured."""
+    report = _run(_packed_sequences_of_a_batch, lambda tokens: (torch.randn(2, tokens, H),))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1
+
+
 @pytest.mark.parametrize("fn", [
     _bool_mask_as_additive, _additive_mask_as_bool, _positions_as_bool, _bf16_positions, _bf16_arange, _int8_arange,
     _fp16_running_count, _positions_times_bf16_ones, _lowest_everywhere, _infinite_mask_clamped_to_the_lowest,

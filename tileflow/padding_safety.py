@@ -89,7 +89,9 @@ class _Facts:
     diagonal: tuple[int, int] | str | None = None
     visible: float | None = None  # of a causal additive mask: the value every visible key holds
     hidden: float | None = None  # of a causal additive mask: the most any hidden key holds (`_hides`)
-    row_source: Any = None  # one token dim: the value at token index t is this node's at t
+    # One token dim: the value at token index t is the node's at t, its other dims read at the
+    # index nodes of `selector` (None: not indexed): (node, selector).
+    row_source: tuple[fx.Node, tuple[Any, ...]] | None = None
     # The layout of the one token dim when it is not the plain one: ("major", k) for k rows per
     # token in token order, ("gathered", sort) for rows permuted by a sort's indices.
     order: tuple[str, Any] | None = None
@@ -1233,7 +1235,8 @@ class _Walk:
         if len([i for i in indices if i is not None]) and s_dims:
             # The identity index onto the source's token dim: values keep the source's position,
             # and the value at token index t is the source's at t.
-            return _Facts(position=result.position, row_source=result.row_source or src)
+            selector = tuple(None if idx is None or d in s_dims else idx for d, idx in enumerate(indices))
+            return _Facts(position=result.position, row_source=result.row_source or (src, selector))
         return _CLEAN
 
     def selected(self, node: fx.Node) -> _Facts:
@@ -1409,8 +1412,8 @@ class _Walk:
                 return _CLEAN  # NaN != NaN: a value need not equal itself
             # The same row's value only where the row is one value: of a row of several (features,
             # a batch), two views may read different elements of it (`s[:, 0]` and `s[:, 1]`).
-            same_row = (f1.row_source is not None and f1.row_source is f2.row_source
-                        and self.one_per_token(f1.row_source))
+            same_row = (f1.row_source is not None and f1.row_source == f2.row_source
+                        and self.one_per_token(*f1.row_source))
             same_position = f1.position is not None and f2.position is not None and _equal(f1.position, f2.position)
             return _Facts(diagonal=pair) if same_row or same_position else _CLEAN
         p1, p2 = f1.position, f2.position
@@ -1424,12 +1427,15 @@ class _Walk:
         on_diagonal = _provably_le(small + 1, large) if strict else _provably_le(small, large)
         return _Facts(causal=causal, diagonal=pair if on_diagonal else None)
 
-    def one_per_token(self, node: fx.Node) -> bool:
-        """Whether `node` holds one element per token: every dim but its one token dim has size 1."""
+    def one_per_token(self, node: fx.Node, selector: tuple[Any, ...]) -> bool:
+        """Whether `node` read through `selector` gives one element per token: every dim but its
+        one token dim has size 1 or is indexed by a selector's node (the same batch row in both
+        of a comparison's operands: transformers' packed sequences, `seq[b, q] == seq[b, k]`)."""
         value = meta_val(node)
         dims = self.dims(value)
         return (isinstance(value, torch.Tensor) and dims is not None and len(dims) == 1
-                and all(_equal(_expr(size), 1) for d, size in enumerate(value.shape) if d not in dims))
+                and all(_equal(_expr(size), 1) or (d < len(selector) and selector[d] is not None)
+                        for d, size in enumerate(value.shape) if d not in dims))
 
     def hides(self, mask: fx.Node) -> bool:
         """Whether a causal mask's masked keys stay hidden in its dtype: a bool one's False, -inf,

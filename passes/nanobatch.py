@@ -179,6 +179,13 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
         sv, ov = meta_val(src), meta_val(node)
         return (statically_known_true(math.prod(sv.shape[:src_dim]) == math.prod(ov.shape[:out_dim]))
                 and statically_known_true(sv.shape[src_dim] == ov.shape[out_dim]))
+    if target in (aten.squeeze.dim, aten.squeeze.dims):
+        # Squeezing the token dim is a no-op at T >= 2 but drops the dim of a 1-row nano-batch.
+        src = node.args[0]
+        rank = meta_val(src).dim()
+        squeezed = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        squeezed = [squeezed] if isinstance(squeezed, int) else list(squeezed)
+        return dims.get(src.name) is not None and all(d % max(rank, 1) != dims[src.name] for d in squeezed)
     if target in _LAYOUT:
         return True
     if target is aten.constant_pad_nd.default:

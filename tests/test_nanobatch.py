@@ -264,3 +264,54 @@ def test_an_input_written_in_place_waits_for_its_readers_on_every_stream(
             want = model(want_x)
             torch.testing.assert_close(compiled(got_x), want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got_x, want_x)
+
+
+# A reader's findings: a squeeze of the token dim (a no-op at T >= 2) ran per nano-batch and
+# dropped the dim of a one-row piece (a [16] result for [2, 8], or a crash); and with CUDA
+# graphs a nano-batched step returned a number computed from T at its bucket's value.
+SQUEEZED = torch.nn.Linear(8, 8)
+PASSES = ["canonicalize", "attention", "gemm_padding", "nanobatch"]
+
+
+def _squeezed_and_returned(x: torch.Tensor) -> torch.Tensor:
+    return SQUEEZED(x).squeeze(0)
+
+
+def _squeezed_in_the_middle(x: torch.Tensor) -> torch.Tensor:
+    return (SQUEEZED(x).squeeze((0, 1)) * 2).sum(-1)
+
+
+@pytest.mark.parametrize("fn, shape", [(_squeezed_and_returned, lambda t: (t, 8)),
+                                       (_squeezed_in_the_middle, lambda t: (1, t, 8))])
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_squeeze_of_the_token_dim_is_not_split(fn, shape, k: int) -> None:
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend(
+        {"target": "reference", "passes": PASSES, "nano_batches": k}), dynamic=True)
+    for tokens in (5, 2, 3):
+        x = torch.randn(*shape(tokens))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), fn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_number_computed_from_the_token_count_comes_back_at_the_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tileflow.runtime.streams
+    from graph_doubles import ReplayOnCpu
+
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    ReplayOnCpu.captures = 0
+
+    def step(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return SQUEEZED(x).relu(), x.shape[0] * 2 + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=tileflow.TileflowBackend(
+        {"target": "reference", "passes": PASSES, "nano_batches": 2, "cuda_graphs": True, "max_tokens": 32}),
+        dynamic=True)
+    for tokens in (5, 6, 20):
+        x = torch.randn(tokens, 8)
+        with torch.no_grad():
+            out, count = compiled(x)
+            torch.testing.assert_close(out, step(x)[0], rtol=1e-5, atol=1e-5)
+        assert count == tokens * 2 + 1
+    assert ReplayOnCpu.captures > 0

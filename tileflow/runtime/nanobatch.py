@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .streams import TOKEN_COUNT, CudaGraphBuckets, CudaStreams, run_schedule_on_streams
+from .streams import CudaGraphBuckets, CudaStreams, graph_token_dims, run_schedule_on_streams
 
 aten = torch.ops.aten
 # Ops whose shape argument (args[1]) holds the token dim's size: rewritten per nano-batch.
@@ -43,8 +43,14 @@ class NanoBatchRunner:
         self._graphs = None
         self._graphs_anywhere = graph_factory is not None  # a CPU stand-in for CUDA graphs (tests)
         if graph_buckets:
-            inputs = _input_token_dims(gm, plan)
-            self._graphs = CudaGraphBuckets(self._run, inputs, graph_buckets, self._output_token_dims,
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            index, dim = plan.token_input
+            token = placeholders[index].meta["val"].shape[dim].node.expr
+            # TOKEN_COUNT / TokenExpression for int inputs and outputs computed from T (as the
+            # whole-step path does): plan.token_dims is None for them, and the captured value
+            # (at the bucket's count) would come back.
+            inputs, outputs = graph_token_dims(gm, token)
+            self._graphs = CudaGraphBuckets(self._run, inputs, graph_buckets, lambda _: outputs,
                                             graph_factory=graph_factory)
 
     def _build(self, sizes: tuple[int, ...]) -> Any:
@@ -54,12 +60,6 @@ class NanoBatchRunner:
 
             check_schedule(schedule, {s.name: (0, sum(sizes)) for s in self.plan.specs}, self.plan.edges)
         return schedule, topological_order(schedule)
-
-    def _output_token_dims(self, outputs: Any) -> Any:
-        (output,) = [n for n in self.gm.graph.nodes if n.op == "output"]
-        return fx.node.map_aggregate(
-            output.args[0], lambda a: self.plan.token_dims.get(a.name) if isinstance(a, fx.Node) else None
-        )
 
     def _executor_for(self, device: torch.device) -> Any:
         if self.executor is not None:
@@ -89,23 +89,6 @@ class NanoBatchRunner:
             return run_schedule(self.gm, self.plan, schedule, args, order)
         return run_schedule_on_streams(ScheduleState(self.gm, self.plan, args), schedule, executor, order,
                                        self.plan.shares(tokens))
-
-
-def _input_token_dims(gm: fx.GraphModule, plan: Any) -> list[Any]:
-    """Per graph input: its token dim, `TOKEN_COUNT` for the token count itself (Dynamo passes
-    symbolic sizes as int inputs), or None."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    index, dim = plan.token_input
-    token = placeholders[index].meta["val"].shape[dim]
-    symbol = token.node.expr if isinstance(token, torch.SymInt) else None
-    dims: list[Any] = []
-    for node in placeholders:
-        val = node.meta.get("val")
-        if isinstance(val, torch.SymInt) and symbol is not None and val.node.expr == symbol:
-            dims.append(TOKEN_COUNT)
-        else:
-            dims.append(plan.token_dims.get(node.name))
-    return dims
 
 
 def run_schedule(

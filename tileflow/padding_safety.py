@@ -599,12 +599,14 @@ class _Walk:
         return "non-negative" if any(low < _smallest(d) for d in (src, dtype) if d is not None) else sign
 
     def scalar_input(self, value: Any) -> int | None:
-        """The position of the 0-d float graph input `value` is (maybe cast), or None."""
+        """The position of the 0-d float graph input on the CPU `value` is (maybe cast), or None.
+        (Dynamo passes a Python float as such an input; one on a device would cost the replay's
+        check a synchronization at every call.)"""
         while isinstance(value, fx.Node) and value.op == "call_function" and value.target in _SAME_DIMS:
             value = value.args[0]
         val = meta_val(value) if isinstance(value, fx.Node) else None
         if (isinstance(val, torch.Tensor) and val.dim() == 0 and val.is_floating_point()
-                and value in self.placeholders):
+                and val.device.type == "cpu" and value in self.placeholders):
             return self.placeholders.index(value)
         return None
 

@@ -249,6 +249,10 @@ def build_stage_program(
             refused = "not captured: no single symbolic token dimension to bucket"
         elif graphed and (check := check_padding(stage.module, found[0])).hazard:
             refused = f"not captured: a replay at a token bucket could differ from the step ({check.hazard})"
+        elif graphed and check.positive_inputs:
+            # (An export bakes a model's numbers in: such inputs are the caller's, unchecked here.)
+            refused = (f"not captured: padded rows stay finite only while inputs {list(check.positive_inputs)} are "
+                       "positive, which a graphed stage does not check at each call")
         if refused:
             report.extra[f"cuda_graphs_stage_{i}"] = refused
         dims = graph_token_dims(stage.module, found[0]) if graphed and not refused else None

@@ -121,7 +121,7 @@ def _one_head_size(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node) -> tuple
     """q, k and v at one head size, the narrower side padded with zero columns (made at the
     graph's insertion point). The kernel takes one head size; multi-head latent attention
     (DeepSeek-V3, Kimi-K2: q and k 192 wide, v 128) has two. Zero columns change neither q.k
-    nor the first columns of P @ v, so the output cut back to v's width (`_cut_to_width`) is
+    nor the first columns of P @ v, so the output cut back to v's width (`_as_replaced`) is
     the attention's; the caller passes the scale explicitly, the queries' own."""
     d_qk, d_v = int(_val(q).shape[3]), int(_val(v).shape[3])
 
@@ -137,44 +137,40 @@ def _one_head_size(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node) -> tuple
     return q, k, v
 
 
-def _cut_to_width(graph: fx.Graph, out: fx.Node, width: int) -> fx.Node:
-    """`out[..., :width]` (made at the graph's insertion point), or `out` when that is all of it.
-    The cut is copied into the attention's own layout ([B, H, S, D] laid out as [B, S, H, D],
-    as `meta_attention` and the GPU's SDPA give it): the graph's later views were traced
-    against that layout (`transpose(1, 2)` then a view merging heads), which a slice's rows,
-    strided by the padded width, cannot be viewed as."""
-    if int(_val(out).shape[-1]) == width:
-        return out
+def _as_replaced(graph: fx.Graph, out: fx.Node, width: int, replaced: list[fx.Node]) -> fx.Node:
+    """`out` (`meta_attention`'s [B, H, S, D], laid out as [B, S, H, D]) as the attention output
+    it replaces, made at the graph's insertion point: cut back to v's `width`, and copied where
+    its layout matters, once. Where the replaced output was contiguous (a bmm's view, the CPU's
+    SDPA) and a view or the graph's output reads it, a contiguous copy: views traced against that
+    layout (`out.view(B, H * S, D)`) raised on the kernel's. Else a cut is copied into the kernel's
+    own layout, which the GPU's SDPA gives too (`transpose(1, 2)` then a view merging heads: a
+    slice's rows, strided by the padded width, cannot be viewed so). Readers that transpose or
+    compute elementwise take the output as it is."""
     node = out
-    for target, args, kwargs in ((aten.slice.Tensor, (-1, 0, width), {}), (aten.transpose.int, (1, 2), {}),
-                                 (aten.clone.default, (), {"memory_format": torch.contiguous_format}),
-                                 (aten.transpose.int, (1, 2), {})):
+    if int(_val(out).shape[-1]) != width:
+        node = graph.call_function(aten.slice.Tensor, (out, -1, 0, width))
+        infer_meta(node)
+    steps: tuple[tuple[Any, tuple[Any, ...], dict[str, Any]], ...] = ()
+    if any(_read_as_contiguous(old, _val(node)) for old in replaced):
+        steps = ((aten.clone.default, (), {"memory_format": torch.contiguous_format}),)
+    elif node is not out:
+        steps = ((aten.transpose.int, (1, 2), {}), (aten.clone.default, (), {"memory_format": torch.contiguous_format}),
+                 (aten.transpose.int, (1, 2), {}))
+    for target, args, kwargs in steps:
         node = graph.call_function(target, (node, *args), kwargs)
         infer_meta(node)
     return node
 
 
-def _in_replaced_layout(graph: fx.Graph, replaced: list[fx.Node], out: fx.Node) -> fx.Node:
-    """`out` ([B, H, S, D] laid out as [B, S, H, D]), copied to the contiguous layout the
-    replaced attention output had in the traced graph (a bmm's view, or the CPU's SDPA) when a
-    reader depends on it: a view traced against that layout (`out.view(B, H * S, D)` merges dims
-    the kernel's layout keeps apart: it raised at run time) or the graph's output (the caller's
-    views). Readers that transpose or compute elementwise take `out` as it is."""
-    nv = _val(out)
-    for old in replaced:
-        ov = _val(old)
-        if not (isinstance(ov, torch.Tensor) and isinstance(nv, torch.Tensor)):
-            continue
-        if same_shape(ov.stride(), nv.stride()):
-            continue
-        contiguous = torch._prims_common.make_contiguous_strides_for(ov.shape)
-        if not same_shape(ov.stride(), contiguous):
-            continue
-        if any(u.op == "output" or u.target in _VIEWS or u.target is aten.as_strided.default for u in old.users):
-            copy = graph.call_function(aten.clone.default, (out,), {"memory_format": torch.contiguous_format})
-            infer_meta(copy)
-            return copy
-    return out
+def _read_as_contiguous(old: fx.Node, new: Any) -> bool:
+    """Whether the replaced output `old` was contiguous, unlike `new`, and a view or the graph's
+    output reads it (`_as_replaced`)."""
+    ov = _val(old)
+    if not (isinstance(ov, torch.Tensor) and isinstance(new, torch.Tensor)) or same_shape(ov.stride(), new.stride()):
+        return False
+    if not same_shape(ov.stride(), torch._prims_common.make_contiguous_strides_for(ov.shape)):
+        return False
+    return any(u.op == "output" or u.target in _VIEWS or u.target is aten.as_strided.default for u in old.users)
 
 
 def _pin_head_dims(ctx: PassContext, dims: tuple[Any, ...], tensors: tuple[torch.Tensor, ...]) -> str | None:
@@ -296,8 +292,7 @@ class Attention:
                 (q, k_real, v_real, mask, causal, scale, ctx.target, ranges),
             )
             infer_meta(new)
-            out = _cut_to_width(graph, new, int(vv.shape[3]))
-            out = _in_replaced_layout(graph, out_users if returns_tuple else [node], out)
+            out = _as_replaced(graph, new, int(vv.shape[3]), out_users if returns_tuple else [node])
         copy_source_meta(node, new)
         new.meta["tileflow"] = {
             "kind": "meta_attention",
@@ -571,8 +566,7 @@ class Attention:
                 (q_in, k_real, v_real, mask, False, scale, ctx.target, ranges, *extra),
             )
             infer_meta(new)
-            out = _cut_to_width(graph, new, int(vv.shape[3]))
-            out = _in_replaced_layout(graph, [gate.mul if gate is not None else out4], out)
+            out = _as_replaced(graph, new, int(vv.shape[3]), [gate.mul if gate is not None else out4])
         if _val(new).dtype != _val(out4).dtype:
             return "the manual attention changes dtype between its inputs and output"
         copy_source_meta(softmax, new)

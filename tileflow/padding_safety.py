@@ -646,9 +646,8 @@ class _Walk:
         if target in (aten.add.Tensor, aten.add.Scalar) and _is_int(args[2], 1):
             # x + c: at least c. A 0-d float input c (a model's eps Dynamo passes as a number
             # under `dynamic=True`) is taken as positive, and the replay checks it at every call.
-            for x, c in ((args[0], args[1]), (args[1], args[0])):
-                if self.sign(x, dtype) is not None and signs[args.index(c)] is None and (
-                        (index := self.scalar_input(c)) is not None):
+            for c in (0, 1):
+                if signs[1 - c] is not None and signs[c] is None and (index := self.scalar_input(args[c])) is not None:
                     self.positive_inputs.add(index)
                     return "positive"
             return strongest if _SIGNS.index(weakest) else None

@@ -74,7 +74,11 @@ from .graph_utils import any_ancestor, attribute, bind_arguments, meta_val, same
 
 aten = torch.ops.aten
 
-__all__ = ["PaddingCheck", "capped_buckets", "check_padding", "padding_hazard"]
+__all__ = ["PAD_VALUE", "PaddingCheck", "capped_buckets", "check_padding", "padding_hazard"]
+
+# What a replay writes into the padded rows of its inputs (`CudaGraphBuckets`' default): 0 is a
+# valid index of any table, and positive in no divisor.
+PAD_VALUE = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,9 @@ class _Facts:
     sign: str | None = None
     peak: int | None = None
     nonfinite: str | None = None
+    # Of an integer or bool value with a token dim: the one value every padded element holds
+    # (`_Walk.padded_value`); None when not known.
+    pad: int | bool | None = None
 
 
 _CLEAN = _Facts()
@@ -263,6 +270,12 @@ _KEEPS_SIGN = (_SAME_DIMS | _RESHAPES | {
     aten.cumsum.default,
 })
 _SIGNS = (None, "non-negative", "positive")  # weakest first
+# Ops whose output elements are elements of their tensor inputs (copies, views, moves, slices).
+_KEEPS_PADDING = _SAME_DIMS | _RESHAPES | {
+    aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.slice.Tensor, aten.select.int,
+    aten.repeat.default, aten.cat.default, aten.stack.default,
+}
 
 
 @dataclass(frozen=True)
@@ -437,7 +450,8 @@ class _Walk:
                                                                  for a in dims.values()))):
                 return self.refuse(node, f"an input of shape {tuple(meta_val(node).shape)}: a replay pads only one "
                                          "dim of exactly the token count, and copies this one whole at the call's size")
-            return _CLEAN  # padded inputs: their real rows are the call's
+            # Padded inputs: their real rows are the call's, their padded ones hold PAD_VALUE.
+            return _Facts(pad=PAD_VALUE if dims and not meta_val(node).is_floating_point() else None)
         if node.op == "get_attr":
             value = attribute(node.graph.owning_module, str(node.target))
             with unset_fake_temporarily():  # a real constant, read while the graph's fake mode is active
@@ -449,7 +463,8 @@ class _Walk:
         if hazard:
             return _Facts(hazard=hazard)
         routed = self.routed(node)
-        return self.valued(node, routed if routed is not None else self.ordered(node, self.dispatch(node)))
+        facts = self.valued(node, routed if routed is not None else self.ordered(node, self.dispatch(node)))
+        return facts if facts.hazard else replace(facts, pad=self.padded_value(node))
 
     def dispatch(self, node: fx.Node) -> _Facts:
         """The facts of an op's value by what the op is (every op but the routing ones)."""
@@ -687,6 +702,66 @@ class _Walk:
                 peak == args["dim"] % max(meta_val(op.args[0]).dim(), 1)):
             return peak
         return None
+
+    # -- integer values at padded rows: the indices of lookups ---------------------------------
+
+    def padded_value(self, node: fx.Node) -> int | bool | None:
+        """The one value every padded element of `node`'s integer or bool value holds (`_Facts.pad`),
+        or None when not known: a copy, move or slice of values keeps theirs, and an elementwise
+        op holds its value at its operands' (a product with 0 or an `and` with False holds 0 whatever
+        the other operand holds). A division by a padded 0 is not known: on a GPU it holds garbage."""
+        val = meta_val(node)
+        if (not isinstance(val, torch.Tensor) or val.is_floating_point() or val.is_complex()
+                or not self.carries_tokens(node)):
+            return None
+        target = node.target
+        if target is operator.getitem:
+            whole = node.args[0]
+            kept = whole.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default)
+            return self.facts[whole.args[0]].pad if kept else None
+        sources = [a for a in self.inputs(node) if self.carries_tokens(a)]
+        if target in _KEEPS_PADDING or (target is aten.index.Tensor and sources == [node.args[0]]):
+            # Padded elements of the output are padded elements of the inputs with token dims.
+            pads = {self.facts[a].pad for a in sources}
+            return _as_dtype(pads.pop(), val.dtype) if len(pads) == 1 and None not in pads else None
+        if not (target in _ELEMENTWISE or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)):
+            return None
+
+        def padded(value: Any) -> Any:
+            """An operand's value at a padded row (None: not known)."""
+            if not isinstance(value, fx.Node):
+                return value
+            if not isinstance(meta_val(value), torch.Tensor):
+                return None
+            return self.facts[value].pad if self.carries_tokens(value) else self.facts[value].fill
+
+        args = bind_arguments(node)
+        if target in (aten.mul.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default) and any(
+                self.carries_tokens(a) and self.facts[a].pad is not None and not self.facts[a].pad for a in sources):
+            return _as_dtype(0, val.dtype)
+        if target is aten.where.self and padded(args["condition"]) is not None:
+            return _as_dtype(padded(args["self" if padded(args["condition"]) else "other"]), val.dtype)
+        operands = {name: padded(value) for name, value in args.items()}
+        if any(operands[name] is None for name, value in args.items() if isinstance(value, fx.Node)):
+            return None
+        with unset_fake_temporarily():
+            concrete = {name: torch.tensor(operands[name], dtype=meta_val(value).dtype) if isinstance(value, fx.Node)
+                        else value for name, value in args.items()}
+            try:
+                out = target(**concrete)
+            except (RuntimeError, TypeError, ValueError, ZeroDivisionError):  # 0 // 0: an error on a CPU
+                return None
+            return out.item() if isinstance(out, torch.Tensor) and out.numel() == 1 else None
+
+    def in_table(self, index: fx.Node, rows: Any, wraps: bool) -> bool:
+        """Whether every padded element of `index` (which carries the token dim) is a valid row of a
+        table of `rows` rows (from -rows on when negative indices `wraps`): a top-k's indices below
+        the table's size, or one known value inside it."""
+        facts = self.facts[index]
+        if facts.key_range is not None and _provably_le(facts.key_range, rows):
+            return True
+        pad = facts.pad
+        return pad is not None and _provably_le(-rows if wraps else 0, int(pad)) and _provably_le(int(pad) + 1, rows)
 
     # -- mixture-of-experts routing -----------------------------------------------------------
 
@@ -946,6 +1021,9 @@ class _Walk:
             return self.refuse(node, "gathers or scatters along the token dim")
         if any(d != dims[0] for d in dims):
             return self.refuse(node, "gathers or scatters between tensors with token dims in different places")
+        if self.carries_tokens(args["index"]) and not self.in_table(args["index"], meta_val(args["self"]).shape[dim], False):
+            return self.refuse(node, f"gathers or scatters at indices whose padded rows may lie outside the dim's "
+                                     f"{meta_val(args['self']).shape[dim]} (padded inputs hold {PAD_VALUE})")
         return _CLEAN
 
     def uses_token_count(self, node: fx.Node) -> bool:
@@ -1226,7 +1304,7 @@ class _Walk:
         for d, idx in enumerate(indices):
             if idx is None:
                 continue
-            if d not in s_dims and (refused := self.table_rows_at(node, meta_val(src).shape[d], idx)):
+            if d not in s_dims and (refused := self.table_rows_at(node, meta_val(src).shape[d], idx, wraps=True)):
                 return refused
             if d in s_dims:
                 pos = self.facts[idx].position
@@ -1271,18 +1349,23 @@ class _Walk:
             return self.refuse(node, "looks rows up in a table that carries the token dim")
         return self.table_rows_at(node, meta_val(table).shape[0], node.args[1]) or _CLEAN
 
-    def table_rows_at(self, node: fx.Node, rows: Any, index: Any) -> _Facts | None:
-        """A lookup of one of a fixed table's `rows` rows at `index`: at positions (row t + c for
-        token t) a replay at bucket B reads up to row B - 1 + c, so the buckets stop at rows - c
-        (`max_bucket`). A refusal when c or the rows are not numbers, or when the index is
-        computed from the token count otherwise (no bound is known); else None."""
+    def table_rows_at(self, node: fx.Node, rows: Any, index: Any, wraps: bool = False) -> _Facts | None:
+        """A lookup of one of a fixed table's `rows` rows at `index` (negative indices count from
+        the end when it `wraps`): at positions (row t + c for token t) a replay at bucket B reads
+        up to row B - 1 + c, so the buckets stop at rows - c (`max_bucket`). A refusal when c or
+        the rows are not numbers, when the index is computed from the token count otherwise (no
+        bound is known), or when its padded rows may hold no row (`in_table`); else None."""
         position = self.facts[index].position if isinstance(index, fx.Node) else None
         if position is None:
-            # Indices read from the inputs hold the pad value at padded rows; ones computed from
-            # the token count (`arange(T) * 2`) may run past the table at a larger bucket.
+            # Indices computed from the token count (`arange(T) * 2`) may run past the table at a
+            # larger bucket; others must hold a row of it at padded rows (an out-of-range index
+            # is a device-side assert on a GPU, which no later call recovers from).
             if isinstance(index, fx.Node) and self.computed_from_token_count(index):
                 return self.refuse(node, "looks a table's rows up at indices computed from the token count: a "
                                          "replay at a larger bucket could read past the table")
+            if isinstance(index, fx.Node) and self.carries_tokens(index) and not self.in_table(index, rows, wraps):
+                return self.refuse(node, f"looks a table's rows up at indices whose padded rows may hold no row of "
+                                         f"its {rows} (padded inputs hold {PAD_VALUE})")
             return None
         offset = sympy.sympify(position)
         if not (offset.is_Integer and isinstance(rows, int)):
@@ -1564,6 +1647,14 @@ def _smallest(dtype: torch.dtype) -> float:
         return 1.0
     info = torch.finfo(dtype)
     return info.tiny * info.eps
+
+
+def _as_dtype(value: Any, dtype: torch.dtype) -> int | bool | None:
+    """A Python number as an element of `dtype` holds it (None stays None)."""
+    if value is None:
+        return None
+    with unset_fake_temporarily():
+        return torch.tensor(value).to(dtype).item()
 
 
 def _short_name(target: Any) -> str:

@@ -38,6 +38,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..log import get_logger
+from ..padding_safety import PAD_VALUE
 
 __all__ = [
     "TOKEN_COUNT",
@@ -393,7 +394,7 @@ class CudaGraphBuckets:
         buckets: Sequence[int],
         output_token_dims: Callable[[Any], Any],
         *,
-        pad_value: int | float = 0,
+        pad_value: int | float = PAD_VALUE,
         graph_factory: Callable[[], Any] | None = None,
     ) -> None:
         if not buckets or any(b < 1 for b in buckets):

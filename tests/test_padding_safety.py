@@ -1400,3 +1400,61 @@ def test_an_input_eps_is_taken_as_positive_and_checked_at_each_call(replay_on_cp
             replays = replay_on_cpu.replays
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 1 and replays > 0 and replay_on_cpu.replays == replays
+
+
+# A replay pads integer inputs with 0, a row of every table; arithmetic can move it out of one,
+# and on a GPU an out-of-range lookup is a device-side assert no later call recovers from.
+EMBED10 = torch.randn(10, H)
+POSITIONS8 = torch.randn(8, H)
+
+
+def _ids(tokens: int) -> tuple[torch.Tensor]:
+    return (torch.randint(1, 10, (1, tokens)),)
+
+
+def _ids_and_divisors(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(0, 10, (1, tokens)), torch.randint(1, 3, (1, tokens))
+
+
+def _ids_and_mask(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(0, 10, (1, tokens)), torch.ones(1, tokens, dtype=torch.int64)
+
+
+def _looked_up_shifted(ids: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids - 1, EMBED10) @ W  # padded rows: row -1
+
+
+def _looked_up_divided(ids: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids // divisors, EMBED10) @ W  # padded rows: 0 // 0 (garbage on a GPU)
+
+
+def _gathered_shifted(ids: torch.Tensor) -> torch.Tensor:
+    logits = F.embedding(ids, EMBED10) @ EMBED10.t()  # [1, T, 10]
+    return torch.gather(logits, -1, (ids - 1)[..., None]) * 2
+
+
+def _positions_counting_padded_rows(ids: torch.Tensor) -> torch.Tensor:
+    # RoBERTa-style positions from ids != 1: padded ids (0) count on, up to the bucket (past 8 rows).
+    positions = torch.cumsum(ids.ne(1).long(), dim=1) + 1
+    return (F.embedding(ids, EMBED10) + F.embedding(positions.clamp(max=7), POSITIONS8) * 0
+            + F.embedding(positions, POSITIONS8)) @ W
+
+
+@pytest.mark.parametrize("fn, make_inputs", [(_looked_up_shifted, _ids), (_looked_up_divided, _ids_and_divisors),
+                                             (_gathered_shifted, _ids), (_positions_counting_padded_rows, _ids)])
+def test_lookups_whose_padded_indices_leave_the_table_are_refused(replay_on_cpu, fn, make_inputs) -> None:
+    _assert_not_captured(_run(fn, make_inputs, lengths=(3, 5)), "padded rows may")
+
+
+def _looked_up_in_range(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # Clamped, wrapped and masked ids; OPT-style positions from the mask: (cumsum * mask) - 1 + 2 is
+    # 1 at padded rows, whatever the running count holds there.
+    positions = torch.cumsum(mask, dim=1) * mask - 1 + 2
+    rows = F.embedding((ids - 1).clamp(min=0), EMBED10) + EMBED10[ids - 1] + F.embedding(ids % 10, EMBED10)
+    return (rows + F.embedding(torch.where(ids > 20, 0, ids), EMBED10) + POSITIONS8[positions.clamp(max=7)]) @ W
+
+
+def test_lookups_whose_padded_indices_stay_in_the_table_are_captured(replay_on_cpu) -> None:
+    report = _run(_looked_up_in_range, _ids_and_mask, lengths=(3, 5, 11))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1

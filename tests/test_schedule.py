@@ -389,3 +389,22 @@ def test_cycle_message_names_the_cycle():
 def test_nano_op_json_round_trip():
     op = NanoOp("x[0]", "mm", "compute", (0, 3), ("y[0]",), 0, "x")
     assert NanoOp.from_dict(json.loads(json.dumps(op.to_dict()))) == op
+
+
+def test_extents_and_rows_of_any_int_kind() -> None:
+    """A numpy int extent is an int (accepted as a plain one); a fractional row bound or extent
+    is refused with a clear error, never taken for a cover."""
+    import numpy as np
+
+    schedule = make_schedule([OpSpec("a", "mm", "compute")], {"a": [(0, 4), (4, 8)]}, [], 8)
+    check_schedule(schedule, {"a": np.int64(8)})
+    check_schedule(schedule, {"a": (np.int32(0), np.int32(8))})
+    with pytest.raises(ScheduleError, match="token extent must be an int"):
+        check_schedule(schedule, {"a": 8.0})
+    with pytest.raises(ScheduleError, match="split rows must be"):
+        make_schedule([OpSpec("a", "mm", "compute")], {"a": [(0, 4.5), (4.5, 8)]}, [], 8)
+    ops = dict(schedule.ops)
+    ops["a[0]"] = dataclasses.replace(ops["a[0]"], rows=(0, 4.5))
+    ops["a[1]"] = dataclasses.replace(ops["a[1]"], rows=(4.5, 8))
+    with pytest.raises(ScheduleError, match="row bounds are ints"):
+        check_schedule(dataclasses.replace(schedule, ops=ops), {"a": 8})

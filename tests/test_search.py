@@ -368,3 +368,18 @@ def test_two_op_two_nano_batch_makespan_by_hand() -> None:
     # a1 after g1 at 2tg. a0 lies wholly inside g1 (f = 1, a0 -> 2ta); g1 overlaps a0 for ta
     # (g1 -> tg + ta); g0 and a1 overlap nothing. Rescheduled: a1 starts when g1 ends.
     assert makespan([gemm, attn], (10, 10), 0.5, H100) == pytest.approx(2 * tg + 2 * ta, rel=1e-12)
+
+
+def test_numpy_and_tensor_costs_are_numbers() -> None:
+    """Costs given as numpy scalars or 0-d tensors plan as the same floats (the cache key is JSON);
+    a cost that is not a number is refused."""
+    import numpy as np
+    import torch
+
+    plain = [OpProfile("g", "compute", 8e7, 1e3, 1e8), OpProfile("a", "memory", 1e3, 1e5)]
+    odd = [OpProfile("g", "compute", np.int64(8 * 10**7), np.float32(1e3), torch.tensor(1e8)),
+           OpProfile("a", "memory", np.float64(1e3), 1e5)]
+    assert all(type(c) is float for op in odd for c in (op.flops_per_token, op.bytes_per_token, op.fixed_bytes))
+    assert search_split(odd, H100, 1024) == search_split(plain, H100, 1024) == brute_force_split(plain, H100, 1024)
+    with pytest.raises(ValueError, match="costs must be numbers"):
+        OpProfile("g", "compute", "8e7")

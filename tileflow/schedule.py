@@ -21,6 +21,7 @@ Row ranges are half-open `[lo, hi)` over the step's flattened token dimension.
 from __future__ import annotations
 
 import heapq
+import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,14 +161,29 @@ def dependency_rows_intersect(a: Rows, b: Rows) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _is_index(value: Any) -> bool:
+    """An int of any kind (numpy's too), never a float or a bool."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, bool)
+
+
 def _extent(value: int | Rows | None) -> Rows | None:
     """Normalize an original op's token extent: `n` means `[0, n)`; None means "not split"."""
     if value is None:
         return None
-    if isinstance(value, int):
-        return (0, value)
-    lo, hi = value
-    return (int(lo), int(hi))
+    try:
+        return (0, operator.index(value))  # an int of any kind (numpy's too), never a float
+    except TypeError:
+        pass
+    try:
+        lo, hi = value
+        return (operator.index(lo), operator.index(hi))
+    except (TypeError, ValueError):
+        raise ScheduleError(f"a token extent must be an int n (rows [0, n)) or a (start, end) pair of ints, "
+                            f"got {value!r}") from None
 
 
 def _check_structure(
@@ -190,6 +206,8 @@ def _check_structure(
             raise ScheduleError(
                 f"nano-op {op.name!r} covers unknown original op {op.original!r}"
             )
+        if not all(_is_index(r) for r in op.rows):
+            raise ScheduleError(f"nano-op {op.name!r} has rows {op.rows}: row bounds are ints")
         if op.rows[0] >= op.rows[1]:
             raise ScheduleError(f"nano-op {op.name!r} has an empty row range {op.rows}")
         for dep in op.deps:
@@ -570,6 +588,8 @@ def make_schedule(
     for spec in specs:
         ranges = splits.get(spec.name)
         full[spec.name] = [(0, num_tokens)] if not ranges else [tuple(r) for r in ranges]
+        if not all(len(r) == 2 and all(_is_index(b) for b in r) for r in full[spec.name]):
+            raise ScheduleError(f"op {spec.name!r}: split rows must be (start, end) pairs of ints, got {ranges}")
     deps = build_dependencies(full, edge_list, seq_bounds=seq_bounds)
 
     ops: dict[str, NanoOp] = {}

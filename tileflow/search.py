@@ -105,10 +105,18 @@ class OpProfile:
         if self.resource not in RESOURCES:
             raise ValueError(f"op {self.name!r}: resource {self.resource!r} not in {RESOURCES}")
         costs = (self.flops_per_token, self.bytes_per_token, self.fixed_bytes)
+        try:  # numpy scalars and 0-d tensors too: stored as floats (the cache key is JSON)
+            if any(isinstance(c, (str, bytes, bool)) for c in costs):
+                raise TypeError
+            costs = tuple(float(c) for c in costs)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"op {self.name!r}: costs must be numbers, got {costs}") from None
         # `min(nan, ...) < 0` is False, so a NaN cost must be caught explicitly: it would make
         # every makespan NaN and the search return an arbitrary plan.
         if not all(math.isfinite(c) and c >= 0 for c in costs):
             raise ValueError(f"op {self.name!r}: costs must be finite and non-negative, got {costs}")
+        for field_name, cost in zip(("flops_per_token", "bytes_per_token", "fixed_bytes"), costs):
+            object.__setattr__(self, field_name, cost)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""

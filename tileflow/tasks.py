@@ -55,6 +55,8 @@ MERGE_COLUMNS: tuple[str, ...] = (
 _SPLIT_QUANTUM = 64
 # ... and at least this long, so that each chunk amortizes the extra partial write and merge.
 _MIN_AUTO_CHUNK = 256
+# A deal whose busiest program carries at most this times the average is kept without more splits.
+_BALANCED = 1.25
 
 IntsLike = Union[Sequence[int], torch.Tensor, np.ndarray]
 
@@ -279,6 +281,78 @@ def _auto_chunk(ranges: np.ndarray, num_programs: int) -> int | None:
     return lo * _SPLIT_QUANTUM
 
 
+def _auto_chunks(ranges: np.ndarray, q_rows: np.ndarray, p_first: np.ndarray, num_programs: int) -> np.ndarray:
+    """Each tile's split-KV chunk length (a tile whose KV range is no longer is not split).
+
+    The first candidate: with fewer tiles than programs, one chunk for all tiles that fills one
+    wave (`_auto_chunk`); with more, no split. When that deal leaves its busiest program more
+    than `_BALANCED` times the average program's cost (one long-KV tile beside many short ones,
+    or a tile count just past the grid), tiles costing more than half the average are also tried
+    cut into chunks of about half the average cost: no task is then more than half a fair share,
+    so the deal's busiest program stays near 1.5x of it. The candidate whose busiest program
+    carries less wins (a tie keeps the first, with fewer tasks to merge).
+    """
+    num_tiles = ranges.size
+    uniform = _auto_chunk(ranges, num_programs) if num_tiles < num_programs else None
+    first = np.full(num_tiles, uniform or 0, dtype=np.int64)
+    cost = q_rows * ranges
+    average = cost.sum() / num_programs
+    busiest = _busiest_program(ranges, q_rows, p_first, first, num_programs)
+    if busiest <= _BALANCED * average:
+        return first
+    pieces = np.maximum(np.ceil(cost / max(average / 2, 1)), 1).astype(np.int64)
+    length = np.maximum(_ceil_div(_ceil_div(ranges, pieces), _SPLIT_QUANTUM) * _SPLIT_QUANTUM, _MIN_AUTO_CHUNK)
+    second = np.where((cost > average / 2) & (ranges > _MIN_AUTO_CHUNK), length, first)
+    return second if _busiest_program(ranges, q_rows, p_first, second, num_programs) < busiest else first
+
+
+def _chunked(ranges: np.ndarray, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tiles cut into chunks of `chunk[t]` KV positions (0: whole): each task's tile and chunk
+    index (in tile order), and each tile's chunk count."""
+    nchunks = np.maximum(np.where(chunk > 0, _ceil_div(ranges, np.maximum(chunk, 1)), 1), 1)
+    num_tasks = int(nchunks.sum())
+    tile_of = np.repeat(np.arange(ranges.size, dtype=np.int64), nchunks)
+    chunk_idx = np.arange(num_tasks, dtype=np.int64) - np.repeat(np.cumsum(nchunks) - nchunks, nchunks)
+    return tile_of, chunk_idx, nchunks
+
+
+def _busiest_program(ranges: np.ndarray, q_rows: np.ndarray, p_first: np.ndarray, chunk: np.ndarray,
+                     num_programs: int) -> float:
+    """The cost the busiest program gets when the tiles are cut into `chunk`s and dealt."""
+    tile_of, chunk_idx, nchunks = _chunked(ranges, chunk)
+    if not tile_of.size:
+        return 0.0
+    lengths = np.where(nchunks[tile_of] > 1, np.minimum(chunk[tile_of], ranges[tile_of] - chunk_idx * chunk[tile_of]),
+                       ranges[tile_of])
+    cost = q_rows[tile_of] * lengths
+    order, prog = _deal(cost, p_first[tile_of], num_programs)
+    return float(np.bincount(prog, weights=cost[order], minlength=num_programs).max())
+
+
+def _deal(cost: np.ndarray, p_first: np.ndarray, num_programs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tasks dealt longest first in symmetric round-robin: the task order and, for the k-th task
+    in it, its program.
+
+    Equal costs go later query rows (`p_first`) first, then by task index (sequence, kv head, q
+    tile, kv chunk): deterministic. When the host cannot see the real cost (a model's causal mask
+    given as a bias, which the kernel uses to skip keys), later rows usually cost more, and
+    dealing that ramp in symmetric round-robin pairs cheap tasks with dear ones.
+    """
+    num_tasks = cost.size
+    order = np.lexsort((np.arange(num_tasks), -p_first, -cost))
+    rnd, pos = np.divmod(np.arange(num_tasks, dtype=np.int64), num_programs)
+    return order, np.where(rnd % 2 == 0, pos, num_programs - 1 - pos)
+
+
+def _check_fits_int32(tasks: np.ndarray, cu: np.ndarray, kv_len: np.ndarray) -> None:
+    """Raise ValueError when a table column would not fit the kernels' int32 metadata."""
+    limit = np.iinfo(np.int32).max
+    for name, values in (("a KV length", kv_len), ("the query row count", cu), ("a task's cost (rows x KV length)", tasks)):
+        if values.size and int(values.max()) > limit:
+            raise ValueError(f"{name} is {int(values.max())}, past the int32 metadata the kernels read "
+                             f"({limit}): split the batch")
+
+
 def _i32(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
 
@@ -307,9 +381,11 @@ def build_task_table(
         num_programs: P, the static grid size the tasks are dealt over (programs may be idle).
         sliding_window: ``w``: a row at position p sees only ``j > p - w``.
         causal: rows see ``j <= p`` (otherwise every ``j < L_s``).
-        kv_split: split-KV policy. ``None`` (default): automatic — only when the batch has fewer
+        kv_split: split-KV policy. ``None`` (default): automatic — when the batch has fewer
             tiles than programs, tiles longer than a chunk are split into chunks of a multiple of
-            64 (>= 256) positions chosen so the task count approaches ``num_programs``.
+            64 (>= 256) positions chosen so the task count approaches ``num_programs``; when a
+            deal would still leave one program far above the average (a long-KV tile beside
+            many short ones), the dear tiles are cut finer (`_auto_chunks`).
             ``k > 0``: every tile whose KV range exceeds ``k`` is split into chunks of ``k``
             positions regardless of the tile count (tuning and tests). ``0``: never split.
         sequences: when given, only these sequences (indices into the batch) get tasks; the
@@ -377,17 +453,13 @@ def build_task_table(
 
     # --- split-KV ----------------------------------------------------------------------------
     if split is None:
-        chunk = _auto_chunk(ranges, num_programs) if num_tiles < num_programs else None
+        chunk = _auto_chunks(ranges, q_rows, p_first, num_programs)
     else:
-        chunk = split or None
-    nchunks = _ceil_div(ranges, chunk) if chunk else np.ones_like(ranges)
-    nchunks = np.maximum(nchunks, 1)
-
-    num_tasks = int(nchunks.sum())
-    tile_of = np.repeat(np.arange(num_tiles, dtype=np.int64), nchunks)
-    chunk_idx = np.arange(num_tasks, dtype=np.int64) - np.repeat(np.cumsum(nchunks) - nchunks, nchunks)
-    t_kv_start = kv_start[tile_of] + chunk_idx * (chunk or 0)
-    t_kv_end = np.minimum(t_kv_start + chunk, kv_end[tile_of]) if chunk else kv_end[tile_of]
+        chunk = np.full(num_tiles, split, dtype=np.int64)
+    tile_of, chunk_idx, nchunks = _chunked(ranges, chunk)
+    num_tasks = tile_of.size
+    t_kv_start = kv_start[tile_of] + chunk_idx * chunk[tile_of]
+    t_kv_end = np.where(nchunks[tile_of] > 1, np.minimum(t_kv_start + chunk[tile_of], kv_end[tile_of]), kv_end[tile_of])
     is_split = nchunks[tile_of] > 1
     slot = np.full(num_tasks, -1, dtype=np.int64)
     num_slots = int(is_split.sum())
@@ -409,20 +481,13 @@ def build_task_table(
         axis=1,
     ) if split_tiles.size else np.zeros((0, 6), dtype=np.int64)
 
-    # --- scheduling: longest first, symmetric round-robin ------------------------------------
-    # Equal costs go later query rows first, then by task index (sequence, kv head, q tile, kv
-    # chunk): deterministic. When the host cannot see the real cost (a model's causal mask given
-    # as a bias, which the kernel uses to skip keys), later rows usually cost more, and dealing
-    # that ramp in symmetric round-robin pairs cheap tasks with dear ones.
-    order = np.lexsort((np.arange(num_tasks), -p_first[tile_of], -cost))
-    k = np.arange(num_tasks, dtype=np.int64)
-    rnd, pos = np.divmod(k, num_programs)
-    prog = np.where(rnd % 2 == 0, pos, num_programs - 1 - pos)
+    order, prog = _deal(cost, p_first[tile_of], num_programs)
     # A stable sort by program keeps each program's tasks in the order they were dealt.
     by_prog = np.argsort(prog, kind="stable")
     program_tasks = order[by_prog]
     counts = np.bincount(prog, minlength=num_programs)
     program_offsets = np.concatenate([[0], np.cumsum(counts)])
+    _check_fits_int32(tasks, cu, kv_len)
 
     return TaskTable(
         tasks=_i32(tasks.reshape(-1, 8)),

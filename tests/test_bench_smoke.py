@@ -19,6 +19,18 @@ def test_benchmark_smoke_check_passes_on_cpu(script: str) -> None:
     assert "smoke check passed" in proc.stdout
 
 
+def test_host_planning_benchmark_runs() -> None:
+    """bench/host.py (host-side planning time, measured on any machine) prints a positive time for
+    each call, and its long-context batch is balanced by the split."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "host.py"), "--repeats", "1", "--no-write"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| build") or line.startswith("| search")]
+    assert [r[0].strip() for r in rows] == ["build_task_table"] * 3 + ["build_tile_plan"] * 3 + ["search_split"]
+    assert all(float(r[2]) > 0 for r in rows)
+    assert float(rows[2][1].rsplit("max/avg", 1)[1]) <= 1.5
+
+
 # ---------------------------------------------------------------------------------------------
 # The GPU paths' arithmetic and plumbing, checked on the CPU (the device minutes are scarce: a
 # wrong count or a lost table there costs a session).

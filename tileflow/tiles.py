@@ -666,6 +666,11 @@ def _build_tile_plan_cached(
     return TilePlan(n, k, dtype, device.name, m_min, m_max, tuple(pieces))
 
 
+def clear_plan_cache() -> None:
+    """Forget every plan `build_tile_plan` has built (benchmarks time a fresh build)."""
+    _build_tile_plan_cached.cache_clear()
+
+
 def build_tile_plan(
     n: int,
     k: int,

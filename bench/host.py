@@ -1,0 +1,115 @@
+"""What tileflow's host-side planning costs: the work done on the CPU before a launch, measured
+on the CPU it runs on (no GPU needed).
+
+- `build_task_table` for serving batches on an H100-sized grid (Llama-3-8B heads, 32 q / 8 kv):
+  a large decode batch with prompt chunks (512 sequences), 256 decodes at random lengths, and a
+  128k-context decode beside 200 short ones (the batch whose deal splits long tiles to balance);
+  a decode step whose lengths changed builds its table anew, so this is paid per step.
+- `build_tile_plan` for the Llama-3-8B GEMM shapes over M in [1, 65536] (once per compile).
+- `search_split` for a Llama-like layer's nano-batch split at 2048 tokens (once per bucket).
+
+Each row is the median of `--repeats` runs (caches cleared before each). Writes
+bench/results/host-*.md unless `--no-write`.
+
+    python bench/host.py [--repeats 20] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, markdown_table, write_results  # noqa: E402
+
+from tileflow import search  # noqa: E402
+from tileflow.devices import get_device  # noqa: E402
+from tileflow.tasks import build_task_table  # noqa: E402
+from tileflow.tiles import build_tile_plan, clear_plan_cache  # noqa: E402
+
+HQ, HKV, PROGRAMS = 32, 8, 132
+
+
+def _cu(q_lens: list[int]) -> list[int]:
+    return [0, *np.cumsum(q_lens).tolist()]
+
+
+def _task_table_cases() -> dict[str, tuple[list[int], list[int]]]:
+    """(cu_seqlens_q, seqlens_kv) of each measured batch (seeded)."""
+    rng = np.random.default_rng(1)
+    mixed_q = [1] * 500 + [64] * 12
+    decodes = [int(x) for x in rng.integers(1024, 32768, 256)]
+    return {
+        "500 decodes + 12 chunks of 64 (512 seqs)": (_cu(mixed_q), [int(x) for x in rng.integers(64, 8192, 512)]),
+        "256 decodes at 1k-32k": (_cu([1] * 256), decodes),
+        "128k decode beside 200 decodes at 2k (split to balance)": (_cu([1] * 201), [131072] + [2048] * 200),
+    }
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] = lambda: None) -> float:
+    times = []
+    for _ in range(repeats):
+        before()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure(repeats: int) -> list[list[Any]]:
+    """One row per measured call: what, its size, the median ms."""
+    rows: list[list[Any]] = []
+    for name, (cu, kv) in _task_table_cases().items():
+        table = build_task_table(cu, kv, num_q_heads=HQ, num_kv_heads=HKV, block_q=16, num_programs=PROGRAMS)
+        summary = table.to_summary()
+        ms = _median_ms(lambda: build_task_table(cu, kv, num_q_heads=HQ, num_kv_heads=HKV, block_q=16,
+                                                 num_programs=PROGRAMS), repeats)
+        rows.append(["build_task_table", f"{name}: {summary['num_tasks']} tasks, max/avg {summary['cost_ratio']:.2f}",
+                     f"{ms:.2f}"])
+    h100 = get_device("H100")
+    for n, k in ((6144, 4096), (28672, 4096), (4096, 14336)):
+        ms = _median_ms(lambda: build_tile_plan(n, k, "bfloat16", m_max=65536, device=h100), repeats,
+                        before=clear_plan_cache)
+        rows.append(["build_tile_plan", f"N={n} K={k} bf16, M in [1, 65536]", f"{ms:.2f}"])
+    layer = _llama_layer(context=2048)
+    ms = _median_ms(lambda: search.search_split(layer, h100, 2048), repeats, before=search.clear_cache)
+    rows.append(["search_split", "Llama-like layer, 2048 tokens", f"{ms:.2f}"])
+    return rows
+
+
+def _llama_layer(context: int) -> list[search.OpProfile]:
+    """A Llama-3-8B decoder layer's ops in bf16 (GEMMs read their weights once per launch; decode
+    attention reads `context` positions of 8 KV heads x 128 per token)."""
+    d, kv, ffn = 4096, 1024, 14336
+    return [
+        search.OpProfile("qkv", "compute", 2 * d * (d + 2 * kv), 2 * (2 * d + 2 * kv), 2 * d * (d + 2 * kv)),
+        search.OpProfile("attention", "memory", 4 * context * d, context * 2 * kv * 2),
+        search.OpProfile("o", "compute", 2 * d * d, 4 * d, 2 * d * d),
+        search.OpProfile("gate_up", "compute", 4 * d * ffn, 2 * (d + 2 * ffn), 4 * d * ffn),
+        search.OpProfile("down", "compute", 2 * ffn * d, 2 * (d + ffn), 2 * ffn * d),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    body = markdown_table(["call", "input", "median ms"], measure(args.repeats))
+    print(body)
+    if not args.no_write:
+        env = environment()
+        print(f"wrote {write_results('host', 'Host-side planning time', env, body)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -141,7 +141,7 @@ def test_archive_holds_rewritten_program_plans_and_kernels(archive) -> None:
     assert any(n.startswith("kernels/") for n in names)
     assert manifest["target"] == "reference"
     assert manifest["dynamic"] == {"seq": [2, 512]}
-    assert manifest["inputs"] == [{"kind": "tensor", "shape": [1, "seq"], "dtype": "int64"}]
+    assert manifest["inputs"] == [{"kind": "tensor", "shape": [1, "seq"], "dtype": "int64", "device": "cpu"}]
     assert manifest["rewrites"]["padded_gemm"] >= 1 and manifest["rewrites"]["meta_attention"] == 2
     # SwiGLU fused as on the JIT path: torch.export's table decomposes silu unless it is kept whole.
     assert manifest["rewrites"].get("fused_swiglu") == 2
@@ -340,8 +340,8 @@ def test_a_model_torch_export_cannot_trace_is_a_clear_error() -> None:
                 return x * 2
             return x
 
-    with pytest.raises(ValueError, match=r"cannot be exported over the given dynamic ranges \(torch.export\): "
-                                         r"\w+ at test_export\.py:\d+"):
+    with pytest.raises(ValueError, match=r"cannot be exported over the given dynamic ranges \(torch.export\) "
+                                         r"at test_export\.py:\d+: \w+: .*a data-dependent branch"):
         tileflow.export_model(DataDependent(), (torch.randn(4, 8),), ({0: torch.export.Dim("n", min=2, max=16)},))
 
 
@@ -393,6 +393,11 @@ def test_ascend_export_writes_the_project_beside_the_archive(spec_dir: Path) -> 
         assert f'extern "C" __global__ __aicore__ void {k["ident"]}(' in (out / f"op_kernel/{k['ident']}.cpp").read_text()
     cmake = (out / "CMakeLists.txt").read_text()
     assert "ascendc_library(" in cmake and all(f"op_kernel/{k['ident']}.cpp" in cmake for k in kernels)
+    # The report's kernel paths name the archive's members (they dropped op_kernel/).
+    with zipfile.ZipFile(out / "model.pt2") as zf:
+        report = json.loads(zf.read("manifest.json"))["report"]
+        paths = [k["source_path"] for g in report["graphs"] for k in g["kernels"] if k.get("source_path")]
+        assert paths and all(p in zf.namelist() for p in paths), (paths, zf.namelist())
     # The archive beside it names its target; loading it here says what is missing.
     code = "import tileflow, sys\ntry:\n    tileflow.load(sys.argv[1])\nexcept RuntimeError as e:\n    print(e)\n"
     proc = subprocess.run([sys.executable, "-c", code, str(out / "model.pt2")], env=_env(), capture_output=True,
@@ -622,3 +627,153 @@ def test_an_unwritable_output_is_refused_before_the_export(spec_dir: Path, tmp_p
     assert result.exit_code == 2, result.output
     [line] = result.stderr.strip().splitlines()  # no progress lines: nothing was compiled
     assert line == f"error: cannot write {tmp_path / 'afile' / 'model.pt2'}: {tmp_path / 'afile'} is a file, not a folder"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs torch.export takes that the archive once mishandled (a second reader's findings)
+
+
+class _Halves(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y.reshape(2, -1) + x
+
+
+def test_a_derived_dim_is_exported_recorded_and_checked(tmp_path: Path) -> None:
+    """y of 2 * n rows beside x of n: the export crashed after the compile (a derived size taken
+    for a symbol); the archive now records it as `2*n` and refuses a y that breaks it."""
+    n = torch.export.Dim("n", min=2, max=16)
+    archive = tileflow.export_model(_Halves(), (torch.randn(4), torch.randn(8)), ({0: n}, {0: 2 * n}),
+                                    options={"target": "reference"})
+    assert [i["shape"] for i in archive.manifest["inputs"]] == [["n"], ["2*n"]]
+    run = tileflow.load(archive.save(tmp_path / "halves.pt2"))
+    x, y = torch.randn(5), torch.randn(10)
+    torch.testing.assert_close(run(x, y), _Halves()(x, y))
+    with pytest.raises(ValueError, match=r"input 1 dim 0 is 12 but the archive was exported with it at 2\*n = 10"):
+        run(torch.randn(5), torch.randn(12))
+
+
+class _AtLeast100(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.zeros(max(100, x.shape[0]))  # the trace asserts n >= 100
+
+
+def test_a_long_refused_head_is_left_out_of_the_recorded_range() -> None:
+    """98 refused sizes at the bottom (more than the ends are stepped in by): the range recorded
+    was [66, 200], whose first size the program refuses; now the sizes it runs."""
+    archive = tileflow.export_model(_AtLeast100(), (torch.randn(150),), ({0: torch.export.Dim("n", min=2, max=200)},),
+                                    options={"target": "reference"})
+    assert archive.manifest["dynamic"]["n"] == [100, 200]
+    assert _runs(_AtLeast100(), 100) and not _runs(_AtLeast100(), 99)
+
+
+class _Scaled(torch.nn.Module):
+    def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        return x * k
+
+
+def test_a_dynamic_int_input_stays_dynamic_and_is_checked(tmp_path: Path) -> None:
+    """An int marked Dim.DYNAMIC was fixed at its example value in the archive, and a call with
+    another value died on a guard inside the program; it is an int input with a range now."""
+    archive = tileflow.export_model(_Scaled(), (torch.randn(4), 3), (None, torch.export.Dim.DYNAMIC),
+                                    options={"target": "reference"})
+    assert archive.manifest["inputs"][1] == {"kind": "int", "dim": "k"}
+    run = tileflow.load(archive.save(tmp_path / "scaled.pt2"))
+    torch.testing.assert_close(run(torch.ones(4), 5), torch.full((4,), 5.0))
+    with pytest.raises(ValueError, match="input 1 must be an int"):
+        run(torch.ones(4), 2.5)
+    fixed = tileflow.export_model(_Scaled(), (torch.randn(4), 3), None, options={"target": "reference"})
+    with pytest.raises(ValueError, match="fixed at 3"):
+        tileflow.load(fixed.save(tmp_path / "fixed.pt2"))(torch.ones(4), 5)
+
+
+class _PairSum(torch.nn.Module):
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return xs[0] + xs[1]
+
+
+def test_a_list_input_is_called_as_the_model_takes_it(tmp_path: Path) -> None:
+    """A list input exported fine but the loaded program could not be called at all."""
+    n = torch.export.Dim("n", min=2, max=16)
+    archive = tileflow.export_model(_PairSum(), ([torch.randn(4), torch.randn(4)],), ([{0: n}, {0: n}],),
+                                    options={"target": "reference"})
+    assert archive.manifest["dynamic"] == {"n": [2, 16]}
+    run = tileflow.load(archive.save(tmp_path / "pair.pt2"))
+    torch.testing.assert_close(run([torch.ones(7), torch.ones(7)]), torch.full((7,), 2.0))
+    with pytest.raises(ValueError, match=r"input 1 dim 0 is 8 but input 0 dim 0 \(the same dim n\) is 7"):
+        run([torch.ones(7), torch.ones(8)])
+
+
+class _DividesBySize(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._check(128 // x.shape[0] != 7)
+        return x * 2
+
+
+def test_a_range_from_0_with_an_assert_dividing_by_the_size(tmp_path: Path) -> None:
+    """The range's ends are evaluated at size 0 too: a ZeroDivisionError escaped the export."""
+    archive = tileflow.export_model(_DividesBySize(), (torch.randn(8),), ({0: torch.export.Dim("n", min=0, max=64)},),
+                                    options={"target": "reference"})
+    assert archive.manifest["dynamic"]["n"] == [1, 64]
+    run = tileflow.load(archive.save(tmp_path / "div.pt2"))
+    torch.testing.assert_close(run(torch.ones(3)), torch.full((3,), 2.0))
+    with pytest.raises(ValueError, match="input 0 dim 0 is 17, which the program refuses"):
+        run(torch.ones(17))
+
+
+def test_an_export_failure_says_torchs_reason_and_fix() -> None:
+    """Two dims the model adds together must be one: the message named tileflow's own line and
+    a data-dependent hint that did not apply, and dropped torch's reason and fix."""
+    class Add(torch.nn.Module):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return x + y
+
+    dims = ({0: torch.export.Dim("a", min=2, max=16)}, {0: torch.export.Dim("b", min=2, max=16)})
+    with pytest.raises(ValueError) as err:
+        tileflow.export_model(Add(), (torch.randn(4), torch.randn(4)), dims, options={"target": "reference"})
+    message = str(err.value)
+    assert "must always be equal" in message and "Suggested fix: b = a" in message
+    assert "capture.py" not in message and "data-dependent" not in message
+
+
+def test_device_and_a_lone_tensor_example(tmp_path: Path) -> None:
+    """An input on another device than the program's is refused by name (a meta tensor came
+    back); a lone tensor as the example is one input (it was split into rows)."""
+    linear = torch.nn.Linear(16, 8).eval()
+    archive = tileflow.export_model(linear, torch.randn(4, 16), options={"target": "reference"})
+    assert archive.manifest["inputs"] == [{"kind": "tensor", "shape": [4, 16], "dtype": "float32", "device": "cpu"}]
+    run = tileflow.load(archive.save(tmp_path / "linear.pt2"))
+    with pytest.raises(ValueError, match="input 0 is on meta but the archive's program runs on cpu"):
+        run(torch.randn(4, 16, device="meta"))
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        archive.save(tmp_path)
+
+
+def test_cli_example_sizes_follow_the_dynamic_ranges(tmp_path: Path) -> None:
+    """A dynamic batch exported with the example batch of 1 (which torch.export fixes), or a seq
+    range above the example length, failed after the build with a misleading message; the
+    examples now move inside the ranges, and ones given outside them are refused up front."""
+    sys.path.insert(0, str(TESTS_DIR))
+    from models import VOCAB, build
+
+    build("llama").config.save_pretrained(tmp_path / "cfg")
+    out = tmp_path / "batch.pt2"
+    result = _cli(["export", str(tmp_path / "cfg"), "-o", str(out), "--dynamic", "batch=1:4", "--dynamic", "seq=16:32"],
+                  tmp_path)
+    assert result.exit_code == 0, result.output
+    run = tileflow.load(out)
+    assert run.manifest["dynamic"] == {"batch": [1, 4], "seq": [16, 32]}
+    assert run(torch.randint(0, VOCAB, (3, 20))).shape == (3, 20, VOCAB)
+    result = _cli(["export", str(tmp_path / "cfg"), "-o", str(tmp_path / "x.pt2"), "--seq-len", "300"], tmp_path)
+    assert result.exit_code == 2 and "--seq-len 300 lies outside the seq sizes" in result.output
+
+
+def test_report_command_on_a_damaged_archive_is_one_line(archive, tmp_path: Path) -> None:
+    """A flipped byte inside the compressed manifest raised zlib.error through `tileflow report`."""
+    path = archive[0]
+    info = zipfile.ZipFile(path).getinfo("manifest.json")
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 5] ^= 0xFF
+    bad = tmp_path / "damaged.pt2"
+    bad.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["report", str(bad)])
+    assert result.exit_code == 2 and "is not a tileflow report" in result.output and "Traceback" not in result.output

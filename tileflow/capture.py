@@ -107,18 +107,33 @@ def export_program(module: torch.nn.Module, args: tuple[Any, ...], dynamic_shape
 
 
 def export_failure(exc: BaseException, what: str) -> ValueError:
-    """A torch.export failure as a ValueError that says what was asked (`what`) and where in the
-    model it broke: the innermost frame of the traceback outside torch, and a hint for torch's
-    own errors (a data-dependent branch, a size the model fixes)."""
+    """A torch.export failure as a ValueError that says what was asked (`what`), where in the
+    model it broke (the innermost frame of the traceback outside torch and tileflow), why
+    (`error_summary`: torch's reason and suggested fix), and a hint for a data-dependent one."""
     import traceback
 
-    torch_dir = os.path.dirname(torch.__file__)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
-    where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "torch.export"
-    hint = (" (a data-dependent branch or a size the model fixes, such as a recurrent layer's chunking or a "
-            "loop over the experts that got tokens)" if type(exc).__module__.startswith("torch") else "")
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return ValueError(f"{what} (torch.export): {type(exc).__name__} at {where}: {first}{hint}")
+    skipped = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not os.path.abspath(f.filename).startswith(skipped)]
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    data_dependent = "data-dependent" in str(exc).lower() or "DataDependent" in type(exc).__name__
+    hint = (" (a data-dependent branch, such as a recurrent layer's chunking or a loop over the experts that got "
+            "tokens)" if data_dependent else "")
+    return ValueError(f"{what} (torch.export){where}: {error_summary(exc)}{hint}")
+
+
+def error_summary(exc: BaseException) -> str:
+    """An exception in one line: its type and first line, then torch.export's first "- ..."
+    detail (the reason a dim was specialized or must be related to another, below a generic
+    first line) and its first suggested fix."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    detail = next((line for line in lines[1:] if line.startswith("- ")), None)
+    if detail:
+        text += " " + detail[2:]
+    fix = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line.startswith("Suggested fixes")), None)
+    if fix:
+        text += f" Suggested fix: {fix}"
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def capture_exported(ep: torch.export.ExportedProgram) -> ExportedGraph:

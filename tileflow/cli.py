@@ -10,12 +10,14 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
 
+from .capture import error_summary
 from .config import BUILTIN_PASSES, DEFAULT_PASSES, option_from_text
 from .pipeline import available_passes
 
@@ -63,7 +65,8 @@ def report_command(source: str) -> None:
         else:
             report = Report.from_dict(data)
         text = str(report)
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, zipfile.BadZipFile, zlib.error,
+            EOFError) as exc:
         # AttributeError: not an object; KeyError: an archive without a manifest; ValueError: bad JSON or values.
         click.echo(f"error: {source} is not a tileflow report: {exc}", err=True)
         sys.exit(2)
@@ -134,15 +137,18 @@ def _transformers_config_path(spec: str) -> Path | None:
     return None
 
 
-def _build_transformers(config_json: Path, seq_len: int, batch: int, dynamic: dict[str, tuple[int, int]]):
-    """A random-weight causal LM from a local config, wrapped so forward(input_ids) -> logits."""
+def _build_transformers(config_json: Path, seq_len: int | None, batch: int | None, dynamic: dict[str, tuple[int, int]]):
+    """A random-weight causal LM from a local config, wrapped so forward(input_ids) -> logits.
+    The example sizes (`seq_len`, `batch`; None: a default inside the ranges) must lie inside
+    the dynamic ranges, and a dynamic dim's example must be at least 2 (torch.export fixes a dim
+    it sees at 1)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         cfg = AutoConfig.from_pretrained(str(config_json))
         lm = AutoModelForCausalLM.from_config(cfg).eval()
     except Exception as exc:  # transformers' errors are long: keep the first line
-        raise SpecError(f"cannot build a causal LM from {config_json}: {_first_line(exc)}") from None
+        raise SpecError(f"cannot build a causal LM from {config_json}: {error_summary(exc)}") from None
 
     unknown = sorted(set(dynamic) - {"seq", "batch"})
     if unknown:
@@ -150,22 +156,29 @@ def _build_transformers(config_json: Path, seq_len: int, batch: int, dynamic: di
     max_pos = getattr(cfg, "max_position_embeddings", None) or 512
     seq_lo, seq_hi = dynamic.get("seq", (2, max_pos))
     dims: dict[int, Any] = {1: torch.export.Dim("seq", min=seq_lo, max=seq_hi)}
+    seq_len = _example_size("--seq-len", seq_len, 8, "seq", (max(seq_lo, 2), seq_hi))
     if "batch" in dynamic:
         dims[0] = torch.export.Dim("batch", min=dynamic["batch"][0], max=dynamic["batch"][1])
+        batch = _example_size("--batch", batch, 2, "batch", (max(dynamic["batch"][0], 2), dynamic["batch"][1]))
+    batch = batch or 1
     vocab = int(getattr(cfg, "vocab_size", 2) or 2)
     ids = torch.randint(0, vocab, (batch, seq_len))
     return LogitsOnly(lm), (ids,), ({**dims},)
 
 
-def _first_line(exc: BaseException) -> str:
-    """The exception's type and first line, and its first "- ..." detail line when it has one
-    (torch.export puts the reason a dim was specialized there, below a generic first line)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    detail = next((line for line in lines[1:] if line.startswith("- ")), None)
-    text = lines[0] if lines else ""
-    if detail:
-        text += " " + detail[2:]
-    return f"{type(exc).__name__}: {text}".rstrip(": ")
+def _example_size(option: str, given: int | None, default: int, dim: str, allowed: tuple[int, int]) -> int:
+    """An example size inside `allowed`: the one `option` gave (else SpecError), or `default`
+    moved inside."""
+    lo, hi = allowed
+    if lo > hi:
+        raise SpecError(f"the {dim} range needs an example size of at least 2 inside it (torch.export fixes a dim "
+                        f"it sees at 1): widen --dynamic {dim}=MIN:MAX to reach 2")
+    if given is None:
+        return min(max(default, lo), hi)
+    if not lo <= given <= hi:
+        raise SpecError(f"{option} {given} lies outside the {dim} sizes [{lo}, {hi}] the export may trace (a dynamic "
+                        f"dim's example must be in its range and at least 2): pick {option} in it")
+    return given
 
 
 def _apply_dynamic(dynamic_shapes: Any, dynamic: dict[str, tuple[int, int]], where: str) -> Any:
@@ -231,7 +244,7 @@ def _load_spec_function(spec: str, dynamic: dict[str, tuple[int, int]]):
     except ModuleNotFoundError as exc:
         raise SpecError(f"SPEC {spec!r}: cannot import module {module_name!r} ({exc}); check the name and that it is on PYTHONPATH") from None
     except Exception as exc:
-        raise SpecError(f"SPEC {spec!r}: importing {module_name!r} raised {_first_line(exc)}") from None
+        raise SpecError(f"SPEC {spec!r}: importing {module_name!r} raised {error_summary(exc)}") from None
     func = getattr(module, func_name, None)
     if func is None:
         raise SpecError(f"SPEC {spec!r}: module {module_name!r} has no attribute {func_name!r}")
@@ -240,7 +253,7 @@ def _load_spec_function(spec: str, dynamic: dict[str, tuple[int, int]]):
     try:
         result = func()
     except Exception as exc:
-        raise SpecError(f"SPEC {spec!r}: {func_name}() raised {_first_line(exc)}; fix the function") from None
+        raise SpecError(f"SPEC {spec!r}: {func_name}() raised {error_summary(exc)}; fix the function") from None
     shape_hint = "it must return (model, example_args) or (model, example_args, dynamic_shapes)"
     if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
         what = f"a {len(result)}-tuple" if isinstance(result, (tuple, list)) else f"a {type(result).__name__}"
@@ -262,9 +275,12 @@ def _load_spec_function(spec: str, dynamic: dict[str, tuple[int, int]]):
 @click.option("--target", type=click.Choice(["reference", "triton", "ascend"]), default=None, help="kernel target (default: the options' target, else TILEFLOW_TARGET, else reference)")
 @click.option("--dynamic", "dynamic", multiple=True, metavar="NAME=MIN:MAX", help="range of a named dynamic dim (repeatable)")
 @click.option("--options", "options", multiple=True, metavar="KEY=VALUE", help="a tileflow option (repeatable)")
-@click.option("--seq-len", type=click.IntRange(min=2), default=8, show_default=True, help="example sequence length (transformers configs)")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="example batch size (transformers configs)")
-def export_command(spec: str, output: str, target: str | None, dynamic: tuple[str, ...], options: tuple[str, ...], seq_len: int, batch: int) -> None:
+@click.option("--seq-len", type=click.IntRange(min=2), default=None,
+              help="example sequence length (transformers configs; default 8, kept inside the seq range)")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="example batch size (transformers configs; default 1, or 2 inside a dynamic batch range)")
+def export_command(spec: str, output: str, target: str | None, dynamic: tuple[str, ...], options: tuple[str, ...],
+                   seq_len: int | None, batch: int | None) -> None:
     """Compile a model ahead of time into a tileflow archive that `tileflow.load` runs.
 
     SPEC is `package.module:function` returning (model, example_args[, dynamic_shapes]), or a
@@ -327,7 +343,7 @@ def export_command(spec: str, output: str, target: str | None, dynamic: tuple[st
         else:
             path = archive.save(output)
     except Exception as exc:  # export/compile failures: one line, what failed (TILEFLOW_LOG=debug for more)
-        click.echo(f"error: export failed: {_first_line(exc)}", err=True)
+        click.echo(f"error: export failed: {error_summary(exc)}", err=True)
         sys.exit(1)
     m = archive.manifest
     rewrites = ", ".join(f"{k}={v}" for k, v in sorted(m["rewrites"].items())) or "none"

@@ -94,6 +94,8 @@ class ExportedArchive:
     def save(self, path: str | Path) -> Path:
         """Write the archive to `path` (parent folders are created) and return the path."""
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder: give the archive's file name (e.g. {path / 'model.pt2'})")
         path.parent.mkdir(parents=True, exist_ok=True)
         members = self.members()
         # As it will read back (JSON types), so the hash the reader computes is this one.
@@ -101,8 +103,8 @@ class ExportedArchive:
         manifest["members"] = sorted(members)
         manifest["content_sha256"] = content_hash(members, manifest)
         # Write to a temporary name first so an interrupted save never leaves a half archive
-        # under the real name, nor a stale partial one.
-        tmp = path.with_name(path.name + ".partial")
+        # under the real name, nor a stale partial one (one per process: two saves never share it).
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
         try:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
                 zf.writestr(MANIFEST_MEMBER, json.dumps(manifest, indent=2))
@@ -167,7 +169,8 @@ def export_model(
     `ExportedArchive`; call `.save(path)`.
     """
     notify = progress or (lambda stage: None)
-    example_args = tuple(example_args)
+    # A lone tensor is one input (tuple() would split it into its rows).
+    example_args = (example_args,) if isinstance(example_args, torch.Tensor) else tuple(example_args)
     options = dict(options or {})
     # An archive holds the rewritten graph only: the nano-batch schedule and CUDA graphs live in
     # the runtime of a torch.compile'd model, so an archive made with them would run without them.
@@ -208,8 +211,8 @@ def export_model(
 
         notify("kernels")
         kernels: dict[str, bytes] = {}
-        if graph_report.debug_dir:
-            kdir = Path(graph_report.debug_dir) / "kernels"
+        kdir = Path(graph_report.debug_dir) / "kernels" if graph_report.debug_dir else None
+        if kdir is not None:
             if kdir.is_dir():
                 for f in sorted(kdir.rglob("*")):
                     if f.is_file():
@@ -233,7 +236,7 @@ def export_model(
     with torch.no_grad():
         program = export_program(captured.gm, example_args, pytree.tree_unflatten(leaf_shapes, spec))
 
-    manifest = _manifest(program, report, graph_report.target, symbols, captured.example_inputs, kernels)
+    manifest = _manifest(program, report, graph_report.target, symbols, captured.example_inputs, kernels, kdir)
     return ExportedArchive(program=program, manifest=manifest, report=report, kernels=kernels)
 
 
@@ -256,14 +259,21 @@ def _ranges_the_program_accepts(gm: torch.fx.GraphModule, ranges: Mapping[str, t
         if str(sym) not in narrowed:
             continue
         lo, hi = narrowed[str(sym)]
+        declared_lo = lo
 
         def refused(size: int) -> bool:
-            return expr.xreplace({sym: sympy.Integer(size)}) is sympy.false
+            return _refuses(expr, {sym: size})
 
         for _ in range(max_steps):
             if (hi is not None and lo >= hi) or not refused(lo):
                 break
             lo += 1
+        if refused(lo) and (hi is None or lo < hi):
+            # More than `max_steps` refused sizes at the bottom: the first accepted one, when the
+            # sizes before it are a head of refused ones; else the range stays as declared.
+            lo = _first_accepted(refused, lo, hi, max_steps)
+            if refused(lo):
+                lo = declared_lo
         for _ in range(max_steps):
             if hi is None or hi <= lo or not refused(hi):
                 break
@@ -275,6 +285,37 @@ def _ranges_the_program_accepts(gm: torch.fx.GraphModule, ranges: Mapping[str, t
             hi = _last_accepted(refused, lo, hi, max_steps)
         narrowed[str(sym)] = (lo, hi)
     return narrowed
+
+
+def _refuses(expr: Any, sizes: Mapping[Any, int]) -> bool:
+    """Whether the asserted condition `expr` is false at these sizes (symbol -> size); one that
+    cannot be evaluated there (a division by a size of 0) counts as false."""
+    try:
+        return expr.xreplace({sym: sympy.Integer(int(size)) for sym, size in sizes.items()}) is sympy.false
+    except (ZeroDivisionError, ArithmeticError, TypeError):
+        return True
+
+
+def _first_accepted(refused: Callable[[int], bool], lo: int, hi: int | None, max_steps: int,
+                    limit: int = 1 << 62) -> int:
+    """The smallest size in [lo, hi] (`lo` refused; `hi` None: unbounded) after a head of refused
+    sizes from `lo`, or `lo` itself when there is no accepted size or the refusals are not such
+    a head (a pattern such as Mod)."""
+    step = 1
+    while lo + step <= (hi if hi is not None else limit) and refused(lo + step):
+        step *= 2
+    good = lo + step if lo + step <= (hi if hi is not None else limit) else hi
+    if good is None or refused(good):
+        return lo
+    bad = lo
+    while good - bad > 1:  # bad refused, good accepted
+        mid = (bad + good) // 2
+        if refused(mid):
+            bad = mid
+        else:
+            good = mid
+    probes = [*range(lo, min(lo + max_steps, good)), (lo + good) // 2, good - 1]
+    return good if all(refused(size) for size in probes if size < good) else lo
 
 
 def _last_accepted(refused: Callable[[int], bool], lo: int, hi: int | None, max_steps: int,
@@ -312,19 +353,37 @@ def _normalize_dynamic_shapes(model: torch.nn.Module, n_args: int, dynamic_shape
 
 
 def _dim_names(model: torch.nn.Module, example_args: tuple, dynamic_shapes: Any, fake_inputs: Sequence[Any]) -> dict[str, str]:
-    """Size symbol (e.g. `s27`) -> the user's Dim name (e.g. `seq`), where it can be matched."""
+    """Size symbol (e.g. `s27`) -> the user's Dim name (e.g. `seq`), where it can be matched; an
+    int input's symbol -> its parameter's name (`forward`'s, for a flat argument)."""
     names: dict[str, str] = {}
     per_arg = _normalize_dynamic_shapes(model, len(example_args), dynamic_shapes)
-    for arg, shape_spec, fake in zip(example_args, per_arg, fake_inputs):
-        if not isinstance(arg, torch.Tensor) or not isinstance(fake, torch.Tensor) or shape_spec is None:
+    leaf_specs = [spec for arg, shape_spec in zip(example_args, per_arg) for spec in _leaf_specs(arg, shape_spec)]
+    params = list(inspect.signature(model.forward).parameters)
+    flat = len(leaf_specs) == len(example_args)
+    for i, (spec, fake) in enumerate(zip(leaf_specs, fake_inputs)):
+        if isinstance(fake, torch.SymInt) and fake.node.expr.is_Symbol and flat and i < len(params):
+            names.setdefault(str(fake.node.expr), params[i])
+        if not isinstance(fake, torch.Tensor) or not isinstance(spec, (dict, list, tuple)):
             continue
-        items = shape_spec.items() if isinstance(shape_spec, dict) else enumerate(shape_spec)
-        for dim, spec in items:
-            name = getattr(spec, "__name__", None)
+        items = spec.items() if isinstance(spec, dict) else enumerate(spec)
+        for dim, dim_spec in items:
+            name = getattr(dim_spec, "__name__", None)
             size = fake.shape[dim]
             if name and isinstance(size, torch.SymInt):
                 names.setdefault(str(size.node.expr), name)
     return names
+
+
+def _leaf_specs(arg: Any, shape_spec: Any) -> list[Any]:
+    """`shape_spec` for each leaf of `arg` in pytree order (None where it gives none): a list,
+    tuple or dict input comes with a spec of the same structure."""
+    if isinstance(arg, (list, tuple)):
+        specs = shape_spec if isinstance(shape_spec, (list, tuple)) and len(shape_spec) == len(arg) else [None] * len(arg)
+        return [leaf for a, sp in zip(arg, specs) for leaf in _leaf_specs(a, sp)]
+    if isinstance(arg, dict):
+        specs = shape_spec if isinstance(shape_spec, dict) else {}
+        return [leaf for key, a in arg.items() for leaf in _leaf_specs(a, specs.get(key))]
+    return [shape_spec]
 
 
 @dataclass
@@ -336,40 +395,79 @@ class _Symbol:
 
 
 def _symbol_table(fake_inputs: Sequence[Any], ranges: Mapping[str, tuple[int, int | None]], names: Mapping[str, str]) -> dict[str, _Symbol]:
-    """Every plain size symbol of the inputs -> its user-facing name, range and a fresh Dim."""
+    """Every plain size symbol of the inputs (a tensor's dim, or an int input) -> its user-facing
+    name, range and the re-export's Dim. A derived size (`2*s`, `s+1`) is not one: the re-export
+    works its relation out again (`_leaf_dynamic_shape`)."""
     table: dict[str, _Symbol] = {}
     for fake in fake_inputs:
-        if not isinstance(fake, torch.Tensor):
-            continue
-        for size in fake.shape:
-            if isinstance(size, torch.SymInt):
-                key = str(size.node.expr)
-                if key in table or key not in ranges:
-                    continue
-                lo, hi = ranges[key]
-                name = names.get(key, key)
-                ident = re.sub(r"\W", "_", name)
-                kwargs = {"min": lo} if hi is None else {"min": lo, "max": hi}
-                table[key] = _Symbol(name=name, lo=lo, hi=hi, dim=torch.export.Dim(ident, **kwargs))
+        sizes = fake.shape if isinstance(fake, torch.Tensor) else [fake] if isinstance(fake, torch.SymInt) else []
+        for size in sizes:
+            if not isinstance(size, torch.SymInt) or not size.node.expr.is_Symbol:
+                continue
+            key = str(size.node.expr)
+            if key in table or key not in ranges:
+                continue
+            lo, hi = ranges[key]
+            name = names.get(key, key)
+            if isinstance(fake, torch.SymInt):
+                # torch.export takes no named Dim for an int input: the range is re-derived.
+                table[key] = _Symbol(name=name, lo=lo, hi=hi, dim=torch.export.Dim.DYNAMIC)
+                continue
+            kwargs = {"min": lo} if hi is None else {"min": lo, "max": hi}
+            table[key] = _Symbol(name=name, lo=lo, hi=hi, dim=torch.export.Dim(re.sub(r"\W", "_", name), **kwargs))
     return table
 
 
 def _leaf_dynamic_shape(fake: Any, symbols: Mapping[str, _Symbol]) -> Any:
-    """The re-export's dynamic_shapes entry for one input leaf: dim -> Dim for symbolic dims."""
+    """The re-export's dynamic_shapes entry for one input leaf: dim -> Dim for symbolic dims (an
+    int input: its Dim, or None, fixed at its value)."""
+    if isinstance(fake, torch.SymInt):
+        sym = symbols.get(str(fake.node.expr))
+        return sym.dim if sym is not None else None
     if not isinstance(fake, torch.Tensor):
         return None
     spec: dict[int, Any] = {}
     for i, size in enumerate(fake.shape):
         if isinstance(size, torch.SymInt):
             sym = symbols.get(str(size.node.expr))
-            # A derived size (e.g. 2*s) lets torch.export work out the relation itself.
-            spec[i] = sym.dim if sym is not None else torch.export.Dim.AUTO
+            spec[i] = sym.dim if sym is not None else _derived_dim(size.node.expr, symbols)
     return spec or None
+
+
+def _derived_dim(expr: Any, symbols: Mapping[str, _Symbol]) -> Any:
+    """A derived size `a*s + b` of one symbol as the same Dim arithmetic (torch.export wants the
+    relation spelled out); any other one as `Dim.AUTO`, for torch.export to work out."""
+    if len(expr.free_symbols) == 1 and (base := symbols.get(str(next(iter(expr.free_symbols))))) is not None:
+        sym = next(iter(expr.free_symbols))
+        coeff, const = expr.coeff(sym), expr.subs(sym, 0)
+        if expr.is_polynomial(sym) and sympy.degree(expr, sym) == 1 and coeff.is_Integer and const.is_Integer:
+            dim = base.dim if coeff == 1 else base.dim * int(coeff)
+            return dim if const == 0 else dim + int(const)
+    return torch.export.Dim.AUTO
+
+
+def _size_name(size: Any, symbols: Mapping[str, _Symbol]) -> int | str:
+    """A dim's size as the manifest records it: a number, a symbol's name, or a derived size as
+    an expression of the names (`2*n`)."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    expr = size.node.expr
+    if str(expr) in symbols:
+        return symbols[str(expr)].name
+    if all(str(s) in symbols for s in expr.free_symbols):
+        return str(expr.xreplace({s: sympy.Symbol(symbols[str(s)].name, integer=True) for s in expr.free_symbols}))
+    return str(expr)
 
 
 def _input_specs(fake_inputs: Sequence[Any], symbols: Mapping[str, _Symbol]) -> list[dict[str, Any]]:
     specs: list[dict[str, Any]] = []
     for fake in fake_inputs:
+        if isinstance(fake, torch.SymInt):
+            # An int input kept dynamic, or fixed at its example value by the re-export.
+            key = str(fake.node.expr)
+            specs.append({"kind": "int", "dim": symbols[key].name} if key in symbols else
+                         {"kind": "int", "value": int(fake.node.hint)})
+            continue
         if not isinstance(fake, torch.Tensor):
             spec: dict[str, Any] = {"kind": type(fake).__name__}
             # torch.export specializes these: the program holds the value it was exported with.
@@ -377,14 +475,8 @@ def _input_specs(fake_inputs: Sequence[Any], symbols: Mapping[str, _Symbol]) -> 
                 spec["value"] = fake
             specs.append(spec)
             continue
-        shape: list[int | str] = []
-        for size in fake.shape:
-            if isinstance(size, torch.SymInt):
-                key = str(size.node.expr)
-                shape.append(symbols[key].name if key in symbols else key)
-            else:
-                shape.append(int(size))
-        specs.append({"kind": "tensor", "shape": shape, "dtype": str(fake.dtype).replace("torch.", "")})
+        specs.append({"kind": "tensor", "shape": [_size_name(size, symbols) for size in fake.shape],
+                      "dtype": str(fake.dtype).replace("torch.", ""), "device": fake.device.type})
     return specs
 
 
@@ -395,14 +487,18 @@ def _manifest(
     symbols: Mapping[str, _Symbol],
     fake_inputs: Sequence[Any],
     kernels: Mapping[str, bytes],
+    kernel_dir: Path | None,
 ) -> dict[str, Any]:
     graph = report.graphs[-1]
     report_data = report.to_dict()
-    # Kernel paths pointed into a temporary folder: point them at the archive's copies instead.
+    # Kernel paths pointed into a temporary folder: point them at the archive's copies instead
+    # (the path under the kernels folder: an Ascend project keeps its op_kernel/ and op_host/).
     for g in report_data["graphs"]:
         for k in g.get("kernels", []):
             if k.get("source_path"):
-                k["source_path"] = KERNELS_PREFIX + Path(k["source_path"]).name
+                source = Path(k["source_path"])
+                inside = kernel_dir is not None and source.is_relative_to(kernel_dir)
+                k["source_path"] = KERNELS_PREFIX + (source.relative_to(kernel_dir).as_posix() if inside else source.name)
     ops = sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function" and str(n.target).startswith("tileflow.")})
     return {
         "format": ARCHIVE_FORMAT,
@@ -440,13 +536,30 @@ class LoadedProgram:
         self._accepted_sizes: set[tuple[int, ...]] = set()
 
     def check_inputs(self, args: Sequence[Any]) -> None:
-        """Raise ValueError when `args` do not match the archive's recorded inputs."""
+        """Raise ValueError when `args` (as the model takes them: lists and dicts of tensors too)
+        do not match the archive's recorded inputs. Inputs are numbered as leaves, in order."""
         specs = self.manifest["inputs"]
-        if len(args) != len(specs):
-            raise ValueError(f"the archive {self.path} takes {len(specs)} input(s), got {len(args)}")
+        leaves = pytree.tree_leaves(tuple(args))
+        if len(leaves) != len(specs):
+            raise ValueError(f"the archive {self.path} takes {len(specs)} input(s), got {len(leaves)}")
         ranges = self.manifest.get("dynamic", {})
         bound: dict[str, tuple[int, str]] = {}
-        for i, (arg, spec) in enumerate(zip(args, specs)):
+        derived: list[tuple[str, int, str]] = []
+
+        def within(name: str, size: int, where: str) -> None:
+            lo, hi = ranges.get(name, [None, None])
+            if (lo is not None and size < lo) or (hi is not None and size > hi):
+                raise ValueError(f"{where} is {size} but the archive was exported for {name} in [{lo}, {hi}]")
+            if name in bound and bound[name][0] != size:
+                raise ValueError(f"{where} is {size} but {bound[name][1]} (the same dim {name}) is {bound[name][0]}")
+            bound.setdefault(name, (int(size), where))
+
+        for i, (arg, spec) in enumerate(zip(leaves, specs)):
+            if spec.get("kind") == "int" and "dim" in spec:
+                if isinstance(arg, bool) or not isinstance(arg, int):
+                    raise ValueError(f"input {i} must be an int ({spec['dim']}), got {type(arg).__name__}")
+                within(spec["dim"], arg, f"input {i}")
+                continue
             if spec.get("kind") != "tensor":
                 if "value" in spec and not (type(arg).__name__ == spec["kind"] and arg == spec["value"]):
                     got = f"a tensor of shape {list(arg.shape)}" if isinstance(arg, torch.Tensor) else repr(arg)
@@ -458,6 +571,9 @@ class LoadedProgram:
             dtype = str(arg.dtype).replace("torch.", "")
             if dtype != spec["dtype"]:
                 raise ValueError(f"input {i} has dtype {dtype} but the archive was exported for {spec['dtype']}")
+            if "device" in spec and arg.device.type != spec["device"]:
+                raise ValueError(f"input {i} is on {arg.device.type} but the archive's program runs on {spec['device']} "
+                                 f"(its weights are there): move the input to {spec['device']}")
             shape = spec["shape"]
             if arg.dim() != len(shape):
                 raise ValueError(f"input {i} has {arg.dim()} dims but the archive was exported for {len(shape)} ({shape})")
@@ -466,19 +582,22 @@ class LoadedProgram:
                 if isinstance(want, int):
                     if size != want:
                         raise ValueError(f"{where} is {size} but the archive was exported with it fixed at {want}")
-                    continue
-                lo, hi = ranges.get(want, [None, None])
-                if (lo is not None and size < lo) or (hi is not None and size > hi):
-                    raise ValueError(f"{where} is {size} but the archive was exported for {want} in [{lo}, {hi}]")
-                if want in bound and bound[want][0] != size:
-                    raise ValueError(f"{where} is {size} but {bound[want][1]} (the same dim {want}) is {bound[want][0]}")
-                bound.setdefault(want, (int(size), where))
-        key = tuple(int(args[i].shape[d]) for i, d in self._checked_dims)
+                elif want in ranges or _derived_names(want) == [want]:
+                    within(want, int(size), where)
+                else:
+                    derived.append((want, int(size), where))
+        for want, size, where in derived:  # sizes derived from others (`2*n`), once those are bound
+            expr = sympy.sympify(want, locals={n: sympy.Symbol(n, integer=True) for n in _derived_names(want)})
+            value = expr.xreplace({sym: sympy.Integer(bound[str(sym)][0]) for sym in expr.free_symbols
+                                   if str(sym) in bound})
+            if value.is_number and int(value) != size:
+                raise ValueError(f"{where} is {size} but the archive was exported with it at {want} = {int(value)}")
+        key = tuple(int(leaves[i].shape[d]) for i, d in self._checked_dims)
         if key in self._accepted_sizes:
             return
         for expr, dims in self._size_checks:
-            sizes = {sym: args[i].shape[d] for sym, (i, d, _) in dims.items()}
-            if expr.xreplace({sym: sympy.Integer(int(size)) for sym, size in sizes.items()}) is sympy.false:
+            sizes = {sym: leaves[i].shape[d] for sym, (i, d, _) in dims.items()}
+            if _refuses(expr, sizes):
                 named = expr.xreplace({sym: sympy.Symbol(name, integer=True) for sym, (_, _, name) in dims.items()})
                 where = ", ".join(f"input {i} dim {d} is {sizes[sym]}" for sym, (i, d, _) in dims.items())
                 raise ValueError(f"{where}, which the program refuses: the model's trace requires {named} "
@@ -494,6 +613,11 @@ class LoadedProgram:
 
     def __repr__(self) -> str:
         return f"LoadedProgram({self.path!r}, target={self.manifest.get('target')!r}, dynamic={self.manifest.get('dynamic')})"
+
+
+def _derived_names(text: str) -> list[str]:
+    """The names in a manifest's size (`seq`, or `2*n + 1` for a derived one)."""
+    return re.findall(r"[A-Za-z_]\w*", text)
 
 
 def _size_checks(program: torch.export.ExportedProgram, manifest: Mapping[str, Any]) -> list[tuple[Any, dict[Any, tuple[int, int, str]]]]:

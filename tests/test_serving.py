@@ -318,6 +318,52 @@ def test_engine_serves_gpt2_up_to_its_learned_positions_and_refuses_past_them(ll
     assert request.tokens == want[0].tolist()
 
 
+def test_engine_refuses_positions_past_a_shifted_position_table() -> None:
+    """OPT reads its table of max_positions + 2 rows at position + 2: the add hid the table from
+    the check, so a request past it was accepted and failed mid-run (holding its blocks, and
+    failing every later run); it is refused when added now, and the last position is served as
+    eager generates it."""
+    import transformers
+
+    from tileflow.distributed import CausalLMStep, build_stage_program
+
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=16, word_embed_proj_dim=32)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    reference = copy.deepcopy(model)
+    program = build_stage_program(CausalLMStep(model), (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None]),
+                                  max_tokens=32)
+    assert program.max_positions == 16
+    engine = ServingEngine(program, token_budget=32, decode_slots=1, block_size=4, num_blocks=16)
+    with pytest.raises(ValueError, match="past the model's 16 learned positions"):
+        engine.add(Request(0, list(range(1, 18)), 1))
+    prompt = torch.randint(3, VOCAB, (12,)).tolist()
+    request = Request(1, prompt, 5)  # its last fed token sits at position 15
+    engine.run([request])
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                                  pad_token_id=0, eos_token_id=None)
+    assert request.tokens == want[0].tolist()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_id_the_engine_served_is_refused(overlap: bool) -> None:
+    """A finished request's id was taken again, and the two requests' metrics merged (with
+    overlap, the first one's token read back late stamped the second's first-token time)."""
+    engine = ServingEngine(RandomProgram(0), token_budget=8, decode_slots=2, block_size=4, num_blocks=8, overlap=overlap)
+    engine.add(Request(0, [3, 4], 1))
+    engine.add(Request(1, [5, 6], 4))
+    engine.step()  # request 0 is done at this step's commit; with overlap its token is still unread
+    with pytest.raises(ValueError, match="request id 0 was already served by this engine"):
+        engine.add(Request(0, [7, 8, 9], 3))
+    metrics = engine.run()
+    assert sorted(metrics.token_times) == [0, 1] and len(metrics.token_times[0]) == 1
+    with pytest.raises(RuntimeError, match="no request waiting or running"):
+        engine.step()
+
+
 @pytest.mark.parametrize("max_new_tokens", [0, 2.5, "3"])
 def test_requests_need_an_integer_token_count(max_new_tokens) -> None:
     with pytest.raises(ValueError, match="max_new_tokens an int >= 1"):

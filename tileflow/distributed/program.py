@@ -277,30 +277,49 @@ _ID_RESHAPES = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.de
 
 
 def embedding_rows(gm: torch.fx.GraphModule, input_index: int) -> int | None:
-    """The rows of the smallest embedding table the graph's `input_index`-th input indexes (a
-    language model's vocabulary: its token ids must be below it; or its learned position table:
-    its positions must be), or None when it indexes none.
+    """How far the graph's `input_index`-th input may go: the rows of the smallest embedding
+    table it indexes (a language model's vocabulary: its token ids must be below it; or its
+    learned position table: its positions must be), less the constant it is shifted by on the
+    way (OPT reads its table at position + 2), or None when it indexes none.
     Checked on the host before a step, an id past the table is a clear error; inside the step it
     is an index error mid-batch, or a device-side assert that ends the CUDA context."""
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if input_index >= len(inputs):
         return None
-    rows, ids = [], [inputs[input_index]]
+    rows: list[int] = []
+    ids: list[tuple[torch.fx.Node, int]] = [(inputs[input_index], 0)]  # (node, the constant added to the input)
     while ids:
-        node = ids.pop()
+        node, offset = ids.pop()
         for user in node.users:
             if user.op != "call_function":
                 continue
+            shift = _constant_shift(user, node)
             if user.target in _ID_RESHAPES and user.args[0] is node:
-                ids.append(user)
+                ids.append((user, offset))
+            elif shift is not None:
+                ids.append((user, offset + shift))
             elif user.target is torch.ops.aten.embedding.default and user.args[1] is node:
                 weight = user.args[0]
                 table = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else weight
                 if table is None and weight.op == "get_attr":
                     table = operator.attrgetter(weight.target)(gm)
                 if isinstance(table, torch.Tensor) and table.dim() == 2:
-                    rows.append(int(table.shape[0]))
+                    rows.append(int(table.shape[0]) - offset)
     return min(rows, default=None)
+
+
+def _constant_shift(user: torch.fx.Node, node: torch.fx.Node) -> int | None:
+    """The int `user` adds to `node` (`node + c`, `c + node`, `node - c`), or None."""
+    if user.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar, torch.ops.aten.sub.Tensor,
+                           torch.ops.aten.sub.Scalar) or len(user.args) != 2 or user.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = user.args
+    if a is node and isinstance(b, int) and not isinstance(b, bool):
+        return b if user.target in (torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar) else -b
+    if b is node and isinstance(a, int) and not isinstance(a, bool) and user.target in (
+            torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar):
+        return a
+    return None
 
 
 # Serving stages are captured up to this many tokens (vLLM's default too): larger steps run

@@ -234,8 +234,9 @@ class ServingEngine:
         self.streams = streams if streams is not None else CudaStreams(self.device) if self.device.type == "cuda" else None
 
     def add(self, request: Request) -> None:
-        """Queue a request; ValueError for token ids the model has no embedding for, or for a
-        request longer than the program's `max_positions` (GPT-2's learned position table)."""
+        """Queue a request; ValueError for token ids the model has no embedding for, for a
+        request longer than the program's `max_positions` (GPT-2's learned position table), or
+        for an id this engine has served before."""
         vocab = getattr(self.program, "vocab_size", None)
         if vocab is not None:
             bad = sorted({t for t in (*request.prompt, *request.stop_tokens) if t >= vocab})
@@ -252,6 +253,11 @@ class ServingEngine:
                 f"request {request.id}: {len(request.prompt)} prompt tokens and {request.max_new_tokens} new ones reach "
                 f"position {len(request.prompt) + request.max_new_tokens - 2}, past the model's {positions} {what}: {fix}"
             )
+        if request.id in self._arrivals or request.id in self.metrics.token_times:
+            # Its metrics would merge with the earlier request's (and an earlier token still being
+            # read back would stamp this one's first-token time).
+            raise ValueError(f"request id {request.id} was already served by this engine: ids must be unique over "
+                             "its life (metrics are kept by id)")
         self.scheduler.add(request)
         # TTFT counts from here: a request may join between steps or runs, long after a run began.
         self._arrivals[request.id] = time.perf_counter() - self._start
@@ -289,6 +295,8 @@ class ServingEngine:
         entries = self.scheduler.schedule(drafts)
         self.metrics.preemptions += len(self.scheduler.last_preempted)
         if not entries:
+            if not self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("step() with no request waiting or running: add() one first")
             raise RuntimeError("the scheduler produced an empty step with requests pending (no KV room?)")
         logits = self.forward(entries)
         predictions = pick_tokens(logits[0], self._row_sampling(entries))

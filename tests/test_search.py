@@ -383,3 +383,14 @@ def test_numpy_and_tensor_costs_are_numbers() -> None:
     assert search_split(odd, H100, 1024) == search_split(plain, H100, 1024) == brute_force_split(plain, H100, 1024)
     with pytest.raises(ValueError, match="costs must be numbers"):
         OpProfile("g", "compute", "8e7")
+
+
+def test_a_cached_plan_cannot_be_edited_by_a_caller() -> None:
+    """Plans are cached and shared: an edit of one caller's plan changed the next caller's."""
+    ops = [OpProfile("g", "compute", 8e7, 1e3, 1e8), OpProfile("a", "memory", 1e3, 1e5)]
+    plan = search_split(ops, H100, 2048, apply_threshold=False)
+    with pytest.raises(TypeError):
+        plan.sm_share_per_stream[0] = 0.01
+    with pytest.raises(TypeError):
+        plan.stream_of_resource["compute"] = 5
+    assert SplitPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan

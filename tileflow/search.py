@@ -57,6 +57,7 @@ from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
+from types import MappingProxyType
 from typing import Any
 
 from tileflow.devices import DeviceInfo
@@ -147,11 +148,16 @@ class SplitPlan:
 
     k: int
     sizes: tuple[int, ...]
-    stream_of_resource: dict[str, int]
-    sm_share_per_stream: dict[int, float]
+    stream_of_resource: Mapping[str, int]
+    sm_share_per_stream: Mapping[int, float]
     makespan: float
     baseline_makespan: float
     threshold: int | None = None
+
+    def __post_init__(self) -> None:
+        # Read-only views: plans are cached and shared, so a caller's edit would change later answers.
+        object.__setattr__(self, "stream_of_resource", MappingProxyType(dict(self.stream_of_resource)))
+        object.__setattr__(self, "sm_share_per_stream", MappingProxyType(dict(self.sm_share_per_stream)))
 
     @property
     def speedup(self) -> float:

@@ -1450,8 +1450,11 @@ def _looked_up_in_range(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # Clamped, wrapped and masked ids; OPT-style positions from the mask: (cumsum * mask) - 1 + 2 is
     # 1 at padded rows, whatever the running count holds there.
     positions = torch.cumsum(mask, dim=1) * mask - 1 + 2
+    # transformers' generate: cumsum(mask) - 1, filled with 1 where the mask is 0 (padded rows too).
+    filled = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     rows = F.embedding((ids - 1).clamp(min=0), EMBED10) + EMBED10[ids - 1] + F.embedding(ids % 10, EMBED10)
-    return (rows + F.embedding(torch.where(ids > 20, 0, ids), EMBED10) + POSITIONS8[positions.clamp(max=7)]) @ W
+    return (rows + F.embedding(torch.where(ids > 20, 0, ids), EMBED10) + POSITIONS8[positions.clamp(max=7)]
+            + F.embedding(filled.clamp(max=7), POSITIONS8)) @ W
 
 
 def test_lookups_whose_padded_indices_stay_in_the_table_are_captured(replay_on_cpu) -> None:

@@ -270,6 +270,7 @@ _KEEPS_SIGN = (_SAME_DIMS | _RESHAPES | {
     aten.cumsum.default,
 })
 _SIGNS = (None, "non-negative", "positive")  # weakest first
+_WHERES = {aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar}
 # Ops whose output elements are elements of their tensor inputs (copies, views, moves, slices).
 _KEEPS_PADDING = _SAME_DIMS | _RESHAPES | {
     aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
@@ -739,8 +740,11 @@ class _Walk:
         if target in (aten.mul.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default) and any(
                 self.carries_tokens(a) and self.facts[a].pad is not None and not self.facts[a].pad for a in sources):
             return _as_dtype(0, val.dtype)
-        if target is aten.where.self and padded(args["condition"]) is not None:
+        if target in _WHERES and padded(args["condition"]) is not None:
             return _as_dtype(padded(args["self" if padded(args["condition"]) else "other"]), val.dtype)
+        if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) and padded(args["mask"]) is not None:
+            # Filled at padded rows (HF's positions: cumsum(mask) - 1, filled with 1 where mask is 0).
+            return _as_dtype(padded(args["value" if padded(args["mask"]) else "self"]), val.dtype)
         operands = {name: padded(value) for name, value in args.items()}
         if any(operands[name] is None for name, value in args.items() if isinstance(value, fx.Node)):
             return None

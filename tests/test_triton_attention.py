@@ -369,6 +369,19 @@ def test_split_kv_decode_many_chunks() -> None:
     assert int(table.merges[:, 5].max()) == 3
 
 
+def test_automatic_split_of_a_long_decode_beside_short_ones() -> None:
+    """More tiles than programs, one far longer than the rest: the automatic policy cuts only the
+    long tile (chunks of 256 positions beside whole short tiles), and the kernel's split and merge
+    equal float64 with those uneven tasks."""
+    lengths = [(1, 1500)] + [(1, 40)] * 12
+    batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=1, head_dim=16, block_size=16,
+                        dtype=torch.float32, seed=11)
+    spec = attn_spec(gqa=4, block_q=1)
+    _, table = run_and_check(batch, spec, num_programs=4, what="automatic split")
+    assert table.merges.tolist() == [[0, 0, 0, 1, 0, 6]]
+    assert table.to_summary()["cost_ratio"] <= 1.5
+
+
 @pytest.mark.parametrize(("dtype", "window", "kv_split"), [("float32", None, None), ("float16", 9, 16)])
 def test_logit_softcap(dtype: str, window: int | None, kv_split: int | None) -> None:
     """Soft-capped scores (cap 0.5 against scores of a few units: the cap bends every one of them)

@@ -102,7 +102,7 @@ def main() -> int:
             if want != r.tokens[len(r.prompt):]:
                 print(f"MISMATCH request {r.id}", file=sys.stderr)
                 return 1
-        mode = "greedy generation" if args.temperature == 0 else "sampling with the same seeds"
+        mode = "greedy generation" if all(r.sampling.greedy for r in requests) else "sampling with the same seeds"
         print(f"check passed: {len(requests)} requests equal eager {mode}")
     return 0
 

@@ -91,6 +91,57 @@ def test_recompiles_count_only_this_reports_own_compiles_of_a_frame() -> None:
     assert len(report.graphs) == 2 and report.recompiles == 1
 
 
+class _Sigmoid(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.linear(x))
+
+
+def test_a_compile_after_dynamo_reset_is_no_recompile(tmp_path) -> None:
+    """`torch._dynamo.reset()` numbers frames from 0 again: a fresh compile then took the frame id
+    of one compiled before and counted as a recompile. And a debug_dir's report.json counts its
+    own graphs' recompiles, not the session's (another model's recompile showed there)."""
+    import pickle
+
+    def mlp() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
+
+    report = tileflow.Report()
+    with torch.no_grad():
+        torch.compile(mlp(), backend=tileflow.TileflowBackend({}, report=report), dynamic=True)(torch.randn(5, 32))
+        torch._dynamo.reset()
+        torch.compile(mlp(), backend=tileflow.TileflowBackend({}, report=report), dynamic=True)(torch.randn(5, 32))
+    assert len(report.graphs) == 2 and report.recompiles == 0
+    torch._dynamo.reset()
+    session = tileflow.Report()
+    recompiled = torch.compile(mlp(), backend=tileflow.TileflowBackend({"debug_dir": str(tmp_path / "a")}, report=session),
+                               dynamic=False)
+    other = torch.compile(_Sigmoid().eval(),  # its own forward: Sequential's would be the same frame
+                          backend=tileflow.TileflowBackend({"debug_dir": str(tmp_path / "b")}, report=session), dynamic=False)
+    with torch.no_grad():
+        for n in (3, 5):
+            recompiled(torch.randn(n, 32))  # a new static shape: the frame compiles again
+        other(torch.randn(3, 32))
+    assert session.recompiles == 1
+    counts = {d: json.loads((tmp_path / d / "report.json").read_text())["recompiles"] for d in ("a", "b")}
+    assert counts == {"a": 1, "b": 0}
+    # A report crosses process boundaries (a worker's): it pickles and copies, lock and all.
+    assert pickle.loads(pickle.dumps(session)) == session
+
+
+def test_verify_notes_its_eager_residual_in_the_debug_dir(tmp_path) -> None:
+    """The note was set after the debug_dir's report.json had been written: only memory had it."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU()).eval()
+    report = tileflow.explain(model, torch.randn(5, 32), options={"verify": True, "residual": "inductor",
+                                                                  "debug_dir": str(tmp_path)})
+    note = "verify=True runs the residual graph eagerly"
+    assert report.graphs[0].extra["residual_note"] == note
+    assert json.loads((tmp_path / "report.json").read_text())["graphs"][0]["extra"]["residual_note"] == note
+
+
 def test_explain_rejects_bad_options() -> None:
     with pytest.raises(ValueError, match="unknown tileflow option"):
         tileflow.explain(torch.sin, torch.randn(3), options={"targte": "reference"})

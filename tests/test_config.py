@@ -161,3 +161,20 @@ def test_the_documented_golden_update_variable_is_not_a_config_error() -> None:
     assert Config.from_options({}, env={"TILEFLOW_UPDATE_GOLDEN": "1"}) == Config()
     with pytest.raises(ValueError, match="unknown environment variable TILEFLOW_UPDATE_GOLDN"):
         Config.from_options({}, env={"TILEFLOW_UPDATE_GOLDN": "1"})
+
+
+def test_unknown_keys_to_the_constructor_and_replace_name_the_valid_ones() -> None:
+    """`Config(max_token=4)` and `.replace(max_token=4)` were bare TypeErrors; they say what the
+    options are, as `from_options` does."""
+    for make in (lambda: Config(max_token=4), lambda: Config().replace(max_token=4)):
+        with pytest.raises(ValueError, match=r"unknown tileflow option\(s\) \['max_token'\]; valid options are .*'max_tokens'"):
+            make()
+
+
+def test_debug_dir_is_text_and_not_a_file(tmp_path) -> None:
+    """A Path debug_dir read back from a report's JSON as text (so a report did not equal its own
+    round trip); a file given as the folder failed at the first call with an OS error."""
+    assert Config(debug_dir=tmp_path).debug_dir == str(tmp_path)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match="which is a file: give a folder"):
+        Config(debug_dir=tmp_path / "f")

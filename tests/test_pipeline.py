@@ -300,3 +300,65 @@ def test_rollback_undoes_what_a_pass_left_on_the_module_and_report() -> None:
     [fallback] = ctx.report.fallbacks
     assert "schedule check failed" in fallback.reason
     torch.testing.assert_close(gm(*inputs), fn(*inputs))
+
+
+@register_pass
+class QuietSwap:
+    """Swaps relu for sigmoid and counts nothing (`changed` stays False)."""
+
+    name = "test_quiet_swap"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        for node in gm.graph.nodes:
+            if node.target is aten.relu.default:
+                node.target = aten.sigmoid.default
+        return PassResult()
+
+
+def test_verify_checks_a_pass_that_says_it_changed_nothing() -> None:
+    """The check ran only for passes whose result counted a rewrite: one that rewrote and forgot
+    to count went through, wrong, with the report saying every pass was checked."""
+    gm, inputs = traced()
+    config = Config(passes=("test_quiet_swap",), verify=True)
+    ctx = context(config)
+    PassManager.from_config(config).run(gm, ctx, real_inputs=inputs)
+    assert "changed output 0" in ctx.report.fallbacks[0].reason
+    torch.testing.assert_close(gm(*inputs), fn(*inputs))
+
+
+class _Dropped(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 32)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(torch.relu(self.linear(x)))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_verify_runs_random_ops_from_one_state_and_leaves_the_callers(strict: bool) -> None:
+    """Each check run drew other dropout masks, so verify rolled every correct pass back (strict
+    raised), and it consumed the caller's random numbers, so the first call differed from eager
+    under the same seed."""
+    model, x = _Dropped().train(), torch.randn(6, 16)
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"verify": True, "strict": strict}, report=report),
+                             dynamic=True)
+    with torch.no_grad():
+        torch.manual_seed(123)
+        got = compiled(x)
+        after = torch.rand(3)
+        torch.manual_seed(123)
+        want = model(x)
+        assert torch.equal(after, torch.rand(3))  # the check runs left the caller's generator as eager does
+    torch.testing.assert_close(got, want)
+    assert not report.fallbacks and report.rewrites.get("padded_gemm") == 1
+
+
+def test_pass_names_must_name_files() -> None:
+    """A pass's name names its files in a debug_dir: one with '/' crashed the compile there (and
+    '../x' would write outside it)."""
+    for name in ("team/noop", "..", "a b"):
+        with pytest.raises(ValueError, match="must be letters, digits"):
+            register_pass(type("Bad", (), {"name": name, "run": lambda self, gm, ctx: PassResult()}))

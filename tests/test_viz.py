@@ -235,7 +235,8 @@ def test_archive_source(tmp_path: Path) -> None:
     assert "http://" not in outside_data(page)
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty_dir", "not_zip", "zip_no_manifest", "bad_report"])
+@pytest.mark.parametrize("kind", ["missing", "empty_dir", "not_zip", "zip_no_manifest", "bad_report",
+                                  "malformed_report"])
 def test_bad_source_is_a_one_line_error(kind: str, tmp_path: Path) -> None:
     source = tmp_path / "src"
     if kind == "empty_dir":
@@ -250,6 +251,9 @@ def test_bad_source_is_a_one_line_error(kind: str, tmp_path: Path) -> None:
     elif kind == "bad_report":
         source.mkdir()
         (source / "report.json").write_text("{ not json")
+    elif kind == "malformed_report":  # JSON, but a pass that is a string (it raised AttributeError)
+        source.mkdir()
+        (source / "report.json").write_text('{"schema": 1, "graphs": [{"graph_id": "g", "passes": ["canonicalize"]}]}')
     result = CliRunner().invoke(viz_command, [str(source), "-o", str(tmp_path / "out.html")])
     assert result.exit_code != 0
     lines = [ln for ln in result.output.splitlines() if ln.strip()]

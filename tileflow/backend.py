@@ -19,17 +19,19 @@ from .report import Report, session_report
 log = get_logger("backend")
 
 
-def _current_compile_id() -> tuple[str | None, int | None]:
-    """Dynamo's id for the frame being compiled, and the frame's number (None outside Dynamo)."""
+def _current_compile_id() -> tuple[str | None, int | None, int]:
+    """Dynamo's id for the frame being compiled, the frame's number (None outside Dynamo) and
+    Dynamo's count of its earlier compiles (0 for a frame's first, also after
+    `torch._dynamo.reset()`, which numbers frames from 0 again)."""
     try:
         from torch._guards import CompileContext
 
         cid = CompileContext.current_compile_id()
     except Exception:  # outside a Dynamo compile
-        return None, None
+        return None, None, 0
     if cid is None:
-        return None, None
-    return str(cid), getattr(cid, "frame_id", None)
+        return None, None, 0
+    return str(cid), getattr(cid, "frame_id", None), getattr(cid, "frame_compile_id", None) or 0
 
 
 def _declared_dynamic(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> frozenset[Any]:
@@ -59,8 +61,10 @@ class TileflowBackend:
         self.report = report if report is not None else session_report()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        compile_id, frame = _current_compile_id()
-        recompile = frame is not None and self.report.compiled_frame_before(frame)
+        compile_id, frame, earlier = _current_compile_id()
+        # A recompile: Dynamo compiled this frame before (its count also grows for another
+        # backend's compile, an earlier `explain`) and this report holds one of those compiles.
+        recompile = frame is not None and earlier > 0 and self.report.compiled_frame_before(frame)
         log.info("Dynamo frame %s: %d nodes", compile_id, len(gm.graph.nodes))
 
         declared = _declared_dynamic(gm, example_inputs)
@@ -102,8 +106,8 @@ class _VerifyOnFirstCall:
             self.compiled = compile_graph(
                 self.gm, self.inputs, self.backend.config, self.backend.report,
                 compile_id=self.compile_id, recompile=self.recompile, real_inputs=args, residual="eager",
+                residual_note="verify=True runs the residual graph eagerly",
             )
-            self.backend.report.graphs[-1].extra["residual_note"] = "verify=True runs the residual graph eagerly"
         return self.compiled(*args)
 
 

@@ -108,6 +108,7 @@ def compile_graph(
     recompile: bool = False,
     real_inputs: Sequence[Any] | None = None,
     residual: str | None = None,
+    residual_note: str | None = None,
     emit_only: bool = False,
     shape_guards: bool = False,
     declared_dynamic: frozenset[Any] = frozenset(),
@@ -115,7 +116,8 @@ def compile_graph(
     """Run tileflow's passes on `gm` and return a callable that executes the result.
 
     `example_inputs` may be fake (sizes symbolic); `real_inputs`, when given, are concrete inputs
-    used by `config.verify`. `residual` overrides `config.residual` (after `auto` resolution).
+    used by `config.verify`. `residual` overrides `config.residual` (after `auto` resolution),
+    and `residual_note` says why in the report.
     `emit_only` writes the kernels' sources without building them (ahead-of-time export for a
     target this machine cannot run). `shape_guards`: the caller checks the graph's shape guards
     before each call (Dynamo), so passes may pin symbolic sizes with guards (`PassContext`), but
@@ -139,6 +141,7 @@ def compile_graph(
         target=target,
         debug_dir=str(artifact_dir) if artifact_dir else None,
         config=config.to_dict(),
+        extra={"residual_note": residual_note} if residual_note else {},
     )
     ctx = PassContext(
         config=config,
@@ -193,4 +196,5 @@ def _write_reports(root: Path, graph_report: GraphReport, report: Report) -> Non
     graph_dir.mkdir(parents=True, exist_ok=True)
     (graph_dir / "report.json").write_text(json.dumps(graph_report.to_dict(), indent=2, default=str))
     mine = [g for g in report.graphs if g.debug_dir and Path(g.debug_dir).parent == root]
-    (root / "report.json").write_text(Report(graphs=mine, recompiles=report.recompiles).to_json())
+    # This folder's graphs' recompiles, not the session's (other models share the session report).
+    (root / "report.json").write_text(Report(graphs=mine, recompiles=sum(g.recompile for g in mine)).to_json())

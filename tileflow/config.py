@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, fields
@@ -86,6 +87,10 @@ class Config:
         for name in ("debug_dir", "tile_timings"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
                 raise ValueError(f"tileflow option {name!r} must be a path or None, got {getattr(self, name)!r}")
+        if self.debug_dir is not None:
+            object.__setattr__(self, "debug_dir", os.fspath(self.debug_dir))  # a Path reads back from JSON as text
+            if os.path.exists(self.debug_dir) and not os.path.isdir(self.debug_dir):
+                raise ValueError(f"tileflow option 'debug_dir' names {self.debug_dir!r}, which is a file: give a folder")
         if self.tile_timings is not None:
             from .runtime import load_tile_timings  # here: the runtime imports this module
 
@@ -118,11 +123,7 @@ class Config:
         options = dict(options or {})
         env = os.environ if env is None else env
         valid = cls.keys()
-        unknown = sorted(k for k in options if k not in valid)
-        if unknown:
-            raise ValueError(
-                f"unknown tileflow option(s) {unknown}; valid options are {list(valid)}"
-            )
+        _check_keys(options)
         values: dict[str, Any] = {}
         for name, raw in env.items():
             if not name.startswith("TILEFLOW_") or name in _NON_CONFIG_ENV:
@@ -141,6 +142,7 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (validated like the constructor)."""
+        _check_keys(changes)
         return dataclasses.replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
 
     def graph_buckets(self) -> tuple[int, ...]:
@@ -155,6 +157,26 @@ class Config:
         data = dataclasses.asdict(self)
         data["passes"] = list(self.passes)
         return data
+
+
+def _check_keys(options: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the keys of `options` that are no option, and the valid ones."""
+    unknown = sorted(k for k in options if k not in Config.keys())
+    if unknown:
+        raise ValueError(f"unknown tileflow option(s) {unknown}; valid options are {list(Config.keys())}")
+
+
+_DATACLASS_INIT = Config.__init__
+
+
+@functools.wraps(_DATACLASS_INIT)
+def _checked_init(self: Config, *args: Any, **kwargs: Any) -> None:
+    # Config(max_token=4) says which options exist, as from_options does (not a bare TypeError).
+    _check_keys(kwargs)
+    _DATACLASS_INIT(self, *args, **kwargs)
+
+
+Config.__init__ = _checked_init  # type: ignore[method-assign]
 
 
 def _check_pass_order(passes: tuple[str, ...]) -> None:

@@ -9,13 +9,15 @@ and after graph is written as readable code and as JSON for the visualizer.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.fx as fx
@@ -103,6 +105,9 @@ def register_pass(cls: Callable[[], Pass]) -> Callable[[], Pass]:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"pass class {cls!r} needs a non-empty string attribute `name`")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+        # It names the pass's files in a debug_dir: a "/" would make folders, or leave it.
+        raise ValueError(f"pass name {name!r} must be letters, digits, '_', '.' or '-'")
     _REGISTRY[name] = cls
     return cls
 
@@ -151,17 +156,20 @@ class PassManager:
         the check is skipped and the report says so.
         """
         debug = _DebugWriter(ctx.artifact_dir) if ctx.artifact_dir is not None else None
-        reference = None
+        reference, rng = None, None
         if self.config.verify:
             if real_inputs is None:
                 ctx.report.extra["verify"] = "skipped: no real inputs (fake tensors only)"
             else:
-                reference = _run_graph(gm, real_inputs)
+                # Every check run draws the same random numbers (dropout), from the caller's state,
+                # which it leaves as it was for the step itself.
+                rng = _RandomState.of(real_inputs)
+                reference = _run_graph(gm, real_inputs, rng)
                 ctx.report.extra["verify"] = "checked each pass against the unrewritten graph"
         if debug is not None:
             debug.write_graph("input", gm)
         for index, p in enumerate(self.passes):
-            self._run_one(index, p, gm, ctx, debug, reference, real_inputs)
+            self._run_one(index, p, gm, ctx, debug, reference, real_inputs, rng)
         if debug is not None:
             debug.write_graph("output", gm)
         return gm
@@ -175,6 +183,7 @@ class PassManager:
         debug: "_DebugWriter | None",
         reference: list[Any] | None,
         real_inputs: Sequence[Any] | None,
+        rng: "_RandomState | None" = None,
     ) -> None:
         name = p.name
         snapshot = snapshot_graph(gm)
@@ -194,8 +203,9 @@ class PassManager:
                 raise TypeError(f"pass {name!r} returned {type(result).__name__}, expected PassResult")
             gm.graph.lint()
             gm.recompile()
-            if reference is not None and real_inputs is not None and result.changed:
-                _check_numerics(name, reference, _run_graph(gm, real_inputs), self.config)
+            if reference is not None and real_inputs is not None:
+                # Whatever the pass says it changed: one that rewrote and forgot to count is checked too.
+                _check_numerics(name, reference, _run_graph(gm, real_inputs, rng), self.config)
         except Exception as exc:  # a failing pass must never take the compile down with it
             error = f"{type(exc).__name__}: {exc}"
             log.warning("pass %s failed on %s and was rolled back: %s", name, ctx.report.graph_id, error)
@@ -247,12 +257,13 @@ def _written_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return list(dict.fromkeys(w for w in written if w.op in ("placeholder", "get_attr")))
 
 
-def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Any]:
+def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any], rng: "_RandomState | None" = None) -> list[Any]:
     """`gm`'s flat outputs on `inputs`, then the values it wrote into its mutated inputs and
     buffers. Those inputs are cloned first and those buffers restored after, so a check run never
     changes the caller's tensors or the module's state (a buffer counted once per verification
     run, an input doubled each time; an exported model's buffers, which an archive keeps), and
-    each run starts from the same state."""
+    each run starts from the same state: random ops draw from `rng` when given, and leave the
+    caller's generators as they were."""
     written = _written_nodes(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     args = list(inputs)
@@ -264,7 +275,7 @@ def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Any]:
                if isinstance(b, torch.Tensor)]
     saved = [b.detach().clone() for b in buffers]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (rng.replayed() if rng is not None else contextlib.nullcontext()):
             out = gm(*args)
         flat, _ = tree_flatten(out)
         flat += [args[i] for i in mutated] + list(buffers)
@@ -273,6 +284,28 @@ def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Any]:
         with torch.no_grad():
             for buffer, value in zip(buffers, saved):
                 buffer.copy_(value)
+
+
+@dataclass(frozen=True)
+class _RandomState:
+    """The random generators' states (CPU, and each CUDA device the inputs are on) at one moment."""
+
+    cpu: torch.Tensor
+    cuda: dict[int, torch.Tensor]
+
+    @classmethod
+    def of(cls, inputs: Sequence[Any]) -> "_RandomState":
+        devices = sorted({t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda})
+        return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices})
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        """Run from these states, and give the caller's back after."""
+        with torch.random.fork_rng(devices=list(self.cuda)):
+            torch.set_rng_state(self.cpu)
+            for device, state in self.cuda.items():
+                torch.cuda.set_rng_state(state, device)
+            yield
 
 
 def _check_numerics(name: str, expected: list[Any], actual: list[Any], config: Config) -> None:

@@ -69,6 +69,7 @@ class GraphReport:
     debug_dir: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    recompile: bool = False  # a recompile of a frame this session compiled before
 
     @property
     def rewrites(self) -> dict[str, int]:
@@ -106,6 +107,16 @@ class Report:
         self._lock = threading.Lock()
         self._frames: set[int] = set()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A lock cannot be pickled or copied (a report sent back from a worker process).
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def compiled_frame_before(self, frame: int) -> bool:
         """Whether this report already holds a finished compile of Dynamo frame `frame`: a
         recompile. Dynamo's own count also grows when another backend (an earlier `explain`,
@@ -121,6 +132,7 @@ class Report:
     def add_graph(self, graph: GraphReport, *, recompile: bool = False) -> None:
         """Record a newly compiled graph (thread-safe: Dynamo may compile from several threads)."""
         with self._lock:
+            graph.recompile = recompile
             self.graphs.append(graph)
             if recompile:
                 self.recompiles += 1

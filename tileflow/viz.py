@@ -139,7 +139,11 @@ def viz_command(source: Path, output: Path) -> None:
         raise click.ClickException(f"-o {output} would overwrite the {'report' if source.is_dir() else 'source'} "
                                    "it reads; write the page elsewhere (e.g. -o report.html)")
     try:
-        data = collect(source)
+        try:
+            data = collect(source)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a field of the wrong kind
+            raise VizError(f"{source} holds a malformed tileflow report ({type(exc).__name__}: {exc}); regenerate "
+                           "it with this tileflow") from None
         text = render(data)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text, encoding="utf-8")

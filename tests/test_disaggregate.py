@@ -534,7 +534,81 @@ def test_model_worker_refuses_a_batch_it_cannot_run_before_sending_the_plan() ->
     past_vocab = Batch([torch.tensor([[3, 96]]), torch.arange(2)[None]], [0], [2], [0])
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 96\)"):
         worker.step([past_vocab])
+    # Float ids, or ids of shape [1, T, 1], failed inside the dense stage once the plan was out.
+    for ids in (torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[[1], [2], [3]]])):
+        with pytest.raises(ValueError, match=r"input 0 \(token ids\) .* must be an integer tensor of shape \[1, 3\]"):
+            worker.step([Batch([ids, torch.arange(3)[None]], [0], [3], [0])])
     assert t.sent == []
+
+
+class _FailureRecorder(_Recorder):
+    def send_failure(self, reason: str, dst: int) -> None:
+        self.sent.append((dst, f"failure: {reason}"))
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        pass
+
+
+def test_a_step_failing_after_its_plan_ends_the_run_on_every_rank() -> None:
+    """A dense stage failing once the plan is out left the attention workers reading the next
+    step's messages as this one's (a valid step then died with an unrelated shape error): every
+    rank is told why, and the leader refuses later steps. The stages run without autograd."""
+    from tileflow.distributed import Batch, ModelWorker
+
+    program = build_stage_program(_AttentionLast(), EXAMPLE, max_tokens=16)
+    grad_modes = []
+
+    def failing_stage(*args):
+        grad_modes.append(torch.is_grad_enabled())
+        raise RuntimeError("a kernel failed")
+
+    program.stages[0].module = failing_stage
+    t = _FailureRecorder()
+    worker = ModelWorker(program, Layout(2), t)
+    batch = Batch([torch.tensor([[1, 2, 3]]), torch.arange(3)[None]], [0], [3], [0])
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        worker.step([batch])
+    assert grad_modes == [False]
+    assert t.sent[-1][0] == 1 and "the leader's step failed: RuntimeError: a kernel failed" in t.sent[-1][1]
+    with pytest.raises(RuntimeError, match="an earlier step failed after the other ranks had its plan"):
+        worker.step([batch])
+
+
+def test_longrope_positions_are_bounded_where_the_packed_step_is_exact() -> None:
+    """LongRoPE picks its factors by the step's largest position: a short sequence packed beside
+    one past original_max_position_embeddings was rotated with the long factors (0.3 off). The
+    program's positions stop there, and below it a packed step equals each sequence alone."""
+    import transformers
+
+    from tileflow.passes.disaggregate import local_attention
+
+    torch.manual_seed(0)
+    head_dim = 16
+    cfg = transformers.Phi3Config(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=16, pad_token_id=0,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+                         "short_factor": [1.0] * (head_dim // 2), "long_factor": [1.0 + i for i in range(head_dim // 2)]})
+    model = transformers.Phi3ForCausalLM(cfg).eval()
+    reference = transformers.Phi3ForCausalLM(cfg).eval()
+    reference.load_state_dict(model.state_dict())
+    program = build_stage_program(CausalLMStep(model), EXAMPLE, max_tokens=64)
+    assert program.max_positions == 16 and "LongRoPE" in program.max_positions_reason
+    lengths = [15, 3]
+
+    def per_sequence(cut, q, k, v):  # causal attention within each packed sequence
+        outs, at = [], 0
+        for n in lengths:
+            outs.append(local_attention(cut, *(x[:, :, at:at + n].contiguous() for x in (q, k, v))))
+            at += n
+        return torch.cat(outs, dim=2)[0].transpose(0, 1).contiguous().unsqueeze(0).transpose(1, 2)
+
+    seqs = [torch.randint(1, 96, (n,)) for n in lengths]
+    with torch.no_grad():
+        (packed,) = program.run([torch.cat(seqs)[None], torch.cat([torch.arange(n) for n in lengths])[None]],
+                                attention=per_sequence)
+        for seq, rows in zip(seqs, packed[0].split(lengths)):
+            torch.testing.assert_close(rows, reference(input_ids=seq[None]).logits[0], rtol=1e-5, atol=1e-5)
 
 
 def test_model_worker_refuses_layers_with_different_kv_heads() -> None:

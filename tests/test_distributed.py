@@ -59,6 +59,15 @@ def test_rotation_over_two_model_replicas_matches() -> None:
     assert "check passed: 7 steps" in run.stdout and "in 3 batches" in run.stdout
 
 
+def test_rotation_carries_complex_rope_factors_between_replicas() -> None:
+    # Llama 4 hands its RoPE factors (complex64, from torch.polar) from stage 0 to every RoPE
+    # layer: over 3 replicas and 4 layers they cross ranks, which the transport refused.
+    run = _torchrun(4, "--check", "--arch", "llama4", "--model-workers", "3", "--batches", "3", "--layers", "4",
+                    "--steps", "4")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "check passed: 5 steps" in run.stdout
+
+
 def test_check_reports_a_mismatch() -> None:
     # A tolerance no float run meets: the comparison must fire and the run exit non-zero.
     run = _torchrun(2, "--check", "--tolerance", "0", "--steps", "2")

@@ -120,6 +120,7 @@ class ModelWorker:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.idle_timeout_s = idle_timeout_s
         self._release: list[int] = []
+        self._broken: str | None = None  # why a step failed after its plan went out
 
     @property
     def is_leader(self) -> bool:
@@ -143,9 +144,14 @@ class ModelWorker:
             self.t.send(ctl, rank)
             self.t.send(scales, rank)
 
+    @torch.inference_mode()
     def step(self, batches: Sequence[Batch]) -> list[list[Any]]:
-        """One iteration of every batch, staggered; returns each batch's flat program outputs."""
+        """One iteration of every batch, staggered; returns each batch's flat program outputs.
+        A step that fails once the plan went out ends the run on every rank (`abort_run`)."""
         self._leader_only("step")
+        if self._broken:
+            raise RuntimeError(f"an earlier step failed after the other ranks had its plan ({self._broken}); the run "
+                               "is over: start a new one")
         seen: set[int] = set()
         for b in batches:
             if seen & set(b.seq_ids):
@@ -164,7 +170,16 @@ class ModelWorker:
                     self.t.send(x, rank)
         for rank in self.layout.attention_ranks:
             self.t.send(plan, rank)
-        return self._run(list(batches))
+        try:
+            return self._run(list(batches))
+        except PeerError:
+            raise  # another rank failed: it told the others, or they hear of it from their waits
+        except Exception as exc:
+            # The other ranks wait for this step's messages: tell them the run failed and why (the
+            # next step would otherwise be read as this one's), and refuse any later step here.
+            self._broken = f"{type(exc).__name__}: {exc}"
+            abort_run(self.t, self.layout, f"the leader's step failed: {self._broken}")
+            raise
 
     def _check_batch(self, b: Batch) -> None:
         """What the program cannot run, refused before the plan goes out: once the attention
@@ -172,6 +187,14 @@ class ModelWorker:
         failed shape guard, an embedding index error) would leave them reading the next step's
         messages as those."""
         p = self.program
+        for i, x in enumerate(b.inputs):
+            # Token ids and positions: integers of shape [1, T] (a float id or a [1, T, 1] shape
+            # would fail inside a dense stage, once the other ranks wait for the step).
+            if i < 2 and (not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex()
+                          or x.dtype == torch.bool or tuple(x.shape) != (1, b.tokens)):
+                what = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"input {i} ({'token ids' if i == 0 else 'positions'}) of the batch of sequences "
+                                 f"{b.seq_ids} must be an integer tensor of shape [1, {b.tokens}], got a {what}")
         if p.max_tokens is not None and b.tokens > p.max_tokens:
             raise ValueError(f"a batch of {b.tokens} tokens is more than the {p.max_tokens} a step of this program "
                              "may hold: split it, or build the program with build_stage_program(max_tokens=...)")
@@ -204,6 +227,7 @@ class ModelWorker:
 
     # ---- other replicas -------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def serve(self) -> None:
         """Run the leader's steps until SHUTDOWN (replicas other than the leader)."""
         if self.is_leader:

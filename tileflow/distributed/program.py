@@ -52,6 +52,8 @@ class CausalLMStep(torch.nn.Module):
         # unless the build finds the token indices the model reads as positions and replaces them.
         self.position_limit = index_as_position_limit(model.config)
         self.reads_index_as_position = self.position_limit is not None
+        # (bound, why): positions the step is exact below, whatever the step's size.
+        self.positions_exact_below = longrope_position_limit(model.config)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Logits for every new token."""
@@ -72,6 +74,24 @@ def index_as_position_limit(config: Any) -> tuple[int, str] | None:
     bound = max(int(getattr(config, "floor_scale")) - 1, 1)
     return bound, ("positions its attention temperature tuning is exact for (its NoPE layers read a token's index in "
                    "the step as its position, which agree while both are below floor_scale - 1)")
+
+
+def longrope_position_limit(config: Any) -> tuple[int, str] | None:
+    """LongRoPE (Phi-3's long-context models) picks its short or long factors by the forward's
+    largest position: above `original_max_position_embeddings`, long ones for every token. In a
+    packed serving step that largest position may be another sequence's, so the step equals the
+    model only while every position is below it: (that bound, the reason), or None for models
+    without LongRoPE."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    found = [params] if isinstance(params, dict) else []
+    found += [v for v in (params.values() if isinstance(params, dict) else ()) if isinstance(v, dict)]
+    for entry in found:
+        if entry.get("rope_type", entry.get("type")) == "longrope":
+            original = entry.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+            if original:
+                return int(original), ("positions below its original_max_position_embeddings (LongRoPE chooses its factors "
+                                       "by a step's largest position, which in a packed step may be another sequence's)")
+    return None
 
 
 _ARANGES = frozenset({torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step})
@@ -193,9 +213,9 @@ def build_stage_program(
     The step must pack its tokens into one row and use causal attention without a mask tensor
     (for transformers models: `attn_implementation="tileflow_causal"`); otherwise the pass leaves
     it whole and this raises with the pass's reason. A step whose results hold only below some
-    position (`step.position_limit`: GPT-2's learned positions are found in the graph, Llama 4's
-    temperature tuning by `CausalLMStep`) gives the program `max_positions`, which the engine
-    checks each request against.
+    position (`step.position_limit` and `step.positions_exact_below`: GPT-2's learned positions
+    are found in the graph, Llama 4's temperature tuning and LongRoPE by `CausalLMStep`) gives the
+    program `max_positions`, which the engine checks each request against.
     """
     from tileflow.passes.disaggregate import split_stages
     from tileflow.passes.nanobatch import token_symbol
@@ -237,8 +257,9 @@ def build_stage_program(
     vocab_size, max_positions = embedding_rows(graph.gm, 0), embedding_rows(graph.gm, 1)
     program = split_stages(graph.gm)
     program.vocab_size, program.max_positions = vocab_size, max_positions
-    if limit is not None and (max_positions is None or limit[0] < max_positions):
-        program.max_positions, program.max_positions_reason = limit
+    for bound in (limit, getattr(step, "positions_exact_below", None)):
+        if bound is not None and (program.max_positions is None or bound[0] < program.max_positions):
+            program.max_positions, program.max_positions_reason = bound
     device_type = next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
     graphed = graphs_apply(config.cuda_graphs, device_type)
     for i, stage in enumerate(program.dense):

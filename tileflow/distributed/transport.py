@@ -15,12 +15,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
+           torch.int8)
 # uint8 messages are reserved for failure reports: any receive can be answered by one.
 _ERROR_DTYPE = torch.uint8
 _HEADER = 12  # kind, dtype, ndim, up to 9 dims
 _MAX_DIMS = _HEADER - 3
-_KIND_TENSOR, _KIND_INT = 0, 1
+# What a payload holds: a tensor as it is, a Python int or float, a complex tensor as its real
+# view (a last dim of 2: Llama-4's and DeepSeek's RoPE factors), or a bool tensor as int8.
+_KIND_TENSOR, _KIND_INT, _KIND_FLOAT, _KIND_COMPLEX, _KIND_BOOL = range(5)
 
 
 class PeerError(RuntimeError):
@@ -43,8 +46,9 @@ class Transport:
         self.rank = dist.get_rank()
         self._pending: list[tuple[Any, tuple[torch.Tensor, ...]]] = []
 
-    def send(self, value: torch.Tensor | int, dst: int) -> None:
-        """Send a tensor (any layout; sent contiguous) or an int to rank `dst`, without waiting."""
+    def send(self, value: torch.Tensor | int | float, dst: int) -> None:
+        """Send a tensor (any layout; sent contiguous), an int or a float to rank `dst`, without
+        waiting."""
         if isinstance(value, torch.Tensor) and value.dtype == _ERROR_DTYPE:
             raise TypeError("uint8 tensors are reserved for failure reports (send_failure); send another dtype")
         self._send(value, dst)
@@ -54,17 +58,25 @@ class Transport:
         with `reason` instead of returning a value."""
         self._send(torch.tensor(list(reason.encode()[:4000]), dtype=_ERROR_DTYPE), dst)
 
-    def _send(self, value: torch.Tensor | int, dst: int) -> None:
+    def _send(self, value: torch.Tensor | int | float, dst: int) -> None:
         if isinstance(value, torch.Tensor):
-            if value.dtype not in _DTYPES:
-                raise TypeError(f"cannot send dtype {value.dtype}; supported: {_DTYPES}")
-            if value.dim() > _MAX_DIMS:
-                raise ValueError(f"cannot send a {value.dim()}-D tensor (at most {_MAX_DIMS} dims)")
-            payload = value.detach().to(self.device).contiguous()
-            kind = _KIND_TENSOR
+            kind, payload = _KIND_TENSOR, value.detach()
+            if payload.is_complex():
+                kind, payload = _KIND_COMPLEX, torch.view_as_real(payload.resolve_conj())
+            elif payload.dtype == torch.bool:
+                kind, payload = _KIND_BOOL, payload.to(torch.int8)
+            if payload.dtype not in _DTYPES:
+                raise TypeError(f"cannot send dtype {value.dtype}; supported: {_DTYPES}, complex and bool")
+            if payload.dim() > _MAX_DIMS:
+                raise ValueError(f"cannot send a {value.dim()}-D tensor (at most {_MAX_DIMS} dims, complex ones "
+                                 f"{_MAX_DIMS - 1})")
+            payload = payload.to(self.device).contiguous()
+        elif isinstance(value, int):  # bool too, received as an int
+            kind, payload = _KIND_INT, torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        elif isinstance(value, float):
+            kind, payload = _KIND_FLOAT, torch.tensor([value], dtype=torch.float64, device=self.device)
         else:
-            payload = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
-            kind = _KIND_INT
+            raise TypeError(f"cannot send a {type(value).__name__}: only tensors, ints and floats travel")
         header = torch.zeros(_HEADER, dtype=torch.int64)
         header[0], header[1], header[2] = kind, _DTYPES.index(payload.dtype), payload.dim()
         header[3 : 3 + payload.dim()] = torch.tensor(payload.shape, dtype=torch.int64)
@@ -88,7 +100,13 @@ class Transport:
         if payload.dtype == _ERROR_DTYPE:
             reason = bytes(payload.tolist()).decode(errors="replace")
             raise RunAborted(f"rank {self.rank}: rank {src} reported a failure instead of {what}: {reason}")
-        return int(payload[0]) if kind == _KIND_INT else payload
+        if kind == _KIND_INT:
+            return int(payload[0])
+        if kind == _KIND_FLOAT:
+            return float(payload[0])
+        if kind == _KIND_COMPLEX:
+            return torch.view_as_complex(payload)
+        return payload.bool() if kind == _KIND_BOOL else payload
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait for every send to complete; raises the first failure after waiting for all."""

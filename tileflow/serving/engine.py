@@ -253,7 +253,10 @@ class ServingEngine:
                 f"request {request.id}: {len(request.prompt)} prompt tokens and {request.max_new_tokens} new ones reach "
                 f"position {len(request.prompt) + request.max_new_tokens - 2}, past the model's {positions} {what}: {fix}"
             )
-        if request.id in self._arrivals or request.id in self.metrics.token_times:
+        # (A request done, or one whose id is waiting or running: the scheduler says why.)
+        active = {r.id for r in (*self.scheduler.waiting, *self.scheduler.running)}
+        if not request.done and request.id not in active and (
+                request.id in self._arrivals or request.id in self.metrics.token_times):
             # Its metrics would merge with the earlier request's (and an earlier token still being
             # read back would stamp this one's first-token time).
             raise ValueError(f"request id {request.id} was already served by this engine: ids must be unique over "

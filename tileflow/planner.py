@@ -471,6 +471,24 @@ def _max_batch(capacity_gb: float, fixed_bytes: float, per_seq_bytes: float) -> 
     return max(0, math.floor((capacity_gb * 1e9 - fixed_bytes) / per_seq_bytes))
 
 
+def _window_note(model: ModelShape, context: int, kv_bytes: float, batch: int, capacity_gb: float,
+                 fixed_bytes: float) -> list[str]:
+    """For a model whose layers mix sliding windows and full attention: the KV cache above counts
+    a sliding layer's last w positions (a runtime freeing blocks per layer); tileflow's attention
+    workers keep every position while any layer attends fully, so say what they hold."""
+    windows = model.layer_windows
+    if windows is None or all(w is not None for w in windows) or all(w is None for w in windows):
+        return []
+    kept = model.cached_positions(context)
+    if kept >= model.num_layers * context:
+        return []
+    full = kv_bytes * model.num_layers * context / kept
+    bound = _max_batch(capacity_gb, fixed_bytes, full / batch)
+    return [f"the KV cache counts each sliding-window layer's last w positions; tileflow's attention workers "
+            f"keep every position while any layer attends fully: {full / 1e9:.1f} GB per device at this batch, "
+            f"max batch {bound}"]
+
+
 def _min_bound(values: list[int | None]) -> int | None:
     bounded = [v for v in values if v is not None]
     return min(bounded) if bounded else None
@@ -500,7 +518,7 @@ def _colocated(model: ModelShape, dev: DeviceInfo, n: int, batch: int, context: 
     check = MemoryCheck(f"{n} x {dev.name}", need / 1e9, dev.mem_gb, need <= dev.mem_gb * 1e9)
     max_batch = _max_batch(dev.mem_gb, weights, share * ba / batch)
     price = _pool_price(dev, n)
-    notes = []
+    notes = _window_note(model, context, share * ba, batch, dev.mem_gb, weights)
     if n > model.num_kv_heads:
         notes.append(f"only {model.num_kv_heads} KV heads: attention uses "
                      f"{model.num_kv_heads} of the {n} devices")
@@ -548,7 +566,7 @@ def _disaggregated(model: ModelShape, cdev: DeviceInfo, nc: int, mdev: DeviceInf
     ])
     pc, pm = _pool_price(cdev, nc), _pool_price(mdev, nm)
     price = None if pc is None or pm is None else pc + pm
-    notes = []
+    notes = _window_note(model, context, kv, batch, mdev.mem_gb, 0.0)
     if nm > model.num_kv_heads:
         notes.append(f"only {model.num_kv_heads} KV heads: attention uses "
                      f"{model.num_kv_heads} of the {nm} memory devices")

@@ -1132,3 +1132,33 @@ def test_graphed_stages_generate_the_same_tokens(monkeypatch: pytest.MonkeyPatch
     assert ReplayOnCpu.replays > ReplayOnCpu.captures
     with pytest.raises(ValueError, match="CUDA graphs one at a time"):
         ServingEngine(program, nano_batches=2)
+
+
+class _FailingOnce(RandomProgram):
+    """A RandomProgram whose `fail_at`-th run raises (a kernel failing mid-serve)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__(0)
+        self.calls, self.fail_at = 0, fail_at
+
+    def run(self, inputs, attention):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("a kernel failed")
+        return super().run(inputs, attention)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failed_step_ends_its_requests_and_the_engine_serves_on(overlap: bool) -> None:
+    """A step that raised left its requests running with their blocks, so every later step and
+    run failed the same way; they end with finish_reason "error", and later requests are served."""
+    engine = ServingEngine(_FailingOnce(fail_at=2), token_budget=16, decode_slots=2, block_size=4, num_blocks=16,
+                           overlap=overlap)
+    first, second = Request(0, [1, 2, 3], 4), Request(1, [4, 5], 4)
+    with pytest.raises(RuntimeError, match=r"a step of requests \[0, 1\] failed \(RuntimeError: a kernel failed\)"):
+        engine.run([first, second])
+    assert (first.finish_reason, second.finish_reason) == ("error", "error")
+    later = Request(2, [6, 7, 8], 3)
+    engine.run([later])
+    assert later.finish_reason == "length" and later.generated == 3
+    assert engine.allocator.all_free()

@@ -301,9 +301,20 @@ class ServingEngine:
             if not self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("step() with no request waiting or running: add() one first")
             raise RuntimeError("the scheduler produced an empty step with requests pending (no KV room?)")
-        logits = self.forward(entries)
-        predictions = pick_tokens(logits[0], self._row_sampling(entries))
-        scores = self._scores(entries, logits[0], predictions)
+        try:
+            logits = self.forward(entries)
+            predictions = pick_tokens(logits[0], self._row_sampling(entries))
+            scores = self._scores(entries, logits[0], predictions)
+        except Exception as exc:
+            # The step's requests end here ("error"), their blocks back (nothing of this step was
+            # registered for prefix reuse: that happens at commit); the other requests go on.
+            # Left running, the next step would fail the same way, and so would every later run.
+            failed = sorted({e.request.id for e in entries})
+            for e in entries:
+                if not e.request.done:
+                    self._finish(e.request, "error")
+            raise RuntimeError(f"a step of requests {failed} failed ({type(exc).__name__}: {exc}); they ended with "
+                               "finish_reason 'error', and the engine serves the others") from exc
         self.metrics.steps += 1
         self.metrics.tokens_in_steps += logits.shape[1]
         if not self.overlap:

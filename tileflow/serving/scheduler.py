@@ -70,7 +70,8 @@ class Request:
     logprobs: list[float] = field(default_factory=list, init=False)
     top_logprobs: list[dict[int, float]] = field(default_factory=list, init=False)
     done: bool = False
-    # Why it ended, once done: "length" (max_new_tokens), "stop" (a stop token) or "abort".
+    # Why it ended, once done: "length" (max_new_tokens), "stop" (a stop token), "abort", or "error"
+    # (a step it was in failed).
     finish_reason: str | None = None
     # The prompt's full blocks' prefix hashes, made once (see `prompt_hashes`).
     _hashes: tuple[int, list[str]] | None = field(default=None, init=False, repr=False)

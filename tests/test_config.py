@@ -85,8 +85,14 @@ def test_bad_environment(env: dict, needle: str) -> None:
         Config.from_options({}, env=env)
 
 
+_ENTRY = '{"device": "cpu", "dtype": "float32", "n": 40, "k": 24, "tile": {"block_m": 16, "block_n": 32, "block_k": 32}, '
+
+
 @pytest.mark.parametrize("text, what", [("not json", "JSONDecodeError"), ("{}", "TypeError: the file holds a JSON dict"),
-                                        ('[{"device": "h100"}]', "KeyError")])
+                                        ('[{"device": "h100"}]', "KeyError"),
+                                        # (NaN, 0 and negative times failed only at that shape's first GEMM.)
+                                        (f'[{_ENTRY}"tile_seconds": NaN}}]', "ValueError: a tile time must be positive"),
+                                        (f'[{_ENTRY}"tile_seconds": 0}}]', "ValueError: a tile time must be positive")])
 def test_a_malformed_tile_timings_file_is_an_error(tmp_path, text: str, what: str) -> None:
     """Read when the config is made: a malformed file used to leave every GEMM unplanned, with
     only a fallback in the report (and `{}` read as no timings at all)."""

@@ -37,6 +37,44 @@ def test_bad_arguments_are_clear() -> None:
         padded_gemm(torch.randn(3, 4), torch.randn(5, 4), activation="swiglu")
 
 
+def test_empty_gemms_keep_the_operand_rules_and_split_biases() -> None:
+    """The empty-dimension and no-row shortcuts skipped the dtype rules (an fp16 x with an fp32
+    weight returned fp16, where F.linear and a non-empty call refuse), and a stacked SwiGLU weight
+    of K = 0 with the gate's and up's biases apart crashed; zero experts divided by zero."""
+    from tileflow.ops import grouped_gemm
+
+    f = torch.nn.functional
+    for x_shape, w_shape in (((3, 0), (4, 0)), ((0, 5), (4, 5))):
+        with pytest.raises(ValueError, match="padded_gemm: weight must be float16, got float32"):
+            padded_gemm(torch.randn(*x_shape, dtype=torch.float16), torch.randn(*w_shape))
+    with pytest.raises(ValueError, match="grouped_gemm: weight must be float16, got float32"):
+        grouped_gemm(torch.randn(4, 0).half(), torch.randn(2, 3, 0), torch.tensor([2, 4], dtype=torch.int32))
+    b, b_up = torch.randn(4), torch.randn(4)
+    out = padded_gemm(torch.randn(3, 0), torch.randn(8, 0), b, activation="swiglu", bias_up=b_up)
+    torch.testing.assert_close(out, (f.silu(b) * b_up).expand(3, 4))
+    with pytest.raises(ValueError, match="the last offset must equal x's row count M=5 .* got no offsets"):
+        grouped_gemm(torch.randn(5, 4), torch.randn(0, 3, 4), torch.zeros(0, dtype=torch.int32))
+    assert grouped_gemm(torch.randn(0, 4), torch.randn(0, 3, 4), torch.zeros(0, dtype=torch.int32)).shape == (0, 3)
+    assert grouped_gemm(torch.randn(0, 4, 4), torch.randn(0, 3, 4)).shape == (0, 4, 3)
+
+
+def test_a_launch_refuses_an_output_sharing_an_input_and_the_oracle_checks_its_spec() -> None:
+    """`out=` aliasing x read its own products (314 off); the reference backend, the tests'
+    oracle, ran specs the device backends refuse (two activations: only the first applied)."""
+    from tileflow.kernel_spec import KernelSpec, TileConfig, make_params
+    from tileflow.lower import gemm_spec
+    from tileflow.runtime import get_kernel
+
+    x, w = torch.randn(40, 40), torch.randn(40, 40)
+    kernel = get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=40, k=40,
+                                               tile=TileConfig(16, 16, 16)))
+    with pytest.raises(ValueError, match="out shares memory with x"):
+        kernel(x, w, out=x)
+    spec = KernelSpec("padded_gemm", "float32", "float32", TileConfig(16, 16, 16), ("silu", "gelu"), make_params(n=3, k=7))
+    with pytest.raises(ValueError, match="at most one activation per GEMM epilogue"):
+        get_kernel("reference", spec)(torch.randn(5, 7), torch.randn(3, 7))
+
+
 @pytest.mark.parametrize("n, k", [(0, 4), (4, 0), (0, 0)])
 @pytest.mark.parametrize("activation, separate_up", [("none", False), ("silu", False), ("gelu", False),
                                                      ("gelu_tanh", False), ("swiglu", False), ("swiglu", True)])

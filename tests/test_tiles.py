@@ -719,3 +719,16 @@ def test_plans_keep_at_most_max_configs_kernels_whatever_variants_win() -> None:
                            measured_stream_k={c: t * 0.7 / (k // c.block_k) for c, t in measured.items()})
     assert len(plan.variants) <= MAX_CONFIGS
     assert len({pc.kernel_variant for pc in plan.pieces}) == len(plan.variants)
+
+
+def test_gpu_float32_rates_are_the_ieee_rates_the_kernels_run() -> None:
+    """tileflow's fp32 GEMMs keep exact fp32 products (`input_precision="ieee"`, the CUDA cores),
+    but the table held the TF32 tensor-core rates, 7x higher: fp32 plans costed compute as if
+    it were nearly free against memory. On every NVIDIA GPU listed TF32 runs at half the bf16
+    tensor-core rate, and IEEE fp32 below it."""
+    from tileflow.devices import DEVICES
+
+    gpus = [d for d in DEVICES.values() if d.kind == "gpu" and "float32" in d.peak_tflops]
+    assert gpus
+    for device in gpus:
+        assert device.peak_tflops["float32"] < device.peak_tflops["bfloat16"] / 2, device.name

@@ -30,8 +30,9 @@ class DeviceInfo:
         cores: units that each run one output tile at a time (SMs, Ascend AI cube cores, CPU
             cores).
         peak_tflops: dense peak TFLOP/s by dtype name (`"bfloat16"`, `"float16"`, `"float32"`,
-            optionally `"float64"`). float32 means the tensor-core path (TF32 on NVIDIA), which
-            is what a Triton `tl.dot` on float32 inputs uses by default.
+            optionally `"float64"`). On NVIDIA float32 is the IEEE fp32 rate of the CUDA cores,
+            not TF32's tensor cores: tileflow's fp32 kernels keep exact fp32 products
+            (`input_precision="ieee"`), as torch's matmul does by default.
         mem_bw_gbs: main-memory (HBM) bandwidth in GB/s.
         mem_gb: main-memory size in GB.
         smem_kib_per_core: shared memory / L1 buffer per core in KiB; bounds tile pipelining.
@@ -116,7 +117,7 @@ DEVICES: dict[str, DeviceInfo] = {
         peak_tflops={
             "bfloat16": 989.0,  # H100 SXM datasheet: 1979 with sparsity -> 989 dense
             "float16": 989.0,  # same as bf16 (datasheet)
-            "float32": 494.0,  # datasheet TF32 tensor core, 989 sparse -> 494 dense
+            "float32": 67.0,  # datasheet FP32 (CUDA cores; TF32 tensor cores: 494 dense)
             "float64": 67.0,  # datasheet FP64 tensor core
         },
         mem_bw_gbs=3350.0,  # H100 SXM datasheet: 3.35 TB/s HBM3
@@ -131,7 +132,7 @@ DEVICES: dict[str, DeviceInfo] = {
         peak_tflops={
             "bfloat16": 989.0,  # H200 datasheet: 1979 sparse -> 989 dense
             "float16": 989.0,  # H200 datasheet
-            "float32": 494.0,  # H200 datasheet TF32, 989 sparse -> 494 dense
+            "float32": 67.0,  # H200 datasheet FP32 (CUDA cores; TF32: 494 dense)
             "float64": 67.0,  # H200 datasheet FP64 tensor core
         },
         mem_bw_gbs=4800.0,  # H200 datasheet: 4.8 TB/s HBM3e
@@ -146,7 +147,7 @@ DEVICES: dict[str, DeviceInfo] = {
         peak_tflops={
             "bfloat16": 312.0,  # A100 datasheet: 312 dense (624 sparse)
             "float16": 312.0,  # A100 datasheet
-            "float32": 156.0,  # A100 datasheet TF32 dense (312 sparse)
+            "float32": 19.5,  # A100 datasheet FP32 (CUDA cores; TF32: 156 dense)
             "float64": 19.5,  # A100 datasheet FP64 tensor core
         },
         mem_bw_gbs=2039.0,  # A100 80GB SXM datasheet: 2039 GB/s HBM2e
@@ -161,7 +162,7 @@ DEVICES: dict[str, DeviceInfo] = {
         peak_tflops={
             "bfloat16": 148.0,  # H20 spec sheet: 148 TFLOP/s dense bf16/fp16
             "float16": 148.0,  # H20 spec sheet
-            "float32": 74.0,  # H20 spec sheet: 74 TFLOP/s TF32 dense
+            "float32": 44.0,  # H20 spec sheet: 44 TFLOP/s FP32 (CUDA cores; TF32: 74 dense)
         },
         mem_bw_gbs=4000.0,  # H20 spec sheet: 4.0 TB/s HBM3 (also quoted by the Lamina paper)
         mem_gb=96.0,  # H20 spec sheet: 96 GB

@@ -60,6 +60,19 @@ def _check_x(where: str, x: Any, k: int) -> None:
         raise ValueError(f"{where}: x must be a 2-D [M, K={k}] tensor, got {got}")
 
 
+def check_operand_kinds(where: str, x: torch.Tensor, weights: dict[str, Any], sides: dict[str, Any],
+                        out_dtype: torch.dtype) -> None:
+    """The dtype and device rules of a launch, for calls no kernel runs (an empty dimension, no
+    rows): every weight in x's dtype, a bias or residual in it or `out_dtype`, all on x's device.
+    ValueError says which operand breaks them (as `gemm_operands` would)."""
+    for name, t in weights.items():
+        if t is not None:
+            _check_operand(where, name, t, tuple(t.shape), {x.dtype}, x.device)
+    for name, t in sides.items():
+        if t is not None:
+            _check_operand(where, name, t, tuple(t.shape), {x.dtype, out_dtype}, x.device)
+
+
 @functools.lru_cache(maxsize=512)
 def _gemm_layout(spec: KernelSpec) -> tuple[int, int, bool, torch.dtype, torch.dtype, frozenset, str]:
     """What `gemm_operands` checks a launch of `spec` against, worked out once per spec:
@@ -131,10 +144,20 @@ def gemm_operands(
         out = torch.empty((m, n), dtype=out_dtype, device=device)
     else:
         check("out", out, (m, n), {out_dtype})
+        _check_no_overlap(where, out, {"x": x, "weight": weight, "weight_up": weight_up, "bias": bias,
+                                       "bias_up": bias_up, "residual": residual})
     # The kernels read a bias as N consecutive values (no stride): a strided or expanded one
     # (`b[::2]`, `b.expand(n)`) is copied first (a no-op for the usual contiguous bias).
     bias, bias_up = (None if b is None else b.contiguous() for b in (bias, bias_up))
     return GemmOperands(x, weight, bias, residual, out, weight_up, bias_up)
+
+
+def _check_no_overlap(where: str, out: torch.Tensor, inputs: dict[str, Any]) -> None:
+    """Refuse an `out` sharing memory with an input: tiles write it while later tiles still read
+    that input (an `out` that is x read its own products, 314 off)."""
+    for name, t in inputs.items():
+        if isinstance(t, torch.Tensor) and t.numel() and out.numel() and torch._C._overlaps(out, t):
+            raise ValueError(f"{where}: out shares memory with {name}; give an output buffer of its own")
 
 
 @dataclass

@@ -190,8 +190,9 @@ def check_group_offsets(offsets: torch.Tensor, m: int) -> None:
     for e, (a, b) in enumerate(zip(ends, ends[1:]), start=1):
         if b < a:
             raise ValueError(f"grouped_gemm: offsets must be non-decreasing (cumulative end rows), but offsets[{e}]={b} < offsets[{e - 1}]={a}")
-    if ends and ends[-1] != m:
-        raise ValueError(f"grouped_gemm: the last offset must equal x's row count M={m} (every row in a group), got {ends[-1]}")
+    if (ends[-1] if ends else 0) != m:
+        got = ends[-1] if ends else "no offsets (no expert)"
+        raise ValueError(f"grouped_gemm: the last offset must equal x's row count M={m} (every row in a group), got {got}")
 
 
 @torch.library.custom_op("tileflow::grouped_gemm", mutates_args=())

@@ -55,7 +55,7 @@ _TILE_OVERHEAD = 16
 # GPUs: 16-row tiles for decode-sized M up to 128x128 (or 128x256 for wide N) for prefill.
 # Small-M GEMMs stream the weight and little else, so their tiles are narrow (more programs to
 # spread the weight over the SMs: 16x64 tiles left half of an H200 idle at N=4096) and deep in K
-# (more bytes in flight per program). float32 (TF32) tiles are narrower because each element
+# (more bytes in flight per program). float32 tiles are narrower because each element
 # costs twice the shared memory. For M <= 16 the 16-row tile never costs more than another
 # under the cost model (see tests/test_tiles.py); ties go to the larger tile.
 _GPU_SHAPES: dict[int, tuple[tuple[int, int, int], ...]] = {

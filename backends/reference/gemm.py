@@ -86,6 +86,9 @@ def render_reference_gemm(spec: KernelSpec) -> str:
     Each M tile takes only the real rows of x (virtual padding: the last tile is short, nothing
     is padded or copied), so the plan's tiling math is exercised exactly as a kernel would.
     """
+    # The same rules as the device backends (one activation, epilogue order, cast, params): as the
+    # oracle it must not run math they refuse.
+    check_gemm_spec(spec, DTYPES, "reference", 1)
     tile = spec.tile
     n = spec.param("n")
     swiglu = "swiglu" in spec.epilogue

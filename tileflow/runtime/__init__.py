@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 
 from ..config import current_config
 from ..devices import DeviceInfo, detect_device, get_device
+from ..gemm_operands import check_operand_kinds
 from ..kernel_spec import KernelSpec, TileConfig
 from ..log import get_logger
 from ..targets import CompiledKernel, get_backend, resolve_target
@@ -112,7 +114,10 @@ def _load_tile_timings(path: str, mtime: int) -> dict[TimingKey, tuple[tuple[Til
         for e in entries:
             key = (str(e["device"]), str(e["dtype"]), int(e["n"]), int(e["k"]), bool(e.get("persistent", False)),
                    int(e.get("split_k", 1)), bool(e.get("stream_k", False)), bool(e.get("tma", False)))
-            grouped.setdefault(key, []).append((TileConfig.from_dict(e["tile"]), float(e["tile_seconds"])))
+            seconds = float(e["tile_seconds"])
+            if not (math.isfinite(seconds) and seconds > 0):
+                raise ValueError(f"a tile time must be positive and finite, got {seconds} (entry {e})")
+            grouped.setdefault(key, []).append((TileConfig.from_dict(e["tile"]), seconds))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"tile_timings file {path!r} is malformed ({type(exc).__name__}: {exc}); expected a JSON list of "
                          "{device, dtype, n, k, tile, tile_seconds} entries") from exc
@@ -209,6 +214,10 @@ def run_padded_gemm(
     n = weight.shape[0] // 2 if activation == "swiglu" and not separate_up else weight.shape[0]
     k = weight.shape[1]
     m = x.shape[0]
+    if n == 0 or k == 0 or m == 0:
+        # No kernel checks these operands: the rules it would apply, here.
+        check_operand_kinds("padded_gemm", x, {"weight": weight, "weight_up": weight_up},
+                            {"bias": bias, "bias_up": bias_up, "residual": residual}, out_dtype)
     if n == 0 or k == 0:
         return _gemm_of_empty_dim(x, weight, bias, residual, activation, out_dtype, weight_up, bias_up)
     tile_plan = decode_plan(plan) if plan else gemm_plan(
@@ -254,6 +263,8 @@ def _gemm_of_empty_dim(
     def linear(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return f.linear(x.to(acc_dtype), w.to(acc_dtype), None if b is None else b.to(acc_dtype))
 
+    if activation == "swiglu" and weight_up is None and bias_up is not None:
+        bias = torch.cat([bias, bias_up])  # a stacked [2N, K] weight with the gate's and up's biases apart
     acc = linear(weight, bias)
     if activation == "swiglu":
         n = acc.shape[1] if weight_up is not None else acc.shape[1] // 2
@@ -332,6 +343,10 @@ def run_grouped_gemm(
     e, rows, k = (int(d) for d in weight.shape)
     n = rows // 2 if activation == "swiglu" else rows
     m = x.shape[0]
+    if n == 0 or k == 0 or m == 0 or e == 0:
+        check_operand_kinds("grouped_gemm", x, {"weight": weight}, {}, out_dtype)
+    if e == 0:  # no expert, so no row (the offsets cover M): an empty result
+        return x.new_empty((m, n), dtype=out_dtype)
     if n == 0 or k == 0:
         # No tile plan covers an empty dimension; every activation maps zero products to zero.
         return x.new_zeros((m, n), dtype=out_dtype)

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from tileflow.graph_utils import is_view_op, meta_val, token_dim, written_arguments
+from tileflow.graph_utils import graph_structure, is_view_op, meta_val, token_dim, written_arguments
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, OpEdge, OpSpec, Schedule, check_schedule, make_schedule
 from tileflow.search import OpProfile, modeled_timeline, search_split
@@ -91,6 +91,7 @@ class NanoBatchPlan:
     edges: list[OpEdge]
     profile: list[OpProfile] = field(default_factory=list)
     device: Any = None
+    graph: str = ""  # `graph_structure` of the graph the plan splits (a later pass may change it)
     # token count -> search result: the search is deterministic, run once per count met.
     _searched: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -308,6 +309,7 @@ class NanoBatch:
         for node in gm.graph.nodes:
             if node.name in split:
                 node.meta.setdefault("tileflow", {})["nano"] = {"split": split[node.name], "token_dim": dims[node.name]}
+        plan.graph = graph_structure(gm)
         gm.meta["tileflow_nanobatch"] = plan
 
         example = _example_tokens(ctx, token)

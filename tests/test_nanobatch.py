@@ -315,3 +315,44 @@ def test_a_number_computed_from_the_token_count_comes_back_at_the_calls(monkeypa
             torch.testing.assert_close(out, step(x)[0], rtol=1e-5, atol=1e-5)
         assert count == tokens * 2 + 1
     assert ReplayOnCpu.captures > 0
+
+
+@tileflow.register_pass
+class _ReluToClamp:
+    """Rewrites relu as clamp_min(x, 0) under a new node name (a user pass placed after nanobatch)."""
+
+    name = "test_relu_to_clamp"
+
+    def run(self, gm, ctx):
+        from tileflow.pipeline import PassResult
+
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target is torch.ops.aten.relu.default:
+                with gm.graph.inserting_after(node):
+                    new = gm.graph.call_function(torch.ops.aten.clamp_min.default, (node.args[0], 0.0))
+                new.meta = dict(node.meta)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+        return PassResult()
+
+
+def test_a_pass_after_nanobatch_that_changes_the_graph_drops_the_plan() -> None:
+    """The plan named nodes a later pass had replaced: every call raised KeyError at run time.
+    The step runs whole now, and the report says why; without such a pass the plan stays."""
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return lin2(torch.relu(lin1(x)))
+
+    for passes, dropped in ((("canonicalize", "gemm_padding", "nanobatch", "test_relu_to_clamp"), True),
+                            (("canonicalize", "gemm_padding", "nanobatch"), False)):
+        torch._dynamo.reset()
+        report = tileflow.Report()
+        options = {"target": "reference", "passes": passes, "nano_batches": 2}
+        compiled = torch.compile(f, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)
+        with torch.no_grad():
+            for tokens in (5, 9):
+                x = torch.randn(tokens, 16)
+                torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)
+        assert ("nano_batch_dropped" in report.graphs[0].extra) == dropped

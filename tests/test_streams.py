@@ -354,3 +354,19 @@ def test_the_issue_order_follows_the_events_and_the_streams() -> None:
         ran.clear()
         done = run_schedule_on_streams(State(), schedule, SimulatedStreams(seed=seed), order)
         assert done.index("a") < done.index("b") and done.index("a") < done.index("c")
+
+
+def test_a_call_failing_on_its_data_does_not_end_its_buckets_capture() -> None:
+    """The first call in a bucket carried an id past the table: its capture failed, and so did
+    the step itself, yet the bucket was marked uncapturable for good (no replay ever again).
+    The call raises as eager does, and the next call captures the bucket."""
+    ReplayOnCpu.captures = ReplayOnCpu.replays = 0
+    table = torch.randn(10, 4)
+    graphs = CudaGraphBuckets(lambda ids: torch.nn.functional.embedding(ids, table), [0], (16,), lambda out: 0,
+                              graph_factory=ReplayOnCpu)
+    with pytest.raises(IndexError):
+        graphs(torch.tensor([1, 2, 50]))
+    for tokens in (3, 5, 7):
+        ids = torch.randint(0, 10, (tokens,))
+        torch.testing.assert_close(graphs(ids), table[ids])
+    assert graphs.captures == 1 and ReplayOnCpu.replays >= 3

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .config import Config
-from .graph_utils import count_nodes, graph_to_json, shape_env_of, symbol_ranges
+from .graph_utils import count_nodes, graph_structure, graph_to_json, shape_env_of, symbol_ranges
 from .log import get_logger
 from .lower import lower_graph
 from .padding_safety import capped_buckets, check_padding
@@ -162,6 +162,13 @@ def compile_graph(
     graph_report.nodes_out = count_nodes(gm)
     runner = build_residual(gm, example_inputs, residual_mode)
     plan = gm.meta.get("tileflow_nanobatch")
+    if plan is not None and plan.graph != graph_structure(gm):
+        # A pass after 'nanobatch' changed the graph the plan splits (its nodes would be missing,
+        # or mean something else): run the step whole.
+        graph_report.extra["nano_batch_dropped"] = ("a pass after 'nanobatch' changed the graph its plan splits: the "
+                                                    "step runs whole; list 'nanobatch' after the passes that rewrite")
+        log.warning("%s: nano-batch plan dropped: %s", graph_id, graph_report.extra["nano_batch_dropped"])
+        plan = None
     buckets = config.graph_buckets() if streams.graphs_apply(config.cuda_graphs, device_type) else ()
     if config.cuda_graphs and not buckets:
         graph_report.extra["cuda_graphs"] = f"not captured: CUDA graphs capture CUDA work, this graph runs on {device_type}"

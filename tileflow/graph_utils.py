@@ -186,6 +186,13 @@ def count_nodes(gm: fx.GraphModule) -> int:
     return len(gm.graph.nodes)
 
 
+def graph_structure(gm: fx.GraphModule) -> str:
+    """Every node's op, name, target and arguments, one per line: equal for two graphs exactly
+    when they compute the same thing from the same inputs (what a plan made for one may be
+    checked against before it drives the other)."""
+    return "\n".join(f"{n.op} {n.name} {n.target} {n.args!r} {n.kwargs!r}" for n in gm.graph.nodes)
+
+
 def graph_code(gm: fx.GraphModule) -> str:
     """The graph as readable Python code, with shapes and dtypes in the comments."""
     try:

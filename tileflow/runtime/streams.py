@@ -460,12 +460,15 @@ class CudaGraphBuckets:
             try:
                 captured = self._capture(key, bucket, args, tokens)
             except Exception as exc:  # e.g. a host sync inside the step: it cannot be replayed
+                # The step itself may fail on this call's data (an id past a table): then it is
+                # no reason the bucket cannot be captured, and the next call tries again.
+                result = self.step(*args)
                 self._failed.add(key)
                 # With the traceback: on CUDA, ending a failed capture can raise again, and the
                 # first error (chained under it) is the one that says why.
                 log.warning("step not captured for the %d-token bucket (%s: %s); running it uncaptured",
                             bucket, type(exc).__name__, exc, exc_info=exc)
-                return self.step(*args)
+                return result
         for static, value, dim in zip(captured.static_inputs, args, self.input_token_dims):
             if isinstance(static, torch.Tensor) and static is not value and dim != TOKEN_COUNT:
                 if isinstance(static, torch.nn.Parameter):

@@ -307,15 +307,20 @@ def _first_accepted(refused: Callable[[int], bool], lo: int, hi: int | None, max
     good = lo + step if lo + step <= (hi if hi is not None else limit) else hi
     if good is None or refused(good):
         return lo
-    bad = lo
-    while good - bad > 1:  # bad refused, good accepted
-        mid = (bad + good) // 2
-        if refused(mid):
-            bad = mid
-        else:
-            good = mid
+    good, _ = _bisected(refused, good, lo)
     probes = [*range(lo, min(lo + max_steps, good)), (lo + good) // 2, good - 1]
     return good if all(refused(size) for size in probes if size < good) else lo
+
+
+def _bisected(refused: Callable[[int], bool], accepted: int, rejected: int) -> tuple[int, int]:
+    """An accepted size and a refused one (either order) narrowed to neighbours by bisection."""
+    while abs(rejected - accepted) > 1:
+        mid = (accepted + rejected) // 2
+        if refused(mid):
+            rejected = mid
+        else:
+            accepted = mid
+    return accepted, rejected
 
 
 def _last_accepted(refused: Callable[[int], bool], lo: int, hi: int | None, max_steps: int,
@@ -329,13 +334,7 @@ def _last_accepted(refused: Callable[[int], bool], lo: int, hi: int | None, max_
         if lo + step > limit:
             return None
         top = lo + step
-    good = lo
-    while top - good > 1:  # good accepted, top refused
-        mid = (good + top) // 2
-        if refused(mid):
-            top = mid
-        else:
-            good = mid
+    good, top = _bisected(refused, lo, top)
     far = hi if hi is not None else min(limit, 2 * top + max_steps)
     probes = [*range(top, min(top + max_steps, far) + 1), far, (top + far) // 2]
     return good if all(refused(size) for size in probes) else hi

@@ -23,6 +23,10 @@ A lookup of a fixed table (an embedding, `index_select`, an index) at positions 
 for token t: a replay at bucket B reads rows up to B - 1 + c, past the table when it has fewer
 rows, an index error (on a GPU a device-side assert) where the call itself reads none. Such a
 step is captured only at buckets of at most rows - c tokens (`PaddingCheck.max_bucket`).
+Indices computed from the inputs must name a row at padded rows too (`ids - 1` would read row
+-1): inputs are padded with `PAD_VALUE` (0), and the walk carries what each integer value holds
+at padded rows (`_Facts.pad`) through copies, views and elementwise ops, which it evaluates at
+their operands' padded values.
 
 Mixture-of-experts routing moves rows out of token order and back (transformers' grouped-GEMM
 experts): the router's top-k expert ids, flattened token-major ([T, k] -> [k*T]: row r belongs to

@@ -306,25 +306,26 @@ def _auto_chunks(ranges: np.ndarray, q_rows: np.ndarray, p_first: np.ndarray, nu
     return second if _busiest_program(ranges, q_rows, p_first, second, num_programs) < busiest else first
 
 
-def _chunked(ranges: np.ndarray, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tiles cut into chunks of `chunk[t]` KV positions (0: whole): each task's tile and chunk
-    index (in tile order), and each tile's chunk count."""
+def _chunked(kv_start: np.ndarray, kv_end: np.ndarray, chunk: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Tiles cut into chunks of `chunk[t]` KV positions (0: whole): each task's tile (in tile
+    order) and KV range, and each tile's chunk count."""
+    ranges = kv_end - kv_start
     nchunks = np.maximum(np.where(chunk > 0, _ceil_div(ranges, np.maximum(chunk, 1)), 1), 1)
     num_tasks = int(nchunks.sum())
     tile_of = np.repeat(np.arange(ranges.size, dtype=np.int64), nchunks)
     chunk_idx = np.arange(num_tasks, dtype=np.int64) - np.repeat(np.cumsum(nchunks) - nchunks, nchunks)
-    return tile_of, chunk_idx, nchunks
+    start = kv_start[tile_of] + chunk_idx * chunk[tile_of]
+    end = np.where(nchunks[tile_of] > 1, np.minimum(start + chunk[tile_of], kv_end[tile_of]), kv_end[tile_of])
+    return tile_of, start, end, nchunks
 
 
 def _busiest_program(ranges: np.ndarray, q_rows: np.ndarray, p_first: np.ndarray, chunk: np.ndarray,
                      num_programs: int) -> float:
     """The cost the busiest program gets when the tiles are cut into `chunk`s and dealt."""
-    tile_of, chunk_idx, nchunks = _chunked(ranges, chunk)
+    tile_of, start, end, _ = _chunked(np.zeros_like(ranges), ranges, chunk)
     if not tile_of.size:
         return 0.0
-    lengths = np.where(nchunks[tile_of] > 1, np.minimum(chunk[tile_of], ranges[tile_of] - chunk_idx * chunk[tile_of]),
-                       ranges[tile_of])
-    cost = q_rows[tile_of] * lengths
+    cost = q_rows[tile_of] * (end - start)
     order, prog = _deal(cost, p_first[tile_of], num_programs)
     return float(np.bincount(prog, weights=cost[order], minlength=num_programs).max())
 
@@ -456,10 +457,8 @@ def build_task_table(
         chunk = _auto_chunks(ranges, q_rows, p_first, num_programs)
     else:
         chunk = np.full(num_tiles, split, dtype=np.int64)
-    tile_of, chunk_idx, nchunks = _chunked(ranges, chunk)
+    tile_of, t_kv_start, t_kv_end, nchunks = _chunked(kv_start, kv_end, chunk)
     num_tasks = tile_of.size
-    t_kv_start = kv_start[tile_of] + chunk_idx * chunk[tile_of]
-    t_kv_end = np.where(nchunks[tile_of] > 1, np.minimum(t_kv_start + chunk[tile_of], kv_end[tile_of]), kv_end[tile_of])
     is_split = nchunks[tile_of] > 1
     slot = np.full(num_tasks, -1, dtype=np.int64)
     num_slots = int(is_split.sum())

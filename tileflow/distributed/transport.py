@@ -10,6 +10,7 @@ receives wait at most `timeout_s` and turn any failure (timeout, closed connecti
 from __future__ import annotations
 
 import datetime
+import numbers
 from typing import Any
 
 import torch
@@ -71,10 +72,10 @@ class Transport:
                 raise ValueError(f"cannot send a {value.dim()}-D tensor (at most {_MAX_DIMS} dims, complex ones "
                                  f"{_MAX_DIMS - 1})")
             payload = payload.to(self.device).contiguous()
-        elif isinstance(value, int):  # bool too, received as an int
+        elif isinstance(value, numbers.Integral):  # numpy's and bool too, received as an int
             kind, payload = _KIND_INT, torch.tensor([int(value)], dtype=torch.int64, device=self.device)
-        elif isinstance(value, float):
-            kind, payload = _KIND_FLOAT, torch.tensor([value], dtype=torch.float64, device=self.device)
+        elif isinstance(value, numbers.Real):
+            kind, payload = _KIND_FLOAT, torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         else:
             raise TypeError(f"cannot send a {type(value).__name__}: only tensors, ints and floats travel")
         header = torch.zeros(_HEADER, dtype=torch.int64)

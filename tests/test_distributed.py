@@ -144,3 +144,41 @@ def test_attention_worker_error_reaches_the_leader_with_its_reason(tmp_path: Pat
     assert time.monotonic() - start < 60, "rank 0 waited out its timeout instead of hearing the failure"
     assert "[rank 0 model] error: rank 0: rank 1 reported a failure" in logs[0]
     assert "KV cache full" in logs[0]
+
+
+def _exchange(rank: int, port: int, out_dir: str) -> None:
+    """Rank 0 sends one value of each kind the transport carries; rank 1 writes what it got."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from tileflow.distributed.transport import Transport
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    t = Transport(30.0)
+    values = [torch.polar(torch.ones(2, 3), torch.randn(2, 3, generator=torch.Generator().manual_seed(0))),
+              torch.tensor([True, False, True]), 2.5, 7, np.int64(9), True, torch.arange(6).view(2, 3).t()]
+    if rank == 0:
+        for v in values:
+            t.send(v, 1)
+        t.flush()
+    else:
+        got = [t.recv(0, f"value {i}") for i in range(len(values))]
+        torch.save({"got": got, "want": values}, os.path.join(out_dir, "exchange.pt"))
+    dist.destroy_process_group()
+
+
+def test_the_transport_carries_complex_bool_and_number_values(tmp_path: Path) -> None:
+    """Complex values (Llama-4's RoPE factors) raised TypeError, bools too, and a float crossing
+    ranks came back truncated to an int."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_exchange, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    data = torch.load(tmp_path / "exchange.pt", weights_only=False)
+    for got, want in zip(data["got"], data["want"]):
+        if isinstance(want, torch.Tensor):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        else:
+            assert got == want and type(got) is (float if isinstance(want, float) else int)

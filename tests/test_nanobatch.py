@@ -356,3 +356,4 @@ def test_a_pass_after_nanobatch_that_changes_the_graph_drops_the_plan() -> None:
                 x = torch.randn(tokens, 16)
                 torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)
         assert ("nano_batch_dropped" in report.graphs[0].extra) == dropped
+        assert ("nano_batch" in report.graphs[0].extra) != dropped  # no schedule reported that does not run

@@ -168,6 +168,7 @@ def compile_graph(
         graph_report.extra["nano_batch_dropped"] = ("a pass after 'nanobatch' changed the graph its plan splits: the "
                                                     "step runs whole; list 'nanobatch' after the passes that rewrite")
         log.warning("%s: nano-batch plan dropped: %s", graph_id, graph_report.extra["nano_batch_dropped"])
+        graph_report.extra.pop("nano_batch", None)  # the schedule the pass reported does not run
         plan = None
     buckets = config.graph_buckets() if streams.graphs_apply(config.cuda_graphs, device_type) else ()
     if config.cuda_graphs and not buckets:

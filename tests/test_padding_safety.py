@@ -1463,3 +1463,61 @@ def test_lookups_whose_padded_indices_stay_in_the_table_are_captured(replay_on_c
     report = _run(_looked_up_in_range, _ids_and_mask, lengths=(3, 5, 11))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 1
+
+
+W10 = torch.randn(H, 10)
+
+
+def _gathered_by_argsort(x: torch.Tensor) -> torch.Tensor:
+    logits = x @ W10
+    return torch.gather(logits, -1, torch.argsort(logits, -1)) @ W10.t()
+
+
+def _top_p_filtered(x: torch.Tensor) -> torch.Tensor:
+    # transformers' top-p warper: the sort's indices scatter the removal mask back.
+    logits = x @ W10
+    ordered, index = torch.sort(logits, -1, descending=True)
+    remove = ordered.softmax(-1).cumsum(-1) > 0.9
+    return logits.masked_fill(remove.scatter(-1, index, remove), -1e4) @ W10.t()
+
+
+@pytest.mark.parametrize("fn", [_gathered_by_argsort, _top_p_filtered])
+def test_gathers_at_a_sorts_indices_over_features_are_captured(replay_on_cpu, fn) -> None:
+    """A sort's indices over a fixed dim are a permutation of it, padded rows too: refused by the
+    lookup rule until sorts gave their indices a range."""
+    report = _run(fn, _tokens, lengths=(3, 5, 11))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1
+
+
+TABLE300 = torch.randn(300, H)
+
+
+def _uint8_shifted(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return table[(ids.to(torch.uint8) - torch.ones((), dtype=torch.long)).long()] @ W
+
+
+def test_padded_values_follow_the_ops_own_dtypes() -> None:
+    """uint8 ids minus an int64 number stay uint8 and wrap (0 - 1 = 255): evaluated on 0-d
+    operands the walk saw -1, a valid wrapped index of a 10-row table, and captured a step whose
+    padded rows read row 255; a 300-row table, where 255 is a row, was refused."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from tileflow.padding_safety import check_padding
+    from tileflow.passes.nanobatch import token_symbol
+
+    for table, safe in ((EMBED10, False), (TABLE300, True)):
+        graphs: list = []
+
+        def keep(gm, example_inputs):
+            graphs.append(gm)
+            return gm
+
+        torch._dynamo.reset()
+        ids = torch.randint(1, 10, (1, 5))
+        torch._dynamo.mark_dynamic(ids, 1)
+        torch.compile(lambda i: _uint8_shifted(i, table),
+                      backend=lambda gm, ex: aot_module_simplified(gm, ex, fw_compiler=keep))(ids)
+        (gm,) = graphs
+        check = check_padding(gm, token_symbol(gm)[0])
+        assert (check.hazard is None) == safe, check.hazard

@@ -753,13 +753,15 @@ class _Walk:
         if any(operands[name] is None for name, value in args.items() if isinstance(value, fx.Node)):
             return None
         with unset_fake_temporarily():
-            concrete = {name: torch.tensor(operands[name], dtype=meta_val(value).dtype) if isinstance(value, fx.Node)
-                        else value for name, value in args.items()}
+            # Each operand with its own rank and dtype, so type promotion is the real op's (a uint8
+            # tensor minus an int64 number stays uint8 and wraps: 0 - 1 is 255, not -1).
+            concrete = {name: torch.full((1,) * meta_val(value).dim(), operands[name], dtype=meta_val(value).dtype)
+                        if isinstance(value, fx.Node) else value for name, value in args.items()}
             try:
                 out = target(**concrete)
             except (RuntimeError, TypeError, ValueError, ZeroDivisionError):  # 0 // 0: an error on a CPU
                 return None
-            return out.item() if isinstance(out, torch.Tensor) and out.numel() == 1 else None
+            return _as_dtype(out.item(), val.dtype) if isinstance(out, torch.Tensor) and out.numel() == 1 else None
 
     def in_table(self, index: fx.Node, rows: Any, wraps: bool) -> bool:
         """Whether every padded element of `index` (which carries the token dim) is a valid row of a
@@ -1297,7 +1299,7 @@ class _Walk:
             return _Facts(position=sympy.sympify(along_tokens[0]) + 1)
         size = meta_val(src).shape[dims[0] % rank] if meta_val(src).dim() else 1
         if isinstance(size, int) and len(dims) == 1:  # indices into one dim of `size`, whatever the values
-            if node.target in (aten.topk.default, aten.max.dim, aten.min.dim):
+            if node.target in (aten.topk.default, aten.max.dim, aten.min.dim, aten.sort.default, aten.sort.stable):
                 return _Facts(parts=(_CLEAN, _Facts(key_range=size)))
             if node.target in (aten.argmax.default, aten.argmin.default):
                 return _Facts(key_range=size)

@@ -49,6 +49,7 @@ evaluates every candidate; ties are broken by (makespan, k, sizes, share).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -57,7 +58,6 @@ from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from types import MappingProxyType
 from typing import Any
 
 from tileflow.devices import DeviceInfo
@@ -148,16 +148,11 @@ class SplitPlan:
 
     k: int
     sizes: tuple[int, ...]
-    stream_of_resource: Mapping[str, int]
-    sm_share_per_stream: Mapping[int, float]
+    stream_of_resource: dict[str, int]
+    sm_share_per_stream: dict[int, float]
     makespan: float
     baseline_makespan: float
     threshold: int | None = None
-
-    def __post_init__(self) -> None:
-        # Read-only views: plans are cached and shared, so a caller's edit would change later answers.
-        object.__setattr__(self, "stream_of_resource", MappingProxyType(dict(self.stream_of_resource)))
-        object.__setattr__(self, "sm_share_per_stream", MappingProxyType(dict(self.sm_share_per_stream)))
 
     @property
     def speedup(self) -> float:
@@ -679,7 +674,9 @@ def search_split(
     opts = (max_nano_batches, sm_shares, units, net_bw_gbs)
     plan = _cached_search(ops, device, num_tokens, opts)
     if not apply_threshold:
-        return plan
+        # A copy: the cached plan is shared, and a caller's edit of its dicts would change later answers.
+        return dataclasses.replace(plan, stream_of_resource=dict(plan.stream_of_resource),
+                                   sm_share_per_stream=dict(plan.sm_share_per_stream))
     threshold = split_threshold(
         ops,
         device,

@@ -112,7 +112,7 @@ def export_failure(exc: BaseException, what: str) -> ValueError:
     (`error_summary`: torch's reason and suggested fix), and a hint for a data-dependent one."""
     import traceback
 
-    skipped = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+    skipped = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not os.path.abspath(f.filename).startswith(skipped)]
     where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
     data_dependent = "data-dependent" in str(exc).lower() or "DataDependent" in type(exc).__name__

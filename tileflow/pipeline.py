@@ -203,7 +203,7 @@ class PassManager:
                 raise TypeError(f"pass {name!r} returned {type(result).__name__}, expected PassResult")
             gm.graph.lint()
             gm.recompile()
-            if reference is not None and real_inputs is not None:
+            if reference is not None and real_inputs is not None and rng is not None:
                 # Whatever the pass says it changed: one that rewrote and forgot to count is checked too.
                 _check_numerics(name, reference, _run_graph(gm, real_inputs, rng), self.config)
         except Exception as exc:  # a failing pass must never take the compile down with it
@@ -257,13 +257,13 @@ def _written_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return list(dict.fromkeys(w for w in written if w.op in ("placeholder", "get_attr")))
 
 
-def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any], rng: "_RandomState | None" = None) -> list[Any]:
+def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any], rng: "_RandomState") -> list[Any]:
     """`gm`'s flat outputs on `inputs`, then the values it wrote into its mutated inputs and
     buffers. Those inputs are cloned first and those buffers restored after, so a check run never
     changes the caller's tensors or the module's state (a buffer counted once per verification
     run, an input doubled each time; an exported model's buffers, which an archive keeps), and
-    each run starts from the same state: random ops draw from `rng` when given, and leave the
-    caller's generators as they were."""
+    each run starts from the same state: random ops draw from `rng`'s, and leave the caller's
+    generators as they were."""
     written = _written_nodes(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     args = list(inputs)
@@ -275,7 +275,7 @@ def _run_graph(gm: fx.GraphModule, inputs: Sequence[Any], rng: "_RandomState | N
                if isinstance(b, torch.Tensor)]
     saved = [b.detach().clone() for b in buffers]
     try:
-        with torch.no_grad(), (rng.replayed() if rng is not None else contextlib.nullcontext()):
+        with torch.no_grad(), rng.replayed():
             out = gm(*args)
         flat, _ = tree_flatten(out)
         flat += [args[i] for i in mutated] + list(buffers)

@@ -174,16 +174,16 @@ def _extent(value: int | Rows | None) -> Rows | None:
     """Normalize an original op's token extent: `n` means `[0, n)`; None means "not split"."""
     if value is None:
         return None
+    if _is_index(value):
+        return (0, operator.index(value))
     try:
-        return (0, operator.index(value))  # an int of any kind (numpy's too), never a float
+        pair = tuple(value)
     except TypeError:
-        pass
-    try:
-        lo, hi = value
-        return (operator.index(lo), operator.index(hi))
-    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2 or not all(_is_index(v) for v in pair):
         raise ScheduleError(f"a token extent must be an int n (rows [0, n)) or a (start, end) pair of ints, "
-                            f"got {value!r}") from None
+                            f"got {value!r}")
+    return (operator.index(pair[0]), operator.index(pair[1]))
 
 
 def _check_structure(

@@ -329,16 +329,18 @@ def embedding_rows(gm: torch.fx.GraphModule, input_index: int) -> int | None:
     return min(rows, default=None)
 
 
+_ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar)
+_SUBS = (torch.ops.aten.sub.Tensor, torch.ops.aten.sub.Scalar)
+
+
 def _constant_shift(user: torch.fx.Node, node: torch.fx.Node) -> int | None:
     """The int `user` adds to `node` (`node + c`, `c + node`, `node - c`), or None."""
-    if user.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar, torch.ops.aten.sub.Tensor,
-                           torch.ops.aten.sub.Scalar) or len(user.args) != 2 or user.kwargs.get("alpha", 1) != 1:
+    if user.target not in _ADDS + _SUBS or len(user.args) != 2 or user.kwargs.get("alpha", 1) != 1:
         return None
     a, b = user.args
     if a is node and isinstance(b, int) and not isinstance(b, bool):
-        return b if user.target in (torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar) else -b
-    if b is node and isinstance(a, int) and not isinstance(a, bool) and user.target in (
-            torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar):
+        return b if user.target in _ADDS else -b
+    if b is node and isinstance(a, int) and not isinstance(a, bool) and user.target in _ADDS:
         return a
     return None
 

@@ -291,6 +291,28 @@ def test_transposed_weight_view_and_strided_x() -> None:
     assert_close(spec, out, reference(spec, x, weight, bias))
 
 
+def test_row_and_column_offsets_are_int64_in_every_variant() -> None:
+    """An [M, N] operand may be column-major (stride_n = M; `out=` takes any strides), so a
+    column offset times its stride passes 2^31 once M * N does: in int32 it wrapped (the
+    residual's and out's columns did, a crash at M = 16384, N = 131072 under the interpreter, an
+    illegal address or a stray write on a GPU). Running that needs 2^31-element views, so this
+    reads the rendered sources instead: every row or column index scaled by a stride is int64
+    (K offsets are bounded by a tile and stay int32)."""
+    from tileflow.backends.triton.grouped_gemm import render_grouped_gemm_source
+    from tileflow.lower import grouped_gemm_spec
+
+    sources = [render_gemm_source(gemm_spec("float32", ("bias", "residual"), **kw))
+               for kw in ({}, {"persistent": True}, {"split_k": True}, {"stream_k": True})]
+    sources.append(render_grouped_gemm_source(grouped_gemm_spec(
+        dtype=torch.float32, out_dtype=torch.float32, n=40, k=24, experts=3, tile=TileConfig(16, 32, 32))))
+    terms = {(m.group(1), m.group(2)) for src in sources
+             for m in re.finditer(r"([\w.()\[\]:, ]+?)\s*\*\s*(stride_\w+)", src)}
+    scaled = {(index.strip(), stride) for index, stride in terms if re.search(r"\b(rows|cols|offs_m|offs_n)\b", index)}
+    assert {stride for _, stride in scaled} >= {"stride_xm", "stride_wn", "stride_rm", "stride_rn", "stride_om", "stride_on"}
+    for index, stride in scaled:
+        assert index == "rows" or index.endswith(".to(tl.int64)"), f"{index} * {stride} is computed in int32"
+
+
 def test_only_real_rows_and_columns_are_written() -> None:
     # `out` is a window of a bigger buffer: rows past M and columns past N must stay untouched
     # (virtual padding never writes the padded part of the tail tile).

@@ -339,13 +339,15 @@ def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
             epi += ["acc += res_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]).to(tl.float32)"]
         return "\n".join(epi + [f"out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to({out_tl}))"])
     epi += ["", "mask_out = mask_m[:, None] & mask_n[None, :]"]
+    # Column offsets in int64 as well: a column-major residual or out has stride_n = M, and N * M
+    # can pass 2^31 (the rows are int64 for the same reason).
     if "residual" in ep:
         epi += [
-            "res_ptrs = res_ptr + rows * stride_rm + cols * stride_rn",
+            "res_ptrs = res_ptr + rows * stride_rm + cols.to(tl.int64) * stride_rn",
             "acc += tl.load(res_ptrs, mask=mask_out, other=0.0).to(tl.float32)",
         ]
     epi += [
-        "out_ptrs = out_ptr + rows * stride_om + cols * stride_on",
+        "out_ptrs = out_ptr + rows * stride_om + cols.to(tl.int64) * stride_on",
         f"tl.store(out_ptrs, acc.to({out_tl}), mask=mask_out)",
     ]
     return "\n".join(epi)

@@ -1055,6 +1055,100 @@ def test_transformers_causal_attn_implementation_refuses_a_static_cache() -> Non
                            sdpa.generate(ids, max_new_tokens=5, do_sample=False))
 
 
+def test_transformers_attn_implementation_aligns_the_causal_rule_at_the_first_key() -> None:
+    """A StaticCache prefill builds no mask: transformers relies on SDPA's causal rule, which
+    lines the queries up with the first keys, where tileflow's lines them up with the last, so
+    the prompt attended to the cache's empty slots (logits 0.39 off, greedy static-cache
+    generation diverged). Eagerly and compiled, logits and generated tokens equal SDPA's."""
+    import transformers
+
+    sdpa, ours = sdpa_and_ours("LlamaConfig", "LlamaForCausalLM", "tileflow", vocab_size=128, hidden_size=64,
+                               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(0, 128, (2, 9))
+    compiled = torch.compile(ours, backend="tileflow", dynamic=True)
+    with torch.no_grad():
+        want = sdpa(ids, past_key_values=transformers.StaticCache(config=sdpa.config, max_cache_len=32)).logits
+        for run in (ours, compiled):
+            got = run(ids, past_key_values=transformers.StaticCache(config=ours.config, max_cache_len=32)).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static"),
+                           sdpa.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static"))
+
+
+def test_transformers_attn_implementation_adds_t5_position_bias() -> None:
+    """T5's relative attention bias reaches the attention function as `position_bias`, which
+    tileflow dropped (logits 0.17 off, no error): it joins the scores as SDPA's integration adds
+    it, beside a padding mask and the decoder's causal rule."""
+    sdpa, ours = sdpa_and_ours("T5Config", "T5ForConditionalGeneration", "tileflow", vocab_size=128, d_model=64,
+                               d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                               decoder_start_token_id=0)
+    ids, decoder_ids = torch.randint(1, 128, (2, 9)), torch.randint(1, 128, (2, 5))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits,
+                                   sdpa(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_transformers_attention_refuses_what_it_would_drop() -> None:
+    """Refused, not silently wrong: a sparse attention's selected keys (`indices`,
+    `block_indices`: models hand them to every attention function but eager's and SDPA's),
+    per-token sinks, and under "tileflow_causal" a non-causal layer (Whisper's encoder was 0.15
+    off) and a position bias."""
+    from tileflow.transformers_integration import causal_attention_forward, tileflow_attention_forward
+
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    layer = torch.nn.Module()
+    for forward in (tileflow_attention_forward, causal_attention_forward):
+        for arg in ("indices", "block_indices"):
+            with pytest.raises(ValueError, match=f"passes {arg}="):
+                forward(layer, q, k, k, None, **{arg: torch.zeros(1, 5, 2, dtype=torch.long)})
+        with pytest.raises(ValueError, match="per token"):
+            forward(layer, q, k, k, None, sinks=torch.zeros(1, 2, 5, 1))
+    per_head = torch.randn(2)
+    torch.testing.assert_close(tileflow_attention_forward(layer, q, k, k, None, sinks=per_head)[0],
+                               tileflow_attention_forward(layer, q, k, k, None, s_aux=per_head)[0])
+    encoder = torch.nn.Module()
+    encoder.is_causal = False
+    with pytest.raises(ValueError, match="is not \\(an encoder's or a cross-attention layer\\)"):
+        causal_attention_forward(encoder, q, k, k, None)
+    with pytest.raises(ValueError, match="is not"):
+        causal_attention_forward(layer, q, k, k, None, is_causal=False)
+    with pytest.raises(ValueError, match="position bias"):
+        causal_attention_forward(layer, q, k, k, None, position_bias=torch.zeros(1, 2, 5, 5))
+
+
+def test_transformers_causal_attn_implementation_places_chunks_behind_a_sliding_cache() -> None:
+    """Llama 4's chunked layers keep only their last chunk - 1 keys in a DynamicCache built from
+    the config, so the first key is not at position 0; the chunks were numbered from it (decode
+    past the first chunk 0.2-0.3 off, generation diverged). Decoding token by token, a chunked
+    prefill and generation equal SDPA's; packed sequences in one row, which "tileflow_causal"
+    would attend across, are refused eagerly."""
+    import transformers
+
+    sdpa, ours = sdpa_and_ours(
+        "Llama4TextConfig", "Llama4ForCausalLM", "tileflow_causal", vocab_size=128, hidden_size=64,
+        intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, attention_chunk_size=4,
+        no_rope_layers=[1, 0], attn_temperature_tuning=False)
+    ids = torch.randint(3, 100, (1, 11))
+    with torch.no_grad():
+        caches = [transformers.DynamicCache(config=m.config) for m in (sdpa, ours)]
+        for t in range(ids.shape[1]):
+            want, got = (m(ids[:, t:t + 1], past_key_values=c).logits for m, c in zip((sdpa, ours), caches))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        caches = [transformers.DynamicCache(config=m.config) for m in (sdpa, ours)]
+        for m, c in zip((sdpa, ours), caches):
+            m(ids[:, :6], past_key_values=c)
+        torch.testing.assert_close(ours(ids[:, 6:], past_key_values=caches[1]).logits,
+                                   sdpa(ids[:, 6:], past_key_values=caches[0]).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False),
+                           sdpa.generate(ids, max_new_tokens=6, do_sample=False))
+        with pytest.raises(ValueError, match="pack several sequences"):
+            ours(ids[:, :9], position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]]), use_cache=False)
+
+
 def test_a_number_added_to_the_scores_is_refused_without_undoing_other_rewrites() -> None:
     """`scores * scale + 1.5` (a number added to every score) was taken for a mask: the pass
     raised on its missing dtype and was rolled back, which left every attention of the graph,

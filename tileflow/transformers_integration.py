@@ -5,7 +5,7 @@
     model = transformers.LlamaForCausalLM(config)          # config._attn_implementation = "tileflow"
 
 The model builds the same masks it builds for SDPA (boolean, True = attend); tileflow applies them
-as an additive bias inside the kernel, or uses its causal rule when the model passes no mask.
+as an additive bias inside the kernel, or SDPA's causal rule when the model passes no mask.
 """
 
 from __future__ import annotations
@@ -35,17 +35,68 @@ def tileflow_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: q [B, Hq, S, D], k/v [B, Hkv, S_kv, D] (GQA unrepeated)
-    -> ([B, S, Hq, D], None), like the SDPA integration."""
+    -> ([B, S, Hq, D], None), like the SDPA integration (its mask, its `is_causal` rule aligned
+    at the first key, its T5-style `position_bias`)."""
     if dropout and module.training:
         raise ValueError("tileflow attention is for inference: dropout during training is not supported")
+    _refuse_sparse(ATTENTION_NAME, kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers' SDPA path: an explicit mask wins, and one query row needs no causal rule.
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
     mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+    position_bias = kwargs.get("position_bias")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if causal and kv_len > q_len:
+        # SDPA's causal rule lines the queries up with the first keys (a static cache's prefill:
+        # the slots past the prompt are empty), the kernel's with the last: keys past the last
+        # query are never seen, so cut them, as transformers' SDPA path does.
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+        position_bias = position_bias[..., :q_len] if position_bias is not None else None
+        kv_len = q_len
+    if causal and (kv_len < q_len or position_bias is not None):
+        # The first-key alignment as a mask (more queries than keys), or the causal part of a
+        # position bias's mask.
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()[None, None]
+        causal = False
+    if position_bias is not None:
+        # T5's relative attention bias joins the scores where the mask lets them through.
+        if mask is None:
+            mask = position_bias
+        elif mask.dtype == torch.bool:
+            mask = position_bias.masked_fill(~mask, torch.finfo(position_bias.dtype).min)
+        else:
+            mask = position_bias + mask
     query, key, value, scaling, width = _one_head_size(query, key, value, scaling)
     out = meta_attention(query, key, value, mask, causal=causal, scale=scaling, softcap=kwargs.get("softcap"),
-                         sinks=kwargs.get("s_aux"))
+                         sinks=_head_sinks(ATTENTION_NAME, query, kwargs))
     return out[..., :width].transpose(1, 2).contiguous(), None
+
+
+def _refuse_sparse(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse the keys a sparse attention selected (DeepSeek-V3.2-style indexers): models hand
+    them to every attention function but eager's and SDPA's (those get them as a mask), and
+    attending to every key instead would be silently wrong."""
+    for arg in ("indices", "block_indices"):
+        if kwargs.get(arg) is not None:
+            raise ValueError(
+                f"attn_implementation={name!r} runs dense attention, but the model passes {arg}= (the keys its "
+                "sparse attention selects), which it would ignore: use attn_implementation='sdpa' or 'eager', "
+                "which get them as a mask"
+            )
+
+
+def _head_sinks(name: str, query: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """Attention sinks, one logit per query head (gpt-oss's `s_aux`); per-token sinks (a `sinks`
+    tensor of another shape, Inkling-2's) are refused, not dropped."""
+    sinks = kwargs.get("s_aux")
+    if sinks is None and kwargs.get("sinks") is not None:
+        sinks = kwargs["sinks"]
+        if sinks.dim() != 1 or sinks.shape[0] != query.shape[1]:
+            raise ValueError(
+                f"attn_implementation={name!r} takes attention sinks as one logit per query head ([{query.shape[1]}]), "
+                f"but the model passes sinks of shape {list(sinks.shape)} (per token): use attn_implementation='eager'"
+            )
+    return sinks
 
 
 def _one_head_size(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -70,11 +121,12 @@ def causal_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """`"tileflow_causal"`: always causal (within the layer's sliding window or attention chunk,
     with its logit soft-cap and attention sinks, when it has them), never a mask tensor, no branch on the token count (so one traced
-    graph serves every count, 1 included). Padding masks and caches whose keys run past the
-    queries (a StaticCache) are refused. Several sequences packed in one row attend across each
-    other here: serving steps are traced this way because their attention stages apply the rule
-    per sequence."""
-    window, chunk = kwargs.get("sliding_window"), None
+    graph serves every count, 1 included). Padding masks, caches whose keys run past the
+    queries (a StaticCache), non-causal layers (encoders, cross-attention) and position biases
+    are refused. Several sequences packed in one row attend across each other when traced:
+    serving steps are traced this way because their attention stages apply the rule per
+    sequence (an eager call with packed position ids is refused by the mask function)."""
+    window, chunk, key_offset = kwargs.get("sliding_window"), None, 0
     if isinstance(attention_mask, CausalRule):
         # The layer's window may live only in its mask (Phi-3.5-MoE passes none to the attention
         # function), as Llama 4's chunks do: SDPA and eager apply the mask, so it is the one to follow.
@@ -84,7 +136,7 @@ def causal_attention_forward(
                 f"keys but its attention function is given sliding_window={window}; the two would disagree"
             )
         window = attention_mask.window if attention_mask.window is not None else window
-        chunk, attention_mask = attention_mask.chunk, None
+        chunk, key_offset, attention_mask = attention_mask.chunk, attention_mask.key_offset, None
     if attention_mask is not None:
         raise ValueError(
             "attn_implementation='tileflow_causal' takes no attention mask: pass packed tokens without "
@@ -92,10 +144,42 @@ def causal_attention_forward(
         )
     if kwargs.get("dropout") and module.training:
         raise ValueError("tileflow attention is for inference: dropout during training is not supported")
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        # An encoder's or a cross-attention's layer: no mask is built for it, so the mask
+        # function never sees it; the causal rule would hide every later key.
+        raise ValueError(
+            f"attn_implementation='tileflow_causal' is causal, but {type(module).__name__} is not (an encoder's or a "
+            "cross-attention layer): use attn_implementation='tileflow'"
+        )
+    if kwargs.get("position_bias") is not None:
+        raise ValueError(
+            "attn_implementation='tileflow_causal' takes no mask tensor, but the model adds a position bias to the "
+            "scores (T5's relative attention), which it would drop: use attn_implementation='tileflow'"
+        )
+    _refuse_sparse(CAUSAL_ATTENTION_NAME, kwargs)
+    sinks = _head_sinks(CAUSAL_ATTENTION_NAME, query, kwargs)
     query, key, value, scaling, width = _one_head_size(query, key, value, kwargs.get("scaling"))
-    out = meta_attention(query, key, value, None, causal=True, scale=scaling, softcap=kwargs.get("softcap"),
-                         sliding_window=window, sinks=kwargs.get("s_aux"), attention_chunk=chunk)
+    mask = None
+    if chunk is not None and key_offset:
+        # The kernel numbers positions from the first key, but a sliding cache has dropped the
+        # keys before `key_offset`: chunks, unlike windows, sit at absolute positions.
+        mask = _chunk_mask(query.shape[2], key.shape[2], key_offset, chunk, window, query.device)
+    out = meta_attention(query, key, value, mask, causal=mask is None, scale=scaling, softcap=kwargs.get("softcap"),
+                         sliding_window=window if mask is None else None, sinks=sinks,
+                         attention_chunk=chunk if mask is None else None)
     return out[..., :width].transpose(1, 2).contiguous(), None
+
+
+def _chunk_mask(q_len: int, kv_len: int, key_offset: int, chunk: int, window: int | None,
+                device: torch.device) -> torch.Tensor:
+    """The causal rule within attention chunks (and a window) as a bool mask [1, 1, q, kv], for
+    keys starting at absolute position `key_offset` and the last query at the last key."""
+    keys = torch.arange(kv_len, device=device) + key_offset
+    queries = keys[kv_len - q_len:, None]
+    mask = (keys[None, :] <= queries) & (keys[None, :] >= queries // chunk * chunk)
+    if window is not None:
+        mask &= keys[None, :] > queries - window
+    return mask[None, None]
 
 
 class CausalRule:
@@ -103,15 +187,16 @@ class CausalRule:
     attention chunks: no tensor, the rule for the attention function to apply, which the layer
     need not pass it: `window` (a query sees keys at positions > its own - window) and `chunk`
     (Llama 4's chunked attention: positions cut into chunks of `chunk`, a query sees only its own
-    chunk's keys), either None when the mask has none."""
+    chunk's keys), either None when the mask has none. `key_offset`: the absolute position of
+    the first key (a sliding cache drops earlier ones), which places the chunks."""
 
-    __slots__ = ("window", "chunk")
+    __slots__ = ("window", "chunk", "key_offset")
 
-    def __init__(self, window: int | None, chunk: int | None = None) -> None:
-        self.window, self.chunk = window, chunk
+    def __init__(self, window: int | None, chunk: int | None = None, key_offset: int = 0) -> None:
+        self.window, self.chunk, self.key_offset = window, chunk, key_offset
 
     def __repr__(self) -> str:
-        return f"CausalRule(window={self.window}, chunk={self.chunk})"
+        return f"CausalRule(window={self.window}, chunk={self.chunk}, key_offset={self.key_offset})"
 
     def __getattr__(self, name: str) -> Any:
         # Model code that uses its mask as a tensor outside the attention function (Doge's).
@@ -128,18 +213,20 @@ class CausalRule:
 
 # transformers' mask functions (`transformers.masking_utils`) the causal rule covers: the causal
 # rule itself, and the packed-sequence ones (the serving attention keeps each sequence apart).
+_PACKED_PART = "packed_sequence_mask_function.<locals>.inner_mask"
 _CAUSAL_PARTS = frozenset({
-    "causal_mask_function", "packed_sequence_mask_function.<locals>.inner_mask",
+    "causal_mask_function", _PACKED_PART,
     "remap_positions_for_packed_sequence.<locals>.inner_mask", "and_masks.<locals>.and_mask",
 })
 _WINDOW_PART = "sliding_window_overlay.<locals>.inner_mask"
 _CHUNK_PART = "chunked_overlay.<locals>.inner_mask"
 
 
-def _mask_rule(mask_function: Any) -> CausalRule | None:
+def _mask_rule(mask_function: Any, key_offset: int = 0) -> CausalRule | None:
     """The sliding window and attention chunks of a transformers mask function built of the
-    causal rule (None: neither); ValueError for any other mask (bidirectional, or/and overlays
-    such as image tokens), which the causal rule would silently replace."""
+    causal rule (None: neither; `key_offset` is the first key's position); ValueError for any
+    other mask (bidirectional, or/and overlays such as image tokens), which the causal rule would
+    silently replace, and for sequences packed in a row outside a trace (see `_packs_sequences`)."""
     windows: list[int] = []
     chunks: list[int] = []
     causal = False
@@ -161,6 +248,12 @@ def _mask_rule(mask_function: Any) -> CausalRule | None:
                 "(attn_implementation='tileflow' applies it)"
             )
         causal |= name == "causal_mask_function"
+        if name == _PACKED_PART and any(_packs_sequences(c) for c in cells):
+            raise ValueError(
+                "attn_implementation='tileflow_causal' keeps no sequences apart within a row, but these position ids "
+                "pack several sequences into one (they restart): pass one sequence per row, or use "
+                "attn_implementation='tileflow', which applies the packed mask"
+            )
         for cell in cells:
             pending.extend(f for f in (cell if isinstance(cell, tuple) else (cell,)) if callable(f)
                            and not isinstance(f, torch.Tensor))
@@ -172,7 +265,18 @@ def _mask_rule(mask_function: Any) -> CausalRule | None:
         raise ValueError(f"attn_implementation='tileflow_causal': the model's mask has chunks of {sorted(set(chunks))} "
                          "positions at once, which no one chunk size applies")
     window, chunk = min(windows, default=None), (chunks or [None])[0]
-    return None if window is None and chunk is None else CausalRule(window, chunk)
+    return None if window is None and chunk is None else CausalRule(window, chunk, key_offset)
+
+
+def _packs_sequences(sequence_ids: Any) -> bool:
+    """Whether transformers' packed-sequence ids (a sequence index per token) hold real, several
+    sequences in a row. Traced (export, compile) they are always there, values unknown: the
+    serving steps traced this way keep their sequences apart in their attention stages."""
+    if not isinstance(sequence_ids, torch.Tensor):
+        return False
+    from transformers.utils.import_utils import is_tracing
+
+    return not is_tracing(sequence_ids) and bool((sequence_ids[:, -1] != 0).any())
 
 
 def _plain_causal(config: Any) -> bool:
@@ -207,7 +311,7 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
         # Dynamo cannot trace into a function's closure: under torch.compile the rule is read
         # eagerly, a graph break that a model whose config sets no window or chunk is spared
         # (Dynamo wraps even the plain causal rule in packed-sequence masks).
-        rule = torch._dynamo.disable(_mask_rule)(mask_function)
+        rule = torch._dynamo.disable(_mask_rule)(mask_function, kv_offset)
     if attention_mask is None:
         return rule
     try:

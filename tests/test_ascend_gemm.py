@@ -109,6 +109,50 @@ def test_fewer_blocks_than_tiles_cover_every_tile(kernels) -> None:
         run_case(kernels[spec], spec, 1000, seed=blocks, num_programs=blocks)
 
 
+def test_concurrent_launches_keep_their_own_errors(kernels) -> None:
+    # ctypes releases the GIL during a launch: a failing launch on one thread must neither stop
+    # nor fail a valid launch on another, and must still raise itself.
+    import ctypes
+    import threading
+
+    from tileflow.backends.ascend.cpu_debug import CpuDebugLibrary
+    from tileflow.backends.ascend.gemm import gemm_entry
+
+    spec = gemm_spec("float32")
+    kernel = kernels[spec]
+    lib = CpuDebugLibrary(kernel.meta["sources"], Path(kernel.meta["library"]))
+    bad_launch = f"{gemm_entry(spec).name}_run_cpu"
+    dummy = torch.zeros(64)
+    inputs = make_inputs(spec, "cpu", 1000, seed=3)
+    expected = reference(spec, **inputs)
+    done, started = threading.Event(), threading.Event()
+    bad: dict[str, int] = {"raised": 0, "silent": 0}
+
+    def fail_repeatedly() -> None:
+        while not done.is_set():
+            started.set()
+            try:  # blockDim 0: the double reports it for this launch only
+                lib.call(bad_launch, ctypes.c_uint32(0), *[dummy] * (len(gemm_entry(spec).params)), restype=None)
+                bad["silent"] += 1
+            except RuntimeError as e:
+                assert "blockDim 0 must be positive" in str(e)
+                bad["raised"] += 1
+
+    thread = threading.Thread(target=fail_repeatedly)
+    thread.start()
+    started.wait()
+    try:
+        for _ in range(40):
+            out = poisoned_out(spec, "cpu", 1000)
+            kernel(inputs["x"], inputs["weight"], out=out, num_programs=24)
+            assert not torch.isnan(out).any(), "a valid launch left outputs unwritten"
+            assert_close(spec, out, expected)
+    finally:
+        done.set()
+        thread.join()
+    assert bad["silent"] == 0 and bad["raised"] > 0, bad
+
+
 def test_empty_m_and_bad_inputs(kernels) -> None:
     spec = gemm_spec("float32", ("bias",))
     kernel = kernels[spec]

@@ -54,8 +54,10 @@ class CpuDebugLibrary:
     `call(function, *args)` calls an `extern "C"` function of the library. After a launch (a
     `*_run_cpu` function) it asks the headers' error hook (`tileflow_cpu_double_last_error`, when
     the headers have one) and raises RuntimeError with its message, so a failed check inside a
-    kernel reaches Python as an exception instead of a crash. (Only launches reset the hook, and
-    its state is shared by every library in the process, so other calls do not consult it.)
+    kernel reaches Python as an exception instead of a crash. The hook's state is per OS thread
+    (ctypes releases the GIL during a launch, so other threads may launch meanwhile) and the
+    hook is asked on the thread that launched, right after the launch, so the message is this
+    launch's own. Only launches reset it, so other calls do not consult it.
     """
 
     def __init__(self, sources: KernelSources, path: Path) -> None:

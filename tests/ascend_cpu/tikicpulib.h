@@ -1,7 +1,8 @@
 // CPU test double of CANN's CPU debug launch (see API.md): ICPU_RUN_KF runs every block index of
 // a launch in turn on the calling thread. Kernels are driven from Python through ctypes, so no
 // exception may escape a launch: the first failing block stops it and its message is kept for
-// tileflow_cpu_double_last_error().
+// tileflow_cpu_double_last_error(). Like the block index, that message belongs to the calling
+// thread: ctypes releases the GIL during a launch, so two Python threads may launch at once.
 #pragma once
 
 #include <cstdlib>
@@ -25,7 +26,9 @@ inline void* GmAlloc(size_t bytes) {
 inline void GmFree(void* p) { std::free(p); }
 
 namespace detail {
-inline std::string lastError;
+// Per thread, as blockIdx/blockNum/pipeAlive: a launch on another thread must neither clear this
+// thread's error nor stop this thread's blocks.
+inline thread_local std::string lastError;
 
 template <class F> void RunBlocks(int64_t blockDim, F&& launch) {
     lastError.clear();
@@ -50,8 +53,8 @@ template <class F> void RunBlocks(int64_t blockDim, F&& launch) {
 }  // namespace detail
 }  // namespace AscendC
 
-// "" when the last ICPU_RUN_KF succeeded, else "block <i>: <what went wrong>". `used` keeps the
-// symbol in the shared library even when no code in it calls the function.
+// "" when the calling thread's last ICPU_RUN_KF succeeded, else "block <i>: <what went wrong>".
+// `used` keeps the symbol in the shared library even when no code in it calls the function.
 extern "C" inline __attribute__((used, visibility("default"))) const char* tileflow_cpu_double_last_error() {
     return AscendC::detail::lastError.c_str();
 }

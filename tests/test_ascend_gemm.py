@@ -219,6 +219,97 @@ def test_exported_project_builds_with_cmake_in_cpu_debug_mode(tmp_path: Path) ->
     assert (tmp_path / "build" / "libtileflow_ascend_ops.so").exists()
 
 
+def test_racing_cpu_builds_of_one_spec_share_one_library(tmp_path: Path) -> None:
+    # Two threads (or processes sharing the cache) building one spec into one empty cache: both
+    # succeed and load the same whole library (they used to share one temporary file).
+    import threading
+
+    spec = gemm_spec("float16", ("bias", "gelu", "residual"))
+    inputs = make_inputs(spec, "cpu", 9, seed=2)
+    for trial in range(4):
+        build_dir = tmp_path / str(trial)
+        built: list = []
+        errors: list[BaseException] = []
+
+        def build() -> None:
+            try:
+                built.append(build_cpu_debug_kernel(spec, [HEADERS], build_dir=build_dir))
+            except BaseException as e:  # reported below, with the trial
+                errors.append(e)
+
+        threads = [threading.Thread(target=build) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, f"trial {trial}: {errors!r}"
+        assert built[0].meta["library"] == built[1].meta["library"]
+        assert not list(Path(built[0].meta["library"]).parent.glob(".*.tmp")), "a temporary file was left behind"
+        for kernel in built:
+            out = kernel(inputs["x"], inputs["weight"], inputs["bias"], inputs["residual"])
+            assert_close(spec, out, reference(spec, **inputs))
+
+
+def test_npu_build_never_loads_a_partial_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CMake for the NPU cannot run here: its two commands are mocked. The library is loaded only
+    # after a build finished and moved it into place; a killed build, a leftover of the old
+    # in-place layout and a racing builder must never be loaded half-written.
+    import threading
+
+    import tileflow.devices
+    from tileflow.backends.ascend import project
+
+    sources = render_sources(gemm_spec("float16"))
+    root = tmp_path / f"{sources.ident}-{sources.digest()}"
+    builds: list[str] = []
+    kill_next = threading.Event()
+
+    def fake_run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+        if cmd[1] == "--build":
+            lib = Path(cmd[2]) / f"lib{project.LIBRARY}.so"
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            lib.write_bytes(b"partial")
+            if kill_next.is_set():
+                kill_next.clear()
+                raise KeyboardInterrupt  # the build was killed half-way
+            lib.write_bytes(b"\x7fELF whole library")
+            builds.append(cmd[2])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    loaded: list[bytes] = []
+    monkeypatch.setattr(project.subprocess, "run", fake_run)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: loaded.append(Path(path).read_bytes()))
+    monkeypatch.setattr(project.ctypes, "CDLL", lambda path: object())
+    monkeypatch.setattr(tileflow.devices, "detect_device", lambda kind: type("D", (), {"cores": 24})())
+
+    # A partial library where the old layout built in place, as a killed build left it.
+    (root / "build").mkdir(parents=True)
+    (root / "build" / f"lib{project.LIBRARY}.so").write_bytes(b"partial")
+    kill_next.set()
+    with pytest.raises(KeyboardInterrupt):
+        project.build_npu_kernel(sources, tmp_path)
+    assert not loaded and not builds
+    assert not list(root.glob(".build-*")), "the killed build's folder was left behind"
+
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            project.build_npu_kernel(sources, tmp_path)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert loaded == [b"\x7fELF whole library"] * 2 and 1 <= len(builds) <= 2
+    project.build_npu_kernel(sources, tmp_path)  # cached: no third build
+    assert len(builds) <= 2 and loaded[-1] == b"\x7fELF whole library"
+
+
 def test_target_ascend_without_torch_npu_says_what_is_missing() -> None:
     ok, why = BACKEND.available()
     assert not ok and "torch_npu" in why

@@ -8,7 +8,9 @@ own, or the test double under `tests/ascend_cpu/` — with warnings as errors, i
 library loaded with ctypes.
 
 Libraries are cached on disk by a hash of the sources, the headers and the compiler command, so a
-kernel compiles once per change.
+kernel compiles once per change. Builders of one spec may race (threads, or processes sharing the
+cache): each writes the sources atomically and compiles into its own temporary file, then moves
+the library into place, so every builder succeeds and a partial library is never loaded.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ import torch
 
 from .sources import KernelSources, cache_root
 
-__all__ = ["CpuDebugLibrary", "build_cpu_debug", "compiler_flags"]
+__all__ = ["CpuDebugLibrary", "build_cpu_debug", "compiler_flags", "write_atomic"]
 
 _CXX_FLAGS: tuple[str, ...] = (
     "-std=c++17", "-O1", "-g0", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror",
@@ -46,6 +50,20 @@ def _header_digest(include_dirs: Sequence[Path]) -> str:
             h.update(str(path.relative_to(inc)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and `os.replace`, so a
+    concurrent reader (another build's compiler) sees the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class CpuDebugLibrary:
@@ -113,15 +131,19 @@ def build_cpu_debug(
     lib_path = root / f"lib{sources.ident}.so"
     if not lib_path.exists():
         for rel, text in sources.files.items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_text(text)
+            write_atomic(root / rel, text)
+        # Each builder links into its own file (pid + thread), then moves it into place: racing
+        # builders of one spec all succeed, and the library path only ever names a whole library.
+        tmp = lib_path.with_name(f".{lib_path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
         cmd = [cxx, *_CXX_FLAGS, *(f"-I{inc}" for inc in include_dirs), f"-I{root / 'op_host'}",
-               str(root / sources.kernel_file), str(root / sources.host_file),
-               "-o", str(lib_path.with_suffix(".tmp"))]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0:
-            raise RuntimeError(
-                f"compiling {sources.ident} for the CPU failed ({' '.join(cmd)}):\n{run.stderr[-6000:]}"
-            )
-        os.replace(lib_path.with_suffix(".tmp"), lib_path)
+               str(root / sources.kernel_file), str(root / sources.host_file), "-o", str(tmp)]
+        try:
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(
+                    f"compiling {sources.ident} for the CPU failed ({' '.join(cmd)}):\n{run.stderr[-6000:]}"
+                )
+            os.replace(tmp, lib_path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return CpuDebugLibrary(sources, lib_path)

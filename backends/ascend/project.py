@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -167,14 +170,9 @@ def build_npu_kernel(
 
     # Keyed by the sources' content, so a changed emitter never reuses a stale build.
     root = (artifact_dir or cache_root() / "npu") / f"{sources.ident}-{sources.digest()}"
-    lib_path = root / "build" / f"lib{LIBRARY}.so"
+    lib_path = root / f"lib{LIBRARY}.so"
     if not lib_path.exists():
-        write_project([sources], root)
-        for cmd in (["cmake", "-S", str(root), "-B", str(root / "build")],
-                    ["cmake", "--build", str(root / "build"), "-j"]):
-            run = subprocess.run(cmd, capture_output=True, text=True)
-            if run.returncode != 0:
-                raise RuntimeError(f"building {sources.ident} failed ({' '.join(cmd)}):\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
+        _build_into(sources, root, lib_path)
     torch.ops.load_library(str(lib_path))
     lib = ctypes.CDLL(str(lib_path))
 
@@ -187,3 +185,27 @@ def build_npu_kernel(
         getattr(getattr(torch.ops, TORCH_NAMESPACE), entry.name)(*tensors, block_dim)
 
     return host_call, launch, detect_device("npu").cores
+
+
+def _build_into(sources: KernelSources, root: Path, lib_path: Path) -> None:
+    """Build `sources`' project in a fresh folder under `root` and move the library to `lib_path`.
+
+    The library appears at `lib_path` only by an atomic rename of a finished build, so a build
+    that was killed (or failed) leaves nothing there that a later call would load, and builders
+    racing on one spec each build in their own folder and all succeed.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+    try:
+        write_project([sources], work)
+        for cmd in (["cmake", "-S", str(work), "-B", str(work / "build")],
+                    ["cmake", "--build", str(work / "build"), "-j"]):
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"building {sources.ident} failed ({' '.join(cmd)}):\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
+        built = work / "build" / f"lib{LIBRARY}.so"
+        if not built.exists():
+            raise RuntimeError(f"building {sources.ident} produced no {built.name} in {built.parent}: check the CMake output")
+        os.replace(built, lib_path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -219,6 +219,27 @@ def test_exported_project_builds_with_cmake_in_cpu_debug_mode(tmp_path: Path) ->
     assert (tmp_path / "build" / "libtileflow_ascend_ops.so").exists()
 
 
+def test_device_branch_gives_the_kernels_their_tiling_headers(tmp_path: Path) -> None:
+    # The NPU branch compiles op_kernel/<ident>.cpp with ascendc_library; each includes
+    # "<ident>_tiling.h" from op_host/, so that target needs op_host on its include path.
+    import re
+
+    sources = render_sources(gemm_spec("float16", ("bias",)))
+    write_project([sources], tmp_path)
+    device = (tmp_path / "CMakeLists.txt").read_text().split("return()\nendif()", 1)[1]
+    dirs = [d for args in re.findall(r"ascendc_include_directories\(tileflow_kernels\s+PRIVATE\s+([^)]*)\)", device)
+            for d in args.split()]
+    assert dirs, "the device branch gives tileflow_kernels no include directories"
+    dirs = [d.replace("${CMAKE_CURRENT_SOURCE_DIR}", str(tmp_path)) for d in dirs]
+    assert str(tmp_path / "op_host") in dirs
+    # With exactly those directories (and the Ascend C headers the toolchain brings) the kernel
+    # file finds its tiling header.
+    run = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-DASCENDC_CPU_DEBUG", f"-I{HEADERS}",
+                          *(f"-I{d}" for d in dirs), str(tmp_path / sources.kernel_file)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_racing_cpu_builds_of_one_spec_share_one_library(tmp_path: Path) -> None:
     # Two threads (or processes sharing the cache) building one spec into one empty cache: both
     # succeed and load the same whole library (they used to share one temporary file).

@@ -77,6 +77,9 @@ else()
 endif()
 include(${{ASCENDC_CMAKE_DIR}}/ascendc.cmake)
 ascendc_library(tileflow_kernels STATIC ${{KERNEL_FILES}})
+# Every op_kernel/<ident>.cpp includes its <ident>_tiling.h from op_host/. CANN's way to give an
+# ascendc_library target include directories (its device compile too) is ascendc_include_directories.
+ascendc_include_directories(tileflow_kernels PRIVATE ${{CMAKE_CURRENT_SOURCE_DIR}}/op_host)
 
 execute_process(COMMAND python3 -c "import torch, os; print(os.path.dirname(torch.__file__))"
                 OUTPUT_VARIABLE TORCH_DIR OUTPUT_STRIP_TRAILING_WHITESPACE)

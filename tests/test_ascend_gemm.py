@@ -166,6 +166,16 @@ def test_empty_m_and_bad_inputs(kernels) -> None:
         kernel(inputs["x"], inputs["weight"], inputs["bias"], out=torch.empty(40, 3).t())
 
 
+@pytest.mark.parametrize("num_programs", [0, 2**16, 2**32, 2**32 + 1, True, 2.0])
+def test_num_programs_out_of_range_is_refused(kernels, num_programs) -> None:
+    # 2**32 used to wrap to 0 through the host tiling's uint32 ("the host tiling refused M=5").
+    spec = gemm_spec("float32", ("bias",))
+    inputs = make_inputs(spec, "cpu", 5, seed=1)
+    with pytest.raises(ValueError, match=r"num_programs must be an int in \[1, 65535\]"):
+        kernels[spec](inputs["x"], inputs["weight"], inputs["bias"], num_programs=num_programs)
+    run_case(kernels[spec], spec, 5, seed=1, num_programs=65535)
+
+
 def test_specs_the_kernel_cannot_implement_are_refused() -> None:
     with pytest.raises(ValueError, match="float64 runs on the reference backend|supports dtype"):
         gemm_layout(gemm_spec("float64"))

@@ -77,6 +77,7 @@ from tileflow.attention_inputs import (
 from tileflow.kernel_spec import KernelSpec
 from tileflow.targets import CompiledKernel
 
+from .gemm import MAX_BLOCK_DIM
 from .sources import (
     EntryPoint,
     HostCall,
@@ -1766,6 +1767,11 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
         device = q.device
         d = layout.head_dim
         num_programs, num_merges = inputs.num_programs, inputs.merges.shape[0]
+        if num_programs > MAX_BLOCK_DIM:  # one block per program: the launch cannot take more
+            raise ValueError(
+                f"{where}: the task table has {num_programs} programs, more than the {MAX_BLOCK_DIM} blocks of "
+                "one Ascend launch; build it with fewer programs (num_programs of the task table)"
+            )
         dense_out = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
         tree = inputs.tree_mask
         tree_size = 0 if tree is None else tree.shape[1]

@@ -51,7 +51,9 @@ from .sources import (
 __all__ = [
     "SUPPORTED_DTYPES",
     "UB_BYTES",
+    "MAX_BLOCK_DIM",
     "GemmLayout",
+    "check_num_programs",
     "gemm_entry",
     "gemm_layout",
     "make_gemm_launcher",
@@ -72,6 +74,20 @@ L0C_BYTES = 128 * 1024
 _API_DTYPES = {"float16": "DT_FLOAT16", "bfloat16": "DT_BF16", "float32": "DT_FLOAT"}
 _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swiglu")
 _CPP_BYTES = {"half": 2, "bfloat16_t": 2, "float": 4}
+# Most blocks one kernel launch takes (`<<<blockDim, ...>>>`; CANN caps blockDim at 65535). The
+# host tiling takes the cap as a uint32, so a larger value would wrap instead of failing.
+MAX_BLOCK_DIM = 65535
+
+
+def check_num_programs(num_programs: Any, where: str) -> None:
+    """ValueError unless `num_programs` is None or an int in [1, MAX_BLOCK_DIM]."""
+    if num_programs is None:
+        return
+    if isinstance(num_programs, bool) or not isinstance(num_programs, int) or not 1 <= num_programs <= MAX_BLOCK_DIM:
+        raise ValueError(
+            f"{where}: num_programs must be an int in [1, {MAX_BLOCK_DIM}] (the blocks of one Ascend launch), "
+            f"got {num_programs!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -631,7 +647,7 @@ def make_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRun, co
     Inputs are checked by `tileflow.gemm_operands`; the kernel reads row-major operands, so a
     non-contiguous `x`/`weight` is made contiguous (a copy), the bias is passed as float32 and
     the residual in the output dtype. `num_programs` caps the number of blocks (default: the
-    device's `cores`). M == 0 returns the empty output without launching.
+    device's `cores`; at most MAX_BLOCK_DIM). M == 0 returns the empty output without launching.
     """
     gemm_layout(spec)
     entry = gemm_entry(spec)
@@ -643,8 +659,7 @@ def make_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRun, co
                weight_up: torch.Tensor | None = None, bias_up: torch.Tensor | None = None,
                num_programs: int | None = None) -> torch.Tensor:
         ops = gemm_operands(spec, x, weight, bias, residual, out=out, weight_up=weight_up, bias_up=bias_up)
-        if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
-            raise ValueError(f"{where}: num_programs must be a positive int, got {num_programs!r}")
+        check_num_programs(num_programs, where)
         if not ops.out.is_contiguous():
             raise ValueError(f"{where}: out must be contiguous (the kernel writes rows of N elements)")
         if ops.m == 0:
@@ -706,8 +721,7 @@ def make_grouped_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: Kerne
     def launch(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, *, out: torch.Tensor | None = None,
                num_programs: int | None = None) -> torch.Tensor:
         ops = grouped_gemm_operands(spec, x, weight, offsets, out=out)
-        if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
-            raise ValueError(f"{where}: num_programs must be a positive int, got {num_programs!r}")
+        check_num_programs(num_programs, where)
         if not ops.out.is_contiguous():
             raise ValueError(f"{where}: out must be contiguous (the kernel writes rows of N elements)")
         if ops.m == 0:

@@ -504,11 +504,14 @@ void body() {
     ga.SetGlobalBuffer(a.data(), 15);
     gbt.SetGlobalBuffer(bt.data(), 28);
     gshort.SetGlobalBuffer(bt.data(), 20);
+    std::vector<uint8_t> sysWorkspace(64);
+    SetSysWorkspace(sysWorkspace.data());
     TPipe pipe;
+    Matmul<AH, BHT, CF> mm;
+    Matmul<AFT, BF, CF> mm2;
+    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &t, mm2, &t);  // one call, before InitBuffer
     TQue<QuePosition::VECOUT, 1> cq;
     pipe.InitBuffer(cq, 1, 16 * 16 * 4);
-    Matmul<AH, BHT, CF> mm;
-    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &t);
     mm.SetOrgShape(3, 4, 5, 7);
     mm.SetTensorA(ga);
     mm.SetTensorB(gbt, true);
@@ -543,8 +546,6 @@ void body() {
     gb.SetGlobalBuffer(b.data(), 30);
     gbias.SetGlobalBuffer(bias.data(), 4);
     gc.SetGlobalBuffer(out.data(), 27);
-    Matmul<AFT, BF, CF> mm2;
-    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm2, &t);
     mm2.SetOrgShape(3, 6, 5, 5, 9);
     mm2.SetSingleShape(3, 4, 5);
     mm2.SetTensorA(gaf, true);  // A given transposed: 5 rows of orgM = 3
@@ -559,7 +560,7 @@ void body() {
 
     Matmul<AH, BHT, CF> fresh;
     thrown("no_init", [&] { fresh.SetSingleShape(3, 4, 5); });
-    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), fresh, &t);
+    fresh.Init(&t);
     thrown("no_tensors", [&] { fresh.Iterate(); });
 }
 """)
@@ -594,6 +595,69 @@ void body() {
     raised(r, "b_trans", "logic_error", "isTransposeB needs MatmulType<..., ISTRANS = true>")
     raised(r, "no_init", "logic_error", "Matmul::SetSingleShape: not initialised")
     raised(r, "no_tensors", "logic_error", "SetTensorA and SetTensorB must come first")
+
+
+def test_regist_matmul_obj_forms_and_rules(tmp_path):
+    # CANN's REGIST_MATMUL_OBJ(tpipe, workspace, ...): one object with or without its tiling, or
+    # up to 4 object/tiling pairs in ONE call per pipe, before InitBuffer, with the system
+    # workspace set (SetSysWorkspace) unless the framework sets it.
+    r = run_body(tmp_path, r"""
+using namespace matmul;
+using AF = MatmulType<TPosition::GM, CubeFormat::ND, float>;
+using CF = MatmulType<TPosition::VECCALC, CubeFormat::ND, float>;
+using MM = Matmul<AF, AF, CF>;
+
+void body() {
+    TCubeTiling t{};
+    t.M = t.N = t.Ka = t.Kb = t.singleCoreM = t.singleCoreN = t.singleCoreK = 2;
+    t.baseM = t.baseN = t.baseK = 16;
+    std::vector<float> a{1, 2, 3, 4}, out(4, 0.0f);
+    GlobalTensor<float> ga, gc;
+    ga.SetGlobalBuffer(a.data(), 4);
+    gc.SetGlobalBuffer(out.data(), 4);
+    std::vector<uint8_t> ws(64);
+    auto use = [&](MM& mm) {
+        mm.SetTensorA(ga);
+        mm.SetTensorB(ga);
+        mm.IterateAll(gc);
+        return fmt(out[0]) + "," + fmt(out[3]);
+    };
+    SetSysWorkspace(nullptr);  // as a kernel that never set it sees it (a launch clears it per block)
+    {
+        TPipe pipe;
+        MM mm;
+        thrown("null_workspace", [&] { REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &t); });
+    }
+    SetSysWorkspace(ws.data());
+    {
+        TPipe pipe;
+        MM mm;
+        REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm);  // no tiling: Init follows
+        mm.Init(&t);
+        put("one_no_tiling", use(mm));
+    }
+    {
+        TPipe pipe;
+        MM m1, m2, m3, m4;
+        REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), m1, &t, m2, &t, m3, &t, m4, &t);
+        put("four_pairs", use(m4));
+        MM late;
+        thrown("second_call", [&] { REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), late, &t); });
+    }
+    {
+        TPipe pipe;
+        TBuf<TPosition::VECCALC> buf;
+        pipe.InitBuffer(buf, 32);
+        MM mm;
+        thrown("after_init_buffer", [&] { REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &t); });
+    }
+}
+""")
+    raised(r, "null_workspace", "logic_error", "system workspace is null", "SetSysWorkspace")
+    assert r["one_no_tiling"] == "7,22"
+    assert r["four_pairs"] == "7,22"
+    raised(r, "second_call", "logic_error", "called twice on one TPipe", "mm1, &tiling1, mm2, &tiling2")
+    raised(r, "after_init_buffer", "logic_error", "REGIST_MATMUL_OBJ after TPipe::InitBuffer")
 
 
 KERNEL = r"""

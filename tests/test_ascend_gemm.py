@@ -201,6 +201,26 @@ def test_a_deep_tile_runs_with_slices_that_fit_l0a(tmp_path: Path) -> None:
         run_case(kernel, spec, m, seed=m)
 
 
+def test_kernels_set_the_system_workspace_and_register_matmuls_once_before_init_buffer() -> None:
+    # CANN: a <<<>>> launch built without HAVE_WORKSPACE must SetSysWorkspace (host-allocated,
+    # GetLibApiWorkSpaceSize bytes) before the Matmul API; REGIST_MATMUL_OBJ takes every Matmul
+    # object in one call, before InitBuffer (op.Init). The double enforces all three at run time.
+    from tileflow.runtime.attention import attention_spec
+
+    attn = attention_spec(dtype=torch.float16, head_dim=64, gqa=4, block_q=4, causal=True, sliding_window=False,
+                          tree=False, bias=False)
+    for spec in (gemm_spec("float16", ("bias", "swiglu")), attn):
+        sources = render_sources(spec)
+        kernel, host = sources.files[sources.kernel_file], sources.files[sources.host_file]
+        main = kernel[kernel.index(f'extern "C" __global__ __aicore__ void {sources.ident}('):]
+        assert "GM_ADDR sys_workspace, GM_ADDR tiling)" in main.splitlines()[0]
+        assert main.count("REGIST_MATMUL_OBJ(") == 1
+        assert main.index("SetSysWorkspace(sys_workspace);") < main.index("REGIST_MATMUL_OBJ(") < main.index("op.Init(")
+        assert f'extern "C" uint32_t {sources.ident}_sys_workspace_size()' in host
+        assert "GetLibApiWorkSpaceSize()" in host
+    assert "op.qk, &t.qkTiling, op.pv, &t.pvTiling);" in render_sources(attn).files[render_sources(attn).kernel_file]
+
+
 def test_emitted_gemm_matches_golden() -> None:
     sources = render_sources(gemm_spec("float16", ("bias", "swiglu", "residual")))
     for path, text in sorted(sources.files.items()):

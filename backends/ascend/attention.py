@@ -77,7 +77,7 @@ from tileflow.attention_inputs import (
 from tileflow.kernel_spec import KernelSpec
 from tileflow.targets import CompiledKernel
 
-from .gemm import MAX_BLOCK_DIM
+from .gemm import MAX_BLOCK_DIM, sys_workspace
 from .sources import (
     EntryPoint,
     HostCall,
@@ -419,7 +419,8 @@ def attention_entries(spec: KernelSpec) -> tuple[EntryPoint, EntryPoint]:
     main += sinks
     if layout.alibi:
         main.append("alibi_slopes")
-    main += ["out", "partial_out", "partial_stats", "workspace", "tiling"]
+    # sys_workspace: the Matmul API's system workspace (GetLibApiWorkSpaceSize() bytes of GM).
+    main += ["out", "partial_out", "partial_stats", "workspace", "sys_workspace", "tiling"]
     return (
         EntryPoint(ident, tuple(main), outputs=("out", "partial_out", "partial_stats", "workspace")),
         EntryPoint(f"{ident}_merge",
@@ -1071,10 +1072,13 @@ extern "C" __global__ __aicore__ void ${ident}(${main_signature})
 {
     ${ident}_impl::Tiling t;
     ${ident}_impl::LoadTiling(tiling, t);
+    // The Matmul API's system workspace, allocated by the host: a <<<>>> launch built without
+    // HAVE_WORKSPACE has no framework to set it, so the kernel does (before any Matmul call).
+    SetSysWorkspace(sys_workspace);
     TPipe pipe;
     ${ident}_impl::MetaAttention op;
-    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.qk, &t.qkTiling);
-    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.pv, &t.pvTiling);
+    // Both Matmul objects in one call, each with its tiling, before InitBuffer (op.Init).
+    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.qk, &t.qkTiling, op.pv, &t.pvTiling);
     op.Init(${main_init_args}, t, &pipe);
     op.Process();
 }
@@ -1422,13 +1426,13 @@ def _stat_views(names: Sequence[str]) -> str:
 
 def _init_params(entry: EntryPoint) -> str:
     """`GM_ADDR a, GM_ADDR b, ...` without the tiling, four to a line."""
-    params = [f"GM_ADDR {p}" for p in entry.params if p != "tiling"]
+    params = [f"GM_ADDR {p}" for p in entry.params if p not in ("sys_workspace", "tiling")]
     lines = [", ".join(params[i:i + 4]) for i in range(0, len(params), 4)]
     return (",\n" + " " * 32).join(lines)
 
 
 def _init_args(entry: EntryPoint) -> str:
-    return ", ".join(p for p in entry.params if p != "tiling")
+    return ", ".join(p for p in entry.params if p not in ("sys_workspace", "tiling"))
 
 
 def _kernel_source(spec: KernelSpec, layout: AttentionLayout, ident: str,
@@ -1486,6 +1490,7 @@ $banner
 // The tiling function (plain C ABI, so Python calls it through ctypes) and, in CPU-debug
 // builds, the launches of both kernels on the CPU.
 #include "tiling/tiling_api.h"
+#include "tiling/platform/platform_ascendc.h"
 #include "${ident}_tiling.h"
 #ifdef ASCENDC_CPU_DEBUG
 #include "kernel_operator.h"
@@ -1525,6 +1530,14 @@ int64_t CubeTiling(TCubeTiling& out, int m, int n, int k, bool transposeB)
 extern "C" uint32_t ${ident}_tiling_size()
 {
     return sizeof(${struct});
+}
+
+// Bytes of the Matmul API's system workspace (the main kernel's sys_workspace) on this device; 0
+// when the platform cannot be queried.
+extern "C" uint32_t ${ident}_sys_workspace_size()
+{
+    const platform_ascendc::PlatformAscendC* platform = platform_ascendc::PlatformAscendCManager::GetInstance();
+    return platform == nullptr ? 0 : platform->GetLibApiWorkSpaceSize();
 }
 
 // Fill the tiling of one launch; returns TILING_OK or the first problem found.
@@ -1618,7 +1631,8 @@ def render_attention_sources(spec: KernelSpec) -> KernelSources:
 
     Files (see `sources.KernelSources`): ``op_kernel/<ident>.cpp`` (both kernels: `<ident>` and
     `<ident>_merge`, and their NPU launch stubs), ``op_host/<ident>_tiling.h`` (the tiling
-    struct), ``op_host/<ident>_host.cpp`` (``<ident>_tiling_size()``, ``<ident>_tiling(...)`` and
+    struct), ``op_host/<ident>_host.cpp`` (``<ident>_tiling_size()``, ``<ident>_tiling(...)``,
+    ``<ident>_sys_workspace_size()`` and
     the CPU-debug runners) and ``op_host/<ident>_torch.cpp`` (the PyTorch operators).
 
     Raises ValueError for a spec the kernel cannot implement (see `attention_layout`).
@@ -1724,8 +1738,8 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
     The kernel addresses q, the caches and out densely, so non-contiguous views are copied (and
     a non-contiguous `out` is written back). `attn_bias` (bias specs) is read in place when it is
     float32 with contiguous keys, else copied (see `_bias_operand`). The per-core GM workspace
-    (Q and P tiles) and the split-KV workspace (float32, `TaskTable.workspace_shapes`) are
-    allocated per call.
+    (Q and P tiles), the split-KV workspace (float32, `TaskTable.workspace_shapes`) and the
+    Matmul API's system workspace (`<ident>_sys_workspace_size()` bytes) are allocated per call.
     """
     layout = attention_layout(spec)
     main, merge = attention_entries(spec)
@@ -1811,6 +1825,7 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
             "partial_out": torch.empty((slots, layout.rows, d), dtype=torch.float32, device=device),
             "partial_stats": torch.empty((slots, 2, layout.rows), dtype=torch.float32, device=device),
             "workspace": torch.empty(num_programs * layout.workspace_elems, dtype=q.dtype, device=device),
+            "sys_workspace": sys_workspace(host_call, ident, where, device),
             "tiling": tiling.to(device),
         }
         run(main, num_programs, [tensors[p] for p in main.params])

@@ -59,6 +59,7 @@ __all__ = [
     "make_gemm_launcher",
     "make_grouped_gemm_launcher",
     "render_gemm_sources",
+    "sys_workspace",
 ]
 
 SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
@@ -228,7 +229,8 @@ def gemm_entry(spec: KernelSpec) -> EntryPoint:
             params.append("bias_up")
     if "residual" in ep:
         params.append("residual")
-    params += ["out", "tiling"]
+    # sys_workspace: the Matmul API's system workspace (GetLibApiWorkSpaceSize() bytes of GM).
+    params += ["out", "sys_workspace", "tiling"]
     return EntryPoint(kernel_ident(spec), tuple(params), outputs=("out",))
 
 
@@ -452,7 +454,7 @@ class PaddedGemm {{
 public:
     matmul::Matmul<AType, BType, CType> mm;
 
-    __aicore__ inline void Init({entry.signature().replace(", GM_ADDR tiling", "")}, const {struct}& t, TPipe* pipe)
+    __aicore__ inline void Init({entry.signature().replace(", GM_ADDR sys_workspace, GM_ADDR tiling", "")}, const {struct}& t, TPipe* pipe)
     {{
         tiling = t;
         // Row strides: x is [m, K], the weight [N, K] (B transposed), both row-major.
@@ -503,10 +505,14 @@ extern "C" __global__ __aicore__ void {ident}({entry.signature()})
     for (uint32_t i = 0; i < sizeof(t) / sizeof(uint32_t); ++i) {{
         dst[i] = src[i];
     }}
+    // The Matmul API's system workspace, allocated by the host: a <<<>>> launch built without
+    // HAVE_WORKSPACE has no framework to set it, so the kernel does (before any Matmul call).
+    SetSysWorkspace(sys_workspace);
     TPipe pipe;
     PaddedGemm op;
+    // Before InitBuffer (op.Init), as CANN requires in separated mode.
     REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.mm, &t.cube);
-    op.Init({entry.arguments().replace(", tiling", "")}, t, &pipe);
+    op.Init({entry.arguments().replace(", sys_workspace, tiling", "")}, t, &pipe);
     op.Process();
 }}
 
@@ -578,6 +584,7 @@ def _host_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, struct
     return f"""{banner(spec, "Host tiling and CPU-debug launch")}
 #include <cstdint>
 #include "tiling/tiling_api.h"
+#include "tiling/platform/platform_ascendc.h"
 #include "{entry.name}_tiling.h"
 #ifdef ASCENDC_CPU_DEBUG
 #include "tikicpulib.h"
@@ -587,6 +594,14 @@ def _host_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, struct
 extern "C" uint32_t {entry.name}_tiling_size()
 {{
     return sizeof({struct});
+}}
+
+// Bytes of the Matmul API's system workspace (the kernel's sys_workspace) on this device; 0 when
+// the platform cannot be queried.
+extern "C" uint32_t {entry.name}_sys_workspace_size()
+{{
+    const platform_ascendc::PlatformAscendC* platform = platform_ascendc::PlatformAscendCManager::GetInstance();
+    return platform == nullptr ? 0 : platform->GetLibApiWorkSpaceSize();
 }}
 
 // Fill the tiling for a launch over {what} on a device with coreNum AI cores; 0 on success.
@@ -691,8 +706,18 @@ def _tile_and_run(host_call: HostCall, run: KernelRun, entry: EntryPoint, where:
                      ctypes.byref(block_dim))
     if code != 0:
         raise ValueError(f"{where}: the host tiling refused M={m} (code {code})")
+    tensors["sys_workspace"] = sys_workspace(host_call, entry.name, where, tensors["x"].device)
     tensors["tiling"] = tiling.to(tensors["x"].device)
     run(entry, block_dim.value, [tensors[p] for p in entry.params])
+
+
+def sys_workspace(host_call: HostCall, ident: str, where: str, device: torch.device) -> torch.Tensor:
+    """The Matmul API's system workspace for one launch: `<ident>_sys_workspace_size()` bytes
+    (the platform's GetLibApiWorkSpaceSize) of uninitialized GM on `device`."""
+    size = int(host_call(f"{ident}_sys_workspace_size", restype=ctypes.c_uint32))
+    if size == 0:
+        raise RuntimeError(f"{where}: the platform reported no Matmul system workspace size (GetLibApiWorkSpaceSize)")
+    return torch.empty(size, dtype=torch.uint8, device=device)
 
 
 def _expert_rows(weight: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,10 @@ template <class... A> std::string Msg(const A&... a) {
 inline thread_local int64_t blockIdx = 0;
 inline thread_local int64_t blockNum = 1;
 inline thread_local bool pipeAlive = false;
+// The system workspace (GM) the Matmul API needs; set by SetSysWorkspace, per block (a launch
+// clears it before each block, as every kernel invocation must set it again).
+inline thread_local uint8_t* sysWorkspace = nullptr;
+struct MatmulRegistry;  // REGIST_MATMUL_OBJ's view of a TPipe (lib/matmul_intf.h)
 
 inline uint64_t Ceil32(uint64_t n) { return (n + 31) / 32 * 32; }
 template <class T> T Load(const uint8_t* p) {
@@ -97,6 +101,12 @@ struct Access;  // the API functions' window into tensors' private state
 
 inline int64_t GetBlockIdx() { return detail::blockIdx; }
 inline int64_t GetBlockNum() { return detail::blockNum; }
+
+// The system workspace: a GM buffer the host allocates (GetLibApiWorkSpaceSize() bytes) and the
+// kernel hands over with SetSysWorkspace before using the Matmul API (CANN's framework does it
+// only for operator projects and kernels built with HAVE_WORKSPACE; the double models neither).
+inline void SetSysWorkspace(GM_ADDR workspace) { detail::sysWorkspace = workspace; }
+inline GM_ADDR GetSysWorkSpacePtr() { return detail::sysWorkspace; }
 
 template <pipe_t P> inline void PipeBarrier() {}  // the CPU runs everything in program order
 
@@ -372,6 +382,7 @@ public:
     }
 
 private:
+    friend struct detail::MatmulRegistry;
     uint32_t Carve(uint32_t num, uint32_t len) {
         if (len == 0 || len % 32)
             detail::Fail(detail::Msg("TPipe::InitBuffer: len ", len, " bytes is not a positive multiple of 32"));
@@ -385,6 +396,7 @@ private:
     }
     std::shared_ptr<detail::Arena> arena_;
     uint64_t used_ = 0;
+    bool matmulRegistered_ = false;  // REGIST_MATMUL_OBJ was called on this pipe
 };
 
 // ---------------------------------------------------------------------------------------------

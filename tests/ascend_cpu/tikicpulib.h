@@ -39,6 +39,7 @@ template <class F> void RunBlocks(int64_t blockDim, F&& launch) {
     for (int64_t i = 0; i < blockDim && lastError.empty(); ++i) {
         blockIdx = i;
         blockNum = blockDim;
+        sysWorkspace = nullptr;  // each kernel invocation sets its own (SetSysWorkspace)
         try {
             launch();
         } catch (const std::exception& e) {
@@ -49,6 +50,7 @@ template <class F> void RunBlocks(int64_t blockDim, F&& launch) {
     }
     blockIdx = 0;
     blockNum = 1;
+    sysWorkspace = nullptr;
 }
 }  // namespace detail
 }  // namespace AscendC

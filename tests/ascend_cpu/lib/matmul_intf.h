@@ -8,12 +8,26 @@
 #include "../kernel_operator.h"
 #include "../kernel_tiling/kernel_tiling.h"
 
+#include <type_traits>
+
 namespace AscendC {
 namespace detail {
-inline uint8_t sysWorkspace[64];  // stands in for the system workspace the real API needs
-}
-inline GM_ADDR GetSysWorkSpacePtr() { return detail::sysWorkspace; }
-inline void SetSysWorkspace(GM_ADDR) {}
+// REGIST_MATMUL_OBJ's checks on the pipe and the system workspace.
+struct MatmulRegistry {
+    static void Register(TPipe* pipe, GM_ADDR workspace) {
+        if (!pipe) Fail("REGIST_MATMUL_OBJ: null TPipe");
+        if (!workspace)
+            Fail("REGIST_MATMUL_OBJ: the system workspace is null: the kernel must call SetSysWorkspace(workspace) "
+                 "with a GM buffer of GetLibApiWorkSpaceSize() bytes allocated by the host before registering");
+        if (pipe->matmulRegistered_)
+            Fail("REGIST_MATMUL_OBJ: called twice on one TPipe; register every Matmul object in one call, each "
+                 "followed by its tiling: REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm1, &tiling1, mm2, &tiling2)");
+        if (pipe->used_)
+            Fail("REGIST_MATMUL_OBJ after TPipe::InitBuffer: in separated mode (Atlas A2) it must come first");
+        pipe->matmulRegistered_ = true;
+    }
+};
+}  // namespace detail
 }  // namespace AscendC
 
 namespace matmul {
@@ -179,9 +193,36 @@ private:
 
 }  // namespace matmul
 
-// Registers `mm` with the pipe and tiling (the workspace only matters on the chip).
-#define REGIST_MATMUL_OBJ(pipePtr, workspacePtr, mm, tilingPtr) \
-    do {                                                         \
-        (void)(workspacePtr);                                    \
-        (mm).Init((tilingPtr), (pipePtr));                       \
-    } while (0)
+namespace matmul {
+namespace detail {
+template <class M> constexpr bool kIsMatmul = false;
+template <class A, class B, class C, class D> constexpr bool kIsMatmul<Matmul<A, B, C, D>> = true;
+
+inline void InitPairs(AscendC::TPipe*) {}
+template <class M, class... Rest>
+void InitPairs(AscendC::TPipe* pipe, M& mm, const TCubeTiling* tiling, Rest&&... rest) {
+    static_assert(kIsMatmul<M>, "REGIST_MATMUL_OBJ: expected Matmul object / tiling pointer pairs");
+    mm.Init(tiling, pipe);
+    InitPairs(pipe, std::forward<Rest>(rest)...);
+}
+
+// One Matmul object without its tiling: Init(&tiling) must follow.
+template <class M> void Regist(AscendC::TPipe* pipe, GM_ADDR workspace, M& mm) {
+    static_assert(kIsMatmul<M>, "REGIST_MATMUL_OBJ: expected a Matmul object");
+    AscendC::detail::MatmulRegistry::Register(pipe, workspace);
+    (void)mm;
+}
+template <class... Args> void Regist(AscendC::TPipe* pipe, GM_ADDR workspace, Args&&... args) {
+    static_assert(sizeof...(Args) % 2 == 0 && sizeof...(Args) <= 8,
+                  "REGIST_MATMUL_OBJ: pass one Matmul object, or 1 to 4 Matmul object / tiling pointer pairs");
+    AscendC::detail::MatmulRegistry::Register(pipe, workspace);
+    InitPairs(pipe, std::forward<Args>(args)...);
+}
+}  // namespace detail
+}  // namespace matmul
+
+// CANN's variadic form: REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling) or, with
+// several objects, all of them in one call, each followed by its tiling (up to 4). One call per
+// TPipe, before any InitBuffer; the workspace must be set (SetSysWorkspace).
+#define REGIST_MATMUL_OBJ(pipePtr, workspacePtr, ...) \
+    ::matmul::detail::Regist((pipePtr), (workspacePtr), __VA_ARGS__)

@@ -162,7 +162,7 @@ private:
 };
 }  // namespace
 
-extern "C" __global__ __aicore__ void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR bias, GM_ADDR bias_up, GM_ADDR residual, GM_ADDR out, GM_ADDR tiling)
+extern "C" __global__ __aicore__ void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR bias, GM_ADDR bias_up, GM_ADDR residual, GM_ADDR out, GM_ADDR sys_workspace, GM_ADDR tiling)
 {
     // The tiling lives in GM; copy it to the core's scalar memory word by word.
     tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_TilingData t;
@@ -171,8 +171,12 @@ extern "C" __global__ __aicore__ void tileflow_padded_gemm_float16_m16n32k32w4s3
     for (uint32_t i = 0; i < sizeof(t) / sizeof(uint32_t); ++i) {
         dst[i] = src[i];
     }
+    // The Matmul API's system workspace, allocated by the host: a <<<>>> launch built without
+    // HAVE_WORKSPACE has no framework to set it, so the kernel does (before any Matmul call).
+    SetSysWorkspace(sys_workspace);
     TPipe pipe;
     PaddedGemm op;
+    // Before InitBuffer (op.Init), as CANN requires in separated mode.
     REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.mm, &t.cube);
     op.Init(x, weight, weight_up, bias, bias_up, residual, out, t, &pipe);
     op.Process();
@@ -180,8 +184,8 @@ extern "C" __global__ __aicore__ void tileflow_padded_gemm_float16_m16n32k32w4s3
 
 #ifndef ASCENDC_CPU_DEBUG
 // Launched by the PyTorch binding on the current NPU stream.
-void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_do(uint32_t blockDim, void* stream, GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR bias, GM_ADDR bias_up, GM_ADDR residual, GM_ADDR out, GM_ADDR tiling)
+void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_do(uint32_t blockDim, void* stream, GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR bias, GM_ADDR bias_up, GM_ADDR residual, GM_ADDR out, GM_ADDR sys_workspace, GM_ADDR tiling)
 {
-    tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f<<<blockDim, nullptr, stream>>>(x, weight, weight_up, bias, bias_up, residual, out, tiling);
+    tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f<<<blockDim, nullptr, stream>>>(x, weight, weight_up, bias, bias_up, residual, out, sys_workspace, tiling);
 }
 #endif

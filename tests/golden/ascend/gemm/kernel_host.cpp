@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include "tiling/tiling_api.h"
+#include "tiling/platform/platform_ascendc.h"
 #include "tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_tiling.h"
 #ifdef ASCENDC_CPU_DEBUG
 #include "tikicpulib.h"
@@ -13,6 +14,14 @@
 extern "C" uint32_t tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_tiling_size()
 {
     return sizeof(tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_TilingData);
+}
+
+// Bytes of the Matmul API's system workspace (the kernel's sys_workspace) on this device; 0 when
+// the platform cannot be queried.
+extern "C" uint32_t tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_sys_workspace_size()
+{
+    const platform_ascendc::PlatformAscendC* platform = platform_ascendc::PlatformAscendCManager::GetInstance();
+    return platform == nullptr ? 0 : platform->GetLibApiWorkSpaceSize();
 }
 
 // Fill the tiling for a launch over m rows on a device with coreNum AI cores; 0 on success.
@@ -44,9 +53,9 @@ extern "C" int32_t tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swi
 }
 
 #ifdef ASCENDC_CPU_DEBUG
-extern "C" __global__ __aicore__ void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR bias, GM_ADDR bias_up, GM_ADDR residual, GM_ADDR out, GM_ADDR tiling);
-extern "C" void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_run_cpu(uint32_t blockDim, GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR bias, GM_ADDR bias_up, GM_ADDR residual, GM_ADDR out, GM_ADDR tiling)
+extern "C" __global__ __aicore__ void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR bias, GM_ADDR bias_up, GM_ADDR residual, GM_ADDR out, GM_ADDR sys_workspace, GM_ADDR tiling);
+extern "C" void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_run_cpu(uint32_t blockDim, GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR bias, GM_ADDR bias_up, GM_ADDR residual, GM_ADDR out, GM_ADDR sys_workspace, GM_ADDR tiling)
 {
-    ICPU_RUN_KF(tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f, blockDim, x, weight, weight_up, bias, bias_up, residual, out, tiling);
+    ICPU_RUN_KF(tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f, blockDim, x, weight, weight_up, bias, bias_up, residual, out, sys_workspace, tiling);
 }
 #endif

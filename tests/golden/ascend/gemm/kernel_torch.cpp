@@ -5,17 +5,17 @@
 #include <torch/extension.h>
 #include "torch_npu/csrc/core/npu/NPUStream.h"
 
-void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_do(uint32_t blockDim, void* stream, uint8_t* x, uint8_t* weight, uint8_t* weight_up, uint8_t* bias, uint8_t* bias_up, uint8_t* residual, uint8_t* out, uint8_t* tiling);
+void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_do(uint32_t blockDim, void* stream, uint8_t* x, uint8_t* weight, uint8_t* weight_up, uint8_t* bias, uint8_t* bias_up, uint8_t* residual, uint8_t* out, uint8_t* sys_workspace, uint8_t* tiling);
 
-void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_op(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_up, const at::Tensor& bias, const at::Tensor& bias_up, const at::Tensor& residual, const at::Tensor& out, const at::Tensor& tiling, int64_t block_dim)
+void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_op(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_up, const at::Tensor& bias, const at::Tensor& bias_up, const at::Tensor& residual, const at::Tensor& out, const at::Tensor& sys_workspace, const at::Tensor& tiling, int64_t block_dim)
 {
     auto stream = c10_npu::getCurrentNPUStream().stream(false);
-    tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_do(static_cast<uint32_t>(block_dim), stream, static_cast<uint8_t*>(x.data_ptr()), static_cast<uint8_t*>(weight.data_ptr()), static_cast<uint8_t*>(weight_up.data_ptr()), static_cast<uint8_t*>(bias.data_ptr()), static_cast<uint8_t*>(bias_up.data_ptr()), static_cast<uint8_t*>(residual.data_ptr()), static_cast<uint8_t*>(out.data_ptr()), static_cast<uint8_t*>(tiling.data_ptr()));
+    tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_do(static_cast<uint32_t>(block_dim), stream, static_cast<uint8_t*>(x.data_ptr()), static_cast<uint8_t*>(weight.data_ptr()), static_cast<uint8_t*>(weight_up.data_ptr()), static_cast<uint8_t*>(bias.data_ptr()), static_cast<uint8_t*>(bias_up.data_ptr()), static_cast<uint8_t*>(residual.data_ptr()), static_cast<uint8_t*>(out.data_ptr()), static_cast<uint8_t*>(sys_workspace.data_ptr()), static_cast<uint8_t*>(tiling.data_ptr()));
 }
 
 TORCH_LIBRARY_FRAGMENT(tileflow_ascend, m)
 {
-    m.def("tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f(Tensor x, Tensor weight, Tensor weight_up, Tensor bias, Tensor bias_up, Tensor residual, Tensor(a6!) out, Tensor tiling, int block_dim) -> ()");
+    m.def("tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f(Tensor x, Tensor weight, Tensor weight_up, Tensor bias, Tensor bias_up, Tensor residual, Tensor(a6!) out, Tensor sys_workspace, Tensor tiling, int block_dim) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tileflow_ascend, PrivateUse1, m)

@@ -146,7 +146,7 @@ private:
 };
 }  // namespace
 
-extern "C" __global__ __aicore__ void tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR offsets, GM_ADDR out, GM_ADDR tiling)
+extern "C" __global__ __aicore__ void tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR offsets, GM_ADDR out, GM_ADDR sys_workspace, GM_ADDR tiling)
 {
     // The tiling lives in GM; copy it to the core's scalar memory word by word.
     tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978_TilingData t;
@@ -155,8 +155,12 @@ extern "C" __global__ __aicore__ void tileflow_grouped_gemm_float16_m16n32k32w4s
     for (uint32_t i = 0; i < sizeof(t) / sizeof(uint32_t); ++i) {
         dst[i] = src[i];
     }
+    // The Matmul API's system workspace, allocated by the host: a <<<>>> launch built without
+    // HAVE_WORKSPACE has no framework to set it, so the kernel does (before any Matmul call).
+    SetSysWorkspace(sys_workspace);
     TPipe pipe;
     PaddedGemm op;
+    // Before InitBuffer (op.Init), as CANN requires in separated mode.
     REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.mm, &t.cube);
     op.Init(x, weight, weight_up, offsets, out, t, &pipe);
     op.Process();
@@ -164,8 +168,8 @@ extern "C" __global__ __aicore__ void tileflow_grouped_gemm_float16_m16n32k32w4s
 
 #ifndef ASCENDC_CPU_DEBUG
 // Launched by the PyTorch binding on the current NPU stream.
-void tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978_do(uint32_t blockDim, void* stream, GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR offsets, GM_ADDR out, GM_ADDR tiling)
+void tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978_do(uint32_t blockDim, void* stream, GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR offsets, GM_ADDR out, GM_ADDR sys_workspace, GM_ADDR tiling)
 {
-    tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978<<<blockDim, nullptr, stream>>>(x, weight, weight_up, offsets, out, tiling);
+    tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978<<<blockDim, nullptr, stream>>>(x, weight, weight_up, offsets, out, sys_workspace, tiling);
 }
 #endif

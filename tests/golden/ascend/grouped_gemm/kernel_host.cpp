@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include "tiling/tiling_api.h"
+#include "tiling/platform/platform_ascendc.h"
 #include "tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978_tiling.h"
 #ifdef ASCENDC_CPU_DEBUG
 #include "tikicpulib.h"
@@ -13,6 +14,14 @@
 extern "C" uint32_t tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978_tiling_size()
 {
     return sizeof(tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978_TilingData);
+}
+
+// Bytes of the Matmul API's system workspace (the kernel's sys_workspace) on this device; 0 when
+// the platform cannot be queried.
+extern "C" uint32_t tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978_sys_workspace_size()
+{
+    const platform_ascendc::PlatformAscendC* platform = platform_ascendc::PlatformAscendCManager::GetInstance();
+    return platform == nullptr ? 0 : platform->GetLibApiWorkSpaceSize();
 }
 
 // Fill the tiling for a launch over m rows sorted into EXPERTS groups (expert weights the given strides apart) on a device with coreNum AI cores; 0 on success.
@@ -46,9 +55,9 @@ extern "C" int32_t tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n4
 }
 
 #ifdef ASCENDC_CPU_DEBUG
-extern "C" __global__ __aicore__ void tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR offsets, GM_ADDR out, GM_ADDR tiling);
-extern "C" void tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978_run_cpu(uint32_t blockDim, GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR offsets, GM_ADDR out, GM_ADDR tiling)
+extern "C" __global__ __aicore__ void tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978(GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR offsets, GM_ADDR out, GM_ADDR sys_workspace, GM_ADDR tiling);
+extern "C" void tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978_run_cpu(uint32_t blockDim, GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR offsets, GM_ADDR out, GM_ADDR sys_workspace, GM_ADDR tiling)
 {
-    ICPU_RUN_KF(tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978, blockDim, x, weight, weight_up, offsets, out, tiling);
+    ICPU_RUN_KF(tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978, blockDim, x, weight, weight_up, offsets, out, sys_workspace, tiling);
 }
 #endif

@@ -497,3 +497,92 @@ def test_output_onto_a_graphs_report_in_the_debug_dir_is_refused(llama_debug_dir
         assert CliRunner().invoke(viz_command, [str(llama_debug_dir), "-o", str(page)]).exit_code == 0
     finally:
         page.unlink(missing_ok=True)  # the debug_dir is shared by the module's tests
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-made debug_dirs: fast checks of what viz reads and refuses
+
+
+def tiny_nodes(module: str = "act") -> list[dict]:
+    """x -> relu -> output, as `graph_to_json` writes nodes."""
+    return [
+        {"name": "x", "op": "placeholder", "target": "x", "args": [], "kwargs": {}, "users": ["relu"], "module": None},
+        {"name": "relu", "op": "call_function", "target": "aten.relu.default", "args": ["%x"], "kwargs": {},
+         "users": ["output"], "module": module},
+        {"name": "output", "op": "output", "target": "output", "args": [["%relu"]], "kwargs": {}, "users": []},
+    ]
+
+
+def make_debug_dir(root: Path, graphs: dict[str, list[dict]] | None = None, recompiles: tuple[str, ...] = ()) -> Path:
+    """A debug_dir as the compiler writes one: per graph its report.json, input/output nodes, one
+    pass's before/after and a kernel; the root report.json listing the graphs."""
+    entries = []
+    for gid, nodes in (graphs or {"graph_000": tiny_nodes()}).items():
+        gdir = root / gid
+        (gdir / "passes").mkdir(parents=True)
+        (gdir / "kernels").mkdir()
+        n = len(nodes)
+        entry = {
+            "graph_id": gid, "compile_id": "0/0", "nodes_in": n, "nodes_out": n, "symbols": {}, "fallbacks": [],
+            "passes": [{"name": "noop", "ms": 0.1, "changed": False, "nodes_before": n, "nodes_after": n,
+                        "rewrites": {}, "error": None, "graph": gid}],
+            "kernels": [{"name": "k", "target": "reference", "source_path": str(gdir / "kernels" / "k.py"), "spec": None,
+                         "graph": gid}],
+            "plans": [], "residual": "eager", "target": "reference", "debug_dir": str(gdir), "config": {}, "extra": {},
+            "recompile": gid in recompiles,
+        }
+        for name in ("input.json", "output.json", "passes/00_noop.before.json", "passes/00_noop.after.json"):
+            (gdir / name).write_text(json.dumps(nodes))
+        for name in ("passes/00_noop.before.py", "passes/00_noop.after.py"):
+            (gdir / name).write_text("def forward(x):\n    return relu(x)\n")
+        (gdir / "kernels" / "k.py").write_text("def kernel(x):\n    return x\n")
+        (gdir / "report.json").write_text(json.dumps(entry))
+        entries.append(entry)
+    (root / "report.json").write_text(json.dumps({"schema": 1, "recompiles": len(recompiles), "graphs": entries}))
+    return root
+
+
+def one_error_line(result: Any) -> str:
+    """The command's single `Error: ...` line (it failed, with no traceback)."""
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def _snapshot_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("source", ["root", "root_report", "graph_dir", "graph_report"])
+@pytest.mark.parametrize("target", ["graph_001/report.json", "graph_000/passes/00_noop.after.json", "graph_000/input.json",
+                                    "report.json", "graph_000/kernels/k.html", "graph_001/page.html", "notes.txt"])
+def test_output_into_the_debug_dir_is_refused(source: str, target: str, tmp_path: Path) -> None:
+    """With SOURCE a report.json or a graph folder, -o could name any other file of the debug_dir
+    (another graph's report, a snapshot, the root report) and viz replaced it with the page; and
+    a page written under kernels/ was embedded as a kernel by the next viz."""
+    root = make_debug_dir(tmp_path / "dd", {"graph_000": tiny_nodes(), "graph_001": tiny_nodes()})
+    src = {"root": root, "root_report": root / "report.json", "graph_dir": root / "graph_000",
+           "graph_report": root / "graph_000" / "report.json"}[source]
+    before = _snapshot_files(root)
+    line = one_error_line(CliRunner().invoke(viz_command, [str(src), "-o", str(root / target)]))
+    assert "would " in line and str(root / target) in line
+    assert _snapshot_files(root) == before
+
+
+@pytest.mark.parametrize("name", ["page.html", "PAGE.HTML", "page.htm"])
+def test_a_page_at_the_debug_dirs_top_level_is_written(name: str, tmp_path: Path) -> None:
+    """`.HTML` and `.htm` were refused with "would overwrite the report it reads"."""
+    root = make_debug_dir(tmp_path / "dd")
+    for source in (root, root / "graph_000", root / "report.json"):
+        result = CliRunner().invoke(viz_command, [str(source), "-o", str(root / name)])
+        assert result.exit_code == 0, result.output
+        assert embedded_data((root / name).read_text())["graphs"][0]["id"] == "graph_000"
+
+
+def test_output_under_a_file_says_the_file_is_not_a_folder(tmp_path: Path) -> None:
+    """`-o file.py/x.html` failed with a bare "File exists"."""
+    root = make_debug_dir(tmp_path / "dd")
+    (tmp_path / "file.py").write_text("x = 1\n")
+    line = one_error_line(CliRunner().invoke(viz_command, [str(root), "-o", str(tmp_path / "file.py" / "x.html")]))
+    assert f"{tmp_path / 'file.py'} is a file, not a folder" in line

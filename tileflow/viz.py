@@ -27,7 +27,7 @@ import click
 
 from .graph_layout import LayoutInput, layout_all, layout_engine
 
-__all__ = ["VizError", "build_html", "collect", "render", "viz_command", "write_html"]
+__all__ = ["VizError", "build_html", "collect", "debug_dir_root", "output_conflict", "render", "viz_command", "write_html"]
 
 TEMPLATE_NAME = "viz_template.html"
 TITLE_TOKEN = "__TILEFLOW_TITLE__"
@@ -131,24 +131,29 @@ def viz_command(source: Path, output: Path) -> None:
     SOURCE is a debug_dir (`options={"debug_dir": DIR}`) or an archive from `tileflow export`.
     The page needs no server and no network: open it in a browser.
     """
-    read = source / "report.json" if source.is_dir() else source
-    # Inside a debug_dir only a page may be written: every other file there (each graph's
-    # report.json, snapshots, kernels) is something viz reads.
-    inside = source.is_dir() and output.resolve().is_relative_to(source.resolve()) and output.suffix != ".html"
-    if output.resolve() == read.resolve() or inside:
-        raise click.ClickException(f"-o {output} would overwrite the {'report' if source.is_dir() else 'source'} "
-                                   "it reads; write the page elsewhere (e.g. -o report.html)")
+    from .cli import _output_problem
+
+    conflict = output_conflict(source, output)
+    if conflict:
+        raise click.ClickException(f"-o {output} {conflict}; write the page elsewhere (e.g. -o report.html)")
+    # Checked before reading SOURCE, which can take a while on a deep model.
+    problem = _output_problem(output)
+    if problem:
+        raise click.ClickException(f"cannot write {output}: {problem}")
     try:
         try:
             data = collect(source)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a field of the wrong kind
             raise VizError(f"{source} holds a malformed tileflow report ({type(exc).__name__}: {exc}); regenerate "
                            "it with this tileflow") from None
+        except OSError as exc:  # the readers name the file they fail on; this is a last resort
+            raise VizError(f"cannot read {exc.filename or source}: {exc.strerror or exc}") from None
         text = render(data)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text, encoding="utf-8")
     except (VizError, RuntimeError) as exc:  # RuntimeError: Graphviz failed (`layout_all`)
         raise click.ClickException(str(exc)) from None
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
     graphs = data["graphs"]
@@ -157,6 +162,55 @@ def viz_command(source: Path, output: Path) -> None:
     click.echo(
         f"wrote {output} ({len(text) / 1024:.0f} KiB; {len(graphs)} graph(s), {passes} pass run(s), {kernels} kernel(s))"
     )
+
+
+# A graph's folder in a debug_dir, as the compiler names it (`compile_graph`).
+_GRAPH_DIR_NAME = re.compile(r"graph_\d+")
+# What a page may be called (any case: `.HTML` is a page too).
+_PAGE_SUFFIXES = (".html", ".htm")
+
+
+def _is_graph_dir(path: Path) -> bool:
+    """Whether `path` is one graph's folder of a debug_dir (named so, or holding its files)."""
+    return path.is_dir() and (
+        bool(_GRAPH_DIR_NAME.fullmatch(path.name)) or (path / "passes").is_dir() or (path / "input.json").is_file()
+    )
+
+
+def debug_dir_root(source: Path) -> Path:
+    """The debug_dir SOURCE belongs to: the folder holding the root report.json and the graph
+    folders (SOURCE itself, its parent for a report.json, the parent of a graph folder)."""
+    base = source if source.is_dir() else source.parent
+    if _is_graph_dir(base) and (base.parent / "report.json").is_file():
+        return base.parent
+    return base
+
+
+def output_conflict(source: Path, output: Path) -> str | None:
+    """Why writing the page to `output` would damage what `source` is read from, else None.
+
+    Nothing inside a graph folder of SOURCE's debug_dir may be written (viz reads those files,
+    and a page under kernels/ would be read back as a kernel), nor any other file of the
+    debug_dir but a page at its top level; nor SOURCE itself.
+    """
+    src, out = source.resolve(), output.resolve()
+    if not src.exists():
+        return None  # `collect` says so
+    if out == src:
+        return f"would overwrite the {'report' if src.suffix.lower() == '.json' else 'source'} it reads"
+    if src.is_file() and zipfile.is_zipfile(src):
+        return None  # an archive is the only file viz reads
+    root = debug_dir_root(src)
+    if not out.is_relative_to(root):
+        return None
+    graph_dirs = [root] if _is_graph_dir(root) else [d for d in root.iterdir() if _is_graph_dir(d)]
+    for graph_dir in graph_dirs:
+        if out.is_relative_to(graph_dir):
+            where = f"{graph_dir.name}, a graph folder of the debug_dir {root}, whose files viz reads"
+            return f"would overwrite {where}" if out.exists() else f"would write into {where}"
+    if out.suffix.lower() not in _PAGE_SUFFIXES:
+        return f"would overwrite a file of the debug_dir {root} (only an .html page may be written there)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -128,10 +128,15 @@ def compile_graph(
     target = resolve_target(config.target, device_type)
     residual_mode = residual or resolve_residual(config.residual, device_type)
     artifact_dir = Path(config.debug_dir) / graph_id if config.debug_dir else None
-    if artifact_dir is not None and artifact_dir.is_dir():
-        # A debug_dir used by an earlier process holds a graph of this id: start it afresh, else
-        # its old kernels would be listed beside this graph's (by the visualizer, in an archive).
-        shutil.rmtree(artifact_dir, ignore_errors=True)
+    if artifact_dir is not None:
+        # The root report.json of an earlier run must not outlive the graph folders it describes:
+        # if this compile fails, it would present this graph's files under that run's report (its
+        # model, passes and kernels). Until this graph is done, it lists this session's graphs only.
+        _write_root_report(Path(config.debug_dir), report)
+        if artifact_dir.is_dir():
+            # A debug_dir used by an earlier process holds a graph of this id: start it afresh, else
+            # its old kernels would be listed beside this graph's (by the visualizer, in an archive).
+            shutil.rmtree(artifact_dir, ignore_errors=True)
     graph_report = GraphReport(
         graph_id=graph_id,
         compile_id=compile_id,
@@ -203,6 +208,12 @@ def _write_reports(root: Path, graph_report: GraphReport, report: Report) -> Non
     graph_dir = root / graph_report.graph_id
     graph_dir.mkdir(parents=True, exist_ok=True)
     (graph_dir / "report.json").write_text(json.dumps(graph_report.to_dict(), indent=2, default=str))
+    _write_root_report(root, report)
+
+
+def _write_root_report(root: Path, report: Report) -> None:
+    """`root/report.json`: the graphs of `report` compiled into this debug_dir."""
     mine = [g for g in report.graphs if g.debug_dir and Path(g.debug_dir).parent == root]
+    root.mkdir(parents=True, exist_ok=True)
     # This folder's graphs' recompiles, not the session's (other models share the session report).
     (root / "report.json").write_text(Report(graphs=mine, recompiles=sum(g.recompile for g in mine)).to_json())

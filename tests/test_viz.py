@@ -586,3 +586,48 @@ def test_output_under_a_file_says_the_file_is_not_a_folder(tmp_path: Path) -> No
     (tmp_path / "file.py").write_text("x = 1\n")
     line = one_error_line(CliRunner().invoke(viz_command, [str(root), "-o", str(tmp_path / "file.py" / "x.html")]))
     assert f"{tmp_path / 'file.py'} is a file, not a folder" in line
+
+
+def test_a_failed_compile_leaves_no_stale_root_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A debug_dir reused by a run that crashed: graph_000 was rewritten but the old run's root
+    report.json stayed, and viz drew the new graph under the old report (its model, passes and
+    kernels). The root report now lists only this run's finished graphs from the start."""
+    import tileflow.compiler
+
+    root = make_debug_dir(tmp_path / "dd", {"graph_000": tiny_nodes(), "graph_001": tiny_nodes()})
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("lowering crashed")
+
+    monkeypatch.setattr(tileflow.compiler, "lower_graph", crash)
+    compiled = torch.compile(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval(),
+                             backend=tileflow.TileflowBackend({"debug_dir": str(root)}), dynamic=True)
+    with pytest.raises(Exception, match="lowering crashed"), torch.no_grad():
+        compiled(torch.randn(4, 8))
+    assert json.loads((root / "report.json").read_text())["graphs"] == []
+
+
+@pytest.mark.parametrize("damage", ["snapshot", "input", "graph_report_missing", "graph_report_other"])
+def test_files_of_two_runs_are_refused(damage: str, tmp_path: Path) -> None:
+    """The reused debug_dir of a run that crashed (or of an older tileflow, which kept the stale
+    root report) gave a page drawing one run's graph under another's report, silently."""
+    root = make_debug_dir(tmp_path / "dd")
+    graph_dir = root / "graph_000"
+    other = tiny_nodes()[1:]  # another run's graph: a node fewer
+    if damage == "snapshot":
+        (graph_dir / "passes" / "00_noop.after.json").write_text(json.dumps(other))
+        expected = "records 3 nodes after pass 0 (noop) but"
+    elif damage == "input":
+        (graph_dir / "input.json").write_text(json.dumps(other))
+        expected = "records 3 nodes in the input graph but"
+    elif damage == "graph_report_missing":
+        (graph_dir / "report.json").unlink()
+        expected = "lists graph_000 but"
+    else:
+        own = json.loads((graph_dir / "report.json").read_text())
+        (graph_dir / "report.json").write_text(json.dumps({**own, "nodes_in": 271}))
+        expected = "describe different compiles of graph_000"
+    out = tmp_path / "page.html"
+    line = one_error_line(CliRunner().invoke(viz_command, [str(root), "-o", str(out)]))
+    assert expected in line and "two runs" in line, line
+    assert not out.exists()

@@ -238,10 +238,39 @@ def _from_debug_dir(root: Path, report_file: Path | None = None) -> dict[str, An
         graphs = [(report, root)]  # the folder of a single graph
     else:
         raise VizError(f"{report_file} is not a tileflow report (no graphs)")
-    builder = _Builder(kind="debug_dir", path=str(root))
+    builder = _Builder(kind="debug_dir", path=str(root), report_file=str(report_file))
     for graph, graph_dir in graphs:
+        if graph_dir != root:
+            _check_graph_report(report_file, graph, graph_dir)
         builder.add_graph(graph, _DirReader(graph_dir))
     return builder.data()
+
+
+# A graph's fields that no longer change once its compile finished: the root report's entry and the
+# graph's own report.json must agree on them.
+_FIXED_FIELDS = ("graph_id", "compile_id", "nodes_in", "nodes_out")
+_MIXED_RUNS = "files of two runs are mixed (a compile into this debug_dir that did not finish?); compile again into an empty debug_dir"
+
+
+def _check_graph_report(report_file: Path, graph: dict[str, Any], graph_dir: Path) -> None:
+    """VizError unless `graph_dir` holds the report.json of the graph `report_file` lists."""
+    own_file = graph_dir / "report.json"
+    if not graph_dir.is_dir():
+        return  # nothing on disk to mix up: the page says the files are missing
+    if not own_file.is_file():
+        raise VizError(f"{report_file} lists {graph_dir.name} but {own_file} is missing: {_MIXED_RUNS}")
+    own = _read_json(own_file)
+    if not isinstance(own, dict):
+        raise VizError(f"{own_file} is not a tileflow graph report")
+
+    def fixed(g: dict[str, Any]) -> list[Any]:
+        passes = g.get("passes") if isinstance(g.get("passes"), list) else []
+        return [g.get(k) for k in _FIXED_FIELDS] + [
+            [p.get(k) for k in ("name", "nodes_before", "nodes_after")] for p in passes if isinstance(p, dict)
+        ]
+
+    if fixed(own) != fixed(graph):
+        raise VizError(f"{report_file} and {own_file} describe different compiles of {graph_dir.name}: {_MIXED_RUNS}")
 
 
 def _from_archive(path: Path) -> dict[str, Any]:
@@ -279,6 +308,10 @@ class _DirReader:
     def __init__(self, graph_dir: Path) -> None:
         self.dir = graph_dir
 
+    def path(self, rel: str) -> Path:
+        """Where the file `rel` of this graph is."""
+        return self.dir / rel
+
     def nodes(self, rel: str) -> list[dict[str, Any]] | None:
         path = self.dir / rel
         if not path.is_file():
@@ -308,6 +341,9 @@ class _ArchiveReader:
     def __init__(self, kernels: dict[str, str]) -> None:
         self.kernels = kernels
 
+    def path(self, rel: str) -> str:
+        return rel
+
     def nodes(self, rel: str) -> None:
         return None
 
@@ -325,9 +361,10 @@ class _ArchiveReader:
 class _Builder:
     """Accumulates graphs, deduplicated node snapshots, interned strings and kernel sources."""
 
-    def __init__(self, kind: str, path: str) -> None:
+    def __init__(self, kind: str, path: str, report_file: str | None = None) -> None:
         self.kind = kind
         self.path = path
+        self.report_file = report_file or path  # what the node counts are checked against
         self.graphs: list[dict[str, Any]] = []
         self.snapshots: list[dict[str, Any]] = []
         self._snapshot_ids: dict[str, int] = {}
@@ -357,6 +394,9 @@ class _Builder:
 
     def add_graph(self, graph: dict[str, Any], reader: _DirReader | _ArchiveReader) -> None:
         graph_id = str(graph.get("graph_id", f"graph_{len(self.graphs):03d}"))
+        input_nodes, output_nodes = reader.nodes("input.json"), reader.nodes("output.json")
+        self._check_count(graph.get("nodes_in"), input_nodes, "in the input graph", reader.path("input.json"))
+        self._check_count(graph.get("nodes_out"), output_nodes, "in the output graph", reader.path("output.json"))
         kernels = self._kernels(graph_id, graph.get("kernels") or [], reader.kernel_sources())
         passes = []
         for index, record in enumerate(graph.get("passes") or []):
@@ -364,6 +404,8 @@ class _Builder:
             stem = f"passes/{index:02d}_{name}"
             before_nodes, after_nodes = reader.nodes(f"{stem}.before.json"), reader.nodes(f"{stem}.after.json")
             before_code, after_code = reader.text(f"{stem}.before.py"), reader.text(f"{stem}.after.py")
+            self._check_count(record.get("nodes_before"), before_nodes, f"before pass {index} ({name})", reader.path(f"{stem}.before.json"))
+            self._check_count(record.get("nodes_after"), after_nodes, f"after pass {index} ({name})", reader.path(f"{stem}.after.json"))
             passes.append(
                 {
                     **{k: record.get(k) for k in ("name", "ms", "changed", "nodes_before", "nodes_after", "rewrites", "error")},
@@ -379,11 +421,18 @@ class _Builder:
                 **{k: graph.get(k) for k in ("compile_id", "nodes_in", "nodes_out", "symbols", "target", "residual", "config", "plans", "extra", "rewrites")},
                 "fallbacks": graph.get("fallbacks") or [],
                 "passes": passes,
-                "input": self.add_snapshot(graph_id, reader.nodes("input.json"), kernels),
-                "output": self.add_snapshot(graph_id, reader.nodes("output.json"), kernels),
+                "input": self.add_snapshot(graph_id, input_nodes, kernels),
+                "output": self.add_snapshot(graph_id, output_nodes, kernels),
                 "kernels": kernels,
             }
         )
+
+    def _check_count(self, recorded: Any, nodes: list[dict[str, Any]] | None, what: str, where: Any) -> None:
+        """VizError when a snapshot does not have the node count the report records for it: the
+        report and the graph's files come from different runs, and the page would mix them."""
+        if nodes is not None and isinstance(recorded, int) and recorded != len(nodes):
+            raise VizError(f"{self.report_file} records {recorded} nodes {what} but {where} holds {len(nodes)}: "
+                           f"{_MIXED_RUNS}")
 
     def _kernels(self, graph_id: str, records: list[dict[str, Any]], files: dict[str, str]) -> list[dict[str, Any]]:
         """The graph's kernel records, each with the key of its embedded source (or None)."""

@@ -631,3 +631,26 @@ def test_files_of_two_runs_are_refused(damage: str, tmp_path: Path) -> None:
     line = one_error_line(CliRunner().invoke(viz_command, [str(root), "-o", str(out)]))
     assert expected in line and "two runs" in line, line
     assert not out.exists()
+
+
+def test_module_less_nodes_join_their_first_user_in_graph_order() -> None:
+    """A rewrite reorders a node's `users` (the order the uses were added): an input read by
+    layers 0 and 2 was shown under layers.2 after canonicalize, and the layer boxes got cycles."""
+    from tileflow.viz import assign_groups, build_groups
+
+    def node(name: str, module: str | None, args: list[str], users: list[str], op: str = "call_function") -> dict:
+        return {"name": name, "op": op, "target": "aten.add.Tensor", "module": module, "args": args, "users": users}
+
+    nodes = [
+        node("x", None, [], ["add_2", "add_0"], "placeholder"),  # used last by layers.2 first in `users`
+        node("add_0", "layers.0", ["%x"], ["relu"]),
+        node("relu", None, ["%add_0"], ["add_2", "add_1"]),  # module-less: its first user is layers.1's add
+        node("add_1", "layers.1", ["%relu"], ["add_2"]),
+        node("add_2", "layers.2", ["%add_1", "%x", "%relu"], ["output"]),
+        node("output", None, [["%add_2"]], [], "output"),
+    ]
+    groups_of = assign_groups(nodes)
+    assert groups_of == ["layers.0", "layers.0", "layers.1", "layers.1", "layers.2", ""]
+    layers = build_groups(nodes, groups_of)["layers"]
+    order = {item: y for _, y, item in layers["items"]}
+    assert all(order[layers["items"][a][2]] < order[layers["items"][b][2]] for a, b in layers["edges"]), layers

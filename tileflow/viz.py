@@ -577,9 +577,12 @@ def assign_groups(nodes: list[dict[str, Any]]) -> list[str]:
     what is left, and the output, stays at the top level ("").
     """
     group: dict[str, str] = {n["name"]: n.get("module") or "" for n in nodes}
+    position = {n["name"]: i for i, n in enumerate(nodes)}
     for node in reversed(nodes):  # users come later in a topologically ordered graph
         if not group[node["name"]] and node.get("op") != "output":
-            group[node["name"]] = next((group[u] for u in node.get("users", []) if group.get(u)), "")
+            # `users` is in the order the uses were added, which a rewrite reshuffles: sort it.
+            users = sorted((u for u in node.get("users", []) if u in position), key=position.__getitem__)
+            group[node["name"]] = next((group[u] for u in users if group[u]), "")
     for node in nodes:
         if not group[node["name"]] and node.get("op") != "output":
             group[node["name"]] = next((group[a] for a in _node_refs(node.get("args")) if group.get(a)), "")

@@ -14,9 +14,12 @@ from tileflow.graph_layout import LayoutInput, layered_layout, layout_all, layou
 
 @st.composite
 def dags(draw) -> LayoutInput:
+    """An acyclic drawing whose items are in no particular order: a group's child boxes come in
+    the order of their first node (often a weight read late), not topologically."""
     n = draw(st.integers(1, 14))
     pairs = draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=3 * n))
-    return LayoutInput(n, sorted({(min(a, b), max(a, b)) for a, b in pairs if a != b}))
+    label = draw(st.permutations(range(n)))
+    return LayoutInput(n, sorted({(label[min(a, b)], label[max(a, b)]) for a, b in pairs if a != b}))
 
 
 def _check(drawing: LayoutInput, xy: list[tuple[float, float]]) -> None:
@@ -34,6 +37,33 @@ def _check(drawing: LayoutInput, xy: list[tuple[float, float]]) -> None:
 @given(dags())
 def test_fallback_layout(drawing: LayoutInput) -> None:
     _check(drawing, layered_layout(drawing))
+
+
+def test_fallback_layout_follows_edges_against_item_order() -> None:
+    """Edges from a later item to an earlier one were left out of the layering: on a two-layer
+    Llama, 52 of 1303 edges were drawn upwards without Graphviz."""
+    xy = layered_layout(LayoutInput(4, [(3, 1), (1, 0), (2, 0)]))
+    assert xy[3][1] < xy[1][1] < xy[0][1] and xy[2][1] < xy[0][1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 12).flatmap(lambda n: st.tuples(
+    st.just(n), st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=3 * n))))
+def test_fallback_layout_of_cyclic_drawings(case: tuple[int, list[tuple[int, int]]]) -> None:
+    """Cycles (and self-loops) still give every item a place, the same one each time, no two
+    boxes stacked; an edge outside every cycle still points downwards."""
+    n, edges = case
+    drawing = LayoutInput(n, edges)
+    xy = layered_layout(drawing)
+    assert xy == layered_layout(LayoutInput(n, list(reversed(edges))))
+    _check(LayoutInput(n, []), xy)  # no overlaps
+    reach = {i: {i} for i in range(n)}
+    for _ in range(n):
+        for a, b in edges:
+            reach[a] |= reach[b]
+    for a, b in edges:
+        if a not in reach[b]:  # b cannot get back to a: not on a cycle
+            assert xy[a][1] < xy[b][1], (a, b, xy)
 
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz dot is not installed (apt-get install graphviz)")

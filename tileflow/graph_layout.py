@@ -104,23 +104,51 @@ def _to_grid(centers: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def layered_layout(drawing: LayoutInput) -> list[tuple[float, float]]:
-    """The fallback: y = longest path from the sources (edges against graph order are ignored for
-    layering, so it always terminates), x = slot in the layer ordered by the mean slot of the
-    item's inputs."""
+    """The fallback: y = longest path from the sources, x = slot in the layer ordered by the mean
+    slot of the item's inputs.
+
+    Items need not come in topological order (a group's child boxes come in the order of their
+    first node, often a weight read late): the layering follows the edges, not the item order. A
+    cycle (two groups feeding each other) is broken deterministically: the edges that close one
+    in a depth-first walk from the items in order are left out of the layering, and only they
+    may point upwards.
+    """
     n = drawing.count
+    succs: list[list[int]] = [[] for _ in range(n)]
+    for a, b in sorted(set(drawing.edges)):
+        if a != b and 0 <= a < n and 0 <= b < n:
+            succs[a].append(b)
     preds: list[list[int]] = [[] for _ in range(n)]
-    for a, b in drawing.edges:
-        if a < b:
-            preds[b].append(a)
+    order: list[int] = []  # postorder of the walk; reversed, a topological order of the kept edges
+    state = [0] * n  # 0: not reached, 1: on the walk's stack, 2: done
+    for start in range(n):
+        if state[start]:
+            continue
+        state[start] = 1
+        stack = [(start, iter(succs[start]))]
+        while stack:
+            v, rest = stack[-1]
+            for w in rest:
+                if state[w] == 1:
+                    continue  # back to an item on the stack: this edge closes a cycle
+                preds[w].append(v)
+                if state[w] == 0:
+                    state[w] = 1
+                    stack.append((w, iter(succs[w])))
+                    break
+            else:
+                state[v] = 2
+                order.append(v)
+                stack.pop()
     layer = [0] * n
-    for i in range(n):
+    for i in reversed(order):
         layer[i] = 1 + max((layer[p] for p in preds[i]), default=-1)
     by_layer: dict[int, list[int]] = {}
     for i, y in enumerate(layer):
         by_layer.setdefault(y, []).append(i)
     slot = [0.0] * n
     for y in sorted(by_layer):
-        members = by_layer[y]  # in graph order
+        members = by_layer[y]  # in item order
         key = {i: sum(slot[p] for p in preds[i]) / len(preds[i]) if preds[i] else float(r) for r, i in enumerate(members)}
         members.sort(key=lambda i: (key[i], i))
         for x, i in enumerate(members):

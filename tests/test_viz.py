@@ -654,3 +654,21 @@ def test_module_less_nodes_join_their_first_user_in_graph_order() -> None:
     layers = build_groups(nodes, groups_of)["layers"]
     order = {item: y for _, y, item in layers["items"]}
     assert all(order[layers["items"][a][2]] < order[layers["items"][b][2]] for a, b in layers["edges"]), layers
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "none"])
+def test_gemm_links_only_kernels_of_its_activation(activation: str) -> None:
+    """The tags compared were a hand-kept list without gemm_padding's "gelu_tanh": before
+    lowering, a gelu_tanh GEMM and a plain one each linked to every kernel of their shape."""
+    from tileflow.kernel_spec import ACTIVATIONS
+    from tileflow.viz import link_kernels
+
+    tile = {"block_m": 16, "block_n": 32, "block_k": 32}
+    plan = json.dumps({"pieces": [{"config": tile}], "dtype": "float32", "k": 64, "n": 128})
+    node = {"name": "gemm", "op": "call_function", "target": "tileflow.padded_gemm.default",
+            "args": ["%x", "%w", None, None, activation, plan], "tileflow": {"kind": "padded_gemm"}}
+    kernels = [{"name": f"gemm_{e or 'plain'}", "spec": {"op": "padded_gemm", "dtype": "float32", "tile": tile,
+                                                           "params": [["k", 64], ["n", 128]], "epilogue": [e] if e else []}}
+               for e in ("", *ACTIVATIONS)]
+    [linked] = link_kernels(node, kernels)
+    assert kernels[linked]["name"] == f"gemm_{'plain' if activation == 'none' else activation}"

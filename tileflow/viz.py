@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import click
 
 from .graph_layout import LayoutInput, layout_all, layout_engine
+from .kernel_spec import EPILOGUES
 
 __all__ = ["VizError", "build_html", "collect", "debug_dir_root", "output_conflict", "render", "viz_command", "write_html"]
 
@@ -39,8 +40,10 @@ MAX_ARG_CHARS = 160
 # Groups with more items than this are listed, not drawn: a few hundred boxes is where an SVG
 # drawing stops being readable anyway.
 MAX_DRAWN_ITEMS = 400
-# Kernel tags that must agree between a padded_gemm node and a kernel's epilogue for a link.
-_EPILOGUE_TAGS = {"bias", "residual", "silu", "gelu", "swiglu"}
+# Kernel tags that must agree between a padded_gemm node and a kernel's epilogue for a link: every
+# epilogue a GEMM can fuse (one list, kernel_spec's, so a new activation cannot be missed here) but
+# the cast, which follows the dtypes rather than an argument of the node.
+_EPILOGUE_TAGS = frozenset(EPILOGUES) - {"cast"}
 # A lone surrogate: how Python decodes a path's non-UTF-8 bytes (and how JSON's "\udce9" reads
 # back). UTF-8 cannot encode it, so the page must not carry it raw.
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -672,3 +672,22 @@ def test_gemm_links_only_kernels_of_its_activation(activation: str) -> None:
                for e in ("", *ACTIVATIONS)]
     [linked] = link_kernels(node, kernels)
     assert kernels[linked]["name"] == f"gemm_{'plain' if activation == 'none' else activation}"
+
+
+INT64_MAX = 9223372036854775807  # the end of every slice-to-end in an HF graph
+
+
+def slice_nodes() -> list[dict]:
+    """x -> x[0:] (as aten.slice with end INT64_MAX) -> output."""
+    return [
+        {"name": "x", "op": "placeholder", "target": "x", "args": [], "kwargs": {}, "users": ["slice_1"], "module": None},
+        {"name": "slice_1", "op": "call_function", "target": "aten.slice.Tensor", "args": ["%x", 0, 0, INT64_MAX],
+         "kwargs": {"step": -INT64_MAX - 1}, "users": ["output"], "module": "act"},
+        {"name": "output", "op": "output", "target": "output", "args": [["%slice_1"]], "kwargs": {}, "users": []},
+    ]
+
+
+def test_ints_past_2_53_reach_the_page_exactly() -> None:
+    """JSON.parse reads numbers as doubles: INT64_MAX showed as 9223372036854776000."""
+    text = script_json({"args": ["%x", 0, 2**53, 2**53 + 1, INT64_MAX, -INT64_MAX - 1, True, 1.5]})
+    assert json.loads(text)["args"] == ["%x", 0, 2**53, str(2**53 + 1), str(INT64_MAX), str(-INT64_MAX - 1), True, 1.5]

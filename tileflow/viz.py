@@ -106,19 +106,28 @@ def script_json(data: Any) -> str:
     Lone surrogates (a path's undecodable bytes) are escaped the same way: raw, they would make
     the page unwritable as UTF-8.
     """
-    text = json.dumps(_finite(data), separators=(",", ":"), default=str, ensure_ascii=False, allow_nan=False)
+    text = json.dumps(_page_safe(data), separators=(",", ":"), default=str, ensure_ascii=False, allow_nan=False)
     text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _finite(value: Any) -> Any:
-    """`float("-inf")` (a mask fill value) -> "-inf": JSON.parse rejects Python's `-Infinity`."""
+# JSON.parse reads every number as a double, exact up to 2**53 only.
+_MAX_EXACT_INT = 2**53
+
+
+def _page_safe(value: Any) -> Any:
+    """Values the page's JSON.parse reads back as written: `float("-inf")` (a mask fill value) ->
+    "-inf" (JSON.parse rejects Python's `-Infinity`), and an int past 2**53 (9223372036854775807,
+    the slice-to-end of every HF graph, showed as 9223372036854776000) -> its digits as a string,
+    which the page shows as they are (only strings starting with "%" are node references)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_EXACT_INT:
+        return str(value)
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: _page_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [_page_safe(v) for v in value]
     return value
 
 

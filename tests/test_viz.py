@@ -691,3 +691,42 @@ def test_ints_past_2_53_reach_the_page_exactly() -> None:
     """JSON.parse reads numbers as doubles: INT64_MAX showed as 9223372036854776000."""
     text = script_json({"args": ["%x", 0, 2**53, 2**53 + 1, INT64_MAX, -INT64_MAX - 1, True, 1.5]})
     assert json.loads(text)["args"] == ["%x", 0, 2**53, str(2**53 + 1), str(INT64_MAX), str(-INT64_MAX - 1), True, 1.5]
+
+
+def test_recompiles_and_unlisted_graph_folders_are_reported(tmp_path: Path) -> None:
+    """The page dropped each graph's recompile flag and the report's count; and graph folders of
+    an earlier `tileflow.explain` into the same debug_dir were left out without a word."""
+    root = make_debug_dir(tmp_path / "dd", {"graph_000": tiny_nodes(), "graph_001": slice_nodes(), "graph_002": tiny_nodes()},
+                          recompiles=("graph_002",))
+    report = json.loads((root / "report.json").read_text())
+    report["graphs"] = report["graphs"][1:]  # an explain that compiled graph_001 and graph_002 only
+    (root / "report.json").write_text(json.dumps(report))
+    result = CliRunner().invoke(viz_command, [str(root), "-o", str(root / "page.html")])
+    assert result.exit_code == 0, result.output
+    [note] = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert note.startswith("note: ") and "graph_000" in note and "graph_001" not in note
+    data = embedded_data((root / "page.html").read_text())
+    assert data["source"]["unlisted"] == ["graph_000"] and data["recompiles"] == 1
+    assert [(g["id"], g["recompile"]) for g in data["graphs"]] == [("graph_001", False), ("graph_002", True)]
+
+
+def test_recompiles_unlisted_folders_and_int64_in_headless_chromium(browser: Browser, tmp_path: Path) -> None:
+    root = make_debug_dir(tmp_path / "dd", {"graph_000": tiny_nodes(), "graph_001": slice_nodes(), "graph_002": tiny_nodes()},
+                          recompiles=("graph_002",))
+    report = json.loads((root / "report.json").read_text())
+    report["graphs"] = report["graphs"][1:]
+    (root / "report.json").write_text(json.dumps(report))
+    page_path = write_html(root, root / "page.html")
+    page = browser.page
+    page.goto(page_path.as_uri())
+    assert "2 graph(s), 1 recompile(s)" in page.inner_text("#source")
+    assert page.locator("#sidebar .graph-title .badge.recompile").count() == 1
+    assert "recompile" in page.locator("#sidebar .graph-title", has_text="graph_002").inner_text()
+    assert "graph_000" in page.inner_text("#sidebar .note.unlisted")
+    page.locator("#sidebar .step", has_text="output graph").first.click()
+    page.fill("#search", "slice")
+    page.wait_for_function("document.querySelector('#main').innerText.includes('match')")
+    page.locator("#main .node-row").first.click()
+    details = page.inner_text("#details")
+    assert str(INT64_MAX) in details and str(-INT64_MAX - 1) in details and "9223372036854776000" not in details
+    assert browser.errors == [], browser.errors

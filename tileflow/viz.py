@@ -168,6 +168,10 @@ def viz_command(source: Path, output: Path) -> None:
         output.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
+    unlisted = data["source"].get("unlisted")
+    if unlisted:
+        click.echo(f"note: {data['source']['path']} also holds {', '.join(unlisted)}, not listed in its report.json "
+                   "(left by an earlier run or tileflow.explain into this debug_dir): not shown", err=True)
     graphs = data["graphs"]
     passes = sum(len(g["passes"]) for g in graphs)
     kernels = sum(len(g["kernels"]) for g in graphs)
@@ -244,13 +248,22 @@ def _from_debug_dir(root: Path, report_file: Path | None = None) -> dict[str, An
     if not report_file.is_file():
         raise VizError(f"{root} is not a tileflow debug_dir: it has no report.json")
     report = _read_json(report_file)
+    unlisted: list[str] = []
     if isinstance(report, dict) and isinstance(report.get("graphs"), list):
         graphs = [(g, root / str(g.get("graph_id", ""))) for g in report["graphs"] if isinstance(g, dict)]
+        recompiles = report.get("recompiles")
+        # A root report describes one session (one `tileflow.explain`, one process): graph folders
+        # of an earlier one may sit beside its own. They are not shown, but they are named.
+        listed = {graph_dir.name for _, graph_dir in graphs}
+        unlisted = sorted(d.name for d in root.iterdir() if d.name not in listed and _is_graph_dir(d))
     elif isinstance(report, dict) and "graph_id" in report:
         graphs = [(report, root)]  # the folder of a single graph
+        recompiles = int(bool(report.get("recompile")))
     else:
         raise VizError(f"{report_file} is not a tileflow report (no graphs)")
     builder = _Builder(kind="debug_dir", path=str(root), report_file=str(report_file))
+    builder.recompiles = recompiles
+    builder.unlisted = unlisted
     for graph, graph_dir in graphs:
         if graph_dir != root:
             _check_graph_report(report_file, graph, graph_dir)
@@ -308,6 +321,7 @@ def _from_archive(path: Path) -> dict[str, Any]:
     if not isinstance(report, dict) or not isinstance(report.get("graphs"), list):
         raise VizError(f"{path}: its {MANIFEST_MEMBER} has no report")
     builder = _Builder(kind="archive", path=str(path))
+    builder.recompiles = report.get("recompiles")
     builder.archive_info = {k: manifest.get(k) for k in ("target", "tileflow_version", "torch_version", "created", "dynamic", "inputs", "tileflow_ops")}
     for graph in report["graphs"]:
         builder.add_graph(graph, _ArchiveReader(kernels))
@@ -384,11 +398,14 @@ class _Builder:
         self._string_ids: dict[str, int] = {}
         self.sources: dict[str, str] = {}
         self.archive_info: dict[str, Any] | None = None
+        self.recompiles: Any = None  # the report's count
+        self.unlisted: list[str] = []  # graph folders on disk that the report does not list
 
     def data(self) -> dict[str, Any]:
         return {
             "version": 1,
-            "source": {"kind": self.kind, "path": self.path, "archive": self.archive_info},
+            "source": {"kind": self.kind, "path": self.path, "archive": self.archive_info, "unlisted": self.unlisted},
+            "recompiles": self.recompiles,
             "graphs": self.graphs,
             "snapshots": self.snapshots,
             "strings": self.strings,
@@ -430,7 +447,7 @@ class _Builder:
         self.graphs.append(
             {
                 "id": graph_id,
-                **{k: graph.get(k) for k in ("compile_id", "nodes_in", "nodes_out", "symbols", "target", "residual", "config", "plans", "extra", "rewrites")},
+                **{k: graph.get(k) for k in ("compile_id", "recompile", "nodes_in", "nodes_out", "symbols", "target", "residual", "config", "plans", "extra", "rewrites")},
                 "fallbacks": graph.get("fallbacks") or [],
                 "passes": passes,
                 "input": self.add_snapshot(graph_id, input_nodes, kernels),

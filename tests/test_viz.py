@@ -730,3 +730,26 @@ def test_recompiles_unlisted_folders_and_int64_in_headless_chromium(browser: Bro
     details = page.inner_text("#details")
     assert str(INT64_MAX) in details and str(-INT64_MAX - 1) in details and "9223372036854776000" not in details
     assert browser.errors == [], browser.errors
+
+
+PROC_MEM = Path("/proc/self/mem")  # a file that exists but reads fail (EIO), even for root
+
+
+@pytest.mark.skipif(not PROC_MEM.exists(), reason="needs Linux's /proc/self/mem")
+@pytest.mark.parametrize("unreadable", ["graph_000/kernels/k.py", "graph_000/passes/00_noop.before.py", "report.json"])
+def test_an_unreadable_file_is_a_cannot_read_error(unreadable: str, tmp_path: Path) -> None:
+    """A kernel or code file that failed to read was reported as "cannot write OUT"; and
+    `tileflow report` on an unreadable report.json ended in a traceback."""
+    from tileflow.cli import main
+
+    root = make_debug_dir(tmp_path / "dd")
+    (root / unreadable).unlink()
+    (root / unreadable).symlink_to(PROC_MEM)
+    out = tmp_path / "page.html"
+    line = one_error_line(CliRunner().invoke(viz_command, [str(root), "-o", str(out)]))
+    assert line == f"Error: cannot read {root / unreadable}: Input/output error"
+    assert not out.exists()
+    if unreadable == "report.json":
+        result = CliRunner().invoke(main, ["report", str(root)])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert result.output.strip() == f"error: cannot read {root / unreadable}: Input/output error"

@@ -65,6 +65,9 @@ def report_command(source: str) -> None:
         else:
             report = Report.from_dict(data)
         text = str(report)
+    except OSError as exc:  # a file that exists but cannot be read (permissions, an I/O error)
+        click.echo(f"error: cannot read {exc.filename or path}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, zipfile.BadZipFile, zlib.error,
             EOFError) as exc:
         # AttributeError: not an object; KeyError: an archive without a manifest; ValueError: bad JSON or values.

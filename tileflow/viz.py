@@ -233,11 +233,19 @@ def output_conflict(source: Path, output: Path) -> str | None:
 # reading sources
 
 
+def _read_text(path: Path, errors: str = "strict") -> str:
+    """The file's text; VizError ("cannot read PATH: reason") when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8", errors=errors)
+    except OSError as exc:
+        raise VizError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise VizError(f"cannot read {path}: it is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VizError(f"cannot read {path}: {exc}") from None
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise VizError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
@@ -347,7 +355,7 @@ class _DirReader:
 
     def text(self, rel: str) -> str | None:
         path = self.dir / rel
-        return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+        return _read_text(path, errors="replace") if path.is_file() else None
 
     def kernel_sources(self) -> dict[str, str]:
         """Every file under kernels/, by its path relative to the graph's folder."""
@@ -355,7 +363,7 @@ class _DirReader:
         if not kdir.is_dir():
             return {}
         return {
-            f.relative_to(self.dir).as_posix(): f.read_text(encoding="utf-8", errors="replace")
+            f.relative_to(self.dir).as_posix(): _read_text(f, errors="replace")
             for f in sorted(kdir.rglob("*"))
             if f.is_file()
         }

@@ -145,7 +145,10 @@ def viz_command(source: Path, output: Path) -> None:
     """
     from .cli import _output_problem
 
-    conflict = output_conflict(source, output)
+    try:
+        conflict = output_conflict(source, output)
+    except OSError as exc:  # a debug_dir that cannot be listed
+        raise click.ClickException(f"cannot read {exc.filename or source}: {exc.strerror or exc}") from None
     if conflict:
         raise click.ClickException(f"-o {output} {conflict}; write the page elsewhere (e.g. -o report.html)")
     # Checked before reading SOURCE, which can take a while on a deep model.

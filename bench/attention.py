@@ -98,10 +98,37 @@ def tileflow_graphed(batch):
     from common import capture_graph
 
     if "_graph" not in batch:
-        batch["_graph"] = capture_graph(lambda: tileflow_serving(batch))
+        graph, out = capture_graph(lambda: tileflow_serving(batch))
+        # Nothing has run into the captured output yet: NaN, so the first replay (the check)
+        # must write every element of it.
+        out.fill_(float("nan"))
+        batch["_graph"] = (graph, out)
     graph, out = batch["_graph"]
     graph.replay()
     return out
+
+
+def checked_ms(label: str, name: str, call, want, out_dtype, failures: list[str], time_ms) -> float | None:
+    """`time_ms(call)` once `call()` matched the float32 `want` (relative error < BF16_TOL), or
+    None with the failure reported in `failures` (the run goes on; the exit status becomes 1).
+
+    `call`'s output (of `out_dtype`, want's size) starts as NaN (`poison_next_output`): each
+    method's check follows the previous method's, whose output of that size (the right values)
+    was just freed, and an element left unwritten must fail rather than pass on stale data."""
+    from common import poison_next_output, rel_err
+
+    try:
+        poison_next_output(want.shape, out_dtype, want.device)
+        err = rel_err(call(), want)
+        print(f"  {label}, {name}: rel err {err:.1e} against the float32 reference", flush=True)
+        if not err < BF16_TOL:
+            raise AssertionError(f"relative error {err:.2e} against the float32 reference")
+        return time_ms(call)
+    except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
+        failures.append(f"{name} on {label}: {type(exc).__name__}: {exc}")
+        print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        return None
 
 
 def _cumsum(values):
@@ -302,17 +329,18 @@ def model_mask_methods(s: int, *, device, dtype):
     return methods, lambda: tileflow.ops.attention_mask_ranges(mask), reference
 
 
-def sweep_configs(batches, *, device, dtype, time_ms, check_tol):
+def sweep_configs(batches, *, device, dtype, time_ms, check_tol, progress=None):
     """Time the meta-attention kernel of each batch under each configuration.
 
     `batches` is a list of (label, q_lens, kv_lens, configs). Each configuration builds its own
     kernel (a TileConfig on the spec: block_q, block_kv, warps, stages) and task table (block_q
-    and the persistent grid), is checked against SDPA per sequence, then timed by `time_ms(fn)`.
-    Returns rows of (label, config, ms or None, error or ""), best first per batch.
+    and the persistent grid), is checked against SDPA per sequence (its output starting as NaN),
+    then timed by `time_ms(fn)`. Returns rows of (label, config, ms or None, error or ""), best
+    first per batch; `progress(rows)` gets the rows so far after every configuration.
     """
     import torch
 
-    from common import rel_err
+    from common import poison_next_output, rel_err
     from tileflow.kernel_spec import KernelSpec, TileConfig, dtype_name, make_params
     from tileflow.runtime import get_kernel
     from tileflow.tasks import build_task_table
@@ -340,6 +368,7 @@ def sweep_configs(batches, *, device, dtype, time_ms, check_tol):
                 table = table.to(device)  # on the device before timing: no copy per call
                 args = (batch["q"], batch["k_cache"], batch["v_cache"], batch["block_table"], batch["cu_seqlens_q"],
                         batch["seqlens_kv"], table)
+                poison_next_output(want.shape, dtype, device)  # the previous config's output was just freed
                 err = rel_err(kernel(*args), want)
                 if not err < check_tol:
                     raise AssertionError(f"relative error {err:.2e} against SDPA")
@@ -348,8 +377,15 @@ def sweep_configs(batches, *, device, dtype, time_ms, check_tol):
             except Exception as exc:  # noqa: BLE001 -- a config that does not build or fit is reported
                 results.append((label, name, None, f"{type(exc).__name__}: {str(exc)[:120]}"))
             print(" | ".join(str(c) for c in results[-1]), flush=True)
-        rows += sorted(results, key=lambda r: (r[2] is None, r[2] or 0.0))
+            if progress:
+                progress(rows + _best_first(results))
+        rows += _best_first(results)
     return rows
+
+
+def _best_first(results):
+    """Sweep rows by time, failed configurations last."""
+    return sorted(results, key=lambda r: (r[2] is None, r[2] or 0.0))
 
 
 def smoke() -> int:
@@ -420,7 +456,8 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
     import torch
 
     import tileflow
-    from common import environment, markdown_table, measured_copy_gbs, measured_matmul_tflops, median_ms, rel_err, write_results
+    from common import (environment, markdown_table, measured_copy_gbs, measured_matmul_tflops, median_ms, results_name,
+                        write_results)
 
     dtype = torch.bfloat16
     env = environment()
@@ -441,6 +478,9 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
                 return fn(batch)
         return call
 
+    def time_call(call) -> float:
+        return median_ms(lambda _: call())
+
     def measure(label, q_lens, kv_lens, baselines):
         batch = paged_batch(q_lens, kv_lens, device="cuda", dtype=dtype)
         batch["_dense"] = [gather_dense(batch, s) for s in range(len(kv_lens))]
@@ -449,22 +489,11 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
                    "tileflow graphed": under_config(tileflow_graphed), **baselines(batch)}
         kv_bytes = sum(kv_lens) * HKV * D * 2 * 2 + 2 * batch["q"].numel() * 2
         flops = attention_flops(q_lens, kv_lens, HQ, D)
-        times: dict[str, float | None] = {}
-        for name, fn in methods.items():
-            # A failing method is reported in its cell and the run goes on (exit status 1).
-            times[name] = None
-            try:
-                err = rel_err(fn(batch), want)
-                print(f"  {label}, {name}: rel err {err:.1e} against the float32 reference", flush=True)
-                if not err < BF16_TOL:
-                    raise AssertionError(f"relative error {err:.2e} against the float32 reference")
-                # tileflow looks its task table up (or builds it) on the host per call, as a serving
-                # step would.
-                times[name] = median_ms(lambda _, fn=fn: fn(batch))
-            except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
-                failures.append(f"{name} on {label}: {type(exc).__name__}: {exc}")
-                print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
-                traceback.print_exc()
+        # A failing method is reported in its cell and the run goes on (exit status 1). tileflow
+        # looks its task table up (or builds it) on the host per call, as a serving step would.
+        times: dict[str, float | None] = {
+            name: checked_ms(label, name, lambda fn=fn: fn(batch), want, dtype, failures, time_call)
+            for name, fn in methods.items()}
         row = [label, len(q_lens), sum(q_lens)]
         row += ["FAIL" if ms is None else f"{ms:.3f}" for ms in times.values()]
         t = times["tileflow"]
@@ -507,19 +536,8 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
                 mask_names[:] = list(methods)
                 want = reference()
                 flops = attention_flops([s], [s], HQ, D)  # the causal half, diagonal included
-                times = {}
-                for name, fn in methods.items():
-                    times[name] = None
-                    try:
-                        err = rel_err(fn(), want)
-                        print(f"  1x{s} model mask, {name}: rel err {err:.1e} against the float32 reference", flush=True)
-                        if not err < BF16_TOL:
-                            raise AssertionError(f"relative error {err:.2e} against the float32 causal reference")
-                        times[name] = median_ms(lambda _, fn=fn: fn())
-                    except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
-                        failures.append(f"{name} on the {s}-token model mask: {type(exc).__name__}: {exc}")
-                        print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
-                        traceback.print_exc()
+                times = {name: checked_ms(f"the {s}-token model mask", name, fn, want, dtype, failures, time_call)
+                         for name, fn in methods.items()}
                 ranges_ms = median_ms(lambda _: mask_ranges())
                 del want
             t = times["tileflow, mask as bias"]
@@ -547,19 +565,9 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
             methods = {"tileflow": (under_config(lambda b: tileflow_serving(b, SOFTCAP)), capped),
                        "tileflow, no cap": (under_config(tileflow_serving), plain),
                        "FlexAttention": (make_flex(batch, cap_mod), capped)}
-            times = {}
-            for name, (fn, want) in methods.items():
-                times[name] = None
-                try:
-                    err = rel_err(fn(batch), want)
-                    print(f"  soft-capped {label}, {name}: rel err {err:.1e} against the float32 reference", flush=True)
-                    if not err < BF16_TOL:
-                        raise AssertionError(f"relative error {err:.2e} against the float32 reference")
-                    times[name] = median_ms(lambda _, fn=fn, batch=batch: fn(batch))
-                except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
-                    failures.append(f"{name} on soft-capped {label}: {type(exc).__name__}: {exc}")
-                    print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
-                    traceback.print_exc()
+            times = {name: checked_ms(f"soft-capped {label}", name, lambda fn=fn, batch=batch: fn(batch), want, dtype,
+                                      failures, time_call)
+                     for name, (fn, want) in methods.items()}
             hq, hkv = SOFTCAP_HEADS
             kv_bytes = sum(kv_lens) * hkv * SOFTCAP_HEAD_DIM * 2 * 2 + 2 * batch["q"].numel() * 2
             flops = attention_flops(q_lens, kv_lens, hq, SOFTCAP_HEAD_DIM)
@@ -612,42 +620,57 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
 
     title = "Meta-attention vs SDPA and FlexAttention (bf16, D=128, 32/4 heads)"
 
+    # ATTENTION_PARTS=mask,softcap and a later decode,prefill run on one commit: two files.
+    file_name = results_name("attention", parts, ATTENTION_PARTS)
+
     def checkpoint() -> None:
         if write:
-            write_results("attention", title, env, body(), partial=True)
+            write_results(file_name, title, env, body(), partial=True)
 
     runners = {"decode": part_decode, "prefill": part_prefill, "mixed": part_mixed, "mask": part_mask,
                "softcap": part_softcap}
     for part in parts:  # in the order asked for: a stage cut by its limit loses the last ones
         runners[part]()
     if write:
-        print(f"wrote {write_results('attention', title, env, body())}")
+        print(f"wrote {write_results(file_name, title, env, body())}")
     return 1 if failures else 0
 
 
-def run_sweep(write: bool) -> int:
+def run_sweep(write: bool, batches=None, *, device: str = "cuda", dtype=None) -> int:
     """GPU: the kernel configuration sweep on a prefill and a long-context decode batch (a
-    configuration that does not compile, e.g. past the shared memory, is reported, not fatal)."""
+    configuration that does not compile, e.g. past the shared memory, is reported, not fatal).
+    The table is rewritten (marked partial) after every configuration, so a stage cut by its
+    limit keeps what it measured. `batches` (as `sweep_configs` takes them), `device` and
+    `dtype` are for the CPU check of this path."""
     import torch
 
     from common import environment, markdown_table, median_ms, write_results
 
     env = environment()
-    batches = [("prefill 2x4096", [4096] * 2, [4096] * 2, SWEEP_PREFILL),
-               ("decode 128x32768", [1] * 128, [32768] * 128, SWEEP_DECODE)]
-    rows = sweep_configs(batches, device="cuda", dtype=torch.bfloat16, time_ms=lambda fn: median_ms(lambda _: fn()),
-                         check_tol=BF16_TOL)
+    batches = batches or [("prefill 2x4096", [4096] * 2, [4096] * 2, SWEEP_PREFILL),
+                          ("decode 128x32768", [1] * 128, [32768] * 128, SWEEP_DECODE)]
     work = {label: (attention_flops(q, kv, HQ, D), sum(kv) * HKV * D * 2 * 2) for label, q, kv, _ in batches}
-    table = [[label, name, "FAIL" if ms is None else f"{ms:.3f}",
-              "" if ms is None else f"{work[label][0] / ms / 1e9:.0f}",
-              "" if ms is None else f"{work[label][1] / ms / 1e6:.0f}", error]
-             for label, name, ms, error in rows]
-    body = markdown_table(["batch", "configuration", "ms", "TFLOP/s (visible scores)", "KV GB/s", "error"], table)
-    body += ("\n\n- each configuration checked against SDPA per sequence, then timed (median of "
-             "`triton.testing.do_bench`); rows best first per batch; no host-side metadata work is timed")
+    title = "Meta-attention kernel configurations (bf16, D=128, 32/4 heads)"
+
+    def table(rows) -> str:
+        cells = [[label, name, "FAIL" if ms is None else f"{ms:.3f}",
+                  "" if ms is None else f"{work[label][0] / ms / 1e9:.0f}",
+                  "" if ms is None else f"{work[label][1] / ms / 1e6:.0f}", error]
+                 for label, name, ms, error in rows]
+        return (markdown_table(["batch", "configuration", "ms", "TFLOP/s (visible scores)", "KV GB/s", "error"], cells)
+                + "\n\n- each configuration checked against SDPA per sequence, then timed (median of "
+                  "`triton.testing.do_bench`); rows best first per batch; no host-side metadata work is timed")
+
+    def checkpoint(rows) -> None:
+        if write:
+            write_results("attention_sweep", title, env, table(rows), partial=True)
+
+    rows = sweep_configs(batches, device=device, dtype=dtype or torch.bfloat16,
+                         time_ms=lambda fn: median_ms(lambda _: fn()), check_tol=BF16_TOL, progress=checkpoint)
+    body = table(rows)
     print(body)
     if write:
-        print(f"wrote {write_results('attention_sweep', 'Meta-attention kernel configurations (bf16, D=128, 32/4 heads)', env, body)}")
+        print(f"wrote {write_results('attention_sweep', title, env, body)}")
     return 0 if any(ms is not None for _, _, ms, _ in rows) else 1
 
 

@@ -84,6 +84,19 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
+def poison_next_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> None:
+    """Hand the next allocation of an output of `shape` and `dtype` on `device` a NaN-filled block.
+
+    A check call usually follows the previous method's, whose output of the same size (from the
+    same inputs: the right values) was just freed; the CUDA caching allocator hands that block
+    back, so a kernel that leaves tiles unwritten would pass on stale data. This takes the freed
+    block (best fit: same size), fills it with NaN and frees it again, so the method's output
+    starts as NaN and an unwritten element fails the check (NaN never passes `rel_err < tol`).
+    On the CPU there is no caching allocator: harmless, and tests can watch it being called."""
+    block = torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    del block  # back to the allocator's pool, NaN inside: the method's output lands there
+
+
 def geomean(values: Sequence[float]) -> float:
     """Geometric mean (nan when empty)."""
     values = [v for v in values if v > 0 and math.isfinite(v)]
@@ -134,8 +147,20 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def results_name(base: str, parts: Sequence[str], every_part: Sequence[str]) -> str:
+    """The results-file name of a run of `parts` of a benchmark whose full run is `every_part`:
+    `base` for the full run, else `base-part-part` (in `every_part`'s order), so runs of
+    different parts on one device, date and commit (the e2e-prefill and e2e-serving stages)
+    write different files instead of the later one replacing the earlier one's tables."""
+    chosen = [p for p in every_part if p in set(parts)]
+    return base if chosen == list(every_part) else "-".join([base, *chosen])
+
+
 def write_results(name: str, title: str, env: dict[str, str], body: str, *, partial: bool = False) -> Path:
     """Write a results file `bench/results/<name>-<device>-<date>-<commit>.md` and return its path.
+
+    `name` must tell apart every run that can share a device, date and commit (e.g. the e2e
+    stages that measure different parts): two runs with one name overwrite each other.
 
     Benchmarks call this with `partial=True` after every row, so a stage that its time limit
     cuts still leaves the rows it measured (marked partial), then once more at the end. The

@@ -205,7 +205,7 @@ def prefill_part(model, tokens: list[int], bound: float, scale: Scale, failures:
     import torch
 
     import tileflow
-    from common import markdown_table, rel_err
+    from common import markdown_table, poison_next_output, rel_err
 
     nano = tileflow.TileflowBackend({"passes": PASSES_NANO, "nano_batches": scale.nano_batches})
     methods = {
@@ -240,9 +240,12 @@ def prefill_part(model, tokens: list[int], bound: float, scale: Scale, failures:
         ids = torch.randint(0, scale.vocab, (1, t), device=scale.device)
         rate: dict[str, float | None] = {}
         with torch.no_grad():
-            want = model(ids, use_cache=False).logits.float()
+            want = model(ids, use_cache=False).logits
+            out_dtype, want = want.dtype, want.float()
             for name, fn in methods.items():
                 def measure(fn=fn):
+                    # The previous method's logits (the right values) were just freed: NaN there.
+                    poison_next_output(want.shape, out_dtype, ids.device)
                     err = rel_err(fn(ids, use_cache=False).logits.float(), want)
                     if not err < scale.tolerance:
                         raise AssertionError(f"relative error {err:.2e} against eager")
@@ -266,7 +269,7 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
 
     import torch
 
-    from common import markdown_table, rel_err
+    from common import markdown_table, poison_next_output, rel_err
 
     rng = random.Random(0)
     steps = {t: mixed_entries(t, rng, scale) for t in tokens}
@@ -296,12 +299,14 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
         prepare_ms = 1e3 * (time.perf_counter() - start)
         with torch.no_grad():
             engine.program, engine.nano_batches = programs["ATen"], 1
-            want = engine.forward(entries, inputs).float()
+            want = engine.forward(entries, inputs)
+            out_dtype, want = want.dtype, want.float()
             for name, (program, nano) in MIXED_METHODS.items():
                 def measure(program=programs[program], nano=nano, shares=name != WHOLE_GRIDS):
                     engine.program, engine.nano_batches, engine.nano_shares = program, nano, shares
                     # A nano-batched step prepares each nano-batch itself (on its stream).
                     given = inputs if nano == 1 else None
+                    poison_next_output(want.shape, out_dtype, want.device)
                     err = rel_err(engine.forward(entries, given).float(), want)
                     if not err < scale.tolerance:
                         raise AssertionError(f"relative error {err:.2e} against the ATen program")
@@ -435,27 +440,36 @@ def smoke(parts: list[str]) -> int:
     return 1 if failures else 0
 
 
+def gpu_model(layers: int):
+    """The Llama-3-8B-shaped bf16 model with `layers` layers, on the GPU."""
+    import torch
+
+    return _llama(layers, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=GPU.vocab).to("cuda", torch.bfloat16)
+
+
 def run_gpu(layers: int, tokens: list[int], parts: list[str], trace_count: int, write: bool) -> int:
     import torch
 
-    from common import environment, measured_matmul_tflops, write_results
+    from common import environment, measured_matmul_tflops, results_name, write_results
 
     torch.manual_seed(0)
     env = environment()
     peak = measured_matmul_tflops(torch.bfloat16)
-    model = _llama(layers, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=GPU.vocab).to("cuda", torch.bfloat16)
+    model = gpu_model(layers)
     print(f"{env['device']}: Llama-3-8B-shaped, bf16 ceiling {peak:.0f} TFLOP/s")
     failures: list[str] = []
     body = "- model: Llama-3-8B-shaped (hidden 4096, 32/8 heads, FFN 14336, vocabulary 128256), bf16\n"
     title = "End-to-end step throughput (bf16)"
+    # e2e-prefill and e2e-serving run in one session on one commit: each needs its own file.
+    name = results_name("e2e", parts, PARTS)
 
     def checkpoint(text: str) -> None:
         if write:
-            write_results("e2e", title, env, body + text, partial=True)
+            write_results(name, title, env, body + text, partial=True)
 
     body += run(GPU, model, tokens, parts, trace_count, peak, failures, checkpoint)
     if write:
-        print(f"wrote {write_results('e2e', title, env, body)}")
+        print(f"wrote {write_results(name, title, env, body)}")
     return 1 if failures else 0
 
 

@@ -10,7 +10,8 @@ the table under bench/results/.
 
 On a CPU-only machine it says so and runs a small smoke check through the Triton interpreter.
 
-    python bench/gemm.py [--quick] [--no-write]
+    python bench/gemm.py [--quick] [--no-write] [--variant-m 1,64,512,4096|all] [--tile-timings FILE]
+    python bench/gemm.py --measure-tiles FILE
 """
 
 from __future__ import annotations
@@ -21,12 +22,20 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K): qkv, o, gate+up, down
 M_VALUES = [1, 8, 16, 33, 64, 100, 128, 256, 512, 1000, 1024, 2048, 4096, 8192]
 MAX_TOKENS = 8192
+# The M values the variant columns are timed at by default (`--variant-m`): each variant builds
+# a kernel per planned tile and adds a timed column, and at all 14 M of 4 shapes the two
+# variants (about 28 builds, 112 timed cells) no longer fit the gemm stage's limit.
+VARIANT_M = (1, 64, 512, 4096)
+# `--measure-tiles` order: the down projection first. A stage cut by its limit loses the last
+# shape, and this is the one whose plans split-K (K = 14336, N = 4096) changes most.
+TILE_SHAPES = [SHAPES[-1], *SHAPES[:-1]]
 
 
 # Kernel variants a plan runs only where measured tile times say so: the main table times each
@@ -84,10 +93,13 @@ def checked_tflops(fn, inputs, want, flops: float, failures: list[str], what: st
     """TFLOP/s of `fn` over the argument tuples `inputs` (median over CUDA-graph replays that
     rotate through them) once `fn(*inputs[0])` matched the float64 `want`. A method that fails is
     reported (None in its cell, the failure in `failures`, the exit status 1) and the run goes
-    on: one broken baseline must not cost the whole table."""
-    from common import graph_median_ms, rel_err
+    on: one broken baseline must not cost the whole table. The output starts as NaN (see
+    `poison_next_output`): an element `fn` leaves unwritten fails the check."""
+    from common import graph_median_ms, poison_next_output, rel_err
 
     try:
+        # The previous method's output (same size, same inputs: right values) was just freed.
+        poison_next_output(want.shape, inputs[0][0].dtype, inputs[0][0].device)
         err = rel_err(fn(*inputs[0]), want)
         if not err < 1e-2:
             raise AssertionError(f"relative error {err:.2e} against float64")
@@ -139,7 +151,7 @@ def swiglu_methods(config):
     return methods
 
 
-def run_swiglu(quick: bool, peak: float, failures: list[str], checkpoint=None) -> str:
+def run_swiglu(quick: bool, peak: float, failures: list[str], checkpoint=None, *, device: str = "cuda") -> str:
     """GPU: Llama-3-8B's fused SwiGLU input projection (gate and up 14336 x 4096), the model's
     largest GEMM, which the main table measures only unfused (28672 x 4096)."""
     import torch
@@ -148,17 +160,17 @@ def run_swiglu(quick: bool, peak: float, failures: list[str], checkpoint=None) -
     from common import geomean, markdown_table
 
     n, k = 14336, 4096
-    gate, up = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(2))
+    gate, up = (torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5 for _ in range(2))
     methods = swiglu_methods(tileflow.Config(target="triton", max_tokens=MAX_TOKENS))
     rows, ratios = [], {name: [] for name in methods if name != "tileflow"}
     headers = ["M"] + [f"{name} TFLOP/s" for name in methods] + ["tileflow % peak"]
     for m in ([64, 4096] if quick else [16, 64, 256, 1024, 4096, 8192]):
-        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, min(8, (64 << 20) // (m * k * 2))))]
+        xs = [torch.randn(m, k, device=device, dtype=torch.bfloat16) for _ in range(max(1, min(8, (64 << 20) // (m * k * 2))))]
         want = swiglu_reference(xs[0], gate, up)
         tflops = {name: checked_tflops(fn, [(x, gate, up) for x in xs], want, 2 * m * 2 * n * k, failures,
                                        f"SwiGLU {name} at M={m}") for name, fn in methods.items()}
         ours = add_ratios(ratios, tflops)
-        rows.append([m] + [_cell(tflops[name]) for name in methods] + ([f"{100 * ours / peak:.0f}%"] if ours else ["FAIL"]))
+        rows.append([m] + [_cell(tflops, name) for name in methods] + ([f"{100 * ours / peak:.0f}%"] if ours else ["FAIL"]))
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
         if checkpoint:
             checkpoint("## Fused SwiGLU input projection (gate and up 14336 x 4096)\n\n" + markdown_table(headers, rows))
@@ -168,7 +180,12 @@ def run_swiglu(quick: bool, peak: float, failures: list[str], checkpoint=None) -
               "and the elementwise work; TFLOP/s count both GEMMs")
 
 
-def run_gpu(quick: bool, write: bool, tile_timings: str | None = None) -> int:
+def run_gpu(quick: bool, write: bool, tile_timings: str | None = None, variant_m: Sequence[int] | None = VARIANT_M,
+            *, device: str = "cuda") -> int:
+    """GPU: the dynamic-M table, then the fused SwiGLU one. The variant columns (tileflow's
+    kernel variants: VARIANTS) are timed at the M values in `variant_m` only (None: at every
+    M), "-" elsewhere. The results file, summary included, is rewritten after every row.
+    `device` is for the CPU check of this path (with the timing stubbed)."""
     import torch
     import torch.nn.functional as F
 
@@ -195,83 +212,103 @@ def run_gpu(quick: bool, write: bool, tile_timings: str | None = None) -> int:
         with tileflow.use_config(config):
             return tileflow.ops.padded_gemm(x, w)
 
+    variant_methods = {f"tileflow {v}": functools.partial(planned_variant, variant=v) for v in VARIANTS}
     methods = {"tileflow": tileflow_gemm, "cuBLAS": linear, "Inductor-dynamic": inductor_dyn, "Inductor-max-autotune": inductor_max,
-               **{f"tileflow {v}": functools.partial(planned_variant, variant=v) for v in VARIANTS}}
+               **variant_methods}
     rows, ratios = [], {name: [] for name in methods if not name.startswith("tileflow")}
     variant_ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
     failures: list[str] = []
     big_m_fraction = []
     headers = (["N x K", "M"] + [f"{name} TFLOP/s" for name in methods]
                + ["tileflow % peak", "tileflow / cuBLAS"] + [f"{v} / cuBLAS" for v in VARIANTS])
-    name, title = (("gemm_measured_plans", "Dynamic-M GEMM with measured tile plans: tileflow vs cuBLAS vs Inductor (bf16)")
-                   if tile_timings else ("gemm", "Dynamic-M GEMM: tileflow vs cuBLAS vs Inductor (bf16)"))
+    file_name, title = (("gemm_measured_plans", "Dynamic-M GEMM with measured tile plans: tileflow vs cuBLAS vs Inductor (bf16)")
+                        if tile_timings else ("gemm", "Dynamic-M GEMM: tileflow vs cuBLAS vs Inductor (bf16)"))
+    if quick:
+        file_name += "-quick"  # a gemm-quick stage must not replace the full table of the same day and commit
+    variant_note = "every M" if variant_m is None else (
+        "M in {" + ", ".join(str(m) for m in m_values if m in variant_m) + "} only (`--variant-m`), \"-\" elsewhere")
     preface = f"- tileflow's plans from the tile times in `{tile_timings}`\n\n" if tile_timings else ""
-    preface += f"- bf16 matmul ceiling measured in this run: {peak:.0f} TFLOP/s\n\n"
+    preface += f"- bf16 matmul ceiling measured in this run: {peak:.0f} TFLOP/s\n"
+    preface += f"- the variant columns ({', '.join(VARIANTS)}) timed at {variant_note}\n\n"
+
+    def summary() -> list[str]:
+        """The geomeans and notes over the rows so far (every ratio from rows where both sides
+        were measured): written at every checkpoint, so a cut stage still has them."""
+        kernels: dict[str, int] = {}
+        for kern in tileflow.runtime.compiled_kernels("padded_gemm"):
+            if any(kern.spec.param(flag, False) for variant in VARIANTS.values() for flag in variant):
+                continue  # the variant columns' kernels are not the plans'
+            key = f"{kern.spec.param('n')}x{kern.spec.param('k')}"
+            kernels[key] = kernels.get(key, 0) + 1
+        def mean(vals: list[float]) -> str:
+            return f"**{geomean(vals):.2f}x** ({len(vals)} rows)" if vals else "no row measured yet"
+
+        big_m = f"{100 * geomean(big_m_fraction):.0f}%" if big_m_fraction else "(no row measured yet)"
+        return [
+            f"- geomean tileflow / {name}: {mean(vals)}" for name, vals in ratios.items()
+        ] + [
+            *(f"- geomean tileflow {v} / cuBLAS: {mean(vals)} ({variant_note}; each M's planned tile as {v}: not in "
+              "the plans until measured tile times put it there)" for v, vals in variant_ratios.items()),
+            f"- tileflow at M >= 2048: {big_m} of the measured {peak:.0f} TFLOP/s bf16 ceiling (geomean)",
+            f"- tileflow kernels compiled per (N, K): {kernels} (each serves its plan's M range; a split-K kernel and its "
+            "reduce kernel count as one; no recompiles)",
+            "- cuBLAS and Inductor pick their own kernels per call; Inductor compiled once per method with dynamic=True.",
+            "- times: median over CUDA-graph replays (device time, no host launch overhead), rotating input sets.",
+        ] + [f"- FAILED: {failure}" for failure in failures]
 
     def checkpoint(extra: str = "") -> None:
-        """Rewrite the results file (marked partial) with the rows so far: a stage cut by its
-        time limit keeps them."""
+        """Rewrite the results file (marked partial) with the rows so far and their summary: a
+        stage cut by its time limit keeps both."""
         if write:
-            write_results(name, title, env, preface + markdown_table(headers, rows) + "\n"
-                          + "".join(f"\n- FAILED: {failure}" for failure in failures) + extra, partial=True)
+            write_results(file_name, title, env, preface + markdown_table(headers, rows) + "\n\n" + "\n".join(summary())
+                          + extra, partial=True)
 
     for n, k in shapes:
-        w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
+        w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
         for m in m_values:
             sets = max(1, min(8, (64 << 20) // (m * k * 2)))  # rotate inputs that fit in L2
-            xs = [torch.randn(m, k, device="cuda", dtype=dtype) for _ in range(sets)]
+            xs = [torch.randn(m, k, device=device, dtype=dtype) for _ in range(sets)]
             want = xs[0].double() @ w.double().t()
+            # A method left out at this M has no key: its cells read "-", a failure's "FAIL".
+            timed = {name: fn for name, fn in methods.items()
+                     if name not in variant_methods or variant_m is None or m in variant_m}
             tflops = {name: checked_tflops(fn, [(x, w) for x in xs], want, 2 * m * n * k, failures,
-                                           f"{name} at N={n} K={k} M={m}") for name, fn in methods.items()}
+                                           f"{name} at N={n} K={k} M={m}") for name, fn in timed.items()}
             ours = add_ratios(ratios, tflops)
             if m >= 2048 and ours:
                 big_m_fraction.append(ours / peak)
             for v, vals in variant_ratios.items():
-                if tflops[f"tileflow {v}"] and tflops["cuBLAS"]:
+                if tflops.get(f"tileflow {v}") and tflops["cuBLAS"]:
                     vals.append(tflops[f"tileflow {v}"] / tflops["cuBLAS"])
-            rows.append([f"{n}x{k}", m] + [_cell(tflops[name]) for name in methods]
+            rows.append([f"{n}x{k}", m] + [_cell(tflops, name) for name in methods]
                         + ([f"{100 * ours / peak:.0f}%"] if ours else ["FAIL"])
-                        + [f"{tflops[name] / tflops['cuBLAS']:.2f}" if tflops[name] and tflops["cuBLAS"] else "FAIL"
-                           for name in ("tileflow", *(f"tileflow {v}" for v in VARIANTS))])
+                        + [_ratio_cell(tflops, name, "cuBLAS") for name in ("tileflow", *variant_methods)])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
             checkpoint()
-    kernels = {}
-    for kern in tileflow.runtime.compiled_kernels("padded_gemm"):
-        if any(kern.spec.param(flag, False) for variant in VARIANTS.values() for flag in variant):
-            continue  # the variant columns' kernels are not the plans'
-        key = f"{kern.spec.param('n')}x{kern.spec.param('k')}"
-        kernels[key] = kernels.get(key, 0) + 1
-    summary = [
-        f"- geomean tileflow / {name}: **{geomean(vals):.2f}x**" for name, vals in ratios.items()
-    ] + [
-        *(f"- geomean tileflow {v} / cuBLAS: **{geomean(vals):.2f}x** (each M's planned tile as {v}: not in the plans "
-          "until measured tile times put it there)" for v, vals in variant_ratios.items()),
-        f"- tileflow at M >= 2048: {100 * geomean(big_m_fraction):.0f}% of the measured {peak:.0f} TFLOP/s bf16 ceiling (geomean)",
-        f"- tileflow kernels compiled per (N, K): {kernels} (each serves its plan's M range; a split-K kernel and its "
-        "reduce kernel count as one; no recompiles)",
-        "- cuBLAS and Inductor pick their own kernels per call; Inductor compiled once per method with dynamic=True.",
-        "- times: median over CUDA-graph replays (device time, no host launch overhead), rotating input sets.",
-    ] + [f"- FAILED: {failure}" for failure in failures]
-    print("\n" + "\n".join(summary))
+    print("\n" + "\n".join(summary()))
+    swiglu = run_swiglu(quick, peak, failures, checkpoint=(lambda text: checkpoint("\n\n" + text)) if write else None,
+                        device=device)
+    body = preface + markdown_table(headers, rows) + "\n\n" + "\n".join(summary()) + "\n\n" + swiglu
     if write:
-        write_results(name, title, env, preface + markdown_table(headers, rows) + "\n\n" + "\n".join(summary), partial=True)
-    swiglu = run_swiglu(quick, peak, failures,
-                        checkpoint=lambda text: write_results(name, title, env, preface + markdown_table(headers, rows)
-                                                              + "\n\n" + "\n".join(summary) + "\n\n" + text,
-                                                              partial=True) if write else None)
-    summary += [f"- FAILED: {failure}" for failure in failures if failure.startswith("SwiGLU")]
-    body = preface + markdown_table(headers, rows) + "\n\n" + "\n".join(summary) + "\n\n" + swiglu
-    if write:
-        print(f"wrote {write_results(name, title, env, body)}")
+        print(f"wrote {write_results(file_name, title, env, body)}")
     return 1 if failures else 0
 
 
-def _cell(tflops: float | None) -> str:
-    """A TFLOP/s table cell; FAIL for a method that failed its check or its run."""
-    return "FAIL" if tflops is None else f"{tflops:.1f}"
+def _cell(tflops: dict[str, float | None], name: str) -> str:
+    """`name`'s TFLOP/s table cell: "-" where it was not timed, FAIL where it failed its check or run."""
+    if name not in tflops:
+        return "-"
+    return "FAIL" if tflops[name] is None else f"{tflops[name]:.1f}"
 
 
-def measure_tiles(path: str, *, shapes=SHAPES, device_type: str = "cuda", time_ms=None) -> int:
+def _ratio_cell(tflops: dict[str, float | None], name: str, base: str) -> str:
+    """`name` / `base` as a table cell: "-" where `name` was not timed, FAIL where either failed."""
+    if name not in tflops:
+        return "-"
+    return f"{tflops[name] / tflops[base]:.2f}" if tflops[name] and tflops[base] else "FAIL"
+
+
+def measure_tiles(path: str, *, shapes=TILE_SHAPES, device_type: str = "cuda", time_ms=None) -> int:
     """Time every candidate tile config on this GPU, plain, persistent, with TMA loads, as
     stream-K and split along K, and write per-tile seconds for `Config(tile_timings=path)`: time
     at an M giving about four full waves, divided by the waves. Plans then run a config's
@@ -283,14 +320,15 @@ def measure_tiles(path: str, *, shapes=SHAPES, device_type: str = "cuda", time_m
     keeps every shape it finished, and a shape in the file always has all its configs (a plan
     mixing measured and modeled configs of one shape would compare numbers of different kinds).
     A kernel that fails its check or its build is reported and left out (exit status 1); the
-    rest are still measured. `shapes`, `device_type` and `time_ms` (ms of a callable) are for
-    the CPU check of this path."""
+    rest are still measured. Shapes go in TILE_SHAPES' order, the down projection first (a cut
+    loses the last). `shapes`, `device_type` and `time_ms` (ms of a callable) are for the CPU
+    check of this path."""
     import json
     import math
 
     import torch
 
-    from common import graph_median_ms, rel_err
+    from common import graph_median_ms, poison_next_output, rel_err
     from tileflow import runtime
     from tileflow.devices import detect_device
     from tileflow.lower import gemm_spec
@@ -306,6 +344,7 @@ def measure_tiles(path: str, *, shapes=SHAPES, device_type: str = "cuda", time_m
 
     def checked_ms(what: str, fn, want) -> float | None:
         try:
+            poison_next_output(want.shape, dtype, device_type)  # unwritten tiles fail, not pass on stale data
             err = rel_err(fn(), want)
             if not err < tol:
                 raise AssertionError(f"relative error {err:.2e} against float64")
@@ -386,7 +425,14 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/")
     parser.add_argument("--measure-tiles", metavar="FILE", help="measure per-tile times for Config(tile_timings=FILE)")
     parser.add_argument("--tile-timings", metavar="FILE", help="plan tileflow's GEMMs from these measured tile times")
+    parser.add_argument("--variant-m", default=",".join(map(str, VARIANT_M)), metavar="M,M,...|all",
+                        help=f"time the kernel-variant columns ({', '.join(VARIANTS)}) at these M only, or at every M "
+                             "('all'); default %(default)s")
     args = parser.parse_args()
+    try:
+        variant_m = None if args.variant_m == "all" else [int(m) for m in args.variant_m.split(",") if m]
+    except ValueError:
+        parser.error(f"--variant-m takes comma-separated integers or 'all', got {args.variant_m!r}")
     import torch
 
     if not torch.cuda.is_available():
@@ -396,7 +442,7 @@ def main() -> int:
         return smoke()
     if args.measure_tiles:
         return measure_tiles(args.measure_tiles)
-    return run_gpu(args.quick, not args.no_write, args.tile_timings)
+    return run_gpu(args.quick, not args.no_write, args.tile_timings, variant_m)
 
 
 if __name__ == "__main__":

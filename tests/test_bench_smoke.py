@@ -217,3 +217,228 @@ def test_gpu_session_packs_results_after_each_stage(tmp_path) -> None:
     assert "gemm: exit 124" in log.read_text()
     listing = subprocess.run(["tar", "tzf", str(out / "results.tar.gz")], capture_output=True, text=True, check=True)
     assert "bench/results/gemm-partial.md" in listing.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# A reviewer's dry run of the GPU session on the CPU (Session 16's plan): lost tables, checks
+# that pass on stale data, stages that die without a trace.
+
+
+def test_e2e_stages_of_different_parts_write_different_files(monkeypatch, tmp_path) -> None:
+    """e2e-serving and e2e-prefill run in one session on one commit: both wrote `e2e-...md`, so
+    the second stage replaced the first one's tables."""
+    e2e = _bench_module("e2e", monkeypatch)
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "measured_matmul_tflops", lambda *a, **k: 100.0)
+
+    class Model:
+        def to(self, *args, **kwargs):
+            return self
+
+    monkeypatch.setattr(e2e, "_llama", lambda *a, **k: Model())
+
+    def run(scale, model, tokens, parts, trace_count, peak, failures, checkpoint=None):
+        checkpoint(f"| {'+'.join(parts)} row |")  # a row measured, as the parts report them
+        return f"| {'+'.join(parts)} row |"
+
+    monkeypatch.setattr(e2e, "run", run)
+    assert e2e.run_gpu(2, [256], ["mixed", "trace"], 8, True) == 0  # the e2e-serving stage
+    assert e2e.run_gpu(2, [256], ["prefill"], 8, True) == 0  # the e2e-prefill stage
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 2
+    assert sorted("| mixed+trace row |" in f.read_text() for f in files) == [False, True]
+    assert common.results_name("e2e", ["trace", "mixed"], e2e.PARTS) == common.results_name("e2e", ["mixed", "trace"], e2e.PARTS)
+    assert common.results_name("e2e", list(e2e.PARTS), e2e.PARTS) == "e2e"
+
+
+def test_poison_next_output_fills_a_block_of_the_output_size_with_nan_and_frees_it(monkeypatch) -> None:
+    import weakref
+
+    import torch
+
+    common = _bench_module("common", monkeypatch)
+    made = []
+    full = torch.full
+
+    def spy(*args, **kwargs):
+        made.append(full(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(torch, "full", spy)
+    common.poison_next_output(torch.Size([3, 5]), torch.bfloat16, "cpu")
+    (block,) = made
+    assert block.shape == (3, 5) and block.dtype == torch.bfloat16 and block.isnan().all()
+    alive = weakref.ref(made.pop())
+    del block
+    assert alive() is None  # freed: on a GPU the caching allocator hands this block to the method
+
+
+def _stale_output_poisoned_by(monkeypatch, common, stale):
+    """Stand in for the CUDA caching allocator on the CPU: the method under test returns `stale`
+    (the previous method's freed output, right values) without writing it, and the poisoning
+    helper fills that block with NaN, as taking and freeing it does on a GPU."""
+    import torch
+
+    calls = []
+
+    def poison(shape, dtype, device):
+        calls.append((tuple(shape), dtype))
+        for t in stale:
+            t.fill_(float("nan"))
+
+    monkeypatch.setattr(common, "poison_next_output", poison, raising=False)
+    return calls, torch
+
+
+def test_gemm_check_fails_a_method_that_leaves_its_output_unwritten(monkeypatch) -> None:
+    """A kernel that writes nothing passed the check when the allocator handed it the block of
+    the previous method's output (the same size, from the same inputs)."""
+    import torch
+
+    gemm = _bench_module("gemm", monkeypatch)
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "graph_median_ms", lambda fns, **k: 1.0)
+    x, w = torch.randn(5, 8), torch.randn(6, 8)
+    want = x.double() @ w.double().t()
+    stale = [x @ w.t()]
+    calls, _ = _stale_output_poisoned_by(monkeypatch, common, stale)
+    failures: list[str] = []
+    assert gemm.checked_tflops(lambda x, w: stale[0], [(x, w)], want, 2e9, failures, "lazy") is None
+    assert calls == [((5, 6), torch.float32)] and "relative error nan" in failures[0]
+    assert gemm.checked_tflops(lambda x, w: x @ w.t(), [(x, w)], want, 2e9, failures, "writes") == 2.0
+
+
+def test_attention_check_fails_a_method_that_leaves_its_output_unwritten(monkeypatch, tmp_path) -> None:
+    """bench/attention.py's GPU path on the CPU: the model-mask table's method returning the
+    previous method's freed output (right values, unwritten) must fail its check."""
+    import torch
+
+    attention = _bench_module("attention", monkeypatch)
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "measured_copy_gbs", lambda *a, **k: 1000.0)
+    monkeypatch.setattr(common, "measured_matmul_tflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr(common, "median_ms", lambda fn, **k: (fn(0), 1.0)[1])
+    monkeypatch.setattr(attention, "HQ", 4)
+    monkeypatch.setattr(attention, "HKV", 2)
+    monkeypatch.setattr(attention, "D", 16)
+    stale = []
+    model_mask_methods = attention.model_mask_methods
+
+    def with_a_lazy_method(s, *, device, dtype):
+        methods, ranges, reference = model_mask_methods(40, device="cpu", dtype=torch.float32)
+        stale.append(reference().clone())
+        methods["tileflow, causal"] = lambda: stale[0]
+        return methods, ranges, reference
+
+    monkeypatch.setattr(attention, "model_mask_methods", with_a_lazy_method)
+    calls, _ = _stale_output_poisoned_by(monkeypatch, common, stale)
+    assert attention.run_gpu(True, True, ("mask",)) == 1
+    assert len(calls) == 4  # one per method, before its check
+    (path,) = tmp_path.iterdir()
+    text = path.read_text()
+    assert "FAILED: tileflow, causal on the 2048-token model mask: AssertionError: relative error nan" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 1x2048 |"))
+    assert row.split("|")[3].strip() == "FAIL" and row.split("|")[2].strip() != "FAIL"
+
+
+def test_attention_sweep_keeps_configurations_when_cut(monkeypatch, tmp_path) -> None:
+    """`attention.py --sweep` wrote its table only at the end: a stage cut by its limit lost every
+    configuration it had timed."""
+    import torch
+
+    attention = _bench_module("attention", monkeypatch)
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(attention, "HQ", 4)
+    monkeypatch.setattr(attention, "HKV", 2)
+    monkeypatch.setattr(attention, "D", 16)
+
+    class Killed(BaseException):
+        pass
+
+    timed = []
+
+    def median_ms(fn, **kwargs):
+        timed.append(fn)
+        if len(timed) == 2:
+            raise Killed  # the stage limit, while the second configuration is timed
+        fn(0)
+        return 1.0
+
+    monkeypatch.setattr(common, "median_ms", median_ms)
+    with pytest.raises(Killed):
+        attention.run_sweep(True, [("mixed", [5, 1, 3], [20, 9, 40], [(4, 16, 4, 2, 1), (8, 32, 4, 3, 2)])],
+                            device="cpu", dtype=torch.float32)
+    (path,) = tmp_path.iterdir()
+    text = path.read_text()
+    assert "partial" in text and "block_q=4 block_kv=16" in text and "block_q=8" not in text
+
+
+def test_gemm_variant_columns_on_a_subset_of_m_and_summary_at_every_checkpoint(monkeypatch, tmp_path) -> None:
+    """bench/gemm.py's GPU path on the CPU (timing stubbed): the stream-K and TMA columns are
+    timed at `--variant-m` rows only ("-" elsewhere), and a stage cut mid-table leaves the
+    summary (geomeans over rows where both sides were measured) beside its rows."""
+    gemm = _bench_module("gemm", monkeypatch)
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "measured_matmul_tflops", lambda *a, **k: 10.0)
+    monkeypatch.setattr(gemm, "SHAPES", [(48, 40), (32, 40)])
+    monkeypatch.setattr(gemm, "M_VALUES", [1, 8, 64, 100])
+
+    class Killed(BaseException):
+        pass
+
+    speeds = {"tileflow": 2.0, "cuBLAS": 1.0, "Inductor-dynamic": 1.0, "Inductor-max-autotune": 1.0,
+              "tileflow stream-K": 4.0, "tileflow TMA": 0.5}
+    called = []
+
+    def checked_tflops(fn, inputs, want, flops, failures, what):
+        name, where = what.split(" at ")
+        m = int(where.rsplit("M=", 1)[1])
+        if "N=32" in where:
+            raise Killed  # the stage limit, in the second shape
+        called.append((name, m))
+        if name == "cuBLAS" and m == 64:
+            failures.append(f"{what}: a failed check")
+            return None
+        return speeds[name]
+
+    monkeypatch.setattr(gemm, "checked_tflops", checked_tflops)
+    with pytest.raises(Killed):
+        gemm.run_gpu(False, True, device="cpu")  # the default --variant-m: 1, 64, 512, 4096
+    assert sorted(m for name, m in called if name == "tileflow stream-K") == [1, 64]
+    assert sorted(m for name, m in called if name == "tileflow") == [1, 8, 64, 100]
+    (path,) = tmp_path.iterdir()
+    text = path.read_text()
+    assert "partial" in text
+    row8 = next(line for line in text.splitlines() if line.startswith("| 48x40 | 8 |")).split("|")[1:-1]
+    assert [c.strip() for c in row8[-2:]] == ["-", "-"] and row8[6].strip() == "-"
+    # tileflow / cuBLAS over M = 1, 8, 100 (cuBLAS failed at 64); stream-K / cuBLAS at M = 1 only.
+    assert "geomean tileflow / cuBLAS: **2.00x** (3 rows)" in text
+    assert "geomean tileflow stream-K / cuBLAS: **4.00x** (1 rows" in text
+    assert "geomean tileflow TMA / cuBLAS: **0.50x** (1 rows" in text
+    assert "FAILED: cuBLAS at N=48 K=40 M=64" in text
+
+
+def test_measure_tiles_measures_the_down_projection_first(monkeypatch, tmp_path) -> None:
+    """The tiles stage's cut loses its last shape: that must not be the down projection
+    (N=4096, K=14336), whose split-K plans matter most."""
+    gemm = _bench_module("gemm", monkeypatch)
+    import tileflow.tiles
+
+    class Killed(BaseException):
+        pass
+
+    shapes = []
+
+    def candidate_configs(n, k, *args, **kwargs):
+        shapes.append((n, k))
+        raise Killed
+
+    monkeypatch.setattr(tileflow.tiles, "candidate_configs", candidate_configs)
+    with pytest.raises(Killed):
+        gemm.measure_tiles(str(tmp_path / "tiles.json"), device_type="cpu", time_ms=lambda fn: 1.0)
+    assert shapes == [(4096, 14336)]
+    assert sorted(gemm.TILE_SHAPES) == sorted(gemm.SHAPES)

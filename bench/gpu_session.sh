@@ -11,7 +11,8 @@
 # every stage (each benchmark rewrites its table after every row), so a call cut short still
 # brings back what the finished rows measured.
 #
-# Stages: gemm, gemm-quick, attention, attention-sweep (kernel configurations), e2e
+# Stages: gemm (its stream-K and TMA columns at M = 1, 64, 512, 4096 only: bench/gemm.py
+# --variant-m), gemm-quick, attention, attention-sweep (kernel configurations), e2e
 # (prefill-shaped steps, mixed serving steps, request traces), e2e-prefill (the first part
 # only), e2e-serving (the other two), profile (where a step's time goes,
 # bench/profile_step.py), sampling (a step's sampled tokens, eager and fused; bench/sampling.py), tiles (bench/gemm.py --measure-tiles), gemm-measured (the GEMM table
@@ -19,8 +20,33 @@
 # (tests/test_gpu.py: models, graphs and streams on CUDA). A stage that fails or runs out of
 # time does not stop the next one. Narrower runs: ATTENTION_PARTS (default
 # decode,prefill,mixed,mask,softcap), E2E_TOKENS (default 256,1024,4096) and E2E_TRACE_REQUESTS
-# (default 256).
+# (default 256). Every stage needs its limit (`gemm:90`, not `gemm`): a stage without one, or an
+# unknown stage, is refused before anything runs.
 set -u
+# The variables this script reads, logged to env.log with the command line: a table's numbers
+# are only comparable with the same narrowing.
+SESSION_VARS="BENCH_COMMIT ATTENTION_PARTS E2E_TOKENS E2E_TRACE_REQUESTS PYTHON OUT"
+STAGES="gemm gemm-quick attention attention-sweep e2e e2e-prefill e2e-serving profile sampling tiles gemm-measured
+        tests tests-gpu"
+for item in "$@"; do
+  name=${item%%:*}
+  limit=${item#*:}
+  # `timeout 'gemm' ...` exits 125 at once: a stage without its seconds was silently skipped.
+  if [ "$item" = "$name" ] || ! [[ $limit =~ ^[1-9][0-9]*$ ]]; then
+    echo "gpu_session.sh: stage '$item' needs a time limit in seconds, e.g. '$name:90'; nothing was run" >&2
+    exit 2
+  fi
+  known=no
+  for stage in $STAGES; do [ "$stage" = "$name" ] && known=yes; done
+  if [ $known = no ]; then
+    echo "gpu_session.sh: unknown stage '$name' (stages:" $STAGES"); nothing was run" >&2
+    exit 2
+  fi
+done
+# As given, before the defaults below fill them in.
+GIVEN_VARS=$(for var in $SESSION_VARS; do
+  if [ -n "${!var+set}" ]; then echo "$var=${!var}"; else echo "$var unset"; fi
+done)
 OUT=${OUT:-/tmp/tileflow-gpu-session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TILEFLOW_CACHE_DIR=/tmp/tileflow-cache
@@ -30,6 +56,12 @@ E2E_TRACE=${E2E_TRACE_REQUESTS:-256}
 
 {
   date -u
+  printf 'command:'
+  printf ' %q' "$0" "$@"
+  printf '\n'
+  echo "$GIVEN_VARS"
+  # Settings of tileflow, Inductor, Triton and CUDA given from outside change what is measured.
+  env | grep -E '^(TILEFLOW_|TORCHINDUCTOR_|TORCH_|TRITON_|CUDA_)' | sort
   if [ -z "${BENCH_COMMIT:-}" ] && ! git rev-parse --short HEAD 2>/dev/null; then
     echo "WARNING: BENCH_COMMIT is not set and there is no git checkout here: results files will be named '-unknown'"
   fi
@@ -38,10 +70,24 @@ E2E_TRACE=${E2E_TRACE_REQUESTS:-256}
   # Offline editable install (the machine has setuptools; it has no package index).
   $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . || {
     echo "editable install failed: falling back to links in the working copy"
-    ln -sfn ../backends tileflow/backends && ln -sfn ../passes tileflow/passes
-    export PYTHONPATH=$PWD
+    ln -sfn ../backends tileflow/backends
+    ln -sfn ../passes tileflow/passes
+    # backend="tileflow" resolves through the torch_dynamo_backends entry point, which only an
+    # install registers: without it e2e.py and the model tests raise InvalidBackend. Put the
+    # install's metadata (name, version, that entry point) on the path instead, where Dynamo's
+    # lookup (importlib.metadata) finds it, with no import of torch at every Python start.
+    meta=$(mktemp -d "${TMPDIR:-/tmp}/tileflow-metadata.XXXXXX")
+    version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)
+    info="$meta/tileflow-${version:-0}.dist-info"
+    mkdir -p "$info"
+    printf 'Metadata-Version: 2.1\nName: tileflow\nVersion: %s\n' "${version:-0}" >"$info/METADATA"
+    printf '[torch_dynamo_backends]\ntileflow = tileflow.backend:tileflow_backend\n' >"$info/entry_points.txt"
+    export PYTHONPATH=$PWD:$meta${PYTHONPATH:+:$PYTHONPATH}
+    echo "PYTHONPATH=$PYTHONPATH"
   }
-  $PY -c "import tileflow.backends.triton, tileflow.passes; print('tileflow imports')"
+  $PY -c "import tileflow.backends.triton, tileflow.passes, torch._dynamo
+torch._dynamo.lookup_backend('tileflow')
+print('tileflow imports; backend=\"tileflow\" found')"
 } >"$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 
@@ -84,9 +130,12 @@ for item in "$@"; do
              -p no:cacheprovider -n 16 --maxfail=12 --timeout=45 tests/test_triton_gemm.py \
              tests/test_triton_attention.py tests/test_grouped_gemm.py ;;
     # The model, stream and graph tests: fewer workers, a longer per-test limit, and the thread
-    # method, which dumps every stack of a test that overruns and names it.
+    # method, which dumps every stack of a test that overruns and names it. The per-test limit
+    # stays 40 s (at least half the stage) under the stage's: at the stage's own limit, the
+    # stage is killed first and no stack is dumped.
     tests-gpu) TORCHINDUCTOR_COMPILE_THREADS=1 run_stage tests-gpu "$limit" $PY -m pytest -v -rf --tb=short \
-                 -p no:cacheprovider -n 4 --timeout=150 --timeout-method=thread tests/test_gpu.py ;;
+                 -p no:cacheprovider -n 4 --timeout=$(( limit - 40 > limit / 2 ? limit - 40 : limit / 2 )) \
+                 --timeout-method=thread tests/test_gpu.py ;;
     *) echo "unknown stage $name" ;;
   esac
 done

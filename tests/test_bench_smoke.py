@@ -442,3 +442,83 @@ def test_measure_tiles_measures_the_down_projection_first(monkeypatch, tmp_path)
         gemm.measure_tiles(str(tmp_path / "tiles.json"), device_type="cpu", time_ms=lambda fn: 1.0)
     assert shapes == [(4096, 14336)]
     assert sorted(gemm.TILE_SHAPES) == sorted(gemm.SHAPES)
+
+
+def _dry_run_session(tmp_path, *stages: str, pip_fails: bool = False, env: dict | None = None):
+    """gpu_session.sh in a copy of the tree with a fake python that logs each call's arguments
+    and PYTHONPATH (and fails `-m pip` when asked): returns (exit status, output, calls, the
+    run's folder: tree/ is the working tree, out/ the session's $OUT)."""
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))
+    tree = tmp_path / "tree"
+    (tree / "bench" / "results").mkdir(parents=True)
+    (tree / "tileflow").mkdir()
+    shutil.copy(BENCH / "gpu_session.sh", tree / "bench")
+    shutil.copy(ROOT / "pyproject.toml", tree)
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\nargs=\"$*\"\n"  # one line per call: a `-c` program's newlines as spaces
+                    f"printf '%s\\t%s\\n' \"${{args//$'\\n'/ }}\" \"${{PYTHONPATH:-}}\" >> {calls}\n"
+                    + ("case \"$*\" in *'-m pip'*) exit 1;; esac\n" if pip_fails else "")
+                    + "exit 0\n")
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", *stages], cwd=tree, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(fake), "TMPDIR": str(tmp_path),
+                               **(env or {})})
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return proc.returncode, proc.stdout + proc.stderr, [line.split("\t") for line in lines], tmp_path
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils")
+def test_gpu_session_per_test_timeout_is_below_the_stage_limit(tmp_path) -> None:
+    """tests-gpu ran pytest with --timeout=150 under a 150 s stage: the stage was killed first,
+    so a hung test left no stack dump and no name."""
+    rc, out, calls, _ = _dry_run_session(tmp_path, "tests-gpu:150")
+    (pytest_args,) = [args for args, _ in calls if "pytest" in args]
+    timeout = int(pytest_args.split("--timeout=", 1)[1].split()[0])
+    assert timeout <= 150 - 30, pytest_args
+
+
+def test_gpu_session_logs_its_command_and_refuses_a_stage_without_a_limit(tmp_path) -> None:
+    """`gemm` without `:seconds` ran `timeout gemm ...` (exit 125: silently skipped); env.log did
+    not say which command and narrowing produced the tables."""
+    rc, out, calls, _ = _dry_run_session(tmp_path, "attention:60", "gemm")
+    assert rc == 2 and "stage 'gemm' needs a time limit" in out and calls == []
+    rc, out, calls, _ = _dry_run_session(tmp_path, "atention:60")
+    assert rc == 2 and "unknown stage 'atention'" in out and calls == []
+    rc, out, calls, run = _dry_run_session(tmp_path, "sampling:5", env={"ATTENTION_PARTS": "mask,softcap",
+                                                                         "BENCH_COMMIT": "abc123"})
+    log = (run / "out" / "env.log").read_text()
+    assert "command: bench/gpu_session.sh sampling:5" in log
+    assert "ATTENTION_PARTS=mask,softcap" in log
+    assert "BENCH_COMMIT=abc123" in log and "E2E_TRACE_REQUESTS unset" in log
+
+
+def test_gpu_session_fallback_install_registers_the_dynamo_backend(tmp_path) -> None:
+    """Where `pip install -e .` fails, the session runs tileflow from the working tree; without
+    the install's entry point, backend="tileflow" (e2e.py, tests/test_gpu.py) raised
+    InvalidBackend. The fallback's path must resolve it, and to tileflow's backend."""
+    rc, out, calls, run = _dry_run_session(tmp_path, pip_fails=True)
+    assert rc == 0, out
+    path = calls[-1][1]  # what the session's Python runs with after the fallback
+    assert str(run / "tree") in path.split(":")
+    # Dynamo finds backend names with importlib.metadata.entry_points over sys.path (torch's own
+    # tests mock that function too). This machine has tileflow installed: let the lookup see the
+    # session's path only.
+    check = (
+        "import importlib.metadata, sys, tileflow.backend, torch._dynamo\n"
+        "entry_points = importlib.metadata.entry_points\n"
+        "entry_points(group='torch_dynamo_backends')  # imports what reading metadata needs\n"
+        "def on_session_path(**params):\n"
+        "    saved, sys.path[:] = sys.path[:], sys.argv[1].split(':')\n"
+        "    try:\n"
+        "        return entry_points(**params)\n"
+        "    finally:\n"
+        "        sys.path[:] = saved\n"
+        "importlib.metadata.entry_points = on_session_path\n"
+        "assert torch._dynamo.lookup_backend('tileflow') is tileflow.backend.tileflow_backend\n"
+        "print('found')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", check, path], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "found" in proc.stdout, proc.stderr[-2000:]

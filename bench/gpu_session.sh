@@ -11,8 +11,8 @@
 # every stage (each benchmark rewrites its table after every row), so a call cut short still
 # brings back what the finished rows measured.
 #
-# Stages: gemm (its stream-K and TMA columns at M = 1, 64, 512, 4096 only: bench/gemm.py
-# --variant-m), gemm-quick, attention, attention-sweep (kernel configurations), e2e
+# Stages: gemm (its stream-K and TMA columns at M = 1, 64, 512, 4096 only; GEMM_VARIANT_M sets
+# bench/gemm.py's --variant-m: e.g. 512,4096, or all), gemm-quick, attention, attention-sweep (kernel configurations), e2e
 # (prefill-shaped steps, mixed serving steps, request traces), e2e-prefill (the first part
 # only), e2e-serving (the other two), profile (where a step's time goes,
 # bench/profile_step.py), sampling (a step's sampled tokens, eager and fused; bench/sampling.py), tiles (bench/gemm.py --measure-tiles), gemm-measured (the GEMM table
@@ -25,7 +25,7 @@
 set -u
 # The variables this script reads, logged to env.log with the command line: a table's numbers
 # are only comparable with the same narrowing.
-SESSION_VARS="BENCH_COMMIT ATTENTION_PARTS E2E_TOKENS E2E_TRACE_REQUESTS PYTHON OUT"
+SESSION_VARS="BENCH_COMMIT ATTENTION_PARTS E2E_TOKENS E2E_TRACE_REQUESTS GEMM_VARIANT_M PYTHON OUT"
 STAGES="gemm gemm-quick attention attention-sweep e2e e2e-prefill e2e-serving profile sampling tiles gemm-measured
         tests tests-gpu"
 for item in "$@"; do
@@ -110,7 +110,7 @@ for item in "$@"; do
   name=${item%%:*}
   limit=${item##*:}
   case $name in
-    gemm) run_stage gemm "$limit" $PY bench/gemm.py ;;
+    gemm) run_stage gemm "$limit" $PY bench/gemm.py --variant-m "${GEMM_VARIANT_M:-1,64,512,4096}" ;;
     gemm-quick) run_stage gemm-quick "$limit" $PY bench/gemm.py --quick ;;
     attention) run_stage attention "$limit" $PY bench/attention.py --parts "${ATTENTION_PARTS:-decode,prefill,mixed,mask,softcap}" ;;
     attention-sweep) run_stage attention-sweep "$limit" $PY bench/attention.py --sweep ;;

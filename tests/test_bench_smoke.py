@@ -493,6 +493,9 @@ def test_gpu_session_logs_its_command_and_refuses_a_stage_without_a_limit(tmp_pa
     assert "command: bench/gpu_session.sh sampling:5" in log
     assert "ATTENTION_PARTS=mask,softcap" in log
     assert "BENCH_COMMIT=abc123" in log and "E2E_TRACE_REQUESTS unset" in log
+    rc, out, calls, run = _dry_run_session(tmp_path, "gemm:5", env={"GEMM_VARIANT_M": "512,4096"})
+    assert any(args.startswith("bench/gemm.py --variant-m 512,4096") for args, _ in calls)
+    assert "GEMM_VARIANT_M=512,4096" in (run / "out" / "env.log").read_text()
 
 
 def test_gpu_session_fallback_install_registers_the_dynamo_backend(tmp_path) -> None:

@@ -205,11 +205,15 @@ def _expert_weight(w: fx.Node) -> tuple[fx.Node | None, bool]:
     return None, False
 
 
-def _swiglu_tail(gemm: fx.Node, n: int, rank: int) -> fx.Node | None:
+def _swiglu_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.Node | None] | None:
     """The `mul` of `silu(gate) * up` when the grouped GEMM's [..., 2n] output (of `rank` dims)
-    only feeds `split(n, -1)` (Mixtral's `chunk(2, dim=-1)`) whose halves are gate then up; else
-    None."""
+    only feeds `split(n, -1)` (Mixtral's `chunk(2, dim=-1)`) whose halves are gate then up, and
+    the mask of a `masked_fill(out, mask, 0)` zeroing whole rows in between (transformers 5.17's
+    expert-parallel sentinel rows), if any; else None."""
     split = _only_user(gemm)
+    row_mask = _zeroed_rows(split, rank) if split is not None else None
+    if row_mask is not None:
+        split = _only_user(split)
     if split is None or split.target not in (aten.split.Tensor, aten.split_with_sizes.default):
         return None
     sizes = split.args[1]
@@ -231,7 +235,19 @@ def _swiglu_tail(gemm: fx.Node, n: int, rank: int) -> fx.Node | None:
     mul = _only_user(silu)
     if mul is None or mul.target is not aten.mul.Tensor or len(mul.args) != 2 or set(mul.args) != {silu, up}:
         return None
-    return mul
+    return mul, row_mask
+
+
+def _zeroed_rows(node: fx.Node, rank: int) -> fx.Node | None:
+    """The mask of `masked_fill(x, mask, 0)` when it zeroes whole rows of the rank-`rank` x (a
+    bool mask whose last dim is 1), else None. Such a fill commutes with SwiGLU, silu(0) * 0
+    being 0, so it can move after the fused kernel."""
+    if node.target is not aten.masked_fill.Scalar or len(node.args) != 3 or node.args[2] != 0:
+        return None
+    mask = _val(node.args[1])
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or not 1 <= mask.dim() <= rank:
+        return None
+    return node.args[1] if mask.shape[-1] == 1 else None
 
 
 @register_pass
@@ -466,7 +482,8 @@ class GemmPadding:
         x, w, offs = args["x"], args["w"], args["offs"]
         xv, wv = _val(x), _val(w)
         e, k, rows = (int(d) for d in wv.shape)
-        tail = _swiglu_tail(node, rows // 2, xv.dim()) if rows % 2 == 0 else None
+        swiglu = _swiglu_tail(node, rows // 2, xv.dim()) if rows % 2 == 0 else None
+        tail, row_mask = swiglu if swiglu is not None else (None, None)
         activation, n = ("swiglu", rows // 2) if tail is not None else ("none", rows)
         lo, hi = self._grouped_m_range(args, ctx)
         weight_tiles = 2 if activation == "swiglu" else 1
@@ -498,7 +515,12 @@ class GemmPadding:
             "epilogue": kinds,
             "target": ctx.target,
         }
-        tip.replace_all_uses_with(gemm)
+        out = gemm
+        if row_mask is not None:
+            with graph.inserting_before(tip):
+                out = graph.call_function(aten.masked_fill.Scalar, (gemm, row_mask, 0.0))
+                infer_meta(out)
+        tip.replace_all_uses_with(out)
         # The grouped node, its split/silu/mul and a transpose nothing else reads are dead now;
         # run()'s dead-code elimination removes them.
         return ["grouped_gemm", *kinds]

@@ -310,6 +310,41 @@ def test_pass_rewrites_transformers_experts_with_swiglu() -> None:
         torch.testing.assert_close(compiled(x, offs, gate_up, down), experts(x, offs, gate_up, down), rtol=1e-5, atol=1e-5)
 
 
+def test_swiglu_fuses_across_a_fill_that_zeroes_whole_rows() -> None:
+    """transformers 5.17 zeroes expert-parallel sentinel rows between the gate/up experts and
+    the SwiGLU (`masked_fill(out, ids >= E, 0)`, a [M, 1] mask): the SwiGLU was left unfused (and
+    Mixtral's on a device with 5.17 ran as three more ops). Zeroed rows stay zero through
+    silu(gate) * up, so the fill moves after the fused kernel; a fill of single elements or of
+    another value still blocks the fusion."""
+    import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
+    gate_up, down = torch.randn(4, 2 * 24, K) / K**0.5, torch.randn(4, K, 24) / 24**0.5
+
+    def experts(x, offs, ids, gate_up, down, value=0.0, per_element=False):
+        h = torch.ops.transformers.grouped_mm_fallback(x, gate_up.transpose(-2, -1), offs=offs)
+        sentinel = ids >= 3  # rows routed to expert 3 play the sentinels here
+        h = h.masked_fill(sentinel[:, None] & (torch.arange(48) < 30) if per_element else sentinel[:, None], value)
+        gate, up = h.chunk(2, dim=-1)
+        return torch.ops.transformers.grouped_mm_fallback(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
+
+    def routed(m: int, seed: int) -> tuple[torch.Tensor, ...]:
+        x, offs = _moe_inputs(m, seed=seed)
+        ids = torch.repeat_interleave(torch.arange(4), torch.diff(offs, prepend=offs.new_zeros(1)).long())
+        torch._dynamo.mark_dynamic(ids, 0)  # as x's rows (`_compile` marks x's)
+        return x, offs, ids
+
+    compiled, gm, ctx = _compile(experts, *routed(9, 0), gate_up, down)
+    assert ctx.report.passes[1].rewrites == {"grouped_gemm": 2, "fused_grouped_swiglu": 1}
+    assert [n.args[3] for n in gm.graph.nodes if n.target is GROUPED] == ["swiglu", "none"]
+    for m in (3, 9, 40):
+        inputs = routed(m, m)
+        torch.testing.assert_close(compiled(*inputs, gate_up, down), experts(*inputs, gate_up, down), rtol=1e-5, atol=1e-5)
+    for kwargs in ({"value": 1.0}, {"per_element": True}):
+        torch._dynamo.reset()
+        _, _, ctx = _compile(lambda *a: experts(*a, **kwargs), *routed(9, 0), gate_up, down)
+        assert ctx.report.passes[1].rewrites == {"grouped_gemm": 2}, kwargs
+
+
 def test_plan_of_top_k_routed_rows_covers_k_rows_per_token() -> None:
     """Top-2 routing hands the experts 2T rows for T tokens: max_tokens caps T, so the plan covers
     up to 2 * max_tokens rows (ceil(2 * 512 / E) per expert), not max_tokens."""

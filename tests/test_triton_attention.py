@@ -147,7 +147,9 @@ def oracle(
             scores = scores + alibi_slopes.cpu().double()[:, None, None] * (j[None, None, :] - p[None, :, None])
         scores = scores.masked_fill(~vis[None], float("-inf"))
         if sinks is not None:  # a key per head that every row sees, whose value is zero
-            scores = torch.cat([scores, sinks.double().view(-1, 1, 1).expand(-1, n, 1)], dim=-1)
+            # (+inf as the largest float64: its softmax weight 1, the limit, not inf - inf's NaN)
+            sink_logits = sinks.double().clamp(max=torch.finfo(torch.float64).max)
+            scores = torch.cat([scores, sink_logits.view(-1, 1, 1).expand(-1, n, 1)], dim=-1)
             probs = torch.softmax(scores, dim=-1)[..., :-1]
         else:
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # no visible key -> zeros
@@ -393,10 +395,12 @@ def test_logit_softcap(dtype: str, window: int | None, kv_split: int | None) -> 
                         dtype=getattr(torch, dtype), seed=21)
     batch["q"] = batch["q"] * 4
     spec = attn_spec(dtype, gqa=2, block_q=4, sliding_window=window is not None, softcap=True)
-    for cap in (0.5, 3.0):
+    plain = oracle(batch, sliding_window=window)
+    # A cap far above the scores bends nothing: tanh's 1 - exp(-2a) form lost every digit of a
+    # small a (1.2e-4 off at a cap of 1e4, uniform attention from about 1e8).
+    for cap in (1e4, 1e8, 0.5, 3.0):
         out, _ = run_and_check(batch, spec, sliding_window=window, kv_split=kv_split, softcap=cap,
                                what=f"softcap {cap}")
-    plain = oracle(batch, sliding_window=window)
     assert (out.double().cpu() - plain).abs().max() > 0.05  # the cap changed the result
     assert "softcap" in render_attention_source(spec) and "softcap" not in render_attention_source(
         attn_spec(dtype, gqa=2, block_q=4, sliding_window=window is not None))
@@ -439,6 +443,12 @@ def test_attention_sinks(dtype: str, window: int | None) -> None:
     assert table.merges.shape[0] > 0  # the merge kernel counts the sinks of split rows
     plain = oracle(batch, sliding_window=window)
     assert (out.double().cpu() - plain).abs().max() > 0.1  # the sinks changed the result
+    # A +inf sink takes every row's whole weight (zeros, as the oracles give); it was NaN
+    # (inf - inf when the running max is rescaled), in split rows' merge too.
+    sinks = torch.tensor([float("inf"), float("-inf"), 0.5, float("inf")], device=DEVICE)
+    out, _ = run_and_check(batch, spec, sliding_window=window, kv_split=16, num_programs=3, sinks=sinks,
+                           what="infinite sinks")
+    assert torch.all(out[:, [0, 3]] == 0) and torch.isfinite(out).all()
 
 
 def test_not_causal() -> None:

@@ -249,7 +249,8 @@ def attention_reference_dense(
             visible = visible & (bias.transpose(0, 1) != float("-inf"))
         scores = scores.masked_fill(~visible, float("-inf"))
         if sinks is not None:  # one more key per head, always seen, whose value is zero
-            sink = sinks.to(acc)[:, None, None].expand(num_q_heads, q_len, 1)
+            # +inf as the largest float: its whole weight (zeros out), the limit, not inf - inf's NaN
+            sink = sinks.to(acc).clamp(max=torch.finfo(acc).max)[:, None, None].expand(num_q_heads, q_len, 1)
             probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
         else:
             probs = torch.softmax(scores, dim=-1)

@@ -310,6 +310,9 @@ cap_out = softcap * 1.4426950408889634
 # Attention sinks: each head's logit joins the softmax as a key every row sees and that adds no
 # value, so the running max and sum start from it. A split-KV chunk leaves it to the merge.
 sink = tl.load(sinks_ptr + head) * 1.4426950408889634  # base 2
+# A +inf sink takes every row's whole weight (the output is 0): as the largest finite logit it
+# does, where inf - inf would make the rescaling NaN.
+sink = tl.where(sink == float("inf"), 3.0e38, sink)
 m_i = tl.where(slot < 0, sink, float("-inf"))  # running max (base-2 scores)
 l_i = tl.where(slot < 0, 1.0, 0.0) + tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
 """
@@ -494,8 +497,13 @@ t = s * cap_in
 if FAST_TANH:
     th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [t], dtype=tl.float32, is_pure=True, pack=1)
 else:
-    e = tl.exp2(tl.abs(t) * -2.8853900817779268)
-    th = (1.0 - e) / (1.0 + e)
+    # tanh(a) = (1 - e) / (1 + e) with e = exp(-2a) loses 1 - e's digits as a -> 0 (each score
+    # off by about softcap * 1e-7, all of them 0 once e rounds to 1): below 0.1 its series
+    # a - a^3/3 + 2a^5/15 is exact to float32.
+    a = tl.abs(t)
+    e = tl.exp2(a * -2.8853900817779268)
+    a2 = a * a
+    th = tl.where(a < 0.1, a * (1.0 + a2 * (-0.3333333333333333 + a2 * 0.13333333333333333)), (1.0 - e) / (1.0 + e))
     th = tl.where(t < 0.0, -th, th)
 s = cap_out * th
 """
@@ -635,6 +643,7 @@ def _merge_body(cfg: AttentionConfig, dtype: str) -> str:
     if cfg.sinks:  # the head's sink counted once, here: a chunk with max = sink, sum 1, no value
         merge_init = """\
 m_i = tl.load(sinks_ptr + head)
+m_i = tl.where(m_i == float("inf"), 3.0e38, m_i)  # as in the main kernel: never inf - inf
 l_i = tl.full([BLOCK_M], 1.0, tl.float32)
 """
     else:

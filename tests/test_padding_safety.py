@@ -1490,6 +1490,24 @@ def test_gathers_at_a_sorts_indices_over_features_are_captured(replay_on_cpu, fn
     assert replay_on_cpu.captures == 1
 
 
+EXPERT_BIAS = torch.randn(EXPERTS, H)
+
+
+def _expert_bias_at_clamped_ids(x: torch.Tensor) -> torch.Tensor:
+    # transformers 5.17's grouped experts clamp the top-k ids to E - 1 before reading each row's
+    # expert bias: top-k ids of E experts are rows of the E-row table, clamped or not.
+    ids = torch.topk(x @ ROUTER.T + ROUTER_BIAS, 2).indices.clamp(max=EXPERTS - 1)
+    return (x + EXPERT_BIAS[ids[..., 0]]) @ W
+
+
+def test_clamped_top_k_ids_stay_in_their_table(replay_on_cpu) -> None:
+    """Top-k ids clamped below their range (gpt-oss on transformers 5.17) were no longer known to
+    name a row of the experts' table, so its step ran uncaptured."""
+    report = _run(_expert_bias_at_clamped_ids, _tokens, lengths=(3, 5, 11))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1
+
+
 TABLE300 = torch.randn(300, H)
 
 

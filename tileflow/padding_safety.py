@@ -1640,6 +1640,16 @@ class _Walk:
                 # Times ones (OPT's positions times the padding mask it made of ones): unchanged
                 # (in its own dtype: promoted, a position or mask would need `converted`'s checks).
                 return self.facts[other]
+        if target in (aten.clamp.default, aten.clamp_max.default) and self.facts[node.args[0]].key_range is not None:
+            # Indices in [0, n) clamped (transformers 5.17 clamps top-k expert ids to E - 1 before
+            # a bias lookup): still in [0, n), and below max + 1, unless the floor passes n - 1.
+            bounds = bind_arguments(node)
+            low, high = bounds.get("min"), bounds.get("max")
+            n = self.facts[node.args[0]].key_range
+            if all(b is None or isinstance(b, int) and not isinstance(b, bool) for b in (low, high)):
+                n = n if high is None else min(n, high + 1)
+                if n >= 1 and (low is None or low <= n - 1):
+                    return _Facts(key_range=n)
         if target in (aten.add.Tensor, aten.sub.Tensor) and len(tensors) == 1:
             facts = self.facts[tensors[0]]
             other = next((a for a in node.args[1:] if not isinstance(a, fx.Node)), 0)

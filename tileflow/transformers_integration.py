@@ -319,8 +319,9 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
         masks_tokens = not bool(attention_mask.all())
     except Exception as exc:  # export: the values are unknown while tracing
         raise ValueError(
-            "attn_implementation='tileflow_causal' takes no attention mask when exported: pass packed tokens "
-            "without padding and no attention_mask, or use attn_implementation='tileflow'"
+            "attn_implementation='tileflow_causal' takes no attention mask when exported (its values are unknown "
+            "there): pass packed tokens without padding and no attention_mask; a model that builds a mask of ones "
+            "itself when given none (OPT before transformers 5.24) cannot be exported this way"
         ) from exc
     if masks_tokens:
         raise ValueError(

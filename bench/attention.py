@@ -685,6 +685,8 @@ def main() -> int:
     parts = tuple(p for p in args.parts.split(",") if p)
     if unknown := set(parts) - set(ATTENTION_PARTS):
         parser.error(f"unknown parts {sorted(unknown)}: choose from {ATTENTION_PARTS}")
+    if not parts:  # it would write an empty table under the full run's file name
+        parser.error(f"--parts names no table: choose from {ATTENTION_PARTS}")
     import torch
 
     if not torch.cuda.is_available():

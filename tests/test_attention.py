@@ -1055,11 +1055,14 @@ def test_transformers_causal_attn_implementation_refuses_a_static_cache() -> Non
                            sdpa.generate(ids, max_new_tokens=5, do_sample=False))
 
 
-def test_transformers_attn_implementation_aligns_the_causal_rule_at_the_first_key() -> None:
-    """A StaticCache prefill builds no mask: transformers relies on SDPA's causal rule, which
-    lines the queries up with the first keys, where tileflow's lines them up with the last, so
-    the prompt attended to the cache's empty slots (logits 0.39 off, greedy static-cache
-    generation diverged). Eagerly and compiled, logits and generated tokens equal SDPA's."""
+def test_transformers_attn_implementation_gets_a_mask_where_the_causal_rules_differ() -> None:
+    """A StaticCache prefill: SDPA's mask builder leaves the mask out and relies on SDPA's causal
+    rule, which puts the first query at the first key, where tileflow's puts the last query at
+    the last key, so the prompt attended to the cache's empty slots (logits 0.39 off, greedy
+    static-cache generation diverged): "tileflow"'s mask function builds that mask. Without a
+    mask the rule stays the kernel's, which Gemma-4 needs: its shared-KV layers cut the queries
+    to the last `logits_to_keep` after the mask is made (0.40 off when the rule was moved to the
+    first key). Eagerly and compiled, logits and tokens equal SDPA's and eager's."""
     import transformers
 
     sdpa, ours = sdpa_and_ours("LlamaConfig", "LlamaForCausalLM", "tileflow", vocab_size=128, hidden_size=64,
@@ -1073,6 +1076,16 @@ def test_transformers_attn_implementation_aligns_the_causal_rule_at_the_first_ke
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static"),
                            sdpa.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static"))
+    eager, ours = (sdpa_and_ours(
+        "Gemma4TextConfig", "Gemma4ForCausalLM", implementation, vocab_size=128, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=16,
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=128, num_kv_shared_layers=2, sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"] * 2)[1] for implementation in ("eager", "tileflow"))
+    ours.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, logits_to_keep=3).logits, eager(ids, logits_to_keep=3).logits,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_transformers_attn_implementation_adds_t5_position_bias() -> None:

@@ -252,6 +252,13 @@ def test_e2e_stages_of_different_parts_write_different_files(monkeypatch, tmp_pa
     assert common.results_name("e2e", list(e2e.PARTS), e2e.PARTS) == "e2e"
 
 
+def test_attention_refuses_parts_that_name_no_table() -> None:
+    """`--parts ,` named no table and ran: an empty table under the full run's file name."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "attention.py"), "--parts", ","],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--parts names no table" in run.stderr
+
+
 def test_poison_next_output_fills_a_block_of_the_output_size_with_nan_and_frees_it(monkeypatch) -> None:
     import weakref
 

@@ -5,7 +5,8 @@
     model = transformers.LlamaForCausalLM(config)          # config._attn_implementation = "tileflow"
 
 The model builds the same masks it builds for SDPA (boolean, True = attend); tileflow applies them
-as an additive bias inside the kernel, or SDPA's causal rule when the model passes no mask.
+as an additive bias inside the kernel, or its causal rule (the last query at the last key) when
+the model passes no mask.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def tileflow_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: q [B, Hq, S, D], k/v [B, Hkv, S_kv, D] (GQA unrepeated)
-    -> ([B, S, Hq, D], None), like the SDPA integration (its mask, its `is_causal` rule aligned
-    at the first key, its T5-style `position_bias`)."""
+    -> ([B, S, Hq, D], None), like the SDPA integration (its mask, its T5-style `position_bias`).
+    Without a mask the causal rule puts the last query at the last key, as flash attention does
+    (Gemma-4's shared-KV layers cut the queries to the last few and keep every key); the mask
+    function (`causal_mask`) never leaves out a mask where SDPA's first-key rule would differ."""
     if dropout and module.training:
         raise ValueError("tileflow attention is for inference: dropout during training is not supported")
     _refuse_sparse(ATTENTION_NAME, kwargs)
@@ -45,21 +48,13 @@ def tileflow_attention_forward(
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
     mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
     position_bias = kwargs.get("position_bias")
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if causal and kv_len > q_len:
-        # SDPA's causal rule lines the queries up with the first keys (a static cache's prefill:
-        # the slots past the prompt are empty), the kernel's with the last: keys past the last
-        # query are never seen, so cut them, as transformers' SDPA path does.
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-        position_bias = position_bias[..., :q_len] if position_bias is not None else None
-        kv_len = q_len
-    if causal and (kv_len < q_len or position_bias is not None):
-        # The first-key alignment as a mask (more queries than keys), or the causal part of a
-        # position bias's mask.
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()[None, None]
-        causal = False
     if position_bias is not None:
-        # T5's relative attention bias joins the scores where the mask lets them through.
+        # T5's relative attention bias joins the scores where the mask lets them through (the
+        # causal rule as a mask: the last query at the last key, as the kernel places it).
+        if causal:
+            q_len, kv_len = query.shape[2], key.shape[2]
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]
+            causal = False
         if mask is None:
             mask = position_bias
         elif mask.dtype == torch.bool:
@@ -331,13 +326,26 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
     return rule
 
 
+def causal_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """`"tileflow"`'s mask function: transformers' SDPA mask, built whenever the queries and keys
+    differ in number. SDPA's mask builder leaves the mask out for a static cache's prefill and
+    relies on SDPA's causal rule, which puts the first query at the first key; tileflow's puts
+    the last query at the last key (so that a model cutting its queries after the mask was made,
+    as Gemma-4's shared-KV layers do, gets flash attention's rule), so that case gets its mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("q_length") != kwargs.get("kv_length"):
+        kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
 def register_transformers() -> None:
     """Register `"tileflow"` and `"tileflow_causal"` with transformers' attention and mask
     registries (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION_NAME, tileflow_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, causal_mask)
     AttentionInterface.register(CAUSAL_ATTENTION_NAME, causal_attention_forward)
     AttentionMaskInterface.register(CAUSAL_ATTENTION_NAME, _no_mask)

@@ -216,7 +216,7 @@ def _apply_dynamic(dynamic_shapes: Any, dynamic: dict[str, tuple[int, int]], whe
     return out
 
 
-def _output_problem(path: Path) -> str | None:
+def output_problem(path: Path) -> str | None:
     """Why the file `path` could not be written (its folder is created as needed), else None."""
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
@@ -319,7 +319,7 @@ def export_command(spec: str, output: str, target: str | None, dynamic: tuple[st
         if target != "ascend" and (Path(output).is_dir() or output.endswith(("/", os.sep))):
             raise SpecError(f"{output} is a folder; give the archive's file name (e.g. model.pt2)")
         # Checked before the compile, which can take minutes, rather than after it.
-        problem = _output_problem(Path(output) / "model.pt2" if target == "ascend" else Path(output))
+        problem = output_problem(Path(output) / "model.pt2" if target == "ascend" else Path(output))
         if problem:
             raise SpecError(f"cannot write {output}: {problem}")
     except SpecError as exc:

@@ -143,7 +143,7 @@ def viz_command(source: Path, output: Path) -> None:
     SOURCE is a debug_dir (`options={"debug_dir": DIR}`) or an archive from `tileflow export`.
     The page needs no server and no network: open it in a browser.
     """
-    from .cli import _output_problem
+    from .cli import output_problem  # here: cli imports this module
 
     try:
         conflict = output_conflict(source, output)
@@ -152,7 +152,7 @@ def viz_command(source: Path, output: Path) -> None:
     if conflict:
         raise click.ClickException(f"-o {output} {conflict}; write the page elsewhere (e.g. -o report.html)")
     # Checked before reading SOURCE, which can take a while on a deep model.
-    problem = _output_problem(output)
+    problem = output_problem(output)
     if problem:
         raise click.ClickException(f"cannot write {output}: {problem}")
     try:

@@ -334,7 +334,8 @@ def causal_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     as Gemma-4's shared-KV layers do, gets flash attention's rule), so that case gets its mask."""
     from transformers.masking_utils import sdpa_mask
 
-    if kwargs.get("q_length") != kwargs.get("kv_length"):
+    q_length = kwargs.get("q_length")
+    if q_length != 1 and q_length != kwargs.get("kv_length"):  # one query: no causal rule to place
         kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
 

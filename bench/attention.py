@@ -29,7 +29,6 @@ import math
 import os
 import random
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -109,26 +108,11 @@ def tileflow_graphed(batch):
 
 
 def checked_ms(label: str, name: str, call, want, out_dtype, failures: list[str], time_ms) -> float | None:
-    """`time_ms(call)` once `call()` matched the float32 `want` (relative error < BF16_TOL), or
-    None with the failure reported in `failures` (the run goes on; the exit status becomes 1).
+    """`common.checked_ms` for method `name` on batch `label` against the float32 reference."""
+    from common import checked_ms as checked
 
-    `call`'s output (of `out_dtype`, want's size) starts as NaN (`poison_next_output`): each
-    method's check follows the previous method's, whose output of that size (the right values)
-    was just freed, and an element left unwritten must fail rather than pass on stale data."""
-    from common import poison_next_output, rel_err
-
-    try:
-        poison_next_output(want.shape, out_dtype, want.device)
-        err = rel_err(call(), want)
-        print(f"  {label}, {name}: rel err {err:.1e} against the float32 reference", flush=True)
-        if not err < BF16_TOL:
-            raise AssertionError(f"relative error {err:.2e} against the float32 reference")
-        return time_ms(call)
-    except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
-        failures.append(f"{name} on {label}: {type(exc).__name__}: {exc}")
-        print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
-        traceback.print_exc()
-        return None
+    return checked(f"{name} on {label}", call, want, out_dtype=out_dtype, tol=BF16_TOL, time_ms=time_ms,
+                   failures=failures, reference="the float32 reference", verbose=True)
 
 
 def _cumsum(values):

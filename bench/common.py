@@ -13,6 +13,7 @@ import os
 import platform
 import shlex
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -95,6 +96,30 @@ def poison_next_output(shape: Sequence[int], dtype: torch.dtype, device: torch.d
     On the CPU there is no caching allocator: harmless, and tests can watch it being called."""
     block = torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
     del block  # back to the allocator's pool, NaN inside: the method's output lands there
+
+
+def checked_ms(what: str, call: Callable[[], torch.Tensor], want: torch.Tensor, *, out_dtype: torch.dtype, tol: float,
+               time_ms: Callable[[Callable[[], Any]], float], failures: list[str], reference: str = "the reference",
+               verbose: bool = False) -> float | None:
+    """`time_ms(call)` once `call()` matched `want` (relative error < `tol`), or None with the
+    failure in `failures` (the run goes on; the exit status becomes 1). `call`'s output (of
+    `out_dtype`, want's size) starts as NaN (`poison_next_output`), so an element left unwritten
+    fails rather than passing on the previous method's freed output. `verbose` prints the error
+    and, on failure, the traceback."""
+    try:
+        poison_next_output(want.shape, out_dtype, want.device)
+        err = rel_err(call(), want)
+        if verbose:
+            print(f"  {what}: rel err {err:.1e} against {reference}", flush=True)
+        if not err < tol:
+            raise AssertionError(f"relative error {err:.2e} against {reference}")
+        return time_ms(call)
+    except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
+        failures.append(f"{what}: {type(exc).__name__}: {exc}")
+        print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
+        if verbose:
+            traceback.print_exc()
+        return None
 
 
 def geomean(values: Sequence[float]) -> float:

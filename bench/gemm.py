@@ -328,7 +328,8 @@ def measure_tiles(path: str, *, shapes=TILE_SHAPES, device_type: str = "cuda", t
 
     import torch
 
-    from common import graph_median_ms, poison_next_output, rel_err
+    from common import checked_ms as checked
+    from common import graph_median_ms
     from tileflow import runtime
     from tileflow.devices import detect_device
     from tileflow.lower import gemm_spec
@@ -343,16 +344,7 @@ def measure_tiles(path: str, *, shapes=TILE_SHAPES, device_type: str = "cuda", t
     failures: list[str] = []
 
     def checked_ms(what: str, fn, want) -> float | None:
-        try:
-            poison_next_output(want.shape, dtype, device_type)  # unwritten tiles fail, not pass on stale data
-            err = rel_err(fn(), want)
-            if not err < tol:
-                raise AssertionError(f"relative error {err:.2e} against float64")
-            return time_ms(fn)
-        except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
-            failures.append(f"{what}: {type(exc).__name__}: {exc}")
-            print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
-            return None
+        return checked(what, fn, want, out_dtype=dtype, tol=tol, time_ms=time_ms, failures=failures, reference="float64")
 
     for n, k in shapes:
         shape_entries = []

@@ -270,29 +270,35 @@ def test_device_branch_gives_the_kernels_their_tiling_headers(tmp_path: Path) ->
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+def _in_two_threads(fn) -> tuple[list, list[BaseException]]:
+    """Run `fn` on two threads at once: (what the calls returned, what they raised)."""
+    import threading
+
+    results: list = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(fn())
+        except BaseException as e:  # reported by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
 def test_racing_cpu_builds_of_one_spec_share_one_library(tmp_path: Path) -> None:
     # Two threads (or processes sharing the cache) building one spec into one empty cache: both
     # succeed and load the same whole library (they used to share one temporary file).
-    import threading
-
     spec = gemm_spec("float16", ("bias", "gelu", "residual"))
     inputs = make_inputs(spec, "cpu", 9, seed=2)
     for trial in range(4):
         build_dir = tmp_path / str(trial)
-        built: list = []
-        errors: list[BaseException] = []
-
-        def build() -> None:
-            try:
-                built.append(build_cpu_debug_kernel(spec, [HEADERS], build_dir=build_dir))
-            except BaseException as e:  # reported below, with the trial
-                errors.append(e)
-
-        threads = [threading.Thread(target=build) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        built, errors = _in_two_threads(lambda: build_cpu_debug_kernel(spec, [HEADERS], build_dir=build_dir))
         assert not errors, f"trial {trial}: {errors!r}"
         assert built[0].meta["library"] == built[1].meta["library"]
         assert not list(Path(built[0].meta["library"]).parent.glob(".*.tmp")), "a temporary file was left behind"
@@ -342,19 +348,7 @@ def test_npu_build_never_loads_a_partial_library(tmp_path: Path, monkeypatch: py
     assert not loaded and not builds
     assert not list(root.glob(".build-*")), "the killed build's folder was left behind"
 
-    errors: list[BaseException] = []
-
-    def build() -> None:
-        try:
-            project.build_npu_kernel(sources, tmp_path)
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=build) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _, errors = _in_two_threads(lambda: project.build_npu_kernel(sources, tmp_path))
     assert not errors, errors
     assert loaded == [b"\x7fELF whole library"] * 2 and 1 <= len(builds) <= 2
     project.build_npu_kernel(sources, tmp_path)  # cached: no third build

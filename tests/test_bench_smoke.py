@@ -133,12 +133,9 @@ def test_write_results_marks_partial_tables_and_replaces_them(monkeypatch, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
-def test_attention_gpu_run_follows_the_parts_order_and_keeps_rows_when_cut(monkeypatch, tmp_path) -> None:
-    """bench/attention.py's GPU path on the CPU (device-only pieces stubbed): `--parts mask,...`
-    runs the mask table first, and a stage killed in the next part leaves its table on disk (runs
-    1 and 3 lost their attention tables to the stage limit)."""
-    import torch
-
+def _attention_on_cpu(monkeypatch, tmp_path):
+    """bench/attention.py's GPU path made to run on the CPU: small heads, results in tmp_path,
+    ceilings and timings stubbed. Returns (attention, common)."""
     attention = _bench_module("attention", monkeypatch)
     common = importlib.import_module("common")
     monkeypatch.setattr(common, "RESULTS", tmp_path)
@@ -148,6 +145,16 @@ def test_attention_gpu_run_follows_the_parts_order_and_keeps_rows_when_cut(monke
     monkeypatch.setattr(attention, "HQ", 4)
     monkeypatch.setattr(attention, "HKV", 2)
     monkeypatch.setattr(attention, "D", 16)
+    return attention, common
+
+
+def test_attention_gpu_run_follows_the_parts_order_and_keeps_rows_when_cut(monkeypatch, tmp_path) -> None:
+    """bench/attention.py's GPU path on the CPU (device-only pieces stubbed): `--parts mask,...`
+    runs the mask table first, and a stage killed in the next part leaves its table on disk (runs
+    1 and 3 lost their attention tables to the stage limit)."""
+    import torch
+
+    attention, common = _attention_on_cpu(monkeypatch, tmp_path)
     model_mask_methods = attention.model_mask_methods
     monkeypatch.setattr(attention, "model_mask_methods",
                         lambda s, *, device, dtype: model_mask_methods(40, device="cpu", dtype=torch.float32))
@@ -321,15 +328,7 @@ def test_attention_check_fails_a_method_that_leaves_its_output_unwritten(monkeyp
     previous method's freed output (right values, unwritten) must fail its check."""
     import torch
 
-    attention = _bench_module("attention", monkeypatch)
-    common = importlib.import_module("common")
-    monkeypatch.setattr(common, "RESULTS", tmp_path)
-    monkeypatch.setattr(common, "measured_copy_gbs", lambda *a, **k: 1000.0)
-    monkeypatch.setattr(common, "measured_matmul_tflops", lambda *a, **k: 100.0)
-    monkeypatch.setattr(common, "median_ms", lambda fn, **k: (fn(0), 1.0)[1])
-    monkeypatch.setattr(attention, "HQ", 4)
-    monkeypatch.setattr(attention, "HKV", 2)
-    monkeypatch.setattr(attention, "D", 16)
+    attention, common = _attention_on_cpu(monkeypatch, tmp_path)
     stale = []
     model_mask_methods = attention.model_mask_methods
 

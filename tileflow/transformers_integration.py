@@ -50,11 +50,7 @@ def tileflow_attention_forward(
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         # T5's relative attention bias joins the scores where the mask lets them through (the
-        # causal rule as a mask: the last query at the last key, as the kernel places it).
-        if causal:
-            q_len, kv_len = query.shape[2], key.shape[2]
-            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]
-            causal = False
+        # causal rule, if any, still applies on top).
         if mask is None:
             mask = position_bias
         elif mask.dtype == torch.bool:
@@ -156,25 +152,15 @@ def causal_attention_forward(
     query, key, value, scaling, width = _one_head_size(query, key, value, kwargs.get("scaling"))
     mask = None
     if chunk is not None and key_offset:
-        # The kernel numbers positions from the first key, but a sliding cache has dropped the
-        # keys before `key_offset`: chunks, unlike windows, sit at absolute positions.
-        mask = _chunk_mask(query.shape[2], key.shape[2], key_offset, chunk, window, query.device)
-    out = meta_attention(query, key, value, mask, causal=mask is None, scale=scaling, softcap=kwargs.get("softcap"),
-                         sliding_window=window if mask is None else None, sinks=sinks,
-                         attention_chunk=chunk if mask is None else None)
+        # The op numbers positions from the first key, but a sliding cache has dropped the keys
+        # before `key_offset`: chunks, unlike windows, sit at absolute positions, so they come
+        # as a mask (the causal rule and the window stay the op's).
+        keys = torch.arange(key.shape[2], device=query.device) + key_offset
+        queries = keys[key.shape[2] - query.shape[2]:, None]
+        mask, chunk = (keys[None, :] // chunk == queries // chunk)[None, None], None
+    out = meta_attention(query, key, value, mask, causal=True, scale=scaling, softcap=kwargs.get("softcap"),
+                         sliding_window=window, sinks=sinks, attention_chunk=chunk)
     return out[..., :width].transpose(1, 2).contiguous(), None
-
-
-def _chunk_mask(q_len: int, kv_len: int, key_offset: int, chunk: int, window: int | None,
-                device: torch.device) -> torch.Tensor:
-    """The causal rule within attention chunks (and a window) as a bool mask [1, 1, q, kv], for
-    keys starting at absolute position `key_offset` and the last query at the last key."""
-    keys = torch.arange(kv_len, device=device) + key_offset
-    queries = keys[kv_len - q_len:, None]
-    mask = (keys[None, :] <= queries) & (keys[None, :] >= queries // chunk * chunk)
-    if window is not None:
-        mask &= keys[None, :] > queries - window
-    return mask[None, None]
 
 
 class CausalRule:

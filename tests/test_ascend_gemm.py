@@ -221,6 +221,30 @@ def test_kernels_set_the_system_workspace_and_register_matmuls_once_before_init_
     assert "op.qk, &t.qkTiling, op.pv, &t.pvTiling);" in render_sources(attn).files[render_sources(attn).kernel_file]
 
 
+def test_torch_operators_declare_every_buffer_the_kernel_writes() -> None:
+    # An operator's schema says which tensors it mutates; functionalization and Dynamo trust it
+    # (a buffer declared read-only may be shared, reordered or dropped). The Matmul API writes
+    # its system workspace, the attention kernel its split-KV partials and its scratch.
+    import re
+
+    from tileflow.runtime.attention import attention_spec
+
+    attn = attention_spec(dtype=torch.float16, head_dim=64, gqa=4, block_q=4, causal=True, sliding_window=False,
+                          tree=False, bias=False)
+    writes = {
+        gemm_spec("float16", ("bias",)): [{"out", "sys_workspace"}],
+        attn: [{"out", "partial_out", "partial_stats", "workspace", "sys_workspace"}, {"out"}],
+    }
+    for spec, expected in writes.items():
+        sources = render_sources(spec)
+        defs = re.findall(r'm\.def\("([^"]+)"\);', sources.files[sources.torch_file])
+        assert len(defs) == len(expected), defs
+        for text, want in zip(defs, expected):
+            schema = torch._C.parse_schema(f"tileflow_ascend::{text}")
+            written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+            assert written == want, (schema.name, written)
+
+
 def test_emitted_gemm_matches_golden() -> None:
     sources = render_sources(gemm_spec("float16", ("bias", "swiglu", "residual")))
     for path, text in sorted(sources.files.items()):

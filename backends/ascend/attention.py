@@ -422,7 +422,7 @@ def attention_entries(spec: KernelSpec) -> tuple[EntryPoint, EntryPoint]:
     # sys_workspace: the Matmul API's system workspace (GetLibApiWorkSpaceSize() bytes of GM).
     main += ["out", "partial_out", "partial_stats", "workspace", "sys_workspace", "tiling"]
     return (
-        EntryPoint(ident, tuple(main), outputs=("out", "partial_out", "partial_stats", "workspace")),
+        EntryPoint(ident, tuple(main), outputs=("out", "partial_out", "partial_stats", "workspace", "sys_workspace")),
         EntryPoint(f"{ident}_merge",
                    ("out", "partial_out", "partial_stats", "merges", "cu_seqlens_q", *sinks, "tiling"),
                    outputs=("out",)),

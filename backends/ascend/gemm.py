@@ -231,7 +231,7 @@ def gemm_entry(spec: KernelSpec) -> EntryPoint:
         params.append("residual")
     # sys_workspace: the Matmul API's system workspace (GetLibApiWorkSpaceSize() bytes of GM).
     params += ["out", "sys_workspace", "tiling"]
-    return EntryPoint(kernel_ident(spec), tuple(params), outputs=("out",))
+    return EntryPoint(kernel_ident(spec), tuple(params), outputs=("out", "sys_workspace"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_f
 
 TORCH_LIBRARY_FRAGMENT(tileflow_ascend, m)
 {
-    m.def("tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f(Tensor x, Tensor weight, Tensor weight_up, Tensor bias, Tensor bias_up, Tensor residual, Tensor(a6!) out, Tensor sys_workspace, Tensor tiling, int block_dim) -> ()");
+    m.def("tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f(Tensor x, Tensor weight, Tensor weight_up, Tensor bias, Tensor bias_up, Tensor residual, Tensor(a6!) out, Tensor(a7!) sys_workspace, Tensor tiling, int block_dim) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tileflow_ascend, PrivateUse1, m)

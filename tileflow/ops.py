@@ -318,10 +318,11 @@ def meta_attention_varlen(
     `q` is [total_q, Hq, D]; `k_cache`/`v_cache` are paged, [num_blocks, block_size, Hkv, D],
     with the new tokens' K/V already written; `block_table` int32 [S, max_blocks];
     `cu_seqlens_q` int32 [S + 1] (sequence s owns q rows cu[s]:cu[s+1]); `seqlens_kv` int32 [S].
-    Query row i of sequence s sits at position L_s - n_s + i; with `causal` it sees positions
-    <= its own, with `sliding_window=w` only the last w of those; `tree_mask` bool [S, T, T]
-    gives, for sequences with n_s <= T, exactly which of their new positions each row sees
-    (speculative verify over a token tree). Head h reads KV head h // (Hq // Hkv); `scale`
+    Query row i of sequence s sits at position p = L_s - n_s + i; with `causal` it sees positions
+    <= p, and with `sliding_window=w` as well only positions > p - w: (p - w, p], the last w.
+    Without `causal` a window bounds only from below (positions > p - w, as `meta_attention`'s
+    window). `tree_mask` bool [S, T, T] gives, for sequences with n_s <= T, exactly which of
+    their new positions each row sees (speculative verify over a token tree). Head h reads KV head h // (Hq // Hkv); `scale`
     defaults to 1/sqrt(D); `softcap` caps the scaled scores at +-softcap, `softcap * tanh(scores
     / softcap)` (Gemma-2's logit soft-capping); `sinks` (float [Hq]) are attention-sink logits,
     each joining its head's softmax as a key that adds no value (gpt-oss); `alibi_slopes` (float

@@ -570,6 +570,17 @@ def test_output_into_the_debug_dir_is_refused(source: str, target: str, tmp_path
     assert _snapshot_files(root) == before
 
 
+def test_a_new_non_page_file_in_the_debug_dir_is_not_called_an_overwrite(tmp_path: Path) -> None:
+    """`-o DIR/notes.txt`, a file DIR did not have, was refused with "would overwrite a file of
+    the debug_dir": nothing was there to overwrite."""
+    root = make_debug_dir(tmp_path / "dd")
+    line = one_error_line(CliRunner().invoke(viz_command, [str(root), "-o", str(root / "notes.txt")]))
+    assert "overwrite" not in line and "would write a file other than a page into" in line, line
+    assert not (root / "notes.txt").exists()
+    line = one_error_line(CliRunner().invoke(viz_command, [str(root), "-o", str(root / "report.json")]))
+    assert "would overwrite" in line, line
+
+
 @pytest.mark.parametrize("name", ["page.html", "PAGE.HTML", "page.htm"])
 def test_a_page_at_the_debug_dirs_top_level_is_written(name: str, tmp_path: Path) -> None:
     """`.HTML` and `.htm` were refused with "would overwrite the report it reads"."""

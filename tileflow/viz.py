@@ -228,7 +228,8 @@ def output_conflict(source: Path, output: Path) -> str | None:
             where = f"{graph_dir.name}, a graph folder of the debug_dir {root}, whose files viz reads"
             return f"would overwrite {where}" if out.exists() else f"would write into {where}"
     if out.suffix.lower() not in _PAGE_SUFFIXES:
-        return f"would overwrite a file of the debug_dir {root} (only an .html page may be written there)"
+        action = "would overwrite a file of" if out.exists() else "would write a file other than a page into"
+        return f"{action} the debug_dir {root} (only an .html page may be written there)"
     return None
 
 

@@ -35,8 +35,9 @@ class Config:
             `triton`, `ascend` or `reference`.
         residual: how the graph left after the passes runs: `eager` FX, `inductor`, or `auto`
             (inductor on CUDA, eager on CPU).
-        max_tokens: upper bound of the token dimension when the shape environment has none; tile
-            plans and task tables cover [1, max_tokens].
+        max_tokens: the most tokens tile plans cover: the shape environment's upper bound of the
+            token dimension, capped at this (an unbounded dimension gets this); a longer call runs
+            the nearest plan's tiles and logs a warning.
         strict: turn every fallback (a pass or node tileflow could not handle) into an error.
         verify: check each pass's numerics against the unrewritten graph on the first real
             inputs; a pass whose outputs diverge is rolled back (or raises with `strict`).
@@ -49,9 +50,10 @@ class Config:
             (`python bench/gemm.py --measure-tiles FILE`); they replace the cost model's
             estimates for the configs, shapes and device they were measured for.
         cuda_graphs: on CUDA, capture each compiled step (nano-batched or whole) once per token
-            bucket (powers of two from 16 up to `max_tokens`) and input signature as a CUDA
-            graph and replay it; in a serving program (`build_stage_program`), each dense stage
-            between two attentions. Off by default until it has run on a GPU.
+            bucket (powers of two from 16 to the first at or above `max_tokens`) and input
+            signature as a CUDA graph and replay it; in a serving program
+            (`build_stage_program`), each dense stage between two attentions. Off by default until
+            it has run on a GPU.
     """
 
     target: str = "auto"

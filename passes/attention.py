@@ -241,7 +241,7 @@ class Attention:
         if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (qv, kv, vv)):
             return "attention inputs are not 4-D [B, H, S, D] tensors"
         if float(args.get("dropout_p") or 0.0) != 0.0:
-            return "dropout is not supported by meta_attention (inference only)"
+            return _DROPOUT_REASON
         allowed = _DTYPES.get(ctx.target, _DTYPES["reference"])
         if qv.dtype not in allowed or kv.dtype != qv.dtype or vv.dtype != qv.dtype:
             return f"dtypes q={qv.dtype}, k={kv.dtype}, v={vv.dtype} are not supported by the {ctx.target} meta-attention kernel"
@@ -337,6 +337,10 @@ class Attention:
         # A softmax that is not the P of a P @ V product (a MoE router's, say) is not attention;
         # one that is, but whose scores are not matched below, is reported with what they are.
         attention = _feeds_pv_product(softmax)
+        if attention and _drops_out(softmax):
+            # Training-mode dropout on P (hand-written, or SDPA with dropout_p > 0, which CPU
+            # dispatch decomposes into this form): named here, before the scores' form is judged.
+            return _DROPOUT_REASON
         if softmax.args[1] not in (-1, 3):
             return "the softmax is not over the keys (the last dimension)" if attention else None
         # Walk back from the softmax input: [a float cast] <- [masks and an ALiBi bias, added or
@@ -704,6 +708,25 @@ _PASS_THROUGH = {
 # Layout moves an einsum's product puts around P (unsqueezes and permutes of size-1 dims): they
 # make a softmax attention too, reported rather than left alone without a word.
 _LAYOUT_MOVES = {aten.permute.default, aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims}
+
+
+_DROPOUT_REASON = "dropout is not supported by meta_attention (inference only)"
+_DROPOUTS = (aten.native_dropout.default, aten.dropout.default)
+
+
+def _drops_out(softmax: fx.Node, depth: int = 8) -> bool:
+    """True when a dropout that drops (p > 0, in training) sits on the way from the softmax to
+    its P @ V product (through the ops `_feeds_pv_product` passes)."""
+    frontier = [softmax]
+    for _ in range(depth):
+        users = [u for n in frontier for u in n.users]
+        for u in users:
+            if u.target in _DROPOUTS:
+                args = bind_arguments(u)
+                if args.get("train") is not False and constant_number(args.get("p")) != 0:
+                    return True
+        frontier = [u for u in users if u.target in _PASS_THROUGH or u.target in _LAYOUT_MOVES]
+    return False
 
 
 def _feeds_pv_product(softmax: fx.Node, depth: int = 8) -> bool:

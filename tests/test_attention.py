@@ -101,6 +101,34 @@ def test_unsupported_variants_fall_back_with_reasons() -> None:
     assert "meta_attention" not in report.rewrites
 
 
+def test_dropout_falls_back_with_dropout_as_the_reason() -> None:
+    """Attention with training-mode dropout stays as it was (README: dropout is not implemented),
+    but its reason named the form CPU dispatch left, not the dropout: SDPA with dropout_p > 0 is
+    decomposed into its math form ("the k operand of q @ k^T is not ... transposed"), and a
+    hand-written dropout on P read as "the softmax output is used for more than the P @ V
+    product". Dropout in eval mode is no dropout: that attention is rewritten."""
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, is_causal=True)
+
+    def manual(q, k, v, training=True):
+        p = torch.softmax((q @ k.transpose(-2, -1)) * 0.25, dim=-1)
+        return F.dropout(p, 0.5, training=training) @ v
+
+    q, k, v = (torch.randn(1, 2, 6, 16) for _ in range(3))
+    for fn in (sdpa, manual):
+        torch._dynamo.reset()
+        report = tileflow.Report()
+        options = {"target": "reference", "passes": ["canonicalize", "attention"]}
+        torch.compile(fn, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)(q, k, v)
+        assert [f.reason for f in report.fallbacks] == ["dropout is not supported by meta_attention (inference only)"]
+        assert "meta_attention" not in report.rewrites
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    evaluated = functools.partial(manual, training=False)
+    torch.compile(evaluated, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)(q, k, v)
+    assert report.rewrites.get("meta_attention") == 1 and not report.fallbacks
+
+
 def _projected(x, y, w):
     """q from x, k and v from y (cross-attention when they differ): 2 heads of 8, the head
     count and size literals in the views as in a model."""

@@ -31,7 +31,8 @@ def main() -> None:
 @main.command("passes")
 def passes_command() -> None:
     """List the passes that `options={"passes": [...]}` can name: the built-in ones in the order
-    they run (the default pipeline's marked), then any registered by other packages."""
+    they run (the default pipeline's marked), then any registered in this process (a custom pass
+    registers where its module is imported, so from the shell: none)."""
     names = available_passes()
     for name in [*(p for p in BUILTIN_PASSES if p in names), *(p for p in names if p not in BUILTIN_PASSES)]:
         click.echo(f"{name}  (default)" if name in DEFAULT_PASSES else name)

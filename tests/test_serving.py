@@ -5,6 +5,7 @@ without speculative verify and with prefix reuse."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -24,35 +25,43 @@ VOCAB = 64
 
 # ---- a model that answers at random (for the scheduler's invariants) ---------------------------
 
+def held(r: Request, group: int) -> list[int]:
+    """The blocks r holds in KV group `group` of its engine (0: `blocks`, 1: `window_blocks`)."""
+    return r.held_window_blocks if group else r.held_blocks
+
+
 def poison_freed_blocks(engine: ServingEngine) -> list[int]:
     """Fill every block with NaN the moment it becomes free (no reference, not cached for prefix
-    reuse), in every layer: attention that read one again would output NaN. A block a window
-    passed is taken out of the prefix cache first, so prompt blocks are poisoned too. Returns the
-    list of blocks given back while their request still ran (sliding windows), growing as it runs."""
-    allocator, window_releases = engine.allocator, []
-    release = allocator.release
+    reuse), in every layer of its KV group: attention that read one again would output NaN. A
+    block a window passed is taken out of the prefix cache first, so prompt blocks are poisoned
+    too. Returns the list of (group, block) given back while their request still ran (sliding
+    windows), growing as it runs."""
+    window_releases = []
+    for group, (allocator, kv) in enumerate(zip(engine.allocators, engine.kvs)):
+        def release_and_poison(block: int, group=group, allocator=allocator, kv=kv, release=allocator.release) -> None:
+            running = any(block in held(r, group) for r in engine.scheduler.running)
+            release(block)
+            if running:
+                window_releases.append((group, block))
+                if allocator.refs[block] == 0 and not allocator.is_free(block):
+                    allocator.forget(block)
+            if allocator.is_free(block):
+                for cache in (*kv.k, *kv.v):
+                    cache[block] = float("nan")
 
-    def release_and_poison(block: int) -> None:
-        running = any(block in r.held_blocks for r in engine.scheduler.running)
-        release(block)
-        if running:
-            window_releases.append(block)
-            if allocator.refs[block] == 0 and not allocator.is_free(block):
-                allocator.forget(block)
-        if allocator.is_free(block):
-            for cache in (*engine.kv.k, *engine.kv.v):
-                cache[block] = float("nan")
-
-    allocator.release = release_and_poison
+        allocator.release = release_and_poison
     return window_releases
 
 
 class RandomProgram:
-    """Looks like a one-layer StageProgram: runs the attention stage (so the KV cache and the
-    varlen op are exercised) and returns logits from a seeded generator."""
+    """Looks like a StageProgram of one layer (or one per entry of `windows`: each layer's sliding
+    window, None for full attention): runs the attention stages (so the KV cache and the varlen
+    op are exercised) and returns logits from a seeded generator."""
 
-    def __init__(self, seed: int, sliding_window: int | None = None) -> None:
-        self.cuts = [AttentionCut(0, "attn", 2, 1, 4, 0.5, torch.float32, 64, sliding_window=sliding_window)]
+    def __init__(self, seed: int, sliding_window: int | None = None, windows: tuple[int | None, ...] | None = None
+                 ) -> None:
+        self.cuts = [AttentionCut(i, "attn", 2, 1, 4, 0.5, torch.float32, 64, sliding_window=w)
+                     for i, w in enumerate(windows or (sliding_window,))]
         self.gen = torch.Generator().manual_seed(seed)
         self.steps: list[int] = []
 
@@ -60,10 +69,11 @@ class RandomProgram:
         ids, pos = inputs
         t = ids.shape[1]
         self.steps.append(t)
-        q = torch.randn(1, 2, t, 4, generator=self.gen)
-        k = torch.randn(1, 1, t, 4, generator=self.gen)
-        out = attention(self.cuts[0], q, k, k.clone())
-        assert out.shape == q.shape and torch.isfinite(out).all()
+        for cut in self.cuts:
+            q = torch.randn(1, 2, t, 4, generator=self.gen)
+            k = torch.randn(1, 1, t, 4, generator=self.gen)
+            out = attention(cut, q, k, k.clone())
+            assert out.shape == q.shape and torch.isfinite(out).all()
         # Mostly repeat the input token (so drafts get accepted sometimes), else random.
         logits = torch.randn(1, t, VOCAB, generator=self.gen)
         logits[0, torch.arange(t), ids[0]] += 2.0
@@ -73,40 +83,53 @@ class RandomProgram:
 @settings(max_examples=60, deadline=None)
 # A preempted request that would come straight back in the same step were admission not paused.
 @example(prompts=[[0] * 12, [0] * 12], new_tokens=[4, 5, 1, 1, 1, 1, 1], slots=2, draft=0, extra_budget=1, seed=0,
-         stops=set(), overlap=False, aborts={}, spare_blocks=0, window=None)
+         stops=set(), overlap=False, aborts={}, spare_blocks=0, window=None, mixed=False)
 # A window far shorter than the requests: their leading blocks go back while they run.
 @example(prompts=[list(range(8)) * 4, [1, 2] * 9], new_tokens=[12, 9, 1, 1, 1, 1, 1], slots=2, draft=2,
-         extra_budget=3, seed=1, stops=set(), overlap=False, aborts={}, spare_blocks=1, window=3)
+         extra_budget=3, seed=1, stops=set(), overlap=False, aborts={}, spare_blocks=1, window=3, mixed=False)
 # Prompts longer than the whole cache under a window: chunks cut short to the blocks there are,
 # or waiting for some.
 @example(prompts=[[i % 8 for i in range(40)], [3] * 25], new_tokens=[6, 4, 1, 1, 1, 1, 1], slots=2, draft=1,
-         extra_budget=9, seed=2, stops=set(), overlap=False, aborts={}, spare_blocks=0, window=6)
+         extra_budget=9, seed=2, stops=set(), overlap=False, aborts={}, spare_blocks=0, window=6, mixed=False)
 # A verify's blocks kept after its drafts were rejected, into a step of one token.
 @example(prompts=[[0, 1, 2, 0, 2, 0, 0]], new_tokens=[9, 1, 1, 1, 1, 1, 1], slots=1, draft=3, extra_budget=1,
-         seed=10, stops=set(), overlap=False, aborts={}, spare_blocks=0, window=4)
+         seed=10, stops=set(), overlap=False, aborts={}, spare_blocks=0, window=4, mixed=False)
+# Full and sliding layers mixed: the sliding group (a pool smaller than the full group's) gives
+# blocks back behind the window while the full group keeps the whole length, with drafts, prefix
+# reuse (the repeated prompt) and preemption.
+@example(prompts=[[i % 8 for i in range(30)], [i % 8 for i in range(30)] + [1, 2], [5] * 9],
+         new_tokens=[12, 8, 6, 1, 1, 1, 1], slots=2, draft=2, extra_budget=6, seed=3, stops=set(), overlap=False,
+         aborts={}, spare_blocks=12, window=5, mixed=True)
 @given(
     prompts=st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=40), min_size=1, max_size=7),
     new_tokens=st.lists(st.integers(1, 12), min_size=7, max_size=7),
     slots=st.integers(1, 4), draft=st.integers(0, 3), extra_budget=st.integers(1, 20), seed=st.integers(0, 1000),
     stops=st.sets(st.integers(0, 7), max_size=3), overlap=st.booleans(),
     aborts=st.dictionaries(st.integers(0, 6), st.integers(0, 30), max_size=3),
-    spare_blocks=st.integers(0, 12), window=st.none() | st.integers(1, 12),
+    spare_blocks=st.integers(0, 12), window=st.none() | st.integers(1, 12), mixed=st.booleans(),
 )
 def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, seed, stops, overlap, aborts,
-                              spare_blocks, window) -> None:
-    program = RandomProgram(seed, window)
+                              spare_blocks, window, mixed) -> None:
+    # Mixed: a full-attention layer beside two sliding ones (windows `window` and a narrower one),
+    # in two KV groups.
+    mixed = mixed and window is not None
+    program = RandomProgram(seed, window, windows=(window, None, max(1, window - 3)) if mixed else None)
     draft = 0 if overlap else draft  # overlapped steps do not draft
     budget = slots * (1 + draft) + extra_budget
     # As few KV blocks as the longest request's life needs, and a few more: requests grow into
     # each other's room and the youngest are preempted. Under a window, a request needs only its
     # widest step's (a one-token prompt chunk, or a decode slot with its drafts): prompts longer
-    # than the cache.
+    # than the cache (not with a full layer beside, which needs the life's).
     lives = [-(-(len(p) + n + draft) // 4) for p, n in zip(prompts, new_tokens)]
-    if window is not None:
+    if window is not None and not mixed:
         lives = [min(life, (window + draft - 2) // 4 + 2) for life in lives]
     num_blocks = max(lives) + spare_blocks
     engine = ServingEngine(program, token_budget=budget, decode_slots=slots, max_draft=draft, block_size=4,
                            num_blocks=num_blocks, overlap=overlap)
+    groups = engine.kv_groups
+    assert len(groups) == 1 + mixed and [g.window for g in groups] == ([None, window] if mixed else [window])
+    # The groups' blocks take no more memory than num_blocks blocks in every layer.
+    assert sum(len(g.layers) * g.num_blocks for g in groups) <= len(program.cuts) * num_blocks
     # Odd seeds sample every other request (the keyed draws, through placeholders and preemption).
     # Even requests of even seeds ask for logprobs (placed as their tokens are, read back late).
     sampling = [SamplingParams(0.8, top_k=seed % 5, seed=seed + i) if seed % 2 and i % 2
@@ -115,7 +138,7 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
     requests = [Request(i, p, new_tokens[i], stop_tokens=stops, sampling=sampling[i]) for i, p in enumerate(prompts)]
     for r in requests:
         engine.add(r)
-    assert engine.scheduler.sliding_window == window
+    assert engine.scheduler.sliding_window == (None if mixed else window)
     poison_freed_blocks(engine)  # a read of a block given back turns the attention output NaN
     # Every request is served within a bound: its tokens at >= 1 per step, computed again after
     # each preemption (only older requests' growth preempts it: at most their blocks in all).
@@ -138,16 +161,21 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
         preemptions += len(preempted)
         # Every request past its prompt got its slot, in order, unless it gave its blocks up.
         assert decoding == [r for r in ready if r not in preempted]
-        assert all(not r.blocks and (r.done or r in engine.scheduler.waiting) for r in preempted)
+        assert all(not r.blocks and not r.window_blocks and (r.done or r in engine.scheduler.waiting)
+                   for r in preempted)
         assert not preempted or all(e.request in before for e in entries)  # a step that preempts admits no one
         assert len(engine.scheduler.running) <= slots
         assert len({id(e.request) for e in entries}) == len(entries)
         # Every reference is a running request's block; nothing leaks across preemptions.
-        assert sum(engine.allocator.refs) == sum(len(r.held_blocks) for r in engine.scheduler.running)
-        if window is not None:  # a request holds its window's and its step's blocks, not its length's
-            # (or its drafts', after a verify whose drafts were rejected)
-            assert all(len(e.request.held_blocks) <= (window + max(len(e.tokens), 1 + draft) - 3) // 4 + 2
-                       for e in entries), window
+        for g, allocator in enumerate(engine.allocators):
+            assert sum(allocator.refs) == sum(len(held(r, g)) for r in engine.scheduler.running)
+        for e in entries:
+            if window is not None:  # a request holds its window's and its step's blocks, not its length's
+                # (or its drafts', after a verify whose drafts were rejected)
+                assert len(held(e.request, int(mixed))) <= (window + max(len(e.tokens), 1 + draft) - 3) // 4 + 2, window
+            r = e.request
+            if (window is None or mixed) and not r.done:  # a full layer's blocks cover the whole length, none given back
+                assert r.released == 0 and len(r.blocks) * 4 >= e.start + len(e.tokens)
     assert not engine.scheduler.has_work(), "a request starved"
     engine.synchronize()  # an abort after the last step leaves that step's tokens in flight
     for r in requests:  # each ran to its token count, to its first stop token, or until aborted
@@ -165,9 +193,10 @@ def test_scheduler_invariants(prompts, new_tokens, slots, draft, extra_budget, s
     assert engine.metrics.generated == sum(r.generated for r in requests)
     assert engine.metrics.preemptions == preemptions
     event("preempted" if engine.metrics.preemptions else "no preemption")  # --hypothesis-show-statistics
-    assert engine.allocator.all_free()
-    engine.allocator.drop_cache()
-    assert sorted(engine.allocator._free) == list(range(num_blocks))
+    for allocator, group in zip(engine.allocators, groups):
+        assert allocator.all_free()
+        allocator.drop_cache()
+        assert sorted(allocator._free) == list(range(group.num_blocks))
 
 
 def test_block_allocator_refcounts_and_cache() -> None:
@@ -529,8 +558,12 @@ _WINDOWED = {
 _EVERY_LAYER_SLIDES = ("mistral", "phimoe")
 
 
-@pytest.mark.parametrize("name", sorted(_WINDOWED))
-def test_sliding_window_softcap_and_sink_models_equal_eager_generation(name: str) -> None:
+_MIXED = ("gemma2", "gpt_oss")  # full-attention layers beside sliding ones
+
+
+@functools.lru_cache(maxsize=None)
+def _windowed_model(name: str):
+    """(the tileflow program, the eager reference model, its config) of a tiny `_WINDOWED` model."""
     import transformers
 
     from tileflow.distributed import CausalLMStep, build_stage_program
@@ -549,6 +582,13 @@ def test_sliding_window_softcap_and_sink_models_equal_eager_generation(name: str
     reference.config._attn_implementation = reference_attention
     program = build_stage_program(CausalLMStep(model), (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None]),
                                   max_tokens=256)
+    return program, reference, cfg
+
+
+@pytest.mark.parametrize("name", sorted(_WINDOWED))
+def test_sliding_window_softcap_and_sink_models_equal_eager_generation(name: str) -> None:
+    program, reference, cfg = _windowed_model(name)
+    extra = _WINDOWED[name][3]
     layer_types = getattr(cfg, "layer_types", None) or ["sliding_attention"] * 2
     assert [c.sliding_window for c in program.cuts] == [5 if t == "sliding_attention" else None for t in layer_types]
     assert all(c.softcap == extra.get("attn_logit_softcapping") for c in program.cuts)
@@ -560,7 +600,9 @@ def test_sliding_window_softcap_and_sink_models_equal_eager_generation(name: str
     from tileflow.serving import Entry
 
     engine = ServingEngine(program, token_budget=32, decode_slots=2, block_size=4, num_blocks=16)
-    first = Entry(Request(0, prompts[1], 1, blocks=list(range(8))), prompts[1][:20], 0, "prefill")
+    # (Gemma-2's and gpt-oss's sliding layers keep their blocks apart: `window_blocks`.)
+    first = Entry(Request(0, prompts[1], 1, blocks=list(range(8)), window_blocks=list(range(8))), prompts[1][:20], 0,
+                  "prefill")
     engine.forward([first])
     rest = Entry(first.request, prompts[1][20:], 20, "prefill")
     with torch.no_grad():
@@ -572,15 +614,106 @@ def test_sliding_window_softcap_and_sink_models_equal_eager_generation(name: str
         engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4,
                                num_blocks=6 if name in _EVERY_LAYER_SLIDES else 64)
         # Every layer of Mistral slides its window: the blocks it passes go back while the
-        # requests run (and are NaN from then on); Gemma-2's and gpt-oss's full layers keep all.
+        # requests run (and are NaN from then on); Gemma-2's and gpt-oss's sliding layers' blocks
+        # (their own group) too, while their full layers keep all.
         assert engine.scheduler.sliding_window == (5 if name in _EVERY_LAYER_SLIDES else None)
         window_releases = poison_freed_blocks(engine)
         requests = [Request(i, p, 10, stop_tokens=_eos(reference)) for i, p in enumerate(prompts)]
         engine.run(requests)
         for r in requests:
             assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 10), (name, max_draft, r.id)
-        assert bool(window_releases) == (name in _EVERY_LAYER_SLIDES)
-        assert engine.allocator.all_free()
+        assert window_releases and {g for g, _ in window_releases} == {int(name in _MIXED)}
+        assert all(a.all_free() for a in engine.allocators)
+
+
+@pytest.mark.parametrize("max_draft", [0, 3])
+@pytest.mark.parametrize("name", _MIXED)
+def test_mixed_window_models_hold_sliding_blocks_for_the_window_only(name: str, max_draft: int) -> None:
+    """Gemma-2 and gpt-oss alternate full and 5-key sliding layers. Their sliding layers' blocks
+    go back behind the window (NaN from then on) while their full layers keep every position,
+    and the memory the sliding layers no longer need goes to the full layers: three requests
+    whose lives need 31 blocks run side by side without a preemption in a cache of 26 blocks
+    per layer (one pool of 26 would preempt), generating eager's greedy tokens with and without
+    drafts; a later prompt reuses a cached prefix in both groups."""
+    program, reference, _ = _windowed_model(name)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (30, 26, 28)]
+    lives = [-(-(len(p) + 12 - 1) // 4) for p in prompts]
+    assert sum(lives) == 31
+    engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=max_draft, block_size=4, num_blocks=26)
+    # One full and one sliding layer: the sliding group sized for 3 requests' windows and steps
+    # (3 * ((5 + max_draft) // 4 + 3) + 24 // 4 blocks), the full group given the rest.
+    sliding = 3 * ((5 + max_draft) // 4 + 3) + 6
+    assert [(g.window, g.num_blocks) for g in engine.kv_groups] == [(None, 26 + 26 - sliding), (5, sliding)]
+    assert sum(kv.k[0].numel() * len(kv.k) for kv in engine.kvs) == 2 * 26 * 4 * 2 * 16  # 26 blocks of 2 layers
+    window_releases = poison_freed_blocks(engine)
+    peaks = [0, 0]
+    schedule = engine.scheduler.schedule
+
+    def schedule_and_count(*args, **kwargs):
+        entries = schedule(*args, **kwargs)
+        for g, allocator in enumerate(engine.allocators):
+            peaks[g] = max(peaks[g], sum(1 for refs in allocator.refs if refs))
+        for e in entries:  # the sliding layers hold the window and the step; the full ones all
+            r = e.request
+            assert len(r.held_window_blocks) <= (5 + max(len(e.tokens), 1 + max_draft) - 3) // 4 + 2
+            assert r.released == 0 and len(r.blocks) * 4 >= e.start + len(e.tokens)
+        return entries
+
+    engine.scheduler.schedule = schedule_and_count
+    requests = [Request(i, p, 12, stop_tokens=()) for i, p in enumerate(prompts)]
+    engine.run(requests)
+    for r in requests:
+        assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 12, stop=[]), (name, max_draft, r.id)
+    assert engine.metrics.preemptions == 0 and peaks[0] > 26 and peaks[1] <= sliding
+    assert {g for g, _ in window_releases} == {1}
+    # Prefix reuse: a prompt computed and finished (its blocks cached in both groups), then the
+    # same prompt and 3 more tokens: its 5 full blocks are cached; its first query (position 20)
+    # sees only the sliding group's block 4, so blocks 0-3 of that group are passed, not shared.
+    prefix = prompts[1][:22]
+    engine.run([Request(3, prefix, 1)])
+    second = Request(4, prefix + [1, 2, 3], 6, stop_tokens=())
+    engine.add(second)
+    fed = engine.metrics.tokens_in_steps
+    engine.step()  # computes the 5 tokens after the cached 20
+    assert engine.metrics.tokens_in_steps - fed == 5 and (second.released, second.window_released) == (0, 4)
+    engine.run()
+    assert second.tokens[len(second.prompt):] == _eager_greedy(reference, second.prompt, 6, stop=[])
+    assert all(a.all_free() for a in engine.allocators)
+
+
+def test_mixed_window_blocks_free_room_for_more_requests() -> None:
+    """The memory effect, in block counts: three requests of 59 positions (15 blocks each, 45 in
+    all) on a model with a full-attention layer and an 8-key sliding one, in 32 blocks per
+    layer. Served as one pool (every layer kept whole, as when no layer slides), they preempt
+    each other (a pool of 32 blocks); in two groups the sliding layer gets 19 blocks (each
+    request's window and step; 11 held at most) and the full layer the other 13 blocks' memory
+    too, 45 blocks, which hold all three whole: no preemption, in the same memory."""
+    prompts = [[(i + j) % 8 for j in range(40)] for i in range(3)]
+
+    def serve(windows):
+        engine = ServingEngine(RandomProgram(0, windows=windows), token_budget=16, decode_slots=3, block_size=4,
+                               num_blocks=32, overlap=False)
+        peaks = [0] * len(engine.allocators)
+        schedule = engine.scheduler.schedule
+
+        def schedule_and_count(*args, **kwargs):
+            entries = schedule(*args, **kwargs)
+            for g, allocator in enumerate(engine.allocators):
+                peaks[g] = max(peaks[g], sum(1 for refs in allocator.refs if refs))
+            return entries
+
+        engine.scheduler.schedule = schedule_and_count
+        engine.run([Request(i, p, 20) for i, p in enumerate(prompts)])
+        assert all(a.all_free() for a in engine.allocators)
+        memory = sum(kv.k[0].numel() * len(kv.k) for kv in engine.kvs)
+        return [g.num_blocks for g in engine.kv_groups], peaks, engine.metrics.preemptions, memory
+
+    whole = serve((None, None))
+    hybrid = serve((None, 8))
+    assert whole[:2] == ([32], [32]) and whole[2] > 0
+    # (The requests start a prompt chunk apart: at most 43 full-group blocks are held at once.)
+    assert hybrid[:3] == ([45, 19], [43, 11], 0) and hybrid[3] == whole[3]
 
 
 def test_chunked_attention_model_equals_eager_generation() -> None:

@@ -7,7 +7,7 @@
     Request(1, prompt_ids, 32, sampling=SamplingParams(temperature=0.8, top_p=0.95, seed=7))
 """
 
-from .blocks import BlockAllocator, OutOfBlocks, common_window, prefix_hashes, release_behind_window
+from .blocks import BlockAllocator, KVGroup, OutOfBlocks, common_window, kv_groups, prefix_hashes, release_behind_window
 from .engine import Metrics, ServingEngine, StepInputs, prompt_lookup_draft, split_entries
 from .sampling import SamplingParams, generate_reference, next_tokens
 from .scheduler import Entry, Request, Scheduler, accept_draft
@@ -15,6 +15,7 @@ from .scheduler import Entry, Request, Scheduler, accept_draft
 __all__ = [
     "BlockAllocator",
     "Entry",
+    "KVGroup",
     "Metrics",
     "OutOfBlocks",
     "Request",
@@ -25,6 +26,7 @@ __all__ = [
     "accept_draft",
     "common_window",
     "generate_reference",
+    "kv_groups",
     "next_tokens",
     "prefix_hashes",
     "prompt_lookup_draft",

@@ -1,15 +1,18 @@
 """KV block allocator with reference counts and prefix reuse.
 
-A block holds `block_size` consecutive token positions of one sequence's KV. Full blocks of a
-prompt are registered under the hash of every token up to their end, so a later request with the
-same prefix shares them (its reference count goes up) instead of recomputing them. A cached block
-nobody references stays cached until an allocation needs the room (least recently used first).
+A block holds `block_size` consecutive token positions of one sequence's KV, in every layer of
+its KV group (a model mixing full and sliding-window layers has two, each its own allocator; see
+`kv_groups`). Full blocks of a prompt are registered under the hash of every token up to their
+end, so a later request with the same prefix shares them (its reference count goes up) instead of
+recomputing them. A cached block nobody references stays cached until an allocation needs the
+room (least recently used first).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 
@@ -31,6 +34,48 @@ def common_window(windows: Iterable[int | None]) -> int | None:
     when some layer sees the whole sequence: only then may blocks go back before it ends."""
     windows = list(windows)
     return None if None in windows else max(windows)
+
+
+@dataclass(frozen=True)
+class KVGroup:
+    """Attention layers (indices into the program's cuts) whose KV shares one block pool of
+    `num_blocks` blocks, and one block list per request: `window` keys when they all slide one
+    (the widest, if theirs differ), None when they see the whole sequence."""
+
+    layers: tuple[int, ...]
+    window: int | None
+    num_blocks: int
+
+
+def kv_groups(windows: Sequence[int | None], num_blocks: int, *, block_size: int, decode_slots: int,
+              token_budget: int, max_draft: int = 0) -> list[KVGroup]:
+    """Split a model's attention layers (`windows`: each layer's sliding window, None for full
+    attention) into KV groups, and `num_blocks` blocks' worth of memory (that many blocks in
+    every layer) between them (vLLM's hybrid KV cache).
+
+    One group, of `num_blocks` blocks, when every layer slides (it frees blocks behind its
+    widest window) or none does. A model that mixes them gets two: its full-attention layers,
+    whose blocks stay until their request ends, then its sliding layers, whose blocks go back
+    behind the window. The sliding group gets what `decode_slots` running requests can ever
+    hold under the window: each its window, its decode or verify slot and the partial blocks
+    at both ends, plus the step's prompt chunks (`token_budget`), so it never runs short (at
+    most `num_blocks`); the full group gets the rest of the memory: every block the sliding
+    layers do not take is `sliding layers / full layers` more full-group blocks. So the two
+    hold at most `num_blocks` blocks of every layer, as one group would, and a request that one
+    group of `num_blocks` would serve fits both (the scheduler checks each group, and preempts
+    for a block of either)."""
+    full = tuple(i for i, w in enumerate(windows) if w is None)
+    sliding = tuple(i for i, w in enumerate(windows) if w is not None)
+    if not full or not sliding:
+        return [KVGroup(tuple(range(len(windows))), common_window(windows), num_blocks)]
+    window = max(w for w in windows if w is not None)
+    # A step's request holds at most (window + its tokens or 1 + max_draft - 3) // block_size + 2
+    # sliding blocks (see the scheduler); summed over decode_slots requests whose step tokens add
+    # up to at most token_budget, that is below this.
+    need = decode_slots * ((window + max_draft) // block_size + 3) + token_budget // block_size
+    held = min(num_blocks, need)
+    return [KVGroup(full, None, num_blocks + (num_blocks - held) * len(sliding) // len(full)),
+            KVGroup(sliding, window, held)]
 
 
 def first_block_in_window(position: int, window: int, block_size: int) -> int:

@@ -34,9 +34,9 @@ from tileflow.passes.disaggregate import AttentionCut, StageProgram
 from ..runtime.paged_kv import PagedBatch, PagedKV, check_chunk_blocks
 from ..runtime.streams import CudaStreams, StreamExecutor, grid_share
 from ..transfers import to_device
-from .blocks import BlockAllocator, common_window
+from .blocks import BlockAllocator, KVGroup, kv_groups
 from .sampling import RowSampling, SamplingParams, pick_tokens, row_sampling, token_logprobs
-from .scheduler import Entry, Request, Scheduler, accept_draft, register_full_blocks
+from .scheduler import Entry, Request, Scheduler, accept_draft
 
 
 def split_entries(entries: Sequence[Entry], parts: int) -> list[list[Entry]]:
@@ -85,12 +85,14 @@ def prompt_lookup_draft(tokens: Sequence[int], max_draft: int, ngram: int = 2) -
 @dataclass(frozen=True)
 class StepInputs:
     """A step's device inputs: packed token ids and positions `[1, T]`, the batch layout over the
-    paged KV cache, and the verify tree mask (None when nothing is verified)."""
+    paged KV cache (over each KV group's cache in `batches`: `batch` is the first group's), and
+    the verify tree mask (None when nothing is verified)."""
 
     ids: torch.Tensor
     positions: torch.Tensor
     batch: PagedBatch
     tree_mask: torch.Tensor | None
+    batches: tuple[PagedBatch, ...]
 
 
 @dataclass
@@ -154,13 +156,18 @@ class _UnreadStep:
 class ServingEngine:
     """Runs requests to completion through a `StageProgram` over packed tokens.
 
-    The KV cache has `num_blocks` blocks of `block_size` positions, in the program's attention
-    dtype (`dtype`, when given, must be that one).
+    The KV cache has `num_blocks` blocks of `block_size` positions in every layer, in the
+    program's attention dtype (`dtype`, when given, must be that one). A model that mixes full
+    and sliding-window layers gets that memory as two KV groups, each with its own blocks,
+    allocator and cache (`kv_groups`, `allocators`, `kvs`; the first group's are `allocator` and
+    `kv`): the sliding layers' blocks go back behind the window while a request runs, and the
+    full layers get the memory the sliding ones do not need as more blocks (`blocks.kv_groups`
+    says how much).
     `overlap` (default: on unless drafting) launches each step before reading the previous
     step's tokens back; between `step` calls the tokens of the step in flight are placeholders in
     `Request.tokens` (negative: -1 - row of that step), until the next step or `synchronize`.
-    When every layer of the program slides a window, the scheduler gives back each request's
-    blocks behind its window while it runs (`Scheduler`, `sliding_window`).
+    Blocks of layers that slide a window go back behind it while their request runs
+    (`Scheduler`, `sliding_window` and `sliding_group`).
     With `nano_batches` > 1 and `nano_shares`, each nano-batch's persistent kernels take a share
     of the device's SMs about in proportion to its tokens (`sm_shares`; NanoFlow's partition:
     kernels that each filled the device could not run side by side); without, every kernel takes
@@ -208,16 +215,26 @@ class ServingEngine:
         if dtype is not None and dtype != attention_dtype:
             raise ValueError(f"dtype={dtype} for the KV cache, but the program's attention runs in {attention_dtype}: "
                              f"pass dtype={attention_dtype} (or leave dtype out)")
-        # Chunked attention layers read each step through its chunk view (`PagedKV.prepare`).
-        self._attention_chunks = sorted({c.attention_chunk for c in cuts if c.attention_chunk is not None})
-        check_chunk_blocks(self._attention_chunks, block_size)
+        check_chunk_blocks((c.attention_chunk for c in cuts), block_size)
         self.program = program
-        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.kv_groups: list[KVGroup] = kv_groups([c.sliding_window for c in cuts], num_blocks, block_size=block_size,
+                                                  decode_slots=decode_slots, token_budget=token_budget,
+                                                  max_draft=max_draft)
+        self.allocators = [BlockAllocator(g.num_blocks, block_size) for g in self.kv_groups]
+        self.allocator = self.allocators[0]
+        sliding = self.kv_groups[1:]
         self.scheduler = Scheduler(self.allocator, token_budget=token_budget, decode_slots=decode_slots,
-                                   max_draft=max_draft, sliding_window=common_window(c.sliding_window for c in cuts))
+                                   max_draft=max_draft, sliding_window=self.kv_groups[0].window,
+                                   sliding_group=(self.allocators[1], sliding[0].window) if sliding else None)
         self.device = torch.device(device)
-        self.kv = PagedKV(len(cuts), hkv, d, block_size=block_size, num_blocks=num_blocks, dtype=attention_dtype,
-                          device=self.device)
+        self.kvs = [PagedKV(len(g.layers), hkv, d, block_size=block_size, num_blocks=g.num_blocks,
+                            dtype=attention_dtype, device=self.device) for g in self.kv_groups]
+        self.kv = self.kvs[0]
+        # Each cut's (group, layer in the group's cache).
+        self._layer_at = {cuts[i].index: (g, j) for g, group in enumerate(self.kv_groups)
+                          for j, i in enumerate(group.layers)}
+        # Chunked attention layers read each step through its chunk view (`PagedKV.prepare`), per group.
+        self._attention_chunks = [sorted({cuts[i].attention_chunk for i in g.layers} - {None}) for g in self.kv_groups]
         self.max_draft = max_draft
         self.metrics = Metrics()
         # The time base of every stamp in the metrics, fixed for the engine's life: a request's
@@ -226,7 +243,8 @@ class ServingEngine:
         self._arrivals: dict[int, float] = {}  # request id -> when `add` queued it, until its first token
         self.nano_batches = nano_batches
         self.nano_shares = nano_shares
-        self._block_arrays: dict[int, tuple[list[int], np.ndarray]] = {}  # see _block_ids
+        # Per group, by request id: see _block_ids.
+        self._block_arrays: list[dict[int, tuple[list[int], np.ndarray]]] = [{} for _ in self.kv_groups]
         self.overlap = not max_draft if overlap is None else overlap
         self._in_flight: _UnreadStep | None = None  # the launched step whose tokens are not read yet
         # Where nano-batches run: CUDA streams on a GPU, one after another elsewhere (tests pass
@@ -431,8 +449,10 @@ class ServingEngine:
         on the device from the predictions of the step in flight. The requests' blocks must
         already hold every entry's positions."""
         tokens = np.array([t for e in entries for t in e.tokens], dtype=np.int64)
-        batch = self.kv.prepare([self._block_ids(e.request) for e in entries], [len(e.tokens) for e in entries],
-                                [e.start for e in entries], attention_chunks=self._attention_chunks)
+        q_lens, starts = [len(e.tokens) for e in entries], [e.start for e in entries]
+        batches = tuple(kv.prepare([self._block_ids(e.request, g) for e in entries], q_lens, starts,
+                                   attention_chunks=self._attention_chunks[g]) for g, kv in enumerate(self.kvs))
+        batch = batches[0]
         pending = np.flatnonzero(tokens < 0)  # placeholders for the step in flight's tokens
         if not pending.size:
             (ids,) = to_device(self.device, tokens[None])
@@ -441,7 +461,7 @@ class ServingEngine:
                 raise ValueError(f"entries hold placeholder tokens {tokens[pending].tolist()} but no step is in flight")
             ids, where, rows = to_device(self.device, tokens[None], pending, -1 - tokens[pending])
             ids[0, where] = self._in_flight.predictions[rows]  # on the device, after the step that makes them
-        return StepInputs(ids, batch.positions[None], batch, self._tree_mask(entries))
+        return StepInputs(ids, batch.positions[None], batch, self._tree_mask(entries), batches)
 
     @torch.no_grad()  # serving never needs gradients (and compiled stages guard on grad mode)
     def forward(self, entries: Sequence[Entry], inputs: StepInputs | None = None) -> torch.Tensor:
@@ -452,7 +472,7 @@ class ServingEngine:
         if self.nano_batches > 1 and inputs is None and len(entries) > 1:
             return self._forward_nano(split_entries(entries, self.nano_batches))
         step = inputs if inputs is not None else self.prepare(entries)
-        attend = lambda cut, q, k, v: self._attend(step.batch, step.tree_mask, cut, q, k, v)  # noqa: E731
+        attend = lambda cut, q, k, v: self._attend(step, cut, q, k, v)  # noqa: E731
         (logits,) = self.program.run([step.ids, step.positions], attention=attend)
         return logits
 
@@ -468,7 +488,7 @@ class ServingEngine:
 
         def start(j: int) -> None:
             step = self.prepare(groups[j])
-            attend = lambda cut, q, k, v: self._attend(step.batch, step.tree_mask, cut, q, k, v)  # noqa: E731
+            attend = lambda cut, q, k, v: self._attend(step, cut, q, k, v)  # noqa: E731
             runs[j] = self.program.stepwise([step.ids, step.positions], attention=attend)
 
         def advance(j: int) -> None:
@@ -494,13 +514,16 @@ class ServingEngine:
             streams.end()
         return torch.cat(outputs, dim=1)
 
-    def _block_ids(self, r: Request) -> np.ndarray:
-        """`r.blocks` as an int32 array, converted once per block list: the scheduler gives a
-        request a new list when it admits it and keeps it to the end, so the list (the same
-        object, the same length) keys the array; any other list gets a new one."""
-        cached = self._block_arrays.get(r.id)
-        if cached is None or cached[0] is not r.blocks or len(cached[1]) != len(r.blocks):
-            cached = self._block_arrays[r.id] = (r.blocks, np.asarray(r.blocks, dtype=np.int32))
+    def _block_ids(self, r: Request, group: int = 0) -> np.ndarray:
+        """r's block list in KV group `group` (`r.blocks` for the first) as an int32 array,
+        converted once per block list: the scheduler gives a request a new list when it admits
+        it and keeps it to the end, so the list (the same object, the same length) keys the
+        array; any other list gets a new one."""
+        blocks = getattr(r, self.scheduler.groups[group].blocks)
+        arrays = self._block_arrays[group]
+        cached = arrays.get(r.id)
+        if cached is None or cached[0] is not blocks or len(cached[1]) != len(blocks):
+            cached = arrays[r.id] = (blocks, np.asarray(blocks, dtype=np.int32))
         return cached[1]
 
     def _advance(self, e: Entry, predictions: list[int]) -> int:
@@ -508,7 +531,7 @@ class ServingEngine:
         r = e.request
         if e.kind == "prefill":
             r.computed += len(e.tokens)
-            register_full_blocks(self.allocator, r, r.computed)
+            self.scheduler.register_full_blocks(r, r.computed)
             if r.prefilling:
                 return 0
             new = [predictions[-1]]
@@ -551,7 +574,8 @@ class ServingEngine:
 
     def _finish(self, r: Request, reason: str) -> None:
         self.scheduler.finish(r, reason)
-        self._block_arrays.pop(r.id, None)
+        for arrays in self._block_arrays:
+            arrays.pop(r.id, None)
 
     def _tree_mask(self, entries: list[Entry]) -> torch.Tensor | None:
         """The step's tree mask when it verifies drafts: linear drafts, each drafted token sees the
@@ -562,13 +586,13 @@ class ServingEngine:
         mask = torch.tril(torch.ones(s, s, dtype=torch.bool)).expand(len(entries), s, s).contiguous()
         return to_device(self.device, mask)[0]
 
-    def _attend(
-        self, batch: PagedBatch, tree: torch.Tensor | None, cut: AttentionCut, q: torch.Tensor, k: torch.Tensor,
-        v: torch.Tensor,
-    ) -> torch.Tensor:
+    def _attend(self, step: StepInputs, cut: AttentionCut, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                ) -> torch.Tensor:
         q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, heads, head_dim]
-        self.kv.write_batch(cut.index, batch, k, v)
-        out = self.kv.attend_batch(cut.index, q, batch, scale=cut.scale, tree_mask=tree,
+        group, layer = self._layer_at[cut.index]
+        kv, batch, tree = self.kvs[group], step.batches[group], step.tree_mask
+        kv.write_batch(layer, batch, k, v)
+        out = kv.attend_batch(layer, q, batch, scale=cut.scale, tree_mask=tree,
                                    sliding_window=cut.sliding_window, softcap=cut.softcap,
                                    sinks=cut.sink_logits(self.device), attention_chunk=cut.attention_chunk)
         return out.unsqueeze(0).transpose(1, 2)

@@ -27,6 +27,15 @@ or waits a step without preempting anyone. A request is admitted only when budge
 running request's chunk and a block beyond those left for them is free, that is when those
 chunks end their prompts, so the running requests older than one in its prompt are all past
 theirs, and their decode slots preempt it, the youngest, if they still need its blocks.
+
+A model whose layers mix full attention and sliding windows (Gemma-2/3, Cohere2, gpt-oss,
+OLMo-3) keeps its KV in two groups, each its own block pool (vLLM's hybrid KV cache; the engine
+sizes them, `blocks.kv_groups`): the full layers' blocks (`Request.blocks`) as above without a
+window, all of a prompt's at admission and none back before the request ends, and the sliding
+layers' (`Request.window_blocks`) as above under the widest of their windows. Every rule holds in
+each group: admission needs both groups' blocks (a cached prefix counts where every group has
+what its first query sees), a prompt chunk takes its sliding blocks as it goes, and a decode slot
+short of a block in either group preempts the youngest request, which gives back both.
 """
 
 from __future__ import annotations
@@ -60,9 +69,13 @@ class Request:
     # Leading tokens computed as prompt chunks: the prompt, or after a preemption every token.
     prefill_len: int = field(default=0, init=False)
     blocks: list[int] = field(default_factory=list)
-    # Leading entries of `blocks` given back because every layer's window has passed them (see the
-    # module docstring): never read again, possibly another request's by now.
+    # Leading entries of `blocks` given back because the window of every layer they serve has
+    # passed them (see the module docstring): never read again, possibly another request's by now.
     released: int = field(default=0, init=False)
+    # A model that mixes full and sliding-window layers: `blocks` are its full layers' and these
+    # its sliding layers' (another pool; module docstring), released behind the window as above.
+    window_blocks: list[int] = field(default_factory=list)
+    window_released: int = field(default=0, init=False)
     generated: int = 0
     # With `sampling.logprobs` set, one entry per generated token: its log-probability, and the
     # most likely tokens' ({token: log-probability}, when sampling.logprobs > 0). NaN (and {})
@@ -119,6 +132,12 @@ class Request:
         return self.blocks[self.released:]
 
     @property
+    def held_window_blocks(self) -> list[int]:
+        """The sliding layers' blocks this request holds (a model mixing full and sliding
+        layers): `window_blocks` past the released ones."""
+        return self.window_blocks[self.window_released:]
+
+    @property
     def prefilling(self) -> bool:
         """True until the KV of every token to prefill (the prompt; after a preemption, every
         token so far) is computed."""
@@ -138,19 +157,36 @@ class Entry(NamedTuple):  # a tuple: made for every running request in every ste
     kind: str  # "prefill" | "decode" | "verify"
 
 
+class _Group(NamedTuple):
+    """A KV group as the scheduler sees it: its blocks' allocator, its window (None: its layers
+    see the whole sequence), and the `Request` attributes holding a request's block list and
+    released count in it."""
+
+    allocator: BlockAllocator
+    window: int | None
+    blocks: str
+    released: str
+
+
 class Scheduler:
     """Fills steps of at most `token_budget` tokens; at most `decode_slots` requests run at once,
     so every running request gets its decode slot in every step. `sliding_window`: the window
     every attention layer of the model slides (None when some layer sees the whole sequence);
-    blocks it has passed go back early (see the module docstring)."""
+    blocks it has passed go back early (see the module docstring). `sliding_group`: for a model
+    whose layers mix full attention (`allocator`'s blocks, `Request.blocks`) and sliding windows,
+    the sliding layers' own allocator and their widest window (`Request.window_blocks`)."""
 
     def __init__(self, allocator: BlockAllocator, *, token_budget: int, decode_slots: int, max_draft: int = 0,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, sliding_group: tuple[BlockAllocator, int] | None = None) -> None:
         if decode_slots < 1 or max_draft < 0:
             raise ValueError(f"decode_slots must be >= 1 and max_draft >= 0, got {decode_slots} and {max_draft}")
-        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
-                                           or sliding_window < 1):
-            raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
+        for window in (sliding_window, *(sliding_group or ())[1:]):
+            if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+                raise ValueError(f"sliding_window must be an int >= 1 or None, got {window!r}")
+        if sliding_group is not None and (sliding_window is not None
+                                          or sliding_group[0].block_size != allocator.block_size):
+            raise ValueError("sliding_group is for a model whose other layers see the whole sequence "
+                             "(sliding_window=None), with blocks of the same size as the allocator's")
         self.sliding_window = sliding_window
         if token_budget <= decode_slots * (1 + max_draft):
             raise ValueError(
@@ -158,6 +194,12 @@ class Scheduler:
                 f"to {1 + max_draft} tokens: raise it above {decode_slots * (1 + max_draft)}"
             )
         self.allocator = allocator
+        # Every group a request takes blocks from: the first one is `allocator`'s.
+        self.groups = [_Group(allocator, sliding_window, "blocks", "released")]
+        if sliding_group is not None:
+            self.groups.append(_Group(*sliding_group, "window_blocks", "window_released"))
+        self._windowed = tuple(g for g in self.groups if g.window is not None)
+        self._mixed = sliding_group is not None
         self.token_budget, self.decode_slots, self.max_draft = token_budget, decode_slots, max_draft
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -173,15 +215,16 @@ class Scheduler:
                              "(metrics and abort() go by id)")
         # Its last generated token is never fed, and its drafts stop short of max_new_tokens (see
         # `schedule`): its KV never holds more than len(prompt) + max_new_tokens - 1 positions.
-        need = self._blocks_for(len(request.prompt) + request.max_new_tokens - 1)
-        if self.sliding_window is not None:
-            # The w + max_draft positions p - w + 1 … p + max_draft of its widest step (a chunk can
-            # be one token), over at most (positions - 2) // block_size + 2 blocks.
-            need = min(need, (self.sliding_window + self.max_draft - 2) // self.allocator.block_size + 2)
-        if need > self.allocator.num_blocks:
-            raise ValueError(
-                f"request {request.id} needs {need} KV blocks, more than the {self.allocator.num_blocks} there are"
-            )
+        life = self._blocks_for(len(request.prompt) + request.max_new_tokens - 1)
+        for g in self.groups:
+            # Under a window: the w + max_draft positions p - w + 1 … p + max_draft of its widest step
+            # (a chunk can be one token), over at most (positions - 2) // block_size + 2 blocks.
+            need = life if g.window is None else min(life, (g.window + self.max_draft - 2) // g.allocator.block_size + 2)
+            if need > g.allocator.num_blocks:
+                layers = (" of its sliding-window layers" if g.window is not None else " of its full-attention layers"
+                          ) if self._mixed else ""
+                raise ValueError(f"request {request.id} needs {need} KV blocks{layers}, more than the "
+                                 f"{g.allocator.num_blocks} there are")
         self.waiting.append(request)
         self._unfinished[request.id] = request
 
@@ -199,19 +242,22 @@ class Scheduler:
         prefilling = []
         self.last_preempted = []
         bs = self.allocator.block_size
+        mixed = self._mixed
         i = 0
         while i < len(self.running):  # one pass per step over every running request: kept lean
             r = self.running[i]
             i += 1
-            if self.sliding_window is not None:
-                self._release_passed(r)
+            for g in self._windowed:
+                self._release_passed(r, g)
             if r.computed < r.prefill_len:
                 prefilling.append(r)
                 continue
             room = min(self.max_draft, r.max_new_tokens - r.generated - 1)
             draft = drafts[r.id][: max(0, room)] if drafts and r.id in drafts else ()
             positions = r.computed + 1 + len(draft)
-            if len(r.blocks) * bs < positions and not self._grow(r, positions):  # the call only when it grows
+            # The call only when it grows.
+            if (len(r.blocks) * bs < positions or mixed and len(r.window_blocks) * bs < positions) \
+                    and not self._grow(r, positions):
                 break  # r, the youngest left, gave its own blocks up
             entries.append(Entry(r, [r.tokens[-1], *draft], r.computed, "verify" if draft else "decode"))
             budget -= 1 + len(draft)
@@ -234,11 +280,7 @@ class Scheduler:
         else:
             self.running.remove(request)
         del self._unfinished[request.id]
-        # Last block first: the allocator evicts the least recently released idle block first, and
-        # a cached prefix is found only from its first block on (see `_release_tail_first`).
-        self._release_tail_first(request)
-        request.blocks = []
-        request.released = 0
+        self._drop_blocks(request)
         request.done = True
         request.finish_reason = reason
 
@@ -246,18 +288,34 @@ class Scheduler:
         """The waiting or running request with this id, if any."""
         return self._unfinished.get(request_id)
 
+    def register_full_blocks(self, request: Request, upto: int) -> None:
+        """Offer the request's full prompt blocks below position `upto` for prefix reuse, in
+        every group (not those it gave back already: they may hold another request's keys by now)."""
+        bs = self.allocator.block_size
+        hashes = request.prompt_hashes(bs)
+        full = min(upto, len(request.prompt)) // bs
+        # Blocks offered by earlier chunks stay offered.
+        for g in self.groups:
+            blocks = getattr(request, g.blocks)
+            for i in range(max(request._registered, getattr(request, g.released)), full):
+                g.allocator.register(blocks[i], hashes[i])
+        request._registered = max(request._registered, full)
+
     def _chunk(self, r: Request, budget: int, entries: list[Entry]) -> int:
         """Add r's next prompt chunk, at most `budget` tokens, to the step; returns its length."""
         n = min(budget, r.prefill_len - r.computed)
         bs, spare = self.allocator.block_size, len(self.running) - 1  # a block for each other request
-        # Only windowed requests take their prompt's blocks chunk by chunk (see `_admit`).
-        while len(r.blocks) * bs < r.computed + n:
-            if self.allocator.available > spare:
-                r.blocks.append(self.allocator.allocate())
-            elif len(r.blocks) * bs > r.computed:  # blocks for the chunk's start: a shorter chunk
-                n = len(r.blocks) * bs - r.computed
-            else:  # none: r waits for blocks to come back (see the module docstring)
-                return 0
+        # Only windowed groups take their prompt's blocks chunk by chunk (see `_admit`): a full
+        # group's come whole at admission, so a cut below never strands blocks of another group.
+        for g in self.groups:
+            blocks = getattr(r, g.blocks)
+            while len(blocks) * bs < r.computed + n:
+                if g.allocator.available > spare:
+                    blocks.append(g.allocator.allocate())
+                elif len(blocks) * bs > r.computed:  # blocks for the chunk's start: a shorter chunk
+                    n = len(blocks) * bs - r.computed
+                else:  # none: r waits for blocks to come back (see the module docstring)
+                    return 0
         entries.append(Entry(r, r.tokens[r.computed : r.computed + n], r.computed, "prefill"))
         return n
 
@@ -265,96 +323,99 @@ class Scheduler:
         return -(-positions // self.allocator.block_size)
 
     def _admit(self, r: Request) -> bool:
-        """Give r its prompt's blocks, when free, less those a cached prefix shares: all of them,
-        or under a sliding window the shared ones its first query sees and one more (its prompt
-        chunks take the rest as they go)."""
+        """Give r its prompt's blocks in every group, when free, less those a cached prefix
+        shares: all of them, or in a windowed group the shared ones its first query sees and one
+        more (its prompt chunks take the rest as they go)."""
         bs = self.allocator.block_size
-        # Reuse full prompt blocks, but always compute the last token to prefill (its logits are needed).
-        hashes = r.prompt_hashes(bs)[: (r.prefill_len - 1) // bs]
-        if self.sliding_window is None:
-            passed, kept, spare = 0, self.allocator.lookup(hashes), 0
-            need = self._blocks_for(r.prefill_len) - len(kept)
-        else:
-            # Beyond one block for each running request (see `_chunk`); when that fails even with
-            # nothing shared, the check below would too: skip the search.
-            need, spare = 1, len(self.running)
-            if need + spare > self.allocator.available:
-                return False
-            passed, kept = self._windowed_prefix(hashes)
-        computed = (passed + len(kept)) * bs
-        if need + spare > self.allocator.available - sum(1 for b in kept if self.allocator.refs[b] == 0):
+        spare = len(self.running)  # under a window: one block for each running request (see `_chunk`)
+        # When that fails even with nothing shared, the check below would too: skip the search.
+        if any(1 + spare > g.allocator.available for g in self._windowed):
             return False
-        for b in kept:
-            self.allocator.share(b)
-        # The passed blocks' entries are never read (`released`): any block id keeps their index.
-        r.blocks = [0] * passed + kept + [self.allocator.allocate() for _ in range(need)]
-        r.released = passed
-        r.computed = computed
+        # Reuse full prompt blocks, but always compute the last token to prefill (its logits are needed).
+        end, found = self._cached_prefix(r.prompt_hashes(bs)[: (r.prefill_len - 1) // bs])
+        needs = []
+        for g, (_, kept) in zip(self.groups, found):
+            need, keep_free = (self._blocks_for(r.prefill_len) - len(kept), 0) if g.window is None else (1, spare)
+            if need + keep_free > g.allocator.available - sum(1 for b in kept if g.allocator.refs[b] == 0):
+                return False
+            needs.append(need)
+        for g, (passed, kept), need in zip(self.groups, found, needs):
+            for b in kept:
+                g.allocator.share(b)
+            # The passed blocks' entries are never read (`released`): any block id keeps their index.
+            setattr(r, g.blocks, [0] * passed + kept + [g.allocator.allocate() for _ in range(need)])
+            setattr(r, g.released, passed)
+        r.computed = end * bs
         return True
 
-    def _windowed_prefix(self, hashes: Sequence[str]) -> tuple[int, list[int]]:
-        """The longest cached prompt prefix a windowed request can start from: (the count of its
-        leading blocks the window has passed, the cached blocks after them). Only the blocks the
-        first query's window sees need to be cached: a block's hash covers every token before
-        it, so the passed ones may have been evicted, as they are first (they go back first)."""
-        for end in range(len(hashes), 0, -1):
-            passed = first_block_in_window(end * self.allocator.block_size, self.sliding_window,
-                                           self.allocator.block_size)
-            kept = self.allocator.lookup(hashes[passed:end])
-            if len(kept) == end - passed:
-                return passed, kept
-        return 0, []
+    def _cached_prefix(self, hashes: Sequence[str]) -> tuple[int, list[tuple[int, list[int]]]]:
+        """The longest cached prompt prefix (in blocks) a request can start from in every group,
+        and per group (the count of its leading blocks a window has passed, the cached blocks
+        after them). A full group needs the whole prefix cached; a windowed one only the blocks
+        its first query sees: a block's hash covers every token before it, so the passed ones
+        may have been evicted, as they are first (they go back first)."""
+        bs = self.allocator.block_size
+        whole = [g.allocator.lookup(hashes) if g.window is None else None for g in self.groups]
+        for end in range(min([len(hashes)] + [len(k) for k in whole if k is not None]), 0, -1):
+            found = []
+            for g, kept in zip(self.groups, whole):
+                if kept is not None:
+                    found.append((0, kept[:end]))
+                    continue
+                passed = first_block_in_window(end * bs, g.window, bs)
+                kept = g.allocator.lookup(hashes[passed:end])
+                if len(kept) < end - passed:
+                    break
+                found.append((passed, kept))
+            else:
+                return end, found
+        return 0, [(0, [])] * len(self.groups)
 
     def _grow(self, r: Request, positions: int) -> bool:
-        """Give r the blocks for its first `positions` positions, preempting the youngest running
-        requests while none is free; False when r itself had to go."""
-        while len(r.blocks) * self.allocator.block_size < positions:
-            if self.allocator.available == 0:
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is r:
-                    return False
-                continue
-            r.blocks.append(self.allocator.allocate())
+        """Give r the blocks for its first `positions` positions in every group, preempting the
+        youngest running requests while a group has none free; False when r itself had to go."""
+        for g in self.groups:
+            blocks = getattr(r, g.blocks)
+            while len(blocks) * g.allocator.block_size < positions:
+                if g.allocator.available == 0:
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is r:
+                        return False
+                    continue
+                blocks.append(g.allocator.allocate())
         return True
 
-    def _release_tail_first(self, r: Request) -> None:
-        """Give back every block r holds, its last block first. A prefix is found in the cache
-        only from its first block on (`BlockAllocator.lookup`), and idle cached blocks are evicted
-        least recently released first: released front to back, one eviction would take the
-        prefix's first block and strand the rest, cached but never found again."""
-        for block in reversed(r.held_blocks):
-            self.allocator.release(block)
+    def _drop_blocks(self, r: Request) -> None:
+        """Give back every block r holds, in every group, its last block first, and empty its
+        block lists. A prefix is found in the cache only from its first block on
+        (`BlockAllocator.lookup`), and idle cached blocks are evicted least recently released
+        first: released front to back, one eviction would take the prefix's first block and
+        strand the rest, cached but never found again."""
+        for g in self.groups:
+            blocks = getattr(r, g.blocks)
+            for block in reversed(blocks[getattr(r, g.released):]):
+                g.allocator.release(block)
+            setattr(r, g.blocks, [])
+            setattr(r, g.released, 0)
 
-    def _release_passed(self, r: Request) -> None:
-        """Give back r's leading blocks whose every position is outside the window of its next
-        query position, `r.computed` (it sees positions > r.computed - w; later ones see less)."""
-        r.released = release_behind_window(self.allocator, r.blocks, r.released, r.computed, self.sliding_window)
+    def _release_passed(self, r: Request, g: _Group) -> None:
+        """Give back r's leading blocks in windowed group `g` whose every position is outside the
+        window of its next query position, `r.computed` (it sees positions > r.computed - w;
+        later ones see less)."""
+        setattr(r, g.released, release_behind_window(g.allocator, getattr(r, g.blocks), getattr(r, g.released),
+                                                     r.computed, g.window))
 
     def _preempt(self, r: Request) -> None:
         """Take a running request's blocks back and queue it first, to recompute every token it
         has (prompt and generated) as its prompt when admitted again."""
         self.running.remove(r)
-        self._release_tail_first(r)
-        r.blocks = []
-        r.released = 0
+        self._drop_blocks(r)
         r.computed = 0
         r.prefill_len = len(r.tokens)
         r._registered = 0
         self.waiting.appendleft(r)
         self.last_preempted.append(r)
-
-
-def register_full_blocks(allocator: BlockAllocator, request: Request, upto: int) -> None:
-    """Offer the request's full prompt blocks below position `upto` for prefix reuse (not those
-    it gave back already: they may hold another request's keys by now)."""
-    bs = allocator.block_size
-    hashes = request.prompt_hashes(bs)
-    full = min(upto, len(request.prompt)) // bs
-    # Blocks offered by earlier chunks stay offered.
-    for i in range(max(request._registered, request.released), full):
-        allocator.register(request.blocks[i], hashes[i])
-    request._registered = max(request._registered, full)
 
 
 def accept_draft(draft: Sequence[int], predictions: Sequence[int]) -> int:

@@ -412,10 +412,12 @@ def test_sliding_window_layers_keep_only_their_window(context: int):
 def test_mixed_windows_note_what_tileflows_attention_workers_hold():
     """The workers give blocks back only when every layer slides: for a model mixing windows and
     full layers the plan's KV figure (a sliding layer's last w positions) was optimistic for
-    tileflow's own runtime, unsaid. The note gives the full cache and its max batch."""
+    tileflow's own runtime, unsaid. The note gives the full cache and its max batch. Colocated,
+    the serving engine holds a sliding layer's window only (its KV groups): no note there."""
     mixed = model_from_config({**BASE_CFG, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 2048})
     r = plan_disaggregation(mixed, (C, 2), (M, 2), batch=B, context=8192)
     [note] = [n for n in r.disaggregated.notes if "tileflow's attention workers" in n]
+    assert not [n for p in (r.colocated, r.colocated_equal_cost) for n in p.notes if "attention workers" in n]
     kept = r.disaggregated.memory[1].need_gb
     assert f"{kept * 2 * 8192 / (2048 + 8192):.1f} GB" in note
     assert not [n for n in plan_disaggregation(TOY, (C, 2), (M, 2), batch=B, context=8192).disaggregated.notes

@@ -473,9 +473,10 @@ def _max_batch(capacity_gb: float, fixed_bytes: float, per_seq_bytes: float) -> 
 
 def _window_note(model: ModelShape, context: int, kv_bytes: float, batch: int, capacity_gb: float,
                  fixed_bytes: float) -> list[str]:
-    """For a model whose layers mix sliding windows and full attention: the KV cache above counts
-    a sliding layer's last w positions (a runtime freeing blocks per layer); tileflow's attention
-    workers keep every position while any layer attends fully, so say what they hold."""
+    """For a model whose layers mix sliding windows and full attention, placed disaggregated: the
+    KV cache above counts a sliding layer's last w positions, as the serving engine holds them
+    (its KV groups, `tileflow.serving.kv_groups`); tileflow's attention workers keep every
+    position while any layer attends fully, so say what they hold."""
     windows = model.layer_windows
     if windows is None or all(w is not None for w in windows) or all(w is None for w in windows):
         return []
@@ -518,7 +519,8 @@ def _colocated(model: ModelShape, dev: DeviceInfo, n: int, batch: int, context: 
     check = MemoryCheck(f"{n} x {dev.name}", need / 1e9, dev.mem_gb, need <= dev.mem_gb * 1e9)
     max_batch = _max_batch(dev.mem_gb, weights, share * ba / batch)
     price = _pool_price(dev, n)
-    notes = _window_note(model, context, share * ba, batch, dev.mem_gb, weights)
+    # Colocated, the serving engine runs the model: it holds a sliding layer's window only, as counted.
+    notes = []
     if n > model.num_kv_heads:
         notes.append(f"only {model.num_kv_heads} KV heads: attention uses "
                      f"{model.num_kv_heads} of the {n} devices")

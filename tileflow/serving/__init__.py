@@ -7,7 +7,10 @@
     Request(1, prompt_ids, 32, sampling=SamplingParams(temperature=0.8, top_p=0.95, seed=7))
 """
 
-from .blocks import BlockAllocator, KVGroup, OutOfBlocks, common_window, kv_groups, prefix_hashes, release_behind_window
+from .blocks import (
+    BlockAllocator, KVGroup, OutOfBlocks, common_window, kv_groups, prefix_hashes, release_behind_window,
+    sliding_blocks_for,
+)
 from .engine import Metrics, ServingEngine, StepInputs, prompt_lookup_draft, split_entries
 from .sampling import SamplingParams, generate_reference, next_tokens
 from .scheduler import Entry, Request, Scheduler, accept_draft
@@ -31,5 +34,6 @@ __all__ = [
     "prefix_hashes",
     "prompt_lookup_draft",
     "release_behind_window",
+    "sliding_blocks_for",
     "split_entries",
 ]

@@ -47,35 +47,37 @@ class KVGroup:
     num_blocks: int
 
 
-def kv_groups(windows: Sequence[int | None], num_blocks: int, *, block_size: int, decode_slots: int,
-              token_budget: int, max_draft: int = 0) -> list[KVGroup]:
+def kv_groups(windows: Sequence[int | None], num_blocks: int, sliding_blocks: int | None = None) -> list[KVGroup]:
     """Split a model's attention layers (`windows`: each layer's sliding window, None for full
     attention) into KV groups, and `num_blocks` blocks' worth of memory (that many blocks in
     every layer) between them (vLLM's hybrid KV cache).
 
     One group, of `num_blocks` blocks, when every layer slides (it frees blocks behind its
-    widest window) or none does. A model that mixes them gets two: its full-attention layers,
-    whose blocks stay until their request ends, then its sliding layers, whose blocks go back
-    behind the window. The sliding group gets what `decode_slots` running requests can ever
-    hold under the window: each its window, its decode or verify slot and the partial blocks
-    at both ends, plus the step's prompt chunks (`token_budget`), so it never runs short (at
-    most `num_blocks`); the full group gets the rest of the memory: every block the sliding
-    layers do not take is `sliding layers / full layers` more full-group blocks. So the two
-    hold at most `num_blocks` blocks of every layer, as one group would, and a request that one
-    group of `num_blocks` would serve fits both (the scheduler checks each group, and preempts
-    for a block of either)."""
+    widest window) or none does, or without `sliding_blocks` (every layer's blocks then stay
+    until their sequence ends). Otherwise two: the full-attention layers, whose blocks stay until
+    their sequence ends, then the sliding layers, whose blocks go back behind the widest window,
+    with `sliding_blocks` blocks (at most `num_blocks`). The full group gets the rest of the
+    memory: each block the sliding layers do not take is `sliding layers / full layers` more
+    full-group blocks. So the groups hold at most `num_blocks` blocks of every layer, as one
+    would, and the full group at least `num_blocks`."""
     full = tuple(i for i, w in enumerate(windows) if w is None)
     sliding = tuple(i for i, w in enumerate(windows) if w is not None)
-    if not full or not sliding:
+    if not full or not sliding or sliding_blocks is None:
         return [KVGroup(tuple(range(len(windows))), common_window(windows), num_blocks)]
-    window = max(w for w in windows if w is not None)
-    # A step's request holds at most (window + its tokens or 1 + max_draft - 3) // block_size + 2
-    # sliding blocks (see the scheduler); summed over decode_slots requests whose step tokens add
-    # up to at most token_budget, that is below this.
-    need = decode_slots * ((window + max_draft) // block_size + 3) + token_budget // block_size
-    held = min(num_blocks, need)
+    held = min(num_blocks, sliding_blocks)
     return [KVGroup(full, None, num_blocks + (num_blocks - held) * len(sliding) // len(full)),
-            KVGroup(sliding, window, held)]
+            KVGroup(sliding, max(w for w in windows if w is not None), held)]
+
+
+def sliding_blocks_for(window: int, *, block_size: int, decode_slots: int, token_budget: int, max_draft: int = 0) -> int:
+    """Sliding-layer blocks that `decode_slots` running requests can ever hold at once under a
+    window of `window` keys, so that a sliding group of this many never runs short: each holds
+    its window, its decode or verify slot and the partial blocks at both ends, and the step's
+    prompt chunks (at most `token_budget` tokens) their blocks."""
+    # A request in a step holds at most (window + max(its tokens, 1 + max_draft) - 3) // block_size
+    # + 2 sliding blocks (the scheduler's bound); summed over decode_slots requests whose step
+    # tokens add up to at most token_budget, that is below this.
+    return decode_slots * ((window + max_draft) // block_size + 3) + token_budget // block_size
 
 
 def first_block_in_window(position: int, window: int, block_size: int) -> int:

@@ -34,7 +34,7 @@ from tileflow.passes.disaggregate import AttentionCut, StageProgram
 from ..runtime.paged_kv import PagedBatch, PagedKV, check_chunk_blocks
 from ..runtime.streams import CudaStreams, StreamExecutor, grid_share
 from ..transfers import to_device
-from .blocks import BlockAllocator, KVGroup, kv_groups
+from .blocks import BlockAllocator, KVGroup, kv_groups, sliding_blocks_for
 from .sampling import RowSampling, SamplingParams, pick_tokens, row_sampling, token_logprobs
 from .scheduler import Entry, Request, Scheduler, accept_draft
 
@@ -161,8 +161,8 @@ class ServingEngine:
     and sliding-window layers gets that memory as two KV groups, each with its own blocks,
     allocator and cache (`kv_groups`, `allocators`, `kvs`; the first group's are `allocator` and
     `kv`): the sliding layers' blocks go back behind the window while a request runs, and the
-    full layers get the memory the sliding ones do not need as more blocks (`blocks.kv_groups`
-    says how much).
+    full layers get the memory the sliding ones do not need as more blocks (the sliding group
+    gets `blocks.sliding_blocks_for` the engine's decode slots, budget and drafts).
     `overlap` (default: on unless drafting) launches each step before reading the previous
     step's tokens back; between `step` calls the tokens of the step in flight are placeholders in
     `Request.tokens` (negative: -1 - row of that step), until the next step or `synchronize`.
@@ -217,9 +217,12 @@ class ServingEngine:
                              f"pass dtype={attention_dtype} (or leave dtype out)")
         check_chunk_blocks((c.attention_chunk for c in cuts), block_size)
         self.program = program
-        self.kv_groups: list[KVGroup] = kv_groups([c.sliding_window for c in cuts], num_blocks, block_size=block_size,
-                                                  decode_slots=decode_slots, token_budget=token_budget,
-                                                  max_draft=max_draft)
+        windows = [c.sliding_window for c in cuts]
+        # A model mixing full and sliding layers: the sliding ones get what the running requests
+        # can hold under the window, the full ones the rest of the memory (`kv_groups`).
+        widest = max((w for w in windows if w is not None), default=None)
+        self.kv_groups: list[KVGroup] = kv_groups(windows, num_blocks, None if widest is None else sliding_blocks_for(
+            widest, block_size=block_size, decode_slots=decode_slots, token_budget=token_budget, max_draft=max_draft))
         self.allocators = [BlockAllocator(g.num_blocks, block_size) for g in self.kv_groups]
         self.allocator = self.allocators[0]
         sliding = self.kv_groups[1:]

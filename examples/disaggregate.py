@@ -13,7 +13,9 @@ caps its scores; `--arch gpt_oss` a gpt-oss, with windows and attention sinks; `
 a Mistral, whose every layer slides a 5-token window, so the attention workers give each
 sequence's blocks behind it back as it decodes; `--arch llama4` a Llama 4, whose RoPE layers
 attend in chunks of 4 positions (its NoPE layers see the whole sequence). The attention workers
-apply them from what the cuts carry.
+apply them from what the cuts carry. With `--sliding-blocks N`, Gemma-2's and gpt-oss's sliding
+layers keep their blocks apart, N per attention worker, given back behind the window (the full
+layers get the memory left, as more blocks).
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ def parse_args() -> argparse.Namespace:
                    help="seconds a worker waits for the next step (model loading and tracing included)")
     p.add_argument("--block-size", type=int, default=4)
     p.add_argument("--num-blocks", type=int, default=256, help="KV blocks per attention worker")
+    p.add_argument("--sliding-blocks", type=int, default=None,
+                   help="gemma2, gpt_oss: the sliding layers' own blocks per attention worker, given back behind the "
+                        "window (the full layers get the memory left as more blocks); default: one pool")
     p.add_argument("--check", action="store_true", help="compare every step's logits with a single-process run")
     p.add_argument("--tolerance", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
@@ -127,7 +132,7 @@ def main() -> int:
         program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
         worker = ModelWorker(
             program, layout, transport, block_size=args.block_size, num_blocks=args.num_blocks,
-            idle_timeout_s=args.idle_timeout,
+            idle_timeout_s=args.idle_timeout, sliding_blocks=args.sliding_blocks,
         )
         if not worker.is_leader:
             worker.serve()

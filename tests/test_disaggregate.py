@@ -340,6 +340,61 @@ def test_attention_worker_rejects_positions_that_do_not_continue_the_cache() -> 
         worker._attend(0, BatchShape((5,), (1,), (2,)), torch.randn(1, 4, 4))
 
 
+def test_attention_worker_gives_back_sliding_layers_blocks_in_their_own_group() -> None:
+    """A full layer beside a 3-key sliding one, told `sliding_blocks` in its INIT: the worker
+    keeps them in two KV groups (`kv_groups`): the sliding layer's blocks go back behind the
+    window (NaN-filled from then on) and the full layer gets the memory that saves, as more
+    blocks; its outputs equal those of a worker keeping one pool of every block."""
+    from types import SimpleNamespace
+
+    from tileflow.distributed import AttentionWorker, BatchShape, LayerShard
+    from tileflow.distributed.attention_worker import encode_init
+
+    layers = [LayerShard(2, 1, 4, 0, 1, scale=0.5), LayerShard(2, 1, 4, 0, 1, scale=0.5, sliding_window=3)]
+    workers, inbox, outbox = [], [], []
+    for sliding_blocks in (None, 6):
+        ctl, floats = encode_init(layers, 2, 12, sliding_blocks)
+        inbox.append(floats)
+        # The transport of a one-model-worker layout: q/k/v in, attention out, in work-item order.
+        transport = SimpleNamespace(rank=1, recv=lambda *args: inbox.pop(0), send=lambda out, rank: outbox.append(out))
+        worker = AttentionWorker(Layout(2), transport)
+        worker._init(ctl)
+        assert worker.layers == layers and worker.sliding_blocks == sliding_blocks
+        workers.append(worker)
+    gen = torch.Generator().manual_seed(0)
+    lengths = {5: 0, 6: 0}
+    for step in range(10):
+        # Two sequences: prompts of 5 and 3 tokens, then decodes; the second is released at step 7.
+        seqs = [s for s in (5, 6) if not (s == 6 and step >= 7)]
+        q_lens = [5 if s == 5 else 3 for s in seqs] if step == 0 else [1] * len(seqs)
+        batch = BatchShape(tuple(seqs), tuple(q_lens), tuple(lengths[s] for s in seqs))
+        payloads = [torch.randn(sum(q_lens), 4, 4, generator=gen) for _ in layers]
+        outs = []
+        for worker in workers:
+            for cache in worker.caches:  # the blocks no one holds: NaN (a read would show)
+                free = [b for b in range(cache.num_blocks) if cache.allocator.is_free(b)]
+                for t in (*cache.k, *cache.v):
+                    t[free] = float("nan")
+            inbox.extend(p.clone() for p in payloads)
+            worker._step([batch], [6] if step == 7 else [])
+            outs.append(outbox[:])
+            outbox.clear()
+        for a, b in zip(*outs):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b)
+        for s, n in zip(seqs, q_lens):
+            lengths[s] += n
+        full, sliding = workers[1].caches
+        # The full layer keeps every block of its sequences; the sliding one its window's and step's.
+        assert sum(full.allocator.refs) == sum(-(-lengths[s] // 2) for s in seqs)
+        assert all(len(sliding.blocks(s)) - sliding._seqs[s].released <= (3 + q - 3) // 2 + 2
+                   for s, q in zip(seqs, q_lens))
+    assert [c.num_blocks for c in workers[0].caches] == [12]
+    assert [c.num_blocks for c in workers[1].caches] == [18, 6]  # the 6 blocks the sliding layer leaves
+    # Sequence 5's 14 positions: 7 blocks in the full layer, 2 in the sliding one.
+    assert sum(full.allocator.refs) == 7 and sum(sliding.allocator.refs) == 2
+
+
 def test_embedding_rows_follow_the_token_ids_through_views() -> None:
     """`build_stage_program` records the vocabulary the serving engine checks token ids against:
     the rows of the table the first input indexes, found through the views GPT-2 puts first."""

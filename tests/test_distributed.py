@@ -52,6 +52,18 @@ def test_sliding_window_softcap_and_sink_layers_match_single_process(arch: str) 
     assert "check passed: 7 steps" in run.stdout
 
 
+def test_mixed_window_layers_in_their_own_kv_group_match_single_process() -> None:
+    # Gemma-2 with `sliding_blocks`: the attention workers keep its sliding layers' blocks apart
+    # (12 per worker, given back behind the window as the sequences decode) and its full layers
+    # in 20 (the 16 of `num_blocks` and the 4 the sliding layers leave), where one pool of 16
+    # blocks in every layer runs out.
+    one_pool = _torchrun(3, "--check", "--arch", "gemma2", "--steps", "6", "--num-blocks", "16")
+    assert one_pool.returncode != 0 and "KV cache full" in one_pool.stdout + one_pool.stderr
+    run = _torchrun(3, "--check", "--arch", "gemma2", "--steps", "6", "--num-blocks", "16", "--sliding-blocks", "12")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "check passed: 7 steps" in run.stdout
+
+
 def test_rotation_over_two_model_replicas_matches() -> None:
     # Lamina's rotation: 3 batches over 2 model replicas, one attention worker.
     run = _torchrun(3, "--check", "--model-workers", "2", "--batches", "3", "--steps", "6")

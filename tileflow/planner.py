@@ -475,8 +475,9 @@ def _window_note(model: ModelShape, context: int, kv_bytes: float, batch: int, c
                  fixed_bytes: float) -> list[str]:
     """For a model whose layers mix sliding windows and full attention, placed disaggregated: the
     KV cache above counts a sliding layer's last w positions, as the serving engine holds them
-    (its KV groups, `tileflow.serving.kv_groups`); tileflow's attention workers keep every
-    position while any layer attends fully, so say what they hold."""
+    (its KV groups, `tileflow.serving.kv_groups`); tileflow's attention workers do so only when
+    told how many blocks the sliding layers get (`ModelWorker(sliding_blocks=...)`), and keep
+    every position otherwise, so say what they then hold."""
     windows = model.layer_windows
     if windows is None or all(w is not None for w in windows) or all(w is None for w in windows):
         return []
@@ -486,8 +487,8 @@ def _window_note(model: ModelShape, context: int, kv_bytes: float, batch: int, c
     full = kv_bytes * model.num_layers * context / kept
     bound = _max_batch(capacity_gb, fixed_bytes, full / batch)
     return [f"the KV cache counts each sliding-window layer's last w positions; tileflow's attention workers "
-            f"keep every position while any layer attends fully: {full / 1e9:.1f} GB per device at this batch, "
-            f"max batch {bound}"]
+            f"keep every position while any layer attends fully, unless given sliding_blocks: {full / 1e9:.1f} GB "
+            f"per device at this batch, max batch {bound}"]
 
 
 def _min_bound(values: list[int | None]) -> int | None:

@@ -1,11 +1,13 @@
-"""The paged KV cache an attention worker owns: its shard of KV heads, every layer.
+"""The paged KV cache an attention worker owns: its shard of KV heads, every layer of a KV group.
 
-Blocks are shared by all layers of a sequence (one block table per sequence, as in vLLM); a step
-reserves room for its new tokens, each layer writes its new k/v rows, and the step's last layer
-commits the new length. Storage and attention are `tileflow.runtime.paged_kv.PagedKV`'s, blocks
-come from the serving engine's allocator. When every layer slides a window of `w` keys, a step
-first gives back the sequence's blocks that its first new position no longer sees (as the
-serving scheduler does): their entries stay in the block list, never read again.
+Blocks are shared by all layers of a sequence in the cache (one block table per sequence, as in
+vLLM); a step reserves room for its new tokens, each layer writes its new k/v rows, and the step's
+last layer commits the new length. Storage and attention are `tileflow.runtime.paged_kv.PagedKV`'s,
+blocks come from the serving engine's allocator. When every layer of the cache slides a window of
+`w` keys, a step first gives back the sequence's blocks that its first new position no longer sees
+(as the serving scheduler does): their entries stay in the block list, never read again. A worker
+serving a model that mixes full and sliding layers keeps one such cache per KV group when told
+how many blocks the sliding layers get (`AttentionWorker`, `tileflow.serving.kv_groups`).
 """
 
 from __future__ import annotations

@@ -88,12 +88,21 @@ def abort_run(transport: Transport, layout: Layout, reason: str, *, wait_s: floa
 
 class ModelWorker:
     """A model replica. On the leader (rank 0) `step` runs batches and returns their outputs; the
-    other replicas call `serve`."""
+    other replicas call `serve`. Each attention worker keeps `num_blocks` blocks of
+    `block_size` positions per layer. `sliding_blocks`, for a model mixing full and
+    sliding-window layers: the sliding layers' own blocks per attention worker, given back
+    behind the window, enough for every sequence at once (its window and its step's new
+    tokens: the workers have no scheduler to wait or preempt); the full layers get the memory
+    that leaves, as more blocks (`tileflow.serving.kv_groups`). None: every layer's blocks stay
+    until their sequence is released."""
 
     def __init__(
         self, program: StageProgram, layout: Layout, transport: Transport, *, block_size: int = 16,
-        num_blocks: int = 1024, idle_timeout_s: float | None = None,
+        num_blocks: int = 1024, idle_timeout_s: float | None = None, sliding_blocks: int | None = None,
     ) -> None:
+        if sliding_blocks is not None and (isinstance(sliding_blocks, bool) or not isinstance(sliding_blocks, int)
+                                           or sliding_blocks < 1):
+            raise ValueError(f"sliding_blocks must be an int >= 1 or None, got {sliding_blocks!r}")
         for cut_stage in (s for s in program.stages if s.kind == "attention"):
             # The reply goes to the replica of the next dense stage: nothing else may read it.
             if program.consumers.get((cut_stage.id, 0)) != [cut_stage.id + 1]:
@@ -117,7 +126,7 @@ class ModelWorker:
                 "worker's KV cache holds the same heads for every layer"
             )
         check_chunk_blocks((c.attention_chunk for c in program.cuts), block_size)
-        self.block_size, self.num_blocks = block_size, num_blocks
+        self.block_size, self.num_blocks, self.sliding_blocks = block_size, num_blocks, sliding_blocks
         self.idle_timeout_s = idle_timeout_s
         self._release: list[int] = []
         self._broken: str | None = None  # why a step failed after its plan went out
@@ -140,7 +149,7 @@ class ModelWorker:
                            attention_chunk=c.attention_chunk)
                 for i, c in enumerate(self.program.cuts)
             ]
-            ctl, scales = encode_init(shards, self.block_size, self.num_blocks)
+            ctl, scales = encode_init(shards, self.block_size, self.num_blocks, self.sliding_blocks)
             self.t.send(ctl, rank)
             self.t.send(scales, rank)
 

@@ -395,6 +395,22 @@ def test_attention_worker_gives_back_sliding_layers_blocks_in_their_own_group() 
     assert sum(full.allocator.refs) == 7 and sum(sliding.allocator.refs) == 2
 
 
+def test_attention_worker_whose_sliding_group_is_full_says_to_raise_sliding_blocks() -> None:
+    """A worker told too few `sliding_blocks` for a step: the error names the sliding layers'
+    group and `sliding_blocks` (more `num_blocks` would only give the full layers more)."""
+    from types import SimpleNamespace
+
+    from tileflow.distributed import AttentionWorker, BatchShape, LayerShard
+    from tileflow.distributed.attention_worker import encode_init
+
+    layers = [LayerShard(2, 1, 4, 0, 1, scale=0.5), LayerShard(2, 1, 4, 0, 1, scale=0.5, sliding_window=3)]
+    ctl, floats = encode_init(layers, 2, 12, 1)
+    worker = AttentionWorker(Layout(2), SimpleNamespace(rank=1, recv=lambda *args: floats))
+    worker._init(ctl)
+    with pytest.raises(RuntimeError, match="KV cache full.*sliding layers' KV group, 1 blocks: raise sliding_blocks"):
+        worker._attend(0, BatchShape((5,), (5,), (0,)), torch.randn(5, 4, 4))
+
+
 def test_embedding_rows_follow_the_token_ids_through_views() -> None:
     """`build_stage_program` records the vocabulary the serving engine checks token ids against:
     the rows of the table the first input indexes, found through the views GPT-2 puts first."""

@@ -161,9 +161,18 @@ class AttentionWorker:
                     f"{cache.length(seq)} tokens (positions must continue the cache)"
                 )
         if layer == 0:  # layer 0 makes room for the step in every group; the later layers find it made
-            for c in caches:
+            for g, c in enumerate(caches):
                 for seq, n in zip(batch.seq_ids, batch.q_lens):
-                    c.reserve(seq, n)
+                    try:
+                        c.reserve(seq, n)
+                    except RuntimeError as exc:
+                        if g == 0 or len(caches) == 1:
+                            raise
+                        # More num_blocks gives the full layers more blocks, not the sliding ones.
+                        raise RuntimeError(
+                            f"{exc} (the sliding layers' KV group, {c.num_blocks} blocks: raise "
+                            f"sliding_blocks, which must hold every sequence's window and step at once)"
+                        ) from None
         chunks = () if shard.attention_chunk is None else (shard.attention_chunk,)
         step = cache.prepare([cache.blocks(s) for s in batch.seq_ids], batch.q_lens, batch.starts,
                              attention_chunks=chunks)

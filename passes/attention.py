@@ -51,6 +51,7 @@ from tileflow.graph_utils import (
     copy_source_meta,
     evaluate_at_example_sizes,
     free_symbols,
+    in_graph,
     infer_meta,
     same_shape,
     size_hint,
@@ -215,7 +216,7 @@ class Attention:
         self._made: dict[tuple[Any, ...], fx.Node] = {}  # masks made from the graph's, shared by its layers
         self._slopes: dict[tuple[Any, ...], list[float] | None] = {}
         for node in list(graph.nodes):
-            if node.op != "call_function" or node not in graph.nodes:
+            if node.op != "call_function" or not in_graph(node, graph):
                 continue
             if node.target in _SDPA_FORMS:
                 reason = self._rewrite(graph, node, ctx, result)

@@ -29,6 +29,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tileflow.graph_utils import (
     copy_source_meta,
+    in_graph,
     infer_meta,
     is_view_op,
     same_shape,
@@ -256,12 +257,12 @@ class Canonicalize:
         graph = gm.graph
         for node in list(graph.nodes):
             # (An output folded stays a view of the same source: no new aliasing.)
-            if node.op == "call_function" and node in graph.nodes and _fold_unit_dim_moves(graph, node):
+            if node.op == "call_function" and in_graph(node, graph) and _fold_unit_dim_moves(graph, node):
                 result.count("layout_folded")
         outputs = set(next(n for n in reversed(graph.nodes) if n.op == "output").all_input_nodes)
         self._viewed_by_outputs = _viewed_by(outputs)
         for node in list(graph.nodes):
-            if node.op != "call_function" or node not in graph.nodes:
+            if node.op != "call_function" or not in_graph(node, graph):
                 continue
             kind = self._rewrite(graph, node, outputs)
             if kind:

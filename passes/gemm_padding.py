@@ -34,6 +34,8 @@ import torch.fx as fx
 
 from tileflow.graph_utils import (
     copy_source_meta,
+    erase_unused,
+    in_graph,
     infer_meta,
     is_view_op,
     same_shape,
@@ -263,7 +265,7 @@ class GemmPadding:
         plans: dict[tuple, TilePlan] = {}
         grouped_plans: dict[tuple, tuple[int, TilePlan]] = {}
         for node in list(graph.nodes):
-            grouped = _grouped_mm_args(node) if node in graph.nodes else None
+            grouped = _grouped_mm_args(node) if in_graph(node, graph) else None
             if grouped is not None:
                 reason = self._unsupported_grouped(grouped, ctx)
                 if not reason:
@@ -277,7 +279,7 @@ class GemmPadding:
                     for kind in self._rewrite_grouped(graph, node, grouped, ctx, grouped_plans):
                         result.count(kind)
                 continue
-            if node not in graph.nodes or node.target is not aten.linear.default:
+            if not in_graph(node, graph) or node.target is not aten.linear.default:
                 continue
             reason = self._unsupported(node, ctx)
             if reason:
@@ -557,13 +559,17 @@ class GemmPadding:
                 infer_meta(out)
                 copy_source_meta(tip, out)
         tip.replace_all_uses_with(out)
+        chain_nodes = [linear, *chain.absorbed]
+        inputs = [i for node in chain_nodes for i in node.all_input_nodes]
         # The chain's nodes each feed only the next one: erase from the tip backwards.
-        for dead in reversed([linear, *chain.absorbed]):
+        for dead in reversed(chain_nodes):
             if not dead.users:
                 graph.erase_node(dead)
         if up is not None:
-            # The up projection's views fed the mul, which is gone now.
-            graph.eliminate_dead_code()
+            # The up projection's views fed the mul, which is gone now: erase them and what only
+            # they read (here, not by a whole-graph dead-code pass per rewrite: that made the
+            # pass quadratic in the model's depth).
+            erase_unused(graph, inputs)
 
     @staticmethod
     def _fused_kinds(chain: _Chain) -> list[str]:

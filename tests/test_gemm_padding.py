@@ -69,6 +69,27 @@ def test_mlp_swiglu_and_residual_fuse() -> None:
         torch.testing.assert_close(compiled(x, wg, wu, wd), mlp(x, wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 
+def test_stacked_swiglu_layers_each_fuse_and_leave_nothing_dead() -> None:
+    """Each layer's up projection, through its views, goes with the gate's fusion (the pass
+    erases what each fusion leaves unread as it goes, so no later rewrite sees it)."""
+    def mlps(h, *weights):
+        for wg, wu, wd in zip(weights[0::3], weights[1::3], weights[2::3]):
+            # (3-D linears: canonicalize flattens each, so the up projection reaches the mul through a view.)
+            h = h + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
+        return h
+
+    weights = [w for _ in range(3) for w in (torch.randn(24, 16), torch.randn(24, 16), torch.randn(16, 24))]
+    h = torch.randn(2, 5, 16)
+    compiled, gm, ctx = compile_fn(mlps, h, *weights, dynamic_dims=((0, 0), (0, 1)))
+    assert ctx.report.passes[1].rewrites == {"padded_gemm": 6, "fused_swiglu": 3, "fused_residual": 3}
+    assert aten.linear.default not in ops(gm) and aten.mul.Tensor not in ops(gm)
+    dead = [n.name for n in gm.graph.nodes if n.op == "call_function" and not n.users]
+    assert not dead, dead
+    for shape in ((2, 5, 16), (3, 7, 16)):
+        x = torch.randn(*shape)
+        torch.testing.assert_close(compiled(x, *weights), mlps(x, *weights), rtol=1e-5, atol=1e-5)
+
+
 def test_bias_activation_and_cast_fuse() -> None:
     def block(x, w, b):
         return F.gelu(F.linear(x, w, b), approximate="tanh").to(torch.float16)

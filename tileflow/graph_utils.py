@@ -157,6 +157,36 @@ def any_ancestor(node: fx.Node, test: Callable[[fx.Node], bool],
     return False
 
 
+def in_graph(node: fx.Node, graph: fx.Graph) -> bool:
+    """Whether `node` is (still) one of `graph`'s nodes, in constant time.
+
+    `node in graph.nodes` is a linear walk of the whole graph (FX's node list has no
+    `__contains__`), so a pass that asks it for each node it visits is quadratic in the graph's
+    size: 80 decoder layers made it a large share of the passes' time. A node leaves its graph only
+    through `erase_node`, which marks it erased."""
+    return node.graph is graph and not node._erased
+
+
+def erase_unused(graph: fx.Graph, nodes: Iterable[Any]) -> int:
+    """Erase those of `nodes` that nothing uses and that have no side effect, then the inputs that
+    leaves unused, transitively; return how many were erased.
+
+    The local form of `graph.eliminate_dead_code()` for a rewrite that knows which nodes it may
+    have left dead: that one lints and walks the whole graph, so calling it per rewrite made a
+    pass quadratic in the model's depth."""
+    stack = [n for n in nodes if isinstance(n, fx.Node)]
+    erased = 0
+    while stack:
+        node = stack.pop()
+        if node._erased or node.users or node.op != "call_function" or node.is_impure():
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        erased += 1
+        stack.extend(inputs)
+    return erased
+
+
 def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
     """True when two (possibly symbolic) shapes are provably equal."""
     if len(a) != len(b):

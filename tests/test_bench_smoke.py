@@ -31,6 +31,19 @@ def test_host_planning_benchmark_runs() -> None:
     assert float(rows[2][1].rsplit("max/avg", 1)[1]) <= 1.5
 
 
+def test_compile_time_benchmark_runs() -> None:
+    """bench/compile_time.py (compile time by model depth, on any machine) prints one row per
+    depth with tileflow's time split by pass (times are measured there, never asserted)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_time.py"), "--models", "gpt2", "--layers", "1,2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("|")]
+    header, rows = [c.strip() for c in lines[0]], lines[2:]
+    assert {"canonicalize ms", "attention ms", "gemm_padding ms", "tileflow ms"} <= set(header)
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("gpt2", "1"), ("gpt2", "2")]
+    assert all(float(r[header.index("tileflow ms")]) > 0 for r in rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # The GPU paths' arithmetic and plumbing, checked on the CPU (the device minutes are scarce: a
 # wrong count or a lost table there costs a session).

@@ -19,8 +19,8 @@ The first call's time splits into:
 
 The first model is compiled once at 1 layer before the measured rows (imports, first-call
 set-up). `--path export` times `tileflow.export.export_model` (torch.export, then `compile_graph`);
-`--path stages` times `tileflow.distributed.build_stage_program` (torch.export, the passes plus
-`disaggregate`, then `split_stages`). The last column is the growth from the row above, scaled
+`--path stages` times `tileflow.distributed.build_stage_program` (torch.export and its
+decompositions, the passes plus `disaggregate`, then `split_stages`). The last column is the growth from the row above, scaled
 to a 4x step in depth, of tileflow's own time (less the GC pauses) and of torch's (a linear
 pass gives ~4x; >= 8x is quadratic somewhere). Nothing is written unless `--write`.
 
@@ -210,15 +210,20 @@ def measure_stages(name: str, layers: int, options: dict[str, Any], batch: int) 
     inputs = [torch.randint(0, VOCAB, (1, SEQ)), torch.arange(SEQ).unsqueeze(0)]
     report = GraphReport(graph_id="stages")
     timers = _Timers()
-    original_export, original_split = program_module.export_program, disaggregate.split_stages
+    original_export, original_capture = program_module.export_program, program_module.capture_exported
+    original_split = disaggregate.split_stages
+    # torch's share: the export and its decompositions (`capture_exported`'s run_decompositions).
     program_module.export_program = timers.wrap("export", original_export)
+    program_module.capture_exported = timers.wrap("export", original_capture)
     disaggregate.split_stages = timers.wrap("split", original_split)
     try:
         start = time.perf_counter()
-        build_stage_program(step, inputs, max_tokens=64, config=tileflow.Config.from_options({"target": "reference", **options}), report=report)
+        build_stage_program(step, inputs, max_tokens=64, config=tileflow.Config.from_options({"target": "reference", **options}),
+                            report=report)
         total = (time.perf_counter() - start) * 1e3
     finally:
-        program_module.export_program, disaggregate.split_stages = original_export, original_split
+        program_module.export_program, program_module.capture_exported = original_export, original_capture
+        disaggregate.split_stages = original_split
     passes = _pass_ms([report])
     row: dict[str, float] = {**passes, "split": timers.ms.get("split", 0.0)}
     row["dynamo"] = timers.ms.get("export", 0.0)

@@ -174,8 +174,9 @@ def serving_engine(program, scale: Scale, *, num_blocks: int, slots: int, budget
                            num_blocks=num_blocks, dtype=dtype, device=scale.device, nano_batches=nano,
                            overlap=overlap)
     gen = torch.Generator(device=scale.device).manual_seed(0)
-    for cache in engine.kv.k + engine.kv.v:
-        cache.normal_(generator=gen)
+    for kv in engine.kvs:  # every KV group's cache (a model mixing full and sliding layers has two)
+        for cache in kv.k + kv.v:
+            cache.normal_(generator=gen)
     return engine
 
 

@@ -116,22 +116,26 @@ class _Timers:
             self.gc_ms += (time.perf_counter() - self._gc_start) * 1e3
 
 
+# What the dynamo and export paths time: compile_graph (as both front ends call it), lowering and
+# the residual build. (module, attribute, label, keep the graph argument)
+_COMPILE_PARTS = [(tileflow.backend, "compile_graph", "tileflow", True),
+                  (tileflow.export, "compile_graph", "tileflow", True),
+                  (tileflow.compiler, "lower_graph", "lower", False),
+                  (tileflow.compiler, "build_residual", "residual", False)]
+
+
 @contextlib.contextmanager
-def _patched(timers: _Timers) -> Iterator[None]:
-    """Time compile_graph (as both front ends call it), lowering and the residual build."""
-    saved = [(tileflow.backend, "compile_graph"), (tileflow.export, "compile_graph"),
-             (tileflow.compiler, "lower_graph"), (tileflow.compiler, "build_residual")]
-    originals = [getattr(mod, attr) for mod, attr in saved]
-    tileflow.backend.compile_graph = timers.wrap("tileflow", originals[0], keep_graph=True)
-    tileflow.export.compile_graph = timers.wrap("tileflow", originals[1], keep_graph=True)
-    tileflow.compiler.lower_graph = timers.wrap("lower", originals[2])
-    tileflow.compiler.build_residual = timers.wrap("residual", originals[3])
+def _patched(timers: _Timers, parts: list[tuple[Any, str, str, bool]] = _COMPILE_PARTS) -> Iterator[None]:
+    """Time each `parts` function under its label while the block runs (and the GC's pauses)."""
+    originals = [getattr(mod, attr) for mod, attr, _, _ in parts]
+    for (mod, attr, label, keep_graph), fn in zip(parts, originals):
+        setattr(mod, attr, timers.wrap(label, fn, keep_graph=keep_graph))
     gc.callbacks.append(timers.on_gc)
     try:
         yield
     finally:
         gc.callbacks.remove(timers.on_gc)
-        for (mod, attr), fn in zip(saved, originals):
+        for (mod, attr, _, _), fn in zip(parts, originals):
             setattr(mod, attr, fn)
 
 
@@ -210,20 +214,14 @@ def measure_stages(name: str, layers: int, options: dict[str, Any], batch: int) 
     inputs = [torch.randint(0, VOCAB, (1, SEQ)), torch.arange(SEQ).unsqueeze(0)]
     report = GraphReport(graph_id="stages")
     timers = _Timers()
-    original_export, original_capture = program_module.export_program, program_module.capture_exported
-    original_split = disaggregate.split_stages
     # torch's share: the export and its decompositions (`capture_exported`'s run_decompositions).
-    program_module.export_program = timers.wrap("export", original_export)
-    program_module.capture_exported = timers.wrap("export", original_capture)
-    disaggregate.split_stages = timers.wrap("split", original_split)
-    try:
+    parts = [(program_module, "export_program", "export", False), (program_module, "capture_exported", "export", False),
+             (disaggregate, "split_stages", "split", False)]
+    with _patched(timers, parts):
         start = time.perf_counter()
         build_stage_program(step, inputs, max_tokens=64, config=tileflow.Config.from_options({"target": "reference", **options}),
                             report=report)
         total = (time.perf_counter() - start) * 1e3
-    finally:
-        program_module.export_program, program_module.capture_exported = original_export, original_capture
-        disaggregate.split_stages = original_split
     passes = _pass_ms([report])
     row: dict[str, float] = {**passes, "split": timers.ms.get("split", 0.0)}
     row["dynamo"] = timers.ms.get("export", 0.0)

@@ -326,6 +326,67 @@ def test_a_compiled_step_that_mutates_its_input_updates_the_callers_tensor(monke
                 torch.testing.assert_close(got_x, want_x)
 
 
+class ReturnsViews(torch.nn.Module):
+    """Outputs that are views of another output (a transpose, a column slice, a reshape) and of
+    the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = self.proj(x)
+        return y, y.t(), y[:, 2:], y.view(x.shape[0], 2, 4), x.view(x.shape[0], 2, 4)
+
+
+@pytest.mark.parametrize("options", [
+    {"passes": PASSES, "nano_batches": 2},
+    {"cuda_graphs": True, "max_tokens": 16},
+    {"cuda_graphs": True, "max_tokens": 16, "passes": PASSES, "nano_batches": 3},
+], ids=["nano_batches", "cuda_graphs", "both"])
+def test_outputs_share_memory_as_eagers_do(monkeypatch: pytest.MonkeyPatch, options: dict) -> None:
+    """A nano-batched step computed each output on its own (a view piece by piece, or of another
+    stream's copy of its base) and a replayed one copied each output apart: eager's views came
+    back as tensors of their own, same values. Now they share memory, with eager's strides, and
+    an in-place write to one shows in the others."""
+    import tileflow.runtime.streams
+
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    ReplayOnCpu.replays = 0
+    torch.manual_seed(4)
+    model = ReturnsViews()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(options), dynamic=True)
+    for tokens in (5, 6, 7):
+        x = torch.randn(tokens, 8)
+        with torch.no_grad():
+            got, want = compiled(x), model(x)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+            assert g.stride() == w.stride()
+        y, y_t, cols, y_3d, x_3d = got
+        assert x_3d.data_ptr() == x.data_ptr()
+        y.zero_()
+        assert not (y_t.any() or cols.any() or y_3d.any())
+    assert ReplayOnCpu.replays > 0 if options.get("cuda_graphs") else ReplayOnCpu.replays == 0
+
+
+def test_replayed_outputs_over_one_storage_are_copied_together() -> None:
+    base = torch.arange(24.0).reshape(6, 4)
+    other = torch.ones(3)
+    values = [base[1:], base.t(), 7, base.view(torch.int32)[2:, 1:], other, None]
+    copies = tileflow.runtime.streams.copies_sharing_memory(values)
+    assert copies[2] == 7 and copies[5] is None
+    for got, was in zip(copies[:2] + copies[3:5], values[:2] + values[3:5]):
+        assert torch.equal(got, was) and got.stride() == was.stride() and got.dtype == was.dtype
+        assert got.untyped_storage().data_ptr() != was.untyped_storage().data_ptr()
+    shared = {c.untyped_storage().data_ptr() for c in (copies[0], copies[1], copies[3])}
+    assert len(shared) == 1 and copies[4].untyped_storage().data_ptr() not in shared
+    copies[0][0, 0] = -1.0  # base[1, 0]: the transpose's [0, 1], the int view's bits two rows up
+    assert copies[1][0, 1] == -1.0 and torch.equal(copies[3], base.view(torch.int32)[2:, 1:])
+    copies[0][1, 1] = -2.0  # base[2, 1]: the int view's [0, 0]
+    assert copies[3][0, 0] == torch.tensor(-2.0).view(torch.int32)
+
+
 def test_the_issue_order_follows_the_events_and_the_streams() -> None:
     """A schedule whose event orders two nano-ops that no dependency links: the checker refuses
     it, and the runtime (which also runs unchecked schedules) still issues the producer first

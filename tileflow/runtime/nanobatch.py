@@ -117,6 +117,7 @@ class ScheduleState:
         self.whole: dict[str, Any] = {}
         self.pieces: dict[str, dict[tuple[int, int], Any]] = {}
         self._joined: dict[tuple[str, int | None], Any] = {}  # (split node, stream) -> whole
+        self._any_joined: dict[str, Any] = {}  # split node -> its first whole, on any stream
         self.stream: int | None = None  # the stream of the op being computed (None: the caller's)
         self.nodes = {n.name: n for n in gm.graph.nodes}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -137,8 +138,13 @@ class ScheduleState:
         # stream: a consumer on another stream waited for the pieces' producers, not for this cat.
         key = (node.name, self.stream)
         if key not in self._joined:
+            if self.stream is None and node.name in self._any_joined:
+                # After the step every stream has joined the caller's: any stream's copy serves
+                # (and an output viewing it shares its memory, as eager's would).
+                return self._any_joined[node.name]
             parts = self.pieces[node.name]
             self._joined[key] = torch.cat([parts[r] for r in sorted(parts)], dim=self.dims[node.name])
+            self._any_joined.setdefault(node.name, self._joined[key])
         return self._joined[key]
 
     def rows(self, node: fx.Node, lo: int, hi: int) -> Any:
@@ -185,9 +191,41 @@ class ScheduleState:
         return value
 
     def outputs(self) -> Any:
-        """The graph's outputs, from the values computed so far."""
+        """The graph's outputs, from the values computed so far. An output that eager returns as
+        a view (of another output, or of a value two outputs view) is its view chain applied
+        again to the whole of its base, so outputs share memory as eager's do: computed piece by
+        piece, or on another stream's copy of the base, it would hold the same values in memory
+        of its own."""
         (output,) = [n for n in self.gm.graph.nodes if n.op == "output"]
-        return fx.node.map_aggregate(output.args[0], _resolver(self.full))
+        return fx.node.map_aggregate(output.args[0], lambda a: self._output(a) if isinstance(a, fx.Node) else a)
+
+    def _output(self, node: fx.Node) -> Any:
+        chain = []
+        base = node
+        while _is_view(base):
+            chain.append(base)
+            base = base.args[0]
+        if not chain:
+            return self.full(node)
+        value = self.full(base)
+        resolve = _resolver(self.full)
+        try:
+            for view in reversed(chain):
+                value = view.target(value, *fx.node.map_aggregate(view.args[1:], resolve),
+                                    **fx.node.map_aggregate(view.kwargs, resolve))
+        except RuntimeError:
+            # A view eager could take of its base's layout but not of the concatenated base's:
+            # the output keeps its own memory (same values).
+            return self.full(node)
+        return value
+
+
+def _is_view(node: Any) -> bool:
+    """Whether `node` is an ATen op whose one tensor result views its first argument."""
+    target = getattr(node, "target", None)
+    return (isinstance(node, fx.Node) and node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and target.is_view and len(target._schema.returns) == 1 and bool(node.args)
+            and isinstance(node.args[0], fx.Node) and isinstance(node.meta.get("val"), torch.Tensor))
 
 
 def _resolver(full: Callable[[fx.Node], Any]) -> Callable[[Any], Any]:

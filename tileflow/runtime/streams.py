@@ -542,10 +542,44 @@ class CudaGraphBuckets:
     def _cut(self, outputs: Any, tokens: int) -> Any:
         flat, spec = pytree.tree_flatten(outputs, is_leaf=lambda x: x is None)
         _, dims = self._flat_outputs(outputs)
-        # Cloned: the static outputs belong to the graph, and the next replay overwrites them.
         cut = [tokens if d == TOKEN_COUNT else d.at(tokens) if isinstance(d, TokenExpression)
-               else o.narrow(d, 0, tokens).clone() if isinstance(o, torch.Tensor) else o for o, d in zip(flat, dims)]
-        return pytree.tree_unflatten(cut, spec)
+               else o.narrow(d, 0, tokens) if isinstance(o, torch.Tensor) else o for o, d in zip(flat, dims)]
+        # Copied: the static outputs belong to the graph, and the next replay overwrites them.
+        return pytree.tree_unflatten(copies_sharing_memory(cut), spec)
+
+
+def copies_sharing_memory(values: Sequence[Any]) -> list[Any]:
+    """A copy of each tensor in `values` (anything else as it is), where tensors that share
+    memory get copies that share memory the same way (an output and a view of it stay one
+    tensor and its view: an in-place write to one shows in the other, as in eager), with the
+    same strides. Tensors over one storage are copied as one span of its bytes."""
+    groups: dict[tuple[Any, int], list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            groups.setdefault((v.device, v.untyped_storage().data_ptr()), []).append(i)
+    out = list(values)
+    for members in groups.values():
+        tensors = [values[i] for i in members]
+        copies = _copy_span(tensors) if len(members) > 1 else None
+        for i, copy in zip(members, copies or [t.clone() for t in tensors]):
+            out[i] = copy
+    return out
+
+
+def _copy_span(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Tensors over one storage copied as one span of its bytes (None when an element offset
+    does not fall on its dtype's size from the span's start)."""
+    starts = [t.storage_offset() * t.element_size() for t in tensors]
+    ends = [s + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size() if t.numel() else s
+            for s, t in zip(starts, tensors)]
+    lo, hi = min(starts), max(ends)
+    if any((s - lo) % t.element_size() for s, t in zip(starts, tensors)):
+        return None
+    device = tensors[0].device
+    span = torch.empty(0, dtype=torch.uint8, device=device).set_(tensors[0].untyped_storage(), lo, (hi - lo,), (1,))
+    storage = span.clone().untyped_storage()
+    return [torch.empty(0, dtype=t.dtype, device=device).set_(storage, (s - lo) // t.element_size(), t.shape, t.stride())
+            for s, t in zip(starts, tensors)]
 
 
 def _empty_in_layout(like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -326,6 +326,51 @@ def test_a_compiled_step_that_mutates_its_input_updates_the_callers_tensor(monke
                 torch.testing.assert_close(got_x, want_x)
 
 
+def test_exact_graphs_capture_each_token_count_without_padding() -> None:
+    """`exact=True`: a call of T tokens replays a graph captured at T itself (its static inputs
+    hold exactly the call's rows), up to the largest bucket; above it the step runs directly."""
+    seen: list[int] = []
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return x - x.mean(0)  # reads across the tokens: padding would change every row
+
+    buckets = CudaGraphBuckets(step, [0], (8,), lambda out: 0, graph_factory=ReplayOnCpu, exact=True)
+    for tokens in (3, 5, 3, 8, 9):
+        x = torch.randn(tokens, 4)
+        torch.testing.assert_close(buckets(x), x - x.mean(0))
+    assert buckets.captures == 3  # 3, 5 and 8; the second 3 replays, 9 runs directly
+    assert seen[-1] == 9 and max(seen[:-1]) == 8 and set(seen[:-1]) == {3, 5, 8}
+
+
+def test_a_step_padding_would_change_runs_from_graphs_at_exact_token_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bidirectional attention: padded keys would reach every query, so the step (whole or
+    nano-batched) is captured at the token counts it is called with, and no others."""
+    import tileflow.compiler
+    import tileflow.runtime.streams
+
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    torch.manual_seed(2)
+    qkv = torch.nn.Linear(8, 24)
+
+    def attend(x: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv(x).view(1, -1, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, 8)
+
+    limit = tileflow.compiler.EXACT_GRAPH_TOKENS
+    for options in ({"cuda_graphs": True}, {"cuda_graphs": True, "passes": PASSES, "nano_batches": 2}):
+        ReplayOnCpu.captures = ReplayOnCpu.replays = 0
+        report = tileflow.Report()
+        compiled = torch.compile(attend, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)
+        with torch.no_grad():
+            for tokens in (3, 5, 3, limit + 1):
+                x = torch.randn(tokens, 8)
+                torch.testing.assert_close(compiled(x), attend(x), rtol=1e-5, atol=1e-5)
+        [graph] = report.graphs
+        assert graph.extra["cuda_graphs"].startswith(f"exact token counts only (up to {limit}, no padding)")
+        assert (ReplayOnCpu.captures, ReplayOnCpu.replays) == (2, 3), options
+
+
 class ReturnsViews(torch.nn.Module):
     """Outputs that are views of another output (a transpose, a column slice, a reshape) and of
     the input."""

@@ -31,11 +31,17 @@ log = get_logger("compiler")
 _GRAPH_IDS = itertools.count()
 
 
+# A step whose padded rows could reach real ones is captured only at the token counts it is
+# called with, up to this many: decode-sized steps, where launches cost the most, and each count
+# keeps a graph (its static inputs and outputs) alive.
+EXACT_GRAPH_TOKENS = 32
+
+
 def graphed_step(gm: fx.GraphModule, runner: Callable[..., Any], buckets: Sequence[int],
-                 graph_report: GraphReport) -> Callable[..., Any]:
+                 graph_report: GraphReport, exact: bool = False) -> Callable[..., Any]:
     """`runner` replayed from one captured graph per token bucket (`Config.cuda_graphs` on a
-    graph the nano-batch pass did not split), or `runner` itself, with the reason in the report,
-    when the graph has no single symbolic token dim to bucket."""
+    graph the nano-batch pass did not split; per token count when `exact`), or `runner` itself,
+    with the reason in the report, when the graph has no single symbolic token dim to bucket."""
     from tileflow.passes.nanobatch import token_symbol
 
     from .runtime.streams import CudaGraphBuckets, graph_token_dims
@@ -45,14 +51,17 @@ def graphed_step(gm: fx.GraphModule, runner: Callable[..., Any], buckets: Sequen
         graph_report.extra["cuda_graphs"] = "not captured: no single symbolic token dimension to bucket"
         return runner
     inputs, outputs = graph_token_dims(gm, found[0])
-    graph_report.extra["cuda_graphs"] = f"whole step, token buckets {list(buckets)}"
-    return CudaGraphBuckets(runner, inputs, buckets, lambda _: outputs)
+    if not exact:
+        graph_report.extra["cuda_graphs"] = f"whole step, token buckets {list(buckets)}"
+    return CudaGraphBuckets(runner, inputs, buckets, lambda _: outputs, exact=exact)
 
 
 def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int],
-                  graph_report: GraphReport) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The token buckets `gm` may be replayed at: none when running it padded could change its
-    real rows (`check_padding`; the reason goes in the report), else those within the token
+                  graph_report: GraphReport) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """The token buckets `gm` may be replayed at: when running it padded could change its real
+    rows (`check_padding`; the reason goes in the report), none, and the graphs are captured at
+    each token count up to `EXACT_GRAPH_TOKENS` instead (the last value, `exact`), or not at all
+    when no replay could be right (an in-place write); else those within the token
     count's guarded range plus its upper bound when that falls between two (a replay runs the
     graph at its bucket's size, and past the range, as a table of 20 rows sliced by T guards
     T <= 20, the compiled code would read what the guards kept out), and within the tables it
@@ -64,16 +73,21 @@ def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int],
 
     found = token_symbol(gm)
     if found is None:
-        return tuple(buckets), ()
+        return tuple(buckets), (), False
     check = check_padding(gm, found[0])
-    if check.hazard:
-        graph_report.extra["cuda_graphs"] = (f"not captured: a replay at a token bucket could differ from the step "
-                                             f"({check.hazard})")
+    if check.hazard and not check.unpadded_replay:
+        graph_report.extra["cuda_graphs"] = f"not captured: a replay could differ from the step ({check.hazard})"
         log.warning("%s: cuda_graphs not applied: %s", graph_report.graph_id, check.hazard)
-        return (), ()
+        return (), (), False
+    if check.hazard:
+        # Replayed at the call's own token count, the graph runs on exactly the call's rows.
+        graph_report.extra["cuda_graphs"] = (f"exact token counts only (up to {EXACT_GRAPH_TOKENS}, no padding): a "
+                                             f"replay at a token bucket could differ from the step ({check.hazard})")
+        log.warning("%s: cuda_graphs at exact token counts only: %s", graph_report.graph_id, check.hazard)
+        return (EXACT_GRAPH_TOKENS,), (), True
     # Also within the tables the step looks positions up in (`PaddingCheck.max_bucket`).
     bounds = [b for b in (graph_report.symbols.get(str(found[0]), [None, None])[1], check.max_bucket) if b is not None]
-    return capped_buckets(buckets, min(bounds, default=None)), check.positive_inputs
+    return capped_buckets(buckets, min(bounds, default=None)), check.positive_inputs, False
 
 
 def _replayed_while_positive(replayed: Callable[..., Any], plain: Callable[..., Any],
@@ -179,8 +193,9 @@ def compile_graph(
     if config.cuda_graphs and not buckets:
         graph_report.extra["cuda_graphs"] = f"not captured: CUDA graphs capture CUDA work, this graph runs on {device_type}"
     positive_inputs: tuple[int, ...] = ()
+    exact = False
     if buckets:
-        buckets, positive_inputs = _safe_buckets(gm, buckets, graph_report)
+        buckets, positive_inputs, exact = _safe_buckets(gm, buckets, graph_report)
     if plan is not None:
         from .runtime.nanobatch import NanoBatchRunner
 
@@ -189,13 +204,14 @@ def compile_graph(
         def nano_batched(graph_buckets: Sequence[int]) -> Callable[..., Any]:
             # Debug mode checks every schedule it builds.
             return NanoBatchRunner(gm, plan, residual, check=bool(config.debug_dir), graph_buckets=graph_buckets,
-                                   graph_factory=streams.GRAPH_FACTORY)
+                                   graph_factory=streams.GRAPH_FACTORY, exact_graphs=exact)
 
         runner = nano_batched(buckets)
         if buckets and positive_inputs:
             runner = _replayed_while_positive(runner, nano_batched(()), positive_inputs)
     elif buckets:
-        runner = _replayed_while_positive(graphed_step(gm, runner, buckets, graph_report), runner, positive_inputs)
+        runner = _replayed_while_positive(graphed_step(gm, runner, buckets, graph_report, exact), runner,
+                                          positive_inputs)
     report.add_graph(graph_report, recompile=recompile)
     if config.debug_dir:
         _write_reports(Path(config.debug_dir), graph_report, report)

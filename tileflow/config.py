@@ -51,7 +51,8 @@ class Config:
             estimates for the configs, shapes and device they were measured for.
         cuda_graphs: on CUDA, capture each compiled step (nano-batched or whole) once per token
             bucket (powers of two from 16 to the first at or above `max_tokens`) and input
-            signature as a CUDA graph and replay it; in a serving program
+            signature as a CUDA graph and replay it (a step whose padded rows could reach real
+            ones: at each token count up to 32, unpadded); in a serving program
             (`build_stage_program`), each dense stage between two attentions. Off by default until
             it has run on a GPU.
     """

@@ -289,11 +289,14 @@ class PaddingCheck:
     (`node: reason`; None when padded rows provably never reach real ones), and `max_bucket`,
     the most tokens a replay may be padded to (None: no bound; see the module docstring), and
     `positive_inputs`, the graph's 0-d float inputs (by position) the proof takes as positive:
-    a replay is right only at calls where each holds a positive value."""
+    a replay is right only at calls where each holds a positive value. `unpadded_replay`: whether
+    a replay at the call's own token count (no padding) would be right despite the hazard (not
+    for a step that writes a tensor in place, or returns a tensor with no one dim of T rows)."""
 
     hazard: str | None
     max_bucket: int | None = None
     positive_inputs: tuple[int, ...] = ()
+    unpadded_replay: bool = True
 
 
 def check_padding(gm: fx.GraphModule, token: Any) -> PaddingCheck:
@@ -301,8 +304,19 @@ def check_padding(gm: fx.GraphModule, token: Any) -> PaddingCheck:
     that writes any tensor in place is refused too: a replay writes the static copy of an input."""
     walk = _Walk(token)
     hazard = walk.run(gm)
-    return PaddingCheck(hazard, None if hazard else walk.max_bucket,
-                        () if hazard else tuple(sorted(walk.positive_inputs)))
+    if not hazard:
+        return PaddingCheck(None, walk.max_bucket, tuple(sorted(walk.positive_inputs)))
+    # A replay returns each tensor output by its one dim of T rows, padded or not.
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    outputs = [meta_val(a) for a in _flat(output.args[0]) if isinstance(a, fx.Node)]
+    unpadded = (not any(written_arguments(n) for n in gm.graph.nodes)
+                and all(_one_token_dim(walk.dims(v)) for v in outputs if isinstance(v, torch.Tensor)))
+    return PaddingCheck(hazard, unpadded_replay=unpadded)
+
+
+def _one_token_dim(dims: dict[int, Any] | None) -> bool:
+    """Whether a tensor's token dims (`_Walk.dims`) are one dim of exactly T rows."""
+    return dims is not None and len(dims) == 1 and all(a == 0 for a in dims.values())
 
 
 def padding_hazard(gm: fx.GraphModule, token: Any) -> str | None:

@@ -29,12 +29,13 @@ class NanoBatchRunner:
     Where the nano-ops run: `executor` when given (e.g. `SimulatedStreams` in tests); on CUDA
     inputs, `CudaStreams` (each schedule stream on its own CUDA stream, with events); elsewhere in
     one topological order. With `graph_buckets` (CUDA only; `Config.cuda_graphs`) each step is
-    captured once per token bucket and input signature as a CUDA graph and replayed (see
-    `tileflow.runtime.streams.CudaGraphBuckets`).
+    captured once per token bucket (per token count with `exact_graphs`) and input signature as
+    a CUDA graph and replayed (see `tileflow.runtime.streams.CudaGraphBuckets`).
     """
 
     def __init__(self, gm: fx.GraphModule, plan: Any, whole: Callable[..., Any], *, check: bool = False,
-                 executor: Any = None, graph_buckets: Sequence[int] = (), graph_factory: Any = None) -> None:
+                 executor: Any = None, graph_buckets: Sequence[int] = (), graph_factory: Any = None,
+                 exact_graphs: bool = False) -> None:
         self.gm, self.plan, self.whole, self.check = gm, plan, whole, check
         self.executor = executor
         self._schedule = lru_cache(maxsize=64)(self._build)
@@ -51,7 +52,7 @@ class NanoBatchRunner:
             # (at the bucket's count) would come back.
             inputs, outputs = graph_token_dims(gm, token)
             self._graphs = CudaGraphBuckets(self._run, inputs, graph_buckets, lambda _: outputs,
-                                            graph_factory=graph_factory)
+                                            graph_factory=graph_factory, exact=exact_graphs)
 
     def _build(self, sizes: tuple[int, ...]) -> Any:
         schedule = self.plan.schedule(list(sizes))

@@ -381,6 +381,9 @@ class CudaGraphBuckets:
     caller's tensor), calls above the largest bucket and steps whose capture fails. Parameters
     are referenced, never copied.
 
+    With `exact`, there is no padding: a call of T tokens, up to the largest bucket, is captured
+    at T itself, one graph per token count (for a step whose padded rows could reach real ones).
+
     `graph_factory()` (default: the module's `GRAPH_FACTORY` when set) returns an object with
     `capture(fn) -> outputs` and `replay()`; without either, the default
     captures a `torch.cuda.CUDAGraph` (CUDA only), every graph in one memory pool. Tests pass a
@@ -396,6 +399,7 @@ class CudaGraphBuckets:
         *,
         pad_value: int | float = PAD_VALUE,
         graph_factory: Callable[[], Any] | None = None,
+        exact: bool = False,
     ) -> None:
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError(f"token buckets must be positive ints, got {list(buckets)}")
@@ -406,6 +410,7 @@ class CudaGraphBuckets:
         self.buckets = sorted(set(int(b) for b in buckets))
         self.output_token_dims = output_token_dims
         self.pad_value = pad_value
+        self.exact = exact
         self._pool = None
         self.graph_factory = graph_factory or GRAPH_FACTORY or self._cuda_graph
         self._graphs: dict[tuple, _Captured] = {}
@@ -419,7 +424,10 @@ class CudaGraphBuckets:
         return _CudaGraph(self._pool)
 
     def bucket_for(self, tokens: int) -> int | None:
-        """The smallest bucket holding `tokens`, or None above the largest."""
+        """The smallest bucket holding `tokens` (`tokens` itself when `exact`), or None above the
+        largest."""
+        if self.exact:
+            return tokens if 0 < tokens <= self.buckets[-1] else None
         return next((b for b in self.buckets if b >= tokens), None)
 
     def tokens_of(self, args: Sequence[Any]) -> int:

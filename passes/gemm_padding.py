@@ -8,9 +8,9 @@ M gets a degenerate one-piece plan.
 
 Epilogues are fused where the graph has them, looking through the views between the 2-D GEMM
 and the model's 3-D activations (elementwise epilogues commute with those views):
-- bias (from `linear`), SiLU / GELU (erf or tanh), a residual `add`, and a cast of a float32
-  (or float64) result to another float dtype (a half-precision result's cast stays apart:
-  eager rounds to it first);
+- bias (from `linear`), SiLU / GELU (erf or tanh), a residual `add`, and a cast of the result to
+  another float dtype (from a half-precision result, e.g. `lm_head(h).float()`, the kernel rounds
+  to that dtype before converting, as eager does: `round_first`);
 - the SwiGLU pair `silu(x @ Wg.T) * (x @ Wu.T)`: two GEMMs on the same input become one kernel
   over the gate and up weights (logically [2N, K], never copied into a stacked tensor).
 MoE expert GEMMs (`transformers::grouped_mm_fallback` or `aten._grouped_mm`: x [M, K] with rows
@@ -103,6 +103,7 @@ class _Chain:
     activation: str = "none"
     residual: fx.Node | None = None
     out_dtype: torch.dtype | None = None
+    round_first: bool = False  # the cast converts a half-precision result: round to it first
     up_linear: fx.Node | None = None
     absorbed: list[fx.Node] = field(default_factory=list)
 
@@ -388,13 +389,16 @@ class GemmPadding:
         if cast is None:
             return
         dtype = _cast_dtype(cast, chain.tip)
-        # The kernel casts its accumulator (fp32, fp64 for fp64 inputs) straight to `dtype`; eager
-        # rounds the result to the tip's dtype first. Only a cast from the accumulator's own dtype
-        # matches: a widening one (fp16/bf16 -> fp32, bf16 <-> fp16) would skip that rounding
-        # (and fp16's overflow to inf), so it stays a separate node.
+        # Eager rounds the result to the tip's dtype, then converts it. From a float32 / float64
+        # result the kernel's cast of its accumulator (fp32, fp64 for fp64 inputs) is that; from a
+        # half-precision one (fp16/bf16 -> fp32, bf16 <-> fp16: `lm_head(h).float()`) the kernel
+        # rounds to the input dtype first (`round_first`, the spec's `round`), so fp16's overflow
+        # to inf and the rounded values are eager's.
         src = _val(chain.tip).dtype
-        if src in (torch.float32, torch.float64) and dtype in (torch.float16, torch.bfloat16, torch.float32) and dtype != src:
+        if src in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and dtype in (
+                torch.float16, torch.bfloat16, torch.float32) and dtype != src:
             chain.out_dtype = dtype
+            chain.round_first = src in (torch.float16, torch.bfloat16)
             chain.tip = cast
             chain.absorbed.append(cast)
             _walk_views(chain)
@@ -543,7 +547,8 @@ class GemmPadding:
                 infer_meta(residual)
             gemm = graph.call_function(
                 torch.ops.tileflow.padded_gemm.default,
-                (x, w, bias, residual, chain.activation, chain.out_dtype, encode_plan(plan), ctx.target, weight_up, bias_up),
+                (x, w, bias, residual, chain.activation, chain.out_dtype, encode_plan(plan), ctx.target, weight_up, bias_up,
+                 *((True,) if chain.round_first else ())),
             )
             infer_meta(gemm)
             copy_source_meta(linear, gemm)

@@ -29,6 +29,8 @@ EPILOGUE_CASES = [
     ("float16", ("cast",)),
     ("float16", ("bias", "gelu", "residual")),
     ("float16", ("bias", "swiglu", "residual", "cast")),
+    # The result rounded to float16, then widened (eager's `linear(x, w).float()`).
+    ("float16", ("bias", "gelu", "residual", "round", "cast")),
 ]
 
 
@@ -49,7 +51,8 @@ def make_inputs(spec: KernelSpec, device: str, m: int, seed: int) -> dict[str, t
 
 
 def reference(spec: KernelSpec, x, weight, bias=None, residual=None) -> torch.Tensor:
-    """float64 torch reference of the spec's GEMM + epilogue."""
+    """float64 torch reference of the spec's GEMM + epilogue (with `round`, rounded to the spec
+    dtype: fp16 overflows to inf there)."""
     n = spec.param("n")
     acc = x.double() @ weight.double().T
     if bias is not None:
@@ -65,7 +68,18 @@ def reference(spec: KernelSpec, x, weight, bias=None, residual=None) -> torch.Te
         acc = F.silu(acc[:, :n]) * acc[:, n:]
     if residual is not None:
         acc = acc + residual.double()
+    if "round" in ep:
+        # Eager's `linear(x, w).to(out_dtype)`: rounded to the input dtype, then converted.
+        acc = acc.to(getattr(torch, spec.dtype)).to(getattr(torch, spec.out_dtype)).double()
     return acc
+
+
+def overflow_inputs(spec: KernelSpec, device: str, m: int, seed: int) -> dict[str, torch.Tensor | None]:
+    """`make_inputs` with out[0, 0] = 100 * 100 * K and out[1, 0] = -100 * 100 * K (past float16's
+    65504 for K >= 7); every other element stays O(100)."""
+    inputs = make_inputs(spec, "cpu", m, seed)
+    inputs["x"][0], inputs["x"][1], inputs["weight"][0] = 100.0, -100.0, 100.0
+    return {name: None if t is None else t.to(device) for name, t in inputs.items()}
 
 
 def poisoned_out(spec: KernelSpec, device: str, m: int) -> torch.Tensor:
@@ -79,6 +93,10 @@ def assert_close(spec: KernelSpec, out: torch.Tensor, ref: torch.Tensor) -> None
     assert out.dtype == getattr(torch, spec.out_dtype)
     assert not torch.isnan(out).any(), "some output elements were never written"
     out64, ref64 = out.double().cpu(), ref.cpu()
+    # An overflow (a `round` to float16) is inf exactly where the reference has it, with its sign.
+    assert torch.equal(out64.isinf(), ref64.isinf()), f"inf at {out64.isinf().nonzero().tolist()}, want at {ref64.isinf().nonzero().tolist()}"
+    assert torch.equal(out64[out64.isinf()], ref64[ref64.isinf()])
+    out64, ref64 = out64.nan_to_num(posinf=0.0, neginf=0.0), ref64.nan_to_num(posinf=0.0, neginf=0.0)
     rel = ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
     # the coarser of the input and output dtypes sets the tolerance (fp32 -> fp16 cast rounds)
     tol = max(TOL[spec.dtype], TOL[spec.out_dtype])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemm_cases import EPILOGUE_CASES, assert_close, make_inputs, poisoned_out, reference
+from gemm_cases import EPILOGUE_CASES, assert_close, make_inputs, overflow_inputs, poisoned_out, reference
 from golden_files import check_golden
 from tileflow.backends.ascend import BACKEND, build_cpu_debug_kernel, render_sources
 from tileflow.backends.ascend.gemm import gemm_layout
@@ -45,7 +45,11 @@ ASCEND_EPILOGUE_CASES = [*EPILOGUE_CASES, ("bfloat16", ("bias", "gelu", "residua
 # A 128 x 128 fp32 SwiGLU tile does not fit the 192 KiB UB at once: the epilogue runs on slices.
 BIG_TILE_SPEC = gemm_spec("float32", ("bias", "swiglu", "residual"), n=150, k=40,
                           tile=TileConfig(128, 128, 32, group_m=2))
-ALL_SPECS = [gemm_spec("float32"), gemm_spec("float16"), BIG_TILE_SPEC] + [
+# `round`: through the input dtype to the output's; bfloat16 -> float16 rounds twice, its residual
+# read as bfloat16.
+ROUND_SPECS = [gemm_spec("float16", ("round", "cast")),
+               gemm_spec("bfloat16", ("residual", "round", "cast"), out_dtype="float16")]
+ALL_SPECS = [gemm_spec("float32"), gemm_spec("float16"), BIG_TILE_SPEC, *ROUND_SPECS] + [
     gemm_spec(dt, ep) for dt, ep in ASCEND_EPILOGUE_CASES
 ]
 
@@ -92,6 +96,24 @@ def test_swiglu_takes_stacked_or_separate_weights(kernels) -> None:
                              weight_up=inputs["weight"][n:], bias_up=inputs["bias"][n:])
     assert torch.equal(stacked, separate)
     assert_close(spec, separate, reference(spec, inputs["x"], inputs["weight"], inputs["bias"]))
+
+
+def test_round_then_cast_converts_the_rounded_result(kernels) -> None:
+    """`round` + `cast` is eager's `linear(x, w).to(out_dtype)`: a float16 product past 65504 is
+    inf, and so is a bfloat16 one converted to float16; the plain cast converts the float
+    accumulator itself (finite), and the rounded kernel's output is exactly that, rounded."""
+    for spec in ROUND_SPECS:
+        inputs = overflow_inputs(spec, "cpu", 37, seed=21)
+        out = poisoned_out(spec, "cpu", 37)
+        kernels[spec](inputs["x"], inputs["weight"], None, inputs["residual"], out=out)
+        ref = reference(spec, **inputs)
+        assert ref.isinf().sum() == 2  # +inf at [0, 0], -inf at [1, 0]
+        assert_close(spec, out, ref)
+    rounded, direct = ROUND_SPECS[0], gemm_spec("float16", ("cast",))
+    inputs = overflow_inputs(direct, "cpu", 37, seed=22)
+    out_direct = kernels[direct](inputs["x"], inputs["weight"])
+    assert torch.isfinite(out_direct).all()
+    assert torch.equal(kernels[rounded](inputs["x"], inputs["weight"]), out_direct.half().float())
 
 
 def test_large_tile_runs_its_epilogue_in_ub_slices(kernels) -> None:

@@ -395,3 +395,41 @@ def test_swiglu_with_separate_weights_needs_both_biases_or_neither() -> None:
             padded_gemm(x, wg, activation="swiglu", weight_up=wu, bias_up=b)
         got = padded_gemm(x, wg, b, activation="swiglu", weight_up=wu, bias_up=b)
     torch.testing.assert_close(got, F.silu(F.linear(x, wg, b)) * F.linear(x, wu, b))
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the Triton interpreter's numpy
+def test_round_first_is_the_float16_result_converted(target) -> None:
+    """`padded_gemm(..., out_dtype, round_first=True)` is `F.linear(x, w).to(out_dtype)`: the
+    result rounded to x's dtype (float16: inf past 65504) before the conversion; without it the
+    float32 accumulator is converted as is. On the reference target it is eager bit for bit."""
+    gen = torch.Generator().manual_seed(11)
+    x, w = torch.randn(33, K, generator=gen).half(), (torch.randn(N, K, generator=gen) / K**0.5).half()
+    x[0], w[0] = 100.0, 100.0  # out[0, 0] = 720000: inf in float16
+    with tileflow.use_config(tileflow.Config(target=target, max_tokens=256)):
+        rounded = padded_gemm(x, w, out_dtype=torch.float32, round_first=True)
+        direct = padded_gemm(x, w, out_dtype=torch.float32)
+        # N = 0 and K = 0 take no kernel: the rounding still applies (60000 + 60000 is inf).
+        side = torch.full((3, 8), 60000.0).half()
+        empty_k = padded_gemm(x[:3, :0], w[:8, :0], side[0], residual=side, out_dtype=torch.float32, round_first=True)
+    assert rounded.dtype == direct.dtype == torch.float32
+    assert torch.isinf(rounded[0, 0]) and torch.isfinite(direct).all()
+    assert torch.equal(rounded, direct.half().float())
+    assert torch.isinf(empty_k).all()
+    if target == "reference":
+        assert torch.equal(rounded, F.linear(x, w).float())
+
+
+def test_round_first_keys_its_own_kernel_only_where_it_rounds() -> None:
+    from tileflow.kernel_spec import TileConfig
+
+    def spec(dtype, out_dtype, **kw):
+        return gemm_spec(dtype=dtype, out_dtype=out_dtype, n=N, k=K, tile=TileConfig(16, 32, 32), has_bias=True, **kw)
+
+    plain, rounded = spec(torch.float16, torch.float32), spec(torch.float16, torch.float32, round_first=True)
+    assert plain.epilogue == ("bias", "cast") and rounded.epilogue == ("bias", "round", "cast")
+    assert plain.name == "tileflow_padded_gemm_float16_to_float32_m16n32k32w4s3_k72_n40_bias_cast"  # as before
+    assert rounded.name == plain.name.replace("_cast", "_round_cast") and rounded.digest() != plain.digest()
+    # A float32 accumulator already has the input's dtype, and without a cast nothing is converted.
+    assert spec(torch.float32, torch.float16, round_first=True) == spec(torch.float32, torch.float16)
+    assert spec(torch.float16, torch.float16, round_first=True) == spec(torch.float16, torch.float16)

@@ -11,10 +11,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import tileflow
+from tileflow.lower import gemm_specs_for_node
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.runtime import decode_plan
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 GEMM = torch.ops.tileflow.padded_gemm.default
 GROUPED = torch.ops.tileflow.grouped_gemm.default
 _GRABBED: list[tuple[fx.GraphModule, PassContext]] = []
@@ -106,12 +108,11 @@ def test_bias_activation_and_cast_fuse() -> None:
 
 
 @pytest.mark.parametrize("dtype, to", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
-                                       (torch.bfloat16, torch.float16)])
-def test_a_cast_that_widens_a_half_precision_result_stays_apart(dtype: torch.dtype, to: torch.dtype) -> None:
-    """The kernel writes its float32 accumulator straight to the fused cast's dtype; eager rounds
-    the product to the input dtype first (where float16 overflows to inf), then converts. A cast
-    from a half-precision result stays its own op (fused, an fp16 overflow came back finite and
-    bf16 results differed by an ulp); one from float32 is fused."""
+                                       (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)])
+def test_a_cast_of_a_half_precision_result_fuses_and_rounds_like_eager(dtype: torch.dtype, to: torch.dtype) -> None:
+    """`lm_head(h).float()`: eager rounds the product to the input dtype (where float16 overflows
+    to inf), then converts. The fused kernel does the same (`round_first`, the spec's `round`),
+    so the compiled result is eager's bit for bit, the infs included."""
     def logits(x, w):
         return F.linear(x, w).to(to)
 
@@ -119,10 +120,38 @@ def test_a_cast_that_widens_a_half_precision_result_stays_apart(dtype: torch.dty
     x[0] = 100.0  # 16 * 100 * 100 * 30: past float16's range
     w[0] = 100.0
     compiled, gm, ctx = compile_fn(logits, x, w)
-    assert "fused_cast" not in ctx.report.passes[1].rewrites
-    out, want = compiled(x, w), logits(x, w)
-    assert out.dtype == want.dtype
-    torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
+    [gemm] = gemm_nodes(gm)
+    assert gemm.args[5] == to and gemm.args[10] is True  # out_dtype, round_first
+    assert ctx.report.passes[1].rewrites == {"padded_gemm": 1, "fused_cast": 1}
+    assert prims.convert_element_type.default not in ops(gm) and aten._to_copy.default not in ops(gm)
+    specs = gemm_specs_for_node(gemm, decode_plan(gemm.args[6]))
+    assert {(s.epilogue, s.out_dtype) for s in specs} == {(("round", "cast"), str(to).removeprefix("torch."))}
+    for xv in (x, torch.cat([x, torch.randn(11, 16, dtype=dtype) * 30])):  # another M: the same kernel
+        out, want = compiled(xv, w), logits(xv, w)
+        assert out.dtype == want.dtype
+        torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
+    # float16 overflows in the product, and bfloat16's 480000 in the conversion to float16.
+    assert torch.isinf(out).any() == (torch.float16 in (dtype, to))
+
+
+def test_a_widening_cast_fuses_after_bias_and_residual() -> None:
+    """The epilogue runs in float32, then rounds to float16 and widens: within the fused
+    epilogues' tolerance of eager (which rounds after the GEMM and after the add), with eager's
+    float16 overflow."""
+    def block(x, w, b, r):
+        return (F.linear(x, w, b) + r).float()
+
+    x, w, b = torch.randn(7, 16).half(), (torch.randn(12, 16) / 4).half(), torch.randn(12).half()
+    r = torch.randn(7, 12).half()
+    x[0, :], w[0, :] = 64.0, 1.0
+    r[0, 0] = 65000.0  # plus a product of 1024: past float16's 65504
+    compiled, gm, ctx = compile_fn(block, x, w, b, r, dynamic_dims=((0, 0), (3, 0)))
+    assert ctx.report.passes[1].rewrites == {"padded_gemm": 1, "fused_bias": 1, "fused_residual": 1, "fused_cast": 1}
+    [gemm] = gemm_nodes(gm)
+    assert gemm.args[3] is not None and gemm.args[5] == torch.float32 and gemm.args[10] is True
+    out, want = compiled(x, w, b, r), block(x, w, b, r)
+    assert out.dtype == torch.float32 and torch.isinf(want[0, 0]) and torch.isinf(out[0, 0])
+    torch.testing.assert_close(out, want, rtol=2e-3, atol=2e-3)
 
 
 def test_plan_covers_the_symbolic_range() -> None:

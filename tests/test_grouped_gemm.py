@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import tileflow
 from tileflow.cli import main as cli_main
-from tileflow.kernel_spec import TileConfig, check_gemm_spec
+from tileflow.kernel_spec import KernelSpec, TileConfig, check_gemm_spec, make_params
 from tileflow.lower import grouped_gemm_spec
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.runtime import decode_plan, expected_group_rows, get_kernel
@@ -152,6 +152,23 @@ def test_kernel_with_no_rows_and_with_every_row_in_one_group(target: str) -> Non
     x, w, offsets = _inputs([0, 0, 50], N, torch.float32, 2, True)
     got = kernel(x.to(dev), w.to(dev), offsets.to(dev))
     _assert_close(got.cpu(), _reference(x, w, offsets, "none"), torch.float32)
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_round_then_cast_in_the_shared_epilogue(target: str) -> None:
+    """The grouped kernels share the padded GEMM's epilogue, `round` included (the pass fuses no
+    cast after a grouped GEMM; a spec may still ask): the fused SwiGLU's float16 result, widened."""
+    rounded, direct = (
+        KernelSpec(op="grouped_gemm", dtype="float16", out_dtype="float32", tile=TileConfig(16, 32, 32),
+                   epilogue=epilogue, params=make_params(n=N, k=K, experts=3))
+        for epilogue in (("swiglu", "round", "cast"), ("swiglu", "cast"))
+    )
+    dev = _device(target)
+    x, w, offsets = _inputs(GROUP_SIZES[3], 2 * N, torch.float16, 5, True)
+    outs = [_kernel(target, spec)(x.to(dev), w.to(dev), offsets.to(dev)).cpu() for spec in (rounded, direct)]
+    assert outs[0].dtype == torch.float32
+    _assert_close(outs[0], _reference(x, w, offsets, "swiglu").half().double(), torch.float16)
+    assert torch.equal(outs[0], outs[1].half().float()) and not torch.equal(outs[0], outs[1])
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -36,7 +36,7 @@ from tileflow.backends.triton.gemm import make_gemm_launcher, render_gemm_source
 from tileflow.kernel_spec import KernelSpec, TileConfig, make_params  # noqa: E402
 from tileflow.targets import triton_interpreter_enabled  # noqa: E402
 
-from gemm_cases import EPILOGUE_CASES, assert_close, make_inputs, poisoned_out, reference  # noqa: E402
+from gemm_cases import EPILOGUE_CASES, assert_close, make_inputs, overflow_inputs, poisoned_out, reference  # noqa: E402
 
 TILE_A = TileConfig(16, 32, 32)
 TILE_B = TileConfig(32, 32, 16)
@@ -264,6 +264,26 @@ def test_cast_to_float16_from_float32() -> None:
     assert out.dtype == torch.float16
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's numpy
+def test_round_then_cast_is_the_float16_result_widened() -> None:
+    """`round` + `cast` (a float16 GEMM with a float32 output: `linear(x, w).float()`) rounds the
+    result to float16 before widening it, so a product past 65504 is inf as in eager; the plain
+    `cast` widens the accumulator itself (finite). Each is the other's kernel but the rounding."""
+    rounded, direct = gemm_spec("float16", ("round", "cast")), gemm_spec("float16", ("cast",))
+    assert rounded.name != direct.name and "acc.to(tl.float16).to(tl.float32)" in render_gemm_source(rounded)
+    inputs = overflow_inputs(rounded, DEVICE, 17, seed=9)
+    outs = []
+    for spec in (rounded, direct):
+        out = poisoned_out(spec, DEVICE, 17)
+        build(spec)(inputs["x"], inputs["weight"], out=out)
+        outs.append(out.cpu())
+    ref = reference(rounded, **inputs)
+    assert ref.isinf().sum() == 2  # +inf at [0, 0], -inf at [1, 0]
+    assert_close(rounded, outs[0], ref)
+    assert torch.isfinite(outs[1]).all()
+    assert torch.equal(outs[0], outs[1].half().float())
+
+
 def test_even_k_has_no_k_mask() -> None:
     # K = 64 is a multiple of BLOCK_K = 16 and 32: the K mask is left out of the source.
     spec = gemm_spec("float32", ("bias",), k=64, tile=TILE_B)
@@ -473,6 +493,8 @@ def test_specs_differing_in_out_dtype_or_group_m_keep_apart(tmp_path: Path) -> N
     specs = [
         gemm_spec("float32", ("cast",), out_dtype="float16"),
         gemm_spec("float32", ("cast",), out_dtype="bfloat16"),
+        gemm_spec("float16", ("cast",)),
+        gemm_spec("float16", ("round", "cast")),  # the float16 result widened: another kernel
         gemm_spec("float32", tile=TileConfig(16, 32, 32, group_m=4)),
         gemm_spec("float32", tile=TileConfig(16, 32, 32)),
     ]
@@ -512,7 +534,7 @@ def test_every_epilogue_combination_renders(persistent: bool) -> None:
     for act in acts:
         for bias in ((), ("bias",)):
             for res in ((), ("residual",)):
-                for cast in ((), ("cast",)):
+                for cast in ((), ("cast",), ("round", "cast")):
                     spec = gemm_spec("float16", bias + act + res + cast, persistent=persistent)
                     compile(render_gemm_source(spec), spec.name, "exec")
 
@@ -569,6 +591,12 @@ def test_bad_specs_raise_clear_errors() -> None:
         render_gemm_source(KernelSpec("meta_attention", "float32", "float32", TILE_A))
     with pytest.raises(ValueError, match="supports dtype"):
         render_gemm_source(gemm_spec("float64"))
+    # `round` before a cast from float16 / bfloat16 only (else it would rename one kernel).
+    for dtype, epilogue in (("float16", ("round",)), ("float32", ("round", "cast"))):
+        with pytest.raises(ValueError, match="'round'.*needs 'cast' and a float16 or bfloat16 input"):
+            render_gemm_source(gemm_spec(dtype, epilogue, out_dtype="float16" if dtype == "float32" else None))
+    with pytest.raises(ValueError, match="order"):
+        render_gemm_source(gemm_spec("float16", ("cast", "round")))
 
 
 def test_epilogue_out_of_order_is_refused() -> None:

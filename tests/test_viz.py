@@ -685,6 +685,24 @@ def test_gemm_links_only_kernels_of_its_activation(activation: str) -> None:
     assert kernels[linked]["name"] == f"gemm_{'plain' if activation == 'none' else activation}"
 
 
+def test_gemm_with_a_rounding_cast_links_only_the_rounding_kernel() -> None:
+    """`round_first` (args[10]) of a float16 GEMM cast to float32 picks the `round` kernel; the
+    same GEMM without it (a user's direct cast) the plain cast's."""
+    from tileflow.viz import link_kernels
+
+    tile = {"block_m": 16, "block_n": 32, "block_k": 32}
+    plan = json.dumps({"pieces": [{"config": tile}], "dtype": "float16", "k": 64, "n": 128})
+    kernels = [{"name": "_".join(ep), "spec": {"op": "padded_gemm", "dtype": "float16", "tile": tile,
+                                               "params": [["k", 64], ["n", 128]], "epilogue": list(ep)}}
+               for ep in (("cast",), ("round", "cast"))]
+    for tail, want in (([], "cast"), ([None, None, True], "round_cast")):
+        node = {"name": "gemm", "op": "call_function", "target": "tileflow.padded_gemm.default",
+                "args": ["%x", "%w", None, None, "none", "torch.float32", plan, "triton", *tail],
+                "tileflow": {"kind": "padded_gemm"}}
+        [linked] = link_kernels(node, kernels)
+        assert kernels[linked]["name"] == want
+
+
 INT64_MAX = 9223372036854775807  # the end of every slice-to-end in an HF graph
 
 

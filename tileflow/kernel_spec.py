@@ -13,8 +13,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Epilogues a GEMM kernel can fuse, in the order they are applied to the accumulator.
-EPILOGUES: tuple[str, ...] = ("bias", "silu", "gelu", "gelu_tanh", "swiglu", "residual", "cast")
+# Epilogues a GEMM kernel can fuse, in the order they are applied to the accumulator. `cast`
+# converts the fp32 accumulator straight to out_dtype; `round` (only with `cast`, for fp16/bf16
+# inputs) first rounds it to the input dtype, as eager's `linear(x, w).to(out_dtype)` does
+# (fp16's overflow to inf included), then converts that to out_dtype.
+EPILOGUES: tuple[str, ...] = ("bias", "silu", "gelu", "gelu_tanh", "swiglu", "residual", "round", "cast")
+# Input dtypes whose GEMM result `round` rounds (for float32 / float64 the accumulator already has
+# the input's dtype: rounding to it would change nothing, so such specs have no `round`).
+ROUNDED_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
 # Activations accepted by `padded_gemm(..., activation=...)`; at most one per GEMM epilogue.
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "swiglu")
 # dtypes by their short names; specs carry names, not torch.dtype, so they stay JSON-friendly.
@@ -196,7 +202,8 @@ def check_gemm_spec(
     implement, saying why.
 
     Target-neutral rules (a tile, one activation at most, no repeats, entries in `EPILOGUES`
-    order, `cast` exactly when the dtypes differ, the family's epilogue limits and size params)
+    order, `cast` exactly when the dtypes differ, `round` only before a cast from fp16/bf16, the
+    family's epilogue limits and size params)
     plus the target's dtypes and smallest tile side (`min_block`).
     """
     if op not in GEMM_OPS:
@@ -215,6 +222,13 @@ def check_gemm_spec(
         raise ValueError(
             f"out_dtype {spec.out_dtype!r} differs from dtype {spec.dtype!r} but the epilogue has "
             f"no 'cast' (epilogue={spec.epilogue})"
+        )
+    if "round" in spec.epilogue and ("cast" not in spec.epilogue or spec.dtype not in ROUNDED_DTYPES):
+        # Without a cast the result is stored in the input dtype anyway; a float32 / float64
+        # accumulator is already in it: either way `round` would be a second name for one kernel.
+        raise ValueError(
+            f"'round' (the result rounded to the input dtype before the cast) needs 'cast' and a "
+            f"{' or '.join(ROUNDED_DTYPES)} input, got dtype {spec.dtype!r}, epilogue={spec.epilogue}"
         )
     acts = [e for e in spec.epilogue if e in ACTIVATIONS]
     if len(acts) > 1:
@@ -249,7 +263,8 @@ def check_gemm_spec(
 
 def gemm_formula(spec: KernelSpec) -> str:
     """One-line math of a `padded_gemm` / `grouped_gemm` spec, for generated sources' headers,
-    e.g. `silu(x @ W_gate^T + bias_gate) * (x @ W_up^T + bias_up) + residual`."""
+    e.g. `silu(x @ W_gate^T + bias_gate) * (x @ W_up^T + bias_up) + residual` (`(...) rounded to
+    float16` with a `round`)."""
     ep = spec.epilogue
     grouped = spec.op == "grouped_gemm"
     x, e = ("x[rows of e]", "[e]") if grouped else ("x", "")
@@ -261,4 +276,6 @@ def gemm_formula(spec: KernelSpec) -> str:
         for act in ("silu", "gelu", "gelu_tanh"):
             if act in ep:
                 expr = f"{act}({expr})"
-    return f"{expr} + residual" if "residual" in ep else expr
+    expr = f"{expr} + residual" if "residual" in ep else expr
+    # `round`: the result passes through the input dtype on its way to out_dtype.
+    return f"({expr}) rounded to {spec.dtype}" if "round" in ep else expr

@@ -17,13 +17,16 @@ import torch
 import torch.fx as fx
 
 from .graph_utils import bind_arguments
-from .kernel_spec import KernelSpec, TileConfig, dtype_name, make_params
+from .kernel_spec import ROUNDED_DTYPES, KernelSpec, TileConfig, dtype_name, make_params
 from .pipeline import PassContext
 from .tiles import TilePlan
 
 
-def gemm_epilogue(*, has_bias: bool, activation: str, has_residual: bool, cast: bool) -> tuple[str, ...]:
-    """The epilogue tuple of a GEMM, in the order kernels apply it."""
+def gemm_epilogue(
+    *, has_bias: bool, activation: str, has_residual: bool, cast: bool, round_first: bool = False
+) -> tuple[str, ...]:
+    """The epilogue tuple of a GEMM, in the order kernels apply it (`round_first`: a `round`
+    before the cast; the caller gives it only where it changes the result, see `_rounds`)."""
     epilogue: list[str] = []
     if has_bias:
         epilogue.append("bias")
@@ -31,9 +34,18 @@ def gemm_epilogue(*, has_bias: bool, activation: str, has_residual: bool, cast: 
         epilogue.append(activation)
     if has_residual:
         epilogue.append("residual")
+    if cast and round_first:
+        epilogue.append("round")
     if cast:
         epilogue.append("cast")
     return tuple(epilogue)
+
+
+def _rounds(round_first: bool, dtype: str, out_dtype: str) -> bool:
+    """Whether a GEMM asked to round its result to the input dtype before the cast needs a
+    `round`: only a cast from float16 / bfloat16 (a float32 / float64 accumulator already has
+    the input's dtype, so those kernels stay the plain cast's)."""
+    return round_first and dtype != out_dtype and dtype in ROUNDED_DTYPES
 
 
 @functools.lru_cache(maxsize=4096)
@@ -51,11 +63,14 @@ def gemm_spec(
     split_k: bool = False,
     stream_k: bool = False,
     tma: bool = False,
+    round_first: bool = False,
 ) -> KernelSpec:
     """The KernelSpec of one fixed-tile padded GEMM (N is the output width, K the reduction);
     `split_k` asks for the split-K kernel pair (the split factor is a launch argument),
     `stream_k` for the stream-K pair (its grid is a launch argument), `tma` for operand tiles
-    fetched by the Hopper copy engine."""
+    fetched by the Hopper copy engine; `round_first` rounds the result to `dtype` before the
+    cast to `out_dtype` (eager's `linear(x, w).to(out_dtype)`; a `round` epilogue entry where
+    that changes anything)."""
     dtype, out_dtype = dtype_name(dtype), dtype_name(out_dtype)
     # These flags join the params only when set, so other specs keep their digests.
     extra = {name: True for name, on in (("split_k", split_k), ("stream_k", stream_k), ("tma", tma)) if on}
@@ -64,7 +79,8 @@ def gemm_spec(
         dtype=dtype,
         out_dtype=out_dtype,
         tile=tile,
-        epilogue=gemm_epilogue(has_bias=has_bias, activation=activation, has_residual=has_residual, cast=dtype != out_dtype),
+        epilogue=gemm_epilogue(has_bias=has_bias, activation=activation, has_residual=has_residual, cast=dtype != out_dtype,
+                               round_first=_rounds(round_first, dtype, out_dtype)),
         params=make_params(n=n, k=k, persistent=persistent, **extra),
     )
 
@@ -114,7 +130,7 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     """One spec per kernel of `plan` (config, and its persistent, split-K, stream-K or TMA
     variant where the plan runs it), for a `tileflow::padded_gemm` node."""
     x, weight = node.args[0], node.args[1]
-    names = ("bias", "residual", "activation", "out_dtype", "plan", "target", "weight_up", "bias_up")
+    names = ("bias", "residual", "activation", "out_dtype", "plan", "target", "weight_up", "bias_up", "round_first")
     kwargs = dict(zip(names, node.args[2:]))
     kwargs.update(node.kwargs)
     activation = kwargs.get("activation") or "none"
@@ -126,7 +142,7 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
             dtype=xv.dtype, out_dtype=out_dtype, n=int(n), k=int(wv.shape[1]), tile=tile,
             activation=activation, has_bias=kwargs.get("bias") is not None,
             has_residual=kwargs.get("residual") is not None, persistent=persistent, split_k=split,
-            stream_k=stream_k, tma=tma,
+            stream_k=stream_k, tma=tma, round_first=bool(kwargs.get("round_first")),
         )
         for tile, persistent, split, stream_k, tma in plan.variants
     ]

@@ -95,16 +95,19 @@ def _padded_gemm(
     target: str = "",
     weight_up: torch.Tensor | None = None,
     bias_up: torch.Tensor | None = None,
+    round_first: bool = False,
 ) -> torch.Tensor:
     """out[M, N] = residual + act(x @ weight.T + bias), computed by fixed-tile kernels (see runtime).
 
     `plan` is the encoded tile plan the compiler chose ("" = build one for the current config);
-    `target` the kernel target ("" = the current config's).
+    `target` the kernel target ("" = the current config's). `round_first` rounds the result to
+    x's dtype before the cast to `out_dtype` (see `padded_gemm`).
     """
     from .runtime import run_padded_gemm
 
     _check_gemm_args(x, weight, bias, residual, activation, weight_up, bias_up)
-    return run_padded_gemm(x, weight, bias, residual, activation, out_dtype or x.dtype, plan, target, weight_up, bias_up)
+    return run_padded_gemm(x, weight, bias, residual, activation, out_dtype or x.dtype, plan, target, weight_up, bias_up,
+                           round_first)
 
 
 @_padded_gemm.register_fake
@@ -119,6 +122,7 @@ def _padded_gemm_fake(
     target: str = "",
     weight_up: torch.Tensor | None = None,
     bias_up: torch.Tensor | None = None,
+    round_first: bool = False,
 ) -> torch.Tensor:
     n = _check_gemm_args(x, weight, bias, residual, activation, weight_up, bias_up)
     return x.new_empty((x.shape[0], n), dtype=out_dtype or x.dtype)
@@ -134,17 +138,20 @@ def padded_gemm(
     out_dtype: torch.dtype | None = None,
     weight_up: torch.Tensor | None = None,
     bias_up: torch.Tensor | None = None,
+    round_first: bool = False,
 ) -> torch.Tensor:
     """Dynamic-M GEMM like `F.linear`, run by a tile plan's fixed-tile kernels with virtual padding.
 
     `x` is [M, K]; `weight` is [N, K]. With `activation="swiglu"` the result is
     `silu(x @ Wg.T + bg) * (x @ Wu.T + bu)`, the gate and up weights given stacked as one [2N, K]
     `weight` (and [2N] `bias`), or separately as `weight`/`weight_up` (and `bias`/`bias_up`).
-    `residual` [M, N] is added last; `out_dtype` casts the result. Callable eagerly: it builds or
-    reuses the plan for the current target (`tileflow.use_config`).
+    `residual` [M, N] is added last; `out_dtype` casts the result: the float32 accumulator goes
+    straight to it, unless `round_first`, which rounds the result to x's dtype first (then
+    converts), as `F.linear(x, w).to(out_dtype)` does: a float16 result past 65504 is inf there.
+    Callable eagerly: it builds or reuses the plan for the current target (`tileflow.use_config`).
     """
     return torch.ops.tileflow.padded_gemm(
-        x, weight, bias, residual, activation or "none", out_dtype, "", "", weight_up, bias_up
+        x, weight, bias, residual, activation or "none", out_dtype, "", "", weight_up, bias_up, round_first
     )
 
 

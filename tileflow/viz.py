@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import click
 
 from .graph_layout import LayoutInput, layout_all, layout_engine
-from .kernel_spec import EPILOGUES
+from .kernel_spec import EPILOGUES, ROUNDED_DTYPES
 
 __all__ = ["VizError", "build_html", "collect", "debug_dir_root", "output_conflict", "render", "viz_command", "write_html"]
 
@@ -42,7 +42,8 @@ MAX_ARG_CHARS = 160
 MAX_DRAWN_ITEMS = 400
 # Kernel tags that must agree between a padded_gemm node and a kernel's epilogue for a link: every
 # epilogue a GEMM can fuse (one list, kernel_spec's, so a new activation cannot be missed here) but
-# the cast, which follows the dtypes rather than an argument of the node.
+# the cast, which follows the dtypes rather than an argument of the node (`round` follows the node's
+# round_first and the dtype).
 _EPILOGUE_TAGS = frozenset(EPILOGUES) - {"cast"}
 # A lone surrogate: how Python decodes a path's non-UTF-8 bytes (and how JSON's "\udce9" reads
 # back). UTF-8 cannot encode it, so the page must not carry it raw.
@@ -764,6 +765,8 @@ def link_kernels(node: dict[str, Any], kernels: list[dict[str, Any]]) -> list[in
             tags.add("residual")
         if len(args) > 4 and isinstance(args[4], str) and args[4] != "none":
             tags.add(args[4])
+        if len(args) > 10 and args[10] is True and plan.get("dtype") in ROUNDED_DTYPES:
+            tags.add("round")  # round_first: a cast from a half-precision result
         tiles = [p.get("config") for p in plan.get("pieces", [])]
         for i, k in enumerate(kernels):
             spec = k.get("spec") or {}

@@ -16,7 +16,8 @@ but GM and the queues):
   x are read;
 - the vector unit applies the epilogue on the float accumulator in the unified buffer (UB): bias
   (a float row, host-converted), the activation (SiLU, GELU, GELU-tanh, or SwiGLU with a second
-  Matmul over the up weights), the residual (DataCopyPad of the real rows/columns), the cast, and
+  Matmul over the up weights), the residual (DataCopyPad of the real rows/columns), the cast (with
+  `round`, through the input dtype first: float -> half/bfloat16 -> the output dtype), and
   writes the real rows/columns back with DataCopyPad;
 - UB is 192 KiB: the epilogue works on `UB_ROWS`-row slices of the tile (UB_ROWS = BLOCK_M when it
   fits), queues double-buffered when they fit, so a large tile still runs.
@@ -109,11 +110,19 @@ class GemmLayout:
     bias: bool
     residual: bool
     experts: int = 0  # grouped (MoE) GEMM: the weight is [experts, N, K]; 0 for a plain GEMM
+    rounds: bool = False  # `round`: the result goes through InT (the input dtype) on its way to OutT
 
     @property
     def swiglu(self) -> bool:
         """Two Matmuls per tile (gate and up), combined as silu(gate) * up."""
         return self.activation == "swiglu"
+
+    @property
+    def res_type(self) -> str:
+        """The kernel's name of the residual's element type: OutT (the launcher converts the
+        residual to the output dtype), or InT with `round`, whose residual has the GEMM's dtype
+        (converting a float16 residual to bfloat16 would lose bits)."""
+        return "InT" if self.rounds else "OutT"
 
 
 @dataclass(frozen=True)
@@ -152,11 +161,12 @@ class UbBuffer:
 def ub_buffers(layout: "GemmLayout") -> list[UbBuffer]:
     """Every UB allocation of a GEMM kernel with this layout, in declaration order."""
     out_elem, out_bytes = "OutT", _CPP_BYTES[layout.out_type]
+    res_bytes = _CPP_BYTES[layout.in_type if layout.rounds else layout.out_type]
     buffers = [UbBuffer("accQue", "VECIN", "float", 4, True, True)]
     if layout.swiglu:
         buffers.append(UbBuffer("upQue", "VECIN", "float", 4, True, True))
     if layout.residual:
-        buffers.append(UbBuffer("resQue", "VECIN", out_elem, out_bytes, True, True))
+        buffers.append(UbBuffer("resQue", "VECIN", layout.res_type, res_bytes, True, True))
     buffers.append(UbBuffer("outQue", "VECOUT", out_elem, out_bytes, True, True))
     if layout.activation is not None or layout.residual:
         buffers.append(UbBuffer("tmpBuf", "VECCALC", "float", 4, True, False, "activation / residual scratch (float)"))
@@ -164,6 +174,9 @@ def ub_buffers(layout: "GemmLayout") -> list[UbBuffer]:
         buffers.append(UbBuffer("biasBuf", "VECCALC", "float", 4, False, False, "this tile's bias columns (float)"))
         if layout.swiglu:
             buffers.append(UbBuffer("biasUpBuf", "VECCALC", "float", 4, False, False))
+    if layout.rounds:
+        buffers.append(UbBuffer("roundBuf", "VECCALC", "InT", _CPP_BYTES[layout.in_type], True, False,
+                                "the result rounded to the input dtype (`round`)"))
     return buffers
 
 
@@ -188,6 +201,7 @@ def gemm_layout(spec: KernelSpec) -> GemmLayout:
                 group_m=tile.group_m, ub_rows=rows, buffer_num=buffers,
                 in_type=cpp_type(spec.dtype), out_type=cpp_type(spec.out_dtype),
                 activation=activation, bias="bias" in ep, residual="residual" in ep, experts=experts,
+                rounds="round" in ep,
             )
             if sum(b.bytes(layout) for b in ub_buffers(layout)) > UB_BYTES:
                 continue
@@ -313,7 +327,7 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
     if bias:
         members.append("    GlobalTensor<float> biasGm;" + ("\n    GlobalTensor<float> biasUpGm;" if swiglu else ""))
     if residual:
-        members.append("    GlobalTensor<OutT> resGm;")
+        members.append(f"    GlobalTensor<{L.res_type}> resGm;")
     if L.experts:
         members.append("    GlobalTensor<int32_t> offsetsGm;  // end row of each expert's group")
         members.append("    uint64_t wBase = 0;   // this tile's expert: offset of its weight")
@@ -342,7 +356,7 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
         if swiglu:
             init_gm.append("        biasUpGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(bias_up), N);")
     if residual:
-        init_gm.append("        resGm.SetGlobalBuffer(reinterpret_cast<__gm__ OutT*>(residual), uint64_t(t.m) * N);")
+        init_gm.append(f"        resGm.SetGlobalBuffer(reinterpret_cast<__gm__ {L.res_type}*>(residual), uint64_t(t.m) * N);")
     init_ub = [b.init() for b in buffers]
 
     load_bias = ""
@@ -377,11 +391,12 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
 """
     if residual:
         cube += """        // The residual's real rows/columns, row stride BLOCK_N in UB like the accumulator.
-        LocalTensor<OutT> resIn = resQue.AllocTensor<OutT>();
-        DataCopyPad(resIn, resGm[uint64_t(row0) * N + n0], outCopyIn, DataCopyPadExtParams<OutT>(false, 0, 0, OutT(0)));
+        LocalTensor<ResT> resIn = resQue.AllocTensor<ResT>();
+        DataCopyPad(resIn, resGm[uint64_t(row0) * N + n0], {res_copy}, DataCopyPadExtParams<ResT>(false, 0, 0, ResT(0)));
         resQue.EnQue(resIn);
 """
     cube = cube.replace("{w_base}", "wBase + " if grouped else "").replace("{up_base}", "upBase + " if grouped else "")
+    cube = cube.replace("ResT", L.res_type).replace("{res_copy}", "resCopyIn" if L.rounds else "outCopyIn")
     vec = ["        LocalTensor<float> acc = accQue.DeQue<float>();"]
     if swiglu:
         vec.append("        LocalTensor<float> up = upQue.DeQue<float>();")
@@ -403,15 +418,24 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
     if swiglu:
         vec.append("        upQue.FreeTensor(up);")
     if residual:
-        vec.append("        LocalTensor<OutT> res = resQue.DeQue<OutT>();")
-        if L.out_type == "float":
+        vec.append(f"        LocalTensor<{L.res_type}> res = resQue.DeQue<{L.res_type}>();")
+        if L.out_type == "float" and not L.rounds:
             vec.append("        Add(acc, acc, res, count);")
         else:
             vec.append("        Cast(tmp, res, RoundMode::CAST_NONE, count);")
             vec.append("        Add(acc, acc, tmp, count);")
         vec.append("        resQue.FreeTensor(res);")
     vec.append("        LocalTensor<OutT> outTile = outQue.AllocTensor<OutT>();")
-    if L.out_type == "float":
+    if L.rounds:
+        # Eager rounds the GEMM's result to its dtype (float16 overflows to inf), then converts.
+        vec.append("        LocalTensor<InT> rounded = roundBuf.Get<InT>();  // round: through the input dtype")
+        vec.append("        Cast(rounded, acc, RoundMode::CAST_RINT, count);")
+        if L.out_type == "float":
+            vec.append("        Cast(outTile, rounded, RoundMode::CAST_NONE, count);")
+        else:
+            vec.append("        Cast(acc, rounded, RoundMode::CAST_NONE, count);")
+            vec.append("        Cast(outTile, acc, RoundMode::CAST_RINT, count);")
+    elif L.out_type == "float":
         vec.append("        DataCopy(outTile, acc, count);")
     else:
         vec.append("        Cast(outTile, acc, RoundMode::CAST_RINT, count);")
@@ -423,6 +447,12 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
     experts_const = f"\nconstexpr int32_t EXPERTS = {L.experts};" if grouped else ""
     order = f"{L.experts} experts, tiles dealt slot-major" if grouped else f"grouped order GROUP_M={L.group_m}"
     res_copy = "        const DataCopyExtParams outCopyIn(rows, cols * sizeof(OutT), gmGap, ubGap, 0);\n" if residual else ""
+    if residual and L.rounds:  # the residual's rows in its own (input) dtype
+        res_copy = (
+            "        const uint32_t resGmGap = (N - cols) * sizeof(InT);\n"
+            "        const uint32_t resUbGap = (BLOCK_N * sizeof(InT) - Ceil32(cols * sizeof(InT))) / 32;\n"
+            "        const DataCopyExtParams resCopyIn(rows, cols * sizeof(InT), resGmGap, resUbGap, 0);\n"
+        )
     return f"""{banner(spec, "Ascend C kernel: padded fixed-tile GEMM (SmoothGEMM)")}//
 // out[M, {L.n}] = {gemm_formula(spec)}
 // {spec.dtype} inputs, fp32 accumulation, {spec.out_dtype} output; tile {L.block_m}x{L.block_n}x{L.block_k},
@@ -661,12 +691,14 @@ def make_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRun, co
 
     Inputs are checked by `tileflow.gemm_operands`; the kernel reads row-major operands, so a
     non-contiguous `x`/`weight` is made contiguous (a copy), the bias is passed as float32 and
-    the residual in the output dtype. `num_programs` caps the number of blocks (default: the
-    device's `cores`; at most MAX_BLOCK_DIM). M == 0 returns the empty output without launching.
+    the residual in the output dtype (in the input dtype with `round`). `num_programs` caps the
+    number of blocks (default: the device's `cores`; at most MAX_BLOCK_DIM). M == 0 returns the
+    empty output without launching.
     """
     gemm_layout(spec)
     entry = gemm_entry(spec)
-    out_dtype = getattr(torch, spec.out_dtype)
+    # The residual in the output dtype; with `round`, in the input dtype (the kernel's ResT).
+    res_dtype = getattr(torch, spec.dtype if "round" in spec.epilogue else spec.out_dtype)
     where = f"kernel {spec.name}"
 
     def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -685,7 +717,7 @@ def make_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRun, co
             "weight_up": None if ops.weight_up is None else ops.weight_up.contiguous(),
             "bias": None if ops.bias is None else ops.bias.to(torch.float32).contiguous(),
             "bias_up": None if ops.bias_up is None else ops.bias_up.to(torch.float32).contiguous(),
-            "residual": None if ops.residual is None else ops.residual.to(out_dtype).contiguous(),
+            "residual": None if ops.residual is None else ops.residual.to(res_dtype).contiguous(),
             "out": ops.out,
         }
         _tile_and_run(host_call, run, entry, where, ops.m, tensors, num_programs or cores)

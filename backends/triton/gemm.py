@@ -305,7 +305,9 @@ def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
     built: with them, a 128x256 tile reached 254 registers and spilled inside its K loop."""
     ep = spec.epilogue
     swiglu = "swiglu" in ep
-    out_tl = f"tl.{spec.out_dtype}"
+    # `round`: through the input dtype first (round to nearest even; fp16 overflows to inf), as
+    # eager's `linear(x, w).to(out_dtype)` rounds the GEMM's result before converting it.
+    out = f"acc.to(tl.{spec.dtype}).to(tl.{spec.out_dtype})" if "round" in ep else f"acc.to(tl.{spec.out_dtype})"
     # ---- epilogue, in EPILOGUES order, on the fp32 accumulator ----
     epi: list[str] = ["# Epilogue, fused on the fp32 accumulator."]
     if "bias" in ep:
@@ -337,7 +339,7 @@ def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
     if tma:
         if "residual" in ep:
             epi += ["acc += res_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]).to(tl.float32)"]
-        return "\n".join(epi + [f"out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to({out_tl}))"])
+        return "\n".join(epi + [f"out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], {out})"])
     epi += ["", "mask_out = mask_m[:, None] & mask_n[None, :]"]
     # Column offsets in int64 as well: a column-major residual or out has stride_n = M, and N * M
     # can pass 2^31 (the rows are int64 for the same reason).
@@ -348,7 +350,7 @@ def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
         ]
     epi += [
         "out_ptrs = out_ptr + rows * stride_om + cols.to(tl.int64) * stride_on",
-        f"tl.store(out_ptrs, acc.to({out_tl}), mask=mask_out)",
+        f"tl.store(out_ptrs, {out}, mask=mask_out)",
     ]
     return "\n".join(epi)
 

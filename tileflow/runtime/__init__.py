@@ -200,11 +200,13 @@ def run_padded_gemm(
     target: str,
     weight_up: torch.Tensor | None = None,
     bias_up: torch.Tensor | None = None,
+    round_first: bool = False,
 ) -> torch.Tensor:
     """Execute `tileflow::padded_gemm`: pick the plan's config for this M and launch its kernel.
 
     `plan` is the node's encoded plan ("" for eager calls: built for the current config's
     `max_tokens`); `target` is the node's target ("" for eager calls: the current config's).
+    `round_first` rounds the result to x's dtype before the cast to `out_dtype`.
     """
     from ..lower import gemm_spec
 
@@ -219,7 +221,7 @@ def run_padded_gemm(
         check_operand_kinds("padded_gemm", x, {"weight": weight, "weight_up": weight_up},
                             {"bias": bias, "bias_up": bias_up, "residual": residual}, out_dtype)
     if n == 0 or k == 0:
-        return _gemm_of_empty_dim(x, weight, bias, residual, activation, out_dtype, weight_up, bias_up)
+        return _gemm_of_empty_dim(x, weight, bias, residual, activation, out_dtype, weight_up, bias_up, round_first)
     tile_plan = decode_plan(plan) if plan else gemm_plan(
         n, k, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
         weight_tiles=2 if activation == "swiglu" else 1,
@@ -230,7 +232,7 @@ def run_padded_gemm(
     spec = gemm_spec(
         dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, tile=piece.config, activation=activation,
         has_bias=bias is not None, has_residual=residual is not None, persistent=piece.persistent,
-        split_k=piece.split_k > 1, stream_k=piece.stream_k, tma=piece.tma,
+        split_k=piece.split_k > 1, stream_k=piece.stream_k, tma=piece.tma, round_first=round_first,
     )
     kernel = get_kernel(target, spec)
     kwargs = {}
@@ -253,6 +255,7 @@ def _gemm_of_empty_dim(
     out_dtype: torch.dtype,
     weight_up: torch.Tensor | None,
     bias_up: torch.Tensor | None,
+    round_first: bool = False,
 ) -> torch.Tensor:
     """`padded_gemm` with N = 0 or K = 0, by `F.linear` in the accumulator's dtype: no tile plan
     covers an empty dimension, and there is nothing to tile (an empty result, or the epilogue of
@@ -274,6 +277,8 @@ def _gemm_of_empty_dim(
         acc = {"silu": f.silu, "gelu": f.gelu, "gelu_tanh": lambda t: f.gelu(t, approximate="tanh")}[activation](acc)
     if residual is not None:
         acc = acc + residual.to(acc_dtype)
+    if round_first:
+        acc = acc.to(x.dtype)  # the kernels' `round` (a no-op for float32 / float64)
     return acc.to(out_dtype)
 
 

@@ -1548,3 +1548,28 @@ def test_padded_values_follow_the_ops_own_dtypes() -> None:
         (gm,) = graphs
         check = check_padding(gm, token_symbol(gm)[0])
         assert (check.hazard is None) == safe, check.hazard
+
+
+def _rows_checked_for_restarts(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    # tileflow_causal's compiled check of packed position ids, in small: every position follows
+    # the one before it (a padded position, 0, does not).
+    torch._assert_async((positions[1:] == positions[:-1] + 1).all(), "the positions restart")
+    return (x + positions[:, None]) @ W
+
+
+def test_an_assert_over_padded_rows_is_not_captured(replay_on_cpu) -> None:
+    """An assert reaches no output, so the walk passed it: a replay runs it over the padded rows
+    too, where it fails though the call's rows pass (on CUDA a device-side assert at replay; the
+    CPU stand-in failed the capture). tileflow_causal puts such a check on the position ids in
+    every compiled plain-causal step: it runs uncaptured, and a call with restarting positions
+    still raises."""
+    def rows_and_positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(tokens, H), torch.arange(tokens) + 3
+
+    _assert_not_captured(_run(_rows_checked_for_restarts, rows_and_positions), "an assert over values")
+    compiled = torch.compile(_rows_checked_for_restarts,
+                             backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}))
+    positions = torch.tensor([0, 1, 2, 0, 1])
+    torch._dynamo.mark_dynamic(positions, 0)
+    with pytest.raises(RuntimeError, match="the positions restart"):
+        compiled(torch.randn(5, H), positions)

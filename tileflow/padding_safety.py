@@ -17,7 +17,9 @@ index past the query index are masked, as `kv_pos <= q_pos`), a mask's *diagonal
 query and key are one token, as `kv_pos > q_pos - w` or `seq[q] == seq[k]`), and a tensor's
 *fill* (one value everywhere). A mask filled with -inf hides padded keys once causal; one filled
 with the dtype's lowest value only when its diagonal holds too (a row seeing no key would
-average every key). What the walk does not know is a hazard: the step then runs uncaptured.
+average every key). What the walk does not know is a hazard: the step then runs uncaptured. So is an assert
+(`_assert_async`) on values computed from padded rows: it reaches no output, but a replay runs
+it over the padded rows too.
 
 A lookup of a fixed table (an embedding, `index_select`, an index) at positions reads row t + c
 for token t: a replay at bucket B reads rows up to B - 1 + c, past the table when it has fewer
@@ -165,6 +167,8 @@ _ALONG = {
     aten.linalg_vector_norm.default,
 }
 _SCANS = {aten.cumsum.default, aten.cumprod.default}
+# Run-time checks of a tensor's value: no output, but they run in a replay too.
+_ASSERTS = {aten._assert_async.default, aten._assert_async.msg}
 # Comparisons that build masks (True = attend): of two positions, `key <= query` and its mirror
 # images (the first set takes the key first); `==` of one row's values read at query and key.
 _KEY_FIRST = {aten.le.Tensor, aten.lt.Tensor}
@@ -365,6 +369,11 @@ class _Walk:
             except Exception as exc:  # an op shape the walk did not expect: refuse, never guess
                 facts = _Facts(hazard=f"{node.name}: not analysed ({type(exc).__name__}: {exc})")
             self.facts[node] = facts
+            if node.op == "call_function" and node.target in _ASSERTS and facts.hazard:
+                # Reaches no output, but a replay runs it over the padded rows too, where it may
+                # fail (a device-side assert on CUDA) though the call's rows pass: tileflow_causal's
+                # check that no position restarts in a row fails at every padded position id (0).
+                return f"{node.name}: an assert over values a replay computes from padded rows too ({facts.hazard})"
         return None
 
     # -- helpers -------------------------------------------------------------------------------

@@ -1190,6 +1190,63 @@ def test_transformers_causal_attn_implementation_places_chunks_behind_a_sliding_
             ours(ids[:, :9], position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]]), use_cache=False)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_compiled_plain_causal_model_refuses_packed_position_ids(arch: str) -> None:
+    """Under torch.compile a plain causal model (no window, no chunks) on "tileflow_causal" skipped
+    the mask function's check (Dynamo cannot read its closure, and these configs take no graph
+    break): position ids packing two sequences in a row attended across them, silently (Llama
+    0.64 off SDPA's packed mask, GPT-2 0.14). The compiled graph checks them now (tileflow's
+    passes keep the check; GPT-2 on Dynamo's eager backend, the integration's part alone): a
+    RuntimeError with the reason, from the graph that serves unpacked calls unchanged; a call
+    without position ids is still one graph, and decoding with a cache (never packed) compiles
+    no check. (Serving exports without Dynamo: test_disaggregate's and test_serving's steps.)"""
+    import transformers
+
+    if arch == "llama":
+        sdpa, ours = sdpa_and_ours("LlamaConfig", "LlamaForCausalLM", "tileflow_causal", vocab_size=128,
+                                   hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2)
+    else:
+        sdpa, ours = sdpa_and_ours("GPT2Config", "GPT2LMHeadModel", "tileflow_causal", vocab_size=128, n_embd=64,
+                                   n_layer=2, n_head=4)
+    torch._dynamo.reset()
+    graphs: list[torch.fx.GraphModule] = []
+    checks: list[int] = []
+    report = tileflow.Report()
+    tileflow_backend = tileflow.TileflowBackend({"target": "reference"}, report=report)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        graphs.append(gm)
+        checks.append(sum("assert_async" in str(n.target) for n in gm.graph.nodes))  # before the passes
+        return tileflow_backend(gm, example_inputs) if arch == "llama" else gm.forward
+
+    def compiled_graphs() -> int:  # tileflow's backend restarts Dynamo once per graph: count the ones it compiled
+        return len(report.graphs) if arch == "llama" else len(graphs)
+
+    plain = torch.compile(lambda ids: ours(ids, use_cache=False).logits, backend=backend, dynamic=True)
+    with_positions = torch.compile(lambda ids, pos: ours(ids, position_ids=pos, use_cache=False).logits,
+                                   backend=backend, dynamic=True)
+    ids, pos = torch.randint(0, 128, (2, 7)), torch.arange(7).repeat(2, 1)
+    packed = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 2, 3]])
+    with torch.no_grad():
+        want = sdpa(ids, use_cache=False).logits
+        torch.testing.assert_close(plain(ids), want, rtol=1e-5, atol=1e-5)
+        assert compiled_graphs() == 1  # no graph break
+        torch.testing.assert_close(with_positions(ids, pos), want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="pack several sequences into one .*one sequence per row"):
+            with_positions(ids, packed)
+        assert compiled_graphs() == 2  # the check is in the graph the unpacked call ran
+        assert not report.fallbacks, report.fallbacks
+        seen = len(checks)
+        # With a cache transformers applies no packed mask, and the graph has nothing to check.
+        decode = torch.compile(ours, backend=lambda gm, _: checks.append(
+            sum("assert_async" in str(n.target) for n in gm.graph.nodes)) or gm.forward, dynamic=True)
+        cache = transformers.DynamicCache(config=ours.config)
+        decode(ids[:, :5].contiguous(), past_key_values=cache)
+        decode(ids[:, 5:6].contiguous(), past_key_values=cache)
+    assert checks[:seen] == [1] * seen and len(checks) > seen and not any(checks[seen:]), checks
+
+
 def test_a_number_added_to_the_scores_is_refused_without_undoing_other_rewrites() -> None:
     """`scores * scale + 1.5` (a number added to every score) was taken for a mask: the pass
     raised on its missing dtype and was rolled back, which left every attention of the graph,

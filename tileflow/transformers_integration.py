@@ -114,9 +114,10 @@ def causal_attention_forward(
     with its logit soft-cap and attention sinks, when it has them), never a mask tensor, no branch on the token count (so one traced
     graph serves every count, 1 included). Padding masks, caches whose keys run past the
     queries (a StaticCache), non-causal layers (encoders, cross-attention) and position biases
-    are refused. Several sequences packed in one row attend across each other when traced:
-    serving steps are traced this way because their attention stages apply the rule per
-    sequence (an eager call with packed position ids is refused by the mask function)."""
+    are refused, and so are several sequences packed in one row (position ids that restart, with
+    no mask and no cache): eagerly by the mask function, under torch.compile by a check in the
+    compiled graph (`_assert_one_sequence_per_row`). Only a serving step, exported without
+    Dynamo, packs them by design: its attention stages apply the rule per sequence."""
     window, chunk, key_offset = kwargs.get("sliding_window"), None, 0
     if isinstance(attention_mask, CausalRule):
         # The layer's window may live only in its mask (Phi-3.5-MoE passes none to the attention
@@ -200,6 +201,11 @@ _CAUSAL_PARTS = frozenset({
     "remap_positions_for_packed_sequence.<locals>.inner_mask", "and_masks.<locals>.and_mask",
 })
 _WINDOW_PART = "sliding_window_overlay.<locals>.inner_mask"
+_PACKED_REFUSAL = (
+    "attn_implementation='tileflow_causal' keeps no sequences apart within a row, but these position ids pack "
+    "several sequences into one (they restart): pass one sequence per row, or use attn_implementation='tileflow', "
+    "which applies the packed mask"
+)
 _CHUNK_PART = "chunked_overlay.<locals>.inner_mask"
 
 
@@ -230,11 +236,7 @@ def _mask_rule(mask_function: Any, key_offset: int = 0) -> CausalRule | None:
             )
         causal |= name == "causal_mask_function"
         if name == _PACKED_PART and any(_packs_sequences(c) for c in cells):
-            raise ValueError(
-                "attn_implementation='tileflow_causal' keeps no sequences apart within a row, but these position ids "
-                "pack several sequences into one (they restart): pass one sequence per row, or use "
-                "attn_implementation='tileflow', which applies the packed mask"
-            )
+            raise ValueError(_PACKED_REFUSAL)
         for cell in cells:
             pending.extend(f for f in (cell if isinstance(cell, tuple) else (cell,)) if callable(f)
                            and not isinstance(f, torch.Tensor))
@@ -251,8 +253,10 @@ def _mask_rule(mask_function: Any, key_offset: int = 0) -> CausalRule | None:
 
 def _packs_sequences(sequence_ids: Any) -> bool:
     """Whether transformers' packed-sequence ids (a sequence index per token) hold real, several
-    sequences in a row. Traced (export, compile) they are always there, values unknown: the
-    serving steps traced this way keep their sequences apart in their attention stages."""
+    sequences in a row. Traced (export, compile) they are always there, values unknown, and this
+    says no: under torch.compile `_no_mask` checks them in the graph instead; a serving step
+    (exported without Dynamo) packs sequences by design and keeps them apart in its attention
+    stages."""
     if not isinstance(sequence_ids, torch.Tensor):
         return False
     from transformers.utils.import_utils import is_tracing
@@ -274,7 +278,10 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
     """`"tileflow_causal"`'s mask function: no mask tensor (a sliding window's or chunked
     attention's mask: its rule, `CausalRule`). A padding mask that masks a token is refused (the
     attention would silently attend to the padding); an all-ones one is no mask. So is any mask
-    other than the causal rule, a sliding window and chunks (a bidirectional one), which it would drop."""
+    other than the causal rule, a sliding window and chunks (a bidirectional one), which it would drop,
+    and so are sequences packed in a row (restarting position ids, no cache): read from the mask
+    function eagerly (`_mask_rule`), checked in the graph under torch.compile for a config with
+    neither window nor chunks (`_assert_one_sequence_per_row`: no graph break)."""
     kv_length, kv_offset = kwargs.get("kv_length"), kwargs.get("kv_offset", 0)
     q_length, q_offset = kwargs.get("q_length"), kwargs.get("q_offset", 0)
     if None not in (kv_length, q_length) and kv_offset + kv_length != q_offset + q_length:
@@ -286,12 +293,16 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
             "cache?): use attn_implementation='tileflow', or a DynamicCache"
         )
     mask_function = kwargs.get("mask_function")
-    if mask_function is None or (torch.compiler.is_dynamo_compiling() and _plain_causal(kwargs.get("config"))):
+    if mask_function is None:
         rule = None
+    elif torch.compiler.is_dynamo_compiling() and _plain_causal(kwargs.get("config")):
+        rule = None
+        _assert_one_sequence_per_row(mask_function, kwargs.get("batch_size"), q_length, kwargs.get("device"))
     else:
         # Dynamo cannot trace into a function's closure: under torch.compile the rule is read
         # eagerly, a graph break that a model whose config sets no window or chunk is spared
-        # (Dynamo wraps even the plain causal rule in packed-sequence masks).
+        # (Dynamo wraps even the plain causal rule in packed-sequence masks; the branch above
+        # checks those in the graph). Read eagerly, the packed ids are real: refused there.
         rule = torch._dynamo.disable(_mask_rule)(mask_function, kv_offset)
     if attention_mask is None:
         return rule
@@ -310,6 +321,31 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
             "pass packed tokens without padding, or use attn_implementation='tileflow'"
         )
     return rule
+
+
+def _assert_one_sequence_per_row(mask_function: Any, batch_size: Any, q_length: Any, device: Any) -> None:
+    """Under torch.compile, refuse at run time, in the graph, sequences packed in a row.
+
+    Dynamo cannot read the mask function's closure (`_mask_rule`), and without a graph break
+    transformers cannot look at the position ids either, so it wraps every compiled call's causal
+    rule in its packed-sequence masks, values unknown. Calling that function is traceable: each
+    token must see the one before it, which a restart of the positions (a new sequence) hides.
+    The rows' verdict is an `_assert_async` in the graph, no host sync: a RuntimeError with
+    `_PACKED_REFUSAL` on the CPU, a device-side assert on CUDA. A handful of O(tokens) ops per
+    call; applying the packed rule instead would build an [S, S] mask for every call, and
+    reading the ids on the host would break the graph. The plain causal rule (a cache: transformers
+    checks no packing then) gets no check, and nothing of this runs outside Dynamo (the serving
+    export packs sequences by design; eager calls are refused by `_mask_rule`). `Config.cuda_graphs`
+    leaves such a step uncaptured: a replay's padded position ids (0) would fail the check
+    (`tileflow.padding_safety`)."""
+    from transformers.masking_utils import causal_mask_function
+
+    if mask_function is causal_mask_function or batch_size is None or q_length is None:
+        return
+    later = torch.arange(1, q_length, device=device)[None, :]
+    rows = torch.arange(batch_size, device=device)[:, None]
+    sees_previous = mask_function(rows, 0, later, later - 1)
+    torch._assert_async(sees_previous.all(), _PACKED_REFUSAL)
 
 
 def causal_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:

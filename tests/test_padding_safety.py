@@ -1557,16 +1557,16 @@ def _rows_checked_for_restarts(x: torch.Tensor, positions: torch.Tensor) -> torc
     return (x + positions[:, None]) @ W
 
 
-def test_an_assert_over_padded_rows_is_not_captured(replay_on_cpu) -> None:
+def test_an_assert_over_padded_rows_is_never_replayed_padded(replay_on_cpu) -> None:
     """An assert reaches no output, so the walk passed it: a replay runs it over the padded rows
     too, where it fails though the call's rows pass (on CUDA a device-side assert at replay; the
     CPU stand-in failed the capture). tileflow_causal puts such a check on the position ids in
-    every compiled plain-causal step: it runs uncaptured, and a call with restarting positions
-    still raises."""
+    every compiled plain-causal step without a cache: it is captured only at exact token counts,
+    and a call with restarting positions still raises."""
     def rows_and_positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(tokens, H), torch.arange(tokens) + 3
 
-    _assert_not_captured(_run(_rows_checked_for_restarts, rows_and_positions), "an assert over values")
+    _assert_not_padded(_run(_rows_checked_for_restarts, rows_and_positions), "an assert over values")
     compiled = torch.compile(_rows_checked_for_restarts,
                              backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}))
     positions = torch.tensor([0, 1, 2, 0, 1])

@@ -17,7 +17,8 @@ index past the query index are masked, as `kv_pos <= q_pos`), a mask's *diagonal
 query and key are one token, as `kv_pos > q_pos - w` or `seq[q] == seq[k]`), and a tensor's
 *fill* (one value everywhere). A mask filled with -inf hides padded keys once causal; one filled
 with the dtype's lowest value only when its diagonal holds too (a row seeing no key would
-average every key). What the walk does not know is a hazard: the step then runs uncaptured. So is an assert
+average every key). What the walk does not know is a hazard: the step is then never replayed
+padded (`tileflow.compiler` captures it only at exact token counts). So is an assert
 (`_assert_async`) on values computed from padded rows: it reaches no output, but a replay runs
 it over the padded rows too.
 

@@ -336,8 +336,8 @@ def _assert_one_sequence_per_row(mask_function: Any, batch_size: Any, q_length: 
     reading the ids on the host would break the graph. The plain causal rule (a cache: transformers
     checks no packing then) gets no check, and nothing of this runs outside Dynamo (the serving
     export packs sequences by design; eager calls are refused by `_mask_rule`). `Config.cuda_graphs`
-    leaves such a step uncaptured: a replay's padded position ids (0) would fail the check
-    (`tileflow.padding_safety`)."""
+    captures such a step only at exact token counts: a replay's padded position ids (0) would fail
+    the check (`tileflow.padding_safety`)."""
     from transformers.masking_utils import causal_mask_function
 
     if mask_function is causal_mask_function or batch_size is None or q_length is None:

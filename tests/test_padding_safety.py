@@ -1561,8 +1561,9 @@ def test_an_assert_over_padded_rows_is_never_replayed_padded(replay_on_cpu) -> N
     """An assert reaches no output, so the walk passed it: a replay runs it over the padded rows
     too, where it fails though the call's rows pass (on CUDA a device-side assert at replay; the
     CPU stand-in failed the capture). tileflow_causal puts such a check on the position ids in
-    every compiled plain-causal step without a cache: it is captured only at exact token counts,
-    and a call with restarting positions still raises."""
+    every compiled plain-causal step without a cache: given position ids (an input, padded with
+    0), it is captured only at exact token counts, and a call with restarting positions still
+    raises."""
     def rows_and_positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(tokens, H), torch.arange(tokens) + 3
 
@@ -1573,3 +1574,82 @@ def test_an_assert_over_padded_rows_is_never_replayed_padded(replay_on_cpu) -> N
     torch._dynamo.mark_dynamic(positions, 0)
     with pytest.raises(RuntimeError, match="the positions restart"):
         compiled(torch.randn(5, H), positions)
+
+
+def _rows_checked_for_restarts_of_own_positions(x: torch.Tensor) -> torch.Tensor:
+    # The check over positions the step computes itself (transformers' `cache_position` when the
+    # caller passes no position ids): a replay's arange runs over the bucket's rows too.
+    return _rows_checked_for_restarts(x, torch.arange(x.shape[0]) + 3)
+
+
+def _rows_checked_against_a_count(x: torch.Tensor) -> torch.Tensor:
+    # Positions of their own again, but a check the real rows pass (fewer than 12 here) and
+    # a replay's padded rows at bucket 16 fail.
+    positions = torch.arange(x.shape[0])
+    torch._assert_async((positions < 12).all(), "too many positions")
+    return (x + positions[:, None]) @ W
+
+
+def test_an_assert_over_positions_computed_in_the_step_is_replayed_padded(replay_on_cpu) -> None:
+    """Positions computed in the step (`arange`) follow one another in a replay's padded rows
+    too, so the check that none restarts (`pos[1:] == pos[:-1] + 1`, then `all`) holds at every
+    row: the walk knows the comparison's value everywhere (True) and the step is captured at
+    buckets. (No call can pack sequences: the positions are not an input.) A check of the same
+    positions that padded rows fail (`pos < 12`) keeps it at exact token counts, and so do
+    positions passed in (`test_an_assert_over_padded_rows_is_never_replayed_padded`)."""
+    report = _run(_rows_checked_for_restarts_of_own_positions, _rows)
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1 and replay_on_cpu.replays == 3
+
+    torch._dynamo.reset()
+    ReplayOnCpu.captures = ReplayOnCpu.replays = 0
+    _assert_not_padded(_run(_rows_checked_against_a_count, _rows), "an assert over values")
+
+
+def _previous_rows(x: torch.Tensor) -> torch.Tensor:
+    # Each token after the first reads the one before it (the packed check's `kv = q - 1`).
+    return torch.cat([x[:1], x[torch.arange(1, x.shape[0]) - 1]]) @ W
+
+
+def _previous_rows_wrapping(x: torch.Tensor) -> torch.Tensor:
+    # Token 0 reads row -1: the last row, a padded one in a replay.
+    return x[torch.arange(x.shape[0]) - 1] @ W
+
+
+def test_rows_read_at_an_earlier_token_are_captured(replay_on_cpu) -> None:
+    """An index at positions of an earlier token reads real rows for real ones (and stays inside
+    the rows in a replay); one that wraps to the end reads a padded row."""
+    report = _run(_previous_rows, _rows)
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    torch._dynamo.reset()
+    ReplayOnCpu.captures = ReplayOnCpu.replays = 0
+    _assert_not_padded(_run(_previous_rows_wrapping, _rows), "may point at padded rows")
+
+
+def test_a_tileflow_causal_model_without_position_ids_is_replayed_padded(replay_on_cpu) -> None:
+    """A compiled plain-causal model on "tileflow_causal" without a cache checks in its graph that
+    no position restarts (`_assert_one_sequence_per_row`). Called without position ids, the
+    positions are its own `arange`: captured at buckets, equal to eager across them. Position ids
+    passed in (their padded rows would hold 0, a restart) keep the step at exact token counts,
+    and packed ones are still refused."""
+    tileflow.register_transformers()
+    model = build("llama")
+    model.config._attn_implementation = "tileflow_causal"
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids, use_cache=False).logits
+
+    report = _run(logits, lambda t: (torch.randint(0, VOCAB, (1, t)),), lengths=(5, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 2
+
+    report = tileflow.Report()
+    with_positions = torch.compile(lambda ids, pos: model(ids, position_ids=pos, use_cache=False).logits,
+                                   backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report))
+    ids, packed = torch.randint(0, VOCAB, (1, 7)), torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    for arg in (ids, packed):
+        torch._dynamo.mark_dynamic(arg, 1)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="pack several sequences into one"):
+        with_positions(ids, packed)
+    (note,) = _cuda_graphs_notes(report)
+    assert note.startswith("exact token counts only") and "an assert over values" in note, note

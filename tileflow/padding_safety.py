@@ -22,6 +22,18 @@ padded (`tileflow.compiler` captures it only at exact token counts). So is an as
 (`_assert_async`) on values computed from padded rows: it reaches no output, but a replay runs
 it over the padded rows too.
 
+Positions and fills hold at every element, a replay's padded rows included (its `arange` runs
+over the bucket's rows; an input's padded rows hold `PAD_VALUE` instead, so an input is neither).
+The walk carries them through slices from a fixed row (`pos[1:]`, `pos[:, :1] - 1`; one row is a
+fill), a cat that continues a position backwards (torch.diff's `prepend`), indexing at the same
+or an earlier token (`x[arange(1, T) - 1]`), integer arithmetic on fills, and sums, differences
+and comparisons of positions on one token dim (`_Walk.known`): `pos[1:] == pos[:-1] + 1` is a fill
+of True, and `all` of True (or `any` of False) is known at any size. An assert whose condition is
+so known is no hazard: it passes in a replay exactly when it passes in the call.
+tileflow_causal's check that no position restarts (transformers' packed-sequence mask at adjacent
+tokens) is one when the model computes its positions from `arange` (no position ids passed); over
+position ids passed in it stays a hazard (a padded 0 is a restart).
+
 A lookup of a fixed table (an embedding, `index_select`, an index) at positions reads row t + c
 for token t: a replay at bucket B reads rows up to B - 1 + c, past the table when it has fewer
 rows, an index error (on a GPU a device-side assert) where the call itself reads none. Such a
@@ -168,6 +180,12 @@ _ALONG = {
     aten.linalg_vector_norm.default,
 }
 _SCANS = {aten.cumsum.default, aten.cumprod.default}
+# Reductions of bools whose value a fill decides at any size (`all` of True, `any` of False).
+_ALL = {aten.all.default, aten.all.dim, aten.all.dims}
+_ANY = {aten.any.default, aten.any.dim, aten.any.dims}
+# Elementwise ops whose values `_Walk.known` computes from positions: sums, differences, comparisons.
+_AFFINE = {aten.add.Tensor, aten.sub.Tensor, aten.eq.Tensor, aten.ne.Tensor, aten.le.Tensor, aten.lt.Tensor,
+           aten.ge.Tensor, aten.gt.Tensor}
 # Run-time checks of a tensor's value: no output, but they run in a replay too.
 _ASSERTS = {aten._assert_async.default, aten._assert_async.msg}
 # Comparisons that build masks (True = attend): of two positions, `key <= query` and its mirror
@@ -493,7 +511,7 @@ class _Walk:
             return _Facts(hazard=hazard)
         routed = self.routed(node)
         facts = self.valued(node, routed if routed is not None else self.ordered(node, self.dispatch(node)))
-        return facts if facts.hazard else replace(facts, pad=self.padded_value(node))
+        return facts if facts.hazard else replace(self.known(node, facts), pad=self.padded_value(node))
 
     def dispatch(self, node: fx.Node) -> _Facts:
         """The facts of an op's value by what the op is (every op but the routing ones)."""
@@ -506,6 +524,11 @@ class _Walk:
         if target is operator.getitem:
             whole = self.facts[node.args[0]]
             return whole.parts[node.args[1]] if whole.parts is not None else whole
+        if target in _ALL or target in _ANY:
+            fill = self.facts[node.args[0]].fill
+            if fill is not None and (fill != 0) == (target in _ALL):
+                # All of True or any of False: so at any size (an empty tensor's too), padded rows included.
+                return _Facts(fill=float(fill != 0))
         if not any(self.carries_tokens(a) for a in self.inputs(node)) and not self.uses_token_count(node):
             return self.constant(node)
         name = _short_name(target)
@@ -732,6 +755,111 @@ class _Walk:
             return peak
         return None
 
+    # -- values known at every element, padded rows included: positions and fills ------------
+
+    def known(self, node: fx.Node, facts: _Facts) -> _Facts:
+        """`facts` with what an elementwise op's value holds at every element, a replay's padded
+        rows included, when its operands' values are known there (`affine`): a fill of integer or
+        bool operands that are fills (evaluated at their values); a position plus or minus a fill
+        or number (a position); the difference of two positions on one token dim (a fill), and
+        their comparison (a fill of True or False: `pos[1:] == pos[:-1] + 1`)."""
+        target, val = node.target, meta_val(node)
+        if (facts.fill is not None or facts.position is not None or not isinstance(val, torch.Tensor)
+                or not (target in _ELEMENTWISE or (isinstance(target, torch._ops.OpOverload)
+                                                   and torch.Tag.pointwise in target.tags))):
+            return facts
+        args = bind_arguments(node)
+        nodes = {name: a for name, a in args.items() if isinstance(a, fx.Node)}
+        if not nodes or not all(isinstance(meta_val(a), torch.Tensor) for a in nodes.values()):
+            return facts
+        if all(not _floating(meta_val(a).dtype) and self.facts[a].fill is not None for a in nodes.values()):
+            # Integer arithmetic and comparisons: exact, and the same on every device (a division
+            # by 0 is not evaluated: an error on a CPU, garbage on a GPU).
+            if _floating(val.dtype):
+                return facts
+            value = _evaluated(node, {name: self.facts[a].fill for name, a in nodes.items()})
+            return facts if value is None else replace(facts, fill=float(value))
+        if target not in _AFFINE or val.dtype not in _POSITION_DTYPES and val.dtype != torch.bool:
+            return facts
+        rank = val.dim()
+        first, second = self.affine(args["self"], rank), self.affine(args["other"], rank)
+        if first is None or second is None or first[0] + second[0] == 0:
+            return facts
+        if first[0] and second[0] and first[2] != second[2]:
+            return facts  # positions along different dims (a mask: `compared`)
+        dims = (first if first[0] else second)[2]
+        if target in (aten.add.Tensor, aten.sub.Tensor):
+            alpha = args.get("alpha", 1)
+            if type(alpha) is not int or val.dtype == torch.bool:
+                return facts
+            sign = alpha if target is aten.add.Tensor else -alpha
+            k, c = first[0] + sign * second[0], sympy.simplify(first[1] + sign * second[1])
+            if k == 1 and (self.dims(val) or {}) == dims:
+                return replace(facts, position=c)
+            if k == 0 and c.is_Integer:
+                return replace(facts, fill=float(c))
+            return facts
+        # A comparison of two positions on one token dim: of their offsets alone.
+        difference = sympy.simplify(first[1] - second[1])
+        if not (first[0] == second[0] == 1 and difference.is_number and difference.is_real):
+            return facts
+        holds = {aten.eq.Tensor: difference == 0, aten.ne.Tensor: difference != 0, aten.le.Tensor: difference <= 0,
+                 aten.lt.Tensor: difference < 0, aten.ge.Tensor: difference >= 0, aten.gt.Tensor: difference > 0}[target]
+        return replace(facts, fill=float(bool(holds)))
+
+    def affine(self, value: Any, rank: int) -> tuple[int, Any, dict[int, Any] | None] | None:
+        """An operand of an elementwise op of `rank` dims as (k, c, dims) when each element holds
+        k * its token index + c, in a replay too: (1, c, its token dim aligned to the output's) of a
+        position, (0, c, None) of an integer fill or number. None otherwise."""
+        if not isinstance(value, fx.Node):
+            if type(value) is int or isinstance(value, torch.SymInt) and not self.depends_on_token(value):
+                return 0, sympy.sympify(_expr(value)), None
+            return None
+        facts, val = self.facts[value], meta_val(value)
+        if not isinstance(val, torch.Tensor):
+            return None
+        if facts.position is not None:
+            dims = self.dims(val)
+            if not dims or len(dims) != 1:
+                return None
+            shift = rank - val.dim()
+            return 1, sympy.sympify(facts.position), {d + shift: a for d, a in dims.items()}
+        if facts.fill is not None and float(facts.fill).is_integer() and not _floating(val.dtype):
+            return 0, sympy.Integer(int(facts.fill)), None
+        return None
+
+    def known_rows(self, node: fx.Node, facts: _Facts, dim: int, prefix: Any) -> _Facts | None:
+        """A slice or select along the token dim of a value known at every row (`known`): a
+        fill's rows all hold it, and a position's row r holds r - prefix + c, so rows read from
+        any fixed start are the same rows, with the same values, in a replay (`pos[1:]`; a
+        padded row of the output holds what it would hold unpadded). A position sliced to a token
+        dim is one again; one row of it is a fill. None for other values and starts."""
+        if facts.position is None and facts.fill is None:
+            return None
+        args = bind_arguments(node)
+        if node.target is aten.select.int:
+            start = args["index"]
+        else:
+            start = _scalar(args.get("start")) or 0
+            if not _is_int(args.get("step", 1), 1):
+                return None
+        if type(start) is not int or start < 0:
+            return None
+        kept = replace(facts, causal=None, diagonal=None, position=None, row_source=None)
+        if facts.position is None:
+            return kept
+        out = meta_val(node)
+        o_dims = self.dims(out) or {}
+        if node.target is aten.slice.Tensor and dim in o_dims:
+            if isinstance(o_dims[dim], _Blocks):
+                return None
+            # Output row r is input row start + r: r - o_prefix + c' = start + r - prefix + c.
+            return replace(kept, position=sympy.simplify(facts.position + start - prefix + o_dims[dim]))
+        if o_dims or (node.target is aten.slice.Tensor and not _is_int(out.shape[dim], 1)):
+            return kept
+        value = sympy.simplify(start - prefix + facts.position)  # the one row read: a fill
+        return replace(kept, fill=float(value)) if value.is_Integer else kept
+
     # -- integer values at padded rows: the indices of lookups ---------------------------------
 
     def padded_value(self, node: fx.Node) -> int | bool | None:
@@ -773,19 +901,7 @@ class _Walk:
         if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) and padded(args["mask"]) is not None:
             # Filled at padded rows (HF's positions: cumsum(mask) - 1, filled with 1 where mask is 0).
             return _as_dtype(padded(args["value" if padded(args["mask"]) else "self"]), val.dtype)
-        operands = {name: padded(value) for name, value in args.items()}
-        if any(operands[name] is None for name, value in args.items() if isinstance(value, fx.Node)):
-            return None
-        with unset_fake_temporarily():
-            # Each operand with its own rank and dtype, so type promotion is the real op's (a uint8
-            # tensor minus an int64 number stays uint8 and wraps: 0 - 1 is 255, not -1).
-            concrete = {name: torch.full((1,) * meta_val(value).dim(), operands[name], dtype=meta_val(value).dtype)
-                        if isinstance(value, fx.Node) else value for name, value in args.items()}
-            try:
-                out = target(**concrete)
-            except (RuntimeError, TypeError, ValueError, ZeroDivisionError):  # 0 // 0: an error on a CPU
-                return None
-            return _as_dtype(out.item(), val.dtype) if isinstance(out, torch.Tensor) and out.numel() == 1 else None
+        return _as_dtype(_evaluated(node, {name: padded(value) for name, value in args.items()}), val.dtype)
 
     def in_table(self, index: fx.Node, rows: Any, wraps: bool) -> bool:
         """Whether every padded element of `index` (which carries the token dim) is a valid row of a
@@ -1247,6 +1363,9 @@ class _Walk:
         prefix = s_dims[dim]
         if isinstance(prefix, _Blocks):
             return self.refuse(node, "slices a dim of several sequences' tokens, each padded at its end")
+        known = self.known_rows(node, facts, dim, prefix)
+        if known is not None:
+            return known
         if node.target is aten.select.int:
             index = node.args[2]
             if isinstance(index, int) and 0 <= index and _provably_le(index, prefix):
@@ -1284,7 +1403,7 @@ class _Walk:
         if dim in o_dims:
             carriers = [i for i, t in enumerate(tensors) if dim in (self.dims(meta_val(t)) or {})]
             if carriers == [len(tensors) - 1]:
-                return _CLEAN
+                return self.continued(node, tensors, dim, o_dims[dim])
             return self.refuse(node, "concatenates along the token dim with rows after the tokens: padding would sit "
                                      "between real rows")
         for t in tensors:
@@ -1293,6 +1412,21 @@ class _Walk:
         # Indices side by side (PhiMoE's two expert choices): within the widest piece's range.
         ranges = [self.facts[t].key_range for t in tensors]
         return _Facts(key_range=max(ranges)) if None not in ranges else _CLEAN
+
+    def continued(self, node: fx.Node, tensors: list[fx.Node], dim: int, prefix: Any) -> _Facts:
+        """`cat` of rows before a position along its token dim (the output's has `prefix` rows
+        before its tokens): a position again when each row holds the value the position would
+        there (torch.diff's `prepend`: `pos[:, :1] - 1` before `pos`), else clean."""
+        position = self.facts[tensors[-1]].position
+        if (position is None or isinstance(prefix, _Blocks) or len(tensors) != len(node.args[0])
+                or meta_val(node).dtype not in _POSITION_DTYPES):
+            return _CLEAN
+        for row, piece in enumerate(tensors[:-1]):
+            # Output row `row` holds token index row - prefix.
+            fill = self.facts[piece].fill
+            if not _is_int(meta_val(piece).shape[dim], 1) or fill is None or not _equal(fill, row - prefix + position):
+                return _CLEAN
+        return _Facts(position=position)
 
     def stacked(self, node: fx.Node) -> _Facts:
         """`stack` puts pieces of one shape side by side along a new dim (GPT-J's and GLM's
@@ -1313,6 +1447,8 @@ class _Walk:
         dims = list(range(rank)) if dims is None or dims == [] else [dims] if isinstance(dims, int) else list(dims)
         s_dims = self.dims(meta_val(src)) or {}
         along_tokens = [s_dims[d % rank] for d in dims if d % rank in s_dims]
+        if node.target is aten.cumsum.default and self.facts[src].fill == 0:
+            return _Facts(fill=0.0)  # a running sum of zeros, along any dim: zeros, padded rows too
         # A scan reads only earlier rows: fine along T + a rows, not across blocks (a block's
         # padding comes before the next block's rows).
         if along_tokens and (node.target not in _SCANS or any(isinstance(a, _Blocks) for a in along_tokens)):
@@ -1330,27 +1466,40 @@ class _Walk:
         return _CLEAN
 
     def indexed(self, node: fx.Node) -> _Facts:
-        """`x[i0, i1, ...]` with index tensors: along a token dim of `x`, only the identity (a
-        position with no offset) keeps rows apart; along other dims any index does."""
+        """`x[i0, i1, ...]` with index tensors: along a token dim of `x`, positions that read the
+        row of the same token (the identity) or of an earlier one (`x[arange(1, T) - 1]`, the
+        previous token's) keep real rows apart from padded ones; along other dims any index does."""
         src, indices = node.args[0], node.args[1]
         s_dims = self.dims(meta_val(src)) or {}
         result = self.facts[src]
+        shifts = []
         for d, idx in enumerate(indices):
             if idx is None:
                 continue
             if d not in s_dims and (refused := self.table_rows_at(node, meta_val(src).shape[d], idx, wraps=True)):
                 return refused
             if d in s_dims:
-                pos = self.facts[idx].position
-                # Index row i (token index i) reads source row i + pos, token index i + pos - prefix.
-                if pos is None or not _equal(pos, s_dims[d]):
+                pos, i_dims = self.facts[idx].position, self.dims(meta_val(idx)) or {}
+                # Index element r, token index t = r - its prefix, reads source row t + pos (token
+                # index t + pos - prefix): row 0 on when pos is at least the index's prefix (a
+                # negative row would wrap to the padded end), and the same or an earlier token's
+                # row when pos is at most the source's prefix, so real rows read real ones and a
+                # replay's padded ones stay inside its B + prefix rows.
+                if pos is None or len(i_dims) != 1 or not (_provably_le(next(iter(i_dims.values())), pos)
+                                                           and _provably_le(pos, s_dims[d])):
                     return self.refuse(node, "indexes a token dim with values that may point at padded rows")
+                shifts.append(sympy.simplify(pos - s_dims[d]))
         if len([i for i in indices if i is not None]) and s_dims:
+            if any(shift != 0 for shift in shifts):
+                # Token t reads the source's token t + shift: a position's value shifts with it.
+                one = len(shifts) == 1 and len(self.dims(meta_val(node)) or {}) == 1
+                position = result.position + shifts[0] if result.position is not None and one else None
+                return _Facts(position=position, fill=result.fill)
             # The identity index onto the source's token dim: values keep the source's position,
             # and the value at token index t is the source's at t.
             selector = tuple(None if idx is None or d in s_dims else idx for d, idx in enumerate(indices))
-            return _Facts(position=result.position, row_source=result.row_source or (src, selector))
-        return _CLEAN
+            return _Facts(position=result.position, row_source=result.row_source or (src, selector), fill=result.fill)
+        return _Facts(fill=result.fill)
 
     def selected(self, node: fx.Node) -> _Facts:
         """`index_select(x, dim, i)`: output row r along `dim` is x's row i[r]. Rows of a table
@@ -1683,6 +1832,28 @@ class _Walk:
                 alpha = node.kwargs.get("alpha", 1)
                 return _Facts(position=facts.position + sign * alpha * _expr(other))
         return _CLEAN
+
+
+def _evaluated(node: fx.Node, operands: dict[str, Any]) -> Any:
+    """The one value of elementwise `node` when each tensor argument holds one value everywhere
+    (`operands`, by argument name; None: not known), or None."""
+    args = bind_arguments(node)
+    if any(operands.get(name) is None for name, value in args.items() if isinstance(value, fx.Node)):
+        return None
+    with unset_fake_temporarily():
+        # Each operand with its own rank and dtype, so type promotion is the real op's (a uint8
+        # tensor minus an int64 number stays uint8 and wraps: 0 - 1 is 255, not -1).
+        try:
+            concrete = {name: torch.full((1,) * meta_val(value).dim(), operands[name], dtype=meta_val(value).dtype)
+                        if isinstance(value, fx.Node) else value for name, value in args.items()}
+            out = node.target(**concrete)
+        except (RuntimeError, TypeError, ValueError, ZeroDivisionError, OverflowError):  # 0 // 0: an error on a CPU
+            return None
+        return out.item() if isinstance(out, torch.Tensor) and out.numel() == 1 else None
+
+
+def _floating(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
 
 
 def _smallest(dtype: torch.dtype) -> float:

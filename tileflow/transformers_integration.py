@@ -335,9 +335,11 @@ def _assert_one_sequence_per_row(mask_function: Any, batch_size: Any, q_length: 
     call; applying the packed rule instead would build an [S, S] mask for every call, and
     reading the ids on the host would break the graph. The plain causal rule (a cache: transformers
     checks no packing then) gets no check, and nothing of this runs outside Dynamo (the serving
-    export packs sequences by design; eager calls are refused by `_mask_rule`). `Config.cuda_graphs`
-    captures such a step only at exact token counts: a replay's padded position ids (0) would fail
-    the check (`tileflow.padding_safety`)."""
+    export packs sequences by design; eager calls are refused by `_mask_rule`). Under
+    `Config.cuda_graphs` a step whose positions the model computes itself (no position ids passed:
+    `arange`) is captured at token buckets, the check proved to pass at padded rows too; one given
+    position ids is captured only at exact token counts, as a replay's padded ids (0) would fail
+    it (`tileflow.padding_safety`)."""
     from transformers.masking_utils import causal_mask_function
 
     if mask_function is causal_mask_function or batch_size is None or q_length is None:

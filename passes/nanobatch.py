@@ -255,6 +255,19 @@ def token_symbol(gm: fx.GraphModule) -> tuple[Any, tuple[int, int]] | None:
     return None
 
 
+def _strided_over_joined(gm: fx.GraphModule, split: dict[str, bool]) -> fx.Node | None:
+    """An `as_strided` of a split value whose eager layout is not contiguous (None if none): the
+    runner joins a split value's pieces into a contiguous tensor, and as_strided's result depends
+    on the layout it reads (any other view's values do not)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.as_strided.default:
+            base = node.args[0]
+            value = meta_val(base)
+            if split.get(base.name) and not (isinstance(value, torch.Tensor) and value.is_contiguous() is True):
+                return node
+    return None
+
+
 @register_pass
 class NanoBatch:
     """Annotate token-wise ops and build the nano-batch plan and schedule (see module docstring)."""
@@ -298,6 +311,12 @@ class NanoBatch:
             prof = _profile(node)
             if prof is not None:
                 profile.append(prof)
+        strided = _strided_over_joined(gm, split)
+        if strided is not None:
+            result.fallback(strided.name, "as_strided of a value the split computes in pieces, whose eager layout is not "
+                                          "contiguous: the runner joins the pieces contiguously, and as_strided reads "
+                                          "the layout: not split")
+            return result
         device = _device(ctx)
         plan = NanoBatchPlan(setting, where, dims, split, specs, edges, profile, device)
         if setting == "auto" and device is None:

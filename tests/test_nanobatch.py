@@ -169,6 +169,29 @@ def test_reshapes_that_mix_token_rows_are_not_split(split_calls: list[int]) -> N
     assert split_calls  # the row-keeping part still ran split
 
 
+def test_as_strided_of_a_value_laid_out_across_the_tokens_is_not_split(split_calls: list[int]) -> None:
+    """as_strided reads its base's layout: eager's [8, T] product here is a transpose's (strides
+    (1, 8)), but the runner would join the split base contiguously, and the result was off by
+    about 5. The pass leaves such a graph whole, with the reason."""
+    torch.manual_seed(3)
+    proj = torch.nn.Linear(8, 8)
+
+    def reread(x: torch.Tensor) -> torch.Tensor:
+        turned = proj(x).t() * 2
+        return turned.as_strided((x.shape[0], 8), (8, 1)) + 1
+
+    report = tileflow.Report()
+    compiled = torch.compile(reread, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
+                                                                       report=report), dynamic=True)
+    for tokens in (5, 9):
+        x = torch.randn(tokens, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), reread(x), rtol=1e-5, atol=1e-5)
+    assert not split_calls
+    assert any("as_strided of a value the split computes in pieces" in f.reason
+               for g in report.graphs for f in g.fallbacks)
+
+
 def test_padding_off_the_token_dim_is_split(split_calls: list[int]) -> None:
     """`constant_pad_nd` of a feature dim (the attention pass pads latent attention's narrower
     head size so) keeps rows whole, so it runs per nano-batch instead of joining them: the

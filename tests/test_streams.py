@@ -415,21 +415,94 @@ def test_outputs_share_memory_as_eagers_do(monkeypatch: pytest.MonkeyPatch, opti
     assert ReplayOnCpu.replays > 0 if options.get("cuda_graphs") else ReplayOnCpu.replays == 0
 
 
+class LaidOutAcrossTheTokens(torch.nn.Module):
+    """Outputs whose base eager lays out with the token dim inside (a transpose's product, or a
+    contiguous [8, T]), and views of them: a nano-batched step joins the base contiguously along
+    the tokens, and a replay's buffer is laid out for the bucket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        turned = self.proj(x).t() * 2  # [8, T] with strides (1, 8)
+        across = self.proj(x).t().contiguous()  # [8, T] with strides (T, 1)
+        return turned, turned.transpose(0, 1).view(-1, 2, 4), across, across[:4]
+
+
+@pytest.mark.parametrize("options", [
+    {"passes": PASSES, "nano_batches": 2},
+    {"cuda_graphs": True, "max_tokens": 16},
+], ids=["nano_batches", "cuda_graphs"])
+def test_outputs_over_a_base_laid_out_otherwise_keep_eagers_strides(monkeypatch: pytest.MonkeyPatch,
+                                                                      options: dict) -> None:
+    """Where sharing memory would need another layout than eager's (the joined base's, or the
+    bucket's), each output keeps its own memory: an output eager returns contiguous comes back
+    with its strides and no more bytes, and a view of it works (it raised for both before the
+    fallback)."""
+    import tileflow.runtime.streams
+
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    torch.manual_seed(6)
+    model = LaidOutAcrossTheTokens()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(options), dynamic=True)
+    for tokens in (5, 6):
+        x = torch.randn(tokens, 8)
+        with torch.no_grad():
+            got, want = compiled(x), model(x)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+            if w.is_contiguous():
+                assert g.stride() == w.stride() and g.untyped_storage().nbytes() <= w.untyped_storage().nbytes()
+                g.view(-1)
+
+
+def test_a_graph_is_captured_per_value_of_a_number_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo passes a float argument as a 0-d CPU tensor, which a device kernel reads when it is
+    launched: a CUDA graph holds the value it was captured with, so each value gets its own."""
+    import tileflow.runtime.streams
+
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    ReplayOnCpu.captures = ReplayOnCpu.replays = 0
+    torch.manual_seed(1)
+    proj = torch.nn.Linear(8, 8)
+
+    def scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+        return proj(x).relu() * scale
+
+    compiled = torch.compile(scaled, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 16}),
+                             dynamic=True)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        for scale in (0.5, 3.0, 0.5):
+            torch.testing.assert_close(compiled(x, scale), scaled(x, scale))
+    assert (ReplayOnCpu.captures, ReplayOnCpu.replays) == (2, 3)
+
+
 def test_replayed_outputs_over_one_storage_are_copied_together() -> None:
     base = torch.arange(24.0).reshape(6, 4)
     other = torch.ones(3)
-    values = [base[1:], base.t(), 7, base.view(torch.int32)[2:, 1:], other, None]
+    # The base (contiguous, over the whole span) and views of it, one reading its bits as ints.
+    values = [base[1:], base.t(), 7, base.view(torch.int32)[2:, 1:], other, None, base]
     copies = tileflow.runtime.streams.copies_sharing_memory(values)
     assert copies[2] == 7 and copies[5] is None
-    for got, was in zip(copies[:2] + copies[3:5], values[:2] + values[3:5]):
+    tensors = [0, 1, 3, 4, 6]
+    for i in tensors:
+        got, was = copies[i], values[i]
         assert torch.equal(got, was) and got.stride() == was.stride() and got.dtype == was.dtype
         assert got.untyped_storage().data_ptr() != was.untyped_storage().data_ptr()
-    shared = {c.untyped_storage().data_ptr() for c in (copies[0], copies[1], copies[3])}
+    shared = {copies[i].untyped_storage().data_ptr() for i in (0, 1, 3, 6)}
     assert len(shared) == 1 and copies[4].untyped_storage().data_ptr() not in shared
     copies[0][0, 0] = -1.0  # base[1, 0]: the transpose's [0, 1], the int view's bits two rows up
     assert copies[1][0, 1] == -1.0 and torch.equal(copies[3], base.view(torch.int32)[2:, 1:])
     copies[0][1, 1] = -2.0  # base[2, 1]: the int view's [0, 0]
     assert copies[3][0, 0] == torch.tensor(-2.0).view(torch.int32)
+    # No contiguous tensor over the whole span (a bucket-sized buffer cut to fewer tokens along an
+    # inner dim): cloned one by one, compact.
+    inner = torch.randn(4, 16)[:, :5]
+    apart = tileflow.runtime.streams.copies_sharing_memory([inner, inner[:2]])
+    assert [c.stride() for c in apart] == [(5, 1), (5, 1)]
+    assert apart[0].untyped_storage().data_ptr() != apart[1].untyped_storage().data_ptr()
 
 
 def test_the_issue_order_follows_the_events_and_the_streams() -> None:

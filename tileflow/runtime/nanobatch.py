@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from ..graph_utils import is_view_op
 from .streams import CudaGraphBuckets, CudaStreams, graph_token_dims, run_schedule_on_streams
 
 aten = torch.ops.aten
@@ -206,7 +207,9 @@ class ScheduleState:
         while _is_view(base):
             chain.append(base)
             base = base.args[0]
-        if not chain:
+        if not chain or (self.plan.split.get(base.name) and meta_val_contiguous(base) is not True):
+            # A split base is joined contiguously: a view of it has eager's strides only when
+            # eager's base is contiguous too (else the output keeps its own, contiguous, memory).
             return self.full(node)
         value = self.full(base)
         resolve = _resolver(self.full)
@@ -222,11 +225,19 @@ class ScheduleState:
 
 
 def _is_view(node: Any) -> bool:
-    """Whether `node` is an ATen op whose one tensor result views its first argument."""
-    target = getattr(node, "target", None)
-    return (isinstance(node, fx.Node) and node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
-            and target.is_view and len(target._schema.returns) == 1 and bool(node.args)
-            and isinstance(node.args[0], fx.Node) and isinstance(node.meta.get("val"), torch.Tensor))
+    """Whether `node` is an op whose one tensor result views its first argument."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and is_view_op(node.target)
+            and len(node.target._schema.returns) == 1 and bool(node.args) and isinstance(node.args[0], fx.Node)
+            and isinstance(node.meta.get("val"), torch.Tensor))
+
+
+def meta_val_contiguous(node: fx.Node) -> bool | None:
+    """Whether `node`'s traced value is contiguous (None: not a tensor, or not known)."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return None
+    contiguous = value.is_contiguous()
+    return contiguous if isinstance(contiguous, bool) else None
 
 
 def _resolver(full: Callable[[fx.Node], Any]) -> Callable[[Any], Any]:

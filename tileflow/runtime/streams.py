@@ -365,7 +365,8 @@ class CudaGraphBuckets:
     token count, an int, which a call returns as T; a `TokenExpression`: an int computed from T,
     which a call returns at T, and as an input is captured at B). A call uses the smallest bucket
     B >= T. A graph is keyed by the bucket *and* everything else that shapes the step: every
-    input's shape with its token dim replaced by B, dtypes, every other int input and which
+    input's shape with its token dim replaced by B, dtypes, every other int input, the value of
+    each 0-d CPU tensor (a number a device kernel takes as an argument, fixed at capture) and which
     parameters it gets, so a new batch size or cache length captures anew instead of replaying a
     wrong graph, and so does each layer that runs one graph with its own weights (Dynamo reuses
     a layer's graph, its parameters as inputs, for every layer when a graph break splits it). The graph's
@@ -441,7 +442,12 @@ class CudaGraphBuckets:
         for value, dim in zip(args, self.input_token_dims):
             if dim == TOKEN_COUNT or isinstance(dim, TokenExpression):
                 continue  # follows the bucket
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dim() == 0:
+                # A number Dynamo passes as a 0-d CPU tensor (a float argument, an eps): a device
+                # kernel reads it as an argument when it is launched, so the graph holds the
+                # value it was captured with. Keyed by that value.
+                key.append(("cpu number", value.dtype, value.item()))
+            elif isinstance(value, torch.Tensor):
                 shape = list(value.shape)
                 if isinstance(dim, int):
                     shape[dim] = bucket
@@ -557,10 +563,12 @@ class CudaGraphBuckets:
 
 
 def copies_sharing_memory(values: Sequence[Any]) -> list[Any]:
-    """A copy of each tensor in `values` (anything else as it is), where tensors that share
-    memory get copies that share memory the same way (an output and a view of it stay one
-    tensor and its view: an in-place write to one shows in the other, as in eager), with the
-    same strides. Tensors over one storage are copied as one span of its bytes."""
+    """A copy of each tensor in `values` (anything else as it is), where tensors over one
+    storage, one of which is contiguous and spans what all of them reach (an output and views of
+    it, cut to the call's rows), are copied as that span: the copies share memory as the
+    originals do (an in-place write to one shows in the other, as in eager), with the same
+    strides. Others are cloned one by one (a span whose layout follows the graph's bucket, not
+    the call's rows, would keep the bucket's strides and bytes)."""
     groups: dict[tuple[Any, int], list[int]] = {}
     for i, v in enumerate(values):
         if isinstance(v, torch.Tensor):
@@ -575,13 +583,16 @@ def copies_sharing_memory(values: Sequence[Any]) -> list[Any]:
 
 
 def _copy_span(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
-    """Tensors over one storage copied as one span of its bytes (None when an element offset
-    does not fall on its dtype's size from the span's start)."""
+    """Tensors over one storage copied as one span of its bytes (None when none of them is a
+    contiguous tensor over the whole span, or an element offset does not fall on its dtype's
+    size from the span's start)."""
     starts = [t.storage_offset() * t.element_size() for t in tensors]
     ends = [s + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size() if t.numel() else s
             for s, t in zip(starts, tensors)]
     lo, hi = min(starts), max(ends)
     if any((s - lo) % t.element_size() for s, t in zip(starts, tensors)):
+        return None
+    if not any(s == lo and e == hi and t.is_contiguous() for s, e, t in zip(starts, ends, tensors)):
         return None
     device = tensors[0].device
     span = torch.empty(0, dtype=torch.uint8, device=device).set_(tensors[0].untyped_storage(), lo, (hi - lo,), (1,))

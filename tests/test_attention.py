@@ -1190,6 +1190,28 @@ def test_transformers_causal_attn_implementation_places_chunks_behind_a_sliding_
             ours(ids[:, :9], position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]]), use_cache=False)
 
 
+def test_the_compiled_causal_check_refuses_an_overlay_that_shows_later_tokens() -> None:
+    """An or-overlay (bidirectional image or prompt tokens: Step3p7's, Gemma-3's) over a plain
+    causal config was dropped under torch.compile as packed ids were: the graph's check also
+    asks that no token sees the one after it, which any block of two bidirectional tokens does."""
+    from transformers.masking_utils import causal_mask_function, or_masks
+
+    from tileflow.transformers_integration import _assert_one_sequence_per_row
+
+    def check(image: torch.Tensor) -> None:
+        overlay = or_masks(causal_mask_function, lambda b, h, q, kv: image[b, q] & image[b, kv])
+        _assert_one_sequence_per_row(overlay, image.shape[0], image.shape[1], image.device)
+
+    compiled = torch.compile(check, backend="eager", dynamic=True)
+    image = torch.zeros(2, 9, dtype=torch.bool)
+    for run in (check, compiled):
+        run(image)  # no overlay at work: the causal rule alone
+        image[1, 3:6] = True
+        with pytest.raises(RuntimeError, match="lets a token see the one after it"):
+            run(image)
+        image[1] = False
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_compiled_plain_causal_model_refuses_packed_position_ids(arch: str) -> None:
     """Under torch.compile a plain causal model (no window, no chunks) on "tileflow_causal" skipped
@@ -1244,7 +1266,8 @@ def test_a_compiled_plain_causal_model_refuses_packed_position_ids(arch: str) ->
         cache = transformers.DynamicCache(config=ours.config)
         decode(ids[:, :5].contiguous(), past_key_values=cache)
         decode(ids[:, 5:6].contiguous(), past_key_values=cache)
-    assert checks[:seen] == [1] * seen and len(checks) > seen and not any(checks[seen:]), checks
+    # Two asserts: no restart before a token, no overlay after it.
+    assert checks[:seen] == [2] * seen and len(checks) > seen and not any(checks[seen:]), checks
 
 
 def test_a_number_added_to_the_scores_is_refused_without_undoing_other_rewrites() -> None:

@@ -207,6 +207,11 @@ _PACKED_REFUSAL = (
     "which applies the packed mask"
 )
 _CHUNK_PART = "chunked_overlay.<locals>.inner_mask"
+_OVERLAY_REFUSAL = (
+    "attn_implementation='tileflow_causal' applies the causal rule only, but the model's mask lets a token see the "
+    "one after it (an overlay such as bidirectional image or prompt tokens), which it would silently drop: use "
+    "attn_implementation='tileflow', which applies the mask"
+)
 
 
 def _mask_rule(mask_function: Any, key_offset: int = 0) -> CausalRule | None:
@@ -329,7 +334,9 @@ def _assert_one_sequence_per_row(mask_function: Any, batch_size: Any, q_length: 
     Dynamo cannot read the mask function's closure (`_mask_rule`), and without a graph break
     transformers cannot look at the position ids either, so it wraps every compiled call's causal
     rule in its packed-sequence masks, values unknown. Calling that function is traceable: each
-    token must see the one before it, which a restart of the positions (a new sequence) hides.
+    token must see the one before it, which a restart of the positions (a new sequence) hides,
+    and none the one after it, which an or-overlay shows (bidirectional tokens: a block of them
+    holds such a pair; `_OVERLAY_REFUSAL`).
     The rows' verdict is an `_assert_async` in the graph, no host sync: a RuntimeError with
     `_PACKED_REFUSAL` on the CPU, a device-side assert on CUDA. A handful of O(tokens) ops per
     call; applying the packed rule instead would build an [S, S] mask for every call, and
@@ -348,6 +355,8 @@ def _assert_one_sequence_per_row(mask_function: Any, batch_size: Any, q_length: 
     rows = torch.arange(batch_size, device=device)[:, None]
     sees_previous = mask_function(rows, 0, later, later - 1)
     torch._assert_async(sees_previous.all(), _PACKED_REFUSAL)
+    sees_next = mask_function(rows, 0, later - 1, later)
+    torch._assert_async(~sees_next.any(), _OVERLAY_REFUSAL)
 
 
 def causal_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:

@@ -1653,3 +1653,15 @@ def test_a_tileflow_causal_model_without_position_ids_is_replayed_padded(replay_
         with_positions(ids, packed)
     (note,) = _cuda_graphs_notes(report)
     assert note.startswith("exact token counts only") and "an assert over values" in note, note
+
+
+@pytest.mark.parametrize("dtype, start", [(torch.float32, 2**24 - 4), (torch.int32, 2**31 - 6)])
+def test_positions_that_round_or_wrap_inside_a_bucket_are_not_known(replay_on_cpu, dtype, start) -> None:
+    """Positions near their dtype's limit round (float32 past 2**24) or wrap (int32) in a bucket's
+    padded rows, so `p[1:] > p[:-1]` is not True there: the step must not be replayed padded (it
+    was, and came back zero)."""
+    def gated(x: torch.Tensor) -> torch.Tensor:
+        p = torch.arange(x.shape[0], dtype=dtype) + start
+        return (x @ W) * (p[1:] > p[:-1]).all()
+
+    _assert_not_padded(_run(gated, _rows))

@@ -186,6 +186,11 @@ _ANY = {aten.any.default, aten.any.dim, aten.any.dims}
 # Elementwise ops whose values `_Walk.known` computes from positions: sums, differences, comparisons.
 _AFFINE = {aten.add.Tensor, aten.sub.Tensor, aten.eq.Tensor, aten.ne.Tensor, aten.le.Tensor, aten.lt.Tensor,
            aten.ge.Tensor, aten.gt.Tensor}
+# Values `_Walk.known` computes with stay within this bound, so that they (and a bucket's worth of
+# positions beyond them) are exact in every integer dtype; integer divisions are not evaluated.
+_KNOWN_BOUND = 2**20
+_DIVISIONS = {aten.div.Tensor, aten.div.Tensor_mode, aten.div.Scalar, aten.div.Scalar_mode, aten.floor_divide.default,
+              aten.remainder.Tensor, aten.remainder.Scalar, aten.fmod.Tensor, aten.fmod.Scalar}
 # Run-time checks of a tensor's value: no output, but they run in a replay too.
 _ASSERTS = {aten._assert_async.default, aten._assert_async.msg}
 # Comparisons that build masks (True = attend): of two positions, `key <= query` and its mirror
@@ -772,13 +777,18 @@ class _Walk:
         nodes = {name: a for name, a in args.items() if isinstance(a, fx.Node)}
         if not nodes or not all(isinstance(meta_val(a), torch.Tensor) for a in nodes.values()):
             return facts
+        if (target in _DIVISIONS or not all(self.small(a) for a in nodes.values())
+                or any(isinstance(v, (int, float)) and abs(v) > _KNOWN_BOUND for v in args.values())):
+            # Large or float values may wrap or round inside a bucket; an integer division may
+            # trap (min // -1) or fault (x // 0) where it is evaluated: left unknown.
+            return facts
         if all(not _floating(meta_val(a).dtype) and self.facts[a].fill is not None for a in nodes.values()):
             # Integer arithmetic and comparisons: exact, and the same on every device (a division
             # by 0 is not evaluated: an error on a CPU, garbage on a GPU).
             if _floating(val.dtype):
                 return facts
             value = _evaluated(node, {name: self.facts[a].fill for name, a in nodes.items()})
-            return facts if value is None else replace(facts, fill=float(value))
+            return facts if value is None or abs(value) > _KNOWN_BOUND else replace(facts, fill=float(value))
         if target not in _AFFINE or val.dtype not in _POSITION_DTYPES and val.dtype != torch.bool:
             return facts
         rank = val.dim()
@@ -806,6 +816,21 @@ class _Walk:
         holds = {aten.eq.Tensor: difference == 0, aten.ne.Tensor: difference != 0, aten.le.Tensor: difference <= 0,
                  aten.lt.Tensor: difference < 0, aten.ge.Tensor: difference >= 0, aten.gt.Tensor: difference > 0}[target]
         return replace(facts, fill=float(bool(holds)))
+
+    def small(self, node: fx.Node) -> bool:
+        """Whether `node`'s known value is exact in its dtype at every row a replay runs (up to
+        `_KNOWN_BOUND`): an integer fill, or a position of an integer dtype with a small offset.
+        A float position rounds, and a large one wraps, inside a bucket (2**24 + 1 in float32):
+        not used (no fact, so the value is unknown)."""
+        facts, val = self.facts[node], meta_val(node)
+        if not isinstance(val, torch.Tensor):
+            return True
+        if facts.fill is not None:
+            return abs(facts.fill) <= _KNOWN_BOUND
+        if facts.position is not None:
+            c = sympy.sympify(facts.position)
+            return not _floating(val.dtype) and c.is_Integer and abs(int(c)) <= _KNOWN_BOUND
+        return True
 
     def affine(self, value: Any, rank: int) -> tuple[int, Any, dict[int, Any] | None] | None:
         """An operand of an elementwise op of `rank` dims as (k, c, dims) when each element holds
@@ -1840,6 +1865,9 @@ def _evaluated(node: fx.Node, operands: dict[str, Any]) -> Any:
     args = bind_arguments(node)
     if any(operands.get(name) is None for name, value in args.items() if isinstance(value, fx.Node)):
         return None
+    if node.target in _DIVISIONS and any(isinstance(v, (int, float)) and abs(v) > _KNOWN_BOUND
+                                         for v in list(operands.values()) + list(args.values())):
+        return None  # the dtype's minimum over -1 traps (SIGFPE) on the CPU, which no except catches
     with unset_fake_temporarily():
         # Each operand with its own rank and dtype, so type promotion is the real op's (a uint8
         # tensor minus an int64 number stays uint8 and wraps: 0 - 1 is 255, not -1).

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from tileflow.graph_utils import graph_structure, is_view_op, meta_val, token_dim, written_arguments
+from tileflow.graph_utils import graph_structure, is_view_op, meta_val, token_dim, traced_contiguous, written_arguments
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, OpEdge, OpSpec, Schedule, check_schedule, make_schedule
 from tileflow.search import OpProfile, modeled_timeline, search_split
@@ -262,8 +262,7 @@ def _strided_over_joined(gm: fx.GraphModule, split: dict[str, bool]) -> fx.Node 
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.as_strided.default:
             base = node.args[0]
-            value = meta_val(base)
-            if split.get(base.name) and not (isinstance(value, torch.Tensor) and value.is_contiguous() is True):
+            if split.get(base.name) and not traced_contiguous(base):
                 return node
     return None
 

@@ -36,6 +36,13 @@ def meta_val(node: Any) -> Any:
     return node
 
 
+def traced_contiguous(node: Any) -> bool:
+    """Whether `node`'s traced value is a tensor known to be contiguous (False when not a
+    tensor, or when its symbolic sizes leave it open)."""
+    value = meta_val(node)
+    return isinstance(value, torch.Tensor) and value.is_contiguous() is True
+
+
 def token_dim(value: Any, token: Any) -> int | None:
     """The dim of a tensor whose size is exactly the token symbol, or None."""
     if not isinstance(value, torch.Tensor):

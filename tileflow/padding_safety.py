@@ -783,8 +783,8 @@ class _Walk:
             # trap (min // -1) or fault (x // 0) where it is evaluated: left unknown.
             return facts
         if all(not _floating(meta_val(a).dtype) and self.facts[a].fill is not None for a in nodes.values()):
-            # Integer arithmetic and comparisons: exact, and the same on every device (a division
-            # by 0 is not evaluated: an error on a CPU, garbage on a GPU).
+            # Integer arithmetic and comparisons of small values: exact, and the same on every
+            # device (divisions were left out above).
             if _floating(val.dtype):
                 return facts
             value = _evaluated(node, {name: self.facts[a].fill for name, a in nodes.items()})

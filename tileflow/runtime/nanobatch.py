@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from ..graph_utils import is_view_op
+from ..graph_utils import is_view_op, traced_contiguous
 from .streams import CudaGraphBuckets, CudaStreams, graph_token_dims, run_schedule_on_streams
 
 aten = torch.ops.aten
@@ -207,7 +207,7 @@ class ScheduleState:
         while _is_view(base):
             chain.append(base)
             base = base.args[0]
-        if not chain or (self.plan.split.get(base.name) and meta_val_contiguous(base) is not True):
+        if not chain or (self.plan.split.get(base.name) and not traced_contiguous(base)):
             # A split base is joined contiguously: a view of it has eager's strides only when
             # eager's base is contiguous too (else the output keeps its own, contiguous, memory).
             return self.full(node)
@@ -229,15 +229,6 @@ def _is_view(node: Any) -> bool:
     return (isinstance(node, fx.Node) and node.op == "call_function" and is_view_op(node.target)
             and len(node.target._schema.returns) == 1 and bool(node.args) and isinstance(node.args[0], fx.Node)
             and isinstance(node.meta.get("val"), torch.Tensor))
-
-
-def meta_val_contiguous(node: fx.Node) -> bool | None:
-    """Whether `node`'s traced value is contiguous (None: not a tensor, or not known)."""
-    value = node.meta.get("val")
-    if not isinstance(value, torch.Tensor):
-        return None
-    contiguous = value.is_contiguous()
-    return contiguous if isinstance(contiguous, bool) else None
 
 
 def _resolver(full: Callable[[fx.Node], Any]) -> Callable[[Any], Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import math
+import random
 from typing import Any
 
 import pytest
@@ -1067,6 +1068,45 @@ def test_dense_meta_attention_applies_attention_chunks(target: str, window: int 
         tileflow.ops.meta_attention(q, k, v, attention_chunk=0)
 
 
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_dense_meta_attention_keeps_packed_sequences_apart(target: str, window: int | None) -> None:
+    """`key_starts` ([B | 1, S]): the query at row i sees no key before key_starts[b, i] (its
+    sequence's first, sequences packed in a row), with the causal rule and a window; with a
+    model's own mask or attention chunks the starts join that mask. Against float64 attention
+    with the rules written out."""
+    gen = torch.Generator().manual_seed(5)
+    s, chunk = 23, 4
+    q = torch.randn(2, 4, s, 16, generator=gen)
+    k, v = torch.randn(2, 2, 2, s, 16, generator=gen).unbind(0)
+    starts = torch.tensor([[0] * 6 + [6] * 11 + [17] * 6, [0] * 3 + [3] * 20])
+    keys, pos = torch.arange(s)[None, :], torch.arange(s)[:, None]
+    rule = (keys <= pos)[None, None] & (keys[None, None] >= starts[:, None, :, None])
+    if window is not None:
+        rule &= keys > pos - window
+    keep = (torch.rand(2, 1, s, s, generator=gen) < 0.7) | (keys == pos)  # every row sees its own key
+    in_chunk = keys // chunk == pos // chunk
+
+    def want(mask: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(2, 1),
+                                              v.double().repeat_interleave(2, 1), attn_mask=mask)
+
+    def run(mask: torch.Tensor | None, key_starts: torch.Tensor, attention_chunk: int | None = None) -> torch.Tensor:
+        return torch.ops.tileflow.meta_attention(q, k, v, mask, True, None, target, None, None, window, None, None,
+                                                 attention_chunk, key_starts).double()
+
+    torch.testing.assert_close(run(None, starts), want(rule), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(keep, starts), want(rule & keep), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(None, starts, chunk), want(rule & in_chunk), rtol=1e-5, atol=1e-5)
+    one = starts[1:]  # broadcast over the batch
+    torch.testing.assert_close(run(None, one), want((keys <= pos) & (keys >= one[0, :, None]) & (
+        (keys > pos - window) if window is not None else True)), rtol=1e-5, atol=1e-5)
+    assert (run(None, starts) - want(keys <= pos)).abs().max() > 0.1  # the starts hide keys the causal rule shows
+    for bad in (starts.float(), starts[:, :-1], torch.zeros(3, s, dtype=torch.long)):
+        with pytest.raises(ValueError, match="key_starts must be an integer"):
+            tileflow.ops.meta_attention(q, k, v, causal=True, key_starts=bad)
+
+
 def test_transformers_causal_attn_implementation_refuses_a_static_cache() -> None:
     """"tileflow_causal" applies only the causal rule with the last query at the last key: a
     StaticCache's empty slots past the queries (its prefill was off by about 0.5 in logits) are
@@ -1164,8 +1204,8 @@ def test_transformers_causal_attn_implementation_places_chunks_behind_a_sliding_
     """Llama 4's chunked layers keep only their last chunk - 1 keys in a DynamicCache built from
     the config, so the first key is not at position 0; the chunks were numbered from it (decode
     past the first chunk 0.2-0.3 off, generation diverged). Decoding token by token, a chunked
-    prefill and generation equal SDPA's; packed sequences in one row, which "tileflow_causal"
-    would attend across, are refused eagerly."""
+    prefill and generation equal SDPA's; packed sequences in one row, whose chunks would be
+    numbered from the row's first token, are refused eagerly."""
     import transformers
 
     sdpa, ours = sdpa_and_ours(
@@ -1192,15 +1232,15 @@ def test_transformers_causal_attn_implementation_places_chunks_behind_a_sliding_
 
 def test_the_compiled_causal_check_refuses_an_overlay_that_shows_later_tokens() -> None:
     """An or-overlay (bidirectional image or prompt tokens: Step3p7's, Gemma-3's) over a plain
-    causal config was dropped under torch.compile as packed ids were: the graph's check also
-    asks that no token sees the one after it, which any block of two bidirectional tokens does."""
+    causal config was dropped under torch.compile as packed ids were: the graph's check asks that
+    no token sees the one after it, which any block of two bidirectional tokens does."""
     from transformers.masking_utils import causal_mask_function, or_masks
 
-    from tileflow.transformers_integration import _assert_one_sequence_per_row
+    from tileflow.transformers_integration import _traced_rule
 
     def check(image: torch.Tensor) -> None:
         overlay = or_masks(causal_mask_function, lambda b, h, q, kv: image[b, q] & image[b, kv])
-        _assert_one_sequence_per_row(overlay, image.shape[0], image.shape[1], image.device)
+        _traced_rule(overlay, image.shape[0], image.shape[1], None, image.device)
 
     compiled = torch.compile(check, backend="eager", dynamic=True)
     image = torch.zeros(2, 9, dtype=torch.bool)
@@ -1212,22 +1252,61 @@ def test_the_compiled_causal_check_refuses_an_overlay_that_shows_later_tokens() 
         image[1] = False
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_a_compiled_plain_causal_model_refuses_packed_position_ids(arch: str) -> None:
-    """Under torch.compile a plain causal model (no window, no chunks) on "tileflow_causal" skipped
-    the mask function's check (Dynamo cannot read its closure, and these configs take no graph
-    break): position ids packing two sequences in a row attended across them, silently (Llama
-    0.64 off SDPA's packed mask, GPT-2 0.14). The compiled graph checks them now (tileflow's
-    passes keep the check; GPT-2 on Dynamo's eager backend, the integration's part alone): a
-    RuntimeError with the reason, from the graph that serves unpacked calls unchanged; a call
-    without position ids is still one graph, and decoding with a cache (never packed) compiles
-    no check. (Serving exports without Dynamo: test_disaggregate's and test_serving's steps.)"""
+def test_packed_key_starts_follow_transformers_packed_sequences() -> None:
+    """`packed_key_starts` gives each token its sequence's first token, from transformers' own
+    packed-sequence mask function (positions that restart, or jump, start a sequence), eagerly
+    and traced: 200 random packings, rows of 1 to 12 tokens."""
+    from transformers.masking_utils import and_masks, causal_mask_function, find_packed_sequence_indices
+    from transformers.masking_utils import packed_sequence_mask_function
+
+    from tileflow.transformers_integration import packed_key_starts
+
+    def starts_of(position_ids: torch.Tensor) -> torch.Tensor:
+        sequences = find_packed_sequence_indices(position_ids)  # None eagerly when nothing is packed
+        mask = causal_mask_function if sequences is None else and_masks(causal_mask_function,
+                                                                        packed_sequence_mask_function(sequences))
+        return packed_key_starts(mask, position_ids.shape[0], position_ids.shape[1], position_ids.device)
+
+    traced = torch.compile(starts_of, backend="eager", dynamic=True)
+    rng = random.Random(3)
+    for case in range(200):
+        rows = []
+        length = rng.randint(1, 12)
+        for _ in range(rng.randint(1, 3)):
+            positions = []
+            while len(positions) < length:
+                first = rng.choice([0, 0, 0, 3])  # a sequence may start past 0 (a jump)
+                positions += list(range(first, first + rng.randint(1, 5)))
+            rows.append(positions[:length])
+        position_ids = torch.tensor(rows)
+        # A token starts a sequence where its position is not the one before it plus 1 (so a
+        # sequence starting at 3 right after one ending at 2 continues it, as transformers has it).
+        want = [[max(t for t in range(i + 1) if t == 0 or row[t] != row[t - 1] + 1) for i in range(length)]
+                for row in rows]
+        want = torch.tensor(want)
+        run = traced if case % 4 == 0 else starts_of
+        assert torch.equal(run(position_ids), want), (position_ids, run(position_ids), want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
+def test_a_plain_causal_model_keeps_packed_sequences_apart(arch: str) -> None:
+    """Position ids that pack several sequences in a row (they restart) were refused by
+    "tileflow_causal" (eagerly; under torch.compile by an assert in the graph, a device-side
+    assert on CUDA). The attention now keeps the sequences apart by each token's first key
+    (`key_starts`, no [S, S] mask): equal to SDPA's packed mask eagerly and compiled (Llama
+    through tileflow's passes, one graph for unpacked and packed calls and every length; GPT-2
+    on Dynamo's eager backend, the integration's part alone; Mistral's window, read eagerly,
+    beside the packing). Decoding with a cache (never packed) compiles no check."""
     import transformers
 
     if arch == "llama":
         sdpa, ours = sdpa_and_ours("LlamaConfig", "LlamaForCausalLM", "tileflow_causal", vocab_size=128,
                                    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2)
+    elif arch == "mistral":
+        sdpa, ours = sdpa_and_ours("MistralConfig", "MistralForCausalLM", "tileflow_causal", vocab_size=128,
+                                   hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1, sliding_window=3)
     else:
         sdpa, ours = sdpa_and_ours("GPT2Config", "GPT2LMHeadModel", "tileflow_causal", vocab_size=128, n_embd=64,
                                    n_layer=2, n_head=4)
@@ -1240,34 +1319,41 @@ def test_a_compiled_plain_causal_model_refuses_packed_position_ids(arch: str) ->
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         graphs.append(gm)
         checks.append(sum("assert_async" in str(n.target) for n in gm.graph.nodes))  # before the passes
+        with_starts.append(sum(n.target is torch.ops.tileflow.meta_attention and n.args[13] is not None
+                               for n in gm.graph.nodes))
         return tileflow_backend(gm, example_inputs) if arch == "llama" else gm.forward
 
     def compiled_graphs() -> int:  # tileflow's backend restarts Dynamo once per graph: count the ones it compiled
         return len(report.graphs) if arch == "llama" else len(graphs)
 
-    plain = torch.compile(lambda ids: ours(ids, use_cache=False).logits, backend=backend, dynamic=True)
+    with_starts: list[int] = []
     with_positions = torch.compile(lambda ids, pos: ours(ids, position_ids=pos, use_cache=False).logits,
                                    backend=backend, dynamic=True)
-    ids, pos = torch.randint(0, 128, (2, 7)), torch.arange(7).repeat(2, 1)
-    packed = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 2, 3]])
+    ids = torch.randint(0, 128, (2, 11))
+    packings = [torch.arange(11).repeat(2, 1), torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+                                                              [0, 1, 2, 0, 1, 2, 3, 0, 0, 1, 2]])]
     with torch.no_grad():
-        want = sdpa(ids, use_cache=False).logits
-        torch.testing.assert_close(plain(ids), want, rtol=1e-5, atol=1e-5)
-        assert compiled_graphs() == 1  # no graph break
-        torch.testing.assert_close(with_positions(ids, pos), want, rtol=1e-5, atol=1e-5)
-        with pytest.raises(RuntimeError, match="pack several sequences into one .*one sequence per row"):
-            with_positions(ids, packed)
-        assert compiled_graphs() == 2  # the check is in the graph the unpacked call ran
-        assert not report.fallbacks, report.fallbacks
+        for length in (9, 7, 11):
+            for pos in packings:
+                pos = pos[:, :length].contiguous()
+                tokens = ids[:, :length].contiguous()
+                want = sdpa(tokens, position_ids=pos, use_cache=False).logits
+                torch.testing.assert_close(ours(tokens, position_ids=pos, use_cache=False).logits, want,
+                                           rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(with_positions(tokens, pos), want, rtol=1e-5, atol=1e-5)
+        if arch != "mistral":  # a window is read eagerly: a graph break, the packing a guard
+            assert compiled_graphs() == 1
+            assert not report.fallbacks, report.fallbacks
+            assert set(with_starts) == {2}, with_starts  # both layers' attention takes the key starts
         seen = len(checks)
-        # With a cache transformers applies no packed mask, and the graph has nothing to check.
         decode = torch.compile(ours, backend=lambda gm, _: checks.append(
             sum("assert_async" in str(n.target) for n in gm.graph.nodes)) or gm.forward, dynamic=True)
         cache = transformers.DynamicCache(config=ours.config)
         decode(ids[:, :5].contiguous(), past_key_values=cache)
         decode(ids[:, 5:6].contiguous(), past_key_values=cache)
-    # Two asserts: no restart before a token, no overlay after it.
-    assert checks[:seen] == [2] * seen and len(checks) > seen and not any(checks[seen:]), checks
+    if arch != "mistral":
+        # One assert (no token sees the one after it); with a cache none.
+        assert checks[:seen] == [1] * seen and len(checks) > seen and not any(checks[seen:]), checks
 
 
 def test_a_number_added_to_the_scores_is_refused_without_undoing_other_rewrites() -> None:

@@ -1628,10 +1628,11 @@ def test_rows_read_at_an_earlier_token_are_captured(replay_on_cpu) -> None:
 
 def test_a_tileflow_causal_model_without_position_ids_is_replayed_padded(replay_on_cpu) -> None:
     """A compiled plain-causal model on "tileflow_causal" without a cache checks in its graph that
-    no position restarts (`_assert_one_sequence_per_row`). Called without position ids, the
-    positions are its own `arange`: captured at buckets, equal to eager across them. Position ids
-    passed in (their padded rows would hold 0, a restart) keep the step at exact token counts,
-    and packed ones are still refused."""
+    no token sees the one after it, and finds its packed sequences' key starts (`_traced_rule`).
+    Called without position ids, the positions are its own `arange`: captured at buckets, equal
+    to eager across them. Position ids passed in (the check compares them, unknown at padded
+    rows) keep the step at exact token counts, where packed ones are kept apart as SDPA's packed
+    mask keeps them."""
     tileflow.register_transformers()
     model = build("llama")
     model.config._attn_implementation = "tileflow_causal"
@@ -1649,8 +1650,14 @@ def test_a_tileflow_causal_model_without_position_ids_is_replayed_padded(replay_
     ids, packed = torch.randint(0, VOCAB, (1, 7)), torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
     for arg in (ids, packed):
         torch._dynamo.mark_dynamic(arg, 1)
-    with torch.no_grad(), pytest.raises(RuntimeError, match="pack several sequences into one"):
-        with_positions(ids, packed)
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        want = model(ids, position_ids=packed, use_cache=False).logits
+    model.config._attn_implementation = "tileflow_causal"
+    replays = replay_on_cpu.replays
+    with torch.no_grad():
+        torch.testing.assert_close(with_positions(ids, packed), want, rtol=1e-5, atol=1e-5)
+    assert replay_on_cpu.replays == replays + 1  # captured at its exact count, and replayed
     (note,) = _cuda_graphs_notes(report)
     assert note.startswith("exact token counts only") and "an assert over values" in note, note
 

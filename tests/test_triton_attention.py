@@ -35,7 +35,7 @@ pytest.importorskip("triton", reason="the Triton backend tests need triton insta
 
 from attention_cases import batch_lengths, batch_mixes, exact_batch, make_batch  # noqa: E402
 
-from tileflow.backends.reference.attention import attention_reference_dense  # noqa: E402
+from tileflow.backends.reference.attention import attention_reference_dense, run_task_table  # noqa: E402
 from tileflow.backends.triton.attention import (  # noqa: E402
     attention_config,
     build_attention_kernel,
@@ -87,6 +87,7 @@ def attn_spec(
     softcap: bool = False,
     sinks: bool = False,
     alibi: bool = False,
+    key_starts: bool = False,
 ) -> KernelSpec:
     """A meta_attention KernelSpec."""
     return KernelSpec(
@@ -97,7 +98,8 @@ def attn_spec(
         params=make_params(
             head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=block_kv, causal=causal,
             sliding_window=sliding_window, tree=tree,
-            **{name: True for name, on in (("softcap", softcap), ("sinks", sinks), ("alibi", alibi)) if on},
+            **{name: True for name, on in (("softcap", softcap), ("sinks", sinks), ("alibi", alibi),
+                                           ("key_starts", key_starts)) if on},
         ),
     )
 
@@ -117,6 +119,7 @@ def oracle(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    key_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float64 attention written directly from the contract's op semantics (this file's own)."""
     q, kc, vc = (batch[k].cpu().double() for k in ("q", "k_cache", "v_cache"))
@@ -140,6 +143,8 @@ def oracle(
             vis[:, kv_len - n:] = tree_mask[s, :n, :n].cpu()  # replaces causality among new tokens
         if sliding_window is not None:
             vis &= j[None, :] > p[:, None] - sliding_window
+        if key_starts is not None:
+            vis &= j[None, :] >= key_starts[s, :n, None].cpu()
         scores = torch.einsum("nhd,lhd->hnl", q[cu[s]:cu[s + 1]], k) * scale
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
@@ -190,8 +195,10 @@ def run_and_check(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    key_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Any]:
-    """Launch on a NaN-poisoned output; compare with the oracle and the shared reference."""
+    """Launch on a NaN-poisoned output; compare with the oracle and the shared reference (which
+    takes no key starts: with them, with the reference backend's task-by-task executor)."""
     cfg = attention_config(spec)
     if table is None:
         table = table_for(batch, spec, num_programs=num_programs,
@@ -201,13 +208,18 @@ def run_and_check(
     out = torch.full_like(batch["q"], float("nan"))
     args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q",
                                "seqlens_kv")]
-    extra = {name: value for name, value in (("softcap", softcap), ("sinks", sinks), ("alibi_slopes", alibi_slopes))
-             if value is not None}
+    extra = {name: value for name, value in (("softcap", softcap), ("sinks", sinks), ("alibi_slopes", alibi_slopes),
+                                             ("key_starts", key_starts)) if value is not None}
     res = kernel(*args, table, scale=None, tree_mask=tree, sliding_window=sliding_window, out=out, **extra)
     assert res is out
     on_cpu = {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in extra.items()}
     mine = oracle(batch, causal=cfg.causal, sliding_window=sliding_window, tree_mask=tree, **on_cpu)
     assert_close(out, mine, spec.dtype, f"{what} vs float64 oracle")
+    if key_starts is not None:
+        executed = run_task_table(table, *[a.cpu() for a in args], causal=cfg.causal, sliding_window=sliding_window,
+                                  **on_cpu)
+        assert_close(out, executed, spec.dtype, f"{what} vs the reference executor")
+        return out, table
     shared = attention_reference_dense(
         *[a.cpu() for a in args], causal=cfg.causal, sliding_window=sliding_window,
         tree_mask=None if tree is None else tree.cpu(), **on_cpu,
@@ -345,6 +357,64 @@ def test_window_interior_blocks(window: int, causal: bool) -> None:
     spec = attn_spec(gqa=2, block_q=4, sliding_window=True, causal=causal)
     run_and_check(batch, spec, sliding_window=window, what=f"window {window}")
     run_and_check(batch, spec, sliding_window=window, kv_split=32, what=f"window {window}, split")
+
+
+def packed_starts(lengths: list[tuple[int, int]], seed: int, *, stray: bool = False) -> torch.Tensor:
+    """int32 [S, max n]: each query row's first key, as sequences packed in a row give them (runs
+    of rows sharing a start at or before their positions); with `stray`, the last sequence's
+    starts are any values, some past their rows' positions (those rows see no key: zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max((n for n, _ in lengths), default=1) or 1
+    starts = torch.zeros(len(lengths), width, dtype=torch.int32)
+    for s, (n, kv) in enumerate(lengths):
+        if n == 0:
+            continue
+        p = kv - n + torch.arange(n)
+        cuts = torch.randint(0, kv, (3,), generator=gen)
+        starts[s, :n] = torch.stack([cuts[cuts <= pos].max() if (cuts <= pos).any() else torch.tensor(0)
+                                     for pos in p]).to(torch.int32)
+    if stray:
+        n, kv = lengths[-1]
+        starts[-1, :n] = torch.randint(0, kv + 3, (n,), generator=gen, dtype=torch.int32)
+    return starts
+
+
+@pytest.mark.parametrize(("dtype", "gqa", "window", "kv_split", "causal"), [
+    ("float32", 1, None, None, True), ("float16", 2, None, 16, True), ("float32", 2, 5, None, True),
+    ("float32", 4, 9, 16, True), ("float32", 2, None, None, False),
+])
+def test_key_starts(dtype: str, gqa: int, window: int | None, kv_split: int | None, causal: bool) -> None:
+    """Sequences packed in a dense row: each query row sees no key before its start (prompts
+    long enough for unmasked interior blocks, tiles that straddle a start, chunks over a prefix,
+    a decode, an empty sequence, rows whose start is past their position), with windows and
+    split-KV chunks."""
+    lengths = [(40, 40), (13, 30), (1, 23), (0, 4), (70, 70), (9, 12)]
+    batch = paged_batch(lengths, num_q_heads=2 * gqa, num_kv_heads=2, head_dim=16, block_size=7,
+                        dtype=getattr(torch, dtype), seed=gqa)
+    spec = attn_spec(dtype, gqa=gqa, block_q=4, sliding_window=window is not None, causal=causal, key_starts=True)
+    starts = packed_starts(lengths, seed=gqa, stray=True).to(DEVICE)
+    out, _ = run_and_check(batch, spec, sliding_window=window, kv_split=kv_split, key_starts=starts,
+                           what=f"key starts, window {window}")
+    plain = oracle(batch, causal=causal, sliding_window=window)
+    assert (out.double().cpu() - plain).abs().max() > 0.1  # the starts hide keys the plain rule shows
+
+
+def test_key_starts_are_checked() -> None:
+    """A key-starts kernel needs its starts, covering every query row; others refuse them."""
+    lengths = [(5, 5), (3, 9)]
+    batch = paged_batch(lengths, num_q_heads=2, num_kv_heads=2, head_dim=16, block_size=4, dtype=torch.float32)
+    args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seqlens_kv")]
+    spec = attn_spec(key_starts=True)
+    table = table_for(batch, spec)
+    kernel = build_attention_kernel(spec)
+    with pytest.raises(ValueError, match="built with key starts: pass key_starts"):
+        kernel(*args, table)
+    with pytest.raises(ValueError, match="key_starts must cover every query row"):
+        kernel(*args, table, key_starts=torch.zeros(2, 4, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="built without key starts"):
+        build_attention_kernel(attn_spec())(*args, table, key_starts=torch.zeros(2, 5, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="neither a tree mask nor a bias"):
+        attention_config(attn_spec(key_starts=True, tree=True))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

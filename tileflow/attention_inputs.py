@@ -57,6 +57,7 @@ class AttentionParams:
     softcap: bool = False
     sinks: bool = False
     alibi: bool = False
+    key_starts: bool = False
 
 
 def _positive_int(spec: KernelSpec, key: str, value: Any) -> int:
@@ -74,13 +75,14 @@ def attention_params(
     """Validate a ``meta_attention`` KernelSpec's target-neutral params.
 
     Params (built with `make_params`): `head_dim`, `gqa` (query heads per KV head), `block_q`,
-    `block_kv`, `causal`, `sliding_window`, `tree`, `bias`, `softcap`, `sinks`, `alibi` (the
-    last seven bools; default causal=True, the others False; `softcap`: logit soft-capping, the
+    `block_kv`, `causal`, `sliding_window`, `tree`, `bias`, `softcap`, `sinks`, `alibi`,
+    `key_starts` (the last eight bools; default causal=True, the others False; `softcap`: logit soft-capping, the
     scores become `cap * tanh(scores / cap)` before any mask or bias, the cap a launch argument;
     `sinks`: attention sinks, one learned logit per query head that joins every row's softmax
     with no value, as gpt-oss has them, given at launch; `alibi`: ALiBi, each head's score of
     the key at position j for the query at position p gains `slope * (j - p)`, the slopes (one
-    per query head) given at launch). A TileConfig, when present, supplies
+    per query head) given at launch; `key_starts`: each query row's first visible key, an
+    integer per row given at launch, for sequences packed in one dense row). A TileConfig, when present, supplies
     `block_q` (its `block_m`) and `block_kv` (its `block_n`) when the params leave them out; a
     tile that contradicts the params is an error. `block_kv` falls back to `default_block_kv`.
 
@@ -124,7 +126,7 @@ def attention_params(
     block_kv = _positive_int(spec, "block_kv", block_kv)
     flags = {}
     for key, default in (("causal", True), ("sliding_window", False), ("tree", False), ("bias", False),
-                         ("softcap", False), ("sinks", False), ("alibi", False)):
+                         ("softcap", False), ("sinks", False), ("alibi", False), ("key_starts", False)):
         value = spec.param(key, default)
         if not isinstance(value, bool):
             raise ValueError(f"spec {spec.name}: param {key!r} must be a bool, got {value!r}")
@@ -134,6 +136,10 @@ def attention_params(
         # position is its depth, which the slots do not give.
         raise ValueError(f"spec {spec.name}: ALiBi with tree verify is not supported (a token tree's positions are "
                          f"depths, not cache slots); verify linear drafts without the tree mask")
+    if flags["key_starts"] and (flags["tree"] or flags["bias"]):
+        # The dense op folds key starts into a bias it has (`run_meta_attention`); trees are the
+        # varlen op's, whose sequences are apart already.
+        raise ValueError(f"spec {spec.name}: key_starts go with neither a tree mask nor a bias (fold them into the bias)")
     return AttentionParams(head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=block_kv, **flags)
 
 
@@ -167,6 +173,7 @@ class LaunchInputs:
     softcap: float | None = None
     sinks: torch.Tensor | None = None
     alibi_slopes: torch.Tensor | None = None
+    key_starts: torch.Tensor | None = None
 
     @property
     def num_programs(self) -> int:
@@ -256,6 +263,7 @@ def check_launch_inputs(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    key_starts: torch.Tensor | None = None,
 ) -> LaunchInputs:
     """Validate one meta-attention launch against its spec params and task table.
 
@@ -270,7 +278,9 @@ def check_launch_inputs(
       `need_bias_ranges`, for kernels that read them); `softcap` (a finite number > 0) exactly
       when it has `softcap=True`; `sinks` (float [Hq], one logit per query head) exactly when it
       has `sinks=True`; `alibi_slopes` (float [Hq], one slope per query head) exactly when it
-      has `alibi=True`;
+      has `alibi=True`; `key_starts` (integer [S, >= max n_s]: query row i of sequence s sees no
+      key before position key_starts[s, i], sequences packed in one dense row) exactly when it
+      has `key_starts=True`;
     - `out`, when given, q's shape, dtype and device.
 
     Raises ValueError prefixed with `where` naming the first problem found.
@@ -420,6 +430,19 @@ def check_launch_inputs(
             raise fail(f"the kernel was built with {what}: pass {name}, a float [Hq={hq}] tensor, got {got}")
         return value.to(device=device, dtype=torch.float32).contiguous()
 
+    starts = None
+    if getattr(params, "key_starts", False):
+        if not isinstance(key_starts, torch.Tensor) or key_starts.dim() != 2:
+            got = list(key_starts.shape) if isinstance(key_starts, torch.Tensor) else repr(key_starts)
+            raise fail(f"the kernel was built with key starts: pass key_starts, an integer [S, max q_len] tensor, got {got}")
+        starts = int_tensor("key_starts", key_starts, device, 2)
+        need_q = _bias_extent(table, tasks, num_seqs)[0]
+        if starts.shape[0] != num_seqs or starts.shape[1] < need_q:
+            raise fail(f"key_starts must cover every query row of the batch, [S={num_seqs}, >= {need_q}], got "
+                       f"{list(starts.shape)}")
+    elif key_starts is not None:
+        raise fail("key_starts were given but the kernel was built without key starts")
+
     sink_logits = per_head("sinks", sinks, params.sinks, "attention sinks")
     slopes = per_head("alibi_slopes", alibi_slopes, params.alibi, "ALiBi")
 
@@ -447,7 +470,7 @@ def check_launch_inputs(
         cu_seqlens_q=cu_seqlens_q, seqlens_kv=seqlens_kv, tasks=tasks, program_offsets=offsets,
         program_tasks=prog_tasks, merges=merges, num_slots=num_slots, tree_mask=tree,
         sliding_window=window, attn_bias=bias, out=out, bias_ranges=ranges, softcap=cap, sinks=sink_logits,
-        alibi_slopes=slopes,
+        alibi_slopes=slopes, key_starts=starts,
     )
 
 

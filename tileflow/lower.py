@@ -159,12 +159,14 @@ def attention_specs_for_node(node: fx.Node, target: str) -> list[KernelSpec]:
     hq, hkv, d = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
     gqa = hq // hkv
     block_qs = sorted({attention_block_q(1, gqa, target), attention_block_q(1 << 20, gqa, target)})
+    bias = args["attn_mask"] is not None or args["attention_chunk"] is not None  # a chunk rule runs as a mask
     return [
         attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=bq, causal=bool(args["causal"]),
                        sliding_window=args["sliding_window"] is not None, tree=False,
-                       # A chunk rule runs as a mask (`run_meta_attention`).
-                       bias=args["attn_mask"] is not None or args["attention_chunk"] is not None, target=target, softcap=args["softcap"] is not None,
-                       sinks=args["sinks"] is not None, alibi=args["alibi_slopes"] is not None)
+                       bias=bias, target=target, softcap=args["softcap"] is not None,
+                       sinks=args["sinks"] is not None, alibi=args["alibi_slopes"] is not None,
+                       # Key starts join a mask the call has (`run_meta_attention`).
+                       key_starts=args["key_starts"] is not None and not bias)
         for bq in block_qs
     ]
 

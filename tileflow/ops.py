@@ -361,6 +361,7 @@ def _meta_attention(
     sinks: torch.Tensor | None = None,
     alibi_slopes: list[float] | None = None,
     attention_chunk: int | None = None,
+    key_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense attention `[B, Hq, S, D]` through the meta-kernel (see `meta_attention`).
 
@@ -374,12 +375,12 @@ def _meta_attention(
 
     return run_meta_attention(q, k, v, attn_mask, causal, scale, target, mask_ranges=mask_ranges, softcap=softcap,
                               sliding_window=sliding_window, sinks=sinks, alibi_slopes=alibi_slopes,
-                              attention_chunk=attention_chunk)
+                              attention_chunk=attention_chunk, key_starts=key_starts)
 
 
 @_meta_attention.register_fake
 def _meta_attention_fake(q, k, v, attn_mask=None, causal=False, scale=None, target="", mask_ranges=None, softcap=None,
-                         sliding_window=None, sinks=None, alibi_slopes=None, attention_chunk=None):
+                         sliding_window=None, sinks=None, alibi_slopes=None, attention_chunk=None, key_starts=None):
     b, hq, s, d = q.shape
     return q.new_empty((b, s, hq, d)).transpose(1, 2)
 
@@ -430,6 +431,7 @@ def meta_attention(
     sinks: torch.Tensor | None = None,
     alibi_slopes: Sequence[float] | torch.Tensor | None = None,
     attention_chunk: int | None = None,
+    key_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`scaled_dot_product_attention` semantics for `q [B, Hq, S, D]`, `k`/`v [B, Hkv, S_kv, D]`
     (GQA when Hkv divides Hq), run by the meta-attention kernel. `attn_mask` is bool (True =
@@ -443,7 +445,10 @@ def meta_attention(
     `slope[h] * (j - (S_kv - S + i))`, as BLOOM's and MPT's `slope * j` does up to a per-row
     constant the softmax ignores (with `sinks` too, the kernel's form is the one applied).
     `attention_chunk=c`: Llama 4's chunked attention, the positions cut into chunks of c and a
-    query seeing only the keys of its own chunk (query at position p: keys at or after c * (p // c))."""
+    query seeing only the keys of its own chunk (query at position p: keys at or after c * (p // c)).
+    `key_starts` (integer `[B | 1, S]`): query i of row b sees no key before position
+    `key_starts[b, i]`: several sequences packed in one row, each query's sequence starting there
+    (with `causal`, the row's sequences are kept apart without an `[S, S_kv]` mask)."""
     check_sliding_window("meta_attention", sliding_window)  # before the op's schema, as above
     check_sliding_window("meta_attention", attention_chunk, "attention_chunk")
     if softcap is not None and not isinstance(softcap, torch.Tensor):
@@ -455,4 +460,4 @@ def meta_attention(
                              f"head), got {alibi_slopes!r}")
         alibi_slopes = [float(x) for x in slopes]
     return torch.ops.tileflow.meta_attention(q, k, v, attn_mask, causal, scale, "", None, softcap, sliding_window,
-                                             sinks, alibi_slopes, attention_chunk)
+                                             sinks, alibi_slopes, attention_chunk, key_starts)

@@ -30,9 +30,11 @@ or an earlier token (`x[arange(1, T) - 1]`), integer arithmetic on fills, and su
 and comparisons of positions on one token dim (`_Walk.known`): `pos[1:] == pos[:-1] + 1` is a fill
 of True, and `all` of True (or `any` of False) is known at any size. An assert whose condition is
 so known is no hazard: it passes in a replay exactly when it passes in the call.
-tileflow_causal's check that no position restarts (transformers' packed-sequence mask at adjacent
-tokens) is one when the model computes its positions from `arange` (no position ids passed); over
-position ids passed in it stays a hazard (a padded 0 is a restart).
+tileflow_causal's check that no token sees the one after it (transformers' packed-sequence mask
+at adjacent tokens) is one when the model computes its positions from `arange` (no position ids
+passed); over position ids passed in it stays a hazard (its causal rule compares them, unknown at
+padded rows). Its packed sequences' key starts, a running max over earlier tokens (`cummax`, a
+scan), keep real rows' own.
 
 A lookup of a fixed table (an embedding, `index_select`, an index) at positions reads row t + c
 for token t: a replay at bucket B reads rows up to B - 1 + c, past the table when it has fewer
@@ -179,7 +181,7 @@ _ALONG = {
     aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default,
     aten.linalg_vector_norm.default,
 }
-_SCANS = {aten.cumsum.default, aten.cumprod.default}
+_SCANS = {aten.cumsum.default, aten.cumprod.default, aten.cummax.default, aten.cummin.default}
 # Reductions of bools whose value a fill decides at any size (`all` of True, `any` of False).
 _ALL = {aten.all.default, aten.all.dim, aten.all.dims}
 _ANY = {aten.any.default, aten.any.dim, aten.any.dims}
@@ -395,8 +397,7 @@ class _Walk:
             self.facts[node] = facts
             if node.op == "call_function" and node.target in _ASSERTS and facts.hazard:
                 # Reaches no output, but a replay runs it over the padded rows too, where it may
-                # fail (a device-side assert on CUDA) though the call's rows pass: tileflow_causal's
-                # check that no position restarts in a row fails at every padded position id (0).
+                # fail (a device-side assert on CUDA) though the call's rows pass.
                 return f"{node.name}: an assert over values a replay computes from padded rows too ({facts.hazard})"
         return None
 

@@ -114,10 +114,10 @@ def causal_attention_forward(
     with its logit soft-cap and attention sinks, when it has them), never a mask tensor, no branch on the token count (so one traced
     graph serves every count, 1 included). Padding masks, caches whose keys run past the
     queries (a StaticCache), non-causal layers (encoders, cross-attention) and position biases
-    are refused, and so are several sequences packed in one row (position ids that restart, with
-    no mask and no cache): eagerly by the mask function, under torch.compile by a check in the
-    compiled graph (`_assert_one_sequence_per_row`). Only a serving step, exported without
-    Dynamo, packs them by design: its attention stages apply the rule per sequence."""
+    are refused. Several sequences packed in one row (position ids that restart, with no mask and
+    no cache) are kept apart: each token sees no key before its sequence's first
+    (`packed_key_starts`, the op's `key_starts`; no [S, S] mask), except with attention chunks,
+    which a packed row would number from the wrong position (refused)."""
     window, chunk, key_offset = kwargs.get("sliding_window"), None, 0
     if isinstance(attention_mask, CausalRule):
         # The layer's window may live only in its mask (Phi-3.5-MoE passes none to the attention
@@ -128,7 +128,10 @@ def causal_attention_forward(
                 f"keys but its attention function is given sliding_window={window}; the two would disagree"
             )
         window = attention_mask.window if attention_mask.window is not None else window
-        chunk, key_offset, attention_mask = attention_mask.chunk, attention_mask.key_offset, None
+        chunk, key_offset, key_starts = attention_mask.chunk, attention_mask.key_offset, attention_mask.key_starts
+        attention_mask = None
+    else:
+        key_starts = None
     if attention_mask is not None:
         raise ValueError(
             "attn_implementation='tileflow_causal' takes no attention mask: pass packed tokens without "
@@ -160,25 +163,31 @@ def causal_attention_forward(
         queries = keys[key.shape[2] - query.shape[2]:, None]
         mask, chunk = (keys[None, :] // chunk == queries // chunk)[None, None], None
     out = meta_attention(query, key, value, mask, causal=True, scale=scaling, softcap=kwargs.get("softcap"),
-                         sliding_window=window, sinks=sinks, attention_chunk=chunk)
+                         sliding_window=window, sinks=sinks, attention_chunk=chunk, key_starts=key_starts)
     return out[..., :width].transpose(1, 2).contiguous(), None
 
 
 class CausalRule:
-    """What `"tileflow_causal"`'s mask function returns for a causal mask with a sliding window or
-    attention chunks: no tensor, the rule for the attention function to apply, which the layer
-    need not pass it: `window` (a query sees keys at positions > its own - window) and `chunk`
-    (Llama 4's chunked attention: positions cut into chunks of `chunk`, a query sees only its own
-    chunk's keys), either None when the mask has none. `key_offset`: the absolute position of
-    the first key (a sliding cache drops earlier ones), which places the chunks."""
+    """What `"tileflow_causal"`'s mask function returns for a causal mask with a sliding window,
+    attention chunks or packed sequences: no [S, S] tensor, the rule for the attention function to
+    apply, which the layer need not pass it: `window` (a query sees keys at positions > its own -
+    window) and `chunk` (Llama 4's chunked attention: positions cut into chunks of `chunk`, a query
+    sees only its own chunk's keys), either None when the mask has none. `key_offset`: the
+    absolute position of the first key (a sliding cache drops earlier ones), which places the
+    chunks. `packed`: the position ids pack several sequences in a row (read eagerly), and
+    `key_starts` (int [B, S] or None): each token's first key, its sequence's first token
+    (`packed_key_starts`)."""
 
-    __slots__ = ("window", "chunk", "key_offset")
+    __slots__ = ("window", "chunk", "key_offset", "packed", "key_starts")
 
-    def __init__(self, window: int | None, chunk: int | None = None, key_offset: int = 0) -> None:
+    def __init__(self, window: int | None, chunk: int | None = None, key_offset: int = 0, *, packed: bool = False,
+                 key_starts: torch.Tensor | None = None) -> None:
         self.window, self.chunk, self.key_offset = window, chunk, key_offset
+        self.packed, self.key_starts = packed, key_starts
 
     def __repr__(self) -> str:
-        return f"CausalRule(window={self.window}, chunk={self.chunk}, key_offset={self.key_offset})"
+        return (f"CausalRule(window={self.window}, chunk={self.chunk}, key_offset={self.key_offset}, "
+                f"packed={self.packed}, key_starts={'None' if self.key_starts is None else 'tensor'})")
 
     def __getattr__(self, name: str) -> Any:
         # Model code that uses its mask as a tensor outside the attention function (Doge's).
@@ -201,10 +210,10 @@ _CAUSAL_PARTS = frozenset({
     "remap_positions_for_packed_sequence.<locals>.inner_mask", "and_masks.<locals>.and_mask",
 })
 _WINDOW_PART = "sliding_window_overlay.<locals>.inner_mask"
-_PACKED_REFUSAL = (
-    "attn_implementation='tileflow_causal' keeps no sequences apart within a row, but these position ids pack "
-    "several sequences into one (they restart): pass one sequence per row, or use attn_implementation='tileflow', "
-    "which applies the packed mask"
+_PACKED_CHUNKS_REFUSAL = (
+    "attn_implementation='tileflow_causal' numbers attention chunks from each row's first token, but these position "
+    "ids pack several sequences into one (they restart), whose chunks start at each sequence's first token: pass one "
+    "sequence per row, or use attn_implementation='tileflow', which applies the packed mask"
 )
 _CHUNK_PART = "chunked_overlay.<locals>.inner_mask"
 _OVERLAY_REFUSAL = (
@@ -218,10 +227,11 @@ def _mask_rule(mask_function: Any, key_offset: int = 0) -> CausalRule | None:
     """The sliding window and attention chunks of a transformers mask function built of the
     causal rule (None: neither; `key_offset` is the first key's position); ValueError for any
     other mask (bidirectional, or/and overlays such as image tokens), which the causal rule would
-    silently replace, and for sequences packed in a row outside a trace (see `_packs_sequences`)."""
+    silently replace, and for sequences packed in a row with chunks. Sequences packed in a row
+    outside a trace (see `_packs_sequences`) make the rule's `packed` True."""
     windows: list[int] = []
     chunks: list[int] = []
-    causal = False
+    causal = packed = False
     pending = [mask_function]
     while pending:
         fn = pending.pop()
@@ -240,8 +250,7 @@ def _mask_rule(mask_function: Any, key_offset: int = 0) -> CausalRule | None:
                 "(attn_implementation='tileflow' applies it)"
             )
         causal |= name == "causal_mask_function"
-        if name == _PACKED_PART and any(_packs_sequences(c) for c in cells):
-            raise ValueError(_PACKED_REFUSAL)
+        packed |= name == _PACKED_PART and any(_packs_sequences(c) for c in cells)
         for cell in cells:
             pending.extend(f for f in (cell if isinstance(cell, tuple) else (cell,)) if callable(f)
                            and not isinstance(f, torch.Tensor))
@@ -253,15 +262,17 @@ def _mask_rule(mask_function: Any, key_offset: int = 0) -> CausalRule | None:
         raise ValueError(f"attn_implementation='tileflow_causal': the model's mask has chunks of {sorted(set(chunks))} "
                          "positions at once, which no one chunk size applies")
     window, chunk = min(windows, default=None), (chunks or [None])[0]
-    return None if window is None and chunk is None else CausalRule(window, chunk, key_offset)
+    if packed and chunk is not None:
+        raise ValueError(_PACKED_CHUNKS_REFUSAL)
+    return None if window is None and chunk is None and not packed else CausalRule(window, chunk, key_offset, packed=packed)
 
 
 def _packs_sequences(sequence_ids: Any) -> bool:
     """Whether transformers' packed-sequence ids (a sequence index per token) hold real, several
     sequences in a row. Traced (export, compile) they are always there, values unknown, and this
-    says no: under torch.compile `_no_mask` checks them in the graph instead; a serving step
-    (exported without Dynamo) packs sequences by design and keeps them apart in its attention
-    stages."""
+    says no: under torch.compile `_no_mask` finds the sequences in the graph instead; a serving
+    step (exported without Dynamo) packs sequences by design and keeps them apart in its
+    attention stages."""
     if not isinstance(sequence_ids, torch.Tensor):
         return False
     from transformers.utils.import_utils import is_tracing
@@ -283,10 +294,10 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
     """`"tileflow_causal"`'s mask function: no mask tensor (a sliding window's or chunked
     attention's mask: its rule, `CausalRule`). A padding mask that masks a token is refused (the
     attention would silently attend to the padding); an all-ones one is no mask. So is any mask
-    other than the causal rule, a sliding window and chunks (a bidirectional one), which it would drop,
-    and so are sequences packed in a row (restarting position ids, no cache): read from the mask
-    function eagerly (`_mask_rule`), checked in the graph under torch.compile for a config with
-    neither window nor chunks (`_assert_one_sequence_per_row`: no graph break)."""
+    other than the causal rule, a sliding window and chunks (a bidirectional one), which it would drop.
+    Sequences packed in a row (restarting position ids, no cache) get their key starts
+    (`packed_key_starts`): found eagerly (`_mask_rule`), or in the graph under torch.compile for
+    a config with neither window nor chunks (`_traced_rule`: no graph break)."""
     kv_length, kv_offset = kwargs.get("kv_length"), kwargs.get("kv_offset", 0)
     q_length, q_offset = kwargs.get("q_length"), kwargs.get("q_offset", 0)
     if None not in (kv_length, q_length) and kv_offset + kv_length != q_offset + q_length:
@@ -298,17 +309,19 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
             "cache?): use attn_implementation='tileflow', or a DynamicCache"
         )
     mask_function = kwargs.get("mask_function")
+    batch_size, device = kwargs.get("batch_size"), kwargs.get("device")
     if mask_function is None:
         rule = None
     elif torch.compiler.is_dynamo_compiling() and _plain_causal(kwargs.get("config")):
-        rule = None
-        _assert_one_sequence_per_row(mask_function, kwargs.get("batch_size"), q_length, kwargs.get("device"))
+        rule = _traced_rule(mask_function, batch_size, q_length, kv_length, device)
     else:
         # Dynamo cannot trace into a function's closure: under torch.compile the rule is read
         # eagerly, a graph break that a model whose config sets no window or chunk is spared
         # (Dynamo wraps even the plain causal rule in packed-sequence masks; the branch above
-        # checks those in the graph). Read eagerly, the packed ids are real: refused there.
+        # finds their sequences in the graph). Read eagerly, the packed ids are real.
         rule = torch._dynamo.disable(_mask_rule)(mask_function, kv_offset)
+        if rule is not None and rule.packed:
+            rule.key_starts = packed_key_starts(mask_function, batch_size, q_length, device)
     if attention_mask is None:
         return rule
     try:
@@ -328,35 +341,43 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
     return rule
 
 
-def _assert_one_sequence_per_row(mask_function: Any, batch_size: Any, q_length: Any, device: Any) -> None:
-    """Under torch.compile, refuse at run time, in the graph, sequences packed in a row.
+def packed_key_starts(mask_function: Any, batch_size: int, q_length: int, device: Any) -> torch.Tensor:
+    """For queries that are their rows' keys (no cache), int64 [B, S]: each token's first key, the
+    first token of its sequence, sequences packed in a row by restarting position ids. The mask
+    function tells, traceably (no host read): a token starts a sequence when it does not see the
+    one before it (transformers' packed-sequence mask hides it). A running max of those starts
+    gives each token its own, O(tokens) work where the packed mask is [S, S]."""
+    later = torch.arange(1, q_length, device=device)
+    rows = torch.arange(batch_size, device=device)[:, None]
+    continues = mask_function(rows, 0, later[None, :], later[None, :] - 1).expand(batch_size, q_length - 1)
+    firsts = torch.where(continues, 0, later)
+    return torch.cat([firsts.new_zeros(batch_size, 1), firsts], dim=1).cummax(dim=1).values
+
+
+def _traced_rule(mask_function: Any, batch_size: Any, q_length: Any, kv_length: Any, device: Any) -> CausalRule | None:
+    """Under torch.compile, a plain causal config's rule, found in the graph: its packed
+    sequences' key starts (None: no cache step packs them).
 
     Dynamo cannot read the mask function's closure (`_mask_rule`), and without a graph break
     transformers cannot look at the position ids either, so it wraps every compiled call's causal
-    rule in its packed-sequence masks, values unknown. Calling that function is traceable: each
-    token must see the one before it, which a restart of the positions (a new sequence) hides,
-    and none the one after it, which an or-overlay shows (bidirectional tokens: a block of them
-    holds such a pair; `_OVERLAY_REFUSAL`).
-    The rows' verdict is an `_assert_async` in the graph, no host sync: a RuntimeError with
-    `_PACKED_REFUSAL` on the CPU, a device-side assert on CUDA. A handful of O(tokens) ops per
-    call; applying the packed rule instead would build an [S, S] mask for every call, and
-    reading the ids on the host would break the graph. The plain causal rule (a cache: transformers
-    checks no packing then) gets no check, and nothing of this runs outside Dynamo (the serving
-    export packs sequences by design; eager calls are refused by `_mask_rule`). Under
-    `Config.cuda_graphs` a step whose positions the model computes itself (no position ids passed:
-    `arange`) is captured at token buckets, the check proved to pass at padded rows too; one given
-    position ids is captured only at exact token counts, as a replay's padded ids (0) would fail
-    it (`tileflow.padding_safety`)."""
+    rule in its packed-sequence masks, values unknown. Calling that function is traceable: a
+    restart of the positions (a new sequence) hides the token before it (`packed_key_starts`),
+    and none may see the one after it, which an or-overlay shows (bidirectional tokens: a block
+    of them holds such a pair): an `_assert_async` in the graph, no host sync, a RuntimeError
+    with `_OVERLAY_REFUSAL` on the CPU, a device-side assert on CUDA. The plain causal rule (a
+    cache: transformers packs no sequences then) gets neither. Under `Config.cuda_graphs`
+    the key starts of a replay's real rows are the call's (a running max reads only earlier
+    rows), so steps are captured at token buckets (`tileflow.padding_safety`)."""
     from transformers.masking_utils import causal_mask_function
 
-    if mask_function is causal_mask_function or batch_size is None or q_length is None:
-        return
+    if (mask_function is causal_mask_function or batch_size is None or q_length is None
+            or (kv_length is not None and kv_length != q_length)):
+        return None
     later = torch.arange(1, q_length, device=device)[None, :]
     rows = torch.arange(batch_size, device=device)[:, None]
-    sees_previous = mask_function(rows, 0, later, later - 1)
-    torch._assert_async(sees_previous.all(), _PACKED_REFUSAL)
     sees_next = mask_function(rows, 0, later - 1, later)
     torch._assert_async(~sees_next.any(), _OVERLAY_REFUSAL)
+    return CausalRule(None, key_starts=packed_key_starts(mask_function, batch_size, q_length, device))
 
 
 def causal_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:

@@ -366,6 +366,9 @@ def attention_layout(spec: KernelSpec) -> AttentionLayout:
     """
     params = attention_params(spec, target="Ascend C", supported_dtypes=SUPPORTED_DTYPES,
                               default_block_kv=_DEFAULT_BLOCK_KV)
+    if params.key_starts:
+        raise ValueError(f"spec {spec.name}: key starts (sequences packed in a dense row) are not in the Ascend C "
+                         "kernel yet: pass the packed sequences' mask instead (attn_implementation='tileflow')")
     esize = _ELEMENT_BYTES[spec.dtype]
     align = _BLOCK_BYTES // esize
     if params.head_dim % align:

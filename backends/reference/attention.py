@@ -278,6 +278,7 @@ def run_task(
     attn_bias_ranges: torch.Tensor | None = None,
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    key_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute one task: its tile's ``q_rows * R`` packed rows against its KV range.
 
@@ -285,7 +286,8 @@ def run_task(
     each row's max score and sum of exp against it, see `_masked_softmax_av`), rows in
     tile order (``r = pos * R + head_in_group``); ``out`` is normalized over the task's range.
     With a bias, the range is narrowed to the keys its `attn_bias_ranges` say some row of the
-    tile sees, as the Triton kernel narrows it.
+    tile sees, as the Triton kernel narrows it. `key_starts` ([S, q_len] integers): row i of
+    sequence s sees no key before position key_starts[s, i] (sequences packed in a dense row).
     """
     seq, kv_head, q_start, q_rows, kv_start, kv_end = task[:6]
     acc = accumulation_dtype(q.dtype)
@@ -311,7 +313,11 @@ def run_task(
         torch.arange(q_start, q_start + q_rows, device=q.device), positions,
         kv_len=kv_lens[seq], q_len=q_len, causal=causal, sliding_window=sliding_window,
         tree=None if tree_mask is None else tree_mask[seq],
-    ).repeat_interleave(group, dim=0)
+    )
+    if key_starts is not None:
+        starts = key_starts[seq, q_start:q_start + q_rows].to(positions.device)
+        visible = visible & (positions[None, :] >= starts[:, None])
+    visible = visible.repeat_interleave(group, dim=0)
     scores = capped_scores((q_tile @ k.T) * scale, softcap)
     if alibi_slopes is not None:
         rows = (kv_lens[seq] - q_len + torch.arange(q_start, q_start + q_rows, device=q.device)).repeat_interleave(group)
@@ -395,6 +401,7 @@ def run_task_table(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    key_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Execute a task table with torch ops, tile by tile, as the meta-attention kernel does.
 
@@ -402,7 +409,8 @@ def run_task_table(
     task's KV range through the block table, mask, take an exact softmax over the range, and
     write either ``out`` (``slot == -1``) or workspace slot ``slot`` (normalized partial output
     and its rows' softmax statistics); then `merge_partials`. ``causal`` and ``sliding_window`` must be the
-    values the table was built with (checked).
+    values the table was built with (checked). ``key_starts`` ([S, q_len] integers): row i of
+    sequence s sees no key before position key_starts[s, i].
 
     ``out`` (q's shape and dtype) is written in place if given. ``workspace`` is
     ``(partial_out, partial_stats)`` shaped as `TaskTable.workspace_shapes`; when omitted it is
@@ -454,6 +462,7 @@ def run_task_table(
                 task, q, k_cache, v_cache, block_table, cu, kv_lens, group=group, scale=scale,
                 causal=causal, sliding_window=sliding_window, tree_mask=tree_mask, attn_bias=attn_bias,
                 attn_bias_ranges=attn_bias_ranges, softcap=softcap, alibi_slopes=alibi_slopes,
+                key_starts=key_starts,
             )
             seq, kv_head, q_start, q_rows, _, _, slot, _ = task
             if slot < 0:
@@ -481,7 +490,7 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
 
         launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
                scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None,
-               attn_bias_ranges=None, softcap=None, sinks=None, alibi_slopes=None) -> out
+               attn_bias_ranges=None, softcap=None, sinks=None, alibi_slopes=None, key_starts=None) -> out
 
     ``causal`` comes from the spec (``spec.param("causal")``) and must match the table's;
     integer metadata is converted to int32. The returned kernel's ``source`` is the Python of
@@ -509,6 +518,7 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
         softcap: float | None = None,
         sinks: torch.Tensor | None = None,
         alibi_slopes: torch.Tensor | None = None,
+        key_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the task table with torch ops (see `run_task_table`), after the checks every
         backend's launcher makes (`check_launch_inputs`), so what the device kernels refuse
@@ -517,6 +527,7 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
             params, spec.dtype, where, q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv,
             table, tree_mask=tree_mask, sliding_window=sliding_window, out=out, attn_bias=attn_bias,
             attn_bias_ranges=attn_bias_ranges, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+            key_starts=key_starts,
         )
         return run_task_table(
             table, q, k_cache, v_cache, inputs.block_table, inputs.cu_seqlens_q, inputs.seqlens_kv,
@@ -524,6 +535,7 @@ def build_reference_attention(spec: KernelSpec, artifact_dir: Any = None) -> Com
             sliding_window=inputs.sliding_window, tree_mask=inputs.tree_mask, out=inputs.out,
             attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges, softcap=inputs.softcap,
             sinks=sinks, alibi_slopes=alibi_slopes,  # as given: the checked copies are float32
+            key_starts=inputs.key_starts,
         )
 
     source = "\n\n".join(inspect.getsource(fn) for fn in (run_task_table, run_task, merge_partials))

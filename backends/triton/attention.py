@@ -114,13 +114,14 @@ class AttentionConfig:
     alibi: bool
     num_warps: int
     num_stages: int
+    key_starts: bool = False
 
 
 def attention_config(spec: KernelSpec) -> AttentionConfig:
     """Validate a `meta_attention` KernelSpec and derive its static configuration.
 
     The target-neutral params (`head_dim`, `gqa`, `block_q`, `block_kv`, `causal`,
-    `sliding_window`, `tree`, `bias`, `softcap`, `sinks`, `alibi`; a TileConfig may supply
+    `sliding_window`, `tree`, `bias`, `softcap`, `sinks`, `alibi`, `key_starts`; a TileConfig may supply
     `block_q`/`block_kv`) are checked by `tileflow.attention_inputs.attention_params`; this adds the Triton limits (`block_kv` a power
     of two >= 16) and the launch's `num_warps`/`num_stages` from the TileConfig.
 
@@ -150,6 +151,7 @@ def attention_config(spec: KernelSpec) -> AttentionConfig:
         softcap=p.softcap,
         sinks=p.sinks,
         alibi=p.alibi,
+        key_starts=p.key_starts,
         num_warps=tile.num_warps if tile is not None else _default_num_warps(block_m, p.bias, head_dim_pad),
         num_stages=tile.num_stages if tile is not None else _DEFAULT_NUM_STAGES,
     )
@@ -211,6 +213,8 @@ def _mask_doc(cfg: AttentionConfig) -> str:
     parts = ["kv_pos <= q_pos (causal)" if cfg.causal else "kv_pos < seqlen_kv (not causal)"]
     if cfg.sliding_window:
         parts.append("kv_pos > q_pos - window")
+    if cfg.key_starts:
+        parts.append("kv_pos >= key_starts[seq, q_idx] (sequences packed in a row)")
     if cfg.tree:
         parts.append("tree_mask replaces the causal rule among the new tokens (n_s <= T)")
     if cfg.bias:
@@ -235,6 +239,8 @@ def _main_signature(cfg: AttentionConfig) -> str:
     if cfg.bias:
         lines.append("bias_ptr,  # float additive bias [S, Hq, q_len, kv_len] (broadcast dims: stride 0)")
         lines.append("bias_ranges_ptr,  # int32 [S, q_len, 4]: (lo, full_lo, full_hi, hi) keys per row")
+    if cfg.key_starts:
+        lines.append("key_starts_ptr,  # int32 [S, q_len]: a row sees no key before key_starts[seq, q_idx]")
     if cfg.sinks:
         lines.append("sinks_ptr,  # float32 [Hq]: each head's attention-sink logit")
     if cfg.alibi:
@@ -260,6 +266,8 @@ def _main_signature(cfg: AttentionConfig) -> str:
     if cfg.bias:
         lines.append("stride_ab_s, stride_ab_h, stride_ab_i, stride_ab_j,")
         lines.append("stride_br_s, stride_br_i, stride_br_c,")
+    if cfg.key_starts:
+        lines.append("stride_st_s, stride_st_i,")
     lines += [
         "HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,",
         "GQA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr,",
@@ -331,6 +339,10 @@ alibi = tl.load(alibi_ptr + head) * 1.4426950408889634
 # (qk_scale > 0 with ALiBi: the launcher makes it so), the rest of the bias once per row.
 alibi_unscaled = alibi / qk_scale
 """
+    starts = """\
+# Sequences packed in one row: each row sees no key before its sequence's first position.
+row_first = tl.load(key_starts_ptr + seq.to(tl.int64) * stride_st_s + q_idx * stride_st_i, mask=row_valid, other=0)
+""" if cfg.key_starts else ""
     loop = f"""\
 # ---- the task: (seq, kv_head, query tile, KV range, output slot) ----
 task = tl.load(program_tasks_ptr + task_idx)
@@ -357,7 +369,7 @@ token = (seq_q_begin + q_idx).to(tl.int64)
 q_ptrs = q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
 q = tl.load(q_ptrs, mask=row_valid[:, None]{d_row}, other=0.0)
 
-{init}acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)  # running sum of p @ V
+{starts}{init}acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)  # running sum of p @ V
 # Cache offsets in int64 only when a cache spans 2**31 elements or more (the launcher decides):
 # int32 offsets halve the address arithmetic of every K/V tile.
 kv_head_idx = kv_head.to(tl.int64) if WIDE_OFFSETS else kv_head
@@ -376,6 +388,8 @@ tree_start = tl.where(num_new <= tree_size, new_start, seq_kv_len)
 """
     if cfg.bias:
         loop += _bias_loops(cfg, dtype)
+    elif cfg.key_starts:
+        loop += _key_start_loops(cfg, dtype)
     elif cfg.tree:
         # Any KV block may be partly hidden: every step applies the masks.
         loop += "\nfor kv0 in range(kv_start, kv_end, BLOCK_KV):\n" + _indent(_kv_step(cfg, dtype, masked=True))
@@ -436,6 +450,30 @@ full_start = tl.minimum(kv_start + (seen_by_all - kv_start + BLOCK_KV - 1) // BL
 full_end = full_start + tl.maximum({limit} - full_start, 0) // BLOCK_KV * BLOCK_KV
 for kv0 in range(full_start, full_end, BLOCK_KV):
 """ + _indent(_kv_step(cfg, dtype, masked=False)) + _lead_and_tail_loop(cfg, dtype, "kv_start", "kv_end")
+
+
+def _key_start_loops(cfg: AttentionConfig, dtype: str) -> str:
+    """The KV loops of a kernel with key starts (no bias, no tree), at indentation zero.
+
+    Each row sees no key before its own start (the first position of its sequence, when several
+    are packed in one dense row), nor, with a window, at or before its position - window. Keys
+    from the latest such bound of the tile's rows up to (causal) the first row's position are
+    seen by every row: whole blocks of them take the unmasked step; the masked step takes the
+    blocks from the earliest bound up to that run and those after it. A tile inside one
+    sequence thus costs what a causal tile does; one straddling a boundary reads the keys of
+    both of its sequences.
+    """
+    limit = "tl.minimum(kv_end, q_pos_first + 1)" if cfg.causal else "kv_end"
+    row_lo = "tl.maximum(row_first, q_pos - window + 1)" if cfg.sliding_window else "row_first"
+    return f"""
+q_pos_first = seq_kv_len - num_new + q_start  # row 0 has the tile's smallest position
+row_lo = {row_lo}  # the row's first visible key
+seg_start = tl.maximum(kv_start, tl.min(tl.where(row_valid, row_lo, kv_end), axis=0))
+seen_by_all = tl.maximum(tl.max(tl.where(row_valid, row_lo, kv_start), axis=0), kv_start)
+full_start = tl.minimum(kv_start + (seen_by_all - kv_start + BLOCK_KV - 1) // BLOCK_KV * BLOCK_KV, kv_end)
+full_end = full_start + tl.maximum({limit} - full_start, 0) // BLOCK_KV * BLOCK_KV
+for kv0 in range(full_start, full_end, BLOCK_KV):
+""" + _indent(_kv_step(cfg, dtype, masked=False)) + _lead_and_tail_loop(cfg, dtype, "seg_start", "kv_end")
 
 
 def _lead_and_tail_loop(cfg: AttentionConfig, dtype: str, start: str, end: str) -> str:
@@ -574,6 +612,8 @@ tree_ok = tl.load(tree_ptrs, mask=visible & in_tree[None, :], other=0) != 0
             step += "visible = visible & rule\n"
         if cfg.sliding_window:
             step += "visible = visible & (kv_pos[None, :] > q_pos[:, None] - window)  # sliding window\n"
+        if cfg.key_starts:
+            step += "visible = visible & (kv_pos[None, :] >= row_first[:, None])  # packed sequences\n"
         if cfg.bias:
             step += """\
 # The model's own additive mask/bias (e.g. a materialized padding or sliding-window mask):
@@ -820,7 +860,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
 
         launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
                scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None,
-               attn_bias_ranges=None, softcap=None, sinks=None, alibi_slopes=None) -> out
+               attn_bias_ranges=None, softcap=None, sinks=None, alibi_slopes=None, key_starts=None) -> out
 
     - `q` [total_q, Hq, D] of the spec dtype; `k_cache`/`v_cache` [num_blocks, block_size, Hkv, D]
       of the same dtype with Hq == Hkv * gqa; any strides;
@@ -831,7 +871,8 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
     - `scale` defaults to 1/sqrt(D); `sliding_window` (int >= 1) must be given exactly when the
       spec has `sliding_window=True`, `tree_mask` (bool [S, T, T]) exactly when it has `tree=True`,
       `softcap` (a number > 0) exactly when it has `softcap=True`, `sinks` (float [Hq]) exactly
-      when it has `sinks=True`, `alibi_slopes` (float [Hq]) exactly when it has `alibi=True`;
+      when it has `sinks=True`, `alibi_slopes` (float [Hq]) exactly when it has `alibi=True`,
+      `key_starts` (integer [S, >= max q_len]) exactly when it has `key_starts=True`;
     - `out`, when given, must be q's shape and dtype and is written in place.
 
     The split-KV workspace (float32 partial_out [num_slots, block_q * gqa, D] and partial_stats
@@ -861,6 +902,7 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         softcap: float | None = None,
         sinks: torch.Tensor | None = None,
         alibi_slopes: torch.Tensor | None = None,
+        key_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run meta-attention for the batch described by `table`; returns `out`.
 
@@ -873,14 +915,15 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         `sinks` (float [Hq], exactly when the spec has `sinks=True`) are the heads' attention-sink
         logits: each joins its head's softmax as a key that adds no value. `alibi_slopes` (float
         [Hq], exactly when the spec has `alibi=True`): ALiBi, the score of key position j for the
-        query at position p gains slope[h] * (j - p).
+        query at position p gains slope[h] * (j - p). `key_starts` (exactly when the spec has
+        `key_starts=True`): row i of sequence s sees no key before position key_starts[s, i].
         """
         # Shapes, dtypes, the table, masks and `out`: the checks every backend shares.
         inputs = check_launch_inputs(
             cfg, spec.dtype, where, q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv,
             table, tree_mask=tree_mask, sliding_window=sliding_window, out=out,
             attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges, need_bias_ranges=True,
-            softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+            softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, key_starts=key_starts,
         )
         out = inputs.out
         if inputs.nothing_to_do:
@@ -925,6 +968,8 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
             args.append(tree_arg)
         if cfg.bias:
             args += [bias_arg, inputs.bias_ranges]
+        if cfg.key_starts:
+            args.append(inputs.key_starts)
         if cfg.sinks:
             args.append(inputs.sinks)
         if cfg.alibi:
@@ -942,6 +987,8 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
             args += [*tree_arg.stride()]
         if cfg.bias:
             args += [*bias_arg.stride(), *inputs.bias_ranges.stride()]
+        if cfg.key_starts:
+            args += [*inputs.key_starts.stride()]
         consts = dict(
             HEAD_DIM=cfg.head_dim,
             HEAD_DIM_PAD=cfg.head_dim_pad,

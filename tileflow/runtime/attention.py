@@ -72,11 +72,12 @@ def attention_programs(target: str, device: torch.device, *, decode: bool = Fals
 
 def attention_spec(
     *, dtype: torch.dtype, head_dim: int, gqa: int, block_q: int, causal: bool, sliding_window: bool, tree: bool, bias: bool,
-    target: str = "", softcap: bool = False, sinks: bool = False, alibi: bool = False,
+    target: str = "", softcap: bool = False, sinks: bool = False, alibi: bool = False, key_starts: bool = False,
 ) -> KernelSpec:
     """The KernelSpec of one meta-attention kernel (its KV step sized for `target`)."""
-    # `softcap`, `sinks` and `alibi` join the params only when set, so the other specs keep their digests.
-    extra = {name: True for name, on in (("softcap", softcap), ("sinks", sinks), ("alibi", alibi)) if on}
+    # The later features join the params only when set, so the other specs keep their digests.
+    extra = {name: True for name, on in (("softcap", softcap), ("sinks", sinks), ("alibi", alibi),
+                                         ("key_starts", key_starts)) if on}
     return KernelSpec(
         op="meta_attention",
         dtype=dtype_name(dtype),
@@ -107,6 +108,7 @@ def run_meta_attention_varlen(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    key_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Validate the batch (when `check`), build its task table and launch the meta-kernel.
 
@@ -116,7 +118,8 @@ def run_meta_attention_varlen(
     otherwise). `softcap` caps the scaled scores: `softcap * tanh(scores / softcap)`. `sinks`
     (float [Hq]) are attention-sink logits: each joins its head's softmax with no value.
     `alibi_slopes` (float [Hq]): ALiBi, head h's score of key j for the query at position p
-    gains `slope[h] * (j - p)`.
+    gains `slope[h] * (j - p)`. `key_starts` (int32 [S, max q_len]): row i of sequence s sees no
+    key before position key_starts[s, i] (the dense op's sequences packed in one row).
     """
     target = resolve_target(target or current_config().target, q.device)
     if check:
@@ -144,6 +147,8 @@ def run_meta_attention_varlen(
         kwargs["sinks"] = sinks
     if alibi_slopes is not None:
         kwargs["alibi_slopes"] = alibi_slopes
+    if key_starts is not None:
+        kwargs["key_starts"] = key_starts
     programs = (attention_programs(target, q.device, decode=True), attention_programs(target, q.device))
     for block_q, table in _launch_plan(cu, lens, hq, hkv, target, programs, sliding_window, causal, str(q.device)):
         # A cached table is device memory a captured graph would read on every replay: keep it
@@ -152,7 +157,7 @@ def run_meta_attention_varlen(
         table.ready_on_current_stream()  # its copy may have been queued on another stream
         kernel = _attention_kernel(target, q.dtype, d, gqa, block_q, causal, sliding_window is not None,
                                    tree_mask is not None, attn_bias is not None, softcap is not None,
-                                   sinks is not None, alibi_slopes is not None)
+                                   sinks is not None, alibi_slopes is not None, key_starts is not None)
         kernel(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table,
                scale=scale if scale is not None else 1.0 / math.sqrt(d),
                tree_mask=tree_mask, sliding_window=sliding_window, out=out, **kwargs)
@@ -162,7 +167,7 @@ def run_meta_attention_varlen(
 @functools.lru_cache(maxsize=256)
 def _attention_kernel(
     target: str, dtype: torch.dtype, head_dim: int, gqa: int, block_q: int, causal: bool, sliding_window: bool,
-    tree: bool, bias: bool, softcap: bool = False, sinks: bool = False, alibi: bool = False,
+    tree: bool, bias: bool, softcap: bool = False, sinks: bool = False, alibi: bool = False, key_starts: bool = False,
 ) -> Any:
     """The built kernel of `attention_spec(...)`: looked up once per variant, since building the
     spec and hashing it for `get_kernel` cost more host time than a decode step can spare."""
@@ -170,7 +175,7 @@ def _attention_kernel(
 
     return get_kernel(target, attention_spec(dtype=dtype, head_dim=head_dim, gqa=gqa, block_q=block_q, causal=causal,
                                              sliding_window=sliding_window, tree=tree, bias=bias, target=target,
-                                             softcap=softcap, sinks=sinks, alibi=alibi))
+                                             softcap=softcap, sinks=sinks, alibi=alibi, key_starts=key_starts))
 
 
 @functools.lru_cache(maxsize=256)
@@ -227,6 +232,7 @@ def run_meta_attention(
     sinks: torch.Tensor | None = None,
     alibi_slopes: Sequence[float] | None = None,
     attention_chunk: int | None = None,
+    key_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense attention `[B, Hq, S, D] x [B, Hkv, S_kv, D]` through the varlen meta-kernel.
 
@@ -244,6 +250,10 @@ def run_meta_attention(
     `attention_chunk=c` hides from the query at position p the keys before c * (p // c) (Llama
     4's chunked attention), applied as a mask here (the paged serving path cuts the sequences at
     chunk boundaries instead: `tileflow.runtime.paged_kv`).
+    `key_starts` (integer `[B | 1, S]`): query i of row b sees no key before position
+    `key_starts[b, i]`, for sequences packed in one row (each query's sequence starts there):
+    the kernel takes them per row (no `[S, S_kv]` mask), unless the call has a mask already,
+    into which they are folded.
     Returns `[B, Hq, S, D]` (stored as `[B, S, Hq, D]`, the layout attention outputs usually
     have).
     """
@@ -256,6 +266,13 @@ def run_meta_attention(
     cu = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=device) if s > 0 else torch.zeros(b + 1, dtype=torch.int32, device=device)
     seqlens = torch.full((b,), s_kv, dtype=torch.int32, device=device)
     bias = ranges = None
+    if key_starts is not None:
+        key_starts = _dense_key_starts(key_starts, b, s)
+        if attn_mask is not None or attention_chunk is not None:
+            # The call reads a mask anyway: the starts join it (its ranges come from it).
+            hidden = torch.arange(s_kv, device=device)[None, None, None, :] < key_starts[:, None, :, None]
+            base = additive_bias(attn_mask) if attn_mask is not None else torch.zeros((), device=device)
+            attn_mask, mask_ranges, key_starts = torch.where(hidden, float("-inf"), base), None, None
     if attention_chunk is not None:
         # The chunk rule as a mask: dense graphs from transformers' masks carry it in their mask
         # already, so only a traced serving step's dense form (run whole) comes here.
@@ -299,8 +316,20 @@ def run_meta_attention(
         softcap=_number(softcap, "softcap"), sliding_window=sliding_window, sinks=sinks,
         alibi_slopes=None if alibi_slopes is None else per_head_tensor(tuple(map(float, alibi_slopes)), str(device)),
         host_metadata=(tuple(range(0, b * s + 1, s)) if s > 0 else (0,) * (b + 1), (s_kv,) * b),
+        key_starts=key_starts,
     )
     return out.view(b, s, hq, d).transpose(1, 2)
+
+
+def _dense_key_starts(key_starts: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """The dense op's `key_starts` checked (an integer `[B | 1, S]` tensor) and expanded to
+    `[B, S]` int32."""
+    if (not isinstance(key_starts, torch.Tensor) or key_starts.dim() != 2 or key_starts.shape[0] not in (1, b)
+            or key_starts.shape[1] != s or key_starts.dtype.is_floating_point or key_starts.dtype == torch.bool):
+        got = f"{key_starts.dtype} {list(key_starts.shape)}" if isinstance(key_starts, torch.Tensor) else repr(key_starts)
+        raise ValueError(f"meta_attention: key_starts must be an integer [B={b} | 1, S={s}] tensor (each query's "
+                         f"first visible key), got {got}")
+    return key_starts.to(torch.int32).expand(b, s)
 
 
 def _rule_hides(s: int, s_kv: int, causal: bool, window: int | None, device: torch.device) -> torch.Tensor:

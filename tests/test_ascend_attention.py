@@ -42,6 +42,7 @@ from tileflow.backends.ascend.cpu_debug import build_cpu_debug
 from tileflow.backends.reference.attention import (
     attention_reference_dense,
     merge_partials,
+    run_task_table,
 )
 
 from tileflow.kernel_spec import KernelSpec, make_params
@@ -57,9 +58,10 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="CPU-debug b
 def attn_spec(dtype: str = "float32", *, head_dim: int = 16, gqa: int = 1, block_q: int = 4,
               block_kv: int = 16, causal: bool = True, sliding_window: bool = False,
               tree: bool = False, bias: bool = False, softcap: bool = False, sinks: bool = False,
-              alibi: bool = False) -> KernelSpec:
+              alibi: bool = False, key_starts: bool = False) -> KernelSpec:
     """A meta_attention KernelSpec."""
-    features = {name: True for name, on in (("softcap", softcap), ("sinks", sinks), ("alibi", alibi)) if on}
+    features = {name: True for name, on in (("softcap", softcap), ("sinks", sinks), ("alibi", alibi),
+                                            ("key_starts", key_starts)) if on}
     return KernelSpec(
         op="meta_attention", dtype=dtype, out_dtype=dtype,
         params=make_params(head_dim=head_dim, gqa=gqa, block_q=block_q, block_kv=block_kv,
@@ -83,8 +85,14 @@ BIAS_FP16 = attn_spec("float16", gqa=2, block_q=3, causal=False, bias=True)
 # both (fp32).
 CAP_SINKS_WINDOW = attn_spec("float16", gqa=2, block_q=4, sliding_window=True, softcap=True, sinks=True)
 ALIBI_CAP_SINKS = attn_spec("float32", gqa=2, block_q=4, softcap=True, sinks=True, alibi=True)
+# Key starts (sequences packed in a dense row): causal fp32 and causal with a window in fp16, GQA
+# 2; not causal with soft-capping, sinks and ALiBi, GQA 4 over 2-position tiles.
+STARTS_FP32 = attn_spec("float32", gqa=2, block_q=4, key_starts=True)
+STARTS_FP16_WINDOW = attn_spec("float16", gqa=2, block_q=4, sliding_window=True, key_starts=True)
+STARTS_NOT_CAUSAL = attn_spec("float32", gqa=4, block_q=2, causal=False, softcap=True, sinks=True, alibi=True,
+                              key_starts=True)
 SPECS = (GQA4_TREE, FP16_TREE_WINDOW, BF16_GQA2, FP32_WINDOW, NOT_CAUSAL_TREE, BIAS_TREE, BIAS_FP16,
-         CAP_SINKS_WINDOW, ALIBI_CAP_SINKS)
+         CAP_SINKS_WINDOW, ALIBI_CAP_SINKS, STARTS_FP32, STARTS_FP16_WINDOW, STARTS_NOT_CAUSAL)
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +110,28 @@ def causal_tree(batch: dict[str, Any], size: int = 4) -> torch.Tensor:
     return torch.ones(batch["seqlens_kv"].shape[0], size, size, dtype=torch.bool).tril()
 
 
+def starts_bias(batch: dict[str, Any], key_starts: torch.Tensor) -> torch.Tensor:
+    """The key-start rule as the reference's additive bias, float64 ``[S, 1, max n_s, max L_s]``:
+    row i of sequence s sees no key j < key_starts[s, i], so its bias there is -inf (which hides a
+    key; a row hidden entirely outputs zeros) and 0 elsewhere."""
+    q_lens, kv_lens = batch_lengths(batch)
+    rows, keys = max(q_lens, default=0), max(kv_lens, default=0)
+    hidden = torch.arange(keys)[None, None, :] < key_starts[:, :rows, None].long()
+    return torch.zeros(hidden.shape, dtype=torch.float64).masked_fill(hidden, float("-inf"))[:, None]
+
+
 def oracle(batch: dict[str, Any], spec: KernelSpec, *, tree_mask: torch.Tensor | None,
            window: int | None, scale: float | None = None,
            attn_bias: torch.Tensor | None = None, features: dict[str, Any] | None = None) -> torch.Tensor:
     """The reference backend's dense definition, evaluated in float64. `features`: softcap,
-    sinks and alibi_slopes, as the kernel takes them."""
+    sinks, alibi_slopes and key_starts, as the kernel takes them (key starts as `starts_bias`)."""
     args = [batch[k].double() if batch[k].is_floating_point() else batch[k] for k in ARGS]
     wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in (features or {}).items()}
+    starts = (features or {}).get("key_starts")
+    if starts is not None:  # the dense definition has no key starts: they go with no bias
+        assert attn_bias is None
+        attn_bias = starts_bias(batch, starts)
+        del wide["key_starts"]
     return attention_reference_dense(*args, scale=scale, causal=spec.param("causal"),
                                      sliding_window=window, tree_mask=tree_mask,
                                      attn_bias=None if attn_bias is None else attn_bias.double(), **wide)
@@ -126,7 +149,7 @@ def run_and_check(kernel: Any, spec: KernelSpec, batch: dict[str, Any], *, windo
                   kv_split: int | None = 0, num_programs: int = 3, what: str = "",
                   attn_bias: torch.Tensor | None = None, features: dict[str, Any] | None = None) -> Any:
     """Build the task table, launch on a NaN-poisoned output, compare with the oracle; returns
-    the table. `features`: softcap, sinks and alibi_slopes for the specs that have them."""
+    the table. `features`: softcap, sinks, alibi_slopes and key_starts for the specs that have them."""
     layout = attention_layout(spec)
     tree = None
     if layout.tree:
@@ -573,6 +596,132 @@ def test_exported_softcap_sinks_and_alibi_run_on_the_ascend_kernels(name: str, t
 
 
 # --------------------------------------------------------------------------------------------
+# Key starts (sequences packed in a dense row)
+# --------------------------------------------------------------------------------------------
+
+# (n_s, L_s): a 40-token prefill packing three sequences, a chunked prefill of 13 over a cached
+# prefix of 17 packing two, a decode, an empty sequence, a chunk with stray starts and a 2-row
+# chunk whose starts are past both rows' positions.
+PACKED = [(40, 40), (13, 30), (1, 23), (0, 4), (9, 12), (2, 7)]
+
+
+def packed_starts() -> torch.Tensor:
+    """int32 [S, 40]: each query row's first key for `PACKED` (columns past n_s are -1, never read).
+
+    Prefill rows 0-12 / 13-28 / 29-39 start at 0 / 13 / 29 (4-row tiles 12-15 and 28-31 straddle a
+    start); the chunked prefill's rows at positions 17-21 start at 10, those at 22-29 at 22 (its
+    tile of rows 4-7 straddles); the decode at 20. The stray chunk (positions 3-11) starts rows at
+    arbitrary keys, rows 4 and 7 past their own positions (and row 4 past every key), which see no
+    key and output zeros; so do both rows of the last sequence (positions 5 and 6, starts 9 and 7),
+    whose tasks' KV ranges become empty."""
+    starts = torch.full((len(PACKED), 40), -1, dtype=torch.int32)
+    starts[0, :40] = torch.tensor([0] * 13 + [13] * 16 + [29] * 11)
+    starts[1, :13] = torch.tensor([10] * 5 + [22] * 8)
+    starts[2, :1] = 20
+    starts[4, :9] = torch.tensor([0, 0, 5, 7, 20, 3, 11, 12, 9])
+    starts[5, :2] = torch.tensor([9, 7])
+    return starts
+
+
+# (spec, block_size, Hq, Hkv, window, kv_split): GQA 2 and 4 (and MQA), pages of 7 (cutting
+# chunks) and 16, windows of 5 and 100, forced split-KV (some slots see no key of some rows).
+STARTS_CASES = [
+    (STARTS_FP32, 7, 4, 2, None, 0),
+    (STARTS_FP32, 16, 2, 1, None, 8),
+    (STARTS_FP16_WINDOW, 7, 4, 2, 5, 0),
+    (STARTS_FP16_WINDOW, 5, 4, 2, 100, 8),
+    (STARTS_NOT_CAUSAL, 7, 8, 2, None, 0),
+    (STARTS_NOT_CAUSAL, 16, 4, 1, None, 8),
+]
+
+
+@pytest.mark.parametrize("case", range(len(STARTS_CASES)))
+def test_key_starts(kernels: dict[KernelSpec, Any], case: int) -> None:
+    """Key starts on a mixed batch (prefill, chunked prefill over a prefix, decode, an empty
+    sequence; starts that change inside a tile; rows whose start is past their position output
+    zeros) with the causal rule, windows, soft-capping, sinks and ALiBi, whole and split-KV,
+    against the float64 oracle; the oracle agrees with the reference backend's own executor, and
+    the starts change the result."""
+    spec, block_size, hq, hkv, window, kv_split = STARTS_CASES[case]
+    batch = exact_batch(PACKED, num_q_heads=hq, num_kv_heads=hkv, head_dim=16, block_size=block_size,
+                        dtype=getattr(torch, spec.dtype), seed=400 + case)
+    starts = packed_starts()
+    features: dict[str, Any] = {"key_starts": starts}
+    if spec.param("softcap", False):
+        features.update(softcap=3.0, sinks=torch.linspace(-1.0, 2.0, hq),
+                        alibi_slopes=2.0 ** -torch.arange(1.0, hq + 1))
+    table = run_and_check(kernels[spec], spec, batch, window=window, kv_split=kv_split, features=features,
+                          what=f"key starts case {case}: {spec.name} bs={block_size} {hq}/{hkv}")
+    if kv_split:
+        assert table.merges.shape[0] > 0, "the case should exercise the merge kernel"
+    want = oracle(batch, spec, tree_mask=None, window=window, features=features)
+    wide = [batch[k].double() if batch[k].is_floating_point() else batch[k] for k in ARGS]
+    executed = run_task_table(table, *wide, causal=spec.param("causal"), sliding_window=window,
+                              **{k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                                 for k, v in features.items()})
+    torch.testing.assert_close(executed, want, rtol=1e-9, atol=1e-9)
+    cu = batch["cu_seqlens_q"].tolist()
+    stray = [cu[4] + 4, cu[4] + 7, cu[5], cu[5] + 1]
+    assert (want[stray] == 0).all() and (want[:cu[4]].abs().sum(-1) > 0).all()
+    plain = oracle(batch, spec, tree_mask=None, window=window,
+                   features={k: v for k, v in features.items() if k != "key_starts"})
+    assert (want - plain).abs().max() > 0.1, "the starts should hide keys the plain rules show"
+
+
+def test_key_starts_skip_the_keys_no_row_of_a_tile_sees(kernels: dict[KernelSpec, Any]) -> None:
+    """Each task's KV range starts at the earliest start of its tile's rows (the host's table does
+    not know the starts): with the keys before each sequence's earliest start NaN in both caches
+    (a P of 0 times a NaN value would poison a row), the decode, single-chunk, multi-chunk and
+    split-KV tasks still match the oracle of the clean batch."""
+    block_size = 7
+    batch = exact_batch(PACKED, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=block_size,
+                        dtype=torch.float32, seed=9)
+    starts = packed_starts()
+    want = oracle(batch, STARTS_FP32, tree_mask=None, window=None, features={"key_starts": starts})
+    poisoned = dict(batch, k_cache=batch["k_cache"].clone(), v_cache=batch["v_cache"].clone())
+    hidden = 0
+    for s, (n, kv) in enumerate(PACKED):
+        pos = torch.arange(min(int(starts[s, :n].min()), kv) if n else kv)
+        pages = batch["block_table"][s, pos // block_size].long()
+        for cache in ("k_cache", "v_cache"):
+            poisoned[cache][pages, pos % block_size] = float("nan")
+        hidden += len(pos) if n else 0
+    assert hidden == 10 + 20 + 7
+    for kv_split in (0, 8):
+        table = build_task_table(batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=4, num_kv_heads=2,
+                                 block_q=4, num_programs=3, kv_split=kv_split)
+        poisoned_seqs = (table.tasks[:, 0] == 1) | (table.tasks[:, 0] == 2) | (table.tasks[:, 0] == 5)
+        assert (poisoned_seqs & (table.tasks[:, 4] == 0)).any()  # the host's ranges reach the NaN keys
+        out = torch.full_like(batch["q"], float("nan"))
+        kernels[STARTS_FP32](*[poisoned[k] for k in ARGS], table, out=out, key_starts=starts)
+        assert_close(out, want, "float32", f"poisoned keys before the starts, kv_split={kv_split}")
+
+
+def test_key_starts_are_checked(kernels: dict[KernelSpec, Any]) -> None:
+    """A key-starts kernel needs its starts, covering every query row of the batch (the shared
+    launch checks); a kernel without them refuses them."""
+    batch = exact_batch([(5, 5), (3, 9)], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=4,
+                        dtype=torch.float32, seed=5)
+    args = [batch[k] for k in ARGS]
+    table = build_task_table(batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=4, num_kv_heads=2,
+                             block_q=4, num_programs=2)
+    kernel = kernels[STARTS_FP32]
+    with pytest.raises(ValueError, match="built with key starts: pass key_starts"):
+        kernel(*args, table)
+    with pytest.raises(ValueError, match="key_starts must cover every query row"):
+        kernel(*args, table, key_starts=torch.zeros(2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="key_starts must cover every query row"):
+        kernel(*args, table, key_starts=torch.zeros(1, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="built without key starts"):
+        kernels[FP32_WINDOW](*args, table, sliding_window=4, key_starts=torch.zeros(2, 5, dtype=torch.int32))
+    # Starts as any integer tensor, wider than the batch needs: converted and read with their row length.
+    starts = torch.tensor([[0, 0, 2, 2, 2, 9, 9], [7, 7, 8, 0, 0, 0, 0]])
+    out = kernel(*args, table, key_starts=starts)
+    assert_close(out, oracle(batch, STARTS_FP32, tree_mask=None, window=None, features={"key_starts": starts}),
+                 "float32", "int64 starts, 7 columns")
+
+
+# --------------------------------------------------------------------------------------------
 # Specs, sources, validation
 # --------------------------------------------------------------------------------------------
 
@@ -607,6 +756,14 @@ def test_source_shape() -> None:
     assert bias_kernel.count("LoadBiasChunk(t, ") == 3 and "AddBias(t, scores, chunkLen)" in bias_kernel
     assert "GM_ADDR attn_bias" in bias_kernel and "biasQue" in bias_kernel
     assert "int32_t biasStrideRow;" in next(v for k, v in biased.items() if k.endswith("_tiling.h"))
+    # With key starts: the extra input, its row length in the tiling, the rule in MaskScores (a
+    # kernel that is not causal has one only for them); none of it elsewhere.
+    assert "keyStarts" not in kernel and "keyStarts" not in bias_kernel and "key_starts" not in kernel
+    starts = render_attention_sources(STARTS_NOT_CAUSAL).files
+    starts_kernel = next(v for k, v in starts.items() if k.startswith("op_kernel/"))
+    assert "GM_ADDR key_starts" in starts_kernel and "MaskScores(t, scores, chunkStart, chunkLen);" in starts_kernel
+    assert starts_kernel.count("keyStartsGm.GetValue(") == 2  # the task's first key, and the mask
+    assert "int32_t startsRows;" in next(v for k, v in starts.items() if k.endswith("_tiling.h"))
 
 
 @pytest.mark.parametrize("params,match", [

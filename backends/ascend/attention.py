@@ -19,11 +19,11 @@ direct datapath, so matrices pass through a per-core GM workspace:
   cache (B transposed, ``orgKb = Hkv * D``): ``S = Q K^T`` lands in UB (row stride ``block_kv``);
 - the vector unit scales (and, with ``softcap``, caps: ``c * tanh(s / c)``), adds ALiBi's
   ``slope * (j - p)`` (``alibi``: one multiply and one add of a column-offset row per tile row)
-  and the model's additive bias when the spec has them, masks (causal / sliding window hide a
-  contiguous column range per row; the tree mask is applied per element over the new-token
-  columns), runs the online softmax per row, rounds P to the input type and writes it to the
-  workspace; the cube computes ``P V`` (V read in place, ``orgN = Hkv * D``) into UB, and the
-  vector unit folds it into the accumulator.
+  and the model's additive bias when the spec has them, masks (causal / sliding window / key
+  starts hide a contiguous column range per row; the tree mask is applied per element over the
+  new-token columns), runs the online softmax per row, rounds P to the input type and writes it
+  to the workspace; the cube computes ``P V`` (V read in place, ``orgN = Hkv * D``) into UB, and
+  the vector unit folds it into the accumulator.
 - with ``sinks``, each row's sink logit joins its softmax once as a key with no value (its sum
   gains ``exp(sink - max)``): at the end of an unsplit task, or in the merge for split rows.
 
@@ -39,6 +39,13 @@ with contiguous keys (broadcast dims are stride 0: element strides ride in the t
 compact float32 copy otherwise. With the bias come its per-row ranges (``attn_bias_ranges``,
 `tileflow.attention_inputs.bias_ranges`): each task's KV range is narrowed to the keys some row
 of its tile sees, so the chunks a causal mask hides are never loaded.
+
+Key starts (``key_starts=True``: sequences packed in one dense row) give each query row of
+sequence ``s`` its first visible key, ``key_starts[s, i]`` (int32 ``[S, >= max n_s]``, read in
+place), on top of the causal rule and the window; they go with neither a tree nor a bias. The
+host's task table knows nothing of them: the kernel starts each task's KV range at the earliest
+start of its tile's rows (a range wholly before it is empty) and hides the keys before a row's own
+start only in chunks that begin before the tile's latest start.
 
 The kernel picks a pipeline per task at run time (XY-Serve's three):
 
@@ -241,6 +248,12 @@ class AttentionLayout:
         return self.params.alibi
 
     @property
+    def key_starts(self) -> bool:
+        """Sequences packed in one dense row: query row i of sequence s sees no key before
+        ``key_starts[s, i]`` (int32 [S, >= max n_s] at launch)."""
+        return self.params.key_starts
+
+    @property
     def rows(self) -> int:
         """Rows of a tile (and of a split-KV workspace slot)."""
         return self.block_q * self.gqa
@@ -366,9 +379,6 @@ def attention_layout(spec: KernelSpec) -> AttentionLayout:
     """
     params = attention_params(spec, target="Ascend C", supported_dtypes=SUPPORTED_DTYPES,
                               default_block_kv=_DEFAULT_BLOCK_KV)
-    if params.key_starts:
-        raise ValueError(f"spec {spec.name}: key starts (sequences packed in a dense row) are not in the Ascend C "
-                         "kernel yet: pass the packed sequences' mask instead (attn_implementation='tileflow')")
     esize = _ELEMENT_BYTES[spec.dtype]
     align = _BLOCK_BYTES // esize
     if params.head_dim % align:
@@ -394,7 +404,8 @@ def task_pipeline(task: Sequence[int], block_kv: int, block_size: int) -> str:
 
     Mirrors the kernel's run-time choice: one query position -> 2-stage (decode); a KV range that
     is a single chunk (no longer than block_kv and inside one page) -> 3-stage; else 4-stage. (A
-    bias kernel first narrows the range to its bias ranges, which this row does not show.)
+    bias kernel first narrows the range to its bias ranges, a key-starts kernel to its tile's
+    earliest start; this row shows neither.)
     """
     q_rows, kv_start, kv_end = task[3], task[4], task[5]
     if q_rows == 1:
@@ -418,6 +429,8 @@ def attention_entries(spec: KernelSpec) -> tuple[EntryPoint, EntryPoint]:
         main.append("tree_mask")
     if layout.bias:
         main += ["attn_bias", "attn_bias_ranges"]
+    if layout.key_starts:
+        main.append("key_starts")
     sinks = ["sinks"] if layout.sinks else []
     main += sinks
     if layout.alibi:
@@ -462,7 +475,7 @@ struct ${struct} {
     int32_t numPrograms;   // P: the static grid of the task table
     int32_t treeSize;      // T of tree_mask [S, T, T] (0 without a tree)
     int32_t window;        // sliding window (0 without one)
-${bias_fields}    float scale;           // softmax scale
+${bias_fields}${starts_field}    float scale;           // softmax scale
 ${softcap_field}};
 
 #endif  // ${guard}
@@ -480,11 +493,16 @@ _BIAS_FIELDS = (
 )
 _BIAS_NAMES = ("biasStrideSeq", "biasStrideHead", "biasStrideRow", "biasElems", "rangeRows")
 
+# The tiling field of a key-starts kernel: the row length of its key_starts (the launch's may be
+# wider than the batch's longest query run).
+_STARTS_FIELD = "    int32_t startsRows;    // key_starts: int32 [numSeqs, startsRows], dense\n"
+
 
 def _tiling_header(spec: KernelSpec, layout: AttentionLayout, ident: str) -> str:
     return _fill(_TILING_HEADER, banner=banner(spec, "Tiling struct (host and kernel)"),
                  guard=f"{ident.upper()}_TILING_H", ident=ident, struct=tiling_struct_name(ident),
                  bias_fields=_BIAS_FIELDS if layout.bias else "",
+                 starts_field=_STARTS_FIELD if layout.key_starts else "",
                  softcap_field=("    float softcap;         // logit soft-cap c: scores become c * tanh(s / c)\n"
                                 if layout.softcap else ""))
 
@@ -625,7 +643,7 @@ struct Task {
     int32_t firstToken;  // global query row of the tile's first position
     int32_t newStart;    // KV position of the sequence's first new token
     bool treeApplies;    // tree verify: the tree mask covers the sequence's new tokens
-${bias_task_fields}};
+${bias_task_fields}${starts_task_fields}};
 
 class MetaAttention {
 public:
@@ -649,7 +667,7 @@ public:
         tasksGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(tasks), uint64_t(t.numTasks) * TASK_COLS);
         programOffsetsGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(program_offsets), uint64_t(t.numPrograms) + 1);
         programTasksGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(program_tasks), uint64_t(t.numTasks));
-${tree_init}${bias_init}${sinks_init}${alibi_init}        // Split-KV workspace: slot s holds TILE_ROWS rows (float32) of output, then of max and of
+${tree_init}${bias_init}${starts_init}${sinks_init}${alibi_init}        // Split-KV workspace: slot s holds TILE_ROWS rows (float32) of output, then of max and of
         // sum, see TaskTable.workspace_shapes.
         partialOutGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_out), uint64_t(t.numSlots) * TILE_ROWS * HEAD_DIM);
         partialStatsGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(partial_stats), uint64_t(t.numSlots) * 2 * TILE_ROWS);
@@ -701,7 +719,7 @@ private:
         t.firstToken = seqBegin + t.qStart;
         t.newStart = seqlensKvGm.GetValue(t.seq) - numNew;  // the new tokens are the last numNew positions
         t.treeApplies = ${tree_applies};
-${bias_clip}        return t;
+${bias_clip}${starts_clip}        return t;
     }
 
     __aicore__ inline void RunTask(const Task& t)
@@ -960,7 +978,7 @@ ${main_sinks}        NormalizeRows(acc, rowSum, safeSum, invSum, t.rows);
     Tiling tiling;
     GlobalTensor<T> qGm, kGm, vGm, outGm, queryWs, probWs;
     GlobalTensor<int32_t> blockTableGm, cuSeqlensGm, seqlensKvGm, tasksGm, programOffsetsGm, programTasksGm;
-${tree_member}${bias_member}${sinks_member}${alibi_member}    GlobalTensor<float> partialOutGm, partialStatsGm;
+${tree_member}${bias_member}${starts_member}${sinks_member}${alibi_member}    GlobalTensor<float> partialOutGm, partialStatsGm;
 ${main_buffer_members}
     LocalTensor<float> acc, queryF, kvF, product, reduceWork, reduceOut;
 ${alibi_locals}    LocalTensor<float> ${main_stat_members};
@@ -1104,6 +1122,8 @@ def _mask_doc(layout: AttentionLayout) -> str:
     parts = ["kv_pos <= q_pos (causal)" if layout.causal else "every kv_pos < seqlen_kv (not causal)"]
     if layout.sliding_window:
         parts.append("kv_pos > q_pos - window")
+    if layout.key_starts:
+        parts.append("kv_pos >= key_starts[seq, q_index] (sequences packed in a row)")
     if layout.tree:
         parts.append("tree_mask replaces that among the new tokens when n_s <= T")
     doc = "; ".join(parts)
@@ -1251,6 +1271,44 @@ _BIAS_FUNCTIONS = """
 """
 
 
+def _key_starts_code(layout: AttentionLayout) -> dict[str, str]:
+    """The kernel template's key-starts substitutions (the rule itself is in `MaskScores`): all
+    empty without key starts, so a spec without them emits exactly the code it did before."""
+    names = ("starts_init", "starts_member", "starts_clip", "starts_task_fields")
+    if not layout.key_starts:
+        return dict.fromkeys(names, "")
+    return {
+        "starts_init": (
+            "        // Sequences packed in a row: each query row's first visible key, int32 [S, startsRows].\n"
+            "        keyStartsGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(key_starts),\n"
+            "                                    uint64_t(t.numSeqs) * t.startsRows);\n"
+        ),
+        "starts_member": "    GlobalTensor<int32_t> keyStartsGm;\n",
+        "starts_clip": _STARTS_CLIP,
+        "starts_task_fields": (
+            "    int32_t startsHi;    // the latest key start of the tile's rows (at least kvStart): chunks\n"
+            "                         // from it on need no key-start mask\n"
+        ),
+    }
+
+
+# The task's KV range starts at the earliest key start of its tile's rows: no row sees a key
+# before it (the host's table knows nothing of key starts). A range that ends before it becomes
+# empty: an unsplit task writes zeros, a split-KV slot max -inf and sum 0, which the merge ignores.
+# The latest start tells which chunks need the start rule at all (see MaskScores).
+_STARTS_CLIP = """\
+        // Key starts: no row of the tile sees a key before the earliest of its rows' starts.
+        int32_t startsLo = t.kvEnd;
+        t.startsHi = t.kvStart;
+        for (int32_t i = 0; i < t.qRows; ++i) {
+            const int32_t start = keyStartsGm.GetValue(uint64_t(t.seq) * tiling.startsRows + uint64_t(t.qStart + i));
+            startsLo = start < startsLo ? start : startsLo;
+            t.startsHi = start > t.startsHi ? start : t.startsHi;
+        }
+        t.kvStart = startsLo > t.kvStart ? startsLo : t.kvStart;
+"""
+
+
 def _feature_code(layout: AttentionLayout) -> dict[str, str]:
     """The kernel template's substitutions for logit soft-capping, attention sinks and ALiBi:
     the plain scale and empty strings without them, so a spec without them emits exactly the
@@ -1355,7 +1413,7 @@ _ADD_ALIBI = """
 
 def _mask_function(layout: AttentionLayout) -> str:
     """`MaskScores` (only the rules the spec asks for), or "" when nothing is ever hidden."""
-    if not (layout.causal or layout.sliding_window or layout.tree):
+    if not (layout.causal or layout.sliding_window or layout.tree or layout.key_starts):
         return ""
     body = [
         "        const LocalTensor<float> row = scores[r * BLOCK_KV];",
@@ -1393,10 +1451,21 @@ def _mask_function(layout: AttentionLayout) -> str:
             "        // Sliding window: positions <= qPos - window are hidden.",
             "        HideColumns(row, 0, qPos - tiling.window + 1 - chunkStart, chunkLen);",
         ]
+    if layout.key_starts:
+        body += [
+            "        // Packed sequences: positions before the row's start are hidden. A chunk from the",
+            "        // tile's latest start on hides nothing by this rule (no GM read).",
+            "        if (chunkStart < t.startsHi) {",
+            "            const int32_t start = keyStartsGm.GetValue(uint64_t(t.seq) * tiling.startsRows + uint64_t(qIndex));",
+            "            HideColumns(row, 0, start - chunkStart, chunkLen);",
+            "        }",
+        ]
+    rules = ("the causal\n    // and window rules hide one contiguous column range per row; the tree mask goes per element."
+             if not layout.key_starts else  # key starts go with no tree mask
+             "the causal,\n    // window and key-start rules hide one contiguous column range per row each.")
     return (
         "\n"
-        "    // Hide what each row may not see in chunk [chunkStart, chunkStart + chunkLen): the causal\n"
-        "    // and window rules hide one contiguous column range per row; the tree mask goes per element.\n"
+        f"    // Hide what each row may not see in chunk [chunkStart, chunkStart + chunkLen): {rules}\n"
         "    __aicore__ inline void MaskScores(const Task& t, const LocalTensor<float>& scores, int32_t chunkStart,\n"
         "                                      int32_t chunkLen)\n"
         "    {\n"
@@ -1472,6 +1541,7 @@ def _kernel_source(spec: KernelSpec, layout: AttentionLayout, ident: str,
         mask_function=mask,
         tree_member="    GlobalTensor<uint8_t> treeMaskGm;\n" if layout.tree else "",
         **_bias_code(layout),
+        **_key_starts_code(layout),
         **_feature_code(layout),
         main_buffer_members=_buffer_members(layout.main_buffers()),
         main_stat_members=", ".join(layout.main_stat_names()),
@@ -1547,7 +1617,7 @@ extern "C" uint32_t ${ident}_sys_workspace_size()
 extern "C" int32_t ${ident}_tiling(
     int32_t numSeqs, int32_t numQHeads, int32_t numKvHeads, int32_t blockSize, int32_t maxBlocks,
     int32_t numBlocks, int32_t totalQ, int32_t numTasks, int32_t numSlots, int32_t numMerges,
-    int32_t numPrograms, int32_t treeSize, int32_t window,${bias_params} float scale,${softcap_param} void* tilingOut)
+    int32_t numPrograms, int32_t treeSize, int32_t window,${bias_params}${starts_param} float scale,${softcap_param} void* tilingOut)
 {
     if (tilingOut == nullptr) {
         return TILING_NULL_OUTPUT;
@@ -1584,7 +1654,7 @@ ${window_check}${tree_check}${softcap_check}    ${struct} t{};
     t.numPrograms = numPrograms;
     t.treeSize = treeSize;
     t.window = window;
-${bias_assign}    t.scale = scale;
+${bias_assign}${starts_assign}    t.scale = scale;
 ${softcap_assign}    *static_cast<${struct}*>(tilingOut) = t;
     return TILING_OK;
 }
@@ -1625,6 +1695,8 @@ def _host_source(spec: KernelSpec, layout: AttentionLayout, ident: str,
         softcap_assign="    t.softcap = softcap;\n" if layout.softcap else "",
         bias_params=("\n    " + ", ".join(f"int32_t {n}" for n in _BIAS_NAMES) + ",") if layout.bias else "",
         bias_assign="".join(f"    t.{n} = {n};\n" for n in _BIAS_NAMES) if layout.bias else "",
+        starts_param=" int32_t startsRows," if layout.key_starts else "",
+        starts_assign="    t.startsRows = startsRows;\n" if layout.key_starts else "",
         cpu_runners=cpu_runner(main) + "\n" + cpu_runner(merge),
     )
 
@@ -1729,7 +1801,7 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
 
         launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, table, *,
                scale=None, tree_mask=None, sliding_window=None, out=None, attn_bias=None,
-               attn_bias_ranges=None, softcap=None, sinks=None, alibi_slopes=None) -> out
+               attn_bias_ranges=None, softcap=None, sinks=None, alibi_slopes=None, key_starts=None) -> out
 
     Inputs are validated by `tileflow.attention_inputs.check_launch_inputs` (the checks the
     Triton launcher makes). `host_call(name, *args, restype=...)` calls the emitted host functions
@@ -1740,7 +1812,8 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
 
     The kernel addresses q, the caches and out densely, so non-contiguous views are copied (and
     a non-contiguous `out` is written back). `attn_bias` (bias specs) is read in place when it is
-    float32 with contiguous keys, else copied (see `_bias_operand`). The per-core GM workspace
+    float32 with contiguous keys, else copied (see `_bias_operand`); `key_starts` (key-starts
+    specs) are read in place as int32. The per-core GM workspace
     (Q and P tiles), the split-KV workspace (float32, `TaskTable.workspace_shapes`) and the
     Matmul API's system workspace (`<ident>_sys_workspace_size()` bytes) are allocated per call.
     """
@@ -1767,16 +1840,18 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
         softcap: float | None = None,
         sinks: torch.Tensor | None = None,
         alibi_slopes: torch.Tensor | None = None,
+        key_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run meta-attention for the batch described by `table`; returns `out`. With a bias,
         each task's KV range is narrowed to the keys its `attn_bias_ranges` (computed when not
-        given) say some row of the tile sees. `softcap`, `sinks` and `alibi_slopes` exactly when
-        the spec has them (see `check_launch_inputs`)."""
+        given) say some row of the tile sees. `softcap`, `sinks`, `alibi_slopes` and `key_starts`
+        exactly when the spec has them (see `check_launch_inputs`); with key starts, the kernel
+        starts each task's KV range at the earliest start of its tile's rows."""
         inputs = check_launch_inputs(
             layout.params, spec.dtype, where, q, k_cache, v_cache, block_table, cu_seqlens_q,
             seqlens_kv, table, tree_mask=tree_mask, sliding_window=sliding_window, out=out,
             attn_bias=attn_bias, attn_bias_ranges=attn_bias_ranges, need_bias_ranges=True,
-            softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+            softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, key_starts=key_starts,
         )
         out = inputs.out
         if inputs.nothing_to_do:
@@ -1798,12 +1873,14 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
             bias, bias_tiling = _bias_operand(inputs.attn_bias, _bias_extent(table, inputs), where)
             ranges = inputs.bias_ranges.contiguous()  # [S, q rows, 4], a few bytes per row
             bias_tiling = (*bias_tiling, ranges.shape[1])
+        # key_starts arrive int32, dense and on q's device (check_launch_inputs): only their row length.
+        starts_tiling = () if inputs.key_starts is None else (inputs.key_starts.shape[1],)
 
         tiling = _host_tiling(host_call, ident, where, (
             inputs.num_seqs, q.shape[1], k_cache.shape[2], k_cache.shape[1],
             inputs.block_table.shape[1], k_cache.shape[0], q.shape[0], inputs.tasks.shape[0],
             inputs.num_slots, num_merges, num_programs, tree_size, inputs.sliding_window or 0,
-            *bias_tiling,
+            *bias_tiling, *starts_tiling,
         ), (scale,) if inputs.softcap is None else (scale, inputs.softcap))
 
         slots = max(inputs.num_slots, 1)  # a 1-slot dummy when no task is split (never touched)
@@ -1822,6 +1899,7 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
             "tree_mask": None if tree is None else tree.contiguous().view(torch.uint8),
             "attn_bias": bias,
             "attn_bias_ranges": ranges,
+            "key_starts": inputs.key_starts,
             "sinks": inputs.sinks,
             "alibi_slopes": inputs.alibi_slopes,
             "out": dense_out,

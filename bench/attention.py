@@ -313,6 +313,70 @@ def model_mask_methods(s: int, *, device, dtype):
     return methods, lambda: tileflow.ops.attention_mask_ranges(mask), reference
 
 
+def packed_methods(doc_lens: list[int], *, device, dtype, flex: bool = True):
+    """Causal attention over documents packed in one row (`[1, 32, S, 128]`, S = sum of
+    `doc_lens`), each token seeing only its own document's earlier tokens, the way a model given
+    restarting position ids runs it. Returns ({method: fn()}, reference()): tileflow's dense op
+    with each token's first key (`key_starts`, what "tileflow_causal" passes: O(S) metadata), the
+    same with the packed mask as an additive bias and its ranges (what "tileflow" gets from
+    transformers: an [S, S] mask), SDPA with that mask in q's dtype over repeated KV heads (what
+    transformers' SDPA path runs), and FlexAttention with a document block mask (`flex`: GPU
+    only); `reference()` is float32 SDPA per document."""
+    import torch
+    import torch.nn.functional as F
+
+    import tileflow
+
+    s = sum(doc_lens)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, HQ, s, D, device=device, dtype=dtype, generator=gen)
+    k, v = (torch.randn(1, HKV, s, D, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    doc = torch.repeat_interleave(torch.arange(len(doc_lens), device=device), torch.tensor(doc_lens, device=device))
+    firsts = [0, *list(_cumsum(doc_lens))[:-1]]
+    starts = torch.tensor(firsts, device=device)[doc][None]  # [1, S]: each token's document's first token
+    tokens = torch.arange(s, device=device)
+    seen = (doc[:, None] == doc[None, :]) & (tokens[None, :] <= tokens[:, None])
+    mask = torch.zeros(s, s, device=device).masked_fill(~seen, float("-inf"))[None, None]  # float32, as transformers'
+    ranges = tileflow.ops.attention_mask_ranges(mask)
+    group = HQ // HKV
+    k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    sdpa_mask = mask.to(dtype)
+    methods = {
+        "tileflow, key starts": lambda: tileflow.ops.meta_attention(q, k, v, causal=True, key_starts=starts),
+        "tileflow, packed mask": lambda: torch.ops.tileflow.meta_attention(q, k, v, mask, False, None, "", ranges),
+        "SDPA, packed mask": lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=sdpa_mask),
+    }
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def document_causal(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & (ki <= qi)
+
+        block_mask = create_block_mask(document_causal, 1, 1, s, s, device=device, _compile=True)
+        compiled = torch.compile(flex_attention, dynamic=False)
+        methods["FlexAttention, document mask"] = lambda: compiled(
+            q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options={"BACKEND": "TRITON"})
+
+    def reference():
+        """float32 causal attention of each document alone."""
+        out = torch.empty(1, HQ, s, D, device=device, dtype=torch.float32)
+        for first, n in zip(firsts, doc_lens):
+            piece = slice(first, first + n)
+            out[:, :, piece] = F.scaled_dot_product_attention(
+                q[:, :, piece].float(), k_rep[:, :, piece].float(), v_rep[:, :, piece].float(), is_causal=True)
+        return out
+
+    return methods, reference
+
+
+def packed_document_lengths(rng: random.Random, total: int, shortest: int, longest: int) -> list[int]:
+    """Document lengths in [shortest, longest] filling exactly `total` tokens (the last one cut)."""
+    lengths: list[int] = []
+    while sum(lengths) < total:
+        lengths.append(min(rng.randint(shortest, longest), total - sum(lengths)))
+    return lengths
+
+
 def sweep_configs(batches, *, device, dtype, time_ms, check_tol, progress=None):
     """Time the meta-attention kernel of each batch under each configuration.
 
@@ -431,7 +495,7 @@ def smoke() -> int:
     return 0
 
 
-ATTENTION_PARTS = ("decode", "prefill", "mixed", "mask", "softcap")
+ATTENTION_PARTS = ("decode", "prefill", "mixed", "mask", "softcap", "packed")
 
 
 def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) -> int:
@@ -563,6 +627,30 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
             print(" | ".join(str(c) for c in softcap_rows[-1]), flush=True)
             checkpoint()
 
+    # Documents packed in one row (a model given restarting position ids): each token's first key
+    # against the [S, S] mask the other paths need, and FlexAttention's document mask.
+    packed_rows = []
+    packed_names: list[str] = []
+
+    def part_packed():
+        rng = random.Random(0)
+        shapes = ([(8192, 512, 2048), (8192, 64, 512)] if not quick else [(2048, 128, 512)])
+        for total, shortest, longest in shapes:
+            doc_lens = packed_document_lengths(rng, total, shortest, longest)
+            with tileflow.use_config(config):
+                methods, reference = packed_methods(doc_lens, device="cuda", dtype=dtype)
+                packed_names[:] = list(methods)
+                want = reference()
+                flops = attention_flops(doc_lens, doc_lens, HQ, D)
+                label = f"{total} tokens, {len(doc_lens)} documents of {shortest}-{longest}"
+                times = {name: checked_ms(label, name, fn, want, dtype, failures, time_call) for name, fn in methods.items()}
+                del want
+            t = times["tileflow, key starts"]
+            packed_rows.append([label] + ["FAIL" if ms is None else f"{ms:.3f} ({flops / ms / 1e9:.0f})" for ms in times.values()]
+                               + [f"{times[n] / t:.2f}x" if t and times[n] else "FAIL" for n in packed_names[1:]])
+            print(" | ".join(str(c) for c in packed_rows[-1]), flush=True)
+            checkpoint()
+
     def body() -> str:
         text = ""
         if rows:
@@ -599,6 +687,16 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
                        f"scores capped at {SOFTCAP:g} (`cap * tanh(scores / cap)`); tileflow as the serving engine calls it; "
                        "FlexAttention with the cap as its score_mod and a block mask over the packed batch; both checked "
                        "against a float32 reference with the cap, \"no cap\" against float32 SDPA per sequence.")
+        if packed_rows:
+            text += ("\n\n## Documents packed in one row\n\n"
+                     + markdown_table(["row"] + [f"{n} ms (TFLOP/s)" for n in packed_names]
+                                      + [f"{n} / tileflow, key starts" for n in packed_names[1:]], packed_rows)
+                     + "\n\n- dense `[1, 32, S, 128]` causal attention over 4 KV heads, each token seeing only its own "
+                       "document; tileflow, key starts: each token's first key (what \"tileflow_causal\" passes for "
+                       "restarting position ids); tileflow, packed mask: the float32 [S, S] mask as a bias with its ranges "
+                       "(untimed, once per model); SDPA, packed mask: that mask in bf16 over repeated KV heads (untimed "
+                       "repeat); FlexAttention with a document-causal block mask (built untimed); TFLOP/s count each "
+                       "document's causal half; every method checked against float32 SDPA per document")
         text += "".join(f"\n- FAILED: {failure}" for failure in failures)
         return text
 
@@ -612,7 +710,7 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
             write_results(file_name, title, env, body(), partial=True)
 
     runners = {"decode": part_decode, "prefill": part_prefill, "mixed": part_mixed, "mask": part_mask,
-               "softcap": part_softcap}
+               "softcap": part_softcap, "packed": part_packed}
     for part in parts:  # in the order asked for: a stage cut by its limit loses the last ones
         runners[part]()
     if write:

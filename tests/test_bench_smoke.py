@@ -544,3 +544,29 @@ def test_gpu_session_fallback_install_registers_the_dynamo_backend(tmp_path) -> 
     )
     proc = subprocess.run([sys.executable, "-c", check, path], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "found" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_packed_documents_methods_agree_on_the_cpu(monkeypatch, tmp_path) -> None:
+    """The packed-documents table (e): each method (FlexAttention aside, GPU only) equals float32
+    attention of each document alone, and the GPU path writes its table (device pieces stubbed)."""
+    import random
+
+    import torch
+
+    attention, _ = _attention_on_cpu(monkeypatch, tmp_path)
+    lengths = attention.packed_document_lengths(random.Random(1), 40, 3, 12)
+    assert sum(lengths) == 40 and all(1 <= n <= 12 for n in lengths) and len(lengths) > 2
+    methods, reference = attention.packed_methods(lengths, device="cpu", dtype=torch.float32, flex=False)
+    want = reference()
+    for name, fn in methods.items():
+        torch.testing.assert_close(fn().float(), want, rtol=1e-4, atol=1e-4, msg=name)
+    _, one_document = attention.packed_methods([40], device="cpu", dtype=torch.float32, flex=False)
+    assert (one_document() - want).abs().max() > 0.1  # same inputs (seeded): the documents matter
+
+    packed_methods = attention.packed_methods
+    monkeypatch.setattr(attention, "packed_methods", lambda doc_lens, *, device, dtype: packed_methods(
+        attention.packed_document_lengths(random.Random(2), 48, 4, 16), device="cpu", dtype=torch.float32, flex=False))
+    assert attention.run_gpu(True, True, ("packed",)) == 0
+    (path,) = tmp_path.iterdir()
+    text = path.read_text()
+    assert "## Documents packed in one row" in text and "| 2048 tokens, " in text and "FAIL" not in text

@@ -19,7 +19,7 @@
 # with plans from those tile times), tests (the kernel tests, compiled Triton), tests-gpu
 # (tests/test_gpu.py: models, graphs and streams on CUDA). A stage that fails or runs out of
 # time does not stop the next one. Narrower runs: ATTENTION_PARTS (default
-# decode,prefill,mixed,mask,softcap), E2E_TOKENS (default 256,1024,4096) and E2E_TRACE_REQUESTS
+# decode,prefill,mixed,mask,softcap,packed), E2E_TOKENS (default 256,1024,4096) and E2E_TRACE_REQUESTS
 # (default 256). Every stage needs its limit (`gemm:90`, not `gemm`): a stage without one, or an
 # unknown stage, is refused before anything runs.
 set -u
@@ -112,7 +112,7 @@ for item in "$@"; do
   case $name in
     gemm) run_stage gemm "$limit" $PY bench/gemm.py --variant-m "${GEMM_VARIANT_M:-1,64,512,4096}" ;;
     gemm-quick) run_stage gemm-quick "$limit" $PY bench/gemm.py --quick ;;
-    attention) run_stage attention "$limit" $PY bench/attention.py --parts "${ATTENTION_PARTS:-decode,prefill,mixed,mask,softcap}" ;;
+    attention) run_stage attention "$limit" $PY bench/attention.py --parts "${ATTENTION_PARTS:-decode,prefill,mixed,mask,softcap,packed}" ;;
     attention-sweep) run_stage attention-sweep "$limit" $PY bench/attention.py --sweep ;;
     e2e) run_stage e2e "$limit" $PY bench/e2e.py --layers 2 --tokens "$E2E_TOKENS" --trace-requests "$E2E_TRACE" ;;
     e2e-prefill) run_stage e2e-prefill "$limit" $PY bench/e2e.py --layers 2 --tokens "$E2E_TOKENS" --parts prefill ;;

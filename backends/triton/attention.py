@@ -67,6 +67,11 @@ _MERGE_COLS = MERGE_COLS
 # Defaults when the spec carries no TileConfig.
 _DEFAULT_BLOCK_KV = 32
 _DEFAULT_NUM_STAGES = 3
+# Key starts' lead-and-tail loop pipelines its loads too: at 3 stages the 128-row prefill tile
+# (4 warps, head_dim 128) takes 128 KiB of shared memory on sm_90, one program per SM; at 2 it
+# takes 96 KiB, two per SM as the plain causal tile (which the 4-warp choice was measured for),
+# with as many spills (tools/sm90_compile_check.py; not yet timed on a GPU).
+_KEY_STARTS_NUM_STAGES = 2
 
 
 def _default_num_warps(block_m: int, bias: bool, head_dim_pad: int) -> int:
@@ -153,7 +158,8 @@ def attention_config(spec: KernelSpec) -> AttentionConfig:
         alibi=p.alibi,
         key_starts=p.key_starts,
         num_warps=tile.num_warps if tile is not None else _default_num_warps(block_m, p.bias, head_dim_pad),
-        num_stages=tile.num_stages if tile is not None else _DEFAULT_NUM_STAGES,
+        num_stages=tile.num_stages if tile is not None else (_KEY_STARTS_NUM_STAGES if p.key_starts
+                                                             else _DEFAULT_NUM_STAGES),
     )
 
 

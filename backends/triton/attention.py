@@ -414,7 +414,7 @@ for kv0 in range(full_end, kv_end, BLOCK_KV):
 """ + _indent(_kv_step(cfg, dtype, masked=True))
 
     loop += f"""
-# Rows that saw no key (possible only with sliding windows / tree masks / split ranges)
+# Rows that saw no key (possible only with sliding windows, tree masks, key starts or split ranges)
 # output zeros, never NaN; a NaN input (in q, the cache, sinks, slopes) stays NaN, as in the
 # reference, rather than reading as "no key".
 has_key = l_i != 0.0

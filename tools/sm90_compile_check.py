@@ -393,9 +393,10 @@ def _launch_benchmark_kernels() -> None:
                        softcap=torch.tensor(50.0))
     # A compiled plain-causal model on "tileflow_causal": the causal rule and its packed sequences'
     # key starts (two sequences in the row), no mask.
-    run_meta_attention(torch.randn(1, 32, s, 128, dtype=bf16), torch.randn(1, 8, s, 128, dtype=bf16),
-                       torch.randn(1, 8, s, 128, dtype=bf16), None, True, None, target="triton",
-                       key_starts=(torch.arange(s) >= 30).int()[None] * 30)
+    for tokens in (s, 3):  # the prefill-sized tile and the decode-sized one
+        run_meta_attention(torch.randn(1, 32, tokens, 128, dtype=bf16), torch.randn(1, 8, tokens, 128, dtype=bf16),
+                           torch.randn(1, 8, tokens, 128, dtype=bf16), None, True, None, target="triton",
+                           key_starts=(torch.arange(tokens) >= 30).int()[None] * 30)
     # BLOOM-like: its finfo.min causal mask as a bias, ALiBi slopes, 32 heads of 128.
     eager_mask = torch.full((s, s), torch.finfo(torch.float32).min).triu(1)[None, None]
     run_meta_attention(torch.randn(1, 32, s, 128, dtype=bf16), torch.randn(1, 32, s, 128, dtype=bf16),

@@ -1107,6 +1107,37 @@ def test_dense_meta_attention_keeps_packed_sequences_apart(target: str, window: 
             tileflow.ops.meta_attention(q, k, v, causal=True, key_starts=bad)
 
 
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_key_starts_far_past_the_keys_or_before_them(target: str, causal: bool) -> None:
+    """A start at or past every key hides them all (zeros), one at or before 0 none, whatever
+    its width: int64 starts wrapped in int32 (2**32 showed every key, -2**32 + 5 hid five), and
+    an int32 start within a block of 2**31 overflowed the Triton kernel's block bounds (it read
+    far outside the cache; the interpreter crashed). Found by a fuzzing reader."""
+    from tileflow.runtime.attention import run_meta_attention_varlen
+
+    gen = torch.Generator().manual_seed(0)
+    s = 20
+    q, k, v = (torch.randn(1, 2, s, 16, generator=gen) for _ in range(3))
+
+    def run(value: int, dtype: torch.dtype) -> torch.Tensor:
+        starts = torch.full((1, s), value, dtype=dtype)
+        return torch.ops.tileflow.meta_attention(q, k, v, None, causal, None, target, None, None, None, None, None,
+                                                 None, starts)
+
+    for value, dtype in [(2**31 - 1, torch.int32), (2**31 - 50, torch.int32), (2**31, torch.int64),
+                         (2**32, torch.int64), (2**40 + 3, torch.int64)]:
+        assert run(value, dtype).abs().max() == 0, (value, dtype)
+    torch.testing.assert_close(run(-(2**32) + 5, torch.int64), run(0, torch.int32))
+    torch.testing.assert_close(run(-(2**31), torch.int32), run(0, torch.int32))
+    # The launchers' own check (the varlen level) clamps wide starts too.
+    cu, lens = torch.tensor([0, s], dtype=torch.int32), torch.tensor([s], dtype=torch.int32)
+    out = run_meta_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1)[None], v[0].transpose(0, 1)[None],
+                                    torch.zeros(1, 1, dtype=torch.int32), cu, lens, causal=causal, target=target,
+                                    key_starts=torch.full((1, s), 2**32, dtype=torch.int64))
+    assert out.abs().max() == 0
+
+
 def test_transformers_causal_attn_implementation_refuses_a_static_cache() -> None:
     """"tileflow_causal" applies only the causal rule with the last query at the last key: a
     StaticCache's empty slots past the queries (its prefill was off by about 0.5 in logits) are

@@ -435,6 +435,10 @@ def check_launch_inputs(
         if not isinstance(key_starts, torch.Tensor) or key_starts.dim() != 2:
             got = list(key_starts.shape) if isinstance(key_starts, torch.Tensor) else repr(key_starts)
             raise fail(f"the kernel was built with key starts: pass key_starts, an integer [S, max q_len] tensor, got {got}")
+        if key_starts.dtype == torch.int64:
+            # A wider start would wrap in int32 (2**32 to 0): clamped, it means the same (at or
+            # before 0 no key hidden; int32's largest past every key).
+            key_starts = key_starts.clamp(0, 2**31 - 1)
         starts = int_tensor("key_starts", key_starts, device, 2)
         need_q = _bias_extent(table, tasks, num_seqs)[0]
         if starts.shape[0] != num_seqs or starts.shape[1] < need_q:

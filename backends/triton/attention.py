@@ -475,7 +475,8 @@ def _key_start_loops(cfg: AttentionConfig, dtype: str) -> str:
 q_pos_first = seq_kv_len - num_new + q_start  # row 0 has the tile's smallest position
 row_lo = {row_lo}  # the row's first visible key
 seg_start = tl.maximum(kv_start, tl.min(tl.where(row_valid, row_lo, kv_end), axis=0))
-seen_by_all = tl.maximum(tl.max(tl.where(row_valid, row_lo, kv_start), axis=0), kv_start)
+# Capped at kv_end (where full_start ends anyway): a start near 2**31 would overflow below.
+seen_by_all = tl.minimum(tl.maximum(tl.max(tl.where(row_valid, row_lo, kv_start), axis=0), kv_start), kv_end)
 full_start = tl.minimum(kv_start + (seen_by_all - kv_start + BLOCK_KV - 1) // BLOCK_KV * BLOCK_KV, kv_end)
 full_end = full_start + tl.maximum({limit} - full_start, 0) // BLOCK_KV * BLOCK_KV
 for kv0 in range(full_start, full_end, BLOCK_KV):

@@ -267,7 +267,7 @@ def run_meta_attention(
     seqlens = torch.full((b,), s_kv, dtype=torch.int32, device=device)
     bias = ranges = None
     if key_starts is not None:
-        key_starts = _dense_key_starts(key_starts, b, s)
+        key_starts = _dense_key_starts(key_starts, b, s, s_kv)
         if attn_mask is not None or attention_chunk is not None:
             # The call reads a mask anyway: the starts join it (its ranges come from it).
             hidden = torch.arange(s_kv, device=device)[None, None, None, :] < key_starts[:, None, :, None]
@@ -321,15 +321,16 @@ def run_meta_attention(
     return out.view(b, s, hq, d).transpose(1, 2)
 
 
-def _dense_key_starts(key_starts: torch.Tensor, b: int, s: int) -> torch.Tensor:
+def _dense_key_starts(key_starts: torch.Tensor, b: int, s: int, s_kv: int) -> torch.Tensor:
     """The dense op's `key_starts` checked (an integer `[B | 1, S]` tensor) and expanded to
-    `[B, S]` int32."""
+    `[B, S]` int32, clamped to [0, S_kv] first (the same rule: a start at or before 0 hides no key,
+    one at or past S_kv all; an int64 start would wrap in int32)."""
     if (not isinstance(key_starts, torch.Tensor) or key_starts.dim() != 2 or key_starts.shape[0] not in (1, b)
             or key_starts.shape[1] != s or key_starts.dtype.is_floating_point or key_starts.dtype == torch.bool):
         got = f"{key_starts.dtype} {list(key_starts.shape)}" if isinstance(key_starts, torch.Tensor) else repr(key_starts)
         raise ValueError(f"meta_attention: key_starts must be an integer [B={b} | 1, S={s}] tensor (each query's "
                          f"first visible key), got {got}")
-    return key_starts.to(torch.int32).expand(b, s)
+    return key_starts.clamp(0, s_kv).to(torch.int32).expand(b, s)
 
 
 def _rule_hides(s: int, s_kv: int, causal: bool, window: int | None, device: torch.device) -> torch.Tensor:

@@ -202,6 +202,17 @@ def _pin_head_dims(ctx: PassContext, dims: tuple[Any, ...], tensors: tuple[torch
     return None
 
 
+def _pin_target(node: fx.Node, target: str) -> None:
+    """A `meta_attention` the model calls itself (tileflow's transformers attention functions)
+    names no target, so at run time it would take the ambient config's: it runs on the target
+    the graph is compiled for, as the pass's own rewrites do (and the kernels lowering builds)."""
+    if len(node.args) > 6:
+        if not node.args[6]:
+            node.args = (*node.args[:6], target, *node.args[7:])
+    elif not node.kwargs.get("target"):
+        node.kwargs = {**node.kwargs, "target": target}
+
+
 @register_pass
 class Attention:
     """Rewrite SDPA nodes into `tileflow::meta_attention`."""
@@ -217,6 +228,9 @@ class Attention:
         self._slopes: dict[tuple[Any, ...], list[float] | None] = {}
         for node in list(graph.nodes):
             if node.op != "call_function" or not in_graph(node, graph):
+                continue
+            if node.target is torch.ops.tileflow.meta_attention.default:
+                _pin_target(node, ctx.target)
                 continue
             if node.target in _SDPA_FORMS:
                 reason = self._rewrite(graph, node, ctx, result)

@@ -1138,6 +1138,32 @@ def test_key_starts_far_past_the_keys_or_before_them(target: str, causal: bool) 
     assert out.abs().max() == 0
 
 
+def test_a_models_own_meta_attention_runs_on_the_compile_target(monkeypatch) -> None:
+    """tileflow's transformers attention functions call `meta_attention` with no target, which at
+    run time took the ambient config's (the reference kernels here) whatever target the graph was
+    compiled for, while lowering built the compile target's kernels for nothing. The attention
+    pass now pins them to the compile target: Triton here, equal to SDPA."""
+    import tileflow.runtime.attention as runtime_attention
+
+    sdpa, ours = sdpa_and_ours("LlamaConfig", "LlamaForCausalLM", "tileflow_causal", vocab_size=128, hidden_size=64,
+                               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    targets = []
+    run = runtime_attention.run_meta_attention
+
+    def spy(q, k, v, attn_mask, causal, scale, target="", **kwargs):
+        targets.append(target)
+        return run(q, k, v, attn_mask, causal, scale, target, **kwargs)
+
+    monkeypatch.setattr(runtime_attention, "run_meta_attention", spy)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda ids: ours(ids, use_cache=False).logits, backend="tileflow", dynamic=True,
+                             options={"target": "triton"})
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), sdpa(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+    assert targets == ["triton", "triton"], targets
+
+
 def test_transformers_causal_attn_implementation_refuses_a_static_cache() -> None:
     """"tileflow_causal" applies only the causal rule with the last query at the last key: a
     StaticCache's empty slots past the queries (its prefill was off by about 0.5 in logits) are

@@ -1261,8 +1261,8 @@ def test_transformers_causal_attn_implementation_places_chunks_behind_a_sliding_
     """Llama 4's chunked layers keep only their last chunk - 1 keys in a DynamicCache built from
     the config, so the first key is not at position 0; the chunks were numbered from it (decode
     past the first chunk 0.2-0.3 off, generation diverged). Decoding token by token, a chunked
-    prefill and generation equal SDPA's; packed sequences in one row, whose chunks would be
-    numbered from the row's first token, are refused eagerly."""
+    prefill and generation equal SDPA's; so do sequences packed in one row, each chunked from
+    its own positions (they were refused)."""
     import transformers
 
     sdpa, ours = sdpa_and_ours(
@@ -1283,8 +1283,18 @@ def test_transformers_causal_attn_implementation_places_chunks_behind_a_sliding_
                                    sdpa(ids[:, 6:], past_key_values=caches[0]).logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False),
                            sdpa.generate(ids, max_new_tokens=6, do_sample=False))
-        with pytest.raises(ValueError, match="pack several sequences"):
-            ours(ids[:, :9], position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]]), use_cache=False)
+        # Packed sequences' chunks start at their own positions (one starting at 5 included),
+        # eagerly and compiled (the rule read eagerly: a graph break).
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda i, p: ours(i, position_ids=p, use_cache=False).logits, backend="tileflow",
+                                 dynamic=True)
+        for pos in ([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3]], [[5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 5]]):
+            pos = torch.tensor(pos)
+            want = sdpa(ids, position_ids=pos, use_cache=False).logits
+            for run in (lambda i, p: ours(i, position_ids=p, use_cache=False).logits, compiled):
+                torch.testing.assert_close(run(ids, pos), want, rtol=1e-5, atol=1e-5)
+            unpacked = sdpa(ids, position_ids=torch.arange(11)[None], use_cache=False).logits
+            assert (want - unpacked).abs().max() > 0.1
 
 
 def test_the_compiled_causal_check_refuses_an_overlay_that_shows_later_tokens() -> None:

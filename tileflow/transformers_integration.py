@@ -115,9 +115,8 @@ def causal_attention_forward(
     graph serves every count, 1 included). Padding masks, caches whose keys run past the
     queries (a StaticCache), non-causal layers (encoders, cross-attention) and position biases
     are refused. Several sequences packed in one row (position ids that restart, with no mask and
-    no cache) are kept apart: each token sees no key before its sequence's first
-    (`packed_key_starts`, the op's `key_starts`; no [S, S] mask), except with attention chunks,
-    which a packed row would number from the wrong position (refused)."""
+    no cache) are kept apart: each token sees no key before its sequence's first, or its chunk's
+    (`packed_key_starts`, the op's `key_starts`; no [S, S] mask)."""
     window, chunk, key_offset = kwargs.get("sliding_window"), None, 0
     if isinstance(attention_mask, CausalRule):
         # The layer's window may live only in its mask (Phi-3.5-MoE passes none to the attention
@@ -175,8 +174,8 @@ class CausalRule:
     sees only its own chunk's keys), either None when the mask has none. `key_offset`: the
     absolute position of the first key (a sliding cache drops earlier ones), which places the
     chunks. `packed`: the position ids pack several sequences in a row (read eagerly), and
-    `key_starts` (int [B, S] or None): each token's first key, its sequence's first token
-    (`packed_key_starts`)."""
+    `key_starts` (int [B, S] or None): each token's first key, its sequence's (or chunk's) first
+    token (`packed_key_starts`)."""
 
     __slots__ = ("window", "chunk", "key_offset", "packed", "key_starts")
 
@@ -210,11 +209,6 @@ _CAUSAL_PARTS = frozenset({
     "remap_positions_for_packed_sequence.<locals>.inner_mask", "and_masks.<locals>.and_mask",
 })
 _WINDOW_PART = "sliding_window_overlay.<locals>.inner_mask"
-_PACKED_CHUNKS_REFUSAL = (
-    "attn_implementation='tileflow_causal' numbers attention chunks from each row's first token, but these position "
-    "ids pack several sequences into one (they restart), whose chunks start at each sequence's first token: pass one "
-    "sequence per row, or use attn_implementation='tileflow', which applies the packed mask"
-)
 _CHUNK_PART = "chunked_overlay.<locals>.inner_mask"
 _OVERLAY_REFUSAL = (
     "attn_implementation='tileflow_causal' applies the causal rule only, but the model's mask lets a token see the "
@@ -227,8 +221,8 @@ def _mask_rule(mask_function: Any, key_offset: int = 0) -> CausalRule | None:
     """The sliding window and attention chunks of a transformers mask function built of the
     causal rule (None: neither; `key_offset` is the first key's position); ValueError for any
     other mask (bidirectional, or/and overlays such as image tokens), which the causal rule would
-    silently replace, and for sequences packed in a row with chunks. Sequences packed in a row
-    outside a trace (see `_packs_sequences`) make the rule's `packed` True."""
+    silently replace. Sequences packed in a row outside a trace (see `_packs_sequences`) make the
+    rule's `packed` True, and their chunks its key starts' (no `chunk`)."""
     windows: list[int] = []
     chunks: list[int] = []
     causal = packed = False
@@ -262,8 +256,11 @@ def _mask_rule(mask_function: Any, key_offset: int = 0) -> CausalRule | None:
         raise ValueError(f"attn_implementation='tileflow_causal': the model's mask has chunks of {sorted(set(chunks))} "
                          "positions at once, which no one chunk size applies")
     window, chunk = min(windows, default=None), (chunks or [None])[0]
-    if packed and chunk is not None:
-        raise ValueError(_PACKED_CHUNKS_REFUSAL)
+    if packed:
+        # Each sequence's chunks start at its own positions (transformers numbers them by the
+        # position ids): a token at a chunk's start does not see the one before it either, so
+        # the key starts the mask function gives (`packed_key_starts`) are the chunks' too.
+        chunk = None
     return None if window is None and chunk is None and not packed else CausalRule(window, chunk, key_offset, packed=packed)
 
 
@@ -345,8 +342,10 @@ def packed_key_starts(mask_function: Any, batch_size: int, q_length: int, device
     """For queries that are their rows' keys (no cache), int64 [B, S]: each token's first key, the
     first token of its sequence, sequences packed in a row by restarting position ids. The mask
     function tells, traceably (no host read): a token starts a sequence when it does not see the
-    one before it (transformers' packed-sequence mask hides it). A running max of those starts
-    gives each token its own, O(tokens) work where the packed mask is [S, S]."""
+    one before it (transformers' packed-sequence mask hides it), and so does a token that starts
+    an attention chunk of the mask's (numbered by the position ids), whose keys start there. A
+    running max of those starts gives each token its own, O(tokens) work where the packed mask
+    is [S, S]."""
     later = torch.arange(1, q_length, device=device)
     rows = torch.arange(batch_size, device=device)[:, None]
     continues = mask_function(rows, 0, later[None, :], later[None, :] - 1).expand(batch_size, q_length - 1)

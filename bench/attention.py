@@ -321,7 +321,8 @@ def packed_methods(doc_lens: list[int], *, device, dtype, flex: bool = True):
     same with the packed mask as an additive bias and its ranges (what "tileflow" gets from
     transformers: an [S, S] mask), SDPA with that mask in q's dtype over repeated KV heads (what
     transformers' SDPA path runs), and FlexAttention with a document block mask (`flex`: GPU
-    only); `reference()` is float32 SDPA per document."""
+    only); "tileflow, causal only" (the plain causal kernel) is None unless there is one document;
+    `reference()` is float32 SDPA per document."""
     import torch
     import torch.nn.functional as F
 
@@ -343,6 +344,8 @@ def packed_methods(doc_lens: list[int], *, device, dtype, flex: bool = True):
     sdpa_mask = mask.to(dtype)
     methods = {
         "tileflow, key starts": lambda: tileflow.ops.meta_attention(q, k, v, causal=True, key_starts=starts),
+        # What the starts cost where they hide nothing (one document: a compiled model's unpacked call).
+        "tileflow, causal only": (lambda: tileflow.ops.meta_attention(q, k, v, causal=True)) if len(doc_lens) == 1 else None,
         "tileflow, packed mask": lambda: torch.ops.tileflow.meta_attention(q, k, v, mask, False, None, "", ranges),
         "SDPA, packed mask": lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=sdpa_mask),
     }
@@ -634,7 +637,8 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
 
     def part_packed():
         rng = random.Random(0)
-        shapes = ([(8192, 512, 2048), (8192, 64, 512)] if not quick else [(2048, 128, 512)])
+        # The last row is one document: the key-starts kernel against the plain causal one.
+        shapes = ([(8192, 512, 2048), (8192, 64, 512), (8192, 8192, 8192)] if not quick else [(2048, 128, 512)])
         for total, shortest, longest in shapes:
             doc_lens = packed_document_lengths(rng, total, shortest, longest)
             with tileflow.use_config(config):
@@ -643,11 +647,14 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
                 want = reference()
                 flops = attention_flops(doc_lens, doc_lens, HQ, D)
                 label = f"{total} tokens, {len(doc_lens)} documents of {shortest}-{longest}"
-                times = {name: checked_ms(label, name, fn, want, dtype, failures, time_call) for name, fn in methods.items()}
+                times = {name: None if fn is None else checked_ms(label, name, fn, want, dtype, failures, time_call)
+                         for name, fn in methods.items()}
                 del want
             t = times["tileflow, key starts"]
-            packed_rows.append([label] + ["FAIL" if ms is None else f"{ms:.3f} ({flops / ms / 1e9:.0f})" for ms in times.values()]
-                               + [f"{times[n] / t:.2f}x" if t and times[n] else "FAIL" for n in packed_names[1:]])
+            packed_rows.append([label] + ["n/a" if methods[n] is None else "FAIL" if ms is None
+                                          else f"{ms:.3f} ({flops / ms / 1e9:.0f})" for n, ms in times.items()]
+                               + ["n/a" if methods[n] is None else f"{times[n] / t:.2f}x" if t and times[n] else "FAIL"
+                                  for n in packed_names[1:]])
             print(" | ".join(str(c) for c in packed_rows[-1]), flush=True)
             checkpoint()
 
@@ -693,7 +700,8 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
                                       + [f"{n} / tileflow, key starts" for n in packed_names[1:]], packed_rows)
                      + "\n\n- dense `[1, 32, S, 128]` causal attention over 4 KV heads, each token seeing only its own "
                        "document; tileflow, key starts: each token's first key (what \"tileflow_causal\" passes for "
-                       "restarting position ids); tileflow, packed mask: the float32 [S, S] mask as a bias with its ranges "
+                       "restarting position ids); tileflow, causal only: the plain causal kernel, on the one-document row "
+                       "(what the starts cost where they hide nothing); tileflow, packed mask: the float32 [S, S] mask as a bias with its ranges "
                        "(untimed, once per model); SDPA, packed mask: that mask in bf16 over repeated KV heads (untimed "
                        "repeat); FlexAttention with a document-causal block mask (built untimed); TFLOP/s count each "
                        "document's causal half; every method checked against float32 SDPA per document")

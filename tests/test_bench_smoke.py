@@ -547,7 +547,7 @@ def test_gpu_session_fallback_install_registers_the_dynamo_backend(tmp_path) -> 
 
 
 def test_packed_documents_methods_agree_on_the_cpu(monkeypatch, tmp_path) -> None:
-    """The packed-documents table (e): each method (FlexAttention aside, GPU only) equals float32
+    """The packed-documents table: each method (FlexAttention aside, GPU only) equals float32
     attention of each document alone, and the GPU path writes its table (device pieces stubbed)."""
     import random
 
@@ -558,10 +558,13 @@ def test_packed_documents_methods_agree_on_the_cpu(monkeypatch, tmp_path) -> Non
     assert sum(lengths) == 40 and all(1 <= n <= 12 for n in lengths) and len(lengths) > 2
     methods, reference = attention.packed_methods(lengths, device="cpu", dtype=torch.float32, flex=False)
     want = reference()
+    assert methods.pop("tileflow, causal only") is None  # the plain causal kernel: one document only
     for name, fn in methods.items():
         torch.testing.assert_close(fn().float(), want, rtol=1e-4, atol=1e-4, msg=name)
-    _, one_document = attention.packed_methods([40], device="cpu", dtype=torch.float32, flex=False)
+    whole, one_document = attention.packed_methods([40], device="cpu", dtype=torch.float32, flex=False)
     assert (one_document() - want).abs().max() > 0.1  # same inputs (seeded): the documents matter
+    for name, fn in whole.items():
+        torch.testing.assert_close(fn().float(), one_document(), rtol=1e-4, atol=1e-4, msg=name)
 
     packed_methods = attention.packed_methods
     monkeypatch.setattr(attention, "packed_methods", lambda doc_lens, *, device, dtype: packed_methods(

@@ -191,6 +191,29 @@ def test_shifted_rows_and_scans_are_captured(replay_on_cpu) -> None:
     assert replay_on_cpu.captures == 1
 
 
+def _running_extremes(x: torch.Tensor) -> torch.Tensor:
+    # Running max and min along the tokens, values and indices (tileflow_causal's packed key starts).
+    top, where_top = x.cummax(0)
+    low, where_low = x.cummin(0)
+    return (top - low) @ W + (where_top - where_low).float()
+
+
+def _running_max_across_sequences(x: torch.Tensor) -> torch.Tensor:
+    return (x.reshape(-1, H).cummax(0).values @ W).view(2, -1, H)
+
+
+def test_running_extremes_are_scans(replay_on_cpu) -> None:
+    """`cummax`/`cummin` along the tokens read only earlier rows, both of their outputs: captured
+    at buckets (they were not known to keep padded rows apart); across sequences flattened into
+    one dim they read the first one's padding."""
+    report = _run(_running_extremes, _rows)
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1
+    torch._dynamo.reset()
+    ReplayOnCpu.captures = ReplayOnCpu.replays = 0
+    _assert_not_padded(_run(_running_max_across_sequences, _batch), "reads across the token dim")
+
+
 @pytest.mark.parametrize("arch, batch", [("qwen2", 1), ("mistral", 1), ("gpt2", 1), ("llama", 2), ("gpt2", 3)])
 def test_causal_models_are_captured(replay_on_cpu, arch: str, batch: int) -> None:
     """transformers' causal models (their masks built from positions) are captured and equal
@@ -1551,8 +1574,8 @@ def test_padded_values_follow_the_ops_own_dtypes() -> None:
 
 
 def _rows_checked_for_restarts(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    # tileflow_causal's compiled check of packed position ids, in small: every position follows
-    # the one before it (a padded position, 0, does not).
+    # An in-graph check over an input: every position follows the one before it (a padded
+    # position, 0, does not).
     torch._assert_async((positions[1:] == positions[:-1] + 1).all(), "the positions restart")
     return (x + positions[:, None]) @ W
 
@@ -1560,10 +1583,8 @@ def _rows_checked_for_restarts(x: torch.Tensor, positions: torch.Tensor) -> torc
 def test_an_assert_over_padded_rows_is_never_replayed_padded(replay_on_cpu) -> None:
     """An assert reaches no output, so the walk passed it: a replay runs it over the padded rows
     too, where it fails though the call's rows pass (on CUDA a device-side assert at replay; the
-    CPU stand-in failed the capture). tileflow_causal puts such a check on the position ids in
-    every compiled plain-causal step without a cache: given position ids (an input, padded with
-    0), it is captured only at exact token counts, and a call with restarting positions still
-    raises."""
+    CPU stand-in failed the capture). Over position ids (an input, padded with 0) it is captured
+    only at exact token counts, and a call with restarting positions still raises."""
     def rows_and_positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(tokens, H), torch.arange(tokens) + 3
 

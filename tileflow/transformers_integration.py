@@ -195,8 +195,8 @@ class CausalRule:
         if name.startswith("__") or name in self.__slots__:
             raise AttributeError(name)
         raise AttributeError(
-            "attn_implementation='tileflow_causal' builds no mask tensor (this mask is a causal rule's window or "
-            "chunks), "
+            "attn_implementation='tileflow_causal' builds no mask tensor (this mask is a causal rule: its window, "
+            "chunks or packed sequences' key starts), "
             f"but the model reads the mask's {name!r} outside its attention function"
         )
 
@@ -363,7 +363,11 @@ def _traced_rule(mask_function: Any, batch_size: Any, q_length: Any, kv_length: 
     restart of the positions (a new sequence) hides the token before it (`packed_key_starts`),
     and none may see the one after it, which an or-overlay shows (bidirectional tokens: a block
     of them holds such a pair): an `_assert_async` in the graph, no host sync, a RuntimeError
-    with `_OVERLAY_REFUSAL` on the CPU, a device-side assert on CUDA. The plain causal rule (a
+    with `_OVERLAY_REFUSAL` on the CPU, a device-side assert on CUDA. An and-overlay that hid a
+    token's previous key would read as a sequence start here; transformers builds and-overlays
+    only as sliding windows (which a plain config has none of) and packed-sequence masks, and a
+    check of it (a token sees the first key exactly when its start is 0) would cost the padding
+    walk its proof for steps without position ids. The plain causal rule (a
     cache: transformers packs no sequences then) gets neither. Under `Config.cuda_graphs`
     the key starts of a replay's real rows are the call's (a running max reads only earlier
     rows), so steps are captured at token buckets (`tileflow.padding_safety`)."""

@@ -392,7 +392,7 @@ def _launch_benchmark_kernels() -> None:
                        torch.randn(1, 8, s, 256, dtype=bf16), mask, False, None, target="triton",
                        softcap=torch.tensor(50.0))
     # A compiled plain-causal model on "tileflow_causal": the causal rule and its packed sequences'
-    # key starts (two sequences in the row), no mask.
+    # key starts (two sequences in the prefill's row, one in the decode-sized call's), no mask.
     for tokens in (s, 3):  # the prefill-sized tile and the decode-sized one
         run_meta_attention(torch.randn(1, 32, tokens, 128, dtype=bf16), torch.randn(1, 8, tokens, 128, dtype=bf16),
                            torch.randn(1, 8, tokens, 128, dtype=bf16), None, True, None, target="triton",

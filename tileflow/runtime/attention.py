@@ -267,19 +267,17 @@ def run_meta_attention(
     seqlens = torch.full((b,), s_kv, dtype=torch.int32, device=device)
     bias = ranges = None
     if key_starts is not None:
-        key_starts = _dense_key_starts(key_starts, b, s, s_kv)
+        key_starts = _dense_key_starts(key_starts, b, s, s_kv, device)
         if attn_mask is not None or attention_chunk is not None:
             # The call reads a mask anyway: the starts join it (its ranges come from it).
             hidden = torch.arange(s_kv, device=device)[None, None, None, :] < key_starts[:, None, :, None]
-            base = additive_bias(attn_mask) if attn_mask is not None else torch.zeros((), device=device)
-            attn_mask, mask_ranges, key_starts = torch.where(hidden, float("-inf"), base), None, None
+            attn_mask, mask_ranges, key_starts = _hiding(attn_mask, hidden, device), None, None
     if attention_chunk is not None:
         # The chunk rule as a mask: dense graphs from transformers' masks carry it in their mask
         # already, so only a traced serving step's dense form (run whole) comes here.
         pos = torch.arange(s_kv - s, s_kv, device=device)[:, None]
         other_chunk = torch.arange(s_kv, device=device)[None, :] // attention_chunk != pos // attention_chunk
-        base = additive_bias(attn_mask) if attn_mask is not None else torch.zeros((), device=device)
-        attn_mask, mask_ranges = torch.where(other_chunk, float("-inf"), base), None
+        attn_mask, mask_ranges = _hiding(attn_mask, other_chunk, device), None
     if attn_mask is not None:
         bias = additive_bias(attn_mask)
         if bias.dtype == torch.float64:
@@ -321,16 +319,22 @@ def run_meta_attention(
     return out.view(b, s, hq, d).transpose(1, 2)
 
 
-def _dense_key_starts(key_starts: torch.Tensor, b: int, s: int, s_kv: int) -> torch.Tensor:
+def _hiding(attn_mask: torch.Tensor | None, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`attn_mask` (or no mask) as an additive bias that also hides the keys `hidden` marks."""
+    base = additive_bias(attn_mask) if attn_mask is not None else torch.zeros((), device=device)
+    return torch.where(hidden, float("-inf"), base)
+
+
+def _dense_key_starts(key_starts: torch.Tensor, b: int, s: int, s_kv: int, device: torch.device) -> torch.Tensor:
     """The dense op's `key_starts` checked (an integer `[B | 1, S]` tensor) and expanded to
-    `[B, S]` int32, clamped to [0, S_kv] first (the same rule: a start at or before 0 hides no key,
+    `[B, S]` int32 on q's `device`, clamped to [0, S_kv] first (the same rule: a start at or before 0 hides no key,
     one at or past S_kv all; an int64 start would wrap in int32)."""
     if (not isinstance(key_starts, torch.Tensor) or key_starts.dim() != 2 or key_starts.shape[0] not in (1, b)
             or key_starts.shape[1] != s or key_starts.dtype.is_floating_point or key_starts.dtype == torch.bool):
         got = f"{key_starts.dtype} {list(key_starts.shape)}" if isinstance(key_starts, torch.Tensor) else repr(key_starts)
         raise ValueError(f"meta_attention: key_starts must be an integer [B={b} | 1, S={s}] tensor (each query's "
                          f"first visible key), got {got}")
-    return key_starts.clamp(0, s_kv).to(torch.int32).expand(b, s)
+    return key_starts.to(device).clamp(0, s_kv).to(torch.int32).expand(b, s)
 
 
 def _rule_hides(s: int, s_kv: int, causal: bool, window: int | None, device: torch.device) -> torch.Tensor:

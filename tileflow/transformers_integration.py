@@ -367,19 +367,21 @@ def _traced_rule(mask_function: Any, batch_size: Any, q_length: Any, kv_length: 
     token's previous key would read as a sequence start here; transformers builds and-overlays
     only as sliding windows (which a plain config has none of) and packed-sequence masks, and a
     check of it (a token sees the first key exactly when its start is 0) would cost the padding
-    walk its proof for steps without position ids. The plain causal rule (a
-    cache: transformers packs no sequences then) gets neither. Under `Config.cuda_graphs`
+    walk its proof for steps without position ids. The plain causal rule (a cache: transformers
+    packs no sequences then) gets neither, any other mask with a cache no key starts. Under
+    `Config.cuda_graphs`
     the key starts of a replay's real rows are the call's (a running max reads only earlier
     rows), so steps are captured at token buckets (`tileflow.padding_safety`)."""
     from transformers.masking_utils import causal_mask_function
 
-    if (mask_function is causal_mask_function or batch_size is None or q_length is None
-            or (kv_length is not None and kv_length != q_length)):
+    if mask_function is causal_mask_function or batch_size is None or q_length is None:
         return None
     later = torch.arange(1, q_length, device=device)[None, :]
     rows = torch.arange(batch_size, device=device)[:, None]
     sees_next = mask_function(rows, 0, later - 1, later)
     torch._assert_async(~sees_next.any(), _OVERLAY_REFUSAL)
+    if kv_length is not None and kv_length != q_length:
+        return None  # a cache: no sequences packed (and the keys would not be the queries)
     return CausalRule(None, key_starts=packed_key_starts(mask_function, batch_size, q_length, device))
 
 

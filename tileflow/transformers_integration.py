@@ -346,11 +346,16 @@ def packed_key_starts(mask_function: Any, batch_size: int, q_length: int, device
     an attention chunk of the mask's (numbered by the position ids), whose keys start there. A
     running max of those starts gives each token its own, O(tokens) work where the packed mask
     is [S, S]."""
-    later = torch.arange(1, q_length, device=device)
-    rows = torch.arange(batch_size, device=device)[:, None]
-    continues = mask_function(rows, 0, later[None, :], later[None, :] - 1).expand(batch_size, q_length - 1)
+    rows, later = _adjacent_tokens(batch_size, q_length, device)
+    continues = mask_function(rows, 0, later, later - 1).expand(batch_size, q_length - 1)
     firsts = torch.where(continues, 0, later)
     return torch.cat([firsts.new_zeros(batch_size, 1), firsts], dim=1).cummax(dim=1).values
+
+
+def _adjacent_tokens(batch_size: Any, q_length: Any, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(rows [B, 1], later [1, S - 1])`: the indices a mask function is called with to compare
+    each token t >= 1 with its neighbour t - 1."""
+    return torch.arange(batch_size, device=device)[:, None], torch.arange(1, q_length, device=device)[None, :]
 
 
 def _traced_rule(mask_function: Any, batch_size: Any, q_length: Any, kv_length: Any, device: Any) -> CausalRule | None:
@@ -376,8 +381,7 @@ def _traced_rule(mask_function: Any, batch_size: Any, q_length: Any, kv_length: 
 
     if mask_function is causal_mask_function or batch_size is None or q_length is None:
         return None
-    later = torch.arange(1, q_length, device=device)[None, :]
-    rows = torch.arange(batch_size, device=device)[:, None]
+    rows, later = _adjacent_tokens(batch_size, q_length, device)
     sees_next = mask_function(rows, 0, later - 1, later)
     torch._assert_async(~sees_next.any(), _OVERLAY_REFUSAL)
     if kv_length is not None and kv_length != q_length:

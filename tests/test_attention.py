@@ -1423,6 +1423,37 @@ def test_a_plain_causal_model_keeps_packed_sequences_apart(arch: str) -> None:
         assert checks[:seen] == [1] * seen and len(checks) > seen and not any(checks[seen:]), checks
 
 
+def test_a_plain_causal_model_compiles_two_tokens_marked_dynamic() -> None:
+    """A compiled "tileflow_causal" model called first with 2 tokens, their count marked dynamic
+    (`mark_dynamic`), failed to compile: the key starts compared tokens 1..S-1 with their
+    neighbours through an index tensor of S - 1 entries, and Dynamo's guard on whether S - 1 is 1
+    pinned S to 2 (ConstraintViolationError). One graph now serves 2 tokens, two packed
+    one-token sequences and longer calls, equal to SDPA."""
+    sdpa, ours = sdpa_and_ours("LlamaConfig", "LlamaForCausalLM", "tileflow_causal", vocab_size=128, hidden_size=64,
+                               intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    tileflow_backend = tileflow.TileflowBackend({"target": "reference"}, report=report)
+    with_starts: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        with_starts.append(sum(n.target is torch.ops.tileflow.meta_attention and n.args[13] is not None
+                               for n in gm.graph.nodes))
+        return tileflow_backend(gm, example_inputs)
+
+    compiled = torch.compile(lambda ids, pos: ours(ids, position_ids=pos, use_cache=False).logits, backend=backend)
+    with torch.no_grad():
+        for positions in ([0, 1], [0, 0], [0, 1, 2, 0, 1]):
+            pos = torch.tensor([positions])
+            ids = torch.randint(0, 128, pos.shape)
+            torch._dynamo.mark_dynamic(ids, 1)
+            torch._dynamo.mark_dynamic(pos, 1)
+            want = sdpa(ids, position_ids=pos, use_cache=False).logits
+            torch.testing.assert_close(compiled(ids, pos), want, rtol=1e-5, atol=1e-5)
+    assert len(report.graphs) == 1 and report.recompiles == 0 and not report.fallbacks, report.fallbacks
+    assert with_starts == [1]  # the attention takes the key starts
+
+
 def test_a_number_added_to_the_scores_is_refused_without_undoing_other_rewrites() -> None:
     """`scores * scale + 1.5` (a number added to every score) was taken for a mask: the pass
     raised on its missing dtype and was rolled back, which left every attention of the graph,

@@ -214,6 +214,35 @@ def test_running_extremes_are_scans(replay_on_cpu) -> None:
     _assert_not_padded(_run(_running_max_across_sequences, _batch), "reads across the token dim")
 
 
+def _rows_clamped(low: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Each token's previous row, clamped from below at row `low`, gated by a comparison of the
+    clamped indices with themselves plus one (True everywhere)."""
+    def step(x: torch.Tensor) -> torch.Tensor:
+        before = (torch.arange(x.shape[0]) - 1).clamp(min=low)
+        return (x[before] + x) @ W * (before + 1 > before).all()
+
+    return step
+
+
+def test_a_clamped_previous_row_is_replayed_padded(replay_on_cpu) -> None:
+    """`x[(arange(T) - 1).clamp(min=0)]` (each token's previous row, token 0 its own; how
+    tileflow_causal pairs adjacent tokens without a tensor of T - 1 elements) reads only real
+    rows, and a clamped index compared with itself plus one is known: captured at buckets. A
+    clamp to row 1 is safe too (a dynamic graph runs at least 2 tokens); one to row 2 reads a
+    padded row when 2 tokens run in a bucket."""
+    report = _run(_rows_clamped(0), _rows)
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 1
+    for low, captured in ((1, True), (2, False)):
+        torch._dynamo.reset()
+        ReplayOnCpu.captures = ReplayOnCpu.replays = 0
+        report = _run(_rows_clamped(low), _rows)
+        if captured:
+            assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+        else:
+            _assert_not_padded(report, "may point at padded rows")
+
+
 @pytest.mark.parametrize("arch, batch", [("qwen2", 1), ("mistral", 1), ("gpt2", 1), ("llama", 2), ("gpt2", 3)])
 def test_causal_models_are_captured(replay_on_cpu, arch: str, batch: int) -> None:
     """transformers' causal models (their masks built from positions) are captured and equal
@@ -1693,3 +1722,14 @@ def test_positions_that_round_or_wrap_inside_a_bucket_are_not_known(replay_on_cp
         return (x @ W) * (p[1:] > p[:-1]).all()
 
     _assert_not_padded(_run(gated, _rows))
+
+
+def test_integer_divisions_of_known_values_are_not_evaluated(replay_on_cpu) -> None:
+    """The walk leaves integer divisions unknown (the dtype's minimum over -1 traps on a CPU,
+    which no except catches), floor divisions among them: a second set of divisions, the domain
+    checks', had the same name and replaced the first, so `//` of known values was evaluated."""
+    def gated(x: torch.Tensor) -> torch.Tensor:
+        p = torch.arange(x.shape[0])
+        return (x @ W) * ((p[1:] - p[:-1]) // 1 == 1).all()
+
+    _assert_not_padded(_run(gated, _rows), "all is not known")

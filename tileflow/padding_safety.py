@@ -28,7 +28,10 @@ The walk carries them through slices from a fixed row (`pos[1:]`, `pos[:, :1] - 
 fill), a cat that continues a position backwards (torch.diff's `prepend`), indexing at the same
 or an earlier token (`x[arange(1, T) - 1]`), integer arithmetic on fills, and sums, differences
 and comparisons of positions on one token dim (`_Walk.known`): `pos[1:] == pos[:-1] + 1` is a fill
-of True, and `all` of True (or `any` of False) is known at any size. An assert whose condition is
+of True, and `all` of True (or `any` of False) is known at any size. A position clamped from below
+(`before = (arange(T) - 1).clamp(min=0)`: each token's previous one, token 0 its own; no tensor of
+T - 1 elements, on whose size Dynamo would guard) indexes earlier rows too, and compares with itself
+plus a number, or a position read at it, as positions do (`_Walk.floored`). An assert whose condition is
 so known is no hazard: it passes in a replay exactly when it passes in the call.
 tileflow_causal's check that no token sees the one after it (transformers' packed-sequence mask
 at adjacent tokens) is one when the model computes its positions from `arange` (no position ids
@@ -200,6 +203,12 @@ _ASSERTS = {aten._assert_async.default, aten._assert_async.msg}
 _KEY_FIRST = {aten.le.Tensor, aten.lt.Tensor}
 _COMPARE = _KEY_FIRST | {aten.ge.Tensor, aten.gt.Tensor, aten.eq.Tensor}
 _AND = {aten.bitwise_and.Tensor, aten.logical_and.default, aten.mul.Tensor}
+# Ops whose value `_Walk.floored` may know: a clamp from below, numbers added, a read at the indices.
+_FLOORED_OPS = {aten.clamp_min.default, aten.clamp.default, aten.add.Tensor, aten.sub.Tensor, aten.index.Tensor}
+# Whether a comparison holds, from the difference of its operands (first minus second).
+_COMPARISONS: dict[Any, Callable[[Any], bool]] = {
+    aten.eq.Tensor: lambda d: bool(d == 0), aten.ne.Tensor: lambda d: bool(d != 0), aten.le.Tensor: lambda d: bool(d <= 0),
+    aten.lt.Tensor: lambda d: bool(d < 0), aten.ge.Tensor: lambda d: bool(d >= 0), aten.gt.Tensor: lambda d: bool(d > 0)}
 _ATTENTION = {"meta_attention"}
 # Ops that pick indices along a dim (their output 1, or their output): below its size, whatever
 # they were computed from.
@@ -287,7 +296,6 @@ _DOMAINS: dict[Any, tuple[str, str | None]] = {
         aten.logit.default, aten.lgamma.default, aten.digamma.default, aten.polygamma.default,
         aten.mvlgamma.default)},
 }
-_DIVISIONS = {aten.div.Tensor, aten.div.Tensor_mode, aten.remainder.Tensor, aten.fmod.Tensor}
 # Ops whose finite values are never negative.
 _NON_NEGATIVE = {
     aten.abs.default, aten.exp.default, aten.exp2.default, aten.sigmoid.default, aten.relu.default,
@@ -793,6 +801,12 @@ class _Walk:
         if target not in _AFFINE or val.dtype not in _POSITION_DTYPES and val.dtype != torch.bool:
             return facts
         rank = val.dim()
+        if target in _COMPARISONS:
+            low, high = self.floored(args["self"], rank), self.floored(args["other"], rank)
+            if low is not None and high is not None and low[2] == high[2] and _equal(low[0], high[0]):
+                # max(t + g, 0) + c1 against max(t + g, 0) + c2: of c1 - c2 alone, as positions.
+                difference = sympy.simplify(low[1] - high[1])
+                return replace(facts, fill=float(_COMPARISONS[target](difference))) if difference.is_Integer else facts
         first, second = self.affine(args["self"], rank), self.affine(args["other"], rank)
         if first is None or second is None or first[0] + second[0] == 0:
             return facts
@@ -814,9 +828,7 @@ class _Walk:
         difference = sympy.simplify(first[1] - second[1])
         if not (first[0] == second[0] == 1 and difference.is_number and difference.is_real):
             return facts
-        holds = {aten.eq.Tensor: difference == 0, aten.ne.Tensor: difference != 0, aten.le.Tensor: difference <= 0,
-                 aten.lt.Tensor: difference < 0, aten.ge.Tensor: difference >= 0, aten.gt.Tensor: difference > 0}[target]
-        return replace(facts, fill=float(bool(holds)))
+        return replace(facts, fill=float(_COMPARISONS[target](difference)))
 
     def small(self, node: fx.Node) -> bool:
         """Whether `node`'s known value is exact in its dtype at every row a replay runs (up to
@@ -853,6 +865,52 @@ class _Walk:
         if facts.fill is not None and float(facts.fill).is_integer() and not _floating(val.dtype):
             return 0, sympy.Integer(int(facts.fill)), None
         return None
+
+    def floored(self, value: Any, rank: int) -> tuple[Any, Any, dict[int, Any]] | None:
+        """An integer operand of an op of `rank` dims as (g, c, dims) when each element holds
+        max(t + g, 0) + c at its token index t, in a replay too: a position clamped from below by
+        a number (`(arange(T) - 1).clamp(min=0)`, the index of each token's previous one, token 0
+        its own), plus or minus numbers. Read from the ops themselves (no fact carries it through
+        views): None for anything else."""
+        if (not isinstance(value, fx.Node) or value.target not in _FLOORED_OPS
+                or meta_val(value).dtype not in _POSITION_DTYPES):
+            return None
+        args = bind_arguments(value)
+        if value.target in (aten.clamp_min.default, aten.clamp.default) and args.get("max") is None:
+            low, source = args.get("min"), self.affine(args["self"], rank)
+            if type(low) is not int or abs(low) > _KNOWN_BOUND or source is None or source[0] != 1 or not self.small(args["self"]):
+                return None
+            return sympy.simplify(source[1] - low), sympy.Integer(low), source[2]
+        if value.target in (aten.add.Tensor, aten.sub.Tensor) and type(args.get("other")) is int and args.get("alpha", 1) == 1:
+            inner = self.floored(args["self"], rank)
+            shift = args["other"] if value.target is aten.add.Tensor else -args["other"]
+            if inner is not None and abs(shift) <= _KNOWN_BOUND:
+                return inner[0], inner[1] + shift, inner[2]
+        if value.target is aten.index.Tensor and not self.facts[value].hazard:
+            # A position read at floored indices along its token dim (a causal rule comparing
+            # cache positions): source row r holds r - prefix + p.
+            src, indices = args["self"], args["indices"]
+            s_dims, p = self.dims(meta_val(src)) or {}, self.facts[src].position
+            out_dims = self.dims(meta_val(value)) or {}
+            along = [d for d, idx in enumerate(indices) if idx is not None and d in s_dims]
+            if p is None or len(s_dims) != 1 or along != list(s_dims) or len(out_dims) != 1 or not self.small(src):
+                return None
+            inner = self.floored(indices[along[0]], meta_val(value).dim())
+            if inner is None or inner[2] != out_dims:
+                return None
+            shift = rank - meta_val(value).dim()
+            return inner[0], sympy.simplify(inner[1] - s_dims[along[0]] + p), {d + shift: a for d, a in out_dims.items()}
+        return None
+
+    def fewest_tokens(self) -> int:
+        """The fewest tokens the graph runs with (its token symbol's lower bound; 1 when unknown):
+        Dynamo's dynamic graphs take at least 2, one token compiling a graph of its own."""
+        for node in self.placeholders:
+            for size in getattr(meta_val(node), "shape", ()):
+                if isinstance(size, torch.SymInt) and size.node.expr == self.token:
+                    lower = size.node.shape_env.bound_sympy(self.token).lower
+                    return max(int(lower), 1) if lower.is_Integer else 1
+        return 1
 
     def known_rows(self, node: fx.Node, facts: _Facts, dim: int, prefix: Any) -> _Facts | None:
         """A slice or select along the token dim of a value known at every row (`known`): a
@@ -1498,12 +1556,22 @@ class _Walk:
         src, indices = node.args[0], node.args[1]
         s_dims = self.dims(meta_val(src)) or {}
         result = self.facts[src]
-        shifts = []
+        shifts, floored_read = [], False
         for d, idx in enumerate(indices):
             if idx is None:
                 continue
             if d not in s_dims and (refused := self.table_rows_at(node, meta_val(src).shape[d], idx, wraps=True)):
                 return refused
+            if d in s_dims and (floor := self.floored(idx, meta_val(idx).dim())) is not None:
+                # Element at token index t reads row max(t + g, 0) + c: never a negative one (no
+                # wrap) when c >= 0, the same or an earlier token's when g + c is at most the
+                # source's prefix, and a real row at t = 0 when c is below prefix + the fewest tokens.
+                gap, low, i_dims = floor
+                if not (len(i_dims) == 1 and _provably_le(0, low) and _provably_le(gap + low, s_dims[d])
+                        and _provably_le(low + 1, s_dims[d] + self.fewest_tokens())):
+                    return self.refuse(node, "indexes a token dim with values that may point at padded rows")
+                floored_read = True
+                continue
             if d in s_dims:
                 pos, i_dims = self.facts[idx].position, self.dims(meta_val(idx)) or {}
                 # Index element r, token index t = r - its prefix, reads source row t + pos (token
@@ -1515,6 +1583,8 @@ class _Walk:
                                                            and _provably_le(pos, s_dims[d])):
                     return self.refuse(node, "indexes a token dim with values that may point at padded rows")
                 shifts.append(sympy.simplify(pos - s_dims[d]))
+        if floored_read:
+            return _Facts(fill=result.fill)  # each token's row, or an earlier one, with no position
         if len([i for i in indices if i is not None]) and s_dims:
             if any(shift != 0 for shift in shifts):
                 # Token t reads the source's token t + shift: a position's value shifts with it.

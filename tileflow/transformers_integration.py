@@ -346,16 +346,19 @@ def packed_key_starts(mask_function: Any, batch_size: int, q_length: int, device
     an attention chunk of the mask's (numbered by the position ids), whose keys start there. A
     running max of those starts gives each token its own, O(tokens) work where the packed mask
     is [S, S]."""
-    rows, later = _adjacent_tokens(batch_size, q_length, device)
-    continues = mask_function(rows, 0, later, later - 1).expand(batch_size, q_length - 1)
-    firsts = torch.where(continues, 0, later)
-    return torch.cat([firsts.new_zeros(batch_size, 1), firsts], dim=1).cummax(dim=1).values
+    rows, tokens, before = _adjacent_tokens(batch_size, q_length, device)
+    # Token 0 is paired with itself, which it sees: its start is 0 either way.
+    continues = mask_function(rows, 0, tokens, before).expand(batch_size, q_length)
+    return torch.where(continues, 0, tokens).cummax(dim=1).values
 
 
-def _adjacent_tokens(batch_size: Any, q_length: Any, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(rows [B, 1], later [1, S - 1])`: the indices a mask function is called with to compare
-    each token t >= 1 with its neighbour t - 1."""
-    return torch.arange(batch_size, device=device)[:, None], torch.arange(1, q_length, device=device)[None, :]
+def _adjacent_tokens(batch_size: Any, q_length: Any, device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(rows [B, 1], tokens [1, S], before [1, S])`: the indices a mask function is called with to
+    compare each token t with its neighbour t - 1; token 0 is paired with itself. Every index
+    tensor has the S tokens (none S - 1): Dynamo would guard on whether S - 1 is 1, which fails
+    the compile of a 2-token call whose length is marked dynamic (ConstraintViolationError)."""
+    tokens = torch.arange(q_length, device=device)[None, :]
+    return torch.arange(batch_size, device=device)[:, None], tokens, (tokens - 1).clamp(min=0)
 
 
 def _traced_rule(mask_function: Any, batch_size: Any, q_length: Any, kv_length: Any, device: Any) -> CausalRule | None:
@@ -381,9 +384,11 @@ def _traced_rule(mask_function: Any, batch_size: Any, q_length: Any, kv_length: 
 
     if mask_function is causal_mask_function or batch_size is None or q_length is None:
         return None
-    rows, later = _adjacent_tokens(batch_size, q_length, device)
-    sees_next = mask_function(rows, 0, later - 1, later)
-    torch._assert_async(~sees_next.any(), _OVERLAY_REFUSAL)
+    if q_length > 1:  # (a dynamic length is at least 2: no guard)
+        rows, _, before = _adjacent_tokens(batch_size, q_length, device)
+        # Each token t >= 1 with the one before it (token 0's pair repeats token 1's).
+        sees_next = mask_function(rows, 0, before, before + 1)
+        torch._assert_async(~sees_next.any(), _OVERLAY_REFUSAL)
     if kv_length is not None and kv_length != q_length:
         return None  # a cache: no sequences packed (and the keys would not be the queries)
     return CausalRule(None, key_starts=packed_key_starts(mask_function, batch_size, q_length, device))

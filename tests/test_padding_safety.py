@@ -243,6 +243,17 @@ def test_a_clamped_previous_row_is_replayed_padded(replay_on_cpu) -> None:
             _assert_not_padded(report, "may point at padded rows")
 
 
+def test_a_clamped_index_shifted_past_the_known_bound_is_not_known(replay_on_cpu) -> None:
+    """Numbers added to a clamped index add up: past `_KNOWN_BOUND` its values may wrap inside a
+    bucket (int32 after 2048 shifts of 2**20), so a comparison of it is left unknown, as a
+    position's is (each shift alone was within the bound, and the sum was not checked)."""
+    def gated(x: torch.Tensor) -> torch.Tensor:
+        far = (torch.arange(x.shape[0], dtype=torch.int32) - 1).clamp(min=0) + 2**20 + 2**20
+        return (x @ W) * (far + 1 > far).all()
+
+    _assert_not_padded(_run(gated, _rows), "all is not known")
+
+
 @pytest.mark.parametrize("arch, batch", [("qwen2", 1), ("mistral", 1), ("gpt2", 1), ("llama", 2), ("gpt2", 3)])
 def test_causal_models_are_captured(replay_on_cpu, arch: str, batch: int) -> None:
     """transformers' causal models (their masks built from positions) are captured and equal

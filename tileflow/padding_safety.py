@@ -30,9 +30,9 @@ or an earlier token (`x[arange(1, T) - 1]`), integer arithmetic on fills, and su
 and comparisons of positions on one token dim (`_Walk.known`): `pos[1:] == pos[:-1] + 1` is a fill
 of True, and `all` of True (or `any` of False) is known at any size. A position clamped from below
 (`before = (arange(T) - 1).clamp(min=0)`: each token's previous one, token 0 its own; no tensor of
-T - 1 elements, on whose size Dynamo would guard) indexes earlier rows too, and compares with itself
-plus a number, or a position read at it, as positions do (`_Walk.floored`). An assert whose condition is
-so known is no hazard: it passes in a replay exactly when it passes in the call.
+T - 1 elements, on whose size Dynamo would guard) indexes earlier rows too, and compares with
+itself plus a number, or a position read at it, as positions do (`_Walk.floored`). An assert
+whose condition is so known is no hazard: it passes in a replay exactly when it passes in the call.
 tileflow_causal's check that no token sees the one after it (transformers' packed-sequence mask
 at adjacent tokens) is one when the model computes its positions from `arange` (no position ids
 passed); over position ids passed in it stays a hazard (its causal rule compares them, unknown at
@@ -871,7 +871,7 @@ class _Walk:
         max(t + g, 0) + c at its token index t, in a replay too: a position clamped from below by
         a number (`(arange(T) - 1).clamp(min=0)`, the index of each token's previous one, token 0
         its own), plus or minus numbers. Read from the ops themselves (no fact carries it through
-        views): None for anything else."""
+        views): None for anything else, and for a c past `_KNOWN_BOUND` (it may wrap in a bucket)."""
         if (not isinstance(value, fx.Node) or value.target not in _FLOORED_OPS
                 or meta_val(value).dtype not in _POSITION_DTYPES):
             return None
@@ -884,7 +884,7 @@ class _Walk:
         if value.target in (aten.add.Tensor, aten.sub.Tensor) and type(args.get("other")) is int and args.get("alpha", 1) == 1:
             inner = self.floored(args["self"], rank)
             shift = args["other"] if value.target is aten.add.Tensor else -args["other"]
-            if inner is not None and abs(shift) <= _KNOWN_BOUND:
+            if inner is not None and abs(inner[1] + shift) <= _KNOWN_BOUND:
                 return inner[0], inner[1] + shift, inner[2]
         if value.target is aten.index.Tensor and not self.facts[value].hazard:
             # A position read at floored indices along its token dim (a causal rule comparing
@@ -898,8 +898,11 @@ class _Walk:
             inner = self.floored(indices[along[0]], meta_val(value).dim())
             if inner is None or inner[2] != out_dims:
                 return None
+            low = sympy.simplify(inner[1] - s_dims[along[0]] + p)
+            if not (low.is_Integer and abs(int(low)) <= _KNOWN_BOUND):
+                return None
             shift = rank - meta_val(value).dim()
-            return inner[0], sympy.simplify(inner[1] - s_dims[along[0]] + p), {d + shift: a for d, a in out_dims.items()}
+            return inner[0], low, {d + shift: a for d, a in out_dims.items()}
         return None
 
     def fewest_tokens(self) -> int:

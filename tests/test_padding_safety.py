@@ -1354,6 +1354,12 @@ def _values_normalized_without_eps(x: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v / v.norm(dim=-1, keepdim=True), is_causal=True)  # 0 / 0
 
 
+def _values_floor_divided_without_eps(x: torch.Tensor) -> torch.Tensor:
+    q, k, _ = _heads(x)
+    v = _split(x)
+    return F.scaled_dot_product_attention(q, k, v // v.norm(dim=-1, keepdim=True), is_causal=True)  # 0 // 0
+
+
 def _log_values(x: torch.Tensor) -> torch.Tensor:
     q, k, _ = _heads(x)
     return F.scaled_dot_product_attention(q, k, _split(torch.log(x.abs())), is_causal=True)  # log 0 = -inf
@@ -1386,6 +1392,7 @@ def _router_logits_over_their_sum(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("fn, reason", [
     (_values_normalized_without_eps, "values (V) whose padded rows may be inf or NaN (from div"),
+    (_values_floor_divided_without_eps, "values (V) whose padded rows may be inf or NaN (from floor_divide"),
     (_router_logits_over_their_sum, "values (V) whose padded rows may be inf or NaN (from div"),
     (_log_values, "values (V) whose padded rows may be inf or NaN (from log"),
     (_fractional_power_values, "values (V) whose padded rows may be inf or NaN (from pow"),

@@ -287,6 +287,7 @@ _ROW_WISE = (_SAME_DIMS | _ELEMENTWISE | set(_FILLS) | _ALONG | _SCANS | {
 _DOMAINS: dict[Any, tuple[str, str | None]] = {
     aten.div.Tensor: ("other", "positive"), aten.div.Tensor_mode: ("other", "positive"),
     aten.remainder.Tensor: ("other", "positive"), aten.fmod.Tensor: ("other", "positive"),
+    aten.floor_divide.default: ("other", "positive"),
     aten.xlogy.Tensor: ("other", "positive"), aten.reciprocal.default: ("self", "positive"),
     aten.rsqrt.default: ("self", "positive"), aten.log.default: ("self", "positive"),
     aten.log2.default: ("self", "positive"), aten.log10.default: ("self", "positive"),

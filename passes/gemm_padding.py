@@ -100,6 +100,7 @@ class _Chain:
     linear: fx.Node
     tip: fx.Node
     last_view: fx.Node | None = None
+    added_bias: fx.Node | None = None  # `x @ W.T + b`: the bias of a linear that has none
     activation: str = "none"
     residual: fx.Node | None = None
     out_dtype: torch.dtype | None = None
@@ -108,10 +109,10 @@ class _Chain:
     absorbed: list[fx.Node] = field(default_factory=list)
 
     @property
-    def has_bias(self) -> bool:
-        """Whether the linear (or its SwiGLU partner) adds a bias."""
-        return any(lin is not None and _linear_bias(lin) is not None
-                   for lin in (self.linear, self.up_linear))
+    def bias(self) -> Any:
+        """The GEMM's bias (of the gate, with SwiGLU): the linear's, or one added right after it."""
+        bias = _linear_bias(self.linear)
+        return self.added_bias if bias is None else bias
 
 
 def _walk_views(chain: _Chain) -> None:
@@ -335,10 +336,11 @@ class GemmPadding:
     def _match(self, linear: fx.Node) -> _Chain:
         chain = _Chain(linear=linear, tip=linear)
         _walk_views(chain)
+        self._match_added_bias(chain)
         user = _only_user(chain.tip)
         if user is not None:
             activation = _activation_of(user, chain.tip)
-            if activation == "silu":
+            if activation == "silu" and chain.added_bias is None:  # (SwiGLU kernels add both biases or none)
                 swiglu = self._match_swiglu(chain, user)
                 if swiglu is not None:
                     return swiglu
@@ -350,6 +352,27 @@ class GemmPadding:
         self._match_residual(chain)
         self._match_cast(chain)
         return chain
+
+    def _match_added_bias(self, chain: _Chain) -> None:
+        """`x @ W.T + b` written by hand (canonicalize makes the product a linear without a bias):
+        an add of b [N], the GEMM's dtype, right after it (through views that keep its rows of N)
+        is the linear's bias, fused as one (in half precision the sum is rounded once, as
+        `F.linear`'s; eager rounds the product first)."""
+        add = _only_user(chain.tip)
+        if (_linear_bias(chain.linear) is not None or add is None or add.target is not aten.add.Tensor
+                or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2):
+            return
+        other = add.args[1] if add.args[0] is chain.tip else add.args[0]
+        ov, tv = _val(other), _val(chain.tip)
+        n = _val(chain.linear.args[1]).shape[0]
+        if (other is chain.tip or not isinstance(other, fx.Node) or not isinstance(ov, torch.Tensor)
+                or ov.dtype != tv.dtype or ov.device != tv.device or not same_shape(ov.shape, [n])
+                or not same_shape(tv.shape[-1:], [n]) or not same_shape(_val(add).shape, tv.shape)):
+            return
+        chain.added_bias = other
+        chain.tip = add
+        chain.absorbed.append(add)
+        _walk_views(chain)
 
     def _match_swiglu(self, chain: _Chain, silu: fx.Node) -> _Chain | None:
         after = _Chain(linear=chain.linear, tip=silu, last_view=chain.last_view, absorbed=[*chain.absorbed, silu])
@@ -534,7 +557,7 @@ class GemmPadding:
     def _replace(self, graph: fx.Graph, chain: _Chain, plan: TilePlan, ctx: PassContext, kinds: list[str]) -> None:
         linear = chain.linear
         x, w = linear.args[0], linear.args[1]
-        bias = _linear_bias(linear)
+        bias = chain.bias
         up = chain.up_linear
         weight_up = up.args[1] if up is not None else None
         bias_up = _linear_bias(up) if up is not None else None
@@ -579,7 +602,7 @@ class GemmPadding:
     @staticmethod
     def _fused_kinds(chain: _Chain) -> list[str]:
         kinds = []
-        if _linear_bias(chain.linear) is not None:
+        if chain.bias is not None:
             kinds.append("fused_bias")
         if chain.activation != "none":
             kinds.append(f"fused_{chain.activation}")

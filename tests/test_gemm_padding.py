@@ -324,3 +324,38 @@ def test_m_above_max_tokens_falls_back_for_that_gemm_only() -> None:
     x2 = torch.randn(3, 40, 16)
     for got, want in zip(compiled(x2, w, w2), fn(x2, w, w2)):
         torch.testing.assert_close(got, want)
+
+
+def test_a_bias_added_by_hand_is_the_linears() -> None:
+    """`x @ W.T + b` (b of N elements) is a linear with a bias: it fuses as one, with the
+    activation and residual after it (it was left as a separate add, and the activation with
+    it). An add that is not a bias stays: b broadcast over heads after a view that splits the N
+    features, or with a SiLU gate whose up projection has none (SwiGLU kernels add both biases
+    or neither: a fused SiLU, the product left)."""
+    def mlp(h, w, b, w2):
+        return h + F.linear(F.silu(h @ w.t() + b), w2)
+
+    h, w, b, w2 = torch.randn(7, 16), torch.randn(24, 16), torch.randn(24), torch.randn(16, 24)
+    compiled, gm, ctx = compile_fn(mlp, h, w, b, w2)
+    first, second = gemm_nodes(gm)
+    assert first.args[2] is not None and first.args[4] == "silu" and second.args[3] is not None
+    assert ctx.report.passes[1].rewrites == {"padded_gemm": 2, "fused_bias": 1, "fused_silu": 1, "fused_residual": 1}
+    assert aten.add.Tensor not in ops(gm)
+    for rows in (7, 19, 2):
+        x = torch.randn(rows, 16)
+        torch.testing.assert_close(compiled(x, w, b, w2), mlp(x, w, b, w2), rtol=1e-5, atol=1e-5)
+
+    def per_head(h, w, b):
+        return (h @ w.t()).view(h.shape[0], 4, 6) + b  # b [6]: one value per head dim
+
+    compiled, gm, ctx = compile_fn(per_head, h, w, b[:6])
+    assert "fused_bias" not in ctx.report.passes[1].rewrites and aten.add.Tensor in ops(gm)
+    x = torch.randn(11, 16)
+    torch.testing.assert_close(compiled(x, w, b[:6]), per_head(x, w, b[:6]), rtol=1e-5, atol=1e-5)
+
+    def gated(h, wg, bg, wu):
+        return F.silu(h @ wg.t() + bg) * (h @ wu.t())
+
+    compiled, gm, ctx = compile_fn(gated, h, w, b, w)
+    assert ctx.report.passes[1].rewrites == {"padded_gemm": 2, "fused_bias": 1, "fused_silu": 1}
+    torch.testing.assert_close(compiled(x, w, b, w), gated(x, w, b, w), rtol=1e-5, atol=1e-5)

@@ -1454,6 +1454,53 @@ def test_a_plain_causal_model_compiles_two_tokens_marked_dynamic() -> None:
     assert with_starts == [1]  # the attention takes the key starts
 
 
+def test_a_decoder_that_builds_an_unused_bidirectional_mask_runs_causal() -> None:
+    """Bart's decoder builds a bidirectional cross-attention mask even with no encoder states,
+    which "tileflow_causal" refused as an overlay it would drop (eagerly by its mask function,
+    compiled by the in-graph check). Only a layer that reads that mask could go wrong, so the
+    mask is a stand-in (`BIDIRECTIONAL`) the attention function refuses: BartForCausalLM runs,
+    equal to SDPA, eagerly and compiled; a causal layer handed the stand-in is refused."""
+    from tileflow.transformers_integration import BIDIRECTIONAL, causal_attention_forward
+
+    sdpa, ours = sdpa_and_ours("BartConfig", "BartForCausalLM", "tileflow_causal", vocab_size=128, d_model=64,
+                               decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128, encoder_layers=1,
+                               encoder_attention_heads=4, encoder_ffn_dim=128, max_position_embeddings=64)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda ids: ours(ids, use_cache=False).logits,
+                             backend=tileflow.TileflowBackend({"target": "reference"}), dynamic=True)
+    with torch.no_grad():
+        for length in (5, 9):
+            ids = torch.randint(0, 128, (2, length))
+            want = sdpa(ids, use_cache=False).logits
+            torch.testing.assert_close(ours(ids, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(compiled(ids), want, rtol=1e-5, atol=1e-5)
+    q = torch.randn(1, 4, 3, 16)
+    with pytest.raises(ValueError, match="mask is bidirectional"):
+        causal_attention_forward(torch.nn.Module(), q, q, q, BIDIRECTIONAL)
+
+
+@pytest.mark.parametrize("implementation", ["tileflow", "tileflow_causal"])
+def test_a_model_computing_attention_itself_is_refused(implementation: str) -> None:
+    """GPT-NeoX-Japanese computes attention in its own code (transformers' attention functions
+    are never called), yet transformers accepts a registered implementation for it: tileflow's
+    mask functions ran, and the model added what they built (no mask: every later key seen,
+    silently, as SDPA's mask builder does for it too) to its scores. Now refused by name, eagerly
+    and compiled; its own "eager" attention is unchanged."""
+    import transformers
+
+    tileflow.register_transformers()
+    config = transformers.GPTNeoXJapaneseConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1,
+                                                num_attention_heads=4, intermediate_multiple_size=2)
+    config._attn_implementation = implementation
+    model = transformers.GPTNeoXJapaneseForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 5))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"target": "reference"}))
+    for run in (model, compiled):
+        with pytest.raises(ValueError, match="computes its attention in its own code"), torch.no_grad():
+            run(ids, use_cache=False)
+
+
 def test_a_number_added_to_the_scores_is_refused_without_undoing_other_rewrites() -> None:
     """`scores * scale + 1.5` (a number added to every score) was taken for a mask: the pass
     raised on its missing dtype and was rolled back, which left every attention of the graph,

@@ -11,6 +11,9 @@ the model passes no mask.
 
 from __future__ import annotations
 
+import inspect
+import re
+import sys
 from typing import Any
 
 import torch
@@ -118,6 +121,11 @@ def causal_attention_forward(
     no cache) are kept apart: each token sees no key before its sequence's first, or its chunk's
     (`packed_key_starts`, the op's `key_starts`; no [S, S] mask)."""
     window, chunk, key_offset = kwargs.get("sliding_window"), None, 0
+    if attention_mask is BIDIRECTIONAL:
+        raise ValueError(
+            f"attn_implementation='tileflow_causal' is causal, but {type(module).__name__}'s mask is bidirectional "
+            "(an encoder's or a cross-attention's): use attn_implementation='tileflow'"
+        )
     if isinstance(attention_mask, CausalRule):
         # The layer's window may live only in its mask (Phi-3.5-MoE passes none to the attention
         # function), as Llama 4's chunks do: SDPA and eager apply the mask, so it is the one to follow.
@@ -217,6 +225,27 @@ _OVERLAY_REFUSAL = (
 )
 
 
+class _Bidirectional:
+    """`"tileflow_causal"`'s mask for a plain bidirectional mask (`BIDIRECTIONAL`): no tensor; a
+    layer that reads it is refused (the causal rule would hide every later key)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "BIDIRECTIONAL"
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(
+            "attn_implementation='tileflow_causal' builds no mask tensor (this is a bidirectional mask's stand-in), "
+            f"but the model reads the mask's {name!r} outside its attention function"
+        )
+
+
+BIDIRECTIONAL = _Bidirectional()
+
+
 def _mask_rule(mask_function: Any, key_offset: int = 0) -> CausalRule | None:
     """The sliding window and attention chunks of a transformers mask function built of the
     causal rule (None: neither; `key_offset` is the first key's position); ValueError for any
@@ -294,7 +323,14 @@ def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: A
     other than the causal rule, a sliding window and chunks (a bidirectional one), which it would drop.
     Sequences packed in a row (restarting position ids, no cache) get their key starts
     (`packed_key_starts`): found eagerly (`_mask_rule`), or in the graph under torch.compile for
-    a config with neither window nor chunks (`_traced_rule`: no graph break)."""
+    a config with neither window nor chunks (`_traced_rule`: no graph break). A plain
+    bidirectional mask (an encoder's, or a cross-attention's, which Bart's decoder builds even
+    with no encoder) is `BIDIRECTIONAL`, refused by the attention function of a layer that reads it."""
+    from transformers.masking_utils import bidirectional_mask_function
+
+    _refuse_attention_of_its_own(CAUSAL_ATTENTION_NAME, kwargs.get("config"))
+    if kwargs.get("mask_function") is bidirectional_mask_function:
+        return BIDIRECTIONAL
     kv_length, kv_offset = kwargs.get("kv_length"), kwargs.get("kv_offset", 0)
     q_length, q_offset = kwargs.get("q_length"), kwargs.get("q_offset", 0)
     if None not in (kv_length, q_length) and kv_offset + kv_length != q_offset + q_length:
@@ -394,6 +430,35 @@ def _traced_rule(mask_function: Any, batch_size: Any, q_length: Any, kv_length: 
     return CausalRule(None, key_starts=packed_key_starts(mask_function, batch_size, q_length, device))
 
 
+@torch.compiler.assume_constant_result
+def _attention_of_its_own(config_class: type) -> bool:
+    """Whether the models of a transformers config class compute attention in their own code:
+    their attention layers never call transformers' attention functions, so `"tileflow"` would
+    not run, while the mask built for it (none, or a boolean one) would be added to the scores by
+    code that expects eager's additive mask. transformers' own test
+    (`PreTrainedModel._can_set_attn_implementation`): the modeling module beside the config's
+    has an `*Attention*(nn.Module)` class and never asks `ALL_ATTENTION_FUNCTIONS` for one. False
+    when the module is not loaded or its source cannot be read (unknown)."""
+    module = sys.modules.get(config_class.__module__.replace(".configuration_", ".modeling_"))
+    try:
+        code = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        return False
+    return (re.search(r"^class \w*Attention\w*\(nn\.Module\):", code, re.MULTILINE) is not None
+            and "ALL_ATTENTION_FUNCTIONS.get_interface(" not in code)
+
+
+def _refuse_attention_of_its_own(name: str, config: Any) -> None:
+    """ValueError when `config`'s model computes attention itself (`_attention_of_its_own`)."""
+    if config is not None and _attention_of_its_own(type(config)):
+        raise ValueError(
+            f"attn_implementation={name!r}: {type(config).__name__}'s model computes its attention in its own code, "
+            "so tileflow's attention function would never run, and the mask built for it would be read by that "
+            "code: keep the model's own attention (attn_implementation='eager'); torch.compile(backend='tileflow') "
+            "still puts its attention on the meta-kernel where the pass recognises it"
+        )
+
+
 def causal_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     """`"tileflow"`'s mask function: transformers' SDPA mask, built whenever the queries and keys
     differ in number. SDPA's mask builder leaves the mask out for a static cache's prefill and
@@ -402,6 +467,7 @@ def causal_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     as Gemma-4's shared-KV layers do, gets flash attention's rule), so that case gets its mask."""
     from transformers.masking_utils import sdpa_mask
 
+    _refuse_attention_of_its_own(ATTENTION_NAME, kwargs.get("config"))
     q_length = kwargs.get("q_length")
     if q_length != 1 and q_length != kwargs.get("kv_length"):  # one query: no causal rule to place
         kwargs["allow_is_causal_skip"] = False

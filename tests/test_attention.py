@@ -1501,6 +1501,25 @@ def test_a_model_computing_attention_itself_is_refused(implementation: str) -> N
             run(ids, use_cache=False)
 
 
+def test_only_transformers_own_models_are_judged_to_compute_attention_themselves() -> None:
+    """The test reads transformers' model modules only: a config defined elsewhere (remote code,
+    a user's file beside its own attention wrapper, which may index `ALL_ATTENTION_FUNCTIONS`
+    as older transformers did) is never refused; Llama, which asks for its attention function,
+    is not either; GPT-NeoX-Japanese is."""
+    import transformers
+    from transformers.models.gpt_neox_japanese import modeling_gpt_neox_japanese  # noqa: F401 (loaded)
+    from transformers.models.llama import modeling_llama  # noqa: F401
+
+    from tileflow.transformers_integration import _attention_of_its_own
+
+    class OwnConfig(transformers.LlamaConfig):
+        pass
+
+    assert _attention_of_its_own(transformers.GPTNeoXJapaneseConfig)
+    assert not _attention_of_its_own(transformers.LlamaConfig)
+    assert not _attention_of_its_own(OwnConfig)
+
+
 def test_a_number_added_to_the_scores_is_refused_without_undoing_other_rewrites() -> None:
     """`scores * scale + 1.5` (a number added to every score) was taken for a mask: the pass
     raised on its missing dtype and was rolled back, which left every attention of the graph,

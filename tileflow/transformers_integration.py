@@ -436,16 +436,20 @@ def _attention_of_its_own(config_class: type) -> bool:
     their attention layers never call transformers' attention functions, so `"tileflow"` would
     not run, while the mask built for it (none, or a boolean one) would be added to the scores by
     code that expects eager's additive mask. transformers' own test
-    (`PreTrainedModel._can_set_attn_implementation`): the modeling module beside the config's
-    has an `*Attention*(nn.Module)` class and never asks `ALL_ATTENTION_FUNCTIONS` for one. False
-    when the module is not loaded or its source cannot be read (unknown)."""
-    module = sys.modules.get(config_class.__module__.replace(".configuration_", ".modeling_"))
+    (`PreTrainedModel._can_set_attn_implementation`), on transformers' own models only: the
+    modeling module beside the config's has an `*Attention*(nn.Module)` class and never names
+    `ALL_ATTENTION_FUNCTIONS` (older remote code indexes it rather than asking `get_interface`).
+    False for other modules, and when the module is not loaded or its source cannot be read."""
+    name = config_class.__module__
+    if not name.startswith("transformers.models.") or ".configuration_" not in name:
+        return False
+    module = sys.modules.get(name.replace(".configuration_", ".modeling_"))
     try:
         code = inspect.getsource(module) if module is not None else ""
     except (OSError, TypeError):
         return False
     return (re.search(r"^class \w*Attention\w*\(nn\.Module\):", code, re.MULTILINE) is not None
-            and "ALL_ATTENTION_FUNCTIONS.get_interface(" not in code)
+            and "ALL_ATTENTION_FUNCTIONS" not in code)
 
 
 def _refuse_attention_of_its_own(name: str, config: Any) -> None:

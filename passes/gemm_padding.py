@@ -8,9 +8,10 @@ M gets a degenerate one-piece plan.
 
 Epilogues are fused where the graph has them, looking through the views between the 2-D GEMM
 and the model's 3-D activations (elementwise epilogues commute with those views):
-- bias (from `linear`), SiLU / GELU (erf or tanh), a residual `add`, and a cast of the result to
-  another float dtype (from a half-precision result, e.g. `lm_head(h).float()`, the kernel rounds
-  to that dtype before converting, as eager does: `round_first`);
+- bias (from `linear`, or added by hand: `x @ W.T + b`), SiLU / GELU (erf or tanh), a residual
+  `add`, and a cast of the result to another float dtype (from a half-precision result, e.g.
+  `lm_head(h).float()`, the kernel rounds to that dtype before converting, as eager does:
+  `round_first`);
 - the SwiGLU pair `silu(x @ Wg.T) * (x @ Wu.T)`: two GEMMs on the same input become one kernel
   over the gate and up weights (logically [2N, K], never copied into a stacked tensor).
 MoE expert GEMMs (`transformers::grouped_mm_fallback` or `aten._grouped_mm`: x [M, K] with rows

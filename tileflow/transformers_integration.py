@@ -438,7 +438,7 @@ def _attention_of_its_own(config_class: type) -> bool:
     code that expects eager's additive mask. transformers' own test
     (`PreTrainedModel._can_set_attn_implementation`), on transformers' own models only: the
     modeling module beside the config's has an `*Attention*(nn.Module)` class and never names
-    `ALL_ATTENTION_FUNCTIONS` (older remote code indexes it rather than asking `get_interface`).
+    `ALL_ATTENTION_FUNCTIONS` (older transformers indexed it rather than asking `get_interface`).
     False for other modules, and when the module is not loaded or its source cannot be read."""
     name = config_class.__module__
     if not name.startswith("transformers.models.") or ".configuration_" not in name:

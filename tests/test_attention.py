@@ -7,6 +7,7 @@ import functools
 
 import math
 import random
+import sys
 from typing import Any
 
 import pytest
@@ -1501,23 +1502,39 @@ def test_a_model_computing_attention_itself_is_refused(implementation: str) -> N
             run(ids, use_cache=False)
 
 
-def test_only_transformers_own_models_are_judged_to_compute_attention_themselves() -> None:
-    """The test reads transformers' model modules only: a config defined elsewhere (remote code,
-    a user's file beside its own attention wrapper, which may index `ALL_ATTENTION_FUNCTIONS`
-    as older transformers did) is never refused; Llama, which asks for its attention function,
-    is not either; GPT-NeoX-Japanese is."""
+def test_only_transformers_own_models_are_judged_to_compute_attention_themselves(tmp_path, monkeypatch) -> None:
+    """The test reads transformers' model modules only: a config of a user's package, whose
+    modeling module beside it wraps Llama's attention in its own `*Attention(nn.Module)` and
+    indexes `ALL_ATTENTION_FUNCTIONS` (older transformers' way, still in remote code) rather than
+    asking `get_interface`, was judged to compute attention itself and refused, though tileflow's
+    function runs for it. Llama (which asks) is not judged so; GPT-NeoX-Japanese is."""
+    import importlib
+
     import transformers
     from transformers.models.gpt_neox_japanese import modeling_gpt_neox_japanese  # noqa: F401 (loaded)
     from transformers.models.llama import modeling_llama  # noqa: F401
 
     from tileflow.transformers_integration import _attention_of_its_own
 
-    class OwnConfig(transformers.LlamaConfig):
-        pass
-
+    package = tmp_path / "own_models"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "configuration_own.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass OwnConfig(LlamaConfig):\n    pass\n")
+    (package / "modeling_own.py").write_text(
+        "from torch import nn\nfrom transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS\n\n\n"
+        "class OwnAttention(nn.Module):\n    def forward(self, *args):\n"
+        "        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation](self, *args)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    own_config = importlib.import_module("own_models.configuration_own").OwnConfig
+    importlib.import_module("own_models.modeling_own")
+    try:
+        assert not _attention_of_its_own(own_config)
+    finally:
+        for name in ("own_models.modeling_own", "own_models.configuration_own", "own_models"):
+            sys.modules.pop(name, None)
     assert _attention_of_its_own(transformers.GPTNeoXJapaneseConfig)
     assert not _attention_of_its_own(transformers.LlamaConfig)
-    assert not _attention_of_its_own(OwnConfig)
 
 
 def test_a_number_added_to_the_scores_is_refused_without_undoing_other_rewrites() -> None:

@@ -327,8 +327,8 @@ def _hiding(attn_mask: torch.Tensor | None, hidden: torch.Tensor, device: torch.
 
 def _dense_key_starts(key_starts: torch.Tensor, b: int, s: int, s_kv: int, device: torch.device) -> torch.Tensor:
     """The dense op's `key_starts` checked (an integer `[B | 1, S]` tensor) and expanded to
-    `[B, S]` int32 on q's `device`, clamped to [0, S_kv] first (the same rule: a start at or before 0 hides no key,
-    one at or past S_kv all; an int64 start would wrap in int32)."""
+    `[B, S]` int32 on q's `device`, clamped to [0, S_kv] first (the same rule: a start at or
+    before 0 hides no key, one at or past S_kv all; an int64 start would wrap in int32)."""
     if (not isinstance(key_starts, torch.Tensor) or key_starts.dim() != 2 or key_starts.shape[0] not in (1, b)
             or key_starts.shape[1] != s or key_starts.dtype.is_floating_point or key_starts.dtype == torch.bool):
         got = f"{key_starts.dtype} {list(key_starts.shape)}" if isinstance(key_starts, torch.Tensor) else repr(key_starts)

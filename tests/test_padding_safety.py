@@ -1627,21 +1627,79 @@ def _rows_checked_for_restarts(x: torch.Tensor, positions: torch.Tensor) -> torc
     return (x + positions[:, None]) @ W
 
 
-def test_an_assert_over_padded_rows_is_never_replayed_padded(replay_on_cpu) -> None:
+def _assert_checked_before_replays(report: tileflow.Report, replay_on_cpu: type[ReplayOnCpu]) -> None:
+    """The step's one graph is replayed at token buckets (one capture for `_run`'s three calls, all
+    below 16), its assert run on each call's own rows before the replay."""
+    (graph,) = report.graphs
+    assert graph.extra["cuda_graphs"] == "whole step, token buckets [16, 32]"
+    checks = graph.extra["cuda_graphs_checks"]
+    assert checks.count("_assert_async") == 1 and "run on each call's own rows before its replay" in checks
+    assert replay_on_cpu.captures == 1 and replay_on_cpu.replays == 3
+
+
+def test_an_assert_over_padded_rows_runs_on_the_calls_rows(replay_on_cpu) -> None:
     """An assert reaches no output, so the walk passed it: a replay runs it over the padded rows
     too, where it fails though the call's rows pass (on CUDA a device-side assert at replay; the
-    CPU stand-in failed the capture). Over position ids (an input, padded with 0) it is captured
-    only at exact token counts, and a call with restarting positions still raises."""
+    CPU stand-in failed the capture). Over position ids (an input, padded with 0), it leaves the
+    replayed graph and runs on each call's own rows before the replay: captured at buckets,
+    equal to eager, and a call with restarting positions still raises. (It was captured at
+    exact token counts only.)"""
     def rows_and_positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(tokens, H), torch.arange(tokens) + 3
 
-    _assert_not_padded(_run(_rows_checked_for_restarts, rows_and_positions), "an assert over values")
+    _assert_checked_before_replays(_run(_rows_checked_for_restarts, rows_and_positions), replay_on_cpu)
     compiled = torch.compile(_rows_checked_for_restarts,
                              backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}))
-    positions = torch.tensor([0, 1, 2, 0, 1])
-    torch._dynamo.mark_dynamic(positions, 0)
+    x, positions = torch.randn(5, H), torch.tensor([0, 1, 2, 0, 1])
+    for arg in (x, positions):
+        torch._dynamo.mark_dynamic(arg, 0)
+    replays = replay_on_cpu.replays
     with pytest.raises(RuntimeError, match="the positions restart"):
-        compiled(torch.randn(5, H), positions)
+        compiled(x, positions)
+    assert replay_on_cpu.replays == replays  # raised before the replay
+    # A first call that fails: its graph is split at its compile, and the check still raises.
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="the positions restart"):
+        compiled(x, positions)
+    assert replay_on_cpu.replays == replays
+
+
+def test_a_nano_batched_step_keeps_its_asserts(replay_on_cpu) -> None:
+    """A nano-batch plan covers every node of its graph, asserts too: they stay in the graph (at
+    exact token counts), which is split and replayed as planned, and still raises."""
+    def rows_and_positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(tokens, H), torch.arange(tokens) + 3
+
+    passes = ["canonicalize", "attention", "gemm_padding", "nanobatch"]
+    report = tileflow.Report()
+    compiled = torch.compile(_rows_checked_for_restarts, backend=tileflow.TileflowBackend(
+        {"cuda_graphs": True, "max_tokens": 32, "nano_batches": 2, "passes": passes}, report=report))
+    for tokens in (3, 5, 11):
+        args = rows_and_positions(tokens)
+        for arg in args:
+            torch._dynamo.mark_dynamic(arg, 0)
+        torch.testing.assert_close(compiled(*args), _rows_checked_for_restarts(*args), rtol=1e-4, atol=1e-5)
+    (graph,) = report.graphs
+    assert "nano_batch" in graph.extra and "cuda_graphs_checks" not in graph.extra
+    assert graph.extra["cuda_graphs"].startswith("exact token counts only") and "an assert over values" in graph.extra["cuda_graphs"]
+    assert replay_on_cpu.captures == replay_on_cpu.replays == 3
+    x, positions = torch.randn(5, H), torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(RuntimeError, match="the positions restart"):
+        compiled(x, positions)
+
+
+def _rows_checked_after_a_gemm(x: torch.Tensor) -> torch.Tensor:
+    # An assert over a GEMM's rows: running it again on the call's rows would repeat the GEMM.
+    y = x @ W
+    torch._assert_async(y.isfinite().all(), "not finite")
+    return y + 1
+
+
+def test_an_assert_over_heavy_ops_stays_in_the_graph(replay_on_cpu) -> None:
+    """An assert that reads a GEMM (or any op of `_HEAVY_OPS`, or more than `_MOST_CHECK_OPS`
+    ops) stays in the graph, which is then captured at exact token counts only: running it
+    apart would compute the GEMM twice."""
+    _assert_not_padded(_run(_rows_checked_after_a_gemm, _rows), "an assert over values")
 
 
 def _rows_checked_for_restarts_of_own_positions(x: torch.Tensor) -> torch.Tensor:
@@ -1663,15 +1721,16 @@ def test_an_assert_over_positions_computed_in_the_step_is_replayed_padded(replay
     too, so the check that none restarts (`pos[1:] == pos[:-1] + 1`, then `all`) holds at every
     row: the walk knows the comparison's value everywhere (True) and the step is captured at
     buckets. (No call can pack sequences: the positions are not an input.) A check of the same
-    positions that padded rows fail (`pos < 12`) keeps it at exact token counts, and so do
-    positions passed in (`test_an_assert_over_padded_rows_is_never_replayed_padded`)."""
+    positions that padded rows fail (`pos < 12`) runs on each call's rows before its replay
+    instead, as one over positions passed in (`test_an_assert_over_padded_rows_runs_on_the_calls_rows`)."""
     report = _run(_rows_checked_for_restarts_of_own_positions, _rows)
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert "cuda_graphs_checks" not in report.graphs[0].extra
     assert replay_on_cpu.captures == 1 and replay_on_cpu.replays == 3
 
     torch._dynamo.reset()
     ReplayOnCpu.captures = ReplayOnCpu.replays = 0
-    _assert_not_padded(_run(_rows_checked_against_a_count, _rows), "an assert over values")
+    _assert_checked_before_replays(_run(_rows_checked_against_a_count, _rows), replay_on_cpu)
 
 
 def _previous_rows(x: torch.Tensor) -> torch.Tensor:
@@ -1698,9 +1757,10 @@ def test_a_tileflow_causal_model_without_position_ids_is_replayed_padded(replay_
     """A compiled plain-causal model on "tileflow_causal" without a cache checks in its graph that
     no token sees the one after it, and finds its packed sequences' key starts (`_traced_rule`).
     Called without position ids, the positions are its own `arange`: captured at buckets, equal
-    to eager across them. Position ids passed in (the check compares them, unknown at padded
-    rows) keep the step at exact token counts, where packed ones are kept apart as SDPA's packed
-    mask keeps them."""
+    to eager across them. With position ids passed in, the check compares them, unknown at padded
+    rows: it runs on each call's own rows before the replay (the step was captured at exact
+    token counts only), and the step is replayed at buckets too, packed sequences kept apart as
+    SDPA's packed mask keeps them."""
     tileflow.register_transformers()
     model = build("llama")
     model.config._attn_implementation = "tileflow_causal"
@@ -1715,19 +1775,51 @@ def test_a_tileflow_causal_model_without_position_ids_is_replayed_padded(replay_
     report = tileflow.Report()
     with_positions = torch.compile(lambda ids, pos: model(ids, position_ids=pos, use_cache=False).logits,
                                    backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report))
-    ids, packed = torch.randint(0, VOCAB, (1, 7)), torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
-    for arg in (ids, packed):
-        torch._dynamo.mark_dynamic(arg, 1)
-    model.config._attn_implementation = "sdpa"
-    with torch.no_grad():
-        want = model(ids, position_ids=packed, use_cache=False).logits
-    model.config._attn_implementation = "tileflow_causal"
+    captures, replays = replay_on_cpu.captures, replay_on_cpu.replays
+    for packed in ([0, 1, 2, 0, 1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13], [0, 1, 2, 3, 0, 1, 0, 0, 1, 2, 3]):
+        ids, pos = torch.randint(0, VOCAB, (1, len(packed))), torch.tensor([packed])
+        for arg in (ids, pos):
+            torch._dynamo.mark_dynamic(arg, 1)
+        model.config._attn_implementation = "sdpa"
+        with torch.no_grad():
+            want = model(ids, position_ids=pos, use_cache=False).logits
+        model.config._attn_implementation = "tileflow_causal"
+        with torch.no_grad():
+            torch.testing.assert_close(with_positions(ids, pos), want, rtol=1e-5, atol=1e-5)
+    assert (replay_on_cpu.captures, replay_on_cpu.replays) == (captures + 1, replays + 3)  # all at bucket 16
+    (graph,) = report.graphs
+    assert graph.extra["cuda_graphs"] == "whole step, token buckets [16, 32]"
+    assert "run on each call's own rows before its replay" in graph.extra["cuda_graphs_checks"]
+
+
+def _rows_of_a_causal_overlay(x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    # tileflow_causal's check over a mask function with an or-overlay (bidirectional image
+    # tokens, an input), as a compiled model calls it.
+    from transformers.masking_utils import causal_mask_function, or_masks
+
+    from tileflow.transformers_integration import _traced_rule
+
+    overlay = or_masks(causal_mask_function, lambda b, h, q, kv: image[b, q] & image[b, kv])
+    _traced_rule(overlay, image.shape[0], image.shape[1], None, image.device)
+    return (x + image[0, :, None]) @ W
+
+
+def test_a_replayed_step_still_refuses_an_overlay_that_shows_later_tokens(replay_on_cpu) -> None:
+    """tileflow_causal's check that no token sees the one after it, over an input's values, runs on
+    each call's rows before the replay: calls without the overlay at work are replayed at a
+    bucket, and one whose image tokens see each other still raises, before any replay."""
+    report = _run(_rows_of_a_causal_overlay, lambda t: (torch.randn(t, H), torch.zeros(1, t, dtype=torch.bool)))
+    _assert_checked_before_replays(report, replay_on_cpu)
+    compiled = torch.compile(_rows_of_a_causal_overlay,
+                             backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}))
+    image = torch.zeros(1, 9, dtype=torch.bool)
+    image[0, 3:6] = True
+    for arg in (x := torch.randn(9, H), image):
+        torch._dynamo.mark_dynamic(arg, list(arg.shape).index(9))
     replays = replay_on_cpu.replays
-    with torch.no_grad():
-        torch.testing.assert_close(with_positions(ids, packed), want, rtol=1e-5, atol=1e-5)
-    assert replay_on_cpu.replays == replays + 1  # captured at its exact count, and replayed
-    (note,) = _cuda_graphs_notes(report)
-    assert note.startswith("exact token counts only") and "an assert over values" in note, note
+    with pytest.raises(RuntimeError, match="lets a token see the one after it"):
+        compiled(x, image)
+    assert replay_on_cpu.replays == replays
 
 
 @pytest.mark.parametrize("dtype, start", [(torch.float32, 2**24 - 4), (torch.int32, 2**31 - 6)])

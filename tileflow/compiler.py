@@ -10,6 +10,7 @@ import itertools
 import json
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -17,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from .config import Config
-from .graph_utils import count_nodes, graph_structure, graph_to_json, shape_env_of, symbol_ranges
+from .graph_utils import count_nodes, graph_structure, graph_to_json, shape_env_of, split_off_checks, symbol_ranges
 from .log import get_logger
 from .lower import lower_graph
 from .padding_safety import capped_buckets, check_padding
@@ -56,8 +57,20 @@ def graphed_step(gm: fx.GraphModule, runner: Callable[..., Any], buckets: Sequen
     return CudaGraphBuckets(runner, inputs, buckets, lambda _: outputs, exact=exact)
 
 
-def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int],
-                  graph_report: GraphReport) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+@dataclass(frozen=True)
+class _Buckets:
+    """How `Config.cuda_graphs` replays a graph (`_safe_buckets`): at `buckets` (per token count up
+    to the last when `exact`), at calls whose `positive_inputs` are positive, after `checks` (a
+    module running the graph's asserts on the call's own rows; None: they stay in the graph)."""
+
+    buckets: tuple[int, ...]
+    positive_inputs: tuple[int, ...] = ()
+    exact: bool = False
+    checks: fx.GraphModule | None = None
+
+
+def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int], graph_report: GraphReport,
+                  split_asserts: bool) -> _Buckets:
     """The token buckets `gm` may be replayed at: when running it padded could change its real
     rows (`check_padding`; the reason goes in the report), none, and the graphs are captured at
     each token count up to `EXACT_GRAPH_TOKENS` instead (the last value, `exact`), or not at all
@@ -68,26 +81,46 @@ def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int],
     looks positions up in (a table of 20 rows read at `arange(T)` guards nothing, and a replay at
     32 would read past it). A graph with no single token symbol keeps them: the runners capture
     nothing there. Also the inputs that must be positive at a call for its replay to be right
-    (`PaddingCheck.positive_inputs`)."""
+    (`PaddingCheck.positive_inputs`). With `split_asserts`, asserts over values padded rows would
+    change leave `gm` for a module of their own, run on each call's rows before its replay
+    (`PaddingCheck.unpadded_asserts`; tileflow_causal's check over position ids passed in)."""
     from tileflow.passes.nanobatch import token_symbol
 
     found = token_symbol(gm)
     if found is None:
-        return tuple(buckets), (), False
-    check = check_padding(gm, found[0])
+        return _Buckets(tuple(buckets))
+    check = check_padding(gm, found[0], split_asserts=split_asserts)
     if check.hazard and not check.unpadded_replay:
         graph_report.extra["cuda_graphs"] = f"not captured: a replay could differ from the step ({check.hazard})"
         log.warning("%s: cuda_graphs not applied: %s", graph_report.graph_id, check.hazard)
-        return (), (), False
+        return _Buckets(())
     if check.hazard:
         # Replayed at the call's own token count, the graph runs on exactly the call's rows.
         graph_report.extra["cuda_graphs"] = (f"exact token counts only (up to {EXACT_GRAPH_TOKENS}, no padding): a "
                                              f"replay at a token bucket could differ from the step ({check.hazard})")
         log.warning("%s: cuda_graphs at exact token counts only: %s", graph_report.graph_id, check.hazard)
-        return (EXACT_GRAPH_TOKENS,), (), True
+        return _Buckets((EXACT_GRAPH_TOKENS,), exact=True)
+    checks = None
+    if check.unpadded_asserts:
+        graph_report.extra["cuda_graphs_checks"] = (
+            f"{', '.join(n.name for n in check.unpadded_asserts)}: run on each call's own rows before its replay "
+            "(asserts over values a replay computes from padded rows too)")
+        checks = split_off_checks(gm, check.unpadded_asserts)
     # Also within the tables the step looks positions up in (`PaddingCheck.max_bucket`).
     bounds = [b for b in (graph_report.symbols.get(str(found[0]), [None, None])[1], check.max_bucket) if b is not None]
-    return capped_buckets(buckets, min(bounds, default=None)), check.positive_inputs, False
+    return _Buckets(capped_buckets(buckets, min(bounds, default=None)), check.positive_inputs, checks=checks)
+
+
+def _checked_first(checks: fx.GraphModule | None, step: Callable[..., Any]) -> Callable[..., Any]:
+    """`step`, after running `checks` (`_Buckets.checks`) on the same arguments."""
+    if checks is None:
+        return step
+
+    def checked(*args: Any) -> Any:
+        checks(*args)
+        return step(*args)
+
+    return checked
 
 
 def _replayed_while_positive(replayed: Callable[..., Any], plain: Callable[..., Any],
@@ -175,11 +208,6 @@ def compile_graph(
     )
     PassManager.from_config(config).run(gm, ctx, real_inputs=real_inputs)
     lower_graph(gm, ctx, target, emit_only=emit_only)
-    if artifact_dir is not None:
-        # Lowering annotated the tileflow nodes with their kernels: refresh the final graph dump.
-        (artifact_dir / "output.json").write_text(json.dumps(graph_to_json(gm), indent=1, default=str))
-    graph_report.nodes_out = count_nodes(gm)
-    runner = build_residual(gm, example_inputs, residual_mode)
     plan = gm.meta.get("tileflow_nanobatch")
     if plan is not None and plan.graph != graph_structure(gm):
         # A pass after 'nanobatch' changed the graph the plan splits (its nodes would be missing,
@@ -189,13 +217,18 @@ def compile_graph(
         log.warning("%s: nano-batch plan dropped: %s", graph_id, graph_report.extra["nano_batch_dropped"])
         graph_report.extra.pop("nano_batch", None)  # the schedule the pass reported does not run
         plan = None
-    buckets = config.graph_buckets() if streams.graphs_apply(config.cuda_graphs, device_type) else ()
-    if config.cuda_graphs and not buckets:
+    graphed = _Buckets(config.graph_buckets() if streams.graphs_apply(config.cuda_graphs, device_type) else ())
+    if config.cuda_graphs and not graphed.buckets:
         graph_report.extra["cuda_graphs"] = f"not captured: CUDA graphs capture CUDA work, this graph runs on {device_type}"
-    positive_inputs: tuple[int, ...] = ()
-    exact = False
-    if buckets:
-        buckets, positive_inputs, exact = _safe_buckets(gm, buckets, graph_report)
+    if graphed.buckets:
+        # A nano-batch plan covers every node of the graph, its asserts too: they stay in it.
+        graphed = _safe_buckets(gm, graphed.buckets, graph_report, split_asserts=plan is None)
+    buckets, positive_inputs, exact = graphed.buckets, graphed.positive_inputs, graphed.exact
+    if artifact_dir is not None:
+        # Lowering annotated the tileflow nodes with their kernels: refresh the final graph dump.
+        (artifact_dir / "output.json").write_text(json.dumps(graph_to_json(gm), indent=1, default=str))
+    graph_report.nodes_out = count_nodes(gm)
+    runner = build_residual(gm, example_inputs, residual_mode)
     if plan is not None:
         from .runtime.nanobatch import NanoBatchRunner
 
@@ -210,8 +243,8 @@ def compile_graph(
         if buckets and positive_inputs:
             runner = _replayed_while_positive(runner, nano_batched(()), positive_inputs)
     elif buckets:
-        runner = _replayed_while_positive(graphed_step(gm, runner, buckets, graph_report, exact), runner,
-                                          positive_inputs)
+        runner = _checked_first(graphed.checks, _replayed_while_positive(
+            graphed_step(gm, runner, buckets, graph_report, exact), runner, positive_inputs))
     report.add_graph(graph_report, recompile=recompile)
     if config.debug_dir:
         _write_reports(Path(config.debug_dir), graph_report, report)

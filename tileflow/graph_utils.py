@@ -194,6 +194,33 @@ def erase_unused(graph: fx.Graph, nodes: Iterable[Any]) -> int:
     return erased
 
 
+def split_off_checks(gm: fx.GraphModule, checks: Sequence[fx.Node]) -> fx.GraphModule:
+    """Move `checks` (asserts: nodes with no value) out of `gm` into a module of their own, which
+    takes `gm`'s inputs and runs them and what they are computed from, returning None. The ops
+    they read stay in `gm` when something else there uses them too."""
+    graph = fx.Graph()
+    copies: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        copies[node] = graph.node_copy(node)
+    needed: set[fx.Node] = set()
+    stack = list(checks)
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    for node in gm.graph.nodes:  # in graph order, so every input is copied before its users
+        if node in needed and node not in copies:
+            copies[node] = graph.node_copy(node, copies.__getitem__)
+    graph.output(None)
+    for check in checks:
+        inputs = check.all_input_nodes
+        gm.graph.erase_node(check)
+        erase_unused(gm.graph, inputs)
+    gm.recompile()
+    return fx.GraphModule(gm, graph)
+
+
 def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
     """True when two (possibly symbolic) shapes are provably equal."""
     if len(a) != len(b):

@@ -20,7 +20,10 @@ with the dtype's lowest value only when its diagonal holds too (a row seeing no 
 average every key). What the walk does not know is a hazard: the step is then never replayed
 padded (`tileflow.compiler` captures it only at exact token counts). So is an assert
 (`_assert_async`) on values computed from padded rows: it reaches no output, but a replay runs
-it over the padded rows too.
+it over the padded rows too, where it may fail though the call's rows pass. Unless it reads
+only a few light ops (no GEMM or attention): then the compiler may take it out of the replayed
+graph and run it on each call's own rows before the replay (`check_padding(...,
+split_asserts=True)`, `PaddingCheck.unpadded_asserts`).
 
 Positions and fills hold at every element, a replay's padded rows included (its `arange` runs
 over the bucket's rows; an input's padded rows hold `PAD_VALUE` instead, so an input is neither).
@@ -35,9 +38,9 @@ itself plus a number, or a position read at it, as positions do (`_Walk.floored`
 whose condition is so known is no hazard: it passes in a replay exactly when it passes in the call.
 tileflow_causal's check that no token sees the one after it (transformers' packed-sequence mask
 at adjacent tokens) is one when the model computes its positions from `arange` (no position ids
-passed); over position ids passed in it stays a hazard (its causal rule compares them, unknown at
-padded rows). Its packed sequences' key starts, a running max over earlier tokens (`cummax`, a
-scan), keep real rows' own.
+passed); over position ids passed in it is not known (its causal rule compares them, unknown at
+padded rows), so it runs on the call's rows before the replay. Its packed sequences' key starts,
+a running max over earlier tokens (`cummax`, a scan), keep real rows' own.
 
 A lookup of a fixed table (an embedding, `index_select`, an index) at positions reads row t + c
 for token t: a replay at bucket B reads rows up to B - 1 + c, past the table when it has fewer
@@ -198,6 +201,15 @@ _DIVISIONS = {aten.div.Tensor, aten.div.Tensor_mode, aten.div.Scalar, aten.div.S
               aten.remainder.Tensor, aten.remainder.Scalar, aten.fmod.Tensor, aten.fmod.Scalar}
 # Run-time checks of a tensor's value: no output, but they run in a replay too.
 _ASSERTS = {aten._assert_async.default, aten._assert_async.msg}
+# An assert a replay would run over padded rows may instead run on the call's own rows before it
+# (`PaddingCheck.unpadded_asserts`), uncaptured: when what it reads is a few light ops, so that
+# running them again costs launches, not work (no GEMM, convolution or attention, nothing of
+# tileflow's or a library's own).
+_MOST_CHECK_OPS = 64
+_HEAVY_OPS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "linear", "convolution", "_convolution",
+              "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+              "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_cudnn_attention", "_grouped_mm"}
 # Comparisons that build masks (True = attend): of two positions, `key <= query` and its mirror
 # images (the first set takes the key first); `==` of one row's values read at query and key.
 _KEY_FIRST = {aten.le.Tensor, aten.lt.Tensor}
@@ -330,21 +342,29 @@ class PaddingCheck:
     `positive_inputs`, the graph's 0-d float inputs (by position) the proof takes as positive:
     a replay is right only at calls where each holds a positive value. `unpadded_replay`: whether
     a replay at the call's own token count (no padding) would be right despite the hazard (not
-    for a step that writes a tensor in place, or returns a tensor with no one dim of T rows)."""
+    for a step that writes a tensor in place, or returns a tensor with no one dim of T rows).
+    `unpadded_asserts`: with `check_padding(..., split_asserts=True)`, the asserts (`_assert_async`)
+    over values a replay computes from padded rows too, which are no hazard on condition that
+    they leave the replayed graph and run on the call's own rows before each replay
+    (`tileflow.graph_utils.split_off_checks`): each reads only a few light ops of the inputs."""
 
     hazard: str | None
     max_bucket: int | None = None
     positive_inputs: tuple[int, ...] = ()
     unpadded_replay: bool = True
+    unpadded_asserts: tuple[fx.Node, ...] = ()
 
 
-def check_padding(gm: fx.GraphModule, token: Any) -> PaddingCheck:
+def check_padding(gm: fx.GraphModule, token: Any, *, split_asserts: bool = False) -> PaddingCheck:
     """Whether `gm` may run padded along the token symbol `token` (see `PaddingCheck`). A graph
-    that writes any tensor in place is refused too: a replay writes the static copy of an input."""
-    walk = _Walk(token)
+    that writes any tensor in place is refused too: a replay writes the static copy of an input.
+    With `split_asserts`, an assert over values padded rows would change is no hazard when the
+    caller can run it apart, on the call's rows (`PaddingCheck.unpadded_asserts`)."""
+    walk = _Walk(token, split_asserts=split_asserts)
     hazard = walk.run(gm)
     if not hazard:
-        return PaddingCheck(None, walk.max_bucket, tuple(sorted(walk.positive_inputs)))
+        return PaddingCheck(None, walk.max_bucket, tuple(sorted(walk.positive_inputs)),
+                            unpadded_asserts=tuple(walk.unpadded_asserts))
     # A replay returns each tensor output by its one dim of T rows, padded or not.
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     outputs = [meta_val(a) for a in _flat(output.args[0]) if isinstance(a, fx.Node)]
@@ -378,8 +398,10 @@ def capped_buckets(buckets: Sequence[int], upper: int | None) -> tuple[int, ...]
 class _Walk:
     """One pass over the graph, node by node, computing each value's `_Facts`."""
 
-    def __init__(self, token: Any) -> None:
+    def __init__(self, token: Any, split_asserts: bool = False) -> None:
         self.token = token
+        self.split_asserts = split_asserts
+        self.unpadded_asserts: list[fx.Node] = []  # (`PaddingCheck.unpadded_asserts`)
         self.facts: dict[fx.Node, _Facts] = {}
         self.max_bucket: int | None = None  # lowest table bound of lookups at positions (module docstring)
         self.positive_inputs: set[int] = set()  # 0-d inputs taken as positive (`PaddingCheck`)
@@ -407,8 +429,28 @@ class _Walk:
             if node.op == "call_function" and node.target in _ASSERTS and facts.hazard:
                 # Reaches no output, but a replay runs it over the padded rows too, where it may
                 # fail (a device-side assert on CUDA) though the call's rows pass.
+                if self.split_asserts and self.light_check(node):
+                    self.unpadded_asserts.append(node)
+                    continue
                 return f"{node.name}: an assert over values a replay computes from padded rows too ({facts.hazard})"
         return None
+
+    def light_check(self, node: fx.Node) -> bool:
+        """Whether the ops an assert reads are few and light enough to run again, uncaptured, on a
+        call's own rows (`_MOST_CHECK_OPS`, `_HEAVY_OPS`): ATen's, none a GEMM, convolution or
+        attention."""
+        ops: set[fx.Node] = set()
+        stack = list(node.all_input_nodes)
+        while stack:
+            cur = stack.pop()
+            if cur in ops or cur.op in ("placeholder", "get_attr"):
+                continue
+            if (cur.op != "call_function" or len(ops) == _MOST_CHECK_OPS or _short_name(cur.target) in _HEAVY_OPS
+                    or getattr(cur.target, "namespace", "aten") not in ("aten", "prims")):  # (operator's: none)
+                return False
+            ops.add(cur)
+            stack.extend(cur.all_input_nodes)
+        return True
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -413,9 +413,10 @@ def _traced_rule(mask_function: Any, batch_size: Any, q_length: Any, kv_length: 
     check of it (a token sees the first key exactly when its start is 0) would cost the padding
     walk its proof for steps without position ids. The plain causal rule (a cache: transformers
     packs no sequences then) gets neither, any other mask with a cache no key starts. Under
-    `Config.cuda_graphs`
-    the key starts of a replay's real rows are the call's (a running max reads only earlier
-    rows), so steps are captured at token buckets (`tileflow.padding_safety`)."""
+    `Config.cuda_graphs` the key starts of a replay's real rows are the call's (a running max
+    reads only earlier rows), so steps are captured at token buckets (`tileflow.padding_safety`);
+    the check stays in the replayed graph over positions from `arange`, and runs on each call's
+    rows before the replay over position ids passed in."""
     from transformers.masking_utils import causal_mask_function
 
     if mask_function is causal_mask_function or batch_size is None or q_length is None:

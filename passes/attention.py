@@ -118,6 +118,21 @@ def strip_repeat_kv(node: Any) -> Any:
     return base
 
 
+def _kv_heads(q_heads: int, k: fx.Node, v: fx.Node) -> tuple[Any, Any, int] | str:
+    """K and V as the kernel reads them, at their real head count (`strip_repeat_kv` undone on
+    both, or on neither when only one side was widened), with that count; or why the kernel
+    cannot read them (K and V at two head counts, query heads not a multiple of it)."""
+    k_real, v_real = strip_repeat_kv(k), strip_repeat_kv(v)
+    if _val(k_real).shape[1] != _val(v_real).shape[1]:
+        k_real, v_real = k, v  # only one side was widened: keep both as they are
+    hkv = int(_val(k_real).shape[1])
+    if int(_val(v_real).shape[1]) != hkv:
+        return f"K has {hkv} heads and V {int(_val(v_real).shape[1])}; the kernel reads both at one head count"
+    if q_heads % hkv:
+        return f"{q_heads} query heads are not a multiple of {hkv} KV heads"
+    return k_real, v_real, hkv
+
+
 def _one_head_size(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
     """q, k and v at one head size, the narrower side padded with zero columns (made at the
     graph's insertion point). The kernel takes one head size; multi-head latent attention
@@ -283,14 +298,11 @@ class Attention:
         reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv))
         if reason:
             return reason
-        k_real, v_real = strip_repeat_kv(k), strip_repeat_kv(v)
-        if _val(k_real).shape[1] != _val(v_real).shape[1]:
-            k_real, v_real = k, v  # only one side was widened: keep both as they are
-        hq, hkv = int(qv.shape[1]), int(_val(k_real).shape[1])
-        if int(_val(v_real).shape[1]) != hkv:
-            return f"K has {hkv} heads and V {int(_val(v_real).shape[1])}; the kernel reads both at one head count"
-        if hq % hkv:
-            return f"{hq} query heads are not a multiple of {hkv} KV heads"
+        heads = _kv_heads(int(qv.shape[1]), k, v)
+        if isinstance(heads, str):
+            return heads
+        k_real, v_real, hkv = heads
+        hq = int(qv.shape[1])
         # Without enable_gqa SDPA needs K/V at the query's head count (as given, before any
         # repeat_kv was undone here), or one K/V head that its products broadcast (Falcon's MQA).
         if not args.get("enable_gqa", True) and int(kv.shape[1]) not in (hq, 1):
@@ -348,7 +360,10 @@ class Attention:
 
     # -- the manual form ------------------------------------------------------------------------
     def _rewrite_manual(self, graph: fx.Graph, softmax: fx.Node, ctx: PassContext, result: PassResult) -> str | None:
-        """`view(bmm(view(softmax(scale * view(bmm(q, k^T)) + mask)), v))` -> meta_attention."""
+        """`view(bmm(view(softmax(scale * view(bmm(q, k^T)) + mask)), v))` -> meta_attention: the
+        scores walked back from the softmax to q @ k^T (`_manual_scores`), the operands read
+        around the two products (`_manual_operands`), then the replacement, if the kernel takes
+        them (`_replace_manual`)."""
         # A softmax that is not the P of a P @ V product (a MoE router's, say) is not attention;
         # one that is, but whose scores are not matched below, is reported with what they are.
         attention = _feeds_pv_product(softmax)
@@ -358,6 +373,18 @@ class Attention:
             return _DROPOUT_REASON
         if softmax.args[1] not in (-1, 3):
             return "the softmax is not over the keys (the last dimension)" if attention else None
+        scores = self._manual_scores(graph, softmax, attention)
+        if not isinstance(scores, _ManualScores):
+            return scores
+        operands = _manual_operands(softmax, scores)
+        if isinstance(operands, str):
+            return operands
+        return self._replace_manual(graph, softmax, scores, operands, ctx, result)
+
+    def _manual_scores(self, graph: fx.Graph, softmax: fx.Node, attention: bool) -> _ManualScores | str | None:
+        """What lies between a manual attention's softmax and its q @ k^T product, or why it is
+        not matched (None: the softmax is no attention's, nothing to report)."""
+        unmatched = _unmatched_scores(softmax) if attention else None
         # Walk back from the softmax input: [a float cast] <- [masks and an ALiBi bias, added or
         # filled in, any order] <- [cap * tanh(. / cap)] <- [mul/div scale] <- view <- bmm(q, k^T)
         # (or baddbmm, an ALiBi bias inside the product). The cast is transformers' eager
@@ -395,7 +422,7 @@ class Attention:
             if _is_op(cur, aten.add.Tensor) and cur.kwargs.get("alpha", 1) == 1:
                 scores_side = [a for a in cur.args if _path_to_product(a, depth=7) is not None]
                 if len(scores_side) != 1:
-                    return _unmatched_scores(softmax) if attention else None
+                    return unmatched
                 term = cur.args[1] if cur.args[0] is scores_side[0] else cur.args[0]
                 sv = _val(scores_side[0])
                 if not (isinstance(sv, torch.Tensor) and same_shape(_val(cur).shape, sv.shape)):
@@ -440,7 +467,7 @@ class Attention:
             cur = cur.args[0]
         product = _scores_product(cur.args[0]) if isinstance(cur, fx.Node) and cur.target in _VIEWS else None
         if product is None:
-            return _unmatched_scores(softmax) if attention else None
+            return unmatched
         qk = product["node"]
         if "self" in product and _zero_fill(product["self"]) and isinstance(product["alpha"], (int, float)):
             # `baddbmm(zeros, q, k^T, alpha=scale)` (GPT-NeoX-Japanese): no bias, a scale.
@@ -456,62 +483,17 @@ class Attention:
                 outer = None if value is None or outer is None else outer * (value if op == "mul" else 1.0 / value)
             if slopes is None or softcap is not None or outer is None or not all(
                     isinstance(product[c], (int, float)) for c in ("alpha", "beta")):
-                return _unmatched_scores(softmax) if attention else None
+                return unmatched
             alibi = [float(product["beta"]) * outer * x for x in slopes]
             product_scale = float(product["alpha"])
-        q_flat, kt_flat = product["batch1"], product["batch2"]
-        q = _unflatten_heads(q_flat)
-        if transposed_dims(kt_flat) == (1, 2):
-            kt = None  # transposed after the heads were flattened (BLOOM): k itself is behind it
-            k = _unflatten_heads(kt_flat.args[0])
-        else:
-            kt = _unflatten_heads(kt_flat)
-            k = kt
-        if q is None or k is None:
-            return "q @ k^T operands are not [B, H, S, D] tensors flattened over heads"
-        # Scale factors models put on q and k instead of the scores (Falcon: each by
-        # head_dim ** -0.25), and k^T broadcast over the query heads by the product (MQA).
-        q, q_factor = _constant_factor(q)
-        if kt is None:
-            k, k_factor = _constant_factor(_head_broadcast_source(k))
-        else:
-            kt = _head_broadcast_source(kt)
-            kt, k_factor = _constant_factor(kt)
-            if not _is_transpose_last2(kt):
-                return "the k operand of q @ k^T is not a [B, H, S, D] tensor transposed in its last two dimensions"
-            k, k_inner = _constant_factor(kt.args[0])
-            k_factor *= k_inner
-        # Forward from the softmax: [cast] -> [drop the sinks' column] -> view -> bmm(p, v) -> view [B, H, S, D].
-        nxt = _only_user(softmax)
-        if nxt is not None and _float_cast_source(nxt) is softmax:
-            nxt = _only_user(nxt)
-        if sinks is not None and gate is None:
-            if not (_is_op(nxt, aten.slice.Tensor) and nxt.args[1] in (-1, 3) and nxt.args[2] in (0, None)
-                    and nxt.args[3] == -1):
-                return "the sinks' column is not dropped from the softmax output before P @ V"
-            nxt = _only_user(nxt)
-            while nxt is not None and nxt.target is aten.clone.default:
-                nxt = _only_user(nxt)
-        if nxt is not None and nxt.target is aten.bmm.default and _val(nxt.args[0]).dim() == 3:
-            # The product reads the [B*H, S, S_kv] softmax as it is (XGLM's views of it cancel).
-            nxt, pv = nxt.args[0], nxt
-        elif nxt is None or nxt.target not in _VIEWS:
-            return "the softmax output is used for more than the P @ V product"
-        else:
-            pv = _only_user(nxt)
-        if pv is None or pv.target is not aten.bmm.default or pv.args[0] is not nxt:
-            return "the softmax output does not feed a P @ V product"
-        v = _unflatten_heads(pv.args[1])
-        out4 = _only_user(pv)
-        if v is None or out4 is None or out4.target not in _VIEWS or _val(out4).dim() != 4:
-            return "P @ V is not over [B, H, S_kv, D] values restored to [B, H, S, D]"
-        # GPT-Neo takes q @ k^T in float32, q and k cast up from v's dtype: the kernel's product
-        # accumulates in float32 from q and k as they were.
-        q_source, k_source = _float_cast_source(q), _float_cast_source(k)
-        if q_source is not None and k_source is not None and len(q.users) == len(k.users) == 1 and all(
-                _val(n).dtype == _val(v).dtype and _val(n).dtype.itemsize < _val(q).dtype.itemsize  # exact casts
-                for n in (q_source, k_source)):
-            q, k = q_source, k_source
+        return _ManualScores(cur, product, mask, scale_mul, scale_div, product_scale, softcap, sinks, gate, alibi)
+
+    def _replace_manual(self, graph: fx.Graph, softmax: fx.Node, scores: _ManualScores, operands: _ManualOperands,
+                        ctx: PassContext, result: PassResult) -> str | None:
+        """Replace a matched manual attention by `meta_attention`, or say what the kernel does not
+        take (dtypes, shapes, heads)."""
+        q, k, v, out4 = operands.q, operands.k, operands.v, operands.out
+        sinks, gate, softcap = scores.sinks, scores.gate, scores.softcap
         qv, kv, vv = _val(q), _val(k), _val(v)
         if not (qv.dtype == kv.dtype == vv.dtype) or qv.dtype not in _DTYPES.get(ctx.target, _DTYPES["reference"]):
             return f"dtypes q={qv.dtype}, k={kv.dtype}, v={vv.dtype} are not supported by the {ctx.target} meta-attention kernel"
@@ -531,19 +513,16 @@ class Attention:
         reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv))
         if reason:
             return reason
-        k_real, v_real = strip_repeat_kv(k), strip_repeat_kv(v)
-        if _val(k_real).shape[1] != _val(v_real).shape[1]:
-            k_real, v_real = k, v
-        if _val(k_real).shape[1] != _val(v_real).shape[1]:
-            return f"K has {_val(k_real).shape[1]} heads and V {_val(v_real).shape[1]} after undoing their widening"
-        hq, hkv = int(qv.shape[1]), int(_val(k_real).shape[1])
-        if hq % hkv:
-            return f"{hq} query heads are not a multiple of {hkv} KV heads"
+        heads = _kv_heads(int(qv.shape[1]), k, v)
+        if isinstance(heads, str):
+            return heads
+        k_real, v_real, hkv = heads
+        hq = int(qv.shape[1])
         if sinks is not None and tuple(_val(sinks).shape) != (hq,):
             return f"the attention sinks hold {_val(sinks).numel()} logits for {hq} query heads"
         want_scores = (qv.shape[0], hq, qv.shape[2], kv.shape[2])
-        if not same_shape(_val(cur).shape, want_scores):
-            return f"the scores are viewed as {list(_val(cur).shape)}, not [B, H, S_q, S_kv] = {list(want_scores)}"
+        if not same_shape(_val(scores.scores).shape, want_scores):
+            return f"the scores are viewed as {list(_val(scores.scores).shape)}, not [B, H, S_q, S_kv] = {list(want_scores)}"
         want_out = (qv.shape[0], hq, qv.shape[2], vv.shape[3])
         if not same_shape(_val(out4).shape, want_out):
             return f"P @ V is restored to {list(_val(out4).shape)}, not [B, H, S, D] = {list(want_out)}"
@@ -552,12 +531,12 @@ class Attention:
             return "the sink gate sigmoid(logsumexp(scores) - sinks) scales another tensor than the P @ V output"
         if not statically_known_true(qv.shape[2] <= kv.shape[2]):
             return _MORE_QUERIES_THAN_KEYS
-        scale: float | None = q_factor * k_factor * product_scale
-        ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
+        scale: float | None = operands.q_factor * operands.k_factor * scores.product_scale
+        ranges = self._mask_ranges(graph, scores.mask, kv.shape[2], result)
         with graph.inserting_before(out4):
             q_in = q
             # A scale that is a 0-d tensor (e.g. a buffer) is applied to q instead: same product.
-            for factor, op in ((scale_mul, aten.mul.Tensor), (scale_div, aten.div.Tensor)):
+            for factor, op in ((scores.scale_mul, aten.mul.Tensor), (scores.scale_div, aten.div.Tensor)):
                 if isinstance(factor, fx.Node):
                     q_in = graph.call_function(op, (q_in, factor))
                     infer_meta(q_in)
@@ -575,14 +554,14 @@ class Attention:
                 sinks = graph.call_function(aten.reshape.default, (sinks, [hq]))
                 infer_meta(sinks)
             # (softcap, sliding_window, sinks, alibi_slopes), the trailing unset ones left out.
-            extra = [softcap, None, sinks, alibi]
+            extra = [softcap, None, sinks, scores.alibi]
             while extra and extra[-1] is None:
                 extra.pop()
             unrepeated = k_real is not k  # before the padding makes k_real another node
             q_in, k_real, v_real = _one_head_size(graph, q_in, k_real, v_real)
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
-                (q_in, k_real, v_real, mask, False, scale, ctx.target, ranges, *extra),
+                (q_in, k_real, v_real, scores.mask, False, scale, ctx.target, ranges, *extra),
             )
             infer_meta(new)
             out = _as_replaced(graph, new, int(vv.shape[3]), [gate.mul if gate is not None else out4])
@@ -590,7 +569,8 @@ class Attention:
             return "the manual attention changes dtype between its inputs and output"
         copy_source_meta(softmax, new)
         new.meta["tileflow"] = {"kind": "meta_attention", "form": "manual", "gqa": hq // hkv, "target": ctx.target,
-                                "softcap": softcap is not None, "sinks": sinks is not None, "alibi": alibi is not None}
+                                "softcap": softcap is not None, "sinks": sinks is not None,
+                                "alibi": scores.alibi is not None}
         (gate.mul if gate is not None else out4).replace_all_uses_with(out)
         result.count("meta_attention")
         result.count("manual_attention")
@@ -602,7 +582,7 @@ class Attention:
             result.count("logit_softcap")
         if sinks is not None:
             result.count("attention_sinks")
-        if alibi is not None:
+        if scores.alibi is not None:
             result.count("alibi")
         return None
 
@@ -906,6 +886,101 @@ class _SinkGate:
     lse: fx.Node  # the scores' second reader
     mul: fx.Node  # the gated output, which the meta-attention (with sinks) replaces
     out: Any  # the P @ V output the gate multiplies
+
+
+@dataclass(frozen=True)
+class _ManualScores:
+    """A manual attention's scores as `Attention._manual_scores` walked them back from the
+    softmax: `scores` is the [B, H, S, S_kv] view of the `product` (`_scores_product`'s match),
+    scaled by `scale_mul` / `scale_div` (numbers or 0-d tensors) and `product_scale` (the
+    product's own alpha), capped by `softcap` (a number or 0-d tensor), masked by `mask` (the
+    masks met, joined into one), biased by ALiBi's `alibi` slopes, joined by `sinks` (one logit
+    per head; `gate`: GraniteSWA's form of them)."""
+
+    scores: fx.Node
+    product: dict[str, Any]
+    mask: fx.Node | None
+    scale_mul: Any
+    scale_div: Any
+    product_scale: float
+    softcap: Any
+    sinks: fx.Node | None
+    gate: _SinkGate | None
+    alibi: list[float] | None
+
+
+@dataclass(frozen=True)
+class _ManualOperands:
+    """q, k and v of a manual attention ([B, H, S, D] each, before any flattening of heads; q and
+    k without the constant factors `q_factor` and `k_factor` models put on them), and `out`, the
+    P @ V product restored to [B, H, S, D], which the meta-attention replaces."""
+
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    out: fx.Node
+    q_factor: float
+    k_factor: float
+
+
+def _manual_operands(softmax: fx.Node, scores: _ManualScores) -> _ManualOperands | str:
+    """q and k read behind a manual attention's q @ k^T, v and the output around its P @ V
+    product, or why they are not [B, H, S, D] tensors used only there."""
+    product = scores.product
+    q_flat, kt_flat = product["batch1"], product["batch2"]
+    q = _unflatten_heads(q_flat)
+    if transposed_dims(kt_flat) == (1, 2):
+        kt = None  # transposed after the heads were flattened (BLOOM): k itself is behind it
+        k = _unflatten_heads(kt_flat.args[0])
+    else:
+        kt = _unflatten_heads(kt_flat)
+        k = kt
+    if q is None or k is None:
+        return "q @ k^T operands are not [B, H, S, D] tensors flattened over heads"
+    # Scale factors models put on q and k instead of the scores (Falcon: each by
+    # head_dim ** -0.25), and k^T broadcast over the query heads by the product (MQA).
+    q, q_factor = _constant_factor(q)
+    if kt is None:
+        k, k_factor = _constant_factor(_head_broadcast_source(k))
+    else:
+        kt = _head_broadcast_source(kt)
+        kt, k_factor = _constant_factor(kt)
+        if not _is_transpose_last2(kt):
+            return "the k operand of q @ k^T is not a [B, H, S, D] tensor transposed in its last two dimensions"
+        k, k_inner = _constant_factor(kt.args[0])
+        k_factor *= k_inner
+    # Forward from the softmax: [cast] -> [drop the sinks' column] -> view -> bmm(p, v) -> view [B, H, S, D].
+    nxt = _only_user(softmax)
+    if nxt is not None and _float_cast_source(nxt) is softmax:
+        nxt = _only_user(nxt)
+    if scores.sinks is not None and scores.gate is None:
+        if not (_is_op(nxt, aten.slice.Tensor) and nxt.args[1] in (-1, 3) and nxt.args[2] in (0, None)
+                and nxt.args[3] == -1):
+            return "the sinks' column is not dropped from the softmax output before P @ V"
+        nxt = _only_user(nxt)
+        while nxt is not None and nxt.target is aten.clone.default:
+            nxt = _only_user(nxt)
+    if nxt is not None and nxt.target is aten.bmm.default and _val(nxt.args[0]).dim() == 3:
+        # The product reads the [B*H, S, S_kv] softmax as it is (XGLM's views of it cancel).
+        nxt, pv = nxt.args[0], nxt
+    elif nxt is None or nxt.target not in _VIEWS:
+        return "the softmax output is used for more than the P @ V product"
+    else:
+        pv = _only_user(nxt)
+    if pv is None or pv.target is not aten.bmm.default or pv.args[0] is not nxt:
+        return "the softmax output does not feed a P @ V product"
+    v = _unflatten_heads(pv.args[1])
+    out4 = _only_user(pv)
+    if v is None or out4 is None or out4.target not in _VIEWS or _val(out4).dim() != 4:
+        return "P @ V is not over [B, H, S_kv, D] values restored to [B, H, S, D]"
+    # GPT-Neo takes q @ k^T in float32, q and k cast up from v's dtype: the kernel's product
+    # accumulates in float32 from q and k as they were.
+    q_source, k_source = _float_cast_source(q), _float_cast_source(k)
+    if q_source is not None and k_source is not None and len(q.users) == len(k.users) == 1 and all(
+            _val(n).dtype == _val(v).dtype and _val(n).dtype.itemsize < _val(q).dtype.itemsize  # exact casts
+            for n in (q_source, k_source)):
+        q, k = q_source, k_source
+    return _ManualOperands(q, k, v, out4, q_factor, k_factor)
 
 
 def _sink_gate(scores: fx.Node) -> _SinkGate | None:

@@ -384,7 +384,9 @@ class Attention:
     def _manual_scores(self, graph: fx.Graph, softmax: fx.Node, attention: bool) -> _ManualScores | str | None:
         """What lies between a manual attention's softmax and its q @ k^T product, or why it is
         not matched (None: the softmax is no attention's, nothing to report)."""
-        unmatched = _unmatched_scores(softmax) if attention else None
+        def unmatched() -> str | None:  # (walks the graph: only when a match fails)
+            return _unmatched_scores(softmax) if attention else None
+
         # Walk back from the softmax input: [a float cast] <- [masks and an ALiBi bias, added or
         # filled in, any order] <- [cap * tanh(. / cap)] <- [mul/div scale] <- view <- bmm(q, k^T)
         # (or baddbmm, an ALiBi bias inside the product). The cast is transformers' eager
@@ -422,7 +424,7 @@ class Attention:
             if _is_op(cur, aten.add.Tensor) and cur.kwargs.get("alpha", 1) == 1:
                 scores_side = [a for a in cur.args if _path_to_product(a, depth=7) is not None]
                 if len(scores_side) != 1:
-                    return unmatched
+                    return unmatched()
                 term = cur.args[1] if cur.args[0] is scores_side[0] else cur.args[0]
                 sv = _val(scores_side[0])
                 if not (isinstance(sv, torch.Tensor) and same_shape(_val(cur).shape, sv.shape)):
@@ -467,7 +469,7 @@ class Attention:
             cur = cur.args[0]
         product = _scores_product(cur.args[0]) if isinstance(cur, fx.Node) and cur.target in _VIEWS else None
         if product is None:
-            return unmatched
+            return unmatched()
         qk = product["node"]
         if "self" in product and _zero_fill(product["self"]) and isinstance(product["alpha"], (int, float)):
             # `baddbmm(zeros, q, k^T, alpha=scale)` (GPT-NeoX-Japanese): no bias, a scale.
@@ -483,7 +485,7 @@ class Attention:
                 outer = None if value is None or outer is None else outer * (value if op == "mul" else 1.0 / value)
             if slopes is None or softcap is not None or outer is None or not all(
                     isinstance(product[c], (int, float)) for c in ("alpha", "beta")):
-                return unmatched
+                return unmatched()
             alibi = [float(product["beta"]) * outer * x for x in slopes]
             product_scale = float(product["alpha"])
         return _ManualScores(cur, product, mask, scale_mul, scale_div, product_scale, softcap, sinks, gate, alibi)

@@ -1688,6 +1688,20 @@ def test_a_nano_batched_step_keeps_its_asserts(replay_on_cpu) -> None:
         compiled(x, positions)
 
 
+def test_the_asserts_run_before_a_replay_are_written_to_the_debug_dir(replay_on_cpu, tmp_path) -> None:
+    """With `debug_dir`, the module of asserts split off the graph is written beside the graph's
+    dump (`cuda_graphs_checks.py`), and the dump no longer holds them."""
+    compiled = torch.compile(_rows_checked_for_restarts, backend=tileflow.TileflowBackend(
+        {"cuda_graphs": True, "max_tokens": 32, "debug_dir": str(tmp_path)}))
+    x, positions = torch.randn(5, H), torch.arange(5) + 3
+    for arg in (x, positions):
+        torch._dynamo.mark_dynamic(arg, 0)
+    compiled(x, positions)
+    (graph_dir,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    assert "_assert_async" in (graph_dir / "cuda_graphs_checks.py").read_text()
+    assert "_assert_async" not in (graph_dir / "output.json").read_text()
+
+
 def _rows_checked_after_a_gemm(x: torch.Tensor) -> torch.Tensor:
     # An assert over a GEMM's rows: running it again on the call's rows would repeat the GEMM.
     y = x @ W
@@ -1695,11 +1709,67 @@ def _rows_checked_after_a_gemm(x: torch.Tensor) -> torch.Tensor:
     return y + 1
 
 
-def test_an_assert_over_heavy_ops_stays_in_the_graph(replay_on_cpu) -> None:
-    """An assert that reads a GEMM (or any op of `_HEAVY_OPS`, or more than `_MOST_CHECK_OPS`
-    ops) stays in the graph, which is then captured at exact token counts only: running it
-    apart would compute the GEMM twice."""
-    _assert_not_padded(_run(_rows_checked_after_a_gemm, _rows), "an assert over values")
+def _rows_checked_after_a_product_with_a_vector(x: torch.Tensor) -> torch.Tensor:
+    torch._assert_async((x @ W[0]).isfinite().all(), "not finite")  # (`mv`)
+    return x @ W
+
+
+def _rows_checked_by_their_distances(x: torch.Tensor) -> torch.Tensor:
+    torch._assert_async((torch.cdist(x, x) < 1e6).all(), "too far apart")  # T^2 * H work
+    return x @ W
+
+
+def _rows_checked_with_noise(x: torch.Tensor) -> torch.Tensor:
+    # Run apart, the check would draw other numbers than the graph's.
+    noisy = x + torch.rand_like(x)
+    torch._assert_async((noisy > -100).all(), "too low")
+    return noisy @ W
+
+
+@pytest.mark.parametrize("fn", [_rows_checked_after_a_gemm, _rows_checked_after_a_product_with_a_vector,
+                                _rows_checked_by_their_distances, _rows_checked_with_noise])
+def test_an_assert_over_heavy_or_random_ops_stays_in_the_graph(replay_on_cpu, fn) -> None:
+    """An assert that reads a GEMM, a matrix-vector product or distances (ops of `_HEAVY_OPS`, or
+    more than `_MOST_CHECK_OPS` ops) stays in the graph, which is then captured at exact token
+    counts only: running it apart would do that work twice. So does one over random numbers,
+    which a run apart would draw anew."""
+    if fn is _rows_checked_with_noise:
+        report = tileflow.Report()  # (random outputs: not compared with eager's)
+        compiled = torch.compile(fn, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report))
+        for tokens in (3, 5, 11):
+            x = torch.randn(tokens, H)
+            torch._dynamo.mark_dynamic(x, 0)
+            compiled(x)
+        (note,) = _cuda_graphs_notes(report)
+        assert note.startswith("exact token counts only") and "an assert over values" in note, note
+        return
+    _assert_not_padded(_run(fn, _rows), "an assert over values")
+
+
+def _rows_checked_past_a_table(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    # A lookup past the table's end at every token count (`max_bucket` 0): no bucket is left,
+    # and eager raises at every call.
+    torch._assert_async((EMBED10[torch.arange(x.shape[0]) + 10].sum(-1) < 1e9).all(), "too large")
+    return (x + positions[:, None]) @ W
+
+
+def test_an_assert_is_split_off_only_for_a_replayed_step(replay_on_cpu) -> None:
+    """With no bucket left to replay at, the step runs uncaptured with its asserts in the graph:
+    they were split off anyway, and the step ran with no check at all (returned where eager
+    raised)."""
+    report = tileflow.Report()
+    compiled = torch.compile(_rows_checked_past_a_table,
+                             backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report))
+    x, positions = torch.randn(5, H), torch.arange(5)
+    for arg in (x, positions):
+        torch._dynamo.mark_dynamic(arg, 0)
+    with pytest.raises(IndexError):
+        _rows_checked_past_a_table(x, positions)
+    with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+        compiled(x, positions)
+    (graph,) = report.graphs
+    assert "cuda_graphs_checks" not in graph.extra
+    assert replay_on_cpu.captures == replay_on_cpu.replays == 0
 
 
 def _rows_checked_for_restarts_of_own_positions(x: torch.Tensor) -> torch.Tensor:

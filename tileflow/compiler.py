@@ -18,7 +18,8 @@ import torch
 import torch.fx as fx
 
 from .config import Config
-from .graph_utils import count_nodes, graph_structure, graph_to_json, shape_env_of, split_off_checks, symbol_ranges
+from .graph_utils import (count_nodes, graph_code, graph_structure, graph_to_json, shape_env_of, split_off_checks,
+                          symbol_ranges)
 from .log import get_logger
 from .lower import lower_graph
 from .padding_safety import capped_buckets, check_padding
@@ -100,15 +101,16 @@ def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int], graph_report: Grap
                                              f"replay at a token bucket could differ from the step ({check.hazard})")
         log.warning("%s: cuda_graphs at exact token counts only: %s", graph_report.graph_id, check.hazard)
         return _Buckets((EXACT_GRAPH_TOKENS,), exact=True)
+    # Also within the tables the step looks positions up in (`PaddingCheck.max_bucket`).
+    bounds = [b for b in (graph_report.symbols.get(str(found[0]), [None, None])[1], check.max_bucket) if b is not None]
+    capped = capped_buckets(buckets, min(bounds, default=None))
     checks = None
-    if check.unpadded_asserts:
+    if check.unpadded_asserts and capped:  # (no bucket left: nothing is replayed, the asserts stay)
         graph_report.extra["cuda_graphs_checks"] = (
             f"{', '.join(n.name for n in check.unpadded_asserts)}: run on each call's own rows before its replay "
             "(asserts over values a replay computes from padded rows too)")
         checks = split_off_checks(gm, check.unpadded_asserts)
-    # Also within the tables the step looks positions up in (`PaddingCheck.max_bucket`).
-    bounds = [b for b in (graph_report.symbols.get(str(found[0]), [None, None])[1], check.max_bucket) if b is not None]
-    return _Buckets(capped_buckets(buckets, min(bounds, default=None)), check.positive_inputs, checks=checks)
+    return _Buckets(capped, check.positive_inputs, checks=checks)
 
 
 def _checked_first(checks: fx.GraphModule | None, step: Callable[..., Any]) -> Callable[..., Any]:
@@ -227,6 +229,8 @@ def compile_graph(
     if artifact_dir is not None:
         # Lowering annotated the tileflow nodes with their kernels: refresh the final graph dump.
         (artifact_dir / "output.json").write_text(json.dumps(graph_to_json(gm), indent=1, default=str))
+        if graphed.checks is not None:  # what left the graph, to run before each replay
+            (artifact_dir / "cuda_graphs_checks.py").write_text(graph_code(graphed.checks))
     graph_report.nodes_out = count_nodes(gm)
     runner = build_residual(gm, example_inputs, residual_mode)
     if plan is not None:

@@ -206,10 +206,13 @@ _ASSERTS = {aten._assert_async.default, aten._assert_async.msg}
 # running them again costs launches, not work (no GEMM, convolution or attention, nothing of
 # tileflow's or a library's own).
 _MOST_CHECK_OPS = 64
-_HEAVY_OPS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "linear", "convolution", "_convolution",
+_HEAVY_OPS = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "matmul", "mv", "addmv", "dot", "vdot", "linear", "_int_mm",
+              "_scaled_mm", "convolution", "_convolution", "cdist", "_cdist_forward", "_euclidean_dist",
               "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
               "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-              "_scaled_dot_product_cudnn_attention", "_grouped_mm"}
+              "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward",
+              "_grouped_mm"}
+_HEAVY_PREFIXES = ("linalg_", "_linalg_", "fft_", "_fft_")
 # Comparisons that build masks (True = attend): of two positions, `key <= query` and its mirror
 # images (the first set takes the key first); `==` of one row's values read at query and key.
 _KEY_FIRST = {aten.le.Tensor, aten.lt.Tensor}
@@ -437,15 +440,19 @@ class _Walk:
 
     def light_check(self, node: fx.Node) -> bool:
         """Whether the ops an assert reads are few and light enough to run again, uncaptured, on a
-        call's own rows (`_MOST_CHECK_OPS`, `_HEAVY_OPS`): ATen's, none a GEMM, convolution or
-        attention."""
+        call's own rows (`_MOST_CHECK_OPS`, `_HEAVY_OPS`): ATen's, none a GEMM, convolution,
+        distance, linear algebra, FFT or attention, and none random (run again, it would check
+        other numbers than the graph's)."""
         ops: set[fx.Node] = set()
         stack = list(node.all_input_nodes)
         while stack:
             cur = stack.pop()
             if cur in ops or cur.op in ("placeholder", "get_attr"):
                 continue
-            if (cur.op != "call_function" or len(ops) == _MOST_CHECK_OPS or _short_name(cur.target) in _HEAVY_OPS
+            name = _short_name(cur.target)
+            if (cur.op != "call_function" or len(ops) == _MOST_CHECK_OPS or name in _HEAVY_OPS
+                    or name.startswith(_HEAVY_PREFIXES)
+                    or torch.Tag.nondeterministic_seeded in getattr(cur.target, "tags", ())
                     or getattr(cur.target, "namespace", "aten") not in ("aten", "prims")):  # (operator's: none)
                 return False
             ops.add(cur)

@@ -397,7 +397,7 @@ def test_bad_metadata_is_a_clear_error() -> None:
         meta_attention_varlen(**bad)
     short = dict(batch, seqlens_kv=batch["seqlens_kv"].clone())
     short["seqlens_kv"][1] = 0  # fewer KV positions than query rows
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="sequence 1 has 1 query rows but only 0 KV positions"):
         meta_attention_varlen(**short)
 
 

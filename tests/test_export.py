@@ -126,7 +126,7 @@ def test_round_trip_in_fresh_process_without_dynamo(archive, spec_dir: Path) -> 
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert max(result["errors"].values()) <= 1e-4, result["errors"]
+    assert all(error <= 1e-4 for error in result["errors"].values()), result["errors"]  # (NaN fails too)
     assert result["frames"] == 0 and result["graphs"] == 0  # load never traced with Dynamo
     assert result["control"] >= 1  # and the counter is live: a torch.compile does move it
 

@@ -359,3 +359,23 @@ def test_a_bias_added_by_hand_is_the_linears() -> None:
     compiled, gm, ctx = compile_fn(gated, h, w, b, w)
     assert ctx.report.passes[1].rewrites == {"padded_gemm": 2, "fused_bias": 1, "fused_silu": 1}
     torch.testing.assert_close(compiled(x, w, b, w), gated(x, w, b, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("residual scaled", lambda h, w, b: torch.add(h, F.linear(h, w), alpha=2)),
+    ("product scaled", lambda h, w, b: torch.add(F.linear(h, w), h, alpha=2)),
+    ("bias scaled", lambda h, w, b: torch.add(h @ w.t(), b, alpha=2)),
+    ("a row broadcast", lambda h, w, b: F.linear(h, w) + h[:1]),
+    ("a column broadcast", lambda h, w, b: F.linear(h, w) + h[:, :1]),
+])
+def test_adds_that_scale_or_broadcast_are_no_epilogue(name: str, fn: Callable) -> None:
+    """An add with `alpha` (which scales its second operand) is neither a bias nor a residual of
+    the GEMM before it, and neither is one that broadcasts its other operand over the rows or
+    the columns: the GEMM is still rewritten, the add stays as it is, and the result is eager's."""
+    h, w, b = torch.randn(7, 16), torch.randn(16, 16), torch.randn(16)
+    compiled, gm, ctx = compile_fn(fn, h, w, b)
+    assert ctx.report.passes[1].rewrites == {"padded_gemm": 1}, name
+    assert aten.add.Tensor in ops(gm)
+    for rows in (7, 19, 2):
+        x = torch.randn(rows, 16)
+        torch.testing.assert_close(compiled(x, w, b), fn(x, w, b), rtol=1e-5, atol=1e-5)

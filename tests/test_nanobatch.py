@@ -107,12 +107,12 @@ def test_schedules_pass_the_checker_and_broken_ones_fail() -> None:
     dropped = dataclasses.replace(good, ops=dict(list(good.ops.items())[:-1]),
                                   streams={s: names[:-1] if names[-1] == list(good.ops)[-1] else names
                                            for s, names in good.streams.items()})
-    with pytest.raises(ScheduleError):
+    with pytest.raises(ScheduleError, match=r"rows \[\d+, 64\) are covered by no nano-op"):
         check_schedule(dropped, {n: (0, 64) for n in originals})
     first, last = list(good.ops)[0], list(good.ops)[-1]
     cyclic_ops = dict(good.ops)
     cyclic_ops[first] = dataclasses.replace(good.ops[first], deps=(*good.ops[first].deps, last))
-    with pytest.raises(ScheduleError):
+    with pytest.raises(ScheduleError, match="not satisfied: both on stream .*, but the producer is at position"):
         check_schedule(dataclasses.replace(good, ops=cyclic_ops), {n: (0, 64) for n in originals})
 
 

@@ -2,7 +2,8 @@
 exactly, so graphs where padded rows could reach real ones run uncaptured, with the reason.
 
 Graphs are replayed through `ReplayOnCpu` (a CPU stand-in for CUDA graphs that really runs the
-padded step), so a wrongly captured graph shows up as wrong outputs here.
+padded step), with random values in the padded rows of float inputs (`replay_on_cpu`), so a
+wrongly captured graph shows up as wrong outputs here.
 """
 
 from __future__ import annotations
@@ -27,7 +28,22 @@ H = 16
 
 @pytest.fixture
 def replay_on_cpu(monkeypatch: pytest.MonkeyPatch) -> type[ReplayOnCpu]:
+    """Replays on the CPU (`ReplayOnCpu`), with the padded rows of float inputs filled with random
+    finite values rather than the runtime's 0: the walk assumes nothing of them but that they are
+    finite, and a leak of padded rows that adds zeros (a sum over the tokens, `x.T @ x`) would
+    give the right outputs over zeros. Integer and bool inputs keep the runtime's pad value, which
+    the walk's index facts rely on (`PAD_VALUE`)."""
     monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    fill = tileflow.runtime.streams.CudaGraphBuckets._fill
+    noise = torch.Generator().manual_seed(0)
+
+    def fill_with_noise(self, static: torch.Tensor, value: torch.Tensor, dim: int | None, tokens: int) -> None:
+        fill(self, static, value, dim, tokens)
+        if dim is not None and static.is_floating_point():
+            padded = static.narrow(dim, tokens, static.shape[dim] - tokens)
+            padded.copy_(torch.randn(padded.shape, generator=noise) * 3)
+
+    monkeypatch.setattr(tileflow.runtime.streams.CudaGraphBuckets, "_fill", fill_with_noise)
     ReplayOnCpu.captures = ReplayOnCpu.replays = 0
     return ReplayOnCpu
 

@@ -135,7 +135,7 @@ def test_cut_bytes_formula():
     assert cut_bytes_per_iteration(8192, 80, 256, 8, 2) == 754_974_720
     # MHA (G=1): q, k, v in and output back = 4 * d per layer and token
     assert cut_bytes_per_iteration(10, 3, 5, 1, 4) == 4 * 4 * 10 * 5 * 3
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="group_size must be positive"):
         cut_bytes_per_iteration(10, 3, 5, 0, 4)
 
 
@@ -271,9 +271,9 @@ def test_cli_dtype_missing_from_device_table():
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="device counts must be positive"):
         plan_disaggregation(TOY, (C, 0), (M, 2), batch=1, context=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"efficiency must be in \(0, 1\], got 1.5"):
         plan_disaggregation(TOY, (C, 1), (M, 2), batch=1, context=1, efficiency=1.5)
     with pytest.raises(ValueError, match="multiple"):
         ModelShape("bad", 64, 1, 6, 4, 128, 10)

@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tileflow.schedule import (
@@ -125,8 +125,7 @@ def test_json_round_trip(g):
 @given(graphs(), st.data())
 def test_dropped_event_rejected(g, data):
     schedule, originals = build(g)
-    if not schedule.events:
-        return
+    assume(schedule.events)
     idx = data.draw(st.integers(0, len(schedule.events) - 1))
     producer, consumer = schedule.events[idx]
     events = [e for e in schedule.events if e != (producer, consumer)]
@@ -145,8 +144,7 @@ def test_consumer_before_producer_on_stream_rejected(g, data):
         for dep in op.deps
         if schedule.ops[dep].stream == op.stream
     ]
-    if not pairs:
-        return
+    assume(pairs)
     producer, consumer = data.draw(st.sampled_from(pairs))
     stream = schedule.ops[consumer].stream
     order = list(schedule.streams[stream])
@@ -167,8 +165,7 @@ def test_overlapping_rows_rejected(g, data):
         for op in schedule.ops.values()
         if originals[op.original] is not None and op.rows[1] < g[3]
     ]
-    if not growable:
-        return
+    assume(growable)
     name = data.draw(st.sampled_from(growable))
     lo, hi = schedule.ops[name].rows
     bad = replace_op(schedule, name, rows=(lo, hi + 1))
@@ -185,8 +182,7 @@ def test_missing_rows_rejected(g, data):
         for op in schedule.ops.values()
         if originals[op.original] is not None and op.rows[1] - op.rows[0] >= 2
     ]
-    if not shrinkable:
-        return
+    assume(shrinkable)
     name = data.draw(st.sampled_from(shrinkable))
     lo, hi = schedule.ops[name].rows
     from_top = data.draw(st.booleans())
@@ -201,8 +197,7 @@ def test_missing_rows_rejected(g, data):
 @given(graphs(), st.data())
 def test_cycle_rejected(g, data):
     schedule, originals = build(g)
-    if not schedule.events:
-        return
+    assume(schedule.events)
     producer, consumer = data.draw(st.sampled_from(schedule.events))
     # The reverse event keeps every dependency satisfied but makes the streams wait on each other.
     bad = dataclasses.replace(schedule, events=[*schedule.events, (consumer, producer)])
@@ -236,8 +231,7 @@ def test_dependency_left_out_rejected_by_the_graph_check(g, data):
     other events still put the producer first."""
     specs, splits, edges, n, seq = g
     schedule, originals = build(g)
-    if not schedule.events:
-        return
+    assume(schedule.events)
     producer, consumer = data.draw(st.sampled_from(schedule.events))
     deps = tuple(d for d in schedule.ops[consumer].deps if d != producer)
     bad = replace_op(schedule, consumer, deps=deps)

@@ -93,6 +93,30 @@ def test_search_equals_brute_force(ops, tokens, kmax, units, device):
     assert sum(found.sizes) == tokens and found.k == len(found.sizes) <= kmax
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    profiles(),
+    st.sampled_from([2, 3, 16, 100, 512, 4096]),
+    st.integers(2, 4),
+    st.sampled_from([0.25, 0.5, 0.75]),
+    st.sampled_from(["H100-SXM", "A100-SXM", "H20"]),
+    st.data(),
+)
+def test_the_search_bounds_are_below_every_makespan(ops, tokens, k, share, device, data) -> None:
+    """The search prunes with two lower bounds, which must never exceed the modeled makespan
+    (an over-estimate prunes the optimum: brute force then disagrees only now and then): the
+    group bound under every k-way composition of the tokens at a share, and a candidate's
+    own bound under its makespan."""
+    dev = DEVICES[device]
+    k = min(k, tokens)
+    cuts = sorted(data.draw(st.lists(st.integers(1, tokens - 1), min_size=k - 1, max_size=k - 1, unique=True)))
+    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, tokens])]
+    net = search.DEFAULT_NET_BW_GBS
+    span = makespan(ops, sizes, share, dev)
+    assert search._candidate_bound(ops, sizes, share, dev, net) <= span * (1 + 1e-12)
+    assert search._group_bound(ops, k, share, tokens, dev, net) <= span * (1 + 1e-12)
+
+
 @pytest.mark.parametrize("ctx, tokens", [(1024, 512), (1024, 2048), (128, 4096)])
 def test_search_equals_brute_force_on_llama(ctx, tokens):
     ops = llama_layer(ctx, layers=2, net=True)

@@ -235,6 +235,29 @@ def test_drafting_and_acceptance() -> None:
     assert prefix_hashes([1, 2, 3, 4, 5], 2)[1] == prefix_hashes([1, 2, 3, 4, 9], 2)[1]
 
 
+def test_verified_drafts_and_a_prompt_chunk_share_the_token_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drafts count against the token budget: a step that verifies a request's drafts fills only
+    what is left with a prompt chunk. (Drafts left out of the count took steps past the budget,
+    which the random invariants rarely reach: a request drafting beside a long prompt.)"""
+    import tileflow.serving.engine
+
+    # Every decoding request drafts max_draft tokens (the random program's tokens repeat nothing).
+    monkeypatch.setattr(tileflow.serving.engine, "prompt_lookup_draft", lambda tokens, max_draft: [7] * max_draft)
+    slots, draft = 2, 3
+    budget = slots * (1 + draft) + 4
+    for seed in range(3):
+        engine = ServingEngine(RandomProgram(seed), token_budget=budget, decode_slots=slots, max_draft=draft,
+                               block_size=4, num_blocks=64, overlap=False)
+        engine.add(Request(0, [1, 2] * 4, 12))
+        engine.add(Request(1, [3] * 40, 4))  # chunked over several steps
+        shared = 0
+        while engine.scheduler.has_work():
+            entries = engine.step()
+            assert sum(len(e.tokens) for e in entries) <= budget
+            shared += {"verify", "prefill"} <= {e.kind for e in entries}
+        assert shared  # steps verified drafts beside a chunk that filled the rest
+
+
 def test_prepare_follows_each_requests_block_list() -> None:
     """The engine converts a request's block list to an array once; a request id that comes back
     with another list (a new request, or new blocks appended) gets its own blocks, never stale ones."""

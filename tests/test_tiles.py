@@ -284,15 +284,42 @@ def test_plan_agrees_with_brute_force(p: dict, data: st.DataObject) -> None:
 @pytest.mark.parametrize("device_name", sorted(DEVICES))
 @pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096), (24, 200), (128, 14336)])
 def test_plan_matches_brute_force_at_every_m(device_name: str, n: int, k: int) -> None:
-    """Exhaustive check of the segment evaluation for every M up to 600 (and an odd m_min)."""
+    """Exhaustive check of the segment evaluation for every M up to 600, from m_min 1, an odd one
+    and multiples of the segment size (16: the first segment starts right after m_min)."""
     device = DEVICES[device_name]
-    for m_min in (1, 37):
+    for m_min in (1, 16, 37, 64):
         p = dict(n=n, k=k, dtype="float16", device=device, m_min=m_min, m_max=600)
         plan = plan_of(p)
         unsplit = kept_unsplit(plan, p)
         for m in range(m_min, 601):
             piece = plan.piece_for(m)
             assert (piece.config, piece.split_k) == brute_force_variant(m, p, unsplit=unsplit)[:2], m
+
+
+@pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096)])
+def test_a_plan_over_max_configs_drops_the_least_served_split_variants(n: int, k: int) -> None:
+    """On H20, fp16, M up to 600, the cheapest variant at each M uses more than MAX_CONFIGS
+    kernels (split-K variants of several configs). The plan drops, one at a time, the split
+    variant that serves the fewest token counts (ties to the smaller config), choosing again
+    each time: simulated here at every M from the brute force, independently of the plan's
+    segments, and the plan must agree at every M."""
+    p = dict(n=n, k=k, dtype="float16", device=DEVICES["H20"], m_min=1, m_max=600)
+    dropped: set[TileConfig] = set()
+    while True:
+        chosen = {m: brute_force_variant(m, p, unsplit=frozenset(dropped))[:2] for m in range(1, 601)}
+        if len({(config, split > 1) for config, split in chosen.values()}) <= MAX_CONFIGS:
+            break
+        served: dict[TileConfig, int] = {}
+        for config, split in chosen.values():
+            if split > 1:
+                served[config] = served.get(config, 0) + 1
+        dropped.add(min(served, key=lambda config: (served[config], config)))
+    assert dropped  # the case this test is for: more variants than kernels
+    plan = plan_of(p)
+    assert len(plan.variants) <= MAX_CONFIGS
+    for m, want in chosen.items():
+        piece = plan.piece_for(m)
+        assert (piece.config, piece.split_k) == want, m
 
 
 @SETTINGS
@@ -390,7 +417,7 @@ def test_plan_rejects_broken_pieces() -> None:
         TilePlan(8, 8, "float32", "cpu", 1, 10, (PlanPiece(1, 4, cfg), PlanPiece(6, 10, cfg)))
     with pytest.raises(ValueError, match="cover"):
         TilePlan(8, 8, "float32", "cpu", 1, 10, (PlanPiece(1, 9, cfg),))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"m_min \(10\) must be <= m_max \(5\)"):
         build_tile_plan(64, 64, "float32", m_min=10, m_max=5, device=CPU)
 
 

@@ -239,6 +239,26 @@ def test_padding_queries_and_keys_is_not_reported_as_gqa(form: str) -> None:
     assert "gqa_unrepeated" not in report.rewrites, report.rewrites
 
 
+def test_manual_attention_with_one_k_head_and_many_v_heads_is_left_alone() -> None:
+    """A hand-written attention whose single K head the product broadcasts over the query heads
+    (MQA's K) but whose V has a head per query head: the kernel reads K and V at one head count,
+    so it stays as it is, with the reason the SDPA form gives, and equals eager."""
+    b, h, s, d = 2, 4, 7, 16
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys = k.expand(b, h, s, d).reshape(b * h, s, d).transpose(1, 2)
+        p = torch.softmax(torch.bmm(q.reshape(b * h, s, d), keys).view(b, h, s, s) * 0.25, dim=-1)
+        return torch.bmm(p.view(b * h, s, s), v.reshape(b * h, s, d)).view(b, h, s, d)
+
+    q, k, v = torch.randn(b, h, s, d), torch.randn(b, 1, s, d), torch.randn(b, h, s, d)
+    report = tileflow.Report()
+    compiled = torch.compile(attention, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
+                             dynamic=False)
+    torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites
+    assert [f.reason for f in report.fallbacks] == ["K has 1 heads and V 4; the kernel reads both at one head count"]
+
+
 @pytest.mark.parametrize("case", ["cross_sdpa", "cross_manual", "bool_added", "int_added", "output_bshd", "control"])
 def test_attention_the_kernel_would_get_wrong_is_left_alone(case: str) -> None:
     """Forms a rewrite would get wrong stay the original ops, with the reason, and match eager:

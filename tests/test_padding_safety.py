@@ -48,10 +48,13 @@ def replay_on_cpu(monkeypatch: pytest.MonkeyPatch) -> type[ReplayOnCpu]:
     return ReplayOnCpu
 
 
-def _run(fn: Callable[..., torch.Tensor], make_inputs: Callable[[int], tuple], lengths=(3, 5, 11)) -> tileflow.Report:
-    """Compile `fn` with `cuda_graphs=True` and check it against eager at each token count."""
+def _run(fn: Callable[..., torch.Tensor], make_inputs: Callable[[int], tuple], lengths=(3, 5, 11),
+         **options: object) -> tileflow.Report:
+    """Compile `fn` with `cuda_graphs=True` (and `options`) and check it against eager at each
+    token count."""
     report = tileflow.Report()
-    compiled = torch.compile(fn, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report))
+    config = {"cuda_graphs": True, "max_tokens": 32, **options}
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend(config, report=report))
     for tokens in lengths:
         args = make_inputs(tokens)
         for arg in args:  # only the token dim is dynamic, as in a serving step
@@ -1742,13 +1745,44 @@ def _rows_checked_with_noise(x: torch.Tensor) -> torch.Tensor:
     return noisy @ W
 
 
+def _rows_checked_after_many_ops(x: torch.Tensor) -> torch.Tensor:
+    y = x
+    for _ in range(70):  # more than `_MOST_CHECK_OPS`
+        y = y * 0.5 + 1
+    torch._assert_async((y < 1e6).all(), "too large")
+    return x @ W
+
+
+def _rows_checked_by_their_spectrum(x: torch.Tensor) -> torch.Tensor:
+    torch._assert_async((torch.fft.rfft(x, dim=-1).abs() < 1e6).all(), "too large")
+    return x @ W
+
+
+def _rows_checked_by_their_singular_values(x: torch.Tensor) -> torch.Tensor:
+    torch._assert_async(torch.linalg.svdvals(x).isfinite().all(), "not finite")
+    return x @ W
+
+
+def _rows_checked_by_their_norm(x: torch.Tensor) -> torch.Tensor:
+    # A norm is a reduction, light: split off (and the rows are read whole, so a replay of
+    # padded rows would change it).
+    torch._assert_async(x.norm() < 1e6, "too large")
+    return x @ W
+
+
 @pytest.mark.parametrize("fn", [_rows_checked_after_a_gemm, _rows_checked_after_a_product_with_a_vector,
-                                _rows_checked_by_their_distances, _rows_checked_with_noise])
+                                _rows_checked_by_their_distances, _rows_checked_after_many_ops,
+                                _rows_checked_by_their_spectrum, _rows_checked_by_their_singular_values,
+                                _rows_checked_with_noise, _rows_checked_by_their_norm])
 def test_an_assert_over_heavy_or_random_ops_stays_in_the_graph(replay_on_cpu, fn) -> None:
-    """An assert that reads a GEMM, a matrix-vector product or distances (ops of `_HEAVY_OPS`, or
-    more than `_MOST_CHECK_OPS` ops) stays in the graph, which is then captured at exact token
-    counts only: running it apart would do that work twice. So does one over random numbers,
-    which a run apart would draw anew."""
+    """An assert that reads a GEMM (here left as ATen's `mm`: only the first passes run), a
+    matrix-vector product, distances, an FFT or a decomposition (ops of `_HEAVY_OPS` and
+    `_HEAVY_PREFIXES`), or more than `_MOST_CHECK_OPS` ops, stays in the graph, which is then
+    captured at exact token counts only: running it apart would do that work twice. So does one
+    over random numbers, which a run apart would draw anew. A norm is light: split off."""
+    if fn is _rows_checked_by_their_norm:
+        _assert_checked_before_replays(_run(fn, _rows), replay_on_cpu)
+        return
     if fn is _rows_checked_with_noise:
         report = tileflow.Report()  # (random outputs: not compared with eager's)
         compiled = torch.compile(fn, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report))
@@ -1759,7 +1793,7 @@ def test_an_assert_over_heavy_or_random_ops_stays_in_the_graph(replay_on_cpu, fn
         (note,) = _cuda_graphs_notes(report)
         assert note.startswith("exact token counts only") and "an assert over values" in note, note
         return
-    _assert_not_padded(_run(fn, _rows), "an assert over values")
+    _assert_not_padded(_run(fn, _rows, passes=["canonicalize"]), "an assert over values")
 
 
 def _rows_checked_past_a_table(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -1770,9 +1804,9 @@ def _rows_checked_past_a_table(x: torch.Tensor, positions: torch.Tensor) -> torc
 
 
 def test_an_assert_is_split_off_only_for_a_replayed_step(replay_on_cpu) -> None:
-    """With no bucket left to replay at, the step runs uncaptured with its asserts in the graph:
-    they were split off anyway, and the step ran with no check at all (returned where eager
-    raised)."""
+    """With no bucket left to replay at, the step runs uncaptured with its asserts in the graph.
+    (They used to be split off anyway, and the step ran with no check at all: it returned where
+    eager raised.)"""
     report = tileflow.Report()
     compiled = torch.compile(_rows_checked_past_a_table,
                              backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report))

@@ -300,9 +300,9 @@ def test_plan_matches_brute_force_at_every_m(device_name: str, n: int, k: int) -
 def test_a_plan_over_max_configs_drops_the_least_served_split_variants(n: int, k: int) -> None:
     """On H20, fp16, M up to 600, the cheapest variant at each M uses more than MAX_CONFIGS
     kernels (split-K variants of several configs). The plan drops, one at a time, the split
-    variant that serves the fewest token counts (ties to the smaller config), choosing again
-    each time: simulated here at every M from the brute force, independently of the plan's
-    segments, and the plan must agree at every M."""
+    variant that serves the fewest token counts, choosing again each time: simulated here at
+    every M from the brute force, independently of the plan's segments, and the plan must agree
+    at every M. (Ties go to the smaller config; these shapes have none.)"""
     p = dict(n=n, k=k, dtype="float16", device=DEVICES["H20"], m_min=1, m_max=600)
     dropped: set[TileConfig] = set()
     while True:

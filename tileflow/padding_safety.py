@@ -212,7 +212,8 @@ _HEAVY_OPS = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "matmul", "mv", "addmv"
               "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
               "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward",
               "_grouped_mm"}
-_HEAVY_PREFIXES = ("linalg_", "_linalg_", "fft_", "_fft_")
+_HEAVY_PREFIXES = ("linalg_", "_linalg_", "fft_", "_fft_")  # decompositions, solves, transforms
+_LIGHT_LINALG = {"linalg_vector_norm"}  # a reduction (`x.norm()`)
 # Comparisons that build masks (True = attend): of two positions, `key <= query` and its mirror
 # images (the first set takes the key first); `==` of one row's values read at query and key.
 _KEY_FIRST = {aten.le.Tensor, aten.lt.Tensor}
@@ -440,9 +441,9 @@ class _Walk:
 
     def light_check(self, node: fx.Node) -> bool:
         """Whether the ops an assert reads are few and light enough to run again, uncaptured, on a
-        call's own rows (`_MOST_CHECK_OPS`, `_HEAVY_OPS`): ATen's, none a GEMM, convolution,
-        distance, linear algebra, FFT or attention, and none random (run again, it would check
-        other numbers than the graph's)."""
+        call's own rows (`_MOST_CHECK_OPS`, `_HEAVY_OPS`): ATen's or prims' (and Python's
+        arithmetic on sizes), none a GEMM, convolution, distance, decomposition, solve, FFT or
+        attention, and none random (run again, it would check other numbers than the graph's)."""
         ops: set[fx.Node] = set()
         stack = list(node.all_input_nodes)
         while stack:
@@ -451,7 +452,7 @@ class _Walk:
                 continue
             name = _short_name(cur.target)
             if (cur.op != "call_function" or len(ops) == _MOST_CHECK_OPS or name in _HEAVY_OPS
-                    or name.startswith(_HEAVY_PREFIXES)
+                    or name.startswith(_HEAVY_PREFIXES) and name not in _LIGHT_LINALG
                     or torch.Tag.nondeterministic_seeded in getattr(cur.target, "tags", ())
                     or getattr(cur.target, "namespace", "aten") not in ("aten", "prims")):  # (operator's: none)
                 return False

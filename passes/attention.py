@@ -298,11 +298,11 @@ class Attention:
         reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv))
         if reason:
             return reason
-        heads = _kv_heads(int(qv.shape[1]), k, v)
+        hq = int(qv.shape[1])
+        heads = _kv_heads(hq, k, v)
         if isinstance(heads, str):
             return heads
         k_real, v_real, hkv = heads
-        hq = int(qv.shape[1])
         # Without enable_gqa SDPA needs K/V at the query's head count (as given, before any
         # repeat_kv was undone here), or one K/V head that its products broadcast (Falcon's MQA).
         if not args.get("enable_gqa", True) and int(kv.shape[1]) not in (hq, 1):
@@ -515,11 +515,11 @@ class Attention:
         reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv))
         if reason:
             return reason
-        heads = _kv_heads(int(qv.shape[1]), k, v)
+        hq = int(qv.shape[1])
+        heads = _kv_heads(hq, k, v)
         if isinstance(heads, str):
             return heads
         k_real, v_real, hkv = heads
-        hq = int(qv.shape[1])
         if sinks is not None and tuple(_val(sinks).shape) != (hq,):
             return f"the attention sinks hold {_val(sinks).numel()} logits for {hq} query heads"
         want_scores = (qv.shape[0], hq, qv.shape[2], kv.shape[2])

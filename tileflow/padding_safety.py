@@ -203,8 +203,7 @@ _DIVISIONS = {aten.div.Tensor, aten.div.Tensor_mode, aten.div.Scalar, aten.div.S
 _ASSERTS = {aten._assert_async.default, aten._assert_async.msg}
 # An assert a replay would run over padded rows may instead run on the call's own rows before it
 # (`PaddingCheck.unpadded_asserts`), uncaptured: when what it reads is a few light ops, so that
-# running them again costs launches, not work (no GEMM, convolution or attention, nothing of
-# tileflow's or a library's own).
+# running them again costs launches, not work (`_Walk.light_check`).
 _MOST_CHECK_OPS = 64
 _HEAVY_OPS = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "matmul", "mv", "addmv", "dot", "vdot", "linear", "_int_mm",
               "_scaled_mm", "convolution", "_convolution", "cdist", "_cdist_forward", "_euclidean_dist",

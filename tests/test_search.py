@@ -76,14 +76,11 @@ def profiles(draw):
     return ops
 
 
+GPUS = st.sampled_from(["H100-SXM", "A100-SXM", "H20"])
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    profiles(),
-    st.sampled_from([1, 3, 16, 100, 512, 4096]),
-    st.integers(1, 4),
-    st.sampled_from([2, 4, 6]),
-    st.sampled_from(["H100-SXM", "A100-SXM", "H20"]),
-)
+@given(profiles(), st.sampled_from([1, 3, 16, 100, 512, 4096]), st.integers(1, 4), st.sampled_from([2, 4, 6]), GPUS)
 def test_search_equals_brute_force(ops, tokens, kmax, units, device):
     dev = DEVICES[device]
     kw = dict(max_nano_batches=kmax, units=units, sm_shares=(0.25, 0.5, 0.75))
@@ -94,14 +91,8 @@ def test_search_equals_brute_force(ops, tokens, kmax, units, device):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    profiles(),
-    st.sampled_from([2, 3, 16, 100, 512, 4096]),
-    st.integers(2, 4),
-    st.sampled_from([0.25, 0.5, 0.75]),
-    st.sampled_from(["H100-SXM", "A100-SXM", "H20"]),
-    st.data(),
-)
+@given(profiles(), st.sampled_from([2, 3, 16, 100, 512, 4096]), st.integers(2, 4), st.sampled_from([0.25, 0.5, 0.75]),
+       GPUS, st.data())
 def test_the_search_bounds_are_below_every_makespan(ops, tokens, k, share, device, data) -> None:
     """The search prunes with two lower bounds, which must never exceed the modeled makespan
     (an over-estimate prunes the optimum: brute force then disagrees only now and then): the

@@ -1689,22 +1689,14 @@ def test_a_nano_batched_step_keeps_its_asserts(replay_on_cpu) -> None:
     def rows_and_positions(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(tokens, H), torch.arange(tokens) + 3
 
-    passes = ["canonicalize", "attention", "gemm_padding", "nanobatch"]
-    report = tileflow.Report()
+    options = {"nano_batches": 2, "passes": ["canonicalize", "attention", "gemm_padding", "nanobatch"]}
+    report = _run(_rows_checked_for_restarts, rows_and_positions, **options)
+    assert "nano_batch" in report.graphs[0].extra and "cuda_graphs_checks" not in report.graphs[0].extra
+    _assert_not_padded(report, "an assert over values")
     compiled = torch.compile(_rows_checked_for_restarts, backend=tileflow.TileflowBackend(
-        {"cuda_graphs": True, "max_tokens": 32, "nano_batches": 2, "passes": passes}, report=report))
-    for tokens in (3, 5, 11):
-        args = rows_and_positions(tokens)
-        for arg in args:
-            torch._dynamo.mark_dynamic(arg, 0)
-        torch.testing.assert_close(compiled(*args), _rows_checked_for_restarts(*args), rtol=1e-4, atol=1e-5)
-    (graph,) = report.graphs
-    assert "nano_batch" in graph.extra and "cuda_graphs_checks" not in graph.extra
-    assert graph.extra["cuda_graphs"].startswith("exact token counts only") and "an assert over values" in graph.extra["cuda_graphs"]
-    assert replay_on_cpu.captures == replay_on_cpu.replays == 3
-    x, positions = torch.randn(5, H), torch.tensor([0, 1, 2, 0, 1])
+        {"cuda_graphs": True, "max_tokens": 32, **options}))
     with pytest.raises(RuntimeError, match="the positions restart"):
-        compiled(x, positions)
+        compiled(torch.randn(5, H), torch.tensor([0, 1, 2, 0, 1]))
 
 
 def test_the_asserts_run_before_a_replay_are_written_to_the_debug_dir(replay_on_cpu, tmp_path) -> None:
@@ -1764,36 +1756,38 @@ def _rows_checked_by_their_singular_values(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rows_checked_by_their_norm(x: torch.Tensor) -> torch.Tensor:
-    # A norm is a reduction, light: split off (and the rows are read whole, so a replay of
-    # padded rows would change it).
+    # Over every row: padded rows would change it.
     torch._assert_async(x.norm() < 1e6, "too large")
     return x @ W
 
 
 @pytest.mark.parametrize("fn", [_rows_checked_after_a_gemm, _rows_checked_after_a_product_with_a_vector,
                                 _rows_checked_by_their_distances, _rows_checked_after_many_ops,
-                                _rows_checked_by_their_spectrum, _rows_checked_by_their_singular_values,
-                                _rows_checked_with_noise, _rows_checked_by_their_norm])
-def test_an_assert_over_heavy_or_random_ops_stays_in_the_graph(replay_on_cpu, fn) -> None:
+                                _rows_checked_by_their_spectrum, _rows_checked_by_their_singular_values])
+def test_an_assert_over_heavy_ops_stays_in_the_graph(replay_on_cpu, fn) -> None:
     """An assert that reads a GEMM (here left as ATen's `mm`: only the first passes run), a
     matrix-vector product, distances, an FFT or a decomposition (ops of `_HEAVY_OPS` and
     `_HEAVY_PREFIXES`), or more than `_MOST_CHECK_OPS` ops, stays in the graph, which is then
-    captured at exact token counts only: running it apart would do that work twice. So does one
-    over random numbers, which a run apart would draw anew. A norm is light: split off."""
-    if fn is _rows_checked_by_their_norm:
-        _assert_checked_before_replays(_run(fn, _rows), replay_on_cpu)
-        return
-    if fn is _rows_checked_with_noise:
-        report = tileflow.Report()  # (random outputs: not compared with eager's)
-        compiled = torch.compile(fn, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report))
-        for tokens in (3, 5, 11):
-            x = torch.randn(tokens, H)
-            torch._dynamo.mark_dynamic(x, 0)
-            compiled(x)
-        (note,) = _cuda_graphs_notes(report)
-        assert note.startswith("exact token counts only") and "an assert over values" in note, note
-        return
+    captured at exact token counts only: running it apart would do that work twice."""
     _assert_not_padded(_run(fn, _rows, passes=["canonicalize"]), "an assert over values")
+
+
+def test_an_assert_over_a_norm_is_split_off(replay_on_cpu) -> None:
+    """A norm (`linalg_vector_norm`) is a reduction, light, though its name is linear algebra's."""
+    _assert_checked_before_replays(_run(_rows_checked_by_their_norm, _rows), replay_on_cpu)
+
+
+def test_an_assert_over_random_numbers_stays_in_the_graph(replay_on_cpu) -> None:
+    """Run apart, an assert over random numbers would check other draws than the graph's."""
+    report = tileflow.Report()  # (random outputs: not compared with eager's, unlike `_run`)
+    compiled = torch.compile(_rows_checked_with_noise,
+                             backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report))
+    for tokens in (3, 5, 11):
+        x = torch.randn(tokens, H)
+        torch._dynamo.mark_dynamic(x, 0)
+        compiled(x)
+    (note,) = _cuda_graphs_notes(report)
+    assert note.startswith("exact token counts only") and "an assert over values" in note, note
 
 
 def _rows_checked_past_a_table(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -212,6 +212,19 @@ def test_candidates_small_fitting_and_deterministic(p: dict) -> None:
         assert bms == {16, 32, 64, 128}
 
 
+def test_wide_tile_only_for_half_precision_from_n_2048_and_not_for_swiglu() -> None:
+    """128x256 joins the half-precision GPU candidates from N = 2048 (a narrower N makes too few
+    wide tiles to fill the cores); never float32's, nor a fused SwiGLU's (its two accumulators
+    spill)."""
+    def wide(n: int, dtype: str = "bfloat16", weight_tiles: int = 1) -> bool:
+        cands = candidate_configs(n, 4096, dtype, H200, weight_tiles=weight_tiles)
+        return any((c.block_m, c.block_n) == (128, 256) for c in cands)
+
+    assert wide(2048) and wide(2048, "float16") and wide(28672)
+    assert not wide(2047) and not wide(1024)
+    assert not wide(4096, "float32") and not wide(4096, weight_tiles=2)
+
+
 def test_candidates_reject_bad_input() -> None:
     with pytest.raises(ValueError, match="dtypes"):
         candidate_configs(64, 64, "int8", H100)

@@ -267,65 +267,111 @@ def check_launch_inputs(
 ) -> LaunchInputs:
     """Validate one meta-attention launch against its spec params and task table.
 
+    In the order checked:
     - `q` [total_q, Hq, D] of `dtype`; `k_cache`/`v_cache` [num_blocks, block_size, Hkv, D] of the
       same dtype with Hq == Hkv * gqa;
-    - `block_table` [S, max_blocks], `cu_seqlens_q` [S + 1], `seqlens_kv` [S]: integer tensors;
     - `table`: the TaskTable built for this batch with the spec's block_q and the inputs' heads;
+    - `block_table` [S, max_blocks], `cu_seqlens_q` [S + 1], `seqlens_kv` [S]: integer tensors;
     - `sliding_window` (int >= 1) exactly when the spec has `sliding_window=True`, `tree_mask`
       (bool [S, T, T]) exactly when it has `tree=True`, `attn_bias` (float, broadcastable to
       [S, Hq, q_len, kv_len]) exactly when it has `bias=True`, with `attn_bias_ranges` when the
       caller has them (`bias_ranges(attn_bias)`; computed here when missing and
       `need_bias_ranges`, for kernels that read them); `softcap` (a finite number > 0) exactly
-      when it has `softcap=True`; `sinks` (float [Hq], one logit per query head) exactly when it
-      has `sinks=True`; `alibi_slopes` (float [Hq], one slope per query head) exactly when it
-      has `alibi=True`; `key_starts` (integer [S, >= max n_s]: query row i of sequence s sees no
-      key before position key_starts[s, i], sequences packed in one dense row) exactly when it
-      has `key_starts=True`;
+      when it has `softcap=True`; `key_starts` (integer [S, >= max n_s]: query row i of sequence
+      s sees no key before position key_starts[s, i], sequences packed in one dense row) exactly
+      when it has `key_starts=True`; `sinks` (float [Hq], one logit per query head) exactly when
+      it has `sinks=True`; `alibi_slopes` (float [Hq], one slope per query head) exactly when it
+      has `alibi=True`;
+    - the table's KV ranges clipped for the launch's causal rule and window;
     - `out`, when given, q's shape, dtype and device.
 
     Raises ValueError prefixed with `where` naming the first problem found.
     """
+    hq, hkv = _check_qkv(params, dtype, where, q, k_cache, v_cache)
+    device = q.device
+    parts = _checked_table(params, where, table, hq, hkv, device)
+    block_table, cu_seqlens_q, seqlens_kv = _checked_metadata(where, block_table, cu_seqlens_q, seqlens_kv, device)
+    num_seqs = seqlens_kv.shape[0]
+    window = _checked_window(params, where, sliding_window)
+    tree = _checked_tree(params, where, tree_mask, num_seqs, device)
+    bias, ranges = _checked_bias(params, where, attn_bias, attn_bias_ranges, need_bias_ranges, table, parts.tasks,
+                                 num_seqs, hq, device)
+    cap = _checked_softcap(params, where, softcap)
+    starts = _checked_key_starts(params, where, key_starts, table, parts.tasks, num_seqs, device)
+    sink_logits = _per_head(where, "sinks", sinks, params.sinks, "attention sinks", hq, device)
+    slopes = _per_head(where, "alibi_slopes", alibi_slopes, params.alibi, "ALiBi", hq, device)
+    _check_table_masking(params, where, table, parts.tasks, window)
+    return LaunchInputs(
+        q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+        cu_seqlens_q=cu_seqlens_q, seqlens_kv=seqlens_kv, tasks=parts.tasks, program_offsets=parts.program_offsets,
+        program_tasks=parts.program_tasks, merges=parts.merges, num_slots=parts.num_slots, tree_mask=tree,
+        sliding_window=window, attn_bias=bias, out=_checked_out(where, out, q, dtype), bias_ranges=ranges,
+        softcap=cap, sinks=sink_logits, alibi_slopes=slopes, key_starts=starts,
+    )
+
+
+def _refusal(where: str, msg: str) -> ValueError:
+    """The error a launch check raises: `msg` after the launcher's `where`."""
+    return ValueError(f"{where}: {msg}")
+
+
+def _check_qkv(params: AttentionParamsLike, dtype: str, where: str, q: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor) -> tuple[int, int]:
+    """q, k_cache and v_cache: shapes, `dtype`, one device, the spec's head size and GQA ratio.
+    Returns (Hq, Hkv)."""
     in_dtype = getattr(torch, dtype)
-
-    def fail(msg: str) -> ValueError:
-        return ValueError(f"{where}: {msg}")
-
-    # ---- shapes, dtypes, devices ----
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         got = list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
-        raise fail(f"q must be a 3-D [total_q, Hq, D] tensor, got {got}")
+        raise _refusal(where, f"q must be a 3-D [total_q, Hq, D] tensor, got {got}")
     _, hq, d = q.shape
     device = q.device
     if d != params.head_dim:
-        raise fail(f"q has head_dim {d} but the kernel was built for {params.head_dim}")
+        raise _refusal(where, f"q has head_dim {d} but the kernel was built for {params.head_dim}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
-            raise fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise _refusal(where, f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != in_dtype:
-            raise fail(f"{name} must be {dtype}, got {dtype_name(t.dtype)}")
+            raise _refusal(where, f"{name} must be {dtype}, got {dtype_name(t.dtype)}")
         if t.device != device:
-            raise fail(f"{name} is on {t.device} but q is on {device}")
+            raise _refusal(where, f"{name} is on {t.device} but q is on {device}")
     if k_cache.dim() != 4 or k_cache.shape[3] != d:
-        raise fail(f"k_cache must be [num_blocks, block_size, Hkv, {d}], got {list(k_cache.shape)}")
+        raise _refusal(where, f"k_cache must be [num_blocks, block_size, Hkv, {d}], got {list(k_cache.shape)}")
     if v_cache.shape != k_cache.shape:
-        raise fail(f"v_cache shape {list(v_cache.shape)} differs from k_cache {list(k_cache.shape)}")
+        raise _refusal(where, f"v_cache shape {list(v_cache.shape)} differs from k_cache {list(k_cache.shape)}")
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     if hkv == 0 or hq != hkv * params.gqa:
-        raise fail(
+        raise _refusal(
+            where,
             f"q has {hq} heads and the cache {hkv} KV heads, but the kernel was built for "
-            f"gqa={params.gqa} query heads per KV head"
+            f"gqa={params.gqa} query heads per KV head",
         )
     if block_size < 1:
-        raise fail("the KV cache pages must hold at least one position")
+        raise _refusal(where, "the KV cache pages must hold at least one position")
+    return hq, hkv
 
-    # ---- the task table ----
+
+@dataclass(frozen=True)
+class _TableTensors:
+    """A task table's arrays as the kernels read them: contiguous int32 on q's device."""
+
+    tasks: torch.Tensor
+    program_offsets: torch.Tensor
+    program_tasks: torch.Tensor
+    merges: torch.Tensor
+    num_slots: int
+
+
+def _checked_table(params: AttentionParamsLike, where: str, table: Any, hq: int, hkv: int,
+                   device: torch.device) -> _TableTensors:
+    """The task table: built for the spec's block_q and the inputs' heads, its arrays consistent."""
     tq = _table_field(table, "block_q")
     if tq != params.block_q:
-        raise fail(f"the task table was built with block_q={tq}, the kernel with {params.block_q}")
+        raise _refusal(where, f"the task table was built with block_q={tq}, the kernel with {params.block_q}")
     if (_table_field(table, "num_q_heads"), _table_field(table, "num_kv_heads")) != (hq, hkv):
-        raise fail(
+        raise _refusal(
+            where,
             f"the task table was built for {table.num_q_heads} query / {table.num_kv_heads} "
-            f"KV heads, the inputs have {hq} / {hkv}"
+            f"KV heads, the inputs have {hq} / {hkv}",
         )
     tasks = int_tensor("table.tasks", _table_field(table, "tasks"), device, 2)
     offsets = int_tensor("table.program_offsets", table.program_offsets, device, 1)
@@ -333,123 +379,161 @@ def check_launch_inputs(
     merges = int_tensor("table.merges", _table_field(table, "merges"), device, 2)
     num_slots = int(_table_field(table, "num_slots"))
     if tasks.shape[0] and tasks.shape[1] != TASK_COLS:
-        raise fail(f"table.tasks must be [T, {TASK_COLS}], got {list(tasks.shape)}")
+        raise _refusal(where, f"table.tasks must be [T, {TASK_COLS}], got {list(tasks.shape)}")
     if merges.shape[0] and merges.shape[1] != MERGE_COLS:
-        raise fail(f"table.merges must be [G, {MERGE_COLS}], got {list(merges.shape)}")
+        raise _refusal(where, f"table.merges must be [G, {MERGE_COLS}], got {list(merges.shape)}")
     if offsets.numel() < 1 or prog_tasks.numel() != tasks.shape[0]:
-        raise fail(
+        raise _refusal(
+            where,
             f"table.program_offsets ({offsets.numel()} entries) / program_tasks "
-            f"({prog_tasks.numel()}) do not describe the {tasks.shape[0]} tasks"
+            f"({prog_tasks.numel()}) do not describe the {tasks.shape[0]} tasks",
         )
     if merges.shape[0] and num_slots <= 0:
-        raise fail("the task table has merge rows but num_slots == 0")
+        raise _refusal(where, "the task table has merge rows but num_slots == 0")
+    return _TableTensors(tasks, offsets, prog_tasks, merges, num_slots)
 
-    # ---- batch metadata ----
+
+def _checked_metadata(where: str, block_table: Any, cu_seqlens_q: Any, seqlens_kv: Any,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch metadata as int32 on `device`, of one sequence count."""
     block_table = int_tensor("block_table", block_table, device, 2)
     cu_seqlens_q = int_tensor("cu_seqlens_q", cu_seqlens_q, device, 1)
     seqlens_kv = int_tensor("seqlens_kv", seqlens_kv, device, 1)
     num_seqs = seqlens_kv.shape[0]
     if cu_seqlens_q.shape[0] != num_seqs + 1 or block_table.shape[0] != num_seqs:
-        raise fail(
+        raise _refusal(
+            where,
             f"cu_seqlens_q must have S + 1 entries and block_table S rows for S={num_seqs} "
-            f"sequences, got {cu_seqlens_q.shape[0]} and {block_table.shape[0]}"
+            f"sequences, got {cu_seqlens_q.shape[0]} and {block_table.shape[0]}",
         )
+    return block_table, cu_seqlens_q, seqlens_kv
 
-    # ---- masks ----
-    window = None
-    if params.sliding_window:
-        if (sliding_window is None or isinstance(sliding_window, bool)
-                or int(sliding_window) != sliding_window or sliding_window < 1):
-            raise fail(
-                f"the kernel was built with a sliding window: pass sliding_window=<int >= 1>, "
-                f"got {sliding_window!r}"
-            )
-        window = int(sliding_window)
-    elif sliding_window is not None:
-        raise fail("sliding_window was given but the kernel was built without one")
-    tree = None
-    if params.tree:
-        if not isinstance(tree_mask, torch.Tensor) or tree_mask.dim() != 3:
-            raise fail("the kernel was built for tree verify: pass tree_mask bool [S, T, T]")
-        if tree_mask.dtype != torch.bool:
-            raise fail(f"tree_mask must be bool, got {dtype_name(tree_mask.dtype)}")
-        if tree_mask.shape[0] != num_seqs or tree_mask.shape[1] != tree_mask.shape[2]:
-            raise fail(f"tree_mask must be [S={num_seqs}, T, T], got {list(tree_mask.shape)}")
-        tree = tree_mask.to(device)
-    elif tree_mask is not None:
-        raise fail("tree_mask was given but the kernel was built without tree support")
-    bias = ranges = None
-    if params.bias:
-        if not isinstance(attn_bias, torch.Tensor) or attn_bias.dim() != 4 or not attn_bias.is_floating_point():
-            raise fail("the kernel was built with an attention bias: pass attn_bias float [S, Hq, q_len, kv_len]")
-        if attn_bias.shape[0] not in (1, num_seqs) or attn_bias.shape[1] not in (1, hq):
-            raise fail(
-                f"attn_bias must broadcast to [S={num_seqs}, Hq={hq}, q_len, kv_len], got "
-                f"{list(attn_bias.shape)}"
-            )
-        # The kernels read bias[s, h, i, j] for every query row i < n_s and key j < L_s without
-        # bounds checks: a smaller bias would be read past its end (silently, on the Triton target).
-        need_q, need_kv = _bias_extent(table, tasks, num_seqs)
-        if attn_bias.shape[2] < need_q or attn_bias.shape[3] < need_kv:
-            raise fail(
-                f"attn_bias must cover every query row and key of the batch, [S, Hq, >= {need_q}, "
-                f">= {need_kv}], got {list(attn_bias.shape)}"
-            )
-        bias = attn_bias.to(device).expand(num_seqs, hq, attn_bias.shape[2], attn_bias.shape[3])
-        if attn_bias_ranges is None and need_bias_ranges:
-            attn_bias_ranges = bias_ranges(attn_bias)
-        if attn_bias_ranges is not None:
-            ranges = int_tensor("attn_bias_ranges", attn_bias_ranges, device, 3)
-            if (ranges.shape[0] not in (1, num_seqs) or ranges.shape[1] not in (1, attn_bias.shape[2])
-                    or ranges.shape[2] != 4):
-                raise fail(
-                    f"attn_bias_ranges must broadcast to [S={num_seqs}, q_len={attn_bias.shape[2]}, 4] "
-                    f"(see bias_ranges), got {list(ranges.shape)}"
-                )
-            ranges = ranges.expand(num_seqs, attn_bias.shape[2], 4)
-    elif attn_bias is not None or attn_bias_ranges is not None:
-        raise fail("attn_bias was given but the kernel was built without bias support")
 
-    cap = None
-    if params.softcap:
-        if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                or not math.isfinite(softcap) or softcap <= 0):
-            raise fail(f"the kernel was built with logit soft-capping: pass softcap=<number > 0>, got {softcap!r}")
-        cap = float(softcap)
-    elif softcap is not None:
-        raise fail("softcap was given but the kernel was built without logit soft-capping")
+def _checked_window(params: AttentionParamsLike, where: str, sliding_window: Any) -> int | None:
+    """The sliding window, an int >= 1, given exactly when the kernel was built with one."""
+    if not params.sliding_window:
+        if sliding_window is not None:
+            raise _refusal(where, "sliding_window was given but the kernel was built without one")
+        return None
+    if (sliding_window is None or isinstance(sliding_window, bool)
+            or int(sliding_window) != sliding_window or sliding_window < 1):
+        raise _refusal(
+            where,
+            f"the kernel was built with a sliding window: pass sliding_window=<int >= 1>, got {sliding_window!r}",
+        )
+    return int(sliding_window)
 
-    def per_head(name: str, value: Any, built: bool, what: str) -> torch.Tensor | None:
-        """`value`, one float per query head, as float32 on q's device; None when not built."""
-        if not built:
-            if value is not None:
-                raise fail(f"{name} were given but the kernel was built without {what}")
-            return None
-        if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.shape[0] != hq or not value.is_floating_point():
-            got = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
-            raise fail(f"the kernel was built with {what}: pass {name}, a float [Hq={hq}] tensor, got {got}")
-        return value.to(device=device, dtype=torch.float32).contiguous()
 
-    starts = None
-    if getattr(params, "key_starts", False):
-        if not isinstance(key_starts, torch.Tensor) or key_starts.dim() != 2:
-            got = list(key_starts.shape) if isinstance(key_starts, torch.Tensor) else repr(key_starts)
-            raise fail(f"the kernel was built with key starts: pass key_starts, an integer [S, max q_len] tensor, got {got}")
-        if key_starts.dtype == torch.int64:
-            # A wider start would wrap in int32 (2**32 to 0): clamped, it means the same (at or
-            # before 0 no key hidden; int32's largest past every key).
-            key_starts = key_starts.clamp(0, 2**31 - 1)
-        starts = int_tensor("key_starts", key_starts, device, 2)
-        need_q = _bias_extent(table, tasks, num_seqs)[0]
-        if starts.shape[0] != num_seqs or starts.shape[1] < need_q:
-            raise fail(f"key_starts must cover every query row of the batch, [S={num_seqs}, >= {need_q}], got "
-                       f"{list(starts.shape)}")
-    elif key_starts is not None:
-        raise fail("key_starts were given but the kernel was built without key starts")
+def _checked_tree(params: AttentionParamsLike, where: str, tree_mask: Any, num_seqs: int,
+                  device: torch.device) -> torch.Tensor | None:
+    """The tree mask, bool [S, T, T] on `device`, given exactly when the kernel verifies trees."""
+    if not params.tree:
+        if tree_mask is not None:
+            raise _refusal(where, "tree_mask was given but the kernel was built without tree support")
+        return None
+    if not isinstance(tree_mask, torch.Tensor) or tree_mask.dim() != 3:
+        raise _refusal(where, "the kernel was built for tree verify: pass tree_mask bool [S, T, T]")
+    if tree_mask.dtype != torch.bool:
+        raise _refusal(where, f"tree_mask must be bool, got {dtype_name(tree_mask.dtype)}")
+    if tree_mask.shape[0] != num_seqs or tree_mask.shape[1] != tree_mask.shape[2]:
+        raise _refusal(where, f"tree_mask must be [S={num_seqs}, T, T], got {list(tree_mask.shape)}")
+    return tree_mask.to(device)
 
-    sink_logits = per_head("sinks", sinks, params.sinks, "attention sinks")
-    slopes = per_head("alibi_slopes", alibi_slopes, params.alibi, "ALiBi")
 
+def _checked_bias(params: AttentionParamsLike, where: str, attn_bias: Any, attn_bias_ranges: Any,
+                  need_bias_ranges: bool, table: Any, tasks: torch.Tensor, num_seqs: int, hq: int,
+                  device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The attention bias expanded to [S, Hq, q_len, kv_len] on `device`, given exactly when the
+    kernel adds one, covering every query row and key the launch reads; and its ranges (see
+    `bias_ranges`), expanded to [S, q_len, 4] (computed when missing and `need_bias_ranges`)."""
+    if not params.bias:
+        if attn_bias is not None or attn_bias_ranges is not None:
+            raise _refusal(where, "attn_bias was given but the kernel was built without bias support")
+        return None, None
+    if not isinstance(attn_bias, torch.Tensor) or attn_bias.dim() != 4 or not attn_bias.is_floating_point():
+        raise _refusal(where, "the kernel was built with an attention bias: pass attn_bias float [S, Hq, q_len, kv_len]")
+    if attn_bias.shape[0] not in (1, num_seqs) or attn_bias.shape[1] not in (1, hq):
+        raise _refusal(
+            where,
+            f"attn_bias must broadcast to [S={num_seqs}, Hq={hq}, q_len, kv_len], got {list(attn_bias.shape)}",
+        )
+    # The kernels read bias[s, h, i, j] for every query row i < n_s and key j < L_s without
+    # bounds checks: a smaller bias would be read past its end (silently, on the Triton target).
+    need_q, need_kv = _bias_extent(table, tasks, num_seqs)
+    q_len, kv_len = attn_bias.shape[2], attn_bias.shape[3]
+    if q_len < need_q or kv_len < need_kv:
+        raise _refusal(
+            where,
+            f"attn_bias must cover every query row and key of the batch, [S, Hq, >= {need_q}, "
+            f">= {need_kv}], got {list(attn_bias.shape)}",
+        )
+    bias = attn_bias.to(device).expand(num_seqs, hq, q_len, kv_len)
+    if attn_bias_ranges is None and need_bias_ranges:
+        attn_bias_ranges = bias_ranges(attn_bias)
+    if attn_bias_ranges is None:
+        return bias, None
+    ranges = int_tensor("attn_bias_ranges", attn_bias_ranges, device, 3)
+    if ranges.shape[0] not in (1, num_seqs) or ranges.shape[1] not in (1, q_len) or ranges.shape[2] != 4:
+        raise _refusal(
+            where,
+            f"attn_bias_ranges must broadcast to [S={num_seqs}, q_len={q_len}, 4] (see bias_ranges), "
+            f"got {list(ranges.shape)}",
+        )
+    return bias, ranges.expand(num_seqs, q_len, 4)
+
+
+def _checked_softcap(params: AttentionParamsLike, where: str, softcap: Any) -> float | None:
+    """The logit soft-cap, a finite number > 0, given exactly when the kernel caps logits."""
+    if not params.softcap:
+        if softcap is not None:
+            raise _refusal(where, "softcap was given but the kernel was built without logit soft-capping")
+        return None
+    if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+            or not math.isfinite(softcap) or softcap <= 0):
+        raise _refusal(where, f"the kernel was built with logit soft-capping: pass softcap=<number > 0>, got {softcap!r}")
+    return float(softcap)
+
+
+def _checked_key_starts(params: AttentionParamsLike, where: str, key_starts: Any, table: Any, tasks: torch.Tensor,
+                        num_seqs: int, device: torch.device) -> torch.Tensor | None:
+    """Each query row's first visible key, int32 [S, >= max n_s] on `device`, given exactly when
+    the kernel was built with key starts."""
+    if not getattr(params, "key_starts", False):
+        if key_starts is not None:
+            raise _refusal(where, "key_starts were given but the kernel was built without key starts")
+        return None
+    if not isinstance(key_starts, torch.Tensor) or key_starts.dim() != 2:
+        got = list(key_starts.shape) if isinstance(key_starts, torch.Tensor) else repr(key_starts)
+        raise _refusal(
+            where, f"the kernel was built with key starts: pass key_starts, an integer [S, max q_len] tensor, got {got}")
+    if key_starts.dtype == torch.int64:
+        # A wider start would wrap in int32 (2**32 to 0): clamped, it means the same (at or
+        # before 0 no key hidden; int32's largest past every key).
+        key_starts = key_starts.clamp(0, 2**31 - 1)
+    starts = int_tensor("key_starts", key_starts, device, 2)
+    need_q = _bias_extent(table, tasks, num_seqs)[0]
+    if starts.shape[0] != num_seqs or starts.shape[1] < need_q:
+        raise _refusal(where, f"key_starts must cover every query row of the batch, [S={num_seqs}, >= {need_q}], "
+                              f"got {list(starts.shape)}")
+    return starts
+
+
+def _per_head(where: str, name: str, value: Any, built: bool, what: str, hq: int,
+              device: torch.device) -> torch.Tensor | None:
+    """`value`, one float per query head, as float32 on `device`, given exactly when `built`."""
+    if not built:
+        if value is not None:
+            raise _refusal(where, f"{name} were given but the kernel was built without {what}")
+        return None
+    if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.shape[0] != hq or not value.is_floating_point():
+        got = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        raise _refusal(where, f"the kernel was built with {what}: pass {name}, a float [Hq={hq}] tensor, got {got}")
+    return value.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _check_table_masking(params: AttentionParamsLike, where: str, table: Any, tasks: torch.Tensor,
+                         window: int | None) -> None:
+    """The table's KV ranges were clipped for the launch's causal rule and window."""
     # A TaskTable records the masking its KV ranges were clipped for (a hand-built table may
     # not): ranges clipped for another causal rule or window silently drop keys this launch sees
     # (a table without tasks reads nothing).
@@ -457,25 +541,21 @@ def check_launch_inputs(
     launch_causal = getattr(params, "causal", None)
     if tasks.shape[0] and hasattr(table, "causal") and launch_causal is not None and (
             bool(built_causal) != bool(launch_causal) or built_window != window):
-        raise fail(
+        raise _refusal(
+            where,
             f"the task table was built for causal={built_causal}, sliding_window={built_window} but is run "
             f"with causal={launch_causal}, sliding_window={window}: its KV ranges are clipped for "
-            f"the former; rebuild it"
+            f"the former; rebuild it",
         )
 
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
-          or out.device != device):
-        raise fail(f"out must be a {dtype} tensor of shape {list(q.shape)} on {device}")
 
-    return LaunchInputs(
-        q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
-        cu_seqlens_q=cu_seqlens_q, seqlens_kv=seqlens_kv, tasks=tasks, program_offsets=offsets,
-        program_tasks=prog_tasks, merges=merges, num_slots=num_slots, tree_mask=tree,
-        sliding_window=window, attn_bias=bias, out=out, bias_ranges=ranges, softcap=cap, sinks=sink_logits,
-        alibi_slopes=slopes, key_starts=starts,
-    )
+def _checked_out(where: str, out: Any, q: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The output to write: the caller's (q's shape, dtype and device), or a new contiguous one."""
+    if out is None:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+    if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise _refusal(where, f"out must be a {dtype} tensor of shape {list(q.shape)} on {q.device}")
+    return out
 
 
 def softmax_scale(scale: Any, head_dim: int, where: str) -> float:

@@ -237,13 +237,16 @@ class Source:
 @dataclass
 class Stage:
     """A dense stage (a GraphModule) or an attention stage (its cut), with its argument sources.
-    An attention stage's sources are (q, k, v)."""
+    An attention stage's sources are (q, k, v), and `key_starts` is the source of each token's
+    first key when the step packs several sequences in its row (`meta_attention`'s `key_starts`,
+    which `attn_implementation="tileflow_causal"` traces from the position ids)."""
 
     id: int
     kind: str  # "dense" | "attention"
     inputs: list[Source]
     module: fx.GraphModule | None = None
     cut: AttentionCut | None = None
+    key_starts: Source | None = None
 
     @property
     def index(self) -> int:
@@ -251,7 +254,8 @@ class Stage:
         return self.id // 2
 
 
-AttentionFn = Callable[[AttentionCut, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# `attention(cut, q, k, v)`, and `key_starts=` when the stage has them (see `StageProgram.run`).
+AttentionFn = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -289,7 +293,12 @@ class StageProgram:
     def run(self, inputs: Sequence[Any], attention: AttentionFn | None = None) -> list[Any]:
         """Run every stage in this process and return the graph's flat outputs;
         `attention(cut, q, k, v)` replaces the attention stages (default: the original
-        `meta_attention` over the given tokens)."""
+        `meta_attention` over the given tokens, `local_attention`). A stage whose step packs
+        sequences in one row calls it with `key_starts=` too (int [1, T], each token's first key);
+        an attention that keeps sequences apart by itself (a KV cache per request) may ignore it.
+        A transformers step exported by `build_stage_program` (`CausalLMStep`) has none: export
+        cannot read the position ids, so its default attention takes the row as one sequence, and
+        a step packing several needs an attention that keeps them apart (the serving engine's)."""
         stages = self.stepwise(inputs, attention)
         while True:
             try:
@@ -313,17 +322,23 @@ class StageProgram:
 
         for stage in self.stages:
             args = [resolve(s) for s in stage.inputs]
-            values[stage.id] = stage.module(*args) if stage.kind == "dense" else (attention(stage.cut, *args),)
+            if stage.kind == "dense":
+                values[stage.id] = stage.module(*args)
+            else:
+                packed = {} if stage.key_starts is None else {"key_starts": resolve(stage.key_starts)}
+                values[stage.id] = (attention(stage.cut, *args, **packed),)
             yield stage.id
         return [resolve(s) for s in self.outputs]
 
 
-def local_attention(cut: AttentionCut, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def local_attention(cut: AttentionCut, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_starts: torch.Tensor | None = None) -> torch.Tensor:
     """The attention stage run where it is: causal meta-attention over the given tokens (with the
-    cut's sliding window or attention chunks, soft-cap and sinks)."""
+    cut's sliding window or attention chunks, soft-cap and sinks, and the packed sequences'
+    `key_starts` when the step has them)."""
     softcap = None if cut.softcap is None else torch.tensor(cut.softcap)
     return torch.ops.tileflow.meta_attention(q, k, v, None, True, cut.scale, "", None, softcap, cut.sliding_window,
-                                             cut.sink_logits(q.device), None, cut.attention_chunk)
+                                             cut.sink_logits(q.device), None, cut.attention_chunk, key_starts)
 
 
 def _split_returning_tuples(gm: fx.GraphModule, stage_of: Callable[[fx.Node], int]) -> fx.GraphModule:
@@ -383,7 +398,8 @@ def split_stages(gm: fx.GraphModule) -> StageProgram:
             module = getattr(split, str(node.target))
             sources = [where[a] for a in node.args]
             if sid % 2 == 1:
-                stages.append(Stage(sid, "attention", _qkv_order(module, sources), cut=next(cut_iter)))
+                qkv, key_starts = _attention_sources(module, sources)
+                stages.append(Stage(sid, "attention", qkv, cut=next(cut_iter), key_starts=key_starts))
             else:
                 stages.append(Stage(sid, "dense", sources, module=module))
             where[node] = Source("stage", sid)
@@ -398,6 +414,8 @@ def split_stages(gm: fx.GraphModule) -> StageProgram:
     ids = [s.id for s in stages]
     if ids != list(range(2 * len(cuts) + 1)):
         raise AssertionError(f"stages {ids} are not dense/attention alternating from 0 to {2 * len(cuts)}")
+    # Key starts are not listed: only an attention run in this process reads them (attention
+    # workers keep each request's sequence apart in its own KV cache), so they never cross.
     consumers: dict[tuple[int, int], list[int]] = {}
     for stage in stages:
         for src in stage.inputs:
@@ -427,9 +445,11 @@ def _relay_attention_outputs(gm: fx.GraphModule, stage_of: Callable[[fx.Node], i
     gm.recompile()
 
 
-def _qkv_order(module: fx.GraphModule, sources: list[Source]) -> list[Source]:
-    """An attention submodule's argument sources reordered as (q, k, v)."""
+def _attention_sources(module: fx.GraphModule, sources: list[Source]) -> tuple[list[Source], Source | None]:
+    """An attention submodule's argument sources as (q, k, v), and its key starts' (None without)."""
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
     (attn,) = [n for n in module.graph.nodes if n.op == "call_function" and n.target is ATTENTION_OP]
     args = bind_arguments(attn)
-    return [sources[placeholders.index(args[name])] for name in ("q", "k", "v")]
+    key_starts = args["key_starts"]
+    return ([sources[placeholders.index(args[name])] for name in ("q", "k", "v")],
+            None if key_starts is None else sources[placeholders.index(key_starts)])

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx
 
+import tileflow
 from tileflow.distributed import CausalLMStep, Layout, PagedKVCache, build_stage_program, replica_of
 from tileflow.graph_utils import constant_number, constant_values
-from tileflow.passes.disaggregate import lamina_bytes
+from tileflow.passes.disaggregate import lamina_bytes, local_attention
 from tileflow.report import GraphReport
 
 EXAMPLE = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
@@ -738,3 +739,128 @@ def test_latent_attention_with_narrower_values_is_cut() -> None:
     program = build_stage_program(CausalLMStep(model), EXAMPLE, max_tokens=64)
     assert len(program.cuts) == 2
     assert_program_matches_eager(program, model, (1, 5, 9))
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals and the attention stage's arguments, one attention over embedded tokens
+
+
+class _Step(torch.nn.Module):
+    """One attention over embedded tokens, 2 heads of 16, with `attend(x, pos)` choosing the call."""
+
+    def __init__(self, attend) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(96, 32)
+        self.attend = attend
+
+    def forward(self, ids, pos):
+        x = self.embed(ids).view(1, -1, 2, 16).transpose(1, 2)
+        return self.attend(x, pos)
+
+
+def _refused(attend, needle: str) -> None:
+    report = GraphReport(graph_id="g")
+    with pytest.raises(ValueError, match=needle):
+        build_stage_program(_Step(attend), EXAMPLE, max_tokens=64, report=report)
+    assert "disaggregate" not in report.rewrites
+
+
+def test_attention_sinks_known_only_at_run_time_are_not_cut() -> None:
+    """Sinks computed from the inputs cannot ride on the cut as constants; cutting anyway
+    dropped them (the attention stage ran without sinks)."""
+    def attend(x, pos):
+        p = pos.float()
+        sinks = torch.stack([p.amax(), p.amin()])
+        return tileflow.ops.meta_attention(x, x, x, causal=True, sinks=sinks)
+
+    _refused(attend, "sinks known only at run time")
+
+
+def test_alibi_attention_is_not_cut() -> None:
+    """The attention stages do not apply ALiBi slopes: such a step stays colocated."""
+    def attend(x, pos):
+        return tileflow.ops.meta_attention(x, x, x, causal=True, alibi_slopes=[0.5, 0.25])
+
+    _refused(attend, "ALiBi")
+
+
+def test_non_causal_attention_is_not_cut() -> None:
+    """A remote KV cache serves causal self-attention only."""
+    def attend(x, pos):
+        return tileflow.ops.meta_attention(x, x, x, causal=False)
+
+    _refused(attend, "non-causal")
+
+
+def test_attention_over_a_batch_of_two_rows_is_not_cut() -> None:
+    """The step must pack its tokens into one row (batch dimension 1)."""
+    def attend(x, pos):
+        y = x.expand(2, -1, -1, -1)
+        return tileflow.ops.meta_attention(y, y, y, causal=True)
+
+    _refused(attend, "batch dimension 2 != 1")
+
+
+def test_the_programs_outputs_are_listed_as_consumed_by_the_leader() -> None:
+    """`consumers` marks each stage output the program returns with -1 (the leader collects
+    it, `ModelWorker._needed_slots`); without it a non-leader replica never sends the logits."""
+    def attend(x, pos):
+        return tileflow.ops.meta_attention(x, x, x, causal=True)
+
+    program = build_stage_program(_Step(attend), EXAMPLE, max_tokens=64)
+    staged = [s for s in program.outputs if s.kind == "stage"]
+    assert staged
+    for src in staged:
+        assert -1 in program.consumers[(src.index, src.slot)]
+
+
+def test_the_attention_stage_applies_a_constant_softcap() -> None:
+    """The program's attention stage applies the cut's soft-cap: its output equals the
+    eager step's (the cap of 1.0 changes these scores a lot)."""
+    def attend(x, pos):
+        return tileflow.ops.meta_attention(4 * x, 4 * x, x, causal=True, softcap=1.0)
+
+    torch.manual_seed(0)
+    step = _Step(attend).eval()
+    program = build_stage_program(step, EXAMPLE, max_tokens=64)
+    assert [c.softcap for c in program.cuts] == [1.0]
+    ids, pos = torch.randint(0, 96, (1, 6)), torch.arange(6)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(program.run([ids, pos])[0], step(ids, pos))
+
+
+def test_cross_attention_is_refused_with_its_reason() -> None:
+    """Keys longer than the queries are named as cross-attention (without the guard, Lamina's
+    traffic cross-check rolled the pass back with a bare AssertionError)."""
+    def attend(x, pos):
+        kv = torch.cat([x, x], dim=2)
+        return tileflow.ops.meta_attention(x, kv, kv, causal=True)
+
+    _refused(attend, "cross-attention")
+
+
+def test_packed_sequences_key_starts_reach_the_attention_stage() -> None:
+    """A step whose attention keeps packed sequences apart by key starts: the attention stage
+    gets them (its default attention applied them to the row; dropped, the program let each
+    sequence read the one before it: 0.41 off), and a custom attention is called with them."""
+    def attend(x, pos):
+        starts = (pos >= 3).long() * 3  # two sequences in the row: [0, 3) and [3, T)
+        return tileflow.ops.meta_attention(x, x, x, causal=True, key_starts=starts)
+
+    torch.manual_seed(0)
+    step = _Step(attend).eval()
+    program = build_stage_program(step, EXAMPLE, max_tokens=64)
+    (attention,) = [s for s in program.stages if s.kind == "attention"]
+    assert attention.key_starts is not None
+    ids, pos = torch.randint(0, 96, (1, 6)), torch.arange(6)[None]
+    seen = []
+
+    def recording(cut, q, k, v, key_starts=None):
+        seen.append(key_starts)
+        return local_attention(cut, q, k, v, key_starts)
+
+    with torch.no_grad():
+        want = step(ids, pos)
+        torch.testing.assert_close(program.run([ids, pos])[0], want)
+        torch.testing.assert_close(program.run([ids, pos], attention=recording)[0], want)
+    assert seen[0].tolist() == [[0, 0, 0, 3, 3, 3]]

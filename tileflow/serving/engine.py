@@ -475,7 +475,9 @@ class ServingEngine:
         if self.nano_batches > 1 and inputs is None and len(entries) > 1:
             return self._forward_nano(split_entries(entries, self.nano_batches))
         step = inputs if inputs is not None else self.prepare(entries)
-        attend = lambda cut, q, k, v: self._attend(step, cut, q, k, v)  # noqa: E731
+        # Key starts (a step traced with packed position ids) are not needed: each request's
+        # queries read only its own KV cache.
+        attend = lambda cut, q, k, v, key_starts=None: self._attend(step, cut, q, k, v)  # noqa: E731
         (logits,) = self.program.run([step.ids, step.positions], attention=attend)
         return logits
 
@@ -491,7 +493,7 @@ class ServingEngine:
 
         def start(j: int) -> None:
             step = self.prepare(groups[j])
-            attend = lambda cut, q, k, v: self._attend(step, cut, q, k, v)  # noqa: E731
+            attend = lambda cut, q, k, v, key_starts=None: self._attend(step, cut, q, k, v)  # noqa: E731
             runs[j] = self.program.stepwise([step.ids, step.positions], attention=attend)
 
         def advance(j: int) -> None:

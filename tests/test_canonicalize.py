@@ -319,3 +319,73 @@ def test_a_copy_in_a_folded_chain_stays_a_contiguous_copy() -> None:
 
 
 W8 = torch.randn(16, 8)
+
+
+def test_addmm_with_alpha_is_left_alone() -> None:
+    """addmm(b, x, w, alpha=0.5) scales the product; as a linear it would lose the 0.5."""
+    def fn(b, x, w):
+        return torch.addmm(b, x, w, alpha=0.5)
+
+    inputs = (torch.randn(6), torch.randn(5, 8), torch.randn(8, 6))
+    gm = make_fx(fn, tracing_mode="symbolic")(*inputs)
+    canonicalize(gm)
+    assert ops(gm)[aten.addmm.default] == 1
+    torch.testing.assert_close(gm(*inputs), fn(*inputs))
+
+
+def test_a_2d_linear_is_already_canonical() -> None:
+    """a linear on a 2-D input is the canonical form: no rewrite, no views around it."""
+    def fn(x, w):
+        return torch.ops.aten.linear.default(x, w)
+
+    gm = hand_built(fn, torch.randn(5, 8), torch.randn(6, 8))
+    assert canonicalize(gm).get("canonical_linear", 0) == 0
+    assert aten.view.default not in ops(gm) and aten.reshape.default not in ops(gm)
+
+
+def test_a_copy_to_another_device_is_real_work() -> None:
+    """`_to_copy(x, device=...)` keeps x's shape, strides and dtype but moves it: not a no-op."""
+    def fn(x):
+        return torch.ops.aten._to_copy.default(x, device=torch.device("meta")) * 2
+
+    gm = hand_built(fn, torch.randn(3, 4))
+    canonicalize(gm)
+    assert ops(gm)[aten._to_copy.default] == 1
+
+
+def test_a_matmul_broadcasting_its_batch_dims_is_left_alone() -> None:
+    """batch dims [2, 4] x [1, 4] broadcast: not one bmm over flattened batches."""
+    def fn(q, k):
+        return torch.ops.aten.matmul.default(q, k)
+
+    inputs = (torch.randn(2, 4, 5, 16), torch.randn(1, 4, 16, 7))
+    gm = hand_built(fn, *inputs)
+    assert canonicalize(gm).get("canonical_bmm", 0) == 0
+    assert ops(gm)[aten.matmul.default] == 1
+    torch.testing.assert_close(gm(*inputs), fn(*inputs))
+
+
+def test_a_no_op_view_the_graph_returns_is_kept() -> None:
+    """nodes the graph returns directly are kept (module docstring), even a no-op view:
+    the output stays that node, not the input placeholder itself."""
+    def fn(x):
+        return x * 2, torch.ops.aten.view.default(x, [3, 4])
+
+    gm = hand_built(fn, torch.randn(3, 4))
+    canonicalize(gm)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert out[1].op == "call_function" and out[1].target is aten.view.default
+
+
+def test_a_round_trip_differing_only_in_a_size_one_dims_stride_is_its_base() -> None:
+    """x.t() of a [1, 4] is [4, 1] with strides (1, 4); viewed to [4] and back it has
+    strides (1, 1). A size-1 dim's stride does not matter for layout: both views go."""
+    def fn(x):
+        y = x.t()
+        return torch.ops.aten.view.default(torch.ops.aten.view.default(y, [4]), [4, 1]) * 2
+
+    x = torch.randn(1, 4)
+    gm = hand_built(fn, x)
+    canonicalize(gm)
+    assert ops(gm)[aten.view.default] == 0
+    torch.testing.assert_close(gm(x), fn(x))

@@ -499,3 +499,61 @@ def test_a_heterogeneous_transformers_config_is_a_clear_error():
         pytest.skip("this transformers has no per-layer (heterogeneous) model config")
     with pytest.raises(ValueError, match="per-layer"):
         model_from_config({**BASE_CFG, "model_type": "neomme"})
+
+
+# The toy model as a config file says it (for `model_from_config`).
+_TOY_CONFIG = {"hidden_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+               "intermediate_size": 4096, "vocab_size": 1000}
+
+
+def test_weights_exactly_filling_a_compute_device_fit() -> None:
+    """a placement fits when weights <= mem_gb (docstring), equality included."""
+    m = ModelShape("t", 1024, 2, 8, 2, 4096, 1001)
+    weights = 2 * m.stored_params  # 64_917_504 B on one device
+    c = DeviceInfo("C", "gpu", cores=4, peak_tflops={"bfloat16": 10.0}, mem_bw_gbs=100.0,
+                   mem_gb=weights / 1e9, smem_kib_per_core=64, price_per_hour=2.0)
+    assert c.mem_gb * 1e9 == weights
+    r = plan_disaggregation(m, (c, 1), (M, 2), batch=1, context=16)
+    assert r.disaggregated.memory[0].fits and r.disaggregated.fits
+
+
+def test_equal_cost_count_of_an_exact_price_ratio_is_not_rounded_down_by_float_error() -> None:
+    """(0.1 + 2*0.3)/0.1 is 7 but 6.999999999999999 in floats: the 1e-9 keeps it 7."""
+    c = DeviceInfo("C", "gpu", cores=4, peak_tflops={"bfloat16": 10.0}, mem_bw_gbs=100.0,
+                   mem_gb=1.0, smem_kib_per_core=64, price_per_hour=0.1)
+    m = DeviceInfo("M", "gpu", cores=4, peak_tflops={"bfloat16": 1.0}, mem_bw_gbs=200.0,
+                   mem_gb=0.5, smem_kib_per_core=64, price_per_hour=0.3)
+    r = plan_disaggregation(TOY, (c, 1), (m, 2), batch=16, context=1000)
+    assert r.colocated_equal_cost.devices == "7 x C"
+
+
+def test_use_sliding_window_false_without_transformers_reading_means_no_windows() -> None:
+    """a config with no model_type (not read by transformers) that turns sliding off keeps
+    every layer full instead of being refused for not naming its sliding layers."""
+    m = model_from_config({**_TOY_CONFIG, "sliding_window": 4096, "use_sliding_window": False})
+    assert m.layer_windows is None
+
+
+def test_mixed_windows_below_the_window_add_no_worker_note() -> None:
+    """at a context no longer than the window every layer keeps every position, so the
+    'attention workers keep every position' note has nothing to add."""
+    mixed = model_from_config({**_TOY_CONFIG, "layer_types": ["sliding_attention", "full_attention"],
+                               "sliding_window": 2048})
+    r = plan_disaggregation(mixed, (C, 2), (M, 2), batch=16, context=2048)
+    assert not [n for n in r.disaggregated.notes if "attention workers" in n]
+
+
+def test_as_many_memory_devices_as_kv_heads_add_no_idle_device_note() -> None:
+    """2 KV heads on 2 memory devices use both: no 'only N KV heads' note."""
+    r = plan_disaggregation(TOY, (C, 2), (M, 2), batch=16, context=1000)
+    assert not [n for n in r.disaggregated.notes if "KV heads" in n]
+
+
+def test_per_memory_device_bandwidth_is_the_busiest_devices_kv_head_share() -> None:
+    """8 KV heads on 3 memory devices: the busiest holds 3, so its link carries 3/8 of the
+    cut traffic, not 1/3."""
+    m8 = ModelShape("m8", hidden_size=1024, num_layers=2, num_heads=8, num_kv_heads=8,
+                    intermediate_size=4096, vocab_size=1000)
+    dis = plan_disaggregation(m8, (C, 2), (M, 3), batch=4, context=100).disaggregated
+    assert dis.fits
+    assert abs(dis.network_gbs_per_memory_device - dis.network_gbs_needed * 3 / 8) <= 1e-12 * dis.network_gbs_needed

@@ -402,3 +402,35 @@ def test_extents_and_rows_of_any_int_kind() -> None:
     ops["a[1]"] = dataclasses.replace(ops["a[1]"], rows=(4.5, 8))
     with pytest.raises(ScheduleError, match="row bounds are ints"):
         check_schedule(dataclasses.replace(schedule, ops=ops), {"a": 8})
+
+
+# The ops `layer()` splits, by their row counts (for `check_schedule`).
+_ORIGINALS = {"qkv": 8, "attn": 8, "o": 8}
+
+
+def test_an_empty_nano_op_at_the_end_of_its_extent_is_rejected() -> None:
+    """rows (8, 8) are empty even though they tile nothing twice: the checker refuses them."""
+    s = layer()
+    check_schedule(s, _ORIGINALS)
+    extra = NanoOp("o[2]", "mm", "compute", (8, 8), (), 0, "o")
+    bad = dataclasses.replace(s, ops={**s.ops, "o[2]": extra}, streams={**s.streams, 0: [*s.streams[0], "o[2]"]})
+    with pytest.raises(ScheduleError, match="empty row range"):
+        check_schedule(bad, _ORIGINALS)
+
+
+def test_a_nano_op_depending_on_itself_is_rejected() -> None:
+    """a self-dependency is a cycle, though stream order and events never show it."""
+    s = layer()
+    ops = dict(s.ops)
+    ops["o[0]"] = dataclasses.replace(ops["o[0]"], deps=(*ops["o[0]"].deps, "o[0]"))
+    with pytest.raises(ScheduleError, match="depends on itself"):
+        check_schedule(dataclasses.replace(s, ops=ops), _ORIGINALS)
+
+
+def test_a_nano_op_listed_on_another_stream_than_its_own_is_rejected() -> None:
+    """o[0] says stream 1 (a known stream) but stream 0 lists it."""
+    s = layer()
+    ops = dict(s.ops)
+    ops["o[0]"] = dataclasses.replace(ops["o[0]"], stream=1)
+    with pytest.raises(ScheduleError, match=r"says stream 1 but is listed on stream 0"):
+        check_schedule(dataclasses.replace(s, ops=ops), _ORIGINALS)

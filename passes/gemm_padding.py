@@ -8,8 +8,9 @@ M gets a degenerate one-piece plan.
 
 Epilogues are fused where the graph has them, looking through the views between the 2-D GEMM
 and the model's 3-D activations (elementwise epilogues commute with those views):
-- bias (from `linear`, or added by hand: `x @ W.T + b`), SiLU / GELU (erf or tanh), a residual
-  `add`, and a cast of the result to another float dtype (from a half-precision result, e.g.
+- bias (from `linear`, or added by hand: `x @ W.T + b`), SiLU / GELU (erf or tanh) / ReLU and
+  squared ReLU (`relu(a) ** 2`, the `relu2` of Nemotron-style MLPs), a residual `add`, and a
+  cast of the result to another float dtype (from a half-precision result, e.g.
   `lm_head(h).float()`, the kernel rounds to that dtype before converting, as eager does:
   `round_first`);
 - the SwiGLU pair `silu(x @ Wg.T) * (x @ Wu.T)`: two GEMMs on the same input become one kernel
@@ -80,7 +81,18 @@ def _activation_of(node: fx.Node, arg: fx.Node) -> str | None:
     if node.target is aten.gelu.default:
         approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+    if node.target is aten.relu.default:
+        return "relu"
     return None
+
+
+def _squares(node: fx.Node | None, arg: fx.Node) -> bool:
+    """True when `node` squares `arg` (`torch.square` and `x ** 2` trace to a pow, `x * x` to a mul)."""
+    if node is None or node.op != "call_function":
+        return False
+    if node.target is aten.pow.Tensor_Scalar:
+        return node.args[0] is arg and node.args[1] == 2
+    return node.target is aten.mul.Tensor and len(node.args) == 2 and node.args[0] is arg and node.args[1] is arg
 
 
 def _cast_dtype(node: fx.Node, arg: fx.Node) -> torch.dtype | None:
@@ -350,6 +362,12 @@ class GemmPadding:
                 chain.tip = user
                 chain.absorbed.append(user)
                 _walk_views(chain)
+                square = _only_user(chain.tip)
+                if activation == "relu" and _squares(square, chain.tip):  # squared ReLU ("relu2")
+                    chain.activation = "relu2"
+                    chain.tip = square
+                    chain.absorbed.append(square)
+                    _walk_views(chain)
         self._match_residual(chain)
         self._match_cast(chain)
         return chain

@@ -20,6 +20,8 @@ EPILOGUE_CASES = [
     ("float16", ("gelu",)),
     ("float32", ("gelu_tanh",)),
     ("float16", ("gelu_tanh",)),
+    ("float32", ("relu",)),
+    ("float16", ("bias", "relu2", "residual")),
     ("float32", ("swiglu",)),
     ("float16", ("swiglu",)),
     ("float32", ("bias", "swiglu")),
@@ -64,6 +66,10 @@ def reference(spec: KernelSpec, x, weight, bias=None, residual=None) -> torch.Te
         acc = F.gelu(acc)
     if "gelu_tanh" in ep:
         acc = F.gelu(acc, approximate="tanh")
+    if "relu" in ep:
+        acc = acc.clamp_min(0)
+    if "relu2" in ep:
+        acc = acc.clamp_min(0) ** 2
     if "swiglu" in ep:
         acc = F.silu(acc[:, :n]) * acc[:, n:]
     if residual is not None:

@@ -111,7 +111,8 @@ def _causal_lm(config: str, model: str, **overrides) -> Callable[[], torch.nn.Mo
     return make
 
 
-# name -> (model, the attention features the pass must find in both of its layers)
+# name -> (model, the features the passes must find in both of its layers: attention features, or
+# a fused GEMM activation)
 ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[str, ...]]] = {
     "gemma": (_causal_lm("GemmaConfig", "GemmaForCausalLM", head_dim=16), ()),
     # Logit soft-capping (its cap a tensor input under dynamic=True) and a sliding window in every other layer.
@@ -140,6 +141,10 @@ ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[str, ...]]] = {
                            attention_types=[[["global", "local"], 1]], window_size=8, num_hidden_layers=None,
                            num_attention_heads=None, num_key_value_heads=None), ()),
     "gpt_neox": (_causal_lm("GPTNeoXConfig", "GPTNeoXForCausalLM"), ()),
+    # MLPs of one ReLU: OPT's (with biases), Nemotron's squared ("relu2", no gate).
+    "opt": (_causal_lm("OPTConfig", "OPTForCausalLM", ffn_dim=128, word_embed_proj_dim=64, intermediate_size=None,
+                       num_key_value_heads=None, max_position_embeddings=64), ("fused_relu",)),
+    "nemotron": (_causal_lm("NemotronConfig", "NemotronForCausalLM"), ("fused_relu2",)),
     # Scores from `baddbmm(zeros, q, k^T, alpha=1/sqrt(d))`.
     "gpt_neox_japanese": (_causal_lm("GPTNeoXJapaneseConfig", "GPTNeoXJapaneseForCausalLM", intermediate_multiple_size=2,
                                      intermediate_size=None, num_key_value_heads=None), ()),

@@ -458,7 +458,8 @@ def test_export_verify_checks_each_pass_on_the_example_inputs() -> None:
     unrewritten one (it used to record "skipped"): the wrong pass is rolled back, the GEMM
     rewrite kept, and the archive computes the model."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
+    # The ReLU before the GEMM: after it, gemm_padding would fuse it and leave the bad pass nothing.
+    model = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(8, 16))
     x = torch.randn(4, 8)
     options = {"target": "reference", "verify": True,
                "passes": ["canonicalize", "gemm_padding", "test_export_relu_to_sigmoid"]}

@@ -37,6 +37,10 @@ def oracle(x, w, bias=None, residual=None, activation="none", weight_up=None, bi
         acc = F.gelu(acc)
     elif activation == "gelu_tanh":
         acc = F.gelu(acc, approximate="tanh")
+    elif activation == "relu":
+        acc = acc.clamp_min(0)
+    elif activation == "relu2":
+        acc = acc.clamp_min(0) ** 2
     if residual is not None:
         acc = acc + residual.double()
     return acc
@@ -89,6 +93,8 @@ CASES = [
     ("silu", True, False),
     ("gelu", False, False),
     ("gelu_tanh", True, False),
+    ("relu", False, True),
+    ("relu2", True, False),
     ("swiglu", False, False),
     ("swiglu", True, False),
     ("none", True, True),

@@ -107,6 +107,37 @@ def test_bias_activation_and_cast_fuse() -> None:
     torch.testing.assert_close(out, block(x2, w, b), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("square", [lambda r: r.square(), lambda r: r ** 2, lambda r: r * r])
+def test_relu_and_squared_relu_fuse(square) -> None:
+    """A ReLU after a GEMM fuses (`relu`), and so does its square, however it is written
+    (`square`, `** 2`, `r * r`: the `relu2` MLP of Nemotron-style models, kernel `relu2`)."""
+    def mlp(x, w1, b1, w2):
+        return F.linear(square(F.relu(F.linear(x, w1, b1))), w2) + F.linear(F.relu(F.linear(x, w1)), w2)
+
+    x, w1, b1, w2 = torch.randn(7, 16), torch.randn(24, 16), torch.randn(24), torch.randn(16, 24)
+    compiled, gm, ctx = compile_fn(mlp, x, w1, b1, w2)
+    assert sorted(str(g.args[4]) for g in gemm_nodes(gm)) == ["none", "none", "relu", "relu2"]
+    assert aten.relu.default not in ops(gm) and aten.pow.Tensor_Scalar not in ops(gm) and aten.mul.Tensor not in ops(gm)
+    assert ctx.report.passes[1].rewrites == {"padded_gemm": 4, "fused_bias": 1, "fused_relu": 1, "fused_relu2": 1,
+                                             "fused_residual": 1}
+    for m in (7, 19):
+        xm = torch.randn(m, 16)
+        torch.testing.assert_close(compiled(xm, w1, b1, w2), mlp(xm, w1, b1, w2), rtol=1e-5, atol=1e-4)
+
+
+def test_a_relu_read_twice_fuses_without_its_square() -> None:
+    """A ReLU whose result is also read elsewhere fuses alone: the square stays, as does its reader."""
+    def block(x, w):
+        r = F.relu(F.linear(x, w))
+        return r * r + r
+
+    x, w = torch.randn(7, 16), torch.randn(12, 16)
+    compiled, gm, ctx = compile_fn(block, x, w)
+    [gemm] = gemm_nodes(gm)
+    assert gemm.args[4] == "relu" and aten.mul.Tensor in ops(gm)
+    torch.testing.assert_close(compiled(x, w), block(x, w), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype, to", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
                                        (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)])
 def test_a_cast_of_a_half_precision_result_fuses_and_rounds_like_eager(dtype: torch.dtype, to: torch.dtype) -> None:

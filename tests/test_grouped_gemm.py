@@ -75,6 +75,8 @@ def _reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, activati
             acc = F.gelu(acc)
         elif activation == "silu":
             acc = F.silu(acc)
+        elif activation == "relu2":
+            acc = acc.clamp_min(0) ** 2
         outs.append(acc)
         start = end
     return torch.cat(outs)
@@ -99,6 +101,7 @@ KERNEL_CASES = [
         (3, "swiglu", TileConfig(16, 16, 16)),
         (8, "none", TileConfig(32, 32, 16)),
         (8, "gelu", TileConfig(16, 32, 32)),
+        (3, "relu2", TileConfig(16, 32, 32)),
     )
 ] + [
     # The Ascend C kernel, compiled for the CPU against the Ascend C test double (tests/ascend_cpu).

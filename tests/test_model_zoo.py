@@ -1,7 +1,8 @@
 """More transformers architectures through `backend="tileflow"` than the five of `test_models.py`:
 each compiles to one graph over every length and matches eager, every linear becomes a
 `padded_gemm`, and every attention runs on the meta-kernel (Gemma-2's with its logit soft-capping,
-gpt-oss's with its sinks, BLOOM's and MPT's with ALiBi)."""
+gpt-oss's with its sinks, BLOOM's and MPT's with ALiBi); OPT's ReLU and Nemotron's squared ReLU
+fuse into their GEMMs."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_architecture_compiles_once_and_matches_eager(name: str) -> None:
     rewrites = report.rewrites
     assert rewrites["canonical_linear"] == rewrites["padded_gemm"] + rewrites.get("fused_swiglu", 0) > 0
     assert rewrites["meta_attention"] == 2 and not report.fallbacks, report.fallbacks
-    for feature in ("logit_softcap", "attention_sinks", "alibi"):
+    for feature in ("logit_softcap", "attention_sinks", "alibi", *features):
         assert rewrites.get(feature, 0) == (2 if feature in features else 0), feature
 
 

@@ -77,7 +77,8 @@ def test_a_launch_refuses_an_output_sharing_an_input_and_the_oracle_checks_its_s
 
 @pytest.mark.parametrize("n, k", [(0, 4), (4, 0), (0, 0)])
 @pytest.mark.parametrize("activation, separate_up", [("none", False), ("silu", False), ("gelu", False),
-                                                     ("gelu_tanh", False), ("swiglu", False), ("swiglu", True)])
+                                                     ("gelu_tanh", False), ("relu", False), ("relu2", False),
+                                                     ("swiglu", False), ("swiglu", True)])
 def test_gemms_with_an_empty_dimension_answer_as_linear_does(n: int, k: int, activation: str,
                                                              separate_up: bool) -> None:
     """N = 0 gives an empty result and K = 0 the epilogue of zero products (bias, activation,
@@ -99,7 +100,8 @@ def test_gemms_with_an_empty_dimension_answer_as_linear_does(n: int, k: int, act
         want = f.silu(gate) * up
     else:
         act = {"none": lambda t: t, "silu": f.silu, "gelu": f.gelu,
-               "gelu_tanh": lambda t: f.gelu(t, approximate="tanh")}[activation]
+               "gelu_tanh": lambda t: f.gelu(t, approximate="tanh"), "relu": lambda t: t.clamp_min(0),
+               "relu2": lambda t: t.clamp_min(0) ** 2}[activation]
         want = act(f.linear(x, w, b))
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, (want + residual).float(), rtol=0, atol=1e-6)

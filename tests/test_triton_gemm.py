@@ -530,7 +530,7 @@ def test_source_is_readable_and_minimal() -> None:
 
 @pytest.mark.parametrize("persistent", [False, True])
 def test_every_epilogue_combination_renders(persistent: bool) -> None:
-    acts = [(), ("silu",), ("gelu",), ("gelu_tanh",), ("swiglu",)]
+    acts = [(), ("silu",), ("gelu",), ("gelu_tanh",), ("relu",), ("relu2",), ("swiglu",)]
     for act in acts:
         for bias in ((), ("bias",)):
             for res in ((), ("residual",)):

@@ -16,7 +16,26 @@ import torch
 
 from .kernel_spec import KernelSpec, dtype_name, gemm_dims, grouped_gemm_dims
 
-__all__ = ["GemmOperands", "GroupedGemmOperands", "gemm_operands", "grouped_gemm_operands"]
+__all__ = ["GemmOperands", "GroupedGemmOperands", "apply_activation", "gemm_operands", "grouped_gemm_operands"]
+
+
+def apply_activation(acc: torch.Tensor, activation: str) -> torch.Tensor:
+    """A GEMM epilogue's activation of one accumulator (`none` or one of `UNARY_ACTIVATIONS`) in
+    torch ops: the definition the reference backend and the runtime's empty-dimension GEMM run."""
+    f = torch.nn.functional
+    if activation == "none":
+        return acc
+    if activation == "silu":
+        return f.silu(acc)
+    if activation == "gelu":
+        return f.gelu(acc)
+    if activation == "gelu_tanh":
+        return f.gelu(acc, approximate="tanh")
+    if activation == "relu":
+        return f.relu(acc)
+    if activation == "relu2":
+        return f.relu(acc).square()
+    raise ValueError(f"unknown activation {activation!r}")
 
 
 @dataclass

@@ -17,12 +17,17 @@ from typing import Any
 # converts the fp32 accumulator straight to out_dtype; `round` (only with `cast`, for fp16/bf16
 # inputs) first rounds it to the input dtype, as eager's `linear(x, w).to(out_dtype)` does
 # (fp16's overflow to inf included), then converts that to out_dtype.
-EPILOGUES: tuple[str, ...] = ("bias", "silu", "gelu", "gelu_tanh", "swiglu", "residual", "round", "cast")
+EPILOGUES: tuple[str, ...] = (
+    "bias", "silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu", "residual", "round", "cast",
+)
 # Input dtypes whose GEMM result `round` rounds (for float32 / float64 the accumulator already has
 # the input's dtype: rounding to it would change nothing, so such specs have no `round`).
 ROUNDED_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
 # Activations accepted by `padded_gemm(..., activation=...)`; at most one per GEMM epilogue.
-ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "swiglu")
+# `relu2` is the squared ReLU (`relu(a) ** 2`, transformers' "relu2").
+ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu")
+# The activations of one accumulator (every one but SwiGLU, which reads two).
+UNARY_ACTIVATIONS: tuple[str, ...] = tuple(a for a in ACTIVATIONS if a != "swiglu")
 # dtypes by their short names; specs carry names, not torch.dtype, so they stay JSON-friendly.
 DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
 # TileConfig's default width of the grouped tile order (left out of tile names).
@@ -273,7 +278,7 @@ def gemm_formula(spec: KernelSpec) -> str:
         expr = f"silu({x} @ W_gate{e}^T{bg}) * ({x} @ W_up{e}^T{bu})"
     else:
         expr = f"{x} @ W{e}^T" + (" + bias" if "bias" in ep else "")
-        for act in ("silu", "gelu", "gelu_tanh"):
+        for act in UNARY_ACTIVATIONS:
             if act in ep:
                 expr = f"{act}({expr})"
     expr = f"{expr} + residual" if "residual" in ep else expr

@@ -142,7 +142,8 @@ def padded_gemm(
 ) -> torch.Tensor:
     """Dynamic-M GEMM like `F.linear`, run by a tile plan's fixed-tile kernels with virtual padding.
 
-    `x` is [M, K]; `weight` is [N, K]. With `activation="swiglu"` the result is
+    `x` is [M, K]; `weight` is [N, K]. `activation` is one of `kernel_spec.ACTIVATIONS` (`silu`,
+    `gelu`, `gelu_tanh`, `relu`, `relu2` = relu(a) ** 2, `swiglu`) or None. With `"swiglu"` the result is
     `silu(x @ Wg.T + bg) * (x @ Wu.T + bu)`, the gate and up weights given stacked as one [2N, K]
     `weight` (and [2N] `bias`), or separately as `weight`/`weight_up` (and `bias`/`bias_up`).
     `residual` [M, N] is added last; `out_dtype` casts the result: the float32 accumulator goes

@@ -15,10 +15,10 @@ but GM and the queues):
   the *real* extent: the M tail is never padded in memory (virtual padding) and only real rows of
   x are read;
 - the vector unit applies the epilogue on the float accumulator in the unified buffer (UB): bias
-  (a float row, host-converted), the activation (SiLU, GELU, GELU-tanh, or SwiGLU with a second
-  Matmul over the up weights), the residual (DataCopyPad of the real rows/columns), the cast (with
-  `round`, through the input dtype first: float -> half/bfloat16 -> the output dtype), and
-  writes the real rows/columns back with DataCopyPad;
+  (a float row, host-converted), the activation (SiLU, GELU, GELU-tanh, ReLU, squared ReLU, or
+  SwiGLU with a second Matmul over the up weights), the residual (DataCopyPad of the real
+  rows/columns), the cast (with `round`, through the input dtype first: float -> half/bfloat16
+  -> the output dtype), and writes the real rows/columns back with DataCopyPad;
 - UB is 192 KiB: the epilogue works on `UB_ROWS`-row slices of the tile (UB_ROWS = BLOCK_M when it
   fits), queues double-buffered when they fit, so a large tile still runs.
 
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from tileflow.gemm_operands import gemm_operands, grouped_gemm_operands
-from tileflow.kernel_spec import KernelSpec, check_gemm_spec, gemm_dims, gemm_formula, grouped_gemm_dims
+from tileflow.kernel_spec import ACTIVATIONS, KernelSpec, check_gemm_spec, gemm_dims, gemm_formula, grouped_gemm_dims
 
 from .sources import (
     EntryPoint, HostCall, KernelRun, KernelSources, banner, cpp_type, cpu_runner, kernel_ident, launch_stub,
@@ -74,7 +74,6 @@ L0AB_BYTES = 64 * 1024
 L0C_BYTES = 128 * 1024
 # Matmul API names of the element types, for the host tiling.
 _API_DTYPES = {"float16": "DT_FLOAT16", "bfloat16": "DT_BF16", "float32": "DT_FLOAT"}
-_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swiglu")
 _CPP_BYTES = {"half": 2, "bfloat16_t": 2, "float": 4}
 # Most blocks one kernel launch takes (`<<<blockDim, ...>>>`; CANN caps blockDim at 65535). The
 # host tiling takes the cap as a uint32, so a larger value would wrap instead of failing.
@@ -116,6 +115,12 @@ class GemmLayout:
     def swiglu(self) -> bool:
         """Two Matmuls per tile (gate and up), combined as silu(gate) * up."""
         return self.activation == "swiglu"
+
+    @property
+    def needs_scratch(self) -> bool:
+        """A float scratch buffer for the epilogue: the activations built from exponentials and
+        the residual's conversion need one; ReLU works in place."""
+        return self.activation not in (None, "relu", "relu2") or self.residual
 
     @property
     def res_type(self) -> str:
@@ -168,7 +173,7 @@ def ub_buffers(layout: "GemmLayout") -> list[UbBuffer]:
     if layout.residual:
         buffers.append(UbBuffer("resQue", "VECIN", layout.res_type, res_bytes, True, True))
     buffers.append(UbBuffer("outQue", "VECOUT", out_elem, out_bytes, True, True))
-    if layout.activation is not None or layout.residual:
+    if layout.needs_scratch:
         buffers.append(UbBuffer("tmpBuf", "VECCALC", "float", 4, True, False, "activation / residual scratch (float)"))
     if layout.bias:
         buffers.append(UbBuffer("biasBuf", "VECCALC", "float", 4, False, False, "this tile's bias columns (float)"))
@@ -190,7 +195,7 @@ def gemm_layout(spec: KernelSpec) -> GemmLayout:
     experts = grouped_gemm_dims(spec)[2] if spec.op == "grouped_gemm" else 0
     tile = spec.tile
     ep = spec.epilogue
-    activation = next((e for e in ep if e in _ACTIVATIONS), None)
+    activation = next((e for e in ep if e in ACTIVATIONS), None)
     in_bytes = _CPP_BYTES[cpp_type(spec.dtype)]
     fits_ub = False
     # Largest UB slice first, double-buffered first: halve the rows, then drop to one buffer.
@@ -313,6 +318,11 @@ def _activation_code(layout: GemmLayout) -> str:
         Mul(acc, acc, tmp, count);
         Muls(acc, acc, 0.5f, count);
 """
+    if act in ("relu", "relu2"):
+        code = "        Relu(acc, acc, count);\n"
+        if act == "relu2":
+            code += "        Mul(acc, acc, acc, count);  // relu2: relu(a)^2\n"
+        return code
     return ""
 
 
@@ -320,7 +330,6 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
     L = layout
     ident = entry.name
     swiglu, bias, residual = L.swiglu, L.bias, L.residual
-    needs_tmp = L.activation is not None or residual
     members = ["    GlobalTensor<InT> xGm, wGm;", "    GlobalTensor<OutT> outGm;"]
     if swiglu:
         members.append("    GlobalTensor<InT> wUpGm;")
@@ -400,7 +409,7 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
     vec = ["        LocalTensor<float> acc = accQue.DeQue<float>();"]
     if swiglu:
         vec.append("        LocalTensor<float> up = upQue.DeQue<float>();")
-    if needs_tmp:
+    if L.needs_scratch:
         vec.append("        LocalTensor<float> tmp = tmpBuf.Get<float>();")
     vec.append("        const int32_t count = rows * BLOCK_N;  // whole rows: padding columns never leave UB")
     if bias:

@@ -11,22 +11,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from tileflow.gemm_operands import gemm_operands, grouped_gemm_operands
+from tileflow.gemm_operands import apply_activation, gemm_operands, grouped_gemm_operands
 from tileflow.kernel_spec import ACTIVATIONS, DTYPES, KernelSpec, check_gemm_spec, grouped_gemm_dims
 from tileflow.tiles import stream_k_segments
-
-
-def activate(acc: torch.Tensor, activation: str) -> torch.Tensor:
-    """Apply a GEMM epilogue activation (`none`, `silu`, `gelu`, `gelu_tanh`) to an accumulator."""
-    if activation == "none":
-        return acc
-    if activation == "silu":
-        return F.silu(acc)
-    if activation == "gelu":
-        return F.gelu(acc)
-    if activation == "gelu_tanh":
-        return F.gelu(acc, approximate="tanh")
-    raise ValueError(f"unknown activation {activation!r}")
 
 
 def gemm_tile(
@@ -71,7 +58,7 @@ def gemm_tile(
             up = up + bias_up.to(acc_dtype)
         acc = F.silu(acc) * up
     else:
-        acc = activate(acc, activation)
+        acc = apply_activation(acc, activation)
     if residual is not None:
         acc = acc + residual.to(acc_dtype)
     if round_first:

@@ -334,6 +334,11 @@ def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
             "inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)",
             "acc = 0.5 * acc * (1.0 + _tanh(inner))",
         ]
+    if "relu" in ep or "relu2" in ep:
+        # A where, not tl.maximum: torch's relu keeps a NaN, and maximum's NaN rule varies.
+        epi += ["acc = tl.where(acc < 0.0, 0.0, acc)  # relu"]
+    if "relu2" in ep:
+        epi += ["acc = acc * acc  # squared"]
     if swiglu:
         epi += ["acc = acc_gate * _sigmoid(acc_gate) * acc_up  # silu(gate) * up"]
     if tma:

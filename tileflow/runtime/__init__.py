@@ -18,7 +18,7 @@ import torch
 
 from ..config import current_config
 from ..devices import DeviceInfo, detect_device, get_device
-from ..gemm_operands import check_operand_kinds
+from ..gemm_operands import apply_activation, check_operand_kinds
 from ..kernel_spec import KernelSpec, TileConfig
 from ..log import get_logger
 from ..targets import CompiledKernel, get_backend, resolve_target
@@ -273,8 +273,8 @@ def _gemm_of_empty_dim(
         n = acc.shape[1] if weight_up is not None else acc.shape[1] // 2
         gate, up = (acc, linear(weight_up, bias_up)) if weight_up is not None else (acc[:, :n], acc[:, n:])
         acc = f.silu(gate) * up
-    elif activation != "none":
-        acc = {"silu": f.silu, "gelu": f.gelu, "gelu_tanh": lambda t: f.gelu(t, approximate="tanh")}[activation](acc)
+    else:
+        acc = apply_activation(acc, activation)
     if residual is not None:
         acc = acc + residual.to(acc_dtype)
     if round_first:

@@ -294,8 +294,9 @@ class StageProgram:
         """Run every stage in this process and return the graph's flat outputs;
         `attention(cut, q, k, v)` replaces the attention stages (default: the original
         `meta_attention` over the given tokens, `local_attention`). A stage whose step packs
-        sequences in one row calls it with `key_starts=` too (int [1, T], each token's first key);
-        an attention that keeps sequences apart by itself (a KV cache per request) may ignore it.
+        sequences in one row calls it with `key_starts=` too (int [1, T], each token's first key),
+        so a custom attention for such a program must accept that keyword; one that keeps
+        sequences apart by itself (a KV cache per request) may ignore it.
         A transformers step exported by `build_stage_program` (`CausalLMStep`) has none: export
         cannot read the position ids, so its default attention takes the row as one sequence, and
         a step packing several needs an attention that keeps them apart (the serving engine's)."""

@@ -218,7 +218,7 @@ def test_eager_validation_errors() -> None:
         (lambda: gg(x, w[0], offsets), r"weight \[E, N, K\]"),
         (lambda: gg(x[:, :7], w, offsets), "K mismatch"),
         (lambda: gg(x, w[:, :39], offsets, activation="swiglu"), r"stacked as \[E, 2N, K\]"),
-        (lambda: gg(x, w, offsets, activation="relu"), "unknown activation"),
+        (lambda: gg(x, w, offsets, activation="tanh"), "unknown activation"),
         (lambda: gg(x, w), r"without offsets is batched: x must be \[E, T, K\]"),
         (lambda: gg(x.view(2, 4, K), w), r"one row block per expert"),
         (lambda: gg(x.view(1, 8, K)[:, :, :7], w[:1]), "K mismatch"),

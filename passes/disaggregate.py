@@ -238,8 +238,9 @@ class Source:
 class Stage:
     """A dense stage (a GraphModule) or an attention stage (its cut), with its argument sources.
     An attention stage's sources are (q, k, v), and `key_starts` is the source of each token's
-    first key when the step packs several sequences in its row (`meta_attention`'s `key_starts`,
-    which `attn_implementation="tileflow_causal"` traces from the position ids)."""
+    first key when the step keeps several sequences packed in its row apart by them (a step
+    calling `meta_attention(..., key_starts=)`; transformers steps exported by
+    `build_stage_program` have none, see `StageProgram.run`)."""
 
     id: int
     kind: str  # "dense" | "attention"

@@ -759,6 +759,7 @@ class _Step(torch.nn.Module):
 
 
 def _refused(attend, needle: str) -> None:
+    """Building the step raises with `needle` (the pass's reason), and no cut is counted."""
     report = GraphReport(graph_id="g")
     with pytest.raises(ValueError, match=needle):
         build_stage_program(_Step(attend), EXAMPLE, max_tokens=64, report=report)

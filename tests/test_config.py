@@ -184,3 +184,15 @@ def test_debug_dir_is_text_and_not_a_file(tmp_path) -> None:
     (tmp_path / "f").write_text("")
     with pytest.raises(ValueError, match="which is a file: give a folder"):
         Config(debug_dir=tmp_path / "f")
+
+
+def test_auto_residual_is_inductor_on_cuda_only() -> None:
+    """`residual="auto"` resolves by device: Inductor on CUDA, eager elsewhere (no compile time on
+    the CPU); a named mode is kept, and an unknown one refused."""
+    from tileflow.residual import resolve_residual
+
+    assert resolve_residual("auto", "cuda") == "inductor"
+    assert resolve_residual("auto", "cpu") == "eager"
+    assert resolve_residual("inductor", "cpu") == "inductor" and resolve_residual("eager", "cuda") == "eager"
+    with pytest.raises(ValueError, match="unknown residual mode 'aot'"):
+        resolve_residual("aot", "cpu")

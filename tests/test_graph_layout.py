@@ -3,7 +3,9 @@ acyclic drawings and never stack two boxes on each other."""
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 
 import pytest
 from hypothesis import given, settings
@@ -66,6 +68,24 @@ def test_fallback_layout_of_cyclic_drawings(case: tuple[int, list[tuple[int, int
             assert xy[a][1] < xy[b][1], (a, b, xy)
 
 
+def test_fallback_layout_starts_at_the_origin_and_orders_layers_by_inputs() -> None:
+    """Layers count from 0 (as `dot`'s drawings start at 0), a cycle's closing edge adds no layer,
+    and a layer's items go by the mean slot of their inputs, not by item order."""
+    assert layered_layout(LayoutInput(2, [(0, 1), (1, 0)])) == [(0.0, 0.0), (0.0, 1.0)]
+    # Item 4's inputs sit at slots 0 and 2 (mean 1), item 3's at slot 2: item 4 comes first.
+    assert layered_layout(LayoutInput(5, [(2, 3), (0, 4), (2, 4)])) == [
+        (0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (1.0, 1.0), (0.0, 1.0)]
+
+
+def test_dot_output_missing_a_drawing_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dot` laying out fewer drawings than it was given is an error, not a short list."""
+    plain = "graph 1 2.0833 0.4167\nnode n0 1.0417 0.2083 2.0833 0.4167 \"\" solid box black lightgrey\nstop\n"
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/dot")
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: subprocess.CompletedProcess(args, 0, plain, ""))
+    with pytest.raises(RuntimeError, match="laid out 1 of 2 drawings"):
+        layout_all([LayoutInput(1, []), LayoutInput(1, [])])
+
+
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz dot is not installed (apt-get install graphviz)")
 
 
@@ -90,3 +110,17 @@ def test_engine_without_dot_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     assert layout_engine() == "built-in layered (Graphviz dot not found)"
     drawing = LayoutInput(3, [(0, 1), (1, 2)])
     assert layout_all([drawing]) == [layered_layout(drawing)]
+
+
+@needs_dot
+def test_dot_layout_is_in_grid_units() -> None:
+    """Neighbours in a rank sit one grid unit apart (a box width plus the gap), ranks one grid
+    unit apart (a box height plus the gap); a self-loop moves nothing."""
+    assert layout_all([LayoutInput(2, []), LayoutInput(2, [(0, 1)]), LayoutInput(2, [(0, 1), (1, 1)])]) == [
+        [(0.0, 0.0), (1.0, 0.0)], [(0.0, 0.0), (0.0, 1.0)], [(0.0, 0.0), (0.0, 1.0)]]
+
+
+@needs_dot
+def test_engine_names_graphvizs_version() -> None:
+    """The engine line names dot with the version it reports (read from `dot -V`)."""
+    assert re.fullmatch(r"graphviz dot \d+(\.\d+)+", layout_engine()), layout_engine()

@@ -187,14 +187,28 @@ def test_causal_attention_is_captured(replay_on_cpu, fn) -> None:
     assert replay_on_cpu.captures == 1
 
 
+def _scaled_by_the_last_position(x: torch.Tensor) -> torch.Tensor:
+    # The last position (T - 1, a replay's B - 1) read from the end of an arange.
+    return (x * torch.arange(x.shape[0])[-1]) @ W
+
+
 @pytest.mark.parametrize("fn, reason", [
     (_centered, "reads across the token dim"),
     (_last_row_added, "may be a padded row"),
     (_scaled_by_token_count, "token count as a value"),
     (_row_after_tokens, "padding would sit between real rows"),
+    (_scaled_by_the_last_position, "may be a padded row"),
 ])
 def test_reads_across_tokens_are_never_replayed_padded(replay_on_cpu, fn, reason: str) -> None:
     _assert_not_padded(_run(fn, _rows), reason)
+
+
+def test_an_inductor_residual_is_replayed_at_buckets(replay_on_cpu) -> None:
+    """The CUDA default, Inductor for the residual graph, under `cuda_graphs`: the replayed step
+    calls the compiled graph with the inputs as arguments (Inductor's own takes one list)."""
+    report = _run(lambda x: (x @ W).sin(), _rows, residual="inductor")
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert report.graphs[0].residual == "inductor" and replay_on_cpu.captures == 1
 
 
 def test_an_output_without_the_token_dim_is_not_captured(replay_on_cpu) -> None:
@@ -260,6 +274,19 @@ def test_a_clamped_previous_row_is_replayed_padded(replay_on_cpu) -> None:
             assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
         else:
             _assert_not_padded(report, "may point at padded rows")
+
+
+def _rows_before_the_clamped_previous_row(x: torch.Tensor) -> torch.Tensor:
+    """Each token's previous row clamped at 0, minus one: token 0 reads row -1, the last row,
+    which is a padded row in a replay."""
+    before = (torch.arange(x.shape[0]) - 1).clamp(min=0) - 1
+    return (x[before] + x) @ W
+
+
+def test_a_clamped_previous_row_shifted_below_row_0_is_not_replayed_padded(replay_on_cpu) -> None:
+    """A clamped index minus a number may be negative (here -1 at tokens 0 and 1): it wraps to the
+    end of the token dim, a padded row in a replay, so the step is not replayed padded."""
+    _assert_not_padded(_run(_rows_before_the_clamped_previous_row, _rows), "may point at padded rows")
 
 
 def test_a_clamped_index_shifted_past_the_known_bound_is_not_known(replay_on_cpu) -> None:
@@ -444,6 +471,14 @@ def _moe_tokens_of_a_batch_as_values(x: torch.Tensor) -> torch.Tensor:
     return _unsort(y, order, 2).view(3, -1, H)
 
 
+def _moe_rows_of_a_batch_at_every_other_token(x: torch.Tensor) -> torch.Tensor:
+    # P // 4 of two choices per token is (b*T + t) // 2, not a token: which rows it names moves
+    # with the padding of the blocks before.
+    weights, keys, order, rows = _route(x.reshape(-1, H), 2)
+    y = tileflow.ops.grouped_gemm(x.reshape(-1, H)[order // 4], EXPERT_W, _offsets(keys))
+    return _unsort(y, order, 2).view(3, -1, H)
+
+
 def _moe_table_rows_at_a_batch_permutation(x: torch.Tensor) -> torch.Tensor:
     weights, keys, order, rows = _route(x.reshape(-1, H), 2)
     y = tileflow.ops.grouped_gemm(rows + BATCH_TABLE[order], EXPERT_W, _offsets(keys))
@@ -499,6 +534,7 @@ def test_expert_routing_over_a_batch_is_captured(replay_on_cpu, moe, top: int) -
     (_moe_ids_of_a_batch_regrouped, "moves elements between token rows"),
     (_moe_permutation_of_a_batch_as_values, "a permutation of a batch's rows as values"),
     (_moe_tokens_of_a_batch_as_values, "a permutation of a batch's rows as values"),
+    (_moe_rows_of_a_batch_at_every_other_token, "a permutation of a batch's rows as values"),
     (_moe_table_rows_at_a_batch_permutation, "a permutation of a batch's rows as values"),
     (_moe_batch_permutation_put_back, "a permutation of a batch's rows as values"),
     (_moe_batch_permutation_in_bfloat16, "a permutation of a batch's rows as values"),
@@ -558,6 +594,32 @@ def _moe_put_back_by_a_descending_argsort(x: torch.Tensor) -> torch.Tensor:
     weights, keys, order, rows = _route(x, 2)
     y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * weights[:, None]
     return y[torch.argsort(order, descending=True)].view(-1, 2, H).sum(1)
+
+
+def _moe_inverse_of_token_major_rows(x: torch.Tensor) -> torch.Tensor:
+    # The inverse puts back rows in expert order only: rows in token-major order read through it
+    # land where the padded rows' ids sorted.
+    weights, keys, order, rows = _route(x, 2)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * weights[:, None]
+    major = x[:, None].expand(-1, 2, H).reshape(-1, H)
+    return (y[inverse] + major[inverse]).view(-1, 2, H).sum(1)
+
+
+def _moe_permutation_of_two_sequences_as_values(x: torch.Tensor) -> torch.Tensor:
+    # Two sequences of two choices per token: P[j] is b*2T + 2t + s, a replay's b*2B + 2t + s.
+    weights, keys, order, rows = _route(x.reshape(-1, H), 2)
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * order[:, None].float()
+    return _unsort(y, order, 2).view(2, -1, H)
+
+
+def test_a_permutation_of_two_sequences_as_values_is_not_captured(replay_on_cpu) -> None:
+    """A batch of two sequences (as many blocks as rows per token over one sequence) numbers its
+    rows per padded block too: its permutation's values differ in a replay."""
+    report = _run(_moe_permutation_of_two_sequences_as_values, lambda tokens: (torch.randn(2, tokens, H),),
+                  lengths=(4, 7, 12))
+    _assert_not_padded(report, "a permutation of a batch's rows as values")
 
 
 def _moe_returns_its_counts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -693,6 +755,7 @@ FEATURE_GROUPS_W = torch.randn(4 * H, H).bfloat16()
     (_moe_inverse_of_a_broadcast_permutation, "index_put is not known"),
     (_moe_grouped_mm_over_features, "offsets split features, not rows"),
     (_moe_inverse_from_repeated_positions, "index_put is not known"),
+    (_moe_inverse_of_token_major_rows, "inverse permutation"),
 ])
 def test_expert_routing_that_mixes_rows_is_never_replayed_padded(replay_on_cpu, fn, reason: str) -> None:
     report = _run(fn, _rows, lengths=(3, 7, 12))
@@ -883,8 +946,13 @@ def _rows_by_positions(x: torch.Tensor) -> torch.Tensor:
     return x[:, :1] * torch.arange(x.shape[0] + 1)[None, :]  # [T, T + 1]
 
 
+def _pairs_of_rows(x: torch.Tensor) -> torch.Tensor:
+    return x @ x.t()  # [T, T]: two dims of exactly T rows
+
+
 @pytest.mark.parametrize("fn, reason", [
     (_rows_by_positions, "cuts back only one dim"),
+    (_pairs_of_rows, "cuts back only one dim"),
     (_moe_returns_its_counts, "an output of per-expert counts"),
 ])
 def test_outputs_a_replay_cannot_cut_back_are_not_captured(replay_on_cpu, fn, reason: str) -> None:
@@ -1186,6 +1254,37 @@ def test_an_input_the_replay_cannot_pad_is_not_captured(replay_on_cpu) -> None:
     _assert_not_padded(report, "a replay pads only one dim")
 
 
+def test_capped_buckets_keep_the_bound_once() -> None:
+    """The buckets up to the bound, and the bound itself when it falls between two buckets: a
+    bound that is a bucket is kept once, the largest one included."""
+    from tileflow.padding_safety import capped_buckets
+
+    assert capped_buckets((16, 32), None) == (16, 32)
+    assert capped_buckets((16, 32), 20) == (16, 20)
+    assert capped_buckets((16, 32), 16) == (16,)
+    assert capped_buckets((16, 32), 32) == (16, 32)
+    assert capped_buckets((16, 32), 40) == (16, 32)
+    assert capped_buckets((16, 32), 8) == (8,)
+
+
+def test_an_input_with_a_row_before_its_tokens_is_not_captured(replay_on_cpu) -> None:
+    """An input of T + 1 rows (Dynamo ties its size to x's token count plus one) has no dim of
+    exactly T rows to pad: a replay would copy it whole, at the call's size."""
+    def add_shifted(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x + y[1:]) @ W
+
+    report = tileflow.Report()
+    compiled = torch.compile(add_shifted, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32},
+                                                                           report=report))
+    for tokens in (3, 5, 11):
+        x, y = torch.randn(tokens, H), torch.randn(tokens + 1, H)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(y, 0)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, y), add_shifted(x, y), rtol=1e-5, atol=1e-5)
+    _assert_not_padded(report, "a replay pads only one dim")
+
+
 TABLE20 = torch.randn(20, H)
 
 
@@ -1323,9 +1422,14 @@ def _normalized_by_vector_norm(x: torch.Tensor) -> torch.Tensor:
     return (x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)) @ W
 
 
+def _projected_as_columns(x: torch.Tensor) -> torch.Tensor:
+    # W @ x^T: the tokens are the columns of the right operand, not the dim it sums over.
+    return (W @ x.transpose(-1, -2)).transpose(-1, -2)
+
+
 @pytest.mark.parametrize("fn", [_interleaved_rotary, _stacked_along_the_tokens, _causal_short_conv,
                                 _dilated_causal_short_conv, _position_table_rows, _feature_columns_selected,
-                                _normalized_by_vector_norm])
+                                _normalized_by_vector_norm, _projected_as_columns])
 def test_stacks_convolutions_and_lookups_are_captured(replay_on_cpu, fn) -> None:
     report = _run(fn, _tokens, lengths=(3, 5, 11, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
@@ -1349,10 +1453,24 @@ def _centered_conv(x: torch.Tensor) -> torch.Tensor:
     return F.conv1d((x + 1).transpose(1, 2), CONV_W[..., :3], padding=1, groups=H).transpose(1, 2) @ W
 
 
+def _dilated_conv_padded_as_undilated(x: torch.Tensor) -> torch.Tensor:
+    # Dilation 2 needs padding 6 for a kernel of 4 (3 would do undilated); with 4, row t reads row t + 2.
+    y = F.conv1d((x + 1).transpose(1, 2), CONV_W, padding=4, dilation=2, groups=H)[..., : x.shape[1]]
+    return y.transpose(1, 2) @ W
+
+
+def _short_conv_cut_one_row_past_the_tokens(x: torch.Tensor) -> torch.Tensor:
+    # The first T + 1 rows, then rows 1..T of them: the last reads the first padded row.
+    y = F.conv1d((x + 1).transpose(1, 2), CONV_W, padding=3, groups=H)[..., : x.shape[1] + 1]
+    return y[..., 1:].transpose(1, 2) @ W
+
+
 @pytest.mark.parametrize("fn, reason", [
     (_short_conv_shifted_by_one_row, "used beyond its first T rows"),
     (_short_conv_row_past_the_prefix, "used beyond its first T rows"),
     (_centered_conv, "read later rows"),
+    (_dilated_conv_padded_as_undilated, "read later rows"),
+    (_short_conv_cut_one_row_past_the_tokens, "used beyond its first T rows"),
 ])
 def test_convolutions_reading_padded_rows_are_not_captured(replay_on_cpu, fn, reason: str) -> None:
     report = _run(fn, _tokens)
@@ -1409,12 +1527,35 @@ def _router_logits_over_their_sum(x: torch.Tensor) -> torch.Tensor:
     return _weighted_by(x, logits / logits.sum(-1, keepdim=True))
 
 
+def _values_over_a_shifted_mean(x: torch.Tensor) -> torch.Tensor:
+    # mean(v) + c is of unknown sign, however large c: rsqrt of it may be NaN.
+    q, k, _ = _heads(x)
+    v = _split(x)
+    return F.scaled_dot_product_attention(q, k, v * torch.rsqrt(v.mean(-1, keepdim=True) + 100.0), is_causal=True)
+
+
+def _rms_normed_values_with_an_eps_below_float32s_range(x: torch.Tensor) -> torch.Tensor:
+    # 1e-46 is 0 in float32: mean(v^2) + eps is only non-negative, and rsqrt(0) = inf.
+    q, k, _ = _heads(x)
+    v = _split(x)
+    return F.scaled_dot_product_attention(q, k, v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-46),
+                                          is_causal=True)
+
+
+def _square_rooted_values(x: torch.Tensor) -> torch.Tensor:
+    q, k, _ = _heads(x)
+    return F.scaled_dot_product_attention(q, k, _split((x + 100.0).pow(0.5)), is_causal=True)  # (-1) ** 0.5 = NaN
+
+
 @pytest.mark.parametrize("fn, reason", [
     (_values_normalized_without_eps, "values (V) whose padded rows may be inf or NaN (from div"),
     (_values_floor_divided_without_eps, "values (V) whose padded rows may be inf or NaN (from floor_divide"),
     (_router_logits_over_their_sum, "values (V) whose padded rows may be inf or NaN (from div"),
     (_log_values, "values (V) whose padded rows may be inf or NaN (from log"),
     (_fractional_power_values, "values (V) whose padded rows may be inf or NaN (from pow"),
+    (_values_over_a_shifted_mean, "values (V) whose padded rows may be inf or NaN (from rsqrt"),
+    (_square_rooted_values, "values (V) whose padded rows may be inf or NaN (from pow"),
+    (_rms_normed_values_with_an_eps_below_float32s_range, "values (V) whose padded rows may be inf or NaN (from rsqrt"),
     (_reciprocal_keys_under_a_lowest_mask, "keys (K) whose padded rows may be inf or NaN (from reciprocal"),
 ])
 def test_padded_rows_made_inf_or_nan_that_reach_real_rows_are_not_captured(replay_on_cpu, fn, reason: str) -> None:
@@ -1469,7 +1610,15 @@ def _position_scaled_queries(x: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, out, is_causal=True)
 
 
-@pytest.mark.parametrize("fn", [_rms_normed_values, _normalized_values, _reciprocal_keys_causal,
+def _rms_normed_values_by_a_product(x: torch.Tensor) -> torch.Tensor:
+    # RMSNorm with v * v for the square: non-negative as v.pow(2) is.
+    q, k, _ = _heads(x)
+    v = _split(x)
+    return F.scaled_dot_product_attention(q, k, v * torch.rsqrt((v * v).mean(-1, keepdim=True) + 1e-6),
+                                          is_causal=True)
+
+
+@pytest.mark.parametrize("fn", [_rms_normed_values, _rms_normed_values_by_a_product, _normalized_values, _reciprocal_keys_causal,
                                 _softmax_router_weights, _sigmoid_router_weights,
                                 _sigmoid_router_weights_without_eps, _position_scaled_queries])
 def test_padded_rows_kept_finite_or_hidden_are_captured(replay_on_cpu, fn) -> None:
@@ -1540,8 +1689,52 @@ def _positions_counting_padded_rows(ids: torch.Tensor) -> torch.Tensor:
             + F.embedding(positions, POSITIONS8)) @ W
 
 
+def _ids_from_1_and_mask(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(1, 10, (1, tokens)), torch.ones(1, tokens, dtype=torch.int64)
+
+
+def _looked_up_past_the_table_where_masked(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.embedding(torch.where(mask > 0, ids, 10), EMBED10) @ W  # padded rows: row 10 of 10
+
+
+def _looked_up_masked_and_shifted(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids * mask - 1, EMBED10) @ W  # padded rows: 0 * 0 - 1, row -1
+
+
+ROWS7 = torch.randn(7, H)
+
+
+def _rows_without_the_last_feature(tokens: int) -> tuple[torch.Tensor]:
+    x = torch.randn(1, tokens, 8)
+    x[..., 7] = -100.0  # real rows never pick feature 7; padded rows may
+    return (x,)
+
+
+ROWS4 = torch.randn(4, H)
+
+
+def _rows_with_four_low_features(tokens: int) -> tuple[torch.Tensor]:
+    x = torch.randn(1, tokens, 8)
+    x[..., 4:] = -100.0  # real rows pick among the first 4 features; padded rows may not
+    return (x,)
+
+
+def _looked_up_at_two_top_k_choices(x: torch.Tensor) -> torch.Tensor:
+    # Ids of 4 and of 8 features side by side (PhiMoE's two choices): below 8, not 4.
+    ids = torch.cat([x[..., :4].topk(1, dim=-1).indices, x.topk(1, dim=-1).indices], dim=-1)
+    return ROWS4[ids].sum(-2) @ W
+
+
+def _looked_up_at_top_k_of_more_features(x: torch.Tensor) -> torch.Tensor:
+    return ROWS7[x.topk(2, dim=-1).indices].sum(-2) @ W  # top-k of 8 features in a table of 7 rows
+
+
 @pytest.mark.parametrize("fn, make_inputs", [(_looked_up_shifted, _ids), (_looked_up_divided, _ids_and_divisors),
-                                             (_gathered_shifted, _ids), (_positions_counting_padded_rows, _ids)])
+                                             (_gathered_shifted, _ids), (_positions_counting_padded_rows, _ids),
+                                             (_looked_up_past_the_table_where_masked, _ids_and_mask),
+                                             (_looked_up_masked_and_shifted, _ids_from_1_and_mask),
+                                             (_looked_up_at_top_k_of_more_features, _rows_without_the_last_feature),
+                                             (_looked_up_at_two_top_k_choices, _rows_with_four_low_features)])
 def test_lookups_whose_padded_indices_leave_the_table_are_refused(replay_on_cpu, fn, make_inputs) -> None:
     _assert_not_padded(_run(fn, make_inputs, lengths=(3, 5)), "padded rows may")
 
@@ -1845,6 +2038,24 @@ def test_an_assert_over_positions_computed_in_the_step_is_replayed_padded(replay
     torch._dynamo.reset()
     ReplayOnCpu.captures = ReplayOnCpu.replays = 0
     _assert_checked_before_replays(_run(_rows_checked_against_a_count, _rows), replay_on_cpu)
+
+
+def _rows_checked_by_differences_of_own_positions(x: torch.Tensor) -> torch.Tensor:
+    # The same check by differences: of two positions (`pos[1:] - pos[:-1]`), and torch.diff's
+    # with a row before the first (`prepend=pos[:1] - 1`).
+    positions = torch.arange(x.shape[0]) + 3
+    torch._assert_async(((positions[1:] - positions[:-1]) == 1).all(), "the positions restart")
+    torch._assert_async((torch.diff(positions, prepend=positions[:1] - 1) == 1).all(), "the positions restart")
+    return (x + positions[:, None]) @ W
+
+
+def test_an_assert_over_differences_of_positions_is_known(replay_on_cpu) -> None:
+    """A difference of two positions on one token dim is a fill (1 here), in a replay's padded
+    rows too, so a check over it holds at every row: captured at buckets, no check split off."""
+    report = _run(_rows_checked_by_differences_of_own_positions, _rows)
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert "cuda_graphs_checks" not in report.graphs[0].extra
+    assert replay_on_cpu.captures == 1 and replay_on_cpu.replays == 3
 
 
 def _previous_rows(x: torch.Tensor) -> torch.Tensor:

@@ -381,3 +381,45 @@ def test_a_pass_after_nanobatch_that_changes_the_graph_drops_the_plan() -> None:
                 torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)
         assert ("nano_batch_dropped" in report.graphs[0].extra) == dropped
         assert ("nano_batch" in report.graphs[0].extra) != dropped  # no schedule reported that does not run
+
+
+def _softmax_over_the_tokens(x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(SQUEEZED(x), dim=-2) * 2  # dim -2 of [T, 8] is the token dim
+
+
+def _rows_shifted_down(x: torch.Tensor) -> torch.Tensor:
+    # RWKV's token shift (`ZeroPad2d((0, 0, 1, -1))`): a pad that keeps the token count, row t
+    # reading row t - 1.
+    return torch.nn.functional.pad(SQUEEZED(x), (0, 0, 1, -1)) * 2
+
+
+@pytest.mark.parametrize("fn", [_softmax_over_the_tokens, _rows_shifted_down])
+def test_an_op_reading_across_the_tokens_that_keeps_their_count_is_not_split(fn) -> None:
+    """A softmax along the token dim named by a negative index, and a pad of the token dim that
+    keeps its length, read other rows than their own: run per nano-batch, each piece would see
+    only its rows (another normalization, a zero row at every piece's start)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend(
+        {"target": "reference", "passes": PASSES, "nano_batches": 2}), dynamic=True)
+    for tokens in (5, 9):
+        x = torch.randn(tokens, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), fn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_splits_from_the_threshold_on_and_a_power_of_two_is_its_own_bucket() -> None:
+    """`nano_batches="auto"`: a step of exactly the model's split threshold is split (the
+    threshold is the smallest count at which splitting wins), one token fewer is not; a
+    power-of-two count is searched at itself, so its sizes are the search's, unscaled."""
+    from test_search import H100, llama_layer
+
+    from tileflow.passes.nanobatch import NanoBatchPlan
+    from tileflow.search import search_split, split_threshold
+
+    ops = llama_layer(ctx=4096, layers=2)
+    plan = NanoBatchPlan("auto", (0, 0), {}, {}, [], [], profile=ops, device=H100)
+    threshold = split_threshold(ops, H100)
+    assert threshold is not None and search_split(ops, H100, 1 << (threshold - 1).bit_length()).k >= 2
+    assert len(plan.sizes(threshold)) >= 2 and plan.sizes(threshold - 1) == [threshold - 1]
+    chosen = search_split(ops, H100, 1024)
+    assert chosen.k >= 2 and plan.sizes(1024) == list(chosen.sizes)

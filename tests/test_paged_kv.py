@@ -152,3 +152,24 @@ def test_to_device_keeps_values_shapes_and_dtypes() -> None:
     assert to_device("cpu", np.array(5))[0].shape == ()  # a 0-d array stays 0-d
     meta = torch.empty(2, device="meta")
     assert to_device("meta", meta)[0] is meta  # already there
+
+
+def test_a_sequence_ending_on_a_chunk_boundary_is_one_piece() -> None:
+    """New tokens that fill their first chunk up to its last position stay one piece: the chunk
+    view is the step itself (no empty piece opened at the next chunk's start)."""
+    cache = PagedKV(1, HKV, D, block_size=BLOCK, num_blocks=4, dtype=torch.float32)
+    batch = cache.prepare([[0, 1], [2, 3]], [6, 2], [0, 1], attention_chunks=(6,))
+    view = batch.chunk_views[6]
+    assert view.batch is None and view.piece_seq.tolist() == [0, 1] and view.piece_row.tolist() == [0, 0]
+    # Across a boundary (positions 4..8 with chunks of 6): two pieces, rows 4-5 and 6-8.
+    batch = cache.prepare([[0, 1, 2]], [5], [4], attention_chunks=(6,))
+    view = batch.chunk_views[6]
+    assert view.piece_seq.tolist() == [0, 0] and view.batch.host_cu_seqlens_q == (0, 2, 5)
+
+
+def test_write_batch_checks_the_value_rows_too() -> None:
+    """k with the batch's rows and v with others is refused as a k/v pair of the wrong length."""
+    cache = PagedKV(1, HKV, D, block_size=BLOCK, num_blocks=4, dtype=torch.float32)
+    batch = cache.prepare([[0]], [2], [0])
+    with pytest.raises(ValueError, match="the batch has 2 new rows, got k/v with 2/3"):
+        cache.write_batch(0, batch, torch.zeros(2, HKV, D), torch.zeros(3, HKV, D))

@@ -549,3 +549,97 @@ def test_a_call_failing_on_its_data_does_not_end_its_buckets_capture() -> None:
         ids = torch.randint(0, 10, (tokens,))
         torch.testing.assert_close(graphs(ids), table[ids])
     assert graphs.captures == 1 and ReplayOnCpu.replays >= 3
+
+
+def test_a_grid_share_of_nothing_is_refused() -> None:
+    """A share of 0 would leave a stream's persistent kernels no cores of their own: refused like
+    one above the whole device, not silently clamped to one program."""
+    with pytest.raises(ValueError, match=r"fraction of the device in \(0, 1\]"):
+        with grid_share(0.0):
+            pass
+    with grid_share(1e-9):  # any positive share still launches one program
+        assert programs_for(8) == 1
+
+
+def test_each_stream_launches_under_its_own_grid_share() -> None:
+    """`run_schedule_on_streams` launches each nano-op inside its stream's SM share (a stream
+    without one gets the whole device)."""
+    from tileflow.runtime.nanobatch import topological_order
+    from tileflow.runtime.streams import run_schedule_on_streams
+    from tileflow.schedule import NanoOp, Schedule
+
+    grids: dict[str, int] = {}
+
+    class State:
+        def run_op(self, op):
+            grids[op.name] = programs_for(100)
+
+        def outputs(self):
+            return dict(grids)
+
+    ops = {"g0": NanoOp("g0", "gemm", "compute", (0, 2), (), 0, "g"),
+           "a0": NanoOp("a0", "attn", "memory", (0, 2), ("g0",), 1, "a"),
+           "n0": NanoOp("n0", "all_reduce", "network", (0, 2), ("a0",), 2, "n")}
+    schedule = Schedule(streams={0: ["g0"], 1: ["a0"], 2: ["n0"]}, ops=ops,
+                        events=[("g0", "a0"), ("a0", "n0")], num_tokens=2)
+    got = run_schedule_on_streams(State(), schedule, SimulatedStreams(seed=0), topological_order(schedule),
+                                  {0: 0.75, 1: 0.25})
+    assert got == {"g0": 75, "a0": 25, "n0": 100}
+
+
+def test_interleaved_means_a_stream_was_left_and_came_back_to() -> None:
+    """`SimulatedStreams.interleaved` (what the interleaving tests rely on to show real overlap):
+    one stream running its work back to back and then another's is no interleaving."""
+    streams = SimulatedStreams()
+    streams.trace = [(0, "a"), (0, "b"), (1, "c"), (1, "d")]
+    assert not streams.interleaved
+    streams.trace = [(0, "a"), (1, "c"), (0, "b")]
+    assert streams.interleaved
+
+
+def test_a_call_at_a_buckets_size_uses_that_bucket_and_padding_fills_the_rest() -> None:
+    """A call of exactly a bucket's token count is captured at that bucket (not the next one up);
+    a shorter call in the same bucket sees the rows past its count padded with `PAD_VALUE`, not
+    the rows an earlier, longer call left in the static input."""
+    from tileflow.padding_safety import PAD_VALUE
+
+    seen: list[torch.Tensor] = []
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return x * 2
+
+    buckets = CudaGraphBuckets(step, [0], (4, 8), lambda out: 0, graph_factory=ReplayOnCpu)
+    assert [buckets.bucket_for(t) for t in (1, 4, 5, 8, 9)] == [4, 4, 8, 8, None]
+    x = torch.arange(1.0, 5.0)
+    torch.testing.assert_close(buckets(x), x * 2)
+    assert seen[-1].shape == (4,)  # captured at 4 tokens, no padding
+    x = torch.arange(1.0, 8.0)
+    torch.testing.assert_close(buckets(x), x * 2)
+    short = torch.arange(1.0, 6.0)
+    torch.testing.assert_close(buckets(short), short * 2)  # replays the 8-token graph
+    assert seen[-1].shape == (8,) and torch.equal(seen[-1][5:], torch.full((3,), float(PAD_VALUE)))
+
+
+def test_outputs_over_one_storage_at_offsets_off_their_dtype_are_copied_apart() -> None:
+    """A span starting at a byte (a uint8 output from byte 1) and a float64 view of the same
+    storage from byte 8: the float64 view does not start a whole number of its elements past the
+    span's start, so the two are cloned one by one (a shared span would misread its bytes)."""
+    raw = torch.arange(24, dtype=torch.uint8)
+    wide = raw.view(torch.float64)[1:]
+    copies = tileflow.runtime.streams.copies_sharing_memory([raw[1:], wide])
+    assert torch.equal(copies[0], raw[1:]) and torch.equal(copies[1].view(torch.uint8), wide.view(torch.uint8))
+
+
+def test_static_inputs_keep_the_callers_layout() -> None:
+    """A step may view its input in a way only the input's layout allows (a transposed input
+    flattened through its transpose): the static copy is laid out like the caller's tensor, so
+    the step is captured and replayed instead of failing at capture."""
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return x.t().view(-1).view(4, -1).t() * 2  # [T, 4] -> [4 * T] -> [T, 4]
+
+    buckets = CudaGraphBuckets(step, [0], (8,), lambda out: 0, graph_factory=ReplayOnCpu)
+    for tokens in (3, 5):
+        x = torch.randn(4, tokens).t()  # [T, 4], strides (1, T)
+        torch.testing.assert_close(buckets(x), x * 2)
+    assert buckets.captures == 1

@@ -6,6 +6,7 @@ metadata checks."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import pytest
@@ -545,3 +546,107 @@ def test_every_backend_refuses_a_table_or_bias_of_another_batch(backend: str) ->
     with pytest.raises(ValueError, match=r"attn_bias must .*>= 6, >= 9\]"):
         biased(*args, table, attn_bias=torch.zeros(2, 1, 2, 3))
     assert biased(*args, table, attn_bias=torch.zeros(2, 1, 6, 9), out=torch.full_like(q, float("nan"))).isfinite().all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_every_backend_refuses_another_causal_rule_a_zero_window_or_a_bias_short_of_keys(backend: str) -> None:
+    """Each launcher's own checks (`check_launch_inputs`, messages prefixed with the kernel's
+    name) refuse, before anything runs: a causal table (KV ranges cut at each tile's last row)
+    under a kernel built without the causal rule, which would drop the later keys; a sliding
+    window of 0; and an attn_bias with every query row but fewer keys than the longest L_s,
+    which the Triton kernel would read past its end."""
+    from tileflow.kernel_spec import KernelSpec, make_params
+    from tileflow.targets import get_backend
+
+    hq, hkv, d = 2, 1, 16
+    q = torch.randn(9, hq, d)
+    k_cache, v_cache = torch.randn(4, 4, hkv, d), torch.randn(4, 4, hkv, d)
+    cu, lens = torch.tensor([0, 6, 9], dtype=torch.int32), torch.tensor([6, 9], dtype=torch.int32)
+    block_table = torch.tensor([[0, 1, 3], [2, 3, 1]], dtype=torch.int32)
+    args = (q, k_cache, v_cache, block_table, cu, lens)
+    table = build_task_table(cu, lens, num_q_heads=hq, num_kv_heads=hkv, block_q=4, num_programs=2)
+
+    def build(**flags: bool):
+        return get_backend(backend).build(KernelSpec(
+            op="meta_attention", dtype="float32", out_dtype="float32",
+            params=make_params(head_dim=d, gqa=hq // hkv, block_q=4, block_kv=16, **flags)))
+
+    def refused(kernel, message: str) -> str:
+        return re.escape(f"kernel {kernel.spec.name}: {message}")
+
+    bidirectional = build(causal=False)
+    with pytest.raises(ValueError, match=refused(bidirectional, "the task table was built for causal=True, "
+                                                                "sliding_window=None but is run with causal=False")):
+        bidirectional(*args, table)
+    windowed = build(causal=True, sliding_window=True)
+    with pytest.raises(ValueError, match=refused(windowed, "the kernel was built with a sliding window: pass "
+                                                           "sliding_window=<int >= 1>, got 0")):
+        windowed(*args, table, sliding_window=0)
+    biased = build(causal=True, bias=True)
+    with pytest.raises(ValueError, match=refused(biased, "attn_bias must cover every query row and key of the "
+                                                         "batch, [S, Hq, >= 6, >= 9], got [2, 1, 6, 3]")):
+        biased(*args, table, attn_bias=torch.zeros(2, 1, 6, 3))
+
+
+@pytest.mark.parametrize("kv_split", [0, 3])
+def test_sinks_and_alibi_through_split_kv_merges_match_dense(kv_split: int) -> None:
+    """Sink logits and ALiBi slopes distinct per head (GQA groups of 2, tiles of several query
+    rows): the tile executor, with whole-range tasks or split-KV chunks merged, matches the
+    dense definition."""
+    batch = make_batch(["prefill", "chunked", "decode"], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=4,
+                       dtype=torch.float64, seed=7, max_len=20)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
+    slopes = torch.tensor([0.25, 0.5, 0.125, 1.0], dtype=torch.float64)
+    table = build_task_table(batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=4, num_kv_heads=2, block_q=3,
+                             num_programs=3, kv_split=kv_split)
+    assert (table.num_slots > 0) == (kv_split > 0)
+    tiled = run_task_table(table, **batch, sinks=sinks, alibi_slopes=slopes)
+    dense = attention_reference_dense(**batch, sinks=sinks, alibi_slopes=slopes)
+    torch.testing.assert_close(tiled, dense, **TOLERANCES[torch.float64])
+
+
+def test_bias_narrowed_tasks_match_dense() -> None:
+    """A bias that hides the first 4 keys (padding) and the keys after each row (a causal mask
+    as a bias), run by the reference backend in split-KV chunks of 4: each task narrowed to its
+    tile's bias ranges (whose later rows see more keys than the first; a chunk the padding
+    hides entirely is empty) still gives the dense result."""
+    from tileflow.kernel_spec import KernelSpec, make_params
+    from tileflow.targets import get_backend
+
+    gen = torch.Generator().manual_seed(6)
+    hq, hkv, s, d = 2, 1, 12, 8
+    q = torch.randn(s, hq, d, generator=gen)
+    k, v = (torch.randn(1, s, hkv, d, generator=gen) for _ in range(2))
+    bias = torch.full((s, s), float("-inf")).triu(1)
+    bias[4:, :4] = float("-inf")
+    bias = bias[None, None]
+    spec = KernelSpec(op="meta_attention", dtype="float32", out_dtype="float32",
+                      params=make_params(head_dim=d, gqa=hq // hkv, block_q=4, causal=False, bias=True))
+    kernel = get_backend("reference").build(spec)
+    cu, lens = torch.tensor([0, s], dtype=torch.int32), torch.tensor([s], dtype=torch.int32)
+    table = build_task_table(cu, lens, num_q_heads=hq, num_kv_heads=hkv, block_q=4, num_programs=2, causal=False,
+                             kv_split=4)
+    block_table = torch.zeros(1, 1, dtype=torch.int32)
+    got = kernel(q, k, v, block_table, cu, lens, table, attn_bias=bias)
+    want = attention_reference_dense(q, k, v, block_table, cu, lens, causal=False, attn_bias=bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_key_starts_apply_in_every_query_tile() -> None:
+    """`key_starts` read at each tile's own query rows (tiles of 2 rows, split-KV chunks of 3):
+    the executor matches the dense definition with the starts written as a -inf bias."""
+    batch = make_batch(["prefill", "chunked"], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=4,
+                       dtype=torch.float64, seed=8, max_len=20)
+    cu, lens = batch["cu_seqlens_q"].tolist(), batch["seqlens_kv"].tolist()
+    q_lens = [cu[i + 1] - cu[i] for i in range(len(lens))]
+    gen = torch.Generator().manual_seed(8)
+    starts = torch.stack([torch.randint(0, max(lens), (max(q_lens),), generator=gen) for _ in lens])
+    keys = torch.arange(max(lens))
+    bias = torch.zeros(len(lens), 1, max(q_lens), max(lens), dtype=torch.float64)
+    bias = bias.masked_fill(keys[None, None, None, :] < starts[:, None, :, None], float("-inf"))
+    for kv_split in (0, 3):
+        table = build_task_table(cu, lens, num_q_heads=4, num_kv_heads=2, block_q=2, num_programs=3,
+                                 kv_split=kv_split)
+        tiled = run_task_table(table, **batch, key_starts=starts.to(torch.int32))
+        dense = attention_reference_dense(**batch, attn_bias=bias)
+        torch.testing.assert_close(tiled, dense, **TOLERANCES[torch.float64])

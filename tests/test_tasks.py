@@ -383,3 +383,44 @@ def test_a_table_on_the_host_has_nothing_to_wait_for() -> None:
     moved = table.to("cpu")
     assert moved.uploaded is None and moved.tasks is table.tasks
     moved.ready_on_current_stream()
+
+
+def test_query_rows_past_int32_are_refused() -> None:
+    """cu_seqlens_q is int32 in the kernels too: two sequences of 1.5e9 query rows end past it
+    even though every column of the table fits (window 1 keeps each tile's range to its rows),
+    and the offsets must not wrap negative."""
+    n = 1_500_000_000
+    with pytest.raises(ValueError, match="the query row count is 3000000000"):
+        build_task_table([0, n, 2 * n], [n, n], num_q_heads=1, num_kv_heads=1, block_q=2**15, num_programs=4,
+                         sliding_window=1, kv_split=0)
+
+
+def test_one_wave_split_may_fill_the_grid_exactly() -> None:
+    """One decode tile of 2560 keys on 10 programs: chunks of 256 make exactly 10 tasks, one
+    full wave, so they are the table (not 8 chunks of 320, which leave a program idle and the
+    busiest 1.25x the average)."""
+    table = build_task_table([0, 1], [2560], num_q_heads=1, num_kv_heads=1, block_q=1, num_programs=10)
+    assert table.tasks[:, 4:6].tolist() == [[256 * i, 256 * (i + 1)] for i in range(10)]
+    assert table.to_summary()["cost_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_deal_exactly_at_the_balance_bound_is_not_split(causal: bool) -> None:
+    """Four decode tiles of 2116 keys on five programs: the unsplit deal's busiest program
+    carries exactly 1.25x the average, which the automatic policy accepts (at most `_BALANCED`
+    times), so nothing is split."""
+    table = build_task_table([0, 1], [2116], num_q_heads=4, num_kv_heads=4, block_q=1, num_programs=5,
+                             causal=causal)
+    assert table.num_slots == 0 and table.num_tasks == 4
+    assert table.to_summary()["cost_ratio"] == 1.25
+
+
+def test_tiles_are_in_sequence_kv_head_q_tile_order() -> None:
+    """The task order the contract documents (sequence, kv head, q tile), which numbers the
+    split slots and breaks cost ties in the deal."""
+    table = build_task_table([0, 5, 6], [5, 4], num_q_heads=2, num_kv_heads=2, block_q=2, num_programs=1,
+                             kv_split=0)
+    assert table.tasks[:, :4].tolist() == [
+        [0, 0, 0, 2], [0, 0, 2, 2], [0, 0, 4, 1], [0, 1, 0, 2], [0, 1, 2, 2], [0, 1, 4, 1],
+        [1, 0, 0, 1], [1, 1, 0, 1],
+    ]

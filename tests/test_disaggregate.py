@@ -865,3 +865,139 @@ def test_packed_sequences_key_starts_reach_the_attention_stage() -> None:
         torch.testing.assert_close(program.run([ids, pos])[0], want)
         torch.testing.assert_close(program.run([ids, pos], attention=recording)[0], want)
     assert seen[0].tolist() == [[0, 0, 0, 3, 3, 3]]
+
+
+class _AttentionRecorder(_FailureRecorder):
+    """`_FailureRecorder` that answers each attention receive with zeros of the layer's shape."""
+
+    def __init__(self, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.tokens = heads, head_dim, 0
+
+    def recv(self, src: int, what: str, timeout_s: float | None = None) -> torch.Tensor:
+        return torch.zeros(self.tokens, self.heads, self.head_dim)
+
+
+def test_released_sequences_go_out_in_one_step_plan_only() -> None:
+    """`release` frees a sequence's blocks in the next step's plan and no later one: a later
+    sequence reusing the id would otherwise have its fresh blocks freed under it every step."""
+    from tileflow.distributed import Batch, ModelWorker
+    from tileflow.distributed.layout import OP_STEP, decode_plan
+
+    program = build_stage_program(_AttentionLast(), EXAMPLE, max_tokens=16)
+    t = _AttentionRecorder(2, 16)
+    worker = ModelWorker(program, Layout(2), t)
+    releases = []
+    for step in range(3):
+        if step == 1:
+            worker.release([0, 4])
+        t.tokens, t.sent = 3, []
+        worker.step([Batch([torch.tensor([[1, 2, 3]]), torch.arange(3)[None]], [7], [3], [3 * step])])
+        plans = [v for dst, v in t.sent if dst == 1 and v.dtype == torch.int64 and int(v[0]) == OP_STEP]
+        assert len(plans) == 1
+        releases.append(decode_plan(plans[0])[1])
+    assert releases == [[], [0, 4], []]
+
+
+def test_work_items_run_each_dense_stage_of_every_batch_before_the_next_stage() -> None:
+    """Stage-major order (staggered pipelining): batch 1's dense stage k runs while batch 0's
+    attention k is away, not after batch 0's later stages."""
+    from tileflow.distributed.layout import work_items
+
+    assert work_items(2, 3) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert work_items(1, 2) == [(0, 0), (1, 0)] and work_items(3, 0) == []
+
+
+def test_attention_inputs_stay_on_the_replica_that_made_them() -> None:
+    """Over two model replicas, the q/k/v a dense stage makes for its attention go from its own
+    replica to the attention workers: only values a later dense stage (or the leader) reads
+    travel to the other replica."""
+    from tileflow.distributed import ModelWorker
+
+    program = build_stage_program(CausalLMStep(_llama(4, 2)), EXAMPLE, max_tokens=16)
+    worker = ModelWorker(program, Layout(3, 2), _Recorder())
+    for k in range(len(program.cuts)):
+        attention_only = {slot for (stage, slot), users in program.consumers.items()
+                          if stage == 2 * k and set(users) == {2 * k + 1}}
+        assert attention_only  # the q/k/v this stage makes for its attention alone
+        for j in range(3):
+            other = 1 - replica_of(j, k, 2)
+            assert not attention_only & set(worker._needed_slots(j, k, other)), (j, k)
+
+
+def test_embedding_rows_take_the_smallest_table_less_the_constant_shift() -> None:
+    """Positions read at `p - 1` may reach one row further, at `2 + p` two rows less; ids read in
+    two tables must fit the smaller one."""
+    from tileflow.capture import capture_exported
+    from tileflow.distributed.program import embedding_rows
+
+    class Shifted(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.wpe = torch.nn.Embedding(50, 8), torch.nn.Embedding(40, 8), torch.nn.Embedding(20, 8)
+
+        def forward(self, ids: torch.Tensor, positions: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
+            return self.a(ids) + self.b(ids) + self.wpe(positions - 1) + self.wpe(2 + later)
+
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    gm = capture_exported(torch.export.export(Shifted(), example)).gm
+    assert [embedding_rows(gm, i) for i in range(3)] == [40, 21, 18]
+
+
+class _ShiftedIndex(_TableStep):
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        return self.table[:t] * torch.arange(1, t + 1).float()[:, None]  # a number, but one past the index
+
+
+def test_token_indices_that_do_not_start_at_zero_are_not_positions() -> None:
+    """Only `arange(T)` is a token's index: `arange(1, T + 1)` is not replaced by the positions."""
+    from tileflow.distributed.program import token_indices_as_positions
+
+    assert token_indices_as_positions(_step_graph(_ShiftedIndex())) == (0, 0)
+
+
+class _PositionTableStep(_AttentionLast):
+    """`_AttentionLast` with a learned position table of 20 rows."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.wpe = torch.nn.Embedding(20, 32)
+        self.position_limit = (limit, "a bound of the step")
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        import tileflow
+
+        x = (self.embed(ids) + self.wpe(pos)).view(1, -1, 2, 16).transpose(1, 2)
+        return tileflow.ops.meta_attention(x, x, x, causal=True)
+
+
+def test_program_positions_stop_at_the_lower_of_the_step_bound_and_the_position_table() -> None:
+    """A step bound below the position table's 20 rows is the program's; one above it is not."""
+    assert build_stage_program(_PositionTableStep(8), EXAMPLE, max_tokens=8).max_positions == 8
+    assert build_stage_program(_PositionTableStep(30), EXAMPLE, max_tokens=16).max_positions == 20
+
+
+def test_paged_kv_cache_takes_a_window_of_one_key() -> None:
+    """A window of 1 (each query sees only itself) is valid; 0 is not."""
+    assert PagedKVCache(1, 1, 4, block_size=2, num_blocks=2, dtype=torch.float32, sliding_window=1).sliding_window == 1
+    with pytest.raises(ValueError, match="sliding_window must be >= 1"):
+        PagedKVCache(1, 1, 4, block_size=2, num_blocks=2, dtype=torch.float32, sliding_window=0)
+
+
+def test_model_worker_checks_positions_and_takes_a_batch_of_max_tokens() -> None:
+    """Float positions, or positions of shape [1, T, 1], are refused before the plan goes out;
+    a batch of exactly `max_tokens` tokens runs."""
+    from tileflow.distributed import Batch, ModelWorker
+
+    program = build_stage_program(_AttentionLast(), EXAMPLE, max_tokens=16)
+    t = _AttentionRecorder(2, 16)
+    worker = ModelWorker(program, Layout(2), t)
+    ids = torch.tensor([[1, 2, 3]])
+    for pos in (torch.arange(3.0)[None], torch.arange(3)[None, :, None]):
+        with pytest.raises(ValueError, match=r"input 1 \(positions\) .* must be an integer tensor of shape \[1, 3\]"):
+            worker.step([Batch([ids, pos], [0], [3], [0])])
+    assert t.sent == []
+    t.tokens = 16
+    ((out,),) = worker.step([Batch([torch.ones(1, 16, dtype=torch.long), torch.arange(16)[None]], [0], [16], [0])])
+    assert out.shape[-2] == 16  # [1, heads, tokens, head size]

@@ -173,3 +173,14 @@ def test_write_batch_checks_the_value_rows_too() -> None:
     batch = cache.prepare([[0]], [2], [0])
     with pytest.raises(ValueError, match="the batch has 2 new rows, got k/v with 2/3"):
         cache.write_batch(0, batch, torch.zeros(2, HKV, D), torch.zeros(3, HKV, D))
+
+
+def test_to_device_takes_arrays_with_negative_strides() -> None:
+    """A reversed numpy view (negative strides, which `torch.from_numpy` refuses) arrives with
+    its values in order."""
+    import numpy as np
+
+    from tileflow.transfers import to_device
+
+    (got,) = to_device("cpu", np.arange(6, dtype=np.int32).reshape(2, 3)[::-1, ::-1])
+    assert got.tolist() == [[5, 4, 3], [2, 1, 0]] and got.dtype == torch.int32

@@ -1808,3 +1808,209 @@ def test_attention_written_with_einsum_becomes_meta_attention(batch: int, layout
         torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
     assert report.rewrites.get("meta_attention") == 1 and report.rewrites.get("layout_folded"), report.rewrites
     assert len(report.graphs) == 1 and not report.fallbacks
+
+
+@pytest.mark.parametrize("dim", [2, -2])
+def test_a_softmax_over_the_queries_is_left_alone(dim: int) -> None:
+    """`softmax(q @ k^T * scale, dim=2)` normalizes each key's column over the queries: the same
+    shapes as attention, but not the kernel's softmax over the keys. It stays as it is, with the
+    reason, and equals eager (taken for attention, it was off by about 1.5)."""
+    def over_queries(x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=dim) @ v
+
+    x = torch.randn(2, 7, 96)
+    _, out, _, report = compile_attention(over_queries, x)
+    torch.testing.assert_close(out, over_queries(x), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites
+    assert [f.reason for f in report.fallbacks] == ["the softmax is not over the keys (the last dimension)"]
+
+
+def test_kv_heads_repeated_as_a_block_are_not_unrepeated() -> None:
+    """K/V widened by `x[:, None].expand(B, R, Hkv, S, D).reshape(B, R * Hkv, S, D)` repeat the
+    KV heads as a block (head h reads KV head h % Hkv), not `repeat_kv`'s interleave (h // R,
+    the kernel's GQA rule). With R = Hkv the shapes are the same as repeat_kv's: undone, every
+    query head but the first and last read another head's keys (off by about 3.5)."""
+    def block_repeated(x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = x[..., :64].view(b, s, 4, 16).transpose(1, 2)
+        k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x[..., 64:].split(32, dim=-1))
+        k, v = (t[:, None].expand(b, 2, 2, s, 16).reshape(b, 4, s, 16) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    x = torch.randn(2, 7, 128)
+    _, out, _, report = compile_attention(block_repeated, x)
+    torch.testing.assert_close(out, block_repeated(x), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1 and "gqa_unrepeated" not in report.rewrites, report.rewrites
+
+
+def test_a_tanh_whose_scale_is_not_one_over_the_cap_is_not_a_soft_cap() -> None:
+    """`cap * tanh(scores * r)` is logit soft-capping only for r = 1 / cap; with another r (30 and
+    0.5 here) the kernel's `cap * tanh(scores / cap)` bends the scores elsewhere: the attention
+    stays as it is, with the reason, and equals eager (taken for a cap, off by about 1.2)."""
+    def tanh_scaled(x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+        return torch.softmax(torch.tanh((q @ k.transpose(-1, -2)) * 0.5) * 30.0, dim=-1) @ v
+
+    x = torch.randn(2, 7, 96)
+    _, out, _, report = compile_attention(tanh_scaled, x)
+    torch.testing.assert_close(out, tanh_scaled(x), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites and len(report.fallbacks) == 1, report.fallbacks
+
+
+def test_only_keys_widened_by_repeat_kv_are_read_at_the_values_head_count() -> None:
+    """K widened by `repeat_kv` (2 heads to 4) beside V with 4 heads of its own: undoing the
+    repeat on K alone would leave K and V at two head counts, so both are read as they are (4
+    heads) and the attention is rewritten, equal to eager (it is not refused for the counts)."""
+    def keys_repeated(x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = x[..., :64].view(b, s, 4, 16).transpose(1, 2)
+        k = repeat_kv(x[..., 64:96].view(b, s, 2, 16).transpose(1, 2), 2)
+        v = x[..., 64:128].view(b, s, 4, 16).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    x = torch.randn(2, 7, 128)
+    _, out, _, report = compile_attention(keys_repeated, x)
+    torch.testing.assert_close(out, keys_repeated(x), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1 and not report.fallbacks, report.fallbacks
+    assert "gqa_unrepeated" not in report.rewrites, report.rewrites
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_a_mask_broadcast_over_the_keys_gets_no_ranges(dtype: torch.dtype) -> None:
+    """A [B, 1, S, 1] mask (one value per query row, broadcast over the keys) has no per-key
+    ranges to read: the kernel reads it without any (ranges made from its one column covered
+    one key of seven, and the kernel raised on them)."""
+    def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    mask = torch.zeros(2, 1, 7, 1) if dtype == torch.float32 else torch.ones(2, 1, 7, 1, dtype=torch.bool)
+    if dtype == torch.float32:
+        mask[1, :, 2] = -1.0
+    x = torch.randn(2, 7, 96)
+    _, out, gm, report = compile_attention(masked, x, mask)
+    torch.testing.assert_close(out, masked(x, mask), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1 and "mask_ranges" not in report.rewrites, report.rewrites
+
+
+@pytest.mark.parametrize("second", ["bias", "bool"])
+def test_a_bool_mask_joined_with_another_mask_hides_what_either_hides(second: str) -> None:
+    """A causal keep-mask filled in with -inf after a float bias is added ("bias"), or after a
+    padding keep-mask is filled in too ("bool"): the two become one mask for the kernel, which
+    must hide the keys either hides and add the bias where both show them (a join that turned
+    the keep-mask's sign, or kept what either one shows, was off by about 3)."""
+    def two_masks(x: torch.Tensor, keep: torch.Tensor, more: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+        scores = q @ k.transpose(-1, -2) * 0.25
+        scores = scores + more if second == "bias" else scores.masked_fill(~more, float("-inf"))
+        return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+    keep = torch.ones(7, 7, dtype=torch.bool).tril()
+    if second == "bias":
+        more = torch.randn(2, 1, 7, 7)
+    else:
+        more = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+        more[1, ..., 3:5] = False
+    x = torch.randn(2, 7, 96)
+    _, out, _, report = compile_attention(two_masks, x, keep, more)
+    torch.testing.assert_close(out, two_masks(x, keep, more), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1 and not report.fallbacks, report.fallbacks
+
+
+QKV_CLAMPED_HALF = torch.randn(16, 48, dtype=torch.float16)
+
+
+def test_half_scores_masked_and_clamped_at_the_lowest_value_match_eager_rows_that_see_nothing() -> None:
+    """XGLM in fp16: the mask hides keys with fp16's lowest value, the scores are clamped there,
+    and a row that sees no key averages every key. The kernel's mask must hold each hidden key
+    (at, not only below, fp16's lowest) at float32's lowest: left at fp16's, it counted as a bias
+    and those rows were a softmax of the scores (off by about 5)."""
+    def fn(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[:2]
+        q, k, v = (x @ QKV_CLAMPED_HALF).split(16, -1)
+        q, k, v = (y.view(b, t, 2, 8).transpose(1, 2).reshape(b * 2, t, 8) for y in (q * 0.3, k, v))
+        mask = torch.zeros(keep.shape, dtype=x.dtype).masked_fill(~keep, torch.finfo(x.dtype).min)
+        scores = torch.bmm(q, k.transpose(1, 2)).view(b, 2, t, t) + mask
+        scores = torch.max(scores, torch.full((), torch.finfo(scores.dtype).min, dtype=scores.dtype)).view(b * 2, t, t)
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype).view(b * 2, t, t)
+        return torch.bmm(p, v).view(b, 2, t, 8).transpose(1, 2).reshape(b, t, 16)
+
+    keep = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    keep[1, :, :, :3] = False  # left padding: the second row's first 3 queries see no key
+    x = torch.randn(2, 6, 16, dtype=torch.float16) / 2
+    report = tileflow.Report()
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend({"target": "reference"}, report=report))
+    torch.testing.assert_close(compiled(x, keep), fn(x, keep), rtol=1e-2, atol=1e-2)
+    assert report.rewrites.get("meta_attention") == 1 and not report.fallbacks, report.fallbacks
+
+
+def test_a_bool_mask_filled_in_then_clamped_at_the_lowest_value_matches_eager() -> None:
+    """`clamp_min(scores.masked_fill(~keep, -inf), finfo.min)`: the keys the keep-mask hides hold
+    the lowest value, so a row that sees no key averages them all. The kernel gets the keep-mask
+    as an additive mask, 0 where kept and float32's lowest where hidden (the other way round it
+    hid the keys the model keeps: off by about 3)."""
+    def fn(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+        scores = (q @ k.transpose(-1, -2) * 0.25).masked_fill(~keep, float("-inf"))
+        return torch.softmax(torch.clamp_min(scores, torch.finfo(torch.float32).min), dim=-1) @ v
+
+    keep = torch.ones(2, 1, 7, 7, dtype=torch.bool).tril()
+    keep[1, :, :, :3] = False
+    x = torch.randn(2, 7, 96)
+    _, out, _, report = compile_attention(fn, x, keep)
+    torch.testing.assert_close(out, fn(x, keep), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1 and not report.fallbacks, report.fallbacks
+
+
+@pytest.mark.parametrize("op", ["mul", "div"])
+def test_scale_factors_on_q_and_k_are_taken_into_the_scale(op: str) -> None:
+    """Models that scale q and k instead of the scores (Falcon: each by head_dim ** -0.25), by a
+    multiply or a divide: the kernel's scale is the product of both factors, a divisor taken as
+    its inverse (taken as a factor, the divided scores came out 32 times too large: off by 3)."""
+    def scaled_operands(x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+        q, k = (q * 0.25, k * 0.5) if op == "mul" else (q / 4.0, k / 2.0)
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+
+    x = torch.randn(2, 7, 96) * 2
+    _, out, _, report = compile_attention(scaled_operands, x)
+    torch.testing.assert_close(out, scaled_operands(x), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1 and not report.fallbacks, report.fallbacks
+
+
+def test_values_flattened_from_another_layout_are_left_alone_at_static_shapes() -> None:
+    """`test_values_flattened_from_another_layout_are_left_alone` at static shapes, where no
+    symbolic head count refuses the attention first: V read as [B, S, H, D] (2 positions, 4
+    heads) is refused for its shape, not rewritten (the kernel raised on its head count)."""
+    def wrong_layout_values(x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = x[..., :64].view(b, s, 4, 16).transpose(1, 2)
+        k, v = (repeat_kv(t.view(b, s, 2, 16).transpose(1, 2), 2) for t in x[..., 64:].split(32, dim=-1))
+        p = torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1)
+        out = torch.bmm(p.reshape(b * 4, s, s), v.transpose(1, 2).reshape(b * 4, s, 16))
+        return out.view(b, 4, s, 16)
+
+    compiled, report = _compiled_reference(wrong_layout_values, dynamic=False)
+    x = torch.randn(1, 2, 128)
+    torch.testing.assert_close(compiled(x), wrong_layout_values(x), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites
+    assert any("V is viewed as" in f.reason for f in report.fallbacks), report.fallbacks
+
+
+def test_alibi_slopes_read_at_two_keys() -> None:
+    """Compiled first at two keys, ALiBi's slopes are read from a bias with one step along the
+    keys: still each head's slope (only one key makes every bias a row constant), and the graph
+    is right at longer lengths too."""
+    w = torch.randn(32, 192) / 32**0.5
+    compiled, out, gm, report = compile_attention(lambda x, w: alibi_attention(x, w, form="add"), torch.randn(2, 2, 32), w)
+    (meta,) = [n for n in gm.graph.nodes if n.target is META]
+    assert bind_arguments(meta)["alibi_slopes"] == [0.5, 0.25, 0.125, 0.0625]
+    second = torch.randn(2, 9, 32)
+    torch.testing.assert_close(compiled(second, w), alibi_attention(second, w, form="add"), rtol=1e-4, atol=1e-4)

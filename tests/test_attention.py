@@ -2014,3 +2014,29 @@ def test_alibi_slopes_read_at_two_keys() -> None:
     assert bind_arguments(meta)["alibi_slopes"] == [0.5, 0.25, 0.125, 0.0625]
     second = torch.randn(2, 9, 32)
     torch.testing.assert_close(compiled(second, w), alibi_attention(second, w, form="add"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hidden", [float("-inf"), torch.finfo(torch.float32).min])
+def test_a_mask_made_from_a_keep_mask_shares_its_ranges_only_when_it_hides_with_minus_inf(hidden: float) -> None:
+    """Layers share one ranges node per bool keep-mask, also through `where(keep, 0, -inf)`; a
+    mask made with float32's lowest instead (transformers' eager form) has other ranges: a row
+    that sees no key averages every key there, so it keeps ranges of its own and equals eager
+    (read through the keep-mask's ranges, the left-padded rows were off by about 0.6)."""
+    def two_layers(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        mask = torch.where(keep, 0.0, hidden)
+        for _ in range(2):
+            q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, s, 32).repeat(1, 1, 3)
+        return x
+
+    keep = torch.ones(2, 1, 7, 7, dtype=torch.bool).tril()
+    keep[1, :, :, :3] = False  # left padding: the second row's first 3 queries see no key
+    x = torch.randn(2, 7, 96)
+    _, out, gm, report = compile_attention(two_layers, x, keep)
+    want = two_layers(x, keep)
+    real = torch.ones(2, 7, dtype=torch.bool) if hidden != float("-inf") else keep[:, 0].any(-1)  # -inf: NaN rows
+    torch.testing.assert_close(out[real], want[real], rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 2 and report.rewrites.get("mask_ranges") == 1, report.rewrites
+    (ranges,) = [n for n in gm.graph.nodes if n.target is torch.ops.tileflow.attention_mask_ranges.default]
+    assert (ranges.args[0].meta["val"].dtype == torch.bool) == (hidden == float("-inf"))

@@ -2040,3 +2040,27 @@ def test_a_mask_made_from_a_keep_mask_shares_its_ranges_only_when_it_hides_with_
     assert report.rewrites.get("meta_attention") == 2 and report.rewrites.get("mask_ranges") == 1, report.rewrites
     (ranges,) = [n for n in gm.graph.nodes if n.target is torch.ops.tileflow.attention_mask_ranges.default]
     assert (ranges.args[0].meta["val"].dtype == torch.bool) == (hidden == float("-inf"))
+
+
+@pytest.mark.parametrize("op", ["mul", "div"])
+def test_a_score_scale_held_in_a_0d_tensor_is_applied_to_q(op: str) -> None:
+    """A scale a model keeps in a 0-d buffer is known only at run time: the rewrite multiplies
+    or divides q by it (the same product), as the model does the scores."""
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.tensor(0.25 if op == "mul" else 4.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, s, _ = x.shape
+            q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+            scores = q @ k.transpose(-1, -2)
+            scores = scores * self.scale if op == "mul" else scores / self.scale
+            return torch.softmax(scores, dim=-1) @ v
+
+    model, x = Scaled(), torch.randn(2, 7, 96) * 2
+    _, out, gm, report = compile_attention(model, x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1 and not report.fallbacks, report.fallbacks
+    (meta,) = [n for n in gm.graph.nodes if n.target is META]
+    assert bind_arguments(meta)["q"].target is getattr(torch.ops.aten, op).Tensor

@@ -1684,11 +1684,13 @@ def test_heads_declared_dynamic_in_an_export_are_left_alone() -> None:
     torch.testing.assert_close(archive.program.module()(q, k, v), Attention()(q, k, v), rtol=1e-5, atol=1e-5)
 
 
-def test_values_flattened_from_another_layout_are_left_alone() -> None:
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_values_flattened_from_another_layout_are_left_alone(dynamic: bool) -> None:
     """P @ V over `v.transpose(1, 2).reshape(b * h, s, d)` (V flattened from [B, S, H, D]) reads
     V as [B, S, H, D]: with as many positions as K/V heads (2 here) it was taken for a [B, H, S,
     D] value tensor and the rewritten graph raised at run time (V and K head counts differ). It
-    is left as it is."""
+    is left as it is; at static shapes, where no symbolic head count refuses it first, for V's
+    view."""
     def wrong_layout_values(x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q = x[..., :64].view(b, s, 4, 16).transpose(1, 2)
@@ -1697,10 +1699,11 @@ def test_values_flattened_from_another_layout_are_left_alone() -> None:
         out = torch.bmm(p.reshape(b * 4, s, s), v.transpose(1, 2).reshape(b * 4, s, 16))
         return out.view(b, 4, s, 16)
 
+    compiled, report = _compiled_reference(wrong_layout_values, dynamic=dynamic)
     x = torch.randn(1, 2, 128)
-    _, out, _, report = compile_attention(wrong_layout_values, x)
-    torch.testing.assert_close(out, wrong_layout_values(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled(x), wrong_layout_values(x), rtol=1e-5, atol=1e-5)
     assert "meta_attention" not in report.rewrites
+    assert dynamic or any("V is viewed as" in f.reason for f in report.fallbacks), report.fallbacks
 
 
 # A fourth reader's findings: each raised at run time or differed from eager before.
@@ -1983,25 +1986,6 @@ def test_scale_factors_on_q_and_k_are_taken_into_the_scale(op: str) -> None:
     _, out, _, report = compile_attention(scaled_operands, x)
     torch.testing.assert_close(out, scaled_operands(x), rtol=1e-5, atol=1e-5)
     assert report.rewrites.get("meta_attention") == 1 and not report.fallbacks, report.fallbacks
-
-
-def test_values_flattened_from_another_layout_are_left_alone_at_static_shapes() -> None:
-    """`test_values_flattened_from_another_layout_are_left_alone` at static shapes, where no
-    symbolic head count refuses the attention first: V read as [B, S, H, D] (2 positions, 4
-    heads) is refused for its shape, not rewritten (the kernel raised on its head count)."""
-    def wrong_layout_values(x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        q = x[..., :64].view(b, s, 4, 16).transpose(1, 2)
-        k, v = (repeat_kv(t.view(b, s, 2, 16).transpose(1, 2), 2) for t in x[..., 64:].split(32, dim=-1))
-        p = torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1)
-        out = torch.bmm(p.reshape(b * 4, s, s), v.transpose(1, 2).reshape(b * 4, s, 16))
-        return out.view(b, 4, s, 16)
-
-    compiled, report = _compiled_reference(wrong_layout_values, dynamic=False)
-    x = torch.randn(1, 2, 128)
-    torch.testing.assert_close(compiled(x), wrong_layout_values(x), rtol=1e-5, atol=1e-5)
-    assert "meta_attention" not in report.rewrites
-    assert any("V is viewed as" in f.reason for f in report.fallbacks), report.fallbacks
 
 
 def test_alibi_slopes_read_at_two_keys() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -514,35 +515,42 @@ def test_every_backend_refuses_the_same_bad_launches(backend: str) -> None:
             kernel(q, k_cache.double(), *args[2:], **good[extra])
 
 
+def _two_sequence_launch(backend: str) -> tuple[tuple[torch.Tensor, ...], Callable[..., Any]]:
+    """Launch arguments of two sequences (6 and 3 queries over 6 and 9 keys, 2 query heads on 1
+    KV head of 16, paged in blocks of 4), and `build(**flags)`: `backend`'s fp32 meta-attention
+    kernel for them (tiles of 4 query rows) with those feature flags."""
+    from tileflow.kernel_spec import KernelSpec, make_params
+    from tileflow.targets import get_backend
+
+    q = torch.randn(9, 2, 16)
+    k_cache, v_cache = torch.randn(4, 4, 1, 16), torch.randn(4, 4, 1, 16)
+    cu, lens = torch.tensor([0, 6, 9], dtype=torch.int32), torch.tensor([6, 9], dtype=torch.int32)
+    block_table = torch.tensor([[0, 1, 3], [2, 3, 1]], dtype=torch.int32)
+
+    def build(**flags: bool) -> Any:
+        return get_backend(backend).build(KernelSpec(
+            op="meta_attention", dtype="float32", out_dtype="float32",
+            params=make_params(head_dim=16, gqa=2, block_q=4, block_kv=16, **flags)))
+
+    return (q, k_cache, v_cache, block_table, cu, lens), build
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_every_backend_refuses_a_table_or_bias_of_another_batch(backend: str) -> None:
     """A task table built for another window (its KV ranges clipped narrower than the launch
     sees) and an attn_bias smaller than the batch's query runs and KV lengths are refused by
     every launcher: the Triton one ran both, dropping keys and reading the bias past its end."""
-    from tileflow.kernel_spec import KernelSpec, make_params
-    from tileflow.targets import get_backend
-
-    hq, hkv, d = 2, 1, 16
-    q = torch.randn(9, hq, d)
-    k_cache, v_cache = torch.randn(4, 4, hkv, d), torch.randn(4, 4, hkv, d)
-    cu, lens = torch.tensor([0, 6, 9], dtype=torch.int32), torch.tensor([6, 9], dtype=torch.int32)
-    block_table = torch.tensor([[0, 1, 3], [2, 3, 1]], dtype=torch.int32)
-    args = (q, k_cache, v_cache, block_table, cu, lens)
-
-    def build(**flags: bool):
-        return get_backend(backend).build(KernelSpec(
-            op="meta_attention", dtype="float32", out_dtype="float32",
-            params=make_params(head_dim=d, gqa=hq // hkv, block_q=4, block_kv=16, causal=True, **flags)))
-
-    windowed = build(sliding_window=True)
-    narrow = build_task_table(cu, lens, num_q_heads=hq, num_kv_heads=hkv, block_q=4, num_programs=2, sliding_window=2)
+    args, build = _two_sequence_launch(backend)
+    q, cu, lens = args[0], args[4], args[5]
+    windowed = build(causal=True, sliding_window=True)
+    narrow = build_task_table(cu, lens, num_q_heads=2, num_kv_heads=1, block_q=4, num_programs=2, sliding_window=2)
     with pytest.raises(ValueError, match="the task table was built for causal=True, sliding_window=2"):
         windowed(*args, narrow, sliding_window=8)
-    right = build_task_table(cu, lens, num_q_heads=hq, num_kv_heads=hkv, block_q=4, num_programs=2, sliding_window=8)
+    right = build_task_table(cu, lens, num_q_heads=2, num_kv_heads=1, block_q=4, num_programs=2, sliding_window=8)
     assert windowed(*args, right, sliding_window=8, out=torch.full_like(q, float("nan"))).isfinite().all()
 
-    biased = build(bias=True)
-    table = build_task_table(cu, lens, num_q_heads=hq, num_kv_heads=hkv, block_q=4, num_programs=2)
+    biased = build(causal=True, bias=True)
+    table = build_task_table(cu, lens, num_q_heads=2, num_kv_heads=1, block_q=4, num_programs=2)
     with pytest.raises(ValueError, match=r"attn_bias must .*>= 6, >= 9\]"):
         biased(*args, table, attn_bias=torch.zeros(2, 1, 2, 3))
     assert biased(*args, table, attn_bias=torch.zeros(2, 1, 6, 9), out=torch.full_like(q, float("nan"))).isfinite().all()
@@ -555,21 +563,9 @@ def test_every_backend_refuses_another_causal_rule_a_zero_window_or_a_bias_short
     under a kernel built without the causal rule, which would drop the later keys; a sliding
     window of 0; and an attn_bias with every query row but fewer keys than the longest L_s,
     which the Triton kernel would read past its end."""
-    from tileflow.kernel_spec import KernelSpec, make_params
-    from tileflow.targets import get_backend
-
-    hq, hkv, d = 2, 1, 16
-    q = torch.randn(9, hq, d)
-    k_cache, v_cache = torch.randn(4, 4, hkv, d), torch.randn(4, 4, hkv, d)
-    cu, lens = torch.tensor([0, 6, 9], dtype=torch.int32), torch.tensor([6, 9], dtype=torch.int32)
-    block_table = torch.tensor([[0, 1, 3], [2, 3, 1]], dtype=torch.int32)
-    args = (q, k_cache, v_cache, block_table, cu, lens)
-    table = build_task_table(cu, lens, num_q_heads=hq, num_kv_heads=hkv, block_q=4, num_programs=2)
-
-    def build(**flags: bool):
-        return get_backend(backend).build(KernelSpec(
-            op="meta_attention", dtype="float32", out_dtype="float32",
-            params=make_params(head_dim=d, gqa=hq // hkv, block_q=4, block_kv=16, **flags)))
+    args, build = _two_sequence_launch(backend)
+    cu, lens = args[4], args[5]
+    table = build_task_table(cu, lens, num_q_heads=2, num_kv_heads=1, block_q=4, num_programs=2)
 
     def refused(kernel, message: str) -> str:
         return re.escape(f"kernel {kernel.spec.name}: {message}")

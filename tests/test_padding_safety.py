@@ -1527,19 +1527,21 @@ def _router_logits_over_their_sum(x: torch.Tensor) -> torch.Tensor:
     return _weighted_by(x, logits / logits.sum(-1, keepdim=True))
 
 
-def _values_over_a_shifted_mean(x: torch.Tensor) -> torch.Tensor:
-    # mean(v) + c is of unknown sign, however large c: rsqrt of it may be NaN.
+def _values_over_rsqrt(x: torch.Tensor, denominator: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Causal attention over values scaled by `rsqrt(denominator(v))` (an RMSNorm's form)."""
     q, k, _ = _heads(x)
     v = _split(x)
-    return F.scaled_dot_product_attention(q, k, v * torch.rsqrt(v.mean(-1, keepdim=True) + 100.0), is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v * torch.rsqrt(denominator(v)), is_causal=True)
+
+
+def _values_over_a_shifted_mean(x: torch.Tensor) -> torch.Tensor:
+    # mean(v) + c is of unknown sign, however large c: rsqrt of it may be NaN.
+    return _values_over_rsqrt(x, lambda v: v.mean(-1, keepdim=True) + 100.0)
 
 
 def _rms_normed_values_with_an_eps_below_float32s_range(x: torch.Tensor) -> torch.Tensor:
     # 1e-46 is 0 in float32: mean(v^2) + eps is only non-negative, and rsqrt(0) = inf.
-    q, k, _ = _heads(x)
-    v = _split(x)
-    return F.scaled_dot_product_attention(q, k, v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-46),
-                                          is_causal=True)
+    return _values_over_rsqrt(x, lambda v: v.pow(2).mean(-1, keepdim=True) + 1e-46)
 
 
 def _square_rooted_values(x: torch.Tensor) -> torch.Tensor:
@@ -1564,10 +1566,7 @@ def test_padded_rows_made_inf_or_nan_that_reach_real_rows_are_not_captured(repla
 
 def _rms_normed_values(x: torch.Tensor) -> torch.Tensor:
     # Llama's RMSNorm: mean(v^2) + eps is positive, so rsqrt of it is finite.
-    q, k, _ = _heads(x)
-    v = _split(x)
-    return F.scaled_dot_product_attention(q, k, v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6),
-                                          is_causal=True)
+    return _values_over_rsqrt(x, lambda v: v.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 def _normalized_values(x: torch.Tensor) -> torch.Tensor:
@@ -1612,10 +1611,7 @@ def _position_scaled_queries(x: torch.Tensor) -> torch.Tensor:
 
 def _rms_normed_values_by_a_product(x: torch.Tensor) -> torch.Tensor:
     # RMSNorm with v * v for the square: non-negative as v.pow(2) is.
-    q, k, _ = _heads(x)
-    v = _split(x)
-    return F.scaled_dot_product_attention(q, k, v * torch.rsqrt((v * v).mean(-1, keepdim=True) + 1e-6),
-                                          is_causal=True)
+    return _values_over_rsqrt(x, lambda v: (v * v).mean(-1, keepdim=True) + 1e-6)
 
 
 @pytest.mark.parametrize("fn", [_rms_normed_values, _rms_normed_values_by_a_product, _normalized_values, _reciprocal_keys_causal,

@@ -45,16 +45,17 @@ def private_triton_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
         clear_memo()
 
 
-# Seconds each test file took on 2 CPU cores (`--durations`, session 14), for the files over
+# Seconds each test file took on 2 CPU cores (`--junitxml`, session 32), for the files over
 # 20 s. With `--dist loadfile --no-loadscope-reorder` each xdist worker takes whole files in
 # collection order; longest first keeps one worker from running a long file alone at the end
 # (xdist's own reorder counts tests, and most of the long files have few).
 _FILE_SECONDS = {
-    "test_model_zoo.py": 228, "test_attention.py": 188, "test_distributed.py": 173, "test_triton_attention.py": 172,
-    "test_models.py": 150, "test_triton_gemm.py": 128, "test_serving.py": 114, "test_bench_smoke.py": 105,
-    "test_nanobatch.py": 93, "test_ascend_attention.py": 92, "test_sm90_compile.py": 74, "test_streams.py": 72,
-    "test_reference_attention.py": 64, "test_viz.py": 62, "test_ascend_gemm.py": 54, "test_backend.py": 42,
-    "test_export.py": 40, "test_disaggregate.py": 35, "test_gemm.py": 24, "test_grouped_gemm.py": 23,
+    "test_attention.py": 452, "test_distributed.py": 377, "test_padding_safety.py": 294, "test_model_zoo.py": 253,
+    "test_triton_attention.py": 207, "test_bench_smoke.py": 172, "test_models.py": 172, "test_sm90_compile.py": 156,
+    "test_serving.py": 154, "test_nanobatch.py": 126, "test_ascend_attention.py": 120, "test_ascend_gemm.py": 107,
+    "test_export.py": 101, "test_triton_gemm.py": 94, "test_disaggregate.py": 81, "test_backend.py": 76,
+    "test_reference_attention.py": 70, "test_viz.py": 67, "test_streams.py": 61, "test_grouped_gemm.py": 42,
+    "test_canonicalize.py": 21, "test_gemm.py": 21,
 }
 
 

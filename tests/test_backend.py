@@ -28,7 +28,10 @@ def test_backend_string_works_without_importing_tileflow() -> None:
     proc = run_python(
         """
         import sys, torch
+        assert not torch._dynamo.config.specialize_float
         f = torch.compile(lambda x: torch.nn.functional.linear(x, torch.ones(3, 4)).relu(), backend="tileflow", dynamic=True)
+        # Looking the backend up imported tileflow, which has Dynamo bake Python floats in.
+        assert torch._dynamo.config.specialize_float
         out = f(torch.randn(5, 4))
         assert out.shape == (5, 3)
         assert "tileflow" in sys.modules  # Dynamo found us through the entry point
@@ -38,6 +41,46 @@ def test_backend_string_works_without_importing_tileflow() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "canonical_linear" in proc.stdout
+
+
+class _CountingBackend(tileflow.TileflowBackend):
+    """A TileflowBackend that counts the graphs Dynamo hands it and, per graph, the float64
+    scalar tensors among their inputs (the Python floats Dynamo turned into tensors)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scalar_float_inputs: list[int] = []
+
+    def __call__(self, gm, example_inputs):
+        self.scalar_float_inputs.append(sum(isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype == torch.float64
+                                            for x in example_inputs))
+        return super().__call__(gm, example_inputs)
+
+
+@pytest.mark.parametrize("specialize", [True, False])
+def test_python_floats_are_baked_in_and_symbolic_floats_still_compile(monkeypatch, specialize: bool) -> None:
+    """Importing tileflow has Dynamo specialize Python floats: Llama's norm eps and attention
+    scale reach the graph as constants, and Dynamo traces the model once. With symbolic floats
+    turned back on (Dynamo's default), the scale makes AOTAutograd restart Dynamo's analysis, so
+    the backend sees the frame twice, and the model still compiles to one graph that matches
+    eager at every length."""
+    assert torch._dynamo.config.specialize_float
+    monkeypatch.setattr(torch._dynamo.config, "specialize_float", specialize)
+    model = build("llama")
+    report = tileflow.Report()
+    backend = _CountingBackend({"target": "reference"}, report=report)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for seq_len in (3, 9):
+            ids = torch.randint(0, VOCAB, (2, seq_len))
+            got, want = compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits
+            assert (got - want).abs().max().item() <= 1e-4, seq_len
+    assert len(report.graphs) == 1 and report.recompiles == 0
+    assert report.rewrites["meta_attention"] == 2
+    if specialize:
+        assert backend.scalar_float_inputs == [0]
+    else:
+        assert len(backend.scalar_float_inputs) == 2 and min(backend.scalar_float_inputs) > 0, backend.scalar_float_inputs
 
 
 def test_logging_is_silent_by_default_and_on_with_env() -> None:

@@ -19,6 +19,26 @@ from .report import Report, session_report
 log = get_logger("backend")
 
 
+def specialize_python_floats() -> None:
+    """Have Dynamo bake a model's Python floats (norm eps, attention scale) into its graphs.
+
+    Under `dynamic=True` Dynamo otherwise makes every float attribute a float64 CPU tensor input
+    and, for a float AOTAutograd cannot turn into a tensor (the `scale` of
+    `scaled_dot_product_attention`, `nn.Embedding.norm_type`), traces the whole frame a second
+    time: about half of a transformers model's compile. A serving model's floats never change, the
+    meta-kernel takes its scale as a constant, and a CPU scalar input would sit in every captured
+    CUDA graph. Called once, when tileflow is imported; the setting is Dynamo's and process-wide,
+    so code that wants symbolic floats back sets `torch._dynamo.config.specialize_float = False`
+    after the import (tileflow compiles either way).
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.specialize_float = True
+
+
+specialize_python_floats()
+
+
 def _current_compile_id() -> tuple[str | None, int | None, int]:
     """Dynamo's id for the frame being compiled, the frame's number (None outside Dynamo) and
     Dynamo's count of its earlier compiles (0 for a frame's first, also after
@@ -78,10 +98,10 @@ class TileflowBackend:
         compiled = capture_dynamo(gm, example_inputs, compile_forward)
         if frame is not None:
             # Noted only once this attempt returns: Dynamo may abandon an attempt part-way and call
-            # the backend again under the same compile id, which is no recompile (torch 2.11's
-            # AOTAutograd raises TensorifyScalarRestartAnalysis on a graph with a Python float it
-            # cannot turn into a tensor, as every transformers model in tests/ has, and Dynamo
-            # traces the frame again).
+            # the backend again under the same compile id, which is no recompile (with symbolic
+            # floats, `specialize_python_floats` turned back off, AOTAutograd raises
+            # TensorifyScalarRestartAnalysis on a graph with a Python float it cannot turn into a
+            # tensor, as every transformers model in tests/ has, and Dynamo traces the frame again).
             self.report.note_compiled_frame(frame)
         return compiled
 

@@ -25,9 +25,9 @@ def specialize_python_floats() -> None:
     Under `dynamic=True` Dynamo otherwise makes every float attribute a float64 CPU tensor input
     and, for a float AOTAutograd cannot turn into a tensor (the `scale` of
     `scaled_dot_product_attention`, `nn.Embedding.norm_type`), traces the whole frame a second
-    time: about half of a transformers model's compile. A serving model's floats never change, the
-    meta-kernel takes its scale as a constant, and a CPU scalar input would sit in every captured
-    CUDA graph. Called once, when tileflow is imported; the setting is Dynamo's and process-wide,
+    time (40-52% of a 2-layer transformers model's first call, bench/NOTES.md session 32). A
+    serving model's floats never change, and Inductor makes the same choice under CUDA graphs.
+    Called once, when tileflow is imported; the setting is Dynamo's and process-wide,
     so code that wants symbolic floats back sets `torch._dynamo.config.specialize_float = False`
     after the import (tileflow compiles either way).
     """

@@ -99,9 +99,9 @@ def _tokens(tokens: int) -> tuple[torch.Tensor]:
 
 
 def _tokens_away_from_zero(tokens: int) -> tuple[torch.Tensor]:
-    # |x| >= 0.5: reciprocal keys stay within 2 in real rows (a key of 1 / 1e-3 makes the fp32
-    # softmax ill-conditioned: kernel and eager differed by 7e-5 in a CI simulation), while the
-    # padded rows, zeros, still make inf keys.
+    # |x| >= 0.5: reciprocal keys stay within 2 in real rows (a token near zero makes a large key
+    # and the fp32 softmax ill-conditioned: kernel and eager differed by 7e-5 in a CI
+    # simulation), while the padded rows, zeros, still make inf keys.
     x = torch.randn(1, tokens, H)
     return (x + 0.5 * x.sign(),)
 

@@ -25,7 +25,7 @@ def specialize_python_floats() -> None:
     Under `dynamic=True` Dynamo otherwise makes every float attribute a float64 CPU tensor input
     and, for a float AOTAutograd cannot turn into a tensor (the `scale` of
     `scaled_dot_product_attention`, `nn.Embedding.norm_type`), traces the whole frame a second
-    time (40-52% of a 2-layer transformers model's first call, bench/NOTES.md session 32). A
+    time (38-52% of compiling and running a 2-layer transformers model, bench/NOTES.md session 32). A
     serving model's floats never change, and Inductor makes the same choice under CUDA graphs.
     Called once, when tileflow is imported; the setting is Dynamo's and process-wide,
     so code that wants symbolic floats back sets `torch._dynamo.config.specialize_float = False`

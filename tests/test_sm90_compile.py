@@ -110,3 +110,20 @@ def test_hot_loop_spills_counts_spills_inside_the_innermost_mma_loops() -> None:
     cold = sass(".L_x_2:", "STL [R1], R3", "@P0 BRA `(.L_x_2)", "HMMA.16816.F32 R4, R8, R12, R4")
     assert hot_loop_spills(cold) == 0
     assert hot_loop_sizes(cold) == []
+
+
+def test_only_a_log_of_zero_local_memory_rules_out_spill_instructions() -> None:
+    """A kernel is disassembled for hot spills unless ptxas's log proves it has no local memory:
+    one function, no stack frame and no spills."""
+    from tools.sm90_compile_check import uses_local_memory
+
+    def log(stack: int, stores: int, loads: int) -> str:
+        return ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+                "ptxas info    : Function properties for k\n"
+                f"    {stack} bytes stack frame, {stores} bytes spill stores, {loads} bytes spill loads\n"
+                "ptxas info    : Used 128 registers, used 1 barriers, 512 bytes smem\n")
+
+    assert not uses_local_memory(log(0, 0, 0))
+    assert uses_local_memory(log(8, 0, 0)) and uses_local_memory(log(0, 4, 4)) and uses_local_memory(log(0, 0, 4))
+    assert uses_local_memory(log(0, 0, 0) + log(16, 0, 0))  # a second function: not proven
+    assert uses_local_memory("ptxas fatal   : Unsupported .version 9.4")

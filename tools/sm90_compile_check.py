@@ -19,7 +19,9 @@ Two ways to run it, both with `TRITON_INTERPRET=1`:
                                                  # every kernel the tests launch (they still
                                                  # run in the interpreter); failures fail the run
 
-`SM90_REPORT=path` makes the pytest form write one line per compiled kernel to `path`.
+`SM90_REPORT=path` makes the pytest form write one line per compiled kernel to `path`. Loop sizes
+come from disassembling the attention kernels, and any kernel with local memory (for its hot
+spills); `SM90_LOOP_SIZES=all` disassembles every kernel (most of a second each).
 """
 
 from __future__ import annotations
@@ -98,7 +100,14 @@ def _record_launch(interpreted: Any, args: tuple, kwargs: dict) -> None:
            tuple(divisible))
     _LAUNCHES.setdefault(key, {"path": path, "name": fn.__name__, "signature": signature,
                                "constexprs": constexprs, "options": options,
-                               "divisible": divisible})
+                               "divisible": divisible, "loop_sizes": _wants_loop_sizes(fn.__name__)})
+
+
+def _wants_loop_sizes(kernel: str) -> bool:
+    """Whether to disassemble a kernel for its innermost loops' sizes even when it uses no local
+    memory: every attention kernel (their KV loop was issue-bound once, and the test bounds it), or
+    every kernel under `SM90_LOOP_SIZES=all`."""
+    return os.environ.get("SM90_LOOP_SIZES") == "all" or "meta_attention" in kernel
 
 
 def innermost_mma_loops(sass: str) -> list[list[str]]:
@@ -136,6 +145,14 @@ def hot_loop_sizes(sass: str) -> list[int]:
     return [len(loop) for loop in innermost_mma_loops(sass)]
 
 
+def uses_local_memory(ptxas_log: str) -> bool:
+    """Whether ptxas's verbose log gives the kernel a stack frame or spills, or does not say (a log
+    of one function, all zero, is the only proof that no instruction touches local memory)."""
+    import re
+    sizes = [int(n) for n in re.findall(r"(\d+) bytes (?:stack frame|spill stores|spill loads)", ptxas_log)]
+    return len(sizes) != 3 or any(sizes)
+
+
 def ptx_instructions(compiled: "Any") -> "dict[str, Any]":
     """Which tensor-core instruction the dots became and how operands reach shared memory:
     Hopper's peak needs wgmma (mma.sync reaches about half) fed by async copies (cp.async or TMA)."""
@@ -153,9 +170,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-def ptxas_usage(compiled):
+def ptxas_usage(compiled, loop_sizes):
     """Registers and spill bytes of the kernel, from Triton's bundled ptxas in verbose mode, and
-    the local-memory (spill) instructions inside its innermost tensor-core loops, from nvdisasm."""
+    the local-memory (spill) instructions inside its innermost tensor-core loops, from nvdisasm.
+
+    nvdisasm costs most of a second per kernel (more than compiling a GEMM), so it runs only where
+    it can find something: a kernel with a stack frame or spills (one without has no local-memory
+    instruction anywhere, so none in a loop), or one whose loop sizes are asked for."""
     import os, re, subprocess, tempfile
     from triton.backends.nvidia.compiler import get_ptxas
     try:
@@ -168,18 +189,21 @@ def ptxas_usage(compiled):
         with open(ptx, "w") as fh:
             fh.write(compiled.asm["ptx"])
         out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", cubin], capture_output=True, text=True).stderr
+        regs = re.search(r"Used (\d+) registers", out)
+        spills = re.search(r"(\d+) bytes spill stores", out)
+        no_local_memory = not uses_local_memory(out)
         nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
         sass = (subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True).stdout
-                if os.path.exists(nvdisasm) and os.path.exists(cubin) else None)
-    regs = re.search(r"Used (\d+) registers", out)
-    spills = re.search(r"(\d+) bytes spill stores", out)
+                if (loop_sizes or not no_local_memory) and os.path.exists(nvdisasm) and os.path.exists(cubin)
+                else None)
     return {"regs": int(regs.group(1)) if regs else None, "spills": int(spills.group(1)) if spills else None,
-            "hot_spills": None if sass is None else hot_loop_spills(sass),
+            "hot_spills": hot_loop_spills(sass) if sass is not None else 0 if no_local_memory else None,
             "loop_instrs": None if sass is None else hot_loop_sizes(sass)}
 '''
 # The helpers the script shares with this module (one definition, unit-tested here).
 _COMPILE_SCRIPT += "\n\n" + "\n\n".join(
-    inspect.getsource(fn) for fn in (innermost_mma_loops, hot_loop_spills, hot_loop_sizes, ptx_instructions))
+    inspect.getsource(fn) for fn in (innermost_mma_loops, hot_loop_spills, hot_loop_sizes, uses_local_memory,
+                                     ptx_instructions))
 _COMPILE_SCRIPT += r'''
 
 
@@ -198,7 +222,8 @@ for i, launch in enumerate(launches):
         attrs = {(i,): [["tt.divisibility", 16]] for i in launch["divisible"]}
         compiled = triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"], attrs),
                                   target=GPUTarget("cuda", 90, 32), options=launch["options"])
-        results.append({"ok": True, "shared": compiled.metadata.shared, **ptxas_usage(compiled),
+        results.append({"ok": True, "shared": compiled.metadata.shared,
+                        **ptxas_usage(compiled, launch["loop_sizes"]),
                         **ptx_instructions(compiled)})
     except Exception:
         results.append({"ok": False, "error": traceback.format_exc(limit=2)[-3000:]})
@@ -265,8 +290,9 @@ def _compile_all() -> list[str]:
 
 
 def _loop_sizes(sizes: list[int] | None) -> str:
-    """'985/1449' for two innermost loops, '?' without nvdisasm."""
-    return "?" if sizes is None else "/".join(map(str, sizes)) or "0"
+    """'985/1449' for two innermost loops; '-' where the kernel was not disassembled (no nvdisasm,
+    or no local memory and no loop sizes asked for)."""
+    return "-" if sizes is None else "/".join(map(str, sizes)) or "0"
 
 
 _RESULT_LINES: list[str] = []

@@ -129,13 +129,13 @@ def serving_programs(model, max_tokens: int, names=tuple(SERVING_PROGRAMS)) -> d
     import torch
 
     import tileflow
-    from tileflow.distributed import CausalLMStep, build_stage_program
+    from tileflow.distributed import CausalLMStep, build_stage_programs
 
     device = next(model.parameters()).device
     step = CausalLMStep(model)
     example = (torch.zeros(1, 4, dtype=torch.long, device=device), torch.arange(4, device=device)[None])
-    return {name: build_stage_program(step, example, max_tokens=max_tokens, config=tileflow.Config(**SERVING_PROGRAMS[name]))
-            for name in names}
+    configs = {name: tileflow.Config(**SERVING_PROGRAMS[name]) for name in names}
+    return build_stage_programs(step, example, configs, max_tokens=max_tokens)
 
 
 def mixed_entries(tokens: int, rng, scale: Scale):

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from torch import fx
 
 import tileflow
-from tileflow.distributed import CausalLMStep, Layout, PagedKVCache, build_stage_program, replica_of
+from tileflow.distributed import (
+    CausalLMStep, Layout, PagedKVCache, build_stage_program, build_stage_programs, replica_of,
+)
 from tileflow.graph_utils import constant_number, constant_values
 from tileflow.passes.disaggregate import lamina_bytes, local_attention
 from tileflow.report import GraphReport
@@ -71,6 +73,29 @@ def test_stage_program_matches_the_model_and_attention_reads_only_its_dense_neig
             assert all(s.kind != "stage" or program.stages[s.index].kind == "dense" or s.index == stage.id - 1
                        for s in stage.inputs)
     assert_program_matches_eager(program, model, (1, 3, 9))
+
+
+def test_programs_of_several_configs_share_one_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`build_stage_programs` exports the step once; each config's program gets its own passes
+    (padded GEMMs in tileflow's, ATen linears left in the one without `gemm_padding`) and both
+    give the model's logits."""
+    import tileflow.distributed.program as program_module
+
+    exports = []
+    real_export = program_module.export_program
+    monkeypatch.setattr(program_module, "export_program", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    model = _llama(4, 2)
+    configs = {"tileflow": tileflow.Config(), "aten": tileflow.Config(passes=("canonicalize", "attention"))}
+    programs = build_stage_programs(CausalLMStep(model), EXAMPLE, configs, max_tokens=64)
+    assert len(exports) == 1 and list(programs) == ["tileflow", "aten"]
+
+    def gemms(program) -> int:
+        return sum(n.target is torch.ops.tileflow.padded_gemm.default
+                   for s in program.dense for n in s.module.graph.nodes)
+
+    assert gemms(programs["tileflow"]) > 0 and gemms(programs["aten"]) == 0
+    for program in programs.values():
+        assert_program_matches_eager(program, model, (1, 5))
 
 
 def assert_program_matches_eager(program, model, lengths: tuple[int, ...]) -> None:

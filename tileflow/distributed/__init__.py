@@ -15,7 +15,7 @@ from .attention_worker import AttentionWorker, LayerShard
 from .kv_cache import PagedKVCache
 from .layout import BatchShape, Layout, replica_of, work_items
 from .model_worker import Batch, ModelWorker, abort_run
-from .program import CausalLMStep, build_stage_program, init_distributed
+from .program import CausalLMStep, build_stage_program, build_stage_programs, init_distributed
 from .transport import PeerError, RunAborted, Transport
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "Transport",
     "abort_run",
     "build_stage_program",
+    "build_stage_programs",
     "init_distributed",
     "replica_of",
     "work_items",

@@ -45,16 +45,17 @@ def private_triton_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
         clear_memo()
 
 
-# Seconds each test file took on 2 CPU cores (`--junitxml`, session 32), for the files over
-# 20 s. With `--dist loadfile --no-loadscope-reorder` each xdist worker takes whole files in
-# collection order; longest first keeps one worker from running a long file alone at the end
-# (xdist's own reorder counts tests, and most of the long files have few).
+# Seconds each test file took on 2 CPU cores (`--junitxml`, session 33, Triton's cache empty as
+# on CI), for the files over 20 s; the sm_90 check's 274 s scaled by its alone-run cut since
+# (137 -> 95 s). With `--dist loadfile --no-loadscope-reorder` each xdist worker takes whole
+# files in collection order; longest first keeps one worker from running a long file alone at
+# the end (xdist's own reorder counts tests, and most of the long files have few).
 _FILE_SECONDS = {
-    "test_attention.py": 452, "test_distributed.py": 330, "test_padding_safety.py": 294, "test_model_zoo.py": 253,
-    "test_triton_attention.py": 207, "test_bench_smoke.py": 172, "test_models.py": 172, "test_sm90_compile.py": 115,
-    "test_serving.py": 154, "test_nanobatch.py": 126, "test_ascend_attention.py": 120, "test_ascend_gemm.py": 107,
-    "test_export.py": 101, "test_triton_gemm.py": 94, "test_disaggregate.py": 81, "test_backend.py": 76,
-    "test_reference_attention.py": 70, "test_viz.py": 67, "test_streams.py": 61, "test_grouped_gemm.py": 42,
+    "test_attention.py": 526, "test_distributed.py": 335, "test_padding_safety.py": 288, "test_model_zoo.py": 253,
+    "test_sm90_compile.py": 190, "test_models.py": 165, "test_bench_smoke.py": 150, "test_ascend_gemm.py": 148,
+    "test_ascend_attention.py": 147, "test_serving.py": 146, "test_triton_attention.py": 128, "test_nanobatch.py": 111,
+    "test_export.py": 111, "test_triton_gemm.py": 97, "test_disaggregate.py": 94, "test_backend.py": 67,
+    "test_viz.py": 62, "test_streams.py": 57, "test_grouped_gemm.py": 49, "test_reference_attention.py": 42,
     "test_canonicalize.py": 21, "test_gemm.py": 21,
 }
 

@@ -195,13 +195,13 @@ def ptxas_usage(compiled, loop_sizes):
         out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", cubin], capture_output=True, text=True).stderr
         regs = re.search(r"Used (\d+) registers", out)
         spills = re.search(r"(\d+) bytes spill stores", out)
-        no_local_memory = not uses_local_memory(out)
+        local_memory = uses_local_memory(out)
         nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
         sass = (subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True).stdout
-                if (loop_sizes or not no_local_memory) and os.path.exists(nvdisasm) and os.path.exists(cubin)
+                if (loop_sizes or local_memory) and os.path.exists(nvdisasm) and os.path.exists(cubin)
                 else None)
     return {"regs": int(regs.group(1)) if regs else None, "spills": int(spills.group(1)) if spills else None,
-            "hot_spills": hot_loop_spills(sass) if sass is not None else 0 if no_local_memory else None,
+            "hot_spills": hot_loop_spills(sass) if sass is not None else None if local_memory else 0,
             "loop_instrs": None if sass is None else hot_loop_sizes(sass)}
 '''
 # The helpers the script shares with this module (one definition, unit-tested here).

@@ -229,8 +229,8 @@ def build_stage_programs(
     max_tokens: int = 4096,
 ) -> dict[str, Any]:
     """`build_stage_program` once per named config, from one export of the step: the export
-    depends on the step and `max_tokens` alone (it took 3.8 s of a 9.6 s build of a 2-layer
-    Mistral on the CPU), and each build decomposes and rewrites its own copy of the graph."""
+    depends on the step and `max_tokens` alone, and each build decomposes and rewrites its own
+    copy of the graph."""
     ep = _export_step(step, example_inputs, max_tokens)
     return {name: _program_from_export(step, ep, example_inputs, max_tokens, config, None)
             for name, config in configs.items()}

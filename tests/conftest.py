@@ -45,18 +45,19 @@ def private_triton_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
         clear_memo()
 
 
-# Seconds each test file took on 2 CPU cores (`--junitxml`, session 33, Triton's cache empty as
-# on CI), for the files over 20 s; the sm_90 check's 274 s scaled by its alone-run cut since
-# (137 -> 95 s). With `--dist loadfile --no-loadscope-reorder` each xdist worker takes whole
-# files in collection order; longest first keeps one worker from running a long file alone at
-# the end (xdist's own reorder counts tests, and most of the long files have few).
+# Seconds each test file took on 2 CPU cores in the default run (`-m "not extended"`,
+# `--junitxml`, session 34, Triton's cache empty as on CI), for the files over 20 s, less the
+# tests marked extended after that run (their times in it). With `--dist loadfile
+# --no-loadscope-reorder` each xdist worker takes whole files in collection order; longest first
+# keeps one worker from running a long file alone at the end (xdist's own reorder counts tests,
+# and most of the long files have few).
 _FILE_SECONDS = {
-    "test_attention.py": 526, "test_distributed.py": 335, "test_padding_safety.py": 288, "test_model_zoo.py": 253,
-    "test_sm90_compile.py": 190, "test_models.py": 165, "test_bench_smoke.py": 150, "test_ascend_gemm.py": 148,
-    "test_ascend_attention.py": 147, "test_serving.py": 146, "test_triton_attention.py": 128, "test_nanobatch.py": 111,
-    "test_export.py": 111, "test_triton_gemm.py": 97, "test_disaggregate.py": 94, "test_backend.py": 67,
-    "test_viz.py": 62, "test_streams.py": 57, "test_grouped_gemm.py": 49, "test_reference_attention.py": 42,
-    "test_canonicalize.py": 21, "test_gemm.py": 21,
+    "test_attention.py": 404, "test_padding_safety.py": 240, "test_distributed.py": 170, "test_model_zoo.py": 151,
+    "test_triton_attention.py": 145, "test_bench_smoke.py": 126, "test_serving.py": 117, "test_ascend_gemm.py": 116,
+    "test_export.py": 102, "test_models.py": 100, "test_ascend_attention.py": 100, "test_sm90_compile.py": 95,
+    "test_disaggregate.py": 86, "test_triton_gemm.py": 82, "test_nanobatch.py": 74, "test_backend.py": 71,
+    "test_viz.py": 57, "test_streams.py": 43, "test_grouped_gemm.py": 43, "test_reference_attention.py": 40,
+    "test_canonicalize.py": 23,
 }
 
 

@@ -353,6 +353,35 @@ def test_racing_cpu_builds_of_one_spec_share_one_library(tmp_path: Path) -> None
             assert_close(spec, out, reference(spec, **inputs))
 
 
+def test_builds_share_a_precompiled_prelude_g_plus_plus_can_use_or_skip(tmp_path: Path) -> None:
+    # The headers both of a GEMM's files include are precompiled once per build folder, with the
+    # build's own flags: g++ -Winvalid-pch -Werror accepts it for the kernel file. A prelude g++
+    # cannot use (garbage here) is skipped: the next build parses the headers and is as right.
+    from tileflow.backends.ascend.cpu_debug import compiler_flags, shared_includes
+
+    first, second = gemm_spec("float16", ("bias",)), gemm_spec("float16", ("bias", "gelu"))
+    sources = render_sources(first)
+    includes = shared_includes(sources)
+    assert '#include "kernel_operator.h"' in includes and len(set(includes)) == len(includes)
+    assert not any(sources.tiling_header.split("/")[-1] in line for line in includes)
+    build_cpu_debug_kernel(first, [HEADERS], build_dir=tmp_path)
+    (header,) = tmp_path.glob("prelude-*/prelude.h")
+    assert header.read_text().splitlines() == includes
+    assert not list(header.parent.glob(".*.tmp")), "a temporary file was left behind"
+    (kernel_file,) = tmp_path.glob(f"{sources.ident}-*/{sources.kernel_file}")
+    flags = [flag for flag in compiler_flags() if flag != "-shared"]
+    run = subprocess.run(["g++", *flags, "-Winvalid-pch", "-include", str(header), f"-I{HEADERS}",
+                          f"-I{kernel_file.parent.parent / 'op_host'}", "-fsyntax-only", str(kernel_file)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    header.with_name("prelude.h.gch").write_bytes(b"not a precompiled header")
+    run = subprocess.run(["g++", *flags, "-Winvalid-pch", "-include", str(header), f"-I{HEADERS}",
+                          f"-I{kernel_file.parent.parent / 'op_host'}", "-fsyntax-only", str(kernel_file)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0, "g++ took garbage for the precompiled header: the check above proves nothing"
+    run_case(build_cpu_debug_kernel(second, [HEADERS], build_dir=tmp_path), second, 7, seed=3)
+
+
 def test_npu_build_never_loads_a_partial_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # CMake for the NPU cannot run here: its two commands are mocked. The library is loaded only
     # after a build finished and moved it into place; a killed build, a leftover of the old

@@ -160,7 +160,8 @@ def _output_bshd(x, y, w):
     return _manual_attention(x, y, w, out_layout="bshd")
 
 
-@pytest.mark.parametrize("target", ["reference", "triton"])
+# The padding is the pass's, on either target: the reference target's run is in the extended run.
+@pytest.mark.parametrize("target", [pytest.param("reference", marks=pytest.mark.extended), "triton"])
 @pytest.mark.parametrize("v_width", [4, 12])
 def test_values_of_another_head_size_are_padded_to_one(target: str, v_width: int) -> None:
     """Multi-head latent attention (DeepSeek-V3, Kimi-K2: q and k 192 wide, v 128) has two head
@@ -549,7 +550,8 @@ def alibi_attention(x: torch.Tensor, w: torch.Tensor, *, form: str, bias: str = 
     return torch.softmax(scores, dim=-1) @ v
 
 
-@pytest.mark.parametrize("target", ["reference", "triton"])
+# The pass's match is the target's; the reference kernels' ALiBi in the default run: test_model_zoo's bloom and mpt.
+@pytest.mark.parametrize("target", [pytest.param("reference", marks=pytest.mark.extended), "triton"])
 @pytest.mark.parametrize("form", ["baddbmm", "baddbmm_halved", "add", "add_with_sinks"])
 def test_manual_attention_with_alibi(target: str, form: str) -> None:
     """ALiBi, inside the product (with the scores scaled after it: the slopes too) or added to
@@ -758,7 +760,9 @@ _EXTRA_ATTENTION = {
 }
 
 
-@pytest.mark.parametrize("target", ["reference", "triton"])
+# The same path on either target; the reference kernels' soft-cap and sinks, in the default run:
+# test_model_zoo's gemma2 and gpt_oss.
+@pytest.mark.parametrize("target", [pytest.param("reference", marks=pytest.mark.extended), "triton"])
 @pytest.mark.parametrize("arch", sorted(_EXTRA_ATTENTION))
 def test_transformers_attn_implementation_passes_softcap_and_sinks(arch: str, target: str) -> None:
     """`attn_implementation="tileflow"` hands the model's soft-cap or sinks to the meta-kernel:
@@ -811,10 +815,11 @@ def test_models_with_hand_written_attention(name) -> None:
     assert report.fallbacks == []
 
 
-@pytest.mark.parametrize(("name", "dtype"), [("llama", torch.bfloat16), ("llama", torch.float16), ("gemma2", torch.bfloat16),
-                                           ("mpt", torch.bfloat16), ("gpt_neo", torch.float16), ("falcon", torch.bfloat16),
-                                           ("xglm", torch.float16), ("gpt_neox_japanese", torch.bfloat16),
-                                           ("deepseek_v3_mla", torch.bfloat16)])
+@pytest.mark.parametrize(("name", "dtype"), [("llama", torch.float16), ("gemma2", torch.bfloat16), ("mpt", torch.bfloat16),
+                                           ("gpt_neo", torch.float16), ("xglm", torch.float16),
+                                           *(pytest.param(name, dtype, marks=pytest.mark.extended) for name, dtype in [
+                                               ("llama", torch.bfloat16), ("falcon", torch.bfloat16),
+                                               ("gpt_neox_japanese", torch.bfloat16), ("deepseek_v3_mla", torch.bfloat16)])])
 def test_hand_written_attention_in_half_precision(name: str, dtype: torch.dtype) -> None:
     """transformers' eager attention in bf16/fp16 takes the softmax in float32,
     `softmax(scores, dtype=float32).to(dtype)`: a cast on each side of it, which hid the

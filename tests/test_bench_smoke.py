@@ -11,7 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["gemm.py", "attention.py", "e2e.py", "profile_step.py", "sampling.py"])
+# The three benchmarks of the issues' acceptance in the default run; the profiling and sampling
+# ones (and compile_time.py below) in the extended run, which goes before every GPU session.
+@pytest.mark.parametrize("script", ["gemm.py", "attention.py", "e2e.py", pytest.param("profile_step.py", marks=pytest.mark.extended),
+                                    pytest.param("sampling.py", marks=pytest.mark.extended)])
 def test_benchmark_smoke_check_passes_on_cpu(script: str) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -31,6 +34,7 @@ def test_host_planning_benchmark_runs() -> None:
     assert float(rows[2][1].rsplit("max/avg", 1)[1]) <= 1.5
 
 
+@pytest.mark.extended
 def test_compile_time_benchmark_runs() -> None:
     """bench/compile_time.py (compile time by model depth, on any machine) prints one row per
     depth with tileflow's time split by pass (times are measured there, never asserted)."""

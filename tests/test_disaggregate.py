@@ -76,18 +76,20 @@ def test_stage_program_matches_the_model_and_attention_reads_only_its_dense_neig
 
 
 def test_programs_of_several_configs_share_one_export(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`build_stage_programs` exports the step once; each config's program gets its own passes
-    (padded GEMMs in tileflow's, ATen linears left in the one without `gemm_padding`) and both
-    give the model's logits."""
+    """`build_stage_programs` exports and decomposes the step once; each config's program gets its
+    own passes on its own graph (padded GEMMs in tileflow's, ATen linears left in the one
+    without `gemm_padding`, built after it) and both give the model's logits."""
     import tileflow.distributed.program as program_module
 
-    exports = []
-    real_export = program_module.export_program
+    exports, decompositions = [], []
+    real_export, real_decompose = program_module.export_program, program_module.decompose_exported
     monkeypatch.setattr(program_module, "export_program", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    monkeypatch.setattr(program_module, "decompose_exported",
+                        lambda *a, **k: decompositions.append(1) or real_decompose(*a, **k))
     model = _llama(4, 2)
     configs = {"tileflow": tileflow.Config(), "aten": tileflow.Config(passes=("canonicalize", "attention"))}
     programs = build_stage_programs(CausalLMStep(model), EXAMPLE, configs, max_tokens=64)
-    assert len(exports) == 1 and list(programs) == ["tileflow", "aten"]
+    assert len(exports) == len(decompositions) == 1 and list(programs) == ["tileflow", "aten"]
 
     def gemms(program) -> int:
         return sum(n.target is torch.ops.tileflow.padded_gemm.default

@@ -40,7 +40,7 @@ def test_logits_match_single_process() -> None:
     assert "step 3: " in run.stdout  # the step where a sequence joins with its prompt
 
 
-@pytest.mark.parametrize("arch", ["gpt_oss", "mistral", "llama4"])
+@pytest.mark.parametrize("arch", ["gpt_oss", pytest.param("mistral", marks=pytest.mark.extended), pytest.param("llama4", marks=pytest.mark.extended)])
 def test_sliding_window_softcap_and_sink_layers_match_single_process(arch: str) -> None:
     # gpt-oss: the attention workers learn each layer's window and sinks (their shard's query
     # heads' share) from the cuts; Gemma-2's windows and soft-cap, the same way, in the test
@@ -53,6 +53,7 @@ def test_sliding_window_softcap_and_sink_layers_match_single_process(arch: str) 
     assert "check passed: 7 steps" in run.stdout
 
 
+@pytest.mark.extended  # windows across processes in the default run: gpt-oss above; sliding_blocks in one: test_serving
 def test_mixed_window_layers_in_their_own_kv_group_match_single_process() -> None:
     # Gemma-2 (sliding windows on every other layer, soft-capped scores) with `sliding_blocks`,
     # checked against the single-process run: the attention workers keep its sliding layers' blocks apart
@@ -75,9 +76,11 @@ def test_rotation_over_two_model_replicas_matches() -> None:
     assert "step 3: " in run.stdout  # the step where a sequence joins with its prompt
 
 
+@pytest.mark.extended
 def test_rotation_carries_complex_rope_factors_between_replicas() -> None:
     # Llama 4 hands its RoPE factors (complex64, from torch.polar) from stage 0 to every RoPE
-    # layer: over 3 replicas and 4 layers they cross ranks, which the transport refused.
+    # layer: over 3 replicas and 4 layers they cross ranks, which the transport refused (the
+    # transport alone, in the default run: test_the_transport_carries_complex_bool_and_number_values).
     run = _torchrun(4, "--check", "--arch", "llama4", "--model-workers", "3", "--batches", "3", "--layers", "4",
                     "--steps", "4")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -120,7 +123,7 @@ def _wait_for_steps(tmp_path: Path, procs: list[subprocess.Popen]) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("failure", ["killed", "stuck"])
+@pytest.mark.parametrize("failure", [pytest.param("killed", marks=pytest.mark.extended), "stuck"])
 def test_failed_attention_worker_stops_every_rank_with_a_clear_error(tmp_path: Path, failure: str) -> None:
     timeout_s = 6.0
     procs = _launch_ranks(tmp_path, timeout_s)

@@ -10,7 +10,10 @@ from tileflow import runtime
 from models import MODELS, SEQ_LENS, VOCAB, build
 
 
-CASES = [(name, "reference") for name in sorted(MODELS)] + [("llama", "triton"), ("gpt2", "triton"), ("mixtral", "triton")]
+# Every model on the reference target; Llama and GPT-2 on Triton's kernels too (Mixtral's, in the
+# extended run: its experts' GEMMs on Triton in the default one, test_grouped_gemm).
+CASES = [(name, "reference") for name in sorted(MODELS)] + [("llama", "triton"), ("gpt2", "triton"),
+                                                            pytest.param("mixtral", "triton", marks=pytest.mark.extended)]
 
 
 @pytest.mark.parametrize("name, target", CASES)
@@ -120,7 +123,9 @@ def test_residual_inductor_keeps_eager_output_strides() -> None:
     assert got.stride() == want.stride()
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2"])
+# Gemma-2's generation with its sliding layers, in the default run: test_serving's
+# test_sliding_window_softcap_and_sink_models_equal_eager_generation.
+@pytest.mark.parametrize("name", ["llama", "gpt2", pytest.param("gemma2", marks=pytest.mark.extended)])
 def test_generate_through_a_compiled_forward(name: str) -> None:
     """The usual way to compile a transformers model: its `forward`, then `generate` with its
     DynamicCache (a prefill graph, then decode steps against a growing cache). Greedy tokens

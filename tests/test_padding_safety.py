@@ -308,7 +308,7 @@ def test_a_clamped_index_shifted_past_the_known_bound_is_not_known(replay_on_cpu
     _assert_not_padded(_run(gated, _rows), "all is not known")
 
 
-@pytest.mark.parametrize("arch, batch", [("qwen2", 1), ("mistral", 1), ("gpt2", 1), ("llama", 2), ("gpt2", 3)])
+@pytest.mark.parametrize("arch, batch", [pytest.param("qwen2", 1, marks=pytest.mark.extended), ("mistral", 1), ("gpt2", 1), ("llama", 2), ("gpt2", 3)])
 def test_causal_models_are_captured(replay_on_cpu, arch: str, batch: int) -> None:
     """transformers' causal models (their masks built from positions) are captured and equal
     eager at lengths inside and across the buckets, one sequence or several (their rows
@@ -330,8 +330,11 @@ def test_causal_models_are_captured(replay_on_cpu, arch: str, batch: int) -> Non
 MOE_ARCHS = ["mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe", "qwen3_moe", "phimoe", "llama4"]
 
 
-@pytest.mark.parametrize("arch, batch", [*((arch, 1) for arch in MOE_ARCHS), *((arch, 2) for arch in MOE_ARCHS),
-                                         ("mixtral", 3), ("llama4", 3)])
+# Every architecture with several sequences (rows padded between them); one alone and three
+# sequences for Mixtral in the default run, the rest in the extended one.
+@pytest.mark.parametrize("arch, batch", [*((arch, 2) for arch in MOE_ARCHS), ("mixtral", 1), ("mixtral", 3),
+                                         *(pytest.param(arch, 1, marks=pytest.mark.extended) for arch in MOE_ARCHS if arch != "mixtral"),
+                                         pytest.param("llama4", 3, marks=pytest.mark.extended)])
 def test_mixture_of_experts_models_are_captured(replay_on_cpu, arch: str, batch: int) -> None:
     """Mixtral, gpt-oss (expert biases gathered by id), DeepSeek-V3 (group-limited routing by
     scatter and gather), Qwen2-MoE, Qwen3-MoE and PhiMoE sort their rows by expert and back, and

@@ -136,11 +136,21 @@ def error_summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
-def capture_exported(ep: torch.export.ExportedProgram) -> ExportedGraph:
-    """Decompose an ExportedProgram to functional ATen (SDPA and linear kept) and unlift it."""
+def decompose_exported(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """An ExportedProgram decomposed to functional ATen, the ops tileflow matches whole kept
+    (SDPA, linear, ...): the costly half of `capture_exported`, done once for programs that
+    several configs rewrite."""
     if not isinstance(ep, torch.export.ExportedProgram):
         raise TypeError(f"capture_exported expects a torch.export.ExportedProgram, got {type(ep).__name__}")
-    ep = ep.run_decompositions(export_decompositions())
+    return ep.run_decompositions(export_decompositions())
+
+
+def capture_exported(ep: torch.export.ExportedProgram, *, decomposed: bool = False) -> ExportedGraph:
+    """Decompose an ExportedProgram to functional ATen (SDPA and linear kept; skipped when
+    `decomposed`: `ep` came from `decompose_exported`) and unlift it. Each call's graph is its
+    own to rewrite; the parameters are the program's, shared."""
+    if not decomposed:
+        ep = decompose_exported(ep)
     gm = ep.module()
     example_inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     ranges: dict[str, tuple[int, int | None]] = {}

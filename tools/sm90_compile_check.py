@@ -339,14 +339,31 @@ def _record_only() -> None:
 _MODEL_EPILOGUES = {(6144, 4096): (True, False), (4096, 4096): (True, True), (4096, 14336): (False, True)}
 
 
-def _launch_benchmark_kernels(every_shape: bool = True) -> None:
+# What `_launch_benchmark_kernels` launches: every kernel; the GEMM variants at one shape; or
+# only the largest GEMM tiles at one shape (and every attention kernel).
+SCOPES = ("all", "variants-at-one-shape", "largest-tiles")
+
+
+def largest_tiles(tiles: list[Any], count: int = 2) -> list[Any]:
+    """The `count` tiles with the most output elements (then the deepest K step, the most
+    stages): the ones nearest Hopper's register file and shared-memory limits, where a
+    generator change shows up as spills or a kernel too big to launch."""
+    ranked = sorted(tiles, key=lambda t: (t.block_m * t.block_n, t.block_k * t.num_stages, t.num_warps))
+    return ranked[-count:]
+
+
+def _launch_benchmark_kernels(scope: str = "all") -> None:
     """Launch (record-only) the kernels bench/gemm.py, bench/attention.py and the grouped GEMM
     run on an H200: the tile configs its device entry offers, bf16, real Llama/Mixtral sizes.
 
-    Without `every_shape`, the GEMMs' persistent, split-K, stream-K and TMA variants compile at
-    the first (N, K) only; every shape keeps its plain and epilogue kernels. N and K are
-    constexprs, so each shape is its own compile (ptxas gave two registers more or less across
-    them), but no other code path; it cuts 191 compiles to 101 (a GEMM's takes about 1 s, cold)."""
+    `scope` (one of SCOPES) narrows the GEMMs; the attention kernels are always all there.
+    "variants-at-one-shape": the persistent, split-K, stream-K and TMA variants compile at the
+    first (N, K) only; every shape keeps its plain and epilogue kernels. N and K are constexprs,
+    so each shape is its own compile (ptxas gave two registers more or less across them), but no
+    other code path; it cuts 191 compiles to 101 (a GEMM's takes about 1 s, cold).
+    "largest-tiles": also the plain kernels at the first (N, K) only, and every GEMM family
+    (plain, each variant, each model epilogue, SwiGLU, grouped experts) at its two
+    `largest_tiles` only."""
     import math
 
     from tileflow import runtime
@@ -359,12 +376,20 @@ def _launch_benchmark_kernels(every_shape: bool = True) -> None:
     device = get_device("H200")
     # Launches only record their signature, so GEMM operands are left uninitialized: random
     # values for the expert weights alone (8 x 28672 x 4096) took most of a minute.
+    if scope not in SCOPES:
+        raise ValueError(f"scope {scope!r} is not one of {SCOPES}")
+
+    def tiles(*args: Any, **kwargs: Any) -> list[Any]:
+        offered = candidate_configs(*args, **kwargs)
+        return largest_tiles(offered) if scope == "largest-tiles" else offered
+
     for shape, (n, k) in enumerate([(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]):
         x, w = torch.empty(3, k, dtype=bf16), torch.empty(n, k, dtype=bf16)
-        for tile in candidate_configs(n, k, "bfloat16", device):
-            spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile)
-            runtime.get_kernel("triton", spec)(x, w)
-            if every_shape or shape == 0:
+        for tile in tiles(n, k, "bfloat16", device):
+            if shape == 0 or scope != "largest-tiles":
+                spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile)
+                runtime.get_kernel("triton", spec)(x, w)
+            if shape == 0 or scope == "all":
                 spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, tile=tile, persistent=True)
                 runtime.get_kernel("triton", spec)(x, w)
                 # The split-K pair (partial tiles, then the reduce kernel) and the stream-K pair.
@@ -384,14 +409,14 @@ def _launch_benchmark_kernels(every_shape: bool = True) -> None:
     # Llama-3-8B's fused SwiGLU MLP (gate and up weights separate, as the pass fuses them).
     x = torch.empty(3, 4096, dtype=bf16)
     gate, up = torch.empty(14336, 4096, dtype=bf16), torch.empty(14336, 4096, dtype=bf16)
-    for tile in candidate_configs(14336, 4096, "bfloat16", device, weight_tiles=2):
+    for tile in tiles(14336, 4096, "bfloat16", device, weight_tiles=2):
         for split in (False, True):
             spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=14336, k=4096, tile=tile, activation="swiglu", split_k=split)
             runtime.get_kernel("triton", spec)(x, gate, weight_up=up, **({"split_k": 2} if split else {}))
     # Mixtral-like experts: 8 experts, SwiGLU gate/up (N = 2 x 14336) and down.
     for n, k, activation in [(14336, 4096, "swiglu"), (4096, 14336, "none")]:
         rows = 2 * n if activation == "swiglu" else n
-        for tile in candidate_configs(n, k, "bfloat16", device, weight_tiles=2 if activation == "swiglu" else 1):
+        for tile in tiles(n, k, "bfloat16", device, weight_tiles=2 if activation == "swiglu" else 1):
             spec = grouped_gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, experts=8, tile=tile,
                                      activation=activation)
             kernel = runtime.get_kernel("triton", spec)
@@ -442,21 +467,22 @@ def _launch_benchmark_kernels(every_shape: bool = True) -> None:
 
 
 def main() -> int:
-    """`TRITON_INTERPRET=1 python -m tools.sm90_compile_check [--variants-at-one-shape]`: compile
-    the benchmarks' kernels at their real sizes for sm_90 and print shared memory per kernel;
+    """`TRITON_INTERPRET=1 python -m tools.sm90_compile_check [--scope SCOPE]`: compile the
+    benchmarks' kernels at their real sizes for sm_90 and print shared memory per kernel;
     exit 1 on any failure."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--variants-at-one-shape", action="store_true",
-                        help="compile the GEMMs' persistent, split-K, stream-K and TMA variants at one (N, K) only "
-                             "(the CI test: 101 of the 191 kernels)")
+    parser.add_argument("--scope", choices=SCOPES, default="all",
+                        help="all: every kernel (191); variants-at-one-shape: the GEMMs' persistent, split-K, "
+                             "stream-K and TMA variants at one (N, K) only (101); largest-tiles: every GEMM family "
+                             "at one (N, K) and its two largest tiles, every attention kernel (the CI test's form)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("run with TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     _record_only()
-    _launch_benchmark_kernels(every_shape=not args.variants_at_one_shape)
+    _launch_benchmark_kernels(args.scope)
     lines = _compile_all()
     print("\n".join(lines))
     failed = sum(line.startswith("FAILED") for line in lines)

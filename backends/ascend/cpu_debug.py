@@ -11,13 +11,20 @@ Libraries are cached on disk by a hash of the sources, the headers and the compi
 kernel compiles once per change. Builders of one spec may race (threads, or processes sharing the
 cache): each writes the sources atomically and compiles into its own temporary file, then moves
 the library into place, so every builder succeeds and a partial library is never loaded.
+
+The headers every kernel of one kind includes are parsed once: they are compiled into a
+precompiled header (a "prelude", cached beside the libraries) that each build includes first.
+g++ ignores a precompiled header it cannot use and parses the text instead, so the prelude only
+ever changes how long a build takes.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -108,6 +115,56 @@ def _c_arg(value: Any) -> Any:
     return value
 
 
+_INCLUDE = re.compile(r'\s*#\s*include\s*[<"]([^>"]+)[>"]')
+
+
+def shared_includes(sources: KernelSources) -> list[str]:
+    """The `#include` lines of `sources`' kernel and host files that name none of its own files
+    (its tiling header), each once, in the order they first appear: the headers every kernel of
+    this kind parses alike."""
+    own = {Path(rel).name for rel in sources.files}
+    lines: list[str] = []
+    for rel in (sources.kernel_file, sources.host_file):
+        for line in sources.files[rel].splitlines():
+            match = _INCLUDE.match(line)
+            if match and Path(match.group(1)).name not in own and line.strip() not in lines:
+                lines.append(line.strip())
+    return lines
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_version(cxx: str) -> str:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+
+
+def _precompiled_prelude(cxx: str, sources: KernelSources, include_dirs: Sequence[Path], header_digest: str,
+                         root: Path) -> Path | None:
+    """A header of `shared_includes(sources)` with its precompiled form beside it (built once per
+    include list, headers and flags); None when there is nothing to share or g++ cannot build it
+    (the build then parses the headers itself)."""
+    includes = shared_includes(sources)
+    if not includes:
+        return None
+    text = "\n".join(includes) + "\n"
+    # `-shared` is a link flag; every other flag must match the build's for g++ to use the result.
+    flags = [flag for flag in _CXX_FLAGS if flag != "-shared"]
+    # With the compiler's version: one another g++ wrote would be skipped, every build slower.
+    key = hashlib.sha256("\n".join([text, header_digest, cxx, _compiler_version(cxx), *flags]).encode()).hexdigest()[:16]
+    header = root / f"prelude-{key}" / "prelude.h"
+    compiled = header.with_name("prelude.h.gch")
+    if not compiled.exists():
+        write_atomic(header, text)
+        tmp = compiled.with_name(f".{compiled.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        cmd = [cxx, *flags, *(f"-I{inc}" for inc in include_dirs), "-x", "c++-header", str(header), "-o", str(tmp)]
+        try:
+            if subprocess.run(cmd, capture_output=True, text=True).returncode != 0:
+                return None
+            os.replace(tmp, compiled)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return header
+
+
 def build_cpu_debug(
     sources: KernelSources, include_dirs: Sequence[Path], build_dir: Path | None = None
 ) -> CpuDebugLibrary:
@@ -123,19 +180,23 @@ def build_cpu_debug(
     for inc in include_dirs:
         if not (inc / "kernel_operator.h").exists() and not any(inc.rglob("kernel_operator.h")):
             raise RuntimeError(f"{inc} holds no kernel_operator.h: pass the Ascend C CPU headers' folder")
+    header_digest = _header_digest(include_dirs)
     key = hashlib.sha256(sources.digest().encode())
-    key.update(_header_digest(include_dirs).encode())
+    key.update(header_digest.encode())
     key.update(" ".join((cxx, *_CXX_FLAGS)).encode())
     digest = key.hexdigest()[:16]
-    root = (build_dir or cache_root() / "cpu") / f"{sources.ident}-{digest}"
+    builds = build_dir or cache_root() / "cpu"
+    root = builds / f"{sources.ident}-{digest}"
     lib_path = root / f"lib{sources.ident}.so"
     if not lib_path.exists():
         for rel, text in sources.files.items():
             write_atomic(root / rel, text)
+        prelude = _precompiled_prelude(cxx, sources, include_dirs, header_digest, builds)
         # Each builder links into its own file (pid + thread), then moves it into place: racing
         # builders of one spec all succeed, and the library path only ever names a whole library.
         tmp = lib_path.with_name(f".{lib_path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-        cmd = [cxx, *_CXX_FLAGS, *(f"-I{inc}" for inc in include_dirs), f"-I{root / 'op_host'}",
+        cmd = [cxx, *_CXX_FLAGS, *(("-include", str(prelude)) if prelude else ()),
+               *(f"-I{inc}" for inc in include_dirs), f"-I{root / 'op_host'}",
                str(root / sources.kernel_file), str(root / sources.host_file), "-o", str(tmp)]
         try:
             run = subprocess.run(cmd, capture_output=True, text=True)

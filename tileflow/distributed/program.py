@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from ..capture import capture_exported, export_failure, export_program
+from ..capture import capture_exported, decompose_exported, export_failure, export_program
 from ..config import Config
 from ..graph_utils import bind_arguments
 from ..padding_safety import capped_buckets, check_padding
@@ -217,8 +217,8 @@ def build_stage_program(
     are found in the graph, Llama 4's temperature tuning and LongRoPE by `CausalLMStep`) gives the
     program `max_positions`, which the engine checks each request against.
     """
-    return _program_from_export(step, _export_step(step, example_inputs, max_tokens), example_inputs,
-                                max_tokens, config or Config(), report)
+    return _program_from_export(step, decompose_exported(_export_step(step, example_inputs, max_tokens)),
+                                example_inputs, max_tokens, config or Config(), report)
 
 
 def build_stage_programs(
@@ -228,10 +228,10 @@ def build_stage_programs(
     *,
     max_tokens: int = 4096,
 ) -> dict[str, Any]:
-    """`build_stage_program` once per named config, from one export of the step: the export
-    depends on the step and `max_tokens` alone, and each build decomposes and rewrites its own
-    copy of the graph."""
-    ep = _export_step(step, example_inputs, max_tokens)
+    """`build_stage_program` once per named config, from one export of the step, decomposed
+    once: both depend on the step and `max_tokens` alone; each build rewrites its own copy of
+    the graph (the parameters are shared)."""
+    ep = decompose_exported(_export_step(step, example_inputs, max_tokens))
     return {name: _program_from_export(step, ep, example_inputs, max_tokens, config, None)
             for name, config in configs.items()}
 
@@ -252,14 +252,15 @@ def _export_step(step: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
 
 def _program_from_export(step: torch.nn.Module, ep: torch.export.ExportedProgram, example_inputs: Sequence[torch.Tensor],
                          max_tokens: int, config: Config, report: GraphReport | None) -> Any:
-    """`build_stage_program` after the export: passes, the cut into stages, CUDA graphs."""
+    """`build_stage_program` after the export (`ep`, from `decompose_exported`): passes, the cut
+    into stages, CUDA graphs."""
     from tileflow.passes.disaggregate import split_stages
     from tileflow.passes.nanobatch import token_symbol
 
     limit = getattr(step, "position_limit", None)
     passes = tuple(p for p in config.passes if p != "disaggregate") + ("disaggregate",)
     config = config.replace(passes=passes)
-    graph = capture_exported(ep)
+    graph = capture_exported(ep, decomposed=True)
     report = report or GraphReport(graph_id="disaggregated_step")
     if limit is not None and getattr(step, "reads_index_as_position", False):
         replaced, left = token_indices_as_positions(graph.gm)

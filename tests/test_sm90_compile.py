@@ -3,8 +3,8 @@
 The interpreter runs kernels the GPU compiler would reject (shared memory past the 227 KiB a
 Hopper block can have, register spills); `tools/sm90_compile_check.py` compiles the real-size
 kernels with Triton's bundled ptxas and reports both. The default run uses `--scope
-largest-tiles`: every attention kernel, and every GEMM family at one (N, K) and its two largest
-tiles (the ones near the register and shared-memory limits). The extended run uses
+largest-tiles`: every attention kernel, and every GEMM family at its two largest tiles (the
+ones near the register and shared-memory limits), at one (N, K) (each model epilogue at its own). The extended run uses
 `--scope variants-at-one-shape`: every tile of every GEMM variant, the persistent, split-K,
 stream-K and TMA ones at one (N, K) only (they differ from the other shapes' by the N and K
 constants alone); the tool's default scope compiles them at every shape.

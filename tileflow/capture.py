@@ -141,7 +141,7 @@ def decompose_exported(ep: torch.export.ExportedProgram) -> torch.export.Exporte
     (SDPA, linear, ...): the costly half of `capture_exported`, done once for programs that
     several configs rewrite."""
     if not isinstance(ep, torch.export.ExportedProgram):
-        raise TypeError(f"capture_exported expects a torch.export.ExportedProgram, got {type(ep).__name__}")
+        raise TypeError(f"tileflow's capture expects a torch.export.ExportedProgram, got {type(ep).__name__}")
     return ep.run_decompositions(export_decompositions())
 
 

@@ -815,11 +815,11 @@ def test_models_with_hand_written_attention(name) -> None:
     assert report.fallbacks == []
 
 
-@pytest.mark.parametrize(("name", "dtype"), [("llama", torch.float16), ("gemma2", torch.bfloat16), ("mpt", torch.bfloat16),
-                                           ("gpt_neo", torch.float16), ("xglm", torch.float16),
-                                           *(pytest.param(name, dtype, marks=pytest.mark.extended) for name, dtype in [
-                                               ("llama", torch.bfloat16), ("falcon", torch.bfloat16),
-                                               ("gpt_neox_japanese", torch.bfloat16), ("deepseek_v3_mla", torch.bfloat16)])])
+@pytest.mark.parametrize(("name", "dtype"), [
+    ("llama", torch.float16), ("gemma2", torch.bfloat16), ("mpt", torch.bfloat16), ("gpt_neo", torch.float16),
+    ("xglm", torch.float16),
+    *(pytest.param(name, torch.bfloat16, marks=pytest.mark.extended)
+      for name in ("llama", "falcon", "gpt_neox_japanese", "deepseek_v3_mla"))])
 def test_hand_written_attention_in_half_precision(name: str, dtype: torch.dtype) -> None:
     """transformers' eager attention in bf16/fp16 takes the softmax in float32,
     `softmax(scores, dtype=float32).to(dtype)`: a cast on each side of it, which hid the

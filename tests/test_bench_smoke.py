@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The three benchmarks of the issues' acceptance in the default run; the profiling and sampling
 # ones (and compile_time.py below) in the extended run, which goes before every GPU session.
-@pytest.mark.parametrize("script", ["gemm.py", "attention.py", "e2e.py", pytest.param("profile_step.py", marks=pytest.mark.extended),
-                                    pytest.param("sampling.py", marks=pytest.mark.extended)])
+@pytest.mark.parametrize("script", ["gemm.py", "attention.py", "e2e.py",
+                                    *(pytest.param(script, marks=pytest.mark.extended)
+                                      for script in ("profile_step.py", "sampling.py"))])
 def test_benchmark_smoke_check_passes_on_cpu(script: str) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -40,7 +40,8 @@ def test_logits_match_single_process() -> None:
     assert "step 3: " in run.stdout  # the step where a sequence joins with its prompt
 
 
-@pytest.mark.parametrize("arch", ["gpt_oss", pytest.param("mistral", marks=pytest.mark.extended), pytest.param("llama4", marks=pytest.mark.extended)])
+@pytest.mark.parametrize("arch", ["gpt_oss", *(pytest.param(arch, marks=pytest.mark.extended)
+                                               for arch in ("mistral", "llama4"))])
 def test_sliding_window_softcap_and_sink_layers_match_single_process(arch: str) -> None:
     # gpt-oss: the attention workers learn each layer's window and sinks (their shard's query
     # heads' share) from the cuts; Gemma-2's windows and soft-cap, the same way, in the test

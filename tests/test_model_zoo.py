@@ -29,7 +29,8 @@ def _compiled(name: str) -> tuple[torch.nn.Module, Callable[..., Any], tileflow.
 _NEAR_LLAMA = ("gemma", "phi3", "qwen3", "gpt_neox", "deepseek_v3")
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.extended) if name in _NEAR_LLAMA else name for name in sorted(ZOO)])
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.extended) if name in _NEAR_LLAMA else name
+                                  for name in sorted(ZOO)])
 def test_architecture_compiles_once_and_matches_eager(name: str) -> None:
     features = ZOO[name][1]
     model, compiled, report = _compiled(name)
@@ -46,7 +47,8 @@ def test_architecture_compiles_once_and_matches_eager(name: str) -> None:
         assert rewrites.get(feature, 0) == (2 if feature in features else 0), feature
 
 
-@pytest.mark.extended  # the pinning alone, in the default run: test_heads_made_symbolic_by_a_graph_break_are_pinned_by_a_guard
+# The pinning alone, in the default run: test_heads_made_symbolic_by_a_graph_break_are_pinned_by_a_guard.
+@pytest.mark.extended
 def test_attention_after_graph_breaks_runs_on_the_meta_kernel() -> None:
     """JetMoE breaks its graph around each layer's attention, so under `dynamic=True` the
     attention's graph gets q, k and v as inputs whose head counts and head dims are symbolic:
@@ -74,7 +76,8 @@ def test_attention_after_graph_breaks_runs_on_the_meta_kernel() -> None:
 
 # BLOOM's fallback in the default run; the others' left-padded batches there too, in half
 # precision (test_attention's test_hand_written_attention_in_half_precision).
-@pytest.mark.parametrize("name", ["bloom", *(pytest.param(name, marks=pytest.mark.extended) for name in ("mpt", "gpt_neo", "gemma2", "xglm"))])
+@pytest.mark.parametrize("name", ["bloom", *(pytest.param(name, marks=pytest.mark.extended)
+                                            for name in ("mpt", "gpt_neo", "gemma2", "xglm"))])
 def test_eager_masks_with_left_padding(name: str) -> None:
     """Models whose attention is their own code get transformers' eager masks, which hide keys
     with finfo.min instead of -inf: with a left-padded batch (query rows that see no key at all)

@@ -10,8 +10,8 @@ from tileflow import runtime
 from models import MODELS, SEQ_LENS, VOCAB, build
 
 
-# Every model on the reference target; Llama and GPT-2 on Triton's kernels too (Mixtral's, in the
-# extended run: its experts' GEMMs on Triton in the default one, test_grouped_gemm).
+# Every model on the reference target; Llama and GPT-2 on Triton's kernels too (Mixtral in the
+# extended run; its experts' grouped kernels run on Triton in the default one: test_grouped_gemm).
 CASES = [(name, "reference") for name in sorted(MODELS)] + [("llama", "triton"), ("gpt2", "triton"),
                                                             pytest.param("mixtral", "triton", marks=pytest.mark.extended)]
 

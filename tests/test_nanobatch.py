@@ -37,8 +37,8 @@ def split_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize(("name", "k"), [("llama", 2), pytest.param("llama", 3, marks=pytest.mark.extended), pytest.param("llama", 4, marks=pytest.mark.extended),
-                                        ("gpt2", 3), ("mixtral", 4)])
+@pytest.mark.parametrize(("name", "k"), [("llama", 2), ("gpt2", 3), ("mixtral", 4),
+                                        *(pytest.param("llama", k, marks=pytest.mark.extended) for k in (3, 4))])
 def test_nano_batched_model_equals_unsplit(name: str, k: int, split_calls: list[int]) -> None:
     torch.manual_seed(k)
     model = build(name)

@@ -149,8 +149,8 @@ def _precompiled_prelude(cxx: str, sources: KernelSources, include_dirs: Sequenc
     # `-shared` is a link flag; every other flag must match the build's for g++ to use the result.
     flags = [flag for flag in _CXX_FLAGS if flag != "-shared"]
     # With the compiler's version: one another g++ wrote would be skipped, every build slower.
-    key = hashlib.sha256("\n".join([text, header_digest, cxx, _compiler_version(cxx), *flags]).encode()).hexdigest()[:16]
-    header = root / f"prelude-{key}" / "prelude.h"
+    key = hashlib.sha256("\n".join([text, header_digest, cxx, _compiler_version(cxx), *flags]).encode())
+    header = root / f"prelude-{key.hexdigest()[:16]}" / "prelude.h"
     compiled = header.with_name("prelude.h.gch")
     if not compiled.exists():
         write_atomic(header, text)

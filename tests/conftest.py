@@ -53,7 +53,7 @@ def private_triton_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
 # and most of the long files have few).
 _FILE_SECONDS = {
     "test_attention.py": 404, "test_padding_safety.py": 240, "test_distributed.py": 170, "test_model_zoo.py": 151,
-    "test_triton_attention.py": 145, "test_bench_smoke.py": 126, "test_serving.py": 117, "test_ascend_gemm.py": 116,
+    "test_triton_attention.py": 145, "test_bench_smoke.py": 126, "test_serving.py": 117, "test_ascend_gemm.py": 111,
     "test_export.py": 102, "test_models.py": 100, "test_ascend_attention.py": 100, "test_sm90_compile.py": 95,
     "test_disaggregate.py": 86, "test_triton_gemm.py": 82, "test_nanobatch.py": 74, "test_backend.py": 71,
     "test_viz.py": 57, "test_streams.py": 43, "test_grouped_gemm.py": 43, "test_reference_attention.py": 40,

@@ -441,3 +441,55 @@ def test_round_first_keys_its_own_kernel_only_where_it_rounds() -> None:
     # A float32 accumulator already has the input's dtype, and without a cast nothing is converted.
     assert spec(torch.float32, torch.float16, round_first=True) == spec(torch.float32, torch.float16)
     assert spec(torch.float16, torch.float16, round_first=True) == spec(torch.float16, torch.float16)
+
+
+def test_a_kernel_spec_digest_changes_with_every_field_and_every_salt() -> None:
+    """The digest keys on-disk kernel caches and the in-process build memo: any change that
+    changes the generated code (every spec field, each TileConfig field included) or the tool
+    versions passed as salt must change it, or a stale kernel is reused."""
+    import dataclasses
+
+    from tileflow.kernel_spec import KernelSpec, TileConfig, make_params
+
+    base = KernelSpec("padded_gemm", "float16", "float32", TileConfig(16, 32, 32), ("bias", "cast"),
+                      make_params(n=40, k=72, persistent=False))
+    variants = [
+        dataclasses.replace(base, op="grouped_gemm"),
+        dataclasses.replace(base, dtype="bfloat16"),
+        dataclasses.replace(base, out_dtype="float64"),
+        dataclasses.replace(base, tile=None),
+        dataclasses.replace(base, epilogue=("bias", "round", "cast")),
+        dataclasses.replace(base, params=make_params(n=40, k=72, persistent=True)),
+        dataclasses.replace(base, params=make_params(n=40, k=64, persistent=False)),
+        *(dataclasses.replace(base, tile=dataclasses.replace(base.tile, **{f: 2 * getattr(base.tile, f)}))
+          for f in ("block_m", "block_n", "block_k", "num_warps", "num_stages", "group_m")),
+    ]
+    digests = {spec.digest() for spec in [base, *variants]}
+    assert len(digests) == 1 + len(variants)
+    assert len({base.digest(), base.digest("1.0"), base.digest("1.1"), base.digest("1.0", "3.2")}) == 4
+    assert base.digest("1.0") == KernelSpec.from_dict(base.to_dict()).digest("1.0")
+    for spec in variants:
+        assert KernelSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_gemm_specs_refuse_odd_blocks_bool_sizes_and_unknown_params() -> None:
+    """A block side that is not a power of two, a size given as a bool (True is an int 1 to
+    Python) and a param no GEMM kernel reads (a misspelt flag) are refused, naming the cause."""
+    from tileflow.kernel_spec import KernelSpec, TileConfig, check_gemm_spec, make_params
+
+    for bad in (48, 0, -16):
+        with pytest.raises(ValueError, match="power of two"):
+            TileConfig(bad, 32, 32)
+    tile = TileConfig(16, 32, 32)
+
+    def check(**params) -> None:
+        spec = KernelSpec("padded_gemm", "float32", "float32", tile, (), make_params(**params))
+        check_gemm_spec(spec, ("float32",), "test", 16)
+
+    check(n=40, k=72, persistent=True)
+    with pytest.raises(ValueError, match="positive integer param 'n'"):
+        check(n=True, k=72)
+    with pytest.raises(ValueError, match="positive integer param 'k'"):
+        check(n=40, k=0)
+    with pytest.raises(ValueError, match=r"params \['persistant'\]"):
+        check(n=40, k=72, persistant=True)

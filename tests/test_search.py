@@ -417,3 +417,136 @@ def test_a_callers_edit_of_a_plan_does_not_reach_the_cache() -> None:
     assert pickle.loads(pickle.dumps(again)) == again == copy.deepcopy(again)
     assert dataclasses.asdict(again)["sm_share_per_stream"] == shares
     assert SplitPlan.from_dict(json.loads(json.dumps(again.to_dict()))) == again
+
+
+# --------------------------------------------------------------------------------------------
+# the memory-bound flag, token units, every field of the cache keys and the threshold scan
+
+
+def test_a_zero_cost_op_is_not_memory_bound() -> None:
+    """Memory-bound means the bytes term dominates: an op with neither FLOPs nor bytes (its
+    launch only) is not, so it is never stretched by memory contention."""
+    zero = OpProfile("z", "compute")
+    assert op_time(zero, 8, 0.5, H100) == (search.LAUNCH_OVERHEAD_S, False)
+    ops = [zero, OpProfile("a", "memory", bytes_per_token=1e5), OpProfile("z2", "compute")]
+    streams, shares = search._streams_and_shares(ops, 2, 0.5)
+    times, bound = search._durations(ops, (8, 8), streams, shares, H100, search.DEFAULT_NET_BW_GBS)
+    assert bound == [[False, False], [True, True], [False, False]]
+    _, finish = search._list_schedule(ops, 2, streams, times)
+    # Only the attention instances are memory-bound, and they share one stream: no contention.
+    assert makespan(ops, (8, 8), 0.5, H100) == max(max(row) for row in finish)
+
+
+def test_token_units_give_the_remainder_to_the_first_units() -> None:
+    """10 tokens in 4 units are 3, 3, 2, 2 (the first ones one larger): a 2-way split's cuts fall
+    after 3, 6 or 8 tokens, the near-equal split first."""
+    assert search._unit_sizes(10, 4) == [3, 3, 2, 2]
+    assert search._compositions(10, 2, 4) == [(6, 4), (3, 7), (8, 2)]
+
+
+def test_the_plan_cache_keys_every_search_option() -> None:
+    """Plans are cached per (model, device, token bucket, options): a search with fewer
+    nano-batches, other units or other shares after one with the defaults must not get the
+    defaults' plan."""
+    ops = llama_layer(1024, layers=2)
+    wide = search_split(ops, H100, 2048, apply_threshold=False)
+    assert wide.k == 4
+    for kw in (dict(max_nano_batches=2), dict(units=4), dict(sm_shares=(0.75,)), dict(net_bw_gbs=45.0)):
+        same(search_split(ops, H100, 2048, apply_threshold=False, **kw), brute_force_split(ops, H100, 2048, **kw))
+    assert search_split(ops, H100, 2048, max_nano_batches=2, apply_threshold=False).k == 2
+
+
+def test_the_threshold_cache_keys_max_tokens() -> None:
+    """A scan up to fewer tokens than the threshold finds no split, even after a full scan of the
+    same model and device was cached."""
+    ops = llama_layer(1024, layers=2)
+    threshold = split_threshold(ops, H100)
+    assert threshold is not None and threshold > 256
+    assert split_threshold(ops, H100, max_tokens=256) is None
+    search.clear_cache()
+    assert split_threshold(ops, H100, max_tokens=256) is None and split_threshold(ops, H100) == threshold
+
+
+def test_profiles_differing_only_in_dtype_get_their_own_plans() -> None:
+    """The model signature covers every field of a profile's ops: the same ops in float32 (a
+    fifteenth of H100's bf16 rate) are another model, with another plan and threshold."""
+    import dataclasses
+
+    ops = llama_layer(1024, layers=2)
+    f32 = [dataclasses.replace(op, dtype="float32") for op in ops]
+    assert search.model_signature(ops) != search.model_signature(f32)
+    for n in (512, 2048):
+        same(search_split(ops, H100, n, apply_threshold=False), brute_force_split(ops, H100, n))
+        same(search_split(f32, H100, n, apply_threshold=False), brute_force_split(f32, H100, n))
+    assert search_split(f32, H100, 2048).threshold == split_threshold(f32, H100)
+
+
+def test_a_step_of_exactly_the_threshold_is_split() -> None:
+    """The threshold is the smallest count where splitting wins: a step of that many tokens
+    follows its split plan, one token fewer stays whole."""
+    ops = llama_layer(1024, layers=2)
+    threshold = split_threshold(ops, H100)
+    assert threshold is not None
+    at = search_split(ops, H100, threshold)
+    assert at.k >= 2 and at.makespan < at.baseline_makespan
+    same(at, brute_force_split(ops, H100, threshold))
+    assert search_split(ops, H100, threshold - 1).k == 1
+
+
+@pytest.mark.parametrize("ctx, layers", [(128, 1), (256, 1), (256, 2), (512, 1), (512, 2), (1024, 1)])
+def test_the_bisected_threshold_is_exactly_where_splitting_starts_to_win(ctx: int, layers: int) -> None:
+    """The bisection runs until its bracket is one token wide: at the threshold a split wins, one
+    token below it none does (odd thresholds as well as even ones)."""
+    ops = llama_layer(ctx, layers=layers)
+    threshold = split_threshold(ops, H100)
+    assert threshold is not None and threshold > 1
+    at = search_split(ops, H100, threshold, apply_threshold=False)
+    below = search_split(ops, H100, threshold - 1, apply_threshold=False)
+    assert at.k > 1 and at.makespan < at.baseline_makespan
+    assert below.k == 1 or below.makespan >= below.baseline_makespan
+
+
+@pytest.mark.parametrize("cost", ["flops_per_token", "bytes_per_token", "fixed_bytes"])
+def test_negative_costs_are_rejected(cost: str) -> None:
+    """A negative cost would give negative op times (a split that "saves" time by re-reading it)."""
+    with pytest.raises(ValueError, match="non-negative"):
+        OpProfile("x", "compute", **{cost: -1.0})
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_shares_at_the_ends_of_the_partition_are_rejected_up_front(share: float) -> None:
+    """A compute share of 0 or 1 leaves one stream no SMs: refused by the option check, naming
+    `sm_shares`, before any bound divides by the empty stream's share."""
+    with pytest.raises(ValueError, match="sm_shares"):
+        search_split(llama_layer(1024), H100, 2048, sm_shares=(share,), apply_threshold=False)
+
+
+def test_an_empty_nano_batch_costs_nothing() -> None:
+    """No tokens, no launch: an op on 0 rows takes no time (and reads no weights)."""
+    gemm = OpProfile("g", "compute", flops_per_token=1e6, fixed_bytes=1e8)
+    assert op_time(gemm, 0, 1.0, H100) == (0.0, False)
+    assert op_time(OpProfile("n", "network", bytes_per_token=1e3, fixed_bytes=1e6), 0, 1.0, H100) == (0.0, False)
+
+
+def test_the_threshold_scan_reaches_a_power_of_two_max_tokens() -> None:
+    """The scan includes `max_tokens` itself when it is a power of two (the default, 2**16, is):
+    a threshold between 256 and 512 is found scanning up to 512."""
+    ops = llama_layer(1024, layers=2)
+    threshold = split_threshold(ops, H100)
+    assert threshold is not None and 256 < threshold <= 512
+    search.clear_cache()
+    assert split_threshold(ops, H100, max_tokens=512) == threshold
+
+
+def test_a_threshold_up_to_a_max_tokens_that_is_not_a_power_of_two_is_found() -> None:
+    """The scan probes `max_tokens` itself after the last power of two below it: with
+    max_tokens=400, a model whose threshold is 310 gets 310 (probing powers of two only, it got
+    None, "no split wins up to 400 tokens", although a split wins from 310 on)."""
+    ops = llama_layer(1024, layers=2)
+    threshold = split_threshold(ops, H100)
+    assert threshold is not None and 256 < threshold < 400
+    for max_tokens in (400, threshold):
+        search.clear_cache()
+        assert split_threshold(ops, H100, max_tokens=max_tokens) == threshold, max_tokens
+    search.clear_cache()
+    assert split_threshold(ops, H100, max_tokens=threshold - 1) is None

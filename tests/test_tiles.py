@@ -122,6 +122,25 @@ def test_device_info_refuses_zero_price_and_memory() -> None:
     assert DeviceInfo(**base, mem_gb=1.0, price_per_hour=None).price_per_hour is None
 
 
+def test_device_info_refuses_no_cores_and_non_positive_rates() -> None:
+    """Every cost model divides by the core count, the bandwidth and the peak rates: a device with
+    none of one (or a NaN) is refused when it is built, not at the first plan."""
+    base = dict(name="X", kind="gpu", cores=4, peak_tflops={"bfloat16": 1.0}, mem_bw_gbs=100.0,
+                mem_gb=1.0, smem_kib_per_core=64)
+    for cores in (0, -4):
+        with pytest.raises(ValueError, match="cores"):
+            DeviceInfo(**{**base, "cores": cores})
+    for bad in (dict(mem_bw_gbs=0.0), dict(mem_bw_gbs=float("nan")), dict(smem_kib_per_core=0)):
+        with pytest.raises(ValueError, match="mem_bw_gbs and smem_kib_per_core"):
+            DeviceInfo(**{**base, **bad})
+    for peak in ({}, {"bfloat16": 0.0}, {"bfloat16": float("inf")}):
+        with pytest.raises(ValueError, match="peak_tflops"):
+            DeviceInfo(**{**base, "peak_tflops": peak})
+    with pytest.raises(ValueError, match="kind"):
+        DeviceInfo(**{**base, "kind": "tpu"})
+    assert DeviceInfo(**base).cores == 4
+
+
 def test_get_device_names_and_aliases() -> None:
     assert get_device("H100-SXM") is H100
     assert get_device("h100") is H100
@@ -772,3 +791,164 @@ def test_gpu_float32_rates_are_the_ieee_rates_the_kernels_run() -> None:
     assert gpus
     for device in gpus:
         assert device.peak_tflops["float32"] < device.peak_tflops["bfloat16"] / 2, device.name
+
+
+# ---------------------------------------------------------------------------------------------
+# candidate shapes, stages, the cost model's pieces, variants and cache keys
+
+
+def test_candidate_blocks_shrink_to_a_power_of_two_n_and_k_and_the_wide_tile_gets_8_warps() -> None:
+    """BLOCK_N and BLOCK_K shrink to N and K rounded up to a power of two (16 stays 16, 17 becomes
+    32); the one tile of 128 x 256 outputs runs 8 warps, every other tile 4."""
+    tiny = candidate_configs(16, 16, "bfloat16", H100)
+    assert all((c.block_n, c.block_k) == (16, 16) for c in tiny), tiny
+    assert all(c.block_n == 32 for c in candidate_configs(17, 4096, "bfloat16", H100))
+    wide = candidate_configs(4096, 4096, "bfloat16", H100)
+    assert {(c.block_m, c.block_n): c.num_warps for c in wide} == {
+        (16, 32): 4, (32, 64): 4, (64, 128): 4, (128, 128): 4, (128, 256): 8}
+
+
+def test_stages_that_fit_leave_the_reserved_kib_and_stay_within_1_to_4() -> None:
+    """A block may use the shared memory per core less the 1 KiB the system reserves: a 16 KiB
+    stage fits once in 32 KiB and twice in 33 KiB; two weight tiles per stage for a SwiGLU."""
+    from tileflow.tiles import stages_that_fit
+
+    assert stages_that_fit(64, 64, 64, 2, 32) == 1
+    assert stages_that_fit(64, 64, 64, 2, 33) == 2
+    assert stages_that_fit(64, 64, 64, 2, 1000) == 4  # at most 4
+    assert stages_that_fit(128, 256, 128, 4, 16) == 1  # at least 1
+    assert stages_that_fit(32, 16, 64, 2, 13, weight_tiles=2) == 1  # (32 + 2 * 16) * 64 * 2 = 8 KiB
+    assert stages_that_fit(32, 16, 64, 2, 17, weight_tiles=2) == 2
+
+
+def test_every_candidate_keeps_double_buffering_unless_block_k_is_already_16() -> None:
+    """`_gpu_config` halves BLOCK_K (down to 16) rather than run one pipeline stage: on every
+    device, for every dtype in its table (float64 included) and both weight-tile counts."""
+    for device in DEVICES.values():
+        for dtype in device.peak_tflops:
+            for weight_tiles in (1, 2):
+                for c in candidate_configs(4096, 4096, dtype, device, weight_tiles=weight_tiles):
+                    assert c.num_stages >= 2 or c.block_k == 16, (device.name, dtype, weight_tiles, c)
+    # The CPU's float64 32 x 32 x 32 tile needs 16 KiB a stage: one in 31 KiB, so BLOCK_K halves.
+    assert TileConfig(32, 32, 16, num_warps=4, num_stages=3) in candidate_configs(4096, 4096, "float64", CPU)
+
+
+def test_tile_efficiency_matches_its_documented_values() -> None:
+    """bm / (bm + 16) * bn / (bn + 16): 16x64 reaches 0.40 of peak, 128x128 0.79, 128x256 0.84."""
+    assert tile_efficiency(TileConfig(16, 64, 64)) == pytest.approx(0.40)
+    assert tile_efficiency(TileConfig(128, 128, 64)) == pytest.approx(128 / 144 * 128 / 144)
+    assert round(tile_efficiency(TileConfig(128, 128, 64)), 2) == 0.79
+    assert round(tile_efficiency(TileConfig(128, 256, 64)), 2) == 0.84
+
+
+def test_a_swiglu_split_reduce_reads_two_partials_per_output() -> None:
+    """A fused SwiGLU's split programs keep a gate and an up partial tile: the reduce moves twice
+    the partial bytes of a plain GEMM's (the output it writes is the same)."""
+    n, rows = 4096, 64
+    plain = split_reduce_seconds(rows, n, 4, H200, "bfloat16")
+    swiglu = split_reduce_seconds(rows, n, 4, H200, "bfloat16", weight_tiles=2)
+    assert swiglu == pytest.approx((2 * 4 * 2 * rows * n * 4 + rows * n * 2) / H200.mem_bw_bytes + 3e-6)
+    assert swiglu - plain == pytest.approx(2 * 4 * rows * n * 4 / H200.mem_bw_bytes)
+
+
+def test_a_measured_split_plan_costs_waves_of_programs_like_estimate_seconds() -> None:
+    """A measured split kernel's time is per program: the plan must cost ceil(tiles * split /
+    cores) waves of it, as `estimate_seconds` does, not waves of whole tiles. Every M of the plan
+    takes the cheapest of the measured candidates by `estimate_seconds`."""
+    n, k = 4096, 4096
+    cands = candidate_configs(n, k, "bfloat16", H200)
+    measured = {c: estimate_tile_seconds(c, n, k, "bfloat16", H200) for c in cands}
+    # Each split program as fast as its share of the whole tile: splitting wins while the
+    # programs still fit in the waves the whole tiles took.
+    split = {s: {c: t / s for c, t in measured.items()} for s in (2, 4)}
+    plan = build_tile_plan(n, k, "bfloat16", m_max=2048, device=H200, measured=measured, measured_split=split)
+    assert len(plan.variants) <= MAX_CONFIGS
+    variants = {pc.kernel_variant for pc in plan.pieces}
+    for m in range(1, 2049, 7):
+        piece = plan.piece_for(m)
+        got = estimate_seconds(m, n, k, piece.config, H200, "bfloat16",
+                               split[piece.split_k] if piece.split_k > 1 else measured, split_k=piece.split_k)
+        best = min(estimate_seconds(m, n, k, c, H200, "bfloat16", split[s] if s > 1 else measured, split_k=s)
+                   for c in cands for s in split_k_factors(c, k, H200)
+                   if (c, False, s > 1, False, False) in variants)
+        assert got == best, (m, piece)
+
+
+def test_tma_needs_both_operand_row_lengths_aligned() -> None:
+    """A [K, N] weight's rows hold N elements: an N whose bytes are not a multiple of 16 cannot
+    feed TMA even when K's can, and its plans never run TMA pieces."""
+    assert not tma_rows_aligned(4100, 4096, "bfloat16")
+    assert not tma_rows_aligned(4097, 4096, "float32") and tma_rows_aligned(4100, 4096, "float32")
+    odd = {c: 1e-9 for c in candidate_configs(4100, 4096, "bfloat16", H200)}
+    assert not any(pc.tma for pc in build_tile_plan(4100, 4096, "bfloat16", m_max=4096, device=H200,
+                                                    measured_tma=odd).pieces)
+
+
+def test_a_plan_measured_only_with_tma_times_is_a_measured_plan() -> None:
+    """Measured TMA times make a plan measured: a split then runs only where a split was
+    measured, never from the roofline (an estimate and a measurement are different kinds)."""
+    n, k = 4096, 4096
+    assert any(pc.split_k > 1 for pc in build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200).pieces)
+    tma = {c: estimate_tile_seconds(c, n, k, "bfloat16", H200) for c in candidate_configs(n, k, "bfloat16", H200)}
+    plan = build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200, measured_tma=tma)
+    assert all(pc.split_k == 1 for pc in plan.pieces), plan.describe()
+
+
+def test_swiglu_plans_choose_among_swiglu_candidates() -> None:
+    """`weight_tiles` is part of the plan's cache key: a fused SwiGLU's plan uses the SwiGLU
+    candidates (no 128 x 256 tile, stages sized for two weight tiles), whichever plan for the
+    same shape was built first."""
+    n, k = 4096, 4096
+    plain = build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200)
+    swiglu = build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200, weight_tiles=2)
+    allowed = set(candidate_configs(n, k, "bfloat16", H200, weight_tiles=2))
+    assert set(swiglu.configs) <= allowed and not set(plain.configs) <= allowed
+    assert all((c.block_m, c.block_n) != (128, 256) for c in swiglu.configs)
+    for m in (1, 64, 300, 1000, 8192):
+        piece = swiglu.piece_for(m)
+        best = min(estimate_seconds(m, n, k, c, H200, "bfloat16", split_k=s, weight_tiles=2)
+                   for c in allowed for s in split_k_factors(c, k, H200))
+        assert estimate_seconds(m, n, k, piece.config, H200, "bfloat16", split_k=piece.split_k,
+                                weight_tiles=2) == best
+
+
+def test_a_persistent_kernel_that_only_ties_keeps_the_plain_kernel() -> None:
+    """The persistent variant follows its plain kernel among the candidates, so a tie keeps the
+    plain one (a persistent piece runs only where its measured time wins)."""
+    n, k = 4096, 4096
+    cands = candidate_configs(n, k, "bfloat16", H200)
+    measured = {c: estimate_tile_seconds(c, n, k, "bfloat16", H200) for c in cands}
+    plan = build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200, measured=measured,
+                           measured_persistent=dict(measured))
+    assert not any(pc.persistent for pc in plan.pieces), plan.describe()
+
+
+def test_token_range_floor_division_by_an_unbounded_symbol_reaches_zero() -> None:
+    """s0 // s1 with s1 unbounded can be 0 (clamped to 1): a finite numerator over an infinite
+    divisor bounds the quotient below by 0, not by the numerator."""
+    from torch.utils._sympy.functions import FloorDiv
+
+    s0, s1 = sympy.symbols("s0 s1", positive=True, integer=True)
+    assert token_range(FloorDiv(s0, s1), {s0: (10, 20), s1: (1, None)}, 100) == (1, 20)
+    assert token_range(FloorDiv(s0, s1), {s0: (10, 20), s1: (2, 5)}, 100) == (2, 10)
+
+
+def test_stream_k_plans_count_a_partial_last_block_k_step() -> None:
+    """A K that is not a multiple of BLOCK_K still takes ceil(K / BLOCK_K) steps per tile: the
+    plan's stream-K cost equals `estimate_seconds(..., stream_k=True)` there too."""
+    n, k = 6144, 4000
+    cands = candidate_configs(n, k, "bfloat16", H200)
+    measured = {c: estimate_tile_seconds(c, n, k, "bfloat16", H200) for c in cands}
+    wide = next(c for c in cands if (c.block_m, c.block_n) == (128, 256))
+    assert k % wide.block_k
+    unit = measured[wide] / -(-k // wide.block_k)
+    plan = build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200, measured=measured,
+                           measured_stream_k={wide: unit})
+    assert any(pc.stream_k for pc in plan.pieces)
+    for m in range(1, 8193, 61):
+        piece = plan.piece_for(m)
+        got = estimate_seconds(m, n, k, piece.config, H200, "bfloat16",
+                               {wide: unit} if piece.stream_k else measured, stream_k=piece.stream_k)
+        whole = min(estimate_seconds(m, n, k, c, H200, "bfloat16", measured) for c in cands)
+        streamed = estimate_seconds(m, n, k, wide, H200, "bfloat16", {wide: unit}, stream_k=True)
+        assert got == min(whole, streamed), m

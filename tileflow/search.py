@@ -609,9 +609,10 @@ def split_threshold(
 ) -> int | None:
     """Smallest token count at which the best split beats not splitting, per the cost model.
 
-    Scans powers of two up to `max_tokens` for the first count where a split wins, then bisects
-    between it and the previous power (assuming the win is monotone there, which the cost model
-    makes so in practice: weight re-reads and launch overheads are amortized as tokens grow).
+    Scans powers of two up to `max_tokens` (and `max_tokens` itself) for the first count where a
+    split wins, then bisects between it and the count probed before (assuming the win is monotone
+    there, which the cost model makes so in practice: weight re-reads and launch overheads are
+    amortized as tokens grow).
     None when no split wins up to `max_tokens`. Cached per (model signature, device, options).
     """
     ops = tuple(ops_profile)
@@ -626,7 +627,8 @@ def split_threshold(
 
     result: int | None = None
     lo, n = 0, 1
-    while n <= max_tokens:
+    while lo < max_tokens:
+        n = min(n, max_tokens)  # past the last power of two, probe max_tokens itself
         if wins(n):
             hi = n
             while hi - lo > 1:

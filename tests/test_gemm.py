@@ -493,3 +493,51 @@ def test_gemm_specs_refuse_odd_blocks_bool_sizes_and_unknown_params() -> None:
         check(n=40, k=0)
     with pytest.raises(ValueError, match=r"params \['persistant'\]"):
         check(n=40, k=72, persistant=True)
+
+
+def test_reference_stream_k_parts_follow_the_kernels_grouped_tile_order() -> None:
+    """The reference runs a stream-K spec's K parts tile by tile: tile (pid_m, pid_n) gets the
+    segments of the tile the kernels number so in their grouped order (GROUP_M row tiles sweep
+    N together; the last group short), not another tile's. The numbers differ only in summation
+    order, which no float64 comparison sees, so this checks the boundaries themselves."""
+    from tileflow.backends.reference.gemm import _stream_k_parts
+    from tileflow.kernel_spec import KernelSpec, TileConfig, make_params
+    from tileflow.tiles import stream_k_segments
+
+    group_m, n, k, m, programs = 4, 80, 72, 100, 11
+    tile = TileConfig(16, 16, 16, group_m=group_m)
+    spec = KernelSpec(op="padded_gemm", dtype="float32", out_dtype="float32", tile=tile, epilogue=(),
+                      params=make_params(n=n, k=k, stream_k=True))
+    num_pid_m, num_pid_n, steps = -(-m // 16), -(-n // 16), -(-k // 16)  # 7 M tiles: a last group of 3
+    units = num_pid_m * num_pid_n * steps
+    parts = _stream_k_parts(spec, m, programs)
+    seen = set()
+    for tile_id in range(num_pid_m * num_pid_n):  # the kernels' order, forwards
+        in_group = tile_id % (group_m * num_pid_n)
+        first_pid_m = tile_id // (group_m * num_pid_n) * group_m
+        group_size_m = min(num_pid_m - first_pid_m, group_m)
+        pid_m, pid_n = first_pid_m + in_group % group_size_m, in_group // group_size_m
+        seen.add((pid_m, pid_n))
+        want = (0, *(min(end * 16, k) for _, _, end in stream_k_segments(tile_id, steps, units, programs)))
+        assert parts(pid_m, pid_n, num_pid_m) == want, (tile_id, pid_m, pid_n)
+    assert len(seen) == num_pid_m * num_pid_n
+    assert any(len(parts(pm, pn, num_pid_m)) > 2 for pm, pn in seen)  # some tiles are shared
+
+
+def test_reference_split_k_adds_the_parts_the_triton_launcher_makes() -> None:
+    """The reference's split-K adds the products of K parts of ceil(steps / split_k) whole
+    BLOCK_K steps, in order, as the Triton launcher splits K: K = 72 in 5 steps of 16 is
+    (0, 48, 72) for split_k = 2 and (0, 32, 64, 72) for 4. (Another partition is as close to
+    float64, so this compares with the parts' sum itself; one tile, so both see the same
+    operands.)"""
+    from tileflow.backends.reference.gemm import gemm_tile
+    from tileflow.kernel_spec import KernelSpec, TileConfig, make_params
+
+    spec = KernelSpec(op="padded_gemm", dtype="float32", out_dtype="float32", tile=TileConfig(64, 64, 16),
+                      epilogue=(), params=make_params(n=N, k=K, split_k=True))
+    kernel = runtime.get_kernel("reference", spec)
+    gen = torch.Generator().manual_seed(8)
+    x, w = torch.randn(19, K, generator=gen), torch.randn(N, K, generator=gen)
+    for split_k, bounds in ((2, (0, 48, 72)), (4, (0, 32, 64, 72)), (1, (0, 72))):
+        want = gemm_tile(x, w, None, None, "none", torch.float32, k_split=bounds)
+        assert torch.equal(kernel(x, w, split_k=split_k), want), split_k

@@ -455,3 +455,21 @@ def test_llama4_experts_run_as_batched_grouped_gemms(target: str) -> None:
     assert report.rewrites["grouped_gemm"] == 4 and report.rewrites["fused_grouped_swiglu"] == 2
     assert not report.fallbacks, report.fallbacks
 
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_kernel_writes_only_its_rows_and_reads_strided_offsets(target: str) -> None:
+    """`out` a window of a bigger buffer: each group's tail tile is masked at the group's end
+    row, so the last group's (which ends at M, inside a tile) writes nothing past M; and the
+    offsets may be a strided view (the kernels read them by value: the launch copies them)."""
+    spec = grouped_gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=N, k=K, experts=3, tile=TileConfig(16, 32, 32))
+    kernel = _kernel(target, spec)
+    dev = _device(target)
+    x, w, offsets = _inputs(GROUP_SIZES[3], N, torch.float32, 7, True)
+    m = x.shape[0]
+    strided = torch.zeros(2 * len(offsets), dtype=torch.int32)[::2].copy_(offsets)
+    assert not strided.is_contiguous()
+    buf = torch.full((m + 16, N + 8), -7.0, device=dev)
+    out = buf[:m, :N]
+    assert kernel(x.to(dev), w.to(dev), strided.to(dev), out=out) is out
+    _assert_close(out.cpu(), _reference(x, w, offsets, "none"), torch.float32)
+    assert torch.all(buf[m:] == -7.0) and torch.all(buf[:, N:] == -7.0), "a write past the groups' rows or N"

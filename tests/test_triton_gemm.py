@@ -668,3 +668,99 @@ def test_any_m_property(m: int, persistent: bool, num_programs: int) -> None:
     spec = gemm_spec("float32", ("bias", "gelu"), k=72, tile=TILE_B, persistent=persistent)
     kwargs = {"num_programs": num_programs} if persistent else {}
     run_case(spec, m, seed=m, **kwargs)
+
+
+def test_every_load_and_store_is_masked_at_the_real_rows_and_columns() -> None:
+    """Virtual padding in the source of every variant: a load of x is masked at the real rows
+    (and at K when K has a tail), a weight or bias load at the real columns, a residual load
+    and every store of the output at both. An unmasked load past M or N (a residual read with
+    the column mask only, a bias read past N, x rows past M when K needs no mask) leaves every
+    output element right, since the extra rows and columns are never stored, so the numeric
+    tests cannot see it: it reads past the operand's memory."""
+    from tileflow.backends.triton.grouped_gemm import render_grouped_gemm_source
+    from tileflow.lower import grouped_gemm_spec
+
+    variants = [{}, {"persistent": True}, {"split_k": True}, {"stream_k": True}]
+    sources = [(k, render_gemm_source(gemm_spec("float32", epilogue, k=k, **kw)))
+               for k in (64, 72) for kw in variants for epilogue in (("bias", "residual"), ("bias", "swiglu"))]
+    sources += [(k, render_grouped_gemm_source(grouped_gemm_spec(
+        dtype=torch.float32, out_dtype=torch.float32, n=40, k=k, experts=3, tile=TILE_A, activation=activation)))
+        for k in (64, 72) for activation in ("none", "swiglu")]
+    want = {"x_ptrs": ["mask_m[:, None]"], "w_ptrs": ["mask_n[None, :]"], "wu_ptrs": ["mask_n[None, :]"],
+            "bias_ptr": ["mask_n"], "bias_up_ptr": ["mask_n"], "res_ptrs": ["mask_out"], "out_ptrs": ["mask_out"]}
+    for k, src in sources:
+        assert re.search(r"mask_m = offs_m < (M|row_end)\b", src)
+        assert "mask_n = offs_n < N" in src
+        if "mask_out" in src:
+            assert "mask_out = mask_m[:, None] & mask_n[None, :]" in src
+        accesses = re.findall(r"tl\.(load|store)\((\w+)[^\n]*?(?:mask=([^\n]*?), other|mask=([^\n]*?)\)$|\)$)", src, re.M)
+        seen = set()
+        for _, ptr, load_mask, store_mask in accesses:
+            mask = load_mask or store_mask
+            if ptr not in want:
+                continue
+            seen.add(ptr)
+            k_mask = {"x_ptrs": ["offs_k[None, :] < K - k0"], "w_ptrs": ["offs_k[:, None] < K - k0"],
+                      "wu_ptrs": ["offs_k[:, None] < K - k0"]}.get(ptr, []) if k % 32 else []
+            for part in want[ptr] + k_mask:
+                assert part in mask, f"tl access of {ptr} with mask {mask!r} lacks {part!r}"
+        assert {"x_ptrs", "w_ptrs", "out_ptrs"} <= seen
+
+
+def test_a_strided_or_expanded_bias_is_read_by_value() -> None:
+    """The kernels read a bias as N consecutive values: a strided one (`b[::2]`) or an expanded
+    one (stride 0) is used by its values, as `F.linear` does (the launch copies it first)."""
+    spec = gemm_spec("float32", ("bias",), k=72)
+    kernel = build(spec)
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(19, 72, generator=gen).to(DEVICE)
+    w = (torch.randn(40, 72, generator=gen) / 72**0.5).to(DEVICE)
+    for bias in (torch.randn(80, generator=gen)[::2], torch.randn(1, generator=gen).expand(40)):
+        bias = bias.to(DEVICE)
+        assert not bias.is_contiguous()
+        out = poisoned_out(spec, DEVICE, 19)
+        kernel(x, w, bias, out=out)
+        assert_close(spec, out, reference(spec, x, w, bias))
+
+
+@pytest.mark.parametrize("m", [1, 17, 100])
+def test_split_k_with_k_a_multiple_of_block_k(m: int) -> None:
+    """K = 160: five whole BLOCK_K steps of 32, so the source has no K mask (as in models).
+    split_k 2 gives parts of 3 + 2 steps and 4 parts of 2 + 2 + 1: a last part shorter than the
+    others must stop at K, not run a whole part's steps past it (unmasked, those read the next
+    rows of x and the weight)."""
+    spec = gemm_spec("float32", ("bias",), k=160, split_k=True)
+    assert "K - k0" not in render_gemm_source(spec)
+    for split_k in (2, 4):
+        run_case(spec, m, seed=6000 + m + split_k, split_k=split_k)
+
+
+@pytest.mark.parametrize("variant", [{}, {"persistent": True}, {"split_k": True}, {"stream_k": True}], ids=str)
+def test_nothing_past_k_is_read(variant: dict) -> None:
+    """x and the weights are windows of wider buffers whose columns past K are NaN: a load that
+    reads one column past K (a K mask off by one, or a last K part that runs past K when K is a
+    multiple of BLOCK_K) multiplies a NaN by the other operand's zero fill, and the NaN shows."""
+    launch = {"split_k": 2} if "split_k" in variant else {"num_programs": 3} if "stream_k" in variant else {}
+    for k in (72, 96):  # K in 2.25 and 3 steps of 32
+        spec = gemm_spec("float32", ("bias", "swiglu"), k=k, **variant)
+        inputs = make_inputs(spec, DEVICE, 19, seed=k)
+        x_buf = torch.full((19, k + 32), float("nan"), device=DEVICE)
+        w_buf = torch.full((80, k + 32), float("nan"), device=DEVICE)
+        x, w = x_buf[:, :k].copy_(inputs["x"]), w_buf[:, :k].copy_(inputs["weight"])
+        out = poisoned_out(spec, DEVICE, 19)
+        build(spec)(x, w, inputs["bias"], out=out, **launch)
+        assert_close(spec, out, reference(spec, x, w, inputs["bias"]))
+
+
+def test_m_is_never_specialized_on_in_any_variant() -> None:
+    """Every kernel that takes M (the plain, persistent, split-K and stream-K kernels and their
+    reduce / fixup) lists it in `do_not_specialize`, so a new M (M == 1, M % 16 == 0) reuses the
+    compiled kernel on a GPU. The interpreter never specializes, so this reads the sources (the
+    GPU run is `test_cuda_no_recompile_across_m`)."""
+    for kw in ({}, {"persistent": True}, {"split_k": True}, {"stream_k": True}):
+        src = render_gemm_source(gemm_spec("float32", ("bias", "residual"), **kw))
+        kernels = re.findall(r"@triton\.jit(\([^)]*\))?\ndef (\w+)\(([^)]*)\)", src)
+        with_m = [(deco, name) for deco, name, params in kernels if re.search(r"^\s*M,", params, re.M)]
+        assert len(with_m) == (2 if kw.keys() & {"split_k", "stream_k"} else 1), kw
+        for deco, name in with_m:
+            assert re.search(r'do_not_specialize=\[[^\]]*"M"', deco), f"{name} ({kw}) specializes on M"

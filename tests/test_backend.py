@@ -227,3 +227,51 @@ def test_export_path_reuses_the_pipeline() -> None:
         for n in (3, 17, 40):
             ids = torch.randint(0, VOCAB, (1, n))
             torch.testing.assert_close(run(ids), model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_report_text_shows_errors_fallbacks_and_round_trips_recompiles() -> None:
+    """A rolled-back pass reads `error` in the table, fallbacks are listed with their reasons, the
+    recompile count survives the JSON round trip, and a report of another schema is refused."""
+    from tileflow.report import Fallback, GraphReport, PassRecord
+
+    graph = GraphReport(graph_id="graph_000", passes=[PassRecord("p", 1.0, True, 3, 3, error="RuntimeError: boom")],
+                        fallbacks=[Fallback(node="relu", reason="not supported here", pass_name="p")])
+    report = tileflow.Report()
+    report.add_graph(graph, recompile=True)
+    text = str(report)
+    assert "1 recompile(s)" in text
+    row = next(line for line in text.splitlines() if line.startswith("p "))  # the passes table's row
+    assert row.split()[2] == "error"  # the pass's "changed" column: not "yes"
+    assert "fallbacks:" in text and "not supported here" in text and "fallbacks: 1;" in text
+    again = tileflow.Report.from_json(report.to_json())
+    assert again == report and again.recompiles == 1
+    data = json.loads(report.to_json())
+    data["schema"] = 2
+    with pytest.raises(ValueError, match="report schema 2 is not supported by this tileflow"):
+        tileflow.Report.from_dict(data)
+
+
+def test_verify_runs_the_residual_it_notes(tmp_path) -> None:
+    """With verify=True the residual runs eagerly whatever `residual` says: the graph's report names
+    the mode it runs (eager), not the configured one, beside the note saying why."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU()).eval()
+    report = tileflow.explain(model, torch.randn(5, 32), options={"verify": True, "residual": "inductor"})
+    assert report.graphs[0].residual == "eager"
+    assert report.graphs[0].config["residual"] == "inductor"
+
+
+def test_cuda_graphs_on_the_cpu_says_why_nothing_was_captured() -> None:
+    """`cuda_graphs=True` on a CPU graph captures nothing, and the graph's report says why (not silently ignored)."""
+    report = tileflow.explain(torch.nn.Linear(16, 8).eval(), torch.randn(4, 16), options={"cuda_graphs": True})
+    assert report.graphs[0].extra["cuda_graphs"] == "not captured: CUDA graphs capture CUDA work, this graph runs on cpu"
+
+
+def test_fused_swiglu_kernels_are_built_for_the_intermediate_width() -> None:
+    """Llama's separate gate and up projections fuse into one SwiGLU GEMM whose weights are each
+    [intermediate, hidden]: the kernels built ahead have N = intermediate (not half of it, as for
+    one stacked [2 * intermediate, hidden] weight), the width its plan was made for."""
+    model = build("llama")
+    report = tileflow.explain(model, torch.randint(0, VOCAB, (1, 7)), use_cache=False, options={"target": "reference"})
+    swiglu = [dict(k.spec["params"]) for k in report.kernels if k.spec and "swiglu" in k.spec["epilogue"]]
+    assert swiglu and all(p["n"] == model.config.intermediate_size and p["k"] == model.config.hidden_size for p in swiglu)
+    assert all(p["n"] == model.config.intermediate_size for p in report.graphs[0].plans if p.get("fused_swiglu"))

@@ -196,3 +196,56 @@ def test_auto_residual_is_inductor_on_cuda_only() -> None:
     assert resolve_residual("inductor", "cpu") == "inductor" and resolve_residual("eager", "cuda") == "eager"
     with pytest.raises(ValueError, match="unknown residual mode 'aot'"):
         resolve_residual("aot", "cpu")
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        # A bool is an int to Python: each of these was accepted as 1 (or as on) with no error.
+        ({"max_tokens": True}, "'max_tokens' must be a positive integer, got True"),
+        ({"verify_rtol": True}, "'verify_rtol' must be a non-negative number, got True"),
+        ({"nano_batches": True, "passes": ["canonicalize", "gemm_padding", "nanobatch"]},
+         "'nano_batches' must be 'auto' or an integer >= 1, got True"),
+        # A string "false" for verify would read as on, as for strict.
+        ({"verify": "false"}, "'verify' must be True or False, got 'false'"),
+    ],
+)
+def test_bools_and_strings_are_not_numbers_or_switches(options: dict, needle: str) -> None:
+    """Every type check of `Config` is reached: a bool where a number goes, and text where a bool goes, are refused."""
+    with pytest.raises(ValueError, match=needle):
+        Config.from_options(options, env={})
+
+
+def test_current_config_follows_the_environment_between_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`current_config` caches the environment's config, but a changed `TILEFLOW_*` variable is read again."""
+    monkeypatch.setenv("TILEFLOW_MAX_TOKENS", "64")
+    assert current_config().max_tokens == 64
+    monkeypatch.setenv("TILEFLOW_MAX_TOKENS", "128")
+    assert current_config().max_tokens == 128
+    monkeypatch.delenv("TILEFLOW_MAX_TOKENS")
+    assert current_config().max_tokens == Config().max_tokens
+
+
+def test_replace_reads_passes_as_the_options_do() -> None:
+    """`replace(passes="a,b")` and a JSON list are split into names, as `from_options` does (not refused as text)."""
+    config = Config().replace(passes="canonicalize, attention")
+    assert config.passes == ("canonicalize", "attention")
+    assert Config().replace(passes='["canonicalize"]').passes == ("canonicalize",)
+
+
+def test_environment_values_are_read_stripped_and_on_counts_as_true() -> None:
+    """An environment value's spaces are ignored, and every documented spelling of a boolean is read."""
+    config = Config.from_options({}, env={"TILEFLOW_MAX_TOKENS": " 256 ", "TILEFLOW_STRICT": " on ", "TILEFLOW_VERIFY": "off"})
+    assert config.max_tokens == 256 and config.strict is True and config.verify is False
+
+
+@pytest.mark.parametrize("max_tokens, buckets", [(1, (16,)), (16, (16,)), (100, (16, 32, 64, 128)),
+                                                 (8192, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192))])
+def test_graph_buckets_end_at_the_first_at_or_above_max_tokens(max_tokens: int, buckets: tuple[int, ...]) -> None:
+    """CUDA-graph buckets are the powers of two from 16 to the first at or above `max_tokens`, no further."""
+    assert Config(max_tokens=max_tokens).graph_buckets() == buckets
+
+
+def test_an_option_overrides_a_malformed_environment_variable() -> None:
+    """The explicit option wins, so the environment variable it replaces is never parsed (nor refused)."""
+    assert Config.from_options({"max_tokens": 64}, env={"TILEFLOW_MAX_TOKENS": "lots"}).max_tokens == 64

@@ -778,3 +778,133 @@ def test_report_command_on_a_damaged_archive_is_one_line(archive, tmp_path: Path
     bad.write_bytes(bytes(data))
     result = CliRunner().invoke(main, ["report", str(bad)])
     assert result.exit_code == 2 and "is not a tileflow report" in result.output and "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks of `read_archive` and `LoadedProgram.check_inputs` each reached on its own
+
+
+def _tiny_archive(tmp_path: Path) -> Path:
+    """A Linear(16, 8) archive with its token dim in [2, 64]."""
+    torch.manual_seed(0)
+    dyn = ({0: torch.export.Dim("tokens", min=2, max=64)},)
+    return tileflow.export_model(torch.nn.Linear(16, 8).eval(), (torch.randn(4, 16),), dyn,
+                                 options={"target": "reference"}).save(tmp_path / "tiny.pt2")
+
+
+def _rewritten(src: Path, dst: Path, manifest_changes: dict, drop: str | None = None) -> Path:
+    """`src` with its manifest changed and the member `drop` left out, the content hash made right
+    again: only the check under test can refuse it."""
+    from tileflow.export import MANIFEST_MEMBER, content_hash
+
+    with zipfile.ZipFile(src) as zf:
+        manifest = json.loads(zf.read(MANIFEST_MEMBER))
+        members = {n: zf.read(n) for n in zf.namelist() if n not in (MANIFEST_MEMBER, drop)}
+    manifest.update(manifest_changes)
+    manifest["content_sha256"] = content_hash(members, manifest)
+    with zipfile.ZipFile(dst, "w") as zf:
+        zf.writestr(MANIFEST_MEMBER, json.dumps(manifest))
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return dst
+
+
+def test_an_archive_of_another_format_or_tileflow_version_is_refused(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An archive whose hash is right but whose format, tileflow version (the minor one too before
+    1.0) or program is not this tileflow's is refused by name, not loaded."""
+    import tileflow.export
+
+    monkeypatch.setattr(tileflow.export, "_tileflow_version", lambda: "0.1.0")
+    path = _tiny_archive(tmp_path)
+    with pytest.raises(ValueError, match="has archive format 1; this tileflow reads format 2"):
+        tileflow.load(_rewritten(path, tmp_path / "format.pt2", {"format": 1}))
+    for other in ("0.2.0", "1.1.0"):
+        with pytest.raises(ValueError, match=rf"was exported by tileflow {other}, incompatible with tileflow 0.1.0"):
+            tileflow.load(_rewritten(path, tmp_path / "version.pt2", {"tileflow_version": other}))
+    with pytest.raises(ValueError, match="has no program.pt2; re-export it"):
+        tileflow.load(_rewritten(path, tmp_path / "empty.pt2", {}, drop="program.pt2"))
+    x = torch.randn(5, 16)
+    run = tileflow.load(_rewritten(path, tmp_path / "patch.pt2", {"tileflow_version": "0.1.7+local"}))
+    torch.testing.assert_close(run(x), tileflow.load(path)(x))
+
+
+def test_inputs_of_the_wrong_count_rank_or_below_the_range_are_refused(tmp_path: Path) -> None:
+    """The count of inputs, each tensor's number of dims and a size below its range's minimum are
+    checked before the program runs, each with its own message."""
+    run = tileflow.load(_tiny_archive(tmp_path))
+    with pytest.raises(ValueError, match=r"takes 1 input\(s\), got 2"):
+        run(torch.randn(4, 16), torch.randn(4, 16))
+    with pytest.raises(ValueError, match=r"input 0 has 1 dims but the archive was exported for 2 \(\['tokens', 16\]\)"):
+        run(torch.randn(16))
+    with pytest.raises(ValueError, match=r"input 0 dim 0 is 1 but the archive was exported for tokens in \[2, 64\]"):
+        run(torch.randn(1, 16))
+
+
+def test_a_bool_is_no_int_input(tmp_path: Path) -> None:
+    """A bool is an int to Python, but not what an int input was exported for: a dynamic int input
+    and one fixed at its value both refuse True (and a fixed int refuses an equal float)."""
+    archive = tileflow.export_model(_Scaled(), (torch.randn(4), 3), (None, torch.export.Dim.DYNAMIC),
+                                    options={"target": "reference"})
+    run = tileflow.load(archive.save(tmp_path / "dynamic.pt2"))
+    with pytest.raises(ValueError, match="input 1 must be an int"):
+        run(torch.ones(4), True)
+    fixed = tileflow.export_model(_Scaled(), (torch.randn(4), 1), None, options={"target": "reference"})
+    run = tileflow.load(fixed.save(tmp_path / "fixed.pt2"))
+    for value in (True, 1.0):
+        with pytest.raises(ValueError, match=f"input 1 is {value} but the archive was exported with it fixed at 1"):
+            run(torch.ones(4), value)
+
+
+def test_options_without_a_value_are_refused() -> None:
+    """`--options KEY` with no `=` says the form to use (not that '' is no integer)."""
+    from tileflow.cli import SpecError, _parse_options
+
+    with pytest.raises(SpecError, match="--options 'max_tokens' must look like key=value"):
+        _parse_options(("max_tokens",))
+
+
+EXPORT_FAILS = textwrap.dedent(
+    """
+    import torch
+
+
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if (x > 0).sum() > 3 else x
+
+
+    def model():
+        return DataDependent(), (torch.randn(4, 8),), ({0: torch.export.Dim("n", min=2, max=16)},)
+    """
+)
+
+
+def test_a_failed_export_exits_1_with_one_line(tmp_path: Path) -> None:
+    """A SPEC that loads but whose export fails: exit status 1 (not 0, which a script would take
+    for a written archive), the reason on one line, and no archive."""
+    (tmp_path / "tf_export_fails_spec.py").write_text(EXPORT_FAILS)
+    out = tmp_path / "never.pt2"
+    result = _cli(["export", "tf_export_fails_spec:model", "-o", str(out)], tmp_path)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith("error: export failed: ")
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_a_dynamic_dim_the_spec_does_not_name_is_refused(spec_dir: Path) -> None:
+    """`--dynamic` naming no Dim of the SPEC's dynamic_shapes would be ignored silently: it is an error."""
+    result = _cli(["export", "tf_export_spec:tiny", "-o", str(spec_dir / "never.pt2"), "--dynamic", "seq=2:8"], spec_dir)
+    assert result.exit_code == 2, result.output
+    assert "--dynamic names ['seq'] are not Dims in the dynamic_shapes tiny() returned" in result.stderr
+
+
+def test_a_dynamic_dim_a_transformers_config_has_not_is_refused(tmp_path: Path) -> None:
+    """A transformers config exports input_ids [batch, seq]: `--dynamic` of any other name is an error before the build."""
+    sys.path.insert(0, str(TESTS_DIR))
+    from models import build
+
+    build("llama").config.save_pretrained(tmp_path / "cfg")
+    result = _cli(["export", str(tmp_path / "cfg"), "-o", str(tmp_path / "x.pt2"), "--dynamic", "heads=2:4"], tmp_path)
+    assert result.exit_code == 2, result.output
+    assert "--dynamic names ['heads'] are not dims of input_ids; use seq and/or batch" in result.stderr
+    assert not (tmp_path / "x.pt2").exists()

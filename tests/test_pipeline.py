@@ -344,3 +344,83 @@ def test_pass_names_must_name_files() -> None:
     for name in ("team/noop", "..", "a b"):
         with pytest.raises(ValueError, match="must be letters, digits"):
             register_pass(type("Bad", (), {"name": name, "run": lambda self, gm, ctx: PassResult()}))
+
+
+_F = torch.tensor([1.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    "expected, actual, needle",
+    [
+        ([_F], [_F, _F], r"changed the number of outputs \(1 -> 2\)"),
+        ([_F], [_F.double()], r"changed output 0 from \(2,\)/torch.float32 to \(2,\)/torch.float64"),
+        ([3], [4], "changed output 0: 3 -> 4"),
+        ([torch.tensor([1, 2])], [torch.tensor([1, 3])], "changed integer output 0"),
+        ([_F], [_F + 1e-3], "changed output 0: max abs diff 0.001 exceeds rtol=0.0001, atol=0.0001"),
+    ],
+)
+def test_check_numerics_refuses_each_kind_of_change(expected: list, actual: list, needle: str) -> None:
+    """`verify`'s comparison catches an extra output, a new dtype (allclose alone would pass it), a
+    changed non-tensor output, a changed integer tensor and a float beyond the tolerance."""
+    from tileflow.pipeline import _check_numerics
+
+    with pytest.raises(AssertionError, match=needle):
+        _check_numerics("p", expected, actual, Config())
+
+
+def test_check_numerics_accepts_nans_in_place_and_half_precision_rounding() -> None:
+    """NaNs where the unrewritten graph had them are no change, and float16 / bfloat16 outputs are
+    checked no tighter than their rounding (2e-2), whatever `verify_rtol` / `verify_atol` say."""
+    from tileflow.pipeline import _check_numerics
+
+    nan = torch.tensor([float("nan"), 1.0])
+    _check_numerics("p", [nan], [nan.clone()], Config())
+    for dtype in (torch.float16, torch.bfloat16):
+        half = torch.tensor([0.0, 4.0], dtype=dtype)
+        # 0.05 off at 4.0: past the atol alone, within atol + rtol * 4 of half precision.
+        _check_numerics("p", [half], [half + torch.tensor([0.01, 0.05], dtype=dtype)], Config())
+
+
+@register_pass
+class ReturnsNothingPass:
+    """Rewrites relu to sigmoid and forgets to return a PassResult."""
+
+    name = "test_returns_nothing"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        for node in gm.graph.nodes:
+            if node.target is aten.relu.default:
+                node.target = aten.sigmoid.default
+        return None  # type: ignore[return-value]
+
+
+def test_a_pass_that_returns_no_result_is_rolled_back_with_the_reason() -> None:
+    """A pass must return a PassResult: one that does not is a failed pass (rolled back, its reason
+    in the report), not an AttributeError out of the pass manager."""
+    gm, inputs = traced()
+    config = Config(passes=("test_returns_nothing",))
+    ctx = context(config)
+    PassManager.from_config(config).run(gm, ctx)
+    assert ctx.report.passes[0].error == "TypeError: pass 'test_returns_nothing' returned NoneType, expected PassResult"
+    torch.testing.assert_close(gm(*inputs), fn(*inputs))
+
+
+def test_verify_tolerances_reach_the_check() -> None:
+    """`verify_atol` and `verify_rtol` each loosen the comparison on their own (neither is read for the other)."""
+    from tileflow.pipeline import _check_numerics
+
+    zeros, ones = torch.zeros(2), torch.ones(2)
+    _check_numerics("p", [zeros], [zeros + 0.5], Config(verify_atol=1.0, verify_rtol=0.0))
+    _check_numerics("p", [ones], [ones * 1.5], Config(verify_atol=0.0, verify_rtol=1.0))
+    with pytest.raises(AssertionError, match="exceeds rtol=1.0, atol=0.0"):
+        _check_numerics("p", [zeros], [zeros + 0.5], Config(verify_atol=0.0, verify_rtol=1.0))
+
+
+def test_verify_without_real_inputs_says_it_was_skipped() -> None:
+    """With only fake inputs there is nothing to run the check on: the report says so, and the passes still run."""
+    gm, _ = traced()
+    config = Config(passes=("canonicalize",), verify=True)
+    ctx = context(config)
+    PassManager.from_config(config).run(gm, ctx)
+    assert ctx.report.extra["verify"] == "skipped: no real inputs (fake tensors only)"
+    assert ctx.report.passes[0].changed

@@ -215,3 +215,27 @@ def test_inductor_fuses_the_draw_into_one_kernel() -> None:
     fused, (code, *_) = run_and_get_code(torch.compile(noisy_argmax, dynamic=True), logits, rows, temperature, keys)
     assert fused.tolist() == noisy_argmax(logits, rows, temperature, keys).tolist()
     assert len(re.findall(r"\b(cpp_fused_\w+|triton_\w+) = async_compile", code)) == 1, code
+
+
+def test_top_p_stops_at_the_first_token_whose_mass_reaches_it() -> None:
+    """Top-p keeps the smallest set whose probability reaches top_p: with four equally likely
+    tokens (0.25 each, exact in float32), top_p 0.5 keeps two, and 0.75 three (the property test
+    skips rows this close to the cut, where float32 rounding may go either way; here it cannot)."""
+    logits = torch.zeros(3, 4)
+    out = filter_logits(logits, torch.zeros(3, dtype=torch.int64), torch.tensor([0.25, 0.5, 0.75]), torch.zeros(3))
+    assert (out != -math.inf).sum(-1).tolist() == [1, 2, 3]
+
+
+def test_min_p_keeps_the_tokens_exactly_at_its_bound() -> None:
+    """Min-p keeps every token at least min_p times as likely as the most likely one, the bound
+    included: min_p 1 keeps every token tied with the best, and min_p 0.5 a token exactly half as
+    likely (logits on powers of two, exact in float32)."""
+    logits = torch.tensor([[0.0, 0.0, -1.0], [0.0, -math.log(2.0), -1.0]])
+    out = filter_logits(logits, torch.zeros(2, dtype=torch.int64), torch.ones(2), torch.tensor([1.0, 0.5]))
+    assert (out != -math.inf).tolist() == [[True, True, False], [True, True, False]]
+
+
+def test_greedy_below_the_cut_off_only() -> None:
+    """Temperatures below 1e-5 are greedy (vLLM's cut-off); 1e-5 itself samples."""
+    assert SamplingParams(0.0).greedy and SamplingParams(0.99e-5, seed=1).greedy
+    assert not SamplingParams(1e-5, seed=1).greedy

@@ -1322,3 +1322,155 @@ def test_a_failed_step_ends_its_requests_and_the_engine_serves_on(overlap: bool)
     engine.run([later])
     assert later.finish_reason == "length" and later.generated == 3
     assert engine.allocator.all_free()
+
+
+def test_metrics_summary_averages_over_the_right_counts() -> None:
+    """`Metrics.summary`: TTFT averaged over the requests that got a first token, time between
+    tokens over every gap between a request's consecutive tokens, acceptance over drafted tokens."""
+    from tileflow.serving import Metrics
+
+    m = Metrics(steps=4, tokens_in_steps=20, generated=6, drafted=8, accepted=3,
+                ttft={0: 1.0, 1: 3.0}, token_times={0: [1.0, 2.0, 4.0], 1: [3.0, 4.0]}, wall=2.0, waited=0.5)
+    s = m.summary()
+    assert s["mean_ttft_s"] == 2.0
+    assert s["mean_tbt_s"] == pytest.approx(4 / 3)  # gaps 1, 2 and 1: three gaps, two requests
+    assert s["acceptance_rate"] == 3 / 8
+    assert (s["tokens_per_s"], s["mean_step_tokens"], s["host_waiting_share"]) == (3.0, 5.0, 0.25)
+    assert Metrics().summary()["acceptance_rate"] == 0.0 and Metrics().summary()["mean_tbt_s"] == 0.0
+
+
+def test_drafts_stop_short_of_max_new_tokens_so_a_full_cache_never_preempts() -> None:
+    """A request whose prompt and new tokens but one fill the cache exactly: its verify slots
+    draft at most max_new_tokens - generated - 1 tokens (the last generated token is never fed),
+    so it never needs a block past the cache and is never preempted (to recompute everything),
+    however long the drafts offered."""
+    scheduler = Scheduler(BlockAllocator(4, 4), token_budget=8, decode_slots=1, max_draft=3)
+    request = Request(0, list(range(6)), 11)  # 6 + 11 - 1 = 16 positions: the whole cache
+    scheduler.add(request)
+    while scheduler.has_work():
+        entries = scheduler.schedule({request.id: [1, 1, 1]})
+        assert not scheduler.last_preempted and len(entries) == 1
+        (e,) = entries
+        assert e.start + len(e.tokens) <= 16
+        request.computed += len(e.tokens)  # the engine's outcome: every draft accepted
+        if request.prefilling:
+            continue
+        new = ([1] if e.kind == "prefill" else [*e.tokens[1:], 1])[: request.max_new_tokens - request.generated]
+        assert e.kind == "prefill" or len(new) == len(e.tokens)  # no draft past the last token
+        request.tokens += new
+        request.generated += len(new)
+        if request.generated == request.max_new_tokens:
+            scheduler.finish(request, "length")
+    assert request.tokens[6:] == [1] * 11 and scheduler.allocator.all_free()
+
+
+def test_a_windowed_prompt_chunk_without_a_block_waits_out_of_the_step() -> None:
+    """Under a window, a prompt whose chunk finds no block it may take (the free ones are left for
+    the decoding request) sits the step out: no entry at all, never an empty prompt chunk (which
+    the engine would pack as zero rows and read its prediction off another request's row)."""
+    scheduler = Scheduler(BlockAllocator(5, 4), token_budget=9, decode_slots=2, sliding_window=8)
+    decoder, prompt = Request(0, [1, 2, 3, 4], 60), Request(1, list(range(100)), 1)
+    scheduler.add(decoder)
+    scheduler.add(prompt)
+    waited = 0
+    while scheduler.has_work():
+        entries = scheduler.schedule()
+        assert all(e.tokens for e in entries), [(e.request.id, e.kind, e.start) for e in entries if not e.tokens]
+        waited += prompt in scheduler.running and prompt.prefilling and all(e.request is not prompt for e in entries)
+        for e in entries:
+            r = e.request
+            r.computed += len(e.tokens)
+            if not r.prefilling:
+                r.tokens.append(0)
+                r.generated += 1
+                if r.generated == r.max_new_tokens:
+                    scheduler.finish(r, "length")
+    assert waited and scheduler.allocator.all_free()  # the prompt did wait for blocks in some step
+
+
+def test_a_preempted_request_offers_its_recomputed_prompt_blocks_again() -> None:
+    """A preempted request recomputes its prompt into new blocks where its cached ones were
+    evicted meanwhile; those are offered for prefix reuse again (what it offered before the
+    preemption does not count: those blocks may be gone), so a later request with the same prompt
+    finds the whole prefix."""
+    scheduler = Scheduler(BlockAllocator(6, 4), token_budget=32, decode_slots=2)
+    old, young = Request(0, [1, 2, 3, 4], 16), Request(1, [7] * 9, 12)  # young: two full prompt blocks
+    scheduler.add(old)
+    scheduler.add(young)
+    cached_after_prefills, preempted = [], []
+    while scheduler.has_work():
+        entries = scheduler.schedule()
+        preempted += [r.id for r in scheduler.last_preempted]
+        for e in entries:  # what the engine does with the step's outcome
+            r = e.request
+            r.computed += len(e.tokens)
+            scheduler.register_full_blocks(r, r.computed)
+            if r.prefilling:
+                continue
+            if r is young and e.kind == "prefill":
+                cached_after_prefills.append(len(scheduler.allocator.lookup(prefix_hashes(young.prompt, 4))))
+            r.tokens.append(0)
+            r.generated += 1
+            if r.generated == r.max_new_tokens:
+                scheduler.finish(r, "length")
+    # The old request's growth preempted the young one, and evicted one of its cached blocks.
+    assert preempted == [1] and cached_after_prefills == [2, 2]
+    assert scheduler.allocator.all_free()
+
+
+def test_a_blocks_prefix_hash_covers_every_token_before_it() -> None:
+    """A block's hash is its whole prefix's, not its own tokens': blocks with equal tokens at other
+    positions, or after other tokens, never share KV (it differs by position and context). Hashed
+    alone, a prompt of one repeated token found its first block again as its second."""
+    first, second = prefix_hashes([7] * 8 + [1], 4)
+    assert first != second
+    assert prefix_hashes([1, 2, 3, 4], 2)[1] != prefix_hashes([9, 2, 3, 4], 2)[1]
+    allocator = BlockAllocator(4, 4)
+    blocks = [allocator.allocate(), allocator.allocate()]
+    for block, h in zip(blocks, (first, second)):
+        allocator.register(block, h)
+    assert allocator.lookup(prefix_hashes([7] * 8 + [2, 3], 4)) == blocks
+    assert allocator.lookup(prefix_hashes([7] * 4 + [5] * 4, 4)) == blocks[:1]
+
+
+def test_lookup_stops_at_the_first_prefix_block_not_cached() -> None:
+    """A cached prefix is the run of registered hashes from the first block on: a block whose
+    predecessor left the cache is not part of it (it would land at its predecessor's index)."""
+    allocator = BlockAllocator(4, 4)
+    hashes = prefix_hashes(list(range(12)), 4)
+    blocks = [allocator.allocate() for _ in hashes]
+    for block, h in zip(blocks, hashes):
+        allocator.register(block, h)
+        allocator.release(block)
+    allocator.forget(blocks[1])
+    assert allocator.lookup(hashes) == blocks[:1]
+    allocator.forget(blocks[0])
+    assert allocator.lookup(hashes) == [] and allocator.lookup(hashes[2:]) == blocks[2:]
+
+
+def test_blocks_a_window_passed_at_admission_are_never_offered_for_reuse() -> None:
+    """A windowed request admitted on a cached prefix whose leading blocks were evicted holds
+    placeholder entries for them (never read): registering its prompt blocks offers only the
+    ones it holds, never a placeholder's block id under an evicted block's hash (a later request
+    with that prefix would read another block's KV)."""
+    engine = ServingEngine(RandomProgram(0, sliding_window=6), token_budget=32, decode_slots=1, block_size=4,
+                           num_blocks=16, overlap=False)
+    prompt = [i % 7 for i in range(24)]
+    engine.run([Request(0, prompt, 3)])
+    cached = engine.allocator.lookup(prefix_hashes(prompt, 4))
+    for block in cached[:4]:
+        engine.allocator.forget(block)
+    second = Request(1, prompt + [5, 6, 1], 4)
+    engine.add(second)
+    engine.step()  # admitted past 4 passed blocks, its last 3 prompt tokens computed and registered
+    assert second.released == 4 and engine.allocator.lookup(prefix_hashes(prompt, 4)) == []
+    assert set(engine.allocator._hash_of) == set(cached[4:])
+    engine.run()
+    assert second.done and engine.allocator.all_free()
+
+
+def test_prompt_lookup_drafts_from_the_latest_earlier_occurrence() -> None:
+    """Prompt lookup proposes what followed the latest earlier occurrence of the last n-gram (the
+    most recent context), including one that overlaps the n-gram itself."""
+    assert prompt_lookup_draft([1, 2, 3, 1, 2, 4, 1, 2], 2) == [4, 1]
+    assert prompt_lookup_draft([5, 5, 5], 3) == [5]  # the occurrence just before the tail

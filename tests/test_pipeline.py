@@ -18,6 +18,13 @@ from tileflow.report import GraphReport
 aten = torch.ops.aten
 
 
+def _relu_to_sigmoid(gm: fx.GraphModule) -> None:
+    """A half-done rewrite for the pass manager to undo: every relu becomes a sigmoid."""
+    for node in gm.graph.nodes:
+        if node.target is aten.relu.default:
+            node.target = aten.sigmoid.default
+
+
 @register_pass
 class RaisingPass:
     """A deliberately failing pass: edits the graph, then raises."""
@@ -25,9 +32,7 @@ class RaisingPass:
     name = "test_raising"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        for node in gm.graph.nodes:
-            if node.target is aten.relu.default:
-                node.target = aten.sigmoid.default  # a half-done rewrite the manager must undo
+        _relu_to_sigmoid(gm)
         raise RuntimeError("boom")
 
 
@@ -388,9 +393,7 @@ class ReturnsNothingPass:
     name = "test_returns_nothing"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        for node in gm.graph.nodes:
-            if node.target is aten.relu.default:
-                node.target = aten.sigmoid.default
+        _relu_to_sigmoid(gm)
         return None  # type: ignore[return-value]
 
 

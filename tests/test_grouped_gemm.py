@@ -473,3 +473,33 @@ def test_kernel_writes_only_its_rows_and_reads_strided_offsets(target: str) -> N
     assert kernel(x.to(dev), w.to(dev), strided.to(dev), out=out) is out
     _assert_close(out.cpu(), _reference(x, w, offsets, "none"), torch.float32)
     assert torch.all(buf[m:] == -7.0) and torch.all(buf[:, N:] == -7.0), "a write past the groups' rows or N"
+
+
+def test_plan_range_is_the_rows_per_expert_of_the_m_range() -> None:
+    """A grouped plan is keyed by ceil(M / E): both ends of a compile-time M range map to it (an
+    unmapped m_min of 64 with E = 8 planned [64, 64] where dispatch asks for 8 to 64)."""
+    from tileflow.runtime import grouped_gemm_plan
+
+    plan = grouped_gemm_plan(64, 64, 8, torch.float32, "reference", "cpu", m_min=64, m_max=512)
+    assert (plan.m_min, plan.m_max) == (expected_group_rows(64, 8), expected_group_rows(512, 8)) == (8, 64)
+
+
+def test_eager_dispatch_picks_the_tile_of_the_rows_per_expert(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatch key is ceil(M / E), the rows one expert gets: M = 64 over 8 experts runs the
+    plan's tile for 8 rows, not the one for 64 (a different tile in this plan)."""
+    from tileflow import runtime
+    from tileflow.config import current_config
+
+    built: list[KernelSpec] = []
+    real = runtime.get_kernel
+    monkeypatch.setattr(runtime, "get_kernel", lambda target, spec, *a: built.append(spec) or real(target, spec, *a))
+    e, m, n, k = 8, 64, 64, 32
+    x, w = torch.randn(m, k), torch.randn(e, n, k)
+    offsets = torch.arange(1, e + 1, dtype=torch.int32) * (m // e)
+    with tileflow.use_config(tileflow.Config(target="reference")):
+        out = tileflow.ops.grouped_gemm(x, w, offsets)
+        plan = runtime.grouped_gemm_plan(n, k, e, torch.float32, "reference", "cpu", m_max=current_config().max_tokens)
+    want_tile = plan.piece_for(expected_group_rows(m, e)).config
+    assert want_tile != plan.piece_for(m).config
+    assert [spec.tile for spec in built] == [want_tile]
+    torch.testing.assert_close(out, torch.bmm(x.view(e, m // e, k), w.transpose(1, 2)).reshape(m, n))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,104 @@ def test_tileflow_residual_inductor(inputs) -> None:
         torch.testing.assert_close(compiled(x, *inputs[1:]), fn(x, *inputs[1:]), rtol=1e-4, atol=1e-4)
     [graph] = report.graphs
     assert graph.residual == "inductor"
+
+
+def _bad_op_calls() -> list[tuple[str, object]]:
+    """Calls of the GEMM ops that eager refuses (by the op's check or a kernel's): name, thunk."""
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    gemm = torch.ops.tileflow.padded_gemm
+    return [
+        ("residual of another M", lambda: gemm(x, w, None, torch.randn(1, 5))),
+        ("2-D bias", lambda: gemm(x, w, torch.randn(5, 1))),
+        ("weight_up of another shape", lambda: gemm(x, w, None, None, "swiglu", None, "", "", torch.randn(6, 4))),
+        ("weight_up without swiglu", lambda: gemm(x, w, None, None, "none", None, "", "", torch.randn(5, 4))),
+        ("3-D x", lambda: gemm(torch.randn(2, 4, 4), w)),
+        ("int64 offsets", lambda: torch.ops.tileflow.grouped_gemm(torch.randn(7, 4), torch.randn(2, 5, 4),
+                                                                   torch.tensor([3, 7]))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_op_calls())), ids=[name for name, _ in _bad_op_calls()])
+def test_fake_implementations_refuse_what_eager_refuses(case: int) -> None:
+    """Under torch.compile / torch.export only the fake implementation sees a call: each bad call
+    eager refuses must fail there too, not trace to a wrong shape (a 3-D x came out [2, 5]) and
+    fail, or misread, at run time."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with pytest.raises(ValueError):
+        _bad_op_calls()[case][1]()
+    with FakeTensorMode(), pytest.raises(ValueError):  # its tensors made in the mode: fake ones
+        _bad_op_calls()[case][1]()
+
+
+def test_fake_implementations_match_eager_shape_dtype_and_strides() -> None:
+    """Inductor and export plan buffers from the fake result: its shape, dtype and strides must be
+    the real op's (SwiGLU halves a stacked weight's rows; out_dtype; the batched grouped form keeps
+    x's leading dims; dense attention comes out stored as [B, S, H, D])."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def calls():
+        x, w, wg = torch.randn(3, 4), torch.randn(10, 4), torch.randn(2, 6, 4)
+        q, kv = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8)
+        qv, cache = torch.randn(5, 4, 8), torch.randn(3, 4, 2, 8)
+        table, cu, lens = (torch.tensor([[0, 1], [2, 0]], dtype=torch.int32), torch.tensor([0, 3, 5], dtype=torch.int32),
+                           torch.tensor([7, 4], dtype=torch.int32))
+        return [
+            lambda: torch.ops.tileflow.padded_gemm(x, w, None, None, "swiglu", torch.float64, "", "", None, None, False),
+            lambda: torch.ops.tileflow.padded_gemm(x, w, torch.randn(10), torch.randn(3, 10), "silu", None, "", ""),
+            lambda: torch.ops.tileflow.grouped_gemm(torch.randn(7, 4), wg, torch.tensor([3, 7], dtype=torch.int32),
+                                                    "swiglu", torch.float64),
+            lambda: torch.ops.tileflow.grouped_gemm(torch.randn(2, 3, 4), wg, None, "none", None),
+            lambda: torch.ops.tileflow.meta_attention(q, kv, kv, None, True),
+            lambda: torch.ops.tileflow.meta_attention_varlen(qv, cache, cache, table, cu, lens),
+        ]
+
+    want = [c() for c in calls()]
+    with FakeTensorMode():
+        got = [c() for c in calls()]
+    for g, w in zip(got, want):
+        assert (g.shape, g.dtype, g.stride()) == (w.shape, w.dtype, w.stride())
+
+
+@pytest.mark.parametrize("slopes", [[float("nan"), 0.5], [0.5, float("inf")], torch.tensor([0.5, float("-inf")]), [0.5]])
+def test_dense_attention_refuses_alibi_slopes_not_one_finite_number_per_head(slopes) -> None:
+    """The dense op's slopes are numbers baked into the call: a NaN one came out as a NaN head
+    instead of an error, and a short list would read past it."""
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="alibi_slopes must be 2 finite numbers"):
+        tileflow.ops.meta_attention(q, q, q, causal=True, alibi_slopes=slopes)
+
+
+def test_dense_attention_key_starts_past_int32_are_clamped_not_wrapped() -> None:
+    """`key_starts` are clamped to [0, S_kv] before the int32 cast: a start of 2**32 hides every key
+    (it wrapped to 0: every key seen) and one of 1 - 2**32 hides none (it wrapped to 1)."""
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    starts = torch.tensor([[2**32, 1 - 2**32, 2]])
+    got = tileflow.ops.meta_attention(q, k, v, key_starts=starts)
+    sees = torch.arange(5)[None, :] >= starts.clamp(0, 5)[0, :, None]
+    want = torch.nn.functional.scaled_dot_product_attention(q[:, :, 1:], k, v, attn_mask=sees[1:])
+    assert not got[:, :, 0].any()
+    torch.testing.assert_close(got[:, :, 1:], want, rtol=1e-5, atol=1e-5)
+
+
+def test_gemms_with_no_row_or_no_depth_keep_out_dtype_and_float64() -> None:
+    """M = 0 still answers in `out_dtype` (it came back in x's dtype), and a float64 GEMM of K = 0
+    is its bias exactly (an epilogue in float32 rounded it)."""
+    for out_dtype in (torch.float64, torch.float16):
+        out = padded_gemm(torch.randn(0, 5), torch.randn(4, 5), out_dtype=out_dtype)
+        assert (out.shape, out.dtype) == ((0, 4), out_dtype)
+    x, w, b = torch.randn(3, 0, dtype=torch.float64), torch.randn(4, 0, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    out = padded_gemm(x, w, b, residual=torch.zeros(3, 4, dtype=torch.float64))
+    assert out.dtype == torch.float64 and torch.equal(out, b.expand(3, 4))
+
+
+def test_dense_attention_softcap_runs_the_capped_kernel() -> None:
+    """A softcap call runs the kernel built with soft-capping (its flag is part of the kernel's
+    cache key) and caps the scaled scores: `softcap * tanh(scores / softcap)`."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 8, generator=gen) * s for s in (4, 4, 1))
+    scores = 0.5 * torch.tanh(q.double() @ k.double().transpose(-1, -2) / math.sqrt(8) / 0.5)
+    scores = scores.masked_fill(torch.ones(3, 3, dtype=torch.bool).triu(1), float("-inf"))
+    with tileflow.use_config(tileflow.Config(target="reference")):
+        got = tileflow.ops.meta_attention(q, k, v, causal=True, softcap=0.5)
+    torch.testing.assert_close(got.double(), torch.softmax(scores, -1) @ v.double(), rtol=1e-5, atol=1e-5)

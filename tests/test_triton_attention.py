@@ -964,3 +964,98 @@ def test_launcher_accepts_kernel_pair() -> None:
     assert_close(launch(*args, table), oracle(batch), "float32", "kernel pair")
     with pytest.raises(ValueError, match="merge kernel"):
         make_attention_launcher(spec, object())
+
+
+# --------------------------------------------------------------------------------------------
+# Mutation-audit additions: boundaries the tests above do not reach
+# --------------------------------------------------------------------------------------------
+
+
+def test_causal_spec_with_a_bias_that_hides_only_padding() -> None:
+    """causal=True with a bias that is zero over the future keys too (a key-padding mask only):
+    the bias ranges then call every unpadded key plain, and the kernel's unmasked run must still
+    stop at each tile's first row's position (40-key prompts, 8-row tiles: a tile's KV range
+    holds whole 16-key blocks that reach past its first rows)."""
+    gen = torch.Generator().manual_seed(13)
+    b, hq, hkv, s, d = 2, 2, 1, 40, 16
+    q, k, v = (torch.randn(b, h, s, d, generator=gen) for h in (hq, hkv, hkv))
+    mask = torch.zeros(b, 1, s, s)
+    mask[1, :, :, :3] = float("-inf")  # left padding of the second sequence
+    out = run_biased(q, k, v, mask, causal=True, block_q=8)
+    assert not out.isnan().any()
+    want = biased_oracle(q, k, v, mask, causal=True)
+    rel = ((out.double() - want).norm() / want.norm()).item()
+    assert rel < 1e-5, f"relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("window", [19, None])
+def test_key_starts_at_block_boundaries(window: int | None) -> None:
+    """Key starts where the unmasked run's bounds fall on block boundaries. With a window of 19
+    keys (wide enough for unmasked interior blocks) the run starts after the latest row's window
+    edge (q_pos - window, a hidden key), not one key earlier; without one, a causal tile whose
+    first row sits two keys before a block boundary (positions 46-49 of the chunk over a cached
+    prefix) keeps the key after its diagonal out of the run."""
+    lengths = [(60, 60), (22, 56)]
+    batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8,
+                        dtype=torch.float32, seed=31)
+    spec = attn_spec(gqa=2, block_q=4, sliding_window=window is not None, key_starts=True)
+    starts = torch.zeros(2, 60, dtype=torch.int32)
+    starts[0, 10:] = 10  # the first row packs [0, 10) and [10, 60)
+    starts[1, :22] = 30
+    out, _ = run_and_check(batch, spec, sliding_window=window, key_starts=starts.to(DEVICE),
+                           what=f"key starts, window {window}")
+    plain = oracle(batch, sliding_window=window)
+    assert (out.double().cpu() - plain).abs().max() > 0.1  # the starts hide keys the plain rule shows
+
+
+def test_two_column_block_table_is_paged() -> None:
+    """A two-column block table is a paged cache (the page size a constant of the kernel), not
+    the dense op's one page per sequence: positions past a sequence's first page are read from
+    its second page, wherever the table puts it."""
+    lengths = [(9, 12), (3, 7), (1, 16)]  # 8-slot pages: two columns
+    batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8,
+                        dtype=torch.float32, seed=3)
+    assert batch["block_table"].shape[1] == 2
+    run_and_check(batch, attn_spec(gqa=2, block_q=4), what="two-column block table")
+
+
+def test_softcap_scores_on_both_sides_of_the_series_cutoff() -> None:
+    """The soft-cap tanh of float32 kernels switches from its series to (1 - e) / (1 + e) at
+    |t| = 0.1: with cap 100 and scores between 9 and 11 the keys fall on both sides and their
+    weights differ by e^2 at most, so 1e-6 of tanh error on one side (1e-4 in the capped
+    scores) shows."""
+    lengths = [(3, 30), (1, 20)]
+    batch = paged_batch(lengths, num_q_heads=2, num_kv_heads=2, head_dim=16, block_size=8,
+                        dtype=torch.float32, seed=17)
+    q = torch.zeros_like(batch["q"])
+    q[..., 0] = 1.0
+    k = batch["k_cache"].clone()
+    k[..., 0] = 10.0 + torch.tanh(k[..., 0])  # scores q . k = k[0] in (9, 11); NaN stays NaN
+    batch = dict(batch, q=q, k_cache=k)
+    spec = attn_spec(gqa=1, block_q=4, softcap=True)
+    args = [batch[n] for n in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seqlens_kv")]
+    out = torch.full_like(q, float("nan"))
+    build_attention_kernel(spec)(*args, table_for(batch, spec), scale=1.0, softcap=100.0, out=out)
+    assert_close(out, oracle(batch, scale=1.0, softcap=100.0), "float32", "softcap near the cutoff")
+
+
+def test_wide_offsets_at_exactly_two_to_the_31() -> None:
+    """A strided cache whose largest element offset is exactly 2**31 needs int64 offsets (int32
+    holds up to 2**31 - 1); one whose largest offset is 2**31 - 1 does not."""
+    from tileflow.backends.triton import attention as triton_attention
+
+    wide = triton_attention._needs_wide_offsets
+    assert wide(torch.empty_strided((2, 1), (2**31, 1), device="meta"))
+    assert not wide(torch.empty_strided((2, 1), (2**31 - 1, 1), device="meta"))
+
+
+def test_alibi_over_long_distances_not_causal() -> None:
+    """Non-causal ALiBi over a 136-key prompt with slopes up to 1: keys far after a query gain up
+    to 135 from the bias (195 in base 2, past float32's exp2 range), so the unmasked blocks'
+    running max must take in each block's bias as their scores do, or exp2 overflows."""
+    lengths = [(136, 136), (3, 90)]
+    batch = paged_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                        dtype=torch.float32, seed=37)
+    slopes = torch.tensor([1.0, 0.5, 0.25, 0.125], device=DEVICE)
+    spec = attn_spec(gqa=2, block_q=8, causal=False, alibi=True)
+    run_and_check(batch, spec, alibi_slopes=slopes, what="alibi over long distances")

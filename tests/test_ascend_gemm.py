@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -116,6 +117,19 @@ def test_round_then_cast_converts_the_rounded_result(kernels) -> None:
     assert torch.equal(kernels[rounded](inputs["x"], inputs["weight"]), out_direct.half().float())
 
 
+def test_float16_output_is_the_float_accumulator_rounded_to_nearest_even(kernels) -> None:
+    """The final cast to a half output rounds to nearest even like eager's `.half()`: the float16
+    kernel's output is exactly the `cast` kernel's float32 output (the same accumulator) rounded,
+    which the float16 tolerance of the reference check cannot tell from a truncation."""
+    half_out, float_out = gemm_spec("float16"), gemm_spec("float16", ("cast",))
+    inputs = make_inputs(half_out, "cpu", 37, seed=23)
+    got = kernels[half_out](inputs["x"], inputs["weight"])
+    exact = kernels[float_out](inputs["x"], inputs["weight"])
+    assert got.dtype == torch.float16 and exact.dtype == torch.float32
+    assert not torch.equal(exact, exact.half().float()), "the accumulator needs bits a half cannot hold"
+    assert torch.equal(got, exact.half())
+
+
 def test_large_tile_runs_its_epilogue_in_ub_slices(kernels) -> None:
     layout = gemm_layout(BIG_TILE_SPEC)
     assert layout.ub_rows < layout.block_m or layout.buffer_num == 1
@@ -131,11 +145,29 @@ def test_fewer_blocks_than_tiles_cover_every_tile(kernels) -> None:
         run_case(kernels[spec], spec, 1000, seed=blocks, num_programs=blocks)
 
 
+def test_host_tiling_launches_min_of_tiles_and_cores_blocks(kernels) -> None:
+    """`blockDim = min(tiles, cores)`: a small M never launches blocks that have no tile (each
+    would still set up its Matmul on an AI core), a large one is capped at the cores."""
+    import ctypes
+
+    from tileflow.backends.ascend.cpu_debug import CpuDebugLibrary
+    from tileflow.backends.ascend.gemm import gemm_entry
+
+    spec = gemm_spec("float32")  # N = 40: 2 N tiles of 32
+    kernel = kernels[spec]
+    lib = CpuDebugLibrary(kernel.meta["sources"], Path(kernel.meta["library"]))
+    name = gemm_entry(spec).name
+    tiling = torch.zeros(int(lib.call(f"{name}_tiling_size", restype=ctypes.c_uint32)), dtype=torch.uint8)
+    for m, cores, expected in ((1, 24, 2), (17, 24, 4), (1000, 24, 24), (1000, 200, 126)):
+        block_dim = ctypes.c_uint32(0)
+        assert lib.call(f"{name}_tiling", ctypes.c_uint32(m), ctypes.c_uint32(cores), tiling, ctypes.byref(block_dim)) == 0
+        assert block_dim.value == expected, (m, cores, block_dim.value)
+
+
 def test_concurrent_launches_keep_their_own_errors(kernels) -> None:
     # ctypes releases the GIL during a launch: a failing launch on one thread must neither stop
     # nor fail a valid launch on another, and must still raise itself.
     import ctypes
-    import threading
 
     from tileflow.backends.ascend.cpu_debug import CpuDebugLibrary
     from tileflow.backends.ascend.gemm import gemm_entry
@@ -318,8 +350,6 @@ def test_device_branch_gives_the_kernels_their_tiling_headers(tmp_path: Path) ->
 
 def _in_two_threads(fn) -> tuple[list, list[BaseException]]:
     """Run `fn` on two threads at once: (what the calls returned, what they raised)."""
-    import threading
-
     results: list = []
     errors: list[BaseException] = []
 
@@ -382,18 +412,46 @@ def test_builds_share_a_precompiled_prelude_g_plus_plus_can_use_or_skip(tmp_path
     run_case(build_cpu_debug_kernel(second, [HEADERS], build_dir=tmp_path), second, 7, seed=3)
 
 
-def test_npu_build_never_loads_a_partial_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # CMake for the NPU cannot run here: its two commands are mocked. The library is loaded only
-    # after a build finished and moved it into place; a killed build, a leftover of the old
-    # in-place layout and a racing builder must never be loaded half-written.
-    import threading
+def test_sources_digest_changes_with_every_file() -> None:
+    """A build is reused only for the same sources: changing any one emitted file (the host
+    tiling as much as the kernel) changes `KernelSources.digest`, the key of CPU and NPU builds."""
+    from dataclasses import replace
 
+    sources = render_sources(gemm_spec("float16", ("bias",)))
+    base = sources.digest()
+    assert replace(sources, files=dict(sources.files)).digest() == base
+    for path in sources.files:
+        files = dict(sources.files)
+        files[path] += "// changed\n"
+        assert replace(sources, files=files).digest() != base, f"{path} is not in the build key"
+
+
+def test_changed_cpu_headers_rebuild_the_library_and_the_prelude(tmp_path: Path) -> None:
+    """The CPU-debug cache is keyed by the Ascend C headers' content: the same headers in another
+    folder reuse the library, changed headers get a library and a precompiled prelude of their
+    own (a stale prelude or library would run the old headers' semantics)."""
+    spec = gemm_spec("float16", ("bias",))
+    headers, builds = tmp_path / "headers", tmp_path / "builds"
+    shutil.copytree(HEADERS, headers)
+    first = build_cpu_debug_kernel(spec, [headers], build_dir=builds)
+    assert build_cpu_debug_kernel(spec, [HEADERS], build_dir=builds).meta["library"] == first.meta["library"]
+    with open(headers / "kernel_operator.h", "a") as f:
+        f.write("\n// a changed header\n")
+    changed = build_cpu_debug_kernel(spec, [headers], build_dir=builds)
+    assert changed.meta["library"] != first.meta["library"], "a changed header reused the old library"
+    assert len(list(builds.glob("prelude-*/prelude.h.gch"))) == 2, "a changed header reused the old prelude"
+    run_case(changed, spec, 7, seed=4)
+
+
+def _mock_npu_build(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[bytes], threading.Event]:
+    """Mock CMake and the loaders of `project.build_npu_kernel` (CMake for the NPU cannot run
+    here): each build's folder, each loaded library's bytes, and an event that kills the next
+    build half-way through writing its library."""
     import tileflow.devices
     from tileflow.backends.ascend import project
 
-    sources = render_sources(gemm_spec("float16"))
-    root = tmp_path / f"{sources.ident}-{sources.digest()}"
     builds: list[str] = []
+    loaded: list[bytes] = []
     kill_next = threading.Event()
 
     def fake_run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -408,11 +466,22 @@ def test_npu_build_never_loads_a_partial_library(tmp_path: Path, monkeypatch: py
             builds.append(cmd[2])
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    loaded: list[bytes] = []
     monkeypatch.setattr(project.subprocess, "run", fake_run)
     monkeypatch.setattr(torch.ops, "load_library", lambda path: loaded.append(Path(path).read_bytes()))
     monkeypatch.setattr(project.ctypes, "CDLL", lambda path: object())
     monkeypatch.setattr(tileflow.devices, "detect_device", lambda kind: type("D", (), {"cores": 24})())
+    return builds, loaded, kill_next
+
+
+def test_npu_build_never_loads_a_partial_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CMake for the NPU cannot run here: its two commands are mocked. The library is loaded only
+    # after a build finished and moved it into place; a killed build, a leftover of the old
+    # in-place layout and a racing builder must never be loaded half-written.
+    from tileflow.backends.ascend import project
+
+    sources = render_sources(gemm_spec("float16"))
+    root = tmp_path / f"{sources.ident}-{sources.digest()}"
+    builds, loaded, kill_next = _mock_npu_build(monkeypatch)
 
     # A partial library where the old layout built in place, as a killed build left it.
     (root / "build").mkdir(parents=True)
@@ -428,6 +497,51 @@ def test_npu_build_never_loads_a_partial_library(tmp_path: Path, monkeypatch: py
     assert loaded == [b"\x7fELF whole library"] * 2 and 1 <= len(builds) <= 2
     project.build_npu_kernel(sources, tmp_path)  # cached: no third build
     assert len(builds) <= 2 and loaded[-1] == b"\x7fELF whole library"
+
+
+def test_npu_build_is_keyed_by_the_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A changed emitter changes a kernel's sources but not its identifier (the spec's digest):
+    the NPU build of the new sources must not reuse the library built from the old ones."""
+    from dataclasses import replace
+
+    from tileflow.backends.ascend import project
+
+    builds, _, _ = _mock_npu_build(monkeypatch)
+    sources = render_sources(gemm_spec("float16"))
+    project.build_npu_kernel(sources, tmp_path)
+    project.build_npu_kernel(sources, tmp_path)
+    assert len(builds) == 1, "the same sources were built twice"
+    files = dict(sources.files)
+    files[sources.kernel_file] += "// a changed emitter\n"
+    project.build_npu_kernel(replace(sources, files=files), tmp_path)
+    assert len(builds) == 2, "changed sources reused the old library"
+
+
+def test_npu_build_is_keyed_by_the_toolchain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The NPU library links against torch, torch_npu and CANN: after any of them changed, the
+    same sources are built again instead of loading a library built against the old ones."""
+    from tileflow.backends.ascend import project
+
+    builds, _, _ = _mock_npu_build(monkeypatch)
+    sources = render_sources(gemm_spec("float16"))
+    monkeypatch.setenv("ASCEND_HOME_PATH", "/opt/cann-a")
+    project.build_npu_kernel(sources, tmp_path)
+    project.build_npu_kernel(sources, tmp_path)
+    assert len(builds) == 1, "the same toolchain built twice"
+    monkeypatch.setenv("ASCEND_HOME_PATH", "/opt/cann-b")
+    project.build_npu_kernel(sources, tmp_path)
+    assert len(builds) == 2, "another CANN toolkit reused the old library"
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    project.build_npu_kernel(sources, tmp_path)
+    assert len(builds) == 3, "another torch reused the old library"
+    latest = tmp_path / "latest"  # the toolkit's `latest` link, moved to a new version
+    for n, version in enumerate(("8.0", "8.1"), start=4):
+        (tmp_path / version).mkdir()
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(tmp_path / version)
+        monkeypatch.setenv("ASCEND_HOME_PATH", str(latest))
+        project.build_npu_kernel(sources, tmp_path)
+        assert len(builds) == n, "a CANN upgrade behind the same link reused the old library"
 
 
 def test_target_ascend_without_torch_npu_says_what_is_missing() -> None:

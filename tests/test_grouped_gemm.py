@@ -475,6 +475,26 @@ def test_kernel_writes_only_its_rows_and_reads_strided_offsets(target: str) -> N
     assert torch.all(buf[m:] == -7.0) and torch.all(buf[:, N:] == -7.0), "a write past the groups' rows or N"
 
 
+def test_ascend_kernel_masks_each_group_tail_at_its_end_row() -> None:
+    """The Ascend kernel's out must be contiguous, so the window test above cannot run on it: here
+    x holds rows past offsets[-1], which stay unwritten, and over 3 blocks tiles of later slots
+    run before earlier ones (blocks run in turn), so a group's tail tile that wrote past its own
+    end row (into the next group's rows, with its own expert's weight) would be caught."""
+    from tileflow.backends.ascend import build_cpu_debug_kernel
+
+    spec = grouped_gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=N, k=K, experts=3, tile=TileConfig(16, 32, 32))
+    kernel = build_cpu_debug_kernel(spec, [ASCEND_HEADERS])
+    x, w, offsets = _inputs(GROUP_SIZES[3] + [4], N, torch.float32, 9, True)
+    w, offsets = w[:3], offsets[:3]  # x keeps 4 rows past the last group
+    rows = int(offsets[-1])
+    assert x.shape[0] == rows + 4
+    for num_programs in (None, 3):
+        out = torch.full((x.shape[0], N), float("nan"))
+        assert kernel(x, w, offsets, out=out, num_programs=num_programs) is out
+        _assert_close(out[:rows], _reference(x[:rows], w, offsets, "none"), torch.float32)
+        assert torch.isnan(out[rows:]).all(), f"rows past offsets[-1] were written (num_programs={num_programs})"
+
+
 def test_plan_range_is_the_rows_per_expert_of_the_m_range() -> None:
     """A grouped plan is keyed by ceil(M / E): both ends of a compile-time M range map to it (an
     unmapped m_min of 64 with E = 8 planned [64, 64] where dispatch asks for 8 to 64)."""

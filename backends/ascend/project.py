@@ -13,6 +13,7 @@ Layout written by `write_project(sources, out_dir)`:
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -171,9 +172,10 @@ def build_npu_kernel(
     """
     from tileflow.devices import detect_device
 
-    # Keyed by the sources' content, so a changed emitter never reuses a stale build.
+    # Keyed by the sources' content, so a changed emitter never reuses a stale build, and by the
+    # toolchain the library links against (another torch, torch_npu or CANN rebuilds it).
     root = (artifact_dir or cache_root() / "npu") / f"{sources.ident}-{sources.digest()}"
-    lib_path = root / f"lib{LIBRARY}.so"
+    lib_path = root / f"lib{LIBRARY}-{_toolchain_key()}.so"
     if not lib_path.exists():
         _build_into(sources, root, lib_path)
     torch.ops.load_library(str(lib_path))
@@ -188,6 +190,23 @@ def build_npu_kernel(
         getattr(getattr(torch.ops, TORCH_NAMESPACE), entry.name)(*tensors, block_dim)
 
     return host_call, launch, detect_device("npu").cores
+
+
+def _toolchain_key() -> str:
+    """A short hash of what an NPU build compiles and links against besides its sources: the
+    torch and torch_npu versions and the CANN toolkit (ASCEND_HOME_PATH, as CMake finds it,
+    resolved: `ascend-toolkit/latest` is a link that an upgrade points at the new version)."""
+    from importlib import metadata
+
+    from . import _cann_home
+
+    try:
+        torch_npu = metadata.version("torch_npu")
+    except metadata.PackageNotFoundError:
+        torch_npu = ""
+    cann = _cann_home()
+    parts = (torch.__version__, torch_npu, os.path.realpath(cann) if cann else "")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
 def _build_into(sources: KernelSources, root: Path, lib_path: Path) -> None:

@@ -264,3 +264,111 @@ def test_dense_attention_softcap_runs_the_capped_kernel() -> None:
     with tileflow.use_config(tileflow.Config(target="reference")):
         got = tileflow.ops.meta_attention(q, k, v, causal=True, softcap=0.5)
     torch.testing.assert_close(got.double(), torch.softmax(scores, -1) @ v.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_cache_keeps_one_kernel_per_target() -> None:
+    """One spec built for two targets gives two kernels, each built by its own target's backend:
+    the target is part of the kernel cache's key (keyed by the spec alone, the second target got
+    the first one's kernel)."""
+    from tileflow.kernel_spec import TileConfig
+    from tileflow.lower import gemm_spec
+    from tileflow.runtime import compiled_kernels, get_kernel
+
+    spec = gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=8, k=8, tile=TileConfig(16, 16, 16))
+    kernels = {target: get_kernel(target, spec) for target in ("reference", "triton")}
+    assert {target: kernel.target for target, kernel in kernels.items()} == {"reference": "reference", "triton": "triton"}
+    assert get_kernel("reference", spec) is kernels["reference"]  # built once per (target, spec)
+    built = sorted(k.target for k in compiled_kernels("padded_gemm") if k.spec == spec)
+    assert {"reference", "triton"} <= set(built) and len(built) == len(set(built))
+
+
+def test_a_gemm_outside_its_plans_range_runs_the_nearest_piece() -> None:
+    """A node's plan covers the M range it was compiled for; a call below or above it runs the
+    nearest piece's kernel (with a warning), never fails. (Clamped only from above, an M below
+    m_min asked the plan for a piece it has not: ValueError.)"""
+    from tileflow.runtime import encode_plan, gemm_plan
+
+    plan = encode_plan(gemm_plan(8, 16, torch.float32, "reference", "cpu", m_min=4, m_max=32))
+    w = torch.randn(8, 16)
+    for m in (2, 40):
+        x = torch.randn(m, 16)
+        out = torch.ops.tileflow.padded_gemm(x, w, None, None, "none", None, plan, "reference", None, None, False)
+        torch.testing.assert_close(out, x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [0.0, -1.0, float("inf")])
+def test_attention_ops_refuse_a_softcap_that_is_not_positive_and_finite(softcap: float) -> None:
+    """A soft-cap of 0 divides the scores by 0 (`softcap * tanh(scores / softcap)`: NaN rows, not
+    an error); the varlen and the dense op refuse it, as they refuse negative and infinite ones."""
+    q, cache = torch.randn(1, 2, 8), torch.randn(2, 4, 2, 8)
+    table, cu, lens = (torch.tensor(v, dtype=torch.int32) for v in ([[0, 1]], [0, 1], [8]))
+    with pytest.raises(ValueError, match="softcap must be a number > 0"):
+        tileflow.ops.meta_attention_varlen(q, cache, cache.clone(), table, cu, lens, softcap=softcap)
+    dense = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="softcap must be a number > 0"):
+        tileflow.ops.meta_attention(dense, dense, dense, causal=True, softcap=softcap)
+
+
+def test_a_windowed_varlen_call_builds_its_tasks_for_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The varlen op builds its task table for the call's sliding window: a decode at position 63
+    under a window of 8 reads only keys 56..63, and equals attention over them. (A table built
+    without the window was refused by the kernel, whose masking it does not match.)"""
+    import tileflow.runtime.attention as attention
+
+    tables = []
+    build = attention._attention_kernel
+
+    def recording_kernel(*args, **kwargs):
+        kernel = build(*args, **kwargs)
+
+        def launch(*launch_args, **launch_kwargs):
+            tables.append(launch_args[6])  # q, k_cache, v_cache, block_table, cu, lens, table
+            return kernel(*launch_args, **launch_kwargs)
+        return launch
+
+    monkeypatch.setattr(attention, "_attention_kernel", recording_kernel)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=gen) for shape in ((1, 2, 8), (16, 4, 1, 8), (16, 4, 1, 8)))
+    table = torch.arange(16, dtype=torch.int32)[None]
+    cu, lens = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([64], dtype=torch.int32)
+    with tileflow.use_config(tileflow.Config(target="reference")):
+        got = tileflow.ops.meta_attention_varlen(q, k, v, table, cu, lens, sliding_window=8)
+    (tasks,) = tables
+    assert tasks.sliding_window == 8
+    assert tasks.tasks[:, 4].min() >= 56 and tasks.tasks[:, 5].max() == 64
+    keys, values = k.reshape(64, 8)[56:].double(), v.reshape(64, 8)[56:].double()
+    want = torch.softmax(q.double() @ keys.t() / math.sqrt(8), -1) @ values
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_round_first_is_part_of_the_gemm_kernels_key() -> None:
+    """`round_first` changes the kernel (a `round` entry in its epilogue), so it is part of the
+    spec the runtime caches kernels by: the same float16 GEMM into float32 runs both ways in one
+    process, 300 * 300 = 90000 rounded to float16 first (inf, as `F.linear(x, w).float()`) or not.
+    (Left out of the spec, both calls ran the first-built kernel.)"""
+    x, w = torch.full((3, 1), 300.0, dtype=torch.float16), torch.full((2, 1), 300.0, dtype=torch.float16)
+    with tileflow.use_config(tileflow.Config(target="reference")):
+        exact = padded_gemm(x, w, out_dtype=torch.float32)
+        rounded = padded_gemm(x, w, out_dtype=torch.float32, round_first=True)
+    assert exact.dtype == rounded.dtype == torch.float32
+    assert torch.equal(exact, torch.full((3, 2), 90000.0)) and torch.isinf(rounded).all()
+
+
+def test_a_batch_of_decodes_beside_prompts_fills_every_row() -> None:
+    """A batch mixing decode-sized query runs and longer ones launches one kernel per tile height:
+    every sequence's rows are written, by its own launch (with the decode launch dropped, the
+    decodes' rows were never written: whatever `torch.empty` held)."""
+    from tileflow.backends.reference.attention import attention_reference_dense
+
+    gen = torch.Generator().manual_seed(3)
+    q_lens, kv_lens = [1, 12, 2], [9, 12, 6]  # 1 and 2 rows fit a decode tile (8 positions at gqa 2)
+    q = torch.randn(sum(q_lens), 4, 16, generator=gen)
+    k_cache, v_cache = (torch.randn(8, 4, 2, 16, generator=gen) for _ in range(2))
+    block_table = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 0]], dtype=torch.int32)
+    cu = torch.tensor([0, 1, 13, 15], dtype=torch.int32)
+    lens = torch.tensor(kv_lens, dtype=torch.int32)
+    batch = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, cu_seqlens_q=cu, seqlens_kv=lens)
+    with tileflow.use_config(tileflow.Config(target="reference")):
+        got = tileflow.ops.meta_attention_varlen(**batch)
+    want = attention_reference_dense(**batch)
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=1e-5)

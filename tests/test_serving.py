@@ -1474,3 +1474,76 @@ def test_prompt_lookup_drafts_from_the_latest_earlier_occurrence() -> None:
     most recent context), including one that overlaps the n-gram itself."""
     assert prompt_lookup_draft([1, 2, 3, 1, 2, 4, 1, 2], 2) == [4, 1]
     assert prompt_lookup_draft([5, 5, 5], 3) == [5]  # the occurrence just before the tail
+
+
+def test_a_preempted_request_goes_back_to_the_head_of_the_queue() -> None:
+    """A preempted request is queued first, before requests that arrived after it (FCFS: it is
+    older), so it is admitted again before them. (Queued last, a later request took its place.)"""
+    scheduler = Scheduler(BlockAllocator(6, 4), token_budget=32, decode_slots=2)
+    old, young, late = Request(0, [1, 2, 3, 4], 16), Request(1, [7] * 9, 12), Request(2, [5] * 4, 2)
+    for r in (old, young, late):
+        scheduler.add(r)
+    admitted, preempted = [], []
+    while scheduler.has_work():
+        entries = scheduler.schedule()
+        if scheduler.last_preempted:
+            preempted += scheduler.last_preempted
+            assert list(scheduler.waiting) == [young, late]
+        admitted += [e.request.id for e in entries if e.kind == "prefill" and e.start == 0]
+        for e in entries:  # what the engine does with the step's outcome
+            r = e.request
+            r.computed += len(e.tokens)
+            if r.prefilling:
+                continue
+            r.tokens.append(0)
+            r.generated += 1
+            if r.generated == r.max_new_tokens:
+                scheduler.finish(r, "length")
+    assert preempted == [young] and admitted == [0, 1, 1, 2]
+    assert scheduler.allocator.all_free()
+
+
+def test_a_step_whose_budget_is_spent_admits_no_one() -> None:
+    """Admission needs budget left after the running requests' tokens: a prompt chunk that spends
+    the whole budget leaves the next request waiting, with no blocks and no (empty) prompt chunk
+    of zero tokens, which the engine would pack as zero rows and read a prediction off another
+    request's row."""
+    scheduler = Scheduler(BlockAllocator(8, 4), token_budget=4, decode_slots=2)
+    first, second = Request(0, [1, 2, 3, 4], 2), Request(1, [5, 6, 7], 2)
+    scheduler.add(first)
+    scheduler.add(second)
+    entries = scheduler.schedule()
+    assert [(e.request.id, e.kind, len(e.tokens)) for e in entries] == [(0, "prefill", 4)]
+    assert list(scheduler.waiting) == [second] and not second.blocks
+    first.computed, first.tokens = 4, first.tokens + [9]  # what the engine does with the step's outcome
+    first.generated = 1
+    entries = scheduler.schedule()  # a decode slot, then the waiting prompt in the budget left
+    assert [(e.request.id, e.kind, len(e.tokens)) for e in entries] == [(0, "decode", 1), (1, "prefill", 3)]
+
+
+class _CountingProgram(RandomProgram):
+    """A model whose every row predicts its input token plus one."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+    def run(self, inputs, attention):
+        super().run(inputs, attention)  # the attention stages, into the KV cache
+        return [torch.nn.functional.one_hot((inputs[0][0] + 1) % VOCAB, VOCAB).float()[None]]
+
+
+def test_a_verify_keeps_the_accepted_drafts_and_the_models_token_after_them() -> None:
+    """A verify whose drafts are accepted in part: the request keeps the accepted ones and the
+    model's pick after the last of them (not after the last draft), and its computed KV ends
+    there, the rejected drafts' positions left to be written again."""
+    engine = ServingEngine(_CountingProgram(), token_budget=16, decode_slots=1, max_draft=3, block_size=4,
+                           num_blocks=16, overlap=False)
+    request = Request(0, [2, 3, 4, 9, 2], 6)
+    engine.add(request)
+    engine.step()  # the prefill picks 3
+    (entry,) = engine.step()  # prompt lookup drafts [4, 9, 2] after "2 3"; the model picks 4, 5, 10, 3
+    assert (entry.kind, entry.tokens) == ("verify", [3, 4, 9, 2])
+    assert request.tokens[5:] == [3, 4, 5] and request.computed == len(request.tokens) - 1 == 7
+    assert (engine.metrics.drafted, engine.metrics.accepted) == (3, 1)
+    engine.run()
+    assert request.tokens[5:] == [3, 4, 5, 6, 7, 8] and engine.allocator.all_free()

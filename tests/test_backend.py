@@ -98,6 +98,26 @@ def test_logging_is_silent_by_default_and_on_with_env() -> None:
     assert bad.returncode != 0 and "TILEFLOW_LOG='chatty' is not a log level" in bad.stderr
 
 
+def test_configure_from_env_adds_one_handler_and_reads_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`configure_from_env` runs at import and again for every backend: it must attach its stderr
+    handler once (twice printed every message twice), and read `TILEFLOW_LOG= Debug ` as debug."""
+    import logging
+
+    from tileflow.log import configure_from_env, get_logger
+
+    logger = get_logger()
+    saved_handlers, saved_level = list(logger.handlers), logger.level
+    try:
+        logger.handlers = [h for h in logger.handlers if not getattr(h, "_tileflow_handler", False)]
+        monkeypatch.setenv("TILEFLOW_LOG", " Debug ")
+        configure_from_env()
+        configure_from_env()
+        assert logger.level == logging.DEBUG
+        assert sum(bool(getattr(h, "_tileflow_handler", False)) for h in logger.handlers) == 1
+    finally:
+        logger.handlers, logger.level = saved_handlers, saved_level
+
+
 def test_explain_report_prints_and_round_trips() -> None:
     model = build("llama")
     ids = torch.randint(0, VOCAB, (1, 7))

@@ -782,3 +782,249 @@ def test_an_unreadable_file_is_a_cannot_read_error(unreadable: str, tmp_path: Pa
         result = CliRunner().invoke(main, ["report", str(root)])
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
         assert result.output.strip() == f"error: cannot read {root / unreadable}: Input/output error"
+
+
+# ---------------------------------------------------------------------------------------------
+# what a user debugging a pass reads: marks, code diff, reasons, escaping, determinism
+
+
+def edit_graph_report(root: Path, gid: str, **fields: Any) -> None:
+    """Set `fields` on graph `gid`'s entry in both the root report.json and the graph's own one."""
+    report = json.loads((root / "report.json").read_text())
+    for entry in report["graphs"]:
+        if entry["graph_id"] == gid:
+            entry.update(fields)
+            (root / gid / "report.json").write_text(json.dumps(entry))
+    (root / "report.json").write_text(json.dumps(report))
+
+
+def test_diff_marks_name_each_node_once_and_see_dtype_and_kwargs_changes() -> None:
+    """A node whose only change is its dtype or a keyword argument is "changed"; an added node is
+    "added" only, never also "changed" (it has nothing to differ from)."""
+    from tileflow.viz import diff_marks
+
+    before = tiny_nodes()
+    before[1] = {**before[1], "dtype": "float32", "kwargs": {"inplace": False}}
+    dtype_only = [*before[:1], {**before[1], "dtype": "float16"}, before[2]]
+    kwargs_only = [*before[:1], {**before[1], "kwargs": {"inplace": True}}, before[2]]
+    extra = {"name": "relu_1", "op": "call_function", "target": "aten.relu.default", "args": ["%relu"], "kwargs": {},
+             "users": ["output"], "module": "act"}
+    added = [*before[:2], extra, before[2]]
+    assert diff_marks(before, dtype_only) == {"added": [], "removed": [], "changed": ["relu"]}
+    assert diff_marks(before, kwargs_only) == {"added": [], "removed": [], "changed": ["relu"]}
+    assert diff_marks(before, added) == {"added": ["relu_1"], "removed": [], "changed": []}
+    assert diff_marks(added, before) == {"added": [], "removed": ["relu_1"], "changed": []}
+
+
+def test_code_diff_adds_the_after_code_and_removes_the_before_code(tmp_path: Path) -> None:
+    """The page colors `+` lines as what the pass added: they must be the after code's lines,
+    and the file names say which side is which."""
+    root = make_debug_dir(tmp_path / "dd")
+    passes = root / "graph_000" / "passes"
+    (passes / "00_noop.before.py").write_text("def forward(x):\n    return aten_linear(x)\n")
+    (passes / "00_noop.after.py").write_text("def forward(x):\n    return padded_gemm(x)\n")
+    [p] = collect(root)["graphs"][0]["passes"]
+    lines = p["diff"].splitlines()
+    assert lines[:2] == ["--- noop.before.py", "+++ noop.after.py"]
+    assert "+    return padded_gemm(x)" in lines and "-    return aten_linear(x)" in lines
+
+
+def test_a_rolled_back_pass_and_fallbacks_keep_their_reasons(tmp_path: Path) -> None:
+    """A pass that failed (rolled back) and the nodes left to fallbacks carry their reasons into
+    the page: without them a user cannot tell why a pass did nothing."""
+    root = make_debug_dir(tmp_path / "dd")
+    report = json.loads((root / "report.json").read_text())
+    passes = [{**report["graphs"][0]["passes"][0], "error": "RuntimeError: boom <in> & out"}]
+    fallbacks = [{"node": "relu", "reason": "unsupported dtype float64", "pass_name": "noop", "graph": "graph_000"}]
+    edit_graph_report(root, "graph_000", passes=passes, fallbacks=fallbacks)
+    [graph] = collect(root)["graphs"]
+    assert graph["passes"][0]["error"] == "RuntimeError: boom <in> & out"
+    assert graph["fallbacks"] == fallbacks
+
+
+def test_a_snapshot_with_more_nodes_than_recorded_is_refused(tmp_path: Path) -> None:
+    """Mixed runs are caught whichever run's graph is bigger, not only when a node is missing."""
+    root = make_debug_dir(tmp_path / "dd")
+    bigger = tiny_nodes()
+    bigger.insert(2, {"name": "relu_1", "op": "call_function", "target": "aten.relu.default", "args": ["%relu"],
+                      "kwargs": {}, "users": ["output"], "module": "act"})
+    (root / "graph_000" / "passes" / "00_noop.before.json").write_text(json.dumps(bigger))
+    line = one_error_line(CliRunner().invoke(viz_command, [str(root), "-o", str(tmp_path / "page.html")]))
+    assert "records 3 nodes before pass 0 (noop) but" in line and "holds 4" in line, line
+
+
+def test_graph_reports_that_differ_in_their_passes_are_refused(tmp_path: Path) -> None:
+    """The root report and a graph's own report.json that list different passes (another run's
+    pipeline) are two compiles, even when their node counts agree."""
+    root = make_debug_dir(tmp_path / "dd")
+    own = json.loads((root / "graph_000" / "report.json").read_text())
+    own["passes"][0]["name"] = "canonicalize"
+    (root / "graph_000" / "report.json").write_text(json.dumps(own))
+    line = one_error_line(CliRunner().invoke(viz_command, [str(root), "-o", str(tmp_path / "page.html")]))
+    assert "describe different compiles of graph_000" in line, line
+
+
+def test_page_data_does_not_depend_on_the_order_files_are_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unlisted graph folders and kernel files the report does not name come out sorted, so the
+    same debug_dir gives the same page whatever order the file system lists it in."""
+    root = make_debug_dir(tmp_path / "dd", {"graph_000": tiny_nodes(), "graph_001": tiny_nodes(), "graph_002": tiny_nodes(),
+                                            "graph_003": tiny_nodes()})
+    report = json.loads((root / "report.json").read_text())
+    report["graphs"] = report["graphs"][3:]
+    (root / "report.json").write_text(json.dumps(report))
+    for name in ("a_helper.py", "m_helper.py", "z_helper.py"):
+        (root / "graph_003" / "kernels" / name).write_text(f"# {name}\n")
+    first = collect(root)
+    real_iterdir, real_rglob = Path.iterdir, Path.rglob
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(real_iterdir(self), reverse=True)))
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: iter(sorted(real_rglob(self, pattern), reverse=True)))
+    second = collect(root)
+    assert first["source"]["unlisted"] == second["source"]["unlisted"] == ["graph_000", "graph_001", "graph_002"]
+    names = [k["name"] for k in second["graphs"][0]["kernels"]]
+    assert names == [k["name"] for k in first["graphs"][0]["kernels"]] == ["k", "a_helper.py", "m_helper.py", "z_helper.py"]
+    assert script_json(first) == script_json(second)
+
+
+def test_kernel_files_of_one_name_in_two_subfolders_keep_their_own_source(tmp_path: Path) -> None:
+    """A report's source_path under kernels/SUB/ picks that sub-folder's file, not the first file
+    of the same name elsewhere under kernels/."""
+    root = make_debug_dir(tmp_path / "dd")
+    kdir = root / "graph_000" / "kernels"
+    for sub in ("a", "b"):
+        (kdir / sub).mkdir()
+        (kdir / sub / "gemm.py").write_text(f"# kernel of {sub}\n")
+    edit_graph_report(root, "graph_000", kernels=[
+        {"name": "gemm_b", "target": "reference", "source_path": str(kdir / "b" / "gemm.py"), "spec": None, "graph": "graph_000"},
+    ])
+    data = collect(root)
+    gemm = next(k for k in data["graphs"][0]["kernels"] if k["name"] == "gemm_b")
+    assert gemm["source"] == "graph_000/kernels/b/gemm.py" and data["sources"][gemm["source"]] == "# kernel of b\n"
+
+
+def test_unlisted_kernel_files_are_still_shown(tmp_path: Path) -> None:
+    """A file under kernels/ that the report does not list (a backend's shared helper) is shown
+    as a kernel without a spec, with its source."""
+    root = make_debug_dir(tmp_path / "dd")
+    (root / "graph_000" / "kernels" / "helpers.py").write_text("def helper():\n    pass\n")
+    data = collect(root)
+    helper = next(k for k in data["graphs"][0]["kernels"] if k["name"] == "helpers.py")
+    assert helper["spec"] is None and data["sources"][helper["source"]] == "def helper():\n    pass\n"
+
+
+def test_arguments_are_shortened_only_past_the_limit() -> None:
+    """A string argument of exactly MAX_ARG_CHARS characters is shown whole; one more is cut."""
+    from tileflow.viz import MAX_ARG_CHARS, _shorten
+
+    assert _shorten(["x" * MAX_ARG_CHARS]) == ["x" * MAX_ARG_CHARS]
+    assert _shorten({"plan": "y" * (MAX_ARG_CHARS + 1)}) == {"plan": "y" * MAX_ARG_CHARS + f"… ({MAX_ARG_CHARS + 1} chars)"}
+
+
+def test_a_weight_read_through_a_module_less_view_joins_the_layer() -> None:
+    """`w -> t (no module) -> mm (layers.0)`: t takes layers.0 from its user, and w then from t;
+    a module-less node with no grouped user takes the group of its input."""
+    from tileflow.viz import assign_groups
+
+    def node(name: str, module: str | None, args: list[Any], users: list[str], op: str = "call_function") -> dict:
+        return {"name": name, "op": op, "target": "aten.t.default", "module": module, "args": args, "users": users}
+
+    nodes = [
+        node("x", None, [], ["mm"], "placeholder"),
+        node("w", None, [], ["t"], "placeholder"),
+        node("t", None, ["%w"], ["mm"]),
+        node("mm", "layers.0", ["%x", "%t"], ["view"]),
+        node("view", None, ["%mm"], ["output"]),  # its only user is the output: it takes its input's group
+        node("output", None, [["%view"]], [], "output"),
+    ]
+    assert assign_groups(nodes) == ["layers.0", "layers.0", "layers.0", "layers.0", "layers.0", ""]
+
+
+def _gemm_kernel(name: str, n: int) -> dict:
+    tile = {"block_m": 16, "block_n": 32, "block_k": 32}
+    return {"name": name, "spec": {"op": "padded_gemm", "dtype": "float32", "tile": tile,
+                                   "params": [["k", 64], ["n", n]], "epilogue": []}}
+
+
+def test_gemm_links_only_kernels_of_its_width() -> None:
+    """Two GEMMs of one K and tile but different N (q_proj and k_proj) link to their own kernel."""
+    from tileflow.viz import link_kernels
+
+    tile = {"block_m": 16, "block_n": 32, "block_k": 32}
+    kernels = [_gemm_kernel("gemm_n64", 64), _gemm_kernel("gemm_n128", 128)]
+    for n, want in ((64, "gemm_n64"), (128, "gemm_n128")):
+        plan = json.dumps({"pieces": [{"config": tile}], "dtype": "float32", "k": 64, "n": n})
+        node = {"name": "gemm", "op": "call_function", "target": "tileflow.padded_gemm.default",
+                "args": ["%x", "%w", None, None, "none", plan], "tileflow": {"kind": "padded_gemm"}}
+        assert [kernels[i]["name"] for i in link_kernels(node, kernels)] == [want]
+
+
+def test_attention_links_only_kernels_of_its_gqa_factor() -> None:
+    """Two attention kernels of one head dim but different GQA factors: each node links its own."""
+    from tileflow.viz import link_kernels
+
+    kernels = [{"name": f"attn_gqa{g}", "spec": {"op": "meta_attention", "params": [["gqa", g], ["head_dim", 16]]}}
+               for g in (1, 2)]
+    for gqa in (1, 2):
+        node = {"name": "attn", "op": "call_function", "target": "tileflow.meta_attention.default", "shape": ["1", "2", "s0", "16"],
+                "args": [], "tileflow": {"kind": "meta_attention", "gqa": gqa}}
+        assert [kernels[i]["name"] for i in link_kernels(node, kernels)] == [f"attn_gqa{gqa}"]
+
+
+def test_markup_in_the_source_path_is_escaped_in_the_title() -> None:
+    """The page title is HTML: a path holding `<`, `&` or quotes is shown as text, not parsed."""
+    from tileflow.viz import render
+
+    path = '/runs/<b>"x" & \'y\'</b>'
+    page = render(_bare_data(path))
+    assert "<title>tileflow viz: /runs/&lt;b&gt;&quot;x&quot; &amp; &#x27;y&#x27;&lt;/b&gt;</title>" in page
+    assert embedded_data(page)["source"]["path"] == path
+
+
+EVIL = '<img src="x" onerror="document.title=\'pwned\'">'
+
+
+def test_markup_in_node_names_targets_errors_and_kernels_is_text_in_headless_chromium(browser: Browser, tmp_path: Path) -> None:
+    """Node names and targets in the SVG drawing, a rolled-back pass's reason and a kernel's source
+    go into the page as text: a debug_dir is data, never markup."""
+    nodes = tiny_nodes()
+    nodes[1] = {**nodes[1], "name": f"relu{EVIL}", "target": f"aten.{EVIL}.x"}
+    nodes[0] = {**nodes[0], "users": [nodes[1]["name"]]}
+    nodes[2] = {**nodes[2], "args": [[f"%{nodes[1]['name']}"]]}
+    root = make_debug_dir(tmp_path / "dd", {"graph_000": nodes})
+    report = json.loads((root / "report.json").read_text())
+    edit_graph_report(root, "graph_000", passes=[{**report["graphs"][0]["passes"][0], "error": f"boom {EVIL}"}])
+    (root / "graph_000" / "kernels" / "k.py").write_text(f"def kernel(x):\n    return x  {EVIL} </pre>\n")
+    page_path = write_html(root, tmp_path / "page.html")
+    page = browser.page
+    page.goto(page_path.as_uri())
+    page.locator("#sidebar .step", has_text="noop").first.click()
+    assert f"rolled back: boom {EVIL}" in page.inner_text("#main")
+    page.locator(".side").first.locator("svg g.box.group[data-group='act']").click()
+    box = page.locator(".side").first.locator("svg g.box[data-node='1']")
+    assert box.locator("title").text_content() == f"{nodes[1]['name']}\n{nodes[1]['target']}"
+    assert box.locator("text").first.text_content() == f"relu{EVIL[:16]}…"  # clipped to the box, as text
+    assert page.locator("#main img").count() == 0
+    page.locator("#sidebar .step", has_text="overview").first.click()
+    page.locator("#main span.link.mono", has_text="k").first.click()
+    assert EVIL in page.inner_text("#details pre:last-of-type")
+    assert page.locator("#details img").count() == 0
+    assert page.title() != "pwned"
+    assert browser.errors == [], browser.errors
+
+
+def test_op_labels_name_the_op_of_any_namespace_in_headless_chromium(browser: Browser, tmp_path: Path) -> None:
+    """The attention pass inserts `prims.convert_element_type.default`: its box and row were
+    labelled "default" (only aten and tileflow ops showed their op's name)."""
+    nodes = tiny_nodes()
+    nodes[1] = {**nodes[1], "target": "prims.convert_element_type.default", "shape": ["4", "8"]}
+    root = make_debug_dir(tmp_path / "dd", {"graph_000": nodes})
+    page_path = write_html(root, tmp_path / "page.html")
+    page = browser.page
+    page.goto(page_path.as_uri())
+    page.locator("#sidebar .step", has_text="noop").first.click()
+    before = page.locator(".side").first
+    before.locator("svg g.box.group[data-group='act']").click()
+    box = page.locator(".side").first.locator("svg g.box[data-node='1']")
+    assert box.locator("text").nth(1).text_content() == "convert_element_type"
+    rows = page.locator(".side").first.locator(".node-row", has_text="relu")
+    assert rows.first.inner_text().split() == ["relu", "convert_element_type", "[4,", "8]"]
+    assert browser.errors == [], browser.errors

@@ -316,6 +316,11 @@ def test_page_in_headless_chromium(browser: Browser, llama_page: tuple[str, dict
 
     # Expand the changed groups and open an added node's details.
     page.locator(".legend .link", has_text="expand changed groups").click()
+    # The before side marks the removed linears, the after side the added GEMMs, never the reverse.
+    before_side, after_side = page.locator(".side:nth-child(1) svg"), page.locator(".side:nth-child(2) svg")
+    assert before_side.locator("g.box.removed[data-node]").count() > 0
+    assert after_side.locator("g.box.added[data-node]").count() > 0
+    assert before_side.locator("g.box.added").count() == after_side.locator("g.box.removed").count() == 0
     box = page.locator(".side:nth-child(2) svg g.box.added[data-node]").first
     box.click()
     details = page.inner_text("#details")

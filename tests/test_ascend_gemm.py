@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -443,34 +444,42 @@ def test_changed_cpu_headers_rebuild_the_library_and_the_prelude(tmp_path: Path)
     run_case(changed, spec, 7, seed=4)
 
 
-def _mock_npu_build(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[bytes], threading.Event]:
-    """Mock CMake and the loaders of `project.build_npu_kernel` (CMake for the NPU cannot run
-    here): each build's folder, each loaded library's bytes, and an event that kills the next
-    build half-way through writing its library."""
+@dataclass
+class NpuBuilds:
+    """What the mocked NPU toolchain saw: every CMake command, each finished build's folder, each
+    loaded library's bytes; setting `kill_next` kills the next build half-way through."""
+
+    commands: list[list[str]] = field(default_factory=list)
+    builds: list[str] = field(default_factory=list)
+    loaded: list[bytes] = field(default_factory=list)
+    kill_next: threading.Event = field(default_factory=threading.Event)
+
+
+def _mock_npu_build(monkeypatch: pytest.MonkeyPatch) -> NpuBuilds:
+    """Mock CMake and the loaders of `project.build_npu_kernel` (CMake for the NPU cannot run here)."""
     import tileflow.devices
     from tileflow.backends.ascend import project
 
-    builds: list[str] = []
-    loaded: list[bytes] = []
-    kill_next = threading.Event()
+    seen = NpuBuilds()
 
     def fake_run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+        seen.commands.append(cmd)
         if cmd[1] == "--build":
             lib = Path(cmd[2]) / f"lib{project.LIBRARY}.so"
             lib.parent.mkdir(parents=True, exist_ok=True)
             lib.write_bytes(b"partial")
-            if kill_next.is_set():
-                kill_next.clear()
+            if seen.kill_next.is_set():
+                seen.kill_next.clear()
                 raise KeyboardInterrupt  # the build was killed half-way
             lib.write_bytes(b"\x7fELF whole library")
-            builds.append(cmd[2])
+            seen.builds.append(cmd[2])
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(project.subprocess, "run", fake_run)
-    monkeypatch.setattr(torch.ops, "load_library", lambda path: loaded.append(Path(path).read_bytes()))
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: seen.loaded.append(Path(path).read_bytes()))
     monkeypatch.setattr(project.ctypes, "CDLL", lambda path: object())
     monkeypatch.setattr(tileflow.devices, "detect_device", lambda kind: type("D", (), {"cores": 24})())
-    return builds, loaded, kill_next
+    return seen
 
 
 def test_npu_build_never_loads_a_partial_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -481,7 +490,8 @@ def test_npu_build_never_loads_a_partial_library(tmp_path: Path, monkeypatch: py
 
     sources = render_sources(gemm_spec("float16"))
     root = tmp_path / f"{sources.ident}-{sources.digest()}"
-    builds, loaded, kill_next = _mock_npu_build(monkeypatch)
+    seen = _mock_npu_build(monkeypatch)
+    builds, loaded, kill_next = seen.builds, seen.loaded, seen.kill_next
 
     # A partial library where the old layout built in place, as a killed build left it.
     (root / "build").mkdir(parents=True)
@@ -506,7 +516,7 @@ def test_npu_build_is_keyed_by_the_sources(tmp_path: Path, monkeypatch: pytest.M
 
     from tileflow.backends.ascend import project
 
-    builds, _, _ = _mock_npu_build(monkeypatch)
+    builds = _mock_npu_build(monkeypatch).builds
     sources = render_sources(gemm_spec("float16"))
     project.build_npu_kernel(sources, tmp_path)
     project.build_npu_kernel(sources, tmp_path)
@@ -522,7 +532,7 @@ def test_npu_build_is_keyed_by_the_toolchain(tmp_path: Path, monkeypatch: pytest
     same sources are built again instead of loading a library built against the old ones."""
     from tileflow.backends.ascend import project
 
-    builds, _, _ = _mock_npu_build(monkeypatch)
+    builds = _mock_npu_build(monkeypatch).builds
     sources = render_sources(gemm_spec("float16"))
     monkeypatch.setenv("ASCEND_HOME_PATH", "/opt/cann-a")
     project.build_npu_kernel(sources, tmp_path)
@@ -542,6 +552,27 @@ def test_npu_build_is_keyed_by_the_toolchain(tmp_path: Path, monkeypatch: pytest
         monkeypatch.setenv("ASCEND_HOME_PATH", str(latest))
         project.build_npu_kernel(sources, tmp_path)
         assert len(builds) == n, "a CANN upgrade behind the same link reused the old library"
+
+
+def test_npu_build_compiles_for_the_visible_soc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CMake is told the visible NPU's SoC (the project's 910B1 default is wrong on another bin),
+    and a library built for one SoC is not loaded on another; with no NPU seen the default stands."""
+    from types import SimpleNamespace
+
+    from tileflow.backends.ascend import project
+
+    seen = _mock_npu_build(monkeypatch)
+    sources = render_sources(gemm_spec("float16"))
+    for soc in ("Ascend910B3", "Ascend910B4", "Ascend910B3"):
+        monkeypatch.setattr(torch, "npu", SimpleNamespace(is_available=lambda: True, get_device_name=lambda soc=soc: soc),
+                            raising=False)
+        project.build_npu_kernel(sources, tmp_path)
+    configures = [cmd for cmd in seen.commands if cmd[1] == "-S"]
+    assert [cmd[-1] for cmd in configures] == ["-DSOC_VERSION=Ascend910B3", "-DSOC_VERSION=Ascend910B4"]
+    assert len(seen.builds) == 2, "the third call, back on the first SoC, reuses its library"
+    monkeypatch.setattr(torch.npu, "is_available", lambda: False)
+    project.build_npu_kernel(sources, tmp_path)
+    assert not any(arg.startswith("-DSOC_VERSION") for arg in seen.commands[-2])
 
 
 def test_target_ascend_without_torch_npu_says_what_is_missing() -> None:

@@ -173,7 +173,7 @@ def build_npu_kernel(
     from tileflow.devices import detect_device
 
     # Keyed by the sources' content, so a changed emitter never reuses a stale build, and by the
-    # toolchain the library links against (another torch, torch_npu or CANN rebuilds it).
+    # toolchain the library is built for (another torch, torch_npu, CANN or SoC rebuilds it).
     root = (artifact_dir or cache_root() / "npu") / f"{sources.ident}-{sources.digest()}"
     lib_path = root / f"lib{LIBRARY}-{_toolchain_key()}.so"
     if not lib_path.exists():
@@ -193,9 +193,10 @@ def build_npu_kernel(
 
 
 def _toolchain_key() -> str:
-    """A short hash of what an NPU build compiles and links against besides its sources: the
-    torch and torch_npu versions and the CANN toolkit (ASCEND_HOME_PATH, as CMake finds it,
-    resolved: `ascend-toolkit/latest` is a link that an upgrade points at the new version)."""
+    """A short hash of what an NPU build compiles for and links against besides its sources: the
+    torch and torch_npu versions, the CANN toolkit (ASCEND_HOME_PATH, as CMake finds it,
+    resolved: `ascend-toolkit/latest` is a link that an upgrade points at the new version) and
+    the NPU's SoC."""
     from importlib import metadata
 
     from . import _cann_home
@@ -205,8 +206,17 @@ def _toolchain_key() -> str:
     except metadata.PackageNotFoundError:
         torch_npu = ""
     cann = _cann_home()
-    parts = (torch.__version__, torch_npu, os.path.realpath(cann) if cann else "")
+    parts = (torch.__version__, torch_npu, os.path.realpath(cann) if cann else "", _soc_version())
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+
+def _soc_version() -> str:
+    """The visible NPU's SoC name as CANN's CMake takes it (`torch.npu.get_device_name()`, e.g.
+    "Ascend910B3"); "" when torch_npu sees no NPU, and the project's default stands."""
+    npu = getattr(torch, "npu", None)  # present only once torch_npu is imported
+    if npu is None or not npu.is_available():
+        return ""
+    return str(npu.get_device_name())
 
 
 def _build_into(sources: KernelSources, root: Path, lib_path: Path) -> None:
@@ -220,7 +230,9 @@ def _build_into(sources: KernelSources, root: Path, lib_path: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
         write_project([sources], work)
-        for cmd in (["cmake", "-S", str(work), "-B", str(work / "build")],
+        # CANN compiles for the SoC it is told, and the project defaults to the 910B1: tell it this NPU's.
+        soc = _soc_version()
+        for cmd in (["cmake", "-S", str(work), "-B", str(work / "build"), *([f"-DSOC_VERSION={soc}"] if soc else [])],
                     ["cmake", "--build", str(work / "build"), "-j"]):
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode != 0:

@@ -1283,6 +1283,46 @@ def test_transformers_attention_refuses_what_it_would_drop() -> None:
         causal_attention_forward(layer, q, k, k, None, position_bias=torch.zeros(1, 2, 5, 5))
 
 
+def test_transformers_attention_refuses_per_token_sinks_whose_first_dim_is_the_heads() -> None:
+    """Per-token sinks laid out [Hq, S] have as many rows as the query has heads: they are refused
+    by the integration as per-token (a clear message naming the fix), not passed on as if they
+    were one logit per head."""
+    from tileflow.transformers_integration import causal_attention_forward, tileflow_attention_forward
+
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    layer = torch.nn.Module()
+    for forward in (tileflow_attention_forward, causal_attention_forward):
+        with pytest.raises(ValueError, match=r"per token\): use attn_implementation='eager'"):
+            forward(layer, q, k, k, None, sinks=torch.zeros(2, 5))
+
+
+def test_transformers_attention_function_matches_sdpa_on_masks_it_is_handed() -> None:
+    """The attention function itself, against SDPA: an additive (float) mask joins T5's position
+    bias (not dropped for it); a mask wider than the keys (built for more key slots than the
+    layer returns) is cut to the keys; and with no scale given, values narrower than queries
+    and keys use the queries' head size for the default scale, as SDPA does."""
+    from tileflow.transformers_integration import tileflow_attention_forward
+
+    torch.manual_seed(0)
+    layer = torch.nn.Module()
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    bias = torch.randn(1, 2, 5, 5)
+    additive = torch.zeros(1, 1, 5, 5)
+    additive[..., 0, 1:] = additive[..., 2, 3] = torch.finfo(torch.float32).min
+    got = tileflow_attention_forward(layer, q, k, v, additive, position_bias=bias)[0]
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=bias + additive).transpose(1, 2))
+
+    wide = torch.ones(1, 1, 5, 9, dtype=torch.bool).tril()
+    wide[..., 5:] = True  # key slots past the layer's keys
+    got = tileflow_attention_forward(layer, q, k, v, wide)[0]
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=wide[..., :5]).transpose(1, 2))
+
+    q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    got = tileflow_attention_forward(layer, q, k, v, None, scaling=None)[0]
+    assert got.shape == (1, 5, 2, 8)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2))
+
+
 def test_transformers_causal_attn_implementation_places_chunks_behind_a_sliding_cache() -> None:
     """Llama 4's chunked layers keep only their last chunk - 1 keys in a DynamicCache built from
     the config, so the first key is not at position 0; the chunks were numbered from it (decode

@@ -295,3 +295,58 @@ def test_fused_swiglu_kernels_are_built_for_the_intermediate_width() -> None:
     swiglu = [dict(k.spec["params"]) for k in report.kernels if k.spec and "swiglu" in k.spec["epilogue"]]
     assert swiglu and all(p["n"] == model.config.intermediate_size and p["k"] == model.config.hidden_size for p in swiglu)
     assert all(p["n"] == model.config.intermediate_size for p in report.graphs[0].plans if p.get("fused_swiglu"))
+
+
+def test_inputs_device_type_ignores_meta_and_prefers_an_accelerator() -> None:
+    """The graph's device is where its real inputs live: meta tensors (no device) count for none,
+    so a graph of meta inputs only runs on the CPU; a CUDA input beside CPU ones (a device graph
+    with CPU-side scalars) makes it a CUDA graph, numbers aside."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tileflow.compiler import inputs_device_type
+
+    meta = torch.empty(2, device="meta")
+    with FakeTensorMode():
+        cuda = torch.empty(2, device="cuda")
+    assert inputs_device_type([]) == "cpu" and inputs_device_type([3, 0.5]) == "cpu"
+    assert inputs_device_type([meta]) == "cpu"
+    assert inputs_device_type([meta, meta, torch.empty(1)]) == "cpu"
+    assert inputs_device_type([cuda, torch.empty(1), torch.empty(1), 3]) == "cuda"
+
+
+def test_a_replay_runs_only_while_the_inputs_it_assumed_positive_are() -> None:
+    """`positive_inputs` (an eps the padding proof took as positive) pick the replay at a call
+    only when each is above 0: at 0 or below, the step runs plain."""
+    from tileflow.compiler import _replayed_while_positive
+
+    step = _replayed_while_positive(lambda *args: "replayed", lambda *args: "plain", (1, 2))
+    x = torch.ones(3)
+    assert step(x, torch.tensor(1e-6), 2.0) == "replayed"
+    assert step(x, torch.tensor(0.0), 2.0) == "plain"
+    assert step(x, torch.tensor(1e-6), 0) == "plain"
+    assert step(x, torch.tensor(-1.0), 2.0) == "plain"
+    assert _replayed_while_positive(len, print, ()) is len
+
+
+def test_export_capture_decomposes_all_but_the_ops_matched_whole() -> None:
+    """torch.export's table would write `silu` as `x * sigmoid(x)` and `linear` as a matmul and
+    an add: the GEMM pass fuses `silu` into a GEMM's epilogue and matches `linear` whole, so
+    capture leaves both, and only the ops it names (`hardsigmoid` is decomposed; so is `silu`'s
+    backward in the table)."""
+    from tileflow.capture import export_decompositions
+
+    class Gate(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.hardsigmoid(torch.nn.functional.silu(self.proj(x)))
+
+    captured = capture_exported(export_program(Gate().eval(), (torch.randn(4, 16),), None))
+    targets = {n.target for n in captured.gm.graph.nodes if n.op == "call_function"}
+    assert {torch.ops.aten.silu.default, torch.ops.aten.linear.default} <= targets
+    assert torch.ops.aten.sigmoid.default not in targets and torch.ops.aten.hardsigmoid.default not in targets
+    table = export_decompositions()
+    assert torch.ops.aten.silu.default not in table and torch.ops.aten.linear.default not in table
+    assert torch.ops.aten.silu_backward.default in table

@@ -1,11 +1,15 @@
-"""The FX helpers the passes share: node membership and local dead-code removal."""
+"""The FX helpers the passes share: node membership, local dead-code removal, ancestors, token dims,
+constants, written arguments, split-off checks, range bounds and size-only evaluation."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from tileflow.graph_utils import erase_unused, in_graph
+from tileflow.graph_utils import (any_ancestor, constant_number, constant_values, erase_unused, evaluate_at_example_sizes,
+                                 finite_bound, in_graph, is_view_op, split_off_checks, token_dim, written_arguments)
 
 aten = torch.ops.aten
 
@@ -49,3 +53,106 @@ def test_erase_unused_matches_dead_code_elimination_on_what_it_is_given() -> Non
     reference.eliminate_dead_code()
     erase_unused(graph, list(graph.nodes))
     assert [node.name for node in graph.nodes] == [node.name for node in reference.nodes]
+
+
+def _node(graph: fx.Graph, target: Any, args: tuple[Any, ...], **kwargs: Any) -> fx.Node:
+    """A call_function node of `target` in `graph`."""
+    return graph.call_function(target, args, kwargs)
+
+
+def test_any_ancestor_does_not_look_past_a_stop() -> None:
+    """The walk stops at the nodes `stop` holds for: x -> relu -> neg, stopping at relu, never reaches x."""
+    _, n = _graph()
+
+    def is_x(node: fx.Node) -> bool:
+        return node is n["x"]
+
+    assert any_ancestor(n["b"], is_x)
+    assert not any_ancestor(n["b"], is_x, stop=lambda node: node is n["a"])
+    assert any_ancestor(n["a"], lambda node: node is n["a"], stop=lambda node: True)  # the node itself is tested
+
+
+def test_token_dim_needs_exactly_one_dim_of_the_token() -> None:
+    """A tensor whose two dims are both the token count ([T, T]) has no single token dim."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    tokens = mode.shape_env.create_unbacked_symint()
+    with mode:
+        row, square = torch.empty(tokens, 8), torch.empty(tokens, tokens)
+    assert token_dim(row, tokens.node.expr) == 0
+    assert token_dim(square, tokens.node.expr) is None
+
+
+def test_constant_values_of_one_element_attributes_and_fills() -> None:
+    """A one-element attribute is one number (`constant_number`), a larger one only within
+    `max_values`; `full` is read as one number only when it has one element."""
+    root = torch.nn.Module()
+    root.one = torch.tensor([0.5])
+    root.three = torch.tensor([1.0, 2.0, 3.0])
+    graph = fx.Graph()
+    one, three = graph.get_attr("one"), graph.get_attr("three")
+    fill_one = _node(graph, aten.full.default, ([1, 1], 2.0))
+    fill_four = _node(graph, aten.full.default, ([4], 2.0))
+    graph.output((one, three, fill_one, fill_four))
+    fx.GraphModule(root, graph)
+    assert constant_number(one) == 0.5
+    assert constant_values(three) == (1.0, 2.0, 3.0) and constant_values(three, max_values=2) is None
+    assert constant_number(three) is None
+    assert constant_number(fill_one) == 2.0
+    assert constant_values(fill_four) is None and constant_number(fill_four) is None
+
+
+def test_written_arguments_are_the_writes_not_the_views() -> None:
+    """`copy_` writes its self; a view aliases its input without writing it, and is no write."""
+    graph, n = _graph()
+    view = _node(graph, aten.view.default, (n["x"], [-1]))
+    assert written_arguments(n["write"]) == [n["x"]]
+    assert written_arguments(view) == [] and is_view_op(view.target)
+    assert written_arguments(n["a"]) == [] and not is_view_op(aten.relu.default)
+
+
+def test_split_off_checks_leaves_no_op_only_the_checks_read() -> None:
+    """The ops only an assert read leave `gm` with it (and run in the checks' module); an op
+    something else reads too stays."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    shared = graph.call_function(aten.relu.default, (x,))
+    alone = graph.call_function(aten.sum.default, (shared,))
+    positive = graph.call_function(aten.gt.Scalar, (alone, 0))
+    check = graph.call_function(aten._assert_async.msg, (positive, "negative"))
+    graph.output(graph.call_function(aten.neg.default, (shared,)))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    checks = split_off_checks(gm, [check])
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [aten.relu.default, aten.neg.default]
+    assert aten._assert_async.msg in [n.target for n in checks.graph.nodes]
+    torch.testing.assert_close(gm(torch.ones(3)), -torch.ones(3))
+    checks(torch.ones(3))
+
+
+def test_finite_bound_is_none_for_an_unbounded_side() -> None:
+    """torch's `int_oo`, sympy's `oo`, and a bound at int64's edge (export's "no maximum") are
+    unbounded; an ordinary size is itself."""
+    import sympy
+    from torch.utils._sympy.numbers import int_oo
+
+    assert finite_bound(int_oo) is None and finite_bound(-int_oo) is None and finite_bound(sympy.oo) is None
+    assert finite_bound(2**63 - 2) is None and finite_bound(2**62) is None
+    assert finite_bound(sympy.Integer(4096)) == 4096 and finite_bound(2) == 2
+
+
+def test_evaluate_at_example_sizes_computes_in_float64() -> None:
+    """A float32 cast of an arange is evaluated in float64 (an ALiBi-style bias is then exact to
+    compare), on the CPU; a node reading a tensor input has no value."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(5)
+    positions = _node(graph, aten.arange.default, (5,), dtype=torch.int64, device=torch.device("cpu"))
+    cast = _node(graph, torch.ops.prims.convert_element_type.default, (positions, torch.float32))
+    scaled = _node(graph, aten.mul.Scalar, (cast, 0.1))
+    assert evaluate_at_example_sizes(x) is None
+    assert evaluate_at_example_sizes(_node(graph, aten.mul.Tensor, (x, scaled))) is None
+    value = evaluate_at_example_sizes(scaled)
+    assert value is not None and value.dtype == torch.float64
+    torch.testing.assert_close(value, torch.arange(5, dtype=torch.float64) * 0.1)

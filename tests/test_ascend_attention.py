@@ -91,8 +91,13 @@ STARTS_FP32 = attn_spec("float32", gqa=2, block_q=4, key_starts=True)
 STARTS_FP16_WINDOW = attn_spec("float16", gqa=2, block_q=4, sliding_window=True, key_starts=True)
 STARTS_NOT_CAUSAL = attn_spec("float32", gqa=4, block_q=2, causal=False, softcap=True, sinks=True, alibi=True,
                               key_starts=True)
+# head_dim and block_kv differ (every spec above has them equal): the reduction scratch must hold
+# the longer of a chunk's scores and a GEMV's products.
+HEAD_DIM_OVER_KV = attn_spec("float32", head_dim=32, gqa=2, block_q=4, block_kv=16)
+KV_OVER_HEAD_DIM = attn_spec("float16", head_dim=16, gqa=2, block_q=4, block_kv=48)
 SPECS = (GQA4_TREE, FP16_TREE_WINDOW, BF16_GQA2, FP32_WINDOW, NOT_CAUSAL_TREE, BIAS_TREE, BIAS_FP16,
-         CAP_SINKS_WINDOW, ALIBI_CAP_SINKS, STARTS_FP32, STARTS_FP16_WINDOW, STARTS_NOT_CAUSAL)
+         CAP_SINKS_WINDOW, ALIBI_CAP_SINKS, STARTS_FP32, STARTS_FP16_WINDOW, STARTS_NOT_CAUSAL,
+         HEAD_DIM_OVER_KV, KV_OVER_HEAD_DIM)
 
 
 @pytest.fixture(scope="module")
@@ -900,3 +905,112 @@ def test_batch_lengths_helper_agrees() -> None:
                         block_size=3, dtype=torch.float32)
     assert batch_lengths(batch) == ([3, 0], [7, 2])
     assert math.isnan(batch["k_cache"][int(batch["block_table"][1, 0]), 2, 0, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# Mutation audit: buffer sizes when head_dim != block_kv, budget edges, launch sizes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec,block_size", [(HEAD_DIM_OVER_KV, 8), (KV_OVER_HEAD_DIM, 64)],
+                         ids=["head_dim>block_kv", "block_kv>head_dim"])
+def test_head_dim_and_block_kv_differ(kernels: dict[KernelSpec, Any], spec: KernelSpec, block_size: int) -> None:
+    """The reduction scratch holds max(block_kv, head_dim) floats: the decode GEMV reduces
+    HEAD_DIM products per key and the softmax reduces a chunk's columns, so a kernel whose head_dim
+    and block_kv differ (every other spec here has them equal) runs all three pipelines, and
+    split-KV, within the buffers it asked for (pages of 64 let a chunk be longer than head_dim)."""
+    layout = attention_layout(spec)
+    assert layout.head_dim != layout.block_kv
+    lengths = [(1, 30), (3, 3), (9, 60), (2, 7), (1, 70)]
+    batch = exact_batch(lengths, num_q_heads=4, num_kv_heads=2, head_dim=layout.head_dim, block_size=block_size,
+                        dtype=getattr(torch, spec.dtype), seed=21)
+    for kv_split in (0, 24):
+        table = run_and_check(kernels[spec], spec, batch, kv_split=kv_split,
+                              what=f"{spec.name} bs={block_size}, kv_split={kv_split}")
+        if kv_split:
+            assert table.merges.shape[0] > 0
+        else:
+            assert set(pipelines(table, spec, block_size=block_size)) == {"2-stage", "3-stage", "4-stage"}
+
+
+def test_ub_budget_admits_an_exact_fit() -> None:
+    """A kernel whose buffers take exactly the 192 KiB of UB fits (the double's InitBuffer allows
+    it too): the budget refuses only what goes beyond."""
+    layout = attention_layout(attn_spec("float32", head_dim=56, gqa=3, block_q=32, block_kv=48))
+    assert sum(b.total for b in layout.main_buffers()) == UB_BYTES
+
+
+def _fake_host_call(calls: list[tuple[str, tuple[Any, ...]]]) -> Any:
+    """A host_call standing in for the emitted host library: tiling size 64 bytes, tiling OK, a
+    Matmul system workspace of 32 bytes; records each call."""
+
+    def host_call(name: str, *args: Any, restype: Any = ctypes.c_int) -> int:
+        calls.append((name, args))
+        if name.endswith("_tiling_size"):
+            return 64
+        if name.endswith("_sys_workspace_size"):
+            return 32
+        return 0
+
+    return host_call
+
+
+def test_launch_block_counts() -> None:
+    """The main kernel runs one block per task-table program, up to MAX_BLOCK_DIM (one more is
+    refused before anything runs); the merge kernel min(merge rows, cores) blocks."""
+    from tileflow.backends.ascend.attention import make_attention_launcher
+    from tileflow.backends.ascend.gemm import MAX_BLOCK_DIM
+
+    spec = attn_spec("float32", gqa=2, block_q=4)
+    batch = exact_batch([(9, 40), (3, 30)], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8,
+                        dtype=torch.float32, seed=4)
+    args = [batch[k] for k in ARGS]
+    runs: list[tuple[str, int]] = []
+
+    def run(entry: Any, blocks: int, tensors: list[Any]) -> None:
+        runs.append((entry.name, blocks))
+
+    for programs, cores in ((3, 2), (3, 64), (MAX_BLOCK_DIM, 24)):
+        runs.clear()
+        launch = make_attention_launcher(spec, _fake_host_call([]), run, cores)
+        table = build_task_table(batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=4, num_kv_heads=2,
+                                 block_q=4, num_programs=programs, kv_split=8)
+        merges = table.merges.shape[0]
+        assert merges > 2
+        launch(*args, table)
+        main, merge = attention_entries(spec)
+        assert runs == [(main.name, programs), (merge.name, min(merges, cores))], (programs, cores)
+    too_many = build_task_table(batch["cu_seqlens_q"], batch["seqlens_kv"], num_q_heads=4, num_kv_heads=2,
+                                block_q=4, num_programs=MAX_BLOCK_DIM + 1)
+    runs.clear()
+    with pytest.raises(ValueError, match=f"more than the {MAX_BLOCK_DIM} blocks"):
+        launch(*args, too_many)
+    assert runs == []
+
+
+def test_host_tiling_refuses_sizes_beyond_int32() -> None:
+    """A launch size the int32 tiling cannot hold is refused before the host function sees it
+    (ctypes would wrap 2**31 to a negative number silently); the int32 extremes pass."""
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    host_call = _fake_host_call(calls)
+    for v in (2**31 - 1, -(2**31)):
+        assert _host_tiling(host_call, "k", "where", (1, v), (0.25,)).numel() == 64
+        assert calls[-1][1][1].value == v
+    calls.clear()
+    for v in (2**31, -(2**31) - 1):
+        with pytest.raises(ValueError, match=rf"where: a launch size \({v}\) does not fit the kernel's int32 tiling"):
+            _host_tiling(host_call, "k", "where", (1, v), (0.25,))
+    assert [name for name, _ in calls] == ["k_tiling_size", "k_tiling_size"]
+
+
+def test_host_tiling_refuses_a_window_below_one(kernels: dict[KernelSpec, Any]) -> None:
+    """The emitted host tiling of a sliding-window kernel refuses a window below 1 (the launcher
+    checks it too; the host function guards callers that bypass it) and accepts 1."""
+    kernel = kernels[FP32_WINDOW]
+    sources = kernel.meta["sources"]
+    lib = build_cpu_debug(sources, [HEADERS], build_dir=Path(kernel.meta["library"]).parent.parent)
+    sizes = (1, 4, 2, 8, 1, 1, 2, 1, 0, 0, 1, 0)  # through treeSize; the window follows
+    assert _host_tiling(lib.call, sources.ident, "window", (*sizes, 1), (0.25,)).numel() > 0
+    for window in (0, -3):
+        with pytest.raises(ValueError, match="the sliding window must be >= 1"):
+            _host_tiling(lib.call, sources.ident, "window", (*sizes, window), (0.25,))

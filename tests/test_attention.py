@@ -623,6 +623,28 @@ def test_dense_op_lowest_mask_with_causal_or_window_matches_eager(target: str, c
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_op_lowest_mask_decode_row_window_edge_matches_eager(target: str, causal: bool) -> None:
+    """One query row (a decode step) whose window of 3 keys holds only finfo.min pads, the key
+    just before its window (at position p - window, hidden by the window rule) being a real one:
+    the row averages its pads, as eager does. Counting that edge key as seen would let the mask's
+    ranges narrow the row to it alone, which the window then hides (the row came out 0)."""
+    s_kv, d, window = 8, 16, 3
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 1, d, generator=gen)
+    k, v = (torch.randn(1, 2, s_kv, d, generator=gen) for _ in range(2))
+    mask = torch.zeros(1, 1, 1, s_kv)
+    mask[..., s_kv - window:] = torch.finfo(torch.float32).min
+    j = torch.arange(s_kv)[None, :]
+    rule = j <= s_kv - 1 - window
+    scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d) + mask.double()
+    want = torch.softmax(scores.masked_fill(rule, float("-inf")), dim=-1) @ v.double()
+    with tileflow.use_config(tileflow.Config(target=target)):
+        got = tileflow.ops.meta_attention(q, k, v, mask, causal=causal, sliding_window=window)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bias", ["squared", "learned"])
 def test_position_biases_that_are_not_alibi(bias: str) -> None:
     """A bias that is not linear in the key position, or that comes from an input, is not taken
@@ -1518,6 +1540,23 @@ def test_a_plain_causal_model_compiles_two_tokens_marked_dynamic() -> None:
             torch.testing.assert_close(compiled(ids, pos), want, rtol=1e-5, atol=1e-5)
     assert len(report.graphs) == 1 and report.recompiles == 0 and not report.fallbacks, report.fallbacks
     assert with_starts == [1]  # the attention takes the key starts
+
+
+def test_causal_attention_refuses_a_window_that_disagrees_with_its_mask() -> None:
+    """"tileflow_causal" handed a causal rule (its mask stand-in) sliding a window of 4 keys and
+    `sliding_window=2` in the attention call refuses it, as the two would hide different keys;
+    with both at 4 (or the window only in the mask) it runs with the mask's window."""
+    from tileflow.transformers_integration import CausalRule, causal_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=gen) for _ in range(3))
+    with tileflow.use_config(tileflow.Config(target="reference")):
+        with pytest.raises(ValueError, match="the two would disagree"):
+            causal_attention_forward(torch.nn.Module(), q, k, v, CausalRule(4), sliding_window=2)
+        want = tileflow.ops.meta_attention(q, k, v, causal=True, sliding_window=4).transpose(1, 2)
+        for kwargs in ({"sliding_window": 4}, {}):
+            got, _ = causal_attention_forward(torch.nn.Module(), q, k, v, CausalRule(4), **kwargs)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_decoder_that_builds_an_unused_bidirectional_mask_runs_causal() -> None:

@@ -1349,6 +1349,37 @@ def test_buckets_stay_within_a_table_read_at_positions(replay_on_cpu, monkeypatc
     assert replay_on_cpu.captures == 2 and not failed
 
 
+def _sliced_40_read_20(x: torch.Tensor) -> torch.Tensor:
+    return (x + TABLE40_ROWS[: x.shape[0]] + F.embedding(torch.arange(x.shape[0]), TABLE20)) @ W  # guards T <= 40
+
+
+def _sliced_20_read_40(x: torch.Tensor) -> torch.Tensor:
+    return (x + TABLE20[: x.shape[0]] + F.embedding(torch.arange(x.shape[0]), TABLE40_ROWS)) @ W  # guards T <= 20
+
+
+@pytest.mark.parametrize("fn", [_sliced_40_read_20, _sliced_20_read_40])
+def test_buckets_stop_at_the_tighter_of_the_guarded_range_and_a_table(replay_on_cpu, monkeypatch: pytest.MonkeyPatch,
+                                                                     fn) -> None:
+    """A step bounded twice, by its token count's guarded range (a table sliced by T) and by a
+    table read at arange(T), one of 40 rows and the other of 20: the buckets stop at the tighter
+    bound, 20, whichever it is; stopping at the looser one (40) would leave the 32-token bucket,
+    whose replay reads past the 20-row table."""
+    failed = []
+    capture = ReplayOnCpu.capture
+
+    def recording_capture(self, step):
+        try:
+            return capture(self, step)
+        except Exception as exc:  # a read past the table; the runner would run the step uncaptured
+            failed.append(exc)
+            raise
+
+    monkeypatch.setattr(ReplayOnCpu, "capture", recording_capture)
+    report = _run(fn, _rows, lengths=(5, 18, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 20]"]
+    assert replay_on_cpu.captures == 2 and not failed
+
+
 def _counted_positions(x: torch.Tensor) -> torch.Tensor:
     # OPT without a padding mask: positions = cumsum(ones) * ones - 1, offset by 2 (a 22-row table).
     ones = torch.ones(1, x.shape[0])

@@ -204,9 +204,10 @@ def build_triton_kernel(
                 },
             )
             _MEMO[key] = kernel
-            if key[1] and "bfloat16" in (spec.dtype, spec.out_dtype):
+            if key[1] and spec.dtype == "bfloat16":
                 # Once per kernel: the interpreter's tl.dot multiplies bf16 bit patterns as
                 # integers (numpy has no bf16), so such a kernel's results are garbage on the CPU.
+                # Only bf16 operands are dotted: a bf16 output is a cast, which it does right.
                 warnings.warn(
                     f"{spec.name}: bf16 kernels give wrong results under TRITON_INTERPRET=1 (Triton's "
                     "interpreter computes bf16 dots wrongly); run them on a GPU, or use fp16/fp32 or the "

@@ -152,6 +152,55 @@ def test_every_target_refuses_operands_of_another_dtype(target) -> None:
             padded_gemm(x, w, torch.randn(N + 1))
 
 
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_a_cast_kernel_refuses_an_out_of_the_input_dtype(target) -> None:
+    """A bias or residual may come in the input dtype or out_dtype, `out` only in out_dtype: a
+    float16 `out` for a float16 -> float32 kernel is refused, not filled with the float32 result
+    rounded to float16."""
+    from tileflow.kernel_spec import TileConfig
+
+    spec = gemm_spec(dtype=torch.float16, out_dtype=torch.float32, n=N, k=K, tile=TileConfig(16, 32, 32),
+                     has_bias=True)
+    kernel = runtime.get_kernel(target, spec)
+    x, w = torch.randn(5, K).half(), (torch.randn(N, K) / K**0.5).half()
+    with pytest.raises(ValueError, match="out must be float32, got float16"):
+        kernel(x, w, torch.randn(N).half(), out=torch.empty(5, N, dtype=torch.float16))
+    out = torch.empty(5, N)
+    assert kernel(x, w, torch.randn(N), out=out) is out  # a float32 bias is fine
+
+
+def test_a_launch_refuses_an_operand_on_another_device_and_keeps_the_side_operand_dtypes() -> None:
+    """Every operand must be on x's device (here the meta device, which any machine has), and a
+    GEMM with an empty dimension, which runs no kernel, still takes a bias in out_dtype as the
+    kernel launch does."""
+    from tileflow.gemm_operands import check_operand_kinds
+    from tileflow.kernel_spec import TileConfig
+
+    spec = gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=N, k=K, tile=TileConfig(16, 32, 32), has_bias=True)
+    kernel = runtime.get_kernel("reference", spec)
+    x, w, b = torch.randn(3, K), torch.randn(N, K), torch.randn(N)
+    with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+        kernel(x, w.to("meta"), b)
+    with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+        kernel(x, w, b.to("meta"))
+    x16 = torch.randn(0, K).half()
+    check_operand_kinds("empty", x16, {"weight": w.half()}, {"bias": b, "residual": None}, torch.float32)
+    with pytest.raises(ValueError, match="bias must be float16 or float32, got float64"):
+        check_operand_kinds("empty", x16, {"weight": w.half()}, {"bias": b.double()}, torch.float32)
+
+
+def test_an_empty_out_in_the_workspace_of_its_inputs_is_no_overlap() -> None:
+    """With no rows nothing is read or written: empty x and out views of one workspace buffer (a
+    server's batch of 0 tokens) share no memory, and the launch returns the empty out."""
+    from tileflow.kernel_spec import TileConfig
+
+    spec = gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=N, k=K, tile=TileConfig(16, 32, 32))
+    workspace = torch.zeros(4, K + N)
+    x, out = workspace[:0, :K], workspace[:0, K:]
+    got = runtime.get_kernel("reference", spec)(x, torch.randn(N, K), out=out)
+    assert got is out and got.shape == (0, N)
+
+
 def test_transposed_weight_view() -> None:
     x, w_kn = torch.randn(21, K), torch.randn(K, N)
     with tileflow.use_config(tileflow.Config(target="triton", max_tokens=64)):

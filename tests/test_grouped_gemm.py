@@ -475,6 +475,36 @@ def test_kernel_writes_only_its_rows_and_reads_strided_offsets(target: str) -> N
     assert torch.all(buf[m:] == -7.0) and torch.all(buf[:, N:] == -7.0), "a write past the groups' rows or N"
 
 
+class _FirstSlotsOnly:
+    """Stands in for a `@triton.jit` kernel: launches the first `slots` M slots of each grid."""
+
+    def __init__(self, kernel_fn, slots: int) -> None:
+        self.kernel_fn, self.slots = kernel_fn, slots
+
+    def __getitem__(self, grid: tuple[int, ...]):
+        return self.kernel_fn[(self.slots, *grid[1:])]
+
+
+@pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="slot order is the interpreter's; the window test covers a GPU")
+def test_triton_tail_tile_is_masked_at_its_own_groups_end_row() -> None:
+    """Each group's tail tile stops at that group's end row, not at M. The interpreter runs slots in
+    order, so a later group's tiles overwrite whatever an earlier tail tile wrote into its rows (with
+    the wrong expert's weights; on a GPU the two race): launching only the first slots shows it.
+    Groups of 5, 0 and 20 rows with 16-row tiles: slot 0 is rows 0:5 (expert 0), slot 1 rows 5:21
+    and slot 2 rows 21:25 (expert 2, past the empty expert 1)."""
+    from tileflow.backends.triton.grouped_gemm import make_grouped_gemm_launcher
+
+    spec = grouped_gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=N, k=K, experts=3, tile=TileConfig(16, 32, 32))
+    kernel_fn = get_kernel("triton", spec).launch.kernel
+    x, w, offsets = _inputs([5, 0, 20], N, torch.float32, 10, True)
+    ref = _reference(x, w, offsets, "none")
+    for slots, written in ((1, 5), (2, 21), (3, 25)):
+        out = torch.full((25, N), float("nan"))
+        make_grouped_gemm_launcher(spec, _FirstSlotsOnly(kernel_fn, slots))(x, w, offsets, out=out)
+        _assert_close(out[:written], ref[:written], torch.float32)
+        assert torch.isnan(out[written:]).all(), f"the first {slots} slots wrote rows past {written}"
+
+
 def test_ascend_kernel_masks_each_group_tail_at_its_end_row() -> None:
     """The Ascend kernel's out must be contiguous, so the window test above cannot run on it: here
     x holds rows past offsets[-1], which stay unwritten, and over 3 blocks tiles of later slots

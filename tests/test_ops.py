@@ -76,6 +76,25 @@ def test_a_launch_refuses_an_output_sharing_an_input_and_the_oracle_checks_its_s
         get_kernel("reference", spec)(torch.randn(5, 7), torch.randn(3, 7))
 
 
+def test_a_launch_refuses_an_output_sharing_a_separate_swiglu_up_weight_or_bias() -> None:
+    """SwiGLU's up half may come as its own `weight_up` and `bias_up` tensors: an `out` sharing
+    memory with either (read by every tile while others write) is refused like one sharing x."""
+    from tileflow.kernel_spec import TileConfig
+    from tileflow.lower import gemm_spec
+    from tileflow.runtime import get_kernel
+
+    n = 8
+    kernel = get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=n, k=n,
+                                               tile=TileConfig(16, 16, 16), activation="swiglu", has_bias=True))
+    x, w, w_up, b, b_up = torch.randn(n, n), torch.randn(n, n), torch.randn(n, n), torch.randn(n), torch.randn(n)
+    with pytest.raises(ValueError, match="out shares memory with weight_up"):
+        kernel(x, w, b, out=w_up, weight_up=w_up, bias_up=b_up)
+    with pytest.raises(ValueError, match="out shares memory with bias_up"):
+        kernel(x[:1], w, b, out=b_up.view(1, n), weight_up=w_up, bias_up=b_up)
+    out = torch.empty(n, n)
+    assert kernel(x, w, b, out=out, weight_up=w_up, bias_up=b_up) is out
+
+
 @pytest.mark.parametrize("n, k", [(0, 4), (4, 0), (0, 0)])
 @pytest.mark.parametrize("activation, separate_up", [("none", False), ("silu", False), ("gelu", False),
                                                      ("gelu_tanh", False), ("relu", False), ("relu2", False),

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -485,7 +486,6 @@ def test_two_generators_of_one_version_keep_their_own_cache_files(tmp_path: Path
     clear_memo()
 
 
-@pytest.mark.filterwarnings("ignore:.*bf16 kernels give wrong results")
 def test_specs_differing_in_out_dtype_or_group_m_keep_apart(tmp_path: Path) -> None:
     """A kernel's name keys its file in a debug_dir or archive, the report and the visualizer's
     links: specs that differ only in the cast's output dtype, or in the tile's GROUP_M, had one
@@ -502,6 +502,201 @@ def test_specs_differing_in_out_dtype_or_group_m_keep_apart(tmp_path: Path) -> N
     assert len({spec.name for spec in specs}) == len(specs), [spec.name for spec in specs]
     for spec, kernel in zip(specs, kernels):
         assert (tmp_path / f"{spec.name}.py").read_text() == kernel.source
+
+
+def test_the_interpreter_warns_of_bf16_operands_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under TRITON_INTERPRET=1 a kernel of bf16 operands warns that its dots are wrong there; a
+    float32 GEMM cast to a bf16 output dots float32 and is right (it matches the reference), so it
+    builds without the warning."""
+    import warnings
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # only builds: nothing is launched off the CPU
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    clear_memo()
+    cast = gemm_spec("float32", ("cast",), out_dtype="bfloat16")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        kernel = build(cast)
+    assert not [w for w in seen if "bf16 kernels give wrong results" in str(w.message)]
+    if DEVICE == "cpu":
+        inputs = make_inputs(cast, DEVICE, 9, seed=45)
+        out = poisoned_out(cast, DEVICE, 9)
+        kernel(inputs["x"], inputs["weight"], out=out)
+        assert_close(cast, out, reference(cast, **inputs))
+    with pytest.warns(RuntimeWarning, match="bf16 kernels give wrong results under TRITON_INTERPRET=1"):
+        build(gemm_spec("bfloat16"))
+    clear_memo()
+
+
+def test_every_build_copies_its_source_to_the_artifact_dir_it_is_given(tmp_path: Path) -> None:
+    """The artifact copy is made on every build, not only on the one that rendered the kernel: a
+    second run (its own debug_dir) of a kernel this process already built still gets its file."""
+    spec = gemm_spec("float32", ("relu",), n=48)
+    first = build(spec, artifact_dir=tmp_path / "run1")
+    second = build(spec, artifact_dir=tmp_path / "run2")
+    assert second is first
+    for run in ("run1", "run2"):
+        assert (tmp_path / run / f"{spec.name}.py").read_text() == first.source
+
+
+def test_a_cache_file_not_holding_its_text_is_rewritten_before_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache file whose content is not the rendered text (cut short by a writer that died, or
+    edited by hand) is rewritten from the text before it is imported, never imported as found."""
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    clear_memo()
+    spec = gemm_spec("float32")
+    first = build(spec)
+    clear_memo()  # a fresh process finds the damaged file
+    first.source_path.write_text(first.source[: len(first.source) // 2])
+    again = build(spec)
+    assert again.source_path == first.source_path
+    assert again.source_path.read_text() == again.source
+    inputs = make_inputs(spec, DEVICE, 5, seed=42)
+    out = poisoned_out(spec, DEVICE, 5)
+    again(inputs["x"], inputs["weight"], out=out)
+    assert_close(spec, out, reference(spec, **inputs))
+    clear_memo()
+
+
+def test_a_failed_source_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    """Sources are written to a temporary file renamed into place, so a reader (another process
+    building the same spec) sees the old file or the whole new one: a write that fails part way
+    (here the text cannot be encoded) leaves the old file as it was and no temporary file."""
+    path = tmp_path / "kernel.py"
+    tbuild._write_atomic(path, "OLD = 1\n")
+    with pytest.raises(UnicodeEncodeError):
+        tbuild._write_atomic(path, "NEW = 1\n# \ud800\n")
+    assert path.read_text() == "OLD = 1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernel.py"]
+    tbuild._write_atomic(path, "NEW = 2\n")
+    assert path.read_text() == "NEW = 2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernel.py"]
+
+
+def test_a_source_that_fails_to_import_leaves_nothing_memoized_or_registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build whose source raises at import raises that error and caches nothing in the process:
+    no half-initialized module stays in sys.modules and the next build renders afresh."""
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    clear_memo()
+    spec = gemm_spec("float32")
+    renders: list[str] = []
+
+    def broken_render(s: KernelSpec) -> str:
+        renders.append("broken")
+        return render_gemm_source(s) + "\nraise RuntimeError('generated module failed')\n"
+
+    before = set(sys.modules)
+    with pytest.raises(RuntimeError, match="generated module failed"):
+        build_triton_kernel(spec, broken_render, make_gemm_launcher)
+    assert not [name for name in set(sys.modules) - before if name.startswith("_tileflow_triton_")]
+    with pytest.raises(RuntimeError, match="generated module failed"):
+        build_triton_kernel(spec, broken_render, make_gemm_launcher)
+    assert renders == ["broken", "broken"], "a failed build must not be memoized"
+    kernel = build(spec)
+    inputs = make_inputs(spec, DEVICE, 3, seed=43)
+    out = poisoned_out(spec, DEVICE, 3)
+    kernel(inputs["x"], inputs["weight"], out=out)
+    assert_close(spec, out, reference(spec, **inputs))
+    clear_memo()
+
+
+def test_each_kernel_module_is_registered_under_its_own_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel's module is in sys.modules under `meta["module"]` (what looks a function up by its
+    module name, e.g. pickle, finds it), and two renders of one spec (two trees of one version)
+    register two modules, each the one whose file is its kernel's source."""
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    clear_memo()
+    spec = gemm_spec("float32")
+    mine = build(spec)
+    clear_memo()
+    theirs = build_triton_kernel(spec, lambda s: render_gemm_source(s) + "\n# edited\n", make_gemm_launcher)
+    assert mine.meta["module"] != theirs.meta["module"]
+    for kernel in (mine, theirs):
+        module = sys.modules[kernel.meta["module"]]
+        assert Path(module.__file__) == kernel.source_path
+        assert getattr(module, kernel.meta["kernel_name"]) is kernel.launch.kernel
+    clear_memo()
+
+
+def test_the_entry_kernel_is_the_named_one_or_the_only_one_the_module_defines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source whose entry kernel has another name than `kernel_identifier(spec)` builds when it
+    defines exactly one `@triton.jit` function (helpers it imports from elsewhere do not count);
+    with two of its own, the build says it expected exactly one."""
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "tileflow_test_jit_helpers.py").write_text(
+        "import triton\n\n\n@triton.jit\ndef imported_helper(x):\n    return x\n")
+    clear_memo()
+    spec = gemm_spec("float32")
+    ident = tbuild.kernel_identifier(spec)
+
+    def renamed(extra: str) -> Callable[[KernelSpec], str]:
+        return lambda s: render_gemm_source(s).replace(f"def {ident}(", "def renamed_entry(") + extra
+
+    kernel = build_triton_kernel(spec, renamed("\nfrom tileflow_test_jit_helpers import imported_helper\n"),
+                                 make_gemm_launcher)
+    assert kernel.meta["kernel_name"] == "renamed_entry"
+    inputs = make_inputs(spec, DEVICE, 4, seed=44)
+    out = poisoned_out(spec, DEVICE, 4)
+    kernel(inputs["x"], inputs["weight"], out=out)
+    assert_close(spec, out, reference(spec, **inputs))
+    clear_memo()
+    second = "\n\n@triton.jit\ndef another_kernel(x_ptr):\n    pass\n"
+    with pytest.raises(ImportError, match=r"2 @triton.jit functions \(expected exactly one\)"):
+        build_triton_kernel(spec, renamed(second), make_gemm_launcher)
+    clear_memo()
+
+
+def test_the_memo_keeps_interpreted_and_compiled_kernels_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`@triton.jit` picks the interpreted or the compiled function when the module is imported,
+    so a build after TRITON_INTERPRET changes must not return the kernel built before it."""
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    clear_memo()
+    spec = gemm_spec("float32")
+    before = build(spec)
+    flag = triton_interpreter_enabled()
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if flag else "1")
+    after = build(spec)  # imported only: nothing is launched
+    assert after is not before
+    assert (before.meta["interpreted"], after.meta["interpreted"]) == (flag, not flag)
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(before.launch.kernel, InterpretedFunction) == flag
+    assert isinstance(after.launch.kernel, InterpretedFunction) == (not flag)
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if flag else "0")
+    assert build(spec) is before
+    clear_memo()
+
+
+def test_threads_building_one_spec_render_it_once_and_share_the_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads building one spec at once: the second waits for the first's build (it must
+    not import a file the first is still writing) and both get the one CompiledKernel."""
+    import threading
+    import time
+
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    clear_memo()
+    spec = gemm_spec("float32")
+    renders: list[float] = []
+
+    def slow_render(s: KernelSpec) -> str:
+        renders.append(time.monotonic())
+        time.sleep(0.3)  # the other thread arrives while this build is in progress
+        return render_gemm_source(s)
+
+    results: list[object] = [None, None]
+
+    def worker(i: int) -> None:
+        results[i] = build_triton_kernel(spec, slow_render, make_gemm_launcher)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(renders) == 1
+    assert results[0] is not None and results[0] is results[1]
+    clear_memo()
 
 
 # ------------------------------------------------------------------------------------------

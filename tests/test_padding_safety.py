@@ -1328,27 +1328,6 @@ def _indexed_positions(x: torch.Tensor) -> torch.Tensor:
     return (x + TABLE22[torch.arange(2, x.shape[0] + 2)]) @ W
 
 
-@pytest.mark.parametrize("fn", [_embedded_positions, _selected_positions, _indexed_positions])
-def test_buckets_stay_within_a_table_read_at_positions(replay_on_cpu, monkeypatch: pytest.MonkeyPatch, fn) -> None:
-    """A table of 20 rows read at positions arange(T) + c guards nothing, and a replay at the
-    32-token bucket read rows up to 31 + c: past the table (a device-side assert on a GPU). The
-    buckets stop at rows - c, which becomes a bucket itself; no replay reads past the table."""
-    failed = []
-    capture = ReplayOnCpu.capture
-
-    def recording_capture(self, step):
-        try:
-            return capture(self, step)
-        except Exception as exc:  # a read past the table; the runner would run the step uncaptured
-            failed.append(exc)
-            raise
-
-    monkeypatch.setattr(ReplayOnCpu, "capture", recording_capture)
-    report = _run(fn, _rows, lengths=(5, 18, 20))
-    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 20]"]
-    assert replay_on_cpu.captures == 2 and not failed
-
-
 def _sliced_40_read_20(x: torch.Tensor) -> torch.Tensor:
     return (x + TABLE40_ROWS[: x.shape[0]] + F.embedding(torch.arange(x.shape[0]), TABLE20)) @ W  # guards T <= 40
 
@@ -1357,13 +1336,14 @@ def _sliced_20_read_40(x: torch.Tensor) -> torch.Tensor:
     return (x + TABLE20[: x.shape[0]] + F.embedding(torch.arange(x.shape[0]), TABLE40_ROWS)) @ W  # guards T <= 20
 
 
-@pytest.mark.parametrize("fn", [_sliced_40_read_20, _sliced_20_read_40])
-def test_buckets_stop_at_the_tighter_of_the_guarded_range_and_a_table(replay_on_cpu, monkeypatch: pytest.MonkeyPatch,
-                                                                     fn) -> None:
-    """A step bounded twice, by its token count's guarded range (a table sliced by T) and by a
-    table read at arange(T), one of 40 rows and the other of 20: the buckets stop at the tighter
-    bound, 20, whichever it is; stopping at the looser one (40) would leave the 32-token bucket,
-    whose replay reads past the 20-row table."""
+@pytest.mark.parametrize("fn", [_embedded_positions, _selected_positions, _indexed_positions, _sliced_40_read_20,
+                                _sliced_20_read_40])
+def test_buckets_stay_within_a_table_read_at_positions(replay_on_cpu, monkeypatch: pytest.MonkeyPatch, fn) -> None:
+    """A table of 20 rows read at positions arange(T) + c guards nothing, and a replay at the
+    32-token bucket read rows up to 31 + c: past the table (a device-side assert on a GPU). The
+    buckets stop at rows - c, which becomes a bucket itself; no replay reads past the table. With
+    a second bound, the token count's guarded range (a table sliced by T, of 40 rows or of 20),
+    they stop at the tighter of the two, whichever it is."""
     failed = []
     capture = ReplayOnCpu.capture
 

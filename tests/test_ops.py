@@ -95,6 +95,23 @@ def test_a_launch_refuses_an_output_sharing_a_separate_swiglu_up_weight_or_bias(
     assert kernel(x, w, b, out=out, weight_up=w_up, bias_up=b_up) is out
 
 
+@pytest.mark.parametrize("extra", ["weight_up", "bias_up"])
+def test_a_gemm_without_swiglu_refuses_an_up_operand(extra: str) -> None:
+    """`weight_up` and `bias_up` belong to SwiGLU's up half: a GEMM with a bias and no SwiGLU
+    refuses either one rather than ignore it."""
+    from tileflow.kernel_spec import TileConfig
+    from tileflow.lower import gemm_spec
+    from tileflow.runtime import get_kernel
+
+    n = 8
+    kernel = get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=n, k=n,
+                                               tile=TileConfig(16, 16, 16), has_bias=True))
+    x, w, b = torch.randn(3, n), torch.randn(n, n), torch.randn(n)
+    up = {"weight_up": torch.randn(n, n), "bias_up": torch.randn(n)}[extra]
+    with pytest.raises(ValueError, match="weight_up/bias_up are for the swiglu epilogue only"):
+        kernel(x, w, b, **{extra: up})
+
+
 @pytest.mark.parametrize("n, k", [(0, 4), (4, 0), (0, 0)])
 @pytest.mark.parametrize("activation, separate_up", [("none", False), ("silu", False), ("gelu", False),
                                                      ("gelu_tanh", False), ("relu", False), ("relu2", False),

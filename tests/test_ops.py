@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tileflow
+from tileflow.kernel_spec import KernelSpec
 from tileflow.ops import padded_gemm
 
 
@@ -59,16 +60,22 @@ def test_empty_gemms_keep_the_operand_rules_and_split_biases() -> None:
     assert grouped_gemm(torch.randn(0, 4, 4), torch.randn(0, 3, 4)).shape == (0, 4, 3)
 
 
+def _fp32_gemm_spec(n: int, **options: object) -> KernelSpec:
+    """The KernelSpec of an n x n float32 GEMM on 16 x 16 x 16 tiles (`options`: epilogue flags)."""
+    from tileflow.kernel_spec import TileConfig
+    from tileflow.lower import gemm_spec
+
+    return gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=n, k=n, tile=TileConfig(16, 16, 16), **options)
+
+
 def test_a_launch_refuses_an_output_sharing_an_input_and_the_oracle_checks_its_spec() -> None:
     """`out=` aliasing x read its own products (314 off); the reference backend, the tests'
     oracle, ran specs the device backends refuse (two activations: only the first applied)."""
-    from tileflow.kernel_spec import KernelSpec, TileConfig, make_params
-    from tileflow.lower import gemm_spec
+    from tileflow.kernel_spec import TileConfig, make_params
     from tileflow.runtime import get_kernel
 
     x, w = torch.randn(40, 40), torch.randn(40, 40)
-    kernel = get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=40, k=40,
-                                               tile=TileConfig(16, 16, 16)))
+    kernel = get_kernel("reference", _fp32_gemm_spec(40))
     with pytest.raises(ValueError, match="out shares memory with x"):
         kernel(x, w, out=x)
     spec = KernelSpec("padded_gemm", "float32", "float32", TileConfig(16, 16, 16), ("silu", "gelu"), make_params(n=3, k=7))
@@ -79,13 +86,10 @@ def test_a_launch_refuses_an_output_sharing_an_input_and_the_oracle_checks_its_s
 def test_a_launch_refuses_an_output_sharing_a_separate_swiglu_up_weight_or_bias() -> None:
     """SwiGLU's up half may come as its own `weight_up` and `bias_up` tensors: an `out` sharing
     memory with either (read by every tile while others write) is refused like one sharing x."""
-    from tileflow.kernel_spec import TileConfig
-    from tileflow.lower import gemm_spec
     from tileflow.runtime import get_kernel
 
     n = 8
-    kernel = get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=n, k=n,
-                                               tile=TileConfig(16, 16, 16), activation="swiglu", has_bias=True))
+    kernel = get_kernel("reference", _fp32_gemm_spec(n, activation="swiglu", has_bias=True))
     x, w, w_up, b, b_up = torch.randn(n, n), torch.randn(n, n), torch.randn(n, n), torch.randn(n), torch.randn(n)
     with pytest.raises(ValueError, match="out shares memory with weight_up"):
         kernel(x, w, b, out=w_up, weight_up=w_up, bias_up=b_up)
@@ -99,13 +103,10 @@ def test_a_launch_refuses_an_output_sharing_a_separate_swiglu_up_weight_or_bias(
 def test_a_gemm_without_swiglu_refuses_an_up_operand(extra: str) -> None:
     """`weight_up` and `bias_up` belong to SwiGLU's up half: a GEMM with a bias and no SwiGLU
     refuses either one rather than ignore it."""
-    from tileflow.kernel_spec import TileConfig
-    from tileflow.lower import gemm_spec
     from tileflow.runtime import get_kernel
 
     n = 8
-    kernel = get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=n, k=n,
-                                               tile=TileConfig(16, 16, 16), has_bias=True))
+    kernel = get_kernel("reference", _fp32_gemm_spec(n, has_bias=True))
     x, w, b = torch.randn(3, n), torch.randn(n, n), torch.randn(n)
     up = {"weight_up": torch.randn(n, n), "bias_up": torch.randn(n)}[extra]
     with pytest.raises(ValueError, match="weight_up/bias_up are for the swiglu epilogue only"):
@@ -306,11 +307,9 @@ def test_the_kernel_cache_keeps_one_kernel_per_target() -> None:
     """One spec built for two targets gives two kernels, each built by its own target's backend:
     the target is part of the kernel cache's key (keyed by the spec alone, the second target got
     the first one's kernel)."""
-    from tileflow.kernel_spec import TileConfig
-    from tileflow.lower import gemm_spec
     from tileflow.runtime import compiled_kernels, get_kernel
 
-    spec = gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=8, k=8, tile=TileConfig(16, 16, 16))
+    spec = _fp32_gemm_spec(8)
     kernels = {target: get_kernel(target, spec) for target in ("reference", "triton")}
     assert {target: kernel.target for target, kernel in kernels.items()} == {"reference": "reference", "triton": "triton"}
     assert get_kernel("reference", spec) is kernels["reference"]  # built once per (target, spec)

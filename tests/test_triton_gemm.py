@@ -23,7 +23,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -53,6 +53,17 @@ DEVICE = "cpu" if triton_interpreter_enabled() else "cuda"
 def _private_cache(private_triton_cache: Path) -> Path:
     """Every test of this module builds into a private kernel cache (see conftest)."""
     return private_triton_cache
+
+
+@pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty kernel cache and memo of the test's own, for tests of the cache itself (the memo
+    is cleared after the test too, so no kernel it built reaches another test)."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(root))
+    clear_memo()
+    yield root
+    clear_memo()
 
 
 def gemm_spec(
@@ -400,9 +411,7 @@ def test_an_unwritable_cache_names_the_setting_to_change(tmp_path: Path, monkeyp
         build(gemm_spec("float32"))
 
 
-def test_one_kernel_serves_every_m(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    clear_memo()
+def test_one_kernel_serves_every_m(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, private_cache: Path) -> None:
     writes: list[Path] = []
     real_write = tbuild._write_atomic
 
@@ -434,7 +443,6 @@ def test_one_kernel_serves_every_m(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert rebuilt is not first and rebuilt.source_path == first.source_path
     assert writes == [first.source_path], "the cached source file must be written only once"
     assert first.source_path.stat().st_mtime_ns == stat.st_mtime_ns
-    clear_memo()
 
 
 def test_source_saved_to_artifact_dir(tmp_path: Path) -> None:
@@ -456,14 +464,12 @@ def test_cache_key_includes_versions() -> None:
     assert kernel.source_path.parent.parent.name == expected  # <digest>/<text hash>/<name>.py
 
 
-def test_two_generators_of_one_version_keep_their_own_cache_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_generators_of_one_version_keep_their_own_cache_files(private_cache: Path) -> None:
     """Two tileflow trees with one version string (a checkout and an edited copy of it, both
     reporting the installed version) render different text for the same spec. They shared one
     cache file, which each rewrote with its own text: a process whose kernel was built but not
     yet launched then ran the other tree's code (the interpreter reads the file at the first
     launch; a compiled build reads it at import, which races the same way)."""
-    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    clear_memo()
     spec = gemm_spec("float32")
     store = "tl.store(out_ptrs, acc.to(tl.float32), mask=mask_out)"
 
@@ -483,7 +489,6 @@ def test_two_generators_of_one_version_keep_their_own_cache_files(tmp_path: Path
         out = poisoned_out(spec, DEVICE, 7)
         kernel(inputs["x"], inputs["weight"], out=out)
         assert_close(spec, out, expected)
-    clear_memo()
 
 
 def test_specs_differing_in_out_dtype_or_group_m_keep_apart(tmp_path: Path) -> None:
@@ -504,15 +509,13 @@ def test_specs_differing_in_out_dtype_or_group_m_keep_apart(tmp_path: Path) -> N
         assert (tmp_path / f"{spec.name}.py").read_text() == kernel.source
 
 
-def test_the_interpreter_warns_of_bf16_operands_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_interpreter_warns_of_bf16_operands_only(monkeypatch: pytest.MonkeyPatch, private_cache: Path) -> None:
     """Under TRITON_INTERPRET=1 a kernel of bf16 operands warns that its dots are wrong there; a
     float32 GEMM cast to a bf16 output dots float32 and is right (it matches the reference), so it
     builds without the warning."""
     import warnings
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # only builds: nothing is launched off the CPU
-    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    clear_memo()
     cast = gemm_spec("float32", ("cast",), out_dtype="bfloat16")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -525,7 +528,6 @@ def test_the_interpreter_warns_of_bf16_operands_only(tmp_path: Path, monkeypatch
         assert_close(cast, out, reference(cast, **inputs))
     with pytest.warns(RuntimeWarning, match="bf16 kernels give wrong results under TRITON_INTERPRET=1"):
         build(gemm_spec("bfloat16"))
-    clear_memo()
 
 
 def test_every_build_copies_its_source_to_the_artifact_dir_it_is_given(tmp_path: Path) -> None:
@@ -539,11 +541,9 @@ def test_every_build_copies_its_source_to_the_artifact_dir_it_is_given(tmp_path:
         assert (tmp_path / run / f"{spec.name}.py").read_text() == first.source
 
 
-def test_a_cache_file_not_holding_its_text_is_rewritten_before_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cache_file_not_holding_its_text_is_rewritten_before_import(private_cache: Path) -> None:
     """A cache file whose content is not the rendered text (cut short by a writer that died, or
     edited by hand) is rewritten from the text before it is imported, never imported as found."""
-    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    clear_memo()
     spec = gemm_spec("float32")
     first = build(spec)
     clear_memo()  # a fresh process finds the damaged file
@@ -555,7 +555,6 @@ def test_a_cache_file_not_holding_its_text_is_rewritten_before_import(tmp_path: 
     out = poisoned_out(spec, DEVICE, 5)
     again(inputs["x"], inputs["weight"], out=out)
     assert_close(spec, out, reference(spec, **inputs))
-    clear_memo()
 
 
 def test_a_failed_source_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -573,11 +572,9 @@ def test_a_failed_source_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernel.py"]
 
 
-def test_a_source_that_fails_to_import_leaves_nothing_memoized_or_registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_source_that_fails_to_import_leaves_nothing_memoized_or_registered(private_cache: Path) -> None:
     """A build whose source raises at import raises that error and caches nothing in the process:
     no half-initialized module stays in sys.modules and the next build renders afresh."""
-    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    clear_memo()
     spec = gemm_spec("float32")
     renders: list[str] = []
 
@@ -597,15 +594,12 @@ def test_a_source_that_fails_to_import_leaves_nothing_memoized_or_registered(tmp
     out = poisoned_out(spec, DEVICE, 3)
     kernel(inputs["x"], inputs["weight"], out=out)
     assert_close(spec, out, reference(spec, **inputs))
-    clear_memo()
 
 
-def test_each_kernel_module_is_registered_under_its_own_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_kernel_module_is_registered_under_its_own_name(private_cache: Path) -> None:
     """A kernel's module is in sys.modules under `meta["module"]` (what looks a function up by its
     module name, e.g. pickle, finds it), and two renders of one spec (two trees of one version)
     register two modules, each the one whose file is its kernel's source."""
-    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    clear_memo()
     spec = gemm_spec("float32")
     mine = build(spec)
     clear_memo()
@@ -615,18 +609,17 @@ def test_each_kernel_module_is_registered_under_its_own_name(tmp_path: Path, mon
         module = sys.modules[kernel.meta["module"]]
         assert Path(module.__file__) == kernel.source_path
         assert getattr(module, kernel.meta["kernel_name"]) is kernel.launch.kernel
-    clear_memo()
 
 
-def test_the_entry_kernel_is_the_named_one_or_the_only_one_the_module_defines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_entry_kernel_is_the_named_one_or_the_only_one_the_module_defines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, private_cache: Path
+) -> None:
     """A source whose entry kernel has another name than `kernel_identifier(spec)` builds when it
     defines exactly one `@triton.jit` function (helpers it imports from elsewhere do not count);
     with two of its own, the build says it expected exactly one."""
-    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "tileflow_test_jit_helpers.py").write_text(
         "import triton\n\n\n@triton.jit\ndef imported_helper(x):\n    return x\n")
-    clear_memo()
     spec = gemm_spec("float32")
     ident = tbuild.kernel_identifier(spec)
 
@@ -644,14 +637,11 @@ def test_the_entry_kernel_is_the_named_one_or_the_only_one_the_module_defines(tm
     second = "\n\n@triton.jit\ndef another_kernel(x_ptr):\n    pass\n"
     with pytest.raises(ImportError, match=r"2 @triton.jit functions \(expected exactly one\)"):
         build_triton_kernel(spec, renamed(second), make_gemm_launcher)
-    clear_memo()
 
 
-def test_the_memo_keeps_interpreted_and_compiled_kernels_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_memo_keeps_interpreted_and_compiled_kernels_apart(monkeypatch: pytest.MonkeyPatch, private_cache: Path) -> None:
     """`@triton.jit` picks the interpreted or the compiled function when the module is imported,
     so a build after TRITON_INTERPRET changes must not return the kernel built before it."""
-    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    clear_memo()
     spec = gemm_spec("float32")
     before = build(spec)
     flag = triton_interpreter_enabled()
@@ -665,17 +655,14 @@ def test_the_memo_keeps_interpreted_and_compiled_kernels_apart(tmp_path: Path, m
     assert isinstance(after.launch.kernel, InterpretedFunction) == (not flag)
     monkeypatch.setenv("TRITON_INTERPRET", "1" if flag else "0")
     assert build(spec) is before
-    clear_memo()
 
 
-def test_threads_building_one_spec_render_it_once_and_share_the_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threads_building_one_spec_render_it_once_and_share_the_kernel(private_cache: Path) -> None:
     """Two threads building one spec at once: the second waits for the first's build (it must
     not import a file the first is still writing) and both get the one CompiledKernel."""
     import threading
     import time
 
-    monkeypatch.setenv("TILEFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    clear_memo()
     spec = gemm_spec("float32")
     renders: list[float] = []
 
@@ -696,7 +683,6 @@ def test_threads_building_one_spec_render_it_once_and_share_the_kernel(tmp_path:
         t.join()
     assert len(renders) == 1
     assert results[0] is not None and results[0] is results[1]
-    clear_memo()
 
 
 # ------------------------------------------------------------------------------------------

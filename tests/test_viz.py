@@ -943,9 +943,12 @@ def test_a_weight_read_through_a_module_less_view_joins_the_layer() -> None:
     assert assign_groups(nodes) == ["layers.0", "layers.0", "layers.0", "layers.0", "layers.0", ""]
 
 
+_GEMM_TILE = {"block_m": 16, "block_n": 32, "block_k": 32}
+
+
 def _gemm_kernel(name: str, n: int) -> dict:
-    tile = {"block_m": 16, "block_n": 32, "block_k": 32}
-    return {"name": name, "spec": {"op": "padded_gemm", "dtype": "float32", "tile": tile,
+    """A report's GEMM kernel entry: float32, K = 64, width `n`, on `_GEMM_TILE`."""
+    return {"name": name, "spec": {"op": "padded_gemm", "dtype": "float32", "tile": _GEMM_TILE,
                                    "params": [["k", 64], ["n", n]], "epilogue": []}}
 
 
@@ -953,10 +956,9 @@ def test_gemm_links_only_kernels_of_its_width() -> None:
     """Two GEMMs of one K and tile but different N (q_proj and k_proj) link to their own kernel."""
     from tileflow.viz import link_kernels
 
-    tile = {"block_m": 16, "block_n": 32, "block_k": 32}
     kernels = [_gemm_kernel("gemm_n64", 64), _gemm_kernel("gemm_n128", 128)]
     for n, want in ((64, "gemm_n64"), (128, "gemm_n128")):
-        plan = json.dumps({"pieces": [{"config": tile}], "dtype": "float32", "k": 64, "n": n})
+        plan = json.dumps({"pieces": [{"config": _GEMM_TILE}], "dtype": "float32", "k": 64, "n": n})
         node = {"name": "gemm", "op": "call_function", "target": "tileflow.padded_gemm.default",
                 "args": ["%x", "%w", None, None, "none", plan], "tileflow": {"kind": "padded_gemm"}}
         assert [kernels[i]["name"] for i in link_kernels(node, kernels)] == [want]

@@ -174,10 +174,11 @@ def build_npu_kernel(
 
     # Keyed by the sources' content, so a changed emitter never reuses a stale build, and by the
     # toolchain the library is built for (another torch, torch_npu, CANN or SoC rebuilds it).
+    soc = _soc_version()
     root = (artifact_dir or cache_root() / "npu") / f"{sources.ident}-{sources.digest()}"
-    lib_path = root / f"lib{LIBRARY}-{_toolchain_key()}.so"
+    lib_path = root / f"lib{LIBRARY}-{_toolchain_key(soc)}.so"
     if not lib_path.exists():
-        _build_into(sources, root, lib_path)
+        _build_into(sources, root, lib_path, soc)
     torch.ops.load_library(str(lib_path))
     lib = ctypes.CDLL(str(lib_path))
 
@@ -192,11 +193,11 @@ def build_npu_kernel(
     return host_call, launch, detect_device("npu").cores
 
 
-def _toolchain_key() -> str:
+def _toolchain_key(soc: str) -> str:
     """A short hash of what an NPU build compiles for and links against besides its sources: the
     torch and torch_npu versions, the CANN toolkit (ASCEND_HOME_PATH, as CMake finds it,
     resolved: `ascend-toolkit/latest` is a link that an upgrade points at the new version) and
-    the NPU's SoC."""
+    the NPU's SoC (`soc`)."""
     from importlib import metadata
 
     from . import _cann_home
@@ -206,7 +207,7 @@ def _toolchain_key() -> str:
     except metadata.PackageNotFoundError:
         torch_npu = ""
     cann = _cann_home()
-    parts = (torch.__version__, torch_npu, os.path.realpath(cann) if cann else "", _soc_version())
+    parts = (torch.__version__, torch_npu, os.path.realpath(cann) if cann else "", soc)
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
@@ -219,8 +220,9 @@ def _soc_version() -> str:
     return str(npu.get_device_name())
 
 
-def _build_into(sources: KernelSources, root: Path, lib_path: Path) -> None:
-    """Build `sources`' project in a fresh folder under `root` and move the library to `lib_path`.
+def _build_into(sources: KernelSources, root: Path, lib_path: Path, soc: str) -> None:
+    """Build `sources`' project for SoC `soc` ("": the project's default) in a fresh folder under
+    `root` and move the library to `lib_path`.
 
     The library appears at `lib_path` only by an atomic rename of a finished build, so a build
     that was killed (or failed) leaves nothing there that a later call would load, and builders
@@ -231,7 +233,6 @@ def _build_into(sources: KernelSources, root: Path, lib_path: Path) -> None:
     try:
         write_project([sources], work)
         # CANN compiles for the SoC it is told, and the project defaults to the 910B1: tell it this NPU's.
-        soc = _soc_version()
         for cmd in (["cmake", "-S", str(work), "-B", str(work / "build"), *([f"-DSOC_VERSION={soc}"] if soc else [])],
                     ["cmake", "--build", str(work / "build"), "-j"]):
             run = subprocess.run(cmd, capture_output=True, text=True)

@@ -279,6 +279,34 @@ def test_prepare_follows_each_requests_block_list() -> None:
     assert table_row(blocks, 6) == [7, 11]
 
 
+class _CountedKeys(tuple):
+    """The config's environment keys, counting each time the environment is read through them."""
+
+    reads = 0
+
+    def __iter__(self):
+        type(self).reads += 1
+        return super().__iter__()
+
+
+def test_a_serving_step_reads_the_environments_config_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each layer's attention asks for the eager config: a step pins it, so the environment is
+    read as often for a model of four layers as for one of one."""
+    import tileflow.config as config_module
+
+    def reads_per_run(layers: int) -> int:
+        engine = ServingEngine(RandomProgram(0, windows=(None,) * layers), token_budget=16, decode_slots=2,
+                               block_size=4, num_blocks=32)
+        keys = _CountedKeys(config_module._ENV_KEYS)
+        monkeypatch.setattr(config_module, "_ENV_KEYS", keys)
+        _CountedKeys.reads = 0
+        engine.run([Request(0, [1, 2, 3, 4, 5], 3), Request(1, [6, 7], 3)])
+        return _CountedKeys.reads
+
+    one, four = reads_per_run(1), reads_per_run(4)
+    assert one > 0 and four == one
+
+
 def test_scheduler_rejects_budgets_without_room_for_prompts() -> None:
     with pytest.raises(ValueError, match="no room for prompt chunks"):
         ServingEngine(RandomProgram(0), token_budget=8, decode_slots=4, max_draft=1)

@@ -31,6 +31,7 @@ import torch
 
 from tileflow.passes.disaggregate import AttentionCut, StageProgram
 
+from ..config import current_config, use_config
 from ..runtime.paged_kv import PagedBatch, PagedKV, check_chunk_blocks
 from ..runtime.streams import CudaStreams, StreamExecutor, grid_share
 from ..transfers import to_device
@@ -472,14 +473,18 @@ class ServingEngine:
         the cache; returns the logits `[1, total tokens, vocab]` (on the engine's device).
         `inputs` is `prepare(entries)` when the caller already made it (then the step is not
         split into nano-batches)."""
-        if self.nano_batches > 1 and inputs is None and len(entries) > 1:
-            return self._forward_nano(split_entries(entries, self.nano_batches))
-        step = inputs if inputs is not None else self.prepare(entries)
-        # Key starts (a step traced with packed position ids) are not needed: each request's
-        # queries read only its own KV cache.
-        attend = lambda cut, q, k, v, key_starts=None: self._attend(step, cut, q, k, v)  # noqa: E731
-        (logits,) = self.program.run([step.ids, step.positions], attention=attend)
-        return logits
+        # Every layer's attention call asks for the eager config; with none set, that reads a dozen
+        # environment variables (about 15 us per layer on a CPU like CI's). One step, one config:
+        # read it once here.
+        with use_config(current_config()):
+            if self.nano_batches > 1 and inputs is None and len(entries) > 1:
+                return self._forward_nano(split_entries(entries, self.nano_batches))
+            step = inputs if inputs is not None else self.prepare(entries)
+            # Key starts (a step traced with packed position ids) are not needed: each request's
+            # queries read only its own KV cache.
+            attend = lambda cut, q, k, v, key_starts=None: self._attend(step, cut, q, k, v)  # noqa: E731
+            (logits,) = self.program.run([step.ids, step.positions], attention=attend)
+            return logits
 
     def _forward_nano(self, groups: list[list[Entry]]) -> torch.Tensor:
         """NanoFlow's overlap for a serving step: each nano-batch (whole sequences, so its

@@ -334,6 +334,53 @@ def test_split_k_pieces_dispatch_and_match_float64(monkeypatch, target, activati
         assert launches[-1]["spec"]["split_k"] and launches[-1]["split_k"] == piece.split_k
 
 
+def test_measured_shapes_plan_a_shape_the_file_does_not_hold(tmp_path, monkeypatch) -> None:
+    """Tile times measured at a few (N, K) shapes plan another shape of the same device and dtype:
+    each config's time carried to its K along the line through the measured depths, for the plain
+    kernels and each variant. Not when the file lacks a candidate config of the shape (the model
+    plans, never mixing measured and modeled configs), nor for a fused SwiGLU, nor for another
+    dtype; a shape the file holds keeps its own times."""
+    import json
+
+    from tileflow.devices import get_device
+    from tileflow.tiles import build_tile_plan, candidate_configs
+
+    h200 = get_device("H200")
+    monkeypatch.setattr(runtime, "device_for_target", lambda target, device_type: h200)
+
+    def seconds(c, k: int) -> float:  # a fixed part and a stream over K, different per config
+        return 2e-6 * c.num_warps + (c.block_m + c.block_n) * k * 2 / (40e9 + 100 * c.block_n * c.block_m)
+
+    measured = [(4096, 4096), (4096, 14336)]
+    entries = [{"device": "H200", "dtype": "bfloat16", "n": n, "k": k, "tile": c.to_dict(), "tile_seconds": seconds(c, k)}
+               for n, k in measured for c in candidate_configs(n, k, "bfloat16", h200)]
+    fast_tma = candidate_configs(4096, 4096, "bfloat16", h200)[0]
+    entries += [{**e, "tile_seconds": e["tile_seconds"] / 4, "tma": True} for e in entries if e["tile"] == fast_tma.to_dict()]
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps(entries))
+    n, k = 5120, 8192
+    cands = candidate_configs(n, k, "bfloat16", h200)
+    plan = runtime.gemm_plan(n, k, torch.bfloat16, "triton", "cuda", m_max=4096, tile_timings=str(path))
+    want = build_tile_plan(n, k, "bfloat16", m_max=4096, device=h200, measured={c: seconds(c, k) for c in cands},
+                           measured_tma={fast_tma: seconds(fast_tma, k) / 4})
+    assert plan == want and any(p.tma for p in plan.pieces)
+    modeled = build_tile_plan(n, k, "bfloat16", m_max=4096, device=h200)
+    assert plan != modeled
+    # Carried only where the plain kernels cover every candidate config.
+    path.write_text(json.dumps([e for e in entries if e["tile"] != cands[-1].to_dict()]))
+    assert runtime.gemm_plan(n, k, torch.bfloat16, "triton", "cuda", m_max=4096, tile_timings=str(path)) == modeled
+    path.write_text(json.dumps(entries))
+    swiglu = runtime.gemm_plan(n, k, torch.bfloat16, "triton", "cuda", m_max=4096, tile_timings=str(path), weight_tiles=2)
+    assert swiglu == build_tile_plan(n, k, "bfloat16", m_max=4096, device=h200, weight_tiles=2)
+    fp16 = runtime.gemm_plan(n, k, torch.float16, "triton", "cuda", m_max=4096, tile_timings=str(path))
+    assert fp16 == build_tile_plan(n, k, "float16", m_max=4096, device=h200)
+    own = runtime.gemm_plan(4096, 4096, torch.bfloat16, "triton", "cuda", m_max=4096, tile_timings=str(path))
+    held = candidate_configs(4096, 4096, "bfloat16", h200)
+    assert own == build_tile_plan(4096, 4096, "bfloat16", m_max=4096, device=h200,
+                                  measured={c: seconds(c, 4096) for c in held},
+                                  measured_tma={fast_tma: seconds(fast_tma, 4096) / 4})
+
+
 def test_measured_split_k_times_reach_the_plan(tmp_path, monkeypatch) -> None:
     """Tile timings with split-K entries (per-program times, as `bench/gemm.py --measure-tiles`
     writes them) make a measured GPU plan split exactly where they say; without them a measured

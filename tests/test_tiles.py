@@ -31,6 +31,7 @@ from tileflow.tiles import (
     stream_k_range,
     stream_k_segments,
     tile_efficiency,
+    tile_times_at_depth,
     tma_rows_aligned,
     token_range,
 )
@@ -952,3 +953,36 @@ def test_stream_k_plans_count_a_partial_last_block_k_step() -> None:
         whole = min(estimate_seconds(m, n, k, c, H200, "bfloat16", measured) for c in cands)
         streamed = estimate_seconds(m, n, k, wide, H200, "bfloat16", {wide: unit}, stream_k=True)
         assert got == min(whole, streamed), m
+
+
+@settings(max_examples=80, deadline=None)
+@given(fixed=st.floats(0, 1e-4), per_k=st.floats(1e-10, 1e-7),
+       depths=st.lists(st.integers(16, 1 << 16), min_size=1, max_size=6), k=st.integers(1, 1 << 17))
+def test_tile_times_at_depth_follow_the_line_the_samples_lie_on(fixed: float, per_k: float, depths: list[int],
+                                                                  k: int) -> None:
+    """Samples on a line a + b K (a >= 0) give that line at any depth when at least two depths
+    were measured; one depth gives time proportional to K. Every config is carried apart."""
+    cfg, other = TileConfig(64, 128, 64), TileConfig(128, 256, 64)
+    samples = {cfg: [(d, fixed + per_k * d) for d in depths], other: [(d, 2 * (fixed + per_k * d)) for d in depths]}
+    times = tile_times_at_depth(samples, k)
+    if len(set(depths)) > 1:
+        want = fixed + per_k * k
+    else:
+        want = (fixed + per_k * depths[0]) * k / depths[0]
+    assert times[cfg] == pytest.approx(want, rel=1e-6, abs=1e-15)
+    assert times[other] == pytest.approx(2 * want, rel=1e-6, abs=1e-15)
+
+
+def test_tile_times_at_depth_never_extrapolate_below_zero_and_average_step_times() -> None:
+    """A line whose fixed part comes out negative (the longer K measured relatively slower) is
+    replaced by the line through the origin, so small depths keep positive times; per-step
+    (stream-K unit) times are their mean at any depth; configs without samples are left out; a
+    depth below one is refused."""
+    cfg = TileConfig(64, 128, 64)
+    steep = {cfg: [(4096, 40e-6), (14336, 200e-6)], TileConfig(16, 32, 128): []}
+    times = tile_times_at_depth(steep, 128)
+    slope = (4096 * 40e-6 + 14336 * 200e-6) / (4096**2 + 14336**2)
+    assert list(times) == [cfg] and times[cfg] == pytest.approx(slope * 128) and times[cfg] > 0
+    assert tile_times_at_depth({cfg: [(4096, 2e-7), (14336, 4e-7)]}, 64, per_step=True) == {cfg: pytest.approx(3e-7)}
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        tile_times_at_depth({cfg: [(4096, 1e-5)]}, 0)

@@ -48,7 +48,8 @@ class Config:
         nano_batches: `auto`, or an integer (1 turns nano-batching off; >= 2 forces a split).
         tile_timings: path of a JSON file of per-tile times measured on the device
             (`python bench/gemm.py --measure-tiles FILE`); they replace the cost model's
-            estimates for the configs, shapes and device they were measured for.
+            estimates on the device they were measured for, at their shapes and, carried along
+            each config's time against K, at the other shapes of plain GEMMs.
         cuda_graphs: on CUDA, capture each compiled step (nano-batched or whole) once per token
             bucket (powers of two from 16 to the first at or above `max_tokens`) and input
             signature as a CUDA graph and replay it (a step whose padded rows could reach real

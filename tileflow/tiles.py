@@ -260,6 +260,41 @@ def _measured_items(measured: MeasuredArg) -> tuple[tuple[TileConfig, float], ..
     return tuple(sorted(out.items()))
 
 
+def tile_times_at_depth(
+    samples: Mapping[TileConfig, Iterable[tuple[int, float]]], k: int, *, per_step: bool = False
+) -> dict[TileConfig, float]:
+    """Per-tile times at reduction depth `k`, from times measured at other (N, K) shapes.
+
+    `samples` maps each config to its measured (K, seconds) pairs. A whole tile streams K / BLOCK_K
+    steps of its operands after a fixed prologue and epilogue, so its time is modeled as
+    a + b * K: the least-squares line through the samples, evaluated at `k`. With one measured
+    depth, or a line whose fixed part comes out negative (which would shrink small depths to
+    nothing), the line through the origin is used instead (time proportional to K). N is left
+    out: a full tile's work does not depend on it (only L2 reuse does, which this ignores).
+    `per_step` is for times of one BLOCK_K step (stream-K work units), which do not grow with K:
+    their mean. Configs without samples are left out.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    times: dict[TileConfig, float] = {}
+    for config, pairs in samples.items():
+        ks = np.array([float(depth) for depth, _ in pairs])
+        secs = np.array([float(seconds) for _, seconds in pairs])
+        if ks.size == 0:
+            continue
+        if per_step:
+            times[config] = float(secs.mean())
+            continue
+        slope = float((ks * secs).sum() / (ks * ks).sum())  # through the origin
+        if np.unique(ks).size > 1:
+            b, a = np.polyfit(ks, secs, 1)
+            if a >= 0 and b > 0:
+                times[config] = float(a + b * k)
+                continue
+        times[config] = slope * k
+    return times
+
+
 def split_k_factors(config: TileConfig, k: int, device: DeviceInfo) -> tuple[int, ...]:
     """The split-K factors a plan may run `config` with over reduction length `k` on `device`:
     1, plus `SPLIT_K_FACTORS` on GPUs where every part keeps at least `_MIN_SPLIT_K` of K (in

@@ -22,7 +22,7 @@ from ..gemm_operands import apply_activation, check_operand_kinds
 from ..kernel_spec import KernelSpec, TileConfig
 from ..log import get_logger
 from ..targets import CompiledKernel, get_backend, resolve_target
-from ..tiles import PlanPiece, TilePlan, build_tile_plan
+from ..tiles import PlanPiece, TilePlan, build_tile_plan, candidate_configs, tile_times_at_depth
 from .streams import shared_programs
 
 log = get_logger("runtime")
@@ -59,7 +59,8 @@ def gemm_plan(
     `tile_timings` names a JSON file of measured per-tile times (see `load_tile_timings`); the
     entries for this device, dtype, N and K replace the cost model's estimates, and entries of a
     config's persistent or TMA variant let the plan run it so where it measured faster (unless
-    `persistent_variants` is False: for kernels that have neither variant).
+    `persistent_variants` is False: for kernels that have neither variant). A shape the file
+    does not hold takes the times of the shapes it does, carried to its K (`timings_at_shape`).
     `weight_tiles=2` plans a fused SwiGLU (two weight tiles per stage, no 128x256 tile);
     `split_variants=False` leaves split-K and stream-K pieces out (for kernels without them);
     measured stream-K entries let the plan run stream-K where they win.
@@ -72,6 +73,8 @@ def gemm_plan(
     if tile_timings:
         timings = load_tile_timings(tile_timings)
         key = (device.name, dtype_name(dtype), int(n), int(k))
+        if weight_tiles == 1 and not any(t[:4] == key for t in timings):
+            timings = timings_at_shape(timings, device, key[1], key[2], key[3])
         measured = timings.get((*key, False, 1, False, False))
         if persistent_variants:  # the padded GEMM's whole-tile variants: persistent grid, TMA loads
             measured_persistent = timings.get((*key, True, 1, False, False))
@@ -87,6 +90,35 @@ def gemm_plan(
 
 
 TimingKey = tuple[str, str, int, int, bool, int, bool, bool]
+
+
+def timings_at_shape(
+    timings: dict[TimingKey, tuple[tuple[TileConfig, float], ...]], device: DeviceInfo, dtype: str, n: int, k: int,
+) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
+    """Tile times for an (N, K) shape the file does not hold, from the shapes it does (same
+    device and dtype): each variant's per-config times carried to depth `k` by
+    `tile_times_at_depth` (a stream-K entry, one BLOCK_K step, as measured). So a few measured
+    shapes plan every GEMM of a model. Empty (the cost model plans) unless the plain kernels'
+    times cover every candidate config of the shape: a plan never weighs a measured config
+    against a modeled one. For plain GEMMs only: a fused SwiGLU's tiles carry two weight tiles."""
+    samples: dict[tuple[bool, int, bool, bool], dict[TileConfig, list[tuple[int, float]]]] = {}
+    for (dev, dt, _, depth, *variant), items in timings.items():
+        if (dev, dt) == (device.name, dtype):
+            per_config = samples.setdefault(tuple(variant), {})  # type: ignore[arg-type]
+            for config, seconds in items:
+                per_config.setdefault(config, []).append((depth, seconds))
+    candidates = set(candidate_configs(n, k, dtype, device))
+    plain = samples.get((False, 1, False, False), {})
+    if not candidates or not candidates <= set(plain):
+        return {}
+    out: dict[TimingKey, tuple[tuple[TileConfig, float], ...]] = {}
+    for variant, per_config in samples.items():
+        times = tile_times_at_depth({c: v for c, v in per_config.items() if c in candidates}, k, per_step=variant[2])
+        if times:
+            out[(device.name, dtype, n, k, *variant)] = tuple(sorted(times.items()))
+    log.debug("tile times for %dx%d (%s) carried from the measured shapes %s", n, k, dtype,
+              sorted({(t[2], t[3]) for t in timings if t[:2] == (device.name, dtype)}))
+    return out
 
 
 def load_tile_timings(path: str) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:

@@ -434,3 +434,61 @@ def test_a_nano_op_listed_on_another_stream_than_its_own_is_rejected() -> None:
     ops["o[0]"] = dataclasses.replace(ops["o[0]"], stream=1)
     with pytest.raises(ScheduleError, match=r"says stream 1 but is listed on stream 0"):
         check_schedule(dataclasses.replace(s, ops=ops), _ORIGINALS)
+
+
+# ------------------------------------------------------------------ builder edge cases
+
+
+def test_a_global_edge_without_seq_bounds_needs_every_producer_row() -> None:
+    """No `seq_bounds` (as the nanobatch pass calls `make_schedule`): one sequence spans the
+    step, so each consumer slice of a global edge waits on every producer slice."""
+    deps = build_dependencies({"qkv": [(0, 4), (4, 8)], "attn": [(0, 4), (4, 8)]},
+                              [OpEdge("qkv", "attn", "global")])
+    assert deps["attn[0]"] == ("qkv[0]", "qkv[1]")
+    assert deps["attn[1]"] == ("qkv[0]", "qkv[1]")
+
+
+def test_seq_bounds_without_the_step_ends_still_reach_them() -> None:
+    """`seq_bounds=[4]` names only the inner boundary: the first sequence still starts at row 0
+    and the last still ends at the producer's last row, so a slice inside either sequence
+    waits on all of that sequence's producer slices."""
+    quarters = [(0, 1), (1, 4), (4, 7), (7, 8)]
+    deps = build_dependencies({"qkv": quarters, "attn": quarters},
+                              [OpEdge("qkv", "attn", "global")], seq_bounds=[4])
+    assert deps["attn[1]"] == ("qkv[0]", "qkv[1]")  # rows [1, 4) read the sequence [0, 4)
+    assert deps["attn[2]"] == ("qkv[2]", "qkv[3]")  # rows [4, 7) read the sequence [4, 8)
+
+
+def test_splits_given_out_of_order_keep_their_names() -> None:
+    """`nano_name(op, i)` is `splits[op][i]` even when the ranges are not sorted, and a global
+    edge still reads the producer's whole extent (its lowest to its highest row)."""
+    specs = [OpSpec("a", "mm", "compute"), OpSpec("b", "meta_attention", "memory")]
+    splits = {"a": [(4, 8), (0, 4)], "b": [(4, 8), (0, 4)]}
+    s = make_schedule(specs, splits, [("a", "b", "global")], 8)
+    assert s.ops["a[0]"].rows == (4, 8) and s.ops["a[1]"].rows == (0, 4)
+    assert s.ops["b[0]"].deps == ("a[0]", "a[1]") and s.ops["b[1]"].deps == ("a[0]", "a[1]")
+    check_schedule(s, {"a": 8, "b": 8}, [("a", "b", "global")])
+
+
+def test_a_producer_read_over_two_edges_is_one_dependency() -> None:
+    """Two edges between the same ops (an op reading a value twice, or a token and a global
+    edge) give each producer nano-op once in `deps`, and one event for it."""
+    edges = [("a", "b"), ("a", "b"), ("a", "b", "global")]
+    deps = build_dependencies({"a": [(0, 4), (4, 8)], "b": [(0, 4), (4, 8)]}, edges)
+    assert {name: sorted(ds) for name, ds in deps.items()} == {
+        "a[0]": [], "a[1]": [], "b[0]": ["a[0]", "a[1]"], "b[1]": ["a[0]", "a[1]"]}
+    specs = [OpSpec("a", "mm", "compute"), OpSpec("b", "meta_attention", "memory")]
+    s = make_schedule(specs, {"a": [(0, 4), (4, 8)], "b": [(0, 4), (4, 8)]}, edges, 8)
+    assert len(s.events) == len(set(s.events)) == 4
+
+
+def test_stream_of_resource_places_the_nano_ops() -> None:
+    """A custom `stream_of_resource` decides the streams (all on one: no events); a resource it
+    leaves out is refused with a ScheduleError naming the op."""
+    specs = [OpSpec("a", "mm", "compute"), OpSpec("b", "meta_attention", "memory")]
+    halves = {"a": [(0, 4), (4, 8)], "b": [(0, 4), (4, 8)]}
+    s = make_schedule(specs, halves, [("a", "b")], 8, stream_of_resource={"compute": 3, "memory": 3})
+    assert s.streams == {3: ["a[0]", "a[1]", "b[0]", "b[1]"]} and s.events == []
+    check_schedule(s, {"a": 8, "b": 8}, [("a", "b")])
+    with pytest.raises(ScheduleError, match=r"no stream for resource 'memory' of op 'b'"):
+        make_schedule(specs, halves, [("a", "b")], 8, stream_of_resource={"compute": 0})

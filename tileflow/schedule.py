@@ -524,7 +524,7 @@ def build_dependencies(
     barrier is ever added, so nano-batch 1 of a layer can start while nano-batch 0 of the
     previous op is still running.
 
-    Returns nano-op name -> producer nano-op names (sorted by producer, then index).
+    Returns nano-op name -> producer nano-op names, in the order of `edges`, then producer index.
     """
     deps: dict[str, list[str]] = {
         nano_name(op, i): [] for op, ranges in splits.items() for i in range(len(ranges))

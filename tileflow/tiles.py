@@ -278,8 +278,7 @@ def tile_times_at_depth(
         raise ValueError(f"k must be >= 1, got {k}")
     times: dict[TileConfig, float] = {}
     for config, pairs in samples.items():
-        ks = np.array([float(depth) for depth, _ in pairs])
-        secs = np.array([float(seconds) for _, seconds in pairs])
+        ks, secs = np.array([[float(depth), float(seconds)] for depth, seconds in pairs]).reshape(-1, 2).T
         if ks.size == 0:
             continue
         if per_step:

@@ -249,3 +249,22 @@ def test_graph_buckets_end_at_the_first_at_or_above_max_tokens(max_tokens: int, 
 def test_an_option_overrides_a_malformed_environment_variable() -> None:
     """The explicit option wins, so the environment variable it replaces is never parsed (nor refused)."""
     assert Config.from_options({"max_tokens": 64}, env={"TILEFLOW_MAX_TOKENS": "lots"}).max_tokens == 64
+
+
+def test_auto_target_resolves_by_device_and_unknown_targets_are_refused() -> None:
+    """`auto` is `triton` for CUDA tensors, `ascend` for NPU ones and `reference` otherwise; a
+    concrete target stays as given whatever the device; an unknown target, or `auto` asked for
+    its backend, is a ValueError naming the valid ones."""
+    from tileflow.targets import get_backend, resolve_target
+
+    assert resolve_target("auto", torch.device("cuda")) == "triton"
+    assert resolve_target("auto", "npu") == "ascend"
+    assert resolve_target("auto", torch.device("cpu")) == "reference"
+    assert resolve_target("auto", None) == "reference"
+    assert resolve_target("triton", torch.device("cpu")) == "triton"
+    assert resolve_target("reference", torch.device("cuda")) == "reference"
+    with pytest.raises(ValueError, match="unknown target 'gpu'"):
+        resolve_target("gpu", torch.device("cuda"))
+    with pytest.raises(ValueError, match="no kernel backend for target 'auto'"):
+        get_backend("auto")
+    assert get_backend("reference").name == "reference"

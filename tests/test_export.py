@@ -908,3 +908,14 @@ def test_a_dynamic_dim_a_transformers_config_has_not_is_refused(tmp_path: Path) 
     assert result.exit_code == 2, result.output
     assert "--dynamic names ['heads'] are not dims of input_ids; use seq and/or batch" in result.stderr
     assert not (tmp_path / "x.pt2").exists()
+
+
+def test_the_content_hash_tells_member_names_from_their_bytes() -> None:
+    """The content hash records each member's length, so moving bytes between a member's name and
+    its data (`a` holding `bc` vs `ab` holding `c`) or between two members changes it."""
+    from tileflow.export import content_hash
+
+    assert content_hash({"a": b"bc"}, {}) != content_hash({"ab": b"c"}, {})
+    assert content_hash({"a": b"xy", "b": b"z"}, {}) != content_hash({"a": b"x", "b": b"yz"}, {})
+    manifest = {"format": 2, "content_sha256": "anything"}
+    assert content_hash({"a": b"x"}, manifest) == content_hash({"a": b"x"}, {**manifest, "content_sha256": "other"})

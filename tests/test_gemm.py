@@ -637,3 +637,60 @@ def test_reference_split_k_adds_the_parts_the_triton_launcher_makes() -> None:
     for split_k, bounds in ((2, (0, 48, 72)), (4, (0, 32, 64, 72)), (1, (0, 72))):
         want = gemm_tile(x, w, None, None, "none", torch.float32, k_split=bounds)
         assert torch.equal(kernel(x, w, split_k=split_k), want), split_k
+
+
+def test_reference_stream_k_kernel_sums_each_tiles_own_parts() -> None:
+    """A stream-K reference launch over `num_programs` programs computes every output tile
+    (pid_m, pid_n) from that tile's own K parts (`_stream_k_parts` at the launch's M, capped
+    program count and ceil(M / BLOCK_M) row tiles), bit for bit: a wrong tile numbering or
+    program count changes only the summation order, which no float64 comparison sees."""
+    from tileflow.backends.reference.gemm import _stream_k_parts, gemm_tile
+    from tileflow.kernel_spec import KernelSpec, TileConfig, make_params
+
+    n, k, m, programs, bm, bn = 80, 72, 100, 11, 16, 16  # 7 M tiles: a last group of 3
+    spec = KernelSpec(op="padded_gemm", dtype="float32", out_dtype="float32", tile=TileConfig(bm, bn, 16, group_m=4),
+                      epilogue=(), params=make_params(n=n, k=k, stream_k=True))
+    gen = torch.Generator().manual_seed(11)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    got = runtime.get_kernel("reference", spec)(x, w, num_programs=programs)
+    parts, num_pid_m = _stream_k_parts(spec, m, programs), -(-m // bm)
+    for pid_m in range(num_pid_m):
+        for pid_n in range(-(-n // bn)):
+            rows, cols = slice(pid_m * bm, (pid_m + 1) * bm), slice(pid_n * bn, (pid_n + 1) * bn)
+            want = gemm_tile(x[rows], w[cols], None, None, "none", torch.float32,
+                             k_split=parts(pid_m, pid_n, num_pid_m))
+            assert torch.equal(got[rows, cols], want), (pid_m, pid_n)
+
+
+def test_reference_launch_refuses_a_split_k_it_cannot_run() -> None:
+    """A reference kernel refuses `split_k` unless it is a split-K kernel, and a split-K kernel
+    refuses a missing, zero, negative or bool `split_k` (ValueError, as the Triton launcher)."""
+    from tileflow.kernel_spec import KernelSpec, TileConfig, make_params
+
+    def kernel(split: bool):
+        params = make_params(n=N, k=K, split_k=True) if split else make_params(n=N, k=K)
+        return runtime.get_kernel("reference", KernelSpec(op="padded_gemm", dtype="float32", out_dtype="float32",
+                                                          tile=TileConfig(16, 16, 16), epilogue=(), params=params))
+
+    x, w = torch.randn(5, K), torch.randn(N, K)
+    with pytest.raises(ValueError, match="needs a split-K kernel"):
+        kernel(False)(x, w, split_k=2)
+    for bad in (None, 0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="needs split_k, a positive int"):
+            kernel(True)(x, w, split_k=bad)
+    assert rel_err(kernel(True)(x, w, split_k=3), oracle(x, w)) <= 1e-5
+
+
+def test_reference_float64_gemm_accumulates_in_float64() -> None:
+    """float64 operands accumulate in float64 on the reference backend (a float32 accumulator
+    would be off by about 1e-7), bias and residual included."""
+    from tileflow.kernel_spec import TileConfig
+
+    spec = gemm_spec(dtype=torch.float64, out_dtype=torch.float64, n=N, k=K, tile=TileConfig(16, 32, 32),
+                     activation="silu", has_bias=True, has_residual=True)
+    gen = torch.Generator().manual_seed(12)
+    x, w = torch.randn(37, K, generator=gen, dtype=torch.float64), torch.randn(N, K, generator=gen, dtype=torch.float64)
+    b, r = torch.randn(N, generator=gen, dtype=torch.float64), torch.randn(37, N, generator=gen, dtype=torch.float64)
+    got = runtime.get_kernel("reference", spec)(x, w, b, r)
+    assert got.dtype == torch.float64
+    assert rel_err(got, oracle(x, w, b, r, "silu")) <= 1e-13

@@ -578,3 +578,261 @@ def test_packed_documents_methods_agree_on_the_cpu(monkeypatch, tmp_path) -> Non
     (path,) = tmp_path.iterdir()
     text = path.read_text()
     assert "## Documents packed in one row" in text and "| 2048 tokens, " in text and "FAIL" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# The published numbers' arithmetic, against hand-computed values (a mutation audit found these
+# formulas unchecked: a dropped factor of 2 or a swapped ratio passed every test above).
+
+
+def test_attention_flops_of_tiny_batches_by_hand(monkeypatch) -> None:
+    """attention_flops on batches small enough to list every (query, key) pair the mask lets
+    through: 4 FLOPs (two matmuls of 2) per pair, head and dim."""
+    attention = _bench_module("attention", monkeypatch)
+    # A 3-token prompt sees 1 + 2 + 3 keys; 2 heads of dim 4.
+    assert attention.attention_flops([3], [3], 2, 4) == 4 * 6 * 2 * 4
+    # A verify group of 2 over 5 keys (positions 3, 4) sees 4 + 5; a decode over 7 keys sees 7.
+    assert attention.attention_flops([2, 1], [5, 7], 1, 1) == 4 * (4 + 5 + 7)
+    # An empty sequence (no query this step) adds nothing.
+    assert attention.attention_flops([0, 3], [9, 3], 1, 1) == 4 * 6
+
+
+def test_geomean_is_geometric_and_skips_unmeasured_values(monkeypatch) -> None:
+    """geomean (the published per-baseline ratios) is the geometric mean, not the arithmetic
+    one, over positive finite values only."""
+    import math
+
+    common = _bench_module("common", monkeypatch)
+    assert common.geomean([1.0, 4.0, 2.0, 8.0]) == pytest.approx(64 ** 0.25)
+    assert common.geomean([2.0, 0.0, -1.0, float("nan"), float("inf"), 8.0]) == pytest.approx(4.0)
+    assert math.isnan(common.geomean([])) and math.isnan(common.geomean([0.0]))
+
+
+def test_measured_ceilings_count_two_flops_per_mac_and_copy_bytes_both_ways(monkeypatch) -> None:
+    """The ceilings every table is reported against: a size^3 matmul is 2 size^3 FLOPs, and a
+    copy of B bytes moves 2 B (read plus write)."""
+    import torch
+
+    common = _bench_module("common", monkeypatch)
+    randn, empty = torch.randn, torch.empty
+    monkeypatch.setattr(torch, "randn", lambda *a, device=None, **k: randn(*a, **k))  # "cuda" -> the CPU
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: empty(*a, **k))
+    monkeypatch.setattr(common, "median_ms", lambda fn, **k: (fn(0), 2.0)[1])
+    assert common.measured_matmul_tflops(torch.float32, size=64) == pytest.approx(2 * 64**3 / 2.0 / 1e9)
+    assert common.measured_copy_gbs(2000) == pytest.approx(2 * 1000 / 2.0 / 1e6)
+
+
+def test_gemm_table_flops_peak_share_ratio_cells_and_geomeans(monkeypatch, tmp_path) -> None:
+    """bench/gemm.py's GPU path on the CPU (checks and timings stubbed): the FLOPs each cell is
+    divided by (2 M N K; 2 M 2N K for the fused SwiGLU's two GEMMs), % of peak, the tileflow /
+    cuBLAS cell, the geometric-mean ratio and the M >= 2048 share, against hand-computed values;
+    the kernel count leaves out the variant columns' kernels."""
+    gemm = _bench_module("gemm", monkeypatch)
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "measured_matmul_tflops", lambda *a, **k: 10.0)
+    monkeypatch.setattr(gemm, "SHAPES", [(56, 40)])  # a shape no other test compiles: counted kernels
+    monkeypatch.setattr(gemm, "M_VALUES", [1, 33, 2048])
+    monkeypatch.setattr(gemm, "swiglu_reference", lambda x, gate, up: None)  # float64 at 14336 x 4096: too slow here
+    ours = {1: 1.0, 33: 4.0, 2048: 8.0, 16: 2.0}  # tileflow TFLOP/s per M; every other method 1.0
+    flops_of: dict[str, float] = {}
+
+    def checked_tflops(fn, inputs, want, flops, failures, what):
+        flops_of[what] = flops
+        name, m = what.split(" at ")[0], int(what.rsplit("M=", 1)[1])
+        if m == 1 and name.startswith("tileflow"):
+            fn(*inputs[0])  # builds the plan's kernel for M = 1 and each variant's
+        return ours.get(m, 1.0) if name in ("tileflow", "SwiGLU tileflow") else 1.0
+
+    monkeypatch.setattr(gemm, "checked_tflops", checked_tflops)
+    assert gemm.run_gpu(False, True, device="cpu") == 0
+    assert flops_of["tileflow at N=56 K=40 M=33"] == 2 * 33 * 56 * 40
+    assert flops_of["cuBLAS at N=56 K=40 M=2048"] == 2 * 2048 * 56 * 40
+    assert flops_of["SwiGLU tileflow at M=16"] == 2 * 16 * 2 * 14336 * 4096
+    (path,) = tmp_path.iterdir()
+    text = path.read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| N x K |")).split("|")[1:-1]
+    row33 = next(line for line in text.splitlines() if line.startswith("| 56x40 | 33 |")).split("|")[1:-1]
+    cell = dict(zip((h.strip() for h in header), (c.strip() for c in row33)))
+    assert cell["tileflow TFLOP/s"] == "4.0" and cell["cuBLAS TFLOP/s"] == "1.0"
+    assert cell["tileflow % peak"] == "40%"  # 4 of the 10 TFLOP/s ceiling
+    assert cell["tileflow / cuBLAS"] == "4.00"
+    # tileflow / cuBLAS over M = 1, 33, 2048: (1 * 4 * 8)^(1/3) = 3.17, not the mean 4.33.
+    assert "geomean tileflow / cuBLAS: **3.17x** (3 rows)" in text
+    assert "tileflow at M >= 2048: 80% of the measured 10 TFLOP/s" in text  # M = 2048 counts
+    assert "| 16 | 2.0 | 1.0 | 20% |" in text  # the SwiGLU table: 2 of the 10 TFLOP/s ceiling
+    # Not the stream-K and TMA kernels (other tests' shapes may be in the dict: the registry is per process).
+    kernels = text.split("tileflow kernels compiled per (N, K): ", 1)[1].split(" (each serves", 1)[0]
+    assert "'56x40': 1," in kernels.replace("}", ",")
+
+
+@pytest.mark.parametrize("fixup", [1e-3, 6e-3])
+def test_measure_tiles_per_tile_seconds_by_hand(monkeypatch, tmp_path, fixup: float) -> None:
+    """`gemm.py --measure-tiles` arithmetic on one tile (16 x 32 x 32), N = 80, K = 128, on 4
+    cores, every kernel timed at 8 ms: N tiles = 3, M = 16 * ceil(16 / 3) = 96, waves =
+    ceil(6 * 3 / 4) = 5; stream-K: 18 tiles x 4 K steps over 4 cores = 18 units on the busiest,
+    the fixup (stubbed) taken out but never more than half; split 4: M = 16 * ceil(16 / 12) = 32,
+    waves = ceil(2 * 3 * 4 / 4) = 6, the reduce (stubbed, for M = 32) taken out."""
+    import dataclasses
+
+    import tileflow.devices
+    import tileflow.tiles
+    from tileflow.tiles import TileConfig
+
+    gemm = _bench_module("gemm", monkeypatch)
+    device = dataclasses.replace(tileflow.devices.detect_device("cpu"), cores=4)
+    tile = TileConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2, group_m=8)
+    calls = []
+    monkeypatch.setattr(tileflow.devices, "detect_device", lambda kind: device)
+    monkeypatch.setattr(tileflow.tiles, "candidate_configs", lambda *a, **k: [tile])
+    monkeypatch.setattr(tileflow.tiles, "split_k_factors", lambda *a, **k: (1, 4))
+    monkeypatch.setattr(tileflow.tiles, "stream_k_fixup_seconds",
+                        lambda *a, **k: (calls.append(("fixup", a)), fixup)[1])
+    monkeypatch.setattr(tileflow.tiles, "split_reduce_seconds",
+                        lambda *a, **k: (calls.append(("reduce", a[:3])), 1e-3)[1])
+    path = tmp_path / "tiles.json"
+    assert gemm.measure_tiles(str(path), shapes=[(80, 128)], device_type="cpu", time_ms=lambda fn: 8.0) == 0
+    entries = json.loads(path.read_text())
+    by_kind = {next((key for key in ("persistent", "tma", "stream_k", "split_k") if key in e), "plain"): e for e in entries}
+    assert len(entries) == len(by_kind) == 5
+    for kind in ("plain", "persistent", "tma"):
+        assert by_kind[kind]["m"] == 96 and by_kind[kind]["tile_seconds"] == pytest.approx(8e-3 / 5)
+    assert by_kind["stream_k"]["m"] == 96
+    assert by_kind["stream_k"]["tile_seconds"] == pytest.approx(max(8e-3 - fixup, 4e-3) / 18)
+    assert by_kind["split_k"]["split_k"] == 4 and by_kind["split_k"]["m"] == 32
+    assert by_kind["split_k"]["tile_seconds"] == pytest.approx((8e-3 - 1e-3) / 6)
+    assert [c for c in calls if c[0] == "fixup"] == [("fixup", (18, 16, 32, 4, device))]
+    assert [c for c in calls if c[0] == "reduce"] == [("reduce", (32, 80, 4))]
+
+
+def test_attention_rows_count_kv_bytes_visible_flops_and_ratios(monkeypatch, tmp_path) -> None:
+    """bench/attention.py's main table on the CPU (device pieces stubbed; HQ 4, HKV 2, D 16): a
+    mixed batch of q lengths 5, 1, 3 over 20, 9, 40 keys reads 69 x 2 x 16 x 2 (K and V) x 2
+    (bf16) = 8832 KV bytes plus q read and output written, 2 x 9 x 4 x 16 x 2 = 2304; its visible
+    pairs are 5 x 15 + 15, 8 + 1, 3 x 37 + 6 = 216, so 4 x 216 x 4 x 16 = 55296 FLOPs; the ratio
+    columns are each method's time over tileflow's."""
+    import itertools
+
+    import torch
+
+    attention, common = _attention_on_cpu(monkeypatch, tmp_path)
+    # Per method, in the table's order: tileflow, checked op, graphed, SDPA per sequence, FlexAttention.
+    times = itertools.cycle([1e-6, 2e-6, 0.5e-6, 4e-6, 8e-6])
+    monkeypatch.setattr(common, "median_ms", lambda fn, **k: (fn(0), next(times))[1])
+    paged_batch = attention.paged_batch
+    monkeypatch.setattr(attention, "paged_batch", lambda q, kv, *, device, dtype, **k: paged_batch(
+        q, kv, device="cpu", dtype=torch.float32, **k))
+    monkeypatch.setattr(attention, "make_flex", lambda batch, score_mod=None: attention.sdpa_per_sequence)
+    monkeypatch.setattr(attention, "mixed_lengths", lambda rng: ([5, 1, 3], [20, 9, 40]))
+
+    class Graph:
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):
+            self.out.copy_(self.fn())
+
+    def capture_graph(fn):
+        out = fn()
+        return Graph(fn, out), out
+
+    monkeypatch.setattr(common, "capture_graph", capture_graph)
+    assert attention.run_gpu(True, True, ("mixed",)) == 0
+    (path,) = tmp_path.iterdir()
+    lines = path.read_text().splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| batch |")).split("|")[1:-1]]
+    row = [c.strip() for c in next(line for line in lines if line.startswith("| mixed #0")).split("|")[1:-1]]
+    cell = dict(zip(header, row))
+    assert cell["seqs"] == "3" and cell["q tokens"] == "9"
+    # 11136 bytes in 1e-6 ms = 11136 GB/s, 1114% of the stubbed 1000 GB/s copy; graphed: half the time.
+    assert cell["tileflow GB/s (% copy)"] == "11136 (1114%)"
+    assert cell["tileflow graphed GB/s (% copy)"] == "22272 (2227%)"
+    assert cell["tileflow TFLOP/s (visible scores)"] == "55.3"
+    assert [cell[f"{n} / tileflow"] for n in ("tileflow checked op", "tileflow graphed", "SDPA per sequence",
+                                               "FlexAttention")] == ["2.00x", "0.50x", "4.00x", "8.00x"]
+
+
+def test_attention_sweep_counts_visible_flops_and_kv_bytes(monkeypatch, tmp_path) -> None:
+    """`attention.py --sweep` columns on the CPU (HQ 4, HKV 2, D 16, each configuration timed at
+    1e-6 ms): the batch above has 55296 FLOPs (55 TFLOP/s) and reads 8832 KV bytes (8832 GB/s)."""
+    import torch
+
+    attention, common = _attention_on_cpu(monkeypatch, tmp_path)
+    monkeypatch.setattr(common, "median_ms", lambda fn, **k: (fn(0), 1e-6)[1])
+    assert attention.run_sweep(True, [("mixed", [5, 1, 3], [20, 9, 40], [(4, 16, 4, 2, 1)])],
+                               device="cpu", dtype=torch.float32) == 0
+    (path,) = tmp_path.iterdir()
+    row = next(line for line in path.read_text().splitlines() if line.startswith("| mixed |")).split("|")[1:-1]
+    assert [c.strip() for c in row[3:5]] == ["55", "8832"]
+
+
+def test_mixed_lengths_shape_of_a_serving_step(monkeypatch) -> None:
+    """The mixed batches: 2 prompt chunks of 512 over 1024-4096 cached tokens, 32 verify groups
+    of 4-8, then single-token decodes, at most 400 of them and within the budget (the table's
+    "q tokens" column reports the actual count: the 400-decode cap ends the batch near 1.6k
+    tokens, before the 4096-token budget)."""
+    import random
+
+    attention = _bench_module("attention", monkeypatch)
+    q_lens, kv_lens = attention.mixed_lengths(random.Random(0))
+    assert q_lens[:2] == [512, 512] and all(kv - 512 in (1024, 2048, 4096) for kv in kv_lens[:2])
+    assert all(4 <= n <= 8 and 1024 + n <= kv <= 8192 + n for n, kv in zip(q_lens[2:34], kv_lens[2:34]))
+    assert set(q_lens[34:]) == {1} and len(q_lens) == 2 + 32 + 400 and sum(q_lens) <= 4096
+    assert all(512 <= kv <= 8192 for kv in kv_lens[34:])
+    # With a small budget the decodes stop at it.
+    q_lens, _ = attention.mixed_lengths(random.Random(0), budget=1300)
+    assert sum(q_lens) == max(1300, sum(q_lens[:34]))
+
+
+def _tiny_llama():
+    """The e2e smoke check's model: 1 layer, hidden 64, 4/2 heads of 16, FFN 128, vocabulary 256."""
+    import torch
+
+    e2e = importlib.import_module("e2e")
+    torch.manual_seed(0)
+    return e2e._llama(1, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=e2e.SMOKE.vocab)
+
+
+def test_e2e_bound_is_peak_over_two_flops_per_matmul_parameter(monkeypatch) -> None:
+    """NanoFlow's optimal-throughput bound = peak / (2 x matmul parameters): for the tiny Llama,
+    q 64x64, k and v 32x64, o 64x64, gate, up and down 128x64 each, lm_head 256x64 = 53248
+    (the 256x64 input embedding is a lookup, left out); 1 TFLOP/s -> 1e12 / 106496 tokens/s."""
+    e2e = _bench_module("e2e", monkeypatch)
+    text = e2e.run(e2e.SMOKE, _tiny_llama(), [], [], 1, 1.0, [])
+    assert "(2 x 0.000 B matmul parameters) = 9,390,024 tokens/s" in text
+
+
+def test_e2e_prefill_rows_tokens_per_second_ratios_and_bound_share(monkeypatch) -> None:
+    """The prefill table's arithmetic (methods compiled as the eager model, step times stubbed at
+    4, 2, 1 and 0.5 ms for eager, Inductor, tileflow and tileflow+nano): 16 tokens in 1 ms =
+    16,000 tok/s; tileflow / Inductor 2.00; best nano / tileflow 2.00; 32,000 of a 100,000 bound = 32%."""
+    import itertools
+
+    import torch
+
+    e2e = _bench_module("e2e", monkeypatch)
+    model = _tiny_llama()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    times = itertools.cycle([4.0, 2.0, 1.0, 0.5])
+    monkeypatch.setattr(e2e, "step_ms", lambda fn, scale: (fn(), next(times))[1])
+    failures: list[str] = []
+    text = e2e.prefill_part(model, [16], 1e5, e2e.SMOKE, failures)
+    assert failures == []
+    row = next(line for line in text.splitlines() if line.startswith("| 16 |")).split("|")[1:-1]
+    assert [c.strip() for c in row] == ["16", "4,000", "8,000", "16,000", "32,000", "2.00", "2.00", "32%"]
+
+
+def test_e2e_mixed_step_has_exactly_the_asked_tokens(monkeypatch) -> None:
+    """A mixed step of an odd token count: half (rounded down) in prompt chunks of at most
+    `chunk` tokens, the rest as single-token decodes; each sequence gets its own whole blocks."""
+    import random
+
+    e2e = _bench_module("e2e", monkeypatch)
+    entries, blocks = e2e.mixed_entries(21, random.Random(0), e2e.SMOKE)
+    chunks = [e for e in entries if e.kind == "prefill"]
+    decodes = [e for e in entries if e.kind == "decode"]
+    assert [len(e.tokens) for e in chunks] == [8, 2] and len(decodes) == 11
+    assert sum(len(e.tokens) for e in entries) == 21
+    assert all(e.start in e2e.SMOKE.prefixes for e in chunks)
+    assert all(e2e.SMOKE.contexts[0] <= e.start + 1 <= e2e.SMOKE.contexts[1] for e in decodes)
+    assert blocks == sum(-(-(e.start + len(e.tokens)) // e2e.BLOCK) for e in entries)

@@ -50,6 +50,7 @@ def profile(fn, *, device: str, steps: int = 5) -> dict:
     """Profile `steps` calls of `fn()` (after warm-up): mean wall ms per step, mean device ms
     per step, and per-kernel device ms per step."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -67,7 +68,11 @@ def profile(fn, *, device: str, steps: int = 5) -> dict:
     kernels: dict[str, float] = {}
     for avg in prof.key_averages():
         if device == "cuda":
-            # Self device time: a kernel's own row holds it (the op that launched it has none).
+            # The kernels' own rows, as torch's table sums them: the CPU op that launched a kernel
+            # (and a CPU-side profiler row) carries the kernel's time as its self device time too,
+            # and a GPU user annotation spans kernels; counting them doubled the device time.
+            if avg.device_type == DeviceType.CPU or getattr(avg, "is_user_annotation", False):
+                continue
             us = getattr(avg, "self_device_time_total", None) or getattr(avg, "self_cuda_time_total", 0)
         else:
             # On the CPU the ops themselves do the work: their self time, ATen and tileflow ops.

@@ -836,3 +836,298 @@ def test_e2e_mixed_step_has_exactly_the_asked_tokens(monkeypatch) -> None:
     assert all(e.start in e2e.SMOKE.prefixes for e in chunks)
     assert all(e2e.SMOKE.contexts[0] <= e.start + 1 <= e2e.SMOKE.contexts[1] for e in decodes)
     assert blocks == sum(-(-(e.start + len(e.tokens)) // e2e.BLOCK) for e in entries)
+
+
+# ---------------------------------------------------------------------------------------------
+# The serving parts' and the remaining attention tables' arithmetic, against hand-computed values
+# (a second mutation audit: a swapped ratio or a wrong divisor there passed every test above).
+
+
+def test_e2e_step_ms_on_the_cpu_is_the_median_of_three_runs(monkeypatch) -> None:
+    """step_ms's CPU path: three wall-clock runs of 5, 1 and 2 ms give 2 ms (the median, not
+    the mean 2.67 or the first run)."""
+    e2e = _bench_module("e2e", monkeypatch)
+    clock = iter([0.0, 0.005, 1.0, 1.001, 2.0, 2.002])
+    monkeypatch.setattr(e2e.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert e2e.step_ms(lambda: calls.append(1), e2e.SMOKE) == pytest.approx(2.0)
+    assert len(calls) == 3
+
+
+def test_e2e_mixed_rows_tokens_per_second_ratios_and_bound_share(monkeypatch) -> None:
+    """The mixed table's arithmetic (the engine stubbed; each method's step stubbed at ATen 8,
+    Inductor 4, tileflow 2, tileflow+nano 1, whole grids 1.6 and tileflow+graphs 0.5 ms): a
+    16-token step (1 chunk of 8 + 8 decodes) in 2 ms = 8,000 tok/s; tileflow / Inductor 2.00,
+    nano / tileflow 2.00, nano SM shares / whole grids 1.60, graphs / tileflow 4.00, and 8,000
+    of a 100,000 bound = 8%. A nano-batched step prepares its own inputs (given None), only the
+    whole-grids method runs without SM shares, and the KV cache holds the largest step's blocks."""
+    import torch
+
+    e2e = _bench_module("e2e", monkeypatch)
+    ms = {("ATen", 1, True): 8.0, ("Inductor", 1, True): 4.0, ("tileflow", 1, True): 2.0,
+          ("tileflow", 2, True): 1.0, ("tileflow", 2, False): 1.6, ("tileflow+graphs", 1, True): 0.5}
+    forwards = []
+
+    class Engine:
+        program, nano_batches, nano_shares = None, 1, True
+
+        def prepare(self, entries):
+            return ("inputs", len(entries))
+
+        def forward(self, entries, inputs=None):
+            forwards.append((self.program, self.nano_batches, self.nano_shares, inputs))
+            return torch.ones(sum(len(e.tokens) for e in entries), 8)
+
+    engine = Engine()
+    made = []
+    monkeypatch.setattr(e2e, "serving_engine", lambda program, scale, **kw: (made.append((program, kw)), engine)[1])
+    monkeypatch.setattr(e2e, "step_ms", lambda fn, scale: (fn(), ms[engine.program, engine.nano_batches,
+                                                                    engine.nano_shares])[1])
+    programs = {name: name for name in e2e.SERVING_PROGRAMS}
+    failures: list[str] = []
+    text = e2e.mixed_part(programs, [8, 16], 1e5, e2e.SMOKE, failures)
+    assert failures == []
+    import random
+
+    rng = random.Random(0)  # the steps' draws, in order: the cache holds the largest step's blocks
+    blocks = [e2e.mixed_entries(t, rng, e2e.SMOKE)[1] for t in (8, 16)]
+    assert blocks[0] != blocks[1] and made == [("ATen", {"num_blocks": max(blocks), "slots": 1})]
+    header = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| tokens |")).split("|")[1:-1]]
+    row = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| 16 |")).split("|")[1:-1]]
+    cell = dict(zip(header, row))
+    assert cell["step"] == "1 chunks + 8 decodes"
+    assert [cell[f"{n} tok/s"] for n in e2e.MIXED_METHODS] == ["2,000", "4,000", "8,000", "16,000", "32,000", "10,000"]
+    assert [cell[c] for c in ("tileflow / Inductor", "nano / tileflow", "nano SM shares / whole grids",
+                              "graphs / tileflow", "tileflow % of bound")] == ["2.00", "2.00", "1.60", "4.00", "8%"]
+    # (SM shares only matter to a nano-batched step: the reference step after the whole-grids one keeps False.)
+    assert {(p, n, s or n == 1, i is None) for p, n, s, i in forwards} == {
+        ("ATen", 1, True, False), ("Inductor", 1, True, False), ("tileflow", 1, True, False),
+        ("tileflow", 2, True, True), ("tileflow", 2, False, True), ("tileflow+graphs", 1, True, False)}
+
+
+def _trace_metrics(wall: float):
+    """Metrics of a served trace: 3 requests, 10 steps of 51 tokens in all, 12 generated, TTFTs
+    of 10, 20 and 60 ms, tokens 2, 5 and 9 ms apart (one request's), 25% of `wall` waiting."""
+    from tileflow.serving.engine import Metrics
+
+    return Metrics(steps=10, tokens_in_steps=51, generated=12, ttft={0: 0.01, 1: 0.02, 2: 0.06},
+                   token_times={0: [1.0, 1.002, 1.007, 1.016], 1: [2.0], 2: []}, wall=wall, waited=wall / 4)
+
+
+def test_e2e_trace_rows_processed_and_generated_rates_latencies_and_agreement(monkeypatch) -> None:
+    """The request-trace table's arithmetic (the engine stubbed; every method's run returns the
+    metrics above, its wall 0.5 s for ATen and 0.25 s for the rest): processed = 51 tokens in
+    steps / 0.25 s = 204 tok/s, generated 12 / 0.25 = 48 tok/s, 204 of a 1,000 bound = 20%,
+    mean TTFT (10 + 20 + 60) / 3 = 30 ms, mean time between tokens (2 + 5 + 9) / 3 = 5.3 ms (the
+    gaps of consecutive tokens), host waiting 25%; a method whose second request's tokens differ
+    has 2 of 3 equal to ATen's. The KV cache holds count x ceil((prompt + output) / 16) + 64
+    blocks, every method but the steps-in-turn one overlaps, and the GPU's traces are 512/512 and
+    1024/512 under a 4096-token budget."""
+    import dataclasses
+
+    e2e = _bench_module("e2e", monkeypatch)
+    assert e2e.GPU.traces == ((512, 512), (1024, 512)) and e2e.GPU.budget == 4096
+    scale = dataclasses.replace(e2e.SMOKE, device="cuda", traces=((12, 5),))  # reported, as on the GPU
+    engines = []
+
+    class Engine:
+        def __init__(self, program, kw):
+            self.program, self.kw = program, kw
+
+        def run(self, requests):
+            engines.append((self.program, self.kw, [(len(r.prompt), r.max_new_tokens) for r in requests]))
+            for r in requests:
+                r.tokens = r.prompt + [7] * r.max_new_tokens
+                if self.program == "tileflow" and self.kw.get("nano") == 2 and r.id == 1:
+                    r.tokens[-1] = 8
+            return _trace_metrics(0.5 if self.program == "ATen" else 0.25)
+
+    monkeypatch.setattr(e2e, "serving_engine", lambda program, scale, **kw: Engine(program, kw))
+    programs = {name: name for name in e2e.SERVING_PROGRAMS}
+    failures: list[str] = []
+    text = e2e.trace_part(programs, 3, 1000.0, scale, failures)
+    assert failures == []
+    timed = [(p, kw) for p, kw, shapes in engines if kw["slots"] == 3]
+    assert [shapes for p, kw, shapes in engines if kw["slots"] == 3] == [[(12, 5)] * 3] * len(e2e.TRACE_METHODS)
+    assert all(kw["num_blocks"] == 3 * 2 + 64 for _, kw in timed)
+    assert [kw["overlap"] for _, kw in timed] == [name != e2e.IN_TURN for name in e2e.TRACE_METHODS]
+    rows = {r[1].strip(): [c.strip() for c in r] for r in (line.split("|")[1:-1] for line in text.splitlines())
+            if r and r[0].strip() == "3 x 12/5"}
+    assert rows["ATen"] == ["3 x 12/5", "ATen", "10", "102", "24", "10%", "30", "5.3", "25%", "3/3"]
+    assert rows["tileflow"] == ["3 x 12/5", "tileflow", "10", "204", "48", "20%", "30", "5.3", "25%", "3/3"]
+    assert rows["tileflow+nano"][-1] == "2/3"
+    assert set(rows) == set(e2e.TRACE_METHODS)
+
+
+def test_attention_softcap_rows_count_gemma_kv_bytes_flops_and_ratios(monkeypatch, tmp_path) -> None:
+    """The soft-capped table (quick: one 2048-token prompt; kernels stubbed; tileflow 0.01 ms,
+    no cap 0.02, FlexAttention 0.04): Gemma-2's 8 KV heads of 256 read 2048 x 8 x 256 x 2 x 2 =
+    16,777,216 bytes, plus q (16 heads) read and written 2 x 2048 x 16 x 256 x 2 = 33,554,432: 5033
+    GB/s, 503% of the stubbed 1000; 4 x 2048 x 2049 / 2 x 16 x 256 FLOPs = 3437.7 TFLOP/s; each
+    baseline over tileflow; tileflow with the cap is checked against the capped reference."""
+    import itertools
+    import math
+
+    import torch
+
+    attention, common = _attention_on_cpu(monkeypatch, tmp_path)
+    times = itertools.cycle([0.01, 0.02, 0.04])
+    monkeypatch.setattr(common, "median_ms", lambda fn, **k: (fn(0), next(times))[1])
+    shapes = []
+
+    def paged_batch(q_lens, kv_lens, *, device, dtype, heads=None, head_dim=None, **k):
+        shapes.append((heads, head_dim))
+        return {"q": torch.zeros(sum(q_lens), heads[0], head_dim)}
+
+    capped, plain = torch.full((2048, 16, 256), 1.0), torch.full((2048, 16, 256), 2.0)
+    monkeypatch.setattr(attention, "paged_batch", paged_batch)
+    monkeypatch.setattr(attention, "gather_dense", lambda batch, s: None)
+    monkeypatch.setattr(attention, "capped_reference", lambda batch, cap: capped)
+    monkeypatch.setattr(attention, "sdpa_per_sequence", lambda batch, reference=False: plain)
+    caps = []
+    monkeypatch.setattr(attention, "tileflow_serving",
+                        lambda batch, softcap=None: (caps.append(softcap), capped if softcap == 50.0 else plain)[1])
+    mods = []
+    monkeypatch.setattr(attention, "make_flex", lambda batch, score_mod=None: (mods.append(score_mod), lambda b: capped)[1])
+    assert attention.run_gpu(True, True, ("softcap",)) == 0
+    assert shapes == [((16, 8), 256)] and set(caps) == {50.0, None}  # with the cap, and the "no cap" column
+    assert float(mods[0](torch.tensor(100.0), 0, 0, 0, 0)) == pytest.approx(50 * math.tanh(2.0))
+    (path,) = tmp_path.iterdir()
+    row = next(line for line in path.read_text().splitlines() if line.startswith("| prefill 1x2048 |"))
+    assert [c.strip() for c in row.split("|")[1:-1]] == [
+        "prefill 1x2048", "0.010", "0.020", "0.040", "5033 (503%)", "3437.7", "2.00x", "4.00x"]
+
+
+def test_attention_mask_rows_count_the_causal_half_and_ratios(monkeypatch, tmp_path) -> None:
+    """The model-mask table (quick: 2048 tokens; HQ 4, D 16; the methods run at 40 tokens on the
+    CPU; times 0.001, 0.002, 0.004, 0.008 ms per method, 0.5 ms for the ranges): 4 x 2048 x 2049
+    / 2 x 4 x 16 = 537,133,056 FLOPs, 537 TFLOP/s at 0.001 ms; SDPA's columns over the bias
+    method's time."""
+    import itertools
+
+    import torch
+
+    attention, common = _attention_on_cpu(monkeypatch, tmp_path)
+    times = itertools.cycle([0.001, 0.002, 0.004, 0.008, 0.5])
+    monkeypatch.setattr(common, "median_ms", lambda fn, **k: (fn(0), next(times))[1])
+    model_mask_methods = attention.model_mask_methods
+    monkeypatch.setattr(attention, "model_mask_methods",
+                        lambda s, *, device, dtype: model_mask_methods(40, device="cpu", dtype=torch.float32))
+    assert attention.run_gpu(True, True, ("mask",)) == 0
+    (path,) = tmp_path.iterdir()
+    row = next(line for line in path.read_text().splitlines() if line.startswith("| 1x2048 |"))
+    assert [c.strip() for c in row.split("|")[1:-1]] == [
+        "1x2048", "0.001 (537)", "0.002 (269)", "0.004 (134)", "0.008 (67)", "0.500", "4.00x", "8.00x"]
+
+
+def test_attention_packed_rows_count_each_documents_causal_half(monkeypatch, tmp_path) -> None:
+    """The packed-documents table (quick; documents of 3 and 5 tokens; HQ 4, D 16; times 1e-9,
+    2e-9, 4e-9 ms for key starts, packed mask, SDPA): each document's causal half, 6 + 15 pairs,
+    4 x 21 x 4 x 16 = 5376 FLOPs, 5376 TFLOP/s at 1e-9 ms (not the 36 pairs of one 8-token
+    prompt); the plain causal kernel is n/a with two documents; ratios over key starts."""
+    import itertools
+
+    import torch
+
+    attention, common = _attention_on_cpu(monkeypatch, tmp_path)
+    times = itertools.cycle([1e-9, 2e-9, 4e-9])
+    monkeypatch.setattr(common, "median_ms", lambda fn, **k: (fn(0), next(times))[1])
+    monkeypatch.setattr(attention, "packed_document_lengths", lambda rng, total, shortest, longest: [3, 5])
+    packed_methods = attention.packed_methods
+    monkeypatch.setattr(attention, "packed_methods", lambda doc_lens, *, device, dtype: packed_methods(
+        doc_lens, device="cpu", dtype=torch.float32, flex=False))
+    assert attention.run_gpu(True, True, ("packed",)) == 0
+    (path,) = tmp_path.iterdir()
+    row = next(line for line in path.read_text().splitlines() if line.startswith("| 2048 tokens, "))
+    assert [c.strip() for c in row.split("|")[1:-1]] == [
+        "2048 tokens, 2 documents of 128-512", "0.000 (5376)", "n/a", "0.000 (2688)", "0.000 (1344)",
+        "n/a", "2.00x", "4.00x"]
+
+
+def test_profile_report_shares_of_device_time_and_of_wall(monkeypatch) -> None:
+    """profile_step.report: kernels of 3 ms (GEMM), 1 ms (attention) and 0.5 + 0.5 ms (split-K
+    reduce, which a "gemm" in its name must not claim) in a 10 ms wall: device 5 ms = 50% of wall;
+    shares of the device time 60%, 20%, 10%, 10%."""
+    profile_step = _bench_module("profile_step", monkeypatch)
+    kernels = {"padded_gemm_kernel": 3.0, "meta_attention_kernel": 1.0, "gemm_split_reduce": 0.5, "triton_poi_add": 0.5}
+    text = profile_step.report("x", {"wall_ms": 10.0, "device_ms": 5.0, "kernels": kernels})
+    assert "device (kernels summed) 5.000 ms (50% of wall)" in text
+    for line in ("| GEMM | 3.000 | 60% |", "| attention | 1.000 | 20% |", "| split-K reduce | 0.500 | 10% |",
+                 "| elementwise / norm | 0.500 | 10% |"):
+        assert line in text
+
+
+def test_profile_sums_kernel_rows_only_on_the_gpu(monkeypatch) -> None:
+    """profile_step.profile on CUDA (the profiler stubbed with the rows an H200 gave for one bf16
+    4096^3 matmul per step): the ATen op that launched a kernel carries that kernel's time as its
+    self device time too, and so do CPU-side profiler rows and GPU user annotations; summing
+    every row reported 0.37 ms of device time for a 0.175 ms matmul (CUDA events). Only the
+    device rows that are not annotations count, as torch's own table sums them: 0.168 ms."""
+    import types
+
+    import torch
+    import torch.profiler
+    from torch.autograd import DeviceType
+
+    profile_step = _bench_module("profile_step", monkeypatch)
+    steps = 5
+
+    def row(key, device_type, ms, annotation=False):
+        return types.SimpleNamespace(key=key, device_type=device_type, self_device_time_total=ms * 1e3 * steps,
+                                     self_cpu_time_total=10.0, is_user_annotation=annotation)
+
+    rows = [row("aten::mm", DeviceType.CPU, 0.167), row("Activity Buffer Request", DeviceType.CPU, 0.034),
+            row("Memset (Device)", DeviceType.CUDA, 0.001), row("nvjet_sm90_tst_256x128", DeviceType.CUDA, 0.167),
+            row("## forward ##", DeviceType.CUDA, 0.170, annotation=True)]
+
+    class Profile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return rows
+
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    result = profile_step.profile(lambda: None, device="cuda", steps=steps)
+    assert set(result["kernels"]) == {"Memset (Device)", "nvjet_sm90_tst_256x128"}
+    assert result["device_ms"] == pytest.approx(0.168)
+
+
+def test_sampling_table_logits_bandwidth_and_copy_share(monkeypatch) -> None:
+    """bench/sampling.py's GPU table on the CPU (draws, checks and timings stubbed): 4 rows of a
+    100-token vocabulary in bf16 are 4 x 100 x 2 = 800 bytes read once; at 1e-6 ms that is 800
+    GB/s, 80% of the stubbed 1000 GB/s copy."""
+    sampling = _bench_module("sampling", monkeypatch)
+    setup = sampling._setup
+    monkeypatch.setattr(sampling, "gpu_available", lambda: True)
+    monkeypatch.setattr(sampling, "measured_copy_gbs", lambda *a, **k: 1000.0)
+    monkeypatch.setattr(sampling, "median_ms", lambda fn, **k: (fn(0), 1e-6)[1])
+    monkeypatch.setattr(sampling, "agreement", lambda *a: 1.0)
+    monkeypatch.setattr(sampling, "_setup", lambda rows, vocab, device, dtype, **f: setup(rows, vocab, "cpu", dtype, **f))
+    monkeypatch.setattr(sampling, "draw", lambda logits, s, fused: logits.argmax(-1))
+    monkeypatch.setattr(sys, "argv", ["sampling.py", "--rows", "4", "--vocab", "100", "--no-write"])
+    lines = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert sampling.main() == 0
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in "\n".join(lines).splitlines() if line.startswith("| 4 |")]
+    assert [r[1] for r in rows][:4] == ["argmax (greedy)", "draw, eager", "draw, fused", "draw, top-p 0.9 + min-p 0.05 (eager sort)"]
+    assert all(r[3:] == ["800", "80%"] for r in rows[:4])
+
+
+def test_host_median_ms_and_cumulative_lengths(monkeypatch) -> None:
+    """bench/host.py's rows: the median of the repeats (runs of 5, 1 and 2 ms give 2, not the
+    mean or the last run), `before` called before each run untimed; cu_seqlens start at 0."""
+    host = _bench_module("host", monkeypatch)
+    clock = iter([0.0, 0.005, 1.0, 1.001, 2.0, 2.002])
+    monkeypatch.setattr(host.time, "perf_counter", lambda: next(clock))
+    before = []
+    assert host._median_ms(lambda: None, 3, before=lambda: before.append(1)) == pytest.approx(2.0)
+    assert before == [1, 1, 1]
+    assert host._cu([1, 3, 2]) == [0, 1, 4, 6]

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -150,6 +151,8 @@ def test_archive_holds_rewritten_program_plans_and_kernels(archive) -> None:
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert any(t.startswith("tileflow.padded_gemm") for t in targets)
     assert any(t.startswith("tileflow.meta_attention") for t in targets)
+    # The manifest lists the tileflow ops the program calls (`tileflow viz` shows them).
+    assert {"tileflow.padded_gemm.default", "tileflow.meta_attention.default"} <= set(manifest["tileflow_ops"])
     assert not any("silu" in t or "sigmoid" in t for t in targets)  # in the GEMMs' epilogues
     for key in ("tileflow_version", "torch_version", "triton_version", "content_sha256"):
         assert key in manifest
@@ -919,3 +922,87 @@ def test_the_content_hash_tells_member_names_from_their_bytes() -> None:
     assert content_hash({"a": b"xy", "b": b"z"}, {}) != content_hash({"a": b"x", "b": b"yz"}, {})
     manifest = {"format": 2, "content_sha256": "anything"}
     assert content_hash({"a": b"x"}, manifest) == content_hash({"a": b"x"}, {**manifest, "content_sha256": "other"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Range narrowing past the steps taken from each end (a mutation audit's findings)
+
+
+def _narrowed(monkeypatch: pytest.MonkeyPatch, condition: Callable[[Any], Any], lo: int,
+              hi: int | None) -> tuple[int, int | None]:
+    """The range `_ranges_the_program_accepts` records for one size symbol whose program asserts
+    `condition(size)`, stepping in 4 sizes from each end (the export steps in 64)."""
+    import sympy
+
+    import tileflow.export as export
+
+    size = sympy.Symbol("s0", integer=True, positive=True)
+    monkeypatch.setattr(export, "_asserted_conditions", lambda graph: [condition(size)])
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    return export._ranges_the_program_accepts(gm, {"s0": (lo, hi)}, max_steps=4)["s0"]
+
+
+def test_refusals_past_the_steps_are_cut_only_as_a_head_or_a_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the sizes stepped in from an end, a run of refused sizes is cut from the range only
+    when it is a head or a tail of it: when a probe inside finds a size the program runs (35
+    below 64, 130 above 64), the range keeps its declared bottom, or the top it stepped down to,
+    so no size the program accepts is recorded as refused; a bottom left refused is no start to
+    bisect the top from. An open range whose assert refuses one inner size stays open."""
+    import sympy
+
+    assert _narrowed(monkeypatch, lambda s: s >= 100, 2, 200) == (100, 200)
+    assert _narrowed(monkeypatch, lambda s: sympy.Or(sympy.Eq(s, 35), s >= 64), 2, 200) == (2, 200)
+    assert _narrowed(monkeypatch, lambda s: s <= 64, 2, 200) == (2, 64)
+    assert _narrowed(monkeypatch, lambda s: sympy.Or(s <= 64, sympy.Eq(s, 130)), 2, 200) == (2, 196)
+    assert _narrowed(monkeypatch, lambda s: s <= 1000, 2, None) == (2, 1000)
+    # Refused at both ends, with no head to cut: the top is not bisected from a refused bottom.
+    assert _narrowed(monkeypatch, lambda s: sympy.Or(sympy.Eq(s, 35), sympy.Eq(s, 190)), 2, 200) == (2, 196)
+    assert _narrowed(monkeypatch, lambda s: sympy.Ne(s, 11), 2, None) == (2, None)
+    # An open range's refusals above 64 stop before the farthest probe (2 * 65 + 4): no tail, so it stays open.
+    assert _narrowed(monkeypatch, lambda s: sympy.Or(s <= 64, sympy.Eq(s, 134)), 2, None) == (2, None)
+
+
+class _Shifted(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y[1:] + x
+
+
+def test_a_derived_dim_with_an_offset_is_exported_recorded_and_checked(tmp_path: Path) -> None:
+    """y of n + 1 rows beside x of n: the re-export spells the offset out (`Dim + 1`), the
+    archive records `n + 1`, runs other sizes of n and refuses a y that breaks the relation."""
+    n = torch.export.Dim("n", min=2, max=16)
+    archive = tileflow.export_model(_Shifted(), (torch.randn(4), torch.randn(5)), ({0: n}, {0: n + 1}),
+                                    options={"target": "reference"})
+    assert [i["shape"] for i in archive.manifest["inputs"]] == [["n"], ["n + 1"]]
+    run = tileflow.load(archive.save(tmp_path / "shifted.pt2"))
+    x, y = torch.randn(7), torch.randn(8)
+    torch.testing.assert_close(run(x, y), _Shifted()(x, y))
+    with pytest.raises(ValueError, match=r"input 1 dim 0 is 9 but the archive was exported with it at n \+ 1 = 8"):
+        run(torch.randn(7), torch.randn(9))
+
+
+def test_cli_example_size_moves_the_default_inside_the_range() -> None:
+    """The default example size is moved inside the range from either side (below its bottom:
+    up to it; above its top: down to it), a single-size range included; a given one is kept."""
+    from tileflow.cli import SpecError, _example_size
+
+    assert _example_size("--seq-len", None, 8, "seq", (16, 32)) == 16
+    assert _example_size("--seq-len", None, 8, "seq", (2, 5)) == 5
+    assert _example_size("--seq-len", None, 8, "seq", (2, 2)) == 2
+    assert _example_size("--seq-len", 3, 8, "seq", (2, 5)) == 3
+    with pytest.raises(SpecError, match="needs an example size of at least 2"):
+        _example_size("--batch", None, 2, "batch", (2, 1))
+
+
+def test_a_model_in_training_mode_is_exported_as_in_eval_mode(tmp_path: Path) -> None:
+    """`export_model` puts the model in eval mode: a model left in training mode is archived
+    without its dropout, so the loaded program computes the model's eval output."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.5))  # training mode, as built
+    x = torch.randn(4, 8)
+    archive = tileflow.export_model(model, (x,), ({0: torch.export.Dim("tokens", min=2, max=64)},),
+                                    options={"target": "reference"})
+    run = tileflow.load(archive.save(tmp_path / "dropout.pt2"))
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), model.eval()(x), rtol=1e-4, atol=1e-4)

@@ -1575,3 +1575,92 @@ def test_a_verify_keeps_the_accepted_drafts_and_the_models_token_after_them() ->
     assert (engine.metrics.drafted, engine.metrics.accepted) == (3, 1)
     engine.run()
     assert request.tokens[5:] == [3, 4, 5, 6, 7, 8] and engine.allocator.all_free()
+
+
+def test_verify_steps_count_drafts_and_stamp_every_accepted_token() -> None:
+    """A verify step counts its drafted tokens (not the entry's length, which has the last token
+    too) for the acceptance rate, and stamps a time for each token it appends: a request gets one
+    token time per generated token."""
+    engine = ServingEngine(EchoProgram(last=7), token_budget=16, decode_slots=1, max_draft=3, block_size=4,
+                           num_blocks=16)
+    request = Request(0, [5, 6, 7, 8, 5, 6], 8)
+    metrics = engine.run([request])
+    # Prefill predicts 7; prompt lookup drafts [8, 5, 6] after "6 7", all accepted, and the model's 7.
+    assert request.tokens[6:11] == [7, 8, 5, 6, 7]
+    assert metrics.drafted >= 3 and metrics.accepted == metrics.drafted
+    assert metrics.summary()["acceptance_rate"] == 1.0
+    assert len(metrics.token_times[0]) == request.generated == 8
+
+
+def test_steps_count_their_packed_tokens_and_the_last_step_reads_back_at_once() -> None:
+    """`tokens_in_steps` sums every step's packed tokens (not its entries); with overlap, a step
+    after which no work is left reads its tokens back at once, leaving no placeholder; a finished
+    request's block arrays are dropped."""
+    program = RandomProgram(0)
+    engine = ServingEngine(program, token_budget=16, decode_slots=2, block_size=4, num_blocks=32, overlap=True)
+    requests = [Request(0, [1, 2, 3, 4, 5], 4), Request(1, [6, 7], 3)]
+    for r in requests:
+        engine.add(r)
+    while engine.scheduler.has_work():
+        engine.step()
+    assert engine._in_flight is None
+    assert all(min(r.tokens) >= 0 and r.done for r in requests)
+    m = engine.metrics
+    assert m.tokens_in_steps == sum(program.steps) == 5 + 2 + 3 + 2 and m.steps == len(program.steps)
+    assert m.summary()["mean_step_tokens"] == sum(program.steps) / len(program.steps)
+    assert engine._block_arrays == [{}]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_metrics_count_the_time_the_host_waits_for_tokens(monkeypatch: pytest.MonkeyPatch, overlap: bool) -> None:
+    """`waited` sums the time the host spent reading steps' tokens back, once per step read (a
+    clock that ticks once per reading shows each wait), and `host_waiting_share` divides it by the
+    wall time."""
+    import types
+
+    import tileflow.serving.engine as engine_module
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    engine = ServingEngine(RandomProgram(0), token_budget=16, decode_slots=2, block_size=4, num_blocks=32,
+                           overlap=overlap)
+    m = engine.run([Request(0, [1, 2, 3, 4, 5], 4), Request(1, [6, 7], 3)])
+    assert m.steps == 4 and m.waited == m.steps  # one tick between the start and the end of each read
+    assert 0 < m.summary()["host_waiting_share"] == m.waited / m.wall < 1
+
+
+def test_a_failed_overlapped_step_reads_back_the_step_before_it() -> None:
+    """With overlap, the step before a failed one is still in flight when the failure ends its
+    requests ("error"): its tokens are read back then, so no request is left done with a
+    placeholder (a negative token id) among its tokens, nor a step in flight."""
+    engine = ServingEngine(_FailingOnce(fail_at=2), token_budget=16, decode_slots=2, block_size=4, num_blocks=16,
+                           overlap=True)
+    first, second = Request(0, [1, 2, 3], 4), Request(1, [4, 5], 4)
+    with pytest.raises(RuntimeError, match="failed"):
+        engine.run([first, second])
+    assert engine._in_flight is None
+    for r in (first, second):
+        assert r.finish_reason == "error" and r.generated == 1 and min(r.tokens) >= 0, r.tokens
+    assert engine.metrics.generated == 2 and set(engine.metrics.ttft) == {0, 1}
+
+
+def test_a_step_of_two_entries_is_split_into_two_nano_batches(llama_program) -> None:
+    """With nano_batches=2, a step of just two entries still runs as two nano-batches (one
+    program run per entry, stage by stage), not as one packed run."""
+    from tileflow.runtime.streams import SimulatedStreams
+    from tileflow.serving import Entry
+
+    program, _ = llama_program
+    runs: list[str] = []
+
+    class _Spy(_RecordingProgram):
+        def stepwise(self, inputs, attention):
+            runs.append("nano")
+            return self._program.stepwise(inputs, attention)
+
+    engine = ServingEngine(_Spy(program, runs), token_budget=16, decode_slots=2, block_size=4, num_blocks=16,
+                           nano_batches=2, streams=SimulatedStreams(seed=0))
+    entries = [Entry(Request(0, [1] * 4, 1, blocks=[0]), [1, 1, 1, 1], 0, "prefill"),
+               Entry(Request(1, [2] * 3, 1, blocks=[1]), [2, 2, 2], 0, "prefill")]
+    assert engine.forward(entries).shape[:2] == (1, 7)
+    assert runs == ["nano", "nano"]

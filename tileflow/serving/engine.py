@@ -332,6 +332,12 @@ class ServingEngine:
             # registered for prefix reuse: that happens at commit); the other requests go on.
             # Left running, the next step would fail the same way, and so would every later run.
             failed = sorted({e.request.id for e in entries})
+            # With overlap, the step before this one is still in flight: read its tokens back now,
+            # or the requests ended here would keep placeholders (negative ids) among their tokens.
+            try:
+                self.synchronize()
+            except Exception:  # (the device failed it too: its tokens are lost)
+                self._in_flight = None
             for e in entries:
                 if not e.request.done:
                     self._finish(e.request, "error")

@@ -71,10 +71,11 @@ def gemm_plan(
     measured = measured_persistent = measured_stream_k = measured_tma = None
     measured_split: dict[int, Any] = {}
     if tile_timings:
-        timings = load_tile_timings(tile_timings)
         key = (device.name, dtype_name(dtype), int(n), int(k))
-        if weight_tiles == 1 and not any(t[:4] == key for t in timings):
-            timings = timings_at_shape(timings, device, key[1], key[2], key[3])
+        timings = load_tile_timings(tile_timings)
+        if weight_tiles == 1 and not _holds_shape(timings, key):
+            # Cached per file version: eager op calls plan on every call.
+            timings = _timings_at_shape_cached(tile_timings, _file_version(Path(tile_timings)), device, *key[1:])
         measured = timings.get((*key, False, 1, False, False))
         if persistent_variants:  # the padded GEMM's whole-tile variants: persistent grid, TMA loads
             measured_persistent = timings.get((*key, True, 1, False, False))
@@ -90,6 +91,25 @@ def gemm_plan(
 
 
 TimingKey = tuple[str, str, int, int, bool, int, bool, bool]
+
+
+def _file_version(path: Path) -> tuple[int, int]:
+    """(modification time in ns, size) of a file: a cache key that changes when it is rewritten,
+    also when two writes fall within one tick of the file system's clock but differ in length."""
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+def _holds_shape(timings: dict[TimingKey, Any], key: tuple[str, str, int, int]) -> bool:
+    """Whether the file holds any entry of this (device, dtype, N, K)."""
+    return any(t[:4] == key for t in timings)
+
+
+@functools.lru_cache(maxsize=256)
+def _timings_at_shape_cached(path: str, version: tuple[int, int], device: DeviceInfo, dtype: str, n: int, k: int
+                             ) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
+    # `version` is only part of the cache key, so an edited file is carried again.
+    return timings_at_shape(load_tile_timings(path), device, dtype, n, k)
 
 
 def timings_at_shape(
@@ -127,17 +147,17 @@ def load_tile_timings(path: str) -> dict[TimingKey, tuple[tuple[TileConfig, floa
     entries, grouped by (device, dtype, n, k, persistent, split_k, stream_k, tma). For a split-K kernel
     (`split_k` > 1) `tile_seconds` is the time of one of its programs (a tile's K part), its
     reduce kernel left out; for a stream-K kernel, the time of one work unit (one BLOCK_K step
-    of one tile), its fixup left out. Cached per file path and mtime."""
+    of one tile), its fixup left out. Cached per file path, modification time and size."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"tileflow option 'tile_timings': no file at {str(path)!r}; write one with "
                          "`python bench/gemm.py --measure-tiles FILE` on the device, or leave it unset")
-    return _load_tile_timings(str(p), p.stat().st_mtime_ns)
+    return _load_tile_timings(str(p), _file_version(p))
 
 
 @functools.lru_cache(maxsize=8)
-def _load_tile_timings(path: str, mtime: int) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
-    # `mtime` is only part of the cache key, so an edited file is read again.
+def _load_tile_timings(path: str, version: tuple[int, int]) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
+    # `version` is only part of the cache key, so an edited file is read again.
     try:
         entries = json.loads(Path(path).read_text())
         if not isinstance(entries, list):

@@ -642,18 +642,30 @@ class _Halves(torch.nn.Module):
         return y.reshape(2, -1) + x
 
 
-def test_a_derived_dim_is_exported_recorded_and_checked(tmp_path: Path) -> None:
+class _Shifted(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y[1:] + x
+
+
+@pytest.mark.parametrize("module,derived,recorded,good,bad,message", [
+    (_Halves, lambda n: 2 * n, "2*n", 10, 12, r"at 2\*n = 10"),
+    (_Shifted, lambda n: n + 1, "n + 1", 6, 9, r"at n \+ 1 = 6"),
+])
+def test_a_derived_dim_is_exported_recorded_and_checked(tmp_path: Path, module, derived, recorded: str, good: int,
+                                                        bad: int, message: str) -> None:
     """y of 2 * n rows beside x of n: the export crashed after the compile (a derived size taken
-    for a symbol); the archive now records it as `2*n` and refuses a y that breaks it."""
+    for a symbol); the archive now records it as `2*n` and refuses a y that breaks it. With an
+    offset (y of n + 1 rows), the re-export spells it out (`Dim + 1`) and the archive records
+    `n + 1`. Either runs another size of n."""
     n = torch.export.Dim("n", min=2, max=16)
-    archive = tileflow.export_model(_Halves(), (torch.randn(4), torch.randn(8)), ({0: n}, {0: 2 * n}),
+    archive = tileflow.export_model(module(), (torch.randn(4), torch.randn(int(derived(4)))), ({0: n}, {0: derived(n)}),
                                     options={"target": "reference"})
-    assert [i["shape"] for i in archive.manifest["inputs"]] == [["n"], ["2*n"]]
-    run = tileflow.load(archive.save(tmp_path / "halves.pt2"))
-    x, y = torch.randn(5), torch.randn(10)
-    torch.testing.assert_close(run(x, y), _Halves()(x, y))
-    with pytest.raises(ValueError, match=r"input 1 dim 0 is 12 but the archive was exported with it at 2\*n = 10"):
-        run(torch.randn(5), torch.randn(12))
+    assert [i["shape"] for i in archive.manifest["inputs"]] == [["n"], [recorded]]
+    run = tileflow.load(archive.save(tmp_path / "derived.pt2"))
+    x, y = torch.randn(5), torch.randn(good)
+    torch.testing.assert_close(run(x, y), module()(x, y))
+    with pytest.raises(ValueError, match=rf"input 1 dim 0 is {bad} but the archive was exported with it {message}"):
+        run(torch.randn(5), torch.randn(bad))
 
 
 class _AtLeast100(torch.nn.Module):
@@ -960,25 +972,6 @@ def test_refusals_past_the_steps_are_cut_only_as_a_head_or_a_tail(monkeypatch: p
     assert _narrowed(monkeypatch, lambda s: sympy.Ne(s, 11), 2, None) == (2, None)
     # An open range's refusals above 64 stop before the farthest probe (2 * 65 + 4): no tail, so it stays open.
     assert _narrowed(monkeypatch, lambda s: sympy.Or(s <= 64, sympy.Eq(s, 134)), 2, None) == (2, None)
-
-
-class _Shifted(torch.nn.Module):
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y[1:] + x
-
-
-def test_a_derived_dim_with_an_offset_is_exported_recorded_and_checked(tmp_path: Path) -> None:
-    """y of n + 1 rows beside x of n: the re-export spells the offset out (`Dim + 1`), the
-    archive records `n + 1`, runs other sizes of n and refuses a y that breaks the relation."""
-    n = torch.export.Dim("n", min=2, max=16)
-    archive = tileflow.export_model(_Shifted(), (torch.randn(4), torch.randn(5)), ({0: n}, {0: n + 1}),
-                                    options={"target": "reference"})
-    assert [i["shape"] for i in archive.manifest["inputs"]] == [["n"], ["n + 1"]]
-    run = tileflow.load(archive.save(tmp_path / "shifted.pt2"))
-    x, y = torch.randn(7), torch.randn(8)
-    torch.testing.assert_close(run(x, y), _Shifted()(x, y))
-    with pytest.raises(ValueError, match=r"input 1 dim 0 is 9 but the archive was exported with it at n \+ 1 = 8"):
-        run(torch.randn(7), torch.randn(9))
 
 
 def test_cli_example_size_moves_the_default_inside_the_range() -> None:

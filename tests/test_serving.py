@@ -1644,6 +1644,25 @@ def test_a_failed_overlapped_step_reads_back_the_step_before_it() -> None:
     assert engine.metrics.generated == 2 and set(engine.metrics.ttft) == {0, 1}
 
 
+def test_a_failed_step_whose_predecessor_cannot_be_read_back_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the step in flight cannot be read back either (the device failed it too), the engine
+    drops it and the step's error says its tokens are lost, rather than passing over it."""
+    engine = ServingEngine(_FailingOnce(fail_at=2), token_budget=16, decode_slots=2, block_size=4, num_blocks=16,
+                           overlap=True)
+
+    def broken_read_back() -> None:
+        raise RuntimeError("device lost")
+
+    for r in (Request(0, [1, 2, 3], 4), Request(1, [4, 5], 4)):
+        engine.add(r)
+    engine.step()  # launched, not read back: in flight
+    assert engine._in_flight is not None
+    monkeypatch.setattr(engine, "synchronize", broken_read_back)
+    with pytest.raises(RuntimeError, match=r"failed .* could not be read back either \(RuntimeError: device lost\)"):
+        engine.step()
+    assert engine._in_flight is None
+
+
 def test_a_step_of_two_entries_is_split_into_two_nano_batches(llama_program) -> None:
     """With nano_batches=2, a step of just two entries still runs as two nano-batches (one
     program run per entry, stage by stage), not as one packed run."""

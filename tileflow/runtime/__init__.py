@@ -73,7 +73,7 @@ def gemm_plan(
     if tile_timings:
         key = (device.name, dtype_name(dtype), int(n), int(k))
         timings = load_tile_timings(tile_timings)
-        if weight_tiles == 1 and not _holds_shape(timings, key):
+        if weight_tiles == 1 and not any(t[:4] == key for t in timings):
             # Cached per file version: eager op calls plan on every call.
             timings = _timings_at_shape_cached(tile_timings, _file_version(Path(tile_timings)), device, *key[1:])
         measured = timings.get((*key, False, 1, False, False))
@@ -98,11 +98,6 @@ def _file_version(path: Path) -> tuple[int, int]:
     also when two writes fall within one tick of the file system's clock but differ in length."""
     st = path.stat()
     return st.st_mtime_ns, st.st_size
-
-
-def _holds_shape(timings: dict[TimingKey, Any], key: tuple[str, str, int, int]) -> bool:
-    """Whether the file holds any entry of this (device, dtype, N, K)."""
-    return any(t[:4] == key for t in timings)
 
 
 @functools.lru_cache(maxsize=256)

@@ -334,15 +334,18 @@ class ServingEngine:
             failed = sorted({e.request.id for e in entries})
             # With overlap, the step before this one is still in flight: read its tokens back now,
             # or the requests ended here would keep placeholders (negative ids) among their tokens.
+            lost = ""
             try:
                 self.synchronize()
-            except Exception:  # (the device failed it too: its tokens are lost)
+            except Exception as read_back:  # the device failed that step too: its tokens are lost
                 self._in_flight = None
+                lost = (f"; the step before it could not be read back either ({type(read_back).__name__}: "
+                        f"{read_back}), so its tokens are lost")
             for e in entries:
                 if not e.request.done:
                     self._finish(e.request, "error")
             raise RuntimeError(f"a step of requests {failed} failed ({type(exc).__name__}: {exc}); they ended with "
-                               "finish_reason 'error', and the engine serves the others") from exc
+                               f"finish_reason 'error', and the engine serves the others{lost}") from exc
         self.metrics.steps += 1
         self.metrics.tokens_in_steps += logits.shape[1]
         if not self.overlap:

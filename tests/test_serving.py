@@ -767,6 +767,72 @@ def test_mixed_window_blocks_free_room_for_more_requests() -> None:
     assert hybrid[:3] == ([45, 19], [43, 11], 0) and hybrid[3] == whole[3]
 
 
+def test_kv_groups_split_layers_and_memory_as_documented() -> None:
+    """`kv_groups` on hand-sized cases: one group when every layer slides (keyed by the widest
+    window, which it must keep), when none does, or without a sliding-block count (a mixed model
+    then keeps every block: window None); else the full layers (in order, interleaved ones too)
+    and the sliding ones (the widest window, at most `num_blocks` blocks), the full group given
+    every whole block the memory of `num_blocks` blocks per layer still holds."""
+    from tileflow.serving import KVGroup, kv_groups
+
+    assert kv_groups([4, 8, 6], 10, 5) == [KVGroup((0, 1, 2), 8, 10)]
+    assert kv_groups([None, None], 10, 5) == [KVGroup((0, 1), None, 10)]
+    assert kv_groups([None, 4], 10) == [KVGroup((0, 1), None, 10)]
+    # 2 full and 3 sliding layers in 5 * 32 blocks' memory, 19 of them sliding: the full group
+    # gets the largest n with 2 n + 3 * 19 <= 5 * 32 (a rounding that floored before scaling,
+    # or scaled by full / sliding layers, gave it fewer).
+    windows = [None, 8, None, 4, 8]
+    full = max(n for n in range(32, 200) if 2 * n + 3 * 19 <= 5 * 32)
+    assert full == 51
+    assert kv_groups(windows, 32, 19) == [KVGroup((0, 2), None, full), KVGroup((1, 3, 4), 8, 19)]
+    # More sliding blocks asked than there are: the sliding group gets num_blocks, the full one too.
+    assert kv_groups([None, 4], 10, 50) == [KVGroup((0,), None, 10), KVGroup((1,), 4, 10)]
+
+
+def test_an_engine_sizes_the_sliding_group_for_the_widest_window() -> None:
+    """Sliding layers of windows 8 and 4 beside full ones: the sliding group must hold what
+    decode_slots requests keep under the widest window (8 keys: 8 // 4 + 3 blocks each, plus
+    16 // 4 for the step's prompt chunks: 19), not the narrowest (16), and the full group gets
+    the rest of 32 blocks per layer's memory."""
+    engine = ServingEngine(RandomProgram(0, windows=(None, 8, None, 4, 8)), token_budget=16, decode_slots=3,
+                           block_size=4, num_blocks=32, overlap=False)
+    assert [(g.layers, g.window, g.num_blocks) for g in engine.kv_groups] == [((0, 2), None, 51), ((1, 3, 4), 8, 19)]
+    assert [kv.k[0].shape[0] for kv in engine.kvs] == [51, 19] and [len(kv.k) for kv in engine.kvs] == [2, 3]
+
+
+def test_a_chunked_sliding_layer_reads_its_groups_chunk_view() -> None:
+    """A sliding layer that also attends in chunks sits in the second KV group: that group's
+    step layout carries the chunk view (each group its own chunk sizes). Its output for a
+    12-token prompt equals a float64 brute force over keys in the query's chunk of 8, its
+    window of 8 and not after it; the full layer's is plain causal."""
+    import dataclasses
+
+    program = RandomProgram(0, windows=(None, 8))
+    program.cuts[1] = dataclasses.replace(program.cuts[1], attention_chunk=8)
+    seen: list[tuple[AttentionCut, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    run = program.run
+
+    def recording_run(inputs, attention):
+        def attend(cut, q, k, v, key_starts=None):
+            out = attention(cut, q, k, v)
+            seen.append((cut, q, k, v, out))
+            return out
+        return run(inputs, attend)
+
+    program.run = recording_run
+    engine = ServingEngine(program, token_budget=16, decode_slots=1, block_size=4, num_blocks=8, overlap=False)
+    assert engine._attention_chunks == [[], [8]]
+    engine.add(Request(0, list(range(12)), 1))
+    engine.step()
+    pos = torch.arange(12)
+    causal = pos[None, :] <= pos[:, None]
+    chunked = causal & (pos[None, :] > pos[:, None] - 8) & (pos[None, :] // 8 == pos[:, None] // 8)
+    for (cut, q, k, v, out), mask in zip(seen, (causal, chunked)):
+        scores = (q[0].double() @ k[0].double().transpose(-1, -2)) * cut.scale  # [heads, T, T]
+        want = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v[0].double()
+        torch.testing.assert_close(out[0].double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_attention_model_equals_eager_generation() -> None:
     """Llama 4 attends in chunks on its RoPE layers (a query sees only its chunk's keys), a rule
     that lives only in its mask: served as plain causal attention its logits were off by 0.35
@@ -1210,6 +1276,39 @@ def test_split_entries_contiguous_balanced_and_whole(sizes, parts) -> None:
     assert len(groups) == min(parts, len(entries)) and all(groups)
     tokens = [sum(len(e.tokens) for e in g) for g in groups]
     assert max(tokens) <= -(-sum(sizes) // parts) + max(sizes)
+
+
+def test_split_entries_refuses_fewer_than_one_part() -> None:
+    """A step cut into no nano-batches (or fewer) is a caller's error, not one unsplit batch; a
+    step without entries has no nano-batch."""
+    from tileflow.serving import Entry, split_entries
+
+    entries = [Entry(Request(i, [0], 1), [1], 0, "prefill") for i in range(3)]
+    for parts in (0, -1):
+        with pytest.raises(ValueError, match="parts must be >= 1"):
+            split_entries(entries, parts)
+    assert split_entries([], 2) == []  # the nano-batches it returns are never empty
+
+
+@settings(max_examples=100, deadline=None)
+@given(parts=st.integers(1, 5), total=st.integers(1, 12), data=st.data())
+def test_split_entries_finds_an_exactly_equal_cut(parts: int, total: int, data) -> None:
+    """When the entries can be cut into `parts` runs of exactly equal token counts, that cut is
+    the one made (with positive sizes it is unique: the prefix sums rise strictly). A cut opened
+    only once a batch holds more than its share put [3, 1 | 2, 2] as [3, 1, 2 | 2]: both are
+    within the bound `test_split_entries_contiguous_balanced_and_whole` checks."""
+    from tileflow.serving import Entry, split_entries
+
+    def split(sizes: list[int], parts: int) -> list[list[int]]:
+        entries = [Entry(Request(i, [0] * n, 1), [1] * n, 0, "prefill") for i, n in enumerate(sizes)]
+        return [[len(e.tokens) for e in g] for g in split_entries(entries, parts)]
+
+    assert split([3, 1, 2, 2], 2) == [[3, 1], [2, 2]]
+    want: list[list[int]] = []
+    for _ in range(parts):  # a random composition of `total` per nano-batch
+        cuts = sorted(data.draw(st.sets(st.integers(1, total - 1)))) if total > 1 else []
+        want.append([b - a for a, b in zip([0, *cuts], [*cuts, total])])
+    assert split([n for g in want for n in g], parts) == want
 
 
 @pytest.mark.parametrize("nano_batches,max_draft", [(2, 0), (3, 3)])

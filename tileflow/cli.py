@@ -90,6 +90,7 @@ class LogitsOnly(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The model's logits for `input_ids` [B, S], computed without a KV cache."""
         return self.model(input_ids, use_cache=False).logits
 
 

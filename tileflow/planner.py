@@ -429,6 +429,7 @@ class PlanResult:
 
     @property
     def placements(self) -> list[Placement]:
+        """The three placements compared, in the order the report prints them."""
         return [self.colocated, self.colocated_equal_cost, self.disaggregated]
 
     def to_dict(self) -> dict[str, Any]:
@@ -749,6 +750,7 @@ class DeviceCount(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> tuple[DeviceInfo, int]:
+        """`NAME[:COUNT]` as (the device table's entry, count); a bad name or count fails with click's usage error."""
         if isinstance(value, tuple):
             return value
         name, sep, count_text = str(value).partition(":")

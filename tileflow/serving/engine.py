@@ -47,6 +47,8 @@ def split_entries(entries: Sequence[Entry], parts: int) -> list[list[Entry]]:
     memory-bound decodes and compute-bound prefills in different nano-batches."""
     if parts < 1:
         raise ValueError(f"parts must be >= 1, got {parts}")
+    if not entries:
+        return []  # no entries, no nano-batch (not one empty one)
     total = sum(len(e.tokens) for e in entries)
     groups: list[list[Entry]] = [[]]
     done = 0  # tokens in the groups so far

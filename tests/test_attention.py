@@ -2132,3 +2132,37 @@ def test_a_score_scale_held_in_a_0d_tensor_is_applied_to_q(op: str) -> None:
     assert report.rewrites.get("meta_attention") == 1 and not report.fallbacks, report.fallbacks
     (meta,) = [n for n in gm.graph.nodes if n.target is META]
     assert bind_arguments(meta)["q"].target is getattr(torch.ops.aten, op).Tensor
+
+
+def test_transformers_attention_refuses_dropout_in_training_and_one_dim_sinks_of_another_length() -> None:
+    """Dropout while training is refused by both attention functions (inference only: ignoring it
+    would train without it), while a layer in eval mode, where transformers still passes its
+    rate, runs as SDPA without dropout; 1-D sinks whose length is not the query heads' (per
+    token) are refused, not broadcast."""
+    from tileflow.transformers_integration import causal_attention_forward, tileflow_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    layer = torch.nn.Module()
+    for forward in (tileflow_attention_forward, causal_attention_forward):
+        with pytest.raises(ValueError, match="dropout during training is not supported"):
+            forward(layer.train(), q, k, v, None, dropout=0.1)
+        got = forward(layer.eval(), q, k, v, None, dropout=0.1)[0]
+        torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2))
+        with pytest.raises(ValueError, match=r"per token\)"):
+            forward(layer, q, k, v, None, sinks=torch.zeros(5))
+
+
+def test_causal_rule_of_a_mask_with_two_sliding_windows_keeps_the_narrower() -> None:
+    """A causal mask and-ed with two sliding-window overlays lets a query see only the keys both
+    windows keep: the rule `_mask_rule` reads off it must slide the narrower window, which the
+    mask function's own [q, kv] grid is checked against."""
+    import transformers.masking_utils as masks
+
+    from tileflow.transformers_integration import _mask_rule
+
+    fn = masks.and_masks(masks.causal_mask_function, masks.sliding_window_overlay(4), masks.sliding_window_overlay(2))
+    rule = _mask_rule(fn)
+    q, kv = torch.arange(8)[:, None], torch.arange(8)[None, :]
+    grid = fn(torch.tensor(0), torch.tensor(0), q, kv).expand(8, 8)
+    assert rule is not None and torch.equal(grid, (kv <= q) & (kv > q - rule.window))

@@ -999,3 +999,53 @@ def test_a_model_in_training_mode_is_exported_as_in_eval_mode(tmp_path: Path) ->
     x = torch.randn(6, 8)
     with torch.no_grad():
         torch.testing.assert_close(run(x), model.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_both_ends_of_the_range_run_and_a_short_call_or_an_extra_dim_is_refused(tmp_path: Path) -> None:
+    """The recorded range is inclusive at both ends: sizes 2 and 64 run and equal the Linear
+    computed by hand; too few inputs and a tensor with more dims than exported are refused by
+    name before the program runs, as is a fixed dim below its size (only one more input, one dim
+    fewer and a fixed dim above its size were checked)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)  # the weights `_tiny_archive` seeds
+    run = tileflow.load(_tiny_archive(tmp_path))
+    for n in (2, 64):
+        x = torch.randn(n, 16, dtype=torch.float64)
+        want = x @ linear.weight.detach().double().T + linear.bias.detach().double()
+        torch.testing.assert_close(run(x.float()).double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"takes 1 input\(s\), got 0"):
+        run()
+    with pytest.raises(ValueError, match=r"input 0 has 3 dims but the archive was exported for 2"):
+        run(torch.randn(2, 4, 16))
+    with pytest.raises(ValueError, match="input 0 dim 1 is 8 but the archive was exported with it fixed at 16"):
+        run(torch.randn(4, 8))
+
+
+def test_a_derived_dim_smaller_than_its_relation_is_refused(tmp_path: Path) -> None:
+    """y must have exactly 2 * n rows: a y shorter than that is refused by name, not only a
+    longer one."""
+    n = torch.export.Dim("n", min=2, max=16)
+    archive = tileflow.export_model(_Halves(), (torch.randn(4), torch.randn(8)), ({0: n}, {0: 2 * n}),
+                                    options={"target": "reference"})
+    run = tileflow.load(archive.save(tmp_path / "halves.pt2"))
+    with pytest.raises(ValueError, match=r"input 1 dim 0 is 8 but the archive was exported with it at 2\*n = 10"):
+        run(torch.randn(5), torch.randn(8))
+
+
+class _ScaledWithin(torch.nn.Module):
+    def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        torch._check(k >= 2)
+        torch._check(k <= 9)
+        return x * k
+
+
+def test_a_dynamic_int_input_is_checked_against_its_range(tmp_path: Path) -> None:
+    """A dynamic int input whose trace bounds it to [2, 9] records that range; its top runs and
+    one past it is refused by name before the program runs."""
+    archive = tileflow.export_model(_ScaledWithin(), (torch.randn(4), 3), (None, torch.export.Dim.DYNAMIC),
+                                    options={"target": "reference"})
+    assert archive.manifest["dynamic"] == {"k": [2, 9]}
+    run = tileflow.load(archive.save(tmp_path / "within.pt2"))
+    torch.testing.assert_close(run(torch.ones(4), 9), torch.full((4,), 9.0))
+    with pytest.raises(ValueError, match=r"input 1 is 10 but the archive was exported for k in \[2, 9\]"):
+        run(torch.ones(4), 10)

@@ -53,6 +53,13 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--debug-dir", default=None, help="write each pass's before/after graphs here")
     args = parser.parse_args()
+    # Bad values fail here naming the flag, not as a traceback from inside torch.compile.
+    try:
+        seq_lens = [int(s) for s in args.seq_lens.split(",")]
+    except ValueError:
+        parser.error(f"--seq-lens must be comma-separated integers, got {args.seq_lens!r}")
+    if min(seq_lens) < 1 or args.batch < 1:
+        parser.error(f"--seq-lens and --batch must be >= 1, got {args.seq_lens!r} and {args.batch}")
 
     torch.manual_seed(0)
     model = build_model(args.model)
@@ -63,7 +70,7 @@ def main() -> int:
     print(f"tileflow {tileflow.__version__} on torch {torch.__version__}: {args.model}, batch {args.batch}")
     worst = 0.0
     with torch.no_grad():
-        for seq_len in (int(s) for s in args.seq_lens.split(",")):
+        for seq_len in seq_lens:
             ids = torch.randint(0, VOCAB, (args.batch, seq_len))
             start = time.perf_counter()
             got = compiled(ids, use_cache=False).logits
@@ -72,7 +79,7 @@ def main() -> int:
             diff = (got - want).abs().max().item()
             worst = max(worst, diff)
             print(f"  seq_len {seq_len:4d}: max |tileflow - eager| = {diff:.2e}  ({took * 1e3:.0f} ms)")
-    print(f"compiled graphs: {len(report.graphs)} for {len(args.seq_lens.split(','))} sequence lengths")
+    print(f"compiled graphs: {len(report.graphs)} for {len(seq_lens)} sequence lengths")
     print()
     print(report)
     if worst > 1e-4:

@@ -107,7 +107,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-delay", type=float, default=0.0, help="sleep between steps (for failure tests)")
     p.add_argument("--pid-dir", type=Path, default=None, help="write rank<N>.pid files here (for failure tests)")
-    return p.parse_args()
+    args = p.parse_args()
+    # Bad sizes fail here naming the flag (on every rank, before any process group), not as a run
+    # that decodes nothing (--batches 0) or a traceback from inside the workers.
+    lows = {"model_workers": 1, "layers": 1, "steps": 0, "batches": 1, "block_size": 1, "num_blocks": 1}
+    for name, low in lows.items():
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    return args
 
 
 def main() -> int:

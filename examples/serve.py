@@ -48,6 +48,18 @@ def main() -> int:
     p.add_argument("--check", action="store_true", help="compare with eager generation")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    # Bad values fail here naming the flag, not as a traceback from inside the engine or export.
+    lows = {"requests": 1, "new_tokens": 1, "budget": 1, "slots": 1, "blocks": 1, "nano_batches": 1, "draft": 0,
+            "window": 1, "chunk": 1}
+    for name, low in lows.items():
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    from tileflow.serving import SamplingParams
+
+    try:
+        SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
+    except ValueError as exc:
+        p.error(str(exc))
     # torch.export's pytree deprecation notes (torch's own use, nothing the example can change).
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 

@@ -45,6 +45,29 @@ def private_triton_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
         clear_memo()
 
 
+@pytest.fixture
+def usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """`usage_error(example, *args)`: run `examples/<example>.py`'s argument handling in this
+    process (its `main`, or `parse_args` where it has one) with `args` on the command line, and
+    return what it wrote to stderr; it must stop with argparse's usage error (exit 2). In
+    process: a subprocess per case spent seconds importing torch to test a few lines."""
+    import importlib.util
+    import sys
+
+    def run(example: str, *args: str) -> str:
+        path = Path(__file__).resolve().parents[1] / "examples" / f"{example}.py"
+        spec = importlib.util.spec_from_file_location(f"_example_{example}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        monkeypatch.setattr(sys, "argv", [path.name, *args])
+        with pytest.raises(SystemExit) as stop:
+            getattr(module, "parse_args", module.main)()
+        assert stop.value.code == 2
+        return capsys.readouterr().err
+
+    return run
+
+
 # Seconds each test file took on 2 CPU cores in the default run (`-m "not extended"`,
 # `--junitxml`, session 34, Triton's cache empty as on CI), for the files over 20 s, less the
 # tests marked extended after that run (their times in it). With `--dist loadfile

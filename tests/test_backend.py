@@ -350,3 +350,11 @@ def test_export_capture_decomposes_all_but_the_ops_matched_whole() -> None:
     table = export_decompositions()
     assert torch.ops.aten.silu.default not in table and torch.ops.aten.linear.default not in table
     assert torch.ops.aten.silu_backward.default in table
+
+
+@pytest.mark.parametrize("args, message", [(("--seq-lens", "5,x"), "--seq-lens must be comma-separated integers"),
+                                           (("--batch", "0"), "--seq-lens and --batch must be >= 1")])
+def test_demo_example_refuses_bad_values_up_front(args: tuple[str, ...], message: str, usage_error) -> None:
+    """examples/demo.py refuses a bad --seq-lens or --batch as a usage error (exit 2) naming it,
+    before building a model: not a ValueError or a Dynamo traceback out of the compiled run."""
+    assert message in usage_error("demo", *args)

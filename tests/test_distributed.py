@@ -31,6 +31,12 @@ def _torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.Comple
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
 
 
+def test_bad_sizes_are_usage_errors_before_any_process_group(usage_error) -> None:
+    """--batches 0 is refused up front (exit 2, naming the flag) by the argument parsing every
+    rank runs before init_distributed. Unchecked, it 'passed' decoding 0 tokens in 0 batches."""
+    assert "--batches must be >= 1, got 0" in usage_error("disaggregate", "--batches", "0")
+
+
 def test_logits_match_single_process() -> None:
     # One KV head per query head, one attention worker. Query heads split over two workers in
     # groups that share a KV head (the case with the most to get wrong): the rotation test below.

@@ -694,3 +694,22 @@ def test_reference_float64_gemm_accumulates_in_float64() -> None:
     got = runtime.get_kernel("reference", spec)(x, w, b, r)
     assert got.dtype == torch.float64
     assert rel_err(got, oracle(x, w, b, r, "silu")) <= 1e-13
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_reference_half_gemm_keeps_its_epilogue_in_float32(activation: str) -> None:
+    """float16 operands with a float32 output (`cast`): bias, activation, SwiGLU product and
+    residual all stay on the float32 accumulator, as the kernels' epilogue does, so the result is
+    float64's to float32 rounding (~1e-7), not float16's (~5e-4, inside the float16 tolerance
+    that the other cases use)."""
+    from tileflow.kernel_spec import TileConfig
+
+    spec = gemm_spec(dtype=torch.float16, out_dtype=torch.float32, n=N, k=K, tile=TileConfig(16, 32, 32),
+                     activation=activation, has_bias=True, has_residual=True)
+    gen = torch.Generator().manual_seed(13)
+    x, w, wu = (torch.randn(*shape, generator=gen).half() for shape in ((37, K), (N, K), (N, K)))
+    b, bu, r = (torch.randn(*shape, generator=gen).half() for shape in ((N,), (N,), (37, N)))
+    up = {"weight_up": wu, "bias_up": bu} if activation == "swiglu" else {}
+    got = runtime.get_kernel("reference", spec)(x, w, b, r, **up)
+    assert got.dtype == torch.float32
+    assert rel_err(got, oracle(x, w, b, r, activation, wu, bu)) <= 1e-6

@@ -1263,6 +1263,15 @@ def test_serve_example_checks_against_eager(args: tuple[str, ...]) -> None:
     assert "check passed: 4 requests" in run.stdout and '"acceptance_rate"' in run.stdout
 
 
+@pytest.mark.parametrize("args, message", [(("--requests", "0"), "--requests must be >= 1, got 0"),
+                                           (("--budget", "0"), "--budget must be >= 1, got 0"),
+                                           (("--top-p", "1.5"), "top_p must be a number in (0, 1]")])
+def test_serve_example_refuses_bad_values_up_front(args: tuple[str, ...], message: str, usage_error) -> None:
+    """A bad flag value is a usage error (exit 2) naming it, before any model is built: not a run
+    that serves nothing (--requests 0) or a traceback from inside torch.export (--budget 0)."""
+    assert message in usage_error("serve", *args)
+
+
 # ---- nano-batched serving steps -----------------------------------------------------------------
 
 @settings(max_examples=200, deadline=None)

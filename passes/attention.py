@@ -189,15 +189,30 @@ def _read_as_contiguous(old: fx.Node, new: Any) -> bool:
     return any(u.op == "output" or u.target in _VIEWS or u.target is aten.as_strided.default for u in old.users)
 
 
-def _pin_head_dims(ctx: PassContext, dims: tuple[Any, ...], tensors: tuple[torch.Tensor, ...]) -> str | None:
+def _token_symbols(graph: fx.Graph) -> set[Any]:
+    """The symbols of the graph's token counts: those in the rows of every `aten.linear` over a
+    weight of static shape (canonicalize's form of a model's projections)."""
+    rows = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is aten.linear.default:
+            x, w = _val(node.args[0]), _val(node.args[1])
+            if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.dim() == 2 and not free_symbols([w]):
+                rows.append(x.shape[0])
+    return free_symbols(rows)
+
+
+def _pin_head_dims(ctx: PassContext, dims: tuple[Any, ...], tensors: tuple[torch.Tensor, ...],
+                   token_symbols: set[Any] | frozenset[Any] = frozenset()) -> str | None:
     """Make the head counts and head dims `dims` static, or say why they cannot be. The kernel
     needs them static; they are symbolic when a graph break hands q, k and v to this graph as
     inputs under `dynamic=True`. Where the graph's shape guards are checked at each call
     (`ctx.shape_guards`: under Dynamo), each is pinned to its example value with a guard, so a
     call with other heads recompiles: a model's heads never change. A symbol that is also one
     of the tensors' batch or sequence sizes (Dynamo gives equal sizes one symbol) is not pinned,
-    which would recompile at every new length; nor is one the caller marked dynamic
-    (`ctx.declared_dynamic`), which Dynamo would refuse."""
+    which would recompile at every new length; nor is one of `token_symbols` (`_token_symbols`:
+    an attention across a token's own rows, whose "heads" are the sequence, as Inkling-2's
+    attends over its loop states); nor one the caller marked dynamic (`ctx.declared_dynamic`),
+    which Dynamo would refuse."""
     symbolic = [d for d in dims if isinstance(d, torch.SymInt) and d.node.maybe_as_int() is None]
     if not symbolic:
         return None
@@ -209,6 +224,9 @@ def _pin_head_dims(ctx: PassContext, dims: tuple[Any, ...], tensors: tuple[torch
     lengths = free_symbols(s for t in tensors for i, s in enumerate(t.shape) if i in (0, 2))
     if any(d.node.expr.free_symbols & lengths for d in symbolic):
         return ("head count or head dim has the symbol of a batch or sequence size (equal sizes at this trace): "
+                "pinning it would recompile at every length")
+    if any(d.node.expr.free_symbols & token_symbols for d in symbolic):
+        return ("head count or head dim counts tokens (its symbol is in the rows of the graph's linears): "
                 "pinning it would recompile at every length")
     if not all(d.node.has_hint() for d in symbolic):
         return "head count or head dim is symbolic, with no example value to pin it to"
@@ -241,6 +259,7 @@ class Attention:
         self._ranges: dict[fx.Node, fx.Node] = {}
         self._made: dict[tuple[Any, ...], fx.Node] = {}  # masks made from the graph's, shared by its layers
         self._slopes: dict[tuple[Any, ...], list[float] | None] = {}
+        self._token_symbols = _token_symbols(graph)
         for node in list(graph.nodes):
             if node.op != "call_function" or not in_graph(node, graph):
                 continue
@@ -295,7 +314,8 @@ class Attention:
                 elif user.users:
                     return "the log-sum-exp / debug outputs of SDPA are used; meta_attention does not produce them"
         # Pinned only now that no check above refuses the attention (a pin is a guard).
-        reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv))
+        reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv),
+                                self._token_symbols)
         if reason:
             return reason
         hq = int(qv.shape[1])
@@ -512,7 +532,8 @@ class Attention:
             # another batch/head split: it raised on a missing block, or read other heads).
             return (f"q, k and v are flattened from batches of {qv.shape[0]}, {kv.shape[0]} and {vv.shape[0]}; "
                     "meta_attention pairs them by batch")
-        reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv))
+        reason = _pin_head_dims(ctx, (qv.shape[1], qv.shape[3], kv.shape[1], vv.shape[1], vv.shape[3]), (qv, kv, vv),
+                                self._token_symbols)
         if reason:
             return reason
         hq = int(qv.shape[1])

@@ -2166,3 +2166,33 @@ def test_causal_rule_of_a_mask_with_two_sliding_windows_keeps_the_narrower() -> 
     q, kv = torch.arange(8)[:, None], torch.arange(8)[None, :]
     grid = fn(torch.tensor(0), torch.tensor(0), q, kv).expand(8, 8)
     assert rule is not None and torch.equal(grid, (kv <= q) & (kv > q - rule.window))
+
+
+class _AttentionAcrossATokensStates(torch.nn.Module):
+    """Each token attends over two states of its own (Inkling-2 attends over its loop states):
+    SDPA gets [B, S, q/kv rows, D], its "heads" being the sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = torch.nn.Linear(8, 8), torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, 1, 8)
+        k, v = self.k(x).view(b, s, 2, 8), self.v(x).view(b, s, 2, 8)
+        return F.scaled_dot_product_attention(q, k, v).view(b, s, 8)
+
+
+def test_heads_that_count_tokens_are_not_pinned() -> None:
+    """An attention whose head count is the sequence length (the symbol of the rows its graph's
+    linears run) stays as it was, with the reason: pinned, it recompiled the graph at every
+    length (Inkling-2 of transformers 5.25: 3 graphs for 3 lengths). One graph, equal to eager."""
+    torch.manual_seed(0)
+    model = _AttentionAcrossATokensStates().eval()
+    compiled, report = _compiled_dynamic(model)
+    with torch.no_grad():
+        for length in (3, 5, 7):
+            x = torch.randn(2, length, 8)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(report.graphs) == 1 and report.recompiles == 0
+    assert any("counts tokens" in f.reason for f in report.fallbacks), report.fallbacks

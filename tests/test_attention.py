@@ -2172,23 +2172,28 @@ class _AttentionAcrossATokensStates(torch.nn.Module):
     """Each token attends over two states of its own (Inkling-2 attends over its loop states):
     SDPA gets [B, S, q/kv rows, D], its "heads" being the sequence."""
 
-    def __init__(self) -> None:
+    def __init__(self, manual: bool) -> None:
         super().__init__()
+        self.manual = manual
         self.q, self.k, self.v = torch.nn.Linear(8, 8), torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q(x).view(b, s, 1, 8)
         k, v = self.k(x).view(b, s, 2, 8), self.v(x).view(b, s, 2, 8)
+        if self.manual:
+            return (torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v).view(b, s, 8)
         return F.scaled_dot_product_attention(q, k, v).view(b, s, 8)
 
 
-def test_heads_that_count_tokens_are_not_pinned() -> None:
-    """An attention whose head count is the sequence length (the symbol of the rows its graph's
-    linears run) stays as it was, with the reason: pinned, it recompiled the graph at every
-    length (Inkling-2 of transformers 5.25: 3 graphs for 3 lengths). One graph, equal to eager."""
+@pytest.mark.parametrize("manual", [False, True])
+def test_heads_that_count_tokens_are_not_pinned(manual: bool) -> None:
+    """An attention (SDPA, or by hand) whose head count is the sequence length (the symbol of the
+    rows its graph's linears run) stays as it was, with the reason: pinned, it recompiled the
+    graph at every length (Inkling-2 of transformers 5.25: 3 graphs for 3 lengths). One graph,
+    equal to eager."""
     torch.manual_seed(0)
-    model = _AttentionAcrossATokensStates().eval()
+    model = _AttentionAcrossATokensStates(manual).eval()
     compiled, report = _compiled_dynamic(model)
     with torch.no_grad():
         for length in (3, 5, 7):

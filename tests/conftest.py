@@ -20,7 +20,7 @@ if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
-from typing import Iterator  # noqa: E402
+from typing import Callable, Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -46,7 +46,7 @@ def private_triton_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
 
 
 @pytest.fixture
-def usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+def usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
     """`usage_error(example, *args)`: run `examples/<example>.py`'s argument handling in this
     process (its `main`, or `parse_args` where it has one) with `args` on the command line, and
     return what it wrote to stderr; it must stop with argparse's usage error (exit 2). In

@@ -1033,6 +1033,8 @@ def test_a_derived_dim_smaller_than_its_relation_is_refused(tmp_path: Path) -> N
 
 
 class _ScaledWithin(torch.nn.Module):
+    """x * k for an int k the model itself bounds to [2, 9]."""
+
     def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
         torch._check(k >= 2)
         torch._check(k <= 9)

@@ -202,7 +202,7 @@ def _token_symbols(graph: fx.Graph) -> set[Any]:
 
 
 def _pin_head_dims(ctx: PassContext, dims: tuple[Any, ...], tensors: tuple[torch.Tensor, ...],
-                   token_symbols: set[Any] | frozenset[Any] = frozenset()) -> str | None:
+                   token_symbols: set[Any]) -> str | None:
     """Make the head counts and head dims `dims` static, or say why they cannot be. The kernel
     needs them static; they are symbolic when a graph break hands q, k and v to this graph as
     inputs under `dynamic=True`. Where the graph's shape guards are checked at each call

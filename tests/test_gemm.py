@@ -5,6 +5,7 @@ Triton runs in the CPU interpreter here (conftest sets TRITON_INTERPRET=1 withou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import pytest
@@ -310,6 +311,76 @@ def test_measured_persistent_variant_runs_and_takes_its_grid_share(tmp_path, mon
     assert launches[1]["num_programs"] == max(1, int((os.cpu_count() or 1) * 0.5))
 
 
+def test_tile_timings_become_times_per_wave_of_resident_programs(tmp_path) -> None:
+    """Given the device, the loader turns a plain, TMA or split entry's time per wave of one
+    program per SM into its time per wave of the programs an SM holds at once; persistent and
+    stream-K entries, entries without their measured M and other devices' entries stay as
+    written, as does every entry when no device is given."""
+    import json
+
+    from tileflow.devices import get_device
+    from tileflow.kernel_spec import TileConfig
+
+    h200 = get_device("H200")
+    pair = TileConfig(64, 128, 64, num_warps=4, num_stages=4)  # two to an H200 SM
+    alone = TileConfig(128, 256, 64, num_warps=8, num_stages=4)  # one
+    base = {"device": "H200", "dtype": "bfloat16", "n": 4096, "k": 14336}
+    entries = [
+        # 17 x 32 = 544 programs: 5 waves of 132, 3 of 264, so a 264-wave is 5/3 of a 132-wave.
+        {**base, "tile": pair.to_dict(), "tile_seconds": 3e-5, "m": 1088},
+        {**base, "tile": pair.to_dict(), "tile_seconds": 3e-5, "m": 1088, "tma": True},
+        # 5 x 32 x 2 = 320 programs: 3 waves of 132, 2 of 264.
+        {**base, "tile": pair.to_dict(), "tile_seconds": 3e-5, "m": 320, "split_k": 2},
+        {**base, "tile": pair.to_dict(), "tile_seconds": 3e-5, "m": 1088, "persistent": True},
+        {**base, "tile": pair.to_dict(), "tile_seconds": 3e-7, "m": 1088, "stream_k": True},
+        {**base, "tile": alone.to_dict(), "tile_seconds": 8e-5, "m": 4224},
+        {**base, "n": 6144, "tile": pair.to_dict(), "tile_seconds": 3e-5},
+        {**base, "device": "H100-SXM", "tile": pair.to_dict(), "tile_seconds": 3e-5, "m": 1088},
+    ]
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps(entries))
+    got = runtime.load_tile_timings(str(path), h200)
+
+    def seconds(device: str, n: int, persistent: bool = False, split: int = 1, stream_k: bool = False,
+                tma: bool = False) -> dict:
+        return dict(got[(device, "bfloat16", n, 14336, persistent, split, stream_k, tma)])
+
+    assert seconds("H200", 4096)[pair] == pytest.approx(3e-5 * 5 / 3)
+    assert seconds("H200", 4096, tma=True)[pair] == pytest.approx(3e-5 * 5 / 3)
+    assert seconds("H200", 4096, split=2)[pair] == pytest.approx(3e-5 * 3 / 2)
+    assert seconds("H200", 4096, persistent=True)[pair] == 3e-5
+    assert seconds("H200", 4096, stream_k=True)[pair] == 3e-7
+    assert seconds("H200", 4096)[alone] == 8e-5
+    assert seconds("H200", 6144)[pair] == 3e-5
+    assert seconds("H100-SXM", 4096)[pair] == 3e-5
+    raw = runtime.load_tile_timings(str(path))
+    assert dict(raw[("H200", "bfloat16", 4096, 14336, False, 1, False, False)])[pair] == 3e-5
+    path.write_text(json.dumps([{**entries[0], "m": 0}]))
+    with pytest.raises(ValueError, match="measured m must be >= 1"):
+        runtime.load_tile_timings(str(path), h200)
+
+
+def test_run5_tile_times_plan_the_down_projection_as_measured(monkeypatch) -> None:
+    """The tile times an H200 measured in run 5 (bench/results/tile_timings-h200.json). Their
+    plan for the down projection (4096 x 14336) at M = 100..256 once ran stream-K over 16 tiles
+    and 64x128 TMA tiles alone on their SMs, at 0.64-0.70x cuBLAS; it now runs the split-K
+    kernels that the modeled plan ran there at 0.90-0.93x (bench/NOTES.md, Session 39). Above
+    M = 512 it keeps the TMA kernels that ran at 0.90-1.01x."""
+    from pathlib import Path
+
+    from tileflow.devices import get_device
+
+    timings = Path(__file__).resolve().parent.parent / "bench" / "results" / "tile_timings-h200.json"
+    monkeypatch.setattr(runtime, "device_for_target", lambda target, device_type: get_device("H200"))
+    plan = runtime.gemm_plan(4096, 14336, torch.bfloat16, "triton", "cuda", m_max=8192, tile_timings=str(timings))
+    for m in (100, 128, 256):
+        piece = plan.piece_for(m)
+        assert piece.split_k == 4 and not piece.stream_k and not piece.tma, (m, plan.describe())
+    assert not any(piece.stream_k and piece.lo <= 1024 for piece in plan.pieces), plan.describe()
+    for m in (1000, 2048, 4096, 8192):
+        assert plan.piece_for(m).tma and plan.piece_for(m).config.block_n == 256, (m, plan.describe())
+
+
 @pytest.mark.parametrize("target", ["reference", "triton"])
 @pytest.mark.parametrize("activation,has_bias,has_residual", [("none", False, False), ("swiglu", True, False),
                                                               ("gelu", True, True)])
@@ -427,7 +498,9 @@ def test_measured_stream_k_pieces_dispatch_and_match_float64(tmp_path, monkeypat
     from tileflow.tiles import candidate_configs
 
     n, k = 96, 4096
-    h200 = get_device("H200")
+    # Plans run stream-K over at least one whole tile per core: an H200 cut to one SM lets these
+    # small grids qualify (the launch's program count comes from the CPU here).
+    h200 = dataclasses.replace(get_device("H200"), cores=1)
     monkeypatch.setattr(runtime, "device_for_target", lambda target, device_type: h200)
     weight_tiles = 2 if activation == "swiglu" else 1
     cands = candidate_configs(n, k, "float32", h200, weight_tiles=weight_tiles)

@@ -25,6 +25,7 @@ from tileflow.tiles import (
     candidate_configs,
     estimate_seconds,
     estimate_tile_seconds,
+    programs_per_core,
     split_k_factors,
     split_reduce_seconds,
     stream_k_fixup_seconds,
@@ -38,6 +39,7 @@ from tileflow.tiles import (
 
 PLAN_DTYPES = ("bfloat16", "float16", "float32")
 H100 = DEVICES["H100-SXM"]
+H200 = DEVICES["H200"]
 CPU = DEVICES["cpu"]
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -269,9 +271,36 @@ def test_estimate_seconds_counts_tiles_and_waves() -> None:
     # time is shared by resident tiles: it grows with 160 / 132, not with the 2 waves.
     assert estimate_seconds(65, 4096, 4096, cfg, H100, "bfloat16") == t
     assert estimate_seconds(257, 4096, 4096, cfg, H100, "bfloat16") == pytest.approx(160 / 132 * t)
-    # Compute-bound (fp32 at K=4096 is not: use a measured time): whole waves.
+    # A measured time is one wave of resident programs: this tile's 3-stage buffers
+    # (3 * 192 * 64 * 2 bytes + 1 KiB) fit three to an SM, so 160 tiles are one wave of
+    # 3 * 132, 544 tiles (1025 rows) two; the persistent grid holds one program per SM.
     assert estimate_seconds(0, 4096, 4096, cfg, H100, "bfloat16") == 0.0
-    assert estimate_seconds(257, 4096, 4096, cfg, H100, "bfloat16", {cfg: 1e-6}) == 2e-6
+    assert programs_per_core(cfg, "bfloat16", H100) == 3
+    assert estimate_seconds(257, 4096, 4096, cfg, H100, "bfloat16", {cfg: 1e-6}) == 1e-6
+    assert estimate_seconds(1025, 4096, 4096, cfg, H100, "bfloat16", {cfg: 1e-6}) == 2e-6
+    assert estimate_seconds(257, 4096, 4096, cfg, H100, "bfloat16", {cfg: 1e-6}, persistent=True) == 2e-6
+    with pytest.raises(ValueError, match="persistent variant runs whole tiles"):
+        estimate_seconds(257, 4096, 4096, cfg, H100, "bfloat16", {cfg: 1e-6}, persistent=True, split_k=2)
+
+
+def test_programs_per_core_by_hand() -> None:
+    """Each per-SM limit, worked by hand for a Hopper SM (228 KiB, 2048 threads, 64k registers)."""
+    # 128x256, 8 warps, 4 stages of (128 + 256) * 64 * 2 bytes = 192 KiB: one block's buffers.
+    assert programs_per_core(TileConfig(128, 256, 64, num_warps=8, num_stages=4), "bfloat16", H200) == 1
+    # 64x128, 4 stages: 96 KiB + 1 KiB twice in 228 KiB; registers (64 + 64) * 128 allow 4.
+    assert programs_per_core(TileConfig(64, 128, 64, num_warps=4, num_stages=4), "bfloat16", H200) == 2
+    # 16x32, 4 stages of 48 * 128 * 2 bytes: 48 KiB + 1 KiB four times.
+    assert programs_per_core(TileConfig(16, 32, 128, num_warps=4, num_stages=4), "bfloat16", H200) == 4
+    # Tiny buffers (2 KiB with the reserve): registers bound it, 65536 // ((2 + 64) * 128) = 7.
+    assert programs_per_core(TileConfig(16, 16, 16, num_warps=4, num_stages=1), "bfloat16", H200) == 7
+    # Registers bound it: a 128x256 fp32 accumulator over 4 warps needs 255 registers a thread,
+    # 255 * 128 of 65536 -> 2 (its 13 KiB of buffers would allow 17, its threads 16).
+    assert programs_per_core(TileConfig(128, 256, 16, num_warps=4, num_stages=1), "float16", H200) == 2
+    # A fused SwiGLU block buffers two weight tiles: 4 * (64 + 2 * 128) * 64 * 2 = 160 KiB.
+    assert programs_per_core(TileConfig(64, 128, 64, num_warps=4, num_stages=4), "bfloat16", H200, weight_tiles=2) == 1
+    # Ascend AI cores and CPU cores run one tile at a time.
+    assert programs_per_core(TileConfig(16, 32, 16), "float16", get_device("Ascend-910B")) == 1
+    assert programs_per_core(TileConfig(16, 32, 16), "float32", get_device("cpu")) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,7 +603,6 @@ def test_persistent_variant_runs_exactly_where_its_measured_time_wins(p: dict, d
 # split-K pieces
 
 
-H200 = DEVICES["H200"]
 
 
 def test_split_k_cost_adds_programs_and_the_reduce() -> None:
@@ -710,20 +738,28 @@ def test_measured_plans_run_stream_k_exactly_where_it_wins() -> None:
     measured = {c: estimate_tile_seconds(c, n, k, "bfloat16", H200) for c in cands}
     wide = next(c for c in cands if (c.block_m, c.block_n) == (128, 256))
     steps = k // wide.block_k
-    # A stream-K unit exactly as fast as a whole tile's step: it wins where the last wave of
-    # whole tiles leaves SMs idle (192 tiles at M = 1024: 1.45 waves), and stays off where the
-    # tiles fill whole waves (M = 5632: 44 x 24 = 1056 tiles, exactly 8 waves).
+    # The wide tile against slow smaller ones, and a stream-K unit exactly as fast as a whole
+    # tile's step: it wins where the last wave of whole tiles leaves SMs idle (192 tiles at
+    # M = 1024: 1.45 waves), and stays off where the tiles fill whole waves (M = 5632: 44 x 24
+    # = 1056 tiles, exactly 8 waves) and where there are fewer tiles than SMs (24 at M = 100),
+    # though its estimate wins there too.
+    measured = {c: t if c == wide else 10 * t for c, t in measured.items()}
     unit = measured[wide] / steps
     plan = build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200, measured=measured,
                            measured_stream_k={wide: unit})
     assert plan.piece_for(1024).stream_k and plan.piece_for(1024).config == wide
     assert not plan.piece_for(5632).stream_k
-    for m in (1, 100, 1024, 5632, 8192):  # each M takes the cheapest candidate
+    assert not plan.piece_for(100).stream_k
+    assert (estimate_seconds(100, n, k, wide, H200, "bfloat16", {wide: unit}, stream_k=True)
+            < min(estimate_seconds(100, n, k, c, H200, "bfloat16", measured) for c in cands))
+    for m in (1, 100, 1024, 5632, 8192):  # each M takes the cheapest candidate it may run
         piece = plan.piece_for(m)
         got = estimate_seconds(m, n, k, piece.config, H200, "bfloat16",
                                {wide: unit} if piece.stream_k else measured, stream_k=piece.stream_k)
         whole = min(estimate_seconds(m, n, k, c, H200, "bfloat16", measured) for c in cands)
-        streamed = estimate_seconds(m, n, k, wide, H200, "bfloat16", {wide: unit}, stream_k=True)
+        whole_tiles = -(-m // wide.block_m) * -(-n // wide.block_n)
+        streamed = (estimate_seconds(m, n, k, wide, H200, "bfloat16", {wide: unit}, stream_k=True)
+                    if whole_tiles >= H200.cores else math.inf)
         assert got == pytest.approx(min(whole, streamed))
     assert "stream-K" in plan.describe() and TilePlan.from_dict(plan.to_dict()) == plan
     assert (wide, False, False, True, False) in plan.variants and len(plan.variants) <= MAX_CONFIGS
@@ -951,7 +987,9 @@ def test_stream_k_plans_count_a_partial_last_block_k_step() -> None:
         got = estimate_seconds(m, n, k, piece.config, H200, "bfloat16",
                                {wide: unit} if piece.stream_k else measured, stream_k=piece.stream_k)
         whole = min(estimate_seconds(m, n, k, c, H200, "bfloat16", measured) for c in cands)
-        streamed = estimate_seconds(m, n, k, wide, H200, "bfloat16", {wide: unit}, stream_k=True)
+        whole_tiles = -(-m // wide.block_m) * -(-n // wide.block_n)
+        streamed = (estimate_seconds(m, n, k, wide, H200, "bfloat16", {wide: unit}, stream_k=True)
+                    if whole_tiles >= H200.cores else math.inf)
         assert got == min(whole, streamed), m
 
 

@@ -120,6 +120,37 @@ def _check_positive(**values: int) -> None:
 _SMEM_RESERVED_BYTES = 1024
 
 
+# Per-SM register file of NVIDIA GPUs since Volta (CUDA programming guide, compute capability
+# table): 64k 32-bit registers; a thread holds at most 255. (With the base figure below, the
+# registers bind before the 2048 resident threads ever do.)
+_GPU_REGISTERS_PER_CORE = 65536
+_GPU_MAX_REGISTERS_PER_THREAD = 255
+# Registers a GEMM thread needs besides its fp32 accumulator (addresses, loop state, operand
+# fragments): a rough figure, only to tell one resident program from several.
+_GPU_BASE_REGISTERS = 64
+
+
+def programs_per_core(config: TileConfig, dtype: Any, device: DeviceInfo, *, weight_tiles: int = 1) -> int:
+    """How many programs of a tile kernel with `config` one core holds resident at once.
+
+    On GPUs the lesser of what shared memory (one block's pipeline buffers, as in
+    `stages_that_fit`, plus the per-block reserve) and registers (the fp32 accumulator spread
+    over the block's threads, plus `_GPU_BASE_REGISTERS`) allow; a 128x256
+    tile holds a Hopper SM alone, a 64x128 tile shares it with another, a 16x32 tile with three.
+    Elsewhere 1 (an Ascend AI core or a CPU core runs one tile at a time). Measured tile times
+    are per wave of `cores * programs_per_core` programs (see `estimate_seconds`): a grid
+    smaller than that still takes one wave, which per-core waves took for a fraction of one.
+    """
+    if device.kind != "gpu":
+        return 1
+    threads = config.num_warps * 32
+    smem = (config.num_stages * (config.block_m + weight_tiles * config.block_n) * config.block_k
+            * _element_bytes(dtype_name(dtype)) + _SMEM_RESERVED_BYTES)
+    accumulator = weight_tiles * config.block_m * config.block_n // threads
+    registers = min(_GPU_MAX_REGISTERS_PER_THREAD, accumulator + _GPU_BASE_REGISTERS) * threads
+    return max(1, min(device.smem_kib_per_core * 1024 // smem, _GPU_REGISTERS_PER_CORE // registers))
+
+
 def stages_that_fit(bm: int, bn: int, bk: int, nbytes: int, smem_kib: int, *, weight_tiles: int = 1) -> int:
     """Pipeline stages (at most 4, at least 1) whose buffers fit a block's shared memory.
 
@@ -378,12 +409,16 @@ def estimate_seconds(
     split_k: int = 1,
     weight_tiles: int = 1,
     stream_k: bool = False,
+    persistent: bool = False,
 ) -> float:
     """Estimated time of an (m x k) @ (k x n) GEMM run with one fixed tile `config`.
 
     tiles = ceil(m / bm) * ceil(n / bn); the cores run them in waves = ceil(tiles / cores). With
-    a measured per-tile time (`measured`, a mapping or an iterable of (config, seconds) pairs),
-    cost = waves * that time. Otherwise the two roofline terms of `estimate_tile_seconds` scale
+    a measured time (`measured`, a mapping or an iterable of (config, seconds) pairs) of one
+    wave of resident programs, cost = ceil(programs / (cores * `programs_per_core`)) * that
+    time: a core runs the programs it holds at once side by side, so a grid that leaves it one
+    program still takes a whole such wave (`persistent=True`: the persistent variant's grid,
+    one program per core, runs ceil(tiles / cores) waves). Otherwise the two roofline terms of `estimate_tile_seconds` scale
     differently: compute costs waves * per-tile compute (a partly filled last wave costs a full
     wave), memory costs max(1, tiles / cores) * per-tile memory (resident tiles share the
     device's bandwidth, so a partly filled wave leaves none of it idle), and cost is the larger.
@@ -398,7 +433,8 @@ def estimate_seconds(
     `stream_k` estimates the stream-K variant over one program per core, from a measured time
     per work unit (one BLOCK_K step of one tile) in `measured` only: ceil(units / cores) units on
     the busiest core plus `stream_k_fixup_seconds`. It has no analytic model (the roofline
-    above cannot rank it against whole tiles), so an unmeasured config raises ValueError.
+    above cannot rank it against whole tiles), so an unmeasured config raises ValueError. Plans
+    run it only over at least one whole tile per core (see `build_tile_plan`).
     """
     m = operator.index(m)
     if m < 0:
@@ -406,6 +442,8 @@ def estimate_seconds(
     _check_positive(n=n, k=k, split_k=split_k)
     if stream_k and split_k > 1:
         raise ValueError("a GEMM runs split along K or stream-K, not both")
+    if persistent and (stream_k or split_k > 1):
+        raise ValueError("the persistent variant runs whole tiles: not split along K, not stream-K")
     tiles = -(-m // config.block_m) * -(-n // config.block_n)
     if tiles == 0:
         return 0.0
@@ -422,7 +460,8 @@ def estimate_seconds(
     reduce = split_reduce_seconds(-(-m // config.block_m) * config.block_m, n, split_k, device, dtype,
                                   weight_tiles=weight_tiles)
     if config in measured_map:
-        return waves * measured_map[config] + reduce
+        resident = 1 if persistent else programs_per_core(config, dtype, device, weight_tiles=weight_tiles)
+        return -(-programs // (device.cores * resident)) * measured_map[config] + reduce
     compute, memory = _tile_roofline(config, -(-k // split_k), dtype_name(dtype), device)
     # Compute is bound to the core running the tile: a partly filled last wave costs a full
     # wave. Bandwidth is not: tiles resident beside each other share the whole memory system,
@@ -648,10 +687,15 @@ def _build_tile_plan_cached(
             costs[row] = (-(-units // device.cores) * stream_k_map[config]
                           + stream_k_fixup_seconds(tiles, config.block_m, config.block_n, device.cores, device,
                                                    weight_tiles=weight_tiles))
+            # Stream-K evens out the last wave of a grid of whole tiles; over fewer tiles than
+            # cores every core runs slices of tiles that it must fix up, and its time per work
+            # unit, measured over several waves, no longer holds (an H200 ran 128x256 stream-K
+            # over 16 tiles in 66 us where the unit time gave 24 us).
+            costs[row][tiles < device.cores] = np.inf
             continue
         # Same arithmetic as `estimate_seconds`, so the plan agrees bit for bit with a
-        # brute-force evaluation. A persistent grid of one program per core runs the same
-        # waves; only its measured per-tile time differs.
+        # brute-force evaluation. A measured time is one wave of resident programs; a
+        # persistent grid (one program per core) runs ceil(tiles / cores) such waves.
         programs = tiles * split
         waves = -(-programs // device.cores)
         if persistent:
@@ -663,7 +707,8 @@ def _build_tile_plan_cached(
         else:
             measured_time = measured_map.get(config)
         if measured_time is not None:
-            costs[row] = waves * measured_time
+            resident = 1 if persistent else programs_per_core(config, dtype, device, weight_tiles=weight_tiles)
+            costs[row] = -(-programs // (device.cores * resident)) * measured_time
         else:
             compute, memory = _tile_roofline(config, -(-k // split), dtype, device)
             costs[row] = np.maximum(waves * compute, np.maximum(1.0, programs / device.cores) * memory)

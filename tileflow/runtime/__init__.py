@@ -22,7 +22,7 @@ from ..gemm_operands import apply_activation, check_operand_kinds
 from ..kernel_spec import KernelSpec, TileConfig
 from ..log import get_logger
 from ..targets import CompiledKernel, get_backend, resolve_target
-from ..tiles import PlanPiece, TilePlan, build_tile_plan, candidate_configs, tile_times_at_depth
+from ..tiles import PlanPiece, TilePlan, build_tile_plan, candidate_configs, programs_per_core, tile_times_at_depth
 from .streams import shared_programs
 
 log = get_logger("runtime")
@@ -72,7 +72,7 @@ def gemm_plan(
     measured_split: dict[int, Any] = {}
     if tile_timings:
         key = (device.name, dtype_name(dtype), int(n), int(k))
-        timings = load_tile_timings(tile_timings)
+        timings = load_tile_timings(tile_timings, device)
         if weight_tiles == 1 and not any(t[:4] == key for t in timings):
             # Cached per file version: eager op calls plan on every call.
             timings = _timings_at_shape_cached(tile_timings, _file_version(Path(tile_timings)), device, *key[1:])
@@ -104,7 +104,7 @@ def _file_version(path: Path) -> tuple[int, int]:
 def _timings_at_shape_cached(path: str, version: tuple[int, int], device: DeviceInfo, dtype: str, n: int, k: int
                              ) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
     # `version` is only part of the cache key, so an edited file is carried again.
-    return timings_at_shape(load_tile_timings(path), device, dtype, n, k)
+    return timings_at_shape(load_tile_timings(path, device), device, dtype, n, k)
 
 
 def timings_at_shape(
@@ -136,22 +136,43 @@ def timings_at_shape(
     return out
 
 
-def load_tile_timings(path: str) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
+def load_tile_timings(path: str, device: DeviceInfo | None = None) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
     """Read measured per-tile times: a JSON list of
-    `{"device", "dtype", "n", "k", "tile": {TileConfig fields}, "tile_seconds"[, "persistent"][, "split_k"][, "stream_k"][, "tma"]}`
-    entries, grouped by (device, dtype, n, k, persistent, split_k, stream_k, tma). For a split-K kernel
-    (`split_k` > 1) `tile_seconds` is the time of one of its programs (a tile's K part), its
-    reduce kernel left out; for a stream-K kernel, the time of one work unit (one BLOCK_K step
-    of one tile), its fixup left out. Cached per file path, modification time and size."""
+    `{"device", "dtype", "n", "k", "tile": {TileConfig fields}, "tile_seconds"[, "m"][, "persistent"][, "split_k"][, "stream_k"][, "tma"]}`
+    entries, grouped by (device, dtype, n, k, persistent, split_k, stream_k, tma). `tile_seconds`
+    is the measured time over the waves of one program per core (`bench/gemm.py
+    --measure-tiles`); for a split-K kernel (`split_k` > 1) over waves of its programs (a tile's
+    K part each), its reduce kernel left out; for a stream-K kernel, the time of one work unit
+    (one BLOCK_K step of one tile), its fixup left out.
+
+    Plans cost a measured kernel per wave of the programs a core holds at once
+    (`tiles.programs_per_core`). Given the `device` the times were taken on, each plain, TMA and
+    split entry of that device that records its measured `m` is turned into such a wave's time:
+    its measured time, ceil(P / cores) * `tile_seconds` for its P programs, over
+    ceil(P / (cores * programs_per_core)) waves. An entry without `m`, and a persistent one
+    (one program per core), is taken as it stands. Cached per file path, modification time,
+    size and device."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"tileflow option 'tile_timings': no file at {str(path)!r}; write one with "
                          "`python bench/gemm.py --measure-tiles FILE` on the device, or leave it unset")
-    return _load_tile_timings(str(p), _file_version(p))
+    return _load_tile_timings(str(p), _file_version(p), device)
+
+
+def _resident_wave_seconds(entry: dict[str, Any], config: TileConfig, seconds: float, device: DeviceInfo | None) -> float:
+    """An entry's time per wave of resident programs (see `load_tile_timings`)."""
+    if (device is None or entry["device"] != device.name or "m" not in entry
+            or entry.get("persistent", False) or entry.get("stream_k", False)):
+        return seconds
+    programs = (-(-int(entry["m"]) // config.block_m) * -(-int(entry["n"]) // config.block_n)
+                * int(entry.get("split_k", 1)))
+    resident = programs_per_core(config, str(entry["dtype"]), device)
+    return seconds * -(-programs // device.cores) / -(-programs // (device.cores * resident))
 
 
 @functools.lru_cache(maxsize=8)
-def _load_tile_timings(path: str, version: tuple[int, int]) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
+def _load_tile_timings(path: str, version: tuple[int, int], device: DeviceInfo | None
+                       ) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
     # `version` is only part of the cache key, so an edited file is read again.
     try:
         entries = json.loads(Path(path).read_text())
@@ -164,7 +185,10 @@ def _load_tile_timings(path: str, version: tuple[int, int]) -> dict[TimingKey, t
             seconds = float(e["tile_seconds"])
             if not (math.isfinite(seconds) and seconds > 0):
                 raise ValueError(f"a tile time must be positive and finite, got {seconds} (entry {e})")
-            grouped.setdefault(key, []).append((TileConfig.from_dict(e["tile"]), seconds))
+            if "m" in e and not int(e["m"]) >= 1:
+                raise ValueError(f"an entry's measured m must be >= 1, got {e['m']} (entry {e})")
+            config = TileConfig.from_dict(e["tile"])
+            grouped.setdefault(key, []).append((config, _resident_wave_seconds(e, config, seconds, device)))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"tile_timings file {path!r} is malformed ({type(exc).__name__}: {exc}); expected a JSON list of "
                          "{device, dtype, n, k, tile, tile_seconds} entries") from exc

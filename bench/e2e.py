@@ -409,7 +409,11 @@ def run(scale: Scale, model, tokens: list[int], parts: list[str], trace_count: i
         sections.append(prefill_part(model, tokens, bound, scale, failures, progress))
     if "mixed" in parts or "trace" in parts:
         # Serving switches the model to packed-token attention: after the prefill part.
+        start = time.perf_counter()
         programs = serving_programs(model, max_tokens=max(scale.budget, *tokens))
+        # On a fresh GPU machine the build (exports, passes, Triton and Inductor compiles) is most
+        # of the stage's time: a stage cut before its first row still says how far it got.
+        print(f"- serving programs built in {time.perf_counter() - start:.0f} s: {', '.join(programs)}", flush=True)
         if "mixed" in parts:
             sections.append(mixed_part(programs, tokens, bound, scale, failures, progress))
         if "trace" in parts:

@@ -227,7 +227,13 @@ def run_gpu(quick: bool, write: bool, tile_timings: str | None = None, variant_m
         file_name += "-quick"  # a gemm-quick stage must not replace the full table of the same day and commit
     variant_note = "every M" if variant_m is None else (
         "M in {" + ", ".join(str(m) for m in m_values if m in variant_m) + "} only (`--variant-m`), \"-\" elsewhere")
-    preface = f"- tileflow's plans from the tile times in `{tile_timings}`\n\n" if tile_timings else ""
+    if tile_timings == "auto":
+        shipped = tileflow.runtime.shipped_tile_timings(tileflow.runtime.device_for_target("triton", device))
+        preface = f"- tileflow's plans from the tile times it ships for this device (`{shipped}`)\n\n"
+    elif tile_timings:
+        preface = f"- tileflow's plans from the tile times in `{tile_timings}`\n\n"
+    else:
+        preface = "- tileflow's plans from its cost model (no tile times)\n\n"
     preface += f"- bf16 matmul ceiling measured in this run: {peak:.0f} TFLOP/s\n"
     preface += f"- the variant columns ({', '.join(VARIANTS)}) timed at {variant_note}\n\n"
 
@@ -417,7 +423,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="two shapes and four M values")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/")
     parser.add_argument("--measure-tiles", metavar="FILE", help="measure per-tile times for Config(tile_timings=FILE)")
-    parser.add_argument("--tile-timings", metavar="FILE", help="plan tileflow's GEMMs from these measured tile times")
+    parser.add_argument("--tile-timings", metavar="FILE",
+                        help="plan tileflow's GEMMs from these measured tile times ('auto': the ones tileflow ships for "
+                             "this device); without it, from the cost model")
     parser.add_argument("--variant-m", default=",".join(map(str, VARIANT_M)), metavar="M,M,...|all",
                         help=f"time the kernel-variant columns ({', '.join(VARIANTS)}) at these M only, or at every M "
                              "('all'); default %(default)s")

@@ -16,7 +16,7 @@
 # (prefill-shaped steps, mixed serving steps, request traces), e2e-prefill (the first part
 # only), e2e-serving (the other two), profile (where a step's time goes,
 # bench/profile_step.py), sampling (a step's sampled tokens, eager and fused; bench/sampling.py), tiles (bench/gemm.py --measure-tiles), gemm-measured (the GEMM table
-# with plans from those tile times), tests (the kernel tests, compiled Triton), tests-gpu
+# with plans from those tile times, or from the ones tileflow ships), tests (the kernel tests, compiled Triton), tests-gpu
 # (tests/test_gpu.py: models, graphs and streams on CUDA). A stage that fails or runs out of
 # time does not stop the next one. Narrower runs: ATTENTION_PARTS (default
 # decode,prefill,mixed,mask,softcap,packed), E2E_TOKENS (default 256,1024,4096) and E2E_TRACE_REQUESTS
@@ -121,7 +121,9 @@ for item in "$@"; do
     profile) run_stage profile "$limit" $PY bench/profile_step.py --layers 2 --tokens 256,4096 ;;
     sampling) run_stage sampling "$limit" $PY bench/sampling.py ;;
     tiles) run_stage tiles "$limit" $PY bench/gemm.py --measure-tiles bench/results/tile_timings-h200.json ;;
-    gemm-measured) run_stage gemm-measured "$limit" $PY bench/gemm.py --tile-timings bench/results/tile_timings-h200.json ;;
+    # This session's tile times where the tiles stage wrote them, else the ones tileflow ships.
+    gemm-measured) timings=bench/results/tile_timings-h200.json; [ -f "$timings" ] || timings=auto
+                   run_stage gemm-measured "$limit" $PY bench/gemm.py --tile-timings "$timings" ;;
     # Per-test timeout, an early stop and one line per test as it ends (-v), so the failures'
     # names are in the log even when the stage's limit cuts the run before pytest's summary.
     # One Inductor compile thread per worker: 16 workers each starting a pool of 16 starve the

@@ -102,6 +102,31 @@ def test_a_malformed_tile_timings_file_is_an_error(tmp_path, text: str, what: st
         Config(tile_timings=str(path))
 
 
+def test_tile_timings_default_to_the_shipped_ones_and_none_means_the_model(monkeypatch) -> None:
+    """`auto` (the default) plans from the tile times tileflow ships for the device, the H200's
+    today, and from the cost model on a device it ships none for; None, or an empty
+    TILEFLOW_TILE_TIMINGS, is the cost model everywhere."""
+    import torch
+
+    from tileflow import runtime
+    from tileflow.devices import get_device
+    from tileflow.tiles import build_tile_plan
+
+    assert Config().tile_timings == "auto"
+    assert Config.from_options({}, env={"TILEFLOW_TILE_TIMINGS": ""}).tile_timings is None
+    assert Config.from_options({}, env={"TILEFLOW_TILE_TIMINGS": "auto"}).tile_timings == "auto"
+    assert runtime.shipped_tile_timings(get_device("H100-SXM")) is None
+    assert runtime.shipped_tile_timings(get_device("cpu")) is None
+    for name in ("H200", "H100-SXM"):
+        device = get_device(name)
+        monkeypatch.setattr(runtime, "device_for_target", lambda target, device_type, device=device: device)
+        model = build_tile_plan(6144, 4096, "bfloat16", m_max=8192, device=device)
+        assert runtime.gemm_plan(6144, 4096, torch.bfloat16, "triton", "cuda", m_max=8192, tile_timings=None) == model
+        auto = runtime.gemm_plan(6144, 4096, torch.bfloat16, "triton", "cuda", m_max=8192, tile_timings="auto")
+        # The H200's measured plan runs TMA kernels, which the model never plans.
+        assert (auto != model and any(p.tma for p in auto.pieces)) if name == "H200" else auto == model
+
+
 def test_a_relative_tile_timings_path_survives_a_change_of_directory(tmp_path, monkeypatch) -> None:
     """The planner reads the file later, and `replace` checks it again: from wherever it runs."""
     (tmp_path / "timings.json").write_text("[]")

@@ -361,7 +361,7 @@ def test_tile_timings_become_times_per_wave_of_resident_programs(tmp_path) -> No
 
 
 def test_run5_tile_times_plan_the_down_projection_as_measured(monkeypatch) -> None:
-    """The tile times an H200 measured in run 5 (bench/results/tile_timings-h200.json). Their
+    """The tile times an H200 measured in run 5, which tileflow ships for the H200. Their
     plan for the down projection (4096 x 14336) at M = 100..256 once ran stream-K over 16 tiles
     and 64x128 TMA tiles alone on their SMs, at 0.64-0.70x cuBLAS; it now runs the split-K
     kernels that the modeled plan ran there at 0.90-0.93x (bench/NOTES.md, Session 39). Above
@@ -370,9 +370,11 @@ def test_run5_tile_times_plan_the_down_projection_as_measured(monkeypatch) -> No
 
     from tileflow.devices import get_device
 
-    timings = Path(__file__).resolve().parent.parent / "bench" / "results" / "tile_timings-h200.json"
     monkeypatch.setattr(runtime, "device_for_target", lambda target, device_type: get_device("H200"))
-    plan = runtime.gemm_plan(4096, 14336, torch.bfloat16, "triton", "cuda", m_max=8192, tile_timings=str(timings))
+    timings = runtime.shipped_tile_timings(get_device("H200"))
+    assert timings is not None and Path(timings).parent.name == "tile_timings"
+    plan = runtime.gemm_plan(4096, 14336, torch.bfloat16, "triton", "cuda", m_max=8192, tile_timings=timings)
+    assert runtime.gemm_plan(4096, 14336, torch.bfloat16, "triton", "cuda", m_max=8192, tile_timings="auto") == plan
     for m in (100, 128, 256):
         piece = plan.piece_for(m)
         assert piece.split_k == 4 and not piece.stream_k and not piece.tma, (m, plan.describe())

@@ -46,10 +46,12 @@ class Config:
             kernels and `report.json` under this folder (the visualizer reads it).
         passes: the ordered pass names to run (see `tileflow.pipeline.available_passes()`).
         nano_batches: `auto`, or an integer (1 turns nano-batching off; >= 2 forces a split).
-        tile_timings: path of a JSON file of per-tile times measured on the device
-            (`python bench/gemm.py --measure-tiles FILE`); they replace the cost model's
+        tile_timings: per-tile times measured on the device, which replace the cost model's
             estimates on the device they were measured for, at their shapes and, carried along
-            each config's time against K, at the other shapes of plain GEMMs.
+            each config's time against K, at the other shapes of plain GEMMs: `auto` (the
+            times tileflow ships for the device, `tileflow/tile_timings/<device>.json`: the
+            H200 today; the cost model elsewhere), the path of a JSON file
+            (`python bench/gemm.py --measure-tiles FILE`), or None for the cost model alone.
         cuda_graphs: on CUDA, capture each compiled step (nano-batched or whole) once per token
             bucket (powers of two from 16 to the first at or above `max_tokens`) and input
             signature as a CUDA graph and replay it (a step whose padded rows could reach real
@@ -68,7 +70,7 @@ class Config:
     debug_dir: str | None = None
     passes: tuple[str, ...] = DEFAULT_PASSES
     nano_batches: str | int = 1
-    tile_timings: str | None = None
+    tile_timings: str | None = "auto"
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
@@ -95,7 +97,7 @@ class Config:
             object.__setattr__(self, "debug_dir", os.fspath(self.debug_dir))  # a Path reads back from JSON as text
             if os.path.exists(self.debug_dir) and not os.path.isdir(self.debug_dir):
                 raise ValueError(f"tileflow option 'debug_dir' names {self.debug_dir!r}, which is a file: give a folder")
-        if self.tile_timings is not None:
+        if self.tile_timings is not None and self.tile_timings != "auto":
             from .runtime import load_tile_timings  # here: the runtime imports this module
 
             # Absolute: the planner reads it later, maybe from another working directory.

@@ -56,7 +56,8 @@ def gemm_plan(
 ) -> TilePlan:
     """The tile plan for a GEMM of width N and depth K over M in [m_min, m_max] on a target.
 
-    `tile_timings` names a JSON file of measured per-tile times (see `load_tile_timings`); the
+    `tile_timings` names a JSON file of measured per-tile times (see `load_tile_timings`), or is
+    `auto` for the file tileflow ships for the device, if any (`shipped_tile_timings`); the
     entries for this device, dtype, N and K replace the cost model's estimates, and entries of a
     config's persistent or TMA variant let the plan run it so where it measured faster (unless
     `persistent_variants` is False: for kernels that have neither variant). A shape the file
@@ -68,6 +69,8 @@ def gemm_plan(
     from ..kernel_spec import dtype_name
 
     device = device_for_target(target, device_type)
+    if tile_timings == "auto":
+        tile_timings = shipped_tile_timings(device)
     measured = measured_persistent = measured_stream_k = measured_tma = None
     measured_split: dict[int, Any] = {}
     if tile_timings:
@@ -91,6 +94,15 @@ def gemm_plan(
 
 
 TimingKey = tuple[str, str, int, int, bool, int, bool, bool]
+
+_SHIPPED_TIMINGS = Path(__file__).resolve().parent.parent / "tile_timings"
+
+
+def shipped_tile_timings(device: DeviceInfo) -> str | None:
+    """The tile times tileflow ships for `device` (`tileflow/tile_timings/<name>.json`, measured
+    with `bench/gemm.py --measure-tiles` on such a device), or None where it ships none."""
+    path = _SHIPPED_TIMINGS / f"{device.name}.json"
+    return str(path) if path.is_file() else None
 
 
 def _file_version(path: Path) -> tuple[int, int]:

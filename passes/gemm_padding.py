@@ -44,7 +44,7 @@ from tileflow.graph_utils import (
     transposed_dims,
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
-from tileflow.runtime import encode_plan, gemm_plan, grouped_gemm_plan
+from tileflow.runtime import encode_plan, gemm_plan, grouped_gemm_plan, plan_tile_times
 from tileflow.tiles import TilePlan, token_range
 
 aten = torch.ops.aten
@@ -313,6 +313,7 @@ class GemmPadding:
                 result.count(kind)
         # A fused SwiGLU's plan is its own (stages sized for two weight tiles), so it is marked.
         entries = [{"op": "padded_gemm", **plan.to_dict(), "describe": plan.describe(),
+                    "tile_times": self._tile_times(plan, ctx, weight_tiles=key[-1]),
                     **({"fused_swiglu": True} if key[-1] == 2 else {})} for key, plan in plans.items()]
         entries += [
             {"op": "grouped_gemm", "experts": e, **plan.to_dict(),
@@ -458,6 +459,13 @@ class GemmPadding:
                 weight_tiles=weight_tiles,
             )
         return plans[key]
+
+    @staticmethod
+    def _tile_times(plan: TilePlan, ctx: PassContext, *, weight_tiles: int) -> str:
+        """Where a plan's times came from, for the report: the measured file, or the cost model."""
+        source = plan_tile_times(plan.n, plan.k, plan.dtype, ctx.target, ctx.device_type,
+                                 tile_timings=ctx.config.tile_timings, weight_tiles=weight_tiles)
+        return f"measured: {source}" if source else "cost model"
 
     @staticmethod
     def _m_range(m: Any, ctx: PassContext) -> tuple[int, int]:

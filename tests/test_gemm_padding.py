@@ -322,6 +322,39 @@ def test_measured_tma_plans_for_gemms_with_and_without_epilogues(tmp_path, monke
     assert all(piece.tma for piece in decode_plan(down.args[6]).pieces)
 
 
+def test_the_report_says_which_plans_measured_tile_times_made(tmp_path) -> None:
+    """Each padded-GEMM plan in the report names where its times came from: the tile-timings
+    file for a shape it holds, the cost model for one it does not (whose candidate configs it
+    does not all cover, so nothing is carried to it); the text report shows it too."""
+    import json
+
+    from tileflow.devices import get_device
+    from tileflow.report import format_report
+    from tileflow.tiles import candidate_configs
+
+    cpu = get_device("cpu")
+    entries = [{"device": "cpu", "dtype": "float32", "n": 24, "k": 16, "tile": c.to_dict(), "tile_seconds": 1e-4}
+               for c in candidate_configs(24, 16, "float32", cpu)]
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps(entries))
+
+    def block(h, w1, w2):
+        return F.linear(F.gelu(F.linear(h, w1)), w2)
+
+    h, w1, w2 = torch.randn(9, 16), torch.randn(24, 16) / 4, torch.randn(40, 24) / 5
+    torch._dynamo.mark_dynamic(h, 0)
+    report = tileflow.Report()
+    options = {"target": "reference", "max_tokens": 512, "tile_timings": str(path)}
+    compiled = torch.compile(block, backend=tileflow.TileflowBackend(options, report=report), dynamic=False)
+    torch.testing.assert_close(compiled(h, w1, w2), block(h, w1, w2))
+    sources = {(p["n"], p["k"]): p["tile_times"] for p in report.graphs[-1].plans}
+    assert sources == {(24, 16): f"measured: {path}", (40, 24): "cost model"}
+    text = format_report(report)
+    lines = {line.split(":")[0].strip(): line for line in text.splitlines() if line.strip().startswith("padded_gemm N=")}
+    assert lines["padded_gemm N=24 K=16 float32"].endswith(f"[measured: {path}]")
+    assert lines["padded_gemm N=40 K=24 float32"].endswith("[cost model]")
+
+
 def test_linear_bias_given_by_keyword_is_kept() -> None:
     # A hand-built graph may spell the bias as a keyword: it must not be dropped.
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -243,8 +243,9 @@ def format_report(report: Report) -> str:
             out.append("tile plans (M range -> tile config):")
             for plan in g.plans:
                 swiglu = " (fused SwiGLU)" if plan.get("fused_swiglu") else ""
+                times = f" [{plan['tile_times']}]" if plan.get("tile_times") else ""
                 out.append(f"  {plan.get('op', '')}{swiglu} N={plan.get('n')} K={plan.get('k')} {plan.get('dtype')}: "
-                           f"{plan.get('describe', '')}")
+                           f"{plan.get('describe', '')}{times}")
         if g.kernels:
             out.append("kernels:")
             out.append(_table(["name", "target", "source"], [[k.name, k.target, k.source_path or "-"] for k in g.kernels]))

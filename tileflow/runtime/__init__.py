@@ -69,28 +69,63 @@ def gemm_plan(
     from ..kernel_spec import dtype_name
 
     device = device_for_target(target, device_type)
-    if tile_timings == "auto":
-        tile_timings = shipped_tile_timings(device)
-    measured = measured_persistent = measured_stream_k = measured_tma = None
-    measured_split: dict[int, Any] = {}
-    if tile_timings:
-        key = (device.name, dtype_name(dtype), int(n), int(k))
-        timings = load_tile_timings(tile_timings, device)
-        if weight_tiles == 1 and not any(t[:4] == key for t in timings):
-            # Cached per file version: eager op calls plan on every call.
-            timings = _timings_at_shape_cached(tile_timings, _file_version(Path(tile_timings)), device, *key[1:])
-        measured = timings.get((*key, False, 1, False, False))
-        if persistent_variants:  # the padded GEMM's whole-tile variants: persistent grid, TMA loads
-            measured_persistent = timings.get((*key, True, 1, False, False))
-            measured_tma = timings.get((*key, False, 1, False, True))
-        if split_variants:
-            measured_split = {t[5]: items for t, items in timings.items()
-                              if t[:5] == (*key, False) and t[5] > 1 and not t[6] and not t[7]}
-            measured_stream_k = timings.get((*key, False, 1, True, False))
-    return build_tile_plan(n, k, dtype_name(dtype), m_min=m_min, m_max=m_max, device=device, measured=measured,
-                           measured_persistent=measured_persistent, weight_tiles=weight_tiles,
-                           split_variants=split_variants, measured_split=measured_split,
-                           measured_stream_k=measured_stream_k, measured_tma=measured_tma)
+    measured = _measured_times(n, k, dtype_name(dtype), device, _tile_timings_file(tile_timings, device),
+                               persistent_variants=persistent_variants, weight_tiles=weight_tiles,
+                               split_variants=split_variants)
+    del measured["source"]
+    return build_tile_plan(n, k, dtype_name(dtype), m_min=m_min, m_max=m_max, device=device,
+                           weight_tiles=weight_tiles, split_variants=split_variants, **measured)
+
+
+def plan_tile_times(
+    n: int,
+    k: int,
+    dtype: torch.dtype | str,
+    target: str,
+    device_type: str,
+    *,
+    tile_timings: str | None,
+    weight_tiles: int = 1,
+) -> str | None:
+    """The file whose measured tile times plan this GEMM under `gemm_plan`'s rules (the report
+    names it), or None where the cost model plans it alone."""
+    from ..kernel_spec import dtype_name
+
+    device = device_for_target(target, device_type)
+    measured = _measured_times(n, k, dtype_name(dtype), device, _tile_timings_file(tile_timings, device),
+                               persistent_variants=True, weight_tiles=weight_tiles, split_variants=True)
+    source = measured.pop("source")
+    return source if any(measured.values()) else None
+
+
+def _tile_timings_file(tile_timings: str | None, device: DeviceInfo) -> str | None:
+    """`tile_timings` with `auto` resolved to the file shipped for `device` (or None)."""
+    return shipped_tile_timings(device) if tile_timings == "auto" else tile_timings
+
+
+def _measured_times(n: int, k: int, dtype: str, device: DeviceInfo, tile_timings: str | None, *,
+                    persistent_variants: bool, weight_tiles: int, split_variants: bool) -> dict[str, Any]:
+    """`build_tile_plan`'s measured-time arguments for this shape from a tile-timings file (all
+    empty where the file has none for it), plus `source`, the file. Times are carried from other
+    shapes for plain GEMMs only: a fused SwiGLU's tiles carry two weight tiles."""
+    found: dict[str, Any] = {"measured": None, "measured_persistent": None, "measured_stream_k": None,
+                             "measured_tma": None, "measured_split": {}}
+    if not tile_timings:
+        return {**found, "source": None}
+    key = (device.name, dtype, int(n), int(k))
+    timings = load_tile_timings(tile_timings, device)
+    if weight_tiles == 1 and not any(t[:4] == key for t in timings):
+        # Cached per file version: eager op calls plan on every call.
+        timings = _timings_at_shape_cached(tile_timings, _file_version(Path(tile_timings)), device, *key[1:])
+    found["measured"] = timings.get((*key, False, 1, False, False))
+    if persistent_variants:  # the padded GEMM's whole-tile variants: persistent grid, TMA loads
+        found["measured_persistent"] = timings.get((*key, True, 1, False, False))
+        found["measured_tma"] = timings.get((*key, False, 1, False, True))
+    if split_variants:
+        found["measured_split"] = {t[5]: items for t, items in timings.items()
+                                   if t[:5] == (*key, False) and t[5] > 1 and not t[6] and not t[7]}
+        found["measured_stream_k"] = timings.get((*key, False, 1, True, False))
+    return {**found, "source": tile_timings}
 
 
 TimingKey = tuple[str, str, int, int, bool, int, bool, bool]

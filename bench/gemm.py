@@ -319,9 +319,10 @@ def measure_tiles(path: str, *, shapes=TILE_SHAPES, device_type: str = "cuda", t
     stream-K and split along K, and write per-tile seconds for `Config(tile_timings=path)`: time
     at an M giving about four full waves, divided by the waves of one program per SM (with
     that M, which `load_tile_timings` needs to turn it into a wave of the programs an SM holds
-    at once). Plans then run a config's variant where it measured faster. A split kernel's entry is per program (one tile's K
-    part), a stream-K kernel's per work unit (one BLOCK_K step of one tile): the reduce's or
-    fixup's modeled time is taken out of the measurement, as plans add it back per M.
+    at once). Plans then run a config's variant where it measured faster. A split kernel's
+    entry is per program (one tile's K part), a stream-K kernel's per work unit (one BLOCK_K
+    step of one tile): the reduce's or fixup's modeled time is taken out of the measurement, as
+    plans add it back per M.
 
     The file is rewritten (atomically) after each (N, K) shape, so a run cut by its time limit
     keeps every shape it finished, and a shape in the file always has all its configs (a plan

@@ -135,8 +135,8 @@ def programs_per_core(config: TileConfig, dtype: Any, device: DeviceInfo, *, wei
 
     On GPUs the lesser of what shared memory (one block's pipeline buffers, as in
     `stages_that_fit`, plus the per-block reserve) and registers (the fp32 accumulator spread
-    over the block's threads, plus `_GPU_BASE_REGISTERS`) allow; a 128x256
-    tile holds a Hopper SM alone, a 64x128 tile shares it with another, a 16x32 tile with three.
+    over the block's threads, plus `_GPU_BASE_REGISTERS`) allow; a 128x256 tile holds a Hopper
+    SM alone, a 64x128 tile shares it with another, a 16x32 tile with three.
     Elsewhere 1 (an Ascend AI core or a CPU core runs one tile at a time). Measured tile times
     are per wave of `cores * programs_per_core` programs (see `estimate_seconds`): a grid
     smaller than that still takes one wave, which per-core waves took for a fraction of one.
@@ -418,8 +418,8 @@ def estimate_seconds(
     wave of resident programs, cost = ceil(programs / (cores * `programs_per_core`)) * that
     time: a core runs the programs it holds at once side by side, so a grid that leaves it one
     program still takes a whole such wave (`persistent=True`: the persistent variant's grid,
-    one program per core, runs ceil(tiles / cores) waves). Otherwise the two roofline terms of `estimate_tile_seconds` scale
-    differently: compute costs waves * per-tile compute (a partly filled last wave costs a full
+    one program per core, runs ceil(tiles / cores) waves). Otherwise the two roofline terms of
+    `estimate_tile_seconds` scale differently: compute costs waves * per-tile compute (a partly filled last wave costs a full
     wave), memory costs max(1, tiles / cores) * per-tile memory (resident tiles share the
     device's bandwidth, so a partly filled wave leaves none of it idle), and cost is the larger.
     Rows padded in the last M tile cost full time through ceil(m / bm).

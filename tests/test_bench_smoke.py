@@ -35,6 +35,20 @@ def test_host_planning_benchmark_runs() -> None:
     assert float(rows[2][1].rsplit("max/avg", 1)[1]) <= 1.5
 
 
+def test_host_step_benchmark_counts_one_launch_per_kernel() -> None:
+    """bench/host_step.py (a compiled step's host time with the launches stubbed, on any
+    machine) prints a row per token count: positive times and exactly the step's launches, one
+    per q, k, v, o, fused gate/up and down projection and attention in each layer plus the LM
+    head (7 x 2 + 1), at every count."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "host_step.py"), "--tokens", "9,40", "--layers", "2",
+                           "--hidden", "128", "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| tokens")]
+    assert [r[0] for r in rows] == ["9", "40"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 and r[3] == "15" for r in rows), rows
+
+
 @pytest.mark.extended
 def test_compile_time_benchmark_runs() -> None:
     """bench/compile_time.py (compile time by model depth, on any machine) prints one row per

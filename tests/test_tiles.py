@@ -284,7 +284,7 @@ def test_estimate_seconds_counts_tiles_and_waves() -> None:
 
 
 def test_programs_per_core_by_hand() -> None:
-    """Each per-SM limit, worked by hand for a Hopper SM (228 KiB, 2048 threads, 64k registers)."""
+    """Each per-SM limit, worked by hand for a Hopper SM (228 KiB of shared memory, 64k registers)."""
     # 128x256, 8 warps, 4 stages of (128 + 256) * 64 * 2 bytes = 192 KiB: one block's buffers.
     assert programs_per_core(TileConfig(128, 256, 64, num_warps=8, num_stages=4), "bfloat16", H200) == 1
     # 64x128, 4 stages: 96 KiB + 1 KiB twice in 228 KiB; registers (64 + 64) * 128 allow 4.
@@ -294,7 +294,7 @@ def test_programs_per_core_by_hand() -> None:
     # Tiny buffers (2 KiB with the reserve): registers bound it, 65536 // ((2 + 64) * 128) = 7.
     assert programs_per_core(TileConfig(16, 16, 16, num_warps=4, num_stages=1), "bfloat16", H200) == 7
     # Registers bound it: a 128x256 fp32 accumulator over 4 warps needs 255 registers a thread,
-    # 255 * 128 of 65536 -> 2 (its 13 KiB of buffers would allow 17, its threads 16).
+    # 255 * 128 of 65536 -> 2 (its 13 KiB of buffers would allow 17).
     assert programs_per_core(TileConfig(128, 256, 16, num_warps=4, num_stages=1), "float16", H200) == 2
     # A fused SwiGLU block buffers two weight tiles: 4 * (64 + 2 * 128) * 64 * 2 = 160 KiB.
     assert programs_per_core(TileConfig(64, 128, 64, num_warps=4, num_stages=4), "bfloat16", H200, weight_tiles=2) == 1
@@ -601,8 +601,6 @@ def test_persistent_variant_runs_exactly_where_its_measured_time_wins(p: dict, d
 
 # ---------------------------------------------------------------------------------------------
 # split-K pieces
-
-
 
 
 def test_split_k_cost_adds_programs_and_the_reduce() -> None:

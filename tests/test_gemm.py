@@ -364,8 +364,8 @@ def test_run5_tile_times_plan_the_down_projection_as_measured(monkeypatch) -> No
     """The tile times an H200 measured in run 5, which tileflow ships for the H200. Their
     plan for the down projection (4096 x 14336) at M = 100..256 once ran stream-K over 16 tiles
     and 64x128 TMA tiles alone on their SMs, at 0.64-0.70x cuBLAS; it now runs the split-K
-    kernels that the modeled plan ran there at 0.90-0.93x (bench/NOTES.md, Session 39). Above
-    M = 512 it keeps the TMA kernels that ran at 0.90-1.01x."""
+    kernels that the modeled plan ran there at 0.90-0.93x (bench/NOTES.md, Session 39). From
+    M = 1000 on it keeps the 128x256 TMA kernels that ran at 0.94-1.01x."""
     from pathlib import Path
 
     from tileflow.devices import get_device

@@ -229,7 +229,8 @@ def run_gpu(quick: bool, write: bool, tile_timings: str | None = None, variant_m
         "M in {" + ", ".join(str(m) for m in m_values if m in variant_m) + "} only (`--variant-m`), \"-\" elsewhere")
     if tile_timings == "auto":
         shipped = tileflow.runtime.shipped_tile_timings(tileflow.runtime.device_for_target("triton", device))
-        preface = f"- tileflow's plans from the tile times it ships for this device (`{shipped}`)\n\n"
+        preface = (f"- tileflow's plans from the tile times it ships for this device (`{shipped}`)\n\n" if shipped
+                   else "- tileflow's plans from its cost model (`auto`: no tile times ship for this device)\n\n")
     elif tile_timings:
         preface = f"- tileflow's plans from the tile times in `{tile_timings}`\n\n"
     else:

@@ -6,8 +6,9 @@ or Inductor C++ on the CPU), against eager transformers' whole step on the same 
 For finding host-side regressions between commits on any machine (run it in two checkouts): a
 GPU step is host-bound when this time, on the GPU machine's CPU, reaches the step's device
 time. The residual's own arithmetic runs for real here (norms, rotary, the mask's ranges), so a
-larger `--tokens` also times CPU math a GPU does in microseconds; the launches per step are
-exact (one per padded GEMM, attention and reduce or fixup kernel).
+larger `--tokens` also times CPU math a GPU does in microseconds. The launches per step are
+counted exactly, for the plans of this CPU (the cost model's; a GPU's plans may add split-K
+reduce and stream-K fixup launches).
 
     python bench/host_step.py [--tokens 256,1024] [--layers 2] [--hidden 256] [--residual eager|inductor] [--repeats 15]
 """

@@ -316,8 +316,9 @@ class GemmPadding:
                     "tile_times": self._tile_times(plan, ctx, weight_tiles=key[-1]),
                     **({"fused_swiglu": True} if key[-1] == 2 else {})} for key, plan in plans.items()]
         entries += [
-            {"op": "grouped_gemm", "experts": e, **plan.to_dict(),
-             "describe": _describe_grouped(plan, e), **({"fused_swiglu": True} if key[-1] == 2 else {})}
+            {"op": "grouped_gemm", "experts": e, **plan.to_dict(), "describe": _describe_grouped(plan, e),
+             "tile_times": self._tile_times(plan, ctx, weight_tiles=key[-1], grouped=True),
+             **({"fused_swiglu": True} if key[-1] == 2 else {})}
             for key, (e, plan) in grouped_plans.items()
         ]
         for entry in entries:
@@ -461,10 +462,12 @@ class GemmPadding:
         return plans[key]
 
     @staticmethod
-    def _tile_times(plan: TilePlan, ctx: PassContext, *, weight_tiles: int) -> str:
-        """Where a plan's times came from, for the report: the measured file, or the cost model."""
+    def _tile_times(plan: TilePlan, ctx: PassContext, *, weight_tiles: int, grouped: bool = False) -> str:
+        """Where a plan's times came from, for the report: the measured file, or the cost model
+        (a grouped GEMM's kernel has neither persistent, TMA nor split variants)."""
         source = plan_tile_times(plan.n, plan.k, plan.dtype, ctx.target, ctx.device_type,
-                                 tile_timings=ctx.config.tile_timings, weight_tiles=weight_tiles)
+                                 tile_timings=ctx.config.tile_timings, weight_tiles=weight_tiles,
+                                 persistent_variants=not grouped, split_variants=not grouped)
         return f"measured: {source}" if source else "cost model"
 
     @staticmethod

@@ -311,7 +311,7 @@ def test_measured_persistent_variant_runs_and_takes_its_grid_share(tmp_path, mon
     assert launches[1]["num_programs"] == max(1, int((os.cpu_count() or 1) * 0.5))
 
 
-def test_tile_timings_become_times_per_wave_of_resident_programs(tmp_path) -> None:
+def test_tile_timings_become_times_per_wave_of_resident_programs(tmp_path, caplog) -> None:
     """Given the device, the loader turns a plain, TMA or split entry's time per wave of one
     program per SM into its time per wave of the programs an SM holds at once; persistent and
     stream-K entries, entries without their measured M and other devices' entries stay as
@@ -339,7 +339,12 @@ def test_tile_timings_become_times_per_wave_of_resident_programs(tmp_path) -> No
     ]
     path = tmp_path / "timings.json"
     path.write_text(json.dumps(entries))
-    got = runtime.load_tile_timings(str(path), h200)
+    with caplog.at_level("WARNING", logger="tileflow"):
+        got = runtime.load_tile_timings(str(path), h200)
+    # The entry without its m, of a config two share an SM with, is taken as it stands, with a word.
+    assert [r.getMessage() for r in caplog.records if "has no measured m" in r.getMessage()] == [
+        f"tile time of {pair.name} at 6144x14336 has no measured m: taken as the time of a wave of 2 resident "
+        "programs per SM (bench/gemm.py --measure-tiles records m)"]
 
     def seconds(device: str, n: int, persistent: bool = False, split: int = 1, stream_k: bool = False,
                 tma: bool = False) -> dict:
@@ -452,6 +457,44 @@ def test_measured_shapes_plan_a_shape_the_file_does_not_hold(tmp_path, monkeypat
     assert own == build_tile_plan(4096, 4096, "bfloat16", m_max=4096, device=h200,
                                   measured={c: seconds(c, 4096) for c in held},
                                   measured_tma={fast_tma: seconds(fast_tma, 4096) / 4})
+    # Between the measured depths only: a line carried past its samples is no measurement.
+    for k_out in (2048, 16384):
+        assert runtime.gemm_plan(n, k_out, torch.bfloat16, "triton", "cuda", m_max=4096, tile_timings=str(path)) == \
+            build_tile_plan(n, k_out, "bfloat16", m_max=4096, device=h200)
+    assert runtime.plan_tile_times(n, 16384, torch.bfloat16, "triton", "cuda", tile_timings=str(path)) is None
+    assert runtime.plan_tile_times(n, k, torch.bfloat16, "triton", "cuda", tile_timings=str(path)) == str(path)
+
+
+def test_carried_tile_times_are_resident_wave_times_converted_once(tmp_path, monkeypatch) -> None:
+    """Entries that record their measured M are turned into resident-wave times once, then
+    carried: the plan of a shape between two measured depths equals `build_tile_plan` with each
+    config's converted times carried along K (`tile_times_at_depth`)."""
+    import json
+
+    from tileflow.devices import get_device
+    from tileflow.tiles import build_tile_plan, candidate_configs, programs_per_core, tile_times_at_depth
+
+    h200 = get_device("H200")
+    monkeypatch.setattr(runtime, "device_for_target", lambda target, device_type: h200)
+    n_meas, m_meas = 4096, 1088
+    entries, converted = [], {}
+    for k in (4096, 14336):
+        for c in candidate_configs(n_meas, k, "bfloat16", h200):
+            raw = 2e-6 * c.num_warps + (c.block_m + c.block_n) * k * 2 / (40e9 + 100 * c.block_n * c.block_m)
+            programs = -(-m_meas // c.block_m) * -(-n_meas // c.block_n)
+            ratio = -(-programs // h200.cores) / -(-programs // (h200.cores * programs_per_core(c, "bfloat16", h200)))
+            entries.append({"device": "H200", "dtype": "bfloat16", "n": n_meas, "k": k, "tile": c.to_dict(),
+                            "tile_seconds": raw, "m": m_meas})
+            converted.setdefault(c, {})[k] = raw * ratio
+    raw_4096 = {c: e["tile_seconds"] for c, e in zip(converted, entries)}
+    assert any(v[4096] != raw_4096[c] for c, v in converted.items())  # the pairs' and fours' times change
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps(entries))
+    n, k = 5120, 8192
+    want = tile_times_at_depth({c: sorted(v.items()) for c, v in converted.items()
+                                if c in candidate_configs(n, k, "bfloat16", h200)}, k)
+    plan = runtime.gemm_plan(n, k, torch.bfloat16, "triton", "cuda", m_max=4096, tile_timings=str(path))
+    assert plan == build_tile_plan(n, k, "bfloat16", m_max=4096, device=h200, measured=want)
 
 
 def test_measured_split_k_times_reach_the_plan(tmp_path, monkeypatch) -> None:

@@ -92,7 +92,8 @@ class Config:
                 raise ValueError(f"tileflow option {name!r} must be True or False, got {getattr(self, name)!r}")
         for name in ("debug_dir", "tile_timings"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
-                raise ValueError(f"tileflow option {name!r} must be a path or None, got {getattr(self, name)!r}")
+                choices = "'auto', a path or None" if name == "tile_timings" else "a path or None"
+                raise ValueError(f"tileflow option {name!r} must be {choices}, got {getattr(self, name)!r}")
         if self.debug_dir is not None:
             object.__setattr__(self, "debug_dir", os.fspath(self.debug_dir))  # a Path reads back from JSON as text
             if os.path.exists(self.debug_dir) and not os.path.isdir(self.debug_dir):

@@ -428,7 +428,7 @@ def estimate_seconds(
     reduction, and `split_reduce_seconds` is added (`weight_tiles=2` for a fused SwiGLU, whose
     programs keep two partial tiles). `measured` always holds times of the variant estimated:
     per-tile times of the unsplit kernel for `split_k` 1, per-program times of the split kernel
-    for `split_k` > 1 (cost = waves of programs * that time + the reduce).
+    for `split_k` > 1 (cost = resident waves of programs * that time + the reduce).
 
     `stream_k` estimates the stream-K variant over one program per core, from a measured time
     per work unit (one BLOCK_K step of one tile) in `measured` only: ceil(units / cores) units on
@@ -682,7 +682,7 @@ def _build_tile_plan_cached(
     costs = np.empty((len(cands), len(starts)), dtype=np.float64)
     for row, (config, persistent, split, stream_k, tma) in enumerate(cands):
         tiles = -(-starts // config.block_m) * (-(-n // config.block_n))
-        if stream_k:  # same arithmetic as `estimate_seconds(..., stream_k=True)`
+        if stream_k:  # same arithmetic as `estimate_seconds(..., stream_k=True)` where it may run
             units = tiles * -(-k // config.block_k)
             costs[row] = (-(-units // device.cores) * stream_k_map[config]
                           + stream_k_fixup_seconds(tiles, config.block_m, config.block_n, device.cores, device,

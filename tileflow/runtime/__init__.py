@@ -86,14 +86,17 @@ def plan_tile_times(
     *,
     tile_timings: str | None,
     weight_tiles: int = 1,
+    persistent_variants: bool = True,
+    split_variants: bool = True,
 ) -> str | None:
-    """The file whose measured tile times plan this GEMM under `gemm_plan`'s rules (the report
-    names it), or None where the cost model plans it alone."""
+    """The file whose measured tile times plan this GEMM under `gemm_plan`'s rules, given the
+    same arguments (the report names it), or None where the cost model plans it alone."""
     from ..kernel_spec import dtype_name
 
     device = device_for_target(target, device_type)
     measured = _measured_times(n, k, dtype_name(dtype), device, _tile_timings_file(tile_timings, device),
-                               persistent_variants=True, weight_tiles=weight_tiles, split_variants=True)
+                               persistent_variants=persistent_variants, weight_tiles=weight_tiles,
+                               split_variants=split_variants)
     source = measured.pop("source")
     return source if any(measured.values()) else None
 
@@ -161,8 +164,10 @@ def timings_at_shape(
     device and dtype): each variant's per-config times carried to depth `k` by
     `tile_times_at_depth` (a stream-K entry, one BLOCK_K step, as measured). So a few measured
     shapes plan every GEMM of a model. Empty (the cost model plans) unless the plain kernels'
-    times cover every candidate config of the shape: a plan never weighs a measured config
-    against a modeled one. For plain GEMMs only: a fused SwiGLU's tiles carry two weight tiles."""
+    times cover every candidate config of the shape (a plan never weighs a measured config
+    against a modeled one) and `k` lies between the depths they were measured at (no line is
+    carried past its samples). For plain GEMMs only: a fused SwiGLU's tiles carry two weight
+    tiles."""
     samples: dict[tuple[bool, int, bool, bool], dict[TileConfig, list[tuple[int, float]]]] = {}
     for (dev, dt, _, depth, *variant), items in timings.items():
         if (dev, dt) == (device.name, dtype):
@@ -173,6 +178,9 @@ def timings_at_shape(
     plain = samples.get((False, 1, False, False), {})
     if not candidates or not candidates <= set(plain):
         return {}
+    depths = [depth for config in candidates for depth, _ in plain[config]]
+    if not min(depths) <= k <= max(depths):
+        return {}  # a line carried past its samples is no measurement: the model plans
     out: dict[TimingKey, tuple[tuple[TileConfig, float], ...]] = {}
     for variant, per_config in samples.items():
         times = tile_times_at_depth({c: v for c, v in per_config.items() if c in candidates}, k, per_step=variant[2])
@@ -202,14 +210,21 @@ def load_tile_timings(path: str, device: DeviceInfo | None = None) -> dict[Timin
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"tileflow option 'tile_timings': no file at {str(path)!r}; write one with "
-                         "`python bench/gemm.py --measure-tiles FILE` on the device, or leave it unset")
+                         "`python bench/gemm.py --measure-tiles FILE` on the device, or give 'auto' (the times tileflow "
+                         "ships for the device) or None (the cost model)")
     return _load_tile_timings(str(p), _file_version(p), device)
 
 
 def _resident_wave_seconds(entry: dict[str, Any], config: TileConfig, seconds: float, device: DeviceInfo | None) -> float:
     """An entry's time per wave of resident programs (see `load_tile_timings`)."""
-    if (device is None or entry["device"] != device.name or "m" not in entry
-            or entry.get("persistent", False) or entry.get("stream_k", False)):
+    if (device is None or entry["device"] != device.name or entry.get("persistent", False)
+            or entry.get("stream_k", False)):
+        return seconds
+    if "m" not in entry:
+        if programs_per_core(config, str(entry["dtype"]), device) > 1:
+            log.warning("tile time of %s at %dx%d has no measured m: taken as the time of a wave of %d resident "
+                        "programs per SM (bench/gemm.py --measure-tiles records m)", config.name, int(entry["n"]),
+                        int(entry["k"]), programs_per_core(config, str(entry["dtype"]), device))
         return seconds
     programs = (-(-int(entry["m"]) // config.block_m) * -(-int(entry["n"]) // config.block_n)
                 * int(entry.get("split_k", 1)))

@@ -599,6 +599,28 @@ def test_persistent_variant_runs_exactly_where_its_measured_time_wins(p: dict, d
     assert not any(pc.persistent for pc in default.pieces) and "persistent" not in json.dumps(default.to_dict())
 
 
+def test_measured_plans_cost_persistent_grids_per_program_and_others_per_resident_wave() -> None:
+    """A plan's measured costs equal `estimate_seconds`: the plain kernel of a tile two share an
+    SM with in waves of 2 x 132 programs, its persistent variant (one program per SM) in waves of
+    132, at every M a brute-force minimum over the candidates picks."""
+    n, k = 6144, 4096
+    cands = candidate_configs(n, k, "bfloat16", H200)
+    pair = next(c for c in cands if (c.block_m, c.block_n) == (64, 128))
+    assert programs_per_core(pair, "bfloat16", H200) == 2
+    measured = {c: estimate_tile_seconds(c, n, k, "bfloat16", H200) for c in cands}
+    persistent = {pair: measured[pair] * 0.6}
+    plan = build_tile_plan(n, k, "bfloat16", m_max=8192, device=H200, measured=measured, measured_persistent=persistent,
+                           split_variants=False)
+    assert any(pc.persistent for pc in plan.pieces) and any(pc.config == pair and not pc.persistent for pc in plan.pieces)
+    for m in range(1, 8193, 37):
+        piece = plan.piece_for(m)
+        got = estimate_seconds(m, n, k, piece.config, H200, "bfloat16", persistent if piece.persistent else measured,
+                               persistent=piece.persistent)
+        best = min([estimate_seconds(m, n, k, c, H200, "bfloat16", measured) for c in cands]
+                   + [estimate_seconds(m, n, k, pair, H200, "bfloat16", persistent, persistent=True)])
+        assert got == best, m
+
+
 # ---------------------------------------------------------------------------------------------
 # split-K pieces
 

@@ -323,7 +323,8 @@ def measure_tiles(path: str, *, shapes=TILE_SHAPES, device_type: str = "cuda", t
     at once). Plans then run a config's variant where it measured faster. A split kernel's
     entry is per program (one tile's K part), a stream-K kernel's per work unit (one BLOCK_K
     step of one tile): the reduce's or fixup's modeled time is taken out of the measurement, as
-    plans add it back per M.
+    plans add it back per M. Plain, TMA and split entries also carry one lone wave's time
+    (`one_wave_m`, `one_wave_seconds`), which plans do not read yet.
 
     The file is rewritten (atomically) after each (N, K) shape, so a run cut by its time limit
     keeps every shape it finished, and a shape in the file always has all its configs (a plan
@@ -342,7 +343,8 @@ def measure_tiles(path: str, *, shapes=TILE_SHAPES, device_type: str = "cuda", t
     from tileflow import runtime
     from tileflow.devices import detect_device
     from tileflow.lower import gemm_spec
-    from tileflow.tiles import candidate_configs, split_k_factors, split_reduce_seconds, stream_k_fixup_seconds
+    from tileflow.tiles import (candidate_configs, programs_per_core, split_k_factors, split_reduce_seconds,
+                                stream_k_fixup_seconds)
 
     time_ms = time_ms or (lambda fn: graph_median_ms([fn]))
     device = detect_device(device_type)
@@ -365,6 +367,21 @@ def measure_tiles(path: str, *, shapes=TILE_SHAPES, device_type: str = "cuda", t
             x = torch.randn(m, k, device=device_type, dtype=dtype)
             want = x.double() @ w.double().t()
             base = {"device": device.name, "dtype": dtype_label, "n": n, "k": k, "tile": tile.to_dict()}
+            resident = programs_per_core(tile, dtype_label, device)
+
+            def one_wave(kernel_call, programs_per_rows: int, what: str, split: int = 1) -> dict:
+                """The kernel timed over the largest grid one wave of resident programs holds (at
+                least one BLOCK_M of rows): `one_wave_m` and `one_wave_seconds` (a split's reduce,
+                modeled, taken out). Plans do not read them yet: they are what a model of a lone
+                wave would be fitted to (bench/NOTES.md, Session 39)."""
+                m1 = tile.block_m * max(1, device.cores * resident // programs_per_rows)
+                x1 = x[:m1] if m1 <= m else torch.randn(m1, k, device=device_type, dtype=dtype)
+                ms1 = checked_ms(f"{what} (one wave, M={m1})", lambda: kernel_call(x1), x1.double() @ w.double().t())
+                if ms1 is None:
+                    return {}
+                reduce_s = float(split_reduce_seconds(m1, n, split, device, dtype_label)) if split > 1 else 0.0
+                return {"one_wave_m": m1, "one_wave_seconds": max(ms1 / 1e3 - reduce_s, 1e-9)}
+
             # The config's whole-tile kernels: plans run the persistent or TMA one where it wins.
             for variant in ({}, {"persistent": True}, {"tma": True}):
                 spec = gemm_spec(dtype=dtype, out_dtype=dtype, n=n, k=k, tile=tile, **variant)
@@ -377,7 +394,8 @@ def measure_tiles(path: str, *, shapes=TILE_SHAPES, device_type: str = "cuda", t
                 ms = checked_ms(spec.name, lambda kernel=kernel: kernel(x, w), want)
                 if ms is None:
                     continue
-                shape_entries.append({**base, "tile_seconds": ms / 1e3 / waves, "m": m, **variant})
+                lone = {} if variant.get("persistent") else one_wave(lambda xs, kernel=kernel: kernel(xs, w), n_tiles, spec.name)
+                shape_entries.append({**base, "tile_seconds": ms / 1e3 / waves, "m": m, **variant, **lone})
                 print(f"{n}x{k} {spec.name}: {ms:.3f} ms at M={m} ({waves} waves)", flush=True)
             # Stream-K at the same M: the time of one work unit (a BLOCK_K step of one tile) on the
             # busiest SM, the fixup's modeled time taken out (plans add it back per M).
@@ -405,8 +423,10 @@ def measure_tiles(path: str, *, shapes=TILE_SHAPES, device_type: str = "cuda", t
                 if ms is None:
                     continue
                 reduce_s = split_reduce_seconds(m_split, n, split, device, dtype_label)
+                lone = one_wave(lambda xs, spec=spec, split=split: runtime.get_kernel("triton", spec)(xs, w, split_k=split),
+                                n_tiles * split, f"{spec.name} (split {split})", split=split)
                 shape_entries.append({**base, "tile_seconds": max(ms / 1e3 - reduce_s, 1e-9) / waves_split, "m": m_split,
-                                      "split_k": split})
+                                      "split_k": split, **lone})
                 print(f"{n}x{k} {spec.name} split {split}: {ms:.3f} ms at M={m_split} ({waves_split} waves, "
                       f"reduce modeled at {reduce_s * 1e3:.3f} ms)", flush=True)
         entries += shape_entries

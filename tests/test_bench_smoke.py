@@ -686,7 +686,10 @@ def test_measure_tiles_per_tile_seconds_by_hand(monkeypatch, tmp_path, fixup: fl
     cores, every kernel timed at 8 ms: N tiles = 3, M = 16 * ceil(16 / 3) = 96, waves =
     ceil(6 * 3 / 4) = 5; stream-K: 18 tiles x 4 K steps over 4 cores = 18 units on the busiest,
     the fixup (stubbed) taken out but never more than half; split 4: M = 16 * ceil(16 / 12) = 32,
-    waves = ceil(2 * 3 * 4 / 4) = 6, the reduce (stubbed, for M = 32) taken out."""
+    waves = ceil(2 * 3 * 4 / 4) = 6, the reduce (stubbed, for M = 32) taken out. The one-wave
+    times (one program per CPU core): plain and TMA at M = 16 * max(1, 4 // 3) = 16, 8 ms; the
+    split at M = 16 (one BLOCK_M; 12 programs), less its reduce for M = 16; none for the
+    persistent kernel (one program per core at any M)."""
     import dataclasses
 
     import tileflow.devices
@@ -716,7 +719,11 @@ def test_measure_tiles_per_tile_seconds_by_hand(monkeypatch, tmp_path, fixup: fl
     assert by_kind["split_k"]["split_k"] == 4 and by_kind["split_k"]["m"] == 32
     assert by_kind["split_k"]["tile_seconds"] == pytest.approx((8e-3 - 1e-3) / 6)
     assert [c for c in calls if c[0] == "fixup"] == [("fixup", (18, 16, 32, 4, device))]
-    assert [c for c in calls if c[0] == "reduce"] == [("reduce", (32, 80, 4))]
+    assert [c for c in calls if c[0] == "reduce"] == [("reduce", (32, 80, 4)), ("reduce", (16, 80, 4))]
+    for kind in ("plain", "tma"):
+        assert (by_kind[kind]["one_wave_m"], by_kind[kind]["one_wave_seconds"]) == (16, pytest.approx(8e-3))
+    assert (by_kind["split_k"]["one_wave_m"], by_kind["split_k"]["one_wave_seconds"]) == (16, pytest.approx(7e-3))
+    assert "one_wave_m" not in by_kind["persistent"] and "one_wave_m" not in by_kind["stream_k"]
 
 
 def test_attention_rows_count_kv_bytes_visible_flops_and_ratios(monkeypatch, tmp_path) -> None:

@@ -204,9 +204,10 @@ def load_tile_timings(path: str, device: DeviceInfo | None = None) -> dict[Timin
     (`tiles.programs_per_core`). Given the `device` the times were taken on, each plain, TMA and
     split entry of that device that records its measured `m` is turned into such a wave's time:
     its measured time, ceil(P / cores) * `tile_seconds` for its P programs, over
-    ceil(P / (cores * programs_per_core)) waves. An entry without `m`, and a persistent one
-    (one program per core), is taken as it stands. Cached per file path, modification time,
-    size and device."""
+    ceil(P / (cores * programs_per_core)) waves. An entry without `m` (with a warning where
+    programs share a core) and a persistent one (one program per core) are taken as they stand.
+    Other fields (the bench's `one_wave_m`, `one_wave_seconds`) are not read. Cached per file
+    path, modification time, size and device."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"tileflow option 'tile_timings': no file at {str(path)!r}; write one with "

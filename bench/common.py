@@ -12,7 +12,9 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,6 +27,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def gpu_available() -> bool:
     """True when a CUDA GPU is visible (benchmarks need one; CPU runs do a smoke check)."""
     return torch.cuda.is_available()
+
+
+def wall_median_ms(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] = lambda: None) -> float:
+    """Median wall-clock time of `fn()` in ms over `repeats` runs, `before()` called untimed
+    before each (host-side timings on the CPU that runs them)."""
+    times = []
+    for _ in range(repeats):
+        before()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def median_ms(fn: Callable[[int], Any], *, sets: int = 1, warmup_ms: float = 25, rep_ms: float = 100) -> float:

@@ -43,7 +43,6 @@ program to 1e-5, and the traces' greedy tokens must not depend on the program.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import traceback
@@ -115,12 +114,9 @@ def step_ms(fn, scale: Scale) -> float:
         from common import median_ms
 
         return median_ms(lambda _: fn(), rep_ms=300)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+    from common import wall_median_ms
+
+    return wall_median_ms(fn, 3)
 
 
 def serving_programs(model, max_tokens: int, names=tuple(SERVING_PROGRAMS)) -> dict:

@@ -17,17 +17,15 @@ bench/results/host-*.md unless `--no-write`.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, markdown_table, write_results  # noqa: E402
+from common import environment, markdown_table, wall_median_ms, write_results  # noqa: E402
 
 from tileflow import search  # noqa: E402
 from tileflow.devices import get_device  # noqa: E402
@@ -53,33 +51,23 @@ def _task_table_cases() -> dict[str, tuple[list[int], list[int]]]:
     }
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] = lambda: None) -> float:
-    times = []
-    for _ in range(repeats):
-        before()
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def measure(repeats: int) -> list[list[Any]]:
     """One row per measured call: what, its size, the median ms."""
     rows: list[list[Any]] = []
     for name, (cu, kv) in _task_table_cases().items():
         table = build_task_table(cu, kv, num_q_heads=HQ, num_kv_heads=HKV, block_q=16, num_programs=PROGRAMS)
         summary = table.to_summary()
-        ms = _median_ms(lambda: build_task_table(cu, kv, num_q_heads=HQ, num_kv_heads=HKV, block_q=16,
+        ms = wall_median_ms(lambda: build_task_table(cu, kv, num_q_heads=HQ, num_kv_heads=HKV, block_q=16,
                                                  num_programs=PROGRAMS), repeats)
         rows.append(["build_task_table", f"{name}: {summary['num_tasks']} tasks, max/avg {summary['cost_ratio']:.2f}",
                      f"{ms:.2f}"])
     h100 = get_device("H100")
     for n, k in ((6144, 4096), (28672, 4096), (4096, 14336)):
-        ms = _median_ms(lambda: build_tile_plan(n, k, "bfloat16", m_max=65536, device=h100), repeats,
+        ms = wall_median_ms(lambda: build_tile_plan(n, k, "bfloat16", m_max=65536, device=h100), repeats,
                         before=clear_plan_cache)
         rows.append(["build_tile_plan", f"N={n} K={k} bf16, M in [1, 65536]", f"{ms:.2f}"])
     layer = _llama_layer(context=2048)
-    ms = _median_ms(lambda: search.search_split(layer, h100, 2048), repeats, before=search.clear_cache)
+    ms = wall_median_ms(lambda: search.search_split(layer, h100, 2048), repeats, before=search.clear_cache)
     rows.append(["search_split", "Llama-like layer, 2048 tokens", f"{ms:.2f}"])
     return rows
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 # Before Triton is imported: kernels go through the interpreter, whose `run` is stubbed below.
 os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/common.py
 
 
 def stub_launches() -> dict[str, int]:
@@ -38,22 +37,13 @@ def stub_launches() -> dict[str, int]:
     return counter
 
 
-def median_ms(fn, repeats: int) -> float:
-    """Median wall time of `fn()` in ms over `repeats` runs."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def measure(tokens: list[int], *, layers: int, hidden: int, residual: str, repeats: int) -> list[list[str]]:
     """One row per token count: tileflow's host ms per step, eager's ms, launches per step."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import tileflow
+    from common import wall_median_ms
 
     counter = stub_launches()
     torch.manual_seed(0)
@@ -71,8 +61,8 @@ def measure(tokens: list[int], *, layers: int, hidden: int, residual: str, repea
             before = counter["launches"]
             compiled(ids, use_cache=False)
             launches = counter["launches"] - before
-            ms = median_ms(lambda ids=ids: compiled(ids, use_cache=False), repeats)
-            eager = median_ms(lambda ids=ids: model(ids, use_cache=False), repeats)
+            ms = wall_median_ms(lambda ids=ids: compiled(ids, use_cache=False), repeats)
+            eager = wall_median_ms(lambda ids=ids: model(ids, use_cache=False), repeats)
             rows.append([str(t), f"{ms:.2f}", f"{eager:.2f}", str(launches)])
             print(" | ".join(rows[-1]), flush=True)
     return rows
@@ -95,7 +85,6 @@ def main() -> int:
         parser.error(f"--tokens must be positive, got {args.tokens!r}")
     if args.layers < 1 or args.repeats < 1 or args.hidden < 128 or args.hidden % 128:
         parser.error("--layers and --repeats must be >= 1, --hidden a positive multiple of 128")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import markdown_table
 
     rows = measure(tokens, layers=args.layers, hidden=args.hidden, residual=args.residual, repeats=args.repeats)

@@ -1143,12 +1143,14 @@ def test_sampling_table_logits_bandwidth_and_copy_share(monkeypatch) -> None:
 
 
 def test_host_median_ms_and_cumulative_lengths(monkeypatch) -> None:
-    """bench/host.py's rows: the median of the repeats (runs of 5, 1 and 2 ms give 2, not the
+    """bench/host.py's rows (`common.wall_median_ms`): the median of the repeats (runs of 5, 1 and 2 ms give 2, not the
     mean or the last run), `before` called before each run untimed; cu_seqlens start at 0."""
     host = _bench_module("host", monkeypatch)
+    common = _bench_module("common", monkeypatch)
     clock = iter([0.0, 0.005, 1.0, 1.001, 2.0, 2.002])
-    monkeypatch.setattr(host.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
     before = []
-    assert host._median_ms(lambda: None, 3, before=lambda: before.append(1)) == pytest.approx(2.0)
+    assert host.wall_median_ms is common.wall_median_ms
+    assert common.wall_median_ms(lambda: None, 3, before=lambda: before.append(1)) == pytest.approx(2.0)
     assert before == [1, 1, 1]
     assert host._cu([1, 3, 2]) == [0, 1, 4, 6]

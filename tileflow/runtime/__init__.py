@@ -72,7 +72,6 @@ def gemm_plan(
     measured = _measured_times(n, k, dtype_name(dtype), device, _tile_timings_file(tile_timings, device),
                                persistent_variants=persistent_variants, weight_tiles=weight_tiles,
                                split_variants=split_variants)
-    del measured["source"]
     return build_tile_plan(n, k, dtype_name(dtype), m_min=m_min, m_max=m_max, device=device,
                            weight_tiles=weight_tiles, split_variants=split_variants, **measured)
 
@@ -94,10 +93,9 @@ def plan_tile_times(
     from ..kernel_spec import dtype_name
 
     device = device_for_target(target, device_type)
-    measured = _measured_times(n, k, dtype_name(dtype), device, _tile_timings_file(tile_timings, device),
-                               persistent_variants=persistent_variants, weight_tiles=weight_tiles,
-                               split_variants=split_variants)
-    source = measured.pop("source")
+    source = _tile_timings_file(tile_timings, device)
+    measured = _measured_times(n, k, dtype_name(dtype), device, source, persistent_variants=persistent_variants,
+                               weight_tiles=weight_tiles, split_variants=split_variants)
     return source if any(measured.values()) else None
 
 
@@ -109,12 +107,12 @@ def _tile_timings_file(tile_timings: str | None, device: DeviceInfo) -> str | No
 def _measured_times(n: int, k: int, dtype: str, device: DeviceInfo, tile_timings: str | None, *,
                     persistent_variants: bool, weight_tiles: int, split_variants: bool) -> dict[str, Any]:
     """`build_tile_plan`'s measured-time arguments for this shape from a tile-timings file (all
-    empty where the file has none for it), plus `source`, the file. Times are carried from other
-    shapes for plain GEMMs only: a fused SwiGLU's tiles carry two weight tiles."""
+    empty where the file has none for it). Times are carried from other shapes for plain GEMMs
+    only: a fused SwiGLU's tiles carry two weight tiles."""
     found: dict[str, Any] = {"measured": None, "measured_persistent": None, "measured_stream_k": None,
                              "measured_tma": None, "measured_split": {}}
     if not tile_timings:
-        return {**found, "source": None}
+        return found
     key = (device.name, dtype, int(n), int(k))
     timings = load_tile_timings(tile_timings, device)
     if weight_tiles == 1 and not any(t[:4] == key for t in timings):
@@ -128,7 +126,7 @@ def _measured_times(n: int, k: int, dtype: str, device: DeviceInfo, tile_timings
         found["measured_split"] = {t[5]: items for t, items in timings.items()
                                    if t[:5] == (*key, False) and t[5] > 1 and not t[6] and not t[7]}
         found["measured_stream_k"] = timings.get((*key, False, 1, True, False))
-    return {**found, "source": tile_timings}
+    return found
 
 
 TimingKey = tuple[str, str, int, int, bool, int, bool, bool]
@@ -221,15 +219,15 @@ def _resident_wave_seconds(entry: dict[str, Any], config: TileConfig, seconds: f
     if (device is None or entry["device"] != device.name or entry.get("persistent", False)
             or entry.get("stream_k", False)):
         return seconds
+    resident = programs_per_core(config, str(entry["dtype"]), device)
     if "m" not in entry:
-        if programs_per_core(config, str(entry["dtype"]), device) > 1:
+        if resident > 1:
             log.warning("tile time of %s at %dx%d has no measured m: taken as the time of a wave of %d resident "
                         "programs per SM (bench/gemm.py --measure-tiles records m)", config.name, int(entry["n"]),
-                        int(entry["k"]), programs_per_core(config, str(entry["dtype"]), device))
+                        int(entry["k"]), resident)
         return seconds
     programs = (-(-int(entry["m"]) // config.block_m) * -(-int(entry["n"]) // config.block_n)
                 * int(entry.get("split_k", 1)))
-    resident = programs_per_core(config, str(entry["dtype"]), device)
     return seconds * -(-programs // device.cores) / -(-programs // (device.cores * resident))
 
 

@@ -98,14 +98,18 @@ GPU = Scale("cuda", 128256, "auto", 3e-2, 512, (0, 512, 1024, 2048), (512, 2048)
 SMOKE = Scale("cpu", 256, 2, 1e-5, 8, (0, 5, 16), (3, 40), ((12, 5), (20, 4)), 32)
 
 
-def _llama(layers: int, *, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int):
+def _llama(layers: int, *, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int, device: str = "cpu"):
+    """A Llama with random weights, built and initialized on `device`: on the CPU, initializing
+    the 8B-shaped model's 1.5 B float32 parameters takes tens of seconds of a GPU session."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=8192,
     )
-    return LlamaForCausalLM(config).eval()
+    with torch.device(device):
+        return LlamaForCausalLM(config).eval()
 
 
 def step_ms(fn, scale: Scale) -> float:
@@ -445,7 +449,7 @@ def gpu_model(layers: int):
     """The Llama-3-8B-shaped bf16 model with `layers` layers, on the GPU."""
     import torch
 
-    return _llama(layers, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=GPU.vocab).to("cuda", torch.bfloat16)
+    return _llama(layers, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=GPU.vocab, device="cuda").to(torch.bfloat16)
 
 
 def run_gpu(layers: int, tokens: list[int], parts: list[str], trace_count: int, write: bool) -> int:

@@ -145,7 +145,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from e2e import GPU, SMOKE, _llama
+    from e2e import GPU, SMOKE, _llama, gpu_model
 
     tokens = [int(t) for t in args.tokens.split(",")]
     if not torch.cuda.is_available():
@@ -161,7 +161,7 @@ def main() -> int:
     from common import environment, write_results
 
     env = environment()
-    model = _llama(args.layers, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=GPU.vocab).to("cuda", torch.bfloat16)
+    model = gpu_model(args.layers)
     body = f"- model: Llama-3-8B-shaped, {args.layers} layers, random bf16 weights\n\n"
     body += run(model, tokens, scale=GPU)
     if not args.no_write:

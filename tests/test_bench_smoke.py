@@ -814,6 +814,16 @@ def _tiny_llama():
     return e2e._llama(1, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=e2e.SMOKE.vocab)
 
 
+def test_e2e_model_is_built_on_the_device_it_is_asked_for(monkeypatch) -> None:
+    """The benchmark model is initialized where it will run (on a GPU session, the GPU: a CPU
+    initialization of the 8B-shaped model costs tens of seconds of device time): every parameter
+    and buffer of one built for `meta` is there, and the model is in eval mode."""
+    e2e = _bench_module("e2e", monkeypatch)
+    model = e2e._llama(1, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=e2e.SMOKE.vocab, device="meta")
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+    assert not model.training
+
+
 def test_e2e_bound_is_peak_over_two_flops_per_matmul_parameter(monkeypatch) -> None:
     """NanoFlow's optimal-throughput bound = peak / (2 x matmul parameters): for the tiny Llama,
     q 64x64, k and v 32x64, o 64x64, gate, up and down 128x64 each, lm_head 256x64 = 53248

@@ -191,9 +191,13 @@ def trace_requests(count: int, prompt: int, output: int, vocab: int, seed: int =
 
 
 def _timed(failures: list[str], what: str, fn):
-    """`fn()`, or None with the failure recorded (the run goes on; the exit status becomes 1)."""
+    """`fn()`, or None with the failure recorded (the run goes on; the exit status becomes 1).
+    Prints how long it took, compiles included: what a GPU session's stage limits must allow."""
+    start = time.perf_counter()
     try:
-        return fn()
+        out = fn()
+        print(f"  {what}: {time.perf_counter() - start:.1f} s", flush=True)
+        return out
     except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
         failures.append(f"{what}: {type(exc).__name__}: {exc}")
         print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)

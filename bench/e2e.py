@@ -77,6 +77,7 @@ MIXED_METHODS = {**SERVING_METHODS, WHOLE_GRIDS: ("tileflow", 2)}
 IN_TURN = "tileflow+graphs, steps in turn"
 TRACE_METHODS = {**SERVING_METHODS, IN_TURN: ("tileflow+graphs", 1)}
 BLOCK = 16  # KV page size
+DEBUG_DIR = Path(__file__).resolve().parent / "results" / "debug-e2e-prefill-graphs"
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,10 @@ def prefill_part(model, tokens: list[int], bound: float, scale: Scale, failures:
     if scale.device == "cuda":
         # Steps replayed as one CUDA graph per token bucket, whole or nano-batched (whose nano-ops
         # run op by op): launch overhead is what graphs remove.
-        graphs = tileflow.TileflowBackend({"cuda_graphs": True}, report=graph_report)
+        # Its graphs go to DEBUG_DIR (packed with the results by gpu_session.sh, not committed):
+        # why a step is captured only at exact token counts on the GPU, where the same model is
+        # captured at buckets on the CPU, is read from them.
+        graphs = tileflow.TileflowBackend({"cuda_graphs": True, "debug_dir": str(DEBUG_DIR)}, report=graph_report)
         methods["tileflow+graphs"] = torch.compile(model, backend=graphs, dynamic=True)
         # Inductor's own CUDA graphs (one recording per token count), the baseline for the above.
         methods["Inductor+graphs"] = torch.compile(model, dynamic=True, mode="reduce-overhead")

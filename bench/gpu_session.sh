@@ -15,7 +15,8 @@
 # bench/gemm.py's --variant-m: e.g. 512,4096, or all), gemm-quick, attention, attention-sweep (kernel configurations), e2e
 # (prefill-shaped steps, mixed serving steps, request traces), e2e-prefill (the first part
 # only), e2e-serving (the other two), profile (where a step's time goes,
-# bench/profile_step.py), sampling (a step's sampled tokens, eager and fused; bench/sampling.py), tiles (bench/gemm.py --measure-tiles), gemm-measured (the GEMM table
+# bench/profile_step.py), profile-base (the same at 256 tokens for another commit's tileflow: the
+# tree PROFILE_BASE names, made by bench/base_tree.sh and carried to the device), sampling (a step's sampled tokens, eager and fused; bench/sampling.py), tiles (bench/gemm.py --measure-tiles), gemm-measured (the GEMM table
 # with plans from those tile times, or from the ones tileflow ships), tests (the kernel tests, compiled Triton), tests-gpu
 # (tests/test_gpu.py: models, graphs and streams on CUDA). A stage that fails or runs out of
 # time does not stop the next one. Narrower runs: ATTENTION_PARTS (default
@@ -25,9 +26,9 @@
 set -u
 # The variables this script reads, logged to env.log with the command line: a table's numbers
 # are only comparable with the same narrowing.
-SESSION_VARS="BENCH_COMMIT ATTENTION_PARTS E2E_TOKENS E2E_TRACE_REQUESTS GEMM_VARIANT_M PYTHON OUT"
-STAGES="gemm gemm-quick attention attention-sweep e2e e2e-prefill e2e-serving profile sampling tiles gemm-measured
-        tests tests-gpu"
+SESSION_VARS="BENCH_COMMIT ATTENTION_PARTS E2E_TOKENS E2E_TRACE_REQUESTS GEMM_VARIANT_M PROFILE_BASE PYTHON OUT"
+STAGES="gemm gemm-quick attention attention-sweep e2e e2e-prefill e2e-serving profile profile-base sampling tiles
+        gemm-measured tests tests-gpu"
 for item in "$@"; do
   name=${item%%:*}
   limit=${item#*:}
@@ -40,6 +41,11 @@ for item in "$@"; do
   for stage in $STAGES; do [ "$stage" = "$name" ] && known=yes; done
   if [ $known = no ]; then
     echo "gpu_session.sh: unknown stage '$name' (stages:" $STAGES"); nothing was run" >&2
+    exit 2
+  fi
+  if [ "$name" = profile-base ] && ! [ -d "${PROFILE_BASE:-}/tileflow" ]; then
+    echo "gpu_session.sh: profile-base needs PROFILE_BASE, a tree made by bench/base_tree.sh (carried to the" \
+         "device), holding tileflow/; got '${PROFILE_BASE:-}'; nothing was run" >&2
     exit 2
   fi
 done
@@ -119,6 +125,13 @@ for item in "$@"; do
     e2e-serving) run_stage e2e-serving "$limit" $PY bench/e2e.py --layers 2 --tokens "$E2E_TOKENS" --parts mixed,trace \
                    --trace-requests "$E2E_TRACE" ;;
     profile) run_stage profile "$limit" $PY bench/profile_step.py --layers 2 --tokens 256,4096 ;;
+    # The forward steps' profile at the commit whose tree PROFILE_BASE holds (bench/base_tree.sh),
+    # 256 tokens, no results file (the log holds it): an A/B against the profile stage.
+    profile-base) base=$(cd "$PROFILE_BASE" && pwd)
+                  ln -sfn ../backends "$base/tileflow/backends"
+                  ln -sfn ../passes "$base/tileflow/passes"
+                  PYTHONPATH=$base${PYTHONPATH:+:$PYTHONPATH} run_stage profile-base "$limit" \
+                    $PY bench/profile_step.py --layers 2 --tokens 256 --steps-only --no-write ;;
     sampling) run_stage sampling "$limit" $PY bench/sampling.py ;;
     tiles) run_stage tiles "$limit" $PY bench/gemm.py --measure-tiles bench/results/tile_timings-h200.json ;;
     # This session's tile times where the tiles stage wrote them, else the ones tileflow ships.

@@ -102,10 +102,10 @@ def report(label: str, result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(model, tokens: list[int], *, scale) -> str:
-    """Profile Inductor and tileflow steps of `model` at each size, then a mixed serving step
-    (half prompt chunks, half decodes over a paged cache, as in `bench/e2e.py`) through the
-    tileflow program without and with nano-batches; the report's markdown."""
+def run(model, tokens: list[int], *, scale, serving: bool = True) -> str:
+    """Profile Inductor and tileflow steps of `model` at each size, then (with `serving`) a mixed
+    serving step (half prompt chunks, half decodes over a paged cache, as in `bench/e2e.py`)
+    through the tileflow program without and with nano-batches; the report's markdown."""
     import random
 
     import torch
@@ -124,6 +124,8 @@ def run(model, tokens: list[int], *, scale) -> str:
                 result = profile(lambda fn=fn: fn(ids, use_cache=False), device=scale.device)
             sections.append(report(f"{name}, {t} tokens", result))
             print(sections[-1] + "\n", flush=True)
+    if not serving:
+        return "\n\n".join(sections)
     # Serving switches the model to packed-token attention: after the steps above.
     program = serving_programs(model, max_tokens=max(scale.budget, *tokens), names=("tileflow",))["tileflow"]
     t = max(tokens)
@@ -142,8 +144,16 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", default="256,4096")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--steps-only", action="store_true",
+                        help="profile the forward steps only, not the serving step (whose API an older tileflow may lack)")
     args = parser.parse_args()
     import torch
+
+    import tileflow
+
+    # Which tileflow: with PYTHONPATH naming another commit's tree (gpu_session.sh profile-base),
+    # that tree's.
+    print(f"tileflow from {Path(tileflow.__file__).resolve().parent}", flush=True)
 
     from e2e import GPU, SMOKE, _llama, gpu_model
 
@@ -151,7 +161,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/profile_step.py: no CUDA GPU here; device times need one. Running the CPU smoke check.")
         model = _llama(1, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=SMOKE.vocab)
-        text = run(model, [16], scale=SMOKE)
+        text = run(model, [16], scale=SMOKE, serving=not args.steps_only)
         # Both steps did GEMM work the profile attributes (tileflow's padded GEMMs, Inductor's mm).
         if text.count("| GEMM |") < 4:
             print("FAIL: the profile attributed no GEMM time", file=sys.stderr)
@@ -163,7 +173,7 @@ def main() -> int:
     env = environment()
     model = gpu_model(args.layers)
     body = f"- model: Llama-3-8B-shaped, {args.layers} layers, random bf16 weights\n\n"
-    body += run(model, tokens, scale=GPU)
+    body += run(model, tokens, scale=GPU, serving=not args.steps_only)
     if not args.no_write:
         print(f"wrote {write_results('profile', 'Where a step goes (torch.profiler)', env, body)}")
     return 0

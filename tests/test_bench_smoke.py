@@ -536,6 +536,23 @@ def test_gpu_session_logs_its_command_and_refuses_a_stage_without_a_limit(tmp_pa
     assert "GEMM_VARIANT_M=512,4096" in (run / "out" / "env.log").read_text()
 
 
+def test_gpu_session_profile_base_runs_the_other_commits_tileflow(tmp_path) -> None:
+    """profile-base profiles the steps with the tree PROFILE_BASE names first on the path (its
+    backends and passes linked into its package, as an install maps them), and is refused
+    before anything runs without such a tree."""
+    rc, out, calls, _ = _dry_run_session(tmp_path, "sampling:5", "profile-base:5")
+    assert rc == 2 and "profile-base needs PROFILE_BASE" in out and calls == []
+    base = tmp_path / "base"
+    for folder in ("tileflow", "backends", "passes"):
+        (base / folder).mkdir(parents=True)
+    rc, out, calls, _ = _dry_run_session(tmp_path, "profile-base:5", env={"PROFILE_BASE": str(base)})
+    (profile,) = [(args, path) for args, path in calls if args.startswith("bench/profile_step.py")]
+    assert profile[0] == "bench/profile_step.py --layers 2 --tokens 256 --steps-only --no-write"
+    assert profile[1].split(":")[0] == str(base)
+    assert (base / "tileflow" / "backends").resolve() == (base / "backends").resolve()
+    assert (base / "tileflow" / "passes").resolve() == (base / "passes").resolve()
+
+
 def test_gpu_session_fallback_install_registers_the_dynamo_backend(tmp_path) -> None:
     """Where `pip install -e .` fails, the session runs tileflow from the working tree; without
     the install's entry point, backend="tileflow" (e2e.py, tests/test_gpu.py) raised

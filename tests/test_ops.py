@@ -160,6 +160,44 @@ def test_attention_ops_refuse_a_boolean_window() -> None:
         tileflow.ops.meta_attention_varlen(torch.randn(3, 2, 4), cache, cache, table, cu, lens, sliding_window=False)
 
 
+@pytest.mark.parametrize("op", ["padded_gemm", "grouped_gemm", "meta_attention"])
+def test_a_backward_through_an_op_fails_clearly_and_its_forward_still_runs(op: str) -> None:
+    """The ops have no autograd formula. Called under grad mode on inputs that require grad,
+    each still computes its output (the values of a no-grad call), which joins the autograd
+    graph, and a backward through it raises naming the op: never gradients silently missing its
+    contribution. Under no_grad the output is outside the graph."""
+    torch.manual_seed(0)
+    x, w, q = torch.randn(9, 16), torch.randn(12, 16), torch.randn(1, 2, 5, 8)
+    xe, we = torch.randn(2, 3, 16), torch.randn(2, 4, 16)
+    calls = {
+        "padded_gemm": lambda grad: padded_gemm(x, w.requires_grad_(grad)),
+        "grouped_gemm": lambda grad: tileflow.ops.grouped_gemm(xe, we.requires_grad_(grad), None),
+        "meta_attention": lambda grad: tileflow.ops.meta_attention(q.requires_grad_(grad), q, q),
+    }
+    with torch.no_grad():
+        want = calls[op](False)
+    assert not want.requires_grad
+    got = calls[op](True)
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=f"backward through tileflow::{op}.*no autograd formula"):
+        (got.float().sum() + (w.sum() if op == "padded_gemm" else 0)).backward()
+
+
+def test_an_op_traced_with_fake_inputs_that_require_grad_joins_the_autograd_graph() -> None:
+    """Tracing with fake tensors (AOTAutograd's joint graph) sees the same: the fake output of an
+    op over inputs that require grad requires grad, so a compiled backward cannot drop the op's
+    contribution unnoticed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(9, 16))
+        w = mode.from_tensor(torch.randn(12, 16)).requires_grad_()
+        assert torch.ops.tileflow.padded_gemm(x, w).requires_grad
+        with torch.no_grad():
+            assert not torch.ops.tileflow.padded_gemm(x, w).requires_grad
+
+
 def test_survives_dynamo(inputs) -> None:
     compiled = torch.compile(gemm_block, backend="eager", fullgraph=True, dynamic=True)
     torch.testing.assert_close(compiled(*inputs), reference(*inputs), rtol=1e-5, atol=1e-5)

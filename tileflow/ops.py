@@ -1,4 +1,5 @@
-"""tileflow's custom ops, declared with `torch.library.custom_op` plus fake (meta) implementations.
+"""tileflow's custom ops: `torch.library` ops (schemas inferred from their Python signatures, as
+`torch.library.custom_op` infers them) plus fake (meta) implementations.
 
 Because they are real library ops with fake implementations, Dynamo, `torch.export`, Inductor and
 the `.pt2` format all carry them as opaque calls; the graph after tileflow's passes is still a
@@ -9,7 +10,8 @@ target (`tileflow.use_config` picks it for eager calls).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -22,6 +24,69 @@ __all__ = [
 ]
 
 _ACTIVATION_NAMES = ("none",) + ACTIVATIONS
+
+# The ops' library. `torch.library.custom_op` runs each call through Python layers (an autograd
+# kernel, a redispatch, a Dynamo guard) that cost about 25 us of host time per call on a 2-core
+# CPU, more than a padded GEMM's own dispatch and launch: a serving step calls these ops once or
+# more per layer. Declared directly, autograd passes through to the implementation, which keeps
+# custom_op's behaviour under grad mode itself (`_inference_only`).
+_LIB = torch.library.Library("tileflow", "DEF")
+
+
+class _NoBackward(torch.autograd.Function):
+    """An op's output, computed from inputs that require grad, whose backward raises: the ops
+    have no autograd formula (as a custom op without one)."""
+
+    @staticmethod
+    def forward(ctx: Any, name: str, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.name = name
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError(f"Trying to backward through tileflow::{ctx.name}, which has no autograd formula: "
+                           "tileflow's ops are for inference; call them under torch.no_grad() or "
+                           "torch.inference_mode(), or on inputs that do not require grad")
+
+
+def _inference_only(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`fn`, whose output joins the autograd graph (with a backward that raises) where grad mode
+    is on and an input requires grad: a backward through the op then fails with a clear error
+    instead of silently leaving its inputs' gradients out."""
+
+    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = fn(*args, **kwargs)
+        if torch.is_grad_enabled():
+            needs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
+            if needs:
+                return _NoBackward.apply(name, out, *needs)
+        return out
+
+    return call
+
+
+class _Op:
+    """A tileflow op declared from its implementation's signature; `register_fake` adds its fake
+    implementation. Calling it dispatches `torch.ops.tileflow.<name>`."""
+
+    def __init__(self, name: str, fn: Callable[..., torch.Tensor]) -> None:
+        self.name = name
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        _LIB.impl(name, _inference_only(name, fn), "CompositeExplicitAutograd")
+        _LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
+
+    def register_fake(self, fake: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """Register `fake` (shapes and dtypes only) for tracing with fake tensors."""
+        torch.library.register_fake(f"tileflow::{self.name}", _inference_only(self.name, fake), lib=_LIB)
+        return fake
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return getattr(torch.ops.tileflow, self.name)(*args, **kwargs)
+
+
+def _op(name: str) -> Callable[[Callable[..., torch.Tensor]], _Op]:
+    """Decorator: declare `tileflow::<name>` implemented by the decorated function."""
+    return lambda fn: _Op(name, fn)
 
 
 def gemm_out_features(weight_rows: int, activation: str) -> int:
@@ -83,7 +148,7 @@ def _check_gemm_args(
     return n
 
 
-@torch.library.custom_op("tileflow::padded_gemm", mutates_args=())
+@_op("padded_gemm")
 def _padded_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -203,7 +268,7 @@ def check_group_offsets(offsets: torch.Tensor, m: int) -> None:
         raise ValueError(f"grouped_gemm: the last offset must equal x's row count M={m} (every row in a group), got {got}")
 
 
-@torch.library.custom_op("tileflow::grouped_gemm", mutates_args=())
+@_op("grouped_gemm")
 def _grouped_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -271,7 +336,7 @@ def grouped_gemm(
     return torch.ops.tileflow.grouped_gemm(x, weight, offsets, activation or "none", out_dtype, "", "")
 
 
-@torch.library.custom_op("tileflow::meta_attention_varlen", mutates_args=())
+@_op("meta_attention_varlen")
 def _meta_attention_varlen(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -347,7 +412,7 @@ def meta_attention_varlen(
     )
 
 
-@torch.library.custom_op("tileflow::meta_attention", mutates_args=())
+@_op("meta_attention")
 def _meta_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -386,7 +451,7 @@ def _meta_attention_fake(q, k, v, attn_mask=None, causal=False, scale=None, targ
     return q.new_empty((b, s, hq, d)).transpose(1, 2)
 
 
-@torch.library.custom_op("tileflow::attention_mask_ranges", mutates_args=())
+@_op("attention_mask_ranges")
 def _attention_mask_ranges(mask: torch.Tensor) -> torch.Tensor:
     """Per row of an attention mask, where its keys matter (see `attention_mask_ranges`)."""
     from .attention_inputs import bias_ranges

@@ -34,13 +34,16 @@ _LIB = torch.library.Library("tileflow", "DEF")
 
 
 class _NoBackward(torch.autograd.Function):
-    """An op's output, computed from inputs that require grad, whose backward raises: the ops
-    have no autograd formula (as a custom op without one)."""
+    """An op computed from inputs that require grad (`needs`), its output in the autograd graph
+    with a backward that raises: the ops have no autograd formula (as a custom op without one).
+    The op runs inside `forward`, so its output is a tensor of its own, not a view of an input
+    (which autograd would refuse to let the caller modify in place)."""
 
     @staticmethod
-    def forward(ctx: Any, name: str, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, name: str, fn: Callable[..., torch.Tensor], args: tuple, kwargs: dict,
+                *needs: torch.Tensor) -> torch.Tensor:
         ctx.name = name
-        return out.view_as(out)
+        return fn(*args, **kwargs)
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:
@@ -55,12 +58,11 @@ def _inference_only(name: str, fn: Callable[..., torch.Tensor]) -> Callable[...,
     instead of silently leaving its inputs' gradients out."""
 
     def call(*args: Any, **kwargs: Any) -> torch.Tensor:
-        out = fn(*args, **kwargs)
         if torch.is_grad_enabled():
             needs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
             if needs:
-                return _NoBackward.apply(name, out, *needs)
-        return out
+                return _NoBackward.apply(name, fn, args, kwargs, *needs)
+        return fn(*args, **kwargs)
 
     return call
 

@@ -190,9 +190,8 @@ def test_a_backward_through_an_op_fails_clearly_and_its_forward_still_runs(op: s
 
 
 def test_an_op_traced_with_fake_inputs_that_require_grad_joins_the_autograd_graph() -> None:
-    """Tracing with fake tensors (AOTAutograd's joint graph) sees the same: the fake output of an
-    op over inputs that require grad requires grad, so a compiled backward cannot drop the op's
-    contribution unnoticed."""
+    """Tracing with fake tensors (Dynamo's fake propagation) sees the same: the fake output of an
+    op over inputs that require grad requires grad."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
@@ -201,6 +200,59 @@ def test_an_op_traced_with_fake_inputs_that_require_grad_joins_the_autograd_grap
         assert torch.ops.tileflow.padded_gemm(x, w).requires_grad
         with torch.no_grad():
             assert not torch.ops.tileflow.padded_gemm(x, w).requires_grad
+
+
+def test_a_compiled_backward_through_an_op_fails_clearly() -> None:
+    """AOTAutograd (torch.compile's aot_eager and inductor backends) traces the op on functional
+    wrappers of its inputs, whose requires_grad only the op's Autograd kernel sees: a module whose
+    forward calls an op on a parameter, compiled and run under grad mode, fails naming the op
+    (when compiling the backward, as custom_op's ops do) instead of training its other
+    parameters with the op's weight silently left without a gradient."""
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(12, 16))
+            self.head = torch.nn.Linear(12, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(padded_gemm(x, self.weight))
+
+    compiled = torch.compile(Model(), backend="aot_eager")
+    with pytest.raises(Exception, match="backward through tileflow::padded_gemm.*no autograd formula"):
+        compiled(torch.randn(9, 16)).sum().backward()
+
+
+def test_torch_func_grad_through_an_op_raises() -> None:
+    """torch.func's grad wraps the inputs as AOTAutograd does: it raises (the op has no formula),
+    never returns zeros for the op's inputs."""
+    x, w = torch.randn(9, 16), torch.randn(12, 16)
+    with pytest.raises(RuntimeError):
+        torch.func.grad(lambda w: padded_gemm(x, w).sum())(w)
+
+
+def test_an_op_under_grad_mode_runs_below_autograd() -> None:
+    """Under grad mode an op's implementation records no autograd graph of its own: it keeps no
+    tensors for a backward that never runs, takes weights made under inference_mode along with
+    inputs that require grad, and its output (not a view) takes in-place ops, as custom_op's do."""
+    x, w = torch.randn(64, 32, requires_grad=True), torch.randn(48, 32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = tileflow.ops.padded_gemm(x, w, activation="silu")
+        tileflow.ops.meta_attention(torch.randn(1, 2, 8, 16, requires_grad=True), *[torch.randn(1, 2, 8, 16)] * 2,
+                                    causal=True)
+    assert saved == [] and out.requires_grad
+    out += 1
+    with torch.inference_mode():
+        w_inference = torch.randn(48, 32)
+    assert tileflow.ops.padded_gemm(x, w_inference).requires_grad
+
+
+def test_the_ops_are_pt2_compliant() -> None:
+    """Tagged as custom_op tags its ops: Dynamo's `only_allow_pt2_compliant_ops` would
+    graph-break on them otherwise."""
+    for name in ("padded_gemm", "grouped_gemm", "meta_attention_varlen", "meta_attention", "attention_mask_ranges"):
+        assert torch.Tag.pt2_compliant_tag in getattr(torch.ops.tileflow, name).default.tags, name
 
 
 def test_survives_dynamo(inputs) -> None:

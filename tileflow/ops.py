@@ -26,24 +26,23 @@ __all__ = [
 _ACTIVATION_NAMES = ("none",) + ACTIVATIONS
 
 # The ops' library. `torch.library.custom_op` runs each call through Python layers (an autograd
-# kernel, a redispatch, a Dynamo guard) that cost about 25 us of host time per call on a 2-core
-# CPU, more than a padded GEMM's own dispatch and launch: a serving step calls these ops once or
-# more per layer. Declared directly, autograd passes through to the implementation, which keeps
-# custom_op's behaviour under grad mode itself (`_inference_only`).
+# kernel, a redispatch, a Dynamo guard): a padded GEMM called through `torch.ops` took 42 us of
+# host time on a 2-core CPU, 25 us of it outside its implementation, and a serving step calls
+# these ops once or more per layer. Declared directly, each op keeps one thin Python kernel at
+# the Autograd key (`_autograd_kernel`; skipped under inference_mode): 32 us, 15 outside.
 _LIB = torch.library.Library("tileflow", "DEF")
 
 
 class _NoBackward(torch.autograd.Function):
-    """An op computed from inputs that require grad (`needs`), its output in the autograd graph
-    with a backward that raises: the ops have no autograd formula (as a custom op without one).
-    The op runs inside `forward`, so its output is a tensor of its own, not a view of an input
-    (which autograd would refuse to let the caller modify in place)."""
+    """An op's call on inputs that require grad: its output joins the autograd graph, and a
+    backward through it raises (the ops have no autograd formula, as a custom op without one)."""
 
     @staticmethod
-    def forward(ctx: Any, name: str, fn: Callable[..., torch.Tensor], args: tuple, kwargs: dict,
-                *needs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, name: str, run: Callable[[], torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         ctx.name = name
-        return fn(*args, **kwargs)
+        # Computed here, not passed in: an input returned as is comes back as a view, on which
+        # autograd refuses in-place ops (`out += residual`), which custom_op's outputs allow.
+        return run()
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:
@@ -52,19 +51,30 @@ class _NoBackward(torch.autograd.Function):
                            "torch.inference_mode(), or on inputs that do not require grad")
 
 
-def _inference_only(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`fn`, whose output joins the autograd graph (with a backward that raises) where grad mode
-    is on and an input requires grad: a backward through the op then fails with a clear error
-    instead of silently leaving its inputs' gradients out."""
+def _autograd_kernel(op: torch._ops.OpOverload, name: str) -> Callable[..., torch.Tensor]:
+    """`op`'s Autograd kernel: the op below autograd and, where grad mode is on and an input
+    requires grad, its output joined to the graph by `_NoBackward`.
 
-    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+    Not a fallthrough: AOTAutograd (torch.compile's aot_eager and inductor backends) and
+    torch.func trace the op on wrappers of its inputs, whose requires_grad only an Autograd
+    kernel sees; past a fallthrough the op's output does not require grad there, and a compiled
+    backward (or `torch.func.grad`) silently leaves the op's inputs without their gradients. The
+    op also runs below autograd, as custom_op's do: its implementation records no graph (nor keeps
+    tensors for a backward that never runs)."""
+    after_autograd = torch._C._after_autograd_keyset
+
+    def kernel(keyset: torch._C.DispatchKeySet, *args: Any, **kwargs: Any) -> torch.Tensor:
         if torch.is_grad_enabled():
             needs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
             if needs:
-                return _NoBackward.apply(name, fn, args, kwargs, *needs)
-        return fn(*args, **kwargs)
+                def run() -> torch.Tensor:
+                    with torch._C._AutoDispatchBelowAutograd():
+                        return op.redispatch(keyset & after_autograd, *args, **kwargs)
 
-    return call
+                return _NoBackward.apply(name, run, *needs)
+        return op.redispatch(keyset & after_autograd, *args, **kwargs)
+
+    return kernel
 
 
 class _Op:
@@ -73,13 +83,16 @@ class _Op:
 
     def __init__(self, name: str, fn: Callable[..., torch.Tensor]) -> None:
         self.name = name
-        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
-        _LIB.impl(name, _inference_only(name, fn), "CompositeExplicitAutograd")
-        _LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
+        # pt2_compliant as custom_op tags its ops: Dynamo's `only_allow_pt2_compliant_ops`
+        # graph-breaks on an op without the tag.
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
+        op = getattr(torch.ops.tileflow, name).default
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        _LIB.impl(name, _autograd_kernel(op, name), "Autograd", with_keyset=True)
 
     def register_fake(self, fake: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """Register `fake` (shapes and dtypes only) for tracing with fake tensors."""
-        torch.library.register_fake(f"tileflow::{self.name}", _inference_only(self.name, fake), lib=_LIB)
+        torch.library.register_fake(f"tileflow::{self.name}", fake, lib=_LIB)
         return fake
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -5,9 +5,10 @@ layers), one forward step of each `--tokens` size through Inductor and through t
 mixed serving step of the largest size (half prompt chunks, half decodes over a paged cache)
 through the serving engine without and with nano-batches, under `torch.profiler`. For each it reports the step's wall time, the device time summed over its
 kernels, and the kernels grouped into GEMM, attention, split-K reduce, elementwise/norm and copy
-categories (by kernel name), with the ten most expensive kernels. Device time well below wall time
-means the step waits on the host (launches, Python); a category's share says which kernels to
-work on. Writes the tables under bench/results/.
+categories (by kernel name), with the ten most expensive kernels, and the forward steps' host
+functions by own time (cProfile). Device time well below wall time means the step waits on the
+host (launches, Python), and the host table says on what; a category's share says which kernels
+to work on. Writes the tables under bench/results/.
 
 On a CPU-only machine it profiles a tiny Llama on the CPU (the ops' own CPU time stands in for
 kernels) as a smoke check.
@@ -82,6 +83,35 @@ def profile(fn, *, device: str, steps: int = 5) -> dict:
     return {"wall_ms": wall, "device_ms": sum(kernels.values()), "kernels": kernels}
 
 
+def host_functions(fn, *, device: str, steps: int = 5, top: int = 12) -> list[tuple[str, float, float]]:
+    """The Python-level functions (and the C functions they call) that take a step's host time:
+    `steps` calls of `fn()` under cProfile (after a warm-up), synchronized at the end, so time
+    spent waiting on the device shows as the synchronize call. Returns the `top` entries by own
+    time: (function, own ms per step, cumulative ms per step)."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    fn()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        fn()
+    sync()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, tottime, cumtime, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+
+    def where(key: tuple) -> str:
+        file, line, name = key
+        return name if file == "~" else f"{Path(file).name}:{line} {name}"
+
+    return [(where(key), 1e3 * tottime / steps, 1e3 * cumtime / steps) for key, (_, _, tottime, cumtime, _) in rows]
+
+
 def report(label: str, result: dict) -> str:
     """A markdown section: wall vs device time, categories, top kernels."""
     from common import markdown_table
@@ -99,6 +129,10 @@ def report(label: str, result: dict) -> str:
     top = sorted(result["kernels"].items(), key=lambda kv: -kv[1])[:10]
     lines += ["", markdown_table(["kernel", "category", "device ms"],
                                  [[name[:90], category(name), f"{ms:.3f}"] for name, ms in top])]
+    if result.get("host"):
+        lines += ["", "Host functions by own time (cProfile, per step; its overhead inflates Python's share):", "",
+                  markdown_table(["function", "own ms", "cumulative ms"],
+                                 [[name[:90], f"{own:.3f}", f"{cum:.3f}"] for name, own, cum in result["host"]])]
     return "\n".join(lines)
 
 
@@ -122,6 +156,9 @@ def run(model, tokens: list[int], *, scale, serving: bool = True) -> str:
         for name, fn in methods.items():
             with torch.no_grad():
                 result = profile(lambda fn=fn: fn(ids, use_cache=False), device=scale.device)
+                # Where the host's time goes, by function: a step whose device time is well
+                # below its wall time is waiting on these.
+                result["host"] = host_functions(lambda fn=fn: fn(ids, use_cache=False), device=scale.device)
             sections.append(report(f"{name}, {t} tokens", result))
             print(sections[-1] + "\n", flush=True)
     if not serving:

@@ -1105,6 +1105,34 @@ def test_profile_report_shares_of_device_time_and_of_wall(monkeypatch) -> None:
         assert line in text
 
 
+def test_profile_host_functions_rank_own_time_per_step(monkeypatch) -> None:
+    """profile_step.host_functions: a step that spends its time in one Python function (a pure
+    Python loop) ranks it first, with its own time per step (not summed over the 3 steps) and its
+    cumulative time at least its own; the report prints the table."""
+    import time as clock
+
+    profile_step = _bench_module("profile_step", monkeypatch)
+
+    def busy_loop() -> int:
+        total = 0
+        for i in range(300_000):
+            total += i
+        return total
+
+    walls = []
+    for _ in range(3):
+        start = clock.perf_counter()
+        busy_loop()
+        walls.append(1e3 * (clock.perf_counter() - start))
+    wall_ms = min(walls)  # the least disturbed call (a shared machine)
+    rows = profile_step.host_functions(busy_loop, device="cpu", steps=3)
+    name, own, cumulative = rows[0]
+    # Summed over the 3 steps, own would be ~3x the wall: past the upper bound.
+    assert "busy_loop" in name and 0.3 * wall_ms <= own <= 2 * wall_ms + 5 and cumulative >= own, (rows[0], wall_ms)
+    text = profile_step.report("x", {"wall_ms": 20.0, "device_ms": 0.0, "kernels": {}, "host": rows})
+    assert "Host functions by own time" in text and "busy_loop" in text
+
+
 def test_profile_sums_kernel_rows_only_on_the_gpu(monkeypatch) -> None:
     """profile_step.profile on CUDA (the profiler stubbed with the rows an H200 gave for one bf16
     4096^3 matmul per step): the ATen op that launched a kernel carries that kernel's time as its

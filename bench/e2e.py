@@ -201,7 +201,7 @@ def _timed(failures: list[str], what: str, fn):
         return out
     except Exception as exc:  # noqa: BLE001 -- reported, and the exit status is 1
         failures.append(f"{what}: {type(exc).__name__}: {exc}")
-        print(f"FAIL: {failures[-1]}", file=sys.stderr, flush=True)
+        print(f"FAIL: {failures[-1]} (after {time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
         traceback.print_exc()
         return None
 

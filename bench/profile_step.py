@@ -113,7 +113,8 @@ def host_functions(fn, *, device: str, steps: int = 5, top: int = 12) -> list[tu
 
 
 def report(label: str, result: dict) -> str:
-    """A markdown section: wall vs device time, categories, top kernels."""
+    """A markdown section: wall vs device time, categories, top kernels (and the host functions
+    by own time, when `result` has them)."""
     from common import markdown_table
 
     by_category: dict[str, float] = defaultdict(float)

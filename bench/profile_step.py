@@ -102,7 +102,14 @@ def host_functions(fn, *, device: str, steps: int = 5, top: int = 12) -> list[tu
         fn()
     sync()
     profiler.disable()
-    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, tottime, cumtime, callers)}
+    return rank_host_functions(pstats.Stats(profiler).stats, steps=steps, top=top)
+
+
+def rank_host_functions(stats: dict, *, steps: int, top: int) -> list[tuple[str, float, float]]:
+    """`pstats.Stats(...).stats` ({(file, line, name): (calls, primitive calls, own s,
+    cumulative s, callers)}) over `steps` steps as the `top` rows by own time: (function, own ms
+    per step, cumulative ms per step); a C function (file "~") by its name alone, a Python one as
+    file:line name."""
     rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
 
     def where(key: tuple) -> str:

@@ -79,7 +79,7 @@ def _autograd_kernel(op: torch._ops.OpOverload, name: str) -> Callable[..., torc
 
 class _Op:
     """A tileflow op declared from its implementation's signature; `register_fake` adds its fake
-    implementation. Calling it dispatches `torch.ops.tileflow.<name>`."""
+    implementation. Callers use `torch.ops.tileflow.<name>` (the public wrappers below)."""
 
     def __init__(self, name: str, fn: Callable[..., torch.Tensor]) -> None:
         self.name = name
@@ -94,9 +94,6 @@ class _Op:
         """Register `fake` (shapes and dtypes only) for tracing with fake tensors."""
         torch.library.register_fake(f"tileflow::{self.name}", fake, lib=_LIB)
         return fake
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return getattr(torch.ops.tileflow, self.name)(*args, **kwargs)
 
 
 def _op(name: str) -> Callable[[Callable[..., torch.Tensor]], _Op]:

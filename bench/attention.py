@@ -282,7 +282,8 @@ def model_mask_methods(s: int, *, device, dtype):
     op as the attention pass emits it (the bias, and its ranges computed once per model for every
     layer), the same with `causal=True`, SDPA with the bias (the efficient-attention kernel
     Inductor runs) and SDPA `is_causal` (flash); `ranges()` computes the once-per-model ranges;
-    `reference()` is float32 causal attention of the same inputs."""
+    `reference()` is float32 causal attention of the same inputs. The dense op also takes the
+    mask as bool, which it hands to the kernel as it is."""
     import torch
     import torch.nn.functional as F
 
@@ -292,6 +293,7 @@ def model_mask_methods(s: int, *, device, dtype):
     q = torch.randn(1, HQ, s, D, device=device, dtype=dtype, generator=gen)
     k, v = (torch.randn(1, HKV, s, D, device=device, dtype=dtype, generator=gen) for _ in range(2))
     mask = torch.full((s, s), float("-inf"), device=device).triu(1)[None, None]  # float32, as the graph has it
+    keep = mask == 0  # the same mask as bool (True = attend): its ranges are the bias's
     ranges = tileflow.ops.attention_mask_ranges(mask)
     # SDPA's efficient-attention kernel (the one that takes a bias) wants the bias in q's dtype
     # (a float32 bias with bf16 q fails there: "invalid dtype for bias") and no GQA
@@ -303,6 +305,8 @@ def model_mask_methods(s: int, *, device, dtype):
     k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     methods = {
         "tileflow, mask as bias": lambda: torch.ops.tileflow.meta_attention(q, k, v, mask, False, None, "", ranges),
+        # The bool mask transformers builds, read by the kernel in place (no float copy per layer).
+        "tileflow, bool mask": lambda: torch.ops.tileflow.meta_attention(q, k, v, keep, False, None, "", ranges),
         "tileflow, causal": lambda: tileflow.ops.meta_attention(q, k, v, causal=True),
         "SDPA, mask": lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=sdpa_mask),
         "SDPA, is_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
@@ -487,7 +491,7 @@ def smoke() -> int:
             if not err < 1e-5:
                 print(f"FAIL: {name} disagrees with the float32 causal reference (rel err {err:.1e})", file=sys.stderr)
                 return 1
-    print("  model mask (causal mask as bias), causal dense op and both SDPA baselines: match the float32 reference")
+    print("  model mask (as a bias and as bool), causal dense op and both SDPA baselines: match the float32 reference")
     # The configuration sweep's path, on two configurations of a tiny batch.
     rows = sweep_configs([("mixed", [5, 1, 3], [20, 9, 40], [(4, 16, 4, 2, 1), (8, 32, 4, 3, 2)])],
                          device="cpu", dtype=torch.float32, time_ms=lambda fn: 0.0, check_tol=1e-5)

@@ -509,6 +509,12 @@ def test_bias_ranges_narrow_the_ascend_tasks(kernels: dict[KernelSpec, Any]) -> 
     want = attention_reference_dense(*args, causal=False, attn_bias=bias)
     got = kernels[BIAS_FP16](*args, table, attn_bias=bias)
     assert_close(got, want, "float16", "causal mask as a bias")
+    # The same mask as bool (True = attend), as the dense op now hands it over: the launcher's
+    # float32 copy turns it into 0 / -inf (a bool read as 0 / 1 would add 1 to every score and
+    # leave the future unmasked).
+    keep = bias == 0
+    assert_close(kernels[BIAS_FP16](*args, table, attn_bias=keep), want, "float16", "causal mask as bool")
+    assert_close(attention_reference_dense(*args, causal=False, attn_bias=keep), want, "float16", "reference, bool")
     short = bias_ranges(bias)
     short[..., 3] = short[..., 3].clamp(max=6)  # every row's keys end at 6
     cut = kernels[BIAS_FP16](*args, table, attn_bias=bias, attn_bias_ranges=short)

@@ -645,6 +645,56 @@ def test_dense_op_lowest_mask_decode_row_window_edge_matches_eager(target: str, 
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize(("causal", "window"), [(False, None), (True, None), (True, 3)])
+def test_dense_op_hands_masks_to_the_kernel_as_they_are(monkeypatch: pytest.MonkeyPatch, target: str, causal: bool,
+                                                        window: int | None) -> None:
+    """The dense op passes a bool mask and a float16 / bfloat16 bias to the kernel in their own
+    dtype (a float32 copy of the mask in every layer is what it no longer makes), with the same
+    outputs as float64 attention under the mask; with the causal rule or a window too, whose
+    hidden keys the mask's ranges must also leave out (a padding row sees nothing then). Calls of
+    one shape share one set of batch metadata tensors, made once (not three per call)."""
+    from tileflow.runtime import attention as runtime_attention
+
+    s, d = 9, 16
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, s, d, generator=gen) for _ in range(3))
+    keep = torch.ones(2, 1, s, s, dtype=torch.bool)
+    keep[0, ..., :3] = False  # left padding in the first row
+    keep[1, ..., [2, 6]] = False  # holes in the second
+    soft = torch.where(keep, 0.25 * torch.randn(2, 1, s, s, generator=gen), float("-inf"))
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    rule = (j > i) if causal else torch.zeros(s, s, dtype=torch.bool)
+    if window is not None:
+        rule = rule | (j <= i - window)
+    handed: list[torch.dtype] = []
+    metadata: list[tuple[torch.Tensor, ...]] = []
+    build = runtime_attention._attention_kernel
+
+    def spying_kernel(*args: Any) -> Any:
+        kernel = build(*args)
+
+        def launch(*a: Any, **kw: Any) -> torch.Tensor:
+            handed.append(kw["attn_bias"].dtype)
+            metadata.append(a[3:6])  # block_table, cu_seqlens_q, seqlens_kv
+            return kernel(*a, **kw)
+
+        return launch
+
+    monkeypatch.setattr(runtime_attention, "_attention_kernel", spying_kernel)
+    for mask, additive in [(keep, torch.where(keep, 0.0, float("-inf"))), (soft.half(), soft.half().double()),
+                           (soft.bfloat16(), soft.bfloat16().double())]:
+        scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d) + additive.double()
+        want = torch.softmax(scores.masked_fill(rule, float("-inf")), dim=-1).nan_to_num(0.0) @ v.double()
+        with tileflow.use_config(tileflow.Config(target=target)):
+            got = tileflow.ops.meta_attention(q, k, v, mask, causal=causal, sliding_window=window)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        assert handed.pop() == mask.dtype and not handed
+    assert len(metadata) == 3 and all(m[i] is metadata[0][i] for m in metadata for i in range(3))
+    block_table, cu, seqlens = metadata[0]
+    assert block_table.tolist() == [[0], [1]] and cu.tolist() == [0, s, 2 * s] and seqlens.tolist() == [s, s]
+
+
 @pytest.mark.parametrize("bias", ["squared", "learned"])
 def test_position_biases_that_are_not_alibi(bias: str) -> None:
     """A bias that is not linear in the key position, or that comes from an input, is not taken

@@ -373,12 +373,12 @@ def test_attention_check_fails_a_method_that_leaves_its_output_unwritten(monkeyp
     monkeypatch.setattr(attention, "model_mask_methods", with_a_lazy_method)
     calls, _ = _stale_output_poisoned_by(monkeypatch, common, stale)
     assert attention.run_gpu(True, True, ("mask",)) == 1
-    assert len(calls) == 4  # one per method, before its check
+    assert len(calls) == 5  # one per method, before its check
     (path,) = tmp_path.iterdir()
     text = path.read_text()
     assert "FAILED: tileflow, causal on the 2048-token model mask: AssertionError: relative error nan" in text
     row = next(line for line in text.splitlines() if line.startswith("| 1x2048 |"))
-    assert row.split("|")[3].strip() == "FAIL" and row.split("|")[2].strip() != "FAIL"
+    assert row.split("|")[4].strip() == "FAIL" and row.split("|")[2].strip() != "FAIL"
 
 
 def test_attention_sweep_keeps_configurations_when_cut(monkeypatch, tmp_path) -> None:
@@ -1048,15 +1048,15 @@ def test_attention_softcap_rows_count_gemma_kv_bytes_flops_and_ratios(monkeypatc
 
 def test_attention_mask_rows_count_the_causal_half_and_ratios(monkeypatch, tmp_path) -> None:
     """The model-mask table (quick: 2048 tokens; HQ 4, D 16; the methods run at 40 tokens on the
-    CPU; times 0.001, 0.002, 0.004, 0.008 ms per method, 0.5 ms for the ranges): 4 x 2048 x 2049
-    / 2 x 4 x 16 = 537,133,056 FLOPs, 537 TFLOP/s at 0.001 ms; SDPA's columns over the bias
-    method's time."""
+    CPU; times 0.001, 0.001, 0.002, 0.004, 0.008 ms per method, 0.5 ms for the ranges): 4 x 2048
+    x 2049 / 2 x 4 x 16 = 537,133,056 FLOPs, 537 TFLOP/s at 0.001 ms; SDPA's columns over the
+    bias method's time."""
     import itertools
 
     import torch
 
     attention, common = _attention_on_cpu(monkeypatch, tmp_path)
-    times = itertools.cycle([0.001, 0.002, 0.004, 0.008, 0.5])
+    times = itertools.cycle([0.001, 0.001, 0.002, 0.004, 0.008, 0.5])
     monkeypatch.setattr(common, "median_ms", lambda fn, **k: (fn(0), next(times))[1])
     model_mask_methods = attention.model_mask_methods
     monkeypatch.setattr(attention, "model_mask_methods",
@@ -1065,7 +1065,7 @@ def test_attention_mask_rows_count_the_causal_half_and_ratios(monkeypatch, tmp_p
     (path,) = tmp_path.iterdir()
     row = next(line for line in path.read_text().splitlines() if line.startswith("| 1x2048 |"))
     assert [c.strip() for c in row.split("|")[1:-1]] == [
-        "1x2048", "0.001 (537)", "0.002 (269)", "0.004 (134)", "0.008 (67)", "0.500", "4.00x", "8.00x"]
+        "1x2048", "0.001 (537)", "0.001 (537)", "0.002 (269)", "0.004 (134)", "0.008 (67)", "0.500", "4.00x", "8.00x"]
 
 
 def test_attention_packed_rows_count_each_documents_causal_half(monkeypatch, tmp_path) -> None:

@@ -389,7 +389,7 @@ def test_launcher_with_attn_bias_matches_sdpa(backend: str, bias_heads: int, cau
 
 def test_attn_bias_shape_is_checked() -> None:
     batch = _meta_batch()
-    with pytest.raises(ValueError, match=r"attn_bias must be a float tensor broadcastable to \[S=3"):
+    with pytest.raises(ValueError, match=r"attn_bias must be a float bias or bool mask broadcastable to \[S=3"):
         attention_reference_dense(**batch, attn_bias=torch.zeros(2, 1, 1, 1))
 
 

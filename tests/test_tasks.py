@@ -155,6 +155,22 @@ def test_table_covers_every_row_once(lengths: tuple[list[int], list[int]], args:
 
 
 @SETTINGS
+@given(batches(), table_args())
+def test_host_extent_bounds_what_a_bias_must_cover(lengths: tuple[list[int], list[int]], args: dict) -> None:
+    """`host_extent` is the longest query run and the longest KV length of the batch (None for
+    an empty one), taken once from the host copies, and the bias check's `bias_extent` reads it;
+    a copy of the table on another device works it out anew, the same."""
+    from tileflow.attention_inputs import bias_extent
+
+    q_lens, kv_lens = lengths
+    table = build_task_table(cu_of(q_lens), kv_lens, **args)
+    want = (max(q_lens), max(kv_lens)) if q_lens else None
+    assert table.host_extent == want and table.to("cpu").host_extent == want
+    if q_lens:
+        assert bias_extent(table, table.tasks, len(q_lens)) == want
+
+
+@SETTINGS
 @given(batches(), table_args(), st.data())
 def test_table_for_some_sequences_covers_exactly_theirs(lengths: tuple[list[int], list[int]], args: dict,
                                                         data: st.DataObject) -> None:

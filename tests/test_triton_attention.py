@@ -727,6 +727,30 @@ def test_model_masks_as_bias(causal: bool, kv_split: int | None) -> None:
         assert rel < 1e-5, f"{name}: relative error {rel:.3g}"
 
 
+@pytest.mark.parametrize(("causal", "kv_split"), [(False, None), (True, 24)])
+def test_bool_masks_and_half_biases_read_in_place(causal: bool, kv_split: int | None) -> None:
+    """The launcher hands the kernel a bool mask (True = attend) and a float16 or bfloat16 bias
+    as they are, with no float32 copy: the same outputs as their float32 additive forms, against
+    float64. Bool: every model mask above whose entries are 0 or -inf; half: the soft bias and
+    the causal one (values rounded to the dtype, which the reference sees too)."""
+    gen = torch.Generator().manual_seed(13)
+    b, hq, hkv, s, d = 2, 4, 2, 56, 16
+    q, k, v = (torch.randn(b, h, s, d, generator=gen) for h in (hq, hkv, hkv))
+    masks = model_masks(b, s, gen)
+    cases = [(f"{name} as bool", mask == 0, mask) for name, mask in masks.items()
+             if bool(((mask == 0) | (mask == float("-inf"))).all())]
+    assert len(cases) == 6  # causal, left padding, window, holes, per head, hidden rows
+    for dtype in (torch.float16, torch.bfloat16):
+        cases += [(f"{name} as {dtype}", masks[name].to(dtype), masks[name].to(dtype).float())
+                  for name in ("causal", "soft")]
+    for name, bias, additive in cases:
+        out = run_biased(q, k, v, bias, causal=causal, kv_split=kv_split, block_q=8)
+        assert not out.isnan().any(), f"{name}: some outputs were never written"
+        want = biased_oracle(q, k, v, additive, causal=causal)
+        rel = ((out.double() - want).norm() / want.norm()).item()
+        assert rel < 1e-5, f"{name}: relative error {rel:.3g}"
+
+
 def test_kernel_follows_the_bias_ranges() -> None:
     """The ranges decide what the kernel reads: ranges claiming every key is plain make it skip
     the causal mask's bias (the future leaks in), ranges ending early drop visible keys. Both

@@ -31,7 +31,9 @@ __all__ = [
     "AttentionParams",
     "AttentionParamsLike",
     "LaunchInputs",
+    "additive_bias",
     "attention_params",
+    "bias_extent",
     "check_launch_inputs",
     "int_tensor",
     "softmax_scale",
@@ -225,17 +227,19 @@ def int_tensor(name: str, value: Any, device: torch.device, ndim: int) -> torch.
     return t.to(device=device, dtype=torch.int32).contiguous()
 
 
-def _bias_extent(table: Any, tasks: torch.Tensor, num_seqs: int) -> tuple[int, int]:
+def bias_extent(table: Any, tasks: torch.Tensor, num_seqs: int) -> tuple[int, int]:
     """(query rows, keys) of each ``[seq, head]`` plane of attn_bias a launch may read: the
     longest n_s and L_s of the batch, from the table's host copies of the metadata (nothing read
-    back from the device); a table without them (hand-made) costs one read of its tasks, whose
-    tiles and KV ranges bound what the kernel reads."""
+    back from the device; a `TaskTable` works them out once, `host_extent`); a table without
+    them (hand-made) costs one read of its tasks, whose tiles and KV ranges bound what the kernel
+    reads."""
     cu = getattr(table, "cu_seqlens_q", None)
     lens = getattr(table, "seqlens_kv", None)
     if (isinstance(cu, torch.Tensor) and isinstance(lens, torch.Tensor) and cu.device.type == "cpu"
             and lens.device.type == "cpu" and num_seqs > 0
             and (cu.numel(), lens.numel()) == (num_seqs + 1, num_seqs)):
-        return int((cu[1:] - cu[:-1]).max()), int(lens.max())
+        extent = getattr(table, "host_extent", None)
+        return extent if extent is not None else (int((cu[1:] - cu[:-1]).max()), int(lens.max()))
     host = tasks.cpu()
     if host.numel() == 0:
         return 0, 0
@@ -450,8 +454,10 @@ def _checked_bias(params: AttentionParamsLike, where: str, attn_bias: Any, attn_
         if attn_bias is not None or attn_bias_ranges is not None:
             raise _refusal(where, "attn_bias was given but the kernel was built without bias support")
         return None, None
-    if not isinstance(attn_bias, torch.Tensor) or attn_bias.dim() != 4 or not attn_bias.is_floating_point():
-        raise _refusal(where, "the kernel was built with an attention bias: pass attn_bias float [S, Hq, q_len, kv_len]")
+    if (not isinstance(attn_bias, torch.Tensor) or attn_bias.dim() != 4
+            or not (attn_bias.is_floating_point() or attn_bias.dtype == torch.bool)):
+        raise _refusal(where, "the kernel was built with an attention bias: pass attn_bias [S, Hq, q_len, kv_len], "
+                              "a float bias or a bool mask (True = attend)")
     if attn_bias.shape[0] not in (1, num_seqs) or attn_bias.shape[1] not in (1, hq):
         raise _refusal(
             where,
@@ -459,7 +465,7 @@ def _checked_bias(params: AttentionParamsLike, where: str, attn_bias: Any, attn_
         )
     # The kernels read bias[s, h, i, j] for every query row i < n_s and key j < L_s without
     # bounds checks: a smaller bias would be read past its end (silently, on the Triton target).
-    need_q, need_kv = _bias_extent(table, tasks, num_seqs)
+    need_q, need_kv = bias_extent(table, tasks, num_seqs)
     q_len, kv_len = attn_bias.shape[2], attn_bias.shape[3]
     if q_len < need_q or kv_len < need_kv:
         raise _refusal(
@@ -511,7 +517,7 @@ def _checked_key_starts(params: AttentionParamsLike, where: str, key_starts: Any
         # before 0 no key hidden; int32's largest past every key).
         key_starts = key_starts.clamp(0, 2**31 - 1)
     starts = int_tensor("key_starts", key_starts, device, 2)
-    need_q = _bias_extent(table, tasks, num_seqs)[0]
+    need_q = bias_extent(table, tasks, num_seqs)[0]
     if starts.shape[0] != num_seqs or starts.shape[1] < need_q:
         raise _refusal(where, f"key_starts must cover every query row of the batch, [S={num_seqs}, >= {need_q}], "
                               f"got {list(starts.shape)}")
@@ -569,6 +575,21 @@ def softmax_scale(scale: Any, head_dim: int, where: str) -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"{where}: the softmax scale must be a finite number, got {scale!r}")
     return float(scale)
+
+
+def additive_bias(bias: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An attention mask or bias as the additive `dtype` tensor a kernel adds to the scores: a
+    bool mask (True = attend) gives 0 where True and -inf elsewhere; a float bias is cast, its
+    finite values below `dtype`'s lowest becoming that lowest (transformers' finfo(float64).min
+    masks would round to -inf in float32, and a row that sees only such keys would then output
+    zeros where eager attention averages them; -inf stays -inf)."""
+    if bias.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=bias.device)
+        return torch.where(bias, zero, float("-inf"))
+    if bias.is_floating_point() and torch.finfo(bias.dtype).min < torch.finfo(dtype).min:
+        low = torch.finfo(dtype).min
+        bias = torch.where(torch.isfinite(bias) & (bias < low), low, bias)
+    return bias.to(dtype)
 
 
 def bias_ranges(attn_bias: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ and in `TaskTable`. `check_metadata` validates the tensors the varlen attention 
 
 from __future__ import annotations
 
+import functools
 import numbers
 import operator
 from collections.abc import Sequence
@@ -104,6 +105,16 @@ class TaskTable:
     causal: bool = True
     sliding_window: int | None = None
     uploaded: Any = None  # the event after `to()`'s copy to a CUDA device (None: nothing to wait for)
+
+    @functools.cached_property
+    def host_extent(self) -> tuple[int, int] | None:
+        """(longest query run, longest KV length) of the batch, from the host copies of its
+        metadata; None without them (empty, or not on the host). Computed once per table: a
+        launch that reads a bias checks its extent against them on every call."""
+        cu, lens = self.cu_seqlens_q, self.seqlens_kv
+        if cu.device.type != "cpu" or lens.device.type != "cpu" or lens.numel() == 0 or cu.numel() != lens.numel() + 1:
+            return None
+        return int((cu[1:] - cu[:-1]).max()), int(lens.max())
 
     @property
     def num_programs(self) -> int:

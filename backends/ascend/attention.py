@@ -36,7 +36,7 @@ its bias), and a ``-inf`` entry hides a key, so a row the bias hides entirely ou
 chunk arrives as one `DataCopyPad` per tile row, issued before the scores are computed (the
 copy overlaps the cube's ``Q K^T``). The launcher passes the bias in place when it is float32
 with contiguous keys (broadcast dims are stride 0: element strides ride in the tiling) and a
-compact float32 copy otherwise. With the bias come its per-row ranges (``attn_bias_ranges``,
+compact float32 copy otherwise (a bool mask, True = attend, as 0 / -inf). With the bias come its per-row ranges (``attn_bias_ranges``,
 `tileflow.attention_inputs.bias_ranges`): each task's KV range is narrowed to the keys some row
 of its tile sees, so the chunks a causal mask hides are never loaded.
 
@@ -76,8 +76,9 @@ from tileflow.attention_inputs import (
     MERGE_COLS,
     TASK_COLS,
     AttentionParams,
-    LaunchInputs,
+    additive_bias,
     attention_params,
+    bias_extent,
     check_launch_inputs,
     softmax_scale,
 )
@@ -1746,26 +1747,6 @@ def _host_tiling(host_call: HostCall, ident: str, where: str, values: Sequence[i
     return tiling
 
 
-def _bias_extent(table: Any, inputs: LaunchInputs) -> tuple[int, int]:
-    """(query rows, keys) of each ``[seq, head]`` plane of attn_bias the kernel may read: the
-    longest n_s and L_s of the batch (the reference backend's requirement, ``[S | 1, Hq | 1,
-    >= max n_s, >= max L_s]``).
-
-    Taken from the table's host copies of the metadata, so a launch on an NPU reads nothing back
-    from the device; a table without them (hand-made) costs one read of its tasks instead, whose
-    tiles and KV ranges bound what the kernel reads.
-    """
-    cu = torch.as_tensor(getattr(table, "cu_seqlens_q", ()))
-    lens = torch.as_tensor(getattr(table, "seqlens_kv", ()))
-    host = cu.device.type == "cpu" and lens.device.type == "cpu"
-    if host and inputs.num_seqs > 0 and (cu.numel(), lens.numel()) == (inputs.num_seqs + 1, inputs.num_seqs):
-        return int((cu[1:] - cu[:-1]).max()), int(lens.max())
-    tasks = inputs.tasks.cpu()
-    if tasks.numel() == 0:
-        return 0, 0
-    return int((tasks[:, 2] + tasks[:, 3]).max()), int(tasks[:, 5].max())
-
-
 def _bias_operand(bias: torch.Tensor, extent: tuple[int, int], where: str) -> tuple[torch.Tensor, tuple[int, ...]]:
     """attn_bias as the kernel reads it, and its tiling values (strides of seq, head and query
     row, addressable elements).
@@ -1775,7 +1756,7 @@ def _bias_operand(bias: torch.Tensor, extent: tuple[int, int], where: str) -> tu
     whose keys are contiguous is passed as it is (no copy, whatever its other strides); anything
     else becomes a float32 copy of its distinct rows only (broadcast dims stay stride-0 views,
     so a ``[1, 1, q, kv]`` mask is never copied ``S * Hq`` times). Raises ValueError when the bias
-    has fewer query rows or keys than `extent` (see `_bias_extent`).
+    has fewer query rows or keys than `extent` (see `tileflow.attention_inputs.bias_extent`).
     """
     need_q, need_kv = extent
     if bias.shape[2] < need_q or bias.shape[3] < need_kv:
@@ -1788,7 +1769,7 @@ def _bias_operand(bias: torch.Tensor, extent: tuple[int, int], where: str) -> tu
         # Copy one representative of each broadcast dim (stride 0) among seq / head / row, keys
         # in full, then broadcast again.
         distinct = bias[tuple(slice(0, 1) if bias.stride(i) == 0 else slice(None) for i in range(3))]
-        bias = distinct.to(torch.float32).contiguous().expand(bias.shape)
+        bias = additive_bias(distinct).contiguous().expand(bias.shape)  # a bool mask as 0 / -inf
     if bias.numel() == 0:  # no key to read (every task's KV range is empty): a 1-element dummy
         bias = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=bias.device)
     elems = 1 + sum((size - 1) * stride for size, stride in zip(bias.shape, bias.stride()))
@@ -1870,7 +1851,7 @@ def make_attention_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRu
         scale = softmax_scale(scale, d, where)
         bias, bias_tiling, ranges = None, (), None
         if inputs.attn_bias is not None:
-            bias, bias_tiling = _bias_operand(inputs.attn_bias, _bias_extent(table, inputs), where)
+            bias, bias_tiling = _bias_operand(inputs.attn_bias, bias_extent(table, inputs.tasks, inputs.num_seqs), where)
             ranges = inputs.bias_ranges.contiguous()  # [S, q rows, 4], a few bytes per row
             bias_tiling = (*bias_tiling, ranges.shape[1])
         # key_starts arrive int32, dense and on q's device (check_launch_inputs): only their row length.

@@ -13,9 +13,10 @@ Two PyTorch implementations of ``tileflow.ops.meta_attention_varlen`` (semantics
   localizes a bug to the table or to the kernel.
 
 Both accumulate in float32 (float64 for float64 inputs) and return q's dtype. Both also take an
-optional additive ``attn_bias`` (float ``[S | 1, Hq | 1, >= max n_s, >= max L_s]``, row i of
-sequence s and key j read ``attn_bias[s, h, i, j]``), which the dense ``meta_attention`` op uses
-for SDPA-style masks; ``-inf`` entries hide a key like the visibility rules do.
+optional additive ``attn_bias`` (float ``[S | 1, Hq | 1, >= max n_s, >= max L_s]``, or a bool
+mask of that shape, True = attend; row i of sequence s and key j read ``attn_bias[s, h, i, j]``),
+which the dense ``meta_attention`` op uses for SDPA-style masks; ``-inf`` entries hide a key like
+the visibility rules do.
 
 `build_reference_attention` wraps `run_task_table` as the reference backend's kernel for a
 ``meta_attention`` KernelSpec, with the launcher interface of the Triton kernel.
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from tileflow.attention_inputs import attention_params, bias_ranges, check_launch_inputs, softmax_scale
+from tileflow.attention_inputs import additive_bias, attention_params, bias_ranges, check_launch_inputs, softmax_scale
 from tileflow.kernel_spec import DTYPES, KernelSpec
 from tileflow.targets import CompiledKernel
 from tileflow.tasks import TaskTable, check_metadata
@@ -164,12 +165,12 @@ def _check_bias(attn_bias: torch.Tensor | None, q: torch.Tensor, cu: list[int], 
     max_q = max((b - a for a, b in zip(cu, cu[1:])), default=0)
     max_kv = max(kv_lens, default=0)
     if (not isinstance(attn_bias, torch.Tensor) or attn_bias.dim() != 4
-            or not attn_bias.is_floating_point()
+            or not (attn_bias.is_floating_point() or attn_bias.dtype == torch.bool)
             or attn_bias.shape[0] not in (1, num_seqs) or attn_bias.shape[1] not in (1, num_q_heads)
             or attn_bias.shape[2] < max_q or attn_bias.shape[3] < max_kv):
         got = tuple(attn_bias.shape) if isinstance(attn_bias, torch.Tensor) else type(attn_bias).__name__
         raise ValueError(
-            f"attn_bias must be a float tensor broadcastable to [S={num_seqs} | 1, Hq={num_q_heads} | 1, "
+            f"attn_bias must be a float bias or bool mask broadcastable to [S={num_seqs} | 1, Hq={num_q_heads} | 1, "
             f">= {max_q}, >= {max_kv}], got {got}"
         )
 
@@ -177,10 +178,11 @@ def _check_bias(attn_bias: torch.Tensor | None, q: torch.Tensor, cu: list[int], 
 def _bias_rows(
     attn_bias: torch.Tensor, seq: int, heads: range, rows: slice, cols: slice, dtype: torch.dtype
 ) -> torch.Tensor:
-    """attn_bias for query rows x key cols of `seq`, as [len(rows), len(heads), len(cols)]."""
+    """attn_bias for query rows x key cols of `seq`, as [len(rows), len(heads), len(cols)] of
+    `dtype` (a bool mask as its additive form)."""
     b = attn_bias[seq if attn_bias.shape[0] > 1 else 0]
     b = b[heads.start:heads.stop] if b.shape[0] > 1 else b
-    b = b[:, rows, cols].to(dtype)
+    b = additive_bias(b[:, rows, cols], dtype)
     return b.expand(len(heads), -1, -1).transpose(0, 1)
 
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..attention_inputs import bias_ranges
+from ..attention_inputs import additive_bias, bias_ranges
 from ..config import current_config
 from ..kernel_spec import KernelSpec, dtype_name, make_params
 from ..targets import resolve_target
 from ..tasks import build_task_table, check_metadata, check_sliding_window
+from ..transfers import record_upload, to_device, wait_for_upload
 from .streams import device_cores, keep_alive_while_captured, programs_for
 
 # Tile rows (block_q * GQA: heads sharing a KV head are packed into the dot's M dimension):
@@ -210,13 +213,6 @@ def _launch_plan(
     return tuple(launches)
 
 
-def additive_bias(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An SDPA-style mask as an additive bias: bool True = keep (0), False = hide (-inf)."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-    return mask
-
-
 def run_meta_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -262,9 +258,8 @@ def run_meta_attention(
     device = q.device
     q_flat = q.transpose(1, 2).reshape(b * s, hq, d)
     k_cache, v_cache = k.transpose(1, 2), v.transpose(1, 2)
-    block_table = torch.arange(b, dtype=torch.int32, device=device).view(b, 1)
-    cu = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=device) if s > 0 else torch.zeros(b + 1, dtype=torch.int32, device=device)
-    seqlens = torch.full((b,), s_kv, dtype=torch.int32, device=device)
+    layout = keep_alive_while_captured(_dense_layout(b, s, s_kv, str(device)))
+    wait_for_upload(layout.uploaded, layout.block_table, layout.cu_seqlens_q, layout.seqlens_kv)
     bias = ranges = None
     if key_starts is not None:
         key_starts = _dense_key_starts(key_starts, b, s, s_kv, device)
@@ -279,14 +274,11 @@ def run_meta_attention(
         other_chunk = torch.arange(s_kv, device=device)[None, :] // attention_chunk != pos // attention_chunk
         attn_mask, mask_ranges = _hiding(attn_mask, other_chunk, device), None
     if attn_mask is not None:
-        bias = additive_bias(attn_mask)
-        if bias.dtype == torch.float64:
-            # float64's lowest (transformers' finfo(float64).min masks) rounds to -inf in float32:
-            # a row that sees only such keys would come out 0 where eager averages them. Float32's
-            # lowest keeps that meaning; -inf stays -inf.
-            low = torch.finfo(torch.float32).min
-            bias = torch.where(torch.isfinite(bias) & (bias < low), low, bias)
-        bias = bias.to(torch.float32)
+        # Kernels take a bool mask or a half or float32 bias as it is: a float32 copy of an
+        # [S, S_kv] mask in every layer would cost a pass over 4 x S x S_kv bytes and that much
+        # memory (4 GiB at 32k tokens) for values a causal mask's ranges let the kernel skip.
+        # Float64 is narrowed (with its lowest kept: `additive_bias`).
+        bias = additive_bias(attn_mask) if attn_mask.dtype == torch.float64 else attn_mask
         while bias.dim() < 4:
             bias = bias.unsqueeze(0)
         if mask_ranges is not None:
@@ -306,17 +298,42 @@ def run_meta_attention(
             # from the mask with the rule's hidden keys at -inf (the kernel applies the rule to
             # them anyway); a materialized [B, H, S, S_kv] mask only in this rare combination
             # (graphs put their causal / window rule into the mask, with causal=False).
-            ranges = bias_ranges(bias.masked_fill(_rule_hides(s, s_kv, causal, sliding_window, device),
-                                                  float("-inf")))
+            hidden = False if bias.dtype == torch.bool else float("-inf")
+            ranges = bias_ranges(bias.masked_fill(_rule_hides(s, s_kv, causal, sliding_window, device), hidden))
     out = run_meta_attention_varlen(
-        q_flat, k_cache, v_cache, block_table, cu, seqlens,
+        q_flat, k_cache, v_cache, layout.block_table, layout.cu_seqlens_q, layout.seqlens_kv,
         scale=scale, causal=causal, attn_bias=bias, attn_bias_ranges=ranges, target=target, check=False,
         softcap=_number(softcap, "softcap"), sliding_window=sliding_window, sinks=sinks,
         alibi_slopes=None if alibi_slopes is None else per_head_tensor(tuple(map(float, alibi_slopes)), str(device)),
-        host_metadata=(tuple(range(0, b * s + 1, s)) if s > 0 else (0,) * (b + 1), (s_kv,) * b),
-        key_starts=key_starts,
+        host_metadata=layout.host_metadata, key_starts=key_starts,
     )
     return out.view(b, s, hq, d).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class _DenseLayout:
+    """A dense `[B, S]` batch over `S_kv` keys as the varlen kernels see it: sequence b is KV page
+    b (`block_table` [B, 1]) and query rows `b * S ..` (`cu_seqlens_q` [B + 1]), each over
+    `S_kv` keys (`seqlens_kv` [B]); int32 on the device, `uploaded` the event after their copy
+    (see `tileflow.transfers.wait_for_upload`), and `host_metadata` the host copies of the two
+    lengths."""
+
+    block_table: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seqlens_kv: torch.Tensor
+    uploaded: Any
+    host_metadata: tuple[tuple[int, ...], tuple[int, ...]]
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_layout(b: int, s: int, s_kv: int, device: str) -> _DenseLayout:
+    """The `_DenseLayout` of a `[b, s]` batch over `s_kv` keys on `device`, made once per shape:
+    every layer of every step of that shape reads the same three small tensors, where making
+    them per call cost three allocations and three kernel launches a layer on a GPU."""
+    cu = list(range(0, b * s + 1, s)) if s > 0 else [0] * (b + 1)
+    block_table, cu_seqlens_q, seqlens_kv = to_device(
+        device, np.arange(b, dtype=np.int32).reshape(b, 1), np.array(cu, dtype=np.int32), np.full(b, s_kv, np.int32))
+    return _DenseLayout(block_table, cu_seqlens_q, seqlens_kv, record_upload(device), (tuple(cu), (s_kv,) * b))
 
 
 def _hiding(attn_mask: torch.Tensor | None, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -695,6 +695,38 @@ def test_dense_op_hands_masks_to_the_kernel_as_they_are(monkeypatch: pytest.Monk
     assert block_table.tolist() == [[0], [1]] and cu.tolist() == [0, s, 2 * s] and seqlens.tolist() == [s, s]
 
 
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_dense_op_takes_a_bool_masks_ranges_under_the_causal_rule(monkeypatch: pytest.MonkeyPatch,
+                                                                   target: str) -> None:
+    """With `causal=True` or a window, a bool mask's own ranges (the graph's, when given) are
+    used as they are: a bool mask has no finfo.min keys whose meaning the rule could change, so
+    no [B, H, S, S_kv] copy of it with the rule's keys filled in is made per call; the outputs
+    are float64 attention's under the mask and the rule."""
+    from tileflow.runtime import attention as runtime_attention
+
+    s, d = 9, 16
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 2, s, d, generator=gen) for _ in range(3))
+    keep = torch.ones(2, 1, s, s, dtype=torch.bool)
+    keep[0, ..., :3] = False
+    keep[1, ..., [2, 6]] = False
+    ranges = tileflow.ops.attention_mask_ranges(keep)
+
+    def no_rule_fill(*args: Any) -> Any:
+        raise AssertionError("a bool mask was copied with the rule's keys filled in")
+
+    monkeypatch.setattr(runtime_attention, "_rule_hides", no_rule_fill)
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    for window, graph_ranges in [(None, None), (3, None), (None, ranges), (3, ranges)]:
+        rule = (j > i) if window is None else (j > i) | (j <= i - window)
+        scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d)
+        want = torch.softmax(scores.masked_fill(rule | ~keep, float("-inf")), dim=-1).nan_to_num(0.0) @ v.double()
+        with tileflow.use_config(tileflow.Config(target=target)):
+            got = torch.ops.tileflow.meta_attention(q, k, v, keep, True, None, "", graph_ranges, None, window, None, None,
+                                                    None, None)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bias", ["squared", "learned"])
 def test_position_biases_that_are_not_alibi(bias: str) -> None:
     """A bias that is not linear in the key position, or that comes from an input, is not taken

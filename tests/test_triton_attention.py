@@ -751,6 +751,32 @@ def test_bool_masks_and_half_biases_read_in_place(causal: bool, kv_split: int | 
         assert rel < 1e-5, f"{name}: relative error {rel:.3g}"
 
 
+def test_float64_bias_is_narrowed_without_materializing_its_broadcast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float64 bias is narrowed to float32 for the kernel (its finfo.min kept as float32's
+    lowest, so a row that sees only such keys averages them), on its distinct values only: a
+    [1, 1, q, kv] mask is not copied once per sequence and head."""
+    import tileflow.backends.triton.attention as triton_attention
+
+    gen = torch.Generator().manual_seed(17)
+    b, hq, hkv, s, d = 2, 4, 2, 24, 16
+    q, k, v = (torch.randn(b, h, s, d, generator=gen) for h in (hq, hkv, hkv))
+    low = torch.finfo(torch.float64).min
+    mask = torch.zeros(s, s, dtype=torch.float64).masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), low)
+    mask[3] = low  # a row that sees no key above finfo.min: eager averages all of them
+    narrowed: list[int] = []
+    additive = triton_attention.additive_bias
+
+    def spying(bias: torch.Tensor, *args: Any) -> torch.Tensor:
+        narrowed.append(bias.numel())
+        return additive(bias, *args)
+
+    monkeypatch.setattr(triton_attention, "additive_bias", spying)
+    out = run_biased(q, k, v, mask[None, None], causal=False, block_q=8)
+    assert narrowed == [s * s], f"narrowed {narrowed} elements, the mask has {s * s}"
+    want = biased_oracle(q, k, v, mask[None, None], causal=False)
+    assert ((out.double() - want).norm() / want.norm()).item() < 1e-5
+
+
 def test_kernel_follows_the_bias_ranges() -> None:
     """The ranges decide what the kernel reads: ranges claiming every key is plain make it skip
     the causal mask's bias (the future leaks in), ranges ending early drop visible keys. Both

@@ -290,16 +290,16 @@ def run_meta_attention(
                 )
             ranges = mask_ranges.expand(mask_ranges.shape[0], s, 4)
         bias = bias.expand(bias.shape[0] if bias.shape[0] == b else 1, bias.shape[1], s, s_kv)
-        if causal or sliding_window is not None:
+        if (causal or sliding_window is not None) and bias.dtype != torch.bool:
             # `bias_ranges` hides a row's finfo.min keys when the row sees a key above finfo.min,
             # judged from the mask alone; the causal / window rule may hide all of those keys
             # (a left-padding row under causal=True, a padding row whose window holds only pads),
             # and then eager averages the finfo.min keys the row does see. So the ranges come
             # from the mask with the rule's hidden keys at -inf (the kernel applies the rule to
             # them anyway); a materialized [B, H, S, S_kv] mask only in this rare combination
-            # (graphs put their causal / window rule into the mask, with causal=False).
-            hidden = False if bias.dtype == torch.bool else float("-inf")
-            ranges = bias_ranges(bias.masked_fill(_rule_hides(s, s_kv, causal, sliding_window, device), hidden))
+            # (graphs put their causal / window rule into the mask, with causal=False). A bool mask
+            # has no finfo.min keys: its own ranges hold, the kernel applies the rule to them.
+            ranges = bias_ranges(bias.masked_fill(_rule_hides(s, s_kv, causal, sliding_window, device), float("-inf")))
     out = run_meta_attention_varlen(
         q_flat, k_cache, v_cache, layout.block_table, layout.cu_seqlens_q, layout.seqlens_kv,
         scale=scale, causal=causal, attn_bias=bias, attn_bias_ranges=ranges, target=target, check=False,

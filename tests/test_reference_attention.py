@@ -455,6 +455,29 @@ def test_bias_ranges_of_broadcast_biases() -> None:
         bias_ranges(torch.zeros(6, 9))
 
 
+def test_additive_bias_of_masks_and_wide_biases() -> None:
+    """`additive_bias`: a bool mask becomes 0 / -inf; float64 is narrowed with its finite values
+    below float32's lowest kept at that lowest (-inf stays -inf, the rest rounds as a cast); a
+    bias broadcast with stride 0 is converted on its distinct values only and comes back with
+    those dims broadcast, equal to the conversion of the materialized bias."""
+    from tileflow.attention_inputs import additive_bias
+
+    keep = torch.tensor([[True, False, True]])
+    assert additive_bias(keep).tolist() == [[0.0, float("-inf"), 0.0]]
+    assert additive_bias(keep, torch.float16).dtype == torch.float16
+    low64, low32 = torch.finfo(torch.float64).min, torch.finfo(torch.float32).min
+    wide = torch.tensor([low64, -1e300, float("-inf"), -2.5, 0.0], dtype=torch.float64)
+    assert additive_bias(wide).tolist() == [low32, low32, float("-inf"), -2.5, 0.0]
+    half = torch.tensor([-65504.0, 1.5], dtype=torch.float16)
+    assert additive_bias(half).tolist() == [-65504.0, 1.5]  # widening: values as they are
+    gen = torch.Generator().manual_seed(2)
+    for base in (torch.rand(1, 1, 5, 7, generator=gen) > 0.5, torch.randn(2, 1, 5, 7, generator=gen).double()):
+        expanded = base.expand(2, 3, 5, 7)
+        got = additive_bias(expanded)
+        assert got.stride()[1] == 0 and got.untyped_storage().nbytes() == base.numel() * 4
+        assert torch.equal(got, additive_bias(expanded.contiguous()))
+
+
 def test_reference_backend_narrows_tasks_to_the_bias_ranges() -> None:
     """The reference backend reads only the keys inside a tile's ranges, as the kernel does:
     ranges that end early drop visible keys from the result."""

@@ -582,14 +582,20 @@ def additive_bias(bias: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     bool mask (True = attend) gives 0 where True and -inf elsewhere; a float bias is cast, its
     finite values below `dtype`'s lowest becoming that lowest (transformers' finfo(float64).min
     masks would round to -inf in float32, and a row that sees only such keys would then output
-    zeros where eager attention averages them; -inf stays -inf)."""
-    if bias.dtype == torch.bool:
+    zeros where eager attention averages them; -inf stays -inf). Broadcast dims (stride 0) stay
+    broadcast: only their distinct values are converted (a [1, 1, q, kv] mask expanded over
+    sequences and heads is not copied once per sequence and head)."""
+    distinct = bias[tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None)
+                          for size, stride in zip(bias.shape, bias.stride()))]
+    if distinct.dtype == torch.bool:
         zero = torch.zeros((), dtype=dtype, device=bias.device)
-        return torch.where(bias, zero, float("-inf"))
-    if bias.is_floating_point() and torch.finfo(bias.dtype).min < torch.finfo(dtype).min:
-        low = torch.finfo(dtype).min
-        bias = torch.where(torch.isfinite(bias) & (bias < low), low, bias)
-    return bias.to(dtype)
+        out = torch.where(distinct, zero, float("-inf"))
+    else:
+        if distinct.is_floating_point() and torch.finfo(distinct.dtype).min < torch.finfo(dtype).min:
+            low = torch.finfo(dtype).min
+            distinct = torch.where(torch.isfinite(distinct) & (distinct < low), low, distinct)
+        out = distinct.to(dtype)
+    return out.expand(bias.shape)
 
 
 def bias_ranges(attn_bias: torch.Tensor) -> torch.Tensor:

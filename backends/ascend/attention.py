@@ -36,9 +36,10 @@ its bias), and a ``-inf`` entry hides a key, so a row the bias hides entirely ou
 chunk arrives as one `DataCopyPad` per tile row, issued before the scores are computed (the
 copy overlaps the cube's ``Q K^T``). The launcher passes the bias in place when it is float32
 with contiguous keys (broadcast dims are stride 0: element strides ride in the tiling) and a
-compact float32 copy otherwise (a bool mask, True = attend, as 0 / -inf). With the bias come its per-row ranges (``attn_bias_ranges``,
-`tileflow.attention_inputs.bias_ranges`): each task's KV range is narrowed to the keys some row
-of its tile sees, so the chunks a causal mask hides are never loaded.
+compact float32 copy otherwise (a bool mask, True = attend, as 0 / -inf). With the bias come
+its per-row ranges (``attn_bias_ranges``, `tileflow.attention_inputs.bias_ranges`): each task's
+KV range is narrowed to the keys some row of its tile sees, so the chunks a causal mask hides
+are never loaded.
 
 Key starts (``key_starts=True``: sequences packed in one dense row) give each query row of
 sequence ``s`` its first visible key, ``key_starts[s, i]`` (int32 ``[S, >= max n_s]``, read in

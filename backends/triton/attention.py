@@ -968,10 +968,9 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
             if bias_arg.dtype == torch.bool:
                 bias_arg = bias_arg.view(torch.uint8)
             elif bias_arg.dtype == torch.float64:
-                # Narrowed on its distinct values only: `inputs.attn_bias` is expanded to [S, Hq,
-                # q_len, kv_len] (broadcast dims stride 0), which a cast would materialize.
-                distinct = bias_arg[tuple(slice(0, 1) if bias_arg.stride(i) == 0 else slice(None) for i in range(4))]
-                bias_arg = additive_bias(distinct).expand(bias_arg.shape)
+                # `inputs.attn_bias` is expanded to [S, Hq, q_len, kv_len] (broadcast dims stride
+                # 0): narrowed on its distinct values only.
+                bias_arg = additive_bias(bias_arg)
         scale = softmax_scale(scale, d, where)
         if scale < 0:
             # The kernel's unmasked blocks rely on qk_scale >= 0 (max(s) * scale is the max of

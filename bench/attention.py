@@ -283,7 +283,7 @@ def model_mask_methods(s: int, *, device, dtype):
     layer), the same with `causal=True`, SDPA with the bias (the efficient-attention kernel
     Inductor runs) and SDPA `is_causal` (flash); `ranges()` computes the once-per-model ranges;
     `reference()` is float32 causal attention of the same inputs. The dense op also takes the
-    mask as bool, which it hands to the kernel as it is."""
+    mask as bool, as transformers builds it (converted to a float32 bias in each call)."""
     import torch
     import torch.nn.functional as F
 
@@ -305,7 +305,8 @@ def model_mask_methods(s: int, *, device, dtype):
     k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     methods = {
         "tileflow, mask as bias": lambda: torch.ops.tileflow.meta_attention(q, k, v, mask, False, None, "", ranges),
-        # The bool mask transformers builds, read by the kernel in place (no float copy per layer).
+        # The bool mask transformers builds: the launcher makes its float32 form per call, as a
+        # compiled model's every layer does (what converting it once per step would save).
         "tileflow, bool mask": lambda: torch.ops.tileflow.meta_attention(q, k, v, keep, False, None, "", ranges),
         "tileflow, causal": lambda: tileflow.ops.meta_attention(q, k, v, causal=True),
         "SDPA, mask": lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=sdpa_mask),

@@ -649,11 +649,13 @@ def test_dense_op_lowest_mask_decode_row_window_edge_matches_eager(target: str, 
 @pytest.mark.parametrize(("causal", "window"), [(False, None), (True, None), (True, 3)])
 def test_dense_op_hands_masks_to_the_kernel_as_they_are(monkeypatch: pytest.MonkeyPatch, target: str, causal: bool,
                                                         window: int | None) -> None:
-    """The dense op passes a bool mask and a float16 / bfloat16 bias to the kernel in their own
-    dtype (a float32 copy of the mask in every layer is what it no longer makes), with the same
-    outputs as float64 attention under the mask; with the causal rule or a window too, whose
-    hidden keys the mask's ranges must also leave out (a padding row sees nothing then). Calls of
-    one shape share one set of batch metadata tensors, made once (not three per call)."""
+    """The dense op passes a bool mask and a float16 / bfloat16 bias to the kernel's launcher in
+    their own dtype (each backend converts what it must, once: the Triton launcher with one
+    `where` over the mask's distinct values, where the op used to make zeros, fill them and cast),
+    with the same outputs as float64 attention under the mask; with the causal rule or a window
+    too, whose hidden keys the mask's ranges must also leave out (a padding row sees nothing
+    then). Calls of one shape share one set of batch metadata tensors, made once (not three per
+    call)."""
     from tileflow.runtime import attention as runtime_attention
 
     s, d = 9, 16

@@ -728,11 +728,12 @@ def test_model_masks_as_bias(causal: bool, kv_split: int | None) -> None:
 
 
 @pytest.mark.parametrize(("causal", "kv_split"), [(False, None), (True, 24)])
-def test_bool_masks_and_half_biases_read_in_place(causal: bool, kv_split: int | None) -> None:
-    """The launcher hands the kernel a bool mask (True = attend) and a float16 or bfloat16 bias
-    as they are, with no float32 copy: the same outputs as their float32 additive forms, against
-    float64. Bool: every model mask above whose entries are 0 or -inf; half: the soft bias and
-    the causal one (values rounded to the dtype, which the reference sees too)."""
+def test_bool_masks_and_half_biases(causal: bool, kv_split: int | None) -> None:
+    """The launcher takes a bool mask (True = attend) and a float16 or bfloat16 bias as the dense
+    op hands them over (as the model has them) and gives the kernel their float32 additive form:
+    the same outputs as those forms, against float64. Bool: every model mask above whose entries
+    are 0 or -inf; half: the soft bias and the causal one (values rounded to the dtype, which the
+    reference sees too)."""
     gen = torch.Generator().manual_seed(13)
     b, hq, hkv, s, d = 2, 4, 2, 56, 16
     q, k, v = (torch.randn(b, h, s, d, generator=gen) for h in (hq, hkv, hkv))

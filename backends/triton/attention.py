@@ -245,8 +245,7 @@ def _main_signature(cfg: AttentionConfig) -> str:
     if cfg.tree:
         lines.append("tree_mask_ptr,  # uint8 [S, T, T]")
     if cfg.bias:
-        lines.append("bias_ptr,  # additive bias [S, Hq, q_len, kv_len] (broadcast dims: stride 0): float, or a")
-        lines.append("          # bool mask read as uint8 (True = attend; BIAS_MASK)")
+        lines.append("bias_ptr,  # float additive bias [S, Hq, q_len, kv_len] (broadcast dims: stride 0)")
         lines.append("bias_ranges_ptr,  # int32 [S, q_len, 4]: (lo, full_lo, full_hi, hi) keys per row")
     if cfg.key_starts:
         lines.append("key_starts_ptr,  # int32 [S, q_len]: a row sees no key before key_starts[seq, q_idx]")
@@ -285,8 +284,6 @@ def _main_signature(cfg: AttentionConfig) -> str:
         "WIDE_OFFSETS: tl.constexpr,  # int64 cache offsets: a cache spans 2**31 elements or more",
         "SAME_KV_STRIDES: tl.constexpr,  # v_cache.stride() == k_cache.stride()",
     ]
-    if cfg.bias:
-        lines.append("BIAS_MASK: tl.constexpr,  # bias_ptr holds a bool mask: 0 where set, -inf elsewhere")
     if cfg.softcap:
         lines.append("FAST_TANH: tl.constexpr,  # tanh.approx (half-precision inputs on an NVIDIA GPU)")
     return "\n".join("    " + line for line in lines)
@@ -632,10 +629,7 @@ tree_ok = tl.load(tree_ptrs, mask=visible & in_tree[None, :], other=0) != 0
 # -inf entries hide a key; scores are in base 2, so the bias is scaled by log2(e).
 bias_ptrs = (bias_ptr + seq.to(tl.int64) * stride_ab_s + head[:, None] * stride_ab_h
              + q_idx[:, None] * stride_ab_i + kv_pos[None, :] * stride_ab_j)
-if BIAS_MASK:  # a model's bool mask, read as it is (no float copy of it per call)
-    bias = tl.where(tl.load(bias_ptrs, mask=visible, other=1) != 0, 0.0, float("-inf"))
-else:
-    bias = tl.load(bias_ptrs, mask=visible, other=0.0).to(tl.float32)
+bias = tl.load(bias_ptrs, mask=visible, other=0.0).to(tl.float32)
 # A -inf entry hides its key like a mask does (a row hidden entirely outputs zeros, as on every
 # backend); masks built with finfo.min instead would overflow when rescaled: clamp those.
 visible = visible & (bias > float("-inf"))
@@ -931,11 +925,12 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
 
         `attn_bias` (given exactly when the spec has `bias=True`) is a float [S | 1, Hq | 1,
         max_q_len, max_kv_len] tensor added to the scaled scores, or a bool mask of that shape
-        (True = attend: adds 0, else hides the key), read in place: row i of sequence s, key j
-        reads attn_bias[s, h, i, j]. `attn_bias_ranges` are its `bias_ranges` when the caller
-        has them already (computed here otherwise): the kernel skips the keys they hide and
-        reads no bias where they say it is zero. `softcap` (given exactly when the spec has
-        `softcap=True`) caps the scaled scores at +-softcap: softcap * tanh(scores / softcap).
+        (True = attend: adds 0, else hides the key; the kernel gets its float32 additive form):
+        row i of sequence s, key j reads attn_bias[s, h, i, j]. `attn_bias_ranges` are its
+        `bias_ranges` when the caller has them already (computed here otherwise): the kernel
+        skips the keys they hide and reads no bias where they say it is zero. `softcap` (given
+        exactly when the spec has `softcap=True`) caps the scaled scores at +-softcap: softcap *
+        tanh(scores / softcap).
         `sinks` (float [Hq], exactly when the spec has `sinks=True`) are the heads' attention-sink
         logits: each joins its head's softmax as a key that adds no value. `alibi_slopes` (float
         [Hq], exactly when the spec has `alibi=True`): ALiBi, the score of key position j for the
@@ -962,15 +957,13 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
         # bool storage is one byte per element: viewed as uint8 (no copy), loads are plain.
         tree_arg = None if inputs.tree_mask is None else inputs.tree_mask.view(torch.uint8)
         bias_arg = inputs.attn_bias
-        if bias_arg is not None:
-            # A bool mask is read in place as bytes; float16, bfloat16 and float32 biases as they
-            # are (the kernel adds them in float32); float64 has no cheap path there: narrowed.
-            if bias_arg.dtype == torch.bool:
-                bias_arg = bias_arg.view(torch.uint8)
-            elif bias_arg.dtype == torch.float64:
-                # `inputs.attn_bias` is expanded to [S, Hq, q_len, kv_len] (broadcast dims stride
-                # 0): narrowed on its distinct values only.
-                bias_arg = additive_bias(bias_arg)
+        if bias_arg is not None and bias_arg.dtype != torch.float32:
+            # The kernel reads a float32 bias: its masked steps fetch it with cp.async, whose
+            # smallest copy is 4 bytes. A bool mask read as bytes, or a 2-byte bias, there took
+            # per-element loads that doubled the step and spilled inside it (sm_90: 2373 and
+            # 2125 instructions a step against 1018, 384 and 392 bytes spilled, bench/NOTES.md,
+            # session 41). Converted on its distinct values (broadcast dims stay stride 0).
+            bias_arg = additive_bias(bias_arg)
         scale = softmax_scale(scale, d, where)
         if scale < 0:
             # The kernel's unmasked blocks rely on qk_scale >= 0 (max(s) * scale is the max of
@@ -1036,7 +1029,6 @@ def make_attention_launcher(spec: KernelSpec, kernels: Any) -> Callable[..., tor
             SAME_KV_STRIDES=k_cache.stride() == v_cache.stride(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"FAST_TANH": _fast_tanh(spec.dtype, device)} if cfg.softcap else {}),
-            **({"BIAS_MASK": bias_arg.dtype == torch.uint8} if cfg.bias else {}),
         )
         if merges.shape[0] > 0:
             merge_kernel[(merges.shape[0],)](

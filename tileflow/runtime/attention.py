@@ -274,10 +274,9 @@ def run_meta_attention(
         other_chunk = torch.arange(s_kv, device=device)[None, :] // attention_chunk != pos // attention_chunk
         attn_mask, mask_ranges = _hiding(attn_mask, other_chunk, device), None
     if attn_mask is not None:
-        # Kernels take a bool mask or a half or float32 bias as it is: a float32 copy of an
-        # [S, S_kv] mask in every layer would cost a pass over 4 x S x S_kv bytes and that much
-        # memory (4 GiB at 32k tokens) for values a causal mask's ranges let the kernel skip.
-        # Float64 is narrowed (with its lowest kept: `additive_bias`).
+        # Launchers take a bool mask or a half or float32 bias as it is and convert what their
+        # kernel needs themselves (the Triton kernel reads float32, converted on the distinct
+        # values of broadcast dims). Float64 is narrowed here (its lowest kept: `additive_bias`).
         bias = additive_bias(attn_mask) if attn_mask.dtype == torch.float64 else attn_mask
         while bias.dim() < 4:
             bias = bias.unsqueeze(0)

@@ -305,8 +305,8 @@ def model_mask_methods(s: int, *, device, dtype):
     k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     methods = {
         "tileflow, mask as bias": lambda: torch.ops.tileflow.meta_attention(q, k, v, mask, False, None, "", ranges),
-        # The bool mask transformers builds: the launcher makes its float32 form per call, as a
-        # compiled model's every layer does (what converting it once per step would save).
+        # The bool mask transformers builds: the launcher makes its float32 form per call, as an
+        # eager attn_implementation="tileflow" layer does (compiled graphs make it once per step).
         "tileflow, bool mask": lambda: torch.ops.tileflow.meta_attention(q, k, v, keep, False, None, "", ranges),
         "tileflow, causal": lambda: tileflow.ops.meta_attention(q, k, v, causal=True),
         "SDPA, mask": lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=sdpa_mask),

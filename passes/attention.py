@@ -33,6 +33,8 @@ lacks them.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import operator
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from typing import Any
 import torch
 import torch._prims_common
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import guard_int, statically_known_true
 
@@ -257,6 +260,7 @@ class Attention:
         result = PassResult()
         graph = gm.graph
         self._ranges: dict[fx.Node, fx.Node] = {}
+        self._biases: dict[fx.Node, fx.Node] = {}
         self._made: dict[tuple[Any, ...], fx.Node] = {}  # masks made from the graph's, shared by its layers
         self._slopes: dict[tuple[Any, ...], list[float] | None] = {}
         self._token_symbols = _token_symbols(graph)
@@ -279,6 +283,9 @@ class Attention:
         for ranges in self._ranges.values():
             if ranges in live:  # a mask whose ranges serve at least one rewritten attention
                 result.count("mask_ranges")
+        for bias in self._biases.values():
+            if bias in live:
+                result.count("mask_as_float32_bias")
         gm.recompile()
         return result
 
@@ -328,6 +335,7 @@ class Attention:
         if not args.get("enable_gqa", True) and int(kv.shape[1]) not in (hq, 1):
             return "K/V head count differs from Q without enable_gqa"
         ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
+        bias = self._float32_bias(graph, mask)
         scale = args.get("scale")
         with graph.inserting_before(node):
             if int(vv.shape[3]) != int(qv.shape[3]):
@@ -336,7 +344,7 @@ class Attention:
             q, k_real, v_real = _one_head_size(graph, q, k_real, v_real)
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
-                (q, k_real, v_real, mask, causal, scale, ctx.target, ranges),
+                (q, k_real, v_real, bias, causal, scale, ctx.target, ranges),
             )
             infer_meta(new)
             out = _as_replaced(graph, new, int(vv.shape[3]), out_users if returns_tuple else [node])
@@ -377,6 +385,40 @@ class Attention:
             copy_source_meta(mask, node)
             self._ranges[mask] = node
         return self._ranges[mask]
+
+    def _float32_bias(self, graph: fx.Graph, mask: Any) -> Any:
+        """What the attention reads of `mask`: for a bool mask, or a `where(keep, 0, -inf)` of
+        one in any float dtype (SDPA's CUDA decomposition makes one per layer), the float32
+        additive bias the kernels take, `where(keep, 0., -inf)`, made once per bool mask right
+        after it: every layer sharing the mask reads it, where each layer's call converted the
+        mask again (a pass writing 4 x S x S_kv bytes). Other masks as they are: a float32 one
+        is read as it is, and a half-precision one holding its dtype's lowest value keeps that
+        dtype, which the padding analysis of `cuda_graphs` judges its hidden keys by (cast once
+        per call, as before)."""
+        if not isinstance(mask, fx.Node):
+            return mask
+        source = _bool_source(mask)
+        sv = _val(source)
+        if isinstance(sv, torch.Tensor) and sv.dtype == torch.bool:
+            if source not in self._biases:
+                fills = []
+                after = source
+                for value in (0.0, float("-inf")):
+                    with graph.inserting_after(after):
+                        after = graph.call_function(aten.scalar_tensor.default, (value,),
+                                                    {"dtype": torch.float32, "device": sv.device})
+                    # No tensor input to take a fake mode from (infer_meta's way): the mask's.
+                    with detect_fake_mode([sv]) or contextlib.nullcontext():
+                        after.meta["val"] = torch.scalar_tensor(value, dtype=torch.float32, device=sv.device)
+                    fills.append(after)
+                with graph.inserting_after(after):
+                    bias = graph.call_function(aten.where.self, (source, *fills))
+                infer_meta(bias)
+                for node in (*fills, bias):
+                    copy_source_meta(source, node)
+                self._biases[source] = bias
+            return self._biases[source]
+        return mask
 
     # -- the manual form ------------------------------------------------------------------------
     def _rewrite_manual(self, graph: fx.Graph, softmax: fx.Node, ctx: PassContext, result: PassResult) -> str | None:
@@ -556,6 +598,7 @@ class Attention:
             return _MORE_QUERIES_THAN_KEYS
         scale: float | None = operands.q_factor * operands.k_factor * scores.product_scale
         ranges = self._mask_ranges(graph, scores.mask, kv.shape[2], result)
+        bias = self._float32_bias(graph, scores.mask)
         with graph.inserting_before(out4):
             q_in = q
             # A scale that is a 0-d tensor (e.g. a buffer) is applied to q instead: same product.
@@ -584,7 +627,7 @@ class Attention:
             q_in, k_real, v_real = _one_head_size(graph, q_in, k_real, v_real)
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
-                (q_in, k_real, v_real, scores.mask, False, scale, ctx.target, ranges, *extra),
+                (q_in, k_real, v_real, bias, False, scale, ctx.target, ranges, *extra),
             )
             infer_meta(new)
             out = _as_replaced(graph, new, int(vv.shape[3]), [gate.mul if gate is not None else out4])
@@ -703,10 +746,14 @@ def _constant(arg: Any) -> float | None:
 
 
 def _bool_source(mask: fx.Node) -> fx.Node:
-    """The bool mask an additive mask was made from by `where(keep, 0, -inf)` (its ranges are
-    the same), so layers that each convert one shared bool mask share one ranges node."""
+    """The bool mask an additive mask was made from by `where(keep, 0, -inf)`, or by
+    `where(~keep, -inf, 0)` as SDPA converts a bool mask (its ranges are the same), so layers
+    that each convert one shared bool mask share one ranges node and one bias."""
     if mask.target in (aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar):
         keep, yes, no = mask.args[:3]
+        if (_constant(yes), _constant(no)) == (float("-inf"), 0.0) and isinstance(keep, fx.Node) and keep.target in (
+                aten.logical_not.default, aten.bitwise_not.default):
+            keep, yes, no = keep.args[0], no, yes
         kv = _val(keep)
         if (isinstance(keep, fx.Node) and isinstance(kv, torch.Tensor) and kv.dtype == torch.bool
                 and same_shape(kv.shape, _val(mask).shape) and _constant(yes) == 0.0 and _constant(no) == float("-inf")):

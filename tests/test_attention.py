@@ -513,8 +513,10 @@ def test_manual_attention_hiding_scores_with_neg_inf(form: str) -> None:
     _, out, gm, report = compile_attention(attn, x, w, keep)
     torch.testing.assert_close(out, attn(x, w, keep), rtol=1e-4, atol=1e-4)
     assert report.rewrites["meta_attention"] == 1 and not report.fallbacks
-    assert not any(n.target in (torch.ops.aten.masked_fill.Scalar, torch.ops.aten.where.self)
-                   for n in gm.graph.nodes)
+    # The scores' masking is gone; what is left is the pass's float32 form of the mask, once.
+    meta = next(n for n in gm.graph.nodes if n.target is META)
+    assert all(n is meta.args[3] for n in gm.graph.nodes
+               if n.target in (torch.ops.aten.masked_fill.Scalar, torch.ops.aten.where.self))
 
 
 def alibi_attention(x: torch.Tensor, w: torch.Tensor, *, form: str, bias: str = "alibi") -> torch.Tensor:
@@ -1072,8 +1074,9 @@ def test_mixed_batch_runs_one_launch_per_tile_height(monkeypatch, target: str) -
 @pytest.mark.parametrize("padding", [False, True])
 def test_a_models_mask_gets_one_ranges_node_for_every_layer(padding: bool) -> None:
     """transformers materializes its causal (and padding) mask and every layer converts it to a
-    bias of its own: the pass computes the mask's ranges once, from the bool mask they share,
-    and hands them to every layer's meta_attention; outputs match eager, left padding included."""
+    bias of its own: the pass computes the mask's ranges once, from the bool mask they share, and
+    the float32 bias the kernels read once too (not in every layer's call), and hands both to
+    every layer's meta_attention; outputs match eager, left padding included."""
     from models import VOCAB, build
 
     model = build("llama")
@@ -1098,6 +1101,52 @@ def test_a_models_mask_gets_one_ranges_node_for_every_layer(padding: bool) -> No
     assert len(ranges) == 1 and all(n.args[7] is ranges[0] for n in metas)
     assert ranges[0].args[0].meta["val"].dtype == torch.bool
     assert report.rewrites["mask_ranges"] == 1
+    bias = metas[0].args[3]
+    assert all(n.args[3] is bias for n in metas) and bias.target is torch.ops.aten.where.self
+    assert bias.args[0] is ranges[0].args[0] and bias.meta["val"].dtype == torch.float32
+    assert report.rewrites["mask_as_float32_bias"] == 1
+
+
+@pytest.mark.parametrize("form", ["bool", "where", "where of not", "bias"])
+def test_layers_converting_one_mask_share_one_float32_bias(form: str) -> None:
+    """Two bfloat16 layers that each hand SDPA the same mask: as a bool, or as their own
+    `where(keep, 0, -inf)` or `where(~keep, -inf, 0)` in bfloat16 (SDPA's conversion of a bool
+    mask, which its CUDA decomposition makes in each layer). The pass gives both meta_attentions one float32 bias made once (the layers' own
+    conversions left dead: one `where` in the graph) and one ranges node, where each layer's call
+    converted the mask before; the result is eager's. A bfloat16 bias of other values is left
+    in its dtype (cast per call), its ranges still shared."""
+    gen = torch.Generator().manual_seed(4)
+    s, d, dt = 7, 16, torch.bfloat16
+    keep = torch.ones(s, s, dtype=torch.bool).tril()
+    keep[:, 1] = False
+    soft = torch.where(keep, 0.5 * torch.randn(s, s, generator=gen), float("-inf")).to(dt)
+
+    def two_layers(x: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):
+            q = (x @ w).view(1, s, 2, d).transpose(1, 2)
+            if form == "bool":
+                mask = keep
+            elif form == "where":
+                mask = torch.where(keep, torch.full((), 0.0, dtype=dt), torch.full((), float("-inf"), dtype=dt))
+            elif form == "where of not":
+                mask = torch.where(keep.logical_not(), torch.full((), float("-inf"), dtype=dt), torch.full((), 0.0, dtype=dt))
+            else:
+                mask = soft
+            x = x + F.scaled_dot_product_attention(q, q, q, attn_mask=mask).transpose(1, 2).reshape(1, s, 2 * d)
+        return x
+
+    x, w = torch.randn(1, s, 2 * d, generator=gen, dtype=dt), (torch.randn(2 * d, 2 * d, generator=gen) / 6).to(dt)
+    _, out, gm, report = compile_attention(two_layers, x, w, keep, soft)
+    torch.testing.assert_close(out, two_layers(x, w, keep, soft), rtol=2e-2, atol=2e-2)
+    metas = [n for n in gm.graph.nodes if n.target is META]
+    assert len(metas) == 2 and metas[0].args[3] is metas[1].args[3] and metas[0].args[7] is metas[1].args[7] is not None
+    bias = metas[0].args[3]
+    if form == "bias":
+        assert bias.meta["val"].dtype == dt and "mask_as_float32_bias" not in report.rewrites
+    else:
+        wheres = [n for n in gm.graph.nodes if n.target is torch.ops.aten.where.self]
+        assert bias.meta["val"].dtype == torch.float32 and wheres == [bias]
+        assert report.rewrites["mask_as_float32_bias"] == 1
 
 
 def test_attention_mask_ranges_op() -> None:

@@ -401,6 +401,16 @@ class Attention:
         sv = _val(source)
         if isinstance(sv, torch.Tensor) and sv.dtype == torch.bool:
             if source not in self._biases:
+                # A mask expanded over dims (transformers' `sdpa_mask` ends in an expand to the
+                # batch size; models expand masks over heads) is converted on the values it
+                # expands and expanded as it was: a `where` of the expanded view would copy them
+                # once per batch row and head, 4 bytes an element, kept alive across every layer.
+                base, sizes = (source.args[0], source.args[1]) if source.target is aten.expand.default else (source, None)
+                if _broadcast_in_place(_val(base)):
+                    # Stride 0 that no node of the graph makes (a graph input passed expanded):
+                    # the bool mask itself, whose distinct values each call converts
+                    # (`additive_bias`), where a `where` of it would copy the repeated ones.
+                    return source
                 fills = []
                 after = source
                 for value in (0.0, float("-inf")):
@@ -411,10 +421,17 @@ class Attention:
                     with detect_fake_mode([sv]) or contextlib.nullcontext():
                         after.meta["val"] = torch.scalar_tensor(value, dtype=torch.float32, device=sv.device)
                     fills.append(after)
+                made = []
                 with graph.inserting_after(after):
-                    bias = graph.call_function(aten.where.self, (source, *fills))
+                    bias = graph.call_function(aten.where.self, (base, *fills))
                 infer_meta(bias)
-                for node in (*fills, bias):
+                made.append(bias)
+                if sizes is not None:
+                    with graph.inserting_after(bias):
+                        bias = graph.call_function(aten.expand.default, (bias, sizes))
+                    infer_meta(bias)
+                    made.append(bias)
+                for node in (*fills, *made):
                     copy_source_meta(source, node)
                 self._biases[source] = bias
             return self._biases[source]
@@ -743,6 +760,13 @@ def _constant(arg: Any) -> float | None:
     """The value of a number, or of a one-element tensor the graph holds as a constant (say a
     `scalar_tensor`, or the attribute `torch.tensor(finfo.min)` becomes); None for anything else."""
     return constant_number(arg)
+
+
+def _broadcast_in_place(value: Any) -> bool:
+    """Whether a traced tensor repeats its elements along a dim of size > 1 (stride 0)."""
+    return isinstance(value, torch.Tensor) and any(
+        statically_known_true(stride == 0) and not statically_known_true(size <= 1)
+        for size, stride in zip(value.shape, value.stride()))
 
 
 def _bool_source(mask: fx.Node) -> fx.Node:

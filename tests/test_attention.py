@@ -517,6 +517,10 @@ def test_manual_attention_hiding_scores_with_neg_inf(form: str) -> None:
     meta = next(n for n in gm.graph.nodes if n.target is META)
     assert all(n is meta.args[3] for n in gm.graph.nodes
                if n.target in (torch.ops.aten.masked_fill.Scalar, torch.ops.aten.where.self))
+    # ... made of the bool mask itself (the input), read by the kernel as it is.
+    bias = meta.args[3]
+    assert bias.target is torch.ops.aten.where.self and bias.meta["val"].dtype == torch.float32
+    assert bias.args[0].op == "placeholder" and report.rewrites["mask_as_float32_bias"] == 1
 
 
 def alibi_attention(x: torch.Tensor, w: torch.Tensor, *, form: str, bias: str = "alibi") -> torch.Tensor:
@@ -1147,6 +1151,46 @@ def test_layers_converting_one_mask_share_one_float32_bias(form: str) -> None:
         wheres = [n for n in gm.graph.nodes if n.target is torch.ops.aten.where.self]
         assert bias.meta["val"].dtype == torch.float32 and wheres == [bias]
         assert report.rewrites["mask_as_float32_bias"] == 1
+
+
+@pytest.mark.parametrize("expanded", ["batch", "batch and heads", "placeholder"])
+def test_a_broadcast_bool_mask_gets_a_broadcast_float32_bias(expanded: str) -> None:
+    """A bool mask expanded over the batch (transformers' `sdpa_mask` ends in such an expand)
+    or the heads is a view: the launchers convert its distinct
+    values only (`additive_bias`), and so does the pass's float32 bias, expanded as the mask was,
+    not a [B, H, S, S_kv] copy of 4 bytes an element kept alive across every layer. A graph
+    input passed expanded (stride 0, made by no node of the graph) is handed on as the bool mask
+    it is, each call converting its distinct values, not SDPA's `where` of it."""
+    gen = torch.Generator().manual_seed(5)
+    b, h, s, d = 3, 4, 7, 16
+    keep = torch.ones(s, s, dtype=torch.bool).tril()
+    keep[:, 2] = False
+
+    def two_layers(x: torch.Tensor, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if expanded == "batch":
+            mask = keep[None, None].expand(b, 1, s, s)
+        elif expanded == "batch and heads":
+            mask = keep[None, None].expand(b, h, s, s)
+        else:
+            mask = keep
+        for _ in range(2):
+            q = (x @ w).view(b, s, h, d).transpose(1, 2)
+            x = x + F.scaled_dot_product_attention(q, q, q, attn_mask=mask).transpose(1, 2).reshape(b, s, h * d)
+        return x
+
+    x, w = torch.randn(b, s, h * d, generator=gen), torch.randn(h * d, h * d, generator=gen) / 8
+    if expanded == "placeholder":
+        keep = keep[None, None].expand(b, h, s, s)
+    _, out, gm, report = compile_attention(two_layers, x, w, keep)
+    torch.testing.assert_close(out, two_layers(x, w, keep), rtol=1e-4, atol=1e-4)
+    metas = [n for n in gm.graph.nodes if n.target is META]
+    assert len(metas) == 2 and metas[0].args[3] is metas[1].args[3]
+    bias = metas[0].args[3].meta["val"]
+    assert bias.dtype == (torch.bool if expanded == "placeholder" else torch.float32)
+    assert report.rewrites.get("mask_as_float32_bias", 0) == (0 if expanded == "placeholder" else 1)
+    # No dim of size > 1 is materialized that the mask only broadcast.
+    assert bias.shape == (b, 1 if expanded == "batch" else h, s, s)
+    assert all(stride == 0 for size, stride in zip(bias.shape[:2], bias.stride()[:2]) if size > 1), bias.stride()
 
 
 def test_attention_mask_ranges_op() -> None:

@@ -131,6 +131,14 @@ def _causal_mask_from_positions(x: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(*_heads(x), attn_mask=bias)
 
 
+def _causal_bool_mask_expanded(x: torch.Tensor) -> torch.Tensor:
+    # A [1, 1, T, T] bool mask expanded (here over the heads), which the attention pass converts
+    # to float32 before expanding it again.
+    pos = torch.arange(x.shape[1])
+    allowed = (pos[None, :] <= pos[:, None])[None, None].expand(1, 2, -1, -1)
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=allowed)
+
+
 def _anti_causal_mask(x: torch.Tensor) -> torch.Tensor:
     pos = torch.arange(x.shape[1])
     return F.scaled_dot_product_attention(*_heads(x), attn_mask=pos[None, :] >= pos[:, None])
@@ -188,7 +196,8 @@ def test_bidirectional_attention_is_never_replayed_padded(replay_on_cpu, fn, rea
     _assert_not_padded(_run(fn, _tokens), reason)
 
 
-@pytest.mark.parametrize("fn", [_causal, _causal_mask_from_positions, _causal_mask_per_head_group])
+@pytest.mark.parametrize("fn", [_causal, _causal_mask_from_positions, _causal_mask_per_head_group,
+                                _causal_bool_mask_expanded])
 def test_causal_attention_is_captured(replay_on_cpu, fn) -> None:
     report = _run(fn, _tokens)
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]

@@ -34,7 +34,6 @@ lacks them.
 from __future__ import annotations
 
 import contextlib
-
 import math
 import operator
 from dataclasses import dataclass

@@ -49,6 +49,19 @@ def test_host_step_benchmark_counts_one_launch_per_kernel() -> None:
     assert all(float(r[1]) > 0 and float(r[2]) > 0 and r[3] == "15" for r in rows), rows
 
 
+def test_host_calls_benchmark_counts_each_calls_launches() -> None:
+    """bench/host_calls.py (one op call's host time with the launches stubbed, on any machine)
+    prints a row per call with a positive time and its exact launches: one kernel for a GEMM and
+    each attention call (no split-KV merge at these sizes), none for the mask's ranges."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "host_calls.py"), "--repeats", "1", "--calls", "3"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| call")]
+    assert len(rows) == 9 and all(float(r[1]) > 0 for r in rows), rows
+    assert [r[2] for r in rows] == ["0" if r[0].startswith("attention_mask_ranges") else "1" for r in rows]
+
+
 @pytest.mark.extended
 def test_compile_time_benchmark_runs() -> None:
     """bench/compile_time.py (compile time by model depth, on any machine) prints one row per

@@ -33,7 +33,6 @@ lacks them.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ from typing import Any
 import torch
 import torch._prims_common
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import guard_int, statically_known_true
 
@@ -259,7 +257,6 @@ class Attention:
         result = PassResult()
         graph = gm.graph
         self._ranges: dict[fx.Node, fx.Node] = {}
-        self._biases: dict[fx.Node, fx.Node] = {}
         self._made: dict[tuple[Any, ...], fx.Node] = {}  # masks made from the graph's, shared by its layers
         self._slopes: dict[tuple[Any, ...], list[float] | None] = {}
         self._token_symbols = _token_symbols(graph)
@@ -282,8 +279,8 @@ class Attention:
         for ranges in self._ranges.values():
             if ranges in live:  # a mask whose ranges serve at least one rewritten attention
                 result.count("mask_ranges")
-        for bias in self._biases.values():
-            if bias in live:
+        for key, bias in self._made.items():
+            if key[0] == "float32 bias" and bias in live:
                 result.count("mask_as_float32_bias")
         gm.recompile()
         return result
@@ -398,43 +395,31 @@ class Attention:
             return mask
         source = _bool_source(mask)
         sv = _val(source)
-        if isinstance(sv, torch.Tensor) and sv.dtype == torch.bool:
-            if source not in self._biases:
-                # A mask expanded over dims (transformers' `sdpa_mask` ends in an expand to the
-                # batch size; models expand masks over heads) is converted on the values it
-                # expands and expanded as it was: a `where` of the expanded view would copy them
-                # once per batch row and head, 4 bytes an element, kept alive across every layer.
-                base, sizes = (source.args[0], source.args[1]) if source.target is aten.expand.default else (source, None)
-                if _broadcast_in_place(_val(base)):
-                    # Stride 0 that no node of the graph makes (a graph input passed expanded):
-                    # the bool mask itself, whose distinct values each call converts
-                    # (`additive_bias`), where a `where` of it would copy the repeated ones.
-                    return source
-                fills = []
-                after = source
-                for value in (0.0, float("-inf")):
-                    with graph.inserting_after(after):
-                        after = graph.call_function(aten.scalar_tensor.default, (value,),
-                                                    {"dtype": torch.float32, "device": sv.device})
-                    # No tensor input to take a fake mode from (infer_meta's way): the mask's.
-                    with detect_fake_mode([sv]) or contextlib.nullcontext():
-                        after.meta["val"] = torch.scalar_tensor(value, dtype=torch.float32, device=sv.device)
-                    fills.append(after)
-                made = []
-                with graph.inserting_after(after):
-                    bias = graph.call_function(aten.where.self, (base, *fills))
+        if not (isinstance(sv, torch.Tensor) and sv.dtype == torch.bool):
+            return mask
+        key = ("float32 bias", source)
+        if key not in self._made:
+            # A mask expanded over dims (transformers' `sdpa_mask` ends in an expand to the batch
+            # size; models expand masks over heads) is converted on the values it expands and
+            # expanded as it was: a `where` of the expanded view would copy them once per batch
+            # row and head, 4 bytes an element, kept alive across every layer.
+            base, sizes = (source.args[0], source.args[1]) if source.target is aten.expand.default else (source, None)
+            if _broadcast_in_place(_val(base)):
+                # Stride 0 that no node of the graph makes (a graph input passed expanded): the
+                # bool mask itself, whose distinct values each call converts (`additive_bias`),
+                # where a `where` of it would copy the repeated ones.
+                return source
+            with graph.inserting_after(source):
+                bias = graph.call_function(aten.where.Scalar, (base, 0.0, float("-inf")))
+            infer_meta(bias)
+            copy_source_meta(source, bias)
+            if sizes is not None:
+                with graph.inserting_after(bias):
+                    bias = graph.call_function(aten.expand.default, (bias, sizes))
                 infer_meta(bias)
-                made.append(bias)
-                if sizes is not None:
-                    with graph.inserting_after(bias):
-                        bias = graph.call_function(aten.expand.default, (bias, sizes))
-                    infer_meta(bias)
-                    made.append(bias)
-                for node in (*fills, *made):
-                    copy_source_meta(source, node)
-                self._biases[source] = bias
-            return self._biases[source]
-        return mask
+                copy_source_meta(source, bias)
+            self._made[key] = bias
+        return self._made[key]
 
     # -- the manual form ------------------------------------------------------------------------
     def _rewrite_manual(self, graph: fx.Graph, softmax: fx.Node, ctx: PassContext, result: PassResult) -> str | None:
@@ -774,9 +759,9 @@ def _bool_source(mask: fx.Node) -> fx.Node:
     that each convert one shared bool mask share one ranges node and one bias."""
     if mask.target in (aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar):
         keep, yes, no = mask.args[:3]
-        if (_constant(yes), _constant(no)) == (float("-inf"), 0.0) and isinstance(keep, fx.Node) and keep.target in (
-                aten.logical_not.default, aten.bitwise_not.default):
-            keep, yes, no = keep.args[0], no, yes
+        if (_constant(yes), _constant(no)) == (float("-inf"), 0.0) and isinstance(keep, fx.Node) and (
+                _negation_source(keep) is not None):
+            keep, yes, no = _negation_source(keep), no, yes
         kv = _val(keep)
         if (isinstance(keep, fx.Node) and isinstance(kv, torch.Tensor) and kv.dtype == torch.bool
                 and same_shape(kv.shape, _val(mask).shape) and _constant(yes) == 0.0 and _constant(no) == float("-inf")):

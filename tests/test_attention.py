@@ -516,10 +516,10 @@ def test_manual_attention_hiding_scores_with_neg_inf(form: str) -> None:
     # The scores' masking is gone; what is left is the pass's float32 form of the mask, once.
     meta = next(n for n in gm.graph.nodes if n.target is META)
     assert all(n is meta.args[3] for n in gm.graph.nodes
-               if n.target in (torch.ops.aten.masked_fill.Scalar, torch.ops.aten.where.self))
+               if n.target in (torch.ops.aten.masked_fill.Scalar, torch.ops.aten.where.self, torch.ops.aten.where.Scalar))
     # ... made of the bool mask itself (the input), read by the kernel as it is.
     bias = meta.args[3]
-    assert bias.target is torch.ops.aten.where.self and bias.meta["val"].dtype == torch.float32
+    assert bias.target is torch.ops.aten.where.Scalar and bias.meta["val"].dtype == torch.float32
     assert bias.args[0].op == "placeholder" and report.rewrites["mask_as_float32_bias"] == 1
 
 
@@ -1106,7 +1106,7 @@ def test_a_models_mask_gets_one_ranges_node_for_every_layer(padding: bool) -> No
     assert ranges[0].args[0].meta["val"].dtype == torch.bool
     assert report.rewrites["mask_ranges"] == 1
     bias = metas[0].args[3]
-    assert all(n.args[3] is bias for n in metas) and bias.target is torch.ops.aten.where.self
+    assert all(n.args[3] is bias for n in metas) and bias.target is torch.ops.aten.where.Scalar
     assert bias.args[0] is ranges[0].args[0] and bias.meta["val"].dtype == torch.float32
     assert report.rewrites["mask_as_float32_bias"] == 1
 
@@ -1148,7 +1148,7 @@ def test_layers_converting_one_mask_share_one_float32_bias(form: str) -> None:
     if form == "bias":
         assert bias.meta["val"].dtype == dt and "mask_as_float32_bias" not in report.rewrites
     else:
-        wheres = [n for n in gm.graph.nodes if n.target is torch.ops.aten.where.self]
+        wheres = [n for n in gm.graph.nodes if n.target in (torch.ops.aten.where.self, torch.ops.aten.where.Scalar)]
         assert bias.meta["val"].dtype == torch.float32 and wheres == [bias]
         assert report.rewrites["mask_as_float32_bias"] == 1
 

@@ -609,6 +609,8 @@ class _Walk:
             return self.converted(node)
         if target is aten.where.ScalarSelf:
             return self.lowered(node)
+        if target is aten.where.Scalar and isinstance(node.args[0], fx.Node):
+            return self.masked_where(node)  # `where(keep, 0., -inf)`: the attention pass's float32 bias
         if target in _ELEMENTWISE:
             return _CLEAN  # each element from the same element (broadcast) of clean inputs
         if target in (aten.slice_scatter.default, aten.select_scatter.default):
@@ -1890,6 +1892,31 @@ class _Walk:
         return (replace(facts, fill=None, hidden=hidden) if kept and same_shape(meta_val(node).shape, meta_val(x).shape)
                 else _CLEAN)
 
+    def masked_where(self, node: fx.Node) -> _Facts:
+        """`where(cond, attend, masked)` with `attend` and `masked` filled tensors or numbers (a
+        bool mask as an additive one): causal when `cond` is and `masked` hides its keys."""
+        cond, attend, masked = node.args[:3]
+        out = meta_val(node)
+
+        def fill(arg: Any) -> float | None:
+            if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+                return float(arg)
+            return self.facts[arg].fill if isinstance(arg, fx.Node) else None
+
+        c, low, shown = self.facts[cond], fill(masked), fill(attend)
+        if c.causal is not None and low is not None and low <= _LOWEST:
+            # -inf hides the keys whatever else the row sees; the dtype's lowest only beside a
+            # visible key (the diagonal) and an attend value that is a finite constant.
+            visible = c.diagonal == tuple(sorted(c.causal)) and shown is not None and math.isfinite(shown)
+            if low == float("-inf") or visible:
+                shift = out.dim() - meta_val(cond).dim()
+                causal = (c.causal[0] + shift, c.causal[1] + shift)
+                # A diagonal of visible keys: the fill may become the lowest value (a clamp).
+                return _Facts(causal=causal, diagonal=tuple(sorted(causal)) if visible else None,
+                              visible=shown if out.is_floating_point() else None,
+                              hidden=low if out.is_floating_point() else None)
+        return _CLEAN
+
     def pointwise(self, node: fx.Node) -> _Facts:
         """Elementwise ops broadcast clean values to clean values; comparisons of positions build
         causal masks, and masks combined with them stay causal."""
@@ -1925,21 +1952,7 @@ class _Walk:
             cond, attend, masked = node.args[:3]
             if cond.target in (aten.le.Scalar, aten.lt.Scalar) and cond.args[0] is masked:
                 return self.lowered(node)
-            c = self.facts[cond]
-            low = self.facts[masked].fill
-            if c.causal is not None and low is not None and low <= _LOWEST:
-                # -inf hides the keys whatever else the row sees; the dtype's lowest only beside a
-                # visible key (the diagonal) and an attend value that is a finite constant.
-                visible = (c.diagonal == tuple(sorted(c.causal)) and self.facts[attend].fill is not None
-                           and math.isfinite(self.facts[attend].fill))
-                if low == float("-inf") or visible:
-                    shift = rank - meta_val(cond).dim()
-                    causal = (c.causal[0] + shift, c.causal[1] + shift)
-                    # A diagonal of visible keys: the fill may become the lowest value (a clamp).
-                    return _Facts(causal=causal, diagonal=tuple(sorted(causal)) if visible else None,
-                                  visible=self.facts[attend].fill if out.is_floating_point() else None,
-                                  hidden=low if out.is_floating_point() else None)
-            return _CLEAN
+            return self.masked_where(node)
         if target in (aten.clamp_min.default, aten.maximum.default) and tensors:
             # `max(mask, lowest)` (XGLM's clamp of masked scores): hidden keys hold the lowest
             # value, which hides them only beside a visible key, so the diagonal must hold.

@@ -4,7 +4,9 @@ On a GPU (bf16, Llama-3-8B projection shapes, M from 1 to 8192), in one run: til
 (`padded_gemm`, plan over M in [1, 8192]), `torch.mm` through F.linear (cuBLAS), `torch.compile`
 Inductor with dynamic shapes, and Inductor max-autotune with dynamic shapes. Each method is one
 compiled artifact serving every M, as in serving. A second table measures the fused SwiGLU
-input projection the models run (one tileflow kernel vs two GEMMs plus the elementwise work). Prints TFLOP/s, % of the bf16 matmul ceiling
+input projection the models run (one tileflow kernel vs two GEMMs plus the elementwise work), a
+third the Q, K and V projections (one tileflow kernel over the three weights vs three GEMMs,
+and cuBLAS over a stacked weight, as vLLM loads them). Prints TFLOP/s, % of the bf16 matmul ceiling
 measured in the same run, the geometric-mean ratio per baseline and the kernel count, and writes
 the table under bench/results/.
 
@@ -84,7 +86,18 @@ def smoke() -> int:
         if not err < 1e-5:
             print("FAIL: tileflow's fused SwiGLU GEMM disagrees with the float64 reference", file=sys.stderr)
             return 1
+        # The Q, K and V projections of the third table (one kernel: its BLOCK_N divides 64 and 96).
+        weights = [torch.randn(rows, k) / k**0.5 for rows in (64, 32, 32)]
+        for name, fn in qkv_methods(config=tileflow.current_config()).items():
+            err = rel_err(fn(x, *weights), qkv_reference(x, *weights))
+            print(f"  Q, K, V M=33 N=64+32+32 K={k} {name}: rel err {err:.1e}")
+            if not err < 1e-5:
+                print(f"FAIL: {name} disagrees with the float64 reference", file=sys.stderr)
+                return 1
     kernels = tileflow.runtime.compiled_kernels("padded_gemm")
+    if not any(kernel.spec.param("segments") for kernel in kernels):
+        print("FAIL: tileflow ran the Q, K and V projections as separate kernels", file=sys.stderr)
+        return 1
     print(f"smoke check passed ({len(kernels)} kernels built)")
     return 0
 
@@ -151,33 +164,111 @@ def swiglu_methods(config):
     return methods
 
 
+def qkv_reference(x, *weights):
+    """float64 x @ cat(weights)^T."""
+    import torch
+
+    return x.double() @ torch.cat(weights).double().t()
+
+
+def qkv_methods(config):
+    """A layer's Q, K and V projections (x @ cat(Wq, Wk, Wv)^T): tileflow's one kernel reading the
+    three weights (as the gemm_padding pass emits it), tileflow's three GEMMs (as before it), three
+    cuBLAS GEMMs written into one output, and one cuBLAS GEMM over a stacked weight (vLLM's
+    QKVParallelLinear, whose copy is made at load time: outside the timing)."""
+    import torch
+    import torch.nn.functional as F
+
+    import tileflow
+
+    def tileflow_one(x, wq, wk, wv):
+        with tileflow.use_config(config):
+            return tileflow.ops.padded_gemm(x, wq, more_weights=[wk, wv])
+
+    def tileflow_three(x, *weights):
+        with tileflow.use_config(config):
+            return torch.cat([tileflow.ops.padded_gemm(x, w) for w in weights], dim=1)
+
+    def cublas_three(x, *weights):
+        out = x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+        start = 0
+        for w in weights:
+            torch.mm(x, w.t(), out=out[:, start:start + w.shape[0]])
+            start += w.shape[0]
+        return out
+
+    stacked: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def cublas_stacked(x, *weights):
+        key = tuple(w.data_ptr() for w in weights)
+        if key not in stacked:
+            stacked[key] = torch.cat(weights)
+        return F.linear(x, stacked[key])
+
+    return {"tileflow": tileflow_one, "tileflow, three GEMMs": tileflow_three, "cuBLAS, three GEMMs": cublas_three,
+            "cuBLAS, stacked weight": cublas_stacked}
+
+
+def _fused_table(title: str, label: str, methods: dict, weights: list, reference, flops_per_row: float,
+                 m_values: list[int], peak: float, failures: list[str], checkpoint, device: str, notes: str) -> str:
+    """Time `methods` (each fn(x, *weights)) at every M of `m_values` against `reference(x,
+    *weights)`: TFLOP/s, tileflow's % of the peak, and its geomean ratio to each other method
+    (`label` names the table's cells in failures)."""
+    import torch
+
+    from common import geomean, markdown_table
+
+    k = weights[0].shape[1]
+    rows, ratios = [], {name: [] for name in methods if name != "tileflow"}
+    headers = ["M"] + [f"{name} TFLOP/s" for name in methods] + ["tileflow % peak"]
+    for m in m_values:
+        xs = [torch.randn(m, k, device=device, dtype=torch.bfloat16) for _ in range(max(1, min(8, (64 << 20) // (m * k * 2))))]
+        want = reference(xs[0], *weights)
+        tflops = {name: checked_tflops(fn, [(x, *weights) for x in xs], want, m * flops_per_row, failures,
+                                       f"{label} {name} at M={m}") for name, fn in methods.items()}
+        ours = add_ratios(ratios, tflops)
+        rows.append([m] + [_cell(tflops, name) for name in methods] + ([f"{100 * ours / peak:.0f}%"] if ours else ["FAIL"]))
+        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+        if checkpoint:
+            checkpoint(f"## {title}\n\n" + markdown_table(headers, rows))
+    return (f"## {title}\n\n" + markdown_table(headers, rows) + "\n\n"
+            + "\n".join(f"- geomean tileflow / {name}: **{geomean(vals):.2f}x**" for name, vals in ratios.items() if vals)
+            + "\n- " + notes)
+
+
 def run_swiglu(quick: bool, peak: float, failures: list[str], checkpoint=None, *, device: str = "cuda") -> str:
     """GPU: Llama-3-8B's fused SwiGLU input projection (gate and up 14336 x 4096), the model's
     largest GEMM, which the main table measures only unfused (28672 x 4096)."""
     import torch
 
     import tileflow
-    from common import geomean, markdown_table
 
     n, k = 14336, 4096
     gate, up = (torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5 for _ in range(2))
-    methods = swiglu_methods(tileflow.Config(target="triton", max_tokens=MAX_TOKENS))
-    rows, ratios = [], {name: [] for name in methods if name != "tileflow"}
-    headers = ["M"] + [f"{name} TFLOP/s" for name in methods] + ["tileflow % peak"]
-    for m in ([64, 4096] if quick else [16, 64, 256, 1024, 4096, 8192]):
-        xs = [torch.randn(m, k, device=device, dtype=torch.bfloat16) for _ in range(max(1, min(8, (64 << 20) // (m * k * 2))))]
-        want = swiglu_reference(xs[0], gate, up)
-        tflops = {name: checked_tflops(fn, [(x, gate, up) for x in xs], want, 2 * m * 2 * n * k, failures,
-                                       f"SwiGLU {name} at M={m}") for name, fn in methods.items()}
-        ours = add_ratios(ratios, tflops)
-        rows.append([m] + [_cell(tflops, name) for name in methods] + ([f"{100 * ours / peak:.0f}%"] if ours else ["FAIL"]))
-        print(" | ".join(str(c) for c in rows[-1]), flush=True)
-        if checkpoint:
-            checkpoint("## Fused SwiGLU input projection (gate and up 14336 x 4096)\n\n" + markdown_table(headers, rows))
-    return ("## Fused SwiGLU input projection (gate and up 14336 x 4096)\n\n" + markdown_table(headers, rows) + "\n\n"
-            + "\n".join(f"- geomean tileflow / {name}: **{geomean(vals):.2f}x**" for name, vals in ratios.items() if vals)
-            + "\n- tileflow: one kernel (both weights' tiles, silu(gate) * up in the epilogue); the others: two GEMMs "
-              "and the elementwise work; TFLOP/s count both GEMMs")
+    return _fused_table("Fused SwiGLU input projection (gate and up 14336 x 4096)", "SwiGLU",
+                        swiglu_methods(tileflow.Config(target="triton", max_tokens=MAX_TOKENS)), [gate, up],
+                        swiglu_reference, 2 * 2 * n * k, [64, 4096] if quick else [16, 64, 256, 1024, 4096, 8192],
+                        peak, failures, checkpoint, device,
+                        "tileflow: one kernel (both weights' tiles, silu(gate) * up in the epilogue); the others: two "
+                        "GEMMs and the elementwise work; TFLOP/s count both GEMMs")
+
+
+def run_qkv(quick: bool, peak: float, failures: list[str], checkpoint=None, *, device: str = "cuda") -> str:
+    """GPU: Llama-3-8B's Q, K and V projections (4096 + 1024 + 1024 rows x 4096): one tileflow
+    kernel over the three weights against three GEMMs and a stacked weight's one."""
+    import torch
+
+    import tileflow
+
+    k = 4096
+    weights = [torch.randn(rows, k, device=device, dtype=torch.bfloat16) / k**0.5 for rows in (4096, 1024, 1024)]
+    return _fused_table("Q, K and V projections (4096 + 1024 + 1024 x 4096)", "QKV",
+                        qkv_methods(tileflow.Config(target="triton", max_tokens=MAX_TOKENS)), weights, qkv_reference,
+                        2 * 6144 * k, [16, 4096] if quick else [1, 16, 64, 256, 1024, 4096, 8192], peak, failures,
+                        checkpoint, device,
+                        "tileflow: one kernel, each output tile reading its columns' weight (a TMA piece of the plan "
+                        "runs the three apart); `tileflow, three GEMMs` is what models compiled before this ran; "
+                        "the stacked weight is copied once, outside the timing")
 
 
 def run_gpu(quick: bool, write: bool, tile_timings: str | None = None, variant_m: Sequence[int] | None = VARIANT_M,
@@ -293,9 +384,12 @@ def run_gpu(quick: bool, write: bool, tile_timings: str | None = None, variant_m
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
             checkpoint()
     print("\n" + "\n".join(summary()))
-    swiglu = run_swiglu(quick, peak, failures, checkpoint=(lambda text: checkpoint("\n\n" + text)) if write else None,
-                        device=device)
-    body = preface + markdown_table(headers, rows) + "\n\n" + "\n".join(summary()) + "\n\n" + swiglu
+    extra = ""
+    for run_table in (run_swiglu, run_qkv):
+        done = extra
+        extra += "\n\n" + run_table(quick, peak, failures, device=device,
+                                     checkpoint=(lambda text, done=done: checkpoint(done + "\n\n" + text)) if write else None)
+    body = preface + markdown_table(headers, rows) + "\n\n" + "\n".join(summary()) + extra
     if write:
         print(f"wrote {write_results(file_name, title, env, body)}")
     return 1 if failures else 0

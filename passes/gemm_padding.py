@@ -15,6 +15,11 @@ and the model's 3-D activations (elementwise epilogues commute with those views)
   `round_first`);
 - the SwiGLU pair `silu(x @ Wg.T) * (x @ Wu.T)`: two GEMMs on the same input become one kernel
   over the gate and up weights (logically [2N, K], never copied into a stacked tensor).
+Sibling linears on one input with no epilogue but their bias (a layer's Q, K and V projections)
+become one `padded_gemm` over their weights as N segments (`more_weights`; the weights are not
+concatenated), each linear's output a column slice of its result (kind `fused_siblings`, counted
+per linear merged into another's kernel): one launch instead of three, and the K and V GEMMs'
+few output tiles join Q's on the device.
 MoE expert GEMMs (`transformers::grouped_mm_fallback` or `aten._grouped_mm`: x [M, K] with rows
 sorted by expert, weights [E, K, N], int32 cumulative `offs`) become `tileflow::grouped_gemm`,
 whose plan is keyed by the expected rows per expert ceil(M / E); Mixtral's
@@ -51,6 +56,10 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+# Targets whose sibling GEMMs run as one node: Triton reads the segments in one kernel, the
+# reference computes them one by one into the node's columns. Ascend's kernels write contiguous
+# rows only, so there a node's segments would cost copies: its siblings stay apart.
+_SIBLING_TARGETS = ("triton", "reference")
 _TARGET_DTYPES = {
     "triton": (torch.float16, torch.bfloat16, torch.float32),
     "ascend": (torch.float16, torch.bfloat16, torch.float32),
@@ -267,6 +276,24 @@ def _zeroed_rows(node: fx.Node, rank: int) -> fx.Node | None:
     return node.args[1] if mask.shape[-1] == 1 else None
 
 
+def _strided_views_reshape(node: fx.Node) -> None:
+    """Re-derive the views downstream of `node`, now over a column slice of a wider output: a
+    `view` the slice's row stride makes impossible (one merging a row dim with a column dim)
+    becomes a `reshape`, which copies where it must. The views the models write split rows and
+    columns apart and stay views."""
+    pending = [node]
+    while pending:
+        view = pending.pop()
+        try:
+            infer_meta(view)
+        except (RuntimeError, ValueError):  # (fake tensors raise either)
+            if view.target not in (aten.view.default, aten._unsafe_view.default):
+                raise
+            view.target = aten.reshape.default
+            infer_meta(view)
+        pending += [user for user in view.users if user.op == "call_function" and is_view_op(user.target)]
+
+
 @register_pass
 class GemmPadding:
     """Rewrite canonical linears into `tileflow::padded_gemm` nodes carrying tile plans."""
@@ -279,6 +306,8 @@ class GemmPadding:
         graph = gm.graph
         plans: dict[tuple, TilePlan] = {}
         grouped_plans: dict[tuple, tuple[int, TilePlan]] = {}
+        if ctx.target in _SIBLING_TARGETS:
+            self._fuse_siblings(graph, ctx, plans, result)
         for node in list(graph.nodes):
             grouped = _grouped_mm_args(node) if in_graph(node, graph) else None
             if grouped is not None:
@@ -302,7 +331,8 @@ class GemmPadding:
                 continue
             chain = self._match(node)
             try:
-                plan = self._plan(node, ctx, plans, weight_tiles=2 if chain.activation == "swiglu" else 1)
+                plan = self._plan(node.args[0], int(_val(node.args[1]).shape[0]), ctx, plans,
+                                  weight_tiles=2 if chain.activation == "swiglu" else 1)
             except ValueError as exc:  # e.g. M's smallest value above max_tokens: this GEMM only
                 result.fallback(node, f"no tile plan: {exc}")
                 continue
@@ -448,10 +478,11 @@ class GemmPadding:
             _walk_views(chain)
 
     # -- planning and rewriting ----------------------------------------------------------------
-    def _plan(self, node: fx.Node, ctx: PassContext, plans: dict[tuple, TilePlan], *, weight_tiles: int) -> TilePlan:
-        xv, wv = _val(node.args[0]), _val(node.args[1])
+    def _plan(self, x: fx.Node, n: int, ctx: PassContext, plans: dict[tuple, TilePlan], *, weight_tiles: int) -> TilePlan:
+        """The tile plan of a GEMM of input `x` and output width `n` (shared by equal GEMMs)."""
+        xv = _val(x)
         lo, hi = self._m_range(xv.shape[0], ctx)
-        n, k = int(wv.shape[0]), int(wv.shape[1])
+        k = int(xv.shape[1])
         # (weight_tiles stays last: the report marks fused SwiGLU plans by it.)
         key = (n, k, xv.dtype, lo, hi, weight_tiles)
         if key not in plans:
@@ -460,6 +491,75 @@ class GemmPadding:
                 weight_tiles=weight_tiles,
             )
         return plans[key]
+
+    # -- sibling GEMMs (Q, K and V) --------------------------------------------------------------
+    def _fuse_siblings(self, graph: fx.Graph, ctx: PassContext, plans: dict[tuple, TilePlan], result: PassResult) -> None:
+        """Rewrite each group of two or more sibling linears (same input, K, dtype and bias
+        presence, no epilogue but their bias, not half of a SwiGLU) into one `padded_gemm`."""
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        chains = [self._match(node) for node in graph.nodes
+                  if node.op == "call_function" and node.target is aten.linear.default and not self._unsupported(node, ctx)]
+        ups = {chain.up_linear for chain in chains}
+        groups: dict[tuple, list[_Chain]] = {}
+        for chain in chains:
+            linear = chain.linear
+            if (linear in ups or chain.activation != "none" or chain.residual is not None or chain.out_dtype is not None
+                    or chain.added_bias is not None):
+                continue
+            key = (_source(linear.args[0]), int(_val(linear.args[1]).shape[1]), _val(linear.args[0]).dtype,
+                   _linear_bias(linear) is not None)
+            groups.setdefault(key, []).append(chain)
+        for group in groups.values():
+            first = group[0].linear  # chains are in graph order
+            operands = [a for chain in group for a in (chain.linear.args[1], _linear_bias(chain.linear))]
+            # One node reads every weight and bias where the first linear ran: each must exist by then.
+            if len(group) > 1 and all(not isinstance(a, fx.Node) or order[a] < order[first] for a in operands):
+                result.count("padded_gemm")
+                result.count("fused_siblings", len(group) - 1)
+                if _linear_bias(first) is not None:
+                    result.count("fused_bias")
+                self._replace_siblings(graph, group, ctx, plans)
+
+    def _replace_siblings(self, graph: fx.Graph, group: list[_Chain], ctx: PassContext, plans: dict[tuple, TilePlan]) -> None:
+        """One `padded_gemm` over the group's weights (N segments, in graph order), and each
+        linear's output (through its views) a column slice of it."""
+        first = group[0].linear
+        weights = [chain.linear.args[1] for chain in group]
+        biases = [_linear_bias(chain.linear) for chain in group]
+        widths = [int(_val(w).shape[0]) for w in weights]
+        plan = self._plan(first.args[0], sum(widths), ctx, plans, weight_tiles=1)
+        with graph.inserting_before(first):
+            gemm = graph.call_function(
+                torch.ops.tileflow.padded_gemm.default,
+                (first.args[0], weights[0], biases[0], None, "none", None, encode_plan(plan), ctx.target, None, None,
+                 False, weights[1:], biases[1:] if biases[0] is not None else None),
+            )
+            infer_meta(gemm)
+            copy_source_meta(first, gemm)
+        gemm.meta["tileflow"] = {
+            "kind": "padded_gemm",
+            "plan": plan.describe(),
+            "epilogue": (["fused_bias"] if biases[0] is not None else []) + ["fused_siblings"],
+            "segments": widths,
+            "target": ctx.target,
+        }
+        start = 0
+        for chain, width in zip(group, widths):
+            with graph.inserting_before(chain.tip):
+                out = graph.call_function(aten.slice.Tensor, (gemm, 1, start, start + width))
+                infer_meta(out)
+                copy_source_meta(chain.linear, out)
+                if chain.last_view is not None:
+                    out = graph.call_function(aten.view.default, (out, chain.last_view.args[1]))
+                    copy_source_meta(chain.tip, out)
+            start += width
+            chain.tip.replace_all_uses_with(out)
+            inputs = [i for node in (chain.linear, *chain.absorbed) for i in node.all_input_nodes]
+            for dead in reversed([chain.linear, *chain.absorbed]):
+                if not dead.users:
+                    graph.erase_node(dead)
+            erase_unused(graph, [i for i in inputs if i is not gemm])
+            _strided_views_reshape(out)
 
     @staticmethod
     def _tile_times(plan: TilePlan, ctx: PassContext, *, weight_tiles: int, grouped: bool = False) -> str:

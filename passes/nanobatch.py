@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from tileflow.graph_utils import graph_structure, is_view_op, meta_val, token_dim, traced_contiguous, written_arguments
+from tileflow.graph_utils import bind_arguments, graph_structure, is_view_op, meta_val, token_dim, traced_contiguous, written_arguments
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, OpEdge, OpSpec, Schedule, check_schedule, make_schedule
 from tileflow.search import OpProfile, modeled_timeline, search_split
@@ -223,7 +223,9 @@ def _profile(node: fx.Node) -> OpProfile | None:
     name = op_name(node)
     if name == "padded_gemm":
         w = meta_val(node.args[1])
-        n, k = int(w.shape[0]), int(w.shape[1])
+        # Sibling GEMMs' weights (N segments) add their rows to N.
+        siblings = bind_arguments(node)["more_weights"] or ()
+        n, k = int(w.shape[0]) + sum(int(meta_val(s).shape[0]) for s in siblings), int(w.shape[1])
         e = w.element_size()
         return OpProfile(node.name, "compute", 2.0 * n * k, e * (n + k), float(e * n * k), str(w.dtype).removeprefix("torch."))
     if name == "meta_attention":

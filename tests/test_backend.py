@@ -127,10 +127,11 @@ def test_explain_report_prints_and_round_trips() -> None:
     assert names == ["canonicalize", "attention", "gemm_padding"]
     assert report.rewrites["meta_attention"] == 2  # one per layer
     assert report.rewrites["canonical_linear"] == 15  # 2 layers x 7 projections + lm_head
-    assert report.rewrites["padded_gemm"] == 13  # gate and up share one SwiGLU kernel per layer
+    # Per layer: q, k and v share one GEMM, gate and up one SwiGLU kernel; then o, down, lm_head.
+    assert report.rewrites["padded_gemm"] == 9 and report.rewrites["fused_siblings"] == 4
     text = str(report)
     assert "canonicalize" in text and "canonical_linear=15" in text and "graph_" in text
-    assert "tile plans" in text and "padded_gemm=13" in text
+    assert "tile plans" in text and "padded_gemm=9" in text and "fused_siblings=4" in text
     for symbol, (lo, hi) in graph.symbols.items():  # an unbounded range reads [lo, ∞), not [lo, None]
         assert f"{symbol}∈[{lo}, {'∞)' if hi is None else f'{hi}]'}" in text
     again = tileflow.Report.from_json(report.to_json())

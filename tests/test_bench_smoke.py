@@ -38,15 +38,15 @@ def test_host_planning_benchmark_runs() -> None:
 def test_host_step_benchmark_counts_one_launch_per_kernel() -> None:
     """bench/host_step.py (a compiled step's host time with the launches stubbed, on any
     machine) prints a row per token count: positive times and exactly the step's launches, one
-    per q, k, v, o, fused gate/up and down projection and attention in each layer plus the LM
-    head (7 x 2 + 1), at every count."""
+    per fused q/k/v, o, fused gate/up and down projection and attention in each layer plus the
+    LM head (5 x 2 + 1), at every count."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "host_step.py"), "--tokens", "9,40", "--layers", "2",
                            "--hidden", "128", "--repeats", "1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| tokens")]
     assert [r[0] for r in rows] == ["9", "40"]
-    assert all(float(r[1]) > 0 and float(r[2]) > 0 and r[3] == "15" for r in rows), rows
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 and r[3] == "11" for r in rows), rows
 
 
 def test_host_calls_benchmark_counts_each_calls_launches() -> None:
@@ -678,6 +678,7 @@ def test_gemm_table_flops_peak_share_ratio_cells_and_geomeans(monkeypatch, tmp_p
     monkeypatch.setattr(gemm, "SHAPES", [(56, 40)])  # a shape no other test compiles: counted kernels
     monkeypatch.setattr(gemm, "M_VALUES", [1, 33, 2048])
     monkeypatch.setattr(gemm, "swiglu_reference", lambda x, gate, up: None)  # float64 at 14336 x 4096: too slow here
+    monkeypatch.setattr(gemm, "qkv_reference", lambda x, *weights: None)
     ours = {1: 1.0, 33: 4.0, 2048: 8.0, 16: 2.0}  # tileflow TFLOP/s per M; every other method 1.0
     flops_of: dict[str, float] = {}
 
@@ -686,13 +687,14 @@ def test_gemm_table_flops_peak_share_ratio_cells_and_geomeans(monkeypatch, tmp_p
         name, m = what.split(" at ")[0], int(what.rsplit("M=", 1)[1])
         if m == 1 and name.startswith("tileflow"):
             fn(*inputs[0])  # builds the plan's kernel for M = 1 and each variant's
-        return ours.get(m, 1.0) if name in ("tileflow", "SwiGLU tileflow") else 1.0
+        return ours.get(m, 1.0) if name in ("tileflow", "SwiGLU tileflow", "QKV tileflow") else 1.0
 
     monkeypatch.setattr(gemm, "checked_tflops", checked_tflops)
     assert gemm.run_gpu(False, True, device="cpu") == 0
     assert flops_of["tileflow at N=56 K=40 M=33"] == 2 * 33 * 56 * 40
     assert flops_of["cuBLAS at N=56 K=40 M=2048"] == 2 * 2048 * 56 * 40
     assert flops_of["SwiGLU tileflow at M=16"] == 2 * 16 * 2 * 14336 * 4096
+    assert flops_of["QKV cuBLAS, stacked weight at M=16"] == 2 * 16 * (4096 + 1024 + 1024) * 4096
     (path,) = tmp_path.iterdir()
     text = path.read_text()
     header = next(line for line in text.splitlines() if line.startswith("| N x K |")).split("|")[1:-1]
@@ -705,6 +707,8 @@ def test_gemm_table_flops_peak_share_ratio_cells_and_geomeans(monkeypatch, tmp_p
     assert "geomean tileflow / cuBLAS: **3.17x** (3 rows)" in text
     assert "tileflow at M >= 2048: 80% of the measured 10 TFLOP/s" in text  # M = 2048 counts
     assert "| 16 | 2.0 | 1.0 | 20% |" in text  # the SwiGLU table: 2 of the 10 TFLOP/s ceiling
+    qkv = text.split("## Q, K and V projections", 1)[1]
+    assert "| 16 | 2.0 | 1.0 | 1.0 | 1.0 | 20% |" in qkv and "geomean tileflow / cuBLAS, stacked weight" in qkv
     # Not the stream-K and TMA kernels (other tests' shapes may be in the dict: the registry is per process).
     kernels = text.split("tileflow kernels compiled per (N, K): ", 1)[1].split(" (each serves", 1)[0]
     assert "'56x40': 1," in kernels.replace("}", ",")

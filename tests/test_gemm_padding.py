@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from typing import Callable
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 import tileflow
 from tileflow.lower import gemm_specs_for_node
+from tileflow.passes.gemm_padding import GemmPadding
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.runtime import decode_plan
 
@@ -33,13 +35,15 @@ class GrabGraph:
         return PassResult()
 
 
-def compile_fn(fn: Callable, *inputs: torch.Tensor, dynamic_dims=((0, 0),), target="reference", max_tokens=512):
+def compile_fn(fn: Callable, *inputs: torch.Tensor, dynamic_dims=((0, 0),), target="reference", max_tokens=512,
+               passes=("canonicalize", "gemm_padding")):
     """Compile through Dynamo with the given (input, dim) pairs dynamic and everything else static
-    (weights stay static, as in a real model). Returns the compiled fn, its ATen graph and context."""
+    (weights stay static, as in a real model). Returns the compiled fn, its ATen graph (after
+    `passes`) and context."""
     _GRABBED.clear()
     for index, dim in dynamic_dims:
         torch._dynamo.mark_dynamic(inputs[index], dim)
-    options = {"target": target, "max_tokens": max_tokens, "passes": ["canonicalize", "gemm_padding", "test_grab_graph"]}
+    options = {"target": target, "max_tokens": max_tokens, "passes": [*passes, "test_grab_graph"]}
     compiled = torch.compile(fn, backend=tileflow.TileflowBackend(options, report=tileflow.Report()), dynamic=False)
     compiled(*inputs)
     gm, ctx = _GRABBED[-1]
@@ -540,3 +544,78 @@ def test_a_gate_with_a_bias_pairs_only_with_an_up_with_one() -> None:
     for rows in (7, 19):
         x = torch.randn(rows, 16, generator=gen)
         torch.testing.assert_close(compiled(x, wg, bg, wu), gated(x, wg, bg, wu), rtol=1e-5, atol=1e-5)
+
+
+def _attention_inputs(h, wq, bq, wk, bk, wv, bv):
+    """A layer's Q, K and V projections (Qwen2-style, with biases), split into heads of 8."""
+    b, t = h.shape[0], h.shape[1]
+    q = F.linear(h, wq, bq).view(b, t, -1, 8).transpose(1, 2)
+    k = F.linear(h, wk, bk).view(b, t, -1, 8).transpose(1, 2)
+    v = F.linear(h, wv, bv).view(b, t, -1, 8).transpose(1, 2)
+    return q * 0.5, k, v
+
+
+def _qkv_weights(bias: bool = True) -> list:
+    weights = []
+    for rows in (32, 16, 16):
+        weights += [torch.randn(rows, 24), torch.randn(rows) if bias else None]
+    return weights
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sibling_linears_run_as_one_gemm_over_their_weights(bias: bool) -> None:
+    """Q, K and V of one input become one padded_gemm reading the three weights as N segments
+    (none copied into a stacked one), and each projection a column slice of its output."""
+    weights = _qkv_weights(bias)
+    compiled, gm, ctx = compile_fn(_attention_inputs, torch.randn(2, 5, 24), *weights, dynamic_dims=((0, 1),))
+    [gemm] = gemm_nodes(gm)
+    assert [w.meta["val"].shape[0] for w in [gemm.args[1], *gemm.args[11]]] == [32, 16, 16]
+    assert all(w.op == "placeholder" for w in [gemm.args[1], *gemm.args[11]])  # the model's own weights
+    assert (gemm.args[2] is not None) == bias and (gemm.args[12] is not None and len(gemm.args[12]) == 2) == bias
+    assert ops(gm)[aten.slice.Tensor] == 3 and aten.cat.default not in ops(gm) and aten.linear.default not in ops(gm)
+    assert ctx.report.passes[1].rewrites == {"padded_gemm": 1, "fused_siblings": 2, **({"fused_bias": 1} if bias else {})}
+    [plan] = ctx.report.plans
+    assert plan["n"] == 64 and plan["k"] == 24
+    assert gemm.meta["tileflow"]["segments"] == [32, 16, 16]
+    for tokens in (1, 5, 19, 40):
+        h = torch.randn(2, tokens, 24)
+        for got, want in zip(compiled(h, *weights), _attention_inputs(h, *weights)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_view_merging_a_siblings_rows_and_columns_becomes_a_reshape() -> None:
+    """A `view` of a projection's whole output is no view of a column slice: the pass makes it a
+    reshape (a copy where it must), and the views the models write stay views."""
+    def flat_and_split(h, wa, wb):
+        return F.linear(h, wa).view(-1), F.linear(h, wb).view(h.shape[0], 2, 8)
+
+    wa, wb = torch.randn(8, 12), torch.randn(16, 12)
+    compiled, gm, _ = compile_fn(flat_and_split, torch.randn(6, 12), wa, wb)
+    [gemm] = gemm_nodes(gm)
+    reshapes = [n for n in gm.graph.nodes if n.target is aten.reshape.default]
+    views = [n for n in gm.graph.nodes if n.target is aten.view.default]
+    assert len(reshapes) == 1 and reshapes[0].args[0].target is aten.slice.Tensor
+    assert len(views) == 1 and views[0].args[0].target is aten.slice.Tensor
+    for tokens in (2, 6, 11):
+        h = torch.randn(tokens, 12)
+        for got, want in zip(compiled(h, wa, wb), flat_and_split(h, wa, wb)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_siblings_stay_apart_where_they_cannot_share_a_kernel() -> None:
+    """Only plain projections (a bias at most) of one input, with biases on all or none, share a
+    kernel; on Ascend, whose kernels write whole rows only, none do."""
+    def mixed(h, wq, bq, wk, wv, wg, wo):
+        q, k = F.linear(h, wq, bq), F.linear(h, wk)  # a bias on one of them: apart
+        gelu = F.gelu(F.linear(h, wg))  # an activation: its own epilogue
+        return q, k, F.linear(h, wv) + h, gelu, F.linear(h * 2, wo)  # a residual; another input
+
+    weights = [torch.randn(16, 16), torch.randn(16), torch.randn(16, 16), torch.randn(16, 16), torch.randn(16, 16),
+               torch.randn(16, 16)]
+    compiled, gm, ctx = compile_fn(mixed, torch.randn(4, 16), *weights)
+    assert "fused_siblings" not in ctx.report.passes[1].rewrites and len(gemm_nodes(gm)) == 5
+    _, gm, ctx = compile_fn(_attention_inputs, torch.randn(2, 5, 24), *_qkv_weights(), dynamic_dims=((0, 1),),
+                            passes=("canonicalize",))
+    result = GemmPadding().run(gm, dataclasses.replace(ctx, target="ascend"))
+    assert "fused_siblings" not in result.rewrites and len(gemm_nodes(gm)) == 3
+    assert all(not node.args[11:] for node in gemm_nodes(gm))

@@ -39,6 +39,50 @@ def test_bad_arguments_are_clear() -> None:
         padded_gemm(torch.randn(3, 4), torch.randn(5, 4), activation="swiglu")
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_sibling_weights_give_their_outputs_side_by_side(bias: bool) -> None:
+    """`more_weights` (and `more_biases`): x @ cat(weights).T (+ cat(biases)), whatever the
+    widths; a residual and an activation apply to the whole row; M = 0, N and K empty too."""
+    x = torch.randn(13, 24)
+    weights = [torch.randn(rows, 24) for rows in (20, 7, 12)]
+    biases = [torch.randn(rows) for rows in (20, 7, 12)] if bias else [None]
+    residual = torch.randn(13, 39)
+    out = padded_gemm(x, weights[0], biases[0], more_weights=weights[1:], more_biases=biases[1:] or None,
+                      activation="gelu", residual=residual)
+    want = torch.nn.functional.gelu(torch.nn.functional.linear(
+        x.double(), torch.cat(weights).double(), torch.cat(biases).double() if bias else None)) + residual.double()
+    torch.testing.assert_close(out, want.float(), rtol=1e-5, atol=1e-5)
+    assert padded_gemm(x[:0], weights[0], biases[0], more_weights=weights[1:], more_biases=biases[1:] or None).shape == (0, 39)
+    empty = padded_gemm(x[:, :0], weights[0][:, :0], more_weights=[w[:, :0] for w in weights[1:]])
+    torch.testing.assert_close(empty, torch.zeros(13, 39))
+
+
+def test_sibling_gemms_on_ascend_are_computed_apart_and_copied_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ascend's GEMM kernels read one weight and write contiguous rows only: the runtime runs
+    each segment by itself and copies it into its columns (a stand-in kernel that refuses a
+    strided output, as Ascend's launcher does)."""
+    from tileflow import runtime
+
+    widths = []
+
+    def ascend_kernel(target: str, spec: KernelSpec, artifact_dir: object = None):
+        assert target == "ascend" and spec.param("segments") is None
+
+        def launch(x, weight, bias=None, residual=None, *, out=None, **kwargs):
+            assert out is None, "out must be contiguous (the kernel writes rows of N elements)"
+            widths.append(spec.param("n"))
+            return torch.nn.functional.linear(x, weight, bias)
+
+        return launch
+
+    monkeypatch.setattr(runtime, "get_kernel", ascend_kernel)
+    x, weights, biases = torch.randn(6, 8), [torch.randn(rows, 8) for rows in (8, 4, 4)], [torch.randn(rows) for rows in (8, 4, 4)]
+    out = runtime.run_padded_gemm(x, weights[0], biases[0], None, "none", torch.float32, "", "ascend",
+                                  more_weights=weights[1:], more_biases=biases[1:])
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, torch.cat(weights), torch.cat(biases)))
+    assert widths == [8, 4, 4]
+
+
 def test_empty_gemms_keep_the_operand_rules_and_split_biases() -> None:
     """The empty-dimension and no-row shortcuts skipped the dtype rules (an fp16 x with an fp32
     weight returned fp16, where F.linear and a non-empty call refuse), and a stacked SwiGLU weight
@@ -307,6 +351,14 @@ def _bad_op_calls() -> list[tuple[str, object]]:
         ("weight_up of another shape", lambda: gemm(x, w, None, None, "swiglu", None, "", "", torch.randn(6, 4))),
         ("weight_up without swiglu", lambda: gemm(x, w, None, None, "none", None, "", "", torch.randn(5, 4))),
         ("3-D x", lambda: gemm(torch.randn(2, 4, 4), w)),
+        ("sibling weight of another K", lambda: gemm(x, w, None, None, "none", None, "", "", None, None, False,
+                                                     [torch.randn(2, 5)])),
+        ("sibling weights with a SwiGLU", lambda: gemm(x, torch.randn(10, 4), None, None, "swiglu", None, "", "", None,
+                                                       None, False, [torch.randn(2, 4)])),
+        ("a bias for the first weight only", lambda: gemm(x, w, torch.randn(5), None, "none", None, "", "", None, None,
+                                                          False, [torch.randn(2, 4)])),
+        ("a sibling bias of another width", lambda: gemm(x, w, torch.randn(5), None, "none", None, "", "", None, None,
+                                                         False, [torch.randn(2, 4)], [torch.randn(3)])),
         ("int64 offsets", lambda: torch.ops.tileflow.grouped_gemm(torch.randn(7, 4), torch.randn(2, 5, 4),
                                                                    torch.tensor([3, 7]))),
     ]

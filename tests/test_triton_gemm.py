@@ -177,6 +177,92 @@ def test_split_k_one_part_and_launch_errors() -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# N segments: sibling GEMMs on one x (Q, K and V) in one kernel, each tile from its own weight
+# ------------------------------------------------------------------------------------------
+
+SEGMENTS = (32, 16, 24)  # starts 0, 32, 48: multiples of BLOCK_N = 16; the last ends in a tail tile
+TILE_SEG = TileConfig(16, 16, 16)
+
+
+def segment_spec(dtype: str, epilogue: tuple[str, ...], **variant: bool) -> KernelSpec:
+    """A spec over SEGMENTS with K = 40 (a masked last K step) and one of the kernel variants."""
+    return KernelSpec(op="padded_gemm", dtype=dtype, out_dtype=dtype, tile=TILE_SEG, epilogue=epilogue,
+                      params=make_params(n=sum(SEGMENTS), k=40, persistent=variant.pop("persistent", False),
+                                         segments="x".join(map(str, SEGMENTS)), **variant))
+
+
+def segment_inputs(spec: KernelSpec, m: int, seed: int) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
+    """make_inputs' operands, the stacked weight and bias cut into one fresh tensor per segment."""
+    inputs = make_inputs(spec, DEVICE, m, seed)
+    bounds = [0, *torch.tensor(SEGMENTS).cumsum(0).tolist()]
+    weights = [inputs["weight"][a:b].clone() for a, b in zip(bounds, bounds[1:])]
+    biases = [] if inputs["bias"] is None else [inputs["bias"][a:b].clone() for a, b in zip(bounds, bounds[1:])]
+    return inputs, weights, biases
+
+
+@pytest.mark.parametrize("variant", [{}, {"persistent": True}, {"split_k": True}, {"stream_k": True}], ids=str)
+@pytest.mark.parametrize("dtype,epilogue", [("float32", ()), ("float16", ("bias",)), ("float32", ("bias", "gelu", "residual"))],
+                         ids=_case_id)
+@pytest.mark.parametrize("m", [1, 17, 63])
+def test_segments_read_each_tile_from_its_weight(variant: dict, dtype: str, epilogue: tuple[str, ...], m: int) -> None:
+    spec = segment_spec(dtype, epilogue, **variant)
+    kernel = build(spec)
+    inputs, weights, biases = segment_inputs(spec, m, seed=m + len(epilogue) + 10 * len(variant))
+    out = poisoned_out(spec, DEVICE, m)
+    launch = {"split_k": 2} if "split_k" in variant else {"num_programs": 3} if "stream_k" in variant else {}
+    kernel(inputs["x"], weights[0], biases[0] if biases else None, inputs["residual"], out=out,
+           more_weights=tuple(weights[1:]), more_biases=tuple(biases[1:]), **launch)
+    assert_close(spec, out, reference(spec, **inputs))
+
+
+def test_segment_source_and_launch_errors() -> None:
+    spec = segment_spec("float32", ("bias",))
+    source = render_gemm_source(spec)
+    assert "w1_ptr, w2_ptr," in source and "bias1_ptr, bias2_ptr," in source
+    assert "cat(W0, W1, W2)" in source
+    kernel = build(spec)
+    inputs, weights, biases = segment_inputs(spec, 5, seed=3)
+    with pytest.raises(ValueError, match="takes 2 more weight"):
+        kernel(inputs["x"], weights[0], biases[0], more_weights=(weights[1],), more_biases=tuple(biases[1:]))
+    with pytest.raises(ValueError, match="2 more bias"):
+        kernel(inputs["x"], weights[0], biases[0], more_weights=tuple(weights[1:]))
+    with pytest.raises(ValueError, match=r"weight of segment 2 must have shape \[24, 40\]"):
+        kernel(inputs["x"], weights[0], biases[0], more_weights=(weights[1], weights[1]), more_biases=tuple(biases[1:]))
+    transposed = weights[2].t().contiguous().t()  # the same values stored [K, N]: other strides
+    with pytest.raises(ValueError, match="share one pair of strides"):
+        kernel(inputs["x"], weights[0], biases[0], more_weights=(weights[1], transposed), more_biases=tuple(biases[1:]))
+    with pytest.raises(ValueError, match="divides each start"):
+        render_gemm_source(dataclasses.replace(spec, tile=TileConfig(16, 32, 16)))  # 48 is not a multiple of 32
+    with pytest.raises(ValueError, match="TMA kernel reads one weight"):
+        render_gemm_source(segment_spec("float16", (), tma=True))
+    with pytest.raises(ValueError, match="sum to N"):
+        render_gemm_source(dataclasses.replace(spec, params=make_params(n=72, k=40, persistent=False, segments="32x16")))
+
+
+@pytest.mark.parametrize("widths,one_kernel", [((64, 32, 32), True), ((24, 40), False)])
+def test_sibling_gemms_run_in_one_kernel_where_the_tiles_allow(widths: tuple[int, ...], one_kernel: bool) -> None:
+    """The op over sibling weights runs one segmented kernel when its tile's BLOCK_N divides
+    every segment's start, else one kernel per segment into its columns: the same result."""
+    import tileflow
+    from tileflow.ops import padded_gemm
+    from tileflow.runtime import compiled_kernels
+
+    gen = torch.Generator().manual_seed(sum(widths))
+    x = torch.randn(21, 56, generator=gen).to(DEVICE)  # K = 56: no other test's kernels
+    weights = [torch.randn(rows, 56, generator=gen).to(DEVICE) for rows in widths]
+    biases = [torch.randn(rows, generator=gen).to(DEVICE) for rows in widths]
+    with tileflow.use_config(tileflow.Config(target="triton", max_tokens=64)):
+        out = padded_gemm(x, weights[0], biases[0], more_weights=weights[1:], more_biases=biases[1:])
+    want = torch.nn.functional.linear(x.double(), torch.cat(weights).double(), torch.cat(biases).double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
+    specs = [k.spec for k in compiled_kernels("padded_gemm")]
+    segmented = any(spec.param("segments") == "x".join(map(str, widths)) for spec in specs)
+    per_segment = all(any(spec.param("n") == rows and spec.param("k") == 56 and not spec.param("segments") for spec in specs)
+                      for rows in widths)
+    assert (segmented, per_segment) == (one_kernel, not one_kernel)
+
+
+# ------------------------------------------------------------------------------------------
 # TMA: operand tiles through tensor descriptors, zero-filled past M, N and K by the hardware
 # ------------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .kernel_spec import KernelSpec, dtype_name, gemm_dims, grouped_gemm_dims
+from .kernel_spec import KernelSpec, dtype_name, gemm_dims, gemm_segments, grouped_gemm_dims
 
 __all__ = ["GemmOperands", "GroupedGemmOperands", "apply_activation", "gemm_operands", "grouped_gemm_operands"]
 
@@ -41,7 +41,9 @@ def apply_activation(acc: torch.Tensor, activation: str) -> torch.Tensor:
 @dataclass
 class GemmOperands:
     """Checked launch operands: `weight`/`bias` are the gate half for swiglu, `weight_up`/`bias_up`
-    the up half (None otherwise); `out` is [M, N] of the spec's out_dtype."""
+    the up half (None otherwise); for a spec with N segments `weight`/`bias` are the first
+    segment's and `more_weights`/`more_biases` the others' (empty otherwise); `out` is [M, N] of
+    the spec's out_dtype."""
 
     x: torch.Tensor
     weight: torch.Tensor
@@ -50,6 +52,8 @@ class GemmOperands:
     out: torch.Tensor
     weight_up: torch.Tensor | None
     bias_up: torch.Tensor | None
+    more_weights: tuple[torch.Tensor, ...] = ()
+    more_biases: tuple[torch.Tensor, ...] = ()
 
     @property
     def m(self) -> int:
@@ -93,12 +97,13 @@ def check_operand_kinds(where: str, x: torch.Tensor, weights: dict[str, Any], si
 
 
 @functools.lru_cache(maxsize=512)
-def _gemm_layout(spec: KernelSpec) -> tuple[int, int, bool, torch.dtype, torch.dtype, frozenset, str]:
+def _gemm_layout(spec: KernelSpec) -> tuple[int, int, bool, torch.dtype, torch.dtype, frozenset, str, tuple[int, ...]]:
     """What `gemm_operands` checks a launch of `spec` against, worked out once per spec:
-    (n, k, swiglu, in dtype, out dtype, dtypes a side operand may have, where)."""
+    (n, k, swiglu, in dtype, out dtype, dtypes a side operand may have, where, N's segments)."""
     n, k = gemm_dims(spec)
     in_dtype, out_dtype = getattr(torch, spec.dtype), getattr(torch, spec.out_dtype)
-    return n, k, "swiglu" in spec.epilogue, in_dtype, out_dtype, frozenset({in_dtype, out_dtype}), f"kernel {spec.name}"
+    return (n, k, "swiglu" in spec.epilogue, in_dtype, out_dtype, frozenset({in_dtype, out_dtype}), f"kernel {spec.name}",
+            gemm_segments(spec))
 
 
 def gemm_operands(
@@ -111,17 +116,21 @@ def gemm_operands(
     out: Any = None,
     weight_up: Any = None,
     bias_up: Any = None,
+    more_weights: Any = (),
+    more_biases: Any = (),
 ) -> GemmOperands:
     """Validate a launch of `spec` and return its operands; ValueError says what is wrong.
 
     `x` is [M, K] of the spec dtype; `weight` is [N, K] ([2N, K] stacked gate/up for swiglu, or
     [N, K] with `weight_up` [N, K]); `bias` ([N] / [2N] / [N] + `bias_up`) and `residual` [M, N]
     are given exactly when the epilogue has them, in the spec dtype or out_dtype; `out`, when
-    given, is [M, N] of out_dtype.
+    given, is [M, N] of out_dtype. A spec with N segments of widths (w_0, w_1, ...) takes
+    `weight` [w_0, K] and `more_weights` [w_i, K] for the others, and with a bias `bias` [w_0]
+    and `more_biases` [w_i].
     """
-    n, k, swiglu, in_dtype, out_dtype, side_dtypes, where = _gemm_layout(spec)
+    n, k, swiglu, in_dtype, out_dtype, side_dtypes, where, segments = _gemm_layout(spec)
     ep = spec.epilogue
-    w_rows = 2 * n if swiglu else n
+    w_rows = 2 * n if swiglu else segments[0]
 
     _check_x(where, x, k)
     m, device = x.shape[0], x.device
@@ -130,6 +139,13 @@ def gemm_operands(
         _check_operand(where, name, t, shape, dtypes, device)
 
     check("x", x, (m, k), {in_dtype})
+    more_weights, more_biases = tuple(more_weights or ()), tuple(more_biases or ())
+    if len(segments) > 1 or more_weights or more_biases:
+        _check_segments(where, segments, more_weights, more_biases, "bias" in ep)
+        for i, (w, width) in enumerate(zip(more_weights, segments[1:]), start=1):
+            check(f"weight of segment {i}", w, (width, k), {in_dtype})
+        for i, (b, width) in enumerate(zip(more_biases, segments[1:]), start=1):
+            check(f"bias of segment {i}", b, (width,), side_dtypes)
     if (weight_up is not None or bias_up is not None) and not swiglu:
         raise ValueError(f"{where}: weight_up/bias_up are for the swiglu epilogue only")
     if swiglu and weight_up is not None:
@@ -168,7 +184,20 @@ def gemm_operands(
     # The kernels read a bias as N consecutive values (no stride): a strided or expanded one
     # (`b[::2]`, `b.expand(n)`) is copied first (a no-op for the usual contiguous bias).
     bias, bias_up = (None if b is None else b.contiguous() for b in (bias, bias_up))
-    return GemmOperands(x, weight, bias, residual, out, weight_up, bias_up)
+    more_biases = tuple(b.contiguous() for b in more_biases)
+    return GemmOperands(x, weight, bias, residual, out, weight_up, bias_up, more_weights, more_biases)
+
+
+def _check_segments(where: str, segments: tuple[int, ...], more_weights: tuple, more_biases: tuple,
+                    has_bias: bool) -> None:
+    """A segmented launch has one more weight per segment after the first, and a bias for each
+    exactly when the epilogue adds one."""
+    if len(more_weights) != len(segments) - 1:
+        raise ValueError(f"{where}: the kernel's N has {len(segments)} segment(s) {list(segments)}, so it takes "
+                         f"{len(segments) - 1} more weight(s) after the first, got {len(more_weights)}")
+    if len(more_biases) != (len(segments) - 1 if has_bias else 0):
+        want = f"{len(segments) - 1} more bias(es) after the first" if has_bias else "no more biases (its epilogue has no 'bias')"
+        raise ValueError(f"{where}: the kernel takes {want}, got {len(more_biases)}")
 
 
 def _check_no_overlap(where: str, out: torch.Tensor, inputs: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -184,6 +185,35 @@ def gemm_dims(spec: KernelSpec) -> tuple[int, int]:
     return _positive_int_param(spec, "n"), _positive_int_param(spec, "k")
 
 
+def gemm_segments(spec: KernelSpec) -> tuple[int, ...]:
+    """The widths of a `padded_gemm` spec's N segments: sibling GEMMs on one input (a layer's Q,
+    K and V projections) computed as one, output columns [C_i, C_i + w_i) being x @ W_i^T with
+    weight i's own pointer (no stacked copy of the weights). `(N,)` for a GEMM of one weight.
+    The spec's `segments` param spells them as text, `"4096x1024x1024"`; ValueError unless they
+    are two or more positive widths summing to N, without a SwiGLU (whose two weights are gate
+    and up of the same columns)."""
+    n, _ = gemm_dims(spec)
+    text = spec.param("segments")
+    if text is None:
+        return (n,)
+    try:
+        widths = tuple(int(w) for w in str(text).split("x"))
+    except ValueError:
+        widths = ()
+    if len(widths) < 2 or min(widths) <= 0 or sum(widths) != n:
+        raise ValueError(f"{spec.op} spec's segments {text!r} must be two or more positive widths joined by 'x' "
+                         f"that sum to N = {n}")
+    if "swiglu" in spec.epilogue:
+        raise ValueError(f"{spec.op} spec with segments {text!r} cannot fuse a SwiGLU; give the gate and up "
+                         f"weights as weight and weight_up instead")
+    return widths
+
+
+def segment_starts(widths: tuple[int, ...]) -> tuple[int, ...]:
+    """The first output column of each N segment of the given widths."""
+    return tuple(itertools.accumulate(widths[:-1], initial=0))
+
+
 def grouped_gemm_dims(spec: KernelSpec) -> tuple[int, int, int]:
     """(N, K, E) of a `grouped_gemm` spec, validated: output width, reduction depth, experts."""
     n, k = gemm_dims(spec)
@@ -195,7 +225,7 @@ def grouped_gemm_dims(spec: KernelSpec) -> tuple[int, int, int]:
 GEMM_OPS: dict[str, tuple[str, ...]] = {"padded_gemm": (), "grouped_gemm": ("bias", "residual")}
 # The static params each family's kernels read (`lower.gemm_spec`, `lower.grouped_gemm_spec`).
 GEMM_PARAMS: dict[str, frozenset[str]] = {
-    "padded_gemm": frozenset({"n", "k", "persistent", "split_k", "stream_k", "tma"}),
+    "padded_gemm": frozenset({"n", "k", "persistent", "split_k", "stream_k", "tma", "segments"}),
     "grouped_gemm": frozenset({"n", "k", "experts"}),
 }
 
@@ -263,7 +293,7 @@ def check_gemm_spec(
     if op == "grouped_gemm":
         grouped_gemm_dims(spec)
     else:
-        gemm_dims(spec)
+        gemm_segments(spec)
 
 
 def gemm_formula(spec: KernelSpec) -> str:
@@ -277,7 +307,9 @@ def gemm_formula(spec: KernelSpec) -> str:
         bg, bu = (" + bias_gate", " + bias_up") if "bias" in ep else ("", "")
         expr = f"silu({x} @ W_gate{e}^T{bg}) * ({x} @ W_up{e}^T{bu})"
     else:
-        expr = f"{x} @ W{e}^T" + (" + bias" if "bias" in ep else "")
+        segments = spec.param("segments")
+        weight = f"cat({', '.join(f'W{i}' for i in range(len(str(segments).split('x'))))})" if segments else f"W{e}"
+        expr = f"{x} @ {weight}^T" + (" + bias" if "bias" in ep else "")
         for act in UNARY_ACTIVATIONS:
             if act in ep:
                 expr = f"{act}({expr})"

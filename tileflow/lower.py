@@ -64,8 +64,11 @@ def gemm_spec(
     stream_k: bool = False,
     tma: bool = False,
     round_first: bool = False,
+    segments: tuple[int, ...] | None = None,
 ) -> KernelSpec:
     """The KernelSpec of one fixed-tile padded GEMM (N is the output width, K the reduction);
+    `segments`, when given, are the widths of N's segments, each from its own weight (sibling
+    GEMMs on one input run as one: `kernel_spec.gemm_segments`);
     `split_k` asks for the split-K kernel pair (the split factor is a launch argument),
     `stream_k` for the stream-K pair (its grid is a launch argument), `tma` for operand tiles
     fetched by the Hopper copy engine; `round_first` rounds the result to `dtype` before the
@@ -73,7 +76,9 @@ def gemm_spec(
     that changes anything)."""
     dtype, out_dtype = dtype_name(dtype), dtype_name(out_dtype)
     # These flags join the params only when set, so other specs keep their digests.
-    extra = {name: True for name, on in (("split_k", split_k), ("stream_k", stream_k), ("tma", tma)) if on}
+    extra: dict[str, Any] = {name: True for name, on in (("split_k", split_k), ("stream_k", stream_k), ("tma", tma)) if on}
+    if segments is not None:
+        extra["segments"] = "x".join(str(w) for w in segments)
     return KernelSpec(
         op="padded_gemm",
         dtype=dtype,
@@ -129,23 +134,32 @@ def grouped_gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpe
 def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     """One spec per kernel of `plan` (config, and its persistent, split-K, stream-K or TMA
     variant where the plan runs it), for a `tileflow::padded_gemm` node."""
+    from .runtime import segments_in_one_kernel
+
     x, weight = node.args[0], node.args[1]
-    names = ("bias", "residual", "activation", "out_dtype", "plan", "target", "weight_up", "bias_up", "round_first")
+    names = ("bias", "residual", "activation", "out_dtype", "plan", "target", "weight_up", "bias_up", "round_first",
+             "more_weights")
     kwargs = dict(zip(names, node.args[2:]))
     kwargs.update(node.kwargs)
     activation = kwargs.get("activation") or "none"
     xv, wv = x.meta["val"], weight.meta["val"]
     out_dtype = kwargs.get("out_dtype") or xv.dtype
     n = wv.shape[0] // 2 if activation == "swiglu" and kwargs.get("weight_up") is None else wv.shape[0]
-    return [
-        gemm_spec(
-            dtype=xv.dtype, out_dtype=out_dtype, n=int(n), k=int(wv.shape[1]), tile=tile,
-            activation=activation, has_bias=kwargs.get("bias") is not None,
-            has_residual=kwargs.get("residual") is not None, persistent=persistent, split_k=split,
-            stream_k=stream_k, tma=tma, round_first=bool(kwargs.get("round_first")),
-        )
-        for tile, persistent, split, stream_k, tma in plan.variants
-    ]
+    widths = (int(n), *(int(w.meta["val"].shape[0]) for w in kwargs.get("more_weights") or ()))
+    specs = []
+    for tile, persistent, split, stream_k, tma in plan.variants:
+        # Sibling GEMMs (N segments) run as the runtime runs them: one kernel, or one per segment.
+        one = len(widths) == 1 or segments_in_one_kernel(kwargs.get("target") or "", tile, tma, widths)
+        for width, segments in [(sum(widths), widths if len(widths) > 1 else None)] if one else [(w, None) for w in widths]:
+            spec = gemm_spec(
+                dtype=xv.dtype, out_dtype=out_dtype, n=width, k=int(wv.shape[1]), tile=tile,
+                activation=activation, has_bias=kwargs.get("bias") is not None,
+                has_residual=kwargs.get("residual") is not None, persistent=persistent, split_k=split,
+                stream_k=stream_k, tma=tma, round_first=bool(kwargs.get("round_first")), segments=segments,
+            )
+            if spec not in specs:
+                specs.append(spec)
+    return specs
 
 
 def attention_specs_for_node(node: fx.Node, target: str) -> list[KernelSpec]:

@@ -65,7 +65,9 @@ def _autograd_kernel(op: torch._ops.OpOverload, name: str) -> Callable[..., torc
 
     def kernel(keyset: torch._C.DispatchKeySet, *args: Any, **kwargs: Any) -> torch.Tensor:
         if torch.is_grad_enabled():
-            needs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
+            # (Tensor[] arguments too: a GEMM's sibling weights.)
+            flat = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else (a,))]
+            needs = [a for a in flat if isinstance(a, torch.Tensor) and a.requires_grad]
             if needs:
                 def run() -> torch.Tensor:
                     with torch._C._AutoDispatchBelowAutograd():
@@ -81,11 +83,11 @@ class _Op:
     """A tileflow op declared from its implementation's signature; `register_fake` adds its fake
     implementation. Callers use `torch.ops.tileflow.<name>` (the public wrappers below)."""
 
-    def __init__(self, name: str, fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, name: str, fn: Callable[..., torch.Tensor], schema: str | None = None) -> None:
         self.name = name
         # pt2_compliant as custom_op tags its ops: Dynamo's `only_allow_pt2_compliant_ops`
         # graph-breaks on an op without the tag.
-        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
+        _LIB.define(name + (schema or torch.library.infer_schema(fn, mutates_args=())), tags=(torch.Tag.pt2_compliant_tag,))
         op = getattr(torch.ops.tileflow, name).default
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
         _LIB.impl(name, _autograd_kernel(op, name), "Autograd", with_keyset=True)
@@ -96,9 +98,10 @@ class _Op:
         return fake
 
 
-def _op(name: str) -> Callable[[Callable[..., torch.Tensor]], _Op]:
-    """Decorator: declare `tileflow::<name>` implemented by the decorated function."""
-    return lambda fn: _Op(name, fn)
+def _op(name: str, schema: str | None = None) -> Callable[[Callable[..., torch.Tensor]], _Op]:
+    """Decorator: declare `tileflow::<name>` implemented by the decorated function, with the
+    schema inferred from its signature unless given (`infer_schema` knows no `Tensor[]?`)."""
+    return lambda fn: _Op(name, fn, schema)
 
 
 def gemm_out_features(weight_rows: int, activation: str) -> int:
@@ -120,9 +123,13 @@ def _check_gemm_args(
     activation: str,
     weight_up: torch.Tensor | None = None,
     bias_up: torch.Tensor | None = None,
+    more_weights: Sequence[torch.Tensor] | None = None,
+    more_biases: Sequence[torch.Tensor] | None = None,
 ) -> int:
     """Validate a padded_gemm call; return its output width N."""
     _check_activation("padded_gemm", activation)
+    if more_weights or more_biases:
+        return _check_segment_args(x, weight, bias, residual, activation, weight_up, more_weights or (), more_biases)
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(
             f"padded_gemm: x must be [M, K] and weight [N, K]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
@@ -160,7 +167,46 @@ def _check_gemm_args(
     return n
 
 
-@_op("padded_gemm")
+def _check_segment_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    activation: str,
+    weight_up: torch.Tensor | None,
+    more_weights: Sequence[torch.Tensor],
+    more_biases: Sequence[torch.Tensor] | None,
+) -> int:
+    """Validate a padded_gemm call over sibling weights (N segments); return the total N."""
+    if activation == "swiglu" or weight_up is not None:
+        raise ValueError("padded_gemm: more_weights (sibling GEMMs) cannot be combined with a SwiGLU; "
+                         "give the gate and up projections as weight and weight_up instead")
+    weights = [weight, *more_weights]
+    if x.dim() != 2 or any(w.dim() != 2 for w in weights):
+        raise ValueError(f"padded_gemm: x must be [M, K] and every weight [N_i, K]; got x {tuple(x.shape)}, "
+                         f"weights {[tuple(w.shape) for w in weights]}")
+    if any(w.shape[1] != x.shape[1] for w in weights):
+        raise ValueError(f"padded_gemm: K mismatch, x is {tuple(x.shape)} and the weights are "
+                         f"{[tuple(w.shape) for w in weights]}")
+    if (bias is None) != (more_biases is None):
+        raise ValueError("padded_gemm: with more_weights, give bias and more_biases (one per extra weight) or "
+                         "neither (the kernels add a bias to every segment or to none)")
+    if bias is not None:
+        for i, (b, w) in enumerate(zip([bias, *more_biases], weights)):
+            if b.dim() != 1 or b.shape[0] != w.shape[0]:
+                raise ValueError(f"padded_gemm: the bias of weight {i} must be [{w.shape[0]}], got {tuple(b.shape)}")
+        if len(more_biases) != len(more_weights):
+            raise ValueError(f"padded_gemm: {len(more_weights)} more weight(s) but {len(more_biases)} more bias(es)")
+    n = sum(w.shape[0] for w in weights)
+    if residual is not None and (residual.dim() != 2 or residual.shape[1] != n or residual.shape[0] != x.shape[0]):
+        raise ValueError(f"padded_gemm: residual must be [M, {n}], got {tuple(residual.shape)}")
+    return n
+
+
+@_op("padded_gemm", "(Tensor x, Tensor weight, Tensor? bias=None, Tensor? residual=None, str activation=\"none\", "
+                    "ScalarType? out_dtype=None, str plan=\"\", str target=\"\", Tensor? weight_up=None, "
+                    "Tensor? bias_up=None, bool round_first=False, Tensor[]? more_weights=None, Tensor[]? more_biases=None) "
+                    "-> Tensor")
 def _padded_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -173,18 +219,22 @@ def _padded_gemm(
     weight_up: torch.Tensor | None = None,
     bias_up: torch.Tensor | None = None,
     round_first: bool = False,
+    more_weights: Sequence[torch.Tensor] | None = None,
+    more_biases: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """out[M, N] = residual + act(x @ weight.T + bias), computed by fixed-tile kernels (see runtime).
 
     `plan` is the encoded tile plan the compiler chose ("" = build one for the current config);
     `target` the kernel target ("" = the current config's). `round_first` rounds the result to
-    x's dtype before the cast to `out_dtype` (see `padded_gemm`).
+    x's dtype before the cast to `out_dtype` (see `padded_gemm`). `more_weights` and
+    `more_biases` are sibling GEMMs' weights and biases, whose outputs follow weight's along N.
     """
     from .runtime import run_padded_gemm
 
-    _check_gemm_args(x, weight, bias, residual, activation, weight_up, bias_up)
+    more_biases = more_biases or None  # an empty list: no biases, like None
+    _check_gemm_args(x, weight, bias, residual, activation, weight_up, bias_up, more_weights, more_biases)
     return run_padded_gemm(x, weight, bias, residual, activation, out_dtype or x.dtype, plan, target, weight_up, bias_up,
-                           round_first)
+                           round_first, more_weights or (), more_biases or ())
 
 
 @_padded_gemm.register_fake
@@ -200,8 +250,10 @@ def _padded_gemm_fake(
     weight_up: torch.Tensor | None = None,
     bias_up: torch.Tensor | None = None,
     round_first: bool = False,
+    more_weights: Sequence[torch.Tensor] | None = None,
+    more_biases: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    n = _check_gemm_args(x, weight, bias, residual, activation, weight_up, bias_up)
+    n = _check_gemm_args(x, weight, bias, residual, activation, weight_up, bias_up, more_weights, more_biases or None)
     return x.new_empty((x.shape[0], n), dtype=out_dtype or x.dtype)
 
 
@@ -216,6 +268,8 @@ def padded_gemm(
     weight_up: torch.Tensor | None = None,
     bias_up: torch.Tensor | None = None,
     round_first: bool = False,
+    more_weights: Sequence[torch.Tensor] | None = None,
+    more_biases: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Dynamic-M GEMM like `F.linear`, run by a tile plan's fixed-tile kernels with virtual padding.
 
@@ -226,10 +280,15 @@ def padded_gemm(
     `residual` [M, N] is added last; `out_dtype` casts the result: the float32 accumulator goes
     straight to it, unless `round_first`, which rounds the result to x's dtype first (then
     converts), as `F.linear(x, w).to(out_dtype)` does: a float16 result past 65504 is inf there.
+    `more_weights` ([N_i, K] each) are sibling GEMMs on the same x, as a layer's K and V
+    projections beside its Q: the result is `x @ cat([weight, *more_weights]).T` (plus
+    `cat([bias, *more_biases])`), computed without concatenating the weights; the Triton
+    kernels read each output tile's columns from its own weight in one launch.
     Callable eagerly: it builds or reuses the plan for the current target (`tileflow.use_config`).
     """
     return torch.ops.tileflow.padded_gemm(
-        x, weight, bias, residual, activation or "none", out_dtype, "", "", weight_up, bias_up, round_first
+        x, weight, bias, residual, activation or "none", out_dtype, "", "", weight_up, bias_up, round_first,
+        more_weights, more_biases,
     )
 
 

@@ -1760,10 +1760,11 @@ class _Walk:
 
     def padded_gemm(self, node: fx.Node) -> _Facts:
         args = bind_arguments(node)
-        for name in ("weight", "bias", "weight_up", "bias_up"):
+        for name in ("weight", "bias", "weight_up", "bias_up", "more_weights", "more_biases"):
             value = args.get(name)
-            if isinstance(value, fx.Node) and self.carries_tokens(value):
-                return self.refuse(node, f"a GEMM whose {name} carries the token dim")
+            for operand in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(operand, fx.Node) and self.carries_tokens(operand):
+                    return self.refuse(node, f"a GEMM whose {name} carries the token dim")
         x = args.get("x")
         if isinstance(x, fx.Node) and 1 in (self.dims(meta_val(x)) or {}):
             return self.refuse(node, "a GEMM that sums over the token dim")

@@ -13,6 +13,8 @@ class TritonBackend:
     """Builds KernelSpecs into Triton kernels."""
 
     name = "triton"
+    # Its padded GEMM kernels (all but the TMA one) read sibling GEMMs' weights as N segments.
+    gemm_segments = True
 
     def available(self) -> tuple[bool, str]:
         """Needs the triton package, and a CUDA GPU or TRITON_INTERPRET=1."""

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from tileflow.gemm_operands import gemm_operands
-from tileflow.kernel_spec import ACTIVATIONS, KernelSpec, check_gemm_spec, gemm_dims, gemm_formula
+from tileflow.kernel_spec import ACTIVATIONS, KernelSpec, check_gemm_spec, gemm_dims, gemm_formula, gemm_segments, segment_starts
 from tileflow.runtime.streams import device_cores
 from tileflow.tiles import TMA_ALIGN_BYTES
 
@@ -63,6 +63,17 @@ _MIN_BLOCK = 16
 def _check_spec(spec: KernelSpec) -> None:
     """Reject specs this kernel cannot implement, with a message that says why."""
     check_gemm_spec(spec, SUPPORTED_DTYPES, "Triton", _MIN_BLOCK)
+    starts = segment_starts(gemm_segments(spec))
+    if len(starts) > 1 and spec.param("tma", False):
+        raise ValueError(f"{spec.name}: a TMA kernel reads one weight's descriptor; run N segments without TMA")
+    if any(start % spec.tile.block_n for start in starts):
+        raise ValueError(f"{spec.name}: N segments starting at columns {list(starts)} need a BLOCK_N that divides "
+                         f"each start (an output tile reads one weight), not {spec.tile.block_n}")
+
+
+def _more_segments(spec: KernelSpec) -> range:
+    """The numbers of a spec's N segments after the first (empty for a GEMM of one weight)."""
+    return range(1, len(gemm_segments(spec)))
 
 
 def _erf_expr() -> str:
@@ -119,13 +130,12 @@ def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False, tm
              else "x_ptr, w_ptr, out_ptr,"]
     if stream_k:
         lines.append("ws_ptr,  # fp32 partial tiles: [2 * NUM_PROGRAMS, planes, BLOCK_M, BLOCK_N]")
+    lines += _segment_weight_params(spec)
     if "swiglu" in ep:
         lines.append("wu_desc,  # the up-projection weight's descriptor" if tma
                      else "wu_ptr,  # up-projection weight: its own pointer, so it need not be stacked")
     if "bias" in ep:
-        lines.append("bias_ptr,")
-        if "swiglu" in ep:
-            lines.append("bias_up_ptr,")
+        lines.append(_bias_params(spec))
     if "residual" in ep:
         lines.append("res_desc," if tma else "res_ptr,")
     lines.append("M,  # token count: runtime value, never specialized on (no recompiles)")
@@ -145,6 +155,40 @@ def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False, tm
     if tma:
         lines.append("W_KN: tl.constexpr,  # the weight descriptor is over [K, N] storage (a transposed view)")
     return "\n".join("    " + line for line in lines)
+
+
+def _segment_weight_params(spec: KernelSpec) -> list[str]:
+    """The weight pointers of N segments after the first (they share the first's strides)."""
+    more = ", ".join(f"w{i}_ptr" for i in _more_segments(spec))
+    return [f"{more},  # the weights of the other N segments (same strides as w_ptr)"] if more else []
+
+
+def _bias_params(spec: KernelSpec) -> str:
+    """The bias pointer parameter(s): the gate's and the up's for SwiGLU, one per N segment."""
+    if "swiglu" in spec.epilogue:
+        return "bias_ptr, bias_up_ptr,"
+    return " ".join(["bias_ptr,", *(f"bias{i}_ptr," for i in _more_segments(spec))])
+
+
+def _segment_weight(spec: KernelSpec) -> str:
+    """Code that picks the weight of the output tile's N segment (`w_seg`, and `col0` its first
+    column); empty for a GEMM of one weight."""
+    widths = gemm_segments(spec)
+    if len(widths) == 1:
+        return ""
+    starts = segment_starts(widths)
+    spans = ", ".join(f"[{a}, {a + w}) from w{i or ''}_ptr" for i, (a, w) in enumerate(zip(starts, widths)))
+    code = [
+        f"# N segments (sibling GEMMs on one input, e.g. Q, K and V): output columns {spans}.",
+        "# Every start is a multiple of BLOCK_N, so this tile's columns all come from one weight.",
+        "n_first = pid_n * BLOCK_N",
+        "w_seg = w_ptr",
+        "col0 = n_first * 0",
+    ]
+    for i, start in enumerate(starts[1:], start=1):
+        code += [f"w_seg = tl.where(n_first >= {start}, w{i}_ptr, w_seg)",
+                 f"col0 = tl.where(n_first >= {start}, {start}, col0)"]
+    return "\n".join(code)
 
 
 def _tile_body(spec: KernelSpec, tile_var: str, compute: str | None = None) -> str:
@@ -215,8 +259,11 @@ def _k_loop(spec: KernelSpec, k_part: tuple[str, str] | None = None) -> str:
     even_k = k % spec.tile.block_k == 0
     dot_kw = _dot_precision_kwarg(spec.dtype)
     split = k_part is not None
+    select = _segment_weight(spec)
+    # The weight tile's columns: the output's, less the first column of its N segment.
+    w_base, w_cols = ("w_seg", "(cols - col0)") if select else ("w_ptr", "cols")
 
-    code: list[str] = []
+    code: list[str] = [select] if select else []
     add = code.append
     if split:
         add(
@@ -234,11 +281,11 @@ cols = offs_n[None, :]
 # K offsets in int64 too: a weight stored [K, N] has stride_wk = N, and K * N can pass 2^31.
 x_ptrs = x_ptr + rows * stride_xm + (k_lo + offs_k).to(tl.int64)[None, :] * stride_xk
 # The weight tile is read as W^T [BLOCK_K, BLOCK_N] straight from [N, K] storage.
-w_ptrs = w_ptr + (k_lo + offs_k).to(tl.int64)[:, None] * stride_wk + cols.to(tl.int64) * stride_wn"""
+w_ptrs = {w_base} + (k_lo + offs_k).to(tl.int64)[:, None] * stride_wk + {w_cols}.to(tl.int64) * stride_wn"""
         )
     else:
         add(
-            """\
+            f"""\
 offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 offs_k = tl.arange(0, BLOCK_K)
 mask_n = offs_n < N
@@ -248,7 +295,7 @@ rows = offs_m[:, None].to(tl.int64)
 cols = offs_n[None, :]
 x_ptrs = x_ptr + rows * stride_xm + offs_k[None, :] * stride_xk
 # The weight tile is read as W^T [BLOCK_K, BLOCK_N] straight from [N, K] storage.
-w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols.to(tl.int64) * stride_wn"""
+w_ptrs = {w_base} + offs_k[:, None] * stride_wk + {w_cols}.to(tl.int64) * stride_wn"""
         )
     if swiglu:
         add(
@@ -320,7 +367,7 @@ def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
             ]
         else:
             epi += [
-                "bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)",
+                f"bias = tl.load({_bias_pointers(spec)}, mask=mask_n, other=0.0).to(tl.float32)",
                 "acc += bias[None, :]",
             ]
     if "silu" in ep:
@@ -358,6 +405,15 @@ def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
         f"tl.store(out_ptrs, {out}, mask=mask_out)",
     ]
     return "\n".join(epi)
+
+
+def _bias_pointers(spec: KernelSpec) -> str:
+    """The pointers of the bias at columns `offs_n`: with N segments, each column's from its
+    segment's bias (per column: the split-K reduce's tiles need not lie in one segment)."""
+    ptrs = "bias_ptr + offs_n"
+    for i, start in enumerate(segment_starts(gemm_segments(spec))[1:], start=1):
+        ptrs = f"tl.where(offs_n >= {start}, bias{i}_ptr + (offs_n - {start}), {ptrs})"
+    return ptrs
 
 
 _SIGMOID_HELPER = '''\
@@ -408,7 +464,7 @@ def _finish_signature(spec: KernelSpec, tail: list[str]) -> str:
     ep = spec.epilogue
     lines = ["ws_ptr, out_ptr,"]
     if "bias" in ep:
-        lines.append("bias_ptr, bias_up_ptr," if "swiglu" in ep else "bias_ptr,")
+        lines.append(_bias_params(spec))
     if "residual" in ep:
         lines.append("res_ptr,")
     lines.append("M,")
@@ -424,7 +480,7 @@ def _split_sources(spec: KernelSpec, kname: str) -> str:
     gate and up); `kname_reduce` sums the parts in split order, applies the epilogue and stores."""
     swiglu = "swiglu" in spec.epilogue
     planes = 2 if swiglu else 1
-    lines = ["x_ptr, w_ptr, ws_ptr,"]
+    lines = ["x_ptr, w_ptr, ws_ptr,", *_segment_weight_params(spec)]
     if swiglu:
         lines.append("wu_ptr,")
     lines += ["M,  # token count: runtime value, never specialized on (no recompiles)",
@@ -727,20 +783,28 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         weight_up: torch.Tensor | None = None,
         bias_up: torch.Tensor | None = None,
         split_k: int | None = None,
+        more_weights: tuple[torch.Tensor, ...] = (),
+        more_biases: tuple[torch.Tensor, ...] = (),
     ) -> torch.Tensor:
         """Run the kernel: `out[M, N] = epilogue(x @ weight^T)`; returns `out`.
 
         For swiglu, the gate and up operands are either stacked (`weight` [2N, K], `bias` [2N])
         or separate (`weight` and `weight_up` [N, K], `bias` and `bias_up` [N]). A split-K
         kernel takes `split_k` (>= 1): each output tile's K range is split over that many
-        programs (fewer when K has fewer BLOCK_K steps).
+        programs (fewer when K has fewer BLOCK_K steps). A kernel over N segments takes the
+        first segment's weight and bias as `weight` and `bias`, the others' as `more_weights`
+        and `more_biases`; all its weights must have the same strides.
         """
         if split_k is not None and not split:
             raise ValueError(f"{where}: split_k needs a split-K kernel; build the spec with make_params(..., split_k=True)")
         if split and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
             raise ValueError(f"{where}: a split-K kernel needs split_k, a positive int, got {split_k!r}")
         ops = gemm_operands(spec, x, weight, bias, residual, out=out, weight_up=weight_up,
-                            bias_up=bias_up)
+                            bias_up=bias_up, more_weights=more_weights, more_biases=more_biases)
+        if any(w.stride() != ops.weight.stride() for w in ops.more_weights):
+            raise ValueError(f"{where}: the weights of N segments share one pair of strides in this kernel, got "
+                             f"{[ops.weight.stride(), *(w.stride() for w in ops.more_weights)]}; launch one kernel "
+                             f"per segment instead")
         x, weight, bias, residual, out = ops.x, ops.weight, ops.bias, ops.residual, ops.out
         weight_up, bias_up, m, device = ops.weight_up, ops.bias_up, ops.m, ops.x.device
         if num_programs is not None:
@@ -770,12 +834,14 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
             workspace = torch.empty((2 * grid_size, 2 if swiglu else 1, tile.block_m, tile.block_n),
                                     dtype=torch.float32, device=device)
             args.append(workspace)
+        args += ops.more_weights
         if swiglu:
             args.append(weight_up)
         if has_bias:
             args.append(bias)
             if swiglu:
                 args.append(bias_up)
+            args += ops.more_biases
         if has_res:
             args.append(residual)
         args += [m, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1)]
@@ -839,7 +905,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         order of the finishing kernels' signatures."""
         args: list[Any] = []
         if has_bias:
-            args += [ops.bias, ops.bias_up] if swiglu else [ops.bias]
+            args += [ops.bias, ops.bias_up] if swiglu else [ops.bias, *ops.more_biases]
         if has_res:
             args.append(ops.residual)
         args.append(ops.m)
@@ -853,7 +919,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         steps = _cdiv(_cdiv(k, tile.block_k), split_k)
         parts = _cdiv(k, steps * tile.block_k)  # no empty part when K has fewer BLOCK_K steps than split_k
         workspace = torch.empty((parts, 2 if swiglu else 1, m, n), dtype=torch.float32, device=x.device)
-        args: list[Any] = [x, ops.weight, workspace]
+        args: list[Any] = [x, ops.weight, workspace, *ops.more_weights]
         if swiglu:
             args.append(ops.weight_up)
         args += [m, x.stride(0), x.stride(1), ops.weight.stride(0), ops.weight.stride(1)]

@@ -19,7 +19,7 @@ import torch
 from ..config import current_config
 from ..devices import DeviceInfo, detect_device, get_device
 from ..gemm_operands import apply_activation, check_operand_kinds
-from ..kernel_spec import KernelSpec, TileConfig
+from ..kernel_spec import KernelSpec, TileConfig, segment_starts
 from ..log import get_logger
 from ..targets import CompiledKernel, get_backend, resolve_target
 from ..tiles import PlanPiece, TilePlan, build_tile_plan, candidate_configs, programs_per_core, tile_times_at_depth
@@ -333,26 +333,36 @@ def run_padded_gemm(
     weight_up: torch.Tensor | None = None,
     bias_up: torch.Tensor | None = None,
     round_first: bool = False,
+    more_weights: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
+    more_biases: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Execute `tileflow::padded_gemm`: pick the plan's config for this M and launch its kernel.
 
     `plan` is the node's encoded plan ("" for eager calls: built for the current config's
     `max_tokens`); `target` is the node's target ("" for eager calls: the current config's).
-    `round_first` rounds the result to x's dtype before the cast to `out_dtype`.
+    `round_first` rounds the result to x's dtype before the cast to `out_dtype`. With
+    `more_weights` (sibling GEMMs on x: N segments, `weight` the first), one kernel computes
+    them all where `segments_in_one_kernel` says it can, else one kernel per segment writes its
+    columns of the output.
     """
     from ..lower import gemm_spec
 
     config = None if (target and plan) else current_config()
     target = resolve_target(target or config.target, x.device)
     separate_up = weight_up is not None
-    n = weight.shape[0] // 2 if activation == "swiglu" and not separate_up else weight.shape[0]
+    widths = (weight.shape[0], *(w.shape[0] for w in more_weights)) if more_weights else None
+    n = weight.shape[0] // 2 if activation == "swiglu" and not separate_up else sum(widths or (weight.shape[0],))
     k = weight.shape[1]
     m = x.shape[0]
     if n == 0 or k == 0 or m == 0:
         # No kernel checks these operands: the rules it would apply, here.
-        check_operand_kinds("padded_gemm", x, {"weight": weight, "weight_up": weight_up},
+        check_operand_kinds("padded_gemm", x, {"weight": weight, "weight_up": weight_up,
+                                               **{f"weight of segment {i}": w for i, w in enumerate(more_weights, 1)}},
                             {"bias": bias, "bias_up": bias_up, "residual": residual}, out_dtype)
     if n == 0 or k == 0:
+        if more_weights:  # empty: nothing to copy
+            weight = torch.cat([weight, *more_weights])
+            bias = None if bias is None else torch.cat([bias, *more_biases])
         return _gemm_of_empty_dim(x, weight, bias, residual, activation, out_dtype, weight_up, bias_up, round_first)
     tile_plan = decode_plan(plan) if plan else gemm_plan(
         n, k, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
@@ -361,12 +371,15 @@ def run_padded_gemm(
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype)
     piece = _select_piece(tile_plan, m, "padded_gemm")
-    spec = gemm_spec(
-        dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, tile=piece.config, activation=activation,
-        has_bias=bias is not None, has_residual=residual is not None, persistent=piece.persistent,
-        split_k=piece.split_k > 1, stream_k=piece.stream_k, tma=piece.tma, round_first=round_first,
-    )
-    kernel = get_kernel(target, spec)
+
+    def kernel_for(width: int, segments: tuple[int, ...] | None = None) -> CompiledKernel:
+        return get_kernel(target, gemm_spec(
+            dtype=x.dtype, out_dtype=out_dtype, n=width, k=k, tile=piece.config, activation=activation,
+            has_bias=bias is not None, has_residual=residual is not None, persistent=piece.persistent,
+            split_k=piece.split_k > 1, stream_k=piece.stream_k, tma=piece.tma, round_first=round_first,
+            segments=segments,
+        ))
+
     kwargs = {}
     if piece.split_k > 1:
         kwargs["split_k"] = piece.split_k
@@ -375,7 +388,38 @@ def run_padded_gemm(
         programs = shared_programs(x.device)
         if programs is not None:
             kwargs["num_programs"] = programs
-    return kernel(x, weight, bias, residual, weight_up=weight_up, bias_up=bias_up, **kwargs)
+    if widths is None:
+        return kernel_for(n)(x, weight, bias, residual, weight_up=weight_up, bias_up=bias_up, **kwargs)
+    if (segments_in_one_kernel(target, piece.config, piece.tma, widths)
+            and all(w.stride() == weight.stride() for w in more_weights)):
+        return kernel_for(n, widths)(x, weight, bias, residual, more_weights=tuple(more_weights),
+                                     more_biases=tuple(more_biases), **kwargs)
+    # One launch per segment, each writing its columns of one output (no copy, no concatenation).
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    biases = (bias, *more_biases) if bias is not None else (None,) * len(widths)
+    for w, b, start, width in zip((weight, *more_weights), biases, segment_starts(widths), widths):
+        columns = slice(start, start + width)
+        part = None if residual is None else residual[:, columns]
+        if target == "ascend":  # its kernels write contiguous rows only: computed apart, copied in
+            out[:, columns] = kernel_for(width)(x, w, b, part, **kwargs)
+        else:
+            kernel_for(width)(x, w, b, part, out=out[:, columns], **kwargs)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_segments(target: str) -> bool:
+    """Whether `target`'s padded GEMM kernels read N segments from several weights."""
+    return bool(getattr(get_backend(target), "gemm_segments", False))
+
+
+def segments_in_one_kernel(target: str, config: TileConfig, tma: bool, widths: tuple[int, ...]) -> bool:
+    """Whether one kernel of tile `config` computes sibling GEMMs of these output widths (N
+    segments): the target's kernels read several weights, it is not a TMA kernel (whose weight
+    is one descriptor), and its BLOCK_N divides every segment's first column, so each output
+    tile reads one weight. Otherwise each segment runs its own kernel of the same tile."""
+    return (_reads_segments(target) and not tma
+            and all(start % config.block_n == 0 for start in segment_starts(widths)))
 
 
 def _gemm_of_empty_dim(

@@ -31,6 +31,7 @@ batched input) stay as they are, with the reason in the report.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,7 @@ from tileflow.graph_utils import (
     transposed_dims,
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
-from tileflow.runtime import encode_plan, gemm_plan, grouped_gemm_plan, plan_tile_times
+from tileflow.runtime import encode_plan, gemm_plan, grouped_gemm_plan, plan_tile_times, segments_in_one_kernel
 from tileflow.tiles import TilePlan, token_range
 
 aten = torch.ops.aten
@@ -528,6 +529,11 @@ class GemmPadding:
         biases = [_linear_bias(chain.linear) for chain in group]
         widths = [int(_val(w).shape[0]) for w in weights]
         plan = self._plan(first.args[0], sum(widths), ctx, plans, weight_tiles=1)
+        if not all(segments_in_one_kernel(ctx.target, p.config, p.tma, tuple(widths)) for p in plan.pieces):
+            # Where the plan's kernel cannot read the segments (a TMA piece, a BLOCK_N that does not
+            # divide their starts), each runs by its own plan, as it would have alone.
+            plan = dataclasses.replace(plan, segment_plans=tuple(
+                self._plan(first.args[0], width, ctx, plans, weight_tiles=1) for width in widths))
         with graph.inserting_before(first):
             gemm = graph.call_function(
                 torch.ops.tileflow.padded_gemm.default,

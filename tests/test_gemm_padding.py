@@ -574,8 +574,12 @@ def test_sibling_linears_run_as_one_gemm_over_their_weights(bias: bool) -> None:
     assert (gemm.args[2] is not None) == bias and (gemm.args[12] is not None and len(gemm.args[12]) == 2) == bias
     assert ops(gm)[aten.slice.Tensor] == 3 and aten.cat.default not in ops(gm) and aten.linear.default not in ops(gm)
     assert ctx.report.passes[1].rewrites == {"padded_gemm": 1, "fused_siblings": 2, **({"fused_bias": 1} if bias else {})}
-    [plan] = ctx.report.plans
-    assert plan["n"] == 64 and plan["k"] == 24
+    # The reference target runs the segments apart, each by its own plan, which the node carries.
+    plan = decode_plan(gemm.args[6])
+    assert (plan.n, plan.k) == (64, 24) and [p.n for p in plan.segment_plans] == [32, 16, 16]
+    assert sorted(p["n"] for p in ctx.report.plans) == [16, 32, 64]
+    specs = gemm_specs_for_node(gemm, plan)  # lowering builds what runs: the segments' own kernels
+    assert {spec.param("n") for spec in specs} == {16, 32} and not any(spec.param("segments") for spec in specs)
     assert gemm.meta["tileflow"]["segments"] == [32, 16, 16]
     for tokens in (1, 5, 19, 40):
         h = torch.randn(2, tokens, 24)
@@ -619,3 +623,26 @@ def test_siblings_stay_apart_where_they_cannot_share_a_kernel() -> None:
     result = GemmPadding().run(gm, dataclasses.replace(ctx, target="ascend"))
     assert "fused_siblings" not in result.rewrites and len(gemm_nodes(gm)) == 3
     assert all(not node.args[11:] for node in gemm_nodes(gm))
+
+
+def test_on_triton_the_siblings_run_in_one_kernel_and_need_no_plans_of_their_own() -> None:
+    """Where every piece's BLOCK_N divides the segments' starts (64 and 96), the Triton kernels
+    read all three weights in one launch: the node carries no per-segment plans, and lowering
+    builds segmented kernels only."""
+    weights = []
+    for rows in (64, 32, 32):
+        weights += [torch.randn(rows, 24), torch.randn(rows)]
+
+    def projections(h, wq, bq, wk, bk, wv, bv):
+        return F.linear(h, wq, bq), F.linear(h, wk, bk), F.linear(h, wv, bv)
+
+    compiled, gm, ctx = compile_fn(projections, torch.randn(7, 24), *weights, target="triton")
+    [gemm] = gemm_nodes(gm)
+    plan = decode_plan(gemm.args[6])
+    assert plan.segment_plans == () and all(p.config.block_n in (16, 32) for p in plan.pieces)
+    specs = gemm_specs_for_node(gemm, plan)
+    assert specs and all(spec.param("segments") == "64x32x32" for spec in specs)
+    for tokens in (1, 7, 30):
+        h = torch.randn(tokens, 24)
+        for got, want in zip(compiled(h, *weights), projections(h, *weights)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

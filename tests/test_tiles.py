@@ -467,6 +467,24 @@ def test_plan_deterministic_and_round_trips(p: dict) -> None:
     assert restored.select_tile(p["m_max"]) == plan.select_tile(p["m_max"])
 
 
+def test_a_plan_over_sibling_weights_carries_and_checks_their_own_plans() -> None:
+    """A GEMM over N segments keeps each segment's plan (JSON round trip); plans that do not split
+    its N over its K, dtype and M range are refused."""
+    import dataclasses
+
+    device = get_device("H200")
+    whole, *parts = (build_tile_plan(n, 4096, "bfloat16", m_min=1, m_max=8192, device=device) for n in (6144, 4096, 1024, 1024))
+    plan = dataclasses.replace(whole, segment_plans=tuple(parts))
+    restored = TilePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert restored == plan and [p.n for p in restored.segment_plans] == [4096, 1024, 1024]
+    assert "segment_plans" not in whole.to_dict()  # other plans' JSON is unchanged
+    with pytest.raises(ValueError, match="do not split this plan's N=6144"):
+        dataclasses.replace(whole, segment_plans=tuple(parts[:2]))
+    other_range = build_tile_plan(1024, 4096, "bfloat16", m_min=1, m_max=4096, device=device)
+    with pytest.raises(ValueError, match="do not split"):
+        dataclasses.replace(whole, segment_plans=(parts[0], parts[1], other_range))
+
+
 def test_plan_is_cached() -> None:
     a = build_tile_plan(4096, 4096, "bfloat16", m_max=8192, device=H100)
     b = build_tile_plan(4096, 4096, "bfloat16", m_min=1, m_max=8192, device=H100)

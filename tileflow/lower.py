@@ -133,7 +133,9 @@ def grouped_gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpe
 
 def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     """One spec per kernel of `plan` (config, and its persistent, split-K, stream-K or TMA
-    variant where the plan runs it), for a `tileflow::padded_gemm` node."""
+    variant where the plan runs it), for a `tileflow::padded_gemm` node. Over sibling weights
+    (N segments): the segmented kernel of each piece that can read them in one launch, and
+    where one cannot, the kernels of each segment's own plan over that piece's M range."""
     from .runtime import segments_in_one_kernel
 
     x, weight = node.args[0], node.args[1]
@@ -146,20 +148,29 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     out_dtype = kwargs.get("out_dtype") or xv.dtype
     n = wv.shape[0] // 2 if activation == "swiglu" and kwargs.get("weight_up") is None else wv.shape[0]
     widths = (int(n), *(int(w.meta["val"].shape[0]) for w in kwargs.get("more_weights") or ()))
-    specs = []
-    for tile, persistent, split, stream_k, tma in plan.variants:
-        # Sibling GEMMs (N segments) run as the runtime runs them: one kernel, or one per segment.
-        one = len(widths) == 1 or segments_in_one_kernel(kwargs.get("target") or "", tile, tma, widths)
-        for width, segments in [(sum(widths), widths if len(widths) > 1 else None)] if one else [(w, None) for w in widths]:
-            spec = gemm_spec(
-                dtype=xv.dtype, out_dtype=out_dtype, n=width, k=int(wv.shape[1]), tile=tile,
-                activation=activation, has_bias=kwargs.get("bias") is not None,
-                has_residual=kwargs.get("residual") is not None, persistent=persistent, split_k=split,
-                stream_k=stream_k, tma=tma, round_first=bool(kwargs.get("round_first")), segments=segments,
-            )
-            if spec not in specs:
-                specs.append(spec)
-    return specs
+    target = kwargs.get("target") or ""
+
+    def spec_of(piece: Any, width: int, segments: tuple[int, ...] | None = None) -> KernelSpec:
+        tile, persistent, split, stream_k, tma = piece.kernel_variant
+        return gemm_spec(
+            dtype=xv.dtype, out_dtype=out_dtype, n=width, k=int(wv.shape[1]), tile=tile,
+            activation=activation, has_bias=kwargs.get("bias") is not None,
+            has_residual=kwargs.get("residual") is not None, persistent=persistent, split_k=split,
+            stream_k=stream_k, tma=tma, round_first=bool(kwargs.get("round_first")), segments=segments,
+        )
+
+    specs: list[KernelSpec] = []
+    for piece in plan.pieces:
+        if len(widths) == 1:
+            specs.append(spec_of(piece, widths[0]))
+        elif segments_in_one_kernel(target, piece.config, piece.tma, widths):
+            specs.append(spec_of(piece, sum(widths), widths))
+        else:
+            # Sibling GEMMs run apart here, each by its own plan's pieces over this piece's M (as
+            # the runtime runs them).
+            for width, own in zip(widths, plan.segment_plans or [None] * len(widths)):
+                specs += [spec_of(p, width) for p in (own.pieces if own else [piece]) if p.lo <= piece.hi and p.hi >= piece.lo]
+    return list(dict.fromkeys(specs))
 
 
 def attention_specs_for_node(node: fx.Node, target: str) -> list[KernelSpec]:

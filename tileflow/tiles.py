@@ -526,6 +526,9 @@ class TilePlan:
 
     `pieces` are contiguous, non-overlapping and cover [m_min, m_max] exactly (checked on
     construction, so a corrupted serialized plan fails loudly). `device` is the device's name.
+    A GEMM over sibling weights (N segments) also carries each segment's own plan
+    (`segment_plans`, widths summing to N, the same M range): a piece whose kernel cannot read
+    the segments in one launch runs them apart, each by its own plan's piece.
     """
 
     n: int
@@ -535,6 +538,7 @@ class TilePlan:
     m_min: int
     m_max: int
     pieces: tuple[PlanPiece, ...]
+    segment_plans: tuple["TilePlan", ...] = ()
     # Upper bounds of the pieces, for bisection in `select_tile` (derived, not compared).
     _his: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
@@ -549,6 +553,12 @@ class TilePlan:
         for prev, nxt in zip(self.pieces, self.pieces[1:]):
             if nxt.lo != prev.hi + 1:
                 raise ValueError(f"plan pieces are not contiguous: {prev.hi} then {nxt.lo}")
+        if self.segment_plans and (
+                sum(p.n for p in self.segment_plans) != self.n
+                or any((p.k, p.dtype, p.m_min, p.m_max) != (self.k, self.dtype, self.m_min, self.m_max)
+                       for p in self.segment_plans)):
+            raise ValueError(f"segment plans of widths {[p.n for p in self.segment_plans]} do not split this "
+                             f"plan's N={self.n} over its K, dtype and M range")
         object.__setattr__(self, "_his", tuple(p.hi for p in self.pieces))
 
     def piece_for(self, m: int) -> PlanPiece:
@@ -597,6 +607,7 @@ class TilePlan:
             "m_min": self.m_min,
             "m_max": self.m_max,
             "pieces": [p.to_dict() for p in self.pieces],
+            **({"segment_plans": [p.to_dict() for p in self.segment_plans]} if self.segment_plans else {}),
         }
 
     @classmethod
@@ -610,6 +621,7 @@ class TilePlan:
             m_min=int(data["m_min"]),
             m_max=int(data["m_max"]),
             pieces=tuple(PlanPiece.from_dict(p) for p in data["pieces"]),
+            segment_plans=tuple(TilePlan.from_dict(p) for p in data.get("segment_plans", ())),
         )
 
     def describe(self) -> str:

@@ -7,6 +7,7 @@ the kernel built for it, so a new token count never compiles anything.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -364,46 +365,57 @@ def run_padded_gemm(
             weight = torch.cat([weight, *more_weights])
             bias = None if bias is None else torch.cat([bias, *more_biases])
         return _gemm_of_empty_dim(x, weight, bias, residual, activation, out_dtype, weight_up, bias_up, round_first)
-    tile_plan = decode_plan(plan) if plan else gemm_plan(
-        n, k, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
-        weight_tiles=2 if activation == "swiglu" else 1,
-    )
+    weight_tiles = 2 if activation == "swiglu" else 1
+    if plan:
+        tile_plan = decode_plan(plan)
+    else:
+        def plan_of(width: int) -> TilePlan:
+            return gemm_plan(width, k, x.dtype, target, x.device.type, m_max=config.max_tokens,
+                             tile_timings=config.tile_timings, weight_tiles=weight_tiles)
+
+        tile_plan = plan_of(n)
+        if widths is not None:
+            tile_plan = dataclasses.replace(tile_plan, segment_plans=tuple(plan_of(width) for width in widths))
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype)
     piece = _select_piece(tile_plan, m, "padded_gemm")
 
-    def kernel_for(width: int, segments: tuple[int, ...] | None = None) -> CompiledKernel:
-        return get_kernel(target, gemm_spec(
+    def launch(piece: PlanPiece, width: int, *args: Any, segments: tuple[int, ...] | None = None,
+               **kwargs: Any) -> torch.Tensor:
+        kernel = get_kernel(target, gemm_spec(
             dtype=x.dtype, out_dtype=out_dtype, n=width, k=k, tile=piece.config, activation=activation,
             has_bias=bias is not None, has_residual=residual is not None, persistent=piece.persistent,
             split_k=piece.split_k > 1, stream_k=piece.stream_k, tma=piece.tma, round_first=round_first,
             segments=segments,
         ))
+        if piece.split_k > 1:
+            kwargs["split_k"] = piece.split_k
+        if piece.persistent or piece.stream_k:
+            # A persistent grid can take a share of the device (nano-batching's SM partition).
+            programs = shared_programs(x.device)
+            if programs is not None:
+                kwargs["num_programs"] = programs
+        return kernel(x, *args, **kwargs)
 
-    kwargs = {}
-    if piece.split_k > 1:
-        kwargs["split_k"] = piece.split_k
-    if piece.persistent or piece.stream_k:
-        # A persistent grid can take a share of the device (nano-batching's SM partition).
-        programs = shared_programs(x.device)
-        if programs is not None:
-            kwargs["num_programs"] = programs
     if widths is None:
-        return kernel_for(n)(x, weight, bias, residual, weight_up=weight_up, bias_up=bias_up, **kwargs)
+        return launch(piece, n, weight, bias, residual, weight_up=weight_up, bias_up=bias_up)
     if (segments_in_one_kernel(target, piece.config, piece.tma, widths)
             and all(w.stride() == weight.stride() for w in more_weights)):
-        return kernel_for(n, widths)(x, weight, bias, residual, more_weights=tuple(more_weights),
-                                     more_biases=tuple(more_biases), **kwargs)
-    # One launch per segment, each writing its columns of one output (no copy, no concatenation).
+        return launch(piece, n, weight, bias, residual, segments=widths, more_weights=tuple(more_weights),
+                      more_biases=tuple(more_biases))
+    # One launch per segment, each by its own plan's piece for this M (the fused piece where the
+    # plan has none), writing its columns of one output (no copy, no concatenation).
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     biases = (bias, *more_biases) if bias is not None else (None,) * len(widths)
-    for w, b, start, width in zip((weight, *more_weights), biases, segment_starts(widths), widths):
+    pieces = ([_select_piece(p, m, "padded_gemm") for p in tile_plan.segment_plans] if tile_plan.segment_plans
+              else [piece] * len(widths))
+    for w, b, start, width, own in zip((weight, *more_weights), biases, segment_starts(widths), widths, pieces):
         columns = slice(start, start + width)
         part = None if residual is None else residual[:, columns]
         if target == "ascend":  # its kernels write contiguous rows only: computed apart, copied in
-            out[:, columns] = kernel_for(width)(x, w, b, part, **kwargs)
+            out[:, columns] = launch(own, width, w, b, part)
         else:
-            kernel_for(width)(x, w, b, part, out=out[:, columns], **kwargs)
+            launch(own, width, w, b, part, out=out[:, columns])
     return out
 
 

@@ -277,22 +277,45 @@ def _zeroed_rows(node: fx.Node, rank: int) -> fx.Node | None:
     return node.args[1] if mask.shape[-1] == 1 else None
 
 
-def _strided_views_reshape(node: fx.Node) -> None:
+def _aliases(node: fx.Node) -> list[fx.Node]:
+    """The users of `node` that alias it: view ops, and the items of one returning Tensor[]
+    (`split`, `unbind`)."""
+    return [user for user in node.users
+            if user.op == "call_function" and (is_view_op(user.target) or user.target is operator.getitem)]
+
+
+def _reaches_output(node: fx.Node) -> bool:
+    """Whether `node`, or a view of it, is one of the graph's outputs."""
+    pending = [node]
+    while pending:
+        alias = pending.pop()
+        if any(user.op == "output" for user in alias.users):
+            return True
+        pending += _aliases(alias)
+    return False
+
+
+def _strided_views_reshape(node: fx.Node) -> bool:
     """Re-derive the views downstream of `node`, now over a column slice of a wider output: a
     `view` the slice's row stride makes impossible (one merging a row dim with a column dim)
     becomes a `reshape`, which copies where it must. The views the models write split rows and
-    columns apart and stay views."""
+    columns apart and stay views. False when another view op cannot take the slice (say
+    `view_as_complex` of an odd row stride): the caller makes the slice contiguous."""
     pending = [node]
     while pending:
         view = pending.pop()
         try:
-            infer_meta(view)
+            if view.target is operator.getitem:  # (infer_meta reads tensors, not a list of them)
+                view.meta["val"] = view.args[0].meta["val"][view.args[1]]
+            else:
+                infer_meta(view)
         except (RuntimeError, ValueError):  # (fake tensors raise either)
             if view.target not in (aten.view.default, aten._unsafe_view.default):
-                raise
+                return False
             view.target = aten.reshape.default
             infer_meta(view)
-        pending += [user for user in view.users if user.op == "call_function" and is_view_op(user.target)]
+        pending += _aliases(view)
+    return True
 
 
 @register_pass
@@ -504,8 +527,10 @@ class GemmPadding:
         groups: dict[tuple, list[_Chain]] = {}
         for chain in chains:
             linear = chain.linear
+            # (A projection the graph returns keeps eager's contiguous strides: it stays apart.)
             if (linear in ups or chain.activation != "none" or chain.residual is not None or chain.out_dtype is not None
-                    or chain.added_bias is not None):
+                    or chain.added_bias is not None or not int(_val(linear.args[1]).shape[0])
+                    or _reaches_output(chain.tip)):
                 continue
             key = (_source(linear.args[0]), int(_val(linear.args[1]).shape[1]), _val(linear.args[0]).dtype,
                    _linear_bias(linear) is not None)
@@ -552,7 +577,7 @@ class GemmPadding:
         start = 0
         for chain, width in zip(group, widths):
             with graph.inserting_before(chain.tip):
-                out = graph.call_function(aten.slice.Tensor, (gemm, 1, start, start + width))
+                out = columns = graph.call_function(aten.slice.Tensor, (gemm, 1, start, start + width))
                 infer_meta(out)
                 copy_source_meta(chain.linear, out)
                 if chain.last_view is not None:
@@ -565,7 +590,12 @@ class GemmPadding:
                 if not dead.users:
                     graph.erase_node(dead)
             erase_unused(graph, [i for i in inputs if i is not gemm])
-            _strided_views_reshape(out)
+            if not _strided_views_reshape(out):
+                with graph.inserting_after(columns):
+                    dense = graph.call_function(aten.clone.default, (columns,), {"memory_format": torch.contiguous_format})
+                columns.replace_all_uses_with(dense, delete_user_cb=lambda user: user is not dense)
+                infer_meta(dense)
+                _strided_views_reshape(dense)
 
     @staticmethod
     def _tile_times(plan: TilePlan, ctx: PassContext, *, weight_tiles: int, grouped: bool = False) -> str:

@@ -552,7 +552,7 @@ def _attention_inputs(h, wq, bq, wk, bk, wv, bv):
     q = F.linear(h, wq, bq).view(b, t, -1, 8).transpose(1, 2)
     k = F.linear(h, wk, bk).view(b, t, -1, 8).transpose(1, 2)
     v = F.linear(h, wv, bv).view(b, t, -1, 8).transpose(1, 2)
-    return q * 0.5, k, v
+    return q * 0.5, k + 1, v * 2  # (read, as attention reads them: not returned as views)
 
 
 def _qkv_weights(bias: bool = True) -> list:
@@ -591,7 +591,7 @@ def test_a_view_merging_a_siblings_rows_and_columns_becomes_a_reshape() -> None:
     """A `view` of a projection's whole output is no view of a column slice: the pass makes it a
     reshape (a copy where it must), and the views the models write stay views."""
     def flat_and_split(h, wa, wb):
-        return F.linear(h, wa).view(-1), F.linear(h, wb).view(h.shape[0], 2, 8)
+        return F.linear(h, wa).view(-1) * 2, F.linear(h, wb).view(h.shape[0], 2, 8) * 2
 
     wa, wb = torch.randn(8, 12), torch.randn(16, 12)
     compiled, gm, _ = compile_fn(flat_and_split, torch.randn(6, 12), wa, wb)
@@ -634,7 +634,7 @@ def test_on_triton_the_siblings_run_in_one_kernel_and_need_no_plans_of_their_own
         weights += [torch.randn(rows, 24), torch.randn(rows)]
 
     def projections(h, wq, bq, wk, bk, wv, bv):
-        return F.linear(h, wq, bq), F.linear(h, wk, bk), F.linear(h, wv, bv)
+        return F.linear(h, wq, bq) + 1, F.linear(h, wk, bk) + 1, F.linear(h, wv, bv) + 1
 
     compiled, gm, ctx = compile_fn(projections, torch.randn(7, 24), *weights, target="triton")
     [gemm] = gemm_nodes(gm)
@@ -646,3 +646,111 @@ def test_on_triton_the_siblings_run_in_one_kernel_and_need_no_plans_of_their_own
         h = torch.randn(tokens, 24)
         for got, want in zip(compiled(h, *weights), projections(h, *weights)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _unbind_rows_then_flat(h, wa, wb):
+    first, second = F.linear(h, wa).unbind(0)  # [T, 8] each: contiguous in eager, and when traced
+    return first.view(-1) * 2, second.view(-1) * 2, F.linear(h, wb) * 2
+
+
+def _split_rows_then_flat(h, wa, wb):
+    top, bottom = F.linear(h, wa).split(4, dim=0)
+    return top.view(-1) * 2, bottom.view(-1) * 2, F.linear(h, wb) * 2
+
+
+@pytest.mark.parametrize("fn,shape,dynamic", [(_unbind_rows_then_flat, (2, 5, 12), ((0, 1),)),
+                                              (_split_rows_then_flat, (8, 12), ())], ids=["unbind", "split"])
+def test_views_behind_a_multi_output_view_of_a_sibling_stay_valid(fn, shape, dynamic) -> None:
+    """A view op returning Tensor[] (unbind, split, chunk) is read through getitem: the views
+    after it were traced on a contiguous output and may be impossible on a column slice, so they
+    become reshapes too (a walk that stopped at the getitem left them, and the call raised)."""
+    wa, wb = torch.randn(8, 12), torch.randn(16, 12)
+    compiled, _, ctx = compile_fn(fn, torch.randn(*shape), wa, wb, dynamic_dims=dynamic)
+    assert ctx.report.passes[1].rewrites.get("fused_siblings") == 1
+    h = torch.randn(*shape)
+    for got, want in zip(compiled(h, wa, wb), fn(h, wa, wb)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sibling_outputs_returned_by_the_graph_keep_eager_strides() -> None:
+    """Projections the graph returns (a graph break after Q, K and V) keep eager's contiguous
+    strides: as column slices of one buffer they would have other strides (`.view(-1)` on them
+    raises), and each would keep the whole buffer alive; such siblings stay apart."""
+    def proj(h, wq, wk, wv):
+        return F.linear(h, wq), F.linear(h, wk), F.linear(h, wv)
+
+    weights = [torch.randn(rows, 32) for rows in (32, 16, 16)]
+    compiled, _, ctx = compile_fn(proj, torch.randn(2, 6, 32), *weights, dynamic_dims=((0, 1),))
+    assert "fused_siblings" not in ctx.report.passes[1].rewrites
+    h = torch.randn(2, 7, 32)
+    for got, want in zip(compiled(h, *weights), proj(h, *weights)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.stride() == want.stride()
+
+
+def test_siblings_with_operands_computed_after_the_first_stay_valid() -> None:
+    """A sibling weight or bias computed after the first linear: the pass's order check keeps
+    them apart (the count matters: a broken graph would roll the whole pass back)."""
+    def computed(h, wa, ba, wb, bb):
+        late_weight = F.linear(h, wa, ba), F.linear(h, wb * 2, bb)
+        g = h * 2
+        late_bias = F.linear(g, wa, ba), F.linear(g, wb, bb * 2)
+        return *late_weight, *late_bias
+
+    args = [torch.randn(8, 12), torch.randn(8), torch.randn(16, 12), torch.randn(16)]
+    compiled, gm, _ = compile_fn(computed, torch.randn(6, 12), *args)
+    assert len(gemm_nodes(gm)) == 4  # every linear a padded_gemm (a broken graph rolls the pass back)
+    for rows in (2, 9):
+        h = torch.randn(rows, 12)
+        for got, want in zip(compiled(h, *args), computed(h, *args)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cast_or_a_view_behind_a_view_op_of_a_sibling() -> None:
+    """A sibling whose result is cast stays apart (its cast is its own epilogue), and a view
+    behind another view op (unsqueeze) becomes a reshape."""
+    def fn(h, wa, wb, wc):
+        return F.linear(h, wa).half(), F.linear(h, wb).unsqueeze(0).view(-1) * 2, F.linear(h, wc) * 2
+
+    args = [torch.randn(8, 12), torch.randn(8, 12), torch.randn(16, 12)]
+    compiled, gm, ctx = compile_fn(fn, torch.randn(6, 12), *args)
+    assert ctx.report.passes[1].rewrites.get("fused_siblings") == 1 and len(gemm_nodes(gm)) == 2
+    for rows in (2, 9):
+        h = torch.randn(rows, 12)
+        for got, want in zip(compiled(h, *args), fn(h, *args)):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_a_sibling_no_view_of_its_columns_can_take_is_made_contiguous() -> None:
+    """`view_as_complex` needs even strides: of a column slice with rows of 15 it cannot be taken,
+    so that projection gets a contiguous copy of its columns (one `clone`), not a failed pass;
+    an empty projection stays out of the group."""
+    def complex_rows(h, wa, wb, wz):
+        pairs = torch.view_as_complex(F.linear(h, wa).view(h.shape[0], 4, 2))
+        return pairs * 2, F.linear(h, wb) * 2, F.linear(h, wz) + 1
+
+    args = [torch.randn(8, 12), torch.randn(7, 12), torch.randn(0, 12)]
+    compiled, gm, ctx = compile_fn(complex_rows, torch.randn(6, 12), *args)
+    assert ctx.report.passes[1].rewrites.get("fused_siblings") == 1 and ops(gm)[aten.clone.default] == 1
+    for rows in (2, 9):
+        h = torch.randn(rows, 12)
+        for got, want in zip(compiled(h, *args), complex_rows(h, *args)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sibling_weight_of_other_strides_lowers_to_the_kernels_that_run() -> None:
+    """The segmented kernel reads every weight with the first one's strides: with a weight
+    stored [K, N] among them, lowering builds (and the runtime runs) one kernel per segment."""
+    weights = [torch.randn(64, 24), torch.randn(32, 24), torch.randn(32, 24).t().contiguous().t()]
+
+    def projections(h, wq, wk, wv):
+        return F.linear(h, wq) + 1, F.linear(h, wk) + 1, F.linear(h, wv) + 1
+
+    compiled, gm, _ = compile_fn(projections, torch.randn(7, 24), *weights, target="triton")
+    [gemm] = gemm_nodes(gm)
+    specs = gemm_specs_for_node(gemm, decode_plan(gemm.args[6]))
+    assert specs and not any(spec.param("segments") for spec in specs)
+    h = torch.randn(11, 24)
+    for got, want in zip(compiled(h, *weights), projections(h, *weights)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

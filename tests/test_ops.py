@@ -55,6 +55,9 @@ def test_sibling_weights_give_their_outputs_side_by_side(bias: bool) -> None:
     assert padded_gemm(x[:0], weights[0], biases[0], more_weights=weights[1:], more_biases=biases[1:] or None).shape == (0, 39)
     empty = padded_gemm(x[:, :0], weights[0][:, :0], more_weights=[w[:, :0] for w in weights[1:]])
     torch.testing.assert_close(empty, torch.zeros(13, 39))
+    no_columns = padded_gemm(x, weights[0], more_weights=[weights[1][:0], weights[2]])  # an empty segment
+    torch.testing.assert_close(no_columns, torch.nn.functional.linear(x, torch.cat([weights[0], weights[2]])),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_sibling_gemms_on_ascend_are_computed_apart_and_copied_in(monkeypatch: pytest.MonkeyPatch) -> None:

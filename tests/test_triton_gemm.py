@@ -1031,3 +1031,39 @@ def test_m_is_never_specialized_on_in_any_variant() -> None:
         assert len(with_m) == (2 if kw.keys() & {"split_k", "stream_k"} else 1), kw
         for deco, name in with_m:
             assert re.search(r'do_not_specialize=\[[^\]]*"M"', deco), f"{name} ({kw}) specializes on M"
+
+
+def _one_piece_plan(n: int, k: int, dtype: str, **piece: bool) -> str:
+    from tileflow.runtime import encode_plan
+    from tileflow.tiles import PlanPiece, TilePlan
+
+    return encode_plan(TilePlan(n, k, dtype, "cpu", 1, 64, (PlanPiece(1, 64, TileConfig(16, 16, 16), **piece),)))
+
+
+def test_sibling_gemms_on_a_tma_piece_with_a_narrow_segment() -> None:
+    """A TMA piece runs each segment by itself into its columns; a plan picks TMA when the whole
+    N's rows align (64 bytes here), but a 4-column fp16 segment's rows (8 bytes) cannot be a
+    descriptor's: that segment runs the same tile without TMA (a TMA launch refused it)."""
+    from tileflow.runtime import run_padded_gemm
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 32, generator=gen).half().to(DEVICE)
+    weights = [torch.randn(rows, 32, generator=gen).half().to(DEVICE) for rows in (24, 4, 4)]
+    out = run_padded_gemm(x, weights[0], None, None, "none", torch.float16, _one_piece_plan(32, 32, "float16", tma=True),
+                          "triton", more_weights=weights[1:])
+    torch.testing.assert_close(out.float(), torch.nn.functional.linear(x.float(), torch.cat(weights).float()),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_sibling_gemms_with_a_transposed_weight_run_per_segment() -> None:
+    """Weights of other strides (one stored [K, N]) run one kernel per segment: the segmented
+    kernel reads every weight with the first one's strides."""
+    from tileflow.runtime import run_padded_gemm
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(7, 40, generator=gen).to(DEVICE)
+    weights = [torch.randn(rows, 40, generator=gen).to(DEVICE) for rows in (16, 16, 8)]
+    transposed = weights[2].t().contiguous().t()
+    out = run_padded_gemm(x, weights[0], None, None, "none", torch.float32, _one_piece_plan(40, 40, "float32"),
+                          "triton", more_weights=[weights[1], transposed])
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, torch.cat(weights)), rtol=1e-4, atol=1e-4)

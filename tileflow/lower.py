@@ -136,7 +136,7 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     variant where the plan runs it), for a `tileflow::padded_gemm` node. Over sibling weights
     (N segments): the segmented kernel of each piece that can read them in one launch, and
     where one cannot, the kernels of each segment's own plan over that piece's M range."""
-    from .runtime import segments_in_one_kernel
+    from .runtime import segment_piece, segments_in_one_kernel
 
     x, weight = node.args[0], node.args[1]
     names = ("bias", "residual", "activation", "out_dtype", "plan", "target", "weight_up", "bias_up", "round_first",
@@ -147,8 +147,11 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     xv, wv = x.meta["val"], weight.meta["val"]
     out_dtype = kwargs.get("out_dtype") or xv.dtype
     n = wv.shape[0] // 2 if activation == "swiglu" and kwargs.get("weight_up") is None else wv.shape[0]
-    widths = (int(n), *(int(w.meta["val"].shape[0]) for w in kwargs.get("more_weights") or ()))
+    siblings = [w.meta["val"] for w in kwargs.get("more_weights") or ()]
+    widths = (int(n), *(int(w.shape[0]) for w in siblings))
     target = kwargs.get("target") or ""
+    # The segmented kernel reads every weight with the first one's strides (as the runtime checks).
+    same_strides = all(w.stride() == wv.stride() for w in siblings)
 
     def spec_of(piece: Any, width: int, segments: tuple[int, ...] | None = None) -> KernelSpec:
         tile, persistent, split, stream_k, tma = piece.kernel_variant
@@ -163,13 +166,14 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     for piece in plan.pieces:
         if len(widths) == 1:
             specs.append(spec_of(piece, widths[0]))
-        elif segments_in_one_kernel(target, piece.config, piece.tma, widths):
+        elif same_strides and segments_in_one_kernel(target, piece.config, piece.tma, widths):
             specs.append(spec_of(piece, sum(widths), widths))
         else:
             # Sibling GEMMs run apart here, each by its own plan's pieces over this piece's M (as
             # the runtime runs them).
             for width, own in zip(widths, plan.segment_plans or [None] * len(widths)):
-                specs += [spec_of(p, width) for p in (own.pieces if own else [piece]) if p.lo <= piece.hi and p.hi >= piece.lo]
+                mine = own.pieces if own else [segment_piece(piece, width, int(wv.shape[1]), xv.dtype)]
+                specs += [spec_of(p, width) for p in mine if width and p.lo <= piece.hi and p.hi >= piece.lo]
     return list(dict.fromkeys(specs))
 
 

@@ -23,7 +23,15 @@ from ..gemm_operands import apply_activation, check_operand_kinds
 from ..kernel_spec import KernelSpec, TileConfig, segment_starts
 from ..log import get_logger
 from ..targets import CompiledKernel, get_backend, resolve_target
-from ..tiles import PlanPiece, TilePlan, build_tile_plan, candidate_configs, programs_per_core, tile_times_at_depth
+from ..tiles import (
+    PlanPiece,
+    TilePlan,
+    build_tile_plan,
+    candidate_configs,
+    programs_per_core,
+    tile_times_at_depth,
+    tma_rows_aligned,
+)
 from .streams import shared_programs
 
 log = get_logger("runtime")
@@ -351,6 +359,8 @@ def run_padded_gemm(
     config = None if (target and plan) else current_config()
     target = resolve_target(target or config.target, x.device)
     separate_up = weight_up is not None
+    if more_weights and any(w.shape[0] == 0 for w in (weight, *more_weights)):
+        weight, bias, more_weights, more_biases = _without_empty_segments(weight, bias, more_weights, more_biases)
     widths = (weight.shape[0], *(w.shape[0] for w in more_weights)) if more_weights else None
     n = weight.shape[0] // 2 if activation == "swiglu" and not separate_up else sum(widths or (weight.shape[0],))
     k = weight.shape[1]
@@ -408,8 +418,10 @@ def run_padded_gemm(
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     biases = (bias, *more_biases) if bias is not None else (None,) * len(widths)
     pieces = ([_select_piece(p, m, "padded_gemm") for p in tile_plan.segment_plans] if tile_plan.segment_plans
-              else [piece] * len(widths))
+              else [segment_piece(piece, width, k, x.dtype) for width in widths])
     for w, b, start, width, own in zip((weight, *more_weights), biases, segment_starts(widths), widths, pieces):
+        if not width:
+            continue  # an empty segment: no columns to write
         columns = slice(start, start + width)
         part = None if residual is None else residual[:, columns]
         if target == "ascend":  # its kernels write contiguous rows only: computed apart, copied in
@@ -427,11 +439,29 @@ def _reads_segments(target: str) -> bool:
 
 def segments_in_one_kernel(target: str, config: TileConfig, tma: bool, widths: tuple[int, ...]) -> bool:
     """Whether one kernel of tile `config` computes sibling GEMMs of these output widths (N
-    segments): the target's kernels read several weights, it is not a TMA kernel (whose weight
-    is one descriptor), and its BLOCK_N divides every segment's first column, so each output
-    tile reads one weight. Otherwise each segment runs its own kernel of the same tile."""
-    return (_reads_segments(target) and not tma
+    segments, none empty): the target's kernels read several weights, it is not a TMA kernel
+    (whose weight is one descriptor), and its BLOCK_N divides every segment's first column, so
+    each output tile reads one weight. Otherwise each segment runs by itself (its own plan's
+    piece, or `segment_piece`)."""
+    return (_reads_segments(target) and not tma and min(widths) > 0
             and all(start % config.block_n == 0 for start in segment_starts(widths)))
+
+
+def segment_piece(piece: PlanPiece, width: int, k: int, dtype: Any) -> PlanPiece:
+    """The piece one N segment of `width` runs by itself when its plan has no plan per segment:
+    the GEMM's own, without TMA where the segment's rows cannot be a descriptor's (the whole
+    N's could)."""
+    return piece if not piece.tma or tma_rows_aligned(width, k, dtype) else dataclasses.replace(piece, tma=False)
+
+
+def _without_empty_segments(weight: torch.Tensor, bias: torch.Tensor | None, more_weights: Any,
+                            more_biases: Any) -> tuple[torch.Tensor, torch.Tensor | None, list, list]:
+    """Sibling weights without those of no rows (no columns, and no plan, of their own); all of
+    the first alone when every one is empty (an empty GEMM, of width 0 all the same)."""
+    biases = [bias, *more_biases] if bias is not None else [None] * (1 + len(more_weights))
+    pairs = [(w, b) for w, b in zip([weight, *more_weights], biases) if w.shape[0]] or [(weight, bias)]
+    (weight, bias), more = pairs[0], pairs[1:]
+    return weight, bias, [w for w, _ in more], [b for _, b in more] if bias is not None else []
 
 
 def _gemm_of_empty_dim(

@@ -519,7 +519,8 @@ class GemmPadding:
     # -- sibling GEMMs (Q, K and V) --------------------------------------------------------------
     def _fuse_siblings(self, graph: fx.Graph, ctx: PassContext, plans: dict[tuple, TilePlan], result: PassResult) -> None:
         """Rewrite each group of two or more sibling linears (same input, K, dtype and bias
-        presence, no epilogue but their bias, not half of a SwiGLU) into one `padded_gemm`."""
+        presence, no epilogue but their bias, not half of a SwiGLU, not returned by the graph)
+        into one `padded_gemm`."""
         order = {node: i for i, node in enumerate(graph.nodes)}
         chains = [self._match(node) for node in graph.nodes
                   if node.op == "call_function" and node.target is aten.linear.default and not self._unsupported(node, ctx)]
@@ -539,26 +540,31 @@ class GemmPadding:
             first = group[0].linear  # chains are in graph order
             operands = [a for chain in group for a in (chain.linear.args[1], _linear_bias(chain.linear))]
             # One node reads every weight and bias where the first linear ran: each must exist by then.
-            if len(group) > 1 and all(not isinstance(a, fx.Node) or order[a] < order[first] for a in operands):
-                result.count("padded_gemm")
-                result.count("fused_siblings", len(group) - 1)
-                if _linear_bias(first) is not None:
-                    result.count("fused_bias")
-                self._replace_siblings(graph, group, ctx, plans)
+            if len(group) < 2 or any(isinstance(a, fx.Node) and order[a] > order[first] for a in operands):
+                continue
+            widths = [int(_val(chain.linear.args[1]).shape[0]) for chain in group]
+            try:
+                plan = self._plan(first.args[0], sum(widths), ctx, plans, weight_tiles=1)
+                if not all(segments_in_one_kernel(ctx.target, p.config, p.tma, tuple(widths)) for p in plan.pieces):
+                    # Where the plan's kernel cannot read the segments (a TMA piece, a BLOCK_N that
+                    # does not divide their starts), each runs by its own plan, as it would alone.
+                    plan = dataclasses.replace(plan, segment_plans=tuple(
+                        self._plan(first.args[0], width, ctx, plans, weight_tiles=1) for width in widths))
+            except ValueError:
+                continue  # no plan for this M range: each linear falls back on its own, with the reason
+            result.count("padded_gemm")
+            result.count("fused_siblings", len(group) - 1)
+            if _linear_bias(first) is not None:
+                result.count("fused_bias")
+            self._replace_siblings(graph, group, plan, ctx)
 
-    def _replace_siblings(self, graph: fx.Graph, group: list[_Chain], ctx: PassContext, plans: dict[tuple, TilePlan]) -> None:
-        """One `padded_gemm` over the group's weights (N segments, in graph order), and each
-        linear's output (through its views) a column slice of it."""
+    def _replace_siblings(self, graph: fx.Graph, group: list[_Chain], plan: TilePlan, ctx: PassContext) -> None:
+        """One `padded_gemm` over the group's weights (N segments, in graph order) running `plan`,
+        and each linear's output (through its views) a column slice of it."""
         first = group[0].linear
         weights = [chain.linear.args[1] for chain in group]
         biases = [_linear_bias(chain.linear) for chain in group]
         widths = [int(_val(w).shape[0]) for w in weights]
-        plan = self._plan(first.args[0], sum(widths), ctx, plans, weight_tiles=1)
-        if not all(segments_in_one_kernel(ctx.target, p.config, p.tma, tuple(widths)) for p in plan.pieces):
-            # Where the plan's kernel cannot read the segments (a TMA piece, a BLOCK_N that does not
-            # divide their starts), each runs by its own plan, as it would have alone.
-            plan = dataclasses.replace(plan, segment_plans=tuple(
-                self._plan(first.args[0], width, ctx, plans, weight_tiles=1) for width in widths))
         with graph.inserting_before(first):
             gemm = graph.call_function(
                 torch.ops.tileflow.padded_gemm.default,

@@ -398,6 +398,21 @@ def test_m_above_max_tokens_falls_back_for_that_gemm_only() -> None:
         torch.testing.assert_close(got, want)
 
 
+def test_siblings_without_a_plan_fall_back_each_with_the_reason() -> None:
+    """Sibling linears whose M passes max_tokens have no plan: each stays a linear with the
+    reason, and the rest of the graph is still rewritten (not a rolled-back pass)."""
+    def fn(x, wa, wb, w2):
+        return F.linear(x, wa) * 2, F.linear(x, wb) * 2, F.linear(x[0], w2)
+
+    x, wa, wb, w2 = torch.randn(5, 40, 16), torch.randn(8, 16), torch.randn(8, 16), torch.randn(8, 16)
+    compiled, gm, ctx = compile_fn(fn, x, wa, wb, w2, max_tokens=64)
+    assert len(gemm_nodes(gm)) == 1 and "fused_siblings" not in ctx.report.passes[1].rewrites
+    assert len(ctx.report.fallbacks) == 2 and all("above max_tokens=64" in f.reason for f in ctx.report.fallbacks)
+    x2 = torch.randn(3, 40, 16)
+    for got, want in zip(compiled(x2, wa, wb, w2), fn(x2, wa, wb, w2)):
+        torch.testing.assert_close(got, want)
+
+
 def test_a_bias_added_by_hand_is_the_linears() -> None:
     """`x @ W.T + b` (b of N elements) is a linear with a bias: it fuses as one, with the
     activation and residual after it (it was left as a separate add, and the activation with

@@ -456,8 +456,8 @@ def segment_piece(piece: PlanPiece, width: int, k: int, dtype: Any) -> PlanPiece
 
 def _without_empty_segments(weight: torch.Tensor, bias: torch.Tensor | None, more_weights: Any,
                             more_biases: Any) -> tuple[torch.Tensor, torch.Tensor | None, list, list]:
-    """Sibling weights without those of no rows (no columns, and no plan, of their own); all of
-    the first alone when every one is empty (an empty GEMM, of width 0 all the same)."""
+    """Sibling weights (and biases) without those of no rows, which have no columns and no plan
+    of their own; the first alone when every one is empty (an empty GEMM all the same)."""
     biases = [bias, *more_biases] if bias is not None else [None] * (1 + len(more_weights))
     pairs = [(w, b) for w, b in zip([weight, *more_weights], biases) if w.shape[0]] or [(weight, bias)]
     (weight, bias), more = pairs[0], pairs[1:]

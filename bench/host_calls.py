@@ -43,6 +43,14 @@ def _cases() -> dict[str, Callable[[], Any]]:
     plan = encode_plan(gemm_plan(768, 256, torch.float32, "triton", "cpu", m_max=8192))
     cases["padded_gemm, M = 16 (plan given)"] = lambda: torch.ops.tileflow.padded_gemm(
         x, w, None, None, "none", None, plan, "triton", None, None, False)
+    # A layer's Q, K and V (512 + 128 + 128 rows): one call over the three weights, against the
+    # three calls compiled graphs made before sibling GEMMs ran as one.
+    weights = [w[:512], w[512:640].clone(), w[640:].clone()]
+    plans = [encode_plan(gemm_plan(rows.shape[0], 256, torch.float32, "triton", "cpu", m_max=8192)) for rows in weights]
+    cases["padded_gemm over Q, K and V, M = 16 (one call)"] = lambda: torch.ops.tileflow.padded_gemm(
+        x, weights[0], None, None, "none", None, plan, "triton", None, None, False, weights[1:], None)
+    cases["padded_gemm for Q, K and V, M = 16 (three calls)"] = lambda: [torch.ops.tileflow.padded_gemm(
+        x, wi, None, None, "none", None, pi, "triton", None, None, False) for wi, pi in zip(weights, plans)]
     for t in (16, 256):
         q, k, v = torch.randn(1, HQ, t, HEAD_DIM), torch.randn(1, HKV, t, HEAD_DIM), torch.randn(1, HKV, t, HEAD_DIM)
         mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None]

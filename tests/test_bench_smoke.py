@@ -51,15 +51,18 @@ def test_host_step_benchmark_counts_one_launch_per_kernel() -> None:
 
 def test_host_calls_benchmark_counts_each_calls_launches() -> None:
     """bench/host_calls.py (one op call's host time with the launches stubbed, on any machine)
-    prints a row per call with a positive time and its exact launches: one kernel for a GEMM and
-    each attention call (no split-KV merge at these sizes), none for the mask's ranges."""
+    prints a row per call with a positive time and its exact launches: one kernel for a GEMM (Q,
+    K and V's too, three for their three calls) and each attention call (no split-KV merge at
+    these sizes), none for the mask's ranges."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "host_calls.py"), "--repeats", "1", "--calls", "3"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| call")]
-    assert len(rows) == 9 and all(float(r[1]) > 0 for r in rows), rows
-    assert [r[2] for r in rows] == ["0" if r[0].startswith("attention_mask_ranges") else "1" for r in rows]
+    assert len(rows) == 11 and all(float(r[1]) > 0 for r in rows), rows
+    # Q, K and V: one launch over the three weights, or three calls of one.
+    assert [r[2] for r in rows] == ["0" if r[0].startswith("attention_mask_ranges") else "3" if "three calls" in r[0]
+                                    else "1" for r in rows]
 
 
 @pytest.mark.extended

@@ -228,6 +228,10 @@ def test_segment_source_and_launch_errors() -> None:
         kernel(inputs["x"], weights[0], biases[0], more_weights=tuple(weights[1:]))
     with pytest.raises(ValueError, match=r"weight of segment 2 must have shape \[24, 40\]"):
         kernel(inputs["x"], weights[0], biases[0], more_weights=(weights[1], weights[1]), more_biases=tuple(biases[1:]))
+    shared = torch.empty(16 * 40, device=DEVICE)  # an out laid over segment 1's weight
+    with pytest.raises(ValueError, match="out shares memory with weight of segment 1"):
+        kernel(inputs["x"], weights[0], biases[0], out=shared[:5 * 72].view(5, 72),
+               more_weights=(shared.view(16, 40), weights[2]), more_biases=tuple(biases[1:]))
     transposed = weights[2].t().contiguous().t()  # the same values stored [K, N]: other strides
     with pytest.raises(ValueError, match="share one pair of strides"):
         kernel(inputs["x"], weights[0], biases[0], more_weights=(weights[1], transposed), more_biases=tuple(biases[1:]))

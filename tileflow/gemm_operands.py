@@ -180,7 +180,9 @@ def gemm_operands(
     else:
         check("out", out, (m, n), {out_dtype})
         _check_no_overlap(where, out, {"x": x, "weight": weight, "weight_up": weight_up, "bias": bias,
-                                       "bias_up": bias_up, "residual": residual})
+                                       "bias_up": bias_up, "residual": residual,
+                                       **{f"weight of segment {i}": w for i, w in enumerate(more_weights, 1)},
+                                       **{f"bias of segment {i}": b for i, b in enumerate(more_biases, 1)}})
     # The kernels read a bias as N consecutive values (no stride): a strided or expanded one
     # (`b[::2]`, `b.expand(n)`) is copied first (a no-op for the usual contiguous bias).
     bias, bias_up = (None if b is None else b.contiguous() for b in (bias, bias_up))

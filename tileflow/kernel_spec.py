@@ -307,8 +307,8 @@ def gemm_formula(spec: KernelSpec) -> str:
         bg, bu = (" + bias_gate", " + bias_up") if "bias" in ep else ("", "")
         expr = f"silu({x} @ W_gate{e}^T{bg}) * ({x} @ W_up{e}^T{bu})"
     else:
-        segments = spec.param("segments")
-        weight = f"cat({', '.join(f'W{i}' for i in range(len(str(segments).split('x'))))})" if segments else f"W{e}"
+        segments = len(gemm_segments(spec))
+        weight = f"cat({', '.join(f'W{i}' for i in range(segments))})" if segments > 1 else f"W{e}"
         expr = f"{x} @ {weight}^T" + (" + bias" if "bias" in ep else "")
         for act in UNARY_ACTIVATIONS:
             if act in ep:

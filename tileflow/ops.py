@@ -129,7 +129,9 @@ def _check_gemm_args(
     """Validate a padded_gemm call; return its output width N."""
     _check_activation("padded_gemm", activation)
     if more_weights or more_biases:
-        return _check_segment_args(x, weight, bias, residual, activation, weight_up, more_weights or (), more_biases)
+        n = _check_segment_args(x, weight, bias, activation, weight_up, more_weights or (), more_biases)
+        _check_residual(x, residual, n)
+        return n
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(
             f"padded_gemm: x must be [M, K] and weight [N, K]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
@@ -162,22 +164,27 @@ def _check_gemm_args(
     for name, b in (("bias", bias), ("bias_up", bias_up)):
         if b is not None and (b.dim() != 1 or b.shape[0] != bias_rows):
             raise ValueError(f"padded_gemm: {name} must be [{bias_rows}], got {tuple(b.shape)}")
+    _check_residual(x, residual, n)
+    return n
+
+
+def _check_residual(x: torch.Tensor, residual: torch.Tensor | None, n: int) -> None:
+    """A GEMM's residual, when given, is [M, N]."""
     if residual is not None and (residual.dim() != 2 or residual.shape[1] != n or residual.shape[0] != x.shape[0]):
         raise ValueError(f"padded_gemm: residual must be [M, {n}], got {tuple(residual.shape)}")
-    return n
 
 
 def _check_segment_args(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
     activation: str,
     weight_up: torch.Tensor | None,
     more_weights: Sequence[torch.Tensor],
     more_biases: Sequence[torch.Tensor] | None,
 ) -> int:
-    """Validate a padded_gemm call over sibling weights (N segments); return the total N."""
+    """Validate the weights and biases of a padded_gemm call over sibling weights (N segments);
+    return the total N."""
     if activation == "swiglu" or weight_up is not None:
         raise ValueError("padded_gemm: more_weights (sibling GEMMs) cannot be combined with a SwiGLU; "
                          "give the gate and up projections as weight and weight_up instead")
@@ -197,10 +204,7 @@ def _check_segment_args(
                 raise ValueError(f"padded_gemm: the bias of weight {i} must be [{w.shape[0]}], got {tuple(b.shape)}")
         if len(more_biases) != len(more_weights):
             raise ValueError(f"padded_gemm: {len(more_weights)} more weight(s) but {len(more_biases)} more bias(es)")
-    n = sum(w.shape[0] for w in weights)
-    if residual is not None and (residual.dim() != 2 or residual.shape[1] != n or residual.shape[0] != x.shape[0]):
-        raise ValueError(f"padded_gemm: residual must be [M, {n}], got {tuple(residual.shape)}")
-    return n
+    return sum(w.shape[0] for w in weights)
 
 
 @_op("padded_gemm", "(Tensor x, Tensor weight, Tensor? bias=None, Tensor? residual=None, str activation=\"none\", "

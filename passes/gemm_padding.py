@@ -545,9 +545,9 @@ class GemmPadding:
             widths = [int(_val(chain.linear.args[1]).shape[0]) for chain in group]
             try:
                 plan = self._plan(first.args[0], sum(widths), ctx, plans, weight_tiles=1)
-                if not all(segments_in_one_kernel(ctx.target, p.config, p.tma, tuple(widths)) for p in plan.pieces):
-                    # Where the plan's kernel cannot read the segments (a TMA piece, a BLOCK_N that
-                    # does not divide their starts), each runs by its own plan, as it would alone.
+                if not all(segments_in_one_kernel(ctx.target, p.config, tuple(widths)) for p in plan.pieces):
+                    # Where the plan's kernel cannot read the segments (a BLOCK_N that does not
+                    # divide their starts), each runs by its own plan, as it would alone.
                     plan = dataclasses.replace(plan, segment_plans=tuple(
                         self._plan(first.args[0], width, ctx, plans, weight_tiles=1) for width in widths))
             except ValueError:

@@ -326,6 +326,49 @@ def test_measured_tma_plans_for_gemms_with_and_without_epilogues(tmp_path, monke
     assert all(piece.tma for piece in decode_plan(down.args[6]).pieces)
 
 
+def test_siblings_on_measured_tma_pieces_run_as_one_tma_kernel(tmp_path, monkeypatch) -> None:
+    """Q, K and V (128 + 64 + 64 columns) whose measured times make every piece a TMA one of a
+    tile whose BLOCK_N divides the segments' starts: one node, no plans per segment, lowering
+    builds segmented TMA kernels only, and the compiled model matches eager at every M."""
+    import json
+
+    from tileflow import runtime
+    from tileflow.devices import get_device
+    from tileflow.tiles import candidate_configs
+
+    h200 = get_device("H200")
+    monkeypatch.setattr(runtime, "device_for_target", lambda target, device_type: h200)
+    entries = []
+    for c in candidate_configs(256, 64, "float16", h200):
+        entry = {"device": "H200", "dtype": "float16", "n": 256, "k": 64, "tile": c.to_dict()}
+        fast = 192 % c.block_n == 0  # a tile that reads one weight per output tile
+        entries += [{**entry, "tile_seconds": 1e-4}, {**entry, "tile_seconds": 1e-5 if fast else 1e-3, "tma": True}]
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps(entries))
+
+    def projections(h, wq, wk, wv):
+        return F.linear(h, wq) * 2, F.linear(h, wk) * 2, F.linear(h, wv) * 2
+
+    weights = [(torch.randn(rows, 64) / 8).half() for rows in (128, 64, 64)]
+    h = torch.randn(9, 64).half()
+    torch._dynamo.mark_dynamic(h, 0)
+    options = {"target": "triton", "max_tokens": 512, "tile_timings": str(path),
+               "passes": ["canonicalize", "gemm_padding", "test_grab_graph"]}
+    _GRABBED.clear()
+    compiled = torch.compile(projections, backend=tileflow.TileflowBackend(options, report=tileflow.Report()),
+                             dynamic=False)
+    compiled(h, *weights)
+    [gemm] = gemm_nodes(_GRABBED[-1][0])
+    plan = decode_plan(gemm.args[6])
+    assert plan.segment_plans == () and plan.pieces and all(p.tma for p in plan.pieces)
+    specs = gemm_specs_for_node(gemm, plan)
+    assert specs and all(spec.param("segments") == "128x64x64" and spec.param("tma") for spec in specs)
+    for tokens in (1, 9, 40):
+        x = torch.randn(tokens, 64).half()
+        for got, want in zip(compiled(x, *weights), projections(x, *weights)):
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
 def test_the_report_says_which_plans_measured_tile_times_made(tmp_path) -> None:
     """Each padded-GEMM plan in the report names where its times came from: the tile-timings
     file for a shape it holds, the cost model for one it does not (whose candidate configs it

@@ -274,3 +274,42 @@ def test_a_cached_upload_is_waited_for_on_another_stream() -> None:
         seen = uploaded.clone()
     torch.cuda.synchronize()
     assert seen.cpu().numpy().tolist() == values.tolist()
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
+                    reason="TMA needs a Hopper GPU or newer")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_tma_gemm_over_segments_makes_its_descriptors_on_the_device(cuda_graph: bool) -> None:
+    """The TMA kernel over N segments (Q, K and V) makes each program's weight descriptor on the
+    device, in a global scratch buffer from the allocator tileflow gives Triton: bf16 equals
+    float64, launched directly and replayed from a CUDA graph."""
+    from tileflow.lower import gemm_spec
+    from tileflow.kernel_spec import TileConfig
+    from tileflow.runtime import get_kernel
+
+    widths = (256, 128, 128)
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(300, 512, generator=gen, device="cuda").bfloat16()
+    weights = [(torch.randn(w, 512, generator=gen, device="cuda") / 16).bfloat16() for w in widths]
+    biases = [torch.randn(w, generator=gen, device="cuda").bfloat16() for w in widths]
+    spec = gemm_spec(dtype=torch.bfloat16, out_dtype=torch.bfloat16, n=sum(widths), k=512,
+                     tile=TileConfig(128, 128, 64, num_warps=4, num_stages=3), tma=True, has_bias=True, segments=widths)
+    kernel = get_kernel("triton", spec)
+    out = torch.full((300, sum(widths)), float("nan"), device="cuda", dtype=torch.bfloat16)
+
+    def launch() -> None:
+        kernel(x, weights[0], biases[0], out=out, more_weights=tuple(weights[1:]), more_biases=tuple(biases[1:]))
+
+    launch()  # compiles (outside any capture)
+    out.fill_(float("nan"))
+    if cuda_graph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launch()
+        out.fill_(float("nan"))
+        graph.replay()
+    else:
+        launch()
+    torch.cuda.synchronize()
+    want = torch.nn.functional.linear(x.double(), torch.cat(weights).double(), torch.cat(biases).double())
+    assert _rel_err(out, want) < 1e-2

@@ -200,7 +200,8 @@ def segment_inputs(spec: KernelSpec, m: int, seed: int) -> tuple[dict, list[torc
     return inputs, weights, biases
 
 
-@pytest.mark.parametrize("variant", [{}, {"persistent": True}, {"split_k": True}, {"stream_k": True}], ids=str)
+@pytest.mark.parametrize("variant", [{}, {"persistent": True}, {"split_k": True}, {"stream_k": True}, {"tma": True}],
+                         ids=str)
 @pytest.mark.parametrize("dtype,epilogue", [("float32", ()), ("float16", ("bias",)), ("float32", ("bias", "gelu", "residual"))],
                          ids=_case_id)
 @pytest.mark.parametrize("m", [1, 17, 63])
@@ -213,6 +214,21 @@ def test_segments_read_each_tile_from_its_weight(variant: dict, dtype: str, epil
     kernel(inputs["x"], weights[0], biases[0] if biases else None, inputs["residual"], out=out,
            more_weights=tuple(weights[1:]), more_biases=tuple(biases[1:]), **launch)
     assert_close(spec, out, reference(spec, **inputs))
+
+
+def test_tma_segments_stored_k_by_n() -> None:
+    """A TMA kernel over N segments reads weights stored [K, N] (transposed views, here column
+    blocks of one [K, N] tensor: the same strides) through one descriptor each."""
+    spec = segment_spec("float16", ("bias",), tma=True)
+    kernel = build(spec)
+    inputs, weights, biases = segment_inputs(spec, 19, seed=41)
+    full_kn = inputs["weight"].t().contiguous()
+    bounds = [0, *torch.tensor(SEGMENTS).cumsum(0).tolist()]
+    stored_kn = [full_kn[:, a:b].t() for a, b in zip(bounds, bounds[1:])]
+    out = poisoned_out(spec, DEVICE, 19)
+    kernel(inputs["x"], stored_kn[0], biases[0], out=out, more_weights=tuple(stored_kn[1:]), more_biases=tuple(biases[1:]))
+    assert_close(spec, out, reference(spec, **inputs))
+
 
 
 def test_segment_source_and_launch_errors() -> None:
@@ -237,8 +253,11 @@ def test_segment_source_and_launch_errors() -> None:
         kernel(inputs["x"], weights[0], biases[0], more_weights=(weights[1], transposed), more_biases=tuple(biases[1:]))
     with pytest.raises(ValueError, match="divides each start"):
         render_gemm_source(dataclasses.replace(spec, tile=TileConfig(16, 32, 16)))  # 48 is not a multiple of 32
-    with pytest.raises(ValueError, match="TMA kernel reads one weight"):
-        render_gemm_source(segment_spec("float16", (), tma=True))
+    tma_source = render_gemm_source(segment_spec("float16", (), tma=True))
+    # One K loop over a descriptor made on the device for the tile's segment (a loop per segment
+    # would triple the pipeline's shared memory).
+    assert "w1_ptr, w2_ptr," in tma_source and tma_source.count("tl.make_tensor_descriptor(w_seg") == 2
+    assert tma_source.count("for k0 in range(0, K, BLOCK_K):") == 1
     with pytest.raises(ValueError, match="sum to N"):
         render_gemm_source(dataclasses.replace(spec, params=make_params(n=72, k=40, persistent=False, segments="32x16")))
 
@@ -1057,6 +1076,24 @@ def test_sibling_gemms_on_a_tma_piece_with_a_narrow_segment() -> None:
                           "triton", more_weights=weights[1:])
     torch.testing.assert_close(out.float(), torch.nn.functional.linear(x.float(), torch.cat(weights).float()),
                                rtol=1e-2, atol=1e-2)
+
+
+def test_sibling_gemms_on_a_tma_piece_run_in_one_tma_kernel() -> None:
+    """Where BLOCK_N divides the segments' starts, a TMA piece reads every segment through its
+    own descriptor in one launch: no kernel of one segment is built."""
+    from tileflow.runtime import compiled_kernels, run_padded_gemm
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(23, 48, generator=gen).half().to(DEVICE)  # K = 48: no other test's kernels
+    weights = [torch.randn(rows, 48, generator=gen).half().to(DEVICE) for rows in (32, 16, 24)]
+    biases = [torch.randn(rows, generator=gen).half().to(DEVICE) for rows in (32, 16, 24)]
+    out = run_padded_gemm(x, weights[0], biases[0], None, "none", torch.float16,
+                          _one_piece_plan(72, 48, "float16", tma=True), "triton", more_weights=weights[1:],
+                          more_biases=biases[1:])
+    want = torch.nn.functional.linear(x.double(), torch.cat(weights).double(), torch.cat(biases).double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=1e-2)
+    specs = [k.spec for k in compiled_kernels("padded_gemm") if k.spec.param("k") == 48]
+    assert [(spec.param("segments"), spec.param("tma")) for spec in specs] == [("32x16x24", True)]
 
 
 def test_sibling_gemms_with_a_transposed_weight_run_per_segment() -> None:

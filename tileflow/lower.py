@@ -166,7 +166,7 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     for piece in plan.pieces:
         if len(widths) == 1:
             specs.append(spec_of(piece, widths[0]))
-        elif same_strides and segments_in_one_kernel(target, piece.config, piece.tma, widths):
+        elif same_strides and segments_in_one_kernel(target, piece.config, widths):
             specs.append(spec_of(piece, sum(widths), widths))
         else:
             # Sibling GEMMs run apart here, each by its own plan's pieces over this piece's M (as

@@ -414,14 +414,13 @@ def _launch_benchmark_kernels(scope: str = "all") -> None:
             spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=14336, k=4096, tile=tile, activation="swiglu", split_k=split)
             runtime.get_kernel("triton", spec)(x, gate, weight_up=up, **({"split_k": 2} if split else {}))
     # Llama-3-8B's Q, K and V projections as one GEMM over their three weights (N segments), with
-    # the bias Qwen2's have (and without, outside the largest-tiles scope); every variant but TMA
-    # (whose pieces run the segments apart).
+    # the bias Qwen2's have (and without, outside the largest-tiles scope); every variant.
     widths = (4096, 1024, 1024)
     weights = [torch.empty(width, 4096, dtype=bf16) for width in widths]
     biases = [torch.empty(width, dtype=bf16) for width in widths]
     for tile in tiles(6144, 4096, "bfloat16", device):
         for variant, launch in (({}, {}), ({"persistent": True}, {}), ({"split_k": True}, {"split_k": 4}),
-                                ({"stream_k": True}, {"num_programs": device.cores})):
+                                ({"stream_k": True}, {"num_programs": device.cores}), ({"tma": True}, {})):
             for bias in (True,) if scope == "largest-tiles" else (False, True):
                 spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=6144, k=4096, tile=tile, has_bias=bias, segments=widths,
                                  **variant)

@@ -64,8 +64,6 @@ def _check_spec(spec: KernelSpec) -> None:
     """Reject specs this kernel cannot implement, with a message that says why."""
     check_gemm_spec(spec, SUPPORTED_DTYPES, "Triton", _MIN_BLOCK)
     starts = segment_starts(gemm_segments(spec))
-    if len(starts) > 1 and spec.param("tma", False):
-        raise ValueError(f"{spec.name}: a TMA kernel reads one weight's descriptor; run N segments without TMA")
     if any(start % spec.tile.block_n for start in starts):
         raise ValueError(f"{spec.name}: N segments starting at columns {list(starts)} need a BLOCK_N that divides "
                          f"each start (an output tile reads one weight), not {spec.tile.block_n}")
@@ -126,8 +124,13 @@ def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False, tm
     also takes its fp32 workspace and its grid size, a TMA kernel tensor descriptors for x and
     the weight(s) instead of their pointers and strides."""
     ep = spec.epilogue
-    lines = ["x_desc, w_desc, out_desc,  # x, the weight and the output as TMA descriptors" if tma
-             else "x_ptr, w_ptr, out_ptr,"]
+    segmented = len(gemm_segments(spec)) > 1
+    if tma and segmented:
+        # A descriptor per program, made on the device over its segment's weight.
+        lines = ["x_desc, w_ptr, out_desc,  # x and the output as TMA descriptors, the weights as pointers"]
+    else:
+        lines = ["x_desc, w_desc, out_desc,  # x, the weight and the output as TMA descriptors" if tma
+                 else "x_ptr, w_ptr, out_ptr,"]
     if stream_k:
         lines.append("ws_ptr,  # fp32 partial tiles: [2 * NUM_PROGRAMS, planes, BLOCK_M, BLOCK_N]")
     lines += _segment_weight_params(spec)
@@ -139,6 +142,8 @@ def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False, tm
     if "residual" in ep:
         lines.append("res_desc," if tma else "res_ptr,")
     lines.append("M,  # token count: runtime value, never specialized on (no recompiles)")
+    if tma and segmented:
+        lines.append("stride_wn, stride_wk,  # the weights' (one of them is 1: a descriptor's rows are contiguous)")
     if not tma:
         lines.append("stride_xm, stride_xk,")
         lines.append("stride_wn, stride_wk,  # any layout: weight may be a transposed view")
@@ -170,9 +175,9 @@ def _bias_params(spec: KernelSpec) -> str:
     return " ".join(["bias_ptr,", *(f"bias{i}_ptr," for i in _more_segments(spec))])
 
 
-def _segment_weight(spec: KernelSpec) -> str:
-    """Code that picks the weight of the output tile's N segment (`w_seg`, and `col0` its first
-    column); empty for a GEMM of one weight."""
+def _segment_weight(spec: KernelSpec, *, with_width: bool = False) -> str:
+    """Code that picks the weight of the output tile's N segment (`w_seg`, `col0` its first
+    column and, `with_width`, `seg_width` its width); empty for a GEMM of one weight."""
     widths = gemm_segments(spec)
     if len(widths) == 1:
         return ""
@@ -185,9 +190,13 @@ def _segment_weight(spec: KernelSpec) -> str:
         "w_seg = w_ptr",
         "col0 = n_first * 0",
     ]
+    if with_width:
+        code.append(f"seg_width = n_first * 0 + {widths[0]}")
     for i, start in enumerate(starts[1:], start=1):
         code += [f"w_seg = tl.where(n_first >= {start}, w{i}_ptr, w_seg)",
                  f"col0 = tl.where(n_first >= {start}, {start}, col0)"]
+        if with_width:
+            code.append(f"seg_width = tl.where(n_first >= {start}, {widths[i]}, seg_width)")
     return "\n".join(code)
 
 
@@ -218,7 +227,10 @@ def _tile_compute(spec: KernelSpec) -> str:
 def _tma_k_loop(spec: KernelSpec) -> str:
     """Like `_k_loop` over all of K, with every operand tile fetched by the Hopper copy engine
     (TMA) through a tensor descriptor: rows past M and columns past N or K arrive as zeros, so
-    virtual padding costs no mask and no address arithmetic in the loop."""
+    virtual padding costs no mask and no address arithmetic in the loop. Over N segments, each
+    program makes a descriptor over its tile's segment on the device: host descriptors would
+    need a loop per segment (a descriptor cannot be picked by `tl.where`), and each loop its
+    own pipeline buffers (3x the shared memory: 590 KB for Q, K and V at 128 x 256)."""
     swiglu = "swiglu" in spec.epilogue
     dot_kw = _dot_precision_kwarg(spec.dtype)
     weights = [("w_desc", "w", "acc_gate" if swiglu else "acc")] + ([("wu_desc", "wu", "acc_up")] if swiglu else [])
@@ -230,15 +242,30 @@ def _tma_k_loop(spec: KernelSpec) -> str:
         "cols = offs_n[None, :]",
         *[f"{acc} = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)" for _, _, acc in weights],
         "",
+    ]
+    weight_col = "pid_n * BLOCK_N"
+    if len(gemm_segments(spec)) > 1:
+        code += [
+            _segment_weight(spec, with_width=True),
+            "if W_KN:  # stored [K, N]",
+            "    w_desc = tl.make_tensor_descriptor(w_seg, shape=[K, seg_width], strides=[stride_wk, 1],",
+            "                                       block_shape=[BLOCK_K, BLOCK_N])",
+            "else:",
+            "    w_desc = tl.make_tensor_descriptor(w_seg, shape=[seg_width, K], strides=[stride_wn, 1],",
+            "                                       block_shape=[BLOCK_N, BLOCK_K])",
+            "",
+        ]
+        weight_col = "n_first - col0"
+    code += [
         "for k0 in range(0, K, BLOCK_K):",
         "    a = x_desc.load([pid_m * BLOCK_M, k0])",
     ]
     for desc, tile, acc in weights:
         code += [
             "    if W_KN:  # stored [K, N]: the tile is W^T already",
-            f"        {tile} = {desc}.load([k0, pid_n * BLOCK_N])",
+            f"        {tile} = {desc}.load([k0, {weight_col}])",
             "    else:",
-            f"        {tile} = {desc}.load([pid_n * BLOCK_N, k0]).T",
+            f"        {tile} = {desc}.load([{weight_col}, k0]).T",
             f"    {acc} = tl.dot(a, {tile}, {acc}{dot_kw})",
         ]
     return "\n".join(code)
@@ -873,28 +900,44 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         x_desc = TensorDescriptor.from_tensor(x, [tile.block_m, tile.block_k])
         out = tma_operand(ops.out, where, "out")
         tile_shape = [tile.block_m, tile.block_n]
-        weights = [ops.weight] + ([ops.weight_up] if swiglu else [])
-        # A weight stored [K, N] (a transposed view) is read as such; both SwiGLU weights alike.
+        weights = [ops.weight, *ops.more_weights] + ([ops.weight_up] if swiglu else [])
+        # A weight stored [K, N] (a transposed view) is read as such; both SwiGLU weights (and
+        # every segment's, which share the first's strides) alike.
         w_kn = all(w.stride(0) == 1 and w.stride(1) != 1 for w in weights)
-        if w_kn:
-            descs = [TensorDescriptor.from_tensor(tma_operand(w.t(), where, "weight"), [tile.block_k, tile.block_n])
-                     for w in weights]
+        if ops.more_weights:
+            weights_args = _tma_segment_weights(weights, w_kn)
+        elif w_kn:
+            weights_args = [TensorDescriptor.from_tensor(tma_operand(w.t(), where, "weight"), [tile.block_k, tile.block_n])
+                            for w in weights]
         else:
-            descs = [TensorDescriptor.from_tensor(tma_operand(w, where, "weight"), [tile.block_n, tile.block_k])
-                     for w in weights]
+            weights_args = [TensorDescriptor.from_tensor(tma_operand(w, where, "weight"), [tile.block_n, tile.block_k])
+                            for w in weights]
         epilogue: list[Any] = []
         if has_bias:
-            epilogue += [ops.bias, ops.bias_up] if swiglu else [ops.bias]
+            epilogue += [ops.bias, ops.bias_up] if swiglu else [ops.bias, *ops.more_biases]
         if has_res:
             epilogue.append(TensorDescriptor.from_tensor(tma_operand(ops.residual, where, "residual"), tile_shape))
+        strides = [] if not ops.more_weights else list(weights_args[0].stride())
         kernel_fn[(num_tiles,)](
-            x_desc, descs[0], TensorDescriptor.from_tensor(out, tile_shape), *descs[1:], *epilogue, ops.m,
-            N=n, K=k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
+            x_desc, weights_args[0], TensorDescriptor.from_tensor(out, tile_shape), *weights_args[1:], *epilogue, ops.m,
+            *strides, N=n, K=k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
             W_KN=w_kn, num_warps=num_warps, num_stages=tile.num_stages,
         )
         if out is not ops.out:
             ops.out.copy_(out)
         return ops.out
+
+    def _tma_segment_weights(weights: list[torch.Tensor], w_kn: bool) -> list[torch.Tensor]:
+        """The weights of N segments as a TMA kernel makes its descriptors over them on the
+        device: each with its descriptor rows (K, or N when stored [K, N]) contiguous, 16-byte
+        aligned, and all with one pair of strides (each copied contiguous where one must be)."""
+        oriented = [w.t() if w_kn else w for w in weights]
+        names = ["weight", *(f"weight of segment {i}" for i in _more_segments(spec))]
+        ready = [tma_operand(w, where, name) for w, name in zip(oriented, names)]
+        if any(r.stride() != ready[0].stride() for r in ready):
+            ready = [r if r.is_contiguous() else r.contiguous() for r in ready]
+        _ensure_allocator()
+        return [r.t() if w_kn else r for r in ready]
 
     def _finish_args(ops: Any, workspace: torch.Tensor) -> list[Any]:
         """The arguments `_finish_signature` names, up to its tail."""
@@ -938,6 +981,26 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
     launch.kernel = kernel_fn  # type: ignore[attr-defined]  # the JIT function, for inspection
     launch.spec = spec  # type: ignore[attr-defined]
     return launch
+
+
+def _ensure_allocator() -> None:
+    """Give Triton an allocator for the global scratch of kernels that make TMA descriptors on
+    the device (a few bytes per program), unless the caller has set one: torch's, on the
+    launch's stream, so CUDA graph capture takes it into its pool."""
+    import triton
+    from triton.runtime import _allocation
+
+    # (Private names, read defensively: where they are missing, tileflow sets its own.)
+    current, null = getattr(_allocation, "_allocator", None), getattr(_allocation, "NullAllocator", None)
+    if current is not None and null is not None and not isinstance(current.get(), null):
+        return
+    triton.set_allocator(_torch_scratch)
+
+
+def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """A global scratch buffer of `size` bytes from torch's caching allocator (its blocks are
+    aligned to 512 bytes, more than Triton asks)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _cdiv(a: int, b: int) -> int:

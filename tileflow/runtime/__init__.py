@@ -409,7 +409,7 @@ def run_padded_gemm(
 
     if widths is None:
         return launch(piece, n, weight, bias, residual, weight_up=weight_up, bias_up=bias_up)
-    if (segments_in_one_kernel(target, piece.config, piece.tma, widths)
+    if (segments_in_one_kernel(target, piece.config, widths)
             and all(w.stride() == weight.stride() for w in more_weights)):
         return launch(piece, n, weight, bias, residual, segments=widths, more_weights=tuple(more_weights),
                       more_biases=tuple(more_biases))
@@ -437,13 +437,14 @@ def _reads_segments(target: str) -> bool:
     return bool(getattr(get_backend(target), "gemm_segments", False))
 
 
-def segments_in_one_kernel(target: str, config: TileConfig, tma: bool, widths: tuple[int, ...]) -> bool:
+def segments_in_one_kernel(target: str, config: TileConfig, widths: tuple[int, ...]) -> bool:
     """Whether one kernel of tile `config` computes sibling GEMMs of these output widths (N
-    segments, none empty): the target's kernels read several weights, it is not a TMA kernel
-    (whose weight is one descriptor), and its BLOCK_N divides every segment's first column, so
-    each output tile reads one weight. Otherwise each segment runs by itself (its own plan's
+    segments, none empty): the target's kernels read several weights, and the tile's BLOCK_N
+    divides every segment's first column, so each output tile reads one weight. (On a TMA
+    piece that also makes every segment's rows a descriptor's where the whole N's are: all but
+    the last are whole tiles wide.) Otherwise each segment runs by itself (its own plan's
     piece, or `segment_piece`)."""
-    return (_reads_segments(target) and not tma and min(widths) > 0
+    return (_reads_segments(target) and min(widths) > 0
             and all(start % config.block_n == 0 for start in segment_starts(widths)))
 
 

@@ -14,7 +14,10 @@ Later passes match one form only. After this pass:
 - view-like ops whose result has the input's shape, strides and offset (`view`, `reshape`,
   `expand`, full `slice`, identity `permute`, `alias`, `detach`), double transposes, clones that
   keep the layout and dtype conversions to the same dtype are removed, and so are the
-  `_assert_tensor_metadata` checks torch.export writes where the traced values prove them.
+  `_assert_tensor_metadata` checks torch.export writes where the traced values prove them;
+- the tanh GELU written out by hand (transformers' `gelu_new`, GPT-2's, Phi-2's, GPT-J's:
+  `0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))`) is `aten.gelu(x, approximate="tanh")`,
+  which the GEMM pass fuses as an epilogue.
 Nodes the graph returns directly are kept, and so is every copy an output views (`x.clone()
 .view(-1)` returned), so no output starts aliasing an input.
 """
@@ -245,6 +248,57 @@ def _moves_unit_dims(node: fx.Node) -> bool:
             and src.dim() != out.dim() and same_shape(_real_sizes(src.shape), _real_sizes(out.shape)))
 
 
+# sqrt(2 / pi), and how far a model's spelled-out constant may be from it (GPT-2 writes
+# `math.sqrt(2.0 / math.pi)`, others 0.7978845608): the difference is below fp32's rounding.
+_SQRT_2_OVER_PI = 0.7978845608028654
+_CONSTANT_SLACK = 1e-9
+
+
+def _scalar_operand(node: Any, target: Any, value: float) -> fx.Node | None:
+    """The tensor operand of `node` = `target`(t, value), a Python number within
+    `_CONSTANT_SLACK` of `value` (ATen's schemas put the tensor first: `0.5 * x` traces to
+    `mul(x, 0.5)`), else None."""
+    if (not isinstance(node, fx.Node) or node.op != "call_function" or node.target is not target or node.kwargs
+            or len(node.args) != 2):
+        return None
+    tensor, scalar = node.args
+    if (isinstance(tensor, fx.Node) and isinstance(scalar, (int, float)) and not isinstance(scalar, bool)
+            and abs(scalar - value) <= _CONSTANT_SLACK):
+        return tensor
+    return None
+
+
+def _hand_gelu_tanh_input(root: fx.Node) -> fx.Node | None:
+    """`x` when `root` is `(x * 0.5) * (tanh((x + (x ** 3) * 0.044715) * sqrt(2/pi)) + 1)` (either
+    operand order of each product and sum), every node but `x` read only inside the pattern:
+    transformers' `NewGELUActivation` as AOTAutograd traces it. Else None."""
+    def sole(node: Any, user: fx.Node) -> bool:
+        return isinstance(node, fx.Node) and list(node.users) == [user]
+
+    if len(root.args) != 2 or root.kwargs:
+        return None
+    for half, plus_one in (root.args, root.args[::-1]):
+        x = _scalar_operand(half, aten.mul.Tensor, 0.5)
+        tanh = _scalar_operand(plus_one, aten.add.Tensor, 1.0)
+        if x is None or tanh is None or not (sole(half, root) and sole(plus_one, root) and sole(tanh, plus_one)):
+            continue
+        if tanh.target is not aten.tanh.default or len(tanh.args) != 1:
+            continue
+        scaled = tanh.args[0]
+        inner = _scalar_operand(scaled, aten.mul.Tensor, _SQRT_2_OVER_PI)
+        if inner is None or not sole(scaled, tanh) or not sole(inner, scaled):
+            continue
+        if inner.target is not aten.add.Tensor or len(inner.args) != 2 or inner.kwargs:
+            continue
+        for linear_term, cubic_term in (inner.args, inner.args[::-1]):
+            cube = _scalar_operand(cubic_term, aten.mul.Tensor, 0.044715)
+            if linear_term is not x or cube is None or not sole(cubic_term, inner) or not sole(cube, cubic_term):
+                continue
+            if cube.target is aten.pow.Tensor_Scalar and cube.args[0] is x and cube.args[1] == 3 and not cube.kwargs:
+                return x
+    return None
+
+
 @register_pass
 class Canonicalize:
     """Normalize matmul forms into `linear`/`bmm` and drop no-op views, transposes and copies."""
@@ -294,6 +348,8 @@ class Canonicalize:
             return self._single_batch_bmm(graph, node)
         if target is aten._assert_tensor_metadata.default:
             return self._drop_proven_assert(node)
+        if target is aten.mul.Tensor and self._gelu_tanh_by_hand(graph, node):
+            return "canonical_gelu_tanh"
         if node in outputs:
             return None
         return self._drop_noop(node)
@@ -467,6 +523,23 @@ class Canonicalize:
             return None
         node.graph.erase_node(node)
         return "noop_removed"
+
+    # -- activations written out ---------------------------------------------------------
+    def _gelu_tanh_by_hand(self, graph: fx.Graph, root: fx.Node) -> bool:
+        """Replace `root` by `aten.gelu(x, approximate="tanh")` when it is the last op of the tanh
+        GELU written out (`_hand_gelu_tanh_input`) over a floating-point `x`; the pattern's other
+        nodes, read by nothing else, die with it."""
+        x = _hand_gelu_tanh_input(root)
+        xv = _val(x)
+        if x is None or not isinstance(xv, torch.Tensor) or not xv.is_floating_point():
+            return False
+        with graph.inserting_before(root):
+            gelu = graph.call_function(aten.gelu.default, (x,), {"approximate": "tanh"})
+        copy_source_meta(root, gelu)
+        infer_meta(gelu)
+        root.replace_all_uses_with(gelu)
+        graph.erase_node(root)
+        return True
 
     def _remove_dead(self, graph: fx.Graph) -> int:
         """Erase pure nodes nobody uses any more (e.g. a transpose folded into a linear)."""

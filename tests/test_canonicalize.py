@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Callable
 
+import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -389,3 +391,54 @@ def test_a_round_trip_differing_only_in_a_size_one_dims_stride_is_its_base() -> 
     canonicalize(gm)
     assert ops(gm)[aten.view.default] == 0
     torch.testing.assert_close(gm(x), fn(x))
+
+
+def _gelu_new(x):
+    """transformers' NewGELUActivation (GPT-2, Phi-2, GPT-J), as written there."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+@pytest.mark.parametrize("form", ["gelu_new", "operands_swapped", "literal_constant"])
+def test_the_tanh_gelu_written_out_becomes_one_gelu(form: str) -> None:
+    """The tanh GELU spelled out (in the orders and constants models write) is one
+    `gelu(approximate="tanh")`, with nothing of the expression left."""
+    def fn(x, w):
+        h = F.linear(x, w)
+        if form == "gelu_new":
+            return _gelu_new(h)
+        if form == "operands_swapped":
+            return (torch.tanh((torch.pow(h, 3) * 0.044715 + h) * math.sqrt(2.0 / math.pi)) + 1.0) * (h * 0.5)
+        return h * 0.5 * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * h ** 3)))
+
+    x, w = torch.randn(5, 8), torch.randn(6, 8)
+    gm = traced(fn, x, w)
+    assert canonicalize(gm)["canonical_gelu_tanh"] == 1
+    [gelu] = [n for n in gm.graph.nodes if n.target is aten.gelu.default]
+    assert gelu.kwargs == {"approximate": "tanh"} and gelu.args[0].target is aten.linear.default
+    after = ops(gm)
+    assert not {aten.tanh.default, aten.pow.Tensor_Scalar, aten.mul.Tensor, aten.add.Tensor} & set(after)
+    x2 = torch.randn(9, 8)
+    torch.testing.assert_close(gm(x2, w), fn(x2, w), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["cubic_coefficient", "square", "scale", "tanh_read_again", "integers"])
+def test_a_near_gelu_is_left_alone(change: str) -> None:
+    """Expressions that differ from the tanh GELU in a constant, a power or an extra reader of
+    an inner node keep their ops."""
+    def fn(x):
+        if change == "cubic_coefficient":
+            return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.05 * torch.pow(x, 3.0))))
+        if change == "square":
+            return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 2.0))))
+        if change == "scale":
+            return 0.5 * x * (1.0 + torch.tanh(0.8 * (x + 0.044715 * torch.pow(x, 3.0))))
+        if change == "tanh_read_again":
+            t = torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))
+            return 0.5 * x * (1.0 + t), t
+        return _gelu_new(x.long())  # an integer x: not a GELU eager would compute in floating point
+
+    x = torch.randn(5, 8)
+    gm = traced(fn, x)
+    before = ops(gm)
+    assert "canonical_gelu_tanh" not in canonicalize(gm)
+    assert ops(gm) == before and aten.gelu.default not in ops(gm)

@@ -47,6 +47,9 @@ def test_model_matches_eager_with_one_graph(name: str, target: str) -> None:
         assert rewrites["fused_swiglu"] == 2
     # Q, K and V: one GEMM per layer (GPT-2's attention projection is one Conv1D already).
     assert rewrites.get("fused_siblings", 0) == (0 if name == "gpt2" else 4)
+    # GPT-2's MLP activation (`gelu_new`, the tanh GELU written out) is its c_fc GEMM's epilogue.
+    if name == "gpt2":
+        assert rewrites["canonical_gelu_tanh"] == rewrites["fused_gelu_tanh"] == 2
     # Every attention (2 layers) runs on the meta-attention kernel.
     assert rewrites["meta_attention"] == 2
     # MoE experts (2 layers x gate/up and down) run as grouped GEMMs, the gate/up ones with the

@@ -130,12 +130,19 @@ class _Chain:
     round_first: bool = False  # the cast converts a half-precision result: round to it first
     up_linear: fx.Node | None = None
     absorbed: list[fx.Node] = field(default_factory=list)
+    out_shape: list[Any] | None = None  # the view of the GEMM's output where no view node gives it
 
     @property
     def bias(self) -> Any:
         """The GEMM's bias (of the gate, with SwiGLU): the linear's, or one added right after it."""
         bias = _linear_bias(self.linear)
         return self.added_bias if bias is None else bias
+
+
+def _output_width(chain: _Chain) -> int:
+    """The GEMM's N: the weight's rows, half of them for SwiGLU over one stacked weight."""
+    rows = int(_val(chain.linear.args[1]).shape[0])
+    return rows // 2 if chain.activation == "swiglu" and chain.up_linear is None else rows
 
 
 def _walk_views(chain: _Chain) -> None:
@@ -233,7 +240,7 @@ def _expert_weight(w: fx.Node) -> tuple[fx.Node | None, bool]:
 
 
 def _swiglu_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.Node | None] | None:
-    """The `mul` of `silu(gate) * up` when the grouped GEMM's [..., 2n] output (of `rank` dims)
+    """The `mul` of `silu(gate) * up` when the (grouped) GEMM's [..., 2n] output (of `rank` dims)
     only feeds `split(n, -1)` (Mixtral's `chunk(2, dim=-1)`) whose halves are gate then up, and
     the mask of a `masked_fill(out, mask, 0)` zeroing whole rows in between (transformers 5.17's
     expert-parallel sentinel rows), if any; else None."""
@@ -355,7 +362,7 @@ class GemmPadding:
                 continue
             chain = self._match(node)
             try:
-                plan = self._plan(node.args[0], int(_val(node.args[1]).shape[0]), ctx, plans,
+                plan = self._plan(node.args[0], _output_width(chain), ctx, plans,
                                   weight_tiles=2 if chain.activation == "swiglu" else 1)
             except ValueError as exc:  # e.g. M's smallest value above max_tokens: this GEMM only
                 result.fallback(node, f"no tile plan: {exc}")
@@ -405,6 +412,10 @@ class GemmPadding:
     def _match(self, linear: fx.Node) -> _Chain:
         chain = _Chain(linear=linear, tip=linear)
         _walk_views(chain)
+        if self._match_stacked_swiglu(chain):
+            self._match_residual(chain)
+            self._match_cast(chain)
+            return chain
         self._match_added_bias(chain)
         user = _only_user(chain.tip)
         if user is not None:
@@ -427,6 +438,31 @@ class GemmPadding:
         self._match_residual(chain)
         self._match_cast(chain)
         return chain
+
+    def _match_stacked_swiglu(self, chain: _Chain) -> bool:
+        """SwiGLU over one stacked gate-and-up weight [2I, K] (Phi-3's `gate_up_proj`): the
+        linear's output (through views) split in halves along its last dim, `silu` of the first
+        times the second. The kernel reads the stacked weight (and bias) as they are; the chain
+        ends at the product, viewed as the linear's output was, with I columns."""
+        rows = int(_val(chain.linear.args[1]).shape[0])
+        tip_val = _val(chain.tip)
+        if rows % 2 or not isinstance(tip_val, torch.Tensor):
+            return False
+        tail = _swiglu_tail(chain.tip, rows // 2, tip_val.dim())
+        if tail is None or tail[1] is not None:
+            return False
+        mul = tail[0]
+        split = _only_user(chain.tip)
+        silu = next(a for a in mul.args if a.target is aten.silu.default)
+        chain.absorbed += [split, *split.users, silu, mul]
+        chain.activation = "swiglu"
+        chain.tip = mul
+        if chain.last_view is not None:
+            # The product has the halves' shape: the linear's view, with I columns.
+            chain.out_shape = [*chain.last_view.args[1][:-1], rows // 2]
+            chain.last_view = None
+        _walk_views(chain)
+        return True
 
     def _match_added_bias(self, chain: _Chain) -> None:
         """`x @ W.T + b` written by hand (canonicalize makes the product a linear without a bias):
@@ -733,7 +769,7 @@ class GemmPadding:
         up = chain.up_linear
         weight_up = up.args[1] if up is not None else None
         bias_up = _linear_bias(up) if up is not None else None
-        n = int(_val(w).shape[0])
+        n = _output_width(chain)
         tip = chain.tip
         with graph.inserting_before(tip):
             residual = None
@@ -754,8 +790,9 @@ class GemmPadding:
                 "target": ctx.target,
             }
             out = gemm
-            if chain.last_view is not None:
-                out = graph.call_function(aten.view.default, (gemm, chain.last_view.args[1]))
+            shape = chain.last_view.args[1] if chain.last_view is not None else chain.out_shape
+            if shape is not None:
+                out = graph.call_function(aten.view.default, (gemm, shape))
                 infer_meta(out)
                 copy_source_meta(tip, out)
         tip.replace_all_uses_with(out)
@@ -778,6 +815,8 @@ class GemmPadding:
             kinds.append("fused_bias")
         if chain.activation != "none":
             kinds.append(f"fused_{chain.activation}")
+        if chain.activation == "swiglu" and chain.up_linear is None:
+            kinds.append("stacked_swiglu")  # one weight [2I, K]: no up projection merged into the gate's GEMM
         if chain.residual is not None:
             kinds.append("fused_residual")
         if chain.out_dtype is not None:

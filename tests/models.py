@@ -118,7 +118,8 @@ ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[str, ...]]] = {
     # Logit soft-capping (its cap a tensor input under dynamic=True) and a sliding window in every other layer.
     "gemma2": (_causal_lm("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, sliding_window=8,
                           attn_logit_softcapping=0.5, initializer_range=0.2), ("logit_softcap",)),  # scores the cap bends
-    "phi3": (_causal_lm("Phi3Config", "Phi3ForCausalLM", pad_token_id=0), ()),
+    # SwiGLU over one stacked gate-and-up weight, chunked in halves.
+    "phi3": (_causal_lm("Phi3Config", "Phi3ForCausalLM", pad_token_id=0), ("fused_swiglu", "stacked_swiglu")),
     "qwen3": (_causal_lm("Qwen3Config", "Qwen3ForCausalLM", head_dim=16), ()),
     # The manual attention, MQA by broadcasting one K/V head in the product, q and k each scaled.
     "falcon": (_causal_lm("FalconConfig", "FalconForCausalLM", num_key_value_heads=None, intermediate_size=None,

@@ -604,6 +604,52 @@ def test_a_gate_with_a_bias_pairs_only_with_an_up_with_one() -> None:
         torch.testing.assert_close(compiled(x, wg, bg, wu), gated(x, wg, bg, wu), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("form,target", [("3d_then_down", "reference"), ("3d_returned", "reference"),
+                                         ("2d_with_bias", "reference"), ("3d_then_down", "triton")])
+def test_swiglu_over_one_stacked_weight_fuses(form: str, target: str) -> None:
+    """Phi-3's MLP: one gate-and-up weight [2I, K], its output chunked in halves, silu of the
+    first times the second. One padded_gemm reads the stacked weight (and bias) as it is; the
+    product keeps the shape eager gives it, and the down projection takes its residual."""
+    def mlp(h, w_gu, b_gu, wd):
+        gate, up = F.linear(h, w_gu, b_gu if form == "2d_with_bias" else None).chunk(2, dim=-1)
+        act = up * F.silu(gate)
+        if form == "3d_returned":
+            return act * 2
+        return h + F.linear(act, wd)
+
+    h = torch.randn(2, 5, 16) if form != "2d_with_bias" else torch.randn(7, 16)
+    w_gu, b_gu, wd = torch.randn(48, 16), torch.randn(48), torch.randn(16, 24)
+    compiled, gm, ctx = compile_fn(mlp, h, w_gu, b_gu, wd, dynamic_dims=((0, 0),) if h.dim() == 2 else ((0, 0), (0, 1)),
+                                   target=target)
+    gemms = gemm_nodes(gm)
+    assert len(gemms) == (1 if form == "3d_returned" else 2)
+    stacked = gemms[0]
+    assert stacked.args[1].op == "placeholder" and stacked.args[4] == "swiglu" and stacked.args[8] is None  # weight as is
+    assert (stacked.args[2] is not None) == (form == "2d_with_bias")
+    assert decode_plan(stacked.args[6]).n == 24
+    assert aten.split.Tensor not in ops(gm) and aten.silu.default not in ops(gm)
+    assert ctx.report.passes[1].rewrites["fused_swiglu"] == ctx.report.passes[1].rewrites["stacked_swiglu"] == 1
+    for tokens in (1, 3, 11):
+        x = torch.randn(tokens, 16) if h.dim() == 2 else torch.randn(2, tokens, 16)
+        torch.testing.assert_close(compiled(x, w_gu, b_gu, wd), mlp(x, w_gu, b_gu, wd), rtol=1e-5, atol=1e-5)
+
+
+def test_halves_gated_the_other_way_stay_apart() -> None:
+    """`silu` of the second half times the first is not the stacked SwiGLU the kernel computes
+    (silu of the first times the second): the linear stays plain."""
+    def mlp(h, w_gu):
+        first, second = F.linear(h, w_gu).chunk(2, dim=-1)
+        return first * F.silu(second)
+
+    h, w_gu = torch.randn(6, 16), torch.randn(48, 16)
+    compiled, gm, ctx = compile_fn(mlp, h, w_gu)
+    [gemm] = gemm_nodes(gm)
+    assert gemm.args[4] == "none" and "fused_swiglu" not in ctx.report.passes[1].rewrites
+    for tokens in (2, 9):
+        x = torch.randn(tokens, 16)
+        torch.testing.assert_close(compiled(x, w_gu), mlp(x, w_gu), rtol=1e-5, atol=1e-5)
+
+
 def _attention_inputs(h, wq, bq, wk, bk, wv, bv):
     """A layer's Q, K and V projections (Qwen2-style, with biases), split into heads of 8."""
     b, t = h.shape[0], h.shape[1]

@@ -8,6 +8,7 @@ reference computed on upcast inputs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import torch  # importing torch does not import triton
@@ -216,7 +217,7 @@ def test_segments_read_each_tile_from_its_weight(variant: dict, dtype: str, epil
     assert_close(spec, out, reference(spec, **inputs))
 
 
-def test_tma_segments_stored_k_by_n() -> None:
+def test_tma_segments_stored_k_by_n(caplog: pytest.LogCaptureFixture) -> None:
     """A TMA kernel over N segments reads weights stored [K, N] (transposed views, here column
     blocks of one [K, N] tensor: the same strides) through one descriptor each."""
     spec = segment_spec("float16", ("bias",), tma=True)
@@ -226,9 +227,80 @@ def test_tma_segments_stored_k_by_n() -> None:
     bounds = [0, *torch.tensor(SEGMENTS).cumsum(0).tolist()]
     stored_kn = [full_kn[:, a:b].t() for a, b in zip(bounds, bounds[1:])]
     out = poisoned_out(spec, DEVICE, 19)
-    kernel(inputs["x"], stored_kn[0], biases[0], out=out, more_weights=tuple(stored_kn[1:]), more_biases=tuple(biases[1:]))
+    with caplog.at_level(logging.INFO, logger="tileflow.backends.triton.gemm"):
+        kernel(inputs["x"], stored_kn[0], biases[0], out=out, more_weights=tuple(stored_kn[1:]),
+               more_biases=tuple(biases[1:]))
+    assert_close(spec, out, reference(spec, **inputs))
+    # Aligned column blocks are read in place, as [K, N] (no copy into [N, K]).
+    assert "copied for TMA" not in caplog.text
+
+
+def _segment_weights_laid_out(weights: list[torch.Tensor], layout: str) -> list[torch.Tensor]:
+    """The same values in one pair of strides that makes `tma_operand` copy one weight or all:
+    [N, K] rows of 48 with segment 2's base 2 bytes off 16 ("nk_one_misaligned"), [K, N] column
+    blocks of one [K, 128] tensor, segment 2's at column 65, 2 bytes off ("kn_one_misaligned"),
+    or of one [K, 74] tensor, whose rows (148 or 296 bytes) no descriptor can take ("kn_rows_unaligned")."""
+    if layout == "nk_one_misaligned":
+        out = []
+        for i, w in enumerate(weights):
+            flat = torch.zeros(w.shape[0] * 48 + 1, dtype=w.dtype, device=w.device)
+            buf = (flat[1:] if i == 2 else flat[:-1]).view(w.shape[0], 48)
+            buf[:, :w.shape[1]] = w
+            out.append(buf[:, :w.shape[1]])
+        return out
+    k = weights[0].shape[1]
+    ld, starts = (128, (0, 40, 65)) if layout == "kn_one_misaligned" else (74, (0, 32, 48))
+    store = torch.zeros(k, ld, dtype=weights[0].dtype, device=weights[0].device)
+    out = []
+    for w, start in zip(weights, starts):
+        store[:, start:start + w.shape[0]] = w.t()
+        out.append(store[:, start:start + w.shape[0]].t())
+    return out
+
+
+@pytest.mark.parametrize("layout", ["nk_one_misaligned", "kn_one_misaligned", "kn_rows_unaligned"])
+@pytest.mark.parametrize("dtype,epilogue", [("float16", ("bias",)), ("float32", ("bias", "gelu", "residual"))],
+                         ids=_case_id)
+def test_tma_segments_whose_weights_are_copied_for_tma(layout: str, dtype: str, epilogue: tuple[str, ...]) -> None:
+    """Weights of one pair of strides that `tma_operand` copies (one of them, or all) no longer
+    share strides: the kernel reads every segment with the first one's, so they must be brought
+    back to one pair (contiguous [N_i, K] copies share (K, 1); contiguous [K, N_i] ones do not)."""
+    spec = segment_spec(dtype, epilogue, tma=True)
+    kernel = build(spec)
+    inputs, weights, biases = segment_inputs(spec, 19, seed=43)
+    laid = _segment_weights_laid_out(weights, layout)
+    assert len({w.stride() for w in laid}) == 1 and all(torch.equal(a, b) for a, b in zip(laid, weights))
+    out = poisoned_out(spec, DEVICE, 19)
+    kernel(inputs["x"], laid[0], biases[0], inputs["residual"], out=out, more_weights=tuple(laid[1:]),
+           more_biases=tuple(biases[1:]))
     assert_close(spec, out, reference(spec, **inputs))
 
+
+def test_tma_segments_give_triton_an_allocator_unless_the_caller_set_one() -> None:
+    """A segmented TMA kernel makes descriptors on the device, in a global scratch Triton gets
+    from its allocator (a context variable): the launch sets tileflow's where the context has
+    none, and keeps the caller's. (Empty contexts: nothing leaks into this process's.)"""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    spec = segment_spec("float16", (), tma=True)
+    kernel = build(spec)
+    inputs, weights, _ = segment_inputs(spec, 3, seed=44)
+
+    def launch_and_read(allocator=None):
+        if allocator is not None:
+            triton.set_allocator(allocator)
+        kernel(inputs["x"], weights[0], more_weights=tuple(weights[1:]))
+        return _allocation._allocator.get()
+
+    assert not isinstance(contextvars.Context().run(launch_and_read), _allocation.NullAllocator)
+
+    def mine(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device="cuda")  # never called by the interpreter
+
+    assert contextvars.Context().run(launch_and_read, mine) is mine
 
 
 def test_segment_source_and_launch_errors() -> None:
@@ -258,6 +330,10 @@ def test_segment_source_and_launch_errors() -> None:
     # would triple the pipeline's shared memory).
     assert "w1_ptr, w2_ptr," in tma_source and tma_source.count("tl.make_tensor_descriptor(w_seg") == 2
     assert tma_source.count("for k0 in range(0, K, BLOCK_K):") == 1
+    # Each descriptor is as wide as its segment (reads past it are zeros, not the next tensor's).
+    assert "seg_width = n_first * 0 + 32" in tma_source
+    assert "seg_width = tl.where(n_first >= 32, 16, seg_width)" in tma_source
+    assert "seg_width = tl.where(n_first >= 48, 24, seg_width)" in tma_source
     with pytest.raises(ValueError, match="sum to N"):
         render_gemm_source(dataclasses.replace(spec, params=make_params(n=72, k=40, persistent=False, segments="32x16")))
 
@@ -1064,9 +1140,10 @@ def _one_piece_plan(n: int, k: int, dtype: str, **piece: bool) -> str:
 
 
 def test_sibling_gemms_on_a_tma_piece_with_a_narrow_segment() -> None:
-    """A TMA piece runs each segment by itself into its columns; a plan picks TMA when the whole
-    N's rows align (64 bytes here), but a 4-column fp16 segment's rows (8 bytes) cannot be a
-    descriptor's: that segment runs the same tile without TMA (a TMA launch refused it)."""
+    """A TMA piece whose BLOCK_N (16) does not divide the segments' starts (24, 28) runs each
+    segment by itself into its columns; a plan picks TMA when the whole N's rows align (64
+    bytes here), but a 4-column fp16 segment's rows (8 bytes) cannot be a descriptor's: that
+    segment runs the same tile without TMA (a TMA launch refused it)."""
     from tileflow.runtime import run_padded_gemm
 
     gen = torch.Generator().manual_seed(7)
@@ -1094,6 +1171,22 @@ def test_sibling_gemms_on_a_tma_piece_run_in_one_tma_kernel() -> None:
     torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=1e-2)
     specs = [k.spec for k in compiled_kernels("padded_gemm") if k.spec.param("k") == 48]
     assert [(spec.param("segments"), spec.param("tma")) for spec in specs] == [("32x16x24", True)]
+
+
+def test_sibling_gemms_stored_k_by_n_on_a_tma_piece_whose_rows_must_be_copied() -> None:
+    """Sibling weights stored [K, N] as column blocks of one [K, 74] fp16 tensor: one pair of
+    strides, so the TMA piece runs them in one kernel, but rows of 148 bytes cannot be a
+    descriptor's and each weight is copied; the op still equals linear over the weights."""
+    from tileflow.runtime import run_padded_gemm
+
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(21, 40, generator=gen).half().to(DEVICE)
+    store = torch.randn(40, 74, generator=gen).half().to(DEVICE)
+    weights = [store[:, a:b].t() for a, b in ((0, 32), (32, 48), (48, 72))]
+    out = run_padded_gemm(x, weights[0], None, None, "none", torch.float16, _one_piece_plan(72, 40, "float16", tma=True),
+                          "triton", more_weights=weights[1:])
+    want = torch.nn.functional.linear(x.double(), torch.cat(weights).double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=1e-2)
 
 
 def test_sibling_gemms_with_a_transposed_weight_run_per_segment() -> None:

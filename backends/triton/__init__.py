@@ -13,7 +13,7 @@ class TritonBackend:
     """Builds KernelSpecs into Triton kernels."""
 
     name = "triton"
-    # Its padded GEMM kernels (all but the TMA one) read sibling GEMMs' weights as N segments.
+    # Its padded GEMM kernels read sibling GEMMs' weights as N segments.
     gemm_segments = True
 
     def available(self) -> tuple[bool, str]:

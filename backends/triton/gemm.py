@@ -122,7 +122,8 @@ import triton.language as tl
 def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False, tma: bool = False) -> str:
     """The kernel's parameter list (one argument or argument group per line); a stream-K kernel
     also takes its fp32 workspace and its grid size, a TMA kernel tensor descriptors for x and
-    the weight(s) instead of their pointers and strides."""
+    the weight(s) instead of their pointers and strides (over N segments: for x only; the
+    weights' pointers and one pair of strides, from which each program makes its descriptor)."""
     ep = spec.epilogue
     segmented = len(gemm_segments(spec)) > 1
     if tma and segmented:
@@ -895,7 +896,9 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
     def _launch_tma(ops: Any, num_tiles: int) -> torch.Tensor:
         """The TMA kernel: x, the weight(s), the residual and the output as tensor descriptors
         (no copy where their layout allows one; see `tma_operand`: an output that does not is
-        computed into a copy and copied back), the bias as a pointer."""
+        computed into a copy and copied back), the bias as a pointer. Over N segments the
+        weights go as pointers and one pair of strides (`_tma_segment_weights`): each program
+        makes its segment's descriptor."""
         x = tma_operand(ops.x, where, "x")
         x_desc = TensorDescriptor.from_tensor(x, [tile.block_m, tile.block_k])
         out = tma_operand(ops.out, where, "out")
@@ -905,7 +908,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         # every segment's, which share the first's strides) alike.
         w_kn = all(w.stride(0) == 1 and w.stride(1) != 1 for w in weights)
         if ops.more_weights:
-            weights_args = _tma_segment_weights(weights, w_kn)
+            weights_args, w_kn = _tma_segment_weights(weights, w_kn)
         elif w_kn:
             weights_args = [TensorDescriptor.from_tensor(tma_operand(w.t(), where, "weight"), [tile.block_k, tile.block_n])
                             for w in weights]
@@ -927,17 +930,20 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
             ops.out.copy_(out)
         return ops.out
 
-    def _tma_segment_weights(weights: list[torch.Tensor], w_kn: bool) -> list[torch.Tensor]:
+    def _tma_segment_weights(weights: list[torch.Tensor], w_kn: bool) -> tuple[list[torch.Tensor], bool]:
         """The weights of N segments as a TMA kernel makes its descriptors over them on the
-        device: each with its descriptor rows (K, or N when stored [K, N]) contiguous, 16-byte
-        aligned, and all with one pair of strides (each copied contiguous where one must be)."""
-        oriented = [w.t() if w_kn else w for w in weights]
+        device, and whether it reads them stored [K, N]: each with its descriptor rows (K, or
+        its width when stored [K, N]) contiguous and 16-byte aligned, all with one pair of
+        strides. Where `tma_operand` copied some and the strides no longer agree, every weight
+        is read from a contiguous [N_i, K] copy: [K, N_i] copies would differ in their row
+        strides, one per width."""
         names = ["weight", *(f"weight of segment {i}" for i in _more_segments(spec))]
-        ready = [tma_operand(w, where, name) for w, name in zip(oriented, names)]
+        ready = [tma_operand(w.t() if w_kn else w, where, name) for w, name in zip(weights, names)]
         if any(r.stride() != ready[0].stride() for r in ready):
-            ready = [r if r.is_contiguous() else r.contiguous() for r in ready]
+            log.info("%s: the segments' weights copied contiguous [N, K] for TMA", where)
+            ready, w_kn = [tma_operand(w.contiguous(), where, name) for w, name in zip(weights, names)], False
         _ensure_allocator()
-        return [r.t() if w_kn else r for r in ready]
+        return [r.t() if w_kn else r for r in ready], w_kn
 
     def _finish_args(ops: Any, workspace: torch.Tensor) -> list[Any]:
         """The arguments `_finish_signature` names, up to its tail."""
@@ -985,8 +991,9 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
 
 def _ensure_allocator() -> None:
     """Give Triton an allocator for the global scratch of kernels that make TMA descriptors on
-    the device (a few bytes per program), unless the caller has set one: torch's, on the
-    launch's stream, so CUDA graph capture takes it into its pool."""
+    the device (128 bytes per program), unless the caller has set one: torch's caching
+    allocator, so CUDA graph capture takes the buffer into its pool. It stays set in the
+    launching thread's context (Triton keeps it in a ContextVar)."""
     import triton
     from triton.runtime import _allocation
 
@@ -998,8 +1005,9 @@ def _ensure_allocator() -> None:
 
 
 def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """A global scratch buffer of `size` bytes from torch's caching allocator (its blocks are
-    aligned to 512 bytes, more than Triton asks)."""
+    """A global scratch buffer of `size` bytes from torch's caching allocator on the current
+    device and stream, where Triton launches (its blocks are aligned to 512 bytes, more than
+    Triton asks)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 

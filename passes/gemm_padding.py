@@ -13,8 +13,10 @@ and the model's 3-D activations (elementwise epilogues commute with those views)
   cast of the result to another float dtype (from a half-precision result, e.g.
   `lm_head(h).float()`, the kernel rounds to that dtype before converting, as eager does:
   `round_first`);
-- the SwiGLU pair `silu(x @ Wg.T) * (x @ Wu.T)`: two GEMMs on the same input become one kernel
-  over the gate and up weights (logically [2N, K], never copied into a stacked tensor).
+- a gated pair `act(x @ Wg.T) * (x @ Wu.T)` (SwiGLU, `act` SiLU; GeGLU, `act` GELU, Gemma's with
+  its tanh form): two GEMMs on the same input become one kernel over the gate and up weights
+  (logically [2N, K], never copied into a stacked tensor); so does one stacked gate-and-up
+  weight whose output is chunked in halves (Phi-3's `gate_up_proj`, kind `stacked_gate_up`).
 Sibling linears on one input with no epilogue but their bias (a layer's Q, K and V projections)
 become one `padded_gemm` over their weights as N segments (`more_weights`; the weights are not
 concatenated), each linear's output a column slice of its result (kind `fused_siblings`, counted
@@ -24,7 +26,7 @@ MoE expert GEMMs (`transformers::grouped_mm_fallback` or `aten._grouped_mm`: x [
 sorted by expert, weights [E, K, N], int32 cumulative `offs`) become `tileflow::grouped_gemm`,
 whose plan is keyed by the expected rows per expert ceil(M / E); Mixtral's
 `chunk(2, -1) -> silu(gate) * up` after the gate/up experts is fused into it (kind `grouped_gemm`,
-`fused_grouped_swiglu`).
+`fused_grouped_swiglu`; a GELU gate likewise).
 Matmuls it cannot take (dtypes the target lacks, mixed dtypes, grouped GEMMs with a bias or a
 batched input) stay as they are, with the reason in the report.
 """
@@ -49,6 +51,7 @@ from tileflow.graph_utils import (
     same_shape,
     transposed_dims,
 )
+from tileflow.kernel_spec import GATED_ACTIVATIONS, is_gated
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.runtime import encode_plan, gemm_plan, grouped_gemm_plan, plan_tile_times, segments_in_one_kernel
 from tileflow.tiles import TilePlan, token_range
@@ -57,6 +60,8 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+# The gated activation whose gate a unary activation is: silu -> swiglu, gelu -> geglu, ...
+_GATED_BY_GATE = {gate: gated for gated, gate in GATED_ACTIVATIONS.items()}
 # Targets whose sibling GEMMs run as one node: Triton reads the segments in one kernel, the
 # reference computes them one by one into the node's columns. Ascend's kernels write contiguous
 # rows only, so there a node's segments would cost copies: its siblings stay apart.
@@ -134,15 +139,15 @@ class _Chain:
 
     @property
     def bias(self) -> Any:
-        """The GEMM's bias (of the gate, with SwiGLU): the linear's, or one added right after it."""
+        """The GEMM's bias (of the gate, when gated): the linear's, or one added right after it."""
         bias = _linear_bias(self.linear)
         return self.added_bias if bias is None else bias
 
 
 def _output_width(chain: _Chain) -> int:
-    """The GEMM's N: the weight's rows, half of them for SwiGLU over one stacked weight."""
+    """The GEMM's N: the weight's rows, half of them for a gated activation over one stacked weight."""
     rows = int(_val(chain.linear.args[1]).shape[0])
-    return rows // 2 if chain.activation == "swiglu" and chain.up_linear is None else rows
+    return rows // 2 if is_gated(chain.activation) and chain.up_linear is None else rows
 
 
 def _walk_views(chain: _Chain) -> None:
@@ -239,11 +244,12 @@ def _expert_weight(w: fx.Node) -> tuple[fx.Node | None, bool]:
     return None, False
 
 
-def _swiglu_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.Node | None] | None:
-    """The `mul` of `silu(gate) * up` when the (grouped) GEMM's [..., 2n] output (of `rank` dims)
-    only feeds `split(n, -1)` (Mixtral's `chunk(2, dim=-1)`) whose halves are gate then up, and
-    the mask of a `masked_fill(out, mask, 0)` zeroing whole rows in between (transformers 5.17's
-    expert-parallel sentinel rows), if any; else None."""
+def _gated_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.Node | None, str] | None:
+    """(the `mul` of `act(gate) * up`, the mask of a `masked_fill(out, mask, 0)` zeroing whole
+    rows in between or None, the gated activation) when the (grouped) GEMM's [..., 2n] output (of
+    `rank` dims) only feeds `split(n, -1)` (Mixtral's `chunk(2, dim=-1)`) whose halves are gate
+    then up, `act` a gate's activation (`GATED_ACTIVATIONS`: silu, gelu, gelu_tanh); else None.
+    (transformers 5.17's expert-parallel sentinel rows are such a fill.)"""
     split = _only_user(gemm)
     row_mask = _zeroed_rows(split, rank) if split is not None else None
     if row_mask is not None:
@@ -263,19 +269,20 @@ def _swiglu_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.Node | N
     if set(halves) != {0, 1}:
         return None
     gate, up = halves[0], halves[1]
-    silu = _only_user(gate)
-    if silu is None or _activation_of(silu, gate) != "silu":
+    act = _only_user(gate)
+    gated = _GATED_BY_GATE.get(_activation_of(act, gate)) if act is not None else None
+    if gated is None:
         return None
-    mul = _only_user(silu)
-    if mul is None or mul.target is not aten.mul.Tensor or len(mul.args) != 2 or set(mul.args) != {silu, up}:
+    mul = _only_user(act)
+    if mul is None or mul.target is not aten.mul.Tensor or len(mul.args) != 2 or set(mul.args) != {act, up}:
         return None
-    return mul, row_mask
+    return mul, row_mask, gated
 
 
 def _zeroed_rows(node: fx.Node, rank: int) -> fx.Node | None:
     """The mask of `masked_fill(x, mask, 0)` when it zeroes whole rows of the rank-`rank` x (a
-    bool mask whose last dim is 1), else None. Such a fill commutes with SwiGLU, silu(0) * 0
-    being 0, so it can move after the fused kernel."""
+    bool mask whose last dim is 1), else None. Such a fill commutes with a gated activation,
+    act(0) * 0 being 0, so it can move after the fused kernel."""
     if node.target is not aten.masked_fill.Scalar or len(node.args) != 3 or node.args[2] != 0:
         return None
     mask = _val(node.args[1])
@@ -363,7 +370,7 @@ class GemmPadding:
             chain = self._match(node)
             try:
                 plan = self._plan(node.args[0], _output_width(chain), ctx, plans,
-                                  weight_tiles=2 if chain.activation == "swiglu" else 1)
+                                  weight_tiles=2 if is_gated(chain.activation) else 1)
             except ValueError as exc:  # e.g. M's smallest value above max_tokens: this GEMM only
                 result.fallback(node, f"no tile plan: {exc}")
                 continue
@@ -372,14 +379,14 @@ class GemmPadding:
             result.count("padded_gemm")
             for kind in kinds:
                 result.count(kind)
-        # A fused SwiGLU's plan is its own (stages sized for two weight tiles), so it is marked.
+        # A gated GEMM's plan is its own (stages sized for two weight tiles), so it is marked.
         entries = [{"op": "padded_gemm", **plan.to_dict(), "describe": plan.describe(),
                     "tile_times": self._tile_times(plan, ctx, weight_tiles=key[-1]),
-                    **({"fused_swiglu": True} if key[-1] == 2 else {})} for key, plan in plans.items()]
+                    **({"gated": True} if key[-1] == 2 else {})} for key, plan in plans.items()]
         entries += [
             {"op": "grouped_gemm", "experts": e, **plan.to_dict(), "describe": _describe_grouped(plan, e),
              "tile_times": self._tile_times(plan, ctx, weight_tiles=key[-1], grouped=True),
-             **({"fused_swiglu": True} if key[-1] == 2 else {})}
+             **({"gated": True} if key[-1] == 2 else {})}
             for key, (e, plan) in grouped_plans.items()
         ]
         for entry in entries:
@@ -412,7 +419,7 @@ class GemmPadding:
     def _match(self, linear: fx.Node) -> _Chain:
         chain = _Chain(linear=linear, tip=linear)
         _walk_views(chain)
-        if self._match_stacked_swiglu(chain):
+        if self._match_stacked_gate_up(chain):
             self._match_residual(chain)
             self._match_cast(chain)
             return chain
@@ -420,10 +427,10 @@ class GemmPadding:
         user = _only_user(chain.tip)
         if user is not None:
             activation = _activation_of(user, chain.tip)
-            if activation == "silu" and chain.added_bias is None:  # (SwiGLU kernels add both biases or none)
-                swiglu = self._match_swiglu(chain, user)
-                if swiglu is not None:
-                    return swiglu
+            if activation in _GATED_BY_GATE and chain.added_bias is None:  # (gated kernels add both biases or none)
+                gated = self._match_gated(chain, user, _GATED_BY_GATE[activation])
+                if gated is not None:
+                    return gated
             if activation is not None:
                 chain.activation = activation
                 chain.tip = user
@@ -439,23 +446,24 @@ class GemmPadding:
         self._match_cast(chain)
         return chain
 
-    def _match_stacked_swiglu(self, chain: _Chain) -> bool:
-        """SwiGLU over one stacked gate-and-up weight [2I, K] (Phi-3's `gate_up_proj`): the
-        linear's output (through views) split in halves along its last dim, `silu` of the first
-        times the second. The kernel reads the stacked weight (and bias) as they are; the chain
-        ends at the product, viewed as the linear's output was, with I columns."""
+    def _match_stacked_gate_up(self, chain: _Chain) -> bool:
+        """A gated activation over one stacked gate-and-up weight [2I, K] (Phi-3's
+        `gate_up_proj`): the linear's output (through views) split in halves along its last dim,
+        the gate's activation of the first times the second. The kernel reads the stacked weight
+        (and bias) as they are; the chain ends at the product, viewed as the linear's output
+        was, with I columns."""
         rows = int(_val(chain.linear.args[1]).shape[0])
         tip_val = _val(chain.tip)
         if rows % 2 or not isinstance(tip_val, torch.Tensor):
             return False
-        tail = _swiglu_tail(chain.tip, rows // 2, tip_val.dim())
+        tail = _gated_tail(chain.tip, rows // 2, tip_val.dim())
         if tail is None or tail[1] is not None:
             return False
-        mul = tail[0]
+        mul, _, gated = tail
         split = _only_user(chain.tip)
-        silu = next(a for a in mul.args if a.target is aten.silu.default)
-        chain.absorbed += [split, *split.users, silu, mul]
-        chain.activation = "swiglu"
+        act = next(a for a in mul.args if a not in split.users)  # (the other is the up half)
+        chain.absorbed += [split, *split.users, act, mul]
+        chain.activation = gated
         chain.tip = mul
         if chain.last_view is not None:
             # The product has the halves' shape: the linear's view, with I columns.
@@ -485,8 +493,10 @@ class GemmPadding:
         chain.absorbed.append(add)
         _walk_views(chain)
 
-    def _match_swiglu(self, chain: _Chain, silu: fx.Node) -> _Chain | None:
-        after = _Chain(linear=chain.linear, tip=silu, last_view=chain.last_view, absorbed=[*chain.absorbed, silu])
+    def _match_gated(self, chain: _Chain, act: fx.Node, gated: str) -> _Chain | None:
+        """The chain through `act(gate) * up` (`gated` of `GATED_ACTIVATIONS`, `act` the gate's
+        activation node) when `up` is a partner linear of the same input and shape, else None."""
+        after = _Chain(linear=chain.linear, tip=act, last_view=chain.last_view, absorbed=[*chain.absorbed, act])
         _walk_views(after)
         mul = _only_user(after.tip)
         if mul is None or mul.target is not aten.mul.Tensor or len(mul.args) != 2:
@@ -497,7 +507,7 @@ class GemmPadding:
         up = _up_partner(chain.linear, other)
         if up is None or not same_shape(_val(other).shape, _val(after.tip).shape):
             return None
-        after.activation = "swiglu"
+        after.activation = gated
         after.up_linear = up
         after.tip = mul
         after.absorbed.append(mul)
@@ -543,7 +553,7 @@ class GemmPadding:
         xv = _val(x)
         lo, hi = self._m_range(xv.shape[0], ctx)
         k = int(xv.shape[1])
-        # (weight_tiles stays last: the report marks fused SwiGLU plans by it.)
+        # (weight_tiles stays last: the report marks gated plans by it.)
         key = (n, k, xv.dtype, lo, hi, weight_tiles)
         if key not in plans:
             plans[key] = gemm_plan(
@@ -555,7 +565,7 @@ class GemmPadding:
     # -- sibling GEMMs (Q, K and V) --------------------------------------------------------------
     def _fuse_siblings(self, graph: fx.Graph, ctx: PassContext, plans: dict[tuple, TilePlan], result: PassResult) -> None:
         """Rewrite each group of two or more sibling linears (same input, K, dtype and bias
-        presence, no epilogue but their bias, not half of a SwiGLU, not returned by the graph)
+        presence, no epilogue but their bias, not half of a gated pair, not returned by the graph)
         into one `padded_gemm`."""
         order = {node: i for i, node in enumerate(graph.nodes)}
         chains = [self._match(node) for node in graph.nodes
@@ -714,16 +724,16 @@ class GemmPadding:
         self, graph: fx.Graph, node: fx.Node, args: dict[str, Any], ctx: PassContext,
         plans: dict[tuple, tuple[int, TilePlan]],
     ) -> list[str]:
-        """Replace one grouped matmul (and a SwiGLU after it) by `tileflow::grouped_gemm`; returns
+        """Replace one grouped matmul (and a gated activation after it) by `tileflow::grouped_gemm`; returns
         the rewrite kinds to count."""
         x, w, offs = args["x"], args["w"], args["offs"]
         xv, wv = _val(x), _val(w)
         e, k, rows = (int(d) for d in wv.shape)
-        swiglu = _swiglu_tail(node, rows // 2, xv.dim()) if rows % 2 == 0 else None
-        tail, row_mask = swiglu if swiglu is not None else (None, None)
-        activation, n = ("swiglu", rows // 2) if tail is not None else ("none", rows)
+        gated = _gated_tail(node, rows // 2, xv.dim()) if rows % 2 == 0 else None
+        tail, row_mask, activation = gated if gated is not None else (None, None, "none")
+        n = rows // 2 if tail is not None else rows
         lo, hi = self._grouped_m_range(args, ctx)
-        weight_tiles = 2 if activation == "swiglu" else 1
+        weight_tiles = 2 if is_gated(activation) else 1
         key = (n, k, e, xv.dtype, lo, hi, weight_tiles)
         if key not in plans:
             plans[key] = (e, grouped_gemm_plan(
@@ -744,7 +754,7 @@ class GemmPadding:
             )
             infer_meta(gemm)
             copy_source_meta(node, gemm)
-        kinds = ["fused_grouped_swiglu"] if tail is not None else []
+        kinds = [f"fused_grouped_{activation}"] if tail is not None else []
         gemm.meta["tileflow"] = {
             "kind": "grouped_gemm",
             "plan": _describe_grouped(plan, e),
@@ -758,7 +768,7 @@ class GemmPadding:
                 out = graph.call_function(aten.masked_fill.Scalar, (gemm, row_mask, 0.0))
                 infer_meta(out)
         tip.replace_all_uses_with(out)
-        # The grouped node, its split/silu/mul and a transpose nothing else reads are dead now;
+        # The grouped node, its split/activation/mul and a transpose nothing else reads are dead now;
         # run()'s dead-code elimination removes them.
         return ["grouped_gemm", *kinds]
 
@@ -815,8 +825,8 @@ class GemmPadding:
             kinds.append("fused_bias")
         if chain.activation != "none":
             kinds.append(f"fused_{chain.activation}")
-        if chain.activation == "swiglu" and chain.up_linear is None:
-            kinds.append("stacked_swiglu")  # one weight [2I, K]: no up projection merged into the gate's GEMM
+        if is_gated(chain.activation) and chain.up_linear is None:
+            kinds.append("stacked_gate_up")  # one weight [2I, K]: no up projection merged into the gate's GEMM
         if chain.residual is not None:
             kinds.append("fused_residual")
         if chain.out_dtype is not None:

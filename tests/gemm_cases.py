@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tileflow.kernel_spec import KernelSpec
+from tileflow.kernel_spec import GATED_ACTIVATIONS, KernelSpec, gated_activation, is_gated
 
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
@@ -31,6 +31,10 @@ EPILOGUE_CASES = [
     ("float16", ("cast",)),
     ("float16", ("bias", "gelu", "residual")),
     ("float16", ("bias", "swiglu", "residual", "cast")),
+    # GeGLU: the erf GELU of the gate, and Gemma's tanh form.
+    ("float32", ("geglu",)),
+    ("float16", ("bias", "geglu_tanh")),
+    ("float32", ("bias", "geglu_tanh", "residual")),
     # The result rounded to float16, then widened (eager's `linear(x, w).float()`).
     ("float16", ("bias", "gelu", "residual", "round", "cast")),
 ]
@@ -41,7 +45,7 @@ def make_inputs(spec: KernelSpec, device: str, m: int, seed: int) -> dict[str, t
     gen = torch.Generator().manual_seed(seed)
     n, k = spec.param("n"), spec.param("k")
     dt = getattr(torch, spec.dtype)
-    rows = 2 * n if "swiglu" in spec.epilogue else n
+    rows = 2 * n if is_gated(spec.epilogue) else n
     # Scale so pre-activation values are O(1): activations are exercised on both sides of 0.
     x = torch.randn(m, k, generator=gen).to(dt)
     w = (torch.randn(rows, k, generator=gen) / k**0.5).to(dt)
@@ -70,8 +74,12 @@ def reference(spec: KernelSpec, x, weight, bias=None, residual=None) -> torch.Te
         acc = acc.clamp_min(0)
     if "relu2" in ep:
         acc = acc.clamp_min(0) ** 2
-    if "swiglu" in ep:
-        acc = F.silu(acc[:, :n]) * acc[:, n:]
+    gated = gated_activation(ep)
+    if gated:
+        gate = acc[:, :n]
+        gate = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda a: F.gelu(a, approximate="tanh")}[
+            GATED_ACTIVATIONS[gated]](gate)
+        acc = gate * acc[:, n:]
     if residual is not None:
         acc = acc + residual.double()
     if "round" in ep:

@@ -114,12 +114,14 @@ def _causal_lm(config: str, model: str, **overrides) -> Callable[[], torch.nn.Mo
 # name -> (model, the features the passes must find in both of its layers: attention features, or
 # a fused GEMM activation)
 ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[str, ...]]] = {
-    "gemma": (_causal_lm("GemmaConfig", "GemmaForCausalLM", head_dim=16), ()),
+    # GeGLU MLPs (the tanh GELU of the gate times the up projection), one kernel each.
+    "gemma": (_causal_lm("GemmaConfig", "GemmaForCausalLM", head_dim=16), ("fused_geglu_tanh",)),
     # Logit soft-capping (its cap a tensor input under dynamic=True) and a sliding window in every other layer.
     "gemma2": (_causal_lm("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, sliding_window=8,
-                          attn_logit_softcapping=0.5, initializer_range=0.2), ("logit_softcap",)),  # scores the cap bends
+                          attn_logit_softcapping=0.5, initializer_range=0.2),  # scores the cap bends
+               ("logit_softcap", "fused_geglu_tanh")),
     # SwiGLU over one stacked gate-and-up weight, chunked in halves.
-    "phi3": (_causal_lm("Phi3Config", "Phi3ForCausalLM", pad_token_id=0), ("fused_swiglu", "stacked_swiglu")),
+    "phi3": (_causal_lm("Phi3Config", "Phi3ForCausalLM", pad_token_id=0), ("fused_swiglu", "stacked_gate_up")),
     "qwen3": (_causal_lm("Qwen3Config", "Qwen3ForCausalLM", head_dim=16), ()),
     # The manual attention, MQA by broadcasting one K/V head in the product, q and k each scaled.
     "falcon": (_causal_lm("FalconConfig", "FalconForCausalLM", num_key_value_heads=None, intermediate_size=None,

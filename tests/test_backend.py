@@ -295,7 +295,7 @@ def test_fused_swiglu_kernels_are_built_for_the_intermediate_width() -> None:
     report = tileflow.explain(model, torch.randint(0, VOCAB, (1, 7)), use_cache=False, options={"target": "reference"})
     swiglu = [dict(k.spec["params"]) for k in report.kernels if k.spec and "swiglu" in k.spec["epilogue"]]
     assert swiglu and all(p["n"] == model.config.intermediate_size and p["k"] == model.config.hidden_size for p in swiglu)
-    assert all(p["n"] == model.config.intermediate_size for p in report.graphs[0].plans if p.get("fused_swiglu"))
+    assert all(p["n"] == model.config.intermediate_size for p in report.graphs[0].plans if p.get("gated"))
 
 
 def test_inputs_device_type_ignores_meta_and_prefers_an_accelerator() -> None:

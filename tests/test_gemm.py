@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import tileflow
 from tileflow import runtime
+from tileflow.kernel_spec import GATED_ACTIVATIONS, is_gated
 from tileflow.lower import gemm_spec
 from tileflow.ops import padded_gemm
 
@@ -22,16 +23,19 @@ N, K = 40, 72  # multiples of no tile
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
+_GATES = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda a: F.gelu(a, approximate="tanh")}
+
+
 def oracle(x, w, bias=None, residual=None, activation="none", weight_up=None, bias_up=None):
     """float64 definition of the op."""
     acc = x.double() @ w.double().t()
     if bias is not None:
         acc = acc + bias.double()
-    if activation == "swiglu":
+    if is_gated(activation):
         up = x.double() @ weight_up.double().t()
         if bias_up is not None:
             up = up + bias_up.double()
-        acc = F.silu(acc) * up
+        acc = _GATES[GATED_ACTIVATIONS[activation]](acc) * up
     elif activation == "silu":
         acc = F.silu(acc)
     elif activation == "gelu":
@@ -76,13 +80,13 @@ def padded_gemm_case(m: int, n: int, k: int, activation: str, has_bias: bool, ha
     """Fresh operands of a padded GEMM (x, weight, bias, residual; the weight stacked [2N, K] for
     SwiGLU) and their float64 result."""
     x = torch.randn(m, k, generator=gen)
-    rows = 2 * n if activation == "swiglu" else n
+    rows = 2 * n if is_gated(activation) else n
     w = torch.randn(rows, k, generator=gen) / k**0.5
     bias = torch.randn(rows, generator=gen) if has_bias else None
     residual = torch.randn(m, n, generator=gen) if has_residual else None
     up = {}
     w_gate, bias_gate = w, bias
-    if activation == "swiglu":
+    if is_gated(activation):
         up = {"weight_up": w[n:], "bias_up": None if bias is None else bias[n:]}
         w_gate, bias_gate = w[:n], None if bias is None else bias[:n]
     return (x, w, bias, residual), oracle(x, w_gate, bias_gate, residual, activation, **up)
@@ -98,6 +102,8 @@ CASES = [
     ("relu2", True, False),
     ("swiglu", False, False),
     ("swiglu", True, False),
+    ("geglu", False, True),
+    ("geglu_tanh", True, False),
     ("none", True, True),
     ("silu", False, True),
 ]
@@ -113,9 +119,9 @@ def test_every_m_against_float64(target, dtype, activation, has_bias, has_residu
     for m in m_values:
         x = torch.randn(m, K, generator=gen).to(dtype)
         w = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
-        wu = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype) if activation == "swiglu" else None
+        wu = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype) if is_gated(activation) else None
         b = torch.randn(N, generator=gen).to(dtype) if has_bias else None
-        bu = torch.randn(N, generator=gen).to(dtype) if has_bias and activation == "swiglu" else None
+        bu = torch.randn(N, generator=gen).to(dtype) if has_bias and is_gated(activation) else None
         r = torch.randn(m, N, generator=gen).to(dtype) if has_residual else None
         spec = gemm_spec(dtype=dtype, out_dtype=dtype, n=N, k=K, tile=plan.select_tile(m), activation=activation,
                          has_bias=has_bias, has_residual=has_residual)
@@ -400,7 +406,7 @@ def test_split_k_pieces_dispatch_and_match_float64(monkeypatch, target, activati
 
     n, k = 96, 4096
     plan = build_tile_plan(n, k, "float32", m_max=512, device=get_device("H200"),
-                           weight_tiles=2 if activation == "swiglu" else 1)
+                           weight_tiles=2 if is_gated(activation) else 1)
     launches = record_launches(monkeypatch, "split_k")
     gen = torch.Generator().manual_seed(11)
     for m in (3, 40):
@@ -547,7 +553,7 @@ def test_measured_stream_k_pieces_dispatch_and_match_float64(tmp_path, monkeypat
     # small grids qualify (the launch's program count comes from the CPU here).
     h200 = dataclasses.replace(get_device("H200"), cores=1)
     monkeypatch.setattr(runtime, "device_for_target", lambda target, device_type: h200)
-    weight_tiles = 2 if activation == "swiglu" else 1
+    weight_tiles = 2 if is_gated(activation) else 1
     cands = candidate_configs(n, k, "float32", h200, weight_tiles=weight_tiles)
     entry = {"device": "H200", "dtype": "float32", "n": n, "k": k}
     path = tmp_path / "timings.json"
@@ -827,7 +833,7 @@ def test_reference_half_gemm_keeps_its_epilogue_in_float32(activation: str) -> N
     gen = torch.Generator().manual_seed(13)
     x, w, wu = (torch.randn(*shape, generator=gen).half() for shape in ((37, K), (N, K), (N, K)))
     b, bu, r = (torch.randn(*shape, generator=gen).half() for shape in ((N,), (N,), (37, N)))
-    up = {"weight_up": wu, "bias_up": bu} if activation == "swiglu" else {}
+    up = {"weight_up": wu, "bias_up": bu} if is_gated(activation) else {}
     got = runtime.get_kernel("reference", spec)(x, w, b, r, **up)
     assert got.dtype == torch.float32
     assert rel_err(got, oracle(x, w, b, r, activation, wu, bu)) <= 1e-6

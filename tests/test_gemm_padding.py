@@ -75,6 +75,31 @@ def test_mlp_swiglu_and_residual_fuse() -> None:
         torch.testing.assert_close(compiled(x, wg, wu, wd), mlp(x, wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("approximate,gated", [("tanh", "geglu_tanh"), ("none", "geglu")])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_mlp_geglu_fuses(approximate: str, gated: str, stacked: bool) -> None:
+    """Gemma's MLP, `gelu(gate) * up` (the tanh GELU there; the erf one too): one kernel over the
+    gate and up weights, from two linears or one stacked weight chunked in halves."""
+    def mlp(h, wg, wu, wd):
+        if stacked:
+            gate, up = F.linear(h, torch.cat([wg, wu])).chunk(2, dim=-1)
+        else:
+            gate, up = F.linear(h, wg), F.linear(h, wu)
+        return h + F.linear(F.gelu(gate, approximate=approximate) * up, wd)
+
+    h, wg, wu, wd = torch.randn(2, 5, 16), torch.randn(24, 16) / 4, torch.randn(24, 16) / 4, torch.randn(16, 24) / 5
+    compiled, gm, ctx = compile_fn(mlp, h, wg, wu, wd, dynamic_dims=((0, 0), (0, 1)))
+    gemms = gemm_nodes(gm)
+    assert len(gemms) == 2 and gemms[0].args[4] == gated and (gemms[0].args[8] is None) == stacked
+    assert aten.gelu.default not in ops(gm) and aten.mul.Tensor not in ops(gm)
+    rewrites = ctx.report.passes[1].rewrites
+    assert rewrites[f"fused_{gated}"] == 1 and rewrites.get("stacked_gate_up", 0) == int(stacked)
+    assert [bool(p.get("gated")) for p in ctx.report.plans] == [True, False]
+    for shape in ((2, 5, 16), (3, 17, 16), (4, 2, 16)):
+        x = torch.randn(*shape)
+        torch.testing.assert_close(compiled(x, wg, wu, wd), mlp(x, wg, wu, wd), rtol=1e-5, atol=1e-5)
+
+
 def test_stacked_swiglu_layers_each_fuse_and_leave_nothing_dead() -> None:
     """Each layer's up projection, through its views, goes with the gate's fusion (the pass
     erases what each fusion leaves unread as it goes, so no later rewrite sees it)."""
@@ -583,7 +608,7 @@ def test_a_fused_swiglu_has_a_plan_of_its_own() -> None:
     compiled, gm, ctx = compile_fn(block, x, wg, wu)
     assert sorted(str(g.args[4]) for g in gemm_nodes(gm)) == ["none", "swiglu"]
     plans = [p for p in ctx.report.plans if p["op"] == "padded_gemm" and p["n"] == 24 and p["k"] == 16]
-    assert sorted(bool(p.get("fused_swiglu")) for p in plans) == [False, True], plans
+    assert sorted(bool(p.get("gated")) for p in plans) == [False, True], plans
 
 
 def test_a_gate_with_a_bias_pairs_only_with_an_up_with_one() -> None:
@@ -628,7 +653,7 @@ def test_swiglu_over_one_stacked_weight_fuses(form: str, target: str) -> None:
     assert (stacked.args[2] is not None) == (form == "2d_with_bias")
     assert decode_plan(stacked.args[6]).n == 24
     assert aten.split.Tensor not in ops(gm) and aten.silu.default not in ops(gm)
-    assert ctx.report.passes[1].rewrites["fused_swiglu"] == ctx.report.passes[1].rewrites["stacked_swiglu"] == 1
+    assert ctx.report.passes[1].rewrites["fused_swiglu"] == ctx.report.passes[1].rewrites["stacked_gate_up"] == 1
     for tokens in (1, 3, 11):
         x = torch.randn(tokens, 16) if h.dim() == 2 else torch.randn(2, tokens, 16)
         torch.testing.assert_close(compiled(x, w_gu, b_gu, wd), mlp(x, w_gu, b_gu, wd), rtol=1e-5, atol=1e-5)

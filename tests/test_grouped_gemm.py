@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import tileflow
 from tileflow.cli import main as cli_main
-from tileflow.kernel_spec import KernelSpec, TileConfig, check_gemm_spec, make_params
+from tileflow.kernel_spec import KernelSpec, TileConfig, check_gemm_spec, is_gated, make_params
 from tileflow.lower import grouped_gemm_spec
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.runtime import decode_plan, expected_group_rows, get_kernel
@@ -68,9 +68,11 @@ def _reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, activati
     outs, start = [], 0
     for e, end in enumerate(offsets.tolist()):
         acc = x[start:end].double() @ w[e].double().T
-        if activation == "swiglu":
+        if is_gated(activation):
             half = acc.shape[1] // 2
-            acc = F.silu(acc[:, :half]) * acc[:, half:]
+            gate = acc[:, :half]
+            gate = F.silu(gate) if activation == "swiglu" else F.gelu(gate, approximate="tanh" if activation == "geglu_tanh" else "none")
+            acc = gate * acc[:, half:]
         elif activation == "gelu":
             acc = F.gelu(acc)
         elif activation == "silu":
@@ -102,6 +104,7 @@ KERNEL_CASES = [
         (8, "none", TileConfig(32, 32, 16)),
         (8, "gelu", TileConfig(16, 32, 32)),
         (3, "relu2", TileConfig(16, 32, 32)),
+        (3, "geglu_tanh", TileConfig(16, 16, 16)),
     )
 ] + [
     # The Ascend C kernel, compiled for the CPU against the Ascend C test double (tests/ascend_cpu).
@@ -133,7 +136,7 @@ def _kernel(target: str, spec):
 @pytest.mark.parametrize("target, dtype, e, activation, tile", KERNEL_CASES)
 def test_kernel_matches_float64(target: str, dtype: torch.dtype, e: int, activation: str, tile: TileConfig) -> None:
     sizes = GROUP_SIZES[e]
-    rows = 2 * N if activation == "swiglu" else N
+    rows = 2 * N if is_gated(activation) else N
     spec = grouped_gemm_spec(dtype=dtype, out_dtype=dtype, n=N, k=K, experts=e, tile=tile, activation=activation)
     kernel = _kernel(target, spec)
     dev = _device(target)
@@ -182,7 +185,7 @@ def test_round_then_cast_in_the_shared_epilogue(target: str) -> None:
 )
 def test_eager_op_random_group_sizes(sizes: list[int], activation: str, seed: int) -> None:
     """Any split of M into groups (reference backend, through the plan of the eager op)."""
-    rows = 2 * N if activation == "swiglu" else N
+    rows = 2 * N if is_gated(activation) else N
     x, w, offsets = _inputs(sizes, rows, torch.float32, seed, seed % 2 == 0)
     with tileflow.use_config(tileflow.Config(target="reference")):
         out = tileflow.ops.grouped_gemm(x, w, offsets, activation=activation)
@@ -195,7 +198,7 @@ def test_eager_op_random_group_sizes(sizes: list[int], activation: str, seed: in
 def test_eager_batched_op_without_offsets(target: str, activation: str) -> None:
     """No offsets: x [E, T, K] and expert e's rows are x[e] (a bmm with per-expert weights, as
     Llama-4's dense experts), T from none to more than a tile."""
-    rows = 2 * N if activation == "swiglu" else N
+    rows = 2 * N if is_gated(activation) else N
     for t, seed in ((0, 0), (1, 1), (17, 2)):
         gen = torch.Generator().manual_seed(seed)
         x, w = torch.randn(3, t, K, generator=gen), torch.randn(3, K, rows, generator=gen).transpose(1, 2) / K**0.5

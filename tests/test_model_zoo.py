@@ -2,7 +2,7 @@
 each compiles to one graph over every length and matches eager, every linear becomes a
 `padded_gemm`, and every attention runs on the meta-kernel (Gemma-2's with its logit soft-capping,
 gpt-oss's with its sinks, BLOOM's and MPT's with ALiBi); OPT's ReLU and Nemotron's squared ReLU
-fuse into their GEMMs."""
+fuse into their GEMMs, and so do Gemma's GeGLU and Phi-3's SwiGLU over one stacked weight."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from models import VOCAB, ZOO, export_zoo_model
 
 import tileflow
+from tileflow.kernel_spec import GATED_ACTIVATIONS
 
 
 def _compiled(name: str) -> tuple[torch.nn.Module, Callable[..., Any], tileflow.Report]:
@@ -41,10 +42,11 @@ def test_architecture_compiles_once_and_matches_eager(name: str) -> None:
             assert (got - want).abs().max().item() <= 1e-4, f"{name} at seq_len={seq_len}"
     assert len(report.graphs) == 1 and report.recompiles == 0
     rewrites = report.rewrites
-    # Every linear is a padded_gemm, or shares one: an up projection its gate's SwiGLU kernel, a
+    # Every linear is a padded_gemm, or shares one: an up projection its gate's gated kernel, a
     # K or V projection its Q's.
-    # (A SwiGLU over one stacked gate-and-up weight, Phi-3's, merges none.)
-    merged = rewrites.get("fused_swiglu", 0) - rewrites.get("stacked_swiglu", 0) + rewrites.get("fused_siblings", 0)
+    # (A gated GEMM over one stacked gate-and-up weight, Phi-3's, merges none.)
+    gated = sum(rewrites.get(f"fused_{name}", 0) for name in GATED_ACTIVATIONS) - rewrites.get("stacked_gate_up", 0)
+    merged = gated + rewrites.get("fused_siblings", 0)
     assert rewrites["canonical_linear"] == rewrites["padded_gemm"] + merged > 0
     assert rewrites["meta_attention"] == 2 and not report.fallbacks, report.fallbacks
     for feature in ("logit_softcap", "attention_sinks", "alibi", *features):

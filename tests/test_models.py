@@ -74,7 +74,7 @@ def test_model_matches_eager_with_one_graph(name: str, target: str) -> None:
     assert any(op == "grouped_gemm" for op, *_ in groups) == (name == "mixtral")
     # The meta-attention kernels are built ahead too (decode- and prefill-sized tiles).
     assert any(k.spec["op"] == "meta_attention" for k in graph.kernels)
-    assert len(graph.plans) == len({(p["op"], p["n"], p["k"], p.get("fused_swiglu")) for p in graph.plans})
+    assert len(graph.plans) == len({(p["op"], p["n"], p["k"], p.get("gated")) for p in graph.plans})
 
 
 def test_graph_break_each_frame_goes_through_tileflow() -> None:

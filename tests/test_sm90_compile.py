@@ -48,7 +48,7 @@ def test_benchmark_kernels_compile_for_hopper_without_spills(tmp_path: Path, sco
     # two largest tiles (the 8-warp 128 x 256 one fills 192 KiB of shared memory) in every scope.
     for family in ("padded_gemm", "persistent", "split_k", "stream_k", "_fixup", "_tma", "swiglu", "grouped_gemm",
                    "meta_attention", "_m128n256k64w8s4_", "_m128n128k64w4s4_", "_segments4096x1024x1024",
-                   "_segments4096x1024x1024_tma"):
+                   "_segments4096x1024x1024_tma", "geglu_tanh"):
         assert family in names, family
     assert len(lines) >= _MIN_KERNELS[scope]
     # TMA kernels fetch their operands with the copy engine (bulk tensor copies), not cp.async;

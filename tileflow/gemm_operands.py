@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .kernel_spec import KernelSpec, dtype_name, gemm_dims, gemm_segments, grouped_gemm_dims
+from .kernel_spec import GATED_ACTIVATIONS, KernelSpec, dtype_name, gemm_dims, gemm_segments, grouped_gemm_dims, is_gated
 
 __all__ = ["GemmOperands", "GroupedGemmOperands", "apply_activation", "gemm_operands", "grouped_gemm_operands"]
 
@@ -36,6 +36,14 @@ def apply_activation(acc: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu2":
         return f.relu(acc).square()
     raise ValueError(f"unknown activation {activation!r}")
+
+
+def apply_gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """A gated GEMM's epilogue (`activation` one of `GATED_ACTIVATIONS`): its gate's activation
+    of the gate accumulator times the up accumulator, in torch ops."""
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"unknown gated activation {activation!r}; expected one of {list(GATED_ACTIVATIONS)}")
+    return apply_activation(gate, GATED_ACTIVATIONS[activation]) * up
 
 
 @dataclass
@@ -102,7 +110,7 @@ def _gemm_layout(spec: KernelSpec) -> tuple[int, int, bool, torch.dtype, torch.d
     (n, k, swiglu, in dtype, out dtype, dtypes a side operand may have, where, N's segments)."""
     n, k = gemm_dims(spec)
     in_dtype, out_dtype = getattr(torch, spec.dtype), getattr(torch, spec.out_dtype)
-    return (n, k, "swiglu" in spec.epilogue, in_dtype, out_dtype, frozenset({in_dtype, out_dtype}), f"kernel {spec.name}",
+    return (n, k, is_gated(spec.epilogue), in_dtype, out_dtype, frozenset({in_dtype, out_dtype}), f"kernel {spec.name}",
             gemm_segments(spec))
 
 
@@ -128,9 +136,9 @@ def gemm_operands(
     `weight` [w_0, K] and `more_weights` [w_i, K] for the others, and with a bias `bias` [w_0]
     and `more_biases` [w_i].
     """
-    n, k, swiglu, in_dtype, out_dtype, side_dtypes, where, segments = _gemm_layout(spec)
+    n, k, gated, in_dtype, out_dtype, side_dtypes, where, segments = _gemm_layout(spec)
     ep = spec.epilogue
-    w_rows = 2 * n if swiglu else segments[0]
+    w_rows = 2 * n if gated else segments[0]
 
     _check_x(where, x, k)
     m, device = x.shape[0], x.device
@@ -146,24 +154,24 @@ def gemm_operands(
             check(f"weight of segment {i}", w, (width, k), {in_dtype})
         for i, (b, width) in enumerate(zip(more_biases, segments[1:]), start=1):
             check(f"bias of segment {i}", b, (width,), side_dtypes)
-    if (weight_up is not None or bias_up is not None) and not swiglu:
+    if (weight_up is not None or bias_up is not None) and not gated:
         raise ValueError(f"{where}: weight_up/bias_up are for the swiglu epilogue only")
-    if swiglu and weight_up is not None:
+    if gated and weight_up is not None:
         check("weight", weight, (n, k), {in_dtype})
         check("weight_up", weight_up, (n, k), {in_dtype})
     else:
         check("weight", weight, (w_rows, k), {in_dtype})
-        if swiglu:
+        if gated:
             weight, weight_up = weight[:n], weight[n:]
     if "bias" in ep:
         if bias is None:
             raise ValueError(f"{where}: the epilogue has 'bias' but no bias was given")
-        if swiglu and bias_up is not None:
+        if gated and bias_up is not None:
             check("bias", bias, (n,), side_dtypes)
             check("bias_up", bias_up, (n,), side_dtypes)
         else:
             check("bias", bias, (w_rows,), side_dtypes)
-            if swiglu:
+            if gated:
                 bias, bias_up = bias[:n], bias[n:]
     elif bias_up is not None:
         raise ValueError(f"{where}: a bias_up was given but the epilogue {ep} has no 'bias'")
@@ -237,17 +245,17 @@ def grouped_gemm_operands(spec: KernelSpec, x: Any, weight: Any, offsets: Any, *
     grouped_gemm` checks them in eager calls). `out`, when given, is [M, N] of out_dtype.
     """
     n, k, e = grouped_gemm_dims(spec)
-    swiglu = "swiglu" in spec.epilogue
+    gated = is_gated(spec.epilogue)
     in_dtype, out_dtype = getattr(torch, spec.dtype), getattr(torch, spec.out_dtype)
     where = f"kernel {spec.name}"
     _check_x(where, x, k)
     m, device = x.shape[0], x.device
     _check_operand(where, "x", x, (m, k), {in_dtype}, device)
-    _check_operand(where, "weight", weight, (e, 2 * n if swiglu else n, k), {in_dtype}, device)
+    _check_operand(where, "weight", weight, (e, 2 * n if gated else n, k), {in_dtype}, device)
     _check_operand(where, "offsets", offsets, (e,), {torch.int32}, device)
     offsets = offsets.contiguous()  # the kernels read offsets[e] with no stride
     weight_up = None
-    if swiglu:
+    if gated:
         weight, weight_up = weight[:, :n], weight[:, n:]  # views: the stacked tensor is not copied
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=device)

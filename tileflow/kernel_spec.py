@@ -19,16 +19,20 @@ from typing import Any
 # inputs) first rounds it to the input dtype, as eager's `linear(x, w).to(out_dtype)` does
 # (fp16's overflow to inf included), then converts that to out_dtype.
 EPILOGUES: tuple[str, ...] = (
-    "bias", "silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu", "residual", "round", "cast",
+    "bias", "silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu", "geglu", "geglu_tanh", "residual", "round", "cast",
 )
 # Input dtypes whose GEMM result `round` rounds (for float32 / float64 the accumulator already has
 # the input's dtype: rounding to it would change nothing, so such specs have no `round`).
 ROUNDED_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
 # Activations accepted by `padded_gemm(..., activation=...)`; at most one per GEMM epilogue.
 # `relu2` is the squared ReLU (`relu(a) ** 2`, transformers' "relu2").
-ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu")
-# The activations of one accumulator (every one but SwiGLU, which reads two).
-UNARY_ACTIVATIONS: tuple[str, ...] = tuple(a for a in ACTIVATIONS if a != "swiglu")
+# Gated activations, `act(x @ W_gate^T) * (x @ W_up^T)`: two weights (stacked [2N, K] or apart)
+# in one kernel with two accumulators, by the activation of the gate: SwiGLU (Llama's MLP),
+# GeGLU (erf GELU) and GeGLU with the tanh GELU (Gemma's).
+GATED_ACTIVATIONS: dict[str, str] = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "relu", "relu2", *GATED_ACTIVATIONS)
+# The activations of one accumulator (every one but the gated ones, which read two).
+UNARY_ACTIVATIONS: tuple[str, ...] = tuple(a for a in ACTIVATIONS if a not in GATED_ACTIVATIONS)
 # dtypes by their short names; specs carry names, not torch.dtype, so they stay JSON-friendly.
 DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
 # TileConfig's default width of the grouped tile order (left out of tile names).
@@ -203,10 +207,25 @@ def gemm_segments(spec: KernelSpec) -> tuple[int, ...]:
     if len(widths) < 2 or min(widths) <= 0 or sum(widths) != n:
         raise ValueError(f"{spec.op} spec's segments {text!r} must be two or more positive widths joined by 'x' "
                          f"that sum to N = {n}")
-    if "swiglu" in spec.epilogue:
-        raise ValueError(f"{spec.op} spec with segments {text!r} cannot fuse a SwiGLU; give the gate and up "
-                         f"weights as weight and weight_up instead")
+    if is_gated(spec.epilogue):
+        raise ValueError(f"{spec.op} spec with segments {text!r} cannot fuse a gated activation "
+                         f"({gated_activation(spec.epilogue)}); give the gate and up weights as weight and weight_up instead")
     return widths
+
+
+def gated_activation(names: str | tuple[str, ...] | None) -> str | None:
+    """The gated activation (a key of `GATED_ACTIVATIONS`) that an activation name is or an
+    epilogue holds, else None."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        return names if names in GATED_ACTIVATIONS else None
+    return next((name for name in names if name in GATED_ACTIVATIONS), None)
+
+
+def is_gated(names: str | tuple[str, ...] | None) -> bool:
+    """Whether an activation name or an epilogue is gated: two weights, two accumulators."""
+    return gated_activation(names) is not None
 
 
 def segment_starts(widths: tuple[int, ...]) -> tuple[int, ...]:
@@ -303,9 +322,10 @@ def gemm_formula(spec: KernelSpec) -> str:
     ep = spec.epilogue
     grouped = spec.op == "grouped_gemm"
     x, e = ("x[rows of e]", "[e]") if grouped else ("x", "")
-    if "swiglu" in ep:
+    if is_gated(ep):
         bg, bu = (" + bias_gate", " + bias_up") if "bias" in ep else ("", "")
-        expr = f"silu({x} @ W_gate{e}^T{bg}) * ({x} @ W_up{e}^T{bu})"
+        act = GATED_ACTIVATIONS[gated_activation(ep)]
+        expr = f"{act}({x} @ W_gate{e}^T{bg}) * ({x} @ W_up{e}^T{bu})"
     else:
         segments = len(gemm_segments(spec))
         weight = f"cat({', '.join(f'W{i}' for i in range(segments))})" if segments > 1 else f"W{e}"

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .graph_utils import bind_arguments
-from .kernel_spec import ROUNDED_DTYPES, KernelSpec, TileConfig, dtype_name, make_params
+from .kernel_spec import ROUNDED_DTYPES, KernelSpec, TileConfig, dtype_name, is_gated, make_params
 from .pipeline import PassContext
 from .tiles import TilePlan
 
@@ -124,7 +124,7 @@ def grouped_gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpe
     e, rows, k = (int(d) for d in wv.shape)
     return [
         grouped_gemm_spec(
-            dtype=xv.dtype, out_dtype=kwargs.get("out_dtype") or xv.dtype, n=rows // 2 if activation == "swiglu" else rows,
+            dtype=xv.dtype, out_dtype=kwargs.get("out_dtype") or xv.dtype, n=rows // 2 if is_gated(activation) else rows,
             k=k, experts=e, tile=tile, activation=activation,
         )
         for tile in plan.configs
@@ -146,7 +146,7 @@ def gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     activation = kwargs.get("activation") or "none"
     xv, wv = x.meta["val"], weight.meta["val"]
     out_dtype = kwargs.get("out_dtype") or xv.dtype
-    n = wv.shape[0] // 2 if activation == "swiglu" and kwargs.get("weight_up") is None else wv.shape[0]
+    n = wv.shape[0] // 2 if is_gated(activation) and kwargs.get("weight_up") is None else wv.shape[0]
     siblings = [w.meta["val"] for w in kwargs.get("more_weights") or ()]
     widths = (int(n), *(int(w.shape[0]) for w in siblings))
     target = kwargs.get("target") or ""

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .kernel_spec import ACTIVATIONS
+from .kernel_spec import ACTIVATIONS, is_gated
 from .tasks import check_sliding_window
 
 __all__ = [
@@ -105,8 +105,9 @@ def _op(name: str, schema: str | None = None) -> Callable[[Callable[..., torch.T
 
 
 def gemm_out_features(weight_rows: int, activation: str) -> int:
-    """Output width N of a GEMM whose weight has `weight_rows` rows (SwiGLU halves it)."""
-    return weight_rows // 2 if activation == "swiglu" else weight_rows
+    """Output width N of a GEMM whose weight has `weight_rows` rows (a gated activation, whose
+    weight stacks gate and up, halves it)."""
+    return weight_rows // 2 if is_gated(activation) else weight_rows
 
 
 def _check_activation(op: str, activation: str) -> None:
@@ -138,8 +139,9 @@ def _check_gemm_args(
         )
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"padded_gemm: K mismatch, x is {tuple(x.shape)} and weight is {tuple(weight.shape)}")
-    if (weight_up is not None or bias_up is not None) and activation != "swiglu":
-        raise ValueError("padded_gemm: weight_up/bias_up are only used with activation='swiglu'")
+    if (weight_up is not None or bias_up is not None) and not is_gated(activation):
+        raise ValueError("padded_gemm: weight_up/bias_up are only used with a gated activation "
+                         "('swiglu', 'geglu' or 'geglu_tanh')")
     if weight_up is not None:
         if weight_up.shape != weight.shape:
             raise ValueError(
@@ -147,9 +149,9 @@ def _check_gemm_args(
             )
         n = weight.shape[0]
     else:
-        if activation == "swiglu" and weight.shape[0] % 2:
+        if is_gated(activation) and weight.shape[0] % 2:
             raise ValueError(
-                f"padded_gemm: swiglu needs the gate and up weights stacked as [2N, K] (or passed "
+                f"padded_gemm: {activation} needs the gate and up weights stacked as [2N, K] (or passed "
                 f"separately as weight and weight_up); got {tuple(weight.shape)}"
             )
         n = gemm_out_features(weight.shape[0], activation)
@@ -185,8 +187,8 @@ def _check_segment_args(
 ) -> int:
     """Validate the weights and biases of a padded_gemm call over sibling weights (N segments);
     return the total N."""
-    if activation == "swiglu" or weight_up is not None:
-        raise ValueError("padded_gemm: more_weights (sibling GEMMs) cannot be combined with a SwiGLU; "
+    if is_gated(activation) or weight_up is not None:
+        raise ValueError("padded_gemm: more_weights (sibling GEMMs) cannot be combined with a gated activation; "
                          "give the gate and up projections as weight and weight_up instead")
     weights = [weight, *more_weights]
     if x.dim() != 2 or any(w.dim() != 2 for w in weights):
@@ -278,9 +280,11 @@ def padded_gemm(
     """Dynamic-M GEMM like `F.linear`, run by a tile plan's fixed-tile kernels with virtual padding.
 
     `x` is [M, K]; `weight` is [N, K]. `activation` is one of `kernel_spec.ACTIVATIONS` (`silu`,
-    `gelu`, `gelu_tanh`, `relu`, `relu2` = relu(a) ** 2, `swiglu`) or None. With `"swiglu"` the result is
-    `silu(x @ Wg.T + bg) * (x @ Wu.T + bu)`, the gate and up weights given stacked as one [2N, K]
-    `weight` (and [2N] `bias`), or separately as `weight`/`weight_up` (and `bias`/`bias_up`).
+    `gelu`, `gelu_tanh`, `relu`, `relu2` = relu(a) ** 2, `swiglu`, `geglu`, `geglu_tanh`) or None.
+    With `"swiglu"` the result is `silu(x @ Wg.T + bg) * (x @ Wu.T + bu)` (`geglu`: gelu of the
+    gate, `geglu_tanh`: its tanh approximation, Gemma's), the gate and up weights given stacked
+    as one [2N, K] `weight` (and [2N] `bias`), or separately as `weight`/`weight_up` (and
+    `bias`/`bias_up`).
     `residual` [M, N] is added last; `out_dtype` casts the result: the float32 accumulator goes
     straight to it, unless `round_first`, which rounds the result to x's dtype first (then
     converts), as `F.linear(x, w).to(out_dtype)` does: a float16 result past 65504 is inf there.
@@ -322,9 +326,9 @@ def _check_grouped_gemm_args(
         )
     if offsets is not None and offsets.dtype != torch.int32:
         raise ValueError(f"grouped_gemm: offsets must be int32, got {offsets.dtype}")
-    if activation == "swiglu" and weight.shape[1] % 2:
+    if is_gated(activation) and weight.shape[1] % 2:
         raise ValueError(
-            f"grouped_gemm: swiglu needs each expert's gate and up weights stacked as [E, 2N, K]; got {tuple(weight.shape)}"
+            f"grouped_gemm: {activation} needs each expert's gate and up weights stacked as [E, 2N, K]; got {tuple(weight.shape)}"
         )
     return gemm_out_features(weight.shape[1], activation)
 
@@ -394,7 +398,8 @@ def grouped_gemm(
     the cumulative end row of each expert's group (rows of expert e are offsets[e-1]:offsets[e],
     offsets[-1] == M; empty groups are fine). Returns out[M, N] with
     `out[rows of e] = act(x[rows of e] @ weight[e].T)`. With `activation="swiglu"` the weight is
-    [E, 2N, K] (gate rows, then up rows) and the result `silu(x @ Wg.T) * (x @ Wu.T)`, [M, N].
+    [E, 2N, K] (gate rows, then up rows) and the result `silu(x @ Wg.T) * (x @ Wu.T)`, [M, N]
+    (`geglu`, `geglu_tanh`: gelu of the gate, exact or tanh).
     Each group's last tile is masked (virtual padding); the tile config is the plan's for the
     expected rows per expert, ceil(M / E). Eager calls check the offsets' values (ValueError);
     inside a compiled graph they are the caller's contract, and rows past offsets[-1] are not

@@ -413,6 +413,9 @@ def _launch_benchmark_kernels(scope: str = "all") -> None:
         for split in (False, True):
             spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=14336, k=4096, tile=tile, activation="swiglu", split_k=split)
             runtime.get_kernel("triton", spec)(x, gate, weight_up=up, **({"split_k": 2} if split else {}))
+        # Gemma's GeGLU: the tanh GELU of the gate in the same two-accumulator kernel.
+        spec = gemm_spec(dtype=bf16, out_dtype=bf16, n=14336, k=4096, tile=tile, activation="geglu_tanh")
+        runtime.get_kernel("triton", spec)(x, gate, weight_up=up)
     # Llama-3-8B's Q, K and V projections as one GEMM over their three weights (N segments), with
     # the bias Qwen2's have (and without, outside the largest-tiles scope); every variant.
     widths = (4096, 1024, 1024)

@@ -16,7 +16,7 @@ but GM and the queues):
   x are read;
 - the vector unit applies the epilogue on the float accumulator in the unified buffer (UB): bias
   (a float row, host-converted), the activation (SiLU, GELU, GELU-tanh, ReLU, squared ReLU, or
-  SwiGLU with a second Matmul over the up weights), the residual (DataCopyPad of the real
+  a gated one, SwiGLU or GeGLU, with a second Matmul over the up weights), the residual (DataCopyPad of the real
   rows/columns), the cast (with `round`, through the input dtype first: float -> half/bfloat16
   -> the output dtype), and writes the real rows/columns back with DataCopyPad;
 - UB is 192 KiB: the epilogue works on `UB_ROWS`-row slices of the tile (UB_ROWS = BLOCK_M when it
@@ -42,7 +42,17 @@ from typing import Any
 import torch
 
 from tileflow.gemm_operands import gemm_operands, grouped_gemm_operands
-from tileflow.kernel_spec import ACTIVATIONS, KernelSpec, check_gemm_spec, gemm_dims, gemm_formula, grouped_gemm_dims
+from tileflow.kernel_spec import (
+    ACTIVATIONS,
+    GATED_ACTIVATIONS,
+    KernelSpec,
+    check_gemm_spec,
+    gated_activation,
+    gemm_dims,
+    gemm_formula,
+    grouped_gemm_dims,
+    is_gated,
+)
 
 from .sources import (
     EntryPoint, HostCall, KernelRun, KernelSources, banner, cpp_type, cpu_runner, kernel_ident, launch_stub,
@@ -112,9 +122,9 @@ class GemmLayout:
     rounds: bool = False  # `round`: the result goes through InT (the input dtype) on its way to OutT
 
     @property
-    def swiglu(self) -> bool:
+    def gated(self) -> bool:
         """Two Matmuls per tile (gate and up), combined as silu(gate) * up."""
-        return self.activation == "swiglu"
+        return is_gated(self.activation)
 
     @property
     def needs_scratch(self) -> bool:
@@ -168,7 +178,7 @@ def ub_buffers(layout: "GemmLayout") -> list[UbBuffer]:
     out_elem, out_bytes = "OutT", _CPP_BYTES[layout.out_type]
     res_bytes = _CPP_BYTES[layout.in_type if layout.rounds else layout.out_type]
     buffers = [UbBuffer("accQue", "VECIN", "float", 4, True, True)]
-    if layout.swiglu:
+    if layout.gated:
         buffers.append(UbBuffer("upQue", "VECIN", "float", 4, True, True))
     if layout.residual:
         buffers.append(UbBuffer("resQue", "VECIN", layout.res_type, res_bytes, True, True))
@@ -177,7 +187,7 @@ def ub_buffers(layout: "GemmLayout") -> list[UbBuffer]:
         buffers.append(UbBuffer("tmpBuf", "VECCALC", "float", 4, True, False, "activation / residual scratch (float)"))
     if layout.bias:
         buffers.append(UbBuffer("biasBuf", "VECCALC", "float", 4, False, False, "this tile's bias columns (float)"))
-        if layout.swiglu:
+        if layout.gated:
             buffers.append(UbBuffer("biasUpBuf", "VECCALC", "float", 4, False, False))
     if layout.rounds:
         buffers.append(UbBuffer("roundBuf", "VECCALC", "InT", _CPP_BYTES[layout.in_type], True, False,
@@ -238,13 +248,13 @@ def gemm_entry(spec: KernelSpec) -> EntryPoint:
     """The kernel's GM parameters, in order (the launcher passes tensors in this order)."""
     ep = spec.epilogue
     params = ["x", "weight"]
-    if "swiglu" in ep:
+    if is_gated(ep):
         params.append("weight_up")
     if spec.op == "grouped_gemm":
         params.append("offsets")
     if "bias" in ep:
         params.append("bias")
-        if "swiglu" in ep:
+        if is_gated(ep):
             params.append("bias_up")
     if "residual" in ep:
         params.append("residual")
@@ -286,18 +296,25 @@ struct {struct} {{
 
 
 def _activation_code(layout: GemmLayout) -> str:
-    """Vector-unit code applying the activation to `acc` (count elements; `tmp` is scratch)."""
-    act = layout.activation
-    if act in ("silu", "swiglu"):
-        code = """        // silu(a) = a / (1 + exp(-a))
+    """Vector-unit code applying the activation to `acc` (count elements; `tmp` is scratch); a
+    gated one applies its gate's activation, then multiplies by `up`."""
+    gated = gated_activation(layout.activation)
+    if gated:
+        gate_act = GATED_ACTIVATIONS[gated]
+        return (_unary_activation_code(gate_act)
+                + f"        Mul(acc, acc, up, count);  // {gated}: {gate_act}(gate) * up\n")
+    return _unary_activation_code(layout.activation)
+
+
+def _unary_activation_code(act: str) -> str:
+    """Vector-unit code applying the activation `act` of one accumulator to `acc`."""
+    if act == "silu":
+        return """        // silu(a) = a / (1 + exp(-a))
         Muls(tmp, acc, -1.0f, count);
         Exp(tmp, tmp, count);
         Adds(tmp, tmp, 1.0f, count);
         Div(acc, acc, tmp, count);
 """
-        if act == "swiglu":
-            code += "        Mul(acc, acc, up, count);  // swiglu: silu(gate) * up\n"
-        return code
     if act == "gelu":
         return f"""        // gelu(a) = a * (1 + erf(a / sqrt(2))) / 2
         Muls(tmp, acc, {1 / math.sqrt(2):.9g}f, count);
@@ -329,18 +346,18 @@ def _activation_code(layout: GemmLayout) -> str:
 def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, struct: str) -> str:
     L = layout
     ident = entry.name
-    swiglu, bias, residual = L.swiglu, L.bias, L.residual
+    gated, bias, residual = L.gated, L.bias, L.residual
     members = ["    GlobalTensor<InT> xGm, wGm;", "    GlobalTensor<OutT> outGm;"]
-    if swiglu:
+    if gated:
         members.append("    GlobalTensor<InT> wUpGm;")
     if bias:
-        members.append("    GlobalTensor<float> biasGm;" + ("\n    GlobalTensor<float> biasUpGm;" if swiglu else ""))
+        members.append("    GlobalTensor<float> biasGm;" + ("\n    GlobalTensor<float> biasUpGm;" if gated else ""))
     if residual:
         members.append(f"    GlobalTensor<{L.res_type}> resGm;")
     if L.experts:
         members.append("    GlobalTensor<int32_t> offsetsGm;  // end row of each expert's group")
         members.append("    uint64_t wBase = 0;   // this tile's expert: offset of its weight")
-        if swiglu:
+        if gated:
             members.append("    uint64_t upBase = 0;")
     buffers = ub_buffers(L)
     members += [b.declaration() for b in buffers]
@@ -356,13 +373,13 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
         f"        wGm.SetGlobalBuffer(reinterpret_cast<__gm__ InT*>(weight), {w_size('weightExpertStride')});",
         "        outGm.SetGlobalBuffer(reinterpret_cast<__gm__ OutT*>(out), uint64_t(t.m) * N);",
     ]
-    if swiglu:
+    if gated:
         init_gm.append(f"        wUpGm.SetGlobalBuffer(reinterpret_cast<__gm__ InT*>(weight_up), {w_size('upExpertStride')});")
     if grouped:
         init_gm.append("        offsetsGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(offsets), EXPERTS);")
     if bias:
         init_gm.append("        biasGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(bias), N);")
-        if swiglu:
+        if gated:
             init_gm.append("        biasUpGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(bias_up), N);")
     if residual:
         init_gm.append(f"        resGm.SetGlobalBuffer(reinterpret_cast<__gm__ {L.res_type}*>(residual), uint64_t(t.m) * N);")
@@ -375,7 +392,7 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
         LocalTensor<float> biasCols = biasBuf.Get<float>();
         DataCopyPad(biasCols, biasGm[n0], biasCopy, DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
 """
-        if swiglu:
+        if gated:
             load_bias += """        LocalTensor<float> biasUpCols = biasUpBuf.Get<float>();
         DataCopyPad(biasUpCols, biasUpGm[n0], biasCopy, DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
 """
@@ -391,7 +408,7 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
         mm.GetTensorC(accIn);
         accQue.EnQue(accIn);
 """
-    if swiglu:
+    if gated:
         cube += """        mm.SetTensorB(wUpGm[{up_base}uint64_t(n0) * K], true);
         LocalTensor<float> upIn = upQue.AllocTensor<float>();
         mm.Iterate();
@@ -407,24 +424,24 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
     cube = cube.replace("{w_base}", "wBase + " if grouped else "").replace("{up_base}", "upBase + " if grouped else "")
     cube = cube.replace("ResT", L.res_type).replace("{res_copy}", "resCopyIn" if L.rounds else "outCopyIn")
     vec = ["        LocalTensor<float> acc = accQue.DeQue<float>();"]
-    if swiglu:
+    if gated:
         vec.append("        LocalTensor<float> up = upQue.DeQue<float>();")
     if L.needs_scratch:
         vec.append("        LocalTensor<float> tmp = tmpBuf.Get<float>();")
     vec.append("        const int32_t count = rows * BLOCK_N;  // whole rows: padding columns never leave UB")
     if bias:
         vec.append("        LocalTensor<float> biasCols = biasBuf.Get<float>();  // loaded by ComputeTile")
-        if swiglu:
+        if gated:
             vec.append("        LocalTensor<float> biasUpCols = biasUpBuf.Get<float>();")
         vec.append("        for (int32_t r = 0; r < rows; ++r) {")
         vec.append("            Add(acc[r * BLOCK_N], acc[r * BLOCK_N], biasCols, cols);")
-        if swiglu:
+        if gated:
             vec.append("            Add(up[r * BLOCK_N], up[r * BLOCK_N], biasUpCols, cols);")
         vec.append("        }")
     act = _activation_code(L)
     if act:
         vec.append(act.rstrip("\n"))
-    if swiglu:
+    if gated:
         vec.append("        upQue.FreeTensor(up);")
     if residual:
         vec.append(f"        LocalTensor<{L.res_type}> res = resQue.DeQue<{L.res_type}>();")
@@ -452,7 +469,7 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
     vec.append("        outQue.EnQue(outTile);")
 
     fields = "\n".join(members)
-    process = _grouped_process(swiglu) if grouped else _plain_process()
+    process = _grouped_process(gated) if grouped else _plain_process()
     experts_const = f"\nconstexpr int32_t EXPERTS = {L.experts};" if grouped else ""
     order = f"{L.experts} experts, tiles dealt slot-major" if grouped else f"grouped order GROUP_M={L.group_m}"
     res_copy = "        const DataCopyExtParams outCopyIn(rows, cols * sizeof(OutT), gmGap, ubGap, 0);\n" if residual else ""
@@ -576,8 +593,8 @@ def _plain_process() -> str:
 """
 
 
-def _grouped_process(swiglu: bool) -> str:
-    up = "\n                    upBase = uint64_t(e) * tiling.upExpertStride;" if swiglu else ""
+def _grouped_process(gated: bool) -> str:
+    up = "\n                    upBase = uint64_t(e) * tiling.upExpertStride;" if gated else ""
     return f"""    __aicore__ inline void Process()
     {{
         // Persistent over (M-tile slot, N tile). Each expert's rows are cut in BLOCK_M tiles from

@@ -29,7 +29,18 @@ from typing import Any, Callable
 import torch
 
 from tileflow.gemm_operands import gemm_operands
-from tileflow.kernel_spec import ACTIVATIONS, KernelSpec, check_gemm_spec, gemm_dims, gemm_formula, gemm_segments, segment_starts
+from tileflow.kernel_spec import (
+    ACTIVATIONS,
+    GATED_ACTIVATIONS,
+    KernelSpec,
+    check_gemm_spec,
+    gated_activation,
+    gemm_dims,
+    gemm_formula,
+    gemm_segments,
+    is_gated,
+    segment_starts,
+)
 from tileflow.runtime.streams import device_cores
 from tileflow.tiles import TMA_ALIGN_BYTES
 
@@ -135,7 +146,7 @@ def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False, tm
     if stream_k:
         lines.append("ws_ptr,  # fp32 partial tiles: [2 * NUM_PROGRAMS, planes, BLOCK_M, BLOCK_N]")
     lines += _segment_weight_params(spec)
-    if "swiglu" in ep:
+    if is_gated(ep):
         lines.append("wu_desc,  # the up-projection weight's descriptor" if tma
                      else "wu_ptr,  # up-projection weight: its own pointer, so it need not be stacked")
     if "bias" in ep:
@@ -148,7 +159,7 @@ def _signature(spec: KernelSpec, persistent: bool, *, stream_k: bool = False, tm
     if not tma:
         lines.append("stride_xm, stride_xk,")
         lines.append("stride_wn, stride_wk,  # any layout: weight may be a transposed view")
-        if "swiglu" in ep:
+        if is_gated(ep):
             lines.append("stride_wun, stride_wuk,")
         if "residual" in ep:
             lines.append("stride_rm, stride_rn,")
@@ -171,7 +182,7 @@ def _segment_weight_params(spec: KernelSpec) -> list[str]:
 
 def _bias_params(spec: KernelSpec) -> str:
     """The bias pointer parameter(s): the gate's and the up's for SwiGLU, one per N segment."""
-    if "swiglu" in spec.epilogue:
+    if is_gated(spec.epilogue):
         return "bias_ptr, bias_up_ptr,"
     return " ".join(["bias_ptr,", *(f"bias{i}_ptr," for i in _more_segments(spec))])
 
@@ -232,9 +243,9 @@ def _tma_k_loop(spec: KernelSpec) -> str:
     program makes a descriptor over its tile's segment on the device: host descriptors would
     need a loop per segment (a descriptor cannot be picked by `tl.where`), and each loop its
     own pipeline buffers (3x the shared memory: 590 KB for Q, K and V at 128 x 256)."""
-    swiglu = "swiglu" in spec.epilogue
+    gated = is_gated(spec.epilogue)
     dot_kw = _dot_precision_kwarg(spec.dtype)
-    weights = [("w_desc", "w", "acc_gate" if swiglu else "acc")] + ([("wu_desc", "wu", "acc_up")] if swiglu else [])
+    weights = [("w_desc", "w", "acc_gate" if gated else "acc")] + ([("wu_desc", "wu", "acc_up")] if gated else [])
     code = [
         "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
         "mask_n = offs_n < N",
@@ -283,7 +294,7 @@ def _k_loop(spec: KernelSpec, k_part: tuple[str, str] | None = None) -> str:
     loop end) given as expressions in whole BLOCK_K steps (`_SPLIT_K_PART`, `_STREAM_K_PART`)."""
     ep = spec.epilogue
     n, k = gemm_dims(spec)
-    swiglu = "swiglu" in ep
+    gated = is_gated(ep)
     even_k = k % spec.tile.block_k == 0
     dot_kw = _dot_precision_kwarg(spec.dtype)
     split = k_part is not None
@@ -325,7 +336,7 @@ x_ptrs = x_ptr + rows * stride_xm + offs_k[None, :] * stride_xk
 # The weight tile is read as W^T [BLOCK_K, BLOCK_N] straight from [N, K] storage.
 w_ptrs = {w_base} + offs_k[:, None] * stride_wk + {w_cols}.to(tl.int64) * stride_wn"""
         )
-    if swiglu:
+    if gated:
         add(
             """\
 # SwiGLU: W is the gate projection and Wu the up projection of the same output columns (the
@@ -350,7 +361,7 @@ acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)""".replace("{k_rows}", "
         f"for k0 in range(k_lo, {k_part[1]}, BLOCK_K):" if split else "for k0 in range(0, K, BLOCK_K):",
         f"    a = tl.load(x_ptrs, mask={x_mask}, other=0.0)",
     ]
-    if swiglu:
+    if gated:
         loop += [
             f"    wg = tl.load(w_ptrs, mask={w_mask}, other=0.0)",
             f"    wu = tl.load(wu_ptrs, mask={w_mask}, other=0.0)",
@@ -366,7 +377,7 @@ acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)""".replace("{k_rows}", "
         "    x_ptrs += BLOCK_K * stride_xk",
         "    w_ptrs += BLOCK_K * stride_wk",
     ]
-    if swiglu:
+    if gated:
         loop.append("    wu_ptrs += BLOCK_K * stride_wuk")
     add("\n".join(loop))
     return "\n\n".join(code)
@@ -379,14 +390,14 @@ def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
     copy engine clips them at M and N), so no [BLOCK_M, BLOCK_N] pointer or mask tensor is
     built: with them, a 128x256 tile reached 254 registers and spilled inside its K loop."""
     ep = spec.epilogue
-    swiglu = "swiglu" in ep
+    gated = is_gated(ep)
     # `round`: through the input dtype first (round to nearest even; fp16 overflows to inf), as
     # eager's `linear(x, w).to(out_dtype)` rounds the GEMM's result before converting it.
     out = f"acc.to(tl.{spec.dtype}).to(tl.{spec.out_dtype})" if "round" in ep else f"acc.to(tl.{spec.out_dtype})"
     # ---- epilogue, in EPILOGUES order, on the fp32 accumulator ----
     epi: list[str] = ["# Epilogue, fused on the fp32 accumulator."]
     if "bias" in ep:
-        if swiglu:
+        if gated:
             epi += [
                 "bias_gate = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)",
                 "bias_up = tl.load(bias_up_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)",
@@ -398,24 +409,17 @@ def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
                 f"bias = tl.load({_bias_pointers(spec)}, mask=mask_n, other=0.0).to(tl.float32)",
                 "acc += bias[None, :]",
             ]
-    if "silu" in ep:
-        epi += ["acc = acc * _sigmoid(acc)  # silu"]
-    if "gelu" in ep:
-        erf = _erf_expr()
-        epi += [f"acc = 0.5 * acc * (1.0 + {erf}(acc * 0.7071067811865476))  # gelu, erf form"]
-    if "gelu_tanh" in ep:
-        epi += [
-            "# gelu, tanh approximation: 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))",
-            "inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)",
-            "acc = 0.5 * acc * (1.0 + _tanh(inner))",
-        ]
+    for act in ("silu", "gelu", "gelu_tanh"):
+        if act in ep:
+            epi += _activation_code(act, "acc")
     if "relu" in ep or "relu2" in ep:
         # A where, not tl.maximum: torch's relu keeps a NaN, and maximum's NaN rule varies.
         epi += ["acc = tl.where(acc < 0.0, 0.0, acc)  # relu"]
     if "relu2" in ep:
         epi += ["acc = acc * acc  # squared"]
-    if swiglu:
-        epi += ["acc = acc_gate * _sigmoid(acc_gate) * acc_up  # silu(gate) * up"]
+    if gated:
+        gate_act = GATED_ACTIVATIONS[gated_activation(ep)]
+        epi += _activation_code(gate_act, "acc_gate") + [f"acc = acc_gate * acc_up  # {gate_act}(gate) * up"]
     if tma:
         if "residual" in ep:
             epi += ["acc += res_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]).to(tl.float32)"]
@@ -433,6 +437,20 @@ def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
         f"tl.store(out_ptrs, {out}, mask=mask_out)",
     ]
     return "\n".join(epi)
+
+
+def _activation_code(act: str, var: str) -> list[str]:
+    """Lines that apply the activation `act` (silu, gelu or gelu_tanh) to the fp32 tile `var`
+    in place: a GEMM's accumulator, or a gated GEMM's gate."""
+    if act == "silu":
+        return [f"{var} = {var} * _sigmoid({var})  # silu"]
+    if act == "gelu":
+        return [f"{var} = 0.5 * {var} * (1.0 + {_erf_expr()}({var} * 0.7071067811865476))  # gelu, erf form"]
+    return [
+        "# gelu, tanh approximation: 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))",
+        f"inner = 0.7978845608028654 * ({var} + 0.044715 * {var} * {var} * {var})",
+        f"{var} = 0.5 * {var} * (1.0 + _tanh(inner))",
+    ]
 
 
 def _bias_pointers(spec: KernelSpec) -> str:
@@ -465,10 +483,12 @@ def _tanh(u):
 
 def _helpers(spec: KernelSpec) -> str:
     """The small @triton.jit helper functions the epilogue uses (only those it needs)."""
+    gated = gated_activation(spec.epilogue)
+    acts = set(spec.epilogue) | ({GATED_ACTIVATIONS[gated]} if gated else set())
     parts = []
-    if "silu" in spec.epilogue or "swiglu" in spec.epilogue:
+    if "silu" in acts:
         parts.append(_SIGMOID_HELPER)
-    if "gelu_tanh" in spec.epilogue:
+    if "gelu_tanh" in acts:
         parts.append(_TANH_HELPER)
     return "".join("\n\n" + p for p in parts)
 
@@ -506,14 +526,14 @@ def _split_sources(spec: KernelSpec, kname: str) -> str:
     """The split-K kernel pair of a spec: `kname` accumulates its K part of one output tile and
     stores the fp32 partial tile(s) into the workspace `ws[SPLIT_K, P, M, N]` (P = 2 for SwiGLU:
     gate and up); `kname_reduce` sums the parts in split order, applies the epilogue and stores."""
-    swiglu = "swiglu" in spec.epilogue
-    planes = 2 if swiglu else 1
+    gated = is_gated(spec.epilogue)
+    planes = 2 if gated else 1
     lines = ["x_ptr, w_ptr, ws_ptr,", *_segment_weight_params(spec)]
-    if swiglu:
+    if gated:
         lines.append("wu_ptr,")
     lines += ["M,  # token count: runtime value, never specialized on (no recompiles)",
               "stride_xm, stride_xk,", "stride_wn, stride_wk,"]
-    if swiglu:
+    if gated:
         lines.append("stride_wun, stride_wuk,")
     lines += ["STEPS_PER_SPLIT,  # BLOCK_K steps of K per program",
               "N: tl.constexpr, K: tl.constexpr,",
@@ -525,7 +545,7 @@ def _split_sources(spec: KernelSpec, kname: str) -> str:
              "mask_out = mask_m[:, None] & mask_n[None, :]",
              "plane = M.to(tl.int64) * N",
              f"ws_tile = ws_ptr + (pid_k * {planes}) * plane + rows * N + cols"]
-    if swiglu:
+    if gated:
         store += ["tl.store(ws_tile, acc_gate, mask=mask_out)", "tl.store(ws_tile + plane, acc_up, mask=mask_out)"]
     else:
         store += ["tl.store(ws_tile, acc, mask=mask_out)"]
@@ -536,7 +556,7 @@ def _split_sources(spec: KernelSpec, kname: str) -> str:
         + "\n".join(store)
     )
     reduce_sig = _finish_signature(spec, ["SPLIT_K,", "N: tl.constexpr,", "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,"])
-    sums = ["acc_gate", "acc_up"] if swiglu else ["acc"]
+    sums = ["acc_gate", "acc_up"] if gated else ["acc"]
     reduce_body = "\n".join([
         "offs_m = tl.program_id(axis=0) * BLOCK_M + tl.arange(0, BLOCK_M)",
         "offs_n = tl.program_id(axis=1) * BLOCK_N + tl.arange(0, BLOCK_N)",
@@ -572,9 +592,9 @@ def _stream_k_sources(spec: KernelSpec, kname: str) -> str:
     program per tile, sums the partials of each tile several programs ran, in program order,
     applies the epilogue and stores it. The unit arithmetic is `tileflow.tiles.stream_k_range`
     and `stream_k_segments`, written out for the device."""
-    swiglu = "swiglu" in spec.epilogue
-    planes = 2 if swiglu else 1
-    sums = ["acc_gate", "acc_up"] if swiglu else ["acc"]
+    gated = is_gated(spec.epilogue)
+    planes = 2 if gated else 1
+    sums = ["acc_gate", "acc_up"] if gated else ["acc"]
     units = """\
 num_pid_m = tl.cdiv(M, BLOCK_M)
 num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -742,7 +762,7 @@ def launch_warps(spec: KernelSpec) -> int:
     whose two fp32 accumulators would otherwise spill registers (ptxas for sm_90: 800 bytes per
     thread at 128x128 with 4 warps, none with 8)."""
     tile = spec.tile
-    if "swiglu" in spec.epilogue and tile.block_m * tile.block_n >= 128 * 128:
+    if is_gated(spec.epilogue) and tile.block_m * tile.block_n >= 128 * 128:
         return 2 * tile.num_warps
     return tile.num_warps
 
@@ -787,7 +807,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
     n, k = gemm_dims(spec)
     tile = spec.tile
     ep = spec.epilogue
-    swiglu = "swiglu" in ep
+    gated = is_gated(ep)
     has_bias, has_res = "bias" in ep, "residual" in ep
     persistent = bool(spec.param("persistent", False))
     split = bool(spec.param("split_k", False))
@@ -859,21 +879,21 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
             # Every program keeps at most two partial tiles (its range's first and last).
             grid_size = min(num_programs if num_programs is not None else device_cores(device),
                             num_tiles * _cdiv(k, tile.block_k))
-            workspace = torch.empty((2 * grid_size, 2 if swiglu else 1, tile.block_m, tile.block_n),
+            workspace = torch.empty((2 * grid_size, 2 if gated else 1, tile.block_m, tile.block_n),
                                     dtype=torch.float32, device=device)
             args.append(workspace)
         args += ops.more_weights
-        if swiglu:
+        if gated:
             args.append(weight_up)
         if has_bias:
             args.append(bias)
-            if swiglu:
+            if gated:
                 args.append(bias_up)
             args += ops.more_biases
         if has_res:
             args.append(residual)
         args += [m, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1)]
-        if swiglu:
+        if gated:
             args += [weight_up.stride(0), weight_up.stride(1)]
         if has_res:
             args += [residual.stride(0), residual.stride(1)]
@@ -903,7 +923,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         x_desc = TensorDescriptor.from_tensor(x, [tile.block_m, tile.block_k])
         out = tma_operand(ops.out, where, "out")
         tile_shape = [tile.block_m, tile.block_n]
-        weights = [ops.weight, *ops.more_weights] + ([ops.weight_up] if swiglu else [])
+        weights = [ops.weight, *ops.more_weights] + ([ops.weight_up] if gated else [])
         # A weight stored [K, N] (a transposed view) is read as such; both SwiGLU weights (and
         # every segment's, which share the first's strides) alike.
         w_kn = all(w.stride(0) == 1 and w.stride(1) != 1 for w in weights)
@@ -917,7 +937,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
                             for w in weights]
         epilogue: list[Any] = []
         if has_bias:
-            epilogue += [ops.bias, ops.bias_up] if swiglu else [ops.bias, *ops.more_biases]
+            epilogue += [ops.bias, ops.bias_up] if gated else [ops.bias, *ops.more_biases]
         if has_res:
             epilogue.append(TensorDescriptor.from_tensor(tma_operand(ops.residual, where, "residual"), tile_shape))
         strides = [] if not ops.more_weights else list(weights_args[0].stride())
@@ -954,7 +974,7 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         order of the finishing kernels' signatures."""
         args: list[Any] = []
         if has_bias:
-            args += [ops.bias, ops.bias_up] if swiglu else [ops.bias, *ops.more_biases]
+            args += [ops.bias, ops.bias_up] if gated else [ops.bias, *ops.more_biases]
         if has_res:
             args.append(ops.residual)
         args.append(ops.m)
@@ -967,12 +987,12 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
         x, out, m = ops.x, ops.out, ops.m
         steps = _cdiv(_cdiv(k, tile.block_k), split_k)
         parts = _cdiv(k, steps * tile.block_k)  # no empty part when K has fewer BLOCK_K steps than split_k
-        workspace = torch.empty((parts, 2 if swiglu else 1, m, n), dtype=torch.float32, device=x.device)
+        workspace = torch.empty((parts, 2 if gated else 1, m, n), dtype=torch.float32, device=x.device)
         args: list[Any] = [x, ops.weight, workspace, *ops.more_weights]
-        if swiglu:
+        if gated:
             args.append(ops.weight_up)
         args += [m, x.stride(0), x.stride(1), ops.weight.stride(0), ops.weight.stride(1)]
-        if swiglu:
+        if gated:
             args += [ops.weight_up.stride(0), ops.weight_up.stride(1)]
         args.append(steps)
         kernel_fn[(num_tiles, parts)](

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from tileflow.gemm_operands import grouped_gemm_operands
-from tileflow.kernel_spec import KernelSpec, check_gemm_spec, gemm_formula, grouped_gemm_dims
+from tileflow.kernel_spec import KernelSpec, check_gemm_spec, gemm_formula, grouped_gemm_dims, is_gated
 
 from .build import kernel_identifier
 from .gemm import _MIN_BLOCK, SUPPORTED_DTYPES, _cdiv, _helpers, _tile_compute, launch_warps
@@ -62,16 +62,16 @@ import triton.language as tl
 
 def _signature(spec: KernelSpec) -> str:
     """The kernel's parameter list (one argument or argument group per line)."""
-    swiglu = "swiglu" in spec.epilogue
+    gated = is_gated(spec.epilogue)
     lines = ["x_ptr, w_ptr, out_ptr,"]
-    if swiglu:
+    if gated:
         lines.append("wu_ptr,  # up-projection weights [E, N, K]: the second half of each expert's rows")
     lines += [
         "offs_ptr,  # int32 [E]: end row of each expert's group (rows are sorted by expert)",
         "stride_xm, stride_xk,",
         "stride_we, stride_wn, stride_wk,  # any layout: weight may be a transposed view",
     ]
-    if swiglu:
+    if gated:
         lines.append("stride_wue, stride_wun, stride_wuk,")
     lines += [
         "stride_om, stride_on,",
@@ -112,7 +112,7 @@ mask_m = offs_m < row_end  # virtual padding: the group's tail tile reads and wr
 
 # This expert's [N, K] weights (int64: E * N * K can pass 2^31 elements).
 w_ptr += expert.to(tl.int64) * stride_we"""
-    if "swiglu" in spec.epilogue:
+    if is_gated(spec.epilogue):
         code += "\nwu_ptr += expert.to(tl.int64) * stride_wue"
     return code
 
@@ -158,7 +158,7 @@ def make_grouped_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[...
     _check_spec(spec)
     n, k, e = grouped_gemm_dims(spec)
     tile = spec.tile
-    swiglu = "swiglu" in spec.epilogue
+    gated = is_gated(spec.epilogue)
     num_warps = launch_warps(spec)
 
     def launch(
@@ -170,10 +170,10 @@ def make_grouped_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[...
         if m == 0:
             return ops.out  # nothing to compute (an empty grid is an error on some versions)
         args: list[Any] = [ops.x, ops.weight, ops.out]
-        if swiglu:
+        if gated:
             args.append(ops.weight_up)
         args += [ops.offsets, ops.x.stride(0), ops.x.stride(1), *ops.weight.stride()]
-        if swiglu:
+        if gated:
             args += list(ops.weight_up.stride())
         args += [ops.out.stride(0), ops.out.stride(1)]
         # Static in M: an upper bound on sum_e cdiv(rows_e, BLOCK_M), so no offsets are read here.

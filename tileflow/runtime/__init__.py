@@ -19,8 +19,8 @@ import torch
 
 from ..config import current_config
 from ..devices import DeviceInfo, detect_device, get_device
-from ..gemm_operands import apply_activation, check_operand_kinds
-from ..kernel_spec import KernelSpec, TileConfig, segment_starts
+from ..gemm_operands import apply_activation, apply_gated_activation, check_operand_kinds
+from ..kernel_spec import KernelSpec, TileConfig, is_gated, segment_starts
 from ..log import get_logger
 from ..targets import CompiledKernel, get_backend, resolve_target
 from ..tiles import (
@@ -362,7 +362,7 @@ def run_padded_gemm(
     if more_weights and any(w.shape[0] == 0 for w in (weight, *more_weights)):
         weight, bias, more_weights, more_biases = _without_empty_segments(weight, bias, more_weights, more_biases)
     widths = (weight.shape[0], *(w.shape[0] for w in more_weights)) if more_weights else None
-    n = weight.shape[0] // 2 if activation == "swiglu" and not separate_up else sum(widths or (weight.shape[0],))
+    n = weight.shape[0] // 2 if is_gated(activation) and not separate_up else sum(widths or (weight.shape[0],))
     k = weight.shape[1]
     m = x.shape[0]
     if n == 0 or k == 0 or m == 0:
@@ -375,7 +375,7 @@ def run_padded_gemm(
             weight = torch.cat([weight, *more_weights])
             bias = None if bias is None else torch.cat([bias, *more_biases])
         return _gemm_of_empty_dim(x, weight, bias, residual, activation, out_dtype, weight_up, bias_up, round_first)
-    weight_tiles = 2 if activation == "swiglu" else 1
+    weight_tiles = 2 if is_gated(activation) else 1
     if plan:
         tile_plan = decode_plan(plan)
     else:
@@ -485,13 +485,13 @@ def _gemm_of_empty_dim(
     def linear(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return f.linear(x.to(acc_dtype), w.to(acc_dtype), None if b is None else b.to(acc_dtype))
 
-    if activation == "swiglu" and weight_up is None and bias_up is not None:
+    if is_gated(activation) and weight_up is None and bias_up is not None:
         bias = torch.cat([bias, bias_up])  # a stacked [2N, K] weight with the gate's and up's biases apart
     acc = linear(weight, bias)
-    if activation == "swiglu":
+    if is_gated(activation):
         n = acc.shape[1] if weight_up is not None else acc.shape[1] // 2
         gate, up = (acc, linear(weight_up, bias_up)) if weight_up is not None else (acc[:, :n], acc[:, n:])
-        acc = f.silu(gate) * up
+        acc = apply_gated_activation(gate, up, activation)
     else:
         acc = apply_activation(acc, activation)
     if residual is not None:
@@ -565,7 +565,7 @@ def run_grouped_gemm(
     config = None if (target and plan) else current_config()
     target = resolve_target(target or config.target, x.device)
     e, rows, k = (int(d) for d in weight.shape)
-    n = rows // 2 if activation == "swiglu" else rows
+    n = rows // 2 if is_gated(activation) else rows
     m = x.shape[0]
     if n == 0 or k == 0 or m == 0 or e == 0:
         check_operand_kinds("grouped_gemm", x, {"weight": weight}, {}, out_dtype)
@@ -576,7 +576,7 @@ def run_grouped_gemm(
         return x.new_zeros((m, n), dtype=out_dtype)
     tile_plan = decode_plan(plan) if plan else grouped_gemm_plan(
         n, k, e, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
-        weight_tiles=2 if activation == "swiglu" else 1,
+        weight_tiles=2 if is_gated(activation) else 1,
     )
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype)

@@ -26,7 +26,7 @@ MoE expert GEMMs (`transformers::grouped_mm_fallback` or `aten._grouped_mm`: x [
 sorted by expert, weights [E, K, N], int32 cumulative `offs`) become `tileflow::grouped_gemm`,
 whose plan is keyed by the expected rows per expert ceil(M / E); Mixtral's
 `chunk(2, -1) -> silu(gate) * up` after the gate/up experts is fused into it (kind `grouped_gemm`,
-`fused_grouped_swiglu`; a GELU gate likewise).
+`fused_grouped_swiglu`; a GELU gate likewise, `fused_grouped_geglu` or `fused_grouped_geglu_tanh`).
 Matmuls it cannot take (dtypes the target lacks, mixed dtypes, grouped GEMMs with a bias or a
 batched input) stay as they are, with the reason in the report.
 """

@@ -442,3 +442,28 @@ def test_a_near_gelu_is_left_alone(change: str) -> None:
     before = ops(gm)
     assert "canonical_gelu_tanh" not in canonicalize(gm)
     assert ops(gm) == before and aten.gelu.default not in ops(gm)
+
+
+@pytest.mark.parametrize("change", ["linear_term_of_another", "cube_of_another", "half_of_another", "quarter", "plus_two"])
+def test_a_gelu_over_two_tensors_or_other_constants_is_left_alone(change: str) -> None:
+    """The tanh GELU's three reads of x must all be x, and its 0.5 and 1 exactly those: an
+    expression mixing two tensors, or with another scale or offset, is not `gelu(x)`."""
+    c = math.sqrt(2.0 / math.pi)
+
+    def fn(x, y):
+        if change == "linear_term_of_another":
+            return 0.5 * x * (1.0 + torch.tanh(c * (y + 0.044715 * torch.pow(x, 3.0))))
+        if change == "cube_of_another":
+            return 0.5 * x * (1.0 + torch.tanh(c * (x + 0.044715 * torch.pow(y, 3.0))))
+        if change == "half_of_another":
+            return 0.5 * y * (1.0 + torch.tanh(c * (x + 0.044715 * torch.pow(x, 3.0))))
+        if change == "quarter":
+            return 0.25 * x * (1.0 + torch.tanh(c * (x + 0.044715 * torch.pow(x, 3.0))))
+        return 0.5 * x * (2.0 + torch.tanh(c * (x + 0.044715 * torch.pow(x, 3.0))))
+
+    x, y = torch.randn(5, 8), torch.randn(5, 8)
+    gm = traced(fn, x, y)
+    before = ops(gm)
+    assert "canonical_gelu_tanh" not in canonicalize(gm)
+    assert ops(gm) == before and aten.gelu.default not in ops(gm)
+    torch.testing.assert_close(gm(x, y), fn(x, y))

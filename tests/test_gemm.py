@@ -837,3 +837,15 @@ def test_reference_half_gemm_keeps_its_epilogue_in_float32(activation: str) -> N
     got = runtime.get_kernel("reference", spec)(x, w, b, r, **up)
     assert got.dtype == torch.float32
     assert rel_err(got, oracle(x, w, b, r, activation, wu, bu)) <= 1e-6
+
+
+@pytest.mark.parametrize("activation", ["geglu", "geglu_tanh"])
+def test_a_gated_gemm_over_an_empty_k_is_its_gate_bias_activation_times_the_up_bias(activation) -> None:
+    """K = 0: no kernel runs, and the result is act(bias_gate) * bias_up with the gate's own
+    activation (GELU, exact or tanh), not SiLU."""
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(3, 0), torch.randn(2 * N, 0), torch.randn(2 * N, generator=gen)
+    with tileflow.use_config(tileflow.Config(target="reference")):
+        got = padded_gemm(x, w, b, activation=activation)
+    want = oracle(x, w[:N], b[:N], activation=activation, weight_up=w[N:], bias_up=b[N:])
+    torch.testing.assert_close(got.double(), want.expand(3, N), rtol=1e-6, atol=1e-6)

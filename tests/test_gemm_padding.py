@@ -883,3 +883,48 @@ def test_a_sibling_weight_of_other_strides_lowers_to_the_kernels_that_run() -> N
     h = torch.randn(11, 24)
     for got, want in zip(compiled(h, *weights), projections(h, *weights)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("between", ["row_fill", "other_factor"])
+def test_a_stacked_gate_up_with_something_else_in_the_product_stays_apart(between: str) -> None:
+    """The stacked gate-and-up fusion takes exactly `act(first half) * second half`: a fill of
+    the linear's output before the chunk (the kernel would drop it), or the gate times anything
+    but the up half, is not that product, and the linear's epilogue stays unfused."""
+    def mlp(h, w_gu, mask):
+        out = F.linear(h, w_gu)
+        if between == "row_fill":
+            out = out.masked_fill(mask[:, None], 0.0)
+        gate, up = out.chunk(2, dim=-1)
+        if between == "other_factor":
+            return F.gelu(gate, approximate="tanh") * torch.cos(up)
+        return F.gelu(gate, approximate="tanh") * up
+
+    h, w_gu = torch.randn(6, 16), torch.randn(48, 16) / 4
+    mask = torch.arange(6) % 3 == 0
+    compiled, gm, ctx = compile_fn(mlp, h, w_gu, mask, dynamic_dims=((0, 0), (2, 0)))
+    [gemm] = gemm_nodes(gm)
+    assert gemm.args[4] == "none" and "stacked_gate_up" not in ctx.report.passes[1].rewrites
+    for tokens in (2, 9):
+        x, m = torch.randn(tokens, 16), torch.arange(tokens) % 3 == 0
+        torch.testing.assert_close(compiled(x, w_gu, m), mlp(x, w_gu, m), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("approximate,gated", [("tanh", "geglu_tanh"), ("none", "geglu")])
+def test_a_residual_after_a_stacked_gated_product_fuses(approximate: str, gated: str) -> None:
+    """`h + gelu(gate) * up` over one stacked weight with a bias (viewed [B, S, 2I] then
+    chunked): one kernel with the bias halves, the gated epilogue and the residual, its output
+    viewed back as [B, S, I]."""
+    def mlp(h, w_gu, b_gu, r):
+        gate, up = F.linear(h, w_gu, b_gu).chunk(2, dim=-1)
+        return F.gelu(gate, approximate=approximate) * up + r
+
+    h, w_gu, b_gu = torch.randn(2, 5, 16), torch.randn(48, 16) / 4, torch.randn(48)
+    r = torch.randn(2, 5, 24)
+    compiled, gm, ctx = compile_fn(mlp, h, w_gu, b_gu, r, dynamic_dims=((0, 1), (3, 1)))
+    [gemm] = gemm_nodes(gm)
+    assert gemm.args[4] == gated and gemm.args[2] is not None and gemm.args[3] is not None
+    rewrites = ctx.report.passes[1].rewrites
+    assert rewrites[f"fused_{gated}"] == rewrites["stacked_gate_up"] == rewrites["fused_residual"] == 1
+    for tokens in (1, 3, 11):
+        x, res = torch.randn(2, tokens, 16), torch.randn(2, tokens, 24)
+        torch.testing.assert_close(compiled(x, w_gu, b_gu, res), mlp(x, w_gu, b_gu, res), rtol=1e-5, atol=1e-5)

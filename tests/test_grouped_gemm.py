@@ -557,3 +557,38 @@ def test_eager_dispatch_picks_the_tile_of_the_rows_per_expert(monkeypatch: pytes
     assert want_tile != plan.piece_for(m).config
     assert [spec.tile for spec in built] == [want_tile]
     torch.testing.assert_close(out, torch.bmm(x.view(e, m // e, k), w.transpose(1, 2)).reshape(m, n))
+
+
+@pytest.mark.parametrize("approximate,gated", [("tanh", "geglu_tanh"), ("none", "geglu")])
+def test_pass_rewrites_experts_with_a_gelu_gate(approximate: str, gated: str) -> None:
+    """MoE experts whose gate goes through a GELU (exact or tanh) fuse like SwiGLU's: one gated
+    grouped GEMM of N = half the stacked rows, its plan marked gated (two weight tiles)."""
+    import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
+    gate_up, down = torch.randn(4, 2 * 24, K) / K**0.5, torch.randn(4, K, 24) / 24**0.5
+
+    def experts(x, offs, gate_up, down):
+        h = torch.ops.transformers.grouped_mm_fallback(x, gate_up.transpose(-2, -1), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        act = F.gelu(gate, approximate=approximate)
+        return torch.ops.transformers.grouped_mm_fallback(act * up, down.transpose(-2, -1), offs=offs)
+
+    x, offs = _moe_inputs(9)
+    compiled, gm, ctx = _compile(experts, x, offs, gate_up, down)
+    assert [n.args[3] for n in gm.graph.nodes if n.target is GROUPED] == [gated, "none"]
+    assert ctx.report.passes[1].rewrites == {"grouped_gemm": 2, f"fused_grouped_{gated}": 1}
+    plans = {(p["n"], p["k"]): bool(p.get("gated")) for p in ctx.report.plans if p["op"] == "grouped_gemm"}
+    assert plans == {(24, K): True, (K, 24): False}
+    for m in (3, 9, 40):
+        x, offs = _moe_inputs(m, seed=m)
+        torch.testing.assert_close(compiled(x, offs, gate_up, down), experts(x, offs, gate_up, down), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["geglu", "geglu_tanh"])
+def test_eager_op_with_a_gelu_gate(activation: str) -> None:
+    """The eager grouped op halves a GELU-gated stacked weight as it does SwiGLU's."""
+    x, w, offsets = _inputs([3, 0, 5], 2 * N, torch.float32, 7, True)
+    with tileflow.use_config(tileflow.Config(target="reference")):
+        out = tileflow.ops.grouped_gemm(x, w, offsets, activation=activation)
+    assert out.shape == (8, N)
+    _assert_close(out, _reference(x, w, offsets, activation), torch.float32)

@@ -156,7 +156,7 @@ def test_a_gemm_without_swiglu_refuses_an_up_operand(extra: str) -> None:
     kernel = get_kernel("reference", _fp32_gemm_spec(n, has_bias=True))
     x, w, b = torch.randn(3, n), torch.randn(n, n), torch.randn(n)
     up = {"weight_up": torch.randn(n, n), "bias_up": torch.randn(n)}[extra]
-    with pytest.raises(ValueError, match="weight_up/bias_up are for the swiglu epilogue only"):
+    with pytest.raises(ValueError, match="weight_up/bias_up are for a gated epilogue"):
         kernel(x, w, b, **{extra: up})
 
 

@@ -155,7 +155,7 @@ def gemm_operands(
         for i, (b, width) in enumerate(zip(more_biases, segments[1:]), start=1):
             check(f"bias of segment {i}", b, (width,), side_dtypes)
     if (weight_up is not None or bias_up is not None) and not gated:
-        raise ValueError(f"{where}: weight_up/bias_up are for the swiglu epilogue only")
+        raise ValueError(f"{where}: weight_up/bias_up are for a gated epilogue (swiglu, geglu, geglu_tanh) only")
     if gated and weight_up is not None:
         check("weight", weight, (n, k), {in_dtype})
         check("weight_up", weight_up, (n, k), {in_dtype})

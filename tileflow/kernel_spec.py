@@ -185,7 +185,7 @@ def _positive_int_param(spec: KernelSpec, key: str) -> int:
 
 def gemm_dims(spec: KernelSpec) -> tuple[int, int]:
     """(N, K) of a `padded_gemm` or `grouped_gemm` spec, validated; N is the *output* width (for
-    swiglu the weight has 2N rows: gate, then up)."""
+    a gated activation the weight has 2N rows: gate, then up)."""
     return _positive_int_param(spec, "n"), _positive_int_param(spec, "k")
 
 

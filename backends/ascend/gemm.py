@@ -123,7 +123,7 @@ class GemmLayout:
 
     @property
     def gated(self) -> bool:
-        """Two Matmuls per tile (gate and up), combined as silu(gate) * up."""
+        """Two Matmuls per tile (gate and up), combined as act(gate) * up (SwiGLU, GeGLU)."""
         return is_gated(self.activation)
 
     @property

@@ -339,9 +339,9 @@ w_ptrs = {w_base} + offs_k[:, None] * stride_wk + {w_cols}.to(tl.int64) * stride
     if gated:
         add(
             """\
-# SwiGLU: W is the gate projection and Wu the up projection of the same output columns (the
-# [2N, K] concatenation, kept as two operands so no stacked copy is ever made); one program
-# keeps both accumulators so x is read only once.
+# Gated (SwiGLU, GeGLU): W is the gate projection and Wu the up projection of the same output
+# columns (the [2N, K] concatenation, kept as two operands so no stacked copy is ever made); one
+# program keeps both accumulators so x is read only once.
 wu_ptrs = wu_ptr + {k_rows}[:, None] * stride_wuk + cols.to(tl.int64) * stride_wun
 acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)""".replace("{k_rows}", "(k_lo + offs_k).to(tl.int64)" if split else "offs_k")

@@ -346,6 +346,10 @@ class GemmPadding:
         grouped_plans: dict[tuple, tuple[int, TilePlan]] = {}
         if ctx.target in _SIBLING_TARGETS:
             self._fuse_siblings(graph, ctx, plans, result)
+        # An up projection goes with its gate's kernel, even where the model computes it first
+        # (`up(x) * act(gate(x))`): it waits for the gate, and runs alone only if the gate did not take it.
+        ups = self._gated_ups(graph, ctx)
+        deferred: list[fx.Node] = []
         for node in list(graph.nodes):
             grouped = _grouped_mm_args(node) if in_graph(node, graph) else None
             if grouped is not None:
@@ -363,22 +367,13 @@ class GemmPadding:
                 continue
             if not in_graph(node, graph) or node.target is not aten.linear.default:
                 continue
-            reason = self._unsupported(node, ctx)
-            if reason:
-                result.fallback(node, reason)
+            if node in ups:
+                deferred.append(node)
                 continue
-            chain = self._match(node)
-            try:
-                plan = self._plan(node.args[0], _output_width(chain), ctx, plans,
-                                  weight_tiles=2 if is_gated(chain.activation) else 1)
-            except ValueError as exc:  # e.g. M's smallest value above max_tokens: this GEMM only
-                result.fallback(node, f"no tile plan: {exc}")
-                continue
-            kinds = self._fused_kinds(chain)
-            self._replace(graph, chain, plan, ctx, kinds)
-            result.count("padded_gemm")
-            for kind in kinds:
-                result.count(kind)
+            self._rewrite_linear(graph, node, ctx, plans, result)
+        for node in deferred:
+            if in_graph(node, graph):
+                self._rewrite_linear(graph, node, ctx, plans, result)
         # A gated GEMM's plan is its own (stages sized for two weight tiles), so it is marked.
         entries = [{"op": "padded_gemm", **plan.to_dict(), "describe": plan.describe(),
                     "tile_times": self._tile_times(plan, ctx, weight_tiles=key[-1]),
@@ -395,6 +390,32 @@ class GemmPadding:
         graph.eliminate_dead_code()
         gm.recompile()
         return result
+
+    def _rewrite_linear(self, graph: fx.Graph, node: fx.Node, ctx: PassContext, plans: dict[tuple, TilePlan],
+                        result: PassResult) -> None:
+        """One linear (and the epilogue `_match` finds) into a `padded_gemm`, or its fallback."""
+        reason = self._unsupported(node, ctx)
+        if reason:
+            result.fallback(node, reason)
+            return
+        chain = self._match(node)
+        try:
+            plan = self._plan(node.args[0], _output_width(chain), ctx, plans,
+                              weight_tiles=2 if is_gated(chain.activation) else 1)
+        except ValueError as exc:  # e.g. M's smallest value above max_tokens: this GEMM only
+            result.fallback(node, f"no tile plan: {exc}")
+            return
+        kinds = self._fused_kinds(chain)
+        self._replace(graph, chain, plan, ctx, kinds)
+        result.count("padded_gemm")
+        for kind in kinds:
+            result.count(kind)
+
+    def _gated_ups(self, graph: fx.Graph, ctx: PassContext) -> set[fx.Node]:
+        """The up projections that gated chains (`act(gate) * up` over two linears) read."""
+        return {chain.up_linear for node in graph.nodes
+                if node.op == "call_function" and node.target is aten.linear.default and not self._unsupported(node, ctx)
+                for chain in (self._match(node),) if chain.up_linear is not None}
 
     # -- checks and matching -------------------------------------------------------------------
     def _unsupported(self, node: fx.Node, ctx: PassContext) -> str | None:

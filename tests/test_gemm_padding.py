@@ -100,6 +100,26 @@ def test_mlp_geglu_fuses(approximate: str, gated: str, stacked: bool) -> None:
         torch.testing.assert_close(compiled(x, wg, wu, wd), mlp(x, wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("act,gated", [(F.silu, "swiglu"), (lambda a: F.gelu(a, approximate="tanh"), "geglu_tanh")])
+def test_an_up_projection_computed_before_its_gate_fuses_with_it(act, gated: str) -> None:
+    """`up(x) * act(gate(x))` with the up projection first in the graph: it waits for its gate
+    and they run as one gated kernel (it used to become a GEMM of its own first)."""
+    def mlp(h, wg, wu, wd):
+        up = F.linear(h, wu)
+        return h + F.linear(up * act(F.linear(h, wg)), wd)
+
+    h, wg, wu, wd = torch.randn(2, 5, 16), torch.randn(24, 16) / 4, torch.randn(24, 16) / 4, torch.randn(16, 24) / 5
+    compiled, gm, ctx = compile_fn(mlp, h, wg, wu, wd, dynamic_dims=((0, 0), (0, 1)))
+    gemms = gemm_nodes(gm)
+    assert len(gemms) == 2 and gemms[0].args[4] == gated and gemms[0].args[8].op == "placeholder"
+    assert ctx.report.passes[1].rewrites == {"padded_gemm": 2, f"fused_{gated}": 1, "fused_residual": 1}
+    dead = [n.name for n in gm.graph.nodes if n.op == "call_function" and not n.users]
+    assert not dead, dead
+    for shape in ((2, 5, 16), (3, 17, 16)):
+        x = torch.randn(*shape)
+        torch.testing.assert_close(compiled(x, wg, wu, wd), mlp(x, wg, wu, wd), rtol=1e-5, atol=1e-5)
+
+
 def test_stacked_swiglu_layers_each_fuse_and_leave_nothing_dead() -> None:
     """Each layer's up projection, through its views, goes with the gate's fusion (the pass
     erases what each fusion leaves unread as it goes, so no later rewrite sees it)."""

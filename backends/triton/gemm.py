@@ -446,6 +446,8 @@ def _activation_code(act: str, var: str) -> list[str]:
         return [f"{var} = {var} * _sigmoid({var})  # silu"]
     if act == "gelu":
         return [f"{var} = 0.5 * {var} * (1.0 + {_erf_expr()}({var} * 0.7071067811865476))  # gelu, erf form"]
+    if act != "gelu_tanh":
+        raise ValueError(f"no Triton epilogue code for the activation {act!r} here (silu, gelu or gelu_tanh)")
     return [
         "# gelu, tanh approximation: 0.5 a (1 + tanh(u)), u = sqrt(2/pi) (a + 0.044715 a^3), as",
         "# a sigmoid(2u) (the same function; fewer live temporaries than tanh's: a GeGLU tile",

@@ -17,7 +17,8 @@ Later passes match one form only. After this pass:
   `_assert_tensor_metadata` checks torch.export writes where the traced values prove them;
 - the tanh GELU written out by hand (transformers' `gelu_new`, GPT-2's, Phi-2's, GPT-J's:
   `0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))`) is `aten.gelu(x, approximate="tanh")`,
-  which the GEMM pass fuses as an epilogue.
+  and the erf one (`gelu_python`: `x * 0.5 * (1 + erf(x / sqrt(2)))`) `aten.gelu(x)`, which the
+  GEMM pass fuses as epilogues.
 Nodes the graph returns directly are kept, and so is every copy an output views (`x.clone()
 .view(-1)` returned), so no output starts aliasing an input.
 """
@@ -251,6 +252,7 @@ def _moves_unit_dims(node: fx.Node) -> bool:
 # sqrt(2 / pi), and how far a model's spelled-out constant may be from it (GPT-2 writes
 # `math.sqrt(2.0 / math.pi)`, others 0.7978845608): the difference is below fp32's rounding.
 _SQRT_2_OVER_PI = 0.7978845608028654
+_SQRT_2 = 1.4142135623730951
 _CONSTANT_SLACK = 1e-9
 
 
@@ -268,35 +270,54 @@ def _scalar_operand(node: Any, target: Any, value: float) -> fx.Node | None:
     return None
 
 
-def _hand_gelu_tanh_input(root: fx.Node) -> fx.Node | None:
-    """`x` when `root` is `(x * 0.5) * (tanh((x + (x ** 3) * 0.044715) * sqrt(2/pi)) + 1)` (either
-    operand order of each product and sum), every node but `x` read only inside the pattern:
-    transformers' `NewGELUActivation` as AOTAutograd traces it. Else None."""
-    def sole(node: Any, user: fx.Node) -> bool:
-        return isinstance(node, fx.Node) and list(node.users) == [user]
+def _sole(node: Any, user: fx.Node) -> bool:
+    """Whether `node` is a graph node read by `user` alone."""
+    return isinstance(node, fx.Node) and list(node.users) == [user]
 
+
+def _hand_gelu_input(root: fx.Node) -> tuple[fx.Node, str] | None:
+    """(x, GELU's `approximate`) when `root` is a GELU of `x` written out, every node but `x` read
+    only inside the pattern, as AOTAutograd traces transformers' forms (either operand order
+    of the outer product and sum):
+    - `(x * 0.5) * (tanh((x + (x ** 3) * 0.044715) * sqrt(2/pi)) + 1)`, "tanh": `NewGELUActivation`
+      (`gelu_new`: GPT-2, Phi-2, GPT-J);
+    - `(x * 0.5) * (erf(x / sqrt(2)) + 1)`, "none": `GELUActivation(use_gelu_python=True)`.
+    Else None."""
     if len(root.args) != 2 or root.kwargs:
         return None
     for half, plus_one in (root.args, root.args[::-1]):
         x = _scalar_operand(half, aten.mul.Tensor, 0.5)
-        tanh = _scalar_operand(plus_one, aten.add.Tensor, 1.0)
-        if x is None or tanh is None or not (sole(half, root) and sole(plus_one, root) and sole(tanh, plus_one)):
+        inner = _scalar_operand(plus_one, aten.add.Tensor, 1.0)
+        if x is None or inner is None or not (_sole(half, root) and _sole(plus_one, root) and _sole(inner, plus_one)):
             continue
-        if tanh.target is not aten.tanh.default or len(tanh.args) != 1:
-            continue
-        scaled = tanh.args[0]
-        inner = _scalar_operand(scaled, aten.mul.Tensor, _SQRT_2_OVER_PI)
-        if inner is None or not sole(scaled, tanh) or not sole(inner, scaled):
-            continue
-        if inner.target is not aten.add.Tensor or len(inner.args) != 2 or inner.kwargs:
-            continue
-        for linear_term, cubic_term in (inner.args, inner.args[::-1]):
-            cube = _scalar_operand(cubic_term, aten.mul.Tensor, 0.044715)
-            if linear_term is not x or cube is None or not sole(cubic_term, inner) or not sole(cube, cubic_term):
-                continue
-            if cube.target is aten.pow.Tensor_Scalar and cube.args[0] is x and cube.args[1] == 3 and not cube.kwargs:
-                return x
+        if inner.target is aten.tanh.default and len(inner.args) == 1 and _tanh_gelu_argument(inner.args[0], x, inner):
+            return x, "tanh"
+        if inner.target is aten.erf.default and len(inner.args) == 1 and _erf_gelu_argument(inner.args[0], x, inner):
+            return x, "none"
     return None
+
+
+def _tanh_gelu_argument(scaled: Any, x: fx.Node, tanh: fx.Node) -> bool:
+    """Whether `scaled`, read by `tanh` alone, is `(x + (x ** 3) * 0.044715) * sqrt(2/pi)`."""
+    inner = _scalar_operand(scaled, aten.mul.Tensor, _SQRT_2_OVER_PI)
+    if inner is None or not _sole(scaled, tanh) or not _sole(inner, scaled):
+        return False
+    if inner.target is not aten.add.Tensor or len(inner.args) != 2 or inner.kwargs:
+        return False
+    for linear_term, cubic_term in (inner.args, inner.args[::-1]):
+        cube = _scalar_operand(cubic_term, aten.mul.Tensor, 0.044715)
+        if linear_term is not x or cube is None or not _sole(cubic_term, inner) or not _sole(cube, cubic_term):
+            continue
+        if cube.target is aten.pow.Tensor_Scalar and cube.args[0] is x and cube.args[1] == 3 and not cube.kwargs:
+            return True
+    return False
+
+
+def _erf_gelu_argument(scaled: Any, x: fx.Node, erf: fx.Node) -> bool:
+    """Whether `scaled`, read by `erf` alone, is `x / sqrt(2)` or `x * (1 / sqrt(2))`."""
+    if not _sole(scaled, erf):
+        return False
+    return x in (_scalar_operand(scaled, aten.div.Tensor, _SQRT_2), _scalar_operand(scaled, aten.mul.Tensor, 1 / _SQRT_2))
 
 
 @register_pass
@@ -348,8 +369,10 @@ class Canonicalize:
             return self._single_batch_bmm(graph, node)
         if target is aten._assert_tensor_metadata.default:
             return self._drop_proven_assert(node)
-        if target is aten.mul.Tensor and self._gelu_tanh_by_hand(graph, node):
-            return "canonical_gelu_tanh"
+        if target is aten.mul.Tensor:
+            kind = self._gelu_by_hand(graph, node)
+            if kind:
+                return kind
         if node in outputs:
             return None
         return self._drop_noop(node)
@@ -525,21 +548,25 @@ class Canonicalize:
         return "noop_removed"
 
     # -- activations written out ---------------------------------------------------------
-    def _gelu_tanh_by_hand(self, graph: fx.Graph, root: fx.Node) -> bool:
-        """Replace `root` by `aten.gelu(x, approximate="tanh")` when it is the last op of the tanh
-        GELU written out (`_hand_gelu_tanh_input`) over a floating-point `x`; the pattern's other
-        nodes, read by nothing else, die with it."""
-        x = _hand_gelu_tanh_input(root)
+    def _gelu_by_hand(self, graph: fx.Graph, root: fx.Node) -> str | None:
+        """Replace `root` by `aten.gelu(x, approximate=...)` when it is the last op of a GELU
+        written out (`_hand_gelu_input`) over a floating-point `x`, and return the rewrite's kind
+        (`canonical_gelu_tanh` or `canonical_gelu`); the pattern's other nodes, read by nothing
+        else, die with it."""
+        found = _hand_gelu_input(root)
+        if found is None:
+            return None
+        x, approximate = found
         xv = _val(x)
-        if x is None or not isinstance(xv, torch.Tensor) or not xv.is_floating_point():
-            return False
+        if not isinstance(xv, torch.Tensor) or not xv.is_floating_point():
+            return None
         with graph.inserting_before(root):
-            gelu = graph.call_function(aten.gelu.default, (x,), {"approximate": "tanh"})
+            gelu = graph.call_function(aten.gelu.default, (x,), {"approximate": approximate} if approximate != "none" else {})
         copy_source_meta(root, gelu)
         infer_meta(gelu)
         root.replace_all_uses_with(gelu)
         graph.erase_node(root)
-        return True
+        return "canonical_gelu_tanh" if approximate == "tanh" else "canonical_gelu"
 
     def _remove_dead(self, graph: fx.Graph) -> int:
         """Erase pure nodes nobody uses any more (e.g. a transpose folded into a linear)."""

@@ -421,6 +421,46 @@ def test_the_tanh_gelu_written_out_becomes_one_gelu(form: str) -> None:
     torch.testing.assert_close(gm(x2, w), fn(x2, w), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["divided", "multiplied", "half_last"])
+def test_the_erf_gelu_written_out_becomes_one_gelu(form: str) -> None:
+    """transformers' `gelu_python`, `x * 0.5 * (1 + erf(x / sqrt(2)))` (and with x times
+    1/sqrt(2), or the half applied last), is one exact `gelu`: the GEMM before it fuses it."""
+    def fn(x, w):
+        h = F.linear(x, w)
+        if form == "divided":
+            return h * 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0)))
+        if form == "multiplied":
+            return h * 0.5 * (1.0 + torch.erf(h * (1 / math.sqrt(2.0))))
+        return (torch.erf(h / math.sqrt(2.0)) + 1.0) * (h * 0.5)
+
+    x, w = torch.randn(5, 8), torch.randn(6, 8)
+    gm = traced(fn, x, w)
+    assert canonicalize(gm)["canonical_gelu"] == 1
+    [gelu] = [n for n in gm.graph.nodes if n.target is aten.gelu.default]
+    assert gelu.kwargs.get("approximate", "none") == "none" and gelu.args[0].target is aten.linear.default
+    assert not {aten.erf.default, aten.div.Tensor, aten.mul.Tensor, aten.add.Tensor} & set(ops(gm))
+    x2 = torch.randn(9, 8)
+    torch.testing.assert_close(gm(x2, w), fn(x2, w), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["scale", "erf_of_another", "erf_read_again"])
+def test_a_near_erf_gelu_is_left_alone(change: str) -> None:
+    """An erf over another scale, another tensor, or read besides the GELU is not `gelu(x)`."""
+    def fn(x, y):
+        if change == "scale":
+            return x * 0.5 * (1.0 + torch.erf(x / 2.0))
+        if change == "erf_of_another":
+            return x * 0.5 * (1.0 + torch.erf(y / math.sqrt(2.0)))
+        e = torch.erf(x / math.sqrt(2.0))
+        return x * 0.5 * (1.0 + e), e
+
+    x, y = torch.randn(5, 8), torch.randn(5, 8)
+    gm = traced(fn, x, y)
+    before = ops(gm)
+    assert "canonical_gelu" not in canonicalize(gm)
+    assert ops(gm) == before and aten.gelu.default not in ops(gm)
+
+
 @pytest.mark.parametrize("change", ["cubic_coefficient", "square", "scale", "tanh_read_again", "integers"])
 def test_a_near_gelu_is_left_alone(change: str) -> None:
     """Expressions that differ from the tanh GELU in a constant, a power or an extra reader of

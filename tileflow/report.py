@@ -242,9 +242,9 @@ def format_report(report: Report) -> str:
         if g.plans:
             out.append("tile plans (M range -> tile config):")
             for plan in g.plans:
-                swiglu = " (gated: gate and up)" if plan.get("gated") else ""
+                gated = " (gated: gate and up)" if plan.get("gated") else ""
                 times = f" [{plan['tile_times']}]" if plan.get("tile_times") else ""
-                out.append(f"  {plan.get('op', '')}{swiglu} N={plan.get('n')} K={plan.get('k')} {plan.get('dtype')}: "
+                out.append(f"  {plan.get('op', '')}{gated} N={plan.get('n')} K={plan.get('k')} {plan.get('dtype')}: "
                            f"{plan.get('describe', '')}{times}")
         if g.kernels:
             out.append("kernels:")

@@ -344,11 +344,15 @@ class GemmPadding:
         graph = gm.graph
         plans: dict[tuple, TilePlan] = {}
         grouped_plans: dict[tuple, tuple[int, TilePlan]] = {}
+        chains = [self._match(node) for node in graph.nodes
+                  if node.op == "call_function" and node.target is aten.linear.default and not self._unsupported(node, ctx)]
+        # Up projections that gated chains read (`act(gate) * up` over two linears); sibling
+        # fusion leaves them (and their gates) alone, so the set holds after it.
+        ups = {chain.up_linear for chain in chains if chain.up_linear is not None}
         if ctx.target in _SIBLING_TARGETS:
-            self._fuse_siblings(graph, ctx, plans, result)
+            self._fuse_siblings(graph, ctx, plans, result, chains, ups)
         # An up projection goes with its gate's kernel, even where the model computes it first
         # (`up(x) * act(gate(x))`): it waits for the gate, and runs alone only if the gate did not take it.
-        ups = self._gated_ups(graph, ctx)
         deferred: list[fx.Node] = []
         for node in list(graph.nodes):
             grouped = _grouped_mm_args(node) if in_graph(node, graph) else None
@@ -410,12 +414,6 @@ class GemmPadding:
         result.count("padded_gemm")
         for kind in kinds:
             result.count(kind)
-
-    def _gated_ups(self, graph: fx.Graph, ctx: PassContext) -> set[fx.Node]:
-        """The up projections that gated chains (`act(gate) * up` over two linears) read."""
-        return {chain.up_linear for node in graph.nodes
-                if node.op == "call_function" and node.target is aten.linear.default and not self._unsupported(node, ctx)
-                for chain in (self._match(node),) if chain.up_linear is not None}
 
     # -- checks and matching -------------------------------------------------------------------
     def _unsupported(self, node: fx.Node, ctx: PassContext) -> str | None:
@@ -584,14 +582,13 @@ class GemmPadding:
         return plans[key]
 
     # -- sibling GEMMs (Q, K and V) --------------------------------------------------------------
-    def _fuse_siblings(self, graph: fx.Graph, ctx: PassContext, plans: dict[tuple, TilePlan], result: PassResult) -> None:
+    def _fuse_siblings(self, graph: fx.Graph, ctx: PassContext, plans: dict[tuple, TilePlan], result: PassResult,
+                       chains: list[_Chain], ups: set[fx.Node]) -> None:
         """Rewrite each group of two or more sibling linears (same input, K, dtype and bias
         presence, no epilogue but their bias, not half of a gated pair, not returned by the graph)
-        into one `padded_gemm`."""
+        into one `padded_gemm`; `chains` are the graph's supported linears as `_match` finds
+        them, `ups` the up projections of their gated pairs."""
         order = {node: i for i, node in enumerate(graph.nodes)}
-        chains = [self._match(node) for node in graph.nodes
-                  if node.op == "call_function" and node.target is aten.linear.default and not self._unsupported(node, ctx)]
-        ups = {chain.up_linear for chain in chains}
         groups: dict[tuple, list[_Chain]] = {}
         for chain in chains:
             linear = chain.linear

@@ -16,7 +16,8 @@ and the model's 3-D activations (elementwise epilogues commute with those views)
 - a gated pair `act(x @ Wg.T) * (x @ Wu.T)` (SwiGLU, `act` SiLU; GeGLU, `act` GELU, Gemma's with
   its tanh form): two GEMMs on the same input become one kernel over the gate and up weights
   (logically [2N, K], never copied into a stacked tensor); so does one stacked gate-and-up
-  weight whose output is chunked in halves (Phi-3's `gate_up_proj`, kind `stacked_gate_up`).
+  weight whose output is chunked in halves (Phi-3's `gate_up_proj`, kind `stacked_gate_up`;
+  the gate in either half, the bias the linear's or added by hand).
 Sibling linears on one input with no epilogue but their bias (a layer's Q, K and V projections)
 become one `padded_gemm` over their weights as N segments (`more_weights`; the weights are not
 concatenated), each linear's output a column slice of its result (kind `fused_siblings`, counted
@@ -121,6 +122,16 @@ def _cast_dtype(node: fx.Node, arg: fx.Node) -> torch.dtype | None:
     return None
 
 
+def _second_half_first(graph: fx.Graph, stacked: fx.Node, n: int) -> tuple[fx.Node, fx.Node]:
+    """Views of a stacked [2n, ...] weight's (or [2n] bias's) halves along dim 0, the second first."""
+    halves = []
+    for start in (n, 0):
+        half = graph.call_function(aten.slice.Tensor, (stacked, 0, start, start + n))
+        infer_meta(half)
+        halves.append(half)
+    return halves[0], halves[1]
+
+
 @dataclass
 class _Chain:
     """A linear and the epilogue nodes fused into it, ending at `tip`."""
@@ -134,6 +145,7 @@ class _Chain:
     out_dtype: torch.dtype | None = None
     round_first: bool = False  # the cast converts a half-precision result: round to it first
     up_linear: fx.Node | None = None
+    gate_second: bool = False  # a stacked gate-and-up weight whose second half is the gate
     absorbed: list[fx.Node] = field(default_factory=list)
     out_shape: list[Any] | None = None  # the view of the GEMM's output where no view node gives it
 
@@ -244,12 +256,14 @@ def _expert_weight(w: fx.Node) -> tuple[fx.Node | None, bool]:
     return None, False
 
 
-def _gated_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.Node | None, str] | None:
+def _gated_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.Node | None, str, int] | None:
     """(the `mul` of `act(gate) * up`, the mask of a `masked_fill(out, mask, 0)` zeroing whole
-    rows in between or None, the gated activation) when the (grouped) GEMM's [..., 2n] output (of
-    `rank` dims) only feeds `split(n, -1)` (Mixtral's `chunk(2, dim=-1)`) whose halves are gate
-    then up, `act` a gate's activation (`GATED_ACTIVATIONS`: silu, gelu, gelu_tanh); else None.
-    (transformers 5.17's expert-parallel sentinel rows are such a fill.)"""
+    rows in between or None, the gated activation, the gate's half: 0 or 1) when the (grouped)
+    GEMM's [..., 2n] output (of `rank` dims) only feeds `split(n, -1)` (Mixtral's `chunk(2,
+    dim=-1)`) whose halves are the gate and the up projection, `act` a gate's activation
+    (`GATED_ACTIVATIONS`: silu, gelu, gelu_tanh); else None. Most models gate the first half;
+    diffusers-style GeGLU and Moonshine's MLP (`h, gate = proj(x).chunk(2); h * act(gate)`) the
+    second. (transformers 5.17's expert-parallel sentinel rows are such a fill.)"""
     split = _only_user(gemm)
     row_mask = _zeroed_rows(split, rank) if split is not None else None
     if row_mask is not None:
@@ -268,15 +282,17 @@ def _gated_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.Node | No
         halves[user.args[1]] = user
     if set(halves) != {0, 1}:
         return None
-    gate, up = halves[0], halves[1]
-    act = _only_user(gate)
-    gated = _GATED_BY_GATE.get(_activation_of(act, gate)) if act is not None else None
-    if gated is None:
-        return None
-    mul = _only_user(act)
-    if mul is None or mul.target is not aten.mul.Tensor or len(mul.args) != 2 or set(mul.args) != {act, up}:
-        return None
-    return mul, row_mask, gated
+    for gate_half in (0, 1):
+        gate, up = halves[gate_half], halves[1 - gate_half]
+        act = _only_user(gate)
+        gated = _GATED_BY_GATE.get(_activation_of(act, gate)) if act is not None else None
+        if gated is None:
+            continue
+        mul = _only_user(act)
+        if mul is None or mul.target is not aten.mul.Tensor or len(mul.args) != 2 or set(mul.args) != {act, up}:
+            return None
+        return mul, row_mask, gated, gate_half
+    return None
 
 
 def _zeroed_rows(node: fx.Node, rank: int) -> fx.Node | None:
@@ -438,11 +454,11 @@ class GemmPadding:
     def _match(self, linear: fx.Node) -> _Chain:
         chain = _Chain(linear=linear, tip=linear)
         _walk_views(chain)
+        self._match_added_bias(chain)
         if self._match_stacked_gate_up(chain):
             self._match_residual(chain)
             self._match_cast(chain)
             return chain
-        self._match_added_bias(chain)
         user = _only_user(chain.tip)
         if user is not None:
             activation = _activation_of(user, chain.tip)
@@ -478,11 +494,12 @@ class GemmPadding:
         tail = _gated_tail(chain.tip, rows // 2, tip_val.dim())
         if tail is None or tail[1] is not None:
             return False
-        mul, _, gated = tail
+        mul, _, gated, gate_half = tail
         split = _only_user(chain.tip)
         act = next(a for a in mul.args if a not in split.users)  # (the other is the up half)
         chain.absorbed += [split, *split.users, act, mul]
         chain.activation = gated
+        chain.gate_second = gate_half == 1
         chain.tip = mul
         if chain.last_view is not None:
             # The product has the halves' shape: the linear's view, with I columns.
@@ -748,7 +765,9 @@ class GemmPadding:
         xv, wv = _val(x), _val(w)
         e, k, rows = (int(d) for d in wv.shape)
         gated = _gated_tail(node, rows // 2, xv.dim()) if rows % 2 == 0 else None
-        tail, row_mask, activation = gated if gated is not None else (None, None, "none")
+        if gated is not None and gated[3] != 0:
+            gated = None  # the grouped kernels read the gate from the first half of each expert's weight
+        tail, row_mask, activation = gated[:3] if gated is not None else (None, None, "none")
         n = rows // 2 if tail is not None else rows
         lo, hi = self._grouped_m_range(args, ctx)
         weight_tiles = 2 if is_gated(activation) else 1
@@ -800,6 +819,12 @@ class GemmPadding:
         n = _output_width(chain)
         tip = chain.tip
         with graph.inserting_before(tip):
+            if chain.gate_second:
+                # The kernels read a stacked weight's gate from its first half: hand them the
+                # halves as separate gate and up weights instead (views, no copy).
+                w, weight_up = _second_half_first(graph, w, n)
+                if bias is not None:
+                    bias, bias_up = _second_half_first(graph, bias, n)
             residual = None
             if chain.residual is not None:
                 residual = graph.call_function(aten.reshape.default, (chain.residual, [-1, n]))

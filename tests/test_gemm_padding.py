@@ -679,20 +679,75 @@ def test_swiglu_over_one_stacked_weight_fuses(form: str, target: str) -> None:
         torch.testing.assert_close(compiled(x, w_gu, b_gu, wd), mlp(x, w_gu, b_gu, wd), rtol=1e-5, atol=1e-5)
 
 
-def test_halves_gated_the_other_way_stay_apart() -> None:
-    """`silu` of the second half times the first is not the stacked SwiGLU the kernel computes
-    (silu of the first times the second): the linear stays plain."""
-    def mlp(h, w_gu):
-        first, second = F.linear(h, w_gu).chunk(2, dim=-1)
-        return first * F.silu(second)
+@pytest.mark.parametrize("bias,target", [("none", "reference"), ("linear", "reference"), ("by_hand", "reference"),
+                                         ("linear", "triton")])
+def test_halves_gated_second_first_fuse_over_views_of_the_stacked_weight(bias: str, target: str) -> None:
+    """diffusers' GeGLU and Moonshine's MLP: `h, gate = proj(x).chunk(2); h * act(gate)`, the
+    gate in the second half. The kernels read a stacked weight's gate from its first half, so
+    the node takes the halves as separate gate and up weights: slices of the stacked weight and
+    bias (views; never a copy), gate first. Matches eager."""
+    def mlp(h, w_gu, b_gu):
+        if bias == "by_hand":
+            out = h @ w_gu.t() + b_gu
+        else:
+            out = F.linear(h, w_gu, b_gu if bias == "linear" else None)
+        first, second = out.chunk(2, dim=-1)
+        return first * F.gelu(second)
 
-    h, w_gu = torch.randn(6, 16), torch.randn(48, 16)
-    compiled, gm, ctx = compile_fn(mlp, h, w_gu)
+    gen = torch.Generator().manual_seed(11)
+    h, w_gu, b_gu = torch.randn(6, 16, generator=gen), torch.randn(48, 16, generator=gen) / 4, torch.randn(48, generator=gen)
+    compiled, gm, ctx = compile_fn(mlp, h, w_gu, b_gu, target=target)
     [gemm] = gemm_nodes(gm)
-    assert gemm.args[4] == "none" and "fused_swiglu" not in ctx.report.passes[1].rewrites
-    for tokens in (2, 9):
-        x = torch.randn(tokens, 16)
-        torch.testing.assert_close(compiled(x, w_gu), mlp(x, w_gu), rtol=1e-5, atol=1e-5)
+    assert gemm.args[4] == "geglu"
+    weight, weight_up = gemm.args[1], gemm.args[8]
+    for half, start in ((weight, 24), (weight_up, 0)):  # the gate is the second half
+        assert half.target is aten.slice.Tensor and half.args[0].op == "placeholder" and half.args[1:] == (0, start, start + 24)
+    if bias == "none":
+        assert gemm.args[2] is None and gemm.args[9] is None
+    else:
+        assert [b.args[1:] for b in (gemm.args[2], gemm.args[9])] == [(0, 24, 48), (0, 0, 24)]
+    assert decode_plan(gemm.args[6]).n == 24
+    assert aten.gelu.default not in ops(gm) and aten.mul.Tensor not in ops(gm)
+    rewrites = ctx.report.passes[1].rewrites
+    assert rewrites["fused_geglu"] == rewrites["stacked_gate_up"] == 1
+    assert rewrites.get("fused_bias", 0) == int(bias != "none")
+    for tokens in (1, 2, 9):
+        x = torch.randn(tokens, 16, generator=gen)
+        torch.testing.assert_close(compiled(x, w_gu, b_gu), mlp(x, w_gu, b_gu), rtol=1e-5, atol=1e-5)
+
+
+def test_a_stacked_gate_up_with_a_bias_added_by_hand_fuses() -> None:
+    """`gate, up = (x @ W.T + b).chunk(2)` then `silu(gate) * up`, viewed [B, S, 2I]: the
+    added bias is the stacked GEMM's bias, in one kernel with the SwiGLU."""
+    def mlp(h, w_gu, b_gu):
+        gate, up = (torch.matmul(h, w_gu.t()) + b_gu).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    gen = torch.Generator().manual_seed(12)
+    h, w_gu, b_gu = torch.randn(2, 5, 16, generator=gen), torch.randn(48, 16, generator=gen), torch.randn(48, generator=gen)
+    compiled, gm, ctx = compile_fn(mlp, h, w_gu, b_gu, dynamic_dims=((0, 0), (0, 1)))
+    [gemm] = gemm_nodes(gm)
+    assert gemm.args[4] == "swiglu" and gemm.args[2].op == "placeholder" and gemm.args[8] is None
+    assert ops(gm)[aten.add.Tensor] == 0 and aten.silu.default not in ops(gm)
+    assert ctx.report.passes[1].rewrites == {"padded_gemm": 1, "fused_bias": 1, "fused_swiglu": 1, "stacked_gate_up": 1}
+    for batch, tokens in ((2, 5), (1, 13), (3, 2)):
+        x = torch.randn(batch, tokens, 16, generator=gen)
+        torch.testing.assert_close(compiled(x, w_gu, b_gu), mlp(x, w_gu, b_gu), rtol=1e-5, atol=1e-5)
+
+
+def test_expert_halves_gated_second_first_stay_apart() -> None:
+    """The grouped kernels read each expert's gate from the first half of its weight: experts
+    whose second half is the gate keep their product out of the kernel (and match eager)."""
+    def mlp(x):
+        first, second = torch.bmm(x.view(3, -1, 16), EXPERT_GATE_UP).chunk(2, dim=-1)
+        return torch.bmm(first * F.silu(second), EXPERT_DOWN).view(-1, 16)
+
+    compiled, gm, ctx = compile_fn(mlp, torch.randn(12, 16))
+    assert [n.args[3] for n in gm.graph.nodes if n.target is GROUPED] == ["none", "none"]
+    assert aten.silu.default in ops(gm) and "fused_grouped_swiglu" not in ctx.report.passes[1].rewrites
+    for t in (1, 4):
+        x = torch.randn(3 * t, 16)
+        torch.testing.assert_close(compiled(x), mlp(x), rtol=1e-5, atol=1e-5)
 
 
 def _attention_inputs(h, wq, bq, wk, bk, wv, bv):

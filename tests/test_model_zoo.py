@@ -122,3 +122,30 @@ def test_architecture_exports_with_attention_on_the_meta_kernel(name: str) -> No
         for seq_len in (3, 20):
             ids = torch.randint(0, VOCAB, (1, seq_len))
             torch.testing.assert_close(program(ids), model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_moonshine_decoder_fuses_its_mlp_gated_in_the_second_half() -> None:
+    """Moonshine's decoder MLP gates the second half of one stacked weight (`h, gate =
+    fc1(x).chunk(2); silu(gate) * h`, as diffusers' GeGLU does): compiled, each layer's MLP is
+    one SwiGLU kernel over the weight's halves, and the decoder matches eager over several
+    lengths in one graph."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MoonshineConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                          encoder_num_hidden_layers=1, decoder_num_hidden_layers=2,
+                                          encoder_num_attention_heads=4, decoder_num_attention_heads=4,
+                                          encoder_num_key_value_heads=4, decoder_num_key_value_heads=4)
+    decoder = transformers.MoonshineForConditionalGeneration(config).eval().model.decoder
+    report = tileflow.Report()
+    compiled = torch.compile(decoder, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
+                             dynamic=True)
+    encoded = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        for seq_len in (3, 9, 14):
+            ids = torch.randint(0, VOCAB, (2, seq_len))
+            got = compiled(input_ids=ids, encoder_hidden_states=encoded, use_cache=False).last_hidden_state
+            want = decoder(input_ids=ids, encoder_hidden_states=encoded, use_cache=False).last_hidden_state
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert len(report.graphs) == 1 and report.recompiles == 0
+    assert report.rewrites["fused_swiglu"] == report.rewrites["stacked_gate_up"] == 2

@@ -42,7 +42,7 @@ import torch
 import torch._prims_common
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.fx.experimental.symbolic_shapes import guard_int, statically_known_true
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tileflow.graph_utils import (
     any_ancestor,
@@ -213,26 +213,10 @@ def _pin_head_dims(ctx: PassContext, dims: tuple[Any, ...], tensors: tuple[torch
     an attention across a token's own rows, whose "heads" are the sequence, as Inkling-2's
     attends over its loop states); nor one the caller marked dynamic (`ctx.declared_dynamic`),
     which Dynamo would refuse."""
-    symbolic = [d for d in dims if isinstance(d, torch.SymInt) and d.node.maybe_as_int() is None]
-    if not symbolic:
-        return None
-    if not ctx.shape_guards:
-        return "head count or head dim is symbolic; the kernel needs them static"
-    if any(d.node.expr.free_symbols & ctx.declared_dynamic for d in symbolic):
-        # Dynamo refuses the whole compile when a guard pins a size marked dynamic.
-        return "head count or head dim is marked dynamic (mark_dynamic); the kernel needs them static"
     lengths = free_symbols(s for t in tensors for i, s in enumerate(t.shape) if i in (0, 2))
-    if any(d.node.expr.free_symbols & lengths for d in symbolic):
-        return ("head count or head dim has the symbol of a batch or sequence size (equal sizes at this trace): "
-                "pinning it would recompile at every length")
-    if any(d.node.expr.free_symbols & token_symbols for d in symbolic):
-        return ("head count or head dim counts tokens (its symbol is in the rows of the graph's linears): "
-                "pinning it would recompile at every length")
-    if not all(d.node.has_hint() for d in symbolic):
-        return "head count or head dim is symbolic, with no example value to pin it to"
-    for d in symbolic:
-        guard_int(d)
-    return None
+    return ctx.pin_static(dims, "head count or head dim", "the kernel needs them static", [
+        (lengths, "has the symbol of a batch or sequence size (equal sizes at this trace)"),
+        (token_symbols, "counts tokens (its symbol is in the rows of the graph's linears)")])
 
 
 def _pin_target(node: fx.Node, target: str) -> None:

@@ -28,8 +28,10 @@ sorted by expert, weights [E, K, N], int32 cumulative `offs`) become `tileflow::
 whose plan is keyed by the expected rows per expert ceil(M / E); Mixtral's
 `chunk(2, -1) -> silu(gate) * up` after the gate/up experts is fused into it (kind `grouped_gemm`,
 `fused_grouped_swiglu`; a GELU gate likewise, `fused_grouped_geglu` or `fused_grouped_geglu_tanh`).
-Matmuls it cannot take (dtypes the target lacks, mixed dtypes, grouped GEMMs with a bias or a
-batched input) stay as they are, with the reason in the report.
+A weight of symbolic size (a graph input under `dynamic=True`) is pinned to its size with a
+guard (`PassContext.pin_static`). Matmuls it cannot take (dtypes the target lacks, mixed dtypes,
+grouped GEMMs with a bias or a batched input, weights whose sizes cannot be pinned) stay as they
+are, with the reason in the report.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch.fx as fx
 from tileflow.graph_utils import (
     copy_source_meta,
     erase_unused,
+    free_symbols,
     in_graph,
     infer_meta,
     is_view_op,
@@ -360,6 +363,10 @@ class GemmPadding:
         graph = gm.graph
         plans: dict[tuple, TilePlan] = {}
         grouped_plans: dict[tuple, tuple[int, TilePlan]] = {}
+        # The symbols of every linear's rows (token counts), which no weight size may be pinned by.
+        self._rows = free_symbols(_val(node.args[0]).shape[0] for node in graph.nodes
+                                  if node.op == "call_function" and node.target is aten.linear.default
+                                  and isinstance(_val(node.args[0]), torch.Tensor) and _val(node.args[0]).dim() == 2)
         chains = [self._match(node) for node in graph.nodes
                   if node.op == "call_function" and node.target is aten.linear.default and not self._unsupported(node, ctx)]
         # Up projections that gated chains read (`act(gate) * up` over two linears); sibling
@@ -447,9 +454,11 @@ class GemmPadding:
         bias = _linear_bias(node)
         if bias is not None and _val(bias).dtype != xv.dtype:
             return f"bias dtype {_val(bias).dtype} differs from the input's {xv.dtype}"
-        if isinstance(wv.shape[0], torch.SymInt) or isinstance(wv.shape[1], torch.SymInt):
-            return "weight has symbolic N or K; plans need static N and K"
-        return None
+        # A weight the graph takes as an input (a function's argument, or a tensor Dynamo lifts
+        # to one) has symbolic sizes under dynamic=True: pinned, a call with another weight
+        # shape recompiles, as with any guard.
+        return ctx.pin_static(wv.shape, "the weight's N or K", "plans need static N and K", [
+            (self._rows, "has the symbol of a linear's token count (equal sizes at this trace)")])
 
     def _match(self, linear: fx.Node) -> _Chain:
         chain = _Chain(linear=linear, tip=linear)

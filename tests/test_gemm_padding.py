@@ -1003,3 +1003,60 @@ def test_a_residual_after_a_stacked_gated_product_fuses(approximate: str, gated:
     for tokens in (1, 3, 11):
         x, res = torch.randn(2, tokens, 16), torch.randn(2, tokens, 24)
         torch.testing.assert_close(compiled(x, w_gu, b_gu, res), mlp(x, w_gu, b_gu, res), rtol=1e-5, atol=1e-5)
+
+
+def test_a_weight_given_as_an_input_is_pinned_by_a_guard() -> None:
+    """Under dynamic=True a function's weight argument has symbolic N and K: the linear is
+    rewritten all the same, its sizes pinned with a guard, so one graph serves every token
+    count and a call with another weight shape recompiles (each equal to eager)."""
+    def mlp(x, w, b):
+        return F.silu(F.linear(x, w, b))
+
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    compiled = torch.compile(mlp, backend=tileflow.TileflowBackend({"target": "reference"}, report=report), dynamic=True)
+    gen = torch.Generator().manual_seed(3)
+    w, b = torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen)
+    for tokens in (3, 5, 9):
+        x = torch.randn(tokens, 32, generator=gen)
+        torch.testing.assert_close(compiled(x, w, b), mlp(x, w, b), rtol=1e-5, atol=1e-5)
+    assert len(report.graphs) == 1 and not report.fallbacks, report.fallbacks
+    assert report.rewrites["fused_silu"] == 1
+    w2, b2 = torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen)
+    x = torch.randn(7, 24, generator=gen)
+    torch.testing.assert_close(compiled(x, w2, b2), mlp(x, w2, b2), rtol=1e-5, atol=1e-5)
+    assert len(report.graphs) == 2 and report.rewrites["fused_silu"] == 2 and not report.fallbacks
+
+
+def test_a_weight_sized_as_the_token_count_is_not_pinned() -> None:
+    """A weight whose N equals the token count at the first call shares its symbol (Dynamo's
+    duck sizing): pinning it would pin the token count too. The linear stays as it was, with the
+    reason, and the result is eager's."""
+    def project(x, w):
+        return F.linear(x, w) * 2
+
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    compiled = torch.compile(project, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
+                             dynamic=True)
+    w, x = torch.randn(6, 32), torch.randn(6, 32)
+    torch.testing.assert_close(compiled(x, w), project(x, w), rtol=1e-5, atol=1e-5)
+    assert "padded_gemm" not in report.rewrites
+    assert any("the weight's N or K has the symbol of a linear's token count" in f.reason for f in report.fallbacks)
+
+
+def test_a_weight_dim_an_export_keeps_symbolic_is_left_alone() -> None:
+    """An exported program checks no guards, so a weight size declared dynamic in the export
+    is not pinned: the linear stays as it was, with the reason, and the archive runs other
+    weight shapes correctly."""
+    class Project(torch.nn.Module):
+        def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, w)
+
+    tokens, width = torch.export.Dim("tokens", min=2, max=32), torch.export.Dim("width", min=2, max=64)
+    archive = tileflow.export_model(Project(), (torch.randn(5, 16), torch.randn(24, 16)), ({0: tokens}, {0: width}),
+                                    options={"target": "reference"})
+    reasons = [f.reason for g in archive.report.graphs for f in g.fallbacks]
+    assert any("the weight's N or K is symbolic; plans need static N and K" in r for r in reasons), reasons
+    x, w = torch.randn(7, 16), torch.randn(40, 16)
+    torch.testing.assert_close(archive.program.module()(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import guard_int
 from torch.utils._pytree import tree_flatten
 
 from .config import BUILTIN_PASSES, Config
@@ -80,6 +81,32 @@ class PassContext:
     # Symbols of sizes the caller declared dynamic (`torch._dynamo.mark_dynamic`): Dynamo fails
     # the whole compile (ConstraintViolationError) when a guard pins one, so none may be pinned.
     declared_dynamic: frozenset[Any] = frozenset()
+
+    def pin_static(self, sizes: Sequence[Any], what: str, need: str,
+                   varying: Sequence[tuple[set[Any], str]] = ()) -> str | None:
+        """Make the symbolic ones of `sizes` static, each pinned to its example value with a
+        guard (a call with other values recompiles), and return None; or return why they cannot
+        be, a reason naming them as `what` (`need` says why they must be static). Not pinned: a
+        size where no guard is checked at each call (`shape_guards` false: an exported
+        program), one the caller marked dynamic (Dynamo would refuse the compile), one with no
+        example value, and one with a symbol of `varying`, pairs of symbols of sizes that change
+        from call to call (token counts, batch sizes) and words for them: Dynamo gives equal
+        sizes one symbol, and pinning those would recompile at every length."""
+        symbolic = [d for d in sizes if isinstance(d, torch.SymInt) and d.node.maybe_as_int() is None]
+        if not symbolic:
+            return None
+        if not self.shape_guards:
+            return f"{what} is symbolic; {need}"
+        if any(d.node.expr.free_symbols & self.declared_dynamic for d in symbolic):
+            return f"{what} is marked dynamic (mark_dynamic); {need}"
+        for symbols, words in varying:
+            if any(d.node.expr.free_symbols & symbols for d in symbolic):
+                return f"{what} {words}: pinning it would recompile at every length"
+        if not all(d.node.has_hint() for d in symbolic):
+            return f"{what} is symbolic, with no example value to pin it to"
+        for d in symbolic:
+            guard_int(d)
+        return None
 
     def add_kernel(self, name: str, target: str, source_path: str | None, spec: dict | None = None) -> None:
         """Record an emitted kernel in the graph's report."""

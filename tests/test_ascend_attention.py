@@ -27,6 +27,7 @@ from attention_cases import batch_lengths, batch_mixes, exact_batch, make_batch
 from golden_files import check_golden
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from models import BLOOM_ALIBI, GEMMA2_SOFTCAP
 from tileflow.backends.ascend.attention import (
     TILING_ERRORS,
     UB_BYTES,
@@ -592,7 +593,8 @@ def test_exported_llama_attention_runs_on_the_ascend_kernels(tmp_path: Path, mon
     _check_exported_program(archive, model, built, monkeypatch, (3, 8, 20, 64), tol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gpt_oss", "bloom"])
+@pytest.mark.parametrize("name", [pytest.param("gemma2", marks=GEMMA2_SOFTCAP), "gpt_oss",
+                                  pytest.param("bloom", marks=BLOOM_ALIBI)])
 def test_exported_softcap_sinks_and_alibi_run_on_the_ascend_kernels(name: str, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Gemma-2 (logit soft-capping; a window in every other layer's mask), gpt-oss (sinks,

@@ -1201,3 +1201,25 @@ def test_sibling_gemms_with_a_transposed_weight_run_per_segment() -> None:
     out = run_padded_gemm(x, weights[0], None, None, "none", torch.float32, _one_piece_plan(40, 40, "float32"),
                           "triton", more_weights=[weights[1], transposed])
     torch.testing.assert_close(out, torch.nn.functional.linear(x, torch.cat(weights)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("triton_version,numpy_version,warns", [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                                 ("3.7.1", "2.4.6", False), ("3.10.0", "2.4.0", False)])
+def test_the_interpreter_warns_once_where_numpy_breaks_its_loaded_loop_bounds(
+        monkeypatch: pytest.MonkeyPatch, triton_version: str, numpy_version: str, warns: bool) -> None:
+    """Triton 3.6's interpreter fails every loop bounded by a loaded value under numpy 2.4 with
+    an error that names neither: building a kernel there warns once, saying what to install."""
+    import warnings
+
+    import numpy
+
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setattr(tbuild, "_INTERPRETER_NUMPY_CHECKED", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tbuild._check_interpreter_numpy(triton_version)
+        tbuild._check_interpreter_numpy(triton_version)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == int(warns), messages
+    if warns:
+        assert "install numpy<2.4, or Triton 3.7 or newer" in messages[0]

@@ -153,6 +153,30 @@ def _find_kernel(module: ModuleType, spec: KernelSpec, path: Path) -> Any:
     )
 
 
+_INTERPRETER_NUMPY_CHECKED = False
+
+
+def _check_interpreter_numpy(triton_version: str) -> None:
+    """Warn once when the interpreter cannot run loops bounded by loaded values: Triton before
+    3.7 makes a Python int of a one-element array, which numpy 2.4 refuses ("only 0-dimensional
+    arrays can be converted to Python scalars"), so the attention kernels and the persistent,
+    split-K and stream-K GEMMs fail there (compiled on a GPU they run)."""
+    global _INTERPRETER_NUMPY_CHECKED
+    if _INTERPRETER_NUMPY_CHECKED:
+        return
+    _INTERPRETER_NUMPY_CHECKED = True
+    import numpy
+
+    def major_minor(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+        warnings.warn(f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run kernels whose loops are "
+                      f"bounded by loaded values under numpy {numpy.__version__} (tileflow's attention, and its "
+                      f"persistent, split-K and stream-K GEMMs): install numpy<2.4, or Triton 3.7 or newer",
+                      RuntimeWarning, stacklevel=3)
+
+
 def build_triton_kernel(
     spec: KernelSpec,
     render: Callable[[KernelSpec], str],
@@ -177,6 +201,8 @@ def build_triton_kernel(
     with _LOCK:
         kernel = _MEMO.get(key)
         if kernel is None:
+            if key[1]:
+                _check_interpreter_numpy(triton.__version__)
             text = render(spec)
             # The file is named by its text as well: the version strings do not change when the
             # generator is edited (an editable install, a second checkout), and two such trees

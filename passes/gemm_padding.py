@@ -246,6 +246,16 @@ def _describe_grouped(plan: TilePlan, experts: int) -> str:
     return f"rows per expert ceil(M / {experts}): {pieces}"
 
 
+def _static_int(value: Any) -> int | None:
+    """An int argument's value where it is known: an int, or a node of a size the graph computes
+    (a weight given as an input: its sizes are symbols, pinned by `PassContext.pin_static`)."""
+    if isinstance(value, fx.Node):
+        value = _val(value)
+    if isinstance(value, torch.SymInt):
+        value = value.node.maybe_as_int()
+    return value if isinstance(value, int) else None
+
+
 def _is_last_dim(dim: Any, rank: int) -> bool:
     return isinstance(dim, int) and dim % rank == rank - 1
 
@@ -275,7 +285,8 @@ def _gated_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.Node | No
         return None
     sizes = split.args[1]
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-    halved = sizes == n if isinstance(sizes, int) else list(sizes) == [n, n]
+    halved = ([_static_int(s) for s in sizes] == [n, n] if isinstance(sizes, (list, tuple))
+              else _static_int(sizes) == n)
     if not (halved and _is_last_dim(dim, rank)):
         return None
     halves: dict[int, fx.Node] = {}
@@ -758,11 +769,12 @@ class GemmPadding:
             return f"mixed dtypes (input {xv.dtype}, weight {wv.dtype})"
         if args["out_dtype"] not in (None, xv.dtype):
             return f"out_dtype {args['out_dtype']} differs from the input's {xv.dtype}"
-        if any(isinstance(d, torch.SymInt) for d in wv.shape):
-            return "weights have symbolic E, N or K; plans need static sizes"
         if args["offs"] is not None and not same_shape(ov.shape, wv.shape[:1]):
             return f"offsets {list(ov.shape)} do not match the {wv.shape[0]} experts"
-        return None
+        # Pinned last, once nothing above refuses the GEMM (a pin is a guard).
+        rows = self._rows | free_symbols(xv.shape[:-1])
+        return ctx.pin_static(wv.shape, "the experts' weights' E, N or K", "plans need static sizes",
+                              [(rows, "has the symbol of a token count (equal sizes at this trace)")])
 
     def _rewrite_grouped(
         self, graph: fx.Graph, node: fx.Node, args: dict[str, Any], ctx: PassContext,

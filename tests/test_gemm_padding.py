@@ -1060,3 +1060,24 @@ def test_a_weight_dim_an_export_keeps_symbolic_is_left_alone() -> None:
     assert any("the weight's N or K is symbolic; plans need static N and K" in r for r in reasons), reasons
     x, w = torch.randn(7, 16), torch.randn(40, 16)
     torch.testing.assert_close(archive.program.module()(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate_second", [False, True])
+def test_a_stacked_gate_up_weight_given_as_an_input_fuses(gate_second: bool) -> None:
+    """A stacked gate-and-up weight passed as an argument: its pinned N reaches the graph's
+    chunk as a size node, not an int; the pair still fuses (gate in either half), with the
+    bias and the residual after the down projection, in one graph over every length."""
+    def mlp(x, w, b, wd):
+        first, second = F.linear(x, w, b).chunk(2, dim=-1)
+        return x + F.linear(first * F.silu(second) if gate_second else F.silu(first) * second, wd)
+
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    compiled = torch.compile(mlp, backend=tileflow.TileflowBackend({"target": "reference"}, report=report), dynamic=True)
+    gen = torch.Generator().manual_seed(5)
+    w, b, wd = torch.randn(48, 16, generator=gen), torch.randn(48, generator=gen), torch.randn(16, 24, generator=gen)
+    for tokens in (3, 7, 12):
+        x = torch.randn(2, tokens, 16, generator=gen)
+        torch.testing.assert_close(compiled(x, w, b, wd), mlp(x, w, b, wd), rtol=1e-5, atol=1e-5)
+    assert len(report.graphs) == 1 and not report.fallbacks, report.fallbacks
+    assert report.rewrites["fused_swiglu"] == report.rewrites["stacked_gate_up"] == 1

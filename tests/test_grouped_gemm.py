@@ -592,3 +592,30 @@ def test_eager_op_with_a_gelu_gate(activation: str) -> None:
         out = tileflow.ops.grouped_gemm(x, w, offsets, activation=activation)
     assert out.shape == (8, N)
     _assert_close(out, _reference(x, w, offsets, activation), torch.float32)
+
+
+def test_expert_weights_given_as_inputs_are_pinned_by_a_guard() -> None:
+    """Under dynamic=True the experts' weights passed as arguments have symbolic E, N and K:
+    the grouped GEMMs are rewritten all the same, their sizes pinned with a guard (one graph
+    over every row count; other weight shapes recompile), each result eager's."""
+    import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
+    def experts(x, offs, gate_up, down):
+        h = torch.ops.transformers.grouped_mm_fallback(x, gate_up.transpose(-2, -1), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        return torch.ops.transformers.grouped_mm_fallback(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
+
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    compiled = torch.compile(experts, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
+                             dynamic=True)
+    gate_up, down = torch.randn(4, 2 * 24, K) / K**0.5, torch.randn(4, K, 24) / 24**0.5
+    for m in (5, 9, 40):
+        x, offs = _moe_inputs(m, seed=m)
+        torch.testing.assert_close(compiled(x, offs, gate_up, down), experts(x, offs, gate_up, down), rtol=1e-5, atol=1e-5)
+    assert len(report.graphs) == 1 and not report.fallbacks, report.fallbacks
+    assert report.rewrites["grouped_gemm"] == 2 and report.rewrites["fused_grouped_swiglu"] == 1
+    gate_up, down = torch.randn(3, 2 * 16, K) / K**0.5, torch.randn(3, K, 16) / 4
+    x, offs = _moe_inputs(11, e=3, seed=1)
+    torch.testing.assert_close(compiled(x, offs, gate_up, down), experts(x, offs, gate_up, down), rtol=1e-5, atol=1e-5)
+    assert len(report.graphs) == 2 and report.rewrites["grouped_gemm"] == 4 and not report.fallbacks

@@ -29,7 +29,7 @@ whose plan is keyed by the expected rows per expert ceil(M / E); Mixtral's
 `chunk(2, -1) -> silu(gate) * up` after the gate/up experts is fused into it (kind `grouped_gemm`,
 `fused_grouped_swiglu`; a GELU gate likewise, `fused_grouped_geglu` or `fused_grouped_geglu_tanh`).
 A weight of symbolic size (a graph input under `dynamic=True`) is pinned to its size with a
-guard (`PassContext.pin_static`). Matmuls it cannot take (dtypes the target lacks, mixed dtypes,
+guard (`PassContext.pin_static`), unless Dynamo made it symbolic because it changed between calls. Matmuls it cannot take (dtypes the target lacks, mixed dtypes,
 grouped GEMMs with a bias or a batched input, weights whose sizes cannot be pinned) stay as they
 are, with the reason in the report.
 """

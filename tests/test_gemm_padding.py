@@ -1081,3 +1081,23 @@ def test_a_stacked_gate_up_weight_given_as_an_input_fuses(gate_second: bool) -> 
         torch.testing.assert_close(compiled(x, w, b, wd), mlp(x, w, b, wd), rtol=1e-5, atol=1e-5)
     assert len(report.graphs) == 1 and not report.fallbacks, report.fallbacks
     assert report.rewrites["fused_swiglu"] == report.rewrites["stacked_gate_up"] == 1
+
+
+def test_a_weight_size_seen_changing_is_not_pinned() -> None:
+    """Under Dynamo's default `dynamic=None` a weight's size becomes symbolic only after it
+    changed between calls (automatic dynamic): pinned, every new width would recompile (up to
+    Dynamo's limit). The second graph leaves that linear as it was, with the reason, and serves
+    every later width; each result is eager's."""
+    def project(x, w):
+        return F.gelu(F.linear(x, w))
+
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    compiled = torch.compile(project, backend=tileflow.TileflowBackend({"target": "reference"}, report=report))
+    gen = torch.Generator().manual_seed(6)
+    for i, width in enumerate((24, 32, 40, 48, 56)):
+        x, w = torch.randn(5 + i, 16, generator=gen), torch.randn(width, 16, generator=gen)
+        torch.testing.assert_close(compiled(x, w), project(x, w), rtol=1e-5, atol=1e-5)
+    assert len(report.graphs) == 2
+    assert report.rewrites["padded_gemm"] == 1  # the first, static graph's
+    assert [f.reason.split(":")[0] for f in report.fallbacks] == ["the weight's N or K changed between calls (Dynamo made it dynamic)"]

@@ -13,6 +13,7 @@ import torch.fx as fx
 from .capture import capture_dynamo
 from .compiler import compile_graph
 from .config import Config
+from .graph_utils import free_symbols
 from .log import configure_from_env, get_logger
 from .report import Report, session_report
 
@@ -72,6 +73,22 @@ def _declared_dynamic(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> froz
     return frozenset(symbols)
 
 
+def _changed_sizes(gm: fx.GraphModule, declared: frozenset[Any]) -> frozenset[Any]:
+    """The symbols of the input sizes Dynamo saw change between calls: under its default
+    `dynamic=None` (it assumes sizes static) a size is symbolic only once marked dynamic or
+    seen changing (automatic dynamic); under `dynamic=True` every size is, changed or not."""
+    import torch
+
+    if not torch._dynamo.config.assume_static_by_default:
+        return frozenset()
+    symbols: set[Any] = set()
+    for node in gm.graph.nodes:
+        fake = node.meta.get("example_value") if node.op == "placeholder" else None
+        if isinstance(fake, (torch.Tensor, torch.SymInt)):
+            symbols |= free_symbols([fake])
+    return frozenset(symbols - declared)
+
+
 class TileflowBackend:
     """A Dynamo backend with a fixed Config that files what it compiles into a Report."""
 
@@ -88,12 +105,13 @@ class TileflowBackend:
         log.info("Dynamo frame %s: %d nodes", compile_id, len(gm.graph.nodes))
 
         declared = _declared_dynamic(gm, example_inputs)
+        changed = _changed_sizes(gm, declared)
 
         def compile_forward(aten_gm: fx.GraphModule, aten_inputs: Sequence[Any]) -> Callable[..., Any]:
             if self.config.verify:
                 return _VerifyOnFirstCall(self, aten_gm, aten_inputs, compile_id, recompile)
             return compile_graph(aten_gm, aten_inputs, self.config, self.report, compile_id=compile_id, recompile=recompile,
-                                 shape_guards=True, declared_dynamic=declared)
+                                 shape_guards=True, declared_dynamic=declared, changed_sizes=changed)
 
         compiled = capture_dynamo(gm, example_inputs, compile_forward)
         if frame is not None:

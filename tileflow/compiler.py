@@ -161,6 +161,7 @@ def compile_graph(
     emit_only: bool = False,
     shape_guards: bool = False,
     declared_dynamic: frozenset[Any] = frozenset(),
+    changed_sizes: frozenset[Any] = frozenset(),
 ) -> Callable[..., Any]:
     """Run tileflow's passes on `gm` and return a callable that executes the result.
 
@@ -170,7 +171,8 @@ def compile_graph(
     `emit_only` writes the kernels' sources without building them (ahead-of-time export for a
     target this machine cannot run). `shape_guards`: the caller checks the graph's shape guards
     before each call (Dynamo), so passes may pin symbolic sizes with guards (`PassContext`), but
-    never the symbols in `declared_dynamic` (sizes the caller marked dynamic).
+    never the symbols in `declared_dynamic` (sizes the caller marked dynamic) nor in
+    `changed_sizes` (sizes Dynamo saw change between calls).
     """
     graph_id = f"graph_{next(_GRAPH_IDS):03d}"
     device_type = inputs_device_type(example_inputs)
@@ -207,6 +209,7 @@ def compile_graph(
         device_type=device_type,
         shape_guards=shape_guards,
         declared_dynamic=declared_dynamic,
+        changed_sizes=changed_sizes,
     )
     PassManager.from_config(config).run(gm, ctx, real_inputs=real_inputs)
     lower_graph(gm, ctx, target, emit_only=emit_only)

@@ -81,6 +81,9 @@ class PassContext:
     # Symbols of sizes the caller declared dynamic (`torch._dynamo.mark_dynamic`): Dynamo fails
     # the whole compile (ConstraintViolationError) when a guard pins one, so none may be pinned.
     declared_dynamic: frozenset[Any] = frozenset()
+    # Symbols of input sizes Dynamo made dynamic after it saw them change between calls (automatic
+    # dynamic, under the default `dynamic=None`): pinning one would recompile at each new value.
+    changed_sizes: frozenset[Any] = frozenset()
 
     def pin_static(self, sizes: Sequence[Any], what: str, need: str,
                    varying: Sequence[tuple[set[Any], str]] = ()) -> str | None:
@@ -88,8 +91,9 @@ class PassContext:
         guard (a call with other values recompiles), and return None; or return why they cannot
         be, a reason naming them as `what` (`need` says why they must be static). Not pinned: a
         size where no guard is checked at each call (`shape_guards` false: an exported
-        program), one the caller marked dynamic (Dynamo would refuse the compile), one with no
-        example value, and one with a symbol of `varying`, pairs of symbols of sizes that change
+        program), one the caller marked dynamic (Dynamo would refuse the compile), one Dynamo saw
+        change between calls (`changed_sizes`), one with no example value, and one with a symbol
+        of `varying`, pairs of symbols of sizes that change
         from call to call (token counts, batch sizes) and words for them: Dynamo gives equal
         sizes one symbol, and pinning those would recompile at every length."""
         symbolic = [d for d in sizes if isinstance(d, torch.SymInt) and d.node.maybe_as_int() is None]
@@ -99,6 +103,9 @@ class PassContext:
             return f"{what} is symbolic; {need}"
         if any(d.node.expr.free_symbols & self.declared_dynamic for d in symbolic):
             return f"{what} is marked dynamic (mark_dynamic); {need}"
+        if any(d.node.expr.free_symbols & self.changed_sizes for d in symbolic):
+            return (f"{what} changed between calls (Dynamo made it dynamic): pinning it would recompile at each "
+                    f"value; {need}")
         for symbols, words in varying:
             if any(d.node.expr.free_symbols & symbols for d in symbolic):
                 return f"{what} {words}: pinning it would recompile at every length"

@@ -28,10 +28,9 @@ sorted by expert, weights [E, K, N], int32 cumulative `offs`) become `tileflow::
 whose plan is keyed by the expected rows per expert ceil(M / E); Mixtral's
 `chunk(2, -1) -> silu(gate) * up` after the gate/up experts is fused into it (kind `grouped_gemm`,
 `fused_grouped_swiglu`; a GELU gate likewise, `fused_grouped_geglu` or `fused_grouped_geglu_tanh`).
-A weight of symbolic size (a graph input under `dynamic=True`) is pinned to its size with a
-guard (`PassContext.pin_static`), unless Dynamo made it symbolic because it changed between calls. Matmuls it cannot take (dtypes the target lacks, mixed dtypes,
-grouped GEMMs with a bias or a batched input, weights whose sizes cannot be pinned) stay as they
-are, with the reason in the report.
+Matmuls it cannot take (dtypes the target lacks, mixed dtypes, grouped GEMMs with a bias or a
+batched input, weights of symbolic sizes: a graph input under `dynamic=True`, which
+`torch._dynamo.mark_static` makes static) stay as they are, with the reason in the report.
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ import torch.fx as fx
 from tileflow.graph_utils import (
     copy_source_meta,
     erase_unused,
-    free_symbols,
     in_graph,
     infer_meta,
     is_view_op,
@@ -70,6 +68,10 @@ _GATED_BY_GATE = {gate: gated for gated, gate in GATED_ACTIVATIONS.items()}
 # reference computes them one by one into the node's columns. Ascend's kernels write contiguous
 # rows only, so there a node's segments would cost copies: its siblings stay apart.
 _SIBLING_TARGETS = ("triton", "reference")
+# Why a GEMM whose weight has symbolic sizes stays as it is, and what makes them static.
+_SYMBOLIC_WEIGHT = ("the weight's sizes are symbolic (a graph input under dynamic=True); plans need them static: "
+                    "torch._dynamo.mark_static(weight) before the first call makes them so (in an export, give the "
+                    "weight no Dim)")
 _TARGET_DTYPES = {
     "triton": (torch.float16, torch.bfloat16, torch.float32),
     "ascend": (torch.float16, torch.bfloat16, torch.float32),
@@ -374,10 +376,6 @@ class GemmPadding:
         graph = gm.graph
         plans: dict[tuple, TilePlan] = {}
         grouped_plans: dict[tuple, tuple[int, TilePlan]] = {}
-        # The symbols of every linear's rows (token counts), which no weight size may be pinned by.
-        self._rows = free_symbols(_val(node.args[0]).shape[0] for node in graph.nodes
-                                  if node.op == "call_function" and node.target is aten.linear.default
-                                  and isinstance(_val(node.args[0]), torch.Tensor) and _val(node.args[0]).dim() == 2)
         chains = [self._match(node) for node in graph.nodes
                   if node.op == "call_function" and node.target is aten.linear.default and not self._unsupported(node, ctx)]
         # Up projections that gated chains read (`act(gate) * up` over two linears); sibling
@@ -465,11 +463,12 @@ class GemmPadding:
         bias = _linear_bias(node)
         if bias is not None and _val(bias).dtype != xv.dtype:
             return f"bias dtype {_val(bias).dtype} differs from the input's {xv.dtype}"
-        # A weight the graph takes as an input (a function's argument, or a tensor Dynamo lifts
-        # to one) has symbolic sizes under dynamic=True: pinned, a call with another weight
-        # shape recompiles, as with any guard.
-        return ctx.pin_static(wv.shape, "the weight's N or K", "plans need static N and K", [
-            (self._rows, "has the symbol of a linear's token count (equal sizes at this trace)")])
+        if any(isinstance(d, torch.SymInt) and d.node.maybe_as_int() is None for d in wv.shape):
+            # A weight the graph takes as an input has symbolic sizes under dynamic=True. Not pinned
+            # with a guard: such a "weight" is as often the tokens themselves (`softmax(q @ x.T) @ x`,
+            # a decode step's cache), whose every new length would recompile.
+            return _SYMBOLIC_WEIGHT
+        return None
 
     def _match(self, linear: fx.Node) -> _Chain:
         chain = _Chain(linear=linear, tip=linear)
@@ -771,10 +770,9 @@ class GemmPadding:
             return f"out_dtype {args['out_dtype']} differs from the input's {xv.dtype}"
         if args["offs"] is not None and not same_shape(ov.shape, wv.shape[:1]):
             return f"offsets {list(ov.shape)} do not match the {wv.shape[0]} experts"
-        # Pinned last, once nothing above refuses the GEMM (a pin is a guard).
-        rows = self._rows | free_symbols(xv.shape[:-1])
-        return ctx.pin_static(wv.shape, "the experts' weights' E, N or K", "plans need static sizes",
-                              [(rows, "has the symbol of a token count (equal sizes at this trace)")])
+        if any(isinstance(d, torch.SymInt) and d.node.maybe_as_int() is None for d in wv.shape):
+            return _SYMBOLIC_WEIGHT
+        return None
 
     def _rewrite_grouped(
         self, graph: fx.Graph, node: fx.Node, args: dict[str, Any], ctx: PassContext,

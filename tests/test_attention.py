@@ -2378,3 +2378,16 @@ def test_heads_that_count_tokens_are_not_pinned(manual: bool) -> None:
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     assert len(report.graphs) == 1 and report.recompiles == 0
     assert any("counts tokens" in f.reason for f in report.fallbacks), report.fallbacks
+
+
+def test_heads_equal_to_the_length_at_the_first_call_are_not_pinned() -> None:
+    """q, k and v as a graph's inputs (after a graph break) whose head count equals their
+    length at the first call share one symbol (Dynamo's duck sizing), though no linear runs
+    over those rows: pinning the heads would pin the length too. The attention stays as it was
+    in that graph, with the reason, and every output equals eager."""
+    attention = _attention_after_a_graph_break
+    compiled, report = _compiled_dynamic(attention)
+    for heads, length in ((4, 4), (4, 6)):
+        q, k, v = (torch.randn(1, heads, length, 8) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert any("has the symbol of a batch or sequence size" in f.reason for f in report.fallbacks), report.fallbacks

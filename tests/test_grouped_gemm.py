@@ -594,10 +594,10 @@ def test_eager_op_with_a_gelu_gate(activation: str) -> None:
     _assert_close(out, _reference(x, w, offsets, activation), torch.float32)
 
 
-def test_expert_weights_given_as_inputs_are_pinned_by_a_guard() -> None:
+def test_expert_weights_given_as_inputs_are_rewritten_once_static() -> None:
     """Under dynamic=True the experts' weights passed as arguments have symbolic E, N and K:
-    the grouped GEMMs are rewritten all the same, their sizes pinned with a guard (one graph
-    over every row count; other weight shapes recompile), each result eager's."""
+    the grouped matmuls stay as they were, the reason naming `mark_static`; marked static they
+    are rewritten, with the SwiGLU fused, in one graph over every row count (each eager's)."""
     import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
 
     def experts(x, offs, gate_up, down):
@@ -605,17 +605,22 @@ def test_expert_weights_given_as_inputs_are_pinned_by_a_guard() -> None:
         gate, up = h.chunk(2, dim=-1)
         return torch.ops.transformers.grouped_mm_fallback(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
 
-    torch._dynamo.reset()
-    report = tileflow.Report()
-    compiled = torch.compile(experts, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
-                             dynamic=True)
     gate_up, down = torch.randn(4, 2 * 24, K) / K**0.5, torch.randn(4, K, 24) / 24**0.5
-    for m in (5, 9, 40):
-        x, offs = _moe_inputs(m, seed=m)
-        torch.testing.assert_close(compiled(x, offs, gate_up, down), experts(x, offs, gate_up, down), rtol=1e-5, atol=1e-5)
-    assert len(report.graphs) == 1 and not report.fallbacks, report.fallbacks
-    assert report.rewrites["grouped_gemm"] == 2 and report.rewrites["fused_grouped_swiglu"] == 1
-    gate_up, down = torch.randn(3, 2 * 16, K) / K**0.5, torch.randn(3, K, 16) / 4
-    x, offs = _moe_inputs(11, e=3, seed=1)
-    torch.testing.assert_close(compiled(x, offs, gate_up, down), experts(x, offs, gate_up, down), rtol=1e-5, atol=1e-5)
-    assert len(report.graphs) == 2 and report.rewrites["grouped_gemm"] == 4 and not report.fallbacks
+    for static in (False, True):
+        torch._dynamo.reset()
+        report = tileflow.Report()
+        compiled = torch.compile(experts, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
+                                 dynamic=True)
+        if static:
+            torch._dynamo.mark_static(gate_up)
+            torch._dynamo.mark_static(down)
+        for m in (5, 9, 40):
+            x, offs = _moe_inputs(m, seed=m)
+            torch.testing.assert_close(compiled(x, offs, gate_up, down), experts(x, offs, gate_up, down),
+                                       rtol=1e-5, atol=1e-5)
+        assert len(report.graphs) == 1
+        if static:
+            assert not report.fallbacks and report.rewrites["fused_grouped_swiglu"] == 1, report.fallbacks
+        else:
+            assert "grouped_gemm" not in report.rewrites and len(report.fallbacks) == 2
+            assert all("mark_static(weight)" in f.reason for f in report.fallbacks), report.fallbacks

@@ -1223,3 +1223,16 @@ def test_the_interpreter_warns_once_where_numpy_breaks_its_loaded_loop_bounds(
     assert len(messages) == int(warns), messages
     if warns:
         assert "install numpy<2.4, or Triton 3.7 or newer" in messages[0]
+
+
+def test_only_an_interpreter_build_checks_numpy(monkeypatch: pytest.MonkeyPatch, private_cache: Path) -> None:
+    """The numpy check concerns the interpreter alone: a kernel built for a GPU (interpreter
+    off) never runs it, an interpreted build does, with Triton's version."""
+    import triton
+
+    calls: list[str] = []
+    monkeypatch.setattr(tbuild, "_check_interpreter_numpy", calls.append)
+    for interpreted in (False, True):
+        monkeypatch.setattr(tbuild, "triton_interpreter_enabled", lambda interpreted=interpreted: interpreted)
+        build(gemm_spec())
+        assert calls == ([triton.__version__] if interpreted else []), (interpreted, calls)

@@ -248,16 +248,6 @@ def _describe_grouped(plan: TilePlan, experts: int) -> str:
     return f"rows per expert ceil(M / {experts}): {pieces}"
 
 
-def _static_int(value: Any) -> int | None:
-    """An int argument's value where it is known: an int, or a node of a size the graph computes
-    (a weight given as an input: its sizes are symbols, pinned by `PassContext.pin_static`)."""
-    if isinstance(value, fx.Node):
-        value = _val(value)
-    if isinstance(value, torch.SymInt):
-        value = value.node.maybe_as_int()
-    return value if isinstance(value, int) else None
-
-
 def _is_last_dim(dim: Any, rank: int) -> bool:
     return isinstance(dim, int) and dim % rank == rank - 1
 
@@ -287,8 +277,7 @@ def _gated_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.Node | No
         return None
     sizes = split.args[1]
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-    halved = ([_static_int(s) for s in sizes] == [n, n] if isinstance(sizes, (list, tuple))
-              else _static_int(sizes) == n)
+    halved = sizes == n if isinstance(sizes, int) else list(sizes) == [n, n]
     if not (halved and _is_last_dim(dim, rank)):
         return None
     halves: dict[int, fx.Node] = {}

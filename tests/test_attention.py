@@ -2391,3 +2391,18 @@ def test_heads_equal_to_the_length_at_the_first_call_are_not_pinned() -> None:
         q, k, v = (torch.randn(1, heads, length, 8) for _ in range(3))
         torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
     assert any("has the symbol of a batch or sequence size" in f.reason for f in report.fallbacks), report.fallbacks
+
+
+def test_heads_seen_changing_under_automatic_dynamic_are_not_pinned() -> None:
+    """Under Dynamo's default `dynamic=None` a head count becomes symbolic only once it changed
+    between calls: pinning it would recompile at each new count. The recompiled graph keeps
+    the attention as it was, with the reason, and serves the later head counts (each eager's)."""
+    attention = _attention_after_a_graph_break
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    compiled = torch.compile(attention, backend=tileflow.TileflowBackend({"target": "reference"}, report=report))
+    for heads in (4, 2, 3, 6):
+        q, k, v = (torch.randn(1, heads, 5, 8) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert len(report.graphs) == 2 and report.rewrites["meta_attention"] == 1  # the first, static graph's
+    assert any("head count or head dim changed between calls" in f.reason for f in report.fallbacks), report.fallbacks

@@ -90,12 +90,12 @@ class PassContext:
         """Make the symbolic ones of `sizes` static, each pinned to its example value with a
         guard (a call with other values recompiles), and return None; or return why they cannot
         be, a reason naming them as `what` (`need` says why they must be static). Not pinned: a
-        size where no guard is checked at each call (`shape_guards` false: an exported
-        program), one the caller marked dynamic (Dynamo would refuse the compile), one Dynamo saw
-        change between calls (`changed_sizes`), one with no example value, and one with a symbol
-        of `varying`, pairs of symbols of sizes that change
-        from call to call (token counts, batch sizes) and words for them: Dynamo gives equal
-        sizes one symbol, and pinning those would recompile at every length."""
+        size where no guard is checked at each call (`shape_guards` false: an exported program),
+        one the caller marked dynamic (Dynamo would refuse the compile), one Dynamo saw change
+        between calls (`changed_sizes`), one with no example value, and one with a symbol of
+        `varying`: pairs of the symbols of sizes that change from call to call (token counts,
+        batch sizes) and words for them (Dynamo gives equal sizes one symbol, and pinning those
+        would recompile at every length)."""
         symbolic = [d for d in sizes if isinstance(d, torch.SymInt) and d.node.maybe_as_int() is None]
         if not symbolic:
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import tileflow
 from tileflow.config import Config
@@ -429,11 +431,9 @@ def test_verify_without_real_inputs_says_it_was_skipped() -> None:
     assert ctx.report.passes[0].changed
 
 
-def _pin_context(**changes) -> tuple[PassContext, object]:
+def _pin_context() -> tuple[PassContext, object]:
     """A PassContext over a fresh ShapeEnv whose guards are checked (as under Dynamo), and a
     function making a backed symbolic size of that env."""
-    import dataclasses
-
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
@@ -443,15 +443,12 @@ def _pin_context(**changes) -> tuple[PassContext, object]:
         symbol = env.create_symbol(value, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
         return env.create_symintnode(symbol, hint=value)
 
-    ctx = PassContext(config=Config(), report=GraphReport(graph_id="g"), shape_env=env, shape_guards=True)
-    return dataclasses.replace(ctx, **changes), size
+    return PassContext(config=Config(), report=GraphReport(graph_id="g"), shape_env=env, shape_guards=True), size
 
 
 def test_pin_static_pins_a_backed_size_with_a_guard() -> None:
     """The sizes pin_static accepts are static afterwards (a guard holds them to their example
     values), not merely reported as fine; static ones are left alone."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
     ctx, size = _pin_context()
     n, k = size(24, "n"), size(16, "k")
     assert ctx.pin_static([n, k, 8], "the weight", "plans need them") is None
@@ -460,16 +457,13 @@ def test_pin_static_pins_a_backed_size_with_a_guard() -> None:
 
 def test_pin_static_refuses_what_it_must_not_pin() -> None:
     """No guard checked (export), a size marked dynamic, one sharing a varying symbol, one with
-    no example value (unbacked): each returns its reason and pins nothing."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
+    no example value (unbacked), one Dynamo saw change: each returns its reason and pins nothing."""
     ctx, size = _pin_context()
     t, n = size(5, "t"), size(24, "n")
     assert ctx.pin_static([t], "w", "need", [({t.node.expr}, "counts tokens")]) == \
         "w counts tokens: pinning it would recompile at every length"
     unbacked = ctx.shape_env.create_unbacked_symint()
     assert ctx.pin_static([unbacked], "w", "need") == "w is symbolic, with no example value to pin it to"
-    import dataclasses
     assert dataclasses.replace(ctx, shape_guards=False).pin_static([n], "w", "need") == "w is symbolic; need"
     declared = dataclasses.replace(ctx, declared_dynamic=frozenset({n.node.expr}))
     assert declared.pin_static([n], "w", "need") == "w is marked dynamic (mark_dynamic); need"

@@ -99,6 +99,19 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def compiled_dynamic(fn: Callable[..., Any], static: tuple[torch.Tensor, ...] = ()) -> tuple[Callable[..., Any], Any]:
+    """`fn` compiled afresh (Dynamo reset) with `dynamic=True` for the reference target, and its
+    report; the tensors of `static` marked static (`torch._dynamo.mark_static`)."""
+    import tileflow
+
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    for tensor in static:
+        torch._dynamo.mark_static(tensor)
+    backend = tileflow.TileflowBackend({"target": "reference"}, report=report)
+    return torch.compile(fn, backend=backend, dynamic=True), report
+
+
 def export_logits(model: torch.nn.Module, target: str, max_len: int = 64) -> Any:
     """`tileflow.export.export_model` of `LogitsOnly(model)` (the CLI's wrapper) for `target`,
     the sequence length dynamic over 2..max_len."""

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import tileflow
 from attention_cases import make_batch
+from models import compiled_dynamic
 from tileflow.backends.reference.attention import attention_reference_dense
 from tileflow.graph_utils import bind_arguments
 from tileflow.ops import meta_attention_varlen
@@ -1863,20 +1864,13 @@ def _attention_after_a_graph_break(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
 
 
-def _compiled_dynamic(fn: Any) -> tuple[Any, tileflow.Report]:
-    """`fn` compiled afresh with `dynamic=True` for the reference target, and its report."""
-    torch._dynamo.reset()
-    report = tileflow.Report()
-    return torch.compile(fn, backend=tileflow.TileflowBackend({"target": "reference"}, report=report), dynamic=True), report
-
-
 def test_heads_made_symbolic_by_a_graph_break_are_pinned_by_a_guard() -> None:
     """Under `dynamic=True` a graph break hands q, k and v to the attention's graph as inputs,
     with symbolic head counts and head dims (JetMoE's attention stayed off the kernel for it).
     The pass pins them to their example values with a guard: lengths share one compiled graph,
     other heads recompile (the pinned kernel never sees them), every output equals eager."""
     attention = _attention_after_a_graph_break
-    compiled, report = _compiled_dynamic(attention)
+    compiled, report = compiled_dynamic(attention)
     for heads, length, head_dim in ((4, 5, 8), (4, 7, 8), (2, 5, 8)):
         q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
         torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
@@ -1918,7 +1912,7 @@ def test_an_attention_refused_after_a_graph_break_pins_no_heads() -> None:
     symbolic: pinned first, a guard would recompile the graph for every other head count for
     nothing. One graph serves both head counts, equal to eager."""
     attention = _attention_after_a_graph_break
-    compiled, report = _compiled_dynamic(attention)
+    compiled, report = compiled_dynamic(attention)
     for heads in (4, 2):
         q, k, v = torch.randn(1, heads, 3, 8), torch.randn(1, heads, 5, 8), torch.randn(1, heads, 5, 8)
         torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
@@ -2371,7 +2365,7 @@ def test_heads_that_count_tokens_are_not_pinned(manual: bool) -> None:
     equal to eager."""
     torch.manual_seed(0)
     model = _AttentionAcrossATokensStates(manual).eval()
-    compiled, report = _compiled_dynamic(model)
+    compiled, report = compiled_dynamic(model)
     with torch.no_grad():
         for length in (3, 5, 7):
             x = torch.randn(2, length, 8)
@@ -2386,7 +2380,7 @@ def test_heads_equal_to_the_length_at_the_first_call_are_not_pinned() -> None:
     over those rows: pinning the heads would pin the length too. The attention stays as it was
     in that graph, with the reason, and every output equals eager."""
     attention = _attention_after_a_graph_break
-    compiled, report = _compiled_dynamic(attention)
+    compiled, report = compiled_dynamic(attention)
     for heads, length in ((4, 4), (4, 6)):
         q, k, v = (torch.randn(1, heads, length, 8) for _ in range(3))
         torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from models import compiled_dynamic
 
 import tileflow
 from tileflow.lower import gemm_specs_for_node
@@ -1018,13 +1019,7 @@ def test_a_weight_given_as_an_input_stays_until_marked_static() -> None:
     gen = torch.Generator().manual_seed(3)
     w, b = torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen)
     for static in (False, True):
-        torch._dynamo.reset()
-        report = tileflow.Report()
-        compiled = torch.compile(mlp, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
-                                 dynamic=True)
-        if static:
-            torch._dynamo.mark_static(w)
-            torch._dynamo.mark_static(b)
+        compiled, report = compiled_dynamic(mlp, (w, b) if static else ())
         for tokens in (3, 5, 9):
             x = torch.randn(tokens, 32, generator=gen)
             torch.testing.assert_close(compiled(x, w, b), mlp(x, w, b), rtol=1e-5, atol=1e-5)
@@ -1054,10 +1049,7 @@ def test_a_matmul_whose_weight_operand_is_the_tokens_stays_in_one_graph() -> Non
 
     torch.manual_seed(0)
     model = Pool().eval()
-    torch._dynamo.reset()
-    report = tileflow.Report()
-    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
-                             dynamic=True)
+    compiled, report = compiled_dynamic(model)
     with torch.no_grad():
         for length in (5, 6, 7, 9):
             x = torch.randn(length, 16)
@@ -1079,12 +1071,7 @@ def test_a_stacked_gate_up_weight_given_as_an_input_fuses_once_static(gate_secon
     gen = torch.Generator().manual_seed(5)
     w, b, wd = torch.randn(48, 16, generator=gen), torch.randn(48, generator=gen), torch.randn(16, 24, generator=gen)
     for static in (False, True):
-        torch._dynamo.reset()
-        report = tileflow.Report()
-        compiled = torch.compile(mlp, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
-                                 dynamic=True)
-        for tensor in (w, b, wd) if static else (wd,):
-            torch._dynamo.mark_static(tensor)
+        compiled, report = compiled_dynamic(mlp, (w, b, wd) if static else (wd,))
         for tokens in (3, 7, 12):
             x = torch.randn(2, tokens, 16, generator=gen)
             torch.testing.assert_close(compiled(x, w, b, wd), mlp(x, w, b, wd), rtol=1e-5, atol=1e-5)

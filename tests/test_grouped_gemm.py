@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import compiled_dynamic
 
 import tileflow
 from tileflow.cli import main as cli_main
@@ -607,13 +608,7 @@ def test_expert_weights_given_as_inputs_are_rewritten_once_static() -> None:
 
     gate_up, down = torch.randn(4, 2 * 24, K) / K**0.5, torch.randn(4, K, 24) / 24**0.5
     for static in (False, True):
-        torch._dynamo.reset()
-        report = tileflow.Report()
-        compiled = torch.compile(experts, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
-                                 dynamic=True)
-        if static:
-            torch._dynamo.mark_static(gate_up)
-            torch._dynamo.mark_static(down)
+        compiled, report = compiled_dynamic(experts, (gate_up, down) if static else ())
         for m in (5, 9, 40):
             x, offs = _moe_inputs(m, seed=m)
             torch.testing.assert_close(compiled(x, offs, gate_up, down), experts(x, offs, gate_up, down),

@@ -16,7 +16,8 @@ import torch
 
 from .kernel_spec import GATED_ACTIVATIONS, KernelSpec, dtype_name, gemm_dims, gemm_segments, grouped_gemm_dims, is_gated
 
-__all__ = ["GemmOperands", "GroupedGemmOperands", "apply_activation", "gemm_operands", "grouped_gemm_operands"]
+__all__ = ["GemmOperands", "GroupedGemmOperands", "apply_activation", "apply_gated_activation", "gemm_operands",
+           "grouped_gemm_operands"]
 
 
 def apply_activation(acc: torch.Tensor, activation: str) -> torch.Tensor:
@@ -48,7 +49,7 @@ def apply_gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str
 
 @dataclass
 class GemmOperands:
-    """Checked launch operands: `weight`/`bias` are the gate half for swiglu, `weight_up`/`bias_up`
+    """Checked launch operands: `weight`/`bias` are the gate half for a gated activation, `weight_up`/`bias_up`
     the up half (None otherwise); for a spec with N segments `weight`/`bias` are the first
     segment's and `more_weights`/`more_biases` the others' (empty otherwise); `out` is [M, N] of
     the spec's out_dtype."""
@@ -107,7 +108,7 @@ def check_operand_kinds(where: str, x: torch.Tensor, weights: dict[str, Any], si
 @functools.lru_cache(maxsize=512)
 def _gemm_layout(spec: KernelSpec) -> tuple[int, int, bool, torch.dtype, torch.dtype, frozenset, str, tuple[int, ...]]:
     """What `gemm_operands` checks a launch of `spec` against, worked out once per spec:
-    (n, k, swiglu, in dtype, out dtype, dtypes a side operand may have, where, N's segments)."""
+    (n, k, gated, in dtype, out dtype, dtypes a side operand may have, where, N's segments)."""
     n, k = gemm_dims(spec)
     in_dtype, out_dtype = getattr(torch, spec.dtype), getattr(torch, spec.out_dtype)
     return (n, k, is_gated(spec.epilogue), in_dtype, out_dtype, frozenset({in_dtype, out_dtype}), f"kernel {spec.name}",
@@ -129,7 +130,7 @@ def gemm_operands(
 ) -> GemmOperands:
     """Validate a launch of `spec` and return its operands; ValueError says what is wrong.
 
-    `x` is [M, K] of the spec dtype; `weight` is [N, K] ([2N, K] stacked gate/up for swiglu, or
+    `x` is [M, K] of the spec dtype; `weight` is [N, K] ([2N, K] stacked gate/up for a gated activation, or
     [N, K] with `weight_up` [N, K]); `bias` ([N] / [2N] / [N] + `bias_up`) and `residual` [M, N]
     are given exactly when the epilogue has them, in the spec dtype or out_dtype; `out`, when
     given, is [M, N] of out_dtype. A spec with N segments of widths (w_0, w_1, ...) takes
@@ -220,7 +221,7 @@ def _check_no_overlap(where: str, out: torch.Tensor, inputs: dict[str, Any]) -> 
 
 @dataclass
 class GroupedGemmOperands:
-    """Checked launch operands of a grouped GEMM: `weight` [E, N, K] (the gate half for swiglu,
+    """Checked launch operands of a grouped GEMM: `weight` [E, N, K] (the gate half for a gated activation,
     `weight_up` [E, N, K] the up half, else None), `offsets` int32 [E], `out` [M, N]."""
 
     x: torch.Tensor
@@ -239,7 +240,7 @@ def grouped_gemm_operands(spec: KernelSpec, x: Any, weight: Any, offsets: Any, *
     """Validate a launch of a `grouped_gemm` spec and return its operands; ValueError says why.
 
     `x` is [M, K] of the spec dtype, rows sorted by group; `weight` [E, N, K] ([E, 2N, K], gate
-    rows then up rows, for swiglu) of the spec dtype, any strides; `offsets` int32 [E], the end
+    rows then up rows, for a gated activation) of the spec dtype, any strides; `offsets` int32 [E], the end
     row of each group. Only metadata is checked here (no device->host copy, so a launch can be
     captured in a CUDA graph); the offsets' values are the caller's contract (`tileflow.ops.
     grouped_gemm` checks them in eager calls). `out`, when given, is [M, N] of out_dtype.

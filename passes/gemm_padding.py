@@ -219,6 +219,61 @@ def _grouped_mm_args(node: fx.Node) -> dict[str, Any] | None:
     return {"x": x, "w": w, "offs": values.get("offs"), "bias": values.get("bias"), "out_dtype": values.get("out_dtype")}
 
 
+def _call_arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    """Argument `index` (keyword `name`) of a call node, or `default` when not given."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _sorted_expert_ids(offs: Any, experts: int) -> fx.Node | None:
+    """The expert ids, sorted, that made the group offsets `offs` (None unless provably so):
+    offs = cumsum(histc(ids, bins=E, min=0, max=E - 1), dtype=int32), ids the values of an
+    ascending `sort` of top-k indices (through views; a cast before histc is fine). Then each
+    row r of expert e's group has ids[r] == e: top-k indices are never negative, so every id
+    below E lands in its own bin (floor(v * E / (E - 1)) = v for v < E - 1; the last bin holds
+    E - 1) and sorts before any id past E - 1, which histc leaves out with its rows."""
+    if not (isinstance(offs, fx.Node) and offs.target is aten.cumsum.default and _call_arg(offs, 1, "dim", None) in (0, -1)
+            and offs.kwargs.get("dtype", torch.int32) == torch.int32):
+        return None
+    histc = offs.args[0]
+    if not (isinstance(histc, fx.Node) and histc.target is aten.histc.default):
+        return None
+    if (_call_arg(histc, 1, "bins", 100), _call_arg(histc, 2, "min", 0), _call_arg(histc, 3, "max", 0)) != (experts, 0, experts - 1):
+        return None
+    ids = histc.args[0]
+    if isinstance(ids, fx.Node) and ids.target is aten._to_copy.default and set(ids.kwargs) <= {"dtype"}:
+        ids = ids.args[0]
+    sort = ids.args[0] if isinstance(ids, fx.Node) and ids.target is operator.getitem and ids.args[1] == 0 else None
+    if not (isinstance(sort, fx.Node) and sort.target in (aten.sort.default, aten.sort.stable)):
+        return None
+    dim, descending = (_call_arg(sort, 1, "dim", -1), _call_arg(sort, 2, "descending", False)) \
+        if sort.target is aten.sort.default else (sort.kwargs.get("dim", -1), sort.kwargs.get("descending", False))
+    source = sort.args[0]
+    if descending or not isinstance(source, fx.Node) or _val(source).dim() != 1 or dim not in (0, -1):
+        return None
+    while source.op == "call_function" and (is_view_op(source.target) or source.target in _VIEWS):
+        source = source.args[0]
+    topk = source.args[0] if source.target is operator.getitem and source.args[1] == 1 else None
+    return ids if isinstance(topk, fx.Node) and topk.target is aten.topk.default else None
+
+
+def _expert_bias(gemm: fx.Node, args: dict[str, Any], experts: int, rows: int) -> tuple[fx.Node, fx.Node] | None:
+    """(the add, the [E, rows] bias) when the grouped GEMM's output only feeds
+    `add(out, bias[ids])`, ids the sorted expert ids behind its offsets (`_sorted_expert_ids`),
+    in the output's dtype: transformers' MoE layers with biases (gpt-oss) add them so; else None."""
+    add = _only_user(gemm)
+    if add is None or add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs or gemm not in add.args:
+        return None
+    gather = add.args[1] if add.args[0] is gemm else add.args[0]
+    if not (isinstance(gather, fx.Node) and gather.target is aten.index.Tensor and len(gather.args[1]) == 1):
+        return None
+    bias, ids = gather.args[0], gather.args[1][0]
+    bv, addv = _val(bias), _val(add)
+    if not (isinstance(bv, torch.Tensor) and isinstance(addv, torch.Tensor) and tuple(bv.shape) == (experts, rows)
+            and addv.dtype == _val(gemm).dtype and same_shape(addv.shape, _val(gemm).shape)):
+        return None
+    return (add, bias) if ids is not None and ids is _sorted_expert_ids(args["offs"], experts) else None
+
+
 def _stacked_weights_bmm(node: fx.Node) -> bool:
     """Whether a `bmm` multiplies token rows by a stack of weights: its second operand a graph
     input or attribute of static shape (behind views), its first one of a symbolic size. The
@@ -749,7 +804,8 @@ class GemmPadding:
             got = f"{ov.dtype} {ov.dim()}-D" if isinstance(ov, torch.Tensor) else "no metadata"
             return f"offsets must be a 1-D int32 tensor, got {got}"
         if args["bias"] is not None:
-            return "a per-expert bias is not fused by grouped_gemm yet, left as is"
+            return ("the grouped matmul's own bias argument is not supported (a per-expert bias added after it, "
+                    "as bias[expert_ids], is fused)")
         allowed = _TARGET_DTYPES.get(ctx.target, _TARGET_DTYPES["reference"])
         if xv.dtype not in allowed:
             return f"dtype {xv.dtype} is not supported by the {ctx.target} GEMM kernels (supported: {[str(d) for d in allowed]})"
@@ -767,12 +823,14 @@ class GemmPadding:
         self, graph: fx.Graph, node: fx.Node, args: dict[str, Any], ctx: PassContext,
         plans: dict[tuple, tuple[int, TilePlan]],
     ) -> list[str]:
-        """Replace one grouped matmul (and a gated activation after it) by `tileflow::grouped_gemm`; returns
-        the rewrite kinds to count."""
+        """Replace one grouped matmul (and the per-expert bias and gated activation after it) by
+        `tileflow::grouped_gemm`; returns the rewrite kinds to count."""
         x, w, offs = args["x"], args["w"], args["offs"]
         xv, wv = _val(x), _val(w)
         e, k, rows = (int(d) for d in wv.shape)
-        gated = _gated_tail(node, rows // 2, xv.dim()) if rows % 2 == 0 else None
+        expert_bias = _expert_bias(node, args, e, rows) if offs is not None else None
+        head, bias = expert_bias if expert_bias is not None else (node, None)
+        gated = _gated_tail(head, rows // 2, xv.dim()) if rows % 2 == 0 else None
         if gated is not None and gated[3] != 0:
             gated = None  # the grouped kernels read the gate from the first half of each expert's weight
         tail, row_mask, activation = gated[:3] if gated is not None else (None, None, "none")
@@ -786,7 +844,7 @@ class GemmPadding:
                 weight_tiles=weight_tiles,
             ))
         plan = plans[key][1]
-        tip = tail if tail is not None else node
+        tip = tail if tail is not None else head
         with graph.inserting_before(tip):
             weight, is_param = _expert_weight(w)
             if not is_param:
@@ -795,11 +853,11 @@ class GemmPadding:
                 infer_meta(weight)
             gemm = graph.call_function(
                 torch.ops.tileflow.grouped_gemm.default,
-                (x, weight, offs, activation, None, encode_plan(plan), ctx.target),
+                (x, weight, offs, activation, None, encode_plan(plan), ctx.target, bias),
             )
             infer_meta(gemm)
             copy_source_meta(node, gemm)
-        kinds = [f"fused_grouped_{activation}"] if tail is not None else []
+        kinds = (["fused_grouped_bias"] if bias is not None else []) + ([f"fused_grouped_{activation}"] if tail is not None else [])
         gemm.meta["tileflow"] = {
             "kind": "grouped_gemm",
             "plan": _describe_grouped(plan, e),

@@ -24,7 +24,7 @@ from models import compiled_dynamic
 
 import tileflow
 from tileflow.cli import main as cli_main
-from tileflow.kernel_spec import KernelSpec, TileConfig, check_gemm_spec, is_gated, make_params
+from tileflow.kernel_spec import KernelSpec, TileConfig, check_gemm_spec, gemm_formula, is_gated, make_params
 from tileflow.lower import grouped_gemm_spec
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.runtime import decode_plan, expected_group_rows, get_kernel
@@ -64,11 +64,14 @@ def _inputs(sizes: list[int], rows: int, dtype: torch.dtype, seed: int, transpos
     return x, w, _offsets(sizes)
 
 
-def _reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, activation: str) -> torch.Tensor:
-    """float64 per-expert loop: rows offsets[e-1]:offsets[e] times weight[e]."""
+def _reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, activation: str,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 per-expert loop: rows offsets[e-1]:offsets[e] times weight[e] (plus bias[e])."""
     outs, start = [], 0
     for e, end in enumerate(offsets.tolist()):
         acc = x[start:end].double() @ w[e].double().T
+        if bias is not None:
+            acc = acc + bias[e].double()
         if is_gated(activation):
             half = acc.shape[1] // 2
             gate = acc[:, :half]
@@ -161,6 +164,58 @@ def test_kernel_with_no_rows_and_with_every_row_in_one_group(target: str) -> Non
     _assert_close(got.cpu(), _reference(x, w, offsets, "none"), torch.float32)
 
 
+BIAS_CASES = [(target, dtype, act) for target in ("reference", "triton") for dtype in (torch.float32, torch.float16)
+              for act in ("none", "swiglu")] + [("ascend-cpu", torch.float16, "swiglu"), ("ascend-cpu", torch.float32, "gelu")]
+
+
+@pytest.mark.parametrize("target, dtype, activation", BIAS_CASES)
+def test_kernel_adds_each_experts_bias_row(target: str, dtype: torch.dtype, activation: str) -> None:
+    """A per-expert bias [E, N] ([E, 2N]: gate, then up): expert e's rows gain row e, before the
+    activation, over empty, one-row and tail groups."""
+    sizes = GROUP_SIZES[8]
+    rows = 2 * N if is_gated(activation) else N
+    spec = grouped_gemm_spec(dtype=dtype, out_dtype=dtype, n=N, k=K, experts=8, tile=TileConfig(16, 32, 16),
+                             activation=activation, has_bias=True)
+    assert ("bias_gate[e]" if is_gated(activation) else "bias[e]") in gemm_formula(spec)
+    kernel = _kernel(target, spec)
+    dev = _device(target)
+    for seed, transposed in ((0, True), (1, False)):
+        x, w, offsets = _inputs(sizes, rows, dtype, seed, transposed)
+        # Large next to the products, so a row given another expert's bias shows.
+        bias = (4 * torch.randn(8, rows, generator=torch.Generator().manual_seed(seed + 10))).to(dtype)
+        out = torch.full((x.shape[0], N), float("nan"), dtype=dtype, device=dev)
+        assert kernel(x.to(dev), w.to(dev), offsets.to(dev), bias.to(dev), out=out) is out
+        _assert_close(out.cpu(), _reference(x, w, offsets, activation, bias), dtype)
+    with pytest.raises(ValueError, match="no bias was given"):
+        kernel(x.to(dev), w.to(dev), offsets.to(dev))
+    with pytest.raises(ValueError, match=rf"bias must have shape \[8, {rows}\]"):
+        kernel(x.to(dev), w.to(dev), offsets.to(dev), bias[:, 1:].to(dev))
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+@pytest.mark.parametrize("activation", ["none", "geglu"])
+def test_eager_op_with_an_expert_bias(target: str, activation: str) -> None:
+    """`grouped_gemm(..., bias=)`: with offsets, batched (no offsets), and with K = 0 (each row
+    its expert's bias through the epilogue); a bias of the wrong shape is refused."""
+    rows = 2 * N if is_gated(activation) else N
+    dev = _device(target)
+    gen = torch.Generator().manual_seed(3)
+    with tileflow.use_config(tileflow.Config(target=target)):
+        for sizes, k in (([4, 0, 19, 1], K), ([2, 3, 0, 5], 0)):
+            x = torch.randn(sum(sizes), k, generator=gen)
+            w = torch.randn(4, rows, k, generator=gen)
+            bias, offsets = torch.randn(4, rows, generator=gen), _offsets(sizes)
+            out = tileflow.ops.grouped_gemm(x.to(dev), w.to(dev), offsets.to(dev), activation=activation, bias=bias.to(dev))
+            _assert_close(out.cpu(), _reference(x, w, offsets, activation, bias), torch.float32)
+        x3 = torch.randn(4, 5, K, generator=gen)
+        w = torch.randn(4, rows, K, generator=gen)
+        out = tileflow.ops.grouped_gemm(x3.to(dev), w.to(dev), activation=activation, bias=bias.to(dev))
+        ref = _reference(x3.reshape(20, K), w, torch.arange(1, 5, dtype=torch.int32) * 5, activation, bias)
+        _assert_close(out.cpu().reshape(20, N), ref, torch.float32)
+        with pytest.raises(ValueError, match=rf"bias must be \[E, {'2N' if rows > N else 'N'}\] = \[4, {rows}\]"):
+            tileflow.ops.grouped_gemm(x3, w, activation=activation, bias=bias[:, :-1])
+
+
 @pytest.mark.parametrize("target", ["reference", "triton"])
 def test_round_then_cast_in_the_shared_epilogue(target: str) -> None:
     """The grouped kernels share the padded GEMM's epilogue, `round` included (the pass fuses no
@@ -241,9 +296,9 @@ def test_eager_validation_errors() -> None:
 def test_spec_checks_and_plan_key() -> None:
     spec = grouped_gemm_spec(dtype="float16", out_dtype="float16", n=N, k=K, experts=4, tile=TileConfig(16, 32, 32))
     assert spec.op == "grouped_gemm" and spec.param("experts") == 4 and "experts4" in spec.name
-    bad = type(spec)(op="grouped_gemm", dtype="float16", out_dtype="float16", tile=spec.tile, epilogue=("bias",),
+    bad = type(spec)(op="grouped_gemm", dtype="float16", out_dtype="float16", tile=spec.tile, epilogue=("residual",),
                      params=spec.params)
-    with pytest.raises(ValueError, match=r"cannot fuse \['bias'\]"):
+    with pytest.raises(ValueError, match=r"cannot fuse \['residual'\]"):
         check_gemm_spec(bad, ("float16",), "Triton", 16, op="grouped_gemm")
     no_experts = type(spec)(op="grouped_gemm", dtype="float16", out_dtype="float16", tile=spec.tile,
                             params=(("k", K), ("n", N)))
@@ -333,6 +388,79 @@ def test_pass_rewrites_transformers_experts_with_swiglu() -> None:
     for m in (3, 9, 40, 101):  # one compiled graph serves every row count and routing
         x, offs = _moe_inputs(m, seed=m)
         torch.testing.assert_close(compiled(x, offs, gate_up, down), experts(x, offs, gate_up, down), rtol=1e-5, atol=1e-5)
+
+
+def _biased_experts(variant: str = "fused") -> Callable:
+    """transformers' grouped MoE with expert biases (gpt-oss's layout, SwiGLU in halves): top-2
+    ids sorted, offsets from their histogram, each grouped matmul plus `bias[sorted ids]`; a
+    `variant` breaks one link between the ids and the offsets."""
+    import transformers.integrations.moe  # noqa: F401
+
+    mm = torch.ops.transformers.grouped_mm_fallback
+
+    def experts(x, router, gate_up, gate_up_bias, down, down_bias, other_ids):
+        e = gate_up.shape[0]
+        top = torch.topk(x @ router.T, 2, dim=-1).indices.reshape(-1)
+        if variant == "ids_not_top_k":  # ids from anywhere: nothing says they are not negative
+            top = other_ids
+        ids, perm = torch.sort(top, descending=variant == "descending")
+        xs = x[perm // 2]
+        low = -1 if variant == "other_histogram" else 0  # every row counted, id v in bin v + 1
+        offs = torch.cumsum(torch.histc(ids.float(), bins=e, min=low, max=e - 1), dim=0, dtype=torch.int32)
+        gathered = ids.flip(0) if variant == "other_gather" else ids
+        h = mm(xs, gate_up.transpose(-2, -1), offs=offs) + gate_up_bias[gathered]
+        gate, up = h.chunk(2, dim=-1)
+        out = mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
+        return out + (down_bias.double() if variant == "wider_bias" else down_bias)[ids]
+
+    return experts
+
+
+def _biased_expert_weights(e: int = 4, inner: int = 24) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randn(e, K, generator=gen), torch.randn(e, 2 * inner, K, generator=gen) / K**0.5,
+            torch.randn(e, 2 * inner, generator=gen), torch.randn(e, K, inner, generator=gen) / inner**0.5,
+            torch.randn(e, K, generator=gen)]
+
+
+def test_pass_fuses_the_bias_gathered_by_sorted_expert_ids() -> None:
+    """gpt-oss's experts (transformers' grouped path) add `bias[sorted ids]` after each grouped
+    matmul: the bias becomes the kernels' per-expert row, with the SwiGLU after it, in one
+    graph for every row count and routing."""
+    fn = _biased_experts()
+    weights = _biased_expert_weights()
+    x = torch.randn(9, K)
+    other = torch.zeros(18, dtype=torch.long)
+    compiled, gm, ctx = _compile(fn, x, *weights, other)
+    nodes = [n for n in gm.graph.nodes if n.target is GROUPED]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
+    assert [n.args[3] for n in nodes] == ["swiglu", "none"]
+    assert [n.args[7] for n in nodes] == [placeholders[3], placeholders[5]]  # the [E, N] biases, read as they are
+    assert aten.index.Tensor not in {u.target for p in (placeholders[3], placeholders[5]) for u in p.users}
+    # (and the router, x @ router.T, a padded GEMM)
+    assert ctx.report.passes[1].rewrites == {"grouped_gemm": 2, "fused_grouped_swiglu": 1, "fused_grouped_bias": 2,
+                                             "padded_gemm": 1}
+    for m in (1, 9, 40, 101):
+        x = torch.randn(m, K, generator=torch.Generator().manual_seed(m))
+        torch.testing.assert_close(compiled(x, *weights, other), fn(x, *weights, other), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["ids_not_top_k", "descending", "other_histogram", "other_gather", "wider_bias"])
+def test_pass_leaves_a_bias_gather_it_cannot_prove_per_expert(variant: str) -> None:
+    """The bias stays a gather and an add (the grouped GEMMs are still rewritten) unless the ids
+    it is gathered by are the sorted top-k ids its offsets count: ids of any origin (negative
+    ones would not be in their row's group), sorted descending, counted over other bins, a
+    gather by other ids, or a bias whose add widens the output's dtype."""
+    fn = _biased_experts(variant)
+    weights = _biased_expert_weights()
+    x = torch.randn(9, K)
+    other = torch.randint(0, 4, (18,), generator=torch.Generator().manual_seed(1))
+    compiled, gm, ctx = _compile(fn, x, *weights, other)
+    rewrites = ctx.report.passes[1].rewrites
+    # The last two break one of the two biases' links; the first three, both.
+    assert rewrites["grouped_gemm"] == 2
+    assert rewrites.get("fused_grouped_bias", 0) == (1 if variant in ("other_gather", "wider_bias") else 0)
+    torch.testing.assert_close(compiled(x, *weights, other), fn(x, *weights, other), rtol=1e-5, atol=1e-5)
 
 
 def test_swiglu_fuses_across_a_fill_that_zeroes_whole_rows() -> None:
@@ -437,7 +565,7 @@ def test_pass_fallback_reasons_on_a_traced_graph() -> None:
     ctx = PassContext(config=Config(), report=GraphReport(graph_id="g"))
     result = GemmPadding().run(gm, ctx)
     [fallback] = result.fallbacks
-    assert "per-expert bias" in fallback.reason and result.rewrites["grouped_gemm"] == 1
+    assert "own bias argument is not supported" in fallback.reason and result.rewrites["grouped_gemm"] == 1
     [batched] = [n for n in gm.graph.nodes if n.target is GROUPED]
     assert batched.args[0] is placeholders[1] and batched.args[2] is None
 

@@ -222,13 +222,17 @@ def _check_no_overlap(where: str, out: torch.Tensor, inputs: dict[str, Any]) -> 
 @dataclass
 class GroupedGemmOperands:
     """Checked launch operands of a grouped GEMM: `weight` [E, N, K] (the gate half for a gated activation,
-    `weight_up` [E, N, K] the up half, else None), `offsets` int32 [E], `out` [M, N]."""
+    `weight_up` [E, N, K] the up half, else None), `offsets` int32 [E], `out` [M, N]; with a bias
+    epilogue `bias` [E, N] (the gate's, `bias_up` [E, N] the up's, for a gated activation), each
+    row of N consecutive values."""
 
     x: torch.Tensor
     weight: torch.Tensor
     weight_up: torch.Tensor | None
     offsets: torch.Tensor
     out: torch.Tensor
+    bias: torch.Tensor | None = None
+    bias_up: torch.Tensor | None = None
 
     @property
     def m(self) -> int:
@@ -236,14 +240,17 @@ class GroupedGemmOperands:
         return self.x.shape[0]
 
 
-def grouped_gemm_operands(spec: KernelSpec, x: Any, weight: Any, offsets: Any, *, out: Any = None) -> GroupedGemmOperands:
+def grouped_gemm_operands(spec: KernelSpec, x: Any, weight: Any, offsets: Any, bias: Any = None, *,
+                          out: Any = None) -> GroupedGemmOperands:
     """Validate a launch of a `grouped_gemm` spec and return its operands; ValueError says why.
 
     `x` is [M, K] of the spec dtype, rows sorted by group; `weight` [E, N, K] ([E, 2N, K], gate
     rows then up rows, for a gated activation) of the spec dtype, any strides; `offsets` int32 [E], the end
     row of each group. Only metadata is checked here (no device->host copy, so a launch can be
     captured in a CUDA graph); the offsets' values are the caller's contract (`tileflow.ops.
-    grouped_gemm` checks them in eager calls). `out`, when given, is [M, N] of out_dtype.
+    grouped_gemm` checks them in eager calls). `bias` ([E, N], or [E, 2N] gate then up for a gated
+    activation; the spec dtype or out_dtype) is given exactly when the epilogue has one: expert
+    e's rows gain row e. `out`, when given, is [M, N] of out_dtype.
     """
     n, k, e = grouped_gemm_dims(spec)
     gated = is_gated(spec.epilogue)
@@ -255,11 +262,21 @@ def grouped_gemm_operands(spec: KernelSpec, x: Any, weight: Any, offsets: Any, *
     _check_operand(where, "weight", weight, (e, 2 * n if gated else n, k), {in_dtype}, device)
     _check_operand(where, "offsets", offsets, (e,), {torch.int32}, device)
     offsets = offsets.contiguous()  # the kernels read offsets[e] with no stride
-    weight_up = None
+    weight_up = bias_up = None
     if gated:
         weight, weight_up = weight[:, :n], weight[:, n:]  # views: the stacked tensor is not copied
+    if "bias" in spec.epilogue:
+        if bias is None:
+            raise ValueError(f"{where}: the epilogue has 'bias' but no bias was given")
+        _check_operand(where, "bias", bias, (e, 2 * n if gated else n), {in_dtype, out_dtype}, device)
+        # The kernels read a bias row as N consecutive values: a strided one is copied first.
+        bias = bias if bias.stride(-1) == 1 else bias.contiguous()
+        if gated:
+            bias, bias_up = bias[:, :n], bias[:, n:]
+    elif bias is not None:
+        raise ValueError(f"{where}: a bias was given but the epilogue {spec.epilogue} has no 'bias'")
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=device)
     else:
         _check_operand(where, "out", out, (m, n), {out_dtype}, device)
-    return GroupedGemmOperands(x, weight, weight_up, offsets, out)
+    return GroupedGemmOperands(x, weight, weight_up, offsets, out, bias, bias_up)

@@ -239,9 +239,9 @@ def grouped_gemm_dims(spec: KernelSpec) -> tuple[int, int, int]:
     return n, k, _positive_int_param(spec, "experts")
 
 
-# Kernel families `check_gemm_spec` knows, with the epilogue entries each cannot fuse: a grouped
-# GEMM's bias would be per expert ([E, N]) and MoE graphs add no residual to the expert GEMM.
-GEMM_OPS: dict[str, tuple[str, ...]] = {"padded_gemm": (), "grouped_gemm": ("bias", "residual")}
+# Kernel families `check_gemm_spec` knows, with the epilogue entries each cannot fuse: MoE graphs
+# add no residual to an expert GEMM (a grouped GEMM's bias is per expert, [E, N]).
+GEMM_OPS: dict[str, tuple[str, ...]] = {"padded_gemm": (), "grouped_gemm": ("residual",)}
 # The static params each family's kernels read (`lower.gemm_spec`, `lower.grouped_gemm_spec`).
 GEMM_PARAMS: dict[str, frozenset[str]] = {
     "padded_gemm": frozenset({"n", "k", "persistent", "split_k", "stream_k", "tma", "segments"}),
@@ -323,13 +323,13 @@ def gemm_formula(spec: KernelSpec) -> str:
     grouped = spec.op == "grouped_gemm"
     x, e = ("x[rows of e]", "[e]") if grouped else ("x", "")
     if is_gated(ep):
-        bg, bu = (" + bias_gate", " + bias_up") if "bias" in ep else ("", "")
+        bg, bu = (f" + bias_gate{e}", f" + bias_up{e}") if "bias" in ep else ("", "")
         act = GATED_ACTIVATIONS[gated_activation(ep)]
         expr = f"{act}({x} @ W_gate{e}^T{bg}) * ({x} @ W_up{e}^T{bu})"
     else:
         segments = len(gemm_segments(spec))
         weight = f"cat({', '.join(f'W{i}' for i in range(segments))})" if segments > 1 else f"W{e}"
-        expr = f"{x} @ {weight}^T" + (" + bias" if "bias" in ep else "")
+        expr = f"{x} @ {weight}^T" + (f" + bias{e}" if "bias" in ep else "")
         for act in UNARY_ACTIVATIONS:
             if act in ep:
                 expr = f"{act}({expr})"

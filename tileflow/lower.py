@@ -100,23 +100,25 @@ def grouped_gemm_spec(
     experts: int,
     tile: TileConfig,
     activation: str = "none",
+    has_bias: bool = False,
 ) -> KernelSpec:
     """The KernelSpec of one fixed-tile grouped GEMM over `experts` weights [E, N, K] (N is the
-    output width: for swiglu each expert's weight has 2N rows)."""
+    output width: for swiglu each expert's weight has 2N rows), with a per-expert bias [E, N]
+    when `has_bias`."""
     dtype, out_dtype = dtype_name(dtype), dtype_name(out_dtype)
     return KernelSpec(
         op="grouped_gemm",
         dtype=dtype,
         out_dtype=out_dtype,
         tile=tile,
-        epilogue=gemm_epilogue(has_bias=False, activation=activation, has_residual=False, cast=dtype != out_dtype),
+        epilogue=gemm_epilogue(has_bias=has_bias, activation=activation, has_residual=False, cast=dtype != out_dtype),
         params=make_params(n=n, k=k, experts=experts),
     )
 
 
 def grouped_gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     """One spec per config of `plan`, for a `tileflow::grouped_gemm` node."""
-    names = ("activation", "out_dtype", "plan", "target")
+    names = ("activation", "out_dtype", "plan", "target", "bias")
     kwargs = dict(zip(names, node.args[3:]))
     kwargs.update(node.kwargs)
     activation = kwargs.get("activation") or "none"
@@ -125,7 +127,7 @@ def grouped_gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpe
     return [
         grouped_gemm_spec(
             dtype=xv.dtype, out_dtype=kwargs.get("out_dtype") or xv.dtype, n=rows // 2 if is_gated(activation) else rows,
-            k=k, experts=e, tile=tile, activation=activation,
+            k=k, experts=e, tile=tile, activation=activation, has_bias=kwargs.get("bias") is not None,
         )
         for tile in plan.configs
     ]

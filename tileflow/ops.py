@@ -301,7 +301,8 @@ def padded_gemm(
 
 
 def _check_grouped_gemm_args(
-    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor | None, activation: str
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor | None, activation: str,
+    bias: torch.Tensor | None = None,
 ) -> int:
     """Validate a grouped_gemm call's shapes and dtypes (no values: that would need a device->host
     copy on every call); return its output width N."""
@@ -330,6 +331,11 @@ def _check_grouped_gemm_args(
         raise ValueError(
             f"grouped_gemm: {activation} needs each expert's gate and up weights stacked as [E, 2N, K]; got {tuple(weight.shape)}"
         )
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:2]):
+        raise ValueError(
+            f"grouped_gemm: bias must be [E, {'2N' if is_gated(activation) else 'N'}] = {list(weight.shape[:2])} "
+            f"(one row per expert, as the weight's rows), got {list(bias.shape)}"
+        )
     return gemm_out_features(weight.shape[1], activation)
 
 
@@ -356,17 +362,18 @@ def _grouped_gemm(
     out_dtype: torch.dtype | None = None,
     plan: str = "",
     target: str = "",
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out[M, N]: rows offsets[e-1]:offsets[e] of x times expert e's weight, by fixed-tile kernels
-    (out[E, T, N]: x[e] times expert e's weight, when offsets is None).
+    """out[M, N]: rows offsets[e-1]:offsets[e] of x times expert e's weight (plus its bias row), by
+    fixed-tile kernels (out[E, T, N]: x[e] times expert e's weight, when offsets is None).
 
     `plan` is the encoded tile plan the compiler chose ("" = build one for the current config);
     `target` the kernel target ("" = the current config's). See `grouped_gemm`.
     """
     from .runtime import run_grouped_gemm
 
-    _check_grouped_gemm_args(x, weight, offsets, activation)
-    return run_grouped_gemm(x, weight, offsets, activation, out_dtype or x.dtype, plan, target)
+    _check_grouped_gemm_args(x, weight, offsets, activation, bias)
+    return run_grouped_gemm(x, weight, offsets, activation, out_dtype or x.dtype, plan, target, bias)
 
 
 @_grouped_gemm.register_fake
@@ -378,8 +385,9 @@ def _grouped_gemm_fake(
     out_dtype: torch.dtype | None = None,
     plan: str = "",
     target: str = "",
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    n = _check_grouped_gemm_args(x, weight, offsets, activation)
+    n = _check_grouped_gemm_args(x, weight, offsets, activation, bias)
     return x.new_empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype)
 
 
@@ -390,6 +398,7 @@ def grouped_gemm(
     *,
     activation: str | None = None,
     out_dtype: torch.dtype | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grouped (MoE expert) GEMM with dynamic group sizes, run by fixed-tile kernels (SmoothGEMM).
 
@@ -397,9 +406,11 @@ def grouped_gemm(
     expert, any strides: a transposed view of a [E, K, N] tensor works); `offsets` is int32 [E],
     the cumulative end row of each expert's group (rows of expert e are offsets[e-1]:offsets[e],
     offsets[-1] == M; empty groups are fine). Returns out[M, N] with
-    `out[rows of e] = act(x[rows of e] @ weight[e].T)`. With `activation="swiglu"` the weight is
-    [E, 2N, K] (gate rows, then up rows) and the result `silu(x @ Wg.T) * (x @ Wu.T)`, [M, N]
-    (`geglu`, `geglu_tanh`: gelu of the gate, exact or tanh).
+    `out[rows of e] = act(x[rows of e] @ weight[e].T + bias[e])`. With `activation="swiglu"` the
+    weight is [E, 2N, K] (gate rows, then up rows) and the result `silu(x @ Wg.T + bg) * (x @ Wu.T
+    + bu)`, [M, N] (`geglu`, `geglu_tanh`: gelu of the gate, exact or tanh). `bias`, optional, is
+    one row per expert: [E, N], or [E, 2N] (gate, then up) with a gated activation; it replaces
+    the gather `bias[expert_ids]` an MoE layer adds after `torch._grouped_mm`.
     Each group's last tile is masked (virtual padding); the tile config is the plan's for the
     expected rows per expert, ceil(M / E). Eager calls check the offsets' values (ValueError);
     inside a compiled graph they are the caller's contract, and rows past offsets[-1] are not
@@ -410,10 +421,10 @@ def grouped_gemm(
     runs every token through every expert that way).
     """
     if not torch.compiler.is_compiling():
-        _check_grouped_gemm_args(x, weight, offsets, activation or "none")
+        _check_grouped_gemm_args(x, weight, offsets, activation or "none", bias)
         if offsets is not None:
             check_group_offsets(offsets, x.shape[0])
-    return torch.ops.tileflow.grouped_gemm(x, weight, offsets, activation or "none", out_dtype, "", "")
+    return torch.ops.tileflow.grouped_gemm(x, weight, offsets, activation or "none", out_dtype, "", "", bias)
 
 
 @_op("meta_attention_varlen")

@@ -429,15 +429,18 @@ def _launch_benchmark_kernels(scope: str = "all") -> None:
                                  **variant)
                 runtime.get_kernel("triton", spec)(x, weights[0], biases[0] if bias else None, more_weights=weights[1:],
                                                     more_biases=biases[1:] if bias else (), **launch)
-    # Mixtral-like experts: 8 experts, SwiGLU gate/up (N = 2 x 14336) and down.
-    for n, k, activation in [(14336, 4096, "swiglu"), (4096, 14336, "none")]:
+    # Mixtral-like experts: 8 experts, SwiGLU gate/up (N = 2 x 14336) and down; gpt-oss-like
+    # ones (hidden and expert width 2880) with their per-expert biases.
+    for n, k, activation, bias in [(14336, 4096, "swiglu", False), (4096, 14336, "none", False),
+                                   (5760, 2880, "none", True)]:
         rows = 2 * n if activation == "swiglu" else n
         for tile in tiles(n, k, "bfloat16", device, weight_tiles=2 if activation == "swiglu" else 1):
             spec = grouped_gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, experts=8, tile=tile,
-                                     activation=activation)
+                                     activation=activation, has_bias=bias)
             kernel = runtime.get_kernel("triton", spec)
             kernel(torch.empty(5, k, dtype=bf16), torch.empty(8, rows, k, dtype=bf16),
-                   torch.tensor([0, 2, 2, 3, 5, 5, 5, 5], dtype=torch.int32))
+                   torch.tensor([0, 2, 2, 3, 5, 5, 5, 5], dtype=torch.int32),
+                   torch.empty(8, rows, dtype=bf16) if bias else None)
     page = 16
     # Llama-3-8B-like heads (32 query heads of 128 over 4 or 8 KV heads), Gemma-2-9B's (16 over 8
     # heads of 256, scores soft-capped), gpt-oss-20b's (64 over 8 heads of 64, attention sinks,

@@ -359,6 +359,8 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
         members.append("    uint64_t wBase = 0;   // this tile's expert: offset of its weight")
         if gated:
             members.append("    uint64_t upBase = 0;")
+        if bias:
+            members.append("    uint64_t biasBase = 0;  // and of its bias row (N floats per expert)")
     buffers = ub_buffers(L)
     members += [b.declaration() for b in buffers]
 
@@ -378,9 +380,11 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
     if grouped:
         init_gm.append("        offsetsGm.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(offsets), EXPERTS);")
     if bias:
-        init_gm.append("        biasGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(bias), N);")
+        # A grouped GEMM's bias is one row of N per expert.
+        bias_size = "uint64_t(EXPERTS) * N" if grouped else "N"
+        init_gm.append(f"        biasGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(bias), {bias_size});")
         if gated:
-            init_gm.append("        biasUpGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(bias_up), N);")
+            init_gm.append(f"        biasUpGm.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(bias_up), {bias_size});")
     if residual:
         init_gm.append(f"        resGm.SetGlobalBuffer(reinterpret_cast<__gm__ {L.res_type}*>(residual), uint64_t(t.m) * N);")
     init_ub = [b.init() for b in buffers]
@@ -390,13 +394,14 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
         load_bias = """        // The tile's bias columns, once per tile (only the real columns are read).
         const DataCopyExtParams biasCopy(1, cols * sizeof(float), 0, 0, 0);
         LocalTensor<float> biasCols = biasBuf.Get<float>();
-        DataCopyPad(biasCols, biasGm[n0], biasCopy, DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
+        DataCopyPad(biasCols, biasGm[{bias_base}n0], biasCopy, DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
 """
         if gated:
             load_bias += """        LocalTensor<float> biasUpCols = biasUpBuf.Get<float>();
-        DataCopyPad(biasUpCols, biasUpGm[n0], biasCopy, DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
+        DataCopyPad(biasUpCols, biasUpGm[{bias_base}n0], biasCopy, DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
 """
         load_bias += "        PipeBarrier<PIPE_ALL>();\n"
+        load_bias = load_bias.replace("{bias_base}", "biasBase + " if grouped else "")
 
     cube = """        // Cube: the real rows x cols of this slice, straight from GM (virtual padding: the M
         // tail is never materialized; rows past M are neither read nor written).
@@ -469,7 +474,7 @@ def _kernel_source(spec: KernelSpec, layout: GemmLayout, entry: EntryPoint, stru
     vec.append("        outQue.EnQue(outTile);")
 
     fields = "\n".join(members)
-    process = _grouped_process(gated) if grouped else _plain_process()
+    process = _grouped_process(gated, bias) if grouped else _plain_process()
     experts_const = f"\nconstexpr int32_t EXPERTS = {L.experts};" if grouped else ""
     order = f"{L.experts} experts, tiles dealt slot-major" if grouped else f"grouped order GROUP_M={L.group_m}"
     res_copy = "        const DataCopyExtParams outCopyIn(rows, cols * sizeof(OutT), gmGap, ubGap, 0);\n" if residual else ""
@@ -593,8 +598,10 @@ def _plain_process() -> str:
 """
 
 
-def _grouped_process(gated: bool) -> str:
+def _grouped_process(gated: bool, bias: bool) -> str:
     up = "\n                    upBase = uint64_t(e) * tiling.upExpertStride;" if gated else ""
+    if bias:
+        up += "\n                    biasBase = uint64_t(e) * N;"
     return f"""    __aicore__ inline void Process()
     {{
         // Persistent over (M-tile slot, N tile). Each expert's rows are cut in BLOCK_M tiles from
@@ -741,8 +748,7 @@ def make_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRun, co
             "x": ops.x.contiguous(),
             "weight": ops.weight.contiguous(),
             "weight_up": None if ops.weight_up is None else ops.weight_up.contiguous(),
-            "bias": None if ops.bias is None else ops.bias.to(torch.float32).contiguous(),
-            "bias_up": None if ops.bias_up is None else ops.bias_up.to(torch.float32).contiguous(),
+            **_float_biases(ops.bias, ops.bias_up),
             "residual": None if ops.residual is None else ops.residual.to(res_dtype).contiguous(),
             "out": ops.out,
         }
@@ -787,23 +793,30 @@ def _expert_rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.contiguous()
 
 
+def _float_biases(bias: torch.Tensor | None, bias_up: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """The launch's bias tensors as the kernel reads them: float32, contiguous (a grouped GEMM's
+    [E, N] rows back to back)."""
+    return {name: None if b is None else b.to(torch.float32).contiguous() for name, b in (("bias", bias), ("bias_up", bias_up))}
+
+
 def make_grouped_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: KernelRun, cores: int) -> Callable[..., torch.Tensor]:
     """Wrap a built grouped (MoE) GEMM in the `grouped_gemm` launch interface of every backend:
 
-        launch(x, weight, offsets, *, out=None, num_programs=None) -> out
+        launch(x, weight, offsets, bias=None, *, out=None, num_programs=None) -> out
 
     Inputs are checked by `tileflow.gemm_operands.grouped_gemm_operands`: `x` [M, K] with rows
     sorted by expert, `weight` [E, N, K] ([E, 2N, K] gate then up for swiglu; any expert stride),
     `offsets` int32 [E], the end row of each group (the caller's contract; only its shape is
-    checked, so a launch never reads it on the host). Rows past `offsets[-1]` are not written.
+    checked, so a launch never reads it on the host), `bias` [E, N] ([E, 2N]) exactly when the
+    epilogue has one. Rows past `offsets[-1]` are not written.
     """
     gemm_layout(spec)
     entry = gemm_entry(spec)
     where = f"kernel {spec.name}"
 
-    def launch(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, *, out: torch.Tensor | None = None,
-               num_programs: int | None = None) -> torch.Tensor:
-        ops = grouped_gemm_operands(spec, x, weight, offsets, out=out)
+    def launch(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None = None, *,
+               out: torch.Tensor | None = None, num_programs: int | None = None) -> torch.Tensor:
+        ops = grouped_gemm_operands(spec, x, weight, offsets, bias, out=out)
         check_num_programs(num_programs, where)
         if not ops.out.is_contiguous():
             raise ValueError(f"{where}: out must be contiguous (the kernel writes rows of N elements)")
@@ -812,7 +825,7 @@ def make_grouped_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: Kerne
         w = _expert_rows(ops.weight)
         up = None if ops.weight_up is None else _expert_rows(ops.weight_up)
         tensors = {"x": ops.x.contiguous(), "weight": w, "weight_up": up, "offsets": ops.offsets.contiguous(),
-                   "out": ops.out}
+                   "out": ops.out, **_float_biases(ops.bias, ops.bias_up)}
         _tile_and_run(host_call, run, entry, where, ops.m, tensors, num_programs or cores,
                       ctypes.c_uint64(w.stride(0)), ctypes.c_uint64(0 if up is None else up.stride(0)))
         return ops.out

@@ -66,6 +66,9 @@ def _signature(spec: KernelSpec) -> str:
     lines = ["x_ptr, w_ptr, out_ptr,"]
     if gated:
         lines.append("wu_ptr,  # up-projection weights [E, N, K]: the second half of each expert's rows")
+    if "bias" in spec.epilogue:
+        lines.append("bias_ptr, bias_up_ptr,  # per expert, [E, N] each: the gate's and the up's"
+                     if gated else "bias_ptr,  # per expert, [E, N]")
     lines += [
         "offs_ptr,  # int32 [E]: end row of each expert's group (rows are sorted by expert)",
         "stride_xm, stride_xk,",
@@ -73,6 +76,8 @@ def _signature(spec: KernelSpec) -> str:
     ]
     if gated:
         lines.append("stride_wue, stride_wun, stride_wuk,")
+    if "bias" in spec.epilogue:
+        lines.append("stride_be, stride_bue,  # a bias row's N values are consecutive" if gated else "stride_be,")
     lines += [
         "stride_om, stride_on,",
         "N: tl.constexpr, K: tl.constexpr,",
@@ -114,6 +119,10 @@ mask_m = offs_m < row_end  # virtual padding: the group's tail tile reads and wr
 w_ptr += expert.to(tl.int64) * stride_we"""
     if is_gated(spec.epilogue):
         code += "\nwu_ptr += expert.to(tl.int64) * stride_wue"
+    if "bias" in spec.epilogue:
+        code += "\nbias_ptr += expert.to(tl.int64) * stride_be  # and its bias row: the epilogue reads N columns"
+        if is_gated(spec.epilogue):
+            code += "\nbias_up_ptr += expert.to(tl.int64) * stride_bue"
     return code
 
 
@@ -122,7 +131,7 @@ def render_grouped_gemm_source(spec: KernelSpec) -> str:
 
     One `@triton.jit` kernel named `kernel_identifier(spec)`; its tile loop and epilogue are the
     padded GEMM's. Raises ValueError for a spec the kernel cannot implement (wrong op, no tile,
-    unsupported dtype, a bias or residual epilogue, tiles below 16, missing n/k/experts).
+    unsupported dtype, a residual epilogue, tiles below 16, missing n/k/experts).
     """
     _check_spec(spec)
     n, _, e = grouped_gemm_dims(spec)
@@ -149,32 +158,39 @@ def render_grouped_gemm_source(spec: KernelSpec) -> str:
 def make_grouped_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.Tensor]:
     """Wrap a built `grouped_gemm` kernel in a launcher.
 
-    Returns `launch(x, weight, offsets, *, out=None)`: `x` [M, K], `weight` [E, N, K] ([E, 2N, K]
-    for swiglu) of the spec dtype with any strides, `offsets` int32 [E] on x's device (see
-    `tileflow.gemm_operands.grouped_gemm_operands`); `out`, when given, is [M, N] of out_dtype and
-    written in place. The offsets are never read on the host. M == 0 returns the empty output
-    without launching. Bad inputs raise ValueError.
+    Returns `launch(x, weight, offsets, bias=None, *, out=None)`: `x` [M, K], `weight` [E, N, K]
+    ([E, 2N, K] for swiglu) of the spec dtype with any strides, `offsets` int32 [E] on x's device,
+    `bias` [E, N] ([E, 2N]) exactly when the epilogue has one (see `tileflow.gemm_operands.
+    grouped_gemm_operands`); `out`, when given, is [M, N] of out_dtype and written in place. The
+    offsets are never read on the host. M == 0 returns the empty output without launching. Bad
+    inputs raise ValueError.
     """
     _check_spec(spec)
     n, k, e = grouped_gemm_dims(spec)
     tile = spec.tile
     gated = is_gated(spec.epilogue)
+    has_bias = "bias" in spec.epilogue
     num_warps = launch_warps(spec)
 
     def launch(
-        x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, *, out: torch.Tensor | None = None
+        x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None = None, *,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the kernel: out[rows of e] = epilogue(x[rows of e] @ weight[e]^T); returns `out`."""
-        ops = grouped_gemm_operands(spec, x, weight, offsets, out=out)
+        """Run the kernel: out[rows of e] = epilogue(x[rows of e] @ weight[e]^T + bias[e]); returns `out`."""
+        ops = grouped_gemm_operands(spec, x, weight, offsets, bias, out=out)
         m = ops.m
         if m == 0:
             return ops.out  # nothing to compute (an empty grid is an error on some versions)
         args: list[Any] = [ops.x, ops.weight, ops.out]
         if gated:
             args.append(ops.weight_up)
+        if has_bias:
+            args += [ops.bias, ops.bias_up] if gated else [ops.bias]
         args += [ops.offsets, ops.x.stride(0), ops.x.stride(1), *ops.weight.stride()]
         if gated:
             args += list(ops.weight_up.stride())
+        if has_bias:
+            args += [ops.bias.stride(0), ops.bias_up.stride(0)] if gated else [ops.bias.stride(0)]
         args += [ops.out.stride(0), ops.out.stride(1)]
         # Static in M: an upper bound on sum_e cdiv(rows_e, BLOCK_M), so no offsets are read here.
         grid = (_cdiv(m, tile.block_m) + e, _cdiv(n, tile.block_n))

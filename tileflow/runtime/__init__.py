@@ -546,6 +546,7 @@ def run_grouped_gemm(
     out_dtype: torch.dtype,
     plan: str,
     target: str,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Execute `tileflow::grouped_gemm`: pick the plan's config for ceil(M / E) rows per expert and
     launch its kernel (one launch for all experts; the offsets stay on the device).
@@ -553,12 +554,13 @@ def run_grouped_gemm(
     `plan` is the node's encoded plan ("" for eager calls: built for the current config's
     `max_tokens`); `target` is the node's target ("" for eager calls: the current config's).
     Without offsets (x [E, T, K], the batched form), expert e's rows are x[e]: the same kernel
-    runs over x's rows with offsets T, 2T, ..., ET, and the result is [E, T, N].
+    runs over x's rows with offsets T, 2T, ..., ET, and the result is [E, T, N]. `bias` [E, rows
+    of weight[e]] adds row e to expert e's rows.
     """
     if offsets is None:
         e, t = x.shape[0], x.shape[1]
         offsets = torch.arange(1, e + 1, dtype=torch.int32, device=x.device) * t
-        out = run_grouped_gemm(x.reshape(e * t, x.shape[2]), weight, offsets, activation, out_dtype, plan, target)
+        out = run_grouped_gemm(x.reshape(e * t, x.shape[2]), weight, offsets, activation, out_dtype, plan, target, bias)
         return out.view(e, t, out.shape[1])
     from ..lower import grouped_gemm_spec
 
@@ -568,12 +570,13 @@ def run_grouped_gemm(
     n = rows // 2 if is_gated(activation) else rows
     m = x.shape[0]
     if n == 0 or k == 0 or m == 0 or e == 0:
-        check_operand_kinds("grouped_gemm", x, {"weight": weight}, {}, out_dtype)
+        check_operand_kinds("grouped_gemm", x, {"weight": weight}, {"bias": bias}, out_dtype)
     if e == 0:  # no expert, so no row (the offsets cover M): an empty result
         return x.new_empty((m, n), dtype=out_dtype)
     if n == 0 or k == 0:
         # No tile plan covers an empty dimension; every activation maps zero products to zero.
-        return x.new_zeros((m, n), dtype=out_dtype)
+        return _grouped_bias_rows(offsets, bias, m, n, activation, out_dtype) if bias is not None and n else \
+            x.new_zeros((m, n), dtype=out_dtype)
     tile_plan = decode_plan(plan) if plan else grouped_gemm_plan(
         n, k, e, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
         weight_tiles=2 if is_gated(activation) else 1,
@@ -581,5 +584,21 @@ def run_grouped_gemm(
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype)
     tile = _select_piece(tile_plan, expected_group_rows(m, e), "grouped_gemm").config
-    spec = grouped_gemm_spec(dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, experts=e, tile=tile, activation=activation)
-    return get_kernel(target, spec)(x, weight, offsets)
+    spec = grouped_gemm_spec(dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, experts=e, tile=tile, activation=activation,
+                             has_bias=bias is not None)
+    return get_kernel(target, spec)(x, weight, offsets, bias)
+
+
+def _grouped_bias_rows(offsets: torch.Tensor, bias: torch.Tensor, m: int, n: int, activation: str,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """A grouped GEMM with K = 0 and a bias: each row is its expert's bias row through the
+    epilogue. The expert of each row is found on the device (rows past offsets[-1] take the last
+    expert's; nothing promises them a value)."""
+    rows = torch.arange(m, device=offsets.device, dtype=offsets.dtype)
+    experts = torch.searchsorted(offsets, rows, right=True).clamp(max=bias.shape[0] - 1)
+    acc = bias.to(torch.float64 if bias.dtype == torch.float64 else torch.float32)[experts]
+    if is_gated(activation):
+        acc = apply_gated_activation(acc[:, :n], acc[:, n:], activation)
+    else:
+        acc = apply_activation(acc, activation)
+    return acc.to(out_dtype)

@@ -53,7 +53,7 @@ from tileflow.graph_utils import (
     same_shape,
     transposed_dims,
 )
-from tileflow.kernel_spec import GATED_ACTIVATIONS, is_gated
+from tileflow.kernel_spec import CLAMPED_SWIGLU, GATED_ACTIVATIONS, is_gated
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.runtime import encode_plan, gemm_plan, grouped_gemm_plan, plan_tile_times, segments_in_one_kernel
 from tileflow.tiles import TilePlan, token_range
@@ -353,6 +353,53 @@ def _gated_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.Node | No
             return None
         return mul, row_mask, gated, gate_half
     return None
+
+
+def _scalar_operand(node: fx.Node, target: Any, other: fx.Node) -> Any:
+    """The number `node` combines `other` with when it is `target(other, c)` or `target(c, other)`
+    (an aten mul or add of a tensor and a Python number, no alpha), else None."""
+    if node.target is not target or len(node.args) != 2 or node.kwargs or other not in node.args:
+        return None
+    c = node.args[1] if node.args[0] is other else node.args[0]
+    return c if isinstance(c, (int, float)) and not isinstance(c, bool) else None
+
+
+def _clamped_swiglu_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, float, float] | None:
+    """(the last `mul`, alpha, limit) when the (grouped) GEMM's [..., 2n] output of `rank` dims
+    only feeds gpt-oss's gated activation over interleaved columns: gate = out[..., 0::2] clamped
+    to at most `limit`, up = out[..., 1::2] clamped to [-limit, limit], and `(up + 1) * (gate *
+    sigmoid(gate * alpha))` (each product in either order); else None."""
+    halves: dict[int, fx.Node] = {}
+    for user in gemm.users:
+        start = user.args[2] if user.target is aten.slice.Tensor and len(user.args) == 5 else None
+        if start not in (0, 1) or start in halves or not _is_last_dim(user.args[1], rank) or user.args[4] != 2 \
+                or not (isinstance(user.args[3], int) and user.args[3] >= 2 * n) or len(user.users) != 1:
+            return None
+        halves[start] = user
+    if set(halves) != {0, 1}:
+        return None
+    gate, up = (next(iter(halves[i].users)) for i in (0, 1))
+    if gate.target is not aten.clamp.default or up.target is not aten.clamp.default or gate.kwargs or up.kwargs:
+        return None
+    limit = gate.args[2] if len(gate.args) == 3 and gate.args[1] is None else None
+    if not isinstance(limit, (int, float)) or limit <= 0 or tuple(up.args[1:]) != (-limit, limit):
+        return None
+    if len(gate.users) != 2 or len(up.users) != 1:
+        return None
+    scaled = next((u for u in gate.users if _scalar_operand(u, aten.mul.Tensor, gate) is not None), None)
+    sigmoid = _only_user(scaled) if scaled is not None else None
+    if sigmoid is None or sigmoid.target is not aten.sigmoid.default:
+        return None
+    glu = _only_user(sigmoid)
+    if glu not in gate.users or glu.target is not aten.mul.Tensor or set(glu.args) != {gate, sigmoid}:
+        return None
+    shifted = next(iter(up.users))
+    tip = _only_user(shifted)
+    if _scalar_operand(shifted, aten.add.Tensor, up) != 1 or _only_user(glu) is not tip or tip is None:
+        return None
+    if tip.target is not aten.mul.Tensor or len(tip.args) != 2 or set(tip.args) != {shifted, glu}:
+        return None
+    return tip, float(_scalar_operand(scaled, aten.mul.Tensor, gate)), float(limit)
 
 
 def _zeroed_rows(node: fx.Node, rank: int) -> fx.Node | None:
@@ -834,6 +881,9 @@ class GemmPadding:
         if gated is not None and gated[3] != 0:
             gated = None  # the grouped kernels read the gate from the first half of each expert's weight
         tail, row_mask, activation = gated[:3] if gated is not None else (None, None, "none")
+        clamped = _clamped_swiglu_tail(head, rows // 2, xv.dim()) if tail is None and rows % 2 == 0 else None
+        if clamped is not None:
+            tail, activation = clamped[0], CLAMPED_SWIGLU
         n = rows // 2 if tail is not None else rows
         lo, hi = self._grouped_m_range(args, ctx)
         weight_tiles = 2 if is_gated(activation) else 1
@@ -851,9 +901,11 @@ class GemmPadding:
                 # A [E, K, N] tensor: its transposed view is [E, N, K] with any strides (no copy).
                 weight = graph.call_function(aten.transpose.int, (w, -2, -1))
                 infer_meta(weight)
+            # (gpt-oss's interleaved gate and up rows are clamped_swiglu's layout: read as they are)
             gemm = graph.call_function(
                 torch.ops.tileflow.grouped_gemm.default,
-                (x, weight, offs, activation, None, encode_plan(plan), ctx.target, bias),
+                (x, weight, offs, activation, None, encode_plan(plan), ctx.target, bias,
+                 *(clamped[1:] if clamped is not None else ())),
             )
             infer_meta(gemm)
             copy_source_meta(node, gemm)

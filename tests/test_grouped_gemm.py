@@ -192,6 +192,72 @@ def test_kernel_adds_each_experts_bias_row(target: str, dtype: torch.dtype, acti
         kernel(x.to(dev), w.to(dev), offsets.to(dev), bias[:, 1:].to(dev))
 
 
+def _clamped_swiglu(acc: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's activation of an [M, 2N] float64 product whose gate and up columns interleave."""
+    gate, up = acc[:, 0::2].clamp(max=limit), acc[:, 1::2].clamp(-limit, limit)
+    return (up + 1) * gate * torch.sigmoid(alpha * gate)
+
+
+@pytest.mark.parametrize("target, dtype", [("reference", torch.float32), ("triton", torch.float32),
+                                           ("triton", torch.float16), ("ascend-cpu", torch.float16)])
+def test_kernel_runs_gpt_oss_clamped_swiglu_over_interleaved_columns(target: str, dtype: torch.dtype) -> None:
+    """`clamped_swiglu` over gpt-oss's layout: gate and up rows of the [E, 2N, K] weight (and
+    columns of the [E, 2N] bias) interleaved, given as a transposed view of [E, K, 2N] and as
+    row-major; products large enough that many gates pass the limit and many ups pass either
+    side of it."""
+    alpha, limit = 1.702, 2.0
+    sizes = GROUP_SIZES[8]
+    spec = grouped_gemm_spec(dtype=dtype, out_dtype=dtype, n=N, k=K, experts=8, tile=TileConfig(16, 32, 16),
+                             activation="clamped_swiglu", has_bias=True, clamp=(alpha, limit))
+    assert "alpha1.702" in spec.name and "limit2.0" in spec.name and "min(x[rows of e] @ W_gate[e]^T" in gemm_formula(spec)
+    kernel = _kernel(target, spec)
+    dev = _device(target)
+    for seed, transposed in ((5, True), (6, False)):
+        x, w, offsets = _inputs(sizes, 2 * N, dtype, seed, transposed)
+        w = 3 * w
+        bias = torch.randn(8, 2 * N, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        out = torch.full((x.shape[0], N), float("nan"), dtype=dtype, device=dev)
+        assert kernel(x.to(dev), w.to(dev), offsets.to(dev), bias.to(dev), out=out) is out
+        acc = _reference(x, w, offsets, "none", bias)
+        assert (acc[:, 0::2] > limit).float().mean() > 0.15 and (acc[:, 1::2].abs() > limit).float().mean() > 0.3
+        _assert_close(out.cpu(), _clamped_swiglu(acc, alpha, limit), dtype)
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_eager_op_with_gpt_oss_experts(target: str) -> None:
+    """The eager op over gpt-oss's layout ([E, K, 2N] weights, interleaved columns, biases), with
+    offsets, batched, and with K = 0; its argument checks."""
+    dev = _device(target)
+    gen = torch.Generator().manual_seed(4)
+    gg = tileflow.ops.grouped_gemm
+    with tileflow.use_config(tileflow.Config(target=target)):
+        for sizes, k in (([4, 0, 19, 1], K), ([2, 3, 0, 5], 0)):
+            x = torch.randn(sum(sizes), k, generator=gen)
+            w = (2 * torch.randn(4, k, 2 * N, generator=gen)).to(dev).transpose(1, 2)
+            b = (2 * torch.randn(4, 2 * N, generator=gen)).to(dev)
+            out = gg(x.to(dev), w, _offsets(sizes).to(dev), activation="clamped_swiglu", bias=b, alpha=1.702, limit=3.0)
+            ref = _clamped_swiglu(_reference(x, w.cpu(), _offsets(sizes), "none", b.cpu()), 1.702, 3.0)
+            _assert_close(out.cpu(), ref, torch.float32)
+        x3, w = torch.randn(4, 5, K, generator=gen), torch.randn(4, 2 * N, K, generator=gen)
+        out = gg(x3.to(dev), w.to(dev), activation="clamped_swiglu", alpha=1.0, limit=1.0)
+        acc = torch.einsum("etk,enk->etn", x3.double(), w.double())
+        gate, up = acc[..., 0::2].clamp(max=1.0), acc[..., 1::2].clamp(-1.0, 1.0)
+        _assert_close(out.cpu(), (up + 1) * gate * torch.sigmoid(gate), torch.float32)
+    x, w, offsets = _inputs([3, 0, 5], N, torch.float32, 0, False)
+    cases = [
+        (lambda: gg(x, w, offsets, activation="clamped_swiglu"), "alpha and limit go with"),
+        (lambda: gg(x, w, offsets, activation="clamped_swiglu", alpha=1.0), "alpha and limit go with"),
+        (lambda: gg(x, w, offsets, activation="swiglu", alpha=1.0, limit=7.0), "alpha and limit go with"),
+        (lambda: gg(x, w, offsets, activation="clamped_swiglu", alpha=1.0, limit=0.0), "positive limit"),
+        (lambda: gg(x, w, offsets, activation="clamped_swiglu", alpha=float("nan"), limit=1.0), "finite alpha"),
+        (lambda: gg(x, w[:, :39], offsets, activation="clamped_swiglu", alpha=1.0, limit=1.0), r"\[E, 2N, K\]"),
+        (lambda: tileflow.ops.padded_gemm(x, w[0], activation="clamped_swiglu"), "grouped_gemm activation only"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 @pytest.mark.parametrize("target", ["reference", "triton"])
 @pytest.mark.parametrize("activation", ["none", "geglu"])
 def test_eager_op_with_an_expert_bias(target: str, activation: str) -> None:
@@ -461,6 +527,74 @@ def test_pass_leaves_a_bias_gather_it_cannot_prove_per_expert(variant: str) -> N
     assert rewrites["grouped_gemm"] == 2
     assert rewrites.get("fused_grouped_bias", 0) == (1 if variant in ("other_gather", "wider_bias") else 0)
     torch.testing.assert_close(compiled(x, *weights, other), fn(x, *weights, other), rtol=1e-5, atol=1e-5)
+
+
+def _gpt_oss_experts(variant: str = "fused") -> Callable:
+    """gpt-oss's experts as transformers runs them (grouped path): [E, K, 2N] gate-up weights with
+    interleaved columns and biases, `(clamp(up, -L, L) + 1) * g * sigmoid(g * 1.702)`, g =
+    clamp(gate, max=L); a `variant` changes one step of the activation."""
+    import transformers.integrations.moe  # noqa: F401
+
+    mm = torch.ops.transformers.grouped_mm_fallback
+    limit = 2.0
+
+    def experts(x, router, gate_up, gate_up_bias, down, down_bias):
+        e = gate_up.shape[0]
+        top = torch.topk(x @ router.T, 2, dim=-1).indices.reshape(-1)
+        ids, perm = torch.sort(top)
+        offs = torch.cumsum(torch.histc(ids.float(), bins=e, min=0, max=e - 1), dim=0, dtype=torch.int32)
+        h = mm(x[perm // 2], gate_up, offs=offs) + gate_up_bias[ids]
+        gate, up = (h[..., 1::2], h[..., ::2]) if variant == "gate_odd" else (h[..., ::2], h[..., 1::2])
+        gate = gate.clamp(min=-limit if variant == "gate_floor" else None, max=limit)
+        up = up.clamp(min=-limit, max=limit / 2 if variant == "up_other_limit" else limit)
+        glu = gate * torch.sigmoid(gate * 1.702)
+        h = (up + (2 if variant == "up_plus_two" else 1)) * glu
+        return mm(h, down, offs=offs) + down_bias[ids]
+
+    return experts
+
+
+def _gpt_oss_weights(e: int = 4, inner: int = 24) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(8)
+    return [torch.randn(e, K, generator=gen), 3 * torch.randn(e, K, 2 * inner, generator=gen) / K**0.5,
+            torch.randn(e, 2 * inner, generator=gen), torch.randn(e, inner, K, generator=gen) / inner**0.5,
+            torch.randn(e, K, generator=gen)]
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_pass_fuses_gpt_oss_clamped_swiglu(target: str) -> None:
+    """gpt-oss's gate-up experts become one grouped GEMM over the weight and the bias as they
+    are (gate and up interleaved), with the clamped SwiGLU in its epilogue; equal to the graph
+    it replaced for every row count, clamps taken (a limit of 2)."""
+    fn = _gpt_oss_experts()
+    weights = _gpt_oss_weights()
+    x = torch.randn(9, K)
+    compiled, gm, ctx = _compile(fn, x, *weights, target=target)
+    node = next(n for n in gm.graph.nodes if n.target is GROUPED)
+    # The [E, K, 2N] weight's transposed view and the [E, 2N] bias, interleaved, as they are.
+    assert node.args[3] == "clamped_swiglu" and node.args[8:] == (1.702, 2.0)
+    assert node.args[7].op == "placeholder" and tuple(node.args[7].meta["val"].shape) == (4, 48)
+    weight = node.args[1]
+    assert weight.target is aten.transpose.int and weight.args[0].op == "placeholder"
+    assert tuple(weight.args[0].meta["val"].shape) == (4, K, 48)
+    assert {aten.sigmoid.default, aten.slice.Tensor, aten.clamp.default}.isdisjoint(n.target for n in gm.graph.nodes)
+    assert ctx.report.passes[1].rewrites == {"grouped_gemm": 2, "fused_grouped_clamped_swiglu": 1,
+                                             "fused_grouped_bias": 2, "padded_gemm": 1}
+    for m in (1, 9, 40):
+        x = torch.randn(m, K, generator=torch.Generator().manual_seed(m))
+        torch.testing.assert_close(compiled(x, *weights), fn(x, *weights), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gate_odd", "gate_floor", "up_other_limit", "up_plus_two"])
+def test_pass_leaves_an_activation_that_is_not_gpt_oss_s(variant: str) -> None:
+    """One step off gpt-oss's activation (the gate in the odd columns, a floor on the gate, the
+    up clamped to other bounds, `up + 2`) leaves it unfused, the biases still fused."""
+    fn = _gpt_oss_experts(variant)
+    weights = _gpt_oss_weights()
+    compiled, gm, ctx = _compile(fn, torch.randn(9, K), *weights)
+    assert ctx.report.passes[1].rewrites == {"grouped_gemm": 2, "fused_grouped_bias": 2, "padded_gemm": 1}
+    x = torch.randn(17, K)
+    torch.testing.assert_close(compiled(x, *weights), fn(x, *weights), rtol=1e-5, atol=1e-5)
 
 
 def test_swiglu_fuses_across_a_fill_that_zeroes_whole_rows() -> None:

@@ -56,8 +56,10 @@ def test_architecture_compiles_once_and_matches_eager(name: str) -> None:
     assert rewrites["meta_attention"] == 2 and not report.fallbacks, report.fallbacks
     for feature in ("logit_softcap", "attention_sinks", "alibi", *features):
         assert rewrites.get(feature, 0) == (2 if feature in features else 0), feature
-    # gpt-oss's experts add their biases as `bias[sorted ids]`: each grouped GEMM takes its own.
+    # gpt-oss's experts add their biases as `bias[sorted ids]`: each grouped GEMM takes its own,
+    # and the gate-up one its clamped SwiGLU.
     assert rewrites.get("fused_grouped_bias", 0) == (4 if name == "gpt_oss" else 0)
+    assert rewrites.get("fused_grouped_clamped_swiglu", 0) == (2 if name == "gpt_oss" else 0)
 
 
 # The pinning alone, in the default run: test_heads_made_symbolic_by_a_graph_break_are_pinned_by_a_guard.

@@ -14,9 +14,19 @@ from typing import Any
 
 import torch
 
-from .kernel_spec import GATED_ACTIVATIONS, KernelSpec, dtype_name, gemm_dims, gemm_segments, grouped_gemm_dims, is_gated
+from .kernel_spec import (
+    CLAMPED_SWIGLU,
+    GATED_ACTIVATIONS,
+    KernelSpec,
+    dtype_name,
+    gated_activation,
+    gemm_dims,
+    gemm_segments,
+    grouped_gemm_dims,
+    is_gated,
+)
 
-__all__ = ["GemmOperands", "GroupedGemmOperands", "apply_activation", "apply_gated_activation", "gemm_operands",
+__all__ = ["GemmOperands", "GroupedGemmOperands", "apply_activation", "apply_gated_activation", "gate_and_up", "gemm_operands",
            "grouped_gemm_operands"]
 
 
@@ -39,11 +49,29 @@ def apply_activation(acc: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def apply_gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """A gated GEMM's epilogue (`activation` one of `GATED_ACTIVATIONS`): its gate's activation
-    of the gate accumulator times the up accumulator, in torch ops."""
+def gate_and_up(stacked: Any, activation: str) -> tuple[Any, Any]:
+    """The gate and up halves of a gated GEMM's stacked operand along its dim 1 (a weight
+    [E, 2N, K] or [2N, K], a bias [E, 2N], a product [M, 2N]), as views: gate rows first, then
+    up rows; `clamped_swiglu`'s interleave (gpt-oss's layout: gate j at 2j, up j at 2j + 1)."""
+    if activation == CLAMPED_SWIGLU:
+        return stacked[:, 0::2], stacked[:, 1::2]
+    n = stacked.shape[1] // 2
+    return stacked[:, :n], stacked[:, n:]
+
+
+def apply_gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str,
+                           clamp: tuple[float, float] | None = None) -> torch.Tensor:
+    """A gated GEMM's epilogue (`activation` one of `GATED_ACTIVATIONS`, or `CLAMPED_SWIGLU` with
+    `clamp` = (alpha, limit)): its gate's activation of the gate accumulator times the up
+    accumulator, in torch ops."""
+    if activation == CLAMPED_SWIGLU:
+        if clamp is None:
+            raise ValueError("clamped_swiglu needs its (alpha, limit)")
+        alpha, limit = clamp
+        gate = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(alpha * gate))
     if activation not in GATED_ACTIVATIONS:
-        raise ValueError(f"unknown gated activation {activation!r}; expected one of {list(GATED_ACTIVATIONS)}")
+        raise ValueError(f"unknown gated activation {activation!r}; expected one of {[*GATED_ACTIVATIONS, CLAMPED_SWIGLU]}")
     return apply_activation(gate, GATED_ACTIVATIONS[activation]) * up
 
 
@@ -222,9 +250,9 @@ def _check_no_overlap(where: str, out: torch.Tensor, inputs: dict[str, Any]) -> 
 @dataclass
 class GroupedGemmOperands:
     """Checked launch operands of a grouped GEMM: `weight` [E, N, K] (the gate half for a gated activation,
-    `weight_up` [E, N, K] the up half, else None), `offsets` int32 [E], `out` [M, N]; with a bias
-    epilogue `bias` [E, N] (the gate's, `bias_up` [E, N] the up's, for a gated activation), each
-    row of N consecutive values."""
+    `weight_up` [E, N, K] the up half, else None; for `clamped_swiglu` the whole interleaved
+    [E, 2N, K]), `offsets` int32 [E], `out` [M, N]; with a bias epilogue `bias` [E, N] (split as
+    the weight is, `bias_up` the up's), each row of consecutive values."""
 
     x: torch.Tensor
     weight: torch.Tensor
@@ -241,7 +269,7 @@ class GroupedGemmOperands:
 
 
 def grouped_gemm_operands(spec: KernelSpec, x: Any, weight: Any, offsets: Any, bias: Any = None, *,
-                          out: Any = None) -> GroupedGemmOperands:
+                          out: Any = None, split_interleaved: bool = False) -> GroupedGemmOperands:
     """Validate a launch of a `grouped_gemm` spec and return its operands; ValueError says why.
 
     `x` is [M, K] of the spec dtype, rows sorted by group; `weight` [E, N, K] ([E, 2N, K], gate
@@ -250,7 +278,10 @@ def grouped_gemm_operands(spec: KernelSpec, x: Any, weight: Any, offsets: Any, b
     captured in a CUDA graph); the offsets' values are the caller's contract (`tileflow.ops.
     grouped_gemm` checks them in eager calls). `bias` ([E, N], or [E, 2N] gate then up for a gated
     activation; the spec dtype or out_dtype) is given exactly when the epilogue has one: expert
-    e's rows gain row e. `out`, when given, is [M, N] of out_dtype.
+    e's rows gain row e. `out`, when given, is [M, N] of out_dtype. The gated halves come back
+    as `weight`/`weight_up` (and `bias`/`bias_up`) views, but for `clamped_swiglu`, whose
+    interleaved weight and bias stay whole unless `split_interleaved` (for kernels that read
+    gate and up as two operands; the Triton kernel reads them in one wide tile).
     """
     n, k, e = grouped_gemm_dims(spec)
     gated = is_gated(spec.epilogue)
@@ -259,22 +290,25 @@ def grouped_gemm_operands(spec: KernelSpec, x: Any, weight: Any, offsets: Any, b
     _check_x(where, x, k)
     m, device = x.shape[0], x.device
     _check_operand(where, "x", x, (m, k), {in_dtype}, device)
-    _check_operand(where, "weight", weight, (e, 2 * n if gated else n, k), {in_dtype}, device)
+    rows = 2 * n if gated else n
+    _check_operand(where, "weight", weight, (e, rows, k), {in_dtype}, device)
     _check_operand(where, "offsets", offsets, (e,), {torch.int32}, device)
     offsets = offsets.contiguous()  # the kernels read offsets[e] with no stride
-    weight_up = bias_up = None
-    if gated:
-        weight, weight_up = weight[:, :n], weight[:, n:]  # views: the stacked tensor is not copied
+    bias_up = None
     if "bias" in spec.epilogue:
         if bias is None:
             raise ValueError(f"{where}: the epilogue has 'bias' but no bias was given")
-        _check_operand(where, "bias", bias, (e, 2 * n if gated else n), {in_dtype, out_dtype}, device)
-        # The kernels read a bias row as N consecutive values: a strided one is copied first.
+        _check_operand(where, "bias", bias, (e, rows), {in_dtype, out_dtype}, device)
+        # The kernels read a bias row as consecutive values: a strided one is copied first.
         bias = bias if bias.stride(-1) == 1 else bias.contiguous()
-        if gated:
-            bias, bias_up = bias[:, :n], bias[:, n:]
     elif bias is not None:
         raise ValueError(f"{where}: a bias was given but the epilogue {spec.epilogue} has no 'bias'")
+    weight_up = None
+    activation = gated_activation(spec.epilogue)
+    if gated and (activation != CLAMPED_SWIGLU or split_interleaved):
+        weight, weight_up = gate_and_up(weight, activation)  # views: the stacked tensor is not copied
+        if bias is not None:
+            bias, bias_up = gate_and_up(bias, activation)
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=device)
     else:

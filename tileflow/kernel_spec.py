@@ -11,6 +11,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,7 +20,8 @@ from typing import Any
 # inputs) first rounds it to the input dtype, as eager's `linear(x, w).to(out_dtype)` does
 # (fp16's overflow to inf included), then converts that to out_dtype.
 EPILOGUES: tuple[str, ...] = (
-    "bias", "silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu", "geglu", "geglu_tanh", "residual", "round", "cast",
+    "bias", "silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu", "geglu", "geglu_tanh", "clamped_swiglu", "residual",
+    "round", "cast",
 )
 # Input dtypes whose GEMM result `round` rounds (for float32 / float64 the accumulator already has
 # the input's dtype: rounding to it would change nothing, so such specs have no `round`).
@@ -30,9 +32,13 @@ ROUNDED_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
 # in one kernel with two accumulators, by the activation of the gate: SwiGLU (Llama's MLP),
 # GeGLU (erf GELU) and GeGLU with the tanh GELU (Gemma's).
 GATED_ACTIVATIONS: dict[str, str] = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
-ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "relu", "relu2", *GATED_ACTIVATIONS)
+# gpt-oss's experts' gated activation, with its two numbers: `(clamp(up, -limit, limit) + 1) *
+# g * sigmoid(alpha * g)`, g = min(gate, limit). Grouped GEMMs only; `alpha` and `limit` are the
+# spec's params (`clamped_swiglu_params`).
+CLAMPED_SWIGLU = "clamped_swiglu"
+ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh", "relu", "relu2", *GATED_ACTIVATIONS, CLAMPED_SWIGLU)
 # The activations of one accumulator (every one but the gated ones, which read two).
-UNARY_ACTIVATIONS: tuple[str, ...] = tuple(a for a in ACTIVATIONS if a not in GATED_ACTIVATIONS)
+UNARY_ACTIVATIONS: tuple[str, ...] = tuple(a for a in ACTIVATIONS if a not in GATED_ACTIVATIONS and a != CLAMPED_SWIGLU)
 # dtypes by their short names; specs carry names, not torch.dtype, so they stay JSON-friendly.
 DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
 # TileConfig's default width of the grouped tile order (left out of tile names).
@@ -214,13 +220,13 @@ def gemm_segments(spec: KernelSpec) -> tuple[int, ...]:
 
 
 def gated_activation(names: str | tuple[str, ...] | None) -> str | None:
-    """The gated activation (a key of `GATED_ACTIVATIONS`) that an activation name is or an
-    epilogue holds, else None."""
+    """The gated activation (a key of `GATED_ACTIVATIONS`, or `CLAMPED_SWIGLU`) that an activation
+    name is or an epilogue holds, else None."""
     if names is None:
         return None
     if isinstance(names, str):
-        return names if names in GATED_ACTIVATIONS else None
-    return next((name for name in names if name in GATED_ACTIVATIONS), None)
+        names = (names,)
+    return next((name for name in names if name in GATED_ACTIVATIONS or name == CLAMPED_SWIGLU), None)
 
 
 def is_gated(names: str | tuple[str, ...] | None) -> bool:
@@ -231,6 +237,21 @@ def is_gated(names: str | tuple[str, ...] | None) -> bool:
 def segment_starts(widths: tuple[int, ...]) -> tuple[int, ...]:
     """The first output column of each N segment of the given widths."""
     return tuple(itertools.accumulate(widths[:-1], initial=0))
+
+
+def clamped_swiglu_params(spec: KernelSpec) -> tuple[float, float]:
+    """(alpha, limit) of a spec whose epilogue has `clamped_swiglu`: its `alpha` and `limit`
+    params, kept as text (`repr` of the float) so that they name the kernel; ValueError unless
+    both are numbers and the limit is positive."""
+    try:
+        alpha, limit = float(spec.param("alpha")), float(spec.param("limit"))
+    except (TypeError, ValueError):
+        raise ValueError(f"{spec.op} spec with clamped_swiglu needs the params 'alpha' and 'limit' as numbers "
+                         f"(make_params(alpha=repr(a), limit=repr(l))), got {spec.param('alpha')!r} and "
+                         f"{spec.param('limit')!r}") from None
+    if not (math.isfinite(alpha) and limit > 0):
+        raise ValueError(f"clamped_swiglu needs a finite alpha and a positive limit, got {alpha} and {limit}")
+    return alpha, limit
 
 
 def grouped_gemm_dims(spec: KernelSpec) -> tuple[int, int, int]:
@@ -245,7 +266,7 @@ GEMM_OPS: dict[str, tuple[str, ...]] = {"padded_gemm": (), "grouped_gemm": ("res
 # The static params each family's kernels read (`lower.gemm_spec`, `lower.grouped_gemm_spec`).
 GEMM_PARAMS: dict[str, frozenset[str]] = {
     "padded_gemm": frozenset({"n", "k", "persistent", "split_k", "stream_k", "tma", "segments"}),
-    "grouped_gemm": frozenset({"n", "k", "experts"}),
+    "grouped_gemm": frozenset({"n", "k", "experts", "alpha", "limit"}),
 }
 
 
@@ -313,6 +334,12 @@ def check_gemm_spec(
         grouped_gemm_dims(spec)
     else:
         gemm_segments(spec)
+    if CLAMPED_SWIGLU in spec.epilogue:
+        if op != "grouped_gemm":
+            raise ValueError(f"clamped_swiglu is a grouped_gemm epilogue (gpt-oss's experts), not a {op} one")
+        clamped_swiglu_params(spec)
+    elif spec.param("alpha") is not None or spec.param("limit") is not None:
+        raise ValueError(f"{op} spec has params 'alpha'/'limit' but no clamped_swiglu epilogue ({spec.epilogue})")
 
 
 def gemm_formula(spec: KernelSpec) -> str:
@@ -322,7 +349,12 @@ def gemm_formula(spec: KernelSpec) -> str:
     ep = spec.epilogue
     grouped = spec.op == "grouped_gemm"
     x, e = ("x[rows of e]", "[e]") if grouped else ("x", "")
-    if is_gated(ep):
+    if CLAMPED_SWIGLU in ep:
+        bg, bu = (f" + bias_gate{e}", f" + bias_up{e}") if "bias" in ep else ("", "")
+        alpha, limit = clamped_swiglu_params(spec)
+        expr = (f"(clamp(u, -{limit}, {limit}) + 1) * g * sigmoid({alpha} * g), g = min({x} @ W_gate{e}^T{bg}, {limit}), "
+                f"u = {x} @ W_up{e}^T{bu}")
+    elif is_gated(ep):
         bg, bu = (f" + bias_gate{e}", f" + bias_up{e}") if "bias" in ep else ("", "")
         act = GATED_ACTIVATIONS[gated_activation(ep)]
         expr = f"{act}({x} @ W_gate{e}^T{bg}) * ({x} @ W_up{e}^T{bu})"

@@ -101,33 +101,36 @@ def grouped_gemm_spec(
     tile: TileConfig,
     activation: str = "none",
     has_bias: bool = False,
+    clamp: tuple[float, float] | None = None,
 ) -> KernelSpec:
     """The KernelSpec of one fixed-tile grouped GEMM over `experts` weights [E, N, K] (N is the
     output width: for swiglu each expert's weight has 2N rows), with a per-expert bias [E, N]
-    when `has_bias`."""
+    when `has_bias`; `clamp` is `clamped_swiglu`'s (alpha, limit), kept as text params."""
     dtype, out_dtype = dtype_name(dtype), dtype_name(out_dtype)
+    extra = {} if clamp is None else {"alpha": repr(float(clamp[0])), "limit": repr(float(clamp[1]))}
     return KernelSpec(
         op="grouped_gemm",
         dtype=dtype,
         out_dtype=out_dtype,
         tile=tile,
         epilogue=gemm_epilogue(has_bias=has_bias, activation=activation, has_residual=False, cast=dtype != out_dtype),
-        params=make_params(n=n, k=k, experts=experts),
+        params=make_params(n=n, k=k, experts=experts, **extra),
     )
 
 
 def grouped_gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     """One spec per config of `plan`, for a `tileflow::grouped_gemm` node."""
-    names = ("activation", "out_dtype", "plan", "target", "bias")
+    names = ("activation", "out_dtype", "plan", "target", "bias", "alpha", "limit")
     kwargs = dict(zip(names, node.args[3:]))
     kwargs.update(node.kwargs)
     activation = kwargs.get("activation") or "none"
     xv, wv = node.args[0].meta["val"], node.args[1].meta["val"]
     e, rows, k = (int(d) for d in wv.shape)
+    clamp = None if kwargs.get("alpha") is None else (kwargs["alpha"], kwargs["limit"])
     return [
         grouped_gemm_spec(
             dtype=xv.dtype, out_dtype=kwargs.get("out_dtype") or xv.dtype, n=rows // 2 if is_gated(activation) else rows,
-            k=k, experts=e, tile=tile, activation=activation, has_bias=kwargs.get("bias") is not None,
+            k=k, experts=e, tile=tile, activation=activation, has_bias=kwargs.get("bias") is not None, clamp=clamp,
         )
         for tile in plan.configs
     ]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .kernel_spec import ACTIVATIONS, is_gated
+from .kernel_spec import ACTIVATIONS, CLAMPED_SWIGLU, is_gated
 from .tasks import check_sliding_window
 
 __all__ = [
@@ -129,6 +129,8 @@ def _check_gemm_args(
 ) -> int:
     """Validate a padded_gemm call; return its output width N."""
     _check_activation("padded_gemm", activation)
+    if activation == CLAMPED_SWIGLU:
+        raise ValueError("padded_gemm: clamped_swiglu (gpt-oss's) is a grouped_gemm activation only")
     if more_weights or more_biases:
         n = _check_segment_args(x, weight, bias, activation, weight_up, more_weights or (), more_biases)
         _check_residual(x, residual, n)
@@ -280,7 +282,8 @@ def padded_gemm(
     """Dynamic-M GEMM like `F.linear`, run by a tile plan's fixed-tile kernels with virtual padding.
 
     `x` is [M, K]; `weight` is [N, K]. `activation` is one of `kernel_spec.ACTIVATIONS` (`silu`,
-    `gelu`, `gelu_tanh`, `relu`, `relu2` = relu(a) ** 2, `swiglu`, `geglu`, `geglu_tanh`) or None.
+    `gelu`, `gelu_tanh`, `relu`, `relu2` = relu(a) ** 2, `swiglu`, `geglu`, `geglu_tanh`; not
+    `clamped_swiglu`, a grouped GEMM's) or None.
     With `"swiglu"` the result is `silu(x @ Wg.T + bg) * (x @ Wu.T + bu)` (`geglu`: gelu of the
     gate, `geglu_tanh`: its tanh approximation, Gemma's), the gate and up weights given stacked
     as one [2N, K] `weight` (and [2N] `bias`), or separately as `weight`/`weight_up` (and
@@ -302,11 +305,17 @@ def padded_gemm(
 
 def _check_grouped_gemm_args(
     x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor | None, activation: str,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, alpha: float | None = None, limit: float | None = None,
 ) -> int:
     """Validate a grouped_gemm call's shapes and dtypes (no values: that would need a device->host
     copy on every call); return its output width N."""
     _check_activation("grouped_gemm", activation)
+    if (activation == CLAMPED_SWIGLU) != (alpha is not None and limit is not None) or \
+            (activation != CLAMPED_SWIGLU and (alpha is not None or limit is not None)):
+        raise ValueError(f"grouped_gemm: alpha and limit go with activation='clamped_swiglu' (both), got "
+                         f"activation={activation!r}, alpha={alpha}, limit={limit}")
+    if activation == CLAMPED_SWIGLU and not (math.isfinite(alpha) and limit > 0):
+        raise ValueError(f"grouped_gemm: clamped_swiglu needs a finite alpha and a positive limit, got {alpha} and {limit}")
     if offsets is None:
         # The batched form: expert e's rows are x[e], as many for every expert.
         if x.dim() != 3 or weight.dim() != 3 or x.shape[0] != weight.shape[0]:
@@ -363,6 +372,8 @@ def _grouped_gemm(
     plan: str = "",
     target: str = "",
     bias: torch.Tensor | None = None,
+    alpha: float | None = None,
+    limit: float | None = None,
 ) -> torch.Tensor:
     """out[M, N]: rows offsets[e-1]:offsets[e] of x times expert e's weight (plus its bias row), by
     fixed-tile kernels (out[E, T, N]: x[e] times expert e's weight, when offsets is None).
@@ -372,8 +383,9 @@ def _grouped_gemm(
     """
     from .runtime import run_grouped_gemm
 
-    _check_grouped_gemm_args(x, weight, offsets, activation, bias)
-    return run_grouped_gemm(x, weight, offsets, activation, out_dtype or x.dtype, plan, target, bias)
+    _check_grouped_gemm_args(x, weight, offsets, activation, bias, alpha, limit)
+    return run_grouped_gemm(x, weight, offsets, activation, out_dtype or x.dtype, plan, target, bias,
+                            clamp=None if alpha is None else (alpha, limit))
 
 
 @_grouped_gemm.register_fake
@@ -386,8 +398,10 @@ def _grouped_gemm_fake(
     plan: str = "",
     target: str = "",
     bias: torch.Tensor | None = None,
+    alpha: float | None = None,
+    limit: float | None = None,
 ) -> torch.Tensor:
-    n = _check_grouped_gemm_args(x, weight, offsets, activation, bias)
+    n = _check_grouped_gemm_args(x, weight, offsets, activation, bias, alpha, limit)
     return x.new_empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype)
 
 
@@ -399,6 +413,8 @@ def grouped_gemm(
     activation: str | None = None,
     out_dtype: torch.dtype | None = None,
     bias: torch.Tensor | None = None,
+    alpha: float | None = None,
+    limit: float | None = None,
 ) -> torch.Tensor:
     """Grouped (MoE expert) GEMM with dynamic group sizes, run by fixed-tile kernels (SmoothGEMM).
 
@@ -411,6 +427,10 @@ def grouped_gemm(
     + bu)`, [M, N] (`geglu`, `geglu_tanh`: gelu of the gate, exact or tanh). `bias`, optional, is
     one row per expert: [E, N], or [E, 2N] (gate, then up) with a gated activation; it replaces
     the gather `bias[expert_ids]` an MoE layer adds after `torch._grouped_mm`.
+    `activation="clamped_swiglu"` is gpt-oss's, with its `alpha` and `limit`: `(clamp(u, -limit,
+    limit) + 1) * g * sigmoid(alpha * g)`, g = min(gate, limit), over gpt-oss's layout: the gate
+    and up rows of `weight` [E, 2N, K] (and columns of `bias` [E, 2N]) interleave, gate j at 2j
+    and up j at 2j + 1.
     Each group's last tile is masked (virtual padding); the tile config is the plan's for the
     expected rows per expert, ceil(M / E). Eager calls check the offsets' values (ValueError);
     inside a compiled graph they are the caller's contract, and rows past offsets[-1] are not
@@ -421,10 +441,10 @@ def grouped_gemm(
     runs every token through every expert that way).
     """
     if not torch.compiler.is_compiling():
-        _check_grouped_gemm_args(x, weight, offsets, activation or "none", bias)
+        _check_grouped_gemm_args(x, weight, offsets, activation or "none", bias, alpha, limit)
         if offsets is not None:
             check_group_offsets(offsets, x.shape[0])
-    return torch.ops.tileflow.grouped_gemm(x, weight, offsets, activation or "none", out_dtype, "", "", bias)
+    return torch.ops.tileflow.grouped_gemm(x, weight, offsets, activation or "none", out_dtype, "", "", bias, alpha, limit)
 
 
 @_op("meta_attention_varlen")

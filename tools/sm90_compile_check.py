@@ -430,17 +430,21 @@ def _launch_benchmark_kernels(scope: str = "all") -> None:
                 runtime.get_kernel("triton", spec)(x, weights[0], biases[0] if bias else None, more_weights=weights[1:],
                                                     more_biases=biases[1:] if bias else (), **launch)
     # Mixtral-like experts: 8 experts, SwiGLU gate/up (N = 2 x 14336) and down; gpt-oss-like
-    # ones (hidden and expert width 2880) with their per-expert biases.
-    for n, k, activation, bias in [(14336, 4096, "swiglu", False), (4096, 14336, "none", False),
-                                   (5760, 2880, "none", True)]:
-        rows = 2 * n if activation == "swiglu" else n
-        for tile in tiles(n, k, "bfloat16", device, weight_tiles=2 if activation == "swiglu" else 1):
+    # gate/up ones (hidden and expert width 2880): interleaved gate and up, per-expert biases,
+    # the clamped SwiGLU.
+    for n, k, activation in [(14336, 4096, "swiglu"), (4096, 14336, "none"), (2880, 2880, "clamped_swiglu")]:
+        gated = activation != "none"
+        rows = 2 * n if gated else n
+        clamp = (1.702, 7.0) if activation == "clamped_swiglu" else None
+        for tile in tiles(n, k, "bfloat16", device, weight_tiles=2 if gated else 1):
             spec = grouped_gemm_spec(dtype=bf16, out_dtype=bf16, n=n, k=k, experts=8, tile=tile,
-                                     activation=activation, has_bias=bias)
+                                     activation=activation, has_bias=clamp is not None, clamp=clamp)
             kernel = runtime.get_kernel("triton", spec)
-            kernel(torch.empty(5, k, dtype=bf16), torch.empty(8, rows, k, dtype=bf16),
-                   torch.tensor([0, 2, 2, 3, 5, 5, 5, 5], dtype=torch.int32),
-                   torch.empty(8, rows, dtype=bf16) if bias else None)
+            x, offsets = torch.empty(5, k, dtype=bf16), torch.tensor([0, 2, 2, 3, 5, 5, 5, 5], dtype=torch.int32)
+            if clamp is None:
+                kernel(x, torch.empty(8, rows, k, dtype=bf16), offsets)
+            else:  # gpt-oss's [E, K, 2N] parameter, transposed
+                kernel(x, torch.empty(8, k, rows, dtype=bf16).transpose(1, 2), offsets, torch.empty(8, rows, dtype=bf16))
     page = 16
     # Llama-3-8B-like heads (32 query heads of 128 over 4 or 8 KV heads), Gemma-2-9B's (16 over 8
     # heads of 256, scores soft-capped), gpt-oss-20b's (64 over 8 heads of 64, attention sinks,

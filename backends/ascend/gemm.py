@@ -44,9 +44,11 @@ import torch
 from tileflow.gemm_operands import gemm_operands, grouped_gemm_operands
 from tileflow.kernel_spec import (
     ACTIVATIONS,
+    CLAMPED_SWIGLU,
     GATED_ACTIVATIONS,
     KernelSpec,
     check_gemm_spec,
+    clamped_swiglu_params,
     gated_activation,
     gemm_dims,
     gemm_formula,
@@ -120,6 +122,7 @@ class GemmLayout:
     residual: bool
     experts: int = 0  # grouped (MoE) GEMM: the weight is [experts, N, K]; 0 for a plain GEMM
     rounds: bool = False  # `round`: the result goes through InT (the input dtype) on its way to OutT
+    clamp: tuple[float, float] | None = None  # clamped_swiglu's (alpha, limit)
 
     @property
     def gated(self) -> bool:
@@ -216,7 +219,7 @@ def gemm_layout(spec: KernelSpec) -> GemmLayout:
                 group_m=tile.group_m, ub_rows=rows, buffer_num=buffers,
                 in_type=cpp_type(spec.dtype), out_type=cpp_type(spec.out_dtype),
                 activation=activation, bias="bias" in ep, residual="residual" in ep, experts=experts,
-                rounds="round" in ep,
+                rounds="round" in ep, clamp=clamped_swiglu_params(spec) if activation == CLAMPED_SWIGLU else None,
             )
             if sum(b.bytes(layout) for b in ub_buffers(layout)) > UB_BYTES:
                 continue
@@ -299,6 +302,19 @@ def _activation_code(layout: GemmLayout) -> str:
     """Vector-unit code applying the activation to `acc` (count elements; `tmp` is scratch); a
     gated one applies its gate's activation, then multiplies by `up`."""
     gated = gated_activation(layout.activation)
+    if gated == CLAMPED_SWIGLU:
+        alpha, limit = layout.clamp
+        return f"""        // gpt-oss's clamped SwiGLU: g = min(gate, {limit}), (clamp(up, -{limit}, {limit}) + 1) * g * sigmoid({alpha} * g)
+        Mins(acc, acc, {limit!r}f, count);
+        Maxs(up, up, {-limit!r}f, count);
+        Mins(up, up, {limit!r}f, count);
+        Adds(up, up, 1.0f, count);
+        Muls(tmp, acc, {-alpha!r}f, count);
+        Exp(tmp, tmp, count);
+        Adds(tmp, tmp, 1.0f, count);
+        Div(acc, acc, tmp, count);
+        Mul(acc, acc, up, count);
+"""
     if gated:
         gate_act = GATED_ACTIVATIONS[gated]
         return (_unary_activation_code(gate_act)
@@ -808,7 +824,8 @@ def make_grouped_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: Kerne
     sorted by expert, `weight` [E, N, K] ([E, 2N, K] gate then up for swiglu; any expert stride),
     `offsets` int32 [E], the end row of each group (the caller's contract; only its shape is
     checked, so a launch never reads it on the host), `bias` [E, N] ([E, 2N]) exactly when the
-    epilogue has one. Rows past `offsets[-1]` are not written.
+    epilogue has one (`clamped_swiglu`'s gate and up rows interleave). Rows past
+    `offsets[-1]` are not written.
     """
     gemm_layout(spec)
     entry = gemm_entry(spec)
@@ -816,7 +833,9 @@ def make_grouped_gemm_launcher(spec: KernelSpec, host_call: HostCall, run: Kerne
 
     def launch(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None = None, *,
                out: torch.Tensor | None = None, num_programs: int | None = None) -> torch.Tensor:
-        ops = grouped_gemm_operands(spec, x, weight, offsets, bias, out=out)
+        # (an interleaved gate and up, clamped_swiglu's, as two views: the kernel's two Matmuls
+        # read one each, copied row-major by `_expert_rows`)
+        ops = grouped_gemm_operands(spec, x, weight, offsets, bias, out=out, split_interleaved=True)
         check_num_programs(num_programs, where)
         if not ops.out.is_contiguous():
             raise ValueError(f"{where}: out must be contiguous (the kernel writes rows of N elements)")

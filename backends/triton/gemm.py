@@ -31,9 +31,11 @@ import torch
 from tileflow.gemm_operands import gemm_operands
 from tileflow.kernel_spec import (
     ACTIVATIONS,
+    CLAMPED_SWIGLU,
     GATED_ACTIVATIONS,
     KernelSpec,
     check_gemm_spec,
+    clamped_swiglu_params,
     gated_activation,
     gemm_dims,
     gemm_formula,
@@ -293,6 +295,8 @@ def _k_loop(spec: KernelSpec, k_part: tuple[str, str] | None = None) -> str:
     `acc_gate`/`acc_up` for SwiGLU) over all of K, or over the part `k_part` = (first K index,
     loop end) given as expressions in whole BLOCK_K steps (`_SPLIT_K_PART`, `_STREAM_K_PART`)."""
     ep = spec.epilogue
+    if CLAMPED_SWIGLU in ep:
+        return _interleaved_k_loop(spec)
     n, k = gemm_dims(spec)
     gated = is_gated(ep)
     even_k = k % spec.tile.block_k == 0
@@ -383,6 +387,40 @@ acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)""".replace("{k_rows}", "
     return "\n\n".join(code)
 
 
+def _interleaved_k_loop(spec: KernelSpec) -> str:
+    """`_k_loop` for a weight whose gate and up rows interleave (`clamped_swiglu`, gpt-oss's
+    layout: gate j at row 2j, up j at 2j + 1): the tile's 2 * BLOCK_N weight rows are one
+    contiguous block, read as one W^T [BLOCK_K, 2 * BLOCK_N] operand into one accumulator `acc2`
+    (the epilogue splits its columns). Two step-2 views instead would read every other element,
+    with no vector load: ptxas gave the 32 x 64 tile 255 registers and a spill in its K loop."""
+    _, k = gemm_dims(spec)
+    dot_kw = _dot_precision_kwarg(spec.dtype)
+    even_k = k % spec.tile.block_k == 0
+    x_mask = "mask_m[:, None]" if even_k else "mask_m[:, None] & (offs_k[None, :] < K - k0)"
+    w_mask = "mask_w[None, :]" if even_k else "(offs_k[:, None] < K - k0) & mask_w[None, :]"
+    return f"""offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+mask_n = offs_n < N
+offs_w = 2 * pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # the tile's gate and up weight rows, interleaved
+mask_w = offs_w < 2 * N
+offs_k = tl.arange(0, BLOCK_K)
+
+# Row offsets in int64: M * stride can overflow int32 on very long batches.
+rows = offs_m[:, None].to(tl.int64)
+cols = offs_n[None, :]
+x_ptrs = x_ptr + rows * stride_xm + offs_k[None, :] * stride_xk
+w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_w[None, :].to(tl.int64) * stride_wn
+acc2 = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+
+# K = {k}{" is a multiple of BLOCK_K: only the M and N tails need masks." if even_k else
+          " is not a multiple of BLOCK_K: the last K step is masked too."}
+for k0 in range(0, K, BLOCK_K):
+    a = tl.load(x_ptrs, mask={x_mask}, other=0.0)
+    w = tl.load(w_ptrs, mask={w_mask}, other=0.0)
+    acc2 = tl.dot(a, w, acc2{dot_kw})
+    x_ptrs += BLOCK_K * stride_xk
+    w_ptrs += BLOCK_K * stride_wk"""
+
+
 def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
     """Code that applies the spec's epilogue to the fp32 accumulator(s) of the tile at rows
     `offs_m`/`rows` and columns `offs_n`/`cols` (masks `mask_m`, `mask_n`) and stores it; with
@@ -396,7 +434,12 @@ def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
     out = f"acc.to(tl.{spec.dtype}).to(tl.{spec.out_dtype})" if "round" in ep else f"acc.to(tl.{spec.out_dtype})"
     # ---- epilogue, in EPILOGUES order, on the fp32 accumulator ----
     epi: list[str] = ["# Epilogue, fused on the fp32 accumulator."]
-    if "bias" in ep:
+    if CLAMPED_SWIGLU in ep:
+        if "bias" in ep:  # one [2N] row, interleaved like the weight's rows
+            epi += ["bias2 = tl.load(bias_ptr + offs_w, mask=mask_w, other=0.0).to(tl.float32)", "acc2 += bias2[None, :]"]
+        epi += ["# Columns 2j and 2j + 1 are gate j and up j.",
+                "acc_gate, acc_up = tl.split(tl.reshape(acc2, (BLOCK_M, BLOCK_N, 2)))"]
+    elif "bias" in ep:
         if gated:
             epi += [
                 "bias_gate = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)",
@@ -417,7 +460,16 @@ def _epilogue(spec: KernelSpec, *, tma: bool = False) -> str:
         epi += ["acc = tl.where(acc < 0.0, 0.0, acc)  # relu"]
     if "relu2" in ep:
         epi += ["acc = acc * acc  # squared"]
-    if gated:
+    if gated and CLAMPED_SWIGLU in ep:
+        alpha, limit = clamped_swiglu_params(spec)
+        epi += [
+            f"# gpt-oss's clamped SwiGLU: g = min(gate, {limit}), (clamp(up, -{limit}, {limit}) + 1) * g * sigmoid({alpha} * g)",
+            "# (wheres, not minimum/maximum: they keep a NaN, as torch.clamp does)",
+            f"acc_gate = tl.where(acc_gate > {limit!r}, {limit!r}, acc_gate)",
+            f"acc_up = tl.where(acc_up > {limit!r}, {limit!r}, tl.where(acc_up < {-limit!r}, {-limit!r}, acc_up))",
+            f"acc = (acc_up + 1.0) * (acc_gate * _sigmoid({alpha!r} * acc_gate))",
+        ]
+    elif gated:
         gate_act = GATED_ACTIVATIONS[gated_activation(ep)]
         epi += _activation_code(gate_act, "acc_gate") + [f"acc = acc_gate * acc_up  # {gate_act}(gate) * up"]
     if tma:
@@ -477,7 +529,8 @@ def _sigmoid(a):
 def _helpers(spec: KernelSpec) -> str:
     """The small @triton.jit helper functions the epilogue uses (only those it needs)."""
     gated = gated_activation(spec.epilogue)
-    acts = set(spec.epilogue) | ({GATED_ACTIVATIONS[gated]} if gated else set())
+    # (gpt-oss's clamped SwiGLU uses the sigmoid as silu does)
+    acts = set(spec.epilogue) | ({GATED_ACTIVATIONS.get(gated, "silu")} if gated else set())
     parts = []
     if "silu" in acts or "gelu_tanh" in acts:
         parts.append(_SIGMOID_HELPER)

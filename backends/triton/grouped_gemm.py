@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from tileflow.gemm_operands import grouped_gemm_operands
-from tileflow.kernel_spec import KernelSpec, check_gemm_spec, gemm_formula, grouped_gemm_dims, is_gated
+from tileflow.kernel_spec import CLAMPED_SWIGLU, KernelSpec, check_gemm_spec, gemm_formula, grouped_gemm_dims, is_gated
 
 from .build import kernel_identifier
 from .gemm import _MIN_BLOCK, SUPPORTED_DTYPES, _cdiv, _helpers, _tile_compute, launch_warps
@@ -62,13 +62,14 @@ import triton.language as tl
 
 def _signature(spec: KernelSpec) -> str:
     """The kernel's parameter list (one argument or argument group per line)."""
-    gated = is_gated(spec.epilogue)
+    # Two weight operands for a gated activation, but gpt-oss's interleaved one (one wide tile).
+    gated = is_gated(spec.epilogue) and CLAMPED_SWIGLU not in spec.epilogue
     lines = ["x_ptr, w_ptr, out_ptr,"]
     if gated:
         lines.append("wu_ptr,  # up-projection weights [E, N, K]: the second half of each expert's rows")
     if "bias" in spec.epilogue:
         lines.append("bias_ptr, bias_up_ptr,  # per expert, [E, N] each: the gate's and the up's"
-                     if gated else "bias_ptr,  # per expert, [E, N]")
+                     if gated else "bias_ptr,  # per expert: [E, N] ([E, 2N] interleaved for clamped_swiglu)")
     lines += [
         "offs_ptr,  # int32 [E]: end row of each expert's group (rows are sorted by expert)",
         "stride_xm, stride_xk,",
@@ -117,11 +118,12 @@ mask_m = offs_m < row_end  # virtual padding: the group's tail tile reads and wr
 
 # This expert's [N, K] weights (int64: E * N * K can pass 2^31 elements).
 w_ptr += expert.to(tl.int64) * stride_we"""
-    if is_gated(spec.epilogue):
+    two_weights = is_gated(spec.epilogue) and CLAMPED_SWIGLU not in spec.epilogue
+    if two_weights:
         code += "\nwu_ptr += expert.to(tl.int64) * stride_wue"
     if "bias" in spec.epilogue:
-        code += "\nbias_ptr += expert.to(tl.int64) * stride_be  # and its bias row: the epilogue reads N columns"
-        if is_gated(spec.epilogue):
+        code += "\nbias_ptr += expert.to(tl.int64) * stride_be  # and its bias row"
+        if two_weights:
             code += "\nbias_up_ptr += expert.to(tl.int64) * stride_bue"
     return code
 
@@ -159,8 +161,9 @@ def make_grouped_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[...
     """Wrap a built `grouped_gemm` kernel in a launcher.
 
     Returns `launch(x, weight, offsets, bias=None, *, out=None)`: `x` [M, K], `weight` [E, N, K]
-    ([E, 2N, K] for swiglu) of the spec dtype with any strides, `offsets` int32 [E] on x's device,
-    `bias` [E, N] ([E, 2N]) exactly when the epilogue has one (see `tileflow.gemm_operands.
+    ([E, 2N, K] for a gated activation: gate rows then up rows, or interleaved for
+    clamped_swiglu) of the spec dtype with any strides, `offsets` int32 [E] on x's device, `bias`
+    [E, N] ([E, 2N]) exactly when the epilogue has one (see `tileflow.gemm_operands.
     grouped_gemm_operands`); `out`, when given, is [M, N] of out_dtype and written in place. The
     offsets are never read on the host. M == 0 returns the empty output without launching. Bad
     inputs raise ValueError.
@@ -168,7 +171,7 @@ def make_grouped_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[...
     _check_spec(spec)
     n, k, e = grouped_gemm_dims(spec)
     tile = spec.tile
-    gated = is_gated(spec.epilogue)
+    gated = is_gated(spec.epilogue) and CLAMPED_SWIGLU not in spec.epilogue  # two weight operands
     has_bias = "bias" in spec.epilogue
     num_warps = launch_warps(spec)
 

@@ -19,7 +19,7 @@ import torch
 
 from ..config import current_config
 from ..devices import DeviceInfo, detect_device, get_device
-from ..gemm_operands import apply_activation, apply_gated_activation, check_operand_kinds
+from ..gemm_operands import apply_activation, apply_gated_activation, check_operand_kinds, gate_and_up
 from ..kernel_spec import KernelSpec, TileConfig, is_gated, segment_starts
 from ..log import get_logger
 from ..targets import CompiledKernel, get_backend, resolve_target
@@ -547,6 +547,8 @@ def run_grouped_gemm(
     plan: str,
     target: str,
     bias: torch.Tensor | None = None,
+    *,
+    clamp: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Execute `tileflow::grouped_gemm`: pick the plan's config for ceil(M / E) rows per expert and
     launch its kernel (one launch for all experts; the offsets stay on the device).
@@ -555,12 +557,13 @@ def run_grouped_gemm(
     `max_tokens`); `target` is the node's target ("" for eager calls: the current config's).
     Without offsets (x [E, T, K], the batched form), expert e's rows are x[e]: the same kernel
     runs over x's rows with offsets T, 2T, ..., ET, and the result is [E, T, N]. `bias` [E, rows
-    of weight[e]] adds row e to expert e's rows.
+    of weight[e]] adds row e to expert e's rows. `clamp`: `clamped_swiglu`'s (alpha, limit).
     """
     if offsets is None:
         e, t = x.shape[0], x.shape[1]
         offsets = torch.arange(1, e + 1, dtype=torch.int32, device=x.device) * t
-        out = run_grouped_gemm(x.reshape(e * t, x.shape[2]), weight, offsets, activation, out_dtype, plan, target, bias)
+        out = run_grouped_gemm(x.reshape(e * t, x.shape[2]), weight, offsets, activation, out_dtype, plan, target, bias,
+                               clamp=clamp)
         return out.view(e, t, out.shape[1])
     from ..lower import grouped_gemm_spec
 
@@ -574,9 +577,9 @@ def run_grouped_gemm(
     if e == 0:  # no expert, so no row (the offsets cover M): an empty result
         return x.new_empty((m, n), dtype=out_dtype)
     if n == 0 or k == 0:
-        # No tile plan covers an empty dimension; every activation maps zero products to zero.
-        return _grouped_bias_rows(offsets, bias, m, n, activation, out_dtype) if bias is not None and n else \
-            x.new_zeros((m, n), dtype=out_dtype)
+        # No tile plan covers an empty dimension: each row is its expert's epilogue of zero products.
+        rows_bias = bias if bias is not None else x.new_zeros((e, rows), dtype=out_dtype)
+        return _grouped_bias_rows(offsets, rows_bias, m, n, activation, out_dtype, clamp)
     tile_plan = decode_plan(plan) if plan else grouped_gemm_plan(
         n, k, e, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
         weight_tiles=2 if is_gated(activation) else 1,
@@ -585,20 +588,20 @@ def run_grouped_gemm(
         return x.new_empty((0, n), dtype=out_dtype)
     tile = _select_piece(tile_plan, expected_group_rows(m, e), "grouped_gemm").config
     spec = grouped_gemm_spec(dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, experts=e, tile=tile, activation=activation,
-                             has_bias=bias is not None)
+                             has_bias=bias is not None, clamp=clamp)
     return get_kernel(target, spec)(x, weight, offsets, bias)
 
 
 def _grouped_bias_rows(offsets: torch.Tensor, bias: torch.Tensor, m: int, n: int, activation: str,
-                       out_dtype: torch.dtype) -> torch.Tensor:
-    """A grouped GEMM with K = 0 and a bias: each row is its expert's bias row through the
-    epilogue. The expert of each row is found on the device (rows past offsets[-1] take the last
-    expert's; nothing promises them a value)."""
+                       out_dtype: torch.dtype, clamp: tuple[float, float] | None) -> torch.Tensor:
+    """A grouped GEMM with K = 0 (or N = 0): each row is its expert's `bias` row ([E, N], or
+    [E, 2N] for a gated activation) through the epilogue. The expert of each row is found on the
+    device (rows past offsets[-1] take the last expert's; nothing promises them a value)."""
     rows = torch.arange(m, device=offsets.device, dtype=offsets.dtype)
-    experts = torch.searchsorted(offsets, rows, right=True).clamp(max=bias.shape[0] - 1)
+    experts = torch.searchsorted(offsets, rows, right=True).clamp(max=max(bias.shape[0] - 1, 0))
     acc = bias.to(torch.float64 if bias.dtype == torch.float64 else torch.float32)[experts]
     if is_gated(activation):
-        acc = apply_gated_activation(acc[:, :n], acc[:, n:], activation)
+        acc = apply_gated_activation(*gate_and_up(acc, activation), activation, clamp)
     else:
         acc = apply_activation(acc, activation)
     return acc.to(out_dtype)

@@ -16,7 +16,7 @@
 # (prefill-shaped steps, mixed serving steps, request traces), e2e-prefill (the first part
 # only), e2e-serving (the other two), profile (where a step's time goes,
 # bench/profile_step.py), profile-base (the same at 256 tokens for another commit's tileflow: the
-# tree PROFILE_BASE names, made by bench/base_tree.sh and carried to the device), sampling (a step's sampled tokens, eager and fused; bench/sampling.py), tiles (bench/gemm.py --measure-tiles), gemm-measured (the GEMM table
+# tree PROFILE_BASE names, made by bench/base_tree.sh and carried to the device), sampling (a step's sampled tokens, eager and fused; bench/sampling.py), moe (Mixtral's and gpt-oss's expert GEMMs; bench/moe.py), tiles (bench/gemm.py --measure-tiles), gemm-measured (the GEMM table
 # with plans from those tile times, or from the ones tileflow ships), tests (the kernel tests, compiled Triton), tests-gpu
 # (tests/test_gpu.py: models, graphs and streams on CUDA). A stage that fails or runs out of
 # time does not stop the next one. Narrower runs: ATTENTION_PARTS (default
@@ -27,7 +27,7 @@ set -u
 # The variables this script reads, logged to env.log with the command line: a table's numbers
 # are only comparable with the same narrowing.
 SESSION_VARS="BENCH_COMMIT ATTENTION_PARTS E2E_TOKENS E2E_TRACE_REQUESTS GEMM_VARIANT_M PROFILE_BASE PYTHON OUT"
-STAGES="gemm gemm-quick attention attention-sweep e2e e2e-prefill e2e-serving profile profile-base sampling tiles
+STAGES="gemm gemm-quick attention attention-sweep e2e e2e-prefill e2e-serving profile profile-base sampling moe tiles
         gemm-measured tests tests-gpu"
 for item in "$@"; do
   name=${item%%:*}
@@ -133,6 +133,7 @@ for item in "$@"; do
                   PYTHONPATH=$base${PYTHONPATH:+:$PYTHONPATH} run_stage profile-base "$limit" \
                     $PY bench/profile_step.py --layers 2 --tokens 256 --steps-only --no-write ;;
     sampling) run_stage sampling "$limit" $PY bench/sampling.py ;;
+    moe) run_stage moe "$limit" $PY bench/moe.py ;;
     tiles) run_stage tiles "$limit" $PY bench/gemm.py --measure-tiles bench/results/tile_timings-h200.json ;;
     # This session's tile times where the tiles stage wrote them, else the ones tileflow ships.
     gemm-measured) timings=bench/results/tile_timings-h200.json; [ -f "$timings" ] || timings=auto

@@ -11,9 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# The three benchmarks of the issues' acceptance in the default run; the profiling and sampling
-# ones (and compile_time.py below) in the extended run, which goes before every GPU session.
-@pytest.mark.parametrize("script", ["gemm.py", "attention.py", "e2e.py",
+# The three benchmarks of the issues' acceptance and the MoE experts' (5 s) in the default run;
+# the profiling and sampling ones (and compile_time.py below) in the extended run, which goes
+# before every GPU session.
+@pytest.mark.parametrize("script", ["gemm.py", "attention.py", "e2e.py", "moe.py",
                                     *(pytest.param(script, marks=pytest.mark.extended)
                                       for script in ("profile_step.py", "sampling.py"))])
 def test_benchmark_smoke_check_passes_on_cpu(script: str) -> None:

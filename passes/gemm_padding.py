@@ -248,7 +248,7 @@ def _sorted_expert_ids(offs: Any, experts: int) -> fx.Node | None:
     dim, descending = (_call_arg(sort, 1, "dim", -1), _call_arg(sort, 2, "descending", False)) \
         if sort.target is aten.sort.default else (sort.kwargs.get("dim", -1), sort.kwargs.get("descending", False))
     source = sort.args[0]
-    if descending or not isinstance(source, fx.Node) or _val(source).dim() != 1 or dim not in (0, -1):
+    if descending or not isinstance(source, fx.Node) or getattr(_val(source), "ndim", None) != 1 or dim not in (0, -1):
         return None
     while source.op == "call_function" and (is_view_op(source.target) or source.target in _VIEWS):
         source = source.args[0]
@@ -259,7 +259,8 @@ def _sorted_expert_ids(offs: Any, experts: int) -> fx.Node | None:
 def _expert_bias(gemm: fx.Node, args: dict[str, Any], experts: int, rows: int) -> tuple[fx.Node, fx.Node] | None:
     """(the add, the [E, rows] bias) when the grouped GEMM's output only feeds
     `add(out, bias[ids])`, ids the sorted expert ids behind its offsets (`_sorted_expert_ids`),
-    in the output's dtype: transformers' MoE layers with biases (gpt-oss) add them so; else None."""
+    the bias and the sum in the output's dtype: transformers' MoE layers with biases (gpt-oss) add
+    them so; else None."""
     add = _only_user(gemm)
     if add is None or add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs or gemm not in add.args:
         return None
@@ -269,7 +270,7 @@ def _expert_bias(gemm: fx.Node, args: dict[str, Any], experts: int, rows: int) -
     bias, ids = gather.args[0], gather.args[1][0]
     bv, addv = _val(bias), _val(add)
     if not (isinstance(bv, torch.Tensor) and isinstance(addv, torch.Tensor) and tuple(bv.shape) == (experts, rows)
-            and addv.dtype == _val(gemm).dtype and same_shape(addv.shape, _val(gemm).shape)):
+            and addv.dtype == bv.dtype == _val(gemm).dtype and same_shape(addv.shape, _val(gemm).shape)):
         return None
     return (add, bias) if ids is not None and ids is _sorted_expert_ids(args["offs"], experts) else None
 

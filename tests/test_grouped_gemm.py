@@ -477,7 +477,8 @@ def _biased_experts(variant: str = "fused") -> Callable:
         h = mm(xs, gate_up.transpose(-2, -1), offs=offs) + gate_up_bias[gathered]
         gate, up = h.chunk(2, dim=-1)
         out = mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
-        return out + (down_bias.double() if variant == "wider_bias" else down_bias)[ids]
+        cast = {"wider_bias": torch.float64, "narrower_bias": torch.bfloat16}.get(variant, down_bias.dtype)
+        return out + down_bias.to(cast)[ids]
 
     return experts
 
@@ -511,21 +512,23 @@ def test_pass_fuses_the_bias_gathered_by_sorted_expert_ids() -> None:
         torch.testing.assert_close(compiled(x, *weights, other), fn(x, *weights, other), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["ids_not_top_k", "descending", "other_histogram", "other_gather", "wider_bias"])
+@pytest.mark.parametrize("variant", ["ids_not_top_k", "descending", "other_histogram", "other_gather", "wider_bias",
+                                     "narrower_bias"])
 def test_pass_leaves_a_bias_gather_it_cannot_prove_per_expert(variant: str) -> None:
     """The bias stays a gather and an add (the grouped GEMMs are still rewritten) unless the ids
     it is gathered by are the sorted top-k ids its offsets count: ids of any origin (negative
     ones would not be in their row's group), sorted descending, counted over other bins, a
-    gather by other ids, or a bias whose add widens the output's dtype."""
+    gather by other ids, or a bias of another dtype than the output's (wider: the add widens the
+    output; narrower: the kernels take a bias in the input's or the output's dtype only)."""
     fn = _biased_experts(variant)
     weights = _biased_expert_weights()
     x = torch.randn(9, K)
     other = torch.randint(0, 4, (18,), generator=torch.Generator().manual_seed(1))
     compiled, gm, ctx = _compile(fn, x, *weights, other)
     rewrites = ctx.report.passes[1].rewrites
-    # The last two break one of the two biases' links; the first three, both.
+    # The last three break one of the two biases' links; the first three, both.
     assert rewrites["grouped_gemm"] == 2
-    assert rewrites.get("fused_grouped_bias", 0) == (1 if variant in ("other_gather", "wider_bias") else 0)
+    assert rewrites.get("fused_grouped_bias", 0) == (1 if variant in ("other_gather", "wider_bias", "narrower_bias") else 0)
     torch.testing.assert_close(compiled(x, *weights, other), fn(x, *weights, other), rtol=1e-5, atol=1e-5)
 
 

@@ -268,6 +268,11 @@ def _expert_bias(gemm: fx.Node, args: dict[str, Any], experts: int, rows: int) -
     if not (isinstance(gather, fx.Node) and gather.target is aten.index.Tensor and len(gather.args[1]) == 1):
         return None
     bias, ids = gather.args[0], gather.args[1][0]
+    if isinstance(ids, fx.Node) and ids.target is aten.clamp.default and tuple(ids.args[1:]) in ((None, experts - 1),
+                                                                                                (0, experts - 1)):
+        # transformers 5.17 gathers by the ids clamped below E (its expert-parallel sentinels):
+        # the same id on every row of a group.
+        ids = ids.args[0]
     bv, addv = _val(bias), _val(add)
     if not (isinstance(bv, torch.Tensor) and isinstance(addv, torch.Tensor) and tuple(bv.shape) == (experts, rows)
             and addv.dtype == bv.dtype == _val(gemm).dtype and same_shape(addv.shape, _val(gemm).shape)):
@@ -365,13 +370,17 @@ def _scalar_operand(node: fx.Node, target: Any, other: fx.Node) -> Any:
     return c if isinstance(c, (int, float)) and not isinstance(c, bool) else None
 
 
-def _clamped_swiglu_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, float, float] | None:
-    """(the last `mul`, alpha, limit) when the (grouped) GEMM's [..., 2n] output of `rank` dims
-    only feeds gpt-oss's gated activation over interleaved columns: gate = out[..., 0::2] clamped
-    to at most `limit`, up = out[..., 1::2] clamped to [-limit, limit], and `(up + 1) * (gate *
-    sigmoid(gate * alpha))` (each product in either order); else None."""
+def _clamped_swiglu_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.Node | None, float, float] | None:
+    """(the last `mul`, the mask of a `masked_fill` zeroing whole rows in between or None, alpha,
+    limit) when the (grouped) GEMM's [..., 2n] output of `rank` dims only feeds gpt-oss's gated
+    activation over interleaved columns: gate = out[..., 0::2] clamped to at most `limit`, up =
+    out[..., 1::2] clamped to [-limit, limit], and `(up + 1) * (gate * sigmoid(gate * alpha))`
+    (each product in either order); else None. (The activation of a zero row is zero, so the
+    fill moves after the fused kernel, as `_gated_tail`'s does.)"""
+    fill = _only_user(gemm)
+    row_mask = _zeroed_rows(fill, rank) if fill is not None else None
     halves: dict[int, fx.Node] = {}
-    for user in gemm.users:
+    for user in (fill if row_mask is not None else gemm).users:
         start = user.args[2] if user.target is aten.slice.Tensor and len(user.args) == 5 else None
         if start not in (0, 1) or start in halves or not _is_last_dim(user.args[1], rank) or user.args[4] != 2 \
                 or not (isinstance(user.args[3], int) and user.args[3] >= 2 * n) or len(user.users) != 1:
@@ -400,7 +409,7 @@ def _clamped_swiglu_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, flo
         return None
     if tip.target is not aten.mul.Tensor or len(tip.args) != 2 or set(tip.args) != {shifted, glu}:
         return None
-    return tip, float(_scalar_operand(scaled, aten.mul.Tensor, gate)), float(limit)
+    return tip, row_mask, float(_scalar_operand(scaled, aten.mul.Tensor, gate)), float(limit)
 
 
 def _zeroed_rows(node: fx.Node, rank: int) -> fx.Node | None:
@@ -884,7 +893,7 @@ class GemmPadding:
         tail, row_mask, activation = gated[:3] if gated is not None else (None, None, "none")
         clamped = _clamped_swiglu_tail(head, rows // 2, xv.dim()) if tail is None and rows % 2 == 0 else None
         if clamped is not None:
-            tail, activation = clamped[0], CLAMPED_SWIGLU
+            (tail, row_mask), activation = clamped[:2], CLAMPED_SWIGLU
         n = rows // 2 if tail is not None else rows
         lo, hi = self._grouped_m_range(args, ctx)
         weight_tiles = 2 if is_gated(activation) else 1
@@ -906,7 +915,7 @@ class GemmPadding:
             gemm = graph.call_function(
                 torch.ops.tileflow.grouped_gemm.default,
                 (x, weight, offs, activation, None, encode_plan(plan), ctx.target, bias,
-                 *(clamped[1:] if clamped is not None else ())),
+                 *(clamped[2:] if clamped is not None else ())),
             )
             infer_meta(gemm)
             copy_source_meta(node, gemm)

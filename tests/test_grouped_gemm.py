@@ -546,31 +546,43 @@ def _gpt_oss_experts(variant: str = "fused") -> Callable:
         top = torch.topk(x @ router.T, 2, dim=-1).indices.reshape(-1)
         ids, perm = torch.sort(top)
         offs = torch.cumsum(torch.histc(ids.float(), bins=e, min=0, max=e - 1), dim=0, dtype=torch.int32)
-        h = mm(x[perm // 2], gate_up, offs=offs) + gate_up_bias[ids]
+        xs, gathered = x[perm // 2], ids
+        if variant == "sentinels":
+            # transformers 5.17's expert-parallel form: ids past the local experts (a router
+            # wider than E here) sort last, outside every group; their rows are zeroed around
+            # each grouped matmul, and the biases gathered by the ids clamped below E.
+            sentinel = (ids >= e).unsqueeze(-1)
+            xs, gathered = xs.masked_fill(sentinel, 0.0), ids.clamp(max=e - 1)
+        h = mm(xs, gate_up, offs=offs) + gate_up_bias[gathered]
+        if variant == "sentinels":
+            h = h.masked_fill(sentinel, 0.0)
         gate, up = (h[..., 1::2], h[..., ::2]) if variant == "gate_odd" else (h[..., ::2], h[..., 1::2])
         gate = gate.clamp(min=-limit if variant == "gate_floor" else None, max=limit)
         up = up.clamp(min=-limit, max=limit / 2 if variant == "up_other_limit" else limit)
         glu = gate * torch.sigmoid(gate * 1.702)
         h = (up + (2 if variant == "up_plus_two" else 1)) * glu
-        return mm(h, down, offs=offs) + down_bias[ids]
+        out = mm(h, down, offs=offs) + down_bias[gathered]
+        return out.masked_fill(sentinel, 0.0) if variant == "sentinels" else out
 
     return experts
 
 
-def _gpt_oss_weights(e: int = 4, inner: int = 24) -> list[torch.Tensor]:
+def _gpt_oss_weights(e: int = 4, inner: int = 24, routed: int = 4) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(8)
-    return [torch.randn(e, K, generator=gen), 3 * torch.randn(e, K, 2 * inner, generator=gen) / K**0.5,
+    return [torch.randn(routed, K, generator=gen), 3 * torch.randn(e, K, 2 * inner, generator=gen) / K**0.5,
             torch.randn(e, 2 * inner, generator=gen), torch.randn(e, inner, K, generator=gen) / inner**0.5,
             torch.randn(e, K, generator=gen)]
 
 
-@pytest.mark.parametrize("target", ["reference", "triton"])
-def test_pass_fuses_gpt_oss_clamped_swiglu(target: str) -> None:
+@pytest.mark.parametrize("target, form", [("reference", "fused"), ("triton", "fused"), ("reference", "sentinels")])
+def test_pass_fuses_gpt_oss_clamped_swiglu(target: str, form: str) -> None:
     """gpt-oss's gate-up experts become one grouped GEMM over the weight and the bias as they
     are (gate and up interleaved), with the clamped SwiGLU in its epilogue; equal to the graph
-    it replaced for every row count, clamps taken (a limit of 2)."""
-    fn = _gpt_oss_experts()
-    weights = _gpt_oss_weights()
+    it replaced for every row count, clamps taken (a limit of 2). Also in transformers 5.17's
+    form, whose rows routed past the local experts are zeroed after each bias add (the fill
+    moves after the fused kernel, which leaves those rows unwritten)."""
+    fn = _gpt_oss_experts(form)
+    weights = _gpt_oss_weights(routed=6 if form == "sentinels" else 4)
     x = torch.randn(9, K)
     compiled, gm, ctx = _compile(fn, x, *weights, target=target)
     node = next(n for n in gm.graph.nodes if n.target is GROUPED)

@@ -36,6 +36,7 @@ batched input, weights of symbolic sizes: a graph input under `dynamic=True`, wh
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -219,6 +220,10 @@ def _grouped_mm_args(node: fx.Node) -> dict[str, Any] | None:
     return {"x": x, "w": w, "offs": values.get("offs"), "bias": values.get("bias"), "out_dtype": values.get("out_dtype")}
 
 
+# The dtypes a histogram of expert ids may be taken in, with the most experts each bins exactly.
+_EXACT_HISTC = {torch.float32: 4096, torch.float64: 1 << 30, torch.int32: 1 << 30, torch.int64: 1 << 30}
+
+
 def _call_arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
     """Argument `index` (keyword `name`) of a call node, or `default` when not given."""
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
@@ -241,6 +246,10 @@ def _sorted_expert_ids(offs: Any, experts: int) -> fx.Node | None:
         return None
     ids = histc.args[0]
     if isinstance(ids, fx.Node) and ids.target is aten._to_copy.default and set(ids.kwargs) <= {"dtype"}:
+        # histc bins in its input's dtype: every id in its own bin only where that is exact
+        # (bfloat16 puts id 30 of 32 in bin 31; float32 holds up to 4096 experts, measured).
+        if ids.kwargs.get("dtype") not in _EXACT_HISTC or experts > _EXACT_HISTC[ids.kwargs.get("dtype")]:
+            return None
         ids = ids.args[0]
     sort = ids.args[0] if isinstance(ids, fx.Node) and ids.target is operator.getitem and ids.args[1] == 0 else None
     if not (isinstance(sort, fx.Node) and sort.target in (aten.sort.default, aten.sort.stable)):
@@ -392,7 +401,7 @@ def _clamped_swiglu_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.
     if gate.target is not aten.clamp.default or up.target is not aten.clamp.default or gate.kwargs or up.kwargs:
         return None
     limit = gate.args[2] if len(gate.args) == 3 and gate.args[1] is None else None
-    if not isinstance(limit, (int, float)) or limit <= 0 or tuple(up.args[1:]) != (-limit, limit):
+    if not isinstance(limit, (int, float)) or not 0 < limit < math.inf or tuple(up.args[1:]) != (-limit, limit):
         return None
     if len(gate.users) != 2 or len(up.users) != 1:
         return None
@@ -409,7 +418,8 @@ def _clamped_swiglu_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.
         return None
     if tip.target is not aten.mul.Tensor or len(tip.args) != 2 or set(tip.args) != {shifted, glu}:
         return None
-    return tip, row_mask, float(_scalar_operand(scaled, aten.mul.Tensor, gate)), float(limit)
+    alpha = float(_scalar_operand(scaled, aten.mul.Tensor, gate))
+    return (tip, row_mask, alpha, float(limit)) if math.isfinite(alpha) else None
 
 
 def _zeroed_rows(node: fx.Node, rank: int) -> fx.Node | None:

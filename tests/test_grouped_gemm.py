@@ -251,6 +251,7 @@ def test_eager_op_with_gpt_oss_experts(target: str) -> None:
         (lambda: gg(x, w, offsets, activation="clamped_swiglu", alpha=1.0, limit=0.0), "positive limit"),
         (lambda: gg(x, w, offsets, activation="clamped_swiglu", alpha=float("nan"), limit=1.0), "finite alpha"),
         (lambda: gg(x, w[:, :39], offsets, activation="clamped_swiglu", alpha=1.0, limit=1.0), r"\[E, 2N, K\]"),
+        (lambda: gg(x, w, offsets, bias=torch.zeros(3, N, dtype=torch.float16)), "bias must be in x's dtype"),
         (lambda: tileflow.ops.padded_gemm(x, w[0], activation="clamped_swiglu"), "grouped_gemm activation only"),
     ]
     for call, message in cases:
@@ -609,6 +610,205 @@ def test_pass_leaves_an_activation_that_is_not_gpt_oss_s(variant: str) -> None:
     compiled, gm, ctx = _compile(fn, torch.randn(9, K), *weights)
     assert ctx.report.passes[1].rewrites == {"grouped_gemm": 2, "fused_grouped_bias": 2, "padded_gemm": 1}
     x = torch.randn(17, K)
+    torch.testing.assert_close(compiled(x, *weights), fn(x, *weights), rtol=1e-5, atol=1e-5)
+
+
+# ---- More forms the bias and clamped-SwiGLU fusions must leave as they are
+
+def _one_grouped_gemm_with_bias(variant: str, e: int = 4, cast: torch.dtype = torch.float32) -> Callable:
+    """One grouped matmul plus a bias gathered by expert ids (`_biased_experts`' first half);
+    each `variant` breaks the proof that the gather is each row's own expert's bias in one way
+    the pass must see (the compiled graph must equal eager's in every case)."""
+    import transformers.integrations.moe  # noqa: F401
+
+    mm = torch.ops.transformers.grouped_mm_fallback
+
+    def experts(x, router, w, bias, other_ids):
+        scores = x @ router.T
+        top = torch.topk(scores, 2, dim=-1).indices.reshape(-1)
+        if variant == "topk_values":  # integer scores: top-k VALUES can be negative (bias[-1] wraps)
+            top = torch.topk(scores.round().long().clamp(-e, e - 1), 2, dim=-1).values.reshape(-1)
+        if variant == "split_piece":  # getitem 1 of a split, not of a topk: ids of any sign
+            top = torch.split(torch.cat([other_ids, other_ids - 2]), other_ids.shape[0])[1]
+        ids, perm = torch.sort(top)
+        counted = perm if variant == "sort_indices" else ids  # the permutation, not the sorted ids
+        lo, hi = (0, 2 * e - 1) if variant == "histc_max" else (0, e - 1)  # bins two ids wide
+        offs = torch.cumsum(torch.histc(counted.to(cast), bins=e, min=lo, max=hi), dim=0, dtype=torch.int32)
+        h = mm(x[perm // 2], w.transpose(-2, -1), offs=offs)
+        gathered = bias[counted]
+        if variant == "add_alpha":
+            out = torch.add(h, gathered, alpha=2.0)
+        else:
+            out = h - gathered if variant == "sub" else h + gathered
+        # Rows past offsets[-1] (negative ids leave some) have no value the kernels promise.
+        return torch.where((torch.arange(out.shape[0]) < offs[-1])[:, None], out, 0.0)
+
+    return experts
+
+
+@pytest.mark.parametrize("variant", ["topk_values", "split_piece", "sort_indices", "histc_max", "add_alpha", "sub"])
+def test_pass_leaves_other_bias_gathers_unfused(variant: str) -> None:
+    """A bias gathered by ids the offsets do not provably group (top-k values, any tensor's
+    piece, the sort's permutation, a histogram of wider bins) or combined otherwise than by a
+    plain add (`alpha`, a subtraction) stays a gather: the compiled graph equals eager."""
+    e = 4
+    gen = torch.Generator().manual_seed(11)
+    router, w = 3 * torch.randn(e, K, generator=gen), torch.randn(e, 8, K, generator=gen)
+    bias = 10 * torch.randn(e, 8, generator=gen)
+    m = 2 if variant == "sort_indices" else 9  # (2 tokens, 4 rows: the permutation stays below E)
+    x = torch.randn(m, K, generator=gen)
+    other = torch.randint(0, e, (2 * m,), generator=gen)
+    fn = _one_grouped_gemm_with_bias(variant, e)
+    compiled, gm, ctx = _compile(fn, x, router, w, bias, other)
+    assert "fused_grouped_bias" not in ctx.report.passes[1].rewrites
+    torch.testing.assert_close(compiled(x, router, w, bias, other), fn(x, router, w, bias, other), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cast, e", [(torch.bfloat16, 32), (torch.float16, 128)])
+def test_a_histogram_of_ids_cast_to_a_narrow_float_is_not_proof(cast: torch.dtype, e: int) -> None:
+    """histc bins its input in the input's dtype: ids cast to bfloat16 (32 experts, gpt-oss-20b's
+    count) or float16 (128) land in a neighbour's bin, so the offsets' groups are not the ids'
+    and a fused bias[e] differs from eager's bias[ids] on those rows."""
+    ids = torch.arange(e)
+    assert not torch.equal(torch.histc(ids.to(cast), bins=e, min=0, max=e - 1), torch.ones(e, dtype=cast))
+    gen = torch.Generator().manual_seed(12)
+    router, w = torch.randn(e, K, generator=gen), torch.randn(e, 8, K, generator=gen)
+    bias = 10 * torch.randn(e, 8, generator=gen)
+    x = torch.randn(64, K, generator=gen)
+    fn = _one_grouped_gemm_with_bias("fused", e, cast)
+    compiled, gm, ctx = _compile(fn, x, router, w, bias, torch.zeros(1, dtype=torch.long))
+    torch.testing.assert_close(compiled(x, router, w, bias, torch.zeros(1, dtype=torch.long)),
+                               fn(x, router, w, bias, torch.zeros(1, dtype=torch.long)), rtol=1e-5, atol=1e-5)
+
+
+def _gpt_oss_gate_up(variant: str = "fused", alpha: float = 1.702, limit: float = 2.0) -> Callable:
+    """gpt-oss's gate-up experts (`_gpt_oss_experts`' first half) with its numbers as given;
+    a `variant` changes one step of the activation in a way the pass must not fuse."""
+    import transformers.integrations.moe  # noqa: F401
+
+    mm = torch.ops.transformers.grouped_mm_fallback
+
+    def experts(x, router, gate_up, gate_up_bias):
+        e = gate_up.shape[0]
+        top = torch.topk(x @ router.T, 2, dim=-1).indices.reshape(-1)
+        ids, perm = torch.sort(top)
+        offs = torch.cumsum(torch.histc(ids.float(), bins=e, min=0, max=e - 1), dim=0, dtype=torch.int32)
+        h = mm(x[perm // 2], gate_up, offs=offs) + gate_up_bias[ids]
+        if variant == "rows":  # every other ROW (2 rows a token): a [T, 2N] result
+            gate, up = h[::2], h[1::2]
+        elif variant == "step4":
+            gate, up = h[..., ::4], h[..., 1::4]
+        elif variant == "short":
+            gate, up = h[..., : h.shape[-1] - 2 : 2], h[..., 1 : h.shape[-1] - 2 : 2]
+        else:
+            gate, up = h[..., ::2], h[..., 1::2]
+        gate = gate.clamp(min=None, max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        if variant == "tanh":
+            glu = gate * torch.tanh(gate * alpha)
+        elif variant == "sigmoid_of_sum":
+            glu = gate * torch.sigmoid(gate + alpha)
+        elif variant == "glu_sum":
+            glu = gate + torch.sigmoid(gate * alpha)
+        else:
+            glu = gate * torch.sigmoid(gate * alpha)
+        return (up + 1) + glu if variant == "tip_sum" else (up + 1) * glu
+
+    return experts
+
+
+@pytest.mark.parametrize("variant", ["rows", "step4", "short", "tanh", "sigmoid_of_sum", "glu_sum", "tip_sum",
+                                     "negative_limit"])
+def test_pass_leaves_more_activations_that_are_not_gpt_oss_s(variant: str) -> None:
+    """Slices of rows, of every 4th column or short of the end, tanh for the sigmoid, `gate +
+    alpha` in it, a sum for either product, a negative limit: left unfused (the bias still
+    fused), and equal to eager."""
+    fn = _gpt_oss_gate_up(variant, limit=-1.0 if variant == "negative_limit" else 2.0)
+    weights = _gpt_oss_weights()[:3]
+    compiled, gm, ctx = _compile(fn, torch.randn(9, K), *weights)
+    assert ctx.report.passes[1].rewrites == {"grouped_gemm": 1, "fused_grouped_bias": 1, "padded_gemm": 1}
+    x = torch.randn(17, K)
+    torch.testing.assert_close(compiled(x, *weights), fn(x, *weights), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha, limit", [(1.0, 7.0), (-0.5, 0.25)])
+def test_pass_takes_gpt_oss_s_alpha_and_limit_from_the_graph(alpha: float, limit: float) -> None:
+    """The fused node carries the graph's own alpha and limit (not gpt-oss's 1.702 and 7)."""
+    fn = _gpt_oss_gate_up(alpha=alpha, limit=limit)
+    weights = _gpt_oss_weights()[:3]
+    compiled, gm, ctx = _compile(fn, torch.randn(9, K), *weights)
+    node = next(n for n in gm.graph.nodes if n.target is GROUPED)
+    assert node.args[3] == "clamped_swiglu" and node.args[8:] == (alpha, limit)
+    for m in (1, 17):
+        x = torch.randn(m, K, generator=torch.Generator().manual_seed(m))
+        torch.testing.assert_close(compiled(x, *weights), fn(x, *weights), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target, dtype", [("reference", torch.float32), ("triton", torch.float32),
+                                           ("ascend-cpu", torch.float16)])
+def test_clamped_swiglu_keeps_nan_and_clamps_inf_as_torch_clamp_does(target: str, dtype: torch.dtype) -> None:
+    """torch.clamp keeps a NaN (a minimum or maximum that prefers the number would not) and
+    clamps an infinity to the limit: a NaN gate or up gives a NaN output, an infinite gate or
+    up a finite one."""
+    alpha, limit = 1.702, 2.0
+    sizes = GROUP_SIZES[3]
+    spec = grouped_gemm_spec(dtype=dtype, out_dtype=dtype, n=N, k=K, experts=3, tile=TileConfig(16, 32, 16),
+                             activation="clamped_swiglu", has_bias=True, clamp=(alpha, limit))
+    kernel = _kernel(target, spec)
+    dev = _device(target)
+    x, w, offsets = _inputs(sizes, 2 * N, dtype, 21, False)
+    bias = torch.randn(3, 2 * N, generator=torch.Generator().manual_seed(21)).to(dtype)
+    bias[:, 4], bias[:, 7] = float("nan"), float("nan")  # gate 2, up 3
+    bias[:, 8], bias[:, 11] = float("inf"), -float("inf")  # gate 4, up 5
+    bias[:, 12], bias[:, 13] = -float("inf"), float("inf")  # gate 6 (to 0 after the sigmoid), up 6
+    out = torch.zeros((x.shape[0], N), dtype=dtype, device=dev)
+    kernel(x.to(dev), w.to(dev), offsets.to(dev), bias.to(dev), out=out)
+    ref = _clamped_swiglu(_reference(x, w, offsets, "none", bias), alpha, limit)
+    out = out.cpu()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), torch.isnan(out).any(0)
+    assert torch.isnan(out[:, 2:4]).all() and torch.isfinite(out[:, 4:6]).all()
+    finite = ~torch.isnan(ref)
+    torch.testing.assert_close(out[finite].double(), ref[finite], rtol=TOL[str(dtype).removeprefix("torch.")] * 10,
+                               atol=1e-2)
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_a_strided_expert_bias_is_read_by_its_strides(target: str) -> None:
+    """A bias that is a transposed view ([2N, E] stored, [E, 2N] seen; and [N, E] for no
+    activation): its rows are not consecutive, the kernels must not read them as if they were."""
+    dev = _device(target)
+    gen = torch.Generator().manual_seed(22)
+    sizes = [4, 0, 19, 1]
+    x = torch.randn(sum(sizes), K, generator=gen)
+    with tileflow.use_config(tileflow.Config(target=target)):
+        for activation, rows in (("clamped_swiglu", 2 * N), ("none", N)):
+            w = torch.randn(4, rows, K, generator=gen)
+            bias = (2 * torch.randn(rows, 4, generator=gen)).t()
+            assert bias.stride(-1) != 1
+            clamp = {"alpha": 1.702, "limit": 2.0} if activation == "clamped_swiglu" else {}
+            out = tileflow.ops.grouped_gemm(x.to(dev), w.to(dev), _offsets(sizes).to(dev), activation=activation,
+                                            bias=bias.to(dev), **clamp)
+            acc = _reference(x, w, _offsets(sizes), "none", bias)
+            ref = _clamped_swiglu(acc, 1.702, 2.0) if clamp else acc
+            _assert_close(out.cpu(), ref, torch.float32)
+
+
+def test_clamped_swiglu_refuses_a_limit_that_clamps_nothing() -> None:
+    """limit = inf (a clamp that clamps nothing: another activation, not gpt-oss's) is refused by
+    the op and the spec, and the pass leaves such a graph unfused, rather than generating kernel
+    source that spells it `inf`."""
+    x, w = torch.randn(9, K), torch.randn(3, 2 * N, K)
+    with pytest.raises(ValueError, match="finite positive limit"):
+        tileflow.ops.grouped_gemm(x, w, _offsets([3, 0, 6]), activation="clamped_swiglu", alpha=1.702, limit=float("inf"))
+    spec = grouped_gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=N, k=K, experts=3,
+                             tile=TileConfig(16, 32, 32), activation="clamped_swiglu", clamp=(1.702, float("inf")))
+    with pytest.raises(ValueError, match="finite positive limit"):
+        check_gemm_spec(spec, ("float32",), "reference", 1, op="grouped_gemm")
+    fn = _gpt_oss_gate_up(limit=float("inf"))
+    weights = _gpt_oss_weights()[:3]
+    compiled, _, ctx = _compile(fn, torch.randn(9, K), *weights)
+    assert "fused_grouped_clamped_swiglu" not in ctx.report.passes[1].rewrites
+    x = torch.randn(13, K)
     torch.testing.assert_close(compiled(x, *weights), fn(x, *weights), rtol=1e-5, atol=1e-5)
 
 

@@ -242,15 +242,15 @@ def segment_starts(widths: tuple[int, ...]) -> tuple[int, ...]:
 def clamped_swiglu_params(spec: KernelSpec) -> tuple[float, float]:
     """(alpha, limit) of a spec whose epilogue has `clamped_swiglu`: its `alpha` and `limit`
     params, kept as text (`repr` of the float) so that they name the kernel; ValueError unless
-    both are numbers and the limit is positive."""
+    both are finite numbers and the limit is positive."""
     try:
         alpha, limit = float(spec.param("alpha")), float(spec.param("limit"))
     except (TypeError, ValueError):
         raise ValueError(f"{spec.op} spec with clamped_swiglu needs the params 'alpha' and 'limit' as numbers "
                          f"(make_params(alpha=repr(a), limit=repr(l))), got {spec.param('alpha')!r} and "
                          f"{spec.param('limit')!r}") from None
-    if not (math.isfinite(alpha) and limit > 0):
-        raise ValueError(f"clamped_swiglu needs a finite alpha and a positive limit, got {alpha} and {limit}")
+    if not (math.isfinite(alpha) and 0 < limit < math.inf):
+        raise ValueError(f"clamped_swiglu needs a finite alpha and a finite positive limit, got {alpha} and {limit}")
     return alpha, limit
 
 

@@ -306,6 +306,7 @@ def padded_gemm(
 def _check_grouped_gemm_args(
     x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor | None, activation: str,
     bias: torch.Tensor | None = None, alpha: float | None = None, limit: float | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> int:
     """Validate a grouped_gemm call's shapes and dtypes (no values: that would need a device->host
     copy on every call); return its output width N."""
@@ -314,8 +315,9 @@ def _check_grouped_gemm_args(
             (activation != CLAMPED_SWIGLU and (alpha is not None or limit is not None)):
         raise ValueError(f"grouped_gemm: alpha and limit go with activation='clamped_swiglu' (both), got "
                          f"activation={activation!r}, alpha={alpha}, limit={limit}")
-    if activation == CLAMPED_SWIGLU and not (math.isfinite(alpha) and limit > 0):
-        raise ValueError(f"grouped_gemm: clamped_swiglu needs a finite alpha and a positive limit, got {alpha} and {limit}")
+    if activation == CLAMPED_SWIGLU and not (math.isfinite(alpha) and 0 < limit < math.inf):
+        raise ValueError(f"grouped_gemm: clamped_swiglu needs a finite alpha and a finite positive limit, got {alpha} "
+                         f"and {limit}")
     if offsets is None:
         # The batched form: expert e's rows are x[e], as many for every expert.
         if x.dim() != 3 or weight.dim() != 3 or x.shape[0] != weight.shape[0]:
@@ -345,6 +347,8 @@ def _check_grouped_gemm_args(
             f"grouped_gemm: bias must be [E, {'2N' if is_gated(activation) else 'N'}] = {list(weight.shape[:2])} "
             f"(one row per expert, as the weight's rows), got {list(bias.shape)}"
         )
+    if bias is not None and bias.dtype not in (x.dtype, out_dtype or x.dtype):
+        raise ValueError(f"grouped_gemm: bias must be in x's dtype {x.dtype} or the output's, got {bias.dtype}")
     return gemm_out_features(weight.shape[1], activation)
 
 
@@ -383,7 +387,7 @@ def _grouped_gemm(
     """
     from .runtime import run_grouped_gemm
 
-    _check_grouped_gemm_args(x, weight, offsets, activation, bias, alpha, limit)
+    _check_grouped_gemm_args(x, weight, offsets, activation, bias, alpha, limit, out_dtype)
     return run_grouped_gemm(x, weight, offsets, activation, out_dtype or x.dtype, plan, target, bias,
                             clamp=None if alpha is None else (alpha, limit))
 
@@ -401,7 +405,7 @@ def _grouped_gemm_fake(
     alpha: float | None = None,
     limit: float | None = None,
 ) -> torch.Tensor:
-    n = _check_grouped_gemm_args(x, weight, offsets, activation, bias, alpha, limit)
+    n = _check_grouped_gemm_args(x, weight, offsets, activation, bias, alpha, limit, out_dtype)
     return x.new_empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype)
 
 
@@ -441,7 +445,7 @@ def grouped_gemm(
     runs every token through every expert that way).
     """
     if not torch.compiler.is_compiling():
-        _check_grouped_gemm_args(x, weight, offsets, activation or "none", bias, alpha, limit)
+        _check_grouped_gemm_args(x, weight, offsets, activation or "none", bias, alpha, limit, out_dtype)
         if offsets is not None:
             check_group_offsets(offsets, x.shape[0])
     return torch.ops.tileflow.grouped_gemm(x, weight, offsets, activation or "none", out_dtype, "", "", bias, alpha, limit)

@@ -12,8 +12,8 @@ output NaN-filled first). The table gives the median ms (CUDA events), TFLOP/s (
 x weight rows x K), the fraction of the measured bf16 matmul peak, and the ratio to the
 `torch._grouped_mm` path; writes bench/results/moe-*.md.
 
-On a CPU-only machine it runs the same methods on small shapes (Triton's interpreter, fp32) as
-a smoke check.
+On a CPU-only machine it runs the same code on small shapes (Triton's interpreter, fp32, wall
+times) as a smoke check.
 
     python bench/moe.py [--tokens 1,16,64,256,1024,4096] [--no-write]
 """
@@ -124,9 +124,23 @@ def methods(shape: Experts, inputs: dict[str, torch.Tensor]) -> dict[str, Callab
         return out
 
     calls = {"tileflow grouped_gemm (epilogue fused)": fused, "loop of per-expert GEMMs": per_expert}
-    if x.is_cuda:  # torch._grouped_mm has no CPU kernel
-        calls["torch._grouped_mm + epilogue ops"] = grouped_then_torch
+    if _grouped_mm_runs(x.device, x.dtype):
+        calls[GROUPED_MM] = grouped_then_torch
     return calls
+
+
+GROUPED_MM = "torch._grouped_mm + epilogue ops"
+
+
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has a `torch._grouped_mm` kernel for `dtype` on `device` (bf16 on
+    sm_90 GPUs; CPU kernels came in later releases)."""
+    try:
+        torch._grouped_mm(torch.zeros(2, 16, device=device, dtype=dtype), torch.zeros(2, 16, 16, device=device, dtype=dtype),
+                          offs=torch.tensor([1, 2], dtype=torch.int32, device=device))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def reference(shape: Experts, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -142,24 +156,54 @@ def reference(shape: Experts, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return epilogue(acc, shape)
 
 
+def measure(shapes: list[Experts], tokens: list[int], device: str, dtype: torch.dtype, *,
+            time_ms: Callable[[Callable[[], torch.Tensor]], float], peak: float | None, tol: float,
+            failures: list[str]) -> str:
+    """The markdown tables: every method of every shape and token count, checked against the
+    float32 reference (`checked_ms`: a failure goes to `failures` and the run goes on), timed by
+    `time_ms`; TFLOP/s against `peak` when given; ratios to `torch._grouped_mm`'s path."""
+    from common import checked_ms, geomean, markdown_table
+
+    table, ratios = [], {}
+    for shape in shapes:
+        for count in tokens:
+            inputs = make_inputs(shape, count, device, dtype, seed=count)
+            want = reference(shape, inputs)
+            times = {}
+            for name, call in methods(shape, inputs).items():
+                ms = checked_ms(f"{shape.model} {shape.proj} {count} tokens, {name}", call, want, out_dtype=dtype,
+                                tol=tol, time_ms=time_ms, failures=failures, reference="float32")
+                if ms is not None:
+                    times[name] = ms
+            flops = 2 * inputs["x"].shape[0] * shape.rows * shape.k
+            base = times.get(GROUPED_MM)
+            for name, ms in times.items():
+                tflops = flops / ms / 1e9
+                ratio = base / ms if base else float("nan")
+                ratios.setdefault(name, []).append(ratio)
+                table.append([f"{shape.model} {shape.proj}", count, name, f"{ms:.3f}", f"{tflops:.2f}",
+                              f"{tflops / peak:.0%}" if peak else "n/a", f"{ratio:.2f}x"])
+    body = markdown_table(["experts", "tokens", "method", "ms", "TFLOP/s", "% of peak", "vs _grouped_mm"], table)
+    return body + "\n\n" + markdown_table(["method", "geomean vs _grouped_mm + epilogue ops"],
+                                           [[name, f"{geomean(r):.2f}x"] for name, r in ratios.items()])
+
+
 def smoke() -> int:
-    """CPU: every method against the float32 reference on small shapes, in the interpreter."""
+    """CPU: the GPU run's code on small shapes, in the interpreter, fp32, wall-clock times (not
+    results)."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import tileflow
-    from common import rel_err
+    from common import wall_median_ms
 
     print("bench/moe.py: no CUDA GPU here; timings need one. Running the interpreter smoke check.")
+    failures: list[str] = []
     with tileflow.use_config(tileflow.Config(target="triton", max_tokens=256)):
-        for shape in SMOKE_SHAPES:
-            for tokens in (1, 9, 40):
-                inputs = make_inputs(shape, tokens, "cpu", torch.float32, seed=tokens)
-                want = reference(shape, inputs)
-                for name, call in methods(shape, inputs).items():
-                    err = rel_err(call(), want)
-                    print(f"  {shape.model} {shape.proj}, {tokens} tokens, {name}: rel err {err:.1e}")
-                    if not err < 1e-4:
-                        print(f"FAIL: {name} differs from the reference", file=sys.stderr)
-                        return 1
+        body = measure(SMOKE_SHAPES, [1, 9, 40], "cpu", torch.float32, time_ms=lambda call: wall_median_ms(call, 1),
+                       peak=None, tol=1e-4, failures=failures)
+    print(body)
+    print("(the interpreter's and this CPU's times: a check of the benchmark's code, not results)")
+    if failures:
+        return 1
     print("smoke check passed")
     return 0
 
@@ -174,34 +218,13 @@ def main() -> int:
     if not gpu_available():
         return smoke()
     import tileflow
-    from common import checked_ms, environment, geomean, markdown_table, measured_matmul_tflops, median_ms, write_results
+    from common import environment, measured_matmul_tflops, median_ms, write_results
 
     peak = measured_matmul_tflops()
     failures: list[str] = []
-    table, ratios = [], {}
     with tileflow.use_config(tileflow.Config(target="triton", max_tokens=8192)):
-        for shape in SHAPES:
-            for tokens in (int(t) for t in args.tokens.split(",")):
-                inputs = make_inputs(shape, tokens, "cuda", torch.bfloat16)
-                want = reference(shape, inputs)
-                times = {}
-                for name, call in methods(shape, inputs).items():
-                    ms = checked_ms(f"{shape.model} {shape.proj} {tokens} tokens, {name}", call, want,
-                                    out_dtype=torch.bfloat16, tol=2e-2, time_ms=lambda c: median_ms(lambda _: c()),
-                                    failures=failures, reference="float32")
-                    if ms is not None:
-                        times[name] = ms
-                flops = 2 * inputs["x"].shape[0] * shape.rows * shape.k
-                base = times.get("torch._grouped_mm + epilogue ops")
-                for name, ms in times.items():
-                    tflops = flops / ms / 1e9
-                    ratio = base / ms if base else float("nan")
-                    ratios.setdefault(name, []).append(ratio)
-                    table.append([f"{shape.model} {shape.proj}", tokens, name, f"{ms:.3f}", f"{tflops:.1f}",
-                                  f"{tflops / peak:.0%}", f"{ratio:.2f}x"])
-    body = markdown_table(["experts", "tokens", "method", "ms", "TFLOP/s", "% of peak", "vs _grouped_mm"], table)
-    body += "\n\n" + markdown_table(["method", "geomean vs _grouped_mm + epilogue ops"],
-                                    [[name, f"{geomean(r):.2f}x"] for name, r in ratios.items()])
+        body = measure(SHAPES, [int(t) for t in args.tokens.split(",")], "cuda", torch.bfloat16,
+                       time_ms=lambda call: median_ms(lambda _: call()), peak=peak, tol=2e-2, failures=failures)
     body += (f"\n\n- measured bf16 matmul peak {peak:.0f} TFLOP/s (8192^3 through torch)"
              "\n- rows = tokens x top-k, routed uniformly at random; times: median of `triton.testing.do_bench`")
     print(body)

@@ -311,11 +311,11 @@ def _check_grouped_gemm_args(
     """Validate a grouped_gemm call's shapes and dtypes (no values: that would need a device->host
     copy on every call); return its output width N."""
     _check_activation("grouped_gemm", activation)
-    if (activation == CLAMPED_SWIGLU) != (alpha is not None and limit is not None) or \
-            (activation != CLAMPED_SWIGLU and (alpha is not None or limit is not None)):
+    clamped = activation == CLAMPED_SWIGLU
+    if (alpha is not None, limit is not None) != (clamped, clamped):
         raise ValueError(f"grouped_gemm: alpha and limit go with activation='clamped_swiglu' (both), got "
                          f"activation={activation!r}, alpha={alpha}, limit={limit}")
-    if activation == CLAMPED_SWIGLU and not (math.isfinite(alpha) and 0 < limit < math.inf):
+    if clamped and not (math.isfinite(alpha) and 0 < limit < math.inf):
         raise ValueError(f"grouped_gemm: clamped_swiglu needs a finite alpha and a finite positive limit, got {alpha} "
                          f"and {limit}")
     if offsets is None:

@@ -21,6 +21,7 @@ times) as a smoke check.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -79,20 +80,29 @@ def epilogue(acc: torch.Tensor, shape: Experts) -> torch.Tensor:
     return acc
 
 
+@functools.lru_cache(maxsize=1)
+def expert_weights(shape: Experts, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The projection's weights as the model keeps them ([E, K, rows]: `torch._grouped_mm`'s
+    layout; tileflow reads its transposed view) and its biases, made on the device once per
+    shape (Mixtral's gate-up is 1.9 GB: made on the host for every token count, it took most of
+    a minute each)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(shape.experts, shape.k, shape.rows, generator=gen, device=device, dtype=dtype) / shape.k**0.5
+    bias = torch.randn(shape.experts, shape.rows, generator=gen, device=device, dtype=dtype) if shape.bias else None
+    return w, bias
+
+
 def make_inputs(shape: Experts, tokens: int, device: str, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     """Rows sorted by expert (tokens x top-k of them, routed uniformly), their expert ids, the
-    int32 offsets, the weights as the model keeps them ([E, K, rows]: `torch._grouped_mm`'s
-    layout; tileflow reads its transposed view) and the biases."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    int32 offsets, and `expert_weights`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     m = tokens * shape.top_k
-    ids = torch.randint(0, shape.experts, (m,), generator=gen).sort().values
+    ids = torch.randint(0, shape.experts, (m,), generator=gen, device=device).sort().values
     offsets = torch.bincount(ids, minlength=shape.experts).cumsum(0).to(torch.int32)
-    x = torch.randn(m, shape.k, generator=gen)
-    w = torch.randn(shape.experts, shape.k, shape.rows, generator=gen) / shape.k**0.5
-    bias = torch.randn(shape.experts, shape.rows, generator=gen) if shape.bias else None
-    out = {"x": x.to(device, dtype), "w": w.to(device, dtype), "ids": ids.to(device), "offsets": offsets.to(device)}
+    w, bias = expert_weights(shape, device, dtype)
+    out = {"x": torch.randn(m, shape.k, generator=gen, device=device, dtype=dtype), "w": w, "ids": ids, "offsets": offsets}
     if bias is not None:
-        out["bias"] = bias.to(device, dtype)
+        out["bias"] = bias
     return out
 
 

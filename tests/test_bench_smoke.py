@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# The three benchmarks of the issues' acceptance and the MoE experts' (5 s) in the default run;
+# The three benchmarks of the issues' acceptance and the MoE experts' (7-9 s) in the default run;
 # the profiling and sampling ones (and compile_time.py below) in the extended run, which goes
 # before every GPU session.
 @pytest.mark.parametrize("script", ["gemm.py", "attention.py", "e2e.py", "moe.py",

@@ -46,6 +46,7 @@ import torch
 import torch.fx as fx
 
 from tileflow.graph_utils import (
+    bind_arguments,
     copy_source_meta,
     erase_unused,
     in_graph,
@@ -224,11 +225,6 @@ def _grouped_mm_args(node: fx.Node) -> dict[str, Any] | None:
 _EXACT_HISTC = {torch.float32: 4096, torch.float64: 1 << 30, torch.int32: 1 << 30, torch.int64: 1 << 30}
 
 
-def _call_arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    """Argument `index` (keyword `name`) of a call node, or `default` when not given."""
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
 def _sorted_expert_ids(offs: Any, experts: int) -> fx.Node | None:
     """The expert ids, sorted, that made the group offsets `offs` (None unless provably so):
     offs = cumsum(histc(ids, bins=E, min=0, max=E - 1), dtype=int32), ids the values of an
@@ -236,13 +232,11 @@ def _sorted_expert_ids(offs: Any, experts: int) -> fx.Node | None:
     row r of expert e's group has ids[r] == e: top-k indices are never negative, so every id
     below E lands in its own bin (floor(v * E / (E - 1)) = v for v < E - 1; the last bin holds
     E - 1) and sorts before any id past E - 1, which histc leaves out with its rows."""
-    if not (isinstance(offs, fx.Node) and offs.target is aten.cumsum.default and _call_arg(offs, 1, "dim", None) in (0, -1)
-            and offs.kwargs.get("dtype", torch.int32) == torch.int32):
-        return None
-    histc = offs.args[0]
+    # (A cumsum of histc's 1-D counts runs along dim 0; the offsets' int32 is checked before.)
+    histc = offs.args[0] if isinstance(offs, fx.Node) and offs.target is aten.cumsum.default else None
     if not (isinstance(histc, fx.Node) and histc.target is aten.histc.default):
         return None
-    if (_call_arg(histc, 1, "bins", 100), _call_arg(histc, 2, "min", 0), _call_arg(histc, 3, "max", 0)) != (experts, 0, experts - 1):
+    if tuple(bind_arguments(histc)[a] for a in ("bins", "min", "max")) != (experts, 0, experts - 1):
         return None
     ids = histc.args[0]
     if isinstance(ids, fx.Node) and ids.target is aten._to_copy.default and set(ids.kwargs) <= {"dtype"}:
@@ -254,9 +248,8 @@ def _sorted_expert_ids(offs: Any, experts: int) -> fx.Node | None:
     sort = ids.args[0] if isinstance(ids, fx.Node) and ids.target is operator.getitem and ids.args[1] == 0 else None
     if not (isinstance(sort, fx.Node) and sort.target in (aten.sort.default, aten.sort.stable)):
         return None
-    dim, descending = (_call_arg(sort, 1, "dim", -1), _call_arg(sort, 2, "descending", False)) \
-        if sort.target is aten.sort.default else (sort.kwargs.get("dim", -1), sort.kwargs.get("descending", False))
-    source = sort.args[0]
+    sort_args = bind_arguments(sort)
+    source, dim, descending = sort_args["self"], sort_args["dim"], sort_args["descending"]
     if descending or not isinstance(source, fx.Node) or getattr(_val(source), "ndim", None) != 1 or dim not in (0, -1):
         return None
     while source.op == "call_function" and (is_view_op(source.target) or source.target in _VIEWS):

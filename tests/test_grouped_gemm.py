@@ -533,16 +533,16 @@ def test_pass_leaves_a_bias_gather_it_cannot_prove_per_expert(variant: str) -> N
     torch.testing.assert_close(compiled(x, *weights, other), fn(x, *weights, other), rtol=1e-5, atol=1e-5)
 
 
-def _gpt_oss_experts(variant: str = "fused") -> Callable:
+def _gpt_oss_experts(variant: str = "fused", alpha: float = 1.702, limit: float = 2.0) -> Callable:
     """gpt-oss's experts as transformers runs them (grouped path): [E, K, 2N] gate-up weights with
-    interleaved columns and biases, `(clamp(up, -L, L) + 1) * g * sigmoid(g * 1.702)`, g =
-    clamp(gate, max=L); a `variant` changes one step of the activation."""
+    interleaved columns and biases, `(clamp(up, -L, L) + 1) * g * sigmoid(g * alpha)`, g =
+    clamp(gate, max=L), then the down projection (left out when its weights are not given); a
+    `variant` changes one step of the activation or the form."""
     import transformers.integrations.moe  # noqa: F401
 
     mm = torch.ops.transformers.grouped_mm_fallback
-    limit = 2.0
 
-    def experts(x, router, gate_up, gate_up_bias, down, down_bias):
+    def experts(x, router, gate_up, gate_up_bias, down=None, down_bias=None):
         e = gate_up.shape[0]
         top = torch.topk(x @ router.T, 2, dim=-1).indices.reshape(-1)
         ids, perm = torch.sort(top)
@@ -557,11 +557,23 @@ def _gpt_oss_experts(variant: str = "fused") -> Callable:
         h = mm(xs, gate_up, offs=offs) + gate_up_bias[gathered]
         if variant == "sentinels":
             h = h.masked_fill(sentinel, 0.0)
-        gate, up = (h[..., 1::2], h[..., ::2]) if variant == "gate_odd" else (h[..., ::2], h[..., 1::2])
+        gate, up = {
+            "gate_odd": lambda: (h[..., 1::2], h[..., ::2]),
+            "rows": lambda: (h[::2], h[1::2]),  # every other ROW (2 rows a token): a [T, 2N] result
+            "step4": lambda: (h[..., ::4], h[..., 1::4]),
+            "short": lambda: (h[..., : h.shape[-1] - 2 : 2], h[..., 1 : h.shape[-1] - 2 : 2]),
+        }.get(variant, lambda: (h[..., ::2], h[..., 1::2]))()
         gate = gate.clamp(min=-limit if variant == "gate_floor" else None, max=limit)
         up = up.clamp(min=-limit, max=limit / 2 if variant == "up_other_limit" else limit)
-        glu = gate * torch.sigmoid(gate * 1.702)
-        h = (up + (2 if variant == "up_plus_two" else 1)) * glu
+        glu = {
+            "tanh": lambda: gate * torch.tanh(gate * alpha),
+            "sigmoid_of_sum": lambda: gate * torch.sigmoid(gate + alpha),
+            "glu_sum": lambda: gate + torch.sigmoid(gate * alpha),
+        }.get(variant, lambda: gate * torch.sigmoid(gate * alpha))()
+        shifted = up + (2 if variant == "up_plus_two" else 1)
+        h = shifted + glu if variant == "tip_sum" else shifted * glu
+        if down is None:
+            return h
         out = mm(h, down, offs=offs) + down_bias[gathered]
         return out.masked_fill(sentinel, 0.0) if variant == "sentinels" else out
 
@@ -681,49 +693,13 @@ def test_a_histogram_of_ids_cast_to_a_narrow_float_is_not_proof(cast: torch.dtyp
                                fn(x, router, w, bias, torch.zeros(1, dtype=torch.long)), rtol=1e-5, atol=1e-5)
 
 
-def _gpt_oss_gate_up(variant: str = "fused", alpha: float = 1.702, limit: float = 2.0) -> Callable:
-    """gpt-oss's gate-up experts (`_gpt_oss_experts`' first half) with its numbers as given;
-    a `variant` changes one step of the activation in a way the pass must not fuse."""
-    import transformers.integrations.moe  # noqa: F401
-
-    mm = torch.ops.transformers.grouped_mm_fallback
-
-    def experts(x, router, gate_up, gate_up_bias):
-        e = gate_up.shape[0]
-        top = torch.topk(x @ router.T, 2, dim=-1).indices.reshape(-1)
-        ids, perm = torch.sort(top)
-        offs = torch.cumsum(torch.histc(ids.float(), bins=e, min=0, max=e - 1), dim=0, dtype=torch.int32)
-        h = mm(x[perm // 2], gate_up, offs=offs) + gate_up_bias[ids]
-        if variant == "rows":  # every other ROW (2 rows a token): a [T, 2N] result
-            gate, up = h[::2], h[1::2]
-        elif variant == "step4":
-            gate, up = h[..., ::4], h[..., 1::4]
-        elif variant == "short":
-            gate, up = h[..., : h.shape[-1] - 2 : 2], h[..., 1 : h.shape[-1] - 2 : 2]
-        else:
-            gate, up = h[..., ::2], h[..., 1::2]
-        gate = gate.clamp(min=None, max=limit)
-        up = up.clamp(min=-limit, max=limit)
-        if variant == "tanh":
-            glu = gate * torch.tanh(gate * alpha)
-        elif variant == "sigmoid_of_sum":
-            glu = gate * torch.sigmoid(gate + alpha)
-        elif variant == "glu_sum":
-            glu = gate + torch.sigmoid(gate * alpha)
-        else:
-            glu = gate * torch.sigmoid(gate * alpha)
-        return (up + 1) + glu if variant == "tip_sum" else (up + 1) * glu
-
-    return experts
-
-
 @pytest.mark.parametrize("variant", ["rows", "step4", "short", "tanh", "sigmoid_of_sum", "glu_sum", "tip_sum",
                                      "negative_limit"])
 def test_pass_leaves_more_activations_that_are_not_gpt_oss_s(variant: str) -> None:
     """Slices of rows, of every 4th column or short of the end, tanh for the sigmoid, `gate +
     alpha` in it, a sum for either product, a negative limit: left unfused (the bias still
     fused), and equal to eager."""
-    fn = _gpt_oss_gate_up(variant, limit=-1.0 if variant == "negative_limit" else 2.0)
+    fn = _gpt_oss_experts(variant, limit=-1.0 if variant == "negative_limit" else 2.0)
     weights = _gpt_oss_weights()[:3]
     compiled, gm, ctx = _compile(fn, torch.randn(9, K), *weights)
     assert ctx.report.passes[1].rewrites == {"grouped_gemm": 1, "fused_grouped_bias": 1, "padded_gemm": 1}
@@ -734,7 +710,7 @@ def test_pass_leaves_more_activations_that_are_not_gpt_oss_s(variant: str) -> No
 @pytest.mark.parametrize("alpha, limit", [(1.0, 7.0), (-0.5, 0.25)])
 def test_pass_takes_gpt_oss_s_alpha_and_limit_from_the_graph(alpha: float, limit: float) -> None:
     """The fused node carries the graph's own alpha and limit (not gpt-oss's 1.702 and 7)."""
-    fn = _gpt_oss_gate_up(alpha=alpha, limit=limit)
+    fn = _gpt_oss_experts(alpha=alpha, limit=limit)
     weights = _gpt_oss_weights()[:3]
     compiled, gm, ctx = _compile(fn, torch.randn(9, K), *weights)
     node = next(n for n in gm.graph.nodes if n.target is GROUPED)
@@ -804,7 +780,7 @@ def test_clamped_swiglu_refuses_a_limit_that_clamps_nothing() -> None:
                              tile=TileConfig(16, 32, 32), activation="clamped_swiglu", clamp=(1.702, float("inf")))
     with pytest.raises(ValueError, match="finite positive limit"):
         check_gemm_spec(spec, ("float32",), "reference", 1, op="grouped_gemm")
-    fn = _gpt_oss_gate_up(limit=float("inf"))
+    fn = _gpt_oss_experts(limit=float("inf"))
     weights = _gpt_oss_weights()[:3]
     compiled, _, ctx = _compile(fn, torch.randn(9, K), *weights)
     assert "fused_grouped_clamped_swiglu" not in ctx.report.passes[1].rewrites

@@ -60,10 +60,15 @@ import triton.language as tl
 '''
 
 
+def _two_weights(spec: KernelSpec) -> bool:
+    """Whether the kernel reads a gated activation's gate and up weights as two operands (all but
+    gpt-oss's interleaved ones, read as one wide tile)."""
+    return is_gated(spec.epilogue) and CLAMPED_SWIGLU not in spec.epilogue
+
+
 def _signature(spec: KernelSpec) -> str:
     """The kernel's parameter list (one argument or argument group per line)."""
-    # Two weight operands for a gated activation, but gpt-oss's interleaved one (one wide tile).
-    gated = is_gated(spec.epilogue) and CLAMPED_SWIGLU not in spec.epilogue
+    gated = _two_weights(spec)
     lines = ["x_ptr, w_ptr, out_ptr,"]
     if gated:
         lines.append("wu_ptr,  # up-projection weights [E, N, K]: the second half of each expert's rows")
@@ -118,7 +123,7 @@ mask_m = offs_m < row_end  # virtual padding: the group's tail tile reads and wr
 
 # This expert's [N, K] weights (int64: E * N * K can pass 2^31 elements).
 w_ptr += expert.to(tl.int64) * stride_we"""
-    two_weights = is_gated(spec.epilogue) and CLAMPED_SWIGLU not in spec.epilogue
+    two_weights = _two_weights(spec)
     if two_weights:
         code += "\nwu_ptr += expert.to(tl.int64) * stride_wue"
     if "bias" in spec.epilogue:
@@ -171,7 +176,7 @@ def make_grouped_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[...
     _check_spec(spec)
     n, k, e = grouped_gemm_dims(spec)
     tile = spec.tile
-    gated = is_gated(spec.epilogue) and CLAMPED_SWIGLU not in spec.epilogue  # two weight operands
+    gated = _two_weights(spec)
     has_bias = "bias" in spec.epilogue
     num_warps = launch_warps(spec)
 

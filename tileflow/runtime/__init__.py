@@ -577,9 +577,12 @@ def run_grouped_gemm(
     if e == 0:  # no expert, so no row (the offsets cover M): an empty result
         return x.new_empty((m, n), dtype=out_dtype)
     if n == 0 or k == 0:
-        # No tile plan covers an empty dimension: each row is its expert's epilogue of zero products.
-        rows_bias = bias if bias is not None else x.new_zeros((e, rows), dtype=out_dtype)
-        return _grouped_bias_rows(offsets, rows_bias, m, n, activation, out_dtype, clamp)
+        # No tile plan covers an empty dimension: each row is its expert's epilogue of zero
+        # products, its bias row through the activation (zero without a bias: every activation's
+        # of zero is zero).
+        if bias is None or n == 0:
+            return x.new_zeros((m, n), dtype=out_dtype)
+        return _grouped_bias_rows(offsets, bias, m, n, activation, out_dtype, clamp)
     tile_plan = decode_plan(plan) if plan else grouped_gemm_plan(
         n, k, e, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
         weight_tiles=2 if is_gated(activation) else 1,
@@ -594,11 +597,11 @@ def run_grouped_gemm(
 
 def _grouped_bias_rows(offsets: torch.Tensor, bias: torch.Tensor, m: int, n: int, activation: str,
                        out_dtype: torch.dtype, clamp: tuple[float, float] | None) -> torch.Tensor:
-    """A grouped GEMM with K = 0 (or N = 0): each row is its expert's `bias` row ([E, N], or
-    [E, 2N] for a gated activation) through the epilogue. The expert of each row is found on the
-    device (rows past offsets[-1] take the last expert's; nothing promises them a value)."""
+    """A grouped GEMM with K = 0: each row is its expert's `bias` row ([E, N], or [E, 2N] for a
+    gated activation) through the epilogue. The expert of each row is found on the device (rows
+    past offsets[-1] take the last expert's; nothing promises them a value)."""
     rows = torch.arange(m, device=offsets.device, dtype=offsets.dtype)
-    experts = torch.searchsorted(offsets, rows, right=True).clamp(max=max(bias.shape[0] - 1, 0))
+    experts = torch.searchsorted(offsets, rows, right=True).clamp(max=bias.shape[0] - 1)
     acc = bias.to(torch.float64 if bias.dtype == torch.float64 else torch.float32)[experts]
     if is_gated(activation):
         acc = apply_gated_activation(*gate_and_up(acc, activation), activation, clamp)

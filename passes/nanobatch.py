@@ -7,10 +7,10 @@ schedule.
 
 An op is *token-wise* when each row of its output (along the token dimension) reads only the same
 row of its token-carrying inputs: elementwise ops, GEMMs (`padded_gemm`, `linear`, `mm` on the
-rows), norms and softmaxes over other dims, embeddings, and layout ops that keep the token
-dimension whole. Token-wise ops run once per nano-batch over its rows; every other op (attention
-over one sequence, anything reading across tokens) runs once over all rows, after the nano-ops
-it reads. Each nano-op depends only on the producer nano-ops whose rows it reads, never on a
+rows), norms and softmaxes over other dims, embeddings, layout ops that keep the token
+dimension whole, and tensor parallelism's all-reduces (element by element over the ranks).
+Token-wise ops run once per nano-batch over its rows; every other op (attention over one
+sequence, anything reading across tokens) runs once over all rows, after the nano-ops it reads. Each nano-op depends only on the producer nano-ops whose rows it reads, never on a
 global barrier (`tileflow.schedule.build_dependencies`). Resource classes: GEMMs compute,
 attention memory, collectives network; the light ops go with the GEMMs on the compute stream.
 
@@ -59,6 +59,18 @@ _ALONG_DIM = {
     aten.cat.default,
 }
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
+# Tensor parallelism's collectives as functional ATen ops (DTensor, `funcol`, and a traced
+# `dist.all_reduce` all become these). An all-reduce reduces each element over the ranks, so a
+# row of its output reads only that row of every rank's input: it splits per nano-batch like an
+# elementwise op, and nano-batch i's reduction can run beside nano-batch i + 1's GEMMs
+# (NanoFlow's network stream). The wait returns the reduced tensor itself. Every rank must split
+# a step alike, so that their collectives pair up: the split is a function of the token count
+# and the device table, the same on every rank of a group of one device kind.
+try:
+    _ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+    _ROWWISE_COLLECTIVES = {_ALL_REDUCE, torch.ops._c10d_functional.wait_tensor.default}
+except (AttributeError, RuntimeError):  # a torch built without distributed: no collectives to meet
+    _ALL_REDUCE, _ROWWISE_COLLECTIVES = None, set()
 
 
 def op_name(node: fx.Node) -> str:
@@ -169,6 +181,8 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
         return dims.get(node.args[0].name) == 0 and dims.get(node.args[1].name) is None
     if target is aten.embedding.default:
         return dims.get(node.args[0].name) is None
+    if target in _ROWWISE_COLLECTIVES:
+        return dims.get(node.args[0].name) == out_dim
     if target in _RESHAPES:
         # Rows stay whole only when the dims before the token dim hold as many elements before
         # and after (`[2, S, H] -> [S, 2, H]` mixes rows; `[B*S, N] -> [B, S, N]` is fine only
@@ -218,8 +232,8 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
     return False
 
 
-def _profile(node: fx.Node) -> OpProfile | None:
-    """Cost-model inputs of the heavy ops (GEMMs and attention), per token row."""
+def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | None:
+    """Cost-model inputs of the heavy ops (GEMMs, attention and all-reduces), per token row."""
     name = op_name(node)
     if name == "padded_gemm":
         w = meta_val(node.args[1])
@@ -232,7 +246,35 @@ def _profile(node: fx.Node) -> OpProfile | None:
         k = meta_val(node.args[1])
         per_row = k.element_size() * k.shape[1] * k.shape[3] * 2  # this row's k and v, read once per query row
         return OpProfile(node.name, "memory", 0.0, float(per_row), 0.0, str(k.dtype).removeprefix("torch."))
+    if _ALL_REDUCE is not None and node.target is _ALL_REDUCE:
+        row = _row_bytes(meta_val(node), dims.get(node.name))
+        if row is None:
+            return None
+        # A ring all-reduce sends and receives 2 (p - 1) / p of the tensor per rank.
+        ranks = _group_size(node.args[2])
+        share = 2.0 * (ranks - 1) / ranks if ranks else 2.0
+        return OpProfile(node.name, "network", 0.0, share * row, 0.0, str(meta_val(node).dtype).removeprefix("torch."))
     return None
+
+
+def _row_bytes(val: Any, dim: int | None) -> float | None:
+    """Bytes of one row along the token dim `dim` (None: no token dim, or other dims symbolic)."""
+    if dim is None or not isinstance(val, torch.Tensor):
+        return None
+    others = [s for d, s in enumerate(val.shape) if d != dim]
+    if not all(isinstance(s, int) for s in others):
+        return None
+    return float(val.element_size() * math.prod(others))
+
+
+def _group_size(group_name: Any) -> int | None:
+    """How many ranks the process group named `group_name` holds (None: unknown here)."""
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return int(_resolve_process_group(group_name).size())
+    except (ImportError, RuntimeError, ValueError, KeyError):
+        return None
 
 
 def token_symbol(gm: fx.GraphModule) -> tuple[Any, tuple[int, int]] | None:
@@ -309,7 +351,7 @@ class NanoBatch:
                 for reader in _readers_of(written):
                     if reader is not node and reader.name in split:  # split holds the ops before this one
                         edges.append(OpEdge(reader.name, node.name, "global"))
-            prof = _profile(node)
+            prof = _profile(node, dims)
             if prof is not None:
                 profile.append(prof)
         strided = _strided_over_joined(gm, split)

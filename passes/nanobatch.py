@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from tileflow.graph_utils import bind_arguments, graph_structure, is_view_op, meta_val, token_dim, traced_contiguous, written_arguments
+from tileflow.graph_utils import ALL_REDUCE, WAIT_TENSOR, bind_arguments, graph_structure, is_view_op, meta_val, token_dim, traced_contiguous, written_arguments
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, OpEdge, OpSpec, Schedule, check_schedule, make_schedule
 from tileflow.search import OpProfile, modeled_timeline, search_split
@@ -66,11 +66,7 @@ _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin
 # (NanoFlow's network stream). The wait returns the reduced tensor itself. Every rank must split
 # a step alike, so that their collectives pair up: the split is a function of the token count
 # and the device table, the same on every rank of a group of one device kind.
-try:
-    _ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
-    _ROWWISE_COLLECTIVES = {_ALL_REDUCE, torch.ops._c10d_functional.wait_tensor.default}
-except (AttributeError, RuntimeError):  # a torch built without distributed: no collectives to meet
-    _ALL_REDUCE, _ROWWISE_COLLECTIVES = None, set()
+_ROWWISE_COLLECTIVES = {op for op in (ALL_REDUCE, WAIT_TENSOR) if op is not None}
 
 
 def op_name(node: fx.Node) -> str:
@@ -246,7 +242,7 @@ def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | None:
         k = meta_val(node.args[1])
         per_row = k.element_size() * k.shape[1] * k.shape[3] * 2  # this row's k and v, read once per query row
         return OpProfile(node.name, "memory", 0.0, float(per_row), 0.0, str(k.dtype).removeprefix("torch."))
-    if _ALL_REDUCE is not None and node.target is _ALL_REDUCE:
+    if ALL_REDUCE is not None and node.target is ALL_REDUCE:
         row = _row_bytes(meta_val(node), dims.get(node.name))
         if row is None:
             return None

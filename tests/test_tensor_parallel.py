@@ -10,10 +10,13 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 # Nano-batch counts each rank compiles the sharded model with (one spawn runs them all).
 SPLITS = (2, 3)
 LENGTHS = (5, 9, 16)
+# Token counts of the CUDA-graph run: buckets 16 and 32, three calls padded.
+GRAPH_LENGTHS = (5, 9, 16, 20)
 WORLD = 2
 
 
@@ -34,7 +37,12 @@ def _tensor_parallel_rank(rank: int, port: int, out_dir: str) -> None:
 
     import tileflow
     from models import build
+    from tileflow.padding_safety import padding_hazard
+    from tileflow.passes.nanobatch import token_symbol
+    from tileflow.pipeline import PassResult
+    from graph_doubles import ReplayOnCpu
     from tileflow.runtime import nanobatch as nanobatch_runtime
+    from tileflow.runtime import streams
     from tileflow.runtime.streams import SimulatedStreams
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -60,12 +68,26 @@ def _tensor_parallel_rank(rank: int, port: int, out_dir: str) -> None:
         return SimulatedStreams(seed=next(seeds))
 
     nanobatch_runtime.NanoBatchRunner._executor_for = executor_for
+    hazards = []
+
+    @tileflow.register_pass
+    class PaddingProbe:
+        """Records what `cuda_graphs` would decide for the graph: captured at token buckets
+        (no hazard) or only at exact token counts (the hazard)."""
+
+        name = "padding_probe"
+
+        def run(self, gm, ctx):  # noqa: ANN001, ANN202 -- the pass interface
+            hazards.append(padding_hazard(gm, token_symbol(gm)[0]))
+            return PassResult()
+
     result = {}
     for k in SPLITS:
         torch._dynamo.reset()
         runners.clear()
         report = tileflow.Report()
-        options = {"passes": ["canonicalize", "attention", "gemm_padding", "nanobatch"], "nano_batches": k}
+        options = {"passes": ["canonicalize", "attention", "gemm_padding", "padding_probe", "nanobatch"],
+                   "nano_batches": k}
         compiled = torch.compile(sharded, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)
         diffs = []
         with torch.no_grad():
@@ -80,7 +102,24 @@ def _tensor_parallel_rank(rank: int, port: int, out_dir: str) -> None:
             "schedule": runner.last_schedule.to_dict(),
             "network_profile": [(p.name, p.bytes_per_token) for p in runner.plan.profile if p.resource == "network"],
             "hidden_bytes": reference.config.hidden_size * 4,
+            "padding_hazard": hazards[-1],
         }
+
+    # CUDA graphs at token buckets, through a CPU stand-in that really runs the padded step: every
+    # rank replays a call at the same bucket, so the all-reduces pair up over the padded rows too.
+    streams.GRAPH_FACTORY = ReplayOnCpu
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    compiled = torch.compile(sharded, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32},
+                                                                       report=report), dynamic=True)
+    diffs = []
+    with torch.no_grad():
+        for n in GRAPH_LENGTHS:
+            ids = torch.randint(0, reference.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+            want = reference(ids, use_cache=False).logits
+            diffs.append((compiled(ids, use_cache=False).logits - want).abs().max().item())
+    result["cuda_graphs"] = {"diffs": diffs, "note": report.graphs[0].extra.get("cuda_graphs"),
+                             "captures": ReplayOnCpu.captures, "replays": ReplayOnCpu.replays}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
@@ -165,3 +204,40 @@ def test_the_split_search_counts_each_all_reduce_as_ring_traffic(tensor_parallel
     run = tensor_parallel_runs[0][str(SPLITS[0])]
     assert len(run["network_profile"]) == 4
     assert all(b == 2 * (WORLD - 1) / WORLD * run["hidden_bytes"] for _, b in run["network_profile"])
+
+
+def test_cuda_graphs_may_pad_a_sharded_step_to_its_bucket(tensor_parallel_runs: list[dict]) -> None:
+    """The padding analysis takes an all-reduce as elementwise (every rank replays one call at one
+    bucket, so real rows reduce real rows): a sharded step is captured at token buckets, where
+    the all-reduce was a hazard that kept it at exact token counts, and its padded replays (a CPU
+    stand-in for CUDA graphs) equal the unsharded model on every rank."""
+    for run in tensor_parallel_runs:
+        assert run[str(SPLITS[0])]["padding_hazard"] is None
+        graphs = run["cuda_graphs"]
+        assert graphs["note"].startswith("whole step, token buckets [16, 32]"), graphs["note"]
+        assert (graphs["captures"], graphs["replays"]) == (2, len(GRAPH_LENGTHS))  # every call replays
+        assert max(graphs["diffs"]) <= 1e-5, graphs["diffs"]
+
+
+def _reduced_rows(x, w):  # noqa: ANN001, ANN202
+    c10d = torch.ops._c10d_functional
+    return c10d.wait_tensor(c10d.all_reduce(torch.nn.functional.linear(x, w), "sum", "0")) + 1
+
+
+def _reduced_mean_over_tokens(x, w):  # noqa: ANN001, ANN202
+    c10d = torch.ops._c10d_functional
+    return x + c10d.wait_tensor(c10d.all_reduce(x.mean(0, keepdim=True) @ w, "sum", "0"))
+
+
+@pytest.mark.parametrize(("fn", "hazard"), [(_reduced_rows, None), (_reduced_mean_over_tokens, "mean: reads across")])
+def test_an_all_reduce_keeps_rows_apart_and_passes_hazards_on(fn, hazard: str | None) -> None:  # noqa: ANN001
+    """The padding analysis alone, on graphs traced with a symbolic token count: an all-reduce of
+    row-wise values is no hazard; one of a mean over the tokens keeps the mean's."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tileflow.padding_safety import padding_hazard
+
+    gm = make_fx(fn, tracing_mode="symbolic")(torch.randn(5, 8), torch.randn(8, 8))
+    token = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[0].node.expr
+    got = padding_hazard(gm, token)
+    assert got is None if hazard is None else got.startswith(hazard), got

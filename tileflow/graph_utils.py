@@ -12,6 +12,14 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._pytree import tree_map
 
+# Tensor parallelism's functional collectives, as DTensor, `funcol` and a traced
+# `dist.all_reduce` leave them in ATen graphs (None in a torch built without distributed).
+try:
+    ALL_REDUCE: Any = torch.ops._c10d_functional.all_reduce.default
+    WAIT_TENSOR: Any = torch.ops._c10d_functional.wait_tensor.default
+except (AttributeError, RuntimeError):
+    ALL_REDUCE = WAIT_TENSOR = None
+
 
 def bind_arguments(node: fx.Node) -> dict[str, Any]:
     """An op node's arguments by schema name, defaults filled in (None where the schema has none)."""

@@ -97,7 +97,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .graph_utils import any_ancestor, attribute, bind_arguments, meta_val, same_shape, written_arguments
+from .graph_utils import ALL_REDUCE, WAIT_TENSOR, any_ancestor, attribute, bind_arguments, meta_val, same_shape, written_arguments
 
 aten = torch.ops.aten
 
@@ -169,7 +169,11 @@ class _Blocks:
 _SAME_DIMS = {
     aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
     aten.contiguous.default, aten.lift_fresh_copy.default, torch.ops.prims.convert_element_type.default,
-}
+} | ({WAIT_TENSOR} if WAIT_TENSOR is not None else set())  # a collective's wait returns its tensor
+# A tensor-parallel all-reduce: each element reduced over the ranks, which all replay one call at
+# one bucket, so real elements reduce real ones. Its values are other ranks' too: no value fact
+# (fill, position, padded value) carries over.
+_ACROSS_RANKS = {ALL_REDUCE} if ALL_REDUCE is not None else set()
 # Elementwise ops without the pointwise tag: `copy` (functionalized in-place copies), where
 # with scalar branches, `polar` (Llama-4's complex RoPE factors) and `floor_divide` (its attention
 # chunks, `pos // chunk`).
@@ -284,7 +288,7 @@ _SORTS = {aten.sort.default, aten.sort.stable}
 _GROUPED_GEMMS = {"tileflow::grouped_gemm", "transformers::grouped_mm_fallback", "aten::_grouped_mm"}
 # Ops that keep each row of their token dim apart (given `_axes` stays off that dim): they may
 # take rows in expert order, or token-major ones, and give rows in the same order.
-_ROW_WISE = (_SAME_DIMS | _ELEMENTWISE | set(_FILLS) | _ALONG | _SCANS | {
+_ROW_WISE = (_SAME_DIMS | _ELEMENTWISE | _ACROSS_RANKS | set(_FILLS) | _ALONG | _SCANS | {
     operator.getitem, aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default,
     aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.slice.Tensor,
     aten.select.int, aten.cat.default, aten.index.Tensor, aten.embedding.default, aten.mm.default,
@@ -611,7 +615,7 @@ class _Walk:
             return self.lowered(node)
         if target is aten.where.Scalar and isinstance(node.args[0], fx.Node):
             return self.masked_where(node)  # `where(keep, 0., -inf)`: the attention pass's float32 bias
-        if target in _ELEMENTWISE:
+        if target in _ELEMENTWISE or target in _ACROSS_RANKS:
             return _CLEAN  # each element from the same element (broadcast) of clean inputs
         if target in (aten.slice_scatter.default, aten.select_scatter.default):
             return self.scattered(node)

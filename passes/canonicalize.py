@@ -18,7 +18,11 @@ Later passes match one form only. After this pass:
 - the tanh GELU written out by hand (transformers' `gelu_new`, GPT-2's, Phi-2's, GPT-J's:
   `0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))`) is `aten.gelu(x, approximate="tanh")`,
   and the erf one (`gelu_python`: `x * 0.5 * (1 + erf(x / sqrt(2)))`) `aten.gelu(x)`, which the
-  GEMM pass fuses as epilogues.
+  GEMM pass fuses as epilogues;
+- a masked fill written as an assignment through a bool mask, `x[mask] = v` with one value
+  (`index_put(x, [mask], v)`, the mask over x's leading dims: DTensor's vocabulary-parallel
+  embedding zeroes the ids and rows other ranks own so), is `where(mask, v, x)`: an elementwise
+  op, which nano-batching splits by rows and the padding analysis of `cuda_graphs` follows.
 Nodes the graph returns directly are kept, and so is every copy an output views (`x.clone()
 .view(-1)` returned), so no output starts aliasing an input.
 """
@@ -373,6 +377,8 @@ class Canonicalize:
             kind = self._gelu_by_hand(graph, node)
             if kind:
                 return kind
+        if target is aten.index_put.default:
+            return self._masked_assignment(graph, node)
         if node in outputs:
             return None
         return self._drop_noop(node)
@@ -567,6 +573,41 @@ class Canonicalize:
         root.replace_all_uses_with(gelu)
         graph.erase_node(root)
         return "canonical_gelu_tanh" if approximate == "tanh" else "canonical_gelu"
+
+    # -- masked assignments ----------------------------------------------------------------
+    def _masked_assignment(self, graph: fx.Graph, node: fx.Node) -> str | None:
+        """`index_put(x, [mask], v)` -> `where(mask, v, x)` when the mask is bool over x's leading
+        dims, `v` one element of x's dtype and nothing accumulates: each element selected is then
+        set to v, the others kept (a mask over fewer dims, with trailing unit dims, selects whole
+        rows as the index does). Returns the rewrite's kind, or None."""
+        x, indices, values = node.args[:3]
+        accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+        if accumulate or not isinstance(indices, (list, tuple)) or len(indices) != 1:
+            return None
+        (mask,) = indices
+        xv, mv, vv = _val(x), _val(mask), _val(values)
+        if not (isinstance(xv, torch.Tensor) and isinstance(mv, torch.Tensor) and isinstance(vv, torch.Tensor)):
+            return None
+        if (mv.dtype != torch.bool or vv.dtype != xv.dtype or not isinstance(vv.numel(), int) or vv.numel() != 1
+                or not 1 <= mv.dim() <= xv.dim() or not same_shape(mv.shape, xv.shape[:mv.dim()])):
+            return None
+        with graph.inserting_before(node):
+            keep = mask
+            for _ in range(xv.dim() - mv.dim()):
+                keep = graph.call_function(aten.unsqueeze.default, (keep, -1))
+                copy_source_meta(node, keep)
+                infer_meta(keep)
+            one = values
+            if vv.dim():  # a [1] value broadcast from the right would line up with x's last dim only
+                one = graph.call_function(aten.view.default, (values, []))
+                copy_source_meta(node, one)
+                infer_meta(one)
+            where = graph.call_function(aten.where.self, (keep, one, x))
+        copy_source_meta(node, where)
+        infer_meta(where)
+        node.replace_all_uses_with(where)
+        graph.erase_node(node)
+        return "masked_assignment"
 
     def _remove_dead(self, graph: fx.Graph) -> int:
         """Erase pure nodes nobody uses any more (e.g. a transpose folded into a linear)."""

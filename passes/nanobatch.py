@@ -33,7 +33,10 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from tileflow.graph_utils import ALL_REDUCE, WAIT_TENSOR, bind_arguments, graph_structure, is_view_op, meta_val, token_dim, traced_contiguous, written_arguments
+from tileflow.graph_utils import (
+    ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT_TENSOR, bind_arguments, graph_structure, is_view_op, meta_val, token_dim,
+    traced_contiguous, written_arguments,
+)
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, OpEdge, OpSpec, Schedule, check_schedule, make_schedule
 from tileflow.search import OpProfile, modeled_timeline, search_split
@@ -59,14 +62,18 @@ _ALONG_DIM = {
     aten.cat.default,
 }
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
-# Tensor parallelism's collectives as functional ATen ops (DTensor, `funcol`, and a traced
-# `dist.all_reduce` all become these). An all-reduce reduces each element over the ranks, so a
-# row of its output reads only that row of every rank's input: it splits per nano-batch like an
-# elementwise op, and nano-batch i's reduction can run beside nano-batch i + 1's GEMMs
-# (NanoFlow's network stream). The wait returns the reduced tensor itself. Every rank must split
-# a step alike, so that their collectives pair up: the split is a function of the token count
-# and the device table, the same on every rank of a group of one device kind.
+# Tensor parallelism's collectives (`tileflow.graph_utils`). An all-reduce reduces each element
+# over the ranks, so a row of its output reads only that row of every rank's input: it splits
+# per nano-batch like an elementwise op, and nano-batch i's reduction can run beside nano-batch
+# i + 1's GEMMs (NanoFlow's network stream); the wait returns the reduced tensor itself. A gather
+# and a reduce-scatter act along dim 0: so too when the tokens lie along another dim (a
+# `[1, T, N]` projection gathered over the ranks), not when they lie along dim 0. Every rank must
+# split a step alike, so that their collectives pair up: the split is a function of the token
+# count and the device table, the same on every rank of a group of one device kind.
 _ROWWISE_COLLECTIVES = {op for op in (ALL_REDUCE, WAIT_TENSOR) if op is not None}
+_DIM0_COLLECTIVES = {op for op in (ALL_GATHER, REDUCE_SCATTER) if op is not None}
+# The ones that move data over the interconnect (the split search costs them).
+_MOVING_COLLECTIVES = {op for op in (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER) if op is not None}
 
 
 def op_name(node: fx.Node) -> str:
@@ -179,6 +186,8 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
         return dims.get(node.args[0].name) is None
     if target in _ROWWISE_COLLECTIVES:
         return dims.get(node.args[0].name) == out_dim
+    if target in _DIM0_COLLECTIVES:
+        return dims.get(node.args[0].name) == out_dim != 0
     if target in _RESHAPES:
         # Rows stay whole only when the dims before the token dim hold as many elements before
         # and after (`[2, S, H] -> [S, 2, H]` mixes rows; `[B*S, N] -> [B, S, N]` is fine only
@@ -229,7 +238,7 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
 
 
 def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | None:
-    """Cost-model inputs of the heavy ops (GEMMs, attention and all-reduces), per token row."""
+    """Cost-model inputs of the heavy ops (GEMMs, attention, collectives), per token row."""
     name = op_name(node)
     if name == "padded_gemm":
         w = meta_val(node.args[1])
@@ -242,15 +251,27 @@ def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | None:
         k = meta_val(node.args[1])
         per_row = k.element_size() * k.shape[1] * k.shape[3] * 2  # this row's k and v, read once per query row
         return OpProfile(node.name, "memory", 0.0, float(per_row), 0.0, str(k.dtype).removeprefix("torch."))
-    if ALL_REDUCE is not None and node.target is ALL_REDUCE:
-        row = _row_bytes(meta_val(node), dims.get(node.name))
-        if row is None:
-            return None
-        # A ring all-reduce sends and receives 2 (p - 1) / p of the tensor per rank.
-        ranks = _group_size(node.args[2])
-        share = 2.0 * (ranks - 1) / ranks if ranks else 2.0
-        return OpProfile(node.name, "network", 0.0, share * row, 0.0, str(meta_val(node).dtype).removeprefix("torch."))
+    if node.target in _MOVING_COLLECTIVES:
+        return _collective_profile(node, dims)
     return None
+
+
+def _collective_profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | None:
+    """A collective's bytes over the interconnect per token row, per rank, as a ring moves them:
+    an all-reduce sends and receives 2 (p - 1) / p of its tensor, a gather (p - 1) / p of its
+    output, a reduce-scatter (p - 1) / p of its input (None: a row's size is not static)."""
+    args = bind_arguments(node)
+    src = args["input"]
+    row = _row_bytes(meta_val(src), dims.get(src.name))
+    ranks = args.get("group_size") or _group_size(args["group_name"])
+    if row is None:
+        return None
+    share = (ranks - 1) / ranks if ranks else 1.0
+    if node.target is ALL_REDUCE:
+        share *= 2
+    elif node.target is ALL_GATHER:
+        row *= ranks or 1  # of the output: p rows of the input
+    return OpProfile(node.name, "network", 0.0, share * row, 0.0, str(meta_val(node).dtype).removeprefix("torch."))
 
 
 def _row_bytes(val: Any, dim: int | None) -> float | None:

@@ -511,3 +511,42 @@ def test_a_gelu_over_two_tensors_or_other_constants_is_left_alone(change: str) -
     assert "canonical_gelu_tanh" not in canonicalize(gm)
     assert ops(gm) == before and aten.gelu.default not in ops(gm)
     torch.testing.assert_close(gm(x, y), fn(x, y))
+
+
+@pytest.mark.parametrize("mask_dims", [2, 1])
+def test_a_masked_assignment_of_one_value_becomes_a_where(mask_dims: int) -> None:
+    """`index_put(x, [mask], v)`, a bool mask over all of x's dims or its leading ones (whole
+    rows: DTensor's vocabulary-parallel embedding zeroes other ranks' rows so) and one value, is
+    `where(mask, v, x)`, elementwise, equal on inputs of another size."""
+    def fn(x, ids):
+        mask = ids > 2 if mask_dims == 2 else ids[:, 0] > 2
+        return torch.index_put(x, (mask,), torch.tensor(-1.5)) * 2
+
+    x, ids = torch.randn(5, 8), torch.randint(0, 5, (5, 8))
+    gm = traced(fn, x, ids)
+    assert canonicalize(gm)["masked_assignment"] == 1
+    assert aten.index_put.default not in ops(gm) and ops(gm)[aten.where.self] == 1
+    x2, ids2 = torch.randn(11, 8), torch.randint(0, 5, (11, 8))
+    torch.testing.assert_close(gm(x2, ids2), fn(x2, ids2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("form", ["accumulate", "row_values", "integer_index", "two_indices"])
+def test_other_index_puts_are_left_alone(form: str) -> None:
+    """An accumulating put, values with more than one element (a row per selected row), an integer
+    index and an index over two dims are not a fill of one value: kept, and still exact."""
+    def fn(x, ids):
+        mask = ids[:, 0] > 2
+        if form == "accumulate":
+            return torch.index_put(x, (mask,), torch.tensor(1.0), accumulate=True)
+        if form == "row_values":
+            return torch.index_put(x, (mask,), torch.arange(8.0))
+        if form == "integer_index":
+            return torch.index_put(x, (ids[:, 0],), torch.tensor(1.0))
+        return torch.index_put(x, (mask, torch.tensor([3])), torch.tensor(1.0))  # rows' column 3
+
+    x, ids = torch.randn(5, 8), torch.randint(0, 5, (5, 8))
+    gm = traced(fn, x, ids)
+    assert "masked_assignment" not in canonicalize(gm)
+    assert ops(gm)[aten.index_put.default] == 1
+    x2, ids2 = torch.randn(11, 8), torch.randint(0, 5, (11, 8))
+    torch.testing.assert_close(gm(x2, ids2), fn(x2, ids2), rtol=0, atol=0)

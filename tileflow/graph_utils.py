@@ -12,13 +12,22 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._pytree import tree_map
 
+
+def _collective(name: str) -> Any:
+    """`torch.ops._c10d_functional.<name>.default`, or None in a torch built without distributed."""
+    try:
+        return getattr(torch.ops._c10d_functional, name).default
+    except (AttributeError, RuntimeError):
+        return None
+
+
 # Tensor parallelism's functional collectives, as DTensor, `funcol` and a traced
-# `dist.all_reduce` leave them in ATen graphs (None in a torch built without distributed).
-try:
-    ALL_REDUCE: Any = torch.ops._c10d_functional.all_reduce.default
-    WAIT_TENSOR: Any = torch.ops._c10d_functional.wait_tensor.default
-except (AttributeError, RuntimeError):
-    ALL_REDUCE = WAIT_TENSOR = None
+# `dist.all_reduce` leave them in ATen graphs. The gather concatenates the ranks' tensors along
+# dim 0 and the reduce-scatter cuts dim 0 among them; the wait returns its tensor.
+ALL_REDUCE: Any = _collective("all_reduce")
+ALL_GATHER: Any = _collective("all_gather_into_tensor")
+REDUCE_SCATTER: Any = _collective("reduce_scatter_tensor")
+WAIT_TENSOR: Any = _collective("wait_tensor")
 
 
 def bind_arguments(node: fx.Node) -> dict[str, Any]:

@@ -97,7 +97,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .graph_utils import ALL_REDUCE, WAIT_TENSOR, any_ancestor, attribute, bind_arguments, meta_val, same_shape, written_arguments
+from .graph_utils import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT_TENSOR, any_ancestor, attribute, bind_arguments, meta_val, same_shape, written_arguments
 
 aten = torch.ops.aten
 
@@ -174,6 +174,9 @@ _SAME_DIMS = {
 # one bucket, so real elements reduce real ones. Its values are other ranks' too: no value fact
 # (fill, position, padded value) carries over.
 _ACROSS_RANKS = {ALL_REDUCE} if ALL_REDUCE is not None else set()
+# A gather (the ranks' tensors stacked along dim 0) and a reduce-scatter (dim 0 cut among them):
+# so too when the tokens lie along another dim (`_Walk.along_ranks`).
+_ALONG_RANKS = {op for op in (ALL_GATHER, REDUCE_SCATTER) if op is not None}
 # Elementwise ops without the pointwise tag: `copy` (functionalized in-place copies), where
 # with scalar branches, `polar` (Llama-4's complex RoPE factors) and `floor_divide` (its attention
 # chunks, `pos // chunk`).
@@ -617,6 +620,8 @@ class _Walk:
             return self.masked_where(node)  # `where(keep, 0., -inf)`: the attention pass's float32 bias
         if target in _ELEMENTWISE or target in _ACROSS_RANKS:
             return _CLEAN  # each element from the same element (broadcast) of clean inputs
+        if target in _ALONG_RANKS:
+            return self.along_ranks(node)
         if target in (aten.slice_scatter.default, aten.select_scatter.default):
             return self.scattered(node)
         if target is aten.constant_pad_nd.default:
@@ -1580,6 +1585,15 @@ class _Walk:
         dims = [self.dims(meta_val(t)) for t in tensors]
         if len(tensors) != len(node.args[0]) or any(d is None or d != dims[0] for d in dims):
             return self.refuse(node, "stacks pieces with different token dims")
+        return _CLEAN
+
+    def along_ranks(self, node: fx.Node) -> _Facts:
+        """A gather or reduce-scatter over the ranks, along dim 0: row-wise when no token dim
+        lies there (each rank's padded rows then sit at the end of that token dim in the
+        result too); over the tokens, the ranks' rows would interleave with their padding."""
+        if 0 in (self.dims(meta_val(node.args[0])) or {}):
+            return self.refuse(node, "gathers or scatters the ranks' tensors along the token dim, so each rank's "
+                                     "padded rows would sit between real ones")
         return _CLEAN
 
     def along(self, node: fx.Node) -> _Facts:

@@ -111,6 +111,53 @@ def test_nano_batches_on_cuda_streams_match_eager(monkeypatch: pytest.MonkeyPatc
     assert executors and all(isinstance(ex, CudaStreams) for ex in executors)
 
 
+@pytest.fixture
+def nccl_group():
+    """A one-rank NCCL process group (its all-reduces are copies, through NCCL on the streams)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_all_reduces_split_on_the_network_stream_match_eager(monkeypatch: pytest.MonkeyPatch, nccl_group,
+                                                              cuda_graphs: bool) -> None:
+    """A Llama whose row-parallel projections end in an all-reduce (a forward hook, as tensor
+    parallelism has it; one rank, so the sum is the output), nano-batched: each nano-batch's
+    all-reduce runs through NCCL on the network stream, waited for on the compute stream, with
+    and without CUDA graphs, and the logits equal eager's with the same all-reduces."""
+    import torch.distributed._functional_collectives as funcol
+
+    model = build("llama").cuda()
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            proj.register_forward_hook(lambda module, args, out: funcol.all_reduce(out, "sum", nccl_group))
+    backend = tileflow.TileflowBackend({"passes": NANO_PASSES, "nano_batches": 2, "cuda_graphs": cuda_graphs})
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    runners: list = []
+    original = nanobatch_runtime.NanoBatchRunner._executor_for
+
+    def spy(self, device):
+        runners.append(self)
+        return original(self, device)
+
+    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "_executor_for", spy)
+    for tokens in (9, 16, 40, 9):
+        ids = torch.randint(0, VOCAB, (1, tokens), device="cuda")
+        with torch.no_grad():
+            want = model(ids, use_cache=False).logits
+            for _ in range(2):
+                torch.testing.assert_close(compiled(ids, use_cache=False).logits, want, rtol=1e-4, atol=1e-4)
+    runner = runners[-1]
+    reduces = [op for op in runner.last_schedule.ops.values() if op.op == "all_reduce"]
+    assert len(reduces) == 4 * 2 and {op.resource for op in reduces} == {"network"}
+    if cuda_graphs:  # captured with NCCL's work inside, at the buckets of 9, 16 and 40 tokens
+        assert runner._graphs.captures > 0 and not runner._graphs._failed
+
+
 def _serving_llama():
     """A small Llama on the GPU, its eager SDPA twin for `generate`, the stop tokens generate uses
     (its EOS) and an example step input for `build_stage_program`."""

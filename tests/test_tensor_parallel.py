@@ -27,8 +27,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tensor_parallel_rank(rank: int, port: int, out_dir: str) -> None:
-    """Shard a small Llama over the ranks, compile it for each k in SPLITS with the schedule run on
+def _tensor_parallel_rank(rank: int, port: int, out_dir: str, arch: str) -> None:
+    """Shard a small `arch` model (a Llama, or a Qwen2 with its Q, K and V biases) over the ranks, compile it for each k in SPLITS with the schedule run on
     simulated streams (a different random interleaving on each rank and call), and write what
     it saw: the largest difference from the unsharded model, the compiles, and the schedule."""
     import torch
@@ -51,8 +51,8 @@ def _tensor_parallel_rank(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     mesh = init_device_mesh("cpu", (WORLD,))
-    reference = build("llama")
-    sharded = build("llama")  # the same seed: the same weights
+    reference = build(arch)
+    sharded = build(arch)  # the same seed: the same weights
     plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
             "lm_head": ColwiseParallel(output_layouts=Replicate())}
     for i in range(reference.config.num_hidden_layers):
@@ -141,19 +141,33 @@ def _reaches(ops: dict[str, dict], start: str, goal: str) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def tensor_parallel_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """What each rank of one two-process run wrote."""
+def _run_ranks(out: Path, arch: str) -> list[dict]:
+    """What each rank of one two-process run of `arch` wrote."""
     import sys
 
     import torch.multiprocessing as mp
 
-    out = tmp_path_factory.mktemp("tensor_parallel")
     tests = str(Path(__file__).resolve().parent)
     if tests not in sys.path:  # the spawned ranks import this module and `models` from here
         sys.path.insert(0, tests)
-    mp.spawn(_tensor_parallel_rank, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_tensor_parallel_rank, args=(_free_port(), str(out), arch), nprocs=WORLD, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """What each rank of one two-process run of the Llama wrote."""
+    return _run_ranks(tmp_path_factory.mktemp("tensor_parallel"), "llama")
+
+
+@pytest.mark.extended  # the same paths as the Llama's, with sharded biases
+def test_a_sharded_qwen2_matches_the_unsharded_model(tmp_path: Path) -> None:
+    """Qwen2's Q, K and V biases are sharded with their columns: nano-batched (k = 2, 3) and
+    replayed padded at token buckets, every rank equals the unsharded model."""
+    for rank, run in enumerate(_run_ranks(tmp_path, "qwen2")):
+        for k in SPLITS:
+            assert max(run[str(k)]["diffs"]) <= 1e-5 and run[str(k)]["graphs"] == 1, (rank, k)
+        assert max(run["cuda_graphs"]["diffs"]) <= 1e-5 and run["cuda_graphs"]["captures"] == 2, rank
 
 
 @pytest.mark.parametrize("k", SPLITS)

@@ -591,20 +591,27 @@ class Canonicalize:
         if (mv.dtype != torch.bool or vv.dtype != xv.dtype or not isinstance(vv.numel(), int) or vv.numel() != 1
                 or not 1 <= mv.dim() <= xv.dim() or not same_shape(mv.shape, xv.shape[:mv.dim()])):
             return None
-        with graph.inserting_before(node):
-            keep = mask
-            for _ in range(xv.dim() - mv.dim()):
-                keep = graph.call_function(aten.unsqueeze.default, (keep, -1))
-                copy_source_meta(node, keep)
-                infer_meta(keep)
-            one = values
-            if vv.dim():  # a [1] value broadcast from the right would line up with x's last dim only
-                one = graph.call_function(aten.view.default, (values, []))
-                copy_source_meta(node, one)
-                infer_meta(one)
-            where = graph.call_function(aten.where.self, (keep, one, x))
-        copy_source_meta(node, where)
-        infer_meta(where)
+        made: list[fx.Node] = []
+
+        def call(target: Any, args: tuple) -> fx.Node:
+            with graph.inserting_before(node):
+                made.append(graph.call_function(target, args))
+            copy_source_meta(node, made[-1])
+            infer_meta(made[-1])
+            return made[-1]
+
+        keep = mask
+        for _ in range(xv.dim() - mv.dim()):
+            keep = call(aten.unsqueeze.default, (keep, -1))
+        # A [1] value broadcast from the right would line up with x's last dim only.
+        one = call(aten.view.default, (values, [])) if vv.dim() else values
+        where = call(aten.where.self, (keep, one, x))
+        # index_put's result is a copy of x in x's layout; where's takes its operands' (the
+        # mask's first), and later views and as_strided were traced against the former.
+        if not all(statically_known_true(a == b) for a, b in zip(_val(node).stride(), _val(where).stride())):
+            for n in reversed(made):
+                graph.erase_node(n)
+            return None
         node.replace_all_uses_with(where)
         graph.erase_node(node)
         return "masked_assignment"

@@ -550,3 +550,46 @@ def test_other_index_puts_are_left_alone(form: str) -> None:
     assert ops(gm)[aten.index_put.default] == 1
     x2, ids2 = torch.randn(11, 8), torch.randint(0, 5, (11, 8))
     torch.testing.assert_close(gm(x2, ids2), fn(x2, ids2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", ["[1, 1, 1]", "other_dtype", "bool_x"])
+def test_a_masked_assignment_keeps_index_puts_shape_and_dtype(value: str) -> None:
+    """One value with more (unit) dims than x, or of another dtype than x, is still one fill:
+    index_put drops the value's leading unit dims and casts it to x's dtype, so the result has
+    x's shape and dtype, rewritten or not."""
+    def fn(x, ids):
+        mask = ids[:, 0] > 2
+        if value == "[1, 1, 1]":
+            return torch.index_put(x, (mask,), torch.full((1, 1, 1), -1.5)) * 2
+        if value == "other_dtype":
+            return torch.index_put(x, (mask,), torch.tensor(3, dtype=torch.int64)) * 2
+        return torch.index_put(x > 0, (mask,), torch.tensor(0.5))
+
+    x, ids = torch.randn(5, 8), torch.randint(0, 5, (5, 8))
+    gm = traced(fn, x, ids)
+    canonicalize(gm)
+    x2, ids2 = torch.randn(11, 8), torch.randint(0, 5, (11, 8))
+    got, want = gm(x2, ids2), fn(x2, ids2)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["transposed_mask_viewed", "permuted_x_as_strided"])
+def test_a_masked_assignment_keeps_index_puts_layout(layout: str) -> None:
+    """index_put's result has x's strides (a clone of x); where's follows its operands', the mask's
+    first: a later view or as_strided traced against index_put's strides must still read the
+    same elements (a transposed mask, then `view(-1)`; a permuted x, then `as_strided`)."""
+    def fn(x, ids):
+        if layout == "transposed_mask_viewed":
+            return torch.index_put(x * 2, (ids.t() > 2,), torch.tensor(-1.5)).view(-1)
+        y = torch.index_put((x * 2).permute(2, 0, 1), (ids > 2,), torch.tensor(0.5))
+        return y.as_strided((3, y.shape[1] * 4), (1, 3))
+
+    if layout == "transposed_mask_viewed":
+        x, ids, x2, ids2 = torch.randn(5, 8), torch.randint(0, 5, (8, 5)), torch.randn(7, 8), torch.randint(0, 5, (8, 7))
+    else:
+        x, ids, x2, ids2 = (torch.randn(5, 4, 3), torch.randint(0, 5, (3, 5, 4)), torch.randn(7, 4, 3),
+                            torch.randint(0, 5, (3, 7, 4)))
+    gm = traced(fn, x, ids)
+    canonicalize(gm)
+    torch.testing.assert_close(gm(x2, ids2), fn(x2, ids2), rtol=0, atol=0)

@@ -269,3 +269,95 @@ def test_an_all_reduce_keeps_rows_apart_and_passes_hazards_on(fn, hazard: str | 
     token = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[0].node.expr
     got = padding_hazard(gm, token)
     assert got is None if hazard is None else got.startswith(hazard), got
+
+
+def _gathered_along_tokens(x):  # noqa: ANN001, ANN202 -- [T, N] gathered: each rank's padding between real rows
+    c10d = torch.ops._c10d_functional
+    return c10d.wait_tensor(c10d.all_gather_into_tensor(x * 2, 2, "0"))
+
+
+def _scattered_blocks(x):  # noqa: ANN001, ANN202 -- [2T, N] (two blocks of T rows) cut among the ranks
+    c10d = torch.ops._c10d_functional
+    blocks = (x * 2).view(x.shape[0], 2, 4).permute(1, 0, 2).reshape(-1, 4)
+    return c10d.wait_tensor(c10d.reduce_scatter_tensor(blocks, "sum", 2, "0"))
+
+
+def _gathered_off_tokens(x):  # noqa: ANN001, ANN202 -- [1, T, N] gathered along dim 0: rows kept apart
+    c10d = torch.ops._c10d_functional
+    return c10d.wait_tensor(c10d.all_gather_into_tensor((x * 2).unsqueeze(0), 2, "0")).sum(0)
+
+
+def _scattered_off_tokens(x):  # noqa: ANN001, ANN202
+    c10d = torch.ops._c10d_functional
+    return c10d.wait_tensor(c10d.reduce_scatter_tensor(torch.stack([x, x * 2]), "sum", 2, "0")).squeeze(0)
+
+
+def _reduced_positions_read(x):  # noqa: ANN001, ANN202 -- 2t on two ranks: no longer a position
+    c10d = torch.ops._c10d_functional
+    pos = c10d.wait_tensor(c10d.all_reduce(torch.arange(x.shape[0]), "sum", "0"))
+    return x + torch.nn.functional.embedding(pos, torch.randn(40, 8))
+
+
+@pytest.mark.parametrize(("fn", "hazard"), [
+    (_gathered_along_tokens, "all_gather_into_tensor: gathers"), (_scattered_blocks, "reduce_scatter_tensor: gathers"),
+    (_gathered_off_tokens, None), (_scattered_off_tokens, None), (_reduced_positions_read, "embedding"),
+])
+def test_gathers_scatters_and_reduced_positions_under_padding(fn, hazard: str | None) -> None:  # noqa: ANN001
+    """A gather or reduce-scatter along a token dim (tokens at dim 0, or two blocks of tokens
+    flattened there) is a hazard, one along another dim is not; an all-reduced `arange` is no
+    position (2t on two ranks), so a table read at it is not bounded by the table's rows."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tileflow.padding_safety import check_padding
+
+    gm = make_fx(fn, tracing_mode="symbolic")(torch.randn(5, 8))
+    token = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[0].node.expr
+    got = check_padding(gm, token).hazard
+    assert got is None if hazard is None else (got or "").startswith(hazard), got
+
+
+def test_collective_profiles_at_four_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ring bytes per token row at p = 4 (at p = 2, (p - 1) / p and 1 / p agree): an all-reduce
+    2 (p - 1) / p of its row, a gather (p - 1) / p of its output row (p input rows), a
+    reduce-scatter (p - 1) / p of its input row."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import tileflow.passes.nanobatch as nanobatch
+    from tileflow.graph_utils import meta_val, token_dim
+
+    c10d = torch.ops._c10d_functional
+
+    def fn(x):  # noqa: ANN001, ANN202 -- x: [1, T, 1] float32 (a unit feature dim stays static), 4-byte rows
+        a = c10d.wait_tensor(c10d.all_reduce(x, "sum", "0"))
+        g = c10d.wait_tensor(c10d.all_gather_into_tensor(a, 4, "0"))  # [4, T, 8]
+        return c10d.wait_tensor(c10d.reduce_scatter_tensor(g * 2, "sum", 4, "0"))  # [1, T, 8]
+
+    monkeypatch.setattr(nanobatch, "_group_size", lambda name: 4)
+    gm = make_fx(fn, tracing_mode="symbolic")(torch.randn(1, 5, 1))
+    token = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[1].node.expr
+    dims = {n.name: token_dim(meta_val(n), token) for n in gm.graph.nodes}
+    got = {str(n.target).split(".")[1]: nanobatch._profile(n, dims).bytes_per_token
+           for n in gm.graph.nodes if n.target in nanobatch._MOVING_COLLECTIVES}
+    assert got == {"all_reduce": 2 * 3 / 4 * 4, "all_gather_into_tensor": 3 / 4 * 16, "reduce_scatter_tensor": 3 / 4 * 16}
+
+
+def test_an_all_reduce_of_rows_in_expert_order_keeps_their_order() -> None:
+    """Tensor-parallel experts: each rank's GEMM gives partial sums of the rows in expert order
+    (the router replicated, so every rank sorts alike), all-reduced before the rows are put back:
+    row-wise on routed rows, no hazard."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from test_padding_safety import EXPERT_W, _route
+    from tileflow.padding_safety import check_padding
+
+    c10d = torch.ops._c10d_functional
+
+    def moe(x):  # noqa: ANN001, ANN202
+        weights, _, order, rows = _route(x, 2)
+        y = rows @ EXPERT_W[0]  # (a grouped GEMM's data-dependent offsets checks do not trace under make_fx)
+        y = c10d.wait_tensor(c10d.all_reduce(y, "sum", "0")) * weights.unsqueeze(-1)
+        return y[torch.argsort(order)].view(-1, 2, y.shape[-1]).sum(1)  # (no in-place inverse: make_fx keeps it)
+
+    gm = make_fx(moe, tracing_mode="symbolic", _allow_non_fake_inputs=True)(torch.randn(5, EXPERT_W.shape[1]))
+    token = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[0].node.expr
+    assert check_padding(gm, token).hazard is None

@@ -67,11 +67,11 @@ _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin
 # per nano-batch like an elementwise op, and nano-batch i's reduction can run beside nano-batch
 # i + 1's GEMMs (NanoFlow's network stream); the wait returns the reduced tensor itself. A gather
 # and a reduce-scatter act along dim 0: so too when the tokens lie along another dim (a
-# `[1, T, N]` projection gathered over the ranks), not when they lie along dim 0. Every rank must
-# split a step alike, so that their collectives pair up: the split is a function of the token
-# count and the device table, the same on every rank of a group of one device kind.
-_ROWWISE_COLLECTIVES = {op for op in (ALL_REDUCE, WAIT_TENSOR) if op is not None}
-_DIM0_COLLECTIVES = {op for op in (ALL_GATHER, REDUCE_SCATTER) if op is not None}
+# `[1, T, N]` projection gathered over the ranks); along dim 0 their output holds p * T or T / p
+# rows, no token dim, and they stay whole. Every rank must split a step alike, so that their
+# collectives pair up: the split is a function of the token count and the device table, the
+# same on every rank of a group of one device kind.
+_TOKENWISE_COLLECTIVES = {op for op in (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, WAIT_TENSOR) if op is not None}
 # The ones that move data over the interconnect (the split search costs them).
 _MOVING_COLLECTIVES = {op for op in (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER) if op is not None}
 
@@ -184,10 +184,8 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
         return dims.get(node.args[0].name) == 0 and dims.get(node.args[1].name) is None
     if target is aten.embedding.default:
         return dims.get(node.args[0].name) is None
-    if target in _ROWWISE_COLLECTIVES:
+    if target in _TOKENWISE_COLLECTIVES:
         return dims.get(node.args[0].name) == out_dim
-    if target in _DIM0_COLLECTIVES:
-        return dims.get(node.args[0].name) == out_dim != 0
     if target in _RESHAPES:
         # Rows stay whole only when the dims before the token dim hold as many elements before
         # and after (`[2, S, H] -> [S, 2, H]` mixes rows; `[B*S, N] -> [B, S, N]` is fine only

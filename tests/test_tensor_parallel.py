@@ -84,20 +84,25 @@ def _tensor_parallel_rank(rank: int, port: int, out_dir: str, arch: str) -> None
             hazards.append(padding_hazard(gm, token_symbol(gm)[0]))
             return PassResult()
 
-    result = {}
-    for k in SPLITS:
+    def compiled_diffs(options: dict, lengths: tuple[int, ...]) -> tuple[list[float], tileflow.Report]:
+        """The sharded model compiled afresh with `options`: its largest difference from the
+        unsharded model at each length, and its report."""
         torch._dynamo.reset()
-        runners.clear()
         report = tileflow.Report()
-        options = {"passes": ["canonicalize", "attention", "gemm_padding", "padding_probe", "nanobatch"],
-                   "nano_batches": k}
         compiled = torch.compile(sharded, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)
         diffs = []
         with torch.no_grad():
-            for n in LENGTHS:
+            for n in lengths:
                 ids = torch.randint(0, reference.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
                 want = reference(ids, use_cache=False).logits
                 diffs.append((compiled(ids, use_cache=False).logits - want).abs().max().item())
+        return diffs, report
+
+    result = {}
+    for k in SPLITS:
+        runners.clear()
+        diffs, report = compiled_diffs({"passes": ["canonicalize", "attention", "gemm_padding", "padding_probe",
+                                                   "nanobatch"], "nano_batches": k}, LENGTHS)
         runner = runners[-1]
         result[k] = {
             "diffs": diffs,
@@ -111,16 +116,7 @@ def _tensor_parallel_rank(rank: int, port: int, out_dir: str, arch: str) -> None
     # CUDA graphs at token buckets, through a CPU stand-in that really runs the padded step: every
     # rank replays a call at the same bucket, so the all-reduces pair up over the padded rows too.
     streams.GRAPH_FACTORY = ReplayOnCpu
-    torch._dynamo.reset()
-    report = tileflow.Report()
-    compiled = torch.compile(sharded, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32},
-                                                                       report=report), dynamic=True)
-    diffs = []
-    with torch.no_grad():
-        for n in GRAPH_LENGTHS:
-            ids = torch.randint(0, reference.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
-            want = reference(ids, use_cache=False).logits
-            diffs.append((compiled(ids, use_cache=False).logits - want).abs().max().item())
+    diffs, report = compiled_diffs({"cuda_graphs": True, "max_tokens": 32}, GRAPH_LENGTHS)
     result["cuda_graphs"] = {"diffs": diffs, "note": report.graphs[0].extra.get("cuda_graphs"),
                              "captures": ReplayOnCpu.captures, "replays": ReplayOnCpu.replays}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

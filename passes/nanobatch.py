@@ -8,10 +8,12 @@ schedule.
 An op is *token-wise* when each row of its output (along the token dimension) reads only the same
 row of its token-carrying inputs: elementwise ops, GEMMs (`padded_gemm`, `linear`, `mm` on the
 rows), norms and softmaxes over other dims, embeddings, layout ops that keep the token
-dimension whole, and tensor parallelism's all-reduces (element by element over the ranks).
-Token-wise ops run once per nano-batch over its rows; every other op (attention over one
-sequence, anything reading across tokens) runs once over all rows, after the nano-ops it reads. Each nano-op depends only on the producer nano-ops whose rows it reads, never on a
-global barrier (`tileflow.schedule.build_dependencies`). Resource classes: GEMMs compute,
+dimension whole, and tensor parallelism's collectives: all-reduces (element by element over the
+ranks), and gathers and reduce-scatters off the token dim. Token-wise ops run once per
+nano-batch over its rows; every other op (attention over one sequence, anything reading across
+tokens) runs once over all rows, after the nano-ops it reads. Each nano-op depends only on the
+producer nano-ops whose rows it reads, never on a global barrier
+(`tileflow.schedule.build_dependencies`). Resource classes: GEMMs compute,
 attention memory, collectives network; the light ops go with the GEMMs on the compute stream.
 
 `Config.nano_batches`: 1 leaves the graph alone; an integer k >= 2 forces a k-way split of every
@@ -261,9 +263,9 @@ def _collective_profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile
     args = bind_arguments(node)
     src = args["input"]
     row = _row_bytes(meta_val(src), dims.get(src.name))
-    ranks = args.get("group_size") or _group_size(args["group_name"])
     if row is None:
         return None
+    ranks = args.get("group_size") or _group_size(args["group_name"])
     share = (ranks - 1) / ranks if ranks else 1.0
     if node.target is ALL_REDUCE:
         share *= 2

@@ -97,7 +97,10 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .graph_utils import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT_TENSOR, any_ancestor, attribute, bind_arguments, meta_val, same_shape, written_arguments
+from .graph_utils import (
+    ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT_TENSOR, any_ancestor, attribute, bind_arguments, meta_val, same_shape,
+    written_arguments,
+)
 
 aten = torch.ops.aten
 
@@ -1591,7 +1594,8 @@ class _Walk:
         """A gather or reduce-scatter over the ranks, along dim 0: row-wise when no token dim
         lies there (each rank's padded rows then sit at the end of that token dim in the
         result too); over the tokens, the ranks' rows would interleave with their padding."""
-        if 0 in (self.dims(meta_val(node.args[0])) or {}):
+        dims = self.dims(meta_val(node.args[0]))
+        if dims is None or 0 in dims:
             return self.refuse(node, "gathers or scatters the ranks' tensors along the token dim, so each rank's "
                                      "padded rows would sit between real ones")
         return _CLEAN

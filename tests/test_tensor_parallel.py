@@ -119,6 +119,12 @@ def _tensor_parallel_rank(rank: int, port: int, out_dir: str, arch: str) -> None
     diffs, report = compiled_diffs({"cuda_graphs": True, "max_tokens": 32}, GRAPH_LENGTHS)
     result["cuda_graphs"] = {"diffs": diffs, "note": report.graphs[0].extra.get("cuda_graphs"),
                              "captures": ReplayOnCpu.captures, "replays": ReplayOnCpu.replays}
+    # And both, as NanoFlow runs a step: nano-batches on streams, captured as one graph per bucket.
+    ReplayOnCpu.captures = ReplayOnCpu.replays = 0
+    diffs, report = compiled_diffs({"passes": ["canonicalize", "attention", "gemm_padding", "nanobatch"],
+                                    "nano_batches": 2, "cuda_graphs": True, "max_tokens": 32}, GRAPH_LENGTHS)
+    result["nano_cuda_graphs"] = {"diffs": diffs, "note": report.graphs[0].extra.get("cuda_graphs"),
+                                  "captures": ReplayOnCpu.captures, "replays": ReplayOnCpu.replays}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
@@ -237,10 +243,11 @@ def test_cuda_graphs_may_pad_a_sharded_step_to_its_bucket(tensor_parallel_runs: 
     stand-in for CUDA graphs) equal the unsharded model on every rank."""
     for run in tensor_parallel_runs:
         assert run[str(SPLITS[0])]["padding_hazard"] is None
-        graphs = run["cuda_graphs"]
-        assert graphs["note"].startswith("whole step, token buckets [16, 32]"), graphs["note"]
-        assert (graphs["captures"], graphs["replays"]) == (2, len(GRAPH_LENGTHS))  # every call replays
-        assert max(graphs["diffs"]) <= 1e-5, graphs["diffs"]
+        for key, step in (("cuda_graphs", "whole step"), ("nano_cuda_graphs", "nano-batched step")):
+            graphs = run[key]
+            assert graphs["note"].startswith(f"{step}, token buckets [16, 32]"), graphs["note"]
+            assert (graphs["captures"], graphs["replays"]) == (2, len(GRAPH_LENGTHS))  # every call replays
+            assert max(graphs["diffs"]) <= 1e-5, graphs["diffs"]
 
 
 def _reduced_rows(x, w):  # noqa: ANN001, ANN202

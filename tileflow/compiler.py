@@ -247,6 +247,8 @@ def compile_graph(
                                    graph_factory=streams.GRAPH_FACTORY, exact_graphs=exact)
 
         runner = nano_batched(buckets)
+        if buckets and not exact:  # (exact: `_safe_buckets` said so, and why)
+            graph_report.extra["cuda_graphs"] = f"nano-batched step, token buckets {list(buckets)}"
         if buckets and positive_inputs:
             runner = _replayed_while_positive(runner, nano_batched(()), positive_inputs)
     elif buckets:

@@ -28,21 +28,22 @@ def _free_port() -> int:
 
 
 def _tensor_parallel_rank(rank: int, port: int, out_dir: str, arch: str) -> None:
-    """Shard a small `arch` model (a Llama, or a Qwen2 with its Q, K and V biases) over the ranks, compile it for each k in SPLITS with the schedule run on
-    simulated streams (a different random interleaving on each rank and call), and write what
-    it saw: the largest difference from the unsharded model, the compiles, and the schedule."""
-    import torch
+    """Shard a small `arch` model (a Llama, or a Qwen2 with its Q, K and V biases) over the ranks;
+    compile it for each k in SPLITS with the schedule run on simulated streams (a different
+    random interleaving on each rank and call), then with CUDA graphs through a CPU stand-in,
+    whole and nano-batched; write what each run saw: the largest difference from the unsharded
+    model, the compiles, the schedule and the cost profile."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     import tileflow
+    from graph_doubles import ReplayOnCpu
     from models import build
     from tileflow.padding_safety import padding_hazard
     from tileflow.passes.nanobatch import token_symbol
     from tileflow.pipeline import PassResult
-    from graph_doubles import ReplayOnCpu
     from tileflow.runtime import nanobatch as nanobatch_runtime
     from tileflow.runtime import streams
     from tileflow.runtime.streams import SimulatedStreams

@@ -165,12 +165,13 @@ def tensor_parallel_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]
 
 @pytest.mark.extended  # the same paths as the Llama's, with sharded biases
 def test_a_sharded_qwen2_matches_the_unsharded_model(tmp_path: Path) -> None:
-    """Qwen2's Q, K and V biases are sharded with their columns: nano-batched (k = 2, 3) and
-    replayed padded at token buckets, every rank equals the unsharded model."""
+    """Qwen2's Q, K and V biases are sharded with their columns: nano-batched (k = 2, 3), replayed
+    padded at token buckets, and both, every rank equals the unsharded model."""
     for rank, run in enumerate(_run_ranks(tmp_path, "qwen2")):
         for k in SPLITS:
             assert max(run[str(k)]["diffs"]) <= 1e-5 and run[str(k)]["graphs"] == 1, (rank, k)
-        assert max(run["cuda_graphs"]["diffs"]) <= 1e-5 and run["cuda_graphs"]["captures"] == 2, rank
+        for key in ("cuda_graphs", "nano_cuda_graphs"):
+            assert max(run[key]["diffs"]) <= 1e-5 and run[key]["captures"] == 2, (rank, key)
 
 
 @pytest.mark.parametrize("k", SPLITS)

@@ -340,7 +340,8 @@ def _gated_tail(gemm: fx.Node, n: int, rank: int) -> tuple[fx.Node, fx.Node | No
         return None
     sizes = split.args[1]
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-    halved = sizes == n if isinstance(sizes, int) else list(sizes) == [n, n]
+    # (A split by a symbolic size, a node here, splits the token dim: DTensor's sequence parallel.)
+    halved = sizes == n if isinstance(sizes, int) else isinstance(sizes, (list, tuple)) and list(sizes) == [n, n]
     if not (halved and _is_last_dim(dim, rank)):
         return None
     halves: dict[int, fx.Node] = {}

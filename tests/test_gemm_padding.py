@@ -1116,3 +1116,22 @@ def test_a_weight_size_seen_changing_stays_in_a_second_graph() -> None:
     assert len(report.graphs) == 2
     assert report.rewrites["padded_gemm"] == 1  # the first, static graph's
     assert len(report.fallbacks) == 1 and report.fallbacks[0].reason.startswith(REASON)
+
+
+def test_a_gemm_split_along_the_tokens_by_a_symbolic_size_is_padded() -> None:
+    """A linear whose only user splits its rows by a symbolic size (DTensor's sequence parallel
+    cuts a [1, 2T, N] output into T-row chunks for a reduce-scatter) is no gated pair: it becomes
+    a padded GEMM. The gated-pair check read the split size as a list, and the TypeError rolled
+    the whole pass back (no GEMM of the graph was rewritten)."""
+    lin = torch.nn.Linear(64, 64, bias=False)
+
+    def halves(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        a, b = lin(torch.cat([x, z], 1)).split(x.shape[1], dim=1)
+        return torch.stack([a, b])
+
+    compiled, report = compiled_dynamic(halves)
+    for t in (5, 9):
+        x, z = torch.randn(1, t, 64), torch.randn(1, t, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, z), halves(x, z), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("padded_gemm") == 1 and not report.fallbacks, report.fallbacks

@@ -286,7 +286,7 @@ def _row_bytes(val: Any, dim: int | None) -> float | None:
 
 def _group_size(group_name: Any) -> int | None:
     """How many ranks the process group named `group_name` holds (None: unknown here)."""
-    try:
+    try:  # (the name-to-group lookup the functional collectives themselves use; no public one)
         from torch.distributed.distributed_c10d import _resolve_process_group
 
         return int(_resolve_process_group(group_name).size())

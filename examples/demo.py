@@ -46,6 +46,18 @@ def build_model(name: str) -> torch.nn.Module:
     return model.eval()
 
 
+def parse_seq_lens(parser: argparse.ArgumentParser, text: str, least: int) -> list[int]:
+    """`--seq-lens` as ints of at least `least`: bad values fail here naming the flag, not as a
+    traceback from inside torch.compile."""
+    try:
+        seq_lens = [int(s) for s in text.split(",")]
+    except ValueError:
+        parser.error(f"--seq-lens must be comma-separated integers, got {text!r}")
+    if min(seq_lens) < least:
+        parser.error(f"--seq-lens must be >= {least}, got {text!r}")
+    return seq_lens
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama")
@@ -53,13 +65,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--debug-dir", default=None, help="write each pass's before/after graphs here")
     args = parser.parse_args()
-    # Bad values fail here naming the flag, not as a traceback from inside torch.compile.
-    try:
-        seq_lens = [int(s) for s in args.seq_lens.split(",")]
-    except ValueError:
-        parser.error(f"--seq-lens must be comma-separated integers, got {args.seq_lens!r}")
-    if min(seq_lens) < 1 or args.batch < 1:
-        parser.error(f"--seq-lens and --batch must be >= 1, got {args.seq_lens!r} and {args.batch}")
+    seq_lens = parse_seq_lens(parser, args.seq_lens, 1)
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
 
     torch.manual_seed(0)
     model = build_model(args.model)

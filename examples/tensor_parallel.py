@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 import tileflow
-from demo import build_model  # (this folder: torchrun puts the script's folder on the path)
+from demo import build_model, parse_seq_lens  # (this folder: torchrun puts the script's folder on the path)
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 
@@ -70,12 +70,9 @@ def main() -> int:
     parser.add_argument("--seq-lens", default="5,16,33", help="comma-separated sequence lengths")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     args = parser.parse_args()
-    try:
-        seq_lens = [int(s) for s in args.seq_lens.split(",")]
-    except ValueError:
-        parser.error(f"--seq-lens must be comma-separated integers, got {args.seq_lens!r}")
-    if min(seq_lens) < 2 or args.nano_batches < 1:
-        parser.error("--seq-lens must be >= 2 (Dynamo specializes a length of 1) and --nano-batches >= 1")
+    seq_lens = parse_seq_lens(parser, args.seq_lens, 2)  # (Dynamo specializes a length of 1)
+    if args.nano_batches < 1:
+        parser.error(f"--nano-batches must be >= 1, got {args.nano_batches}")
     if "RANK" not in os.environ:
         parser.error("run it under torchrun: torchrun --standalone --nproc-per-node=2 examples/tensor_parallel.py")
     from torch.distributed.device_mesh import init_device_mesh

@@ -354,7 +354,8 @@ def test_export_capture_decomposes_all_but_the_ops_matched_whole() -> None:
 
 
 @pytest.mark.parametrize("args, message", [(("--seq-lens", "5,x"), "--seq-lens must be comma-separated integers"),
-                                           (("--batch", "0"), "--seq-lens and --batch must be >= 1")])
+                                           (("--seq-lens", "5,0"), "--seq-lens must be >= 1, got '5,0'"),
+                                           (("--batch", "0"), "--batch must be >= 1, got 0")])
 def test_demo_example_refuses_bad_values_up_front(args: tuple[str, ...], message: str, usage_error) -> None:
     """examples/demo.py refuses a bad --seq-lens or --batch as a usage error (exit 2) naming it,
     before building a model: not a ValueError or a Dynamo traceback out of the compiled run."""

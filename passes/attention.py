@@ -57,6 +57,7 @@ from tileflow.graph_utils import (
     size_hint,
     transposed_dims,
 )
+from tileflow.mask_rule import MaskRule, mask_rule
 from tileflow.pipeline import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -243,6 +244,7 @@ class Attention:
         self._ranges: dict[fx.Node, fx.Node] = {}
         self._made: dict[tuple[Any, ...], fx.Node] = {}  # masks made from the graph's, shared by its layers
         self._slopes: dict[tuple[Any, ...], list[float] | None] = {}
+        self._rules: dict[tuple[Any, ...], MaskRule | None] = {}
         self._token_symbols = _token_symbols(graph)
         for node in list(graph.nodes):
             if node.op != "call_function" or not in_graph(node, graph):
@@ -314,8 +316,14 @@ class Attention:
         # repeat_kv was undone here), or one K/V head that its products broadcast (Falcon's MQA).
         if not args.get("enable_gqa", True) and int(kv.shape[1]) not in (hq, 1):
             return "K/V head count differs from Q without enable_gqa"
-        ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
-        bias = self._float32_bias(graph, mask)
+        rule = self._mask_rule(mask, qv.shape[2], kv.shape[2])
+        window = None
+        if rule is not None:  # the kernel applies the rule itself: no bias, no ranges
+            mask = ranges = bias = None
+            causal, window = rule.causal, rule.sliding_window
+        else:
+            ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
+            bias = self._float32_bias(graph, mask)
         scale = args.get("scale")
         with graph.inserting_before(node):
             if int(vv.shape[3]) != int(qv.shape[3]):
@@ -324,7 +332,7 @@ class Attention:
             q, k_real, v_real = _one_head_size(graph, q, k_real, v_real)
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
-                (q, k_real, v_real, bias, causal, scale, ctx.target, ranges),
+                (q, k_real, v_real, bias, causal, scale, ctx.target, ranges, *(() if window is None else (None, window))),
             )
             infer_meta(new)
             out = _as_replaced(graph, new, int(vv.shape[3]), out_users if returns_tuple else [node])
@@ -336,17 +344,28 @@ class Attention:
             "mask": None if mask is None else str(_val(mask).dtype),
             "target": ctx.target,
         }
+        if rule is not None:
+            new.meta["tileflow"]["mask_rule"] = _rule_text(rule)
         if returns_tuple:
             for user in out_users:
                 user.replace_all_uses_with(out)
         else:
             node.replace_all_uses_with(out)
         result.count("meta_attention")
+        if rule is not None:
+            result.count("mask_as_rule")
         if int(vv.shape[3]) != int(qv.shape[3]):
             result.count("head_size_padded")
         if unrepeated:
             result.count("gqa_unrepeated")
         return None
+
+    def _mask_rule(self, mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
+        """`mask_rule(mask, ...)`, proven once per mask and shape (the layers of a model share both)."""
+        key = (mask, str(q_len), str(kv_len))  # (a SymInt does not hash: its expression does)
+        if key not in self._rules:
+            self._rules[key] = mask_rule(mask, q_len, kv_len)
+        return self._rules[key]
 
     def _mask_ranges(self, graph: fx.Graph, mask: Any, kv_len: Any, result: PassResult) -> fx.Node | None:
         """The `attention_mask_ranges` node of `mask`, made once per mask right after it, so
@@ -582,8 +601,13 @@ class Attention:
         if not statically_known_true(qv.shape[2] <= kv.shape[2]):
             return _MORE_QUERIES_THAN_KEYS
         scale: float | None = operands.q_factor * operands.k_factor * scores.product_scale
-        ranges = self._mask_ranges(graph, scores.mask, kv.shape[2], result)
-        bias = self._float32_bias(graph, scores.mask)
+        rule = self._mask_rule(scores.mask, qv.shape[2], kv.shape[2])
+        if rule is not None:  # the kernel applies the rule itself: no bias, no ranges
+            ranges = bias = None
+        else:
+            ranges = self._mask_ranges(graph, scores.mask, kv.shape[2], result)
+            bias = self._float32_bias(graph, scores.mask)
+        causal, window = (rule.causal, rule.sliding_window) if rule is not None else (False, None)
         with graph.inserting_before(out4):
             q_in = q
             # A scale that is a 0-d tensor (e.g. a buffer) is applied to q instead: same product.
@@ -605,14 +629,14 @@ class Attention:
                 sinks = graph.call_function(aten.reshape.default, (sinks, [hq]))
                 infer_meta(sinks)
             # (softcap, sliding_window, sinks, alibi_slopes), the trailing unset ones left out.
-            extra = [softcap, None, sinks, scores.alibi]
+            extra = [softcap, window, sinks, scores.alibi]
             while extra and extra[-1] is None:
                 extra.pop()
             unrepeated = k_real is not k  # before the padding makes k_real another node
             q_in, k_real, v_real = _one_head_size(graph, q_in, k_real, v_real)
             new = graph.call_function(
                 torch.ops.tileflow.meta_attention.default,
-                (q_in, k_real, v_real, bias, False, scale, ctx.target, ranges, *extra),
+                (q_in, k_real, v_real, bias, causal, scale, ctx.target, ranges, *extra),
             )
             infer_meta(new)
             out = _as_replaced(graph, new, int(vv.shape[3]), [gate.mul if gate is not None else out4])
@@ -622,9 +646,13 @@ class Attention:
         new.meta["tileflow"] = {"kind": "meta_attention", "form": "manual", "gqa": hq // hkv, "target": ctx.target,
                                 "softcap": softcap is not None, "sinks": sinks is not None,
                                 "alibi": scores.alibi is not None}
+        if rule is not None:
+            new.meta["tileflow"]["mask_rule"] = _rule_text(rule)
         (gate.mul if gate is not None else out4).replace_all_uses_with(out)
         result.count("meta_attention")
         result.count("manual_attention")
+        if rule is not None:
+            result.count("mask_as_rule")
         if int(vv.shape[3]) != int(qv.shape[3]):
             result.count("head_size_padded")
         if unrepeated:
@@ -722,6 +750,12 @@ class Attention:
 
 
 _SOFTMAX = {aten._softmax.default, aten._safe_softmax.default}
+
+
+def _rule_text(rule: MaskRule) -> str:
+    """How the report names the rule a mask was proven to be."""
+    window = f"sliding window {rule.sliding_window}" if rule.sliding_window is not None else ""
+    return " + ".join(part for part in ("causal" if rule.causal else "", window) if part) or "no mask (all True)"
 
 
 def _constant(arg: Any) -> float | None:

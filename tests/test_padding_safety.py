@@ -1545,7 +1545,10 @@ def _reciprocal_keys(x: torch.Tensor, **mask: torch.Tensor | bool) -> torch.Tens
 
 
 def _reciprocal_keys_under_a_lowest_mask(x: torch.Tensor) -> torch.Tensor:
-    pos = torch.arange(x.shape[1])
+    # Causal over positions counted by a running sum (OPT's), which the padding analysis reads
+    # and `tileflow.mask_rule` does not: the finite mask stays (it is not replaced by the
+    # kernel's causal rule) and is added to the padded keys' scores.
+    pos = torch.ones(x.shape[1], dtype=torch.long).cumsum(0)
     bias = torch.where(pos[None, :] <= pos[:, None], torch.tensor(0.0), torch.tensor(LOWEST))
     return _reciprocal_keys(x, attn_mask=bias)
 

@@ -496,6 +496,9 @@ def constant_values(node: Any, max_values: int | None = None) -> tuple[float, ..
     if node.op == "call_function" and node.target is _aten.scalar_tensor.default:
         value = constant_number(node.args[0])
         return None if value is None else (value,)
+    if node.op == "call_function" and node.target in (_aten.zeros.default, _aten.ones.default) and all(
+            isinstance(d, int) and d == 1 for d in node.args[0]):  # `torch.zeros(())`: one number
+        return (0.0 if node.target is _aten.zeros.default else 1.0,)
     if node.op == "call_function" and node.target is _aten.full.default and all(
             isinstance(d, int) and d == 1 for d in node.args[0]):  # `torch.full((), v)`: one number
         value = constant_number(node.args[1])

@@ -1,0 +1,384 @@
+"""mask_rule: whether a mask a graph builds is the meta-kernel's own causal / sliding-window rule.
+
+The meta-kernel applies its rule from the shapes alone: the query in row i of S sits at key
+position S_kv - S + i and sees key j when j <= S_kv - S + i (`causal`) and j > S_kv - S + i - w
+(`sliding_window=w`). transformers builds that rule as a tensor for every compiled model that
+uses eager attention, or a sliding window, or passes SDPA a mask under `torch.compile` (its
+shortcut to `is_causal` is off while tracing): a `[B, 1, S, S_kv]` bool mask of comparisons of
+`arange` positions (`kv_idx <= q_idx`, `kv_idx > q_idx - w`, joined by `&` onto a fill of True),
+and for eager attention a float `where(mask, 0, lowest)` of it. Every layer then reads an
+`[S, S_kv]` bias the kernel does not need: 256 MiB of float32 at 8192 tokens.
+
+`mask_rule` proves such a mask equal to the rule at every size. It reads the mask as a set of
+key offsets j - i: each comparison of two positions (`arange` plus a number or a size, moved by
+views, unsqueezes and expands) along the query and key dims bounds that offset, and `&` of
+comparisons intersects their bounds. The rule holds when the bounds are exactly the kernel's for
+the traced sizes (sympy: `kv_idx <= q_idx` with q at `arange(T) + past` and keys at
+`arange(past + T)` is the rule for S = T and S_kv = past + T). Anything else (a padding mask read
+from an input, positions passed in, packed sequences, a bitwise or) is not proven, and the mask
+stays as it is. A float mask hides a key with -inf or with its dtype's lowest value, as the
+kernel's `bias_ranges` judges a mask it is given: such a key adds nothing to a row that sees a key
+above it, and every row of the rule sees its own key (float16's -65504 held in a float32 mask is
+an ordinary value, and hides nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .graph_utils import bind_arguments, constant_number, meta_val
+
+aten = torch.ops.aten
+
+__all__ = ["MaskRule", "mask_rule"]
+
+_DEPTH = 64  # masks are a few dozen ops deep; deeper chains are not a mask built from positions
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """The meta-kernel rule a mask equals: `causal` (keys at or before the query's position),
+    with `sliding_window` w or not (only the last w positions, the query's own included); or not
+    causal and no window: a mask of all True."""
+
+    causal: bool
+    sliding_window: int | None
+
+
+def mask_rule(mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
+    """The rule `mask` (an attention mask node: bool, True = attend, or additive; its last two
+    dims `[q_len, kv_len]`) equals for every size, or None when that is not proven."""
+    if not isinstance(mask, fx.Node):
+        return None
+    val = meta_val(mask)
+    if not (isinstance(val, torch.Tensor) and val.dim() >= 2 and statically_known_true(val.shape[-2] == q_len)):
+        return None
+    keys = val.shape[-1]
+    if not statically_known_true(keys == kv_len):
+        # The attention broadcasts the mask against its [q_len, kv_len] scores, so two key
+        # counts of at least 2 are one at run time (a cached layer's keys and the mask sized by
+        # the first layer's cache: Dynamo gives each cache its own length).
+        if not (statically_known_true(keys >= 2) and statically_known_true(kv_len >= 2)):
+            return None
+    band = _Reader().kept(mask)
+    if band is None:
+        return None
+    diagonal = sympy.sympify(_expr(keys)) - sympy.sympify(_expr(q_len))  # the last query's key offset
+    if band == _EVERYWHERE:
+        return MaskRule(False, None)
+    if band.hi == sympy.oo or not _zero(band.hi - diagonal):
+        return None  # (a window bounded from below only is no mask transformers builds: not taken)
+    if band.lo == -sympy.oo:
+        return MaskRule(True, None)
+    window = sympy.simplify(diagonal - band.lo + 1)
+    if not (window.is_Integer and int(window) >= 1):
+        return None  # a window that is not a fixed count of keys, or hides the query's own key
+    return MaskRule(True, int(window))
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """An integer tensor whose element at an index is `const` plus, for each dim (counted from
+    the end), its coefficient times the index along it: `arange(T) + c` is `{-1: 1}`, c."""
+
+    terms: tuple[tuple[int, Any], ...]  # (dim from the end, coefficient), sorted, no zero coefficient
+    const: Any
+
+
+@dataclass(frozen=True)
+class _Band:
+    """A bool mask over `[..., S, S_kv]` that is True exactly where the key offset j - i of query
+    row i and key j lies in [lo, hi] (sympy expressions or infinities)."""
+
+    lo: Any
+    hi: Any
+
+
+_EVERYWHERE = _Band(-sympy.oo, sympy.oo)
+_COMPARISONS = {
+    aten.le.Tensor: "le", aten.le.Scalar: "le", aten.lt.Tensor: "lt", aten.lt.Scalar: "lt",
+    aten.ge.Tensor: "ge", aten.ge.Scalar: "ge", aten.gt.Tensor: "gt", aten.gt.Scalar: "gt",
+    aten.eq.Tensor: "eq", aten.eq.Scalar: "eq",
+}
+_FLIPPED = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt", "eq": "eq"}
+_ANDS = {aten.bitwise_and.Tensor, aten.logical_and.default, aten.mul.Tensor}
+_WHERES = {aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar}
+_NOTS = {aten.bitwise_not.default, aten.logical_not.default}
+_COPIES = {aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default, aten.detach.default,
+           aten.contiguous.default}
+_CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_FILLS = {aten.new_ones.default, aten.ones.default, aten.ones_like.default, aten.full.default,
+          aten.new_full.default, aten.full_like.default, aten.scalar_tensor.default}
+_ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+
+
+class _Reader:
+    """Reads one mask's nodes as bands and linear positions (memoized per node)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, fx.Node], Any] = {}
+
+    def memo(self, kind: str, node: Any, read: Callable[[fx.Node, int], Any], depth: int) -> Any:
+        if not isinstance(node, fx.Node) or depth > _DEPTH:
+            return None
+        key = (kind, node)
+        if key not in self.seen:
+            self.seen[key] = None  # (a cycle cannot happen in a graph; this only bounds re-entry)
+            self.seen[key] = read(node, depth + 1)
+        return self.seen[key]
+
+    # -- masks: a bool band, or an additive float mask hiding what a band does not keep --------
+    def kept(self, node: Any, depth: int = 0) -> _Band | None:
+        """The band a mask keeps: a bool mask's True elements, an additive one's zero elements
+        (the others at most `_HIDING`), or None."""
+        val = meta_val(node)
+        if not isinstance(val, torch.Tensor):
+            return None
+        if val.dtype == torch.bool:
+            return self.band(node, depth)
+        return self.memo("hiding", node, self._hiding, depth) if val.dtype.is_floating_point else None
+
+    def _hiding(self, node: fx.Node, depth: int) -> _Band | None:
+        dtype = meta_val(node).dtype
+        if node.target in _WHERES:
+            cond, yes, no = node.args[:3]
+            if constant_number(yes) == 0 and _hides(no, dtype):
+                return self.band(cond, depth)
+            if _hides(yes, dtype) and constant_number(no) == 0 and isinstance(cond, fx.Node) and cond.target in _NOTS:
+                return self.band(cond.args[0], depth)  # where(~keep, -inf, 0): SDPA's own conversion
+            return None
+        if node.target is aten.add.Tensor and all(
+                isinstance(a, fx.Node) and meta_val(a).dtype == dtype for a in node.args[:2]) and node.kwargs.get("alpha", 1) == 1:
+            a, b = (self.kept(x, depth) for x in node.args[:2])
+            return None if a is None or b is None else _intersect(a, b)  # hidden by either: hidden
+        if node.target in _CASTS:
+            # Into a dtype whose lowest is no lower, a hiding value still hides (float32's lowest
+            # becomes float16's -inf); float16's lowest in float32 is an ordinary value, and a
+            # bool cast to float (0 or 1) hides nothing.
+            source = meta_val(node.args[0]).dtype
+            keeps = source.is_floating_point and torch.finfo(dtype).min >= torch.finfo(source).min
+            return self.kept(node.args[0], depth) if keeps else None
+        return self.moved(node, self.kept, depth)
+
+    def band(self, node: Any, depth: int = 0) -> _Band | None:
+        """The band a bool mask node is True on, or None."""
+        return self.memo("band", node, self._band, depth)
+
+    def _band(self, node: fx.Node, depth: int) -> _Band | None:
+        val = meta_val(node)
+        if not (isinstance(val, torch.Tensor) and val.dtype == torch.bool):
+            return None
+        if node.target in _COMPARISONS:
+            return self.compared(node, _COMPARISONS[node.target], depth)
+        if node.target in _ANDS:
+            a, b = (self.band(x, depth) if isinstance(x, fx.Node) else _truth(x) for x in node.args[:2])
+            return None if a is None or b is None else _intersect(a, b)
+        if node.target in _FILLS:
+            return _EVERYWHERE if _filled_with_true(node) else None
+        if node.target in _CASTS:
+            return self.band(node.args[0], depth)  # bool to bool
+        return self.moved(node, self.band, depth)
+
+    def compared(self, node: fx.Node, op: str, depth: int) -> _Band | None:
+        """A comparison of two positions, one along the query dim and one along the key dim:
+        `j - i + k op 0` bounds the key offset j - i."""
+        lhs, rhs = (self.linear(x, depth) for x in node.args[:2])
+        if lhs is None or rhs is None:
+            return None
+        terms = dict(lhs.terms)
+        for dim, coefficient in rhs.terms:
+            terms[dim] = terms.get(dim, 0) - coefficient
+        terms = {d: c for d, c in terms.items() if c != 0}
+        k = sympy.sympify(lhs.const) - sympy.sympify(rhs.const)
+        if not terms:
+            return None  # a comparison of two constants: not a mask any model builds from positions
+        if terms == {-1: -1, -2: 1}:
+            k, op = -k, _FLIPPED[op]  # i - j + k op 0  <=>  j - i - k op' 0
+        elif terms != {-1: 1, -2: -1}:
+            return None
+        bound = sympy.simplify(-k)  # j - i op bound
+        return {
+            "le": _Band(-sympy.oo, bound), "lt": _Band(-sympy.oo, bound - 1), "ge": _Band(bound, sympy.oo),
+            "gt": _Band(bound + 1, sympy.oo), "eq": _Band(bound, bound),
+        }[op]
+
+    # -- integer positions --------------------------------------------------------------------
+    def linear(self, value: Any, depth: int) -> _Linear | None:
+        """`value` (a number, a size or an integer tensor node) as a `_Linear`, or None."""
+        if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+            return _Linear((), sympy.sympify(_expr(value)))
+        if isinstance(value, fx.Node) and isinstance(meta_val(value), torch.SymInt):
+            return _Linear((), sympy.sympify(_expr(meta_val(value))))
+        return self.memo("linear", value, self._linear, depth)
+
+    def _linear(self, node: fx.Node, depth: int) -> _Linear | None:
+        val = meta_val(node)
+        # Positions in int32 or int64 (sizes fit); a narrower dtype would wrap them.
+        if not isinstance(val, torch.Tensor) or val.dtype not in (torch.int32, torch.int64):
+            return None
+        if val.dim() == 0:
+            number = constant_number(node)  # a constant the graph holds (`lift_fresh_copy` of one)
+            if number is not None and float(number).is_integer():
+                return _Linear((), sympy.Integer(int(number)))
+        target = node.target
+        if target in _ARANGES:
+            args = bind_arguments(node)
+            if args.get("step", 1) != 1:
+                return None
+            start = args.get("start", 0) if target is not aten.arange.default else 0
+            return _Linear(((-1, 1),), sympy.sympify(_expr(start)))
+        if target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
+            a, b = (self.linear(x, depth) for x in node.args[:2])
+            alpha = node.kwargs.get("alpha", 1)
+            if a is None or b is None or not isinstance(alpha, int):
+                return None
+            sign = alpha if target in (aten.add.Tensor, aten.add.Scalar) else -alpha
+            return _combined(a, b, sign)
+        if target is aten.neg.default:
+            a = self.linear(node.args[0], depth)
+            return None if a is None else _combined(_Linear((), 0), a, -1)
+        if target in _CASTS:
+            return self.linear(node.args[0], depth)  # to int32 or int64 (checked above)
+        return self.moved(node, self.linear, depth)
+
+    # -- ops that move dims -------------------------------------------------------------------
+    def moved(self, node: fx.Node, read: Callable[[Any, int], Any], depth: int) -> Any:
+        """What `read` gives for `node` when it is a copy, unsqueeze, view, expand or slice of
+        another value: that value's, its dims renumbered (None when a dim it varies along is
+        broadcast, merged or cut, or, for a band, no longer the last two)."""
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        src_val, out_val = meta_val(node.args[0]), meta_val(node)
+        if not (isinstance(src_val, torch.Tensor) and isinstance(out_val, torch.Tensor)):
+            return None
+        if node.target in _COPIES or (node.target in _CASTS and src_val.dtype == out_val.dtype):
+            return read(node.args[0], depth)
+        source = read(node.args[0], depth)
+        if source is None:
+            return None
+        dims = _varying_dims(source)
+        mapping = _dim_map(node, src_val, out_val, dims)
+        if mapping is None:
+            return None
+        shift = _slice_shift(node, src_val)
+        if isinstance(source, _Band):  # still over the last two dims, each still from index 0
+            return source if mapping == {-2: -2, -1: -1} and all(shift.get(d, 0) == 0 for d in (-2, -1)) else None
+        const = sympy.sympify(source.const)
+        for dim, coefficient in source.terms:
+            const += coefficient * shift.get(dim, 0)
+        return _Linear(tuple(sorted((mapping[d], c) for d, c in source.terms)), const)
+
+
+def _varying_dims(value: _Linear | _Band) -> tuple[int, ...]:
+    return (-2, -1) if isinstance(value, _Band) else tuple(d for d, _ in value.terms)
+
+
+def _dim_map(node: fx.Node, src: torch.Tensor, out: torch.Tensor, dims: tuple[int, ...]) -> dict[int, int] | None:
+    """Where each of `dims` (counted from the end of `src`) lies in `out` after `node`, or None
+    when the op is not one that keeps them (or broadcasts one of them)."""
+    r_in, r_out = src.dim(), out.dim()
+    if any(d < -r_in for d in dims):
+        return None
+    target = node.target
+    if target is aten.unsqueeze.default:
+        at = node.args[1] + r_out if node.args[1] < 0 else node.args[1]
+        return {d: (d if at <= r_in + d else d - 1) for d in dims}
+    if target is aten.expand.default:
+        kept = all(statically_known_true(src.shape[d] == out.shape[d]) for d in dims)
+        return {d: d for d in dims} if kept else None
+    if target is aten.slice.Tensor:
+        dim = node.args[1] if len(node.args) > 1 else 0
+        dim = dim - r_in if dim >= 0 else dim
+        step = node.args[4] if len(node.args) > 4 else 1
+        if step != 1 or (dim in dims and _slice_shift(node, src).get(dim) is None):
+            return None
+        return {d: d for d in dims}
+    if target in _VIEWS:
+        # Only size-1 dims come or go: the k-th dim of another size maps to the k-th again.
+        src_big = [i for i in range(r_in) if not statically_known_true(src.shape[i] == 1)]
+        out_big = [i for i in range(r_out) if not statically_known_true(out.shape[i] == 1)]
+        if len(src_big) != len(out_big) or not all(
+                statically_known_true(src.shape[a] == out.shape[b]) for a, b in zip(src_big, out_big)):
+            return None
+        where = dict(zip(src_big, out_big))
+        if any(r_in + d not in where for d in dims):
+            return None
+        return {d: where[r_in + d] - r_out for d in dims}
+    return None
+
+
+def _slice_shift(node: fx.Node, src: torch.Tensor) -> dict[int, Any]:
+    """For a slice from a start of 0 or more: {its dim from the end: start}; {} for other ops."""
+    if node.target is not aten.slice.Tensor:
+        return {}
+    dim = node.args[1] if len(node.args) > 1 else 0
+    dim = dim - src.dim() if dim >= 0 else dim
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    start = meta_val(start) if isinstance(start, fx.Node) else start
+    if isinstance(start, int) and start < 0:
+        return {dim: None}  # counted from the end: an offset that depends on the size
+    if not isinstance(start, (int, torch.SymInt)):
+        return {dim: None}
+    return {dim: sympy.sympify(_expr(start))}
+
+
+def _combined(a: _Linear, b: _Linear, sign: int) -> _Linear:
+    """a + sign * b."""
+    terms = dict(a.terms)
+    for dim, coefficient in b.terms:
+        terms[dim] = terms.get(dim, 0) + sign * coefficient
+    return _Linear(tuple(sorted((d, c) for d, c in terms.items() if c != 0)),
+                   sympy.sympify(a.const) + sign * sympy.sympify(b.const))
+
+
+def _intersect(a: _Band, b: _Band) -> _Band | None:
+    """Where both bands hold; None when which bound is tighter is not known at every size."""
+    lo, hi = _tighter(a.lo, b.lo, max), _tighter(a.hi, b.hi, min)
+    return None if lo is None or hi is None else _Band(lo, hi)
+
+
+def _tighter(x: Any, y: Any, pick: Callable[[Any, Any], Any]) -> Any:
+    """The tighter of two bounds (`pick` is max for lower bounds, min for upper ones), or None
+    when that depends on the sizes."""
+    if not (x.is_finite and y.is_finite):
+        return (sympy.Max if pick is max else sympy.Min)(x, y)  # an infinite bound never binds
+    gap = sympy.simplify(x - y)
+    if not gap.is_number:
+        return None  # bounds that cross at some size
+    return x if pick(gap, 0) == gap else y
+
+
+def _zero(expr: Any) -> bool:
+    return sympy.simplify(expr) == 0
+
+
+def _expr(value: Any) -> Any:
+    return value.node.expr if isinstance(value, torch.SymInt) else value
+
+
+def _hides(value: Any, dtype: torch.dtype) -> bool:
+    """Whether `value`, held in a mask of `dtype`, hides a key: -inf, or the dtype's lowest value
+    (which `bias_ranges` hides in a row that sees a key above it, and every row of the rule sees
+    its own key at 0)."""
+    number = constant_number(value)
+    return number is not None and torch.tensor(number, dtype=dtype).item() <= torch.finfo(dtype).min
+
+
+def _truth(value: Any) -> _Band | None:
+    return _EVERYWHERE if value is True else None
+
+
+def _filled_with_true(node: fx.Node) -> bool:
+    """`new_ones`/`ones`/`ones_like` of bool, or a bool `full`/`new_full`/`full_like`/`scalar_tensor` of True."""
+    if node.target in (aten.new_ones.default, aten.ones.default, aten.ones_like.default):
+        return True  # (bool: checked by the caller)
+    fill = node.args[0] if node.target is aten.scalar_tensor.default else node.args[-1] if node.target is \
+        aten.full_like.default else node.args[2] if node.target is aten.new_full.default else node.args[1]
+    return fill is True or (isinstance(fill, (int, float)) and fill != 0)

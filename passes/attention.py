@@ -251,6 +251,7 @@ class Attention:
                 continue
             if node.target is torch.ops.tileflow.meta_attention.default:
                 _pin_target(node, ctx.target)
+                self._apply_rule(node, result)
                 continue
             if node.target in _SDPA_FORMS:
                 reason = self._rewrite(graph, node, ctx, result)
@@ -359,6 +360,23 @@ class Attention:
         if unrepeated:
             result.count("gqa_unrepeated")
         return None
+
+    def _apply_rule(self, node: fx.Node, result: PassResult) -> None:
+        """A `meta_attention` the model calls itself with a mask (attn_implementation="tileflow"
+        hands it transformers' mask) gets the kernel's rule instead, where the mask is proven one."""
+        args = bind_arguments(node)
+        if args.get("causal") or any(args.get(name) is not None for name in (
+                "sliding_window", "attention_chunk", "key_starts", "mask_ranges")):
+            return  # a rule of its own already: the mask's would have to be joined to it
+        q, k = _val(args["q"]), _val(args["k"])
+        rule = self._mask_rule(args.get("attn_mask"), q.shape[2], k.shape[2])
+        if rule is None:
+            return
+        args.update(attn_mask=None, causal=rule.causal, sliding_window=rule.sliding_window)
+        names = [a.name for a in torch.ops.tileflow.meta_attention.default._schema.arguments]
+        node.args, node.kwargs = tuple(args.get(name) for name in names), {}
+        node.meta.setdefault("tileflow", {})["mask_rule"] = _rule_text(rule)
+        result.count("mask_as_rule")
 
     def _mask_rule(self, mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
         """`mask_rule(mask, ...)`, proven once per mask and shape (the layers of a model share both)."""

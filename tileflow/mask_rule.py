@@ -59,17 +59,14 @@ def mask_rule(mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
     val = meta_val(mask)
     if not (isinstance(val, torch.Tensor) and val.dim() >= 2 and statically_known_true(val.shape[-2] == q_len)):
         return None
-    keys = val.shape[-1]
-    if not statically_known_true(keys == kv_len):
-        # The attention broadcasts the mask against its [q_len, kv_len] scores, so two key
-        # counts of at least 2 are one at run time (a cached layer's keys and the mask sized by
-        # the first layer's cache: Dynamo gives each cache its own length).
-        if not (statically_known_true(keys >= 2) and statically_known_true(kv_len >= 2)):
-            return None
+    if not statically_known_true(val.shape[-1] == kv_len):
+        # (Dynamo gives each layer's cache a length of its own, and the mask is sized by the first
+        # layer's: eager would raise on a mismatch that the rule, which reads no mask, could not.)
+        return None
     band = _Reader().kept(mask)
     if band is None:
         return None
-    diagonal = sympy.sympify(_expr(keys)) - sympy.sympify(_expr(q_len))  # the last query's key offset
+    diagonal = sympy.sympify(_expr(kv_len)) - sympy.sympify(_expr(q_len))  # the last query's key offset
     if band == _EVERYWHERE:
         return MaskRule(False, None)
     if band.hi == sympy.oo or not _zero(band.hi - diagonal):
@@ -290,6 +287,13 @@ def _dim_map(node: fx.Node, src: torch.Tensor, out: torch.Tensor, dims: tuple[in
     if target is aten.unsqueeze.default:
         at = node.args[1] + r_out if node.args[1] < 0 else node.args[1]
         return {d: (d if at <= r_in + d else d - 1) for d in dims}
+    if target in (aten.select.int, aten.squeeze.dim):
+        at = node.args[1] + r_in if node.args[1] < 0 else node.args[1]
+        if target is aten.squeeze.dim and not statically_known_true(src.shape[at] == 1):
+            return None  # (squeezing a dim of another size is a no-op: not met here)
+        if at in (r_in + d for d in dims):
+            return None  # the dim it varies along is taken away
+        return {d: (d if at < r_in + d else d + 1) for d in dims}
     if target is aten.expand.default:
         kept = all(statically_known_true(src.shape[d] == out.shape[d]) for d in dims)
         return {d: d for d in dims} if kept else None

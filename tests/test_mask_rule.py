@@ -1,0 +1,384 @@
+"""A mask built from positions becomes the meta-kernel's own causal / sliding-window rule
+(`tileflow.mask_rule`, applied by the attention pass): proven at every size, or left as it is."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import tileflow
+from tileflow.mask_rule import MaskRule, mask_rule
+
+META = torch.ops.tileflow.meta_attention.default
+LOWEST = torch.finfo(torch.float32).min
+
+
+# -- the proof on traced graphs ----------------------------------------------------------------
+def _traced_rule(build: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], t: int = 5, p: int = 3) -> MaskRule | None:
+    """`mask_rule` of the mask `build(x, past)` makes for T = x.shape[1] queries over P + T keys
+    (P = past.shape[0]), traced with symbolic sizes."""
+    gm = make_fx(build, tracing_mode="symbolic")(torch.zeros(1, t), torch.zeros(p))
+    mask = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    x, past = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    return mask_rule(mask, x.shape[1], past.shape[0] + x.shape[1])
+
+
+def _keeps(mask: torch.Tensor, t: int, p: int) -> torch.Tensor:
+    """The keys a mask (bool, or additive: 0 where seen) shows each query: [T, P + T]."""
+    keep = mask if mask.dtype == torch.bool else mask == 0
+    return keep.reshape(-1, t, p + t)[0]
+
+
+def _positions(x: torch.Tensor, past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query positions [T, 1] after a cache of P tokens, key positions [1, P + T]."""
+    t, p = x.shape[1], past.shape[0]
+    return (torch.arange(t) + p)[:, None], torch.arange(p + t)[None, :]
+
+
+def _rule_mask(rule: MaskRule, t: int, p: int) -> torch.Tensor:
+    """The keys the kernel's rule shows each query: [T, P + T]."""
+    q = torch.arange(p, p + t)[:, None]
+    k = torch.arange(p + t)[None, :]
+    keep = k <= q if rule.causal else torch.ones(t, p + t, dtype=torch.bool)
+    return keep & (k > q - rule.sliding_window) if rule.sliding_window is not None else keep
+
+
+def _causal(x, past):
+    q, k = _positions(x, past)
+    return k <= q
+
+
+def _windowed(x, past):
+    # transformers' `and_masks` form: a fill of True, then each rule in turn.
+    q, k = _positions(x, past)
+    return q.new_ones((), dtype=torch.bool) & (k > q - 4) & (k <= q)
+
+
+def _eager_float(x, past):
+    q, k = _positions(x, past)
+    return torch.where((k <= q)[None, None], torch.zeros(()), torch.tensor(LOWEST))
+
+
+def _sdpa_conversion(x, past):
+    q, k = _positions(x, past)
+    return torch.where(~(k <= q), float("-inf"), 0.0)
+
+
+def _mirrored_and_strict(x, past):
+    q, k = _positions(x, past)
+    return (q >= k) & (q - 3 < k)  # j <= p and j > p - 3: a window of 3
+
+
+def _expanded_and_viewed(x, past):
+    q, k = _positions(x, past)
+    keep = (k <= q)[None, None].expand(2, 1, -1, -1)
+    return keep.reshape(2, 1, 1, q.shape[0], k.shape[1])[:, 0]
+
+
+def _two_masks_added(x, past):
+    q, k = _positions(x, past)
+    causal = torch.where(k <= q, 0.0, float("-inf"))
+    window = torch.where(k > q - 6, 0.0, LOWEST)
+    return causal + window
+
+
+def _positions_sliced(x, past):
+    # Keys numbered from 1, sliced back to the first P + T and lowered by one: positions again.
+    t, p = x.shape[1], past.shape[0]
+    k = (torch.arange(1, p + t + 2)[: p + t] - 1)[None, :]
+    q = torch.arange(p + t)[p:][:, None]  # the last T positions
+    return k <= q
+
+
+def _all_true(x, past):
+    q, k = _positions(x, past)
+    return torch.ones(q.shape[0], k.shape[1], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("build, rule", [
+    (_causal, MaskRule(True, None)),
+    (_windowed, MaskRule(True, 4)),
+    (_eager_float, MaskRule(True, None)),
+    (_sdpa_conversion, MaskRule(True, None)),
+    (_mirrored_and_strict, MaskRule(True, 3)),
+    (_expanded_and_viewed, MaskRule(True, None)),
+    (_two_masks_added, MaskRule(True, 6)),
+    (_positions_sliced, MaskRule(True, None)),
+    (_all_true, MaskRule(False, None)),
+])
+def test_masks_built_from_positions_are_proven_the_kernels_rule(build, rule: MaskRule) -> None:
+    """Each form is proven the rule it is, and the rule's mask equals the model's at other
+    query and cache lengths than the traced ones."""
+    assert _traced_rule(build) == rule
+    for t, p in ((1, 0), (4, 0), (7, 5), (13, 2)):
+        assert torch.equal(_rule_mask(rule, t, p), _keeps(build(torch.zeros(1, t), torch.zeros(p)), t, p)), (t, p)
+
+
+def _top_left(x, past):
+    # SDPA's is_causal alignment: query i sees keys j <= i, whatever the cache holds.
+    t, p = x.shape[1], past.shape[0]
+    return torch.arange(p + t)[None, :] <= torch.arange(t)[:, None]
+
+
+def _diagonal_hidden(x, past):
+    q, k = _positions(x, past)
+    return k < q  # the first query sees no key
+
+
+def _empty_window(x, past):
+    q, k = _positions(x, past)
+    return (k <= q) & (k > q)
+
+
+def _anti_causal(x, past):
+    q, k = _positions(x, past)
+    return k >= q
+
+
+def _with_a_padding_term(x, past):
+    q, k = _positions(x, past)
+    return (k <= q) & (torch.cat([past, x[0]]) > 0)[None, :]  # keys read from the inputs
+
+
+def _global_first_key(x, past):
+    q, k = _positions(x, past)
+    return (k <= q) | (k == 0)
+
+
+def _sliced_from_one(x, past):
+    t, p = x.shape[1], past.shape[0]
+    q, k = (torch.arange(t) + p)[:, None], torch.arange(p + t + 1)[None, :]
+    return (k <= q)[:, 1:]  # P + T keys, each shifted by one
+
+
+def _int8_positions(x, past):
+    t, p = x.shape[1], past.shape[0]
+    q = (torch.arange(t) + p).to(torch.int8)[:, None]
+    return torch.arange(p + t, dtype=torch.int8)[None, :] <= q
+
+
+def _float_positions(x, past):
+    t, p = x.shape[1], past.shape[0]
+    return torch.arange(p + t, dtype=torch.float32)[None, :] <= (torch.arange(t) + p).float()[:, None]
+
+
+def _causal_as_zero_one(x, past):
+    q, k = _positions(x, past)
+    return (k <= q).float()  # 0/1 added to the scores: hides nothing
+
+
+def _half_lowest_widened(x, past):
+    q, k = _positions(x, past)
+    half = torch.where(k <= q, torch.tensor(0.0, dtype=torch.float16), torch.finfo(torch.float16).min)
+    return half.float()  # -65504 is an ordinary float32 value
+
+
+def _soft_fill(x, past):
+    q, k = _positions(x, past)
+    return torch.where(k <= q, 0.0, -1e4)
+
+
+def _positions_from_an_input(x, past):
+    q = x[0].long()[:, None]  # positions passed in: their values are not known
+    return torch.arange(past.shape[0] + x.shape[1])[None, :] <= q
+
+
+def _window_by_the_size(x, past):
+    q, k = _positions(x, past)
+    return (k <= q) & (k > q - x.shape[1] // 2)  # a window that grows with the step
+
+
+def _other_key_count(x, past):
+    # The rule for P + T - 1 keys: proven only against attention over that many keys.
+    t, p = x.shape[1], past.shape[0]
+    return torch.arange(p + t - 1)[None, :] <= (torch.arange(t) + p - 1)[:, None]
+
+
+@pytest.mark.parametrize("build", [
+    _top_left, _other_key_count, _diagonal_hidden, _empty_window, _anti_causal, _with_a_padding_term, _global_first_key,
+    _sliced_from_one, _int8_positions, _float_positions, _causal_as_zero_one, _half_lowest_widened, _soft_fill,
+    _positions_from_an_input, _window_by_the_size,
+])
+def test_masks_that_are_not_the_rule_at_every_size_are_not_proven(build) -> None:
+    """Near misses: an alignment, a hidden diagonal, a term read from the inputs, a bitwise or,
+    a shifted slice, positions that wrap or round, a 0/1 or soft mask, a window of the step's
+    size. None is proven (some equal the rule at some sizes only, or at none)."""
+    assert _traced_rule(build) is None
+
+
+# Random conjunctions of comparisons of positions: what the proof accepts, the kernel's rule
+# gives at every size tried; what is the rule at every size tried, the proof accepts. Each draw
+# starts from a rule (causal, maybe a window) written either way round, and adds a few random
+# terms that may be redundant (`k <= q + 2` beside causal) or not.
+_TERM = st.tuples(st.sampled_from(["le", "lt", "ge", "gt", "eq"]), st.booleans(), st.integers(-6, 6))
+
+
+@st.composite
+def _terms(draw) -> list[tuple[str, bool, int]]:
+    """(op, keys first, c): `op(k, q + c)` with keys first, else `op(q, k + c)`."""
+    terms = []
+    if draw(st.booleans()):
+        terms.append(("le", True, 0) if draw(st.booleans()) else ("ge", False, 0))  # k <= q
+    if draw(st.booleans()):
+        w = draw(st.integers(1, 6))
+        terms.append(("gt", True, -w) if draw(st.booleans()) else ("lt", False, w))  # k > q - w
+    return terms + draw(st.lists(_TERM, max_size=2))
+
+
+def _conjunction(terms, aligned: bool):
+    def build(x, past):
+        t, p = x.shape[1], past.shape[0]
+        q = (torch.arange(t) + (p if aligned else 0))[:, None]
+        k = torch.arange(p + t)[None, :]
+        keep = q.new_ones((), dtype=torch.bool)
+        for op, keys_first, c in terms:
+            lhs, rhs = (k, q + c) if keys_first else (q, k + c)
+            keep = keep & getattr(torch, op)(lhs, rhs)
+        return keep
+    return build
+
+
+def _a_rule_at(mask: Callable, sizes) -> bool:
+    """Whether `mask` equals one rule (causal with a window of 1..P+T+1 or none, or all True) at every size."""
+    candidates = [MaskRule(True, None), MaskRule(False, None)] + [MaskRule(True, w) for w in range(1, 40)]
+    return any(all(torch.equal(_rule_mask(r, t, p), mask(torch.zeros(1, t), torch.zeros(p))) for t, p in sizes)
+               for r in candidates)
+
+
+@settings(max_examples=60, deadline=None)
+@given(terms=_terms(), aligned=st.booleans())
+def test_random_conjunctions_are_proven_exactly_when_they_are_the_rule(terms, aligned: bool) -> None:
+    build = _conjunction(terms, aligned)
+    rule = _traced_rule(build)
+    sizes = [(t, p) for t in (2, 3, 8, 17) for p in (0, 2, 11)]
+    if rule is not None:
+        for t, p in sizes:
+            assert torch.equal(_rule_mask(rule, t, p), build(torch.zeros(1, t), torch.zeros(p))), (rule, t, p)
+    else:
+        assert not _a_rule_at(build, sizes), "a rule at every size tried, not proven"
+
+
+# -- the attention pass: the rule instead of the mask, outputs equal eager ----------------------
+def _heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, s, _ = x.shape
+    q, k, v = x.split([64, 32, 32], dim=-1)
+    return (q.reshape(b, s, 4, 16).transpose(1, 2), k.reshape(b, s, 2, 16).transpose(1, 2),
+            v.reshape(b, s, 2, 16).transpose(1, 2))
+
+
+def _sdpa_windowed(x: torch.Tensor) -> torch.Tensor:
+    q, k, v = _heads(x)
+    pos = torch.arange(x.shape[1])
+    keep = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - 5)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[None, None], enable_gqa=True)
+
+
+def _manual_eager_causal(x: torch.Tensor) -> torch.Tensor:
+    # transformers' eager attention: repeat_kv, scores plus a where(keep, 0, lowest) mask, a
+    # float32 softmax.
+    q, k, v = _heads(x)
+    k, v = (t.repeat_interleave(2, dim=1) for t in (k, v))
+    pos = torch.arange(x.shape[1])
+    mask = torch.where(pos[None, :] <= pos[:, None], torch.zeros(()), torch.tensor(LOWEST))
+    scores = q @ k.transpose(-1, -2) * 0.25 + mask
+    return scores.softmax(-1, dtype=torch.float32) @ v
+
+
+def _sdpa_top_left(x: torch.Tensor) -> torch.Tensor:
+    # Not the rule: every query sees keys up to its own index plus 2 (a lookahead of 2).
+    q, k, v = _heads(x)
+    pos = torch.arange(x.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=pos[None, :] <= pos[:, None] + 2, enable_gqa=True)
+
+
+@pytest.mark.parametrize("fn, causal, window", [(_sdpa_windowed, True, 5), (_manual_eager_causal, True, None),
+                                                (_sdpa_top_left, None, None)])
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_the_attention_pass_applies_the_rule_instead_of_the_mask(fn, causal, window, target: str) -> None:
+    """A proven mask: meta_attention gets the kernel's flags and no bias or ranges (no mask node
+    left in the graph); a mask that is not the rule (a lookahead) keeps its bias. Both equal eager
+    in float64-free fp32 at lengths around the window, under the Triton interpreter too."""
+    from test_attention import compile_attention
+
+    x = torch.randn(1, 3, 128)
+    compiled, _, gm, report = compile_attention(fn, x, target=target)
+    for length in (2, 5, 6, 13):
+        x = torch.randn(1, length, 128)
+        torch.testing.assert_close(compiled(x), fn(x), rtol=1e-5, atol=1e-5)
+    (meta,) = [n for n in gm.graph.nodes if n.target is META]
+    args = list(meta.args) + [None] * (10 - len(meta.args))
+    if causal is None:
+        assert args[3] is not None and args[7] is not None and "mask_as_rule" not in report.rewrites
+        return
+    assert (args[3], args[4], args[7], args[9]) == (None, causal, None, window)
+    assert report.rewrites["mask_as_rule"] == 1 and "mask_ranges" not in report.rewrites
+    assert not any(n.target in (torch.ops.aten.where.self, torch.ops.aten.where.Scalar, torch.ops.aten.le.Tensor)
+                   for n in gm.graph.nodes), "the mask is still computed"
+
+
+# -- transformers models ------------------------------------------------------------------------
+@pytest.mark.parametrize("name, implementation, window", [
+    ("llama", "eager", None), ("mistral", "sdpa", 8), ("mistral", "eager", 8), ("mistral", "tileflow", 8),
+    pytest.param("gemma2", "eager", 8, marks=pytest.mark.extended),
+])
+def test_models_masks_become_the_kernels_rule(name: str, implementation: str, window: int | None) -> None:
+    """transformers builds a mask tensor under torch.compile for eager attention and for a
+    sliding window (its shortcut to `is_causal` is off while tracing), and hands it to tileflow's
+    own attention function (attn_implementation="tileflow") too. Every layer's is proven
+    the kernel's rule: no float32 [S, S] bias and no ranges are made, the report counts one rule
+    per attention, the kernels apply the window, and the logits equal eager at lengths on both
+    sides of the window."""
+    from models import MODELS, ZOO
+
+    if implementation == "tileflow":
+        tileflow.register_transformers()  # its attention function calls meta_attention with the mask
+    model = (MODELS[name]() if name in MODELS else ZOO[name][0]()).eval()
+    model.config._attn_implementation = implementation
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(report=report), dynamic=True)
+    with torch.no_grad():
+        for length in (5, 9, 12, 17, 23):
+            ids = torch.randint(0, model.config.vocab_size, (1, length))
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    rewrites = report.rewrites
+    assert "mask_as_float32_bias" not in rewrites and "mask_ranges" not in rewrites, rewrites
+    # Per graph: every attention's mask a rule (SDPA's graph for steps shorter than the window
+    # gets no mask: transformers passes is_causal there, as tileflow has always taken).
+    per_graph = [p.rewrites for g in report.graphs for p in g.passes if p.name == "attention"]
+    layers = model.config.num_hidden_layers
+    assert all(r.get("mask_as_rule") == layers or (implementation != "eager" and "mask_as_rule" not in r)
+               for r in per_graph), per_graph
+    assert rewrites["mask_as_rule"] >= 2, rewrites
+    specs = [dict(k.spec["params"]) for k in report.kernels if k.spec["op"] == "meta_attention"]
+    assert specs and all(not s["bias"] and s["causal"] for s in specs), specs
+    # (Gemma-2 alternates windowed and full layers; SDPA's short steps are causal only.)
+    assert any(s["sliding_window"] for s in specs) == (window is not None), specs
+
+
+def test_a_cached_chunk_proves_the_rule_over_the_cache_prefix() -> None:
+    """Chunked prefill against a DynamicCache: the chunk's queries sit after the cached tokens
+    (positions `arange(T) + past`, keys `arange(past + T)`, past a symbol), and the mask of the
+    layer whose keys the mask is sized by is proven causal there; logits equal one eager pass
+    over the whole prompt."""
+    import transformers
+    from models import MODELS
+
+    model = MODELS["llama"]().eval()
+    model.config._attn_implementation = "eager"
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(report=report), dynamic=True)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30))
+    with torch.no_grad():
+        cache = transformers.DynamicCache(config=model.config)
+        got = torch.cat([compiled(ids[:, a:b], past_key_values=cache, use_cache=True).logits
+                         for a, b in ((0, 9), (9, 20), (20, 30))], dim=1)
+        torch.testing.assert_close(got, model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert len(report.graphs) == 2  # the first chunk, then every chunk after a cache
+    (cached,) = [p.rewrites for p in report.graphs[1].passes if p.name == "attention"]
+    assert cached.get("mask_as_rule", 0) >= 1, cached

@@ -6,7 +6,8 @@
 
 The model builds the same masks it builds for SDPA (boolean, True = attend); tileflow applies them
 as an additive bias inside the kernel, or its causal rule (the last query at the last key) when
-the model passes no mask.
+the model passes no mask. Compiled with `backend="tileflow"`, a mask the attention pass proves to
+be that rule (with its sliding window) is not built at all (`tileflow.mask_rule`).
 """
 
 from __future__ import annotations

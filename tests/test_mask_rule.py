@@ -200,8 +200,24 @@ def _other_key_count(x, past):
     return torch.arange(p + t - 1)[None, :] <= (torch.arange(t) + p - 1)[:, None]
 
 
+def _one_key_broadcast(x, past):
+    # arange(1) is key 0 in every column once broadcast: `0 >= q - 3`, not a window.
+    q, k = _positions(x, past)
+    return (k <= q) & (torch.arange(1)[None, :] >= q - 3)
+
+
+def _one_query_broadcast(x, past):
+    q, k = _positions(x, past)
+    return (k <= q) & (k > q[:1] - 4)  # the first query's position for every row
+
+
+def _negated_fill(x, past):
+    q, k = _positions(x, past)
+    return (k <= q) & ~torch.ones((), dtype=torch.bool)  # False everywhere
+
+
 @pytest.mark.parametrize("build", [
-    _top_left, _other_key_count, _diagonal_hidden, _empty_window, _anti_causal, _with_a_padding_term, _global_first_key,
+    _top_left, _other_key_count, _one_key_broadcast, _one_query_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal, _with_a_padding_term, _global_first_key,
     _sliced_from_one, _int8_positions, _float_positions, _causal_as_zero_one, _half_lowest_widened, _soft_fill,
     _positions_from_an_input, _window_by_the_size,
 ])

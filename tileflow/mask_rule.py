@@ -114,6 +114,7 @@ _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _FILLS = {aten.new_ones.default, aten.ones.default, aten.ones_like.default, aten.full.default,
           aten.new_full.default, aten.full_like.default, aten.scalar_tensor.default}
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+_MOVES = {aten.unsqueeze.default, aten.select.int, aten.squeeze.dim, aten.expand.default, aten.slice.Tensor, *_VIEWS}
 
 
 class _Reader:
@@ -147,13 +148,14 @@ class _Reader:
         if node.target in _WHERES:
             cond, yes, no = node.args[:3]
             if constant_number(yes) == 0 and _hides(no, dtype):
-                return self.band(cond, depth)
+                return _spanning(node, cond, self.band(cond, depth))
             if _hides(yes, dtype) and constant_number(no) == 0 and isinstance(cond, fx.Node) and cond.target in _NOTS:
-                return self.band(cond.args[0], depth)  # where(~keep, -inf, 0): SDPA's own conversion
+                # where(~keep, -inf, 0): SDPA's own conversion
+                return _spanning(node, cond, _spanning(cond, cond.args[0], self.band(cond.args[0], depth)))
             return None
         if node.target is aten.add.Tensor and all(
                 isinstance(a, fx.Node) and meta_val(a).dtype == dtype for a in node.args[:2]) and node.kwargs.get("alpha", 1) == 1:
-            a, b = (self.kept(x, depth) for x in node.args[:2])
+            a, b = (_spanning(node, x, self.kept(x, depth)) for x in node.args[:2])
             return None if a is None or b is None else _intersect(a, b)  # hidden by either: hidden
         if node.target in _CASTS:
             # Into a dtype whose lowest is no lower, a hiding value still hides (float32's lowest
@@ -175,7 +177,7 @@ class _Reader:
         if node.target in _COMPARISONS:
             return self.compared(node, _COMPARISONS[node.target], depth)
         if node.target in _ANDS:
-            a, b = (self.band(x, depth) if isinstance(x, fx.Node) else _truth(x) for x in node.args[:2])
+            a, b = (_spanning(node, x, self.band(x, depth)) if isinstance(x, fx.Node) else _truth(x) for x in node.args[:2])
             return None if a is None or b is None else _intersect(a, b)
         if node.target in _FILLS:
             return _EVERYWHERE if _filled_with_true(node) else None
@@ -186,7 +188,7 @@ class _Reader:
     def compared(self, node: fx.Node, op: str, depth: int) -> _Band | None:
         """A comparison of two positions, one along the query dim and one along the key dim:
         `j - i + k op 0` bounds the key offset j - i."""
-        lhs, rhs = (self.linear(x, depth) for x in node.args[:2])
+        lhs, rhs = (_spanning(node, x, self.linear(x, depth)) for x in node.args[:2])
         if lhs is None or rhs is None:
             return None
         terms = dict(lhs.terms)
@@ -232,7 +234,7 @@ class _Reader:
             start = args.get("start", 0) if target is not aten.arange.default else 0
             return _Linear(((-1, 1),), sympy.sympify(_expr(start)))
         if target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
-            a, b = (self.linear(x, depth) for x in node.args[:2])
+            a, b = (_spanning(node, x, self.linear(x, depth)) for x in node.args[:2])
             alpha = node.kwargs.get("alpha", 1)
             if a is None or b is None or not isinstance(alpha, int):
                 return None
@@ -260,7 +262,11 @@ class _Reader:
         source = read(node.args[0], depth)
         if source is None:
             return None
+        if node.target not in _MOVES:
+            return None
         dims = _varying_dims(source)
+        if not dims:
+            return source  # a fill, or a number: the same wherever it is moved
         mapping = _dim_map(node, src_val, out_val, dims)
         if mapping is None:
             return None
@@ -274,7 +280,22 @@ class _Reader:
 
 
 def _varying_dims(value: _Linear | _Band) -> tuple[int, ...]:
-    return (-2, -1) if isinstance(value, _Band) else tuple(d for d, _ in value.terms)
+    if isinstance(value, _Band):
+        return () if value == _EVERYWHERE else (-2, -1)
+    return tuple(d for d, _ in value.terms)
+
+
+def _spanning(out: fx.Node, operand: Any, value: Any) -> Any:
+    """`value` (read from `operand`) as an operand of `out`, or None when `out` broadcasts a dim
+    it varies along (`arange(1)` against T query rows: one position, not the row index)."""
+    if value is None or not isinstance(operand, fx.Node):
+        return value
+    src, dst = meta_val(operand), meta_val(out)
+    dims = _varying_dims(value)
+    if dims and not (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.dim() >= -min(dims)
+                     and all(statically_known_true(src.shape[d] == dst.shape[d]) for d in dims)):
+        return None
+    return value
 
 
 def _dim_map(node: fx.Node, src: torch.Tensor, out: torch.Tensor, dims: tuple[int, ...]) -> dict[int, int] | None:

@@ -96,6 +96,21 @@ def _positions_sliced(x, past):
     return k <= q
 
 
+def _packed_sequences_of_one(x, past):
+    # transformers' packed-sequence term with no position ids passed: sequence starts where the
+    # positions do not step by 1 (`diff` with a prepended position before the first), counted
+    # by a running sum, compared at the query's and the key's positions: one sequence, all True.
+    t, p = x.shape[1], past.shape[0]
+    position_ids = (torch.arange(p + t))[None, :]
+    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    packed = starts.cumsum(-1)
+    b = torch.arange(1)[:, None, None, None]
+    q_idx = torch.arange(p, p + t)[None, None, :, None]
+    kv_idx = torch.arange(p + t)[None, None, None, :]
+    causal = position_ids[b, kv_idx] <= position_ids[b, q_idx]
+    return q_idx.new_ones((), dtype=torch.bool) & causal & (packed[b, q_idx] == packed[b, kv_idx])
+
+
 def _all_true(x, past):
     q, k = _positions(x, past)
     return torch.ones(q.shape[0], k.shape[1], dtype=torch.bool)
@@ -110,6 +125,7 @@ def _all_true(x, past):
     (_expanded_and_viewed, MaskRule(True, None)),
     (_two_masks_added, MaskRule(True, 6)),
     (_positions_sliced, MaskRule(True, None)),
+    (_packed_sequences_of_one, MaskRule(True, None)),
     (_all_true, MaskRule(False, None)),
 ])
 def test_masks_built_from_positions_are_proven_the_kernels_rule(build, rule: MaskRule) -> None:
@@ -216,7 +232,31 @@ def _negated_fill(x, past):
     return (k <= q) & ~torch.ones((), dtype=torch.bool)  # False everywhere
 
 
+def _packed_from_an_input(x, past):
+    # Position ids passed in (`x` holds them): where sequences start is known only at run time.
+    q, k = _positions(x, past)
+    packed = (x[0].long() != 1).cumsum(-1)
+    return (k <= q) & (packed[:, None] == torch.cat([packed[:1].expand(past.shape[0]), packed])[None, :])
+
+
+def _read_one_row_back(x, past):
+    # Positions read at each row's previous one: row 0 reads index -1, the last position
+    # (negative indices wrap), and sees every key.
+    t, p = x.shape[1], past.shape[0]
+    pos = torch.arange(p + t)
+    q = pos[torch.arange(t) - 1] + p + 1
+    return torch.arange(p + t)[None, :] <= q[:, None]
+
+
+def _prepend_that_breaks_the_run(x, past):
+    q, k = _positions(x, past)
+    pos = torch.arange(past.shape[0] + x.shape[1])
+    steps = torch.diff(pos, prepend=pos[:1] - 2)  # 2 at the first key, 1 after
+    return (k <= q) & (steps[None, :] == 1)
+
+
 @pytest.mark.parametrize("build", [
+    _packed_from_an_input, _read_one_row_back, _prepend_that_breaks_the_run,
     _top_left, _other_key_count, _one_key_broadcast, _one_query_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal, _with_a_padding_term, _global_first_key,
     _sliced_from_one, _int8_positions, _float_positions, _causal_as_zero_one, _half_lowest_widened, _soft_fill,
     _positions_from_an_input, _window_by_the_size,
@@ -339,14 +379,18 @@ def test_the_attention_pass_applies_the_rule_instead_of_the_mask(fn, causal, win
 
 
 # -- transformers models ------------------------------------------------------------------------
-@pytest.mark.parametrize("name, implementation, window", [
-    ("llama", "eager", None), ("mistral", "sdpa", 8), ("mistral", "eager", 8), ("mistral", "tileflow", 8),
-    pytest.param("gemma2", "eager", 8, marks=pytest.mark.extended),
+@pytest.mark.parametrize("name, implementation, window, use_cache", [
+    ("llama", "eager", None, True), ("llama", "sdpa", None, False), ("mistral", "sdpa", 8, True),
+    ("mistral", "eager", 8, False), ("mistral", "tileflow", 8, True),
+    pytest.param("gemma2", "eager", 8, True, marks=pytest.mark.extended),
 ])
-def test_models_masks_become_the_kernels_rule(name: str, implementation: str, window: int | None) -> None:
+def test_models_masks_become_the_kernels_rule(name: str, implementation: str, window: int | None,
+                                              use_cache: bool) -> None:
     """transformers builds a mask tensor under torch.compile for eager attention and for a
     sliding window (its shortcut to `is_causal` is off while tracing), and hands it to tileflow's
-    own attention function (attn_implementation="tileflow") too. Every layer's is proven
+    own attention function (attn_implementation="tileflow") too; without a cache (`use_cache=False`,
+    as the demo and bench/e2e.py call), it joins a packed-sequence term over the positions,
+    `packed[q] == packed[k]`, which is all True there. Every layer's is proven
     the kernel's rule: no float32 [S, S] bias and no ranges are made, the report counts one rule
     per attention, the kernels apply the window, and the logits equal eager at lengths on both
     sides of the window."""
@@ -361,7 +405,8 @@ def test_models_masks_become_the_kernels_rule(name: str, implementation: str, wi
     with torch.no_grad():
         for length in (5, 9, 12, 17, 23):
             ids = torch.randint(0, model.config.vocab_size, (1, length))
-            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(compiled(ids, use_cache=use_cache).logits, model(ids, use_cache=use_cache).logits,
+                                       rtol=1e-4, atol=1e-4)
     rewrites = report.rewrites
     assert "mask_as_float32_bias" not in rewrites and "mask_ranges" not in rewrites, rewrites
     # Per graph: every attention's mask a rule (SDPA's graph for steps shorter than the window

@@ -98,12 +98,15 @@ class _Band:
 
 
 _EVERYWHERE = _Band(-sympy.oo, sympy.oo)
+_NOWHERE = _Band(sympy.oo, -sympy.oo)  # a fill of False (`diff != 1` over positions)
 _COMPARISONS = {
     aten.le.Tensor: "le", aten.le.Scalar: "le", aten.lt.Tensor: "lt", aten.lt.Scalar: "lt",
     aten.ge.Tensor: "ge", aten.ge.Scalar: "ge", aten.gt.Tensor: "gt", aten.gt.Scalar: "gt",
-    aten.eq.Tensor: "eq", aten.eq.Scalar: "eq",
+    aten.eq.Tensor: "eq", aten.eq.Scalar: "eq", aten.ne.Tensor: "ne", aten.ne.Scalar: "ne",
 }
-_FLIPPED = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt", "eq": "eq"}
+_FLIPPED = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt", "eq": "eq", "ne": "ne"}
+_HOLDS = {"le": lambda k: k <= 0, "lt": lambda k: k < 0, "ge": lambda k: k >= 0, "gt": lambda k: k > 0,
+          "eq": lambda k: k == 0, "ne": lambda k: k != 0}
 _ANDS = {aten.bitwise_and.Tensor, aten.logical_and.default, aten.mul.Tensor}
 _WHERES = {aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar}
 _NOTS = {aten.bitwise_not.default, aten.logical_not.default}
@@ -196,8 +199,10 @@ class _Reader:
             terms[dim] = terms.get(dim, 0) - coefficient
         terms = {d: c for d, c in terms.items() if c != 0}
         k = sympy.sympify(lhs.const) - sympy.sympify(rhs.const)
-        if not terms:
-            return None  # a comparison of two constants: not a mask any model builds from positions
+        if not terms:  # of two values the same everywhere: a fill of True or False, when k is known
+            return (_EVERYWHERE if _HOLDS[op](int(k)) else _NOWHERE) if k.is_Integer else None
+        if op == "ne":
+            return None  # all but one offset: no band
         if terms == {-1: -1, -2: 1}:
             k, op = -k, _FLIPPED[op]  # i - j + k op 0  <=>  j - i - k op' 0
         elif terms != {-1: 1, -2: -1}:
@@ -211,14 +216,16 @@ class _Reader:
     # -- integer positions --------------------------------------------------------------------
     def linear(self, value: Any, depth: int) -> _Linear | None:
         """`value` (a number, a size or an integer tensor node) as a `_Linear`, or None."""
-        if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
-            return _Linear((), sympy.sympify(_expr(value)))
-        if isinstance(value, fx.Node) and isinstance(meta_val(value), torch.SymInt):
-            return _Linear((), sympy.sympify(_expr(meta_val(value))))
+        size = _size(value)
+        if size is not None:
+            return _Linear((), size)
         return self.memo("linear", value, self._linear, depth)
 
     def _linear(self, node: fx.Node, depth: int) -> _Linear | None:
         val = meta_val(node)
+        if isinstance(val, torch.Tensor) and val.dtype == torch.bool:
+            band = self.band(node, depth)  # a fill of True or False counts as 1 or 0
+            return _Linear((), sympy.Integer(1 if band == _EVERYWHERE else 0)) if band in (_EVERYWHERE, _NOWHERE) else None
         # Positions in int32 or int64 (sizes fit); a narrower dtype would wrap them.
         if not isinstance(val, torch.Tensor) or val.dtype not in (torch.int32, torch.int64):
             return None
@@ -231,8 +238,8 @@ class _Reader:
             args = bind_arguments(node)
             if args.get("step", 1) != 1:
                 return None
-            start = args.get("start", 0) if target is not aten.arange.default else 0
-            return _Linear(((-1, 1),), sympy.sympify(_expr(start)))
+            start = _size(args.get("start", 0) if target is not aten.arange.default else 0)
+            return None if start is None else _Linear(((-1, 1),), start)
         if target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
             a, b = (_spanning(node, x, self.linear(x, depth)) for x in node.args[:2])
             alpha = node.kwargs.get("alpha", 1)
@@ -245,7 +252,70 @@ class _Reader:
             return None if a is None else _combined(_Linear((), 0), a, -1)
         if target in _CASTS:
             return self.linear(node.args[0], depth)  # to int32 or int64 (checked above)
+        if target is aten.cumsum.default:
+            zeros = self.linear(node.args[0], depth)  # a running count of no packed-sequence starts
+            return zeros if zeros is not None and not zeros.terms and zeros.const == 0 else None
+        if target is aten.index.Tensor:
+            return self.indexed(node, depth)
+        if target is aten.cat.default:
+            return self.continued(node, depth)
         return self.moved(node, self.linear, depth)
+
+    def indexed(self, node: fx.Node, depth: int) -> _Linear | None:
+        """`src[i0, .., in-1]` with n index tensors on src's first n dims: src's value at the
+        indices (positions read at positions: transformers' `position_ids[batch_idx, q_idx]`).
+        Indices must be known not negative (a negative one counts from the end)."""
+        src, indices = node.args[0], node.args[1]
+        src_val, out_val = meta_val(src), meta_val(node)
+        source = self.linear(src, depth)
+        if source is None or not indices or any(i is None for i in indices):
+            return None
+        n, r_src, r_out = len(indices), src_val.dim(), out_val.dim()
+        r_b = r_out - (r_src - n)  # the indices' broadcast dims come first, then src's other dims
+        const = sympy.sympify(source.const)
+        terms: dict[int, Any] = {}
+        for d, c in source.terms:
+            at = r_src + d
+            if at >= n:  # a dim not indexed: output dim r_b + (at - n)
+                terms[r_b + at - n - r_out] = terms.get(r_b + at - n - r_out, 0) + c
+                continue
+            index = indices[at]
+            value = self.linear(index, depth)
+            iv = meta_val(index)
+            if value is None or sympy.sympify(value.const).is_nonnegative is not True or any(k < 0 for _, k in value.terms):
+                return None
+            if any(not statically_known_true(iv.shape[e] == out_val.shape[r_b + e]) for e, _ in value.terms):
+                return None  # broadcast along a dim it varies along
+            const += c * sympy.sympify(value.const)
+            for e, k in value.terms:
+                terms[r_b + e - r_out] = terms.get(r_b + e - r_out, 0) + c * k
+        return _Linear(tuple(sorted((d, c) for d, c in terms.items() if c != 0)), const)
+
+    def continued(self, node: fx.Node, depth: int) -> _Linear | None:
+        """`cat` of pieces along a dim that are one position together (`cat([pos[:1] - 1, pos])`,
+        torch.diff's `prepend`): the last piece's values, extended back over the others."""
+        pieces, out_val = node.args[0], meta_val(node)
+        dim = node.args[1] if len(node.args) > 1 else 0
+        dim = dim - out_val.dim() if dim >= 0 else dim
+        values = [self.linear(p, depth) if meta_val(p).dim() == out_val.dim() else None for p in pieces]
+        if not pieces or any(v is None for v in values):
+            return None
+        offsets, at = [], sympy.Integer(0)
+        for p in pieces:
+            offsets.append(at)
+            at += sympy.sympify(_expr(meta_val(p).shape[dim]))
+        last = values[-1]
+        slope = dict(last.terms).get(dim, 0)
+        whole = _Linear(last.terms, sympy.sympify(last.const) - slope * offsets[-1])
+        for value, offset, p in zip(values[:-1], offsets, pieces):
+            own = dict(value.terms)
+            if not statically_known_true(meta_val(p).shape[dim] == 1) and own.get(dim, 0) != slope:
+                return None
+            own.pop(dim, None)
+            if own != {d: c for d, c in whole.terms if d != dim} or not _zero(
+                    sympy.sympify(value.const) - (whole.const + slope * offset)):
+                return None
+        return whole
 
     # -- ops that move dims -------------------------------------------------------------------
     def moved(self, node: fx.Node, read: Callable[[Any, int], Any], depth: int) -> Any:
@@ -281,7 +351,7 @@ class _Reader:
 
 def _varying_dims(value: _Linear | _Band) -> tuple[int, ...]:
     if isinstance(value, _Band):
-        return () if value == _EVERYWHERE else (-2, -1)
+        return () if value in (_EVERYWHERE, _NOWHERE) else (-2, -1)
     return tuple(d for d, _ in value.terms)
 
 
@@ -345,13 +415,10 @@ def _slice_shift(node: fx.Node, src: torch.Tensor) -> dict[int, Any]:
         return {}
     dim = node.args[1] if len(node.args) > 1 else 0
     dim = dim - src.dim() if dim >= 0 else dim
-    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
-    start = meta_val(start) if isinstance(start, fx.Node) else start
-    if isinstance(start, int) and start < 0:
-        return {dim: None}  # counted from the end: an offset that depends on the size
-    if not isinstance(start, (int, torch.SymInt)):
-        return {dim: None}
-    return {dim: sympy.sympify(_expr(start))}
+    start = _size(node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0)
+    if start is None or start.is_nonnegative is not True:
+        return {dim: None}  # (a negative start counts from the end: an offset that depends on the size)
+    return {dim: start}
 
 
 def _combined(a: _Linear, b: _Linear, sign: int) -> _Linear:
@@ -386,6 +453,14 @@ def _zero(expr: Any) -> bool:
 
 def _expr(value: Any) -> Any:
     return value.node.expr if isinstance(value, torch.SymInt) else value
+
+
+def _size(value: Any) -> Any:
+    """An int, a SymInt or a node holding one, as a sympy expression; None for anything else."""
+    value = meta_val(value) if isinstance(value, fx.Node) else value
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        return None
+    return sympy.sympify(_expr(value))
 
 
 def _hides(value: Any, dtype: torch.dtype) -> bool:

@@ -11,12 +11,16 @@ and for eager attention a float `where(mask, 0, lowest)` of it. Every layer then
 
 `mask_rule` proves such a mask equal to the rule at every size. It reads the mask as a set of
 key offsets j - i: each comparison of two positions (`arange` plus a number or a size, moved by
-views, unsqueezes and expands) along the query and key dims bounds that offset, and `&` of
-comparisons intersects their bounds. The rule holds when the bounds are exactly the kernel's for
-the traced sizes (sympy: `kv_idx <= q_idx` with q at `arange(T) + past` and keys at
-`arange(past + T)` is the rule for S = T and S_kv = past + T). Anything else (a padding mask read
-from an input, positions passed in, packed sequences, a bitwise or) is not proven, and the mask
-stays as it is. A float mask hides a key with -inf or with its dtype's lowest value, as the
+views, unsqueezes, expands and slices, read at positions by an index, continued backwards by a
+`cat`) along the query and key dims bounds that offset, and `&` of comparisons intersects their
+bounds. A comparison of two values the same everywhere is a fill of True or False: called
+without a cache, transformers joins a packed-sequence term, `packed[q] == packed[k]` with
+`packed = (diff(positions) != 1).cumsum()`, which over `arange` positions is 0 == 0. The rule
+holds when the bounds are exactly the kernel's for the traced sizes (sympy: `kv_idx <= q_idx`
+with q at `arange(T) + past` and keys at `arange(past + T)` is the rule for S = T and S_kv =
+past + T). Anything else (a padding mask read from an input, positions passed in, sequences
+really packed, a bitwise or, a value broadcast along a dim it varies along) is not proven, and
+the mask stays as it is. A float mask hides a key with -inf or with its dtype's lowest value, as the
 kernel's `bias_ranges` judges a mask it is given: such a key adds nothing to a row that sees a key
 above it, and every row of the rule sees its own key (float16's -65504 held in a float32 mask is
 an ordinary value, and hides nothing).

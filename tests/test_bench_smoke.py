@@ -66,6 +66,15 @@ def test_host_calls_benchmark_counts_each_calls_launches() -> None:
                                     else "1" for r in rows]
 
 
+def test_mask_memory_benchmark_runs() -> None:
+    """bench/mask_memory.py (a compiled forward's peak memory, on a Linux machine) runs and says
+    the model's mask became the kernel's rule (memory and times are printed, never asserted)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "mask_memory.py"), "--tokens", "96", "--attention",
+                           "eager"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "tokens 96, eager, use_cache=False: peak" in proc.stdout and "mask_as_rule 2," in proc.stdout, proc.stdout
+
+
 @pytest.mark.extended
 def test_compile_time_benchmark_runs() -> None:
     """bench/compile_time.py (compile time by model depth, on any machine) prints one row per

@@ -1,0 +1,66 @@
+"""Peak memory of one compiled forward whose attention mask tileflow may replace by its causal rule.
+
+    python bench/mask_memory.py --tokens 4096 --attention eager --use-cache
+    PYTHONPATH=.base/597e1af python bench/mask_memory.py --tokens 4096 ...   # the code before
+
+Builds a 2-layer Llama (hidden 64, random weights), compiles it with `backend="tileflow"` at 64
+tokens, then resets the process's resident high-water mark (`/proc/self/clear_refs`, Linux) and
+runs two forwards at `--tokens`: prints the peak resident memory over the memory before them, the
+two calls' times and the report's `mask_as_rule` / `mask_as_float32_bias` counts. On a CPU the
+memory is the measure (a float32 [S, S] mask bias is 64 MiB at 4096 tokens); the times depend on
+what else the machine runs. Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith(field)).split()[1])
+
+
+def main() -> None:
+    """Parse the flags, run the measurement, print one line."""
+    import transformers
+
+    import tileflow
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens of the measured forwards")
+    parser.add_argument("--attention", choices=["eager", "sdpa"], default="eager", help="attn_implementation")
+    parser.add_argument("--use-cache", action="store_true", help="call with use_cache=True (default: False)")
+    args = parser.parse_args()
+    if args.tokens < 2:
+        parser.error(f"--tokens must be at least 2, got {args.tokens}")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=max(args.tokens, 64))
+    config._attn_implementation = args.attention
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(report=report), dynamic=True)
+    with torch.no_grad():
+        compiled(torch.randint(0, 128, (1, 64)), use_cache=args.use_cache)
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets VmHWM to the current resident size
+        before = _status_kib("VmRSS")
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            compiled(torch.randint(0, 128, (1, args.tokens)), use_cache=args.use_cache)
+            times.append((time.perf_counter() - start) * 1e3)
+        peak = _status_kib("VmHWM")
+    rewrites = report.rewrites
+    print(f"tokens {args.tokens}, {args.attention}, use_cache={args.use_cache}: peak {(peak - before) / 1024:.0f} MiB "
+          f"over the start; calls {times[0]:.0f} ms, {times[1]:.0f} ms; mask_as_rule {rewrites.get('mask_as_rule', 0)}, "
+          f"mask_as_float32_bias {rewrites.get('mask_as_float32_bias', 0)} (tileflow {tileflow.__file__})")
+
+
+if __name__ == "__main__":
+    main()

@@ -486,11 +486,29 @@ def constant_number(node: Any) -> float | None:
 
 def constant_values(node: Any, max_values: int | None = None) -> tuple[float, ...] | None:
     """The values of a tensor the graph holds as a constant (an attribute, a parameter, or
-    `scalar_tensor` or a one-element `full` of a number), reached through copies, casts and reshapes, flattened; None
-    when they are only known at run time, or when there are more than `max_values`."""
+    `scalar_tensor` or a one-element `full`, `zeros` or `ones`), reached through copies, casts and reshapes (each cast
+    applied: `tensor(-inf).bool()` holds True), flattened; None when they are only known at run time, or when there
+    are more than `max_values`."""
+    casts: list[torch.dtype] = []
     while isinstance(node, fx.Node) and node.op == "call_function" and (
             node.target in _CONSTANT_COPIES or node.target in (_aten.view.default, _aten.reshape.default)):
+        out = node.meta.get("val")
+        if isinstance(out, torch.Tensor) and node.target in (_aten._to_copy.default, torch.ops.prims.convert_element_type.default):
+            casts.append(out.dtype)
         node = node.args[0]
+    values = _constant_source_values(node, max_values)
+    if values is None or not casts:
+        return values
+    source = node.meta.get("val") if isinstance(node, fx.Node) else None
+    with unset_fake_temporarily():  # each cast applied to the values, as the graph applies it
+        t = torch.tensor(values, dtype=source.dtype if isinstance(source, torch.Tensor) else torch.float64)
+        for dtype in reversed(casts):
+            t = t.to(dtype)
+        return tuple(float(x) for x in t.tolist())
+
+
+def _constant_source_values(node: Any, max_values: int | None) -> tuple[float, ...] | None:
+    """`constant_values` of the node its copies and casts start from, as that node holds them."""
     if not isinstance(node, fx.Node):
         return None
     if node.op == "call_function" and node.target is _aten.scalar_tensor.default:

@@ -570,16 +570,19 @@ def _check_exported_program(archive: Any, model: torch.nn.Module, built: dict[Ke
 
 def test_exported_llama_attention_runs_on_the_ascend_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """End to end: the meta-attention specs a real (small) Llama exports for target 'ascend' —
-    its causal mask arrives as an additive bias — built in CPU-debug mode, (1) on a mixed batch
-    with a bias against the reference, and (2) as the attention of the exported program itself
+    its causal mask, built from positions, proven the kernel's causal rule (no bias) — built in
+    CPU-debug mode, (1) with a bias added (the form a model's padding mask takes) on a mixed batch
+    against the reference, and (2) as they are, as the attention of the exported program itself
     (GEMMs on the reference backend), whose logits must match eager transformers."""
     from models import build, export_logits  # transformers: imported only here
 
     model = build("llama")
     archive = export_logits(model, "ascend")
-    specs = _attention_specs(archive)
-    assert specs and all(s.param("bias") and not s.param("causal") for s in specs), [s.name for s in specs]
-    built = _build_all(specs, tmp_path)
+    exported = _attention_specs(archive)
+    assert exported and all(not s.param("bias") and s.param("causal") for s in exported), [s.name for s in exported]
+    specs = [dataclasses.replace(s, params=tuple((k, True if k == "bias" else False if k == "causal" else v)
+                                                 for k, v in s.params)) for s in exported]
+    built = _build_all(specs + exported, tmp_path)
 
     cfg = model.config
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -590,7 +593,7 @@ def test_exported_llama_attention_runs_on_the_ascend_kernels(tmp_path: Path, mon
         run_and_check(built[spec], spec, batch, kv_split=16 * i, attn_bias=bias,
                       what=f"exported {spec.name}")
     # decode-sized (block_q 8) and prefill-sized (block_q 32) tiles
-    _check_exported_program(archive, model, built, monkeypatch, (3, 8, 20, 64), tol=1e-5)
+    _check_exported_program(archive, model, {s: built[s] for s in exported}, monkeypatch, (3, 8, 20, 64), tol=1e-5)
 
 
 @pytest.mark.parametrize("name", [pytest.param("gemma2", marks=GEMMA2_SOFTCAP), "gpt_oss",

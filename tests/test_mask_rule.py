@@ -359,7 +359,7 @@ def _sdpa_top_left(x: torch.Tensor) -> torch.Tensor:
 def test_the_attention_pass_applies_the_rule_instead_of_the_mask(fn, causal, window, target: str) -> None:
     """A proven mask: meta_attention gets the kernel's flags and no bias or ranges (no mask node
     left in the graph); a mask that is not the rule (a lookahead) keeps its bias. Both equal eager
-    in float64-free fp32 at lengths around the window, under the Triton interpreter too."""
+    (fp32) at lengths around the window, under the Triton interpreter too."""
     from test_attention import compile_attention
 
     x = torch.randn(1, 3, 128)

@@ -272,8 +272,9 @@ class _Reader:
         src, indices = node.args[0], node.args[1]
         src_val, out_val = meta_val(src), meta_val(node)
         source = self.linear(src, depth)
-        if source is None or not indices or any(i is None for i in indices):
-            return None
+        if source is None or not indices or any(
+                not isinstance(i, fx.Node) or meta_val(i).dtype not in (torch.int32, torch.int64) for i in indices):
+            return None  # (a bool index selects elements: not a position)
         n, r_src, r_out = len(indices), src_val.dim(), out_val.dim()
         r_b = r_out - (r_src - n)  # the indices' broadcast dims come first, then src's other dims
         const = sympy.sympify(source.const)

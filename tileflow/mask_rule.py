@@ -70,7 +70,7 @@ def mask_rule(mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
     band = _Reader().kept(mask)
     if band is None:
         return None
-    diagonal = sympy.sympify(_expr(kv_len)) - sympy.sympify(_expr(q_len))  # the last query's key offset
+    diagonal = _size(kv_len) - _size(q_len)  # the last query's key offset
     if band == _EVERYWHERE:
         return MaskRule(False, None)
     if band.hi == sympy.oo or not _zero(band.hi - diagonal):
@@ -120,6 +120,8 @@ _CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _FILLS = {aten.new_ones.default, aten.ones.default, aten.ones_like.default, aten.full.default,
           aten.new_full.default, aten.full_like.default, aten.scalar_tensor.default}
+# Where each `_FILLS` op other than the ones-makers takes its fill value.
+_FILL_ARGUMENT = {aten.full.default: 1, aten.new_full.default: 2, aten.full_like.default: 1, aten.scalar_tensor.default: 0}
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 _MOVES = {aten.unsqueeze.default, aten.select.int, aten.squeeze.dim, aten.expand.default, aten.slice.Tensor, *_VIEWS}
 
@@ -142,7 +144,7 @@ class _Reader:
     # -- masks: a bool band, or an additive float mask hiding what a band does not keep --------
     def kept(self, node: Any, depth: int = 0) -> _Band | None:
         """The band a mask keeps: a bool mask's True elements, an additive one's zero elements
-        (the others at most `_HIDING`), or None."""
+        (the others hiding: `_hides`), or None."""
         val = meta_val(node)
         if not isinstance(val, torch.Tensor):
             return None
@@ -484,6 +486,5 @@ def _filled_with_true(node: fx.Node) -> bool:
     """`new_ones`/`ones`/`ones_like` of bool, or a bool `full`/`new_full`/`full_like`/`scalar_tensor` of True."""
     if node.target in (aten.new_ones.default, aten.ones.default, aten.ones_like.default):
         return True  # (bool: checked by the caller)
-    fill = node.args[0] if node.target is aten.scalar_tensor.default else node.args[-1] if node.target is \
-        aten.full_like.default else node.args[2] if node.target is aten.new_full.default else node.args[1]
+    fill = node.args[_FILL_ARGUMENT[node.target]]
     return fill is True or (isinstance(fill, (int, float)) and fill != 0)

@@ -69,18 +69,18 @@ def usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[s
 
 
 # Seconds each test file took on 2 CPU cores in the default run (`-m "not extended"`,
-# `--junitxml`, session 34, Triton's cache empty as on CI), for the files over 20 s, less the
+# `--durations=0`, session 48, Triton's cache empty as on CI), for the files over 20 s, less the
 # tests marked extended after that run (their times in it). With `--dist loadfile
 # --no-loadscope-reorder` each xdist worker takes whole files in collection order; longest first
 # keeps one worker from running a long file alone at the end (xdist's own reorder counts tests,
 # and most of the long files have few).
 _FILE_SECONDS = {
-    "test_attention.py": 404, "test_padding_safety.py": 240, "test_distributed.py": 170, "test_model_zoo.py": 151,
-    "test_triton_attention.py": 145, "test_bench_smoke.py": 126, "test_serving.py": 117, "test_ascend_gemm.py": 111,
-    "test_export.py": 102, "test_models.py": 100, "test_ascend_attention.py": 100, "test_sm90_compile.py": 95,
-    "test_disaggregate.py": 86, "test_triton_gemm.py": 82, "test_nanobatch.py": 74, "test_backend.py": 71,
-    "test_viz.py": 57, "test_streams.py": 43, "test_grouped_gemm.py": 43, "test_reference_attention.py": 40,
-    "test_canonicalize.py": 23,
+    "test_attention.py": 253, "test_padding_safety.py": 153, "test_triton_attention.py": 120, "test_distributed.py": 119,
+    "test_bench_smoke.py": 116, "test_export.py": 109, "test_model_zoo.py": 102, "test_ascend_gemm.py": 91,
+    "test_models.py": 89, "test_ascend_attention.py": 88, "test_serving.py": 84, "test_triton_gemm.py": 77,
+    "test_disaggregate.py": 74, "test_tensor_parallel.py": 71, "test_grouped_gemm.py": 64, "test_backend.py": 59,
+    "test_nanobatch.py": 57, "test_mask_rule.py": 47, "test_viz.py": 47, "test_tasks.py": 47, "test_streams.py": 38,
+    "test_sm90_compile.py": 33, "test_gemm_padding.py": 22,
 }
 
 

@@ -340,9 +340,12 @@ def test_causal_models_are_captured(replay_on_cpu, arch: str, batch: int) -> Non
 MOE_ARCHS = ["mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe", "qwen3_moe", "phimoe", "llama4"]
 
 
-# Every architecture with several sequences (rows padded between them); one alone and three
-# sequences for Mixtral in the default run, the rest in the extended one.
-@pytest.mark.parametrize("arch, batch", [*((arch, 2) for arch in MOE_ARCHS), ("mixtral", 1), ("mixtral", 3),
+# Every architecture with several sequences (rows padded between them) and Mixtral alone in the
+# default run, but Qwen3-MoE (Qwen2-MoE's routing) and PhiMoE; those, three sequences and the
+# other single sequences in the extended run.
+@pytest.mark.parametrize("arch, batch", [*((arch, 2) for arch in MOE_ARCHS if arch not in ("qwen3_moe", "phimoe")), ("mixtral", 1),
+                                         *(pytest.param(arch, 2, marks=pytest.mark.extended) for arch in ("qwen3_moe", "phimoe")),
+                                         pytest.param("mixtral", 3, marks=pytest.mark.extended),
                                          *(pytest.param(arch, 1, marks=pytest.mark.extended) for arch in MOE_ARCHS if arch != "mixtral"),
                                          pytest.param("llama4", 3, marks=pytest.mark.extended)])
 def test_mixture_of_experts_models_are_captured(replay_on_cpu, arch: str, batch: int) -> None:

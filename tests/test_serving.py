@@ -1246,8 +1246,10 @@ def test_step_leaves_placeholders_until_the_next_step_reads_them(llama_program) 
 # prompts (17-76 tokens) cross its chunks of 16.
 # Windows and chunks through the engine, in the default run:
 # test_sliding_window_softcap_and_sink_models_equal_eager_generation and
-# test_chunked_attention_model_equals_eager_generation.
-@pytest.mark.parametrize("args", [(), pytest.param(("--arch", "mistral", "--window", "8", "--blocks", "6"),
+# test_chunked_attention_model_equals_eager_generation. The example's greedy Llama run is extended:
+# the sampled one runs the same engine and check (against eager's draws), and greedy generation
+# through the engine equals eager's in the in-process tests above.
+@pytest.mark.parametrize("args", [pytest.param((), marks=pytest.mark.extended), pytest.param(("--arch", "mistral", "--window", "8", "--blocks", "6"),
                                                    marks=pytest.mark.extended),
                                   pytest.param(("--arch", "llama4", "--chunk", "16"), marks=pytest.mark.extended),
                                   ("--temperature", "0.8", "--top-p", "0.9")], ids=["llama", "mistral", "llama4", "sampled"])

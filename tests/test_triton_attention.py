@@ -706,7 +706,7 @@ def run_biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     return out.view(b, s, hq, d).transpose(1, 2).cpu()
 
 
-@pytest.mark.parametrize(("causal", "kv_split"), [(False, None), (True, 24)])
+@pytest.mark.parametrize(("causal", "kv_split"), [pytest.param(False, None, marks=pytest.mark.extended), (True, 24)])
 def test_model_masks_as_bias(causal: bool, kv_split: int | None) -> None:
     """The masks models materialize (causal, left padding, sliding window, holes, a soft bias
     with a plain run, per-head masks, hidden rows), given as an additive bias, against float64:
@@ -727,7 +727,7 @@ def test_model_masks_as_bias(causal: bool, kv_split: int | None) -> None:
         assert rel < 1e-5, f"{name}: relative error {rel:.3g}"
 
 
-@pytest.mark.parametrize(("causal", "kv_split"), [(False, None), (True, 24)])
+@pytest.mark.parametrize(("causal", "kv_split"), [pytest.param(False, None, marks=pytest.mark.extended), (True, 24)])
 def test_bool_masks_and_half_biases(causal: bool, kv_split: int | None) -> None:
     """The launcher takes a bool mask (True = attend) and a float16 or bfloat16 bias as the dense
     op hands them over (as the model has them) and gives the kernel their float32 additive form:

@@ -1,13 +1,16 @@
 """Peak memory of one compiled forward whose attention mask tileflow may replace by its causal rule.
 
     python bench/mask_memory.py --tokens 4096 --attention eager --use-cache
+    python bench/mask_memory.py --tokens 4096 --attention sdpa --left-padded
     PYTHONPATH=.base/597e1af python bench/mask_memory.py --tokens 4096 ...   # the code before
 
 Builds a 2-layer Llama (hidden 64, random weights), compiles it with `backend="tileflow"` at 64
 tokens, then resets the process's resident high-water mark (`/proc/self/clear_refs`, Linux) and
 runs two forwards at `--tokens`: prints the peak resident memory over the memory before them, the
-two calls' times and the report's `mask_as_rule` / `mask_as_float32_bias` counts. On a CPU the
-memory is the measure (a float32 [S, S] mask bias is 64 MiB at 4096 tokens); the times depend on
+two calls' times and the report's `mask_as_rule` / `key_mask` / `mask_as_float32_bias` counts.
+`--left-padded` calls it on a batch of two with an attention_mask, the second row left-padded by
+half the tokens (transformers then joins a padding term to its mask). On a CPU the memory is the
+measure (a float32 [S, S] mask bias is 64 MiB a batch row at 4096 tokens); the times depend on
 what else the machine runs. Linux only.
 """
 
@@ -34,6 +37,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of the measured forwards")
     parser.add_argument("--attention", choices=["eager", "sdpa"], default="eager", help="attn_implementation")
     parser.add_argument("--use-cache", action="store_true", help="call with use_cache=True (default: False)")
+    parser.add_argument("--left-padded", action="store_true",
+                        help="a batch of two with an attention_mask, the second row left-padded by half the tokens")
     args = parser.parse_args()
     if args.tokens < 2:
         parser.error(f"--tokens must be at least 2, got {args.tokens}")
@@ -45,20 +50,31 @@ def main() -> None:
     model = transformers.LlamaForCausalLM(config).eval()
     report = tileflow.Report()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend(report=report), dynamic=True)
+
+    def inputs(tokens: int) -> dict[str, torch.Tensor]:
+        if not args.left_padded:
+            return {"input_ids": torch.randint(0, 128, (1, tokens))}
+        mask = torch.ones(2, tokens, dtype=torch.long)
+        mask[1, :tokens // 2] = 0
+        return {"input_ids": torch.randint(0, 128, (2, tokens)), "attention_mask": mask}
+
     with torch.no_grad():
-        compiled(torch.randint(0, 128, (1, 64)), use_cache=args.use_cache)
+        compiled(**inputs(64), use_cache=args.use_cache)
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # resets VmHWM to the current resident size
         before = _status_kib("VmRSS")
         times = []
         for _ in range(2):
+            measured = inputs(args.tokens)
             start = time.perf_counter()
-            compiled(torch.randint(0, 128, (1, args.tokens)), use_cache=args.use_cache)
+            compiled(**measured, use_cache=args.use_cache)
             times.append((time.perf_counter() - start) * 1e3)
         peak = _status_kib("VmHWM")
     rewrites = report.rewrites
-    print(f"tokens {args.tokens}, {args.attention}, use_cache={args.use_cache}: peak {(peak - before) / 1024:.0f} MiB "
-          f"over the start; calls {times[0]:.0f} ms, {times[1]:.0f} ms; mask_as_rule {rewrites.get('mask_as_rule', 0)}, "
+    batch = "left-padded batch of 2" if args.left_padded else "batch of 1"
+    print(f"tokens {args.tokens}, {args.attention}, use_cache={args.use_cache}, {batch}: peak "
+          f"{(peak - before) / 1024:.0f} MiB over the start; calls {times[0]:.0f} ms, {times[1]:.0f} ms; "
+          f"mask_as_rule {rewrites.get('mask_as_rule', 0)}, key_mask {rewrites.get('key_mask', 0)}, "
           f"mask_as_float32_bias {rewrites.get('mask_as_float32_bias', 0)} (tileflow {tileflow.__file__})")
 
 

@@ -319,8 +319,9 @@ class Attention:
             return "K/V head count differs from Q without enable_gqa"
         rule = self._mask_rule(mask, qv.shape[2], kv.shape[2])
         window = None
-        if rule is not None:  # the kernel applies the rule itself: no bias, no ranges
-            mask = ranges = bias = None
+        if rule is not None:  # the kernel applies the rule itself: a bias and ranges only for a key mask
+            bias, ranges = self._key_mask_inputs(graph, rule, kv.shape[2], result)
+            mask = bias
             causal, window = rule.causal, rule.sliding_window
         else:
             ranges = self._mask_ranges(graph, mask, kv.shape[2], result)
@@ -354,7 +355,7 @@ class Attention:
             node.replace_all_uses_with(out)
         result.count("meta_attention")
         if rule is not None:
-            result.count("mask_as_rule")
+            _count_rule(result, rule)
         if int(vv.shape[3]) != int(qv.shape[3]):
             result.count("head_size_padded")
         if unrepeated:
@@ -372,11 +373,12 @@ class Attention:
         rule = self._mask_rule(args.get("attn_mask"), q.shape[2], k.shape[2])
         if rule is None:
             return
-        args.update(attn_mask=None, causal=rule.causal, sliding_window=rule.sliding_window)
+        key_mask, ranges = self._key_mask_inputs(node.graph, rule, k.shape[2], result)
+        args.update(attn_mask=key_mask, mask_ranges=ranges, causal=rule.causal, sliding_window=rule.sliding_window)
         names = [a.name for a in torch.ops.tileflow.meta_attention.default._schema.arguments]
         node.args, node.kwargs = tuple(args.get(name) for name in names), {}
         node.meta.setdefault("tileflow", {})["mask_rule"] = _rule_text(rule)
-        result.count("mask_as_rule")
+        _count_rule(result, rule)
 
     def _mask_rule(self, mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
         """`mask_rule(mask, ...)`, proven once per mask and shape (the layers of a model share both)."""
@@ -384,6 +386,14 @@ class Attention:
         if key not in self._rules:
             self._rules[key] = mask_rule(mask, q_len, kv_len)
         return self._rules[key]
+
+    def _key_mask_inputs(self, graph: fx.Graph, rule: MaskRule, kv_len: Any, result: PassResult) -> tuple[Any, Any]:
+        """The bias and ranges a call under `rule` reads: its key mask, as the bool it is (each
+        call converts its S_kv values a batch row; under the rule a float32 bias would make the
+        runtime judge its hidden keys over [S, S_kv]), and the ranges of it; or no mask."""
+        if rule.key_mask is None:
+            return None, None
+        return rule.key_mask, self._mask_ranges(graph, rule.key_mask, kv_len, result)
 
     def _mask_ranges(self, graph: fx.Graph, mask: Any, kv_len: Any, result: PassResult) -> fx.Node | None:
         """The `attention_mask_ranges` node of `mask`, made once per mask right after it, so
@@ -620,8 +630,8 @@ class Attention:
             return _MORE_QUERIES_THAN_KEYS
         scale: float | None = operands.q_factor * operands.k_factor * scores.product_scale
         rule = self._mask_rule(scores.mask, qv.shape[2], kv.shape[2])
-        if rule is not None:  # the kernel applies the rule itself: no bias, no ranges
-            ranges = bias = None
+        if rule is not None:  # the kernel applies the rule itself: a bias and ranges only for a key mask
+            bias, ranges = self._key_mask_inputs(graph, rule, kv.shape[2], result)
         else:
             ranges = self._mask_ranges(graph, scores.mask, kv.shape[2], result)
             bias = self._float32_bias(graph, scores.mask)
@@ -670,7 +680,7 @@ class Attention:
         result.count("meta_attention")
         result.count("manual_attention")
         if rule is not None:
-            result.count("mask_as_rule")
+            _count_rule(result, rule)
         if int(vv.shape[3]) != int(qv.shape[3]):
             result.count("head_size_padded")
         if unrepeated:
@@ -773,7 +783,16 @@ _SOFTMAX = {aten._softmax.default, aten._safe_softmax.default}
 def _rule_text(rule: MaskRule) -> str:
     """How the report names the rule a mask was proven to be."""
     window = f"sliding window {rule.sliding_window}" if rule.sliding_window is not None else ""
-    return " + ".join(part for part in ("causal" if rule.causal else "", window) if part) or "no mask (all True)"
+    keys = "key mask" if rule.key_mask is not None else ""
+    return " + ".join(part for part in ("causal" if rule.causal else "", window, keys) if part) or "no mask (all True)"
+
+
+def _count_rule(result: PassResult, rule: MaskRule) -> None:
+    """The report's counts of a mask proven `rule`: `mask_as_rule`, and `key_mask` when the call
+    still reads a mask over the keys (transformers' padding term)."""
+    result.count("mask_as_rule")
+    if rule.key_mask is not None:
+        result.count("key_mask")
 
 
 def _constant(arg: Any) -> float | None:

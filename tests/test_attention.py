@@ -1077,11 +1077,13 @@ def test_mixed_batch_runs_one_launch_per_tile_height(monkeypatch, target: str) -
 
 
 @pytest.mark.parametrize("padding", [False, True])
-def test_a_models_mask_gets_one_ranges_node_for_every_layer(padding: bool) -> None:
-    """transformers materializes its causal (and padding) mask and every layer converts it to a
-    bias of its own: the pass computes the mask's ranges once, from the bool mask they share, and
-    the float32 bias the kernels read once too (not in every layer's call), and hands both to
-    every layer's meta_attention; outputs match eager, left padding included."""
+def test_a_models_padding_mask_becomes_one_key_mask_for_every_layer(padding: bool) -> None:
+    """Given an attention_mask, transformers materializes `causal & attention_mask[b, kv]` as a
+    [B, 1, S, S_kv] mask and every layer's SDPA converts it to a float bias of its own. The pass
+    proves it the kernel's causal rule and the padding term `[B, 1, 1, S_kv]`: every layer's
+    meta_attention is causal and reads that term as its bias (S_kv values a row, no [S, S_kv]
+    mask is made), with one ranges node for every layer; outputs match eager at every row, the
+    left-padded rows that see no key included (zeros on both)."""
     from models import VOCAB, build
 
     model = build("llama")
@@ -1097,19 +1099,20 @@ def test_a_models_mask_gets_one_ranges_node_for_every_layer(padding: bool) -> No
                 mask[1, :3] = 0  # the second prompt is left-padded by 3 tokens
             got = compiled(ids, attention_mask=mask, use_cache=False).logits
             want = model(ids, attention_mask=mask, use_cache=False).logits
-            keep = mask.bool()  # padded query rows are garbage on every backend: compare the rest
-            torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     gm = _GRABBED[-1]
     ranges = [n for n in gm.graph.nodes if n.target is torch.ops.tileflow.attention_mask_ranges.default]
     metas = [n for n in gm.graph.nodes if n.target is META]
     assert len(metas) == model.config.num_hidden_layers >= 2
     assert len(ranges) == 1 and all(n.args[7] is ranges[0] for n in metas)
-    assert ranges[0].args[0].meta["val"].dtype == torch.bool
-    assert report.rewrites["mask_ranges"] == 1
-    bias = metas[0].args[3]
-    assert all(n.args[3] is bias for n in metas) and bias.target is torch.ops.aten.where.Scalar
-    assert bias.args[0] is ranges[0].args[0] and bias.meta["val"].dtype == torch.float32
-    assert report.rewrites["mask_as_float32_bias"] == 1
+    key_mask = metas[0].args[3]
+    assert all(n.args[3] is key_mask and n.args[4] is True for n in metas)
+    assert key_mask.target is torch.ops.aten.index.Tensor and ranges[0].args[0] is key_mask
+    kv = metas[0].args[1].meta["val"].shape[2]
+    assert key_mask.meta["val"].dtype == torch.bool and list(key_mask.meta["val"].shape[1:]) == [1, 1, kv]
+    rewrites = report.rewrites
+    assert rewrites["mask_ranges"] == 1 and rewrites["key_mask"] == rewrites["mask_as_rule"] == len(metas)
+    assert "mask_as_float32_bias" not in rewrites
 
 
 @pytest.mark.parametrize("form", ["bool", "where", "where of not", "bias"])

@@ -68,11 +68,13 @@ def test_host_calls_benchmark_counts_each_calls_launches() -> None:
 
 def test_mask_memory_benchmark_runs() -> None:
     """bench/mask_memory.py (a compiled forward's peak memory, on a Linux machine) runs and says
-    the model's mask became the kernel's rule (memory and times are printed, never asserted)."""
+    the left-padded batch's mask became the kernel's rule and a key mask (memory and times are
+    printed, never asserted)."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "mask_memory.py"), "--tokens", "96", "--attention",
-                           "eager"], capture_output=True, text=True, timeout=600)
+                           "sdpa", "--left-padded"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "tokens 96, eager, use_cache=False: peak" in proc.stdout and "mask_as_rule 2," in proc.stdout, proc.stdout
+    assert "tokens 96, sdpa, use_cache=False, left-padded batch of 2: peak" in proc.stdout, proc.stdout
+    assert "mask_as_rule 2, key_mask 2," in proc.stdout, proc.stdout
 
 
 @pytest.mark.extended

@@ -157,9 +157,22 @@ def _anti_causal(x, past):
     return k >= q
 
 
-def _with_a_padding_term(x, past):
+def _per_query_term(x, past):
     q, k = _positions(x, past)
-    return (k <= q) & (torch.cat([past, x[0]]) > 0)[None, :]  # keys read from the inputs
+    return (k <= q) & (x[0] > 0)[:, None]  # queries read from the inputs: not one term for every query
+
+
+def _two_key_terms(x, past):
+    q, k = _positions(x, past)
+    keys = torch.cat([past, x[0]])
+    return (k <= q) & (keys > 0)[None, :] & (keys < 1)[None, :]  # joined one at a time: not read
+
+
+def _eager_float_with_a_key_term(x, past):
+    # A left-padding row sees no key: eager averages every key at the lowest value there, the
+    # kernel given the rule only the rule's.
+    q, k = _positions(x, past)
+    return torch.where((k <= q) & (torch.cat([past, x[0]]) > 0)[None, :], 0.0, LOWEST)
 
 
 def _global_first_key(x, past):
@@ -248,24 +261,87 @@ def _read_one_row_back(x, past):
     return torch.arange(p + t)[None, :] <= q[:, None]
 
 
-def _prepend_that_breaks_the_run(x, past):
-    q, k = _positions(x, past)
-    pos = torch.arange(past.shape[0] + x.shape[1])
-    steps = torch.diff(pos, prepend=pos[:1] - 2)  # 2 at the first key, 1 after
-    return (k <= q) & (steps[None, :] == 1)
-
-
 @pytest.mark.parametrize("build", [
-    _packed_from_an_input, _read_one_row_back, _prepend_that_breaks_the_run,
-    _top_left, _other_key_count, _one_key_broadcast, _one_query_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal, _with_a_padding_term, _global_first_key,
+    _packed_from_an_input, _read_one_row_back, _per_query_term, _two_key_terms, _eager_float_with_a_key_term,
+    _top_left, _other_key_count, _one_key_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal, _global_first_key,
     _sliced_from_one, _int8_positions, _float_positions, _causal_as_zero_one, _half_lowest_widened, _soft_fill,
     _positions_from_an_input, _window_by_the_size,
 ])
 def test_masks_that_are_not_the_rule_at_every_size_are_not_proven(build) -> None:
-    """Near misses: an alignment, a hidden diagonal, a term read from the inputs, a bitwise or,
+    """Near misses: an alignment, a hidden diagonal, a term read from the inputs per query, two
+    key terms, an eager (lowest-value) mask with a key term, a bitwise or,
     a shifted slice, positions that wrap or round, a 0/1 or soft mask, a window of the step's
     size. None is proven (some equal the rule at some sizes only, or at none)."""
     assert _traced_rule(build) is None
+
+
+# -- a term over the keys: the rule and a key mask -----------------------------------------------
+def _with_a_padding_term(x, past):
+    q, k = _positions(x, past)
+    return (k <= q) & (torch.cat([past, x[0]]) > 0)[None, :]  # keys read from the inputs
+
+
+def _sdpa_conversion_with_a_padding_term(x, past):
+    q, k = _positions(x, past)
+    return torch.where((k <= q) & (k > q - 3) & (torch.cat([past, x[0]]) > 0)[None, :], 0.0, float("-inf"))
+
+
+def _expanded_padding_term(x, past):
+    # transformers' form: attention_mask[batch_idx, kv_idx] over [B, 1, 1, S_kv], the whole
+    # mask expanded to the batch.
+    q, k = _positions(x, past)
+    pad = torch.stack([torch.cat([past, x[0]]) > 0, torch.cat([past, x[0]]) < 1])
+    term = pad[torch.arange(2)[:, None, None, None], k[None, None]]
+    return (torch.ones((), dtype=torch.bool) & (k <= q)[None, None] & term).expand(2, 1, q.shape[0], k.shape[1])
+
+
+def _one_query_broadcast(x, past):
+    q, k = _positions(x, past)
+    return (k <= q) & (k > q[:1] - 4)  # the first query's position for every row: a key term
+
+
+def _prepend_that_breaks_the_run(x, past):
+    q, k = _positions(x, past)
+    pos = torch.arange(past.shape[0] + x.shape[1])
+    steps = torch.diff(pos, prepend=pos[:1] - 2)  # 2 at the first key, 1 after: key 0 hidden
+    return (k <= q) & (steps[None, :] == 1)
+
+
+def _zero_one_key_term(x, past):
+    q, k = _positions(x, past)
+    return (k <= q) & torch.arange(past.shape[0] + x.shape[1])[None, :].bool()  # key 0 hidden
+
+
+@pytest.mark.parametrize("build, causal, window", [
+    (_with_a_padding_term, True, None), (_sdpa_conversion_with_a_padding_term, True, 3),
+    (_expanded_padding_term, True, None), (_one_query_broadcast, True, None),
+    (_prepend_that_breaks_the_run, True, None), (_zero_one_key_term, True, None),
+])
+def test_a_term_the_same_for_every_query_is_kept_as_the_key_mask(build, causal: bool, window: int | None) -> None:
+    """A term `&`-ed into the rule whose query dim is 1 (transformers' padding term, a term over
+    the keys alone) is the rule's `key_mask`: that node itself, evaluated by the traced graph,
+    and-ed with the kernel's rule equals the mask at other query and cache lengths, on fresh
+    random inputs."""
+    gm = make_fx(build, tracing_mode="symbolic")(torch.zeros(1, 5), torch.zeros(3))
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    mask = output.args[0]
+    x, past = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    rule = mask_rule(mask, x.shape[1], past.shape[0] + x.shape[1])
+    assert rule is not None and (rule.causal, rule.sliding_window) == (causal, window), rule
+    key = rule.key_mask
+    assert key.meta["val"].dtype == torch.bool and key.meta["val"].shape[-2:][0] == 1
+    output.args = ((mask, key),)  # the graph now returns the key mask too
+    gm.recompile()
+    hidden_by_the_term = 0
+    for t, p in ((1, 0), (4, 0), (7, 5), (13, 2)):
+        x, past = torch.randn(1, t), torch.randn(p)
+        got_mask, got_key = gm(x, past)
+        torch.testing.assert_close(got_mask, build(x, past))
+        keeps = got_mask if got_mask.dtype == torch.bool else got_mask == 0  # every batch row
+        rule_keeps = _rule_mask(MaskRule(causal, window), t, p).expand_as(keeps)
+        assert torch.equal(rule_keeps & got_key, keeps), (t, p)
+        hidden_by_the_term += int((rule_keeps & ~keeps).sum())
+    assert hidden_by_the_term > 0  # (the term hides keys the rule shows: the comparison sees it)
 
 
 # Random conjunctions of comparisons of positions: what the proof accepts, the kernel's rule
@@ -443,3 +519,71 @@ def test_a_cached_chunk_proves_the_rule_over_the_cache_prefix() -> None:
     assert len(report.graphs) == 2  # the first chunk, then every chunk after a cache
     (cached,) = [p.rewrites for p in report.graphs[1].passes if p.name == "attention"]
     assert cached.get("mask_as_rule", 0) >= 1, cached
+
+
+# -- left-padded batches --------------------------------------------------------------------------
+def _left_padded(vocab: int, batch: int, length: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and an attention_mask whose rows after the first are left-padded: by 3, and by
+    all but 2 tokens (rows whose first queries see no key at all)."""
+    ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, :3] = 0
+    if batch > 2:
+        mask[2, :length - 2] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("name, implementation, target", [
+    ("llama", "sdpa", "reference"), ("mistral", "sdpa", "triton"), ("qwen2", "tileflow", "reference"),
+])
+def test_left_padded_batches_keep_only_the_padding_term(name: str, implementation: str, target: str) -> None:
+    """With an attention_mask, transformers' mask is `causal (& window) & attention_mask[b, kv]`:
+    proven the kernel's rule and a key mask, every layer reads the [B, 1, 1, S_kv] padding term
+    as its bias where it read a float32 [B, 1, S, S_kv] one (with SDPA, with a window, and through
+    attn_implementation="tileflow"). Logits equal eager's at every position, the padded rows'
+    included, over batch sizes and lengths on both sides of Mistral's window, with one graph."""
+    from models import MODELS
+
+    if implementation == "tileflow":
+        tileflow.register_transformers()
+    model = MODELS[name]().eval()
+    model.config._attn_implementation = implementation
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"target": target}, report=report), dynamic=True)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for batch, length in ((2, 5), (3, 9), (3, 14)):
+            ids, mask = _left_padded(model.config.vocab_size, batch, length, gen)
+            torch.testing.assert_close(compiled(ids, attention_mask=mask, use_cache=False).logits,
+                                       model(ids, attention_mask=mask, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+    assert len(report.graphs) == 1
+    rewrites = report.rewrites
+    layers = model.config.num_hidden_layers
+    assert rewrites["mask_as_rule"] == rewrites["key_mask"] == layers and "mask_as_float32_bias" not in rewrites, rewrites
+    specs = [dict(k.spec["params"]) for k in report.kernels if k.spec["op"] == "meta_attention"]
+    assert specs and all(s["bias"] and s["causal"] for s in specs), specs
+    assert any(s["sliding_window"] for s in specs) == (name == "mistral"), specs
+
+
+def test_left_padded_generation_equals_eager() -> None:
+    """`generate` on a left-padded batch through a compiled forward: the prefill's mask and each
+    decode step's (one query over the cache) are the rule and the padding term; greedy tokens
+    equal eager generation's."""
+    from models import MODELS
+
+    model = MODELS["llama"]().eval()
+    model.config._attn_implementation = "sdpa"
+    ids, mask = _left_padded(model.config.vocab_size, 3, 9, torch.Generator().manual_seed(6))
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    report = tileflow.Report()
+    forward = model.forward
+    with torch.no_grad():
+        want = model.generate(ids, **kwargs)
+        model.forward = torch.compile(forward, backend=tileflow.TileflowBackend(report=report), dynamic=True)
+        try:
+            got = model.generate(ids, **kwargs)
+        finally:
+            model.forward = forward
+    assert torch.equal(got, want)
+    per_graph = [p.rewrites for g in report.graphs for p in g.passes if p.name == "attention"]
+    assert len(per_graph) >= 2 and all(r.get("key_mask") == model.config.num_hidden_layers for r in per_graph), per_graph

@@ -128,7 +128,6 @@ def test_a_negative_constant_slice_start_counts_from_the_end() -> None:
     lambda s: A(1, s + 1)[None, :] <= A(s)[:, None],            # keys at j + 1: strict
     lambda s: A(0, 2 * s, 2)[None, :] <= A(s)[:, None],         # keys at 2j
     lambda s: torch.full((s, s), False) & (kv(s) <= qp(s)),     # nothing seen
-    lambda s: (kv(s) <= qp(s)) & A(s)[None, :].bool(),          # key 0 hidden
     lambda s: torch.where(kv(s) <= qp(s), kv(s).float(), float("-inf")),  # a bias j on the seen keys
     lambda s: A(1)[None, :] <= A(s)[:, None] - s + 1,           # one key column broadcast over the keys
     lambda s: A(s)[None, :] <= A(1)[:, None],                   # one query row broadcast over the queries

@@ -18,12 +18,18 @@ without a cache, transformers joins a packed-sequence term, `packed[q] == packed
 `packed = (diff(positions) != 1).cumsum()`, which over `arange` positions is 0 == 0. The rule
 holds when the bounds are exactly the kernel's for the traced sizes (sympy: `kv_idx <= q_idx`
 with q at `arange(T) + past` and keys at `arange(past + T)` is the rule for S = T and S_kv =
-past + T). Anything else (a padding mask read from an input, positions passed in, sequences
-really packed, a bitwise or, a value broadcast along a dim it varies along) is not proven, and
-the mask stays as it is. A float mask hides a key with -inf or with its dtype's lowest value, as the
+past + T). A term `&`-ed in that is the same for every query (its query dim of size 1:
+transformers' padding term, `attention_mask[batch_idx, kv_idx]`, `[B, 1, 1, S_kv]`) is kept as
+the rule's `key_mask`, read by the kernel as its bias: S_kv values a batch row where the mask
+held S x S_kv. Anything else (positions passed in, sequences really packed, a bitwise or, a value
+broadcast along a dim it varies along, two key terms) is not proven, and the mask stays as it
+is. A float mask hides a key with -inf or with its dtype's lowest value, as the
 kernel's `bias_ranges` judges a mask it is given: such a key adds nothing to a row that sees a key
 above it, and every row of the rule sees its own key (float16's -65504 held in a float32 mask is
-an ordinary value, and hides nothing).
+an ordinary value, and hides nothing). A float mask with a key term must hide with -inf (SDPA's
+conversion of a bool mask): where the term hides every key the rule shows a row (a left-padding
+row), a mask of the dtype's lowest value (transformers' eager masks) averages over all the keys it
+hides, and the kernel, given the rule, over the rule's; such a mask stays as it is.
 """
 
 from __future__ import annotations
@@ -49,10 +55,13 @@ _DEPTH = 64  # masks are a few dozen ops deep; deeper chains are not a mask buil
 class MaskRule:
     """The meta-kernel rule a mask equals: `causal` (keys at or before the query's position),
     with `sliding_window` w or not (only the last w positions, the query's own included); or not
-    causal and no window: a mask of all True."""
+    causal and no window: a mask of all True. With `key_mask` (a bool node whose query dim is 1
+    or absent, its other dims 1 or the mask's), the keys it holds False are hidden as well: the
+    mask is the rule `&` key_mask."""
 
     causal: bool
     sliding_window: int | None
+    key_mask: fx.Node | None = None
 
 
 def mask_rule(mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
@@ -68,19 +77,22 @@ def mask_rule(mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
         # layer's: eager would raise on a mismatch that the rule, which reads no mask, could not.)
         return None
     band = _Reader().kept(mask)
-    if band is None:
+    if band is None or len(band.keys) > 1:
+        return None  # (two key terms would have to be joined: not a mask transformers builds)
+    key_mask = band.keys[0] if band.keys else None
+    if key_mask is not None and not _over_keys(mask, key_mask):
         return None
     diagonal = _size(kv_len) - _size(q_len)  # the last query's key offset
-    if band == _EVERYWHERE:
-        return MaskRule(False, None)
+    if (band.lo, band.hi) == (-sympy.oo, sympy.oo):
+        return MaskRule(False, None, key_mask)
     if band.hi == sympy.oo or not _zero(band.hi - diagonal):
         return None  # (a window bounded from below only is no mask transformers builds: not taken)
     if band.lo == -sympy.oo:
-        return MaskRule(True, None)
+        return MaskRule(True, None, key_mask)
     window = sympy.simplify(diagonal - band.lo + 1)
     if not (window.is_Integer and int(window) >= 1):
         return None  # a window that is not a fixed count of keys, or hides the query's own key
-    return MaskRule(True, int(window))
+    return MaskRule(True, int(window), key_mask)
 
 
 @dataclass(frozen=True)
@@ -95,10 +107,12 @@ class _Linear:
 @dataclass(frozen=True)
 class _Band:
     """A bool mask over `[..., S, S_kv]` that is True exactly where the key offset j - i of query
-    row i and key j lies in [lo, hi] (sympy expressions or infinities)."""
+    row i and key j lies in [lo, hi] (sympy expressions or infinities) and each of `keys` (bool
+    nodes the same for every query: `_over_keys`) is True."""
 
     lo: Any
     hi: Any
+    keys: tuple[fx.Node, ...] = ()
 
 
 _EVERYWHERE = _Band(-sympy.oo, sympy.oo)
@@ -157,10 +171,11 @@ class _Reader:
         if node.target in _WHERES:
             cond, yes, no = node.args[:3]
             if constant_number(yes) == 0 and _hides(no, dtype):
-                return _spanning(node, cond, self.band(cond, depth))
+                return _keyed_if_infinite(_spanning(node, cond, self.band(cond, depth)), no)
             if _hides(yes, dtype) and constant_number(no) == 0 and isinstance(cond, fx.Node) and cond.target in _NOTS:
                 # where(~keep, -inf, 0): SDPA's own conversion
-                return _spanning(node, cond, _spanning(cond, cond.args[0], self.band(cond.args[0], depth)))
+                band = _spanning(node, cond, _spanning(cond, cond.args[0], self.band(cond.args[0], depth)))
+                return _keyed_if_infinite(band, yes)
             return None
         if node.target is aten.add.Tensor and all(
                 isinstance(a, fx.Node) and meta_val(a).dtype == dtype for a in node.args[:2]) and node.kwargs.get("alpha", 1) == 1:
@@ -186,13 +201,23 @@ class _Reader:
         if node.target in _COMPARISONS:
             return self.compared(node, _COMPARISONS[node.target], depth)
         if node.target in _ANDS:
-            a, b = (_spanning(node, x, self.band(x, depth)) if isinstance(x, fx.Node) else _truth(x) for x in node.args[:2])
+            a, b = (self.conjunct(node, x, depth) for x in node.args[:2])
             return None if a is None or b is None else _intersect(a, b)
         if node.target in _FILLS:
             return _EVERYWHERE if _filled_with_true(node) else None
         if node.target in _CASTS:
             return self.band(node.args[0], depth)  # bool to bool
         return self.moved(node, self.band, depth)
+
+    def conjunct(self, node: fx.Node, operand: Any, depth: int) -> _Band | None:
+        """An operand of the `&` `node`: its band, or, when it is not one but is the same for
+        every query, itself as a key term (True everywhere the term is)."""
+        if not isinstance(operand, fx.Node):
+            return _truth(operand)
+        band = _spanning(node, operand, self.band(operand, depth))
+        if band is None and _over_keys(node, operand):
+            return _Band(-sympy.oo, sympy.oo, (operand,))
+        return band
 
     def compared(self, node: fx.Node, op: str, depth: int) -> _Band | None:
         """A comparison of two positions, one along the query dim and one along the key dim:
@@ -339,8 +364,8 @@ class _Reader:
         source = read(node.args[0], depth)
         if source is None:
             return None
-        if node.target not in _MOVES:
-            return None
+        if node.target not in _MOVES or (isinstance(source, _Band) and source.keys and node.target is not aten.expand.default):
+            return None  # (only an expand keeps a key term's dims where the mask's are)
         dims = _varying_dims(source)
         if not dims:
             return source  # a fill, or a number: the same wherever it is moved
@@ -354,6 +379,26 @@ class _Reader:
         for dim, coefficient in source.terms:
             const += coefficient * shift.get(dim, 0)
         return _Linear(tuple(sorted((mapping[d], c) for d, c in source.terms)), const)
+
+
+def _over_keys(out: fx.Node, operand: fx.Node) -> bool:
+    """Whether `operand`, a bool tensor `out` broadcasts, is the same for every query: its query
+    dim (the second to last) of size 1 or absent, its other dims of size 1 or `out`'s."""
+    src, dst = meta_val(operand), meta_val(out)
+    if not (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.dtype == torch.bool
+            and 1 <= src.dim() <= dst.dim()):
+        return False
+    if src.dim() >= 2 and not statically_known_true(src.shape[-2] == 1):
+        return False
+    return all(statically_known_true(src.shape[-i] == 1) or statically_known_true(src.shape[-i] == dst.shape[-i])
+               for i in range(1, src.dim() + 1))
+
+
+def _keyed_if_infinite(band: _Band | None, hiding: Any) -> _Band | None:
+    """`band` as a float mask hiding with `hiding`, or None when it has key terms and hides with
+    a finite value (see the module's docstring): a row that sees no key is one the rule, with the
+    key mask, hides whole too only when every hidden key is at -inf."""
+    return band if band is None or not band.keys or constant_number(hiding) == float("-inf") else None
 
 
 def _varying_dims(value: _Linear | _Band) -> tuple[int, ...]:
@@ -440,7 +485,7 @@ def _combined(a: _Linear, b: _Linear, sign: int) -> _Linear:
 def _intersect(a: _Band, b: _Band) -> _Band | None:
     """Where both bands hold; None when which bound is tighter is not known at every size."""
     lo, hi = _tighter(a.lo, b.lo, max), _tighter(a.hi, b.hi, min)
-    return None if lo is None or hi is None else _Band(lo, hi)
+    return None if lo is None or hi is None else _Band(lo, hi, a.keys + tuple(k for k in b.keys if k not in a.keys))
 
 
 def _tighter(x: Any, y: Any, pick: Callable[[Any, Any], Any]) -> Any:

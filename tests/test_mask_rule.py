@@ -261,8 +261,17 @@ def _read_one_row_back(x, past):
     return torch.arange(p + t)[None, :] <= q[:, None]
 
 
+def _key_term_beside_a_lowest_mask(x, past):
+    # SDPA's -inf conversion of the rule and a key term, added to an eager mask of the rule: a
+    # row whose keys the term hides sees the rule's hidden keys at the lowest value, and eager
+    # averages them (the kernel, given the rule and the key mask, would see nothing).
+    q, k = _positions(x, past)
+    keyed = torch.where((k <= q) & (torch.cat([past, x[0]]) > 0)[None, :], 0.0, float("-inf"))
+    return keyed + torch.where(k <= q, 0.0, LOWEST)
+
+
 @pytest.mark.parametrize("build", [
-    _packed_from_an_input, _read_one_row_back, _per_query_term, _two_key_terms, _eager_float_with_a_key_term,
+    _key_term_beside_a_lowest_mask, _packed_from_an_input, _read_one_row_back, _per_query_term, _two_key_terms, _eager_float_with_a_key_term,
     _top_left, _other_key_count, _one_key_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal, _global_first_key,
     _sliced_from_one, _int8_positions, _float_positions, _causal_as_zero_one, _half_lowest_widened, _soft_fill,
     _positions_from_an_input, _window_by_the_size,

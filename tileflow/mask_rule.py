@@ -180,7 +180,11 @@ class _Reader:
         if node.target is aten.add.Tensor and all(
                 isinstance(a, fx.Node) and meta_val(a).dtype == dtype for a in node.args[:2]) and node.kwargs.get("alpha", 1) == 1:
             a, b = (_spanning(node, x, self.kept(x, depth)) for x in node.args[:2])
-            return None if a is None or b is None else _intersect(a, b)  # hidden by either: hidden
+            if a is None or b is None or a.keys or b.keys:
+                # (beside another mask's lowest value, a key term's -inf rows are no longer
+                # rows that see nothing: eager averages that mask's keys there)
+                return None
+            return _intersect(a, b)  # hidden by either: hidden
         if node.target in _CASTS:
             # Into a dtype whose lowest is no lower, a hiding value still hides (float32's lowest
             # becomes float16's -inf); float16's lowest in float32 is an ordinary value, and a

@@ -111,6 +111,16 @@ def _packed_sequences_of_one(x, past):
     return q_idx.new_ones((), dtype=torch.bool) & causal & (packed[b, q_idx] == packed[b, kv_idx])
 
 
+def _tril_of_ones(x, past):
+    # SDPA's decomposition of is_causal, bottom-right aligned over a cache of P keys.
+    return torch.ones(x.shape[1], past.shape[0] + x.shape[1], dtype=torch.bool).tril(past.shape[0])
+
+
+def _band_of_triangles(x, past):
+    keep = torch.ones(x.shape[1], past.shape[0] + x.shape[1], dtype=torch.bool)
+    return keep.tril(past.shape[0]) & keep.triu(past.shape[0] - 3)
+
+
 def _all_true(x, past):
     q, k = _positions(x, past)
     return torch.ones(q.shape[0], k.shape[1], dtype=torch.bool)
@@ -127,6 +137,8 @@ def _all_true(x, past):
     (_positions_sliced, MaskRule(True, None)),
     (_packed_sequences_of_one, MaskRule(True, None)),
     (_all_true, MaskRule(False, None)),
+    (_tril_of_ones, MaskRule(True, None)),
+    (_band_of_triangles, MaskRule(True, 4)),
 ])
 def test_masks_built_from_positions_are_proven_the_kernels_rule(build, rule: MaskRule) -> None:
     """Each form is proven the rule it is, and the rule's mask equals the model's at other
@@ -155,6 +167,10 @@ def _empty_window(x, past):
 def _anti_causal(x, past):
     q, k = _positions(x, past)
     return k >= q
+
+
+def _tril_top_left(x, past):
+    return torch.ones(x.shape[1], past.shape[0] + x.shape[1], dtype=torch.bool).tril()  # top-left: not past the cache
 
 
 def _per_query_term(x, past):
@@ -271,7 +287,7 @@ def _key_term_beside_a_lowest_mask(x, past):
 
 
 @pytest.mark.parametrize("build", [
-    _key_term_beside_a_lowest_mask, _packed_from_an_input, _read_one_row_back, _per_query_term, _two_key_terms, _eager_float_with_a_key_term,
+    _key_term_beside_a_lowest_mask, _tril_top_left, _packed_from_an_input, _read_one_row_back, _per_query_term, _two_key_terms, _eager_float_with_a_key_term,
     _top_left, _other_key_count, _one_key_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal, _global_first_key,
     _sliced_from_one, _int8_positions, _float_positions, _causal_as_zero_one, _half_lowest_widened, _soft_fill,
     _positions_from_an_input, _window_by_the_size,
@@ -466,7 +482,7 @@ def test_the_attention_pass_applies_the_rule_instead_of_the_mask(fn, causal, win
 # -- transformers models ------------------------------------------------------------------------
 @pytest.mark.parametrize("name, implementation, window, use_cache", [
     ("llama", "eager", None, True), ("llama", "sdpa", None, False), ("mistral", "sdpa", 8, True),
-    ("mistral", "eager", 8, False), ("mistral", "tileflow", 8, True),
+    ("mistral", "eager", 8, False), ("mistral", "tileflow", 8, True), ("deepseek_v3_mla", "sdpa", None, True),
     pytest.param("gemma2", "eager", 8, True, marks=pytest.mark.extended),
 ])
 def test_models_masks_become_the_kernels_rule(name: str, implementation: str, window: int | None,
@@ -475,7 +491,9 @@ def test_models_masks_become_the_kernels_rule(name: str, implementation: str, wi
     sliding window (its shortcut to `is_causal` is off while tracing), and hands it to tileflow's
     own attention function (attn_implementation="tileflow") too; without a cache (`use_cache=False`,
     as the demo and bench/e2e.py call), it joins a packed-sequence term over the positions,
-    `packed[q] == packed[k]`, which is all True there. Every layer's is proven
+    `packed[q] == packed[k]`, which is all True there. DeepSeek-V3's latent attention (values of
+    another head size) reaches the graph as SDPA's decomposition, `where(ones(S, S).tril(), 0,
+    -inf)`. Every layer's is proven
     the kernel's rule: no float32 [S, S] bias and no ranges are made, the report counts one rule
     per attention, the kernels apply the window, and the logits equal eager at lengths on both
     sides of the window."""

@@ -12,8 +12,8 @@ and for eager attention a float `where(mask, 0, lowest)` of it. Every layer then
 `mask_rule` proves such a mask equal to the rule at every size. It reads the mask as a set of
 key offsets j - i: each comparison of two positions (`arange` plus a number or a size, moved by
 views, unsqueezes, expands and slices, read at positions by an index, continued backwards by a
-`cat`) along the query and key dims bounds that offset, and `&` of comparisons intersects their
-bounds. A comparison of two values the same everywhere is a fill of True or False: called
+`cat`) along the query and key dims bounds that offset, as does a `tril` / `triu` (SDPA's
+decomposition of `is_causal`: `ones(S, S).tril()`), and `&` intersects their bounds. A comparison of two values the same everywhere is a fill of True or False: called
 without a cache, transformers joins a packed-sequence term, `packed[q] == packed[k]` with
 `packed = (diff(positions) != 1).cumsum()`, which over `arange` positions is 0 == 0. The rule
 holds when the bounds are exactly the kernel's for the traced sizes (sympy: `kv_idx <= q_idx`
@@ -137,6 +137,7 @@ _FILLS = {aten.new_ones.default, aten.ones.default, aten.ones_like.default, aten
 # Where each `_FILLS` op other than the ones-makers takes its fill value.
 _FILL_ARGUMENT = {aten.full.default: 1, aten.new_full.default: 2, aten.full_like.default: 1, aten.scalar_tensor.default: 0}
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+_TRIANGLES = {aten.tril.default, aten.triu.default}
 _MOVES = {aten.unsqueeze.default, aten.select.int, aten.squeeze.dim, aten.expand.default, aten.slice.Tensor, *_VIEWS}
 
 
@@ -209,6 +210,14 @@ class _Reader:
             return None if a is None or b is None else _intersect(a, b)
         if node.target in _FILLS:
             return _EVERYWHERE if _filled_with_true(node) else None
+        if node.target in _TRIANGLES:
+            # tril(x, d) keeps x where j - i <= d, triu(x, d) where j - i >= d (SDPA's
+            # decomposition of is_causal: `ones(S, S).tril()`)
+            inner = self.band(node.args[0], depth)
+            d = _size(node.args[1] if len(node.args) > 1 else 0)
+            if inner is None or d is None:
+                return None
+            return _intersect(inner, _Band(-sympy.oo, d) if node.target is aten.tril.default else _Band(d, sympy.oo))
         if node.target in _CASTS:
             return self.band(node.args[0], depth)  # bool to bool
         return self.moved(node, self.band, depth)

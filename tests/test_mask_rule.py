@@ -369,6 +369,24 @@ def test_a_term_the_same_for_every_query_is_kept_as_the_key_mask(build, causal: 
     assert hidden_by_the_term > 0  # (the term hides keys the rule shows: the comparison sees it)
 
 
+@pytest.mark.parametrize("dtype, keyed", [
+    (torch.float8_e4m3fn, True), (torch.float8_e4m3fnuz, True), (torch.float8_e4m3fnuz, False),
+])
+def test_a_mask_cast_into_a_float8_dtype_without_infinity_is_not_the_rule(dtype: torch.dtype, keyed: bool) -> None:
+    """float8_e4m3fn holds no -inf: a -inf cast into it saturates to its lowest, -448, a finite
+    value, which a mask with a key term may not hide with (the rows the term hides whole average
+    their keys in eager); the fnuz float8 dtypes make -inf NaN (every hidden key NaN, with a key
+    term or not). A mask cast into one is not the kernel's rule."""
+    def build(x, past):
+        mask = (_sdpa_conversion_with_a_padding_term(x, past) if keyed
+                else torch.where(_causal(x, past), 0.0, float("-inf")))
+        return mask.to(dtype)
+
+    hidden = build(torch.randn(1, 4), torch.randn(2)).float()
+    assert not (hidden == float("-inf")).any()  # (what the cast made of -inf: -448 or NaN)
+    assert _traced_rule(build) is None
+
+
 # Random conjunctions of comparisons of positions: what the proof accepts, the kernel's rule
 # gives at every size tried; what is the rule at every size tried, the proof accepts. Each draw
 # starts from a rule (causal, maybe a window) written either way round, and adds a few random

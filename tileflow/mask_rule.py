@@ -138,6 +138,7 @@ _FILLS = {aten.new_ones.default, aten.ones.default, aten.ones_like.default, aten
 _FILL_ARGUMENT = {aten.full.default: 1, aten.new_full.default: 2, aten.full_like.default: 1, aten.scalar_tensor.default: 0}
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 _TRIANGLES = {aten.tril.default, aten.triu.default}
+_HOLD_INFINITY = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 _MOVES = {aten.unsqueeze.default, aten.select.int, aten.squeeze.dim, aten.expand.default, aten.slice.Tensor, *_VIEWS}
 
 
@@ -189,9 +190,11 @@ class _Reader:
         if node.target in _CASTS:
             # Into a dtype whose lowest is no lower, a hiding value still hides (float32's lowest
             # becomes float16's -inf); float16's lowest in float32 is an ordinary value, and a
-            # bool cast to float (0 or 1) hides nothing.
+            # bool cast to float (0 or 1) hides nothing. Only dtypes that hold -inf: float8's
+            # e4m3fn saturates it to -448, its fnuz kinds make it NaN.
             source = meta_val(node.args[0]).dtype
-            keeps = source.is_floating_point and torch.finfo(dtype).min >= torch.finfo(source).min
+            keeps = (dtype in _HOLD_INFINITY and source in _HOLD_INFINITY
+                     and torch.finfo(dtype).min >= torch.finfo(source).min)
             return self.kept(node.args[0], depth) if keeps else None
         return self.moved(node, self.kept, depth)
 

@@ -37,6 +37,7 @@ def test_bad_sizes_are_usage_errors_before_any_process_group(usage_error) -> Non
     assert "--batches must be >= 1, got 0" in usage_error("disaggregate", "--batches", "0")
 
 
+@pytest.mark.extended  # the rotation test below checks the same logits in its harder layout
 def test_logits_match_single_process() -> None:
     # One KV head per query head, one attention worker. Query heads split over two workers in
     # groups that share a KV head (the case with the most to get wrong): the rotation test below.

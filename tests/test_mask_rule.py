@@ -287,8 +287,8 @@ def _key_term_beside_a_lowest_mask(x, past):
 
 
 @pytest.mark.parametrize("build", [
-    _key_term_beside_a_lowest_mask, _tril_top_left, _packed_from_an_input, _read_one_row_back, _per_query_term, _two_key_terms, _eager_float_with_a_key_term,
-    _top_left, _other_key_count, _one_key_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal, _global_first_key,
+    _key_term_beside_a_lowest_mask, _tril_top_left, _packed_from_an_input, _read_one_row_back, _per_query_term,
+    _two_key_terms, _eager_float_with_a_key_term, _top_left, _other_key_count, _one_key_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal, _global_first_key,
     _sliced_from_one, _int8_positions, _float_positions, _causal_as_zero_one, _half_lowest_widened, _soft_fill,
     _positions_from_an_input, _window_by_the_size,
 ])

@@ -368,6 +368,7 @@ def test_an_all_reduce_of_rows_in_expert_order_keeps_their_order() -> None:
     assert check_padding(gm, token).hazard is None
 
 
+@pytest.mark.extended  # the spawned ranks above run the same sharding in the default run
 def test_the_example_runs_under_torchrun() -> None:
     """`examples/tensor_parallel.py` (the README's command, two gloo ranks) matches the unsharded
     model on every rank and says where its collectives ran."""

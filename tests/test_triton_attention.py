@@ -346,7 +346,7 @@ def test_sliding_window(window: int) -> None:
     run_and_check(batch, spec, sliding_window=window, what=f"window {window}")
 
 
-@pytest.mark.parametrize(("window", "causal"), [(40, True), (23, True), (30, False)])
+@pytest.mark.parametrize(("window", "causal"), [(40, True), (23, True), pytest.param(30, False, marks=pytest.mark.extended)])
 def test_window_interior_blocks(window: int, causal: bool) -> None:
     """Prompts long against their windows: the keys every row of a tile sees (after the last
     row's window start, up to the first row's position) run as unmasked blocks, the window's edge

@@ -13,9 +13,10 @@ and for eager attention a float `where(mask, 0, lowest)` of it. Every layer then
 key offsets j - i: each comparison of two positions (`arange` plus a number or a size, moved by
 views, unsqueezes, expands and slices, read at positions by an index, continued backwards by a
 `cat`) along the query and key dims bounds that offset, as does a `tril` / `triu` (SDPA's
-decomposition of `is_causal`: `ones(S, S).tril()`), and `&` intersects their bounds. A comparison of two values the same everywhere is a fill of True or False: called
-without a cache, transformers joins a packed-sequence term, `packed[q] == packed[k]` with
-`packed = (diff(positions) != 1).cumsum()`, which over `arange` positions is 0 == 0. The rule
+decomposition of `is_causal`: `ones(S, S).tril()`), and `&` intersects their bounds. A
+comparison of two values the same everywhere is a fill of True or False: called without a
+cache, transformers joins a packed-sequence term, `packed[q] == packed[k]` with `packed =
+(diff(positions) != 1).cumsum()`, which over `arange` positions is 0 == 0. The rule
 holds when the bounds are exactly the kernel's for the traced sizes (sympy: `kv_idx <= q_idx`
 with q at `arange(T) + past` and keys at `arange(past + T)` is the rule for S = T and S_kv =
 past + T). A term `&`-ed in that is the same for every query (its query dim of size 1:

@@ -7,9 +7,10 @@
 Builds a 2-layer Llama (hidden 64, random weights), compiles it with `backend="tileflow"` at 64
 tokens, then resets the process's resident high-water mark (`/proc/self/clear_refs`, Linux) and
 runs two forwards at `--tokens`: prints the peak resident memory over the memory before them, the
-two calls' times and the report's `mask_as_rule` / `key_mask` / `mask_as_float32_bias` counts.
-`--left-padded` calls it on a batch of two with an attention_mask, the second row left-padded by
-half the tokens (transformers then joins a padding term to its mask). On a CPU the memory is the
+two calls' times and the report's `mask_as_rule` / `key_mask` / `empty_rows_average` /
+`mask_as_float32_bias` counts. `--left-padded` calls it on a batch of two with an attention_mask,
+the second row left-padded by half the tokens (transformers then joins a padding term to its
+mask; with eager attention, rows that see no key average every key). On a CPU the memory is the
 measure (a float32 [S, S] mask bias is 64 MiB a batch row at 4096 tokens); the times depend on
 what else the machine runs. Linux only.
 """
@@ -75,6 +76,7 @@ def main() -> None:
     print(f"tokens {args.tokens}, {args.attention}, use_cache={args.use_cache}, {batch}: peak "
           f"{(peak - before) / 1024:.0f} MiB over the start; calls {times[0]:.0f} ms, {times[1]:.0f} ms; "
           f"mask_as_rule {rewrites.get('mask_as_rule', 0)}, key_mask {rewrites.get('key_mask', 0)}, "
+          f"empty_rows_average {rewrites.get('empty_rows_average', 0)}, "
           f"mask_as_float32_bias {rewrites.get('mask_as_float32_bias', 0)} (tileflow {tileflow.__file__})")
 
 

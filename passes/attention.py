@@ -23,6 +23,10 @@ through `meta_attention_varlen`). Matched forms:
   `baddbmm(bias, q, k^T)` (BLOOM);
 - GQA/MQA: K/V widened by `repeat_kv` (unsqueeze/expand/reshape) are read at their real head
   count instead (the kernel packs the query heads of a KV head into one tile);
+A mask `tileflow.mask_rule` proves to be the kernel's causal / sliding-window rule is not read:
+the call takes the rule's flags, and a padding term joined to it (the same for every query) as
+its bias; under an eager mask (`finfo.min`), the query rows that term leaves no key get V's mean
+after the call, as eager's softmax of equal scores gives them.
 Variants the kernel does not implement (dropout, a used log-sum-exp output, `is_causal` with
 different query and key lengths, head dims that differ between K and V) are left as they are,
 with the reason in the report; so is a manual attention with anything else between the two
@@ -337,7 +341,8 @@ class Attention:
                 (q, k_real, v_real, bias, causal, scale, ctx.target, ranges, *(() if window is None else (None, window))),
             )
             infer_meta(new)
-            out = _as_replaced(graph, new, int(vv.shape[3]), out_users if returns_tuple else [node])
+            seen = self._empty_rows_averaged(graph, new, rule, q, k_real, v_real)
+            out = _as_replaced(graph, seen, int(vv.shape[3]), out_users if returns_tuple else [node])
         copy_source_meta(node, new)
         new.meta["tileflow"] = {
             "kind": "meta_attention",
@@ -348,6 +353,9 @@ class Attention:
         }
         if rule is not None:
             new.meta["tileflow"]["mask_rule"] = _rule_text(rule)
+        if seen is not new:
+            new.meta["tileflow"]["empty_rows"] = "average V"
+            result.count("empty_rows_average")
         if returns_tuple:
             for user in out_users:
                 user.replace_all_uses_with(out)
@@ -371,8 +379,8 @@ class Attention:
             return  # a rule of its own already: the mask's would have to be joined to it
         q, k = _val(args["q"]), _val(args["k"])
         rule = self._mask_rule(args.get("attn_mask"), q.shape[2], k.shape[2])
-        if rule is None:
-            return
+        if rule is None or rule.empty_rows_average:
+            return  # (no mask transformers hands this op averages empty rows: not rewritten here)
         key_mask, ranges = self._key_mask_inputs(node.graph, rule, k.shape[2], result)
         args.update(attn_mask=key_mask, mask_ranges=ranges, causal=rule.causal, sliding_window=rule.sliding_window)
         names = [a.name for a in torch.ops.tileflow.meta_attention.default._schema.arguments]
@@ -381,11 +389,73 @@ class Attention:
         _count_rule(result, rule)
 
     def _mask_rule(self, mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
-        """`mask_rule(mask, ...)`, proven once per mask and shape (the layers of a model share both)."""
+        """`mask_rule(mask, ...)`, proven once per mask and shape (the layers of a model share both).
+        Not a rule whose empty rows average V (`_empty_rows_averaged`) for one query row (a decode
+        step): its mask, `[B, 1, 1, S_kv]`, is no larger than the key mask, and the average would
+        read V a second time."""
         key = (mask, str(q_len), str(kv_len))  # (a SymInt does not hash: its expression does)
         if key not in self._rules:
             self._rules[key] = mask_rule(mask, q_len, kv_len)
-        return self._rules[key]
+        rule = self._rules[key]
+        if rule is not None and rule.empty_rows_average and statically_known_true(q_len == 1):
+            return None
+        return rule
+
+    def _empty_rows_averaged(self, graph: fx.Graph, out: fx.Node, rule: MaskRule | None, q: fx.Node, k: fx.Node,
+                             v: fx.Node) -> fx.Node:
+        """`out` (the kernel's `[B, Hq, S, D]`), where `rule` says so (`empty_rows_average`), with each
+        query row that the rule and its key mask leave no key replaced by the even average of every
+        key's value (V, `[B, Hkv, S_kv, D]`, read again): eager's softmax of a row whose scores are
+        all the mask's lowest value. Made at the graph's insertion point."""
+        if rule is None or not rule.empty_rows_average:
+            return out
+        average = graph.call_function(aten.mean.dim, (v, [2], True))
+        infer_meta(average)
+        hq, hkv = int(_val(q).shape[1]), int(_val(v).shape[1])
+        if hkv not in (1, hq):  # query head h reads KV head h // (hq // hkv)
+            average = graph.call_function(aten.repeat_interleave.self_int, (average, hq // hkv, 1))
+            infer_meta(average)
+        averaged = graph.call_function(aten.where.self, (self._empty_rows(graph, rule, q, k), average, out))
+        infer_meta(averaged)
+        return averaged
+
+    def _empty_rows(self, graph: fx.Graph, rule: MaskRule, q: fx.Node, k: fx.Node) -> fx.Node:
+        """bool `[..., S, 1]`, broadcast against the attention's `[B, Hq, S, D]`: the query rows that
+        `rule` and its key mask leave no key. Made once per key mask, rule and sizes at the graph's
+        insertion point (the first layer's attention; the later layers read it)."""
+        s, s_kv = _val(q).shape[2], _val(k).shape[2]
+        key = ("empty rows", rule.key_mask, rule.causal, rule.sliding_window, str(s), str(s_kv))
+        if key in self._made:
+            return self._made[key]
+
+        def call(target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+            node = graph.call_function(target, args, kwargs)
+            infer_meta(node)
+            return node
+
+        keys = rule.key_mask
+        if _val(keys).dim() == 1:
+            keys = call(aten.unsqueeze.default, keys, 0)  # its query dim, of size 1
+        if not rule.causal:
+            empty = call(aten.logical_not.default, call(aten.any.dim, keys, -1, True))  # [..., 1, 1]
+        else:
+            # Row i's last key is S_kv - S + i: it sees a key when one of the keys up to there (in
+            # the window's last w) is kept, a running count of kept keys that grows past there.
+            counts = call(aten.cumsum.default, keys, -1, dtype=torch.int32)
+            first: Any = s_kv - s  # row 0's last key
+            if isinstance(first, torch.SymInt) and first.node.maybe_as_int() is not None:
+                first = first.node.maybe_as_int()  # (S_kv - S with S_kv = S: no node)
+            if not isinstance(first, int):
+                first = graph.call_function(operator.sub, (_size_node(graph, k, 2), _size_node(graph, q, 2)))
+                first.meta["val"] = s_kv - s
+            seen = call(aten.slice.Tensor, counts, -1, first)  # [..., 1, S]: kept keys up to each row's last
+            if rule.sliding_window is not None:  # less those before its window: the count w keys back
+                before = call(aten.constant_pad_nd.default, counts, [rule.sliding_window, 0], 0)
+                seen = call(aten.sub.Tensor, seen, call(aten.slice.Tensor, before, -1, first, _size_node(graph, k, 2)))
+            empty = call(aten.transpose.int, call(aten.eq.Scalar, seen, 0), -1, -2)
+        copy_source_meta(rule.key_mask, empty)
+        self._made[key] = empty
+        return empty
 
     def _key_mask_inputs(self, graph: fx.Graph, rule: MaskRule, kv_len: Any, result: PassResult) -> tuple[Any, Any]:
         """The bias and ranges a call under `rule` reads: its key mask, as the bool it is (each
@@ -667,7 +737,10 @@ class Attention:
                 (q_in, k_real, v_real, bias, causal, scale, ctx.target, ranges, *extra),
             )
             infer_meta(new)
-            out = _as_replaced(graph, new, int(vv.shape[3]), [gate.mul if gate is not None else out4])
+            # (With sinks, eager's row of equal lowest scores gives its weight to the sink: 0, as
+            # the kernel's row that sees no key.)
+            seen = new if sinks is not None else self._empty_rows_averaged(graph, new, rule, q_in, k_real, v_real)
+            out = _as_replaced(graph, seen, int(vv.shape[3]), [gate.mul if gate is not None else out4])
         if _val(new).dtype != _val(out4).dtype:
             return "the manual attention changes dtype between its inputs and output"
         copy_source_meta(softmax, new)
@@ -676,6 +749,9 @@ class Attention:
                                 "alibi": scores.alibi is not None}
         if rule is not None:
             new.meta["tileflow"]["mask_rule"] = _rule_text(rule)
+        if seen is not new:
+            new.meta["tileflow"]["empty_rows"] = "average V"
+            result.count("empty_rows_average")
         (gate.mul if gate is not None else out4).replace_all_uses_with(out)
         result.count("meta_attention")
         result.count("manual_attention")
@@ -793,6 +869,17 @@ def _count_rule(result: PassResult, rule: MaskRule) -> None:
     result.count("mask_as_rule")
     if rule.key_mask is not None:
         result.count("key_mask")
+
+
+def _size_node(graph: fx.Graph, node: fx.Node, dim: int) -> Any:
+    """`node`'s size along `dim` as a graph value made at the insertion point: the int where
+    static, else a `sym_size` node."""
+    size = _val(node).shape[dim]
+    if isinstance(size, int):
+        return size
+    made = graph.call_function(aten.sym_size.int, (node, dim))
+    made.meta["val"] = size
+    return made
 
 
 def _constant(arg: Any) -> float | None:

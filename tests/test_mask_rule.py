@@ -184,11 +184,11 @@ def _two_key_terms(x, past):
     return (k <= q) & (keys > 0)[None, :] & (keys < 1)[None, :]  # joined one at a time: not read
 
 
-def _eager_float_with_a_key_term(x, past):
-    # A left-padding row sees no key: eager averages every key at the lowest value there, the
-    # kernel given the rule only the rule's.
+def _half_eager_with_a_key_term(x, past):
+    # float16's lowest, -65504, does not absorb a score: eager's softmax of a row the term hides
+    # whole is not even, and no average of V stands for it.
     q, k = _positions(x, past)
-    return torch.where((k <= q) & (torch.cat([past, x[0]]) > 0)[None, :], 0.0, LOWEST)
+    return torch.where((k <= q) & (torch.cat([past, x[0]]) > 0)[None, :], 0.0, torch.finfo(torch.float16).min).half()
 
 
 def _global_first_key(x, past):
@@ -288,13 +288,13 @@ def _key_term_beside_a_lowest_mask(x, past):
 
 @pytest.mark.parametrize("build", [
     _key_term_beside_a_lowest_mask, _tril_top_left, _packed_from_an_input, _read_one_row_back, _per_query_term,
-    _two_key_terms, _eager_float_with_a_key_term, _top_left, _other_key_count, _one_key_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal, _global_first_key,
+    _two_key_terms, _half_eager_with_a_key_term, _top_left, _other_key_count, _one_key_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal, _global_first_key,
     _sliced_from_one, _int8_positions, _float_positions, _causal_as_zero_one, _half_lowest_widened, _soft_fill,
     _positions_from_an_input, _window_by_the_size,
 ])
 def test_masks_that_are_not_the_rule_at_every_size_are_not_proven(build) -> None:
     """Near misses: an alignment, a hidden diagonal, a term read from the inputs per query, two
-    key terms, an eager (lowest-value) mask with a key term, a bitwise or,
+    key terms, a float16 eager (lowest-value) mask with a key term, a bitwise or,
     a shifted slice, positions that wrap or round, a 0/1 or soft mask, a window of the step's
     size. None is proven (some equal the rule at some sizes only, or at none)."""
     assert _traced_rule(build) is None
@@ -337,22 +337,45 @@ def _zero_one_key_term(x, past):
     return (k <= q) & torch.arange(past.shape[0] + x.shape[1])[None, :].bool()  # key 0 hidden
 
 
-@pytest.mark.parametrize("build, causal, window", [
-    (_with_a_padding_term, True, None), (_sdpa_conversion_with_a_padding_term, True, 3),
-    (_expanded_padding_term, True, None), (_one_query_broadcast, True, None),
-    (_prepend_that_breaks_the_run, True, None), (_zero_one_key_term, True, None),
+def _eager_with_a_key_term(x, past):
+    # transformers' eager mask: rows the term hides whole average every key in eager
+    q, k = _positions(x, past)
+    return torch.where((k <= q) & (k > q - 4) & (torch.cat([past, x[0]]) > 0)[None, :], 0.0, LOWEST)
+
+
+def _eager_keys_only_in_bfloat16(x, past):
+    keys = torch.ones((), dtype=torch.bool) & (torch.cat([past, x[0]]) > 0)[None, :]  # (a bidirectional model's)
+    # (transformers' form: `where(mask, tensor(0.0, dtype=dtype), finfo(dtype).min)`)
+    zero = torch.tensor(0.0, dtype=torch.bfloat16)
+    return torch.where(keys.expand(x.shape[1], -1), zero, torch.finfo(torch.bfloat16).min)
+
+
+def _eager_cast_into_half(x, past):
+    # float32's lowest past float16's: the cast makes it -inf, a row the term hides whole sees nothing
+    return _eager_with_a_key_term(x, past).half()
+
+
+@pytest.mark.parametrize("build, causal, window, average", [
+    (_with_a_padding_term, True, None, False), (_sdpa_conversion_with_a_padding_term, True, 3, False),
+    (_expanded_padding_term, True, None, False), (_one_query_broadcast, True, None, False),
+    (_prepend_that_breaks_the_run, True, None, False), (_zero_one_key_term, True, None, False),
+    (_eager_with_a_key_term, True, 4, True), (_eager_keys_only_in_bfloat16, False, None, True),
+    (_eager_cast_into_half, True, 4, False),
 ])
-def test_a_term_the_same_for_every_query_is_kept_as_the_key_mask(build, causal: bool, window: int | None) -> None:
+def test_a_term_the_same_for_every_query_is_kept_as_the_key_mask(build, causal: bool, window: int | None,
+                                                                  average: bool) -> None:
     """A term `&`-ed into the rule whose query dim is 1 (transformers' padding term, a term over
     the keys alone) is the rule's `key_mask`: that node itself, evaluated by the traced graph,
     and-ed with the kernel's rule equals the mask at other query and cache lengths, on fresh
-    random inputs."""
+    random inputs. A mask that hides with float32's or bfloat16's lowest value (an eager mask)
+    says that the rows it hides whole average every key (`empty_rows_average`); cast into
+    float16, that value is -inf, and such rows see nothing."""
     gm = make_fx(build, tracing_mode="symbolic")(torch.zeros(1, 5), torch.zeros(3))
     output = next(n for n in gm.graph.nodes if n.op == "output")
     mask = output.args[0]
     x, past = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     rule = mask_rule(mask, x.shape[1], past.shape[0] + x.shape[1])
-    assert rule is not None and (rule.causal, rule.sliding_window) == (causal, window), rule
+    assert rule is not None and (rule.causal, rule.sliding_window, rule.empty_rows_average) == (causal, window, average)
     key = rule.key_mask
     assert key.meta["val"].dtype == torch.bool and key.meta["val"].shape[-2] == 1
     output.args = ((mask, key),)  # the graph now returns the key mask too
@@ -497,6 +520,63 @@ def test_the_attention_pass_applies_the_rule_instead_of_the_mask(fn, causal, win
                    for n in gm.graph.nodes), "the mask is still computed"
 
 
+_WINDOW = 3  # (a global: Dynamo would make a closure's int a size symbol under dynamic=True)
+
+
+def _eager_over_a_cache(causal: bool, windowed: bool) -> Callable:
+    """transformers' eager attention of T new tokens after P cached ones, under its mask for a
+    padding mask `keys` ([B, P + T]): `where(rule & keys[b, kv], 0, lowest)`."""
+    def attend(x, past_k, past_v, keys):
+        q, k, v = _heads(x)
+        k, v = (torch.cat([past, t], dim=2).repeat_interleave(2, dim=1) for past, t in ((past_k, k), (past_v, v)))
+        t, s_kv = x.shape[1], k.shape[2]
+        q_pos, k_pos = (torch.arange(t) + s_kv - t)[:, None], torch.arange(s_kv)[None, :]
+        keep = torch.ones((), dtype=torch.bool)
+        if causal:
+            keep = keep & (k_pos <= q_pos)
+        if windowed:
+            keep = keep & (k_pos > q_pos - _WINDOW)
+        keep = (keep & keys[:, None, None, :]).expand(x.shape[0], 1, t, s_kv)
+        scores = q @ k.transpose(-1, -2) * 0.25 + torch.where(keep, torch.zeros(()), torch.tensor(LOWEST))
+        return scores.softmax(-1, dtype=torch.float32) @ v
+    return attend
+
+
+@pytest.mark.parametrize("causal, window", [(True, None), (True, _WINDOW), (False, None)])
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_rows_an_eager_mask_hides_whole_average_every_key(causal: bool, window: int | None, target: str) -> None:
+    """Under an eager mask (hiding with float32's lowest value) a query row whose keys the padding
+    term hides whole has every score at that value, and eager's softmax averages all S_kv values
+    there. The kernel, given the rule and the key mask, sees no key in such a row; the pass
+    averages V into exactly those rows: rows before a left padding's first key, rows whose window
+    holds only hidden keys (random keys leave such rows in the middle), a row of no key at all,
+    chunks after a cache. Equal to eager at every row on fresh random inputs, one graph."""
+    from test_attention import compile_attention
+
+    fn = _eager_over_a_cache(causal, window is not None)
+    gen = torch.Generator().manual_seed(7)
+
+    def inputs(b: int, t: int, p: int) -> tuple[torch.Tensor, ...]:
+        keys = torch.rand(b, p + t, generator=gen) < 0.4
+        keys[0], keys[1], keys[2, : (p + t) // 2] = True, False, False  # all seen, none, left-padded
+        return (torch.randn(b, t, 128, generator=gen), torch.randn(b, 2, p, 16, generator=gen),
+                torch.randn(b, 2, p, 16, generator=gen), keys)
+
+    compiled, _, gm, report = compile_attention(fn, *inputs(4, 5, 3), target=target)
+    averaged = 0
+    for b, t, p in ((4, 2, 2), (3, 6, 4), (5, 9, 7), (4, 12, 2)):
+        args = inputs(b, t, p)
+        torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-5, atol=1e-5)
+        keys = args[3][:, None, :].expand(b, t, p + t)
+        q_pos, k_pos = torch.arange(p, p + t)[:, None], torch.arange(p + t)[None, :]
+        rule = (k_pos <= q_pos if causal else torch.ones_like(keys[0])) & (k_pos > q_pos - (window or p + t))
+        averaged += int((~(keys & rule).any(-1)).sum())
+    assert averaged > 0  # (rows that see no key were met)
+    assert report.rewrites["mask_as_rule"] == report.rewrites["empty_rows_average"] == 1, report.rewrites
+    (meta,) = [n for n in gm.graph.nodes if n.target is META]
+    assert (meta.args[4], (list(meta.args) + [None] * 10)[9]) == (causal, window)
+
+
 # -- transformers models ------------------------------------------------------------------------
 @pytest.mark.parametrize("name, implementation, window, use_cache", [
     ("llama", "eager", None, True), ("llama", "sdpa", None, False), ("mistral", "sdpa", 8, True),
@@ -580,18 +660,23 @@ def _left_padded(vocab: int, batch: int, length: int, gen: torch.Generator) -> t
 
 @pytest.mark.parametrize("name, implementation, target", [
     ("llama", "sdpa", "reference"), ("mistral", "sdpa", "triton"), ("qwen2", "tileflow", "reference"),
+    ("llama", "eager", "reference"), ("mistral", "eager", "triton"), ("gpt_oss", "eager", "reference"),
+    pytest.param("gemma2", "eager", "reference", marks=pytest.mark.extended),
 ])
 def test_left_padded_batches_keep_only_the_padding_term(name: str, implementation: str, target: str) -> None:
     """With an attention_mask, transformers' mask is `causal (& window) & attention_mask[b, kv]`:
     proven the kernel's rule and a key mask, every layer reads the [B, 1, 1, S_kv] padding term
     as its bias where it read a float32 [B, 1, S, S_kv] one (with SDPA, with a window, and through
-    attn_implementation="tileflow"). Logits equal eager's at every position, the padded rows'
-    included, over batch sizes and lengths on both sides of Mistral's window, with one graph."""
-    from models import MODELS
+    attn_implementation="tileflow"). With eager attention (transformers' `finfo.min` mask), the
+    rows the padding leaves no key average every key's value after the kernel, as eager's softmax
+    of equal scores does, but with gpt-oss's sinks, which take such a row's weight in eager (the
+    kernel's 0). Logits equal eager's at every position, the padded rows' included, over batch
+    sizes and lengths on both sides of the windows, with one graph."""
+    from models import MODELS, ZOO
 
     if implementation == "tileflow":
         tileflow.register_transformers()
-    model = MODELS[name]().eval()
+    model = (MODELS[name]() if name in MODELS else ZOO[name][0]()).eval()
     model.config._attn_implementation = implementation
     report = tileflow.Report()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"target": target}, report=report), dynamic=True)
@@ -605,9 +690,11 @@ def test_left_padded_batches_keep_only_the_padding_term(name: str, implementatio
     rewrites = report.rewrites
     layers = model.config.num_hidden_layers
     assert rewrites["mask_as_rule"] == rewrites["key_mask"] == layers and "mask_as_float32_bias" not in rewrites, rewrites
+    averaged = layers if implementation == "eager" and name != "gpt_oss" else 0
+    assert rewrites.get("empty_rows_average", 0) == averaged, rewrites
     specs = [dict(k.spec["params"]) for k in report.kernels if k.spec["op"] == "meta_attention"]
     assert specs and all(s["bias"] and s["causal"] for s in specs), specs
-    assert any(s["sliding_window"] for s in specs) == (name == "mistral"), specs
+    assert any(s["sliding_window"] for s in specs) == (name != "llama" and name != "qwen2"), specs
 
 
 def test_left_padded_generation_equals_eager() -> None:

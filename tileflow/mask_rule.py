@@ -27,15 +27,19 @@ broadcast along a dim it varies along, two key terms) is not proven, and the mas
 is. A float mask hides a key with -inf or with its dtype's lowest value, as the
 kernel's `bias_ranges` judges a mask it is given: such a key adds nothing to a row that sees a key
 above it, and every row of the rule sees its own key (float16's -65504 held in a float32 mask is
-an ordinary value, and hides nothing). A float mask with a key term must hide with -inf (SDPA's
-conversion of a bool mask): where the term hides every key the rule shows a row (a left-padding
-row), a mask of the dtype's lowest value (transformers' eager masks) averages over all the keys it
-hides, and the kernel, given the rule, over the rule's; such a mask stays as it is.
+an ordinary value, and hides nothing). Where a key term hides every key the rule shows a row (a
+left-padding row), a mask that hides with -inf (SDPA's conversion of a bool mask) leaves the row
+no key, as the kernel does; one that hides with the dtype's lowest value (transformers' eager
+masks) gives every score of the row that value, so eager's softmax weighs all S_kv keys evenly:
+the rule says so (`empty_rows_average`), and the attention pass averages V there. Only a lowest
+value that absorbs the scores does that: float32's, bfloat16's or float64's (a score short of
+2^103 in size leaves it as it is), not float16's -65504, whose sum with a score of 16 is another
+number; such a float16 mask stays as it is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import sympy
@@ -58,11 +62,14 @@ class MaskRule:
     with `sliding_window` w or not (only the last w positions, the query's own included); or not
     causal and no window: a mask of all True. With `key_mask` (a bool node whose query dim is 1
     or absent, its other dims 1 or the mask's), the keys it holds False are hidden as well: the
-    mask is the rule `&` key_mask."""
+    mask is the rule `&` key_mask. With `empty_rows_average` (a float mask hiding with a finite
+    lowest value), a row the rule and the key mask leave no key takes the even average of every
+    key's value (eager's softmax over S_kv equal scores), where the kernel would see no key."""
 
     causal: bool
     sliding_window: int | None
     key_mask: fx.Node | None = None
+    empty_rows_average: bool = False
 
 
 def mask_rule(mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
@@ -85,15 +92,15 @@ def mask_rule(mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
         return None
     diagonal = _size(kv_len) - _size(q_len)  # the last query's key offset
     if (band.lo, band.hi) == (-sympy.oo, sympy.oo):
-        return MaskRule(False, None, key_mask)
+        return MaskRule(False, None, key_mask, band.finite)
     if band.hi == sympy.oo or not _zero(band.hi - diagonal):
         return None  # (a window bounded from below only is no mask transformers builds: not taken)
     if band.lo == -sympy.oo:
-        return MaskRule(True, None, key_mask)
+        return MaskRule(True, None, key_mask, band.finite)
     window = sympy.simplify(diagonal - band.lo + 1)
     if not (window.is_Integer and int(window) >= 1):
         return None  # a window that is not a fixed count of keys, or hides the query's own key
-    return MaskRule(True, int(window), key_mask)
+    return MaskRule(True, int(window), key_mask, band.finite)
 
 
 @dataclass(frozen=True)
@@ -109,11 +116,13 @@ class _Linear:
 class _Band:
     """A bool mask over `[..., S, S_kv]` that is True exactly where the key offset j - i of query
     row i and key j lies in [lo, hi] (sympy expressions or infinities) and each of `keys` (bool
-    nodes the same for every query: `_over_keys`) is True."""
+    nodes the same for every query: `_over_keys`) is True. `finite`: a float mask with key terms
+    that hides with a finite lowest value (`_hidden_with`)."""
 
     lo: Any
     hi: Any
     keys: tuple[fx.Node, ...] = ()
+    finite: bool = False
 
 
 _EVERYWHERE = _Band(-sympy.oo, sympy.oo)
@@ -140,6 +149,8 @@ _FILL_ARGUMENT = {aten.full.default: 1, aten.new_full.default: 2, aten.full_like
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 _TRIANGLES = {aten.tril.default, aten.triu.default}
 _HOLD_INFINITY = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+# Dtypes whose lowest value absorbs a score (lowest + s == lowest for |s| < 2^103).
+_ABSORBING = {torch.bfloat16, torch.float32, torch.float64}
 _MOVES = {aten.unsqueeze.default, aten.select.int, aten.squeeze.dim, aten.expand.default, aten.slice.Tensor, *_VIEWS}
 
 
@@ -174,11 +185,11 @@ class _Reader:
         if node.target in _WHERES:
             cond, yes, no = node.args[:3]
             if constant_number(yes) == 0 and _hides(no, dtype):
-                return _keyed_if_infinite(_spanning(node, cond, self.band(cond, depth)), no)
+                return _hidden_with(_spanning(node, cond, self.band(cond, depth)), no, dtype)
             if _hides(yes, dtype) and constant_number(no) == 0 and isinstance(cond, fx.Node) and cond.target in _NOTS:
                 # where(~keep, -inf, 0): SDPA's own conversion
                 band = _spanning(node, cond, _spanning(cond, cond.args[0], self.band(cond.args[0], depth)))
-                return _keyed_if_infinite(band, yes)
+                return _hidden_with(band, yes, dtype)
             return None
         if node.target is aten.add.Tensor and all(
                 isinstance(a, fx.Node) and meta_val(a).dtype == dtype for a in node.args[:2]) and node.kwargs.get("alpha", 1) == 1:
@@ -196,7 +207,10 @@ class _Reader:
             source = meta_val(node.args[0]).dtype
             keeps = (dtype in _HOLD_INFINITY and source in _HOLD_INFINITY
                      and torch.finfo(dtype).min >= torch.finfo(source).min)
-            return self.kept(node.args[0], depth) if keeps else None
+            band = self.kept(node.args[0], depth) if keeps else None
+            if band is not None and band.finite and torch.finfo(dtype).min > torch.finfo(source).min:
+                return replace(band, finite=False)  # a lowest value past the new dtype's: -inf
+            return band
         return self.moved(node, self.kept, depth)
 
     def band(self, node: Any, depth: int = 0) -> _Band | None:
@@ -411,16 +425,19 @@ def _over_keys(out: fx.Node, operand: fx.Node) -> bool:
                for i in range(1, src.dim() + 1))
 
 
-def _keyed_if_infinite(band: _Band | None, hiding: Any) -> _Band | None:
-    """`band` as a float mask hiding with `hiding`, or None when it has key terms and hides with
-    a finite value (see the module's docstring): a row that sees no key is one the rule, with the
-    key mask, hides whole too only when every hidden key is at -inf."""
-    return band if band is None or not band.keys or constant_number(hiding) == float("-inf") else None
+def _hidden_with(band: _Band | None, hiding: Any, dtype: torch.dtype) -> _Band | None:
+    """`band` as a float mask of `dtype` hiding with `hiding` (a value `_hides`). With key terms
+    and a finite value, marked `finite` where that value absorbs the scores, else None (see the
+    module's docstring): a row the key terms hide whole averages every key in eager."""
+    if band is None or not band.keys or torch.tensor(constant_number(hiding), dtype=dtype).item() == float("-inf"):
+        return band
+    return replace(band, finite=True) if dtype in _ABSORBING else None
 
 
 def _varying_dims(value: _Linear | _Band) -> tuple[int, ...]:
     if isinstance(value, _Band):
-        return () if value in (_EVERYWHERE, _NOWHERE) else (-2, -1)
+        # (A band's key terms are checked against the whole mask at the end: `_over_keys`.)
+        return () if (value.lo, value.hi) in ((-sympy.oo, sympy.oo), (sympy.oo, -sympy.oo)) else (-2, -1)
     return tuple(d for d, _ in value.terms)
 
 

@@ -436,6 +436,8 @@ class Attention:
         keys = rule.key_mask
         if _val(keys).dim() == 1:
             keys = call(aten.unsqueeze.default, keys, 0)  # its query dim, of size 1
+        if not statically_known_true(_val(keys).shape[-1] == s_kv):  # one flag for every key ([B, 1, 1, 1])
+            keys = call(aten.expand.default, keys, [-1] * (_val(keys).dim() - 1) + [_size_node(graph, k, 2)])
         if not rule.causal:
             empty = call(aten.logical_not.default, call(aten.any.dim, keys, -1, True))  # [..., 1, 1]
         else:

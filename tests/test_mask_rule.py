@@ -191,6 +191,16 @@ def _half_eager_with_a_key_term(x, past):
     return torch.where((k <= q) & (torch.cat([past, x[0]]) > 0)[None, :], 0.0, torch.finfo(torch.float16).min).half()
 
 
+def _bool_of_an_eager_mask_inverted(x, past):
+    # where(bool(mask), 0, lowest) keeps the keys the mask hides
+    return torch.where(torch.where(_causal(x, past), 0.0, LOWEST).bool(), 0.0, LOWEST)
+
+
+def _clamped_above_lowest(x, past):
+    # a clamp at -1e4 makes every hidden key an ordinary score
+    return torch.where(_causal(x, past), 0.0, float("-inf")).clamp_min(-1e4)
+
+
 def _global_first_key(x, past):
     q, k = _positions(x, past)
     return (k <= q) | (k == 0)
@@ -288,13 +298,14 @@ def _key_term_beside_a_lowest_mask(x, past):
 
 @pytest.mark.parametrize("build", [
     _key_term_beside_a_lowest_mask, _tril_top_left, _packed_from_an_input, _read_one_row_back, _per_query_term,
-    _two_key_terms, _half_eager_with_a_key_term, _top_left, _other_key_count, _one_key_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal, _global_first_key,
+    _two_key_terms, _half_eager_with_a_key_term, _bool_of_an_eager_mask_inverted, _clamped_above_lowest, _top_left, _other_key_count, _one_key_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal, _global_first_key,
     _sliced_from_one, _int8_positions, _float_positions, _causal_as_zero_one, _half_lowest_widened, _soft_fill,
     _positions_from_an_input, _window_by_the_size,
 ])
 def test_masks_that_are_not_the_rule_at_every_size_are_not_proven(build) -> None:
     """Near misses: an alignment, a hidden diagonal, a term read from the inputs per query, two
-    key terms, a float16 eager (lowest-value) mask with a key term, a bitwise or,
+    key terms, a float16 eager (lowest-value) mask with a key term, the bool of a mask read
+    inverted, a clamp above the lowest value, a bitwise or,
     a shifted slice, positions that wrap or round, a 0/1 or soft mask, a window of the step's
     size. None is proven (some equal the rule at some sizes only, or at none)."""
     assert _traced_rule(build) is None
@@ -350,6 +361,16 @@ def _eager_keys_only_in_bfloat16(x, past):
     return torch.where(keys.expand(x.shape[1], -1), zero, torch.finfo(torch.bfloat16).min)
 
 
+def _bool_of_an_eager_mask(x, past):
+    # MPT's `masked_fill(scores, mask.bool(), lowest)`, as the attention pass reads it
+    return torch.where(_eager_with_a_key_term(x, past).bool(), LOWEST, 0.0)
+
+
+def _eager_clamped_at_lowest(x, past):
+    # XGLM's `max(scores + mask, lowest)`, as the attention pass reads it: -inf becomes the lowest
+    return _sdpa_conversion_with_a_padding_term(x, past).clamp_min(LOWEST)
+
+
 def _eager_cast_into_half(x, past):
     # float32's lowest past float16's: the cast makes it -inf, a row the term hides whole sees nothing
     return _eager_with_a_key_term(x, past).half()
@@ -360,16 +381,17 @@ def _eager_cast_into_half(x, past):
     (_expanded_padding_term, True, None, False), (_one_query_broadcast, True, None, False),
     (_prepend_that_breaks_the_run, True, None, False), (_zero_one_key_term, True, None, False),
     (_eager_with_a_key_term, True, 4, True), (_eager_keys_only_in_bfloat16, False, None, True),
-    (_eager_cast_into_half, True, 4, False),
+    (_eager_cast_into_half, True, 4, False), (_bool_of_an_eager_mask, True, 4, True),
+    (_eager_clamped_at_lowest, True, 3, True),
 ])
 def test_a_term_the_same_for_every_query_is_kept_as_the_key_mask(build, causal: bool, window: int | None,
                                                                   average: bool) -> None:
     """A term `&`-ed into the rule whose query dim is 1 (transformers' padding term, a term over
     the keys alone) is the rule's `key_mask`: that node itself, evaluated by the traced graph,
     and-ed with the kernel's rule equals the mask at other query and cache lengths, on fresh
-    random inputs. A mask that hides with float32's or bfloat16's lowest value (an eager mask)
-    says that the rows it hides whole average every key (`empty_rows_average`); cast into
-    float16, that value is -inf, and such rows see nothing."""
+    random inputs. A mask that hides with float32's or bfloat16's lowest value (an eager mask,
+    MPT's `bool` of one, XGLM's clamp at it) says that the rows it hides whole average every key
+    (`empty_rows_average`); cast into float16, that value is -inf, and such rows see nothing."""
     gm = make_fx(build, tracing_mode="symbolic")(torch.zeros(1, 5), torch.zeros(3))
     output = next(n for n in gm.graph.nodes if n.op == "output")
     mask = output.args[0]
@@ -661,6 +683,7 @@ def _left_padded(vocab: int, batch: int, length: int, gen: torch.Generator) -> t
 @pytest.mark.parametrize("name, implementation, target", [
     ("llama", "sdpa", "reference"), ("mistral", "sdpa", "triton"), ("qwen2", "tileflow", "reference"),
     ("llama", "eager", "reference"), ("mistral", "eager", "triton"), ("gpt_oss", "eager", "reference"),
+    ("mpt", "eager", "reference"), ("xglm", "eager", "reference"),
     pytest.param("gemma2", "eager", "reference", marks=pytest.mark.extended),
 ])
 def test_left_padded_batches_keep_only_the_padding_term(name: str, implementation: str, target: str) -> None:
@@ -670,7 +693,8 @@ def test_left_padded_batches_keep_only_the_padding_term(name: str, implementatio
     attn_implementation="tileflow"). With eager attention (transformers' `finfo.min` mask), the
     rows the padding leaves no key average every key's value after the kernel, as eager's softmax
     of equal scores does, but with gpt-oss's sinks, which take such a row's weight in eager (the
-    kernel's 0). Logits equal eager's at every position, the padded rows' included, over batch
+    kernel's 0); MPT reads the mask as `masked_fill(scores, mask.bool(), lowest)` (with ALiBi),
+    XGLM clamps the masked scores at the lowest value. Logits equal eager's at every position, the padded rows' included, over batch
     sizes and lengths on both sides of the windows, with one graph."""
     from models import MODELS, ZOO
 
@@ -694,7 +718,7 @@ def test_left_padded_batches_keep_only_the_padding_term(name: str, implementatio
     assert rewrites.get("empty_rows_average", 0) == averaged, rewrites
     specs = [dict(k.spec["params"]) for k in report.kernels if k.spec["op"] == "meta_attention"]
     assert specs and all(s["bias"] and s["causal"] for s in specs), specs
-    assert any(s["sliding_window"] for s in specs) == (name != "llama" and name != "qwen2"), specs
+    assert any(s["sliding_window"] for s in specs) == (name in ("mistral", "gpt_oss", "gemma2")), specs
 
 
 def test_left_padded_generation_equals_eager() -> None:
@@ -719,3 +743,33 @@ def test_left_padded_generation_equals_eager() -> None:
     assert torch.equal(got, want)
     per_graph = [p.rewrites for g in report.graphs for p in g.passes if p.name == "attention"]
     assert len(per_graph) >= 2 and all(r.get("key_mask") == model.config.num_hidden_layers for r in per_graph), per_graph
+
+
+def test_a_per_batch_key_term_of_one_key_after_a_cache_is_averaged_without_a_crash() -> None:
+    """A key term broadcast along the keys too (`flag[b]`, [B, 1, 1, 1]: a whole sequence kept or
+    hidden) is the same for every query and proven a key mask; under an eager mask with a cache
+    (S < S_kv) the empty-row flags sliced its cumsum of one element at S_kv - S and the pass fell
+    over (rolled back: 'Attempting to broadcast a dimension of length s at -2 ... [B, 4, 0, 16]')."""
+    from test_attention import compile_attention
+
+    def attend(x, past_k, past_v, flags):
+        q, k, v = _heads(x)
+        k, v = (torch.cat([past, t], dim=2).repeat_interleave(2, dim=1) for past, t in ((past_k, k), (past_v, v)))
+        t, s_kv = x.shape[1], k.shape[2]
+        q_pos, k_pos = (torch.arange(t) + s_kv - t)[:, None], torch.arange(s_kv)[None, :]
+        keep = (k_pos <= q_pos) & flags[:, None, None, None]
+        scores = q @ k.transpose(-1, -2) * 0.25 + torch.where(keep, torch.zeros(()), torch.tensor(LOWEST))
+        return scores.softmax(-1, dtype=torch.float32) @ v
+
+    gen = torch.Generator().manual_seed(3)
+
+    def inputs(b: int, t: int, p: int) -> tuple[torch.Tensor, ...]:
+        flags = torch.arange(b) % 2 == 0  # every other sequence hidden whole: its rows average V
+        return (torch.randn(b, t, 128, generator=gen), torch.randn(b, 2, p, 16, generator=gen),
+                torch.randn(b, 2, p, 16, generator=gen), flags)
+
+    compiled, _, _, report = compile_attention(attend, *inputs(4, 5, 3))
+    for b, t, p in ((4, 2, 2), (3, 6, 4)):
+        args = inputs(b, t, p)
+        torch.testing.assert_close(compiled(*args), attend(*args), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == report.rewrites.get("empty_rows_average") == 1, report.rewrites

@@ -27,7 +27,9 @@ broadcast along a dim it varies along, two key terms) is not proven, and the mas
 is. A float mask hides a key with -inf or with its dtype's lowest value, as the
 kernel's `bias_ranges` judges a mask it is given: such a key adds nothing to a row that sees a key
 above it, and every row of the rule sees its own key (float16's -65504 held in a float32 mask is
-an ordinary value, and hides nothing). Where a key term hides every key the rule shows a row (a
+an ordinary value, and hides nothing). `where(mask.bool(), lowest, 0)` of such a mask hides the
+same keys (MPT fills the scores where the mask is not zero), and so does its clamp at the lowest
+value (XGLM clamps the masked scores there: -inf becomes that value). Where a key term hides every key the rule shows a row (a
 left-padding row), a mask that hides with -inf (SDPA's conversion of a bool mask) leaves the row
 no key, as the kernel does; one that hides with the dtype's lowest value (transformers' eager
 masks) gives every score of the row that value, so eager's softmax weighs all S_kv keys evenly:
@@ -190,7 +192,16 @@ class _Reader:
                 # where(~keep, -inf, 0): SDPA's own conversion
                 band = _spanning(node, cond, _spanning(cond, cond.args[0], self.band(cond.args[0], depth)))
                 return _hidden_with(band, yes, dtype)
+            if _hides(yes, dtype) and constant_number(no) == 0 and _floats_as_bool(cond):
+                # where(bool(mask), lowest, 0): a float mask is nonzero exactly where it hides (0
+                # where it keeps: `kept`), as MPT's `masked_fill(mask.bool(), lowest)` reads it
+                band = _spanning(node, cond, _spanning(cond, cond.args[0], self.kept(cond.args[0], depth)))
+                return _hidden_with(band, yes, dtype)
             return None
+        if node.target is aten.clamp_min.default and _hides(node.args[1], dtype):
+            # max(mask, c) with c hiding: kept keys stay at 0, hidden ones end at c or at their own
+            # hiding value (XGLM's scores clamped at the lowest value, -inf becoming it)
+            return _hidden_with(self.kept(node.args[0], depth), node.args[1], dtype)
         if node.target is aten.add.Tensor and all(
                 isinstance(a, fx.Node) and meta_val(a).dtype == dtype for a in node.args[:2]) and node.kwargs.get("alpha", 1) == 1:
             a, b = (_spanning(node, x, self.kept(x, depth)) for x in node.args[:2])
@@ -429,9 +440,17 @@ def _hidden_with(band: _Band | None, hiding: Any, dtype: torch.dtype) -> _Band |
     """`band` as a float mask of `dtype` hiding with `hiding` (a value `_hides`). With key terms
     and a finite value, marked `finite` where that value absorbs the scores, else None (see the
     module's docstring): a row the key terms hide whole averages every key in eager."""
-    if band is None or not band.keys or torch.tensor(constant_number(hiding), dtype=dtype).item() == float("-inf"):
+    if band is None or not band.keys:
         return band
+    if torch.tensor(constant_number(hiding), dtype=dtype).item() == float("-inf"):
+        return replace(band, finite=False)
     return replace(band, finite=True) if dtype in _ABSORBING else None
+
+
+def _floats_as_bool(node: Any) -> bool:
+    """Whether `node` casts a float tensor to bool (True where it is not zero)."""
+    return (isinstance(node, fx.Node) and node.target in _CASTS and meta_val(node).dtype == torch.bool
+            and isinstance(node.args[0], fx.Node) and meta_val(node.args[0]).dtype.is_floating_point)
 
 
 def _varying_dims(value: _Linear | _Band) -> tuple[int, ...]:

@@ -561,10 +561,17 @@ def _expr(value: Any) -> Any:
 
 
 def _size(value: Any) -> Any:
-    """An int, a SymInt or a node holding one, as a sympy expression; None for anything else."""
+    """An int, a SymInt or a node holding one, as a sympy expression (a SymInt's as its shape
+    environment evaluates it from what it knows of its symbols' ranges: a cache layer's sliding
+    window, a symbol of at least 2, makes its key offset `Max(0, 1 - w)` 0); None for anything else."""
     value = meta_val(value) if isinstance(value, fx.Node) else value
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         return None
+    if isinstance(value, torch.SymInt):
+        evaluate = getattr(value.node.shape_env, "_maybe_evaluate_static", None)
+        known = evaluate(value.node.expr) if evaluate is not None else None
+        if known is not None:
+            return sympy.sympify(known)
     return sympy.sympify(_expr(value))
 
 

@@ -371,6 +371,11 @@ def _eager_clamped_at_lowest(x, past):
     return _sdpa_conversion_with_a_padding_term(x, past).clamp_min(LOWEST)
 
 
+def _eager_clamped_at_minus_infinity(x, past):
+    # a clamp at -inf changes nothing: the lowest value still hides, and empty rows still average
+    return _eager_with_a_key_term(x, past).clamp_min(float("-inf"))
+
+
 def _eager_cast_into_half(x, past):
     # float32's lowest past float16's: the cast makes it -inf, a row the term hides whole sees nothing
     return _eager_with_a_key_term(x, past).half()
@@ -382,7 +387,7 @@ def _eager_cast_into_half(x, past):
     (_prepend_that_breaks_the_run, True, None, False), (_zero_one_key_term, True, None, False),
     (_eager_with_a_key_term, True, 4, True), (_eager_keys_only_in_bfloat16, False, None, True),
     (_eager_cast_into_half, True, 4, False), (_bool_of_an_eager_mask, True, 4, True),
-    (_eager_clamped_at_lowest, True, 3, True),
+    (_eager_clamped_at_lowest, True, 3, True), (_eager_clamped_at_minus_infinity, True, 4, True),
 ])
 def test_a_term_the_same_for_every_query_is_kept_as_the_key_mask(build, causal: bool, window: int | None,
                                                                   average: bool) -> None:

@@ -29,14 +29,15 @@ kernel's `bias_ranges` judges a mask it is given: such a key adds nothing to a r
 above it, and every row of the rule sees its own key (float16's -65504 held in a float32 mask is
 an ordinary value, and hides nothing). `where(mask.bool(), lowest, 0)` of such a mask hides the
 same keys (MPT fills the scores where the mask is not zero), and so does its clamp at the lowest
-value (XGLM clamps the masked scores there: -inf becomes that value). Where a key term hides every key the rule shows a row (a
-left-padding row), a mask that hides with -inf (SDPA's conversion of a bool mask) leaves the row
-no key, as the kernel does; one that hides with the dtype's lowest value (transformers' eager
-masks) gives every score of the row that value, so eager's softmax weighs all S_kv keys evenly:
-the rule says so (`empty_rows_average`), and the attention pass averages V there. Only a lowest
-value that absorbs the scores does that: float32's, bfloat16's or float64's (a score short of
-2^103 in size leaves it as it is), not float16's -65504, whose sum with a score of 16 is another
-number; such a float16 mask stays as it is.
+value (XGLM clamps the masked scores there: -inf becomes that value). Where a key term hides
+every key the rule shows a row (a left-padding row), a mask that hides with -inf (SDPA's
+conversion of a bool mask) leaves the row no key, as the kernel does; one that hides with the
+dtype's lowest value (transformers' eager masks) gives every score of the row that value, so
+eager's softmax weighs all S_kv keys evenly: the rule says so (`empty_rows_average`), and the
+attention pass averages V there. Only a lowest value that absorbs the scores does that:
+float32's, bfloat16's or float64's (a score short of 2^103 in size leaves it as it is), not
+float16's -65504, whose sum with a score of 16 is another number; such a float16 mask stays as
+it is.
 """
 
 from __future__ import annotations
@@ -199,9 +200,10 @@ class _Reader:
                 return _hidden_with(band, yes, dtype)
             return None
         if node.target is aten.clamp_min.default and _hides(node.args[1], dtype):
-            # max(mask, c) with c hiding: kept keys stay at 0, hidden ones end at c or at their own
-            # hiding value (XGLM's scores clamped at the lowest value, -inf becoming it)
-            return _hidden_with(self.kept(node.args[0], depth), node.args[1], dtype)
+            # max(mask, c) with c hiding: kept keys stay at 0, hidden ones end at c (XGLM's scores
+            # clamped at the lowest value, -inf becoming it), or as they were for a c of -inf
+            band = self.kept(node.args[0], depth)
+            return band if _minus_infinity(node.args[1], dtype) else _hidden_with(band, node.args[1], dtype)
         if node.target is aten.add.Tensor and all(
                 isinstance(a, fx.Node) and meta_val(a).dtype == dtype for a in node.args[:2]) and node.kwargs.get("alpha", 1) == 1:
             a, b = (_spanning(node, x, self.kept(x, depth)) for x in node.args[:2])
@@ -442,9 +444,14 @@ def _hidden_with(band: _Band | None, hiding: Any, dtype: torch.dtype) -> _Band |
     module's docstring): a row the key terms hide whole averages every key in eager."""
     if band is None or not band.keys:
         return band
-    if torch.tensor(constant_number(hiding), dtype=dtype).item() == float("-inf"):
+    if _minus_infinity(hiding, dtype):
         return replace(band, finite=False)
     return replace(band, finite=True) if dtype in _ABSORBING else None
+
+
+def _minus_infinity(value: Any, dtype: torch.dtype) -> bool:
+    """Whether the number `value` is -inf held in `dtype` (-1e39 is, in float32)."""
+    return torch.tensor(constant_number(value), dtype=dtype).item() == float("-inf")
 
 
 def _floats_as_bool(node: Any) -> bool:

@@ -604,6 +604,35 @@ def test_rows_an_eager_mask_hides_whole_average_every_key(causal: bool, window: 
     assert (meta.args[4], (list(meta.args) + [None] * 10)[9]) == (causal, window)
 
 
+@pytest.mark.parametrize("clamp", [float("-inf"), LOWEST])
+def test_an_eager_mask_clamped_at_or_below_its_lowest_value_still_averages_rows_it_hides_whole(clamp: float) -> None:
+    """`clamp_min(mask, c)` of an eager (finfo.min) mask with a padding term holds its hidden keys
+    at max(lowest, c): the lowest value for c = -inf too, so a left-padding row that sees no key
+    averages V in eager (it was read as hiding with -inf: such rows came out 0)."""
+    from test_attention import compile_attention
+
+    def attend(x, pad):
+        q, k, v = _heads(x)
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        q_pos, k_pos = torch.arange(x.shape[1])[:, None], torch.arange(x.shape[1])[None, :]
+        mask = torch.where((k_pos <= q_pos) & pad[:, None, None, :], 0.0, LOWEST).clamp_min(clamp)
+        scores = q @ k.transpose(-1, -2) * 0.25 + mask
+        return scores.softmax(-1, dtype=torch.float32) @ v
+
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs(b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = torch.ones(b, t, dtype=torch.bool)
+        pad[0, :3] = False  # batch row 0's first 3 queries see no key
+        return torch.randn(b, t, 128, generator=gen), pad
+
+    compiled, _, _, report = compile_attention(attend, *inputs(2, 6))
+    for b, t in ((2, 6), (3, 9)):
+        args = inputs(b, t)
+        torch.testing.assert_close(compiled(*args), attend(*args), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == report.rewrites.get("empty_rows_average") == 1, report.rewrites
+
+
 # -- transformers models ------------------------------------------------------------------------
 @pytest.mark.parametrize("name, implementation, window, use_cache", [
     ("llama", "eager", None, True), ("llama", "sdpa", None, False), ("mistral", "sdpa", 8, True),

@@ -341,8 +341,8 @@ class Attention:
                 (q, k_real, v_real, bias, causal, scale, ctx.target, ranges, *(() if window is None else (None, window))),
             )
             infer_meta(new)
-            seen = self._empty_rows_averaged(graph, new, rule, q, k_real, v_real)
-            out = _as_replaced(graph, seen, int(vv.shape[3]), out_users if returns_tuple else [node])
+            filled = self._empty_rows_averaged(graph, new, rule, q, k_real, v_real)
+            out = _as_replaced(graph, filled, int(vv.shape[3]), out_users if returns_tuple else [node])
         copy_source_meta(node, new)
         new.meta["tileflow"] = {
             "kind": "meta_attention",
@@ -353,7 +353,7 @@ class Attention:
         }
         if rule is not None:
             new.meta["tileflow"]["mask_rule"] = _rule_text(rule)
-        if seen is not new:
+        if filled is not new:
             new.meta["tileflow"]["empty_rows"] = "average V"
             result.count("empty_rows_average")
         if returns_tuple:
@@ -741,8 +741,8 @@ class Attention:
             infer_meta(new)
             # (With sinks, eager's row of equal lowest scores gives its weight to the sink: 0, as
             # the kernel's row that sees no key.)
-            seen = new if sinks is not None else self._empty_rows_averaged(graph, new, rule, q_in, k_real, v_real)
-            out = _as_replaced(graph, seen, int(vv.shape[3]), [gate.mul if gate is not None else out4])
+            filled = new if sinks is not None else self._empty_rows_averaged(graph, new, rule, q_in, k_real, v_real)
+            out = _as_replaced(graph, filled, int(vv.shape[3]), [gate.mul if gate is not None else out4])
         if _val(new).dtype != _val(out4).dtype:
             return "the manual attention changes dtype between its inputs and output"
         copy_source_meta(softmax, new)
@@ -751,7 +751,7 @@ class Attention:
                                 "alibi": scores.alibi is not None}
         if rule is not None:
             new.meta["tileflow"]["mask_rule"] = _rule_text(rule)
-        if seen is not new:
+        if filled is not new:
             new.meta["tileflow"]["empty_rows"] = "average V"
             result.count("empty_rows_average")
         (gate.mul if gate is not None else out4).replace_all_uses_with(out)

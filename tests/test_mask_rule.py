@@ -196,6 +196,11 @@ def _bool_of_an_eager_mask_inverted(x, past):
     return torch.where(torch.where(_causal(x, past), 0.0, LOWEST).bool(), 0.0, LOWEST)
 
 
+def _bool_mask_clamped(x, past):
+    # a bool mask promoted by the clamp: 1.0 where seen, 0.0 where "hidden" (nothing is hidden)
+    return torch.clamp_min(_causal(x, past), LOWEST)
+
+
 def _clamped_above_lowest(x, past):
     # a clamp at -1e4 makes every hidden key an ordinary score
     return torch.where(_causal(x, past), 0.0, float("-inf")).clamp_min(-1e4)
@@ -298,14 +303,15 @@ def _key_term_beside_a_lowest_mask(x, past):
 
 @pytest.mark.parametrize("build", [
     _key_term_beside_a_lowest_mask, _tril_top_left, _packed_from_an_input, _read_one_row_back, _per_query_term,
-    _two_key_terms, _half_eager_with_a_key_term, _bool_of_an_eager_mask_inverted, _clamped_above_lowest, _top_left, _other_key_count, _one_key_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal, _global_first_key,
-    _sliced_from_one, _int8_positions, _float_positions, _causal_as_zero_one, _half_lowest_widened, _soft_fill,
+    _two_key_terms, _half_eager_with_a_key_term, _bool_of_an_eager_mask_inverted, _clamped_above_lowest, _bool_mask_clamped,
+    _top_left, _other_key_count, _one_key_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal,
+    _global_first_key, _sliced_from_one, _int8_positions, _float_positions, _causal_as_zero_one, _half_lowest_widened, _soft_fill,
     _positions_from_an_input, _window_by_the_size,
 ])
 def test_masks_that_are_not_the_rule_at_every_size_are_not_proven(build) -> None:
     """Near misses: an alignment, a hidden diagonal, a term read from the inputs per query, two
     key terms, a float16 eager (lowest-value) mask with a key term, the bool of a mask read
-    inverted, a clamp above the lowest value, a bitwise or,
+    inverted, a clamp above the lowest value, a bool mask clamped (its 0s and 1s), a bitwise or,
     a shifted slice, positions that wrap or round, a 0/1 or soft mask, a window of the step's
     size. None is proven (some equal the rule at some sizes only, or at none)."""
     assert _traced_rule(build) is None

@@ -199,9 +199,11 @@ class _Reader:
                 band = _spanning(node, cond, _spanning(cond, cond.args[0], self.kept(cond.args[0], depth)))
                 return _hidden_with(band, yes, dtype)
             return None
-        if node.target is aten.clamp_min.default and _hides(node.args[1], dtype):
+        if (node.target is aten.clamp_min.default and _hides(node.args[1], dtype)
+                and meta_val(node.args[0]).dtype == dtype):
             # max(mask, c) with c hiding: kept keys stay at 0, hidden ones end at c (XGLM's scores
-            # clamped at the lowest value, -inf becoming it), or as they were for a c of -inf
+            # clamped at the lowest value, -inf becoming it), or as they were for a c of -inf. (Of
+            # a float mask: a bool one clamped is its 0s and 1s as numbers, hiding nothing.)
             band = self.kept(node.args[0], depth)
             return band if _minus_infinity(node.args[1], dtype) else _hidden_with(band, node.args[1], dtype)
         if node.target is aten.add.Tensor and all(

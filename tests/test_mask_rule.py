@@ -643,9 +643,11 @@ def test_an_eager_mask_clamped_at_or_below_its_lowest_value_still_averages_rows_
 
 # -- transformers models ------------------------------------------------------------------------
 @pytest.mark.parametrize("name, implementation, window, use_cache", [
-    ("llama", "eager", None, True), ("llama", "sdpa", None, False), ("mistral", "sdpa", 8, True),
-    ("mistral", "eager", 8, False), ("mistral", "tileflow", 8, True), ("deepseek_v3_mla", "sdpa", None, True),
-    pytest.param("gemma2", "eager", 8, True, marks=pytest.mark.extended),
+    ("llama", "eager", None, True), ("llama", "sdpa", None, False), ("mistral", "eager", 8, False),
+    ("deepseek_v3_mla", "sdpa", None, True),
+    # (SDPA's window: the unit tests above; the tileflow implementation's window: test_attention's)
+    *(pytest.param(*case, marks=pytest.mark.extended) for case in (
+        ("mistral", "sdpa", 8, True), ("mistral", "tileflow", 8, True), ("gemma2", "eager", 8, True))),
 ])
 def test_models_masks_become_the_kernels_rule(name: str, implementation: str, window: int | None,
                                               use_cache: bool) -> None:
@@ -723,11 +725,11 @@ def _left_padded(vocab: int, batch: int, length: int, gen: torch.Generator) -> t
 
 
 @pytest.mark.parametrize("name, implementation, target", [
-    ("llama", "sdpa", "reference"), ("mistral", "sdpa", "triton"), ("qwen2", "tileflow", "reference"),
-    ("llama", "eager", "reference"), ("gpt_oss", "eager", "reference"), ("mpt", "eager", "reference"),
-    ("xglm", "eager", "reference"),
-    *(pytest.param(*case, marks=pytest.mark.extended) for case in (("mistral", "eager", "triton"),
-                                                                   ("gemma2", "eager", "reference"))),
+    ("llama", "sdpa", "reference"), ("qwen2", "tileflow", "reference"), ("llama", "eager", "reference"),
+    ("gpt_oss", "eager", "reference"), ("mpt", "eager", "reference"), ("xglm", "eager", "reference"),
+    # (a key mask and a window under the Triton interpreter: test_rows_an_eager_mask_hides_whole_...)
+    *(pytest.param(*case, marks=pytest.mark.extended) for case in (
+        ("mistral", "sdpa", "triton"), ("mistral", "eager", "triton"), ("gemma2", "eager", "reference"))),
 ])
 def test_left_padded_batches_keep_only_the_padding_term(name: str, implementation: str, target: str) -> None:
     """With an attention_mask, transformers' mask is `causal (& window) & attention_mask[b, kv]`:

@@ -78,11 +78,10 @@ def usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[s
 _FILE_SECONDS = {
     "test_attention.py": 253, "test_padding_safety.py": 153, "test_triton_attention.py": 120,
     "test_distributed.py": 119, "test_bench_smoke.py": 116, "test_mask_rule.py": 112, "test_export.py": 109,
-    "test_model_zoo.py": 102,
-    "test_ascend_gemm.py": 91, "test_models.py": 89, "test_ascend_attention.py": 88, "test_serving.py": 84, "test_triton_gemm.py": 77,
-    "test_disaggregate.py": 74, "test_tensor_parallel.py": 71, "test_grouped_gemm.py": 64, "test_backend.py": 59,
-    "test_nanobatch.py": 57, "test_viz.py": 47, "test_tasks.py": 47, "test_streams.py": 38,
-    "test_sm90_compile.py": 33, "test_gemm_padding.py": 22,
+    "test_model_zoo.py": 102, "test_ascend_gemm.py": 91, "test_models.py": 89, "test_ascend_attention.py": 88,
+    "test_serving.py": 84, "test_triton_gemm.py": 77, "test_disaggregate.py": 74, "test_tensor_parallel.py": 71,
+    "test_grouped_gemm.py": 64, "test_backend.py": 59, "test_nanobatch.py": 57, "test_viz.py": 47,
+    "test_tasks.py": 47, "test_streams.py": 38, "test_sm90_compile.py": 33, "test_gemm_padding.py": 22,
 }
 
 

@@ -59,6 +59,7 @@ from tileflow.graph_utils import (
     infer_meta,
     same_shape,
     size_hint,
+    size_value,
     transposed_dims,
 )
 from tileflow.mask_rule import MaskRule, mask_rule
@@ -351,19 +352,13 @@ class Attention:
             "mask": None if mask is None else str(_val(mask).dtype),
             "target": ctx.target,
         }
-        if rule is not None:
-            new.meta["tileflow"]["mask_rule"] = _rule_text(rule)
-        if filled is not new:
-            new.meta["tileflow"]["empty_rows"] = "average V"
-            result.count("empty_rows_average")
+        _record_rule(new, result, rule, averaged=filled is not new)
         if returns_tuple:
             for user in out_users:
                 user.replace_all_uses_with(out)
         else:
             node.replace_all_uses_with(out)
         result.count("meta_attention")
-        if rule is not None:
-            _count_rule(result, rule)
         if int(vv.shape[3]) != int(qv.shape[3]):
             result.count("head_size_padded")
         if unrepeated:
@@ -385,8 +380,7 @@ class Attention:
         args.update(attn_mask=key_mask, mask_ranges=ranges, causal=rule.causal, sliding_window=rule.sliding_window)
         names = [a.name for a in torch.ops.tileflow.meta_attention.default._schema.arguments]
         node.args, node.kwargs = tuple(args.get(name) for name in names), {}
-        node.meta.setdefault("tileflow", {})["mask_rule"] = _rule_text(rule)
-        _count_rule(result, rule)
+        _record_rule(node, result, rule, averaged=False)
 
     def _mask_rule(self, mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
         """`mask_rule(mask, ...)`, proven once per mask and shape (the layers of a model share both).
@@ -433,11 +427,11 @@ class Attention:
             infer_meta(node)
             return node
 
-        keys = rule.key_mask
+        keys, kv_size = rule.key_mask, size_value(graph, k, 2)
         if _val(keys).dim() == 1:
             keys = call(aten.unsqueeze.default, keys, 0)  # its query dim, of size 1
         if not statically_known_true(_val(keys).shape[-1] == s_kv):  # one flag for every key ([B, 1, 1, 1])
-            keys = call(aten.expand.default, keys, [-1] * (_val(keys).dim() - 1) + [_size_node(graph, k, 2)])
+            keys = call(aten.expand.default, keys, [-1] * (_val(keys).dim() - 1) + [kv_size])
         if not rule.causal:
             empty = call(aten.logical_not.default, call(aten.any.dim, keys, -1, True))  # [..., 1, 1]
         else:
@@ -448,12 +442,12 @@ class Attention:
             if isinstance(first, torch.SymInt) and first.node.maybe_as_int() is not None:
                 first = first.node.maybe_as_int()  # (S_kv - S with S_kv = S: no node)
             if not isinstance(first, int):
-                first = graph.call_function(operator.sub, (_size_node(graph, k, 2), _size_node(graph, q, 2)))
+                first = graph.call_function(operator.sub, (kv_size, size_value(graph, q, 2)))
                 first.meta["val"] = s_kv - s
             seen = call(aten.slice.Tensor, counts, -1, first)  # [..., 1, S]: kept keys up to each row's last
             if rule.sliding_window is not None:  # less those before its window: the count w keys back
                 before = call(aten.constant_pad_nd.default, counts, [rule.sliding_window, 0], 0)
-                seen = call(aten.sub.Tensor, seen, call(aten.slice.Tensor, before, -1, first, _size_node(graph, k, 2)))
+                seen = call(aten.sub.Tensor, seen, call(aten.slice.Tensor, before, -1, first, kv_size))
             empty = call(aten.transpose.int, call(aten.eq.Scalar, seen, 0), -1, -2)
         copy_source_meta(rule.key_mask, empty)
         self._made[key] = empty
@@ -749,16 +743,10 @@ class Attention:
         new.meta["tileflow"] = {"kind": "meta_attention", "form": "manual", "gqa": hq // hkv, "target": ctx.target,
                                 "softcap": softcap is not None, "sinks": sinks is not None,
                                 "alibi": scores.alibi is not None}
-        if rule is not None:
-            new.meta["tileflow"]["mask_rule"] = _rule_text(rule)
-        if filled is not new:
-            new.meta["tileflow"]["empty_rows"] = "average V"
-            result.count("empty_rows_average")
+        _record_rule(new, result, rule, averaged=filled is not new)
         (gate.mul if gate is not None else out4).replace_all_uses_with(out)
         result.count("meta_attention")
         result.count("manual_attention")
-        if rule is not None:
-            _count_rule(result, rule)
         if int(vv.shape[3]) != int(qv.shape[3]):
             result.count("head_size_padded")
         if unrepeated:
@@ -865,23 +853,21 @@ def _rule_text(rule: MaskRule) -> str:
     return " + ".join(part for part in ("causal" if rule.causal else "", window, keys) if part) or "no mask (all True)"
 
 
-def _count_rule(result: PassResult, rule: MaskRule) -> None:
-    """The report's counts of a mask proven `rule`: `mask_as_rule`, and `key_mask` when the call
-    still reads a mask over the keys (transformers' padding term)."""
+def _record_rule(call: fx.Node, result: PassResult, rule: MaskRule | None, averaged: bool) -> None:
+    """What a `meta_attention` call whose mask was proven `rule` (None: not proven) notes in its
+    meta and the report counts: `mask_as_rule`, `key_mask` when the call still reads a mask over
+    the keys (transformers' padding term), and `empty_rows_average` when its rows that see no key
+    were `averaged` after it."""
+    if rule is None:
+        return
+    notes = call.meta.setdefault("tileflow", {})
+    notes["mask_rule"] = _rule_text(rule)
     result.count("mask_as_rule")
     if rule.key_mask is not None:
         result.count("key_mask")
-
-
-def _size_node(graph: fx.Graph, node: fx.Node, dim: int) -> Any:
-    """`node`'s size along `dim` as a graph value made at the insertion point: the int where
-    static, else a `sym_size` node."""
-    size = _val(node).shape[dim]
-    if isinstance(size, int):
-        return size
-    made = graph.call_function(aten.sym_size.int, (node, dim))
-    made.meta["val"] = size
-    return made
+    if averaged:
+        notes["empty_rows"] = "average V"
+        result.count("empty_rows_average")
 
 
 def _constant(arg: Any) -> float | None:

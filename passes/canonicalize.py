@@ -41,6 +41,7 @@ from tileflow.graph_utils import (
     infer_meta,
     is_view_op,
     same_shape,
+    size_value,
     transposed_dims,
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
@@ -421,17 +422,8 @@ class Canonicalize:
 
     def _unflatten(self, graph: fx.Graph, node: fx.Node, out2d: fx.Node, x: fx.Node, lead_dims: int, n: Any) -> fx.Node:
         """View `out2d` back to x's leading dims plus `n`, reading symbolic dims with sym_size."""
-        xv = _val(x)
-        sizes: list[Any] = []
         with graph.inserting_before(node):
-            for i in range(lead_dims):
-                s = xv.shape[i]
-                if isinstance(s, torch.SymInt):
-                    size_node = graph.call_function(aten.sym_size.int, (x, i))
-                    size_node.meta["val"] = s
-                    sizes.append(size_node)
-                else:
-                    sizes.append(int(s))
+            sizes = [size_value(graph, x, i) for i in range(lead_dims)]
             view = graph.call_function(aten.view.default, (out2d, [*sizes, n]))
         infer_meta(view)
         copy_source_meta(node, view)

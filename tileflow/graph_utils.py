@@ -105,6 +105,17 @@ def infer_meta(node: fx.Node) -> Any:
     return val
 
 
+def size_value(graph: fx.Graph, node: fx.Node, dim: int) -> Any:
+    """`node`'s size along `dim` as a graph value made at the graph's insertion point: the int
+    where static, else a `sym_size` node carrying the SymInt."""
+    size = meta_val(node).shape[dim]
+    if isinstance(size, int):
+        return size
+    made = graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+    made.meta["val"] = size
+    return made
+
+
 def copy_source_meta(src: fx.Node, dst: fx.Node) -> None:
     """Carry the model source location and module path of `src` over to its replacement."""
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "seq_nr"):

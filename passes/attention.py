@@ -20,7 +20,8 @@ through `meta_attention_varlen`). Matched forms:
   per-head logit joined to the scores before the softmax and its column dropped after
   (`softmax(cat([scores, sinks]) - max)[..., :-1]`, gpt-oss), and with or without ALiBi, a
   slope per head times the key position, added to the scores (MPT) or inside the product as
-  `baddbmm(bias, q, k^T)` (BLOOM);
+  `baddbmm(bias, q, k^T)` (BLOOM); any other bias inside the product is the kernel's additive
+  bias (BLOOM's ALiBi counted along a padding mask, `[B, H, 1, S_kv]`, the same for every query);
 - GQA/MQA: K/V widened by `repeat_kv` (unsqueeze/expand/reshape) are read at their real head
   count instead (the kernel packs the query heads of a KV head into one tile);
 A mask `tileflow.mask_rule` proves to be the kernel's causal / sliding-window rule is not read:
@@ -30,9 +31,8 @@ after the call, as eager's softmax of equal scores gives them.
 Variants the kernel does not implement (dropout, a used log-sum-exp output, `is_causal` with
 different query and key lengths, head dims that differ between K and V) are left as they are,
 with the reason in the report; so is a manual attention with anything else between the two
-matmuls (a bias inside the product that is not ALiBi's, for one: BLOOM's when it counts
-positions along a padding mask), and soft-capping, sinks or ALiBi on a target whose kernel
-lacks them.
+matmuls (a soft cap over a bias inside the product, for one), and soft-capping, sinks or ALiBi
+on a target whose kernel lacks them.
 """
 
 from __future__ import annotations
@@ -558,6 +558,7 @@ class Attention:
         if uncast is not None and len(scores_in.users) == 1:
             scores_in = uncast
         cur, mask, scale_mul, scale_div, alibi, product_scale = scores_in, None, None, None, None, 1.0
+        product_bias = None
         sinks, cur = _sink_join(cur)
         # Without a sink the row-max subtraction `_sink_join` looked through reads the scores
         # twice (MiMo-V2-Flash's layers without sinks): the row max is no other use of them.
@@ -638,17 +639,27 @@ class Attention:
         if "self" in product:  # beta * bias + alpha * q @ k^T
             slopes = self._alibi_slopes(product["self"], qk, view=cur) if alibi is None and find_alibi else None
             # The bias is inside what a cap or a scale after the product acts on: a numeric
-            # scale scales the slopes too; a cap (not linear) or a tensor scale is not matched.
+            # scale scales the slopes (or the bias) too; a cap (not linear) or a tensor scale is
+            # not matched.
             outer = 1.0
             for factor, op in ((scale_mul, "mul"), (scale_div, "div")):
                 value = _constant(factor) if factor is not None else 1.0
                 outer = None if value is None or outer is None else outer * (value if op == "mul" else 1.0 / value)
-            if slopes is None or softcap is not None or outer is None or not all(
+            if softcap is not None or outer is None or not all(
                     isinstance(product[c], (int, float)) for c in ("alpha", "beta")):
                 return unmatched()
-            alibi = [float(product["beta"]) * outer * x for x in slopes]
+            if slopes is not None:
+                alibi = [float(product["beta"]) * outer * x for x in slopes]
+            else:
+                # Any other bias (BLOOM's ALiBi counted along a padding mask, the same for every
+                # query row): the kernel adds it, as the [B, H, 1, S_kv] bias it is.
+                product_bias = self._product_bias(graph, product["self"], qk, cur, float(product["beta"]) * outer,
+                                                  softmax)
+                if product_bias is None:
+                    return unmatched()
             product_scale = float(product["alpha"])
-        return _ManualScores(cur, product, mask, scale_mul, scale_div, product_scale, softcap, sinks, gate, alibi)
+        return _ManualScores(cur, product, mask, scale_mul, scale_div, product_scale, softcap, sinks, gate, alibi,
+                             product_bias)
 
     def _replace_manual(self, graph: fx.Graph, softmax: fx.Node, scores: _ManualScores, operands: _ManualOperands,
                         ctx: PassContext, result: PassResult) -> str | None:
@@ -701,6 +712,11 @@ class Attention:
         else:
             ranges = self._mask_ranges(graph, scores.mask, kv.shape[2], result)
             bias = self._float32_bias(graph, scores.mask)
+        if scores.product_bias is not None:
+            # The mask's hidden keys at -inf in the bias; under a rule the call judges the ranges
+            # from the bias itself (BLOOM's, [B, H, 1, S_kv], with no copy over the rows).
+            bias = self._joined_mask(graph, bias, scores.product_bias, softmax)
+            ranges = None if rule is not None else self._mask_ranges(graph, bias, kv.shape[2], result)
         causal, window = (rule.causal, rule.sliding_window) if rule is not None else (False, None)
         with graph.inserting_before(out4):
             q_in = q
@@ -742,7 +758,7 @@ class Attention:
         copy_source_meta(softmax, new)
         new.meta["tileflow"] = {"kind": "meta_attention", "form": "manual", "gqa": hq // hkv, "target": ctx.target,
                                 "softcap": softcap is not None, "sinks": sinks is not None,
-                                "alibi": scores.alibi is not None}
+                                "alibi": scores.alibi is not None, "product_bias": scores.product_bias is not None}
         _record_rule(new, result, rule, averaged=filled is not new)
         (gate.mul if gate is not None else out4).replace_all_uses_with(out)
         result.count("meta_attention")
@@ -757,7 +773,45 @@ class Attention:
             result.count("attention_sinks")
         if scores.alibi is not None:
             result.count("alibi")
+        if scores.product_bias is not None:
+            result.count("product_bias")
         return None
+
+    def _product_bias(self, graph: fx.Graph, bias: Any, product: fx.Node, view: fx.Node, factor: float,
+                      at: fx.Node) -> fx.Node | None:
+        """`factor * bias`, the bias inside a `baddbmm` product of [B * H, S, S_kv] scores that
+        `view` makes [B, H, S, S_kv], as the float32 bias the kernel adds, [B | 1, H | 1, S | 1,
+        S_kv] (BLOOM's ALiBi along a padding mask: [B, H, 1, S_kv]); None when it is not a float
+        tensor that covers the keys and broadcasts to the product as the baddbmm broadcasts it.
+        Made before `at`, once per bias and factor (the layers of a model share one)."""
+        bv, pv = _val(bias), _val(product)
+        if not (isinstance(bias, fx.Node) and isinstance(bv, torch.Tensor) and bv.is_floating_point()
+                and 1 <= bv.dim() <= 3 and statically_known_true(bv.shape[-1] == pv.shape[2])):
+            return None
+        rows = bv.shape[-2] if bv.dim() >= 2 else 1
+        batch = bv.shape[0] if bv.dim() == 3 else 1
+        if not ((statically_known_true(rows == 1) or statically_known_true(rows == pv.shape[1]))
+                and (statically_known_true(batch == 1) or statically_known_true(batch == pv.shape[0]))):
+            return None
+        key = ("product bias", bias, factor)
+        if key not in self._made:
+            # The product's batch is b * H + h: a bias over it unflattens to [B, H, ...].
+            heads = int(_val(view).shape[1]) if not statically_known_true(batch == 1) else 1
+            with graph.inserting_before(at):
+                term = bias
+                for _ in range(3 - bv.dim()):
+                    term = graph.call_function(aten.unsqueeze.default, (term, 0))
+                    infer_meta(term)
+                term = graph.call_function(aten.unflatten.int, (term, 0, [-1, heads]))
+                infer_meta(term)
+                term = graph.call_function(aten._to_copy.default, (term,), {"dtype": torch.float32})
+                infer_meta(term)
+                if factor != 1.0:
+                    term = graph.call_function(aten.mul.Tensor, (term, factor))
+                    infer_meta(term)
+            copy_source_meta(bias, term)
+            self._made[key] = term
+        return self._made[key]
 
     def _alibi_slopes(self, term: Any, over: fx.Node, view: fx.Node | None = None) -> list[float] | None:
         """`_alibi_slopes`, once per bias and score shape (the layers of a model share both)."""
@@ -954,15 +1008,9 @@ def _unmatched_scores(softmax: fx.Node) -> str:
     uses = []
     if any(n.target is aten.tanh.default for n in path) and all(_soft_cap(n)[0] is None for n in path):
         uses.append("tanh on the scores, but not as the logit soft-capping cap * tanh(scores / cap)")
-    biased = next((p for n in path if (p := _scores_product(n)) is not None and "self" in p), None)
-    if biased is not None:
-        bias = biased["self"]
-        if isinstance(bias, fx.Node) and _reads_an_input(bias):
-            uses.append("baddbmm adds a bias computed from a graph input inside the q @ k^T product, as BLOOM "
-                        "does when it counts ALiBi positions along a padding mask; the kernel's ALiBi counts "
-                        "key positions")
-        else:
-            uses.append("baddbmm adds a bias inside the q @ k^T product that is not ALiBi's")
+    if any((p := _scores_product(n)) is not None and "self" in p for n in path):
+        uses.append("baddbmm adds a bias inside the q @ k^T product that the kernel adds only as a float "
+                    "[B * H | 1, S | 1, S_kv] tensor, scaled by numbers and not soft-capped after it")
     # The manual match follows single-user scores only: a score tensor read by more than the
     # chain to the softmax (GraniteSWA's sinks scale the output by sigmoid(logsumexp(scores) -
     # sink)) is left for that reason, not for its ops, which the kernel may well implement.
@@ -1102,8 +1150,9 @@ class _ManualScores:
     softmax: `scores` is the [B, H, S, S_kv] view of the `product` (`_scores_product`'s match),
     scaled by `scale_mul` / `scale_div` (numbers or 0-d tensors) and `product_scale` (the
     product's own alpha), capped by `softcap` (a number or 0-d tensor), masked by `mask` (the
-    masks met, joined into one), biased by ALiBi's `alibi` slopes, joined by `sinks` (one logit
-    per head; `gate`: GraniteSWA's form of them)."""
+    masks met, joined into one), biased by ALiBi's `alibi` slopes or by `product_bias` (a bias
+    inside the product that is not ALiBi's, as the float32 [B | 1, H | 1, S | 1, S_kv] the
+    kernel adds), joined by `sinks` (one logit per head; `gate`: GraniteSWA's form of them)."""
 
     scores: fx.Node
     product: dict[str, Any]
@@ -1115,6 +1164,7 @@ class _ManualScores:
     sinks: fx.Node | None
     gate: _SinkGate | None
     alibi: list[float] | None
+    product_bias: fx.Node | None = None
 
 
 @dataclass(frozen=True)
@@ -1307,11 +1357,6 @@ def _is_positions(node: fx.Node) -> bool:
     if node.target in (aten.arange.default, aten.arange.start):
         return True
     return node.target is aten.arange.start_step and bind_arguments(node)["step"] == 1
-
-
-def _reads_an_input(node: fx.Node) -> bool:
-    """Whether `node`'s value depends on a tensor input of the graph."""
-    return any_ancestor(node, lambda n: n.op == "placeholder" and isinstance(_val(n), torch.Tensor))
 
 
 def _depends_on_sizes(node: fx.Node) -> bool:

@@ -736,22 +736,88 @@ def test_dense_op_takes_a_bool_masks_ranges_under_the_causal_rule(monkeypatch: p
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_dense_op_takes_a_per_key_float_bias_under_the_causal_rule(monkeypatch: pytest.MonkeyPatch,
+                                                                    target: str) -> None:
+    """A float bias the same for every query row ([B, H, 1, S_kv]: BLOOM's ALiBi along a padding
+    mask, beside the mask's causal rule) is not copied over the rows with the rule's keys filled
+    in: its finfo.min keys are kept in its ranges, so a row that the rule leaves only such keys
+    averages them as eager does (rows 0-2 of the first sequence), and elsewhere they add nothing.
+    The outputs are float64 attention's under the bias and the rule."""
+    from tileflow.runtime import attention as runtime_attention
+
+    s, d = 9, 16
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 2, s, d, generator=gen) for _ in range(3))
+    bias = torch.randn(2, 2, 1, s, generator=gen)
+    lowest = torch.finfo(torch.float32).min
+    bias[0, ..., :3] = lowest
+    bias[1, ..., 4] = lowest
+    bias[1, ..., [2, 6]] = float("-inf")
+
+    def no_rule_fill(*args: Any) -> Any:
+        raise AssertionError("a per-key bias was copied over the rows with the rule's keys filled in")
+
+    monkeypatch.setattr(runtime_attention, "_rule_hides", no_rule_fill)
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    for window in (None, 3):
+        rule = (j > i) if window is None else (j > i) | (j <= i - window)
+        scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d) + bias.double()
+        want = torch.softmax(scores.masked_fill(rule, float("-inf")), dim=-1).nan_to_num(0.0) @ v.double()
+        with tileflow.use_config(tileflow.Config(target=target)):
+            got = tileflow.ops.meta_attention(q, k, v, bias, causal=True, sliding_window=window)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bias", ["squared", "learned"])
 def test_position_biases_that_are_not_alibi(bias: str) -> None:
     """A bias that is not linear in the key position, or that comes from an input, is not taken
-    for ALiBi: added to the scores it is the kernel's additive bias (exact); inside a baddbmm
-    it is left as it is, with the reason."""
+    for ALiBi: added to the scores or inside a baddbmm (where the scale after the product scales
+    it too), it is the kernel's additive bias (exact)."""
     x, w = torch.randn(2, 7, 32), torch.randn(32, 192) / 32**0.5
-    _, out, _, report = compile_attention(lambda x, w: alibi_attention(x, w, form="add", bias=bias), x, w)
-    torch.testing.assert_close(out, alibi_attention(x, w, form="add", bias=bias), rtol=1e-4, atol=1e-4)
-    assert report.rewrites["meta_attention"] == 1 and "alibi" not in report.rewrites and not report.fallbacks
-    _, out, _, report = compile_attention(lambda x, w: alibi_attention(x, w, form="baddbmm", bias=bias), x, w)
-    torch.testing.assert_close(out, alibi_attention(x, w, form="baddbmm", bias=bias), rtol=1e-4, atol=1e-4)
-    assert "meta_attention" not in report.rewrites
-    why = {"squared": "a bias inside the q @ k^T product that is not ALiBi's",
-           "learned": "a bias computed from a graph input inside the q @ k^T product"}[bias]
-    assert len(report.fallbacks) == 1 and report.fallbacks[0].reason.startswith(
-        f"the meta-kernel does not implement the scores baddbmm <- view <- masked_fill before the softmax (baddbmm adds {why}")
+    for form, count in (("add", None), ("baddbmm", "product_bias"), ("baddbmm_halved", "product_bias")):
+        _, out, _, report = compile_attention(lambda x, w: alibi_attention(x, w, form=form, bias=bias), x, w)
+        torch.testing.assert_close(out, alibi_attention(x, w, form=form, bias=bias), rtol=1e-4, atol=1e-4)
+        assert report.rewrites["meta_attention"] == 1 and "alibi" not in report.rewrites and not report.fallbacks
+        assert report.rewrites.get("product_bias") == (1 if count else None), report.rewrites
+
+
+def _biased_product(x: torch.Tensor, bias: torch.Tensor, *, capped: bool = False) -> torch.Tensor:
+    """BLOOM's `baddbmm(bias, q, k^T)` over flattened heads, the bias given (any shape the baddbmm
+    broadcasts), halved after the product; `capped`: a soft cap over the biased scores."""
+    b, s, _ = x.shape
+    q, k, v = (t.reshape(b, s, 4, 8).transpose(1, 2) for t in x.split(32, dim=-1))
+    scores = bias.baddbmm(q.reshape(b * 4, s, 8), k.reshape(b * 4, s, 8).transpose(-1, -2), beta=1.0, alpha=0.35)
+    scores = scores.view(b, 4, s, s) / 2.0
+    if capped:
+        scores = 3.0 * torch.tanh(scores / 3.0)
+    hidden = ~torch.ones(s, s, dtype=torch.bool).tril()
+    return torch.softmax(scores.masked_fill(hidden, torch.finfo(scores.dtype).min), dim=-1) @ v
+
+
+def test_biases_inside_the_product_are_the_kernels_bias() -> None:
+    """A bias inside a baddbmm is the kernel's additive bias, at the scale after the product,
+    whichever of the shapes the product broadcasts it from (per key, per query and key, over
+    every batch row and head or one); under a soft cap (not linear) it stays as it was, with the
+    reason. Two lengths, one graph."""
+    for shape in ("bhqk", "bh1k", "1qk", "k"):
+        def attn(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+            b, s, _ = x.shape
+            full = table[: b * 4, :s, :s]
+            bias = {"bhqk": full, "bh1k": full[:, :1], "1qk": full[:1], "k": full[0, 0]}[shape]
+            return _biased_product(x, bias)
+
+        table = torch.randn(16, 12, 12)
+        compiled, out, _, report = compile_attention(attn, torch.randn(2, 7, 96), table)
+        for b, s in ((2, 7), (3, 11)):
+            x = torch.randn(b, s, 96)
+            torch.testing.assert_close(compiled(x, table), attn(x, table), rtol=1e-4, atol=1e-4)
+        assert report.rewrites["meta_attention"] == 1 and report.rewrites["product_bias"] == 1, (shape, report.rewrites)
+        assert not report.fallbacks and report.recompiles == 0, shape
+    _, out, _, report = compile_attention(lambda x, t: _biased_product(x, t[:8, :1, :7], capped=True),
+                                          torch.randn(2, 7, 96), torch.randn(8, 1, 7))
+    assert "meta_attention" not in report.rewrites and len(report.fallbacks) == 1
+    assert "baddbmm adds a bias inside the q @ k^T product that the kernel adds only" in report.fallbacks[0].reason
 
 
 def _lse_gated(x: torch.Tensor, sinks: torch.Tensor, *, reader: str = "gate") -> torch.Tensor:

@@ -298,7 +298,16 @@ def run_meta_attention(
             # them anyway); a materialized [B, H, S, S_kv] mask only in this rare combination
             # (graphs put their causal / window rule into the mask, with causal=False). A bool mask
             # has no finfo.min keys: its own ranges hold, the kernel applies the rule to them.
-            ranges = bias_ranges(bias.masked_fill(_rule_hides(s, s_kv, causal, sliding_window, device), float("-inf")))
+            # A bias that is the same for every query row (a per-key term, BLOOM's ALiBi along
+            # a padding mask) is not copied per row: its finfo.min keys are simply kept in the
+            # ranges, which is exact (next to a real score such a key's weight underflows to 0
+            # in the kernel as in eager) and costs the kernel only the reads of those blocks.
+            if s > 1 and bias.stride(2) == 0:
+                row = bias[:, :, :1]  # (a [B, H, 1, S_kv] copy at most)
+                ranges = bias_ranges(row.masked_fill(row == torch.finfo(row.dtype).min, -1.0))
+            else:
+                ranges = bias_ranges(bias.masked_fill(_rule_hides(s, s_kv, causal, sliding_window, device),
+                                                      float("-inf")))
     out = run_meta_attention_varlen(
         q_flat, k_cache, v_cache, layout.block_table, layout.cu_seqlens_q, layout.seqlens_kv,
         scale=scale, causal=causal, attn_bias=bias, attn_bias_ranges=ranges, target=target, check=False,

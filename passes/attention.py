@@ -558,7 +558,7 @@ class Attention:
         if uncast is not None and len(scores_in.users) == 1:
             scores_in = uncast
         cur, mask, scale_mul, scale_div, alibi, product_scale = scores_in, None, None, None, None, 1.0
-        product_bias = None
+        product_bias, bounded = None, False
         sinks, cur = _sink_join(cur)
         # Without a sink the row-max subtraction `_sink_join` looked through reads the scores
         # twice (MiMo-V2-Flash's layers without sinks): the row max is no other use of them.
@@ -653,13 +653,14 @@ class Attention:
             else:
                 # Any other bias (BLOOM's ALiBi counted along a padding mask, the same for every
                 # query row): the kernel adds it, as the [B, H, 1, S_kv] bias it is.
-                product_bias = self._product_bias(graph, product["self"], qk, cur, float(product["beta"]) * outer,
-                                                  softmax)
+                factor = float(product["beta"]) * outer
+                product_bias = self._product_bias(graph, product["self"], qk, cur, factor, softmax)
                 if product_bias is None:
                     return unmatched()
+                bounded = _far_from_lowest(product["self"], factor)
             product_scale = float(product["alpha"])
         return _ManualScores(cur, product, mask, scale_mul, scale_div, product_scale, softcap, sinks, gate, alibi,
-                             product_bias)
+                             product_bias, bounded)
 
     def _replace_manual(self, graph: fx.Graph, softmax: fx.Node, scores: _ManualScores, operands: _ManualOperands,
                         ctx: PassContext, result: PassResult) -> str | None:
@@ -710,6 +711,13 @@ class Attention:
         if rule is not None:  # the kernel applies the rule itself: a bias and ranges only for a key mask
             bias, ranges = self._key_mask_inputs(graph, rule, kv.shape[2], result)
         else:
+            ranges = self._mask_ranges(graph, scores.mask, kv.shape[2], result)
+            bias = self._float32_bias(graph, scores.mask)
+        if scores.product_bias is not None and rule is not None and not scores.product_bias_bounded:
+            # Under the rule, a row whose every visible key the bias hid with a lowest value would
+            # average those keys, where eager's mask gives every key that value and averages them
+            # all: only a bias that provably holds no such value takes the rule.
+            rule = None
             ranges = self._mask_ranges(graph, scores.mask, kv.shape[2], result)
             bias = self._float32_bias(graph, scores.mask)
         if scores.product_bias is not None:
@@ -1152,7 +1160,8 @@ class _ManualScores:
     product's own alpha), capped by `softcap` (a number or 0-d tensor), masked by `mask` (the
     masks met, joined into one), biased by ALiBi's `alibi` slopes or by `product_bias` (a bias
     inside the product that is not ALiBi's, as the float32 [B | 1, H | 1, S | 1, S_kv] the
-    kernel adds), joined by `sinks` (one logit per head; `gate`: GraniteSWA's form of them)."""
+    kernel adds; `product_bias_bounded`: it provably holds no value near a dtype's lowest, see
+    `_far_from_lowest`), joined by `sinks` (one logit per head; `gate`: GraniteSWA's form of them)."""
 
     scores: fx.Node
     product: dict[str, Any]
@@ -1165,6 +1174,7 @@ class _ManualScores:
     gate: _SinkGate | None
     alibi: list[float] | None
     product_bias: fx.Node | None = None
+    product_bias_bounded: bool = False
 
 
 @dataclass(frozen=True)
@@ -1345,6 +1355,39 @@ def _alibi_slopes(term: Any, over: fx.Node, view: fx.Node | None = None) -> list
         if rows.dim() != 4 or (rows - rows[:1, :, :1]).abs().max().item() > 1e-9 * max(1.0, rows.abs().max().item()):
             return None  # a slope that depends on the sequence or the query row
         return rows[0, :, 0, 0].tolist()
+
+
+# Float dtypes whose largest value is float32's or more: an integer times a bounded number stays
+# finite there, far from the lowest value.
+_WIDE_FLOATS = {torch.bfloat16, torch.float32, torch.float64}
+
+
+def _far_from_lowest(bias: Any, factor: float) -> bool:
+    """Whether `factor * bias` provably holds no value near a dtype's lowest (nor -inf): an
+    integer tensor (|x| < 2^63) times numbers (the graph's constants, at most 2^57 in size with
+    `factor`), behind layout ops and casts between bfloat16, float32 and float64 (BLOOM's
+    `slopes * positions` counted along a padding mask). A float16 bias, or one read from data
+    in any other way, is not."""
+    node = bias
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _LAYOUTS:
+        if _val(node).dtype not in _WIDE_FLOATS:
+            return False
+        node = node.args[0]
+    if not (_is_op(node, aten.mul.Tensor) and _val(node).dtype in _WIDE_FLOATS):
+        return False
+    for data, numbers in (node.args[:2], node.args[1::-1]):
+        dv = _val(data)
+        if not (isinstance(dv, torch.Tensor) and isinstance(numbers, fx.Node)) or dv.is_floating_point() or dv.is_complex():
+            continue
+        if _depends_on_sizes(numbers):
+            return False
+        value = evaluate_at_example_sizes(numbers)
+        if value is None:
+            return False
+        with unset_fake_temporarily():
+            largest = value.abs().max().item() if value.numel() else 0.0
+        return math.isfinite(largest) and largest * abs(factor) <= 2.0**57
+    return False
 
 
 def _is_positions(node: fx.Node) -> bool:

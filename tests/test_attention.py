@@ -782,13 +782,19 @@ def test_position_biases_that_are_not_alibi(bias: str) -> None:
         assert report.rewrites.get("product_bias") == (1 if count else None), report.rewrites
 
 
-def _biased_product(x: torch.Tensor, bias: torch.Tensor, *, capped: bool = False) -> torch.Tensor:
+def _biased_product(x: torch.Tensor, bias: torch.Tensor, *, capped: bool = False, bloom: bool = False) -> torch.Tensor:
     """BLOOM's `baddbmm(bias, q, k^T)` over flattened heads, the bias given (any shape the baddbmm
-    broadcasts), halved after the product; `capped`: a soft cap over the biased scores."""
+    broadcasts), halved after the product; `capped`: a soft cap over the biased scores; then a
+    causal mask filled in with finfo.min, or (`bloom`, with no halving) BLOOM's eager causal mask
+    of finfo.min added."""
     b, s, _ = x.shape
     q, k, v = (t.reshape(b, s, 4, 8).transpose(1, 2) for t in x.split(32, dim=-1))
     scores = bias.baddbmm(q.reshape(b * 4, s, 8), k.reshape(b * 4, s, 8).transpose(-1, -2), beta=1.0, alpha=0.35)
-    scores = scores.view(b, 4, s, s) / 2.0
+    scores = scores.view(b, 4, s, s)
+    if bloom:
+        causal = torch.ones(s, s, dtype=torch.bool).tril()
+        return torch.softmax(scores + torch.where(causal, 0.0, torch.finfo(scores.dtype).min), dim=-1) @ v
+    scores = scores / 2.0
     if capped:
         scores = 3.0 * torch.tanh(scores / 3.0)
     hidden = ~torch.ones(s, s, dtype=torch.bool).tril()
@@ -818,6 +824,31 @@ def test_biases_inside_the_product_are_the_kernels_bias() -> None:
                                           torch.randn(2, 7, 96), torch.randn(8, 1, 7))
     assert "meta_attention" not in report.rewrites and len(report.fallbacks) == 1
     assert "baddbmm adds a bias inside the q @ k^T product that the kernel adds only" in report.fallbacks[0].reason
+
+
+def test_a_bias_inside_the_product_read_from_data_keeps_the_whole_mask() -> None:
+    """A bias inside the product that may hold a dtype's lowest value (here a padding mask's
+    finfo.min, where BLOOM's positions times its slopes provably hold none) joins the whole causal
+    mask (BLOOM's form, added) instead of taking the kernel's rule: a left-padding row, whose
+    every visible key that value hides, then averages the keys eager's sum leaves at that value
+    (the later ones, that only the mask hides), as eager does; under the rule it averaged the
+    keys up to its own. Compared at every position."""
+    def attn(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        pad = torch.where(keep, 0.0, torch.finfo(x.dtype).min)[:, None, :].repeat_interleave(4, 0)  # [B * 4, 1, S]
+        return _biased_product(x, pad, bloom=True)
+
+    def inputs(b: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = torch.ones(b, s, dtype=torch.bool)
+        keep[1, :3] = False
+        keep[0, 2] = False
+        return torch.randn(b, s, 96), keep
+
+    compiled, _, _, report = compile_attention(attn, *inputs(2, 7))
+    for b, s in ((2, 7), (3, 11)):
+        x, keep = inputs(b, s)
+        torch.testing.assert_close(compiled(x, keep), attn(x, keep), rtol=1e-4, atol=1e-4)
+    assert report.rewrites["meta_attention"] == 1 and report.rewrites["product_bias"] == 1, report.rewrites
+    assert "mask_as_rule" not in report.rewrites and not report.fallbacks, report.rewrites
 
 
 def _lse_gated(x: torch.Tensor, sinks: torch.Tensor, *, reader: str = "gate") -> torch.Tensor:

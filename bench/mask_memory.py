@@ -3,10 +3,12 @@
     python bench/mask_memory.py --tokens 4096 --attention eager --use-cache
     python bench/mask_memory.py --tokens 4096 --attention sdpa --left-padded
     python bench/mask_memory.py --tokens 4096 --model bloom --left-padded
+    python bench/mask_memory.py --tokens 4096 --model falcon --left-padded
     PYTHONPATH=.base/597e1af python bench/mask_memory.py --tokens 4096 ...   # the code before
 
 Builds a 2-layer Llama (hidden 64, random weights; `--model bloom`: BLOOM, whose own attention
-code counts its ALiBi positions along a padding mask), compiles it with `backend="tileflow"` at 64
+code counts its ALiBi positions along a padding mask; `--model falcon`: Falcon with ALiBi, which
+folds those positions into the mask it hands SDPA), compiles it with `backend="tileflow"` at 64
 tokens, then resets the process's resident high-water mark (`/proc/self/clear_refs`, Linux) and
 runs two forwards at `--tokens`: prints the peak resident memory over the memory before them, the
 two calls' times and the report's `mask_as_rule` / `key_mask` / `empty_rows_average` /
@@ -39,8 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of the measured forwards")
     parser.add_argument("--attention", choices=["eager", "sdpa"], default="eager",
-                        help="attn_implementation (Llama; BLOOM's attention is its own)")
-    parser.add_argument("--model", choices=["llama", "bloom"], default="llama", help="the architecture")
+                        help="attn_implementation (Llama; BLOOM's attention is its own, Falcon's SDPA)")
+    parser.add_argument("--model", choices=["llama", "bloom", "falcon"], default="llama", help="the architecture")
     parser.add_argument("--use-cache", action="store_true", help="call with use_cache=True (default: False)")
     parser.add_argument("--left-padded", action="store_true",
                         help="a batch of two with an attention_mask, the second row left-padded by half the tokens")
@@ -51,6 +53,10 @@ def main() -> None:
     if args.model == "bloom":
         model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2,
                                                                        n_head=4)).eval()
+    elif args.model == "falcon":
+        model = transformers.FalconForCausalLM(transformers.FalconConfig(
+            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+            new_decoder_architecture=False, multi_query=True)).eval()
     else:
         config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2,
@@ -81,12 +87,14 @@ def main() -> None:
         peak = _status_kib("VmHWM")
     rewrites = report.rewrites
     batch = "left-padded batch of 2" if args.left_padded else "batch of 1"
-    print(f"{args.model}, tokens {args.tokens}, {args.attention if args.model == 'llama' else 'own attention'}, use_cache={args.use_cache}, {batch}: peak "
+    what = {"llama": args.attention, "bloom": "own attention", "falcon": "sdpa with ALiBi"}[args.model]
+    print(f"{args.model}, tokens {args.tokens}, {what}, use_cache={args.use_cache}, {batch}: peak "
           f"{(peak - before) / 1024:.0f} MiB over the start; calls {times[0]:.0f} ms, {times[1]:.0f} ms; "
           f"mask_as_rule {rewrites.get('mask_as_rule', 0)}, key_mask {rewrites.get('key_mask', 0)}, "
           f"empty_rows_average {rewrites.get('empty_rows_average', 0)}, "
           f"mask_as_float32_bias {rewrites.get('mask_as_float32_bias', 0)}, "
-          f"meta_attention {rewrites.get('meta_attention', 0)}, product_bias {rewrites.get('product_bias', 0)} "
+          f"meta_attention {rewrites.get('meta_attention', 0)}, product_bias {rewrites.get('product_bias', 0)}, "
+          f"key_bias {rewrites.get('key_bias', 0)} "
           f"(tileflow {tileflow.__file__})")
 
 

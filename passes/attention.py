@@ -26,7 +26,8 @@ through `meta_attention_varlen`). Matched forms:
   count instead (the kernel packs the query heads of a KV head into one tile);
 A mask `tileflow.mask_rule` proves to be the kernel's causal / sliding-window rule is not read:
 the call takes the rule's flags, and a padding term joined to it (the same for every query) as
-its bias; under an eager mask (`finfo.min`), the query rows that term leaves no key get V's mean
+its bias, with any term the mask adds on the keys it keeps (Falcon's ALiBi, `[B, H, 1, S_kv]`);
+under an eager mask (`finfo.min`), the query rows the padding term leaves no key get V's mean
 after the call, as eager's softmax of equal scores gives them.
 Variants the kernel does not implement (dropout, a used log-sum-exp output, `is_causal` with
 different query and key lengths, head dims that differ between K and V) are left as they are,
@@ -55,6 +56,7 @@ from tileflow.graph_utils import (
     copy_source_meta,
     evaluate_at_example_sizes,
     free_symbols,
+    holds_no_lowest_value,
     in_graph,
     infer_meta,
     same_shape,
@@ -325,7 +327,7 @@ class Attention:
         rule = self._mask_rule(mask, qv.shape[2], kv.shape[2])
         window = None
         if rule is not None:  # the kernel applies the rule itself: a bias and ranges only for a key mask
-            bias, ranges = self._key_mask_inputs(graph, rule, kv.shape[2], result)
+            bias, ranges = self._key_mask_inputs(graph, rule, kv.shape[2], result, node)
             mask = bias
             causal, window = rule.causal, rule.sliding_window
         else:
@@ -376,7 +378,7 @@ class Attention:
         rule = self._mask_rule(args.get("attn_mask"), q.shape[2], k.shape[2])
         if rule is None or rule.empty_rows_average:
             return  # (no mask transformers hands this op averages empty rows: not rewritten here)
-        key_mask, ranges = self._key_mask_inputs(node.graph, rule, k.shape[2], result)
+        key_mask, ranges = self._key_mask_inputs(node.graph, rule, k.shape[2], result, node)
         args.update(attn_mask=key_mask, mask_ranges=ranges, causal=rule.causal, sliding_window=rule.sliding_window)
         names = [a.name for a in torch.ops.tileflow.meta_attention.default._schema.arguments]
         node.args, node.kwargs = tuple(args.get(name) for name in names), {}
@@ -453,10 +455,15 @@ class Attention:
         self._made[key] = empty
         return empty
 
-    def _key_mask_inputs(self, graph: fx.Graph, rule: MaskRule, kv_len: Any, result: PassResult) -> tuple[Any, Any]:
+    def _key_mask_inputs(self, graph: fx.Graph, rule: MaskRule, kv_len: Any, result: PassResult,
+                         at: fx.Node) -> tuple[Any, Any]:
         """The bias and ranges a call under `rule` reads: its key mask, as the bool it is (each
         call converts its S_kv values a batch row; under the rule a float32 bias would make the
-        runtime judge its hidden keys over [S, S_kv]), and the ranges of it; or no mask."""
+        runtime judge its hidden keys over [S, S_kv]), and the ranges of it; or no mask. With the
+        rule's `key_bias`, that bias with the key mask's hidden keys at -inf (made before `at`),
+        whose ranges each call judges from it (`[B, H, 1, S_kv]`: no copy over the rows)."""
+        if rule.key_bias is not None:
+            return self._joined_mask(graph, rule.key_mask, rule.key_bias, at), None
         if rule.key_mask is None:
             return None, None
         return rule.key_mask, self._mask_ranges(graph, rule.key_mask, kv_len, result)
@@ -577,6 +584,7 @@ class Attention:
         if isinstance(cur, fx.Node) and single_use(cur) and _merges_heads(cur) and _scores_product(cur.args[0]) is None:
             cur = cur.args[0]
         clamped: float | None = None  # the value a clamp of the masked scores holds them at
+        replaced = False  # whether a fill or clamp sets scores (that a bias inside the product is in)
         # ALiBi's bias is `slope * (j - p)` in the kernel and `slope * j` (or another shift) in the
         # models: the same softmax, unless a sink joins it without the shift. With a sink the bias
         # is an additive mask (exact).
@@ -613,10 +621,12 @@ class Attention:
             elif (filled := _filled_with_low_value(cur)) is not None:
                 cur, hide_mask = filled[0], self._fill_mask(graph, *filled[1:])
                 mask = self._joined_mask(graph, mask, hide_mask, softmax)
+                replaced = True
             elif mask is None and clamped is None and (below := _clamped_at_lowest(cur)) is not None:
                 # `max(scores + mask, finfo.min)` (XGLM): the masks below it hide keys with the
                 # lowest value, not -inf (a row that sees nothing averages its keys).
                 cur, clamped = below
+                replaced = True
             else:
                 break
         if clamped is not None and mask is not None:
@@ -632,8 +642,12 @@ class Attention:
         if product is None:
             return unmatched()
         qk = product["node"]
-        if "self" in product and _zero_fill(product["self"]) and isinstance(product["alpha"], (int, float)):
-            # `baddbmm(zeros, q, k^T, alpha=scale)` (GPT-NeoX-Japanese): no bias, a scale.
+        beta = product.get("beta", 1)
+        if "self" in product and isinstance(product["alpha"], (int, float)) and (
+                _zero_fill(product["self"]) or (isinstance(beta, (int, float)) and beta == 0)):
+            # `baddbmm(zeros, q, k^T, alpha=scale)` (GPT-NeoX-Japanese): no bias, a scale; so is
+            # `baddbmm(empty, q, k^T, beta=0, alpha=scale)` (GPT-2's reorder_and_upcast_attn,
+            # ImageGPT, Decision Transformer): beta=0 ignores the bias, NaN and inf included.
             product_scale = float(product.pop("alpha"))
             del product["self"]
         if "self" in product:  # beta * bias + alpha * q @ k^T
@@ -654,10 +668,15 @@ class Attention:
                 # Any other bias (BLOOM's ALiBi counted along a padding mask, the same for every
                 # query row): the kernel adds it, as the [B, H, 1, S_kv] bias it is.
                 factor = float(product["beta"]) * outer
+                bounded = holds_no_lowest_value(product["self"], factor)
+                if replaced and not bounded:
+                    # A fill sets a hidden key's score to the lowest value whatever the bias
+                    # held; added to the mask, a bias at -inf or the lowest value there would
+                    # make it -inf (another row average in eager's padding rows): not taken.
+                    return unmatched()
                 product_bias = self._product_bias(graph, product["self"], qk, cur, factor, softmax)
                 if product_bias is None:
                     return unmatched()
-                bounded = _far_from_lowest(product["self"], factor)
             product_scale = float(product["alpha"])
         return _ManualScores(cur, product, mask, scale_mul, scale_div, product_scale, softcap, sinks, gate, alibi,
                              product_bias, bounded)
@@ -709,7 +728,7 @@ class Attention:
         scale: float | None = operands.q_factor * operands.k_factor * scores.product_scale
         rule = self._mask_rule(scores.mask, qv.shape[2], kv.shape[2])
         if rule is not None:  # the kernel applies the rule itself: a bias and ranges only for a key mask
-            bias, ranges = self._key_mask_inputs(graph, rule, kv.shape[2], result)
+            bias, ranges = self._key_mask_inputs(graph, rule, kv.shape[2], result, softmax)
         else:
             ranges = self._mask_ranges(graph, scores.mask, kv.shape[2], result)
             bias = self._float32_bias(graph, scores.mask)
@@ -912,7 +931,8 @@ def _rule_text(rule: MaskRule) -> str:
     """How the report names the rule a mask was proven to be."""
     window = f"sliding window {rule.sliding_window}" if rule.sliding_window is not None else ""
     keys = "key mask" if rule.key_mask is not None else ""
-    return " + ".join(part for part in ("causal" if rule.causal else "", window, keys) if part) or "no mask (all True)"
+    bias = "key bias" if rule.key_bias is not None else ""
+    return " + ".join(part for part in ("causal" if rule.causal else "", window, keys, bias) if part) or "no mask (all True)"
 
 
 def _record_rule(call: fx.Node, result: PassResult, rule: MaskRule | None, averaged: bool) -> None:
@@ -927,6 +947,8 @@ def _record_rule(call: fx.Node, result: PassResult, rule: MaskRule | None, avera
     result.count("mask_as_rule")
     if rule.key_mask is not None:
         result.count("key_mask")
+    if rule.key_bias is not None:
+        result.count("key_bias")
     if averaged:
         notes["empty_rows"] = "average V"
         result.count("empty_rows_average")
@@ -1018,7 +1040,9 @@ def _unmatched_scores(softmax: fx.Node) -> str:
         uses.append("tanh on the scores, but not as the logit soft-capping cap * tanh(scores / cap)")
     if any((p := _scores_product(n)) is not None and "self" in p for n in path):
         uses.append("baddbmm adds a bias inside the q @ k^T product that the kernel adds only as a float "
-                    "[B * H | 1, S | 1, S_kv] tensor, scaled by numbers and not soft-capped after it")
+                    "[B * H | 1, S | 1, S_kv] tensor, scaled by numbers and not soft-capped after it, and under a "
+                    "fill or clamp of the scores only when it provably holds no lowest value (an integer tensor "
+                    "times numbers)")
     # The manual match follows single-user scores only: a score tensor read by more than the
     # chain to the softmax (GraniteSWA's sinks scale the output by sigmoid(logsumexp(scores) -
     # sink)) is left for that reason, not for its ops, which the kernel may well implement.
@@ -1161,7 +1185,7 @@ class _ManualScores:
     masks met, joined into one), biased by ALiBi's `alibi` slopes or by `product_bias` (a bias
     inside the product that is not ALiBi's, as the float32 [B | 1, H | 1, S | 1, S_kv] the
     kernel adds; `product_bias_bounded`: it provably holds no value near a dtype's lowest, see
-    `_far_from_lowest`), joined by `sinks` (one logit per head; `gate`: GraniteSWA's form of them)."""
+    `holds_no_lowest_value`), joined by `sinks` (one logit per head; `gate`: GraniteSWA's form of them)."""
 
     scores: fx.Node
     product: dict[str, Any]
@@ -1355,39 +1379,6 @@ def _alibi_slopes(term: Any, over: fx.Node, view: fx.Node | None = None) -> list
         if rows.dim() != 4 or (rows - rows[:1, :, :1]).abs().max().item() > 1e-9 * max(1.0, rows.abs().max().item()):
             return None  # a slope that depends on the sequence or the query row
         return rows[0, :, 0, 0].tolist()
-
-
-# Float dtypes whose largest value is float32's or more: an integer times a bounded number stays
-# finite there, far from the lowest value.
-_WIDE_FLOATS = {torch.bfloat16, torch.float32, torch.float64}
-
-
-def _far_from_lowest(bias: Any, factor: float) -> bool:
-    """Whether `factor * bias` provably holds no value near a dtype's lowest (nor -inf): an
-    integer tensor (|x| < 2^63) times numbers (the graph's constants, at most 2^57 in size with
-    `factor`), behind layout ops and casts between bfloat16, float32 and float64 (BLOOM's
-    `slopes * positions` counted along a padding mask). A float16 bias, or one read from data
-    in any other way, is not."""
-    node = bias
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _LAYOUTS:
-        if _val(node).dtype not in _WIDE_FLOATS:
-            return False
-        node = node.args[0]
-    if not (_is_op(node, aten.mul.Tensor) and _val(node).dtype in _WIDE_FLOATS):
-        return False
-    for data, numbers in (node.args[:2], node.args[1::-1]):
-        dv = _val(data)
-        if not (isinstance(dv, torch.Tensor) and isinstance(numbers, fx.Node)) or dv.is_floating_point() or dv.is_complex():
-            continue
-        if _depends_on_sizes(numbers):
-            return False
-        value = evaluate_at_example_sizes(numbers)
-        if value is None:
-            return False
-        with unset_fake_temporarily():
-            largest = value.abs().max().item() if value.numel() else 0.0
-        return math.isfinite(largest) and largest * abs(factor) <= 2.0**57
-    return False
 
 
 def _is_positions(node: fx.Node) -> bool:

@@ -772,40 +772,45 @@ def test_dense_op_takes_a_per_key_float_bias_under_the_causal_rule(monkeypatch: 
 @pytest.mark.parametrize("bias", ["squared", "learned"])
 def test_position_biases_that_are_not_alibi(bias: str) -> None:
     """A bias that is not linear in the key position, or that comes from an input, is not taken
-    for ALiBi: added to the scores or inside a baddbmm (where the scale after the product scales
-    it too), it is the kernel's additive bias (exact)."""
+    for ALiBi: added to the scores it is the kernel's additive bias (exact); inside a baddbmm
+    (where the scale after the product scales it too) the squared positions (integers times
+    numbers) are too, and the input's, under the causal fill of finfo.min, is left as it is."""
     x, w = torch.randn(2, 7, 32), torch.randn(32, 192) / 32**0.5
-    for form, count in (("add", None), ("baddbmm", "product_bias"), ("baddbmm_halved", "product_bias")):
+    for form in ("add", "baddbmm", "baddbmm_halved"):
         _, out, _, report = compile_attention(lambda x, w: alibi_attention(x, w, form=form, bias=bias), x, w)
         torch.testing.assert_close(out, alibi_attention(x, w, form=form, bias=bias), rtol=1e-4, atol=1e-4)
+        if form != "add" and bias == "learned":
+            assert "meta_attention" not in report.rewrites and len(report.fallbacks) == 1, report.rewrites
+            continue
         assert report.rewrites["meta_attention"] == 1 and "alibi" not in report.rewrites and not report.fallbacks
-        assert report.rewrites.get("product_bias") == (1 if count else None), report.rewrites
+        assert report.rewrites.get("product_bias") == (None if form == "add" else 1), report.rewrites
 
 
-def _biased_product(x: torch.Tensor, bias: torch.Tensor, *, capped: bool = False, bloom: bool = False) -> torch.Tensor:
+def _biased_product(x: torch.Tensor, bias: torch.Tensor, *, halved: bool = True, capped: bool = False,
+                    filled: bool = False) -> torch.Tensor:
     """BLOOM's `baddbmm(bias, q, k^T)` over flattened heads, the bias given (any shape the baddbmm
-    broadcasts), halved after the product; `capped`: a soft cap over the biased scores; then a
-    causal mask filled in with finfo.min, or (`bloom`, with no halving) BLOOM's eager causal mask
-    of finfo.min added."""
+    broadcasts), `halved` after the product, `capped` (a soft cap over the biased scores), then
+    BLOOM's eager causal mask of finfo.min added, or (`filled`) the scores filled with finfo.min
+    where it hides."""
     b, s, _ = x.shape
     q, k, v = (t.reshape(b, s, 4, 8).transpose(1, 2) for t in x.split(32, dim=-1))
     scores = bias.baddbmm(q.reshape(b * 4, s, 8), k.reshape(b * 4, s, 8).transpose(-1, -2), beta=1.0, alpha=0.35)
-    scores = scores.view(b, 4, s, s)
-    if bloom:
-        causal = torch.ones(s, s, dtype=torch.bool).tril()
-        return torch.softmax(scores + torch.where(causal, 0.0, torch.finfo(scores.dtype).min), dim=-1) @ v
-    scores = scores / 2.0
+    scores = scores.view(b, 4, s, s) / (2.0 if halved else 1.0)
     if capped:
         scores = 3.0 * torch.tanh(scores / 3.0)
-    hidden = ~torch.ones(s, s, dtype=torch.bool).tril()
-    return torch.softmax(scores.masked_fill(hidden, torch.finfo(scores.dtype).min), dim=-1) @ v
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    if filled:
+        return torch.softmax(scores.masked_fill(~causal, torch.finfo(scores.dtype).min), dim=-1) @ v
+    return torch.softmax(scores + torch.where(causal, 0.0, torch.finfo(scores.dtype).min), dim=-1) @ v
 
 
 def test_biases_inside_the_product_are_the_kernels_bias() -> None:
     """A bias inside a baddbmm is the kernel's additive bias, at the scale after the product,
     whichever of the shapes the product broadcasts it from (per key, per query and key, over
     every batch row and head or one); under a soft cap (not linear) it stays as it was, with the
-    reason. Two lengths, one graph."""
+    reason, and so does a bias read from data under a fill of the scores (the fill sets a key's
+    score whatever the bias held there; added to the fill's mask, the bias could change it).
+    Two lengths, one graph."""
     for shape in ("bhqk", "bh1k", "1qk", "k"):
         def attn(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
             b, s, _ = x.shape
@@ -820,10 +825,11 @@ def test_biases_inside_the_product_are_the_kernels_bias() -> None:
             torch.testing.assert_close(compiled(x, table), attn(x, table), rtol=1e-4, atol=1e-4)
         assert report.rewrites["meta_attention"] == 1 and report.rewrites["product_bias"] == 1, (shape, report.rewrites)
         assert not report.fallbacks and report.recompiles == 0, shape
-    _, out, _, report = compile_attention(lambda x, t: _biased_product(x, t[:8, :1, :7], capped=True),
-                                          torch.randn(2, 7, 96), torch.randn(8, 1, 7))
-    assert "meta_attention" not in report.rewrites and len(report.fallbacks) == 1
-    assert "baddbmm adds a bias inside the q @ k^T product that the kernel adds only" in report.fallbacks[0].reason
+    for kind in ("capped", "filled"):
+        _, out, _, report = compile_attention(lambda x, t: _biased_product(x, t[:8, :1, :7], **{kind: True}),
+                                              torch.randn(2, 7, 96), torch.randn(8, 1, 7))
+        assert "meta_attention" not in report.rewrites and len(report.fallbacks) == 1, kind
+        assert "baddbmm adds a bias inside the q @ k^T product that the kernel adds only" in report.fallbacks[0].reason
 
 
 def test_a_bias_inside_the_product_read_from_data_keeps_the_whole_mask() -> None:
@@ -835,7 +841,7 @@ def test_a_bias_inside_the_product_read_from_data_keeps_the_whole_mask() -> None
     keys up to its own. Compared at every position."""
     def attn(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         pad = torch.where(keep, 0.0, torch.finfo(x.dtype).min)[:, None, :].repeat_interleave(4, 0)  # [B * 4, 1, S]
-        return _biased_product(x, pad, bloom=True)
+        return _biased_product(x, pad, halved=False)
 
     def inputs(b: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         keep = torch.ones(b, s, dtype=torch.bool)
@@ -849,6 +855,32 @@ def test_a_bias_inside_the_product_read_from_data_keeps_the_whole_mask() -> None
         torch.testing.assert_close(compiled(x, keep), attn(x, keep), rtol=1e-4, atol=1e-4)
     assert report.rewrites["meta_attention"] == 1 and report.rewrites["product_bias"] == 1, report.rewrites
     assert "mask_as_rule" not in report.rewrites and not report.fallbacks, report.rewrites
+
+
+def _beta_zero_product(x: torch.Tensor, junk: float) -> torch.Tensor:
+    """GPT-2's `reorder_and_upcast_attn` (ImageGPT's, Decision Transformer's): `baddbmm(empty, q,
+    k^T, beta=0, alpha=scale)`, whose preallocated bias is ignored by beta=0, NaN and inf
+    included (here filled with `junk` to make what `torch.empty` may hold deterministic)."""
+    b, s, _ = x.shape
+    q, k, v = (t.reshape(b, s, 4, 8).transpose(1, 2) for t in x.split(32, dim=-1))
+    scratch = torch.full((b * 4, s, s), junk)
+    scores = torch.baddbmm(scratch, q.reshape(b * 4, s, 8), k.reshape(b * 4, s, 8).transpose(-1, -2), beta=0,
+                           alpha=0.35)
+    hidden = ~torch.ones(s, s, dtype=torch.bool).tril()
+    scores = scores.view(b, 4, s, s).masked_fill(hidden, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("junk", [float("nan"), float("inf"), 1.0e6])
+def test_a_product_bias_under_beta_zero_is_no_bias(junk: float) -> None:
+    """beta=0 drops the baddbmm's bias (torch does not even propagate its NaN / inf): the kernel
+    must not add 0 * bias, which is NaN where the preallocated scratch holds NaN or inf."""
+    x = torch.randn(2, 7, 96)
+    compiled, out, _, report = compile_attention(lambda x: _beta_zero_product(x, junk), x)
+    torch.testing.assert_close(out, _beta_zero_product(x, junk), rtol=1e-4, atol=1e-4)
+    x = torch.randn(3, 11, 96)
+    torch.testing.assert_close(compiled(x), _beta_zero_product(x, junk), rtol=1e-4, atol=1e-4)
+    assert report.rewrites.get("meta_attention") == 1 and "product_bias" not in report.rewrites, report.rewrites
 
 
 def _lse_gated(x: torch.Tensor, sinks: torch.Tensor, *, reader: str = "gate") -> torch.Tensor:

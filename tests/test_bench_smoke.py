@@ -66,20 +66,21 @@ def test_host_calls_benchmark_counts_each_calls_launches() -> None:
                                     else "1" for r in rows]
 
 
-@pytest.mark.parametrize("model", ["llama", pytest.param("bloom", marks=pytest.mark.extended)])
+@pytest.mark.parametrize("model", ["llama", *(pytest.param(m, marks=pytest.mark.extended) for m in ("bloom", "falcon"))])
 def test_mask_memory_benchmark_runs(model: str) -> None:
     """bench/mask_memory.py (a compiled forward's peak memory, on a Linux machine) runs and says
     the left-padded batch's mask became the kernel's rule and a key mask (memory and times are
-    printed, never asserted); BLOOM's attention with its ALiBi bias beside them."""
+    printed, never asserted); BLOOM's and Falcon's attention with their ALiBi biases beside them."""
     attention = ["--attention", "sdpa"] if model == "llama" else []
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "mask_memory.py"), "--tokens", "96", "--model", model,
                            *attention, "--left-padded"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    what = "sdpa" if model == "llama" else "own attention"
+    what = {"llama": "sdpa", "bloom": "own attention", "falcon": "sdpa with ALiBi"}[model]
     assert f"{model}, tokens 96, {what}, use_cache=False, left-padded batch of 2: peak" in proc.stdout, proc.stdout
     assert "mask_as_rule 2, key_mask 2," in proc.stdout, proc.stdout
-    if model == "bloom":
-        assert "meta_attention 2, product_bias 2" in proc.stdout, proc.stdout
+    if model != "llama":
+        assert f"meta_attention 2, product_bias {2 * (model == 'bloom')}, key_bias {2 * (model == 'falcon')}" in proc.stdout, \
+            proc.stdout
 
 
 @pytest.mark.extended

@@ -425,6 +425,93 @@ def test_a_term_the_same_for_every_query_is_kept_as_the_key_mask(build, causal: 
     assert hidden_by_the_term > 0  # (the term hides keys the rule shows: the comparison sees it)
 
 
+# -- a float term the same for every query on the keys the rule keeps: the rule's key bias ------
+def _alibi_counted_along_the_keys(x, past, dtype=torch.float32):
+    """Falcon's ALiBi given a padding mask: two heads' slopes times each key's count of kept keys
+    before it (an integer tensor), [2, 1, P + T], in `dtype`."""
+    keep = (torch.cat([past, x[0]]) > 0).long()
+    positions = (keep.cumsum(-1) - 1) * keep
+    slopes = torch.pow(torch.full((), 0.5), torch.arange(1, 3, dtype=torch.int32))[:, None, None]
+    return (slopes * positions).to(dtype)
+
+
+def _falcon_alibi_mask(x, past):
+    # Falcon: `masked_fill(alibi / sqrt(d), eager_mask < -1, lowest)`, [2, T, P + T]
+    q, k = _positions(x, past)
+    eager = torch.where((k <= q) & (torch.cat([past, x[0]]) > 0)[None, :], 0.0, LOWEST)
+    return torch.masked_fill(_alibi_counted_along_the_keys(x, past) / 4.0, eager < -1, LOWEST)
+
+
+def _alibi_where_not_kept(x, past):
+    q, k = _positions(x, past)
+    keep = (k <= q) & (k > q - 3) & (torch.cat([past, x[0]]) > 0)[None, :]
+    return torch.where(~keep, LOWEST, _alibi_counted_along_the_keys(x, past) * 0.25)
+
+
+@pytest.mark.parametrize("build, window", [(_falcon_alibi_mask, None), (_alibi_where_not_kept, 3)])
+def test_a_bounded_term_kept_where_the_rule_keeps_is_the_key_bias(build, window: int | None) -> None:
+    """A float term the same for every query that provably holds no lowest value (positions
+    times numbers), set to the lowest value where a rule-and-padding mask hides keys (Falcon folds
+    its ALiBi into its mask so): the rule with the key mask and the term as its `key_bias`, and
+    `where(rule & key_mask, key_bias, lowest)` evaluated by the traced graph equals the mask at
+    other query and cache lengths, on fresh random inputs."""
+    gm = make_fx(build, tracing_mode="symbolic")(torch.zeros(1, 5), torch.zeros(3))
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    mask = output.args[0]
+    x, past = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    rule = mask_rule(mask, x.shape[1], past.shape[0] + x.shape[1])
+    assert rule is not None and (rule.causal, rule.sliding_window, rule.empty_rows_average) == (True, window, True)
+    assert rule.key_bias is not None and rule.key_bias.meta["val"].shape[-2] == 1
+    output.args = ((mask, rule.key_mask, rule.key_bias),)
+    gm.recompile()
+    for t, p in ((1, 0), (4, 0), (7, 5), (13, 2)):
+        x, past = torch.randn(1, t), torch.randn(p)
+        got_mask, key, bias = gm(x, past)
+        torch.testing.assert_close(got_mask, build(x, past))
+        keeps = _rule_mask(MaskRule(True, window), t, p) & key
+        torch.testing.assert_close(torch.where(keeps, bias, LOWEST).expand_as(got_mask), got_mask)
+
+
+def _float_term_from_an_input(x, past):
+    q, k = _positions(x, past)
+    eager = torch.where((k <= q) & (torch.cat([past, x[0]]) > 0)[None, :], 0.0, LOWEST)
+    return torch.masked_fill(torch.cat([past, x[0]])[None, :] * 0.5, eager < -1, LOWEST)  # may hold any value
+
+
+def _term_in_half(x, past):
+    q, k = _positions(x, past)
+    lowest = torch.finfo(torch.float16).min
+    eager = torch.where(k <= q, torch.tensor(0.0, dtype=torch.float16), lowest)
+    return torch.masked_fill(_alibi_counted_along_the_keys(x, past, torch.float16), eager < -1, lowest)
+
+
+def _term_per_query(x, past):
+    q, k = _positions(x, past)
+    term = _alibi_counted_along_the_keys(x, past).expand(2, x.shape[1], -1)  # a query dim of T
+    return torch.masked_fill(term, ~(k <= q), LOWEST)
+
+
+def _hidden_below_the_lowest_value(x, past):
+    q, k = _positions(x, past)
+    eager = torch.where((k <= q) & (torch.cat([past, x[0]]) > 0)[None, :], 0.0, LOWEST)
+    return torch.masked_fill(_alibi_counted_along_the_keys(x, past), eager <= LOWEST * 1.0000001, LOWEST)
+
+
+def _term_filled_with_a_number(x, past):
+    q, k = _positions(x, past)
+    return torch.masked_fill(_alibi_counted_along_the_keys(x, past), ~(k <= q), -1e4)  # not a hiding value
+
+
+@pytest.mark.parametrize("build", [_float_term_from_an_input, _term_in_half, _term_per_query,
+                                   _hidden_below_the_lowest_value, _term_filled_with_a_number])
+def test_terms_that_may_hide_keys_or_vary_by_query_are_not_key_biases(build) -> None:
+    """Near misses of the key bias: a term read from a float input (it may hold the lowest value,
+    which eager's softmax treats as hidden), one in float16 (positions times slopes may round to
+    its lowest), one with a query dim, a comparison that marks no key of an eager mask, a fill
+    that hides nothing. None is proven."""
+    assert _traced_rule(build) is None
+
+
 @pytest.mark.parametrize("dtype, keyed", [
     (torch.float8_e4m3fn, True), (torch.float8_e4m3fnuz, True), (torch.float8_e4m3fnuz, False),
 ])
@@ -764,6 +851,36 @@ def test_left_padded_batches_keep_only_the_padding_term(name: str, implementatio
     specs = [dict(k.spec["params"]) for k in report.kernels if k.spec["op"] == "meta_attention"]
     assert specs and all(s["bias"] and s["causal"] for s in specs), specs
     assert any(s["sliding_window"] for s in specs) == (name in ("mistral", "gpt_oss", "gemma2")), specs
+
+
+def test_falcons_alibi_along_a_padding_mask_is_the_rule_and_a_key_bias() -> None:
+    """Falcon with ALiBi folds its slopes times positions counted along the padding mask into the
+    mask it hands SDPA, `[B, H, S, S_kv]`: that mask is proven the causal rule, the key mask and
+    the positions as a `[B, H, 1, S_kv]` key bias, so no mask over the rows is read, and the
+    logits equal eager at every position of a left-padded batch with holes and a row padded all
+    but its last token."""
+    from models import _causal_lm
+
+    torch.manual_seed(0)
+    model = _causal_lm("FalconConfig", "FalconForCausalLM", num_key_value_heads=None, intermediate_size=None,
+                       max_position_embeddings=None, alibi=True)().eval()
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(report=report), dynamic=True)
+    with torch.no_grad():
+        for length in (6, 11):
+            ids = torch.randint(0, model.config.vocab_size, (3, length))
+            mask = torch.ones(3, length, dtype=torch.long)
+            mask[0, [1, 3]] = 0
+            mask[1, :4] = 0
+            mask[2, :-1] = 0
+            torch.testing.assert_close(compiled(ids, attention_mask=mask, use_cache=False).logits,
+                                       model(ids, attention_mask=mask, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+    rewrites = report.rewrites
+    assert (rewrites["mask_as_rule"], rewrites["key_mask"], rewrites["key_bias"], rewrites["empty_rows_average"]) == (
+        2, 2, 2, 2), rewrites
+    assert "mask_ranges" not in rewrites and not report.fallbacks, rewrites
+    specs = [dict(k.spec["params"]) for k in report.kernels if k.spec["op"] == "meta_attention"]
+    assert specs and all(s["bias"] and s["causal"] for s in specs), specs
 
 
 @pytest.mark.parametrize("name, implementation", [("llama", "sdpa"), ("mistral", "eager")])

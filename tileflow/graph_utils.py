@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 from typing import Any, Callable, Iterable, Sequence
 
@@ -475,6 +476,59 @@ def evaluate_at_example_sizes(node: fx.Node) -> torch.Tensor | None:
             return None
     value = env[node]
     return value if isinstance(value, torch.Tensor) else None
+
+
+# Ops that move or copy a tensor's values without changing them (casts: only between the wide
+# float dtypes, which `holds_no_lowest_value` checks).
+_VALUE_KEEPING = {
+    _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.unsqueeze.default,
+    _aten.squeeze.dim, _aten.squeeze.dims, _aten.squeeze.default, _aten.slice.Tensor, _aten.select.int,
+    _aten.expand.default, _aten.repeat.default, _aten.clone.default, _aten.alias.default, _aten.contiguous.default,
+    _aten.permute.default, _aten.transpose.int, _aten._to_copy.default, torch.ops.prims.convert_element_type.default,
+}
+# Float dtypes whose largest value is float32's or more.
+_WIDE_FLOATS = (torch.bfloat16, torch.float32, torch.float64)
+
+
+def holds_no_lowest_value(node: Any, factor: float = 1.0) -> bool:
+    """Whether every value of `factor * node` is provably finite and at most 2^100 in size: far
+    from any float dtype's lowest value (which masks use to hide keys), and absorbed by it (the
+    lowest value plus such a number is that value in bfloat16, float32 and float64, whose
+    spacing there is 2^104 or more). That is an integer tensor (at most 2^63 in size) times a
+    tensor of numbers only, scaled by numbers, behind layout ops and casts, all in bfloat16 or a
+    wider float (BLOOM's and Falcon's ALiBi, `slopes * positions` counted along a padding mask).
+    Anything else read from data, or computed in float16, is not."""
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        val = node.meta.get("val")
+        if not (isinstance(val, torch.Tensor) and val.dtype in _WIDE_FLOATS):
+            return False
+        if node.target in _VALUE_KEEPING:
+            node = node.args[0]
+            continue
+        if node.target in (_aten.mul.Tensor, _aten.div.Tensor) and len(node.args) == 2:
+            scale = constant_number(node.args[1])
+            if scale is not None and isinstance(node.args[0], fx.Node):  # scaled by a number
+                if not math.isfinite(scale) or (node.target is _aten.div.Tensor and scale == 0):
+                    return False
+                factor = factor * scale if node.target is _aten.mul.Tensor else factor / scale
+                node = node.args[0]
+                continue
+        if node.target is not _aten.mul.Tensor:
+            return False
+        for data, numbers in (node.args[:2], node.args[1::-1]):
+            dv = data.meta.get("val") if isinstance(data, fx.Node) else None
+            if not (isinstance(dv, torch.Tensor) and isinstance(numbers, fx.Node)) or dv.is_floating_point() or dv.is_complex():
+                continue
+            if any_ancestor(numbers, lambda n: n.op != "call_function" or isinstance(n.meta.get("val"), torch.SymInt)):
+                return False  # numbers that depend on a size or an input
+            value = evaluate_at_example_sizes(numbers)
+            if value is None:
+                return False
+            with unset_fake_temporarily():
+                largest = value.abs().max().item() if value.numel() else 0.0
+            return math.isfinite(largest) and largest * abs(factor) <= 2.0**37
+        return False
+    return False
 
 
 # Ops a constant passes through unchanged on its way to an attention (export's copies of a lifted

@@ -37,7 +37,11 @@ eager's softmax weighs all S_kv keys evenly: the rule says so (`empty_rows_avera
 attention pass averages V there. Only a lowest value that absorbs the scores does that:
 float32's, bfloat16's or float64's (a score short of 2^103 in size leaves it as it is), not
 float16's -65504, whose sum with a score of 16 is another number; such a float16 mask stays as
-it is.
+it is. A float term the same for every query, left as it is where such a mask keeps a key and
+set to a hiding value where it hides one (Falcon folds its ALiBi into its mask so:
+`masked_fill(alibi, eager_mask < -1, lowest)`), is the rule's `key_bias` when it provably holds
+no lowest value itself (`graph_utils.holds_no_lowest_value`): the kernel adds it to the keys the
+rule and the key mask leave, as eager does.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .graph_utils import bind_arguments, constant_number, meta_val
+from .graph_utils import bind_arguments, constant_number, holds_no_lowest_value, meta_val
 
 aten = torch.ops.aten
 
@@ -67,12 +71,16 @@ class MaskRule:
     or absent, its other dims 1 or the mask's), the keys it holds False are hidden as well: the
     mask is the rule `&` key_mask. With `empty_rows_average` (a float mask hiding with a finite
     lowest value), a row the rule and the key mask leave no key takes the even average of every
-    key's value (eager's softmax over S_kv equal scores), where the kernel would see no key."""
+    key's value (eager's softmax over S_kv equal scores), where the kernel would see no key.
+    With `key_bias` (a float node the same for every query row, that provably holds no lowest
+    value: Falcon's ALiBi folded into its mask), the mask adds it on the keys it keeps: the mask
+    is `where(rule & key_mask, key_bias, lowest)`."""
 
     causal: bool
     sliding_window: int | None
     key_mask: fx.Node | None = None
     empty_rows_average: bool = False
+    key_bias: fx.Node | None = None
 
 
 def mask_rule(mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
@@ -87,7 +95,9 @@ def mask_rule(mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
         # (Dynamo gives each layer's cache a length of its own, and the mask is sized by the first
         # layer's: eager would raise on a mismatch that the rule, which reads no mask, could not.)
         return None
-    band = _Reader().kept(mask)
+    reader = _Reader()
+    biased = _key_biased(mask, reader)
+    band, key_bias = biased if biased is not None else (reader.kept(mask), None)
     if band is None or len(band.keys) > 1:
         return None  # (two key terms would have to be joined: not a mask transformers builds)
     key_mask = band.keys[0] if band.keys else None
@@ -95,15 +105,37 @@ def mask_rule(mask: Any, q_len: Any, kv_len: Any) -> MaskRule | None:
         return None
     diagonal = _size(kv_len) - _size(q_len)  # the last query's key offset
     if (band.lo, band.hi) == (-sympy.oo, sympy.oo):
-        return MaskRule(False, None, key_mask, band.finite)
+        return MaskRule(False, None, key_mask, band.finite, key_bias)
     if band.hi == sympy.oo or not _zero(band.hi - diagonal):
         return None  # (a window bounded from below only is no mask transformers builds: not taken)
     if band.lo == -sympy.oo:
-        return MaskRule(True, None, key_mask, band.finite)
+        return MaskRule(True, None, key_mask, band.finite, key_bias)
     window = sympy.simplify(diagonal - band.lo + 1)
     if not (window.is_Integer and int(window) >= 1):
         return None  # a window that is not a fixed count of keys, or hides the query's own key
-    return MaskRule(True, int(window), key_mask, band.finite)
+    return MaskRule(True, int(window), key_mask, band.finite, key_bias)
+
+
+def _key_biased(mask: fx.Node, reader: _Reader) -> tuple[_Band | None, fx.Node] | None:
+    """`masked_fill(term, hidden, lowest)` or `where(hidden, lowest, term)` with `term` a float
+    tensor of the mask's dtype the same for every query row that holds no lowest value (Falcon
+    folds its ALiBi into its mask so, `hidden` being `eager_mask < -1`): the band `hidden` leaves
+    and the term; None for any other mask. (Only as the mask itself: a term moved by views
+    would have to be moved with its band.)"""
+    val = meta_val(mask)
+    if mask.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+        term, hidden, fill = mask.args[:3]
+    elif mask.target in _WHERES:
+        hidden, fill, term = mask.args[:3]
+    else:
+        return None
+    tv = meta_val(term)
+    if not (isinstance(term, fx.Node) and isinstance(tv, torch.Tensor) and tv.dtype == val.dtype
+            and _hides(fill, val.dtype) and _same_for_every_query(mask, term) and holds_no_lowest_value(term)):
+        return None
+    band = _spanning(mask, hidden, reader.shown(hidden))
+    # (the hiding values are the fill's, whatever the band's own mask held)
+    return _hidden_with(None if band is None else replace(band, finite=False), fill, val.dtype), term
 
 
 @dataclass(frozen=True)
@@ -227,6 +259,23 @@ class _Reader:
                 return replace(band, finite=False)  # a lowest value past the new dtype's: -inf
             return band
         return self.moved(node, self.kept, depth)
+
+    def shown(self, hidden: Any, depth: int = 0) -> _Band | None:
+        """The band a bool mask node is False on: that of `~keep`'s `keep`, or of a float mask
+        `m` that `m < c` (or `<=`) marks where it hides, c between its dtype's lowest value and 0
+        (Falcon's `eager_mask < -1`); else None."""
+        if not isinstance(hidden, fx.Node):
+            return None
+        if hidden.target in _NOTS:
+            return _spanning(hidden, hidden.args[0], self.band(hidden.args[0], depth))
+        if hidden.target in (aten.lt.Scalar, aten.le.Scalar) and isinstance(hidden.args[0], fx.Node):
+            mv, c = meta_val(hidden.args[0]), constant_number(hidden.args[1])
+            if not (isinstance(mv, torch.Tensor) and mv.dtype.is_floating_point and c is not None):
+                return None
+            # kept keys hold 0, hidden ones -inf or the lowest value: only the hidden are below c
+            below = torch.finfo(mv.dtype).min < c and (c <= 0 if hidden.target is aten.lt.Scalar else c < 0)
+            return _spanning(hidden, hidden.args[0], self.kept(hidden.args[0], depth)) if below else None
+        return None
 
     def band(self, node: Any, depth: int = 0) -> _Band | None:
         """The band a bool mask node is True on, or None."""
@@ -428,11 +477,17 @@ class _Reader:
 
 
 def _over_keys(out: fx.Node, operand: fx.Node) -> bool:
-    """Whether `operand`, a bool tensor `out` broadcasts, is the same for every query: its query
-    dim (the second to last) of size 1 or absent, its other dims of size 1 or `out`'s."""
+    """Whether `operand`, a bool tensor `out` broadcasts, is the same for every query (see
+    `_same_for_every_query`)."""
+    val = meta_val(operand)
+    return isinstance(val, torch.Tensor) and val.dtype == torch.bool and _same_for_every_query(out, operand)
+
+
+def _same_for_every_query(out: fx.Node, operand: fx.Node) -> bool:
+    """Whether `operand`, a tensor `out` broadcasts, is the same for every query: its query dim
+    (the second to last) of size 1 or absent, its other dims of size 1 or `out`'s."""
     src, dst = meta_val(operand), meta_val(out)
-    if not (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.dtype == torch.bool
-            and 1 <= src.dim() <= dst.dim()):
+    if not (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and 1 <= src.dim() <= dst.dim()):
         return False
     if src.dim() >= 2 and not statically_known_true(src.shape[-2] == 1):
         return False

@@ -20,13 +20,19 @@ LOWEST = torch.finfo(torch.float32).min
 
 
 # -- the proof on traced graphs ----------------------------------------------------------------
-def _traced_rule(build: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], t: int = 5, p: int = 3) -> MaskRule | None:
-    """`mask_rule` of the mask `build(x, past)` makes for T = x.shape[1] queries over P + T keys
-    (P = past.shape[0]), traced with symbolic sizes."""
+def _traced(build: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], t: int = 5,
+            p: int = 3) -> tuple[torch.fx.GraphModule, torch.fx.Node, MaskRule | None]:
+    """The graph of `build(x, past)` (a mask for T = x.shape[1] queries over P + T keys, P =
+    past.shape[0]) traced with symbolic sizes, its output node and `mask_rule` of its mask."""
     gm = make_fx(build, tracing_mode="symbolic")(torch.zeros(1, t), torch.zeros(p))
-    mask = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
     x, past = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    return mask_rule(mask, x.shape[1], past.shape[0] + x.shape[1])
+    return gm, output, mask_rule(output.args[0], x.shape[1], past.shape[0] + x.shape[1])
+
+
+def _traced_rule(build: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], t: int = 5, p: int = 3) -> MaskRule | None:
+    """`mask_rule` of the mask `build(x, past)` makes (see `_traced`)."""
+    return _traced(build, t, p)[2]
 
 
 def _keeps(mask: torch.Tensor, t: int, p: int) -> torch.Tensor:
@@ -403,11 +409,8 @@ def test_a_term_the_same_for_every_query_is_kept_as_the_key_mask(build, causal: 
     random inputs. A mask that hides with float32's or bfloat16's lowest value (an eager mask,
     MPT's `bool` of one, XGLM's clamp at it) says that the rows it hides whole average every key
     (`empty_rows_average`); cast into float16, that value is -inf, and such rows see nothing."""
-    gm = make_fx(build, tracing_mode="symbolic")(torch.zeros(1, 5), torch.zeros(3))
-    output = next(n for n in gm.graph.nodes if n.op == "output")
+    gm, output, rule = _traced(build)
     mask = output.args[0]
-    x, past = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    rule = mask_rule(mask, x.shape[1], past.shape[0] + x.shape[1])
     assert rule is not None and (rule.causal, rule.sliding_window, rule.empty_rows_average) == (causal, window, average)
     key = rule.key_mask
     assert key.meta["val"].dtype == torch.bool and key.meta["val"].shape[-2] == 1
@@ -455,11 +458,8 @@ def test_a_bounded_term_kept_where_the_rule_keeps_is_the_key_bias(build, window:
     its ALiBi into its mask so): the rule with the key mask and the term as its `key_bias`, and
     `where(rule & key_mask, key_bias, lowest)` evaluated by the traced graph equals the mask at
     other query and cache lengths, on fresh random inputs."""
-    gm = make_fx(build, tracing_mode="symbolic")(torch.zeros(1, 5), torch.zeros(3))
-    output = next(n for n in gm.graph.nodes if n.op == "output")
+    gm, output, rule = _traced(build)
     mask = output.args[0]
-    x, past = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    rule = mask_rule(mask, x.shape[1], past.shape[0] + x.shape[1])
     assert rule is not None and (rule.causal, rule.sliding_window, rule.empty_rows_average) == (True, window, True)
     assert rule.key_bias is not None and rule.key_bias.meta["val"].shape[-2] == 1
     output.args = ((mask, rule.key_mask, rule.key_bias),)

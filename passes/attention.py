@@ -727,16 +727,14 @@ class Attention:
             return _MORE_QUERIES_THAN_KEYS
         scale: float | None = operands.q_factor * operands.k_factor * scores.product_scale
         rule = self._mask_rule(scores.mask, qv.shape[2], kv.shape[2])
-        if rule is not None:  # the kernel applies the rule itself: a bias and ranges only for a key mask
-            bias, ranges = self._key_mask_inputs(graph, rule, kv.shape[2], result, softmax)
-        else:
-            ranges = self._mask_ranges(graph, scores.mask, kv.shape[2], result)
-            bias = self._float32_bias(graph, scores.mask)
-        if scores.product_bias is not None and rule is not None and not scores.product_bias_bounded:
+        if scores.product_bias is not None and not scores.product_bias_bounded:
             # Under the rule, a row whose every visible key the bias hid with a lowest value would
             # average those keys, where eager's mask gives every key that value and averages them
             # all: only a bias that provably holds no such value takes the rule.
             rule = None
+        if rule is not None:  # the kernel applies the rule itself: a bias and ranges only for a key mask
+            bias, ranges = self._key_mask_inputs(graph, rule, kv.shape[2], result, softmax)
+        else:
             ranges = self._mask_ranges(graph, scores.mask, kv.shape[2], result)
             bias = self._float32_bias(graph, scores.mask)
         if scores.product_bias is not None:

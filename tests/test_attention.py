@@ -2550,3 +2550,47 @@ def test_heads_seen_changing_under_automatic_dynamic_are_not_pinned() -> None:
         torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
     assert len(report.graphs) == 2 and report.rewrites["meta_attention"] == 1  # the first, static graph's
     assert any("head count or head dim changed between calls" in f.reason for f in report.fallbacks), report.fallbacks
+
+
+# -- a bias that overflows on the way is not bounded (a second reader's finds) --------------------
+def _overflowing_positions_times_slopes(keep: torch.Tensor) -> torch.Tensor:
+    """An integer tensor (kept keys from each key on) times numbers, then scaled by a number:
+    `holds_no_lowest_value` multiplies the numbers' largest (1e38) by the scale (1e-30), 1e8, but
+    float32 computes `slopes * positions` first, -4e38 and past: -inf for the early keys."""
+    positions = keep.long().flip(-1).cumsum(-1).flip(-1) * keep.long()
+    slopes = torch.full((4, 1), -1.0e38)
+    return (slopes * positions[:, None, :]) * 1.0e-30  # [B, 4, S]
+
+
+def test_a_product_bias_that_overflows_before_its_scale_is_not_bounded() -> None:
+    """BLOOM's `baddbmm(bias, q, k^T)` under its added causal mask, the bias -inf on the early keys
+    (see `_overflowing_positions_times_slopes`): under the causal rule a row whose every visible key
+    is -inf sees nothing (0), where eager averages the later keys, which the mask holds at
+    finfo.min. Compared at every position."""
+    def attn(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return _biased_product(x, _overflowing_positions_times_slopes(keep).reshape(-1, 1, x.shape[1]), halved=False)
+
+    x, keep = torch.randn(2, 7, 96), torch.ones(2, 7, dtype=torch.bool)
+    compiled, out, _, report = compile_attention(attn, x, keep)
+    torch.testing.assert_close(out, attn(x, keep), rtol=1e-4, atol=1e-4)
+
+
+def test_a_falcon_key_bias_that_overflows_before_its_scale_is_not_taken() -> None:
+    """Falcon's `masked_fill(term, eager_mask < -1, lowest)` handed to SDPA, the term -inf on the
+    early keys (see `_overflowing_positions_times_slopes`): as the rule's key bias a row whose
+    visible keys are all -inf gives 0, where eager averages the keys its mask holds at finfo.min."""
+    low = torch.finfo(torch.float32).min
+
+    def attn(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (t.reshape(b, s, 4, 16).transpose(1, 2) for t in x.split(64, dim=-1))
+        i = torch.arange(s)
+        eager = torch.where((i[None, :] <= i[:, None])[None, None] & keep[:, None, None, :], 0.0, low)
+        term = _overflowing_positions_times_slopes(keep)[:, :, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.masked_fill(term, eager < -1, low))
+
+    keep = torch.ones(3, 7, dtype=torch.bool)
+    keep[1, :2] = False
+    x = torch.randn(3, 7, 192)
+    compiled, out, _, report = compile_attention(attn, x, keep)
+    torch.testing.assert_close(out, attn(x, keep), rtol=1e-4, atol=1e-4)

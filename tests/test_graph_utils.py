@@ -3,8 +3,9 @@ constants, written arguments, split-off checks, range bounds and size-only evalu
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+import pytest
 import torch
 import torch.fx as fx
 
@@ -156,3 +157,35 @@ def test_evaluate_at_example_sizes_computes_in_float64() -> None:
     value = evaluate_at_example_sizes(scaled)
     assert value is not None and value.dtype == torch.float64
     torch.testing.assert_close(value, torch.arange(5, dtype=torch.float64) * 0.1)
+
+
+def _proof_and_values(build: Callable[[torch.Tensor], torch.Tensor]) -> tuple[bool, torch.Tensor]:
+    """`holds_no_lowest_value` of `build(keep)` traced with a symbolic length, and its value at
+    another length."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tileflow.graph_utils import holds_no_lowest_value
+
+    gm = make_fx(build, tracing_mode="symbolic")(torch.ones(6, dtype=torch.bool))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return holds_no_lowest_value(out), gm(torch.ones(9, dtype=torch.bool))
+
+
+def test_holds_no_lowest_value_proves_positions_times_slopes() -> None:
+    """BLOOM's form, `slopes * positions` counted along a mask, scaled: proven, and finite."""
+    proven, value = _proof_and_values(
+        lambda keep: (torch.pow(torch.full((), 0.5), torch.arange(1, 5))[:, None] * keep.long().cumsum(-1)[None, :]) / 4.0)
+    assert proven and torch.isfinite(value).all()
+
+
+@pytest.mark.parametrize("build", [
+    # -1e38 times positions 1..9 is past float32's range (-inf) before the * 1e-30 (a second
+    # reader's find: folded into one factor, 1e38 * 1e-30 = 1e8, the proof held)
+    lambda keep: (torch.full((4, 1), -1.0e38) * keep.long().cumsum(-1)[None, :]) * 1e-30,
+    # numbers that are 3e39 in float64 and inf in float32, where the graph computes them
+    lambda keep: (torch.full((4, 1), 3.0e38, dtype=torch.float32) * 10.0) * keep.long()[None, :] * 1e-30,
+], ids=["overflow_before_a_scale", "numbers_overflow_in_their_dtype"])
+def test_holds_no_lowest_value_bounds_every_value_the_graph_computes(build) -> None:
+    """Values the graph computes as -inf or inf on the way are not proven bounded."""
+    proven, value = _proof_and_values(build)
+    assert not torch.isfinite(value).all() and not proven

@@ -497,18 +497,33 @@ def _hidden_below_the_lowest_value(x, past):
     return torch.masked_fill(_alibi_counted_along_the_keys(x, past), eager <= LOWEST * 1.0000001, LOWEST)
 
 
+def _hidden_where(compare: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """Falcon's form with `compare(eager_mask)` for its `eager_mask < -1`."""
+    def build(x, past):
+        q, k = _positions(x, past)
+        eager = torch.where((k <= q) & (torch.cat([past, x[0]]) > 0)[None, :], 0.0, LOWEST)
+        return torch.masked_fill(_alibi_counted_along_the_keys(x, past) / 4.0, compare(eager), LOWEST)
+    return build
+
+
 def _term_filled_with_a_number(x, past):
     q, k = _positions(x, past)
     return torch.masked_fill(_alibi_counted_along_the_keys(x, past), ~(k <= q), -1e4)  # not a hiding value
 
 
-@pytest.mark.parametrize("build", [_float_term_from_an_input, _term_in_half, _term_per_query,
-                                   _hidden_below_the_lowest_value, _term_filled_with_a_number])
+@pytest.mark.parametrize("build", [
+    _float_term_from_an_input, _term_in_half, _term_per_query, _hidden_below_the_lowest_value,
+    _term_filled_with_a_number,
+    _hidden_where(lambda eager: eager <= -1e-50),  # -0.0 in float32, and 0 <= -0.0: every key hidden
+    _hidden_where(lambda eager: eager < -3.4028234e38),  # float32's lowest in float32: no key hidden
+])
 def test_terms_that_may_hide_keys_or_vary_by_query_are_not_key_biases(build) -> None:
     """Near misses of the key bias: a term read from a float input (it may hold the lowest value,
     which eager's softmax treats as hidden), one in float16 (positions times slopes may round to
     its lowest), one with a query dim, a comparison that marks no key of an eager mask, a fill
-    that hides nothing. None is proven."""
+    that hides nothing, and two comparisons whose number rounds in float32 (where torch compares)
+    to one that marks every key or none (a second reader's find: read as doubles, both were
+    proven). None is proven."""
     assert _traced_rule(build) is None
 
 

@@ -442,15 +442,16 @@ def size_hint(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def evaluate_at_example_sizes(node: fx.Node) -> torch.Tensor | None:
+def evaluate_at_example_sizes(node: fx.Node, widen_floats: bool = True) -> torch.Tensor | None:
     """The value `node` takes at the graph's example sizes (the SymInts' hints), on the CPU and
-    in float64 wherever the graph computes in a float dtype, when it depends on nothing but sizes
-    and constants (aranges, fills, arithmetic, layout ops, casts: say an ALiBi bias built from
-    the sequence length); None when it reads a tensor input or uses any other op."""
+    in float64 wherever the graph computes in a float dtype (in the graph's own float dtypes
+    without `widen_floats`), when it depends on nothing but sizes and constants (aranges, fills,
+    arithmetic, layout ops, casts: say an ALiBi bias built from the sequence length); None when
+    it reads a tensor input or uses any other op."""
     env: dict[fx.Node, Any] = {}
 
     def widen(value: Any) -> Any:
-        return torch.float64 if value in _FLOAT_DTYPES else value
+        return torch.float64 if widen_floats and value in _FLOAT_DTYPES else value
 
     def visit(cur: fx.Node) -> bool:  # post-order: a node's inputs are evaluated before it
         if cur in env:
@@ -496,8 +497,11 @@ def holds_no_lowest_value(node: Any, factor: float = 1.0) -> bool:
     lowest value plus such a number is that value in bfloat16, float32 and float64, whose
     spacing there is 2^104 or more). That is an integer tensor (at most 2^63 in size) times a
     tensor of numbers only, scaled by numbers, behind layout ops and casts, all in bfloat16 or a
-    wider float (BLOOM's and Falcon's ALiBi, `slopes * positions` counted along a padding mask).
-    Anything else read from data, or computed in float16, is not."""
+    wider float (BLOOM's and Falcon's ALiBi, `slopes * positions` counted along a padding mask),
+    with every value on the way within the bound (the numbers as the graph computes them, in
+    their own dtypes, then the product and each scale in turn: an overflow to inf is not undone
+    by a scale after it). Anything else read from data, or computed in float16, is not."""
+    scales: list[float] = []  # the numbers met, from the outermost in
     while isinstance(node, fx.Node) and node.op == "call_function":
         val = node.meta.get("val")
         if not (isinstance(val, torch.Tensor) and val.dtype in _WIDE_FLOATS):
@@ -510,7 +514,7 @@ def holds_no_lowest_value(node: Any, factor: float = 1.0) -> bool:
             if scale is not None and isinstance(node.args[0], fx.Node):  # scaled by a number
                 if not math.isfinite(scale) or (node.target is _aten.div.Tensor and scale == 0):
                     return False
-                factor = factor * scale if node.target is _aten.mul.Tensor else factor / scale
+                scales.append(scale if node.target is _aten.mul.Tensor else 1.0 / scale)
                 node = node.args[0]
                 continue
         if node.target is not _aten.mul.Tensor:
@@ -521,12 +525,20 @@ def holds_no_lowest_value(node: Any, factor: float = 1.0) -> bool:
                 continue
             if any_ancestor(numbers, lambda n: n.op != "call_function" or isinstance(n.meta.get("val"), torch.SymInt)):
                 return False  # numbers that depend on a size or an input
-            value = evaluate_at_example_sizes(numbers)
+            # In the dtypes the graph computes them in (float64 would hide an overflow to inf).
+            value = evaluate_at_example_sizes(numbers, widen_floats=False)
             if value is None:
                 return False
             with unset_fake_temporarily():
                 largest = value.abs().max().item() if value.numel() else 0.0
-            return math.isfinite(largest) and largest * abs(factor) <= 2.0**37
+            # Every value the chain computes, not only its last: the product, then each scale
+            # from the innermost out (a scale down after an overflow leaves the inf).
+            bound = 2.0**63 * largest
+            for scale in (*reversed(scales), factor):
+                if not (math.isfinite(bound) and bound <= 2.0**100):
+                    return False
+                bound *= abs(scale)
+            return math.isfinite(bound) and bound <= 2.0**100
         return False
     return False
 

@@ -273,6 +273,9 @@ class _Reader:
             if not (isinstance(mv, torch.Tensor) and mv.dtype.is_floating_point and c is not None):
                 return None
             # kept keys hold 0, hidden ones -inf or the lowest value: only the hidden are below c
+            # (torch compares in the mask's dtype, where c rounds: -1e-50 to -0.0, a number just
+            # above float32's lowest to that lowest)
+            c = torch.tensor(c, dtype=mv.dtype).item()
             below = torch.finfo(mv.dtype).min < c and (c <= 0 if hidden.target is aten.lt.Scalar else c < 0)
             return _spanning(hidden, hidden.args[0], self.kept(hidden.args[0], depth)) if below else None
         return None

@@ -429,12 +429,13 @@ def test_a_term_the_same_for_every_query_is_kept_as_the_key_mask(build, causal: 
 
 
 # -- a float term the same for every query on the keys the rule keeps: the rule's key bias ------
-def _alibi_counted_along_the_keys(x, past, dtype=torch.float32):
-    """Falcon's ALiBi given a padding mask: two heads' slopes times each key's count of kept keys
-    before it (an integer tensor), [2, 1, P + T], in `dtype`."""
+def _alibi_counted_along_the_keys(x, past, dtype=torch.float32, slopes=None):
+    """Falcon's ALiBi given a padding mask: two heads' slopes (or `slopes`, [2, 1, 1]) times each
+    key's count of kept keys before it (an integer tensor), [2, 1, P + T], in `dtype`."""
     keep = (torch.cat([past, x[0]]) > 0).long()
     positions = (keep.cumsum(-1) - 1) * keep
-    slopes = torch.pow(torch.full((), 0.5), torch.arange(1, 3, dtype=torch.int32))[:, None, None]
+    if slopes is None:
+        slopes = torch.pow(torch.full((), 0.5), torch.arange(1, 3, dtype=torch.int32))[:, None, None]
     return (slopes * positions).to(dtype)
 
 
@@ -595,6 +596,67 @@ def test_random_conjunctions_are_proven_exactly_when_they_are_the_rule(terms, al
             assert torch.equal(_rule_mask(rule, t, p), build(torch.zeros(1, t), torch.zeros(p))), (rule, t, p)
     else:
         assert not _a_rule_at(build, sizes), "a rule at every size tried, not proven"
+
+
+# Falcon-like masks `where(hidden, fill, term)` drawn at random: the term's form, the condition
+# marking the hidden keys, the fill, a window and a padding term or not.
+_KEY_TERMS = {
+    "alibi": lambda x, past: _alibi_counted_along_the_keys(x, past) / 4.0,  # bounded: a key bias
+    "alibi_bf16": lambda x, past: _alibi_counted_along_the_keys(x, past, torch.bfloat16).float(),
+    "from_an_input": lambda x, past: torch.cat([past, x[0]])[None, None, :] * 1e38,  # may overflow
+    "per_query": lambda x, past: (_alibi_counted_along_the_keys(x, past) + torch.arange(x.shape[1])[:, None]),
+    # past float32's range on the way, scaled back after: -inf (or NaN) where the scale alone says 1e8
+    "overflow_then_scaled": lambda x, past: _alibi_counted_along_the_keys(x, past, slopes=torch.full((2, 1, 1), -1e38))
+    * 1e-30,
+    "numbers_overflow": lambda x, past: _alibi_counted_along_the_keys(
+        x, past, slopes=torch.full((2, 1, 1), 3e38) * 10.0) * 1e-30,
+}
+_NUMBERS = (-1.0, 0.0, -0.5, -1e-50, -1e30, -3.4028234e38, LOWEST)
+
+
+@st.composite
+def _key_biased_masks(draw) -> tuple[str, str, float, float, int | None, bool]:
+    return (draw(st.sampled_from(sorted(_KEY_TERMS))), draw(st.sampled_from(["lt", "le", "not"])),
+            draw(st.sampled_from(_NUMBERS)), draw(st.sampled_from([LOWEST, float("-inf"), -1e4, 0.0])),
+            draw(st.sampled_from([None, 2, 4])), draw(st.booleans()))
+
+
+def _key_biased_mask(term: str, compare: str, c: float, fill: float, window: int | None, padded: bool) -> Callable:
+    def build(x, past):
+        q, k = _positions(x, past)
+        keep = k <= q
+        if window is not None:
+            keep = keep & (k > q - window)
+        if padded:
+            keep = keep & (torch.cat([past, x[0]]) > 0)[None, :]
+        eager = torch.where(keep, 0.0, LOWEST)
+        hidden = ~keep if compare == "not" else getattr(torch, compare)(eager, c)
+        return torch.masked_fill(_KEY_TERMS[term](x, past), hidden, fill)
+    return build
+
+
+@settings(max_examples=40, deadline=None)
+@given(form=_key_biased_masks())
+def test_random_key_biased_masks_are_proven_only_as_what_they_are(form) -> None:
+    """Whatever the form, a proven rule with a key bias is the mask: where the rule and the key
+    mask keep a key the mask holds the key bias, finite and at most 2^100 in size, elsewhere a
+    hiding value; and its rows that see no key average every key exactly when the fill is float32's
+    finite lowest value and there is a padding term. (Whether a form is proven is not asserted.)"""
+    build = _key_biased_mask(*form)
+    gm, output, rule = _traced(build)
+    if rule is None or rule.key_bias is None:
+        return
+    output.args = ((output.args[0], rule.key_mask, rule.key_bias),)
+    gm.recompile()
+    for t, p in ((2, 0), (3, 2), (8, 0), (17, 11)):
+        x, past = torch.randn(1, t), torch.randn(p)
+        mask, key, bias = gm(x, past)
+        keeps = _rule_mask(MaskRule(rule.causal, rule.sliding_window), t, p) & (True if key is None else key)
+        keeps, bias = keeps.expand_as(mask), bias.expand_as(mask)
+        assert torch.isfinite(bias).all() and bias.abs().max() <= 2.0**100, (form, t, p)
+        assert torch.equal(mask[keeps], bias[keeps]), (form, t, p)
+        assert (mask[~keeps] <= LOWEST).all(), (form, t, p)
+    assert rule.empty_rows_average == (form[3] == LOWEST and rule.key_mask is not None), form
 
 
 # -- the attention pass: the rule instead of the mask, outputs equal eager ----------------------

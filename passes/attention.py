@@ -50,10 +50,10 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tileflow.graph_utils import (
-    any_ancestor,
     bind_arguments,
     constant_number,
     copy_source_meta,
+    depends_on_sizes,
     evaluate_at_example_sizes,
     free_symbols,
     holds_no_lowest_value,
@@ -455,18 +455,24 @@ class Attention:
         self._made[key] = empty
         return empty
 
+    def _rule_bias(self, graph: fx.Graph, rule: MaskRule, at: fx.Node) -> Any:
+        """The bias a call under `rule` reads: its key mask, as the bool it is (each call converts
+        its S_kv values a batch row; under the rule a float32 bias would make the runtime judge its
+        hidden keys over [S, S_kv]), or no mask; with the rule's `key_bias`, that bias with the key
+        mask's hidden keys at -inf (made before `at`)."""
+        if rule.key_bias is not None:
+            return self._joined_mask(graph, rule.key_mask, rule.key_bias, at)
+        return rule.key_mask
+
     def _key_mask_inputs(self, graph: fx.Graph, rule: MaskRule, kv_len: Any, result: PassResult,
                          at: fx.Node) -> tuple[Any, Any]:
-        """The bias and ranges a call under `rule` reads: its key mask, as the bool it is (each
-        call converts its S_kv values a batch row; under the rule a float32 bias would make the
-        runtime judge its hidden keys over [S, S_kv]), and the ranges of it; or no mask. With the
-        rule's `key_bias`, that bias with the key mask's hidden keys at -inf (made before `at`),
-        whose ranges each call judges from it (`[B, H, 1, S_kv]`: no copy over the rows)."""
-        if rule.key_bias is not None:
-            return self._joined_mask(graph, rule.key_mask, rule.key_bias, at), None
-        if rule.key_mask is None:
-            return None, None
-        return rule.key_mask, self._mask_ranges(graph, rule.key_mask, kv_len, result)
+        """The bias (`_rule_bias`) and ranges a call under `rule` reads: the ranges of its bool
+        key mask; none for a key bias, whose ranges each call judges from it (`[B, H, 1, S_kv]`:
+        no copy over the rows)."""
+        bias = self._rule_bias(graph, rule, at)
+        if bias is None or rule.key_bias is not None:
+            return bias, None
+        return bias, self._mask_ranges(graph, bias, kv_len, result)
 
     def _mask_ranges(self, graph: fx.Graph, mask: Any, kv_len: Any, result: PassResult) -> fx.Node | None:
         """The `attention_mask_ranges` node of `mask`, made once per mask right after it, so
@@ -732,16 +738,17 @@ class Attention:
             # average those keys, where eager's mask gives every key that value and averages them
             # all: only a bias that provably holds no such value takes the rule.
             rule = None
-        if rule is not None:  # the kernel applies the rule itself: a bias and ranges only for a key mask
+        if rule is not None and scores.product_bias is None:
+            # the kernel applies the rule itself: a bias and ranges only for a key mask
             bias, ranges = self._key_mask_inputs(graph, rule, kv.shape[2], result, softmax)
+        elif rule is not None:
+            # The key mask's hidden keys at -inf in the product's bias, whose ranges the call
+            # judges itself (BLOOM's, [B, H, 1, S_kv], with no copy over the rows).
+            bias = self._joined_mask(graph, self._rule_bias(graph, rule, softmax), scores.product_bias, softmax)
+            ranges = None
         else:
-            ranges = self._mask_ranges(graph, scores.mask, kv.shape[2], result)
-            bias = self._float32_bias(graph, scores.mask)
-        if scores.product_bias is not None:
-            # The mask's hidden keys at -inf in the bias; under a rule the call judges the ranges
-            # from the bias itself (BLOOM's, [B, H, 1, S_kv], with no copy over the rows).
-            bias = self._joined_mask(graph, bias, scores.product_bias, softmax)
-            ranges = None if rule is not None else self._mask_ranges(graph, bias, kv.shape[2], result)
+            bias = self._joined_mask(graph, self._float32_bias(graph, scores.mask), scores.product_bias, softmax)
+            ranges = self._mask_ranges(graph, scores.mask if scores.product_bias is None else bias, kv.shape[2], result)
         causal, window = (rule.causal, rule.sliding_window) if rule is not None else (False, None)
         with graph.inserting_before(out4):
             q_in = q
@@ -1347,7 +1354,7 @@ def _alibi_slopes(term: Any, over: fx.Node, view: fx.Node | None = None) -> list
     if not _is_op(product, aten.mul.Tensor) or not all(isinstance(a, fx.Node) for a in product.args[:2]):
         return None
     a, b = product.args[:2]
-    if not ((_is_positions(a) and not _depends_on_sizes(b)) or (_is_positions(b) and not _depends_on_sizes(a))):
+    if not ((_is_positions(a) and not depends_on_sizes(b)) or (_is_positions(b) and not depends_on_sizes(a))):
         return None
     value = evaluate_at_example_sizes(term)
     over_shape = [size_hint(d) for d in _val(over).shape]
@@ -1389,11 +1396,6 @@ def _is_positions(node: fx.Node) -> bool:
     if node.target in (aten.arange.default, aten.arange.start):
         return True
     return node.target is aten.arange.start_step and bind_arguments(node)["step"] == 1
-
-
-def _depends_on_sizes(node: fx.Node) -> bool:
-    """Whether `node`'s value depends on a size or a graph input (else it is made of numbers)."""
-    return any_ancestor(node, lambda n: n.op != "call_function" or isinstance(_val(n), torch.SymInt))
 
 
 def _filled_with_low_value(node: fx.Node) -> tuple[fx.Node, fx.Node, bool, float] | None:

@@ -193,6 +193,11 @@ def any_ancestor(node: fx.Node, test: Callable[[fx.Node], bool],
     return False
 
 
+def depends_on_sizes(node: fx.Node) -> bool:
+    """Whether `node`'s value depends on a size or a graph input (else it is made of numbers)."""
+    return any_ancestor(node, lambda n: n.op != "call_function" or isinstance(n.meta.get("val"), torch.SymInt))
+
+
 def in_graph(node: fx.Node, graph: fx.Graph) -> bool:
     """Whether `node` is (still) one of `graph`'s nodes, in constant time.
 
@@ -523,7 +528,7 @@ def holds_no_lowest_value(node: Any, factor: float = 1.0) -> bool:
             dv = data.meta.get("val") if isinstance(data, fx.Node) else None
             if not (isinstance(dv, torch.Tensor) and isinstance(numbers, fx.Node)) or dv.is_floating_point() or dv.is_complex():
                 continue
-            if any_ancestor(numbers, lambda n: n.op != "call_function" or isinstance(n.meta.get("val"), torch.SymInt)):
+            if depends_on_sizes(numbers):
                 return False  # numbers that depend on a size or an input
             # In the dtypes the graph computes them in (float64 would hide an overflow to inf).
             value = evaluate_at_example_sizes(numbers, widen_floats=False)

@@ -53,6 +53,7 @@ from tileflow.graph_utils import (
     infer_meta,
     is_view_op,
     same_shape,
+    traced_contiguous,
     transposed_dims,
 )
 from tileflow.kernel_spec import CLAMPED_SWIGLU, GATED_ACTIVATIONS, is_gated
@@ -451,10 +452,14 @@ def _strided_views_reshape(node: fx.Node) -> bool:
     `view` the slice's row stride makes impossible (one merging a row dim with a column dim)
     becomes a `reshape`, which copies where it must. The views the models write split rows and
     columns apart and stay views. False when another view op cannot take the slice (say
-    `view_as_complex` of an odd row stride): the caller makes the slice contiguous."""
+    `view_as_complex` of an odd row stride), or when an `as_strided` reads it: its strides are
+    the storage's, traced on a contiguous output, and over a slice they would read other
+    columns (no error, wrong values): the caller makes the slice contiguous."""
     pending = [node]
     while pending:
         view = pending.pop()
+        if view.target is aten.as_strided.default:
+            return False
         try:
             if view.target is operator.getitem:  # (infer_meta reads tensors, not a list of them)
                 view.meta["val"] = view.args[0].meta["val"][view.args[1]]
@@ -683,6 +688,11 @@ class GemmPadding:
             return
         if not same_shape(ov.shape, tv.shape) or not same_shape(_val(add).shape, tv.shape):
             return  # broadcasting adds are not a residual
+        if not traced_contiguous(add):
+            # Eager laid the sum out as the residual is (`r.t() + linear(x)`: the first operand's
+            # strides); the kernel writes rows, so the result's strides, and what an as_strided
+            # of it reads, would change.
+            return
         chain.residual = other
         chain.tip = add
         chain.absorbed.append(add)

@@ -1135,3 +1135,41 @@ def test_a_gemm_split_along_the_tokens_by_a_symbolic_size_is_padded() -> None:
         with torch.no_grad():
             torch.testing.assert_close(compiled(x, z), halves(x, z), rtol=1e-5, atol=1e-5)
     assert report.rewrites.get("padded_gemm") == 1 and not report.fallbacks, report.fallbacks
+
+
+def test_an_as_strided_of_a_sibling_reads_eager_layout() -> None:
+    """`as_strided` takes strides relative to its input's storage, traced on a contiguous
+    projection: over a column slice of the siblings' wider output it would read other columns
+    (wrong values, no error). Such a sibling gets a contiguous copy of its columns."""
+    def every_other_column(h, wa, wb):
+        qa, qb = F.linear(h, wa), F.linear(h, wb)
+        return torch.as_strided(qa, (qa.shape[0], 4), (8, 2)) + torch.as_strided(qb, (qb.shape[0], 4), (8, 2))
+
+    args = [torch.randn(8, 12), torch.randn(8, 12)]
+    compiled, gm, ctx = compile_fn(every_other_column, torch.randn(6, 12), *args)
+    for rows in (2, 6, 9):
+        h = torch.randn(rows, 12)
+        torch.testing.assert_close(compiled(h, *args), every_other_column(h, *args), rtol=1e-5, atol=1e-5)
+
+
+def test_a_residual_that_lays_out_the_sum_stays_an_add() -> None:
+    """Eager's `r + linear(x)` takes its layout from its first operand: a transposed residual
+    gives a transposed sum. The kernel writes rows, so fusing that add changed the result's
+    strides (a returned tensor's, and what an `as_strided` of it reads: wrong values, no error).
+    Such an add stays apart; a residual after the product (`linear(x) + r`) still fuses."""
+    def residual_first(h, w, r_t):
+        z = r_t.t() + F.linear(h, w)  # z is laid out as r_t.t(): strides (1, rows)
+        return z, torch.as_strided(z, (3, 2), (1, z.shape[0])) * 2
+
+    def residual_second(h, w, r_t):
+        return F.linear(h, w) + r_t.t()
+
+    w = torch.randn(6, 8)
+    compiled, gm, ctx = compile_fn(residual_first, torch.randn(4, 8), w, torch.randn(6, 4), dynamic_dims=((0, 0), (2, 1)))
+    for rows in (3, 5):
+        args = (torch.randn(rows, 8), w, torch.randn(6, rows))
+        (got, got_strided), (want, want_strided) = compiled(*args), residual_first(*args)
+        torch.testing.assert_close(got_strided, want_strided, rtol=1e-5, atol=1e-5)
+        assert got.stride() == want.stride()
+    _, gm, ctx = compile_fn(residual_second, torch.randn(4, 8), w, torch.randn(6, 4), dynamic_dims=((0, 0), (2, 1)))
+    assert ctx.report.passes[1].rewrites.get("fused_residual") == 1

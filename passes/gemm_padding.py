@@ -72,9 +72,10 @@ _GATED_BY_GATE = {gate: gated for gated, gate in GATED_ACTIVATIONS.items()}
 # rows only, so there a node's segments would cost copies: its siblings stay apart.
 _SIBLING_TARGETS = ("triton", "reference")
 # Why a GEMM whose weight has symbolic sizes stays as it is, and what makes them static.
-_SYMBOLIC_WEIGHT = ("the weight's sizes are symbolic (a graph input under dynamic=True); plans need them static: "
-                    "torch._dynamo.mark_static(weight) before the first call makes them so (in an export, give the "
-                    "weight no Dim)")
+_SYMBOLIC_WEIGHT = ("the weight's sizes are symbolic (a graph input under dynamic=True); plans need them static. "
+                    "If it is a parameter, torch._dynamo.mark_static(weight) before the first call makes them so (in "
+                    "an export, give the weight no Dim); if it is an activation (the tokens, a cache), the product "
+                    "has no fixed weight to plan for and runs as it is")
 _TARGET_DTYPES = {
     "triton": (torch.float16, torch.bfloat16, torch.float32),
     "ascend": (torch.float16, torch.bfloat16, torch.float32),

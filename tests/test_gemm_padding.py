@@ -1029,8 +1029,9 @@ def test_a_weight_given_as_an_input_stays_until_marked_static() -> None:
         else:
             assert "padded_gemm" not in report.rewrites
             assert [f.reason for f in report.fallbacks] == [
-                REASON + "; plans need them static: torch._dynamo.mark_static(weight) before the first call makes them "
-                "so (in an export, give the weight no Dim)"]
+                REASON + "; plans need them static. If it is a parameter, torch._dynamo.mark_static(weight) before the "
+                "first call makes them so (in an export, give the weight no Dim); if it is an activation (the tokens, "
+                "a cache), the product has no fixed weight to plan for and runs as it is"]
 
 
 def test_a_matmul_whose_weight_operand_is_the_tokens_stays_in_one_graph() -> None:

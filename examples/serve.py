@@ -54,6 +54,12 @@ def main() -> int:
     for name, low in lows.items():
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    # The engine's own checks, here so that they name the flags (the example's blocks hold 8 tokens).
+    if args.budget <= args.slots * (1 + args.draft):
+        p.error(f"--budget must be above --slots * (1 + --draft) = {args.slots * (1 + args.draft)} (each step gives "
+                f"every running request its decode slot and drafts first), got {args.budget}")
+    if args.arch == "llama4" and args.chunk % 8:
+        p.error(f"--chunk must be a multiple of the KV block size 8, got {args.chunk}")
     from tileflow.serving import SamplingParams
 
     try:

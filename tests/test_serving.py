@@ -323,6 +323,15 @@ def test_engine_refuses_sizes_that_are_not_ints(setting: dict) -> None:
     assert ServingEngine(EchoProgram(last=7), token_budget=np.int64(16), decode_slots=2).scheduler.token_budget == 16
 
 
+@pytest.mark.parametrize("windows", [(None,), (5,), (5, None)], ids=["full", "sliding", "mixed"])
+def test_engine_refuses_an_empty_block_size_for_every_model(windows: tuple[int | None, ...]) -> None:
+    # A model with a sliding window sized its sliding group (`sliding_blocks_for`) by dividing by
+    # the block size before any check: block_size=0 was a bare ZeroDivisionError, a ValueError
+    # only for full-attention models.
+    with pytest.raises(ValueError, match="block_size must be >= 1, got 16 and 0"):
+        ServingEngine(RandomProgram(0, windows=windows), token_budget=16, decode_slots=2, block_size=0, num_blocks=16)
+
+
 def test_scheduler_rejects_a_request_twice_and_a_done_one() -> None:
     engine = ServingEngine(RandomProgram(0), token_budget=16, decode_slots=2, block_size=4, num_blocks=16)
     first = Request(7, [1, 2, 3], 2)
@@ -1271,7 +1280,12 @@ def test_serve_example_checks_against_eager(args: tuple[str, ...]) -> None:
 
 @pytest.mark.parametrize("args, message", [(("--requests", "0"), "--requests must be >= 1, got 0"),
                                            (("--budget", "0"), "--budget must be >= 1, got 0"),
-                                           (("--top-p", "1.5"), "top_p must be a number in (0, 1]")])
+                                           (("--top-p", "1.5"), "top_p must be a number in (0, 1]"),
+                                           # Both were tracebacks from inside the engine, after the model was built;
+                                           # the chunk's told to pick a block size the example fixes at 8.
+                                           (("--budget", "20"), "--budget must be above --slots * (1 + --draft) = 24"),
+                                           (("--arch", "llama4", "--chunk", "12"),
+                                            "--chunk must be a multiple of the KV block size 8, got 12")])
 def test_serve_example_refuses_bad_values_up_front(args: tuple[str, ...], message: str, usage_error) -> None:
     """A bad flag value is a usage error (exit 2) naming it, before any model is built: not a run
     that serves nothing (--requests 0) or a traceback from inside torch.export (--budget 0)."""

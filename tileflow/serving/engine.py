@@ -189,6 +189,10 @@ class ServingEngine:
             # slice bound, with requests holding blocks (a float cache size, as a bare TypeError).
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be an int, got {value!r}")
+        # Checked here, not only by BlockAllocator: sizing a sliding group or checking attention
+        # chunks divides by the block size first (a bare ZeroDivisionError).
+        if block_size < 1 or num_blocks < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
         if overlap and max_draft:
             raise ValueError(
                 "overlap=True launches a step before the previous step's tokens are on the host, but drafting "

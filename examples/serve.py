@@ -49,7 +49,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     # Bad values fail here naming the flag, not as a traceback from inside the engine or export.
-    lows = {"requests": 1, "new_tokens": 1, "budget": 1, "slots": 1, "blocks": 1, "nano_batches": 1, "draft": 0,
+    # --budget: the step export needs a token range of at least 2 (a size-1 dim is specialized).
+    lows = {"requests": 1, "new_tokens": 1, "budget": 2, "slots": 1, "blocks": 1, "nano_batches": 1, "draft": 0,
             "window": 1, "chunk": 1}
     for name, low in lows.items():
         if getattr(args, name) < low:
@@ -89,7 +90,9 @@ def main() -> int:
     model.eval()
     reference = copy.deepcopy(model)
     reference.config._attn_implementation = "sdpa"
-    program = build_stage_program(CausalLMStep(model), (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None]),
+    example = min(4, args.budget)  # the example step's tokens: within the budget, the program's range
+    program = build_stage_program(CausalLMStep(model), (torch.zeros(1, example, dtype=torch.long),
+                                                        torch.arange(example)[None]),
                                   max_tokens=args.budget)
     gen = torch.Generator().manual_seed(args.seed + 1)
     system = torch.randint(0, 128, (16,), generator=gen).tolist()  # a shared prefix, reused from the cache

@@ -1031,3 +1031,10 @@ def test_model_worker_checks_positions_and_takes_a_batch_of_max_tokens() -> None
     t.tokens = 16
     ((out,),) = worker.step([Batch([torch.ones(1, 16, dtype=torch.long), torch.arange(16)[None]], [0], [16], [0])])
     assert out.shape[-2] == 16  # [1, heads, tokens, head size]
+
+
+def test_example_inputs_past_max_tokens_are_a_clear_error() -> None:
+    """An example step longer than `max_tokens` (examples/serve.py --budget 3 with its 4-token
+    example) failed deep in torch.export as "4 not in range [2, 3]"; name the example's size."""
+    with pytest.raises(ValueError, match=r"example inputs hold 4 tokens.*max_tokens=3"):
+        build_stage_program(CausalLMStep(_llama(4, 4)), EXAMPLE, max_tokens=3)

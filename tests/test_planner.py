@@ -557,3 +557,24 @@ def test_per_memory_device_bandwidth_is_the_busiest_devices_kv_head_share() -> N
     dis = plan_disaggregation(m8, (C, 2), (M, 3), batch=4, context=100).disaggregated
     assert dis.fits
     assert abs(dis.network_gbs_per_memory_device - dis.network_gbs_needed * 3 / 8) <= 1e-12 * dis.network_gbs_needed
+
+
+@pytest.mark.parametrize(("model_type", "values", "shape"), [
+    # GPT-2 spells hidden size, layers and heads n_embd / n_layer / n_head; its MLP is 4x wide
+    ("gpt2", dict(n_embd=1024, n_layer=2, n_head=8, vocab_size=1000), (1024, 2, 8, 8, 4096)),
+    ("opt", dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=8, ffn_dim=2048, vocab_size=1000),
+     (1024, 2, 8, 8, 2048)),
+    ("bloom", dict(hidden_size=1024, n_layer=2, n_head=8, vocab_size=1000), (1024, 2, 8, 8, 4096)),
+    # Falcon-7B's multi-query attention: one KV head
+    ("falcon", dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=8, vocab_size=1000),
+     (1024, 2, 8, 1, 4096)),
+])
+def test_configs_read_through_transformers_attribute_names(model_type, values, shape, tmp_path):
+    """The README: a config.json's keys are read as transformers reads them. GPT-2, OPT, BLOOM and
+    Falcon (named among the ungated MLPs) were refused as lacking hidden_size / intermediate_size."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(model_type, **values).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    m = load_model(str(tmp_path))
+    assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_size) == shape
+    assert not m.gated_mlp

@@ -1279,7 +1279,7 @@ def test_serve_example_checks_against_eager(args: tuple[str, ...]) -> None:
 
 
 @pytest.mark.parametrize("args, message", [(("--requests", "0"), "--requests must be >= 1, got 0"),
-                                           (("--budget", "0"), "--budget must be >= 1, got 0"),
+                                           (("--budget", "1"), "--budget must be >= 2, got 1"),
                                            (("--top-p", "1.5"), "top_p must be a number in (0, 1]"),
                                            # Both were tracebacks from inside the engine, after the model was built;
                                            # the chunk's told to pick a block size the example fixes at 8.

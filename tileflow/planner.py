@@ -282,6 +282,44 @@ def _layer_windows(config: dict[str, Any], read: Any, num_layers: int, name: str
     return None
 
 
+# Where configs that predate transformers' standard names keep their MLP width (GPT-2, GPT-J,
+# CodeGen and StarCoder's `n_inner`, OPT's `ffn_dim`, Falcon's `ffn_hidden_size`).
+_INTERMEDIATE_SIZE_KEYS = ("n_inner", "ffn_dim", "ffn_hidden_size")
+
+
+def _with_standard_keys(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """`config` with the standard keys it spells otherwise filled in as transformers reads them.
+
+    GPT-2's `n_embd`/`n_layer`/`n_head`, BLOOM's and MPT's names are `hidden_size`,
+    `num_hidden_layers` and `num_attention_heads` through the config class's `attribute_map`
+    (and Falcon's or StarCoder's multi-query `num_key_value_heads` through a property); their MLP
+    width is one of `_INTERMEDIATE_SIZE_KEYS`, or, when unset, 4x the hidden size (MPT's
+    `expansion_ratio` times it), as those models build it. Without this such configs, which
+    `_UNGATED_MLP_MODEL_TYPES` names, were refused as lacking `hidden_size`.
+    """
+    standard = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    if all(k in config for k in standard) or config.get("model_type") is None:
+        return config
+    read = _as_transformers_reads_it(config, name)
+    if read is None:
+        return config
+    filled = dict(config)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+        value = _read_attr(read, key, name)
+        if key not in filled and value is not None:
+            filled[key] = value
+    if "intermediate_size" not in filled:
+        width = next((_read_attr(read, k, name) for k in ("intermediate_size", *_INTERMEDIATE_SIZE_KEYS)
+                      if _read_attr(read, k, name) is not None), None)
+        hidden = filled.get("hidden_size")
+        if width is None and filled.get("model_type") in _UNGATED_MLP_MODEL_TYPES and isinstance(hidden, int):
+            ratio = _read_attr(read, "expansion_ratio", name)
+            width = (ratio if isinstance(ratio, int) and not isinstance(ratio, bool) else 4) * hidden
+        if width is not None:
+            filled["intermediate_size"] = width
+    return filled
+
+
 def model_from_config(config: dict[str, Any], name: str = "config") -> ModelShape:
     """ModelShape from a transformers config dict (uses `text_config` when nested).
 
@@ -290,6 +328,7 @@ def model_from_config(config: dict[str, Any], name: str = "config") -> ModelShap
     """
     if "hidden_size" not in config and isinstance(config.get("text_config"), dict):
         config = config["text_config"]  # multimodal wrappers keep the LM shape here
+    config = _with_standard_keys(config, name)
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                            "intermediate_size", "vocab_size") if k not in config]
     if missing:

@@ -239,6 +239,13 @@ def build_stage_programs(
 def _export_step(step: torch.nn.Module, example_inputs: Sequence[torch.Tensor], max_tokens: int) -> torch.export.ExportedProgram:
     """The step exported with dim 1 of every input dynamic in [1, max_tokens]; a failure deep in
     torch.export as a ValueError saying what was asked and where the model broke."""
+    # torch.export checks the example against the range only deep inside, as "4 not in range
+    # [2, 3]" without naming either: say which sizes to give instead.
+    sizes = sorted({int(t.shape[1]) for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() > 1})
+    if sizes and not 2 <= sizes[-1] <= max_tokens:
+        raise ValueError(f"the example inputs hold {sizes[-1]} tokens (dim 1), outside [2, max_tokens={max_tokens}]: "
+                         f"give example inputs of 2 to {max_tokens} tokens (a dynamic dim's example must be at least 2), "
+                         "or raise max_tokens")
     tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
     dynamic = tuple({1: tokens} for _ in example_inputs)
     try:

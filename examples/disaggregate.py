@@ -114,6 +114,8 @@ def parse_args() -> argparse.Namespace:
     for name, low in lows.items():
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if "RANK" not in os.environ:
+        p.error("run it under torchrun: torchrun --nproc-per-node 3 examples/disaggregate.py --check")
     return args
 
 

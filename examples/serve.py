@@ -32,8 +32,8 @@ import torch
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=("llama", "mistral", "llama4"), default="llama")
-    p.add_argument("--window", type=int, default=8, help="Mistral's sliding window (keys)")
-    p.add_argument("--chunk", type=int, default=16, help="Llama 4's attention chunk (positions; a multiple of 8)")
+    p.add_argument("--window", type=int, default=None, help="Mistral's sliding window (keys; default 8)")
+    p.add_argument("--chunk", type=int, default=None, help="Llama 4's attention chunk (positions; a multiple of 8; default 16)")
     p.add_argument("--blocks", type=int, default=512, help="KV cache blocks of 8 tokens")
     p.add_argument("--requests", type=int, default=12)
     p.add_argument("--new-tokens", type=int, default=24)
@@ -48,6 +48,12 @@ def main() -> int:
     p.add_argument("--check", action="store_true", help="compare with eager generation")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    # Each shape flag belongs to one architecture: given with another, it would be silently ignored.
+    for name, arch, default in (("window", "mistral", 8), ("chunk", "llama4", 16)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif args.arch != arch:
+            p.error(f"--{name} applies to --arch {arch} only, got --arch {args.arch}")
     # Bad values fail here naming the flag, not as a traceback from inside the engine or export.
     # --budget: the step export needs a token range of at least 2 (a size-1 dim is specialized).
     lows = {"requests": 1, "new_tokens": 1, "budget": 2, "slots": 1, "blocks": 1, "nano_batches": 1, "draft": 0,

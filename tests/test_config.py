@@ -39,6 +39,7 @@ def test_unknown_option_lists_valid_keys() -> None:
         ({"verify_atol": float("nan")}, "'verify_atol' must be a non-negative number"),
         ({"debug_dir": 123}, "'debug_dir' must be a path or None"),
         ({"tile_timings": "/no/such/timings.json"}, r"no file at '/no/such/timings.json'.*--measure-tiles FILE"),
+        ({"tile_timings": ""}, r"'tile_timings' is an empty path: give a file .* or None"),
         # Built-in passes match what the ones before them left: their order is fixed.
         ({"passes": ["gemm_padding", "canonicalize"]}, r"out of order \(\['gemm_padding', 'canonicalize'\]\)"),
         ({"passes": ["canonicalize", "attention", "nanobatch", "gemm_padding"]}, "out of order"),

@@ -37,6 +37,21 @@ def test_bad_sizes_are_usage_errors_before_any_process_group(usage_error) -> Non
     assert "--batches must be >= 1, got 0" in usage_error("disaggregate", "--batches", "0")
 
 
+def test_outside_torchrun_the_example_and_init_distributed_say_to_run_under_torchrun(monkeypatch) -> None:
+    """Run as a plain script, the example failed in torch's process-group set-up ("environment
+    variable RANK expected, but not set"), naming neither torchrun nor the other variables."""
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    run = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert run.returncode == 2 and "run it under torchrun: torchrun --nproc-per-node 3" in run.stderr, run.stderr[-3000:]
+    from tileflow.distributed import init_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(RuntimeError, match="RANK, MASTER_ADDR, MASTER_PORT are not set: run the script under torchrun"):
+        init_distributed(5.0)
+
+
 @pytest.mark.extended  # the rotation test below checks the same logits in its harder layout
 def test_logits_match_single_process() -> None:
     # One KV head per query head, one attention worker. Query heads split over two workers in

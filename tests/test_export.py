@@ -98,10 +98,11 @@ def spec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def archive(spec_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
-    """The small Llama exported through the real CLI in a subprocess."""
+    """The small Llama exported through the real CLI in a subprocess (`python -m tileflow`, as
+    where the `tileflow` script is not on PATH)."""
     out = spec_dir / "llama.pt2"
     proc = subprocess.run(
-        [sys.executable, "-m", "tileflow.cli", "export", "tf_export_spec:llama", "-o", str(out), "--target", "reference"],
+        [sys.executable, "-m", "tileflow", "export", "tf_export_spec:llama", "-o", str(out), "--target", "reference"],
         cwd=spec_dir, env=_env(), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -793,6 +794,16 @@ def test_report_command_on_a_damaged_archive_is_one_line(archive, tmp_path: Path
     bad.write_bytes(bytes(data))
     result = CliRunner().invoke(main, ["report", str(bad)])
     assert result.exit_code == 2 and "is not a tileflow report" in result.output and "Traceback" not in result.output
+
+
+def test_report_command_on_a_truncated_archive_says_so(archive, tmp_path: Path) -> None:
+    """A .pt2 that is no longer a zip file was read as JSON: "is not a tileflow report: Expecting
+    value: line 1 column 1 (char 0)"; `tileflow.load` says what the file is and what to do."""
+    bad = tmp_path / "truncated.pt2"
+    bad.write_bytes(archive[0].read_bytes()[:100])
+    result = CliRunner().invoke(main, ["report", str(bad)])
+    assert result.exit_code == 2 and "is not a readable tileflow archive (truncated or not a zip file); re-export it" \
+        in result.output and "Traceback" not in result.output
 
 
 # ---------------------------------------------------------------------------------------------

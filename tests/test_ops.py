@@ -33,8 +33,12 @@ def test_eager_call(inputs) -> None:
 def test_bad_arguments_are_clear() -> None:
     with pytest.raises(ValueError, match="K mismatch"):
         padded_gemm(torch.randn(3, 4), torch.randn(5, 6))
-    with pytest.raises(ValueError, match="unknown activation"):
+    with pytest.raises(ValueError, match="unknown activation") as error:
         padded_gemm(torch.randn(3, 4), torch.randn(5, 4), activation="relu6")
+    # The names offered are the ones padded_gemm takes: not grouped_gemm's clamped_swiglu.
+    assert "'swiglu'" in str(error.value) and "clamped_swiglu" not in str(error.value)
+    with pytest.raises(ValueError, match="clamped_swiglu .* is a grouped_gemm activation only"):
+        padded_gemm(torch.randn(3, 4), torch.randn(8, 4), activation="clamped_swiglu")
     with pytest.raises(ValueError, match="stacked as \\[2N, K\\]"):
         padded_gemm(torch.randn(3, 4), torch.randn(5, 4), activation="swiglu")
 

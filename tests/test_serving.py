@@ -1285,7 +1285,11 @@ def test_serve_example_checks_against_eager(args: tuple[str, ...]) -> None:
                                            # the chunk's told to pick a block size the example fixes at 8.
                                            (("--budget", "20"), "--budget must be above --slots * (1 + --draft) = 24"),
                                            (("--arch", "llama4", "--chunk", "12"),
-                                            "--chunk must be a multiple of the KV block size 8, got 12")])
+                                            "--chunk must be a multiple of the KV block size 8, got 12"),
+                                           # A shape flag of another architecture was silently ignored.
+                                           (("--window", "4"), "--window applies to --arch mistral only, got --arch llama"),
+                                           (("--arch", "mistral", "--chunk", "8"),
+                                            "--chunk applies to --arch llama4 only, got --arch mistral")])
 def test_serve_example_refuses_bad_values_up_front(args: tuple[str, ...], message: str, usage_error) -> None:
     """A bad flag value is a usage error (exit 2) naming it, before any model is built: not a run
     that serves nothing (--requests 0) or a traceback from inside torch.export (--budget 0)."""

@@ -58,6 +58,11 @@ def report_command(source: str) -> None:
 
             with zipfile.ZipFile(path) as zf:
                 data = json.loads(zf.read(MANIFEST_MEMBER)).get("report")
+        elif path.suffix == ".pt2" and path.is_file():
+            # Else read as JSON: "Expecting value: line 1 column 1" would not say what is wrong.
+            click.echo(f"error: {source} is not a readable tileflow archive (truncated or not a zip file); "
+                       "re-export it", err=True)
+            sys.exit(2)
         else:
             data = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(data, dict) and "graph_id" in data and "graphs" not in data:

@@ -99,6 +99,10 @@ class Config:
             if os.path.exists(self.debug_dir) and not os.path.isdir(self.debug_dir):
                 raise ValueError(f"tileflow option 'debug_dir' names {self.debug_dir!r}, which is a file: give a folder")
         if self.tile_timings is not None and self.tile_timings != "auto":
+            if not os.fspath(self.tile_timings):
+                # abspath("") is the working directory: "no file at <cwd>" would not say what was wrong.
+                raise ValueError("tileflow option 'tile_timings' is an empty path: give a file written by "
+                                 "`python bench/gemm.py --measure-tiles FILE`, 'auto', or None for the cost model alone")
             from .runtime import load_tile_timings  # here: the runtime imports this module
 
             # Absolute: the planner reads it later, maybe from another working directory.

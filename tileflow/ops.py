@@ -112,8 +112,10 @@ def gemm_out_features(weight_rows: int, activation: str) -> int:
 
 def _check_activation(op: str, activation: str) -> None:
     """Reject an epilogue activation name the GEMM kernels do not know."""
-    if activation not in _ACTIVATION_NAMES:
-        raise ValueError(f"{op}: unknown activation {activation!r}; use one of {list(_ACTIVATION_NAMES)}")
+    # clamped_swiglu (gpt-oss's) comes with its alpha and limit, which grouped_gemm alone takes.
+    names = list(_ACTIVATION_NAMES) if op == "grouped_gemm" else [a for a in _ACTIVATION_NAMES if a != CLAMPED_SWIGLU]
+    if activation not in names:
+        raise ValueError(f"{op}: unknown activation {activation!r}; use one of {names}")
 
 
 def _check_gemm_args(
@@ -128,9 +130,9 @@ def _check_gemm_args(
     more_biases: Sequence[torch.Tensor] | None = None,
 ) -> int:
     """Validate a padded_gemm call; return its output width N."""
-    _check_activation("padded_gemm", activation)
     if activation == CLAMPED_SWIGLU:
         raise ValueError("padded_gemm: clamped_swiglu (gpt-oss's) is a grouped_gemm activation only")
+    _check_activation("padded_gemm", activation)
     if more_weights or more_biases:
         n = _check_segment_args(x, weight, bias, activation, weight_up, more_weights or (), more_biases)
         _check_residual(x, residual, n)

@@ -421,6 +421,12 @@ def init_distributed(
     if device not in backends:
         raise ValueError(f"device must be one of {sorted(backends)}, got {device!r}")
     backend = backends[device]
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing and not dist.is_initialized():
+        # torch's own error names one variable and not how to set them all.
+        raise RuntimeError(f"init_distributed joins a process group torchrun set up, but {', '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} not set: run the script under torchrun, e.g. "
+                           "`torchrun --standalone --nproc-per-node 3 SCRIPT`")
     if device != "cpu":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         getattr(torch, device).set_device(local)

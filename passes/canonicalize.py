@@ -22,7 +22,10 @@ Later passes match one form only. After this pass:
 - a masked fill written as an assignment through a bool mask, `x[mask] = v` with one value
   (`index_put(x, [mask], v)`, the mask over x's leading dims: DTensor's vocabulary-parallel
   embedding zeroes the ids and rows other ranks own so), is `where(mask, v, x)`: an elementwise
-  op, which nano-batching splits by rows and the padding analysis of `cuda_graphs` follows.
+  op, which nano-batching splits by rows and the padding analysis of `cuda_graphs` follows;
+- repeats of a cast or a view over the same operands are one node (kind `repeat_merged`): under
+  `torch.autocast` each projection casts the layer's input anew, and the GEMM pass fuses only
+  linears that read one node.
 Nodes the graph returns directly are kept, and so is every copy an output views (`x.clone()
 .view(-1)` returned), so no output starts aliasing an input.
 """
@@ -39,10 +42,12 @@ from tileflow.graph_utils import (
     copy_source_meta,
     in_graph,
     infer_meta,
-    is_view_op,
     same_shape,
     size_value,
+    reads_written,
     transposed_dims,
+    viewed_by,
+    written_in_place,
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
 
@@ -65,6 +70,13 @@ _RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _UNIT_DIM_MOVES = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims}
 _LAYOUT_OPS = _RESHAPES | _UNIT_DIM_MOVES | {aten.permute.default, aten.transpose.int, aten.clone.default}
 _SAME_DTYPE_COPIES = {prims.convert_element_type.default, aten._to_copy.default, aten.clone.default}
+# Ops whose repeats over the same operands are merged (`_merge_repeats`): casts, and the views
+# laid over them. All are functional and deterministic.
+_MERGEABLE = {
+    aten._to_copy.default, prims.convert_element_type.default, aten.view.default, aten._unsafe_view.default,
+    aten.reshape.default, aten.t.default, aten.transpose.int, aten.permute.default, aten.unsqueeze.default,
+    aten.expand.default, aten.slice.Tensor,
+}
 
 
 def _val(node: Any) -> Any:
@@ -76,17 +88,41 @@ def _is_2d_transpose(node: Any) -> bool:
     return transposed_dims(node) == (0, 1) and _val(node.args[0]).dim() == 2
 
 
-def _viewed_by(outputs: set[fx.Node]) -> set[fx.Node]:
-    """The nodes whose memory the graph's outputs share: the outputs, and what they view,
-    through chains of view ops."""
-    seen, stack = set(outputs), list(outputs)
-    while stack:
-        node = stack.pop()
-        if node.op == "call_function" and is_view_op(node.target) and node.args and isinstance(node.args[0], fx.Node):
-            if node.args[0] not in seen:
-                seen.add(node.args[0])
-                stack.append(node.args[0])
-    return seen
+def _merge_repeats(graph: fx.Graph, outputs: set[fx.Node]) -> int:
+    """Merge repeats of a cast or view of the same operands into the first; return how many.
+
+    Under `torch.autocast` every linear casts its input anew (`_to_copy(x, bfloat16)` once per
+    projection), so Q, K and V, or gate and up, read different nodes and the GEMM pass could
+    not fuse them into one kernel (nor skip the repeated casts). Values written in place, and
+    the graph's outputs and what they view (two outputs must not come to share memory), are
+    left alone.
+    """
+    written = written_in_place(graph)
+    returned = viewed_by(outputs)
+    first: dict[tuple, fx.Node] = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _MERGEABLE or node in returned:
+            continue
+        if reads_written(node, written):
+            continue
+        key = (node.target, _hashable(node.args), _hashable(node.kwargs))
+        if key not in first:
+            first[key] = node
+            continue
+        node.replace_all_uses_with(first[key])
+        graph.erase_node(node)
+        merged += 1
+    return merged
+
+
+def _hashable(value: Any) -> Any:
+    """`value` (a node's args or kwargs) as a dict key: lists as tuples, dicts as sorted items."""
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(_hashable(v) for v in value))
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
 
 
 def _leading_dims_merge(x: Any) -> bool:
@@ -340,7 +376,10 @@ class Canonicalize:
             if node.op == "call_function" and in_graph(node, graph) and _fold_unit_dim_moves(graph, node):
                 result.count("layout_folded")
         outputs = set(next(n for n in reversed(graph.nodes) if n.op == "output").all_input_nodes)
-        self._viewed_by_outputs = _viewed_by(outputs)
+        merged = _merge_repeats(graph, outputs)
+        if merged:
+            result.count("repeat_merged", merged)
+        self._viewed_by_outputs = viewed_by(outputs)
         for node in list(graph.nodes):
             if node.op != "call_function" or not in_graph(node, graph):
                 continue

@@ -22,7 +22,8 @@ Sibling linears on one input with no epilogue but their bias (a layer's Q, K and
 become one `padded_gemm` over their weights as N segments (`more_weights`; the weights are not
 concatenated), each linear's output a column slice of its result (kind `fused_siblings`, counted
 per linear merged into another's kernel): one launch instead of three, and the K and V GEMMs'
-few output tiles join Q's on the device.
+few output tiles join Q's on the device. Under `torch.autocast` a later sibling's weight is cast
+after the first sibling's linear: that cast (and any layout op over it) moves up to it.
 MoE expert GEMMs (`transformers::grouped_mm_fallback` or `aten._grouped_mm`: x [M, K] with rows
 sorted by expert, weights [E, K, N], int32 cumulative `offs`) become `tileflow::grouped_gemm`,
 whose plan is keyed by the expected rows per expert ceil(M / E); Mixtral's
@@ -52,9 +53,11 @@ from tileflow.graph_utils import (
     in_graph,
     infer_meta,
     is_view_op,
+    reads_written,
     same_shape,
     traced_contiguous,
     transposed_dims,
+    written_in_place,
 )
 from tileflow.kernel_spec import CLAMPED_SWIGLU, GATED_ACTIVATIONS, is_gated
 from tileflow.pipeline import PassContext, PassResult, register_pass
@@ -90,6 +93,31 @@ def _val(node: Any) -> Any:
 def _linear_bias(linear: fx.Node) -> Any:
     """The bias of an `aten.linear` node, passed by position or by keyword (None when absent)."""
     return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+
+
+# What a sibling group moves up to its first linear: a later weight's cast (autocast writes
+# `_to_copy(w, bfloat16)` before each linear) and layout ops over it.
+_HOISTABLE = {aten._to_copy.default, prims.convert_element_type.default, aten.t.default, aten.permute.default,
+              aten.transpose.int, aten.view.default}
+
+
+def _can_hoist(node: fx.Node, anchor: fx.Node, order: dict[fx.Node, float], written: set[fx.Node]) -> bool:
+    """Whether `node`, which comes after `anchor`, may move before it: a chain of casts and
+    layout ops over values that come before `anchor`, reading nothing written in place."""
+    if order[node] < order[anchor]:
+        return True
+    return (node.op == "call_function" and node.target in _HOISTABLE and not reads_written(node, written)
+            and all(_can_hoist(i, anchor, order, written) for i in node.all_input_nodes))
+
+
+def _hoist(node: fx.Node, anchor: fx.Node, order: dict[fx.Node, float]) -> None:
+    """Move `node` and the inputs it needs moved (`_can_hoist` said it may) just before `anchor`."""
+    if order[node] < order[anchor]:
+        return
+    for i in node.all_input_nodes:
+        _hoist(i, anchor, order)
+    anchor.prepend(node)
+    order[node] = order[anchor] - 0.5  # (before anchor now; later than everything it reads)
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -741,6 +769,7 @@ class GemmPadding:
         into one `padded_gemm`; `chains` are the graph's supported linears as `_match` finds
         them, `ups` the up projections of their gated pairs."""
         order = {node: i for i, node in enumerate(graph.nodes)}
+        written = written_in_place(graph)
         groups: dict[tuple, list[_Chain]] = {}
         for chain in chains:
             linear = chain.linear
@@ -755,9 +784,13 @@ class GemmPadding:
         for group in groups.values():
             first = group[0].linear  # chains are in graph order
             operands = [a for chain in group for a in (chain.linear.args[1], _linear_bias(chain.linear))]
-            # One node reads every weight and bias where the first linear ran: each must exist by then.
-            if len(group) < 2 or any(isinstance(a, fx.Node) and order[a] > order[first] for a in operands):
+            # One node reads every weight and bias where the first linear ran: each must exist by
+            # then, or be a cast of one that can (autocast casts each weight before its linear).
+            late = [a for a in operands if isinstance(a, fx.Node) and order[a] > order[first]]
+            if len(group) < 2 or not all(_can_hoist(a, first, order, written) for a in late):
                 continue
+            for a in late:
+                _hoist(a, first, order)
             widths = [int(_val(chain.linear.args[1]).shape[0]) for chain in group]
             try:
                 plan = self._plan(first.args[0], sum(widths), ctx, plans, weight_tiles=1)

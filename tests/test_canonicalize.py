@@ -593,3 +593,55 @@ def test_a_masked_assignment_keeps_index_puts_layout(layout: str) -> None:
     gm = traced(fn, x, ids)
     canonicalize(gm)
     torch.testing.assert_close(gm(x2, ids2), fn(x2, ids2), rtol=0, atol=0)
+
+
+def _casts_of(gm: fx.GraphModule, source: str) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.target is aten._to_copy.default and n.args[0].name == source]
+
+
+def test_repeated_casts_of_one_value_are_merged() -> None:
+    """Under autocast every linear casts its input anew (`_to_copy(x, bfloat16)` per projection):
+    the repeats are one cast, so both linears read one node (which the GEMM pass needs to fuse
+    them); the numerics are unchanged."""
+    def fn(x, wq, wk):
+        return F.linear(x.to(torch.bfloat16), wq.to(torch.bfloat16)), F.linear(x.to(torch.bfloat16), wk.to(torch.bfloat16))
+
+    args = (torch.randn(5, 8), torch.randn(6, 8), torch.randn(4, 8))
+    gm = traced(fn, *args)
+    assert len(_casts_of(gm, "x_1")) == 2
+    assert canonicalize(gm)["repeat_merged"] >= 1
+    (cast,) = _casts_of(gm, "x_1")
+    linears = [n for n in gm.graph.nodes if n.target is aten.linear.default]
+    assert len(linears) == 2 and {n.args[0] for n in linears} == {cast}
+    args = (torch.randn(7, 8), *args[1:])
+    for got, want in zip(gm(*args), fn(*args)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_casts_across_an_in_place_write_or_returned_stay_apart() -> None:
+    """A cast read before an in-place write of its value (or of what it views) and one read
+    after it differ though their arguments are the same; two returned casts are two tensors to
+    the caller (one written must not change the other)."""
+    def returned(x):
+        return x.to(torch.float64), x.to(torch.float64)
+
+    for write_view in (False, True):
+        # As a graph that writes its input in place might read (make_fx reads the write's result).
+        graph = fx.Graph()
+        x, y = graph.placeholder("x_1"), graph.placeholder("y")
+        before = graph.call_function(aten._to_copy.default, (x,), {"dtype": torch.float64})
+        written = graph.call_function(aten.view.default, (x, [15])) if write_view else x
+        graph.call_function(aten.copy_.default, (written, graph.call_function(aten.view.default, (y, [15])) if write_view
+                                                else y))
+        after = graph.call_function(aten._to_copy.default, (x,), {"dtype": torch.float64})
+        graph.output(graph.call_function(aten.sub.Tensor, (after, before)))
+        gm = fx.GraphModule(torch.nn.Module(), graph)
+        FakeTensorProp(gm, FakeTensorMode()).propagate(torch.randn(5, 3), torch.randn(5, 3))
+        canonicalize(gm)
+        assert len(_casts_of(gm, "x_1")) == 2
+        x, y = torch.randn(5, 3), torch.randn(5, 3)
+        torch.testing.assert_close(gm(x.clone(), y), y.double() - x.double(), rtol=0, atol=0)
+    gm = traced(returned, torch.randn(5, 3))
+    canonicalize(gm)
+    a, b = gm(torch.randn(5, 3))
+    assert a.data_ptr() != b.data_ptr()

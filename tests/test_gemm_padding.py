@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from models import compiled_dynamic
+from models import VOCAB, compiled_dynamic, llama
 
 import tileflow
 from tileflow.lower import gemm_specs_for_node
@@ -1174,3 +1174,22 @@ def test_a_residual_that_lays_out_the_sum_stays_an_add() -> None:
         assert got.stride() == want.stride()
     _, gm, ctx = compile_fn(residual_second, torch.randn(4, 8), w, torch.randn(6, 4), dynamic_dims=((0, 0), (2, 1)))
     assert ctx.report.passes[1].rewrites.get("fused_residual") == 1
+
+
+def test_projections_under_autocast_fuse_as_in_a_half_precision_model() -> None:
+    """Under `torch.autocast` each linear casts its input and its weight just before it runs:
+    the projections read three casts of one input, and K's and V's weights are cast after Q's
+    linear, so Q, K and V stayed three GEMMs and gate and up two. The casts are now merged and the
+    later weights' casts moved up to the first projection: the fusions of a bfloat16 model, and
+    the logits autocast's eager ones."""
+    torch.manual_seed(0)
+    model = llama().eval()
+    compiled, report = compiled_dynamic(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for length in (5, 9):
+            ids = torch.randint(0, VOCAB, (2, length))
+            got, want = compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert len(report.graphs) == 1 and not report.fallbacks, report.fallbacks
+    assert report.rewrites["fused_siblings"] == 4 and report.rewrites["fused_swiglu"] == 2, report.rewrites

@@ -147,6 +147,40 @@ def written_arguments(node: fx.Node) -> list[fx.Node]:
     return written
 
 
+def viewed_by(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """`nodes` and every value whose memory they share as views of it, through chains of view
+    ops (the graph's outputs and what they view, say)."""
+    seen, stack = set(nodes), list(nodes)
+    while stack:
+        node = stack.pop()
+        if node.op == "call_function" and is_view_op(node.target) and node.args and isinstance(node.args[0], fx.Node):
+            if node.args[0] not in seen:
+                seen.add(node.args[0])
+                stack.append(node.args[0])
+    return seen
+
+
+def written_in_place(graph: fx.Graph) -> set[fx.Node]:
+    """The values some op of `graph` writes in place (`written_arguments`), and what they view
+    (for `reads_written`)."""
+    return viewed_by([w for node in graph.nodes for w in written_arguments(node)])
+
+
+def reads_written(node: fx.Node, written: set[fx.Node]) -> bool:
+    """Whether `node` reads memory some op writes in place (`written` from `written_in_place`):
+    one of its inputs, or what an input views. Such a read may not move across the write, nor
+    merge with a like read on the write's other side."""
+    for value in node.all_input_nodes:
+        while True:
+            if value in written:
+                return True
+            if not (value.op == "call_function" and is_view_op(value.target) and value.args
+                    and isinstance(value.args[0], fx.Node)):
+                break
+            value = value.args[0]
+    return False
+
+
 def attribute(module: Any, qualname: str) -> Any:
     """The attribute `qualname` (dotted: `layers.0.weight`) of `module`: what a get_attr node reads."""
     for part in qualname.split("."):

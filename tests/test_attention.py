@@ -2594,3 +2594,20 @@ def test_a_falcon_key_bias_that_overflows_before_its_scale_is_not_taken() -> Non
     x = torch.randn(3, 7, 192)
     compiled, out, _, report = compile_attention(attn, x, keep)
     torch.testing.assert_close(out, attn(x, keep), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["tileflow", "tileflow_causal"])
+def test_transformers_attention_refuses_output_attentions(implementation: str) -> None:
+    """`output_attentions=True` given to a call (transformers refuses only the config flag for
+    implementations other than eager's): the meta-kernel forms no weights, so the model returned
+    an empty `attentions` tuple, `generate` one of empty tuples, without a word; it is refused,
+    and a call without it still runs."""
+    sdpa, ours = sdpa_and_ours("LlamaConfig", "LlamaForCausalLM", implementation, vocab_size=128, hidden_size=64,
+                               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(1, 128, (1, 6))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="output_attentions=True"):
+            ours(ids, output_attentions=True)
+        with pytest.raises(ValueError, match="output_attentions=True"):
+            ours.generate(ids, max_new_tokens=2, do_sample=False, output_attentions=True, return_dict_in_generate=True)
+        torch.testing.assert_close(ours(ids, output_attentions=False).logits, sdpa(ids).logits, rtol=1e-4, atol=1e-4)

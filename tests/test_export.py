@@ -1062,3 +1062,48 @@ def test_a_dynamic_int_input_is_checked_against_its_range(tmp_path: Path) -> Non
     torch.testing.assert_close(run(torch.ones(4), 9), torch.full((4,), 9.0))
     with pytest.raises(ValueError, match=r"input 1 is 10 but the archive was exported for k in \[2, 9\]"):
         run(torch.ones(4), 10)
+
+
+class _ModelOutputLinear(torch.nn.Module):
+    """A linear layer returning a transformers `ModelOutput`, as an exported HF model does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.modeling_outputs import BaseModelOutput  # (registered with pytree as it is imported)
+
+        self.linear = torch.nn.Linear(16, 8)
+        self.output = BaseModelOutput
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.output(last_hidden_state=self.linear(x))
+
+
+def test_an_archive_returning_a_transformers_output_loads_in_a_fresh_process(tmp_path: Path) -> None:
+    """A program whose output is a transformers `ModelOutput` (an HF model exported as it is)
+    failed to load in a fresh process, where transformers' lazy `modeling_outputs` had not
+    registered its classes with pytree, with torch's "check the warnings above"; `load` imports
+    the modules of the program's containers first, which the manifest names."""
+    torch.manual_seed(0)
+    model = _ModelOutputLinear().eval()
+    x = torch.randn(4, 16)
+    archive = tileflow.export_model(model, (x,), ({0: torch.export.Dim("tokens", min=2, max=64)},),
+                                    options={"target": "reference"})
+    path = archive.save(tmp_path / "output.pt2")
+    torch.save({"x": x, "want": model(x).last_hidden_state.detach()}, tmp_path / "io.pt")
+    script = textwrap.dedent(
+        """
+        import sys
+        import torch
+        import tileflow
+        run = tileflow.load(sys.argv[1])
+        data = torch.load(sys.argv[2])
+        out = run(data["x"])
+        torch.testing.assert_close(out.last_hidden_state, data["want"])
+        print(type(out).__name__)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "io.pt")], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "BaseModelOutput"
+    assert archive.manifest["pytree_modules"] == ["transformers.modeling_outputs"]

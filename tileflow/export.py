@@ -19,6 +19,7 @@ dtypes and ranges. It never traces with Dynamo and never re-runs a pass.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import io
 import json
@@ -512,8 +513,24 @@ def _manifest(
         "tileflow_ops": ops,
         "plans": graph.plans,
         "kernels": sorted(kernels),
+        "pytree_modules": _pytree_modules(program),
         "report": report_data,
     }
+
+
+def _pytree_modules(program: torch.export.ExportedProgram) -> list[str]:
+    """The modules that define the containers of the program's inputs and outputs other than
+    Python's own (a transformers `CausalLMOutputWithPast`): `torch.export.load` rebuilds them
+    only when their module has registered them with pytree, which transformers' lazy modules
+    have not done in a fresh process until something imports them, so `load` imports these."""
+    modules: set[str] = set()
+    pending = [spec for spec in (program.call_spec.in_spec, program.call_spec.out_spec) if spec is not None]
+    while pending:
+        spec = pending.pop()
+        if spec.type is not None and spec.type.__module__ not in ("builtins", "collections"):
+            modules.add(spec.type.__module__)
+        pending.extend(spec.children())
+    return sorted(modules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,7 +722,9 @@ def load(path: str | Path) -> LoadedProgram:
     Checks the archive (format, tileflow major version, content hash) and that its target's
     runtime is available here, then `torch.export.load`s the rewritten program. The returned
     callable validates inputs against the recorded dtypes and dynamic ranges (ValueError) and runs
-    the program; no Dynamo tracing or pass happens here.
+    the program; no Dynamo tracing or pass happens here. Loading imports the modules that define
+    the program's input and output containers (as the manifest names them) and runs the
+    program: load only archives you trust, as with any exported program.
     """
     from .targets import get_backend
 
@@ -717,6 +736,17 @@ def load(path: str | Path) -> LoadedProgram:
         ok, why = False, str(exc)
     if not ok:
         raise RuntimeError(f"{path} was exported for target {target!r}, which cannot run here: {why}")
+    for module in manifest.get("pytree_modules", []):
+        # The program's input and output containers must be registered with pytree before
+        # torch.export.load rebuilds them (its own error only says to read its warnings).
+        if not isinstance(module, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):
+            raise ValueError(f"{path} names {module!r} as a module of its containers, which is no module name; "
+                             "re-export it")
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise RuntimeError(f"{path}: the program's inputs or outputs are containers of {module}, which cannot be "
+                               f"imported here ({type(exc).__name__}: {exc}); install what provides it") from None
     try:
         program = torch.export.load(io.BytesIO(members[PROGRAM_MEMBER]))
     except Exception as exc:  # a torch-internal failure: say which file and why, in one line

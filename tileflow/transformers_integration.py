@@ -47,6 +47,7 @@ def tileflow_attention_forward(
     if dropout and module.training:
         raise ValueError("tileflow attention is for inference: dropout during training is not supported")
     _refuse_sparse(ATTENTION_NAME, kwargs)
+    _refuse_attention_weights(ATTENTION_NAME, kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers' SDPA path: an explicit mask wins, and one query row needs no causal rule.
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
@@ -78,6 +79,18 @@ def _refuse_sparse(name: str, kwargs: dict[str, Any]) -> None:
                 "sparse attention selects), which it would ignore: use attn_implementation='sdpa' or 'eager', "
                 "which get them as a mask"
             )
+
+
+def _refuse_attention_weights(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse `output_attentions=True` given to a call (`model(..., output_attentions=True)`,
+    `generate(..., output_attentions=True)`): the meta-kernel never forms the attention weights,
+    and the model would return an empty `attentions` tuple without a word (transformers refuses
+    the config flag for any implementation but eager's, but not the call's)."""
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            f"attn_implementation={name!r} does not return attention weights (the kernel never forms them), but "
+            "output_attentions=True asks for them: use attn_implementation='eager' for the weights"
+        )
 
 
 def _head_sinks(name: str, query: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -160,6 +173,7 @@ def causal_attention_forward(
             "scores (T5's relative attention), which it would drop: use attn_implementation='tileflow'"
         )
     _refuse_sparse(CAUSAL_ATTENTION_NAME, kwargs)
+    _refuse_attention_weights(CAUSAL_ATTENTION_NAME, kwargs)
     sinks = _head_sinks(CAUSAL_ATTENTION_NAME, query, kwargs)
     query, key, value, scaling, width = _one_head_size(query, key, value, kwargs.get("scaling"))
     mask = None

@@ -424,3 +424,54 @@ def test_auto_splits_from_the_threshold_on_and_a_power_of_two_is_its_own_bucket(
     assert len(plan.sizes(threshold)) >= 2 and plan.sizes(threshold - 1) == [threshold - 1]
     chosen = search_split(ops, H100, 1024)
     assert chosen.k >= 2 and plan.sizes(1024) == list(chosen.sizes)
+
+
+def test_a_schedule_cutting_each_op_its_own_way_runs_as_checked() -> None:
+    """`make_schedule` and `check_schedule` allow each op its own row split (a consumer waits
+    only for the producer pieces its rows meet). The runtime read a producer cut elsewhere by
+    joining the pieces computed so far and caching that join: a consumer piece run between the
+    producer's pieces (a valid order) cached rows [0, 2) + [4, 6) as the whole, and later
+    readers got rows 4 and 5 in place of 2 and 3, silently."""
+    from tileflow.runtime.nanobatch import run_schedule
+    from tileflow.schedule import make_schedule
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def two_gemms(x: torch.Tensor) -> torch.Tensor:
+        return second(torch.relu(first(x)))
+
+    kept = []
+
+    def keep(gm, example_inputs):
+        from tileflow.capture import capture_dynamo
+        from tileflow.compiler import compile_graph
+        from tileflow.config import Config
+
+        def compile_and_keep(aten_gm, inputs):
+            runner = compile_graph(aten_gm, inputs, Config.from_options({"passes": PASSES, "nano_batches": 2}),
+                                   tileflow.Report())
+
+            def call(*args):
+                kept.append((aten_gm, aten_gm.meta["tileflow_nanobatch"], args))
+                return runner(*args)
+            return call
+
+        return capture_dynamo(gm, example_inputs, compile_and_keep)
+
+    torch._dynamo.reset()
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        torch.compile(two_gemms, backend=keep, dynamic=True)(x)
+        want = two_gemms(x)
+    gm, plan, args = kept[-1]
+    producer, consumer = [s.name for s in plan.specs if plan.split[s.name]]
+    splits = {producer: [(0, 2), (2, 4), (4, 6)], consumer: [(0, 1), (1, 3), (3, 4), (4, 6)]}
+    order = [f"{producer}[0]", f"{producer}[2]", f"{consumer}[0]", f"{producer}[1]", f"{consumer}[1]",
+             f"{consumer}[2]", f"{consumer}[3]"]
+    schedule = make_schedule(plan.specs, splits, plan.edges, 6, priority={n: i for i, n in enumerate(order)})
+    assert schedule.streams[0] == order
+    check_schedule(schedule, {s.name: (0, 6) for s in plan.specs}, plan.edges)
+    with torch.no_grad():
+        (got,) = run_schedule(gm, plan, schedule, args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

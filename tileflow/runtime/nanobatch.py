@@ -122,6 +122,8 @@ class ScheduleState:
         self._any_joined: dict[str, Any] = {}  # split node -> its first whole, on any stream
         self.stream: int | None = None  # the stream of the op being computed (None: the caller's)
         self.nodes = {n.name: n for n in gm.graph.nodes}
+        index, dim = plan.token_input
+        self.tokens = int(args[index].shape[dim])  # the rows a split value's pieces tile
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for node, value in zip(placeholders, args):
             self.whole[node.name] = value
@@ -145,6 +147,9 @@ class ScheduleState:
                 # (and an output viewing it shares its memory, as eager's would).
                 return self._any_joined[node.name]
             parts = self.pieces[node.name]
+            # Only once every piece exists: a join of some of them, cached, would hand later
+            # readers rows shifted into the place of the missing ones.
+            _check_tiled(node.name, sorted(parts), 0, self.tokens)
             self._joined[key] = torch.cat([parts[r] for r in sorted(parts)], dim=self.dims[node.name])
             self._any_joined.setdefault(node.name, self._joined[key])
         return self._joined[key]
@@ -154,6 +159,14 @@ class ScheduleState:
         parts = self.pieces.get(node.name)
         if parts is not None and (lo, hi) in parts:
             return parts[(lo, hi)]
+        if parts is not None:
+            # The producer was cut elsewhere (a schedule may split each op its own way): these
+            # rows from the pieces holding them, which are all the consumer waited for.
+            held = sorted(r for r in parts if r[0] < hi and lo < r[1])
+            _check_tiled(node.name, held, lo, hi, within=True)
+            dim = self.dims[node.name]
+            joined = torch.cat([parts[r] for r in held], dim=dim) if len(held) > 1 else parts[held[0]]
+            return joined.narrow(dim, lo - held[0][0], hi - lo)
         return self.full(node).narrow(self.dims[node.name], lo, hi - lo)
 
     def run_op(self, op: Any) -> Any:
@@ -229,6 +242,18 @@ def _is_view(node: Any) -> bool:
     return (isinstance(node, fx.Node) and node.op == "call_function" and is_view_op(node.target)
             and len(node.target._schema.returns) == 1 and bool(node.args) and isinstance(node.args[0], fx.Node)
             and isinstance(node.meta.get("val"), torch.Tensor))
+
+
+def _check_tiled(name: str, ranges: Sequence[tuple[int, int]], lo: int, hi: int, within: bool = False) -> None:
+    """Raise unless the sorted row `ranges` of `name`'s pieces tile `[lo, hi)` without a gap
+    (`within`: cover it, the first and last piece may reach past it)."""
+    contiguous = all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    if ranges and contiguous:
+        first, last = ranges[0][0], ranges[-1][1]
+        if (first <= lo and last >= hi) if within else (first, last) == (lo, hi):
+            return
+    raise RuntimeError(f"rows [{lo}, {hi}) of {name!r} are read before its nano-ops computed them all "
+                       f"(computed: {list(ranges)}): the schedule does not order them before the reader")
 
 
 def _resolver(full: Callable[[fx.Node], Any]) -> Callable[[Any], Any]:

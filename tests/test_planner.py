@@ -568,6 +568,9 @@ def test_per_memory_device_bandwidth_is_the_busiest_devices_kv_head_share() -> N
     # Falcon-7B's multi-query attention: one KV head
     ("falcon", dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=8, vocab_size=1000),
      (1024, 2, 8, 1, 4096)),
+    # Falcon-40B's: grouped KV heads (transformers < 5.24 has no num_key_value_heads for Falcon)
+    ("falcon", dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=8, vocab_size=1000,
+                    new_decoder_architecture=True, num_kv_heads=2), (1024, 2, 8, 2, 4096)),
 ])
 def test_configs_read_through_transformers_attribute_names(model_type, values, shape, tmp_path):
     """The README: a config.json's keys are read as transformers reads them. GPT-2, OPT, BLOOM and

@@ -306,8 +306,13 @@ def _with_standard_keys(config: dict[str, Any], name: str) -> dict[str, Any]:
     filled = dict(config)
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
         value = _read_attr(read, key, name)
-        if key not in filled and value is not None:
+        if filled.get(key) is None and value is not None:
             filled[key] = value
+    if filled.get("num_key_value_heads") is None and filled.get("model_type") == "falcon":
+        # transformers before 5.24 has no such property for Falcon: its attention's own rule
+        # (one KV head for the original multi-query architecture).
+        multi_query = _read_attr(read, "multi_query", name) and not _read_attr(read, "new_decoder_architecture", name)
+        filled["num_key_value_heads"] = 1 if multi_query else _read_attr(read, "num_kv_heads", name)
     if "intermediate_size" not in filled:
         width = next((_read_attr(read, k, name) for k in ("intermediate_size", *_INTERMEDIATE_SIZE_KEYS)
                       if _read_attr(read, k, name) is not None), None)

@@ -18,8 +18,9 @@ and the model's 3-D activations (elementwise epilogues commute with those views)
   (logically [2N, K], never copied into a stacked tensor); so does one stacked gate-and-up
   weight whose output is chunked in halves (Phi-3's `gate_up_proj`, kind `stacked_gate_up`;
   the gate in either half, the bias the linear's or added by hand).
-Sibling linears on one input with no epilogue but their bias (a layer's Q, K and V projections)
-become one `padded_gemm` over their weights as N segments (`more_weights`; the weights are not
+Sibling linears on one input with no epilogue but their bias (a layer's Q, K and V projections;
+a cast after one, as Qwen3's Q and K norms upcast them, stays apart after its columns) become one
+`padded_gemm` over their weights as N segments (`more_weights`; the weights are not
 concatenated), each linear's output a column slice of its result (kind `fused_siblings`, counted
 per linear merged into another's kernel): one launch instead of three, and the K and V GEMMs'
 few output tiles join Q's on the device. Under `torch.autocast` a later sibling's weight is cast
@@ -765,13 +766,20 @@ class GemmPadding:
     def _fuse_siblings(self, graph: fx.Graph, ctx: PassContext, plans: dict[tuple, TilePlan], result: PassResult,
                        chains: list[_Chain], ups: set[fx.Node]) -> None:
         """Rewrite each group of two or more sibling linears (same input, K, dtype and bias
-        presence, no epilogue but their bias, not half of a gated pair, not returned by the graph)
-        into one `padded_gemm`; `chains` are the graph's supported linears as `_match` finds
+        presence, no epilogue but their bias and a cast, which stays apart; not half of a gated
+        pair, not returned by the graph) into one `padded_gemm`; `chains` are the graph's supported linears as `_match` finds
         them, `ups` the up projections of their gated pairs."""
         order = {node: i for i, node in enumerate(graph.nodes)}
         written = written_in_place(graph)
         groups: dict[tuple, list[_Chain]] = {}
         for chain in chains:
+            if (chain.out_dtype is not None and chain.activation == "none" and chain.residual is None
+                    and chain.added_bias is None and chain.up_linear is None):
+                # A cast its only epilogue (Qwen3's and Gemma-3's Q and K norms upcast the
+                # projection): one GEMM with its siblings beats a kernel of its own with the cast
+                # folded in, and the cast stays as it was. (Alone, it is matched again with it.)
+                chain = _Chain(linear=chain.linear, tip=chain.linear)
+                _walk_views(chain)
             linear = chain.linear
             # (A projection the graph returns keeps eager's contiguous strides: it stays apart.)
             if (linear in ups or chain.activation != "none" or chain.residual is not None or chain.out_dtype is not None

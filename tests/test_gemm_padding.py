@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from models import VOCAB, compiled_dynamic, llama
+from models import VOCAB, ZOO, compiled_dynamic, llama
 
 import tileflow
 from tileflow.lower import gemm_specs_for_node
@@ -912,14 +912,17 @@ def test_siblings_with_operands_computed_after_the_first_stay_valid() -> None:
 
 
 def test_a_cast_or_a_view_behind_a_view_op_of_a_sibling() -> None:
-    """A sibling whose result is cast stays apart (its cast is its own epilogue), and a view
-    behind another view op (unsqueeze) becomes a reshape."""
+    """A sibling whose result is cast joins the group, its cast left after its columns (not
+    fused into a kernel of its own), and a view behind another view op (unsqueeze) becomes a
+    reshape."""
     def fn(h, wa, wb, wc):
         return F.linear(h, wa).half(), F.linear(h, wb).unsqueeze(0).view(-1) * 2, F.linear(h, wc) * 2
 
     args = [torch.randn(8, 12), torch.randn(8, 12), torch.randn(16, 12)]
     compiled, gm, ctx = compile_fn(fn, torch.randn(6, 12), *args)
-    assert ctx.report.passes[1].rewrites.get("fused_siblings") == 1 and len(gemm_nodes(gm)) == 2
+    assert ctx.report.passes[1].rewrites.get("fused_siblings") == 2 and len(gemm_nodes(gm)) == 1
+    (cast,) = [n for n in gm.graph.nodes if n.target in (aten._to_copy.default, prims.convert_element_type.default)]
+    assert cast.args[0].target is aten.slice.Tensor
     for rows in (2, 9):
         h = torch.randn(rows, 12)
         for got, want in zip(compiled(h, *args), fn(h, *args)):
@@ -1193,3 +1196,20 @@ def test_projections_under_autocast_fuse_as_in_a_half_precision_model() -> None:
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     assert len(report.graphs) == 1 and not report.fallbacks, report.fallbacks
     assert report.rewrites["fused_siblings"] == 4 and report.rewrites["fused_swiglu"] == 2, report.rewrites
+
+
+def test_projections_whose_norms_upcast_them_still_fuse_as_siblings() -> None:
+    """Qwen3's Q and K norms upcast their projections (`q_proj(h).float()` in a half-precision
+    model): the cast was fused into each as its epilogue, which kept Q and K out of V's sibling
+    group (three GEMMs a layer). A cast alone no longer keeps a linear from its siblings: one
+    GEMM, the casts left as they were."""
+    torch.manual_seed(0)
+    model = ZOO["qwen3"][0]().eval().to(torch.bfloat16)
+    compiled, report = compiled_dynamic(model)
+    with torch.no_grad():
+        for length in (5, 9):
+            ids = torch.randint(0, VOCAB, (2, length))
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=2e-2, atol=2e-2)
+    assert len(report.graphs) == 1 and not report.fallbacks, report.fallbacks
+    assert report.rewrites["fused_siblings"] == 4 and report.rewrites["padded_gemm"] == 9, report.rewrites

@@ -96,9 +96,11 @@ STARTS_NOT_CAUSAL = attn_spec("float32", gqa=4, block_q=2, causal=False, softcap
 # the longer of a chunk's scores and a GEMV's products.
 HEAD_DIM_OVER_KV = attn_spec("float32", head_dim=32, gqa=2, block_q=4, block_kv=16)
 KV_OVER_HEAD_DIM = attn_spec("float16", head_dim=16, gqa=2, block_q=4, block_kv=48)
+# A sliding window without the causal rule: a chunk may start many positions past a row's own.
+NOT_CAUSAL_WINDOW = attn_spec("float32", gqa=1, block_q=4, causal=False, sliding_window=True)
 SPECS = (GQA4_TREE, FP16_TREE_WINDOW, BF16_GQA2, FP32_WINDOW, NOT_CAUSAL_TREE, BIAS_TREE, BIAS_FP16,
          CAP_SINKS_WINDOW, ALIBI_CAP_SINKS, STARTS_FP32, STARTS_FP16_WINDOW, STARTS_NOT_CAUSAL,
-         HEAD_DIM_OVER_KV, KV_OVER_HEAD_DIM)
+         HEAD_DIM_OVER_KV, KV_OVER_HEAD_DIM, NOT_CAUSAL_WINDOW)
 
 
 @pytest.fixture(scope="module")
@@ -1025,3 +1027,16 @@ def test_host_tiling_refuses_a_window_below_one(kernels: dict[KernelSpec, Any]) 
     for window in (0, -3):
         with pytest.raises(ValueError, match="the sliding window must be >= 1"):
             _host_tiling(lib.call, sources.ident, "window", (*sizes, window), (0.25,))
+
+
+@pytest.mark.parametrize("window", [3, 2**31 - 9, 2**31 - 1])
+def test_a_window_up_to_int32_max_hides_only_what_it_should(kernels: dict[KernelSpec, Any], window: int) -> None:
+    """The window rule hides positions <= p - w. Without the causal rule a chunk may start past a
+    row's own position (a prompt's first tile against its second page), where p - w + 1 - chunk
+    start fell below INT32_MIN for a window near INT32_MAX (which the launch accepts): the int32
+    wrapped to a large positive bound and the row lost every key of that chunk."""
+    batch = exact_batch([(8, 8), (5, 13)], num_q_heads=1, num_kv_heads=1, head_dim=16, block_size=4,
+                        dtype=torch.float32, seed=31)
+    for kv_split in (0, 4):
+        run_and_check(kernels[NOT_CAUSAL_WINDOW], NOT_CAUSAL_WINDOW, batch, window=window, kv_split=kv_split,
+                      what=f"not causal, window {window}, kv_split={kv_split}")

@@ -240,6 +240,17 @@ def test_specs_the_kernel_cannot_implement_are_refused() -> None:
         gemm_layout(gemm_spec("float32", ("swiglu", "residual"), tile=TileConfig(16, 2048, 32)))
 
 
+def test_specs_with_n_segments_are_refused_at_render_time() -> None:
+    # Sibling GEMMs as N segments (one weight per segment) run on Triton only: the Ascend kernel
+    # reads one [N, K] weight, and its launcher takes no `more_weights`. Such a spec used to be
+    # emitted and built, and then no launch could run it (a TypeError).
+    from tileflow.lower import gemm_spec as lowered_gemm_spec
+
+    spec = lowered_gemm_spec(dtype=torch.float16, out_dtype=torch.float16, n=96, k=32, tile=TILE, segments=(32, 32, 32))
+    with pytest.raises(ValueError, match="no GEMM over N segments"):
+        render_sources(spec)
+
+
 def test_cube_base_blocks_fit_l0_at_render_time() -> None:
     # L0B (BLOCK_N x BLOCK_K) cannot shrink with the epilogue slice: refused when the spec is
     # rendered (export), not by the host tiling at launch ("refused M=5 (code 2)").

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tileflow.kernel_spec import KernelSpec
+from tileflow.kernel_spec import KernelSpec, gemm_segments
 from tileflow.targets import CompiledKernel
 
 from .cpu_debug import build_cpu_debug
@@ -46,6 +46,13 @@ def render_sources(spec: KernelSpec) -> KernelSources:
                     f"build the spec without {variant}"
                 )
 
+        if spec.op == "padded_gemm" and len(gemm_segments(spec)) > 1:
+            # Its kernel reads one [N, K] weight and its launcher takes no `more_weights`: the
+            # passes keep sibling GEMMs apart on this target (runtime.segments_in_one_kernel).
+            raise ValueError(
+                f"{spec.name}: the Ascend C backend has no GEMM over N segments (sibling weights; Triton "
+                "only); build one spec per weight"
+            )
         return render_gemm_sources(spec)
     if spec.op == "meta_attention":
         from .attention import render_attention_sources

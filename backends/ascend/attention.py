@@ -1450,8 +1450,11 @@ def _mask_function(layout: AttentionLayout) -> str:
         ]
     if layout.sliding_window:
         body += [
-            "        // Sliding window: positions <= qPos - window are hidden.",
-            "        HideColumns(row, 0, qPos - tiling.window + 1 - chunkStart, chunkLen);",
+            "        // Sliding window: positions <= qPos - window are hidden. In 64 bits: without the causal",
+            "        // rule a chunk may start past qPos, and qPos - window + 1 - chunkStart would fall below",
+            "        // INT32_MIN for a window near INT32_MAX (and wrap to a bound that hides the whole chunk).",
+            "        const int64_t windowEnd = int64_t(qPos) - tiling.window + 1 - chunkStart;",
+            "        HideColumns(row, 0, windowEnd < 0 ? 0 : int32_t(windowEnd), chunkLen);",
         ]
     if layout.key_starts:
         body += [

@@ -360,6 +360,34 @@ def test_device_branch_gives_the_kernels_their_tiling_headers(tmp_path: Path) ->
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+def test_device_branch_builds_with_the_installed_torchs_cxx_abi(tmp_path: Path) -> None:
+    # It set _GLIBCXX_USE_CXX11_ABI=1 whatever the torch: torch_npu pairs with torch builds of the
+    # old ABI too, against which the operators' library would not link. It asks the torch.
+    import re
+    import sys
+
+    write_project([render_sources(gemm_spec("float16", ("bias",)))], tmp_path)
+    device = (tmp_path / "CMakeLists.txt").read_text().split("return()\nendif()", 1)[1]
+    (query,) = re.findall(r'execute_process\(COMMAND python3 -c "([^"]*)"\s+OUTPUT_VARIABLE TORCH_CXX11_ABI', device)
+    assert "_GLIBCXX_USE_CXX11_ABI=${TORCH_CXX11_ABI}" in device
+    run = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == str(int(torch._C._GLIBCXX_USE_CXX11_ABI)), run.stderr
+
+
+def test_the_launch_function_is_declared_as_the_kernel_file_defines_it() -> None:
+    # The binding declared `<kernel>_do(..., uint8_t* a, ...)` and the kernel file defined it with
+    # `GM_ADDR a`: with `__gm__` an address space on the host, two names that do not link.
+    import re
+
+    for spec in (gemm_spec("float16", ("bias",)),):
+        sources = render_sources(spec)
+        kernel, binding = sources.files[sources.kernel_file], sources.files[sources.torch_file]
+        for name in sources.kernels:
+            defined = re.findall(rf"void {name}_do\(([^)]*)\)\s*\{{", kernel)
+            declared = re.findall(rf"void {name}_do\(([^)]*)\);", binding)
+            assert defined and defined == declared, (defined, declared)
+
+
 def _in_two_threads(fn) -> tuple[list, list[BaseException]]:
     """Run `fn` on two threads at once: (what the calls returned, what they raised)."""
     results: list = []

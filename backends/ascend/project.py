@@ -86,12 +86,16 @@ execute_process(COMMAND python3 -c "import torch, os; print(os.path.dirname(torc
                 OUTPUT_VARIABLE TORCH_DIR OUTPUT_STRIP_TRAILING_WHITESPACE)
 execute_process(COMMAND python3 -c "import torch_npu, os; print(os.path.dirname(torch_npu.__file__))"
                 OUTPUT_VARIABLE TORCH_NPU_DIR OUTPUT_STRIP_TRAILING_WHITESPACE)
+# The C++ ABI the installed torch was built with (torch_npu pairs with builds of either): the
+# operators' library must match it to link against libtorch.
+execute_process(COMMAND python3 -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"
+                OUTPUT_VARIABLE TORCH_CXX11_ABI OUTPUT_STRIP_TRAILING_WHITESPACE)
 add_library({LIBRARY} SHARED ${{HOST_FILES}} ${{TORCH_FILES}})
 target_include_directories({LIBRARY} PRIVATE op_host
     ${{ASCEND_CANN_PACKAGE_PATH}}/include ${{ASCEND_CANN_PACKAGE_PATH}}/include/tiling
     ${{TORCH_DIR}}/include ${{TORCH_DIR}}/include/torch/csrc/api/include ${{TORCH_NPU_DIR}}/include)
 target_link_directories({LIBRARY} PRIVATE ${{ASCEND_CANN_PACKAGE_PATH}}/lib64 ${{TORCH_DIR}}/lib ${{TORCH_NPU_DIR}}/lib)
-target_compile_definitions({LIBRARY} PRIVATE _GLIBCXX_USE_CXX11_ABI=1)
+target_compile_definitions({LIBRARY} PRIVATE _GLIBCXX_USE_CXX11_ABI=${{TORCH_CXX11_ABI}})
 target_link_libraries({LIBRARY} PRIVATE tileflow_kernels tiling_api platform register ascendcl
                       torch torch_cpu c10 torch_npu)
 """

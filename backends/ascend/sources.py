@@ -167,6 +167,13 @@ class EntryPoint:
         """`GM_ADDR a, GM_ADDR b, ...`."""
         return ", ".join(f"GM_ADDR {p}" for p in self.params)
 
+    def host_signature(self) -> str:
+        """`uint8_t* a, uint8_t* b, ...`: the launch function's parameters, declared alike in the
+        kernel file and the PyTorch binding (as CANN's samples do). With `GM_ADDR` in one and
+        `uint8_t*` in the other, a compiler that takes `__gm__` for an address space on the host
+        would mangle the two names apart, and the operators' library would not link."""
+        return ", ".join(f"uint8_t* {p}" for p in self.params)
+
     def arguments(self) -> str:
         """`a, b, ...`."""
         return ", ".join(self.params)
@@ -177,7 +184,7 @@ def launch_stub(entry: EntryPoint) -> str:
     return (
         "#ifndef ASCENDC_CPU_DEBUG\n"
         "// Launched by the PyTorch binding on the current NPU stream.\n"
-        f"void {entry.name}_do(uint32_t blockDim, void* stream, {entry.signature()})\n"
+        f"void {entry.name}_do(uint32_t blockDim, void* stream, {entry.host_signature()})\n"
         "{\n"
         f"    {entry.name}<<<blockDim, nullptr, stream>>>({entry.arguments()});\n"
         "}\n"
@@ -212,8 +219,7 @@ def torch_binding(entries: Sequence[EntryPoint], spec: KernelSpec) -> str:
         "",
     ]
     for e in entries:
-        params = ", ".join(f"uint8_t* {p}" for p in e.params)
-        lines.append(f"void {e.name}_do(uint32_t blockDim, void* stream, {params});")
+        lines.append(f"void {e.name}_do(uint32_t blockDim, void* stream, {e.host_signature()});")
     lines.append("")
     for e in entries:
         args = ", ".join(f"const at::Tensor& {p}" for p in e.params)

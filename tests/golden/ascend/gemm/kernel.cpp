@@ -184,7 +184,7 @@ extern "C" __global__ __aicore__ void tileflow_padded_gemm_float16_m16n32k32w4s3
 
 #ifndef ASCENDC_CPU_DEBUG
 // Launched by the PyTorch binding on the current NPU stream.
-void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_do(uint32_t blockDim, void* stream, GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR bias, GM_ADDR bias_up, GM_ADDR residual, GM_ADDR out, GM_ADDR sys_workspace, GM_ADDR tiling)
+void tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f_do(uint32_t blockDim, void* stream, uint8_t* x, uint8_t* weight, uint8_t* weight_up, uint8_t* bias, uint8_t* bias_up, uint8_t* residual, uint8_t* out, uint8_t* sys_workspace, uint8_t* tiling)
 {
     tileflow_padded_gemm_float16_m16n32k32w4s3g4_k72_n40_bias_swiglu_residual_fab7b24f<<<blockDim, nullptr, stream>>>(x, weight, weight_up, bias, bias_up, residual, out, sys_workspace, tiling);
 }

@@ -168,7 +168,7 @@ extern "C" __global__ __aicore__ void tileflow_grouped_gemm_float16_m16n32k32w4s
 
 #ifndef ASCENDC_CPU_DEBUG
 // Launched by the PyTorch binding on the current NPU stream.
-void tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978_do(uint32_t blockDim, void* stream, GM_ADDR x, GM_ADDR weight, GM_ADDR weight_up, GM_ADDR offsets, GM_ADDR out, GM_ADDR sys_workspace, GM_ADDR tiling)
+void tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978_do(uint32_t blockDim, void* stream, uint8_t* x, uint8_t* weight, uint8_t* weight_up, uint8_t* offsets, uint8_t* out, uint8_t* sys_workspace, uint8_t* tiling)
 {
     tileflow_grouped_gemm_float16_m16n32k32w4s3g4_experts8_k72_n40_swiglu_60042978<<<blockDim, nullptr, stream>>>(x, weight, weight_up, offsets, out, sys_workspace, tiling);
 }

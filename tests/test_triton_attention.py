@@ -1111,3 +1111,35 @@ def test_alibi_over_long_distances_not_causal() -> None:
     slopes = torch.tensor([1.0, 0.5, 0.25, 0.125], device=DEVICE)
     spec = attn_spec(gqa=2, block_q=8, causal=False, alibi=True)
     run_and_check(batch, spec, alibi_slopes=slopes, what="alibi over long distances")
+
+
+def test_public_op_with_garbage_table_tails_shared_pages_and_odd_gqa() -> None:
+    """Through `tileflow.ops.meta_attention_varlen` (launch plan included): unused block-table
+    entries holding out-of-range indices (only the needed ones are checked and read), pages shared
+    by two sequences (prefix sharing), a page larger than every sequence and one of a single
+    position, three query heads per KV head (tile rows not a power of two) at head_dim 80, and a
+    long decode that splits its KV beside a prefill with no cache and an empty sequence."""
+    import tileflow
+
+    cases = [
+        # (lengths (n_s, L_s), block_size, Hq, Hkv, head_dim)
+        ([(0, 6), (1, 9), (5, 5), (0, 3), (1, 1)], 64, 6, 2, 80),
+        ([(2, 5), (1, 4), (3, 3)], 1, 6, 2, 16),
+        ([(1, 700), (4, 4), (0, 2)], 16, 3, 1, 80),
+    ]
+    for lengths, block_size, hq, hkv, head_dim in cases:
+        batch = paged_batch(lengths, num_q_heads=hq, num_kv_heads=hkv, head_dim=head_dim,
+                            block_size=block_size, dtype=torch.float32, seed=block_size)
+        table = batch["block_table"]
+        pages = [-(-kv // block_size) for _, kv in lengths]
+        # Sequence 1 reads sequence 0's first page as its own (a shared prefix, where both fill it).
+        if len(lengths) > 1 and block_size <= min(lengths[0][1], lengths[1][1]):
+            table[1, 0] = table[0, 0]
+        wide = torch.cat([table, torch.zeros(table.shape[0], 2, dtype=torch.int32)], dim=1)
+        for s, count in enumerate(pages):
+            wide[s, count:] = torch.tensor([-7, 2**30], dtype=torch.int32).repeat(wide.shape[1])[:wide.shape[1] - count]
+        batch = dict(batch, block_table=wide)
+        with tileflow.use_config(tileflow.Config(target="triton")):
+            out = tileflow.ops.meta_attention_varlen(
+                batch["q"], batch["k_cache"], batch["v_cache"], wide, batch["cu_seqlens_q"], batch["seqlens_kv"])
+        assert_close(out, oracle(batch), "float32", f"public op, {lengths} at block_size {block_size}")

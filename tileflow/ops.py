@@ -628,7 +628,8 @@ def meta_attention(
     `slope[h] * (j - (S_kv - S + i))`, as BLOOM's and MPT's `slope * j` does up to a per-row
     constant the softmax ignores (with `sinks` too, the kernel's form is the one applied).
     `attention_chunk=c`: Llama 4's chunked attention, the positions cut into chunks of c and a
-    query seeing only the keys of its own chunk (query at position p: keys at or after c * (p // c)).
+    query seeing only the keys of its own chunk (query at position p: keys in
+    [c * (p // c), c * (p // c + 1)), the upper bound mattering without `causal`).
     `key_starts` (integer `[B | 1, S]`): query i of row b sees no key before position
     `key_starts[b, i]`: several sequences packed in one row, each query's sequence starting there
     (with `causal`, the row's sequences are kept apart without an `[S, S_kv]` mask)."""

@@ -421,7 +421,33 @@ class Canonicalize:
             return self._masked_assignment(graph, node)
         if node in outputs:
             return None
+        if target in (aten._to_copy.default, prims.convert_element_type.default):
+            kind = self._cast_before_transpose(graph, node)
+            if kind:
+                return kind
         return self._drop_noop(node)
+
+    def _cast_before_transpose(self, graph: fx.Graph, cast: fx.Node) -> str | None:
+        """`cast(transpose(x))` as `transpose(cast(x))`: the same values and strides, and the
+        transpose of k the attention pass reads behind `q @ k^T` (autocast casts a `matmul`'s
+        operands, after Gemma-2's `key.transpose(2, 3)`)."""
+        src = cast.args[0]
+        if transposed_dims(src) is None or set(cast.kwargs) - {"dtype"} or not isinstance(src.args[0], fx.Node):
+            return None
+        with graph.inserting_before(cast):
+            moved = graph.call_function(cast.target, (src.args[0], *cast.args[1:]), dict(cast.kwargs))
+            infer_meta(moved)
+            transpose = graph.call_function(src.target, (moved, *src.args[1:]), dict(src.kwargs))
+            infer_meta(transpose)
+        if not all(statically_known_true(a == b) for a, b in zip(_val(transpose).stride(), _val(cast).stride())):
+            for made in (transpose, moved):
+                graph.erase_node(made)
+            return None
+        for made in (moved, transpose):
+            copy_source_meta(cast, made)
+        cast.replace_all_uses_with(transpose)
+        graph.erase_node(cast)
+        return "cast_before_transpose"
 
     def _weight_nk(self, graph: fx.Graph, node: fx.Node, b: fx.Node) -> fx.Node:
         """The [N, K] operand for `x @ b`: the source of a transpose, else `t(b)`."""

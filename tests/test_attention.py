@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import tileflow
 from attention_cases import make_batch
-from models import compiled_dynamic
+from models import VOCAB, ZOO, compiled_dynamic
 from tileflow.backends.reference.attention import attention_reference_dense
 from tileflow.graph_utils import bind_arguments
 from tileflow.ops import meta_attention_varlen
@@ -2611,3 +2611,21 @@ def test_transformers_attention_refuses_output_attentions(implementation: str) -
         with pytest.raises(ValueError, match="output_attentions=True"):
             ours.generate(ids, max_new_tokens=2, do_sample=False, output_attentions=True, return_dict_in_generate=True)
         torch.testing.assert_close(ours(ids, output_attentions=False).logits, sdpa(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gemma2_under_autocast_runs_its_attention_on_the_meta_kernel() -> None:
+    """Under `torch.autocast` the `matmul` of Gemma-2's eager attention casts its operands: the
+    cast comes after `key.transpose(2, 3)`, so the pass found no transposed k behind q @ k^T and
+    left the attention to eager. canonicalize casts before the transpose (the same values and
+    strides), and the soft-capped attention is the meta-kernel's, within bfloat16 of eager."""
+    torch.manual_seed(0)
+    model = ZOO["gemma2"][0]().eval()
+    compiled, report = compiled_dynamic(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for length in (5, 9):
+            ids = torch.randint(0, VOCAB, (2, length))
+            got, want = compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits
+            # (logits near 10: bfloat16's step there is 0.0625)
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-1)
+    assert not report.fallbacks, report.fallbacks
+    assert report.rewrites["meta_attention"] == 2 and report.rewrites["logit_softcap"] == 2, report.rewrites

@@ -645,3 +645,21 @@ def test_casts_across_an_in_place_write_or_returned_stay_apart() -> None:
     canonicalize(gm)
     a, b = gm(torch.randn(5, 3))
     assert a.data_ptr() != b.data_ptr()
+
+
+def test_a_cast_of_a_transpose_is_a_transpose_of_the_cast() -> None:
+    """`x.transpose(2, 3).to(bfloat16)` (autocast's cast of a `matmul` operand) becomes
+    `x.to(bfloat16).transpose(2, 3)`: the same values and strides, the transpose where the
+    attention pass reads it."""
+    def fn(x):
+        return x.transpose(2, 3).to(torch.bfloat16).mul(2)
+
+    gm = traced(fn, torch.randn(2, 3, 5, 4))
+    assert canonicalize(gm)["cast_before_transpose"] == 1
+    (mul,) = [n for n in gm.graph.nodes if n.target is aten.mul.Tensor]
+    transpose = mul.args[0]
+    assert transposed_dims(transpose) == (2, 3) and transpose.args[0].target is aten._to_copy.default
+    x = torch.randn(2, 3, 7, 4)
+    got, want = gm(x), fn(x)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

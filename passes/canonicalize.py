@@ -434,6 +434,8 @@ class Canonicalize:
         src = cast.args[0]
         if transposed_dims(src) is None or set(cast.kwargs) - {"dtype"} or not isinstance(src.args[0], fx.Node):
             return None
+        if _val(cast).dtype == _val(src).dtype:
+            return None  # a cast that changes nothing: `_drop_noop` removes it
         with graph.inserting_before(cast):
             moved = graph.call_function(cast.target, (src.args[0], *cast.args[1:]), dict(cast.kwargs))
             infer_meta(moved)

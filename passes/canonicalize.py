@@ -42,9 +42,9 @@ from tileflow.graph_utils import (
     copy_source_meta,
     in_graph,
     infer_meta,
+    reads_written,
     same_shape,
     size_value,
-    reads_written,
     transposed_dims,
     viewed_by,
     written_in_place,
@@ -107,6 +107,10 @@ def _merge_repeats(graph: fx.Graph, outputs: set[fx.Node]) -> int:
         if reads_written(node, written):
             continue
         key = (node.target, _hashable(node.args), _hashable(node.kwargs))
+        try:
+            hash(key)
+        except TypeError:  # an argument no dict can key (a tensor constant): left as it is
+            continue
         if key not in first:
             first[key] = node
             continue

@@ -767,8 +767,8 @@ class GemmPadding:
                        chains: list[_Chain], ups: set[fx.Node]) -> None:
         """Rewrite each group of two or more sibling linears (same input, K, dtype and bias
         presence, no epilogue but their bias and a cast, which stays apart; not half of a gated
-        pair, not returned by the graph) into one `padded_gemm`; `chains` are the graph's supported linears as `_match` finds
-        them, `ups` the up projections of their gated pairs."""
+        pair, not returned by the graph) into one `padded_gemm`; `chains` are the graph's
+        supported linears as `_match` finds them, `ups` the up projections of their gated pairs."""
         order = {node: i for i, node in enumerate(graph.nodes)}
         written = written_in_place(graph)
         groups: dict[tuple, list[_Chain]] = {}

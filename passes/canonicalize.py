@@ -104,8 +104,8 @@ def _merge_repeats(graph: fx.Graph, outputs: set[fx.Node]) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _MERGEABLE or node in returned:
             continue
-        if reads_written(node, written):
-            continue
+        if node in written or reads_written(node, written):
+            continue  # (written itself, or through a view of it: a merge would carry the write to the other's readers)
         key = (node.target, _hashable(node.args), _hashable(node.kwargs))
         try:
             hash(key)

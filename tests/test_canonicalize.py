@@ -663,3 +663,41 @@ def test_a_cast_of_a_transpose_is_a_transpose_of_the_cast() -> None:
     got, want = gm(x), fn(x)
     assert got.stride() == want.stride()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _cast_written_itself(x):
+    a, b = x.to(torch.float64), x.to(torch.float64)
+    b.add_(1)  # the second cast is written in place: merged, the write would reach `a` too
+    return a * 2, b * 3
+
+
+def _cast_written_through_its_view(x):
+    a, b = x.to(torch.float64), x.to(torch.float64)
+    b.view(-1).mul_(0)
+    return a + 1, b + 1
+
+
+def _input_written_through_unbind(x):
+    a = x.to(torch.float64)
+    x.unbind(0)[1].fill_(3)  # a write through an element of a multi-output view (getitem of unbind)
+    return a + 0, x.to(torch.float64) + 0
+
+
+def _value_written_through_split(x):
+    c = x * 1
+    a = c.to(torch.float64)
+    c.split(1)[0].mul_(0)
+    return a + 0, c.to(torch.float64) + 0
+
+
+@pytest.mark.parametrize("fn", [_cast_written_itself, _cast_written_through_its_view, _input_written_through_unbind,
+                                _value_written_through_split], ids=lambda fn: fn.__name__.strip("_"))
+def test_casts_a_write_reaches_stay_apart(fn: Callable) -> None:
+    """A repeat that is itself written in place (or through a view of it), and a read of a value
+    written through an element of `split` or `unbind` (a view behind a `getitem`), are not merged:
+    the merged node would carry the write to the other's readers, or read it too early."""
+    gm = traced(fn, torch.randn(3, 4))
+    canonicalize(gm)
+    x = torch.randn(3, 4)
+    for got, want in zip(gm(x.clone()), fn(x.clone())):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

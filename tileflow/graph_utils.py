@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import re
 from typing import Any, Callable, Iterable, Sequence
 
@@ -152,12 +153,23 @@ def viewed_by(nodes: Iterable[fx.Node]) -> set[fx.Node]:
     ops (the graph's outputs and what they view, say)."""
     seen, stack = set(nodes), list(nodes)
     while stack:
-        node = stack.pop()
-        if node.op == "call_function" and is_view_op(node.target) and node.args and isinstance(node.args[0], fx.Node):
-            if node.args[0] not in seen:
-                seen.add(node.args[0])
-                stack.append(node.args[0])
+        base = _view_base(stack.pop())
+        if base is not None and base not in seen:
+            seen.add(base)
+            stack.append(base)
     return seen
+
+
+def _view_base(node: fx.Node) -> fx.Node | None:
+    """The value `node` is a view of: a view op's first input, or the multi-output view op
+    (`split`, `unbind`, `chunk`) that an element `getitem` takes comes from; None for others."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.target is operator.getitem:
+        # (An element of `split` aliases the split tensor as much as a `view` would.)
+        source = node.args[0]
+        return source if source.op == "call_function" and is_view_op(source.target) else None
+    return node.args[0] if is_view_op(node.target) else None
 
 
 def written_in_place(graph: fx.Graph) -> set[fx.Node]:
@@ -171,13 +183,10 @@ def reads_written(node: fx.Node, written: set[fx.Node]) -> bool:
     one of its inputs, or what an input views. Such a read may not move across the write, nor
     merge with a like read on the write's other side."""
     for value in node.all_input_nodes:
-        while True:
+        while value is not None:
             if value in written:
                 return True
-            if not (value.op == "call_function" and is_view_op(value.target) and value.args
-                    and isinstance(value.args[0], fx.Node)):
-                break
-            value = value.args[0]
+            value = _view_base(value)
     return False
 
 

@@ -106,15 +106,13 @@ def _merge_repeats(graph: fx.Graph, outputs: set[fx.Node]) -> int:
             continue
         if node in written or reads_written(node, written):
             continue  # (written itself, or through a view of it: a merge would carry the write to the other's readers)
-        key = (node.target, _hashable(node.args), _hashable(node.kwargs))
         try:
-            hash(key)
+            earlier = first.setdefault((node.target, _hashable(node.args), _hashable(node.kwargs)), node)
         except TypeError:  # an argument no dict can key (a tensor constant): left as it is
             continue
-        if key not in first:
-            first[key] = node
+        if earlier is node:
             continue
-        node.replace_all_uses_with(first[key])
+        node.replace_all_uses_with(earlier)
         graph.erase_node(node)
         merged += 1
     return merged

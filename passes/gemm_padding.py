@@ -775,8 +775,7 @@ class GemmPadding:
         for chain in chains:
             if (chain.out_dtype is not None and chain.activation == "none" and chain.residual is None
                     and chain.added_bias is None and chain.up_linear is None):
-                # A cast its only epilogue (Qwen3's and Gemma-3's Q and K norms upcast the
-                # projection): one GEMM with its siblings beats a kernel of its own with the cast
+                # A cast its only epilogue (Qwen3's Q and K norms upcast the projection): one GEMM with its siblings beats a kernel of its own with the cast
                 # folded in, and the cast stays as it was. (Alone, it is matched again with it.)
                 chain = _Chain(linear=chain.linear, tip=chain.linear)
                 _walk_views(chain)

@@ -147,10 +147,11 @@ class ScheduleState:
                 # (and an output viewing it shares its memory, as eager's would).
                 return self._any_joined[node.name]
             parts = self.pieces[node.name]
+            ranges = sorted(parts)
             # Only once every piece exists: a join of some of them, cached, would hand later
             # readers rows shifted into the place of the missing ones.
-            _check_tiled(node.name, sorted(parts), 0, self.tokens)
-            self._joined[key] = torch.cat([parts[r] for r in sorted(parts)], dim=self.dims[node.name])
+            _check_tiled(node.name, ranges, 0, self.tokens)
+            self._joined[key] = torch.cat([parts[r] for r in ranges], dim=self.dims[node.name])
             self._any_joined.setdefault(node.name, self._joined[key])
         return self._joined[key]
 

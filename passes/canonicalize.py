@@ -25,7 +25,12 @@ Later passes match one form only. After this pass:
   op, which nano-batching splits by rows and the padding analysis of `cuda_graphs` follows;
 - repeats of a cast or a view over the same operands are one node (kind `repeat_merged`): under
   `torch.autocast` each projection casts the layer's input anew, and the GEMM pass fuses only
-  linears that read one node.
+  linears that read one node;
+- a dtype cast of a chain of views, transposes, unsqueezes, expands and clones is a cast of the
+  chain's source under the same chain (kind `cast_before_views`), where the strides agree:
+  autocast casts a `matmul`'s operands after Gemma-2's `key.transpose(2, 3)` and after
+  `repeat_kv`, which the attention pass reads through to the real K/V heads (and the cast then
+  converts the un-repeated heads, not R copies).
 Nodes the graph returns directly are kept, and so is every copy an output views (`x.clone()
 .view(-1)` returned), so no output starts aliasing an input.
 """
@@ -86,6 +91,14 @@ def _val(node: Any) -> Any:
 def _is_2d_transpose(node: Any) -> bool:
     """True when `node` swaps the two dims of a 2-D tensor."""
     return transposed_dims(node) == (0, 1) and _val(node.args[0]).dim() == 2
+
+
+# Ops a dtype cast is moved below (`_cast_before_views`, with transposes): each only rearranges
+# or copies elements, so casting before or after gives the same values.
+_CAST_COMMUTES = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
+    aten.expand.default, aten.clone.default,
+}
 
 
 def _merge_repeats(graph: fx.Graph, outputs: set[fx.Node]) -> int:
@@ -382,6 +395,7 @@ class Canonicalize:
         if merged:
             result.count("repeat_merged", merged)
         self._viewed_by_outputs = viewed_by(outputs)
+        self._written: set[fx.Node] | None = None  # `written_in_place`, computed when first needed
         for node in list(graph.nodes):
             if node.op != "call_function" or not in_graph(node, graph):
                 continue
@@ -424,34 +438,61 @@ class Canonicalize:
         if node in outputs:
             return None
         if target in (aten._to_copy.default, prims.convert_element_type.default):
-            kind = self._cast_before_transpose(graph, node)
+            kind = self._cast_before_views(graph, node)
             if kind:
                 return kind
         return self._drop_noop(node)
 
-    def _cast_before_transpose(self, graph: fx.Graph, cast: fx.Node) -> str | None:
-        """`cast(transpose(x))` as `transpose(cast(x))`: the same values and strides, and the
-        transpose of k the attention pass reads behind `q @ k^T` (autocast casts a `matmul`'s
-        operands, after Gemma-2's `key.transpose(2, 3)`)."""
-        src = cast.args[0]
-        if transposed_dims(src) is None or set(cast.kwargs) - {"dtype"} or not isinstance(src.args[0], fx.Node):
+    def _written_values(self, graph: fx.Graph) -> set[fx.Node]:
+        """`written_in_place(graph)`, computed once per run when first needed (most graphs a
+        compile gives are functional: nothing is written)."""
+        if self._written is None:
+            self._written = written_in_place(graph)
+        return self._written
+
+    def _cast_before_views(self, graph: fx.Graph, cast: fx.Node) -> str | None:
+        """`cast(chain(x))` as `chain(cast(x))` for a chain of `_CAST_COMMUTES` ops and
+        transposes: the same values (a cast is elementwise), checked to have the same strides.
+        A clone joins the chain only while it and what reads it up to the cast have no other
+        reader (else the copy would be made twice); a value written in place stops it (a clone
+        read before the write would be cast after it)."""
+        before, after = _val(cast.args[0]), _val(cast)
+        if set(cast.kwargs) - {"dtype"} or not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
             return None
-        if _val(cast).dtype == _val(src).dtype:
+        if before.dtype == after.dtype:
             return None  # a cast that changes nothing: `_drop_noop` removes it
-        with graph.inserting_before(cast):
-            moved = graph.call_function(cast.target, (src.args[0], *cast.args[1:]), dict(cast.kwargs))
-            infer_meta(moved)
-            transpose = graph.call_function(src.target, (moved, *src.args[1:]), dict(src.kwargs))
-            infer_meta(transpose)
-        if not all(statically_known_true(a == b) for a, b in zip(_val(transpose).stride(), _val(cast).stride())):
-            for made in (transpose, moved):
-                graph.erase_node(made)
+        written = self._written_values(graph)
+        chain: list[fx.Node] = []
+        sole_reader = True
+        src = cast.args[0]
+        while (isinstance(src, fx.Node) and src.op == "call_function" and src.args and isinstance(src.args[0], fx.Node)
+               and src not in written
+               and (transposed_dims(src) is not None or src.target in _CAST_COMMUTES)):
+            sole_reader = sole_reader and len(src.users) == 1
+            if src.target is aten.clone.default and not (sole_reader and set(src.kwargs) <= {"memory_format"}):
+                break
+            chain.append(src)
+            src = src.args[0]
+        if not chain or src in written:
             return None
-        for made in (moved, transpose):
-            copy_source_meta(cast, made)
-        cast.replace_all_uses_with(transpose)
+        made: list[fx.Node] = []
+        with graph.inserting_before(cast):
+            top = graph.call_function(cast.target, (src, *cast.args[1:]), dict(cast.kwargs))
+            made.append(top)
+            infer_meta(top)
+            for op in reversed(chain):
+                top = graph.call_function(op.target, (top, *op.args[1:]), dict(op.kwargs))
+                made.append(top)
+                infer_meta(top)
+        if not all(statically_known_true(a == b) for a, b in zip(_val(top).stride(), _val(cast).stride())):
+            for node in reversed(made):
+                graph.erase_node(node)
+            return None
+        for node in made:
+            copy_source_meta(cast, node)
+        cast.replace_all_uses_with(top)
         graph.erase_node(cast)
-        return "cast_before_transpose"
+        return "cast_before_views"
 
     def _weight_nk(self, graph: fx.Graph, node: fx.Node, b: fx.Node) -> fx.Node:
         """The [N, K] operand for `x @ b`: the source of a transpose, else `t(b)`."""
@@ -574,6 +615,11 @@ class Canonicalize:
         if target in _VIEW_LIKE or target in _SAME_DTYPE_COPIES:
             if target in _SAME_DTYPE_COPIES and node in self._viewed_by_outputs:
                 return None  # an output views this copy: without it, the output views the input
+            written = self._written_values(node.graph) if target in _SAME_DTYPE_COPIES else set()
+            if node in written or reads_written(node, written):
+                # A copy written in place (without it the write lands on its source), or of a
+                # value written later (the copy holds the value before the write).
+                return None
             if target is aten._to_copy.default and set(node.kwargs) - {"dtype"}:
                 return None  # device/layout/memory-format changes are real work
             if target is aten.clone.default and node.kwargs.get("memory_format") not in (None, torch.preserve_format) and not _same_layout(sv, ov):

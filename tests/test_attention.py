@@ -2617,7 +2617,9 @@ def test_gemma2_under_autocast_runs_its_attention_on_the_meta_kernel() -> None:
     """Under `torch.autocast` the `matmul` of Gemma-2's eager attention casts its operands: the
     cast comes after `key.transpose(2, 3)`, so the pass found no transposed k behind q @ k^T and
     left the attention to eager. canonicalize casts before the transpose (the same values and
-    strides), and the soft-capped attention is the meta-kernel's, within bfloat16 of eager."""
+    strides), and the soft-capped attention is the meta-kernel's, within bfloat16 of eager. The
+    cast of K also sits after `repeat_kv`: canonicalize casts before the repeat too, so K and V
+    are read at their 2 real heads, not repeated over the 4 query heads."""
     torch.manual_seed(0)
     model = ZOO["gemma2"][0]().eval()
     compiled, report = compiled_dynamic(model)
@@ -2629,3 +2631,4 @@ def test_gemma2_under_autocast_runs_its_attention_on_the_meta_kernel() -> None:
             torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-1)
     assert not report.fallbacks, report.fallbacks
     assert report.rewrites["meta_attention"] == 2 and report.rewrites["logit_softcap"] == 2, report.rewrites
+    assert report.rewrites["gqa_unrepeated"] == 2, report.rewrites

@@ -655,7 +655,7 @@ def test_a_cast_of_a_transpose_is_a_transpose_of_the_cast() -> None:
         return x.transpose(2, 3).to(torch.bfloat16).mul(2)
 
     gm = traced(fn, torch.randn(2, 3, 5, 4))
-    assert canonicalize(gm)["cast_before_transpose"] == 1
+    assert canonicalize(gm)["cast_before_views"] == 1
     (mul,) = [n for n in gm.graph.nodes if n.target is aten.mul.Tensor]
     transpose = mul.args[0]
     assert transposed_dims(transpose) == (2, 3) and transpose.args[0].target is aten._to_copy.default
@@ -701,3 +701,67 @@ def test_casts_a_write_reaches_stay_apart(fn: Callable) -> None:
     x = torch.randn(3, 4)
     for got, want in zip(gm(x.clone()), fn(x.clone())):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """transformers' `repeat_kv`: [B, Hkv, S, D] -> [B, Hkv * n_rep, S, D]."""
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def test_a_cast_of_repeat_kv_is_a_repeat_of_the_cast() -> None:
+    """Autocast casts Gemma-2's `repeat_kv(key).transpose(2, 3)`: the cast moves below the whole
+    chain (transpose, reshape, clone, expand, unsqueeze), so the attention pass finds the repeat
+    and the cast converts the real heads only; values and strides are eager's."""
+    def fn(k):
+        return _repeat_kv(k, 2).transpose(2, 3).to(torch.bfloat16).mul(2)
+
+    gm = traced(fn, torch.randn(2, 3, 5, 4))
+    assert canonicalize(gm)["cast_before_views"] == 1
+    (cast,) = [n for n in gm.graph.nodes if n.target is aten._to_copy.default]
+    assert cast.args[0].op == "placeholder" and list(cast.meta["val"].shape[1:]) == [3, 5, 4]
+    k = torch.randn(2, 3, 7, 4)
+    got, want = gm(k), fn(k)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_cast_stays_above_a_copy_another_op_reads_or_a_write_in_place() -> None:
+    """A repeat whose copy another op also reads keeps the cast above it (moving it would make
+    the copy twice), and so does a value written in place between the copy and the cast (the
+    cast would read it after the write)."""
+    def shared(k):
+        r = _repeat_kv(k, 2)
+        return r.to(torch.bfloat16).mul(2), r.sum()
+
+    def written(k):
+        r = k * 1
+        copy = r.clone()
+        r.mul_(3)
+        return copy.to(torch.bfloat16).mul(2) + r
+
+    for fn in (shared, written):
+        gm = traced(fn, torch.randn(2, 3, 5, 4))
+        canonicalize(gm)
+        k = torch.randn(2, 3, 6, 4)
+        got, want = gm(k.clone()), fn(k.clone())
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        (cast,) = [n for n in gm.graph.nodes if n.target is aten._to_copy.default]
+        assert cast.args[0].target is aten.clone.default, gm.code  # (the view above the copy moved)
+
+
+def test_a_copy_written_in_place_is_kept() -> None:
+    """A clone that an in-place op then writes is real work even with the source's layout:
+    removed, the write would land on the graph's input."""
+    def fn(x):
+        r = x.clone()
+        r.mul_(3)
+        return r + x
+
+    gm = traced(fn, torch.randn(4, 8))
+    canonicalize(gm)
+    x = torch.randn(4, 8)
+    before = x.clone()
+    torch.testing.assert_close(gm(x), fn(before.clone()), rtol=0, atol=0)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)

@@ -114,6 +114,9 @@ def parse_args() -> argparse.Namespace:
     for name, low in lows.items():
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    for name in ("timeout", "idle_timeout"):  # 0 failed in torch's store as a socket timeout of 0ms
+        if not 0 < getattr(args, name) < float("inf"):
+            p.error(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(args, name)}")
     if "RANK" not in os.environ:
         p.error("run it under torchrun: torchrun --nproc-per-node 3 examples/disaggregate.py --check")
     return args

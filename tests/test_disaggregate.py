@@ -641,6 +641,26 @@ def test_model_worker_refuses_a_batch_it_cannot_run_before_sending_the_plan() ->
     assert t.sent == []
 
 
+@pytest.mark.parametrize("sizes", [{"num_blocks": 0}, {"block_size": 0}, {"block_size": True}])
+def test_model_worker_refuses_block_sizes_the_attention_workers_would_refuse_mid_step(sizes) -> None:
+    """`num_blocks=0` or `block_size=0` went out in INIT unchecked; the attention workers refused
+    them when making their caches at the first step, once its plan was out, which ended the run."""
+    from tileflow.distributed import ModelWorker
+
+    program = build_stage_program(_AttentionLast(), EXAMPLE, max_tokens=16)
+    with pytest.raises(ValueError, match=f"{next(iter(sizes))} must be an int >= 1"):
+        ModelWorker(program, Layout(2), _Recorder(), **sizes)
+
+
+@pytest.mark.parametrize("nano_batches", [2, "auto"])
+def test_a_stage_program_refuses_nano_batches_it_would_not_apply(nano_batches) -> None:
+    """The stages are cut from the graph and run whole: with `nano_batches=2` the pass annotated
+    every node and the program ran unsplit, without a word."""
+    config = tileflow.Config(passes=("canonicalize", "attention", "gemm_padding", "nanobatch"), nano_batches=nano_batches)
+    with pytest.raises(ValueError, match=f"nano_batches={nano_batches!r}: a disaggregated step's dense stages run unsplit"):
+        build_stage_program(_AttentionLast(), EXAMPLE, max_tokens=16, config=config)
+
+
 class _FailureRecorder(_Recorder):
     def send_failure(self, reason: str, dst: int) -> None:
         self.sent.append((dst, f"failure: {reason}"))

@@ -52,6 +52,27 @@ def test_outside_torchrun_the_example_and_init_distributed_say_to_run_under_torc
         init_distributed(5.0)
 
 
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan")])
+def test_init_distributed_refuses_a_timeout_that_is_not_positive_before_the_process_group(monkeypatch, timeout) -> None:
+    """A timeout of 0 or less reached torch's store first, which failed with "the client socket
+    has timed out after 0ms while trying to connect" (after -1000ms for -1), naming neither the
+    argument nor its value."""
+    import torch.distributed as dist
+
+    from tileflow.distributed import init_distributed
+
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="timeout_s must be a positive number of seconds"):
+        init_distributed(timeout)
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("flag", ["--timeout", "--idle-timeout"])
+def test_non_positive_timeouts_are_usage_errors(usage_error, flag: str) -> None:
+    assert f"{flag} must be a positive number of seconds, got 0.0" in usage_error("disaggregate", flag, "0")
+
+
 @pytest.mark.extended  # the rotation test below checks the same logits in its harder layout
 def test_logits_match_single_process() -> None:
     # One KV head per query head, one attention worker. Query heads split over two workers in

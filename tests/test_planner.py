@@ -306,6 +306,35 @@ def test_moe_and_mla_configs_are_refused(tmp_path, extra, needle):
     assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.parametrize("cfg,needle", [
+    # transformers' class defaults: MixtralConfig has 8 local experts, Qwen2MoeConfig 60 experts,
+    # DeepseekV3Config a latent KV of rank 512. A file leaving them out is still that model;
+    # read from the file's keys alone, each was planned as a dense model.
+    ({"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+      "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000}, "mixture-of-experts"),
+    ({"model_type": "qwen2_moe", "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16,
+      "num_key_value_heads": 16, "intermediate_size": 5632, "vocab_size": 151936}, "mixture-of-experts"),
+    ({"model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
+      "num_key_value_heads": 128, "intermediate_size": 18432, "vocab_size": 129280, "n_routed_experts": 1},
+     "latent attention"),
+])
+def test_moe_and_mla_class_defaults_are_refused_too(cfg, needle):
+    pytest.importorskip("transformers")
+    with pytest.raises(ValueError, match=needle):
+        model_from_config(cfg)
+
+
+def test_head_dim_class_default_is_read_when_the_file_leaves_it_out():
+    # Qwen3Config's head_dim defaults to 128 whatever the hidden size: transformers builds 16
+    # heads of 128 here, the planner counted 16 of 1024 / 16 = 64 (half the KV cache and QKV/O).
+    AutoConfig = pytest.importorskip("transformers").AutoConfig
+    cfg = {"model_type": "qwen3", "hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16,
+           "num_key_value_heads": 8, "intermediate_size": 3072, "vocab_size": 151936}
+    expected = AutoConfig.for_model("qwen3", hidden_size=1024, num_attention_heads=16).head_dim
+    assert expected == 128
+    assert model_from_config(cfg).hd == expected
+
+
 def test_dense_config_with_one_expert_key_still_loads():
     m = model_from_config({**BASE_CFG, "num_experts": None, "num_local_experts": 1})
     assert m.dense_params == TOY.dense_params
@@ -338,16 +367,18 @@ def test_missing_tie_word_embeddings_follows_transformers_default():
     # transformers (before 5) left out of config.json the values equal to a class's defaults, so
     # Gemma configs may lack tie_word_embeddings although Gemma ties its LM head to the input
     # embedding; LLaMA's default is untied.
+    # (head_dim given: Gemma's class default is 256, not hidden_size / heads.)
     transformers = pytest.importorskip("transformers")
+    cfg = {**BASE_CFG, "head_dim": 128}
     for model_type in ("gemma", "llama"):
         tied = transformers.AutoConfig.for_model(model_type).tie_word_embeddings
-        m = model_from_config({**BASE_CFG, "model_type": model_type})
+        m = model_from_config({**cfg, "model_type": model_type})
         embed = 0 if tied else 1024 * 1000
         assert m.stored_params == 2 * 15_204_352 + 1024 * 1000 + embed
-    assert model_from_config({**BASE_CFG, "model_type": "gemma"}).stored_params == \
+    assert model_from_config({**cfg, "model_type": "gemma"}).stored_params == \
         TOY.dense_params
     # an explicit value always wins
-    assert not model_from_config({**BASE_CFG, "model_type": "gemma",
+    assert not model_from_config({**cfg, "model_type": "gemma",
                                   "tie_word_embeddings": False}).tie_word_embeddings
 
 

@@ -9,9 +9,10 @@ placements, it does not predict a measured tokens/s.
 
 Model of one decode iteration (every sequence of the batch produces one token)
 ------------------------------------------------------------------------------
-Symbols: d hidden size, L layers, H query heads, Hkv KV heads, hd head dim (config `head_dim`, else
-d/H), G = H/Hkv, I intermediate size, V vocab, B batch, S context (tokens already in the cache),
-e bytes per element of `dtype` (weights, activations and KV cache all in `dtype`).
+Symbols: d hidden size, L layers, H query heads, Hkv KV heads, hd head dim (config `head_dim`, its
+class default when the file leaves it out, else d/H), G = H/Hkv, I intermediate size, V vocab,
+B batch, S context (tokens already in the cache), e bytes per element of `dtype` (weights,
+activations and KV cache all in `dtype`).
 
 Only dense decoders with one MLP per block and per-head K/V are modelled: a config with routed
 experts (MoE), a compressed latent KV cache (MLA) or layers other than full and sliding-window
@@ -325,6 +326,19 @@ def _with_standard_keys(config: dict[str, Any], name: str) -> dict[str, Any]:
     return filled
 
 
+def _refuse_experts_and_latent_kv(get: Any, name: str) -> None:
+    """A ValueError for a mixture-of-experts or latent-attention (MLA) config; `get(key)` gives a
+    config value, or None when it has none."""
+    experts = {k: get(k) for k in _EXPERT_COUNT_KEYS
+               if isinstance(get(k), (int, float)) and not isinstance(get(k), bool) and get(k) > 1}
+    if experts:
+        raise ValueError(f"{name}: mixture-of-experts configs ({experts}) are not supported: "
+                         "the planner models one dense MLP per block")
+    if get("kv_lora_rank") is not None:
+        raise ValueError(f"{name}: multi-head latent attention (kv_lora_rank) is not supported: "
+                         "the planner models a KV cache of 2·Hkv·head_dim per token and layer")
+
+
 def model_from_config(config: dict[str, Any], name: str = "config") -> ModelShape:
     """ModelShape from a transformers config dict (uses `text_config` when nested).
 
@@ -338,14 +352,7 @@ def model_from_config(config: dict[str, Any], name: str = "config") -> ModelShap
                            "intermediate_size", "vocab_size") if k not in config]
     if missing:
         raise ValueError(f"{name}: config lacks {missing}")
-    experts = {k: config[k] for k in _EXPERT_COUNT_KEYS
-               if isinstance(config.get(k), (int, float)) and config[k] > 1}
-    if experts:
-        raise ValueError(f"{name}: mixture-of-experts configs ({experts}) are not supported: "
-                         "the planner models one dense MLP per block")
-    if config.get("kv_lora_rank") is not None:
-        raise ValueError(f"{name}: multi-head latent attention (kv_lora_rank) is not supported: "
-                         "the planner models a KV cache of 2·Hkv·head_dim per token and layer")
+    _refuse_experts_and_latent_kv(config.get, name)
     heads = _config_int(config, "num_attention_heads", name)
     # Absent (or null) in pre-GQA configs: every head has its own K and V. An explicit 0 is an
     # error (ModelShape refuses it), not MHA.
@@ -358,6 +365,15 @@ def model_from_config(config: dict[str, Any], name: str = "config") -> ModelShap
     num_layers = _config_int(config, "num_hidden_layers", name)
     hidden, inter, vocab = (_config_int(config, key, name) for key in ("hidden_size", "intermediate_size", "vocab_size"))
     read = _as_transformers_reads_it(config, name)  # after the checks above: their messages are clearer
+    if read is not None:
+        # The keys the file leaves out are the class's defaults (Mixtral's 8 experts, DeepSeek-V3's
+        # latent KV, Qwen3's or Gemma's head_dim): read from the file alone, such a config was
+        # planned as a dense model of another head size.
+        _refuse_experts_and_latent_kv(lambda key: None if key in config else _read_attr(read, key, name), name)
+        default_head_dim = _read_attr(read, "head_dim", name) if "head_dim" not in config else None
+        if (head_dim is None and isinstance(default_head_dim, int) and not isinstance(default_head_dim, bool)
+                and default_head_dim > 0):
+            head_dim = default_head_dim
     if tie is None:  # the class default when transformers knows the model (LLaMA's, untied, if not)
         tie = bool(_read_attr(read, "tie_word_embeddings", name))
     return ModelShape(

@@ -100,6 +100,11 @@ class ModelWorker:
         self, program: StageProgram, layout: Layout, transport: Transport, *, block_size: int = 16,
         num_blocks: int = 1024, idle_timeout_s: float | None = None, sliding_blocks: int | None = None,
     ) -> None:
+        for label, value in (("block_size", block_size), ("num_blocks", num_blocks)):
+            # The attention workers refuse them only at the first step, once its plan is out:
+            # that ends the run.
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be an int >= 1, got {value!r}")
         if sliding_blocks is not None and (isinstance(sliding_blocks, bool) or not isinstance(sliding_blocks, int)
                                            or sliding_blocks < 1):
             raise ValueError(f"sliding_blocks must be an int >= 1 or None, got {sliding_blocks!r}")

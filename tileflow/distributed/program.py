@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import math
+import numbers
 import operator
 import os
 from typing import Any, Mapping, Sequence
@@ -265,6 +267,10 @@ def _program_from_export(step: torch.nn.Module, ep: torch.export.ExportedProgram
     from tileflow.passes.nanobatch import token_symbol
 
     limit = getattr(step, "position_limit", None)
+    if config.nano_batches != 1:
+        # The stages are cut from the graph and run whole: a split would be annotated, then ignored.
+        raise ValueError(f"nano_batches={config.nano_batches!r}: a disaggregated step's dense stages run unsplit "
+                         "(nano-batching is not applied across the stage cut); build it with nano_batches=1")
     passes = tuple(p for p in config.passes if p != "disaggregate") + ("disaggregate",)
     config = config.replace(passes=passes)
     graph = capture_exported(ep, decomposed=True)
@@ -313,7 +319,9 @@ def _program_from_export(step: torch.nn.Module, ep: torch.export.ExportedProgram
             stage.module = torch.compile(stage.module, dynamic=True)
         if dims is not None:
             buckets = [b for b in config.graph_buckets() if b <= MAX_GRAPHED_TOKENS]
-            capped = capped_buckets(buckets, check.max_bucket)  # within the tables it looks positions up in
+            # Within the tables it looks positions up in, and the export's token range (a bucket past
+            # max_tokens would run the graph at a size its guards were not traced for).
+            capped = capped_buckets(buckets, min(b for b in (max_tokens, check.max_bucket) if b is not None))
             if capped:
                 stage.module = GraphedStage(stage, program.constants, dims[0], list(dims[1]), capped)
             else:
@@ -421,6 +429,10 @@ def init_distributed(
     if device not in backends:
         raise ValueError(f"device must be one of {sorted(backends)}, got {device!r}")
     backend = backends[device]
+    # Checked before the process group: torch would report a timeout of 0 or less as "the client
+    # socket has timed out after 0ms while trying to connect", and a NaN past it.
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not 0 < timeout_s < math.inf:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
     missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing and not dist.is_initialized():
         # torch's own error names one variable and not how to set them all.

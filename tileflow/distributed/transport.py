@@ -39,7 +39,7 @@ class Transport:
     """Self-describing tensor (and int) messages, matched in send order, with receive timeouts."""
 
     def __init__(self, timeout_s: float, device: torch.device | str = "cpu") -> None:
-        if timeout_s <= 0:
+        if not 0 < timeout_s < float("inf"):  # also NaN, which every wait would fail on
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.timeout_s = timeout_s
         # NCCL moves device tensors only: headers and receive buffers live where the data does.

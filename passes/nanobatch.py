@@ -15,6 +15,9 @@ tokens) runs once over all rows, after the nano-ops it reads. Each nano-op depen
 producer nano-ops whose rows it reads, never on a global barrier
 (`tileflow.schedule.build_dependencies`). Resource classes: GEMMs compute,
 attention memory, collectives network; the light ops go with the GEMMs on the compute stream.
+The search's cost per token row: a GEMM's FLOPs and bytes, and its weights once per launch;
+attention's share of its sequence's K/V and its FLOPs per key seen, at the graph's example sizes
+(`_attention_profile`); a collective's bytes over the interconnect.
 
 `Config.nano_batches`: 1 leaves the graph alone; an integer k >= 2 forces a k-way split of every
 step (k is capped by the token count); `"auto"` lets `tileflow.search` choose k and the sizes per
@@ -36,8 +39,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tileflow.graph_utils import (
-    ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT_TENSOR, bind_arguments, graph_structure, is_view_op, meta_val, token_dim,
-    traced_contiguous, written_arguments,
+    ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT_TENSOR, bind_arguments, graph_structure, is_view_op, meta_val, size_hint,
+    token_dim, traced_contiguous, written_arguments,
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, OpEdge, OpSpec, Schedule, check_schedule, make_schedule
@@ -248,12 +251,30 @@ def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | None:
         e = w.element_size()
         return OpProfile(node.name, "compute", 2.0 * n * k, e * (n + k), float(e * n * k), str(w.dtype).removeprefix("torch."))
     if name == "meta_attention":
-        k = meta_val(node.args[1])
-        per_row = k.element_size() * k.shape[1] * k.shape[3] * 2  # this row's k and v, read once per query row
-        return OpProfile(node.name, "memory", 0.0, float(per_row), 0.0, str(k.dtype).removeprefix("torch."))
+        return _attention_profile(node)
     if node.target in _MOVING_COLLECTIVES:
         return _collective_profile(node, dims)
     return None
+
+
+def _attention_profile(node: fx.Node) -> OpProfile:
+    """Attention's cost per query row at the graph's example sizes (the SymInts' hints): its
+    sequence's K and V read once for the sequence's S query rows (a decode row reads its whole
+    cache; a prefill row 1/S of it), its own q and output, and 4·Hq·D FLOPs per key it sees
+    (q·kᵀ and p·v; a causal row sees S_kv - (S - 1) / 2 keys on average, a window at most w)."""
+    args = bind_arguments(node)
+    q, k = meta_val(args["q"]), meta_val(args["k"])
+    # (A size without a hint, or an empty one, counts as 1: the least a row can read.)
+    hq, hkv, d, rows, keys = (size_hint(size) or 1 for size in (q.shape[1], k.shape[1], q.shape[3], q.shape[2], k.shape[2]))
+    e = q.element_size()
+    window = size_hint(args.get("sliding_window"))
+    read = keys if not window else min(keys, window + rows - 1)
+    seen = keys - (rows - 1) / 2 if args.get("causal") else float(keys)
+    if window:
+        seen = min(seen, float(window))
+    kv_bytes = e * 2 * hkv * d * read / rows
+    return OpProfile(node.name, "memory", 4.0 * hq * d * seen, kv_bytes + 2 * e * hq * d, 0.0,
+                     str(q.dtype).removeprefix("torch."))
 
 
 def _collective_profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | None:

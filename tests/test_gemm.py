@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 
 import pytest
 import torch
@@ -849,3 +850,44 @@ def test_a_gated_gemm_over_an_empty_k_is_its_gate_bias_activation_times_the_up_b
         got = padded_gemm(x, w, b, activation=activation)
     want = oracle(x, w[:N], b[:N], activation=activation, weight_up=w[N:], bias_up=b[N:])
     torch.testing.assert_close(got.double(), want.expand(3, N), rtol=1e-6, atol=1e-6)
+
+
+_BAD_TIMING_ENTRIES = [
+    ({"persistent": "false"}, "'persistent' must be true or false"),  # bool("false") is True
+    ({"split_k": 0}, "'split_k' must be an integer >= 1"),  # was a ZeroDivisionError
+    ({"n": 0}, "'n' must be an integer >= 1"),  # was a ZeroDivisionError
+    ({"n": -4096}, "'n' must be an integer >= 1"),
+    ({"k": 14336.5}, "'k' must be an integer >= 1"),  # int() truncated it
+    ({"tile_seconds": True}, "'tile_seconds' must be a number"),  # read as 1 s
+]
+
+
+@pytest.mark.parametrize("change, message", _BAD_TIMING_ENTRIES)
+def test_a_tile_timings_entry_with_a_bad_field_is_malformed(tmp_path, change: dict, message: str) -> None:
+    """Every field is checked for its kind and range: a wrong one was read silently as another
+    value, or raised a bare ZeroDivisionError once the device was known."""
+    import json
+
+    from tileflow.devices import get_device
+
+    entry = {"device": "H200", "dtype": "bfloat16", "n": 4096, "k": 14336, "m": 1088,
+             "tile": {"block_m": 64, "block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 4},
+             "tile_seconds": 3e-5, **change}
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps([entry]))
+    with pytest.raises(ValueError, match=f"is malformed .*{re.escape(message)}"):
+        runtime.load_tile_timings(str(path), get_device("H200"))
+
+
+def test_a_tile_config_timed_twice_is_malformed(tmp_path) -> None:
+    """Two times of one config at one shape and variant: the plan took whichever came last in the
+    file."""
+    import json
+
+    entry = {"device": "H200", "dtype": "bfloat16", "n": 4096, "k": 14336,
+             "tile": {"block_m": 64, "block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 4},
+             "tile_seconds": 3e-5}
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps([entry, {**entry, "tile_seconds": 9e-5}]))
+    with pytest.raises(ValueError, match="is malformed .*timed twice for the same shape and variant"):
+        runtime.load_tile_timings(str(path))

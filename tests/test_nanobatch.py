@@ -475,3 +475,35 @@ def test_a_schedule_cutting_each_op_its_own_way_runs_as_checked() -> None:
     with torch.no_grad():
         (got,) = run_schedule(gm, plan, schedule, args)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_profile_grows_with_the_kv_length() -> None:
+    """The split search's profile of decode attention (8 rows, each reading its sequence's K/V):
+    `bytes_per_token` was one row's K and V whatever the KV length (128 bytes at 16 or 4096
+    cached positions) and its FLOPs 0, so the search saw attention as free and never overlapped
+    it (the search's own tests model it as reading the KV cache per token)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tileflow.passes.nanobatch import _profile
+
+    def profile(kv_len: int, q_len: int = 1, **options):
+        q = torch.randn(8, 4, q_len, 16, dtype=torch.bfloat16)
+        k = torch.randn(8, 2, kv_len, 16, dtype=torch.bfloat16)
+        gm = make_fx(lambda q, k, v: tileflow.ops.meta_attention(q, k, v, **options))(q, k, k.clone())
+        (node,) = [n for n in gm.graph.nodes if n.op == "call_function"]
+        return _profile(node, {})
+
+    short, long = profile(16), profile(4096)
+    assert long.bytes_per_token > short.bytes_per_token
+    # A decode row: its whole cache (2 bytes x K and V x 2 heads x 16) and its q and output;
+    # 4 FLOPs per query head, dim and key.
+    assert long.bytes_per_token == 2 * 2 * 2 * 16 * 4096 + 2 * 2 * 4 * 16
+    assert long.flops_per_token == 4 * 4 * 16 * 4096
+    # A causal prefill of 64 rows after 64 cached: each row 1/64 of the 128 keys' K/V, and 128 - 63/2 keys seen on
+    # average; a window of 8 sees at most 8 keys, and the 64 rows read 8 + 63 of them.
+    prefill = profile(128, 64, causal=True)
+    assert prefill.bytes_per_token == 2 * 2 * 2 * 16 * 128 / 64 + 2 * 2 * 4 * 16
+    assert prefill.flops_per_token == 4 * 4 * 16 * (128 - 63 / 2)
+    windowed = profile(128, 64, causal=True, sliding_window=8)
+    assert windowed.bytes_per_token == 2 * 2 * 2 * 16 * 71 / 64 + 2 * 2 * 4 * 16
+    assert windowed.flops_per_token == 4 * 4 * 16 * 8

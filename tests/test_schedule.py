@@ -492,3 +492,30 @@ def test_stream_of_resource_places_the_nano_ops() -> None:
     check_schedule(s, {"a": 8, "b": 8}, [("a", "b")])
     with pytest.raises(ScheduleError, match=r"no stream for resource 'memory' of op 'b'"):
         make_schedule(specs, halves, [("a", "b")], 8, stream_of_resource={"compute": 0})
+
+
+def test_unsplit_consumer_waits_for_every_slice_of_its_producer():
+    """An op that is not split (extent None) runs on whole tensors: whatever rows its one nano-op
+    declares, it reads every row of its producer. The graph check used the declared rows [0, 8)
+    and accepted c running before p[1] (rows [8, 16))."""
+    ops = {
+        "p[0]": NanoOp("p[0]", "mm", "compute", (0, 8), (), 0, "p"),
+        "p[1]": NanoOp("p[1]", "mm", "compute", (8, 16), (), 0, "p"),
+        "c[0]": NanoOp("c[0]", "norm", "memory", (0, 8), ("p[0]",), 1, "c"),
+    }
+    s = Schedule(streams={0: ["p[0]", "p[1]"], 1: ["c[0]"]}, ops=ops, events=[("p[0]", "c[0]")], num_tokens=16)
+    with pytest.raises(ScheduleError, match=r"'c\[0\]' reads rows \[0, 16\) of 'p' .* 'p\[1\]' .* is not ordered"):
+        check_schedule(s, {"p": 16, "c": None}, [("p", "c")])
+
+
+def test_every_slice_waits_for_an_unsplit_producer():
+    """An unsplit producer writes every row, whatever rows its nano-op declares: c[1] (rows
+    [8, 16)) must wait for p even though p's nano-op says rows [0, 3)."""
+    ops = {
+        "p[0]": NanoOp("p[0]", "mm", "compute", (0, 3), (), 1, "p"),
+        "c[0]": NanoOp("c[0]", "norm", "compute", (0, 8), ("p[0]",), 0, "c"),
+        "c[1]": NanoOp("c[1]", "norm", "compute", (8, 16), (), 0, "c"),
+    }
+    s = Schedule(streams={0: ["c[1]", "c[0]"], 1: ["p[0]"]}, ops=ops, events=[("p[0]", "c[0]")], num_tokens=16)
+    with pytest.raises(ScheduleError, match=r"'c\[1\]' reads rows \[8, 16\) of 'p' .* 'p\[0\]' .* is not ordered"):
+        check_schedule(s, {"p": None, "c": 16}, [("p", "c")])

@@ -550,3 +550,14 @@ def test_a_threshold_up_to_a_max_tokens_that_is_not_a_power_of_two_is_found() ->
         assert split_threshold(ops, H100, max_tokens=max_tokens) == threshold, max_tokens
     search.clear_cache()
     assert split_threshold(ops, H100, max_tokens=threshold - 1) is None
+
+
+@pytest.mark.parametrize("sizes", [(-64,), (32, -32), (2.5, 1.5), (True,)])
+def test_makespan_rejects_sizes_that_are_no_token_counts(sizes) -> None:
+    """A negative size was timed as no work ((32, -32) modeled faster than (64,), (-64,) as 0 s),
+    and a fractional one as rows the timeline then truncated."""
+    ops = llama_layer(512)
+    with pytest.raises(ValueError, match="nano-batch sizes must be non-negative integers"):
+        makespan(ops, sizes, 0.5, H100)
+    with pytest.raises(ValueError, match="nano-batch sizes must be non-negative integers"):
+        search.modeled_timeline(ops, sizes, 0.5, H100)

@@ -1062,3 +1062,20 @@ def test_tile_times_at_depth_never_extrapolate_below_zero_and_average_step_times
     assert tile_times_at_depth({cfg: [(4096, 2e-7), (14336, 4e-7)]}, 64, per_step=True) == {cfg: pytest.approx(3e-7)}
     with pytest.raises(ValueError, match="k must be >= 1"):
         tile_times_at_depth({cfg: [(4096, 1e-5)]}, 0)
+
+
+def test_detect_device_mig_slice_keeps_only_its_memory(monkeypatch) -> None:
+    """A MIG slice of an H100 (16 SMs, 10.7 GB) was the H100 entry rescaled in SMs only: 80 GB
+    and the whole device's 3.35 TB/s. It holds the memory it reports, and its share of the
+    bandwidth."""
+    import torch
+
+    props = SimpleNamespace(multi_processor_count=16, total_memory=10.7e9, shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "NVIDIA H100 80GB HBM3 MIG 1g.10gb")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=None: props)
+    info = detect_device("cuda")
+    assert info.cores == 16
+    assert info.mem_gb == pytest.approx(10.7)
+    assert info.mem_bw_gbs == pytest.approx(3350.0 * 10.7 / 80.0)

@@ -262,7 +262,8 @@ def detect_device(device_type: str = "cuda") -> DeviceInfo:
 
     On CUDA the reported name is matched against the table (H100, H200, A100, H20). When the
     matched entry's SM count differs from what the device reports (an H100 PCIe, a MIG slice),
-    the entry is rescaled to the real SM count at the same per-SM rate. An unlisted GPU gets an
+    the entry is rescaled to the real SM count at the same per-SM rate, and to the memory the
+    device reports, with the bandwidth in proportion (a MIG slice's share of HBM). An unlisted GPU gets an
     entry built from `torch.cuda.get_device_properties` with H100-like per-SM rates. Without a
     usable CUDA (or NPU) device the generic `cpu` entry is returned, so plans stay deterministic.
     """
@@ -286,7 +287,14 @@ def detect_device(device_type: str = "cuda") -> DeviceInfo:
     sms = int(props.multi_processor_count)
     entry = _match_cuda_name(reported)
     if entry is not None:
-        return entry if sms == entry.cores else _scale_cores(entry, sms, reported)
+        if sms == entry.cores:
+            return entry
+        # A MIG slice also holds only a part of the memory, with its share of the HBM bandwidth
+        # (the entry's 80 GB and 3.35 TB/s on a 10 GB 1g slice made every memory figure 8x too
+        # large); a full-memory part (an H100 PCIe) keeps the entry's.
+        mem_gb = min(entry.mem_gb, round(props.total_memory / 1e9, 1))
+        return replace(_scale_cores(entry, sms, reported), mem_gb=mem_gb,
+                       mem_bw_gbs=entry.mem_bw_gbs * mem_gb / entry.mem_gb)
     # Unknown GPU: H100 per-SM compute and H100 bandwidth; real SM count, memory and smem.
     base = _scale_cores(DEVICES["H100-SXM"], sms, reported)
     smem = getattr(props, "shared_memory_per_multiprocessor", 0) // 1024

@@ -375,12 +375,15 @@ def _check_events_have_dependencies(schedule: Schedule) -> None:
 
 def _check_graph_dependencies(
     schedule: Schedule,
+    originals: Mapping[str, Any],
     edges: Iterable[EdgeLike],
     seq_bounds: Sequence[int] | None,
     order: Sequence[str],
 ) -> None:
     """Every producer nano-op whose rows a consumer nano-op reads (by the unsplit graph's
-    `edges`) runs before it: through stream order and events, directly or transitively."""
+    `edges`) runs before it: through stream order and events, directly or transitively. A
+    nano-op of an op that is not split (extent None) covers every row of the step, whatever
+    rows it declares (the coverage check cannot check them against an unknown extent)."""
     index = {name: i for i, name in enumerate(order)}
     preds: dict[str, list[str]] = {name: [] for name in order}
     for a, b in _order_edges(schedule):
@@ -395,7 +398,12 @@ def _check_graph_dependencies(
     parts: dict[str, list[NanoOp]] = {}
     for op in schedule.ops.values():
         parts.setdefault(op.original, []).append(op)
-    splits = {original: [op.rows for op in ops] for original, ops in parts.items()}
+    rows = [op.rows for op in schedule.ops.values()]
+    step = (min(r[0] for r in rows), max(r[1] for r in rows)) if rows else (0, 0)
+    # An unsplit op runs on whole tensors: it reads, and writes, every row, so its declared rows
+    # must not narrow what it waits for or what waits for it.
+    splits = {original: [op.rows if _extent(originals[original]) is not None else step for op in ops]
+              for original, ops in parts.items()}
     for edge, i, j, need in _row_dependencies(splits, edges, seq_bounds):
         consumer, producer = parts[edge.consumer][i], parts[edge.producer][j]
         if not ancestors[consumer.name] >> index[producer.name] & 1:
@@ -444,7 +452,7 @@ def check_schedule(
     order = _check_acyclic(schedule)
     _check_events_have_dependencies(schedule)
     if edges is not None:
-        _check_graph_dependencies(schedule, edges, seq_bounds, order)
+        _check_graph_dependencies(schedule, originals, edges, seq_bounds, order)
 
 
 # --------------------------------------------------------------------------------------------

@@ -293,6 +293,10 @@ def _modeled_times(
     """Stream per resource, and start and finish of every instance [op][nano-batch], including
     the memory-contention step (module docstring)."""
     k = len(sizes)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in map(_as_int, sizes)):
+        # op_time takes a count <= 0 as no work: a negative size made a step cheaper than its
+        # whole ((32, -32) beat (64,)), and a fractional one timed rows the timeline cut off.
+        raise ValueError(f"nano-batch sizes must be non-negative integers, got {list(sizes)}")
     streams, shares = _streams_and_shares(ops, k, share)
     if any(not shares[streams[o.resource]] > 0 for o in ops if o.resource != "network"):
         # A compute or memory stream without SMs: the roofline would divide by zero.
@@ -333,6 +337,14 @@ def _modeled_times(
                 stretched[i][j] = times[i][j] * (1.0 + MEMORY_CONTENTION * overlap / (b - a))
         start, finish = _list_schedule(ops, k, streams, stretched)
     return streams, start, finish
+
+
+def _as_int(value: Any) -> Any:
+    """`value` as an int when it is an integer of any kind (numpy's too), else as it is."""
+    try:
+        return value if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return value
 
 
 def makespan(

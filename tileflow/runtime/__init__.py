@@ -240,6 +240,32 @@ def _resident_wave_seconds(entry: dict[str, Any], config: TileConfig, seconds: f
     return seconds * -(-programs // device.cores) / -(-programs // (device.cores * resident))
 
 
+def _whole(entry: dict[str, Any], name: str, default: int | None = None) -> int:
+    """An entry's integer field, >= 1 (`int()` would truncate 4096.5 and take `true` as 1, and a
+    zero N or split turned into a division by zero when waves were counted)."""
+    value = entry[name] if default is None else entry.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"an entry's {name!r} must be an integer >= 1, got {value!r} (entry {entry})")
+    return value
+
+
+def _flag(entry: dict[str, Any], name: str) -> bool:
+    """An entry's boolean field (`bool("false")` is True: a quoted false made a plain entry
+    persistent)."""
+    value = entry.get(name, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"an entry's {name!r} must be true or false, got {value!r} (entry {entry})")
+    return value
+
+
+def _number(entry: dict[str, Any], name: str) -> float:
+    """An entry's number field (not a boolean or a string of digits)."""
+    value = entry[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"an entry's {name!r} must be a number, got {value!r} (entry {entry})")
+    return float(value)
+
+
 @functools.lru_cache(maxsize=8)
 def _load_tile_timings(path: str, version: tuple[int, int], device: DeviceInfo | None
                        ) -> dict[TimingKey, tuple[tuple[TileConfig, float], ...]]:
@@ -250,14 +276,18 @@ def _load_tile_timings(path: str, version: tuple[int, int], device: DeviceInfo |
             raise TypeError(f"the file holds a JSON {type(entries).__name__}")
         grouped: dict[TimingKey, list[tuple[TileConfig, float]]] = {}
         for e in entries:
-            key = (str(e["device"]), str(e["dtype"]), int(e["n"]), int(e["k"]), bool(e.get("persistent", False)),
-                   int(e.get("split_k", 1)), bool(e.get("stream_k", False)), bool(e.get("tma", False)))
-            seconds = float(e["tile_seconds"])
+            key = (str(e["device"]), str(e["dtype"]), _whole(e, "n"), _whole(e, "k"), _flag(e, "persistent"),
+                   _whole(e, "split_k", 1), _flag(e, "stream_k"), _flag(e, "tma"))
+            seconds = _number(e, "tile_seconds")
             if not (math.isfinite(seconds) and seconds > 0):
                 raise ValueError(f"a tile time must be positive and finite, got {seconds} (entry {e})")
-            if "m" in e and not int(e["m"]) >= 1:
-                raise ValueError(f"an entry's measured m must be >= 1, got {e['m']} (entry {e})")
+            if "m" in e and (isinstance(e["m"], bool) or not isinstance(e["m"], int) or e["m"] < 1):
+                raise ValueError(f"an entry's measured m must be >= 1, got {e['m']!r} (entry {e})")
             config = TileConfig.from_dict(e["tile"])
+            if any(c == config for c, _ in grouped.get(key, ())):
+                # Kept both, the plan would take whichever came last in the file (carried to another
+                # shape, both would be fitted): a merged or edited file must say which it means.
+                raise ValueError(f"{config.name} is timed twice for the same shape and variant (entry {e})")
             grouped.setdefault(key, []).append((config, _resident_wave_seconds(e, config, seconds, device)))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"tile_timings file {path!r} is malformed ({type(exc).__name__}: {exc}); expected a JSON list of "

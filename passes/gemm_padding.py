@@ -30,8 +30,10 @@ sorted by expert, weights [E, K, N], int32 cumulative `offs`) become `tileflow::
 whose plan is keyed by the expected rows per expert ceil(M / E); Mixtral's
 `chunk(2, -1) -> silu(gate) * up` after the gate/up experts is fused into it (kind `grouped_gemm`,
 `fused_grouped_swiglu`; a GELU gate likewise, `fused_grouped_geglu` or `fused_grouped_geglu_tanh`).
-Matmuls it cannot take (dtypes the target lacks, mixed dtypes, grouped GEMMs with a bias or a
-batched input, weights of symbolic sizes: a graph input under `dynamic=True`, which
+The batched form without offsets (x [E, T, K], one row block per expert: Llama 4's) is taken too,
+and a per-expert bias added after the product (`bias[expert_ids]`) is fused. Matmuls it cannot
+take (dtypes the target lacks, mixed dtypes, a grouped matmul's own `bias` argument, a 3-D input
+with offsets, weights of symbolic sizes: a graph input under `dynamic=True`, which
 `torch._dynamo.mark_static` makes static) stay as they are, with the reason in the report.
 """
 

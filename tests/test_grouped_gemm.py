@@ -348,6 +348,7 @@ def test_eager_validation_errors() -> None:
         (lambda: gg(x, w), r"without offsets is batched: x must be \[E, T, K\]"),
         (lambda: gg(x.view(2, 4, K), w), r"one row block per expert"),
         (lambda: gg(x.view(1, 8, K)[:, :, :7], w[:1]), "K mismatch"),
+        (lambda: gg(x, w, [3, 3, 8]), "offsets must be a torch.Tensor, got list"),  # (an AttributeError before)
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -671,3 +671,15 @@ def test_key_starts_apply_in_every_query_tile() -> None:
         tiled = run_task_table(table, **batch, key_starts=starts.to(torch.int32))
         dense = attention_reference_dense(**batch, attn_bias=bias)
         torch.testing.assert_close(tiled, dense, **TOLERANCES[torch.float64])
+
+
+def test_dense_op_refuses_more_queries_than_keys_clearly() -> None:
+    """`meta_attention` (SDPA-like, dense) places query i at key position S_kv - S + i, so it
+    needs S <= S_kv (the attention pass leaves such cross-attention to the original ops). A
+    direct call with more queries than keys must say so in the dense op's terms, not with the
+    varlen op's 'the new tokens' K/V must already be in the cache'."""
+    from tileflow.ops import meta_attention
+
+    q, k, v = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match=r"meta_attention: q has 8 query positions but k only 4 keys"):
+        meta_attention(q, k, v)

@@ -313,6 +313,9 @@ def _check_grouped_gemm_args(
     """Validate a grouped_gemm call's shapes and dtypes (no values: that would need a device->host
     copy on every call); return its output width N."""
     _check_activation("grouped_gemm", activation)
+    for name, value in (("x", x), ("weight", weight), ("offsets", offsets), ("bias", bias)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise ValueError(f"grouped_gemm: {name} must be a torch.Tensor, got {type(value).__name__}")
     clamped = activation == CLAMPED_SWIGLU
     if (alpha is not None, limit is not None) != (clamped, clamped):
         raise ValueError(f"grouped_gemm: alpha and limit go with activation='clamped_swiglu' (both), got "
@@ -617,8 +620,10 @@ def meta_attention(
     key_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`scaled_dot_product_attention` semantics for `q [B, Hq, S, D]`, `k`/`v [B, Hkv, S_kv, D]`
-    (GQA when Hkv divides Hq), run by the meta-attention kernel. `attn_mask` is bool (True =
-    attend) or additive, broadcastable to [B, Hq, S, S_kv]; `causal` needs S == S_kv. `softcap`
+    (GQA when Hkv divides Hq, S <= S_kv), run by the meta-attention kernel. `attn_mask` is bool
+    (True = attend) or additive, broadcastable to [B, Hq, S, S_kv]; `causal`: query i sees the keys
+    up to position S_kv - S + i (for S < S_kv the last query at the last key, as flash attention
+    does, where SDPA's `is_causal` puts the first query at the first key). `softcap`
     (a number or a one-element tensor) caps the scaled scores before the mask: `softcap *
     tanh(scores / softcap)`, Gemma-2's logit soft-capping. `sliding_window=w`: query i (at key
     position S_kv - S + i) sees only the keys after position S_kv - S + i - w, as transformers'

@@ -156,11 +156,11 @@ class TaskTable:
         return (self.num_slots, self.tile_rows, head_dim), (self.num_slots, 2, self.tile_rows)
 
     def program_costs(self) -> np.ndarray:
-        """Total task cost per program (int64 numpy array of length P)."""
-        cost = self.tasks[:, 7].numpy().astype(np.int64)
-        prog = np.repeat(np.arange(self.num_programs), np.diff(self.program_offsets.numpy()))
+        """Total task cost per program (int64 numpy array of length P), of a table on any device."""
+        cost = self.tasks[:, 7].cpu().numpy().astype(np.int64)
+        prog = np.repeat(np.arange(self.num_programs), np.diff(self.program_offsets.cpu().numpy()))
         out = np.zeros(self.num_programs, dtype=np.int64)
-        np.add.at(out, prog, cost[self.program_tasks.numpy()])
+        np.add.at(out, prog, cost[self.program_tasks.cpu().numpy()])
         return out
 
     def to_summary(self) -> dict[str, Any]:

@@ -255,6 +255,11 @@ def run_meta_attention(
     """
     b, hq, s, d = q.shape
     s_kv = k.shape[2]
+    if s > s_kv:
+        # Query i sits at key position S_kv - S + i: more queries than keys would put the first
+        # ones before every key (the varlen check would blame the cache, a term this op lacks).
+        raise ValueError(f"meta_attention: q has {s} query positions but k only {s_kv} keys: query i sits at key "
+                         f"position S_kv - S + i, so S <= S_kv (cross-attention over a shorter input is not supported)")
     device = q.device
     q_flat = q.transpose(1, 2).reshape(b * s, hq, d)
     k_cache, v_cache = k.transpose(1, 2), v.transpose(1, 2)

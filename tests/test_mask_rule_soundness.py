@@ -113,6 +113,10 @@ def test_a_negative_constant_slice_start_counts_from_the_end() -> None:
     lambda s: (kv(s) <= qp(s)) & (kv(s) > qp(s)),               # empty
     lambda s: (A(s)[None, :] <= A(s)[:, None]).transpose(0, 1),  # transposed: anti-causal
     lambda s: A(s, dtype=torch.int16)[None, :] <= A(s, dtype=torch.int16)[:, None],
+    # int32 positions that wrap past 2**31 - 1 from the 7th token on (-2**31 there): keys after
+    # the wrap are earlier than every query before it
+    lambda s: (A(s, dtype=torch.int32) + (2**31 - 6))[None, :] <= (A(s, dtype=torch.int32) + (2**31 - 6))[:, None],
+    lambda s: (A(s, dtype=torch.int32) - (2**31 - 2))[None, :] <= (A(s, dtype=torch.int32) - (2**31 - 2))[:, None],
     lambda s: A(s).float()[None, :] <= A(s).float()[:, None],
     lambda s: A(s, dtype=torch.int8).long()[None, :] <= A(s, dtype=torch.int8).long()[:, None],
     lambda s: (kv(s) <= qp(s)).float(),                         # 0 / 1: hides nothing

@@ -2207,3 +2207,60 @@ def test_integer_divisions_of_known_values_are_not_evaluated(replay_on_cpu) -> N
         return (x @ W) * ((p[1:] - p[:-1]) // 1 == 1).all()
 
     _assert_not_padded(_run(gated, _rows), "all is not known")
+
+
+def _causal_over_rounded_positions(x: torch.Tensor) -> torch.Tensor:
+    # float32 holds no integer past 2**24 exactly: from 2**30 on, 128 neighbouring positions round
+    # to one value, so every key compares <= every query, padded keys too.
+    pos = torch.arange(x.shape[1], dtype=torch.float32) + 2**30
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=pos[None, :] <= pos[:, None])
+
+
+def test_a_mask_of_positions_that_round_inside_a_bucket_is_not_taken_as_causal(replay_on_cpu) -> None:
+    """A comparison of positions builds a causal mask only where they are exact at every row a
+    replay runs: float32 positions past 2**24 round (as bfloat16's past 256), and the mask shows
+    real queries the padded keys (the replayed step differed from eager at every token count)."""
+    _assert_not_padded(_run(_causal_over_rounded_positions, _tokens), "key ranges of a mask")
+
+
+def _left_padded(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = torch.ones(1, tokens, dtype=torch.long)
+    mask[0, :2] = 0
+    return torch.randn(1, tokens, H), mask
+
+
+def _causal_and_a_padding_term(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    # The rule of positions `&` the padding term, the attention mask over the keys.
+    pos = torch.arange(x.shape[1])
+    keys = attention_mask.bool()[:, None, None, :]
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=(pos[None, :] <= pos[:, None])[None, None] & keys)
+
+
+def test_a_padding_term_read_at_each_key_is_replayed_padded(replay_on_cpu) -> None:
+    """A causal mask `&` an attention mask over the keys (transformers' padding term) becomes
+    the kernel's causal rule plus a key mask whose ranges the attention reads: the padded keys
+    hold the attention mask's pad value, 0, so False, and each real row's ranges are its own. Such a
+    step was captured only at exact token counts (every model called with an attention mask)."""
+    report = _run(_causal_and_a_padding_term, _left_padded, lengths=(5, 12, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_causal_models_called_with_an_attention_mask_are_captured(replay_on_cpu, arch: str) -> None:
+    """transformers' causal models called with a (left-padded) attention mask, as a serving step
+    calls them: replayed at the buckets, equal to eager."""
+    torch.manual_seed(0)
+    model = build(arch)
+
+    def make(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = torch.ones(1, tokens, dtype=torch.long)
+        mask[0, :2] = 0
+        return torch.randint(0, VOCAB, (1, tokens)), mask
+
+    def logits(ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return model(ids, attention_mask=attention_mask, use_cache=False).logits
+
+    report = _run(logits, make, lengths=(5, 12, 20))
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 2

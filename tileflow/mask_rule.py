@@ -181,6 +181,8 @@ _FILLS = {aten.new_ones.default, aten.ones.default, aten.ones_like.default, aten
           aten.new_full.default, aten.full_like.default, aten.scalar_tensor.default}
 # Where each `_FILLS` op other than the ones-makers takes its fill value.
 _FILL_ARGUMENT = {aten.full.default: 1, aten.new_full.default: 2, aten.full_like.default: 1, aten.scalar_tensor.default: 0}
+# The largest constant an int32 position may carry (`_linear`): 2**30 more is left for the sizes.
+_INT32_OFFSET_BOUND = 2**30
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 _TRIANGLES = {aten.tril.default, aten.triu.default}
 _HOLD_INFINITY = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
@@ -351,6 +353,17 @@ class _Reader:
         return self.memo("linear", value, self._linear, depth)
 
     def _linear(self, node: fx.Node, depth: int) -> _Linear | None:
+        found = self._linear_unbounded(node, depth)
+        if found is not None and meta_val(node).dtype == torch.int32:
+            # sympy's integers do not wrap; int32 positions offset near 2**31 do, within the step's
+            # own tokens (a key after the wrap is earlier than every query before it). A constant
+            # term within 2**30 leaves 2**30 for the sizes.
+            number, _ = sympy.sympify(found.const).as_coeff_Add()
+            if abs(number) > _INT32_OFFSET_BOUND:
+                return None
+        return found
+
+    def _linear_unbounded(self, node: fx.Node, depth: int) -> _Linear | None:
         val = meta_val(node)
         if isinstance(val, torch.Tensor) and val.dtype == torch.bool:
             band = self.band(node, depth)  # a fill of True or False counts as 1 or 0

@@ -909,6 +909,15 @@ class _Walk:
             return not _floating(val.dtype) and c.is_Integer and abs(int(c)) <= _KNOWN_BOUND
         return True
 
+    def exact(self, node: fx.Node) -> bool:
+        """Whether a position's values are exact at every row a replay runs, where a comparison
+        of them builds a mask: in int64 (no model offsets positions near 2**63), and in a narrower
+        or float dtype only with an integer offset within `_KNOWN_BOUND` (int32 wraps past 2**31,
+        float32 rounds past 2**24: a bucket's padded keys would compare as earlier ones or as
+        the query's own)."""
+        c = sympy.sympify(self.facts[node].position)
+        return meta_val(node).dtype == torch.int64 or bool(c.is_Integer and abs(int(c)) <= _KNOWN_BOUND)
+
     def affine(self, value: Any, rank: int) -> tuple[int, Any, dict[int, Any] | None] | None:
         """An operand of an elementwise op of `rank` dims as (k, c, dims) when each element holds
         k * its token index + c, in a replay too: (1, c, its token dim aligned to the output's) of a
@@ -1028,6 +1037,8 @@ class _Walk:
             kept = whole.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default)
             return self.facts[whole.args[0]].pad if kept else None
         sources = [a for a in self.inputs(node) if self.carries_tokens(a)]
+        if target is aten.index.Tensor and self.reads_own_rows(node):
+            sources = [node.args[0]]  # padded elements read the source's padded rows, not the indices
         if target in _KEEPS_PADDING or (target is aten.index.Tensor and sources == [node.args[0]]):
             # Padded elements of the output are padded elements of the inputs with token dims.
             pads = {self.facts[a].pad for a in sources}
@@ -1053,6 +1064,24 @@ class _Walk:
             # Filled at padded rows (HF's positions: cumsum(mask) - 1, filled with 1 where mask is 0).
             return _as_dtype(padded(args["value" if padded(args["mask"]) else "self"]), val.dtype)
         return _as_dtype(_evaluated(node, {name: padded(value) for name, value in args.items()}), val.dtype)
+
+    def reads_own_rows(self, node: fx.Node) -> bool:
+        """Whether `x[i0, i1, ...]` reads each token's own row of `x`: every index that carries the
+        token dim is a position along a token dim of `x` naming the same token (`x[b, arange(T)]`,
+        transformers' padding term `attention_mask[batch_idx, kv_idx]`), so its padded elements
+        are `x`'s padded ones."""
+        src, indices = node.args[0], node.args[1]
+        s_dims = self.dims(meta_val(src)) or {}
+        for d, idx in enumerate(indices):
+            if not isinstance(idx, fx.Node) or not self.carries_tokens(idx):
+                if d in s_dims and idx is not None:
+                    return False  # a fixed index along the token dim: a real or a padded row
+                continue
+            i_dims, position = self.dims(meta_val(idx)) or {}, self.facts[idx].position
+            if (d not in s_dims or isinstance(s_dims[d], _Blocks) or position is None or len(i_dims) != 1
+                    or not _equal(position, s_dims[d])):
+                return False
+        return True
 
     def in_table(self, index: fx.Node, rows: Any, wraps: bool) -> bool:
         """Whether every padded element of `index` (which carries the token dim) is a valid row of a
@@ -1802,6 +1831,10 @@ class _Walk:
         if key_dim not in (self.dims(mv) or {}) or (self.facts[mask].causal == (mv.dim() - 2, key_dim)
                                                    and self.hides(mask)):
             return _CLEAN
+        if mv.dtype == torch.bool and self.facts[mask].pad is not None and not self.facts[mask].pad:
+            # Padded keys hold False (an attention mask padded with 0, as transformers' padding
+            # term `attention_mask[batch_idx, kv_idx]`): a real row's ranges span its real keys.
+            return _CLEAN
         return self.refuse(node, "key ranges of a mask that does not hide the padded keys")
 
     def attention(self, node: fx.Node) -> _Facts:
@@ -1858,7 +1891,7 @@ class _Walk:
             same_position = f1.position is not None and f2.position is not None and _equal(f1.position, f2.position)
             return _Facts(diagonal=pair) if same_row or same_position else _CLEAN
         p1, p2 = f1.position, f2.position
-        if p1 is None or p2 is None or target not in _COMPARE:
+        if p1 is None or p2 is None or target not in _COMPARE or not all(self.exact(t) for t in tensors):
             return _CLEAN
         key, query = (dim1, dim2) if target in _KEY_FIRST else (dim2, dim1)
         causal = (query, key) if _equal(p1, p2) else None

@@ -360,3 +360,14 @@ def test_demo_example_refuses_bad_values_up_front(args: tuple[str, ...], message
     """examples/demo.py refuses a bad --seq-lens or --batch as a usage error (exit 2) naming it,
     before building a model: not a ValueError or a Dynamo traceback out of the compiled run."""
     assert message in usage_error("demo", *args)
+
+
+def test_report_text_shows_the_notes_in_extra(tmp_path) -> None:
+    """`cuda_graphs=True` on the CPU: the README says the graph's report says it was not captured;
+    `print(report)` and `tileflow report` printed no `extra`, so only the JSON said so."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU()).eval()
+    torch._dynamo.reset()
+    report = tileflow.explain(model, torch.randn(5, 32), options={"cuda_graphs": True})
+    note = report.graphs[0].extra["cuda_graphs"]
+    assert note.startswith("not captured")
+    assert f"cuda_graphs: {note}" in str(report)

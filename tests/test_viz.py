@@ -1035,3 +1035,125 @@ def test_op_labels_name_the_op_of_any_namespace_in_headless_chromium(browser: Br
     rows = page.locator(".side").first.locator(".node-row", has_text="relu")
     assert rows.first.inner_text().split() == ["relu", "convert_element_type", "[4,", "8]"]
     assert browser.errors == [], browser.errors
+
+
+def test_pass_graph_links_agree_with_lowering(llama_debug_dir: Path) -> None:
+    """Before lowering, links are matched on specs; after it, lowering records them. For the same
+    node both must name the same kernels: the fused Q/K/V GEMM (N segments 64+32+32 = 128) linked
+    to the LM head's kernels (N = 128, no segments) and not to its own."""
+    data = collect(llama_debug_dir)
+    [graph] = data["graphs"]
+    final = {n["name"]: n for n in data["snapshots"][graph["output"]]["nodes"]}
+    checked = 0
+    for p in graph["passes"]:
+        for node in data["snapshots"][p["after"]]["nodes"]:
+            kind = (node.get("tileflow") or {}).get("kind")
+            if kind in ("padded_gemm", "meta_attention") and node["name"] in final:
+                names = lambda n: sorted(graph["kernels"][i]["name"] for i in n.get("kernels", []))  # noqa: E731
+                assert names(node) == names(final[node["name"]]), (p["name"], node["name"])
+                checked += 1
+    assert checked >= 11
+
+
+def test_sibling_gemm_links_its_segment_kernels_not_a_gemm_of_the_summed_width() -> None:
+    """A `fused_siblings` GEMM's plan has the summed N; its kernels are each segment's (or one
+    segmented kernel), never the plain kernel of that width, which another GEMM runs."""
+    from tileflow.viz import link_kernels
+
+    def plan(n: int) -> dict:
+        return {"pieces": [{"config": _GEMM_TILE}], "dtype": "float32", "k": 64, "n": n}
+
+    segmented = _gemm_kernel("qkv_segmented", 128)
+    segmented["spec"]["params"].append(["segments", "64x32x32"])
+    kernels = [_gemm_kernel("q_n64", 64), _gemm_kernel("kv_n32", 32), _gemm_kernel("lm_head_n128", 128), segmented]
+    qkv = {"name": "qkv", "op": "call_function", "target": "tileflow.padded_gemm.default",
+           "args": ["%x", "%wq", None, None, "none", None, json.dumps({**plan(128), "segment_plans": [plan(64), plan(32), plan(32)]}),
+                    "reference", None, None, False, ["%wk", "%wv"], None],
+           "tileflow": {"kind": "padded_gemm", "segments": [64, 32, 32]}}
+    lm_head = {"name": "lm_head", "op": "call_function", "target": "tileflow.padded_gemm.default",
+               "args": ["%x", "%w", None, None, "none", None, json.dumps(plan(128)), "reference"],
+               "tileflow": {"kind": "padded_gemm"}}
+    assert [kernels[i]["name"] for i in link_kernels(qkv, kernels)] == ["q_n64", "kv_n32", "qkv_segmented"]
+    assert [kernels[i]["name"] for i in link_kernels(lm_head, kernels)] == ["lm_head_n128"]
+
+
+def test_attention_links_only_kernels_of_its_window_and_cap() -> None:
+    """Gemma-2: one GQA factor and head dim, a sliding window in every other layer. Each layer's
+    attention links its own kernels, not the other layer's."""
+    from tileflow.viz import link_kernels
+
+    def kernel(name: str, **flags: bool) -> dict:
+        params = [["causal", True], ["gqa", 2], ["head_dim", 16], ["sliding_window", flags.get("window", False)],
+                  ["softcap", True], ["bias", False]]
+        return {"name": name, "spec": {"op": "meta_attention", "dtype": "float32", "params": params}}
+
+    kernels = [kernel("attn_window", window=True), kernel("attn_global")]
+    # tileflow::meta_attention(q, k, v, attn_mask, causal, scale, target, mask_ranges, softcap, sliding_window)
+    base = ["%q", "%k", "%v", None, True, 0.25, "reference", None, "%cap"]
+    for args, want in ((base + [8], "attn_window"), (base, "attn_global")):
+        node = {"name": "attn", "op": "call_function", "target": "tileflow.meta_attention.default",
+                "shape": ["s0", "4", "s1", "16"], "args": args, "tileflow": {"kind": "meta_attention", "gqa": 2}}
+        assert [kernels[i]["name"] for i in link_kernels(node, kernels)] == [want]
+
+
+def test_a_pass_before_graph_holds_no_metadata_the_pass_added(tmp_path: Path) -> None:
+    """A pass's before-graph JSON was taken before the pass but written after it, and its nodes'
+    `tileflow` entries were the nodes' own meta dicts: nanobatch's split marks, added to the
+    padded_gemm nodes' dicts in place, showed in the graph before nanobatch ran."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)).eval()
+    torch._dynamo.reset()
+    tileflow.explain(model, torch.randn(8, 64), options={
+        "debug_dir": str(tmp_path), "passes": ["canonicalize", "attention", "gemm_padding", "nanobatch"], "nano_batches": 2})
+    [graph_dir] = [d for d in tmp_path.iterdir() if d.is_dir()]  # graph ids count on over the process
+    passes = graph_dir / "passes"
+    gemm_after = json.loads((passes / "02_gemm_padding.after.json").read_text())
+    before = json.loads((passes / "03_nanobatch.before.json").read_text())
+    after = json.loads((passes / "03_nanobatch.after.json").read_text())
+    assert any("nano" in (n.get("tileflow") or {}) for n in after if n["name"].startswith("padded_gemm"))
+    assert before == gemm_after  # nothing ran between the two passes
+    assert not any("nano" in (n.get("tileflow") or {}) for n in before)
+
+
+def test_diff_marks_see_a_change_of_tileflow_metadata_only() -> None:
+    """nanobatch changes no op, argument or shape: it marks nodes split or whole in their
+    `tileflow` metadata (the report's `nano_batch=N`). The page showed "~0 changed" for it."""
+    from tileflow.viz import diff_marks
+
+    before = tiny_nodes()
+    marked = [*before[:1], {**before[1], "tileflow": {"nano": {"split": True, "token_dim": 0}}}, before[2]]
+    assert diff_marks(before, marked) == {"added": [], "removed": [], "changed": ["relu"]}
+
+
+def test_overview_tells_a_gated_plan_from_a_plain_one_in_headless_chromium(browser: Browser, llama_page: tuple[str, dict],
+                                                                          tmp_path: Path) -> None:
+    """The small Llama has two plans of N=128, K=64: the gated gate/up GEMM's and the LM head's.
+    The overview printed both as "padded_gemm N=128 K=64 float32" (the text report marks the gated one)."""
+    plans = embedded_data(llama_page[0])["graphs"][0]["plans"]
+    assert any(p.get("gated") for p in plans)
+    page_path = tmp_path / "report.html"
+    page_path.write_text(llama_page[0], encoding="utf-8")
+    page = browser.page
+    page.goto(page_path.as_uri())
+    lines = [t.partition(": M ")[0] for t in page.locator("#main div.mono").all_inner_texts() if "N=" in t]
+    assert len(lines) == len(plans), lines
+    assert len(set(lines)) == len(lines), lines
+    assert sum("(gated: gate and up)" in t for t in lines) == sum(bool(p.get("gated")) for p in plans)
+    assert browser.errors == [], browser.errors
+
+
+def test_overview_shows_the_reports_notes_in_headless_chromium(browser: Browser, llama_page: tuple[str, dict],
+                                                              tmp_path: Path) -> None:
+    """A graph's one-line notes in `extra` (why its CUDA graph was not captured) reached the page
+    data but were not shown."""
+    from tileflow.viz import render
+
+    note = "not captured: CUDA graphs capture CUDA work, this graph runs on cpu <b>"
+    data = embedded_data(llama_page[0])
+    data["graphs"][0]["extra"] = {"cuda_graphs": note, "nano_batch": {"setting": 2}}
+    page_path = tmp_path / "notes.html"
+    page_path.write_text(render(data), encoding="utf-8")
+    page = browser.page
+    page.goto(page_path.as_uri())
+    assert note in page.inner_text("#main table")
+    assert page.locator("#main table b").count() == 0
+    assert browser.errors == [], browser.errors

@@ -226,7 +226,10 @@ class PassManager:
         meta_snapshot = dict(gm.meta)
         report_snapshot = (list(ctx.report.plans), list(ctx.report.kernels), dict(ctx.report.extra))
         before_code = graph_code(gm) if debug is not None else ""
-        before_json = graph_to_json(gm) if debug is not None else []
+        # Frozen now as plain data: graph_to_json hands out the nodes' own `tileflow` meta dicts, which
+        # a pass may extend in place (nanobatch's split marks); written after the pass, they would
+        # show its work in the graph before it.
+        before_json = json.loads(json.dumps(graph_to_json(gm), default=str)) if debug is not None else []
         nodes_before = count_nodes(gm)
         start = time.perf_counter()
         error: str | None = None

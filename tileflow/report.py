@@ -239,6 +239,12 @@ def format_report(report: Report) -> str:
         if g.fallbacks:
             out.append("fallbacks:")
             out.append(_table(["pass", "node", "reason"], [[f.pass_name, f.node, f.reason] for f in g.fallbacks]))
+        notes = {k: v for k, v in g.extra.items() if isinstance(v, str)}
+        if notes:
+            # The one-line notes in `extra` say why a feature asked for did not apply (a CUDA graph not
+            # captured, verify skipped, a nano-batch plan dropped, the residual run eagerly).
+            out.append("notes:")
+            out.extend(f"  {k}: {v}" for k, v in sorted(notes.items()))
         if g.plans:
             out.append("tile plans (M range -> tile config):")
             for plan in g.plans:

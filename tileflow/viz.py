@@ -585,11 +585,15 @@ def _node_refs(value: Any) -> Iterable[str]:
 
 
 def _signature(node: dict[str, Any]) -> str:
-    return json.dumps([node.get(k) for k in ("op", "target", "args", "kwargs", "shape", "dtype")], default=str, sort_keys=True)
+    # `tileflow` too: a pass may change only what it records on nodes (nanobatch's split marks, a
+    # kernel target pinned), and its report counts those nodes as rewritten.
+    return json.dumps([node.get(k) for k in ("op", "target", "args", "kwargs", "shape", "dtype", "tileflow")], default=str,
+                      sort_keys=True)
 
 
 def diff_marks(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Node names added, removed and changed (same name, different target/args/shape) by a pass."""
+    """Node names added, removed and changed (same name, different target/args/shape/tileflow
+    metadata) by a pass."""
     old = {n["name"]: n for n in before}
     new = {n["name"]: n for n in after}
     return {
@@ -767,26 +771,59 @@ def link_kernels(node: dict[str, Any], kernels: list[dict[str, Any]]) -> list[in
             tags.add(args[4])
         if len(args) > 10 and args[10] is True and plan.get("dtype") in ROUNDED_DTYPES:
             tags.add("round")  # round_first: a cast from a half-precision result
+        # (N, tiles, segments param) of the kernels the node may run. Over sibling weights (N
+        # segments, `fused_siblings`) lowering builds the segmented kernel of the whole N where one
+        # launch reads every weight, else each segment's kernels by its own plan: never a plain
+        # kernel of the summed N, which is another GEMM's (an LM head as wide as Q, K and V).
         tiles = [p.get("config") for p in plan.get("pieces", [])]
+        segments = meta.get("segments")
+        if isinstance(segments, list) and segments:
+            own_plans = plan.get("segment_plans") or [None] * len(segments)
+            wanted = [(plan.get("n"), tiles, "x".join(str(w) for w in segments))] + [
+                (width, [p.get("config") for p in own.get("pieces", [])] if isinstance(own, dict) else tiles, None)
+                for width, own in zip(segments, own_plans)
+            ]
+        else:
+            wanted = [(plan.get("n"), tiles, None)]
         for i, k in enumerate(kernels):
             spec = k.get("spec") or {}
             params = _params(spec)
             if spec.get("op") != "padded_gemm" or spec.get("dtype") != plan.get("dtype") or params.get("k") != plan.get("k"):
                 continue
-            # The plan's N is the kernel's output width (for a SwiGLU pair, the gate's rows).
-            if params.get("n") != plan.get("n"):
-                continue
             tile = spec.get("tile") or {}
-            if not any(t and all(tile.get(f) == v for f, v in t.items() if f in tile) for t in tiles):
+            # The plan's N is the kernel's output width (for a SwiGLU pair, the gate's rows).
+            if not any(params.get("n") == n and params.get("segments") == seg
+                       and any(t and all(tile.get(f) == v for f, v in t.items() if f in tile) for t in ts)
+                       for n, ts, seg in wanted):
                 continue
             if set(spec.get("epilogue") or []) & _EPILOGUE_TAGS != tags & _EPILOGUE_TAGS:
                 continue
             links.append(i)
     else:
         head_dim = node.get("shape", [None])[-1] if node.get("shape") else None
+        flags = _attention_flags(node)
         for i, k in enumerate(kernels):
             spec = k.get("spec") or {}
             params = _params(spec)
-            if spec.get("op") == "meta_attention" and params.get("gqa") == meta.get("gqa") and str(params.get("head_dim")) == str(head_dim):
+            if spec.get("op") == "meta_attention" and params.get("gqa") == meta.get("gqa") and str(params.get("head_dim")) == str(head_dim) \
+                    and all(bool(params.get(flag, False)) == on for flag, on in flags.items()):
                 links.append(i)
     return links
+
+
+# `tileflow::meta_attention`'s arguments, in its schema's order (graph_to_json writes them positionally).
+_ATTENTION_ARGS = ("q", "k", "v", "attn_mask", "causal", "scale", "target", "mask_ranges", "softcap", "sliding_window",
+                   "sinks", "alibi_slopes", "attention_chunk", "key_starts")
+
+
+def _attention_flags(node: dict[str, Any]) -> dict[str, bool]:
+    """The kernel params a meta_attention node's arguments decide, as lowering sets them
+    (`attention_specs_for_node`): layers of one model differ in them (Gemma-2's sliding window
+    in every other layer), and each runs only its own kernels."""
+    args = node.get("args") or []
+    bound = dict(zip(_ATTENTION_ARGS, args)) | (node.get("kwargs") or {})
+    given = {name: bound.get(name) is not None for name in _ATTENTION_ARGS}
+    bias = given["attn_mask"] or given["attention_chunk"]  # a chunk rule runs as a mask
+    return {"causal": bound.get("causal") is True, "sliding_window": given["sliding_window"], "softcap": given["softcap"],
+            "sinks": given["sinks"], "alibi": given["alibi_slopes"], "bias": bias,
+            "key_starts": given["key_starts"] and not bias}

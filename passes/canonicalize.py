@@ -473,7 +473,9 @@ class Canonicalize:
                 break
             chain.append(src)
             src = src.args[0]
-        if not chain or src in written:
+        if not chain or reads_written(chain[-1], written):
+            # (`src` or what it views is written: a clone of it read before the write would be
+            # cast after it; `reads_written` follows views other than the chain's, say a slice.)
             return None
         made: list[fx.Node] = []
         with graph.inserting_before(cast):
@@ -490,6 +492,10 @@ class Canonicalize:
             return None
         for node in made:
             copy_source_meta(cast, node)
+        if cast in written:
+            # Its writes now land on the new chain: a copy of it `_drop_noop` meets later must
+            # still see it written.
+            written.update(made)
         cast.replace_all_uses_with(top)
         graph.erase_node(cast)
         return "cast_before_views"

@@ -43,6 +43,27 @@ def test_bad_arguments_are_clear() -> None:
         padded_gemm(torch.randn(3, 4), torch.randn(5, 4), activation="swiglu")
 
 
+def test_bias_up_with_sibling_weights_is_refused() -> None:
+    """bias_up belongs to a gated activation, which sibling weights cannot have: with
+    more_weights it is refused as without them, never dropped silently."""
+    x, w, w2, b, b2 = torch.randn(5, 8), torch.randn(6, 8), torch.randn(3, 8), torch.randn(6), torch.randn(3)
+    with pytest.raises(ValueError, match="bias_up"):
+        padded_gemm(x, w, b, more_weights=[w2], more_biases=[b2], bias_up=torch.randn(6))
+    with pytest.raises(ValueError, match="bias_up"):
+        padded_gemm(x, w, more_weights=[w2], bias_up=torch.randn(6))
+
+
+@pytest.mark.parametrize("m, k", [(0, 8), (5, 0), (0, 0)])
+def test_sibling_bias_dtype_is_checked_when_no_kernel_runs(m: int, k: int) -> None:
+    """With no rows or K = 0 no kernel checks the operands, but the rules stay the kernels': a
+    sibling's bias of another dtype is refused as it is when a kernel runs."""
+    x, w, w2, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(3, 8), torch.randn(6)
+    with pytest.raises(ValueError, match="bias must be float32, got float64"):  # what a kernel says
+        padded_gemm(x, w, b, more_weights=[w2], more_biases=[torch.randn(3, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="bias of segment 1 must be float32, got float64"):
+        padded_gemm(x[:m, :k], w[:, :k], b, more_weights=[w2[:, :k]], more_biases=[torch.randn(3, dtype=torch.float64)])
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_sibling_weights_give_their_outputs_side_by_side(bias: bool) -> None:
     """`more_weights` (and `more_biases`): x @ cat(weights).T (+ cat(biases)), whatever the

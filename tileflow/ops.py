@@ -134,7 +134,7 @@ def _check_gemm_args(
         raise ValueError("padded_gemm: clamped_swiglu (gpt-oss's) is a grouped_gemm activation only")
     _check_activation("padded_gemm", activation)
     if more_weights or more_biases:
-        n = _check_segment_args(x, weight, bias, activation, weight_up, more_weights or (), more_biases)
+        n = _check_segment_args(x, weight, bias, activation, weight_up, more_weights or (), more_biases, bias_up)
         _check_residual(x, residual, n)
         return n
     if x.dim() != 2 or weight.dim() != 2:
@@ -188,12 +188,15 @@ def _check_segment_args(
     weight_up: torch.Tensor | None,
     more_weights: Sequence[torch.Tensor],
     more_biases: Sequence[torch.Tensor] | None,
+    bias_up: torch.Tensor | None = None,
 ) -> int:
     """Validate the weights and biases of a padded_gemm call over sibling weights (N segments);
     return the total N."""
-    if is_gated(activation) or weight_up is not None:
-        raise ValueError("padded_gemm: more_weights (sibling GEMMs) cannot be combined with a gated activation; "
-                         "give the gate and up projections as weight and weight_up instead")
+    # bias_up too: no segmented launch takes one, so it would be dropped without a word.
+    if is_gated(activation) or weight_up is not None or bias_up is not None:
+        raise ValueError("padded_gemm: more_weights (sibling GEMMs) cannot be combined with a gated activation "
+                         "(nor its weight_up / bias_up); give the gate and up projections as weight and weight_up "
+                         "instead")
     weights = [weight, *more_weights]
     if x.dim() != 2 or any(w.dim() != 2 for w in weights):
         raise ValueError(f"padded_gemm: x must be [M, K] and every weight [N_i, K]; got x {tuple(x.shape)}, "

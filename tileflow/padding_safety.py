@@ -1081,6 +1081,11 @@ class _Walk:
             if (d not in s_dims or isinstance(s_dims[d], _Blocks) or position is None or len(i_dims) != 1
                     or not _equal(position, s_dims[d])):
                 return False
+            # As long as x along it too: `arange(T - 1)` would call its element T - 1 padded, where it
+            # reads x's real row T - 1.
+            (own,) = i_dims.values()
+            if isinstance(own, _Blocks) or not _equal(own, s_dims[d]):
+                return False
         return True
 
     def in_table(self, index: fx.Node, rows: Any, wraps: bool) -> bool:

@@ -399,7 +399,8 @@ def run_padded_gemm(
         # No kernel checks these operands: the rules it would apply, here.
         check_operand_kinds("padded_gemm", x, {"weight": weight, "weight_up": weight_up,
                                                **{f"weight of segment {i}": w for i, w in enumerate(more_weights, 1)}},
-                            {"bias": bias, "bias_up": bias_up, "residual": residual}, out_dtype)
+                            {"bias": bias, "bias_up": bias_up, "residual": residual,
+                             **{f"bias of segment {i}": b for i, b in enumerate(more_biases, 1)}}, out_dtype)
     if n == 0 or k == 0:
         if more_weights:  # empty: nothing to copy
             weight = torch.cat([weight, *more_weights])

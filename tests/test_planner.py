@@ -324,6 +324,16 @@ def test_moe_and_mla_class_defaults_are_refused_too(cfg, needle):
         model_from_config(cfg)
 
 
+@pytest.mark.parametrize("given", [{}, {"is_moe": False, "num_experts": 16384}])
+def test_a_config_that_says_it_has_no_experts_is_dense(given):
+    # Doge's class carries num_experts=16384 beside is_moe=False (its MLP is dense): read from
+    # the file or from the class's defaults, the expert count it does not use was taken as MoE.
+    pytest.importorskip("transformers")
+    cfg = {"model_type": "doge", "hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
+           "num_key_value_heads": 4, "intermediate_size": 2048, "vocab_size": 32768, **given}
+    assert model_from_config(cfg).dense_params > 0
+
+
 def test_head_dim_class_default_is_read_when_the_file_leaves_it_out():
     # Qwen3Config's head_dim defaults to 128 whatever the hidden size: transformers builds 16
     # heads of 128 here, the planner counted 16 of 1024 / 16 = 64 (half the KV cache and QKV/O).

@@ -326,11 +326,12 @@ def _with_standard_keys(config: dict[str, Any], name: str) -> dict[str, Any]:
     return filled
 
 
-def _refuse_experts_and_latent_kv(get: Any, name: str) -> None:
+def _refuse_experts_and_latent_kv(get: Any, name: str, dense: bool = False) -> None:
     """A ValueError for a mixture-of-experts or latent-attention (MLA) config; `get(key)` gives a
-    config value, or None when it has none."""
-    experts = {k: get(k) for k in _EXPERT_COUNT_KEYS
-               if isinstance(get(k), (int, float)) and not isinstance(get(k), bool) and get(k) > 1}
+    config value, or None when it has none. `dense`: the config says it has no experts (Doge's
+    `is_moe: false`, beside an expert count it does not use)."""
+    experts = {} if dense else {k: get(k) for k in _EXPERT_COUNT_KEYS
+                                if isinstance(get(k), (int, float)) and not isinstance(get(k), bool) and get(k) > 1}
     if experts:
         raise ValueError(f"{name}: mixture-of-experts configs ({experts}) are not supported: "
                          "the planner models one dense MLP per block")
@@ -352,7 +353,7 @@ def model_from_config(config: dict[str, Any], name: str = "config") -> ModelShap
                            "intermediate_size", "vocab_size") if k not in config]
     if missing:
         raise ValueError(f"{name}: config lacks {missing}")
-    _refuse_experts_and_latent_kv(config.get, name)
+    _refuse_experts_and_latent_kv(config.get, name, dense=config.get("is_moe") is False)
     heads = _config_int(config, "num_attention_heads", name)
     # Absent (or null) in pre-GQA configs: every head has its own K and V. An explicit 0 is an
     # error (ModelShape refuses it), not MHA.
@@ -369,7 +370,8 @@ def model_from_config(config: dict[str, Any], name: str = "config") -> ModelShap
         # The keys the file leaves out are the class's defaults (Mixtral's 8 experts, DeepSeek-V3's
         # latent KV, Qwen3's or Gemma's head_dim): read from the file alone, such a config was
         # planned as a dense model of another head size.
-        _refuse_experts_and_latent_kv(lambda key: None if key in config else _read_attr(read, key, name), name)
+        dense = (config["is_moe"] if "is_moe" in config else _read_attr(read, "is_moe", name)) is False
+        _refuse_experts_and_latent_kv(lambda key: None if key in config else _read_attr(read, key, name), name, dense)
         default_head_dim = _read_attr(read, "head_dim", name) if "head_dim" not in config else None
         if (head_dim is None and isinstance(default_head_dim, int) and not isinstance(default_head_dim, bool)
                 and default_head_dim > 0):

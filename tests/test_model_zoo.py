@@ -159,3 +159,22 @@ def test_moonshine_decoder_fuses_its_mlp_gated_in_the_second_half() -> None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert len(report.graphs) == 1 and report.recompiles == 0
     assert report.rewrites["fused_swiglu"] == report.rewrites["stacked_gate_up"] == 2
+
+
+def test_first_call_with_batch_equal_to_length_runs_every_attention_on_the_meta_kernel() -> None:
+    """Traced first at batch == sequence length (Dynamo gives both one symbol), layer 0's head
+    count reaches the pass as an unsimplified constant expression of that symbol
+    (`4*s*((s**2)//s)//s**2`): it is 4 at every length, so the attention is still the
+    meta-kernel's, as layer 1's is, and no fallback blames a batch or sequence size."""
+    from models import _causal_lm
+
+    torch.manual_seed(0)
+    model = _causal_lm("PhiConfig", "PhiForCausalLM")().eval()
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"target": "reference"}, report=report), dynamic=True)
+    ids = torch.randint(0, VOCAB, (5, 5))
+    with torch.no_grad():
+        got, want = compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits
+    assert (got - want).abs().max().item() <= 1e-4
+    assert report.rewrites["meta_attention"] == 2 and not report.fallbacks, report.fallbacks

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import guard_int
+from torch.fx.experimental.symbolic_shapes import guard_int, statically_known_true
 from torch.utils._pytree import tree_flatten
 
 from .config import BUILTIN_PASSES, Config
@@ -96,7 +96,11 @@ class PassContext:
         `varying`: pairs of the symbols of sizes that change from call to call (token counts,
         batch sizes) and words for them (Dynamo gives equal sizes one symbol, and pinning those
         would recompile at every length)."""
-        symbolic = [d for d in sizes if isinstance(d, torch.SymInt) and d.node.maybe_as_int() is None]
+        # A size the shape environment proves equal to its example value at every value of its
+        # symbols is a constant written symbolically (layer 0's head count when a first call's batch
+        # equals its length: `4*s*((s**2)//s)//s**2`); reading it as an int needs no guard.
+        symbolic = [d for d in sizes if isinstance(d, torch.SymInt) and d.node.maybe_as_int() is None
+                    and not (d.node.has_hint() and statically_known_true(d == d.node.hint))]
         if not symbolic:
             return None
         if not self.shape_guards:

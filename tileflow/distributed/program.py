@@ -219,8 +219,9 @@ def build_stage_program(
     are found in the graph, Llama 4's temperature tuning and LongRoPE by `CausalLMStep`) gives the
     program `max_positions`, which the engine checks each request against.
     """
+    config = _checked_stage_config(config or Config())
     return _program_from_export(step, decompose_exported(_export_step(step, example_inputs, max_tokens)),
-                                example_inputs, max_tokens, config or Config(), report)
+                                example_inputs, max_tokens, config, report)
 
 
 def build_stage_programs(
@@ -233,9 +234,19 @@ def build_stage_programs(
     """`build_stage_program` once per named config, from one export of the step, decomposed
     once: both depend on the step and `max_tokens` alone; each build rewrites its own copy of
     the graph (the parameters are shared)."""
+    configs = {name: _checked_stage_config(config) for name, config in configs.items()}
     ep = decompose_exported(_export_step(step, example_inputs, max_tokens))
     return {name: _program_from_export(step, ep, example_inputs, max_tokens, config, None)
             for name, config in configs.items()}
+
+
+def _checked_stage_config(config: Config) -> Config:
+    """`config`, refused (before the export) where a stage program would ignore what it asks."""
+    if config.nano_batches != 1:
+        # The stages are cut from the graph and run whole: a split would be annotated, then ignored.
+        raise ValueError(f"nano_batches={config.nano_batches!r}: a disaggregated step's dense stages run unsplit "
+                         "(nano-batching is not applied across the stage cut); build it with nano_batches=1")
+    return config
 
 
 def _export_step(step: torch.nn.Module, example_inputs: Sequence[torch.Tensor], max_tokens: int) -> torch.export.ExportedProgram:
@@ -267,10 +278,6 @@ def _program_from_export(step: torch.nn.Module, ep: torch.export.ExportedProgram
     from tileflow.passes.nanobatch import token_symbol
 
     limit = getattr(step, "position_limit", None)
-    if config.nano_batches != 1:
-        # The stages are cut from the graph and run whole: a split would be annotated, then ignored.
-        raise ValueError(f"nano_batches={config.nano_batches!r}: a disaggregated step's dense stages run unsplit "
-                         "(nano-batching is not applied across the stage cut); build it with nano_batches=1")
     passes = tuple(p for p in config.passes if p != "disaggregate") + ("disaggregate",)
     config = config.replace(passes=passes)
     graph = capture_exported(ep, decomposed=True)

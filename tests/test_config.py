@@ -203,6 +203,14 @@ def test_unknown_keys_to_the_constructor_and_replace_name_the_valid_ones() -> No
             make()
 
 
+def test_an_empty_debug_dir_is_refused() -> None:
+    """debug_dir="" was accepted and then read as false: no artifact was written, silently (as
+    tile_timings, an empty path says what was wrong; TILEFLOW_DEBUG_DIR="" still means off)."""
+    with pytest.raises(ValueError, match="debug_dir"):
+        Config(debug_dir="")
+    assert Config.from_options(env={"TILEFLOW_DEBUG_DIR": ""}).debug_dir is None
+
+
 def test_debug_dir_is_text_and_not_a_file(tmp_path) -> None:
     """A Path debug_dir read back from a report's JSON as text (so a report did not equal its own
     round trip); a file given as the folder failed at the first call with an OS error."""

@@ -384,6 +384,22 @@ def test_a_pass_after_nanobatch_that_changes_the_graph_drops_the_plan() -> None:
         assert ("nano_batch" in report.graphs[0].extra) != dropped  # no schedule reported that does not run
 
 
+def test_strict_refuses_a_dropped_nano_batch_plan() -> None:
+    """With strict=True, a forced split (nano_batches=2) that a later pass made unusable ran the
+    step whole with only a warning: no error, and no fallback in the report."""
+    lin1, lin2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return lin2(lin1(torch.relu(x)))
+
+    torch._dynamo.reset()
+    options = {"target": "reference", "passes": ("canonicalize", "gemm_padding", "nanobatch", "test_relu_to_clamp"),
+               "nano_batches": 2, "strict": True}
+    compiled = torch.compile(f, backend=tileflow.TileflowBackend(options, report=tileflow.Report()), dynamic=True)
+    with pytest.raises(Exception, match="nanobatch"), torch.no_grad():
+        compiled(torch.randn(5, 16))
+
+
 def _softmax_over_the_tokens(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(SQUEEZED(x), dim=-2) * 2  # dim -2 of [T, 8] is the token dim
 

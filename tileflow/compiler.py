@@ -23,7 +23,7 @@ from .graph_utils import (count_nodes, graph_code, graph_structure, graph_to_jso
 from .log import get_logger
 from .lower import lower_graph
 from .padding_safety import capped_buckets, check_padding
-from .pipeline import PassContext, PassManager
+from .pipeline import PassContext, PassManager, TileflowError
 from .report import GraphReport, Report
 from .residual import build_residual, resolve_residual
 from .runtime import streams
@@ -219,6 +219,9 @@ def compile_graph(
         # or mean something else): run the step whole.
         graph_report.extra["nano_batch_dropped"] = ("a pass after 'nanobatch' changed the graph its plan splits: the "
                                                     "step runs whole; list 'nanobatch' after the passes that rewrite")
+        if config.strict:  # a split the config asked for that does not run is a fallback
+            raise TileflowError(f"nanobatch's plan dropped on graph {graph_id} (strict=True): "
+                                f"{graph_report.extra['nano_batch_dropped']}")
         log.warning("%s: nano-batch plan dropped: %s", graph_id, graph_report.extra["nano_batch_dropped"])
         graph_report.extra.pop("nano_batch", None)  # the schedule the pass reported does not run
         plan = None

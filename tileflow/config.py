@@ -96,6 +96,8 @@ class Config:
                 raise ValueError(f"tileflow option {name!r} must be {choices}, got {getattr(self, name)!r}")
         if self.debug_dir is not None:
             object.__setattr__(self, "debug_dir", os.fspath(self.debug_dir))  # a Path reads back from JSON as text
+            if not self.debug_dir:  # read as false, it would write nothing, silently
+                raise ValueError("tileflow option 'debug_dir' is an empty path: give a folder, or None for no artifacts")
             if os.path.exists(self.debug_dir) and not os.path.isdir(self.debug_dir):
                 raise ValueError(f"tileflow option 'debug_dir' names {self.debug_dir!r}, which is a file: give a folder")
         if self.tile_timings is not None and self.tile_timings != "auto":

@@ -263,9 +263,10 @@ def detect_device(device_type: str = "cuda") -> DeviceInfo:
     On CUDA the reported name is matched against the table (H100, H200, A100, H20). When the
     matched entry's SM count differs from what the device reports (an H100 PCIe, a MIG slice),
     the entry is rescaled to the real SM count at the same per-SM rate, and to the memory the
-    device reports, with the bandwidth in proportion (a MIG slice's share of HBM). An unlisted GPU gets an
-    entry built from `torch.cuda.get_device_properties` with H100-like per-SM rates. Without a
-    usable CUDA (or NPU) device the generic `cpu` entry is returned, so plans stay deterministic.
+    device reports, with the bandwidth in proportion (a MIG slice's share of HBM). An unlisted
+    GPU gets an entry built from `torch.cuda.get_device_properties` with H100-like per-SM rates.
+    Without a usable CUDA (or NPU) device the generic `cpu` entry is returned, so plans stay
+    deterministic.
     """
     import torch  # local: keep `import tileflow.devices` fast
 

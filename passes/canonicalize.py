@@ -26,11 +26,13 @@ Later passes match one form only. After this pass:
 - repeats of a cast or a view over the same operands are one node (kind `repeat_merged`): under
   `torch.autocast` each projection casts the layer's input anew, and the GEMM pass fuses only
   linears that read one node;
-- a dtype cast of a chain of views, transposes, unsqueezes, expands and clones is a cast of the
-  chain's source under the same chain (kind `cast_before_views`), where the strides agree:
-  autocast casts a `matmul`'s operands after Gemma-2's `key.transpose(2, 3)` and after
-  `repeat_kv`, which the attention pass reads through to the real K/V heads (and the cast then
-  converts the un-repeated heads, not R copies).
+- a narrowing dtype cast (autocast's) of a transpose, or of a repeat (`repeat_kv`'s unsqueeze,
+  expand, clone and reshape, with the views and transposes above it), is a cast of the source
+  under the same ops (kind `cast_before_views`), where the strides agree: autocast casts a
+  `matmul`'s operands after Gemma-2's `key.transpose(2, 3)` and after `repeat_kv`, which the
+  attention pass reads through to the real K/V heads (and the cast then converts the
+  un-repeated heads, not R copies). A widening cast stays where it is (GPT-Neo's q and k cast up
+  for the product: the attention pass reads through it there).
 Nodes the graph returns directly are kept, and so is every copy an output views (`x.clone()
 .view(-1)` returned), so no output starts aliasing an input.
 """
@@ -99,6 +101,23 @@ _CAST_COMMUTES = {
     aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
     aten.expand.default, aten.clone.default,
 }
+
+
+def _moved_over(chain: list[fx.Node]) -> list[fx.Node]:
+    """The part of `chain` (the ops under a cast, from the cast down) the cast moves below: down
+    to a repeat's `expand` and the unsqueezes under it (`repeat_kv`, which the attention pass
+    reads through to the real heads), else the transposes right under the cast (Gemma-2's k):
+    not below the views that split a projection into heads, where nothing reads the cast."""
+    expands = [i for i, node in enumerate(chain) if node.target is aten.expand.default]
+    if expands:
+        end = expands[-1] + 1
+        while end < len(chain) and chain[end].target is aten.unsqueeze.default:
+            end += 1
+        return chain[:end]
+    end = 0
+    while end < len(chain) and transposed_dims(chain[end]) is not None:
+        end += 1
+    return chain[:end]
 
 
 def _merge_repeats(graph: fx.Graph, outputs: set[fx.Node]) -> int:
@@ -451,16 +470,21 @@ class Canonicalize:
         return self._written
 
     def _cast_before_views(self, graph: fx.Graph, cast: fx.Node) -> str | None:
-        """`cast(chain(x))` as `chain(cast(x))` for a chain of `_CAST_COMMUTES` ops and
-        transposes: the same values (a cast is elementwise), checked to have the same strides.
-        A clone joins the chain only while it and what reads it up to the cast have no other
-        reader (else the copy would be made twice); a value written in place stops it (a clone
-        read before the write would be cast after it)."""
+        """`cast(chain(x))` as `chain(cast(x))`, for a narrowing cast (autocast's) and a chain of
+        `_CAST_COMMUTES` ops and transposes cut as `_moved_over` says: the same values (a cast
+        is elementwise), checked to have the same strides. A clone joins the chain only while
+        it and what reads it up to the cast have no other reader (else the copy would be made
+        twice); a value written in place stops it (a clone read before the write would be cast
+        after it)."""
         before, after = _val(cast.args[0]), _val(cast)
         if set(cast.kwargs) - {"dtype"} or not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
             return None
         if before.dtype == after.dtype:
             return None  # a cast that changes nothing: `_drop_noop` removes it
+        if after.dtype.itemsize >= before.dtype.itemsize:
+            # A widening cast stays on the operand it widens: the attention pass reads through it
+            # there (GPT-Neo casts q and k up to float32 for the product, v not).
+            return None
         written = self._written_values(graph)
         chain: list[fx.Node] = []
         sole_reader = True
@@ -473,13 +497,14 @@ class Canonicalize:
                 break
             chain.append(src)
             src = src.args[0]
+        chain = _moved_over(chain)
         if not chain or reads_written(chain[-1], written):
             # (`src` or what it views is written: a clone of it read before the write would be
             # cast after it; `reads_written` follows views other than the chain's, say a slice.)
             return None
         made: list[fx.Node] = []
         with graph.inserting_before(cast):
-            top = graph.call_function(cast.target, (src, *cast.args[1:]), dict(cast.kwargs))
+            top = graph.call_function(cast.target, (chain[-1].args[0], *cast.args[1:]), dict(cast.kwargs))
             made.append(top)
             infer_meta(top)
             for op in reversed(chain):

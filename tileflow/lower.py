@@ -193,16 +193,20 @@ def attention_specs_for_node(node: fx.Node, target: str) -> list[KernelSpec]:
     hq, hkv, d = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
     gqa = hq // hkv
     block_qs = sorted({attention_block_q(1, gqa, target), attention_block_q(1 << 20, gqa, target)})
-    bias = args["attn_mask"] is not None or args["attention_chunk"] is not None  # a chunk rule runs as a mask
-    return [
-        attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=bq, causal=bool(args["causal"]),
-                       sliding_window=args["sliding_window"] is not None, tree=False,
-                       bias=bias, target=target, softcap=args["softcap"] is not None,
-                       sinks=args["sinks"] is not None, alibi=args["alibi_slopes"] is not None,
-                       # Key starts join a mask the call has (`run_meta_attention`).
-                       key_starts=args["key_starts"] is not None and not bias)
-        for bq in block_qs
-    ]
+    return [attention_spec(dtype=q.dtype, head_dim=d, gqa=gqa, block_q=bq, tree=False, target=target,
+                           **attention_features(args))
+            for bq in block_qs]
+
+
+def attention_features(args: dict[str, Any]) -> dict[str, bool]:
+    """The kernel features a dense `tileflow::meta_attention` call's arguments (by name; absent
+    ones as None) select: what `attention_specs_for_node` builds its kernels with."""
+    bias = args.get("attn_mask") is not None or args.get("attention_chunk") is not None  # a chunk rule runs as a mask
+    return {"causal": bool(args.get("causal")), "sliding_window": args.get("sliding_window") is not None,
+            "bias": bias, "softcap": args.get("softcap") is not None, "sinks": args.get("sinks") is not None,
+            "alibi": args.get("alibi_slopes") is not None,
+            # Key starts join a mask the call has (`run_meta_attention`).
+            "key_starts": args.get("key_starts") is not None and not bias}
 
 
 def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str, *, emit_only: bool = False) -> list[KernelSpec]:

@@ -811,19 +811,14 @@ def link_kernels(node: dict[str, Any], kernels: list[dict[str, Any]]) -> list[in
     return links
 
 
-# `tileflow::meta_attention`'s arguments, in its schema's order (graph_to_json writes them positionally).
-_ATTENTION_ARGS = ("q", "k", "v", "attn_mask", "causal", "scale", "target", "mask_ranges", "softcap", "sliding_window",
-                   "sinks", "alibi_slopes", "attention_chunk", "key_starts")
-
-
 def _attention_flags(node: dict[str, Any]) -> dict[str, bool]:
-    """The kernel params a meta_attention node's arguments decide, as lowering sets them
-    (`attention_specs_for_node`): layers of one model differ in them (Gemma-2's sliding window
-    in every other layer), and each runs only its own kernels."""
-    args = node.get("args") or []
-    bound = dict(zip(_ATTENTION_ARGS, args)) | (node.get("kwargs") or {})
-    given = {name: bound.get(name) is not None for name in _ATTENTION_ARGS}
-    bias = given["attn_mask"] or given["attention_chunk"]  # a chunk rule runs as a mask
-    return {"causal": bound.get("causal") is True, "sliding_window": given["sliding_window"], "softcap": given["softcap"],
-            "sinks": given["sinks"], "alibi": given["alibi_slopes"], "bias": bias,
-            "key_starts": given["key_starts"] and not bias}
+    """The kernel features a meta_attention node's arguments select, as lowering reads them
+    (`attention_features`): layers of one model differ in them (Gemma-2's sliding window in
+    every other layer), and each runs only its own kernels."""
+    import torch
+
+    from .lower import attention_features
+
+    # (graph_to_json writes the arguments positionally, in the op's schema order)
+    names = [a.name for a in torch.ops.tileflow.meta_attention.default._schema.arguments]
+    return attention_features(dict(zip(names, node.get("args") or [])) | (node.get("kwargs") or {}))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import math
-import numbers
 import operator
 import os
 from typing import Any, Mapping, Sequence
@@ -21,7 +19,7 @@ from ..report import GraphReport
 from ..residual import resolve_residual
 from ..runtime.streams import graph_token_dims, graphs_apply
 from .layout import Layout
-from .transport import Transport
+from .transport import Transport, check_timeout
 
 
 class CausalLMStep(torch.nn.Module):
@@ -436,10 +434,7 @@ def init_distributed(
     if device not in backends:
         raise ValueError(f"device must be one of {sorted(backends)}, got {device!r}")
     backend = backends[device]
-    # Checked before the process group: torch would report a timeout of 0 or less as "the client
-    # socket has timed out after 0ms while trying to connect", and a NaN past it.
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not 0 < timeout_s < math.inf:
-        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    check_timeout(timeout_s)  # before the process group, whose store's error names neither
     missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing and not dist.is_initialized():
         # torch's own error names one variable and not how to set them all.

@@ -35,13 +35,19 @@ class RunAborted(PeerError):
     """Another rank failed and told this one so: nothing left to tell the others."""
 
 
+def check_timeout(timeout_s: Any) -> float:
+    """`timeout_s` when it is a finite number of seconds > 0, else a ValueError saying so (NaN
+    would fail every wait; torch's store reports 0 or less as a socket timed out after 0ms)."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not 0 < timeout_s < float("inf"):
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    return timeout_s
+
+
 class Transport:
     """Self-describing tensor (and int) messages, matched in send order, with receive timeouts."""
 
     def __init__(self, timeout_s: float, device: torch.device | str = "cpu") -> None:
-        if not 0 < timeout_s < float("inf"):  # also NaN, which every wait would fail on
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        self.timeout_s = timeout_s
+        self.timeout_s = check_timeout(timeout_s)
         # NCCL moves device tensors only: headers and receive buffers live where the data does.
         self.device = torch.device(device)
         self.rank = dist.get_rank()

@@ -986,6 +986,12 @@ def test_outputs_a_replay_cannot_cut_back_are_not_captured(replay_on_cpu, fn, re
     _assert_not_captured(_run(fn, _rows, lengths=(3, 7, 12)), reason)
 
 
+def test_strict_refuses_a_step_no_replay_could_run(replay_on_cpu) -> None:
+    """`strict=True` turns a fallback into an error: cuda_graphs asked for and not applied too."""
+    with pytest.raises(Exception, match=r"cuda_graphs not applied to graph .*strict=True.*cuts back only one dim"):
+        _run(_rows_by_positions, _rows, strict=True)
+
+
 def _batch(tokens: int) -> tuple[torch.Tensor]:
     return (torch.randn(2, tokens, H),)
 

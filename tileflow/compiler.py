@@ -71,7 +71,7 @@ class _Buckets:
 
 
 def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int], graph_report: GraphReport,
-                  split_asserts: bool) -> _Buckets:
+                  split_asserts: bool, strict: bool = False) -> _Buckets:
     """The token buckets `gm` may be replayed at: when running it padded could change its real
     rows (`check_padding`; the reason goes in the report), none, and the graphs are captured at
     each token count up to `EXACT_GRAPH_TOKENS` instead (the last value, `exact`), or not at all
@@ -84,7 +84,8 @@ def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int], graph_report: Grap
     nothing there. Also the inputs that must be positive at a call for its replay to be right
     (`PaddingCheck.positive_inputs`). With `split_asserts`, asserts over values padded rows would
     change leave `gm` for a module of their own, run on each call's rows before its replay
-    (`PaddingCheck.unpadded_asserts`; tileflow_causal's check over position ids passed in)."""
+    (`PaddingCheck.unpadded_asserts`; tileflow_causal's check over position ids passed in).
+    With `strict` (`Config.strict`), a graph no replay could run raises instead."""
     from tileflow.passes.nanobatch import token_symbol
 
     found = token_symbol(gm)
@@ -93,6 +94,9 @@ def _safe_buckets(gm: fx.GraphModule, buckets: Sequence[int], graph_report: Grap
     check = check_padding(gm, found[0], split_asserts=split_asserts)
     if check.hazard and not check.unpadded_replay:
         graph_report.extra["cuda_graphs"] = f"not captured: a replay could differ from the step ({check.hazard})"
+        if strict:  # cuda_graphs asked for and not applied is a fallback
+            raise TileflowError(f"cuda_graphs not applied to graph {graph_report.graph_id} (strict=True): "
+                                f"{graph_report.extra['cuda_graphs']}")
         log.warning("%s: cuda_graphs not applied: %s", graph_report.graph_id, check.hazard)
         return _Buckets(())
     if check.hazard:
@@ -230,7 +234,8 @@ def compile_graph(
         graph_report.extra["cuda_graphs"] = f"not captured: CUDA graphs capture CUDA work, this graph runs on {device_type}"
     if graphed.buckets:
         # A nano-batch plan covers every node of the graph, its asserts too: they stay in it.
-        graphed = _safe_buckets(gm, graphed.buckets, graph_report, split_asserts=plan is None)
+        graphed = _safe_buckets(gm, graphed.buckets, graph_report, split_asserts=plan is None,
+                                strict=config.strict)
     buckets, positive_inputs, exact = graphed.buckets, graphed.positive_inputs, graphed.exact
     if artifact_dir is not None:
         # Lowering annotated the tileflow nodes with their kernels: refresh the final graph dump.

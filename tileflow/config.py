@@ -38,7 +38,8 @@ class Config:
         max_tokens: the most tokens tile plans cover: the shape environment's upper bound of the
             token dimension, capped at this (an unbounded dimension gets this); a longer call runs
             the nearest plan's tiles and logs a warning.
-        strict: turn every fallback (a pass or node tileflow could not handle) into an error.
+        strict: turn every fallback (a pass or node tileflow could not handle, a torch.compile
+            graph `cuda_graphs` cannot capture) into an error.
         verify: check each pass's numerics against the unrewritten graph on the first real
             inputs; a pass whose outputs diverge is rolled back (or raises with `strict`).
         verify_rtol / verify_atol: tolerances of that check.

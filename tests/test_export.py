@@ -924,6 +924,24 @@ def test_a_dynamic_dim_the_spec_does_not_name_is_refused(spec_dir: Path) -> None
     assert "--dynamic names ['seq'] are not Dims in the dynamic_shapes tiny() returned" in result.stderr
 
 
+@pytest.mark.parametrize("name, most", [("gpt2", 256), ("opt", 64)])
+def test_a_seq_range_past_a_learned_position_table_is_refused(tmp_path: Path, name: str, most: int) -> None:
+    """GPT-2 looks its 256-row `wpe` up at `arange(seq)`, OPT its 66-row table at `arange(seq) + 2`:
+    a program exported for longer sequences would accept calls that fail at the table. The export
+    says how far the range may go; at that size it exports."""
+    sys.path.insert(0, str(TESTS_DIR))
+    from models import MODELS, ZOO
+
+    (MODELS.get(name) or ZOO[name][0])().config.save_pretrained(tmp_path / "cfg")
+    out = tmp_path / "x.pt2"
+    result = _cli(["export", str(tmp_path / "cfg"), "-o", str(out), "--dynamic", f"seq=2:{most + 40}"], tmp_path)
+    assert result.exit_code == 1, result.output
+    assert f"seq may be at most {most}: declare seq with max={most} (--dynamic seq=2:{most})" in result.stderr
+    assert not out.exists()
+    result = _cli(["export", str(tmp_path / "cfg"), "-o", str(out), "--dynamic", f"seq=2:{most}"], tmp_path)
+    assert result.exit_code == 0, result.output
+
+
 def test_a_dynamic_dim_a_transformers_config_has_not_is_refused(tmp_path: Path) -> None:
     """A transformers config exports input_ids [batch, seq]: `--dynamic` of any other name is an error before the build."""
     sys.path.insert(0, str(TESTS_DIR))

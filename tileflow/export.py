@@ -200,6 +200,7 @@ def export_model(
     captured = capture_exported(ep)
     captured.range_constraints = _ranges_the_program_accepts(captured.gm, captured.range_constraints)
     names = _dim_names(model, example_args, dynamic_shapes, captured.example_inputs)
+    _check_position_tables(captured.gm, captured.range_constraints, names)
     tmp_dir = None if user_debug_dir else tempfile.mkdtemp(prefix="tileflow-export-")
     try:
         config = config.replace(debug_dir=user_debug_dir or tmp_dir)
@@ -286,6 +287,99 @@ def _ranges_the_program_accepts(gm: torch.fx.GraphModule, ranges: Mapping[str, t
             hi = _last_accepted(refused, lo, hi, max_steps)
         narrowed[str(sym)] = (lo, hi)
     return narrowed
+
+
+# Ops that carry an index tensor's values unchanged (`_largest_value`).
+_SAME_VALUES = {torch.ops.aten.unsqueeze.default, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+                torch.ops.aten.expand.default, torch.ops.aten.clone.default, torch.ops.aten._to_copy.default,
+                torch.ops.aten.squeeze.dim, torch.ops.aten.alias.default}
+
+
+def _check_position_tables(gm: torch.fx.GraphModule, ranges: Mapping[str, tuple[int, int | None]],
+                           names: Mapping[str, str]) -> None:
+    """Refuse a dynamic range past a learned position table: GPT-2 looks `wpe` (n_positions rows)
+    up at `arange(seq)`, so a program declared for longer sequences would fail at every call
+    past the table (an index error; on a GPU a device-side assert) though its range accepts
+    them. Raises ValueError naming the dim, the table and the largest size it holds."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.embedding.default:
+            continue
+        table = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        last = _largest_value(node.args[1])
+        if table is None or last is None or not isinstance(table.shape[0], int):
+            continue
+        rows = int(table.shape[0])
+        if len(last.free_symbols) != 1 or str(next(iter(last.free_symbols))) not in ranges:
+            continue
+        sym = next(iter(last.free_symbols))
+        lo, hi = ranges[str(sym)]
+
+        def refused(size: int) -> bool:  # the last position is past the table
+            return bool(last.xreplace({sym: sympy.Integer(size)}) >= rows)
+
+        top = hi if hi is not None else max(lo, rows) + 1
+        if not refused(top):
+            continue
+        name = names.get(str(sym), str(sym))
+        what = (f"the model looks its {rows}-row table {node.args[0].name} up at positions up to "
+                f"{last.xreplace({sym: sympy.Symbol(name)})}")
+        if refused(lo):
+            raise ValueError(f"no {name} in the declared range [{lo}, {hi}] fits: {what}")
+        good, _ = _bisected(refused, lo, top)
+        raise ValueError(f"{name} may reach {hi if hi is not None else 'any size'}, but {what}, so {name} "
+                         f"may be at most {good}: declare {name} with max={good} (--dynamic {name}={lo}:{good})")
+
+
+def _largest_value(index: Any) -> sympy.Expr | None:
+    """The largest value `index` holds when it counts positions as models build them, else None:
+    `arange(start, end)` (step 1) holds up to `end - 1`; OPT's `cumsum(ones(n)) * ones - 1`, up
+    to `n - 1`; views and copies keep it, integer shifts and non-negative constant scales move it."""
+    if not isinstance(index, torch.fx.Node) or index.op != "call_function":
+        return None
+    target, args = index.target, index.args
+    if target in _SAME_VALUES:
+        return _largest_value(args[0])
+    if target in (torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar, torch.ops.aten.sub.Tensor,
+                  torch.ops.aten.sub.Scalar):
+        top = _largest_value(args[0])
+        if top is None or not isinstance(args[1], int) or index.kwargs.get("alpha", 1) != 1:
+            return None
+        return top + args[1] if target in (torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar) else top - args[1]
+    if target in (torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar):
+        for values, scale in ((args[0], args[1]), (args[1], args[0])):
+            factor = _constant_fill(scale)
+            top = _largest_value(values)
+            if factor is not None and factor >= 0 and top is not None:
+                return top * sympy.nsimplify(factor)
+        return None
+    if target in (torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step):
+        end = _size_expr(args[0] if target is torch.ops.aten.arange.default else args[1])
+        step = args[2] if target is torch.ops.aten.arange.start_step and len(args) > 2 else 1
+        return end - 1 if end is not None and step == 1 else None
+    if target is torch.ops.aten.cumsum.default:  # a running count of a constant c >= 0 along dim
+        fill = _constant_fill(args[0])
+        counted = args[0].meta.get("val") if isinstance(args[0], torch.fx.Node) else None
+        length = _size_expr(counted.shape[args[1]]) if isinstance(counted, torch.Tensor) else None
+        return length * sympy.nsimplify(fill) if fill is not None and fill >= 0 and length is not None else None
+    return None
+
+
+def _constant_fill(value: Any) -> float | None:
+    """The one value a number or a `full(shape, c)` holds, else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, torch.fx.Node) and value.target is torch.ops.aten.full.default:
+        fill = value.args[1]
+        return fill if isinstance(fill, (int, float)) and not isinstance(fill, bool) else None
+    return None
+
+
+def _size_expr(size: Any) -> sympy.Expr | None:
+    """A size (an int, a SymInt, or a node computing one) as a sympy expression, else None."""
+    value = size.meta.get("val") if isinstance(size, torch.fx.Node) else size
+    if isinstance(value, torch.SymInt):
+        return sympy.sympify(value.node.expr)
+    return sympy.Integer(value) if isinstance(value, int) else None
 
 
 def _refuses(expr: Any, sizes: Mapping[Any, int]) -> bool:

@@ -283,6 +283,14 @@ def run_gpu(quick: bool, write: bool, tile_timings: str | None = None, variant_m
     import tileflow
     from common import environment, geomean, markdown_table, measured_matmul_tflops, write_results
 
+    if tile_timings == "auto" and not tileflow.runtime.shipped_tile_timings(
+            tileflow.runtime.device_for_target("triton", device)):
+        # `auto` is then the cost model: the `gemm` table again, under the measured plans' title,
+        # for the stage's whole limit (only H200 times ship; a lent machine is often an H100).
+        print(f"bench/gemm.py --tile-timings auto: tileflow ships no tile times for "
+              f"{tileflow.runtime.device_for_target('triton', device).name}; nothing measured (run the `tiles` "
+              "stage first and give its file, or the `gemm` stage for the cost model's plans)", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     dtype = torch.bfloat16
     env = environment()
@@ -320,8 +328,7 @@ def run_gpu(quick: bool, write: bool, tile_timings: str | None = None, variant_m
         "M in {" + ", ".join(str(m) for m in m_values if m in variant_m) + "} only (`--variant-m`), \"-\" elsewhere")
     if tile_timings == "auto":
         shipped = tileflow.runtime.shipped_tile_timings(tileflow.runtime.device_for_target("triton", device))
-        preface = (f"- tileflow's plans from the tile times it ships for this device (`{shipped}`)\n\n" if shipped
-                   else "- tileflow's plans from its cost model (`auto`: no tile times ship for this device)\n\n")
+        preface = f"- tileflow's plans from the tile times it ships for this device (`{shipped}`)\n\n"
     elif tile_timings:
         preface = f"- tileflow's plans from the tile times in `{tile_timings}`\n\n"
     else:

@@ -8,8 +8,9 @@
 # The device machine gets the working tree without .git: write the hash into the command here
 # (`BENCH_COMMIT=$(git rev-parse --short HEAD)` would run there, find no repository and name
 # every results file `...-unknown.md`). Results files are packed into $OUT/results.tar.gz after
-# every stage (each benchmark rewrites its table after every row), so a call cut short still
-# brings back what the finished rows measured.
+# every stage and every GPU_SESSION_PACK_SECONDS (default 15) during one (each benchmark rewrites
+# its table after every row), so a call cut short, the stage in progress too, still brings back
+# what the finished rows measured.
 #
 # Stages: gemm (its stream-K and TMA columns at M = 1, 64, 512, 4096 only; GEMM_VARIANT_M sets
 # bench/gemm.py's --variant-m: e.g. 512,4096, or all), gemm-quick, attention, attention-sweep (kernel configurations), e2e
@@ -26,7 +27,8 @@
 set -u
 # The variables this script reads, logged to env.log with the command line: a table's numbers
 # are only comparable with the same narrowing.
-SESSION_VARS="BENCH_COMMIT ATTENTION_PARTS E2E_TOKENS E2E_TRACE_REQUESTS GEMM_VARIANT_M PROFILE_BASE PYTHON OUT"
+SESSION_VARS="BENCH_COMMIT ATTENTION_PARTS E2E_TOKENS E2E_TRACE_REQUESTS GEMM_VARIANT_M PROFILE_BASE PYTHON OUT
+              GPU_SESSION_PACK_SECONDS"
 STAGES="gemm gemm-quick attention attention-sweep e2e e2e-prefill e2e-serving profile profile-base sampling moe tiles
         gemm-measured tests tests-gpu"
 for item in "$@"; do
@@ -97,19 +99,40 @@ print('tileflow imports; backend=\"tileflow\" found')"
 } >"$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 
+PACK_SECONDS=${GPU_SESSION_PACK_SECONDS:-15}
+[[ $PACK_SECONDS =~ ^[1-9][0-9]*$ ]] || PACK_SECONDS=15  # `n % 0` would end the packing loop
+
+# bench/results into $OUT/results.tar.gz through a temporary archive ($1, in $OUT): a kill in the
+# middle of tar must not leave a truncated archive where the earlier stages' one was.
+pack_results() {
+  tar czf "$OUT/$1" bench/results 2>/dev/null && mv -f "$OUT/$1" "$OUT/results.tar.gz"
+}
+
 run_stage() {
-  local name=$1 limit=$2 start rc
+  local name=$1 limit=$2 start rc flag packer
   shift 2
   start=$(date +%s)
   echo "=== $name (limit ${limit}s)"
+  # Packed during the stage too: the device tool's timeout (timeout_s, the session's device
+  # time) kills the whole call, and a stage cut so never reaches the pack after it, while only
+  # $OUT comes back. The loop ends with the stage (its flag removed) or with this script.
+  flag=$(mktemp "${TMPDIR:-/tmp}/gpu-session-stage.XXXXXX")
+  ( n=0
+    while sleep 1 && [ -e "$flag" ] && kill -0 $$ 2>/dev/null; do
+      n=$(( n + 1 ))
+      [ $(( n % PACK_SECONDS )) -eq 0 ] && pack_results .results-during-stage.tmp
+    done ) &
+  packer=$!
   timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
+  rm -f "$flag"
+  wait "$packer" 2>/dev/null
   echo "=== $name: exit $rc after $(( $(date +%s) - start ))s"
   grep -E "FAILED|FAIL:|Error:" "$OUT/$name.log" | cut -c1-240 | head -n 14
   grep -vE "FAILED|PASSED|SKIPPED|FAIL:|Error:|Warning|warn" "$OUT/$name.log" | tail -n 16
   # After every stage, not only at the end: if the whole call is stopped (the device tool's
   # timeout_s, the session's device time), the tables measured so far still come back.
-  tar czf "$OUT/results.tar.gz" bench/results 2>/dev/null
+  pack_results .results.tmp
 }
 
 for item in "$@"; do
@@ -156,5 +179,5 @@ for item in "$@"; do
   esac
 done
 
-tar czf "$OUT/results.tar.gz" bench/results 2>/dev/null
+pack_results .results.tmp
 ls -la "$OUT"

@@ -168,13 +168,21 @@ def reference(shape: Experts, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def measure(shapes: list[Experts], tokens: list[int], device: str, dtype: torch.dtype, *,
             time_ms: Callable[[Callable[[], torch.Tensor]], float], peak: float | None, tol: float,
-            failures: list[str]) -> str:
+            failures: list[str], progress: Callable[[str], None] | None = None) -> str:
     """The markdown tables: every method of every shape and token count, checked against the
     float32 reference (`checked_ms`: a failure goes to `failures` and the run goes on), timed by
-    `time_ms`; TFLOP/s against `peak` when given; ratios to `torch._grouped_mm`'s path."""
+    `time_ms`; TFLOP/s against `peak` when given; ratios to `torch._grouped_mm`'s path.
+    `progress(tables so far)` after every row, each row printed as it is measured: a stage cut
+    by its limit keeps what it measured."""
     from common import checked_ms, geomean, markdown_table
 
     table, ratios = [], {}
+    headers = ["experts", "tokens", "method", "ms", "TFLOP/s", "% of peak", "vs _grouped_mm"]
+
+    def tables() -> str:
+        return markdown_table(headers, table) + "\n\n" + markdown_table(
+            ["method", "geomean vs _grouped_mm + epilogue ops"], [[name, f"{geomean(r):.2f}x"] for name, r in ratios.items()])
+
     for shape in shapes:
         for count in tokens:
             inputs = make_inputs(shape, count, device, dtype, seed=count)
@@ -185,17 +193,27 @@ def measure(shapes: list[Experts], tokens: list[int], device: str, dtype: torch.
                                 tol=tol, time_ms=time_ms, failures=failures, reference="float32")
                 if ms is not None:
                     times[name] = ms
-            flops = 2 * inputs["x"].shape[0] * shape.rows * shape.k
+                    # The rows so far now (their ratios once the baseline is in): a cut stage keeps them.
+                    if progress:
+                        pending = [_row(shape, count, n, t, inputs, peak, None) for n, t in times.items()]
+                        progress(markdown_table(headers, table + pending))
             base = times.get(GROUPED_MM)
             for name, ms in times.items():
-                tflops = flops / ms / 1e9
                 ratio = base / ms if base else float("nan")
                 ratios.setdefault(name, []).append(ratio)
-                table.append([f"{shape.model} {shape.proj}", count, name, f"{ms:.3f}", f"{tflops:.2f}",
-                              f"{tflops / peak:.0%}" if peak else "n/a", f"{ratio:.2f}x"])
-    body = markdown_table(["experts", "tokens", "method", "ms", "TFLOP/s", "% of peak", "vs _grouped_mm"], table)
-    return body + "\n\n" + markdown_table(["method", "geomean vs _grouped_mm + epilogue ops"],
-                                           [[name, f"{geomean(r):.2f}x"] for name, r in ratios.items()])
+                table.append(_row(shape, count, name, ms, inputs, peak, ratio))
+                print(" | ".join(str(c) for c in table[-1]), flush=True)
+            if progress:
+                progress(tables())
+    return tables()
+
+
+def _row(shape: Experts, count: int, name: str, ms: float, inputs: dict[str, torch.Tensor], peak: float | None,
+         ratio: float | None) -> list:
+    """One table row: TFLOP/s over 2 x routed rows x weight rows x K (`ratio` None: not yet known)."""
+    tflops = 2 * inputs["x"].shape[0] * shape.rows * shape.k / ms / 1e9
+    return [f"{shape.model} {shape.proj}", count, name, f"{ms:.3f}", f"{tflops:.2f}",
+            f"{tflops / peak:.0%}" if peak else "n/a", "-" if ratio is None else f"{ratio:.2f}x"]
 
 
 def smoke() -> int:
@@ -227,22 +245,38 @@ def main() -> int:
 
     if not gpu_available():
         return smoke()
-    import tileflow
-    from common import environment, measured_matmul_tflops, median_ms, write_results
+    return run_gpu([int(t) for t in args.tokens.split(",")], write=not args.no_write)
 
-    peak = measured_matmul_tflops()
+
+def run_gpu(tokens: list[int], *, write: bool, shapes: list[Experts] = SHAPES, device: str = "cuda",
+            dtype: torch.dtype = torch.bfloat16, tol: float = 2e-2) -> int:
+    """GPU: the table, rewritten (marked partial) after every row, so a stage cut by its limit
+    keeps what it measured. `shapes`, `device`, `dtype` and `tol` are for the CPU check of this
+    path."""
+    import common
+    import tileflow
+
+    env = common.environment()
+    peak = common.measured_matmul_tflops()
     failures: list[str] = []
-    with tileflow.use_config(tileflow.Config(target="triton", max_tokens=8192)):
-        body = measure(SHAPES, [int(t) for t in args.tokens.split(",")], "cuda", torch.bfloat16,
-                       time_ms=lambda call: median_ms(lambda _: call()), peak=peak, tol=2e-2, failures=failures)
-    body += (f"\n\n- measured bf16 matmul peak {peak:.0f} TFLOP/s (8192^3 through torch)"
+    notes = (f"\n\n- measured bf16 matmul peak {peak:.0f} TFLOP/s (8192^3 through torch)"
              "\n- rows = tokens x top-k, routed uniformly at random; times: median of `triton.testing.do_bench`")
+    title = "MoE expert GEMMs: grouped, fused epilogues"
+
+    def checkpoint(text: str) -> None:
+        if write:
+            common.write_results("moe", title, env, text + notes + "".join(f"\n- FAILED: {f}" for f in failures),
+                                 partial=True)
+
+    with tileflow.use_config(tileflow.Config(target="triton", max_tokens=8192)):
+        body = measure(shapes, tokens, device, dtype, time_ms=lambda call: common.median_ms(lambda _: call()), peak=peak,
+                       tol=tol, failures=failures, progress=checkpoint)
+    body += notes + "".join(f"\n- FAILED: {f}" for f in failures)
     print(body)
     for failure in failures:
         print(f"FAIL: {failure}", file=sys.stderr)
-    if not args.no_write:
-        path = write_results("moe", "MoE expert GEMMs: grouped, fused epilogues", environment(), body, partial=bool(failures))
-        print(f"wrote {path}")
+    if write:
+        print(f"wrote {common.write_results('moe', title, env, body)}")
     return 1 if failures else 0
 
 

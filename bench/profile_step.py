@@ -38,11 +38,21 @@ CATEGORIES = (
 )
 
 
+# Inductor names a fused kernel after its ATen ops (`triton_red_fused__to_copy_add_embedding_mean_
+# mul_pow_rsqrt_0` is a bf16 RMSNorm: its float32 upcast is a `_to_copy`); one that does any of
+# these computes, so it is elementwise / norm work, not a copy, whatever moves data beside it.
+ARITHMETIC = frozenset({"add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "mean", "sum", "amax", "exp",
+                        "log", "tanh", "sigmoid", "silu", "gelu", "erf", "relu", "sin", "cos", "where", "softmax",
+                        "clamp", "minimum", "maximum"})
+
+
 def category(name: str) -> str:
     """The category of a kernel, by name."""
     lowered = name.lower()
     for label, patterns in CATEGORIES:
         if any(p in lowered for p in patterns):
+            if label == "copy" and lowered.startswith("triton_") and ARITHMETIC & set(lowered.split("_")):
+                return "elementwise / norm"
             return label
     return "other"
 

@@ -1244,3 +1244,104 @@ def test_host_median_ms_and_cumulative_lengths(monkeypatch) -> None:
     assert common.wall_median_ms(lambda: None, 3, before=lambda: before.append(1)) == pytest.approx(2.0)
     assert before == [1, 1, 1]
     assert host._cu([1, 3, 2]) == [0, 1, 4, 6]
+
+
+# ---------------------------------------------------------------------------------------------
+# A second reader's dry run of Session 43's GPU plan (the bench scripts on torch 2.11 / Triton
+# 3.6 on the CPU): rows a cut call loses, kernels filed under the wrong category, a stage that
+# measures nothing it is named for.
+
+
+@pytest.mark.skipif(shutil.which("tar") is None or sys.platform != "linux", reason="needs tar and process groups")
+def test_gpu_session_brings_back_the_rows_of_a_stage_the_call_cuts(tmp_path) -> None:
+    """The device tool's timeout (timeout_s, the session's device time) kills the whole call,
+    stage and script together: only $OUT comes back. The rows a stage wrote into bench/results
+    before that were packed only after the stage ended, which a cut stage never does (the
+    plan's second call: 360 s of stages in what its budget leaves, about 200 s)."""
+    import signal
+    import time
+
+    tree = tmp_path / "tree"
+    (tree / "bench" / "results").mkdir(parents=True)
+    shutil.copy(BENCH / "gpu_session.sh", tree / "bench")
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\ncase \"$*\" in\n  *sampling.py*) echo row > bench/results/sampling-done.md;;\n"
+                    "  *moe.py*) echo row > bench/results/moe-rows-so-far.md; sleep 30;;\n  *) exit 0;;\nesac\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "GPU_SESSION_PACK_SECONDS": "1"}
+    with open(tmp_path / "session.log", "w") as log:
+        call = subprocess.Popen(["bash", "bench/gpu_session.sh", "sampling:5", "moe:50"], cwd=tree, stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        time.sleep(6)
+        os.killpg(call.pid, signal.SIGKILL)  # the whole call, as the device tool stops it
+        call.wait(timeout=10)
+    listing = subprocess.run(["tar", "tzf", str(out / "results.tar.gz")], capture_output=True, text=True, check=True)
+    assert "bench/results/sampling-done.md" in listing.stdout
+    assert "bench/results/moe-rows-so-far.md" in listing.stdout
+
+
+def test_profile_files_inductor_norm_kernels_under_elementwise_not_copy(monkeypatch) -> None:
+    """Inductor names a fused kernel after its ATen ops: a bf16 Llama's RMSNorm is
+    `triton_red_fused__to_copy_add_embedding_mean_mul_pow_rsqrt_0` (its float32 upcast is a
+    `_to_copy`), its RoPE `..._cat_neg_slice_...`. The "copy" rule came first and took them."""
+    profile_step = _bench_module("profile_step", monkeypatch)
+    assert profile_step.category("triton_red_fused__to_copy_add_embedding_mean_mul_pow_rsqrt_0") == "elementwise / norm"
+    assert profile_step.category("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_6") == "elementwise / norm"
+    assert profile_step.category("triton_poi_fused__unsafe_view_cat_neg_slice_transpose_view_2") == "elementwise / norm"
+    # What only moves data stays a copy; templates and tileflow's kernels keep their categories.
+    assert profile_step.category("triton_poi_fused__to_copy_clone_0") == "copy"
+    assert profile_step.category("Memcpy DtoD (Device -> Device)") == "copy"
+    assert profile_step.category("triton_tem_fused__to_copy_mm_0") == "GEMM"
+    assert profile_step.category("padded_gemm_128x128x64") == "GEMM"
+
+
+def test_moe_gpu_run_keeps_its_rows_when_cut(monkeypatch, tmp_path) -> None:
+    """bench/moe.py (the `moe` stage, last in the plan's second call, the likeliest to be cut)
+    wrote its table and printed its rows only at the end: a cut stage left nothing. Its GPU path
+    on the CPU (interpreter, fp32, ceilings stubbed), killed at the third method timed."""
+    import torch
+
+    moe = _bench_module("moe", monkeypatch)
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "measured_matmul_tflops", lambda *a, **k: 100.0)
+
+    class Killed(BaseException):
+        pass
+
+    timed = []
+
+    def median_ms(fn, **kwargs):
+        if len(timed) == 2:
+            raise Killed
+        timed.append(fn(0))
+        return 1.0
+
+    monkeypatch.setattr(common, "median_ms", median_ms)
+    with pytest.raises(Killed):
+        moe.run_gpu([1, 9], write=True, shapes=moe.SMOKE_SHAPES[:1], device="cpu", dtype=torch.float32, tol=1e-4)
+    (path,) = tmp_path.iterdir()
+    text = path.read_text()
+    assert "partial" in text and "| small gate-up | 1 | tileflow grouped_gemm (epilogue fused) | 1.000 |" in text
+
+
+def test_gemm_measured_plans_refuses_auto_where_no_tile_times_ship(monkeypatch, tmp_path) -> None:
+    """`gemm-measured` runs `--tile-timings auto`; only H200 times ship, and the lender's default
+    machine is an H100: there `auto` is the cost model, and the stage spent its 140 s re-measuring
+    the `gemm` stage's table under the title "with measured tile plans". It must stop before any
+    device work and say why."""
+    gemm = _bench_module("gemm", monkeypatch)
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+
+    class Started(BaseException):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(common, "measured_matmul_tflops", started)
+    monkeypatch.setattr(gemm, "checked_tflops", started)
+    assert gemm.run_gpu(True, True, "auto", device="cpu") == 2  # on the CPU no tile times ship either
+    assert not list(tmp_path.iterdir())

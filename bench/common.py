@@ -85,6 +85,15 @@ def measured_matmul_tflops(dtype: torch.dtype = torch.bfloat16, size: int = 8192
     return 2 * size**3 / ms / 1e9
 
 
+def datasheet_tflops(dtype: str = "bfloat16", device: str = "cuda") -> float:
+    """The device's dense peak TFLOP/s for `dtype` from tileflow's device table (its datasheet):
+    the physical limit a "% of peak" column reads against. A measured ceiling is no such limit:
+    a long 8192^3 matmul runs at power-limited clocks that the rows' short replays beat."""
+    import tileflow
+
+    return tileflow.runtime.device_for_target("triton", device).peak_flops(dtype) / 1e12
+
+
 def measured_copy_gbs(nbytes: int = 2 << 30) -> float:
     """GB/s of a large device-to-device copy, counting bytes read plus written."""
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()

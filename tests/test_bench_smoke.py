@@ -492,6 +492,9 @@ def test_gemm_variant_columns_on_a_subset_of_m_and_summary_at_every_checkpoint(m
     assert "geomean tileflow stream-K / cuBLAS: **4.00x** (1 rows" in text
     assert "geomean tileflow TMA / cuBLAS: **0.50x** (1 rows" in text
     assert "FAILED: cuBLAS at N=48 K=40 M=64" in text
+    # The % column reads against the device table's datasheet peak (the CPU's: 0.1 TFLOP/s), not
+    # the measured ceiling (10), which short replays can beat.
+    assert "tileflow % of datasheet peak" in text and row8[-4].strip() == "2000%", row8
 
 
 def test_measure_tiles_measures_the_down_projection_first(monkeypatch, tmp_path) -> None:

@@ -167,7 +167,8 @@ for item in "$@"; do
     # machine and push model tests past their timeout.
     tests) TORCHINDUCTOR_COMPILE_THREADS=1 run_stage tests "$limit" $PY -m pytest -v -rf --tb=short \
              -p no:cacheprovider -n 16 --maxfail=12 --timeout=45 tests/test_triton_gemm.py \
-             tests/test_triton_attention.py tests/test_grouped_gemm.py ;;
+             tests/test_triton_attention.py tests/test_grouped_gemm.py \
+             tests/test_gpu.py::test_all_reduces_split_on_the_network_stream_match_eager ;;
     # The model, stream and graph tests: fewer workers, a longer per-test limit, and the thread
     # method, which dumps every stack of a test that overruns and names it. The per-test limit
     # stays 40 s (at least half the stage) under the stage's: at the stage's own limit, the

@@ -258,23 +258,53 @@ def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | None:
 
 
 def _attention_profile(node: fx.Node) -> OpProfile:
-    """Attention's cost per query row at the graph's example sizes (the SymInts' hints): its
-    sequence's K and V read once for the sequence's S query rows (a decode row reads its whole
-    cache; a prefill row 1/S of it), its own q and output, and 4·Hq·D FLOPs per key it sees
-    (q·kᵀ and p·v; a causal row sees S_kv - (S - 1) / 2 keys on average, a window at most w)."""
+    """Attention's cost per query row at the graph's example sizes (the SymInts' hints): the K and
+    V its S query rows read together, once for the S rows (a decode row reads its whole cache, or
+    its window's or chunk's part of it; a prefill row 1/S of it), its own q and output, and 4·Hq·D
+    FLOPs per key it sees (q·kᵀ and p·v; `_keys_seen`). A mask's values are not known here: its
+    hidden keys count as seen."""
     args = bind_arguments(node)
     q, k = meta_val(args["q"]), meta_val(args["k"])
     # (A size without a hint, or an empty one, counts as 1: the least a row can read.)
     hq, hkv, d, rows, keys = (size_hint(size) or 1 for size in (q.shape[1], k.shape[1], q.shape[3], q.shape[2], k.shape[2]))
     e = q.element_size()
-    window = size_hint(args.get("sliding_window"))
-    read = keys if not window else min(keys, window + rows - 1)
-    seen = keys - (rows - 1) / 2 if args.get("causal") else float(keys)
-    if window:
-        seen = min(seen, float(window))
+    seen, read = _keys_seen(rows, keys, bool(args.get("causal")), size_hint(args.get("sliding_window")),
+                            size_hint(args.get("attention_chunk")))
     kv_bytes = e * 2 * hkv * d * read / rows
     return OpProfile(node.name, "memory", 4.0 * hq * d * seen, kv_bytes + 2 * e * hq * d, 0.0,
                      str(q.dtype).removeprefix("torch."))
+
+
+def _keys_seen(rows: int, keys: int, causal: bool, window: int | None, chunk: int | None) -> tuple[float, int]:
+    """The keys a query row sees on average under `meta_attention`'s rule, and the keys the rows
+    see together: row i sits at key position p = keys - rows + i; causal, it sees none after p; a
+    window w, none up to p - w; a chunk c, only those of its own chunk [c·(p // c), c·(p // c + 1)).
+    Averaged over the rows, not bounded by the average: a window's first rows see fewer than w keys
+    (and a chunk's first rows fewer than c). In Python numbers (the pass runs under fake tensors),
+    over at most `_ROWS_AVERAGED` rows spread evenly: a long prefill's average to within 0.1%."""
+
+    def span(position: int) -> tuple[int, int]:
+        low, high = 0, position if causal else keys - 1
+        if window:
+            low = max(low, position - window + 1)
+        if chunk:
+            start = position // chunk * chunk
+            low, high = max(low, start), min(high, start + chunk - 1)
+        return low, high
+
+    first, count = max(keys - rows, 0), min(rows, keys)
+    step = max(1, count // _ROWS_AVERAGED)
+    sampled = range(first, keys, step)
+    seen = sum(max(high - low + 1, 0) for low, high in map(span, sampled)) / len(sampled) if count else 0.0
+    # Both ends of a row's span only grow with its position: the first row's low to the last's high.
+    lowest, highest = span(first)[0], span(keys - 1)[1]
+    if count == 0 or highest < lowest:
+        return 1.0, 1
+    return seen, highest - lowest + 1
+
+
+# Rows `_keys_seen` averages at most: a 1M-token example costs 4096 steps, not a million.
+_ROWS_AVERAGED = 4096
 
 
 def _collective_profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | None:

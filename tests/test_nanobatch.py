@@ -523,3 +523,28 @@ def test_attention_profile_grows_with_the_kv_length() -> None:
     windowed = profile(128, 64, causal=True, sliding_window=8)
     assert windowed.bytes_per_token == 2 * 2 * 2 * 16 * 71 / 64 + 2 * 2 * 4 * 16
     assert windowed.flops_per_token == 4 * 4 * 16 * 8
+
+
+def test_attention_profile_counts_the_keys_a_chunk_or_a_windows_first_rows_see() -> None:
+    """FLOPs per row are 4·Hq·D per key the row sees, on average over the rows. `attention_chunk`
+    (Llama 4's chunked layers) was ignored: a causal prefill of 64 rows in chunks of 16 sees 8.5
+    keys per row, counted as 32.5 (and a decode row of a 128-key cache in chunks of 32 reads its
+    chunk's 32 keys, counted as all 128). A window of 8 over a prefill from position 0 sees
+    (1 + ... + 8 + 56 * 8) / 64 = 7.5625 keys per row, counted as min(the causal average, 8) = 8."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tileflow.passes.nanobatch import _profile
+
+    def profile(kv_len: int, q_len: int, **options):
+        q = torch.randn(1, 4, q_len, 16, dtype=torch.bfloat16)
+        k = torch.randn(1, 2, kv_len, 16, dtype=torch.bfloat16)
+        gm = make_fx(lambda q, k, v: tileflow.ops.meta_attention(q, k, v, **options))(q, k, k.clone())
+        (node,) = [n for n in gm.graph.nodes if n.op == "call_function"]
+        return _profile(node, {})
+
+    per_key = 4 * 4 * 16
+    assert profile(64, 64, causal=True, attention_chunk=16).flops_per_token == per_key * 8.5
+    decode = profile(128, 1, causal=True, attention_chunk=32)
+    assert decode.flops_per_token == per_key * 32
+    assert decode.bytes_per_token == 2 * 2 * 2 * 16 * 32 + 2 * 2 * 4 * 16
+    assert profile(64, 64, causal=True, sliding_window=8).flops_per_token == per_key * 7.5625

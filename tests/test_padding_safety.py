@@ -1784,6 +1784,39 @@ def test_lookups_whose_padded_indices_leave_the_table_are_refused(replay_on_cpu,
     _assert_not_padded(_run(fn, make_inputs, lengths=(3, 5)), "padded rows may")
 
 
+def _equal_ids(tokens: int) -> tuple[torch.Tensor]:
+    return (torch.full((1, tokens), 3),)
+
+
+def _looked_up_at_id_differences(ids: torch.Tensor) -> torch.Tensor:
+    # ids[q] - ids[k] over [1, T, T]: 0 for equal ids, and 0 - 0 where both are padded, but
+    # 0 - 3 (row -3) where a padded query meets a real key.
+    return F.embedding(ids[:, :, None] - ids[:, None, :], EMBED10)[:, :, 0] @ W
+
+
+def _looked_up_at_id_products(ids: torch.Tensor) -> torch.Tensor:
+    # ids[q] * (ids[k] - 1): a product with a padded 0 where the query is padded, but 3 * (0 - 1)
+    # (row -3) where a real query meets a padded key.
+    return F.embedding(ids[:, :, None] * (ids[:, None, :] - 1), EMBED10)[:, :, 0] @ W
+
+
+def _looked_up_at_expanded_differences(ids: torch.Tensor) -> torch.Tensor:
+    # e[q, k] = ids[q]: its padded keys hold the real query's id, not the pad value.
+    e = ids[:, :, None].expand(-1, -1, ids.shape[1])
+    return F.embedding(e - e.transpose(1, 2), EMBED10)[:, :, 0] @ W
+
+
+@pytest.mark.parametrize("fn", [_looked_up_at_id_differences, _looked_up_at_id_products,
+                                _looked_up_at_expanded_differences])
+def test_padded_values_along_two_token_dims_are_not_the_corners(replay_on_cpu, fn) -> None:
+    """An integer value with two token dims (a broadcast of `[T, 1]` against `[1, T]`, an expand)
+    holds at an element padded along one dim and real along the other a value of neither the
+    padded nor the real run: the walk evaluated the op at its operands' padded values alone and
+    captured the step at buckets, whose replay looks row -3 up (on the CPU stand-in the capture
+    fails with an IndexError and the step runs uncaptured; on CUDA a device-side assert)."""
+    _assert_not_padded(_run(fn, _equal_ids, lengths=(3, 5)), "padded rows may")
+
+
 def _looked_up_in_range(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # Clamped, wrapped and masked ids; OPT-style positions from the mask: (cumsum * mask) - 1 + 2 is
     # 1 at padded rows, whatever the running count holds there.

@@ -346,6 +346,14 @@ _KEEPS_PADDING = _SAME_DIMS | _RESHAPES | {
     aten.repeat.default, aten.cat.default, aten.stack.default,
 }
 
+# Of those, the ops whose every output element is one input element at the same token indices
+# (moved, kept or cut, never broadcast or joined): padded elements of the output are the input's
+# along any number of token dims.
+_MOVES_ELEMENTS = _SAME_DIMS | {
+    aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.squeeze.dims, aten.squeeze.default,
+}
+
 
 @dataclass(frozen=True)
 class PaddingCheck:
@@ -1037,6 +1045,19 @@ class _Walk:
             kept = whole.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default)
             return self.facts[whole.args[0]].pad if kept else None
         sources = [a for a in self.inputs(node) if self.carries_tokens(a)]
+        out_dims = self.dims(val) or {}
+        if len(out_dims) > 1 and target not in _MOVES_ELEMENTS:
+            # With two token dims, an element padded along one may be real along the other: a
+            # broadcast or expand pairs a real row with a padded column (`ids[:, None] - ids[None]`
+            # holds 0 - ids[k] at a padded query and a real key), so no one value is known there.
+            # Only an elementwise op whose every token-carrying operand spans them all is evaluated.
+            def spans(a: Any) -> bool:
+                shift = val.dim() - meta_val(a).dim()
+                return set(out_dims) <= {d + shift for d in (self.dims(meta_val(a)) or {})}
+
+            if (target in _KEEPS_PADDING or target is aten.index.Tensor
+                    or not all(spans(a) for a in sources if isinstance(meta_val(a), torch.Tensor))):
+                return None
         if target is aten.index.Tensor and self.reads_own_rows(node):
             sources = [node.args[0]]  # padded elements read the source's padded rows, not the indices
         if target in _KEEPS_PADDING or (target is aten.index.Tensor and sources == [node.args[0]]):

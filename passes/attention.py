@@ -164,19 +164,28 @@ def _one_head_size(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node) -> tuple
 def _as_replaced(graph: fx.Graph, out: fx.Node, width: int, replaced: list[fx.Node]) -> fx.Node:
     """`out` (`meta_attention`'s [B, H, S, D], laid out as [B, S, H, D]) as the attention output
     it replaces, made at the graph's insertion point: cut back to v's `width`, and copied where
-    its layout matters, once. Where the replaced output was contiguous (a bmm's view, the CPU's
-    SDPA) and a view or the graph's output reads it, a contiguous copy: views traced against that
-    layout (`out.view(B, H * S, D)`) raised on the kernel's. Else a cut is copied into the kernel's
-    own layout, which the GPU's SDPA gives too (`transpose(1, 2)` then a view merging heads: a
-    slice's rows, strided by the padded width, cannot be viewed so). Readers that transpose or
+    its layout matters, once. Where the replaced output had another layout (a bmm's view and the
+    CPU's SDPA are contiguous for contiguous queries; the CPU's SDPA follows the queries' layout,
+    [S, B, H, D] under `nn.MultiheadAttention`) and a view or the graph's output reads it, directly
+    or through transposes, a copy in that layout: views traced against it (`out.view(B, H * S, D)`,
+    MHA's `out.permute(2, 0, 1, 3).view(S * B, E)`) raised on the kernel's. Else a cut is copied
+    into the kernel's own layout, which the GPU's SDPA gives too (`transpose(1, 2)` then a view
+    merging heads: a slice's rows, strided by the padded width, cannot be viewed so). Readers that
     compute elementwise take the output as it is."""
     node = out
     if int(_val(out).shape[-1]) != width:
         node = graph.call_function(aten.slice.Tensor, (out, -1, 0, width))
         infer_meta(node)
     steps: tuple[tuple[Any, tuple[Any, ...], dict[str, Any]], ...] = ()
-    if any(_read_as_contiguous(old, _val(node)) for old in replaced):
-        steps = ((aten.clone.default, (), {"memory_format": torch.contiguous_format}),)
+    order = next((o for o in (_layout_read(old, _val(node)) for old in replaced) if o is not None), None)
+    if order is not None:
+        # Permuted so that the old layout's outermost dim comes first, copied contiguous and
+        # permuted back: the old strides exactly (a plain contiguous copy when it was contiguous).
+        inverse = [order.index(i) for i in range(len(order))]
+        permute = order != list(range(len(order)))
+        steps = (*(((aten.permute.default, (order,), {}),) if permute else ()),
+                 (aten.clone.default, (), {"memory_format": torch.contiguous_format}),
+                 *(((aten.permute.default, (inverse,), {}),) if permute else ()))
     elif node is not out:
         steps = ((aten.transpose.int, (1, 2), {}), (aten.clone.default, (), {"memory_format": torch.contiguous_format}),
                  (aten.transpose.int, (1, 2), {}))
@@ -186,15 +195,40 @@ def _as_replaced(graph: fx.Graph, out: fx.Node, width: int, replaced: list[fx.No
     return node
 
 
-def _read_as_contiguous(old: fx.Node, new: Any) -> bool:
-    """Whether the replaced output `old` was contiguous, unlike `new`, and a view or the graph's
-    output reads it (`_as_replaced`)."""
+_REORDERS = {aten.permute.default, aten.transpose.int, aten.t.default}
+
+
+def _layout_read(old: fx.Node, new: Any) -> list[int] | None:
+    """The dims of the replaced output `old`, outermost in memory first, when its layout is dense,
+    differs from `new`'s, and a view or the graph's output reads it, directly or through
+    transposes and permutes (`_as_replaced`); else None."""
     ov = _val(old)
     if not (isinstance(ov, torch.Tensor) and isinstance(new, torch.Tensor)) or same_shape(ov.stride(), new.stride()):
-        return False
-    if not same_shape(ov.stride(), torch._prims_common.make_contiguous_strides_for(ov.shape)):
-        return False
-    return any(u.op == "output" or u.target in _VIEWS or u.target is aten.as_strided.default for u in old.users)
+        return None
+    hints = [size_hint(x) for x in (*ov.shape, *ov.stride())]
+    if None in hints or not torch._prims_common.is_non_overlapping_and_dense_or_false(torch.empty_strided(
+            hints[:ov.dim()], hints[ov.dim():], device="meta")):
+        return None
+    readers, seen = list(old.users), set()
+    while readers:
+        user = readers.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.op == "output" or user.target in _VIEWS or user.target is aten.as_strided.default:
+            return _dim_order(hints[:ov.dim()], hints[ov.dim():])
+        if user.target in _REORDERS:
+            readers.extend(user.users)
+    return None
+
+
+def _dim_order(sizes: list[int], strides: list[int]) -> list[int]:
+    """The dims of a dense tensor of `sizes` and `strides`, outermost in memory first (dims of
+    size one, whose strides say nothing, where the contiguous layout puts them)."""
+    order = list(range(len(sizes)))
+    moving = [i for i in order if sizes[i] != 1]
+    placed = iter(sorted(moving, key=lambda i: (-strides[i], i)))
+    return [next(placed) if sizes[i] != 1 else i for i in order]
 
 
 def _token_symbols(graph: fx.Graph) -> set[Any]:

@@ -1540,6 +1540,22 @@ def test_transformers_causal_attn_implementation_refuses_a_static_cache() -> Non
                            sdpa.generate(ids, max_new_tokens=5, do_sample=False))
 
 
+def test_transformers_causal_attn_implementation_refuses_generate_with_a_static_sliding_cache() -> None:
+    """`generate` with a StaticCache builds each step's masks ahead (`create_masks_for_generate`)
+    and hands them back to the model. A Mistral prompt at least its window long fills the static
+    sliding layer, so the size check passes and `"tileflow_causal"`'s rule goes back in as the
+    mask, where transformers reads its `ndim`: the refusal names the static cache (it blamed the
+    model for reading its mask outside its attention function); a shorter prompt is refused by
+    the size check."""
+    sdpa, ours = sdpa_and_ours("MistralConfig", "MistralForCausalLM", "tileflow_causal", vocab_size=128, hidden_size=64,
+                               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                               sliding_window=8)
+    for length in (12, 5):
+        ids = torch.randint(0, 128, (1, length))
+        with torch.no_grad(), pytest.raises((ValueError, AttributeError), match="static cache|StaticCache"):
+            ours.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+
+
 def test_transformers_attn_implementation_gets_a_mask_where_the_causal_rules_differ() -> None:
     """A StaticCache prefill: SDPA's mask builder leaves the mask out and relies on SDPA's causal
     rule, which puts the first query at the first key, where tileflow's puts the last query at
@@ -2633,3 +2649,53 @@ def test_gemma2_under_autocast_runs_its_attention_on_the_meta_kernel() -> None:
     assert not report.fallbacks, report.fallbacks
     assert report.rewrites["meta_attention"] == 2 and report.rewrites["logit_softcap"] == 2, report.rewrites
     assert report.rewrites["gqa_unrepeated"] == 2, report.rewrites
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_without_weights_matches_eager(batch_first: bool) -> None:
+    """`nn.MultiheadAttention(need_weights=False)` calls SDPA on queries laid out as [S, B, H, D]
+    (`q.view(S, B * H, D).transpose(0, 1)`), and the CPU's SDPA returns its output in the queries'
+    layout, which MHA reads back by `permute(2, 0, 1, 3)` then a view merging S and B. The kernel's
+    [B, S, H, D] layout made that view raise at run time ("view size is not compatible")."""
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+
+    def attend(x: torch.Tensor) -> torch.Tensor:
+        return mha(x, x, x, need_weights=False)[0]
+
+    compiled, report = _compiled_reference(attend, dynamic=True)
+    for b, s in ((2, 8), (3, 5)):
+        x = torch.randn((b, s, 32) if batch_first else (s, b, 32))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), attend(x), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_a_view_behind_a_transpose_of_the_attention_sees_the_traced_layout(sdpa: bool) -> None:
+    """A view read through a transpose of the replaced output depends on its layout as much as
+    one read directly: `out.transpose(2, 3).view(B * H, D, S)` is valid on the contiguous output
+    eager gives and raised on the kernel's."""
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v) if sdpa else _bmm_attention(q, k, v)
+        return out.transpose(2, 3).view(-1, 8, q.shape[2])
+
+    compiled, report = _compiled_reference(attention)
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_an_empty_sequence_gives_an_empty_output(sdpa: bool) -> None:
+    """A call with no query positions (Dynamo specializes a length of 0 into its own graph) is
+    valid in eager, an empty [B, H, 0, D]; the kernel's dense form made K/V pages of 0 positions
+    and raised ("the KV cache pages must hold at least one position")."""
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v) if sdpa else torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v
+
+    q = torch.randn(2, 4, 0, 16)
+    assert torch.ops.tileflow.meta_attention(q, q, q).shape == (2, 4, 0, 16)
+    compiled, _ = _compiled_reference(attention, dynamic=True)
+    for s in (5, 0):
+        q, k, v = (torch.randn(2, 4, s, 16) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)

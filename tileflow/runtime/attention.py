@@ -260,6 +260,10 @@ def run_meta_attention(
         # ones before every key (the varlen check would blame the cache, a term this op lacks).
         raise ValueError(f"meta_attention: q has {s} query positions but k only {s_kv} keys: query i sits at key "
                          f"position S_kv - S + i, so S <= S_kv (cross-attention over a shorter input is not supported)")
+    if s == 0:
+        # No query (an empty sequence: eager's softmax over no keys gives an empty output); the
+        # K/V of zero positions would be cache pages of size 0, which the kernels refuse.
+        return q.new_empty((b, s, hq, d)).transpose(1, 2)
     device = q.device
     q_flat = q.transpose(1, 2).reshape(b * s, hq, d)
     k_cache, v_cache = k.transpose(1, 2), v.transpose(1, 2)

@@ -18,6 +18,8 @@ import torch
 import tileflow
 
 VOCAB = 256
+POSITIONS = 512  # every model's positions (GPT-2's are learned: a longer sequence has none)
+TOLERANCE = 1e-4
 
 
 def build_model(name: str) -> torch.nn.Module:
@@ -25,7 +27,7 @@ def build_model(name: str) -> torch.nn.Module:
     import transformers
 
     common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=POSITIONS)
     if name == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     elif name == "qwen2":
@@ -38,7 +40,7 @@ def build_model(name: str) -> torch.nn.Module:
         )
     elif name == "gpt2":
         model = transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(vocab_size=VOCAB, n_positions=512, n_embd=128, n_layer=2, n_head=4,
+            transformers.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=128, n_layer=2, n_head=4,
                                     bos_token_id=0, eos_token_id=0)
         )
     else:
@@ -46,8 +48,8 @@ def build_model(name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def parse_seq_lens(parser: argparse.ArgumentParser, text: str, least: int) -> list[int]:
-    """`--seq-lens` as ints of at least `least`: bad values fail here naming the flag, not as a
+def parse_seq_lens(parser: argparse.ArgumentParser, text: str, least: int, most: int) -> list[int]:
+    """`--seq-lens` as ints from `least` to `most`: bad values fail here naming the flag, not as a
     traceback from inside torch.compile."""
     try:
         seq_lens = [int(s) for s in text.split(",")]
@@ -55,6 +57,8 @@ def parse_seq_lens(parser: argparse.ArgumentParser, text: str, least: int) -> li
         parser.error(f"--seq-lens must be comma-separated integers, got {text!r}")
     if min(seq_lens) < least:
         parser.error(f"--seq-lens must be >= {least}, got {text!r}")
+    if max(seq_lens) > most:
+        parser.error(f"--seq-lens must be <= {most} (the models' positions), got {text!r}")
     return seq_lens
 
 
@@ -65,7 +69,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--debug-dir", default=None, help="write each pass's before/after graphs here")
     args = parser.parse_args()
-    seq_lens = parse_seq_lens(parser, args.seq_lens, 1)
+    seq_lens = parse_seq_lens(parser, args.seq_lens, 1, POSITIONS)
     if args.batch < 1:
         parser.error(f"--batch must be >= 1, got {args.batch}")
 
@@ -76,7 +80,7 @@ def main() -> int:
     compiled = torch.compile(model, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)
 
     print(f"tileflow {tileflow.__version__} on torch {torch.__version__}: {args.model}, batch {args.batch}")
-    worst = 0.0
+    worst, failed = 0.0, False
     with torch.no_grad():
         for seq_len in seq_lens:
             ids = torch.randint(0, VOCAB, (args.batch, seq_len))
@@ -86,12 +90,16 @@ def main() -> int:
             want = model(ids, use_cache=False).logits
             diff = (got - want).abs().max().item()
             worst = max(worst, diff)
+            # `not <=`: a NaN difference fails too (`max` keeps the old worst over NaN, and
+            # NaN > tolerance is False).
+            failed |= not diff <= TOLERANCE
             print(f"  seq_len {seq_len:4d}: max |tileflow - eager| = {diff:.2e}  ({took * 1e3:.0f} ms)")
     print(f"compiled graphs: {len(report.graphs)} for {len(seq_lens)} sequence lengths")
     print()
     print(report)
-    if worst > 1e-4:
-        print(f"FAIL: outputs differ from eager by {worst:.2e}", file=sys.stderr)
+    if failed:
+        print(f"FAIL: outputs differ from eager by more than {TOLERANCE:.0e} (worst {worst:.2e}; NaN counts as differing)",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -61,6 +61,11 @@ def main() -> int:
     for name, low in lows.items():
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    # Request i samples with seed (seed * 1000 + i) mod 2**63, a SamplingParams seed; torch's
+    # generators take the seed itself. Out of range, it failed after the model was built, naming
+    # a seed the user never gave (seed * 1000).
+    if not 0 <= args.seed < 2**63:
+        p.error(f"--seed must be in [0, 2**63), got {args.seed}")
     # The engine's own checks, here so that they name the flags (the example's blocks hold 8 tokens).
     if args.budget <= args.slots * (1 + args.draft):
         p.error(f"--budget must be above --slots * (1 + --draft) = {args.slots * (1 + args.draft)} (each step gives "
@@ -110,11 +115,16 @@ def main() -> int:
     stops = [eos] if isinstance(eos, int) else eos or []
     requests = [Request(i, prompt, args.new_tokens, stop_tokens=stops,
                         sampling=SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p,
-                                                seed=args.seed * 1000 + i))
+                                                seed=(args.seed * 1000 + i) % 2**63))
                 for i, prompt in enumerate(prompts)]
     engine = ServingEngine(program, token_budget=args.budget, decode_slots=args.slots, max_draft=args.draft,
                            block_size=8, num_blocks=args.blocks, nano_batches=args.nano_batches)
-    metrics = engine.run(requests, progress=True)
+    for r in requests:
+        try:
+            engine.add(r)
+        except ValueError as exc:  # the random prompts' lengths are known only now
+            p.error(f"--blocks {args.blocks} is too few for these requests: {exc}")
+    metrics = engine.run(progress=True)
     print(json.dumps({k: round(v, 4) for k, v in metrics.summary().items()}, indent=1))
     if args.check:
         for r in requests:

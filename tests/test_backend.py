@@ -362,6 +362,41 @@ def test_demo_example_refuses_bad_values_up_front(args: tuple[str, ...], message
     assert message in usage_error("demo", *args)
 
 
+def test_demo_example_refuses_lengths_past_the_models_positions(usage_error) -> None:
+    """The demo's models have 512 positions: a longer --seq-lens is a usage error naming the flag
+    (GPT-2's learned positions raised an IndexError out of the compiled run)."""
+    message = usage_error("demo", "--model", "gpt2", "--seq-lens", "5,600")
+    assert "--seq-lens must be <= 512" in message and "'5,600'" in message
+
+
+def test_demo_example_fails_on_nan_outputs(monkeypatch, capsys) -> None:
+    """The demo exits non-zero when the compiled model's logits are NaN: `max(worst, nan)` kept the
+    old worst and `nan > 1e-4` is False, so NaN outputs passed the eager check (exit 0)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+    spec = importlib.util.spec_from_file_location("_example_demo_nan", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+
+    def nan_backend(options: dict, report: tileflow.Report) -> object:
+        # A stand-in for a miscompiling backend: every floating-point output NaN.
+        def compile_fn(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+            def run(*args: object) -> object:
+                out = gm(*args)
+                return type(out)(o * float("nan") if isinstance(o, torch.Tensor) and o.is_floating_point() else o
+                                 for o in out)
+            return run
+        return compile_fn
+
+    monkeypatch.setattr(tileflow, "TileflowBackend", nan_backend)
+    monkeypatch.setattr(sys, "argv", [path.name, "--seq-lens", "3", "--batch", "1"])
+    torch._dynamo.reset()
+    assert demo.main() == 1
+    assert "FAIL" in capsys.readouterr().err
+
+
 def test_report_text_shows_the_notes_in_extra(tmp_path) -> None:
     """`cuda_graphs=True` on the CPU: the README says the graph's report says it was not captured;
     `print(report)` and `tileflow report` printed no `extra`, so only the JSON said so."""

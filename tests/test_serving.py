@@ -1296,6 +1296,37 @@ def test_serve_example_refuses_bad_values_up_front(args: tuple[str, ...], messag
     assert message in usage_error("serve", *args)
 
 
+def test_serve_example_refuses_a_seed_out_of_range_up_front(usage_error) -> None:
+    """A negative --seed failed after the model was built, as a traceback naming seed -1000 (the
+    first request's seed * 1000), not the flag."""
+    assert "--seed must be in [0, 2**63), got -1" in usage_error("serve", "--seed", "-1")
+
+
+def test_serve_example_refuses_too_few_blocks_naming_the_flag(usage_error) -> None:
+    """A cache too small for the example's random prompts was a traceback from inside the engine
+    ("request 0 needs 9 KV blocks, more than the 1 there are"): a usage error naming --blocks."""
+    err = usage_error("serve", "--blocks", "1", "--requests", "1", "--new-tokens", "2", "--draft", "0", "--slots", "1",
+                      "--budget", "8")
+    assert "--blocks 1 is too few for these requests" in err and "more than the 1 there are" in err
+
+
+def test_serve_example_serves_a_large_seed(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """--seed 10**16 (any int below 2**63 is a valid SamplingParams seed) made request seeds of
+    seed * 1000 + i, past 2**63: a ValueError after the model was built. They wrap now."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "serve.py"
+    spec = importlib.util.spec_from_file_location("_example_serve_seed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [path.name, "--seed", str(10**16), "--requests", "2", "--new-tokens", "3",
+                                      "--draft", "0", "--slots", "1", "--budget", "8", "--temperature", "0.8", "--check"])
+    assert module.main() == 0
+    assert "check passed: 2 requests equal eager sampling" in capsys.readouterr().out
+
+
 # ---- nano-batched serving steps -----------------------------------------------------------------
 
 @settings(max_examples=200, deadline=None)

@@ -220,7 +220,9 @@ class CausalRule:
         raise AttributeError(
             "attn_implementation='tileflow_causal' builds no mask tensor (this mask is a causal rule: its window, "
             "chunks or packed sequences' key starts), "
-            f"but the model reads the mask's {name!r} outside its attention function"
+            f"but the model reads the mask's {name!r} outside its attention function, or transformers does: "
+            "`generate` with a static cache (a compileable one) builds the masks ahead and hands them back to the "
+            "model, so use a DynamicCache, or attn_implementation='tileflow'"
         )
 
 

@@ -728,19 +728,27 @@ def _build_tile_plan_cached(
                                            weight_tiles=weight_tiles)
     choice = np.argmin(costs, axis=0)
     # Every kernel variant is a kernel of its own: while the plan would use more than MAX_CONFIGS,
-    # drop the variant other than a config's plain kernel that serves the fewest token counts
+    # drop the variant other than a config's plain kernel whose loss slows the token counts it
+    # serves least (each token count's relative slowdown, summed: a variant that serves a few
+    # counts well can matter more than one that serves many about as well as another kernel),
     # and choose again (at most MAX_CONFIGS candidate configs, so the plain kernels alone fit).
     def variant(i: int) -> tuple[TileConfig, bool, bool, bool, bool]:
         config, persistent, split, stream_k, tma = cands[i]
         return config, persistent, split > 1, stream_k, tma
 
+    widths = np.diff(np.append(starts, m_max + 1))
     while len({variant(i) for i in np.unique(choice)}) > MAX_CONFIGS:
-        widths = np.diff(np.append(starts, m_max + 1))
-        served: dict[tuple[TileConfig, bool, bool, bool, bool], int] = {}
-        for i, w in zip(choice, widths):
-            if any(variant(i)[1:]):
-                served[variant(i)] = served.get(variant(i), 0) + int(w)
-        drop = min(served, key=lambda key: (served[key], key))
+        best = costs[choice, np.arange(len(starts))]
+        loss: dict[tuple[TileConfig, bool, bool, bool, bool], float] = {}
+        for key in {variant(int(i)) for i in np.unique(choice)}:
+            if not any(key[1:]):
+                continue
+            rows = [row for row in range(len(cands)) if variant(row) == key]
+            served = np.isin(choice, rows)
+            others = costs[:, served]
+            others[rows] = np.inf
+            loss[key] = float(np.sum(widths[served] * (others.min(axis=0) / best[served] - 1.0)))
+        drop = min(loss, key=lambda key: (loss[key], key))
         for row in range(len(cands)):
             if variant(row) == drop:
                 costs[row] = np.inf

@@ -203,7 +203,12 @@ def _layout_read(old: fx.Node, new: Any) -> list[int] | None:
     differs from `new`'s, and a view or the graph's output reads it, directly or through
     transposes and permutes (`_as_replaced`); else None."""
     ov = _val(old)
-    if not (isinstance(ov, torch.Tensor) and isinstance(new, torch.Tensor)) or same_shape(ov.stride(), new.stride()):
+    if not (isinstance(ov, torch.Tensor) and isinstance(new, torch.Tensor)):
+        return None
+    # A dim of size one moves no element, whatever its stride says: a decode step's [B, H, 1, D]
+    # is laid out alike contiguous and as the kernel's [B, 1, H, D] (no copy for its views).
+    moved = [i for i, n in enumerate(ov.shape) if not statically_known_true(n == 1)]
+    if same_shape([ov.stride()[i] for i in moved], [new.stride()[i] for i in moved]):
         return None
     hints = [size_hint(x) for x in (*ov.shape, *ov.stride())]
     if None in hints or not torch._prims_common.is_non_overlapping_and_dense_or_false(torch.empty_strided(

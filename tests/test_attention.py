@@ -2699,3 +2699,20 @@ def test_an_empty_sequence_gives_an_empty_output(sdpa: bool) -> None:
     for s in (5, 0):
         q, k, v = (torch.randn(2, 4, s, 16) for _ in range(3))
         torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_a_decode_step_read_through_a_transpose_gets_no_copy(sdpa: bool) -> None:
+    """One query row: the replaced [B, H, 1, D] output and the kernel's [B, 1, H, D] layout hold
+    their elements at the same places (only the size-1 dim's stride differs), so the view behind
+    Llama's `transpose(1, 2).contiguous()` (a no-op at S = 1, gone from the graph) is valid on
+    the kernel's output as it is: no copy per layer per decode step."""
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v) if sdpa else _bmm_attention(q, k, v)
+        return out.transpose(1, 2).contiguous().reshape(q.shape[0], 1, -1)
+
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 10, 8), torch.randn(2, 4, 10, 8)
+    _, out, gm, report = compile_attention(attention, q, k, v)
+    torch.testing.assert_close(out, attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1
+    assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.clone.default], gm.code

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -939,6 +940,23 @@ def test_a_seq_range_past_a_learned_position_table_is_refused(tmp_path: Path, na
     assert f"seq may be at most {most}: declare seq with max={most} (--dynamic seq=2:{most})" in result.stderr
     assert not out.exists()
     result = _cli(["export", str(tmp_path / "cfg"), "-o", str(out), "--dynamic", f"seq=2:{most}"], tmp_path)
+    assert result.exit_code == 0, result.output
+
+
+def test_a_seq_range_whose_min_is_the_table_s_last_size_gets_a_hint_the_cli_accepts(tmp_path: Path) -> None:
+    """GPT-2's 256-row `wpe` and `--dynamic seq=256:300`: only 256 fits. The hint named
+    `--dynamic seq=256:256`, which the CLI refuses (MIN must be below MAX); the range it names
+    exports."""
+    sys.path.insert(0, str(TESTS_DIR))
+    from models import MODELS
+
+    MODELS["gpt2"]().config.save_pretrained(tmp_path / "cfg")
+    out = tmp_path / "x.pt2"
+    result = _cli(["export", str(tmp_path / "cfg"), "-o", str(out), "--dynamic", "seq=256:300"], tmp_path)
+    assert result.exit_code == 1, result.output
+    hint = re.search(r"--dynamic (seq=\d+:\d+)", result.stderr)
+    assert hint is not None, result.stderr
+    result = _cli(["export", str(tmp_path / "cfg"), "-o", str(out), "--dynamic", hint.group(1)], tmp_path)
     assert result.exit_code == 0, result.output
 
 

@@ -548,3 +548,14 @@ def test_attention_profile_counts_the_keys_a_chunk_or_a_windows_first_rows_see()
     assert decode.flops_per_token == per_key * 32
     assert decode.bytes_per_token == 2 * 2 * 2 * 16 * 32 + 2 * 2 * 4 * 16
     assert profile(64, 64, causal=True, sliding_window=8).flops_per_token == per_key * 7.5625
+
+
+@pytest.mark.parametrize("rows, chunk", [(65536, 16), (1 << 20, 8192), (1 << 22, 2048)])
+def test_a_long_chunked_prefill_counts_the_keys_its_rows_see(rows: int, chunk: int) -> None:
+    """A causal prefill in chunks of c sees (c + 1) / 2 keys per row on average. Rows sampled
+    evenly (one in rows // 4096) fell at the same offsets of every chunk: at a step of c only the
+    chunks' first rows (1 key each, not 8.5), at c / 2 half as many keys as the rows see."""
+    from tileflow.passes.nanobatch import _keys_seen
+
+    seen, read = _keys_seen(rows, rows, True, None, chunk)
+    assert seen == pytest.approx((chunk + 1) / 2, rel=1e-3) and read == rows

@@ -39,7 +39,9 @@ class Config:
             token dimension, capped at this (an unbounded dimension gets this); a longer call runs
             the nearest plan's tiles and logs a warning.
         strict: turn every fallback (a pass or node tileflow could not handle, a torch.compile
-            graph `cuda_graphs` cannot capture) into an error.
+            graph `cuda_graphs` does not capture because a padded replay could differ from the
+            step) into an error. A graph with no symbolic token dim (a static one) still runs
+            uncaptured, with the reason in the report.
         verify: check each pass's numerics against the unrewritten graph on the first real
             inputs; a pass whose outputs diverge is rolled back (or raises with `strict`).
         verify_rtol / verify_atol: tolerances of that check.

@@ -326,6 +326,10 @@ def _check_position_tables(gm: torch.fx.GraphModule, ranges: Mapping[str, tuple[
         if refused(lo):
             raise ValueError(f"no {name} in the declared range [{lo}, {hi}] fits: {what}")
         good, _ = _bisected(refused, lo, top)
+        if good == lo:  # a range of one size is no dynamic dim (`--dynamic seq=8:8` is refused)
+            raise ValueError(f"{name} may reach {hi if hi is not None else 'any size'}, but {what}, so only {name} = "
+                             f"{lo} fits: declare {name} with a smaller min and max={good} (--dynamic {name}=2:{good})"
+                             if good > 2 else f"no dynamic {name} fits: {what}")
         raise ValueError(f"{name} may reach {hi if hi is not None else 'any size'}, but {what}, so {name} "
                          f"may be at most {good}: declare {name} with max={good} (--dynamic {name}={lo}:{good})")
 

@@ -213,6 +213,9 @@ def test_block_allocator_refcounts_and_cache() -> None:
     with pytest.raises(ValueError, match="released more often"):
         a.release(b1)
     assert a.is_free(b1) and not a.is_free(b0)  # b0 stays cached for reuse
+    with pytest.raises(ValueError, match="block 1 is not in use"):  # a free block offered would be overwritten
+        a.register(b1, "h1")
+    assert a.lookup(["h1"]) == []
     with pytest.raises(ValueError, match="nothing to forget"):
         a.forget(b1)
     got = {a.allocate(), a.allocate(), a.allocate()}  # the idle cached block is evicted last
@@ -230,6 +233,10 @@ def test_block_allocator_refcounts_and_cache() -> None:
 def test_drafting_and_acceptance() -> None:
     assert prompt_lookup_draft([5, 6, 7, 8, 5, 6], 3) == [7, 8, 5]
     assert prompt_lookup_draft([1, 2, 3], 3) == []
+    assert prompt_lookup_draft([5, 6, 7, 5, 6], 1, ngram=1) == [7]
+    for ngram in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="ngram must be an int >= 1"):
+            prompt_lookup_draft([5, 6, 7, 5, 6], 2, ngram=ngram)
     assert accept_draft([7, 8, 9], [7, 8, 1, 4]) == 2
     assert accept_draft([7], [6, 1]) == 0
     assert prefix_hashes([1, 2, 3, 4, 5], 2)[0] != prefix_hashes([1, 3, 3, 4, 5], 2)[0]

@@ -153,7 +153,12 @@ class BlockAllocator:
         return self.refs[block] == 0 and block not in self._hash_of
 
     def register(self, block: int, prefix_hash: str) -> None:
-        """Offer a full block for reuse by later requests with the same prefix."""
+        """Offer a full block for reuse by later requests with the same prefix. The block must
+        be in use: a free one's contents mean nothing, and the next allocation could overwrite
+        what a lookup offers."""
+        if self.refs[block] < 1:
+            raise ValueError(f"block {block} is not in use (no reference): only a block holding a request's KV "
+                             "can be offered for prefix reuse")
         if prefix_hash not in self._by_hash and block not in self._hash_of:
             self._by_hash[prefix_hash] = block
             self._hash_of[block] = prefix_hash

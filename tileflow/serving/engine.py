@@ -75,7 +75,10 @@ def sm_shares(groups: Sequence[Sequence[Entry]]) -> list[float]:
 
 def prompt_lookup_draft(tokens: Sequence[int], max_draft: int, ngram: int = 2) -> list[int]:
     """Drafts by prompt lookup: find the latest earlier occurrence of the last `ngram` tokens and
-    propose the tokens that followed it."""
+    propose the tokens that followed it. `ngram` must be at least 1 (a 0-gram, `tokens[-0:]`,
+    would be the whole sequence, found nowhere: drafting silently off)."""
+    if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 1:
+        raise ValueError(f"prompt_lookup_draft: ngram must be an int >= 1 (the tokens matched), got {ngram!r}")
     if max_draft < 1 or len(tokens) <= ngram:
         return []
     tail = list(tokens[-ngram:])

@@ -334,7 +334,13 @@ class Attention:
             return "q and k head dims differ"
         causal = bool(args.get("is_causal") or False)
         if causal and not statically_known_true(qv.shape[2] == kv.shape[2]):
-            return "is_causal with different query and key lengths (top-left alignment) is not supported"
+            if statically_known_true(qv.shape[2] != kv.shape[2]):
+                return "is_causal with different query and key lengths (top-left alignment) is not supported"
+            # Equal in every call, perhaps, but traced apart: Dynamo's automatic dynamic sizes q,
+            # k and v passed as separate inputs with a symbol each. Saying they differ would be wrong.
+            return (f"is_causal with query and key lengths not known to be equal ({qv.shape[2]} and {kv.shape[2]}: "
+                    "q, k and v passed in separately get a size each after a recompile; dynamic=True gives "
+                    "equal sizes one symbol): top-left alignment, where they differ, is not supported")
         if not statically_known_true(qv.shape[2] <= kv.shape[2]):
             return _MORE_QUERIES_THAN_KEYS
         mask = args.get(mask_name) if mask_name else None
@@ -1087,6 +1093,15 @@ def _unmatched_scores(softmax: fx.Node) -> str:
                     "[B * H | 1, S | 1, S_kv] tensor, scaled by numbers and not soft-capped after it, and under a "
                     "fill or clamp of the scores only when it provably holds no lowest value (an integer tensor "
                     "times numbers)")
+    for n in path:
+        # A key hidden with a finite fill other than a dtype's lowest value (-1e9, -1e4: common in
+        # hand-written attention) is still a score to the softmax; naming the fill says why the
+        # masked_fill, which the kernel takes with -inf or the lowest value, is not matched.
+        fill = _fill_value(n)
+        if fill is not None and fill != float("-inf") and fill not in _LOWEST_VALUES:
+            uses.append(f"{getattr(n.target, '_opname', str(n.target))} fills {fill:g}: the kernel hides a key "
+                        "only with -inf or a dtype's lowest value (torch.finfo(dtype).min)")
+            break
     # The manual match follows single-user scores only: a score tensor read by more than the
     # chain to the softmax (GraniteSWA's sinks scale the output by sigmoid(logsumexp(scores) -
     # sink)) is left for that reason, not for its ops, which the kernel may well implement.
@@ -1435,6 +1450,17 @@ def _is_positions(node: fx.Node) -> bool:
     if node.target in (aten.arange.default, aten.arange.start):
         return True
     return node.target is aten.arange.start_step and bind_arguments(node)["step"] == 1
+
+
+def _fill_value(node: fx.Node) -> float | None:
+    """The constant a `masked_fill` or a `where` with one constant branch writes; else None."""
+    if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+        return _constant(node.args[2])
+    if node.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
+        values = [_constant(a) for a in node.args[1:3]]
+        known = [v for v in values if v is not None]
+        return known[0] if len(known) == 1 else None
+    return None
 
 
 def _filled_with_low_value(node: fx.Node) -> tuple[fx.Node, fx.Node, bool, float] | None:

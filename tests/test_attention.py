@@ -104,6 +104,39 @@ def test_unsupported_variants_fall_back_with_reasons() -> None:
     assert "meta_attention" not in report.rewrites
 
 
+def test_causal_lengths_traced_apart_are_not_reported_as_different() -> None:
+    """q, k and v passed to a compiled attention as separate inputs get a size symbol each once
+    Dynamo recompiles for a new length (dynamic=None): equal in every call, they are only not
+    known to be equal. The fallback said "different query and key lengths", which they are not."""
+    def attn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    report = tileflow.Report()
+    compiled = torch.compile(attn, backend=tileflow.TileflowBackend({"target": "reference"}, report=report))
+    for s in (8, 12):
+        q, k, v = (torch.randn(1, 2, s, 16) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), attn(q, k, v), rtol=1e-5, atol=1e-5)
+    reasons = [f.reason for f in report.fallbacks]
+    assert reasons and all("not known to be equal" in r for r in reasons), reasons
+    assert not any("different query and key lengths" in r for r in reasons), reasons
+
+
+def test_a_finite_fill_that_is_not_the_lowest_value_is_named_in_the_reason() -> None:
+    """The Annotated Transformer's `masked_fill(mask == 0, -1e9)` stays as it is (the kernel
+    hides keys with -inf or a dtype's lowest value); the reason names the fill, not only the
+    ops, which read as if masked_fill itself were not implemented."""
+    def attention(q, k, v, mask):
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+        return F.softmax(scores.masked_fill(mask == 0, -1e9), dim=-1) @ v
+
+    q, k, v = (torch.randn(2, 4, 7, 16) for _ in range(3))
+    mask = torch.tril(torch.ones(7, 7))
+    _, out, _, report = compile_attention(attention, q, k, v, mask)
+    torch.testing.assert_close(out, attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites
+    assert any("fills -1e+09" in f.reason for f in report.fallbacks), [f.reason for f in report.fallbacks]
+
+
 def test_dropout_falls_back_with_dropout_as_the_reason() -> None:
     """Attention with training-mode dropout stays as it was (README: dropout is not implemented),
     but its reason named the form CPU dispatch left, not the dropout: SDPA with dropout_p > 0 is

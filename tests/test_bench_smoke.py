@@ -269,18 +269,24 @@ def test_measure_tiles_keeps_finished_shapes_when_cut(monkeypatch, tmp_path) -> 
     gemm_plan(48, 40, torch.float32, "triton", "cpu", m_max=256, tile_timings=str(path))
 
 
-@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
-def test_gpu_session_packs_results_after_each_stage(tmp_path) -> None:
-    """A stage cut by its limit (or a call stopped before the end) must not lose the tables the
-    finished rows wrote: results.tar.gz is refreshed after every stage."""
+def _session_tree(tmp_path, cases: str) -> tuple:
+    """A tree holding bench/gpu_session.sh and an empty bench/results, a stand-in `python` that
+    runs the bash `case` arms `cases` on its arguments (anything else exits 0), and $OUT's path."""
     tree = tmp_path / "tree"
     (tree / "bench" / "results").mkdir(parents=True)
     shutil.copy(BENCH / "gpu_session.sh", tree / "bench")
     fake = tmp_path / "python"
-    fake.write_text("#!/bin/bash\ncase \"$*\" in\n  *gemm.py*) echo row > bench/results/gemm-partial.md; sleep 30;;\n"
-                    "  *sampling.py*) sleep 60;;\n  *) exit 0;;\nesac\n")
+    fake.write_text(f"#!/bin/bash\ncase \"$*\" in\n{cases}  *) exit 0;;\nesac\n")
     fake.chmod(0o755)
-    out = tmp_path / "out"
+    return tree, fake, tmp_path / "out"
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("tar") is None, reason="needs coreutils and tar")
+def test_gpu_session_packs_results_after_each_stage(tmp_path) -> None:
+    """A stage cut by its limit (or a call stopped before the end) must not lose the tables the
+    finished rows wrote: results.tar.gz is refreshed after every stage."""
+    tree, fake, out = _session_tree(tmp_path, "  *gemm.py*) echo row > bench/results/gemm-partial.md; sleep 30;;\n"
+                                              "  *sampling.py*) sleep 60;;\n")
     log = tmp_path / "session.log"
     # The call itself is stopped during the second stage (the device tool's timeout, the
     # session's device time): the script never reaches its end.
@@ -1286,14 +1292,8 @@ def test_gpu_session_brings_back_the_rows_of_a_stage_the_call_cuts(tmp_path) -> 
     import signal
     import time
 
-    tree = tmp_path / "tree"
-    (tree / "bench" / "results").mkdir(parents=True)
-    shutil.copy(BENCH / "gpu_session.sh", tree / "bench")
-    fake = tmp_path / "python"
-    fake.write_text("#!/bin/bash\ncase \"$*\" in\n  *sampling.py*) echo row > bench/results/sampling-done.md;;\n"
-                    "  *moe.py*) echo row > bench/results/moe-rows-so-far.md; sleep 30;;\n  *) exit 0;;\nesac\n")
-    fake.chmod(0o755)
-    out = tmp_path / "out"
+    tree, fake, out = _session_tree(tmp_path, "  *sampling.py*) echo row > bench/results/sampling-done.md;;\n"
+                                              "  *moe.py*) echo row > bench/results/moe-rows-so-far.md; sleep 30;;\n")
     env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "GPU_SESSION_PACK_SECONDS": "1"}
     with open(tmp_path / "session.log", "w") as log:
         call = subprocess.Popen(["bash", "bench/gpu_session.sh", "sampling:5", "moe:50"], cwd=tree, stdout=log,

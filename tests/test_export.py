@@ -1143,3 +1143,19 @@ def test_an_archive_returning_a_transformers_output_loads_in_a_fresh_process(tmp
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "BaseModelOutput"
     assert archive.manifest["pytree_modules"] == ["transformers.modeling_outputs"]
+
+
+@pytest.mark.parametrize("dim_as_kwarg", [False, True])
+def test_a_running_count_reaches_its_length_times_the_count(dim_as_kwarg: bool) -> None:
+    """OPT's positions: `cumsum(full([1, n], c), 1)` holds up to c * n, its dim given either way."""
+    import torch.fx as fx
+
+    from tileflow.export import _largest_value
+
+    graph = fx.Graph()
+    ones = graph.call_function(torch.ops.aten.full.default, ([1, 7], 2))
+    ones.meta["val"] = torch.empty(1, 7)
+    counts = graph.call_function(torch.ops.aten.cumsum.default, (ones,) if dim_as_kwarg else (ones, 1),
+                                 {"dim": 1} if dim_as_kwarg else {})
+    shifted = graph.call_function(torch.ops.aten.sub.Tensor, (counts, 1))
+    assert int(_largest_value(shifted)) == 13

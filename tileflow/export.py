@@ -363,7 +363,8 @@ def _largest_value(index: Any) -> sympy.Expr | None:
     if target is torch.ops.aten.cumsum.default:  # a running count of a constant c >= 0 along dim
         fill = _constant_fill(args[0])
         counted = args[0].meta.get("val") if isinstance(args[0], torch.fx.Node) else None
-        length = _size_expr(counted.shape[args[1]]) if isinstance(counted, torch.Tensor) else None
+        dim = args[1] if len(args) > 1 else index.kwargs.get("dim")
+        length = _size_expr(counted.shape[dim]) if isinstance(counted, torch.Tensor) and isinstance(dim, int) else None
         return length * sympy.nsimplify(fill) if fill is not None and fill >= 0 and length is not None else None
     return None
 

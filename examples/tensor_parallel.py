@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 import tileflow
-from demo import build_model, parse_seq_lens  # (this folder: torchrun puts the script's folder on the path)
+from demo import POSITIONS, build_model, parse_seq_lens  # (this folder: torchrun puts the script's folder on the path)
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 
@@ -70,7 +70,7 @@ def main() -> int:
     parser.add_argument("--seq-lens", default="5,16,33", help="comma-separated sequence lengths")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     args = parser.parse_args()
-    seq_lens = parse_seq_lens(parser, args.seq_lens, 2)  # (Dynamo specializes a length of 1)
+    seq_lens = parse_seq_lens(parser, args.seq_lens, 2, POSITIONS)  # (Dynamo specializes a length of 1)
     if args.nano_batches < 1:
         parser.error(f"--nano-batches must be >= 1, got {args.nano_batches}")
     if "RANK" not in os.environ:

@@ -384,3 +384,16 @@ def test_the_example_runs_under_torchrun() -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count(": match") == 2
     assert "5 all_reduce, 2 piece(s) each, on stream(s) [2]" in done.stdout
+
+
+@pytest.mark.parametrize("value, message", [("1", "--seq-lens must be >= 2"), ("600", "--seq-lens must be <= 512")])
+def test_the_example_refuses_lengths_before_any_rank_starts(value: str, message: str, usage_error,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`examples/tensor_parallel.py` reads its lengths through the demo's parser (its models'
+    positions too): a change there must keep this example's call in step (the extended run's
+    torchrun test caught a signature the example did not follow)."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))  # as torchrun puts it
+    monkeypatch.delitem(sys.modules, "demo", raising=False)
+    assert message in usage_error("tensor_parallel", "--seq-lens", value)

@@ -643,3 +643,75 @@ def test_static_inputs_keep_the_callers_layout() -> None:
         x = torch.randn(4, tokens).t()  # [T, 4], strides (1, T)
         torch.testing.assert_close(buckets(x), x * 2)
     assert buckets.captures == 1
+
+
+def test_calls_from_two_threads_each_replay_their_own_rows() -> None:
+    """A graph's static inputs are shared by every call: a second thread's call that fills them
+    while the first call's replay has not run yet would hand the first call the second's rows.
+    Calls take turns, so each gets its own (the first waits here, up to half a second, for the
+    second's fill to land before it replays)."""
+    import threading
+
+    replaying, filled = threading.Event(), threading.Event()
+
+    class WaitsForTheOtherCall(ReplayOnCpu):
+        def replay(self) -> None:
+            if threading.current_thread().name == "first":
+                replaying.set()
+                filled.wait(timeout=0.5)
+            super().replay()
+
+    buckets = CudaGraphBuckets(lambda x: x * 2, [0], (8,), lambda out: 0, graph_factory=WaitsForTheOtherCall)
+    buckets(torch.zeros(3))  # captured here, on the test's thread
+    fill = buckets._fill
+
+    def fill_and_say(static: torch.Tensor, value: torch.Tensor, dim: int | None, tokens: int) -> None:
+        fill(static, value, dim, tokens)
+        if threading.current_thread().name == "second":
+            filled.set()
+
+    buckets._fill = fill_and_say
+    results: dict[str, torch.Tensor] = {}
+    inputs = {"first": torch.ones(3), "second": torch.full((3,), 5.0)}
+    threads = {name: threading.Thread(target=lambda n=name: results.__setitem__(n, buckets(inputs[n])), name=name)
+               for name in inputs}
+    threads["first"].start()
+    assert replaying.wait(timeout=5)
+    threads["second"].start()
+    for thread in threads.values():
+        thread.join(timeout=10)
+    for name, x in inputs.items():
+        torch.testing.assert_close(results[name], x * 2, msg=f"the {name} call")
+
+
+def test_a_number_input_that_changes_every_call_does_not_capture_a_graph_per_value(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 0-d CPU number (a float a compiled step takes as a tensor) keys its graph by value, so a
+    number that changes at every call (a timestep, a scale) captured, and kept, one graph per
+    call, without bound. Past a few values, new ones run uncaptured; results equal eager."""
+    import tileflow.runtime.streams
+
+    scale_step = torch.nn.Linear(8, 8)
+
+    def step(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return scale_step(x) * scale
+
+    buckets = CudaGraphBuckets(step, [0, None], (8,), lambda out: 0, graph_factory=ReplayOnCpu)
+    with torch.no_grad():
+        for i in range(20):
+            x, scale = torch.randn(5, 8), torch.tensor(0.5 + i / 100)
+            torch.testing.assert_close(buckets(x, scale), step(x, scale))
+        assert buckets.captures <= 8 and len(buckets._graphs) <= 8
+        x = torch.randn(5, 8)
+        torch.testing.assert_close(buckets(x, torch.tensor(0.5)), step(x, torch.tensor(0.5)))  # still replayed
+        assert len(buckets._graphs) <= 8
+
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    ReplayOnCpu.captures = 0
+    compiled = torch.compile(step, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 16}),
+                             dynamic=True)
+    with torch.no_grad():
+        for i in range(20):
+            x, scale = torch.randn(5, 8), torch.tensor(0.5 + i / 100)
+            torch.testing.assert_close(compiled(x, scale), step(x, scale))
+    assert ReplayOnCpu.captures <= 8

@@ -29,6 +29,7 @@ import contextvars
 import functools
 import os
 import random
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -323,6 +324,11 @@ class _Captured:
     kept_alive: list[Any]
 
 
+# How many values of the 0-d CPU numbers a step takes (`CudaGraphBuckets.signature`) get graphs of
+# their own at one bucket and shapes: past that, a number that changes from call to call (a
+# timestep, a scale) runs the step uncaptured instead of capturing, and keeping, a graph per call.
+NUMBER_VALUES_CAPTURED = 8
+
 # What captures steps' graphs: None is CUDA graphs, for CUDA tensors only. Tests set a CPU
 # stand-in (an object with `capture(fn)` and `replay()`), which lets graphs apply anywhere.
 GRAPH_FACTORY: Callable[[], Any] | None = None
@@ -382,6 +388,10 @@ class CudaGraphBuckets:
     caller's tensor), calls above the largest bucket and steps whose capture fails. Parameters
     are referenced, never copied.
 
+    A graph's static inputs and outputs are shared by every call, so calls (from several threads)
+    take turns from filling the inputs to copying the outputs. A 0-d CPU number that takes more
+    than `NUMBER_VALUES_CAPTURED` values at one bucket and shapes runs its later values uncaptured.
+
     With `exact`, there is no padding: a call of T tokens, up to the largest bucket, is captured
     at T itself, one graph per token count (for a step whose padded rows could reach real ones).
 
@@ -416,6 +426,12 @@ class CudaGraphBuckets:
         self.graph_factory = graph_factory or GRAPH_FACTORY or self._cuda_graph
         self._graphs: dict[tuple, _Captured] = {}
         self._failed: set[tuple] = set()
+        # The signatures captured per signature with its numbers' values left out.
+        self._number_keys: dict[tuple, set[tuple]] = defaultdict(set)
+        self._numbers_logged = False
+        # One call at a time fills the static inputs, replays and copies the outputs: another
+        # thread's fill between them would hand this call that thread's rows.
+        self._lock = threading.Lock()
         self.captures = 0
 
     def _cuda_graph(self) -> "_CudaGraph":
@@ -469,8 +485,31 @@ class CudaGraphBuckets:
         key = self.signature(args, bucket)
         if key in self._failed:
             return self.step(*args)
+        with self._lock:
+            return self._replay(key, bucket, args, tokens)
+
+    def _too_many_numbers(self, key: tuple) -> bool:
+        """Whether `key` would be one value too many of its step's 0-d CPU numbers (and is not
+        captured); else counts it as captured."""
+        numbers = [i for i, part in enumerate(key) if isinstance(part, tuple) and part[:1] == ("cpu number",)]
+        if not numbers:
+            return False
+        without = tuple(part[:2] if i in numbers else part for i, part in enumerate(key))
+        seen = self._number_keys[without]
+        if len(seen) >= NUMBER_VALUES_CAPTURED:
+            if not self._numbers_logged:
+                self._numbers_logged = True
+                log.warning("a 0-d number input took more than %d values at one token bucket: its new values run "
+                            "uncaptured (a graph holds the value it was captured with)", NUMBER_VALUES_CAPTURED)
+            return True
+        seen.add(key)
+        return False
+
+    def _replay(self, key: tuple, bucket: int, args: Sequence[Any], tokens: int) -> Any:
         captured = self._graphs.get(key)
         if captured is None:
+            if self._too_many_numbers(key):
+                return self.step(*args)
             try:
                 captured = self._capture(key, bucket, args, tokens)
             except Exception as exc:  # e.g. a host sync inside the step: it cannot be replayed

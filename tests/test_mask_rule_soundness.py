@@ -117,6 +117,9 @@ def test_a_negative_constant_slice_start_counts_from_the_end() -> None:
     # the wrap are earlier than every query before it
     lambda s: (A(s, dtype=torch.int32) + (2**31 - 6))[None, :] <= (A(s, dtype=torch.int32) + (2**31 - 6))[:, None],
     lambda s: (A(s, dtype=torch.int32) - (2**31 - 2))[None, :] <= (A(s, dtype=torch.int32) - (2**31 - 2))[:, None],
+    # int64 positions wrap too: past 2**63 - 1 from the 4th token on, below -2**63 for the first 3
+    lambda s: (A(s) + (2**63 - 3))[None, :] <= (A(s) + (2**63 - 3))[:, None],
+    lambda s: (A(s) - (2**63 - 2) - 5)[None, :] <= (A(s) - (2**63 - 2) - 5)[:, None],
     lambda s: A(s).float()[None, :] <= A(s).float()[:, None],
     lambda s: A(s, dtype=torch.int8).long()[None, :] <= A(s, dtype=torch.int8).long()[:, None],
     lambda s: (kv(s) <= qp(s)).float(),                         # 0 / 1: hides nothing
@@ -141,6 +144,17 @@ def test_unproven_masks(build: Callable[[Any], torch.Tensor]) -> None:
 
 
 # -- soundness holes (these fail at b524cfa) ---------------------------------------------------
+def test_int32_positions_offset_by_a_multiple_of_a_size_are_not_read() -> None:
+    # The offset's number part is 0 (within the int32 bound), but s * 2147483 is within s of
+    # 2**31 at s = 1000: keys from 648 on wrap to -2**31 and are seen by every query before them.
+    def pos(n: Any, s: Any) -> torch.Tensor:
+        return A(n, dtype=torch.int32) + s * 2147483
+
+    assert _square(lambda s: pos(s, s)[None, :] <= pos(s, s)[:, None]) is None
+    mask = pos(1000, 1000)[None, :] <= pos(1000, 1000)[:, None]
+    assert not torch.equal(mask, A(1000)[None, :] <= A(1000)[:, None])  # (it is not the rule there)
+
+
 def test_a_size_one_position_broadcast_is_not_read_as_varying() -> None:
     # arange(1) along the query dim is 0 in every row once broadcast: the mask is all True.
     assert _square(lambda s: torch.ones(s, s, dtype=torch.bool) & (kv(1) <= qp(s))) != CAUSAL

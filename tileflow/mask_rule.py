@@ -181,8 +181,9 @@ _FILLS = {aten.new_ones.default, aten.ones.default, aten.ones_like.default, aten
           aten.new_full.default, aten.full_like.default, aten.scalar_tensor.default}
 # Where each `_FILLS` op other than the ones-makers takes its fill value.
 _FILL_ARGUMENT = {aten.full.default: 1, aten.new_full.default: 2, aten.full_like.default: 1, aten.scalar_tensor.default: 0}
-# The largest constant an int32 position may carry (`_linear`): 2**30 more is left for the sizes.
-_INT32_OFFSET_BOUND = 2**30
+# The largest constant an int32 / int64 position may carry (`_linear`): as much again is left
+# for the sizes, below the dtype's wrap.
+_OFFSET_BOUND = {torch.int32: 2**30, torch.int64: 2**62}
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 _TRIANGLES = {aten.tril.default, aten.triu.default}
 _HOLD_INFINITY = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
@@ -354,12 +355,16 @@ class _Reader:
 
     def _linear(self, node: fx.Node, depth: int) -> _Linear | None:
         found = self._linear_unbounded(node, depth)
-        if found is not None and meta_val(node).dtype == torch.int32:
-            # sympy's integers do not wrap; int32 positions offset near 2**31 do, within the step's
-            # own tokens (a key after the wrap is earlier than every query before it). A constant
-            # term within 2**30 leaves 2**30 for the sizes.
-            number, _ = sympy.sympify(found.const).as_coeff_Add()
-            if abs(number) > _INT32_OFFSET_BOUND:
+        dtype = meta_val(node).dtype
+        if found is not None and dtype in _OFFSET_BOUND:
+            # sympy's integers do not wrap; int32 positions offset near 2**31 do (int64 ones near
+            # 2**63), within the step's own tokens (a key after the wrap is earlier than every
+            # query before it). A constant term within 2**30 (2**62) leaves as much for the
+            # sizes; in int32, each size (or Max / Min of sizes) at most once with each sign, as
+            # `arange(T) + (S - T)` carries them: a multiple of a size (`s * 2147483`) or a
+            # product of two is near 2**31 at some size.
+            number, sizes = sympy.sympify(found.const).as_coeff_Add()
+            if abs(number) > _OFFSET_BOUND[dtype] or (dtype == torch.int32 and not _one_of_each_sign(sizes)):
                 return None
         return found
 
@@ -604,6 +609,17 @@ def _slice_shift(node: fx.Node, src: torch.Tensor) -> dict[int, Any]:
     if start is None or start.is_nonnegative is not True:
         return {dim: None}  # (a negative start counts from the end: an offset that depends on the size)
     return {dim: start}
+
+
+def _one_of_each_sign(sizes: Any) -> bool:
+    """Whether the sympy expression `sizes` adds at most one size (a symbol, or a Max / Min of
+    them) and subtracts at most one: within one size of 0 (int32 positions, `_linear`)."""
+    if sizes == 0:
+        return True
+    terms = sizes.as_coefficients_dict()
+    if not all(isinstance(t, (sympy.Symbol, sympy.Max, sympy.Min)) and c in (1, -1) for t, c in terms.items()):
+        return False
+    return sum(1 for c in terms.values() if c == 1) <= 1 and sum(1 for c in terms.values() if c == -1) <= 1
 
 
 def _combined(a: _Linear, b: _Linear, sign: int) -> _Linear:

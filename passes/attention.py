@@ -1453,13 +1453,22 @@ def _is_positions(node: fx.Node) -> bool:
 
 
 def _fill_value(node: fx.Node) -> float | None:
-    """The constant a `masked_fill` or a `where` with one constant branch writes; else None."""
+    """The constant a `masked_fill`, or a `where` with one constant branch, writes; else None."""
+    parts = _fill_parts(node)
+    return None if parts is None else _constant(parts[2])
+
+
+def _fill_parts(node: fx.Node) -> tuple[Any, Any, Any, bool] | None:
+    """(scores, mask, fill, whether the mask says what is hidden) of `masked_fill(scores, hide,
+    fill)`, `where(keep, scores, fill)` or `where(hide, fill, scores)` (torch.export's form of
+    masked_fill: the constant branch is the fill); else None."""
     if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-        return _constant(node.args[2])
+        return (*node.args[:3], True)
     if node.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
-        values = [_constant(a) for a in node.args[1:3]]
-        known = [v for v in values if v is not None]
-        return known[0] if len(known) == 1 else None
+        mask, scores, fill = node.args[:3]
+        if _constant(scores) is not None and _constant(fill) is None:
+            return fill, mask, scores, True
+        return scores, mask, fill, False
     return None
 
 
@@ -1467,15 +1476,11 @@ def _filled_with_low_value(node: fx.Node) -> tuple[fx.Node, fx.Node, bool, float
     """(scores, bool mask, whether the mask says what is hidden, the fill) when `node` hides
     scores by filling them with -inf or the scores dtype's lowest value (transformers' eager
     masks: MPT, GPT-Neo): `masked_fill(scores, hide, fill)`, `where(keep, scores, fill)` or
-    `where(hide, fill, scores)` (torch.export's form of masked_fill)."""
-    if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-        scores, mask, fill, hides = *node.args[:3], True
-    elif node.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
-        mask, scores, fill, hides = *node.args[:3], False
-        if _constant(scores) is not None and _constant(fill) is None:
-            scores, fill, hides = fill, scores, True
-    else:
+    `where(hide, fill, scores)` (torch.export's form of masked_fill: `_fill_parts`)."""
+    parts = _fill_parts(node)
+    if parts is None:
         return None
+    scores, mask, fill, hides = parts
     mv, sv, value = _val(mask), _val(scores), _constant(fill)
     if not (isinstance(scores, fx.Node) and isinstance(mask, fx.Node) and isinstance(mv, torch.Tensor)
             and mv.dtype == torch.bool and mv.dim() <= 4 and isinstance(sv, torch.Tensor) and sv.is_floating_point()):

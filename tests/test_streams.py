@@ -684,6 +684,67 @@ def test_calls_from_two_threads_each_replay_their_own_rows() -> None:
         torch.testing.assert_close(results[name], x * 2, msg=f"the {name} call")
 
 
+def test_nano_batched_steps_from_two_threads_take_turns_on_the_executor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runner keeps one executor for every call, and a step's executor state is not per call
+    (`CudaStreams` keeps the step's fork event and the streams it used, to join them back at
+    `end`): a second thread's step that began while the first's was being launched made the
+    first's `end` skip the streams it had used, so its caller read results still being written.
+    Steps take turns (the first waits here, up to half a second, for the second to begin)."""
+    import threading
+
+    launching, began = threading.Event(), threading.Event()
+    overlaps: list[str] = []
+
+    class OneStepAtATime(SimulatedStreams):
+        open_step: str | None = None
+
+        def begin(self) -> None:
+            name = threading.current_thread().name
+            if self.open_step is not None:
+                overlaps.append(f"{name} began inside {self.open_step}'s step")
+            if name == "second":
+                began.set()
+            self.open_step = name
+            super().begin()
+
+        def launch(self, stream, fn) -> None:
+            if threading.current_thread().name == "first" and not launching.is_set():
+                launching.set()
+                began.wait(timeout=0.5)
+            super().launch(stream, fn)
+
+        def end(self) -> None:
+            super().end()
+            self.open_step = None
+
+    torch.manual_seed(3)
+    model = build("llama")
+    shared = OneStepAtATime(seed=0)
+    _use_executor(monkeypatch, lambda: shared)
+    compiled = _compile(model, 2)
+    ids = {"first": torch.randint(0, VOCAB, (1, 9)), "second": torch.randint(0, VOCAB, (1, 9))}
+    with torch.no_grad():
+        expected = {name: model(x, use_cache=False).logits for name, x in ids.items()}
+        compiled(ids["first"], use_cache=False)  # compiled here, on the test's thread
+    launching.clear()
+    results: dict[str, torch.Tensor] = {}
+
+    def call(name: str) -> None:
+        with torch.no_grad():
+            results[name] = compiled(ids[name], use_cache=False).logits
+
+    threads = {name: threading.Thread(target=call, args=(name,), name=name) for name in ids}
+    threads["first"].start()
+    assert launching.wait(timeout=30)
+    threads["second"].start()
+    for thread in threads.values():
+        thread.join(timeout=60)
+    assert overlaps == []
+    for name in ids:
+        assert name in results, f"the {name} call raised"
+        torch.testing.assert_close(results[name], expected[name], rtol=1e-5, atol=1e-5, msg=f"the {name} call")
+
+
 def test_a_number_input_that_changes_every_call_does_not_capture_a_graph_per_value(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A 0-d CPU number (a float a compiled step takes as a tensor) keys its graph by value, so a

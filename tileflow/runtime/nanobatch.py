@@ -8,6 +8,7 @@ once per token count and cached.
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from typing import Any, Callable, Sequence
 
@@ -31,7 +32,8 @@ class NanoBatchRunner:
     inputs, `CudaStreams` (each schedule stream on its own CUDA stream, with events); elsewhere in
     one topological order. With `graph_buckets` (CUDA only; `Config.cuda_graphs`) each step is
     captured once per token bucket (per token count with `exact_graphs`) and input signature as
-    a CUDA graph and replayed (see `tileflow.runtime.streams.CudaGraphBuckets`).
+    a CUDA graph and replayed (see `tileflow.runtime.streams.CudaGraphBuckets`). Calls from several
+    threads are safe: their steps take turns on the executor.
     """
 
     def __init__(self, gm: fx.GraphModule, plan: Any, whole: Callable[..., Any], *, check: bool = False,
@@ -42,6 +44,9 @@ class NanoBatchRunner:
         self._schedule = lru_cache(maxsize=64)(self._build)
         self.last_schedule = None
         self._cuda_streams: Any = None
+        # One executor serves every call, and its step state is not per call (CudaStreams keeps
+        # the step's fork event and used streams): steps from different threads take turns.
+        self._executor_lock = threading.Lock()
         self._graphs = None
         self._graphs_anywhere = graph_factory is not None  # a CPU stand-in for CUDA graphs (tests)
         if graph_buckets:
@@ -89,8 +94,9 @@ class NanoBatchRunner:
         executor = self._executor_for(args[index].device)
         if executor is None:
             return run_schedule(self.gm, self.plan, schedule, args, order)
-        return run_schedule_on_streams(ScheduleState(self.gm, self.plan, args), schedule, executor, order,
-                                       self.plan.shares(tokens))
+        with self._executor_lock:
+            return run_schedule_on_streams(ScheduleState(self.gm, self.plan, args), schedule, executor, order,
+                                           self.plan.shares(tokens))
 
 
 def run_schedule(

@@ -77,6 +77,12 @@ _SDPA_FORMS: dict[Any, tuple[str | None, bool]] = {
     aten._scaled_dot_product_efficient_attention.default: ("attn_bias", True),
     aten._scaled_dot_product_cudnn_attention.default: ("attn_bias", True),
 }
+# PyTorch's fused inference fast paths (eval under no_grad) -> the module that calls them: one op
+# holds the attention and its projections, which no pass can take apart, so the report says so.
+_FUSED_FAST_PATHS: dict[Any, str] = {
+    aten._transformer_encoder_layer_fwd.default: "nn.TransformerEncoderLayer",
+    aten._native_multi_head_attention.default: "nn.MultiheadAttention",
+}
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _DTYPES = {
     "triton": (torch.float16, torch.bfloat16, torch.float32),
@@ -303,6 +309,11 @@ class Attention:
                 reason = self._rewrite(graph, node, ctx, result)
             elif node.target in _SOFTMAX:
                 reason = self._rewrite_manual(graph, node, ctx, result)
+            elif node.target in _FUSED_FAST_PATHS:
+                reason = (f"{_FUSED_FAST_PATHS[node.target]}'s fused fast path ({node.target.name()}) runs the "
+                          f"attention and its projections as one PyTorch op, which stays as it is: "
+                          f"torch.backends.mha.set_fastpath_enabled(False) before compiling traces them as "
+                          f"separate ops")
             else:
                 continue
             if reason:

@@ -445,7 +445,7 @@ class Canonicalize:
         if target is aten.matmul.default:
             return self._matmul(graph, node)
         if target is aten.bmm.default:
-            return self._single_batch_bmm(graph, node)
+            return self._single_batch_bmm(graph, node) or self._bmm_over_one_weight(graph, node)
         if target is aten._assert_tensor_metadata.default:
             return self._drop_proven_assert(node)
         if target is aten.mul.Tensor:
@@ -587,8 +587,10 @@ class Canonicalize:
         graph.erase_node(node)
         return "canonical_linear"
 
-    def _matmul(self, graph: fx.Graph, node: fx.Node) -> str | None:
-        a, b = node.args[0], node.args[1]
+    def _matmul(self, graph: fx.Graph, node: fx.Node, operands: tuple[Any, Any] | None = None) -> str | None:
+        """`a @ b` (`operands`, default the node's own) in place of `node`: a linear for a 2-D `b`,
+        else a bmm over flattened batch dims where both operands have the same ones."""
+        a, b = operands if operands is not None else (node.args[0], node.args[1])
         av, bv = _val(a), _val(b)
         if not (isinstance(av, torch.Tensor) and isinstance(bv, torch.Tensor)) or av.dim() < 2:
             return None
@@ -633,6 +635,29 @@ class Canonicalize:
             rows = graph.call_function(aten.select.int, (a, 0, 0))
             infer_meta(rows)
         return self._mm_to_linear(graph, node, rows, b.args[0], None, unsqueeze=True)
+
+    def _bmm_over_one_weight(self, graph: fx.Graph, node: fx.Node) -> str | None:
+        """`bmm` whose right operand is one [K, N] matrix (or [1, K, N]) expanded along the batch
+        (`torch.bmm(x, w.expand(B, K, N))`): every batch meets the same weight, so it is `x @ w`,
+        a linear on the rows. Left a bmm, gemm_padding would take it for stacked expert weights,
+        as many as the input has batches (symbolic under dynamic=True, so it stayed as it was)."""
+        a, b = node.args[0], node.args[1]
+        if not (isinstance(b, fx.Node) and b.op == "call_function" and b.target is aten.expand.default
+                and isinstance(b.args[0], fx.Node)):
+            return None
+        src = b.args[0]
+        sv = _val(src)
+        bv = _val(b)
+        # Only the batch is broadcast: a [1, N] expanded to [B, K, N] is no [K, N] weight.
+        if not (isinstance(sv, torch.Tensor) and isinstance(bv, torch.Tensor) and same_shape(sv.shape[-2:], bv.shape[1:])
+                and (sv.dim() == 2 or (sv.dim() == 3 and _is_unit(sv.shape[0])))):
+            return None
+        if sv.dim() == 3:
+            with graph.inserting_before(node):
+                src = graph.call_function(aten.select.int, (src, 0, 0))
+            infer_meta(src)
+            copy_source_meta(node, src)
+        return self._matmul(graph, node, (a, src))
 
     # -- no-ops ----------------------------------------------------------------------------
     def _drop_noop(self, node: fx.Node) -> str | None:

@@ -2749,3 +2749,22 @@ def test_a_decode_step_read_through_a_transpose_gets_no_copy(sdpa: bool) -> None
     torch.testing.assert_close(out, attention(q, k, v), rtol=1e-5, atol=1e-5)
     assert report.rewrites.get("meta_attention") == 1
     assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.clone.default], gm.code
+
+
+@pytest.mark.parametrize("module", ["encoder_layer", "encoder"])
+def test_pytorch_fused_fast_paths_are_named_in_the_report(module: str) -> None:
+    """`nn.TransformerEncoderLayer` in eval under no_grad runs PyTorch's fast path, one
+    `aten._transformer_encoder_layer_fwd` holding the attention and all four projections: the
+    report said nothing (no rewrite, no fallback, and `strict` passed). It names the op and the
+    switch that makes the layer trace as separate ops."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    model = (layer if module == "encoder_layer"
+             else torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+    x = torch.randn(2, 7, 32)
+    report = tileflow.Report()
+    with torch.no_grad():
+        out = torch.compile(model, backend=tileflow.TileflowBackend({"target": "reference"}, report=report))(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    reasons = [f.reason for f in report.fallbacks]
+    assert reasons and all("set_fastpath_enabled(False)" in r for r in reasons), reasons

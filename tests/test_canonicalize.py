@@ -794,3 +794,27 @@ def test_a_cast_moved_below_views_keeps_the_values_a_write_reaches(fn: Callable)
     got, want = gm(x.clone()), fn(x.clone())
     for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weight_dims", [2, 3])
+def test_a_bmm_over_one_weight_expanded_along_the_batch_is_a_linear(weight_dims: int) -> None:
+    """`torch.bmm(x, w.expand(B, K, N))` multiplies every batch by one weight: it is `x @ w`.
+    It was taken for a bmm over stacked (MoE expert) weights with as many experts as the input
+    has batches, and under dynamic=True left as it was with a reason saying the weight's sizes
+    were symbolic and to `mark_static` the parameter, which already was static."""
+    class ExpandedWeight(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(*([1] * (weight_dims - 2)), 32, 24))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(x, self.w.expand(x.shape[0], 32, 24))
+
+    model = ExpandedWeight().eval()
+    compiled, report = _compiled(model)
+    with torch.no_grad():
+        for batch in (2, 3):
+            x = torch.randn(batch, 5, 32)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("padded_gemm") == 1, report.rewrites
+    assert not report.fallbacks, [f.reason for f in report.fallbacks]

@@ -440,3 +440,13 @@ def test_tiles_are_in_sequence_kv_head_q_tile_order() -> None:
         [0, 0, 0, 2], [0, 0, 2, 2], [0, 0, 4, 1], [0, 1, 0, 2], [0, 1, 2, 2], [0, 1, 4, 1],
         [1, 0, 0, 1], [1, 1, 0, 1],
     ]
+
+
+def test_metadata_past_int32_is_refused_before_the_tiles_are_built() -> None:
+    """The int32 check on the KV lengths and query rows runs before the per-tile arrays, which
+    the metadata sizes: 2**40 query rows in tiles of one row would otherwise ask numpy for a
+    2**40-entry array first (a MemoryError, or the host's memory, instead of this ValueError)."""
+    n = 2**40
+    with pytest.raises(ValueError, match="is 1099511627776, past the int32 metadata"):
+        build_task_table([0, n], [n], num_q_heads=1, num_kv_heads=1, block_q=1, num_programs=4,
+                         sliding_window=1, kv_split=0)

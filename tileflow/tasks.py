@@ -356,10 +356,10 @@ def _deal(cost: np.ndarray, p_first: np.ndarray, num_programs: int) -> tuple[np.
     return order, np.where(rnd % 2 == 0, pos, num_programs - 1 - pos)
 
 
-def _check_fits_int32(tasks: np.ndarray, cu: np.ndarray, kv_len: np.ndarray) -> None:
-    """Raise ValueError when a table column would not fit the kernels' int32 metadata."""
+def _check_fits_int32(*columns: tuple[str, np.ndarray]) -> None:
+    """Raise ValueError when a (name, values) column would not fit the kernels' int32 metadata."""
     limit = np.iinfo(np.int32).max
-    for name, values in (("a KV length", kv_len), ("the query row count", cu), ("a task's cost (rows x KV length)", tasks)):
+    for name, values in columns:
         if values.size and int(values.max()) > limit:
             raise ValueError(f"{name} is {int(values.max())}, past the int32 metadata the kernels read "
                              f"({limit}): split the batch")
@@ -436,6 +436,9 @@ def build_task_table(
         raise ValueError(f"kv_split must be >= 0 (0 disables split-KV) or None, got {split}")
 
     cu, n, kv_len = _validated_lengths(cu_seqlens_q, seqlens_kv)
+    # The lengths size the per-tile arrays below: refuse what the kernels cannot read before
+    # building them (2**40 query rows would ask numpy for a 2**40-entry array first).
+    _check_fits_int32(("a KV length", kv_len), ("the query row count", cu))
     num_seqs = kv_len.size
 
     # --- tiles, in (sequence, kv head, q tile) order ---------------------------------------
@@ -497,7 +500,7 @@ def build_task_table(
     program_tasks = order[by_prog]
     counts = np.bincount(prog, minlength=num_programs)
     program_offsets = np.concatenate([[0], np.cumsum(counts)])
-    _check_fits_int32(tasks, cu, kv_len)
+    _check_fits_int32(("a task's cost (rows x KV length)", tasks))
 
     return TaskTable(
         tasks=_i32(tasks.reshape(-1, 8)),

@@ -1058,3 +1058,96 @@ def test_example_inputs_past_max_tokens_are_a_clear_error() -> None:
     example) failed deep in torch.export as "4 not in range [2, 3]"; name the example's size."""
     with pytest.raises(ValueError, match=r"example inputs hold 4 tokens.*max_tokens=3"):
         build_stage_program(CausalLMStep(_llama(4, 4)), EXAMPLE, max_tokens=3)
+
+
+class _ReplicaTransport(_FailureRecorder):
+    """A transport stand-in on model replica rank 1 that answers its receives from `answers` in
+    order (an exception there is raised, as a failed receive would)."""
+
+    rank = 1
+
+    def __init__(self, answers: list) -> None:
+        super().__init__()
+        self.answers = answers
+
+    def recv(self, src: int, what: str, timeout_s: float | None = None):
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+@pytest.mark.parametrize("failure", ["attention worker", "own stage"])
+def test_a_model_replica_whose_step_fails_tells_the_leader_why(failure: str) -> None:
+    """With two model replicas an attention worker's failure (a full KV cache) reached only the
+    replica waiting for its output, and a replica's own failure reached no one: rank 0 reported
+    only that rank 1 closed its connection (or waited out its timeout), without the reason."""
+    from tileflow.distributed import BatchShape, ModelWorker, RunAborted
+    from tileflow.distributed.layout import encode_plan
+
+    program = build_stage_program(_AttentionLast(), EXAMPLE, max_tokens=16)
+    plan = encode_plan([BatchShape((0,), (3,), (0,))], [], 2)
+    reason = "rank 1: rank 2 reported a failure instead of attention output of layer 0 (batch 0): KV cache full"
+    t = _ReplicaTransport([plan, torch.tensor([[1, 2, 3]]), torch.arange(3)[None], RunAborted(reason)])
+    worker = ModelWorker(program, Layout(3, 2), t)  # replica 1 runs dense stage 1 of batch 0
+    if failure == "own stage":
+        def failing_stage(*args):
+            raise RuntimeError("a kernel failed")
+
+        program.stages[2].module = failing_stage
+        t.answers[-1] = torch.zeros(3, 2, 16)  # the attention output arrives
+        reason = "model replica rank 1: RuntimeError: a kernel failed"
+    with pytest.raises((RunAborted, RuntimeError)):
+        worker.serve()
+    assert t.sent == [(0, f"failure: {reason}")]
+
+
+def test_the_leader_sends_init_before_its_first_step_and_nothing_after_shutdown() -> None:
+    """A first step without start() went out as the attention workers' INIT ("expected INIT from
+    rank 0, got opcode 2"); a second start() as their next step plan ("unexpected opcode 1"); a
+    step after shutdown() to ranks that had exited. Each time rank 0 heard only that a rank
+    closed its connection."""
+    from tileflow.distributed import Batch, ModelWorker
+    from tileflow.distributed.layout import OP_INIT, OP_SHUTDOWN, OP_STEP
+
+    program = build_stage_program(_AttentionLast(), EXAMPLE, max_tokens=16)
+    t = _AttentionRecorder(2, 16)
+    worker = ModelWorker(program, Layout(2), t)
+    t.tokens = 3
+    batch = Batch([torch.tensor([[1, 2, 3]]), torch.arange(3)[None]], [0], [3], [0])
+    worker.step([batch])
+    worker.start()
+    ops = [int(v[0]) for dst, v in t.sent if dst == 1 and v.dtype == torch.int64 and v.dim() == 1]
+    assert ops == [OP_INIT, OP_STEP]
+    worker.shutdown()
+    with pytest.raises(RuntimeError, match="the run was shut down"):
+        worker.step([batch])
+    worker.shutdown()
+    ops = [int(v[0]) for dst, v in t.sent if dst == 1 and v.dtype == torch.int64 and v.dim() == 1]
+    assert ops == [OP_INIT, OP_STEP, OP_SHUTDOWN]
+
+
+def test_an_attention_worker_stops_cleanly_when_the_leader_shuts_down_before_starting() -> None:
+    """A leader that stopped before its first step sent SHUTDOWN where the attention workers
+    wait for INIT: they failed with "expected INIT from rank 0, got opcode 3"."""
+    from tileflow.distributed import AttentionWorker
+    from tileflow.distributed.layout import OP_SHUTDOWN
+
+    t = _ReplicaTransport([torch.tensor([OP_SHUTDOWN])])
+    AttentionWorker(Layout(2), t).serve()
+    assert t.answers == []
+
+
+def test_a_model_replica_does_not_echo_the_leaders_own_abort() -> None:
+    """The leader's abort (`abort_run`) needs no answer: one would wait in its connection from
+    this rank, read by the next receive of a run started there."""
+    from tileflow.distributed import BatchShape, ModelWorker, RunAborted
+    from tileflow.distributed.layout import encode_plan
+
+    program = build_stage_program(_AttentionLast(), EXAMPLE, max_tokens=16)
+    aborted = RunAborted("rank 1: rank 0 reported a failure instead of an output: the leader's step failed", 0)
+    plan = encode_plan([BatchShape((0,), (3,), (0,))], [], 2)
+    t = _ReplicaTransport([plan, torch.tensor([[1, 2, 3]]), torch.arange(3)[None], aborted])
+    with pytest.raises(RunAborted):
+        ModelWorker(program, Layout(3, 2), t).serve()
+    assert t.sent == []

@@ -966,7 +966,10 @@ def test_falcons_alibi_along_a_padding_mask_is_the_rule_and_a_key_bias() -> None
     assert specs and all(s["bias"] and s["causal"] for s in specs), specs
 
 
-@pytest.mark.parametrize("name, implementation", [("llama", "sdpa"), ("mistral", "eager")])
+# Mistral's eager attention (a sliding window in the mask) in the extended run: the left-padded
+# batches test below runs eager masks, and this one Llama's generation, in the default run.
+@pytest.mark.parametrize("name, implementation", [("llama", "sdpa"),
+                                                  pytest.param("mistral", "eager", marks=pytest.mark.extended)])
 def test_left_padded_generation_equals_eager(name: str, implementation: str) -> None:
     """`generate` on a left-padded batch through a compiled forward: the prefill's mask is the
     rule and the padding term (Mistral's window too: `generate` passes the cache in, whose

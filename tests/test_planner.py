@@ -622,3 +622,16 @@ def test_configs_read_through_transformers_attribute_names(model_type, values, s
     m = load_model(str(tmp_path))
     assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_size) == shape
     assert not m.gated_mlp
+
+
+def test_memory_devices_past_the_kv_heads_are_priced_and_named_as_idle() -> None:
+    """With more memory devices than KV heads, attention uses one per head: the note says the
+    others idle while priced, and that a run takes at most that many attention workers (the
+    runtime refuses more: `kv_shards`)."""
+    four = plan_disaggregation(TOY, (C, 2), (M, 4), batch=B, context=S).disaggregated
+    two = plan_disaggregation(TOY, (C, 2), (M, 2), batch=B, context=S).disaggregated
+    assert four.attention.seconds == two.attention.seconds
+    assert four.price_per_hour == two.price_per_hour + 2 * 1.25
+    [note] = [n for n in four.notes if "KV heads" in n]
+    assert "uses 2 of the 4 memory devices" in note and "at most 2 attention workers" in note
+    assert not [n for n in two.notes if "KV heads" in n]

@@ -635,7 +635,8 @@ def _disaggregated(model: ModelShape, cdev: DeviceInfo, nc: int, mdev: DeviceInf
     notes = _window_note(model, context, kv, batch, mdev.mem_gb, 0.0)
     if nm > model.num_kv_heads:
         notes.append(f"only {model.num_kv_heads} KV heads: attention uses "
-                     f"{model.num_kv_heads} of the {nm} memory devices")
+                     f"{model.num_kv_heads} of the {nm} memory devices (a run takes at most "
+                     f"{model.num_kv_heads} attention workers; the price counts all {nm})")
     tps, cost = _throughput(batch, iteration, price) if fits else (None, None)
     need = cut / iteration / 1e9 if fits else None
     return Placement(

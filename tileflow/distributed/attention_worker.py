@@ -81,7 +81,11 @@ class AttentionWorker:
         """Run steps until SHUTDOWN; raises `PeerError` on a timeout or a dead peer (`RunAborted`
         when a peer reported a failure)."""
         t = self.t
-        self._init(t.recv(0, "INIT", self.idle_timeout_s))
+        ctl = t.recv(0, "INIT", self.idle_timeout_s)
+        if int(ctl[0]) == OP_SHUTDOWN:  # the leader stopped before its first step (and start())
+            t.flush()
+            return
+        self._init(ctl)
         while True:
             ctl = t.recv(0, "the next step plan", self.idle_timeout_s)
             op = int(ctl[0])

@@ -26,7 +26,7 @@ from .attention_worker import LayerShard, encode_init
 from .layout import (
     OP_SHUTDOWN, OP_STEP, BatchShape, Layout, decode_plan, encode_plan, replica_of, work_items,
 )
-from .transport import PeerError, Transport
+from .transport import PeerError, RunAborted, Transport
 
 log = get_logger("distributed")
 
@@ -135,6 +135,8 @@ class ModelWorker:
         self.idle_timeout_s = idle_timeout_s
         self._release: list[int] = []
         self._broken: str | None = None  # why a step failed after its plan went out
+        # The attention workers read INIT first and nothing after SHUTDOWN: "new", "started", "shut down".
+        self._state = "new"
 
     @property
     def is_leader(self) -> bool:
@@ -144,8 +146,14 @@ class ModelWorker:
     # ---- leader API -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Tell every attention worker its shard of every layer (leader only)."""
+        """Tell every attention worker its shard of every layer (leader only; the first step does
+        it when not done yet, and a second call does nothing)."""
         self._leader_only("start")
+        if self._state == "shut down":
+            raise RuntimeError("the run was shut down: start a new one")
+        if self._state == "started":
+            return  # a second INIT would reach the attention workers as a step plan, and end the run
+        self._state = "started"
         for w, rank in enumerate(self.layout.attention_ranks):
             shards = [
                 LayerShard(c.num_q_heads, c.num_kv_heads, c.head_dim, *self.shards[i][w], scale=c.scale,
@@ -163,6 +171,8 @@ class ModelWorker:
         """One iteration of every batch, staggered; returns each batch's flat program outputs.
         A step that fails once the plan went out ends the run on every rank (`abort_run`)."""
         self._leader_only("step")
+        if self._state == "shut down":
+            raise RuntimeError("the run was shut down: start a new one")
         if self._broken:
             raise RuntimeError(f"an earlier step failed after the other ranks had its plan ({self._broken}); the run "
                                "is over: start a new one")
@@ -175,6 +185,9 @@ class ModelWorker:
                 raise ValueError(f"the program takes {self.program.num_inputs} inputs, a batch gave {len(b.inputs)}")
             self._check_batch(b)
         # Nothing has been sent yet: a batch refused above leaves every rank ready for the next step.
+        # Without INIT first the attention workers would read the plan as it and stop, and this
+        # rank hear only that they closed their connections.
+        self.start()
         plan = encode_plan([b.shape for b in batches], self._release, self.program.num_inputs)
         self._release = []
         for rank in self.layout.model_ranks[1:]:
@@ -235,6 +248,9 @@ class ModelWorker:
     def shutdown(self) -> None:
         """Stop every other rank cleanly."""
         self._leader_only("shutdown")
+        if self._state == "shut down":
+            return  # the other ranks have gone
+        self._state = "shut down"
         for rank in range(1, self.layout.world_size):
             self.t.send(torch.tensor([OP_SHUTDOWN], dtype=torch.int64), rank)
         self.t.flush()
@@ -259,7 +275,24 @@ class ModelWorker:
                 Batch([self.t.recv(0, "step inputs") for _ in range(n_inputs)], list(s.seq_ids), list(s.q_lens), list(s.starts))
                 for s in shapes
             ]
-            self._run(batches)
+            try:
+                self._run(batches)
+            except Exception as exc:
+                self._tell_leader(exc)
+                raise
+
+    def _tell_leader(self, exc: Exception) -> None:
+        """Send the leader why this replica's step failed (its own error, or an attention worker's,
+        which reaches only the replica waiting for that output): the leader reports the run's
+        failure, and otherwise hears only that this rank closed its connection, or times out."""
+        leader = self.layout.model_ranks[0]
+        if isinstance(exc, RunAborted) and exc.src == leader:
+            return  # the leader's own abort: it knows
+        reason = str(exc) if isinstance(exc, RunAborted) else f"model replica rank {self.t.rank}: {type(exc).__name__}: {exc}"
+        try:
+            self.t.send_failure(reason, leader)
+        except PeerError:
+            pass  # the leader is gone: it has its own error
 
     # ---- the schedule ---------------------------------------------------------------------------
 

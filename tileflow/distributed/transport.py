@@ -32,7 +32,11 @@ class PeerError(RuntimeError):
 
 
 class RunAborted(PeerError):
-    """Another rank failed and told this one so: nothing left to tell the others."""
+    """Another rank failed and told this one so: nothing left to tell the others. `src`: that rank."""
+
+    def __init__(self, message: str, src: int | None = None) -> None:
+        super().__init__(message)
+        self.src = src
 
 
 def check_timeout(timeout_s: Any) -> float:
@@ -106,7 +110,7 @@ class Transport:
         self._recv_into(payload, src, what, timeout_s)
         if payload.dtype == _ERROR_DTYPE:
             reason = bytes(payload.tolist()).decode(errors="replace")
-            raise RunAborted(f"rank {self.rank}: rank {src} reported a failure instead of {what}: {reason}")
+            raise RunAborted(f"rank {self.rank}: rank {src} reported a failure instead of {what}: {reason}", src)
         if kind == _KIND_INT:
             return int(payload[0])
         if kind == _KIND_FLOAT:

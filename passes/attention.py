@@ -1307,6 +1307,11 @@ def _manual_operands(softmax: fx.Node, scores: _ManualScores) -> _ManualOperands
     else:
         kt = _head_broadcast_source(kt)
         kt, k_factor = _constant_factor(kt)
+        if _symbolic_factor(q) or _symbolic_factor(kt):
+            # SDPA's math form under dynamic=True, q, k and v handed in as graph inputs: D ** -0.25.
+            return ("the scores are scaled by a number of a symbolic size (a head dim traced as a symbol under "
+                    "dynamic=True): mark the head dim static (torch._dynamo.mark_static(t, -1) on q, k and v) "
+                    "or pass a numeric scale=")
         if not _is_transpose_last2(kt):
             return "the k operand of q @ k^T is not a [B, H, S, D] tensor transposed in its last two dimensions"
         k, k_inner = _constant_factor(kt.args[0])
@@ -1664,6 +1669,12 @@ def _constant_factor(node: Any) -> tuple[Any, float]:
         if c is not None and c != 0.0 and isinstance(node.args[0], fx.Node):
             return node.args[0], c if node.target in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / c
     return node, 1.0
+
+
+def _symbolic_factor(node: Any) -> bool:
+    """Whether `node` is x * c or x / c with c a number of symbolic sizes (a SymFloat or SymInt)."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _SCALINGS
+            and isinstance(node.args[1], fx.Node) and isinstance(_val(node.args[1]), (torch.SymFloat, torch.SymInt)))
 
 
 def _head_broadcast_source(node: Any) -> Any:

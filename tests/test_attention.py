@@ -2768,3 +2768,35 @@ def test_pytorch_fused_fast_paths_are_named_in_the_report(module: str) -> None:
         torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
     reasons = [f.reason for f in report.fallbacks]
     assert reasons and all("set_fastpath_enabled(False)" in r for r in reasons), reasons
+
+
+def test_a_score_scale_of_a_symbolic_head_dim_is_named_as_the_reason() -> None:
+    """A masked SDPA over q, k and v handed in as inputs under `dynamic=True` decomposes to the
+    math form with q and k each scaled by (1 / sqrt(D)) ** 0.5, a number of the symbolic head
+    dim: the reason blamed k's transpose. It names the scale; the head dim marked static, or a
+    numeric `scale=`, makes the call meta_attention."""
+    def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 7, 16) for _ in range(3))
+    mask = torch.randn(1, 7, 7)
+    fn, report = _compiled_reference(attn, dynamic=True)
+    torch.testing.assert_close(fn(q, k, v, mask), attn(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert not report.rewrites.get("meta_attention")
+    [reason] = [f.reason for f in report.fallbacks if f.pass_name == "attention"]
+    assert "scale" in reason and "head dim" in reason and "mark_static" in reason, reason
+    torch._dynamo.reset()
+    for t in (q, k, v):
+        torch._dynamo.mark_static(t, 3)
+    fn, report = _compiled_reference(attn, dynamic=True)
+    torch.testing.assert_close(fn(q, k, v, mask), attn(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1
+    q, k, v = (torch.randn(3, 4, 7, 16) for _ in range(3))  # symbolic head dims, a numeric scale
+
+    def scaled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25)
+
+    fn, report = _compiled_reference(scaled, dynamic=True)
+    torch.testing.assert_close(fn(q, k, v, mask), scaled(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1

@@ -1151,3 +1151,41 @@ def test_a_model_replica_does_not_echo_the_leaders_own_abort() -> None:
     with pytest.raises(RunAborted):
         ModelWorker(program, Layout(3, 2), t).serve()
     assert t.sent == []
+
+
+class _MeanOverTokens(_AttentionLast):
+    """A step whose dense stage after the attention subtracts the mean over the tokens: rows a
+    replay pads in would change every real row."""
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        import tileflow
+
+        x = self.embed(ids).view(1, -1, 2, 16).transpose(1, 2)
+        a = tileflow.ops.meta_attention(x, x, x, causal=True)
+        return a - a.mean(dim=2, keepdim=True)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_stage_that_cannot_be_replayed_padded_is_noted_or_refused_under_strict(
+        monkeypatch: pytest.MonkeyPatch, strict: bool) -> None:
+    """`cuda_graphs` asked for and not applied to a dense stage (a replay at a token bucket
+    could change its real rows) is a note in the report, and with `strict=True` an error, as it
+    is for a compiled graph (strict only noted it for stage programs)."""
+    import tileflow
+    import tileflow.runtime.streams
+    from graph_doubles import ReplayOnCpu
+    from tileflow.pipeline import TileflowError
+    from tileflow.report import GraphReport
+
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    torch.manual_seed(0)
+    config = tileflow.Config(cuda_graphs=True, strict=strict)
+    report = GraphReport("stage program")
+    if strict:
+        with pytest.raises(TileflowError, match=r"cuda_graphs not applied to dense stage 1 \(strict=True\): "
+                                                r"not captured: a replay at a token bucket could differ"):
+            build_stage_program(_MeanOverTokens(), EXAMPLE, max_tokens=16, config=config, report=report)
+        return
+    program = build_stage_program(_MeanOverTokens(), EXAMPLE, max_tokens=16, config=config, report=report)
+    assert "a replay at a token bucket could differ" in report.extra["cuda_graphs_stage_1"]
+    assert type(program.dense[1].module).__name__ != "GraphedStage"

@@ -14,7 +14,7 @@ from ..capture import capture_exported, decompose_exported, export_failure, expo
 from ..config import Config
 from ..graph_utils import bind_arguments
 from ..padding_safety import capped_buckets, check_padding
-from ..pipeline import PassContext, PassManager
+from ..pipeline import PassContext, PassManager, TileflowError
 from ..report import GraphReport
 from ..residual import resolve_residual
 from ..runtime.streams import graph_token_dims, graphs_apply
@@ -208,7 +208,9 @@ def build_stage_program(
     tileflow's kernels opaque calls in them and every token count on one compiled graph; as
     eager FX elsewhere), like the graph left after the passes of `backend="tileflow"`. With
     `config.cuda_graphs` on CUDA each dense stage is replayed from CUDA graphs, one per token
-    bucket up to `MAX_GRAPHED_TOKENS` (`GraphedStage`).
+    bucket up to `MAX_GRAPHED_TOKENS` (`GraphedStage`); a stage no replay could run right is left
+    uncaptured with the reason in the report (`cuda_graphs_stage_<i>`), or, with `config.strict`,
+    raises `TileflowError`.
 
     The step must pack its tokens into one row and use causal attention without a mask tensor
     (for transformers models: `attn_implementation="tileflow_causal"`); otherwise the pass leaves
@@ -317,20 +319,23 @@ def _program_from_export(step: torch.nn.Module, ep: torch.export.ExportedProgram
             # (An export bakes a model's numbers in: such inputs are the caller's, unchecked here.)
             refused = (f"not captured: padded rows stay finite only while inputs {list(check.positive_inputs)} are "
                        "positive, which a graphed stage does not check at each call")
-        if refused:
-            report.extra[f"cuda_graphs_stage_{i}"] = refused
-        dims = graph_token_dims(stage.module, found[0]) if graphed and not refused else None
-        if resolve_residual(config.residual, device_type) == "inductor":
-            stage.module = torch.compile(stage.module, dynamic=True)
-        if dims is not None:
+        capped: list[int] = []
+        if graphed and not refused:
             buckets = [b for b in config.graph_buckets() if b <= MAX_GRAPHED_TOKENS]
             # Within the tables it looks positions up in, and the export's token range (a bucket past
             # max_tokens would run the graph at a size its guards were not traced for).
             capped = capped_buckets(buckets, min(b for b in (max_tokens, check.max_bucket) if b is not None))
-            if capped:
-                stage.module = GraphedStage(stage, program.constants, dims[0], list(dims[1]), capped)
-            else:
-                report.extra[f"cuda_graphs_stage_{i}"] = "not captured: it looks positions up in a table shorter than any bucket"
+            if not capped:
+                refused = "not captured: it looks positions up in a table shorter than any bucket"
+        if refused:
+            report.extra[f"cuda_graphs_stage_{i}"] = refused
+            if config.strict:  # cuda_graphs asked for and not applied is a fallback, as for a compiled graph
+                raise TileflowError(f"cuda_graphs not applied to dense stage {i} (strict=True): {refused}")
+        dims = graph_token_dims(stage.module, found[0]) if capped else None  # (of the graph, before a compile wraps it)
+        if resolve_residual(config.residual, device_type) == "inductor":
+            stage.module = torch.compile(stage.module, dynamic=True)
+        if dims is not None:
+            stage.module = GraphedStage(stage, program.constants, dims[0], list(dims[1]), capped)
     program.cuda_graphs = graphed
     program.max_tokens = max_tokens
     return program

@@ -368,7 +368,7 @@ def test_device_branch_builds_with_the_installed_torchs_cxx_abi(tmp_path: Path) 
 
     write_project([render_sources(gemm_spec("float16", ("bias",)))], tmp_path)
     device = (tmp_path / "CMakeLists.txt").read_text().split("return()\nendif()", 1)[1]
-    (query,) = re.findall(r'execute_process\(COMMAND python3 -c "([^"]*)"\s+OUTPUT_VARIABLE TORCH_CXX11_ABI', device)
+    (query,) = re.findall(r'execute_process\(COMMAND \S+ -c "([^"]*)"\s+OUTPUT_VARIABLE TORCH_CXX11_ABI', device)
     assert "_GLIBCXX_USE_CXX11_ABI=${TORCH_CXX11_ABI}" in device
     run = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == str(int(torch._C._GLIBCXX_USE_CXX11_ABI)), run.stderr
@@ -642,3 +642,66 @@ def test_emitted_grouped_gemm_matches_golden() -> None:
     sources = render_sources(spec)
     for path in (sources.kernel_file, sources.host_file, sources.tiling_header):
         check_golden(f"ascend/grouped_gemm/{Path(path).name.replace(sources.ident, 'kernel')}", sources.files[path])
+
+
+def test_lib_math_calls_never_run_in_place() -> None:
+    """CANN's lib/math Tanh and Erf (unlike the basic vector ops) take no source and destination
+    that overlap, in place included ("不支持源操作数与目的操作数地址重叠"): no emitted kernel
+    calls them with dst == src (the CPU double refuses it too, so the numerical tests of GELU,
+    GeGLU and soft-capping run into it)."""
+    import re
+
+    from tileflow.runtime.attention import attention_spec
+
+    specs = [gemm_spec(dt, (act,)) for dt in ("float32", "float16") for act in ("gelu", "gelu_tanh", "geglu", "geglu_tanh")]
+    specs.append(attention_spec(dtype=torch.float16, head_dim=16, gqa=2, block_q=4, causal=True,
+                                sliding_window=False, tree=False, bias=False, softcap=True))
+    call = re.compile(r"\b(Tanh|Erf)\(\s*([\w\[\].]+)\s*,\s*([\w\[\].]+)\s*,")
+    for spec in specs:
+        kernel = render_sources(spec).files[render_sources(spec).kernel_file]
+        in_place = [m.group(0) for m in call.finditer(kernel) if m.group(2) == m.group(3)]
+        assert not in_place, f"{spec.name}: lib/math called in place: {in_place}"
+
+
+def test_npu_build_configures_against_the_torch_of_the_python_running_tileflow(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device branch asks a Python for torch's and torch_npu's folders and C++ ABI. It must be
+    the interpreter that runs tileflow (and loads the library), not the first `python3` on PATH:
+    one without torch (a venv or pyenv interpreter run without activating it) left the include
+    paths `-I/include` and the ABI "" and the configure step still succeeded."""
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    import os
+    import sys
+
+    from tileflow.backends.ascend import project
+
+    sources = render_sources(gemm_spec("float16", ("bias",)))
+    # The configure command tileflow's NPU build runs (nothing is built here).
+    real_run, commands = subprocess.run, []
+    monkeypatch.setattr(project.subprocess, "run",
+                        lambda cmd, **kw: commands.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    with pytest.raises(RuntimeError, match="produced no"):
+        project._build_into(sources, tmp_path / "cache", tmp_path / "cache" / "lib.so", "")
+    monkeypatch.setattr(project.subprocess, "run", real_run)
+    configure = commands[0]
+    assert configure[:2] == ["cmake", "-S"] and configure[3] == "-B"
+    # A stand-in for CANN's ascendc.cmake, a torch_npu package, and a `python3` on PATH without torch.
+    cann = tmp_path / "cann" / "compiler" / "tikcpp" / "ascendc_kernel_cmake"
+    cann.mkdir(parents=True)
+    (cann / "ascendc.cmake").write_text("function(ascendc_library name type)\n    add_library(${name} INTERFACE)\n"
+                                        "endfunction()\nfunction(ascendc_include_directories)\nendfunction()\n")
+    (tmp_path / "pkgs" / "torch_npu").mkdir(parents=True)
+    (tmp_path / "pkgs" / "torch_npu" / "__init__.py").write_text("")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python3").write_text("#!/bin/sh\necho 'No module named torch' >&2\nexit 1\n")
+    (tmp_path / "bin" / "python3").chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "pkgs"), *sys.path]))
+    write_project([sources], tmp_path / "proj")
+    run = real_run(["cmake", "-S", str(tmp_path / "proj"), "-B", str(tmp_path / "build"), *configure[5:],
+                    f"-DASCEND_CANN_PACKAGE_PATH={tmp_path / 'cann'}"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    flags = (tmp_path / "build" / "CMakeFiles" / f"{project.LIBRARY}.dir" / "flags.make").read_text()
+    assert f"-I{Path(torch.__file__).parent / 'include'} " in flags + " ", flags
+    assert f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}" in flags, flags

@@ -609,7 +609,9 @@ __aicore__ inline void NormalizeRows(const LocalTensor<float>& acc, const LocalT
         const float l = sum.GetValue(r);
         safeSum.SetValue(r, l > 0.0f ? l : 1.0f);
     }
-    Reciprocal(invSum, safeSum, rows);
+    // 1 / sum with Div: CANN documents Reciprocal's float results as less accurate than 1e-4.
+    Duplicate(invSum, 1.0f, rows);
+    Div(invSum, invSum, safeSum, rows);
     for (int32_t r = 0; r < rows; ++r) {
         const LocalTensor<float> accRow = acc[r * HEAD_DIM];
         Muls(accRow, accRow, invSum.GetValue(r), HEAD_DIM);
@@ -1324,10 +1326,20 @@ def _feature_code(layout: AttentionLayout) -> dict[str, str]:
                           "alibi_init", "alibi_member", "alibi_locals", "alibi_columns", "alibi_task",
                           "alibi_call", "alibi_function"), "")
     code["scale_scores"] = (
-        "        // Logit soft-capping, c * tanh(scale * s / c), before ALiBi, the bias and the mask.\n"
-        "        Muls(scores, scores, tiling.scale / tiling.softcap, t.rows * BLOCK_KV);\n"
-        "        Tanh(scores, scores, t.rows * BLOCK_KV);\n"
-        "        Muls(scores, scores, tiling.softcap, t.rows * BLOCK_KV);\n"
+        # Tanh (CANN lib/math) takes no overlapping source and destination and there is no second
+        # score-sized buffer: c * tanh(x) = c - 2c / (1 + exp(2x)) runs in place on basic ops, the
+        # numerators a BLOCK_KV row of the reduction scratch (free here). Div, not Reciprocal,
+        # which CANN documents as short of float accuracy.
+        "        // Logit soft-capping, c * tanh(x) with x = scale * s / c, before ALiBi, the bias and the\n"
+        "        // mask; as c - 2c / (1 + exp(2x)) (Tanh may not run in place).\n"
+        "        Muls(scores, scores, 2.0f * tiling.scale / tiling.softcap, t.rows * BLOCK_KV);\n"
+        "        Exp(scores, scores, t.rows * BLOCK_KV);\n"
+        "        Adds(scores, scores, 1.0f, t.rows * BLOCK_KV);\n"
+        "        Duplicate(reduceWork, -2.0f * tiling.softcap, BLOCK_KV);\n"
+        "        for (int32_t r = 0; r < t.rows; ++r) {\n"
+        "            Div(scores[r * BLOCK_KV], reduceWork, scores[r * BLOCK_KV], BLOCK_KV);\n"
+        "        }\n"
+        "        Adds(scores, scores, tiling.softcap, t.rows * BLOCK_KV);\n"
         if layout.softcap else "        Muls(scores, scores, tiling.scale, t.rows * BLOCK_KV);\n"
     )
     if layout.sinks or layout.alibi:

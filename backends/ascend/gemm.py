@@ -332,24 +332,27 @@ def _unary_activation_code(act: str) -> str:
         Div(acc, acc, tmp, count);
 """
     if act == "gelu":
-        return f"""        // gelu(a) = a * (1 + erf(a / sqrt(2))) / 2
-        Muls(tmp, acc, {1 / math.sqrt(2):.9g}f, count);
-        Erf(tmp, tmp, count);
+        # Erf (CANN lib/math) takes no overlapping source and destination, so the scaled input
+        # stays in acc: gelu(a) = (a / sqrt(2)) * (1 + erf(a / sqrt(2))) * (sqrt(2) / 2).
+        return f"""        // gelu(a) = a * (1 + erf(a / sqrt(2))) / 2, with b = a / sqrt(2): b * (1 + erf(b)) / sqrt(2)
+        Muls(acc, acc, {1 / math.sqrt(2):.9g}f, count);
+        Erf(tmp, acc, count);  // lib/math: dst must not overlap src
         Adds(tmp, tmp, 1.0f, count);
         Mul(acc, acc, tmp, count);
-        Muls(acc, acc, 0.5f, count);
+        Muls(acc, acc, {1 / math.sqrt(2):.9g}f, count);
 """
     if act == "gelu_tanh":
-        return f"""        // gelu_tanh(a) = a * (1 + tanh(sqrt(2 / pi) * (a + 0.044715 a^3))) / 2
+        # (1 + tanh(u)) / 2 = 1 / (1 + exp(-2u)): Tanh (CANN lib/math) cannot run in place on the
+        # one scratch buffer, Exp can, and needs no temporary UB space.
+        return f"""        // gelu_tanh(a) = a * (1 + tanh(u)) / 2 = a / (1 + exp(-2u)), u = sqrt(2 / pi) * (a + 0.044715 a^3)
         Mul(tmp, acc, acc, count);
         Muls(tmp, tmp, 0.044715f, count);
         Adds(tmp, tmp, 1.0f, count);
         Mul(tmp, tmp, acc, count);
-        Muls(tmp, tmp, {math.sqrt(2 / math.pi):.9g}f, count);
-        Tanh(tmp, tmp, count);
+        Muls(tmp, tmp, {-2 * math.sqrt(2 / math.pi):.9g}f, count);
+        Exp(tmp, tmp, count);
         Adds(tmp, tmp, 1.0f, count);
-        Mul(acc, acc, tmp, count);
-        Muls(acc, acc, 0.5f, count);
+        Div(acc, acc, tmp, count);
 """
     if act in ("relu", "relu2"):
         code = "        Relu(acc, acc, count);\n"

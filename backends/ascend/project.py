@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,14 +83,21 @@ ascendc_library(tileflow_kernels STATIC ${{KERNEL_FILES}})
 # ascendc_library target include directories (its device compile too) is ascendc_include_directories.
 ascendc_include_directories(tileflow_kernels PRIVATE ${{CMAKE_CURRENT_SOURCE_DIR}}/op_host)
 
-execute_process(COMMAND python3 -c "import torch, os; print(os.path.dirname(torch.__file__))"
+# The Python whose torch and torch_npu the operators are built against: the one that loads them
+# (tileflow passes its own interpreter; `python3` on PATH may be another, without torch).
+set(TILEFLOW_PYTHON "python3" CACHE FILEPATH "the Python interpreter whose torch / torch_npu to build against")
+execute_process(COMMAND ${{TILEFLOW_PYTHON}} -c "import torch, os; print(os.path.dirname(torch.__file__))"
                 OUTPUT_VARIABLE TORCH_DIR OUTPUT_STRIP_TRAILING_WHITESPACE)
-execute_process(COMMAND python3 -c "import torch_npu, os; print(os.path.dirname(torch_npu.__file__))"
+execute_process(COMMAND ${{TILEFLOW_PYTHON}} -c "import torch_npu, os; print(os.path.dirname(torch_npu.__file__))"
                 OUTPUT_VARIABLE TORCH_NPU_DIR OUTPUT_STRIP_TRAILING_WHITESPACE)
 # The C++ ABI the installed torch was built with (torch_npu pairs with builds of either): the
 # operators' library must match it to link against libtorch.
-execute_process(COMMAND python3 -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"
+execute_process(COMMAND ${{TILEFLOW_PYTHON}} -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"
                 OUTPUT_VARIABLE TORCH_CXX11_ABI OUTPUT_STRIP_TRAILING_WHITESPACE)
+if(NOT TORCH_DIR OR NOT TORCH_NPU_DIR OR NOT TORCH_CXX11_ABI MATCHES "^[01]$")
+    message(FATAL_ERROR "${{TILEFLOW_PYTHON}} cannot import torch and torch_npu: pass the Python that has them, "
+                        "-DTILEFLOW_PYTHON=/path/to/python")
+endif()
 add_library({LIBRARY} SHARED ${{HOST_FILES}} ${{TORCH_FILES}})
 target_include_directories({LIBRARY} PRIVATE op_host
     ${{ASCEND_CANN_PACKAGE_PATH}}/include ${{ASCEND_CANN_PACKAGE_PATH}}/include/tiling
@@ -237,7 +245,9 @@ def _build_into(sources: KernelSources, root: Path, lib_path: Path, soc: str) ->
     try:
         write_project([sources], work)
         # CANN compiles for the SoC it is told, and the project defaults to the 910B1: tell it this NPU's.
-        for cmd in (["cmake", "-S", str(work), "-B", str(work / "build"), *([f"-DSOC_VERSION={soc}"] if soc else [])],
+        # ... and to build against this interpreter's torch and torch_npu (the ones that load it).
+        for cmd in (["cmake", "-S", str(work), "-B", str(work / "build"), f"-DTILEFLOW_PYTHON={sys.executable}",
+                     *([f"-DSOC_VERSION={soc}"] if soc else [])],
                     ["cmake", "--build", str(work / "build"), "-j"]):
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode != 0:

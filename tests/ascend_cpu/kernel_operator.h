@@ -547,8 +547,15 @@ TF_UNARY(Abs, (void)0, int32_t, detail::VAbs(a))
 TF_UNARY(Reciprocal, TF_FLOATY(Reciprocal), int32_t, 1.0f / a)
 TF_UNARY(Sqrt, TF_FLOATY(Sqrt), int32_t, std::sqrt(a))
 TF_UNARY(Relu, (void)0, int32_t, detail::VMax(a, detail::Calc<T>(0)))
-TF_UNARY(Tanh, TF_FLOATY(Tanh), uint32_t, std::tanh(a))  // CANN lib/math
-TF_UNARY(Erf, TF_FLOATY(Erf), uint32_t, std::erf(a))     // CANN lib/math
+// CANN lib/math (advanced APIs): unlike the basic vector ops, their source and destination must not
+// overlap at all (CANN's Tanh / Erf: "不支持源操作数与目的操作数地址重叠"), in place included.
+#define TF_LIBMATH(NAME)                                                                                      \
+    TF_FLOATY(NAME);                                                                                          \
+    if (detail::Access::Overlap(dst, count, src, count))                                                      \
+        detail::Fail(#NAME ": dst overlaps src (CANN lib/math APIs take no overlapping operands, in place included)")
+TF_UNARY(Tanh, TF_LIBMATH(Tanh), uint32_t, std::tanh(a))  // CANN lib/math
+TF_UNARY(Erf, TF_LIBMATH(Erf), uint32_t, std::erf(a))     // CANN lib/math
+#undef TF_LIBMATH
 #undef TF_FLOATY
 #undef TF_BINARY
 #undef TF_SCALAR

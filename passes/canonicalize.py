@@ -640,8 +640,14 @@ class Canonicalize:
         """`bmm` whose right operand is one [K, N] matrix (or [1, K, N]) expanded along the batch
         (`torch.bmm(x, w.expand(B, K, N))`): every batch meets the same weight, so it is `x @ w`,
         a linear on the rows. Left a bmm, gemm_padding would take it for stacked expert weights,
-        as many as the input has batches (symbolic under dynamic=True, so it stayed as it was)."""
+        as many as the input has batches (symbolic under dynamic=True, so it stayed as it was):
+        rewritten where gemm_padding would read it so, rows of a symbolic size times a weight of
+        static sizes. (Static bmms stay for the attention pass, whose reasons name K and V
+        broadcast over the batch.)"""
         a, b = node.args[0], node.args[1]
+        av = _val(a)
+        if not (isinstance(av, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in av.shape)):
+            return None
         if not (isinstance(b, fx.Node) and b.op == "call_function" and b.target is aten.expand.default
                 and isinstance(b.args[0], fx.Node)):
             return None
@@ -650,7 +656,8 @@ class Canonicalize:
         bv = _val(b)
         # Only the batch is broadcast: a [1, N] expanded to [B, K, N] is no [K, N] weight.
         if not (isinstance(sv, torch.Tensor) and isinstance(bv, torch.Tensor) and same_shape(sv.shape[-2:], bv.shape[1:])
-                and (sv.dim() == 2 or (sv.dim() == 3 and _is_unit(sv.shape[0])))):
+                and (sv.dim() == 2 or (sv.dim() == 3 and _is_unit(sv.shape[0])))
+                and not any(isinstance(d, torch.SymInt) for d in sv.shape)):
             return None
         if sv.dim() == 3:
             with graph.inserting_before(node):

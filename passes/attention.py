@@ -54,6 +54,7 @@ from tileflow.graph_utils import (
     constant_number,
     copy_source_meta,
     depends_on_sizes,
+    eliminate_dead_code,
     evaluate_at_example_sizes,
     free_symbols,
     holds_no_lowest_value,
@@ -318,7 +319,7 @@ class Attention:
                 continue
             if reason:
                 result.fallback(node, reason)
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph)
         live = set(graph.nodes)
         for ranges in self._ranges.values():
             if ranges in live:  # a mask whose ranges serve at least one rewritten attention

@@ -52,6 +52,7 @@ import torch.fx as fx
 from tileflow.graph_utils import (
     bind_arguments,
     copy_source_meta,
+    eliminate_dead_code,
     erase_unused,
     in_graph,
     infer_meta,
@@ -565,7 +566,7 @@ class GemmPadding:
         for entry in entries:
             if entry not in ctx.report.plans:
                 ctx.report.plans.append(entry)
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph)
         gm.recompile()
         return result
 

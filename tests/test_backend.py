@@ -406,3 +406,25 @@ def test_report_text_shows_the_notes_in_extra(tmp_path) -> None:
     note = report.graphs[0].extra["cuda_graphs"]
     assert note.startswith("not captured")
     assert f"cuda_graphs: {note}" in str(report)
+
+
+def test_verify_compiles_the_graph_it_compiles_without_verify(tmp_path) -> None:
+    """With verify=True the passes run on the first call, outside Dynamo's tracing context, where
+    FX's dead-code elimination keeps SDPA's CPU flash kernel (tagged random): the replaced
+    attentions and the mask ops feeding them stayed in the step (206 nodes against 150) and ran
+    beside the meta-kernel on every call."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
+    from models import VOCAB, build
+
+    model = build("llama")
+    ids = torch.randint(0, VOCAB, (1, 8))
+    counts = []
+    for verify in (False, True):
+        torch._dynamo.reset()
+        report = tileflow.explain(model, ids, use_cache=False,
+                                  options={"verify": verify, "debug_dir": str(tmp_path / f"verify_{verify}")})
+        [graph] = report.graphs
+        counts.append(graph.nodes_out)
+        code = (tmp_path / f"verify_{verify}" / graph.graph_id / "output.py").read_text()
+        assert "torch.ops.aten._scaled_dot_product" not in code and code.count("meta_attention.default(") == 2
+    assert counts[0] == counts[1], counts

@@ -1159,3 +1159,51 @@ def test_a_running_count_reaches_its_length_times_the_count(dim_as_kwarg: bool) 
                                  {"dim": 1} if dim_as_kwarg else {})
     shifted = graph.call_function(torch.ops.aten.sub.Tensor, (counts, 1))
     assert int(_largest_value(shifted)) == 13
+
+
+def test_report_command_counts_a_graph_folders_own_recompile(tmp_path: Path) -> None:
+    """A graph's own report.json of a recompile printed "0 recompile(s)" (viz counts it as 1): the
+    recompile was lost from the text of `tileflow report DIR/graph_NNN`."""
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    torch._dynamo.reset()
+    root = tmp_path / "dd"
+    compiled = torch.compile(double, backend=tileflow.TileflowBackend({"debug_dir": str(root)}, report=tileflow.Report()),
+                             dynamic=True)
+    compiled(torch.randn(4))
+    compiled(torch.randn(4, dtype=torch.float64))  # a dtype guard fails: the frame compiles again
+    first, second = sorted(root.glob("graph_*"))
+    assert json.loads((second / "report.json").read_text())["recompile"] is True
+    for source, count in ((root, 1), (first, 0), (second, 1), (second / "report.json", 1)):
+        result = _cli(["report", str(source)], tmp_path)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.splitlines()[0].endswith(f"{count} recompile(s)"), (source, result.stdout.splitlines()[0])
+
+
+@pytest.mark.parametrize("manifest", ['{"format": 1}', "[]"])
+def test_report_command_on_an_archive_without_a_report_says_so(manifest: str, tmp_path: Path) -> None:
+    """A zip whose manifest.json holds no report printed "'NoneType' object has no attribute 'get'"
+    (viz says "its manifest.json has no report")."""
+    archive = tmp_path / "model.pt2"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("manifest.json", manifest)
+    result = _cli(["report", str(archive)], tmp_path)
+    assert result.exit_code == 2 and "manifest.json has no report" in result.stderr, result.output
+    assert "NoneType" not in result.stderr and "Traceback" not in result.output
+
+
+def test_an_archive_runs_no_replaced_attention_beside_the_meta_kernel() -> None:
+    """The attention pass's dead-code elimination runs outside Dynamo's tracing context in an
+    export, where FX keeps SDPA's CPU flash kernel (tagged random, for its dropout) as impure: the
+    exported Llama kept both replaced `scaled_dot_product_attention` calls, nothing using them,
+    and ran them beside the meta-kernel (the attention pass reported 233 -> 234 nodes)."""
+    sys.path.insert(0, str(TESTS_DIR))
+    from models import build, export_logits
+
+    archive = export_logits(build("llama"), "reference")
+    targets = [str(n.target) for n in archive.program.graph.nodes if n.op == "call_function"]
+    assert targets.count("tileflow.meta_attention.default") == 2
+    assert not [t for t in targets if "scaled_dot_product" in t], targets
+    attention = next(p for p in archive.report.passes if p.name == "attention")
+    assert attention.nodes_after < attention.nodes_before

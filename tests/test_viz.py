@@ -1157,3 +1157,50 @@ def test_overview_shows_the_reports_notes_in_headless_chromium(browser: Browser,
     assert note in page.inner_text("#main table")
     assert page.locator("#main table b").count() == 0
     assert browser.errors == [], browser.errors
+
+
+class _Rotary(torch.nn.Module):
+    """A module every layer calls through a global, as transformers 5.25 calls `apply_rotary_pos_emb`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sin() * 2
+
+
+_ROTARY = _Rotary()
+
+
+class _RotaryLayer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ROTARY(self.proj(x)) + 1
+
+
+def test_a_global_module_is_grouped_under_the_layer_that_called_it(tmp_path: Path) -> None:
+    """Nodes of a module reached through a global (Dynamo's G['__import_...'].apply_rotary_pos_emb,
+    Llama's RoPE on transformers 5.25) were grouped by that global path: every layer's RoPE ops in
+    one top-level group named after the modeling file, none under its own layer."""
+    torch._dynamo.reset()
+    root = tmp_path / "dd"
+    model = torch.nn.Sequential(_RotaryLayer(), _RotaryLayer()).eval()
+    tileflow.explain(model, torch.randn(4, 8), options={"debug_dir": str(root)})
+    snap = collect(root)["snapshots"][0]
+    groups = {n["name"]: n["group"] for n in snap["nodes"]}
+    sines = sorted(name for name in groups if name.startswith("sin"))
+    assert len(sines) == 2
+    assert sorted(groups[name] for name in sines) == ["0._ROTARY", "1._ROTARY"], groups
+    assert not any(path.startswith("G[") for path in snap["groups"]), list(snap["groups"])
+
+
+def test_the_compiled_modules_own_nodes_are_at_the_top_level(tmp_path: Path) -> None:
+    """`tileflow.explain(nn.Linear(...))`: the root module's own nodes were drawn in a group named
+    after Dynamo's source of it, "L['fn']", rather than at the top level of the graph."""
+    torch._dynamo.reset()
+    root = tmp_path / "dd"
+    tileflow.explain(torch.nn.Linear(16, 32), torch.randn(4, 16), options={"debug_dir": str(root)})
+    snap = collect(root)["snapshots"][0]
+    assert not any(path.startswith("L[") for path in snap["groups"]), list(snap["groups"])
+    calls = [n for n in snap["nodes"] if n["op"] == "call_function"]
+    assert calls and all(n["group"] == "" and "module" not in n for n in calls), calls

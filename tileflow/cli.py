@@ -57,7 +57,10 @@ def report_command(source: str) -> None:
             from .export import MANIFEST_MEMBER
 
             with zipfile.ZipFile(path) as zf:
-                data = json.loads(zf.read(MANIFEST_MEMBER)).get("report")
+                manifest = json.loads(zf.read(MANIFEST_MEMBER))
+            data = manifest.get("report") if isinstance(manifest, dict) else None
+            if data is None:  # else "'NoneType' object has no attribute 'get'" would say it
+                raise ValueError(f"its {MANIFEST_MEMBER} has no report")
         elif path.suffix == ".pt2" and path.is_file():
             # Else read as JSON: "Expecting value: line 1 column 1" would not say what is wrong.
             click.echo(f"error: {source} is not a readable tileflow archive (truncated or not a zip file); "
@@ -65,9 +68,13 @@ def report_command(source: str) -> None:
             sys.exit(2)
         else:
             data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and "graph_id" in data and "graphs" not in data:
-            # One graph's report.json (DIR/graph_NNN/report.json): the same data, one graph.
-            report = Report(graphs=[GraphReport.from_dict(data)])
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a JSON {type(data).__name__}, not a report object")
+        if "graph_id" in data and "graphs" not in data:
+            # One graph's report.json (DIR/graph_NNN/report.json): the same data, one graph,
+            # counted as a recompile when it was one (as viz counts it).
+            graph = GraphReport.from_dict(data)
+            report = Report(graphs=[graph], recompiles=int(bool(graph.recompile)))
         else:
             report = Report.from_dict(data)
         text = str(report)

@@ -251,6 +251,17 @@ def in_graph(node: fx.Node, graph: fx.Graph) -> bool:
     return node.graph is graph and not node._erased
 
 
+def eliminate_dead_code(graph: fx.Graph) -> bool:
+    """`graph.eliminate_dead_code()` as it runs inside Dynamo's compile, wherever it runs.
+
+    FX keeps an op tagged random (SDPA's CPU flash kernel, for its dropout argument) as impure
+    unless a TracingContext is active, where it follows Inductor's `fallback_random` (False). The
+    passes also run outside one (verify's compile on the first call, `tileflow export`): there a
+    replaced attention, nothing using it, stayed in the graph with the mask ops feeding it, and ran
+    beside the meta-kernel on every call. Returns whether anything was erased."""
+    return graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
+
+
 def erase_unused(graph: fx.Graph, nodes: Iterable[Any]) -> int:
     """Erase those of `nodes` that nothing uses and that have no side effect, then the inputs that
     leaves unused, transitively; return how many were erased.
@@ -380,15 +391,34 @@ def _source_line(node: fx.Node) -> str | None:
 _ROOT_SOURCE = re.compile(r"^L\['\w+'\](?:\[\d+\])*\.")
 
 
+# A module Dynamo reached through a global rather than through the model: transformers 5.25 makes
+# `apply_rotary_pos_emb` one nn.Module of its modeling file, called from every layer
+# (G['__import_transformers_dot_models_dot_llama_dot_modeling_llama'].apply_rotary_pos_emb).
+_GLOBAL_SOURCE = re.compile(r"^G\['([^']*)'\](?:\.(.+))?$")
+
+
+def _local_path(source: str) -> str:
+    """A module's path in the model from Dynamo's source of it: the root is named by where Dynamo
+    found it (L['self'] for a compiled module, L['fn'] under `tileflow.explain`, L['args'][0] when
+    a decorator, transformers' output wrappers, passes the module on as an argument) and is the
+    top level itself ("")."""
+    return _ROOT_SOURCE.sub("", f"{source}.")[:-1].replace("L__self___", "")
+
+
 def _module_path(node: fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
-    last = list(stack.values())[-1]
-    path = last[0] if isinstance(last, tuple) else str(last)
-    # Dynamo names the root by where it found it: L['self'] for a compiled module, L['args'][0]
-    # when a decorator (transformers' output wrappers) passes the module on as an argument.
-    return _ROOT_SOURCE.sub("", str(path)).replace("L__self___", "")
+    paths = [str(entry[0] if isinstance(entry, tuple) else entry) for entry in stack.values()]
+    glob = _GLOBAL_SOURCE.match(paths[-1])
+    if glob is None:
+        return _local_path(paths[-1]) or None
+    # A global module's path says nothing of where it ran: one group would gather its calls from
+    # every layer. It is placed under the module that called it (model.layers.0.self_attn.apply_rotary_pos_emb).
+    name = glob.group(2) or glob.group(1)
+    callers = [p for p in paths if not _GLOBAL_SOURCE.match(p)]
+    caller = _local_path(callers[-1]) if callers else ""
+    return f"{caller}.{name}" if caller else name
 
 
 def graph_to_json(gm: fx.GraphModule) -> list[dict[str, Any]]:

@@ -891,3 +891,49 @@ def test_a_tile_config_timed_twice_is_malformed(tmp_path) -> None:
     path.write_text(json.dumps([entry, {**entry, "tile_seconds": 9e-5}]))
     with pytest.raises(ValueError, match="is malformed .*timed twice for the same shape and variant"):
         runtime.load_tile_timings(str(path))
+
+
+def test_listing_kernels_while_another_thread_builds_one() -> None:
+    """`compiled_kernels` walked the live kernel cache: a kernel another thread built meanwhile
+    (a serving thread's first call of a shape while a monitor lists the kernels) made it raise
+    `dictionary changed size during iteration`. The listing takes a snapshot. Deterministic
+    stand-in for the other thread: an `op` whose comparison builds a kernel mid-walk."""
+    import threading
+
+    from tileflow.kernel_spec import TileConfig
+    from tileflow.lower import gemm_spec
+
+    tile = TileConfig(16, 16, 16)
+    runtime.get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=3, k=5, tile=tile))
+    widths = iter(range(1000, 2000))
+
+    class BuildsWhileCompared(str):
+        def __eq__(self, other: object) -> bool:
+            runtime.get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=next(widths),
+                                                      k=5, tile=tile))
+            return str.__eq__(self, other)
+
+        __hash__ = str.__hash__
+
+    assert runtime.compiled_kernels(BuildsWhileCompared("padded_gemm"))
+    # And with real threads (the race itself; it showed within a few builds).
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def lister() -> None:
+        while not done.is_set():
+            try:
+                runtime.compiled_kernels("padded_gemm")
+            except RuntimeError as exc:
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=lister)
+    thread.start()
+    try:
+        for n in range(2000, 2100):
+            runtime.get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=n, k=5, tile=tile))
+    finally:
+        done.set()
+        thread.join()
+    assert not errors

@@ -582,3 +582,44 @@ def test_a_batch_of_decodes_beside_prompts_fills_every_row() -> None:
         got = tileflow.ops.meta_attention_varlen(**batch)
     want = attention_reference_dense(**batch)
     torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k_shape, v_shape", [((2, 2, 4, 8), (2, 2, 4, 8)), ((1, 2, 4, 8), (2, 2, 4, 8)),
+                                              ((1, 2, 4, 8), (1, 2, 5, 8)), ((1, 2, 4, 8), (1, 2, 4, 4))])
+def test_dense_attention_refuses_k_and_v_that_do_not_pair_with_q(k_shape: tuple, v_shape: tuple) -> None:
+    """The dense op pairs batch row b of q with row b of k and v (one KV page each): a k and v of
+    another batch were read short without a word (q [1, ...] over k [2, ...] attended k[0]
+    alone, where SDPA broadcasts), and other mismatches raised about the paged cache the op
+    builds inside (`v_cache shape [1, 5, 2, 8] differs ...`, a block_table out of range)."""
+    q = torch.randn(1, 2, 3, 8)
+    with tileflow.use_config(tileflow.Config(target="reference")):
+        with pytest.raises(ValueError, match=r"meta_attention: k and v must be \[B=1, Hkv, S_kv, D=8\]"):
+            tileflow.ops.meta_attention(q, torch.randn(*k_shape), torch.randn(*v_shape))
+        with pytest.raises(ValueError, match=r"meta_attention: k and v must be \[B=2, Hkv, S_kv, D=8\]"):
+            tileflow.ops.meta_attention(q.expand(2, 2, 3, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+
+
+def test_dense_attention_names_its_own_shapes_for_inputs_of_the_wrong_rank() -> None:
+    """q, k and v of three dims (the varlen op's layout) failed unpacking q's shape."""
+    q, k, v = torch.randn(3, 2, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match=r"meta_attention: q, k and v must be 4-D \[B, H, S, D\]"):
+        tileflow.ops.meta_attention(q, k, v)
+
+
+@pytest.mark.parametrize("m, n, k", [(5, 8, 0), (5, 0, 16), (0, 8, 16)])
+def test_empty_gemms_refuse_the_dtypes_no_kernel_has(m: int, n: int, k: int) -> None:
+    """A GEMM of int64 operands or an int8 / bool `out_dtype` is refused when there is something
+    to tile; with an empty dimension no kernel runs and the shortcut computed it anyway (an
+    int64 or int8 result), so whether a call was valid hung on its sizes."""
+    from tileflow.ops import grouped_gemm
+
+    with pytest.raises(ValueError, match="padded_gemm: x must be one of .* got int64"):
+        padded_gemm(torch.zeros(m, k, dtype=torch.long), torch.zeros(n, k, dtype=torch.long))
+    for out_dtype in (torch.int8, torch.bool):
+        with pytest.raises(ValueError, match="padded_gemm: out_dtype must be one of .* got"):
+            padded_gemm(torch.randn(m, k), torch.randn(n, k), out_dtype=out_dtype)
+    offsets = torch.tensor([m // 2, m], dtype=torch.int32)
+    with pytest.raises(ValueError, match="grouped_gemm: x must be one of .* got int64"):
+        grouped_gemm(torch.zeros(m, k, dtype=torch.long), torch.zeros(2, n, k, dtype=torch.long), offsets)
+    with pytest.raises(ValueError, match="grouped_gemm: out_dtype must be one of .* got int8"):
+        grouped_gemm(torch.randn(m, k), torch.randn(2, n, k), offsets, out_dtype=torch.int8)

@@ -16,6 +16,7 @@ import torch
 
 from .kernel_spec import (
     CLAMPED_SWIGLU,
+    DTYPES,
     GATED_ACTIVATIONS,
     KernelSpec,
     dtype_name,
@@ -124,7 +125,11 @@ def check_operand_kinds(where: str, x: torch.Tensor, weights: dict[str, Any], si
                         out_dtype: torch.dtype) -> None:
     """The dtype and device rules of a launch, for calls no kernel runs (an empty dimension, no
     rows): every weight in x's dtype, a bias or residual in it or `out_dtype`, all on x's device.
-    ValueError says which operand breaks them (as `gemm_operands` would)."""
+    ValueError says which operand breaks them (as `gemm_operands` would), and which dtype no
+    kernel has (a call with a dimension to tile is refused for it: an empty one must be too)."""
+    for name, dtype in (("x", x.dtype), ("out_dtype", out_dtype)):
+        if dtype_name(dtype) not in DTYPES:
+            raise ValueError(f"{where}: {name} must be one of {DTYPES}, got {dtype_name(dtype)}")
     for name, t in weights.items():
         if t is not None:
             _check_operand(where, name, t, tuple(t.shape), {x.dtype}, x.device)

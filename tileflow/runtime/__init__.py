@@ -340,7 +340,9 @@ def save_kernel_source(kernel: CompiledKernel, artifact_dir: Path) -> Path:
 
 def compiled_kernels(op: str | None = None) -> list[CompiledKernel]:
     """Every kernel built in this process (optionally only those of one op family)."""
-    return [k for (_, spec), k in _KERNELS.items() if op is None or spec.op == op]
+    # A snapshot (`dict.copy` runs in C, under the GIL): another thread's build adds to the cache
+    # while this walks it, which raised `dictionary changed size during iteration`.
+    return [k for (_, spec), k in _KERNELS.copy().items() if op is None or spec.op == op]
 
 
 _WARNED_RANGE: set[tuple[int, int, int]] = set()

@@ -428,3 +428,29 @@ def test_verify_compiles_the_graph_it_compiles_without_verify(tmp_path) -> None:
         code = (tmp_path / f"verify_{verify}" / graph.graph_id / "output.py").read_text()
         assert "torch.ops.aten._scaled_dot_product" not in code and code.count("meta_attention.default(") == 2
     assert counts[0] == counts[1], counts
+
+
+def test_each_rank_of_a_launch_writes_its_own_debug_folder(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The processes of a torchrun launch number their graphs from graph_000 each: with one
+    debug_dir they wrote their graphs and the root report.json over each other's. A rank of a
+    launch of several writes under debug_dir/rank_<r>, a folder the visualizer reads as any."""
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    for rank in (0, 1):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        torch._dynamo.reset()
+        torch.compile(double, backend=tileflow.TileflowBackend({"debug_dir": str(tmp_path)}, report=tileflow.Report()))(
+            torch.randn(4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_0", "rank_1"]
+    for rank in (0, 1):
+        folder = tmp_path / f"rank_{rank}"
+        [graph] = json.loads((folder / "report.json").read_text())["graphs"]
+        assert graph["debug_dir"] == str(folder / graph["graph_id"]) and (folder / graph["graph_id"] / "report.json").is_file()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    torch._dynamo.reset()
+    single = tmp_path / "single"
+    torch.compile(double, backend=tileflow.TileflowBackend({"debug_dir": str(single)}, report=tileflow.Report()))(
+        torch.randn(4))
+    assert (single / "report.json").is_file() and not list(single.glob("rank_*"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 
 from .config import Config
@@ -182,12 +184,13 @@ def compile_graph(
     device_type = inputs_device_type(example_inputs)
     target = resolve_target(config.target, device_type)
     residual_mode = residual or resolve_residual(config.residual, device_type)
-    artifact_dir = Path(config.debug_dir) / graph_id if config.debug_dir else None
-    if artifact_dir is not None:
+    root = debug_root(config.debug_dir) if config.debug_dir else None
+    artifact_dir = root / graph_id if root is not None else None
+    if root is not None:
         # The root report.json of an earlier run must not outlive the graph folders it describes:
         # if this compile fails, it would present this graph's files under that run's report (its
         # model, passes and kernels). Until this graph is done, it lists this session's graphs only.
-        _write_root_report(Path(config.debug_dir), report)
+        _write_root_report(root, report)
         if artifact_dir.is_dir():
             # A debug_dir used by an earlier process holds a graph of this id: start it afresh, else
             # its old kernels would be listed beside this graph's (by the visualizer, in an archive).
@@ -263,10 +266,22 @@ def compile_graph(
         runner = _checked_first(graphed.checks, _replayed_while_positive(
             graphed_step(gm, runner, buckets, graph_report, exact), runner, positive_inputs))
     report.add_graph(graph_report, recompile=recompile)
-    if config.debug_dir:
-        _write_reports(Path(config.debug_dir), graph_report, report)
+    if root is not None:
+        _write_reports(root, graph_report, report)
     log.info("compiled %s (%s): %d -> %d nodes", graph_id, compile_id, graph_report.nodes_in, graph_report.nodes_out)
     return runner
+
+
+def debug_root(debug_dir: str | os.PathLike[str]) -> Path:
+    """The folder this process writes its graphs under: `debug_dir`, or its `rank_<r>` subfolder
+    when it is one of several processes of a launch (torch.distributed's world, or torchrun's
+    WORLD_SIZE and RANK before the process group starts), whose graph ids all start at graph_000:
+    the ranks would write their graphs and the root report.json over each other's."""
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1") or 1), int(os.environ.get("RANK", "0") or 0)
+    return Path(debug_dir) / f"rank_{rank}" if world > 1 else Path(debug_dir)
 
 
 def _write_reports(root: Path, graph_report: GraphReport, report: Report) -> None:

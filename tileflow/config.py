@@ -46,7 +46,8 @@ class Config:
             inputs; a pass whose outputs diverge is rolled back (or raises with `strict`).
         verify_rtol / verify_atol: tolerances of that check.
         debug_dir: when set, each compiled graph writes its passes' before/after code, its
-            kernels and `report.json` under this folder (the visualizer reads it).
+            kernels and `report.json` under this folder (the visualizer reads it); each rank
+            of a multi-process launch under its `rank_<r>` subfolder (`compiler.debug_root`).
         passes: the ordered pass names to run (see `tileflow.pipeline.available_passes()`).
         nano_batches: `auto`, or an integer (1 turns nano-batching off; >= 2 forces a split).
         tile_timings: per-tile times measured on the device, which replace the cost model's

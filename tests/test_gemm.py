@@ -243,6 +243,20 @@ def test_m_zero_and_out_of_plan_range() -> None:
         assert rel_err(padded_gemm(big, w), oracle(big, w)) < 1e-6
 
 
+def test_token_counts_past_the_plan_warn_once_per_plan_and_side(caplog: pytest.LogCaptureFixture) -> None:
+    """A server running past max_tokens meets a new M at almost every step: the warning came
+    once per M, and every M stayed in a set for the process's life. Once per plan and side now."""
+    w = torch.randn(8, 24)
+    runtime._WARNED_RANGE.clear()
+    with tileflow.use_config(tileflow.Config(target="reference", max_tokens=32)), caplog.at_level("WARNING"):
+        for m in range(33, 233, 7):
+            x = torch.randn(m, 24)
+            assert rel_err(padded_gemm(x, w), oracle(x, w)) < 1e-6
+    warnings = [r.getMessage() for r in caplog.records if "outside its plan's range" in r.getMessage()]
+    assert len(warnings) == 1 and "M=33 " in warnings[0], warnings
+    assert len(runtime._WARNED_RANGE) == 1
+
+
 def test_triton_without_gpu_or_interpreter_is_a_clear_error(monkeypatch) -> None:
     from tileflow.backends.triton import BACKEND
 

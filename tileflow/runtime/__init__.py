@@ -345,19 +345,21 @@ def compiled_kernels(op: str | None = None) -> list[CompiledKernel]:
     return [k for (_, spec), k in _KERNELS.copy().items() if op is None or spec.op == op]
 
 
-_WARNED_RANGE: set[tuple[int, int, int]] = set()
+# (n, k, m_min, m_max, above): one warning per plan and side; keyed by M, a server past
+# max_tokens warned at almost every step and kept every M.
+_WARNED_RANGE: set[tuple[int, int, int, int, bool]] = set()
 
 
 def _select_piece(tile_plan: TilePlan, m: int, op: str) -> PlanPiece:
     """The plan's piece for dispatch key `m`; outside the plan's range, the nearest piece."""
     if m > tile_plan.m_max or m < tile_plan.m_min:
         # The plan covers the compile-time range; outside it the nearest piece is still correct.
-        key = (tile_plan.n, tile_plan.k, m)
+        key = (tile_plan.n, tile_plan.k, tile_plan.m_min, tile_plan.m_max, m > tile_plan.m_max)
         if key not in _WARNED_RANGE:
             _WARNED_RANGE.add(key)
             log.warning(
                 "%s M=%d is outside its plan's range [%d, %d]; using the nearest config "
-                "(raise max_tokens to plan for it)", op, m, tile_plan.m_min, tile_plan.m_max,
+                "(raise max_tokens to plan for it; not said again for this plan)", op, m, tile_plan.m_min, tile_plan.m_max,
             )
     return tile_plan.piece_for(min(max(m, tile_plan.m_min), tile_plan.m_max))
 

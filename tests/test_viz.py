@@ -1204,3 +1204,22 @@ def test_the_compiled_modules_own_nodes_are_at_the_top_level(tmp_path: Path) -> 
     assert not any(path.startswith("L[") for path in snap["groups"]), list(snap["groups"])
     calls = [n for n in snap["nodes"] if n["op"] == "call_function"]
     assert calls and all(n["group"] == "" and "module" not in n for n in calls), calls
+
+
+def test_a_launchs_debug_dir_names_its_rank_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torchrun launch of two writes its graphs under debug_dir/rank_0 and rank_1, nothing at the
+    top: viz and report on the debug_dir the options named said only that it held no report.json
+    (or that it was no debug_dir), not where the ranks' reports are."""
+    from tileflow.cli import main
+
+    for rank in (0, 1):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        torch._dynamo.reset()
+        torch.compile(lambda x: x * 2, backend=tileflow.TileflowBackend({"debug_dir": str(tmp_path)},
+                                                                        report=tileflow.Report()))(torch.randn(4))
+    for result in (CliRunner().invoke(viz_command, [str(tmp_path), "-o", str(tmp_path / "page.html")]),
+                   CliRunner().invoke(main, ["report", str(tmp_path)])):
+        assert result.exit_code != 0
+        assert str(tmp_path / "rank_0") in result.output and str(tmp_path / "rank_1") in result.output, result.output
+    assert CliRunner().invoke(main, ["report", str(tmp_path / "rank_1")]).exit_code == 0

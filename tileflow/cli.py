@@ -48,8 +48,10 @@ def report_command(source: str) -> None:
     path = Path(source)
     if path.is_dir():
         if not (path / "report.json").is_file():
-            click.echo(f"error: {source} is a folder without a report.json; give a debug_dir, one of its graph "
-                       "folders, or a report.json", err=True)
+            from .viz import no_report_hint
+
+            hint = no_report_hint(path) or "; give a debug_dir, one of its graph folders, or a report.json"
+            click.echo(f"error: {source} is a folder without a report.json{hint}", err=True)
             sys.exit(2)
         path = path / "report.json"
     try:

@@ -255,11 +255,28 @@ def _read_json(path: Path) -> Any:
         raise VizError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
+def rank_folders(path: Path) -> list[Path]:
+    """The `rank_<r>` folders a multi-process launch (torchrun) writes under its debug_dir, one
+    debug_dir per rank (`compiler.debug_root`), in rank order; [] for any other folder."""
+    found = [p for p in path.glob("rank_*") if re.fullmatch(r"rank_\d+", p.name) and (p / "report.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len("rank_"):]))
+
+
+def no_report_hint(path: Path) -> str:
+    """What to pass instead of `path`, a folder without a report.json: one of its rank folders
+    when a launch of several processes wrote them ("" otherwise)."""
+    ranks = rank_folders(path)
+    if not ranks:
+        return ""
+    return (f"; it holds the debug_dirs of a multi-process launch, one per rank: give one of them "
+            f"({', '.join(str(p) for p in ranks[:4])}{', ...' if len(ranks) > 4 else ''})")
+
+
 def _from_debug_dir(root: Path, report_file: Path | None = None) -> dict[str, Any]:
     """A debug_dir's root (report.json listing graphs) or one graph's folder (its report.json)."""
     report_file = report_file or root / "report.json"
     if not report_file.is_file():
-        raise VizError(f"{root} is not a tileflow debug_dir: it has no report.json")
+        raise VizError(f"{root} is not a tileflow debug_dir: it has no report.json{no_report_hint(root)}")
     report = _read_json(report_file)
     unlisted: list[str] = []
     if isinstance(report, dict) and isinstance(report.get("graphs"), list):

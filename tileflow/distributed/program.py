@@ -208,9 +208,9 @@ def build_stage_program(
     tileflow's kernels opaque calls in them and every token count on one compiled graph; as
     eager FX elsewhere), like the graph left after the passes of `backend="tileflow"`. With
     `config.cuda_graphs` on CUDA each dense stage is replayed from CUDA graphs, one per token
-    bucket up to `MAX_GRAPHED_TOKENS` (`GraphedStage`); a stage no replay could run right is left
-    uncaptured with the reason in the report (`cuda_graphs_stage_<i>`), or, with `config.strict`,
-    raises `TileflowError`.
+    bucket up to `MAX_GRAPHED_TOKENS` (`GraphedStage`); a stage left uncaptured has the reason in
+    the report (`cuda_graphs_stage_<i>`), and one left so because a padded replay could differ
+    from the step raises `TileflowError` with `config.strict`.
 
     The step must pack its tokens into one row and use causal attention without a mask tensor
     (for transformers models: `attn_implementation="tileflow_causal"`); otherwise the pass leaves
@@ -311,14 +311,16 @@ def _program_from_export(step: torch.nn.Module, ep: torch.export.ExportedProgram
         # Every stage's sizes are the one token count (the export's only dynamic dim).
         found = token_symbol(stage.module) if graphed else None
         refused = check = None
+        wrong = False  # refused because a padded replay could give other results (strict raises)
         if graphed and found is None:
             refused = "not captured: no single symbolic token dimension to bucket"
         elif graphed and (check := check_padding(stage.module, found[0])).hazard:
-            refused = f"not captured: a replay at a token bucket could differ from the step ({check.hazard})"
+            refused, wrong = f"not captured: a replay at a token bucket could differ from the step ({check.hazard})", True
         elif graphed and check.positive_inputs:
             # (An export bakes a model's numbers in: such inputs are the caller's, unchecked here.)
             refused = (f"not captured: padded rows stay finite only while inputs {list(check.positive_inputs)} are "
                        "positive, which a graphed stage does not check at each call")
+            wrong = True
         capped: list[int] = []
         if graphed and not refused:
             buckets = [b for b in config.graph_buckets() if b <= MAX_GRAPHED_TOKENS]
@@ -329,7 +331,7 @@ def _program_from_export(step: torch.nn.Module, ep: torch.export.ExportedProgram
                 refused = "not captured: it looks positions up in a table shorter than any bucket"
         if refused:
             report.extra[f"cuda_graphs_stage_{i}"] = refused
-            if config.strict:  # cuda_graphs asked for and not applied is a fallback, as for a compiled graph
+            if config.strict and wrong:  # as for a compiled graph that no padded replay could run right
                 raise TileflowError(f"cuda_graphs not applied to dense stage {i} (strict=True): {refused}")
         dims = graph_token_dims(stage.module, found[0]) if capped else None  # (of the graph, before a compile wraps it)
         if resolve_residual(config.residual, device_type) == "inductor":

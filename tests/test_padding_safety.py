@@ -992,6 +992,24 @@ def test_strict_refuses_a_step_no_replay_could_run(replay_on_cpu) -> None:
         _run(_rows_by_positions, _rows, strict=True)
 
 
+def test_strict_runs_a_static_graph_uncaptured_with_its_note(replay_on_cpu) -> None:
+    """A graph compiled at static sizes (torch.compile's first compile of a frame, by default) has
+    no symbolic token dim to bucket: it runs uncaptured with a note, under `strict=True` too.
+    Raising there would refuse every first call; the recompile at a new size is dynamic and is
+    captured. (A step no padded replay could run right raises: the test above.)"""
+    report = tileflow.Report()
+    config = {"cuda_graphs": True, "max_tokens": 32, "strict": True}
+    layer = torch.nn.Linear(H, H).eval()
+    compiled = torch.compile(layer, backend=tileflow.TileflowBackend(config, report=report))
+    with torch.no_grad():
+        for tokens in (4, 5):
+            x = torch.randn(tokens, H)
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+    first, second = report.graphs
+    assert first.extra["cuda_graphs"] == "not captured: no single symbolic token dimension to bucket"
+    assert second.extra["cuda_graphs"] == "whole step, token buckets [16, 32]" and replay_on_cpu.captures == 1
+
+
 def _batch(tokens: int) -> tuple[torch.Tensor]:
     return (torch.randn(2, tokens, H),)
 

@@ -207,7 +207,7 @@ def lead(args: argparse.Namespace, worker, model: torch.nn.Module, Batch) -> int
                 if reference is not None:
                     diff = (mine - reference.logits(s, pending[s])).abs().max().item()
                     worst = max(worst, diff)
-                    if diff > args.tolerance:
+                    if not diff <= args.tolerance:  # (a NaN difference, NaN logits, is a mismatch too)
                         print(f"MISMATCH step {step} sequence {s}: max |diff| {diff:.3e}", flush=True)
                         worker.shutdown()
                         return 1

@@ -138,6 +138,34 @@ def test_check_reports_a_mismatch() -> None:
     assert "MISMATCH step 0" in run.stdout
 
 
+# A stand-in for a bug that makes every logit NaN: the leader's step outputs times NaN (loaded
+# by the ranks through PYTHONPATH as `sitecustomize`).
+_NAN_OUTPUTS = """
+import tileflow.distributed as distributed
+
+_step = distributed.ModelWorker.step
+
+
+def _nan_step(self, batches):
+    return [tuple(o * float("nan") for o in outputs) for outputs in _step(self, batches)]
+
+
+distributed.ModelWorker.step = _nan_step
+"""
+
+
+@pytest.mark.extended  # a torchrun launch, as the mismatch test above
+def test_check_reports_nan_logits_as_a_mismatch(tmp_path: Path) -> None:
+    """NaN logits passed `--check`: `diff > tolerance` is False for a NaN difference."""
+    (tmp_path / "sitecustomize.py").write_text(_NAN_OUTPUTS)
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(EXAMPLE),
+           "--check", "--steps", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert run.returncode != 0 and "MISMATCH step 0" in run.stdout and "nan" in run.stdout, run.stdout[-3000:]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -397,3 +397,60 @@ def test_the_example_refuses_lengths_before_any_rank_starts(value: str, message:
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))  # as torchrun puts it
     monkeypatch.delitem(sys.modules, "demo", raising=False)
     assert message in usage_error("tensor_parallel", "--seq-lens", value)
+
+
+# A stand-in for a compiler bug that makes every logit NaN: the compiled graph's float outputs
+# times NaN (loaded by the ranks through PYTHONPATH as `sitecustomize`).
+_NAN_OUTPUTS = '''
+import torch
+import tileflow
+
+_compile = tileflow.TileflowBackend.__call__
+
+
+def _nan_outputs(self, gm, example_inputs):
+    fn = _compile(self, gm, example_inputs)
+
+    def run(*args):
+        out = fn(*args)
+        return type(out)(o * float("nan") if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out)
+
+    return run
+
+
+tileflow.TileflowBackend.__call__ = _nan_outputs
+'''
+
+
+@pytest.mark.extended  # a torchrun launch, as the test of the example above
+def test_the_example_fails_on_nan_logits(tmp_path: Path) -> None:
+    """`examples/tensor_parallel.py` exits non-zero on a mismatch: NaN logits are one (`max`
+    kept the old worst over a NaN difference, and every rank printed `0.00e+00 ... match`)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "sitecustomize.py").write_text(_NAN_OUTPUTS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(root / "examples" / "tensor_parallel.py"), "--seq-lens", "5,9"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert done.returncode != 0, done.stdout[-2000:]
+    assert done.stdout.count("= nan over lengths [5, 9]: MISMATCH") == 2, done.stdout[-2000:]
+
+
+@pytest.mark.parametrize("world", ["3", "4"])
+def test_the_example_refuses_a_rank_count_that_does_not_divide_the_heads(world: str, usage_error,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two key/value heads cannot be cut among 3 or 4 ranks: the example says so before any rank
+    joins a group (it failed inside Dynamo's trace of the attention: "shape '[1, s81, -1, 32]'
+    is invalid for input of size 16*s81")."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    monkeypatch.delitem(sys.modules, "demo", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", world)
+    assert f"{world} ranks cannot share the model's 2 key/value heads" in usage_error("tensor_parallel", "--seq-lens", "5")

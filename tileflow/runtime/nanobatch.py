@@ -91,12 +91,12 @@ class NanoBatchRunner:
             return self.whole(*args)
         schedule, order = self._schedule(sizes)  # built once per split
         self.last_schedule = schedule
-        executor = self._executor_for(args[index].device)
-        if executor is None:
-            return run_schedule(self.gm, self.plan, schedule, args, order)
-        with self._executor_lock:
-            return run_schedule_on_streams(ScheduleState(self.gm, self.plan, args), schedule, executor, order,
-                                           self.plan.shares(tokens))
+        with self._executor_lock:  # (also made once: CudaStreams on first use)
+            executor = self._executor_for(args[index].device)
+            if executor is not None:
+                return run_schedule_on_streams(ScheduleState(self.gm, self.plan, args), schedule, executor, order,
+                                               self.plan.shares(tokens))
+        return run_schedule(self.gm, self.plan, schedule, args, order)
 
 
 def run_schedule(

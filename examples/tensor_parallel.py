@@ -115,8 +115,8 @@ def main() -> int:
             print(f"{args.model} over {world} ranks ({'nccl' if cuda else 'gloo'}), nano_batches={args.nano_batches}: "
                   f"{len(report.graphs)} graph(s)")
             print("collectives:", collectives_summary(report))
-        # `not <=` and NaN first: a NaN difference (NaN logits) fails and is what is printed
-        # (`max` keeps the old worst over a NaN, and NaN <= tolerance is False).
+        # A NaN difference (NaN logits) fails, as NaN <= tolerance is False, and is what is
+        # printed (a plain `max` keeps the earlier worst over a NaN).
         ok = all(d <= args.tolerance for d in diffs)
         worst = max(diffs, key=lambda d: math.inf if math.isnan(d) else d)
         print(f"rank {rank}: max |logits - unsharded| = {worst:.2e} over lengths {seq_lens}: "

@@ -562,24 +562,9 @@ def _meta_attention(
     """
     from .runtime.attention import run_meta_attention
 
-    _check_dense_attention_args(q, k, v)
     return run_meta_attention(q, k, v, attn_mask, causal, scale, target, mask_ranges=mask_ranges, softcap=softcap,
                               sliding_window=sliding_window, sinks=sinks, alibi_slopes=alibi_slopes,
                               attention_chunk=attention_chunk, key_starts=key_starts)
-
-
-def _check_dense_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """The dense op's q [B, Hq, S, D] and k, v [B, Hkv, S_kv, D]: it pairs batch row b of q with
-    row b of k and v (one KV page each, the varlen kernel's checks off), so a k of another batch
-    was read short without a word, and other mismatches raised about the paged cache it builds
-    inside. (Head counts, S <= S_kv and dtypes are checked where they are used.)"""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"meta_attention: q, k and v must be 4-D [B, H, S, D], got q {list(q.shape)}, "
-                         f"k {list(k.shape)}, v {list(v.shape)}")
-    b, d = q.shape[0], q.shape[3]
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"meta_attention: k and v must be [B={b}, Hkv, S_kv, D={d}] alike (q is {list(q.shape)}), "
-                         f"got k {list(k.shape)} and v {list(v.shape)}")
 
 
 @_meta_attention.register_fake

@@ -253,7 +253,16 @@ def run_meta_attention(
     Returns `[B, Hq, S, D]` (stored as `[B, S, Hq, D]`, the layout attention outputs usually
     have).
     """
+    # Batch row b of q meets row b of k and v (one KV page each, the varlen kernel's checks off):
+    # a k of another batch was read short without a word, and other mismatches raised about the
+    # paged cache built here. (Head counts and dtypes are checked where they are used.)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"meta_attention: q, k and v must be 4-D [B, H, S, D], got q {list(q.shape)}, "
+                         f"k {list(k.shape)}, v {list(v.shape)}")
     b, hq, s, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"meta_attention: k and v must be [B={b}, Hkv, S_kv, D={d}] alike (q is {list(q.shape)}), "
+                         f"got k {list(k.shape)} and v {list(v.shape)}")
     s_kv = k.shape[2]
     if s > s_kv:
         # Query i sits at key position S_kv - S + i: more queries than keys would put the first

@@ -169,6 +169,16 @@ def _leading_dims_merge(x: Any) -> bool:
                for i in range(x.dim() - 2))
 
 
+def _laid_out_by_the_caller(x: Any) -> bool:
+    """True when `x` is a graph input or a view of one: its strides when the graph runs are
+    whatever the caller passes, not the example's (an exported program takes any layout, where
+    torch.compile would guard on it and recompile)."""
+    while isinstance(x, fx.Node) and x.op == "call_function" and (x.target in _VIEW_LIKE or
+                                                                  x.target is aten.transpose.int):
+        x = x.args[0]
+    return isinstance(x, fx.Node) and x.op == "placeholder"
+
+
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape, strides, storage offset and dtype: the op produced a pure alias or copy."""
     if a.dtype != b.dtype or not same_shape(a.shape, b.shape):
@@ -553,8 +563,11 @@ class Canonicalize:
 
     def _flatten(self, graph: fx.Graph, node: fx.Node, x: fx.Node, k: Any) -> fx.Node:
         # A view where the leading dims merge into one (a contiguous activation); a transposed
-        # input (`x.transpose(0, 1)`) has none, and a view of it fails when the graph runs.
-        op = aten.view.default if _leading_dims_merge(_val(x)) else aten.reshape.default
+        # input (`x.transpose(0, 1)`) has none, and a view of it fails when the graph runs. A
+        # graph input's layout is the caller's (a loaded archive is called with a permuted
+        # tensor as eager is): reshape, which is the same view where the dims do merge.
+        merge = _leading_dims_merge(_val(x)) and not _laid_out_by_the_caller(x)
+        op = aten.view.default if merge else aten.reshape.default
         with graph.inserting_before(node):
             flat = graph.call_function(op, (x, [-1, k]))
         infer_meta(flat)

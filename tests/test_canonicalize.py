@@ -186,9 +186,16 @@ def test_a_transposed_input_to_a_linear_is_reshaped_not_viewed() -> None:
     linear = next(n for n in gm.graph.nodes if n.target is aten.linear.default)
     assert linear.args[0].target is aten.reshape.default
     check_same(fn, gm, x, w)
-    contiguous = hand_built(lambda x, w: torch.ops.aten.linear.default(x, w), x, w)  # the usual case: a view
+    # The usual case, a contiguous activation: a view.
+    contiguous = hand_built(lambda x, w: torch.ops.aten.linear.default(torch.ops.aten.mul.Tensor(x, 2), w), x, w)
     canonicalize(contiguous)
     assert next(n for n in contiguous.graph.nodes if n.target is aten.linear.default).args[0].target is aten.view.default
+    # A graph input is laid out by its caller (an exported program takes a permuted one): a
+    # reshape, which is that same view where the dims do merge.
+    given = hand_built(lambda x, w: torch.ops.aten.linear.default(x, w), x, w)
+    canonicalize(given)
+    assert next(n for n in given.graph.nodes if n.target is aten.linear.default).args[0].target is aten.reshape.default
+    check_same(lambda x, w: torch.ops.aten.linear.default(x, w), given, x.transpose(0, 1).contiguous().transpose(0, 1), w)
 
 
 def test_proven_metadata_asserts_are_dropped() -> None:

@@ -1207,3 +1207,71 @@ def test_an_archive_runs_no_replaced_attention_beside_the_meta_kernel() -> None:
     assert not [t for t in targets if "scaled_dot_product" in t], targets
     attention = next(p for p in archive.report.passes if p.name == "attention")
     assert attention.nodes_after < attention.nodes_before
+
+
+class _SelfAttentionBlock(torch.nn.Module):
+    """A hand-written attention block: a fused qkv Linear on the [B, S, D] input, causal SDPA."""
+
+    def __init__(self, d: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.out = torch.nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, s, d))
+
+
+def test_an_archive_takes_an_input_laid_out_as_eager_takes_it(tmp_path: Path) -> None:
+    """The canonicalize pass flattened the 3-D input of a Linear with `view`, chosen from the
+    example's (contiguous) strides: the archive raised "view size is not compatible with input
+    tensor's size and stride" for a permuted input that eager and torch.export's own program
+    take (torch.compile guards on strides and recompiles; an exported program does not)."""
+    torch.manual_seed(0)
+    model = _SelfAttentionBlock().eval()
+    dims = {0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=2, max=64)}
+    archive = tileflow.export_model(model, (torch.randn(2, 8, 32),), (dims,), options={"target": "reference"})
+    run = tileflow.load(archive.save(tmp_path / "block.pt2"))
+    x = torch.randn(32, 5, 3).permute(2, 1, 0)  # [3, 5, 32], not contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_dynamic_moves_the_dims_derived_from_the_one_it_names(tmp_path: Path) -> None:
+    """`--dynamic n=2:32` replaced the Dim n of the SPEC's dynamic_shapes but left `2 * n` on
+    the old n (max 16): torch.export refused "Not all values of n ... n <= 32 satisfy ... <= 16",
+    a range the user never gave."""
+    (tmp_path / "tf_derived_spec.py").write_text(textwrap.dedent(
+        """
+        import torch
+
+
+        class Halves(torch.nn.Module):
+            def forward(self, x, y):
+                return x.repeat(2) + y
+
+
+        def derived():
+            n = torch.export.Dim("n", min=2, max=16)
+            return Halves(), (torch.randn(4), torch.randn(8)), ({0: n}, {0: 2 * n})
+        """
+    ))
+    out = tmp_path / "derived.pt2"
+    result = _cli(["export", "tf_derived_spec:derived", "-o", str(out), "--dynamic", "n=2:32"], tmp_path)
+    assert result.exit_code == 0, result.output
+    run = tileflow.load(out)
+    assert run.manifest["dynamic"] == {"n": [2, 32]}
+    torch.testing.assert_close(run(torch.ones(30), torch.ones(60)), torch.full((60,), 2.0))
+
+
+@pytest.mark.parametrize("flags", [["--batch", "7"], ["--seq-len", "9"]])
+def test_example_sizes_for_a_function_spec_are_refused(spec_dir: Path, flags: list[str]) -> None:
+    """`--batch` / `--seq-len` size a transformers config's example only: with a function SPEC
+    they were ignored without a word and the archive kept the function's own example sizes."""
+    result = _cli(["export", "tf_export_spec:tiny", "-o", str(spec_dir / "sized.pt2"), *flags], spec_dir)
+    assert result.exit_code == 2, result.output
+    assert f"{flags[0]} applies only to a transformers config SPEC" in result.stderr
+    assert not (spec_dir / "sized.pt2").exists()

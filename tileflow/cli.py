@@ -209,16 +209,24 @@ def _apply_dynamic(dynamic_shapes: Any, dynamic: dict[str, tuple[int, int]], whe
     found: set[str] = set()
     replacements: dict[str, Any] = {}
 
+    def replaced(name: str) -> Any:
+        found.add(name)
+        if name not in replacements:
+            lo, hi = dynamic[name]
+            replacements[name] = torch.export.Dim(name, min=lo, max=hi)
+        return replacements[name]
+
     def walk(obj: Any) -> Any:
         name = getattr(obj, "__name__", None)
-        if name is not None and hasattr(obj, "min") and hasattr(obj, "max"):
-            if name in dynamic:
-                found.add(name)
-                if name not in replacements:
-                    lo, hi = dynamic[name]
-                    replacements[name] = torch.export.Dim(name, min=lo, max=hi)
-                return replacements[name]
+        root = getattr(obj, "root", None)
+        if name is not None and root is not None and hasattr(obj, "fn"):
+            # A derived Dim (`2 * n`) keeps its root: rebuild it over the new root, else it
+            # keeps the old range and torch.export sees two ranges for one dim.
+            if getattr(root, "__name__", None) in dynamic:
+                return type(obj)(name, replaced(root.__name__), obj.fn)
             return obj
+        if name is not None and hasattr(obj, "min") and hasattr(obj, "max"):
+            return replaced(name) if name in dynamic else obj
         if isinstance(obj, dict):
             return {k: walk(v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
@@ -331,6 +339,12 @@ def export_command(spec: str, output: str, target: str | None, dynamic: tuple[st
         if config_json is not None:
             model, args, dyn = _build_transformers(config_json, seq_len, batch, ranges)
         else:
+            if seq_len is not None or batch is not None:
+                # The function builds its own example inputs: ignoring these would archive sizes
+                # the user did not ask for, without a word.
+                given = " and ".join(o for o, v in (("--seq-len", seq_len), ("--batch", batch)) if v is not None)
+                raise SpecError(f"{given} applies only to a transformers config SPEC; {spec} is a function, "
+                                "which returns its own example_args: size them there")
             model, args, dyn = _load_spec_function(spec, ranges)
         if target != "ascend" and (Path(output).is_dir() or output.endswith(("/", os.sep))):
             raise SpecError(f"{output} is a folder; give the archive's file name (e.g. model.pt2)")

@@ -302,3 +302,55 @@ def test_auto_target_resolves_by_device_and_unknown_targets_are_refused() -> Non
     with pytest.raises(ValueError, match="no kernel backend for target 'auto'"):
         get_backend("auto")
     assert get_backend("reference").name == "reference"
+
+
+def test_a_relative_debug_dir_survives_a_change_of_directory(tmp_path, monkeypatch) -> None:
+    """As `tile_timings`: a relative debug_dir is the folder under the directory the config was made
+    in. Read against the working directory at each compile, one backend wrote its graphs into two
+    folders, and the second's report.json also listed the graph left in the first."""
+    import json
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    backend = tileflow.TileflowBackend({"debug_dir": "dd", "target": "reference"}, report=tileflow.Report())
+    assert backend.config.debug_dir == str(tmp_path / "a" / "dd")
+    torch.compile(lambda x: x * 2, backend=backend)(torch.ones(3))
+    monkeypatch.chdir(tmp_path / "b")
+    torch.compile(lambda x: x + 2, backend=backend)(torch.ones(3))
+    root = tmp_path / "a" / "dd"
+    listed = [g["graph_id"] for g in json.loads((root / "report.json").read_text())["graphs"]]
+    assert listed == sorted(p.name for p in root.iterdir() if p.name.startswith("graph_")) and len(listed) == 2
+    assert not (tmp_path / "b" / "dd").exists()
+
+
+@pytest.mark.parametrize("max_tokens", [2**31, 2**40, 10**30])
+def test_a_max_tokens_past_any_plan_is_refused_when_the_config_is_made(max_tokens: int) -> None:
+    """The tile planner costs every 16 rows up to max_tokens: 2**31 took minutes to compile a
+    4-GEMM model, 2**40 rolled gemm_padding back on a 512 GiB MemoryError and 10**30 left every
+    GEMM unplanned ("Maximum allowed size exceeded"), each only in the report."""
+    with pytest.raises(ValueError, match=r"'max_tokens' must be at most"):
+        Config(max_tokens=max_tokens)
+    with pytest.raises(ValueError, match=r"'max_tokens' must be at most"):
+        Config.from_options({}, env={"TILEFLOW_MAX_TOKENS": str(max_tokens)})
+    assert Config(max_tokens=1 << 24).max_tokens == 1 << 24
+
+
+@pytest.mark.parametrize(
+    "options, env, needle",
+    [
+        ({}, {"TILEFLOW_TARGET": "gpu"}, r"'target' must be one of .*TILEFLOW_TARGET='gpu'"),
+        ({}, {"TILEFLOW_MAX_TOKENS": "0"}, r"'max_tokens' must be a positive integer.*TILEFLOW_MAX_TOKENS='0'"),
+        # nano_batches from the environment, passes from the options: the error says which is which.
+        ({"passes": ["canonicalize"]}, {"TILEFLOW_NANO_BATCHES": "2"},
+         r"needs the 'nanobatch' pass.*TILEFLOW_NANO_BATCHES='2'"),
+    ],
+)
+def test_a_bad_value_from_the_environment_names_its_variable(options: dict, env: dict, needle: str) -> None:
+    """README: a value of the wrong kind is a ValueError that names it. A value from a TILEFLOW_*
+    variable was refused as an option the caller never passed ("set nano_batches=1")."""
+    with pytest.raises(ValueError, match=needle):
+        Config.from_options(options, env=env)
+    with pytest.raises(ValueError) as info:  # and only the environment's values are named
+        Config.from_options({"target": "gpu"}, env={"TILEFLOW_STRICT": "1"})
+    assert "TILEFLOW_" not in str(info.value)

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Iterator, Mapping
 
@@ -22,6 +23,9 @@ RESIDUALS: tuple[str, ...] = ("auto", "eager", "inductor")
 # tileflow's own passes, in the only order they may run (see `_check_pass_order`).
 BUILTIN_PASSES: tuple[str, ...] = ("canonicalize", "attention", "gemm_padding", "nanobatch", "disaggregate")
 DEFAULT_PASSES: tuple[str, ...] = ("canonicalize", "attention", "gemm_padding")
+# The largest `max_tokens`: the tile planner costs every 16 rows up to it, per GEMM shape (2**31
+# took minutes for a 4-GEMM model, 2**40 a 512 GiB array); 16M tokens still plans in about a second.
+MAX_TOKENS_LIMIT = 1 << 24
 # Environment variables that are tileflow's but not Config keys.
 _NON_CONFIG_ENV = frozenset({"TILEFLOW_LOG", "TILEFLOW_CACHE_DIR", "TILEFLOW_UPDATE_GOLDEN"})  # the last: tests/golden_files.py
 
@@ -37,7 +41,7 @@ class Config:
             (inductor on CUDA, eager on CPU).
         max_tokens: the most tokens tile plans cover: the shape environment's upper bound of the
             token dimension, capped at this (an unbounded dimension gets this); a longer call runs
-            the nearest plan's tiles and logs a warning.
+            the nearest plan's tiles and logs a warning. At most `MAX_TOKENS_LIMIT` (2**24).
         strict: turn every fallback (a pass or node tileflow could not handle, a torch.compile
             graph `cuda_graphs` does not capture because a padded replay could differ from the
             step) into an error. A graph with no symbolic token dim (a static one) still runs
@@ -48,6 +52,7 @@ class Config:
         debug_dir: when set, each compiled graph writes its passes' before/after code, its
             kernels and `report.json` under this folder (the visualizer reads it); each rank
             of a multi-process launch under its `rank_<r>` subfolder (`compiler.debug_root`).
+            A relative path is made absolute when the config is made.
         passes: the ordered pass names to run (see `tileflow.pipeline.available_passes()`).
         nano_batches: `auto`, or an integer (1 turns nano-batching off; >= 2 forces a split).
         tile_timings: per-tile times measured on the device, which replace the cost model's
@@ -82,6 +87,9 @@ class Config:
         _check_choice("residual", self.residual, RESIDUALS)
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"tileflow option 'max_tokens' must be a positive integer, got {self.max_tokens!r}")
+        if self.max_tokens > MAX_TOKENS_LIMIT:
+            raise ValueError(f"tileflow option 'max_tokens' must be at most {MAX_TOKENS_LIMIT} (tile plans cost every "
+                             f"token count up to it), got {self.max_tokens!r}: give the most tokens one call runs")
         for name in ("verify_rtol", "verify_atol"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:  # NaN too
@@ -102,6 +110,9 @@ class Config:
             object.__setattr__(self, "debug_dir", os.fspath(self.debug_dir))  # a Path reads back from JSON as text
             if not self.debug_dir:  # read as false, it would write nothing, silently
                 raise ValueError("tileflow option 'debug_dir' is an empty path: give a folder, or None for no artifacts")
+            # Absolute, as tile_timings: each compile writes under it, maybe from another working
+            # directory (a backend's graphs would land in two folders, the second's report listing both).
+            object.__setattr__(self, "debug_dir", os.path.abspath(self.debug_dir))
             if os.path.exists(self.debug_dir) and not os.path.isdir(self.debug_dir):
                 raise ValueError(f"tileflow option 'debug_dir' names {self.debug_dir!r}, which is a file: give a folder")
         if self.tile_timings is not None and self.tile_timings != "auto":
@@ -142,6 +153,7 @@ class Config:
         valid = cls.keys()
         _check_keys(options)
         values: dict[str, Any] = {}
+        from_env: dict[str, str] = {}  # key -> `NAME='raw'`, for each value the environment gave
         for name, raw in env.items():
             if not name.startswith("TILEFLOW_") or name in _NON_CONFIG_ENV:
                 continue
@@ -153,9 +165,17 @@ class Config:
                 )
             if key not in options:
                 values[key] = _parse_env(key, name, raw)
+                from_env[key] = f"{name}={raw!r}"
         for key, value in options.items():
             values[key] = _coerce(key, value)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            # The refused values the caller never passed as options: say where they came from.
+            named = sorted(text for key, text in from_env.items() if re.search(rf"\b{key}\b", str(exc)))
+            if not named:
+                raise
+            raise ValueError(f"{exc} (set in the environment: {', '.join(named)})") from None
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (validated like the constructor)."""

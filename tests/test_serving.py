@@ -353,6 +353,21 @@ def test_scheduler_rejects_a_request_twice_and_a_done_one() -> None:
     assert engine.allocator.all_free() and first.generated == 2
 
 
+def test_run_queues_none_of_its_requests_when_it_refuses_one() -> None:
+    # run() used to queue its requests one by one: a refused one left those before it queued
+    # (served by the next run) and the corrected list was refused as holding ids already waiting.
+    engine = ServingEngine(RandomProgram(0), token_budget=16, decode_slots=2, block_size=4, num_blocks=8)
+    good = Request(0, [1, 2, 3], 4)
+    with pytest.raises(ValueError, match="request 1 needs 11 KV blocks, more than the 8 there are"):
+        engine.run([good, Request(1, list(range(40)), 4)])
+    with pytest.raises(ValueError, match="a request with id 2 is in the list twice"):
+        engine.run([Request(2, [1], 2), Request(2, [4], 1)])
+    assert not engine.scheduler.has_work() and not good.done
+    fixed = Request(1, [1, 2], 4)
+    engine.run([good, fixed])
+    assert good.generated == fixed.generated == 4 and engine.allocator.all_free()
+
+
 def test_engine_refuses_a_budget_beyond_the_programs_steps(llama_program) -> None:
     program, _ = llama_program  # built for steps of up to 256 tokens
     with pytest.raises(ValueError, match="token_budget 300 is more than the 256 tokens a step of this program may hold"):
@@ -1102,6 +1117,10 @@ def test_requests_read_stop_tokens_once_and_refuse_a_bare_id() -> None:
     # One id (transformers' eos_token_id often is one) is refused with a hint, not a bare TypeError.
     with pytest.raises(ValueError, match=r"stop_tokens must be a collection of token ids, got 5: pass \[5\]"):
         Request(2, [1], 2, stop_tokens=5)
+    # A 0-d tensor or array (an id as torch or numpy holds it) too: tuple() of it was a bare TypeError.
+    for one in (torch.tensor(5), np.array(5)):
+        with pytest.raises(ValueError, match=r"stop_tokens must be a collection of token ids, got .*5.*: pass \[5\]"):
+            Request(3, [1], 2, stop_tokens=one)
 
 
 def test_windowed_prompt_chunks_leave_decoding_requests_a_block() -> None:

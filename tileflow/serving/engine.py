@@ -268,6 +268,13 @@ class ServingEngine:
         """Queue a request; ValueError for token ids the model has no embedding for, for a
         request longer than the program's `max_positions` (GPT-2's learned position table), or
         for an id this engine has served before."""
+        self._check(request)
+        self.scheduler.add(request)
+        # TTFT counts from here: a request may join between steps or runs, long after a run began.
+        self._arrivals[request.id] = time.perf_counter() - self._start
+
+    def _check(self, request: Request) -> None:
+        """ValueError when `add` would refuse the request; queues nothing."""
         vocab = getattr(self.program, "vocab_size", None)
         if vocab is not None:
             bad = sorted({t for t in (*request.prompt, *request.stop_tokens) if t >= vocab})
@@ -292,12 +299,21 @@ class ServingEngine:
             # read back would stamp this one's first-token time).
             raise ValueError(f"request id {request.id} was already served by this engine: ids must be unique over "
                              "its life (metrics are kept by id)")
-        self.scheduler.add(request)
-        # TTFT counts from here: a request may join between steps or runs, long after a run began.
-        self._arrivals[request.id] = time.perf_counter() - self._start
+        self.scheduler.check(request)
 
     def run(self, requests: Sequence[Request] = (), *, progress: bool = False) -> Metrics:
-        """Serve until every request is done; returns the metrics."""
+        """Serve until every request is done; returns the metrics. The requests are all checked
+        before any is queued: when `add` would refuse one, ValueError and none is queued (queued
+        up to the bad one, the others would be served by a later run, and a corrected list
+        refused as holding ids already waiting)."""
+        requests = list(requests)
+        seen: set[Any] = set()
+        for r in requests:
+            self._check(r)
+            if r.id in seen:
+                raise ValueError(f"a request with id {r.id} is in the list twice: ids must be unique "
+                                 "(metrics and abort() go by id)")
+            seen.add(r.id)
         for r in requests:
             self.add(r)
         total = sum(r.max_new_tokens for r in list(self.scheduler.waiting) + self.scheduler.running)

@@ -100,9 +100,12 @@ class Request:
         bad = [t for t in self.prompt if not _is_token_id(t)]
         if bad:
             raise ValueError(f"request {self.id}: the prompt must hold token ids (ints >= 0), got {bad[:5]}")
-        if isinstance(self.stop_tokens, (numbers.Integral, str, bytes)) or not isinstance(self.stop_tokens, Iterable):
+        # A 0-d tensor or array is one id too, though iterable in name (tuple() raises a bare TypeError).
+        bare = getattr(self.stop_tokens, "ndim", None) == 0
+        if bare or isinstance(self.stop_tokens, (numbers.Integral, str, bytes)) or not isinstance(self.stop_tokens, Iterable):
             # One id (transformers' eos_token_id often is one) would fail below as "not iterable".
-            hint = f": pass [{self.stop_tokens}] for one stop token" if _is_token_id(self.stop_tokens) else ""
+            one = self.stop_tokens.item() if bare else self.stop_tokens
+            hint = f": pass [{one}] for one stop token" if _is_token_id(one) else ""
             raise ValueError(f"request {self.id}: stop_tokens must be a collection of token ids, got "
                              f"{self.stop_tokens!r}{hint}")
         # Read once: a generator checked by all() and then read again would give no stop tokens.
@@ -208,6 +211,13 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         """Queue a request (first come, first served)."""
+        self.check(request)
+        self.waiting.append(request)
+        self._unfinished[request.id] = request
+
+    def check(self, request: Request) -> None:
+        """ValueError when `add` would refuse the request (done, its id waiting or running, or
+        needing more KV blocks than there are); queues nothing."""
         if request.done:
             raise ValueError(f"request {request.id} is done: make a new Request to serve its prompt again")
         if request.id in self._unfinished:
@@ -225,8 +235,6 @@ class Scheduler:
                           ) if self._mixed else ""
                 raise ValueError(f"request {request.id} needs {need} KV blocks{layers}, more than the "
                                  f"{g.allocator.num_blocks} there are")
-        self.waiting.append(request)
-        self._unfinished[request.id] = request
 
     def has_work(self) -> bool:
         """Requests waiting or running."""

@@ -1275,3 +1275,34 @@ def test_example_sizes_for_a_function_spec_are_refused(spec_dir: Path, flags: li
     assert result.exit_code == 2, result.output
     assert f"{flags[0]} applies only to a transformers config SPEC" in result.stderr
     assert not (spec_dir / "sized.pt2").exists()
+
+
+def test_an_unnamed_dynamic_dim_is_named_by_where_it_is(tmp_path: Path) -> None:
+    """A `Dim.DYNAMIC` dim was named by torch's symbol (`s77`) in the manifest and in the
+    refusal of a size below its range, which also did not say that torch.export takes such a
+    dim to be at least 2, nor how to export one that takes 1."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU()).eval()
+    archive = tileflow.export_model(model, (torch.randn(4, 32),), ({0: torch.export.Dim.DYNAMIC},),
+                                    options={"target": "reference"})
+    run = tileflow.load(archive.save(tmp_path / "mlp.pt2"))
+    assert run.manifest["dynamic"] == {"input_dim0": [2, None]}
+    assert run.manifest["inputs"][0]["shape"] == ["input_dim0", 32]
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), model(x))
+    with pytest.raises(ValueError, match=r"input 0 dim 0 is 1 but the archive was exported for input_dim0 in "
+                                         r"\[2, None\]: .*Dim\(\.\.\., min=1\)"):
+        run(torch.randn(1, 32))
+
+
+def test_example_args_that_do_not_fit_forward_are_refused_by_name() -> None:
+    """A keyword-only input was refused as "the model cannot be exported over the given dynamic
+    ranges", from a TypeError deep in torch.export: the ranges were not the problem."""
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x: torch.Tensor, *, scale: float) -> torch.Tensor:
+            return x * scale
+
+    with pytest.raises(ValueError, match=r"example_args do not fit Scaled.forward \(missing a required argument: "
+                                         r"'scale'\): an archive takes positional inputs only"):
+        tileflow.export_model(Scaled(), (torch.randn(3),), options={"target": "reference"})

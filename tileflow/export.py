@@ -186,6 +186,14 @@ def export_model(
         raise ValueError("verify=True runs each pass's output on the example inputs, but an export for target "
                          "'ascend' only emits its kernels here: drop verify, or check the archive where CANN runs it")
 
+    try:
+        inspect.signature(model.forward).bind(*example_args)
+    except TypeError as exc:
+        # torch.export would blame the dynamic ranges: the archive takes positional inputs only.
+        raise ValueError(f"example_args do not fit {type(model).__name__}.forward ({exc}): an archive takes "
+                         "positional inputs only, so give each input in example_args (a keyword-only one "
+                         "through a wrapper module whose forward takes it by position)") from None
+
     notify("export")
     model = model.eval()
     with torch.no_grad():
@@ -466,9 +474,14 @@ def _dim_names(model: torch.nn.Module, example_args: tuple, dynamic_shapes: Any,
             continue
         items = spec.items() if isinstance(spec, dict) else enumerate(spec)
         for dim, dim_spec in items:
-            name = getattr(dim_spec, "__name__", None)
             size = fake.shape[dim]
-            if name and isinstance(size, torch.SymInt):
+            if not isinstance(size, torch.SymInt):
+                continue
+            name = getattr(dim_spec, "__name__", None)
+            if not name and size.node.expr.is_Symbol:
+                # A `Dim.DYNAMIC` / `Dim.AUTO` has no name: say where the dim is, not torch's `s77`.
+                name = f"{params[i] if flat and i < len(params) else f'input{i}'}_dim{dim}"
+            if name:
                 names.setdefault(str(size.node.expr), name)
     return names
 
@@ -664,7 +677,10 @@ class LoadedProgram:
         def within(name: str, size: int, where: str) -> None:
             lo, hi = ranges.get(name, [None, None])
             if (lo is not None and size < lo) or (hi is not None and size > hi):
-                raise ValueError(f"{where} is {size} but the archive was exported for {name} in [{lo}, {hi}]")
+                # torch.export takes a `Dim.DYNAMIC` or `Dim.AUTO` dim to be >= 2 (0 and 1 specialize).
+                hint = (f": torch.export takes a dynamic dim to be at least 2 unless its Dim says otherwise; export "
+                        f"with torch.export.Dim(..., min={size}) for it to take {size}") if lo == 2 and size < 2 else ""
+                raise ValueError(f"{where} is {size} but the archive was exported for {name} in [{lo}, {hi}]{hint}")
             if name in bound and bound[name][0] != size:
                 raise ValueError(f"{where} is {size} but {bound[name][1]} (the same dim {name}) is {bound[name][0]}")
             bound.setdefault(name, (int(size), where))

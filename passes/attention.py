@@ -92,11 +92,20 @@ _DTYPES = {
 }
 
 
-# meta_attention places a sequence's n queries at the last n of its key positions (decode and
-# chunked prefill over a cache), so it needs n <= keys: cross-attention with a longer decoder
-# input than encoder output is left to the original ops.
-_MORE_QUERIES_THAN_KEYS = ("the queries may outnumber the keys (cross-attention over a shorter input): meta_attention "
-                           "puts each query at a key position")
+def _more_queries_than_keys(s_q: Any, s_kv: Any) -> str:
+    """Why an attention whose `s_q` queries are not known to be at most its `s_kv` keys stays as
+    it was. meta_attention places a sequence's n queries at the last n of its key positions
+    (decode and chunked prefill over a cache), so it needs n <= keys: cross-attention with a
+    longer decoder input than encoder output is left to the original ops. The sizes are named,
+    and so is the other form that meets this check: a StaticCache prefill attending over every
+    slot of the cache (Falcon's; a sliding layer's window-sized cache), whose `max_cache_len`
+    Dynamo makes a symbol of its own under `dynamic=True`, unordered against the queries'."""
+    if isinstance(s_q, int) and isinstance(s_kv, int):  # static sizes: the queries do outnumber the keys
+        return (f"the queries may outnumber the keys ({s_q} and {s_kv}: cross-attention over a shorter input): "
+                "meta_attention puts each query at a key position")
+    return (f"the queries may outnumber the keys ({s_q} and {s_kv}, not known to be ordered: cross-attention over a "
+            "shorter input, or keys that are every slot of a StaticCache, its max_cache_len a symbol of its own): "
+            "meta_attention puts each query at a key position")
 
 
 def _val(node: Any) -> Any:
@@ -354,7 +363,7 @@ class Attention:
                     "q, k and v passed in separately get a size each after a recompile; dynamic=True gives "
                     "equal sizes one symbol): top-left alignment, where they differ, is not supported")
         if not statically_known_true(qv.shape[2] <= kv.shape[2]):
-            return _MORE_QUERIES_THAN_KEYS
+            return _more_queries_than_keys(qv.shape[2], kv.shape[2])
         mask = args.get(mask_name) if mask_name else None
         if mask is not None and not (isinstance(_val(mask), torch.Tensor) and _val(mask).dim() <= 4):
             return "attention mask is not a tensor of at most 4 dims"
@@ -787,7 +796,7 @@ class Attention:
                                  or not same_shape(_val(gate.mul).shape, want_out)):
             return "the sink gate sigmoid(logsumexp(scores) - sinks) scales another tensor than the P @ V output"
         if not statically_known_true(qv.shape[2] <= kv.shape[2]):
-            return _MORE_QUERIES_THAN_KEYS
+            return _more_queries_than_keys(qv.shape[2], kv.shape[2])
         scale: float | None = operands.q_factor * operands.k_factor * scores.product_scale
         rule = self._mask_rule(scores.mask, qv.shape[2], kv.shape[2])
         if scores.product_bias is not None and not scores.product_bias_bounded:

@@ -178,3 +178,31 @@ def test_first_call_with_batch_equal_to_length_runs_every_attention_on_the_meta_
         got, want = compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits
     assert (got - want).abs().max().item() <= 1e-4
     assert report.rewrites["meta_attention"] == 2 and not report.fallbacks, report.fallbacks
+
+
+def test_static_cache_prefill_over_every_slot_says_why_it_is_not_on_the_meta_kernel() -> None:
+    """Falcon attends its StaticCache prefill over every slot of the cache (`max_cache_len`
+    keys, the unwritten ones hidden by its mask), a size Dynamo traces apart from the queries'
+    under `dynamic=True`: nothing proves queries <= keys, so the prefill's attention stays as it
+    was. Generation still equals eager's, and the fallback's reason names the sizes and the
+    static cache, not only cross-attention (there is none in a decoder-only model)."""
+    torch.manual_seed(0)
+    model = ZOO["falcon"][0]().eval()
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    kwargs = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0,
+              "cache_implementation": "static"}
+    forward = model.forward
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    with torch.no_grad():
+        want = model.generate(ids, **kwargs)
+        model.forward = torch.compile(forward, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
+                                      dynamic=True)
+        try:
+            got = model.generate(ids, **kwargs)
+        finally:
+            model.forward = forward
+    assert torch.equal(got, want)
+    reasons = [f.reason for f in report.fallbacks if f.pass_name == "attention"]
+    assert reasons, "the static prefill's attention is expected to fall back"
+    assert all("StaticCache" in reason and "max_cache_len" in reason for reason in reasons), reasons

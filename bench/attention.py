@@ -514,8 +514,8 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
     import torch
 
     import tileflow
-    from common import (environment, markdown_table, measured_copy_gbs, measured_matmul_tflops, median_ms, results_name,
-                        write_results)
+    from common import (allow_recompiles, environment, markdown_table, measured_copy_gbs, measured_matmul_tflops, median_ms,
+                        results_name, write_results)
 
     dtype = torch.bfloat16
     env = environment()
@@ -526,9 +526,7 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
     failures: list[str] = []
     # Every batch compiles its own FlexAttention (new shapes, new block mask); past Dynamo's
     # default recompile limit it would silently fall back to eager (and materialize the scores).
-    for limit in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, limit):
-            setattr(torch._dynamo.config, limit, 64)
+    allow_recompiles()
 
     def under_config(fn):
         def call(batch):
@@ -719,6 +717,8 @@ def run_gpu(quick: bool, write: bool, parts: tuple[str, ...] = ATTENTION_PARTS) 
 
     # ATTENTION_PARTS=mask,softcap and a later decode,prefill run on one commit: two files.
     file_name = results_name("attention", parts, ATTENTION_PARTS)
+    if quick:
+        file_name += "-quick"  # smaller batches: a quick run must not replace the full table of the same day and commit
 
     def checkpoint() -> None:
         if write:

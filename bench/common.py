@@ -145,6 +145,18 @@ def checked_ms(what: str, call: Callable[[], torch.Tensor], want: torch.Tensor, 
         return None
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """Raise Dynamo's recompile limit and make reaching it an error: each backend compiled over
+    one model, and each new shape or block mask, takes a recompile of the same code, and past the
+    limit (8) Dynamo silently runs the rest eagerly, a method timed as eager under its name."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name before torch 2.6, kept as an alias
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, limit)
+    dynamo_config.fail_on_recompile_limit_hit = True
+
+
 def geomean(values: Sequence[float]) -> float:
     """Geometric mean (nan when empty)."""
     values = [v for v in values if v > 0 and math.isfinite(v)]

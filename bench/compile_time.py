@@ -280,9 +280,10 @@ def main() -> None:
             # GC pauses land by chance (a full collection over the whole heap): left out of the growth.
             own = row["tileflow"] - row.get("gc", 0.0)
             growth = ""
-            if previous:
+            d, (before_tf, before_torch) = max(previous.items()) if previous else (layers, (0.0, 0.0))
+            # A depth measured again (`--layers 8,8`: the noise) has no step to scale: no growth.
+            if d != layers:
                 # The growth from the previous depth, scaled to a 4x step: t2/t1 ** (log 4 / log(d2/d1)).
-                d, (before_tf, before_torch) = max(previous.items())
                 exponent = math.log(4) / math.log(layers / d)
                 growth = (f"{(own / before_tf) ** exponent:.1f}x / "
                           f"{((row['dynamo'] + row['aot']) / before_torch) ** exponent:.1f}x")

@@ -342,11 +342,15 @@ def run_gpu(quick: bool, write: bool, tile_timings: str | None = None, variant_m
         """The geomeans and notes over the rows so far (every ratio from rows where both sides
         were measured): written at every checkpoint, so a cut stage still has them."""
         kernels: dict[str, int] = {}
+        table_shapes = {f"{n}x{k}" for n, k in shapes}
         for kern in tileflow.runtime.compiled_kernels("padded_gemm"):
             if any(kern.spec.param(flag, False) for variant in VARIANTS.values() for flag in variant):
                 continue  # the variant columns' kernels are not the plans'
             key = f"{kern.spec.param('n')}x{kern.spec.param('k')}"
-            kernels[key] = kernels.get(key, 0) + 1
+            # The SwiGLU and Q, K and V tables' kernels (checkpointed with this summary) are not
+            # this table's: their one kernel over three weights has the Q, K and V shape's N.
+            if key in table_shapes and not kern.spec.param("segments", None):
+                kernels[key] = kernels.get(key, 0) + 1
         def mean(vals: list[float]) -> str:
             return f"**{geomean(vals):.2f}x** ({len(vals)} rows)" if vals else "no row measured yet"
 

@@ -20,7 +20,8 @@
 # tree PROFILE_BASE names, made by bench/base_tree.sh and carried to the device), sampling (a step's sampled tokens, eager and fused; bench/sampling.py), moe (Mixtral's and gpt-oss's expert GEMMs; bench/moe.py), tiles (bench/gemm.py --measure-tiles), gemm-measured (the GEMM table
 # with plans from those tile times, or from the ones tileflow ships), tests (the kernel tests, compiled Triton), tests-gpu
 # (tests/test_gpu.py: models, graphs and streams on CUDA). A stage that fails or runs out of
-# time does not stop the next one. Narrower runs: ATTENTION_PARTS (default
+# time does not stop the next one; the script then exits 1 (naming those stages last), so the
+# call's exit status says whether every stage passed. Narrower runs: ATTENTION_PARTS (default
 # decode,prefill,mixed,mask,softcap,packed), E2E_TOKENS (default 256,1024,4096) and E2E_TRACE_REQUESTS
 # (default 256). Every stage needs its limit (`gemm:90`, not `gemm`): a stage without one, or an
 # unknown stage, is refused before anything runs.
@@ -108,6 +109,7 @@ pack_results() {
   tar czf "$OUT/$1" bench/results 2>/dev/null && mv -f "$OUT/$1" "$OUT/results.tar.gz"
 }
 
+FAILED_STAGES=""  # "name:exit status" of each stage that failed or ran out of time
 run_stage() {
   local name=$1 limit=$2 start rc flag packer
   shift 2
@@ -125,6 +127,7 @@ run_stage() {
   packer=$!
   timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
+  [ "$rc" -eq 0 ] || FAILED_STAGES="$FAILED_STAGES $name:$rc"
   rm -f "$flag"
   wait "$packer" 2>/dev/null
   echo "=== $name: exit $rc after $(( $(date +%s) - start ))s"
@@ -182,3 +185,7 @@ done
 
 pack_results .results.tmp
 ls -la "$OUT"
+if [ -n "$FAILED_STAGES" ]; then
+  echo "gpu_session.sh: stages that failed or ran out of time (name:exit status):$FAILED_STAGES"
+  exit 1
+fi

@@ -27,12 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Kernel-name patterns per category, first match wins (Triton kernels carry tileflow's names;
-# cuBLAS/cuDNN/flash kernels theirs; Inductor's fused kernels start with triton_).
+# cuBLAS/cuDNN/flash kernels theirs; Inductor's fused kernels start with triton_). cuBLAS on
+# Hopper names most of its GEMMs `nvjet_*` (an H200's bf16 matmul: `nvjet_sm90_tst_256x128`),
+# its matrix-vector products `gemv*` and its split-K pass `splitKreduce_kernel`.
 CATEGORIES = (
-    ("split-K reduce", ("_reduce",)),
+    ("split-K reduce", ("_reduce", "splitkreduce")),
     ("attention", ("meta_attention", "flash", "fmha", "attention", "sdpa")),
-    ("GEMM", ("padded_gemm", "grouped_gemm", "gemm", "matmul", "sm90_xmma", "cutlass", "mm_", "_mm", "aten::mm",
-              "aten::addmm", "aten::linear", "aten::bmm")),
+    ("GEMM", ("padded_gemm", "grouped_gemm", "gemm", "gemv", "nvjet", "matmul", "sm90_xmma", "cutlass", "mm_", "_mm",
+              "aten::mm", "aten::addmm", "aten::linear", "aten::bmm")),
     ("copy", ("copy", "memcpy", "memset", "cat", "fill")),
     ("elementwise / norm", ("triton_", "elementwise", "reduce", "vectorized", "unrolled", "norm", "aten::")),
 )

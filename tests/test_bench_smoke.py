@@ -11,6 +11,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _dynamo_limits_restored():
+    """The benchmarks run in-process here raise Dynamo's recompile limit and make reaching it an
+    error (`common.allow_recompiles`): the later test files of this worker keep the defaults."""
+    import torch._dynamo.config as dynamo_config
+
+    names = [n for n in ("recompile_limit", "cache_size_limit", "fail_on_recompile_limit_hit") if hasattr(dynamo_config, n)]
+    saved = {n: getattr(dynamo_config, n) for n in names}
+    yield
+    for name, value in saved.items():
+        setattr(dynamo_config, name, value)
+
+
 # The three benchmarks of the issues' acceptance and the MoE experts' (7-9 s) in the default run;
 # the profiling and sampling ones (and compile_time.py below) in the extended run, which goes
 # before every GPU session.
@@ -1370,3 +1383,188 @@ def test_gemm_measured_plans_refuses_auto_where_no_tile_times_ship(monkeypatch, 
     monkeypatch.setattr(gemm, "checked_tflops", started)
     assert gemm.run_gpu(True, True, "auto", device="cpu") == 2  # on the CPU no tile times ship either
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# A third reader's dry run of the bench scripts' GPU paths: cuBLAS's Hopper GEMMs filed under
+# "other", a session whose exit status hides failed stages, a sampling table lost with one bad
+# row count, and a compile-time table lost to a repeated depth.
+
+
+def test_profile_files_cublas_hopper_gemm_kernels_under_gemm(monkeypatch) -> None:
+    """cuBLAS on an H100/H200 names its GEMMs `nvjet_*` (the H200's bf16 matmul in the test of
+    the profile's sums above: `nvjet_sm90_tst_256x128`), its matrix-vector products `gemv*` and
+    its split-K pass `splitKreduce_kernel`: the Inductor step's GEMMs (cuBLAS through
+    `extern_kernels.mm`) were filed under "other", leaving its GEMM share near zero."""
+    profile_step = _bench_module("profile_step", monkeypatch)
+    assert profile_step.category("nvjet_sm90_tst_256x128") == "GEMM"
+    assert profile_step.category("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT") == "GEMM"
+    assert profile_step.category("gemv2T_kernel_val<int, int, __nv_bfloat16, float, 128, 16>") == "GEMM"
+    assert profile_step.category("void cublasLt::splitKreduce_kernel<32, 16, int, float>") == "split-K reduce"
+    # The categories that already held stay.
+    assert profile_step.category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "GEMM"
+    assert profile_step.category("triton_red_fused__to_copy_add_embedding_mean_mul_pow_rsqrt_0") == "elementwise / norm"
+    assert profile_step.category("Memset (Device)") == "copy"
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils")
+def test_gpu_session_exit_status_says_a_stage_failed(tmp_path) -> None:
+    """A failed (or timed-out) stage does not stop the next one, but the session then exited 0
+    (its last command was `ls`): the device tool's `rc` read success for a call whose every
+    stage failed. It must exit 1 and name the stages, having still run the later ones."""
+    tree, fake, out = _session_tree(tmp_path, "  *gemm.py*) exit 1;;\n")
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake)}
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "gemm:5", "sampling:5"], cwd=tree, capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert "=== gemm: exit 1" in proc.stdout and "=== sampling: exit 0" in proc.stdout
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "gemm:1" in proc.stdout.splitlines()[-1]
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "sampling:5"], cwd=tree, capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_sampling_keeps_its_rows_when_a_later_row_count_fails_or_is_cut(monkeypatch, tmp_path) -> None:
+    """bench/sampling.py wrote its table only at the end, and returned at the first row count
+    whose fused draws disagreed: a disagreement at 256 rows, or the stage's limit, lost the
+    64-row table already measured (every other benchmark rewrites its file after each row)."""
+    sampling = _bench_module("sampling", monkeypatch)
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    setup = sampling._setup
+    monkeypatch.setattr(sampling, "gpu_available", lambda: True)
+    monkeypatch.setattr(sampling, "measured_copy_gbs", lambda *a, **k: 1000.0)
+    monkeypatch.setattr(sampling, "median_ms", lambda fn, **k: (fn(0), 1e-6)[1])
+    monkeypatch.setattr(sampling, "agreement", lambda rows, *a: 1.0 if rows == 4 else 0.5)
+    monkeypatch.setattr(sampling, "_setup", lambda rows, vocab, device, dtype, **f: setup(rows, vocab, "cpu", dtype, **f))
+    monkeypatch.setattr(sampling, "draw", lambda logits, s, fused: logits.argmax(-1))
+    monkeypatch.setattr(sys, "argv", ["sampling.py", "--rows", "4,8", "--vocab", "100"])
+    assert sampling.main() == 1
+    (path,) = tmp_path.iterdir()
+    text = path.read_text()
+    assert "| 4 | argmax (greedy) | 0.000 | 800 | 80% |" in text
+    assert "FAILED: fused and eager draws disagree on 50.0% of 8 rows" in text and "partial" not in text
+
+    # Cut by the stage's limit while timing the second row count: the first one's rows are on disk.
+    path.unlink()
+
+    class Killed(BaseException):
+        pass
+
+    timed = []
+
+    def median_ms(fn, **kwargs):
+        if len(timed) == 4:
+            raise Killed
+        timed.append(fn(0))
+        return 1e-6
+
+    monkeypatch.setattr(sampling, "median_ms", median_ms)
+    monkeypatch.setattr(sampling, "agreement", lambda *a: 1.0)
+    with pytest.raises(Killed):
+        sampling.main()
+    (path,) = tmp_path.iterdir()
+    text = path.read_text()
+    assert "partial" in text and "| 4 | draw, fused |" in text
+
+
+def test_compile_time_growth_skips_a_repeated_depth(monkeypatch, capsys) -> None:
+    """`compile_time.py --layers 2,2,8` (a depth measured twice, to see the noise) raised
+    ZeroDivisionError (log(2 / 2) = 0 in the growth's exponent) after every row was measured,
+    and printed no table."""
+    compile_time = _bench_module("compile_time", monkeypatch)
+    row = {"canonicalize": 1.0, "dynamo": 10.0, "aot": 5.0, "tileflow": 20.0, "other": 1.0, "graphs": 1, "padding": 0.0,
+           "gc": 0.0}
+    monkeypatch.setitem(compile_time.MEASURE, "dynamo", lambda name, layers, options, batch: dict(row))
+    monkeypatch.setattr(compile_time.torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(sys, "argv", ["compile_time.py", "--models", "llama", "--layers", "2,2,8"])
+    compile_time.main()
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| llama")]
+    assert [r[1] for r in rows] == ["2", "2", "8"]
+    assert [r[-1] for r in rows] == ["", "", "1.0x / 1.0x"]  # the same times at 4x the depth: flat
+
+
+def test_gemm_summary_counts_the_main_tables_kernels_only(monkeypatch, tmp_path) -> None:
+    """The summary under the dynamic-M table ("tileflow kernels compiled per (N, K) ... no
+    recompiles") is rewritten at every checkpoint, the SwiGLU and Q, K and V tables' too: it
+    counted their kernels as the main table's (the H200's 62b821b file lists '14336x4096': 3,
+    the SwiGLU projection, a shape the table does not have; Q, K and V's one kernel adds to the
+    6144 x 4096 shape's count). Main table (96 x 24 here) on the CPU, the fused tables' kernels
+    built at that shape's width."""
+    import torch
+
+    import tileflow
+
+    gemm = _bench_module("gemm", monkeypatch)
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "measured_matmul_tflops", lambda *a, **k: 10.0)
+    monkeypatch.setattr(gemm, "SHAPES", [(96, 24)])
+    monkeypatch.setattr(gemm, "M_VALUES", [33])
+    bodies = []
+    write_results = common.write_results
+    monkeypatch.setattr(common, "write_results", lambda name, title, env, body, **k: (
+        bodies.append(body), write_results(name, title, env, body, **k))[1])
+
+    def checked_tflops(fn, inputs, want, flops, failures, what):
+        if what.startswith("tileflow at"):
+            fn(*inputs[0])  # builds the plan's kernels, as the real check does
+        return 1.0
+
+    def fused_tables(quick, peak, failures, checkpoint=None, *, device):
+        config = tileflow.Config(target="triton", max_tokens=gemm.MAX_TOKENS)
+        x = torch.randn(33, 24)
+        weights = [torch.randn(rows, 24) for rows in (48, 24, 24)]  # 96 rows together: the main shape's N
+        with tileflow.use_config(config):
+            tileflow.ops.padded_gemm(x, weights[0], more_weights=weights[1:])
+            for w in weights:
+                tileflow.ops.padded_gemm(x, w)
+            tileflow.ops.padded_gemm(x, weights[0], weight_up=torch.randn(48, 24), activation="swiglu")
+        checkpoint("## a fused table")
+        return "## a fused table"
+
+    monkeypatch.setattr(gemm, "checked_tflops", checked_tflops)
+    monkeypatch.setattr(gemm, "run_swiglu", fused_tables)
+    monkeypatch.setattr(gemm, "run_qkv", lambda *a, **k: "")
+    assert gemm.run_gpu(False, True, variant_m=[], device="cpu") == 0
+
+    def counts(body: str) -> str:
+        return next(line for line in body.splitlines() if "kernels compiled per (N, K)" in line)
+
+    assert "96x24" in counts(bodies[0])
+    assert counts(bodies[-1]) == counts(bodies[0])  # after the fused tables: the main table's kernels only
+
+
+def test_attention_quick_run_does_not_replace_the_full_table(monkeypatch, tmp_path) -> None:
+    """`attention.py --quick` (one smaller batch per part) wrote the full run's file name, so a
+    quick check on the day and commit of a full run replaced its table (gemm.py's quick run
+    writes `gemm-quick`)."""
+    import torch
+
+    attention, common = _attention_on_cpu(monkeypatch, tmp_path)
+    model_mask_methods = attention.model_mask_methods
+    monkeypatch.setattr(attention, "model_mask_methods",
+                        lambda s, *, device, dtype: model_mask_methods(40, device="cpu", dtype=torch.float32))
+    assert attention.run_gpu(False, True, ("mask",)) == 0
+    assert attention.run_gpu(True, True, ("mask",)) == 0
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert len(names) == 2 and [name.startswith("attention-mask-quick-") for name in names].count(True) == 1, names
+
+
+def test_allow_recompiles_makes_reaching_the_limit_an_error() -> None:
+    """Each method of the e2e prefill part recompiles the model's forward: past Dynamo's limit
+    the rest ran eagerly, timed under their names. The benchmarks now raise the limit, and
+    reaching it raises."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import allow_recompiles
+
+    allow_recompiles(limit=2)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, n: x * n, backend="eager", dynamic=False)
+    fn(torch.ones(2), 1)
+    fn(torch.ones(2), 2)
+    with pytest.raises(Exception, match="(?i)recompile|cache.?size"):
+        fn(torch.ones(2), 3)

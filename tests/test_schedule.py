@@ -519,3 +519,34 @@ def test_every_slice_waits_for_an_unsplit_producer():
     s = Schedule(streams={0: ["c[1]", "c[0]"], 1: ["p[0]"]}, ops=ops, events=[("p[0]", "c[0]")], num_tokens=16)
     with pytest.raises(ScheduleError, match=r"'c\[1\]' reads rows \[8, 16\) of 'p' .* 'p\[0\]' .* is not ordered"):
         check_schedule(s, {"p": None, "c": 16}, [("p", "c")])
+
+
+def test_make_schedule_refuses_two_specs_of_one_name():
+    """Two ops named alike became one nano-op: the compute op 'a' vanished from the schedule
+    without a word (the later spec overwrote it)."""
+    specs = [OpSpec("a", "mm", "compute"), OpSpec("a", "attn", "memory")]
+    with pytest.raises(ScheduleError, match="'a'.*more than once"):
+        make_schedule(specs, {}, [], 8)
+
+
+def test_make_schedule_refuses_splits_of_unknown_ops():
+    """A split entry for an op that is not in `specs` (a typo) was ignored: the op ran unsplit."""
+    specs = [OpSpec("a", "mm", "compute")]
+    with pytest.raises(ScheduleError, match="'A'"):
+        make_schedule(specs, {"A": [(0, 4), (4, 8)]}, [], 8)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([(0, 4), (6, 10)], r"gap, rows \[4, 6\)"),
+    ([(0, 6), (4, 10)], r"rows \[4, 6\) overlap"),
+    ([(0, 4), (4, 20)], r"outside"),
+    ([(0, 0), (0, 10)], r"empty row range"),
+    ([(5, 0)], r"empty row range"),
+])
+def test_make_schedule_refuses_splits_that_do_not_tile_the_step(rows, message):
+    """`make_schedule` promises a valid schedule, but built one from row splits with gaps,
+    overlaps, rows past the step or empty ranges, which its own checker then refuses (or, unchecked,
+    computed rows twice or never)."""
+    specs = [OpSpec("a", "mm", "compute"), OpSpec("b", "attn", "memory")]
+    with pytest.raises(ScheduleError, match=message):
+        make_schedule(specs, {"a": rows}, [("a", "b")], 10)

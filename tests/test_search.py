@@ -561,3 +561,20 @@ def test_makespan_rejects_sizes_that_are_no_token_counts(sizes) -> None:
         makespan(ops, sizes, 0.5, H100)
     with pytest.raises(ValueError, match="nano-batch sizes must be non-negative integers"):
         search.modeled_timeline(ops, sizes, 0.5, H100)
+
+
+@pytest.mark.parametrize("max_tokens", [0, -5, 2.5, True])
+def test_split_threshold_refuses_a_max_tokens_that_is_no_positive_count(max_tokens) -> None:
+    """max_tokens 0 or negative answered None ("no split wins") without scanning anything, and 2.5
+    failed deep in the search with "nano-batch sizes must be non-negative integers, got [2.5]"."""
+    with pytest.raises(ValueError, match="max_tokens"):
+        split_threshold(llama_layer(512), H100, max_tokens=max_tokens)
+
+
+def test_split_threshold_and_brute_force_refuse_an_empty_profile() -> None:
+    """search_split refuses an empty profile; split_threshold answered None for it and
+    brute_force_split raised ZeroDivisionError (its plan's makespan is 0)."""
+    with pytest.raises(ValueError, match="ops_profile is empty"):
+        split_threshold([], H100)
+    with pytest.raises(ValueError, match="ops_profile is empty"):
+        brute_force_split([], H100, 64).speedup

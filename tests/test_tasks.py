@@ -450,3 +450,21 @@ def test_metadata_past_int32_is_refused_before_the_tiles_are_built() -> None:
     with pytest.raises(ValueError, match="is 1099511627776, past the int32 metadata"):
         build_task_table([0, n], [n], num_q_heads=1, num_kv_heads=1, block_q=1, num_programs=4,
                          sliding_window=1, kv_split=0)
+
+
+@pytest.mark.parametrize("sequences", [[True, False, True], torch.tensor([True, False, True]), np.array([True, False, True]),
+                                       [0.0, 2.0], [1.9]])
+def test_sequences_that_are_no_indices_are_refused(sequences) -> None:
+    """`sequences` are indices into the batch: a boolean mask (True, False, True) was read as the
+    indices 1, 0, 1 and a float as its truncation, so the table silently covered other sequences
+    than the caller meant (sequences 0 and 1 instead of 0 and 2)."""
+    with pytest.raises(ValueError, match="sequences"):
+        build_task_table([0, 1, 2, 3], [5, 6, 7], num_q_heads=1, num_kv_heads=1, block_q=1, num_programs=2,
+                         sequences=sequences)
+
+
+def test_a_boolean_metadata_tensor_is_refused_like_a_boolean_list() -> None:
+    """A bool list was refused as metadata, but a bool tensor passed as the integers 0 and 1."""
+    for kv in ([True], torch.tensor([True])):
+        with pytest.raises(ValueError, match="seqlens_kv must hold integers"):
+            build_task_table([0, 1], kv, num_q_heads=1, num_kv_heads=1, block_q=1, num_programs=1)

@@ -1083,3 +1083,18 @@ def test_detect_device_mig_slice_keeps_only_its_memory(monkeypatch) -> None:
     assert info.cores == 16
     assert info.mem_gb == pytest.approx(10.7)
     assert info.mem_bw_gbs == pytest.approx(3350.0 * 10.7 / 80.0)
+
+
+def test_a_plan_measured_only_with_split_times_is_a_measured_plan() -> None:
+    """Measured split-K times alone make a plan measured too (as TMA times do): a split then runs
+    only where a split was measured. A plan given one measured split time ran every other
+    config's splits from the roofline beside it (m64n128 / m128n128 split-K 4, never measured)."""
+    n, k = 4096, 4096
+    config = candidate_configs(n, k, "bfloat16", H100)[1]
+    assert 2 in split_k_factors(config, k, H100)
+    slow = {2: {config: 1.0}}  # a measured split that never wins
+    plan = build_tile_plan(n, k, "bfloat16", m_max=512, device=H100, measured_split=slow)
+    assert all(pc.split_k == 1 for pc in plan.pieces), plan.describe()
+    fast = {2: {config: 1e-9}}
+    plan = build_tile_plan(n, k, "bfloat16", m_max=512, device=H100, measured_split=fast)
+    assert {(pc.config, pc.split_k) for pc in plan.pieces if pc.split_k > 1} == {(config, 2)}, plan.describe()

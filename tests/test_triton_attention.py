@@ -1143,3 +1143,23 @@ def test_public_op_with_garbage_table_tails_shared_pages_and_odd_gqa() -> None:
             out = tileflow.ops.meta_attention_varlen(
                 batch["q"], batch["k_cache"], batch["v_cache"], wide, batch["cu_seqlens_q"], batch["seqlens_kv"])
         assert_close(out, oracle(batch), "float32", f"public op, {lengths} at block_size {block_size}")
+
+
+def test_nan_in_a_mask_reaches_its_row() -> None:
+    """A NaN in an additive mask makes its row NaN, as eager attention and the reference target
+    do; the kernel (`bias > -inf`) and `bias_ranges` took it for -inf and hid its key silently."""
+    import tileflow
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 5, 16, generator=gen)
+    k, v = torch.randn(1, 2, 7, 16, generator=gen), torch.randn(1, 2, 7, 16, generator=gen)
+    mask = torch.zeros(1, 1, 5, 7)
+    mask[0, 0, 1, 3] = float("nan")  # one entry of row 1
+    mask[0, 0, 3] = float("nan")  # all of row 3
+    with tileflow.use_config(tileflow.Config(target="triton")):
+        out = tileflow.ops.meta_attention(*(t.to(DEVICE) for t in (q, k, v, mask))).cpu()
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    nan_rows = torch.isnan(out).all(dim=3)[0, 0]
+    assert nan_rows.tolist() == [False, True, False, True, False], out
+    kept = [0, 2, 4]
+    assert_close(out[:, :, kept], ref[:, :, kept], "float32", "rows without a NaN")

@@ -177,6 +177,17 @@ def test_split_k_one_part_and_launch_errors() -> None:
         render_gemm_source(gemm_spec("float32", persistent=True, split_k=True))
 
 
+@pytest.mark.parametrize("variant", [{"persistent": True}, {"stream_k": True}], ids=str)
+def test_num_programs_is_not_a_bool(variant: dict) -> None:
+    # `num_programs=True` is an int to isinstance: a persistent kernel ran on one program without
+    # a word and a stream-K kernel failed inside Triton (int64 / int1); split_k refuses a bool.
+    spec = gemm_spec("float32", **variant)
+    kernel = build(spec)
+    for bad in (True, False):
+        with pytest.raises(ValueError, match="num_programs must be a positive int"):
+            kernel(*make_inputs(spec, DEVICE, 20, 0).values(), num_programs=bad)
+
+
 # ------------------------------------------------------------------------------------------
 # N segments: sibling GEMMs on one x (Q, K and V) in one kernel, each tile from its own weight
 # ------------------------------------------------------------------------------------------

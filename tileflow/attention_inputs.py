@@ -636,7 +636,9 @@ def bias_ranges(attn_bias: torch.Tensor) -> torch.Tensor:
     if bias.dtype == torch.bool:  # [B', q_len', kv_len]
         seen, plain = (bias[:, 0], bias[:, 0]) if bias.shape[1] == 1 else (bias.any(dim=1), bias.all(dim=1))
     else:
-        seen, real = bias > float("-inf"), bias > torch.finfo(bias.dtype).min
+        # Negated comparisons: a NaN entry counts as seen (and real), so the kernels read it and
+        # its row comes out NaN as in eager attention instead of losing that key silently.
+        seen, real = ~(bias == float("-inf")), ~(bias <= torch.finfo(bias.dtype).min)
         seen = torch.where(real.any(dim=3, keepdim=True), real, seen)
         plain = bias == 0
         seen, plain = (seen[:, 0], plain[:, 0]) if bias.shape[1] == 1 else (seen.any(dim=1), plain.all(dim=1))

@@ -592,6 +592,14 @@ def make_schedule(
     """
     streams_of = dict(stream_of_resource or DEFAULT_STREAM_OF_RESOURCE)
     edge_list = [_as_edge(e) for e in edges]
+    # Ops are keyed by name: a second spec of one name would silently replace the first, and a
+    # split of a name no spec has (a typo) would leave its op unsplit.
+    names = [spec.name for spec in specs]
+    for name in dict.fromkeys(n for n in names if names.count(n) > 1):
+        raise ScheduleError(f"op {name!r} appears more than once in specs: op names must be unique")
+    for name in splits:
+        if name not in names:
+            raise ScheduleError(f"splits name op {name!r}, which is not among the specs")
     full: dict[str, list[Rows]] = {}
     for spec in specs:
         ranges = splits.get(spec.name)
@@ -639,6 +647,13 @@ def make_schedule(
     if len(order) != len(ops):
         stuck = sorted({ops[n].original for n, d in indeg.items() if d > 0})
         raise ScheduleError(f"cycle in the original op graph among {stuck}")
+
+    # The promised valid schedule: every op's nano-ops tile [0, num_tokens) (no gap, overlap or
+    # empty range), checked as `check_schedule` checks them.
+    for op in ops.values():
+        if op.rows[0] >= op.rows[1]:
+            raise ScheduleError(f"nano-op {op.name!r} has an empty row range {op.rows}")
+    _check_coverage(Schedule(streams={}, ops=ops, num_tokens=num_tokens), {spec.name: num_tokens for spec in specs})
 
     streams: dict[int, list[str]] = {s: [] for s in sorted(set(streams_of.values()))}
     for name in order:

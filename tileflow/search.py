@@ -533,6 +533,8 @@ def brute_force_split(
     Same candidate space and tie-break as `search_split`, without pruning and without the
     threshold rule."""
     ops = list(ops_profile)
+    if not ops:
+        raise ValueError("ops_profile is empty")  # as search_split (its plan's speedup would be 0 / 0)
     num_tokens = _check_tokens(num_tokens)
     sm_shares = _check_options(max_nano_batches, sm_shares, units, net_bw_gbs)
     units, kmax = _effective(num_tokens, max_nano_batches, units)
@@ -628,6 +630,17 @@ def split_threshold(
     None when no split wins up to `max_tokens`. Cached per (model signature, device, options).
     """
     ops = tuple(ops_profile)
+    if not ops:
+        raise ValueError("ops_profile is empty")
+    # Unchecked, max_tokens <= 0 answered None (no split wins) without scanning, and a float one
+    # failed deep in the search.
+    try:
+        count = -1 if isinstance(max_tokens, bool) else operator.index(max_tokens)
+    except TypeError:
+        count = -1
+    if count < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    max_tokens = count
     opts = (max_nano_batches, _check_options(max_nano_batches, sm_shares, units, net_bw_gbs), units, net_bw_gbs)
     key = (model_signature(ops), device, max_tokens, opts)
     if key in _THRESHOLD_CACHE:

@@ -200,7 +200,8 @@ class TaskTable:
 def _as_int_array(values: IntsLike, name: str) -> np.ndarray:
     """A 1-D int64 numpy copy of host-side integer metadata (list, numpy array or tensor)."""
     if isinstance(values, torch.Tensor):
-        if values.is_floating_point() or values.is_complex():
+        # A bool tensor is no count (a bool list is refused below, by its numpy dtype).
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
             raise ValueError(f"{name} must hold integers, got a {values.dtype} tensor")
         arr = values.detach().cpu().numpy()
     else:
@@ -445,7 +446,10 @@ def build_task_table(
     tiles_per_seq = _ceil_div(n, block_q)
     if sequences is not None:
         chosen = np.zeros(num_seqs, dtype=bool)
-        picked = np.asarray(list(sequences), dtype=np.int64)
+        # Indices, checked like the metadata: a boolean mask would read as indices 0 and 1, and a
+        # float as its truncation, covering other sequences than the caller meant.
+        picked = _as_int_array(sequences if isinstance(sequences, (torch.Tensor, np.ndarray)) else list(sequences),
+                               "sequences")
         if picked.size and (picked.min() < 0 or picked.max() >= num_seqs):
             raise ValueError(f"sequences must index the batch's {num_seqs} sequences, got {sorted(set(picked.tolist()))}")
         chosen[picked] = True

@@ -667,7 +667,10 @@ def _build_tile_plan_cached(
     # config allows.
     # A config's stream-K and TMA variants, like its persistent one, are candidates only where
     # measured (TMA also only where the operands' rows are aligned for it).
+    # A measured split time (of a split the plan may run) makes the plan measured too: otherwise
+    # a file with only split times for a shape had every other split modeled beside it.
     any_measured = any(c in measured_map or c in persistent_map or c in stream_k_map or c in tma_map
+                       or (split_variants and any(c in split_maps.get(s, {}) for s in split_k_factors(c, k, device)[1:]))
                        for c in configs)  # others are ignored
     # Candidates: (config, persistent, split_k, stream_k, tma).
     cands = []

@@ -631,9 +631,11 @@ bias_ptrs = (bias_ptr + seq.to(tl.int64) * stride_ab_s + head[:, None] * stride_
              + q_idx[:, None] * stride_ab_i + kv_pos[None, :] * stride_ab_j)
 bias = tl.load(bias_ptrs, mask=visible, other=0.0).to(tl.float32)
 # A -inf entry hides its key like a mask does (a row hidden entirely outputs zeros, as on every
-# backend); masks built with finfo.min instead would overflow when rescaled: clamp those.
-visible = visible & (bias > float("-inf"))
-s = s + tl.maximum(bias, -1.0e30) * 1.4426950408889634
+# backend); masks built with finfo.min instead would overflow when rescaled: clamp those. A NaN
+# entry is kept, and makes its row NaN as in eager attention (`!=` and `where`, not `>` and
+# `maximum`, which would drop it: hide its key without a word).
+visible = visible & (bias != float("-inf"))
+s = s + tl.where(bias < -1.0e30, -1.0e30, bias) * 1.4426950408889634
 """
         step += """\
 s = tl.where(visible, s, float("-inf"))

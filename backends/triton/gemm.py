@@ -905,7 +905,9 @@ def make_gemm_launcher(spec: KernelSpec, kernel_fn: Any) -> Callable[..., torch.
                     f"{where}: num_programs sets the grid of a persistent or stream-K kernel only; "
                     f"build the spec with make_params(..., persistent=True) or stream_k=True"
                 )
-            if not isinstance(num_programs, int) or num_programs < 1:
+            # Not a bool: True passes as the int 1 (a persistent grid of one program, and a
+            # stream-K grid Triton cannot divide by), as split_k's check says.
+            if isinstance(num_programs, bool) or not isinstance(num_programs, int) or num_programs < 1:
                 raise ValueError(
                     f"{where}: num_programs must be a positive int, got {num_programs!r}"
                 )

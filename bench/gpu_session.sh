@@ -109,6 +109,11 @@ pack_results() {
   tar czf "$OUT/$1" bench/results 2>/dev/null && mv -f "$OUT/$1" "$OUT/results.tar.gz"
 }
 
+# The tiles stage's file, named after the GPU it measures (an H100's times are not an H200's).
+GPU_SLUG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr 'A-Z' 'a-z' \
+           | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/^-//' -e 's/-$//')
+TILE_TIMINGS=bench/results/tile_timings-${GPU_SLUG:-gpu}.json
+
 FAILED_STAGES=""  # "name:exit status" of each stage that failed or ran out of time
 run_stage() {
   local name=$1 limit=$2 start rc flag packer
@@ -160,9 +165,9 @@ for item in "$@"; do
                     $PY bench/profile_step.py --layers 2 --tokens 256 --steps-only --no-write ;;
     sampling) run_stage sampling "$limit" $PY bench/sampling.py ;;
     moe) run_stage moe "$limit" $PY bench/moe.py ;;
-    tiles) run_stage tiles "$limit" $PY bench/gemm.py --measure-tiles bench/results/tile_timings-h200.json ;;
+    tiles) run_stage tiles "$limit" $PY bench/gemm.py --measure-tiles "$TILE_TIMINGS" ;;
     # This session's tile times where the tiles stage wrote them, else the ones tileflow ships.
-    gemm-measured) timings=bench/results/tile_timings-h200.json; [ -f "$timings" ] || timings=auto
+    gemm-measured) timings=$TILE_TIMINGS; [ -f "$timings" ] || timings=auto
                    run_stage gemm-measured "$limit" $PY bench/gemm.py --tile-timings "$timings" ;;
     # Per-test timeout, an early stop and one line per test as it ends (-v), so the failures'
     # names are in the log even when the stage's limit cuts the run before pytest's summary.

@@ -216,6 +216,12 @@ def results_name(base: str, parts: Sequence[str], every_part: Sequence[str]) -> 
     return base if chosen == list(every_part) else "-".join([base, *chosen])
 
 
+def sized_name(name: str, tokens: Sequence[int], every_size: Sequence[int]) -> str:
+    """`name` for a run over the benchmark's full list of token counts, else `name-tokens-a-b`:
+    a run narrowed to some sizes must not replace the full run's table of that day and commit."""
+    return name if list(tokens) == list(every_size) else "-".join([name, "tokens", *map(str, tokens)])
+
+
 def write_results(name: str, title: str, env: dict[str, str], body: str, *, partial: bool = False) -> Path:
     """Write a results file `bench/results/<name>-<device>-<date>-<commit>.md` and return its path.
 

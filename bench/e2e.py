@@ -466,7 +466,7 @@ def gpu_model(layers: int):
 def run_gpu(layers: int, tokens: list[int], parts: list[str], trace_count: int, write: bool) -> int:
     import torch
 
-    from common import environment, measured_matmul_tflops, results_name, write_results
+    from common import environment, measured_matmul_tflops, results_name, sized_name, write_results
 
     torch.manual_seed(0)
     env = environment()
@@ -477,7 +477,7 @@ def run_gpu(layers: int, tokens: list[int], parts: list[str], trace_count: int, 
     body = "- model: Llama-3-8B-shaped (hidden 4096, 32/8 heads, FFN 14336, vocabulary 128256), bf16\n"
     title = "End-to-end step throughput (bf16)"
     # e2e-prefill and e2e-serving run in one session on one commit: each needs its own file.
-    name = results_name("e2e", parts, PARTS)
+    name = sized_name(results_name("e2e", parts, PARTS), tokens, TOKENS)
 
     def checkpoint(text: str) -> None:
         if write:

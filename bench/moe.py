@@ -55,6 +55,9 @@ class Experts:
 # gpt-oss's activation constants (transformers' GptOssExperts: alpha 1.702, swiglu_limit 7).
 ALPHA, LIMIT = 1.702, 7.0
 
+# Token counts of the full table (`--tokens` narrows a run; its file is named for them).
+TOKENS = [1, 16, 64, 256, 1024, 4096]
+
 SHAPES = [
     Experts("Mixtral-8x7B", "gate-up", 8, 2, 2 * 14336, 4096, "swiglu", False),
     Experts("Mixtral-8x7B", "down", 8, 2, 4096, 14336, "none", False),
@@ -238,7 +241,7 @@ def smoke() -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="1,16,64,256,1024,4096")
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     from common import gpu_available
@@ -264,9 +267,11 @@ def run_gpu(tokens: list[int], *, write: bool, shapes: list[Experts] = SHAPES, d
              "\n- rows = tokens x top-k, routed uniformly at random; times: median of `triton.testing.do_bench`")
     title = "MoE expert GEMMs: grouped, fused epilogues"
 
+    name = common.sized_name("moe", tokens, TOKENS)
+
     def checkpoint(text: str) -> None:
         if write:
-            common.write_results("moe", title, env, text + notes + "".join(f"\n- FAILED: {f}" for f in failures),
+            common.write_results(name, title, env, text + notes + "".join(f"\n- FAILED: {f}" for f in failures),
                                  partial=True)
 
     with tileflow.use_config(tileflow.Config(target="triton", max_tokens=8192)):
@@ -277,7 +282,7 @@ def run_gpu(tokens: list[int], *, write: bool, shapes: list[Experts] = SHAPES, d
     for failure in failures:
         print(f"FAIL: {failure}", file=sys.stderr)
     if write:
-        print(f"wrote {common.write_results('moe', title, env, body)}")
+        print(f"wrote {common.write_results(name, title, env, body)}")
     return 1 if failures else 0
 
 

@@ -342,6 +342,11 @@ def test_e2e_stages_of_different_parts_write_different_files(monkeypatch, tmp_pa
     assert sorted("| mixed+trace row |" in f.read_text() for f in files) == [False, True]
     assert common.results_name("e2e", ["trace", "mixed"], e2e.PARTS) == common.results_name("e2e", ["mixed", "trace"], e2e.PARTS)
     assert common.results_name("e2e", list(e2e.PARTS), e2e.PARTS) == "e2e"
+    # A run narrowed to some token counts (E2E_TOKENS, moe.py --tokens) is named for them: it
+    # replaced the full run's table of the same day and commit.
+    assert all("-tokens-256-" in f.name for f in files)
+    assert common.sized_name("moe", [1, 9], [1, 9]) == "moe"
+    assert common.sized_name("moe", [1, 9], [1, 9, 64]) == "moe-tokens-1-9"
 
 
 def test_attention_refuses_parts_that_name_no_table() -> None:

@@ -2321,3 +2321,93 @@ def test_causal_models_called_with_an_attention_mask_are_captured(replay_on_cpu,
     report = _run(logits, make, lengths=(5, 12, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 2
+
+
+def _uniform(tokens: int) -> tuple[torch.Tensor]:
+    # Real rows inside every op's domain below, (0.1, 0.9); the padded rows hold noise (`replay_on_cpu`).
+    return (torch.rand(1, tokens, H) * 0.8 + 0.1,)
+
+
+def _values_of(op: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Causal attention whose values are `op` of the tokens: finite at real rows, inf or NaN at
+    padded ones, which the kernel's zero weights turn into NaN in real rows."""
+    def step(x: torch.Tensor) -> torch.Tensor:
+        q, k, _ = _heads(x)
+        return F.scaled_dot_product_attention(q, k, op(x.view(1, -1, 2, H // 2).transpose(1, 2)), is_causal=True)
+
+    return step
+
+
+@pytest.mark.parametrize("op", [
+    torch.special.ndtri, torch.special.bessel_y0, torch.special.modified_bessel_k0, torch.special.entr,
+    lambda u: torch.special.gammainc(u, u), lambda u: torch.xlogy(2.0, u), lambda u: torch.special.xlog1py(u, u),
+    lambda u: torch.sqrt(F.softplus(u, beta=-1.0) + 1.0),  # negative for a negative beta
+], ids=["ndtri", "bessel_y0", "modified_bessel_k0", "entr", "igamma", "xlogy_of_a_number", "xlog1py",
+        "softplus_of_a_negative_beta"])
+def test_values_outside_an_ops_domain_are_not_replayed_padded(replay_on_cpu, op) -> None:
+    _assert_not_padded(_run(_values_of(op), _uniform), "inf or NaN")
+
+
+def _tokens_and_ids(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(1, tokens, H), torch.randint(1, 5, (tokens,))
+
+
+@pytest.mark.parametrize("op", [lambda ids: 3.0 % ids, lambda ids: torch.addcdiv(ids, ids, ids)],
+                         ids=["number_modulo_ids", "addcdiv"])
+def test_divisions_by_padded_ids_are_not_replayed_padded(replay_on_cpu, op) -> None:
+    """Ids pad with 0: `3 % ids` and `addcdiv`'s quotient are NaN or inf at padded rows."""
+    def step(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        q, k, v = _heads(x)
+        return F.scaled_dot_product_attention(q, k, v * op(ids.float()).view(1, 1, -1, 1), is_causal=True)
+
+    _assert_not_padded(_run(step, _tokens_and_ids), "inf or NaN")
+
+
+def _softmax_over_kept_features(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    # A per-token mask of features (a bool input: False at padded rows) filled with -inf: a padded
+    # row keeps nothing, and a softmax over nothing but -inf is NaN.
+    q, k, _ = _heads(x)
+    v = x.masked_fill(~keep, float("-inf")).softmax(-1).view(1, -1, 2, H // 2).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _tokens_and_kept_features(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = torch.rand(1, tokens, H) > 0.5
+    keep[..., 0] = True  # every real row keeps a feature
+    return torch.randn(1, tokens, H), keep
+
+
+def test_infinities_put_into_values_are_not_replayed_padded(replay_on_cpu) -> None:
+    _assert_not_padded(_run(_softmax_over_kept_features, _tokens_and_kept_features), "inf or NaN")
+
+
+LEARNED_QUERY = torch.randn(1, 2, 1, H // 2)
+
+
+def _learned_query_over_the_tokens(x: torch.Tensor) -> torch.Tensor:
+    # `causal` puts the last query at the last key (flash attention's alignment): one fixed query
+    # sees every key, a replay's padded ones too.
+    _, k, v = _heads(x)
+    return x + tileflow.ops.meta_attention(LEARNED_QUERY, k, v, causal=True).reshape(1, 1, H)
+
+
+def test_causal_attention_of_queries_that_are_not_the_tokens_is_not_replayed_padded(replay_on_cpu) -> None:
+    _assert_not_padded(_run(_learned_query_over_the_tokens, _tokens), "queries are not the tokens")
+
+
+FOUR_ROWS = torch.randn(4, H)
+
+
+def _previous_id_looked_up(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    # `ids[:-1]`'s row T - 1 is padded (token T's previous id) but holds the real id T - 1, not
+    # the pad value: at a replay's row T, `where` takes the branch of padded ids (0) over it, a
+    # row past the table (an IndexError here, a device-side assert on a GPU).
+    previous = torch.cat([ids[:1], ids[:-1]])
+    return x + F.embedding(torch.where(ids == 0, previous * 100, previous), FOUR_ROWS)
+
+
+def test_a_shifted_slice_does_not_keep_the_pad_value(replay_on_cpu) -> None:
+    def make(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(tokens, H), torch.randint(1, 4, (tokens,))
+
+    _assert_not_padded(_run(_previous_id_looked_up, make), "may hold no row")

@@ -4,7 +4,7 @@
 tokens: the call's rows are copied into rows 0..T-1 of the static inputs, rows T..B-1 hold
 padding, and the outputs are cut back to T rows. That is right only when no real output element
 reads a padded row. Token-wise ops (GEMMs on the rows, elementwise ops, norms over features)
-keep rows apart, and so does causal attention (padding comes after every real key); a
+keep rows apart, and so does causal attention of the tokens (padding comes after every real key); a
 bidirectional attention, a mean over the tokens or a read of the last row does not.
 
 The analysis walks the graph once. A dim is a *token dim* when its size is `T + a` with `a` free
@@ -74,7 +74,8 @@ large value; so a sigmoid, `1 / (1 + exp(-x))`, is positive in a dtype that hold
 largest value), and guards only against ops undefined at some finite values: `1/x`, `log` or
 `rsqrt` at 0, `sqrt` of a negative, a fractional power, `acos` past 1 (`_DOMAINS`) may make
 padded rows inf or NaN where real rows are finite (`nonfinite`, passed on to every value computed
-from them). Attention gives padded keys weight 0, but the kernel still multiplies that 0 by their
+from them), and so may an infinite fill that covers the padded rows (`masked_fill(~keep, -inf)` of
+a mask padded with False: a softmax over the row is NaN; `puts_infinity`). Attention gives padded keys weight 0, but the kernel still multiplies that 0 by their
 values (0 * NaN = NaN), and under a finite (lowest-value) mask adds the mask to their scores
 (NaN + lowest = NaN): such values may not be an attention's V, nor its K under a finite mask (a
 bool or -inf mask and the causal flag skip the padded keys' scores). What the walk knows of
@@ -317,10 +318,21 @@ _DOMAINS: dict[Any, tuple[str, str | None]] = {
     aten.rsqrt.default: ("self", "positive"), aten.log.default: ("self", "positive"),
     aten.log2.default: ("self", "positive"), aten.log10.default: ("self", "positive"),
     aten.sqrt.default: ("self", "non-negative"), aten.log1p.default: ("self", "non-negative"),
+    # A number over or into a tensor (`3 % x`, `xlogy(2, x)`), and `addcdiv`'s divisor.
+    aten.remainder.Scalar_Tensor: ("other", "positive"), aten.xlogy.Scalar_Self: ("other", "positive"),
+    aten.special_xlog1py.default: ("other", "non-negative"), aten.special_xlog1py.self_scalar: ("other", "non-negative"),
+    aten.addcdiv.default: ("tensor2", "positive"), aten.special_entr.default: ("self", "non-negative"),
+    # Poles at 0 (Bessel functions of the second kind), NaN below it.
+    **{op: (name, "positive") for op, name in (
+        (aten.special_bessel_y0.default, "self"), (aten.special_bessel_y1.default, "self"),
+        (aten.special_modified_bessel_k0.default, "self"), (aten.special_modified_bessel_k1.default, "self"),
+        (aten.special_scaled_modified_bessel_k0.default, "x"), (aten.special_scaled_modified_bessel_k1.default, "x"))},
     **{op: ("self", None) for op in (
         aten.acos.default, aten.asin.default, aten.atanh.default, aten.acosh.default, aten.erfinv.default,
         aten.logit.default, aten.lgamma.default, aten.digamma.default, aten.polygamma.default,
-        aten.mvlgamma.default)},
+        aten.mvlgamma.default, aten.special_ndtri.default, aten.igamma.default, aten.igammac.default,
+        aten.special_zeta.default, aten.special_zeta.other_scalar)},
+    aten.special_zeta.self_scalar: ("other", None),
 }
 # Ops whose finite values are never negative.
 _NON_NEGATIVE = {
@@ -426,6 +438,7 @@ class _Walk:
         self.facts: dict[fx.Node, _Facts] = {}
         self.max_bucket: int | None = None  # lowest table bound of lookups at positions (module docstring)
         self.positive_inputs: set[int] = set()  # 0-d inputs taken as positive (`PaddingCheck`)
+        self.infinities: set[str] = set()  # values that hold an infinite number put there (`puts_infinity`)
         self.placeholders: list[fx.Node] = []
 
     def run(self, gm: fx.GraphModule) -> str | None:
@@ -698,9 +711,48 @@ class _Walk:
             return None
         if self.out_of_domain(node):
             return node.name
+        if self.puts_infinity(node):
+            # Finite elsewhere, but a padded row may hold nothing else (a mask input padded with
+            # False): a softmax over it is NaN there, as `inf - inf` and `0 * inf` are.
+            self.infinities.add(node.name)
+            return node.name
         if node.target is aten.nan_to_num.default:
             return None
-        return next((self.facts[a].nonfinite for a in self.inputs(node) if self.facts[a].nonfinite), None)
+        inputs = self.inputs(node)
+        if node.op == "call_function" and _short_name(node.target) in _ATTENTION:
+            # A mask's -inf hides keys, it never reaches the output: only a mask's other inf or NaN does.
+            mask = bind_arguments(node).get("attn_mask")
+            if isinstance(mask, fx.Node) and self.facts[mask].nonfinite in self.infinities:
+                inputs = [a for a in inputs if a is not mask]
+        return next((self.facts[a].nonfinite for a in inputs if self.facts[a].nonfinite), None)
+
+    def puts_infinity(self, node: fx.Node) -> bool:
+        """Whether `node` fills every padded element with an infinite (or NaN) number while real
+        rows may keep finite ones: `masked_fill(~keep, -inf)` or `where(keep, x, -inf)` of a mask
+        whose padded rows are known to select the fill (a bool input pads with False). A softmax
+        over such a row is NaN. (A mask computed from float values, such as PhiMoE's router's
+        relative to its row's largest score, is not known at padded rows: not counted.)"""
+        target = node.target
+
+        def padded(arg: Any) -> Any:
+            if not isinstance(arg, fx.Node):
+                return arg
+            return self.facts[arg].pad if self.carries_tokens(arg) else self.facts[arg].fill
+
+        def infinite(arg: Any) -> bool:
+            value = self.facts[arg].fill if isinstance(arg, fx.Node) else arg
+            return isinstance(value, (int, float)) and not math.isfinite(value)
+
+        if target not in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) and target not in _WHERES:
+            return False
+        args = bind_arguments(node)
+        if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            return infinite(args["value"]) and padded(args["mask"]) is True
+        if target in _WHERES:
+            condition = padded(args["condition"])
+            return condition is not None and not isinstance(condition, float) and infinite(
+                args["self" if condition else "other"])
+        return False
 
     def out_of_domain(self, node: fx.Node) -> bool:
         """Whether `node` is an op undefined at some finite values (`_DOMAINS`, `pow`'s `domain`)
@@ -780,6 +832,9 @@ class _Walk:
         target = op.target
         if target is aten.sigmoid.default and _smallest(dtype) * torch.finfo(torch.float32).max < 1:
             return "positive"  # exp(-x) in range (module docstring): 1 / (1 + exp(-x)) holds at least 1 / max
+        if target is aten.softplus.default and not (
+                isinstance(beta := bind_arguments(op).get("beta", 1), (int, float)) and beta > 0):
+            return None  # log(1 + exp(beta * x)) / beta: negative for a negative beta
         if target in _NON_NEGATIVE:
             return "non-negative"
         if not isinstance(target, torch._ops.OpOverload) and target is not operator.getitem:
@@ -1057,6 +1112,18 @@ class _Walk:
 
             if (target in _KEEPS_PADDING or target is aten.index.Tensor
                     or not all(spans(a) for a in sources if isinstance(meta_val(a), torch.Tensor))):
+                return None
+        if target is aten.slice.Tensor:
+            # Output row r is source row start + r: a padded row of the output (token index r minus
+            # its prefix) is a padded row of the source only when the slice keeps token indices.
+            # `ids[:-1]` does not: its padded row T - 1 is the source's real row T - 1.
+            args = bind_arguments(node)
+            dim = args.get("dim", 0) % max(meta_val(node.args[0]).dim(), 1)
+            s_dims = self.dims(meta_val(node.args[0])) or {}
+            start = _scalar(args.get("start")) or 0
+            if dim in s_dims and not (dim in out_dims and not self.depends_on_token(start)
+                                      and not isinstance(s_dims[dim], _Blocks) and not isinstance(out_dims[dim], _Blocks)
+                                      and _equal(_expr(start), s_dims[dim] - out_dims[dim])):
                 return None
         if target is aten.index.Tensor and self.reads_own_rows(node):
             sources = [node.args[0]]  # padded elements read the source's padded rows, not the indices
@@ -1879,6 +1946,13 @@ class _Walk:
             return self.refuse(node, f"values (V) whose padded rows may be inf or NaN (from {self.facts[v].nonfinite}): "
                                      "the kernel's zero weights would turn them into NaN in real rows")
         if args.get("causal"):
+            # The flag aligns the last query with the last key (query i sees keys up to S_kv - S + i):
+            # a causal boundary at the tokens only when the queries are the tokens too. Fixed query
+            # rows (a learned query, a pooled row) would see up to the bucket's last, padded, key.
+            q_dims = self.dims(meta_val(args["q"])) or {}
+            if 2 not in q_dims or isinstance(q_dims[2], _Blocks):
+                return self.refuse(node, "causal attention whose queries are not the tokens: the flag aligns the "
+                                         "last query with the last key, a padded one in a replay")
             return _CLEAN
         mask = args.get("attn_mask")
         if isinstance(mask, fx.Node):

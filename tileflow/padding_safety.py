@@ -74,8 +74,9 @@ large value; so a sigmoid, `1 / (1 + exp(-x))`, is positive in a dtype that hold
 largest value), and guards only against ops undefined at some finite values: `1/x`, `log` or
 `rsqrt` at 0, `sqrt` of a negative, a fractional power, `acos` past 1 (`_DOMAINS`) may make
 padded rows inf or NaN where real rows are finite (`nonfinite`, passed on to every value computed
-from them), and so may an infinite fill that covers the padded rows (`masked_fill(~keep, -inf)` of
-a mask padded with False: a softmax over the row is NaN; `puts_infinity`). Attention gives padded keys weight 0, but the kernel still multiplies that 0 by their
+from them), and so may an infinite fill that covers the padded rows (`masked_fill(~keep, -inf)`
+of a mask padded with False: a softmax over the row is NaN; `puts_infinity`). Attention gives
+padded keys weight 0, but the kernel still multiplies that 0 by their
 values (0 * NaN = NaN), and under a finite (lowest-value) mask adds the mask to their scores
 (NaN + lowest = NaN): such values may not be an attention's V, nor its K under a finite mask (a
 bool or -inf mask and the causal flag skip the padded keys' scores). What the walk knows of

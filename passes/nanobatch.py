@@ -67,6 +67,10 @@ _ALONG_DIM = {
     aten.cat.default,
 }
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
+# Ops returning several tensors that all keep the input's rows at one token dim (LayerNorm's
+# output, mean and rstd; a split along another dim, GPT-2's fused q/k/v): their tuple's pieces
+# are tuples, which the ops' getitems pick from per nano-batch.
+_ROW_TUPLES = {aten.native_layer_norm.default, aten.split.Tensor, aten.split_with_sizes.default}
 # Tensor parallelism's collectives (`tileflow.graph_utils`). An all-reduce reduces each element
 # over the ranks, so a row of its output reads only that row of every rank's input: it splits
 # per nano-batch like an elementwise op, and nano-batch i's reduction can run beside nano-batch
@@ -189,6 +193,19 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
         return dims.get(node.args[0].name) == 0 and dims.get(node.args[1].name) is None
     if target is aten.embedding.default:
         return dims.get(node.args[0].name) is None
+    if target is operator.getitem:
+        # One item of a split tuple (`_ROW_TUPLES`): its rows are the tuple piece's item.
+        src = node.args[0]
+        return isinstance(src, fx.Node) and dims.get(src.name) == out_dim
+    if target is aten.native_layer_norm.default:
+        # Normalizes over the trailing len(normalized_shape) dims: each row alone when the token
+        # dim lies before them.
+        src = node.args[0]
+        return dims.get(src.name) == out_dim and out_dim < meta_val(src).dim() - len(node.args[1])
+    if target in (aten.split.Tensor, aten.split_with_sizes.default):
+        src = node.args[0]
+        along = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        return dims.get(src.name) == out_dim and along % meta_val(src).dim() != out_dim
     if target in _TOKENWISE_COLLECTIVES:
         return dims.get(node.args[0].name) == out_dim
     if target in _RESHAPES:
@@ -368,13 +385,7 @@ def _group_size(group_name: Any) -> int | None:
 def token_symbol(gm: fx.GraphModule) -> tuple[Any, tuple[int, int]] | None:
     """The token symbol of the graph's inputs and where to read it: (symbol, (input, dim)). With
     several symbols, the one attention's query length carries; None when that does not decide."""
-    found: dict[Any, tuple[int, int]] = {}
-    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-        val = meta_val(node)
-        if isinstance(val, torch.Tensor):
-            for d, s in enumerate(val.shape):
-                if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
-                    found.setdefault(s.node.expr, (i, d))
+    found = _input_symbols(gm)
     if len(found) == 1:
         ((sym, where),) = found.items()
         return sym, where
@@ -385,6 +396,18 @@ def token_symbol(gm: fx.GraphModule) -> tuple[Any, tuple[int, int]] | None:
             if isinstance(s, torch.SymInt) and s.node.expr in found:
                 return s.node.expr, found[s.node.expr]
     return None
+
+
+def _input_symbols(gm: fx.GraphModule) -> dict[Any, tuple[int, int]]:
+    """Each size symbol of the graph's tensor inputs, with where it first occurs: (input, dim)."""
+    found: dict[Any, tuple[int, int]] = {}
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        val = meta_val(node)
+        if isinstance(val, torch.Tensor):
+            for d, s in enumerate(val.shape):
+                if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
+                    found.setdefault(s.node.expr, (i, d))
+    return found
 
 
 def _strided_over_joined(gm: fx.GraphModule, split: dict[str, bool]) -> fx.Node | None:
@@ -413,7 +436,25 @@ class NanoBatch:
             return result
         found = token_symbol(gm)
         if found is None:
-            result.fallback("graph", "no symbolic token dimension to split (none, or several and no attention to tell which)")
+            symbols = sorted(map(str, _input_symbols(gm)))
+            queries = [meta_val(n.args[0]).shape for n in gm.graph.nodes
+                       if n.op == "call_function" and op_name(n) == "meta_attention"]
+            # Which case: a static graph is split by no k, and the user can change that.
+            if queries and all(type(q[0]) is int and type(q[2]) is int and q[0] * q[2] == 1 for q in queries):
+                why = "its attention has one query (one sequence's decode step): one token, nothing to split"
+            elif symbols and queries and all(type(q[2]) is int for q in queries):
+                # Splitting such a step over its sequences would also bucket CUDA graphs over them,
+                # which the padding analysis does not cover (it reads the token dim as a sequence's).
+                why = (f"the inputs have several size symbols ({', '.join(symbols)}) and attention's queries a fixed "
+                       "length (a decode step over a cache): steps are split along a sequence's tokens only")
+            elif symbols:
+                why = (f"the inputs have several size symbols ({', '.join(symbols)}) and no attention's queries tell "
+                       "which holds the tokens")
+            else:
+                why = ("the graph was compiled for static shapes (Dynamo's first compile without dynamic=True, or "
+                       "dynamic=False), so no step of it is split: compile with dynamic=True or mark the token dim "
+                       "with torch._dynamo.mark_dynamic")
+            result.fallback("graph", f"no symbolic token dimension to split: {why}")
             return result
         token, where = found
         shared = _symbol_in_two_dims(gm, token)
@@ -422,7 +463,7 @@ class NanoBatch:
                                      "as the sequence on the first call: Dynamo sized both alike), so rows cannot be "
                                      "told apart; mark the dims dynamic separately")
             return result
-        dims: dict[str, int | None] = {n.name: token_dim(meta_val(n), token) for n in gm.graph.nodes}
+        dims: dict[str, int | None] = {n.name: _token_dim_of(n, token) for n in gm.graph.nodes}
         split: dict[str, bool] = {}
         specs, edges, profile = [], [], []
         for node in gm.graph.nodes:
@@ -477,6 +518,16 @@ class NanoBatch:
         ctx.report.extra["nano_batch"] = info
         result.count("nano_batch", sum(split.values()))
         return result
+
+
+def _token_dim_of(node: fx.Node, token: Any) -> int | None:
+    """The token dim of `node`'s value; for a `_ROW_TUPLES` op, the one its items share (None
+    when they do not all have it), so that the op and its getitems can split like a tensor's."""
+    val = meta_val(node)
+    if node.op == "call_function" and node.target in _ROW_TUPLES and isinstance(val, (tuple, list)) and val:
+        item_dims = {token_dim(v, token) for v in val}
+        return item_dims.pop() if len(item_dims) == 1 else None
+    return token_dim(val, token)
 
 
 def _symbol_in_two_dims(gm: fx.GraphModule, token: Any) -> int | None:

@@ -559,3 +559,87 @@ def test_a_long_chunked_prefill_counts_the_keys_its_rows_see(rows: int, chunk: i
 
     seen, read = _keys_seen(rows, rows, True, None, chunk)
     assert seen == pytest.approx((chunk + 1) / 2, rel=1e-3) and read == rows
+
+
+@pytest.fixture
+def plans(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """(graph module, plan) of every nano-batch runner built."""
+    built: list[tuple] = []
+    original = nanobatch_runtime.NanoBatchRunner.__init__
+
+    def keeping(self, gm, plan, *args, **kwargs):
+        built.append((gm, plan))
+        original(self, gm, plan, *args, **kwargs)
+
+    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "__init__", keeping)
+    return built
+
+
+def test_layer_norms_and_fused_qkv_splits_run_per_nano_batch(plans: list[tuple], split_calls: list[int]) -> None:
+    """GPT-2's LayerNorms (`native_layer_norm`, which returns output, mean and rstd) and the split
+    of its fused q/k/v projection are token-wise as README promises norms are: they ran whole,
+    every LayerNorm a barrier between all nano-batches of one layer and the next."""
+    model = build("gpt2")
+    opts = {"passes": PASSES, "nano_batches": 3}
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts), dynamic=True)
+    for tokens in (7, 13):
+        ids = torch.randint(0, VOCAB, (1, tokens))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == 2
+    ((gm, plan),) = plans
+    norms = [n for n in gm.graph.nodes if n.target is torch.ops.aten.native_layer_norm.default]
+    splits = [n for n in gm.graph.nodes if n.target is torch.ops.aten.split.Tensor]
+    assert len(norms) == 5 and len(splits) == 2
+    assert all(plan.split[n.name] for n in norms + splits)
+    assert all(plan.split[user.name] for n in norms + splits for user in n.users)  # their getitems
+
+
+def test_a_decode_step_of_several_sequences_says_why_it_does_not_split(split_calls: list[int]) -> None:
+    """A decode step over a cache (one query per sequence, the cache's length a second symbol)
+    fell back with "no symbolic token dimension to split (none, or several and no attention to
+    tell which)": the reason now says which (the queries' fixed length), and the tokens still
+    equal eager's."""
+    from transformers import DynamicCache
+
+    model = build("llama")
+    report = tileflow.Report()
+    opts = {"passes": PASSES, "nano_batches": 3}
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts, report=report), dynamic=True)
+    ids = torch.randint(0, VOCAB, (3, 7))
+
+    def decode(fn) -> list[torch.Tensor]:
+        cache, step, position, logits = DynamicCache(config=model.config), ids, 0, []
+        for _ in range(3):
+            with torch.no_grad():
+                out = fn(step, past_key_values=cache, use_cache=True,
+                         cache_position=torch.arange(position, position + step.shape[1]))
+            logits.append(out.logits)
+            position += step.shape[1]
+            step = out.logits[:, -1:].argmax(-1)
+        return logits
+
+    expected = decode(model)
+    for got, want in zip(decode(compiled), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    reasons = [f.reason for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
+    assert reasons and all("a fixed length (a decode step over a cache)" in r for r in reasons), reasons
+    assert len(split_calls) == 1  # the prefill
+
+
+def test_a_static_graph_says_why_no_step_of_it_splits(split_calls: list[int]) -> None:
+    """A plain `torch.compile` compiles the first shape static: nano_batches=2 splits none of its
+    steps (README: an integer k >= 2 splits every step), and the report said only 'no symbolic
+    token dimension to split (none, or several and no attention to tell which)', not which, nor
+    what makes the split run."""
+    model = build("llama")
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}, report=report))
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert split_calls == []
+    (reason,) = [f.reason for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
+    assert "static shapes" in reason and "dynamic=True" in reason

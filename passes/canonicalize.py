@@ -39,6 +39,7 @@ Nodes the graph returns directly are kept, and so is every copy an output views 
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ from tileflow.graph_utils import (
     copy_source_meta,
     in_graph,
     infer_meta,
+    is_view_op,
     reads_written,
     same_shape,
     size_value,
@@ -173,8 +175,11 @@ def _laid_out_by_the_caller(x: Any) -> bool:
     """True when `x` is a graph input or a view of one: its strides when the graph runs are
     whatever the caller passes, not the example's (an exported program takes any layout, where
     torch.compile would guard on it and recompile)."""
-    while isinstance(x, fx.Node) and x.op == "call_function" and (x.target in _VIEW_LIKE or
-                                                                  x.target is aten.transpose.int):
+    # Any view op (per its schema), and an item of a view-returning op's list: `x.chunk(2, -1)`
+    # and `x.unbind(0)` are a split's or unbind's getitems, laid out as the caller's `x` is.
+    while isinstance(x, fx.Node) and x.op == "call_function" and (
+            x.target in _VIEW_LIKE or x.target is aten.transpose.int or is_view_op(x.target)
+            or x.target is operator.getitem):
         x = x.args[0]
     return isinstance(x, fx.Node) and x.op == "placeholder"
 

@@ -194,9 +194,11 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
     if target is aten.embedding.default:
         return dims.get(node.args[0].name) is None
     if target is operator.getitem:
-        # One item of a split tuple (`_ROW_TUPLES`): its rows are the tuple piece's item.
+        # One item of a split tuple (`_ROW_TUPLES`): its rows are the tuple piece's item. Only
+        # when the tuple op itself splits: a whole one (a split along the token dim of a longer
+        # tensor, whose items carry the tokens) is one tuple, which has no rows to narrow.
         src = node.args[0]
-        return isinstance(src, fx.Node) and dims.get(src.name) == out_dim
+        return isinstance(src, fx.Node) and dims.get(src.name) == out_dim and _is_token_wise(src, dims)
     if target is aten.native_layer_norm.default:
         # Normalizes over the trailing len(normalized_shape) dims: each row alone when the token
         # dim lies before them.

@@ -1306,3 +1306,49 @@ def test_example_args_that_do_not_fit_forward_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"example_args do not fit Scaled.forward \(missing a required argument: "
                                          r"'scale'\): an archive takes positional inputs only"):
         tileflow.export_model(Scaled(), (torch.randn(3),), options={"target": "reference"})
+
+
+class _GatedHalves(torch.nn.Module):
+    """Two Linears over the halves of the [B, S, 2D] input (`x.chunk(2, -1)`: a split's items,
+    views of the graph input)."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, g = x.chunk(2, dim=-1)
+        return self.a(u) * self.b(g)
+
+
+class _UnboundPair(torch.nn.Module):
+    """One Linear over both items of `x.unbind(0)`, x [2, B, S, D]."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, q = x.unbind(0)
+        return self.a(p) + self.a(q)
+
+
+@pytest.mark.parametrize("model, example, dims, given", [
+    (_GatedHalves, (2, 8, 32), {0: "batch", 1: "seq"}, lambda: torch.randn(32, 5, 3).permute(2, 1, 0)),
+    (_UnboundPair, (2, 2, 8, 16), {1: "batch", 2: "seq"}, lambda: torch.randn(2, 16, 5, 3).permute(0, 3, 2, 1)),
+], ids=["chunk", "unbind"])
+def test_an_archive_takes_a_permuted_input_split_into_a_linears_inputs(tmp_path: Path, model, example, dims,
+                                                                       given) -> None:
+    """`_laid_out_by_the_caller` walked only `_VIEW_LIKE` ops back to the graph input, not a
+    split's or unbind's items: their Linears were flattened with `view` from the example's
+    strides, and the archive raised "view size is not compatible" for a permuted input that
+    eager and torch.export's own program take."""
+    torch.manual_seed(0)
+    module = model().eval()
+    shapes = {d: torch.export.Dim(name, min=1 if name == "batch" else 2, max=64) for d, name in dims.items()}
+    archive = tileflow.export_model(module, (torch.randn(*example),), (shapes,), options={"target": "reference"})
+    run = tileflow.load(archive.save(tmp_path / "halves.pt2"))
+    x = given()
+    assert not x.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), module(x), rtol=1e-4, atol=1e-4)

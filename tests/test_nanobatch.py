@@ -643,3 +643,30 @@ def test_a_static_graph_says_why_no_step_of_it_splits(split_calls: list[int]) ->
     assert split_calls == []
     (reason,) = [f.reason for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
     assert "static shapes" in reason and "dynamic=True" in reason
+
+
+class _HalvesOfADoubledInput(torch.nn.Module):
+    """A split along the token dim of a [2T, H] tensor: the split's items carry the tokens, its
+    source does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        x, y = torch.cat([a, a * 2]).split(a.shape[0])
+        return torch.relu(self.lin(x)) + y
+
+
+def test_an_item_of_a_split_that_runs_whole_runs_whole(split_calls: list[int]) -> None:
+    """The split's items are [T, H], so its getitems were taken as token-wise while the split
+    (along the token dim) ran whole: the runner narrowed the whole tuple ("'list' object has no
+    attribute 'narrow'"), where the step ran before `_ROW_TUPLES`."""
+    model = _HalvesOfADoubledInput().eval()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}))
+    for tokens in (6, 9):
+        a = torch.randn(tokens, 16)
+        torch._dynamo.mark_dynamic(a, 0)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(a), model(a), rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == 2

@@ -550,3 +550,28 @@ def test_make_schedule_refuses_splits_that_do_not_tile_the_step(rows, message):
     specs = [OpSpec("a", "mm", "compute"), OpSpec("b", "attn", "memory")]
     with pytest.raises(ScheduleError, match=message):
         make_schedule(specs, {"a": rows}, [("a", "b")], 10)
+
+
+class _CountedName(str):
+    """An op name that counts its equality tests (all instances together)."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _CountedName.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_make_schedule_checks_its_names_in_linear_time():
+    """The unique-name and known-split checks scanned the list of names once per name
+    (`names.count`, `name in names`): quadratic in the ops, 1.07 s instead of 0.15 s for a chain
+    of 8000 ops, and the runtime builds a schedule per token count of a step."""
+    n = 400
+    specs = [OpSpec(_CountedName(f"op{i}"), "mm", "compute") for i in range(n)]
+    edges = [(specs[i].name, specs[i + 1].name) for i in range(n - 1)]
+    splits = {_CountedName(f"op{i}"): [(0, 4), (4, 8)] for i in range(n)}
+    _CountedName.compared = 0
+    make_schedule(specs, splits, edges, 8)
+    assert _CountedName.compared < 20 * n, _CountedName.compared

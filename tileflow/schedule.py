@@ -594,9 +594,12 @@ def make_schedule(
     edge_list = [_as_edge(e) for e in edges]
     # Ops are keyed by name: a second spec of one name would silently replace the first, and a
     # split of a name no spec has (a typo) would leave its op unsplit.
-    names = [spec.name for spec in specs]
-    for name in dict.fromkeys(n for n in names if names.count(n) > 1):
-        raise ScheduleError(f"op {name!r} appears more than once in specs: op names must be unique")
+    # (A set, not list scans: a graph has thousands of ops, and a schedule is built per token count.)
+    names: set[str] = set()
+    for spec in specs:
+        if spec.name in names:
+            raise ScheduleError(f"op {spec.name!r} appears more than once in specs: op names must be unique")
+        names.add(spec.name)
     for name in splits:
         if name not in names:
             raise ScheduleError(f"splits name op {name!r}, which is not among the specs")

@@ -721,7 +721,8 @@ class _Walk:
             return None
         inputs = self.inputs(node)
         if node.op == "call_function" and _short_name(node.target) in _ATTENTION:
-            # A mask's -inf hides keys, it never reaches the output: only a mask's other inf or NaN does.
+            # A mask's -inf hides keys (a row it hides entirely outputs zeros in meta_attention, not
+            # SDPA's NaN), so it never reaches the output: only a mask's other inf or NaN does.
             mask = bind_arguments(node).get("attn_mask")
             if isinstance(mask, fx.Node) and self.facts[mask].nonfinite in self.infinities:
                 inputs = [a for a in inputs if a is not mask]

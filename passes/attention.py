@@ -634,7 +634,11 @@ class Attention:
         # over scores it keeps in float32 rather than rounding them to the input dtype first.
         scores_in = softmax.args[0]
         uncast = _float_cast_source(scores_in)
-        if uncast is not None and len(scores_in.users) == 1:
+        # Only a cast up (exact): a softmax the model runs in a narrower dtype than its scores
+        # (`softmax(scores, dtype=bfloat16)` of float32 scores) rounds them, which the kernel's
+        # float32 softmax would not (off by about 5e-3 in bfloat16).
+        if uncast is not None and len(scores_in.users) == 1 and (
+                _val(uncast).dtype == _val(scores_in).dtype or _val(uncast).dtype.itemsize < _val(scores_in).dtype.itemsize):
             scores_in = uncast
         cur, mask, scale_mul, scale_div, alibi, product_scale = scores_in, None, None, None, None, 1.0
         product_bias, bounded = None, False
@@ -657,6 +661,11 @@ class Attention:
             cur = cur.args[0]
         clamped: float | None = None  # the value a clamp of the masked scores holds them at
         replaced = False  # whether a fill or clamp sets scores (that a bias inside the product is in)
+        # The keys a fill with a finite lowest value outside the walk so far sets (bool, True =
+        # set): eager's fill overwrites what a mask inside it put there (-inf, or another lowest
+        # value), where the kernel's joined mask adds the two (to -inf): in a row that sees no
+        # key, eager averages every key and the kernel only some. Inner masks are cut there.
+        overwritten: fx.Node | None = None
         # ALiBi's bias is `slope * (j - p)` in the kernel and `slope * j` (or another shift) in the
         # models: the same softmax, unless a sink joins it without the shift. With a sink the bias
         # is an additive mask (exact).
@@ -688,12 +697,14 @@ class Attention:
                         # bias promotes the scores: the kernel reads float biases only.
                         return (f"a tensor of {str(tv.dtype).replace('torch.', '')} is added to the scores; meta_attention "
                                 "adds float biases (a bool mask hides keys through masked_fill or where)")
-                    mask = self._joined_mask(graph, mask, term, softmax)
+                    mask = self._joined_mask(graph, mask, self._not_where(graph, term, overwritten, softmax), softmax)
                 cur = scores_side[0]
             elif (filled := _filled_with_low_value(cur)) is not None:
                 cur, hide_mask = filled[0], self._fill_mask(graph, *filled[1:])
-                mask = self._joined_mask(graph, mask, hide_mask, softmax)
+                mask = self._joined_mask(graph, mask, self._not_where(graph, hide_mask, overwritten, softmax), softmax)
                 replaced = True
+                if filled[3] != float("-inf"):
+                    overwritten = self._filled_keys(graph, overwritten, *filled[1:3], softmax)
             elif mask is None and clamped is None and (below := _clamped_at_lowest(cur)) is not None:
                 # `max(scores + mask, finfo.min)` (XGLM): the masks below it hide keys with the
                 # lowest value, not -inf (a row that sees nothing averages its keys).
@@ -784,7 +795,7 @@ class Attention:
         if isinstance(heads, str):
             return heads
         k_real, v_real, hkv = heads
-        if sinks is not None and tuple(_val(sinks).shape) != (hq,):
+        if sinks is not None and _val(sinks).numel() != hq:  # (any shape: reshaped to [hq] below)
             return f"the attention sinks hold {_val(sinks).numel()} logits for {hq} query heads"
         want_scores = (qv.shape[0], hq, qv.shape[2], kv.shape[2])
         if not same_shape(_val(scores.scores).shape, want_scores):
@@ -941,6 +952,33 @@ class Attention:
             self._made[key] = joined
         return self._made[key]
 
+    def _filled_keys(self, graph: fx.Graph, outer: fx.Node | None, mask: fx.Node, hides: bool, at: fx.Node) -> fx.Node:
+        """bool: True where a fill by `mask` (`hides`: True where it fills) or the fills `outer`
+        (None: none) set the scores, made before `at`."""
+        filled = mask
+        with graph.inserting_before(at):
+            if not hides:
+                filled = graph.call_function(aten.logical_not.default, (mask,))
+                infer_meta(filled)
+            if outer is not None:
+                filled = graph.call_function(aten.logical_or.default, (outer, filled))
+                infer_meta(filled)
+        return filled
+
+    def _not_where(self, graph: fx.Graph, term: Any, overwritten: fx.Node | None, at: fx.Node) -> Any:
+        """`term`, a mask applied inside fills that set the scores where `overwritten` holds
+        (None: no such fill), with no effect there: a bool keep-mask keeps those keys, an
+        additive mask adds 0 (the fill outside sets them to its lowest value whatever they held)."""
+        if overwritten is None:
+            return term
+        with graph.inserting_before(at):
+            if _val(term).dtype == torch.bool:
+                cut = graph.call_function(aten.logical_or.default, (term, overwritten))
+            else:
+                cut = graph.call_function(aten.where.ScalarSelf, (overwritten, 0.0, term))
+        infer_meta(cut)
+        return cut
+
     def _lowest_for_hidden(self, graph: fx.Graph, mask: fx.Node, clamp: float) -> fx.Node:
         """The additive float32 mask that is `mask` with the keys it hides (at or below `clamp`,
         the scores dtype's lowest value: -inf, or that value) at float32's lowest: what
@@ -972,9 +1010,9 @@ class Attention:
         """The mask that a fill of the scores with `fill` where `mask` is True (`hides`) or False
         applies: a bool keep-mask for -inf (the kernel hides those keys), else the additive
         `fill`-or-0 mask (a fill of finfo.min: eager attention averages the keys of a row that
-        sees nothing above it, and so does the kernel with it as a bias, unless a second mask
-        hides such a key too: the two add up to -inf, where eager's second fill leaves finfo.min;
-        only padding rows see that). One node per form."""
+        sees nothing above it, and so does the kernel with it as a bias; a mask inside the fill
+        that hides such a key too is cut there by the caller, `_not_where`: added, the two made
+        -inf where eager's fill leaves finfo.min). One node per form."""
         if fill == float("-inf"):
             if not hides:
                 return mask

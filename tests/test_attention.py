@@ -2800,3 +2800,68 @@ def test_a_score_scale_of_a_symbolic_head_dim_is_named_as_the_reason() -> None:
     fn, report = _compiled_reference(scaled, dynamic=True)
     torch.testing.assert_close(fn(q, k, v, mask), scaled(q, k, v, mask), rtol=1e-5, atol=1e-5)
     assert report.rewrites.get("meta_attention") == 1
+
+
+@pytest.mark.parametrize("inner", ["lowest fill", "-inf fill", "-inf bias"])
+def test_a_lowest_value_fill_outside_another_mask_overwrites_its_hidden_keys(inner: str) -> None:
+    """`masked_fill(scores_masked, hide, finfo.min)` over scores another mask already hid keys
+    of (a causal fill then a padding fill, both with the lowest value; or a -inf mask first):
+    eager's outer fill sets every key it hides to the lowest value, whatever the inner mask put
+    there, so a left-padding row that sees no key averages all keys. Joined by adding, the two
+    masks made the keys both hide -inf, and such rows averaged only some keys (off by about 1)."""
+    low = torch.finfo(torch.float32).min
+
+    def two_masks(x: torch.Tensor, pad_keep: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, 2, 16).transpose(1, 2) for t in x.split(32, dim=-1))
+        scores = q @ k.transpose(-1, -2) * 0.25
+        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        if inner == "lowest fill":
+            scores = scores.masked_fill(~causal, low)
+        elif inner == "-inf fill":
+            scores = scores.masked_fill(~causal, float("-inf"))
+        else:
+            scores = scores + torch.zeros(s, s, device=x.device).masked_fill(~causal, float("-inf"))
+        scores = scores.masked_fill(~pad_keep[:, None, None, :], low)
+        return torch.softmax(scores, dim=-1) @ v
+
+    pad_keep = torch.ones(2, 7, dtype=torch.bool)
+    pad_keep[0, :4] = False  # left padding: the first query rows of sequence 0 see no key
+    x = torch.randn(2, 7, 96)
+    _, out, _, report = compile_attention(two_masks, x, pad_keep)
+    torch.testing.assert_close(out, two_masks(x, pad_keep), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("meta_attention") == 1 and not report.fallbacks, report.fallbacks
+
+
+def test_a_softmax_in_a_narrower_dtype_than_its_scores_stays_as_it_is() -> None:
+    """`softmax(scores, dtype=bfloat16)` of float32 scores rounds them to bfloat16 before the
+    softmax: not the kernel's float32 softmax, which the cast up of transformers' eager attention
+    (`softmax(half_scores, dtype=float32)`) is. Taken for one, the output was off by about 5e-3."""
+    def narrow(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = q.view(1, 2, -1, 16) @ k.view(1, 2, -1, 16).transpose(-1, -2) * 0.25
+        return torch.softmax(scores, dim=-1, dtype=torch.bfloat16).float() @ v.view(1, 2, -1, 16)
+
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    _, out, _, report = compile_attention(narrow, q, k, v)
+    torch.testing.assert_close(out, narrow(q, k, v), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites
+
+
+@pytest.mark.parametrize("shape", ["1-D viewed", "[1, H, 1, 1]"])
+def test_attention_sinks_of_any_shape_holding_one_logit_per_head_are_taken(shape: str) -> None:
+    """gpt-oss's sinks joined as a last column from a tensor that is not 1-D ([1, H, 1, 1], the
+    form models broadcast): one logit per head, which the pass reshapes to [H]. It was refused as
+    "the attention sinks hold 2 logits for 2 query heads"."""
+    sinks = torch.randn(2).view(1, 2, 1, 1) if shape == "1-D viewed" else torch.randn(1, 2, 1, 1)
+
+    def with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, h, s, _ = q.shape
+        scores = q @ k.transpose(-1, -2) * 0.25
+        joined = torch.cat([scores, sinks.expand(b, h, s, 1)], dim=-1)
+        return torch.softmax(joined, dim=-1)[..., :-1] @ v
+
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    report = tileflow.Report()
+    compiled = torch.compile(with_sinks, backend=tileflow.TileflowBackend({"target": "reference"}, report=report))
+    torch.testing.assert_close(compiled(q, k, v), with_sinks(q, k, v), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("attention_sinks") == 1 and not report.fallbacks, report.fallbacks

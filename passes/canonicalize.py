@@ -178,8 +178,7 @@ def _laid_out_by_the_caller(x: Any) -> bool:
     # Any view op (per its schema), and an item of a view-returning op's list: `x.chunk(2, -1)`
     # and `x.unbind(0)` are a split's or unbind's getitems, laid out as the caller's `x` is.
     while isinstance(x, fx.Node) and x.op == "call_function" and (
-            x.target in _VIEW_LIKE or x.target is aten.transpose.int or is_view_op(x.target)
-            or x.target is operator.getitem):
+            x.target in _VIEW_LIKE or is_view_op(x.target) or x.target is operator.getitem):
         x = x.args[0]
     return isinstance(x, fx.Node) and x.op == "placeholder"
 

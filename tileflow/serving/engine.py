@@ -269,6 +269,10 @@ class ServingEngine:
         request longer than the program's `max_positions` (GPT-2's learned position table), or
         for an id this engine has served before."""
         self._check(request)
+        self._queue(request)
+
+    def _queue(self, request: Request) -> None:
+        """Queue a request `_check` passed."""
         self.scheduler.add(request)
         # TTFT counts from here: a request may join between steps or runs, long after a run began.
         self._arrivals[request.id] = time.perf_counter() - self._start
@@ -315,7 +319,7 @@ class ServingEngine:
                                  "(metrics and abort() go by id)")
             seen.add(r.id)
         for r in requests:
-            self.add(r)
+            self._queue(r)
         total = sum(r.max_new_tokens for r in list(self.scheduler.waiting) + self.scheduler.running)
         bar = None
         if progress:

@@ -315,6 +315,48 @@ def test_rollback_undoes_what_a_pass_left_on_the_module_and_report() -> None:
     torch.testing.assert_close(gm(*inputs), fn(*inputs))
 
 
+@register_pass
+class MarkPass:
+    """Records a note on the relu, as gemm_padding and attention record theirs on their nodes."""
+
+    name = "test_mark"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for node in gm.graph.nodes:
+            if node.target is aten.relu.default:
+                node.meta["tileflow"] = {"kind": "marked"}
+                result.count("marked")
+        return result
+
+
+@register_pass
+class MarkInPlaceThenRaisePass:
+    """Extends the nodes' notes in place (as nanobatch marks its splits), then fails."""
+
+    name = "test_mark_in_place_then_raise"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        for node in gm.graph.nodes:
+            if isinstance(node.meta.get("tileflow"), dict):
+                node.meta["tileflow"]["nano"] = {"split": True}
+        raise RuntimeError("schedule check failed")
+
+
+def test_rollback_undoes_notes_a_pass_added_to_a_nodes_metadata_in_place(tmp_path: Path) -> None:
+    """The snapshot copied each node's meta shallowly: nanobatch's split marks, written into the
+    `tileflow` dict gemm_padding left on a node, outlived the rollback, and `tileflow viz` showed
+    the rolled-back pass changing those nodes (and the output graph still carrying the marks)."""
+    gm, inputs = traced()
+    config = Config(passes=("test_mark", "test_mark_in_place_then_raise"), debug_dir=str(tmp_path))
+    PassManager.from_config(config).run(gm, context(config, tmp_path))
+    [marked] = [n for n in gm.graph.nodes if "tileflow" in n.meta]
+    assert marked.meta["tileflow"] == {"kind": "marked"}
+    stem = tmp_path / "passes" / "01_test_mark_in_place_then_raise"
+    assert json.loads(Path(f"{stem}.after.json").read_text()) == json.loads(Path(f"{stem}.before.json").read_text())
+    torch.testing.assert_close(gm(*inputs), fn(*inputs))
+
+
 class _Dropped(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

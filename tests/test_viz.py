@@ -235,6 +235,21 @@ def test_archive_source(tmp_path: Path) -> None:
     assert "http://" not in outside_data(page)
 
 
+def test_an_encrypted_archive_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    """zipfile's RuntimeError for an encrypted member escaped the archive reader: the error line
+    named the member ("File 'manifest.json' is encrypted, ...") but not the archive."""
+    path = tmp_path / "locked.pt2"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("manifest.json", json.dumps({"report": {"graphs": []}}))
+    raw = bytearray(path.read_bytes())
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local and central headers
+        at = raw.find(signature)
+        raw[at + flags_at] |= 1  # general purpose bit 0: encrypted
+    path.write_bytes(bytes(raw))
+    line = one_error_line(CliRunner().invoke(viz_command, [str(path), "-o", str(tmp_path / "out.html")]))
+    assert f"{path} is not a readable archive" in line and "encrypted" in line, line
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty_dir", "not_zip", "zip_no_manifest", "bad_report",
                                   "malformed_report"])
 def test_bad_source_is_a_one_line_error(kind: str, tmp_path: Path) -> None:
@@ -561,7 +576,8 @@ def _snapshot_files(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("source", ["root", "root_report", "graph_dir", "graph_report"])
 @pytest.mark.parametrize("target", ["graph_001/report.json", "graph_000/passes/00_noop.after.json", "graph_000/input.json",
-                                    "report.json", "graph_000/kernels/k.html", "graph_001/page.html", "notes.txt"])
+                                    "report.json", "graph_000/kernels/k.html", "graph_001/page.html", "notes.txt",
+                                    "graph_002/page.html", "pages/page.html"])
 def test_output_into_the_debug_dir_is_refused(source: str, target: str, tmp_path: Path) -> None:
     """With SOURCE a report.json or a graph folder, -o could name any other file of the debug_dir
     (another graph's report, a snapshot, the root report) and viz replaced it with the page; and
@@ -573,6 +589,9 @@ def test_output_into_the_debug_dir_is_refused(source: str, target: str, tmp_path
     line = one_error_line(CliRunner().invoke(viz_command, [str(src), "-o", str(root / target)]))
     assert "would " in line and str(root / target) in line
     assert _snapshot_files(root) == before
+    # A page in a new folder (graph_002/ above) was written, and the next viz named that folder as
+    # a graph left by an earlier run: only the top level takes a page, as the README says.
+    assert sorted(p.name for p in root.iterdir()) == ["graph_000", "graph_001", "report.json"]
 
 
 def test_a_new_non_page_file_in_the_debug_dir_is_not_called_an_overwrite(tmp_path: Path) -> None:

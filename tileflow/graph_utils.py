@@ -317,13 +317,19 @@ def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
 
 
 def snapshot_graph(gm: fx.GraphModule) -> fx.Graph:
-    """A structural copy of the graph (nodes and their metadata, shallow), to restore later."""
+    """A structural copy of the graph (nodes and their metadata, shallow but for the `tileflow`
+    notes), to restore later."""
     new_graph = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
     new_graph._codegen = copy.deepcopy(gm.graph._codegen)
     out = new_graph.graph_copy(gm.graph, {}, return_output_node=True)
     output_val, old_output = out  # type: ignore[misc]
     new_output = new_graph.output(output_val, type_expr=getattr(old_output, "type", None))
     new_output.meta = copy.copy(old_output.meta)
+    # A node's `tileflow` notes are plain data that passes extend in place (nanobatch's split
+    # marks, disaggregate's stages): shared with the live graph, they would outlive a rollback.
+    for node in new_graph.nodes:
+        if isinstance(node.meta.get("tileflow"), dict):
+            node.meta["tileflow"] = copy.deepcopy(node.meta["tileflow"])
     return new_graph
 
 

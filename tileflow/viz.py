@@ -228,6 +228,10 @@ def output_conflict(source: Path, output: Path) -> str | None:
         if out.is_relative_to(graph_dir):
             where = f"{graph_dir.name}, a graph folder of the debug_dir {root}, whose files viz reads"
             return f"would overwrite {where}" if out.exists() else f"would write into {where}"
+    if out.parent != root:
+        # A folder made for the page could pass for a graph folder (graph_NNN, which the next viz
+        # names as left by an earlier run, and a compile reaching that id deletes).
+        return f"would write into a folder of the debug_dir {root} (only an .html page may go at its top level)"
     if out.suffix.lower() not in _PAGE_SUFFIXES:
         action = "would overwrite a file of" if out.exists() else "would write a file other than a page into"
         return f"{action} the debug_dir {root} (only an .html page may be written there)"
@@ -343,7 +347,8 @@ def _from_archive(path: Path) -> dict[str, Any]:
                 for n in sorted(names)
                 if n.startswith(KERNELS_PREFIX) and not n.endswith("/")
             }
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:
+        # RuntimeError: an encrypted member, or (NotImplementedError) a compression zipfile lacks
         raise VizError(f"{path} is not a readable archive: {exc}") from None
     except json.JSONDecodeError as exc:
         raise VizError(f"{path} has a corrupt {MANIFEST_MEMBER} ({exc.msg})") from None

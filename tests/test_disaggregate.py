@@ -13,7 +13,7 @@ from torch import fx
 
 import tileflow
 from tileflow.distributed import (
-    CausalLMStep, Layout, PagedKVCache, build_stage_program, build_stage_programs, replica_of,
+    CausalLMStep, Layout, PagedKVCache, PeerError, build_stage_program, build_stage_programs, replica_of,
 )
 from tileflow.graph_utils import constant_number, constant_values
 from tileflow.passes.disaggregate import lamina_bytes, local_attention
@@ -638,6 +638,11 @@ def test_model_worker_refuses_a_batch_it_cannot_run_before_sending_the_plan() ->
     for ids in (torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[[1], [2], [3]]])):
         with pytest.raises(ValueError, match=r"input 0 \(token ids\) .* must be an integer tensor of shape \[1, 3\]"):
             worker.step([Batch([ids, torch.arange(3)[None]], [0], [3], [0])])
+    # Positions that do not continue a sequence from its start: the attention workers place keys
+    # by `starts` and the rotary embedding reads the positions, so the logits differed silently.
+    restarted = Batch([torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6, 0, 1]])], [0, 1], [2, 2], [5, 7])
+    with pytest.raises(ValueError, match=r"positions \(input 1\) of sequence 1 must run from its start 7 to 8 .*got \[0, 1\]"):
+        worker.step([restarted])
     assert t.sent == []
 
 
@@ -942,11 +947,49 @@ def test_released_sequences_go_out_in_one_step_plan_only() -> None:
         if step == 1:
             worker.release([0, 4])
         t.tokens, t.sent = 3, []
-        worker.step([Batch([torch.tensor([[1, 2, 3]]), torch.arange(3)[None]], [7], [3], [3 * step])])
+        worker.step([Batch([torch.tensor([[1, 2, 3]]), torch.arange(3 * step, 3 * step + 3)[None]], [7], [3], [3 * step])])
         plans = [v for dst, v in t.sent if dst == 1 and v.dtype == torch.int64 and int(v[0]) == OP_STEP]
         assert len(plans) == 1
         releases.append(decode_plan(plans[0])[1])
     assert releases == [[], [0, 4], []]
+
+
+class _LateAttentionRecorder(_AttentionRecorder):
+    """`_AttentionRecorder` whose first receive times out, as one from a rank that is only late."""
+
+    def __init__(self, heads: int, head_dim: int) -> None:
+        super().__init__(heads, head_dim)
+        self.late = True
+
+    def recv(self, src: int, what: str, timeout_s: float | None = None) -> torch.Tensor:
+        if self.late:
+            self.late = False
+            raise PeerError(f"rank 0: waiting for {what} from rank {src} failed (limit 30s): timed out")
+        return super().recv(src, what, timeout_s)
+
+
+def test_a_step_whose_receive_timed_out_refuses_later_steps() -> None:
+    """A peer's failure (here a receive that timed out) left the leader open to another step.
+    An attention worker that was only late sent its reply anyway, and
+    the next step read it as its own attention output: every later step got the previous one's
+    (with a late worker on threads, a Llama's logits then differed from eager by 0.33, and no
+    rank said a word)."""
+    from tileflow.distributed import Batch, ModelWorker
+    from tileflow.distributed.layout import OP_STEP
+
+    program = build_stage_program(_AttentionLast(), EXAMPLE, max_tokens=16)
+    t = _LateAttentionRecorder(1, 16)  # two attention workers, one KV head each
+    worker = ModelWorker(program, Layout(3), t)
+    t.tokens = 3
+    batch = Batch([torch.tensor([[1, 2, 3]]), torch.arange(3)[None]], [0], [3], [0])
+    with pytest.raises(PeerError, match="timed out"):
+        worker.step([batch])
+    sent = len(t.sent)
+    with pytest.raises(RuntimeError, match="an earlier step failed after the other ranks had its plan"):
+        worker.step([batch])
+    assert len(t.sent) == sent
+    plans = [v for dst, v in t.sent if isinstance(v, torch.Tensor) and v.dtype == torch.int64 and int(v[0]) == OP_STEP]
+    assert len(plans) == 2  # the one step's, to each attention worker
 
 
 def test_work_items_run_each_dense_stage_of_every_batch_before_the_next_stage() -> None:

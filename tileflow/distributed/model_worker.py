@@ -169,7 +169,8 @@ class ModelWorker:
     @torch.inference_mode()
     def step(self, batches: Sequence[Batch]) -> list[list[Any]]:
         """One iteration of every batch, staggered; returns each batch's flat program outputs.
-        A step that fails once the plan went out ends the run on every rank (`abort_run`)."""
+        A step that fails once the plan went out ends the run on every rank (`abort_run`; after
+        a peer's failure, `PeerError`, the caller's), and this worker refuses later steps."""
         self._leader_only("step")
         if self._state == "shut down":
             raise RuntimeError("the run was shut down: start a new one")
@@ -199,8 +200,12 @@ class ModelWorker:
             self.t.send(plan, rank)
         try:
             return self._run(list(batches))
-        except PeerError:
-            raise  # another rank failed: it told the others, or they hear of it from their waits
+        except PeerError as exc:
+            # Another rank failed: it told the others, or they hear of it from their waits. The
+            # run is over here too: a rank that was only late (a receive here timed out) still
+            # sends this step's outputs, which a later step would read as its own.
+            self._broken = f"{type(exc).__name__}: {exc}"
+            raise
         except Exception as exc:
             # The other ranks wait for this step's messages: tell them the run failed and why (the
             # next step would otherwise be read as this one's), and refuse any later step here.
@@ -229,16 +234,33 @@ class ModelWorker:
         bounds_of = ((0, p.vocab_size, "token ids", "vocabulary entries"),
                      (1, p.max_positions, "positions", p.max_positions_reason))
         checks = [c for c in bounds_of if c[1] is not None and c[0] < len(b.inputs) and b.inputs[c[0]].numel()]
-        if not checks:
+        positions = b.inputs[1][0] if len(b.inputs) > 1 else None
+        if not checks and positions is None:
             return
-        # One read-back for every bound: each read of a device value waits for the device.
-        device = b.inputs[checks[0][0]].device
-        bounds = torch.stack([torch.stack(torch.aminmax(b.inputs[index])).to(device, torch.int64) for index, *_ in checks])
-        for (_, rows, what, why), (lo, hi) in zip(checks, bounds.tolist()):
+        # One read-back for every check: each read of a device value waits for the device.
+        device = b.inputs[checks[0][0] if checks else 1].device
+        rows_read = [torch.stack(torch.aminmax(b.inputs[index])).to(device, torch.int64) for index, *_ in checks]
+        if positions is not None:
+            # The attention workers place keys and apply the causal rule by `starts`, the model's
+            # rotary embedding by the positions: positions that do not continue each sequence
+            # from its start would give other logits than the model's, with no error.
+            expected = torch.cat([torch.arange(s, s + n) for s, n in zip(b.starts, b.q_lens)]).to(device)
+            off = positions.to(device, torch.int64) != expected
+            rows_read.append(torch.stack([off.any().to(torch.int64), off.to(torch.int64).argmax()]))
+        read = torch.stack(rows_read).tolist()
+        for (_, rows, what, why), (lo, hi) in zip(checks, read):
             if lo < 0 or hi >= rows:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"{what} must be in [0, {rows}) (the model's {rows} {why}), got {bad} "
                                  f"in the batch of sequences {b.seq_ids}")
+        if positions is not None and read[-1][0]:
+            at = read[-1][1]
+            i = next(i for i in range(len(b.q_lens)) if at < sum(b.q_lens[: i + 1]))
+            first = sum(b.q_lens[:i])
+            got = positions[first : first + b.q_lens[i]].tolist()
+            raise ValueError(f"positions (input 1) of sequence {b.seq_ids[i]} must run from its start {b.starts[i]} "
+                             f"to {b.starts[i] + b.q_lens[i] - 1} (its KV length before the step, then one per new "
+                             f"token), got {got}")
 
     def release(self, seq_ids: Sequence[int]) -> None:
         """Free finished sequences' KV blocks on every attention worker (before the next step)."""

@@ -155,6 +155,29 @@ def test_int32_positions_offset_by_a_multiple_of_a_size_are_not_read() -> None:
     assert not torch.equal(mask, A(1000)[None, :] <= A(1000)[:, None])  # (it is not the rule there)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_positions_that_count_an_index_many_times_are_not_read(dtype: torch.dtype) -> None:
+    # j + c * i <= i + c * i is j <= i in integers, but c * i wraps (int32: c = 2**31 - 3, from
+    # i = 2 on; int64: c = 2**63 - 3): the offset's number part is 0, its index counted c times.
+    # `add`'s alpha scales the index, as does a position added to itself again and again.
+    c = 2**31 - 3 if dtype == torch.int32 else 2**63 - 3
+
+    def by_alpha(s: Any) -> torch.Tensor:
+        q, k = A(s, dtype=dtype)[:, None], A(s, dtype=dtype)[None, :]
+        return torch.add(k, q, alpha=c) <= torch.add(q, q, alpha=c)
+
+    def by_sums(s: Any) -> torch.Tensor:
+        q, k = A(s, dtype=dtype)[:, None], A(s, dtype=dtype)[None, :]
+        many = q
+        for bit in bin(c)[3:]:  # many = c * q, by doubling and adding (c's bits after its top one)
+            many = many + many + (q if bit == "1" else 0)
+        return k + many <= q + many
+
+    for build in (by_alpha, by_sums):
+        assert not torch.equal(build(8), A(8)[None, :] <= A(8)[:, None])  # (it is not the rule there)
+        assert _square(build) is None
+
+
 def test_a_size_one_position_broadcast_is_not_read_as_varying() -> None:
     # arange(1) along the query dim is 0 in every row once broadcast: the mask is all True.
     assert _square(lambda s: torch.ones(s, s, dtype=torch.bool) & (kv(1) <= qp(s))) != CAUSAL

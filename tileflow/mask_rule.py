@@ -362,9 +362,12 @@ class _Reader:
             # query before it). A constant term within 2**30 (2**62) leaves as much for the
             # sizes; in int32, each size (or Max / Min of sizes) at most once with each sign, as
             # `arange(T) + (S - T)` carries them: a multiple of a size (`s * 2147483`) or a
-            # product of two is near 2**31 at some size.
+            # product of two is near 2**31 at some size. Each index is counted once, up or down,
+            # as positions count it: a multiple of one (`add(k, q, alpha=2**31 - 3)`, or `q + q`
+            # added up) wraps at its second or third value.
             number, sizes = sympy.sympify(found.const).as_coeff_Add()
-            if abs(number) > _OFFSET_BOUND[dtype] or (dtype == torch.int32 and not _one_of_each_sign(sizes)):
+            if (abs(number) > _OFFSET_BOUND[dtype] or (dtype == torch.int32 and not _one_of_each_sign(sizes))
+                    or any(abs(c) != 1 for _, c in found.terms)):
                 return None
         return found
 

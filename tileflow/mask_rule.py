@@ -52,9 +52,10 @@ from typing import Any, Callable
 import sympy
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .graph_utils import bind_arguments, constant_number, holds_no_lowest_value, meta_val
+from .graph_utils import attribute, bind_arguments, constant_number, holds_no_lowest_value, meta_val, written_in_place
 
 aten = torch.ops.aten
 
@@ -190,6 +191,10 @@ _HOLD_INFINITY = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 # Dtypes whose lowest value absorbs a score (lowest + s == lowest for |s| < 2^103).
 _ABSORBING = {torch.bfloat16, torch.float32, torch.float64}
 _MOVES = {aten.unsqueeze.default, aten.select.int, aten.squeeze.dim, aten.expand.default, aten.slice.Tensor, *_VIEWS}
+_ONES = {aten.ones.default, aten.new_ones.default, aten.ones_like.default}
+# The most elements of a constant attribute read as a triangle (`_constant_triangle`): a causal
+# buffer of 8192 x 8192.
+_CONSTANT_BOUND = 2**26
 
 
 class _Reader:
@@ -249,6 +254,21 @@ class _Reader:
                 # rows that see nothing: eager averages that mask's keys there)
                 return None
             return _intersect(a, b)  # hidden by either: hidden
+        if node.target in _FILLS:
+            # A fill hides every key or none: `full((S, S), -inf)` before its `triu(1)`.
+            fill = 1 if node.target in _ONES else node.args[_FILL_ARGUMENT[node.target]]
+            return _NOWHERE if _hides(fill, dtype) else _EVERYWHERE if constant_number(fill) == 0 else None
+        if node.target in _TRIANGLES:
+            # triu(m, d) sets m to 0 (keeps the key) where j - i < d and leaves m where j - i >= d
+            # (tril: where j - i > d, and j - i <= d): `full((S, S), -inf).triu(1)` keeps j - i <= 0.
+            # Only of an m that hides every key or none; of any other, the keys kept are a union.
+            inner = self.kept(node.args[0], depth)
+            d = _size(node.args[1] if len(node.args) > 1 else 0)
+            if d is None or inner not in (_EVERYWHERE, _NOWHERE):
+                return None
+            if inner == _EVERYWHERE:
+                return _EVERYWHERE
+            return _Band(-sympy.oo, d - 1) if node.target is aten.triu.default else _Band(d + 1, sympy.oo)
         if node.target in _CASTS:
             # Into a dtype whose lowest is no lower, a hiding value still hides (float32's lowest
             # becomes float16's -inf); float16's lowest in float32 is an ordinary value, and a
@@ -291,24 +311,50 @@ class _Reader:
         val = meta_val(node)
         if not (isinstance(val, torch.Tensor) and val.dtype == torch.bool):
             return None
+        if node.target in (aten.eq.Scalar, aten.ne.Scalar) and constant_number(node.args[1]) in (0, 1):
+            # A tensor of 0s and 1s compared with 0 or 1 (nanoGPT's `bias[:, :, :T, :T] == 0`,
+            # True where its causal buffer hides a key): its 1s, or where they are not.
+            ones = self.ones(node.args[0], depth)
+            if ones is not None:
+                return ones if (constant_number(node.args[1]) == 1) == (node.target is aten.eq.Scalar) else _complement(ones)
         if node.target in _COMPARISONS:
             return self.compared(node, _COMPARISONS[node.target], depth)
+        if node.target in _NOTS:
+            # ~tril(ones(S, S)): the keys above the diagonal (the mask says which keys to hide)
+            return _complement(self.band(node.args[0], depth))
+        if node.op == "get_attr":
+            return _constant_triangle(node)
         if node.target in _ANDS:
             a, b = (self.conjunct(node, x, depth) for x in node.args[:2])
             return None if a is None or b is None else _intersect(a, b)
         if node.target in _FILLS:
             return _EVERYWHERE if _filled_with_true(node) else None
         if node.target in _TRIANGLES:
-            # tril(x, d) keeps x where j - i <= d, triu(x, d) where j - i >= d (SDPA's
-            # decomposition of is_causal: `ones(S, S).tril()`)
-            inner = self.band(node.args[0], depth)
-            d = _size(node.args[1] if len(node.args) > 1 else 0)
-            if inner is None or d is None:
-                return None
-            return _intersect(inner, _Band(-sympy.oo, d) if node.target is aten.tril.default else _Band(d, sympy.oo))
+            # (SDPA's decomposition of is_causal: `ones(S, S).tril()`)
+            return _triangle(node, self.band(node.args[0], depth))
         if node.target in _CASTS:
-            return self.band(node.args[0], depth)  # bool to bool
+            return self.ones(node.args[0], depth)  # to bool: True where it is 1 (`tril(ones(T, T)).bool()`)
         return self.moved(node, self.band, depth)
+
+    def ones(self, node: Any, depth: int = 0) -> _Band | None:
+        """The band a tensor holding only 0s and 1s (or a bool one) holds its 1s on, or None."""
+        return self.memo("ones", node, self._ones, depth)
+
+    def _ones(self, node: fx.Node, depth: int) -> _Band | None:
+        val = meta_val(node)
+        if not isinstance(val, torch.Tensor) or val.dtype.is_complex:
+            return None
+        if val.dtype == torch.bool:
+            return self.band(node, depth)
+        if node.op == "get_attr":
+            return _constant_triangle(node)
+        if node.target in _ONES:
+            return _EVERYWHERE
+        if node.target in _TRIANGLES:
+            return _triangle(node, self.ones(node.args[0], depth))  # (the 0s it writes are 0s)
+        if node.target in _CASTS:
+            return self.ones(node.args[0], depth)  # every dtype holds 0 and 1 exactly
+        return self.moved(node, self.ones, depth)
 
     def conjunct(self, node: fx.Node, operand: Any, depth: int) -> _Band | None:
         """An operand of the `&` `node`: its band, or, when it is not one but is the same for
@@ -498,6 +544,62 @@ class _Reader:
         for dim, coefficient in source.terms:
             const += coefficient * shift.get(dim, 0)
         return _Linear(tuple(sorted((mapping[d], c) for d, c in source.terms)), const)
+
+
+def _triangle(node: fx.Node, inner: _Band | None) -> _Band | None:
+    """The band `tril(x, d)` or `triu(x, d)` (`node`) holds of a bool x (or one of 0s and 1s) that
+    holds `inner`: tril keeps x where j - i <= d, triu where j - i >= d, and sets the rest False."""
+    d = _size(node.args[1] if len(node.args) > 1 else 0)
+    if inner is None or d is None:
+        return None
+    return _intersect(inner, _Band(-sympy.oo, d) if node.target is aten.tril.default else _Band(d, sympy.oo))
+
+
+def _complement(band: _Band | None) -> _Band | None:
+    """Where a bool mask holding `band` is False, or None when that is no band (a window's two
+    sides, key terms). Offsets and bounds are integers (positions, sizes, triangles' diagonals):
+    j - i <= hi fails exactly where j - i >= hi + 1."""
+    if band is None or band.keys:
+        return None
+    if band in (_EVERYWHERE, _NOWHERE):
+        return _NOWHERE if band == _EVERYWHERE else _EVERYWHERE
+    if band.lo == -sympy.oo and band.hi != sympy.oo:
+        return _Band(band.hi + 1, sympy.oo)
+    if band.hi == sympy.oo and band.lo != -sympy.oo:
+        return _Band(-sympy.oo, band.lo - 1)
+    return None
+
+
+def _constant_triangle(node: fx.Node) -> _Band | None:
+    """The band of a constant attribute of 0s and 1s (or bools) whose every `[R, C]` plane is
+    `tril(ones(R, C), d)` for one d, read from its values: nanoGPT's causal buffer
+    `tril(ones(T, T)).view(1, 1, T, T)` as an exported program holds it (a get_attr); None for
+    any other tensor, and for one an op of the graph writes. (Values are read as constants only
+    here, as `constant_values` reads attributes; torch.compile passes a module's buffers as graph
+    inputs, which may change between calls without a recompile, and are never read.) The band is
+    exact over the attribute's own shape; moved, only slices from 0 keep it (`moved`)."""
+    val = meta_val(node)
+    if not (isinstance(val, torch.Tensor) and val.dim() >= 2) or node in written_in_place(node.graph):
+        return None
+    try:
+        value = attribute(node.graph.owning_module, str(node.target))
+    except AttributeError:
+        return None
+    with unset_fake_temporarily():  # a real attribute, even while a pass runs under fake tensors
+        if not (isinstance(value, torch.Tensor) and value.dim() >= 2 and 0 < value.numel() <= _CONSTANT_BOUND
+                and not value.dtype.is_complex and tuple(value.shape) == tuple(val.shape)):
+            return None
+        value = value.detach().cpu()
+        rows, cols = value.shape[-2:]
+        counts = (value.reshape(-1, rows, cols)[0] != 0).sum(-1).tolist()  # the 1s of each row
+        first = next((r for r, c in enumerate(counts) if c), None)
+        if first is None:
+            return _NOWHERE if not value.any() else None
+        d = counts[first] - 1 - first  # row r of tril(ones, d) holds min(max(r + d + 1, 0), C) ones
+        pattern = torch.ones(rows, cols, dtype=torch.bool).tril(d).to(value.dtype)
+        if not torch.equal(value, pattern.expand_as(value)):
+            return None
+    return _Band(-sympy.oo, sympy.Integer(d))
 
 
 def _over_keys(out: fx.Node, operand: fx.Node) -> bool:

@@ -184,3 +184,37 @@ def test_to_device_takes_arrays_with_negative_strides() -> None:
 
     (got,) = to_device("cpu", np.arange(6, dtype=np.int32).reshape(2, 3)[::-1, ::-1])
     assert got.tolist() == [[5, 4, 3], [2, 1, 0]] and got.dtype == torch.int32
+
+
+def test_checked_attention_refuses_host_metadata_other_than_the_device_tensors() -> None:
+    """With `check`, the device lengths are validated, and the host copies the task table is built
+    from must be those lengths: on the Triton path (nothing compares them at launch) host copies
+    that disagree ran the kernel over other rows than the batch's, silently."""
+    pytest.importorskip("triton")
+    from tileflow.runtime.attention import run_meta_attention_varlen
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(4, 2, 16), torch.randn(2, 4, 1, 16), torch.randn(2, 4, 1, 16)
+    table = torch.tensor([[0], [1]], dtype=torch.int32)
+    cu, lens = torch.tensor([0, 2, 4], dtype=torch.int32), torch.tensor([3, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"host_metadata .* differs from the device tensors"):
+        run_meta_attention_varlen(q, k, v, table, cu, lens, check=True, target="triton",
+                                  host_metadata=((0, 2, 4), (2, 3)))
+    # The same lengths on the host are fine (and spare nothing but the read-back).
+    expected = run_meta_attention_varlen(q, k, v, table, cu, lens, check=True)
+    got = run_meta_attention_varlen(q, k, v, table, cu, lens, check=True, host_metadata=((0, 2, 4), (3, 3)))
+    torch.testing.assert_close(got, expected)
+
+
+def test_prepare_refuses_two_new_rows_in_one_cache_slot() -> None:
+    """A block written in a step belongs to one sequence: two sequences given one block (or one
+    listing a block twice) made one row's k/v overwrite the other's, and attention read it."""
+    cache = PagedKV(1, HKV, D, block_size=BLOCK, num_blocks=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"new rows 0 \(sequence 0\) and 2 \(sequence 1\) both go to cache slot 3 "
+                                         r"\(block 1\)"):
+        cache.prepare([[0, 1], [2, 1]], [2, 2], [3, 3])
+    with pytest.raises(ValueError, match=r"new rows 0 \(sequence 0\) and 3 \(sequence 0\) both go to cache slot 9"):
+        cache.prepare([[3, 3]], [6], [0])
+    # Sharing blocks that are only read (a cached prefix) is fine, as are repeated entries no row reaches.
+    batch = cache.prepare([[0, 1], [0, 2], [3, 3, 2]], [1, 1, 0], [3, 3, 5])
+    assert batch.slots.tolist() == [3, 6]

@@ -128,6 +128,13 @@ def run_meta_attention_varlen(
     if check:
         # The check reads the lengths to the host anyway: reuse them (one device sync, not two).
         checked = check_metadata(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, tree_mask, causal=causal)
+        if host_metadata is not None and (tuple(host_metadata[0]), tuple(host_metadata[1])) != checked:
+            # The task table is built from the host copies and the kernel reads the device tensors:
+            # host copies that disagree made a kernel read (and write) rows past its sequences.
+            raise ValueError(
+                f"meta_attention_varlen: host_metadata {host_metadata} differs from the device tensors' "
+                f"cu_seqlens_q / seqlens_kv {checked}: pass the host copies of the same lengths"
+            )
         host_metadata = host_metadata if host_metadata is not None else checked
     check_sliding_window("meta_attention_varlen", sliding_window)
     if softcap is not None and (isinstance(softcap, bool) or not math.isfinite(softcap) or softcap <= 0):

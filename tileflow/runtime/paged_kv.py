@@ -63,6 +63,24 @@ def check_chunk_blocks(chunks: Iterable[int | None], block_size: int) -> None:
                          "does not divide: pick a block size that divides the chunk (a power of two below it)")
 
 
+def _check_distinct_slots(slots: np.ndarray, cu: np.ndarray, block_size: int) -> None:
+    """ValueError when two new rows of a step go to one cache slot (two sequences handed one
+    block to write, or one sequence listing a block twice): the scatter would keep one of them
+    (on a GPU, either) and the other sequence would attend over it. Blocks a step only reads may
+    be shared (a cached prefix); a block is written by one sequence at a time."""
+    if slots.size < 2:
+        return
+    ordered = np.sort(slots)  # (tens of microseconds for thousands of rows)
+    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if same.size:
+        slot = int(ordered[same[0]])
+        first, second = (int(r) for r in np.flatnonzero(slots == slot)[:2])
+        seq_a, seq_b = (int(s) for s in np.searchsorted(cu, [first, second], "right") - 1)
+        raise ValueError(f"new rows {first} (sequence {seq_a}) and {second} (sequence {seq_b}) both go to cache slot "
+                         f"{slot} (block {slot // block_size}): a block written in a step must belong to one "
+                         "sequence, once in its block list")
+
+
 @dataclass(frozen=True)
 class ChunkView:
     """A step cut at the boundaries of attention chunks: `batch` has one sequence per piece (the
@@ -145,9 +163,11 @@ class PagedKV:
         """The layout of a step whose sequence s owns `blocks[s]` (block ids: lists, or integer
         numpy arrays, which are cheaper) and brings `q_lens[s]` new tokens at positions
         `starts[s]` …, with its chunk view for each size in `attention_chunks` (module docstring);
-        raises ValueError when a sequence's blocks cannot hold them."""
+        raises ValueError when a sequence's blocks cannot hold them, or two new rows would share a
+        cache slot."""
         host = self._host_layout(blocks, q_lens, starts)
         slots, positions = host.slots_and_positions(self.block_size)
+        _check_distinct_slots(slots, host.cu, self.block_size)
         # Copies that do not wait for the device (two: int32 metadata, int64 slots and positions).
         cu, lens, table, slots_dev, positions_dev = to_device(
             self.device, host.cu.astype(np.int32), host.lens.astype(np.int32), host.table, slots, positions)

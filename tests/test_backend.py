@@ -211,6 +211,18 @@ def test_explain_rejects_bad_options() -> None:
         tileflow.explain(torch.sin, torch.randn(3), options={"targte": "reference"})
 
 
+@pytest.mark.parametrize("options", [["verify"], "verify=1", ("verify", True), 5])
+def test_options_that_are_no_mapping_say_so(options) -> None:
+    """`options=["verify"]` or `options="verify=1"` is a mistake for a dict: the error says that
+    (not dict()'s "dictionary update sequence element #0 has length 6"), here and through
+    torch.compile, and names the valid keys."""
+    with pytest.raises(ValueError, match=r"must be a mapping .*valid options are \['target'"):
+        tileflow.explain(torch.sin, torch.randn(3), options=options)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="tileflow options must be a mapping"):
+        torch.compile(torch.sin, backend="tileflow", options=options)(torch.randn(3))
+
+
 def test_dynamo_capture_keeps_sdpa_whole_and_tokens_symbolic(tmp_path) -> None:
     model = build("qwen2")
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"debug_dir": str(tmp_path)}), dynamic=True)

@@ -443,6 +443,14 @@ def test_export_refuses_what_an_archive_cannot_hold(options: dict) -> None:
         tileflow.export_model(model, (torch.randn(4, 8),), options=options)
 
 
+def test_export_refuses_options_that_are_no_mapping() -> None:
+    # dict() took a list of pairs silently and failed on ["verify"] naming neither options nor the fix.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.SiLU())
+    for options in (["verify"], [("verify", True)]):
+        with pytest.raises(ValueError, match=r"tileflow options must be a mapping .*options=\{'verify': True\}"):
+            tileflow.export_model(model, (torch.randn(4, 8),), options=options)
+
+
 @register_pass
 class _ReluToSigmoid:
     """Swaps relu for sigmoid and claims success: only `verify` can catch it."""

@@ -148,6 +148,12 @@ class Config:
         cls, options: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
     ) -> "Config":
         """Build a Config from `torch.compile` options, then `TILEFLOW_*` variables, then defaults."""
+        if options is not None and not isinstance(options, Mapping):
+            # dict() would take a list of pairs silently and fail on `["verify"]` with "dictionary
+            # update sequence element #0 has length 6", which names neither options nor the fix.
+            raise ValueError(f"tileflow options must be a mapping of option names to values, such as "
+                             f"options={{'verify': True}}; got {type(options).__name__} {options!r}; "
+                             f"valid options are {list(cls.keys())}")
         options = dict(options or {})
         env = os.environ if env is None else env
         valid = cls.keys()

@@ -172,10 +172,10 @@ def export_model(
     notify = progress or (lambda stage: None)
     # A lone tensor is one input (tuple() would split it into its rows).
     example_args = (example_args,) if isinstance(example_args, torch.Tensor) else tuple(example_args)
-    options = dict(options or {})
     # An archive holds the rewritten graph only: the nano-batch schedule and CUDA graphs live in
     # the runtime of a torch.compile'd model, so an archive made with them would run without them.
-    config = Config.from_options(options)
+    config = Config.from_options(options)  # (first: it refuses options that are no mapping)
+    options = dict(options or {})
     user_debug_dir = config.debug_dir  # from the options or TILEFLOW_DEBUG_DIR
     if "nanobatch" in config.passes or config.cuda_graphs:
         raise ValueError("tileflow export does not archive nano-batching or CUDA graphs (the 'nanobatch' pass, "

@@ -383,6 +383,11 @@ def test_cycle_message_names_the_cycle():
 def test_nano_op_json_round_trip():
     op = NanoOp("x[0]", "mm", "compute", (0, 3), ("y[0]",), 0, "x")
     assert NanoOp.from_dict(json.loads(json.dumps(op.to_dict()))) == op
+    # A hand-written schedule's fractional rows were cut (1.5 to 1) and then passed the checker.
+    for rows, stream in (([0, 1.5], 0), ([0, True], 0), ([0, 3], "1")):
+        with pytest.raises(ValueError, match=r"x\[0\]'s (rows|stream) must be whole numbers"):
+            NanoOp.from_dict({**op.to_dict(), "rows": rows, "stream": stream})
+    assert NanoOp.from_dict({**op.to_dict(), "rows": [0.0, 3.0]}) == op
 
 
 def test_extents_and_rows_of_any_int_kind() -> None:

@@ -78,15 +78,29 @@ class NanoOp:
     def from_dict(cls, data: Mapping[str, Any]) -> "NanoOp":
         """Inverse of `to_dict`."""
         lo, hi = data["rows"]
+        name = str(data["name"])
         return cls(
-            name=str(data["name"]),
+            name=name,
             op=str(data["op"]),
             resource=str(data["resource"]),
-            rows=(int(lo), int(hi)),
+            rows=(_whole(lo, f"{name}'s rows"), _whole(hi, f"{name}'s rows")),
             deps=tuple(str(d) for d in data["deps"]),
-            stream=int(data["stream"]),
+            stream=_whole(data["stream"], f"{name}'s stream"),
             original=str(data["original"]),
         )
+
+
+def _whole(value: Any, what: str) -> int:
+    """`value` as an int, refusing a fraction or a bool (int() would cut 1.5 to 1, and the
+    schedule checker would then pass rows the JSON did not say)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    try:
+        if not isinstance(value, bool):
+            return operator.index(value)  # ints, numpy's included
+    except TypeError:
+        pass
+    raise ValueError(f"{what} must be whole numbers, got {value!r}")
 
 
 @dataclass

@@ -603,6 +603,10 @@ def test_every_backend_refuses_another_causal_rule_a_zero_window_or_a_bias_short
     with pytest.raises(ValueError, match=refused(windowed, "the kernel was built with a sliding window: pass "
                                                            "sliding_window=<int >= 1>, got 0")):
         windowed(*args, table, sliding_window=0)
+    for window in (float("nan"), float("inf")):  # (int() of them raised Python's own error)
+        with pytest.raises(ValueError, match=refused(windowed, "the kernel was built with a sliding window: pass "
+                                                               f"sliding_window=<int >= 1>, got {window!r}")):
+            windowed(*args, table, sliding_window=window)
     biased = build(causal=True, bias=True)
     with pytest.raises(ValueError, match=refused(biased, "attn_bias must cover every query row and key of the "
                                                          "batch, [S, Hq, >= 6, >= 9], got [2, 1, 6, 3]")):

@@ -419,8 +419,12 @@ def _checked_window(params: AttentionParamsLike, where: str, sliding_window: Any
         if sliding_window is not None:
             raise _refusal(where, "sliding_window was given but the kernel was built without one")
         return None
-    if (sliding_window is None or isinstance(sliding_window, bool)
-            or int(sliding_window) != sliding_window or sliding_window < 1):
+    try:  # (int() of a NaN or an infinity raises: a window it is not)
+        whole = (sliding_window is not None and not isinstance(sliding_window, bool)
+                 and int(sliding_window) == sliding_window and sliding_window >= 1)
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
         raise _refusal(
             where,
             f"the kernel was built with a sliding window: pass sliding_window=<int >= 1>, got {sliding_window!r}",

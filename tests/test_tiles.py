@@ -189,8 +189,10 @@ def test_detect_device_without_cuda() -> None:
 def test_detect_device_cuda_names(monkeypatch, reported: str, sms: int, expected: str) -> None:
     import torch
 
+    # A listed part reports at least its entry's memory (80 GB parts report 85 GB: GiB vs GB).
+    memory = max(16e9, DEVICES[expected].mem_gb * 1.07e9) if expected in DEVICES else 16e9
     props = SimpleNamespace(
-        multi_processor_count=sms, total_memory=16e9, shared_memory_per_multiprocessor=65536
+        multi_processor_count=sms, total_memory=memory, shared_memory_per_multiprocessor=65536
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -1083,6 +1085,69 @@ def test_detect_device_mig_slice_keeps_only_its_memory(monkeypatch) -> None:
     assert info.cores == 16
     assert info.mem_gb == pytest.approx(10.7)
     assert info.mem_bw_gbs == pytest.approx(3350.0 * 10.7 / 80.0)
+
+
+def _simulate_cuda(monkeypatch, reported: str, **props: object) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: reported)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=None: SimpleNamespace(**props))
+
+
+def test_detect_device_a100_40gb_is_not_the_80gb_entry(monkeypatch) -> None:
+    """An A100 40GB has the 80GB part's 108 SMs but 40 GB at 1.55 TB/s: it was the A100-SXM entry
+    itself (80 GB, 2.04 TB/s). It plans from its own memory and bandwidth, under its own name."""
+    from tileflow import runtime
+
+    for reported in ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB"):
+        _simulate_cuda(monkeypatch, reported, multi_processor_count=108, total_memory=42.5e9,
+                       shared_memory_per_multiprocessor=167936, memory_clock_rate=1215000, memory_bus_width=5120)
+        info = detect_device("cuda")
+        assert info.name == reported and info.cores == 108 and info.mem_gb == pytest.approx(42.5)
+        assert info.mem_bw_gbs == pytest.approx(1555.2)
+        assert info.peak_tflops == DEVICES["A100-SXM"].peak_tflops
+    # Without a reported memory clock it still holds its own memory, not the 80 GB.
+    _simulate_cuda(monkeypatch, "NVIDIA A100-SXM4-40GB", multi_processor_count=108, total_memory=42.5e9,
+                   shared_memory_per_multiprocessor=167936)
+    assert detect_device("cuda").mem_gb == pytest.approx(42.5)
+    # The 80GB part, with the memory clock it reports, is the table's entry.
+    _simulate_cuda(monkeypatch, "NVIDIA A100-SXM4-80GB", multi_processor_count=108, total_memory=85.1e9,
+                   shared_memory_per_multiprocessor=167936, memory_clock_rate=1593000, memory_bus_width=5120)
+    assert detect_device("cuda") is DEVICES["A100-SXM"]
+    assert runtime.shipped_tile_timings(detect_device("cuda")) is None
+
+
+def test_detect_device_h100_variants_take_their_own_bandwidth(monkeypatch) -> None:
+    """An H100 PCIe (114 SMs, HBM2e at 2.0 TB/s) kept the SXM part's 3.35 TB/s; an H100 NVL (132 SMs,
+    94 GB at 3.9 TB/s) was the SXM entry itself. An H200, whose memory clock rounds to 4.9 TB/s,
+    is still the H200 entry, with the tile times tileflow ships for it."""
+    from tileflow import runtime
+
+    _simulate_cuda(monkeypatch, "NVIDIA H100 PCIe", multi_processor_count=114, total_memory=85.0e9,
+                   shared_memory_per_multiprocessor=233472, memory_clock_rate=1593000, memory_bus_width=5120)
+    assert detect_device("cuda").mem_bw_gbs == pytest.approx(2039.0, rel=1e-4)
+    _simulate_cuda(monkeypatch, "NVIDIA H100 NVL", multi_processor_count=132, total_memory=100.0e9,
+                   shared_memory_per_multiprocessor=233472, memory_clock_rate=2619000, memory_bus_width=6144)
+    info = detect_device("cuda")
+    assert info.name == "NVIDIA H100 NVL" and info.mem_bw_gbs == pytest.approx(4022.8, rel=1e-4)
+    _simulate_cuda(monkeypatch, "NVIDIA H200", multi_processor_count=132, total_memory=150.7e9,
+                   shared_memory_per_multiprocessor=233472, memory_clock_rate=3201000, memory_bus_width=6144)
+    info = detect_device("cuda")
+    assert info is DEVICES["H200"] and runtime.shipped_tile_timings(info) is not None
+
+
+def test_detect_device_unknown_gpu_takes_its_reported_bandwidth(monkeypatch) -> None:
+    """An unlisted GPU planned with the H100's 3.35 TB/s whatever it was: an L4 (0.3 TB/s of GDDR6)
+    11x too fast in every memory-bound tile. It takes the bandwidth its memory clock and bus width
+    give, and the H100's only where torch does not report them."""
+    _simulate_cuda(monkeypatch, "NVIDIA L4", multi_processor_count=58, total_memory=23.8e9,
+                   shared_memory_per_multiprocessor=102400, memory_clock_rate=6251000, memory_bus_width=192)
+    assert detect_device("cuda").mem_bw_gbs == pytest.approx(300.0, rel=1e-3)
+    _simulate_cuda(monkeypatch, "NVIDIA L4", multi_processor_count=58, total_memory=23.8e9,
+                   shared_memory_per_multiprocessor=102400)
+    assert detect_device("cuda").mem_bw_gbs == DEVICES["H100-SXM"].mem_bw_gbs
 
 
 def test_a_plan_measured_only_with_split_times_is_a_measured_plan() -> None:

@@ -261,12 +261,16 @@ def detect_device(device_type: str = "cuda") -> DeviceInfo:
     """DeviceInfo for the current device of `device_type` (`"cuda"`, `"npu"` or `"cpu"`).
 
     On CUDA the reported name is matched against the table (H100, H200, A100, H20). When the
-    matched entry's SM count differs from what the device reports (an H100 PCIe, a MIG slice),
-    the entry is rescaled to the real SM count at the same per-SM rate, and to the memory the
-    device reports, with the bandwidth in proportion (a MIG slice's share of HBM). An unlisted
-    GPU gets an entry built from `torch.cuda.get_device_properties` with H100-like per-SM rates.
-    Without a usable CUDA (or NPU) device the generic `cpu` entry is returned, so plans stay
-    deterministic.
+    device differs from the matched entry in SM count, memory or memory bandwidth (an H100 PCIe
+    or NVL, an A100 40GB, a MIG slice), the entry is rescaled to the real SM count at the same
+    per-SM rate and renamed to the reported name (so the entry's shipped tile times do not apply
+    to it). A MIG slice (fewer SMs and less memory than the entry) gets the memory it reports and
+    its share of the entry's bandwidth; another variant gets its reported memory and the
+    bandwidth its memory clock and bus width give (`_reported_bandwidth_gbs`). An unlisted GPU
+    gets an entry built from `torch.cuda.get_device_properties`: H100-like per-SM rates, and its
+    own memory, shared memory and bandwidth (the H100's where torch does not report the memory
+    clock). Without a usable CUDA (or NPU) device the generic `cpu` entry is returned, so plans
+    stay deterministic.
     """
     import torch  # local: keep `import tileflow.devices` fast
 
@@ -287,21 +291,51 @@ def detect_device(device_type: str = "cuda") -> DeviceInfo:
     props = torch.cuda.get_device_properties(index)
     sms = int(props.multi_processor_count)
     entry = _match_cuda_name(reported)
+    mem_gb = round(props.total_memory / 1e9, 1)
+    bandwidth = _reported_bandwidth_gbs(props)
     if entry is not None:
-        if sms == entry.cores:
+        # The table's figures are one part's (80 GB A100, SXM H100): a part of the same name with
+        # other memory (an A100 40GB: 1.55 TB/s, or an H100 NVL: 3.9 TB/s) is not that part, and
+        # must not plan from its figures nor take its shipped tile times.
+        same_memory = mem_gb >= entry.mem_gb and (
+            bandwidth is None or abs(bandwidth - entry.mem_bw_gbs) <= _SAME_BANDWIDTH * entry.mem_bw_gbs)
+        if sms == entry.cores and same_memory:
             return entry
-        # A MIG slice also holds only a part of the memory, with its share of the HBM bandwidth
-        # (the entry's 80 GB and 3.35 TB/s on a 10 GB 1g slice made every memory figure 8x too
-        # large); a full-memory part (an H100 PCIe) keeps the entry's.
-        mem_gb = min(entry.mem_gb, round(props.total_memory / 1e9, 1))
+        if sms < entry.cores and mem_gb < entry.mem_gb:
+            # A MIG slice also holds only a part of the memory, with its share of the HBM
+            # bandwidth (the entry's 80 GB and 3.35 TB/s on a 10 GB 1g slice made every memory
+            # figure 8x too large).
+            return replace(_scale_cores(entry, sms, reported), mem_gb=mem_gb,
+                           mem_bw_gbs=entry.mem_bw_gbs * mem_gb / entry.mem_gb)
+        # Another bin of the chip (an H100 PCIe: 114 SMs and 2.0 TB/s of HBM2e, not 3.35 TB/s).
         return replace(_scale_cores(entry, sms, reported), mem_gb=mem_gb,
-                       mem_bw_gbs=entry.mem_bw_gbs * mem_gb / entry.mem_gb)
-    # Unknown GPU: H100 per-SM compute and H100 bandwidth; real SM count, memory and smem.
+                       mem_bw_gbs=bandwidth if bandwidth is not None else entry.mem_bw_gbs)
+    # Unknown GPU: H100 per-SM compute; real SM count, memory, smem and bandwidth (an L4's
+    # 0.3 TB/s planned as the H100's 3.35 TB/s made every memory-bound tile look 11x faster).
     base = _scale_cores(DEVICES["H100-SXM"], sms, reported)
     smem = getattr(props, "shared_memory_per_multiprocessor", 0) // 1024
     return replace(
         base,
-        mem_gb=round(props.total_memory / 1e9, 1),
+        mem_gb=mem_gb,
+        mem_bw_gbs=bandwidth if bandwidth is not None else base.mem_bw_gbs,
         smem_kib_per_core=int(smem) if smem > 0 else base.smem_kib_per_core,
         price_per_hour=None,
     )
+
+
+# Relative difference between a device's reported peak bandwidth and its table entry's within
+# which it is that entry's part: the figure from the reported memory clock may differ from the
+# datasheet's by a few percent; another part of the same name differs by 15% or more (A100 40GB
+# against 80GB: 24%; H100 NVL against SXM: 16%).
+_SAME_BANDWIDTH = 0.1
+
+
+def _reported_bandwidth_gbs(props: Any) -> float | None:
+    """Peak memory bandwidth in GB/s from CUDA device properties: two transfers per memory clock
+    (kHz) over the bus (bits), as NVIDIA's "How to Query Device Properties" computes it; None when
+    torch does not report them (older torch, or a CUDA that no longer reports the memory clock)."""
+    clock_khz = getattr(props, "memory_clock_rate", 0) or 0
+    bus_bits = getattr(props, "memory_bus_width", 0) or 0
+    if clock_khz <= 0 or bus_bits <= 0:
+        return None
+    return 2.0 * clock_khz * 1e3 * (bus_bits / 8) / 1e9

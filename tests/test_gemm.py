@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -264,6 +265,41 @@ def test_triton_without_gpu_or_interpreter_is_a_clear_error(monkeypatch) -> None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ok, why = BACKEND.available()
     assert not ok and "TRITON_INTERPRET=1" in why
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("on", True), ("0", False), ("false", False),
+                                      ("off", False), ("no", False), ("2", False)])
+@pytest.mark.parametrize("with_triton", [True, False])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value: str, on: bool, with_triton: bool) -> None:
+    """`TRITON_INTERPRET=false` (or off, no, 2) leaves Triton's interpreter off, but tileflow took
+    every value but 0 for on: the backend said it could run on a CPU and built a compiled kernel,
+    which failed at launch with Triton's "0 active drivers". Without Triton the same spelling holds."""
+    from tileflow.backends.triton import BACKEND
+    from tileflow.targets import triton_interpreter_enabled
+
+    if with_triton:
+        pytest.importorskip("triton")
+    else:
+        monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert triton_interpreter_enabled() == on
+    if with_triton:
+        ok, why = BACKEND.available()
+        assert ok == on and (on or "TRITON_INTERPRET=1" in why), why
+
+
+def test_reference_kernels_of_long_names_are_saved(tmp_path) -> None:
+    """The reference backend writes a kernel's source to the debug folder under its name; a GEMM
+    over 64 sibling weights of 64 columns has a name too long for a file: it is cut."""
+    from tileflow.kernel_spec import KernelSpec, TileConfig, make_params
+    from tileflow.targets import get_backend
+
+    spec = KernelSpec(op="padded_gemm", dtype="float32", out_dtype="float32", tile=TileConfig(16, 32, 32),
+                      params=make_params(n=64 * 64, k=32, persistent=False, segments="x".join(["64"] * 64)))
+    kernel = get_backend("reference").build(spec, tmp_path)
+    assert len(kernel.source_path.name.encode()) <= 255 and kernel.source_path.read_text() == kernel.source
+    assert runtime.save_kernel_source(dataclasses.replace(kernel, source_path=None), tmp_path / "again").exists()
 
 
 def test_ascend_target_says_what_is_missing() -> None:

@@ -729,6 +729,23 @@ def test_the_interpreter_warns_of_bf16_operands_only(monkeypatch: pytest.MonkeyP
         build(gemm_spec("bfloat16"))
 
 
+def test_a_gemm_over_many_sibling_weights_builds_despite_its_long_name(private_cache: Path, tmp_path: Path) -> None:
+    """A GEMM's name spells each N segment's width: 64 sibling linears of 64 columns (a model of
+    one Linear per head and projection) made a name of 250 characters, and writing its file
+    (with the temporary file's longer name) failed "File name too long", telling the user to set
+    TILEFLOW_CACHE_DIR. The file name is cut, with a hash, and two such names keep two files."""
+    def spec_of(widths: list[int]) -> KernelSpec:
+        return KernelSpec(op="padded_gemm", dtype="float32", out_dtype="float32", tile=TILE_A,
+                          params=make_params(n=sum(widths), k=24, persistent=False, segments="x".join(map(str, widths))))
+
+    first, second = spec_of([64] * 64), spec_of([64] * 63 + [32, 32])
+    assert len(first.name) > 250
+    kernels = [build(spec, artifact_dir=tmp_path / "artifacts") for spec in (first, second)]
+    names = [k.source_path.name for k in kernels]
+    assert all(len(name.encode()) <= 255 for name in names) and names[0] != names[1]
+    assert [(tmp_path / "artifacts" / name).read_text() for name in names] == [k.source for k in kernels]
+
+
 def test_every_build_copies_its_source_to_the_artifact_dir_it_is_given(tmp_path: Path) -> None:
     """The artifact copy is made on every build, not only on the one that rendered the kernel: a
     second run (its own debug_dir) of a kernel this process already built still gets its file."""

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -176,6 +177,23 @@ def dtype_name(dtype: Any) -> str:
     if isinstance(dtype, str):
         return dtype
     return str(dtype).removeprefix("torch.")
+
+
+# The longest stem of a kernel's file name, in bytes: file systems allow 255 bytes a name, and
+# the stem gains a suffix (`.reference.py`) and, while written, a temporary one (`.<stem>.py.x.tmp`).
+_MAX_FILE_STEM = 200
+
+
+def file_stem(name: str) -> str:
+    """A kernel's name as the stem of its file name: unsafe characters replaced, and a name too
+    long for a file system (a GEMM over many sibling weights spells every segment's width, 64
+    siblings of 64 columns made 251 characters) cut, with a hash of the whole name so that two
+    long names that share their start keep two files."""
+    safe = re.sub(r"[^\w.\-]", "_", name)
+    if len(safe.encode()) <= _MAX_FILE_STEM:
+        return safe
+    tag = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return safe.encode()[:_MAX_FILE_STEM - len(tag) - 1].decode(errors="ignore") + "_" + tag
 
 
 def _positive_int_param(spec: KernelSpec, key: str) -> int:

@@ -85,5 +85,16 @@ def get_backend(target: str) -> KernelBackend:
 
 
 def triton_interpreter_enabled() -> bool:
-    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1).
+
+    Asks Triton itself (`triton.knobs.runtime.interpret`, what `@triton.jit` reads): it takes
+    `1`, `true`, `on`, `yes` for on and anything else (`false`, `off`, `2`) for off, and a
+    reading of its own took `TRITON_INTERPRET=false` for on, so the backend said it could run on
+    a CPU and built a compiled kernel, which failed at launch for want of a GPU driver.
+    """
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # no Triton (the backend says so): Triton's spelling all the same
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")

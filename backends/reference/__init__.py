@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tileflow.kernel_spec import KernelSpec
+from tileflow.kernel_spec import KernelSpec, file_stem
 from tileflow.targets import CompiledKernel
 
 from .attention import build_reference_attention
@@ -46,7 +46,7 @@ class ReferenceBackend:
         path = None
         if artifact_dir is not None:
             artifact_dir.mkdir(parents=True, exist_ok=True)
-            path = artifact_dir / f"{spec.name}.reference.py"
+            path = artifact_dir / f"{file_stem(spec.name)}.reference.py"
             path.write_text(source)
         return CompiledKernel(spec=spec, target="reference", source=source,
                               launch=make_launcher(spec, source), source_path=path)

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-from tileflow.kernel_spec import KernelSpec
+from tileflow.kernel_spec import KernelSpec, file_stem
 from tileflow.targets import CompiledKernel, triton_interpreter_enabled
 
 __all__ = [
@@ -79,8 +79,9 @@ def kernel_identifier(spec: KernelSpec) -> str:
 
 
 def _safe_filename(name: str) -> str:
-    """`name` with path separators and other unsafe characters replaced."""
-    return re.sub(r"[^\w.\-]", "_", name)
+    """`name` with path separators and other unsafe characters replaced, and cut (with a hash)
+    where it is too long for a file name (`kernel_spec.file_stem`)."""
+    return file_stem(name)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -188,7 +189,8 @@ def build_triton_kernel(
     - `render(spec)` returns the module's source text;
     - `make_launcher(spec, kernel_fn)` turns the imported `@triton.jit` function into the launcher.
 
-    The source goes to `cache_root()/<digest>/<text hash>/<spec.name>.py`, where the digest is
+    The source goes to `cache_root()/<digest>/<text hash>/<spec.name>.py` (a name too long for a
+    file cut, `kernel_spec.file_stem`), where the digest is
     `spec.digest(tileflow_version(), triton.__version__)` and the text hash a hash of the rendered
     source; it is written atomically and only when missing or different. The CompiledKernel is memoized per digest, so building the same spec
     again returns the same object. When `artifact_dir` is given the source is also copied there as

@@ -20,7 +20,7 @@ import torch
 from ..config import current_config
 from ..devices import DeviceInfo, detect_device, get_device
 from ..gemm_operands import apply_activation, apply_gated_activation, check_operand_kinds, gate_and_up
-from ..kernel_spec import KernelSpec, TileConfig, is_gated, segment_starts
+from ..kernel_spec import KernelSpec, TileConfig, file_stem, is_gated, segment_starts
 from ..log import get_logger
 from ..targets import CompiledKernel, get_backend, resolve_target
 from ..tiles import (
@@ -331,7 +331,7 @@ def save_kernel_source(kernel: CompiledKernel, artifact_dir: Path) -> Path:
     """Write a kernel's source into an artifact folder (a graph's `debug_dir/.../kernels`), even
     when the kernel was built earlier for another graph; returns the file's path."""
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    name = Path(kernel.source_path).name if kernel.source_path else f"{kernel.spec.name}.{kernel.target}.py"
+    name = Path(kernel.source_path).name if kernel.source_path else f"{file_stem(kernel.spec.name)}.{kernel.target}.py"
     path = artifact_dir / name
     if not path.exists() or path.read_text() != kernel.source:
         path.write_text(kernel.source)

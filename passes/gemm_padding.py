@@ -94,6 +94,25 @@ def _val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
+def _left_product_reason(node: fx.Node) -> str | None:
+    """Why a matrix product that canonicalize did not make a `linear` stays as it is (None for
+    any other node): an `addmm` other than `bias + x @ w` with a bias [N], or a product with a
+    1-D operand. Neither reaches the matching above, so without this the report had no word
+    on them."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.addmm.default:
+        bias = _val(node.args[0])
+        shape = list(bias.shape) if isinstance(bias, torch.Tensor) else bias
+        return (f"addmm with beta={node.kwargs.get('beta', 1)}, alpha={node.kwargs.get('alpha', 1)} and a bias of "
+                f"shape {shape}: canonicalize makes a linear only of unit alpha and beta and a 1-D bias [N], and "
+                f"the product runs as it is")
+    if node.target in (aten.mv.default, aten.addmv.default):
+        return ("a matrix-vector product (a 1-D operand): padded_gemm takes a 2-D input and a 2-D weight [N, K], "
+                "and the product runs as it is")
+    return None
+
+
 def _linear_bias(linear: fx.Node) -> Any:
     """The bias of an `aten.linear` node, passed by position or by keyword (None when absent)."""
     return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
@@ -553,6 +572,11 @@ class GemmPadding:
         for node in deferred:
             if in_graph(node, graph):
                 self._rewrite_linear(graph, node, ctx, plans, result)
+        for node in graph.nodes:
+            # Matrix products canonicalize left as they are run so too: say why, as for a linear.
+            reason = _left_product_reason(node)
+            if reason:
+                result.fallback(node, reason)
         # A gated GEMM's plan is its own (stages sized for two weight tiles), so it is marked.
         entries = [{"op": "padded_gemm", **plan.to_dict(), "describe": plan.describe(),
                     "tile_times": self._tile_times(plan, ctx, weight_tiles=key[-1]),

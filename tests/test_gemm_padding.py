@@ -487,6 +487,25 @@ def test_m_above_max_tokens_falls_back_for_that_gemm_only() -> None:
         torch.testing.assert_close(got, want)
 
 
+def test_matrix_products_left_as_they_are_each_have_a_reason() -> None:
+    """An `addmm` canonicalize does not make a linear (a scaled product or bias, a bias [1, N])
+    and a matrix-vector product run as they are: the report says why for each, as for a linear."""
+    def fn(x, w, b, v):
+        return (torch.addmm(b, x, w.t(), beta=0.5), torch.addmm(b, x, w.t(), alpha=2.0),
+                torch.addmm(b.view(1, -1), x, w.t()), x @ v)
+
+    x, w, b, v = torch.randn(7, 16), torch.randn(8, 16), torch.randn(8), torch.randn(16)
+    compiled, gm, ctx = compile_fn(fn, x, w, b, v)
+    assert not gemm_nodes(gm)
+    reasons = [f.reason for f in ctx.report.fallbacks]
+    assert len(reasons) == 4, reasons
+    assert ["beta=0.5" in r for r in reasons[:3]] == [True, False, False] and "alpha=2.0" in reasons[1]
+    assert "bias of shape [1, 8]" in reasons[2] and "matrix-vector" in reasons[3]
+    x2 = torch.randn(11, 16)
+    for got, want in zip(compiled(x2, w, b, v), fn(x2, w, b, v)):
+        torch.testing.assert_close(got, want)
+
+
 def test_siblings_without_a_plan_fall_back_each_with_the_reason() -> None:
     """Sibling linears whose M passes max_tokens have no plan: each stays a linear with the
     reason, and the rest of the graph is still rewritten (not a rolled-back pass)."""

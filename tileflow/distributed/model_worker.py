@@ -16,12 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from tileflow.passes.disaggregate import Source, StageProgram
 
 from ..log import get_logger
 from ..runtime.paged_kv import check_chunk_blocks
+from ..transfers import to_device
 from .attention_worker import LayerShard, encode_init
 from .layout import (
     OP_SHUTDOWN, OP_STEP, BatchShape, Layout, decode_plan, encode_plan, replica_of, work_items,
@@ -244,9 +246,11 @@ class ModelWorker:
             # The attention workers place keys and apply the causal rule by `starts`, the model's
             # rotary embedding by the positions: positions that do not continue each sequence
             # from its start would give other logits than the model's, with no error.
-            expected = torch.cat([torch.arange(s, s + n) for s, n in zip(b.starts, b.q_lens)]).to(device)
-            off = positions.to(device, torch.int64) != expected
-            rows_read.append(torch.stack([off.any().to(torch.int64), off.to(torch.int64).argmax()]))
+            # (Compared where the positions are, after a copy that does not wait for the device.)
+            (expected,) = to_device(positions.device, np.concatenate(
+                [np.arange(s, s + n, dtype=np.int64) for s, n in zip(b.starts, b.q_lens)]))
+            off = positions != expected
+            rows_read.append(torch.stack([off.any().to(torch.int64), off.to(torch.int64).argmax()]).to(device))
         read = torch.stack(rows_read).tolist()
         for (_, rows, what, why), (lo, hi) in zip(checks, read):
             if lo < 0 or hi >= rows:

@@ -161,6 +161,19 @@ def test_passes_command_lists_the_pipeline_in_order() -> None:
                          "disaggregate"]
 
 
+def test_passes_command_marks_the_pipeline_tileflow_passes_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compile without a `passes` option runs TILEFLOW_PASSES's: those are the ones marked."""
+    from click.testing import CliRunner
+
+    from tileflow.cli import main
+
+    monkeypatch.setenv("TILEFLOW_PASSES", "canonicalize,attention")
+    assert Config.from_options(None).passes == ("canonicalize", "attention")
+    lines = CliRunner().invoke(main, ["passes"]).output.splitlines()
+    assert lines[:5] == ["canonicalize  (default)", "attention  (default)", "gemm_padding", "nanobatch",
+                         "disaggregate"]
+
+
 def test_use_config_scopes_eager_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TILEFLOW_TARGET", raising=False)
     assert current_config().target == "auto"

@@ -31,11 +31,20 @@ def main() -> None:
 @main.command("passes")
 def passes_command() -> None:
     """List the passes that `options={"passes": [...]}` can name: the built-in ones in the order
-    they run (the default pipeline's marked), then any registered in this process (a custom pass
-    registers where its module is imported, so from the shell: none)."""
+    they run (those a compile without a `passes` option runs here marked: TILEFLOW_PASSES's when
+    it is set), then any registered in this process (a custom pass registers where its module is
+    imported, so from the shell: none)."""
     names = available_passes()
+    # A compile reads TILEFLOW_PASSES when its options name no passes: marking the built-in
+    # default instead would list passes that this environment's compiles do not run.
+    raw = os.environ.get("TILEFLOW_PASSES")
+    try:
+        default = DEFAULT_PASSES if raw is None else option_from_text("passes", raw, "TILEFLOW_PASSES")
+    except ValueError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
     for name in [*(p for p in BUILTIN_PASSES if p in names), *(p for p in names if p not in BUILTIN_PASSES)]:
-        click.echo(f"{name}  (default)" if name in DEFAULT_PASSES else name)
+        click.echo(f"{name}  (default)" if name in default else name)
 
 
 @main.command("report")

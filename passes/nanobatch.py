@@ -491,11 +491,9 @@ class NanoBatch:
                                           "contiguous: the runner joins the pieces contiguously, and as_strided reads "
                                           "the layout: not split")
             return result
-        device = _device(ctx)
+        device, why = _device(ctx)
         plan = NanoBatchPlan(setting, where, dims, split, specs, edges, profile, device)
         if setting == "auto" and device is None:
-            why = ("this GPU has no entry in the device table (tileflow.devices)" if ctx.device_type == "cuda"
-                   else f"this graph runs on {ctx.device_type}")
             result.fallback("graph", f"nano_batches='auto' runs the split search, which needs a CUDA device's figures, "
                                      f"and {why}: not split (an integer nano_batches >= 2 forces a split)")
             return result
@@ -558,16 +556,17 @@ def _readers_of(tensor: fx.Node) -> list[fx.Node]:
     return readers
 
 
-def _device(ctx: PassContext) -> Any:
-    """The device table entry the cost model uses, when this device type has one."""
+def _device(ctx: PassContext) -> tuple[Any, str]:
+    """The device table entry the cost model uses, or None with why there is none (an unlisted
+    GPU gets an entry of its own: only a device type without one, or a failed query, has none)."""
     if ctx.device_type != "cuda":
-        return None
+        return None, f"this graph runs on {ctx.device_type}"
     from tileflow.devices import detect_device
 
     try:
-        return detect_device("cuda")
-    except (RuntimeError, ValueError):
-        return None
+        return detect_device("cuda"), ""
+    except (RuntimeError, ValueError) as exc:
+        return None, f"the CUDA device's figures could not be read ({exc})"
 
 
 def _example_tokens(ctx: PassContext, token: Any) -> int | None:

@@ -140,6 +140,23 @@ def test_auto_without_a_device_entry_falls_back_with_the_reason(split_calls: lis
                for f in report.graphs[0].fallbacks)
 
 
+def test_auto_on_a_gpu_whose_figures_cannot_be_read_says_so(monkeypatch) -> None:
+    """An unlisted GPU gets a device entry of its own: a CUDA graph without one is a failed query,
+    and the reason said "this GPU has no entry in the device table" instead of the error."""
+    from types import SimpleNamespace
+
+    import tileflow.devices
+    from tileflow.passes.nanobatch import _device
+
+    def fail(device_type: str = "cuda") -> None:
+        raise RuntimeError("CUDA driver initialization failed")
+
+    monkeypatch.setattr(tileflow.devices, "detect_device", fail)
+    assert _device(SimpleNamespace(device_type="cuda")) == (
+        None, "the CUDA device's figures could not be read (CUDA driver initialization failed)")
+    assert _device(SimpleNamespace(device_type="cpu")) == (None, "this graph runs on cpu")
+
+
 class _TokenMixingViews(torch.nn.Module):
     """Reshapes that keep or mix rows: `[S, N] -> [H, S']` and `[2, S, H] -> [S, 2, H]` move
     elements between token rows (split per nano-batch, they gave other numbers); `[S, 2H] ->

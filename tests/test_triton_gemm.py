@@ -610,6 +610,19 @@ def test_an_unwritable_cache_names_the_setting_to_change(tmp_path: Path, monkeyp
         build(gemm_spec("float32"))
 
 
+def test_a_relative_cache_dir_is_taken_from_where_the_kernel_was_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative TILEFLOW_CACHE_DIR left the kernel's recorded source path (the report's, when no
+    debug_dir is set) relative to a working directory the process may leave."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TILEFLOW_CACHE_DIR", "cache")
+    clear_memo()
+    kernel = build(gemm_spec("float32"))
+    monkeypatch.chdir("/")
+    assert kernel.source_path.is_absolute() and kernel.source_path.read_text() == kernel.source
+    assert kernel.source_path.is_relative_to(tmp_path / "cache")
+    clear_memo()
+
+
 def test_one_kernel_serves_every_m(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, private_cache: Path) -> None:
     writes: list[Path] = []
     real_write = tbuild._write_atomic

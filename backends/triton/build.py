@@ -52,11 +52,12 @@ def tileflow_version() -> str:
 def cache_root() -> Path:
     """Where generated sources are cached.
 
-    `$TILEFLOW_CACHE_DIR` when set, else `~/.cache/tileflow/triton`.
+    `$TILEFLOW_CACHE_DIR` when set (absolute: a kernel's recorded source path must outlive a
+    change of working directory), else `~/.cache/tileflow/triton`.
     """
     env = os.environ.get("TILEFLOW_CACHE_DIR")
     if env:
-        return Path(env).expanduser()
+        return Path(env).expanduser().absolute()
     return Path.home() / ".cache" / "tileflow" / "triton"
 
 

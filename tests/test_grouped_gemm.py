@@ -1014,6 +1014,23 @@ def test_eager_dispatch_picks_the_tile_of_the_rows_per_expert(monkeypatch: pytes
     torch.testing.assert_close(out, torch.bmm(x.view(e, m // e, k), w.transpose(1, 2)).reshape(m, n))
 
 
+def test_rows_per_expert_past_the_plan_warn_as_rows_per_expert(caplog: pytest.LogCaptureFixture) -> None:
+    """A grouped GEMM's plan covers rows per expert, ceil(M / E): past it, the warning said
+    "grouped_gemm M=8" for M = 32 rows over 4 experts (8 rows each), a row count the call never had.
+    It names the rows per expert, and M and E."""
+    from tileflow import runtime
+
+    runtime._WARNED_RANGE.clear()
+    x, w = torch.randn(32, 8), torch.randn(4, 8, 8)
+    offsets = torch.tensor([8, 16, 24, 32], dtype=torch.int32)
+    with tileflow.use_config(tileflow.Config(target="reference", max_tokens=16)), caplog.at_level("WARNING"):
+        out = tileflow.ops.grouped_gemm(x, w, offsets)  # planned for M <= 16: 1..4 rows per expert
+    torch.testing.assert_close(out, torch.bmm(x.view(4, 8, 8), w.transpose(1, 2)).reshape(32, 8))
+    [warning] = [r.getMessage() for r in caplog.records if "outside its plan's range" in r.getMessage()]
+    assert "rows per expert ceil(M / E) = ceil(32 / 4) = 8 is outside its plan's range [1, 4]" in warning, warning
+    assert "M=8" not in warning
+
+
 @pytest.mark.parametrize("approximate,gated", [("tanh", "geglu_tanh"), ("none", "geglu")])
 def test_pass_rewrites_experts_with_a_gelu_gate(approximate: str, gated: str) -> None:
     """MoE experts whose gate goes through a GELU (exact or tanh) fuse like SwiGLU's: one gated

@@ -350,16 +350,20 @@ def compiled_kernels(op: str | None = None) -> list[CompiledKernel]:
 _WARNED_RANGE: set[tuple[int, int, int, int, bool]] = set()
 
 
-def _select_piece(tile_plan: TilePlan, m: int, op: str) -> PlanPiece:
-    """The plan's piece for dispatch key `m`; outside the plan's range, the nearest piece."""
+def _select_piece(tile_plan: TilePlan, m: int, op: str, grouped: tuple[int, int] | None = None) -> PlanPiece:
+    """The plan's piece for dispatch key `m`; outside the plan's range, the nearest piece.
+    `grouped` is a grouped GEMM's (M, E): its key is not M but the rows per expert, ceil(M / E),
+    and the warning says so."""
     if m > tile_plan.m_max or m < tile_plan.m_min:
         # The plan covers the compile-time range; outside it the nearest piece is still correct.
         key = (tile_plan.n, tile_plan.k, tile_plan.m_min, tile_plan.m_max, m > tile_plan.m_max)
         if key not in _WARNED_RANGE:
             _WARNED_RANGE.add(key)
             log.warning(
-                "%s M=%d is outside its plan's range [%d, %d]; using the nearest config "
-                "(raise max_tokens to plan for it; not said again for this plan)", op, m, tile_plan.m_min, tile_plan.m_max,
+                "%s %s is outside its plan's range [%d, %d]; using the nearest config "
+                "(raise max_tokens to plan for it; not said again for this plan)", op,
+                f"rows per expert ceil(M / E) = ceil({grouped[0]} / {grouped[1]}) = {m}" if grouped else f"M={m}",
+                tile_plan.m_min, tile_plan.m_max,
             )
     return tile_plan.piece_for(min(max(m, tile_plan.m_min), tile_plan.m_max))
 
@@ -624,7 +628,7 @@ def run_grouped_gemm(
     )
     if m == 0:
         return x.new_empty((0, n), dtype=out_dtype)
-    tile = _select_piece(tile_plan, expected_group_rows(m, e), "grouped_gemm").config
+    tile = _select_piece(tile_plan, expected_group_rows(m, e), "grouped_gemm", (m, e)).config
     spec = grouped_gemm_spec(dtype=x.dtype, out_dtype=out_dtype, n=n, k=k, experts=e, tile=tile, activation=activation,
                              has_bias=bias is not None, clamp=clamp)
     return get_kernel(target, spec)(x, weight, offsets, bias)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+LLAMA4_CHUNK = 4  # `--arch llama4`'s attention chunk (positions): `--block-size` must divide it
+
 
 def build_model(gqa: int, layers: int, seed: int, arch: str = "llama") -> torch.nn.Module:
     """The same random-weight model on every rank (same seed): a Llama, a Gemma-2 with a sliding
@@ -47,7 +49,7 @@ def build_model(gqa: int, layers: int, seed: int, arch: str = "llama") -> torch.
         return transformers.Gemma2ForCausalLM(cfg).eval()
     if arch == "llama4":
         cfg = transformers.Llama4TextConfig(**shape, intermediate_size_mlp=128, num_local_experts=2,
-                                            num_experts_per_tok=1, attention_chunk_size=4,
+                                            num_experts_per_tok=1, attention_chunk_size=LLAMA4_CHUNK,
                                             no_rope_layers=[1 - i % 2 for i in range(layers)])
         return transformers.Llama4ForCausalLM(cfg).eval()
     if arch == "mistral":
@@ -117,6 +119,18 @@ def parse_args() -> argparse.Namespace:
     for name in ("timeout", "idle_timeout"):  # 0 failed in torch's store as a socket timeout of 0ms
         if not 0 < getattr(args, name) < float("inf"):
             p.error(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(args, name)}")
+    # Both failed only after the model was built and traced: a traceback from inside the model
+    # worker on rank 0 (the chunk's, naming no flag), or silently nothing (--sliding-blocks with a
+    # model whose layers all slide or none does: one KV group, the flag ignored).
+    if args.arch == "llama4" and LLAMA4_CHUNK % args.block_size:
+        p.error(f"--block-size must divide Llama 4's attention chunk of {LLAMA4_CHUNK} positions (1, 2 or 4), "
+                f"got {args.block_size}")
+    if args.sliding_blocks is not None:
+        if args.arch not in ("gemma2", "gpt_oss"):
+            p.error(f"--sliding-blocks applies to --arch gemma2 or gpt_oss only (the models mixing sliding and full "
+                    f"layers), got --arch {args.arch}")
+        if args.sliding_blocks < 1:
+            p.error(f"--sliding-blocks must be >= 1, got {args.sliding_blocks}")
     if "RANK" not in os.environ:
         p.error("run it under torchrun: torchrun --nproc-per-node 3 examples/disaggregate.py --check")
     return args

@@ -75,9 +75,14 @@ def main() -> int:
     from tileflow.serving import SamplingParams
 
     try:
-        SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p)
     except ValueError as exc:
         p.error(str(exc))
+    # A greedy request ignores the filters: without a temperature they were silently dropped
+    # (`--top-p 0.95 --check` served and checked greedy decoding).
+    if sampling.greedy and (args.top_k, args.top_p, args.min_p) != (0, 1.0, 0.0):
+        p.error(f"--top-k, --top-p and --min-p filter sampled tokens, but --temperature {args.temperature:g} is greedy "
+                f"decoding: give --temperature > 0 with them")
     # torch.export's pytree deprecation notes (torch's own use, nothing the example can change).
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 

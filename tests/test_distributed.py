@@ -73,6 +73,20 @@ def test_non_positive_timeouts_are_usage_errors(usage_error, flag: str) -> None:
     assert f"{flag} must be a positive number of seconds, got 0.0" in usage_error("disaggregate", flag, "0")
 
 
+@pytest.mark.parametrize("args, message", [
+    # A traceback from rank 0's model worker, after the model was built and traced, naming no flag.
+    (("--arch", "llama4", "--block-size", "8"),
+     "--block-size must divide Llama 4's attention chunk of 4 positions (1, 2 or 4), got 8"),
+    # Silently ignored: a model whose layers all slide (or none does) has one KV group.
+    (("--sliding-blocks", "4"), "--sliding-blocks applies to --arch gemma2 or gpt_oss only"),
+    (("--arch", "mistral", "--sliding-blocks", "4"), "--sliding-blocks applies to --arch gemma2 or gpt_oss only"),
+    # A ValueError traceback from ModelWorker on rank 0.
+    (("--arch", "gemma2", "--sliding-blocks", "0"), "--sliding-blocks must be >= 1, got 0"),
+])
+def test_block_flags_the_model_cannot_take_are_usage_errors(usage_error, args: tuple[str, ...], message: str) -> None:
+    assert message in usage_error("disaggregate", *args)
+
+
 @pytest.mark.extended  # the rotation test below checks the same logits in its harder layout
 def test_logits_match_single_process() -> None:
     # One KV head per query head, one attention worker. Query heads split over two workers in

@@ -1328,6 +1328,14 @@ def test_serve_example_refuses_a_seed_out_of_range_up_front(usage_error) -> None
     assert "--seed must be in [0, 2**63), got -1" in usage_error("serve", "--seed", "-1")
 
 
+@pytest.mark.parametrize("args", [("--top-p", "0.95"), ("--top-k", "5"), ("--min-p", "0.1"),
+                                  ("--temperature", "1e-6", "--top-p", "0.9")])
+def test_serve_example_refuses_sampling_filters_on_greedy_decoding(usage_error, args: tuple[str, ...]) -> None:
+    """Without a temperature (or one below the greedy cut-off) the requests are greedy and ignore
+    the filters: `--top-p 0.95 --check` served and checked greedy decoding, the flag dropped."""
+    assert "--temperature > 0 with them" in usage_error("serve", *args)
+
+
 def test_serve_example_refuses_too_few_blocks_naming_the_flag(usage_error) -> None:
     """A cache too small for the example's random prompts was a traceback from inside the engine
     ("request 0 needs 9 KV blocks, more than the 1 there are"): a usage error naming --blocks."""

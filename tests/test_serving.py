@@ -1562,9 +1562,10 @@ def test_metrics_summary_averages_over_the_right_counts() -> None:
     s = m.summary()
     assert s["mean_ttft_s"] == 2.0
     assert s["mean_tbt_s"] == pytest.approx(4 / 3)  # gaps 1, 2 and 1: three gaps, two requests
-    assert s["acceptance_rate"] == 3 / 8
+    assert s["acceptance_rate"] == 3 / 8 and s["drafted_tokens"] == 8
     assert (s["tokens_per_s"], s["mean_step_tokens"], s["host_waiting_share"]) == (3.0, 5.0, 0.25)
     assert Metrics().summary()["acceptance_rate"] == 0.0 and Metrics().summary()["mean_tbt_s"] == 0.0
+    assert Metrics().summary()["drafted_tokens"] == 0  # (a rate of 0.0 with nothing drafted)
 
 
 def test_drafts_stop_short_of_max_new_tokens_so_a_full_cache_never_preempts() -> None:

@@ -119,8 +119,8 @@ class Metrics:
     waited: float = 0.0
 
     def summary(self) -> dict[str, float]:
-        """TTFT and time between tokens (means), tokens/s, draft acceptance rate, and the share
-        of the wall time the host waited for the device."""
+        """TTFT and time between tokens (means), tokens/s, drafted tokens and their acceptance
+        rate, and the share of the wall time the host waited for the device."""
         gaps = [b - a for times in self.token_times.values() for a, b in zip(times, times[1:])]
         return {
             "steps": self.steps,
@@ -128,6 +128,8 @@ class Metrics:
             "tokens_per_s": self.generated / self.wall if self.wall else 0.0,
             "mean_ttft_s": sum(self.ttft.values()) / len(self.ttft) if self.ttft else 0.0,
             "mean_tbt_s": sum(gaps) / len(gaps) if gaps else 0.0,
+            # (0.0 both when every draft was rejected and when none was made: the count tells)
+            "drafted_tokens": self.drafted,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
             "preemptions": self.preemptions,
             "mean_step_tokens": self.tokens_in_steps / self.steps if self.steps else 0.0,

@@ -263,7 +263,7 @@ class _Reader:
             # (tril: where j - i > d, and j - i <= d): `full((S, S), -inf).triu(1)` keeps j - i <= 0.
             # Only of an m that hides every key or none; of any other, the keys kept are a union.
             inner = self.kept(node.args[0], depth)
-            d = _size(node.args[1] if len(node.args) > 1 else 0)
+            d = _diagonal(node)
             if d is None or inner not in (_EVERYWHERE, _NOWHERE):
                 return None
             if inner == _EVERYWHERE:
@@ -311,12 +311,13 @@ class _Reader:
         val = meta_val(node)
         if not (isinstance(val, torch.Tensor) and val.dtype == torch.bool):
             return None
-        if node.target in (aten.eq.Scalar, aten.ne.Scalar) and constant_number(node.args[1]) in (0, 1):
+        other = constant_number(node.args[1]) if node.target in (aten.eq.Scalar, aten.ne.Scalar) else None
+        if other in (0, 1):
             # A tensor of 0s and 1s compared with 0 or 1 (nanoGPT's `bias[:, :, :T, :T] == 0`,
             # True where its causal buffer hides a key): its 1s, or where they are not.
             ones = self.ones(node.args[0], depth)
             if ones is not None:
-                return ones if (constant_number(node.args[1]) == 1) == (node.target is aten.eq.Scalar) else _complement(ones)
+                return ones if (other == 1) == (node.target is aten.eq.Scalar) else _complement(ones)
         if node.target in _COMPARISONS:
             return self.compared(node, _COMPARISONS[node.target], depth)
         if node.target in _NOTS:
@@ -546,10 +547,15 @@ class _Reader:
         return _Linear(tuple(sorted((mapping[d], c) for d, c in source.terms)), const)
 
 
+def _diagonal(node: fx.Node) -> Any:
+    """The diagonal `d` of a `tril`/`triu` node (0 when not given), or None when it is no size."""
+    return _size(node.args[1] if len(node.args) > 1 else 0)
+
+
 def _triangle(node: fx.Node, inner: _Band | None) -> _Band | None:
     """The band `tril(x, d)` or `triu(x, d)` (`node`) holds of a bool x (or one of 0s and 1s) that
     holds `inner`: tril keeps x where j - i <= d, triu where j - i >= d, and sets the rest False."""
-    d = _size(node.args[1] if len(node.args) > 1 else 0)
+    d = _diagonal(node)
     if inner is None or d is None:
         return None
     return _intersect(inner, _Band(-sympy.oo, d) if node.target is aten.tril.default else _Band(d, sympy.oo))

@@ -79,12 +79,6 @@ def kernel_identifier(spec: KernelSpec) -> str:
     return ident
 
 
-def _safe_filename(name: str) -> str:
-    """`name` with path separators and other unsafe characters replaced, and cut (with a hash)
-    where it is too long for a file name (`kernel_spec.file_stem`)."""
-    return file_stem(name)
-
-
 def _write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers see either the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +206,7 @@ def build_triton_kernel(
             # sharing one file rewrote it in turn, so a process could import, or (the interpreter
             # reads the file at the first launch) run, the other tree's kernel.
             text_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
-            path = cache_root() / digest / text_hash / f"{_safe_filename(spec.name)}.py"
+            path = cache_root() / digest / text_hash / f"{file_stem(spec.name)}.py"
             _ensure_source_file(path, text)
             module_name = f"_tileflow_triton_{digest}_{text_hash}" + ("_interp" if key[1] else "")
             module = _import_module(module_name, path)
@@ -243,5 +237,5 @@ def build_triton_kernel(
                     "reference target on the CPU", RuntimeWarning, stacklevel=2)
     if artifact_dir is not None:
         # Written from the kept text (not copied from the cache file, which may be pruned).
-        _write_atomic(Path(artifact_dir) / f"{_safe_filename(spec.name)}.py", kernel.source)
+        _write_atomic(Path(artifact_dir) / f"{file_stem(spec.name)}.py", kernel.source)
     return kernel

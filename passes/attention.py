@@ -10,7 +10,9 @@ through `meta_attention_varlen`). Matched forms:
   so a materialized causal mask costs about what `is_causal` does), or `is_causal` when query
   and key lengths are equal;
 - the manual form models write by hand, `softmax(q @ k^T * scale + mask) @ v` as ATen leaves it
-  (`bmm` over flattened heads, the scale as a multiply or divide by a number or a 0-d tensor,
+  (`bmm` over flattened heads, its scores viewed as [B, H, S, S_kv] or kept flattened as
+  [B * H, S, S_kv] up to the softmax, where q's view names B and H (a flattened mask or bias
+  unflattened to match), the scale as a multiply or divide by a number or a 0-d tensor,
   additive masks and bool ones applied by `masked_fill(scores, ~keep, fill)` or
   `where(keep, scores, fill)` with a fill of -inf or the dtype's lowest value, joined into one
   mask, a float cast before the softmax and back after it (transformers' eager attention in
@@ -610,7 +612,8 @@ class Attention:
             # Training-mode dropout on P (hand-written, or SDPA with dropout_p > 0, which CPU
             # dispatch decomposes into this form): named here, before the scores' form is judged.
             return _DROPOUT_REASON
-        if softmax.args[1] not in (-1, 3):
+        rank = max(_val(softmax).dim(), 1)  # (a 0-d softmax's dim is 0 or -1)
+        if softmax.args[1] % rank != rank - 1:  # (dim 2 is the keys of flattened [B * H, S, S_kv] scores)
             return "the softmax is not over the keys (the last dimension)" if attention else None
         scores = self._manual_scores(graph, softmax, attention)
         if not isinstance(scores, _ManualScores):
@@ -659,6 +662,11 @@ class Attention:
         # S_kv]: the masks below the second view are in the kernel's layout.
         if isinstance(cur, fx.Node) and single_use(cur) and _merges_heads(cur) and _scores_product(cur.args[0]) is None:
             cur = cur.args[0]
+        # Scores that stay flattened as the product's [B * H, S, S_kv] up to the softmax (OPT's,
+        # BART's and Whisper's older eager code, hand-written models): no view of them names the
+        # heads; q's view does (`_manual_operands`), checked against the scores' shape in
+        # `_replace_manual`. ALiBi is not looked for: its slopes are read per head of a 4-D view.
+        flat = isinstance(_val(cur), torch.Tensor) and _val(cur).dim() == 3
         clamped: float | None = None  # the value a clamp of the masked scores holds them at
         replaced = False  # whether a fill or clamp sets scores (that a bias inside the product is in)
         # The keys a fill with a finite lowest value outside the walk so far sets (bool, True =
@@ -669,7 +677,7 @@ class Attention:
         # ALiBi's bias is `slope * (j - p)` in the kernel and `slope * j` (or another shift) in the
         # models: the same softmax, unless a sink joins it without the shift. With a sink the bias
         # is an additive mask (exact).
-        find_alibi = sinks is None
+        find_alibi = sinks is None and not flat
         while single_use(cur):
             if _is_op(cur, aten.add.Tensor) and cur.kwargs.get("alpha", 1) == 1:
                 scores_side = [a for a in cur.args if _path_to_product(a, depth=7) is not None]
@@ -721,7 +729,10 @@ class Attention:
                 return "the score scale is not a number or a 0-d tensor"
             scale_mul, scale_div = (factor, None) if cur.target is aten.mul.Tensor else (None, factor)
             cur = cur.args[0]
-        product = _scores_product(cur.args[0]) if isinstance(cur, fx.Node) and cur.target in _VIEWS else None
+        if flat:
+            product = _scores_product(cur)
+        else:
+            product = _scores_product(cur.args[0]) if isinstance(cur, fx.Node) and cur.target in _VIEWS else None
         if product is None:
             return unmatched()
         qk = product["node"]
@@ -757,12 +768,15 @@ class Attention:
                     # held; added to the mask, a bias at -inf or the lowest value there would
                     # make it -inf (another row average in eager's padding rows): not taken.
                     return unmatched()
-                product_bias = self._product_bias(graph, product["self"], qk, cur, factor, softmax)
+                heads_of = _unflatten_heads(product["batch1"]) if flat else cur  # a [B, H, ...] view
+                if heads_of is None:
+                    return unmatched()
+                product_bias = self._product_bias(graph, product["self"], qk, _val(heads_of).shape[1], factor, softmax)
                 if product_bias is None:
                     return unmatched()
             product_scale = float(product["alpha"])
         return _ManualScores(cur, product, mask, scale_mul, scale_div, product_scale, softcap, sinks, gate, alibi,
-                             product_bias, bounded)
+                             product_bias, bounded, flat)
 
     def _replace_manual(self, graph: fx.Graph, softmax: fx.Node, scores: _ManualScores, operands: _ManualOperands,
                         ctx: PassContext, result: PassResult) -> str | None:
@@ -797,9 +811,17 @@ class Attention:
         k_real, v_real, hkv = heads
         if sinks is not None and _val(sinks).numel() != hq:  # (any shape: reshaped to [hq] below)
             return f"the attention sinks hold {_val(sinks).numel()} logits for {hq} query heads"
-        want_scores = (qv.shape[0], hq, qv.shape[2], kv.shape[2])
-        if not same_shape(_val(scores.scores).shape, want_scores):
-            return f"the scores are viewed as {list(_val(scores.scores).shape)}, not [B, H, S_q, S_kv] = {list(want_scores)}"
+        if scores.flat:
+            # q's view names B and H; scores of q's B * H rows, S queries and K's keys are the
+            # products of q's flat index b * H + h (another grouping gives another shape).
+            want_scores = (qv.shape[0] * hq, qv.shape[2], kv.shape[2])
+            if not same_shape(_val(scores.scores).shape, want_scores):
+                return (f"the flattened scores are {list(_val(scores.scores).shape)}, not [B * H, S_q, S_kv] = "
+                        f"{list(want_scores)} of q's [B, H, S, D] view")
+        else:
+            want_scores = (qv.shape[0], hq, qv.shape[2], kv.shape[2])
+            if not same_shape(_val(scores.scores).shape, want_scores):
+                return f"the scores are viewed as {list(_val(scores.scores).shape)}, not [B, H, S_q, S_kv] = {list(want_scores)}"
         want_out = (qv.shape[0], hq, qv.shape[2], vv.shape[3])
         if not same_shape(_val(out4).shape, want_out):
             return f"P @ V is restored to {list(_val(out4).shape)}, not [B, H, S, D] = {list(want_out)}"
@@ -808,8 +830,13 @@ class Attention:
             return "the sink gate sigmoid(logsumexp(scores) - sinks) scales another tensor than the P @ V output"
         if not statically_known_true(qv.shape[2] <= kv.shape[2]):
             return _more_queries_than_keys(qv.shape[2], kv.shape[2])
+        mask = scores.mask
+        if scores.flat:
+            mask = self._heads_unflattened(graph, mask, hq, _val(scores.scores).shape[0])
+            if isinstance(mask, str):
+                return mask
         scale: float | None = operands.q_factor * operands.k_factor * scores.product_scale
-        rule = self._mask_rule(scores.mask, qv.shape[2], kv.shape[2])
+        rule = self._mask_rule(mask, qv.shape[2], kv.shape[2])
         if scores.product_bias is not None and not scores.product_bias_bounded:
             # Under the rule, a row whose every visible key the bias hid with a lowest value would
             # average those keys, where eager's mask gives every key that value and averages them
@@ -824,8 +851,8 @@ class Attention:
             bias = self._joined_mask(graph, self._rule_bias(graph, rule, softmax), scores.product_bias, softmax)
             ranges = None
         else:
-            bias = self._joined_mask(graph, self._float32_bias(graph, scores.mask), scores.product_bias, softmax)
-            ranges = self._mask_ranges(graph, scores.mask if scores.product_bias is None else bias, kv.shape[2], result)
+            bias = self._joined_mask(graph, self._float32_bias(graph, mask), scores.product_bias, softmax)
+            ranges = self._mask_ranges(graph, mask if scores.product_bias is None else bias, kv.shape[2], result)
         causal, window = (rule.causal, rule.sliding_window) if rule is not None else (False, None)
         with graph.inserting_before(out4):
             q_in = q
@@ -886,11 +913,12 @@ class Attention:
             result.count("product_bias")
         return None
 
-    def _product_bias(self, graph: fx.Graph, bias: Any, product: fx.Node, view: fx.Node, factor: float,
+    def _product_bias(self, graph: fx.Graph, bias: Any, product: fx.Node, heads: Any, factor: float,
                       at: fx.Node) -> fx.Node | None:
-        """`factor * bias`, the bias inside a `baddbmm` product of [B * H, S, S_kv] scores that
-        `view` makes [B, H, S, S_kv], as the float32 bias the kernel adds, [B | 1, H | 1, S | 1,
-        S_kv] (BLOOM's ALiBi along a padding mask: [B, H, 1, S_kv]); None when it is not a float
+        """`factor * bias`, the bias inside a `baddbmm` product of [B * H, S, S_kv] scores over
+        `heads` heads (H, as a view of the scores or of q names it), as the float32 bias the
+        kernel adds, [B | 1, H | 1, S | 1, S_kv] (BLOOM's ALiBi along a padding mask:
+        [B, H, 1, S_kv]); None when it is not a float
         tensor that covers the keys and broadcasts to the product as the baddbmm broadcasts it.
         Made before `at`, once per bias and factor (the layers of a model share one)."""
         bv, pv = _val(bias), _val(product)
@@ -905,7 +933,7 @@ class Attention:
         key = ("product bias", bias, factor)
         if key not in self._made:
             # The product's batch is b * H + h: a bias over it unflattens to [B, H, ...].
-            heads = int(_val(view).shape[1]) if not statically_known_true(batch == 1) else 1
+            heads = int(heads) if not statically_known_true(batch == 1) else 1
             with graph.inserting_before(at):
                 term = bias
                 for _ in range(3 - bv.dim()):
@@ -920,6 +948,27 @@ class Attention:
                     infer_meta(term)
             copy_source_meta(bias, term)
             self._made[key] = term
+        return self._made[key]
+
+    def _heads_unflattened(self, graph: fx.Graph, mask: Any, heads: int, rows: Any) -> Any:
+        """`mask`, which broadcasts to flattened [B * H, S, S_kv] scores of `rows` = B * H rows, as
+        the mask that broadcasts to the kernel's [B, H, S, S_kv] the same way: as it is when it
+        has no row dim or one of 1 (a causal [S, S] or [1, S, S]: right-aligned, it broadcasts
+        alike), else [B * H, ...] unflattened to [B, H, ...] (row b * H + h is batch b, head h, as
+        q's flattening made it; read as it is, its rows would be taken for heads). Made right
+        after the mask, once (the layers of a model share it). A reason when its rows are not
+        known to be 1 or B * H."""
+        mv = _val(mask)
+        if not isinstance(mv, torch.Tensor) or mv.dim() < 3 or statically_known_true(mv.shape[0] == 1):
+            return mask
+        if not statically_known_true(mv.shape[0] == rows):
+            return f"a mask of shape {list(mv.shape)} over the flattened scores' {rows} rows is not known to be per row or shared"
+        key = ("heads", mask, heads)
+        if key not in self._made:
+            with graph.inserting_after(mask):
+                self._made[key] = graph.call_function(aten.unflatten.int, (mask, 0, [-1, heads]))
+            infer_meta(self._made[key])
+            copy_source_meta(mask, self._made[key])
         return self._made[key]
 
     def _alibi_slopes(self, term: Any, over: fx.Node, view: fx.Node | None = None) -> list[float] | None:
@@ -1297,7 +1346,8 @@ class _SinkGate:
 @dataclass(frozen=True)
 class _ManualScores:
     """A manual attention's scores as `Attention._manual_scores` walked them back from the
-    softmax: `scores` is the [B, H, S, S_kv] view of the `product` (`_scores_product`'s match),
+    softmax: `scores` is the [B, H, S, S_kv] view of the `product` (`_scores_product`'s match,
+    or the product itself where the scores stay flattened over heads, `flat`),
     scaled by `scale_mul` / `scale_div` (numbers or 0-d tensors) and `product_scale` (the
     product's own alpha), capped by `softcap` (a number or 0-d tensor), masked by `mask` (the
     masks met, joined into one), biased by ALiBi's `alibi` slopes or by `product_bias` (a bias
@@ -1317,6 +1367,7 @@ class _ManualScores:
     alibi: list[float] | None
     product_bias: fx.Node | None = None
     product_bias_bounded: bool = False
+    flat: bool = False  # `scores` is the [B * H, S, S_kv] product itself, no 4-D view of it
 
 
 @dataclass(frozen=True)
@@ -1346,6 +1397,9 @@ def _manual_operands(softmax: fx.Node, scores: _ManualScores) -> _ManualOperands
         kt = _unflatten_heads(kt_flat)
         k = kt
     if q is None or k is None:
+        if scores.flat:  # nothing else names H: B * H rows could be any split (not guessed)
+            return ("q @ k^T operands are not [B, H, S, D] tensors flattened over heads, and the scores stay "
+                    "flattened as [B * H, S, S_kv]: no view shows the batch and head counts")
         return "q @ k^T operands are not [B, H, S, D] tensors flattened over heads"
     # Scale factors models put on q and k instead of the scores (Falcon: each by
     # head_dim ** -0.25), and k^T broadcast over the query heads by the product (MQA).

@@ -259,10 +259,11 @@ def _up_partner(gate: fx.Node, other: Any) -> fx.Node | None:
 _GROUPED_MM = ("transformers::grouped_mm_fallback", "aten::_grouped_mm")
 
 
-def _grouped_mm_args(node: fx.Node) -> dict[str, Any] | None:
+def _grouped_mm_args(node: fx.Node, parameters: frozenset[str] = frozenset()) -> dict[str, Any] | None:
     """x, w, offs, bias, out_dtype of a grouped matmul node (None when `node` is not one): a
-    `_grouped_mm`, or a `bmm` over stacked weights (the batched form: no offsets)."""
-    if node.op == "call_function" and node.target is aten.bmm.default and _stacked_weights_bmm(node):
+    `_grouped_mm`, or a `bmm` over stacked weights (the batched form: no offsets; `parameters`
+    as in `_stacked_weights_bmm`)."""
+    if node.op == "call_function" and node.target is aten.bmm.default and _stacked_weights_bmm(node, parameters):
         return {"x": node.args[0], "w": node.args[1], "offs": None, "bias": None, "out_dtype": None}
     schema = getattr(node.target, "_schema", None)
     if node.op != "call_function" or schema is None or schema.name not in _GROUPED_MM:
@@ -335,17 +336,21 @@ def _expert_bias(gemm: fx.Node, args: dict[str, Any], experts: int, rows: int) -
     return (add, bias) if ids is not None and ids is _sorted_expert_ids(args["offs"], experts) else None
 
 
-def _stacked_weights_bmm(node: fx.Node) -> bool:
+def _stacked_weights_bmm(node: fx.Node, parameters: frozenset[str] = frozenset()) -> bool:
     """Whether a `bmm` multiplies token rows by a stack of weights: its second operand a graph
-    input or attribute of static shape (behind views), its first one of a symbolic size. The
-    attention pass has taken its own bmms before this pass (or left them with a reason)."""
+    input or attribute of static shape (behind views), and its first one of a symbolic size or
+    the second the model's own (an attribute, or an input named in `parameters`: the model's
+    parameters and buffers, `PassContext.parameter_inputs`). In a static graph no size is
+    symbolic: there only the model's own weights are taken, and a stack the caller hands in (the
+    tokens, a cache) stays a bmm; the rows' static T gets a one-piece plan, as a linear's static M does.
+    The attention pass has taken its own bmms before this pass (or left them with a reason)."""
     x, w = node.args[0], node.args[1]
     while isinstance(w, fx.Node) and w.op == "call_function" and is_view_op(w.target):
         w = w.args[0]
     xv, wv = _val(x), _val(w)
     return (isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr") and isinstance(wv, torch.Tensor)
             and isinstance(xv, torch.Tensor) and not any(isinstance(d, torch.SymInt) for d in wv.shape)
-            and any(isinstance(d, torch.SymInt) for d in xv.shape))
+            and (any(isinstance(d, torch.SymInt) for d in xv.shape) or w.op == "get_attr" or w.name in parameters))
 
 
 def _rows_and_multiple(m: Any) -> tuple[Any, int]:
@@ -549,7 +554,7 @@ class GemmPadding:
         # (`up(x) * act(gate(x))`): it waits for the gate, and runs alone only if the gate did not take it.
         deferred: list[fx.Node] = []
         for node in list(graph.nodes):
-            grouped = _grouped_mm_args(node) if in_graph(node, graph) else None
+            grouped = _grouped_mm_args(node, ctx.parameter_inputs) if in_graph(node, graph) else None
             if grouped is not None:
                 reason = self._unsupported_grouped(grouped, ctx)
                 if not reason:

@@ -305,6 +305,38 @@ def test_a_batched_gemm_over_stacked_weights_becomes_a_batched_grouped_gemm() ->
         torch.testing.assert_close(compiled(x, w), experts(x, w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["parameter", "buffer"])
+def test_a_static_bmm_over_stacked_parameters_becomes_a_batched_grouped_gemm(kind: str) -> None:
+    """Under dynamic=False no size is symbolic, and a bmm over the module's own stacked weights
+    (a parameter or a buffer, as Llama-4 keeps its experts) stayed a bmm: only a symbolic T told
+    token rows apart. It becomes a batched grouped GEMM with a one-piece plan of its static T
+    rows per expert. The same bmm over a stack the caller hands in (the tokens, a cache: under
+    dynamic=True its sizes are symbolic) still stays a bmm."""
+    class Experts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            if kind == "parameter":
+                self.w = torch.nn.Parameter(EXPERT_W.clone())
+            else:
+                self.register_buffer("w", EXPERT_W.clone())
+
+        def forward(self, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = x.repeat(3, 1).view(3, -1, 16)
+            return torch.bmm(rows, self.w).sum(0), torch.bmm(rows, v).sum(0)
+
+    model, x, v = Experts().eval(), torch.randn(5, 16), torch.randn(3, 16, 8)
+    with torch.no_grad():
+        compiled, gm, ctx = compile_fn(model, x, v, dynamic_dims=())
+        torch.testing.assert_close(compiled(x, v), model(x, v), rtol=1e-5, atol=1e-5)
+    [node] = [n for n in gm.graph.nodes if n.target is GROUPED]
+    assert node.args[2] is None and node.args[3] == "none"
+    [bmm] = [n for n in gm.graph.nodes if n.target is aten.bmm.default]
+    assert bmm.args[1].op == "placeholder" and bmm.args[1].meta["val"].shape == v.shape  # the caller's stack
+    plan = decode_plan(node.args[5])
+    assert (plan.m_min, plan.m_max) == (5, 5) and len(plan.pieces) == 1
+    assert ctx.report.passes[1].rewrites == {"grouped_gemm": 1} and not ctx.report.fallbacks
+
+
 def test_a_batched_swiglu_over_stacked_weights_fuses() -> None:
     """Llama-4's expert MLP: `gate, up = bmm(x, gate_up).chunk(2, -1)`, then `up * silu(gate)`
     (up first) times the down weights: one fused SwiGLU grouped GEMM and one plain."""

@@ -916,6 +916,29 @@ def test_llama4_experts_run_as_batched_grouped_gemms(target: str) -> None:
 
 
 @pytest.mark.parametrize("target", ["reference", "triton"])
+def test_llama4_experts_run_as_batched_grouped_gemms_in_a_static_compile(target: str) -> None:
+    """Under dynamic=False (and in Dynamo's first, static compile) Llama-4's expert bmms stayed
+    bmms, with no word in the report: the pass told token rows only by a symbolic size. Its
+    experts are the model's parameters: each MoE layer's gate/up and down experts become batched
+    grouped GEMMs (gate/up with `up * silu(gate)` fused), each planned for the graph's static T
+    rows per expert as one piece, nothing left with a reason, equal to eager."""
+    torch.manual_seed(0)
+    model = MOE["llama4"]().eval()
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"target": target}, report=report), dynamic=False)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                   rtol=1e-4, atol=1e-4)
+    [graph] = report.graphs
+    assert not graph.symbols  # a static graph
+    assert report.rewrites["grouped_gemm"] == 4 and report.rewrites["fused_grouped_swiglu"] == 2
+    assert not report.fallbacks, report.fallbacks
+    plans = [p for p in graph.plans if p["op"] == "grouped_gemm"]
+    assert plans and all((p["m_min"], p["m_max"]) == (2 * 7, 2 * 7) and len(p["pieces"]) == 1 for p in plans)
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
 def test_kernel_writes_only_its_rows_and_reads_strided_offsets(target: str) -> None:
     """`out` a window of a bigger buffer: each group's tail tile is masked at the group's end
     row, so the last group's (which ends at M, inside a tile) writes nothing past M; and the

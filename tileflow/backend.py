@@ -89,6 +89,18 @@ def _changed_sizes(gm: fx.GraphModule, declared: frozenset[Any]) -> frozenset[An
     return frozenset(symbols - declared)
 
 
+def _parameter_inputs(aten_gm: fx.GraphModule) -> frozenset[str]:
+    """The placeholders of AOTAutograd's graph that hold the model's parameters and buffers: its
+    static inputs (`fw_metadata.static_input_indices`, read while AOTAutograd compiles; Dynamo
+    also counts a tensor given `mark_static_address` among them). Empty outside that context."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    indices = getattr(getattr(context, "fw_metadata", None), "static_input_indices", None) or ()
+    placeholders = [n.name for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    return frozenset(placeholders[i] for i in indices if 0 <= i < len(placeholders))
+
+
 class TileflowBackend:
     """A Dynamo backend with a fixed Config that files what it compiles into a Report."""
 
@@ -108,10 +120,12 @@ class TileflowBackend:
         changed = _changed_sizes(gm, declared)
 
         def compile_forward(aten_gm: fx.GraphModule, aten_inputs: Sequence[Any]) -> Callable[..., Any]:
+            parameters = _parameter_inputs(aten_gm)  # (read here: the tracing context is gone at a first call)
             if self.config.verify:
-                return _VerifyOnFirstCall(self, aten_gm, aten_inputs, compile_id, recompile)
+                return _VerifyOnFirstCall(self, aten_gm, aten_inputs, compile_id, recompile, parameters)
             return compile_graph(aten_gm, aten_inputs, self.config, self.report, compile_id=compile_id, recompile=recompile,
-                                 shape_guards=True, declared_dynamic=declared, changed_sizes=changed)
+                                 shape_guards=True, declared_dynamic=declared, changed_sizes=changed,
+                                 parameter_inputs=parameters)
 
         compiled = capture_dynamo(gm, example_inputs, compile_forward)
         if frame is not None:
@@ -132,9 +146,11 @@ class _VerifyOnFirstCall:
     gone by then); the report says so.
     """
 
-    def __init__(self, backend: TileflowBackend, gm: fx.GraphModule, inputs: Sequence[Any], compile_id: str | None, recompile: bool) -> None:
+    def __init__(self, backend: TileflowBackend, gm: fx.GraphModule, inputs: Sequence[Any], compile_id: str | None, recompile: bool,
+                 parameter_inputs: frozenset[str] = frozenset()) -> None:
         self.backend, self.gm, self.inputs = backend, gm, inputs
         self.compile_id, self.recompile = compile_id, recompile
+        self.parameter_inputs = parameter_inputs
         self.compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
@@ -144,7 +160,7 @@ class _VerifyOnFirstCall:
             self.compiled = compile_graph(
                 self.gm, self.inputs, self.backend.config, self.backend.report,
                 compile_id=self.compile_id, recompile=self.recompile, real_inputs=args, residual="eager",
-                residual_note="verify=True runs the residual graph eagerly",
+                residual_note="verify=True runs the residual graph eagerly", parameter_inputs=self.parameter_inputs,
             )
         return self.compiled(*args)
 

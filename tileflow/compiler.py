@@ -168,6 +168,7 @@ def compile_graph(
     shape_guards: bool = False,
     declared_dynamic: frozenset[Any] = frozenset(),
     changed_sizes: frozenset[Any] = frozenset(),
+    parameter_inputs: frozenset[str] = frozenset(),
 ) -> Callable[..., Any]:
     """Run tileflow's passes on `gm` and return a callable that executes the result.
 
@@ -178,7 +179,8 @@ def compile_graph(
     target this machine cannot run). `shape_guards`: the caller checks the graph's shape guards
     before each call (Dynamo), so passes may pin symbolic sizes with guards (`PassContext`), but
     never the symbols in `declared_dynamic` (sizes the caller marked dynamic) nor in
-    `changed_sizes` (sizes Dynamo saw change between calls).
+    `changed_sizes` (sizes Dynamo saw change between calls). `parameter_inputs` names the
+    placeholders of `gm` that hold the model's parameters and buffers (`PassContext`).
     """
     graph_id = f"graph_{next(_GRAPH_IDS):03d}"
     device_type = inputs_device_type(example_inputs)
@@ -217,6 +219,7 @@ def compile_graph(
         shape_guards=shape_guards,
         declared_dynamic=declared_dynamic,
         changed_sizes=changed_sizes,
+        parameter_inputs=parameter_inputs,
     )
     PassManager.from_config(config).run(gm, ctx, real_inputs=real_inputs)
     lower_graph(gm, ctx, target, emit_only=emit_only)

@@ -84,6 +84,11 @@ class PassContext:
     # Symbols of input sizes Dynamo made dynamic after it saw them change between calls (automatic
     # dynamic, under the default `dynamic=None`): pinning one would recompile at each new value.
     changed_sizes: frozenset[Any] = frozenset()
+    # Names of the graph's inputs that hold the model's parameters and buffers (under Dynamo,
+    # AOTAutograd's static inputs; an exported program holds them as attributes instead). In a
+    # static graph no symbolic size tells the tokens apart, so a pass that needs a fixed weight
+    # reads it here (gemm_padding's bmm over stacked expert weights).
+    parameter_inputs: frozenset[str] = frozenset()
 
     def pin_static(self, sizes: Sequence[Any], what: str, need: str,
                    varying: Sequence[tuple[set[Any], str]] = ()) -> str | None:

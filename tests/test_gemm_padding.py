@@ -728,7 +728,9 @@ def test_swiglu_over_one_stacked_weight_fuses(form: str, target: str) -> None:
     assert ctx.report.passes[1].rewrites["fused_swiglu"] == ctx.report.passes[1].rewrites["stacked_gate_up"] == 1
     for tokens in (1, 3, 11):
         x = torch.randn(tokens, 16) if h.dim() == 2 else torch.randn(2, tokens, 16)
-        torch.testing.assert_close(compiled(x, w_gu, b_gu, wd), mlp(x, w_gu, b_gu, wd), rtol=1e-5, atol=1e-5)
+        # atol 1e-4: the down projection sums 24 products of order 10 (unit weights), whose float32
+        # rounding in another order reached 1.8e-5 on one element in a run; a wrong row is off by ~10.
+        torch.testing.assert_close(compiled(x, w_gu, b_gu, wd), mlp(x, w_gu, b_gu, wd), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("bias,target", [("none", "reference"), ("linear", "reference"), ("by_hand", "reference"),

@@ -27,14 +27,33 @@ def split_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Nano-op counts of the schedules the runtime executed."""
     calls: list[int] = []
     original = nanobatch_runtime.run_schedule
+    ran = _record_nano_ops(monkeypatch)
 
     def counting(gm, plan, schedule, args, order=None):
         calls.append(len(schedule.ops))
         check_schedule(schedule, {s.name: (0, schedule.num_tokens) for s in plan.specs}, plan.edges)
-        return original(gm, plan, schedule, args, order)
+        ran.clear()
+        out = original(gm, plan, schedule, args, order)
+        # The call really ran nano-op by nano-op, each once (not the whole graph in one go, which
+        # would equal the unsplit model too).
+        assert sorted(ran) == sorted(schedule.ops)
+        return out
 
     monkeypatch.setattr(nanobatch_runtime, "run_schedule", counting)
     return calls
+
+
+def _record_nano_ops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the nano-ops the runtime computes, in the order it computes them."""
+    ran: list[str] = []
+    run_op = nanobatch_runtime.ScheduleState.run_op
+
+    def recording(self, op):
+        ran.append(op.name)
+        return run_op(self, op)
+
+    monkeypatch.setattr(nanobatch_runtime.ScheduleState, "run_op", recording)
+    return ran
 
 
 @pytest.mark.parametrize(("name", "k"), [("llama", 2), ("gpt2", 3), ("mixtral", 4),
@@ -459,7 +478,7 @@ def test_auto_splits_from_the_threshold_on_and_a_power_of_two_is_its_own_bucket(
     assert chosen.k >= 2 and plan.sizes(1024) == list(chosen.sizes)
 
 
-def test_a_schedule_cutting_each_op_its_own_way_runs_as_checked() -> None:
+def test_a_schedule_cutting_each_op_its_own_way_runs_as_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     """`make_schedule` and `check_schedule` allow each op its own row split (a consumer waits
     only for the producer pieces its rows meet). The runtime read a producer cut elsewhere by
     joining the pieces computed so far and caching that join: a consumer piece run between the
@@ -505,9 +524,12 @@ def test_a_schedule_cutting_each_op_its_own_way_runs_as_checked() -> None:
     schedule = make_schedule(plan.specs, splits, plan.edges, 6, priority={n: i for i, n in enumerate(order)})
     assert schedule.streams[0] == order
     check_schedule(schedule, {s.name: (0, 6) for s in plan.specs}, plan.edges)
+    ran = _record_nano_ops(monkeypatch)
     with torch.no_grad():
         (got,) = run_schedule(gm, plan, schedule, args)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # In the order the test is about (a consumer piece between the producer's pieces).
+    assert [name for name in ran if name in order] == order
 
 
 def test_attention_profile_grows_with_the_kv_length() -> None:

@@ -1662,6 +1662,21 @@ def test_a_blocks_prefix_hash_covers_every_token_before_it() -> None:
     assert allocator.lookup(prefix_hashes([7] * 4 + [5] * 4, 4)) == blocks[:1]
 
 
+def test_a_blocks_prefix_hash_tells_token_boundaries_apart() -> None:
+    """Token ids are hashed as a sequence, not as their digits run together: [1, 23] and [12, 3]
+    are other prompts, and so are blocks [1, 2], [34, 5] and [1, 23], [4, 5] (the same digits in
+    the same order across the block boundary). A hash that ran them together would hand one
+    prompt another's cached KV blocks."""
+    assert prefix_hashes([1, 23], 2) != prefix_hashes([12, 3], 2)
+    assert prefix_hashes([1, 2, 34, 5], 2)[1] != prefix_hashes([1, 23, 4, 5], 2)[1]
+    allocator = BlockAllocator(4, 2)
+    blocks = [allocator.allocate(), allocator.allocate()]
+    for block, h in zip(blocks, prefix_hashes([1, 23, 4, 5], 2)):
+        allocator.register(block, h)
+    assert allocator.lookup(prefix_hashes([12, 3, 4, 5], 2)) == []
+    assert allocator.lookup(prefix_hashes([1, 23, 4, 5], 2)) == blocks
+
+
 def test_lookup_stops_at_the_first_prefix_block_not_cached() -> None:
     """A cached prefix is the run of registered hashes from the first block on: a block whose
     predecessor left the cache is not part of it (it would land at its predecessor's index)."""

@@ -102,12 +102,23 @@ def test_nodes_carry_metadata_groups_and_kernel_links(llama_page: tuple[str, dic
     assert gemm["shape"] and gemm["dtype"] == "float32"
     assert "M " in gemm["tileflow"]["plan"]
     assert "modeling_llama.py" in data["strings"][gemm["src"]]
-    # Every linked kernel has its source embedded, and shares the node's K.
-    assert gemm["kernels"]
-    for k in gemm["kernels"]:
-        kernel = graph["kernels"][k]
-        assert kernel["spec"]["op"] == "padded_gemm"
-        assert "def kernel" in data["sources"][kernel["source"]] or data["sources"][kernel["source"]]
+    # Every linked kernel has its source embedded, and shares the node's K (the K of the GEMM's
+    # input: 64, or the MLP's 128 for the down projection; a link to every padded_gemm kernel of
+    # the graph would give the Q/K/V GEMM the down projection's kernels too).
+    from tileflow.viz import _params
+
+    by_name = {n["name"]: n for n in snap["nodes"]}
+    gemms = [n for n in snap["nodes"] if n.get("tileflow", {}).get("kind") == "padded_gemm"]
+    ks = {}
+    for node in gemms:
+        ks[node["name"]] = int(by_name[node["args"][0].lstrip("%")]["shape"][-1])
+        assert node["kernels"], node["name"]
+        for k in node["kernels"]:
+            kernel = graph["kernels"][k]
+            assert kernel["spec"]["op"] == "padded_gemm" and kernel["spec"]["dtype"] == "float32"
+            assert _params(kernel["spec"])["k"] == ks[node["name"]], (node["name"], kernel["name"])
+            assert data["sources"][kernel["source"]].strip()
+    assert set(ks.values()) == {64, 128}  # the check above tells the GEMMs' kernels apart
     attn = next(n for n in snap["nodes"] if n.get("tileflow", {}).get("kind") == "meta_attention")
     assert attn["tileflow"]["gqa"] == 2
     # Groups follow the module hierarchy, each laid out in layers; weights sit with their layer.

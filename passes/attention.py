@@ -1197,7 +1197,9 @@ def _unmatched_scores(softmax: fx.Node) -> str:
     if any(n.target is aten.tanh.default for n in path) and all(_soft_cap(n)[0] is None for n in path):
         uses.append("tanh on the scores, but not as the logit soft-capping cap * tanh(scores / cap)")
     if any((p := _scores_product(n)) is not None and "self" in p for n in path):
-        uses.append("baddbmm adds a bias inside the q @ k^T product that the kernel adds only as a float "
+        # (`bias + bmm * alpha` is also how torch.export spells a baddbmm, and how flattened scores
+        # are masked by hand: the hint names both.)
+        uses.append("a bias added inside the q @ k^T product (a baddbmm, or bias + bmm * alpha) that the kernel adds only as a float "
                     "[B * H | 1, S | 1, S_kv] tensor, scaled by numbers and not soft-capped after it, and under a "
                     "fill or clamp of the scores only when it provably holds no lowest value (an integer tensor "
                     "times numbers)")

@@ -585,9 +585,13 @@ def _a_rule_at(mask: Callable, sizes) -> bool:
                for r in candidates)
 
 
-@settings(max_examples=60, deadline=None)
-@given(terms=_terms(), aligned=st.booleans())
-def test_random_conjunctions_are_proven_exactly_when_they_are_the_rule(terms, aligned: bool) -> None:
+# Draws per run: 20 in the default run, the 60 it had in the extended one (each traces a mask).
+@pytest.mark.parametrize("examples", [20, pytest.param(60, marks=pytest.mark.extended)])
+def test_random_conjunctions_are_proven_exactly_when_they_are_the_rule(examples: int) -> None:
+    settings(max_examples=examples, deadline=None)(given(terms=_terms(), aligned=st.booleans())(_conjunction_checked))()
+
+
+def _conjunction_checked(terms, aligned: bool) -> None:
     build = _conjunction(terms, aligned)
     rule = _traced_rule(build)
     sizes = [(t, p) for t in (2, 3, 8, 17) for p in (0, 2, 11)]
@@ -635,15 +639,20 @@ def _key_biased_mask(term: str, compare: str, c: float, fill: float, window: int
     return build
 
 
-@settings(max_examples=40, deadline=None)
-@given(form=_key_biased_masks())
-def test_random_key_biased_masks_are_proven_only_as_what_they_are(form) -> None:
+# Draws per run: 15 in the default run, the 40 it had in the extended one (each traces a mask and
+# runs it at four sizes).
+@pytest.mark.parametrize("examples", [15, pytest.param(40, marks=pytest.mark.extended)])
+def test_random_key_biased_masks_are_proven_only_as_what_they_are(examples: int) -> None:
     """Whatever the form, a proven rule with a key bias is the mask: where the rule and the key
     mask keep a key the mask holds the key bias, finite and at most 2^100 in size, elsewhere a
     hiding value; and its rows that see no key average every key exactly when the fill is float32's
     finite lowest value and there is a padding term. Falcon's own forms (a bounded term, a
     comparison that marks exactly the eager mask's hidden keys, a hiding fill) are proven; others
     may or may not be."""
+    settings(max_examples=examples, deadline=None)(given(form=_key_biased_masks())(_key_biased_mask_checked))()
+
+
+def _key_biased_mask_checked(form) -> None:
     term, compare, c, fill = form[:4]
     build = _key_biased_mask(*form)
     gm, output, rule = _traced(build)

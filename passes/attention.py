@@ -94,20 +94,32 @@ _DTYPES = {
 }
 
 
-def _more_queries_than_keys(s_q: Any, s_kv: Any) -> str:
+def _more_queries_than_keys(s_q: Any, s_kv: Any, rule: str) -> str:
     """Why an attention whose `s_q` queries are not known to be at most its `s_kv` keys stays as
-    it was. meta_attention places a sequence's n queries at the last n of its key positions
-    (decode and chunked prefill over a cache), so it needs n <= keys: cross-attention with a
-    longer decoder input than encoder output is left to the original ops. The sizes are named,
-    and so is the other form that meets this check: a StaticCache prefill attending over every
-    slot of the cache (Falcon's; a sliding layer's window-sized cache), whose `max_cache_len`
-    Dynamo makes a symbol of its own under `dynamic=True`, unordered against the queries'."""
+    it was, under `rule` (what reads the queries' positions: a causal or sliding-window rule its
+    mask was proven to be, or ALiBi). meta_attention places a sequence's n queries at the last n
+    of its key positions (decode and chunked prefill over a cache), which such a rule reads, so
+    it needs n <= keys. Without one no position is read, and the attention is rewritten whatever
+    the sizes: cross-attention with a longer decoder input than encoder output (no mask, or a
+    padding mask over the keys), a StaticCache prefill over every slot of the cache with the
+    explicit mask that hides the unwritten slots (Falcon's; a sliding layer's window-sized
+    cache), whose `max_cache_len` Dynamo makes a symbol of its own under `dynamic=True`. The
+    sizes are named, and so is the rule."""
     if isinstance(s_q, int) and isinstance(s_kv, int):  # static sizes: the queries do outnumber the keys
-        return (f"the queries may outnumber the keys ({s_q} and {s_kv}: cross-attention over a shorter input): "
-                "meta_attention puts each query at a key position")
-    return (f"the queries may outnumber the keys ({s_q} and {s_kv}, not known to be ordered: cross-attention over a "
-            "shorter input, or keys that are every slot of a StaticCache, its max_cache_len a symbol of its own): "
-            "meta_attention puts each query at a key position")
+        return (f"the queries may outnumber the keys ({s_q} and {s_kv}) under {rule}: meta_attention puts each "
+                "query at a key position, which that rule reads")
+    return (f"the queries may outnumber the keys ({s_q} and {s_kv}, not known to be ordered) under {rule}: "
+            "meta_attention puts each query at a key position, which that rule reads")
+
+
+def _positional(rule: MaskRule | None, alibi: bool = False) -> str | None:
+    """What of a rewrite reads the queries' positions (`_more_queries_than_keys`): the mask's
+    causal or sliding-window rule, or ALiBi; None when nothing does."""
+    if rule is not None and rule.sliding_window is not None:
+        return "a sliding-window mask"
+    if rule is not None and rule.causal:
+        return "a causal mask"
+    return "ALiBi" if alibi else None
 
 
 def _val(node: Any) -> Any:
@@ -364,11 +376,16 @@ class Attention:
             return (f"is_causal with query and key lengths not known to be equal ({qv.shape[2]} and {kv.shape[2]}: "
                     "q, k and v passed in separately get a size each after a recompile; dynamic=True gives "
                     "equal sizes one symbol): top-left alignment, where they differ, is not supported")
-        if not statically_known_true(qv.shape[2] <= kv.shape[2]):
-            return _more_queries_than_keys(qv.shape[2], kv.shape[2])
         mask = args.get(mask_name) if mask_name else None
         if mask is not None and not (isinstance(_val(mask), torch.Tensor) and _val(mask).dim() <= 4):
             return "attention mask is not a tensor of at most 4 dims"
+        if not statically_known_true(qv.shape[2] <= kv.shape[2]):
+            # (is_causal has equal lengths here.) Only a rule the mask is proven to be reads the
+            # queries' positions: an explicit mask or none is right whatever the sizes' order,
+            # so no guard orders them.
+            positional = _positional(self._mask_rule(mask, qv.shape[2], kv.shape[2]))
+            if positional:
+                return _more_queries_than_keys(qv.shape[2], kv.shape[2], positional)
         out_users: list[fx.Node] = []
         if returns_tuple:
             for user in node.users:
@@ -828,8 +845,6 @@ class Attention:
         if gate is not None and (gate.out is not out4 or _val(gate.mul).dtype != _val(out4).dtype
                                  or not same_shape(_val(gate.mul).shape, want_out)):
             return "the sink gate sigmoid(logsumexp(scores) - sinks) scales another tensor than the P @ V output"
-        if not statically_known_true(qv.shape[2] <= kv.shape[2]):
-            return _more_queries_than_keys(qv.shape[2], kv.shape[2])
         mask = scores.mask
         if scores.flat:
             mask = self._heads_unflattened(graph, mask, hq, _val(scores.scores).shape[0])
@@ -842,6 +857,9 @@ class Attention:
             # average those keys, where eager's mask gives every key that value and averages them
             # all: only a bias that provably holds no such value takes the rule.
             rule = None
+        positional = _positional(rule, scores.alibi is not None)
+        if positional and not statically_known_true(qv.shape[2] <= kv.shape[2]):
+            return _more_queries_than_keys(qv.shape[2], kv.shape[2], positional)
         if rule is not None and scores.product_bias is None:
             # the kernel applies the rule itself: a bias and ranges only for a key mask
             bias, ranges = self._key_mask_inputs(graph, rule, kv.shape[2], result, softmax)

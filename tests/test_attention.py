@@ -194,6 +194,14 @@ def _output_bshd(x, y, w):
     return _manual_attention(x, y, w, out_layout="bshd")
 
 
+def _cross_causal(x, y, w):
+    """SDPA under a causal mask built from positions, the last query at the last key: its rule
+    reads the queries' positions."""
+    s, n = x.shape[1], y.shape[1]
+    mask = torch.arange(n)[None, :] <= torch.arange(s)[:, None] + (n - s)
+    return F.scaled_dot_product_attention(*_projected(x, y, w), attn_mask=mask)
+
+
 # The padding is the pass's, on either target: the reference target's run is in the extended run.
 @pytest.mark.parametrize("target", [pytest.param("reference", marks=pytest.mark.extended), "triton"])
 @pytest.mark.parametrize("v_width", [4, 12])
@@ -294,11 +302,11 @@ def test_manual_attention_with_one_k_head_and_many_v_heads_is_left_alone() -> No
     assert [f.reason for f in report.fallbacks] == ["K has 1 heads and V 4; the kernel reads both at one head count"]
 
 
-@pytest.mark.parametrize("case", ["cross_sdpa", "cross_manual", "bool_added", "int_added", "output_bshd", "control"])
+@pytest.mark.parametrize("case", ["cross_causal", "bool_added", "int_added", "output_bshd", "control"])
 def test_attention_the_kernel_would_get_wrong_is_left_alone(case: str) -> None:
     """Forms a rewrite would get wrong stay the original ops, with the reason, and match eager:
-    more queries than keys (meta_attention puts each query at a key position: cross-attention
-    over a shorter encoder output raised at run time); a bool or integer tensor added to the
+    queries not known to be at most the keys under a causal mask (meta_attention puts each query
+    at a key position, which the rule reads; more queries than keys raised at run time); a bool or integer tensor added to the
     scores (added, a bool is 1.0 where True, not a mask: it was read as one); P @ V restored to
     another layout than [B, H, S, D] (the output took the kernel's shape). The control, a float
     bias over equal lengths, is rewritten."""
@@ -307,8 +315,9 @@ def test_attention_the_kernel_would_get_wrong_is_left_alone(case: str) -> None:
     torch.manual_seed(0)
     x, short, w = torch.randn(2, 7, 16), torch.randn(2, 4, 16), torch.randn(16, 48)
     fn, inputs, reason = {
-        "cross_sdpa": (_cross_sdpa, (x, short, w), "queries may outnumber"),
-        "cross_manual": (_manual_attention, (x, short, w), "queries may outnumber"),
+        # (the sizes are named as Dynamo's symbols, whose numbers differ between torch versions)
+        "cross_causal": (_cross_causal, (x, short, w), "not known to be ordered) under a causal mask: meta_attention "
+                                                        "puts each query at a key position"),
         "bool_added": (_manual_attention, (x, x, w, torch.rand(7, 7) > 0.5), "tensor of bool is added"),
         "int_added": (_manual_attention, (x, x, w, torch.randint(0, 3, (7, 7))), "tensor of int64 is added"),
         "output_bshd": (_output_bshd, (x, x, w), "P @ V is restored to"),
@@ -321,6 +330,50 @@ def test_attention_the_kernel_would_get_wrong_is_left_alone(case: str) -> None:
         return
     assert "meta_attention" not in report.rewrites
     assert any(reason in f.reason for f in report.fallbacks), [f.reason for f in report.fallbacks]
+
+
+def _cross_key_padding(x, y, w, key_lengths):
+    """Cross-attention (SDPA) over the encoder's keys with a padding mask [B, 1, 1, S_kv] made from
+    the encoder lengths, as encoder-decoder models build it (T5, BART, Whisper)."""
+    keys = torch.arange(y.shape[1])[None, :] < key_lengths[:, None]
+    return F.scaled_dot_product_attention(*_projected(x, y, w), attn_mask=keys[:, None, None, :])
+
+
+def _cross_manual_bias(x, y, w, key_bias):
+    """Hand-written cross-attention plus an additive padding bias [B, 1, 1, S_kv] given as an input
+    (transformers' eager masks hide with the dtype's lowest value)."""
+    return _manual_attention(x, y, w, key_bias)
+
+
+@pytest.mark.parametrize(("form", "target"), [("sdpa", "reference"), ("key_padding", "reference"),
+                                              ("manual_bias", "reference"), ("key_padding", "triton")])
+def test_cross_attention_over_a_shorter_input_runs_on_the_meta_kernel(form: str, target: str) -> None:
+    """Cross-attention whose decoder input is longer than the encoder output (and shorter, and as
+    long), without a mask, with a padding mask over the keys and with a hand-written attention
+    plus an additive bias: compiled once under dynamic=True (the two lengths symbols of their
+    own, unordered), every call equals eager, and the attention is the meta-kernel's: no rule of
+    it reads a query's position, so the order of the lengths does not matter and no guard
+    orders them. (It fell back: 'the queries may outnumber the keys'.)"""
+    torch.manual_seed(0)
+    w = torch.randn(16, 48)
+    low = torch.finfo(torch.float32).min
+    fn = {"sdpa": _cross_sdpa, "key_padding": _cross_key_padding, "manual_bias": _cross_manual_bias}[form]
+
+    def inputs(s: int, n: int) -> tuple[torch.Tensor, ...]:
+        x, y = torch.randn(2, s, 16), torch.randn(2, n, 16)
+        lengths = torch.tensor([n, n - 2])  # the second encoder output padded by 2
+        bias = torch.zeros(2, 1, 1, n).masked_fill(torch.arange(n) >= lengths[:, None, None, None], low)
+        return (x, y, w) + {"sdpa": (), "key_padding": (lengths,), "manual_bias": (bias,)}[form]
+
+    report = tileflow.Report()
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend({"target": target}, report=report), dynamic=True)
+    for s, n in ((7, 4), (3, 5), (12, 5), (6, 6)):
+        args = inputs(s, n)
+        torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-5, atol=1e-5, msg=lambda m: f"S={s}, S_kv={n}: {m}")
+    assert len(report.graphs) == 1 and report.recompiles == 0
+    attention_fallbacks = [f.reason for f in report.fallbacks if f.pass_name == "attention"]
+    assert report.rewrites["meta_attention"] == 1 and not attention_fallbacks, attention_fallbacks
+    assert [k.spec["params"] for k in report.kernels if k.spec["op"] == "meta_attention"], report.kernels
 
 
 def test_float64_lowest_mask_rows_match_eager() -> None:

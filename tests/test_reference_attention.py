@@ -677,13 +677,88 @@ def test_key_starts_apply_in_every_query_tile() -> None:
         torch.testing.assert_close(tiled, dense, **TOLERANCES[torch.float64])
 
 
-def test_dense_op_refuses_more_queries_than_keys_clearly() -> None:
-    """`meta_attention` (SDPA-like, dense) places query i at key position S_kv - S + i, so it
-    needs S <= S_kv (the attention pass leaves such cross-attention to the original ops). A
-    direct call with more queries than keys must say so in the dense op's terms, not with the
-    varlen op's 'the new tokens' K/V must already be in the cache'."""
+def test_dense_op_refuses_more_queries_than_keys_under_a_positional_rule_clearly() -> None:
+    """`meta_attention` (SDPA-like, dense) places query i at key position S_kv - S + i, which
+    the causal rule, a sliding window, an attention chunk and ALiBi read, so with one of them it
+    needs S <= S_kv. A direct call with more queries than keys must say so in the dense op's
+    terms, naming the rule, not with the varlen op's 'the new tokens' K/V must already be in the
+    cache'."""
     from tileflow.ops import meta_attention
 
     q, k, v = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
-    with pytest.raises(ValueError, match=r"meta_attention: q has 8 query positions but k only 4 keys"):
-        meta_attention(q, k, v)
+    for rule, kwargs in (("causal", {"causal": True}), ("sliding_window", {"sliding_window": 3}),
+                         ("attention_chunk", {"attention_chunk": 2}), ("alibi_slopes", {"alibi_slopes": [0.5, 0.25]})):
+        with pytest.raises(ValueError, match=rf"meta_attention: q has 8 query positions but k only 4 keys, with {rule}"):
+            meta_attention(q, k, v, **kwargs)
+
+
+def _float64_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float64 SDPA over [B, H, S, D] (GQA: K/V heads repeated) plus an additive bias; a row that
+    sees no key gives zeros, the kernels' contract."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + (bias.double() if bias.dtype != torch.bool else
+                           torch.zeros(bias.shape, dtype=torch.float64).masked_fill(~bias, float("-inf")))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
+
+
+def more_queries_than_keys_cases(dtype: torch.dtype) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor | None]]:
+    """(name, q, k, v, mask) with more queries than keys (and, as a control, one fewer), GQA 2:
+    no mask, a key-padding mask (-inf, and as bool) and a soft bias (its own value per element)."""
+    gen = torch.Generator().manual_seed(7)
+    b, hq, hkv, d = 2, 4, 2, 16
+    cases = []
+    for s, s_kv in ((20, 11), (6, 3), (9, 10)):
+        q = torch.randn(b, hq, s, d, generator=gen).to(dtype)
+        k, v = (torch.randn(b, hkv, s_kv, d, generator=gen).to(dtype) for _ in range(2))
+        pad = torch.zeros(b, 1, 1, s_kv)
+        pad[1, ..., s_kv - 2:] = float("-inf")  # the second sequence's last two keys are padding
+        for name, mask in (("no mask", None), ("key padding", pad), ("key padding as bool", pad == 0),
+                           ("soft bias", torch.randn(b, hq, s, s_kv, generator=gen))):
+            cases.append((f"{name}, S={s}, S_kv={s_kv}", q, k, v, mask))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_op_runs_more_queries_than_keys_without_a_positional_rule(dtype: torch.dtype) -> None:
+    """Without the causal rule, a window, an attention chunk or ALiBi no rule reads a query's
+    position, so cross-attention over a shorter input (more queries than keys) is plain SDPA:
+    the reference kernel's launcher, on a NaN-poisoned output with and without split-KV chunks,
+    and the dense op equal float64 attention, for no mask, a key-padding mask and a soft bias,
+    GQA 2. Over no key at all the op gives eager's zeros. (It raised 'q has 20 query positions
+    but k only 11 keys'.)"""
+    from tileflow.backends.reference.attention import build_reference_attention
+    from tileflow.kernel_spec import KernelSpec, make_params
+
+    for name, q, k, v, mask in more_queries_than_keys_cases(dtype):
+        b, hq, s, d = q.shape
+        hkv, s_kv = k.shape[1], k.shape[2]
+        want = _float64_attention(q, k, v, mask)
+        tol = TOLERANCES[dtype]
+        got = torch.ops.tileflow.meta_attention(q, k, v, mask, False, None, "reference")
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f"dense op, {name}: {m}")
+        spec = KernelSpec(op="meta_attention", dtype=str(dtype).removeprefix("torch."),
+                          out_dtype=str(dtype).removeprefix("torch."),
+                          params=make_params(head_dim=d, gqa=hq // hkv, block_q=4, block_kv=16, causal=False,
+                                             bias=mask is not None))
+        cu = torch.arange(0, b * s + 1, s, dtype=torch.int32)
+        seqlens = torch.full((b,), s_kv, dtype=torch.int32)
+        bias = {} if mask is None else {"attn_bias": mask.expand(b, hq, s, s_kv)}
+        for kv_split in (0, 4):
+            table = build_task_table(cu, seqlens, num_q_heads=hq, num_kv_heads=hkv, block_q=4, num_programs=3,
+                                     causal=False, kv_split=kv_split)
+            assert (table.num_slots > 0) == (kv_split == 4 and s_kv > 4)
+            out = torch.full((b * s, hq, d), float("nan"), dtype=dtype)
+            build_reference_attention(spec).launch(
+                q.transpose(1, 2).reshape(b * s, hq, d), k.transpose(1, 2), v.transpose(1, 2),
+                torch.arange(b, dtype=torch.int32).view(b, 1), cu, seqlens, table, out=out, **bias)
+            assert not out.isnan().any(), f"{name}, kv_split={kv_split}: some outputs were never written"
+            torch.testing.assert_close(out.view(b, s, hq, d).transpose(1, 2).double(), want, **tol,
+                                       msg=lambda m: f"launcher, {name}, kv_split={kv_split}: {m}")
+    q = torch.randn(2, 4, 3, 16, dtype=dtype)
+    empty = torch.ops.tileflow.meta_attention(q, q[:, :2, :0], q[:, :2, :0], None, False, None, "reference")
+    assert torch.equal(empty, torch.zeros_like(q))

@@ -358,6 +358,7 @@ _OK = {"num_q_heads": 4, "num_kv_heads": 2, "block_q": 4, "num_programs": 2}
     [
         ([0, 1, 2], [3], {}, r"len\(cu_seqlens_q\) == len\(seqlens_kv\) \+ 1"),
         ([0, 5], [3], {}, r"n_s <= L_s"),
+        ([0, 5], [3], {"causal": False, "sliding_window": 2}, r"n_s <= L_s"),
         ([0, 2, 1], [3, 3], {}, r"non-decreasing"),
         ([0, 1], [-1], {}, r"seqlens_kv must be >= 0"),
         ([1, 2], [3], {}, r"must start at 0"),
@@ -373,6 +374,35 @@ _OK = {"num_q_heads": 4, "num_kv_heads": 2, "block_q": 4, "num_programs": 2}
 def test_validation_errors(cu, kv, overrides: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build_task_table(cu, kv, **{**_OK, **overrides})
+
+
+def test_more_queries_than_keys_without_a_positional_rule() -> None:
+    """Not causal and no window, no rule reads a row's position: a sequence may have more query
+    rows than keys (the dense op's cross-attention over a shorter input), each tile over all of
+    its keys, split into chunks like any other; `check_metadata` allows it when asked, only then
+    and only without the causal rule or a tree mask."""
+    from tileflow.tasks import check_metadata
+
+    table = build_task_table([0, 9, 12], [4, 2], num_q_heads=4, num_kv_heads=2, block_q=2, num_programs=3,
+                             causal=False, kv_split=0)
+    tasks = table.tasks.numpy()
+    assert sorted(map(tuple, tasks[:, [0, 1, 2, 3]].tolist())) == sorted(
+        (s, h, q, min(2, n - q)) for s, n in ((0, 9), (1, 3)) for h in (0, 1) for q in range(0, n, 2))
+    assert (tasks[:, 4] == 0).all() and (tasks[:, 5] == np.where(tasks[:, 0] == 0, 4, 2)).all()
+    split = build_task_table([0, 9], [40], num_q_heads=2, num_kv_heads=2, block_q=4, num_programs=3,
+                             causal=False, kv_split=16)
+    assert split.num_slots > 0
+    over = build_task_table([0, 50], [40], num_q_heads=2, num_kv_heads=2, block_q=4, num_programs=3,
+                            causal=False, kv_split=16)
+    assert over.num_slots == 13 * 2 * 3  # 13 tiles x 2 heads, each over 40 keys in chunks of 16
+    q, cache = torch.zeros(9, 2, 4), torch.zeros(1, 4, 2, 4)
+    args = (q, cache, cache, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0, 9], dtype=torch.int32),
+            torch.tensor([4], dtype=torch.int32))
+    assert check_metadata(*args, causal=False, more_queries_than_keys=True) == ((0, 9), (4,))
+    with pytest.raises(ValueError, match=r"n_s <= L_s"):
+        check_metadata(*args, causal=False)
+    with pytest.raises(ValueError, match=r"more_queries_than_keys needs causal=False and no tree_mask"):
+        check_metadata(*args, causal=True, more_queries_than_keys=True)
 
 
 @pytest.mark.parametrize(("length", "kv_heads", "block_q", "programs"), [(4096, 8, 32, 528), (4096, 4, 16, 528),

@@ -706,6 +706,50 @@ def run_biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     return out.view(b, s, hq, d).transpose(1, 2).cpu()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_more_queries_than_keys_without_a_positional_rule(dtype: torch.dtype) -> None:
+    """Cross-attention over a shorter input (more queries than keys, GQA 2), not causal and with
+    no window: the kernel reads no query's position then (its rows at S_kv - S + i < 0 for the
+    first ones), so the table's tiles over every key run it as plain SDPA. The launcher on a
+    NaN-poisoned output, with and without split-KV chunks, and the dense op on the Triton target
+    equal float64 attention, with no mask, a key-padding mask (as -inf and as bool) and a soft
+    bias. (The table and the dense op refused such a batch.)"""
+    gen = torch.Generator().manual_seed(17)
+    b, hq, hkv, d = 2, 4, 2, 16
+    for s, s_kv in ((13, 6),):
+        q = torch.randn(b, hq, s, d, generator=gen).to(dtype)
+        k, v = (torch.randn(b, hkv, s_kv, d, generator=gen).to(dtype) for _ in range(2))
+        pad = torch.zeros(b, hq, s, s_kv)
+        pad[1, ..., s_kv - 2:] = float("-inf")  # the second sequence's last two keys are padding
+        for name, mask, additive in (("no mask", None, torch.zeros(b, hq, s, s_kv)), ("key padding", pad, pad),
+                                     ("key padding as bool", pad == 0, pad),
+                                     ("soft bias", *(2 * [torch.randn(b, hq, s, s_kv, generator=gen)]))):
+            what = f"{name}, {dtype}, S={s}, S_kv={s_kv}"
+            want = biased_oracle(q, k, v, additive, causal=False)
+            got = torch.ops.tileflow.meta_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE),
+                                                    None if mask is None else mask.to(DEVICE), False, None, "triton")
+            torch.testing.assert_close(got.cpu().double(), want, rtol=TOL[str(dtype)[6:]], atol=TOL[str(dtype)[6:]],
+                                       msg=lambda m: f"dense op, {what}: {m}")
+            spec = KernelSpec(op="meta_attention", dtype=str(dtype)[6:], out_dtype=str(dtype)[6:],
+                              params=make_params(head_dim=d, gqa=hq // hkv, block_q=4, block_kv=16, causal=False,
+                                                 bias=mask is not None))
+            cu = torch.arange(0, b * s + 1, s, dtype=torch.int32)
+            seqlens = torch.full((b,), s_kv, dtype=torch.int32)
+            for kv_split in (0, 4):
+                table = build_task_table(cu, seqlens, num_q_heads=hq, num_kv_heads=hkv, block_q=4, num_programs=3,
+                                         causal=False, kv_split=kv_split)
+                assert (table.num_slots > 0) == (kv_split == 4 and s_kv > 4)
+                out = torch.full((b * s, hq, d), float("nan"), dtype=dtype, device=DEVICE)
+                build_attention_kernel(spec)(
+                    q.transpose(1, 2).reshape(b * s, hq, d).to(DEVICE), k.transpose(1, 2).to(DEVICE),
+                    v.transpose(1, 2).to(DEVICE), torch.arange(b).view(b, 1).to(DEVICE), cu.to(DEVICE),
+                    seqlens.to(DEVICE), table, out=out, **({} if mask is None else {"attn_bias": mask.to(DEVICE)}))
+                assert not out.isnan().any(), f"{what}, kv_split={kv_split}: some outputs were never written"
+                torch.testing.assert_close(out.view(b, s, hq, d).transpose(1, 2).cpu().double(), want,
+                                           rtol=TOL[str(dtype)[6:]], atol=TOL[str(dtype)[6:]],
+                                           msg=lambda m: f"launcher, {what}, kv_split={kv_split}: {m}")
+
+
 @pytest.mark.parametrize(("causal", "kv_split"), [pytest.param(False, None, marks=pytest.mark.extended), (True, 24)])
 def test_model_masks_as_bias(causal: bool, kv_split: int | None) -> None:
     """The masks models materialize (causal, left padding, sliding window, holes, a soft bias

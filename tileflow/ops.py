@@ -623,7 +623,10 @@ def meta_attention(
     key_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`scaled_dot_product_attention` semantics for `q [B, Hq, S, D]`, `k`/`v [B, Hkv, S_kv, D]`
-    (GQA when Hkv divides Hq, S <= S_kv), run by the meta-attention kernel. `attn_mask` is bool
+    (GQA when Hkv divides Hq), run by the meta-attention kernel. Query i sits at key position
+    S_kv - S + i, which `causal`, `sliding_window`, `attention_chunk` and `alibi_slopes` read:
+    with any of them S <= S_kv (ValueError otherwise); without them S > S_kv is plain SDPA
+    (cross-attention over a shorter input; over no key at all, zeros as eager). `attn_mask` is bool
     (True = attend) or additive, broadcastable to [B, Hq, S, S_kv]; `causal`: query i sees the keys
     up to position S_kv - S + i (for S < S_kv the last query at the last key, as flash attention
     does, where SDPA's `is_causal` puts the first query at the first key). `softcap`

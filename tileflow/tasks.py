@@ -224,9 +224,10 @@ def _as_int(value: Any, name: str) -> int:
 
 
 def _validated_lengths(
-    cu_seqlens_q: IntsLike, seqlens_kv: IntsLike
+    cu_seqlens_q: IntsLike, seqlens_kv: IntsLike, *, more_queries_than_keys: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(cu, n, L) as int64 arrays after checking the metadata is a consistent batch."""
+    """(cu, n, L) as int64 arrays after checking the metadata is a consistent batch
+    (`more_queries_than_keys`: n_s > L_s allowed, see `build_task_table`)."""
     cu = _as_int_array(cu_seqlens_q, "cu_seqlens_q")
     kv = _as_int_array(seqlens_kv, "seqlens_kv")
     if cu.size != kv.size + 1:
@@ -248,7 +249,7 @@ def _validated_lengths(
     if bad.size:
         s = int(bad[0])
         raise ValueError(f"seqlens_kv must be >= 0: sequence {s} has {int(kv[s])}")
-    bad = np.flatnonzero(n > kv)
+    bad = np.flatnonzero(n > kv) if not more_queries_than_keys else np.zeros(0, dtype=np.int64)
     if bad.size:
         s = int(bad[0])
         raise ValueError(
@@ -388,7 +389,10 @@ def build_task_table(
     Args:
         cu_seqlens_q: ``[S + 1]`` query-row offsets (list, numpy array or tensor; a device tensor
             is copied to the host). Sequence ``s`` owns rows ``cu[s]:cu[s+1]``.
-        seqlens_kv: ``[S]`` KV lengths, ``n_s <= L_s``.
+        seqlens_kv: ``[S]`` KV lengths, ``n_s <= L_s``; without ``causal`` and
+            ``sliding_window`` also ``n_s > L_s``: no rule then reads a row's position (every
+            row sees every ``j < L_s``), so the queries may outnumber the keys (cross-attention
+            over a shorter input).
         num_q_heads / num_kv_heads: Hq and Hkv (Hq a multiple of Hkv; Hkv == 1 is MQA).
         block_q: query positions per tile (the tile has ``block_q * Hq // Hkv`` rows).
         num_programs: P, the static grid size the tasks are dealt over (programs may be idle).
@@ -409,7 +413,8 @@ def build_task_table(
         The `TaskTable`. Sequences with no query rows produce no task.
 
     Raises:
-        ValueError: inconsistent metadata (lengths that disagree, ``n_s > L_s``, negative
+        ValueError: inconsistent metadata (lengths that disagree, ``n_s > L_s`` under a
+            rule that reads positions, negative
             values) or bad parameters (``num_programs < 1``, ``Hq % Hkv != 0``, ...).
     """
     num_q_heads = _as_int(num_q_heads, "num_q_heads")
@@ -436,7 +441,8 @@ def build_task_table(
     if split is not None and split < 0:
         raise ValueError(f"kv_split must be >= 0 (0 disables split-KV) or None, got {split}")
 
-    cu, n, kv_len = _validated_lengths(cu_seqlens_q, seqlens_kv)
+    cu, n, kv_len = _validated_lengths(cu_seqlens_q, seqlens_kv,
+                                       more_queries_than_keys=not causal and window is None)
     # The lengths size the per-tile arrays below: refuse what the kernels cannot read before
     # building them (2**40 query rows would ask numpy for a 2**40-entry array first).
     _check_fits_int32(("a KV length", kv_len), ("the query row count", cu))
@@ -462,7 +468,8 @@ def build_task_table(
     head = local // np.maximum(tps, 1)
     q_start = (local % np.maximum(tps, 1)) * block_q
     q_rows = np.minimum(block_q, n[seq] - q_start)
-    # Positions of the tile's first and last query rows; the new tokens are the last n_s.
+    # Positions of the tile's first and last query rows; the new tokens are the last n_s (with
+    # n_s > L_s, the first ones below 0: only the deal's order reads them then).
     p_first = kv_len[seq] - n[seq] + q_start
     p_last = p_first + q_rows - 1
     # The union of the rows' visible sets is one interval: consecutive rows' windows overlap.
@@ -544,6 +551,7 @@ def check_metadata(
     tree_mask: torch.Tensor | None = None,
     *,
     causal: bool = True,
+    more_queries_than_keys: bool = False,
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Validate the tensors of ``meta_attention_varlen``; raise ValueError saying what to fix.
 
@@ -553,6 +561,9 @@ def check_metadata(
     enough for every ``L_s`` whose needed entries are in ``[0, num_blocks)``, and the tree mask's
     shape. With ``causal`` it also requires each applied tree mask to be lower-triangular (a
     token's parent comes before it), because the tiled kernels clip a tile's KV range causally.
+    `more_queries_than_keys` allows ``n_s > L_s``, for a call with no rule that reads positions
+    (not causal, no sliding window, no tree mask: the dense op's cross-attention); it raises
+    ValueError with ``causal`` or a tree mask.
 
     This reads the metadata on the host (a device sync for device tensors): use it in tests,
     debug mode, or once per batch before building a task table, not inside a captured graph.
@@ -614,7 +625,10 @@ def check_metadata(
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
-    cu, n, kv_len = _validated_lengths(cu_seqlens_q, seqlens_kv)
+    if more_queries_than_keys and (causal or tree_mask is not None):
+        raise ValueError("more_queries_than_keys needs causal=False and no tree_mask: those rules read the "
+                         "queries' positions, the last n_s of the L_s keys'")
+    cu, n, kv_len = _validated_lengths(cu_seqlens_q, seqlens_kv, more_queries_than_keys=more_queries_than_keys)
     if int(cu[-1]) != total_q:
         raise ValueError(
             f"cu_seqlens_q ends at {int(cu[-1])} but q has {total_q} rows: the last offset "

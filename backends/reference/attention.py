@@ -419,7 +419,10 @@ def run_task_table(
     allocated (in the accumulation dtype: float32, or float64 for float64 inputs) and filled
     with NaN, so a slot read before it is written shows up in the result.
     """
-    check_metadata(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, tree_mask, causal=causal)
+    # With no rule that reads positions a sequence may have more queries than keys, as the
+    # table allows (`build_task_table`): the dense op's cross-attention.
+    check_metadata(q, k_cache, v_cache, block_table, cu_seqlens_q, seqlens_kv, tree_mask, causal=causal,
+                   more_queries_than_keys=not causal and sliding_window is None and tree_mask is None)
     total_q, num_q_heads, head_dim = q.shape
     if (table.num_q_heads, table.num_kv_heads) != (num_q_heads, k_cache.shape[2]):
         raise ValueError(

@@ -257,8 +257,9 @@ def run_meta_attention(
     `key_starts[b, i]`, for sequences packed in one row (each query's sequence starts there):
     the kernel takes them per row (no `[S, S_kv]` mask), unless the call has a mask already,
     into which they are folded.
-    Returns `[B, Hq, S, D]` (stored as `[B, S, Hq, D]`, the layout attention outputs usually
-    have).
+    With none of `causal`, `sliding_window`, `attention_chunk` and `alibi_slopes` (the rules
+    that read the positions) S may exceed S_kv. Returns `[B, Hq, S, D]` (stored as
+    `[B, S, Hq, D]`, the layout attention outputs usually have).
     """
     # Batch row b of q meets row b of k and v (one KV page each, the varlen kernel's checks off):
     # a k of another batch was read short without a word, and other mismatches raised about the
@@ -271,15 +272,25 @@ def run_meta_attention(
         raise ValueError(f"meta_attention: k and v must be [B={b}, Hkv, S_kv, D={d}] alike (q is {list(q.shape)}), "
                          f"got k {list(k.shape)} and v {list(v.shape)}")
     s_kv = k.shape[2]
-    if s > s_kv:
-        # Query i sits at key position S_kv - S + i: more queries than keys would put the first
-        # ones before every key (the varlen check would blame the cache, a term this op lacks).
-        raise ValueError(f"meta_attention: q has {s} query positions but k only {s_kv} keys: query i sits at key "
-                         f"position S_kv - S + i, so S <= S_kv (cross-attention over a shorter input is not supported)")
+    positional = [name for name, given in (("causal", causal), ("sliding_window", sliding_window is not None),
+                                           ("attention_chunk", attention_chunk is not None),
+                                           ("alibi_slopes", alibi_slopes is not None)) if given]
+    if s > s_kv and positional:
+        # Query i sits at key position S_kv - S + i, which these rules read: more queries than keys
+        # would put the first ones before every key (the varlen check would blame the cache, a
+        # term this op lacks). Without them every query sees every key wherever it sits
+        # (cross-attention over a shorter input), and the kernels never read its position.
+        raise ValueError(f"meta_attention: q has {s} query positions but k only {s_kv} keys, with "
+                         f"{' and '.join(positional)}: query i sits at key position S_kv - S + i, so those rules "
+                         f"need S <= S_kv (only attention without them, e.g. cross-attention, may have S > S_kv)")
     if s == 0:
         # No query (an empty sequence: eager's softmax over no keys gives an empty output); the
         # K/V of zero positions would be cache pages of size 0, which the kernels refuse.
         return q.new_empty((b, s, hq, d)).transpose(1, 2)
+    if s_kv == 0:
+        # Queries over no key (only without a positional rule, above): eager's softmax over no
+        # keys weighs nothing, zeros, as a kernel row that sees no key; no cache page of size 0.
+        return q.new_zeros((b, s, hq, d)).transpose(1, 2)
     device = q.device
     q_flat = q.transpose(1, 2).reshape(b * s, hq, d)
     k_cache, v_cache = k.transpose(1, 2), v.transpose(1, 2)

@@ -463,6 +463,10 @@ class Attention:
         rule = self._mask_rule(args.get("attn_mask"), q.shape[2], k.shape[2])
         if rule is None or rule.empty_rows_average:
             return  # (no mask transformers hands this op averages empty rows: not rewritten here)
+        if _positional(rule) and not statically_known_true(q.shape[2] <= k.shape[2]):
+            # The op runs more queries than keys under an explicit mask, but refuses them under a
+            # causal or window rule (`_more_queries_than_keys`): the mask stays, no guard orders them.
+            return
         key_mask, ranges = self._key_mask_inputs(node.graph, rule, k.shape[2], result, node)
         args.update(attn_mask=key_mask, mask_ranges=ranges, causal=rule.causal, sliding_window=rule.sliding_window)
         names = [a.name for a in torch.ops.tileflow.meta_attention.default._schema.arguments]

@@ -342,7 +342,9 @@ def _stacked_weights_bmm(node: fx.Node, parameters: frozenset[str] = frozenset()
     the second the model's own (an attribute, or an input named in `parameters`: the model's
     parameters and buffers, `PassContext.parameter_inputs`). In a static graph no size is
     symbolic: there only the model's own weights are taken, and a stack the caller hands in (the
-    tokens, a cache) stays a bmm; the rows' static T gets a one-piece plan, as a linear's static M does.
+    tokens, a cache) stays a bmm, unless it was given `mark_static_address` (AOTAutograd counts it
+    among the static inputs: the same product either way); the rows' static T gets a one-piece
+    plan, as a linear's static M does.
     The attention pass has taken its own bmms before this pass (or left them with a reason)."""
     x, w = node.args[0], node.args[1]
     while isinstance(w, fx.Node) and w.op == "call_function" and is_view_op(w.target):

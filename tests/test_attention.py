@@ -376,6 +376,32 @@ def test_cross_attention_over_a_shorter_input_runs_on_the_meta_kernel(form: str,
     assert [k.spec["params"] for k in report.kernels if k.spec["op"] == "meta_attention"], report.kernels
 
 
+def test_a_model_called_meta_attention_keeps_its_causal_mask_when_the_queries_may_outnumber_the_keys() -> None:
+    """`meta_attention` called by the model itself (attn_implementation="tileflow") runs more
+    queries than keys under an explicit mask. The pass gave a mask proven causal the kernel's
+    rule even where the lengths are unordered symbols, and the op then refused the call it ran
+    eagerly ('q has 9 query positions but k only 4 keys, with causal'): the mask stays there,
+    as SDPA's and the manual form's do; where S <= S_kv is known the rule is still taken."""
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s, n = q.shape[2], k.shape[2]
+        return tileflow.ops.meta_attention(q, k, v, torch.ones(s, n, dtype=torch.bool).tril(n - s))
+
+    def self_attention(q: torch.Tensor) -> torch.Tensor:
+        return attention(q, q[:, :2] * 0.5, q[:, 2:])
+
+    torch.manual_seed(0)
+    for fn, sizes, rule in ((attention, ((5, 7), (6, 9), (9, 4)), False), (self_attention, ((5, 5), (8, 8)), True)):
+        torch._dynamo.reset()
+        report = tileflow.Report()
+        options = {"target": "reference", "passes": ["canonicalize", "attention"]}
+        compiled = torch.compile(fn, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)
+        for s, n in sizes:
+            args = (torch.randn(2, 4, s, 8), torch.randn(2, 2, n, 8), torch.randn(2, 2, n, 8))[:1 if rule else 3]
+            torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-5, atol=1e-5, msg=lambda m: f"{s}, {n}: {m}")
+        assert len(report.graphs) == 1 and report.recompiles == 0
+        assert ("mask_as_rule" in report.rewrites) == rule, report.rewrites
+
+
 def test_float64_lowest_mask_rows_match_eager() -> None:
     """A float64 model's mask hides keys with float64's lowest (transformers' eager masks): rows
     that see no other key average the hidden ones, as eager does. Rounded to float32 that value

@@ -390,9 +390,10 @@ def build_task_table(
         cu_seqlens_q: ``[S + 1]`` query-row offsets (list, numpy array or tensor; a device tensor
             is copied to the host). Sequence ``s`` owns rows ``cu[s]:cu[s+1]``.
         seqlens_kv: ``[S]`` KV lengths, ``n_s <= L_s``; without ``causal`` and
-            ``sliding_window`` also ``n_s > L_s``: no rule then reads a row's position (every
-            row sees every ``j < L_s``), so the queries may outnumber the keys (cross-attention
-            over a shorter input).
+            ``sliding_window`` also ``n_s > L_s``: the table's KV ranges then read no row's
+            position (every row sees every ``j < L_s``), so the queries may outnumber the keys
+            (cross-attention over a shorter input). ALiBi, applied by the kernels, reads the
+            positions too: its callers refuse ``n_s > L_s`` with it (`run_meta_attention`).
         num_q_heads / num_kv_heads: Hq and Hkv (Hq a multiple of Hkv; Hkv == 1 is MQA).
         block_q: query positions per tile (the tile has ``block_q * Hq // Hkv`` rows).
         num_programs: P, the static grid size the tasks are dealt over (programs may be idle).

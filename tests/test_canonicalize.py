@@ -625,6 +625,21 @@ def test_repeated_casts_of_one_value_are_merged() -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_casts_of_one_value_to_two_dtypes_stay_apart() -> None:
+    """`x.to(bfloat16)` and `x.to(float16)` have the same arguments and differ in their dtype
+    keyword only: they are two casts, each read at its own dtype."""
+    def fn(x):
+        return x.to(torch.bfloat16) * 2, x.to(torch.float16) * 2
+
+    gm = traced(fn, torch.randn(5, 3))
+    canonicalize(gm)
+    assert sorted(str(n.kwargs["dtype"]) for n in _casts_of(gm, "x_1")) == ["torch.bfloat16", "torch.float16"]
+    x = torch.randn(6, 3)
+    for got, want in zip(gm(x), fn(x)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_casts_across_an_in_place_write_or_returned_stay_apart() -> None:
     """A cast read before an in-place write of its value (or of what it views) and one read
     after it differ though their arguments are the same; two returned casts are two tensors to

@@ -197,6 +197,24 @@ def _half_eager_with_a_key_term(x, past):
     return torch.where((k <= q) & (torch.cat([past, x[0]]) > 0)[None, :], 0.0, torch.finfo(torch.float16).min).half()
 
 
+def _half_eager_with_a_key_term_built_in_float16(x, past):
+    # The same mask built in float16 itself (the one above is built in float32, where -65504
+    # hides nothing, and is refused before its key term is weighed): it hides with float16's
+    # lowest value, which does not absorb a score either.
+    q, k = _positions(x, past)
+    zero = torch.tensor(0.0, dtype=torch.float16)
+    return torch.where((k <= q) & (torch.cat([past, x[0]]) > 0)[None, :], zero, torch.finfo(torch.float16).min)
+
+
+def _int32_positions_offset_by_two_sizes(x, past):
+    # Keys at j + T and queries at i + P + T, int32: j <= i + P is the rule, but a query's
+    # position carries two sizes (P + T), which may pass 2**31 together where each stays below.
+    t, p = x.shape[1], past.shape[0]
+    q = torch.arange(t, dtype=torch.int32) + (p + t)
+    k = torch.arange(p + t, dtype=torch.int32) + t
+    return k[None, :] <= q[:, None]
+
+
 def _bool_of_an_eager_mask_inverted(x, past):
     # where(bool(mask), 0, lowest) keeps the keys the mask hides
     return torch.where(torch.where(_causal(x, past), 0.0, LOWEST).bool(), 0.0, LOWEST)
@@ -309,7 +327,8 @@ def _key_term_beside_a_lowest_mask(x, past):
 
 @pytest.mark.parametrize("build", [
     _key_term_beside_a_lowest_mask, _tril_top_left, _packed_from_an_input, _read_one_row_back, _per_query_term,
-    _two_key_terms, _half_eager_with_a_key_term, _bool_of_an_eager_mask_inverted, _clamped_above_lowest, _bool_mask_clamped,
+    _two_key_terms, _half_eager_with_a_key_term, _half_eager_with_a_key_term_built_in_float16,
+    _int32_positions_offset_by_two_sizes, _bool_of_an_eager_mask_inverted, _clamped_above_lowest, _bool_mask_clamped,
     _top_left, _other_key_count, _one_key_broadcast, _negated_fill, _diagonal_hidden, _empty_window, _anti_causal,
     _global_first_key, _sliced_from_one, _int8_positions, _float_positions, _causal_as_zero_one, _half_lowest_widened, _soft_fill,
     _positions_from_an_input, _window_by_the_size,

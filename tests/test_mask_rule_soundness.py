@@ -131,6 +131,8 @@ def test_a_negative_constant_slice_start_counts_from_the_end() -> None:
     lambda s: (kv(s) <= qp(s)) | (kv(s) > qp(s) - 2),
     lambda s: (A(s + 1)[None, :] <= A(s + 1)[:, None])[1:, :s],  # rows from 1, keys from 0: j <= i + 1
     lambda s: A(s)[None, :] <= A(s).cumsum(0)[:, None],
+    # a running count of a fill of True is 1, 2, 3, ... (not the fill): j <= i + (i + 1) - 1 = 2i
+    lambda s: kv(s) <= qp(s) + torch.ones(s, dtype=torch.bool).cumsum(0)[:, None] - 1,
     lambda s: A(s)[None, :] <= A(s)[:, None] + A(s)[:, None],   # j <= 2i
     lambda s: A(1, s + 1)[None, :] <= A(s)[:, None],            # keys at j + 1: strict
     lambda s: A(0, 2 * s, 2)[None, :] <= A(s)[:, None],         # keys at 2j

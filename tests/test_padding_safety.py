@@ -974,10 +974,18 @@ def _pairs_of_rows(x: torch.Tensor) -> torch.Tensor:
     return x @ x.t()  # [T, T]: two dims of exactly T rows
 
 
+def _centered_and_first_row_repeated(x: torch.Tensor) -> torch.Tensor:
+    # A hazard (a read across the tokens) and an output of T + 1 rows: replayed even at the
+    # call's own count, it would be cut back to T rows.
+    y = _centered(x)
+    return torch.cat([y, y[:1]], dim=0)
+
+
 @pytest.mark.parametrize("fn, reason", [
     (_rows_by_positions, "cuts back only one dim"),
     (_pairs_of_rows, "cuts back only one dim"),
     (_moe_returns_its_counts, "an output of per-expert counts"),
+    (_centered_and_first_row_repeated, "reads across the token dim"),
 ])
 def test_outputs_a_replay_cannot_cut_back_are_not_captured(replay_on_cpu, fn, reason: str) -> None:
     """A replay cuts each output along its one dim of exactly T rows and returns numbers as
@@ -1589,6 +1597,21 @@ def _router_logits_over_their_sum(x: torch.Tensor) -> torch.Tensor:
     return _weighted_by(x, logits / logits.sum(-1, keepdim=True))
 
 
+def _smallest_softmax_weights_over_their_sum(x: torch.Tensor) -> torch.Tensor:
+    # The top-k of the smallest softmax scores holds no peak: each may underflow to 0, so may
+    # their sum (0 / 0).
+    weights = torch.topk((x @ ROUTER.T).softmax(-1), 2, largest=False).values
+    return _weighted_by(x, weights / weights.sum(-1, keepdim=True))
+
+
+def _sigmoid_router_weights_in_float16(x: torch.Tensor) -> torch.Tensor:
+    # MiniMax-M2's weights with float16 scores: sigmoid(-20) is 2e-9, below float16's smallest
+    # value (6e-8), so a score and the sum of the top-k may be 0 (0 / 0).
+    scores = torch.sigmoid((x @ ROUTER.T).half())
+    weights = scores.gather(-1, torch.topk(scores + ROUTER_BIAS.half(), 2).indices)
+    return _weighted_by(x, (weights / weights.sum(-1, keepdim=True)).float())
+
+
 def _values_over_rsqrt(x: torch.Tensor, denominator: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Causal attention over values scaled by `rsqrt(denominator(v))` (an RMSNorm's form)."""
     q, k, _ = _heads(x)
@@ -1615,6 +1638,8 @@ def _square_rooted_values(x: torch.Tensor) -> torch.Tensor:
     (_values_normalized_without_eps, "values (V) whose padded rows may be inf or NaN (from div"),
     (_values_floor_divided_without_eps, "values (V) whose padded rows may be inf or NaN (from floor_divide"),
     (_router_logits_over_their_sum, "values (V) whose padded rows may be inf or NaN (from div"),
+    (_smallest_softmax_weights_over_their_sum, "values (V) whose padded rows may be inf or NaN (from div"),
+    (_sigmoid_router_weights_in_float16, "values (V) whose padded rows may be inf or NaN (from div"),
     (_log_values, "values (V) whose padded rows may be inf or NaN (from log"),
     (_fractional_power_values, "values (V) whose padded rows may be inf or NaN (from pow"),
     (_values_over_a_shifted_mean, "values (V) whose padded rows may be inf or NaN (from rsqrt"),

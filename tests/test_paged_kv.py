@@ -215,6 +215,9 @@ def test_prepare_refuses_two_new_rows_in_one_cache_slot() -> None:
         cache.prepare([[0, 1], [2, 1]], [2, 2], [3, 3])
     with pytest.raises(ValueError, match=r"new rows 0 \(sequence 0\) and 3 \(sequence 0\) both go to cache slot 9"):
         cache.prepare([[3, 3]], [6], [0])
+    # A decode step of two sequences handed one block: two rows in all, one slot.
+    with pytest.raises(ValueError, match=r"new rows 0 \(sequence 0\) and 1 \(sequence 1\) both go to cache slot 4 "):
+        cache.prepare([[0, 1], [2, 1]], [1, 1], [4, 4])
     # Sharing blocks that are only read (a cached prefix) is fine, as are repeated entries no row reaches.
     batch = cache.prepare([[0, 1], [0, 2], [3, 3, 2]], [1, 1, 0], [3, 3, 5])
     assert batch.slots.tolist() == [3, 6]

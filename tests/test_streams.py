@@ -776,3 +776,16 @@ def test_a_number_input_that_changes_every_call_does_not_capture_a_graph_per_val
             x, scale = torch.randn(5, 8), torch.tensor(0.5 + i / 100)
             torch.testing.assert_close(compiled(x, scale), step(x, scale))
     assert ReplayOnCpu.captures <= 8
+
+
+def test_graphs_are_keyed_by_each_inputs_dtype() -> None:
+    """A call at the same bucket and shape but another dtype captures its own graph: replaying
+    the first one would copy the call's values into the static input of the first dtype and
+    return that dtype."""
+    buckets = CudaGraphBuckets(lambda x: x * 2, [0], (8,), lambda out: 0, graph_factory=ReplayOnCpu)
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        x = torch.arange(1.0, 6.0, dtype=dtype)
+        out = buckets(x)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, x * 2, rtol=0, atol=0)
+    assert buckets.captures == 2

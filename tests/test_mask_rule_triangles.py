@@ -74,6 +74,25 @@ def test_triangles_that_are_the_causal_rule_are_proven(build: Callable[[Any], to
     assert _square(build) == CAUSAL
 
 
+def test_a_constant_triangle_an_op_writes_in_place_is_not_read() -> None:
+    """The causal buffer's values are read as constants only when no op of the graph writes it:
+    here a `fill_(1)` runs before the mask reads the buffer, so at run time every key is kept
+    (the triangle read at compile time would hide the future)."""
+    attribute = BUFFER.clone()
+    gm = make_fx(lambda x: attribute[:, :, : x.shape[0], : x.shape[0]] != 0, tracing_mode="symbolic",
+                 _allow_non_fake_inputs=True)(torch.empty(6))
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    (out,) = next(n for n in gm.graph.nodes if n.op == "output").args
+    s = placeholder.meta["val"].shape[0]
+    assert mask_rule(out, s, s) == CAUSAL  # the same graph with no write: read as the triangle
+    [buffer] = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    with gm.graph.inserting_after(buffer):
+        gm.graph.call_function(torch.ops.aten.fill_.Scalar, (buffer, 1.0))
+    gm.recompile()
+    assert mask_rule(out, s, s) is None
+    assert bool(gm(torch.empty(5)).all())  # what the graph computes: every key kept
+
+
 @pytest.mark.parametrize("build", [
     lambda s: ~torch.triu(_ones(s)),                                  # triu(0) hidden: the own key too
     lambda s: ~torch.triu(_ones(s), 2),                               # one key ahead seen

@@ -249,8 +249,8 @@ def _validated_lengths(
     if bad.size:
         s = int(bad[0])
         raise ValueError(f"seqlens_kv must be >= 0: sequence {s} has {int(kv[s])}")
-    bad = np.flatnonzero(n > kv) if not more_queries_than_keys else np.zeros(0, dtype=np.int64)
-    if bad.size:
+    bad = np.flatnonzero(n > kv)
+    if bad.size and not more_queries_than_keys:
         s = int(bad[0])
         raise ValueError(
             f"sequence {s} has {int(n[s])} query rows but only {int(kv[s])} KV positions: the new "

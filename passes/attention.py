@@ -32,7 +32,8 @@ its bias, with any term the mask adds on the keys it keeps (Falcon's ALiBi, `[B,
 under an eager mask (`finfo.min`), the query rows the padding term leaves no key get V's mean
 after the call, as eager's softmax of equal scores gives them.
 Variants the kernel does not implement (dropout, a used log-sum-exp output, `is_causal` with
-different query and key lengths, head dims that differ between K and V) are left as they are,
+different query and key lengths, head dims that differ between Q and K) are left as they are
+(K and V of different head dims run at one size, the narrower zero-padded: `head_size_padded`),
 with the reason in the report; so is a manual attention with anything else between the two
 matmuls (a soft cap over a bias inside the product, for one), and soft-capping, sinks or ALiBi
 on a target whose kernel lacks them.

@@ -65,8 +65,8 @@ class Config:
             bucket (powers of two from 16 to the first at or above `max_tokens`) and input
             signature as a CUDA graph and replay it (a step whose padded rows could reach real
             ones: at each token count up to 32, unpadded); in a serving program
-            (`build_stage_program`), each dense stage between two attentions. Off by default until
-            it has run on a GPU.
+            (`build_stage_program`), each dense stage between two attentions. Off by default (on a
+            GPU it has run only in `tests/test_gpu.py` and `bench/e2e.py`).
     """
 
     target: str = "auto"
@@ -318,7 +318,7 @@ def current_config() -> Config:
     if config is not None:
         return config
     # Eager op calls ask for this on every call: parse the environment only when one of the
-    # config variables changed (reading ten known keys is far cheaper than scanning os.environ).
+    # config variables changed (reading the known keys is far cheaper than scanning os.environ).
     env = tuple((k, os.environ.get(k)) for k in _ENV_KEYS)
     if _ENV_CONFIG is None or _ENV_CONFIG[0] != env:
         _ENV_CONFIG = (env, Config.from_options())

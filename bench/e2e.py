@@ -183,6 +183,61 @@ def serving_engine(program, scale: Scale, *, num_blocks: int, slots: int, budget
     return engine
 
 
+def warmup_entries(tokens: int, context: int, vocab: int):
+    """A warm-up step of `tokens` tokens: `tokens // 2` decodes at `context` (sharing the blocks
+    before their last, so thousands fit a small cache) beside one prompt chunk of the rest (from
+    position 0), or one decode for a 1-token step. Returns (entries, blocks used)."""
+    from tileflow.serving import Entry, Request
+
+    decodes = max(tokens // 2, 1)
+    shared = list(range((context - 1) // BLOCK))  # every decode's blocks but its last
+    entries, next_block = [], len(shared)
+    for i in range(decodes):
+        request = Request(i, [0] * context, 1)
+        request.blocks, next_block = shared + [next_block], next_block + 1
+        entries.append(Entry(request, [i % vocab], context - 1, "decode"))
+    chunk = tokens - decodes
+    if chunk:
+        request = Request(decodes, [0] * chunk, 1)
+        need = -(-chunk // BLOCK)
+        request.blocks, next_block = list(range(next_block, next_block + need)), next_block + need
+        entries.append(Entry(request, [t % vocab for t in range(chunk)], 0, "prefill"))
+    return entries, next_block
+
+
+def warm_up(program, scale: Scale, nano: int = 1) -> int:
+    """Run `program` once at each step size whose kernels or CUDA graphs no smaller step uses
+    (`tileflow.distributed.warmup_token_counts`, up to the step budget): each GEMM kernel's
+    Triton compile and each graph bucket's capture, before a timed run. The steps mix decodes
+    (alternately at a context whose page count is a multiple of 16 and at one whose count is not:
+    Triton specializes the attention kernel on the block table's row stride) with a prompt chunk,
+    so both attention tile heights run, split over the KV or not. With `nano` > 1 instead: one
+    mixed step through the nano-batched path (its kernels are the program's, compiled by the
+    warm-up without). Returns the steps run."""
+    import random
+
+    import torch
+
+    from tileflow.distributed import warmup_token_counts
+
+    if nano > 1:
+        steps = [mixed_entries(min(scale.budget, 2 * scale.chunk), random.Random(1), scale)]
+    else:
+        long = -(-scale.contexts[0] // (16 * BLOCK)) * 16 * BLOCK  # a multiple of 16 pages
+        counts = warmup_token_counts(program, scale.budget)
+        if counts[-1] < 64 <= scale.budget or counts[-1] < scale.budget < 64:
+            # A step of 64 tokens holds a 32-token prompt chunk, which runs the prefill-sized
+            # attention tile beside the decodes' decode-sized one (a program whose GEMMs and
+            # graphs need no step of 34 tokens or more would otherwise never run it).
+            counts.append(min(64, scale.budget))
+        steps = [warmup_entries(t, long if i % 2 == 0 else long - BLOCK - 1, scale.vocab) for i, t in enumerate(counts)]
+    engine = serving_engine(program, scale, num_blocks=max(b for _, b in steps), slots=1, nano=nano)
+    with torch.no_grad():
+        for entries, _ in steps:
+            engine.forward(entries)
+    return len(steps)
+
+
 def trace_requests(count: int, prompt: int, output: int, vocab: int, seed: int = 0):
     """`count` requests with random `prompt`-token prompts, each asking for `output` tokens."""
     import random
@@ -360,17 +415,19 @@ def trace_part(programs: dict, count: int, bound: float, scale: Scale, failures:
                   "is the bottleneck; near 0: the host); every method "
                   f"overlaps each step's host work with the previous step on the device, except \"{IN_TURN}\"")
 
+    warmed: set[tuple[str, int]] = set()  # (program, nano-batches) warmed up
     for prompt, output in scale.traces:
         blocks = count * -(-(prompt + output) // BLOCK) + 64
         generated = {}
         for name, (program_name, nano) in TRACE_METHODS.items():
-            def serve(program=programs[program_name], name=name, nano=nano):
+            def serve(program=programs[program_name], name=name, nano=nano, program_name=program_name):
                 overlap = name != IN_TURN
-                # Warm-up runs compile what the steps need: one token (sizes 1 are specialized),
-                # and many tokens (one graph for every other size).
-                for warmup in (1, 4):
-                    serving_engine(program, scale, num_blocks=64, slots=4, nano=nano).run(
-                        trace_requests(warmup, 40, 3, scale.vocab, seed=1))
+                # Untimed steps at every size whose kernels or graphs no smaller step uses (sizes 1
+                # are specialized; each GEMM plan piece is compiled and each graph bucket captured
+                # at first use), once per program and nano-batching: not inside the timed trace.
+                for key in [k for k in dict.fromkeys([(program_name, 1), (program_name, nano)]) if k not in warmed]:
+                    warmed.add(key)
+                    warm_up(program, scale, key[1])
                 engine = serving_engine(program, scale, num_blocks=blocks, slots=count, nano=nano, overlap=overlap)
                 requests = trace_requests(count, prompt, output, scale.vocab)
                 with torch.no_grad():

@@ -1078,10 +1078,14 @@ def test_e2e_trace_rows_processed_and_generated_rates_latencies_and_agreement(mo
             return _trace_metrics(0.5 if self.program == "ATen" else 0.25)
 
     monkeypatch.setattr(e2e, "serving_engine", lambda program, scale, **kw: Engine(program, kw))
+    warmed = []  # each program's warm-up steps once, and the nano-batched path's once more, before its timed runs
+    monkeypatch.setattr(e2e, "warm_up", lambda program, scale, nano=1: warmed.append((program, nano, len(engines))))
     programs = {name: name for name in e2e.SERVING_PROGRAMS}
     failures: list[str] = []
     text = e2e.trace_part(programs, 3, 1000.0, scale, failures)
     assert failures == []
+    assert warmed == [("ATen", 1, 0), ("Inductor", 1, 1), ("tileflow", 1, 2), ("tileflow", 2, 3),
+                      ("tileflow+graphs", 1, 4)]
     timed = [(p, kw) for p, kw, shapes in engines if kw["slots"] == 3]
     assert [shapes for p, kw, shapes in engines if kw["slots"] == 3] == [[(12, 5)] * 3] * len(e2e.TRACE_METHODS)
     assert all(kw["num_blocks"] == 3 * 2 + 64 for _, kw in timed)
@@ -1092,6 +1096,68 @@ def test_e2e_trace_rows_processed_and_generated_rates_latencies_and_agreement(mo
     assert rows["tileflow"] == ["3 x 12/5", "tileflow", "10", "204", "48", "20%", "30", "5.3", "25%", "3/3"]
     assert rows["tileflow+nano"][-1] == "2/3"
     assert set(rows) == set(e2e.TRACE_METHODS)
+
+
+# 20 requests of 512/8, as on the GPU: 4096-token steps (8 prompts), mixed steps, then 20-token
+# decode steps; of 24/8 (extended): a 480-token step (the 512 bucket), then the decodes.
+@pytest.mark.parametrize("prompt", [512, pytest.param(24, marks=pytest.mark.extended)])
+def test_e2e_trace_timed_runs_launch_no_kernel_first_and_capture_no_graph(monkeypatch, prompt: int) -> None:
+    """Under the GPU's step budget (4096 tokens, programs built for 4096), every method's timed
+    trace launches no kernel for the first time (a Triton compile on the GPU: a GEMM plan piece's
+    kernel, an attention tile height) and captures no CUDA graph (`ReplayOnCpu` stands in): the
+    warm-up ran each step size and tile height that needs one. Warm-ups of 1 and 4 requests of
+    40/3 left the GEMM kernel of 17-32-token steps and the 32-token bucket to the timed run (and
+    at 24/8 the 512 bucket)."""
+    import dataclasses
+
+    import torch
+    from graph_doubles import ReplayOnCpu
+
+    import tileflow.runtime.attention as attention_runtime
+    from tileflow import runtime
+    from tileflow.runtime import streams
+    from tileflow.serving import ServingEngine
+
+    e2e = _bench_module("e2e", monkeypatch)
+    monkeypatch.setattr(streams, "GRAPH_FACTORY", ReplayOnCpu)
+    monkeypatch.setattr(ReplayOnCpu, "captures", 0)
+    launched: set = set()
+    firsts: list[str] = []
+    get_kernel = runtime.get_kernel
+
+    class Recorded:  # a kernel whose first launch in this test is noted
+        def __init__(self, kernel, spec):
+            self.kernel, self.spec = kernel, spec
+
+        def __call__(self, *args, **kwargs):
+            if self.spec not in launched:
+                launched.add(self.spec)
+                firsts.append(self.spec.name)
+            return self.kernel(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "get_kernel", lambda target, spec, *a: Recorded(get_kernel(target, spec, *a), spec))
+    attention_runtime._attention_kernel.cache_clear()  # (it holds kernels got before the wrapper)
+    timed = []  # (program, captures, kernels launched first) of each ServingEngine.run: the timed runs
+    run = ServingEngine.run
+
+    def counted_run(self, requests=(), **kw):
+        captures, first = ReplayOnCpu.captures, len(firsts)
+        metrics = run(self, requests, **kw)
+        timed.append((self.scheduler.decode_slots, ReplayOnCpu.captures - captures, firsts[first:]))
+        return metrics
+
+    monkeypatch.setattr(ServingEngine, "run", counted_run)
+    # (tileflow+graphs runs tileflow's GEMMs, captured: the tileflow method would add nothing)
+    names = ("ATen", "tileflow+graphs")
+    monkeypatch.setattr(e2e, "TRACE_METHODS", {name: (name, 1) for name in names})
+    scale = dataclasses.replace(e2e.SMOKE, traces=((prompt, 8),), budget=4096)
+    programs = e2e.serving_programs(_tiny_llama(), max_tokens=4096, names=names)
+    failures: list[str] = []
+    with torch.no_grad():
+        e2e.trace_part(programs, 20, 1e9, scale, failures)
+    assert failures == []
+    assert [(slots, captures, kernels) for slots, captures, kernels in timed if slots == 20] == [(20, 0, [])] * 2
+    assert ReplayOnCpu.captures > 0 and firsts  # the warm-ups did capture and launch
 
 
 def test_attention_softcap_rows_count_gemma_kv_bytes_flops_and_ratios(monkeypatch, tmp_path) -> None:

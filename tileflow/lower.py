@@ -118,6 +118,17 @@ def grouped_gemm_spec(
     )
 
 
+# Where a GEMM op's `plan` sits among its positional arguments (ops.py's schemas).
+_PLAN_ARG = {"padded_gemm": 6, "grouped_gemm": 5}
+
+
+def gemm_plan_text(node: fx.Node) -> str:
+    """The encoded tile plan of a `tileflow::padded_gemm` or `tileflow::grouped_gemm` node, or ""
+    for a call the user wrote (its plan is chosen at run time)."""
+    at = _PLAN_ARG[node.target._opname]
+    return node.kwargs.get("plan") or (node.args[at] if len(node.args) > at else "") or ""
+
+
 def grouped_gemm_specs_for_node(node: fx.Node, plan: TilePlan) -> list[KernelSpec]:
     """One spec per config of `plan`, for a `tileflow::grouped_gemm` node."""
     names = ("activation", "out_dtype", "plan", "target", "bias", "alpha", "limit")
@@ -222,12 +233,12 @@ def lower_graph(gm: fx.GraphModule, ctx: PassContext, target: str, *, emit_only:
     for node in gm.graph.nodes:
         node_specs: list[KernelSpec] = []
         if node.op == "call_function" and node.target is torch.ops.tileflow.padded_gemm.default:
-            plan_text = node.kwargs.get("plan") or (node.args[6] if len(node.args) > 6 else "")
+            plan_text = gemm_plan_text(node)
             if not plan_text:
                 continue  # a call the user wrote: its plan and target are chosen at run time
             node_specs = gemm_specs_for_node(node, decode_plan(plan_text))
         elif node.op == "call_function" and node.target is torch.ops.tileflow.grouped_gemm.default:
-            plan_text = node.kwargs.get("plan") or (node.args[5] if len(node.args) > 5 else "")
+            plan_text = gemm_plan_text(node)
             if not plan_text:
                 continue  # as above: a call the user wrote
             node_specs = grouped_gemm_specs_for_node(node, decode_plan(plan_text))

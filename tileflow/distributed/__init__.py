@@ -15,7 +15,7 @@ from .attention_worker import AttentionWorker, LayerShard
 from .kv_cache import PagedKVCache
 from .layout import BatchShape, Layout, replica_of, work_items
 from .model_worker import Batch, ModelWorker, abort_run
-from .program import CausalLMStep, build_stage_program, build_stage_programs, init_distributed
+from .program import CausalLMStep, build_stage_program, build_stage_programs, init_distributed, warmup_token_counts
 from .transport import PeerError, RunAborted, Transport
 
 __all__ = [
@@ -35,5 +35,6 @@ __all__ = [
     "build_stage_programs",
     "init_distributed",
     "replica_of",
+    "warmup_token_counts",
     "work_items",
 ]

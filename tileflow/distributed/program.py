@@ -431,6 +431,72 @@ class GraphedStage:
         return self.graphs(*[a for i, a in enumerate(args) if i not in self._fixed])
 
 
+def warmup_token_counts(program: Any, max_tokens: int | None = None) -> list[int]:
+    """The step sizes (token counts, ascending, up to `max_tokens` and the program's own bound)
+    at which a step of `program` first runs something that smaller steps did not: 1 and 2 (a
+    compiled stage specializes size 1; every other count shares one graph), the first count of
+    each tile-plan piece of its tileflow GEMMs that runs a kernel no earlier piece of the plan runs
+    (Triton compiles a kernel at its first launch; a grouped GEMM's pieces are over its expected
+    rows per expert), and the first count of each CUDA-graph bucket of its graphed stages
+    (captured at first use).
+
+    A warm-up that runs one step of each count leaves no GEMM compile and no capture to later
+    steps of up to `max_tokens` tokens. What a step's attention launches depends on its batch
+    layout (decode-sized and prefill-sized tiles), not on these counts: the warm-up's steps
+    should mix prompt chunks with decodes."""
+    from ..lower import gemm_plan_text
+    from ..passes.nanobatch import token_symbol
+    from ..runtime import decode_plan, expected_group_rows
+
+    bound = min((b for b in (max_tokens, program.max_tokens) if b is not None), default=None)
+    starts = {1, 2}  # size 1, and every other count
+    for stage in program.dense:
+        module = stage.module.module if isinstance(stage.module, GraphedStage) else stage.module
+        if isinstance(stage.module, GraphedStage):
+            previous = 0
+            for bucket in stage.module.graphs.buckets:
+                starts.add(previous + 1)
+                previous = bucket
+        found = token_symbol(module)  # (a compiled stage reads through to its graph)
+        if found is None:
+            continue
+        for node in module.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target is torch.ops.tileflow.padded_gemm.default:
+                experts = None
+            elif node.target is torch.ops.tileflow.grouped_gemm.default:
+                experts = int(node.args[1].meta["val"].shape[0])
+            else:
+                continue
+            text = gemm_plan_text(node)
+            rows = node.args[0].meta["val"].shape[0]
+            if not text or not isinstance(rows, torch.SymInt):
+                continue  # planned at run time, or rows that no token count changes
+
+            def key(tokens: int, rows: Any = rows, experts: int | None = experts, symbol: Any = found[0]) -> int:
+                m = int(rows.node.expr.xreplace({symbol: tokens}))
+                return m if experts is None else expected_group_rows(m, experts)
+
+            plan = decode_plan(text)
+            top = bound if bound is not None else plan.m_max
+            for plan_ in (plan, *plan.segment_plans):
+                # A piece whose kernel an earlier piece runs compiles nothing new (a split
+                # factor is a launch argument of one split kernel).
+                firsts: dict[Any, Any] = {}
+                for piece in plan_.pieces:
+                    firsts.setdefault(piece.kernel_variant, piece)
+                for piece in firsts.values():
+                    if piece.lo <= key(1) or key(top) < piece.lo:
+                        continue  # reached by the first step, or by none
+                    lo, hi = 1, top  # the fewest tokens whose rows reach the piece (rows grow with tokens)
+                    while lo < hi:
+                        mid = (lo + hi) // 2
+                        lo, hi = (mid + 1, hi) if key(mid) < piece.lo else (lo, mid)
+                    starts.add(lo)
+    return sorted(t for t in starts if bound is None or t <= bound)
+
+
 def init_distributed(
     timeout_s: float, model_workers: int = 1, device: str = "cpu",
 ) -> tuple[Layout, Transport]:

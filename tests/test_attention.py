@@ -2945,3 +2945,29 @@ def test_attention_sinks_of_any_shape_holding_one_logit_per_head_are_taken(shape
     compiled = torch.compile(with_sinks, backend=tileflow.TileflowBackend({"target": "reference"}, report=report))
     torch.testing.assert_close(compiled(q, k, v), with_sinks(q, k, v), rtol=1e-5, atol=1e-5)
     assert report.rewrites.get("attention_sinks") == 1 and not report.fallbacks, report.fallbacks
+
+
+def _cross_alibi(x, y, w):
+    """Cross-attention with an ALiBi bias (slope * key position, slopes from numbers) added to
+    the scaled scores, no mask: the kernel's ALiBi reads the queries' positions."""
+    q, k, v = _projected(x, y, w)
+    slopes = torch.pow(torch.full((), 0.5), torch.arange(1, 3, dtype=torch.int32))  # [2]
+    term = slopes[:, None, None] * torch.arange(y.shape[1])  # [2, 1, S_kv]
+    return torch.softmax(q @ k.transpose(-1, -2) * 8**-0.5 + term, dim=-1) @ v
+
+
+def test_cross_attention_under_alibi_is_left_alone_when_the_queries_may_outnumber_the_keys() -> None:
+    """ALiBi is read per query position (slope * (j - p), p = S_kv - S + i), so the dense op
+    refuses more queries than keys with it: a manual ALiBi attention whose lengths are unordered
+    symbols stays as it was, with the reason naming ALiBi, and equals eager at every call (taken,
+    a call with S > S_kv raised 'with alibi_slopes' at run time)."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 48)
+    report = tileflow.Report()
+    options = {"target": "reference", "passes": ["canonicalize", "attention"]}
+    compiled = torch.compile(_cross_alibi, backend=tileflow.TileflowBackend(options, report=report), dynamic=True)
+    for s, n in ((7, 4), (3, 5), (12, 5)):
+        x, y = torch.randn(2, s, 16), torch.randn(2, n, 16)
+        torch.testing.assert_close(compiled(x, y, w), _cross_alibi(x, y, w), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites, report.rewrites
+    assert any("under ALiBi" in f.reason for f in report.fallbacks), [f.reason for f in report.fallbacks]

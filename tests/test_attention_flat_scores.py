@@ -162,3 +162,51 @@ def test_flattened_scores_whose_heads_no_view_shows_fall_back() -> None:
         torch.testing.assert_close(compiled(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
     assert "meta_attention" not in report.rewrites
     assert any("no view shows the batch and head counts" in f.reason for f in report.fallbacks), report.fallbacks
+
+
+def _split_queries(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """q, k and v of [B, H, S, D] flattened to [B * H * 2, S / 2, D]: each half of a head's
+    queries meets only the same half of its keys (block-diagonal attention, not q's heads')."""
+    b, s, _ = x.shape
+    q, k, v = (t.reshape(b * H * 2, s // 2, D) for t in (x @ w).view(b, s, 3, H, D).permute(2, 0, 3, 1, 4))
+    p = (torch.bmm(q, k.transpose(1, 2)) * 0.3).softmax(-1)
+    return torch.bmm(p, v).reshape(b, H, s, D)
+
+
+def test_flattened_scores_of_another_split_of_q_rows_are_left_as_they_were() -> None:
+    """The flattened scores' shape is checked against q's [B, H, S, D] view: q, k and v split
+    into B * H * 2 rows of S / 2 positions still look like q's heads behind their views (and P @ V
+    is restored to [B, H, S, D]), but each half of the queries sees half the keys. Read as q's
+    heads, every query would see every key: left as it was, with the reason."""
+    w = torch.randn(E, 3 * H * D) / 6
+    compiled, report = _compiled(lambda x: _split_queries(x, w))
+    for b, s in ((2, 8), (3, 12), (2, 16)):
+        x = torch.randn(b, s, E)
+        torch.testing.assert_close(compiled(x), _split_queries(x, w), rtol=1e-5, atol=1e-5)
+    assert "meta_attention" not in report.rewrites, report.rewrites
+    assert any("the flattened scores are" in f.reason for f in report.fallbacks), [f.reason for f in report.fallbacks]
+
+
+def _flat_cross(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Cross-attention over flattened scores (BART's and Whisper's older eager code): q from x,
+    k and v from y, each [B * H, S | S_kv, D]."""
+    b, s, n = x.shape[0], x.shape[1], y.shape[1]
+    q = (x @ w[:, :H * D]).view(b, s, H, D).transpose(1, 2).reshape(b * H, s, D)
+    k = (y @ w[:, H * D:2 * H * D]).view(b, n, H, D).transpose(1, 2).reshape(b * H, n, D)
+    v = (y @ w[:, 2 * H * D:]).view(b, n, H, D).transpose(1, 2).reshape(b * H, n, D)
+    p = (torch.bmm(q, k.transpose(1, 2)) * D**-0.5).softmax(-1)
+    return torch.bmm(p, v).reshape(b, H, s, D)
+
+
+def test_flattened_cross_attention_becomes_meta_attention() -> None:
+    """Flattened scores of q's S queries over y's S_kv keys (more, fewer and as many): the
+    scores' [B * H, S, S_kv] shape is q's rows and k's keys, one meta_attention, equal to eager,
+    one graph (no rule reads the queries' positions, so their order does not matter)."""
+    torch.manual_seed(0)
+    w = torch.randn(E, 3 * H * D) / 6
+    compiled, report = _compiled(_flat_cross)
+    for s, n in ((7, 4), (3, 5), (12, 5), (6, 6)):
+        x, y = torch.randn(2, s, E), torch.randn(2, n, E)
+        torch.testing.assert_close(compiled(x, y, w), _flat_cross(x, y, w), rtol=1e-5, atol=1e-5)
+    assert len(report.graphs) == 1 and report.recompiles == 0
+    assert report.rewrites.get("meta_attention") == 1 and not report.fallbacks, (report.rewrites, report.fallbacks)

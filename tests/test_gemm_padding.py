@@ -1266,3 +1266,43 @@ def test_projections_whose_norms_upcast_them_still_fuse_as_siblings() -> None:
                                        rtol=2e-2, atol=2e-2)
     assert len(report.graphs) == 1 and not report.fallbacks, report.fallbacks
     assert report.rewrites["fused_siblings"] == 4 and report.rewrites["padded_gemm"] == 9, report.rewrites
+
+
+def test_a_static_export_takes_a_bmm_over_stacked_parameters() -> None:
+    """An exported program holds the module's parameters as attributes (`get_attr`), not as
+    inputs: in a static export (no Dim, no symbolic size) a bmm over a stacked parameter is still
+    told from the tokens' and becomes a batched grouped GEMM, equal to eager."""
+    class Experts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(EXPERT_W.clone())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(x.repeat(3, 1).view(3, -1, 16), self.w).sum(0)
+
+    model, x = Experts().eval(), torch.randn(5, 16)
+    with torch.no_grad():
+        archive = tileflow.export_model(model, (x,), options={"target": "reference"})
+        torch.testing.assert_close(archive.program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+    assert archive.report.rewrites.get("grouped_gemm") == 1, (archive.report.rewrites, archive.report.fallbacks)
+
+
+def test_verify_takes_a_static_bmm_over_stacked_parameters_as_a_plain_compile_does() -> None:
+    """verify=True compiles at the first call, after AOTAutograd's tracing context is gone: the
+    parameters read while it compiled reach that compile too, so a static bmm over the module's
+    stacked weights is the same batched grouped GEMM as without verify, equal to eager."""
+    class Experts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(EXPERT_W.clone())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(x.repeat(3, 1).view(3, -1, 16), self.w).sum(0)
+
+    torch._dynamo.reset()
+    model, x, report = Experts().eval(), torch.randn(5, 16), tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"target": "reference", "verify": True},
+                                                                     report=report), dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert report.rewrites.get("grouped_gemm") == 1, (report.rewrites, report.fallbacks)

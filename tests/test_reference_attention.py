@@ -762,3 +762,16 @@ def test_dense_op_runs_more_queries_than_keys_without_a_positional_rule(dtype: t
     q = torch.randn(2, 4, 3, 16, dtype=dtype)
     empty = torch.ops.tileflow.meta_attention(q, q[:, :2, :0], q[:, :2, :0], None, False, None, "reference")
     assert torch.equal(empty, torch.zeros_like(q))
+
+
+def test_a_tree_mask_without_the_causal_rule_runs_on_the_task_table() -> None:
+    """A tree mask without causality (a spec the kernels support: each tile spans its whole KV
+    length) runs task by task like any other, with split-KV merges: equal to the dense
+    reference and the oracle. (The executor's metadata check must not take such a call for
+    one with more queries than keys, which refuses a tree mask.)"""
+    batch = make_batch(["verify", "prefill", "verify"], num_q_heads=2, num_kv_heads=1, head_dim=16, block_size=5,
+                       dtype=torch.float32, seed=11, tree_size=5, max_len=45)
+    assert batch["tree_mask"] is not None
+    tiled, dense, oracle, table = run_all(batch, causal=False, window=None, block_q=2, num_programs=4, kv_split=16)
+    assert table.merges.shape[0] > 0
+    assert_all_close(tiled, dense, oracle, torch.float32)

@@ -498,3 +498,16 @@ def test_a_boolean_metadata_tensor_is_refused_like_a_boolean_list() -> None:
     for kv in ([True], torch.tensor([True])):
         with pytest.raises(ValueError, match="seqlens_kv must hold integers"):
             build_task_table([0, 1], kv, num_q_heads=1, num_kv_heads=1, block_q=1, num_programs=1)
+
+
+def test_more_queries_than_keys_is_refused_with_a_tree_mask() -> None:
+    """`check_metadata(more_queries_than_keys=True)` refuses a tree mask as it refuses the causal
+    rule (its docstring says both): a tree mask is over the new tokens, the last n_s of the L_s
+    keys, whose positions more queries than keys would put before every key."""
+    from tileflow.tasks import check_metadata
+
+    q, cache = torch.zeros(9, 2, 4), torch.zeros(1, 4, 2, 4)
+    args = (q, cache, cache, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0, 9], dtype=torch.int32),
+            torch.tensor([4], dtype=torch.int32), torch.ones(1, 9, 9, dtype=torch.bool).tril())
+    with pytest.raises(ValueError, match=r"more_queries_than_keys needs causal=False and no tree_mask"):
+        check_metadata(*args, causal=False, more_queries_than_keys=True)

@@ -19,8 +19,15 @@ The search's cost per token row: a GEMM's FLOPs and bytes, and its weights once 
 attention's share of its sequence's K/V and its FLOPs per key seen, at the graph's example sizes
 (`_attention_profile`); a collective's bytes over the interconnect.
 
+A batch of several sequences (`[B, S]` ids, both sizes symbolic) has no token dim in its GEMMs,
+whose rows are `B*S`: with an integer k the step splits over whole sequences instead
+(`_batch_symbol`), each nano-batch some of the B sequences. A value's split dim is then the one
+whose size is B times an expression of the input sizes (its rows per sequence: 1, or S for the
+GEMMs' rows; the runtime cuts it at multiples of that), and attention is token-wise too (each
+sequence attends to its own keys). The token symbol stays what CUDA graphs bucket.
+
 `Config.nano_batches`: 1 leaves the graph alone; an integer k >= 2 forces a k-way split of every
-step (k is capped by the token count); `"auto"` lets `tileflow.search` choose k and the sizes per
+step (k is capped by the token or sequence count); `"auto"` lets `tileflow.search` choose k and the sizes per
 token count from the device table, and not split below its threshold. The pass annotates each
 node (`node.meta["tileflow"]["nano"]`), puts the plan on the graph module and the schedule for the
 example token count in the report (kind `nano_batch`).
@@ -116,8 +123,20 @@ class NanoBatchPlan:
     profile: list[OpProfile] = field(default_factory=list)
     device: Any = None
     graph: str = ""  # `graph_structure` of the graph the plan splits (a later pass may change it)
+    # Split over whole sequences (`_batch_symbol`): where to read the sequence count, which the
+    # sizes and schedule rows count (None: the token count at `token_input`, which CUDA graphs
+    # bucket either way). A split value's dim then holds `row_scales[name]` rows per sequence (an
+    # expression in the input symbols at `symbol_inputs`; absent: 1), as a GEMM's `B*S` rows do.
+    split_input: tuple[int, int] | None = None
+    row_scales: dict[str, Any] = field(default_factory=dict)
+    symbol_inputs: dict[Any, tuple[int, int]] = field(default_factory=dict)
     # token count -> search result: the search is deterministic, run once per count met.
     _searched: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def count_input(self) -> tuple[int, int]:
+        """(placeholder index, dim) of the count the split cuts: sequences or tokens."""
+        return self.split_input if self.split_input is not None else self.token_input
 
     def sizes(self, tokens: int) -> list[int]:
         """Nano-batch sizes for a step of `tokens` tokens (one size: no split)."""
@@ -156,8 +175,8 @@ class NanoBatchPlan:
         it is not split or there is no cost model). With "auto" it is drawn at the SM share the
         search chose, so it shows the plan the runtime runs and ends at the plan's makespan."""
         sizes = self.sizes(tokens)
-        if len(sizes) < 2 or not self.profile or self.device is None:
-            return None
+        if len(sizes) < 2 or not self.profile or self.device is None or self.split_input is not None:
+            return None  # (the profile costs token rows; a split over sequences counts sequences)
         # The searched share, not a fixed one the search may not even try (the report drew every
         # "auto" plan at 0.6). A fixed k runs without an SM partition, which the model cannot
         # express, so it keeps 0.6; so does a profile without both compute and memory (unused).
@@ -177,8 +196,22 @@ def _dim_arg(node: fx.Node, default: int = 0) -> int:
     return dim
 
 
-def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
-    """Each output row reads only the same row of the token-carrying inputs."""
+@dataclass(frozen=True)
+class _SequenceRows:
+    """A split over whole sequences (`_batch_symbol`): the values that hold the batch count outside
+    one split dim (a tensor with it in two dims, or not as a factor; a SymInt computed from it),
+    which no nano-batch may read whole."""
+
+    tangled: frozenset[str]
+
+
+# Ops whose shape argument (args[1]) holds the split dim's size (the runtime rewrites it).
+_SHAPED = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}
+
+
+def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRows | None = None) -> bool:
+    """Each output row reads only the same row of the token-carrying inputs (with `seqs`: each
+    sequence's rows only that sequence's rows)."""
     out_dim = dims.get(node.name)
     if out_dim is None or node.op != "call_function":
         return False
@@ -187,6 +220,18 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
     if not ins:
         return False  # nothing to slice: computed whole
     name = op_name(node)
+    if seqs is not None:
+        # A nano-batch would read such a value whole beside its own sequences' rows; a view's
+        # size at the split dim (`B*S`) is the one the runtime sets per nano-batch.
+        shape = node.args[1] if target in _SHAPED and len(node.args) > 1 else ()
+        sized = shape[out_dim] if isinstance(shape, (list, tuple)) and out_dim < len(shape) else None
+        if any(a.name in seqs.tangled and a is not sized for a in node.all_input_nodes):
+            return False
+        if name == "meta_attention":
+            # Each sequence attends to its own keys: q, k, v (and a mask or its ranges, when they
+            # are per sequence) split along the batch dim; the rest is shared.
+            return out_dim == 0 and dims.get(node.args[0].name) == 0 and all(
+                dims.get(a.name) in (0, None) for a in node.all_input_nodes)
     if name == "padded_gemm":
         return dims.get(node.args[0].name) == 0
     if target in (aten.linear.default, aten.mm.default):
@@ -198,7 +243,7 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
         # when the tuple op itself splits: a whole one (a split along the token dim of a longer
         # tensor, whose items carry the tokens) is one tuple, which has no rows to narrow.
         src = node.args[0]
-        return isinstance(src, fx.Node) and dims.get(src.name) == out_dim and _is_token_wise(src, dims)
+        return isinstance(src, fx.Node) and dims.get(src.name) == out_dim and _is_token_wise(src, dims, seqs)
     if target is aten.native_layer_norm.default:
         # Normalizes over the trailing len(normalized_shape) dims: each row alone when the token
         # dim lies before them.
@@ -218,9 +263,12 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None]) -> bool:
         src_dim = dims.get(src.name) if isinstance(src, fx.Node) else None
         if src_dim is None:
             return False
+        # Over sequences the split dim may change its length (`[B*S, N] -> [B, S, N]`): with the
+        # elements before it alike, each sequence's elements stay one block, as the same share of
+        # the elements after (a dim holding the batch count only as a factor).
         sv, ov = meta_val(src), meta_val(node)
         return (statically_known_true(math.prod(sv.shape[:src_dim]) == math.prod(ov.shape[:out_dim]))
-                and statically_known_true(sv.shape[src_dim] == ov.shape[out_dim]))
+                and (seqs is not None or statically_known_true(sv.shape[src_dim] == ov.shape[out_dim])))
     if target in (aten.squeeze.dim, aten.squeeze.dims):
         # Squeezing the token dim is a no-op at T >= 2 but drops the dim of a 1-row nano-batch.
         src = node.args[0]
@@ -465,13 +513,26 @@ class NanoBatch:
                                      "as the sequence on the first call: Dynamo sized both alike), so rows cannot be "
                                      "told apart; mark the dims dynamic separately")
             return result
-        dims: dict[str, int | None] = {n.name: _token_dim_of(n, token) for n in gm.graph.nodes}
+        # A batch of several sequences (`[B, S]` ids, B symbolic) splits over whole sequences: its
+        # GEMMs' rows are `B*S`, no token dim, and would all run whole. "auto" stays along the
+        # tokens: the search costs token rows.
+        batch = _batch_symbol(gm, token) if setting != "auto" else None
+        seqs, scales, symbols = None, {}, {}
+        if batch is None:
+            dims: dict[str, int | None] = {n.name: _token_dim_of(n, token) for n in gm.graph.nodes}
+        else:
+            symbols = _input_symbols(gm)
+            rows = {n.name: _sequence_rows_of(n, batch, symbols) for n in gm.graph.nodes}
+            dims = {name: r[0] if r is not None else None for name, r in rows.items()}
+            scales = {name: r[1] for name, r in rows.items() if r is not None and r[1] != 1}
+            seqs = _SequenceRows(frozenset(n.name for n in gm.graph.nodes
+                                           if rows[n.name] is None and _mentions(meta_val(n), batch)))
         split: dict[str, bool] = {}
         specs, edges, profile = [], [], []
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            split[node.name] = _is_token_wise(node, dims)
+            split[node.name] = _is_token_wise(node, dims, seqs)
             specs.append(OpSpec(node.name, op_name(node), resource_of(node)))
             for src in node.all_input_nodes:
                 if src.op == "call_function":
@@ -493,6 +554,8 @@ class NanoBatch:
             return result
         device, why = _device(ctx)
         plan = NanoBatchPlan(setting, where, dims, split, specs, edges, profile, device)
+        if batch is not None:
+            plan.split_input, plan.row_scales, plan.symbol_inputs = symbols[batch], scales, symbols
         if setting == "auto" and device is None:
             result.fallback("graph", f"nano_batches='auto' runs the split search, which needs a CUDA device's figures, "
                                      f"and {why}: not split (an integer nano_batches >= 2 forces a split)")
@@ -503,14 +566,19 @@ class NanoBatch:
         plan.graph = graph_structure(gm)
         gm.meta["tileflow_nanobatch"] = plan
 
-        example = _example_tokens(ctx, token)
+        example = _example_tokens(ctx, token if batch is None else batch)
         info: dict[str, Any] = {"setting": setting, "token_symbol": str(token), "split_ops": sum(split.values()),
-                                "whole_ops": len(split) - sum(split.values())}
+                                "whole_ops": len(split) - sum(split.values()),
+                                "split_over": "tokens" if batch is None else "sequences"}
+        if batch is not None:
+            info["batch_symbol"] = str(batch)
         if example is not None:
             sizes = plan.sizes(example)
             schedule = plan.schedule(sizes)
             check_schedule(schedule, {s.name: (0, example) for s in specs}, edges)
-            info.update(example_tokens=example, sizes=sizes, schedule=schedule.to_dict())
+            # (Over sequences the sizes and the schedule's rows count sequences.)
+            info.update({"example_tokens" if batch is None else "example_sequences": example}, sizes=sizes,
+                        schedule=schedule.to_dict())
             timeline = plan.timeline(example)
             if timeline is not None:
                 info["timeline"] = timeline
@@ -528,6 +596,60 @@ def _token_dim_of(node: fx.Node, token: Any) -> int | None:
         item_dims = {token_dim(v, token) for v in val}
         return item_dims.pop() if len(item_dims) == 1 else None
     return token_dim(val, token)
+
+
+def _batch_symbol(gm: fx.GraphModule, token: Any) -> Any | None:
+    """The batch count's symbol when the step splits over whole sequences: every meta-attention's
+    queries are `[B, H, S, D]` with B an input's size symbol other than the token count S (a
+    batch of several prefills, `[B, S]` ids). None else: one sequence (B is 1, Dynamo specialized
+    it), or no attention to tell the batch dim (a decode step, queries of fixed length, has no
+    token symbol and does not get here)."""
+    symbols = _input_symbols(gm)
+    batches = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and op_name(node) == "meta_attention":
+            q = meta_val(node.args[0]).shape
+            b, s = q[0], q[2]
+            if not (isinstance(b, torch.SymInt) and isinstance(s, torch.SymInt) and s.node.expr == token
+                    and b.node.expr in symbols and b.node.expr != token):
+                return None
+            batches.add(b.node.expr)
+    return batches.pop() if len(batches) == 1 else None
+
+
+def _sequence_rows_of(node: fx.Node, batch: Any, symbols: dict[Any, tuple[int, int]]) -> tuple[int, Any] | None:
+    """(dim, rows per sequence) of `node`'s value split over sequences: its one dim whose size
+    holds the batch symbol, that size the batch count times an expression of the input `symbols`
+    (`B`: 1; a GEMM's `B*S` rows: S); for a `_ROW_TUPLES` op, the one its items share. None when
+    there is no such dim."""
+    val = meta_val(node)
+    if node.op == "call_function" and node.target in _ROW_TUPLES and isinstance(val, (tuple, list)) and val:
+        found = {_sequence_rows(v, batch, symbols) for v in val}
+        return found.pop() if len(found) == 1 else None
+    return _sequence_rows(val, batch, symbols)
+
+
+def _sequence_rows(val: Any, batch: Any, symbols: dict[Any, tuple[int, int]]) -> tuple[int, Any] | None:
+    if not isinstance(val, torch.Tensor):
+        return None
+    hits = [(d, s.node.expr) for d, s in enumerate(val.shape)
+            if isinstance(s, torch.SymInt) and batch in s.node.expr.free_symbols]
+    if len(hits) != 1:
+        return None
+    dim, size = hits[0]
+    scale = size / batch
+    if batch in scale.free_symbols or not scale.free_symbols <= set(symbols) or scale.is_integer is not True:
+        return None  # (B + 1, B in a floor division: rows that do not come in whole sequences)
+    return dim, scale
+
+
+def _mentions(val: Any, symbol: Any) -> bool:
+    """Whether a tensor's sizes, a SymInt, or an item of a tuple of them hold `symbol`."""
+    if isinstance(val, (tuple, list)):
+        return any(_mentions(v, symbol) for v in val)
+    if isinstance(val, torch.Tensor):
+        return any(_mentions(s, symbol) for s in val.shape)
+    return isinstance(val, torch.SymInt) and symbol in val.node.expr.free_symbols
 
 
 def _symbol_in_two_dims(gm: fx.GraphModule, token: Any) -> int | None:

@@ -78,7 +78,9 @@ def test_nano_batched_model_equals_unsplit(name: str, k: int, split_calls: list[
         info = graph.extra["nano_batch"]
         assert graph.rewrites["nano_batch"] == info["split_ops"] > 0
         sizes = info["sizes"]
-        assert len(sizes) == min(k, info["example_tokens"]) and sum(sizes) == info["example_tokens"]
+        # (A batch of two sequences splits over them: its sizes count sequences.)
+        count = info.get("example_sequences") or info["example_tokens"]
+        assert len(sizes) == min(k, count) and sum(sizes) == count
         schedule = Schedule.from_dict(info["schedule"])
         assert {op.stream for op in schedule.ops.values()} <= {0, 1}
 
@@ -709,3 +711,101 @@ def test_an_item_of_a_split_that_runs_whole_runs_whole(split_calls: list[int]) -
         with torch.no_grad():
             torch.testing.assert_close(compiled(a), model(a), rtol=1e-5, atol=1e-5)
     assert len(split_calls) == 2
+
+
+@pytest.mark.parametrize(("name", "k"), [("llama", 2), ("llama", 3), ("llama", 4), ("gpt2", 3), ("mixtral", 2)])
+def test_a_batch_of_sequences_splits_over_them(name: str, k: int, plans: list[tuple], split_calls: list[int]) -> None:
+    """`[B, S]` ids with B > 1 (both symbolic under dynamic=True): the GEMMs' rows are `B*S`, no
+    token dim, so they and attention ran whole and only elementwise ops split. The step now splits
+    over whole sequences: GEMMs at multiples of S rows, attention per sequence, norms over B; one
+    graph serves every (B, S), B < k too; a single sequence (B = 1, its own graph) still splits
+    along its tokens. Mixtral's grouped GEMM stays whole."""
+    torch.manual_seed(k)
+    model = build(name)
+    report = tileflow.Report()
+    opts = {"passes": PASSES, "nano_batches": k}
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts, report=report), dynamic=True)
+    shapes = [(3, 7), (2, 5), (5, 3), (4, 6)] + ([(1, 6)] if name == "llama" else [])
+    for shape in shapes:
+        ids = torch.randint(0, VOCAB, shape)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == len(shapes)  # every call ran nano-batched (checked by the fixture)
+    infos = [g.extra["nano_batch"] for g in report.graphs]
+    assert [i["split_over"] for i in infos] == ["sequences"] + (["tokens"] if name == "llama" else [])
+    (gm, plan), *_ = plans
+    info = infos[0]
+    parts = min(k, 3)  # k near-equal parts of the 3 sequences, capped by them
+    assert info["example_sequences"] == 3 and info["sizes"] == [3 // parts + (i < 3 % parts) for i in range(parts)]
+    schedule = Schedule.from_dict(info["schedule"])
+    check_schedule(schedule, {s.name: (0, 3) for s in plan.specs}, plan.edges)
+    pieces = collections.Counter(op.original for op in schedule.ops.values())
+    kinds = collections.defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            kinds[node.target._opname if hasattr(node.target, "_opname") else str(node.target)].append(node.name)
+    gemms, attention = kinds["padded_gemm"], kinds["meta_attention"]
+    assert len(gemms) >= 2 * 2 + 1 and len(attention) == 2  # two layers (sibling projections fused) and the head
+    assert all(plan.split[n] and pieces[n] == len(info["sizes"]) for n in gemms + attention)
+    assert info["split_ops"] == sum(plan.split.values())
+    if name == "mixtral":
+        assert kinds["grouped_gemm"] and not any(plan.split[n] for n in kinds["grouped_gemm"])
+
+
+class _SequencesInterleaved(torch.nn.Module):
+    """Attention over `[B, S, H]`, then its rows laid out `[S, B]` and flattened to `S*B` (a size
+    that reads the same as `B*S`) for a projection, then back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.o = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        q = self.q(x).view(b, s, 2, 8).transpose(1, 2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(b, s, h)
+        y = a.transpose(0, 1).reshape(s * b, h)
+        return self.o(y).reshape(s, b, h).transpose(0, 1) + x
+
+
+def test_rows_of_sequences_interleaved_are_not_cut_as_sequences(plans: list[tuple], split_calls: list[int]) -> None:
+    """Split over sequences, a reshape merging `[S, B]` into `S*B` rows interleaves them: it runs
+    whole (the split reshapes are those with nothing before the split dim), while attention and
+    the reshapes around it split per sequence."""
+    model = _SequencesInterleaved().eval()
+    opts = {"passes": PASSES, "nano_batches": 2}
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts), dynamic=True)
+    for shape in ((3, 5, 16), (4, 6, 16)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == 2
+    ((gm, plan),) = plans
+    nodes = {n.name: n for n in gm.graph.nodes}
+    (merge,) = [n for n, node in nodes.items() if node.target is torch.ops.aten._unsafe_view.default]
+    (attention,) = [n for n, node in nodes.items() if "meta_attention" in str(node.target)]
+    assert plan.split_input is not None and plan.split[attention] and not plan.split[merge]
+
+
+def test_a_padded_batch_with_its_cache_splits_over_its_sequences(plans: list[tuple], split_calls: list[int]) -> None:
+    """Left-padded sequences (an attention mask per sequence, which attention reads with its
+    sequence's rows) returning their KV cache: split over the sequences, each nano-batch's
+    attention reads its own mask rows, and the logits equal eager's."""
+    torch.manual_seed(5)
+    model = build("llama")
+    opts = {"passes": PASSES, "nano_batches": 2}
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts), dynamic=True)
+    for batch, tokens in ((3, 6), (4, 9)):
+        ids = torch.randint(0, VOCAB, (batch, tokens))
+        mask = torch.ones(batch, tokens, dtype=torch.long)
+        mask[0, :2], mask[-1, :3] = 0, 0
+        with torch.no_grad():
+            got = compiled(ids, attention_mask=mask, use_cache=True)
+            want = model(ids, attention_mask=mask, use_cache=True)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == 2
+    ((gm, plan),) = plans
+    attention = [n for n in gm.graph.nodes if "meta_attention" in str(n.target)]
+    assert plan.split_input is not None and attention and all(plan.split[n.name] for n in attention)
+    assert any(isinstance(a, torch.fx.Node) and plan.token_dims[a.name] == 0 for a in attention[0].args[3:])  # its mask

@@ -84,7 +84,7 @@ class NanoBatchRunner:
         return self._run(*args)
 
     def _run(self, *args: Any) -> Any:
-        index, dim = self.plan.token_input
+        index, dim = self.plan.count_input  # tokens, or sequences for a split over them
         tokens = int(args[index].shape[dim])
         sizes = tuple(self.plan.sizes(tokens))
         if len(sizes) < 2:
@@ -128,11 +128,21 @@ class ScheduleState:
         self._any_joined: dict[str, Any] = {}  # split node -> its first whole, on any stream
         self.stream: int | None = None  # the stream of the op being computed (None: the caller's)
         self.nodes = {n.name: n for n in gm.graph.nodes}
-        index, dim = plan.token_input
-        self.tokens = int(args[index].shape[dim])  # the rows a split value's pieces tile
+        index, dim = plan.count_input
+        self.tokens = int(args[index].shape[dim])  # the rows (or sequences) a split value's pieces tile
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for node, value in zip(placeholders, args):
             self.whole[node.name] = value
+        # Split over sequences: node -> rows per sequence along its split dim at this call (`B*S`
+        # rows: S); absent, 1. A piece (lo, hi) holds that many rows per sequence lo..hi.
+        self.scales: dict[str, int] = {}
+        if plan.row_scales:
+            values = {sym: int(args[i].shape[d]) for sym, (i, d) in plan.symbol_inputs.items()}
+            evaluated: dict[Any, int] = {}
+            for name, expr in plan.row_scales.items():
+                if expr not in evaluated:
+                    evaluated[expr] = int(expr.xreplace(values))
+                self.scales[name] = evaluated[expr]
 
     def full(self, node: fx.Node) -> Any:
         """The whole value of `node` (for a split node, its pieces concatenated on first use)."""
@@ -171,10 +181,11 @@ class ScheduleState:
             # rows from the pieces holding them, which are all the consumer waited for.
             held = sorted(r for r in parts if r[0] < hi and lo < r[1])
             _check_tiled(node.name, held, lo, hi, within=True)
-            dim = self.dims[node.name]
+            dim, scale = self.dims[node.name], self.scales.get(node.name, 1)
             joined = torch.cat([parts[r] for r in held], dim=dim) if len(held) > 1 else parts[held[0]]
-            return joined.narrow(dim, lo - held[0][0], hi - lo)
-        return self.full(node).narrow(self.dims[node.name], lo, hi - lo)
+            return joined.narrow(dim, (lo - held[0][0]) * scale, (hi - lo) * scale)
+        scale = self.scales.get(node.name, 1)
+        return self.full(node).narrow(self.dims[node.name], lo * scale, (hi - lo) * scale)
 
     def run_op(self, op: Any) -> Any:
         """Compute nano-op `op` and store its result; returns it."""
@@ -204,7 +215,7 @@ class ScheduleState:
         target = node.target
         if target in _SHAPED:
             shape = list(call_args[1])
-            shape[dims[node.name]] = hi - lo
+            shape[dims[node.name]] = (hi - lo) * self.scales.get(node.name, 1)
             # A slice need not be viewable with the whole's strides: reshape copies when needed.
             target = aten.reshape.default if target in _VIEWS else target
             call_args = (call_args[0], shape, *call_args[2:])

@@ -337,6 +337,34 @@ def test_a_static_bmm_over_stacked_parameters_becomes_a_batched_grouped_gemm(kin
     assert ctx.report.passes[1].rewrites == {"grouped_gemm": 1} and not ctx.report.fallbacks
 
 
+def test_parameters_are_found_past_an_effect_token() -> None:
+    """An effectful op (`aten._print`) makes AOTAutograd thread an effect token in as the graph's
+    first input. torch 2.11 does not shift `fw_metadata.static_input_indices` past it (2.12 does),
+    so the parameters were read one input early: the token rows `x` counted as the model's own and
+    its stacked weights not, the bmm over them left a bmm under dynamic=False. The parameter input
+    is named on every supported torch, and its bmm becomes a batched grouped GEMM."""
+    class Experts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(EXPERT_W.clone())
+
+        def forward(self, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            torch.ops.aten._print("tileflow: an effectful op")
+            rows = x.repeat(3, 1).view(3, -1, 16)
+            return torch.bmm(rows, self.w).sum(0), torch.bmm(rows, v).sum(0)
+
+    model, x, v = Experts().eval(), torch.randn(5, 16), torch.randn(3, 16, 4)
+    with torch.no_grad():
+        compiled, gm, ctx = compile_fn(model, x, v, dynamic_dims=())
+        torch.testing.assert_close(compiled(x, v), model(x, v), rtol=1e-5, atol=1e-5)
+    placeholders = {n.name: n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"}
+    assert [tuple(placeholders[name].shape) for name in ctx.parameter_inputs] == [tuple(EXPERT_W.shape)]
+    [node] = [n for n in gm.graph.nodes if n.target is GROUPED]
+    assert node.args[2] is None and ctx.report.passes[1].rewrites == {"grouped_gemm": 1}
+    [bmm] = [n for n in gm.graph.nodes if n.target is aten.bmm.default]
+    assert tuple(bmm.args[1].meta["val"].shape) == tuple(v.shape)  # the caller's stack stays a bmm
+
+
 def test_a_batched_swiglu_over_stacked_weights_fuses() -> None:
     """Llama-4's expert MLP: `gate, up = bmm(x, gate_up).chunk(2, -1)`, then `up * silu(gate)`
     (up first) times the down weights: one fused SwiGLU grouped GEMM and one plain."""

@@ -93,10 +93,19 @@ def _parameter_inputs(aten_gm: fx.GraphModule) -> frozenset[str]:
     """The placeholders of AOTAutograd's graph that hold the model's parameters and buffers: its
     static inputs (`fw_metadata.static_input_indices`, read while AOTAutograd compiles; Dynamo
     also counts a tensor given `mark_static_address` among them). Empty outside that context."""
+    import torch
     from torch._guards import TracingContext
+    from torch.torch_version import TorchVersion
 
     context = TracingContext.try_get()
-    indices = getattr(getattr(context, "fw_metadata", None), "static_input_indices", None) or ()
+    metadata = getattr(context, "fw_metadata", None)
+    indices = getattr(metadata, "static_input_indices", None) or ()
+    # A graph with an effectful op takes AOTAutograd's effect tokens as its first inputs. torch
+    # 2.12 on counts them in these indices (pytorch#175904); 2.11 does not, so its indices would
+    # name the input before each parameter: shifted here past the tokens.
+    tokens = len(getattr(metadata, "tokens", None) or ())
+    if tokens and TorchVersion(torch.__version__) < (2, 12):
+        indices = [i + tokens for i in indices]
     placeholders = [n.name for n in aten_gm.graph.nodes if n.op == "placeholder"]
     return frozenset(placeholders[i] for i in indices if 0 <= i < len(placeholders))
 

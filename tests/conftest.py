@@ -16,8 +16,13 @@ if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
     # compile processes) would oversubscribe the CPU, and two long files side by side then ran
     # about twice as long as either alone.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    share = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(share)
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    # The same share for the processes tests start (benchmarks' smoke runs, ranks, fresh
+    # interpreters): with torch's default pool they spun on cores the other worker held (a bench
+    # smoke run took 43 s beside a busy core with two threads, 36 s with one).
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
 
 from pathlib import Path  # noqa: E402
 from typing import Callable, Iterator  # noqa: E402

@@ -254,6 +254,15 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRo
         along = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         return dims.get(src.name) == out_dim and along % meta_val(src).dim() != out_dim
     if target in _TOKENWISE_COLLECTIVES:
+        if target in (ALL_GATHER, REDUCE_SCATTER) and out_dim == 0:
+            # They stack (or cut) the ranks' tensors along dim 0: a split there would interleave
+            # the ranks' pieces. Along the tokens their output's p·T (T/p) rows have no token dim,
+            # but over sequences a gathered `[B, S, N]` has p rows per sequence (`p*B`).
+            return False
+        if target is WAIT_TENSOR:
+            # The collective's own output, split only with it (not a whole one read in pieces).
+            src = node.args[0]
+            return dims.get(src.name) == out_dim and _is_token_wise(src, dims, seqs)
         return dims.get(node.args[0].name) == out_dim
     if target in _RESHAPES:
         # Rows stay whole only when the dims before the token dim hold as many elements before

@@ -305,6 +305,33 @@ def test_a_batched_gemm_over_stacked_weights_becomes_a_batched_grouped_gemm() ->
         torch.testing.assert_close(compiled(x, w), experts(x, w), rtol=1e-5, atol=1e-5)
 
 
+def test_warmup_token_counts_reach_a_batched_grouped_gemms_pieces() -> None:
+    """`warmup_token_counts` (bench/e2e.py's warm-up steps) over Llama-4-style batched experts
+    ([E, T, K], no offsets): the runtime picks a piece at ceil(E * T / E) = T rows per expert, so
+    each piece's first token count is a warm-up step, as for a plain GEMM of T rows. It read the
+    rows at dim 0, E (an int no token count changes), and warmed only 1 and 2 tokens: the 17- and
+    33-token pieces' kernels compiled inside the timed run."""
+    import types
+
+    from tileflow.distributed import warmup_token_counts
+
+    weights = torch.randn(3, 16, 256)
+
+    def experts(x):
+        return torch.bmm(x.repeat(3, 1).view(3, -1, 16), weights).sum(0)
+
+    def plain(x):
+        return F.linear(x, weights[0].t())
+
+    counts = []
+    for fn in (experts, plain):
+        _, gm, _ = compile_fn(fn, torch.randn(5, 16), max_tokens=4096)
+        assert [n.target for n in gm.graph.nodes if n.target in (GEMM, GROUPED)] == [GROUPED if fn is experts else GEMM]
+        program = types.SimpleNamespace(dense=[types.SimpleNamespace(module=gm)], max_tokens=4096)
+        counts.append(warmup_token_counts(program, 4096))
+    assert counts[0] == counts[1] and len(counts[0]) > 2, counts
+
+
 @pytest.mark.parametrize("kind", ["parameter", "buffer"])
 def test_a_static_bmm_over_stacked_parameters_becomes_a_batched_grouped_gemm(kind: str) -> None:
     """Under dynamic=False no size is symbolic, and a bmm over the module's own stacked weights
@@ -363,6 +390,29 @@ def test_parameters_are_found_past_an_effect_token() -> None:
     assert node.args[2] is None and ctx.report.passes[1].rewrites == {"grouped_gemm": 1}
     [bmm] = [n for n in gm.graph.nodes if n.target is aten.bmm.default]
     assert tuple(bmm.args[1].meta["val"].shape) == tuple(v.shape)  # the caller's stack stays a bmm
+
+
+def test_parameters_are_found_past_an_effect_token_with_grad_enabled() -> None:
+    """As above, compiled with grad enabled (the parameter requires grad): AOTAutograd traces the
+    forward with its backward, and there no torch shifts `static_input_indices` past the effect
+    token (2.12 on shifts them for an inference graph only), so on torch 2.13 the token rows `x`
+    were named the parameter and the bmm over the model's stacked weights stayed a bmm."""
+    class Experts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(EXPERT_W.clone())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch.ops.aten._print("tileflow: an effectful op")
+            return torch.bmm(x.repeat(3, 1).view(3, -1, 16), self.w).sum(0)
+
+    model, x = Experts().eval(), torch.randn(5, 16)
+    with torch.enable_grad():
+        compiled, gm, ctx = compile_fn(model, x, dynamic_dims=())
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    placeholders = {n.name: n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"}
+    assert [tuple(placeholders[name].shape) for name in ctx.parameter_inputs] == [tuple(EXPERT_W.shape)]
+    assert [n for n in gm.graph.nodes if n.target is GROUPED] and ctx.report.passes[1].rewrites == {"grouped_gemm": 1}
 
 
 def test_a_batched_swiglu_over_stacked_weights_fuses() -> None:

@@ -454,3 +454,39 @@ def test_the_example_refuses_a_rank_count_that_does_not_divide_the_heads(world: 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", world)
     assert f"{world} ranks cannot share the model's 2 key/value heads" in usage_error("tensor_parallel", "--seq-lens", "5")
+
+
+def test_a_batch_gathered_or_scattered_along_its_sequences_stays_whole() -> None:
+    """Split over sequences, a gather along dim 0 of `[B, S, N]` (as a column-parallel LM head's
+    `all_gather_tensor(..., gather_dim=-1)` starts) holds `2*B` rows, which read as 2 rows per
+    sequence: it was split, each nano-batch gathering its own sequences, and the pieces joined
+    interleaved the ranks' (a 2-rank gloo run of such a step differed from eager by ~90). A
+    gather along another dim, and an all-reduce, still split."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import tileflow.passes.nanobatch as nanobatch
+    from tileflow.graph_utils import meta_val
+
+    c10d = torch.ops._c10d_functional
+
+    def fn(x):  # noqa: ANN001, ANN202 -- x: [B, S, 4]
+        g = c10d.wait_tensor(c10d.all_gather_into_tensor(x * 2, 2, "0"))  # [2B, S, 4]
+        s = c10d.wait_tensor(c10d.reduce_scatter_tensor(torch.cat([x, x]) * 3, "sum", 2, "0"))  # [B, S, 4]
+        t = c10d.wait_tensor(c10d.all_gather_into_tensor(x.transpose(0, 1).contiguous(), 2, "0"))  # [2S, B, 4]
+        r = c10d.wait_tensor(c10d.all_reduce(x + 1, "sum", "0"))
+        return g, s, t, r
+
+    gm = make_fx(fn, tracing_mode="symbolic")(torch.randn(3, 5, 4))
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    batch = meta_val(x).shape[0].node.expr
+    symbols = nanobatch._input_symbols(gm)
+    rows = {n.name: nanobatch._sequence_rows_of(n, batch, symbols) for n in gm.graph.nodes}
+    dims = {name: r[0] if r is not None else None for name, r in rows.items()}
+    seqs = nanobatch._SequenceRows(frozenset())
+    split = {n.name: nanobatch._is_token_wise(n, dims, seqs) for n in gm.graph.nodes if n.op == "call_function"}
+    collectives = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in nanobatch._TOKENWISE_COLLECTIVES]
+    got = [(str(n.target).split(".")[1], split[n.name]) for n in collectives]
+    assert got == [("all_gather_into_tensor", False), ("wait_tensor", False),
+                   ("reduce_scatter_tensor", False), ("wait_tensor", False),
+                   ("all_gather_into_tensor", True), ("wait_tensor", True),
+                   ("all_reduce", True), ("wait_tensor", True)], got

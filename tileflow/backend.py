@@ -101,10 +101,13 @@ def _parameter_inputs(aten_gm: fx.GraphModule) -> frozenset[str]:
     metadata = getattr(context, "fw_metadata", None)
     indices = getattr(metadata, "static_input_indices", None) or ()
     # A graph with an effectful op takes AOTAutograd's effect tokens as its first inputs. torch
-    # 2.12 on counts them in these indices (pytorch#175904); 2.11 does not, so its indices would
-    # name the input before each parameter: shifted here past the tokens.
+    # 2.12 on counts them in these indices (pytorch#175904), but only for an inference graph: a
+    # forward traced with its backward (grad enabled, parameters requiring it: it has tangents)
+    # keeps them unshifted, as 2.11 does for both. Unshifted, the indices would name the input
+    # before each parameter: shifted here past the tokens.
     tokens = len(getattr(metadata, "tokens", None) or ())
-    if tokens and TorchVersion(torch.__version__) < (2, 12):
+    joint = bool(getattr(metadata, "traced_tangents", None))
+    if tokens and (joint or TorchVersion(torch.__version__) < (2, 12)):
         indices = [i + tokens for i in indices]
     placeholders = [n.name for n in aten_gm.graph.nodes if n.op == "placeholder"]
     return frozenset(placeholders[i] for i in indices if 0 <= i < len(placeholders))

@@ -470,7 +470,11 @@ def warmup_token_counts(program: Any, max_tokens: int | None = None) -> list[int
             else:
                 continue
             text = gemm_plan_text(node)
-            rows = node.args[0].meta["val"].shape[0]
+            x = node.args[0].meta["val"]
+            # The batched form (no offsets, x [E, T, K]: Llama 4's experts) runs E * T rows, its
+            # dim 0 the expert count, which no token count changes.
+            batched = experts is not None and x.dim() == 3
+            rows = x.shape[0] * x.shape[1] if batched else x.shape[0]
             if not text or not isinstance(rows, torch.SymInt):
                 continue  # planned at run time, or rows that no token count changes
 

@@ -516,18 +516,20 @@ class NanoBatch:
             result.fallback("graph", f"no symbolic token dimension to split: {why}")
             return result
         token, where = found
-        shared = _symbol_in_two_dims(gm, token)
-        if shared is not None:
-            result.fallback("graph", f"input {shared} has the token count's size symbol in two dims (a batch as long "
-                                     "as the sequence on the first call: Dynamo sized both alike), so rows cannot be "
-                                     "told apart; mark the dims dynamic separately")
-            return result
         # A batch of several sequences (`[B, S]` ids, B symbolic) splits over whole sequences: its
         # GEMMs' rows are `B*S`, no token dim, and would all run whole. "auto" stays along the
         # tokens: the search costs token rows.
         batch = _batch_symbol(gm, token) if setting != "auto" else None
         seqs, scales, symbols = None, {}, {}
         if batch is None:
+            # (Over sequences the token count may size two dims: a `[B, 1, S, S]` mask splits along B.)
+            shared = _symbol_in_two_dims(gm, token)
+            if shared is not None:
+                result.fallback("graph", f"input {shared} has the token count's size symbol in two dims (a square "
+                                         "mask given as an input, or a batch as long as the sequence on the first "
+                                         "call: Dynamo sized both alike), so rows cannot be told apart; mark the dims "
+                                         "dynamic separately")
+                return result
             dims: dict[str, int | None] = {n.name: _token_dim_of(n, token) for n in gm.graph.nodes}
         else:
             symbols = _input_symbols(gm)

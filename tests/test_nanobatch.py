@@ -809,3 +809,39 @@ def test_a_padded_batch_with_its_cache_splits_over_its_sequences(plans: list[tup
     attention = [n for n in gm.graph.nodes if "meta_attention" in str(n.target)]
     assert plan.split_input is not None and attention and all(plan.split[n.name] for n in attention)
     assert any(isinstance(a, torch.fx.Node) and plan.token_dims[a.name] == 0 for a in attention[0].args[3:])  # its mask
+
+
+class _AttentionUnderAnInputMask(torch.nn.Module):
+    """A projection, attention under a `[B, 1, S, S]` additive mask given as an input, and an
+    output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.o = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(a.transpose(1, 2).reshape(b, s, 16))
+
+
+def test_a_square_mask_input_splits_over_the_sequences(plans: list[tuple], split_calls: list[int]) -> None:
+    """A `[B, 1, S, S]` mask input holds the token count in two dims, which along the tokens
+    cannot be told apart (the step runs whole, with the reason); over sequences it is cut along
+    B like every other input: the step splits, equal to eager."""
+    torch.manual_seed(2)
+    model = _AttentionUnderAnInputMask().eval()
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
+                                                                     report=report), dynamic=True)
+    for b, s in ((3, 5), (4, 7)):
+        x = torch.randn(b, s, 16)
+        mask = torch.randn(b, 1, s, s).masked_fill(torch.rand(b, 1, s, s) < 0.3, float("-inf"))
+        mask[..., 0] = 0.0  # every row sees a key
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, mask), model(x, mask), rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == 2 and not any(g.fallbacks for g in report.graphs), [g.fallbacks for g in report.graphs]
+    ((gm, plan),) = plans
+    assert report.graphs[0].extra["nano_batch"]["split_over"] == "sequences"
+    assert all(plan.split[n.name] for n in gm.graph.nodes if "meta_attention" in str(n.target))

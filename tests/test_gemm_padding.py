@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -280,6 +280,27 @@ def test_unsupported_dtype_falls_back_with_reason() -> None:
 
 
 EXPERT_W = torch.randn(3, 16, 8)  # [E, K, N], as Llama-4 stores its experts
+
+
+class _StackedExperts(torch.nn.Module):
+    """A bmm over the module's own stacked weights `EXPERT_W` (a parameter or a buffer), after an
+    effectful op (`aten._print`) with `effect`; given `v`, also one over that stack the caller
+    hands in."""
+
+    def __init__(self, kind: str = "parameter", effect: bool = False) -> None:
+        super().__init__()
+        self.effect = effect
+        if kind == "parameter":
+            self.w = torch.nn.Parameter(EXPERT_W.clone())
+        else:
+            self.register_buffer("w", EXPERT_W.clone())
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor | None = None) -> Any:
+        if self.effect:
+            torch.ops.aten._print("tileflow: an effectful op")
+        rows = x.repeat(3, 1).view(3, -1, 16)
+        own = torch.bmm(rows, self.w).sum(0)
+        return own if v is None else (own, torch.bmm(rows, v).sum(0))
 EXPERT_GATE_UP, EXPERT_DOWN = torch.randn(3, 16, 2 * 12) / 4, torch.randn(3, 12, 16) / 12**0.5
 
 
@@ -339,19 +360,7 @@ def test_a_static_bmm_over_stacked_parameters_becomes_a_batched_grouped_gemm(kin
     token rows apart. It becomes a batched grouped GEMM with a one-piece plan of its static T
     rows per expert. The same bmm over a stack the caller hands in (the tokens, a cache: under
     dynamic=True its sizes are symbolic) still stays a bmm."""
-    class Experts(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            if kind == "parameter":
-                self.w = torch.nn.Parameter(EXPERT_W.clone())
-            else:
-                self.register_buffer("w", EXPERT_W.clone())
-
-        def forward(self, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            rows = x.repeat(3, 1).view(3, -1, 16)
-            return torch.bmm(rows, self.w).sum(0), torch.bmm(rows, v).sum(0)
-
-    model, x, v = Experts().eval(), torch.randn(5, 16), torch.randn(3, 16, 8)
+    model, x, v = _StackedExperts(kind).eval(), torch.randn(5, 16), torch.randn(3, 16, 8)
     with torch.no_grad():
         compiled, gm, ctx = compile_fn(model, x, v, dynamic_dims=())
         torch.testing.assert_close(compiled(x, v), model(x, v), rtol=1e-5, atol=1e-5)
@@ -370,17 +379,7 @@ def test_parameters_are_found_past_an_effect_token() -> None:
     so the parameters were read one input early: the token rows `x` counted as the model's own and
     its stacked weights not, the bmm over them left a bmm under dynamic=False. The parameter input
     is named on every supported torch, and its bmm becomes a batched grouped GEMM."""
-    class Experts(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(EXPERT_W.clone())
-
-        def forward(self, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            torch.ops.aten._print("tileflow: an effectful op")
-            rows = x.repeat(3, 1).view(3, -1, 16)
-            return torch.bmm(rows, self.w).sum(0), torch.bmm(rows, v).sum(0)
-
-    model, x, v = Experts().eval(), torch.randn(5, 16), torch.randn(3, 16, 4)
+    model, x, v = _StackedExperts(effect=True).eval(), torch.randn(5, 16), torch.randn(3, 16, 4)
     with torch.no_grad():
         compiled, gm, ctx = compile_fn(model, x, v, dynamic_dims=())
         torch.testing.assert_close(compiled(x, v), model(x, v), rtol=1e-5, atol=1e-5)
@@ -397,16 +396,7 @@ def test_parameters_are_found_past_an_effect_token_with_grad_enabled() -> None:
     forward with its backward, and there no torch shifts `static_input_indices` past the effect
     token (2.12 on shifts them for an inference graph only), so on torch 2.13 the token rows `x`
     were named the parameter and the bmm over the model's stacked weights stayed a bmm."""
-    class Experts(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(EXPERT_W.clone())
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            torch.ops.aten._print("tileflow: an effectful op")
-            return torch.bmm(x.repeat(3, 1).view(3, -1, 16), self.w).sum(0)
-
-    model, x = Experts().eval(), torch.randn(5, 16)
+    model, x = _StackedExperts(effect=True).eval(), torch.randn(5, 16)
     with torch.enable_grad():
         compiled, gm, ctx = compile_fn(model, x, dynamic_dims=())
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
@@ -1350,15 +1340,7 @@ def test_a_static_export_takes_a_bmm_over_stacked_parameters() -> None:
     """An exported program holds the module's parameters as attributes (`get_attr`), not as
     inputs: in a static export (no Dim, no symbolic size) a bmm over a stacked parameter is still
     told from the tokens' and becomes a batched grouped GEMM, equal to eager."""
-    class Experts(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(EXPERT_W.clone())
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.bmm(x.repeat(3, 1).view(3, -1, 16), self.w).sum(0)
-
-    model, x = Experts().eval(), torch.randn(5, 16)
+    model, x = _StackedExperts().eval(), torch.randn(5, 16)
     with torch.no_grad():
         archive = tileflow.export_model(model, (x,), options={"target": "reference"})
         torch.testing.assert_close(archive.program.module()(x), model(x), rtol=1e-5, atol=1e-5)
@@ -1369,16 +1351,8 @@ def test_verify_takes_a_static_bmm_over_stacked_parameters_as_a_plain_compile_do
     """verify=True compiles at the first call, after AOTAutograd's tracing context is gone: the
     parameters read while it compiled reach that compile too, so a static bmm over the module's
     stacked weights is the same batched grouped GEMM as without verify, equal to eager."""
-    class Experts(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(EXPERT_W.clone())
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.bmm(x.repeat(3, 1).view(3, -1, 16), self.w).sum(0)
-
     torch._dynamo.reset()
-    model, x, report = Experts().eval(), torch.randn(5, 16), tileflow.Report()
+    model, x, report = _StackedExperts().eval(), torch.randn(5, 16), tileflow.Report()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"target": "reference", "verify": True},
                                                                      report=report), dynamic=False)
     with torch.no_grad():

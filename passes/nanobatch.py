@@ -571,6 +571,10 @@ class NanoBatch:
             result.fallback("graph", f"nano_batches='auto' runs the split search, which needs a CUDA device's figures, "
                                      f"and {why}: not split (an integer nano_batches >= 2 forces a split)")
             return result
+        # (A reason the caller can act on, as for the steps not split at all: the heavy ops run whole.)
+        unsplit = _batch_left_whole(gm, token, setting) if batch is None else None
+        if unsplit is not None:
+            result.fallback("graph", unsplit)
         for node in gm.graph.nodes:
             if node.name in split:
                 node.meta.setdefault("tileflow", {})["nano"] = {"split": split[node.name], "token_dim": dims[node.name]}
@@ -612,7 +616,8 @@ def _token_dim_of(node: fx.Node, token: Any) -> int | None:
 def _batch_symbol(gm: fx.GraphModule, token: Any) -> Any | None:
     """The batch count's symbol when the step splits over whole sequences: every meta-attention's
     queries are `[B, H, S, D]` with B an input's size symbol other than the token count S (a
-    batch of several prefills, `[B, S]` ids). None else: one sequence (B is 1, Dynamo specialized
+    batch of several prefills, `[B, S]` ids), or with S a number above 1 and B the token symbol
+    itself (prompts of one static length, only the batch size symbolic). None else: one sequence (B is 1, Dynamo specialized
     it), or no attention to tell the batch dim (a decode step, queries of fixed length, has no
     token symbol and does not get here)."""
     symbols = _input_symbols(gm)
@@ -621,11 +626,45 @@ def _batch_symbol(gm: fx.GraphModule, token: Any) -> Any | None:
         if node.op == "call_function" and op_name(node) == "meta_attention":
             q = meta_val(node.args[0]).shape
             b, s = q[0], q[2]
-            if not (isinstance(b, torch.SymInt) and isinstance(s, torch.SymInt) and s.node.expr == token
-                    and b.node.expr in symbols and b.node.expr != token):
+            # (Sequences of a static length, B the one symbol: the token symbol is B itself, which
+            # CUDA graphs bucket either way; the GEMMs' rows are `B*S`, S a number. A decode step's
+            # one query per sequence is left to the token split.)
+            fixed = type(s) is int and s > 1 and isinstance(b, torch.SymInt) and b.node.expr == token
+            if not fixed and not (isinstance(b, torch.SymInt) and isinstance(s, torch.SymInt) and s.node.expr == token
+                                  and b.node.expr in symbols and b.node.expr != token):
                 return None
             batches.add(b.node.expr)
     return batches.pop() if len(batches) == 1 else None
+
+
+def _batch_left_whole(gm: fx.GraphModule, token: Any, setting: int | str) -> str | None:
+    """Why a step split along its tokens runs its GEMMs and attention whole (None: it does not):
+    its attention's queries hold several sequences, `[B, H, S, D]` with B not 1, so the GEMMs' rows
+    are `B*S` (no token dim) and attention's batch is no token dim either; only the ops between
+    them split. Over whole sequences only with an integer k and B symbolic: a batch size Dynamo
+    kept static (its automatic dynamic shapes mark only the dims that changed, so a fixed batch
+    with prompts of varying length stays static; `mark_dynamic` of the token dim alone) is a plain
+    number, which the split cannot tell from other sizes."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and op_name(node) == "meta_attention":
+            q = meta_val(node.args[0]).shape
+            if not (type(q[0]) is int and q[0] == 1):
+                break
+    else:
+        return None
+    if setting == "auto":
+        return (f"a batch of {q[0]} sequences split by 'auto' along the tokens (its search costs token rows): the "
+                "GEMMs over its rows and attention run whole (an integer nano_batches splits over the sequences)")
+    if isinstance(q[0], torch.SymInt) and q[0].node.expr == token:
+        return (f"a batch of {q[0]} sequences of a static length ({q[2]}): the batch size is the graph's one size "
+                "symbol, split as if it counted tokens; the GEMMs over its rows and attention run whole")
+    if type(q[0]) is not int:
+        return (f"a batch of {q[0]} sequences whose size is not one input size symbol shared by every attention: split "
+                "along the tokens, the GEMMs over its rows and attention run whole")
+    return (f"a batch of {q[0]} sequences, a size traced static (Dynamo's automatic dynamic shapes keep a batch size "
+            "that did not change; or only the token dim was marked dynamic): split along the tokens, the GEMMs over "
+            "its rows and attention run whole; compile with dynamic=True or mark both the batch and the token dims "
+            "dynamic (torch._dynamo.mark_dynamic) to split over the sequences")
 
 
 def _sequence_rows_of(node: fx.Node, batch: Any, symbols: dict[Any, tuple[int, int]]) -> tuple[int, Any] | None:

@@ -845,3 +845,54 @@ def test_a_square_mask_input_splits_over_the_sequences(plans: list[tuple], split
     ((gm, plan),) = plans
     assert report.graphs[0].extra["nano_batch"]["split_over"] == "sequences"
     assert all(plan.split[n.name] for n in gm.graph.nodes if "meta_attention" in str(n.target))
+
+
+@pytest.mark.parametrize("marked", [(), (1,)])
+def test_a_static_batch_of_sequences_says_why_its_gemms_run_whole(marked: tuple[int, ...], plans: list[tuple]) -> None:
+    """A batch of 3 sequences whose batch size Dynamo keeps static (automatic dynamic shapes mark
+    only the token dim, which changed; or only that dim was marked dynamic) splits along the
+    tokens: its GEMMs' rows are `3*S` and attention's batch is 3, none of them a token dim, so
+    every GEMM and attention ran whole with no word in the report. The report now says why and
+    what to do (marking both dims dynamic, as dynamic=True does, splits over the sequences)."""
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    model = build("llama")
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
+                                                                     report=report))
+    for tokens in (7, 9) if not marked else (7,):
+        ids = torch.randint(0, VOCAB, (3, tokens))
+        for dim in marked:
+            torch._dynamo.mark_dynamic(ids, dim)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
+    graph = report.graphs[-1]
+    (gm, plan), = plans
+    heavy = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) in ("padded_gemm", "meta_attention")]
+    reasons = [f.reason for f in graph.fallbacks if f.pass_name == "nanobatch"]
+    assert len(heavy) == 11 and graph.extra["nano_batch"]["split_over"] == "tokens"
+    assert not any(plan.split[n] for n in heavy)
+    assert len(reasons) == 1 and "a batch of 3 sequences" in reasons[0] and "mark_dynamic" in reasons[0]
+
+
+def test_a_symbolic_batch_of_static_length_splits_over_its_sequences(plans: list[tuple], split_calls: list[int]) -> None:
+    """Prompts of one static length, only the batch dim dynamic (`mark_dynamic(ids, 0)`; Dynamo's
+    automatic dynamic shapes do the same when only the batch size changes): the batch size is the
+    graph's one symbol, so it was taken for the token count and split as such, its GEMMs (`B*7`
+    rows) and attention whole. It now splits over the sequences as a batch with both dims symbolic
+    does."""
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    model = build("llama")
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}))
+    for batch in (3, 5, 2):
+        ids = torch.randint(0, VOCAB, (batch, 7))
+        torch._dynamo.mark_dynamic(ids, 0)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == 3
+    ((gm, plan),) = plans
+    heavy = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) in ("padded_gemm", "meta_attention")]
+    assert len(heavy) == 11 and plan.split_input is not None and all(plan.split[n] for n in heavy)

@@ -27,10 +27,10 @@ GEMMs' rows; the runtime cuts it at multiples of that), and attention is token-w
 sequence attends to its own keys). The token symbol stays what CUDA graphs bucket.
 
 `Config.nano_batches`: 1 leaves the graph alone; an integer k >= 2 forces a k-way split of every
-step (k is capped by the token or sequence count); `"auto"` lets `tileflow.search` choose k and the sizes per
-token count from the device table, and not split below its threshold. The pass annotates each
-node (`node.meta["tileflow"]["nano"]`), puts the plan on the graph module and the schedule for the
-example token count in the report (kind `nano_batch`).
+step (k is capped by the token or sequence count); `"auto"` lets `tileflow.search` choose k and
+the sizes per token count from the device table, and not split below its threshold. The pass
+annotates each node (`node.meta["tileflow"]["nano"]`), puts the plan on the graph module and the
+schedule for the example token count in the report (kind `nano_batch`).
 """
 
 from __future__ import annotations
@@ -617,9 +617,9 @@ def _batch_symbol(gm: fx.GraphModule, token: Any) -> Any | None:
     """The batch count's symbol when the step splits over whole sequences: every meta-attention's
     queries are `[B, H, S, D]` with B an input's size symbol other than the token count S (a
     batch of several prefills, `[B, S]` ids), or with S a number above 1 and B the token symbol
-    itself (prompts of one static length, only the batch size symbolic). None else: one sequence (B is 1, Dynamo specialized
-    it), or no attention to tell the batch dim (a decode step, queries of fixed length, has no
-    token symbol and does not get here)."""
+    itself (prompts of one static length, only the batch size symbolic). None else: one
+    sequence (B is 1, Dynamo specialized it), or no attention to tell the batch dim (a decode
+    step, queries of fixed length, has no token symbol and does not get here)."""
     symbols = _input_symbols(gm)
     batches = set()
     for node in gm.graph.nodes:
@@ -680,6 +680,7 @@ def _sequence_rows_of(node: fx.Node, batch: Any, symbols: dict[Any, tuple[int, i
 
 
 def _sequence_rows(val: Any, batch: Any, symbols: dict[Any, tuple[int, int]]) -> tuple[int, Any] | None:
+    """`_sequence_rows_of` for one value."""
     if not isinstance(val, torch.Tensor):
         return None
     hits = [(d, s.node.expr) for d, s in enumerate(val.shape)

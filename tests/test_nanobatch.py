@@ -713,7 +713,11 @@ def test_an_item_of_a_split_that_runs_whole_runs_whole(split_calls: list[int]) -
     assert len(split_calls) == 2
 
 
-@pytest.mark.parametrize(("name", "k"), [("llama", 2), ("llama", 3), ("llama", 4), ("gpt2", 3), ("mixtral", 2)])
+# (Llama at k = 3 and 4 and Mixtral, each about 15 s, in the extended run: k = 2 and GPT-2's
+# k = 3 cut the same sequences.)
+@pytest.mark.parametrize(("name", "k"), [("llama", 2), pytest.param("llama", 3, marks=pytest.mark.extended),
+                                         pytest.param("llama", 4, marks=pytest.mark.extended), ("gpt2", 3),
+                                         pytest.param("mixtral", 2, marks=pytest.mark.extended)])
 def test_a_batch_of_sequences_splits_over_them(name: str, k: int, plans: list[tuple], split_calls: list[int]) -> None:
     """`[B, S]` ids with B > 1 (both symbolic under dynamic=True): the GEMMs' rows are `B*S`, no
     token dim, so they and attention ran whole and only elementwise ops split. The step now splits
@@ -847,7 +851,7 @@ def test_a_square_mask_input_splits_over_the_sequences(plans: list[tuple], split
     assert all(plan.split[n.name] for n in gm.graph.nodes if "meta_attention" in str(n.target))
 
 
-@pytest.mark.parametrize("marked", [(), (1,)])
+@pytest.mark.parametrize("marked", [(), pytest.param((1,), marks=pytest.mark.extended)])
 def test_a_static_batch_of_sequences_says_why_its_gemms_run_whole(marked: tuple[int, ...], plans: list[tuple]) -> None:
     """A batch of 3 sequences whose batch size Dynamo keeps static (automatic dynamic shapes mark
     only the token dim, which changed; or only that dim was marked dynamic) splits along the

@@ -504,8 +504,12 @@ class NanoBatch:
             elif symbols and queries and all(type(q[2]) is int for q in queries):
                 # Splitting such a step over its sequences would also bucket CUDA graphs over them,
                 # which the padding analysis does not cover (it reads the token dim as a sequence's).
+                lengths = sorted({q[2] for q in queries})
+                what = ("a decode step over a cache" if lengths == [1] else
+                        "prompts of one static length, the batch sizes of several inputs traced as separate symbols")
                 why = (f"the inputs have several size symbols ({', '.join(symbols)}) and attention's queries a fixed "
-                       "length (a decode step over a cache): steps are split along a sequence's tokens only")
+                       f"length {'/'.join(map(str, lengths))} ({what}): steps are split along a sequence's tokens, or "
+                       "over the sequences when the batch size is the graph's one size symbol")
             elif symbols:
                 why = (f"the inputs have several size symbols ({', '.join(symbols)}) and no attention's queries tell "
                        "which holds the tokens")

@@ -665,7 +665,7 @@ def test_a_decode_step_of_several_sequences_says_why_it_does_not_split(split_cal
     for got, want in zip(decode(compiled), expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     reasons = [f.reason for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
-    assert reasons and all("a fixed length (a decode step over a cache)" in r for r in reasons), reasons
+    assert reasons and all("a fixed length 1 (a decode step over a cache)" in r for r in reasons), reasons
     assert len(split_calls) == 1  # the prefill
 
 
@@ -900,3 +900,24 @@ def test_a_symbolic_batch_of_static_length_splits_over_its_sequences(plans: list
     ((gm, plan),) = plans
     heavy = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) in ("padded_gemm", "meta_attention")]
     assert len(heavy) == 11 and plan.split_input is not None and all(plan.split[n] for n in heavy)
+
+
+def test_sequences_of_a_static_length_with_two_batch_symbols_say_so(split_calls: list[int]) -> None:
+    """Prompts of one static length whose ids and padding mask each have their batch dim marked
+    dynamic (two symbols for one batch size): no symbol tells the tokens, and the reason says
+    what the step is (it called such a step "a decode step over a cache")."""
+    torch.manual_seed(3)
+    model = build("llama")
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
+                                                                     report=report))
+    ids, mask = torch.randint(0, VOCAB, (4, 7)), torch.ones(4, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    for t in (ids, mask):
+        torch._dynamo.mark_dynamic(t, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, attention_mask=mask, use_cache=False).logits,
+                                   model(ids, attention_mask=mask, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    reasons = [f.reason for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
+    assert split_calls == [] and len(reasons) == 1, reasons
+    assert "a fixed length 7 (prompts of one static length" in reasons[0] and "decode" not in reasons[0], reasons

@@ -523,8 +523,9 @@ class NanoBatch:
         # A batch of several sequences (`[B, S]` ids, B symbolic) splits over whole sequences: its
         # GEMMs' rows are `B*S`, no token dim, and would all run whole. "auto" stays along the
         # tokens: the search costs token rows.
-        batch = _batch_symbol(gm, token) if setting != "auto" else None
-        seqs, scales, symbols = None, {}, {}
+        symbols = _input_symbols(gm)
+        batch = _batch_symbol(gm, token, symbols) if setting != "auto" else None
+        seqs, scales = None, {}
         if batch is None:
             # (Over sequences the token count may size two dims: a `[B, 1, S, S]` mask splits along B.)
             shared = _symbol_in_two_dims(gm, token)
@@ -536,7 +537,6 @@ class NanoBatch:
                 return result
             dims: dict[str, int | None] = {n.name: _token_dim_of(n, token) for n in gm.graph.nodes}
         else:
-            symbols = _input_symbols(gm)
             rows = {n.name: _sequence_rows_of(n, batch, symbols) for n in gm.graph.nodes}
             dims = {name: r[0] if r is not None else None for name, r in rows.items()}
             scales = {name: r[1] for name, r in rows.items() if r is not None and r[1] != 1}
@@ -617,14 +617,14 @@ def _token_dim_of(node: fx.Node, token: Any) -> int | None:
     return token_dim(val, token)
 
 
-def _batch_symbol(gm: fx.GraphModule, token: Any) -> Any | None:
+def _batch_symbol(gm: fx.GraphModule, token: Any, symbols: dict[Any, tuple[int, int]]) -> Any | None:
     """The batch count's symbol when the step splits over whole sequences: every meta-attention's
     queries are `[B, H, S, D]` with B an input's size symbol other than the token count S (a
     batch of several prefills, `[B, S]` ids), or with S a number above 1 and B the token symbol
     itself (prompts of one static length, only the batch size symbolic). None else: one
     sequence (B is 1, Dynamo specialized it), or no attention to tell the batch dim (a decode
-    step, queries of fixed length, has no token symbol and does not get here)."""
-    symbols = _input_symbols(gm)
+    step, queries of fixed length, has no token symbol and does not get here). `symbols`: the
+    inputs' size symbols (`_input_symbols`)."""
     batches = set()
     for node in gm.graph.nodes:
         if node.op == "call_function" and op_name(node) == "meta_attention":

@@ -451,12 +451,13 @@ def warmup_token_counts(program: Any, max_tokens: int | None = None) -> list[int
     bound = min((b for b in (max_tokens, program.max_tokens) if b is not None), default=None)
     starts = {1, 2}  # size 1, and every other count
     for stage in program.dense:
-        module = stage.module.module if isinstance(stage.module, GraphedStage) else stage.module
-        if isinstance(stage.module, GraphedStage):
+        module = stage.module
+        if isinstance(module, GraphedStage):
             previous = 0
-            for bucket in stage.module.graphs.buckets:
+            for bucket in module.graphs.buckets:
                 starts.add(previous + 1)
                 previous = bucket
+            module = module.module
         found = token_symbol(module)  # (a compiled stage reads through to its graph)
         if found is None:
             continue

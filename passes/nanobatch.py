@@ -293,6 +293,17 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRo
         rank = meta_val(src).dim()
         padded = {rank - 1 - i // 2 for i, pad in enumerate(node.args[1]) if not (type(pad) is int and pad == 0)}
         return dims.get(src.name) == out_dim and out_dim not in padded
+    if target is aten.stack.default:
+        # Equal-shaped tensors joined along a new dim (interleaved RoPE's `stack((-x2, x1), -1)`
+        # in GPT-J, CodeGen, Cohere): like a cat off the token dim, each output row reads only
+        # that row of every input. The new dim shifts the inputs' token dim by one when it is
+        # inserted at or before it; an output token dim anywhere else (the new dim itself) or
+        # inputs with the tokens at different places read across rows: whole.
+        src_dims = {dims.get(t.name) if isinstance(t, fx.Node) else None for t in node.args[0]}
+        if len(src_dims) != 1 or None in src_dims:
+            return False
+        (src_dim,) = src_dims
+        return out_dim == src_dim + (_dim_arg(node) % meta_val(node).dim() <= src_dim)
     if target in _ALONG_DIM:
         if target is aten.cat.default:
             tensors = node.args[0]

@@ -921,3 +921,98 @@ def test_sequences_of_a_static_length_with_two_batch_symbols_say_so(split_calls:
     reasons = [f.reason for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
     assert split_calls == [] and len(reasons) == 1, reasons
     assert "a fixed length 7 (prompts of one static length" in reasons[0] and "decode" not in reasons[0], reasons
+
+
+def _gptj() -> torch.nn.Module:
+    """A small GPT-J: its interleaved RoPE's `rotate_every_two` is `stack((-x2, x1), dim=-1)`
+    then `flatten` (CodeGen's and Cohere's alike)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPTJForCausalLM(cfg).eval()
+
+
+def test_interleaved_rope_stacks_split_like_cats(plans: list[tuple], split_calls: list[int]) -> None:
+    """`stack` was never token-wise, so GPT-J's q and k were joined whole at each RoPE's stack (4 a
+    graph), a barrier between all nano-batches before each attention (results right): along the
+    tokens 119 ops split and 8 whole, over sequences 94 and 34. A stack of token-major tensors
+    along a new dim off the tokens keeps each row whole and now splits like `cat`, along the
+    tokens (one sequence) and over the sequences (`[B, S]` ids), and the model equals eager."""
+    model = _gptj()
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
+                                                                     report=report), dynamic=True)
+    shapes = [(1, 7), (1, 9), (3, 7), (2, 5)]
+    for shape in shapes:
+        ids = torch.randint(0, VOCAB, shape)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == len(shapes)
+    infos = [g.extra["nano_batch"] for g in report.graphs]
+    assert [i["split_over"] for i in infos] == ["tokens", "sequences"]
+    for (gm, plan), info in zip(plans, infos):
+        stacks = [n for n in gm.graph.nodes if n.target is torch.ops.aten.stack.default]
+        assert len(stacks) == 4 and all(plan.split[n.name] for n in stacks)
+        assert all(plan.split[user.name] for n in stacks for user in n.users)
+        pieces = collections.Counter(op.original for op in Schedule.from_dict(info["schedule"]).ops.values())
+        assert all(pieces[n.name] == len(info["sizes"]) == 2 for n in stacks)
+        # The whole ops reading split values (barriers): only attention along one sequence's
+        # tokens and there the rotary table's lookup at the positions (before the first layer).
+        barriers = [n for n in gm.graph.nodes if n.op == "call_function" and not plan.split[n.name]
+                    and any(plan.split.get(a.name) for a in n.all_input_nodes)]
+        kinds = collections.Counter(n.target._opname for n in barriers)
+        assert kinds == ({"meta_attention": 2, "index": 1} if info["split_over"] == "tokens" else {}), barriers
+
+
+def _rows_stacked(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # `[T, 16]` rows: rotate_every_two's interleaved halves stacked at dim -1, and the halves
+    # along a new dim before the tokens (`[2, T, 8]`: the token dim moves to 1, each row still
+    # reads only its own rows).
+    x1, x2 = x[:, ::2], x[:, 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2) + 1, torch.stack((x1, x2), dim=0) * 2
+
+
+def test_a_stack_off_the_token_dim_splits(plans: list[tuple], split_calls: list[int]) -> None:
+    """Stacks of token-major tensors at dim -1 and at dim 0 run per nano-batch (they ran whole)
+    and equal eager."""
+    compiled = torch.compile(_rows_stacked, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}))
+    for tokens in (5, 8):
+        x = torch.randn(tokens, 16)
+        torch._dynamo.mark_dynamic(x, 0)
+        for got, want in zip(compiled(x), _rows_stacked(x)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(split_calls) == 2
+    ((gm, plan),) = plans
+    stacks = [n for n in gm.graph.nodes if n.target is torch.ops.aten.stack.default]
+    assert len(stacks) == 2 and all(plan.split[n.name] for n in stacks)
+    assert [plan.token_dims[n.name] for n in stacks] == [0, 1]
+    assert all(plan.split[n.name] for n in gm.graph.nodes if n.op == "call_function")
+
+
+def test_the_stack_rule_checks_where_the_token_dim_lands() -> None:
+    """The rule on a hand-written graph: a stack's output token dim is its inputs' shifted by one
+    when the new dim is at or before it. A token dim said to be the new dim itself (a stack
+    along the tokens), or inputs with the tokens at different places, stay whole."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tileflow.passes.nanobatch import _is_token_wise
+
+    gm = make_fx(lambda x, y: (torch.stack((x, y), -1), torch.stack((x, y), 0), torch.stack((x, y), 1)),
+                 tracing_mode="symbolic")(torch.randn(5, 8), torch.randn(5, 8))
+    x, y, *stacks = [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function")]
+    last, first, middle = stacks
+    assert [n.args[1] if len(n.args) > 1 else 0 for n in stacks] == [-1, 0, 1]  # (make_fx drops a default 0)
+    rows = {x.name: 0, y.name: 0, last.name: 0, first.name: 1, middle.name: 0}
+    assert all(_is_token_wise(n, rows) for n in stacks)
+    # (rows over sequences: the same dims, nothing tangled)
+    from tileflow.passes.nanobatch import _SequenceRows
+
+    assert all(_is_token_wise(n, rows, _SequenceRows(frozenset())) for n in stacks)
+    along = {**rows, first.name: 0, last.name: 2, middle.name: 1}  # the token dim taken for the new dim
+    assert not any(_is_token_wise(n, along) for n in stacks)
+    apart = {**rows, y.name: 1}
+    assert not any(_is_token_wise(n, apart) for n in stacks)
+    assert not _is_token_wise(last, {**rows, y.name: None})  # an input without the token dim

@@ -24,7 +24,10 @@ whose rows are `B*S`: with an integer k the step splits over whole sequences ins
 (`_batch_symbol`), each nano-batch some of the B sequences. A value's split dim is then the one
 whose size is B times an expression of the input sizes (its rows per sequence: 1, or S for the
 GEMMs' rows; the runtime cuts it at multiples of that), and attention is token-wise too (each
-sequence attends to its own keys). The token symbol stays what CUDA graphs bucket.
+sequence attends to its own keys). The token symbol stays what CUDA graphs bucket. A decode step
+over a cache (`[B, 1]` ids, queries `[B, H, 1, D]`, the cache's length other symbols) has no
+token symbol; with an integer k it splits over its sequences alike, its cache and mask rows along
+B, and CUDA graphs capture it as unsplit: not at all (no token symbol to bucket).
 
 `Config.nano_batches`: 1 leaves the graph alone; an integer k >= 2 forces a k-way split of every
 step (k is capped by the token or sequence count); `"auto"` lets `tileflow.search` choose k and
@@ -115,7 +118,9 @@ class NanoBatchPlan:
     for `make_schedule`, where to read the token count from the inputs, and the k setting."""
 
     setting: str | int
-    token_input: tuple[int, int]  # (placeholder index, dim) holding the token count
+    # (placeholder index, dim) holding the token count; None: a decode step over a cache, split over
+    # its sequences, whose token count is no input size symbol (CUDA graphs capture no such step).
+    token_input: tuple[int, int] | None
     token_dims: dict[str, int | None]
     split: dict[str, bool]
     specs: list[OpSpec]
@@ -505,24 +510,36 @@ class NanoBatch:
         if setting == 1:
             return result
         found = token_symbol(gm)
-        if found is None:
-            symbols = sorted(map(str, _input_symbols(gm)))
+        symbols = _input_symbols(gm)
+        # A decode step over a cache (`[B, 1]` ids) has no token symbol: with an integer k it splits
+        # over its sequences, NanoFlow's main case (a big decode batch). "auto" costs token rows.
+        decode = _batch_symbol(gm, None, symbols) if found is None and setting != "auto" else None
+        if found is None and decode is None:
+            names = sorted(map(str, symbols))
             queries = [meta_val(n.args[0]).shape for n in gm.graph.nodes
                        if n.op == "call_function" and op_name(n) == "meta_attention"]
             # Which case: a static graph is split by no k, and the user can change that.
             if queries and all(type(q[0]) is int and type(q[2]) is int and q[0] * q[2] == 1 for q in queries):
                 why = "its attention has one query (one sequence's decode step): one token, nothing to split"
-            elif symbols and queries and all(type(q[2]) is int for q in queries):
-                # Splitting such a step over its sequences would also bucket CUDA graphs over them,
-                # which the padding analysis does not cover (it reads the token dim as a sequence's).
+            elif names and queries and all(type(q[2]) is int for q in queries):
+                # Splitting prompts of one static length over their sequences would also bucket CUDA
+                # graphs over them, which the padding analysis does not cover (it reads the token dim
+                # as a sequence's); a decode step split over them has no token symbol, not captured.
                 lengths = sorted({q[2] for q in queries})
-                what = ("a decode step over a cache" if lengths == [1] else
-                        "prompts of one static length, the batch sizes of several inputs traced as separate symbols")
-                why = (f"the inputs have several size symbols ({', '.join(symbols)}) and attention's queries a fixed "
-                       f"length {'/'.join(map(str, lengths))} ({what}): steps are split along a sequence's tokens, or "
-                       "over the sequences when the batch size is the graph's one size symbol")
-            elif symbols:
-                why = (f"the inputs have several size symbols ({', '.join(symbols)}) and no attention's queries tell "
+                if lengths == [1]:
+                    what = "a decode step over a cache"
+                    how = ("'auto' splits along the tokens only (its search costs token rows); an integer "
+                           "nano_batches splits a decode step over its sequences" if setting == "auto" else
+                           "a decode step splits over its sequences only when their count is one input size symbol "
+                           "shared by every attention's queries (not a size traced static, nor several symbols)")
+                else:
+                    what = "prompts of one static length, the batch sizes of several inputs traced as separate symbols"
+                    how = ("steps are split along a sequence's tokens, or over the sequences when the batch size is "
+                           "the graph's one size symbol")
+                why = (f"the inputs have several size symbols ({', '.join(names)}) and attention's queries a fixed "
+                       f"length {'/'.join(map(str, lengths))} ({what}): {how}")
+            elif names:
+                why = (f"the inputs have several size symbols ({', '.join(names)}) and no attention's queries tell "
                        "which holds the tokens")
             else:
                 why = ("the graph was compiled for static shapes (Dynamo's first compile without dynamic=True, or "
@@ -530,12 +547,14 @@ class NanoBatch:
                        "with torch._dynamo.mark_dynamic")
             result.fallback("graph", f"no symbolic token dimension to split: {why}")
             return result
-        token, where = found
+        token, where = found if found is not None else (None, None)
         # A batch of several sequences (`[B, S]` ids, B symbolic) splits over whole sequences: its
         # GEMMs' rows are `B*S`, no token dim, and would all run whole. "auto" stays along the
         # tokens: the search costs token rows.
-        symbols = _input_symbols(gm)
-        batch = _batch_symbol(gm, token, symbols) if setting != "auto" else None
+        if found is None:
+            batch = decode
+        else:
+            batch = _batch_symbol(gm, token, symbols) if setting != "auto" else None
         seqs, scales = None, {}
         if batch is None:
             # (Over sequences the token count may size two dims: a `[B, 1, S, S]` mask splits along B.)
@@ -597,7 +616,8 @@ class NanoBatch:
         gm.meta["tileflow_nanobatch"] = plan
 
         example = _example_tokens(ctx, token if batch is None else batch)
-        info: dict[str, Any] = {"setting": setting, "token_symbol": str(token), "split_ops": sum(split.values()),
+        info: dict[str, Any] = {"setting": setting, "token_symbol": None if token is None else str(token),
+                                "split_ops": sum(split.values()),
                                 "whole_ops": len(split) - sum(split.values()),
                                 "split_over": "tokens" if batch is None else "sequences"}
         if batch is not None:
@@ -628,26 +648,33 @@ def _token_dim_of(node: fx.Node, token: Any) -> int | None:
     return token_dim(val, token)
 
 
-def _batch_symbol(gm: fx.GraphModule, token: Any, symbols: dict[Any, tuple[int, int]]) -> Any | None:
+def _batch_symbol(gm: fx.GraphModule, token: Any | None, symbols: dict[Any, tuple[int, int]]) -> Any | None:
     """The batch count's symbol when the step splits over whole sequences: every meta-attention's
     queries are `[B, H, S, D]` with B an input's size symbol other than the token count S (a
     batch of several prefills, `[B, S]` ids), or with S a number above 1 and B the token symbol
-    itself (prompts of one static length, only the batch size symbolic). None else: one
-    sequence (B is 1, Dynamo specialized it), or no attention to tell the batch dim (a decode
-    step, queries of fixed length, has no token symbol and does not get here). `symbols`: the
-    inputs' size symbols (`_input_symbols`)."""
+    itself (prompts of one static length, only the batch size symbolic), or, with no `token`
+    symbol (`token_symbol` found none), with S = 1 and B an input's size symbol (a decode step
+    over a cache, `[B, 1]` ids; the cache's length, another symbol, is never split). None else:
+    one sequence (B is 1, Dynamo specialized it), batches of several symbols, or no attention to
+    tell the batch dim. `symbols`: the inputs' size symbols (`_input_symbols`)."""
     batches = set()
     for node in gm.graph.nodes:
         if node.op == "call_function" and op_name(node) == "meta_attention":
             q = meta_val(node.args[0]).shape
             b, s = q[0], q[2]
             # (Sequences of a static length, B the one symbol: the token symbol is B itself, which
-            # CUDA graphs bucket either way; the GEMMs' rows are `B*S`, S a number. A decode step's
-            # one query per sequence is left to the token split.)
-            fixed = type(s) is int and s > 1 and isinstance(b, torch.SymInt) and b.node.expr == token
-            if not fixed and not (isinstance(b, torch.SymInt) and isinstance(s, torch.SymInt) and s.node.expr == token
-                                  and b.node.expr in symbols and b.node.expr != token):
-                return None
+            # CUDA graphs bucket either way; the GEMMs' rows are `B*S`, S a number. A decode step
+            # with B = 1 has one token to split; with a token symbol, one query per sequence is
+            # left to the token split.)
+            symbolic = isinstance(b, torch.SymInt) and b.node.expr in symbols
+            if token is None:
+                if not (symbolic and type(s) is int and s == 1):
+                    return None
+            else:
+                fixed = type(s) is int and s > 1 and isinstance(b, torch.SymInt) and b.node.expr == token
+                if not fixed and not (symbolic and isinstance(s, torch.SymInt) and s.node.expr == token
+                                      and b.node.expr != token):
+                    return None
             batches.add(b.node.expr)
     return batches.pop() if len(batches) == 1 else None
 

@@ -637,36 +637,203 @@ def test_layer_norms_and_fused_qkv_splits_run_per_nano_batch(plans: list[tuple],
     assert all(plan.split[user.name] for n in norms + splits for user in n.users)  # their getitems
 
 
-def test_a_decode_step_of_several_sequences_says_why_it_does_not_split(split_calls: list[int]) -> None:
-    """A decode step over a cache (one query per sequence, the cache's length a second symbol)
-    fell back with "no symbolic token dimension to split (none, or several and no attention to
-    tell which)": the reason now says which (the queries' fixed length), and the tokens still
-    equal eager's."""
+def _decoded(model: torch.nn.Module, fn, ids: torch.Tensor, steps: int = 3) -> list[torch.Tensor]:
+    """The logits of a prefill of `ids` then `steps - 1` greedy decode steps (`[B, 1]` ids against
+    a DynamicCache), each step run by `fn`."""
     from transformers import DynamicCache
 
+    cache, step, position, logits = DynamicCache(config=model.config), ids, 0, []
+    for _ in range(steps):
+        with torch.no_grad():
+            out = fn(step, past_key_values=cache, use_cache=True,
+                     cache_position=torch.arange(position, position + step.shape[1]))
+        logits.append(out.logits)
+        position += step.shape[1]
+        step = out.logits[:, -1:].argmax(-1)
+    return logits
+
+
+def _heavy_ops(gm: torch.fx.GraphModule) -> tuple[list[str], list[str]]:
+    """The names of `gm`'s `padded_gemm` and `meta_attention` nodes."""
+    names = {"padded_gemm": [], "meta_attention": []}
+    for node in gm.graph.nodes:
+        names.get(getattr(node.target, "_opname", None), []).append(node.name)
+    return names["padded_gemm"], names["meta_attention"]
+
+
+# (Llama's k = 3 and Mixtral in the extended run: GPT-2's k = 3 and the one-layer decode's cut alike.)
+@pytest.mark.parametrize(("name", "k"), [("llama", 2), pytest.param("llama", 3, marks=pytest.mark.extended),
+                                         ("gpt2", 3), pytest.param("mixtral", 2, marks=pytest.mark.extended)])
+def test_a_decode_step_of_several_sequences_splits_over_them(name: str, k: int, plans: list[tuple],
+                                                             split_calls: list[int]) -> None:
+    """A decode step over a cache (`[B, 1]` ids, one query per sequence, the cache's length
+    another symbol) has no token symbol and ran whole ("a decode step over a cache"), though a big
+    decode batch is NanoFlow's main case. With an integer k it now splits over its sequences: the
+    GEMMs' B rows, attention per group of sequences with their cache rows (`[B, H, L, D]` cut
+    along B, never along L), norms over B. One decode graph serves B = 3, 2 and 5 (B < k too:
+    fewer pieces), through several steps, equal to eager."""
+    torch.manual_seed(k)
+    model = build(name)
+    report = tileflow.Report()
+    opts = {"passes": PASSES, "nano_batches": k}
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts, report=report), dynamic=True)
+    for batch in (3, 2, 5):
+        ids = torch.randint(0, VOCAB, (batch, 7))
+        for got, want in zip(_decoded(model, compiled, ids), _decoded(model, model, ids)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == 3 * 3  # every prefill and decode step ran nano-batched (checked by the fixture)
+    assert not [f for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
+    (prefill, decode) = [g.extra["nano_batch"] for g in report.graphs]
+    assert prefill["split_over"] == decode["split_over"] == "sequences"
+    assert decode["token_symbol"] is None  # (no token symbol: CUDA graphs bucket none, as before)
+    parts = min(k, 3)
+    assert decode["example_sequences"] == 3 and decode["sizes"] == [3 // parts + (i < 3 % parts) for i in range(parts)]
+    (gm, plan) = plans[1]
+    schedule = Schedule.from_dict(decode["schedule"])
+    check_schedule(schedule, {s.name: (0, 3) for s in plan.specs}, plan.edges)
+    pieces = collections.Counter(op.original for op in schedule.ops.values())
+    gemms, attention = _heavy_ops(gm)
+    assert len(gemms) >= 2 * 2 + 1 and len(attention) == 2
+    assert all(plan.split[n] and pieces[n] == parts for n in gemms + attention)
+    assert decode["split_ops"] == sum(plan.split.values()) and gm.meta["tileflow_nanobatch"] is plan
+    # The split reads the batch symbol; every cache input `[B, H, L, D]` is cut along B (dim 0).
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index, dim = plan.split_input
+    batch = placeholders[index].meta["val"].shape[dim].node.expr
+    caches = [n for n in placeholders if isinstance(n.meta["val"], torch.Tensor) and n.meta["val"].dim() == 4]
+    assert str(batch) == decode["batch_symbol"] and caches
+    assert all(plan.token_dims[n.name] == 0 and n.meta["val"].shape[0].node.expr == batch
+               and batch not in n.meta["val"].shape[2].node.expr.free_symbols for n in caches)
+
+
+class _DecodeOverACache(torch.nn.Module):
+    """One decode step of one attention layer: x `[B, 1, 16]`, the cache `[B, 2, L, 8]` (keys and
+    values alike) with the new key appended, and an output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.kv, self.o = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        q = self.q(x).view(b, 1, 2, 8).transpose(1, 2)
+        kv = torch.cat([cache, self.kv(x).view(b, 1, 2, 8).transpose(1, 2)], dim=2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, kv, kv)
+        return self.o(a.transpose(1, 2).reshape(b, 1, 16)) + x
+
+
+class _TwoDecodes(torch.nn.Module):
+    """Two decode steps over caches of their own, batches of their own (two batch symbols)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _DecodeOverACache(), _DecodeOverACache()
+
+    def forward(self, x: torch.Tensor, cx: torch.Tensor, y: torch.Tensor, cy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.a(x, cx), self.b(y, cy)
+
+
+def test_decode_steps_split_over_sequences_only_with_an_integer_k_and_one_batch_symbol(split_calls: list[int]) -> None:
+    """A decode step splits over its sequences with an integer k and B one input size symbol
+    shared by every attention's queries; "auto" (its search costs token rows) and a graph whose
+    queries' batches are two symbols fall back, each with a reason that says so."""
+    torch.manual_seed(1)
+    model = _DecodeOverACache().eval()
+    for k, count in ((2, 3), (3, 3), ("auto", 0)):
+        torch._dynamo.reset()
+        report = tileflow.Report()
+        compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": k},
+                                                                         report=report), dynamic=True)
+        split_calls.clear()
+        for b, length in ((3, 5), (2, 9), (5, 4)):
+            x, cache = torch.randn(b, 1, 16), torch.randn(b, 2, length, 8)
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(x, cache), model(x, cache), rtol=1e-5, atol=1e-5)
+        reasons = [f.reason for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
+        assert len(split_calls) == count, (k, split_calls)
+        if k == "auto":
+            assert len(reasons) == 1 and "a decode step over a cache" in reasons[0], reasons
+            assert "'auto'" in reasons[0] and "integer nano_batches" in reasons[0], reasons
+        else:
+            assert not reasons and report.graphs[0].extra["nano_batch"]["split_over"] == "sequences"
+    torch._dynamo.reset()
+    two = _TwoDecodes().eval()
+    report = tileflow.Report()
+    compiled = torch.compile(two, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
+                                                                   report=report), dynamic=True)
+    split_calls.clear()
+    args = (torch.randn(3, 1, 16), torch.randn(3, 2, 5, 8), torch.randn(4, 1, 16), torch.randn(4, 2, 6, 8))
+    with torch.no_grad():
+        for got, want in zip(compiled(*args), two(*args)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (reason,) = [f.reason for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
+    assert split_calls == [] and "a decode step over a cache" in reason and "one input size symbol" in reason, reason
+
+
+def test_a_decode_step_of_one_sequence_has_one_token_to_split(split_calls: list[int]) -> None:
+    """B = 1 (Dynamo specializes it): the decode step's one query is one token, nothing to split,
+    and the reason says so; its prefill splits along the tokens."""
+    torch.manual_seed(2)
     model = build("llama")
     report = tileflow.Report()
-    opts = {"passes": PASSES, "nano_batches": 3}
-    compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts, report=report), dynamic=True)
-    ids = torch.randint(0, VOCAB, (3, 7))
-
-    def decode(fn) -> list[torch.Tensor]:
-        cache, step, position, logits = DynamicCache(config=model.config), ids, 0, []
-        for _ in range(3):
-            with torch.no_grad():
-                out = fn(step, past_key_values=cache, use_cache=True,
-                         cache_position=torch.arange(position, position + step.shape[1]))
-            logits.append(out.logits)
-            position += step.shape[1]
-            step = out.logits[:, -1:].argmax(-1)
-        return logits
-
-    expected = decode(model)
-    for got, want in zip(decode(compiled), expected):
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
+                                                                     report=report), dynamic=True)
+    ids = torch.randint(0, VOCAB, (1, 7))
+    for got, want in zip(_decoded(model, compiled, ids), _decoded(model, model, ids)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     reasons = [f.reason for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
-    assert reasons and all("a fixed length 1 (a decode step over a cache)" in r for r in reasons), reasons
-    assert len(split_calls) == 1  # the prefill
+    assert len(split_calls) == 1 and report.graphs[0].extra["nano_batch"]["split_over"] == "tokens"
+    assert len(reasons) == 1 and "one token, nothing to split" in reasons[0], reasons
+
+
+def test_a_split_decode_step_is_not_captured_as_cuda_graphs(monkeypatch: pytest.MonkeyPatch,
+                                                            split_calls: list[int]) -> None:
+    """CUDA graphs bucket the token symbol, which a decode step over a cache lacks: unsplit it was
+    not captured ("no single symbolic token dimension to bucket"). Split over its sequences it
+    still is not, with the same words in the report (the CPU stand-in for CUDA graphs)."""
+    import tileflow.runtime.streams
+    from graph_doubles import ReplayOnCpu
+
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    ReplayOnCpu.captures = ReplayOnCpu.replays = 0
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    model = _DecodeOverACache().eval()
+    report = tileflow.Report()
+    opts = {"target": "reference", "passes": PASSES, "nano_batches": 2, "cuda_graphs": True, "max_tokens": 32}
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts, report=report), dynamic=True)
+    for b, length in ((3, 5), (4, 7)):
+        x, cache = torch.randn(b, 1, 16), torch.randn(b, 2, length, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, cache), model(x, cache), rtol=1e-5, atol=1e-5)
+    (graph,) = report.graphs
+    assert len(split_calls) == 2 and graph.extra["nano_batch"]["split_over"] == "sequences"
+    assert graph.extra["cuda_graphs"] == "not captured: no single symbolic token dimension to bucket"
+    assert ReplayOnCpu.captures == ReplayOnCpu.replays == 0
+
+
+@pytest.mark.extended
+def test_generate_splits_its_decode_steps_over_the_sequences(plans: list[tuple], split_calls: list[int]) -> None:
+    """`model.generate` with a compiled forward over a left-padded batch (its mask per sequence,
+    cut along B with the cache): the decode steps split over the sequences, the tokens and scores
+    equal eager's."""
+    torch.manual_seed(6)
+    model = build("llama")
+    ids = torch.randint(1, VOCAB, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, :2] = mask[2, :1] = 0
+    kwargs = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "output_scores": True,
+              "return_dict_in_generate": True, "pad_token_id": 0}
+    with torch.no_grad():
+        want = model.generate(ids, **kwargs)
+        model.forward = torch.compile(model.forward, backend=tileflow.TileflowBackend(
+            {"passes": PASSES, "nano_batches": 2}), dynamic=True)
+        got = model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == 4  # the prefill and three decode steps
+    assert all(p.split_input is not None for _, p in plans)
 
 
 def test_a_static_graph_says_why_no_step_of_it_splits(split_calls: list[int]) -> None:

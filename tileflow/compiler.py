@@ -243,6 +243,11 @@ def compile_graph(
         graphed = _safe_buckets(gm, graphed.buckets, graph_report, split_asserts=plan is None,
                                 strict=config.strict)
     buckets, positive_inputs, exact = graphed.buckets, graphed.positive_inputs, graphed.exact
+    if plan is not None and plan.token_input is None and buckets:
+        # A decode step split over its sequences has no token symbol to bucket: not captured, as
+        # when it ran unsplit (`graphed_step`).
+        graph_report.extra["cuda_graphs"] = "not captured: no single symbolic token dimension to bucket"
+        buckets = ()
     if artifact_dir is not None:
         # Lowering annotated the tileflow nodes with their kernels: refresh the final graph dump.
         (artifact_dir / "output.json").write_text(json.dumps(graph_to_json(gm), indent=1, default=str))

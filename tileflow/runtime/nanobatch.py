@@ -78,9 +78,10 @@ class NanoBatchRunner:
         return None
 
     def __call__(self, *args: Any) -> Any:
-        index, _ = self.plan.token_input
-        if self._graphs is not None and (args[index].device.type == "cuda" or self._graphs_anywhere):
-            return self._graphs(*args)
+        if self._graphs is not None:  # (a plan without a token input, a decode step, has none)
+            index, _ = self.plan.token_input
+            if args[index].device.type == "cuda" or self._graphs_anywhere:
+                return self._graphs(*args)
         return self._run(*args)
 
     def _run(self, *args: Any) -> Any:

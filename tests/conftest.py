@@ -73,25 +73,21 @@ def usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[s
     return run
 
 
-# Seconds each test file took on 2 CPU cores in the default run (`-m "not extended"`,
-# `--durations=0`, session 48, Triton's cache empty as on CI), for the files over 20 s, less the
-# tests marked extended after that run (their times in it); test_mask_rule.py's as it grew in
-# session 49 (its time alone on this machine then), and both it and test_attention.py's plus
-# the tests session 50 added (their own times); session 57 took about 20 s off each of
-# test_bench_smoke.py (bench/e2e.py's smoke check serves one trace) and test_mask_rule.py (fewer
-# random draws in the default run); session 58 about 12 s off test_ascend_gemm.py (two trials of
-# the racing builds, four under `extended`) and about 20 s off test_triton_attention.py (its
-# bfloat16 half biases and half its random mixes under `extended`). With `--dist loadfile
-# --no-loadscope-reorder` each xdist worker takes whole files in collection order; longest first
-# keeps one worker from running a long file alone at the end (xdist's own reorder counts tests,
-# and most of the long files have few).
+# Seconds each test file takes on 2 CPU cores in the default run (`-m "not extended"`), for the
+# files over 20 s: session 59's `--durations=0` run (Triton's cache empty as on CI; helpers ran
+# beside it, so its seconds were taken as 1.4x CI's), each file's less the share session 59's
+# trim took off it (each helper's before/after CPU seconds of the file). Only the order matters:
+# with `--dist loadfile --no-loadscope-reorder` each xdist worker takes whole files in collection
+# order, and longest first keeps one worker from running a long file alone at the end (xdist's
+# own reorder counts tests, and most of the long files have few).
 _FILE_SECONDS = {
-    "test_attention.py": 263, "test_padding_safety.py": 153, "test_triton_attention.py": 100,
-    "test_distributed.py": 119, "test_bench_smoke.py": 96, "test_mask_rule.py": 102, "test_export.py": 109,
-    "test_model_zoo.py": 102, "test_ascend_gemm.py": 79, "test_models.py": 89, "test_ascend_attention.py": 88,
-    "test_serving.py": 84, "test_triton_gemm.py": 77, "test_disaggregate.py": 74, "test_tensor_parallel.py": 71,
-    "test_grouped_gemm.py": 64, "test_backend.py": 59, "test_nanobatch.py": 57, "test_viz.py": 47,
-    "test_tasks.py": 47, "test_streams.py": 38, "test_sm90_compile.py": 33, "test_gemm_padding.py": 22,
+    "test_attention.py": 322, "test_nanobatch.py": 186, "test_mask_rule.py": 168, "test_padding_safety.py": 158,
+    "test_export.py": 132, "test_model_zoo.py": 126, "test_bench_smoke.py": 109, "test_disaggregate.py": 105,
+    "test_distributed.py": 96, "test_grouped_gemm.py": 93, "test_triton_gemm.py": 91, "test_triton_attention.py": 86,
+    "test_serving.py": 82, "test_sm90_compile.py": 80, "test_gemm_padding.py": 68, "test_models.py": 64,
+    "test_ascend_gemm.py": 63, "test_ascend_attention.py": 61, "test_backend.py": 60, "test_streams.py": 60,
+    "test_tensor_parallel.py": 53, "test_viz.py": 46, "test_attention_flat_scores.py": 38,
+    "test_ascend_cpu_double.py": 34, "test_mask_rule_triangles.py": 23, "test_gemm.py": 22,
 }
 
 

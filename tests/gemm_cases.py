@@ -40,6 +40,20 @@ EPILOGUE_CASES = [
 ]
 
 
+# The float32 twins of epilogues checked in float16 too (and in float32 inside other cases: bias
+# and residual in `bias-geglu_tanh-residual`, SiLU in `swiglu`, GELU in `geglu`): where a case
+# costs seconds (a g++ build, an interpreter launch of a split or stream-K kernel), a dtype sweep
+# the default run leaves to `extended`.
+EPILOGUE_TWINS = [("float32", (ep,)) for ep in ("bias", "silu", "gelu", "gelu_tanh", "swiglu", "residual")]
+
+
+def epilogue_params(cases: list[tuple[str, tuple[str, ...]]] = EPILOGUE_CASES) -> list:
+    """`cases` as parameters, the EPILOGUE_TWINS among them marked `extended`."""
+    import pytest
+
+    return [pytest.param(*case, marks=pytest.mark.extended) if case in EPILOGUE_TWINS else case for case in cases]
+
+
 def make_inputs(spec: KernelSpec, device: str, m: int, seed: int) -> dict[str, torch.Tensor | None]:
     """Fresh random x, weight and (when the epilogue wants them) bias and residual."""
     gen = torch.Generator().manual_seed(seed)

@@ -24,10 +24,15 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=300)
 
 
-def test_backend_string_works_without_importing_tileflow() -> None:
-    proc = run_python(
+@pytest.fixture(scope="module")
+def fresh_process() -> subprocess.CompletedProcess:
+    """One fresh interpreter (each costs a torch import and a cold Dynamo) for two tests: with
+    TILEFLOW_LOG unset, `backend="tileflow"` without importing tileflow first; a marker line on
+    stderr; then, TILEFLOW_LOG set (every backend reads it again), a second compile. Its stdout
+    is the first compile's rewrites, printed last."""
+    return run_python(
         """
-        import sys, torch
+        import os, sys, torch
         assert not torch._dynamo.config.specialize_float
         f = torch.compile(lambda x: torch.nn.functional.linear(x, torch.ones(3, 4)).relu(), backend="tileflow", dynamic=True)
         # Looking the backend up imported tileflow, which has Dynamo bake Python floats in.
@@ -36,11 +41,19 @@ def test_backend_string_works_without_importing_tileflow() -> None:
         assert out.shape == (5, 3)
         assert "tileflow" in sys.modules  # Dynamo found us through the entry point
         import tileflow
-        print(tileflow.session_report().rewrites)
+        rewrites = tileflow.session_report().rewrites
+        sys.stderr.write("<quiet above>\\n")
+        os.environ["TILEFLOW_LOG"] = "info"
+        torch._dynamo.reset()
+        torch.compile(lambda x: x.sin() @ x.t(), backend="tileflow", dynamic=True)(torch.randn(4, 4))
+        print(rewrites)
         """
     )
-    assert proc.returncode == 0, proc.stderr
-    assert "canonical_linear" in proc.stdout
+
+
+def test_backend_string_works_without_importing_tileflow(fresh_process: subprocess.CompletedProcess) -> None:
+    assert fresh_process.returncode == 0, fresh_process.stderr
+    assert "canonical_linear" in fresh_process.stdout
 
 
 class _CountingBackend(tileflow.TileflowBackend):
@@ -83,17 +96,13 @@ def test_python_floats_are_baked_in_and_symbolic_floats_still_compile(specialize
         assert len(backend.scalar_float_inputs) == 2 and min(backend.scalar_float_inputs) > 0, backend.scalar_float_inputs
 
 
-def test_logging_is_silent_by_default_and_on_with_env() -> None:
-    code = """
-        import torch
-        torch.compile(lambda x: x.sin() @ x.t(), backend="tileflow", dynamic=True)(torch.randn(4, 4))
-        """
-    quiet = run_python(code)
-    assert quiet.returncode == 0, quiet.stderr
-    assert "[tileflow" not in quiet.stderr and quiet.stdout == ""
-    loud = run_python(code, TILEFLOW_LOG="info")
-    assert loud.returncode == 0, loud.stderr
-    assert "[tileflow INFO] tileflow.pipeline" in loud.stderr and "canonicalize" in loud.stderr
+def test_logging_is_silent_by_default_and_on_with_env(fresh_process: subprocess.CompletedProcess) -> None:
+    proc = fresh_process
+    assert proc.returncode == 0, proc.stderr
+    quiet, marker, loud = proc.stderr.partition("<quiet above>\n")
+    # Nothing on stdout but the line the script prints itself at the end.
+    assert marker and "[tileflow" not in quiet and len(proc.stdout.splitlines()) == 1
+    assert "[tileflow INFO] tileflow.pipeline" in loud and "canonicalize" in loud
     bad = run_python("import tileflow", TILEFLOW_LOG="chatty")
     assert bad.returncode != 0 and "TILEFLOW_LOG='chatty' is not a log level" in bad.stderr
 
@@ -118,10 +127,21 @@ def test_configure_from_env_adds_one_handler_and_reads_any_case(monkeypatch: pyt
         logger.handlers, logger.level = saved_handlers, saved_level
 
 
-def test_explain_report_prints_and_round_trips() -> None:
+@pytest.fixture(scope="module")
+def llama_explained(tmp_path_factory: pytest.TempPathFactory):
+    """`tileflow.explain` of the small Llama for the reference target (the default on a CPU) with
+    a debug_dir, compiled once for the tests that read its report and its written graph: the
+    model, the report, and the debug_dir."""
+    debug_dir = tmp_path_factory.mktemp("llama_explained")
     model = build("llama")
-    ids = torch.randint(0, VOCAB, (1, 7))
-    report = tileflow.explain(model, ids, use_cache=False)
+    torch._dynamo.reset()
+    report = tileflow.explain(model, torch.randint(0, VOCAB, (1, 7)), use_cache=False,
+                              options={"target": "reference", "debug_dir": str(debug_dir)})
+    return model, report, debug_dir
+
+
+def test_explain_report_prints_and_round_trips(llama_explained) -> None:
+    _, report, _ = llama_explained
     [graph] = report.graphs
     names = [p.name for p in report.passes]
     assert names == ["canonicalize", "attention", "gemm_padding"]
@@ -223,12 +243,10 @@ def test_options_that_are_no_mapping_say_so(options) -> None:
         torch.compile(torch.sin, backend="tileflow", options=options)(torch.randn(3))
 
 
-def test_dynamo_capture_keeps_sdpa_whole_and_tokens_symbolic(tmp_path) -> None:
-    model = build("qwen2")
-    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"debug_dir": str(tmp_path)}), dynamic=True)
-    with torch.no_grad():
-        compiled(torch.randint(0, VOCAB, (2, 9)), use_cache=False)
-    nodes = json.loads(next(tmp_path.glob("graph_*/input.json")).read_text())
+def test_dynamo_capture_keeps_sdpa_whole_and_tokens_symbolic(llama_explained) -> None:
+    # The graph Dynamo captured of the module's Llama compile, as written to its debug_dir.
+    _, _, debug_dir = llama_explained
+    nodes = json.loads(next(debug_dir.glob("graph_*/input.json")).read_text())
     sdpa = [n for n in nodes if "scaled_dot_product" in n["target"]]
     assert len(sdpa) == 2  # one node per layer, not decomposed
     assert not any(n["target"] == "aten.softmax.int" or n["target"] == "aten._softmax.default" for n in nodes)
@@ -299,12 +317,11 @@ def test_cuda_graphs_on_the_cpu_says_why_nothing_was_captured() -> None:
     assert report.graphs[0].extra["cuda_graphs"] == "not captured: CUDA graphs capture CUDA work, this graph runs on cpu"
 
 
-def test_fused_swiglu_kernels_are_built_for_the_intermediate_width() -> None:
+def test_fused_swiglu_kernels_are_built_for_the_intermediate_width(llama_explained) -> None:
     """Llama's separate gate and up projections fuse into one SwiGLU GEMM whose weights are each
     [intermediate, hidden]: the kernels built ahead have N = intermediate (not half of it, as for
     one stacked [2 * intermediate, hidden] weight), the width its plan was made for."""
-    model = build("llama")
-    report = tileflow.explain(model, torch.randint(0, VOCAB, (1, 7)), use_cache=False, options={"target": "reference"})
+    model, report, _ = llama_explained
     swiglu = [dict(k.spec["params"]) for k in report.kernels if k.spec and "swiglu" in k.spec["epilogue"]]
     assert swiglu and all(p["n"] == model.config.intermediate_size and p["k"] == model.config.hidden_size for p in swiglu)
     assert all(p["n"] == model.config.intermediate_size for p in report.graphs[0].plans if p.get("gated"))
@@ -420,24 +437,24 @@ def test_report_text_shows_the_notes_in_extra(tmp_path) -> None:
     assert f"cuda_graphs: {note}" in str(report)
 
 
-def test_verify_compiles_the_graph_it_compiles_without_verify(tmp_path) -> None:
+def test_verify_compiles_the_graph_it_compiles_without_verify(llama_explained, tmp_path) -> None:
     """With verify=True the passes run on the first call, outside Dynamo's tracing context, where
     FX's dead-code elimination keeps SDPA's CPU flash kernel (tagged random): the replaced
     attentions and the mask ops feeding them stayed in the step (206 nodes against 150) and ran
     beside the meta-kernel on every call."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
-    from models import VOCAB, build
-
-    model = build("llama")
-    ids = torch.randint(0, VOCAB, (1, 8))
+    # Without verify: the module's compile of the same model at the default options.
+    model, report, debug_dir = llama_explained
+    ids = torch.randint(0, VOCAB, (1, 7))
     counts = []
     for verify in (False, True):
-        torch._dynamo.reset()
-        report = tileflow.explain(model, ids, use_cache=False,
-                                  options={"verify": verify, "debug_dir": str(tmp_path / f"verify_{verify}")})
+        if verify:
+            torch._dynamo.reset()
+            debug_dir = tmp_path / "verify_True"
+            report = tileflow.explain(model, ids, use_cache=False,
+                                      options={"target": "reference", "verify": True, "debug_dir": str(debug_dir)})
         [graph] = report.graphs
         counts.append(graph.nodes_out)
-        code = (tmp_path / f"verify_{verify}" / graph.graph_id / "output.py").read_text()
+        code = (debug_dir / graph.graph_id / "output.py").read_text()
         assert "torch.ops.aten._scaled_dot_product" not in code and code.count("meta_attention.default(") == 2
     assert counts[0] == counts[1], counts
 

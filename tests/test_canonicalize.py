@@ -217,11 +217,16 @@ def test_proven_metadata_asserts_are_dropped() -> None:
     assert len(kept) == 1 and kept[0].args[3] == torch.float16
 
 
-@given(st.integers(2, 5).flatmap(lambda rank: st.permutations(range(rank))))
-@settings(max_examples=60, deadline=None, derandomize=True)
-def test_transposed_dims_of_every_permutation(order: list[int]) -> None:
+# Draws per run: 20 in the default run, the 60 it had in the extended one (each traces a graph).
+@pytest.mark.parametrize("examples", [20, pytest.param(60, marks=pytest.mark.extended)])
+def test_transposed_dims_of_every_permutation(examples: int) -> None:
     """A permute is a transpose exactly when it swaps two dims (torch.export writes transposes
     that way), and `transposed_dims` names those two; `transpose(a, b)` and `t` agree."""
+    settings(max_examples=examples, deadline=None, derandomize=True)(
+        given(st.integers(2, 5).flatmap(lambda rank: st.permutations(range(rank))))(_transposed_dims_checked))()
+
+
+def _transposed_dims_checked(order: list[int]) -> None:
     x = torch.randn(*range(2, 2 + len(order)))
     a, b = order[0], len(order) - 1
     gm = traced(lambda x: (x.permute(order), x.transpose(a, b)) + ((x.t(),) if x.dim() == 2 else ()), x)
@@ -254,15 +259,19 @@ def test_a_reshape_round_trip_is_its_base() -> None:
     check_same(fn, gm, torch.randn(2, 4, 6, 6))
 
 
-@settings(max_examples=25, deadline=None)
-@given(equation=st.sampled_from([
-    "bhsd,bhld->bhsl", "bshd,blhd->bhsl", "bhsl,bhld->bhsd", "bhsl,blhd->bshd", "bij,bjk->bik", "ij,jk->ik",
-    "bsk,nk->bsn", "bsk,kn->bsn", "sk,nk->ns", "abcd,abde->acbe",
-]), batch=st.integers(1, 3))
-def test_einsum_layout_moves_fold_into_views(equation: str, batch: int) -> None:
+# Draws per run: 10 in the default run, the 25 it had in the extended one (each traces a graph).
+@pytest.mark.parametrize("examples", [10, pytest.param(25, marks=pytest.mark.extended)])
+def test_einsum_layout_moves_fold_into_views(examples: int) -> None:
     """einsum lines its operands up for a bmm with unsqueezes and permutes of size-1 dims; the
     chains fold into views (and a permute and transpose where the real dims change order), with
     the same values, and a product with a 2-D weight becomes a linear."""
+    settings(max_examples=examples, deadline=None)(given(equation=st.sampled_from([
+        "bhsd,bhld->bhsl", "bshd,blhd->bhsl", "bhsl,bhld->bhsd", "bhsl,blhd->bshd", "bij,bjk->bik", "ij,jk->ik",
+        "bsk,nk->bsn", "bsk,kn->bsn", "sk,nk->ns", "abcd,abde->acbe",
+    ]), batch=st.integers(1, 3))(_einsum_checked))()
+
+
+def _einsum_checked(equation: str, batch: int) -> None:
     sizes = {"b": batch, "h": 2, "s": 5, "l": 5, "d": 4, "i": 3, "j": 4, "k": 6, "n": 7, "a": batch, "c": 3, "e": 2}
     lhs, rhs = equation.split("->")[0].split(",")
     x, w = torch.randn(*[sizes[c] for c in lhs]), torch.randn(*[sizes[c] for c in rhs])

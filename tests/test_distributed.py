@@ -37,16 +37,21 @@ def test_bad_sizes_are_usage_errors_before_any_process_group(usage_error) -> Non
     assert "--batches must be >= 1, got 0" in usage_error("disaggregate", "--batches", "0")
 
 
-def test_outside_torchrun_the_example_and_init_distributed_say_to_run_under_torchrun(monkeypatch) -> None:
+def test_outside_torchrun_the_example_and_init_distributed_say_to_run_under_torchrun(monkeypatch, capsys) -> None:
     """Run as a plain script, the example failed in torch's process-group set-up ("environment
     variable RANK expected, but not set"), naming neither torchrun nor the other variables."""
-    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    run = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert run.returncode == 2 and "run it under torchrun: torchrun --nproc-per-node 3" in run.stderr, run.stderr[-3000:]
+    import runpy
+
     from tileflow.distributed import init_distributed
 
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
+    # The script run as `__main__` in this process (a fresh interpreter only adds torch's import).
+    monkeypatch.setattr(sys, "argv", [str(EXAMPLE)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(EXAMPLE), run_name="__main__")
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and "run it under torchrun: torchrun --nproc-per-node 3" in stderr, stderr[-3000:]
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(RuntimeError, match="RANK, MASTER_ADDR, MASTER_PORT are not set: run the script under torchrun"):
         init_distributed(5.0)
@@ -146,8 +151,9 @@ def test_rotation_carries_complex_rope_factors_between_replicas() -> None:
 
 
 def test_check_reports_a_mismatch() -> None:
-    # A tolerance no float run meets: the comparison must fire and the run exit non-zero.
-    run = _torchrun(2, "--check", "--tolerance", "0", "--steps", "2")
+    # A tolerance no float run meets: the comparison must fire and the run exit non-zero (one
+    # layer: the comparison, not the depth, is what this checks).
+    run = _torchrun(2, "--check", "--tolerance", "0", "--steps", "2", "--layers", "1")
     assert run.returncode != 0
     assert "MISMATCH step 0" in run.stdout
 
@@ -187,7 +193,8 @@ def _free_port() -> int:
 
 
 def _launch_ranks(tmp_path: Path, timeout_s: float, *extra: str) -> list[subprocess.Popen]:
-    """Start 3 ranks directly (torchrun would kill the survivors itself, hiding their behaviour)."""
+    """Start 3 ranks directly (torchrun would kill the survivors itself, hiding their behaviour),
+    over a one-layer model: how a failure travels does not depend on the depth."""
     port = _free_port()
     procs = []
     for rank in range(3):
@@ -196,7 +203,7 @@ def _launch_ranks(tmp_path: Path, timeout_s: float, *extra: str) -> list[subproc
         log = open(tmp_path / f"rank{rank}.log", "w")
         procs.append(subprocess.Popen(
             [sys.executable, str(EXAMPLE), "--steps", "400", "--step-delay", "0.05", "--timeout", str(timeout_s),
-             "--pid-dir", str(tmp_path), *extra],
+             "--layers", "1", "--pid-dir", str(tmp_path), *extra],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
         ))
     return procs

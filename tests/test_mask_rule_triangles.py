@@ -189,13 +189,17 @@ class _Manual(nn.Module):
         return att.softmax(-1) @ v
 
 
-def _compile_and_compare(m: nn.Module, lengths=(3, 6, 11, 17)) -> tuple[tileflow.Report, list[torch.fx.Node]]:
+def _compile_and_compare(m: nn.Module, lengths=(3, 6, 11, 17),
+                         keep: list | None = None) -> tuple[tileflow.Report, list[torch.fx.Node]]:
     """Compile `m` (target reference, dynamic sizes), check it equals eager (fp32, tight) at each
-    length, and return the report and the graph's meta_attention calls."""
+    length, and return the report and the graph's meta_attention calls (the compiled `m` appended
+    to `keep`, for a test that calls it again)."""
     from test_attention import compile_attention
 
     torch._dynamo.reset()
     compiled, _, gm, report = compile_attention(m, torch.randn(2, 5, 192))
+    if keep is not None:
+        keep.append(compiled)
     gen = torch.Generator().manual_seed(0)
     for s in lengths:
         x = torch.randn(2, s, 192, generator=gen)
@@ -256,12 +260,10 @@ def test_nanogpt_under_torch_compile_keeps_its_buffer_as_a_mask() -> None:
     without a recompile, so it is never read as a rule. The mask stays (meta_attention with its
     bias), and a buffer changed after compiling still gives eager's output."""
     m = _NanoGPT()
-    report, (meta,) = _compile_and_compare(m)
+    kept: list = []
+    report, (meta,) = _compile_and_compare(m, keep=kept)
     assert not report.rewrites.get("mask_as_rule") and meta.args[3] is not None
-    from test_attention import compile_attention
-
-    torch._dynamo.reset()
-    compiled, _, _, _ = compile_attention(m, torch.randn(2, 5, 192))
+    (compiled,) = kept
     with torch.no_grad():
         m.bias.copy_(torch.ones_like(m.bias))  # now no mask at all
     x = torch.randn(2, 7, 192)

@@ -26,6 +26,19 @@ from models import BLOOM_ALIBI, MOE, VOCAB, build  # noqa: E402
 H = 16
 
 
+def _one_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """A model of `model`'s kind and config with one decoder layer instead of two (seeded alike):
+    the model tests below count no layers, and where both layers are alike the second repeats
+    the first one's ops, padded rows and all; a layer fewer is less to trace and compile. (Models
+    whose layers differ, a sliding window or experts in every other one, keep two.)"""
+    config = model.config
+    config.num_hidden_layers = 1
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:1]
+    torch.manual_seed(0)
+    return type(model)(config).eval()
+
+
 @pytest.fixture
 def replay_on_cpu(monkeypatch: pytest.MonkeyPatch) -> type[ReplayOnCpu]:
     """Replays on the CPU (`ReplayOnCpu`), with the padded rows of float inputs filled with random
@@ -317,14 +330,15 @@ def test_a_clamped_index_shifted_past_the_known_bound_is_not_known(replay_on_cpu
     _assert_not_padded(_run(gated, _rows), "all is not known")
 
 
-@pytest.mark.parametrize("arch, batch", [("mistral", 1), ("gpt2", 1), ("llama", 2), ("gpt2", 3),
-                                         pytest.param("qwen2", 1, marks=pytest.mark.extended)])
+# (GPT-2's one sequence in the extended run: GPT-2 at three sequences, Mistral at one.)
+@pytest.mark.parametrize("arch, batch", [("mistral", 1), pytest.param("gpt2", 1, marks=pytest.mark.extended),
+                                         ("llama", 2), ("gpt2", 3), pytest.param("qwen2", 1, marks=pytest.mark.extended)])
 def test_causal_models_are_captured(replay_on_cpu, arch: str, batch: int) -> None:
     """transformers' causal models (their masks built from positions) are captured and equal
     eager at lengths inside and across the buckets, one sequence or several (their rows
     flattened to [batch * T, H] for the GEMMs, each sequence padded at its end)."""
     torch.manual_seed(0)
-    model = build(arch)
+    model = _one_layer(build(arch))
 
     def make(tokens: int) -> tuple[torch.Tensor]:
         return (torch.randint(0, VOCAB, (batch, tokens)),)
@@ -340,13 +354,13 @@ def test_causal_models_are_captured(replay_on_cpu, arch: str, batch: int) -> Non
 MOE_ARCHS = ["mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe", "qwen3_moe", "phimoe", "llama4"]
 
 
-# Every architecture with several sequences (rows padded between them) and Mixtral alone in the
-# default run, but Qwen3-MoE (Qwen2-MoE's routing) and PhiMoE; those, three sequences and the
-# other single sequences in the extended run.
-@pytest.mark.parametrize("arch, batch", [*((arch, 2) for arch in MOE_ARCHS if arch not in ("qwen3_moe", "phimoe")), ("mixtral", 1),
+# Every architecture with several sequences (rows padded between them) in the default run, but
+# Qwen3-MoE (Qwen2-MoE's routing) and PhiMoE; those, three sequences and the single sequences in
+# the extended run (one sequence's rows routed by expert: `test_expert_routing_is_captured`).
+@pytest.mark.parametrize("arch, batch", [*((arch, 2) for arch in MOE_ARCHS if arch not in ("qwen3_moe", "phimoe")),
                                          *(pytest.param(arch, 2, marks=pytest.mark.extended) for arch in ("qwen3_moe", "phimoe")),
                                          pytest.param("mixtral", 3, marks=pytest.mark.extended),
-                                         *(pytest.param(arch, 1, marks=pytest.mark.extended) for arch in MOE_ARCHS if arch != "mixtral"),
+                                         *(pytest.param(arch, 1, marks=pytest.mark.extended) for arch in MOE_ARCHS),
                                          pytest.param("llama4", 3, marks=pytest.mark.extended)])
 def test_mixture_of_experts_models_are_captured(replay_on_cpu, arch: str, batch: int) -> None:
     """Mixtral, gpt-oss (expert biases gathered by id), DeepSeek-V3 (group-limited routing by
@@ -358,7 +372,9 @@ def test_mixture_of_experts_models_are_captured(replay_on_cpu, arch: str, batch:
     from models import ZOO
 
     torch.manual_seed(0)
-    model = build(arch) if arch == "mixtral" else (MOE.get(arch) or ZOO[arch][0])().eval()
+    model = (build(arch) if arch == "mixtral" else (MOE.get(arch) or ZOO[arch][0])()).eval()
+    if arch in ("mixtral", "qwen2_moe", "qwen3_moe", "phimoe"):  # (each layer alike, experts in each)
+        model = _one_layer(model)
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(ids, use_cache=False).logits
@@ -1245,6 +1261,8 @@ def test_zoo_models_with_lowest_value_masks_are_captured(replay_on_cpu, arch: st
 
     torch.manual_seed(0)
     model = ZOO[arch][0]().eval()
+    if arch != "gemma2":  # (its sliding window in every other layer)
+        model = _one_layer(model)
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(ids, use_cache=False).logits
@@ -1263,7 +1281,10 @@ def test_zoo_models_in_float16_are_captured(replay_on_cpu, arch: str) -> None:
     from models import ZOO
 
     torch.manual_seed(0)
-    model = ZOO[arch][0]().eval().half()
+    model = ZOO[arch][0]().eval()
+    if arch != "gemma2":  # (its sliding window in every other layer)
+        model = _one_layer(model)
+    model = model.half()
     report = tileflow.Report()
     compiled = torch.compile(lambda ids: model(ids, use_cache=False).logits,
                              backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report))
@@ -2208,7 +2229,7 @@ def test_a_tileflow_causal_model_without_position_ids_is_replayed_padded(replay_
     token counts only), and the step is replayed at buckets too, packed sequences kept apart as
     SDPA's packed mask keeps them."""
     tileflow.register_transformers()
-    model = build("llama")
+    model = _one_layer(build("llama"))
     model.config._attn_implementation = "tileflow_causal"
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
@@ -2333,7 +2354,7 @@ def test_causal_models_called_with_an_attention_mask_are_captured(replay_on_cpu,
     """transformers' causal models called with a (left-padded) attention mask, as a serving step
     calls them: replayed at the buckets, equal to eager."""
     torch.manual_seed(0)
-    model = build(arch)
+    model = _one_layer(build(arch))
 
     def make(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         mask = torch.ones(1, tokens, dtype=torch.long)

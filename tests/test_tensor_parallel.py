@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# Nano-batch counts each rank compiles the sharded model with (one spawn runs them all).
+# Nano-batch counts each rank compiles the sharded model with: the default run's spawn compiles
+# k = 2 (and the CUDA-graph runs); k = 3, a middle nano-batch between two others, has a spawn of
+# its own in the extended run.
 SPLITS = (2, 3)
 LENGTHS = (5, 9, 16)
 # Token counts of the CUDA-graph run: buckets 16 and 32, three calls padded.
@@ -27,12 +29,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tensor_parallel_rank(rank: int, port: int, out_dir: str, arch: str) -> None:
+def _tensor_parallel_rank(rank: int, port: int, out_dir: str, arch: str, splits: tuple[int, ...],
+                          graphs: bool) -> None:
     """Shard a small `arch` model (a Llama, or a Qwen2 with its Q, K and V biases) over the ranks;
-    compile it for each k in SPLITS with the schedule run on simulated streams (a different
-    random interleaving on each rank and call), then with CUDA graphs through a CPU stand-in,
-    whole and nano-batched; write what each run saw: the largest difference from the unsharded
-    model, the compiles, the schedule and the cost profile."""
+    compile it for each k in `splits` with the schedule run on simulated streams (a different
+    random interleaving on each rank and call), then (if `graphs`) with CUDA graphs through a
+    CPU stand-in, whole and nano-batched; write what each run saw: the largest difference from
+    the unsharded model, the compiles, the schedule and the cost profile."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate
@@ -100,7 +103,7 @@ def _tensor_parallel_rank(rank: int, port: int, out_dir: str, arch: str) -> None
         return diffs, report
 
     result = {}
-    for k in SPLITS:
+    for k in splits:
         runners.clear()
         diffs, report = compiled_diffs({"passes": ["canonicalize", "attention", "gemm_padding", "padding_probe",
                                                    "nanobatch"], "nano_batches": k}, LENGTHS)
@@ -114,18 +117,19 @@ def _tensor_parallel_rank(rank: int, port: int, out_dir: str, arch: str) -> None
             "padding_hazard": hazards[-1],
         }
 
-    # CUDA graphs at token buckets, through a CPU stand-in that really runs the padded step: every
-    # rank replays a call at the same bucket, so the all-reduces pair up over the padded rows too.
-    streams.GRAPH_FACTORY = ReplayOnCpu
-    diffs, report = compiled_diffs({"cuda_graphs": True, "max_tokens": 32}, GRAPH_LENGTHS)
-    result["cuda_graphs"] = {"diffs": diffs, "note": report.graphs[0].extra.get("cuda_graphs"),
-                             "captures": ReplayOnCpu.captures, "replays": ReplayOnCpu.replays}
-    # And both, as NanoFlow runs a step: nano-batches on streams, captured as one graph per bucket.
-    ReplayOnCpu.captures = ReplayOnCpu.replays = 0
-    diffs, report = compiled_diffs({"passes": ["canonicalize", "attention", "gemm_padding", "nanobatch"],
-                                    "nano_batches": 2, "cuda_graphs": True, "max_tokens": 32}, GRAPH_LENGTHS)
-    result["nano_cuda_graphs"] = {"diffs": diffs, "note": report.graphs[0].extra.get("cuda_graphs"),
-                                  "captures": ReplayOnCpu.captures, "replays": ReplayOnCpu.replays}
+    if graphs:
+        # CUDA graphs at token buckets, through a CPU stand-in that really runs the padded step: every
+        # rank replays a call at the same bucket, so the all-reduces pair up over the padded rows too.
+        streams.GRAPH_FACTORY = ReplayOnCpu
+        diffs, report = compiled_diffs({"cuda_graphs": True, "max_tokens": 32}, GRAPH_LENGTHS)
+        result["cuda_graphs"] = {"diffs": diffs, "note": report.graphs[0].extra.get("cuda_graphs"),
+                                 "captures": ReplayOnCpu.captures, "replays": ReplayOnCpu.replays}
+        # And both, as NanoFlow runs a step: nano-batches on streams, captured as one graph per bucket.
+        ReplayOnCpu.captures = ReplayOnCpu.replays = 0
+        diffs, report = compiled_diffs({"passes": ["canonicalize", "attention", "gemm_padding", "nanobatch"],
+                                        "nano_batches": 2, "cuda_graphs": True, "max_tokens": 32}, GRAPH_LENGTHS)
+        result["nano_cuda_graphs"] = {"diffs": diffs, "note": report.graphs[0].extra.get("cuda_graphs"),
+                                      "captures": ReplayOnCpu.captures, "replays": ReplayOnCpu.replays}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
@@ -144,8 +148,8 @@ def _reaches(ops: dict[str, dict], start: str, goal: str) -> bool:
     return False
 
 
-def _run_ranks(out: Path, arch: str) -> list[dict]:
-    """What each rank of one two-process run of `arch` wrote."""
+def _run_ranks(out: Path, arch: str, splits: tuple[int, ...] = SPLITS, graphs: bool = True) -> list[dict]:
+    """What each rank of one two-process run of `arch` wrote (`_tensor_parallel_rank`)."""
     import sys
 
     import torch.multiprocessing as mp
@@ -153,14 +157,30 @@ def _run_ranks(out: Path, arch: str) -> list[dict]:
     tests = str(Path(__file__).resolve().parent)
     if tests not in sys.path:  # the spawned ranks import this module and `models` from here
         sys.path.insert(0, tests)
-    mp.spawn(_tensor_parallel_rank, args=(_free_port(), str(out), arch), nprocs=WORLD, join=True)
+    mp.spawn(_tensor_parallel_rank, args=(_free_port(), str(out), arch, splits, graphs), nprocs=WORLD, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
 def tensor_parallel_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """What each rank of one two-process run of the Llama wrote."""
-    return _run_ranks(tmp_path_factory.mktemp("tensor_parallel"), "llama")
+    """What each rank of one two-process run of the Llama wrote: k = SPLITS[0] and CUDA graphs."""
+    return _run_ranks(tmp_path_factory.mktemp("tensor_parallel"), "llama", SPLITS[:1])
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_runs_at_more_splits(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The same for the other k of SPLITS (the extended run's), without the CUDA-graph runs."""
+    return _run_ranks(tmp_path_factory.mktemp("tensor_parallel_more"), "llama", SPLITS[1:], graphs=False)
+
+
+def _runs_at(request: pytest.FixtureRequest, k: int) -> list[dict]:
+    """The ranks' runs that compiled the Llama with k nano-batches."""
+    return request.getfixturevalue("tensor_parallel_runs" if k == SPLITS[0] else "tensor_parallel_runs_at_more_splits")
+
+
+# k = 3 in the extended run: k = 2 takes the same paths (a schedule per nano-batch count, the
+# pieces of every collective, each all-reduce beside the next nano-batch's GEMM).
+K_PARAMS = [SPLITS[0], *(pytest.param(k, marks=pytest.mark.extended) for k in SPLITS[1:])]
 
 
 @pytest.mark.extended  # the same paths as the Llama's, with sharded biases
@@ -174,25 +194,25 @@ def test_a_sharded_qwen2_matches_the_unsharded_model(tmp_path: Path) -> None:
             assert all(d <= 1e-5 for d in run[key]["diffs"]) and run[key]["captures"] == 2, (rank, key)
 
 
-@pytest.mark.parametrize("k", SPLITS)
-def test_a_sharded_llama_nano_batched_matches_the_unsharded_model(tensor_parallel_runs: list[dict], k: int) -> None:
+@pytest.mark.parametrize("k", K_PARAMS)
+def test_a_sharded_llama_nano_batched_matches_the_unsharded_model(request: pytest.FixtureRequest, k: int) -> None:
     """Every rank's logits equal the unsharded model's at every length, with one compiled graph."""
-    for rank, run in enumerate(tensor_parallel_runs):
+    for rank, run in enumerate(_runs_at(request, k)):
         got = run[str(k)]
         assert all(d <= 1e-5 for d in got["diffs"]), f"rank {rank}, k={k}: {got['diffs']}"
         assert got["graphs"] == 1
 
 
-@pytest.mark.parametrize("k", SPLITS)
+@pytest.mark.parametrize("k", K_PARAMS)
 def test_each_nano_batch_reduces_on_the_network_stream_beside_the_next_ones_gemm(
-    tensor_parallel_runs: list[dict], k: int
+    request: pytest.FixtureRequest, k: int
 ) -> None:
     """The collectives run once per nano-batch on the network stream (before, each ran once over
     the whole step, after every nano-batch's producer): the embedding's and the row-parallel
     projections' all-reduces, and the LM head's gather (along dim 0, the tokens along dim 1).
     Nano-batch j's all-reduce of a projection neither waits for nor holds up nano-batch
     j + 1's GEMM of that projection."""
-    run = tensor_parallel_runs[0][str(k)]
+    run = _runs_at(request, k)[0][str(k)]
     ops = {op["name"]: op for op in run["schedule"]["ops"]}
     network = {op["stream"] for op in ops.values() if op["resource"] == "network"}
     assert len(network) == 1

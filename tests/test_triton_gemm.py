@@ -38,7 +38,7 @@ from tileflow.backends.triton.gemm import make_gemm_launcher, render_gemm_source
 from tileflow.kernel_spec import KernelSpec, TileConfig, make_params  # noqa: E402
 from tileflow.targets import triton_interpreter_enabled  # noqa: E402
 
-from gemm_cases import EPILOGUE_CASES, assert_close, make_inputs, overflow_inputs, poisoned_out, reference  # noqa: E402
+from gemm_cases import EPILOGUE_CASES, assert_close, epilogue_params, make_inputs, overflow_inputs, poisoned_out, reference  # noqa: E402
 
 TILE_A = TileConfig(16, 32, 32)
 TILE_B = TileConfig(32, 32, 16)
@@ -157,7 +157,7 @@ def test_split_k_gemm_every_m(dtype: str, m: int) -> None:
         run_case(gemm_spec(dtype, k=136, split_k=True), m, seed=3000 + m + split_k, split_k=split_k)
 
 
-@pytest.mark.parametrize("dtype,epilogue", EPILOGUE_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype,epilogue", epilogue_params(), ids=_case_id)
 def test_split_k_epilogue(dtype: str, epilogue: tuple[str, ...]) -> None:
     spec = gemm_spec(dtype, epilogue, k=72, tile=TILE_B, split_k=True)
     run_case(spec, 37, seed=sum(map(ord, dtype + "split" + "-".join(epilogue))), split_k=3)
@@ -384,7 +384,7 @@ def test_tma_gemm_every_m(dtype: str, m: int) -> None:
     run_case(gemm_spec(dtype, k=136, tma=True), m, seed=5000 + m)
 
 
-@pytest.mark.parametrize("dtype,epilogue", EPILOGUE_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype,epilogue", epilogue_params(), ids=_case_id)
 def test_tma_epilogue(dtype: str, epilogue: tuple[str, ...]) -> None:
     run_case(gemm_spec(dtype, epilogue, k=72, tile=TILE_B, tma=True), 37, seed=sum(map(ord, dtype + "tma" + "-".join(epilogue))))
 
@@ -434,10 +434,12 @@ def test_tma_weight_layouts_and_unaligned_operands() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-# Every M in float32; in float16 one row, a tile and one past it, and the largest in the default
-# run, the other Ms extended.
+# In the default run, float32 at one row, a few rows, a tile and one past it, and the largest (9 M
+# tiles: 63 and 100, with 4 and 7, split the same kinds of boundary), float16 at one row, a tile and
+# one past it, and the largest; the other Ms extended.
 @pytest.mark.parametrize(("dtype", "m"), [
-    *(("float32", m) for m in (1, 2, 7, 16, 17, 63, 100, 129)), *(("float16", m) for m in (1, 16, 17, 129)),
+    *(("float32", m) for m in (1, 2, 7, 16, 17, 129)), *(("float16", m) for m in (1, 16, 17, 129)),
+    *(pytest.param("float32", m, marks=pytest.mark.extended) for m in (63, 100)),
     *(pytest.param("float16", m, marks=pytest.mark.extended) for m in (2, 7, 63, 100))])
 def test_stream_k_gemm_every_m(dtype: str, m: int) -> None:
     # N = 40 and K = 136 (five BLOCK_K steps of 32, the last masked): grids that split tiles
@@ -448,7 +450,7 @@ def test_stream_k_gemm_every_m(dtype: str, m: int) -> None:
             run_case(spec, m, seed=4000 + m + k + programs, num_programs=programs)
 
 
-@pytest.mark.parametrize("dtype,epilogue", EPILOGUE_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype,epilogue", epilogue_params(), ids=_case_id)
 def test_stream_k_epilogue(dtype: str, epilogue: tuple[str, ...]) -> None:
     # 37 rows x 40 columns in 32x32 tiles = 4 tiles of 5 steps over 7 programs: every tile is
     # shared, so the fixup kernel applies the epilogue; over 2 programs, two tiles are whole.
@@ -1071,10 +1073,15 @@ def test_cuda_no_recompile_across_m(tmp_path: Path) -> None:
 
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
-@given(m=st.integers(min_value=1, max_value=300), persistent=st.booleans(),
-       num_programs=st.integers(min_value=1, max_value=9))
-def test_any_m_property(m: int, persistent: bool, num_programs: int) -> None:
+# Draws per run: 6 in the default run, the 12 it had under `extended` (each an interpreter launch).
+@pytest.mark.parametrize("examples", [6, pytest.param(12, marks=pytest.mark.extended)])
+def test_any_m_property(examples: int) -> None:
+    settings(max_examples=examples, deadline=None, derandomize=True)(
+        given(m=st.integers(min_value=1, max_value=300), persistent=st.booleans(),
+              num_programs=st.integers(min_value=1, max_value=9))(_any_m_checked))()
+
+
+def _any_m_checked(m: int, persistent: bool, num_programs: int) -> None:
     spec = gemm_spec("float32", ("bias", "gelu"), k=72, tile=TILE_B, persistent=persistent)
     kwargs = {"num_programs": num_programs} if persistent else {}
     run_case(spec, m, seed=m, **kwargs)

@@ -306,23 +306,34 @@ class Browser:
     requests: list[str]
 
 
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    """A fresh page in Debian's Chromium driven by Playwright."""
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """Debian's Chromium driven by Playwright, launched once for the file (each launch costs
+    seconds of CPU; every test still gets a fresh page in a context of its own)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the [test] extra has it)")
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (the README's test command installs it)")
     with sync_api.sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = chromium.new_page(viewport={"width": 1500, "height": 1000})
-            env = Browser(page, [], [])
-            page.on("console", lambda msg: env.errors.append(msg.text) if msg.type == "error" else None)
-            page.on("pageerror", lambda exc: env.errors.append(str(exc)))
-            page.on("request", lambda req: env.requests.append(req.url))
-            yield env
+            yield chromium
         finally:
             chromium.close()
+
+
+@pytest.fixture
+def browser(chromium: Any) -> Iterator[Browser]:
+    """A fresh page, in a new browser context (no cookies, storage or cache from another test)."""
+    context = chromium.new_context(viewport={"width": 1500, "height": 1000})
+    try:
+        page = context.new_page()
+        env = Browser(page, [], [])
+        page.on("console", lambda msg: env.errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: env.errors.append(str(exc)))
+        page.on("request", lambda req: env.requests.append(req.url))
+        yield env
+    finally:
+        context.close()
 
 
 def test_page_in_headless_chromium(browser: Browser, llama_page: tuple[str, dict], tmp_path: Path) -> None:
@@ -468,7 +479,8 @@ def test_output_graph_is_labelled_output_when_no_pass_changed_it(browser: Browse
 
 def test_deep_model_draws_only_what_is_expanded(browser: Browser, tmp_path: Path) -> None:
     """Twelve layers (over 700 nodes; Dynamo took over two minutes to trace 32 on one core)
-    collapse to a handful of boxes, and opening one layer draws that layer, not the model."""
+    collapse to a handful of boxes, and opening one layer draws that layer, not the model. Static
+    shapes: the page is what is checked, and Dynamo traces them in two thirds of the time."""
     import transformers
 
     root = tmp_path / "llama12_debug"
@@ -477,7 +489,7 @@ def test_deep_model_draws_only_what_is_expanded(browser: Browser, tmp_path: Path
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
     )
     model = transformers.LlamaForCausalLM(cfg).eval()
-    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"debug_dir": str(root)}), dynamic=True)
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"debug_dir": str(root)}), dynamic=False)
     with torch.no_grad():
         compiled(torch.randint(0, 64, (1, 8)), use_cache=False)
     page_path = write_html(root, root / "report.html")

@@ -52,7 +52,7 @@ def graphed_step(gm: fx.GraphModule, runner: Callable[..., Any], buckets: Sequen
 
     found = token_symbol(gm)
     if found is None:
-        graph_report.extra["cuda_graphs"] = "not captured: no single symbolic token dimension to bucket"
+        graph_report.extra["cuda_graphs"] = streams.NO_TOKEN_DIM_TO_BUCKET
         return runner
     inputs, outputs = graph_token_dims(gm, found[0])
     if not exact:
@@ -246,7 +246,7 @@ def compile_graph(
     if plan is not None and plan.token_input is None and buckets:
         # A decode step split over its sequences has no token symbol to bucket: not captured, as
         # when it ran unsplit (`graphed_step`).
-        graph_report.extra["cuda_graphs"] = "not captured: no single symbolic token dimension to bucket"
+        graph_report.extra["cuda_graphs"] = streams.NO_TOKEN_DIM_TO_BUCKET
         buckets = ()
     if artifact_dir is not None:
         # Lowering annotated the tileflow nodes with their kernels: refresh the final graph dump.

@@ -17,7 +17,7 @@ from ..padding_safety import capped_buckets, check_padding
 from ..pipeline import PassContext, PassManager, TileflowError
 from ..report import GraphReport
 from ..residual import resolve_residual
-from ..runtime.streams import graph_token_dims, graphs_apply
+from ..runtime.streams import NO_TOKEN_DIM_TO_BUCKET, graph_token_dims, graphs_apply
 from .layout import Layout
 from .transport import Transport, check_timeout
 
@@ -313,7 +313,7 @@ def _program_from_export(step: torch.nn.Module, ep: torch.export.ExportedProgram
         refused = check = None
         wrong = False  # refused because a padded replay could give other results (strict raises)
         if graphed and found is None:
-            refused = "not captured: no single symbolic token dimension to bucket"
+            refused = NO_TOKEN_DIM_TO_BUCKET
         elif graphed and (check := check_padding(stage.module, found[0])).hazard:
             refused, wrong = f"not captured: a replay at a token bucket could differ from the step ({check.hazard})", True
         elif graphed and check.positive_inputs:

@@ -42,6 +42,7 @@ from ..log import get_logger
 from ..padding_safety import PAD_VALUE
 
 __all__ = [
+    "NO_TOKEN_DIM_TO_BUCKET",
     "TOKEN_COUNT",
     "TokenExpression",
     "keep_alive_while_captured",
@@ -59,6 +60,9 @@ log = get_logger("runtime.streams")
 
 # `CudaGraphBuckets` input marker: this argument is the token count itself (an int).
 TOKEN_COUNT = "token_count"
+# The report's `cuda_graphs` note for a step with no token dim to bucket (a decode step over a
+# cache, split or not; a graph of several size symbols).
+NO_TOKEN_DIM_TO_BUCKET = "not captured: no single symbolic token dimension to bucket"
 
 
 @dataclass(frozen=True)

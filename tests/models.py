@@ -99,6 +99,19 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def one_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """A model of `model`'s kind and config with one decoder layer instead of its two, seeded as
+    `build` seeds: for tests that count no layers, where the second layer, alike, repeats the
+    first one's ops; a layer fewer is less to trace and compile. (Models whose layers differ, a
+    sliding window or experts in every other one, keep two.)"""
+    config = model.config
+    config.num_hidden_layers = 1
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:1]
+    torch.manual_seed(0)
+    return type(model)(config).eval()
+
+
 def compiled_dynamic(fn: Callable[..., Any], static: tuple[torch.Tensor, ...] = ()) -> tuple[Callable[..., Any], Any]:
     """`fn` compiled afresh (Dynamo reset) with `dynamic=True` for the reference target, and its
     report; the tensors of `static` marked static (`torch._dynamo.mark_static`)."""

@@ -16,20 +16,10 @@ import tileflow.runtime.nanobatch as nanobatch_runtime
 from tileflow.schedule import Schedule, ScheduleError, check_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import VOCAB, build  # noqa: E402
+from models import VOCAB, build, one_layer  # noqa: E402
 from test_schedule import runs_before  # noqa: E402
 
 PASSES = ("canonicalize", "attention", "gemm_padding", "nanobatch")
-
-
-def _one_layer(name: str) -> torch.nn.Module:
-    """`build(name)` with one decoder layer instead of two, for the tests of what falls back and
-    why (they count no layers; the tests of a split's equality to eager and of each layer's
-    pieces keep two): a layer fewer is less to trace and compile."""
-    model = build(name)
-    model.config.num_hidden_layers = 1
-    torch.manual_seed(0)
-    return type(model)(model.config).eval()
 
 
 @pytest.fixture
@@ -151,7 +141,7 @@ def test_schedules_pass_the_checker_and_broken_ones_fail() -> None:
 
 
 def test_one_nano_batch_leaves_the_graph_alone(split_calls: list[int]) -> None:
-    model = _one_layer("llama")
+    model = one_layer(build("llama"))
     report = tileflow.Report()
     opts = {"passes": PASSES, "nano_batches": 1}
     compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts, report=report), dynamic=True)
@@ -162,7 +152,7 @@ def test_one_nano_batch_leaves_the_graph_alone(split_calls: list[int]) -> None:
 
 
 def test_auto_without_a_device_entry_falls_back_with_the_reason(split_calls: list[int]) -> None:
-    model = _one_layer("llama")
+    model = one_layer(build("llama"))
     report = tileflow.Report()
     opts = {"passes": PASSES, "nano_batches": "auto"}
     compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts, report=report), dynamic=True)
@@ -270,7 +260,7 @@ def test_a_batch_as_long_as_the_sequence_falls_back(split_calls: list[int]) -> N
     """On a first call with batch == sequence length Dynamo gives both dims one symbol: rows
     cannot be told from sequences, and GPT-NeoX split that way failed or came out wrong."""
     torch.manual_seed(1)
-    model = _one_layer("llama")
+    model = one_layer(build("llama"))
     report = tileflow.Report()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}, report=report),
                              dynamic=True)
@@ -786,7 +776,7 @@ def test_a_decode_step_of_one_sequence_has_one_token_to_split(split_calls: list[
     """B = 1 (Dynamo specializes it): the decode step's one query is one token, nothing to split,
     and the reason says so; its prefill splits along the tokens."""
     torch.manual_seed(2)
-    model = _one_layer("llama")
+    model = one_layer(build("llama"))
     report = tileflow.Report()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
                                                                      report=report), dynamic=True)
@@ -853,7 +843,7 @@ def test_a_static_graph_says_why_no_step_of_it_splits(split_calls: list[int]) ->
     steps (README: an integer k >= 2 splits every step), and the report said only 'no symbolic
     token dimension to split (none, or several and no attention to tell which)', not which, nor
     what makes the split run."""
-    model = _one_layer("llama")
+    model = one_layer(build("llama"))
     report = tileflow.Report()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}, report=report))
     ids = torch.randint(0, VOCAB, (1, 8))
@@ -1086,7 +1076,7 @@ def test_sequences_of_a_static_length_with_two_batch_symbols_say_so(split_calls:
     dynamic (two symbols for one batch size): no symbol tells the tokens, and the reason says
     what the step is (it called such a step "a decode step over a cache")."""
     torch.manual_seed(3)
-    model = _one_layer("llama")
+    model = one_layer(build("llama"))
     report = tileflow.Report()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
                                                                      report=report))

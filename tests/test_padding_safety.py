@@ -21,22 +21,9 @@ import tileflow.runtime.streams
 
 sys.path.insert(0, str(Path(__file__).parent))
 from graph_doubles import ReplayOnCpu  # noqa: E402
-from models import BLOOM_ALIBI, MOE, VOCAB, build  # noqa: E402
+from models import BLOOM_ALIBI, MOE, VOCAB, build, one_layer  # noqa: E402
 
 H = 16
-
-
-def _one_layer(model: torch.nn.Module) -> torch.nn.Module:
-    """A model of `model`'s kind and config with one decoder layer instead of two (seeded alike):
-    the model tests below count no layers, and where both layers are alike the second repeats
-    the first one's ops, padded rows and all; a layer fewer is less to trace and compile. (Models
-    whose layers differ, a sliding window or experts in every other one, keep two.)"""
-    config = model.config
-    config.num_hidden_layers = 1
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:1]
-    torch.manual_seed(0)
-    return type(model)(config).eval()
 
 
 @pytest.fixture
@@ -338,7 +325,7 @@ def test_causal_models_are_captured(replay_on_cpu, arch: str, batch: int) -> Non
     eager at lengths inside and across the buckets, one sequence or several (their rows
     flattened to [batch * T, H] for the GEMMs, each sequence padded at its end)."""
     torch.manual_seed(0)
-    model = _one_layer(build(arch))
+    model = one_layer(build(arch))
 
     def make(tokens: int) -> tuple[torch.Tensor]:
         return (torch.randint(0, VOCAB, (batch, tokens)),)
@@ -374,7 +361,7 @@ def test_mixture_of_experts_models_are_captured(replay_on_cpu, arch: str, batch:
     torch.manual_seed(0)
     model = (build(arch) if arch == "mixtral" else (MOE.get(arch) or ZOO[arch][0])()).eval()
     if arch in ("mixtral", "qwen2_moe", "qwen3_moe", "phimoe"):  # (each layer alike, experts in each)
-        model = _one_layer(model)
+        model = one_layer(model)
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(ids, use_cache=False).logits
@@ -1262,7 +1249,7 @@ def test_zoo_models_with_lowest_value_masks_are_captured(replay_on_cpu, arch: st
     torch.manual_seed(0)
     model = ZOO[arch][0]().eval()
     if arch != "gemma2":  # (its sliding window in every other layer)
-        model = _one_layer(model)
+        model = one_layer(model)
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(ids, use_cache=False).logits
@@ -1283,7 +1270,7 @@ def test_zoo_models_in_float16_are_captured(replay_on_cpu, arch: str) -> None:
     torch.manual_seed(0)
     model = ZOO[arch][0]().eval()
     if arch != "gemma2":  # (its sliding window in every other layer)
-        model = _one_layer(model)
+        model = one_layer(model)
     model = model.half()
     report = tileflow.Report()
     compiled = torch.compile(lambda ids: model(ids, use_cache=False).logits,
@@ -2229,7 +2216,7 @@ def test_a_tileflow_causal_model_without_position_ids_is_replayed_padded(replay_
     token counts only), and the step is replayed at buckets too, packed sequences kept apart as
     SDPA's packed mask keeps them."""
     tileflow.register_transformers()
-    model = _one_layer(build("llama"))
+    model = one_layer(build("llama"))
     model.config._attn_implementation = "tileflow_causal"
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
@@ -2354,7 +2341,7 @@ def test_causal_models_called_with_an_attention_mask_are_captured(replay_on_cpu,
     """transformers' causal models called with a (left-padded) attention mask, as a serving step
     calls them: replayed at the buckets, equal to eager."""
     torch.manual_seed(0)
-    model = _one_layer(build(arch))
+    model = one_layer(build(arch))
 
     def make(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         mask = torch.ones(1, tokens, dtype=torch.long)

@@ -23,19 +23,9 @@ from tileflow.runtime.streams import CudaGraphBuckets, SimulatedStreams, grid_sh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from graph_doubles import ReplayOnCpu  # noqa: E402
-from models import VOCAB, build  # noqa: E402
+from models import VOCAB, build, one_layer  # noqa: E402
 
 PASSES = ("canonicalize", "attention", "gemm_padding", "nanobatch")
-
-
-def _one_layer(name: str) -> torch.nn.Module:
-    """`build(name)` with one decoder layer instead of two, for the tests of captures and of the
-    executor's turns (they count no layers; the interleaving tests and the grown cache's, whose
-    every layer is checked, keep two): a layer fewer is less to trace and compile."""
-    model = build(name)
-    model.config.num_hidden_layers = 1
-    torch.manual_seed(0)
-    return type(model)(model.config).eval()
 
 
 def _compile(model: torch.nn.Module, k: int) -> torch.nn.Module:
@@ -119,7 +109,7 @@ def test_grid_shares_scale_persistent_grids() -> None:
 
 def test_cuda_graph_buckets_capture_once_per_bucket_and_cut_the_padding(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(2)
-    model = _one_layer("llama")
+    model = one_layer(build("llama"))
     runners: list = []
     original_init = nanobatch_runtime.NanoBatchRunner.__init__
 
@@ -187,7 +177,7 @@ def _cache_of(output):
 
 def test_graphs_are_keyed_by_every_shape_and_replays_leave_earlier_outputs_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(6)
-    model = _one_layer("llama")
+    model = one_layer(build("llama"))
     runners = _graph_runners(monkeypatch)
     compiled = _compile(model, 2)
     results = []
@@ -265,7 +255,7 @@ def test_cuda_graphs_capture_a_whole_step_without_nano_batches(monkeypatch: pyte
     monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
     ReplayOnCpu.captures = 0
     torch.manual_seed(3)
-    model = _one_layer("llama")
+    model = one_layer(build("llama"))
     report = tileflow.Report()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32},
                                                                      report=report), dynamic=True)
@@ -729,7 +719,7 @@ def test_nano_batched_steps_from_two_threads_take_turns_on_the_executor(monkeypa
             self.open_step = None
 
     torch.manual_seed(3)
-    model = _one_layer("llama")
+    model = one_layer(build("llama"))
     shared = OneStepAtATime(seed=0)
     _use_executor(monkeypatch, lambda: shared)
     compiled = _compile(model, 2)

@@ -67,9 +67,13 @@ class _Kernels(dict):
         super().__init__()
         self.build_dir = build_dir
 
+    def build(self, spec: KernelSpec) -> object:
+        """Build `spec` into the folder and keep it."""
+        self[spec] = kernel = build_cpu_debug_kernel(spec, [HEADERS], build_dir=self.build_dir)
+        return kernel
+
     def __missing__(self, spec: KernelSpec) -> object:
-        self[spec] = build_cpu_debug_kernel(spec, [HEADERS], build_dir=self.build_dir)
-        return self[spec]
+        return self.build(spec)
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +82,9 @@ def kernels(tmp_path_factory: pytest.TempPathFactory) -> dict[KernelSpec, object
     precompiles the prelude they share: two first builds at once would each precompile it)."""
     built = _Kernels(tmp_path_factory.mktemp("ascend_gemm"))
     first, *rest = ALL_SPECS
-    built[first] = build_cpu_debug_kernel(first, [HEADERS], build_dir=built.build_dir)
+    built.build(first)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        built.update(zip(rest, pool.map(lambda s: build_cpu_debug_kernel(s, [HEADERS], build_dir=built.build_dir),
-                                        rest)))
+        list(pool.map(built.build, rest))  # (each thread stores its own spec's kernel)
     return built
 
 

@@ -16,28 +16,31 @@ producer nano-ops whose rows it reads, never on a global barrier
 (`tileflow.schedule.build_dependencies`). Resource classes: GEMMs compute,
 attention memory, collectives network; the light ops go with the GEMMs on the compute stream.
 The search's cost per token row: a GEMM's FLOPs and bytes, and its weights once per launch;
-attention's share of its sequence's K/V and its FLOPs per key seen, at the graph's example sizes
-(`_attention_profile`); a collective's bytes over the interconnect.
+attention's share of its sequence's K/V and its FLOPs per key seen (`_attention_profile`); a
+collective's bytes over the interconnect. Over sequences (below) a unit is a sequence: its rows'
+costs times its rows. Costs are taken at each call's sizes (a decode step's cache length changes
+every call), each size rounded up to its power of two (`NanoBatchPlan.costs_at`).
 
 A batch of several sequences (`[B, S]` ids, both sizes symbolic) has no token dim in its GEMMs,
-whose rows are `B*S`: with an integer k the step splits over whole sequences instead
-(`_batch_symbol`), each nano-batch some of the B sequences. A value's split dim is then the one
-whose size is B times an expression of the input sizes (its rows per sequence: 1, or S for the
-GEMMs' rows; the runtime cuts it at multiples of that), and attention is token-wise too (each
-sequence attends to its own keys). The token symbol stays what CUDA graphs bucket. A decode step
-over a cache (`[B, 1]` ids, queries `[B, H, 1, D]`, the cache's length other symbols) has no
-token symbol; with an integer k it splits over its sequences alike, its cache and mask rows along
-B, and CUDA graphs capture it as unsplit: not at all (no token symbol to bucket).
+whose rows are `B*S`: the step splits over whole sequences instead (`_batch_symbol`), each
+nano-batch some of the B sequences. A value's split dim is then the one whose size is B times an
+expression of the input sizes (its rows per sequence: 1, or S for the GEMMs' rows; the runtime
+cuts it at multiples of that), and attention is token-wise too (each sequence attends to its own
+keys). The token symbol stays what CUDA graphs bucket. A decode step over a cache (`[B, 1]` ids,
+queries `[B, H, 1, D]`, the cache's length other symbols) has no token symbol; it splits over its
+sequences alike, its cache and mask rows along B, and CUDA graphs capture it as unsplit: not at
+all (no token symbol to bucket).
 
 `Config.nano_batches`: 1 leaves the graph alone; an integer k >= 2 forces a k-way split of every
 step (k is capped by the token or sequence count); `"auto"` lets `tileflow.search` choose k and
-the sizes per token count from the device table, and not split below its threshold. The pass
+the sizes per token (or sequence) count from the device table, and not split below its threshold. The pass
 annotates each node (`node.meta["tileflow"]["nano"]`), puts the plan on the graph module and the
 schedule for the example token count in the report (kind `nano_batch`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import operator
@@ -112,6 +115,57 @@ def resource_of(node: fx.Node) -> str:
     return "compute"
 
 
+@dataclass(frozen=True)
+class AttentionCost:
+    """Attention's cost inputs with its query and key counts kept as expressions of the input
+    sizes: its cost per query row depends on how many keys it sees, and in a decode step that is
+    the cache's length, known only per call (the length the graph was traced at, often the
+    prompt's at the first decode step, says little about a server's long caches). `at` gives the
+    `OpProfile` for given sizes (`_attention_profile` explains the costs)."""
+
+    name: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rows: Any  # query rows per sequence: an int, or a sympy expression of the input size symbols
+    keys: Any  # keys per sequence, alike
+    causal: bool
+    window: int | None
+    chunk: int | None
+    element_size: int
+    dtype: str
+
+    resource = "memory"  # (as `OpProfile.resource`: the stream attention runs on when split)
+
+    @property
+    def symbols(self) -> frozenset[Any]:
+        """The size symbols its counts depend on."""
+        return frozenset().union(*(getattr(e, "free_symbols", frozenset()) for e in (self.rows, self.keys)))
+
+    def at(self, values: dict[Any, int]) -> OpProfile:
+        """The cost per query row when the input size symbols take `values` (a count that is
+        empty, or holds a symbol `values` lacks, counts as 1: the least a row can read)."""
+        rows, keys = (_evaluated(e, values) or 1 for e in (self.rows, self.keys))
+        seen, read = _keys_seen(rows, keys, self.causal, self.window, self.chunk)
+        kv_bytes = self.element_size * 2 * self.kv_heads * self.head_dim * read / rows
+        return OpProfile(self.name, "memory", 4.0 * self.heads * self.head_dim * seen,
+                         kv_bytes + 2 * self.element_size * self.heads * self.head_dim, 0.0, self.dtype)
+
+
+def _evaluated(expr: Any, values: dict[Any, int]) -> int | None:
+    """`expr` (an int or a sympy expression) at `values`; None when a symbol has no value."""
+    if isinstance(expr, int):
+        return expr
+    if not expr.free_symbols <= values.keys():
+        return None
+    return int(expr.xreplace(values))
+
+
+def _bucket(count: int) -> int:
+    """The power of two at or above `count` (the search runs once per such bucket)."""
+    return 1 << (max(count, 1) - 1).bit_length()
+
+
 @dataclass
 class NanoBatchPlan:
     """What the runtime needs: per node its output token dim and whether it splits, the op graph
@@ -125,7 +179,9 @@ class NanoBatchPlan:
     split: dict[str, bool]
     specs: list[OpSpec]
     edges: list[OpEdge]
-    profile: list[OpProfile] = field(default_factory=list)
+    # The heavy ops' costs per row (`_profile`); attention's as an `AttentionCost`, evaluated at
+    # each call's sizes (see `costs_at`).
+    profile: list[OpProfile | AttentionCost] = field(default_factory=list)
     device: Any = None
     graph: str = ""  # `graph_structure` of the graph the plan splits (a later pass may change it)
     # Split over whole sequences (`_batch_symbol`): where to read the sequence count, which the
@@ -134,59 +190,96 @@ class NanoBatchPlan:
     # expression in the input symbols at `symbol_inputs`; absent: 1), as a GEMM's `B*S` rows do.
     split_input: tuple[int, int] | None = None
     row_scales: dict[str, Any] = field(default_factory=dict)
+    # Each input size symbol: where to read it, and its value at the graph's example sizes.
     symbol_inputs: dict[Any, tuple[int, int]] = field(default_factory=dict)
-    # token count -> search result: the search is deterministic, run once per count met.
-    _searched: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
+    example_values: dict[Any, int] = field(default_factory=dict)
+    # (count, the costs' size buckets) -> search result: the search is deterministic, run once per
+    # count and buckets met.
+    _searched: dict[tuple, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def count_input(self) -> tuple[int, int]:
         """(placeholder index, dim) of the count the split cuts: sequences or tokens."""
         return self.split_input if self.split_input is not None else self.token_input
 
-    def sizes(self, tokens: int) -> list[int]:
-        """Nano-batch sizes for a step of `tokens` tokens (one size: no split)."""
+    def symbol_values(self, args: Any) -> dict[Any, int]:
+        """Each input size symbol's value in a call with these arguments."""
+        return {sym: int(args[i].shape[d]) for sym, (i, d) in self.symbol_inputs.items()}
+
+    def sizes(self, tokens: int, values: dict[Any, int] | None = None) -> list[int]:
+        """Nano-batch sizes for a step of `tokens` tokens (one size: no split); "auto" costs the
+        step at the input sizes `values` (`symbol_values`; None: the example sizes)."""
         if self.setting == "auto":
             if self.device is None or not self.profile:
                 return [tokens]
-            return self._search(tokens)[0]
+            return self._search(tokens, values)[0]
         k = max(1, min(int(self.setting), tokens))
         return [tokens // k + (1 if i < tokens % k else 0) for i in range(k)]
 
-    def shares(self, tokens: int) -> dict[int, float] | None:
+    def shares(self, tokens: int, values: dict[Any, int] | None = None) -> dict[int, float] | None:
         """SM share per stream chosen by the search for `tokens` ("auto" only; None: whole device)."""
         if self.setting != "auto" or self.device is None or not self.profile:
             return None
-        return self._search(tokens)[1]
+        return self._search(tokens, values)[1]
 
-    def _search(self, tokens: int) -> tuple[list[int], dict[int, float] | None]:
+    def costs_at(self, values: dict[Any, int] | None = None) -> tuple[list[OpProfile], tuple]:
+        """The profile per unit the split counts (a token row, or a sequence: its rows' costs
+        times its rows, 1 in a decode step, S in a batch of prompts) at the input sizes `values`
+        (None: the example sizes), each size symbol those costs read rounded up to its power of
+        two (so that a cache growing by one token per decode step is searched once per
+        doubling), and those buckets."""
+        values = self.example_values if values is None else values
+        rows = {c.name: self._rows_per_unit(c) for c in self.profile}
+        wanted = frozenset().union(*(getattr(r, "free_symbols", frozenset()) for r in rows.values()),
+                                   *(c.symbols for c in self.profile if isinstance(c, AttentionCost)))
+        buckets = {sym: _bucket(v) for sym, v in values.items() if sym in wanted}
+        costs = []
+        for cost in self.profile:
+            per_row = cost.at(buckets) if isinstance(cost, AttentionCost) else cost
+            n = _evaluated(rows[cost.name], buckets) or 1
+            costs.append(per_row if n == 1 else dataclasses.replace(
+                per_row, flops_per_token=per_row.flops_per_token * n, bytes_per_token=per_row.bytes_per_token * n))
+        return costs, tuple(sorted((str(sym), v) for sym, v in buckets.items()))
+
+    def _rows_per_unit(self, cost: OpProfile | AttentionCost) -> Any:
+        """A costed op's rows per unit of the split: 1 along the tokens; over sequences, its rows
+        per sequence (attention's query rows, a GEMM's `S` of `B*S`)."""
+        if self.split_input is None:
+            return 1
+        return cost.rows if isinstance(cost, AttentionCost) else self.row_scales.get(cost.name, 1)
+
+    def _search(self, tokens: int, values: dict[Any, int] | None) -> tuple[list[int], dict[int, float] | None]:
         """(sizes, SM shares) for `tokens`. The search runs once per power-of-two bucket, not per
         count (it takes up to a second for a deep model, on the step's critical path), and the
         bucket's cuts are scaled to the real count; below the model's split threshold the step
         stays whole."""
-        if tokens not in self._searched:
-            bucket = 1 << (tokens - 1).bit_length()
-            plan = search_split(self.profile, self.device, bucket)
+        costs, buckets = self.costs_at(values)
+        key = (tokens, buckets)
+        if key not in self._searched:
+            bucket = _bucket(tokens)
+            plan = search_split(costs, self.device, bucket)
             if plan.k == 1 or (plan.threshold is not None and tokens < plan.threshold):
-                self._searched[tokens] = ([tokens], None)
+                self._searched[key] = ([tokens], None)
             else:
                 cuts = [round(c * tokens / bucket) for c in itertools.accumulate(plan.sizes)]
                 sizes = [b - a for a, b in zip([0] + cuts, cuts) if b > a]
                 shares = {s: v for s, v in plan.sm_share_per_stream.items() if v > 0}
-                self._searched[tokens] = (sizes, shares if len(sizes) > 1 else None)
-        return self._searched[tokens]
+                self._searched[key] = (sizes, shares if len(sizes) > 1 else None)
+        return self._searched[key]
 
     def timeline(self, tokens: int) -> list[dict[str, Any]] | None:
-        """The modeled per-stream timeline of a `tokens` step split as `sizes(tokens)` (None when
-        it is not split or there is no cost model). With "auto" it is drawn at the SM share the
-        search chose, so it shows the plan the runtime runs and ends at the plan's makespan."""
+        """The modeled per-stream timeline of a `tokens` step at the example sizes, split as
+        `sizes(tokens)` (None when it is not split or there is no cost model). With "auto" it is
+        drawn at the SM share the search chose, so it shows the plan the runtime runs and ends at
+        the plan's makespan."""
         sizes = self.sizes(tokens)
-        if len(sizes) < 2 or not self.profile or self.device is None or self.split_input is not None:
-            return None  # (the profile costs token rows; a split over sequences counts sequences)
+        if len(sizes) < 2 or not self.profile or self.device is None:
+            return None
         # The searched share, not a fixed one the search may not even try (the report drew every
         # "auto" plan at 0.6). A fixed k runs without an SM partition, which the model cannot
         # express, so it keeps 0.6; so does a profile without both compute and memory (unused).
         share = (self.shares(tokens) or {}).get(DEFAULT_STREAM_OF_RESOURCE["compute"], 0.6)
-        return modeled_timeline(self.profile, sizes, share, self.device)
+        return modeled_timeline(self.costs_at()[0], sizes, share, self.device)
 
     def schedule(self, sizes: list[int]) -> Schedule:
         """The stream schedule for these nano-batch sizes."""
@@ -332,7 +425,7 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRo
     return False
 
 
-def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | None:
+def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | AttentionCost | None:
     """Cost-model inputs of the heavy ops (GEMMs, attention, collectives), per token row."""
     name = op_name(node)
     if name == "padded_gemm":
@@ -349,22 +442,20 @@ def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | None:
     return None
 
 
-def _attention_profile(node: fx.Node) -> OpProfile:
-    """Attention's cost per query row at the graph's example sizes (the SymInts' hints): the K and
-    V its S query rows read together, once for the S rows (a decode row reads its whole cache, or
+def _attention_profile(node: fx.Node) -> AttentionCost:
+    """Attention's cost per query row (`AttentionCost.at`, at sizes given per call): the K and V
+    its S query rows read together, once for the S rows (a decode row reads its whole cache, or
     its window's or chunk's part of it; a prefill row 1/S of it), its own q and output, and 4·Hq·D
     FLOPs per key it sees (q·kᵀ and p·v; `_keys_seen`). A mask's values are not known here: its
-    hidden keys count as seen."""
+    hidden keys count as seen. The heads and head size are taken at the example sizes."""
     args = bind_arguments(node)
     q, k = meta_val(args["q"]), meta_val(args["k"])
     # (A size without a hint, or an empty one, counts as 1: the least a row can read.)
-    hq, hkv, d, rows, keys = (size_hint(size) or 1 for size in (q.shape[1], k.shape[1], q.shape[3], q.shape[2], k.shape[2]))
-    e = q.element_size()
-    seen, read = _keys_seen(rows, keys, bool(args.get("causal")), size_hint(args.get("sliding_window")),
-                            size_hint(args.get("attention_chunk")))
-    kv_bytes = e * 2 * hkv * d * read / rows
-    return OpProfile(node.name, "memory", 4.0 * hq * d * seen, kv_bytes + 2 * e * hq * d, 0.0,
-                     str(q.dtype).removeprefix("torch."))
+    hq, hkv, d = (size_hint(size) or 1 for size in (q.shape[1], k.shape[1], q.shape[3]))
+    rows, keys = (s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in (q.shape[2], k.shape[2]))
+    return AttentionCost(node.name, hq, hkv, d, rows, keys, bool(args.get("causal")),
+                         size_hint(args.get("sliding_window")), size_hint(args.get("attention_chunk")),
+                         q.element_size(), str(q.dtype).removeprefix("torch."))
 
 
 def _keys_seen(rows: int, keys: int, causal: bool, window: int | None, chunk: int | None) -> tuple[float, int]:
@@ -511,9 +602,9 @@ class NanoBatch:
             return result
         found = token_symbol(gm)
         symbols = _input_symbols(gm)
-        # A decode step over a cache (`[B, 1]` ids) has no token symbol: with an integer k it splits
-        # over its sequences, NanoFlow's main case (a big decode batch). "auto" costs token rows.
-        decode = _batch_symbol(gm, None, symbols) if found is None and setting != "auto" else None
+        # A decode step over a cache (`[B, 1]` ids) has no token symbol: it splits over its sequences,
+        # NanoFlow's main case (a big decode batch); each is one token row, as "auto" costs them.
+        decode = _batch_symbol(gm, None, symbols) if found is None else None
         if found is None and decode is None:
             names = sorted(map(str, symbols))
             queries = [meta_val(n.args[0]).shape for n in gm.graph.nodes
@@ -528,9 +619,7 @@ class NanoBatch:
                 lengths = sorted({q[2] for q in queries})
                 if lengths == [1]:
                     what = "a decode step over a cache"
-                    how = ("'auto' splits along the tokens only (its search costs token rows); an integer "
-                           "nano_batches splits a decode step over its sequences" if setting == "auto" else
-                           "a decode step splits over its sequences only when their count is one input size symbol "
+                    how = ("a decode step splits over its sequences only when their count is one input size symbol "
                            "shared by every attention's queries (not a size traced static, nor several symbols)")
                 else:
                     what = "prompts of one static length, the batch sizes of several inputs traced as separate symbols"
@@ -549,12 +638,8 @@ class NanoBatch:
             return result
         token, where = found if found is not None else (None, None)
         # A batch of several sequences (`[B, S]` ids, B symbolic) splits over whole sequences: its
-        # GEMMs' rows are `B*S`, no token dim, and would all run whole. "auto" stays along the
-        # tokens: the search costs token rows.
-        if found is None:
-            batch = decode
-        else:
-            batch = _batch_symbol(gm, token, symbols) if setting != "auto" else None
+        # GEMMs' rows are `B*S`, no token dim, and would all run whole.
+        batch = decode if found is None else _batch_symbol(gm, token, symbols)
         seqs, scales = None, {}
         if batch is None:
             # (Over sequences the token count may size two dims: a `[B, 1, S, S]` mask splits along B.)
@@ -598,15 +683,16 @@ class NanoBatch:
                                           "the layout: not split")
             return result
         device, why = _device(ctx)
-        plan = NanoBatchPlan(setting, where, dims, split, specs, edges, profile, device)
+        plan = NanoBatchPlan(setting, where, dims, split, specs, edges, profile, device, symbol_inputs=symbols,
+                             example_values=_example_values(ctx, symbols))
         if batch is not None:
-            plan.split_input, plan.row_scales, plan.symbol_inputs = symbols[batch], scales, symbols
+            plan.split_input, plan.row_scales = symbols[batch], scales
         if setting == "auto" and device is None:
             result.fallback("graph", f"nano_batches='auto' runs the split search, which needs a CUDA device's figures, "
                                      f"and {why}: not split (an integer nano_batches >= 2 forces a split)")
             return result
         # (A reason the caller can act on, as for the steps not split at all: the heavy ops run whole.)
-        unsplit = _batch_left_whole(gm, token, setting) if batch is None else None
+        unsplit = _batch_left_whole(gm, token) if batch is None else None
         if unsplit is not None:
             result.fallback("graph", unsplit)
         for node in gm.graph.nodes:
@@ -615,7 +701,7 @@ class NanoBatch:
         plan.graph = graph_structure(gm)
         gm.meta["tileflow_nanobatch"] = plan
 
-        example = _example_tokens(ctx, token if batch is None else batch)
+        example = plan.example_values.get(token if batch is None else batch)
         info: dict[str, Any] = {"setting": setting, "token_symbol": None if token is None else str(token),
                                 "split_ops": sum(split.values()),
                                 "whole_ops": len(split) - sum(split.values()),
@@ -679,11 +765,11 @@ def _batch_symbol(gm: fx.GraphModule, token: Any | None, symbols: dict[Any, tupl
     return batches.pop() if len(batches) == 1 else None
 
 
-def _batch_left_whole(gm: fx.GraphModule, token: Any, setting: int | str) -> str | None:
+def _batch_left_whole(gm: fx.GraphModule, token: Any) -> str | None:
     """Why a step split along its tokens runs its GEMMs and attention whole (None: it does not):
     its attention's queries hold several sequences, `[B, H, S, D]` with B not 1, so the GEMMs' rows
     are `B*S` (no token dim) and attention's batch is no token dim either; only the ops between
-    them split. Over whole sequences only with an integer k and B symbolic: a batch size Dynamo
+    them split. Over whole sequences only with B symbolic: a batch size Dynamo
     kept static (its automatic dynamic shapes mark only the dims that changed, so a fixed batch
     with prompts of varying length stays static; `mark_dynamic` of the token dim alone) is a plain
     number, which the split cannot tell from other sizes."""
@@ -694,9 +780,6 @@ def _batch_left_whole(gm: fx.GraphModule, token: Any, setting: int | str) -> str
                 break
     else:
         return None
-    if setting == "auto":
-        return (f"a batch of {q[0]} sequences split by 'auto' along the tokens (its search costs token rows): the "
-                "GEMMs over its rows and attention run whole (an integer nano_batches splits over the sequences)")
     if isinstance(q[0], torch.SymInt) and q[0].node.expr == token:
         return (f"a batch of {q[0]} sequences of a static length ({q[2]}): the batch size is the graph's one size "
                 "symbol, split as if it counted tokens; the GEMMs over its rows and attention run whole")
@@ -784,13 +867,13 @@ def _device(ctx: PassContext) -> tuple[Any, str]:
         return None, f"the CUDA device's figures could not be read ({exc})"
 
 
-def _example_tokens(ctx: PassContext, token: Any) -> int | None:
+def _example_values(ctx: PassContext, symbols: Any) -> dict[Any, int]:
+    """The example value of each of these size symbols that the shape environment knows."""
     env = ctx.shape_env
     if env is None:
-        return None
+        return {}
     # torch >= 2.13 names it backed_var_to_val; older versions var_to_val.
     table = getattr(env, "backed_var_to_val", None)
     if table is None:
         table = getattr(env, "var_to_val", {})
-    hint = table.get(token)
-    return int(hint) if hint is not None else None
+    return {sym: int(table[sym]) for sym in symbols if table.get(sym) is not None}

@@ -550,7 +550,7 @@ def test_attention_profile_grows_with_the_kv_length() -> None:
         k = torch.randn(8, 2, kv_len, 16, dtype=torch.bfloat16)
         gm = make_fx(lambda q, k, v: tileflow.ops.meta_attention(q, k, v, **options))(q, k, k.clone())
         (node,) = [n for n in gm.graph.nodes if n.op == "call_function"]
-        return _profile(node, {})
+        return _profile(node, {}).at({})  # (static sizes: nothing to give)
 
     short, long = profile(16), profile(4096)
     assert long.bytes_per_token > short.bytes_per_token
@@ -583,7 +583,7 @@ def test_attention_profile_counts_the_keys_a_chunk_or_a_windows_first_rows_see()
         k = torch.randn(1, 2, kv_len, 16, dtype=torch.bfloat16)
         gm = make_fx(lambda q, k, v: tileflow.ops.meta_attention(q, k, v, **options))(q, k, k.clone())
         (node,) = [n for n in gm.graph.nodes if n.op == "call_function"]
-        return _profile(node, {})
+        return _profile(node, {}).at({})  # (static sizes: nothing to give)
 
     per_key = 4 * 4 * 16
     assert profile(64, 64, causal=True, attention_chunk=16).flops_per_token == per_key * 8.5
@@ -735,13 +735,13 @@ class _TwoDecodes(torch.nn.Module):
         return self.a(x, cx), self.b(y, cy)
 
 
-def test_decode_steps_split_over_sequences_only_with_an_integer_k_and_one_batch_symbol(split_calls: list[int]) -> None:
-    """A decode step splits over its sequences with an integer k and B one input size symbol
-    shared by every attention's queries; "auto" (its search costs token rows) and a graph whose
-    queries' batches are two symbols fall back, each with a reason that says so."""
+def test_decode_steps_split_over_sequences_only_with_one_batch_symbol(split_calls: list[int]) -> None:
+    """A decode step splits over its sequences with B one input size symbol shared by every
+    attention's queries; a graph whose queries' batches are two symbols falls back, with a
+    reason that says so."""
     torch.manual_seed(1)
     model = _DecodeOverACache().eval()
-    for k, count in ((2, 3), (3, 3), ("auto", 0)):
+    for k in (2, 3):
         torch._dynamo.reset()
         report = tileflow.Report()
         compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": k},
@@ -751,13 +751,9 @@ def test_decode_steps_split_over_sequences_only_with_an_integer_k_and_one_batch_
             x, cache = torch.randn(b, 1, 16), torch.randn(b, 2, length, 8)
             with torch.no_grad():
                 torch.testing.assert_close(compiled(x, cache), model(x, cache), rtol=1e-5, atol=1e-5)
-        reasons = [f.reason for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
-        assert len(split_calls) == count, (k, split_calls)
-        if k == "auto":
-            assert len(reasons) == 1 and "a decode step over a cache" in reasons[0], reasons
-            assert "'auto'" in reasons[0] and "integer nano_batches" in reasons[0], reasons
-        else:
-            assert not reasons and report.graphs[0].extra["nano_batch"]["split_over"] == "sequences"
+        assert len(split_calls) == 3, (k, split_calls)
+        assert not [f for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
+        assert report.graphs[0].extra["nano_batch"]["split_over"] == "sequences"
     torch._dynamo.reset()
     two = _TwoDecodes().eval()
     report = tileflow.Report()
@@ -770,6 +766,119 @@ def test_decode_steps_split_over_sequences_only_with_an_integer_k_and_one_batch_
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     (reason,) = [f.reason for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
     assert split_calls == [] and "a decode step over a cache" in reason and "one input size symbol" in reason, reason
+
+
+@pytest.fixture
+def halving_search(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list, int]]:
+    """Stand-ins for a CUDA device's figures (the H100's) and the split search, which answers two
+    halves of the bucket at shares 0.75 / 0.25; each search's (costs, bucket) is kept."""
+    from tileflow.devices import get_device
+    from tileflow.passes import nanobatch
+    from tileflow.search import SplitPlan
+
+    searched: list[tuple[list, int]] = []
+
+    def search(costs: list, device: object, bucket: int) -> SplitPlan:
+        searched.append((costs, bucket))
+        return SplitPlan(2, (bucket // 2, bucket - bucket // 2), {"compute": 0, "memory": 1, "network": 2},
+                         {0: 0.75, 1: 0.25, 2: 0.0}, 1.0, 2.0)
+
+    monkeypatch.setattr(nanobatch, "_device", lambda ctx: (get_device("H100"), ""))
+    monkeypatch.setattr(nanobatch, "search_split", search)
+    return searched
+
+
+def test_auto_splits_a_decode_step_over_its_sequences_costed_at_each_calls_cache(
+        halving_search: list[tuple[list, int]], plans: list[tuple], split_calls: list[int]) -> None:
+    """`nano_batches="auto"` left a decode step over a cache whole ("its search costs token rows"),
+    though NanoFlow's main case is a big decode batch and a decode step's sequences are one token
+    row each. It now splits over the sequences as the search says, and the search costs attention
+    at each call's cache length (its power-of-two bucket), where it had the length the graph was
+    traced at (the first decode step's, short) for every later call (the real search on real
+    sizes: `test_auto_splits_a_decode_step_from_the_cache_length_the_search_says`)."""
+    torch.manual_seed(5)
+    model = _DecodeOverACache().eval()
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": "auto"},
+                                                                     report=report), dynamic=True)
+    for b, length in ((3, 5), (4, 9), (3, 7)):
+        x, cache = torch.randn(b, 1, 16), torch.randn(b, 2, length, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, cache), model(x, cache), rtol=1e-5, atol=1e-5)
+    assert not [f for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
+    (info,) = [g.extra["nano_batch"] for g in report.graphs]
+    assert info["split_over"] == "sequences" and info["setting"] == "auto"
+    # Three sequences, the bucket of 4 cut in two: [2, 1] (the report's example, then the calls).
+    assert info["sizes"] == [2, 1] and len(info["timeline"]) > 0
+    ((gm, plan),) = plans
+    assert len(split_calls) == 3 and plan.split_input is not None
+    # One decode row reads its cache's K and V (fp32, 2 heads of 8: 128 bytes a key, the new one
+    # too) and writes its q and output; the cache of 5 is costed at 8 (+1), of 9 at 16, of 7 at 8,
+    # and the search runs once per (sequences, buckets): the report's call and the first are one.
+    per_key, own = 4 * 2 * 2 * 8, 2 * 4 * 2 * 8
+    attention = [([c.bytes_per_token for c in costs if c.resource == "memory"], bucket)
+                 for costs, bucket in halving_search]
+    assert attention == [([per_key * 9 + own], 4), ([per_key * 17 + own], 4)], attention
+
+
+def test_auto_splits_a_batch_of_prompts_over_them_costing_a_sequences_rows(
+        halving_search: list[tuple[list, int]], plans: list[tuple], split_calls: list[int]) -> None:
+    """A batch of prompts (`[B, S]` ids) split along the tokens under "auto", its GEMMs and
+    attention whole, since the search costs a unit as one row and a sequence holds S. It now
+    splits over the sequences like an integer k, each sequence costed as its S rows (S at its
+    power-of-two bucket, as attention's keys are)."""
+    torch.manual_seed(7)
+    model = one_layer(build("llama"))
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": "auto"},
+                                                                     report=report), dynamic=True)
+    for batch, length in ((3, 7), (5, 12)):
+        ids = torch.randint(0, VOCAB, (batch, length))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
+    assert not [f for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
+    (info,) = [g.extra["nano_batch"] for g in report.graphs]
+    assert info["split_over"] == "sequences" and info["sizes"] == [2, 1]
+    ((gm, plan),) = plans
+    heavy = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) in ("padded_gemm", "meta_attention")]
+    assert len(split_calls) == 2 and heavy and all(plan.split[n] for n in heavy)
+    assert [bucket for _, bucket in halving_search] == [4, 8]
+    for (costs, _), rows in zip(halving_search, (8, 16)):  # S = 7 and 12 at their buckets
+        per_row = [c.at({sym: rows for sym in c.symbols}) if c.resource == "memory" else c for c in plan.profile]
+        assert len(costs) == len(per_row) == len(heavy)
+        for cost, row in zip(costs, per_row):
+            assert (cost.flops_per_token, cost.bytes_per_token, cost.fixed_bytes) == (
+                row.flops_per_token * rows, row.bytes_per_token * rows, row.fixed_bytes), cost.name
+
+
+def test_auto_splits_a_decode_step_from_the_cache_length_the_search_says() -> None:
+    """On Llama-3-8B-shaped costs (test_search's two layers) a decode step of 512 sequences is
+    worth splitting over a cache of 1024 and not over one of 16 (the GEMMs alone: nothing to
+    overlap); the plan asks the search at the cache's power-of-two bucket, and every length in
+    one bucket gets the one answer."""
+    import sympy
+    from test_search import H100, llama_layer
+
+    from tileflow.passes.nanobatch import AttentionCost, NanoBatchPlan
+    from tileflow.search import search_split
+
+    length = sympy.Symbol("L", integer=True, positive=True)
+    gemms = [op for op in llama_layer(ctx=1, layers=2) if op.resource == "compute"]
+    attention = [AttentionCost(f"attn{i}", 32, 8, 128, 1, length + 1, True, None, None, 2, "bfloat16")
+                 for i in range(2)]
+    profile = [gemms[0], attention[0], *gemms[1:5], attention[1], *gemms[5:]]  # qkv, attention, o, up, down
+    plan = NanoBatchPlan("auto", None, {}, {}, [], [], profile=profile, device=H100, split_input=(0, 0))
+
+    def searched(cache: int):
+        costs = [c.at({length: cache}) if isinstance(c, AttentionCost) else c for c in profile]
+        return search_split(costs, H100, 512)
+
+    long, short = searched(1024), searched(16)
+    assert long.k >= 2 and short.k == 1
+    assert plan.sizes(512, {length: 1024}) == list(long.sizes) == plan.sizes(512, {length: 513})
+    assert plan.shares(512, {length: 700}) == {s: v for s, v in long.sm_share_per_stream.items() if v > 0}
+    assert plan.sizes(512, {length: 16}) == [512] and plan.shares(512, {length: 9}) is None
 
 
 def test_a_decode_step_of_one_sequence_has_one_token_to_split(split_calls: list[int]) -> None:

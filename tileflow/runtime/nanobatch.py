@@ -87,7 +87,9 @@ class NanoBatchRunner:
     def _run(self, *args: Any) -> Any:
         index, dim = self.plan.count_input  # tokens, or sequences for a split over them
         tokens = int(args[index].shape[dim])
-        sizes = tuple(self.plan.sizes(tokens))
+        # ("auto" costs the step at its sizes: a decode step's attention reads its cache's length.)
+        values = self.plan.symbol_values(args) if self.plan.setting == "auto" else None
+        sizes = tuple(self.plan.sizes(tokens, values))
         if len(sizes) < 2:
             return self.whole(*args)
         schedule, order = self._schedule(sizes)  # built once per split
@@ -96,7 +98,7 @@ class NanoBatchRunner:
             executor = self._executor_for(args[index].device)
             if executor is not None:
                 return run_schedule_on_streams(ScheduleState(self.gm, self.plan, args), schedule, executor, order,
-                                               self.plan.shares(tokens))
+                                               self.plan.shares(tokens, values))
         return run_schedule(self.gm, self.plan, schedule, args, order)
 
 
@@ -138,7 +140,7 @@ class ScheduleState:
         # rows: S); absent, 1. A piece (lo, hi) holds that many rows per sequence lo..hi.
         self.scales: dict[str, int] = {}
         if plan.row_scales:
-            values = {sym: int(args[i].shape[d]) for sym, (i, d) in plan.symbol_inputs.items()}
+            values = plan.symbol_values(args)
             evaluated: dict[Any, int] = {}
             for name, expr in plan.row_scales.items():
                 if expr not in evaluated:

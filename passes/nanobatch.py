@@ -550,18 +550,30 @@ def _group_size(group_name: Any) -> int | None:
 
 def token_symbol(gm: fx.GraphModule) -> tuple[Any, tuple[int, int]] | None:
     """The token symbol of the graph's inputs and where to read it: (symbol, (input, dim)). With
-    several symbols, the one attention's query length carries; None when that does not decide."""
+    several symbols, the one attention's query length carries; None when that does not decide,
+    or when attention's queries are all of a static size (the lone symbol then sizes something
+    else: a decode step's cache length when Dynamo kept the batch size static, as in a generate
+    loop; taken for the token count, the split cut the cache's length with nothing heavy split,
+    and CUDA graphs bucketed it)."""
     found = _input_symbols(gm)
     if len(found) == 1:
         ((sym, where),) = found.items()
+        queries = _queries(gm)
+        if queries and all(type(q[0]) is int and type(q[2]) is int for q in queries):
+            return None
         return sym, where
     # Several (batch and sequence, say): the sequence is what attention's queries run along.
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and op_name(node) == "meta_attention":
-            s = meta_val(node.args[0]).shape[2]
-            if isinstance(s, torch.SymInt) and s.node.expr in found:
-                return s.node.expr, found[s.node.expr]
+    for q in _queries(gm):
+        s = q[2]
+        if isinstance(s, torch.SymInt) and s.node.expr in found:
+            return s.node.expr, found[s.node.expr]
     return None
+
+
+def _queries(gm: fx.GraphModule) -> list[Any]:
+    """The shape of each meta-attention's queries, `[B, H, S, D]`, in graph order."""
+    return [meta_val(n.args[0]).shape for n in gm.graph.nodes
+            if n.op == "call_function" and op_name(n) == "meta_attention"]
 
 
 def _input_symbols(gm: fx.GraphModule) -> dict[Any, tuple[int, int]]:
@@ -607,11 +619,20 @@ class NanoBatch:
         decode = _batch_symbol(gm, None, symbols) if found is None else None
         if found is None and decode is None:
             names = sorted(map(str, symbols))
-            queries = [meta_val(n.args[0]).shape for n in gm.graph.nodes
-                       if n.op == "call_function" and op_name(n) == "meta_attention"]
+            queries = _queries(gm)
             # Which case: a static graph is split by no k, and the user can change that.
             if queries and all(type(q[0]) is int and type(q[2]) is int and q[0] * q[2] == 1 for q in queries):
                 why = "its attention has one query (one sequence's decode step): one token, nothing to split"
+            elif names and queries and all(type(q[0]) is int and type(q[2]) is int for q in queries):
+                batches, lengths = sorted({q[0] for q in queries}), sorted({q[2] for q in queries})
+                step = ("a decode step over a cache" if lengths == [1] else
+                        f"{'/'.join(map(str, lengths))} queries per sequence over a cache")
+                why = (f"attention's queries are all of a static size ({'/'.join(map(str, batches))} sequences, {step}) "
+                       f"and the inputs' size symbols ({', '.join(names)}) size other dims (the cache's length): a "
+                       "batch size traced static (Dynamo's automatic dynamic shapes mark only the dims that changed, "
+                       "as a generate loop's cache length and not its batch size) is a plain number, which the split "
+                       "cannot tell from other sizes; compile with dynamic=True or mark the batch dim dynamic "
+                       "(torch._dynamo.mark_dynamic) to split over the sequences")
             elif names and queries and all(type(q[2]) is int for q in queries):
                 # Splitting prompts of one static length over their sequences would also bucket CUDA
                 # graphs over them, which the padding analysis does not cover (it reads the token dim

@@ -923,6 +923,37 @@ def test_a_split_decode_step_is_not_captured_as_cuda_graphs(monkeypatch: pytest.
     assert ReplayOnCpu.captures == ReplayOnCpu.replays == 0
 
 
+def test_a_decode_step_of_a_batch_traced_static_is_neither_split_nor_bucketed_along_its_cache(
+        monkeypatch: pytest.MonkeyPatch, split_calls: list[int]) -> None:
+    """A generate loop compiled without dynamic=True: Dynamo's automatic dynamic shapes mark the
+    cache's length (it changes every step) and keep the batch size static, so the decode graph's
+    one size symbol is the cache's length. It was taken for the token count: the step was "split"
+    along the cache's length with nothing split (every op whole, the schedule run for nothing), the
+    report said so of a batch split "along the tokens", and CUDA graphs bucketed the cache's
+    length (the padding analysis happened to refuse the replay). It now has no token symbol: the
+    reason says why and what to do, nothing is bucketed, and the results equal eager."""
+    import tileflow.runtime.streams
+    from graph_doubles import ReplayOnCpu
+
+    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
+    torch._dynamo.reset()
+    torch.manual_seed(8)
+    model = _DecodeOverACache().eval()
+    report = tileflow.Report()
+    opts = {"target": "reference", "passes": PASSES, "nano_batches": 2, "cuda_graphs": True, "max_tokens": 32}
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts, report=report))
+    for length in (5, 9, 7):
+        x, cache = torch.randn(3, 1, 16), torch.randn(3, 2, length, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, cache), model(x, cache), rtol=1e-5, atol=1e-5)
+    static, decode = report.graphs  # the first call's static graph, then the cache's length symbolic
+    assert split_calls == [] and "nano_batch" not in decode.extra
+    (reason,) = [f.reason for f in decode.fallbacks if f.pass_name == "nanobatch"]
+    assert "queries are all of a static size (3 sequences, a decode step over a cache)" in reason, reason
+    assert "mark the batch dim dynamic" in reason and "along the tokens" not in reason, reason
+    assert decode.extra["cuda_graphs"] == tileflow.runtime.streams.NO_TOKEN_DIM_TO_BUCKET
+
+
 @pytest.mark.extended
 def test_generate_splits_its_decode_steps_over_the_sequences(plans: list[tuple], split_calls: list[int]) -> None:
     """`model.generate` with a compiled forward over a left-padded batch (its mask per sequence,

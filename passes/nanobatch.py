@@ -33,9 +33,9 @@ all (no token symbol to bucket).
 
 `Config.nano_batches`: 1 leaves the graph alone; an integer k >= 2 forces a k-way split of every
 step (k is capped by the token or sequence count); `"auto"` lets `tileflow.search` choose k and
-the sizes per token (or sequence) count from the device table, and not split below its threshold. The pass
-annotates each node (`node.meta["tileflow"]["nano"]`), puts the plan on the graph module and the
-schedule for the example token count in the report (kind `nano_batch`).
+the sizes per token (or sequence) count from the device table, and not split below its
+threshold. The pass annotates each node (`node.meta["tileflow"]["nano"]`), puts the plan on the
+graph module and the schedule for the example token count in the report (kind `nano_batch`).
 """
 
 from __future__ import annotations
@@ -551,15 +551,17 @@ def _group_size(group_name: Any) -> int | None:
 def token_symbol(gm: fx.GraphModule) -> tuple[Any, tuple[int, int]] | None:
     """The token symbol of the graph's inputs and where to read it: (symbol, (input, dim)). With
     several symbols, the one attention's query length carries; None when that does not decide,
-    or when attention's queries are all of a static size (the lone symbol then sizes something
-    else: a decode step's cache length when Dynamo kept the batch size static, as in a generate
-    loop; taken for the token count, the split cut the cache's length with nothing heavy split,
-    and CUDA graphs bucketed it)."""
+    or when the lone symbol sizes only a cache: attention's queries all of a static size, and no
+    GEMM's rows hold it (a decode step's cache length when Dynamo kept the batch size static, as
+    in a generate loop; taken for the token count, the split cut the cache's length with nothing
+    heavy split, and CUDA graphs bucketed it). A fixed query over the tokens (a learned one
+    pooling them) keeps it: the GEMMs' rows are the tokens."""
     found = _input_symbols(gm)
     if len(found) == 1:
         ((sym, where),) = found.items()
         queries = _queries(gm)
-        if queries and all(type(q[0]) is int and type(q[2]) is int for q in queries):
+        if (queries and all(type(q[0]) is int and type(q[2]) is int for q in queries)
+                and not _in_gemm_rows(gm, sym)):
             return None
         return sym, where
     # Several (batch and sequence, say): the sequence is what attention's queries run along.
@@ -568,6 +570,20 @@ def token_symbol(gm: fx.GraphModule) -> tuple[Any, tuple[int, int]] | None:
         if isinstance(s, torch.SymInt) and s.node.expr in found:
             return s.node.expr, found[s.node.expr]
     return None
+
+
+# GEMMs whose first input's leading dims are rows (`[..., M, K]`).
+_GEMMS = {"padded_gemm", "grouped_gemm", "mm", "addmm", "bmm", "linear", "matmul", "baddbmm"}
+
+
+def _in_gemm_rows(gm: fx.GraphModule, symbol: Any) -> bool:
+    """Whether `symbol` sizes a row dim of some GEMM's input (any dim but its last)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and op_name(node) in _GEMMS:
+            x = meta_val(node.args[1] if op_name(node) in ("addmm", "baddbmm") else node.args[0])
+            if isinstance(x, torch.Tensor) and any(_mentions(s, symbol) for s in x.shape[:-1]):
+                return True
+    return False
 
 
 def _queries(gm: fx.GraphModule) -> list[Any]:

@@ -24,24 +24,56 @@ def _dynamo_limits_restored():
         setattr(dynamo_config, name, value)
 
 
+class _Ran:
+    """What a benchmark run as `python bench/<script> <args>` would leave: exit status and output."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _run_bench(monkeypatch, capsys, script: str, *args: str) -> _Ran:
+    """Run bench/`script` as its `__main__` in this process (a fresh interpreter's torch import
+    costs seconds a run; none of these checks is about a fresh process). The globals the scripts
+    replace (e2e.py's simulated streams, host_step.py's stubbed Triton launches) and sys.path and
+    argv are put back afterwards, for the tests after them."""
+    import runpy
+
+    from triton.runtime import interpreter
+
+    from tileflow.runtime.nanobatch import NanoBatchRunner
+
+    monkeypatch.setattr(NanoBatchRunner, "_executor_for", NanoBatchRunner._executor_for)
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", interpreter.InterpretedFunction.run)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(sys, "path", [str(ROOT / "bench"), *sys.path])
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "bench" / script), *args])
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(ROOT / "bench" / script), run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    out = capsys.readouterr()
+    return _Ran(code, out.out, out.err)
+
+
 # The three benchmarks of the issues' acceptance and the MoE experts' (7-9 s) in the default run;
 # the profiling and sampling ones (and compile_time.py below) in the extended run, which goes
 # before every GPU session.
 @pytest.mark.parametrize("script", ["gemm.py", "attention.py", "e2e.py", "moe.py",
                                     *(pytest.param(script, marks=pytest.mark.extended)
                                       for script in ("profile_step.py", "sampling.py"))])
-def test_benchmark_smoke_check_passes_on_cpu(script: str) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script)], capture_output=True, text=True, timeout=600)
+def test_benchmark_smoke_check_passes_on_cpu(script: str, monkeypatch, capsys) -> None:
+    proc = _run_bench(monkeypatch, capsys, script)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "needs a GPU" in proc.stdout or "no CUDA GPU" in proc.stdout
     assert "smoke check passed" in proc.stdout
 
 
-def test_host_planning_benchmark_runs() -> None:
+def test_host_planning_benchmark_runs(monkeypatch, capsys) -> None:
     """bench/host.py (host-side planning time, measured on any machine) prints a positive time for
     each call, and its long-context batch is balanced by the split."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "host.py"), "--repeats", "1", "--no-write"],
-                          capture_output=True, text=True, timeout=600)
+    proc = _run_bench(monkeypatch, capsys, "host.py", "--repeats", "1", "--no-write")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| build") or line.startswith("| search")]
     assert [r[0].strip() for r in rows] == ["build_task_table"] * 3 + ["build_tile_plan"] * 3 + ["search_split"]
@@ -49,13 +81,13 @@ def test_host_planning_benchmark_runs() -> None:
     assert float(rows[2][1].rsplit("max/avg", 1)[1]) <= 1.5
 
 
-def test_host_step_benchmark_counts_one_launch_per_kernel() -> None:
+def test_host_step_benchmark_counts_one_launch_per_kernel(monkeypatch, capsys) -> None:
     """bench/host_step.py (a compiled step's host time with the launches stubbed, on any
     machine) prints a row per token count: positive times and exactly the step's launches, one
     per fused q/k/v, o, fused gate/up and down projection and attention in each layer plus the
     LM head (5 x 2 + 1), at every count."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "host_step.py"), "--tokens", "9,40", "--layers", "2",
-                           "--hidden", "128", "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    proc = _run_bench(monkeypatch, capsys, "host_step.py", "--tokens", "9,40", "--layers", "2", "--hidden", "128",
+                      "--repeats", "1")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| tokens")]
@@ -63,13 +95,12 @@ def test_host_step_benchmark_counts_one_launch_per_kernel() -> None:
     assert all(float(r[1]) > 0 and float(r[2]) > 0 and r[3] == "11" for r in rows), rows
 
 
-def test_host_calls_benchmark_counts_each_calls_launches() -> None:
+def test_host_calls_benchmark_counts_each_calls_launches(monkeypatch, capsys) -> None:
     """bench/host_calls.py (one op call's host time with the launches stubbed, on any machine)
     prints a row per call with a positive time and its exact launches: one kernel for a GEMM (Q,
     K and V's too, three for their three calls) and each attention call (no split-KV merge at
     these sizes), none for the mask's ranges."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "host_calls.py"), "--repeats", "1", "--calls", "3"],
-                          capture_output=True, text=True, timeout=600)
+    proc = _run_bench(monkeypatch, capsys, "host_calls.py", "--repeats", "1", "--calls", "3")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| call")]
@@ -80,13 +111,12 @@ def test_host_calls_benchmark_counts_each_calls_launches() -> None:
 
 
 @pytest.mark.parametrize("model", ["llama", *(pytest.param(m, marks=pytest.mark.extended) for m in ("bloom", "falcon"))])
-def test_mask_memory_benchmark_runs(model: str) -> None:
+def test_mask_memory_benchmark_runs(model: str, monkeypatch, capsys) -> None:
     """bench/mask_memory.py (a compiled forward's peak memory, on a Linux machine) runs and says
     the left-padded batch's mask became the kernel's rule and a key mask (memory and times are
     printed, never asserted); BLOOM's and Falcon's attention with their ALiBi biases beside them."""
     attention = ["--attention", "sdpa"] if model == "llama" else []
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "mask_memory.py"), "--tokens", "96", "--model", model,
-                           *attention, "--left-padded"], capture_output=True, text=True, timeout=600)
+    proc = _run_bench(monkeypatch, capsys, "mask_memory.py", "--tokens", "96", "--model", model, *attention, "--left-padded")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     what = {"llama": "sdpa", "bloom": "own attention", "falcon": "sdpa with ALiBi"}[model]
     assert f"{model}, tokens 96, {what}, use_cache=False, left-padded batch of 2: peak" in proc.stdout, proc.stdout
@@ -349,10 +379,9 @@ def test_e2e_stages_of_different_parts_write_different_files(monkeypatch, tmp_pa
     assert common.sized_name("moe", [1, 9], [1, 9, 64]) == "moe-tokens-1-9"
 
 
-def test_attention_refuses_parts_that_name_no_table() -> None:
+def test_attention_refuses_parts_that_name_no_table(monkeypatch, capsys) -> None:
     """`--parts ,` named no table and ran: an empty table under the full run's file name."""
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "attention.py"), "--parts", ","],
-                         capture_output=True, text=True, timeout=120)
+    run = _run_bench(monkeypatch, capsys, "attention.py", "--parts", ",")
     assert run.returncode == 2 and "--parts names no table" in run.stderr
 
 

@@ -14,12 +14,15 @@ import pytest
 import torch
 
 # Nano-batch counts each rank compiles the sharded model with: the default run's spawn compiles
-# k = 2 (and the CUDA-graph runs); k = 3, a middle nano-batch between two others, has a spawn of
-# its own in the extended run.
+# k = 2 (and the nano-batched CUDA-graph run); k = 3, a middle nano-batch between two others, has
+# a spawn of its own in the extended run (with the whole-step CUDA-graph run).
 SPLITS = (2, 3)
 LENGTHS = (5, 9, 16)
 # Token counts of the CUDA-graph run: buckets 16 and 32, three calls padded.
 GRAPH_LENGTHS = (5, 9, 16, 20)
+# The CUDA-graph runs: a whole step captured per bucket, and nano-batches on streams captured as
+# one graph per bucket (as NanoFlow runs a step).
+GRAPH_RUNS = ("cuda_graphs", "nano_cuda_graphs")
 WORLD = 2
 
 
@@ -30,12 +33,12 @@ def _free_port() -> int:
 
 
 def _tensor_parallel_rank(rank: int, port: int, out_dir: str, arch: str, splits: tuple[int, ...],
-                          graphs: bool) -> None:
+                          graphs: tuple[str, ...]) -> None:
     """Shard a small `arch` model (a Llama, or a Qwen2 with its Q, K and V biases) over the ranks;
     compile it for each k in `splits` with the schedule run on simulated streams (a different
-    random interleaving on each rank and call), then (if `graphs`) with CUDA graphs through a
-    CPU stand-in, whole and nano-batched; write what each run saw: the largest difference from
-    the unsharded model, the compiles, the schedule and the cost profile."""
+    random interleaving on each rank and call), then with CUDA graphs through a CPU stand-in for
+    each of `graphs` (GRAPH_RUNS: whole, nano-batched); write what each run saw: the largest
+    difference from the unsharded model, the compiles, the schedule and the cost profile."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate
@@ -117,13 +120,15 @@ def _tensor_parallel_rank(rank: int, port: int, out_dir: str, arch: str, splits:
             "padding_hazard": hazards[-1],
         }
 
-    if graphs:
-        # CUDA graphs at token buckets, through a CPU stand-in that really runs the padded step: every
-        # rank replays a call at the same bucket, so the all-reduces pair up over the padded rows too.
-        streams.GRAPH_FACTORY = ReplayOnCpu
+    # CUDA graphs at token buckets, through a CPU stand-in that really runs the padded step: every
+    # rank replays a call at the same bucket, so the all-reduces pair up over the padded rows too.
+    streams.GRAPH_FACTORY = ReplayOnCpu
+    if "cuda_graphs" in graphs:
+        ReplayOnCpu.captures = ReplayOnCpu.replays = 0
         diffs, report = compiled_diffs({"cuda_graphs": True, "max_tokens": 32}, GRAPH_LENGTHS)
         result["cuda_graphs"] = {"diffs": diffs, "note": report.graphs[0].extra.get("cuda_graphs"),
                                  "captures": ReplayOnCpu.captures, "replays": ReplayOnCpu.replays}
+    if "nano_cuda_graphs" in graphs:
         # And both, as NanoFlow runs a step: nano-batches on streams, captured as one graph per bucket.
         ReplayOnCpu.captures = ReplayOnCpu.replays = 0
         diffs, report = compiled_diffs({"passes": ["canonicalize", "attention", "gemm_padding", "nanobatch"],
@@ -148,7 +153,8 @@ def _reaches(ops: dict[str, dict], start: str, goal: str) -> bool:
     return False
 
 
-def _run_ranks(out: Path, arch: str, splits: tuple[int, ...] = SPLITS, graphs: bool = True) -> list[dict]:
+def _run_ranks(out: Path, arch: str, splits: tuple[int, ...] = SPLITS,
+               graphs: tuple[str, ...] = GRAPH_RUNS) -> list[dict]:
     """What each rank of one two-process run of `arch` wrote (`_tensor_parallel_rank`)."""
     import sys
 
@@ -163,14 +169,15 @@ def _run_ranks(out: Path, arch: str, splits: tuple[int, ...] = SPLITS, graphs: b
 
 @pytest.fixture(scope="module")
 def tensor_parallel_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """What each rank of one two-process run of the Llama wrote: k = SPLITS[0] and CUDA graphs."""
-    return _run_ranks(tmp_path_factory.mktemp("tensor_parallel"), "llama", SPLITS[:1])
+    """What each rank of one two-process run of the Llama wrote: k = SPLITS[0] and nano-batched
+    CUDA graphs."""
+    return _run_ranks(tmp_path_factory.mktemp("tensor_parallel"), "llama", SPLITS[:1], ("nano_cuda_graphs",))
 
 
 @pytest.fixture(scope="module")
 def tensor_parallel_runs_at_more_splits(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """The same for the other k of SPLITS (the extended run's), without the CUDA-graph runs."""
-    return _run_ranks(tmp_path_factory.mktemp("tensor_parallel_more"), "llama", SPLITS[1:], graphs=False)
+    """The same for the other k of SPLITS (the extended run's), and the whole-step CUDA graphs."""
+    return _run_ranks(tmp_path_factory.mktemp("tensor_parallel_more"), "llama", SPLITS[1:], ("cuda_graphs",))
 
 
 def _runs_at(request: pytest.FixtureRequest, k: int) -> list[dict]:
@@ -258,18 +265,23 @@ def test_the_split_search_counts_collectives_as_ring_traffic(tensor_parallel_run
     assert gathers == [(WORLD - 1) / WORLD * rows["vocab"]]
 
 
-def test_cuda_graphs_may_pad_a_sharded_step_to_its_bucket(tensor_parallel_runs: list[dict]) -> None:
+# The whole step in the extended run (beside k = 3): the nano-batched step takes the same padding
+# analysis of the all-reduces and the same capture per bucket (tests/test_streams.py captures a
+# whole step), with the collectives split per nano-batch besides.
+@pytest.mark.parametrize("key", ["nano_cuda_graphs", pytest.param("cuda_graphs", marks=pytest.mark.extended)])
+def test_cuda_graphs_may_pad_a_sharded_step_to_its_bucket(request: pytest.FixtureRequest, key: str) -> None:
     """The padding analysis takes an all-reduce as elementwise (every rank replays one call at one
     bucket, so real rows reduce real rows): a sharded step is captured at token buckets, where
     the all-reduce was a hazard that kept it at exact token counts, and its padded replays (a CPU
-    stand-in for CUDA graphs) equal the unsharded model on every rank."""
-    for run in tensor_parallel_runs:
-        assert run[str(SPLITS[0])]["padding_hazard"] is None
-        for key, step in (("cuda_graphs", "whole step"), ("nano_cuda_graphs", "nano-batched step")):
-            graphs = run[key]
-            assert graphs["note"].startswith(f"{step}, token buckets [16, 32]"), graphs["note"]
-            assert (graphs["captures"], graphs["replays"]) == (2, len(GRAPH_LENGTHS))  # every call replays
-            assert all(d <= 1e-5 for d in graphs["diffs"]), graphs["diffs"]
+    stand-in for CUDA graphs) equal the unsharded model on every rank, nano-batched or whole."""
+    k = SPLITS[0] if key == "nano_cuda_graphs" else SPLITS[1]
+    step = {"cuda_graphs": "whole step", "nano_cuda_graphs": "nano-batched step"}[key]
+    for run in _runs_at(request, k):
+        assert run[str(k)]["padding_hazard"] is None
+        graphs = run[key]
+        assert graphs["note"].startswith(f"{step}, token buckets [16, 32]"), graphs["note"]
+        assert (graphs["captures"], graphs["replays"]) == (2, len(GRAPH_LENGTHS))  # every call replays
+        assert all(d <= 1e-5 for d in graphs["diffs"]), graphs["diffs"]
 
 
 def _reduced_rows(x, w):  # noqa: ANN001, ANN202

@@ -405,8 +405,16 @@ def test_nano_batch_timeline_in_headless_chromium(browser: Browser, llama_page: 
     assert len(set(y_of.values())) == len(set(streams.values())) >= 2
     xs = [x for _, _, x in rows]
     assert xs == sorted(xs)
+    assert page.locator(".timeline g.bar title").first.text_content().startswith(f"{timeline[0]['op']} · nano-batch 0 (192 tokens)")
     ARTIFACTS.mkdir(exist_ok=True)
     page.locator(".timeline").screenshot(path=str(ARTIFACTS / "viz_timeline.png"))
+    # A split over sequences (a decode step's) counts sequences, and its bars say so.
+    data["graphs"][0]["extra"]["nano_batch"]["split_over"] = "sequences"
+    page_path.write_text(render(data), encoding="utf-8")
+    page.goto(page_path.as_uri())
+    page.locator("#sidebar .step", has_text="overview").first.click()
+    page.wait_for_selector(".timeline svg")
+    assert "nano-batch 0 (192 sequences)" in page.locator(".timeline g.bar title").first.text_content()
     assert browser.errors == [], browser.errors
 
 

@@ -248,11 +248,12 @@ def _durations(
 ) -> tuple[list[list[float]], list[list[bool]]]:
     """Roofline time and memory-boundness of every instance, indexed [op][nano-batch]."""
     times, bound = [], []
+    distinct = sorted(set(sizes))  # (nano-batches are mostly of one or two sizes: each timed once)
     for op in ops:
         share = shares[streams[op.resource]]
-        row = [op_time(op, n, share, device, net_bw_gbs=net_bw_gbs) for n in sizes]
-        times.append([t for t, _ in row])
-        bound.append([b for _, b in row])
+        timed = {n: op_time(op, n, share, device, net_bw_gbs=net_bw_gbs) for n in distinct}
+        times.append([timed[n][0] for n in sizes])
+        bound.append([timed[n][1] for n in sizes])
     return times, bound
 
 
@@ -265,25 +266,29 @@ def _list_schedule(
     earliest (its stream free and its previous op done), ties to the earlier nano-batch. The
     frontier holds at most k instances, so this is O(k * len(ops) * k)."""
     m = len(ops)
-    free: dict[int, float] = {}
+    # (Plain lists and locals: the search runs this hundreds of times per step size, and dict and
+    # attribute lookups in the inner loop were most of its time.)
+    stream_of = [streams[op.resource] for op in ops]
+    free = [0.0] * (max(stream_of, default=0) + 1)
     start = [[0.0] * k for _ in ops]
     finish = [[0.0] * k for _ in ops]
     nxt = [0] * k
     for _ in range(m * k):
-        best: tuple[float, int] | None = None
+        best_j, best_est = -1, 0.0
         for j in range(k):
             i = nxt[j]
             if i == m:
                 continue
-            est = max(free.get(streams[ops[i].resource], 0.0), finish[i - 1][j] if i else 0.0)
-            if best is None or (est, j) < best:
-                best = (est, j)
-        assert best is not None
-        est, j = best
-        i = nxt[j]
-        start[i][j] = est
-        finish[i][j] = free[streams[ops[i].resource]] = est + times[i][j]
-        nxt[j] = i + 1
+            est = free[stream_of[i]]
+            if i and finish[i - 1][j] > est:
+                est = finish[i - 1][j]
+            if best_j < 0 or est < best_est:  # (ties: the earlier nano-batch, j ascending)
+                best_j, best_est = j, est
+        assert best_j >= 0
+        i = nxt[best_j]
+        start[i][best_j] = best_est
+        finish[i][best_j] = free[stream_of[i]] = best_est + times[i][best_j]
+        nxt[best_j] = i + 1
     return start, finish
 
 
@@ -328,7 +333,9 @@ def _modeled_times(
                 for t, found in per_stream.items():
                     if t == s:
                         continue
-                    for p, q, index in found[bisect_right(finishes[t], a):]:
+                    # (By index, not a slice: a slice copied the rest of the stream's list each time.)
+                    for at in range(bisect_right(finishes[t], a), len(found)):
+                        p, q, index = found[at]
                         if p >= b:
                             break
                         parts.append((index, min(b, q) - max(a, p)))

@@ -6,12 +6,15 @@ on the CPU it runs on (no GPU needed).
   128k-context decode beside 200 short ones (the batch whose deal splits long tiles to balance);
   a decode step whose lengths changed builds its table anew, so this is paid per step.
 - `build_tile_plan` for the Llama-3-8B GEMM shapes over M in [1, 65536] (once per compile).
-- `search_split` for a Llama-like layer's nano-batch split at 2048 tokens (once per bucket).
+- `search_split` for a Llama-like layer's nano-batch split at 2048 tokens (once per bucket), and
+  for a decode step of 256 sequences over `--decode-layers` Llama-like layers with a 4096-token
+  cache (once per bucket of the sequence count and of the cache's length under
+  `nano_batches="auto"`; the threshold's scan is most of it).
 
 Each row is the median of `--repeats` runs (caches cleared before each). Writes
 bench/results/host-*.md unless `--no-write`.
 
-    python bench/host.py [--repeats 20] [--no-write]
+    python bench/host.py [--repeats 20] [--decode-layers 32] [--no-write]
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _task_table_cases() -> dict[str, tuple[list[int], list[int]]]:
     }
 
 
-def measure(repeats: int) -> list[list[Any]]:
+def measure(repeats: int, decode_layers: int = 32) -> list[list[Any]]:
     """One row per measured call: what, its size, the median ms."""
     rows: list[list[Any]] = []
     for name, (cu, kv) in _task_table_cases().items():
@@ -69,6 +72,11 @@ def measure(repeats: int) -> list[list[Any]]:
     layer = _llama_layer(context=2048)
     ms = wall_median_ms(lambda: search.search_split(layer, h100, 2048), repeats, before=search.clear_cache)
     rows.append(["search_split", "Llama-like layer, 2048 tokens", f"{ms:.2f}"])
+    # A decode step's profile: each sequence one row, attention reading its whole cache.
+    decode = [op for _ in range(decode_layers) for op in _llama_layer(context=4096)]
+    ms = wall_median_ms(lambda: search.search_split(decode, h100, 256), repeats, before=search.clear_cache)
+    rows.append(["search_split", f"{decode_layers} Llama-like decode layers, 256 sequences, 4096-token caches",
+                 f"{ms:.2f}"])
     return rows
 
 
@@ -88,11 +96,14 @@ def _llama_layer(context: int) -> list[search.OpProfile]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--decode-layers", type=int, default=32)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    body = markdown_table(["call", "input", "median ms"], measure(args.repeats))
+    if args.decode_layers < 1:
+        parser.error(f"--decode-layers must be >= 1, got {args.decode_layers}")
+    body = markdown_table(["call", "input", "median ms"], measure(args.repeats, args.decode_layers))
     print(body)
     if not args.no_write:
         env = environment()

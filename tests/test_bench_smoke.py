@@ -73,10 +73,11 @@ def test_benchmark_smoke_check_passes_on_cpu(script: str, monkeypatch, capsys) -
 def test_host_planning_benchmark_runs(monkeypatch, capsys) -> None:
     """bench/host.py (host-side planning time, measured on any machine) prints a positive time for
     each call, and its long-context batch is balanced by the split."""
-    proc = _run_bench(monkeypatch, capsys, "host.py", "--repeats", "1", "--no-write")
+    proc = _run_bench(monkeypatch, capsys, "host.py", "--repeats", "1", "--decode-layers", "2", "--no-write")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| build") or line.startswith("| search")]
-    assert [r[0].strip() for r in rows] == ["build_task_table"] * 3 + ["build_tile_plan"] * 3 + ["search_split"]
+    assert [r[0].strip() for r in rows] == ["build_task_table"] * 3 + ["build_tile_plan"] * 3 + ["search_split"] * 2
+    assert rows[-1][1].strip().startswith("2 Llama-like decode layers, 256 sequences")
     assert all(float(r[2]) > 0 for r in rows)
     assert float(rows[2][1].rsplit("max/avg", 1)[1]) <= 1.5
 

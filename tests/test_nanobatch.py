@@ -789,13 +789,15 @@ def halving_search(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list, int]]:
 
 
 def test_auto_splits_a_decode_step_over_its_sequences_costed_at_each_calls_cache(
-        halving_search: list[tuple[list, int]], plans: list[tuple], split_calls: list[int]) -> None:
+        monkeypatch: pytest.MonkeyPatch, halving_search: list[tuple[list, int]], plans: list[tuple],
+        split_calls: list[int]) -> None:
     """`nano_batches="auto"` left a decode step over a cache whole ("its search costs token rows"),
     though NanoFlow's main case is a big decode batch and a decode step's sequences are one token
     row each. It now splits over the sequences as the search says, and the search costs attention
     at each call's cache length (its power-of-two bucket), where it had the length the graph was
     traced at (the first decode step's, short) for every later call (the real search on real
-    sizes: `test_auto_splits_a_decode_step_from_the_cache_length_the_search_says`)."""
+    sizes: `test_auto_splits_a_decode_step_from_the_cache_length_the_search_says`). On streams
+    each nano-op runs at its stream's SM share."""
     torch.manual_seed(5)
     model = _DecodeOverACache().eval()
     report = tileflow.Report()
@@ -819,6 +821,19 @@ def test_auto_splits_a_decode_step_over_its_sequences_costed_at_each_calls_cache
     attention = [([c.bytes_per_token for c in costs if c.resource == "memory"], bucket)
                  for costs, bucket in halving_search]
     assert attention == [([per_key * 9 + own], 4), ([per_key * 17 + own], 4)], attention
+    # On streams (simulated, a random interleaving), each stream's nano-ops run at the SM share
+    # the search gave it: compute 0.75, attention's memory stream 0.25.
+    import tileflow.runtime.streams as streams_runtime
+    from tileflow.runtime.streams import SimulatedStreams
+
+    executor, shares, grid_share = SimulatedStreams(seed=2), [], streams_runtime.grid_share
+    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "_executor_for", lambda self, device: executor)
+    monkeypatch.setattr(streams_runtime, "grid_share", lambda share: shares.append(share) or grid_share(share))
+    x, cache = torch.randn(4, 1, 16), torch.randn(4, 2, 9, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, cache), model(x, cache), rtol=1e-5, atol=1e-5)
+    ran = {stream for stream, _ in executor.trace}
+    assert ran == {0, 1} and set(shares) == {0.75, 0.25} and len(halving_search) == 2
 
 
 def test_auto_splits_a_batch_of_prompts_over_them_costing_a_sequences_rows(

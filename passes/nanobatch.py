@@ -249,10 +249,10 @@ class NanoBatchPlan:
         return cost.rows if isinstance(cost, AttentionCost) else self.row_scales.get(cost.name, 1)
 
     def _search(self, tokens: int, values: dict[Any, int] | None) -> tuple[list[int], dict[int, float] | None]:
-        """(sizes, SM shares) for `tokens`. The search runs once per power-of-two bucket, not per
-        count (it takes up to a second for a deep model, on the step's critical path), and the
-        bucket's cuts are scaled to the real count; below the model's split threshold the step
-        stays whole."""
+        """(sizes, SM shares) for `tokens`. The search runs once per power-of-two bucket of the
+        count and of the sizes the costs read (`costs_at`), not per count: it takes seconds for a
+        deep model with its threshold's scan, on the step's critical path. The bucket's cuts are
+        scaled to the real count; below the model's split threshold the step stays whole."""
         costs, buckets = self.costs_at(values)
         key = (tokens, buckets)
         if key not in self._searched:
@@ -643,12 +643,17 @@ class NanoBatch:
                 batches, lengths = sorted({q[0] for q in queries}), sorted({q[2] for q in queries})
                 step = ("a decode step over a cache" if lengths == [1] else
                         f"{'/'.join(map(str, lengths))} queries per sequence over a cache")
-                why = (f"attention's queries are all of a static size ({'/'.join(map(str, batches))} sequences, {step}) "
-                       f"and the inputs' size symbols ({', '.join(names)}) size other dims (the cache's length): a "
-                       "batch size traced static (Dynamo's automatic dynamic shapes mark only the dims that changed, "
-                       "as a generate loop's cache length and not its batch size) is a plain number, which the split "
-                       "cannot tell from other sizes; compile with dynamic=True or mark the batch dim dynamic "
-                       "(torch._dynamo.mark_dynamic) to split over the sequences")
+                what = (f"attention's queries are all of a static size (a batch of {'/'.join(map(str, batches))}, "
+                        f"{step}) and the inputs' size symbols ({', '.join(names)}) size other dims (the cache's length)")
+                if batches == [1]:  # (Dynamo specializes a size of 1: no mark makes it a symbol)
+                    how = ("one sequence's queries, counted static: mark the queries' dim dynamic "
+                           "(torch._dynamo.mark_dynamic) to split along them")
+                else:
+                    how = ("a batch size traced static (Dynamo's automatic dynamic shapes mark only the dims that "
+                           "changed, as a generate loop's cache length and not its batch size) is a plain number, "
+                           "which the split cannot tell from other sizes; compile with dynamic=True or mark the "
+                           "batch dim dynamic (torch._dynamo.mark_dynamic) to split over the sequences")
+                why = f"{what}: {how}"
             elif names and queries and all(type(q[2]) is int for q in queries):
                 # Splitting prompts of one static length over their sequences would also bucket CUDA
                 # graphs over them, which the padding analysis does not cover (it reads the token dim

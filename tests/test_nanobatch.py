@@ -964,9 +964,40 @@ def test_a_decode_step_of_a_batch_traced_static_is_neither_split_nor_bucketed_al
     static, decode = report.graphs  # the first call's static graph, then the cache's length symbolic
     assert split_calls == [] and "nano_batch" not in decode.extra
     (reason,) = [f.reason for f in decode.fallbacks if f.pass_name == "nanobatch"]
-    assert "queries are all of a static size (3 sequences, a decode step over a cache)" in reason, reason
+    assert "queries are all of a static size (a batch of 3, a decode step over a cache)" in reason, reason
     assert "mark the batch dim dynamic" in reason and "along the tokens" not in reason, reason
     assert decode.extra["cuda_graphs"] == tileflow.runtime.streams.NO_TOKEN_DIM_TO_BUCKET
+
+
+class _VerifyOverACache(_DecodeOverACache):
+    """One attention layer over a cache for x `[B, S, 16]`: S queries per sequence (a verify step
+    of S drafted tokens when S is fixed)."""
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        b, s = x.shape[:2]
+        q = self.q(x).view(b, s, 2, 8).transpose(1, 2)
+        kv = torch.cat([cache, self.kv(x).view(b, s, 2, 8).transpose(1, 2)], dim=2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, kv, kv)
+        return self.o(a.transpose(1, 2).reshape(b, s, 16)) + x
+
+
+def test_one_sequences_static_queries_over_a_cache_say_to_mark_the_queries(split_calls: list[int]) -> None:
+    """One sequence's 4 queries over a growing cache, compiled without dynamic=True: the cache's
+    length is the graph's one symbol, no token count. A batch of 1 cannot be made a symbol (Dynamo
+    specializes it), so the reason says to mark the queries' dim dynamic, not the batch's."""
+    torch._dynamo.reset()
+    torch.manual_seed(9)
+    model = _VerifyOverACache().eval()
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
+                                                                     report=report))
+    for length in (5, 9):
+        x, cache = torch.randn(1, 4, 16), torch.randn(1, 2, length, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, cache), model(x, cache), rtol=1e-5, atol=1e-5)
+    (reason,) = [f.reason for f in report.graphs[-1].fallbacks if f.pass_name == "nanobatch"]
+    assert split_calls == [] and "(a batch of 1, 4 queries per sequence over a cache)" in reason, reason
+    assert "mark the queries' dim dynamic" in reason and "batch dim" not in reason, reason
 
 
 @pytest.mark.extended

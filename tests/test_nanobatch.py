@@ -710,18 +710,19 @@ def test_a_decode_step_of_several_sequences_splits_over_them(name: str, k: int, 
 
 class _DecodeOverACache(torch.nn.Module):
     """One decode step of one attention layer: x `[B, 1, 16]`, the cache `[B, 2, L, 8]` (keys and
-    values alike) with the new key appended, and an output projection."""
+    values alike) with the new key appended, and an output projection (x `[B, S, 16]`: S queries
+    per sequence, a verify step of S drafted tokens when S is fixed)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.q, self.kv, self.o = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        q = self.q(x).view(b, 1, 2, 8).transpose(1, 2)
-        kv = torch.cat([cache, self.kv(x).view(b, 1, 2, 8).transpose(1, 2)], dim=2)
+        b, s = x.shape[:2]
+        q = self.q(x).view(b, s, 2, 8).transpose(1, 2)
+        kv = torch.cat([cache, self.kv(x).view(b, s, 2, 8).transpose(1, 2)], dim=2)
         a = torch.nn.functional.scaled_dot_product_attention(q, kv, kv)
-        return self.o(a.transpose(1, 2).reshape(b, 1, 16)) + x
+        return self.o(a.transpose(1, 2).reshape(b, s, 16)) + x
 
 
 class _TwoDecodes(torch.nn.Module):
@@ -969,25 +970,13 @@ def test_a_decode_step_of_a_batch_traced_static_is_neither_split_nor_bucketed_al
     assert decode.extra["cuda_graphs"] == tileflow.runtime.streams.NO_TOKEN_DIM_TO_BUCKET
 
 
-class _VerifyOverACache(_DecodeOverACache):
-    """One attention layer over a cache for x `[B, S, 16]`: S queries per sequence (a verify step
-    of S drafted tokens when S is fixed)."""
-
-    def forward(self, x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-        b, s = x.shape[:2]
-        q = self.q(x).view(b, s, 2, 8).transpose(1, 2)
-        kv = torch.cat([cache, self.kv(x).view(b, s, 2, 8).transpose(1, 2)], dim=2)
-        a = torch.nn.functional.scaled_dot_product_attention(q, kv, kv)
-        return self.o(a.transpose(1, 2).reshape(b, s, 16)) + x
-
-
 def test_one_sequences_static_queries_over_a_cache_say_to_mark_the_queries(split_calls: list[int]) -> None:
     """One sequence's 4 queries over a growing cache, compiled without dynamic=True: the cache's
     length is the graph's one symbol, no token count. A batch of 1 cannot be made a symbol (Dynamo
     specializes it), so the reason says to mark the queries' dim dynamic, not the batch's."""
     torch._dynamo.reset()
     torch.manual_seed(9)
-    model = _VerifyOverACache().eval()
+    model = _DecodeOverACache().eval()
     report = tileflow.Report()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
                                                                      report=report))

@@ -111,6 +111,42 @@ def test_nano_batches_on_cuda_streams_match_eager(monkeypatch: pytest.MonkeyPatc
     assert executors and all(isinstance(ex, CudaStreams) for ex in executors)
 
 
+@pytest.mark.parametrize("setting", [2, "auto"])
+def test_decode_steps_split_over_sequences_on_cuda_streams_match_eager(monkeypatch: pytest.MonkeyPatch,
+                                                                       setting: int | str) -> None:
+    """Decode steps over a cache (`[B, 1]` ids) split over their sequences on real CUDA streams
+    equal eager, step after step, with k = 2 and with "auto" (the device's own figures; the
+    search's answer stood in for: two halves of the sequence bucket at shares 0.75 / 0.25, so
+    that the streams run with their SM shares)."""
+    from test_nanobatch import _decoded
+
+    from tileflow.passes import nanobatch
+    from tileflow.search import SplitPlan
+
+    def halves(costs: list, device: object, bucket: int) -> SplitPlan:
+        return SplitPlan(2, (bucket // 2, bucket - bucket // 2), {"compute": 0, "memory": 1, "network": 2},
+                         {0: 0.75, 1: 0.25, 2: 0.0}, 1.0, 2.0)
+
+    monkeypatch.setattr(nanobatch, "search_split", halves)
+    model = build("llama").cuda()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": NANO_PASSES, "nano_batches": setting}),
+                             dynamic=True)
+    executors: list = []
+    original = nanobatch_runtime.NanoBatchRunner._executor_for
+
+    def spy(self, device):
+        executors.append(original(self, device))
+        return executors[-1]
+
+    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "_executor_for", spy)
+    for batch in (3, 5):
+        ids = torch.randint(0, VOCAB, (batch, 7), device="cuda")
+        for got, want in zip(_decoded(model, compiled, ids, steps=4), _decoded(model, model, ids, steps=4)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # The prefill and three decode steps of each batch ran split, each on the streams.
+    assert len(executors) == 8 and all(isinstance(ex, CudaStreams) for ex in executors)
+
+
 @pytest.fixture
 def nccl_group():
     """A one-rank NCCL process group (its all-reduces are copies, through NCCL on the streams)."""

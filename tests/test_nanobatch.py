@@ -648,7 +648,7 @@ def _decoded(model: torch.nn.Module, fn, ids: torch.Tensor, steps: int = 3) -> l
     for _ in range(steps):
         with torch.no_grad():
             out = fn(step, past_key_values=cache, use_cache=True,
-                     cache_position=torch.arange(position, position + step.shape[1]))
+                     cache_position=torch.arange(position, position + step.shape[1], device=ids.device))
         logits.append(out.logits)
         position += step.shape[1]
         step = out.logits[:, -1:].argmax(-1)

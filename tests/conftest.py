@@ -76,15 +76,15 @@ def usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[s
 # Seconds each test file takes on 2 CPU cores in the default run (`-m "not extended"`), for the
 # files over 20 s: session 59's `--durations=0` run (Triton's cache empty as on CI; helpers ran
 # beside it, so its seconds were taken as 1.4x CI's), each file's less the share session 59's
-# trim took off it (each helper's before/after CPU seconds of the file), and session 60's of three
-# files (bench smoke, tensor parallel, streams) alike. Only the order matters:
-# with `--dist loadfile --no-loadscope-reorder` each xdist worker takes whole files in collection
-# order, and longest first keeps one worker from running a long file alone at the end (xdist's
-# own reorder counts tests, and most of the long files have few).
+# trim took off it (each helper's before/after CPU seconds of the file), and session 60's of five
+# files (bench smoke, tensor parallel, streams, export, Triton attention) alike. Only the order
+# matters: with `--dist loadfile --no-loadscope-reorder` each xdist worker takes whole files in
+# collection order, and longest first keeps one worker from running a long file alone at the end
+# (xdist's own reorder counts tests, and most of the long files have few).
 _FILE_SECONDS = {
-    "test_attention.py": 322, "test_nanobatch.py": 186, "test_mask_rule.py": 168, "test_padding_safety.py": 158,
-    "test_export.py": 132, "test_model_zoo.py": 126, "test_bench_smoke.py": 66, "test_disaggregate.py": 105,
-    "test_distributed.py": 96, "test_grouped_gemm.py": 93, "test_triton_gemm.py": 91, "test_triton_attention.py": 86,
+    "test_attention.py": 322, "test_nanobatch.py": 196, "test_mask_rule.py": 168, "test_padding_safety.py": 158,
+    "test_export.py": 124, "test_model_zoo.py": 126, "test_bench_smoke.py": 66, "test_disaggregate.py": 105,
+    "test_distributed.py": 96, "test_grouped_gemm.py": 93, "test_triton_gemm.py": 91, "test_triton_attention.py": 75,
     "test_serving.py": 82, "test_sm90_compile.py": 80, "test_gemm_padding.py": 68, "test_models.py": 64,
     "test_ascend_gemm.py": 63, "test_ascend_attention.py": 61, "test_backend.py": 60, "test_streams.py": 57,
     "test_tensor_parallel.py": 38, "test_viz.py": 46, "test_attention_flat_scores.py": 38,

@@ -478,6 +478,9 @@ def test_ascend_export_writes_the_project_beside_the_archive(spec_dir: Path) -> 
     assert "torch_npu" in str(err.value)
 
 
+# The same path (a transformers config folder exported through the CLI, loaded, run, and a length
+# past the range refused) in the default run: test_cli_example_sizes_follow_the_dynamic_ranges.
+@pytest.mark.extended
 def test_export_from_transformers_config(tmp_path: Path) -> None:
     sys.path.insert(0, str(TESTS_DIR))
     from models import VOCAB, build
@@ -844,7 +847,8 @@ def test_device_and_a_lone_tensor_example(tmp_path: Path) -> None:
 def test_cli_example_sizes_follow_the_dynamic_ranges(tmp_path: Path) -> None:
     """A dynamic batch exported with the example batch of 1 (which torch.export fixes), or a seq
     range above the example length, failed after the build with a misleading message; the
-    examples now move inside the ranges, and ones given outside them are refused up front."""
+    examples now move inside the ranges, and ones given outside them are refused up front. (The
+    archive of a transformers config: it loads, runs, and refuses a length past its range.)"""
     sys.path.insert(0, str(TESTS_DIR))
     from models import VOCAB, build
 
@@ -856,6 +860,8 @@ def test_cli_example_sizes_follow_the_dynamic_ranges(tmp_path: Path) -> None:
     run = tileflow.load(out)
     assert run.manifest["dynamic"] == {"batch": [1, 4], "seq": [16, 32]}
     assert run(torch.randint(0, VOCAB, (3, 20))).shape == (3, 20, VOCAB)
+    with pytest.raises(ValueError, match=r"exported for seq in \[16, 32\]"):
+        run(torch.randint(0, VOCAB, (3, 33)))
     result = _cli(["export", str(tmp_path / "cfg"), "-o", str(tmp_path / "x.pt2"), "--seq-len", "300"], tmp_path)
     assert result.exit_code == 2 and "--seq-len 300 lies outside the seq sizes" in result.output
 

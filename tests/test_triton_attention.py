@@ -457,8 +457,13 @@ def test_automatic_split_of_a_long_decode_beside_short_ones() -> None:
     assert table.to_summary()["cost_ratio"] <= 1.5
 
 
-@pytest.mark.parametrize(("dtype", "window", "kv_split"), [("float32", None, None), ("float16", 9, 16)])
-def test_logit_softcap(dtype: str, window: int | None, kv_split: int | None) -> None:
+# A cap of 3.0 (bending the scores less than 0.5 does, through the same kernel) under `extended`.
+@pytest.mark.parametrize(("dtype", "window", "kv_split", "caps"), [
+    pytest.param("float32", None, None, (1e4, 1e8, 0.5), id="float32-None-None"),
+    pytest.param("float16", 9, 16, (1e4, 1e8, 0.5), id="float16-9-16"),
+    *(pytest.param(dtype, window, kv_split, (3.0,), marks=pytest.mark.extended, id=f"{dtype}-{window}-{kv_split}-cap3")
+      for dtype, window, kv_split in (("float32", None, None), ("float16", 9, 16)))])
+def test_logit_softcap(dtype: str, window: int | None, kv_split: int | None, caps: tuple[float, ...]) -> None:
     """Soft-capped scores (cap 0.5 against scores of a few units: the cap bends every one of them)
     in the kernel's unmasked blocks (a long prompt), its masked ones (diagonals, tails, windows,
     tree verify) and split-KV chunks, against both oracles; and the cap is not a compile-time
@@ -471,7 +476,7 @@ def test_logit_softcap(dtype: str, window: int | None, kv_split: int | None) -> 
     plain = oracle(batch, sliding_window=window)
     # A cap far above the scores bends nothing: tanh's 1 - exp(-2a) form lost every digit of a
     # small a (1.2e-4 off at a cap of 1e4, uniform attention from about 1e8).
-    for cap in (1e4, 1e8, 0.5, 3.0):
+    for cap in caps:
         out, _ = run_and_check(batch, spec, sliding_window=window, kv_split=kv_split, softcap=cap,
                                what=f"softcap {cap}")
     assert (out.double().cpu() - plain).abs().max() > 0.05  # the cap changed the result
@@ -760,12 +765,23 @@ def test_more_queries_than_keys_without_a_positional_rule(dtype: torch.dtype) ->
                                            msg=lambda m: f"launcher, {what}, kv_split={kv_split}: {m}")
 
 
-@pytest.mark.parametrize(("causal", "kv_split"), [pytest.param(False, None, marks=pytest.mark.extended), (True, 24)])
-def test_model_masks_as_bias(causal: bool, kv_split: int | None) -> None:
+# The -inf causal, per-head and hidden-rows masks at (True, 24) under `extended`: the default run's
+# test_bool_masks_and_half_biases[True-24] hands the kernel those very float32 biases (their bool
+# forms, converted) at the same arguments, and the float ranges of a per-head mask (`eager per
+# head`) and of rows hidden by -inf (`left padding`) stay here.
+_MASKS_AS_BOOL_TOO = ("causal", "per head", "hidden rows")
+
+
+@pytest.mark.parametrize(("causal", "kv_split", "names"), [
+    pytest.param(False, None, None, marks=pytest.mark.extended, id="False-None"),
+    pytest.param(True, 24, ("left padding", "window", "holes", "soft", "eager left padding", "eager per head"),
+                 id="True-24"),
+    pytest.param(True, 24, _MASKS_AS_BOOL_TOO, marks=pytest.mark.extended, id="True-24-as-bool-too")])
+def test_model_masks_as_bias(causal: bool, kv_split: int | None, names: tuple[str, ...] | None) -> None:
     """The masks models materialize (causal, left padding, sliding window, holes, a soft bias
-    with a plain run, per-head masks, hidden rows), given as an additive bias, against float64:
-    long enough (56 keys, 16-key blocks) that tiles have hidden, plain and mixed blocks, with
-    and without the spec's own causal rule and with split-KV chunks.
+    with a plain run, per-head masks, hidden rows; `names` of them, None: all), given as an
+    additive bias, against float64: long enough (56 keys, 16-key blocks) that tiles have hidden,
+    plain and mixed blocks, with and without the spec's own causal rule and with split-KV chunks.
 
     A row of an eager mask that sees no key above finfo.min averages those keys as eager
     attention does, split-KV chunks included: their merge weighs each chunk by its count of
@@ -773,7 +789,11 @@ def test_model_masks_as_bias(causal: bool, kv_split: int | None) -> None:
     gen = torch.Generator().manual_seed(11)
     b, hq, hkv, s, d = 2, 4, 2, 56, 16
     q, k, v = (torch.randn(b, h, s, d, generator=gen) for h in (hq, hkv, hkv))
-    for name, mask in model_masks(b, s, gen).items():
+    masks = model_masks(b, s, gen)
+    assert names is None or set(names) <= set(masks)
+    for name, mask in masks.items():
+        if names is not None and name not in names:
+            continue
         out = run_biased(q, k, v, mask, causal=causal, kv_split=kv_split, block_q=8)
         assert not out.isnan().any(), f"{name}: some outputs were never written"
         want = biased_oracle(q, k, v, mask, causal=causal)
@@ -781,28 +801,35 @@ def test_model_masks_as_bias(causal: bool, kv_split: int | None) -> None:
         assert rel < 1e-5, f"{name}: relative error {rel:.3g}"
 
 
+# The model masks whose entries are 0 or -inf, which test_bool_masks_and_half_biases gives as bool.
+_ALL_BOOLS = ("causal", "left padding", "window", "holes", "per head", "hidden rows")
+
+
 # bfloat16's bias takes float16's path (`additive_bias` casts either to float32, neither
 # finfo.min being below float32's): the default run checks it in float16, `extended` in both.
-@pytest.mark.parametrize(("causal", "kv_split", "halves"), [
-    pytest.param(False, None, (torch.float16, torch.bfloat16), marks=pytest.mark.extended),
-    (True, 24, (torch.float16,)),
-    pytest.param(True, 24, (torch.bfloat16,), marks=pytest.mark.extended),
+# The bool window and holes (one [1, 1, S, S] shape, as the causal one: the same conversion,
+# and their -inf patterns in test_model_masks_as_bias[True-24]) under `extended` too.
+@pytest.mark.parametrize(("causal", "kv_split", "halves", "bools"), [
+    pytest.param(False, None, (torch.float16, torch.bfloat16), _ALL_BOOLS, marks=pytest.mark.extended),
+    (True, 24, (torch.float16,), ("causal", "left padding", "per head", "hidden rows")),
+    pytest.param(True, 24, (torch.bfloat16,), ("window", "holes"), marks=pytest.mark.extended),
 ], ids=["False-None", "True-24", "True-24-bfloat16"])
-def test_bool_masks_and_half_biases(causal: bool, kv_split: int | None, halves: tuple[torch.dtype, ...]) -> None:
+def test_bool_masks_and_half_biases(causal: bool, kv_split: int | None, halves: tuple[torch.dtype, ...],
+                                    bools: tuple[str, ...]) -> None:
     """The launcher takes a bool mask (True = attend) and a float16 or bfloat16 bias as the dense
     op hands them over (as the model has them) and gives the kernel their float32 additive form:
-    the same outputs as those forms, against float64. Bool: every model mask above whose entries
-    are 0 or -inf; half: the soft bias and the causal one (values rounded to the dtype, which the
-    reference sees too)."""
+    the same outputs as those forms, against float64. Bool: the model masks above whose entries
+    are 0 or -inf (`bools` of them; every one over the cases of a `causal`, `kv_split`); half:
+    the soft bias and the causal one (values rounded to the dtype, which the reference sees too)."""
     gen = torch.Generator().manual_seed(13)
     b, hq, hkv, s, d = 2, 4, 2, 56, 16
     q, k, v = (torch.randn(b, h, s, d, generator=gen) for h in (hq, hkv, hkv))
     masks = model_masks(b, s, gen)
     cases = [(f"{name} as bool", mask == 0, mask) for name, mask in masks.items()
              if bool(((mask == 0) | (mask == float("-inf"))).all())]
-    assert len(cases) == 6  # causal, left padding, window, holes, per head, hidden rows
-    if torch.float16 not in halves:
-        cases = []  # the bool masks ran in the float16 case of these arguments
+    assert [name[:-len(" as bool")] for name, _, _ in cases] == list(_ALL_BOOLS)
+    assert set(bools) <= set(_ALL_BOOLS)
+    cases = [case for case in cases if case[0][:-len(" as bool")] in bools]
     for dtype in halves:
         cases += [(f"{name} as {dtype}", masks[name].to(dtype), masks[name].to(dtype).float())
                   for name in ("causal", "soft")]

@@ -38,6 +38,19 @@ def _attention_variants() -> dict[str, int]:
             if k.target == "triton" and not k.meta.get("interpreted", True)}
 
 
+def _spied_executors(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The executors nano-batch runners pick from now on, in order (one per split step)."""
+    executors: list = []
+    original = nanobatch_runtime.NanoBatchRunner._executor_for
+
+    def spy(self, device):
+        executors.append(original(self, device))
+        return executors[-1]
+
+    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "_executor_for", spy)
+    return executors
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "mixtral", "gpt2"])
 def test_models_on_the_gpu_match_eager(name: str) -> None:
     """fp32 models through the compiled Triton kernels (IEEE fp32 dots) match eager on the GPU
@@ -93,14 +106,7 @@ def test_nano_batches_on_cuda_streams_match_eager(monkeypatch: pytest.MonkeyPatc
     model = build("llama").cuda()
     backend = tileflow.TileflowBackend({"passes": NANO_PASSES, "nano_batches": k, "cuda_graphs": cuda_graphs})
     compiled = torch.compile(model, backend=backend, dynamic=True)
-    executors: list = []
-    original = nanobatch_runtime.NanoBatchRunner._executor_for
-
-    def spy(self, device):
-        executors.append(original(self, device))
-        return executors[-1]
-
-    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "_executor_for", spy)
+    executors = _spied_executors(monkeypatch)
     for tokens in (9, 16, 40, 9, 64):
         ids = torch.randint(0, VOCAB, (1, tokens), device="cuda")
         with torch.no_grad():
@@ -131,14 +137,7 @@ def test_decode_steps_split_over_sequences_on_cuda_streams_match_eager(monkeypat
     model = build("llama").cuda()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": NANO_PASSES, "nano_batches": setting}),
                              dynamic=True)
-    executors: list = []
-    original = nanobatch_runtime.NanoBatchRunner._executor_for
-
-    def spy(self, device):
-        executors.append(original(self, device))
-        return executors[-1]
-
-    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "_executor_for", spy)
+    executors = _spied_executors(monkeypatch)
     for batch in (3, 5):
         ids = torch.randint(0, VOCAB, (batch, 7), device="cuda")
         for got, want in zip(_decoded(model, compiled, ids, steps=4), _decoded(model, model, ids, steps=4)):

@@ -41,6 +41,7 @@ graph module and the schedule for the example token count in the report (kind `n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import operator
@@ -222,24 +223,33 @@ class NanoBatchPlan:
             return None
         return self._search(tokens, values)[1]
 
-    def costs_at(self, values: dict[Any, int] | None = None) -> tuple[list[OpProfile], tuple]:
+    def costs_at(self, values: dict[Any, int] | None = None) -> list[OpProfile]:
         """The profile per unit the split counts (a token row, or a sequence: its rows' costs
         times its rows, 1 in a decode step, S in a batch of prompts) at the input sizes `values`
         (None: the example sizes), each size symbol those costs read rounded up to its power of
-        two (so that a cache growing by one token per decode step is searched once per
-        doubling), and those buckets."""
-        values = self.example_values if values is None else values
-        rows = {c.name: self._rows_per_unit(c) for c in self.profile}
-        wanted = frozenset().union(*(getattr(r, "free_symbols", frozenset()) for r in rows.values()),
-                                   *(c.symbols for c in self.profile if isinstance(c, AttentionCost)))
-        buckets = {sym: _bucket(v) for sym, v in values.items() if sym in wanted}
+        two (`_buckets`)."""
+        buckets = self._buckets(values)
         costs = []
         for cost in self.profile:
             per_row = cost.at(buckets) if isinstance(cost, AttentionCost) else cost
-            n = _evaluated(rows[cost.name], buckets) or 1
+            n = _evaluated(self._rows_per_unit(cost), buckets) or 1
             costs.append(per_row if n == 1 else dataclasses.replace(
                 per_row, flops_per_token=per_row.flops_per_token * n, bytes_per_token=per_row.bytes_per_token * n))
-        return costs, tuple(sorted((str(sym), v) for sym, v in buckets.items()))
+        return costs
+
+    def _buckets(self, values: dict[Any, int] | None) -> dict[Any, int]:
+        """The power of two at or above each size the costs read, at `values` (None: the example
+        sizes): a cache growing by one token per decode step is searched once per doubling."""
+        values = self.example_values if values is None else values
+        return {sym: _bucket(v) for sym, v in values.items() if sym in self._cost_symbols}
+
+    @functools.cached_property
+    def _cost_symbols(self) -> frozenset[Any]:
+        """The size symbols the costs read: attention's counts, and the rows per sequence over
+        sequences (read on the first search, once the pass has set `split_input` and `row_scales`)."""
+        rows = (self._rows_per_unit(c) for c in self.profile)
+        return frozenset().union(*(getattr(r, "free_symbols", frozenset()) for r in rows),
+                                 *(c.symbols for c in self.profile if isinstance(c, AttentionCost)))
 
     def _rows_per_unit(self, cost: OpProfile | AttentionCost) -> Any:
         """A costed op's rows per unit of the split: 1 along the tokens; over sequences, its rows
@@ -250,14 +260,16 @@ class NanoBatchPlan:
 
     def _search(self, tokens: int, values: dict[Any, int] | None) -> tuple[list[int], dict[int, float] | None]:
         """(sizes, SM shares) for `tokens`. The search runs once per power-of-two bucket of the
-        count and of the sizes the costs read (`costs_at`), not per count: it takes seconds for a
+        count and of the sizes the costs read (`_buckets`), not per count: it takes seconds for a
         deep model with its threshold's scan, on the step's critical path. The bucket's cuts are
-        scaled to the real count; below the model's split threshold the step stays whole."""
-        costs, buckets = self.costs_at(values)
-        key = (tokens, buckets)
+        scaled to the real count; below the model's split threshold the step stays whole. A call
+        met before looks its answer up without costing the step again (each step asks twice:
+        its sizes, then its shares)."""
+        buckets = self._buckets(values)
+        key = (tokens, frozenset(buckets.items()))
         if key not in self._searched:
             bucket = _bucket(tokens)
-            plan = search_split(costs, self.device, bucket)
+            plan = search_split(self.costs_at(values), self.device, bucket)
             if plan.k == 1 or (plan.threshold is not None and tokens < plan.threshold):
                 self._searched[key] = ([tokens], None)
             else:
@@ -279,7 +291,7 @@ class NanoBatchPlan:
         # "auto" plan at 0.6). A fixed k runs without an SM partition, which the model cannot
         # express, so it keeps 0.6; so does a profile without both compute and memory (unused).
         share = (self.shares(tokens) or {}).get(DEFAULT_STREAM_OF_RESOURCE["compute"], 0.6)
-        return modeled_timeline(self.costs_at()[0], sizes, share, self.device)
+        return modeled_timeline(self.costs_at(), sizes, share, self.device)
 
     def schedule(self, sizes: list[int]) -> Schedule:
         """The stream schedule for these nano-batch sizes."""

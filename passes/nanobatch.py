@@ -798,24 +798,22 @@ def _batch_symbol(gm: fx.GraphModule, token: Any | None, symbols: dict[Any, tupl
     one sequence (B is 1, Dynamo specialized it), batches of several symbols, or no attention to
     tell the batch dim. `symbols`: the inputs' size symbols (`_input_symbols`)."""
     batches = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and op_name(node) == "meta_attention":
-            q = meta_val(node.args[0]).shape
-            b, s = q[0], q[2]
-            # (Sequences of a static length, B the one symbol: the token symbol is B itself, which
-            # CUDA graphs bucket either way; the GEMMs' rows are `B*S`, S a number. A decode step
-            # with B = 1 has one token to split; with a token symbol, one query per sequence is
-            # left to the token split.)
-            symbolic = isinstance(b, torch.SymInt) and b.node.expr in symbols
-            if token is None:
-                if not (symbolic and type(s) is int and s == 1):
-                    return None
-            else:
-                fixed = type(s) is int and s > 1 and isinstance(b, torch.SymInt) and b.node.expr == token
-                if not fixed and not (symbolic and isinstance(s, torch.SymInt) and s.node.expr == token
-                                      and b.node.expr != token):
-                    return None
-            batches.add(b.node.expr)
+    for q in _queries(gm):
+        b, s = q[0], q[2]
+        # (Sequences of a static length, B the one symbol: the token symbol is B itself, which
+        # CUDA graphs bucket either way; the GEMMs' rows are `B*S`, S a number. A decode step
+        # with B = 1 has one token to split; with a token symbol, one query per sequence is
+        # left to the token split.)
+        symbolic = isinstance(b, torch.SymInt) and b.node.expr in symbols
+        if token is None:
+            if not (symbolic and type(s) is int and s == 1):
+                return None
+        else:
+            fixed = type(s) is int and s > 1 and isinstance(b, torch.SymInt) and b.node.expr == token
+            if not fixed and not (symbolic and isinstance(s, torch.SymInt) and s.node.expr == token
+                                  and b.node.expr != token):
+                return None
+        batches.add(b.node.expr)
     return batches.pop() if len(batches) == 1 else None
 
 
@@ -823,16 +821,12 @@ def _batch_left_whole(gm: fx.GraphModule, token: Any) -> str | None:
     """Why a step split along its tokens runs its GEMMs and attention whole (None: it does not):
     its attention's queries hold several sequences, `[B, H, S, D]` with B not 1, so the GEMMs' rows
     are `B*S` (no token dim) and attention's batch is no token dim either; only the ops between
-    them split. Over whole sequences only with B symbolic: a batch size Dynamo
-    kept static (its automatic dynamic shapes mark only the dims that changed, so a fixed batch
-    with prompts of varying length stays static; `mark_dynamic` of the token dim alone) is a plain
-    number, which the split cannot tell from other sizes."""
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and op_name(node) == "meta_attention":
-            q = meta_val(node.args[0]).shape
-            if not (type(q[0]) is int and q[0] == 1):
-                break
-    else:
+    them split. Over whole sequences only with B symbolic: a batch size Dynamo kept static (its
+    automatic dynamic shapes mark only the dims that changed, so a fixed batch with prompts of
+    varying length stays static; `mark_dynamic` of the token dim alone) is a plain number, which
+    the split cannot tell from other sizes."""
+    q = next((q for q in _queries(gm) if not (type(q[0]) is int and q[0] == 1)), None)
+    if q is None:
         return None
     if isinstance(q[0], torch.SymInt) and q[0].node.expr == token:
         return (f"a batch of {q[0]} sequences of a static length ({q[2]}): the batch size is the graph's one size "

@@ -1904,7 +1904,11 @@ def _top_p_filtered(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("fn", [_gathered_by_argsort, _top_p_filtered])
 def test_gathers_at_a_sorts_indices_over_features_are_captured(replay_on_cpu, fn) -> None:
     """A sort's indices over a fixed dim are a permutation of it, padded rows too: refused by the
-    lookup rule until sorts gave their indices a range."""
+    lookup rule until sorts gave their indices a range. Seeded: the -1e4 fills make terms of 1e4
+    that an output sums, and a draw of the global generator (whatever the worker ran before) gave
+    one where they nearly cancelled (2.3 left), whose fp32 rounding (about 1e-3) a summation order
+    other than eager's moved past the tolerance."""
+    torch.manual_seed(0)
     report = _run(fn, _tokens, lengths=(3, 5, 11))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 1

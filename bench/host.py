@@ -8,8 +8,10 @@ on the CPU it runs on (no GPU needed).
 - `build_tile_plan` for the Llama-3-8B GEMM shapes over M in [1, 65536] (once per compile).
 - `search_split` for a Llama-like layer's nano-batch split at 2048 tokens (once per bucket), and
   for a decode step of 256 sequences over `--decode-layers` Llama-like layers with a 4096-token
-  cache (once per bucket of the sequence count and of the cache's length under
-  `nano_batches="auto"`; the threshold's scan is most of it).
+  cache (the threshold's whole scan is most of it).
+- what a decode step under `nano_batches="auto"` pays at a new bucket of its sequence count and
+  of its cache's length: its bucket's plan and `below_split_threshold` for its count, 256 (a
+  power of two) and 200 sequences.
 
 Each row is the median of `--repeats` runs (caches cleared before each). Writes
 bench/results/host-*.md unless `--no-write`.
@@ -77,6 +79,15 @@ def measure(repeats: int, decode_layers: int = 32) -> list[list[Any]]:
     ms = wall_median_ms(lambda: search.search_split(decode, h100, 256), repeats, before=search.clear_cache)
     rows.append(["search_split", f"{decode_layers} Llama-like decode layers, 256 sequences, 4096-token caches",
                  f"{ms:.2f}"])
+    # What a step under nano_batches="auto" asks at a new bucket: its bucket's plan, and whether
+    # its own count is below the threshold (only the part of the threshold's scan that decides it).
+    for seqs in (256, 200):
+        bucket = 1 << (seqs - 1).bit_length()
+        ms = wall_median_ms(lambda: (search.search_split(decode, h100, bucket, apply_threshold=False),
+                                     search.below_split_threshold(decode, h100, seqs)), repeats,
+                            before=search.clear_cache)
+        rows.append(["search_split + below_split_threshold",
+                     f"{decode_layers} Llama-like decode layers, {seqs} sequences, 4096-token caches", f"{ms:.2f}"])
     return rows
 
 

@@ -58,7 +58,7 @@ from tileflow.graph_utils import (
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, OpEdge, OpSpec, Schedule, check_schedule, make_schedule
-from tileflow.search import OpProfile, modeled_timeline, search_split
+from tileflow.search import OpProfile, below_split_threshold, modeled_timeline, search_split
 
 aten = torch.ops.aten
 
@@ -260,17 +260,19 @@ class NanoBatchPlan:
 
     def _search(self, tokens: int, values: dict[Any, int] | None) -> tuple[list[int], dict[int, float] | None]:
         """(sizes, SM shares) for `tokens`. The search runs once per power-of-two bucket of the
-        count and of the sizes the costs read (`_buckets`), not per count: it takes seconds for a
-        deep model with its threshold's scan, on the step's critical path. The bucket's cuts are
-        scaled to the real count; below the model's split threshold the step stays whole. A call
-        met before looks its answer up without costing the step again (each step asks twice:
-        its sizes, then its shares)."""
+        count and of the sizes the costs read (`_buckets`), not per count: it takes a fraction of
+        a second for a deep model, on the step's critical path. The bucket's cuts are scaled to
+        the real count; below the model's split threshold the step stays whole (asked of the
+        threshold's scan for this count only: the whole scan costs a dozen searches). A call met
+        before looks its answer up without costing the step again (each step asks twice: its
+        sizes, then its shares)."""
         buckets = self._buckets(values)
         key = (tokens, frozenset(buckets.items()))
         if key not in self._searched:
             bucket = _bucket(tokens)
-            plan = search_split(self.costs_at(values), self.device, bucket)
-            if plan.k == 1 or (plan.threshold is not None and tokens < plan.threshold):
+            costs = self.costs_at(values)
+            plan = search_split(costs, self.device, bucket, apply_threshold=False)
+            if plan.k == 1 or below_split_threshold(costs, self.device, tokens):
                 self._searched[key] = ([tokens], None)
             else:
                 cuts = [round(c * tokens / bucket) for c in itertools.accumulate(plan.sizes)]

@@ -772,20 +772,22 @@ def test_decode_steps_split_over_sequences_only_with_one_batch_symbol(split_call
 @pytest.fixture
 def halving_search(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list, int]]:
     """Stand-ins for a CUDA device's figures (the H100's) and the split search, which answers two
-    halves of the bucket at shares 0.75 / 0.25; each search's (costs, bucket) is kept."""
+    halves of the bucket at shares 0.75 / 0.25 at any count (no threshold); each search's
+    (costs, bucket) is kept."""
     from tileflow.devices import get_device
     from tileflow.passes import nanobatch
     from tileflow.search import SplitPlan
 
     searched: list[tuple[list, int]] = []
 
-    def search(costs: list, device: object, bucket: int) -> SplitPlan:
+    def search(costs: list, device: object, bucket: int, **options: object) -> SplitPlan:
         searched.append((costs, bucket))
         return SplitPlan(2, (bucket // 2, bucket - bucket // 2), {"compute": 0, "memory": 1, "network": 2},
                          {0: 0.75, 1: 0.25, 2: 0.0}, 1.0, 2.0)
 
     monkeypatch.setattr(nanobatch, "_device", lambda ctx: (get_device("H100"), ""))
     monkeypatch.setattr(nanobatch, "search_split", search)
+    monkeypatch.setattr(nanobatch, "below_split_threshold", lambda costs, device, tokens: False)
     return searched
 
 

@@ -4,6 +4,7 @@ JSON, and plans that turn into valid schedules."""
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +16,7 @@ from tileflow.schedule import OpSpec, check_schedule, make_schedule
 from tileflow.search import (
     OpProfile,
     SplitPlan,
+    below_split_threshold,
     brute_force_split,
     makespan,
     op_time,
@@ -521,6 +523,23 @@ def test_shares_at_the_ends_of_the_partition_are_rejected_up_front(share: float)
         search_split(llama_layer(1024), H100, 2048, sm_shares=(share,), apply_threshold=False)
 
 
+def test_each_instance_is_timed_as_its_own_op_where_ops_repeat_costs() -> None:
+    """The search times each distinct cost once (a model's layers repeat theirs under other
+    names); an op with the same numbers under another resource or dtype runs at another share or
+    peak, and must keep its own time."""
+    numbers = dict(flops_per_token=3e7, bytes_per_token=8e3, fixed_bytes=5e7)
+    ops = [OpProfile("a", "compute", **numbers), OpProfile("b", "memory", **numbers),
+           OpProfile("c", "compute", dtype="float32", **numbers), OpProfile("d", "network", **numbers),
+           OpProfile("e", "compute", **numbers)]
+    sizes = (48, 16, 48)
+    streams, shares = search._streams_and_shares(ops, len(sizes), 0.75)
+    times, bound = search._durations(ops, sizes, streams, shares, H100, search.DEFAULT_NET_BW_GBS)
+    for i, op in enumerate(ops):
+        own = [op_time(op, n, shares[streams[op.resource]], H100) for n in sizes]
+        assert times[i] == [t for t, _ in own] and bound[i] == [b for _, b in own], op.name
+    assert len({tuple(row) for row in times}) == 4  # a and e alike; b, c and d each their own
+
+
 def test_an_empty_nano_batch_costs_nothing() -> None:
     """No tokens, no launch: an op on 0 rows takes no time (and reads no weights)."""
     gemm = OpProfile("g", "compute", flops_per_token=1e6, fixed_bytes=1e8)
@@ -550,6 +569,67 @@ def test_a_threshold_up_to_a_max_tokens_that_is_not_a_power_of_two_is_found() ->
         assert split_threshold(ops, H100, max_tokens=max_tokens) == threshold, max_tokens
     search.clear_cache()
     assert split_threshold(ops, H100, max_tokens=threshold - 1) is None
+
+
+def _patterned_search(wins: list[bool], searched: list[int]):
+    """A stand-in for the cached search: a split wins at count n exactly when wins[n - 1]."""
+    def search(ops, device, n, opts) -> SplitPlan:
+        searched.append(n)
+        if wins[n - 1]:
+            return SplitPlan(2, (n - n // 2, n // 2), {"compute": 0}, {0: 1.0}, 1.0, 2.0)
+        return SplitPlan(1, (n,), {"compute": 0}, {0: 1.0}, 2.0, 2.0)
+    return search
+
+
+@settings(max_examples=150, deadline=None)
+@given(wins=st.lists(st.booleans(), min_size=1, max_size=80), data=st.data())
+def test_below_split_threshold_answers_as_the_whole_scan_on_any_pattern_of_wins(wins: list[bool], data) -> None:
+    """`below_split_threshold` searches only the part of the threshold's scan that places its
+    count. Whatever counts a split wins at (monotone or not: the scan's bisection assumes it is,
+    so its threshold depends on the path it takes), its answer is the whole scan's, `n < threshold`
+    (`n <= max_tokens` when no split wins; past the scan, never whole), asked in any order. It
+    searches no count but the scan's probes (powers of two, then `max_tokens`; it reads those at
+    or below the count largest first, so it may read one the scan stopped short of) and the
+    counts the whole scan's bisection searched."""
+    ops = llama_layer(512)
+    max_tokens = len(wins)
+    full: list[int] = []
+    with mock.patch.object(search, "_cached_search", _patterned_search(wins, full)):
+        search.clear_cache()
+        threshold = split_threshold(ops, H100, max_tokens=max_tokens)
+        for n in data.draw(st.permutations(range(1, max_tokens + 3))):
+            search.clear_cache()  # each count from a cold cache: the lazy scan, not the finished one
+            asked: list[int] = []
+            with mock.patch.object(search, "_cached_search", _patterned_search(wins, asked)):
+                got = below_split_threshold(ops, H100, n, max_tokens=max_tokens)
+            assert got == (n <= max_tokens if threshold is None else n < threshold), (n, threshold)
+            probes = {1 << i for i in range(max_tokens.bit_length()) if 1 << i < max_tokens} | {max_tokens}
+            assert set(asked) <= set(full) | probes, (n, asked, full)
+    search.clear_cache()
+
+
+def test_below_split_threshold_at_a_winning_power_of_two_searches_only_that_count() -> None:
+    """Under `nano_batches="auto"` a step asks about its own count after searching its
+    power-of-two bucket. Where the bucket's split wins, the threshold lies at or below it: no
+    other count is searched (the whole scan searched 14 counts, most of them near the
+    threshold, each as dear as the step's own search). Below the threshold the answer is the
+    same as the whole scan's."""
+    ops = llama_layer(1024, layers=2)
+    search.clear_cache()
+    threshold = split_threshold(ops, H100)
+    assert threshold is not None and 256 < threshold <= 512
+    for n in (512, 1024, threshold, threshold - 1, 300, 256, 100):
+        search.clear_cache()
+        bucket = 1 << (n - 1).bit_length()
+        plan = search_split(ops, H100, bucket, apply_threshold=False)
+        calls: list[int] = []
+        real = search._search
+        with mock.patch.object(search, "_search", lambda o, d, count, *rest: calls.append(count) or real(o, d, count, *rest)):
+            below = below_split_threshold(ops, H100, n)
+        assert below == (n < threshold), n
+        if n == bucket and plan.k > 1:
+            assert calls == [], (n, calls)
+    search.clear_cache()
 
 
 @pytest.mark.parametrize("sizes", [(-64,), (32, -32), (2.5, 1.5), (True,)])

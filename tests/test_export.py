@@ -30,6 +30,7 @@ REPO = TESTS_DIR.parent
 SPEC_MODULE = textwrap.dedent(
     f"""
     import sys
+    from typing import NamedTuple
     import torch
     sys.path.insert(0, {str(TESTS_DIR)!r})
     from models import VOCAB, build
@@ -53,6 +54,26 @@ SPEC_MODULE = textwrap.dedent(
     def tiny():
         torch.manual_seed(0)
         return torch.nn.Linear(16, 32).eval(), (torch.randn(4, 16),), ({{0: torch.export.Dim("tokens", min=2, max=64)}},)
+
+
+    class Halves(NamedTuple):
+        low: torch.Tensor
+        high: torch.Tensor
+
+
+    class HalvedLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(16, 32)
+
+        def forward(self, x):
+            y = self.linear(x)
+            return Halves(y[:, :16], y[:, 16:])
+
+
+    def halves():
+        torch.manual_seed(0)
+        return HalvedLinear().eval(), (torch.randn(4, 16),), ({{0: torch.export.Dim("tokens", min=2, max=64)}},)
     """
 )
 
@@ -63,7 +84,10 @@ SPEC_MODULE = textwrap.dedent(
 # - before anything has imported transformers' `modeling_outputs`, the archive of a program
 #   returning a transformers `ModelOutput` (argv 3; its input and eager's output in argv 4):
 #   load and run it;
-# - a triton archive (argv 5): loading it says why it cannot run here.
+# - a triton archive (argv 5): loading it says why it cannot run here;
+# - the archive of a program returning a NamedTuple of the SPEC module (argv 6; its input and
+#   eager's output in argv 7): load and run it; one returning a NamedTuple defined inside a
+#   function (argv 8): loading it says which class it cannot find.
 LOAD_SCRIPT = textwrap.dedent(
     """
     import json, sys, traceback
@@ -99,8 +123,22 @@ LOAD_SCRIPT = textwrap.dedent(
         triton = {"RuntimeError": str(e)}
     except Exception:
         triton = {"other": traceback.format_exc()}
+    try:
+        data = torch.load(sys.argv[7])
+        got = tileflow.load(sys.argv[6])(data["x"])
+        torch.testing.assert_close(tuple(got), data["want"])
+        named = [type(got).__module__, type(got).__qualname__, list(got._fields)]
+    except Exception:
+        named = traceback.format_exc()
+    try:
+        tileflow.load(sys.argv[8])
+        local = {"loaded": True}
+    except RuntimeError as e:
+        local = {"RuntimeError": str(e)}
+    except Exception:
+        local = {"other": traceback.format_exc()}
     print(json.dumps({"errors": errors, "frames": frames, "graphs": graphs, "control": control,
-                      "output": output, "fresh": fresh, "triton": triton}))
+                      "output": output, "fresh": fresh, "triton": triton, "named": named, "local": local}))
     """
 )
 
@@ -177,14 +215,51 @@ def triton_archive(spec_dir: Path) -> tuple[Path, Any]:
     return out, _cli(["export", "tf_export_spec:tiny", "-o", str(out), "--target", "triton"], spec_dir)
 
 
+def _local_pair_model() -> torch.nn.Module:
+    """A model returning a NamedTuple defined inside this function (so no other process can find
+    it by module and name); its module is set to the SPEC module's, which a fresh process imports
+    without this file's imports."""
+    from typing import NamedTuple
+
+    class Pair(NamedTuple):
+        first: torch.Tensor
+        second: torch.Tensor
+
+    Pair.__module__ = "tf_export_spec"
+
+    class Paired(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> Pair:
+            return Pair(x * 2, x + 1)
+
+    return Paired()
+
+
 @pytest.fixture(scope="module")
-def fresh_load(archive, output_archive, triton_archive, spec_dir: Path) -> dict:
-    """LOAD_SCRIPT's result: the CLI's Llama archive, `output_archive` and `triton_archive` loaded
-    in one fresh process."""
+def namedtuple_archives(spec_dir: Path) -> dict[str, Any]:
+    """The SPEC's `halves` (a Linear returning the NamedTuple `Halves` of the SPEC module) exported
+    through the CLI, a file of an input and eager's output for it, and an archive of
+    `_local_pair_model`, for `fresh_load` to load."""
+    out = spec_dir / "halves.pt2"
+    result = _cli(["export", "tf_export_spec:halves", "-o", str(out), "--target", "reference"], spec_dir)
+    assert result.exit_code == 0, result.output
+    model, _, _ = sys.modules["tf_export_spec"].halves()
+    x = torch.randn(5, 16)
+    torch.save({"x": x, "want": tuple(t.detach() for t in model(x))}, spec_dir / "halves-io.pt")
+    local = tileflow.export_model(_local_pair_model(), (torch.ones(3, 4),), ({0: torch.export.Dim("n", max=16)},),
+                                  options={"target": "reference"})
+    return {"halves": out, "io": spec_dir / "halves-io.pt", "local": local.save(spec_dir / "local.pt2"),
+            "local_manifest": local.manifest}
+
+
+@pytest.fixture(scope="module")
+def fresh_load(archive, output_archive, triton_archive, namedtuple_archives, spec_dir: Path) -> dict:
+    """LOAD_SCRIPT's result: the CLI's Llama archive, `output_archive`, `triton_archive` and
+    `namedtuple_archives` loaded in one fresh process."""
     out_path, io_path, _ = output_archive
     proc = subprocess.run(
         [sys.executable, "-c", LOAD_SCRIPT, str(archive[0]), str(TESTS_DIR), str(out_path), str(io_path),
-         str(triton_archive[0])],
+         str(triton_archive[0]), str(namedtuple_archives["halves"]), str(namedtuple_archives["io"]),
+         str(namedtuple_archives["local"])],
         cwd=spec_dir, env=_env(TRITON_INTERPRET="0"), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -1192,6 +1267,36 @@ def test_an_archive_returning_a_transformers_output_loads_in_a_fresh_process(out
     assert fresh_load["fresh"]
     assert fresh_load["output"] == "BaseModelOutput", fresh_load["output"][-2000:]
     assert output_archive[2]["pytree_modules"] == ["transformers.modeling_outputs"]
+
+
+def test_an_archive_returning_a_named_tuple_loads_in_a_fresh_process(namedtuple_archives, fresh_load: dict) -> None:
+    """`torch.export.save` refused a program whose output is a model's NamedTuple ("we didn't
+    register a serializated_type_name"): export names each such class by its module and
+    qualified name, and `load` finds it again there, as pickle does. (Loaded and run in
+    `fresh_load`'s process: the NamedTuple comes back, fields and values.)"""
+    assert fresh_load["named"] == ["tf_export_spec", "Halves", ["low", "high"]], fresh_load["named"][-2000:]
+    manifest = json.loads(zipfile.ZipFile(namedtuple_archives["halves"]).read("manifest.json"))
+    assert manifest["pytree_namedtuples"] == [
+        {"module": "tf_export_spec", "qualname": "Halves", "serialized_name": "tf_export_spec.Halves"}]
+    assert "tf_export_spec" in manifest["pytree_modules"]
+
+
+def test_a_named_tuple_no_other_process_can_find_loads_here_and_is_named_where_it_cannot(
+        namedtuple_archives, fresh_load: dict, tmp_path: Path) -> None:
+    """A NamedTuple defined inside a function saves and loads in the process that exported it
+    (twice over: a second export of the class names it again); a fresh process cannot find it
+    and says which class, where, and what to do."""
+    message = fresh_load["local"].get("RuntimeError", "")
+    assert "the NamedTuple _local_pair_model.<locals>.Pair of module tf_export_spec" in message, fresh_load["local"]
+    assert "cannot find" in message and "define it at the top level of an importable module" in message
+    for path in (namedtuple_archives["local"], tileflow.export_model(
+            _local_pair_model(), (torch.ones(3, 4),), ({0: torch.export.Dim("n", max=16)},),
+            options={"target": "reference"}).save(tmp_path / "again.pt2")):
+        got = tileflow.load(path)(torch.full((5, 4), 3.0))
+        assert type(got).__qualname__ == "_local_pair_model.<locals>.Pair", type(got)
+        torch.testing.assert_close(tuple(got), (torch.full((5, 4), 6.0), torch.full((5, 4), 4.0)))
+        manifest = json.loads(zipfile.ZipFile(path).read("manifest.json"))
+        assert [e["qualname"] for e in manifest["pytree_namedtuples"]] == ["_local_pair_model.<locals>.Pair"]
 
 
 @pytest.mark.parametrize("dim_as_kwarg", [False, True])

@@ -626,23 +626,103 @@ def _manifest(
         "plans": graph.plans,
         "kernels": sorted(kernels),
         "pytree_modules": _pytree_modules(program),
+        "pytree_namedtuples": _serializable_namedtuples(program),
         "report": report_data,
     }
 
 
-def _pytree_modules(program: torch.export.ExportedProgram) -> list[str]:
-    """The modules that define the containers of the program's inputs and outputs other than
-    Python's own (a transformers `CausalLMOutputWithPast`): `torch.export.load` rebuilds them
-    only when their module has registered them with pytree, which transformers' lazy modules
-    have not done in a fresh process until something imports them, so `load` imports these."""
-    modules: set[str] = set()
+def _container_types(program: torch.export.ExportedProgram) -> list[type]:
+    """The classes of the program's input and output containers, outer first (a NamedTuple's
+    own class, which pytree keeps in its spec's context under one `namedtuple` node type)."""
+    found: list[type] = []
     pending = [spec for spec in (program.call_spec.in_spec, program.call_spec.out_spec) if spec is not None]
     while pending:
-        spec = pending.pop()
-        if spec.type is not None and spec.type.__module__ not in ("builtins", "collections"):
-            modules.add(spec.type.__module__)
+        spec = pending.pop(0)
+        cls = spec.context if _is_namedtuple_class(spec.context) else spec.type
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
         pending.extend(spec.children())
-    return sorted(modules)
+    return found
+
+
+def _is_namedtuple_class(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, tuple) and hasattr(value, "_fields")
+
+
+def _pytree_modules(program: torch.export.ExportedProgram) -> list[str]:
+    """The modules that define the containers of the program's inputs and outputs other than
+    Python's own (a transformers `CausalLMOutputWithPast`, a model's NamedTuple):
+    `torch.export.load` rebuilds them only when their module has registered them with pytree,
+    which transformers' lazy modules have not done in a fresh process until something imports
+    them, so `load` imports these."""
+    return sorted({cls.__module__ for cls in _container_types(program)} - {"builtins", "collections"})
+
+
+def _serializable_namedtuples(program: torch.export.ExportedProgram) -> list[dict[str, str]]:
+    """Give each NamedTuple among the program's containers a name to be saved under, its module
+    and qualified name (`torch.export.save` refuses a NamedTuple without one, which only its
+    owner could register), and return those so named, for the manifest: `load` finds each class
+    again by module and name, as pickle does, and registers it under the same name."""
+    named: list[dict[str, str]] = []
+    for cls in _container_types(program):
+        if not _is_namedtuple_class(cls):
+            continue
+        name = _qualified_name(cls)
+        registered = pytree.SUPPORTED_SERIALIZED_TYPES.get(cls)
+        if registered is None:
+            _register_namedtuple_as(cls, name)
+        elif registered.serialized_type_name != name:
+            continue  # its owner's name, registered again wherever its module is imported
+        named.append({"module": cls.__module__, "qualname": cls.__qualname__, "serialized_name": name})
+    return named
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _register_namedtuple_as(cls: type, name: str) -> None:
+    """Register a NamedTuple for saving under `name`, which a class of that module and name
+    defined before (a notebook cell run again, a reloaded module) gives up, as pickle would
+    find the new one."""
+    old = pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE.get(name)
+    if old is not None:
+        if not (_is_namedtuple_class(old) and _qualified_name(old) == name):
+            raise ValueError(f"the program's inputs or outputs hold the NamedTuple {cls.__qualname__} of {cls.__module__}, "
+                             f"but pytree has saved {old!r} under its name {name!r}: rename the NamedTuple")
+        pytree._deregister_pytree_node(old)
+    pytree._register_namedtuple(cls, serialized_type_name=name)
+
+
+def _register_namedtuples(path: str | Path, named: Any) -> None:
+    """Register the manifest's NamedTuple containers (`_serializable_namedtuples`) under the names
+    their program was saved with, finding each class by module and qualified name (one only this
+    process can reach, defined inside a function, as this process saved it)."""
+    if not isinstance(named, list) or not all(
+            isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("module", "qualname", "serialized_name"))
+            for e in named):
+        raise ValueError(f"{path}: its manifest's pytree_namedtuples is not a list of module, qualname and "
+                         "serialized_name strings; re-export it")
+    for entry in named:
+        name = entry["serialized_name"]
+        where = f"the NamedTuple {entry['qualname']} of module {entry['module']}"
+        cls: Any = None
+        try:
+            cls = importlib.import_module(entry["module"])
+            for part in entry["qualname"].split("."):
+                cls = getattr(cls, part)
+        except Exception as exc:
+            if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+                continue
+            raise RuntimeError(
+                f"{path}: the program's inputs or outputs are {where}, which this process cannot find "
+                f"({type(exc).__name__}: {exc}). load finds it by module and name, as pickle does: define it at the "
+                "top level of an importable module (or of the loading script, for __main__) before loading") from None
+        if not _is_namedtuple_class(cls):
+            raise RuntimeError(f"{path}: the program's inputs or outputs are {where}, but that name is now "
+                               f"{type(cls).__name__} {cls!r}, no NamedTuple")
+        if pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE.get(name) is not cls:
+            _register_namedtuple_as(cls, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -862,6 +942,7 @@ def load(path: str | Path) -> LoadedProgram:
         except Exception as exc:
             raise RuntimeError(f"{path}: the program's inputs or outputs are containers of {module}, which cannot be "
                                f"imported here ({type(exc).__name__}: {exc}); install what provides it") from None
+    _register_namedtuples(path, manifest.get("pytree_namedtuples", []))
     try:
         program = torch.export.load(io.BytesIO(members[PROGRAM_MEMBER]))
     except Exception as exc:  # a torch-internal failure: say which file and why, in one line

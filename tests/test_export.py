@@ -29,6 +29,7 @@ REPO = TESTS_DIR.parent
 # rebuilds the same weights), exported as input_ids -> logits with a dynamic sequence length.
 SPEC_MODULE = textwrap.dedent(
     f"""
+    import dataclasses
     import sys
     from typing import NamedTuple
     import torch
@@ -74,6 +75,29 @@ SPEC_MODULE = textwrap.dedent(
     def halves():
         torch.manual_seed(0)
         return HalvedLinear().eval(), (torch.randn(4, 16),), ({{0: torch.export.Dim("tokens", min=2, max=64)}},)
+
+
+    @dataclasses.dataclass
+    class Peak:
+        value: torch.Tensor
+
+
+    @dataclasses.dataclass
+    class Scores:
+        logits: torch.Tensor
+        extra: Halves
+        peak: Peak
+
+
+    class ScoredLinear(HalvedLinear):
+        def forward(self, x):
+            y = self.linear(x)
+            return Scores(y.softmax(-1), Halves(y.amax(-1), y.amin(-1)), Peak(y.abs().amax()))
+
+
+    def scored():
+        torch.manual_seed(0)
+        return ScoredLinear().eval(), (torch.randn(4, 16),), ({{0: torch.export.Dim("tokens", min=2, max=64)}},)
     """
 )
 
@@ -85,9 +109,10 @@ SPEC_MODULE = textwrap.dedent(
 #   returning a transformers `ModelOutput` (argv 3; its input and eager's output in argv 4):
 #   load and run it;
 # - a triton archive (argv 5): loading it says why it cannot run here;
-# - the archive of a program returning a NamedTuple of the SPEC module (argv 6; its input and
-#   eager's output in argv 7): load and run it; one returning a NamedTuple defined inside a
-#   function (argv 8): loading it says which class it cannot find.
+# - the archives of programs returning a NamedTuple and a dataclass (holding a NamedTuple) of the
+#   SPEC module (argv 6 and 9; their input and eager's outputs in argv 7): load and run them; one
+#   returning a NamedTuple defined inside a function (argv 8): loading it says which class it
+#   cannot find.
 LOAD_SCRIPT = textwrap.dedent(
     """
     import json, sys, traceback
@@ -128,6 +153,9 @@ LOAD_SCRIPT = textwrap.dedent(
         got = tileflow.load(sys.argv[6])(data["x"])
         torch.testing.assert_close(tuple(got), data["want"])
         named = [type(got).__module__, type(got).__qualname__, list(got._fields)]
+        got = tileflow.load(sys.argv[9])(data["x"])
+        torch.testing.assert_close((got.logits, tuple(got.extra), got.peak.value), data["scores"])
+        named += [type(got).__qualname__, type(got.extra).__qualname__, type(got.peak).__qualname__]
     except Exception:
         named = traceback.format_exc()
     try:
@@ -235,31 +263,38 @@ def _local_pair_model() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def namedtuple_archives(spec_dir: Path) -> dict[str, Any]:
-    """The SPEC's `halves` (a Linear returning the NamedTuple `Halves` of the SPEC module) exported
-    through the CLI, a file of an input and eager's output for it, and an archive of
-    `_local_pair_model`, for `fresh_load` to load."""
+def container_archives(spec_dir: Path) -> dict[str, Any]:
+    """The SPEC's `halves` and `scored` (a Linear returning the NamedTuple `Halves`, and the dataclass
+    `Scores` holding one and the dataclass `Peak`, of the SPEC module) exported through the CLI, a file of an input and
+    eager's outputs for them, and an archive of `_local_pair_model`, for `fresh_load` to load."""
     out = spec_dir / "halves.pt2"
     result = _cli(["export", "tf_export_spec:halves", "-o", str(out), "--target", "reference"], spec_dir)
     assert result.exit_code == 0, result.output
-    model, _, _ = sys.modules["tf_export_spec"].halves()
+    scored = spec_dir / "scored.pt2"
+    result = _cli(["export", "tf_export_spec:scored", "-o", str(scored), "--target", "reference"], spec_dir)
+    assert result.exit_code == 0, result.output
+    spec = sys.modules["tf_export_spec"]
     x = torch.randn(5, 16)
-    torch.save({"x": x, "want": tuple(t.detach() for t in model(x))}, spec_dir / "halves-io.pt")
+    with torch.no_grad():
+        # (As plain tuples: the fresh process's classes are its own import of the SPEC module.)
+        scores = spec.scored()[0](x)
+        want = {"x": x, "want": tuple(spec.halves()[0](x)),
+                "scores": (scores.logits, tuple(scores.extra), scores.peak.value)}
+    torch.save(want, spec_dir / "halves-io.pt")
     local = tileflow.export_model(_local_pair_model(), (torch.ones(3, 4),), ({0: torch.export.Dim("n", max=16)},),
                                   options={"target": "reference"})
-    return {"halves": out, "io": spec_dir / "halves-io.pt", "local": local.save(spec_dir / "local.pt2"),
-            "local_manifest": local.manifest}
+    return {"halves": out, "scored": scored, "io": spec_dir / "halves-io.pt", "local": local.save(spec_dir / "local.pt2")}
 
 
 @pytest.fixture(scope="module")
-def fresh_load(archive, output_archive, triton_archive, namedtuple_archives, spec_dir: Path) -> dict:
+def fresh_load(archive, output_archive, triton_archive, container_archives, spec_dir: Path) -> dict:
     """LOAD_SCRIPT's result: the CLI's Llama archive, `output_archive`, `triton_archive` and
-    `namedtuple_archives` loaded in one fresh process."""
+    `container_archives` loaded in one fresh process."""
     out_path, io_path, _ = output_archive
     proc = subprocess.run(
         [sys.executable, "-c", LOAD_SCRIPT, str(archive[0]), str(TESTS_DIR), str(out_path), str(io_path),
-         str(triton_archive[0]), str(namedtuple_archives["halves"]), str(namedtuple_archives["io"]),
-         str(namedtuple_archives["local"])],
+         str(triton_archive[0]), str(container_archives["halves"]), str(container_archives["io"]),
+         str(container_archives["local"]), str(container_archives["scored"])],
         cwd=spec_dir, env=_env(TRITON_INTERPRET="0"), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -1267,36 +1302,43 @@ def test_an_archive_returning_a_transformers_output_loads_in_a_fresh_process(out
     assert fresh_load["fresh"]
     assert fresh_load["output"] == "BaseModelOutput", fresh_load["output"][-2000:]
     assert output_archive[2]["pytree_modules"] == ["transformers.modeling_outputs"]
+    assert output_archive[2]["pytree_containers"] == []  # (transformers registers its classes itself)
 
 
-def test_an_archive_returning_a_named_tuple_loads_in_a_fresh_process(namedtuple_archives, fresh_load: dict) -> None:
+def test_archives_returning_a_named_tuple_or_a_dataclass_load_in_a_fresh_process(container_archives,
+                                                                                fresh_load: dict) -> None:
     """`torch.export.save` refused a program whose output is a model's NamedTuple ("we didn't
-    register a serializated_type_name"): export names each such class by its module and
-    qualified name, and `load` finds it again there, as pickle does. (Loaded and run in
-    `fresh_load`'s process: the NamedTuple comes back, fields and values.)"""
-    assert fresh_load["named"] == ["tf_export_spec", "Halves", ["low", "high"]], fresh_load["named"][-2000:]
-    manifest = json.loads(zipfile.ZipFile(namedtuple_archives["halves"]).read("manifest.json"))
-    assert manifest["pytree_namedtuples"] == [
-        {"module": "tf_export_spec", "qualname": "Halves", "serialized_name": "tf_export_spec.Halves"}]
-    assert "tf_export_spec" in manifest["pytree_modules"]
+    register a serializated_type_name"), and torch.export a model returning its own dataclass
+    ("not a known type", reported as if the dynamic ranges were at fault). Export names each such
+    class by its module and qualified name, and `load` finds it there again, as pickle does.
+    (Loaded and run in `fresh_load`'s process: the classes come back, fields and values, a
+    NamedTuple and a dataclass inside the dataclass too.)"""
+    assert fresh_load["named"] == ["tf_export_spec", "Halves", ["low", "high"], "Scores", "Halves", "Peak"], \
+        fresh_load["named"][-2000:]
+    manifests = {k: json.loads(zipfile.ZipFile(container_archives[k]).read("manifest.json")) for k in ("halves", "scored")}
+    assert manifests["halves"]["pytree_containers"] == [
+        {"kind": "namedtuple", "module": "tf_export_spec", "qualname": "Halves", "serialized_name": "tf_export_spec.Halves"}]
+    assert [(e["kind"], e["qualname"]) for e in manifests["scored"]["pytree_containers"]] == [
+        ("dataclass", "Scores"), ("namedtuple", "Halves"), ("dataclass", "Peak")]
+    assert all("tf_export_spec" in m["pytree_modules"] for m in manifests.values())
 
 
 def test_a_named_tuple_no_other_process_can_find_loads_here_and_is_named_where_it_cannot(
-        namedtuple_archives, fresh_load: dict, tmp_path: Path) -> None:
+        container_archives, fresh_load: dict, tmp_path: Path) -> None:
     """A NamedTuple defined inside a function saves and loads in the process that exported it
     (twice over: a second export of the class names it again); a fresh process cannot find it
     and says which class, where, and what to do."""
     message = fresh_load["local"].get("RuntimeError", "")
     assert "the NamedTuple _local_pair_model.<locals>.Pair of module tf_export_spec" in message, fresh_load["local"]
     assert "cannot find" in message and "define it at the top level of an importable module" in message
-    for path in (namedtuple_archives["local"], tileflow.export_model(
+    for path in (container_archives["local"], tileflow.export_model(
             _local_pair_model(), (torch.ones(3, 4),), ({0: torch.export.Dim("n", max=16)},),
             options={"target": "reference"}).save(tmp_path / "again.pt2")):
         got = tileflow.load(path)(torch.full((5, 4), 3.0))
         assert type(got).__qualname__ == "_local_pair_model.<locals>.Pair", type(got)
         torch.testing.assert_close(tuple(got), (torch.full((5, 4), 6.0), torch.full((5, 4), 4.0)))
         manifest = json.loads(zipfile.ZipFile(path).read("manifest.json"))
-        assert [e["qualname"] for e in manifest["pytree_namedtuples"]] == ["_local_pair_model.<locals>.Pair"]
+        assert [e["qualname"] for e in manifest["pytree_containers"]] == ["_local_pair_model.<locals>.Pair"]
 
 
 @pytest.mark.parametrize("dim_as_kwarg", [False, True])

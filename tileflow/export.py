@@ -30,6 +30,7 @@ import tempfile
 import time
 import zipfile
 import zlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -198,7 +199,16 @@ def export_model(
     model = model.eval()
     with torch.no_grad():
         try:
-            ep = export_program(model, example_args, dynamic_shapes)
+            try:
+                ep = export_program(model, example_args, dynamic_shapes)
+            except ValueError:
+                raise
+            except Exception as exc:
+                # pytree flattens the outputs, and knows no dataclass its owner did not register:
+                # register those the model returns (as NamedTuples are named) and export again.
+                if "pytree" not in str(exc) or not _register_returned_dataclasses(model, example_args):
+                    raise
+                ep = export_program(model, example_args, dynamic_shapes)
         except ValueError:
             raise  # a refusal with its reason (tileflow's, or the model's own)
         except Exception as exc:
@@ -626,7 +636,7 @@ def _manifest(
         "plans": graph.plans,
         "kernels": sorted(kernels),
         "pytree_modules": _pytree_modules(program),
-        "pytree_namedtuples": _serializable_namedtuples(program),
+        "pytree_containers": _named_containers(program),
         "report": report_data,
     }
 
@@ -649,6 +659,10 @@ def _is_namedtuple_class(value: Any) -> bool:
     return isinstance(value, type) and issubclass(value, tuple) and hasattr(value, "_fields")
 
 
+def _is_dataclass_class(value: Any) -> bool:
+    return isinstance(value, type) and dataclasses.is_dataclass(value)
+
+
 def _pytree_modules(program: torch.export.ExportedProgram) -> list[str]:
     """The modules that define the containers of the program's inputs and outputs other than
     Python's own (a transformers `CausalLMOutputWithPast`, a model's NamedTuple):
@@ -658,54 +672,79 @@ def _pytree_modules(program: torch.export.ExportedProgram) -> list[str]:
     return sorted({cls.__module__ for cls in _container_types(program)} - {"builtins", "collections"})
 
 
-def _serializable_namedtuples(program: torch.export.ExportedProgram) -> list[dict[str, str]]:
+# The container classes tileflow registered with pytree for saving, by class: their saved name.
+_NAMED_CONTAINERS: dict[type, str] = {}
+
+
+def _named_containers(program: torch.export.ExportedProgram) -> list[dict[str, str]]:
     """Give each NamedTuple among the program's containers a name to be saved under, its module
     and qualified name (`torch.export.save` refuses a NamedTuple without one, which only its
-    owner could register), and return those so named, for the manifest: `load` finds each class
-    again by module and name, as pickle does, and registers it under the same name."""
+    owner could register), and list those tileflow named (these and the dataclasses of
+    `_register_returned_dataclasses`) for the manifest: `load` finds each class again by module
+    and name, as pickle does, and registers it under the same name."""
     named: list[dict[str, str]] = []
     for cls in _container_types(program):
-        if not _is_namedtuple_class(cls):
-            continue
-        name = _qualified_name(cls)
-        registered = pytree.SUPPORTED_SERIALIZED_TYPES.get(cls)
-        if registered is None:
-            _register_namedtuple_as(cls, name)
-        elif registered.serialized_type_name != name:
-            continue  # its owner's name, registered again wherever its module is imported
-        named.append({"module": cls.__module__, "qualname": cls.__qualname__, "serialized_name": name})
+        if _is_namedtuple_class(cls) and cls not in pytree.SUPPORTED_SERIALIZED_TYPES:
+            _register_container_as(cls, _qualified_name(cls))
+        if cls in _NAMED_CONTAINERS:
+            named.append({"kind": "namedtuple" if _is_namedtuple_class(cls) else "dataclass", "module": cls.__module__,
+                          "qualname": cls.__qualname__, "serialized_name": _NAMED_CONTAINERS[cls]})
     return named
+
+
+def _register_returned_dataclasses(model: torch.nn.Module, example_args: tuple) -> bool:
+    """Register with pytree, under their module and qualified names, the dataclasses `model`
+    returns for `example_args` that pytree does not know (torch.export cannot flatten them); say
+    whether there were any. Runs the model once."""
+    with torch.no_grad():
+        pending = [model(*example_args)]
+    found: list[type] = []
+    while pending:
+        for leaf in pytree.tree_leaves(pending.pop()):
+            cls = type(leaf)
+            if dataclasses.is_dataclass(leaf) and cls not in pytree.SUPPORTED_NODES and cls not in found:
+                found.append(cls)
+                pending.extend(getattr(leaf, f.name) for f in dataclasses.fields(leaf))
+    for cls in found:
+        _register_container_as(cls, _qualified_name(cls))
+    return bool(found)
 
 
 def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _register_namedtuple_as(cls: type, name: str) -> None:
-    """Register a NamedTuple for saving under `name`, which a class of that module and name
-    defined before (a notebook cell run again, a reloaded module) gives up, as pickle would
-    find the new one."""
+def _register_container_as(cls: type, name: str) -> None:
+    """Register a NamedTuple or dataclass with pytree to be saved under `name`, which a class of
+    that module and name that tileflow registered before (a notebook cell run again, a reloaded
+    module) gives up, as pickle would find the new one."""
     old = pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE.get(name)
     if old is not None:
-        if not (_is_namedtuple_class(old) and _qualified_name(old) == name):
-            raise ValueError(f"the program's inputs or outputs hold the NamedTuple {cls.__qualname__} of {cls.__module__}, "
-                             f"but pytree has saved {old!r} under its name {name!r}: rename the NamedTuple")
+        if _NAMED_CONTAINERS.get(old) != name:
+            raise ValueError(f"the program's inputs or outputs hold {cls.__qualname__} of {cls.__module__}, but pytree "
+                             f"saves {old!r} under its name {name!r}: rename {cls.__qualname__}")
         pytree._deregister_pytree_node(old)
-    pytree._register_namedtuple(cls, serialized_type_name=name)
+        del _NAMED_CONTAINERS[old]
+    if _is_namedtuple_class(cls):
+        pytree._register_namedtuple(cls, serialized_type_name=name)
+    else:
+        torch.export.register_dataclass(cls, serialized_type_name=name)
+    _NAMED_CONTAINERS[cls] = name
 
 
-def _register_namedtuples(path: str | Path, named: Any) -> None:
-    """Register the manifest's NamedTuple containers (`_serializable_namedtuples`) under the names
-    their program was saved with, finding each class by module and qualified name (one only this
-    process can reach, defined inside a function, as this process saved it)."""
+def _register_containers(path: str | Path, named: Any) -> None:
+    """Register the manifest's containers (`_named_containers`) under the names their program was
+    saved with, finding each class by module and qualified name (one only this process can
+    reach, defined inside a function, as this process saved it)."""
+    keys = ("kind", "module", "qualname", "serialized_name")
     if not isinstance(named, list) or not all(
-            isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("module", "qualname", "serialized_name"))
-            for e in named):
-        raise ValueError(f"{path}: its manifest's pytree_namedtuples is not a list of module, qualname and "
-                         "serialized_name strings; re-export it")
+            isinstance(e, dict) and all(isinstance(e.get(k), str) for k in keys) for e in named):
+        raise ValueError(f"{path}: its manifest's pytree_containers is not a list of {', '.join(keys)} strings; "
+                         "re-export it")
     for entry in named:
         name = entry["serialized_name"]
-        where = f"the NamedTuple {entry['qualname']} of module {entry['module']}"
+        kind = "NamedTuple" if entry["kind"] == "namedtuple" else "dataclass"
+        where = f"the {kind} {entry['qualname']} of module {entry['module']}"
         cls: Any = None
         try:
             cls = importlib.import_module(entry["module"])
@@ -718,11 +757,10 @@ def _register_namedtuples(path: str | Path, named: Any) -> None:
                 f"{path}: the program's inputs or outputs are {where}, which this process cannot find "
                 f"({type(exc).__name__}: {exc}). load finds it by module and name, as pickle does: define it at the "
                 "top level of an importable module (or of the loading script, for __main__) before loading") from None
-        if not _is_namedtuple_class(cls):
-            raise RuntimeError(f"{path}: the program's inputs or outputs are {where}, but that name is now "
-                               f"{type(cls).__name__} {cls!r}, no NamedTuple")
+        if not (_is_namedtuple_class(cls) if entry["kind"] == "namedtuple" else _is_dataclass_class(cls)):
+            raise RuntimeError(f"{path}: the program's inputs or outputs are {where}, but that name is now {cls!r}")
         if pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE.get(name) is not cls:
-            _register_namedtuple_as(cls, name)
+            _register_container_as(cls, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -942,7 +980,7 @@ def load(path: str | Path) -> LoadedProgram:
         except Exception as exc:
             raise RuntimeError(f"{path}: the program's inputs or outputs are containers of {module}, which cannot be "
                                f"imported here ({type(exc).__name__}: {exc}); install what provides it") from None
-    _register_namedtuples(path, manifest.get("pytree_namedtuples", []))
+    _register_containers(path, manifest.get("pytree_containers", []))
     try:
         program = torch.export.load(io.BytesIO(members[PROGRAM_MEMBER]))
     except Exception as exc:  # a torch-internal failure: say which file and why, in one line

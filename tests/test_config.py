@@ -174,6 +174,30 @@ def test_passes_command_marks_the_pipeline_tileflow_passes_sets(monkeypatch: pyt
                          "disaggregate"]
 
 
+def test_a_compile_with_no_passes_says_so_in_its_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty TILEFLOW_PASSES (a shell's `TILEFLOW_PASSES= python ...`) runs no passes: the report
+    printed an empty pass table and "rewrites: none", as for a graph with nothing to rewrite; it
+    now says that no passes ran and why. A graph given the default passes has no such note."""
+    from tileflow.report import format_report
+
+    def compiled_report() -> str:
+        fn = torch.compile(torch.nn.Linear(4, 4), backend="tileflow", options={"target": "reference"}, dynamic=True)
+        fn(torch.ones(3, 4))
+        graph = tileflow.session_report().graphs[-1]
+        report = tileflow.report.Report()
+        report.graphs.append(graph)
+        return format_report(report)
+
+    monkeypatch.setenv("TILEFLOW_PASSES", "")
+    torch._dynamo.reset()
+    text = compiled_report()
+    assert "passes: none: the options name no passes" in text and "unset them for the default passes" in text
+    monkeypatch.delenv("TILEFLOW_PASSES")
+    torch._dynamo.reset()
+    text = compiled_report()
+    assert "passes: none" not in text and "padded_gemm=1" in text
+
+
 def test_use_config_scopes_eager_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TILEFLOW_TARGET", raising=False)
     assert current_config().target == "auto"

@@ -208,6 +208,11 @@ def compile_graph(
         config=config.to_dict(),
         extra={"residual_note": residual_note} if residual_note else {},
     )
+    if not config.passes:
+        # (An empty TILEFLOW_PASSES asks for this too; the report must not read as a graph with
+        # nothing to rewrite.)
+        graph_report.extra["passes"] = ("none: the options name no passes (passes=[] or an empty TILEFLOW_PASSES), so "
+                                        "the graph runs as traced; unset them for the default passes")
     ctx = PassContext(
         config=config,
         report=graph_report,

@@ -18,6 +18,7 @@ dtypes and ranges. It never traces with Dynamo and never re-runs a pass.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -30,7 +31,6 @@ import tempfile
 import time
 import zipfile
 import zlib
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -702,7 +702,7 @@ def _register_returned_dataclasses(model: torch.nn.Module, example_args: tuple) 
     while pending:
         for leaf in pytree.tree_leaves(pending.pop()):
             cls = type(leaf)
-            if dataclasses.is_dataclass(leaf) and cls not in pytree.SUPPORTED_NODES and cls not in found:
+            if _is_dataclass_class(cls) and cls not in pytree.SUPPORTED_NODES and cls not in found:
                 found.append(cls)
                 pending.extend(getattr(leaf, f.name) for f in dataclasses.fields(leaf))
     for cls in found:

@@ -10,8 +10,9 @@ on the CPU it runs on (no GPU needed).
   for a decode step of 256 sequences over `--decode-layers` Llama-like layers with a 4096-token
   cache (the threshold's whole scan is most of it).
 - what a decode step under `nano_batches="auto"` pays at a new bucket of its sequence count and
-  of its cache's length: its bucket's plan and `below_split_threshold` for its count, 256 (a
-  power of two) and 200 sequences.
+  of its cache's length (`NanoBatchPlan.sizes`: its bucket's search, and at a count between
+  powers of two whether the split scaled to it wins, else the bucket below's), 256 (a power of
+  two) and 200 sequences.
 
 Each row is the median of `--repeats` runs (caches cleared before each). Writes
 bench/results/host-*.md unless `--no-write`.
@@ -34,6 +35,7 @@ from common import environment, markdown_table, wall_median_ms, write_results  #
 
 from tileflow import search  # noqa: E402
 from tileflow.devices import get_device  # noqa: E402
+from tileflow.passes.nanobatch import NanoBatchPlan  # noqa: E402
 from tileflow.tasks import build_task_table  # noqa: E402
 from tileflow.tiles import build_tile_plan, clear_plan_cache  # noqa: E402
 
@@ -79,14 +81,12 @@ def measure(repeats: int, decode_layers: int = 32) -> list[list[Any]]:
     ms = wall_median_ms(lambda: search.search_split(decode, h100, 256), repeats, before=search.clear_cache)
     rows.append(["search_split", f"{decode_layers} Llama-like decode layers, 256 sequences, 4096-token caches",
                  f"{ms:.2f}"])
-    # What a step under nano_batches="auto" asks at a new bucket: its bucket's plan, and whether
-    # its own count is below the threshold (only the part of the threshold's scan that decides it).
+    # What a step under nano_batches="auto" pays at a new bucket of its count and of its cache's
+    # length: the runner's plan (a bare one over this profile) answering the step's sizes.
     for seqs in (256, 200):
-        bucket = 1 << (seqs - 1).bit_length()
-        ms = wall_median_ms(lambda: (search.search_split(decode, h100, bucket, apply_threshold=False),
-                                     search.below_split_threshold(decode, h100, seqs)), repeats,
-                            before=search.clear_cache)
-        rows.append(["search_split + below_split_threshold",
+        ms = wall_median_ms(lambda: NanoBatchPlan("auto", (0, 0), {}, {}, [], [], profile=decode, device=h100).sizes(seqs),
+                            repeats, before=search.clear_cache)
+        rows.append(['NanoBatchPlan.sizes ("auto")',
                      f"{decode_layers} Llama-like decode layers, {seqs} sequences, 4096-token caches", f"{ms:.2f}"])
     return rows
 

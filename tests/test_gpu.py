@@ -134,7 +134,7 @@ def test_decode_steps_split_over_sequences_on_cuda_streams_match_eager(monkeypat
                          {0: 0.75, 1: 0.25, 2: 0.0}, 1.0, 2.0)
 
     monkeypatch.setattr(nanobatch, "search_split", halves)
-    monkeypatch.setattr(nanobatch, "below_split_threshold", lambda costs, device, tokens: False)
+    monkeypatch.setattr(nanobatch, "split_wins", lambda costs, device, sizes, share: True)
     model = build("llama").cuda()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": NANO_PASSES, "nano_batches": setting}),
                              dynamic=True)

@@ -465,8 +465,8 @@ def test_an_op_reading_across_the_tokens_that_keeps_their_count_is_not_split(fn)
 
 
 def test_auto_splits_from_the_threshold_on_and_a_power_of_two_is_its_own_bucket() -> None:
-    """`nano_batches="auto"`: a step of exactly the model's split threshold is split (the
-    threshold is the smallest count at which splitting wins), one token fewer is not; a
+    """`nano_batches="auto"`: no step below the model's split threshold is split (the threshold
+    is the smallest count at which splitting wins), the power of two above it is; a
     power-of-two count is searched at itself, so its sizes are the search's, unscaled."""
     from test_search import H100, llama_layer
 
@@ -477,7 +477,8 @@ def test_auto_splits_from_the_threshold_on_and_a_power_of_two_is_its_own_bucket(
     plan = NanoBatchPlan("auto", (0, 0), {}, {}, [], [], profile=ops, device=H100)
     threshold = split_threshold(ops, H100)
     assert threshold is not None and search_split(ops, H100, 1 << (threshold - 1).bit_length()).k >= 2
-    assert len(plan.sizes(threshold)) >= 2 and plan.sizes(threshold - 1) == [threshold - 1]
+    assert all(plan.sizes(n) == [n] for n in range(threshold - 16, threshold))
+    assert len(plan.sizes(1 << (threshold - 1).bit_length())) >= 2
     chosen = search_split(ops, H100, 1024)
     assert chosen.k >= 2 and plan.sizes(1024) == list(chosen.sizes)
 
@@ -787,7 +788,7 @@ def halving_search(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list, int]]:
 
     monkeypatch.setattr(nanobatch, "_device", lambda ctx: (get_device("H100"), ""))
     monkeypatch.setattr(nanobatch, "search_split", search)
-    monkeypatch.setattr(nanobatch, "below_split_threshold", lambda costs, device, tokens: False)
+    monkeypatch.setattr(nanobatch, "split_wins", lambda costs, device, sizes, share: True)
     return searched
 
 

@@ -3,8 +3,8 @@ JSON, and plans that turn into valid schedules."""
 
 from __future__ import annotations
 
+import itertools
 import json
-from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,12 +16,12 @@ from tileflow.schedule import OpSpec, check_schedule, make_schedule
 from tileflow.search import (
     OpProfile,
     SplitPlan,
-    below_split_threshold,
     brute_force_split,
     makespan,
     op_time,
     search_split,
     split_threshold,
+    split_wins,
 )
 
 H100 = get_device("H100")
@@ -225,33 +225,80 @@ def test_devices_sharing_a_name_get_their_own_plans():
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tokens=st.lists(st.integers(1, 4096), min_size=1, max_size=6))
 def test_auto_plans_search_once_per_bucket_and_scale_its_cuts(tokens: list[int], monkeypatch) -> None:
-    """`nano_batches="auto"`: the search runs at the power-of-two bucket of each count, never at
-    the count itself (a new count would pay a search on the step's critical path; a bucket's is
-    cached), and the bucket's cuts, scaled to the count, give positive sizes that sum to it;
-    below the threshold the step stays whole."""
+    """`nano_batches="auto"`: the search runs at the power-of-two bucket of each count (and the
+    bucket below), never at the count itself (a new count would pay a search on the step's
+    critical path; a bucket's is cached), nor at any count of the threshold's scan. A count runs
+    the bucket's split scaled to it where that beats running whole there, else the bucket
+    below's, else it runs whole; the sizes are positive and sum to the count."""
     from tileflow.passes import nanobatch
 
     searched: list[int] = []
+    real = search._search
 
-    def spy(ops, device, n, **kw):
+    def spy(ops, device, n, *rest):
         searched.append(n)
-        return search_split(ops, device, n, **kw)
+        return real(ops, device, n, *rest)
 
-    monkeypatch.setattr(nanobatch, "search_split", spy)
+    monkeypatch.setattr(search, "_search", spy)
     ops = llama_layer(ctx=4096, layers=2)
     plan = nanobatch.NanoBatchPlan("auto", (0, 0), {}, {}, [], [], profile=ops, device=H100)
-    threshold = split_threshold(ops, H100)
+    search.clear_cache()
+
+    def scaled(n: int, at: int) -> tuple[list[int], dict] | None:
+        found = search_split(ops, H100, at, apply_threshold=False)
+        cuts = [round(c * n / at) for c in itertools.accumulate(found.sizes)]
+        sizes = [b - a for a, b in zip([0] + cuts, cuts) if b > a]
+        if found.k == 1 or not (n == at or split_wins(ops, H100, sizes, found.compute_share)):
+            return None
+        return sizes, {s: v for s, v in found.sm_share_per_stream.items() if v > 0}
+
     for n in tokens:
         sizes = plan.sizes(n)
         bucket = 1 << (n - 1).bit_length()
         assert sum(sizes) == n and all(s > 0 for s in sizes), (n, sizes)
-        whole = search_split(ops, H100, bucket)
-        if threshold is None or n < threshold or whole.k == 1:
-            assert sizes == [n] and plan.shares(n) is None
-        else:
-            assert len(sizes) <= whole.k
-            assert plan.shares(n) == {s: v for s, v in whole.sm_share_per_stream.items() if v > 0} or len(sizes) == 1
-    assert set(searched) == {1 << (n - 1).bit_length() for n in tokens}  # the buckets, never the counts
+        want = scaled(n, bucket) or (scaled(n, bucket // 2) if n != bucket else None)
+        assert (sizes, plan.shares(n)) == (want or ([n], None)), n
+    buckets = {1 << (n - 1).bit_length() for n in tokens}
+    assert buckets <= set(searched) <= buckets | {b // 2 for b in buckets}  # never the counts
+    threshold = split_threshold(ops, H100)  # (searched only now)
+    for n in tokens:  # no count below the threshold splits
+        assert plan.sizes(n) == [n] or (threshold is not None and n >= threshold), (n, threshold)
+    search.clear_cache()
+
+
+def test_a_count_splits_where_a_buckets_split_scaled_to_it_wins() -> None:
+    """Under "auto", a count runs its bucket's split scaled to it only where that beats running
+    whole there (`split_wins`; placing the count against the split threshold cost a dozen
+    searches of the step): a count below the threshold inside a bucket above it stays whole.
+    Just above a power of two the bucket's split (four equal parts of 1024) loses, and the split
+    of the bucket below (512's two parts), scaled up, wins: 513 runs that, where it ran four
+    parts of 128, modeled 13% slower than running whole."""
+    from tileflow.passes import nanobatch
+
+    ops = llama_layer(ctx=4096, layers=2)
+    search.clear_cache()
+    threshold = split_threshold(ops, H100)
+    assert threshold is not None and 256 < threshold < 480
+    plan = nanobatch.NanoBatchPlan("auto", (0, 0), {}, {}, [], [], profile=ops, device=H100)
+    assert plan.sizes(threshold - 1) == [threshold - 1] and plan.sizes(256) == [256]
+    assert len(plan.sizes(480)) > 1 and len(plan.sizes(512)) > 1
+    upper, lower = (search_split(ops, H100, b, apply_threshold=False) for b in (1024, 512))
+    assert upper.sizes == (256,) * 4 and lower.k == 2
+    assert not split_wins(ops, H100, [128, 128, 129, 128], upper.compute_share)
+    assert plan.sizes(513) == [round(lower.sizes[0] * 513 / 512), 513 - round(lower.sizes[0] * 513 / 512)]
+    assert split_wins(ops, H100, plan.sizes(513), lower.compute_share)
+    search.clear_cache()
+
+
+def test_split_wins_compares_the_split_with_the_whole_step() -> None:
+    """`split_wins` is the model's answer: the split's makespan below the whole step's; one
+    nano-batch never wins."""
+    ops = llama_layer(1024, layers=2)
+    for sizes, share in (((256, 256), 0.75), ((64, 448), 0.5), ((100, 100, 100), 0.875), ((8, 8), 0.5)):
+        want = makespan(ops, sizes, share, H100) < makespan(ops, (sum(sizes),), 1.0, H100)
+        assert split_wins(ops, H100, sizes, share) == want, sizes
+    assert {split_wins(ops, H100, s, 0.5) for s in ((256, 256), (8, 8))} == {True, False}
+    assert not split_wins(ops, H100, (512,), 0.5)
 
 
 def _naive_makespan(ops: list[OpProfile], sizes: tuple[int, ...], share: float) -> float:
@@ -569,67 +616,6 @@ def test_a_threshold_up_to_a_max_tokens_that_is_not_a_power_of_two_is_found() ->
         assert split_threshold(ops, H100, max_tokens=max_tokens) == threshold, max_tokens
     search.clear_cache()
     assert split_threshold(ops, H100, max_tokens=threshold - 1) is None
-
-
-def _patterned_search(wins: list[bool], searched: list[int]):
-    """A stand-in for the cached search: a split wins at count n exactly when wins[n - 1]."""
-    def search(ops, device, n, opts) -> SplitPlan:
-        searched.append(n)
-        if wins[n - 1]:
-            return SplitPlan(2, (n - n // 2, n // 2), {"compute": 0}, {0: 1.0}, 1.0, 2.0)
-        return SplitPlan(1, (n,), {"compute": 0}, {0: 1.0}, 2.0, 2.0)
-    return search
-
-
-@settings(max_examples=150, deadline=None)
-@given(wins=st.lists(st.booleans(), min_size=1, max_size=80), data=st.data())
-def test_below_split_threshold_answers_as_the_whole_scan_on_any_pattern_of_wins(wins: list[bool], data) -> None:
-    """`below_split_threshold` searches only the part of the threshold's scan that places its
-    count. Whatever counts a split wins at (monotone or not: the scan's bisection assumes it is,
-    so its threshold depends on the path it takes), its answer is the whole scan's, `n < threshold`
-    (`n <= max_tokens` when no split wins; past the scan, never whole), asked in any order. It
-    searches no count but the scan's probes (powers of two, then `max_tokens`; it reads those at
-    or below the count largest first, so it may read one the scan stopped short of) and the
-    counts the whole scan's bisection searched."""
-    ops = llama_layer(512)
-    max_tokens = len(wins)
-    full: list[int] = []
-    with mock.patch.object(search, "_cached_search", _patterned_search(wins, full)):
-        search.clear_cache()
-        threshold = split_threshold(ops, H100, max_tokens=max_tokens)
-        for n in data.draw(st.permutations(range(1, max_tokens + 3))):
-            search.clear_cache()  # each count from a cold cache: the lazy scan, not the finished one
-            asked: list[int] = []
-            with mock.patch.object(search, "_cached_search", _patterned_search(wins, asked)):
-                got = below_split_threshold(ops, H100, n, max_tokens=max_tokens)
-            assert got == (n <= max_tokens if threshold is None else n < threshold), (n, threshold)
-            probes = {1 << i for i in range(max_tokens.bit_length()) if 1 << i < max_tokens} | {max_tokens}
-            assert set(asked) <= set(full) | probes, (n, asked, full)
-    search.clear_cache()
-
-
-def test_below_split_threshold_at_a_winning_power_of_two_searches_only_that_count() -> None:
-    """Under `nano_batches="auto"` a step asks about its own count after searching its
-    power-of-two bucket. Where the bucket's split wins, the threshold lies at or below it: no
-    other count is searched (the whole scan searched 14 counts, most of them near the
-    threshold, each as dear as the step's own search). Below the threshold the answer is the
-    same as the whole scan's."""
-    ops = llama_layer(1024, layers=2)
-    search.clear_cache()
-    threshold = split_threshold(ops, H100)
-    assert threshold is not None and 256 < threshold <= 512
-    for n in (512, 1024, threshold, threshold - 1, 300, 256, 100):
-        search.clear_cache()
-        bucket = 1 << (n - 1).bit_length()
-        plan = search_split(ops, H100, bucket, apply_threshold=False)
-        calls: list[int] = []
-        real = search._search
-        with mock.patch.object(search, "_search", lambda o, d, count, *rest: calls.append(count) or real(o, d, count, *rest)):
-            below = below_split_threshold(ops, H100, n)
-        assert below == (n < threshold), n
-        if n == bucket and plan.k > 1:
-            assert calls == [], (n, calls)
-    search.clear_cache()
 
 
 @pytest.mark.parametrize("sizes", [(-64,), (32, -32), (2.5, 1.5), (True,)])

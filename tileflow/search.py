@@ -55,7 +55,7 @@ import json
 import math
 import operator
 from bisect import bisect_right
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
@@ -158,6 +158,15 @@ class SplitPlan:
     def speedup(self) -> float:
         """Baseline makespan / plan makespan."""
         return self.baseline_makespan / self.makespan
+
+    @property
+    def compute_share(self) -> float:
+        """The compute stream's SM share the plan was built with (1.0 when there was nothing to
+        partition: no split, or no compute and memory streams side by side)."""
+        stream = self.stream_of_resource.get("compute")
+        if self.k == 1 or stream is None or "memory" not in self.stream_of_resource:
+            return 1.0
+        return self.sm_share_per_stream[stream]
 
     def ranges(self) -> list[tuple[int, int]]:
         """Token row ranges `[lo, hi)` of the nano-batches (input for `make_schedule`)."""
@@ -643,62 +652,6 @@ def split_threshold(
     amortized as tokens grow).
     None when no split wins up to `max_tokens`. Cached per (model signature, device, options).
     """
-    key, wins, probes = _threshold_scan(ops_profile, device, max_nano_batches, sm_shares, units, net_bw_gbs,
-                                        max_tokens)
-    if key not in _THRESHOLD_CACHE:
-        first = next((i for i, n in enumerate(probes) if wins(n)), None)
-        _THRESHOLD_CACHE[key] = None if first is None else _bisect(
-            wins, probes[first - 1] if first else 0, probes[first])[1]
-    return _THRESHOLD_CACHE[key]
-
-
-def below_split_threshold(
-    ops_profile: Sequence[OpProfile],
-    device: DeviceInfo,
-    num_tokens: int,
-    *,
-    max_nano_batches: int = 4,
-    sm_shares: Sequence[float] = DEFAULT_SM_SHARES,
-    units: int = 8,
-    net_bw_gbs: float = DEFAULT_NET_BW_GBS,
-    max_tokens: int = MAX_THRESHOLD_TOKENS,
-) -> bool:
-    """Whether the threshold rule of `search_split` keeps a `num_tokens` step whole:
-    `num_tokens < split_threshold(...)`, or `num_tokens <= max_tokens` when that is None.
-
-    The same answer, from only the searches that decide it: the scan's probes at or below
-    `num_tokens`, largest first (a win there puts the threshold at or below the count), then the
-    first probe above it and as much of the bisection as places the count. A step of a new
-    power-of-two bucket where a split wins pays one search (its own) where the whole scan paid a
-    dozen, most of them the bisection's, each as dear as the step's own.
-    """
-    num_tokens = _check_tokens(num_tokens)
-    key, wins, probes = _threshold_scan(ops_profile, device, max_nano_batches, sm_shares, units, net_bw_gbs,
-                                        max_tokens)
-    if key in _THRESHOLD_CACHE:  # scanned whole before
-        threshold = _THRESHOLD_CACHE[key]
-        return num_tokens <= probes[-1] if threshold is None else num_tokens < threshold
-    if num_tokens > probes[-1]:
-        return False  # past the scan a step follows its plan, threshold or none
-    at_or_below = [n for n in probes if n <= num_tokens]
-    if any(wins(n) for n in reversed(at_or_below)):
-        return False
-    lo = at_or_below[-1] if at_or_below else 0
-    if lo == num_tokens:
-        return True  # the threshold lies past a probe that loses (the bisection's bracket starts there)
-    hi = probes[len(at_or_below)]  # (num_tokens < max_tokens here, the last probe)
-    if not wins(hi):
-        return True  # the first winning probe, if any, lies past this one: so does the threshold
-    return num_tokens < _bisect(wins, lo, hi, num_tokens)[1]
-
-
-def _threshold_scan(
-    ops_profile: Sequence[OpProfile], device: DeviceInfo, max_nano_batches: int, sm_shares: Sequence[float],
-    units: int, net_bw_gbs: float, max_tokens: int,
-) -> tuple[tuple, Callable[[int], bool], list[int]]:
-    """The threshold's cache key, whether a split wins at a count (each count searched once per
-    process), and the counts the scan probes in order: the powers of two below `max_tokens`,
-    then `max_tokens`."""
     ops = tuple(ops_profile)
     if not ops:
         raise ValueError("ops_profile is empty")
@@ -710,26 +663,33 @@ def _threshold_scan(
         count = -1
     if count < 1:
         raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    max_tokens = count
     opts = (max_nano_batches, _check_options(max_nano_batches, sm_shares, units, net_bw_gbs), units, net_bw_gbs)
+    key = (model_signature(ops), device, max_tokens, opts)
+    if key in _THRESHOLD_CACHE:
+        return _THRESHOLD_CACHE[key]
 
     def wins(n: int) -> bool:
         plan = _cached_search(ops, device, n, opts)
         return plan.k > 1 and plan.makespan < plan.baseline_makespan
 
-    probes = [1 << i for i in range((count - 1).bit_length())] + [count]
-    return (model_signature(ops), device, count, opts), wins, probes
-
-
-def _bisect(wins: Callable[[int], bool], lo: int, hi: int, num_tokens: int | None = None) -> tuple[int, int]:
-    """Narrow a bracket (lo, hi] of the threshold (no split wins at lo, or lo is 0; one wins at
-    hi) to one token, or, given `num_tokens`, only until the count lies outside it."""
-    while hi - lo > 1 and (num_tokens is None or lo < num_tokens < hi):
-        mid = (lo + hi) // 2
-        if wins(mid):
-            hi = mid
-        else:
-            lo = mid
-    return lo, hi
+    result: int | None = None
+    lo, n = 0, 1
+    while lo < max_tokens:
+        n = min(n, max_tokens)  # past the last power of two, probe max_tokens itself
+        if wins(n):
+            hi = n
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if wins(mid):
+                    hi = mid
+                else:
+                    lo = mid
+            result = hi
+            break
+        lo, n = n, n * 2
+    _THRESHOLD_CACHE[key] = result
+    return result
 
 
 def search_split(
@@ -783,13 +743,26 @@ def search_split(
         base = plan.baseline_makespan
         return _plan(ops, (num_tokens,), 1.0, base, base, threshold)
     return _plan(
-        ops, plan.sizes, _compute_share(plan), plan.makespan, plan.baseline_makespan, threshold
+        ops, plan.sizes, plan.compute_share, plan.makespan, plan.baseline_makespan, threshold
     )
 
 
-def _compute_share(plan: SplitPlan) -> float:
-    """The compute-stream share a plan was built with (1.0 when there was nothing to split)."""
-    stream = plan.stream_of_resource.get("compute")
-    if plan.k == 1 or stream is None or "memory" not in plan.stream_of_resource:
-        return 1.0
-    return plan.sm_share_per_stream[stream]
+def split_wins(
+    ops_profile: Sequence[OpProfile],
+    device: DeviceInfo,
+    sizes: Sequence[int],
+    share: float,
+    *,
+    net_bw_gbs: float = DEFAULT_NET_BW_GBS,
+) -> bool:
+    """Whether running a step of `sum(sizes)` tokens as these nano-batches, the compute stream at
+    SM share `share`, beats running it whole, per the cost model (`makespan`).
+
+    The runtime asks it of its power-of-two bucket's plan scaled to a count inside the bucket:
+    the one split it would run there. (The bucket's own split winning puts the bucket at or above
+    the split threshold, a power of two being one of the threshold scan's probes; the count's
+    place against the threshold would cost the scan's bisection, a dozen searches.)"""
+    if len(sizes) < 2:
+        return False
+    whole = makespan(ops_profile, (sum(sizes),), 1.0, device, net_bw_gbs=net_bw_gbs)
+    return makespan(ops_profile, sizes, share, device, net_bw_gbs=net_bw_gbs) < whole

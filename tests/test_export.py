@@ -12,7 +12,7 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import pytest
 import torch
@@ -1339,6 +1339,43 @@ def test_a_named_tuple_no_other_process_can_find_loads_here_and_is_named_where_i
         torch.testing.assert_close(tuple(got), (torch.full((5, 4), 6.0), torch.full((5, 4), 4.0)))
         manifest = json.loads(zipfile.ZipFile(path).read("manifest.json"))
         assert [e["qualname"] for e in manifest["pytree_containers"]] == ["_local_pair_model.<locals>.Pair"]
+
+
+class _Operands(NamedTuple):
+    """A model's input container (a NamedTuple of this module's)."""
+
+    x: torch.Tensor
+    shift: torch.Tensor
+
+
+class _ShiftedLinear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, operands: _Operands) -> torch.Tensor:
+        return self.linear(operands.x) + operands.shift
+
+
+def test_an_archive_taking_a_named_tuple_loads_without_unpickling_it_unchecked(tmp_path: Path, capfd) -> None:
+    """A program taking a NamedTuple keeps it among its pickled example inputs; torch.load's
+    weights-only unpickler refused the class, fell back to a full unpickle and logged that on
+    stderr (with a logging error of its own). `load` allows the archive's named containers for
+    the load."""
+    torch.manual_seed(0)
+    model = _ShiftedLinear().eval()
+    n = torch.export.Dim("n", min=2, max=64)
+    archive = tileflow.export_model(model, (_Operands(torch.randn(5, 8), torch.randn(5, 8)),),
+                                    (_Operands({0: n}, {0: n}),), options={"target": "reference"})
+    path = archive.save(tmp_path / "operands.pt2")
+    capfd.readouterr()
+    run = tileflow.load(path)
+    stderr = capfd.readouterr().err
+    assert "Weights only load failed" not in stderr and "weights_only=False" not in stderr, stderr[-2000:]
+    operands = _Operands(torch.randn(7, 8), torch.randn(7, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(run(operands), model(operands))
+    assert [e["qualname"] for e in archive.manifest["pytree_containers"]] == ["_Operands"]
 
 
 @pytest.mark.parametrize("dim_as_kwarg", [False, True])

@@ -732,15 +732,16 @@ def _register_container_as(cls: type, name: str) -> None:
     _NAMED_CONTAINERS[cls] = name
 
 
-def _register_containers(path: str | Path, named: Any) -> None:
+def _register_containers(path: str | Path, named: Any) -> list[type]:
     """Register the manifest's containers (`_named_containers`) under the names their program was
     saved with, finding each class by module and qualified name (one only this process can
-    reach, defined inside a function, as this process saved it)."""
+    reach, defined inside a function, as this process saved it); return the classes."""
     keys = ("kind", "module", "qualname", "serialized_name")
     if not isinstance(named, list) or not all(
             isinstance(e, dict) and all(isinstance(e.get(k), str) for k in keys) for e in named):
         raise ValueError(f"{path}: its manifest's pytree_containers is not a list of {', '.join(keys)} strings; "
                          "re-export it")
+    classes: list[type] = []
     for entry in named:
         name = entry["serialized_name"]
         kind = "NamedTuple" if entry["kind"] == "namedtuple" else "dataclass"
@@ -752,6 +753,7 @@ def _register_containers(path: str | Path, named: Any) -> None:
                 cls = getattr(cls, part)
         except Exception as exc:
             if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+                classes.append(pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE[name])
                 continue
             raise RuntimeError(
                 f"{path}: the program's inputs or outputs are {where}, which this process cannot find "
@@ -761,6 +763,8 @@ def _register_containers(path: str | Path, named: Any) -> None:
             raise RuntimeError(f"{path}: the program's inputs or outputs are {where}, but that name is now {cls!r}")
         if pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE.get(name) is not cls:
             _register_container_as(cls, name)
+        classes.append(cls)
+    return classes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -980,9 +984,13 @@ def load(path: str | Path) -> LoadedProgram:
         except Exception as exc:
             raise RuntimeError(f"{path}: the program's inputs or outputs are containers of {module}, which cannot be "
                                f"imported here ({type(exc).__name__}: {exc}); install what provides it") from None
-    _register_containers(path, manifest.get("pytree_containers", []))
+    containers = _register_containers(path, manifest.get("pytree_containers", []))
     try:
-        program = torch.export.load(io.BytesIO(members[PROGRAM_MEMBER]))
+        # The program keeps its example inputs, pickled: a container among them is a global that
+        # torch.load's weights-only unpickler refuses (it fell back to a full unpickle, with a
+        # logging error) unless allowed.
+        with torch.serialization.safe_globals(containers):
+            program = torch.export.load(io.BytesIO(members[PROGRAM_MEMBER]))
     except Exception as exc:  # a torch-internal failure: say which file and why, in one line
         raise RuntimeError(
             f"{path}: torch.export could not load {PROGRAM_MEMBER} (torch {torch.__version__}, exported with "

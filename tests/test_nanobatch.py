@@ -464,7 +464,7 @@ def test_an_op_reading_across_the_tokens_that_keeps_their_count_is_not_split(fn)
             torch.testing.assert_close(compiled(x), fn(x), rtol=1e-5, atol=1e-5)
 
 
-def test_auto_splits_from_the_threshold_on_and_a_power_of_two_is_its_own_bucket() -> None:
+def test_auto_splits_no_count_below_the_threshold_and_a_power_of_two_is_its_own_bucket() -> None:
     """`nano_batches="auto"`: no step below the model's split threshold is split (the threshold
     is the smallest count at which splitting wins), the power of two above it is; a
     power-of-two count is searched at itself, so its sizes are the search's, unscaled."""
@@ -773,8 +773,8 @@ def test_decode_steps_split_over_sequences_only_with_one_batch_symbol(split_call
 @pytest.fixture
 def halving_search(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list, int]]:
     """Stand-ins for a CUDA device's figures (the H100's) and the split search, which answers two
-    halves of the bucket at shares 0.75 / 0.25 at any count (no threshold); each search's
-    (costs, bucket) is kept."""
+    halves of the bucket at shares 0.75 / 0.25, a split that wins at any count (`split_wins`);
+    each search's (costs, bucket) is kept."""
     from tileflow.devices import get_device
     from tileflow.passes import nanobatch
     from tileflow.search import SplitPlan

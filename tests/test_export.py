@@ -1341,6 +1341,24 @@ def test_a_named_tuple_no_other_process_can_find_loads_here_and_is_named_where_i
         assert [e["qualname"] for e in manifest["pytree_containers"]] == ["_local_pair_model.<locals>.Pair"]
 
 
+def test_a_model_returning_a_plain_object_keeps_torch_exports_reason() -> None:
+    """Only dataclasses are registered and exported again: an object of a plain class among the
+    outputs leaves torch.export's own reason (register a pytree for it) in the error."""
+
+    class Holder:
+        def __init__(self, value: torch.Tensor) -> None:
+            self.value = value
+
+    class Holding(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> Holder:
+            return Holder(x * 2)
+
+    with pytest.raises(ValueError, match="not a known type") as caught:
+        tileflow.export_model(Holding(), (torch.ones(3, 4),), ({0: torch.export.Dim("n", max=16)},),
+                              options={"target": "reference"})
+    assert "Holder" in str(caught.value)
+
+
 class _Operands(NamedTuple):
     """A model's input container (a NamedTuple of this module's)."""
 

@@ -695,9 +695,13 @@ def _named_containers(program: torch.export.ExportedProgram) -> list[dict[str, s
 def _register_returned_dataclasses(model: torch.nn.Module, example_args: tuple) -> bool:
     """Register with pytree, under their module and qualified names, the dataclasses `model`
     returns for `example_args` that pytree does not know (torch.export cannot flatten them); say
-    whether there were any. Runs the model once."""
-    with torch.no_grad():
-        pending = [model(*example_args)]
+    whether there were any. Runs the model once (a model that fails to run eagerly has none: the
+    export's own error stands)."""
+    try:
+        with torch.no_grad():
+            pending = [model(*example_args)]
+    except Exception:
+        return False
     found: list[type] = []
     while pending:
         for leaf in pytree.tree_leaves(pending.pop()):

@@ -35,8 +35,9 @@ all (no token symbol to bucket).
 step (k is capped by the token or sequence count); `"auto"` lets `tileflow.search` choose k and
 the sizes per token (or sequence) count from the device table: a count runs the split its
 power-of-two bucket's search found (or the bucket below's), scaled to it, where that beats
-running whole at the count. The pass annotates each node (`node.meta["tileflow"]["nano"]`), puts the plan on the
-graph module and the schedule for the example token count in the report (kind `nano_batch`).
+running whole at the count. The pass annotates each node (`node.meta["tileflow"]["nano"]`),
+puts the plan on the graph module and the schedule for the example token count in the report
+(kind `nano_batch`).
 """
 
 from __future__ import annotations

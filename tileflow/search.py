@@ -758,10 +758,11 @@ def split_wins(
     """Whether running a step of `sum(sizes)` tokens as these nano-batches, the compute stream at
     SM share `share`, beats running it whole, per the cost model (`makespan`).
 
-    The runtime asks it of its power-of-two bucket's plan scaled to a count inside the bucket:
-    the one split it would run there. (The bucket's own split winning puts the bucket at or above
-    the split threshold, a power of two being one of the threshold scan's probes; the count's
-    place against the threshold would cost the scan's bisection, a dozen searches.)"""
+    `nano_batches="auto"` asks it of a count's power-of-two bucket's plan (or the bucket
+    below's) scaled to the count: the split it would run there. (A bucket whose own split wins
+    is at or above the split threshold, a power of two being one of the threshold scan's
+    probes; the count's place against the threshold would cost the scan's bisection, a dozen
+    searches.)"""
     if len(sizes) < 2:
         return False
     whole = makespan(ops_profile, (sum(sizes),), 1.0, device, net_bw_gbs=net_bw_gbs)

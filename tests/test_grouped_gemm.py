@@ -1039,7 +1039,8 @@ def test_eager_dispatch_picks_the_tile_of_the_rows_per_expert(monkeypatch: pytes
     offsets = torch.arange(1, e + 1, dtype=torch.int32) * (m // e)
     with tileflow.use_config(tileflow.Config(target="reference")):
         out = tileflow.ops.grouped_gemm(x, w, offsets)
-        plan = runtime.grouped_gemm_plan(n, k, e, torch.float32, "reference", "cpu", m_max=current_config().max_tokens)
+        plan = runtime.grouped_gemm_plan(n, k, e, torch.float32, "reference", "cpu",
+                                         m_max=current_config().max_tokens * e)
     want_tile = plan.piece_for(expected_group_rows(m, e)).config
     assert want_tile != plan.piece_for(m).config
     assert [spec.tile for spec in built] == [want_tile]
@@ -1049,18 +1050,49 @@ def test_eager_dispatch_picks_the_tile_of_the_rows_per_expert(monkeypatch: pytes
 def test_rows_per_expert_past_the_plan_warn_as_rows_per_expert(caplog: pytest.LogCaptureFixture) -> None:
     """A grouped GEMM's plan covers rows per expert, ceil(M / E): past it, the warning said
     "grouped_gemm M=8" for M = 32 rows over 4 experts (8 rows each), a row count the call never had.
-    It names the rows per expert, and M and E."""
+    It names the rows per expert, and M and E. (An eager call plans up to max_tokens rows per
+    expert: 80 rows over 4 experts, 20 each, are past max_tokens = 16.)"""
     from tileflow import runtime
 
     runtime._WARNED_RANGE.clear()
-    x, w = torch.randn(32, 8), torch.randn(4, 8, 8)
-    offsets = torch.tensor([8, 16, 24, 32], dtype=torch.int32)
+    x, w = torch.randn(80, 8), torch.randn(4, 8, 8)
+    offsets = torch.tensor([20, 40, 60, 80], dtype=torch.int32)
     with tileflow.use_config(tileflow.Config(target="reference", max_tokens=16)), caplog.at_level("WARNING"):
-        out = tileflow.ops.grouped_gemm(x, w, offsets)  # planned for M <= 16: 1..4 rows per expert
-    torch.testing.assert_close(out, torch.bmm(x.view(4, 8, 8), w.transpose(1, 2)).reshape(32, 8))
+        out = tileflow.ops.grouped_gemm(x, w, offsets)
+    torch.testing.assert_close(out, torch.bmm(x.view(4, 20, 8), w.transpose(1, 2)).reshape(80, 8))
     [warning] = [r.getMessage() for r in caplog.records if "outside its plan's range" in r.getMessage()]
-    assert "rows per expert ceil(M / E) = ceil(32 / 4) = 8 is outside its plan's range [1, 4]" in warning, warning
-    assert "M=8" not in warning
+    assert "rows per expert ceil(M / E) = ceil(80 / 4) = 20 is outside its plan's range [1, 16]" in warning, warning
+    assert "M=20" not in warning
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_an_eager_call_plans_the_rows_routing_hands_the_experts(batched: bool, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Top-2 routing hands 4 experts 2T rows for T = max_tokens tokens, and a batched call gives
+    each expert all T: the eager plan covered max_tokens rows in all (4 rows per expert at
+    max_tokens = 16), so these calls warned and took the nearest piece. It covers max_tokens rows
+    per expert: no warning, and each call runs the plan's tile for its rows per expert."""
+    from tileflow import runtime
+
+    built: list[KernelSpec] = []
+    real = runtime.get_kernel
+    monkeypatch.setattr(runtime, "get_kernel", lambda target, spec, *a: built.append(spec) or real(target, spec, *a))
+    runtime._WARNED_RANGE.clear()
+    e, tokens, k, n = 4, 16, 8, 8
+    w = torch.randn(e, n, k)
+    with tileflow.use_config(tileflow.Config(target="reference", max_tokens=tokens)), caplog.at_level("WARNING"):
+        if batched:
+            x = torch.randn(e, tokens, k)
+            out, want = tileflow.ops.grouped_gemm(x, w), torch.bmm(x, w.transpose(1, 2))
+        else:
+            x = torch.randn(2 * tokens, k)
+            offsets = torch.tensor([8, 16, 24, 32], dtype=torch.int32)
+            out, want = tileflow.ops.grouped_gemm(x, w, offsets), torch.bmm(x.view(e, 8, k), w.transpose(1, 2)).reshape(32, n)
+        plan = runtime.grouped_gemm_plan(n, k, e, torch.float32, "reference", "cpu", m_max=tokens * e)
+    torch.testing.assert_close(out, want)
+    assert not [r for r in caplog.records if "outside its plan's range" in r.getMessage()]
+    per_expert = tokens if batched else 8
+    assert (plan.m_min, plan.m_max) == (1, tokens) and [s.tile for s in built] == [plan.piece_for(per_expert).config]
 
 
 @pytest.mark.parametrize("approximate,gated", [("tanh", "geglu_tanh"), ("none", "geglu")])

@@ -622,8 +622,13 @@ def run_grouped_gemm(
         if bias is None or n == 0:
             return x.new_zeros((m, n), dtype=out_dtype)
         return _grouped_bias_rows(offsets, bias, m, n, activation, out_dtype, clamp)
+    # An eager call's plan covers E x max_tokens rows, max_tokens rows per expert: a token reaches
+    # an expert at most once (top-k routing hands the experts k x T rows for T tokens; a batched
+    # call, each expert all T), so max_tokens caps the rows per expert, the plan's key. (Planned
+    # for max_tokens rows, top-2 over 8 experts past 4 x max_tokens / 8 warned and took the
+    # nearest piece; the pieces of the narrower range are the same in the wider one.)
     tile_plan = decode_plan(plan) if plan else grouped_gemm_plan(
-        n, k, e, x.dtype, target, x.device.type, m_max=config.max_tokens, tile_timings=config.tile_timings,
+        n, k, e, x.dtype, target, x.device.type, m_max=config.max_tokens * e, tile_timings=config.tile_timings,
         weight_tiles=2 if is_gated(activation) else 1,
     )
     if m == 0:

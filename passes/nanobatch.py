@@ -267,8 +267,13 @@ class NanoBatchPlan:
         scaled to it where that beats running whole at the count; else the split of the bucket
         below, scaled up (the bucket's best shape can lose just above a power of two: four equal
         parts of 1024 rows, scaled to 513, where the 512 rows' two parts win); else it runs
-        whole. A call met before looks its answer up without costing the step again (each step
-        asks twice: its sizes, then its shares)."""
+        whole. So a count splits exactly where the model says the split it runs wins there: a
+        count below the search's split threshold too, where the threshold's scan (which assumes
+        the win grows with the count) put it above a count that wins. A call met before looks its
+        answer up without costing the step again (each step asks twice: its sizes, then its
+        shares)."""
+        if tokens < 2:
+            return [tokens], None  # nothing to split (and no bucket below 1 to search)
         buckets = self._buckets(values)
         key = (tokens, frozenset(buckets.items()))
         if key not in self._searched:

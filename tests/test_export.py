@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from click.testing import CliRunner
 
 import tileflow
@@ -1320,25 +1321,119 @@ def test_archives_returning_a_named_tuple_or_a_dataclass_load_in_a_fresh_process
         {"kind": "namedtuple", "module": "tf_export_spec", "qualname": "Halves", "serialized_name": "tf_export_spec.Halves"}]
     assert [(e["kind"], e["qualname"]) for e in manifests["scored"]["pytree_containers"]] == [
         ("dataclass", "Scores"), ("namedtuple", "Halves"), ("dataclass", "Peak")]
-    assert all("tf_export_spec" in m["pytree_modules"] for m in manifests.values())
+    # (load finds the named classes itself: their module is not among those it imports first)
+    assert all("tf_export_spec" not in m["pytree_modules"] for m in manifests.values())
 
 
 def test_a_named_tuple_no_other_process_can_find_loads_here_and_is_named_where_it_cannot(
         container_archives, fresh_load: dict, tmp_path: Path) -> None:
     """A NamedTuple defined inside a function saves and loads in the process that exported it
-    (twice over: a second export of the class names it again); a fresh process cannot find it
-    and says which class, where, and what to do."""
+    (twice over: a second export of the class, defined again, names it again, and a program
+    loaded before still runs and returns its own class; deregistering the first class broke it);
+    a fresh process cannot find it and says which class, where, and what to do."""
     message = fresh_load["local"].get("RuntimeError", "")
     assert "the NamedTuple _local_pair_model.<locals>.Pair of module tf_export_spec" in message, fresh_load["local"]
     assert "cannot find" in message and "define it at the top level of an importable module" in message
-    for path in (container_archives["local"], tileflow.export_model(
-            _local_pair_model(), (torch.ones(3, 4),), ({0: torch.export.Dim("n", max=16)},),
-            options={"target": "reference"}).save(tmp_path / "again.pt2")):
-        got = tileflow.load(path)(torch.full((5, 4), 3.0))
+    first = tileflow.load(container_archives["local"])
+    again = tileflow.export_model(_local_pair_model(), (torch.ones(3, 4),), ({0: torch.export.Dim("n", max=16)},),
+                                  options={"target": "reference"})
+    x, want = torch.full((5, 4), 3.0), (torch.full((5, 4), 6.0), torch.full((5, 4), 4.0))
+    for run in (first, tileflow.load(again.save(tmp_path / "again.pt2"))):
+        got = run(x)
         assert type(got).__qualname__ == "_local_pair_model.<locals>.Pair", type(got)
-        torch.testing.assert_close(tuple(got), (torch.full((5, 4), 6.0), torch.full((5, 4), 4.0)))
-        manifest = json.loads(zipfile.ZipFile(path).read("manifest.json"))
-        assert [e["qualname"] for e in manifest["pytree_containers"]] == ["_local_pair_model.<locals>.Pair"]
+        torch.testing.assert_close(tuple(got), want)
+        assert [e["qualname"] for e in run.manifest["pytree_containers"]] == ["_local_pair_model.<locals>.Pair"]
+    assert type(first(x)) is not type(again.program.module()(x))  # each program keeps its own class
+
+
+def test_finding_a_returned_dataclass_changes_no_state_and_walks_every_instance(tmp_path: Path) -> None:
+    """The dataclasses a model returns are found by running it once, on fake tensors: a buffer it
+    updates in place is left as it was (run on the real tensors, the export would have changed
+    the model and saved the changed buffer), and a dataclass found only inside a second instance
+    of a class already found (a child node's `meta`) is registered too."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Meta:
+        scale: torch.Tensor
+
+    @dataclasses.dataclass
+    class Node:
+        value: torch.Tensor
+        meta: Meta | None = None
+        child: "Node | None" = None
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("seen", torch.zeros(4))
+
+        def forward(self, x: torch.Tensor) -> Node:
+            self.seen.add_(x.sum(0))
+            return Node(x * 2, None, Node(x + 1, Meta(x.mean(0))))
+
+    model = Counting()
+    archive = tileflow.export_model(model, (torch.ones(3, 4),), ({0: torch.export.Dim("n", max=16)},),
+                                    options={"target": "reference"})
+    assert torch.equal(model.seen, torch.zeros(4))
+    assert [e["qualname"] for e in archive.manifest["pytree_containers"]] == [
+        f"{Node.__qualname__}", f"{Meta.__qualname__}"]
+    got = tileflow.load(archive.save(tmp_path / "node.pt2"))(torch.full((5, 4), 2.0))
+    assert type(got.child.meta) is Meta and got.meta is None
+    torch.testing.assert_close(got.child.meta.scale, torch.full((4,), 2.0))
+
+
+def test_a_dataclass_an_archive_would_return_wrong_is_refused() -> None:
+    """torch.export rebuilds a dataclass through its constructor from the constructor's fields: a
+    field set outside it (`init=False`) came back as its default from the archive, silently. Such
+    a class is refused at export, naming the field."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Scored:
+        value: torch.Tensor
+        doubled: torch.Tensor | None = dataclasses.field(init=False, default=None)
+
+    class Scoring(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> Scored:
+            out = Scored(x)
+            out.doubled = x * 2
+            return out
+
+    with pytest.raises(ValueError, match=r"field\(s\) \['doubled'\] set outside its constructor \(init=False\)"):
+        tileflow.export_model(Scoring(), (torch.ones(3, 4),), ({0: torch.export.Dim("n", max=16)},),
+                              options={"target": "reference"})
+
+
+class _Owned(NamedTuple):
+    """A NamedTuple its owner may register with pytree under a name of its own."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+def test_load_refuses_to_take_over_a_class_its_owner_registered_under_another_name(tmp_path: Path) -> None:
+    """An archive names a NamedTuple `module.qualname`; where its owner has registered it with
+    pytree under another name, load registered it again under the archive's (with only torch's
+    warning), changing how the owner's saves name it for the whole process. It refuses, naming
+    both names."""
+    from tileflow import export as export_module
+
+    class Pairing(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> _Owned:
+            return _Owned(x, x + 1)
+
+    path = tileflow.export_model(Pairing(), (torch.ones(3, 4),), ({0: torch.export.Dim("n", max=16)},),
+                                 options={"target": "reference"}).save(tmp_path / "owned.pt2")
+    pytree._deregister_pytree_node(_Owned)
+    export_module._NAMED_CONTAINERS.pop(_Owned)
+    pytree._register_namedtuple(_Owned, serialized_type_name="owner.Owned")
+    try:
+        with pytest.raises(RuntimeError, match=r"_Owned of .* is registered with pytree in this process under "
+                                               r"'owner.Owned', not '.*_Owned' as the archive saved it"):
+            tileflow.load(path)
+    finally:
+        pytree._deregister_pytree_node(_Owned)
 
 
 def test_a_model_returning_a_plain_object_keeps_torch_exports_reason() -> None:

@@ -465,9 +465,10 @@ def test_an_op_reading_across_the_tokens_that_keeps_their_count_is_not_split(fn)
 
 
 def test_auto_splits_no_count_below_the_threshold_and_a_power_of_two_is_its_own_bucket() -> None:
-    """`nano_batches="auto"`: no step below the model's split threshold is split (the threshold
-    is the smallest count at which splitting wins), the power of two above it is; a
-    power-of-two count is searched at itself, so its sizes are the search's, unscaled."""
+    """`nano_batches="auto"`: no step below this model's split threshold is split (its win grows
+    with the count: the threshold is the smallest count at which splitting wins), the power of
+    two above it is; a power-of-two count is searched at itself, so its sizes are the search's,
+    unscaled."""
     from test_search import H100, llama_layer
 
     from tileflow.passes.nanobatch import NanoBatchPlan

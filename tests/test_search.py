@@ -260,9 +260,12 @@ def test_auto_plans_search_once_per_bucket_and_scale_its_cuts(tokens: list[int],
         assert (sizes, plan.shares(n)) == (want or ([n], None)), n
     buckets = {1 << (n - 1).bit_length() for n in tokens}
     assert buckets <= set(searched) <= buckets | {b // 2 for b in buckets}  # never the counts
+    # This profile's win grows with the count, so no count below its threshold splits (a count
+    # below a threshold whose scan skipped it may, where its split wins: the split it runs wins).
     threshold = split_threshold(ops, H100)  # (searched only now)
-    for n in tokens:  # no count below the threshold splits
+    for n in tokens:
         assert plan.sizes(n) == [n] or (threshold is not None and n >= threshold), (n, threshold)
+    assert plan.sizes(1) == [1] and plan.sizes(0) == [0] and plan.shares(0) is None  # (no bucket below 1)
     search.clear_cache()
 
 

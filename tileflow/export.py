@@ -203,10 +203,10 @@ def export_model(
                 ep = export_program(model, example_args, dynamic_shapes)
             except ValueError:
                 raise
-            except Exception as exc:
+            except Exception:
                 # pytree flattens the outputs, and knows no dataclass its owner did not register:
                 # register those the model returns (as NamedTuples are named) and export again.
-                if "pytree" not in str(exc) or not _register_returned_dataclasses(model, example_args):
+                if not _register_returned_dataclasses(model, example_args):
                     raise
                 ep = export_program(model, example_args, dynamic_shapes)
         except ValueError:
@@ -622,6 +622,7 @@ def _manifest(
                 inside = kernel_dir is not None and source.is_relative_to(kernel_dir)
                 k["source_path"] = KERNELS_PREFIX + (source.relative_to(kernel_dir).as_posix() if inside else source.name)
     ops = sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function" and str(n.target).startswith("tileflow.")})
+    named = _named_containers(program)
     return {
         "format": ARCHIVE_FORMAT,
         "tileflow_version": _tileflow_version(),
@@ -635,8 +636,8 @@ def _manifest(
         "tileflow_ops": ops,
         "plans": graph.plans,
         "kernels": sorted(kernels),
-        "pytree_modules": _pytree_modules(program),
-        "pytree_containers": _named_containers(program),
+        "pytree_modules": _pytree_modules(program, named),
+        "pytree_containers": named,
         "report": report_data,
     }
 
@@ -663,13 +664,15 @@ def _is_dataclass_class(value: Any) -> bool:
     return isinstance(value, type) and dataclasses.is_dataclass(value)
 
 
-def _pytree_modules(program: torch.export.ExportedProgram) -> list[str]:
+def _pytree_modules(program: torch.export.ExportedProgram, named: Sequence[Mapping[str, str]] = ()) -> list[str]:
     """The modules that define the containers of the program's inputs and outputs other than
-    Python's own (a transformers `CausalLMOutputWithPast`, a model's NamedTuple):
+    Python's own and those tileflow `named` (a transformers `CausalLMOutputWithPast`):
     `torch.export.load` rebuilds them only when their module has registered them with pytree,
     which transformers' lazy modules have not done in a fresh process until something imports
-    them, so `load` imports these."""
-    return sorted({cls.__module__ for cls in _container_types(program)} - {"builtins", "collections"})
+    them, so `load` imports these. (`load` finds the named ones itself, with its own errors.)"""
+    ours = {(e["module"], e["qualname"]) for e in named}
+    return sorted({cls.__module__ for cls in _container_types(program)
+                   if (cls.__module__, cls.__qualname__) not in ours} - {"builtins", "collections"})
 
 
 # The container classes tileflow registered with pytree for saving, by class: their saved name.
@@ -695,23 +698,49 @@ def _named_containers(program: torch.export.ExportedProgram) -> list[dict[str, s
 def _register_returned_dataclasses(model: torch.nn.Module, example_args: tuple) -> bool:
     """Register with pytree, under their module and qualified names, the dataclasses `model`
     returns for `example_args` that pytree does not know (torch.export cannot flatten them); say
-    whether there were any. Runs the model once (a model that fails to run eagerly has none: the
-    export's own error stands)."""
+    whether there were any. The model runs once on fake tensors, so nothing it writes in place
+    (a buffer, an input) changes; a model that fails to run so has none (the export's own error
+    stands). A dataclass torch.export would rebuild wrongly is refused (ValueError)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     try:
-        with torch.no_grad():
-            pending = [model(*example_args)]
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+            pending = [model(*pytree.tree_map_only(torch.Tensor, mode.from_tensor, example_args))]
     except Exception:
         return False
     found: list[type] = []
+    seen: set[int] = set()
     while pending:
         for leaf in pytree.tree_leaves(pending.pop()):
             cls = type(leaf)
-            if _is_dataclass_class(cls) and cls not in pytree.SUPPORTED_NODES and cls not in found:
+            if not _is_dataclass_class(cls) or cls in pytree.SUPPORTED_NODES or id(leaf) in seen:
+                continue
+            seen.add(id(leaf))  # (each instance's fields walked: a class may nest others only in some)
+            if cls not in found:
                 found.append(cls)
-                pending.extend(getattr(leaf, f.name) for f in dataclasses.fields(leaf))
+            pending.extend(getattr(leaf, f.name) for f in dataclasses.fields(leaf))
+    for cls in found:
+        _check_rebuildable(cls)
     for cls in found:
         _register_container_as(cls, _qualified_name(cls))
     return bool(found)
+
+
+def _check_rebuildable(cls: type) -> None:
+    """Refuse a dataclass that torch.export would rebuild wrongly: it flattens the constructor's
+    fields and calls the constructor, so a field outside it (`init=False`) would come back as
+    its default and an init-only variable (`InitVar`) would be missing."""
+    fields = dataclasses.fields(cls)
+    outside = [f.name for f in fields if not f.init]
+    names = {f.name for f in fields}
+    init_only = [p for p in inspect.signature(cls.__init__).parameters if p != "self" and p not in names]
+    if outside or init_only:
+        parts = ([f"field(s) {outside} set outside its constructor (init=False)"] if outside else []) + (
+            [f"init-only variable(s) {init_only}"] if init_only else [])
+        raise ValueError(f"the model returns the dataclass {cls.__qualname__} of {cls.__module__}, with "
+                         f"{' and '.join(parts)}: torch.export rebuilds a dataclass through its constructor from its "
+                         "constructor's fields, so an archive would return it wrong; make them constructor fields, or "
+                         "return a tuple or dict")
 
 
 def _qualified_name(cls: type) -> str:
@@ -719,16 +748,19 @@ def _qualified_name(cls: type) -> str:
 
 
 def _register_container_as(cls: type, name: str) -> None:
-    """Register a NamedTuple or dataclass with pytree to be saved under `name`, which a class of
-    that module and name that tileflow registered before (a notebook cell run again, a reloaded
-    module) gives up, as pickle would find the new one."""
+    """Register a NamedTuple or dataclass with pytree to be saved under `name`. A class of that
+    module and name that tileflow registered before (a notebook cell run again, a reloaded
+    module) keeps its registration (programs holding it still run and save), and the name now
+    loads as the new class, as pickle would find it."""
     old = pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE.get(name)
-    if old is not None:
-        if _NAMED_CONTAINERS.get(old) != name:
-            raise ValueError(f"the program's inputs or outputs hold {cls.__qualname__} of {cls.__module__}, but pytree "
-                             f"saves {old!r} under its name {name!r}: rename {cls.__qualname__}")
-        pytree._deregister_pytree_node(old)
-        del _NAMED_CONTAINERS[old]
+    if old is not None and _NAMED_CONTAINERS.get(old) != name:
+        raise ValueError(f"the program's inputs or outputs hold {cls.__qualname__} of {cls.__module__}, but pytree "
+                         f"saves {old!r} under its name {name!r}: rename {cls.__qualname__}")
+    if cls in pytree.SUPPORTED_SERIALIZED_TYPES and _NAMED_CONTAINERS.get(cls) is None:
+        owner = pytree.SUPPORTED_SERIALIZED_TYPES[cls].serialized_type_name
+        raise RuntimeError(f"{cls.__qualname__} of {cls.__module__} is registered with pytree in this process under "
+                           f"{owner!r}, not {name!r} as the archive saved it: load it where its module does not "
+                           "register it, or re-export it here")
     if _is_namedtuple_class(cls):
         pytree._register_namedtuple(cls, serialized_type_name=name)
     else:

@@ -625,8 +625,9 @@ def run_grouped_gemm(
     # An eager call's plan covers E x max_tokens rows, max_tokens rows per expert: a token reaches
     # an expert at most once (top-k routing hands the experts k x T rows for T tokens; a batched
     # call, each expert all T), so max_tokens caps the rows per expert, the plan's key. (Planned
-    # for max_tokens rows, top-2 over 8 experts past 4 x max_tokens / 8 warned and took the
-    # nearest piece; the pieces of the narrower range are the same in the wider one.)
+    # for max_tokens rows in all, a top-2 call over 8 experts past half of max_tokens tokens
+    # warned and took the nearest piece; on the shipped device entries the narrower range's
+    # pieces are the wider one's, checked for Mixtral's and gpt-oss's shapes.)
     tile_plan = decode_plan(plan) if plan else grouped_gemm_plan(
         n, k, e, x.dtype, target, x.device.type, m_max=config.max_tokens * e, tile_timings=config.tile_timings,
         weight_tiles=2 if is_gated(activation) else 1,

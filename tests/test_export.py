@@ -142,13 +142,17 @@ LOAD_SCRIPT = textwrap.dedent(
     graphs = dutils.counters["stats"]["unique_graphs"]
     torch.compile(lambda x: x * 2, backend="eager")(torch.ones(3))
     control = dutils.counters["stats"]["unique_graphs"]
-    try:
-        tileflow.load(sys.argv[5])
-        triton = {"loaded": True}
-    except RuntimeError as e:
-        triton = {"RuntimeError": str(e)}
-    except Exception:
-        triton = {"other": traceback.format_exc()}
+
+    def load_error(path):
+        try:
+            tileflow.load(path)
+            return {"loaded": True}
+        except RuntimeError as e:
+            return {"RuntimeError": str(e)}
+        except Exception:
+            return {"other": traceback.format_exc()}
+
+    triton = load_error(sys.argv[5])
     try:
         data = torch.load(sys.argv[7])
         got = tileflow.load(sys.argv[6])(data["x"])
@@ -159,13 +163,7 @@ LOAD_SCRIPT = textwrap.dedent(
         named += [type(got).__qualname__, type(got.extra).__qualname__, type(got.peak).__qualname__]
     except Exception:
         named = traceback.format_exc()
-    try:
-        tileflow.load(sys.argv[8])
-        local = {"loaded": True}
-    except RuntimeError as e:
-        local = {"RuntimeError": str(e)}
-    except Exception:
-        local = {"other": traceback.format_exc()}
+    local = load_error(sys.argv[8])
     print(json.dumps({"errors": errors, "frames": frames, "graphs": graphs, "control": control,
                       "output": output, "fresh": fresh, "triton": triton, "named": named, "local": local}))
     """
@@ -265,15 +263,14 @@ def _local_pair_model() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def container_archives(spec_dir: Path) -> dict[str, Any]:
-    """The SPEC's `halves` and `scored` (a Linear returning the NamedTuple `Halves`, and the dataclass
-    `Scores` holding one and the dataclass `Peak`, of the SPEC module) exported through the CLI, a file of an input and
-    eager's outputs for them, and an archive of `_local_pair_model`, for `fresh_load` to load."""
-    out = spec_dir / "halves.pt2"
-    result = _cli(["export", "tf_export_spec:halves", "-o", str(out), "--target", "reference"], spec_dir)
-    assert result.exit_code == 0, result.output
-    scored = spec_dir / "scored.pt2"
-    result = _cli(["export", "tf_export_spec:scored", "-o", str(scored), "--target", "reference"], spec_dir)
-    assert result.exit_code == 0, result.output
+    """The SPEC's `halves` and `scored` (a Linear returning the NamedTuple `Halves`, and the
+    dataclass `Scores` holding one and the dataclass `Peak`, of the SPEC module) exported through
+    the CLI, a file of an input and eager's outputs for them, and an archive of
+    `_local_pair_model`, for `fresh_load` to load."""
+    paths = {name: spec_dir / f"{name}.pt2" for name in ("halves", "scored")}
+    for name, out in paths.items():
+        result = _cli(["export", f"tf_export_spec:{name}", "-o", str(out), "--target", "reference"], spec_dir)
+        assert result.exit_code == 0, result.output
     spec = sys.modules["tf_export_spec"]
     x = torch.randn(5, 16)
     with torch.no_grad():
@@ -284,7 +281,7 @@ def container_archives(spec_dir: Path) -> dict[str, Any]:
     torch.save(want, spec_dir / "halves-io.pt")
     local = tileflow.export_model(_local_pair_model(), (torch.ones(3, 4),), ({0: torch.export.Dim("n", max=16)},),
                                   options={"target": "reference"})
-    return {"halves": out, "scored": scored, "io": spec_dir / "halves-io.pt", "local": local.save(spec_dir / "local.pt2")}
+    return {**paths, "io": spec_dir / "halves-io.pt", "local": local.save(spec_dir / "local.pt2")}
 
 
 @pytest.fixture(scope="module")
@@ -1376,8 +1373,7 @@ def test_finding_a_returned_dataclass_changes_no_state_and_walks_every_instance(
     archive = tileflow.export_model(model, (torch.ones(3, 4),), ({0: torch.export.Dim("n", max=16)},),
                                     options={"target": "reference"})
     assert torch.equal(model.seen, torch.zeros(4))
-    assert [e["qualname"] for e in archive.manifest["pytree_containers"]] == [
-        f"{Node.__qualname__}", f"{Meta.__qualname__}"]
+    assert [e["qualname"] for e in archive.manifest["pytree_containers"]] == [Node.__qualname__, Meta.__qualname__]
     got = tileflow.load(archive.save(tmp_path / "node.pt2"))(torch.full((5, 4), 2.0))
     assert type(got.child.meta) is Meta and got.meta is None
     torch.testing.assert_close(got.child.meta.scale, torch.full((4,), 2.0))

@@ -759,10 +759,7 @@ def split_wins(
     SM share `share`, beats running it whole, per the cost model (`makespan`).
 
     `nano_batches="auto"` asks it of a count's power-of-two bucket's plan (or the bucket
-    below's) scaled to the count: the split it would run there. (A bucket whose own split wins
-    is at or above the split threshold, a power of two being one of the threshold scan's
-    probes; the count's place against the threshold would cost the scan's bisection, a dozen
-    searches.)"""
+    below's) scaled to the count: the split it would run there."""
     if len(sizes) < 2:
         return False
     whole = makespan(ops_profile, (sum(sizes),), 1.0, device, net_bw_gbs=net_bw_gbs)

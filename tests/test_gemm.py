@@ -958,12 +958,16 @@ def test_listing_kernels_while_another_thread_builds_one() -> None:
 
     tile = TileConfig(16, 16, 16)
     runtime.get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=3, k=5, tile=tile))
-    widths = iter(range(1000, 2000))
+    built: list[int] = []
 
     class BuildsWhileCompared(str):
         def __eq__(self, other: object) -> bool:
-            runtime.get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=next(widths),
-                                                      k=5, tile=tile))
+            # One build mid-walk is enough to change the cache's size; building at every
+            # comparison ran out of widths where the worker's cache held over a thousand kernels.
+            if not built:
+                built.append(1000)
+                runtime.get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=1000,
+                                                          k=5, tile=tile))
             return str.__eq__(self, other)
 
         __hash__ = str.__hash__

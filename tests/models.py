@@ -214,6 +214,42 @@ ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[str, ...]]] = {
                                    kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                                    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                    first_k_dense_replace=1, n_group=1, topk_group=1), ()),
+    # Newer architectures (the extended run; `test_model_zoo._EXTENDED_ONLY`), each with what sets
+    # it apart from Llama's graph.
+    # Sliding layers with their own RoPE base, q/k norms, post-norms after attention and MLP.
+    "gemma3": (_causal_lm("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16, sliding_window=8), ("fused_geglu_tanh",)),
+    # Attention and MLP side by side off one LayerNorm, interleaved RoPE, scaled logits; Cohere 2
+    # with sliding layers.
+    "cohere": (_causal_lm("CohereConfig", "CohereForCausalLM"), ("fused_swiglu",)),
+    "cohere2": (_causal_lm("Cohere2Config", "Cohere2ForCausalLM", sliding_window=8), ("fused_swiglu",)),
+    # Parallel blocks with biases and a plain tanh-GELU MLP: RoPE over part of the head (Phi),
+    # interleaved over part of it (GPT-J), and CodeGen's one qkv projection cut per model-parallel slice.
+    "phi": (_causal_lm("PhiConfig", "PhiForCausalLM"), ("fused_gelu_tanh",)),
+    "gptj": (_causal_lm("GPTJConfig", "GPTJForCausalLM", n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256),
+             ("fused_gelu_tanh",)),
+    "codegen": (_causal_lm("CodeGenConfig", "CodeGenForCausalLM", n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                           n_positions=256, n_ctx=256), ("fused_gelu_tanh",)),
+    # Biases everywhere and a sliding window.
+    "starcoder2": (_causal_lm("Starcoder2Config", "Starcoder2ForCausalLM", sliding_window=8), ("fused_gelu_tanh",)),
+    # Norms after the attention and the MLP (OLMo-2's q/k norms over all heads at once); EXAONE 4's
+    # layers all sliding here.
+    "olmo2": (_causal_lm("Olmo2Config", "Olmo2ForCausalLM"), ("fused_swiglu",)),
+    "exaone4": (_causal_lm("Exaone4Config", "Exaone4ForCausalLM", sliding_window=8), ("fused_swiglu",)),
+    # Partial interleaved RoPE, one stacked gate-and-up weight, post-norms.
+    "glm4": (_causal_lm("Glm4Config", "Glm4ForCausalLM", head_dim=16, pad_token_id=0), ("fused_swiglu", "stacked_gate_up")),
+    # xIELU activation (not fused: no kernel epilogue has it) and a squared-ReLU MLP.
+    "apertus": (_causal_lm("ApertusConfig", "ApertusForCausalLM"), ()),
+    "arcee": (_causal_lm("ArceeConfig", "ArceeForCausalLM"), ("fused_relu2",)),
+    # Multipliers on the embedding, attention scores, residuals and logits.
+    "granite": (_causal_lm("GraniteConfig", "GraniteForCausalLM"), ("fused_swiglu",)),
+    # Layers without RoPE (every fourth in the released models; here the second).
+    "smollm3": (_causal_lm("SmolLM3Config", "SmolLM3ForCausalLM", pad_token_id=0, no_rope_layers=[1, 0]),
+                ("fused_swiglu",)),
+    # Experts as grouped GEMMs: OLMoE's with q/k norms, Granite-MoE's with Granite's multipliers.
+    "olmoe": (_causal_lm("OlmoeConfig", "OlmoeForCausalLM", num_experts=4, num_experts_per_tok=2),
+              ("fused_grouped_swiglu",)),
+    "granitemoe": (_causal_lm("GraniteMoeConfig", "GraniteMoeForCausalLM", num_local_experts=4, num_experts_per_tok=2),
+                   ("fused_grouped_swiglu",)),
 }
 
 

@@ -30,13 +30,17 @@ def _compiled(name: str) -> tuple[torch.nn.Module, Callable[..., Any], tileflow.
 # Nemotron's too (its squared-ReLU MLP fused in the default run: test_gemm_padding's
 # test_relu_and_squared_relu_fuse).
 _NEAR_LLAMA = ("gemma", "qwen3", "gpt_neox", "deepseek_v3", "nemotron")
+# The newer architectures at the zoo's end (tests/models.py) as well: each compiled and checked
+# once (about 5 s), beside the default run's near relatives.
+_EXTENDED_ONLY = (*_NEAR_LLAMA, "gemma3", "cohere", "cohere2", "phi", "gptj", "codegen", "starcoder2", "olmo2", "exaone4",
+                  "glm4", "apertus", "arcee", "granite", "smollm3", "olmoe", "granitemoe")
 
 
 # Behaviours of newer transformers releases the test looks at, by model.
 _NEWER = {"gemma2": GEMMA2_SOFTCAP, "bloom": BLOOM_ALIBI, "bloom_6_heads": BLOOM_ALIBI}
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=[*([pytest.mark.extended] if name in _NEAR_LLAMA else []),
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[*([pytest.mark.extended] if name in _EXTENDED_ONLY else []),
                                                             *([_NEWER[name]] if name in _NEWER else [])])
                                   for name in sorted(ZOO)])
 def test_architecture_compiles_once_and_matches_eager(name: str) -> None:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -60,7 +59,7 @@ from tileflow.graph_utils import (
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, OpEdge, OpSpec, Schedule, check_schedule, make_schedule
-from tileflow.search import OpProfile, modeled_timeline, search_split, split_wins
+from tileflow.search import OpProfile, modeled_timeline, split_for_count
 
 aten = torch.ops.aten
 
@@ -261,45 +260,16 @@ class NanoBatchPlan:
         return cost.rows if isinstance(cost, AttentionCost) else self.row_scales.get(cost.name, 1)
 
     def _search(self, tokens: int, values: dict[Any, int] | None) -> tuple[list[int], dict[int, float] | None]:
-        """(sizes, SM shares) for `tokens`. The search runs once per power-of-two bucket of the
-        count and of the sizes the costs read (`_buckets`), not per count: it takes a fraction of
-        a second for a deep model, on the step's critical path. A count runs its bucket's split
-        scaled to it where that beats running whole at the count; else the split of the bucket
-        below, scaled up (the bucket's best shape can lose just above a power of two: four equal
-        parts of 1024 rows, scaled to 513, where the 512 rows' two parts win); else it runs
-        whole. So a count splits exactly where the model says the split it runs wins there: a
-        count below the search's split threshold too, where the threshold's scan (which assumes
-        the win grows with the count) put it above a count that wins. A call met before looks its
-        answer up without costing the step again (each step asks twice: its sizes, then its
-        shares)."""
-        if tokens < 2:
-            return [tokens], None  # nothing to split (and no bucket below 1 to search)
+        """(sizes, SM shares) for `tokens`: the split `search.split_for_count` runs at the costs
+        of `values` (searched once per power-of-two bucket of the count and of the sizes the
+        costs read, `_buckets`). A call met before looks its answer up without costing the step
+        again (each step asks twice: its sizes, then its shares)."""
         buckets = self._buckets(values)
         key = (tokens, frozenset(buckets.items()))
         if key not in self._searched:
-            bucket = _bucket(tokens)
-            costs = self.costs_at(values)
-            found = self._scaled_split(costs, tokens, bucket)
-            if found is None and tokens != bucket:
-                found = self._scaled_split(costs, tokens, bucket // 2)
+            found = split_for_count(self.costs_at(values), self.device, tokens) if tokens >= 2 else None
             self._searched[key] = ([tokens], None) if found is None else found
         return self._searched[key]
-
-    def _scaled_split(self, costs: list[OpProfile], tokens: int, searched_at: int
-                      ) -> tuple[list[int], dict[int, float]] | None:
-        """The split searched at `searched_at` tokens, its cuts scaled to `tokens`, with its SM
-        shares: None where it does not split, or (at another count) its scaled split does not
-        beat running whole there (`split_wins`). Unthresholded: a power of two whose split wins is
-        at or above the split threshold, being one of the threshold scan's probes, and placing
-        the count itself against the threshold would cost the scan's bisection."""
-        plan = search_split(costs, self.device, searched_at, apply_threshold=False)
-        if plan.k == 1:
-            return None
-        cuts = [round(c * tokens / searched_at) for c in itertools.accumulate(plan.sizes)]
-        sizes = [b - a for a, b in zip([0] + cuts, cuts) if b > a]
-        if tokens != searched_at and not split_wins(costs, self.device, sizes, plan.compute_share):
-            return None
-        return sizes, {s: v for s, v in plan.sm_share_per_stream.items() if v > 0}
 
     def timeline(self, tokens: int) -> list[dict[str, Any]] | None:
         """The modeled per-stream timeline of a `tokens` step at the example sizes, split as

@@ -126,15 +126,15 @@ def test_decode_steps_split_over_sequences_on_cuda_streams_match_eager(monkeypat
     that the streams run with their SM shares)."""
     from test_nanobatch import _decoded
 
-    from tileflow.passes import nanobatch
+    from tileflow import search as search_module
     from tileflow.search import SplitPlan
 
     def halves(costs: list, device: object, bucket: int, **options: object) -> SplitPlan:
         return SplitPlan(2, (bucket // 2, bucket - bucket // 2), {"compute": 0, "memory": 1, "network": 2},
                          {0: 0.75, 1: 0.25, 2: 0.0}, 1.0, 2.0)
 
-    monkeypatch.setattr(nanobatch, "search_split", halves)
-    monkeypatch.setattr(nanobatch, "split_wins", lambda costs, device, sizes, share: True)
+    monkeypatch.setattr(search_module, "search_split", halves)
+    monkeypatch.setattr(search_module, "split_wins", lambda *args, **options: True)
     model = build("llama").cuda()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": NANO_PASSES, "nano_batches": setting}),
                              dynamic=True)

@@ -777,6 +777,7 @@ def halving_search(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list, int]]:
     halves of the bucket at shares 0.75 / 0.25, a split that wins at any count (`split_wins`);
     each search's (costs, bucket) is kept."""
     from tileflow.devices import get_device
+    from tileflow import search as search_module
     from tileflow.passes import nanobatch
     from tileflow.search import SplitPlan
 
@@ -788,8 +789,8 @@ def halving_search(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list, int]]:
                          {0: 0.75, 1: 0.25, 2: 0.0}, 1.0, 2.0)
 
     monkeypatch.setattr(nanobatch, "_device", lambda ctx: (get_device("H100"), ""))
-    monkeypatch.setattr(nanobatch, "search_split", search)
-    monkeypatch.setattr(nanobatch, "split_wins", lambda costs, device, sizes, share: True)
+    monkeypatch.setattr(search_module, "search_split", search)
+    monkeypatch.setattr(search_module, "split_wins", lambda *args, **options: True)
     return searched
 
 

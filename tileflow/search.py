@@ -57,7 +57,7 @@ import operator
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import combinations
+from itertools import accumulate, combinations
 from typing import Any
 
 from tileflow.devices import DeviceInfo
@@ -747,6 +747,51 @@ def search_split(
     )
 
 
+def split_for_count(
+    ops_profile: Sequence[OpProfile],
+    device: DeviceInfo,
+    count: int,
+    *,
+    net_bw_gbs: float = DEFAULT_NET_BW_GBS,
+) -> tuple[list[int], dict[int, float]] | None:
+    """The split a step of `count` units (tokens, or sequences) runs under `nano_batches="auto"`:
+    (sizes summing to `count`, SM share per stream), or None to run it whole.
+
+    The search runs once per power-of-two bucket of the count (`search_split`, cached), not per
+    count: it takes a fraction of a second for a deep model, on the step's critical path. A count
+    runs its bucket's split, its cuts scaled to the count, where that beats running whole at the
+    count (`split_wins`); else the split of the bucket below, scaled up (the bucket's best shape
+    can lose just above a power of two: four equal parts of 1024 rows scaled to 513, where 512's
+    two parts win); else it runs whole. So a count splits exactly where the model says the split
+    it runs wins there, a count below the search's split threshold too, where the threshold's
+    scan (which assumes the win grows with the count) put it above a count that wins. The
+    buckets are searched unthresholded: a power of two whose split wins is at or above the
+    threshold anyway, being one of the scan's probes, and placing the count itself against the
+    threshold would cost the scan's bisection."""
+    if count < 2:
+        return None  # nothing to split (and no bucket below 1 to search)
+    bucket = 1 << (count - 1).bit_length()
+    found = _scaled_split(ops_profile, device, count, bucket, net_bw_gbs)
+    if found is None and count != bucket:
+        found = _scaled_split(ops_profile, device, count, bucket // 2, net_bw_gbs)
+    return found
+
+
+def _scaled_split(ops_profile: Sequence[OpProfile], device: DeviceInfo, count: int, searched_at: int,
+                  net_bw_gbs: float) -> tuple[list[int], dict[int, float]] | None:
+    """The split searched at `searched_at` units, its cuts scaled to `count`, with its SM shares:
+    None where it does not split, or (at another count) its scaled split does not beat running
+    whole there."""
+    plan = search_split(ops_profile, device, searched_at, apply_threshold=False, net_bw_gbs=net_bw_gbs)
+    if plan.k == 1:
+        return None
+    cuts = [round(c * count / searched_at) for c in accumulate(plan.sizes)]
+    sizes = [b - a for a, b in zip([0] + cuts, cuts) if b > a]
+    if count != searched_at and not split_wins(ops_profile, device, sizes, plan.compute_share, net_bw_gbs=net_bw_gbs):
+        return None
+    return sizes, {s: v for s, v in plan.sm_share_per_stream.items() if v > 0}
+
+
 def split_wins(
     ops_profile: Sequence[OpProfile],
     device: DeviceInfo,
@@ -758,8 +803,8 @@ def split_wins(
     """Whether running a step of `sum(sizes)` tokens as these nano-batches, the compute stream at
     SM share `share`, beats running it whole, per the cost model (`makespan`).
 
-    `nano_batches="auto"` asks it of a count's power-of-two bucket's plan (or the bucket
-    below's) scaled to the count: the split it would run there."""
+    `split_for_count` asks it of a count's power-of-two bucket's plan (or the bucket below's)
+    scaled to the count: the split it would run there."""
     if len(sizes) < 2:
         return False
     whole = makespan(ops_profile, (sum(sizes),), 1.0, device, net_bw_gbs=net_bw_gbs)

@@ -13,7 +13,8 @@ baselines), in one run and in up to three parts (`--parts`):
   `tileflow.serving` runs them (the model cut at its attention ops, `meta_attention_varlen` over
   the cache) with the dense stages as ATen ops, through Inductor, or as tileflow compiled them,
   tileflow also with the step cut into two nano-batches on two streams (their kernels over SM
-  shares in proportion to their tokens, and over the whole device), and with its dense stages
+  shares in proportion to their tokens, and over the whole device), cut where the split
+  search's cost model says a split wins (`nano_batches="auto"`), and with its dense stages
   replayed from CUDA graphs per token bucket (`cuda_graphs=True`);
 - `trace`: a NanoFlow-like request trace (prompt/output 512/512 and 1024/512) served to the end
   by `tileflow.serving.ServingEngine` (continuous batching, a 4096-token budget, each step
@@ -73,7 +74,9 @@ SERVING_METHODS = {"ATen": ("ATen", 1), "Inductor": ("Inductor", 1), "tileflow":
 # a time (each step's tokens read back before the next is scheduled): what overlapping the
 # host's work with the device's gains.
 WHOLE_GRIDS = "tileflow+nano, whole grids"
-MIXED_METHODS = {**SERVING_METHODS, WHOLE_GRIDS: ("tileflow", 2)}
+# And cut where the split search's cost model says a split wins (`ServingEngine(nano_batches="auto")`).
+AUTO = "tileflow+auto"
+MIXED_METHODS = {**SERVING_METHODS, WHOLE_GRIDS: ("tileflow", 2), AUTO: ("tileflow", "auto")}
 IN_TURN = "tileflow+graphs, steps in turn"
 TRACE_METHODS = {**SERVING_METHODS, IN_TURN: ("tileflow+graphs", 1)}
 BLOCK = 16  # KV page size
@@ -344,9 +347,10 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
     steps = {t: mixed_entries(t, rng, scale) for t in tokens}
     engine = serving_engine(programs["ATen"], scale, num_blocks=max(b for _, b in steps.values()), slots=1)
     rows = []
+    auto_cut: dict[int, str] = {}
     headers = ["tokens", "step", "host prepare ms"] + [f"{n} tok/s" for n in MIXED_METHODS] + [
-        "tileflow / Inductor", "nano / tileflow", "nano SM shares / whole grids", "graphs / tileflow",
-        "tileflow % of bound"]
+        "tileflow / Inductor", "nano / tileflow", "nano SM shares / whole grids", "auto / tileflow", "auto's cut",
+        "graphs / tileflow", "tileflow % of bound"]
 
     def section() -> str:
         return ("## Mixed prefill/decode serving steps\n\n" + markdown_table(headers, rows)
@@ -357,7 +361,8 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
                   "with its inputs prepared (host prepare ms: `ServingEngine.prepare`, once), except tileflow+nano, whose "
                   "two nano-batches (decodes, prompt chunks) each prepare their inputs on their own stream in the step, "
                   "their persistent kernels over a share of the SMs in proportion to their tokens (whole grids: every "
-                  "kernel over the whole device)")
+                  "kernel over the whole device); tileflow+auto cuts the step where the split search's cost model says a "
+                  "split wins (auto's cut: the nano-batches' tokens; one count: run whole)")
 
     for t, (entries, _) in steps.items():
         rate: dict[str, float | None] = {}
@@ -375,6 +380,8 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
                     engine.program, engine.nano_batches, engine.nano_shares = program, nano, shares
                     # A nano-batched step prepares each nano-batch itself (on its stream).
                     given = inputs if nano == 1 else None
+                    if nano == "auto":  # (the token counts of the nano-batches the step runs as)
+                        auto_cut[t] = "+".join(str(sum(len(e.tokens) for e in g)) for g in engine.nano_groups(entries))
                     poison_next_output(want.shape, out_dtype, want.device)
                     err = rel_err(engine.forward(entries, given).float(), want)
                     if not err < scale.tolerance:
@@ -386,7 +393,8 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
         rows.append([t, f"{len(entries) - decodes} chunks + {decodes} decodes", f"{prepare_ms:.1f}"]
                     + [_rate(rate[n]) for n in MIXED_METHODS]
                     + [_ratio(rate["tileflow"], rate["Inductor"]), _ratio(rate["tileflow+nano"], rate["tileflow"]),
-                       _ratio(rate["tileflow+nano"], rate[WHOLE_GRIDS]),
+                       _ratio(rate["tileflow+nano"], rate[WHOLE_GRIDS]), _ratio(rate[AUTO], rate["tileflow"]),
+                       auto_cut.get(t, "-"),
                        _ratio(rate["tileflow+graphs"], rate["tileflow"]), _share(rate["tileflow"], bound)])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
         if progress:

@@ -1,7 +1,7 @@
 """Serve a small-config Llama, Mistral or Llama 4 (random weights) with continuous batching,
 chunked prefill and speculative verify over a paged KV cache, and print the serving metrics.
 
-    python examples/serve.py [--draft 3] [--requests 12] [--nano-batches 2] [--check]
+    python examples/serve.py [--draft 3] [--requests 12] [--nano-batches 2|auto] [--check]
     python examples/serve.py --arch mistral --window 8 --blocks 10 --check
     python examples/serve.py --arch llama4 --chunk 16 --check
     python examples/serve.py --temperature 0.8 --top-p 0.95 --check
@@ -29,6 +29,16 @@ import warnings
 import torch
 
 
+def _nano_batches(value: str) -> int | str:
+    """--nano-batches: a count, or "auto"."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a count or 'auto', got {value!r}") from None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=("llama", "mistral", "llama4"), default="llama")
@@ -40,7 +50,9 @@ def main() -> int:
     p.add_argument("--draft", type=int, default=3, help="drafted tokens verified per step (0: no speculation)")
     p.add_argument("--budget", type=int, default=64, help="tokens per step")
     p.add_argument("--slots", type=int, default=6, help="requests decoding at once")
-    p.add_argument("--nano-batches", type=int, default=1, help="nano-batches per step, each on its own stream (1: off)")
+    p.add_argument("--nano-batches", type=_nano_batches, default=1,
+                   help="nano-batches per step, each on its own stream (1: off; auto: where the cost model says a "
+                        "split wins, on a GPU)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sample, each request with its seed")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens reaching this mass")
@@ -59,7 +71,7 @@ def main() -> int:
     lows = {"requests": 1, "new_tokens": 1, "budget": 2, "slots": 1, "blocks": 1, "nano_batches": 1, "draft": 0,
             "window": 1, "chunk": 1}
     for name, low in lows.items():
-        if getattr(args, name) < low:
+        if getattr(args, name) != "auto" and getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     # Request i samples with seed (seed * 1000 + i) mod 2**63, a SamplingParams seed; torch's
     # generators take the seed itself. Out of range, it failed after the model was built, naming

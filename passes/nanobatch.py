@@ -434,9 +434,10 @@ def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | Attentio
     name = op_name(node)
     if name == "padded_gemm":
         w = meta_val(node.args[1])
-        # Sibling GEMMs' weights (N segments) add their rows to N.
-        siblings = bind_arguments(node)["more_weights"] or ()
-        n, k = int(w.shape[0]) + sum(int(meta_val(s).shape[0]) for s in siblings), int(w.shape[1])
+        # A gated GEMM's separate up weight and sibling GEMMs' weights (N segments) add their rows to N.
+        args = bind_arguments(node)
+        others = [*([args["weight_up"]] if args.get("weight_up") is not None else []), *(args["more_weights"] or ())]
+        n, k = int(w.shape[0]) + sum(int(meta_val(s).shape[0]) for s in others), int(w.shape[1])
         e = w.element_size()
         return OpProfile(node.name, "compute", 2.0 * n * k, e * (n + k), float(e * n * k), str(w.dtype).removeprefix("torch."))
     if name == "meta_attention":
@@ -444,6 +445,14 @@ def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | Attentio
     if node.target in _MOVING_COLLECTIVES:
         return _collective_profile(node, dims)
     return None
+
+
+def gemm_costs(gm: fx.GraphModule) -> list[OpProfile]:
+    """The split search's cost inputs per token row of the graph's padded GEMMs, in graph order:
+    FLOPs and bytes per row, and the weights once per launch (how the serving engine's
+    `nano_batches="auto"` costs a stage program's dense stages)."""
+    return [_profile(node, {}) for node in gm.graph.nodes
+            if node.op == "call_function" and op_name(node) == "padded_gemm"]
 
 
 def _attention_profile(node: fx.Node) -> AttentionCost:

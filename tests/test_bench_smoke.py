@@ -1024,16 +1024,19 @@ def test_e2e_step_ms_on_the_cpu_is_the_median_of_three_runs(monkeypatch) -> None
 
 def test_e2e_mixed_rows_tokens_per_second_ratios_and_bound_share(monkeypatch) -> None:
     """The mixed table's arithmetic (the engine stubbed; each method's step stubbed at ATen 8,
-    Inductor 4, tileflow 2, tileflow+nano 1, whole grids 1.6 and tileflow+graphs 0.5 ms): a
-    16-token step (1 chunk of 8 + 8 decodes) in 2 ms = 8,000 tok/s; tileflow / Inductor 2.00,
-    nano / tileflow 2.00, nano SM shares / whole grids 1.60, graphs / tileflow 4.00, and 8,000
-    of a 100,000 bound = 8%. A nano-batched step prepares its own inputs (given None), only the
-    whole-grids method runs without SM shares, and the KV cache holds the largest step's blocks."""
+    Inductor 4, tileflow 2, tileflow+nano 1, whole grids 1.6, tileflow+auto 1.25 and
+    tileflow+graphs 0.5 ms): a 16-token step (1 chunk of 8 + 8 decodes) in 2 ms = 8,000 tok/s;
+    tileflow / Inductor 2.00, nano / tileflow 2.00, nano SM shares / whole grids 1.60, auto /
+    tileflow 1.60 with auto's cut the engine's (its decodes apart from its chunk), graphs /
+    tileflow 4.00, and 8,000 of a 100,000 bound = 8%. A nano-batched step prepares its own inputs
+    (given None), only the whole-grids method runs without SM shares, and the KV cache holds the
+    largest step's blocks."""
     import torch
 
     e2e = _bench_module("e2e", monkeypatch)
     ms = {("ATen", 1, True): 8.0, ("Inductor", 1, True): 4.0, ("tileflow", 1, True): 2.0,
-          ("tileflow", 2, True): 1.0, ("tileflow", 2, False): 1.6, ("tileflow+graphs", 1, True): 0.5}
+          ("tileflow", 2, True): 1.0, ("tileflow", 2, False): 1.6, ("tileflow", "auto", True): 1.25,
+          ("tileflow+graphs", 1, True): 0.5}
     forwards = []
 
     class Engine:
@@ -1041,6 +1044,10 @@ def test_e2e_mixed_rows_tokens_per_second_ratios_and_bound_share(monkeypatch) ->
 
         def prepare(self, entries):
             return ("inputs", len(entries))
+
+        def nano_groups(self, entries):
+            assert self.nano_batches == "auto"
+            return [[e for e in entries if e.kind == "decode"], [e for e in entries if e.kind != "decode"]]
 
         def forward(self, entries, inputs=None):
             forwards.append((self.program, self.nano_batches, self.nano_shares, inputs))
@@ -1064,13 +1071,16 @@ def test_e2e_mixed_rows_tokens_per_second_ratios_and_bound_share(monkeypatch) ->
     row = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| 16 |")).split("|")[1:-1]]
     cell = dict(zip(header, row))
     assert cell["step"] == "1 chunks + 8 decodes"
-    assert [cell[f"{n} tok/s"] for n in e2e.MIXED_METHODS] == ["2,000", "4,000", "8,000", "16,000", "32,000", "10,000"]
-    assert [cell[c] for c in ("tileflow / Inductor", "nano / tileflow", "nano SM shares / whole grids",
-                              "graphs / tileflow", "tileflow % of bound")] == ["2.00", "2.00", "1.60", "4.00", "8%"]
+    assert [cell[f"{n} tok/s"] for n in e2e.MIXED_METHODS] == ["2,000", "4,000", "8,000", "16,000", "32,000", "10,000",
+                                                               "12,800"]
+    assert [cell[c] for c in ("tileflow / Inductor", "nano / tileflow", "nano SM shares / whole grids", "auto / tileflow",
+                              "auto's cut", "graphs / tileflow", "tileflow % of bound")] == [
+        "2.00", "2.00", "1.60", "1.60", "8+8", "4.00", "8%"]
     # (SM shares only matter to a nano-batched step: the reference step after the whole-grids one keeps False.)
     assert {(p, n, s or n == 1, i is None) for p, n, s, i in forwards} == {
         ("ATen", 1, True, False), ("Inductor", 1, True, False), ("tileflow", 1, True, False),
-        ("tileflow", 2, True, True), ("tileflow", 2, False, True), ("tileflow+graphs", 1, True, False)}
+        ("tileflow", 2, True, True), ("tileflow", 2, False, True), ("tileflow", "auto", True, True),
+        ("tileflow+graphs", 1, True, False)}
 
 
 def _trace_metrics(wall: float):

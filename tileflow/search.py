@@ -55,7 +55,7 @@ import json
 import math
 import operator
 from bisect import bisect_right
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, combinations
 from typing import Any
@@ -753,6 +753,7 @@ def split_for_count(
     count: int,
     *,
     net_bw_gbs: float = DEFAULT_NET_BW_GBS,
+    snap: Callable[[list[int]], list[int]] | None = None,
 ) -> tuple[list[int], dict[int, float]] | None:
     """The split a step of `count` units (tokens, or sequences) runs under `nano_batches="auto"`:
     (sizes summing to `count`, SM share per stream), or None to run it whole.
@@ -767,27 +768,37 @@ def split_for_count(
     scan (which assumes the win grows with the count) put it above a count that wins. The
     buckets are searched unthresholded: a power of two whose split wins is at or above the
     threshold anyway, being one of the scan's probes, and placing the count itself against the
-    threshold would cost the scan's bisection."""
+    threshold would cost the scan's bisection.
+
+    Units that are not interchangeable (a serving step's entries, which stay whole) give `snap`:
+    sizes -> the sizes the cuts can have (summing to the count; fewer of them where cuts merge).
+    The split runs as snapped, and is checked again where snapping moved its cuts."""
     if count < 2:
         return None  # nothing to split (and no bucket below 1 to search)
     bucket = 1 << (count - 1).bit_length()
-    found = _scaled_split(ops_profile, device, count, bucket, net_bw_gbs)
+    found = _scaled_split(ops_profile, device, count, bucket, net_bw_gbs, snap)
     if found is None and count != bucket:
-        found = _scaled_split(ops_profile, device, count, bucket // 2, net_bw_gbs)
+        found = _scaled_split(ops_profile, device, count, bucket // 2, net_bw_gbs, snap)
     return found
 
 
 def _scaled_split(ops_profile: Sequence[OpProfile], device: DeviceInfo, count: int, searched_at: int,
-                  net_bw_gbs: float) -> tuple[list[int], dict[int, float]] | None:
-    """The split searched at `searched_at` units, its cuts scaled to `count`, with its SM shares:
-    None where it does not split, or (at another count) its scaled split does not beat running
-    whole there."""
+                  net_bw_gbs: float, snap: Callable[[list[int]], list[int]] | None
+                  ) -> tuple[list[int], dict[int, float]] | None:
+    """The split searched at `searched_at` units, its cuts scaled to `count` (and snapped), with
+    its SM shares: None where it does not split, or its split as run differs from the searched
+    one and does not beat running whole at the count."""
     plan = search_split(ops_profile, device, searched_at, apply_threshold=False, net_bw_gbs=net_bw_gbs)
     if plan.k == 1:
         return None
     cuts = [round(c * count / searched_at) for c in accumulate(plan.sizes)]
     sizes = [b - a for a, b in zip([0] + cuts, cuts) if b > a]
-    if count != searched_at and not split_wins(ops_profile, device, sizes, plan.compute_share, net_bw_gbs=net_bw_gbs):
+    if snap is not None:
+        sizes = list(snap(sizes))
+    if len(sizes) < 2:
+        return None
+    moved = count != searched_at or sizes != list(plan.sizes)
+    if moved and not split_wins(ops_profile, device, sizes, plan.compute_share, net_bw_gbs=net_bw_gbs):
         return None
     return sizes, {s: v for s, v in plan.sm_share_per_stream.items() if v > 0}
 

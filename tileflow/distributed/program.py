@@ -275,7 +275,7 @@ def _program_from_export(step: torch.nn.Module, ep: torch.export.ExportedProgram
     """`build_stage_program` after the export (`ep`, from `decompose_exported`): passes, the cut
     into stages, CUDA graphs."""
     from tileflow.passes.disaggregate import split_stages
-    from tileflow.passes.nanobatch import token_symbol
+    from tileflow.passes.nanobatch import gemm_costs, token_symbol
 
     limit = getattr(step, "position_limit", None)
     passes = tuple(p for p in config.passes if p != "disaggregate") + ("disaggregate",)
@@ -307,6 +307,7 @@ def _program_from_export(step: torch.nn.Module, ep: torch.export.ExportedProgram
             program.max_positions, program.max_positions_reason = bound
     device_type = next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
     graphed = graphs_apply(config.cuda_graphs, device_type)
+    program.dense_costs = [gemm_costs(stage.module) for stage in program.dense]  # (of the graphs, before any wrapping)
     for i, stage in enumerate(program.dense):
         # Every stage's sizes are the one token count (the export's only dynamic dim).
         found = token_symbol(stage.module) if graphed else None

@@ -11,7 +11,8 @@ from .blocks import (
     BlockAllocator, KVGroup, OutOfBlocks, common_window, kv_groups, prefix_hashes, release_behind_window,
     sliding_blocks_for,
 )
-from .engine import Metrics, ServingEngine, StepInputs, prompt_lookup_draft, split_entries
+from .engine import Metrics, ServingEngine, StepInputs, prompt_lookup_draft
+from .nano_batches import split_entries, split_entries_at
 from .sampling import SamplingParams, generate_reference, next_tokens
 from .scheduler import Entry, Request, Scheduler, accept_draft
 
@@ -36,4 +37,5 @@ __all__ = [
     "release_behind_window",
     "sliding_blocks_for",
     "split_entries",
+    "split_entries_at",
 ]

@@ -32,45 +32,14 @@ import torch
 from tileflow.passes.disaggregate import AttentionCut, StageProgram
 
 from ..config import current_config, use_config
+from ..devices import detect_device
 from ..runtime.paged_kv import PagedBatch, PagedKV, check_chunk_blocks
 from ..runtime.streams import CudaStreams, StreamExecutor, grid_share
 from ..transfers import to_device
 from .blocks import BlockAllocator, KVGroup, kv_groups, sliding_blocks_for
+from .nano_batches import AutoSplit, sm_shares, split_entries
 from .sampling import RowSampling, SamplingParams, pick_tokens, row_sampling, token_logprobs
 from .scheduler import Entry, Request, Scheduler, accept_draft
-
-
-def split_entries(entries: Sequence[Entry], parts: int) -> list[list[Entry]]:
-    """Cut a step's entries (in order) into at most `parts` contiguous, non-empty nano-batches of
-    about equal token counts. Entries stay whole, so a sequence's tokens stay together; the
-    scheduler puts decode/verify entries first and prompt chunks last, so the cut tends to put
-    memory-bound decodes and compute-bound prefills in different nano-batches."""
-    if parts < 1:
-        raise ValueError(f"parts must be >= 1, got {parts}")
-    if not entries:
-        return []  # no entries, no nano-batch (not one empty one)
-    total = sum(len(e.tokens) for e in entries)
-    groups: list[list[Entry]] = [[]]
-    done = 0  # tokens in the groups so far
-    for i, entry in enumerate(entries):
-        still_to_open = min(parts, len(entries)) - len(groups)
-        # Open the next group once this one holds its share, or when each entry left must
-        # start a group of its own for every group to get one.
-        if groups[-1] and still_to_open > 0 and (done >= total * len(groups) / parts or len(entries) - i <= still_to_open):
-            groups.append([])
-        groups[-1].append(entry)
-        done += len(entry.tokens)
-    return groups
-
-
-def sm_shares(groups: Sequence[Sequence[Entry]]) -> list[float]:
-    """Each nano-batch's share of the device's SMs, summing to 1: its share of the step's tokens,
-    raised to at least half an equal share (a nano-batch of a few decodes still reads its whole
-    KV), then all scaled back to a whole device."""
-    tokens = [sum(len(e.tokens) for e in g) for g in groups]
-    total = sum(tokens)
-    raised = [max(t / total, 0.5 / len(groups)) for t in tokens]
-    return [r / sum(raised) for r in raised]
 
 
 def prompt_lookup_draft(tokens: Sequence[int], max_draft: int, ngram: int = 2) -> list[int]:
@@ -111,6 +80,7 @@ class Metrics:
     drafted: int = 0
     accepted: int = 0
     preemptions: int = 0  # requests sent back to recompute for want of KV blocks
+    nano_batched_steps: int = 0  # steps run as several nano-batches (`nano_batches`)
     ttft: dict[int, float] = field(default_factory=dict)  # by request id: from `add` to its first token
     token_times: dict[int, list[float]] = field(default_factory=dict)
     wall: float = 0.0  # of every `run` call
@@ -120,7 +90,8 @@ class Metrics:
 
     def summary(self) -> dict[str, float]:
         """TTFT and time between tokens (means), tokens/s, drafted tokens and their acceptance
-        rate, and the share of the wall time the host waited for the device."""
+        rate, the steps run as nano-batches, and the share of the wall time the host waited for
+        the device."""
         gaps = [b - a for times in self.token_times.values() for a, b in zip(times, times[1:])]
         return {
             "steps": self.steps,
@@ -132,6 +103,7 @@ class Metrics:
             "drafted_tokens": self.drafted,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
             "preemptions": self.preemptions,
+            "nano_batched_steps": self.nano_batched_steps,
             "mean_step_tokens": self.tokens_in_steps / self.steps if self.steps else 0.0,
             "host_waiting_share": self.waited / self.wall if self.wall else 0.0,
         }
@@ -176,16 +148,20 @@ class ServingEngine:
     `Request.tokens` (negative: -1 - row of that step), until the next step or `synchronize`.
     Blocks of layers that slide a window go back behind it while their request runs
     (`Scheduler`, `sliding_window` and `sliding_group`).
-    With `nano_batches` > 1 and `nano_shares`, each nano-batch's persistent kernels take a share
-    of the device's SMs about in proportion to its tokens (`sm_shares`; NanoFlow's partition:
-    kernels that each filled the device could not run side by side); without, every kernel takes
-    the whole device.
+    `nano_batches` k > 1 cuts every step of several entries into k nano-batches (`split_entries`);
+    `"auto"` cuts a step where the split search's cost model, on the device's table entry, says
+    a split wins, as it says (`nano_batches.AutoSplit`), and runs every step whole where there
+    are no streams (off CUDA, unless `streams` are given): there nano-batches run one after
+    another. With nano-batches and `nano_shares`,
+    each nano-batch's persistent kernels take a share of the device's SMs about in proportion to
+    its tokens (`sm_shares`; NanoFlow's partition: kernels that each filled the device could not
+    run side by side); without, every kernel takes the whole device.
     """
 
     def __init__(
         self, program: StageProgram, *, token_budget: int = 64, decode_slots: int = 8, max_draft: int = 0,
         block_size: int = 16, num_blocks: int = 256, dtype: torch.dtype | None = None,
-        device: torch.device | str = "cpu", nano_batches: int = 1, streams: StreamExecutor | None = None,
+        device: torch.device | str = "cpu", nano_batches: int | str = 1, streams: StreamExecutor | None = None,
         overlap: bool | None = None, nano_shares: bool = True,
     ) -> None:
         for name, value in (("token_budget", token_budget), ("decode_slots", decode_slots), ("max_draft", max_draft),
@@ -203,12 +179,14 @@ class ServingEngine:
                 "overlap=True launches a step before the previous step's tokens are on the host, but drafting "
                 "(max_draft > 0) needs them to propose the next tokens: use max_draft=0, or overlap=False"
             )
-        if isinstance(nano_batches, bool) or not isinstance(nano_batches, int) or nano_batches < 1:
-            raise ValueError(f"nano_batches must be an int >= 1 (1: no split), got {nano_batches!r}")
-        if nano_batches > 1 and getattr(program, "cuda_graphs", False):
+        if nano_batches != "auto" and (isinstance(nano_batches, bool) or not isinstance(nano_batches, int)
+                                       or nano_batches < 1):
+            raise ValueError(f"nano_batches must be an int >= 1 (1: no split) or \"auto\", got {nano_batches!r}")
+        if nano_batches != 1 and getattr(program, "cuda_graphs", False):
             raise ValueError(
-                "nano_batches > 1 runs stages of several nano-batches at once on separate streams, but this "
-                "program's stages replay CUDA graphs one at a time: build it without cuda_graphs, or use nano_batches=1"
+                f"nano_batches={nano_batches!r} runs stages of several nano-batches at once on separate streams, but "
+                "this program's stages replay CUDA graphs one at a time: build it without cuda_graphs, or use "
+                "nano_batches=1"
             )
         max_tokens = getattr(program, "max_tokens", None)
         if max_tokens is not None and token_budget > max_tokens:
@@ -265,6 +243,7 @@ class ServingEngine:
         # Where nano-batches run: CUDA streams on a GPU, one after another elsewhere (tests pass
         # simulated streams, which run them in random interleavings).
         self.streams = streams if streams is not None else CudaStreams(self.device) if self.device.type == "cuda" else None
+        self._auto_split: AutoSplit | None = None  # "auto"'s cost model, made at its first step (`nano_groups`)
 
     def add(self, request: Request) -> None:
         """Queue a request; ValueError for token ids the model has no embedding for, for a
@@ -517,14 +496,31 @@ class ServingEngine:
         # environment variables (about 15 us per layer on a CPU like CI's). One step, one config:
         # read it once here.
         with use_config(current_config()):
-            if self.nano_batches > 1 and inputs is None and len(entries) > 1:
-                return self._forward_nano(split_entries(entries, self.nano_batches))
+            if self.nano_batches != 1 and inputs is None and len(entries) > 1:
+                groups = self.nano_groups(entries)
+                if len(groups) > 1:
+                    self.metrics.nano_batched_steps += 1
+                    return self._forward_nano(groups)
             step = inputs if inputs is not None else self.prepare(entries)
             # Key starts (a step traced with packed position ids) are not needed: each request's
             # queries read only its own KV cache.
             attend = lambda cut, q, k, v, key_starts=None: self._attend(step, cut, q, k, v)  # noqa: E731
             (logits,) = self.program.run([step.ids, step.positions], attention=attend)
             return logits
+
+    def nano_groups(self, entries: Sequence[Entry]) -> list[list[Entry]]:
+        """The nano-batches `forward` runs a step of these entries as (one group: whole): k of
+        them with `nano_batches` k (`split_entries`); with `"auto"`, as the cost model on the
+        device's table entry cuts the step for the program the engine runs now, and whole
+        without streams, where the nano-batches would run one after another with nothing to
+        overlap."""
+        if self.nano_batches != "auto":
+            return split_entries(entries, self.nano_batches)
+        if self.streams is None or len(entries) < 2:
+            return [list(entries)]
+        if self._auto_split is None or self._auto_split.program is not self.program:
+            self._auto_split = AutoSplit(self.program, detect_device(self.device.type))
+        return self._auto_split.split(entries)[0]
 
     def _forward_nano(self, groups: list[list[Entry]]) -> torch.Tensor:
         """NanoFlow's overlap for a serving step: each nano-batch (whole sequences, so its

@@ -1,0 +1,201 @@
+"""How the serving engine cuts a step into nano-batches: a fixed count, or `"auto"`.
+
+A serving step is a list of entries (a request's decode token, its verify tokens, or a prompt
+chunk) that stay whole: a sequence's queries attend together. `split_entries` cuts them into k
+groups of about equal token counts; `split_entries_at` cuts them as near given token sizes as
+entry boundaries allow.
+
+`"auto"` (`AutoSplit`) asks the split search's cost model (`tileflow.search`) whether and where
+to cut each step: the step's ops as the search's profile, per token row, in stage order (each
+dense stage's padded GEMMs, `StageProgram.dense_costs`; each attention stage's cost averaged
+over the step's rows), and `search.split_for_count` on the step's token count, with the cuts
+moved to entry boundaries before the model checks that the split still wins. The model assumes
+a stream per resource class (GEMMs on one, attention on another); the engine runs each
+nano-batch on its own stream at its token share of the SMs (`sm_shares`). Both overlap one
+nano-batch's attention with another's GEMMs; the model is the estimate of when that pays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from bisect import bisect_left
+from itertools import accumulate
+from typing import Any, Sequence
+
+from tileflow.passes.disaggregate import StageProgram
+from tileflow.passes.nanobatch import AttentionCost
+from tileflow.search import OpProfile, split_for_count
+
+from .scheduler import Entry
+
+
+def split_entries(entries: Sequence[Entry], parts: int) -> list[list[Entry]]:
+    """Cut a step's entries (in order) into at most `parts` contiguous, non-empty nano-batches of
+    about equal token counts. Entries stay whole, so a sequence's tokens stay together; the
+    scheduler puts decode/verify entries first and prompt chunks last, so the cut tends to put
+    memory-bound decodes and compute-bound prefills in different nano-batches."""
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    if not entries:
+        return []  # no entries, no nano-batch (not one empty one)
+    total = sum(len(e.tokens) for e in entries)
+    groups: list[list[Entry]] = [[]]
+    done = 0  # tokens in the groups so far
+    for i, entry in enumerate(entries):
+        still_to_open = min(parts, len(entries)) - len(groups)
+        # Open the next group once this one holds its share, or when each entry left must
+        # start a group of its own for every group to get one.
+        if groups[-1] and still_to_open > 0 and (done >= total * len(groups) / parts or len(entries) - i <= still_to_open):
+            groups.append([])
+        groups[-1].append(entry)
+        done += len(entry.tokens)
+    return groups
+
+
+def split_entries_at(entries: Sequence[Entry], sizes: Sequence[int]) -> list[list[Entry]]:
+    """Cut a step's entries (in order) into contiguous, non-empty nano-batches whose token counts
+    come as near `sizes` as whole entries allow: each cut the sizes make falls on the entry
+    boundary nearest it (the earlier of two as near). Cuts that fall on one boundary, or on the
+    step's ends, merge their nano-batches: a step of one long prompt chunk stays whole. Cut at
+    the token counts of its own result, a step gives that result again."""
+    if any(s < 0 for s in sizes) or sum(sizes) != sum(len(e.tokens) for e in entries):
+        raise ValueError(f"sizes {list(sizes)} must be non-negative and sum to the entries' "
+                         f"{sum(len(e.tokens) for e in entries)} tokens")
+    if not entries:
+        return []
+    bounds = list(accumulate(len(e.tokens) for e in entries))  # token offset after each entry
+    inner = bounds[:-1]
+    cuts: set[int] = set()  # indices into `entries` where a new nano-batch starts
+    for target in list(accumulate(sizes))[:-1]:
+        at = bisect_left(inner, target)
+        # The nearer of the boundaries either side of the target (ties: the earlier).
+        near = [i for i in (at - 1, at) if 0 <= i < len(inner)]
+        if near:
+            best = min(near, key=lambda i: (abs(inner[i] - target), i))
+            cuts.add(best + 1)
+    starts = [0] + sorted(cuts)
+    return [list(entries[a:b]) for a, b in zip(starts, starts[1:] + [len(entries)])]
+
+
+def sm_shares(groups: Sequence[Sequence[Entry]]) -> list[float]:
+    """Each nano-batch's share of the device's SMs, summing to 1: its share of the step's tokens,
+    raised to at least half an equal share (a nano-batch of a few decodes still reads its whole
+    KV), then all scaled back to a whole device."""
+    tokens = [sum(len(e.tokens) for e in g) for g in groups]
+    total = sum(tokens)
+    raised = [max(t / total, 0.5 / len(groups)) for t in tokens]
+    return [r / sum(raised) for r in raised]
+
+
+def _power_of_two_at_least(value: float) -> float:
+    """The power of two at or above `value` (0 stays 0): costs rounded so that steps of alike
+    batches share one profile, and the search's cache serves them."""
+    if value <= 0:
+        return 0.0
+    mantissa, exponent = math.frexp(value)  # value = mantissa * 2**exponent, 0.5 <= mantissa < 1
+    return math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
+
+
+class AutoSplit:
+    """`nano_batches="auto"` for a stage program on a device: `split(entries)` gives the step's
+    nano-batches, one group where the cost model says a split does not win (see the module
+    docstring). A step's attention costs come from its entries: an entry of q_len n with kv_len
+    L (its n new tokens' keys counted) costs its n rows as `AttentionCost` says for n queries
+    over L keys, L rounded up to a power of two; the average per row over the step, rounded up
+    to a power of two too, is the profile's attention op. A step's answer is kept per (its
+    entries' token counts, those costs): a decode batch that keeps its size and its caches'
+    power of two is cut as before without costing it again."""
+
+    # Answers kept (the oldest dropped past this many): the steps of a serving run repeat a few
+    # shapes, and each kept answer is a few small tuples.
+    MAX_KEPT = 4096
+
+    def __init__(self, program: StageProgram, device: Any) -> None:
+        self.program = program
+        self.device = device
+        # Per stage: its GEMMs' costs, named by stage (a dense stage), or its cut's cost key.
+        self._stages: list[tuple[OpProfile, ...] | tuple[Any, ...]] = []
+        self._dense: list[bool] = []
+        dense = iter(getattr(program, "dense_costs", None) or [[] for _ in program.dense])
+        for i, stage in enumerate(program.stages):
+            if stage.kind == "dense":
+                self._stages.append(tuple(dataclasses.replace(c, name=f"stage{i}.{c.name}") for c in next(dense, [])))
+            else:
+                cut = stage.cut
+                self._stages.append((cut.num_q_heads, cut.num_kv_heads, cut.head_dim, cut.sliding_window,
+                                     cut.attention_chunk, cut.dtype.itemsize, str(cut.dtype).removeprefix("torch.")))
+            self._dense.append(stage.kind == "dense")
+        self._costed = any(d and s for d, s in zip(self._dense, self._stages))
+        self._kept: dict[tuple, tuple[list[int], dict[int, float]] | None] = {}
+
+    def split(self, entries: Sequence[Entry]) -> tuple[list[list[Entry]], dict[int, float] | None]:
+        """The step's nano-batches (one: run it whole) and the SM share per stream the search
+        costed them with (None when whole)."""
+        if len(entries) < 2 or not self._costed:
+            return [list(entries)], None
+        rows = _rows_by_keys(entries)
+        attention = self._attention_costs(rows)
+        key = (tuple(len(e.tokens) for e in entries), tuple(attention.items()))
+        if key not in self._kept:
+            if len(self._kept) >= self.MAX_KEPT:
+                self._kept.pop(next(iter(self._kept)))
+            self._kept[key] = split_for_count(self._profile(attention), self.device, sum(key[0]), snap=lambda sizes: [
+                sum(len(e.tokens) for e in group) for group in split_entries_at(entries, sizes)])
+        found = self._kept[key]
+        if found is None:
+            return [list(entries)], None
+        return split_entries_at(entries, found[0]), found[1]
+
+    def step_costs(self, entries: Sequence[Entry]) -> list[OpProfile]:
+        """The split search's profile of a step of these entries, per token row, in stage order."""
+        return self._profile(self._attention_costs(_rows_by_keys(entries)))
+
+    def _attention_costs(self, rows: dict[tuple[int, int], int]) -> dict[tuple, tuple[float, float]]:
+        """Per kind of attention stage (its cost key), the step's (FLOPs, bytes) per row, each
+        rounded up to a power of two; `rows` counts the step's entries by (q_len, keys)."""
+        total = sum(n * count for (n, _), count in rows.items())
+        found: dict[tuple, tuple[float, float]] = {}
+        for is_dense, stage in zip(self._dense, self._stages):
+            if is_dense or stage in found:
+                continue
+            flops = bytes_ = 0.0
+            for (n, keys), count in rows.items():
+                row = _attention_row_cost(stage, n, keys)
+                flops += row.flops_per_token * n * count
+                bytes_ += row.bytes_per_token * n * count
+            found[stage] = (_power_of_two_at_least(flops / total), _power_of_two_at_least(bytes_ / total))
+        return found
+
+    def _profile(self, attention: dict[tuple, tuple[float, float]]) -> list[OpProfile]:
+        """The step's profile from its attention costs per kind of stage."""
+        costs: list[OpProfile] = []
+        for i, (is_dense, stage) in enumerate(zip(self._dense, self._stages)):
+            if is_dense:
+                costs.extend(stage)
+            else:
+                flops, nbytes = attention[stage]
+                costs.append(OpProfile(f"stage{i}.attention", "memory", flops, nbytes, 0.0, stage[-1]))
+        return costs
+
+
+def _rows_by_keys(entries: Sequence[Entry]) -> dict[tuple[int, int], int]:
+    """How many of the entries have each (q_len, keys), keys counting the entry's new tokens and
+    rounded up to a power of two (a decode's cache grows by one each step: one cost per doubling)."""
+    rows: dict[tuple[int, int], int] = {}
+    for e in entries:
+        n = len(e.tokens)
+        key = (n, max(1 << (e.start + n - 1).bit_length(), n))
+        rows[key] = rows.get(key, 0) + 1
+    return rows
+
+
+@functools.lru_cache(maxsize=4096)
+def _attention_row_cost(stage: tuple[Any, ...], rows: int, keys: int) -> OpProfile:
+    """Per query row: the attention cost of `rows` queries over `keys` keys (the newest `rows`
+    of them the queries' own) for an attention stage's cost key (`AutoSplit`: heads, KV heads,
+    head size, window, chunk, element size, dtype)."""
+    heads, kv_heads, head_dim, window, chunk, element_size, dtype = stage
+    return AttentionCost("attention", heads, kv_heads, head_dim, rows, keys, True, window, chunk, element_size,
+                         dtype).at({})

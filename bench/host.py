@@ -13,6 +13,10 @@ on the CPU it runs on (no GPU needed).
   of its cache's length (`NanoBatchPlan.sizes`: its bucket's search, and at a count between
   powers of two whether the split scaled to it wins, else the bucket below's), 256 (a power of
   two) and 200 sequences.
+- what a serving step of 512 decodes over 4096-token caches pays under the serving engine's
+  `nano_batches="auto"` (`AutoSplit.split` over a stage program of `--decode-layers` such
+  layers): at a new shape (its bucket's search), and at a kept one (the next step, each cache
+  a token longer: the step's costs and the kept answer looked up, the entries cut).
 
 Each row is the median of `--repeats` runs (caches cleared before each). Writes
 bench/results/host-*.md unless `--no-write`.
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -35,7 +40,10 @@ from common import environment, markdown_table, wall_median_ms, write_results  #
 
 from tileflow import search  # noqa: E402
 from tileflow.devices import get_device  # noqa: E402
+from tileflow.passes.disaggregate import AttentionCut, Stage, StageProgram  # noqa: E402
 from tileflow.passes.nanobatch import NanoBatchPlan  # noqa: E402
+from tileflow.serving import Entry, Request  # noqa: E402
+from tileflow.serving.nano_batches import AutoSplit  # noqa: E402
 from tileflow.tasks import build_task_table  # noqa: E402
 from tileflow.tiles import build_tile_plan, clear_plan_cache  # noqa: E402
 
@@ -88,7 +96,35 @@ def measure(repeats: int, decode_layers: int = 32) -> list[list[Any]]:
                             repeats, before=search.clear_cache)
         rows.append(['NanoBatchPlan.sizes ("auto")',
                      f"{decode_layers} Llama-like decode layers, {seqs} sequences, 4096-token caches", f"{ms:.2f}"])
+    program = _serving_program(decode_layers)
+    steps = [[Entry(Request(i, [1], 1), [1], start, "decode") for i in range(512)] for start in (4000, 4001)]
+    ms = wall_median_ms(lambda: AutoSplit(program, h100).split(steps[0]), repeats, before=search.clear_cache)
+    what = f"{decode_layers} Llama-like layers' stage program, 512 decodes, 4096-token caches"
+    rows.append(['AutoSplit.split (serving "auto")', f"{what}: a new shape", f"{ms:.2f}"])
+    kept = AutoSplit(program, h100)
+    kept.split(steps[0])
+    ms = wall_median_ms(lambda: kept.split(steps[1]), repeats)
+    rows.append(['AutoSplit.split (serving "auto")', f"{what}: a kept shape, caches a token longer", f"{ms:.2f}"])
     return rows
+
+
+def _serving_program(layers: int) -> StageProgram:
+    """A stage program of Llama-3-8B-like layers in bf16 for the cost model alone (its stages
+    run nothing): each dense stage's GEMMs, each attention stage's cut."""
+    d, kv, ffn, e = 4096, 1024, 14336, 2
+
+    def gemm(name: str, n: int, k: int) -> search.OpProfile:
+        return search.OpProfile(name, "compute", 2.0 * n * k, e * (n + k), float(e * n * k))
+
+    stages, costs = [], []
+    for i in range(layers + 1):
+        stages.append(Stage(2 * i, "dense", []))
+        costs.append(([gemm("o", d, d), gemm("gate_up", 2 * ffn, d), gemm("down", d, ffn)] if i else [])
+                     + ([gemm("qkv", d + 2 * kv, d)] if i < layers else []))
+        if i < layers:
+            cut = AttentionCut(i, f"attention_{i}", HQ, HKV, 128, 128 ** -0.5, torch.bfloat16, 2 * e * (d + kv))
+            stages.append(Stage(2 * i + 1, "attention", [], cut=cut))
+    return StageProgram(stages, [], 2, dense_costs=costs)
 
 
 def _llama_layer(context: int) -> list[search.OpProfile]:

@@ -76,11 +76,13 @@ def test_host_planning_benchmark_runs(monkeypatch, capsys) -> None:
     proc = _run_bench(monkeypatch, capsys, "host.py", "--repeats", "1", "--decode-layers", "2", "--no-write")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
-            if line.startswith(("| build", "| search", "| NanoBatchPlan"))]
+            if line.startswith(("| build", "| search", "| NanoBatchPlan", "| AutoSplit"))]
     assert [r[0].strip() for r in rows] == (["build_task_table"] * 3 + ["build_tile_plan"] * 3 + ["search_split"] * 2
-                                           + ['NanoBatchPlan.sizes ("auto")'] * 2)
-    assert [r[1].strip().split(",")[:2] for r in rows[-3:]] == [
+                                           + ['NanoBatchPlan.sizes ("auto")'] * 2
+                                           + ['AutoSplit.split (serving "auto")'] * 2)
+    assert [r[1].strip().split(",")[:2] for r in rows[-5:-2]] == [
         ["2 Llama-like decode layers", f" {n} sequences"] for n in (256, 256, 200)]
+    assert [r[1].strip().rsplit(": ", 1)[1] for r in rows[-2:]] == ["a new shape", "a kept shape, caches a token longer"]
     assert all(float(r[2]) > 0 for r in rows)
     assert float(rows[2][1].rsplit("max/avg", 1)[1]) <= 1.5
 

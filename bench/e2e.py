@@ -362,7 +362,7 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
                   "two nano-batches (decodes, prompt chunks) each prepare their inputs on their own stream in the step, "
                   "their persistent kernels over a share of the SMs in proportion to their tokens (whole grids: every "
                   "kernel over the whole device); tileflow+auto cuts the step where the split search's cost model says a "
-                  "split wins (auto's cut: the nano-batches' tokens; one count: run whole)")
+                  "split wins (auto's cut: the nano-batches' tokens; one count: run whole, timed as tileflow is)")
 
     for t, (entries, _) in steps.items():
         rate: dict[str, float | None] = {}
@@ -378,10 +378,12 @@ def mixed_part(programs: dict, tokens: list[int], bound: float, scale: Scale, fa
             for name, (program, nano) in MIXED_METHODS.items():
                 def measure(program=programs[program], nano=nano, shares=name != WHOLE_GRIDS):
                     engine.program, engine.nano_batches, engine.nano_shares = program, nano, shares
-                    # A nano-batched step prepares each nano-batch itself (on its stream).
-                    given = inputs if nano == 1 else None
-                    if nano == "auto":  # (the token counts of the nano-batches the step runs as)
-                        auto_cut[t] = "+".join(str(sum(len(e.tokens) for e in g)) for g in engine.nano_groups(entries))
+                    # A nano-batched step prepares each nano-batch itself (on its stream); one "auto" runs
+                    # whole is timed as the whole methods are, its inputs prepared.
+                    groups = engine.nano_groups(entries) if nano == "auto" else None
+                    given = inputs if nano == 1 or (groups is not None and len(groups) == 1) else None
+                    if groups is not None:  # (the token counts of the nano-batches the step runs as)
+                        auto_cut[t] = "+".join(str(sum(len(e.tokens) for e in g)) for g in groups)
                     poison_next_output(want.shape, out_dtype, want.device)
                     err = rel_err(engine.forward(entries, given).float(), want)
                     if not err < scale.tolerance:

@@ -96,7 +96,7 @@ def measure(repeats: int, decode_layers: int = 32) -> list[list[Any]]:
                             repeats, before=search.clear_cache)
         rows.append(['NanoBatchPlan.sizes ("auto")',
                      f"{decode_layers} Llama-like decode layers, {seqs} sequences, 4096-token caches", f"{ms:.2f}"])
-    program = _serving_program(decode_layers)
+    program = serving_program(decode_layers)
     steps = [[Entry(Request(i, [1], 1), [1], start, "decode") for i in range(512)] for start in (4000, 4001)]
     ms = wall_median_ms(lambda: AutoSplit(program, h100).split(steps[0]), repeats, before=search.clear_cache)
     what = f"{decode_layers} Llama-like layers' stage program, 512 decodes, 4096-token caches"
@@ -108,9 +108,10 @@ def measure(repeats: int, decode_layers: int = 32) -> list[list[Any]]:
     return rows
 
 
-def _serving_program(layers: int) -> StageProgram:
+def serving_program(layers: int, lm_head: bool = False) -> StageProgram:
     """A stage program of Llama-3-8B-like layers in bf16 for the cost model alone (its stages
-    run nothing): each dense stage's GEMMs, each attention stage's cut."""
+    run nothing): each dense stage's GEMMs (the LM head's too with `lm_head`), each attention
+    stage's cut (32 query heads, 8 KV heads of 128)."""
     d, kv, ffn, e = 4096, 1024, 14336, 2
 
     def gemm(name: str, n: int, k: int) -> search.OpProfile:
@@ -120,7 +121,7 @@ def _serving_program(layers: int) -> StageProgram:
     for i in range(layers + 1):
         stages.append(Stage(2 * i, "dense", []))
         costs.append(([gemm("o", d, d), gemm("gate_up", 2 * ffn, d), gemm("down", d, ffn)] if i else [])
-                     + ([gemm("qkv", d + 2 * kv, d)] if i < layers else []))
+                     + ([gemm("qkv", d + 2 * kv, d)] if i < layers else [gemm("lm_head", 128256, d)] if lm_head else []))
         if i < layers:
             cut = AttentionCut(i, f"attention_{i}", HQ, HKV, 128, 128 ** -0.5, torch.bfloat16, 2 * e * (d + kv))
             stages.append(Stage(2 * i + 1, "attention", [], cut=cut))

@@ -59,7 +59,7 @@ from tileflow.graph_utils import (
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, OpEdge, OpSpec, Schedule, check_schedule, make_schedule
-from tileflow.search import OpProfile, modeled_timeline, split_for_count
+from tileflow.search import OpProfile, modeled_timeline, power_of_two_bucket, split_for_count
 
 aten = torch.ops.aten
 
@@ -163,11 +163,6 @@ def _evaluated(expr: Any, values: dict[Any, int]) -> int | None:
     return int(expr.xreplace(values))
 
 
-def _bucket(count: int) -> int:
-    """The power of two at or above `count` (the search runs once per such bucket)."""
-    return 1 << (max(count, 1) - 1).bit_length()
-
-
 @dataclass
 class NanoBatchPlan:
     """What the runtime needs: per node its output token dim and whether it splits, the op graph
@@ -242,7 +237,7 @@ class NanoBatchPlan:
         """The power of two at or above each size the costs read, at `values` (None: the example
         sizes): a cache growing by one token per decode step is searched once per doubling."""
         values = self.example_values if values is None else values
-        return {sym: _bucket(v) for sym, v in values.items() if sym in self._cost_symbols}
+        return {sym: power_of_two_bucket(v) for sym, v in values.items() if sym in self._cost_symbols}
 
     @functools.cached_property
     def _cost_symbols(self) -> frozenset[Any]:
@@ -268,7 +263,7 @@ class NanoBatchPlan:
         key = (tokens, frozenset(buckets.items()))
         if key not in self._searched:
             found = split_for_count(self.costs_at(values), self.device, tokens) if tokens >= 2 else None
-            self._searched[key] = ([tokens], None) if found is None else found
+            self._searched[key] = ([tokens], None) if found is None else (found.sizes, found.sm_share_per_stream)
         return self._searched[key]
 
     def timeline(self, tokens: int) -> list[dict[str, Any]] | None:

@@ -958,21 +958,25 @@ def test_listing_kernels_while_another_thread_builds_one() -> None:
 
     tile = TileConfig(16, 16, 16)
     runtime.get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=3, k=5, tile=tile))
+    # One build mid-walk is enough to change the cache's size (building at every comparison ran
+    # out of widths where the worker's cache held over a thousand kernels); a width no kernel in
+    # the cache has, so that the build really adds one.
+    width = max([spec.param("n", 0) for _, spec in runtime._KERNELS if spec.op == "padded_gemm"], default=0) + 1
     built: list[int] = []
 
     class BuildsWhileCompared(str):
         def __eq__(self, other: object) -> bool:
-            # One build mid-walk is enough to change the cache's size; building at every
-            # comparison ran out of widths where the worker's cache held over a thousand kernels.
             if not built:
-                built.append(1000)
-                runtime.get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=1000,
+                built.append(len(runtime._KERNELS))
+                runtime.get_kernel("reference", gemm_spec(dtype=torch.float32, out_dtype=torch.float32, n=width,
                                                           k=5, tile=tile))
+                built.append(len(runtime._KERNELS))
             return str.__eq__(self, other)
 
         __hash__ = str.__hash__
 
     assert runtime.compiled_kernels(BuildsWhileCompared("padded_gemm"))
+    assert built[1] == built[0] + 1  # the walk met a kernel built during it
     # And with real threads (the race itself; it showed within a few builds).
     errors: list[BaseException] = []
     done = threading.Event()

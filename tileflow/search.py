@@ -58,7 +58,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, combinations
-from typing import Any
+from typing import Any, NamedTuple
 
 from tileflow.devices import DeviceInfo
 from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, RESOURCES
@@ -747,6 +747,21 @@ def search_split(
     )
 
 
+def power_of_two_bucket(count: int) -> int:
+    """The power of two at or above `count` (1 for counts below 1): the counts "auto" searches
+    at, and the sizes its costs are taken at."""
+    return 1 << (max(count, 1) - 1).bit_length()
+
+
+class CountSplit(NamedTuple):
+    """The split `split_for_count` runs a count with: the nano-batch sizes (summing to the
+    count), the SM share per stream, and the compute stream's share (`SplitPlan.compute_share`)."""
+
+    sizes: list[int]
+    sm_share_per_stream: dict[int, float]
+    compute_share: float
+
+
 def split_for_count(
     ops_profile: Sequence[OpProfile],
     device: DeviceInfo,
@@ -754,9 +769,9 @@ def split_for_count(
     *,
     net_bw_gbs: float = DEFAULT_NET_BW_GBS,
     snap: Callable[[list[int]], list[int]] | None = None,
-) -> tuple[list[int], dict[int, float]] | None:
-    """The split a step of `count` units (tokens, or sequences) runs under `nano_batches="auto"`:
-    (sizes summing to `count`, SM share per stream), or None to run it whole.
+) -> CountSplit | None:
+    """The split a step of `count` units (tokens, or sequences) runs under `nano_batches="auto"`,
+    or None to run it whole.
 
     The search runs once per power-of-two bucket of the count (`search_split`, cached), not per
     count: it takes a fraction of a second for a deep model, on the step's critical path. A count
@@ -775,7 +790,7 @@ def split_for_count(
     The split runs as snapped, and is checked again where snapping moved its cuts."""
     if count < 2:
         return None  # nothing to split (and no bucket below 1 to search)
-    bucket = 1 << (count - 1).bit_length()
+    bucket = power_of_two_bucket(count)
     found = _scaled_split(ops_profile, device, count, bucket, net_bw_gbs, snap)
     if found is None and count != bucket:
         found = _scaled_split(ops_profile, device, count, bucket // 2, net_bw_gbs, snap)
@@ -783,8 +798,7 @@ def split_for_count(
 
 
 def _scaled_split(ops_profile: Sequence[OpProfile], device: DeviceInfo, count: int, searched_at: int,
-                  net_bw_gbs: float, snap: Callable[[list[int]], list[int]] | None
-                  ) -> tuple[list[int], dict[int, float]] | None:
+                  net_bw_gbs: float, snap: Callable[[list[int]], list[int]] | None) -> CountSplit | None:
     """The split searched at `searched_at` units, its cuts scaled to `count` (and snapped), with
     its SM shares: None where it does not split, or its split as run differs from the searched
     one and does not beat running whole at the count."""
@@ -800,7 +814,7 @@ def _scaled_split(ops_profile: Sequence[OpProfile], device: DeviceInfo, count: i
     moved = count != searched_at or sizes != list(plan.sizes)
     if moved and not split_wins(ops_profile, device, sizes, plan.compute_share, net_bw_gbs=net_bw_gbs):
         return None
-    return sizes, {s: v for s, v in plan.sm_share_per_stream.items() if v > 0}
+    return CountSplit(sizes, {s: v for s, v in plan.sm_share_per_stream.items() if v > 0}, plan.compute_share)
 
 
 def split_wins(

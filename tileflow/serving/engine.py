@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -40,6 +41,19 @@ from .blocks import BlockAllocator, KVGroup, kv_groups, sliding_blocks_for
 from .nano_batches import AutoSplit, sm_shares, split_entries
 from .sampling import RowSampling, SamplingParams, pick_tokens, row_sampling, token_logprobs
 from .scheduler import Entry, Request, Scheduler, accept_draft
+
+
+def _check_nano_batches(nano_batches: Any, program: StageProgram) -> None:
+    """Refuse a `nano_batches` setting the engine cannot run with this program."""
+    if nano_batches != "auto" and (isinstance(nano_batches, bool) or not isinstance(nano_batches, int)
+                                   or nano_batches < 1):
+        raise ValueError(f"nano_batches must be an int >= 1 (1: no split) or \"auto\", got {nano_batches!r}")
+    if nano_batches != 1 and getattr(program, "cuda_graphs", False):
+        raise ValueError(
+            f"nano_batches={nano_batches!r} runs stages of several nano-batches at once on separate streams, but "
+            "this program's stages replay CUDA graphs one at a time: build it without cuda_graphs, or use "
+            "nano_batches=1"
+        )
 
 
 def prompt_lookup_draft(tokens: Sequence[int], max_draft: int, ngram: int = 2) -> list[int]:
@@ -179,15 +193,7 @@ class ServingEngine:
                 "overlap=True launches a step before the previous step's tokens are on the host, but drafting "
                 "(max_draft > 0) needs them to propose the next tokens: use max_draft=0, or overlap=False"
             )
-        if nano_batches != "auto" and (isinstance(nano_batches, bool) or not isinstance(nano_batches, int)
-                                       or nano_batches < 1):
-            raise ValueError(f"nano_batches must be an int >= 1 (1: no split) or \"auto\", got {nano_batches!r}")
-        if nano_batches != 1 and getattr(program, "cuda_graphs", False):
-            raise ValueError(
-                f"nano_batches={nano_batches!r} runs stages of several nano-batches at once on separate streams, but "
-                "this program's stages replay CUDA graphs one at a time: build it without cuda_graphs, or use "
-                "nano_batches=1"
-            )
+        _check_nano_batches(nano_batches, program)
         max_tokens = getattr(program, "max_tokens", None)
         if max_tokens is not None and token_budget > max_tokens:
             raise ValueError(f"token_budget {token_budget} is more than the {max_tokens} tokens a step of this program "
@@ -234,7 +240,7 @@ class ServingEngine:
         # tokens may come in several `run` calls, or in `step` calls outside one.
         self._start = time.perf_counter()
         self._arrivals: dict[int, float] = {}  # request id -> when `add` queued it, until its first token
-        self.nano_batches = nano_batches
+        self._nano_batches = nano_batches
         self.nano_shares = nano_shares
         # Per group, by request id: see _block_ids.
         self._block_arrays: list[dict[int, tuple[list[int], np.ndarray]]] = [{} for _ in self.kv_groups]
@@ -244,6 +250,18 @@ class ServingEngine:
         # simulated streams, which run them in random interleavings).
         self.streams = streams if streams is not None else CudaStreams(self.device) if self.device.type == "cuda" else None
         self._auto_split: AutoSplit | None = None  # "auto"'s cost model, made at its first step (`nano_groups`)
+        self._auto_refused: str | None = None  # why "auto" runs every step whole, once said
+
+    @property
+    def nano_batches(self) -> int | str:
+        """Nano-batches per step: an int k >= 1 (1: no split) or `"auto"`; checked when set (as
+        against the program's CUDA graphs)."""
+        return self._nano_batches
+
+    @nano_batches.setter
+    def nano_batches(self, value: int | str) -> None:
+        _check_nano_batches(value, self.program)
+        self._nano_batches = value
 
     def add(self, request: Request) -> None:
         """Queue a request; ValueError for token ids the model has no embedding for, for a
@@ -519,8 +537,20 @@ class ServingEngine:
         if self.streams is None or len(entries) < 2:
             return [list(entries)]
         if self._auto_split is None or self._auto_split.program is not self.program:
-            self._auto_split = AutoSplit(self.program, detect_device(self.device.type))
-        return self._auto_split.split(entries)[0]
+            self._auto_split, self._auto_refused = AutoSplit(self.program, detect_device(str(self.device))), None
+        why = None
+        if not self._auto_split.costed:
+            why = "the program's dense stages hold no padded GEMM to cost (built without the gemm_padding pass?)"
+        else:
+            try:
+                return self._auto_split.split(entries)[0]
+            except ValueError as exc:  # the device table lacks a figure the model needs (a dtype's peak)
+                why = f"the cost model failed: {exc}"
+        if why != self._auto_refused:
+            self._auto_refused = why
+            warnings.warn(f'nano_batches="auto" runs every step whole: {why}; give an int nano_batches to split',
+                          RuntimeWarning, stacklevel=3)
+        return [list(entries)]
 
     def _forward_nano(self, groups: list[list[Entry]]) -> torch.Tensor:
         """NanoFlow's overlap for a serving step: each nano-batch (whole sequences, so its

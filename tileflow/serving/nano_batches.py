@@ -12,7 +12,10 @@ over the step's rows), and `search.split_for_count` on the step's token count, w
 moved to entry boundaries before the model checks that the split still wins. The model assumes
 a stream per resource class (GEMMs on one, attention on another); the engine runs each
 nano-batch on its own stream at its token share of the SMs (`sm_shares`). Both overlap one
-nano-batch's attention with another's GEMMs; the model is the estimate of when that pays.
+nano-batch's attention with another's GEMMs; the model is the estimate of when that pays. A
+mixture of experts' grouped GEMMs are not costed (the pass's search leaves them out too), and a
+program whose dense stages hold no padded GEMM (built without the GEMM pass) has nothing to
+cost: its steps run whole.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Sequence
 
 from tileflow.passes.disaggregate import StageProgram
 from tileflow.passes.nanobatch import AttentionCost
-from tileflow.search import OpProfile, split_for_count
+from tileflow.search import CountSplit, OpProfile, split_for_count, split_wins
 
 from .scheduler import Entry
 
@@ -56,25 +59,23 @@ def split_entries(entries: Sequence[Entry], parts: int) -> list[list[Entry]]:
 
 def split_entries_at(entries: Sequence[Entry], sizes: Sequence[int]) -> list[list[Entry]]:
     """Cut a step's entries (in order) into contiguous, non-empty nano-batches whose token counts
-    come as near `sizes` as whole entries allow: each cut the sizes make falls on the entry
-    boundary nearest it (the earlier of two as near). Cuts that fall on one boundary, or on the
-    step's ends, merge their nano-batches: a step of one long prompt chunk stays whole. Cut at
-    the token counts of its own result, a step gives that result again."""
+    come as near `sizes` as whole entries allow: each cut the sizes make moves to the nearest
+    entry boundary or end of the step (the earlier of two as near). A cut that moves to an end
+    is dropped, and cuts that move to one boundary are one: a step of one long prompt chunk
+    stays whole. Cut at the token counts of its own result, a step gives that result again."""
     if any(s < 0 for s in sizes) or sum(sizes) != sum(len(e.tokens) for e in entries):
         raise ValueError(f"sizes {list(sizes)} must be non-negative and sum to the entries' "
                          f"{sum(len(e.tokens) for e in entries)} tokens")
     if not entries:
         return []
-    bounds = list(accumulate(len(e.tokens) for e in entries))  # token offset after each entry
-    inner = bounds[:-1]
+    bounds = [0, *accumulate(len(e.tokens) for e in entries)]  # token offset before entry i (and the end)
     cuts: set[int] = set()  # indices into `entries` where a new nano-batch starts
     for target in list(accumulate(sizes))[:-1]:
-        at = bisect_left(inner, target)
-        # The nearer of the boundaries either side of the target (ties: the earlier).
-        near = [i for i in (at - 1, at) if 0 <= i < len(inner)]
-        if near:
-            best = min(near, key=lambda i: (abs(inner[i] - target), i))
-            cuts.add(best + 1)
+        at = bisect_left(bounds, target)
+        # The nearer of the offsets either side of the target (ties: the earlier).
+        best = min((i for i in (at - 1, at) if 0 <= i < len(bounds)), key=lambda i: (abs(bounds[i] - target), i))
+        if 0 < best < len(entries):
+            cuts.add(best)
     starts = [0] + sorted(cuts)
     return [list(entries[a:b]) for a, b in zip(starts, starts[1:] + [len(entries)])]
 
@@ -90,23 +91,47 @@ def sm_shares(groups: Sequence[Sequence[Entry]]) -> list[float]:
 
 
 def _power_of_two_at_least(value: float) -> float:
-    """The power of two at or above `value` (0 stays 0): costs rounded so that steps of alike
-    batches share one profile, and the search's cache serves them."""
+    """The power of two at or above `value` (0 stays 0)."""
     if value <= 0:
         return 0.0
     mantissa, exponent = math.frexp(value)  # value = mantissa * 2**exponent, 0.5 <= mantissa < 1
     return math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
 
 
+def _sixteenth_at_least(value: float) -> float:
+    """`value` rounded up to a sixteenth of the power of two below it (at most 1/16 above it; 0
+    stays 0)."""
+    if value <= 0:
+        return 0.0
+    step = math.ldexp(1.0, math.frexp(value)[1] - 5)
+    return math.ceil(value / step) * step
+
+
+def _keys_at_least(keys: int) -> int:
+    """`keys` rounded up to a sixteenth of the power of two below it (exact below 32)."""
+    shift = max(keys.bit_length() - 5, 0)
+    return -(-keys >> shift) << shift
+
+
 class AutoSplit:
     """`nano_batches="auto"` for a stage program on a device: `split(entries)` gives the step's
     nano-batches, one group where the cost model says a split does not win (see the module
-    docstring). A step's attention costs come from its entries: an entry of q_len n with kv_len
-    L (its n new tokens' keys counted) costs its n rows as `AttentionCost` says for n queries
-    over L keys, L rounded up to a power of two; the average per row over the step, rounded up
-    to a power of two too, is the profile's attention op. A step's answer is kept per (its
-    entries' token counts, those costs): a decode batch that keeps its size and its caches'
-    power of two is cut as before without costing it again."""
+    docstring).
+
+    A step's attention costs come from its entries: an entry of q_len n with kv_len L (its n new
+    tokens' keys counted) costs its n rows as `AttentionCost` says for n queries over L keys; a
+    decode's L rounded up by at most 1/16 (its cache grows by one each step: it is costed again
+    only when it crosses a sixteenth), and under chunked attention the position within its
+    chunk, exactly (what a row sees). The average per row over the step, rounded up by at
+    most 1/16 too, is the profile's attention op: the profile is the step's, its attention
+    overstated by at most about 1/8.
+
+    The search runs on that profile with the attention costs rounded up to powers of two (few
+    distinct profiles, so the search's cache serves most steps), and its split is kept per (the
+    entries' token counts, those costs). Where it splits, the split must also win on the step's
+    own profile (`split_wins`, kept per that profile): a split that wins only at the rounded
+    costs runs whole (though another split, searched at the step's own costs, might win: the
+    price of searching once per power of two)."""
 
     # Answers kept (the oldest dropped past this many): the steps of a serving run repeat a few
     # shapes, and each kept answer is a few small tuples.
@@ -116,7 +141,7 @@ class AutoSplit:
         self.program = program
         self.device = device
         # Per stage: its GEMMs' costs, named by stage (a dense stage), or its cut's cost key.
-        self._stages: list[tuple[OpProfile, ...] | tuple[Any, ...]] = []
+        self._stages: list[tuple[Any, ...]] = []
         self._dense: list[bool] = []
         dense = iter(getattr(program, "dense_costs", None) or [[] for _ in program.dense])
         for i, stage in enumerate(program.stages):
@@ -127,45 +152,61 @@ class AutoSplit:
                 self._stages.append((cut.num_q_heads, cut.num_kv_heads, cut.head_dim, cut.sliding_window,
                                      cut.attention_chunk, cut.dtype.itemsize, str(cut.dtype).removeprefix("torch.")))
             self._dense.append(stage.kind == "dense")
-        self._costed = any(d and s for d, s in zip(self._dense, self._stages))
-        self._kept: dict[tuple, tuple[list[int], dict[int, float]] | None] = {}
+        self._kinds = list(dict.fromkeys(s for d, s in zip(self._dense, self._stages) if not d))
+        # Whether the dense stages hold any GEMM to cost (a program built without the GEMM pass has none).
+        self.costed = any(d and s for d, s in zip(self._dense, self._stages))
+        self._kept: dict[tuple, CountSplit | None] = {}
+        self._wins: dict[tuple, bool] = {}
 
     def split(self, entries: Sequence[Entry]) -> tuple[list[list[Entry]], dict[int, float] | None]:
         """The step's nano-batches (one: run it whole) and the SM share per stream the search
         costed them with (None when whole)."""
-        if len(entries) < 2 or not self._costed:
+        if len(entries) < 2 or not self.costed:
             return [list(entries)], None
-        rows = _rows_by_keys(entries)
-        attention = self._attention_costs(rows)
-        key = (tuple(len(e.tokens) for e in entries), tuple(attention.items()))
+        attention = self._attention_costs(entries)
+        rounded = {kind: tuple(map(_power_of_two_at_least, cost)) for kind, cost in attention.items()}
+        sizes = tuple(len(e.tokens) for e in entries)
+        key = (sizes, tuple(rounded.items()))
         if key not in self._kept:
-            if len(self._kept) >= self.MAX_KEPT:
-                self._kept.pop(next(iter(self._kept)))
-            self._kept[key] = split_for_count(self._profile(attention), self.device, sum(key[0]), snap=lambda sizes: [
-                sum(len(e.tokens) for e in group) for group in split_entries_at(entries, sizes)])
+            _keep(self._kept, key, split_for_count(self._profile(rounded), self.device, sum(sizes), snap=lambda cuts: [
+                sum(len(e.tokens) for e in group) for group in split_entries_at(entries, cuts)]))
         found = self._kept[key]
         if found is None:
             return [list(entries)], None
-        return split_entries_at(entries, found[0]), found[1]
+        check = (tuple(found.sizes), found.compute_share, tuple(attention.items()))
+        if check not in self._wins:
+            _keep(self._wins, check, split_wins(self._profile(attention), self.device, found.sizes, found.compute_share))
+        if not self._wins[check]:
+            return [list(entries)], None
+        return split_entries_at(entries, found.sizes), found.sm_share_per_stream
 
     def step_costs(self, entries: Sequence[Entry]) -> list[OpProfile]:
-        """The split search's profile of a step of these entries, per token row, in stage order."""
-        return self._profile(self._attention_costs(_rows_by_keys(entries)))
+        """The split search's profile of a step of these entries, per token row, in stage order
+        (its attention as `split` costs it, before the rounding to powers of two)."""
+        return self._profile(self._attention_costs(entries))
 
-    def _attention_costs(self, rows: dict[tuple[int, int], int]) -> dict[tuple, tuple[float, float]]:
+    def _attention_costs(self, entries: Sequence[Entry]) -> dict[tuple, tuple[float, float]]:
         """Per kind of attention stage (its cost key), the step's (FLOPs, bytes) per row, each
-        rounded up to a power of two; `rows` counts the step's entries by (q_len, keys)."""
-        total = sum(n * count for (n, _), count in rows.items())
+        rounded up by at most 1/16."""
+        total = sum(len(e.tokens) for e in entries)
         found: dict[tuple, tuple[float, float]] = {}
-        for is_dense, stage in zip(self._dense, self._stages):
-            if is_dense or stage in found:
-                continue
-            flops = bytes_ = 0.0
+        for kind in self._kinds:
+            chunk = kind[4]
+            rows: dict[tuple[int, int], int] = {}  # (q_len, keys) -> entries
+            for e in entries:
+                n = len(e.tokens)
+                # Under chunks a row sees its chunk's keys: the position within the chunk is what
+                # costs (shifting every position by whole chunks changes nothing). A decode's keys
+                # are rounded up (each row of a longer entry would see the added keys too, a
+                # larger share of what its first rows see).
+                keys = e.start % chunk + n if chunk else _keys_at_least(e.start + n) if n == 1 else e.start + n
+                rows[n, keys] = rows.get((n, keys), 0) + 1
+            flops = nbytes = 0.0
             for (n, keys), count in rows.items():
-                row = _attention_row_cost(stage, n, keys)
+                row = _attention_row_cost(kind, n, keys)
                 flops += row.flops_per_token * n * count
-                bytes_ += row.bytes_per_token * n * count
-            found[stage] = (_power_of_two_at_least(flops / total), _power_of_two_at_least(bytes_ / total))
+                nbytes += row.bytes_per_token * n * count
+            found[kind] = (_sixteenth_at_least(flops / total), _sixteenth_at_least(nbytes / total))
         return found
 
     def _profile(self, attention: dict[tuple, tuple[float, float]]) -> list[OpProfile]:
@@ -180,22 +221,18 @@ class AutoSplit:
         return costs
 
 
-def _rows_by_keys(entries: Sequence[Entry]) -> dict[tuple[int, int], int]:
-    """How many of the entries have each (q_len, keys), keys counting the entry's new tokens and
-    rounded up to a power of two (a decode's cache grows by one each step: one cost per doubling)."""
-    rows: dict[tuple[int, int], int] = {}
-    for e in entries:
-        n = len(e.tokens)
-        key = (n, max(1 << (e.start + n - 1).bit_length(), n))
-        rows[key] = rows.get(key, 0) + 1
-    return rows
+def _keep(kept: dict, key: tuple, value: Any) -> None:
+    """Keep `value` under `key`, dropping the oldest answer past `AutoSplit.MAX_KEPT`."""
+    if len(kept) >= AutoSplit.MAX_KEPT:
+        kept.pop(next(iter(kept)))
+    kept[key] = value
 
 
-@functools.lru_cache(maxsize=4096)
-def _attention_row_cost(stage: tuple[Any, ...], rows: int, keys: int) -> OpProfile:
+@functools.lru_cache(maxsize=16384)
+def _attention_row_cost(kind: tuple[Any, ...], rows: int, keys: int) -> OpProfile:
     """Per query row: the attention cost of `rows` queries over `keys` keys (the newest `rows`
     of them the queries' own) for an attention stage's cost key (`AutoSplit`: heads, KV heads,
     head size, window, chunk, element size, dtype)."""
-    heads, kv_heads, head_dim, window, chunk, element_size, dtype = stage
+    heads, kv_heads, head_dim, window, chunk, element_size, dtype = kind
     return AttentionCost("attention", heads, kv_heads, head_dim, rows, keys, True, window, chunk, element_size,
                          dtype).at({})

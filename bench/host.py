@@ -16,7 +16,9 @@ on the CPU it runs on (no GPU needed).
 - what a serving step of 512 decodes over 4096-token caches pays under the serving engine's
   `nano_batches="auto"` (`AutoSplit.split` over a stage program of `--decode-layers` such
   layers): at a new shape (its bucket's search), and at a kept one (the next step, each cache
-  a token longer: the step's costs and the kept answer looked up, the entries cut).
+  a token longer: the step's costs and the kept answer looked up, the entries cut); and a mixed
+  step of 300 decodes and two prompt chunks of new sizes, its bucket searched before (what most
+  mixed steps pay: the split checked on the step's costs).
 
 Each row is the median of `--repeats` runs (caches cleared before each). Writes
 bench/results/host-*.md unless `--no-write`.
@@ -105,6 +107,19 @@ def measure(repeats: int, decode_layers: int = 32) -> list[list[Any]]:
     kept.split(steps[0])
     ms = wall_median_ms(lambda: kept.split(steps[1]), repeats)
     rows.append(['AutoSplit.split (serving "auto")', f"{what}: a kept shape, caches a token longer", f"{ms:.2f}"])
+    # A mixed step's prompt chunks change from step to step: most steps are a new shape whose
+    # bucket was searched before (the split checked on the step's costs, the cuts snapped).
+    rng = np.random.default_rng(0)
+    mixed = iter([[Entry(Request(i, [1], 1), [1], 2000 + j, "decode") for i in range(300)]
+                  + [Entry(Request(300 + i, [1], 1), [1] * int(n), int(start), "prefill")
+                     for i, (n, start) in enumerate(zip(rng.integers(100, 1500, 2), rng.integers(0, 2000, 2)))]
+                  for j in range(repeats + 8)])
+    for _ in range(8):  # (the buckets these steps reach, searched once)
+        kept.split(next(mixed))
+    ms = wall_median_ms(lambda: kept.split(next(mixed)), repeats)
+    rows.append(['AutoSplit.split (serving "auto")',
+                 f"{decode_layers} Llama-like layers' stage program, 300 decodes and 2 prompt chunks: a new shape, "
+                 "its bucket searched before", f"{ms:.2f}"])
     return rows
 
 

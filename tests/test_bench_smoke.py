@@ -79,10 +79,11 @@ def test_host_planning_benchmark_runs(monkeypatch, capsys) -> None:
             if line.startswith(("| build", "| search", "| NanoBatchPlan", "| AutoSplit"))]
     assert [r[0].strip() for r in rows] == (["build_task_table"] * 3 + ["build_tile_plan"] * 3 + ["search_split"] * 2
                                            + ['NanoBatchPlan.sizes ("auto")'] * 2
-                                           + ['AutoSplit.split (serving "auto")'] * 2)
-    assert [r[1].strip().split(",")[:2] for r in rows[-5:-2]] == [
+                                           + ['AutoSplit.split (serving "auto")'] * 3)
+    assert [r[1].strip().split(",")[:2] for r in rows[-6:-3]] == [
         ["2 Llama-like decode layers", f" {n} sequences"] for n in (256, 256, 200)]
-    assert [r[1].strip().rsplit(": ", 1)[1] for r in rows[-2:]] == ["a new shape", "a kept shape, caches a token longer"]
+    assert [r[1].strip().rsplit(": ", 1)[1] for r in rows[-3:]] == [
+        "a new shape", "a kept shape, caches a token longer", "a new shape, its bucket searched before"]
     assert all(float(r[2]) > 0 for r in rows)
     assert float(rows[2][1].rsplit("max/avg", 1)[1]) <= 1.5
 

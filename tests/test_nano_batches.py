@@ -155,8 +155,8 @@ def test_steps_alike_are_searched_once(monkeypatch: pytest.MonkeyPatch) -> None:
     import tileflow.serving.nano_batches as nano_batches
 
     calls: list[int] = []
-    real = nano_batches.split_for_count
-    monkeypatch.setattr(nano_batches, "split_for_count", lambda *args, **options: calls.append(args[2]) or real(*args, **options))
+    real = search._search
+    monkeypatch.setattr(search, "_search", lambda ops, device, n, *rest: calls.append(n) or real(ops, device, n, *rest))
     auto = AutoSplit(llama_like_program(), H100)
     first = _entries([1] * 512, start=2100)
     groups, _ = auto.split(first)
@@ -174,9 +174,9 @@ def test_steps_alike_are_searched_once(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_split_that_wins_only_at_the_searched_costs_runs_whole() -> None:
     """330 decodes over 2500-token caches: at the attention costs the search runs at (rounded up
     to powers of two, 1.5x the step's here, so that the search's cache serves every step that
-    rounds alike) a split wins; on the step's own profile that split loses, so the step runs
-    whole (another split, searched at the step's own costs, would win: the price of searching
-    once per power of two)."""
+    rounds alike) its bucket's split wins; on the step's own profile that split loses, and so
+    does the bucket below's, so the step runs whole (another split, searched at the step's own
+    costs, would win: the price of searching once per power of two)."""
     import dataclasses
 
     auto = AutoSplit(llama_like_program(), H100)
@@ -187,6 +187,7 @@ def test_a_split_that_wins_only_at_the_searched_costs_runs_whole() -> None:
                if c.name.endswith("attention") else c for c in costs]
     searched = search.split_for_count(rounded, H100, 330)
     assert searched is not None and not split_wins(costs, H100, searched.sizes, searched.compute_share)
+    assert search.split_for_count(rounded, H100, 330, check_profile=costs) is None
     assert auto.split(entries) == ([entries], None)
 
 
@@ -277,7 +278,6 @@ def test_auto_serves_the_eager_tokens_cut_as_the_split_says(llama_program, monke
         return search.CountSplit(sizes, {0: 0.75, 1: 0.25}, 0.75) if len(sizes) > 1 else None
 
     monkeypatch.setattr(nano_batches, "split_for_count", halves)
-    monkeypatch.setattr(nano_batches, "split_wins", lambda *args, **options: True)
     program, reference = llama_program
     runs: list[list[int]] = []
     forward_nano = ServingEngine._forward_nano

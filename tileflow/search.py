@@ -769,6 +769,7 @@ def split_for_count(
     *,
     net_bw_gbs: float = DEFAULT_NET_BW_GBS,
     snap: Callable[[list[int]], list[int]] | None = None,
+    check_profile: Sequence[OpProfile] | None = None,
 ) -> CountSplit | None:
     """The split a step of `count` units (tokens, or sequences) runs under `nano_batches="auto"`,
     or None to run it whole.
@@ -787,21 +788,25 @@ def split_for_count(
 
     Units that are not interchangeable (a serving step's entries, which stay whole) give `snap`:
     sizes -> the sizes the cuts can have (summing to the count; fewer of them where cuts merge).
-    The split runs as snapped, and is checked again where snapping moved its cuts."""
+    The split runs as snapped, and is checked again where snapping moved its cuts. A caller that
+    searches at costs rounded so that its steps share searches gives the step's own costs as
+    `check_profile`: every split is then checked on those (a split that wins only at the
+    rounded costs falls to the bucket below's, then to running whole)."""
     if count < 2:
         return None  # nothing to split (and no bucket below 1 to search)
     bucket = power_of_two_bucket(count)
-    found = _scaled_split(ops_profile, device, count, bucket, net_bw_gbs, snap)
+    found = _scaled_split(ops_profile, device, count, bucket, net_bw_gbs, snap, check_profile)
     if found is None and count != bucket:
-        found = _scaled_split(ops_profile, device, count, bucket // 2, net_bw_gbs, snap)
+        found = _scaled_split(ops_profile, device, count, bucket // 2, net_bw_gbs, snap, check_profile)
     return found
 
 
 def _scaled_split(ops_profile: Sequence[OpProfile], device: DeviceInfo, count: int, searched_at: int,
-                  net_bw_gbs: float, snap: Callable[[list[int]], list[int]] | None) -> CountSplit | None:
+                  net_bw_gbs: float, snap: Callable[[list[int]], list[int]] | None,
+                  check_profile: Sequence[OpProfile] | None) -> CountSplit | None:
     """The split searched at `searched_at` units, its cuts scaled to `count` (and snapped), with
     its SM shares: None where it does not split, or its split as run differs from the searched
-    one and does not beat running whole at the count."""
+    one (or is checked on other costs) and does not beat running whole at the count."""
     plan = search_split(ops_profile, device, searched_at, apply_threshold=False, net_bw_gbs=net_bw_gbs)
     if plan.k == 1:
         return None
@@ -811,8 +816,9 @@ def _scaled_split(ops_profile: Sequence[OpProfile], device: DeviceInfo, count: i
         sizes = list(snap(sizes))
     if len(sizes) < 2:
         return None
-    moved = count != searched_at or sizes != list(plan.sizes)
-    if moved and not split_wins(ops_profile, device, sizes, plan.compute_share, net_bw_gbs=net_bw_gbs):
+    moved = count != searched_at or sizes != list(plan.sizes) or check_profile is not None
+    checked = ops_profile if check_profile is None else check_profile
+    if moved and not split_wins(checked, device, sizes, plan.compute_share, net_bw_gbs=net_bw_gbs):
         return None
     return CountSplit(sizes, {s: v for s, v in plan.sm_share_per_stream.items() if v > 0}, plan.compute_share)
 

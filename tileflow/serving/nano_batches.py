@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from tileflow.passes.disaggregate import StageProgram
 from tileflow.passes.nanobatch import AttentionCost
-from tileflow.search import CountSplit, OpProfile, split_for_count, split_wins
+from tileflow.search import CountSplit, OpProfile, split_for_count
 
 from .scheduler import Entry
 
@@ -127,11 +127,11 @@ class AutoSplit:
     overstated by at most about 1/8.
 
     The search runs on that profile with the attention costs rounded up to powers of two (few
-    distinct profiles, so the search's cache serves most steps), and its split is kept per (the
-    entries' token counts, those costs). Where it splits, the split must also win on the step's
-    own profile (`split_wins`, kept per that profile): a split that wins only at the rounded
-    costs runs whole (though another split, searched at the step's own costs, might win: the
-    price of searching once per power of two)."""
+    distinct profiles, so the search's cache serves most steps), and every split it offers must
+    win on the step's own profile (`split_for_count`'s `check_profile`): one that wins only at
+    the rounded costs falls to the bucket below's, then to running whole (though another split,
+    searched at the step's own costs, might win: the price of searching once per power of two).
+    The answer is kept per (the entries' token counts, the step's attention costs)."""
 
     # Answers kept (the oldest dropped past this many): the steps of a serving run repeat a few
     # shapes, and each kept answer is a few small tuples.
@@ -156,7 +156,6 @@ class AutoSplit:
         # Whether the dense stages hold any GEMM to cost (a program built without the GEMM pass has none).
         self.costed = any(d and s for d, s in zip(self._dense, self._stages))
         self._kept: dict[tuple, CountSplit | None] = {}
-        self._wins: dict[tuple, bool] = {}
 
     def split(self, entries: Sequence[Entry]) -> tuple[list[list[Entry]], dict[int, float] | None]:
         """The step's nano-batches (one: run it whole) and the SM share per stream the search
@@ -164,19 +163,15 @@ class AutoSplit:
         if len(entries) < 2 or not self.costed:
             return [list(entries)], None
         attention = self._attention_costs(entries)
-        rounded = {kind: tuple(map(_power_of_two_at_least, cost)) for kind, cost in attention.items()}
         sizes = tuple(len(e.tokens) for e in entries)
-        key = (sizes, tuple(rounded.items()))
+        key = (sizes, tuple(attention.items()))
         if key not in self._kept:
-            _keep(self._kept, key, split_for_count(self._profile(rounded), self.device, sum(sizes), snap=lambda cuts: [
-                sum(len(e.tokens) for e in group) for group in split_entries_at(entries, cuts)]))
+            rounded = {kind: tuple(map(_power_of_two_at_least, cost)) for kind, cost in attention.items()}
+            _keep(self._kept, key, split_for_count(
+                self._profile(rounded), self.device, sum(sizes), check_profile=self._profile(attention),
+                snap=lambda cuts: [sum(len(e.tokens) for e in group) for group in split_entries_at(entries, cuts)]))
         found = self._kept[key]
         if found is None:
-            return [list(entries)], None
-        check = (tuple(found.sizes), found.compute_share, tuple(attention.items()))
-        if check not in self._wins:
-            _keep(self._wins, check, split_wins(self._profile(attention), self.device, found.sizes, found.compute_share))
-        if not self._wins[check]:
             return [list(entries)], None
         return split_entries_at(entries, found.sizes), found.sm_share_per_stream
 

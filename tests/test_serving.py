@@ -683,17 +683,7 @@ def test_sliding_window_softcap_and_sink_models_equal_eager_generation(name: str
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (13, 30, 3)]
     # Greedy tokens of these tiny random models barely depend on attention: the logits of a step
     # over a prompt chunk and a cached prefix longer than the window are compared too.
-    from tileflow.serving import Entry
-
-    engine = ServingEngine(program, token_budget=32, decode_slots=2, block_size=4, num_blocks=16)
-    # (Gemma-2's and gpt-oss's sliding layers keep their blocks apart: `window_blocks`.)
-    first = Entry(Request(0, prompts[1], 1, blocks=list(range(8)), window_blocks=list(range(8))), prompts[1][:20], 0,
-                  "prefill")
-    engine.forward([first])
-    rest = Entry(first.request, prompts[1][20:], 20, "prefill")
-    with torch.no_grad():
-        want = reference(torch.tensor([prompts[1]])).logits[0, 20:]
-    torch.testing.assert_close(engine.forward([rest]).reshape(want.shape), want, rtol=1e-4, atol=1e-4)
+    _check_a_chunk_behind_a_cached_prefix(program, reference, prompts[1], num_blocks=16)
     for max_draft in (0, 3):  # decode steps, and tree verify within the window
         # Mistral's requests hold only their window's blocks: 6 of them serve a 30-token prompt
         # (8 blocks; 11 with its new tokens) beside two others.
@@ -925,6 +915,21 @@ def test_chunked_attention_model_equals_eager_generation() -> None:
         ServingEngine(program, token_budget=24, block_size=3)
 
 
+def _check_a_chunk_behind_a_cached_prefix(program, reference, prompt: list[int], num_blocks: int) -> None:
+    """The engine's logits for `prompt[20:]` as a prompt chunk behind its first 20 tokens, cached
+    by an earlier step (longer than the models' windows), equal eager's for the whole prompt.
+    (A model's sliding layers keep their blocks apart: `window_blocks`.)"""
+    from tileflow.serving import Entry
+
+    engine = ServingEngine(program, token_budget=32, decode_slots=2, block_size=4, num_blocks=num_blocks)
+    first = Entry(Request(0, prompt, 1, blocks=list(range(8)), window_blocks=list(range(8))), prompt[:20], 0, "prefill")
+    engine.forward([first])
+    rest = Entry(first.request, prompt[20:], 20, "prefill")
+    with torch.no_grad():
+        want = reference(torch.tensor([prompt])).logits[0, 20:]
+    torch.testing.assert_close(engine.forward([rest]).reshape(want.shape), want, rtol=1e-4, atol=1e-4)
+
+
 # Newer architectures of the model zoo (tests/models.py) whose attention differs from Llama's:
 # sliding layers with a RoPE base of their own (Gemma 3), interleaved RoPE (Cohere 2, GPT-J),
 # RoPE over part of the head (Phi, GPT-J), a layer without RoPE (SmolLM3), scaled scores
@@ -942,7 +947,6 @@ def test_newer_architectures_serve_as_eager_generates(name: str) -> None:
     from models import ZOO
 
     from tileflow.distributed import CausalLMStep, build_stage_program
-    from tileflow.serving import Entry
 
     torch.manual_seed(0)
     model = ZOO[name][0]().eval()
@@ -951,14 +955,7 @@ def test_newer_architectures_serve_as_eager_generates(name: str) -> None:
                                   max_tokens=64)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, ZOO_VOCAB, (n,), generator=gen).tolist() for n in (13, 30, 3)]
-    engine = ServingEngine(program, token_budget=32, decode_slots=2, block_size=4, num_blocks=64)
-    first = Entry(Request(0, prompts[1], 1, blocks=list(range(8)), window_blocks=list(range(8))), prompts[1][:20], 0,
-                  "prefill")
-    engine.forward([first])
-    rest = Entry(first.request, prompts[1][20:], 20, "prefill")
-    with torch.no_grad():
-        want = reference(torch.tensor([prompts[1]])).logits[0, 20:]
-    torch.testing.assert_close(engine.forward([rest]).reshape(want.shape), want, rtol=1e-4, atol=1e-4)
+    _check_a_chunk_behind_a_cached_prefix(program, reference, prompts[1], num_blocks=64)
     engine = ServingEngine(program, token_budget=24, decode_slots=3, max_draft=3, block_size=4, num_blocks=64)
     # (Their default configs' EOS ids lie past the small vocabulary, which the engine refuses as
     # stop tokens; eager generation never makes them.)

@@ -236,6 +236,25 @@ def test_a_snapped_split_that_loses_runs_whole() -> None:
     assert search.split_for_count(ops, H100, 1024, snap=lambda sizes: list(sizes)) == found
 
 
+def test_a_checked_split_at_a_power_of_two_falls_to_the_bucket_below(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a count that is its own bucket, a split refused by the check on the step's costs falls
+    to the bucket below's split scaled up (stand-ins: the search halves 512 and quarters 256;
+    the check refuses equal halves)."""
+    from test_search import llama_layer
+
+    from tileflow.search import SplitPlan
+
+    def search_split(ops, device, n, **options):
+        first = n // 2 if n == 512 else n // 4
+        return SplitPlan(2, (first, n - first), {"compute": 0, "memory": 1}, {0: 0.75, 1: 0.25}, 1.0, 2.0)
+
+    monkeypatch.setattr(search, "search_split", search_split)
+    monkeypatch.setattr(search, "split_wins", lambda ops, device, sizes, share, **options: sizes[0] != sizes[1])
+    ops = llama_layer(ctx=4096)
+    assert search.split_for_count(ops, H100, 512).sizes == [256, 256]  # (searched at the count: not checked)
+    assert search.split_for_count(ops, H100, 512, check_profile=ops).sizes == [128, 384]
+
+
 @pytest.fixture(scope="module")
 def llama_program():
     """A tiny Llama's stage program and its eager reference."""
@@ -324,11 +343,13 @@ def test_auto_is_refused_with_graphed_stages_and_other_strings_are_refused(llama
     engine = ServingEngine(program, nano_batches="auto")
     with pytest.raises(ValueError, match="got 'two'"):
         engine.nano_batches = "two"
+    with pytest.raises(ValueError, match="nano_batches='auto' runs stages"):
+        engine.program = graphed
+    engine.nano_batches = 1
     engine.program = graphed
     with pytest.raises(ValueError, match="nano_batches=2 runs stages"):
         engine.nano_batches = 2
-    engine.nano_batches = 1
-    assert engine.nano_batches == 1
+    assert (engine.nano_batches, engine.program) == (1, graphed)
 
 
 @pytest.mark.parametrize("why", ["no GEMMs", "a failing cost model"])
@@ -345,10 +366,15 @@ def test_auto_that_cannot_cost_a_step_says_so_once_and_runs_it_whole(llama_progr
         program.dense_costs = [[] for _ in program.dense]
         match = "hold no padded GEMM to cost"
     else:
-        def fail(self: AutoSplit, entries: list[Entry]):
+        import tileflow.serving.nano_batches as nano_batches
+
+        calls: list[int] = []
+
+        def fail(*args: object, **options: object):
+            calls.append(1)
             raise ValueError("no float64 peak for H20")
 
-        monkeypatch.setattr(AutoSplit, "split", fail)
+        monkeypatch.setattr(nano_batches, "split_for_count", fail)
         match = "the cost model failed: no float64 peak for H20"
     engine = ServingEngine(program, token_budget=48, decode_slots=4, block_size=4, num_blocks=128,
                            nano_batches="auto", streams=SimulatedStreams(seed=2))
@@ -358,6 +384,8 @@ def test_auto_that_cannot_cost_a_step_says_so_once_and_runs_it_whole(llama_progr
         engine.run(requests)
     assert len([w for w in caught if "nano_batches" in str(w.message)]) == 1
     assert engine.metrics.nano_batched_steps == 0 and engine.metrics.steps > 1
+    if why != "no GEMMs":
+        assert calls == [1]  # (the failure is kept: later steps do not cost themselves again)
     for r in requests:
         with torch.no_grad():
             want = reference.generate(torch.tensor([r.prompt]), attention_mask=torch.ones(1, len(r.prompt), dtype=torch.long),

@@ -790,13 +790,14 @@ def split_for_count(
     sizes -> the sizes the cuts can have (summing to the count; fewer of them where cuts merge).
     The split runs as snapped, and is checked again where snapping moved its cuts. A caller that
     searches at costs rounded so that its steps share searches gives the step's own costs as
-    `check_profile`: every split is then checked on those (a split that wins only at the
-    rounded costs falls to the bucket below's, then to running whole)."""
+    `check_profile`: every split is then checked on those. With either, a split checked and
+    refused falls to the bucket below's at a power of two too (else the bucket's own search
+    already weighed every split the bucket below's could give it), then to running whole."""
     if count < 2:
         return None  # nothing to split (and no bucket below 1 to search)
     bucket = power_of_two_bucket(count)
     found = _scaled_split(ops_profile, device, count, bucket, net_bw_gbs, snap, check_profile)
-    if found is None and count != bucket:
+    if found is None and (count != bucket or snap is not None or check_profile is not None):
         found = _scaled_split(ops_profile, device, count, bucket // 2, net_bw_gbs, snap, check_profile)
     return found
 

@@ -253,6 +253,17 @@ class ServingEngine:
         self._auto_refused: str | None = None  # why "auto" runs every step whole, once said
 
     @property
+    def program(self) -> StageProgram:
+        """The stage program the engine runs; checked when set against `nano_batches` (a
+        program replaying CUDA graphs takes no nano-batches)."""
+        return self._program
+
+    @program.setter
+    def program(self, value: StageProgram) -> None:
+        _check_nano_batches(getattr(self, "_nano_batches", 1), value)
+        self._program = value
+
+    @property
     def nano_batches(self) -> int | str:
         """Nano-batches per step: an int k >= 1 (1: no split) or `"auto"`; checked when set (as
         against the program's CUDA graphs)."""
@@ -538,19 +549,15 @@ class ServingEngine:
             return [list(entries)]
         if self._auto_split is None or self._auto_split.program is not self.program:
             self._auto_split, self._auto_refused = AutoSplit(self.program, detect_device(str(self.device))), None
-        why = None
+        groups = self._auto_split.split(entries)[0]
+        why = self._auto_split.refused
         if not self._auto_split.costed:
             why = "the program's dense stages hold no padded GEMM to cost (built without the gemm_padding pass?)"
-        else:
-            try:
-                return self._auto_split.split(entries)[0]
-            except ValueError as exc:  # the device table lacks a figure the model needs (a dtype's peak)
-                why = f"the cost model failed: {exc}"
-        if why != self._auto_refused:
+        if why is not None and why != self._auto_refused:
             self._auto_refused = why
             warnings.warn(f'nano_batches="auto" runs every step whole: {why}; give an int nano_batches to split',
                           RuntimeWarning, stacklevel=3)
-        return [list(entries)]
+        return groups
 
     def _forward_nano(self, groups: list[list[Entry]]) -> torch.Tensor:
         """NanoFlow's overlap for a serving step: each nano-batch (whole sequences, so its

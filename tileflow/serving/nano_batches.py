@@ -104,7 +104,7 @@ def _sixteenth_at_least(value: float) -> float:
     if value <= 0:
         return 0.0
     step = math.ldexp(1.0, math.frexp(value)[1] - 5)
-    return math.ceil(value / step) * step
+    return math.ceil(value / step) * step if step > 0 else value  # (a subnormal's step underflows)
 
 
 def _keys_at_least(keys: int) -> int:
@@ -128,8 +128,9 @@ class AutoSplit:
 
     The search runs on that profile with the attention costs rounded up to powers of two (few
     distinct profiles, so the search's cache serves most steps), and every split it offers must
-    win on the step's own profile (`split_for_count`'s `check_profile`): one that wins only at
-    the rounded costs falls to the bucket below's, then to running whole (though another split,
+    win on the step's own profile (`split_for_count`'s `check_profile`, its attention at most
+    1/8 above the step's exact cost): one that wins only at the rounded costs falls to the
+    bucket below's, then to running whole (though another split,
     searched at the step's own costs, might win: the price of searching once per power of two).
     The answer is kept per (the entries' token counts, the step's attention costs)."""
 
@@ -155,21 +156,29 @@ class AutoSplit:
         self._kinds = list(dict.fromkeys(s for d, s in zip(self._dense, self._stages) if not d))
         # Whether the dense stages hold any GEMM to cost (a program built without the GEMM pass has none).
         self.costed = any(d and s for d, s in zip(self._dense, self._stages))
+        # Why every step runs whole from now on: the cost model failed (a device entry without
+        # the program's dtype's peak); None while it works.
+        self.refused: str | None = None
         self._kept: dict[tuple, CountSplit | None] = {}
 
     def split(self, entries: Sequence[Entry]) -> tuple[list[list[Entry]], dict[int, float] | None]:
         """The step's nano-batches (one: run it whole) and the SM share per stream the search
         costed them with (None when whole)."""
-        if len(entries) < 2 or not self.costed:
+        if len(entries) < 2 or not self.costed or self.refused is not None:
             return [list(entries)], None
         attention = self._attention_costs(entries)
         sizes = tuple(len(e.tokens) for e in entries)
         key = (sizes, tuple(attention.items()))
         if key not in self._kept:
             rounded = {kind: tuple(map(_power_of_two_at_least, cost)) for kind, cost in attention.items()}
-            _keep(self._kept, key, split_for_count(
-                self._profile(rounded), self.device, sum(sizes), check_profile=self._profile(attention),
-                snap=lambda cuts: [sum(len(e.tokens) for e in group) for group in split_entries_at(entries, cuts)]))
+            profile, check = self._profile(rounded), self._profile(attention)
+            try:
+                found = split_for_count(profile, self.device, sum(sizes), check_profile=check, snap=lambda cuts: [
+                    sum(len(e.tokens) for e in group) for group in split_entries_at(entries, cuts)])
+            except ValueError as exc:  # raised by the device table, e.g. no peak for the program's dtype
+                self.refused = f"the cost model failed: {exc}"
+                return [list(entries)], None
+            _keep(self._kept, key, found)
         found = self._kept[key]
         if found is None:
             return [list(entries)], None

@@ -166,10 +166,10 @@ class ServingEngine:
     `"auto"` cuts a step where the split search's cost model, on the device's table entry, says
     a split wins, as it says (`nano_batches.AutoSplit`), and runs every step whole where there
     are no streams (off CUDA, unless `streams` are given): there nano-batches run one after
-    another. With nano-batches and `nano_shares`,
-    each nano-batch's persistent kernels take a share of the device's SMs about in proportion to
-    its tokens (`sm_shares`; NanoFlow's partition: kernels that each filled the device could not
-    run side by side); without, every kernel takes the whole device.
+    another. With nano-batches and `nano_shares`, each nano-batch's persistent kernels take a
+    share of the device's SMs about in proportion to its tokens (`sm_shares`; NanoFlow's
+    partition: kernels that each filled the device could not run side by side); without, every
+    kernel takes the whole device.
     """
 
     def __init__(

@@ -130,9 +130,9 @@ class AutoSplit:
     distinct profiles, so the search's cache serves most steps), and every split it offers must
     win on the step's own profile (`split_for_count`'s `check_profile`, its attention at most
     1/8 above the step's exact cost): one that wins only at the rounded costs falls to the
-    bucket below's, then to running whole (though another split,
-    searched at the step's own costs, might win: the price of searching once per power of two).
-    The answer is kept per (the entries' token counts, the step's attention costs)."""
+    bucket below's, then to running whole (though another split, searched at the step's own
+    costs, might win: the price of searching once per power of two). The answer is kept per
+    (the entries' token counts, the step's attention costs)."""
 
     # Answers kept (the oldest dropped past this many): the steps of a serving run repeat a few
     # shapes, and each kept answer is a few small tuples.

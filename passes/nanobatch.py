@@ -262,7 +262,7 @@ class NanoBatchPlan:
         buckets = self._buckets(values)
         key = (tokens, frozenset(buckets.items()))
         if key not in self._searched:
-            found = split_for_count(self.costs_at(values), self.device, tokens) if tokens >= 2 else None
+            found = split_for_count(self.costs_at(values), self.device, tokens)
             self._searched[key] = ([tokens], None) if found is None else (found.sizes, found.sm_share_per_stream)
         return self._searched[key]
 

@@ -95,3 +95,25 @@ _FILE_SECONDS = {
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Order the files longest first (a stable sort: tests keep their order within a file)."""
     items.sort(key=lambda item: -_FILE_SECONDS.get(item.path.name, 0))
+
+
+@pytest.fixture(scope="module")
+def llama_program():
+    """A tiny Llama (vocabulary 64, two layers, random weights) as a stage program for the
+    serving engine (steps of up to 256 tokens), and its eager reference (SDPA attention)."""
+    import copy
+
+    import transformers
+
+    from tileflow.distributed import CausalLMStep, build_stage_program
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "sdpa"
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
+    return build_stage_program(CausalLMStep(model), example, max_tokens=256), reference

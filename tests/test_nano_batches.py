@@ -20,6 +20,7 @@ from tileflow.passes.nanobatch import AttentionCost
 from tileflow.search import split_wins
 from tileflow.serving import Entry, Request, ServingEngine, split_entries_at
 from tileflow.serving.nano_batches import AutoSplit
+from test_serving import _eager_greedy, _eos
 
 H100 = get_device("H100")
 
@@ -255,23 +256,6 @@ def test_a_checked_split_at_a_power_of_two_falls_to_the_bucket_below(monkeypatch
     assert search.split_for_count(ops, H100, 512, check_profile=ops).sizes == [128, 384]
 
 
-@pytest.fixture(scope="module")
-def llama_program():
-    """A tiny Llama's stage program and its eager reference."""
-    import transformers
-
-    from tileflow.distributed import CausalLMStep, build_stage_program
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    reference = copy.deepcopy(model)
-    program = build_stage_program(CausalLMStep(model), (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None]),
-                                  max_tokens=64)
-    return program, reference
-
-
 def test_a_programs_dense_costs_are_its_gemms(llama_program) -> None:
     """The build keeps each dense stage's padded GEMMs' costs: the first stage's q/k/v
     projections (one GEMM over their three weights), the last's output projection, MLP and head."""
@@ -315,13 +299,10 @@ def test_auto_serves_the_eager_tokens_cut_as_the_split_says(llama_program, monke
                            nano_batches="auto", streams=SimulatedStreams(seed=1) if streams else None)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in (9, 30, 4, 17, 12, 25)]
-    requests = [Request(i, p, 8) for i, p in enumerate(prompts)]
+    requests = [Request(i, p, 8, stop_tokens=_eos(reference)) for i, p in enumerate(prompts)]
     engine.run(requests)
     for r in requests:
-        with torch.no_grad():
-            want = reference.generate(torch.tensor([r.prompt]), attention_mask=torch.ones(1, len(r.prompt), dtype=torch.long),
-                                      max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
-        assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), r.id
+        assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 8), r.id
     if not streams:
         assert decided == [] and runs == []
         return
@@ -379,7 +360,7 @@ def test_auto_that_cannot_cost_a_step_says_so_once_and_runs_it_whole(llama_progr
     engine = ServingEngine(program, token_budget=48, decode_slots=4, block_size=4, num_blocks=128,
                            nano_batches="auto", streams=SimulatedStreams(seed=2))
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8], [2, 7]]
-    requests = [Request(i, p, 4) for i, p in enumerate(prompts)]
+    requests = [Request(i, p, 4, stop_tokens=_eos(reference)) for i, p in enumerate(prompts)]
     with pytest.warns(RuntimeWarning, match=match) as caught:
         engine.run(requests)
     assert len([w for w in caught if "nano_batches" in str(w.message)]) == 1
@@ -387,7 +368,4 @@ def test_auto_that_cannot_cost_a_step_says_so_once_and_runs_it_whole(llama_progr
     if why != "no GEMMs":
         assert calls == [1]  # (the failure is kept: later steps do not cost themselves again)
     for r in requests:
-        with torch.no_grad():
-            want = reference.generate(torch.tensor([r.prompt]), attention_mask=torch.ones(1, len(r.prompt), dtype=torch.long),
-                                      max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
-        assert r.tokens[len(r.prompt):] == want[0, len(r.prompt):].tolist(), r.id
+        assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 4), r.id

@@ -495,22 +495,7 @@ def test_requests_reject_prompts_that_are_not_token_ids(prompt) -> None:
 
 # ---- a real model: the same tokens as eager generation ----------------------------------------
 
-@pytest.fixture(scope="module")
-def llama_program():
-    import transformers
-
-    from tileflow.distributed import CausalLMStep, build_stage_program
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    reference = copy.deepcopy(model)
-    reference.config._attn_implementation = "sdpa"
-    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
-    return build_stage_program(CausalLMStep(model), example, max_tokens=256), reference
+# (`llama_program`, the tiny Llama's stage program and its eager reference: tests/conftest.py.)
 
 
 def _eager_greedy(model, prompt: list[int], n: int, stop: list[int] | None = None) -> list[int]:

@@ -178,7 +178,9 @@ class AutoSplit:
             except ValueError as exc:  # raised by the device table, e.g. no peak for the program's dtype
                 self.refused = f"the cost model failed: {exc}"
                 return [list(entries)], None
-            _keep(self._kept, key, found)
+            if len(self._kept) >= self.MAX_KEPT:
+                self._kept.pop(next(iter(self._kept)))  # (the oldest)
+            self._kept[key] = found
         found = self._kept[key]
         if found is None:
             return [list(entries)], None
@@ -223,13 +225,6 @@ class AutoSplit:
                 flops, nbytes = attention[stage]
                 costs.append(OpProfile(f"stage{i}.attention", "memory", flops, nbytes, 0.0, stage[-1]))
         return costs
-
-
-def _keep(kept: dict, key: tuple, value: Any) -> None:
-    """Keep `value` under `key`, dropping the oldest answer past `AutoSplit.MAX_KEPT`."""
-    if len(kept) >= AutoSplit.MAX_KEPT:
-        kept.pop(next(iter(kept)))
-    kept[key] = value
 
 
 @functools.lru_cache(maxsize=16384)

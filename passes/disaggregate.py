@@ -280,7 +280,7 @@ class StageProgram:
     # which); None for models without such a bound (RoPE).
     max_positions: int | None = None
     max_positions_reason: str = "learned positions"
-    # Per dense stage, its padded GEMMs' costs per token row (`nanobatch.gemm_costs`), when the
+    # Per dense stage, its padded and grouped GEMMs' costs per token row (`nanobatch.gemm_costs`), when the
     # build took them: what the serving engine's `nano_batches="auto"` weighs a split with.
     dense_costs: list[list[Any]] = field(default_factory=list)
 

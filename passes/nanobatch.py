@@ -65,7 +65,7 @@ aten = torch.ops.aten
 
 # Everything else is compute-bound. grouped_gemm (MoE experts) is never token-wise: its rows are
 # sorted by expert and its offsets cover all of them (or, batched, each expert's block holds every
-# token), so it runs once over every row.
+# token), so it runs once over every row (the split search costs it as a barrier, `whole`).
 _MEMORY_OPS = {"meta_attention", "meta_attention_varlen", "scaled_dot_product_attention"}
 _NETWORK_PREFIXES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 # Layout ops that keep rows intact (the token dim may move, never merge).
@@ -249,8 +249,9 @@ class NanoBatchPlan:
 
     def _rows_per_unit(self, cost: OpProfile | AttentionCost) -> Any:
         """A costed op's rows per unit of the split: 1 along the tokens; over sequences, its rows
-        per sequence (attention's query rows, a GEMM's `S` of `B*S`)."""
-        if self.split_input is None:
+        per sequence (attention's query rows, a GEMM's `S` of `B*S`); a whole op's costs are per
+        unit already (`_grouped_gemm_profile`)."""
+        if self.split_input is None or getattr(cost, "whole", False):
             return 1
         return cost.rows if isinstance(cost, AttentionCost) else self.row_scales.get(cost.name, 1)
 
@@ -424,9 +425,13 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRo
     return False
 
 
-def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | AttentionCost | None:
-    """Cost-model inputs of the heavy ops (GEMMs, attention, collectives), per token row."""
+def _profile(node: fx.Node, dims: dict[str, int | None], unit: Any = None) -> OpProfile | AttentionCost | None:
+    """Cost-model inputs of the heavy ops (GEMMs, attention, collectives), per token row (a
+    grouped GEMM's per unit the split counts, `unit` being its size symbol: a token, or a
+    sequence)."""
     name = op_name(node)
+    if name == "grouped_gemm":
+        return _grouped_gemm_profile(node, unit)
     if name == "padded_gemm":
         w = meta_val(node.args[1])
         # A gated GEMM's separate up weight and sibling GEMMs' weights (N segments) add their rows to N.
@@ -443,11 +448,56 @@ def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | Attentio
 
 
 def gemm_costs(gm: fx.GraphModule) -> list[OpProfile]:
-    """The split search's cost inputs per token row of the graph's padded GEMMs, in graph order:
-    FLOPs and bytes per row, and the weights once per launch (how the serving engine's
-    `nano_batches="auto"` costs a stage program's dense stages)."""
-    return [_profile(node, {}) for node in gm.graph.nodes
-            if node.op == "call_function" and op_name(node) == "padded_gemm"]
+    """The split search's cost inputs per token row of the graph's padded and grouped GEMMs, in
+    graph order: FLOPs and bytes per row, and the weights once per launch (how the serving
+    engine's `nano_batches="auto"` costs a stage program's dense stages). The engine runs each
+    nano-batch's stages on its own rows, experts too, so a grouped GEMM is no barrier there: its
+    experts' weights are read once per nano-batch, all of them (at most what it reads)."""
+    found = token_symbol(gm)
+    costs = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and op_name(node) in ("padded_gemm", "grouped_gemm"):
+            cost = _profile(node, {}, None if found is None else found[0])
+            if cost is not None:
+                costs.append(dataclasses.replace(cost, whole=False))
+    return costs
+
+
+def _grouped_gemm_profile(node: fx.Node, unit: Any) -> OpProfile | None:
+    """A mixture of experts' grouped GEMM as a whole op (it never splits: its rows are sorted by
+    expert across the step), per unit the split counts: FLOPs and bytes of the rows a unit
+    routes to its experts (top-k per token), and every expert's weights once per launch (at most
+    what a launch reads: a step of a few tokens reaches few experts, the same split or not).
+    None when its rows are no multiple of `unit` the model can read (a count known only at run
+    time) or its weights' sizes are symbolic."""
+    args = bind_arguments(node)
+    w = meta_val(args["weight"])
+    per_unit = _rows_per_unit(meta_val(args["x"]), unit)
+    sizes = [size_hint(s) if isinstance(s, torch.SymInt) else int(s) for s in w.shape]
+    if per_unit is None or None in sizes or any(isinstance(s, torch.SymInt) for s in w.shape):
+        return None
+    experts, n, k = sizes
+    e = w.element_size()
+    return OpProfile(node.name, "compute", 2.0 * n * k * per_unit, e * (n + k) * per_unit, float(e * experts * n * k),
+                     str(w.dtype).removeprefix("torch."), whole=True)
+
+
+def _rows_per_unit(x: torch.Tensor, unit: Any) -> float | None:
+    """A GEMM input's rows (all but its last dim) per unit of the split's count `unit` (a size
+    symbol): exactly where that is a number (a grouped GEMM's top-k rows per token), else at the
+    example sizes (`S` top-k rows per sequence of a batch of prompts); None without a unit,
+    rows that are no expression of the sizes (known only at run time), or a ratio not above 0."""
+    rows = math.prod(x.shape[:-1])
+    if unit is None or not isinstance(rows, torch.SymInt):
+        return None
+    ratio = (rows.node.expr / unit).simplify()
+    if not ratio.is_number:
+        values = _shape_env_values(rows.node.shape_env)
+        if not ratio.free_symbols <= values.keys():
+            return None
+        ratio = ratio.xreplace({sym: values[sym] for sym in ratio.free_symbols})
+    ratio = float(ratio)
+    return ratio if math.isfinite(ratio) and ratio > 0 else None
 
 
 def _attention_profile(node: fx.Node) -> AttentionCost:
@@ -723,7 +773,7 @@ class NanoBatch:
                 for reader in _readers_of(written):
                     if reader is not node and reader.name in split:  # split holds the ops before this one
                         edges.append(OpEdge(reader.name, node.name, "global"))
-            prof = _profile(node, dims)
+            prof = _profile(node, dims, token if batch is None else batch)
             if prof is not None:
                 profile.append(prof)
         strided = _strided_over_joined(gm, split)
@@ -913,11 +963,14 @@ def _device(ctx: PassContext) -> tuple[Any, str]:
 
 def _example_values(ctx: PassContext, symbols: Any) -> dict[Any, int]:
     """The example value of each of these size symbols that the shape environment knows."""
-    env = ctx.shape_env
+    table = _shape_env_values(ctx.shape_env)
+    return {sym: int(table[sym]) for sym in symbols if table.get(sym) is not None}
+
+
+def _shape_env_values(env: Any) -> dict[Any, Any]:
+    """A shape environment's example value per size symbol it has one for (empty without one)."""
     if env is None:
         return {}
     # torch >= 2.13 names it backed_var_to_val; older versions var_to_val.
     table = getattr(env, "backed_var_to_val", None)
-    if table is None:
-        table = getattr(env, "var_to_val", {})
-    return {sym: int(table[sym]) for sym in symbols if table.get(sym) is not None}
+    return table if table is not None else getattr(env, "var_to_val", {})

@@ -266,6 +266,30 @@ def test_a_programs_dense_costs_are_its_gemms(llama_program) -> None:
     assert [c.flops_per_token for c in last] == [2.0 * 64 * 64, 2.0 * 64 * 256, 2.0 * 128 * 64, 2.0 * 64 * 64]
 
 
+def test_a_mixture_of_experts_programs_dense_costs_hold_its_experts() -> None:
+    """Mixtral's grouped GEMMs (gate and up stacked, then down) were left out of a program's
+    costs. The engine runs them per nano-batch on its own tokens, so they cost as chain ops, not
+    barriers: the top-2 rows a token routes, and every expert's weights read by each launch."""
+    import transformers
+
+    from tileflow.distributed import CausalLMStep, build_stage_program
+
+    torch.manual_seed(0)
+    hidden, ffn, experts, top = 32, 48, 4, 2
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=64, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_local_experts=experts, num_experts_per_tok=top)).eval()
+    program = build_stage_program(CausalLMStep(model), (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None]),
+                                  max_tokens=64)
+    *_, last = program.dense_costs  # the output projection, the router, the experts, the head
+    assert [(c.flops_per_token, c.bytes_per_token, c.fixed_bytes, c.whole) for c in last[2:4]] == [
+        (top * 2.0 * 2 * ffn * hidden, top * 4.0 * (2 * ffn + hidden), 4.0 * experts * 2 * ffn * hidden, False),
+        (top * 2.0 * hidden * ffn, top * 4.0 * (hidden + ffn), 4.0 * experts * hidden * ffn, False),
+    ]
+    assert [c.flops_per_token for c in last[:2]] == [2.0 * hidden * hidden, 2.0 * hidden * experts]
+    assert len(last) == 5 and last[4].flops_per_token == 2.0 * hidden * 64
+
+
 @pytest.mark.parametrize("streams", [False, True])
 def test_auto_serves_the_eager_tokens_cut_as_the_split_says(llama_program, monkeypatch: pytest.MonkeyPatch,
                                                            streams: bool) -> None:

@@ -1365,3 +1365,44 @@ def test_the_stack_rule_checks_where_the_token_dim_lands() -> None:
     apart = {**rows, y.name: 1}
     assert not any(_is_token_wise(n, apart) for n in stacks)
     assert not _is_token_wise(last, {**rows, y.name: None})  # an input without the token dim
+
+
+def test_auto_costs_a_mixture_of_experts_grouped_gemms_as_barriers(
+        halving_search: list[tuple[list, int]], plans: list[tuple], split_calls: list[int]) -> None:
+    """Mixtral's experts (two grouped GEMMs per layer, which stay whole) were left out of the
+    split search's costs, most of the layer's FLOPs, and the model let a nano-batch's attention
+    run beside another's experts. They are costed now as whole ops (barriers) where they stand,
+    after the router, per token: the top-2 rows a token routes, every expert's weights once per
+    launch. Split over the sequences, a sequence counts its S tokens' rows."""
+    torch.manual_seed(5)
+    model = one_layer(build("mixtral")).eval()
+    experts, top = model.config.num_local_experts, model.config.num_experts_per_tok
+    hidden, ffn = model.config.hidden_size, model.config.intermediate_size
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": "auto"}),
+                             dynamic=True)
+    for shape in ((1, 7), (1, 12), (3, 5)):
+        ids = torch.randint(0, VOCAB, shape)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == 3
+    (tokens_gm, tokens_plan), (seqs_gm, seqs_plan) = plans
+    per_row = {  # by output width, (FLOPs, bytes, weight bytes) of a routed row, fp32: gate and up stacked, then down
+        ffn: (2.0 * 2 * ffn * hidden, 4.0 * (2 * ffn + hidden), 4.0 * experts * 2 * ffn * hidden),
+        hidden: (2.0 * hidden * ffn, 4.0 * (hidden + ffn), 4.0 * experts * hidden * ffn),
+    }
+    for gm, plan, rows in ((tokens_gm, tokens_plan, top), (seqs_gm, seqs_plan, top * 5)):  # (S = 5 at the example)
+        grouped = [n for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
+        heavy = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) in (
+            "padded_gemm", "grouped_gemm", "meta_attention")]
+        assert len(grouped) == 2 and [c.name for c in plan.profile] == heavy
+        router = heavy.index(grouped[0].name) - 1  # (the gate GEMM, [H -> E])
+        assert plan.profile[router].flops_per_token == 2.0 * hidden * experts
+        for node in grouped:
+            cost = next(c for c in plan.costs_at() if c.name == node.name)
+            flops, nbytes, weights = per_row[node.meta["val"].shape[-1]]
+            assert cost.whole and not plan.split[node.name]
+            assert (cost.flops_per_token, cost.bytes_per_token, cost.fixed_bytes) == (flops * rows, nbytes * rows, weights)
+        assert not any(c.whole for c in plan.costs_at() if c.name not in {n.name for n in grouped})
+    # The search saw them too, and their rows were not scaled again by a sequence's rows.
+    assert all(sum(c.whole for c in costs) == 2 for costs, _ in halving_search)

@@ -3,6 +3,7 @@ JSON, and plans that turn into valid schedules."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -75,6 +76,7 @@ def profiles(draw):
             flops_per_token=draw(st.sampled_from([0.0, 1e6, 5e7, 4e8])),
             bytes_per_token=draw(st.sampled_from([0.0, 1e4, 5e5, 4e6])),
             fixed_bytes=draw(st.sampled_from([0.0, 3e7, 2e8])),
+            whole=draw(st.sampled_from([False, False, False, True])),  # (a barrier: MoE's grouped GEMM)
         ))
     return ops
 
@@ -674,3 +676,77 @@ def test_split_threshold_and_brute_force_refuse_an_empty_profile() -> None:
         split_threshold([], H100)
     with pytest.raises(ValueError, match="ops_profile is empty"):
         brute_force_split([], H100, 64).speedup
+
+
+def _moe_layer(ctx: int) -> list[OpProfile]:
+    """A Mixtral-8x7B-like decode layer in bf16: attention's GEMMs and attention split per
+    nano-batch, the router, then the experts' grouped GEMMs (top 2 of 8) run once over the step."""
+    d, kv, ffn, experts, top = 4096, 1024, 14336, 8, 2
+    return [
+        OpProfile("qkv", "compute", 2 * d * (d + 2 * kv), 2 * (2 * d + 2 * kv), 2 * d * (d + 2 * kv)),
+        OpProfile("attn", "memory", 4 * ctx * d, ctx * 2 * kv * 2),
+        OpProfile("o", "compute", 2 * d * d, 4 * d, 2 * d * d),
+        OpProfile("router", "compute", 2 * d * experts, 2 * (d + experts), 2 * d * experts),
+        OpProfile("gate_up", "compute", top * 4 * d * ffn, top * 2 * (d + 2 * ffn), experts * 4 * d * ffn, whole=True),
+        OpProfile("down", "compute", top * 2 * ffn * d, top * 2 * (d + ffn), experts * 2 * ffn * d, whole=True),
+    ]
+
+
+def test_a_whole_op_is_a_barrier_run_once_on_the_whole_device() -> None:
+    """MoE's grouped GEMMs run once over the step, after every nano-batch's ops before them and
+    before any after them, at the whole device's rate: a split step's time is the split's time
+    for each stretch between barriers plus the barriers' own, which are the unsplit step's."""
+    layer = _moe_layer(ctx=2048)
+    ops = [*layer, *(dataclasses.replace(op, name=f"{op.name}1") for op in layer)]
+    # (Enough tokens that the experts are compute-bound, their time set by the SMs they get.)
+    sizes, share = (2500, 1596), 0.75
+    timeline = search.modeled_timeline(ops, sizes, share, H100)
+    barriers = [e for e in timeline if e["op"] in ("gate_up", "down", "gate_up1", "down1")]
+    assert [(e["op"], e["nano_batch"], e["tokens"]) for e in barriers] == [
+        ("gate_up", None, 4096), ("down", None, 4096), ("gate_up1", None, 4096), ("down1", None, 4096)]
+    assert len(timeline) == 4 + (len(ops) - 4) * 2
+    order = [op.name for op in ops]
+    for barrier in barriers:
+        at = order.index(barrier["op"])
+        before = [e for e in timeline if order.index(e["op"]) < at]
+        after = [e for e in timeline if order.index(e["op"]) > at]
+        assert barrier["start_us"] == max(e["finish_us"] for e in before)
+        assert not after or barrier["finish_us"] == min(e["start_us"] for e in after)
+        expected = op_time(ops[at], 4096, 1.0, H100)[0] * 1e6
+        assert barrier["finish_us"] - barrier["start_us"] == pytest.approx(expected, rel=1e-12)
+    # Between the barriers the split runs as a chain of its own would (both stretches hold both
+    # kinds of op, so the SM partition is the same).
+    stretch = layer[:4]
+    barrier_time = sum(op_time(op, 4096, 1.0, H100)[0] for op in layer[4:])
+    assert makespan(ops, sizes, share, H100) == pytest.approx(
+        2 * (makespan(stretch, sizes, share, H100) + barrier_time), rel=1e-12)
+    # Unsplit, a whole op is timed as any other op over the step.
+    assert makespan(ops, (4096,), 1.0, H100) == pytest.approx(
+        sum(op_time(op, 4096, 1.0, H100)[0] for op in ops), rel=1e-12)
+    assert not op_time(layer[4], 4096, 1.0, H100)[1]  # (compute-bound, as said above)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(profiles(), st.lists(st.integers(1, 2048), min_size=2, max_size=4), st.sampled_from([0.25, 0.5, 0.75]), GPUS)
+def test_nothing_runs_beside_a_whole_op(ops, sizes, share, device) -> None:
+    """In every modeled step a whole op appears once, over every token, and no other op's
+    instance overlaps it in time; every op before it has finished when it starts."""
+    timeline = search.modeled_timeline(ops, sizes, share, DEVICES[device])
+    order = [op.name for op in ops]
+    for op in ops:
+        if not op.whole:
+            assert sorted(e["nano_batch"] for e in timeline if e["op"] == op.name) == list(range(len(sizes)))
+            continue
+        (barrier,) = [e for e in timeline if e["op"] == op.name]
+        assert barrier["nano_batch"] is None and barrier["tokens"] == sum(sizes)
+        for e in timeline:
+            if e is not barrier and e["finish_us"] > e["start_us"] and barrier["finish_us"] > barrier["start_us"]:
+                assert e["finish_us"] <= barrier["start_us"] or e["start_us"] >= barrier["finish_us"]
+            if order.index(e["op"]) < order.index(op.name):
+                assert e["finish_us"] <= barrier["start_us"]
+
+
+def test_a_whole_op_must_say_so_with_a_bool() -> None:
+    """`whole` is a flag: anything else is refused, as a cost that is not a number is."""
+    with pytest.raises(ValueError, match="whole must be a bool"):
+        OpProfile("experts", "compute", 1.0, whole="yes")

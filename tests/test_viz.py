@@ -382,7 +382,8 @@ def test_nano_batch_timeline_in_headless_chromium(browser: Browser, llama_page: 
 
     d, ctx = 4096, 1024
     ops = [OpProfile("qkv", "compute", 2 * d * 3 * d, 8 * d, 6 * d * d), OpProfile("attn", "memory", 4 * ctx * d, 4 * ctx * d),
-           OpProfile("allreduce", "network", 0, 2 * d), OpProfile("mlp", "compute", 16 * d * d, 8 * d, 16 * d * d)]
+           OpProfile("allreduce", "network", 0, 2 * d), OpProfile("mlp", "compute", 16 * d * d, 8 * d, 16 * d * d),
+           OpProfile("experts", "compute", 16 * d * d, 8 * d, 64 * d * d, whole=True)]  # (a barrier: one bar)
     timeline = modeled_timeline(ops, [192, 192, 128], 0.6, get_device("H100"))
     data = embedded_data(llama_page[0])
     data["graphs"][0]["extra"] = {"nano_batch": {"timeline": timeline}}
@@ -392,7 +393,10 @@ def test_nano_batch_timeline_in_headless_chromium(browser: Browser, llama_page: 
     page.goto(page_path.as_uri())
     page.locator("#sidebar .step", has_text="overview").first.click()
     page.wait_for_selector(".timeline svg")
-    assert page.locator(".timeline g.bar").count() == len(timeline) == 12
+    assert page.locator(".timeline g.bar").count() == len(timeline) == 13
+    experts = page.locator('.timeline g.bar[data-op="experts"]')
+    assert experts.count() == 1 and experts.get_attribute("data-nb") == "all"
+    assert experts.locator("title").text_content().startswith("experts · every nano-batch, once (512 tokens)")
     # One row per stream; a nano-op's bar sits in its stream's row, in time order.
     rows = page.eval_on_selector_all(
         ".timeline g.bar rect", "rs => rs.map(r => [r.parentNode.dataset.op, +r.getAttribute('y'), +r.getAttribute('x')])"

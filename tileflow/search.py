@@ -32,8 +32,12 @@ stream runs one instance at a time, with a static SM share (a partition, like Na
 contexts / capped grids). Instance (j, i) (op i of nano-batch j) can start when its stream is
 free and (j, i-1) has finished. Greedy list scheduling: repeatedly start, among the next op of
 each nano-batch, the one with the earliest possible start (ties: lower j). Ops of different
-resource classes from different nano-batches thus overlap. The makespan is the last
-finish. k = 1 is the unsplit baseline: one stream, the whole device, no overlap.
+resource classes from different nano-batches thus overlap. An op marked `whole` (MoE's grouped
+GEMM) is a barrier: it runs once over all `sum(sizes)` tokens on the whole device, once every
+nano-batch has reached it, and every nano-batch's next op waits for it (so the split overlaps
+only the ops between two barriers, and a barrier's own time is the same split or not). The
+makespan is the last finish. k = 1 is the unsplit baseline: one stream, the whole device, no
+overlap.
 
 Search
 ------
@@ -93,6 +97,10 @@ class OpProfile:
             interconnect bytes per token for a network op.
         fixed_bytes: bytes read once per launch regardless of tokens (weights).
         dtype: dtype name selecting the device's peak rate.
+        whole: the op runs once over the whole step even when it is split (a barrier: a mixture
+            of experts' grouped GEMM, whose rows are sorted by expert across the step): after
+            every nano-batch's op before it, before any nano-batch's op after it, on the whole
+            device (its kernel's grid is not capped).
     """
 
     name: str
@@ -101,6 +109,7 @@ class OpProfile:
     bytes_per_token: float = 0.0
     fixed_bytes: float = 0.0
     dtype: str = "bfloat16"
+    whole: bool = False
 
     def __post_init__(self) -> None:
         if self.resource not in RESOURCES:
@@ -116,6 +125,8 @@ class OpProfile:
         # every makespan NaN and the search return an arbitrary plan.
         if not all(math.isfinite(c) and c >= 0 for c in costs):
             raise ValueError(f"op {self.name!r}: costs must be finite and non-negative, got {costs}")
+        if not isinstance(self.whole, bool):
+            raise ValueError(f"op {self.name!r}: whole must be a bool, got {self.whole!r}")
         for field_name, cost in zip(("flops_per_token", "bytes_per_token", "fixed_bytes"), costs):
             object.__setattr__(self, field_name, cost)
 
@@ -128,6 +139,7 @@ class OpProfile:
             "bytes_per_token": self.bytes_per_token,
             "fixed_bytes": self.fixed_bytes,
             "dtype": self.dtype,
+            "whole": self.whole,
         }
 
 
@@ -255,19 +267,25 @@ def _durations(
     device: DeviceInfo,
     net_bw_gbs: float,
 ) -> tuple[list[list[float]], list[list[bool]]]:
-    """Roofline time and memory-boundness of every instance, indexed [op][nano-batch]."""
+    """Roofline time and memory-boundness of every instance, indexed [op][nano-batch] (a whole
+    op's once over the step, the same at every nano-batch's index)."""
     times, bound = [], []
     distinct = sorted(set(sizes))  # (nano-batches are mostly of one or two sizes: each timed once)
+    total = sum(sizes)
     # A model's layers repeat the same costs under other op names: each cost is timed once.
     timed_by_cost: dict[tuple, dict[int, tuple[float, bool]]] = {}
     for op in ops:
-        cost = (op.resource, op.flops_per_token, op.bytes_per_token, op.fixed_bytes, op.dtype)
+        cost = (op.resource, op.flops_per_token, op.bytes_per_token, op.fixed_bytes, op.dtype, op.whole)
         timed = timed_by_cost.get(cost)
         if timed is None:
-            share = shares[streams[op.resource]]
-            timed = timed_by_cost[cost] = {n: op_time(op, n, share, device, net_bw_gbs=net_bw_gbs) for n in distinct}
-        times.append([timed[n][0] for n in sizes])
-        bound.append([timed[n][1] for n in sizes])
+            if op.whole:  # (on the whole device: nothing else runs beside a barrier)
+                timed = timed_by_cost[cost] = {total: op_time(op, total, 1.0, device, net_bw_gbs=net_bw_gbs)}
+            else:
+                share = shares[streams[op.resource]]
+                timed = timed_by_cost[cost] = {n: op_time(op, n, share, device, net_bw_gbs=net_bw_gbs) for n in distinct}
+        at = [total] * len(sizes) if op.whole else sizes
+        times.append([timed[n][0] for n in at])
+        bound.append([timed[n][1] for n in at])
     return times, bound
 
 
@@ -277,32 +295,45 @@ def _list_schedule(
     """Start and finish of each instance under greedy list scheduling (module docstring).
 
     Repeatedly schedule, among the next op of every nano-batch, the instance that can start
-    earliest (its stream free and its previous op done), ties to the earlier nano-batch. The
-    frontier holds at most k instances, so this is O(k * len(ops) * k)."""
+    earliest (its stream free and its previous op done), ties to the earlier nano-batch. A whole
+    op is no candidate: once every nano-batch waits at one (none can pass it before all reach
+    it), it runs once, after the last of them, its start and finish shared by all. The frontier
+    holds at most k instances, so this is O(k * len(ops) * k)."""
     m = len(ops)
     # (Plain lists and locals: the search runs this hundreds of times per step size, and dict and
     # attribute lookups in the inner loop were most of its time.)
     stream_of = [streams[op.resource] for op in ops]
+    whole = [op.whole for op in ops]
     free = [0.0] * (max(stream_of, default=0) + 1)
     start = [[0.0] * k for _ in ops]
     finish = [[0.0] * k for _ in ops]
     nxt = [0] * k
-    for _ in range(m * k):
+    left = m * k
+    while left:
         best_j, best_est = -1, 0.0
         for j in range(k):
             i = nxt[j]
-            if i == m:
+            if i == m or whole[i]:
                 continue
             est = free[stream_of[i]]
             if i and finish[i - 1][j] > est:
                 est = finish[i - 1][j]
             if best_j < 0 or est < best_est:  # (ties: the earlier nano-batch, j ascending)
                 best_j, best_est = j, est
-        assert best_j >= 0
+        if best_j < 0:  # every nano-batch waits at the same whole op
+            i = nxt[0]
+            assert whole[i] and nxt == [i] * k
+            # (Every op before it precedes some nano-batch's op i - 1: all streams are free by then.)
+            begin = max(free[stream_of[i]], max(finish[i - 1]) if i else 0.0)
+            end = free[stream_of[i]] = begin + times[i][0]
+            start[i], finish[i], nxt = [begin] * k, [end] * k, [i + 1] * k
+            left -= k
+            continue
         i = nxt[best_j]
         start[i][best_j] = best_est
         finish[i][best_j] = free[stream_of[i]] = best_est + times[i][best_j]
         nxt[best_j] = i + 1
+        left -= 1
     return start, finish
 
 
@@ -330,7 +361,8 @@ def _modeled_times(
         order = 0
         for i, op in enumerate(ops):
             for j in range(k):
-                if bound[i][j]:
+                # (A whole op runs alone: nothing overlaps it, and it overlaps nothing.)
+                if bound[i][j] and not op.whole:
                     per_stream.setdefault(streams[op.resource], []).append((start[i][j], finish[i][j], order))
                     order += 1
         for found in per_stream.values():
@@ -340,7 +372,7 @@ def _modeled_times(
         for i, op in enumerate(ops):
             s = streams[op.resource]
             for j in range(k):
-                if not bound[i][j] or times[i][j] <= 0:
+                if not bound[i][j] or times[i][j] <= 0 or op.whole:
                     continue
                 a, b = start[i][j], finish[i][j]
                 parts: list[tuple[int, float]] = []
@@ -393,16 +425,18 @@ def modeled_timeline(
     net_bw_gbs: float = DEFAULT_NET_BW_GBS,
 ) -> list[dict[str, Any]]:
     """Every nano-op of the modeled step as {op, resource, nano_batch, tokens, stream, start_us,
-    finish_us}, in start order: the per-stream timeline the visualizer draws."""
+    finish_us}, in start order: the per-stream timeline the visualizer draws. A whole op is one
+    entry, its nano_batch None and its tokens the step's."""
     ops = list(ops_profile)
     streams, start, finish = _modeled_times(ops, sizes, share, device, net_bw_gbs)
     entries = [
         {
-            "op": op.name, "resource": op.resource, "nano_batch": j, "tokens": int(sizes[j]),
+            "op": op.name, "resource": op.resource, "nano_batch": None if op.whole else j,
+            "tokens": int(sum(sizes) if op.whole else sizes[j]),
             "stream": streams[op.resource], "start_us": start[i][j] * 1e6, "finish_us": finish[i][j] * 1e6,
         }
         for i, op in enumerate(ops)
-        for j in range(len(sizes))
+        for j in range(1 if op.whole else len(sizes))
     ]
     return sorted(entries, key=lambda e: (e["start_us"], e["stream"], e["nano_batch"]))
 
@@ -413,10 +447,15 @@ def _group_bound(
     """Lower bound on the makespan of every k-way composition of n tokens at this share.
 
     Per stream, the sum over nano-batches of max(flops term, bytes term) is at least the max of
-    the summed terms; weights are read k times; contention only adds time."""
+    the summed terms; weights are read k times; contention only adds time. Nothing runs beside
+    a whole op: their times, the same for every composition, add to every stream's load."""
     streams, shares = _streams_and_shares(ops, k, share)
     load: dict[int, float] = {}
+    barriers = 0.0
     for op in ops:
+        if op.whole:
+            barriers += op_time(op, n, 1.0, device, net_bw_gbs=net_bw)[0]
+            continue
         s = streams[op.resource]
         nbytes = k * op.fixed_bytes + op.bytes_per_token * n
         if op.resource == "network":
@@ -428,21 +467,26 @@ def _group_bound(
                 nbytes / (device.mem_bw_bytes * min(1.0, sh / BW_SATURATION_SHARE)),
             )
         load[s] = load.get(s, 0.0) + t + k * LAUNCH_OVERHEAD_S
-    return max(load.values(), default=0.0)
+    return max(load.values(), default=0.0) + barriers
 
 
 def _candidate_bound(
     ops: Sequence[OpProfile], sizes: Sequence[int], share: float, device: DeviceInfo, net_bw: float
 ) -> float:
-    """Lower bound for one candidate: max stream load and max nano-batch chain, no contention."""
+    """Lower bound for one candidate: max stream load (with the whole ops, beside which nothing
+    runs) and max nano-batch chain (through them), no contention."""
     k = len(sizes)
     streams, shares = _streams_and_shares(ops, k, share)
     times, _ = _durations(ops, sizes, streams, shares, device, net_bw)
     load: dict[int, float] = {}
+    barriers = 0.0
     for i, op in enumerate(ops):
-        load[streams[op.resource]] = load.get(streams[op.resource], 0.0) + sum(times[i])
+        if op.whole:
+            barriers += times[i][0]
+        else:
+            load[streams[op.resource]] = load.get(streams[op.resource], 0.0) + sum(times[i])
     chains = [sum(times[i][j] for i in range(len(ops))) for j in range(k)]
-    return max(max(load.values(), default=0.0), max(chains, default=0.0))
+    return max(max(load.values(), default=0.0) + barriers, max(chains, default=0.0))
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,15 +7,15 @@ entry boundaries allow.
 
 `"auto"` (`AutoSplit`) asks the split search's cost model (`tileflow.search`) whether and where
 to cut each step: the step's ops as the search's profile, per token row, in stage order (each
-dense stage's padded GEMMs, `StageProgram.dense_costs`; each attention stage's cost averaged
+dense stage's padded and grouped GEMMs, `StageProgram.dense_costs`; each attention stage's cost averaged
 over the step's rows), and `search.split_for_count` on the step's token count, with the cuts
 moved to entry boundaries before the model checks that the split still wins. The model assumes
 a stream per resource class (GEMMs on one, attention on another); the engine runs each
 nano-batch on its own stream at its token share of the SMs (`sm_shares`). Both overlap one
 nano-batch's attention with another's GEMMs; the model is the estimate of when that pays. A
-mixture of experts' grouped GEMMs are not costed (the pass's search leaves them out too), and a
-program whose dense stages hold no padded GEMM (built without the GEMM pass) has nothing to
-cost: its steps run whole.
+mixture of experts' grouped GEMMs run per nano-batch here, each reading its experts' weights
+(costed as all of them: at most what it reads). A program whose dense stages hold no padded GEMM
+(built without the GEMM pass) has nothing to cost: its steps run whole.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ cost model says the split wins."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from itertools import accumulate
 
@@ -288,6 +289,13 @@ def test_a_mixture_of_experts_programs_dense_costs_hold_its_experts() -> None:
     ]
     assert [c.flops_per_token for c in last[:2]] == [2.0 * hidden * hidden, 2.0 * hidden * experts]
     assert len(last) == 5 and last[4].flops_per_token == 2.0 * hidden * 64
+    # "auto" weighs them: they are in every step's costs, and a step is cut (or not) with them.
+    auto, entries = AutoSplit(program, H100), _entries([1] * 6 + [20], start=30)
+    costs = auto.step_costs(entries)
+    assert [c for c in costs if c.name.endswith(tuple(c.name for c in last[2:4]))] == [
+        dataclasses.replace(c, name=f"stage{len(program.stages) - 1}.{c.name}") for c in last[2:4]]
+    groups, _ = auto.split(entries)
+    assert [e for g in groups for e in g] == entries
 
 
 @pytest.mark.parametrize("streams", [False, True])

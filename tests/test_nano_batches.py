@@ -317,7 +317,7 @@ def test_auto_serves_the_eager_tokens_cut_as_the_split_says(llama_program, monke
     runs: list[list[int]] = []
     forward_nano = ServingEngine._forward_nano
     monkeypatch.setattr(ServingEngine, "_forward_nano",
-                        lambda self, groups: runs.append(_tokens(groups)) or forward_nano(self, groups))
+                        lambda self, groups, *rest: runs.append(_tokens(groups)) or forward_nano(self, groups, *rest))
     decided: list[list[int]] = []
     split = AutoSplit.split
 
@@ -327,6 +327,16 @@ def test_auto_serves_the_eager_tokens_cut_as_the_split_says(llama_program, monke
         return groups, shares
 
     monkeypatch.setattr(AutoSplit, "split", spy)
+    # The device share each stage launches over: the search's, by stage kind (dense 0.75, attention 0.25).
+    import tileflow.runtime.streams as streams_runtime
+    import tileflow.serving.engine as engine_module
+
+    launched: list[float | None] = []
+    attended: list[float | None] = []
+    grid_share, attend = engine_module.grid_share, ServingEngine._attend
+    monkeypatch.setattr(engine_module, "grid_share", lambda share: launched.append(share) or grid_share(share))
+    monkeypatch.setattr(ServingEngine, "_attend", lambda self, *args: attended.append(
+        streams_runtime._GRID_SHARE.get()) or attend(self, *args))
     engine = ServingEngine(program, token_budget=48, decode_slots=6, block_size=4, num_blocks=128,
                            nano_batches="auto", streams=SimulatedStreams(seed=1) if streams else None)
     gen = torch.Generator().manual_seed(5)
@@ -342,6 +352,9 @@ def test_auto_serves_the_eager_tokens_cut_as_the_split_says(llama_program, monke
     assert engine.metrics.summary()["nano_batched_steps"] == len(runs)
     assert runs and any(len(sizes) == 1 for sizes in decided)  # some steps split, some not
     assert all(len(sizes) == 1 for sizes in decided if sum(sizes) < 8)
+    parts = sum(len(sizes) for sizes in runs)  # nano-batches run: each ran 3 dense stages and 2 attentions
+    assert sorted(launched, key=str) == sorted([0.25] * 2 * parts + [0.75] * 3 * parts + [None] * parts, key=str)
+    assert set(attended) == {0.25, None}  # (None: the steps run whole)
 
 
 def test_auto_is_refused_with_graphed_stages_and_other_strings_are_refused(llama_program) -> None:

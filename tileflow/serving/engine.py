@@ -36,6 +36,7 @@ from ..config import current_config, use_config
 from ..devices import detect_device
 from ..runtime.paged_kv import PagedBatch, PagedKV, check_chunk_blocks
 from ..runtime.streams import CudaStreams, StreamExecutor, grid_share
+from ..schedule import DEFAULT_STREAM_OF_RESOURCE
 from ..transfers import to_device
 from .blocks import BlockAllocator, KVGroup, kv_groups, sliding_blocks_for
 from .nano_batches import AutoSplit, sm_shares, split_entries
@@ -168,8 +169,9 @@ class ServingEngine:
     are no streams (off CUDA, unless `streams` are given): there nano-batches run one after
     another. With nano-batches and `nano_shares`, each nano-batch's persistent kernels take a
     share of the device's SMs about in proportion to its tokens (`sm_shares`; NanoFlow's
-    partition: kernels that each filled the device could not run side by side); without, every
-    kernel takes the whole device.
+    partition: kernels that each filled the device could not run side by side), and under
+    `"auto"` the shares the split search costed the cut at: a dense stage's kernels its compute
+    stream's, attention's its memory stream's; without, every kernel takes the whole device.
     """
 
     def __init__(
@@ -526,10 +528,10 @@ class ServingEngine:
         # read it once here.
         with use_config(current_config()):
             if self.nano_batches != 1 and inputs is None and len(entries) > 1:
-                groups = self.nano_groups(entries)
+                groups, stream_shares = self._nano_plan(entries)
                 if len(groups) > 1:
                     self.metrics.nano_batched_steps += 1
-                    return self._forward_nano(groups)
+                    return self._forward_nano(groups, stream_shares)
             step = inputs if inputs is not None else self.prepare(entries)
             # Key starts (a step traced with packed position ids) are not needed: each request's
             # queries read only its own KV cache.
@@ -543,13 +545,18 @@ class ServingEngine:
         device's table entry cuts the step for the program the engine runs now, and whole
         without streams, where the nano-batches would run one after another with nothing to
         overlap."""
+        return self._nano_plan(entries)[0]
+
+    def _nano_plan(self, entries: Sequence[Entry]) -> tuple[list[list[Entry]], dict[int, float] | None]:
+        """`nano_groups`, and with `"auto"` the SM share per stream of the split search's model
+        (`DEFAULT_STREAM_OF_RESOURCE`) the cut was costed at (None: the tokens set the shares)."""
         if self.nano_batches != "auto":
-            return split_entries(entries, self.nano_batches)
+            return split_entries(entries, self.nano_batches), None
         if self.streams is None or len(entries) < 2:
-            return [list(entries)]
+            return [list(entries)], None
         if self._auto_split is None or self._auto_split.program is not self.program:
             self._auto_split, self._auto_refused = AutoSplit(self.program, detect_device(str(self.device))), None
-        groups = self._auto_split.split(entries)[0]
+        groups, stream_shares = self._auto_split.split(entries)
         why = self._auto_split.refused
         if not self._auto_split.costed:
             why = "the program's dense stages hold no padded GEMM to cost (built without the gemm_padding pass?)"
@@ -557,17 +564,32 @@ class ServingEngine:
             self._auto_refused = why
             warnings.warn(f'nano_batches="auto" runs every step whole: {why}; give an int nano_batches to split',
                           RuntimeWarning, stacklevel=3)
-        return groups
+        return groups, stream_shares
 
-    def _forward_nano(self, groups: list[list[Entry]]) -> torch.Tensor:
+    def _forward_nano(self, groups: list[list[Entry]], stream_shares: dict[int, float] | None = None) -> torch.Tensor:
         """NanoFlow's overlap for a serving step: each nano-batch (whole sequences, so its
         attention needs no other) runs the program on its own stream, stage by stage in turn,
         so one nano-batch's memory-bound decode attention can run beside another's GEMMs.
         Dense stages are token-wise and every nano-batch writes and reads only its own
-        sequences' KV, so nothing crosses between streams until the logits are joined."""
+        sequences' KV, so nothing crosses between streams until the logits are joined.
+
+        With `nano_shares`, a stage's persistent kernels launch over a share of the device: with
+        `stream_shares` (`"auto"`'s), the split search's compute stream's share for a dense
+        stage and its memory stream's for attention, the partition its model costed; else the
+        nano-batch's token share (`sm_shares`)."""
         runs: list[Any] = [None] * len(groups)
         outputs: list[torch.Tensor | None] = [None] * len(groups)
-        shares = sm_shares(groups) if self.nano_shares else [None] * len(groups)
+        dense = [stage.kind == "dense" for stage in self.program.stages]
+        ran = [0] * len(groups)  # stages each nano-batch has run
+        token_shares = sm_shares(groups)
+
+        def share_of(j: int) -> float | None:
+            """The device share nano-batch j's next stage launches over (None: all of it)."""
+            if not self.nano_shares or ran[j] == len(dense):
+                return None
+            if stream_shares is None:
+                return token_shares[j]
+            return stream_shares.get(DEFAULT_STREAM_OF_RESOURCE["compute" if dense[ran[j]] else "memory"])
 
         def start(j: int) -> None:
             step = self.prepare(groups[j])
@@ -576,8 +598,9 @@ class ServingEngine:
 
         def advance(j: int) -> None:
             try:
-                with grid_share(shares[j]):  # the stage's kernels are launched inside next()
+                with grid_share(share_of(j)):  # the stage's kernels are launched inside next()
                     next(runs[j])
+                ran[j] += 1
             except StopIteration as done:
                 outputs[j] = done.value[0]
 

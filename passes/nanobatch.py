@@ -18,8 +18,11 @@ attention memory, collectives network; the light ops go with the GEMMs on the co
 The search's cost per token row: a GEMM's FLOPs and bytes, and its weights once per launch;
 attention's share of its sequence's K/V and its FLOPs per key seen (`_attention_profile`); a
 collective's bytes over the interconnect. Over sequences (below) a unit is a sequence: its rows'
-costs times its rows. Costs are taken at each call's sizes (a decode step's cache length changes
-every call), each size rounded up to its power of two (`NanoBatchPlan.costs_at`).
+costs times its rows. A heavy op that runs whole (MoE's grouped GEMM, one sequence's attention,
+the head over the last token's row) is a barrier in the search's model (`OpProfile.whole`),
+costed per unit by its rows over the count. Costs are taken at each call's sizes (a decode
+step's cache length changes every call), each size rounded up to its power of two
+(`NanoBatchPlan.costs_at`).
 
 A batch of several sequences (`[B, S]` ids, both sizes symbolic) has no token dim in its GEMMs,
 whose rows are `B*S`: the step splits over whole sequences instead (`_batch_symbol`), each
@@ -49,6 +52,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -136,6 +140,7 @@ class AttentionCost:
     chunk: int | None
     element_size: int
     dtype: str
+    whole: bool = False  # (as `OpProfile.whole`: it runs once over the step, a sequence's prefill)
 
     resource = "memory"  # (as `OpProfile.resource`: the stream attention runs on when split)
 
@@ -151,16 +156,18 @@ class AttentionCost:
         seen, read = _keys_seen(rows, keys, self.causal, self.window, self.chunk)
         kv_bytes = self.element_size * 2 * self.kv_heads * self.head_dim * read / rows
         return OpProfile(self.name, "memory", 4.0 * self.heads * self.head_dim * seen,
-                         kv_bytes + 2 * self.element_size * self.heads * self.head_dim, 0.0, self.dtype)
+                         kv_bytes + 2 * self.element_size * self.heads * self.head_dim, 0.0, self.dtype, self.whole)
 
 
-def _evaluated(expr: Any, values: dict[Any, int]) -> int | None:
-    """`expr` (an int or a sympy expression) at `values`; None when a symbol has no value."""
+def _evaluated(expr: Any, values: dict[Any, int]) -> int | float | None:
+    """`expr` (an int or a sympy expression) at `values`, an int where it is one (a ratio of
+    sizes may not be); None when a symbol has no value."""
     if isinstance(expr, int):
         return expr
     if not expr.free_symbols <= values.keys():
         return None
-    return int(expr.xreplace(values))
+    value = sympy.sympify(expr.xreplace(values))
+    return int(value) if value.is_integer else float(value)
 
 
 @dataclass
@@ -187,6 +194,10 @@ class NanoBatchPlan:
     # expression in the input symbols at `symbol_inputs`; absent: 1), as a GEMM's `B*S` rows do.
     split_input: tuple[int, int] | None = None
     row_scales: dict[str, Any] = field(default_factory=dict)
+    # A whole op's rows per unit of the split (its rows over the count's symbol, an expression in
+    # the input symbols; 0 where its rows are known only at run time: a barrier without costs of
+    # its own, which are the same split or not). Absent: its costs are per unit already.
+    whole_rows: dict[str, Any] = field(default_factory=dict)
     # Each input size symbol: where to read it, and its value at the graph's example sizes.
     symbol_inputs: dict[Any, tuple[int, int]] = field(default_factory=dict)
     example_values: dict[Any, int] = field(default_factory=dict)
@@ -228,7 +239,8 @@ class NanoBatchPlan:
         costs = []
         for cost in self.profile:
             per_row = cost.at(buckets) if isinstance(cost, AttentionCost) else cost
-            n = _evaluated(self._rows_per_unit(cost), buckets) or 1
+            n = _evaluated(self._rows_per_unit(cost), buckets)
+            n = 1 if n is None else n
             costs.append(per_row if n == 1 else dataclasses.replace(
                 per_row, flops_per_token=per_row.flops_per_token * n, bytes_per_token=per_row.bytes_per_token * n))
         return costs
@@ -248,10 +260,12 @@ class NanoBatchPlan:
                                  *(c.symbols for c in self.profile if isinstance(c, AttentionCost)))
 
     def _rows_per_unit(self, cost: OpProfile | AttentionCost) -> Any:
-        """A costed op's rows per unit of the split: 1 along the tokens; over sequences, its rows
-        per sequence (attention's query rows, a GEMM's `S` of `B*S`); a whole op's costs are per
-        unit already (`_grouped_gemm_profile`)."""
-        if self.split_input is None or getattr(cost, "whole", False):
+        """A costed op's rows per unit of the split: a whole op's `whole_rows`; else 1 along the
+        tokens, and over sequences its rows per sequence (attention's query rows, a GEMM's `S`
+        of `B*S`)."""
+        if cost.whole:
+            return self.whole_rows.get(cost.name, 1)
+        if self.split_input is None:
             return 1
         return cost.rows if isinstance(cost, AttentionCost) else self.row_scales.get(cost.name, 1)
 
@@ -425,13 +439,12 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRo
     return False
 
 
-def _profile(node: fx.Node, dims: dict[str, int | None], unit: Any = None) -> OpProfile | AttentionCost | None:
-    """Cost-model inputs of the heavy ops (GEMMs, attention, collectives), per token row (a
-    grouped GEMM's per unit the split counts, `unit` being its size symbol: a token, or a
-    sequence)."""
+def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | AttentionCost | None:
+    """Cost-model inputs of the heavy ops (GEMMs, attention, collectives), per row: a token's (a
+    grouped GEMM's per row routed to an expert, and a whole op, `whole`)."""
     name = op_name(node)
     if name == "grouped_gemm":
-        return _grouped_gemm_profile(node, unit)
+        return _grouped_gemm_profile(node)
     if name == "padded_gemm":
         w = meta_val(node.args[1])
         # A gated GEMM's separate up weight and sibling GEMMs' weights (N segments) add their rows to N.
@@ -451,53 +464,65 @@ def gemm_costs(gm: fx.GraphModule) -> list[OpProfile]:
     """The split search's cost inputs per token row of the graph's padded and grouped GEMMs, in
     graph order: FLOPs and bytes per row, and the weights once per launch (how the serving
     engine's `nano_batches="auto"` costs a stage program's dense stages). The engine runs each
-    nano-batch's stages on its own rows, experts too, so a grouped GEMM is no barrier there: its
-    experts' weights are read once per nano-batch, all of them (at most what it reads)."""
+    nano-batch's stages on its own rows, experts too, so a grouped GEMM is no barrier there: it
+    costs its top-k rows per token, and its experts' weights once per nano-batch, all of them (at
+    most what it reads). One whose rows per token are not a number is left out."""
     found = token_symbol(gm)
+    symbols = _input_symbols(gm)
     costs = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and op_name(node) in ("padded_gemm", "grouped_gemm"):
-            cost = _profile(node, {}, None if found is None else found[0])
-            if cost is not None:
-                costs.append(dataclasses.replace(cost, whole=False))
+            cost = _profile(node, {})
+            if cost.whole:
+                ratio = _rows_per_unit_of(_costed_rows(node, {}), None if found is None else found[0], symbols)
+                if ratio is None or not ratio.is_number:
+                    continue
+                cost = dataclasses.replace(cost, flops_per_token=cost.flops_per_token * float(ratio),
+                                           bytes_per_token=cost.bytes_per_token * float(ratio), whole=False)
+            costs.append(cost)
     return costs
 
 
-def _grouped_gemm_profile(node: fx.Node, unit: Any) -> OpProfile | None:
-    """A mixture of experts' grouped GEMM as a whole op (it never splits: its rows are sorted by
-    expert across the step), per unit the split counts: FLOPs and bytes of the rows a unit
-    routes to its experts (top-k per token), and every expert's weights once per launch (at most
-    what a launch reads: a step of a few tokens reaches few experts, the same split or not).
-    None when its rows are no multiple of `unit` the model can read (a count known only at run
-    time) or its weights' sizes are symbolic."""
-    args = bind_arguments(node)
-    w = meta_val(args["weight"])
-    per_unit = _rows_per_unit(meta_val(args["x"]), unit)
-    sizes = [size_hint(s) if isinstance(s, torch.SymInt) else int(s) for s in w.shape]
-    if per_unit is None or None in sizes or any(isinstance(s, torch.SymInt) for s in w.shape):
-        return None
-    experts, n, k = sizes
+def _grouped_gemm_profile(node: fx.Node) -> OpProfile:
+    """A mixture of experts' grouped GEMM, a whole op (it never splits: its rows are sorted by
+    expert across the step), per row routed to an expert (top-k per token): FLOPs and bytes,
+    and every expert's weights once per launch (at most what a launch reads: a step of a few
+    tokens reaches few experts, the same split or not). Weights of symbolic sizes leave it a
+    barrier without costs of its own (its costs are the same split or not)."""
+    w = meta_val(bind_arguments(node)["weight"])
+    if any(isinstance(s, torch.SymInt) for s in w.shape):
+        return OpProfile(node.name, "compute", dtype=str(w.dtype).removeprefix("torch."), whole=True)
+    experts, n, k = (int(s) for s in w.shape)
     e = w.element_size()
-    return OpProfile(node.name, "compute", 2.0 * n * k * per_unit, e * (n + k) * per_unit, float(e * experts * n * k),
+    return OpProfile(node.name, "compute", 2.0 * n * k, e * (n + k), float(e * experts * n * k),
                      str(w.dtype).removeprefix("torch."), whole=True)
 
 
-def _rows_per_unit(x: torch.Tensor, unit: Any) -> float | None:
-    """A GEMM input's rows (all but its last dim) per unit of the split's count `unit` (a size
-    symbol): exactly where that is a number (a grouped GEMM's top-k rows per token), else at the
-    example sizes (`S` top-k rows per sequence of a batch of prompts); None without a unit,
-    rows that are no expression of the sizes (known only at run time), or a ratio not above 0."""
-    rows = math.prod(x.shape[:-1])
-    if unit is None or not isinstance(rows, torch.SymInt):
+def _costed_rows(node: fx.Node, dims: dict[str, int | None]) -> Any:
+    """The rows a heavy op's `_profile` costs one of, as an int or a SymInt: a GEMM's input rows
+    (every dim but the last), attention's query rows (`B*S` of `[B, H, S, D]`), a collective's
+    input along its token dim (None: no such dim)."""
+    name = op_name(node)
+    args = bind_arguments(node)
+    if name in ("padded_gemm", "grouped_gemm"):
+        return math.prod(meta_val(args["x"]).shape[:-1])
+    if name == "meta_attention":
+        q = meta_val(args["q"])
+        return q.shape[0] * q.shape[2]
+    src = args["input"]
+    dim = dims.get(src.name)
+    return None if dim is None else meta_val(src).shape[dim]
+
+
+def _rows_per_unit_of(rows: Any, unit: Any, symbols: Any) -> Any:
+    """`rows` (an int or a SymInt) per unit of the split's count, `unit` its size symbol, as a
+    sympy expression of the input size `symbols` (a number where the rows are a multiple of the
+    count: a grouped GEMM's top-k rows per token); None without a unit or rows, or rows that are
+    no expression of those sizes (a count known only at run time)."""
+    if unit is None or rows is None:
         return None
-    ratio = (rows.node.expr / unit).simplify()
-    if not ratio.is_number:
-        values = _shape_env_values(rows.node.shape_env)
-        if not ratio.free_symbols <= values.keys():
-            return None
-        ratio = ratio.xreplace({sym: values[sym] for sym in ratio.free_symbols})
-    ratio = float(ratio)
-    return ratio if math.isfinite(ratio) and ratio > 0 else None
+    ratio = (rows.node.expr if isinstance(rows, torch.SymInt) else sympy.Integer(rows)) / unit
+    return ratio if ratio.free_symbols <= set(symbols) else None
 
 
 def _attention_profile(node: fx.Node) -> AttentionCost:
@@ -758,7 +783,7 @@ class NanoBatch:
             seqs = _SequenceRows(frozenset(n.name for n in gm.graph.nodes
                                            if rows[n.name] is None and _mentions(meta_val(n), batch)))
         split: dict[str, bool] = {}
-        specs, edges, profile = [], [], []
+        specs, edges, profile, whole_rows = [], [], [], {}
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
@@ -773,8 +798,13 @@ class NanoBatch:
                 for reader in _readers_of(written):
                     if reader is not node and reader.name in split:  # split holds the ops before this one
                         edges.append(OpEdge(reader.name, node.name, "global"))
-            prof = _profile(node, dims, token if batch is None else batch)
+            prof = _profile(node, dims)
             if prof is not None:
+                if not split[node.name]:
+                    # It runs once over the step (MoE's grouped GEMM, one sequence's attention, the
+                    # last token's logits): a barrier, costed per unit by its rows over the count.
+                    ratio = _rows_per_unit_of(_costed_rows(node, dims), token if batch is None else batch, symbols)
+                    prof, whole_rows[node.name] = dataclasses.replace(prof, whole=True), 0 if ratio is None else ratio
                 profile.append(prof)
         strided = _strided_over_joined(gm, split)
         if strided is not None:
@@ -785,6 +815,7 @@ class NanoBatch:
         device, why = _device(ctx)
         plan = NanoBatchPlan(setting, where, dims, split, specs, edges, profile, device, symbol_inputs=symbols,
                              example_values=_example_values(ctx, symbols))
+        plan.whole_rows = whole_rows
         if batch is not None:
             plan.split_input, plan.row_scales = symbols[batch], scales
         if setting == "auto" and device is None:
@@ -963,14 +994,11 @@ def _device(ctx: PassContext) -> tuple[Any, str]:
 
 def _example_values(ctx: PassContext, symbols: Any) -> dict[Any, int]:
     """The example value of each of these size symbols that the shape environment knows."""
-    table = _shape_env_values(ctx.shape_env)
-    return {sym: int(table[sym]) for sym in symbols if table.get(sym) is not None}
-
-
-def _shape_env_values(env: Any) -> dict[Any, Any]:
-    """A shape environment's example value per size symbol it has one for (empty without one)."""
+    env = ctx.shape_env
     if env is None:
         return {}
     # torch >= 2.13 names it backed_var_to_val; older versions var_to_val.
     table = getattr(env, "backed_var_to_val", None)
-    return table if table is not None else getattr(env, "var_to_val", {})
+    if table is None:
+        table = getattr(env, "var_to_val", {})
+    return {sym: int(table[sym]) for sym in symbols if table.get(sym) is not None}

@@ -1373,7 +1373,9 @@ def test_auto_costs_a_mixture_of_experts_grouped_gemms_as_barriers(
     split search's costs, most of the layer's FLOPs, and the model let a nano-batch's attention
     run beside another's experts. They are costed now as whole ops (barriers) where they stand,
     after the router, per token: the top-2 rows a token routes, every expert's weights once per
-    launch. Split over the sequences, a sequence counts its S tokens' rows."""
+    launch. Split over the sequences, a sequence counts its S tokens' rows, S at its power-of-two
+    bucket as the padded GEMMs' rows are. Every other heavy op that runs whole is a barrier too
+    (one sequence's attention, whose queries stay together)."""
     torch.manual_seed(5)
     model = one_layer(build("mixtral")).eval()
     experts, top = model.config.num_local_experts, model.config.num_experts_per_tok
@@ -1391,7 +1393,8 @@ def test_auto_costs_a_mixture_of_experts_grouped_gemms_as_barriers(
         ffn: (2.0 * 2 * ffn * hidden, 4.0 * (2 * ffn + hidden), 4.0 * experts * 2 * ffn * hidden),
         hidden: (2.0 * hidden * ffn, 4.0 * (hidden + ffn), 4.0 * experts * hidden * ffn),
     }
-    for gm, plan, rows in ((tokens_gm, tokens_plan, top), (seqs_gm, seqs_plan, top * 5)):  # (S = 5 at the example)
+    barriers = []
+    for gm, plan, rows in ((tokens_gm, tokens_plan, top), (seqs_gm, seqs_plan, top * 8)):  # (S = 5, at its bucket 8)
         grouped = [n for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
         heavy = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) in (
             "padded_gemm", "grouped_gemm", "meta_attention")]
@@ -1403,6 +1406,50 @@ def test_auto_costs_a_mixture_of_experts_grouped_gemms_as_barriers(
             flops, nbytes, weights = per_row[node.meta["val"].shape[-1]]
             assert cost.whole and not plan.split[node.name]
             assert (cost.flops_per_token, cost.bytes_per_token, cost.fixed_bytes) == (flops * rows, nbytes * rows, weights)
-        assert not any(c.whole for c in plan.costs_at() if c.name not in {n.name for n in grouped})
-    # The search saw them too, and their rows were not scaled again by a sequence's rows.
-    assert all(sum(c.whole for c in costs) == 2 for costs, _ in halving_search)
+        barriers.append({c.name for c in plan.costs_at() if c.whole})
+        assert barriers[-1] == {name for name in heavy if not plan.split[name]}
+    def named(gm: torch.fx.GraphModule, op: str) -> set[str]:
+        return {n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == op}
+
+    # Along one sequence's tokens its attention runs whole; over the sequences it splits.
+    assert barriers == [named(tokens_gm, "grouped_gemm") | named(tokens_gm, "meta_attention"),
+                        named(seqs_gm, "grouped_gemm")]
+    # The search saw them as such.
+    assert [{c.name for c in costs if c.whole} for costs, _ in halving_search] == [barriers[0]] * 2 + [barriers[1]]
+
+
+def test_heavy_ops_that_run_whole_are_costed_as_barriers(
+        halving_search: list[tuple[list, int]], plans: list[tuple], split_calls: list[int]) -> None:
+    """The split search costed every GEMM and attention as split per nano-batch, those that run
+    whole too: one sequence's attention (its queries stay together) and the head over the last
+    token's row only (`logits_to_keep=1`), whose one row the search counted once per token. Each
+    is a barrier now, costed per token by its rows over the token count: attention's S query
+    rows over S tokens, the head's 1 row over T (at T's power-of-two bucket, as the search sees
+    sizes). The report's timeline draws each once."""
+    torch.manual_seed(3)
+    model = one_layer(build("llama")).eval()
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": "auto"},
+                                                                     report=report), dynamic=True)
+    for length in (7, 12):
+        ids = torch.randint(0, VOCAB, (1, length))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, use_cache=False, logits_to_keep=1).logits,
+                                       model(ids, use_cache=False, logits_to_keep=1).logits, rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == 2
+    ((gm, plan),) = plans
+    gemms = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "padded_gemm"]
+    (attention,) = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "meta_attention"]
+    head = gemms[-1]
+    whole = {c.name for c in plan.profile if c.whole}
+    assert whole == {attention, head} == {c.name for c in plan.profile if not plan.split[c.name]}
+    (tokens,) = plan.example_values  # (the one size symbol: the token count, 7 at the example)
+    assert plan.whole_rows == {attention: 1, head: 1 / tokens}
+    costs = {c.name: c for c in plan.costs_at()}
+    row = next(c for c in plan.profile if c.name == head)  # (per row: 2 * vocabulary * hidden FLOPs)
+    assert row.flops_per_token == 2.0 * VOCAB * model.config.hidden_size
+    assert costs[head].flops_per_token == row.flops_per_token / 8 and costs[head].fixed_bytes == row.fixed_bytes
+    (info,) = [g.extra["nano_batch"] for g in report.graphs]
+    drawn = collections.Counter(e["op"] for e in info["timeline"])
+    assert all(drawn[name] == 1 for name in whole) and all(drawn[name] == len(info["sizes"]) == 2 for name in gemms[:-1])
+    assert {e["op"] for e in info["timeline"] if e["nano_batch"] is None} == whole

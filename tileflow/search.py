@@ -242,12 +242,13 @@ def op_time(
 def _streams_and_shares(
     ops: Sequence[OpProfile], k: int, share: float
 ) -> tuple[dict[str, int], dict[int, float]]:
-    """Stream per resource and SM share per stream for a k-way split with compute share."""
+    """Stream per resource and SM share per stream for a k-way split with compute share (the
+    SMs are partitioned between compute and memory ops that split: a whole op runs alone)."""
     present = [r for r in RESOURCES if any(o.resource == r for o in ops)]
     if k == 1:
         return {r: 0 for r in present}, {0: 1.0}
     streams = {r: DEFAULT_STREAM_OF_RESOURCE[r] for r in present}
-    both = "compute" in present and "memory" in present
+    both = {"compute", "memory"} <= {o.resource for o in ops if not o.whole}
     shares: dict[int, float] = {}
     for r in present:
         if r == "network":
@@ -372,7 +373,7 @@ def _modeled_times(
         for i, op in enumerate(ops):
             s = streams[op.resource]
             for j in range(k):
-                if not bound[i][j] or times[i][j] <= 0 or op.whole:
+                if not bound[i][j] or times[i][j] <= 0:
                     continue
                 a, b = start[i][j], finish[i][j]
                 parts: list[tuple[int, float]] = []
@@ -438,7 +439,7 @@ def modeled_timeline(
         for i, op in enumerate(ops)
         for j in range(1 if op.whole else len(sizes))
     ]
-    return sorted(entries, key=lambda e: (e["start_us"], e["stream"], e["nano_batch"]))
+    return sorted(entries, key=lambda e: (e["start_us"], e["stream"], -1 if e["nano_batch"] is None else e["nano_batch"]))
 
 
 def _group_bound(
@@ -555,7 +556,7 @@ def _effective(num_tokens: int, max_nano_batches: int, units: int) -> tuple[int,
 
 def _shares_for(ops: Sequence[OpProfile], k: int, sm_shares: Sequence[float]) -> list[float]:
     """Share candidates that actually differ: one when there is nothing to partition."""
-    kinds = {o.resource for o in ops}
+    kinds = {o.resource for o in ops if not o.whole}
     if k == 1 or not {"compute", "memory"} <= kinds:
         return [1.0]
     return sorted(set(float(s) for s in sm_shares))

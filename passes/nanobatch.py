@@ -474,7 +474,7 @@ def gemm_costs(gm: fx.GraphModule) -> list[OpProfile]:
         if node.op == "call_function" and op_name(node) in ("padded_gemm", "grouped_gemm"):
             cost = _profile(node, {})
             if cost.whole:
-                ratio = _rows_per_unit_of(_costed_rows(node, {}), None if found is None else found[0], symbols)
+                ratio = _rows_over_count(_costed_rows(node, {}), None if found is None else found[0], symbols)
                 if ratio is None or not ratio.is_number:
                     continue
                 cost = dataclasses.replace(cost, flops_per_token=cost.flops_per_token * float(ratio),
@@ -514,7 +514,7 @@ def _costed_rows(node: fx.Node, dims: dict[str, int | None]) -> Any:
     return None if dim is None else meta_val(src).shape[dim]
 
 
-def _rows_per_unit_of(rows: Any, unit: Any, symbols: Any) -> Any:
+def _rows_over_count(rows: Any, unit: Any, symbols: Any) -> Any:
     """`rows` (an int or a SymInt) per unit of the split's count, `unit` its size symbol, as a
     sympy expression of the input size `symbols` (a number where the rows are a multiple of the
     count: a grouped GEMM's top-k rows per token); None without a unit or rows, or rows that are
@@ -803,7 +803,7 @@ class NanoBatch:
                 if not split[node.name]:
                     # It runs once over the step (MoE's grouped GEMM, one sequence's attention, the
                     # last token's logits): a barrier, costed per unit by its rows over the count.
-                    ratio = _rows_per_unit_of(_costed_rows(node, dims), token if batch is None else batch, symbols)
+                    ratio = _rows_over_count(_costed_rows(node, dims), token if batch is None else batch, symbols)
                     prof, whole_rows[node.name] = dataclasses.replace(prof, whole=True), 0 if ratio is None else ratio
                 profile.append(prof)
         strided = _strided_over_joined(gm, split)

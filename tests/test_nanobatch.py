@@ -1453,3 +1453,25 @@ def test_heavy_ops_that_run_whole_are_costed_as_barriers(
     drawn = collections.Counter(e["op"] for e in info["timeline"])
     assert all(drawn[name] == 1 for name in whole) and all(drawn[name] == len(info["sizes"]) == 2 for name in gemms[:-1])
     assert {e["op"] for e in info["timeline"] if e["nano_batch"] is None} == whole
+
+
+def test_a_whole_op_whose_rows_are_known_only_at_run_time_is_a_barrier_without_costs_per_unit() -> None:
+    """Rows counted by a size the step computes (an unbacked symbol: how many rows a data-dependent
+    op kept) are no expression of the inputs' sizes: the op stays in the model as a barrier, with
+    its weights read once and no cost per unit (its costs are the same split or not), rather than
+    leaving the model free to overlap across it."""
+    import sympy
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from tileflow.passes.nanobatch import NanoBatchPlan, _rows_over_count
+    from tileflow.search import OpProfile
+
+    tokens = sympy.Symbol("s0", integer=True, positive=True)
+    kept = ShapeEnv().create_unbacked_symint()
+    assert _rows_over_count(2 * kept, tokens, {tokens}) is None
+    assert _rows_over_count(3, tokens, {tokens}) == 3 / tokens and _rows_over_count(3, None, {tokens}) is None
+    experts = OpProfile("experts", "compute", 1e6, 1e3, 5e8, whole=True)
+    gemm = OpProfile("gemm", "compute", 2e6, 1e3, 1e7)
+    plan = NanoBatchPlan("auto", (0, 0), {}, {}, [], [], profile=[gemm, experts], whole_rows={"experts": 0},
+                         example_values={tokens: 5})
+    assert plan.costs_at() == [gemm, OpProfile("experts", "compute", 0.0, 0.0, 5e8, whole=True)]

@@ -20,9 +20,10 @@ attention's share of its sequence's K/V and its FLOPs per key seen (`_attention_
 collective's bytes over the interconnect. Over sequences (below) a unit is a sequence: its rows'
 costs times its rows. A heavy op that runs whole (MoE's grouped GEMM, one sequence's attention,
 the head over the last token's row) is a barrier in the search's model (`OpProfile.whole`),
-costed per unit by its rows over the count. Costs are taken at each call's sizes (a decode
-step's cache length changes every call), each size rounded up to its power of two
-(`NanoBatchPlan.costs_at`).
+costed per unit by its rows over the count (its time is the same split or not: where it stands
+decides), and the runtime launches it over the whole device. Costs are taken at each call's
+sizes (a decode step's cache length changes every call), each size rounded up to its power of
+two (`NanoBatchPlan.costs_at`).
 
 A batch of several sequences (`[B, S]` ids, both sizes symbolic) has no token dim in its GEMMs,
 whose rows are `B*S`: the step splits over whole sequences instead (`_batch_symbol`), each
@@ -195,8 +196,9 @@ class NanoBatchPlan:
     split_input: tuple[int, int] | None = None
     row_scales: dict[str, Any] = field(default_factory=dict)
     # A whole op's rows per unit of the split (its rows over the count's symbol, an expression in
-    # the input symbols; 0 where its rows are known only at run time: a barrier without costs of
-    # its own, which are the same split or not). Absent: its costs are per unit already.
+    # the input symbols; 0 where its rows are no such expression: a barrier without costs per
+    # unit). Absent: its costs are per unit already. A barrier's time is the same split or not,
+    # so this sizes it in the report's timeline and the plans' makespans, not the split chosen.
     whole_rows: dict[str, Any] = field(default_factory=dict)
     # Each input size symbol: where to read it, and its value at the graph's example sizes.
     symbol_inputs: dict[Any, tuple[int, int]] = field(default_factory=dict)
@@ -440,8 +442,9 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRo
 
 
 def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | AttentionCost | None:
-    """Cost-model inputs of the heavy ops (GEMMs, attention, collectives), per row: a token's (a
-    grouped GEMM's per row routed to an expert, and a whole op, `whole`)."""
+    """Cost-model inputs of the heavy ops (GEMMs, attention, collectives), per row they compute
+    (`_costed_rows`: a token's, or a grouped GEMM's row routed to an expert, which is `whole`:
+    the pass marks every other op it keeps whole)."""
     name = op_name(node)
     if name == "grouped_gemm":
         return _grouped_gemm_profile(node)
@@ -465,8 +468,9 @@ def gemm_costs(gm: fx.GraphModule) -> list[OpProfile]:
     graph order: FLOPs and bytes per row, and the weights once per launch (how the serving
     engine's `nano_batches="auto"` costs a stage program's dense stages). The engine runs each
     nano-batch's stages on its own rows, experts too, so a grouped GEMM is no barrier there: it
-    costs its top-k rows per token, and its experts' weights once per nano-batch, all of them (at
-    most what it reads). One whose rows per token are not a number is left out."""
+    costs its rows per token (top-k, or every expert's in the batched form), and its experts'
+    weights once per nano-batch, all of them (at most what it reads). One whose rows per token
+    are not a number is left out."""
     found = token_symbol(gm)
     symbols = _input_symbols(gm)
     costs = []
@@ -485,7 +489,8 @@ def gemm_costs(gm: fx.GraphModule) -> list[OpProfile]:
 
 def _grouped_gemm_profile(node: fx.Node) -> OpProfile:
     """A mixture of experts' grouped GEMM, a whole op (it never splits: its rows are sorted by
-    expert across the step), per row routed to an expert (top-k per token): FLOPs and bytes,
+    expert across the step), per row routed to an expert (top-k per token; in the batched form
+    `[E, T, K]` every expert's): FLOPs and bytes,
     and every expert's weights once per launch (at most what a launch reads: a step of a few
     tokens reaches few experts, the same split or not). Weights of symbolic sizes leave it a
     barrier without costs of its own (its costs are the same split or not)."""
@@ -516,9 +521,10 @@ def _costed_rows(node: fx.Node, dims: dict[str, int | None]) -> Any:
 
 def _rows_over_count(rows: Any, unit: Any, symbols: Any) -> Any:
     """`rows` (an int or a SymInt) per unit of the split's count, `unit` its size symbol, as a
-    sympy expression of the input size `symbols` (a number where the rows are a multiple of the
-    count: a grouped GEMM's top-k rows per token); None without a unit or rows, or rows that are
-    no expression of those sizes (a count known only at run time)."""
+    sympy expression of the input tensors' size `symbols` (a number where the rows are a
+    multiple of the count: a grouped GEMM's top-k rows per token); None without a unit or rows,
+    or rows that are no expression of those sizes (a count the step computes, or an int
+    argument: `logits_to_keep=4` under dynamic shapes)."""
     if unit is None or rows is None:
         return None
     ratio = (rows.node.expr if isinstance(rows, torch.SymInt) else sympy.Integer(rows)) / unit
@@ -813,9 +819,8 @@ class NanoBatch:
                                           "the layout: not split")
             return result
         device, why = _device(ctx)
-        plan = NanoBatchPlan(setting, where, dims, split, specs, edges, profile, device, symbol_inputs=symbols,
-                             example_values=_example_values(ctx, symbols))
-        plan.whole_rows = whole_rows
+        plan = NanoBatchPlan(setting, where, dims, split, specs, edges, profile, device, whole_rows=whole_rows,
+                             symbol_inputs=symbols, example_values=_example_values(ctx, symbols))
         if batch is not None:
             plan.split_input, plan.row_scales = symbols[batch], scales
         if setting == "auto" and device is None:

@@ -1419,13 +1419,15 @@ def test_auto_costs_a_mixture_of_experts_grouped_gemms_as_barriers(
 
 
 def test_heavy_ops_that_run_whole_are_costed_as_barriers(
-        halving_search: list[tuple[list, int]], plans: list[tuple], split_calls: list[int]) -> None:
+        halving_search: list[tuple[list, int]], plans: list[tuple], split_calls: list[int],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The split search costed every GEMM and attention as split per nano-batch, those that run
     whole too: one sequence's attention (its queries stay together) and the head over the last
     token's row only (`logits_to_keep=1`), whose one row the search counted once per token. Each
     is a barrier now, costed per token by its rows over the token count: attention's S query
     rows over S tokens, the head's 1 row over T (at T's power-of-two bucket, as the search sees
-    sizes). The report's timeline draws each once."""
+    sizes). The report's timeline draws each once, and on (simulated) streams each launches
+    over the whole device, as the model has it."""
     torch.manual_seed(3)
     model = one_layer(build("llama")).eval()
     report = tileflow.Report()
@@ -1453,6 +1455,20 @@ def test_heavy_ops_that_run_whole_are_costed_as_barriers(
     drawn = collections.Counter(e["op"] for e in info["timeline"])
     assert all(drawn[name] == 1 for name in whole) and all(drawn[name] == len(info["sizes"]) == 2 for name in gemms[:-1])
     assert {e["op"] for e in info["timeline"] if e["nano_batch"] is None} == whole
+    # On streams (simulated), they launch over the whole device, as the model has them; the
+    # split GEMMs over their stream's share.
+    import tileflow.runtime.streams as streams_runtime
+    from tileflow.runtime.streams import SimulatedStreams
+
+    executor, launched, run_op = SimulatedStreams(seed=4), {}, nanobatch_runtime.ScheduleState.run_op
+    monkeypatch.setattr(nanobatch_runtime.NanoBatchRunner, "_executor_for", lambda self, device: executor)
+    monkeypatch.setattr(nanobatch_runtime.ScheduleState, "run_op", lambda self, op: launched.setdefault(
+        op.original, set()).add(streams_runtime._GRID_SHARE.get()) or run_op(self, op))
+    ids = torch.randint(0, VOCAB, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, use_cache=False, logits_to_keep=1).logits,
+                                   model(ids, use_cache=False, logits_to_keep=1).logits, rtol=1e-5, atol=1e-5)
+    assert all(launched[name] == {None} for name in whole) and all(launched[name] == {0.75} for name in gemms[:-1])
 
 
 def test_a_whole_op_whose_rows_are_known_only_at_run_time_is_a_barrier_without_costs_per_unit() -> None:

@@ -373,7 +373,7 @@ def _modeled_times(
         for i, op in enumerate(ops):
             s = streams[op.resource]
             for j in range(k):
-                if not bound[i][j] or times[i][j] <= 0:
+                if not bound[i][j] or times[i][j] <= 0 or op.whole:
                     continue
                 a, b = start[i][j], finish[i][j]
                 parts: list[tuple[int, float]] = []

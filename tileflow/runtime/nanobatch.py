@@ -40,6 +40,7 @@ class NanoBatchRunner:
                  executor: Any = None, graph_buckets: Sequence[int] = (), graph_factory: Any = None,
                  exact_graphs: bool = False) -> None:
         self.gm, self.plan, self.whole, self.check = gm, plan, whole, check
+        self._unsplit = frozenset(name for name, split in plan.split.items() if not split)  # (on the whole device)
         self.executor = executor
         self._schedule = lru_cache(maxsize=64)(self._build)
         self.last_schedule = None
@@ -98,7 +99,7 @@ class NanoBatchRunner:
             executor = self._executor_for(args[index].device)
             if executor is not None:
                 return run_schedule_on_streams(ScheduleState(self.gm, self.plan, args), schedule, executor, order,
-                                               self.plan.shares(tokens, values))
+                                               self.plan.shares(tokens, values), self._unsplit)
         return run_schedule(self.gm, self.plan, schedule, args, order)
 
 

@@ -31,7 +31,7 @@ import os
 import random
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -156,12 +156,16 @@ def run_schedule_on_streams(
     executor: StreamExecutor,
     order: Sequence[str],
     shares: dict[int, float] | None = None,
+    whole: Collection[str] = (),
 ) -> Any:
     """Run `schedule` on `executor`'s streams and return the graph's outputs.
 
     `state` is a `ScheduleState` (it computes one nano-op from its producers' values); `order` a
     topological order of the schedule (issue order: an event is always recorded before anything
-    waits on it); `shares` optionally maps a stream to its SM share (see `grid_share`).
+    waits on it); `shares` optionally maps a stream to its SM share (see `grid_share`), which
+    the ops of the unsplit graph named in `whole` (those that run once over the step, between
+    every nano-batch's ops before them and after them) do not take: they launch over the whole
+    device, as the split search's model has them (`OpProfile.whole`).
     """
     waits: dict[str, list[str]] = defaultdict(list)
     for producer, consumer in schedule.events:
@@ -173,7 +177,7 @@ def run_schedule_on_streams(
         op = schedule.ops[name]
         for producer in waits.get(name, ()):
             executor.wait(op.stream, events[producer])
-        share = shares.get(op.stream) if shares else None
+        share = shares.get(op.stream) if shares and op.original not in whole else None
 
         def step(op: Any = op, share: float | None = share) -> None:
             with grid_share(share):

@@ -575,13 +575,15 @@ class ServingEngine:
 
         With `nano_shares`, a stage's persistent kernels launch over a share of the device: with
         `stream_shares` (`"auto"`'s), the split search's compute stream's share for a dense
-        stage and its memory stream's for attention, the partition its model costed; else the
+        stage and its memory stream's for attention, the shares its model costed (which runs
+        the nano-batches' GEMMs one at a time on one stream: here two nano-batches' dense stages
+        may run at once, together over more than the device, as at a step's start); else the
         nano-batch's token share (`sm_shares`)."""
         runs: list[Any] = [None] * len(groups)
         outputs: list[torch.Tensor | None] = [None] * len(groups)
         dense = [stage.kind == "dense" for stage in self.program.stages]
         ran = [0] * len(groups)  # stages each nano-batch has run
-        token_shares = sm_shares(groups)
+        token_shares = sm_shares(groups) if stream_shares is None else None
 
         def share_of(j: int) -> float | None:
             """The device share nano-batch j's next stage launches over (None: all of it)."""

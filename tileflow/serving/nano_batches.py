@@ -10,9 +10,10 @@ to cut each step: the step's ops as the search's profile, per token row, in stag
 dense stage's padded and grouped GEMMs, `StageProgram.dense_costs`; each attention stage's cost averaged
 over the step's rows), and `search.split_for_count` on the step's token count, with the cuts
 moved to entry boundaries before the model checks that the split still wins. The model assumes
-a stream per resource class (GEMMs on one, attention on another); the engine runs each
-nano-batch on its own stream at its token share of the SMs (`sm_shares`). Both overlap one
-nano-batch's attention with another's GEMMs; the model is the estimate of when that pays. A
+a stream per resource class (GEMMs on one, attention on another, at the SM shares it chose);
+the engine runs each nano-batch on its own stream, each stage at the share the model gave its
+kind (a fixed k: the nano-batch's token share, `sm_shares`). Both overlap one nano-batch's
+attention with another's GEMMs; the model is the estimate of when that pays. A
 mixture of experts' grouped GEMMs run per nano-batch here, each reading its experts' weights
 (costed as all of them: at most what it reads). A program whose dense stages hold no padded GEMM
 (built without the GEMM pass) has nothing to cost: its steps run whole.

@@ -443,8 +443,8 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRo
 
 def _profile(node: fx.Node, dims: dict[str, int | None]) -> OpProfile | AttentionCost | None:
     """Cost-model inputs of the heavy ops (GEMMs, attention, collectives), per row they compute
-    (`_costed_rows`: a token's, or a grouped GEMM's row routed to an expert, which is `whole`:
-    the pass marks every other op it keeps whole)."""
+    (`_costed_rows`: a token's; a grouped GEMM's, a row routed to an expert). A grouped GEMM is
+    `whole` from here; the pass marks every other op it keeps whole."""
     name = op_name(node)
     if name == "grouped_gemm":
         return _grouped_gemm_profile(node)
@@ -490,10 +490,10 @@ def gemm_costs(gm: fx.GraphModule) -> list[OpProfile]:
 def _grouped_gemm_profile(node: fx.Node) -> OpProfile:
     """A mixture of experts' grouped GEMM, a whole op (it never splits: its rows are sorted by
     expert across the step), per row routed to an expert (top-k per token; in the batched form
-    `[E, T, K]` every expert's): FLOPs and bytes,
-    and every expert's weights once per launch (at most what a launch reads: a step of a few
-    tokens reaches few experts, the same split or not). Weights of symbolic sizes leave it a
-    barrier without costs of its own (its costs are the same split or not)."""
+    `[E, T, K]` every expert's): FLOPs and bytes, and every expert's weights once per launch (at
+    most what a launch reads: a step of a few tokens reaches few experts, the same split or not).
+    Weights of symbolic sizes leave it a barrier without costs of its own (its costs are the same
+    split or not)."""
     w = meta_val(bind_arguments(node)["weight"])
     if any(isinstance(s, torch.SymInt) for s in w.shape):
         return OpProfile(node.name, "compute", dtype=str(w.dtype).removeprefix("torch."), whole=True)

@@ -32,12 +32,12 @@ stream runs one instance at a time, with a static SM share (a partition, like Na
 contexts / capped grids). Instance (j, i) (op i of nano-batch j) can start when its stream is
 free and (j, i-1) has finished. Greedy list scheduling: repeatedly start, among the next op of
 each nano-batch, the one with the earliest possible start (ties: lower j). Ops of different
-resource classes from different nano-batches thus overlap. An op marked `whole` (MoE's grouped
-GEMM) is a barrier: it runs once over all `sum(sizes)` tokens on the whole device, once every
-nano-batch has reached it, and every nano-batch's next op waits for it (so the split overlaps
-only the ops between two barriers, and a barrier's own time is the same split or not). The
-makespan is the last finish. k = 1 is the unsplit baseline: one stream, the whole device, no
-overlap.
+resource classes from different nano-batches thus overlap. An op marked `whole` (one the split
+leaves whole: MoE's grouped GEMM, one sequence's attention) is a barrier: it runs once over all
+`sum(sizes)` tokens on the whole device, once every nano-batch has reached it, and every
+nano-batch's next op waits for it (so the split overlaps only the ops between two barriers, and
+a barrier's own time is the same split or not). The makespan is the last finish. k = 1 is the
+unsplit baseline: one stream, the whole device, no overlap.
 
 Search
 ------
@@ -97,10 +97,10 @@ class OpProfile:
             interconnect bytes per token for a network op.
         fixed_bytes: bytes read once per launch regardless of tokens (weights).
         dtype: dtype name selecting the device's peak rate.
-        whole: the op runs once over the whole step even when it is split (a barrier: a mixture
-            of experts' grouped GEMM, whose rows are sorted by expert across the step): after
-            every nano-batch's op before it, before any nano-batch's op after it, on the whole
-            device (its kernel's grid is not capped).
+        whole: the op runs once over the whole step even when it is split (a barrier: an op the
+            split leaves whole, as a mixture of experts' grouped GEMM, whose rows are sorted by
+            expert across the step): after every nano-batch's op before it, before any
+            nano-batch's op after it, on the whole device (its kernel's grid is not capped).
     """
 
     name: str

@@ -841,6 +841,8 @@ class NanoBatch:
         info: dict[str, Any] = {"setting": setting, "token_symbol": None if token is None else str(token),
                                 "split_ops": sum(split.values()),
                                 "whole_ops": len(split) - sum(split.values()),
+                                # (the heavy ops among them: where the split's overlap stops)
+                                "barriers": list(whole_rows),
                                 "split_over": "tokens" if batch is None else "sequences"}
         if batch is not None:
             info["batch_symbol"] = str(batch)

@@ -242,9 +242,7 @@ class NanoBatchPlan:
         for cost in self.profile:
             per_row = cost.at(buckets) if isinstance(cost, AttentionCost) else cost
             n = _evaluated(self._rows_per_unit(cost), buckets)
-            n = 1 if n is None else n
-            costs.append(per_row if n == 1 else dataclasses.replace(
-                per_row, flops_per_token=per_row.flops_per_token * n, bytes_per_token=per_row.bytes_per_token * n))
+            costs.append(per_row if n is None or n == 1 else _rows_of(per_row, n))
         return costs
 
     def _buckets(self, values: dict[Any, int] | None) -> dict[Any, int]:
@@ -481,10 +479,16 @@ def gemm_costs(gm: fx.GraphModule) -> list[OpProfile]:
                 ratio = _rows_over_count(_costed_rows(node, {}), None if found is None else found[0], symbols)
                 if ratio is None or not ratio.is_number:
                     continue
-                cost = dataclasses.replace(cost, flops_per_token=cost.flops_per_token * float(ratio),
-                                           bytes_per_token=cost.bytes_per_token * float(ratio), whole=False)
+                cost = _rows_of(cost, float(ratio), whole=False)
             costs.append(cost)
     return costs
+
+
+def _rows_of(cost: OpProfile, rows: float, **changes: Any) -> OpProfile:
+    """`cost` (per row) for `rows` rows per unit: its per-token FLOPs and bytes times `rows`, its
+    weights as they are."""
+    return dataclasses.replace(cost, flops_per_token=cost.flops_per_token * rows,
+                               bytes_per_token=cost.bytes_per_token * rows, **changes)
 
 
 def _grouped_gemm_profile(node: fx.Node) -> OpProfile:

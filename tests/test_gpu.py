@@ -253,6 +253,37 @@ def test_serving_engine_on_the_gpu_generates_eager_tokens() -> None:
     assert all(stage.module.graphs.captures > 0 and not stage.module.graphs._failed for stage in graphed.dense)
 
 
+def test_auto_nano_batches_on_the_search_streams_generate_eager_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nano_batches="auto"` on CUDA: each split step runs its dense stages on one stream and
+    its attention on another, each stage after an event on its nano-batch's previous one, at
+    the search's SM shares (the search's answer stood in for: halves of every step of 8 tokens
+    or more), and the tokens equal eager generation's."""
+    import tileflow.serving.nano_batches as nano_batches
+    from tileflow import search
+    from tileflow.distributed import CausalLMStep, build_stage_program
+    from tileflow.serving import Request, ServingEngine
+
+    def halves(costs, device, count: int, snap=None, **options):
+        sizes = snap([count // 2, count - count // 2]) if count >= 8 else [count]
+        return search.CountSplit(sizes, {0: 0.75, 1: 0.25}, 0.75) if len(sizes) > 1 else None
+
+    monkeypatch.setattr(nano_batches, "split_for_count", halves)
+    model, reference, eos, example = _serving_llama()
+    program = build_stage_program(CausalLMStep(model), example, max_tokens=256)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40, 11)]
+    engine = ServingEngine(program, token_budget=48, decode_slots=4, block_size=8, num_blocks=64, device="cuda",
+                           nano_batches="auto")
+    used: set[int] = set()
+    launch = engine.streams.launch
+    engine.streams.launch = lambda stream, fn: used.add(stream) or launch(stream, fn)
+    requests = [Request(i, p, 8, stop_tokens=eos) for i, p in enumerate(prompts)]
+    engine.run(requests)
+    _assert_eager_tokens(reference, requests, ("auto",))
+    assert engine.metrics.nano_batched_steps > 0
+    assert used == {0, 1}  # the search's compute and memory streams only
+
+
 def test_to_device_copies_without_waiting_for_the_device() -> None:
     """Host arrays of several dtypes reach the GPU unchanged, each view 16-byte aligned, with no
     synchronization (the copy is queued behind a long kernel instead of waiting for it)."""

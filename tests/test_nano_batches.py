@@ -333,12 +333,25 @@ def test_auto_serves_the_eager_tokens_cut_as_the_split_says(llama_program, monke
 
     launched: list[float | None] = []
     attended: list[float | None] = []
+    running_on: list[int] = []  # the stream of the piece of work the simulated streams run now
+    on_stream: set[tuple[int, float | None]] = set()  # (stream, share) of each stage launched
     grid_share, attend = engine_module.grid_share, ServingEngine._attend
-    monkeypatch.setattr(engine_module, "grid_share", lambda share: launched.append(share) or grid_share(share))
+
+    def spy_share(share: float | None):
+        launched.append(share)
+        on_stream.add((running_on[-1], share))
+        return grid_share(share)
+
+    monkeypatch.setattr(engine_module, "grid_share", spy_share)
     monkeypatch.setattr(ServingEngine, "_attend", lambda self, *args: attended.append(
         streams_runtime._GRID_SHARE.get()) or attend(self, *args))
+
+    class StreamsSaid(SimulatedStreams):
+        def launch(self, stream: int, fn) -> None:
+            super().launch(stream, lambda: running_on.append(stream) or fn())
+
     engine = ServingEngine(program, token_budget=48, decode_slots=6, block_size=4, num_blocks=128,
-                           nano_batches="auto", streams=SimulatedStreams(seed=1) if streams else None)
+                           nano_batches="auto", streams=StreamsSaid(seed=1) if streams else None)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in (9, 30, 4, 17, 12, 25)]
     requests = [Request(i, p, 8, stop_tokens=_eos(reference)) for i, p in enumerate(prompts)]
@@ -355,6 +368,9 @@ def test_auto_serves_the_eager_tokens_cut_as_the_split_says(llama_program, monke
     parts = sum(len(sizes) for sizes in runs)  # nano-batches run: each ran 3 dense stages and 2 attentions
     assert sorted(launched, key=str) == sorted([0.25] * 2 * parts + [0.75] * 3 * parts + [None] * parts, key=str)
     assert set(attended) == {0.25, None}  # (None: the steps run whole)
+    # The search's streams: every dense stage on the compute stream at its share, every attention
+    # on the memory stream at its (the turn collecting the logits: compute's, over the whole device).
+    assert on_stream == {(0, 0.75), (1, 0.25), (0, None)}
 
 
 def test_auto_is_refused_with_graphed_stages_and_other_strings_are_refused(llama_program) -> None:

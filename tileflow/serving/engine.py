@@ -167,11 +167,13 @@ class ServingEngine:
     `"auto"` cuts a step where the split search's cost model, on the device's table entry, says
     a split wins, as it says (`nano_batches.AutoSplit`), and runs every step whole where there
     are no streams (off CUDA, unless `streams` are given): there nano-batches run one after
-    another. With nano-batches and `nano_shares`, each nano-batch's persistent kernels take a
-    share of the device's SMs about in proportion to its tokens (`sm_shares`; NanoFlow's
-    partition: kernels that each filled the device could not run side by side), and under
-    `"auto"` the shares the split search costed the cut at: a dense stage's kernels its compute
-    stream's, attention's its memory stream's; without, every kernel takes the whole device.
+    another. A fixed k runs each nano-batch on its own stream; `"auto"` runs the streams of the
+    split search's model: dense stages on one, attention on another (`_forward_nano`). With
+    nano-batches and `nano_shares`, each nano-batch's persistent kernels take a share of the
+    device's SMs about in proportion to its tokens (`sm_shares`; NanoFlow's partition: kernels
+    that each filled the device could not run side by side), and under `"auto"` the shares the
+    split search costed the cut at: a dense stage's kernels its compute stream's, attention's
+    its memory stream's; without, every kernel takes the whole device.
     """
 
     def __init__(
@@ -567,40 +569,58 @@ class ServingEngine:
         return groups, stream_shares
 
     def _forward_nano(self, groups: list[list[Entry]], stream_shares: dict[int, float] | None = None) -> torch.Tensor:
-        """NanoFlow's overlap for a serving step: each nano-batch (whole sequences, so its
-        attention needs no other) runs the program on its own stream, stage by stage in turn,
-        so one nano-batch's memory-bound decode attention can run beside another's GEMMs.
-        Dense stages are token-wise and every nano-batch writes and reads only its own
-        sequences' KV, so nothing crosses between streams until the logits are joined.
+        """NanoFlow's overlap for a serving step: the nano-batches (whole sequences, so each
+        one's attention needs no other's) run the program stage by stage, so one nano-batch's
+        memory-bound decode attention can run beside another's GEMMs. Dense stages are
+        token-wise and every nano-batch writes and reads only its own sequences' KV, so nothing
+        crosses between nano-batches until the logits are joined.
 
-        With `nano_shares`, a stage's persistent kernels launch over a share of the device: with
-        `stream_shares` (`"auto"`'s), the split search's compute stream's share for a dense
-        stage and its memory stream's for attention, the shares its model costed (which runs
-        the nano-batches' GEMMs one at a time on one stream: here two nano-batches' dense stages
-        may run at once, together over more than the device, as at a step's start); else the
-        nano-batch's token share (`sm_shares`)."""
+        With a fixed k (`stream_shares` None), each nano-batch runs on its own stream and, with
+        `nano_shares`, its persistent kernels launch over its token share of the device
+        (`sm_shares`). Under `"auto"` the streams are the split search's model's, one per kind
+        of op (`DEFAULT_STREAM_OF_RESOURCE`): every dense stage on the compute stream and every
+        attention on the memory stream, in turn by nano-batch, a stage waiting on an event
+        after its nano-batch's previous one; each launches at the share the search costed its
+        stream at (`stream_shares`). So, as in the model, two nano-batches' dense stages never
+        run at once, and the shares running together never add up to more than the device.
+
+        Every tensor that crosses streams (a stage's outputs, the step's inputs) stays
+        referenced until the last launch has been enqueued: the caching allocator cannot hand
+        its memory to other work before the streams are joined."""
         runs: list[Any] = [None] * len(groups)
         outputs: list[torch.Tensor | None] = [None] * len(groups)
         dense = [stage.kind == "dense" for stage in self.program.stages]
         ran = [0] * len(groups)  # stages each nano-batch has run
         token_shares = sm_shares(groups) if stream_shares is None else None
 
-        def share_of(j: int) -> float | None:
-            """The device share nano-batch j's next stage launches over (None: all of it)."""
-            if not self.nano_shares or ran[j] == len(dense):
+        def stream_of(j: int, stage: int) -> int:
+            """The stream of nano-batch j's stage (`len(dense)`: the turn collecting its output,
+            on its last stage's stream)."""
+            if stream_shares is None:
+                return j
+            return DEFAULT_STREAM_OF_RESOURCE["compute" if dense[min(stage, len(dense) - 1)] else "memory"]
+
+        def share_of(j: int, stage: int) -> float | None:
+            """The device share nano-batch j's stage launches over (None: all of it)."""
+            if not self.nano_shares or stage == len(dense):
                 return None
             if stream_shares is None:
                 return token_shares[j]
-            return stream_shares.get(DEFAULT_STREAM_OF_RESOURCE["compute" if dense[ran[j]] else "memory"])
+            return stream_shares.get(stream_of(j, stage))
 
         def start(j: int) -> None:
             step = self.prepare(groups[j])
             attend = lambda cut, q, k, v, key_starts=None: self._attend(step, cut, q, k, v)  # noqa: E731
             runs[j] = self.program.stepwise([step.ids, step.positions], attention=attend)
 
-        def advance(j: int) -> None:
+        def advance(j: int, stage: int) -> None:
+            # A generator runs whatever stage comes next: a stream missing its wait would run a
+            # stage early on the wrong stream and share, and still give the right logits.
+            if ran[j] != stage:
+                raise RuntimeError(f"nano-batch {j}'s stage {stage} was launched after {ran[j]} of its stages ran: "
+                                   "a stream is missing a wait on its previous stage")
             try:
-                with grid_share(share_of(j)):  # the stage's kernels are launched inside next()
+                with grid_share(share_of(j, stage)):  # the stage's kernels are launched inside next()
                     next(runs[j])
                 ran[j] += 1
             except StopIteration as done:
@@ -608,16 +628,23 @@ class ServingEngine:
 
         streams = self.streams
         # Without streams (the CPU) the nano-batches run in the same order, one piece at a time.
-        launch = streams.launch if streams is not None else (lambda j, fn: fn())
+        launch = streams.launch if streams is not None else (lambda stream, fn: fn())
         if streams is not None:
             streams.begin()
         for j in range(len(groups)):
-            launch(j, lambda j=j: start(j))
+            launch(stream_of(j, 0), lambda j=j: start(j))
         # One launch per stage per nano-batch, round robin: a stream never waits for the host to
         # finish enqueueing another nano-batch's whole step. The extra turn collects the outputs.
-        for _ in range(len(self.program.stages) + 1):
+        after: list[Any] = [None] * len(groups)  # per nano-batch, the event after its last stage
+        for stage in range(len(dense) + 1):
             for j in range(len(groups)):
-                launch(j, lambda j=j: advance(j))
+                stream = stream_of(j, stage)
+                if after[j] is not None:
+                    streams.wait(stream, after[j])
+                    after[j] = None
+                launch(stream, lambda j=j, stage=stage: advance(j, stage))
+                if streams is not None and stage < len(dense) and stream_of(j, stage + 1) != stream:
+                    after[j] = streams.record(stream)
         if streams is not None:
             streams.end()
         return torch.cat(outputs, dim=1)

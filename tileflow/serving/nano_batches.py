@@ -9,11 +9,13 @@ entry boundaries allow.
 to cut each step: the step's ops as the search's profile, per token row, in stage order (each
 dense stage's padded and grouped GEMMs, `StageProgram.dense_costs`; each attention stage's cost averaged
 over the step's rows), and `search.split_for_count` on the step's token count, with the cuts
-moved to entry boundaries before the model checks that the split still wins. The model assumes
-a stream per resource class (GEMMs on one, attention on another, at the SM shares it chose);
-the engine runs each nano-batch on its own stream, each stage at the share the model gave its
-kind (a fixed k: the nano-batch's token share, `sm_shares`). Both overlap one nano-batch's
-attention with another's GEMMs; the model is the estimate of when that pays. A
+moved to entry boundaries before the model checks that the split still wins. The model has a
+stream per resource class (GEMMs on one, attention on another, at the SM shares it chose), and
+the engine runs a split step on those streams, each stage at its stream's share, in turn by
+nano-batch (the model orders single GEMMs by when each can start, so the two orders may differ
+where the nano-batches are uneven). A fixed k instead runs each nano-batch on its own stream
+at its token share (`sm_shares`). Both overlap one nano-batch's attention with another's
+GEMMs; the model is the estimate of when that pays. A
 mixture of experts' grouped GEMMs run per nano-batch here, each reading its experts' weights
 (costed as all of them: at most what it reads). A program whose dense stages hold no padded GEMM
 (built without the GEMM pass) has nothing to cost: its steps run whole.

@@ -88,9 +88,13 @@ _ALONG_DIM = {
 }
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
 # Ops returning several tensors that all keep the input's rows at one token dim (LayerNorm's
-# output, mean and rstd; a split along another dim, GPT-2's fused q/k/v): their tuple's pieces
-# are tuples, which the ops' getitems pick from per nano-batch.
-_ROW_TUPLES = {aten.native_layer_norm.default, aten.split.Tensor, aten.split_with_sizes.default}
+# output, mean and rstd; a split along another dim, GPT-2's fused q/k/v; a router's top-k experts
+# per token): their tuple's pieces are tuples, which the ops' getitems pick from per nano-batch.
+_ROW_TUPLES = {aten.native_layer_norm.default, aten.split.Tensor, aten.split_with_sizes.default, aten.topk.default,
+               aten.sort.default, aten.max.dim, aten.min.dim}
+# The ones among them that select or order along one dim (default -1; max and min: a required dim).
+_SELECT_ALONG = {aten.topk.default: (2, -1), aten.sort.default: (1, -1), aten.max.dim: (1, None),
+                 aten.min.dim: (1, None)}
 # Tensor parallelism's collectives (`tileflow.graph_utils`). An all-reduce reduces each element
 # over the ranks, so a row of its output reads only that row of every rank's input: it splits
 # per nano-batch like an elementwise op, and nano-batch i's reduction can run beside nano-batch
@@ -361,6 +365,13 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRo
         # dim lies before them.
         src = node.args[0]
         return dims.get(src.name) == out_dim and out_dim < meta_val(src).dim() - len(node.args[1])
+    if target in _SELECT_ALONG:
+        # Each row's values picked or ordered among that row's own (a router's top-k over its
+        # experts) when the dim is not the token dim.
+        src = node.args[0]
+        position, default = _SELECT_ALONG[target]
+        along = node.args[position] if len(node.args) > position else node.kwargs.get("dim", default)
+        return along is not None and dims.get(src.name) == out_dim and along % meta_val(src).dim() != out_dim
     if target in (aten.split.Tensor, aten.split_with_sizes.default):
         src = node.args[0]
         along = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)

@@ -1367,6 +1367,39 @@ def test_the_stack_rule_checks_where_the_token_dim_lands() -> None:
     assert not _is_token_wise(last, {**rows, y.name: None})  # an input without the token dim
 
 
+def _picks_per_row(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # `[T, 8]` router-like scores: each row's top 2 (a MoE router), its values sorted, its largest
+    # and smallest; and the top 2 rows of every column (along the tokens: reads every row).
+    probs = x.softmax(-1)
+    weights, experts = probs.topk(2, dim=-1)
+    ordered, order = torch.sort(x, dim=-1, descending=True)
+    biggest, at = torch.max(x, 1)
+    smallest, _ = torch.min(x, dim=-1)
+    top_rows, _ = x.topk(2, dim=0)
+    return weights / weights.sum(-1, keepdim=True), experts, ordered * 2, order, biggest + smallest, at, top_rows + 1
+
+
+def test_top_k_sort_max_and_min_along_a_row_split(plans: list[tuple], split_calls: list[int]) -> None:
+    """A router's top-k over each token's scores (Mixtral's, before its experts), and a sort, a
+    max and a min along each row, run per nano-batch (they ran whole, and so did their items),
+    equal to eager; a top-k along the tokens stays whole."""
+    compiled = torch.compile(_picks_per_row, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}))
+    for tokens in (5, 8):
+        x = torch.randn(tokens, 8)
+        torch._dynamo.mark_dynamic(x, 0)
+        for got, want in zip(compiled(x), _picks_per_row(x)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(split_calls) == 2
+    ((gm, plan),) = plans
+    aten = torch.ops.aten
+    picks = [n for n in gm.graph.nodes if n.target in (aten.topk.default, aten.sort.default, aten.max.dim, aten.min.dim)]
+    along_tokens = [n for n in picks if n.target is aten.topk.default and n.args[2:3] == (0,)]
+    assert len(picks) == 5 and len(along_tokens) == 1
+    assert [plan.split[n.name] for n in picks] == [n not in along_tokens for n in picks]
+    items = [u for n in picks for u in n.users]
+    assert [plan.split[u.name] for u in items] == [n not in along_tokens for n in picks for _ in n.users]
+
+
 def test_auto_costs_a_mixture_of_experts_grouped_gemms_as_barriers(
         halving_search: list[tuple[list, int]], plans: list[tuple], split_calls: list[int]) -> None:
     """Mixtral's experts (two grouped GEMMs per layer, which stay whole) were left out of the

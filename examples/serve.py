@@ -52,7 +52,7 @@ def main() -> int:
     p.add_argument("--slots", type=int, default=6, help="requests decoding at once")
     p.add_argument("--nano-batches", type=_nano_batches, default=1,
                    help="nano-batches per step, each on its own stream (1: off; auto: where the cost model says a "
-                        "split wins, on a GPU)")
+                        "split wins, on a GPU, on its streams: dense stages on one, attention on another)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sample, each request with its seed")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens reaching this mass")

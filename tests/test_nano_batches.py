@@ -11,7 +11,7 @@ from itertools import accumulate
 
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from tileflow import search
@@ -432,32 +432,50 @@ def test_auto_that_cannot_cost_a_step_says_so_once_and_runs_it_whole(llama_progr
         assert r.tokens[len(r.prompt):] == _eager_greedy(reference, r.prompt, 4), r.id
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_any_cut_on_either_kind_of_streams_gives_the_whole_step_logits(llama_program, data: st.DataObject) -> None:
-    """A step of mixed decodes and prompt chunks (some behind a cached prefix), cut anywhere at
-    entry boundaries and run on simulated streams in a random interleaving, gives the logits of
-    the step run whole (fp32, 1e-5): on a stream per nano-batch at token shares (a fixed k) and
-    on `"auto"`'s streams, one for dense stages and one for attention, at any shares."""
+    """A step of decodes and prompt chunks (a small budget chunks the prompts, so later chunks
+    run behind their cached prefix), cut anywhere at entry boundaries and run on simulated
+    streams in a random interleaving, gives the logits of the step run whole and writes the same
+    KV (fp32, 1e-5), each from the cache as it was before the step: on a stream per nano-batch
+    (a fixed k) and on `"auto"`'s streams, one for dense stages and one for attention, at any
+    shares."""
     from tileflow.runtime.streams import SimulatedStreams
 
     program, _ = llama_program
-    engine = ServingEngine(program, token_budget=40, decode_slots=4, block_size=4, num_blocks=128, overlap=False,
-                           streams=SimulatedStreams(seed=data.draw(st.integers(0, 2**16), label="seed")))
-    prompts = data.draw(st.lists(st.lists(st.integers(0, 63), min_size=1, max_size=30), min_size=2, max_size=6),
-                        label="prompts")
-    for i, prompt in enumerate(prompts):
+    streams = SimulatedStreams(seed=data.draw(st.integers(0, 2**16), label="seed"))
+    engine = ServingEngine(program, token_budget=data.draw(st.integers(8, 32), label="budget"), decode_slots=4,
+                           block_size=4, num_blocks=128, overlap=False, streams=streams)
+    lengths = data.draw(st.lists(st.integers(1, 28), min_size=2, max_size=6), label="prompt lengths")
+    gen = torch.Generator().manual_seed(len(lengths))
+    prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in lengths]
+    late = data.draw(st.integers(0, len(prompts)), label="prompts arriving late")
+    for i, prompt in enumerate(prompts[:len(prompts) - late]):
         engine.add(Request(i, prompt, 6))
-    for _ in range(data.draw(st.integers(0, 4), label="steps before")):
+    for _ in range(data.draw(st.integers(0, 5), label="steps before")):
         if engine.scheduler.has_work():
             engine.step()
+    for i, prompt in enumerate(prompts[len(prompts) - late:], start=len(prompts) - late):
+        engine.add(Request(i, prompt, 6))  # (they join decoding requests)
     entries = engine.scheduler.schedule({})
     if len(entries) < 2:
         return
+    kinds = {"decode" if len(e.tokens) == 1 else "chunk behind its prefix" if e.start else "prompt" for e in entries}
+    event(" + ".join(sorted(kinds)))
     cuts = data.draw(st.sets(st.integers(1, len(entries) - 1), min_size=1), label="cuts")
     starts = [0, *sorted(cuts), len(entries)]
     groups = [entries[a:b] for a, b in zip(starts, starts[1:])]
     compute = data.draw(st.floats(0.05, 0.95), label="compute share")
     shares = data.draw(st.sampled_from([None, {0: compute, 1: 1 - compute}]), label="stream shares")
+    caches = [t for kv in engine.kvs for t in (*kv.k, *kv.v)]
+    before = [t.clone() for t in caches]
+    split = engine._forward_nano(groups, shares)
+    assert {stream for stream, _ in streams.trace} == (set(range(len(groups))) if shares is None else {0, 1})
+    written = [t.clone() for t in caches]
+    for t, old in zip(caches, before):
+        t.copy_(old)
     whole = engine.forward(entries, engine.prepare(entries))
-    torch.testing.assert_close(engine._forward_nano(groups, shares), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    for t, got in zip(caches, written):
+        torch.testing.assert_close(got, t, rtol=1e-5, atol=1e-5)

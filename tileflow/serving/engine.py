@@ -584,9 +584,11 @@ class ServingEngine:
         stream at (`stream_shares`). So, as in the model, two nano-batches' dense stages never
         run at once, and the shares running together never add up to more than the device.
 
-        Every tensor that crosses streams (a stage's outputs, the step's inputs) stays
-        referenced until the last launch has been enqueued: the caching allocator cannot hand
-        its memory to other work before the streams are joined."""
+        A tensor that crosses streams (a stage's outputs, the step's inputs) stays referenced
+        until its nano-batch's turn collecting the logits, enqueued after all of that
+        nano-batch's stages, which allocates nothing; what any stream runs after that is the
+        next step's, forked after `end` joins them all: the caching allocator cannot hand its
+        memory to work that might run while another stream still reads it."""
         runs: list[Any] = [None] * len(groups)
         outputs: list[torch.Tensor | None] = [None] * len(groups)
         dense = [stage.kind == "dense" for stage in self.program.stages]

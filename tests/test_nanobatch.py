@@ -1324,16 +1324,22 @@ def _rows_stacked(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return torch.stack((-x2, x1), dim=-1).flatten(-2) + 1, torch.stack((x1, x2), dim=0) * 2
 
 
+def _split_in_two_equals_eager(fn, width: int, split_calls: list[int]) -> None:
+    """`fn` over `[T, width]` rows compiled with two nano-batches equals eager exactly at 5 and 8
+    tokens (one graph, the token dim dynamic), split at both calls."""
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}))
+    for tokens in (5, 8):
+        x = torch.randn(tokens, width)
+        torch._dynamo.mark_dynamic(x, 0)
+        for got, want in zip(compiled(x), fn(x)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(split_calls) == 2
+
+
 def test_a_stack_off_the_token_dim_splits(plans: list[tuple], split_calls: list[int]) -> None:
     """Stacks of token-major tensors at dim -1 and at dim 0 run per nano-batch (they ran whole)
     and equal eager."""
-    compiled = torch.compile(_rows_stacked, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}))
-    for tokens in (5, 8):
-        x = torch.randn(tokens, 16)
-        torch._dynamo.mark_dynamic(x, 0)
-        for got, want in zip(compiled(x), _rows_stacked(x)):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert len(split_calls) == 2
+    _split_in_two_equals_eager(_rows_stacked, 16, split_calls)
     ((gm, plan),) = plans
     stacks = [n for n in gm.graph.nodes if n.target is torch.ops.aten.stack.default]
     assert len(stacks) == 2 and all(plan.split[n.name] for n in stacks)
@@ -1383,13 +1389,7 @@ def test_top_k_sort_max_and_min_along_a_row_split(plans: list[tuple], split_call
     """A router's top-k over each token's scores (Mixtral's, before its experts), and a sort, a
     max and a min along each row, run per nano-batch (they ran whole, and so did their items),
     equal to eager; a top-k along the tokens stays whole."""
-    compiled = torch.compile(_picks_per_row, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}))
-    for tokens in (5, 8):
-        x = torch.randn(tokens, 8)
-        torch._dynamo.mark_dynamic(x, 0)
-        for got, want in zip(compiled(x), _picks_per_row(x)):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert len(split_calls) == 2
+    _split_in_two_equals_eager(_picks_per_row, 8, split_calls)
     ((gm, plan),) = plans
     aten = torch.ops.aten
     picks = [n for n in gm.graph.nodes if n.target in (aten.topk.default, aten.sort.default, aten.max.dim, aten.min.dim)]

@@ -435,8 +435,8 @@ def test_auto_that_cannot_cost_a_step_says_so_once_and_runs_it_whole(llama_progr
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_any_cut_on_either_kind_of_streams_gives_the_whole_step_logits(llama_program, data: st.DataObject) -> None:
-    """A step of decodes and prompt chunks (a small budget chunks the prompts, so later chunks
-    run behind their cached prefix), cut anywhere at entry boundaries and run on simulated
+    """A step of decodes, drafts to verify and prompt chunks (a small budget chunks the prompts,
+    so later chunks run behind their cached prefix), cut anywhere at entry boundaries and run on simulated
     streams in a random interleaving, gives the logits of the step run whole and writes the same
     KV (fp32, 1e-5), each from the cache as it was before the step: on a stream per nano-batch
     (a fixed k) and on `"auto"`'s streams, one for dense stages and one for attention, at any
@@ -445,8 +445,9 @@ def test_any_cut_on_either_kind_of_streams_gives_the_whole_step_logits(llama_pro
 
     program, _ = llama_program
     streams = SimulatedStreams(seed=data.draw(st.integers(0, 2**16), label="seed"))
-    engine = ServingEngine(program, token_budget=data.draw(st.integers(8, 32), label="budget"), decode_slots=4,
-                           block_size=4, num_blocks=128, overlap=False, streams=streams)
+    max_draft = data.draw(st.integers(0, 3), label="max draft")
+    engine = ServingEngine(program, token_budget=data.draw(st.integers(4 * (1 + max_draft) + 4, 36), label="budget"), decode_slots=4,
+                           max_draft=max_draft, block_size=4, num_blocks=128, overlap=False, streams=streams)
     lengths = data.draw(st.lists(st.integers(1, 28), min_size=2, max_size=6), label="prompt lengths")
     gen = torch.Generator().manual_seed(len(lengths))
     prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in lengths]
@@ -458,10 +459,13 @@ def test_any_cut_on_either_kind_of_streams_gives_the_whole_step_logits(llama_pro
             engine.step()
     for i, prompt in enumerate(prompts[len(prompts) - late:], start=len(prompts) - late):
         engine.add(Request(i, prompt, 6))  # (they join decoding requests)
-    entries = engine.scheduler.schedule({})
+    # Drafts to verify (any tokens: the logits are compared, not the acceptance).
+    drafts = {r.id: torch.randint(0, 64, (max_draft,), generator=gen).tolist()
+              for r in engine.scheduler.running if not r.prefilling}
+    entries = engine.scheduler.schedule(drafts)
     if len(entries) < 2:
         return
-    kinds = {"decode" if len(e.tokens) == 1 else "chunk behind its prefix" if e.start else "prompt" for e in entries}
+    kinds = {e.kind if e.kind != "prefill" else "chunk behind its prefix" if e.start else "prompt" for e in entries}
     event(" + ".join(sorted(kinds)))
     cuts = data.draw(st.sets(st.integers(1, len(entries) - 1), min_size=1), label="cuts")
     starts = [0, *sorted(cuts), len(entries)]

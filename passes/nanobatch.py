@@ -13,12 +13,17 @@ ranks), and gathers and reduce-scatters off the token dim. Token-wise ops run on
 nano-batch over its rows; every other op (attention over one sequence, anything reading across
 tokens) runs once over all rows, after the nano-ops it reads. Each nano-op depends only on the
 producer nano-ops whose rows it reads, never on a global barrier
-(`tileflow.schedule.build_dependencies`). Resource classes: GEMMs compute,
+(`tileflow.schedule.build_dependencies`). A mixture of experts' routing (its sort, gathers,
+grouped GEMMs and unsort) reads across tokens op by op, but as a whole computes each token's rows
+from that token's alone: where `tileflow.routing` proves that, its every op runs per nano-batch
+over the nano-batch's own tokens (its own sort and counts), and the report lists those experts
+(`routed_experts`); else the report says which op stopped the proof, and it runs whole. Resource classes: GEMMs compute,
 attention memory, collectives network; the light ops go with the GEMMs on the compute stream.
 The search's cost per token row: a GEMM's FLOPs and bytes, and its weights once per launch;
 attention's share of its sequence's K/V and its FLOPs per key seen (`_attention_profile`); a
-collective's bytes over the interconnect. Over sequences (below) a unit is a sequence: its rows'
-costs times its rows. A heavy op that runs whole (MoE's grouped GEMM, one sequence's attention,
+collective's bytes over the interconnect; a routed grouped GEMM's per routed row, k of them a
+token. Over sequences (below) a unit is a sequence: its rows' costs times its rows. A heavy op
+that runs whole (MoE's grouped GEMM where its routing is not proven, one sequence's attention,
 the head over the last token's row) is a barrier in the search's model (`OpProfile.whole`),
 costed per unit by its rows over the count (its time is the same split or not: where it stands
 decides), and the runtime launches it over the whole device. Costs are taken at each call's
@@ -63,14 +68,16 @@ from tileflow.graph_utils import (
     token_dim, traced_contiguous, written_arguments,
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
+from tileflow.routing import RoutedRegions, find_routed_regions
 from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, OpEdge, OpSpec, Schedule, check_schedule, make_schedule
 from tileflow.search import OpProfile, modeled_timeline, power_of_two_bucket, split_for_count
 
 aten = torch.ops.aten
 
-# Everything else is compute-bound. grouped_gemm (MoE experts) is never token-wise: its rows are
-# sorted by expert and its offsets cover all of them (or, batched, each expert's block holds every
-# token), so it runs once over every row (the split search costs it as a barrier, `whole`).
+# Everything else is compute-bound. grouped_gemm (MoE experts) is never token-wise by itself: its
+# rows are sorted by expert and its offsets cover all of them (or, batched, each expert's block
+# holds every token). The routing around it, as a whole, may be (`tileflow.routing`): then it runs
+# per nano-batch; else once over every row (the split search costs it as a barrier, `whole`).
 _MEMORY_OPS = {"meta_attention", "meta_attention_varlen", "scaled_dot_product_attention"}
 _NETWORK_PREFIXES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 # Layout ops that keep rows intact (the token dim may move, never merge).
@@ -199,6 +206,10 @@ class NanoBatchPlan:
     # expression in the input symbols at `symbol_inputs`; absent: 1), as a GEMM's `B*S` rows do.
     split_input: tuple[int, int] | None = None
     row_scales: dict[str, Any] = field(default_factory=dict)
+    # A mixture of experts' routing run per nano-batch (`tileflow.routing`): each of these nodes
+    # computes a nano-batch's value from that nano-batch's own values alone (the rows of its
+    # tokens, `row_scales` of them a token; its own counts), so a reader takes exactly its piece.
+    routed: frozenset[str] = frozenset()
     # A whole op's rows per unit of the split (its rows over the count's symbol, an expression in
     # the input symbols; 0 where its rows are no such expression: a barrier without costs per
     # unit). Absent: its costs are per unit already. A barrier's time is the same split or not,
@@ -269,9 +280,9 @@ class NanoBatchPlan:
         of `B*S`)."""
         if cost.whole:
             return self.whole_rows.get(cost.name, 1)
-        if self.split_input is None:
-            return 1
-        return cost.rows if isinstance(cost, AttentionCost) else self.row_scales.get(cost.name, 1)
+        if isinstance(cost, AttentionCost):
+            return 1 if self.split_input is None else cost.rows
+        return self.row_scales.get(cost.name, 1)  # (along the tokens: a routed grouped GEMM's k rows a token)
 
     def _search(self, tokens: int, values: dict[Any, int] | None) -> tuple[list[int], dict[int, float] | None]:
         """(sizes, SM shares) for `tokens`: the split `search.split_for_count` runs at the costs
@@ -503,12 +514,12 @@ def _rows_of(cost: OpProfile, rows: float, **changes: Any) -> OpProfile:
 
 
 def _grouped_gemm_profile(node: fx.Node) -> OpProfile:
-    """A mixture of experts' grouped GEMM, a whole op (it never splits: its rows are sorted by
-    expert across the step), per row routed to an expert (top-k per token; in the batched form
-    `[E, T, K]` every expert's): FLOPs and bytes, and every expert's weights once per launch (at
-    most what a launch reads: a step of a few tokens reaches few experts, the same split or not).
-    Weights of symbolic sizes leave it a barrier without costs of its own (its costs are the same
-    split or not)."""
+    """A mixture of experts' grouped GEMM, a whole op (alone it never splits: its rows are sorted
+    by expert across the step; the pass runs it per nano-batch where its routing is proven),
+    per row routed to an expert (top-k per token; in the batched form `[E, T, K]` every
+    expert's): FLOPs and bytes, and every expert's weights once per launch (at most what a
+    launch reads: a launch over a few tokens reaches few experts). Weights of symbolic sizes
+    leave it a barrier without costs of its own (its costs are the same split or not)."""
     w = meta_val(bind_arguments(node)["weight"])
     if any(isinstance(s, torch.SymInt) for s in w.shape):
         return OpProfile(node.name, "compute", dtype=str(w.dtype).removeprefix("torch."), whole=True)
@@ -803,12 +814,23 @@ class NanoBatch:
             scales = {name: r[1] for name, r in rows.items() if r is not None and r[1] != 1}
             seqs = _SequenceRows(frozenset(n.name for n in gm.graph.nodes
                                            if rows[n.name] is None and _mentions(meta_val(n), batch)))
-        split: dict[str, bool] = {}
+        split = {n.name: _is_token_wise(n, dims, seqs) for n in gm.graph.nodes if n.op == "call_function"}
+        # A mixture of experts' routing (sort, grouped GEMMs, unsort) keeps each token's rows its
+        # own as a whole: proven, it runs per nano-batch over its tokens' routed rows
+        # (`tileflow.routing`). (Over sequences its experts stay whole.)
+        routed = find_routed_regions(gm, dims, split, token) if batch is None else RoutedRegions()
+        for name, kind in routed.kinds.items():
+            split[name] = True
+            scale = routed.row_scale(name)
+            dims[name] = None if scale is None else 0
+            if scale is not None:
+                scales[name] = scale
+        for name, why in routed.refused.items():
+            result.fallback(name, f"the experts run whole, a barrier between nano-batches: {why}")
         specs, edges, profile, whole_rows = [], [], [], {}
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            split[node.name] = _is_token_wise(node, dims, seqs)
             specs.append(OpSpec(node.name, op_name(node), resource_of(node)))
             for src in node.all_input_nodes:
                 if src.op == "call_function":
@@ -821,7 +843,9 @@ class NanoBatch:
                         edges.append(OpEdge(reader.name, node.name, "global"))
             prof = _profile(node, dims)
             if prof is not None:
-                if not split[node.name]:
+                if split[node.name] and node.name in routed.kinds:
+                    prof = dataclasses.replace(prof, whole=False)  # per nano-batch: its k rows a token
+                elif not split[node.name]:
                     # It runs once over the step (MoE's grouped GEMM, one sequence's attention, the
                     # last token's logits): a barrier, costed per unit by its rows over the count.
                     ratio = _rows_over_count(_costed_rows(node, dims), token if batch is None else batch, symbols)
@@ -835,9 +859,10 @@ class NanoBatch:
             return result
         device, why = _device(ctx)
         plan = NanoBatchPlan(setting, where, dims, split, specs, edges, profile, device, whole_rows=whole_rows,
-                             symbol_inputs=symbols, example_values=_example_values(ctx, symbols))
+                             symbol_inputs=symbols, example_values=_example_values(ctx, symbols),
+                             row_scales=scales, routed=frozenset(routed.kinds))
         if batch is not None:
-            plan.split_input, plan.row_scales = symbols[batch], scales
+            plan.split_input = symbols[batch]
         if setting == "auto" and device is None:
             result.fallback("graph", f"nano_batches='auto' runs the split search, which needs a CUDA device's figures, "
                                      f"and {why}: not split (an integer nano_batches >= 2 forces a split)")
@@ -858,6 +883,9 @@ class NanoBatch:
                                 "whole_ops": len(split) - sum(split.values()),
                                 # (the heavy ops among them: where the split's overlap stops)
                                 "barriers": list(whole_rows),
+                                # (MoE experts run per nano-batch, `tileflow.routing`)
+                                "routed_experts": [n.name for n in gm.graph.nodes
+                                                   if n.name in routed.kinds and op_name(n) == "grouped_gemm"],
                                 "split_over": "tokens" if batch is None else "sequences"}
         if batch is not None:
             info["batch_symbol"] = str(batch)

@@ -1400,15 +1400,95 @@ def test_top_k_sort_max_and_min_along_a_row_split(plans: list[tuple], split_call
     assert [plan.split[u.name] for u in items] == [n not in along_tokens for n in picks for _ in n.users]
 
 
-def test_auto_costs_a_mixture_of_experts_grouped_gemms_as_barriers(
+def _routed_experts(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                    defect: str = "") -> torch.Tensor:
+    # A mixture of experts routed as transformers' grouped-GEMM experts route it (top 2 of 4 per
+    # token, sort, gather, grouped GEMMs over offsets counted from the sorted ids, weights,
+    # unsort, sum), or with one `defect` that makes it read across tokens.
+    top = 2
+    weights, ids = scores.softmax(-1).topk(top, dim=-1)
+    flat_w, flat_ids = weights.reshape(-1), ids.reshape(-1)
+    sorted_ids, perm = torch.sort(flat_ids, descending=defect == "descending")
+    rows = x[(torch.sort(flat_w)[1] if defect == "rows by another sort" else perm) // top]
+    counted = flat_ids if defect == "unsorted counts" else sorted_ids
+    offsets = torch.cumsum(torch.histc(counted.float(), bins=w1.shape[0], min=0, max=w1.shape[0] - 1), dim=0,
+                           dtype=torch.int32)
+    y = torch.ops.tileflow.grouped_gemm(torch.ops.tileflow.grouped_gemm(rows, w1, offsets, "silu"), w2, offsets)
+    y = (y.cumsum(0) if defect == "cumsum over rows" else y) * flat_w[perm].unsqueeze(-1)
+    if defect != "no unsort":
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.size(0))
+        y = y[inverse]
+    return y.view(x.shape[0], top, x.shape[1]).sum(1) + x
+
+
+def _compile_routed(defect: str, k: int, report: tileflow.Report) -> None:
+    """`_routed_experts` compiled with k nano-batches, equal to eager at 5, 9 and 16 tokens."""
+    torch.manual_seed(11)
+    w1, w2 = torch.randn(4, 8, 16) / 4, torch.randn(4, 16, 8) / 4
+    fn = lambda x, scores: _routed_experts(x, scores, w1, w2, defect)  # noqa: E731
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend(
+        {"passes": ("canonicalize", "nanobatch"), "nano_batches": k}, report=report))
+    for tokens in (5, 9, 16):
+        x, scores = torch.randn(tokens, 16), torch.randn(tokens, 4)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(scores, 0)
+        torch.testing.assert_close(compiled(x, scores), fn(x, scores), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_mixture_of_experts_routing_runs_per_nano_batch(plans: list[tuple], split_calls: list[int], k: int) -> None:
+    """The routing of a mixture of experts (sort, gather, grouped GEMMs, unsort) ran whole, a
+    barrier between every nano-batch's ops before it and after it. As a whole it computes each
+    token's rows from that token's alone (`tileflow.routing` proves it op by op), so each
+    nano-batch now runs it over its own tokens: its own sort, counts and grouped GEMMs, equal to
+    eager. The report names the experts run so; none is a barrier."""
+    report = tileflow.Report()
+    _compile_routed("", k, report)
+    assert len(split_calls) == 3
+    ((gm, plan),) = plans
+    grouped = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
+    routing = {n.name for n in gm.graph.nodes if n.target in (
+        torch.ops.aten.sort.default, torch.ops.aten.histc.default, torch.ops.aten.cumsum.default,
+        torch.ops.aten.index_put.default, torch.ops.aten.arange.default, torch.ops.aten.empty_like.default)}
+    assert len(grouped) == 2 and len(routing) == 6 and routing | set(grouped) <= plan.routed
+    # Every op holding tensors runs per nano-batch (left whole: only the token count's arithmetic).
+    assert all(plan.split[n.name] for n in gm.graph.nodes
+               if n.op == "call_function" and isinstance(n.meta.get("val"), (torch.Tensor, tuple)))
+    schedule = plan.schedule(plan.sizes(9))
+    assert sorted(op.original for op in schedule.ops.values() if op.original in grouped) == sorted(grouped * k)
+    (info,) = [g["extra"]["nano_batch"] for g in report.to_dict()["graphs"]]
+    assert info["routed_experts"] == grouped and info["barriers"] == []
+
+
+@pytest.mark.parametrize(("defect", "op"), [("descending", "sort"), ("unsorted counts", "histc"),
+                                            ("cumsum over rows", "cumsum"), ("no unsort", "view"),
+                                            ("rows by another sort", "grouped_gemm")])
+def test_routing_that_reads_across_tokens_runs_whole(plans: list[tuple], defect: str, op: str) -> None:
+    """A routing with one op that reads across the tokens (groups sorted the other way from the
+    offsets, offsets counted from the unsorted ids, a cumulative sum down the rows, rows left in
+    expert order, rows sorted by something else than their experts) is not proven, runs whole
+    (equal to eager), and the report says which op stopped it."""
+    report = tileflow.Report()
+    _compile_routed(defect, 2, report)
+    ((gm, plan),) = plans
+    grouped = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
+    assert not plan.routed and not any(plan.split[name] for name in grouped)
+    (graph,) = report.to_dict()["graphs"]
+    (why,) = [f["reason"] for f in graph["fallbacks"] if f["node"] == grouped[0]]
+    assert why.startswith("the experts run whole, a barrier between nano-batches: ") and f"({op})" in why
+    assert set(graph["extra"]["nano_batch"]["barriers"]) == set(grouped)
+
+
+def test_auto_costs_a_mixture_of_experts_per_nano_batch_or_as_barriers(
         halving_search: list[tuple[list, int]], plans: list[tuple], split_calls: list[int]) -> None:
-    """Mixtral's experts (two grouped GEMMs per layer, which stay whole) were left out of the
-    split search's costs, most of the layer's FLOPs, and the model let a nano-batch's attention
-    run beside another's experts. They are costed now as whole ops (barriers) where they stand,
-    after the router, per token: the top-2 rows a token routes, every expert's weights once per
-    launch. Split over the sequences, a sequence counts its S tokens' rows, S at its power-of-two
-    bucket as the padded GEMMs' rows are. Every other heavy op that runs whole is a barrier too
-    (one sequence's attention, whose queries stay together)."""
+    """Mixtral's experts (two grouped GEMMs per layer) are in the split search's costs, most of
+    the layer's FLOPs, per token: the top-2 rows a token routes, every expert's weights once per
+    launch. Along the tokens their routing runs per nano-batch (`tileflow.routing`), so they are
+    chain ops like any GEMM; split over the sequences they run whole, barriers, where a sequence
+    counts its S tokens' rows (S at its power-of-two bucket, as the padded GEMMs' rows are).
+    Every other heavy op that runs whole is a barrier too (one sequence's attention, whose
+    queries stay together)."""
     torch.manual_seed(5)
     model = one_layer(build("mixtral")).eval()
     experts, top = model.config.num_local_experts, model.config.num_experts_per_tok
@@ -1437,16 +1517,17 @@ def test_auto_costs_a_mixture_of_experts_grouped_gemms_as_barriers(
         for node in grouped:
             cost = next(c for c in plan.costs_at() if c.name == node.name)
             flops, nbytes, weights = per_row[node.meta["val"].shape[-1]]
-            assert cost.whole and not plan.split[node.name]
+            along_tokens = plan is tokens_plan
+            assert cost.whole is not along_tokens and plan.split[node.name] is along_tokens
             assert (cost.flops_per_token, cost.bytes_per_token, cost.fixed_bytes) == (flops * rows, nbytes * rows, weights)
         barriers.append({c.name for c in plan.costs_at() if c.whole})
         assert barriers[-1] == {name for name in heavy if not plan.split[name]}
     def named(gm: torch.fx.GraphModule, op: str) -> set[str]:
         return {n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == op}
 
-    # Along one sequence's tokens its attention runs whole; over the sequences it splits.
-    assert barriers == [named(tokens_gm, "grouped_gemm") | named(tokens_gm, "meta_attention"),
-                        named(seqs_gm, "grouped_gemm")]
+    # Along one sequence's tokens its attention runs whole and its experts split; over the
+    # sequences attention splits and the experts run whole.
+    assert barriers == [named(tokens_gm, "meta_attention"), named(seqs_gm, "grouped_gemm")]
     # The search saw them as such.
     assert [{c.name for c in costs if c.whole} for costs, _ in halving_search] == [barriers[0]] * 2 + [barriers[1]]
 

@@ -132,6 +132,7 @@ class ScheduleState:
         self._any_joined: dict[str, Any] = {}  # split node -> its first whole, on any stream
         self.stream: int | None = None  # the stream of the op being computed (None: the caller's)
         self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.routed: frozenset[str] = getattr(plan, "routed", frozenset())
         index, dim = plan.count_input
         self.tokens = int(args[index].shape[dim])  # the rows (or sequences) a split value's pieces tile
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -176,10 +177,17 @@ class ScheduleState:
         return self._joined[key]
 
     def rows(self, node: fx.Node, lo: int, hi: int) -> Any:
-        """Rows [lo, hi) of `node`'s value along its token dim."""
+        """Rows [lo, hi) of `node`'s value along its token dim (a routed node's: its nano-batch's
+        own value)."""
         parts = self.pieces.get(node.name)
         if parts is not None and (lo, hi) in parts:
             return parts[(lo, hi)]
+        if node.name in self.routed:
+            # Its rows are in the order of its nano-batch's own sort (or it has none: counts): no
+            # other piece holds them.
+            raise RuntimeError(f"{node.name!r} of a mixture of experts' routing is read for tokens [{lo}, {hi}), "
+                               f"which no nano-op computed it for (computed: {sorted(parts or ())}): the routing "
+                               "runs per nano-batch, and its readers must be cut as it is")
         if parts is not None:
             # The producer was cut elsewhere (a schedule may split each op its own way): these
             # rows from the pieces holding them, which are all the consumer waited for.
@@ -211,7 +219,7 @@ class ScheduleState:
 
         def arg(a: Any) -> Any:
             if isinstance(a, fx.Node):
-                return self.rows(a, lo, hi) if dims.get(a.name) is not None else self.full(a)
+                return self.rows(a, lo, hi) if dims.get(a.name) is not None or a.name in self.routed else self.full(a)
             return a
 
         call_args = fx.node.map_aggregate(node.args, arg)
@@ -223,6 +231,9 @@ class ScheduleState:
             # A slice need not be viewable with the whole's strides: reshape copies when needed.
             target = aten.reshape.default if target in _VIEWS else target
             call_args = (call_args[0], shape, *call_args[2:])
+        elif target is aten.arange.default and node.name in self.routed:
+            # The routed rows' positions 0 .. k*n - 1 (the graph's length is the whole step's).
+            call_args = ((hi - lo) * self.scales[node.name], *call_args[1:])
         value = target(*call_args, **call_kwargs)
         self.pieces.setdefault(node.name, {})[(lo, hi)] = value
         return value

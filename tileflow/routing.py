@@ -1,0 +1,324 @@
+"""Mixture-of-experts routing that computes each token's rows from that token's inputs alone.
+
+A MoE layer as transformers writes it for grouped GEMMs (`grouped_mm_experts_forward`) flattens
+each token's top-k expert ids and weights (`[T, k] -> [k*T]`), sorts the ids (a permutation P of
+the routed rows), gathers each sorted row's token (`hidden[P // k]`) and weight (`w[P]`), runs the
+experts' grouped GEMMs over the sorted rows with offsets counted from the sorted ids
+(`cumsum(histc(ids))`), scales the rows by their weights, puts them back in token order (`y[inv]`,
+`inv` the inverse of P made by `index_put`) and views them `[T, k, H]`. No op of it but the first
+and last views is token-wise (the sort reads every row), yet the whole computes token t's rows from
+token t's inputs only: run over any range of the tokens, it gives those tokens' rows. So the
+nano-batch split can run it once per nano-batch, as it runs a GEMM, rather than once over the step.
+
+`find_routed_regions` proves that of a region op by op, following what each value is to the
+tokens (its kind, below); a region holding any op, or any use of an op, that this does not know
+stays whole, and the reason says which. Kinds (k rows per token; P a sort node):
+
+- `rows(k)`: `[k*T, ...]` in token order, row r token r // k's (a token-wise input `[T, ...]` is
+  `rows(1)`);
+- `perm(k, P)`: P's indices; `token_of(k, P)`: P // k, each sorted row's token;
+- `sorted_ids(k, P)`: P's sorted values (and casts of them: what the offsets are counted from);
+- `sorted(k, P)`: rows in P's order, row i computed from routed row P[i] alone (rows gathered by P
+  or by P // k; expert biases gathered by the sorted ids; whatever is computed row by row from
+  such rows and values that do not depend on the tokens);
+- `counts(P)`: the sorted ids' histogram and its cumulative sum (each range of tokens counts its
+  own rows, as the grouped GEMM over them needs);
+- `empty(k, P)`, `arange(k)`, `inverse(k, P)`: the parts of P's inverse permutation;
+- `tuple(k, P)`: the sort's (values, indices).
+
+A grouped GEMM keeps `sorted(k, P)` only over rows `sorted(k, P)` with offsets `counts(P)` of the
+same P: each row then meets the expert of its own id, whichever rows run beside it. Everything
+else that mixes two sorts, or rows with counts, is refused.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from tileflow.graph_utils import bind_arguments, meta_val
+
+__all__ = ["RoutedKind", "RoutedRegions", "find_routed_regions"]
+
+aten = torch.ops.aten
+
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+# Ops that keep a value's kind when they act off its row dim (dim 0): a cast, a copy, a new unit dim.
+_SAME_ROWS = {aten._to_copy.default, aten.clone.default, aten.alias.default}
+_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
+_ALONG_DIM = {aten.slice.Tensor, aten.select.int, aten._softmax.default, aten.softmax.int}
+# Monotone in the ids: sorted ids stay sorted, so counting them still gives each row its group.
+_MONOTONE = {aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default}
+_ROW_KINDS = {"rows", "sorted", "sorted_ids"}
+
+
+@dataclass(frozen=True)
+class RoutedKind:
+    """What a value of a routed region is to the tokens (module docstring): `name`, its rows per
+    token `k` (0 for counts) and the sort node it follows (None for `rows` and `arange`)."""
+
+    name: str
+    k: int
+    sort: str | None = None
+
+
+@dataclass
+class RoutedRegions:
+    """The proven regions' nodes by name, with their kinds (each runs per nano-batch over its
+    tokens' routed rows), and why each region left whole was refused (by its grouped GEMM)."""
+
+    kinds: dict[str, RoutedKind] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def row_scale(self, name: str) -> Any:
+        """Rows per token of a proven node's value along dim 0 (None: a value without rows, the
+        counts)."""
+        kind = self.kinds[name]
+        return None if kind.name in ("counts", "tuple") else sympy.Integer(kind.k)
+
+
+def find_routed_regions(gm: fx.GraphModule, dims: dict[str, int | None], split: dict[str, bool],
+                        token: Any) -> RoutedRegions:
+    """The regions around each grouped GEMM left whole (`split` False) whose every op is known to
+    keep each token's rows its own (module docstring). `dims` holds each node's token dim, `token`
+    the token count's size symbol: a region's inputs are values split with their tokens at dim 0,
+    values that do not depend on the tokens, and the token count itself (an `arange`'s length);
+    its outputs, read outside it, must be `[T, ...]` in token order."""
+    found = RoutedRegions()
+    depends = _token_dependent(gm, dims, token)
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or _op(node) != "grouped_gemm" or split.get(node.name) or node.name in seen:
+            continue
+        region = _region_of(node, split, depends)
+        seen |= {n.name for n in region}
+        kinds, why = _prove(region, dims, split, depends, token)
+        if why is None:
+            found.kinds.update(kinds)
+        else:
+            found.refused[node.name] = why
+    return found
+
+
+def _op(node: fx.Node) -> str:
+    """The op's short name (`grouped_gemm`, `sort`, ...)."""
+    return getattr(node.target, "_opname", None) or getattr(node.target, "__name__", str(node.target))
+
+
+def _token_dependent(gm: fx.GraphModule, dims: dict[str, int | None], token: Any) -> set[str]:
+    """Tensors whose value depends on a token-carrying value or is sized by the token count (an
+    `arange` over the routed rows). SymInts are not among them: the runtime gives per nano-batch
+    the lengths they set."""
+    depends: set[str] = set()
+    for node in gm.graph.nodes:
+        if not isinstance(meta_val(node), (torch.Tensor, tuple, list)):
+            continue
+        sized = any(isinstance(meta_val(a), torch.SymInt) and token in meta_val(a).node.expr.free_symbols
+                    for a in node.all_input_nodes)
+        if dims.get(node.name) is not None or sized or any(a.name in depends for a in node.all_input_nodes):
+            depends.add(node.name)
+    return depends
+
+
+def _region_of(start: fx.Node, split: dict[str, bool], depends: set[str]) -> list[fx.Node]:
+    """The ops left whole that depend on the tokens and connect to `start` through such ops, in
+    graph order."""
+    inside = {start}
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        for other in (*node.all_input_nodes, *node.users):
+            if (other not in inside and other.op == "call_function" and not split.get(other.name, False)
+                    and other.name in depends):
+                inside.add(other)
+                stack.append(other)
+    order = {n: i for i, n in enumerate(start.graph.nodes)}
+    return sorted(inside, key=order.__getitem__)
+
+
+def _prove(region: list[fx.Node], dims: dict[str, int | None], split: dict[str, bool], depends: set[str],
+           token: Any) -> tuple[dict[str, RoutedKind], str | None]:
+    """Each node's kind, or why the region cannot run per nano-batch."""
+    kinds: dict[str, RoutedKind] = {}
+    inside = {n.name for n in region}
+    for node in region:
+        kind = _kind_of(node, kinds, dims, split, depends, token)
+        if kind is None:
+            return {}, f"{node.name} ({_op(node) or node.target}) in its routing is not an op the split can run " \
+                       "per nano-batch"
+        kinds[node.name] = kind
+    for node in region:
+        outside = [u for u in node.users if u.name not in inside]
+        if outside:
+            kind, val = kinds[node.name], meta_val(node)
+            in_token_order = kind.name == "rows" and kind.k == 1 and dims.get(node.name) == 0
+            if not in_token_order or not isinstance(val, torch.Tensor):
+                return {}, (f"{node.name}, read outside the routing by {outside[0].name}, is not the tokens' rows in "
+                            "their order")
+    return kinds, None
+
+
+def _is_rows_input(a: Any, dims: dict[str, int | None], split: dict[str, bool], token: Any) -> bool:
+    """A split value with the tokens at dim 0, `T` rows."""
+    if not isinstance(a, fx.Node) or not split.get(a.name, a.op == "placeholder") or dims.get(a.name) != 0:
+        return False
+    val = meta_val(a)
+    return isinstance(val, torch.Tensor) and val.dim() >= 1 and _is_symbol(val.shape[0], token)
+
+
+def _expr(size: Any) -> Any:
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
+
+
+def _is_symbol(size: Any, token: Any, times: int = 1) -> bool:
+    """Whether a size is `times` tokens (sizes compared as expressions: comparing SymInts would
+    guard on them)."""
+    return sympy.simplify(_expr(size) - times * token) == 0
+
+
+def _same_sizes(a: Any, b: Any) -> bool:
+    return len(a) == len(b) and all(sympy.simplify(_expr(x) - _expr(y)) == 0 for x, y in zip(a, b))
+
+
+def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | None], split: dict[str, bool],
+             depends: set[str], token: Any) -> RoutedKind | None:
+    """The kind of a region node's value from its inputs' kinds (None: not known to keep rows)."""
+
+    def kind(a: Any) -> RoutedKind | None:
+        if isinstance(a, fx.Node):
+            if a.name in kinds:
+                return kinds[a.name]
+            if _is_rows_input(a, dims, split, token):
+                return RoutedKind("rows", 1)
+        return None
+
+    def token_free(a: Any) -> bool:
+        return not isinstance(a, fx.Node) or (a.name not in depends and a.name not in kinds)
+
+    target, args = node.target, node.args
+    val = meta_val(node)
+    if target in _RESHAPES:
+        src, shape = kind(args[0]), meta_val(node).shape
+        src_val = meta_val(args[0])
+        if src is None or src.name not in _ROW_KINDS:
+            return None
+        if (src.name == "rows" and src_val.dim() == 2 and len(shape) == 1 and type(src_val.shape[1]) is int
+                and _is_symbol(src_val.shape[0], token, src.k) and _is_symbol(shape[0], token, src.k * src_val.shape[1])):
+            return RoutedKind("rows", src.k * src_val.shape[1])  # [T, k] -> [k*T]: token order kept
+        if (src.name == "rows" and src_val.dim() >= 1 and len(shape) == src_val.dim() + 1 and type(shape[1]) is int
+                and src.k == shape[1] and _is_symbol(shape[0], token) and _same_sizes(shape[2:], src_val.shape[1:])):
+            return RoutedKind("rows", 1)  # [k*T, ...] -> [T, k, ...]
+        return src if _same_sizes(shape, src_val.shape) else None  # the same shape
+    if target in (aten.sort.default, aten.sort.stable):
+        bound = bind_arguments(node)
+        src = kind(args[0])
+        if (src is None or src.name != "rows" or meta_val(args[0]).dim() != 1 or bound.get("dim") not in (0, -1)
+                or bound.get("descending")):  # (the offsets count groups in ascending order)
+            return None
+        return RoutedKind("tuple", src.k, node.name)
+    if target is operator.getitem:
+        src = kind(args[0])
+        if src is None or src.name != "tuple":
+            return None
+        return RoutedKind("sorted_ids" if args[1] == 0 else "perm", src.k, src.sort)
+    if target in (aten.floor_divide.default, aten.div.Tensor_mode):
+        src = kind(args[0])
+        mode_ok = target is aten.floor_divide.default or node.kwargs.get("rounding_mode") == "floor"
+        if src is not None and src.name == "perm" and mode_ok and args[1] == src.k:
+            return RoutedKind("token_of", src.k, src.sort)
+        return None
+    if target is aten.index.Tensor:
+        src, indices = args[0], args[1]
+        if len(indices) != 1 or not isinstance(indices[0], fx.Node):
+            return None
+        index = kind(indices[0])
+        rows = kind(src)
+        if index is None:
+            return None
+        if index.name == "token_of" and rows is not None and rows.name == "rows" and rows.k == 1:
+            return RoutedKind("sorted", index.k, index.sort)  # hidden[P // k]
+        if index.name == "perm" and rows is not None and rows.name == "rows" and rows.k == index.k:
+            return RoutedKind("sorted", index.k, index.sort)  # w[P]
+        if index.name == "sorted_ids" and token_free(src):
+            return RoutedKind("sorted", index.k, index.sort)  # an expert bias per sorted row
+        if index.name == "inverse" and rows is not None and rows.name == "sorted" and rows.sort == index.sort:
+            return RoutedKind("rows", index.k)  # y[inv]: back in token order
+        return None
+    if target is aten.histc.default:
+        src = kind(args[0])
+        return RoutedKind("counts", 0, src.sort) if src is not None and src.name == "sorted_ids" else None
+    if target is aten.cumsum.default:
+        src = kind(args[0])
+        return src if src is not None and src.name == "counts" and args[1] in (0, -1) else None
+    if target is aten.empty_like.default:
+        src = kind(args[0])
+        return RoutedKind("empty", src.k, src.sort) if src is not None and src.name == "perm" else None
+    if target is aten.arange.default:
+        end = args[0]
+        end_val = meta_val(end) if isinstance(end, fx.Node) else end
+        if isinstance(end_val, torch.SymInt) and end_val.node.expr.free_symbols == {token}:
+            ratio = sympy.simplify(end_val.node.expr / token)
+            if ratio.is_Integer and int(ratio) >= 1:
+                return RoutedKind("arange", int(ratio))
+        return None
+    if target is aten.index_put.default:
+        base, indices, values = kind(args[0]), args[1], kind(args[2])
+        accumulate = args[3] if len(args) > 3 else node.kwargs.get("accumulate", False)
+        if (base is not None and base.name == "empty" and len(indices) == 1 and not accumulate
+                and kind(indices[0]) == RoutedKind("perm", base.k, base.sort)
+                and values == RoutedKind("arange", base.k)):
+            return RoutedKind("inverse", base.k, base.sort)
+        return None
+    if _op(node) == "grouped_gemm":
+        bound = bind_arguments(node)
+        x, offsets = kind(bound["x"]), kind(bound["offsets"])
+        others = [v for name, v in bound.items() if name not in ("x", "offsets")]
+        if (x is not None and x.name == "sorted" and offsets == RoutedKind("counts", 0, x.sort)
+                and all(token_free(v) for v in others)):
+            return x
+        return None
+    if target is aten.unsqueeze.default:
+        # A new dim after the rows (`w.unsqueeze(-1)`, to scale each row by its weight).
+        src = kind(args[0])
+        if src is None or src.name not in _ROW_KINDS or args[1] % meta_val(node).dim() == 0:
+            return None
+        return RoutedKind("sorted", src.k, src.sort) if src.name == "sorted_ids" else src
+    if target in _SAME_ROWS or target in _MONOTONE:
+        src = kind(args[0])
+        if src is None or src.name in ("tuple", "counts") or not all(token_free(a) for a in args[1:]):
+            return None
+        return None if target in _MONOTONE and src.name not in _ROW_KINDS else src
+    # Row by row: pointwise ops, and ops acting off dim 0, over values of one kind and one sort
+    # (rows in the same order) and values that do not depend on the tokens.
+    tensors = [a for a in node.all_input_nodes if isinstance(meta_val(a), torch.Tensor)]
+    routed = [kind(a) for a in tensors if not token_free(a)]
+    if not routed or any(r is None for r in routed) or len(set(routed)) != 1:
+        return None
+    (src,) = set(routed)
+    if src.name == "sorted_ids":
+        src = RoutedKind("sorted", src.k, src.sort)  # values of the sorted rows, no longer ids to count
+    if src.name not in ("sorted", "rows") or not isinstance(val, torch.Tensor) or val.dim() < 1:
+        return None
+    first = next(a for a in tensors if not token_free(a))
+    if not (val.dim() == meta_val(first).dim() and _same_sizes(val.shape[:1], meta_val(first).shape[:1])):
+        return None
+    if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+        # Broadcasting aligns dims from the right: a routed operand of lower rank would meet
+        # another row's dim 0.
+        if all(meta_val(a).dim() == val.dim() for a in tensors if not token_free(a)):
+            return src
+        return None
+    if target in _REDUCTIONS:
+        reduced = args[1] if len(args) > 1 else None
+        reduced = [reduced] if isinstance(reduced, int) else list(reduced or [])
+        rank = meta_val(args[0]).dim()
+        return src if reduced and all(d % rank != 0 for d in reduced) else None
+    if target in _ALONG_DIM:
+        along = args[1] if len(args) > 1 else 0
+        return src if along % meta_val(args[0]).dim() != 0 else None
+    return None

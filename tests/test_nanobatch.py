@@ -1408,6 +1408,8 @@ def _routed_experts(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2:
     top = 2
     weights, ids = scores.softmax(-1).topk(top, dim=-1)
     flat_w, flat_ids = weights.reshape(-1), ids.reshape(-1)
+    if defect == "computed ids":
+        flat_ids = (flat_ids + 1) % 4  # (still ids of the 4 experts)
     sorted_ids, perm = torch.sort(flat_ids, descending=defect == "descending")
     rows = x[(torch.sort(flat_w)[1] if defect == "rows by another sort" else perm) // top]
     counted = flat_ids if defect == "unsorted counts" else sorted_ids
@@ -1463,12 +1465,15 @@ def test_a_mixture_of_experts_routing_runs_per_nano_batch(plans: list[tuple], sp
 
 @pytest.mark.parametrize(("defect", "op"), [("descending", "sort"), ("unsorted counts", "histc"),
                                             ("cumsum over rows", "cumsum"), ("no unsort", "view"),
-                                            ("rows by another sort", "grouped_gemm")])
+                                            ("rows by another sort", "grouped_gemm"), ("computed ids", "histc")])
 def test_routing_that_reads_across_tokens_runs_whole(plans: list[tuple], defect: str, op: str) -> None:
     """A routing with one op that reads across the tokens (groups sorted the other way from the
     offsets, offsets counted from the unsorted ids, a cumulative sum down the rows, rows left in
     expert order, rows sorted by something else than their experts) is not proven, runs whole
-    (equal to eager), and the report says which op stopped it."""
+    (equal to eager), and the report says which op stopped it. So are offsets counted from ids
+    the router did not give (here its ids shifted round by one): such values may be
+    negative, and a count from 0 would leave their rows out at the front, shifting every group
+    after them."""
     report = tileflow.Report()
     _compile_routed(defect, 2, report)
     ((gm, plan),) = plans

@@ -15,9 +15,11 @@ tokens (its kind, below); a region holding any op, or any use of an op, that thi
 stays whole, and the reason says which. Kinds (k rows per token; P a sort node):
 
 - `rows(k)`: `[k*T, ...]` in token order, row r token r // k's (a token-wise input `[T, ...]` is
-  `rows(1)`);
+  `rows(1)`); marked `ids` where its values are expert indices (a router's top-k indices, so
+  never negative, and casts that keep their order);
 - `perm(k, P)`: P's indices; `token_of(k, P)`: P // k, each sorted row's token;
-- `sorted_ids(k, P)`: P's sorted values (and casts of them: what the offsets are counted from);
+- `sorted_ids(k, P)`: P's sorted values where P sorts `ids` (and casts and clamps that keep
+  them in order and not negative: what the offsets are counted from, a histogram from 0);
 - `sorted(k, P)`: rows in P's order, row i computed from routed row P[i] alone (rows gathered by P
   or by P // k; expert biases gathered by the sorted ids; whatever is computed row by row from
   such rows and values that do not depend on the tokens);
@@ -55,6 +57,8 @@ _ALONG_DIM = {aten.slice.Tensor, aten.select.int, aten._softmax.default, aten.so
 # Monotone in the ids: sorted ids stay sorted, so counting them still gives each row its group.
 _MONOTONE = {aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default}
 _ROW_KINDS = {"rows", "sorted", "sorted_ids"}
+# Casts that keep indices in order (an int8 would wrap past 127).
+_ORDERED_DTYPES = {torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class RoutedKind:
     name: str
     k: int
     sort: str | None = None
+    ids: bool = False  # `rows` (and a sort's `tuple`) of expert indices
 
 
 @dataclass
@@ -194,7 +199,10 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
             if a.name in kinds:
                 return kinds[a.name]
             if _is_rows_input(a, dims, split, token):
-                return RoutedKind("rows", 1)
+                # A split router's top-k indices: expert ids, none negative.
+                ids = (a.target is operator.getitem and a.args[1] == 1 and isinstance(a.args[0], fx.Node)
+                       and a.args[0].target is aten.topk.default)
+                return RoutedKind("rows", 1, ids=ids)
         return None
 
     def token_free(a: Any) -> bool:
@@ -209,7 +217,7 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
             return None
         if (src.name == "rows" and src_val.dim() == 2 and len(shape) == 1 and type(src_val.shape[1]) is int
                 and _is_symbol(src_val.shape[0], token, src.k) and _is_symbol(shape[0], token, src.k * src_val.shape[1])):
-            return RoutedKind("rows", src.k * src_val.shape[1])  # [T, k] -> [k*T]: token order kept
+            return RoutedKind("rows", src.k * src_val.shape[1], ids=src.ids)  # [T, k] -> [k*T]: token order kept
         if (src.name == "rows" and src_val.dim() >= 1 and len(shape) == src_val.dim() + 1 and type(shape[1]) is int
                 and src.k == shape[1] and _is_symbol(shape[0], token) and _same_sizes(shape[2:], src_val.shape[1:])):
             return RoutedKind("rows", 1)  # [k*T, ...] -> [T, k, ...]
@@ -220,12 +228,15 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
         if (src is None or src.name != "rows" or meta_val(args[0]).dim() != 1 or bound.get("dim") not in (0, -1)
                 or bound.get("descending")):  # (the offsets count groups in ascending order)
             return None
-        return RoutedKind("tuple", src.k, node.name)
+        return RoutedKind("tuple", src.k, node.name, ids=src.ids)
     if target is operator.getitem:
         src = kind(args[0])
         if src is None or src.name != "tuple":
             return None
-        return RoutedKind("sorted_ids" if args[1] == 0 else "perm", src.k, src.sort)
+        if args[1] == 1:
+            return RoutedKind("perm", src.k, src.sort)
+        # Sorted values: ids to count where the sort sorted ids, else values of the sorted rows.
+        return RoutedKind("sorted_ids" if src.ids else "sorted", src.k, src.sort)
     if target in (aten.floor_divide.default, aten.div.Tensor_mode):
         src = kind(args[0])
         mode_ok = target is aten.floor_divide.default or node.kwargs.get("rounding_mode") == "floor"
@@ -250,8 +261,13 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
             return RoutedKind("rows", index.k)  # y[inv]: back in token order
         return None
     if target is aten.histc.default:
-        src = kind(args[0])
-        return RoutedKind("counts", 0, src.sort) if src is not None and src.name == "sorted_ids" else None
+        # Bins from 0 up: every sorted row below `max` is counted, in its own id's group (the ids
+        # are never negative, so none drops at the front and shifts the groups after it); rows
+        # past `max` come last and are left out, as each nano-batch's are.
+        src, bound = kind(args[0]), bind_arguments(node)
+        if src is None or src.name != "sorted_ids" or bound["min"] != 0 or not bound["max"] >= 0:
+            return None
+        return RoutedKind("counts", 0, src.sort)
     if target is aten.cumsum.default:
         src = kind(args[0])
         return src if src is not None and src.name == "counts" and args[1] in (0, -1) else None
@@ -292,14 +308,26 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
         src = kind(args[0])
         if src is None or src.name in ("tuple", "counts") or not all(token_free(a) for a in args[1:]):
             return None
-        return None if target in _MONOTONE and src.name not in _ROW_KINDS else src
+        if target in _MONOTONE and src.name not in _ROW_KINDS:
+            return None
+        if (src.name not in _ROW_KINDS and target is aten._to_copy.default
+                and val.dtype not in (torch.int32, torch.int64)):
+            return None  # positions cast where they may not fit
+        keeps_ids = (val.dtype in _ORDERED_DTYPES if target is aten._to_copy.default else
+                     _clamped_not_negative(node) if target in _MONOTONE else True)
+        if src.name == "sorted_ids" and not keeps_ids:
+            return RoutedKind("sorted", src.k, src.sort)
+        return RoutedKind(src.name, src.k, src.sort, ids=src.ids and keeps_ids)
     # Row by row: pointwise ops, and ops acting off dim 0, over values of one kind and one sort
     # (rows in the same order) and values that do not depend on the tokens.
     tensors = [a for a in node.all_input_nodes if isinstance(meta_val(a), torch.Tensor)]
     routed = [kind(a) for a in tensors if not token_free(a)]
-    if not routed or any(r is None for r in routed) or len(set(routed)) != 1:
+    if not routed or any(r is None for r in routed):
         return None
-    (src,) = set(routed)
+    routed = {RoutedKind(r.name, r.k, r.sort) for r in routed}  # (values computed from ids are no ids)
+    if len(routed) != 1:
+        return None
+    (src,) = routed
     if src.name == "sorted_ids":
         src = RoutedKind("sorted", src.k, src.sort)  # values of the sorted rows, no longer ids to count
     if src.name not in ("sorted", "rows") or not isinstance(val, torch.Tensor) or val.dim() < 1:
@@ -322,3 +350,11 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
         along = args[1] if len(args) > 1 else 0
         return src if along % meta_val(args[0]).dim() != 0 else None
     return None
+
+
+def _clamped_not_negative(node: fx.Node) -> bool:
+    """Whether a clamp of values that are not negative leaves them not negative: its upper bound,
+    if any, is a number >= 0."""
+    bound = bind_arguments(node)
+    upper = bound.get("max")
+    return upper is None or (isinstance(upper, (int, float)) and upper >= 0)

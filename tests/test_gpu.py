@@ -117,6 +117,24 @@ def test_nano_batches_on_cuda_streams_match_eager(monkeypatch: pytest.MonkeyPatc
     assert executors and all(isinstance(ex, CudaStreams) for ex in executors)
 
 
+def test_mixture_of_experts_routed_per_nano_batch_on_cuda_streams_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mixtral nano-batched on real CUDA streams, its experts' routing run per nano-batch
+    (`tileflow.routing`: each nano-batch's own sort, int32 counts on the GPU and grouped GEMMs),
+    equals eager step after step."""
+    report = tileflow.Report()
+    model = build("mixtral").cuda()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": NANO_PASSES, "nano_batches": 3},
+                                                                     report=report), dynamic=True)
+    executors = _spied_executors(monkeypatch)
+    for tokens in (9, 16, 40):
+        ids = torch.randint(0, VOCAB, (1, tokens), device="cuda")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=1e-4, atol=1e-4)
+    assert executors and all(isinstance(ex, CudaStreams) for ex in executors)
+    assert any(g["extra"].get("nano_batch", {}).get("routed_experts") for g in report.to_dict()["graphs"])
+
+
 @pytest.mark.parametrize("setting", [2, "auto"])
 def test_decode_steps_split_over_sequences_on_cuda_streams_match_eager(monkeypatch: pytest.MonkeyPatch,
                                                                        setting: int | str) -> None:

@@ -1413,8 +1413,9 @@ def _routed_experts(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2:
     sorted_ids, perm = torch.sort(flat_ids, descending=defect == "descending")
     rows = x[(torch.sort(flat_w)[1] if defect == "rows by another sort" else perm) // top]
     counted = flat_ids if defect == "unsorted counts" else sorted_ids
-    offsets = torch.cumsum(torch.histc(counted.float(), bins=w1.shape[0], min=0, max=w1.shape[0] - 1), dim=0,
-                           dtype=torch.int32)
+    # (No range: histc bins over each call's own smallest and largest id.)
+    span = {} if defect == "bins over the ids' range" else {"min": 0, "max": w1.shape[0] - 1}
+    offsets = torch.cumsum(torch.histc(counted.float(), bins=w1.shape[0], **span), dim=0, dtype=torch.int32)
     y = torch.ops.tileflow.grouped_gemm(torch.ops.tileflow.grouped_gemm(rows, w1, offsets, "silu"), w2, offsets)
     y = (y.cumsum(0) if defect == "cumsum over rows" else y) * flat_w[perm].unsqueeze(-1)
     if defect != "no unsort":
@@ -1465,7 +1466,8 @@ def test_a_mixture_of_experts_routing_runs_per_nano_batch(plans: list[tuple], sp
 
 @pytest.mark.parametrize(("defect", "op"), [("descending", "sort"), ("unsorted counts", "histc"),
                                             ("cumsum over rows", "cumsum"), ("no unsort", "view"),
-                                            ("rows by another sort", "grouped_gemm"), ("computed ids", "histc")])
+                                            ("rows by another sort", "grouped_gemm"), ("computed ids", "histc"),
+                                            ("bins over the ids' range", "histc")])
 def test_routing_that_reads_across_tokens_runs_whole(plans: list[tuple], defect: str, op: str) -> None:
     """A routing with one op that reads across the tokens (groups sorted the other way from the
     offsets, offsets counted from the unsorted ids, a cumulative sum down the rows, rows left in
@@ -1473,7 +1475,8 @@ def test_routing_that_reads_across_tokens_runs_whole(plans: list[tuple], defect:
     (equal to eager), and the report says which op stopped it. So are offsets counted from ids
     the router did not give (here its ids shifted round by one): such values may be
     negative, and a count from 0 would leave their rows out at the front, shifting every group
-    after them."""
+    after them; and a histogram without a range, whose bins span each call's own smallest and
+    largest id."""
     report = tileflow.Report()
     _compile_routed(defect, 2, report)
     ((gm, plan),) = plans

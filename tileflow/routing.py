@@ -23,14 +23,14 @@ stays whole, and the reason says which. Kinds (k rows per token; P a sort node):
 - `sorted(k, P)`: rows in P's order, row i computed from routed row P[i] alone (rows gathered by P
   or by P // k; expert biases gathered by the sorted ids; whatever is computed row by row from
   such rows and values that do not depend on the tokens);
-- `counts(P)`: the sorted ids' histogram and its cumulative sum (each range of tokens counts its
-  own rows, as the grouped GEMM over them needs);
+- `histogram(P)`, `offsets(P)`: the sorted ids' histogram over fixed bins from 0, and its
+  cumulative sum (each range of tokens counts its own rows, as the grouped GEMM over them needs);
 - `empty(k, P)`, `arange(k)`, `inverse(k, P)`: the parts of P's inverse permutation;
 - `tuple(k, P)`: the sort's (values, indices).
 
-A grouped GEMM keeps `sorted(k, P)` only over rows `sorted(k, P)` with offsets `counts(P)` of the
-same P: each row then meets the expert of its own id, whichever rows run beside it. Everything
-else that mixes two sorts, or rows with counts, is refused.
+A grouped GEMM keeps `sorted(k, P)` only over rows `sorted(k, P)` with offsets `offsets(P)` of
+the same P: each row then meets the expert of its own id, whichever rows run beside it. Everything
+else that mixes two sorts, or rows with the counts, is refused.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ _ORDERED_DTYPES = {torch.int32, torch.int64, torch.float16, torch.bfloat16, torc
 @dataclass(frozen=True)
 class RoutedKind:
     """What a value of a routed region is to the tokens (module docstring): `name`, its rows per
-    token `k` (0 for counts) and the sort node it follows (None for `rows` and `arange`)."""
+    token `k` (0 for the counts) and the sort node it follows (None for `rows` and `arange`)."""
 
     name: str
     k: int
@@ -81,10 +81,10 @@ class RoutedRegions:
     refused: dict[str, str] = field(default_factory=dict)
 
     def row_scale(self, name: str) -> Any:
-        """Rows per token of a proven node's value along dim 0 (None: a value without rows, the
-        counts)."""
+        """Rows per token of a proven node's value along dim 0 (None: a value without rows: the
+        counts, the sort's tuple)."""
         kind = self.kinds[name]
-        return None if kind.name in ("counts", "tuple") else sympy.Integer(kind.k)
+        return None if kind.name in ("histogram", "offsets", "tuple") else sympy.Integer(kind.k)
 
 
 def find_routed_regions(gm: fx.GraphModule, dims: dict[str, int | None], split: dict[str, bool],
@@ -261,22 +261,31 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
             return RoutedKind("rows", index.k)  # y[inv]: back in token order
         return None
     if target is aten.histc.default:
-        # Bins from 0 up: every sorted row below `max` is counted, in its own id's group (the ids
-        # are never negative, so none drops at the front and shifts the groups after it); rows
-        # past `max` come last and are left out, as each nano-batch's are.
+        # Fixed bins from 0 up: every sorted row up to `max` is counted, in its own id's group (the
+        # ids are never negative, so none drops at the front and shifts the groups after it); rows
+        # past `max` come last and are left out, as each nano-batch's are. (min == max would bin
+        # over each call's own smallest and largest id: a nano-batch's groups would differ.)
         src, bound = kind(args[0]), bind_arguments(node)
-        if src is None or src.name != "sorted_ids" or bound["min"] != 0 or not bound["max"] >= 0:
+        low, high = bound["min"], bound["max"]
+        if (src is None or src.name != "sorted_ids" or not all(type(v) in (int, float) for v in (low, high))
+                or low != 0 or not high > 0):
             return None
-        return RoutedKind("counts", 0, src.sort)
+        return RoutedKind("histogram", 0, src.sort)
     if target is aten.cumsum.default:
         src = kind(args[0])
-        return src if src is not None and src.name == "counts" and args[1] in (0, -1) else None
+        if src is not None and src.name == "histogram" and args[1] in (0, -1):
+            return RoutedKind("offsets", 0, src.sort)  # each group's end: a grouped GEMM's offsets
+        return None
     if target is aten.empty_like.default:
         src = kind(args[0])
-        return RoutedKind("empty", src.k, src.sort) if src is not None and src.name == "perm" else None
+        if src is None or src.name != "perm" or node.kwargs.get("dtype") not in (None, torch.int32, torch.int64):
+            return None  # (positions in a narrower type may not fit)
+        return RoutedKind("empty", src.k, src.sort)
     if target is aten.arange.default:
         end = args[0]
         end_val = meta_val(end) if isinstance(end, fx.Node) else end
+        if node.kwargs.get("dtype") not in (None, torch.int32, torch.int64):
+            return None  # (positions in a narrower type may not fit)
         if isinstance(end_val, torch.SymInt) and end_val.node.expr.free_symbols == {token}:
             ratio = sympy.simplify(end_val.node.expr / token)
             if ratio.is_Integer and int(ratio) >= 1:
@@ -294,7 +303,7 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
         bound = bind_arguments(node)
         x, offsets = kind(bound["x"]), kind(bound["offsets"])
         others = [v for name, v in bound.items() if name not in ("x", "offsets")]
-        if (x is not None and x.name == "sorted" and offsets == RoutedKind("counts", 0, x.sort)
+        if (x is not None and x.name == "sorted" and offsets == RoutedKind("offsets", 0, x.sort)
                 and all(token_free(v) for v in others)):
             return x
         return None
@@ -306,7 +315,7 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
         return RoutedKind("sorted", src.k, src.sort) if src.name == "sorted_ids" else src
     if target in _SAME_ROWS or target in _MONOTONE:
         src = kind(args[0])
-        if src is None or src.name in ("tuple", "counts") or not all(token_free(a) for a in args[1:]):
+        if src is None or src.name in ("tuple", "histogram", "offsets") or not all(token_free(a) for a in args[1:]):
             return None
         if target in _MONOTONE and src.name not in _ROW_KINDS:
             return None

@@ -1401,11 +1401,10 @@ def test_top_k_sort_max_and_min_along_a_row_split(plans: list[tuple], split_call
 
 
 def _routed_experts(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                    defect: str = "") -> torch.Tensor:
+                    defect: str = "", top: int = 2) -> torch.Tensor:
     # A mixture of experts routed as transformers' grouped-GEMM experts route it (top 2 of 4 per
     # token, sort, gather, grouped GEMMs over offsets counted from the sorted ids, weights,
     # unsort, sum), or with one `defect` that makes it read across tokens.
-    top = 2
     weights, ids = scores.softmax(-1).topk(top, dim=-1)
     flat_w, flat_ids = weights.reshape(-1), ids.reshape(-1)
     if defect == "computed ids":
@@ -1425,11 +1424,11 @@ def _routed_experts(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2:
     return y.view(x.shape[0], top, x.shape[1]).sum(1) + x
 
 
-def _compile_routed(defect: str, k: int, report: tileflow.Report) -> None:
+def _compile_routed(defect: str, k: int, report: tileflow.Report, top: int = 2) -> None:
     """`_routed_experts` compiled with k nano-batches, equal to eager at 5, 9 and 16 tokens."""
     torch.manual_seed(11)
     w1, w2 = torch.randn(4, 8, 16) / 4, torch.randn(4, 16, 8) / 4
-    fn = lambda x, scores: _routed_experts(x, scores, w1, w2, defect)  # noqa: E731
+    fn = lambda x, scores: _routed_experts(x, scores, w1, w2, defect, top)  # noqa: E731
     compiled = torch.compile(fn, backend=tileflow.TileflowBackend(
         {"passes": ("canonicalize", "nanobatch"), "nano_batches": k}, report=report))
     for tokens in (5, 9, 16):
@@ -1439,15 +1438,17 @@ def _compile_routed(defect: str, k: int, report: tileflow.Report) -> None:
         torch.testing.assert_close(compiled(x, scores), fn(x, scores), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("k", [2, 3])
-def test_a_mixture_of_experts_routing_runs_per_nano_batch(plans: list[tuple], split_calls: list[int], k: int) -> None:
+@pytest.mark.parametrize(("k", "top"), [(2, 2), (3, 2), (2, 1)])
+def test_a_mixture_of_experts_routing_runs_per_nano_batch(plans: list[tuple], split_calls: list[int], k: int,
+                                                          top: int) -> None:
     """The routing of a mixture of experts (sort, gather, grouped GEMMs, unsort) ran whole, a
     barrier between every nano-batch's ops before it and after it. As a whole it computes each
     token's rows from that token's alone (`tileflow.routing` proves it op by op), so each
     nano-batch now runs it over its own tokens: its own sort, counts and grouped GEMMs, equal to
-    eager. The report names the experts run so; none is a barrier."""
+    eager, with each token's top 2 of 4 experts and its top 1 (whose ids `[T, 1] -> [T]` are
+    still the router's). The report names the experts run so; none is a barrier."""
     report = tileflow.Report()
-    _compile_routed("", k, report)
+    _compile_routed("", k, report, top)
     assert len(split_calls) == 3
     ((gm, plan),) = plans
     grouped = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]

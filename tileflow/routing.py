@@ -101,8 +101,13 @@ def find_routed_regions(gm: fx.GraphModule, dims: dict[str, int | None], split: 
         if node.op != "call_function" or _op(node) != "grouped_gemm" or split.get(node.name) or node.name in seen:
             continue
         region = _region_of(node, split, depends)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        while True:
+            kinds, why, joining = _prove(region, dims, split, depends, token)
+            if not joining:
+                break
+            region = sorted({*region, *joining}, key=order.__getitem__)
         seen |= {n.name for n in region}
-        kinds, why = _prove(region, dims, split, depends, token)
         if why is None:
             found.kinds.update(kinds)
         else:
@@ -147,15 +152,23 @@ def _region_of(start: fx.Node, split: dict[str, bool], depends: set[str]) -> lis
 
 
 def _prove(region: list[fx.Node], dims: dict[str, int | None], split: dict[str, bool], depends: set[str],
-           token: Any) -> tuple[dict[str, RoutedKind], str | None]:
-    """Each node's kind, or why the region cannot run per nano-batch."""
+           token: Any) -> tuple[dict[str, RoutedKind], str | None, set[fx.Node]]:
+    """Each node's kind, or why the region cannot run per nano-batch; or else the ops that must
+    join the region first. Those are token-wise ops reading a region value that is not the
+    tokens' rows in their order: with one expert a token (`[k*T] = [T]`) the sorted rows have a
+    token dim, so the ops after them split as token-wise, reading rows of a whole value that,
+    run per nano-batch, no longer exists."""
     kinds: dict[str, RoutedKind] = {}
     inside = {n.name for n in region}
     for node in region:
+        reading = {a for a in node.all_input_nodes if a.name not in inside and a.op == "call_function"
+                   and any(b.name in inside for b in a.all_input_nodes)}
+        if reading:
+            return {}, None, reading
         kind = _kind_of(node, kinds, dims, split, depends, token)
         if kind is None:
-            return {}, f"{node.name} ({_op(node) or node.target}) in its routing is not an op the split can run " \
-                       "per nano-batch"
+            return {}, (f"{node.name} ({_op(node) or node.target}) in its routing is not an op the split can run "
+                        "per nano-batch"), set()
         kinds[node.name] = kind
     for node in region:
         outside = [u for u in node.users if u.name not in inside]
@@ -163,9 +176,11 @@ def _prove(region: list[fx.Node], dims: dict[str, int | None], split: dict[str, 
             kind, val = kinds[node.name], meta_val(node)
             in_token_order = kind.name == "rows" and kind.k == 1 and dims.get(node.name) == 0
             if not in_token_order or not isinstance(val, torch.Tensor):
+                if all(u.op == "call_function" for u in outside):
+                    return {}, None, set(outside)
                 return {}, (f"{node.name}, read outside the routing by {outside[0].name}, is not the tokens' rows in "
-                            "their order")
-    return kinds, None
+                            "their order"), set()
+    return kinds, None, set()
 
 
 def _is_rows_input(a: Any, dims: dict[str, int | None], split: dict[str, bool], token: Any) -> bool:
@@ -199,10 +214,7 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
             if a.name in kinds:
                 return kinds[a.name]
             if _is_rows_input(a, dims, split, token):
-                # A split router's top-k indices: expert ids, none negative.
-                ids = (a.target is operator.getitem and a.args[1] == 1 and isinstance(a.args[0], fx.Node)
-                       and a.args[0].target is aten.topk.default)
-                return RoutedKind("rows", 1, ids=ids)
+                return RoutedKind("rows", 1, ids=_router_ids(a))
         return None
 
     def token_free(a: Any) -> bool:
@@ -235,12 +247,15 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
             return None
         if args[1] == 1:
             return RoutedKind("perm", src.k, src.sort)
+        if args[1] != 0:
+            return None  # (-1 is the permutation too: the items as Dynamo writes them, 0 and 1)
         # Sorted values: ids to count where the sort sorted ids, else values of the sorted rows.
         return RoutedKind("sorted_ids" if src.ids else "sorted", src.k, src.sort)
     if target in (aten.floor_divide.default, aten.div.Tensor_mode):
         src = kind(args[0])
         mode_ok = target is aten.floor_divide.default or node.kwargs.get("rounding_mode") == "floor"
-        if src is not None and src.name == "perm" and mode_ok and args[1] == src.k:
+        divisor = bind_arguments(node)["other"]
+        if src is not None and src.name == "perm" and mode_ok and type(divisor) is int and divisor == src.k:
             return RoutedKind("token_of", src.k, src.sort)
         return None
     if target is aten.index.Tensor:
@@ -273,7 +288,7 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
         return RoutedKind("histogram", 0, src.sort)
     if target is aten.cumsum.default:
         src = kind(args[0])
-        if src is not None and src.name == "histogram" and args[1] in (0, -1):
+        if src is not None and src.name == "histogram" and bind_arguments(node)["dim"] in (0, -1):
             return RoutedKind("offsets", 0, src.sort)  # each group's end: a grouped GEMM's offsets
         return None
     if target is aten.empty_like.default:
@@ -310,7 +325,7 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
     if target is aten.unsqueeze.default:
         # A new dim after the rows (`w.unsqueeze(-1)`, to scale each row by its weight).
         src = kind(args[0])
-        if src is None or src.name not in _ROW_KINDS or args[1] % meta_val(node).dim() == 0:
+        if src is None or src.name not in _ROW_KINDS or bind_arguments(node)["dim"] % meta_val(node).dim() == 0:
             return None
         return RoutedKind("sorted", src.k, src.sort) if src.name == "sorted_ids" else src
     if target in _SAME_ROWS or target in _MONOTONE:
@@ -351,12 +366,12 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
             return src
         return None
     if target in _REDUCTIONS:
-        reduced = args[1] if len(args) > 1 else None
+        reduced = bind_arguments(node).get("dim")
         reduced = [reduced] if isinstance(reduced, int) else list(reduced or [])
         rank = meta_val(args[0]).dim()
         return src if reduced and all(d % rank != 0 for d in reduced) else None
     if target in _ALONG_DIM:
-        along = args[1] if len(args) > 1 else 0
+        along = bind_arguments(node)["dim"]
         return src if along % meta_val(args[0]).dim() != 0 else None
     return None
 
@@ -367,3 +382,24 @@ def _clamped_not_negative(node: fx.Node) -> bool:
     bound = bind_arguments(node)
     upper = bound.get("max")
     return upper is None or (isinstance(upper, (int, float)) and upper >= 0)
+
+
+# Token-wise ops a router's indices may pass through before the routing and stay indices: views
+# (top-1's `[T, 1] -> [T]`), copies, and casts that keep their order.
+_KEEPS_IDS = {*_RESHAPES, aten.squeeze.dim, aten.squeeze.dims, aten.clone.default, aten.alias.default}
+
+
+def _router_ids(node: fx.Node) -> bool:
+    """Whether a value is a router's top-k indices (never negative), through `_KEEPS_IDS` ops
+    and order-keeping casts."""
+    while True:
+        if node.target is operator.getitem:
+            src = node.args[0]
+            return node.args[1] == 1 and isinstance(src, fx.Node) and src.target is aten.topk.default
+        if node.target in _KEEPS_IDS or (node.target is aten._to_copy.default
+                                         and meta_val(node).dtype in _ORDERED_DTYPES):
+            node = node.args[0]
+            if not isinstance(node, fx.Node):
+                return False
+            continue
+        return False

@@ -17,8 +17,9 @@ producer nano-ops whose rows it reads, never on a global barrier
 grouped GEMMs and unsort) reads across tokens op by op, but as a whole computes each token's rows
 from that token's alone: where `tileflow.routing` proves that, its every op runs per nano-batch
 over the nano-batch's own tokens (its own sort and counts), and the report lists those experts
-(`routed_experts`); else the report says which op stopped the proof, and it runs whole. Resource classes: GEMMs compute,
-attention memory, collectives network; the light ops go with the GEMMs on the compute stream.
+(`routed_experts`); else the report says which op stopped the proof, and it runs whole.
+Resource classes: GEMMs compute, attention memory, collectives network; the light ops go with
+the GEMMs on the compute stream.
 The search's cost per token row: a GEMM's FLOPs and bytes, and its weights once per launch;
 attention's share of its sequence's K/V and its FLOPs per key seen (`_attention_profile`); a
 collective's bytes over the interconnect; a routed grouped GEMM's per routed row, k of them a
@@ -819,7 +820,7 @@ class NanoBatch:
         # own as a whole: proven, it runs per nano-batch over its tokens' routed rows
         # (`tileflow.routing`). (Over sequences its experts stay whole.)
         routed = find_routed_regions(gm, dims, split, token) if batch is None else RoutedRegions()
-        for name, kind in routed.kinds.items():
+        for name in routed.kinds:
             split[name] = True
             scale = routed.row_scale(name)
             dims[name] = None if scale is None else 0

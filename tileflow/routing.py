@@ -50,7 +50,7 @@ __all__ = ["RoutedKind", "RoutedRegions", "find_routed_regions"]
 aten = torch.ops.aten
 
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-# Ops that keep a value's kind when they act off its row dim (dim 0): a cast, a copy, a new unit dim.
+# Ops that keep a value's kind: a cast (of indices: only one that keeps them in order), a copy.
 _SAME_ROWS = {aten._to_copy.default, aten.clone.default, aten.alias.default}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
 _ALONG_DIM = {aten.slice.Tensor, aten.select.int, aten._softmax.default, aten.softmax.int}
@@ -64,7 +64,7 @@ _ORDERED_DTYPES = {torch.int32, torch.int64, torch.float16, torch.bfloat16, torc
 @dataclass(frozen=True)
 class RoutedKind:
     """What a value of a routed region is to the tokens (module docstring): `name`, its rows per
-    token `k` (0 for the counts) and the sort node it follows (None for `rows` and `arange`)."""
+    token `k` (0 for the histogram and offsets) and the sort node it follows (None for `rows` and `arange`)."""
 
     name: str
     k: int
@@ -97,11 +97,11 @@ def find_routed_regions(gm: fx.GraphModule, dims: dict[str, int | None], split: 
     found = RoutedRegions()
     depends = _token_dependent(gm, dims, token)
     seen: set[str] = set()
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if node.op != "call_function" or _op(node) != "grouped_gemm" or split.get(node.name) or node.name in seen:
             continue
         region = _region_of(node, split, depends)
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         while True:
             kinds, why, joining = _prove(region, dims, split, depends, token)
             if not joining:

@@ -65,8 +65,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tileflow.graph_utils import (
-    ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT_TENSOR, bind_arguments, graph_structure, is_view_op, meta_val, size_hint,
-    token_dim, traced_contiguous, written_arguments,
+    ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT_TENSOR, bind_arguments, graph_structure, is_view_op, meta_val, op_name,
+    size_hint, token_dim, traced_contiguous, written_arguments,
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.routing import RoutedRegions, find_routed_regions
@@ -115,13 +115,6 @@ _SELECT_ALONG = {aten.topk.default: (2, -1), aten.sort.default: (1, -1), aten.ma
 _TOKENWISE_COLLECTIVES = {op for op in (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, WAIT_TENSOR) if op is not None}
 # The ones that move data over the interconnect (the split search costs them).
 _MOVING_COLLECTIVES = {op for op in (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER) if op is not None}
-
-
-def op_name(node: fx.Node) -> str:
-    """The op's short name (`padded_gemm`, `add`, ...)."""
-    target = node.target
-    name = getattr(target, "__name__", str(target))
-    return name.split(".")[0] if isinstance(target, torch._ops.OpOverload) else name
 
 
 def resource_of(node: fx.Node) -> str:

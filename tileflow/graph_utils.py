@@ -48,6 +48,13 @@ def bind_arguments(node: fx.Node) -> dict[str, Any]:
     return bound
 
 
+def op_name(node: fx.Node) -> str:
+    """The op's short name (`padded_gemm`, `add`, ...)."""
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0] if isinstance(target, torch._ops.OpOverload) else name
+
+
 def meta_val(node: Any) -> Any:
     """The example value (usually a FakeTensor) recorded on a node, or the constant itself."""
     if isinstance(node, fx.Node):

@@ -43,7 +43,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from tileflow.graph_utils import bind_arguments, meta_val
+from tileflow.graph_utils import bind_arguments, meta_val, op_name
 
 __all__ = ["RoutedKind", "RoutedRegions", "find_routed_regions"]
 
@@ -95,11 +95,13 @@ def find_routed_regions(gm: fx.GraphModule, dims: dict[str, int | None], split: 
     values that do not depend on the tokens, and the token count itself (an `arange`'s length);
     its outputs, read outside it, must be `[T, ...]` in token order."""
     found = RoutedRegions()
+    if not any(n.op == "call_function" and op_name(n) == "grouped_gemm" and not split.get(n.name) for n in gm.graph.nodes):
+        return found  # (no experts: nothing to walk)
     depends = _token_dependent(gm, dims, token)
     seen: set[str] = set()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or _op(node) != "grouped_gemm" or split.get(node.name) or node.name in seen:
+        if node.op != "call_function" or op_name(node) != "grouped_gemm" or split.get(node.name) or node.name in seen:
             continue
         region = _region_of(node, split, depends)
         while True:
@@ -113,11 +115,6 @@ def find_routed_regions(gm: fx.GraphModule, dims: dict[str, int | None], split: 
         else:
             found.refused[node.name] = why
     return found
-
-
-def _op(node: fx.Node) -> str:
-    """The op's short name (`grouped_gemm`, `sort`, ...)."""
-    return getattr(node.target, "_opname", None) or getattr(node.target, "__name__", str(node.target))
 
 
 def _token_dependent(gm: fx.GraphModule, dims: dict[str, int | None], token: Any) -> set[str]:
@@ -167,7 +164,7 @@ def _prove(region: list[fx.Node], dims: dict[str, int | None], split: dict[str, 
             return {}, None, reading
         kind = _kind_of(node, kinds, dims, split, depends, token)
         if kind is None:
-            return {}, (f"{node.name} ({_op(node) or node.target}) in its routing is not an op the split can run "
+            return {}, (f"{node.name} ({op_name(node)}) in its routing is not an op the split can run "
                         "per nano-batch"), set()
         kinds[node.name] = kind
     for node in region:
@@ -314,7 +311,7 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
                 and values == RoutedKind("arange", base.k)):
             return RoutedKind("inverse", base.k, base.sort)
         return None
-    if _op(node) == "grouped_gemm":
+    if op_name(node) == "grouped_gemm":
         bound = bind_arguments(node)
         x, offsets = kind(bound["x"]), kind(bound["offsets"])
         others = [v for name, v in bound.items() if name not in ("x", "offsets")]

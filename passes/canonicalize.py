@@ -33,12 +33,18 @@ Later passes match one form only. After this pass:
   attention pass reads through to the real K/V heads (and the cast then converts the
   un-repeated heads, not R copies). A widening cast stays where it is (GPT-Neo's q and k cast up
   for the product: the attention pass reads through it there).
+- tokens repeated once per expert and viewed `[E, T, H]` through an elementwise op (Llama-4's
+  batched experts' input, `(x.repeat(E, 1) * scores.t().reshape(-1, 1)).view(E, T, H)`) are
+  `x` broadcast to `[E, T, H]` (an `expand`) in that op (kind `repeat_as_broadcast`): the same
+  values and layout, with the tokens at a dim of their own (nano-batching splits along it) and
+  no E copies of them made.
 Nodes the graph returns directly are kept, and so is every copy an output views (`x.clone()
 .view(-1)` returned), so no output starts aliasing an input.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -193,6 +199,14 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
         if not same_shape([a.stride()[i] for i in keep], [b.stride()[i] for i in keep]):
             return False
     return statically_known_true(a.storage_offset() == b.storage_offset())
+
+
+def _static(size: Any) -> int | None:
+    """A size's value where it is a number (an int, or a SymInt of a constant), else None."""
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        return int(expr) if expr.is_number else None
+    return size if isinstance(size, int) else None
 
 
 def _is_unit(size: Any) -> bool:
@@ -470,6 +484,10 @@ class Canonicalize:
             return self._masked_assignment(graph, node)
         if node in outputs:
             return None
+        if target in _RESHAPES:
+            kind = self._repeat_as_broadcast(graph, node)
+            if kind:
+                return kind
         if target in (aten._to_copy.default, prims.convert_element_type.default):
             kind = self._cast_before_views(graph, node)
             if kind:
@@ -682,6 +700,69 @@ class Canonicalize:
             infer_meta(src)
             copy_source_meta(node, src)
         return self._matmul(graph, node, (a, src))
+
+    def _repeat_as_broadcast(self, graph: fx.Graph, view: fx.Node) -> str | None:
+        """`view(op(x.repeat(E, 1), c.reshape(E*T, 1)), [E, T, H])` as `op(x` broadcast to `[E, T,
+        H], c.reshape(E, T, 1))`, `op` elementwise: the same values, laid out alike. Llama-4 runs
+        every token through every expert so (`hidden.repeat(E, 1)` scaled by each expert's score,
+        viewed `[E, T, H]` for the batched expert GEMMs); the repeat's `E*T` rows hide the tokens,
+        which the broadcast keeps at dim 1 (nano-batching splits the experts along them), and no
+        E copies of the tokens are made. Every tensor operand of `op` is such a repeat, a reshape
+        merging `[E, T, ...]` into rows, or a value without rows (broadcast along them)."""
+        op = view.args[0]
+        vv, ov = _val(view), _val(op)
+        if not (isinstance(op, fx.Node) and op.op == "call_function" and isinstance(op.target, torch._ops.OpOverload)
+                and torch.Tag.pointwise in op.target.tags and len(op.users) == 1
+                and isinstance(vv, torch.Tensor) and isinstance(ov, torch.Tensor) and ov.dim() >= 1
+                and vv.dim() == ov.dim() + 1 and (_static(vv.shape[0]) or 0) > 1
+                and same_shape(vv.shape[2:], ov.shape[1:]) and statically_known_true(vv.shape[0] * vv.shape[1] == ov.shape[0])):
+            return None
+        blocks, rows = _static(vv.shape[0]), vv.shape[1]
+        replaced: dict[fx.Node, tuple[Any, ...]] = {}  # operand -> (target, args) of its `[E, T, ...]` form
+        for a in op.all_input_nodes:
+            av = _val(a)
+            if not isinstance(av, torch.Tensor) or av.dim() < ov.dim() or _is_unit(av.shape[0]):
+                continue  # a number, or broadcast along the rows
+            src = a.args[0] if a.op == "call_function" and a.args and isinstance(a.args[0], fx.Node) else None
+            sv = _val(src)
+            if not isinstance(sv, torch.Tensor) or a in self._written_values(graph) or reads_written(a, self._written_values(graph)):
+                return None
+            if (a.target is aten.repeat.default and list(a.args[1]) == [blocks] + [1] * (av.dim() - 1)
+                    and sv.dim() == av.dim() and statically_known_true(sv.shape[0] == rows)):
+                replaced[a] = (aten.expand.default, [blocks, *([-1] * sv.dim())], aten.unsqueeze.default)
+            elif (a.target in _RESHAPES and sv.dim() >= 2 and _static(sv.shape[0]) == blocks
+                  and statically_known_true(sv.shape[1] == rows) and all(_static(d) is not None for d in av.shape[1:])
+                  and statically_known_true(math.prod(sv.shape[2:]) == math.prod(av.shape[1:]))):
+                replaced[a] = (aten.reshape.default, [blocks, -1, *(_static(d) for d in av.shape[1:])], None)
+            else:
+                return None
+        if not any(a.target is aten.repeat.default for a in replaced):
+            return None  # (rows merged and split again only: nothing hidden to bring back)
+        made: dict[fx.Node, fx.Node] = {}
+        created: list[fx.Node] = []
+        with graph.inserting_before(op):
+            for a, (target, shape, first) in replaced.items():
+                src = a.args[0]
+                if first is not None:
+                    src = graph.call_function(first, (src, 0))
+                    created.append(src)
+                    infer_meta(src)
+                made[a] = graph.call_function(target, (src, shape))
+                created.append(made[a])
+                infer_meta(made[a])
+            new = graph.call_function(op.target, tuple(made.get(a, a) if isinstance(a, fx.Node) else a for a in op.args),
+                                      dict(op.kwargs))
+            created.append(new)
+        new_val = infer_meta(new)
+        if not (same_shape(new_val.shape, vv.shape) and new_val.stride() == vv.stride() and new_val.dtype == vv.dtype):
+            for node in reversed(created):
+                graph.erase_node(node)  # (a layout other than the view's: left as it was)
+            return None
+        for node in created:
+            copy_source_meta(op, node)
+        view.replace_all_uses_with(new)
+        graph.erase_node(view)
+        return "repeat_as_broadcast"
 
     # -- no-ops ----------------------------------------------------------------------------
     def _drop_noop(self, node: fx.Node) -> str | None:

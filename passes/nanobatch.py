@@ -8,8 +8,10 @@ schedule.
 An op is *token-wise* when each row of its output (along the token dimension) reads only the same
 row of its token-carrying inputs: elementwise ops, GEMMs (`padded_gemm`, `linear`, `mm` on the
 rows), norms and softmaxes over other dims, embeddings, layout ops that keep the token
-dimension whole, and tensor parallelism's collectives: all-reduces (element by element over the
-ranks), and gathers and reduce-scatters off the token dim. Token-wise ops run once per
+dimension whole, the ops routers and RoPE write per row (top-k, gathers, scatters and slice
+writes off the token dim, fills shaped as a row, complex views), a batched expert GEMM over
+`[E, T, K]` (along its T), and tensor parallelism's collectives: all-reduces (element by element
+over the ranks), and gathers and reduce-scatters off the token dim. Token-wise ops run once per
 nano-batch over its rows; every other op (attention over one sequence, anything reading across
 tokens) runs once over all rows, after the nano-ops it reads. Each nano-op depends only on the
 producer nano-ops whose rows it reads, never on a global barrier
@@ -23,7 +25,7 @@ the GEMMs on the compute stream.
 The search's cost per token row: a GEMM's FLOPs and bytes, and its weights once per launch;
 attention's share of its sequence's K/V and its FLOPs per key seen (`_attention_profile`); a
 collective's bytes over the interconnect; a routed grouped GEMM's per routed row, k of them a
-token. Over sequences (below) a unit is a sequence: its rows' costs times its rows. A heavy op
+token (a batched one's, a row in each expert's block). Over sequences (below) a unit is a sequence: its rows' costs times its rows. A heavy op
 that runs whole (MoE's grouped GEMM where its routing is not proven, one sequence's attention,
 the head over the last token's row) is a barrier in the search's model (`OpProfile.whole`),
 costed per unit by its rows over the count (its time is the same split or not: where it stands
@@ -65,8 +67,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tileflow.graph_utils import (
-    ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT_TENSOR, bind_arguments, graph_structure, is_view_op, meta_val, op_name,
-    size_hint, token_dim, traced_contiguous, written_arguments,
+    ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, SIZED_BY_ARGUMENT, WAIT_TENSOR, bind_arguments, graph_structure,
+    is_view_op, meta_val, op_name, size_hint, token_dim, traced_contiguous, written_arguments,
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
 from tileflow.routing import RoutedRegions, find_routed_regions
@@ -103,6 +105,18 @@ _ROW_TUPLES = {aten.native_layer_norm.default, aten.split.Tensor, aten.split_wit
 # The ones among them that select or order along one dim (default -1; max and min: a required dim).
 _SELECT_ALONG = {aten.topk.default: (2, -1), aten.sort.default: (1, -1), aten.max.dim: (1, None),
                  aten.min.dim: (1, None)}
+# New tensors shaped as their input (a router's `full_like(logits, -inf)`): row by row.
+_FILLED_LIKE = {aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.empty_like.default}
+# New tensors of a given size (`x.new_empty([1, H, T, D])`): the runtime sets the token dim's size
+# per nano-batch, as a view's (`SIZED_BY_ARGUMENT`).
+_NEW_OF_SIZE = {aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default}
+# Elementwise ops without torch's pointwise tag (a functional copy broadcasts its source into its
+# destination's shape; Llama-4's RoPE makes its factors with `polar`, its chunks with `//`).
+_UNTAGGED_POINTWISE = {aten.copy.default, aten.floor_divide.default, aten.polar.default}
+# Ops reading or writing along `dim` through an index of the same rank; per row when `dim` is not
+# the token dim (a router's weights of its chosen experts, the -inf logits of the rest).
+_INDEXED_ALONG = {aten.gather.default, aten.scatter.src, aten.scatter.value, aten.scatter_add.default,
+                  aten.scatter_reduce.two}
 # Tensor parallelism's collectives (`tileflow.graph_utils`). An all-reduce reduces each element
 # over the ranks, so a row of its output reads only that row of every rank's input: it splits
 # per nano-batch like an elementwise op, and nano-batch i's reduction can run beside nano-batch
@@ -326,10 +340,6 @@ class _SequenceRows:
     tangled: frozenset[str]
 
 
-# Ops whose shape argument (args[1]) holds the split dim's size (the runtime rewrites it).
-_SHAPED = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}
-
-
 def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRows | None = None) -> bool:
     """Each output row reads only the same row of the token-carrying inputs (with `seqs`: each
     sequence's rows only that sequence's rows)."""
@@ -344,7 +354,7 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRo
     if seqs is not None:
         # A nano-batch would read such a value whole beside its own sequences' rows; a view's
         # size at the split dim (`B*S`) is the one the runtime sets per nano-batch.
-        shape = node.args[1] if target in _SHAPED and len(node.args) > 1 else ()
+        shape = node.args[1] if target in SIZED_BY_ARGUMENT and len(node.args) > 1 else ()
         sized = shape[out_dim] if isinstance(shape, (list, tuple)) and out_dim < len(shape) else None
         if any(a.name in seqs.tangled and a is not sized for a in node.all_input_nodes):
             return False
@@ -448,7 +458,31 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRo
             return False
         reduced = [reduced] if isinstance(reduced, int) else list(reduced)
         return dims.get(src.name) is not None and all(d % rank != dims[src.name] for d in reduced)
-    if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+    if target in _FILLED_LIKE or target in (aten.view_as_complex.default, aten.view_as_real.default):
+        # (The complex views reinterpret the last dim, pairs of reals: never the token dim.)
+        return dims.get(node.args[0].name) == out_dim
+    if target in _NEW_OF_SIZE:
+        return True  # (its size at the token dim is the token count: that dim is the output's)
+    if target in _INDEXED_ALONG or target is aten.slice_scatter.default:
+        # Every tensor argument holds the same rows at the output's token dim (a shorter index
+        # would scatter into only some of the rows).
+        bound = bind_arguments(node)
+        tensors = [bound[k] for k in ("self", "index", "src") if isinstance(bound.get(k), fx.Node)]
+        rows = meta_val(node).shape[out_dim]
+        # Along the tokens, a slice write whose source holds every row writes each row its own
+        # (a slice assignment `y[:, :4] = x` writes all rows, then the slice of them).
+        along_rows = bound["dim"] % meta_val(node).dim() == out_dim
+        return ((not along_rows or target is aten.slice_scatter.default)
+                and all(dims.get(t.name) == out_dim and statically_known_true(meta_val(t).shape[out_dim] == rows)
+                        for t in tensors))
+    if name == "grouped_gemm":
+        # Batched (no offsets) over `[E, T, K]`, each expert's block of rows every token in order
+        # (Llama-4's dense experts): row t of each block is token t's. (Grouped over offsets, its
+        # rows are sorted by expert across the step: `tileflow.routing` may prove its routing.)
+        bound = bind_arguments(node)
+        return (bound["offsets"] is None and out_dim == 1 and dims.get(bound["x"].name) == 1
+                and all(dims.get(v.name) is None for k, v in bound.items() if k != "x" and isinstance(v, fx.Node)))
+    if (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags) or target in _UNTAGGED_POINTWISE:
         # Broadcasting aligns dims from the right: each input's token dim must be the output's.
         out_rank = meta_val(node).dim()
         return all(dims[a.name] - meta_val(a).dim() == out_dim - out_rank for a in ins)
@@ -508,8 +542,9 @@ def _rows_of(cost: OpProfile, rows: float, **changes: Any) -> OpProfile:
 
 
 def _grouped_gemm_profile(node: fx.Node) -> OpProfile:
-    """A mixture of experts' grouped GEMM, a whole op (alone it never splits: its rows are sorted
-    by expert across the step; the pass runs it per nano-batch where its routing is proven),
+    """A mixture of experts' grouped GEMM, a whole op (over offsets it never splits alone: its rows
+    are sorted by expert across the step; the pass runs it per nano-batch where its routing is
+    proven, and a batched one along its tokens),
     per row routed to an expert (top-k per token; in the batched form `[E, T, K]` every
     expert's): FLOPs and bytes, and every expert's weights once per launch (at most what a
     launch reads: a launch over a few tokens reaches few experts). Weights of symbolic sizes
@@ -839,6 +874,9 @@ class NanoBatch:
             if prof is not None:
                 if split[node.name] and node.name in routed.kinds:
                     prof = dataclasses.replace(prof, whole=False)  # per nano-batch: its k rows a token
+                elif split[node.name] and prof.whole:
+                    # A batched grouped GEMM split along its tokens: a token's row in each expert's block.
+                    prof = _rows_of(prof, int(meta_val(node.args[0]).shape[0]), whole=False)
                 elif not split[node.name]:
                     # It runs once over the step (MoE's grouped GEMM, one sequence's attention, the
                     # last token's logits): a barrier, costed per unit by its rows over the count.

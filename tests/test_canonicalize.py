@@ -849,3 +849,51 @@ def test_a_bmm_over_one_weight_expanded_along_the_batch_is_a_linear(weight_dims:
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     assert report.rewrites.get("padded_gemm") == 1, report.rewrites
     assert not report.fallbacks, [f.reason for f in report.fallbacks]
+
+
+def _experts_input(form: str) -> Callable:
+    # Llama-4's batched experts' input: every token's row once per expert, scaled by that expert's
+    # score (`[T, E]`), viewed `[E, T, H]`; or a near form that is something else.
+    def fn(x, scores):
+        experts = 4  # (a number: the experts are the weights', the tokens symbolic)
+        repeats = {"along columns": (1, experts), "twice over": (experts, 2)}.get(form, (experts, 1))
+        routed = x.repeat(*repeats)
+        scale = scores.t().reshape(-1, 1) if repeats[0] == experts else 2.0
+        if form == "scores by token":
+            scale = scores.reshape(-1, 1)  # ([T, E] flattened: row r is token r // E's, not expert r // T's)
+        if form == "a product":
+            rows = routed @ torch.ones(routed.shape[1], 8)
+        else:
+            rows = routed + 1 if form == "no scores" else routed * scale
+        return torch.relu(rows.view(experts, -1, rows.shape[1] // repeats[1]))  # (canonicalize keeps outputs)
+    return fn
+
+
+@pytest.mark.parametrize("form", ["scaled", "no scores"])
+def test_tokens_repeated_per_expert_become_a_broadcast(form: str) -> None:
+    """`x.repeat(E, 1) * s.t().reshape(E*T, 1)` viewed `[E, T, H]` (Llama-4's experts' input, its
+    tokens hidden in E*T rows) is `x` broadcast to `[E, T, H]` times `s.t()` as `[E, T, 1]`: no
+    repeat, the tokens at dim 1, the same values and layout, at other token counts too."""
+    fn = _experts_input(form)
+    gm = traced(fn, torch.randn(5, 8), torch.randn(5, 4))
+    assert canonicalize(gm)["repeat_as_broadcast"] == 1
+    assert aten.repeat.default not in ops(gm) and ops(gm)[aten.expand.default] == 1
+    out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+    assert out.args[0].target in (aten.mul.Tensor, aten.add.Tensor)  # (no view of rows: they are [E, T, H])
+    x, scores = torch.randn(11, 8), torch.randn(11, 4)
+    got, want = gm(x, scores), fn(x, scores)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.stride() == want.stride()
+
+
+@pytest.mark.parametrize("form", ["along columns", "twice over", "scores by token", "a product"])
+def test_other_repeats_stay(form: str) -> None:
+    """A repeat along the columns or of the rows and the columns, scores in token-major order
+    (their rows are no expert's block) and a product of the repeated rows (no elementwise op)
+    are left as they are, and still exact."""
+    fn = _experts_input(form)
+    gm = traced(fn, torch.randn(5, 8), torch.randn(5, 4))
+    assert "repeat_as_broadcast" not in canonicalize(gm)
+    assert ops(gm)[aten.repeat.default] == 1
+    x, scores = torch.randn(11, 8), torch.randn(11, 4)
+    torch.testing.assert_close(gm(x, scores), fn(x, scores), rtol=0, atol=0)

@@ -31,6 +31,14 @@ ALL_GATHER: Any = _collective("all_gather_into_tensor")
 REDUCE_SCATTER: Any = _collective("reduce_scatter_tensor")
 WAIT_TENSOR: Any = _collective("wait_tensor")
 
+_aten = torch.ops.aten
+# Ops whose second argument is their output's size (a view's shape, `x.new_empty(size)`): run over
+# some of the rows, their size at the token dim is those rows' count (the nano-batch runtime sets it).
+SIZED_BY_ARGUMENT: frozenset[Any] = frozenset({
+    _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.expand.default,
+    _aten.new_empty.default, _aten.new_zeros.default, _aten.new_ones.default, _aten.new_full.default,
+})
+
 
 def bind_arguments(node: fx.Node) -> dict[str, Any]:
     """An op node's arguments by schema name, defaults filled in (None where the schema has none)."""

@@ -15,7 +15,8 @@ tokens (its kind, below); a region holding any op, or any use of an op, that thi
 stays whole, and the reason says which. Kinds (k rows per token; P a sort node):
 
 - `rows(k)`: `[k*T, ...]` in token order, row r token r // k's (a token-wise input `[T, ...]` is
-  `rows(1)`); marked `ids` where its values are expert indices (a router's top-k indices, so
+  `rows(1)`); marked `ids` where its values are expert indices (a router's top-k indices, or its
+  max picks', so
   never negative, and casts that keep their order);
 - `perm(k, P)`: P's indices; `token_of(k, P)`: P // k, each sorted row's token;
 - `sorted_ids(k, P)`: P's sorted values where P sorts `ids` (and casts and clamps that keep
@@ -99,16 +100,15 @@ def find_routed_regions(gm: fx.GraphModule, dims: dict[str, int | None], split: 
         return found  # (no experts: nothing to walk)
     depends = _token_dependent(gm, dims, token)
     seen: set[str] = set()
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if node.op != "call_function" or op_name(node) != "grouped_gemm" or split.get(node.name) or node.name in seen:
             continue
-        region = _region_of(node, split, depends)
+        region = _region_of([node], split, depends)
         while True:
             kinds, why, joining = _prove(region, dims, split, depends, token)
             if not joining:
                 break
-            region = sorted({*region, *joining}, key=order.__getitem__)
+            region = _region_of([*region, *joining], split, depends)
         seen |= {n.name for n in region}
         if why is None:
             found.kinds.update(kinds)
@@ -132,11 +132,11 @@ def _token_dependent(gm: fx.GraphModule, dims: dict[str, int | None], token: Any
     return depends
 
 
-def _region_of(start: fx.Node, split: dict[str, bool], depends: set[str]) -> list[fx.Node]:
-    """The ops left whole that depend on the tokens and connect to `start` through such ops, in
-    graph order."""
-    inside = {start}
-    stack = [start]
+def _region_of(starts: list[fx.Node], split: dict[str, bool], depends: set[str]) -> list[fx.Node]:
+    """`starts` and the ops left whole that depend on the tokens and connect to them through such
+    ops, in graph order."""
+    inside = set(starts)
+    stack = list(starts)
     while stack:
         node = stack.pop()
         for other in (*node.all_input_nodes, *node.users):
@@ -144,22 +144,24 @@ def _region_of(start: fx.Node, split: dict[str, bool], depends: set[str]) -> lis
                     and other.name in depends):
                 inside.add(other)
                 stack.append(other)
-    order = {n: i for i, n in enumerate(start.graph.nodes)}
+    order = {n: i for i, n in enumerate(starts[0].graph.nodes)}
     return sorted(inside, key=order.__getitem__)
 
 
 def _prove(region: list[fx.Node], dims: dict[str, int | None], split: dict[str, bool], depends: set[str],
            token: Any) -> tuple[dict[str, RoutedKind], str | None, set[fx.Node]]:
     """Each node's kind, or why the region cannot run per nano-batch; or else the ops that must
-    join the region first. Those are token-wise ops reading a region value that is not the
-    tokens' rows in their order: with one expert a token (`[k*T] = [T]`) the sorted rows have a
-    token dim, so the ops after them split as token-wise, reading rows of a whole value that,
-    run per nano-batch, no longer exists."""
+    join the region first. Those are token-wise ops reading a region value, or a value left whole
+    that depends on the tokens, that is not the tokens' rows in their order: with one expert a
+    token (`[k*T] = [T]`) the sort's permutation and sorted rows have a token dim, so the ops
+    after them (`perm // 1`, `empty_like(perm)`) split as token-wise, reading rows of a whole
+    value that, run per nano-batch, no longer exists (the region grows from them to the sort)."""
     kinds: dict[str, RoutedKind] = {}
     inside = {n.name for n in region}
     for node in region:
         reading = {a for a in node.all_input_nodes if a.name not in inside and a.op == "call_function"
-                   and any(b.name in inside for b in a.all_input_nodes)}
+                   and any(b.name in inside or (b.name in depends and split.get(b.name) is False)
+                           for b in a.all_input_nodes)}
         if reading:
             return {}, None, reading
         kind = _kind_of(node, kinds, dims, split, depends, token)
@@ -384,15 +386,20 @@ def _clamped_not_negative(node: fx.Node) -> bool:
 # Token-wise ops a router's indices may pass through before the routing and stay indices: views
 # (top-1's `[T, 1] -> [T]`), copies, and casts that keep their order.
 _KEEPS_IDS = {*_RESHAPES, aten.squeeze.dim, aten.squeeze.dims, aten.clone.default, aten.alias.default}
+# Ops whose item 1 is the indices of what they picked along a dim: never negative.
+_PICKS = {aten.topk.default, aten.max.dim, aten.min.dim}
 
 
 def _router_ids(node: fx.Node) -> bool:
-    """Whether a value is a router's top-k indices (never negative), through `_KEEPS_IDS` ops
-    and order-keeping casts."""
+    """Whether a value is a router's expert indices (never negative): the indices of a top-k (or
+    of a max or min, PhiMoE's sparse mixer picking one expert at a time), through `_KEEPS_IDS`
+    ops, order-keeping casts and concatenations of such indices."""
     while True:
         if node.target is operator.getitem:
             src = node.args[0]
-            return node.args[1] == 1 and isinstance(src, fx.Node) and src.target is aten.topk.default
+            return node.args[1] == 1 and isinstance(src, fx.Node) and src.target in _PICKS
+        if node.target is aten.cat.default:
+            return all(isinstance(part, fx.Node) and _router_ids(part) for part in node.args[0])
         if node.target in _KEEPS_IDS or (node.target is aten._to_copy.default
                                          and meta_val(node).dtype in _ORDERED_DTYPES):
             node = node.args[0]

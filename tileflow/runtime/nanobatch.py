@@ -15,12 +15,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from ..graph_utils import is_view_op, traced_contiguous
+from ..graph_utils import SIZED_BY_ARGUMENT, is_view_op, traced_contiguous
 from .streams import CudaGraphBuckets, CudaStreams, graph_token_dims, run_schedule_on_streams
 
 aten = torch.ops.aten
-# Ops whose shape argument (args[1]) holds the token dim's size: rewritten per nano-batch.
-_SHAPED = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}
+# Of the ops whose size argument (args[1]) holds the token dim's size (`SIZED_BY_ARGUMENT`, rewritten
+# per nano-batch), the views: a piece need not be viewable with the whole's strides.
 _VIEWS = {aten.view.default, aten._unsafe_view.default}
 
 
@@ -225,7 +225,7 @@ class ScheduleState:
         call_args = fx.node.map_aggregate(node.args, arg)
         call_kwargs = fx.node.map_aggregate(node.kwargs, arg)
         target = node.target
-        if target in _SHAPED:
+        if target in SIZED_BY_ARGUMENT:
             shape = list(call_args[1])
             shape[dims[node.name]] = (hi - lo) * self.scales.get(node.name, 1)
             # A slice need not be viewable with the whole's strides: reshape copies when needed.

@@ -71,7 +71,7 @@ from tileflow.graph_utils import (
     is_view_op, meta_val, op_name, size_hint, token_dim, traced_contiguous, written_arguments,
 )
 from tileflow.pipeline import PassContext, PassResult, register_pass
-from tileflow.routing import RoutedRegions, find_routed_regions
+from tileflow.routing import find_routed_regions
 from tileflow.schedule import DEFAULT_STREAM_OF_RESOURCE, OpEdge, OpSpec, Schedule, check_schedule, make_schedule
 from tileflow.search import OpProfile, modeled_timeline, power_of_two_bucket, split_for_count
 
@@ -846,8 +846,8 @@ class NanoBatch:
         split = {n.name: _is_token_wise(n, dims, seqs) for n in gm.graph.nodes if n.op == "call_function"}
         # A mixture of experts' routing (sort, grouped GEMMs, unsort) keeps each token's rows its
         # own as a whole: proven, it runs per nano-batch over its tokens' routed rows
-        # (`tileflow.routing`). (Over sequences its experts stay whole.)
-        routed = find_routed_regions(gm, dims, split, token) if batch is None else RoutedRegions()
+        # (`tileflow.routing`), over sequences too (k rows a token, S tokens a sequence).
+        routed = find_routed_regions(gm, dims, split, token if batch is None else batch)
         for name in routed.kinds:
             split[name] = True
             scale = routed.row_scale(name)

@@ -1638,15 +1638,43 @@ def test_routing_that_reads_across_tokens_runs_whole(plans: list[tuple], defect:
     assert set(graph["extra"]["nano_batch"]["barriers"]) == set(grouped)
 
 
-def test_auto_costs_a_mixture_of_experts_per_nano_batch_or_as_barriers(
+def test_a_mixture_of_experts_routes_per_nano_batch_over_sequences(plans: list[tuple], split_calls: list[int]) -> None:
+    """Over the sequences of a batch (a prefill of `[B, S]` prompts, decode steps over a cache)
+    Mixtral's experts ran whole, barriers between the nano-batches. Each nano-batch now routes
+    its own sequences' tokens (`tileflow.routing` over `B*S` rows; the router's flattened ids
+    split already, each sequence's block whole), every routing op split, the logits of every
+    step equal to eager at 3 and 5 sequences (uneven pieces)."""
+    torch.manual_seed(6)
+    model = one_layer(build("mixtral")).eval()
+    report = tileflow.Report()
+    compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
+                                                                     report=report), dynamic=True)
+    for batch in (3, 5):
+        ids = torch.randint(0, VOCAB, (batch, 6))
+        for got, want in zip(_decoded(model, compiled, ids), _decoded(model, model, ids)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == 2 * 3
+    for (gm, plan), info in zip(plans, [g.extra["nano_batch"] for g in report.graphs]):
+        grouped = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
+        sorts = [n.name for n in gm.graph.nodes if n.target is torch.ops.aten.sort.default]
+        assert info["split_over"] == "sequences" and len(grouped) == 2 and len(sorts) == 1
+        assert info["routed_experts"] == grouped and info["barriers"] == []
+        assert set(grouped + sorts) <= plan.routed
+        # (Whole: only what holds no sequences, the rotary table, and the cache's concatenation
+        # along its length.)
+        assert all(plan.split[n.name] for n in gm.graph.nodes if n.op == "call_function"
+                   and plan.token_dims[n.name] is not None and n.target is not torch.ops.aten.cat.default)
+
+
+def test_auto_costs_a_mixture_of_experts_per_nano_batch(
         halving_search: list[tuple[list, int]], plans: list[tuple], split_calls: list[int]) -> None:
     """Mixtral's experts (two grouped GEMMs per layer) are in the split search's costs, most of
     the layer's FLOPs, per token: the top-2 rows a token routes, every expert's weights once per
-    launch. Along the tokens their routing runs per nano-batch (`tileflow.routing`), so they are
-    chain ops like any GEMM; split over the sequences they run whole, barriers, where a sequence
-    counts its S tokens' rows (S at its power-of-two bucket, as the padded GEMMs' rows are).
-    Every other heavy op that runs whole is a barrier too (one sequence's attention, whose
-    queries stay together)."""
+    launch. Their routing runs per nano-batch (`tileflow.routing`), along the tokens and over
+    the sequences alike (they ran whole there, barriers), so they are chain ops like any GEMM,
+    a sequence counting its S tokens' rows (S at its power-of-two bucket, as the padded GEMMs'
+    rows are). A heavy op that runs whole is a barrier (one sequence's attention, whose queries
+    stay together)."""
     torch.manual_seed(5)
     model = one_layer(build("mixtral")).eval()
     experts, top = model.config.num_local_experts, model.config.num_experts_per_tok
@@ -1675,17 +1703,15 @@ def test_auto_costs_a_mixture_of_experts_per_nano_batch_or_as_barriers(
         for node in grouped:
             cost = next(c for c in plan.costs_at() if c.name == node.name)
             flops, nbytes, weights = per_row[node.meta["val"].shape[-1]]
-            along_tokens = plan is tokens_plan
-            assert cost.whole is not along_tokens and plan.split[node.name] is along_tokens
+            assert not cost.whole and plan.split[node.name] and node.name in plan.routed
             assert (cost.flops_per_token, cost.bytes_per_token, cost.fixed_bytes) == (flops * rows, nbytes * rows, weights)
         barriers.append({c.name for c in plan.costs_at() if c.whole})
         assert barriers[-1] == {name for name in heavy if not plan.split[name]}
     def named(gm: torch.fx.GraphModule, op: str) -> set[str]:
         return {n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == op}
 
-    # Along one sequence's tokens its attention runs whole and its experts split; over the
-    # sequences attention splits and the experts run whole.
-    assert barriers == [named(tokens_gm, "meta_attention"), named(seqs_gm, "grouped_gemm")]
+    # Along one sequence's tokens its attention runs whole; over the sequences nothing does.
+    assert barriers == [named(tokens_gm, "meta_attention"), set()]
     # The search saw them as such.
     assert [{c.name for c in costs if c.whole} for costs, _ in halving_search] == [barriers[0]] * 2 + [barriers[1]]
 

@@ -9,6 +9,9 @@ experts' grouped GEMMs over the sorted rows with offsets counted from the sorted
 and last views is token-wise (the sort reads every row), yet the whole computes token t's rows from
 token t's inputs only: run over any range of the tokens, it gives those tokens' rows. So the
 nano-batch split can run it once per nano-batch, as it runs a GEMM, rather than once over the step.
+Over the sequences of a batch (`[B*S, H]` rows, B split) it is the same: a range of sequences is a
+range of tokens, T = B*S; the router's flattened `[k*B*S]` ids then split already, each
+sequence's block of them whole, and they enter the routing as `rows(k)`.
 
 `find_routed_regions` proves that of a region op by op, following what each value is to the
 tokens (its kind, below); a region holding any op, or any use of an op, that this does not know
@@ -76,56 +79,82 @@ class RoutedKind:
 @dataclass
 class RoutedRegions:
     """The proven regions' nodes by name, with their kinds (each runs per nano-batch over its
-    tokens' routed rows), and why each region left whole was refused (by its grouped GEMM)."""
+    tokens' routed rows) and their tokens per unit of the split (1 along the tokens; over
+    sequences, a sequence's), and why each region left whole was refused (by its grouped GEMM)."""
 
     kinds: dict[str, RoutedKind] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    tokens_per_unit: dict[str, Any] = field(default_factory=dict)
 
     def row_scale(self, name: str) -> Any:
-        """Rows per token of a proven node's value along dim 0 (None: a value without rows: the
-        counts, the sort's tuple)."""
+        """Rows per unit of the split of a proven node's value along dim 0: k per token (None: a
+        value without rows: the counts, the sort's tuple)."""
         kind = self.kinds[name]
-        return None if kind.name in ("histogram", "offsets", "tuple") else sympy.Integer(kind.k)
+        if kind.name in ("histogram", "offsets", "tuple"):
+            return None
+        return sympy.Integer(kind.k) * self.tokens_per_unit.get(name, sympy.Integer(1))
 
 
 def find_routed_regions(gm: fx.GraphModule, dims: dict[str, int | None], split: dict[str, bool],
-                        token: Any) -> RoutedRegions:
+                        unit: Any) -> RoutedRegions:
     """The regions around each grouped GEMM left whole (`split` False) whose every op is known to
-    keep each token's rows its own (module docstring). `dims` holds each node's token dim, `token`
-    the token count's size symbol: a region's inputs are values split with their tokens at dim 0,
-    values that do not depend on the tokens, and the token count itself (an `arange`'s length);
-    its outputs, read outside it, must be `[T, ...]` in token order."""
+    keep each token's rows its own (module docstring). `dims` holds each node's split dim, `unit`
+    the size symbol the split counts: the tokens, or the sequences of a batch (`B` of `[B*S, H]`
+    rows). A region's inputs are values split with their tokens at dim 0, all of one count T of
+    rows (`unit`, or `B*S`), values that do not depend on the tokens, and that count itself (an
+    `arange`'s length); its outputs, read outside it, must be `[T, ...]` in token order."""
     found = RoutedRegions()
     if not any(n.op == "call_function" and op_name(n) == "grouped_gemm" and not split.get(n.name) for n in gm.graph.nodes):
         return found  # (no experts: nothing to walk)
-    depends = _token_dependent(gm, dims, token)
+    depends = _token_dependent(gm, dims, unit)
     seen: set[str] = set()
     for node in gm.graph.nodes:
         if node.op != "call_function" or op_name(node) != "grouped_gemm" or split.get(node.name) or node.name in seen:
             continue
         region = _region_of([node], split, depends)
         while True:
-            kinds, why, joining = _prove(region, dims, split, depends, token)
+            joining = _readers_of_whole(region, split, depends)
             if not joining:
-                break
+                tokens = _tokens_of(region, dims, split)
+                if tokens is None:
+                    kinds, why = {}, "its token-wise inputs hold rows of different counts, or none"
+                    break
+                kinds, why, joining = _prove(region, dims, split, depends, tokens)
+                if not joining:
+                    break
             region = _region_of([*region, *joining], split, depends)
         seen |= {n.name for n in region}
         if why is None:
             found.kinds.update(kinds)
+            found.tokens_per_unit.update({name: sympy.simplify(tokens / unit) for name in kinds})
         else:
             found.refused[node.name] = why
     return found
 
 
-def _token_dependent(gm: fx.GraphModule, dims: dict[str, int | None], token: Any) -> set[str]:
-    """Tensors whose value depends on a token-carrying value or is sized by the token count (an
+def _tokens_of(region: list[fx.Node], dims: dict[str, int | None], split: dict[str, bool]) -> Any:
+    """The region's token count T, as an expression: of the rows of the split values its ops read
+    (with their rows at dim 0), the count every other is a whole multiple of (`B*S` beside the
+    router's flattened `[k*B*S]` ids). None: no such values, or no such count."""
+    inside = {n.name for n in region}
+    counts = {_expr(meta_val(a).shape[0]) for n in region for a in n.all_input_nodes
+              if a.name not in inside and split.get(a.name, a.op == "placeholder") and dims.get(a.name) == 0
+              and isinstance(meta_val(a), torch.Tensor) and meta_val(a).dim() >= 1}
+    for count in counts:
+        if all(sympy.simplify(other / count).is_Integer for other in counts):
+            return count
+    return None
+
+
+def _token_dependent(gm: fx.GraphModule, dims: dict[str, int | None], unit: Any) -> set[str]:
+    """Tensors whose value depends on a token-carrying value or is sized by the split's count (an
     `arange` over the routed rows). SymInts are not among them: the runtime gives per nano-batch
     the lengths they set."""
     depends: set[str] = set()
     for node in gm.graph.nodes:
         if not isinstance(meta_val(node), (torch.Tensor, tuple, list)):
             continue
-        sized = any(isinstance(meta_val(a), torch.SymInt) and token in meta_val(a).node.expr.free_symbols
+        sized = any(isinstance(meta_val(a), torch.SymInt) and unit in meta_val(a).node.expr.free_symbols
                     for a in node.all_input_nodes)
         if dims.get(node.name) is not None or sized or any(a.name in depends for a in node.all_input_nodes):
             depends.add(node.name)
@@ -148,23 +177,28 @@ def _region_of(starts: list[fx.Node], split: dict[str, bool], depends: set[str])
     return sorted(inside, key=order.__getitem__)
 
 
+def _readers_of_whole(region: list[fx.Node], split: dict[str, bool], depends: set[str]) -> set[fx.Node]:
+    """The split ops the region's ops read that read a region value, or a value left whole that
+    depends on the tokens: they must join the region. With one expert a token (`[k*T] = [T]`),
+    and over sequences (`[k*B*S]` rows hold `B`), the sort's permutation and sorted rows have a
+    split dim, so the ops after them (`perm // k`, `empty_like(perm)`) split as token-wise,
+    reading rows of a whole value that, run per nano-batch, no longer exists (the region grows
+    from them to the sort)."""
+    inside = {n.name for n in region}
+    return {a for node in region for a in node.all_input_nodes
+            if a.name not in inside and a.op == "call_function"
+            and any(b.name in inside or (b.name in depends and split.get(b.name) is False) for b in a.all_input_nodes)}
+
+
 def _prove(region: list[fx.Node], dims: dict[str, int | None], split: dict[str, bool], depends: set[str],
-           token: Any) -> tuple[dict[str, RoutedKind], str | None, set[fx.Node]]:
-    """Each node's kind, or why the region cannot run per nano-batch; or else the ops that must
-    join the region first. Those are token-wise ops reading a region value, or a value left whole
-    that depends on the tokens, that is not the tokens' rows in their order: with one expert a
-    token (`[k*T] = [T]`) the sort's permutation and sorted rows have a token dim, so the ops
-    after them (`perm // 1`, `empty_like(perm)`) split as token-wise, reading rows of a whole
-    value that, run per nano-batch, no longer exists (the region grows from them to the sort)."""
+           tokens: Any) -> tuple[dict[str, RoutedKind], str | None, set[fx.Node]]:
+    """Each node's kind, its tokens `tokens` rows (an expression), or why the region cannot run
+    per nano-batch; or else the ops reading it that must join it first (its values read outside
+    that are not the tokens' rows in their order)."""
     kinds: dict[str, RoutedKind] = {}
     inside = {n.name for n in region}
     for node in region:
-        reading = {a for a in node.all_input_nodes if a.name not in inside and a.op == "call_function"
-                   and any(b.name in inside or (b.name in depends and split.get(b.name) is False)
-                           for b in a.all_input_nodes)}
-        if reading:
-            return {}, None, reading
-        kind = _kind_of(node, kinds, dims, split, depends, token)
+        kind = _kind_of(node, kinds, dims, split, depends, tokens)
         if kind is None:
             return {}, (f"{node.name} ({op_name(node)}) in its routing is not an op the split can run "
                         "per nano-batch"), set()
@@ -173,7 +207,8 @@ def _prove(region: list[fx.Node], dims: dict[str, int | None], split: dict[str, 
         outside = [u for u in node.users if u.name not in inside]
         if outside:
             kind, val = kinds[node.name], meta_val(node)
-            in_token_order = kind.name == "rows" and kind.k == 1 and dims.get(node.name) == 0
+            in_token_order = (kind.name == "rows" and kind.k == 1 and dims.get(node.name) == 0
+                              and isinstance(val, torch.Tensor) and _is_count(val.shape[0], tokens))
             if not in_token_order or not isinstance(val, torch.Tensor):
                 if all(u.op == "call_function" for u in outside):
                     return {}, None, set(outside)
@@ -182,22 +217,27 @@ def _prove(region: list[fx.Node], dims: dict[str, int | None], split: dict[str, 
     return kinds, None, set()
 
 
-def _is_rows_input(a: Any, dims: dict[str, int | None], split: dict[str, bool], token: Any) -> bool:
-    """A split value with the tokens at dim 0, `T` rows."""
+def _rows_per_token(a: Any, dims: dict[str, int | None], split: dict[str, bool], tokens: Any) -> int | None:
+    """k, for a split value with its rows at dim 0, k of them a token (`T` rows: 1; over
+    sequences, the router's flattened `[k*B*S]` ids split too, each sequence's block of them
+    whole); None for any other value."""
     if not isinstance(a, fx.Node) or not split.get(a.name, a.op == "placeholder") or dims.get(a.name) != 0:
-        return False
+        return None
     val = meta_val(a)
-    return isinstance(val, torch.Tensor) and val.dim() >= 1 and _is_symbol(val.shape[0], token)
+    if not isinstance(val, torch.Tensor) or val.dim() < 1:
+        return None
+    ratio = sympy.simplify(_expr(val.shape[0]) / tokens)
+    return int(ratio) if ratio.is_Integer and ratio >= 1 else None
 
 
 def _expr(size: Any) -> Any:
     return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
 
 
-def _is_symbol(size: Any, token: Any, times: int = 1) -> bool:
+def _is_count(size: Any, tokens: Any, times: int = 1) -> bool:
     """Whether a size is `times` tokens (sizes compared as expressions: comparing SymInts would
     guard on them)."""
-    return sympy.simplify(_expr(size) - times * token) == 0
+    return sympy.simplify(_expr(size) - times * tokens) == 0
 
 
 def _same_sizes(a: Any, b: Any) -> bool:
@@ -205,15 +245,16 @@ def _same_sizes(a: Any, b: Any) -> bool:
 
 
 def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | None], split: dict[str, bool],
-             depends: set[str], token: Any) -> RoutedKind | None:
+             depends: set[str], tokens: Any) -> RoutedKind | None:
     """The kind of a region node's value from its inputs' kinds (None: not known to keep rows)."""
 
     def kind(a: Any) -> RoutedKind | None:
         if isinstance(a, fx.Node):
             if a.name in kinds:
                 return kinds[a.name]
-            if _is_rows_input(a, dims, split, token):
-                return RoutedKind("rows", 1, ids=_router_ids(a))
+            k = _rows_per_token(a, dims, split, tokens)
+            if k is not None:
+                return RoutedKind("rows", k, ids=_router_ids(a))
         return None
 
     def token_free(a: Any) -> bool:
@@ -227,10 +268,10 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
         if src is None or src.name not in _ROW_KINDS:
             return None
         if (src.name == "rows" and src_val.dim() == 2 and len(shape) == 1 and type(src_val.shape[1]) is int
-                and _is_symbol(src_val.shape[0], token, src.k) and _is_symbol(shape[0], token, src.k * src_val.shape[1])):
+                and _is_count(src_val.shape[0], tokens, src.k) and _is_count(shape[0], tokens, src.k * src_val.shape[1])):
             return RoutedKind("rows", src.k * src_val.shape[1], ids=src.ids)  # [T, k] -> [k*T]: token order kept
         if (src.name == "rows" and src_val.dim() >= 1 and len(shape) == src_val.dim() + 1 and type(shape[1]) is int
-                and src.k == shape[1] and _is_symbol(shape[0], token) and _same_sizes(shape[2:], src_val.shape[1:])):
+                and src.k == shape[1] and _is_count(shape[0], tokens) and _same_sizes(shape[2:], src_val.shape[1:])):
             return RoutedKind("rows", 1)  # [k*T, ...] -> [T, k, ...]
         return src if _same_sizes(shape, src_val.shape) else None  # the same shape
     if target in (aten.sort.default, aten.sort.stable):
@@ -300,8 +341,8 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
         end_val = meta_val(end) if isinstance(end, fx.Node) else end
         if node.kwargs.get("dtype") not in (None, torch.int32, torch.int64):
             return None  # (positions in a narrower type may not fit)
-        if isinstance(end_val, torch.SymInt) and end_val.node.expr.free_symbols == {token}:
-            ratio = sympy.simplify(end_val.node.expr / token)
+        if isinstance(end_val, torch.SymInt):
+            ratio = sympy.simplify(end_val.node.expr / tokens)
             if ratio.is_Integer and int(ratio) >= 1:
                 return RoutedKind("arange", int(ratio))
         return None

@@ -725,7 +725,8 @@ class Canonicalize:
                 continue  # a number, or broadcast along the rows
             src = a.args[0] if a.op == "call_function" and a.args and isinstance(a.args[0], fx.Node) else None
             sv = _val(src)
-            if not isinstance(sv, torch.Tensor) or a in self._written_values(graph) or reads_written(a, self._written_values(graph)):
+            written = self._written_values(graph)
+            if not isinstance(sv, torch.Tensor) or a in written or reads_written(a, written):
                 return None
             if (a.target is aten.repeat.default and list(a.args[1]) == [blocks] + [1] * (av.dim() - 1)
                     and sv.dim() == av.dim() and statically_known_true(sv.shape[0] == rows)):
@@ -740,21 +741,26 @@ class Canonicalize:
             return None  # (rows merged and split again only: nothing hidden to bring back)
         made: dict[fx.Node, fx.Node] = {}
         created: list[fx.Node] = []
-        with graph.inserting_before(op):
-            for a, (target, shape, first) in replaced.items():
-                src = a.args[0]
-                if first is not None:
-                    src = graph.call_function(first, (src, 0))
-                    created.append(src)
-                    infer_meta(src)
-                made[a] = graph.call_function(target, (src, shape))
-                created.append(made[a])
-                infer_meta(made[a])
-            new = graph.call_function(op.target, tuple(made.get(a, a) if isinstance(a, fx.Node) else a for a in op.args),
-                                      dict(op.kwargs))
-            created.append(new)
-        new_val = infer_meta(new)
-        if not (same_shape(new_val.shape, vv.shape) and new_val.stride() == vv.stride() and new_val.dtype == vv.dtype):
+        new_val = None
+        try:
+            with graph.inserting_before(op):
+                for a, (target, shape, first) in replaced.items():
+                    src = a.args[0]
+                    if first is not None:
+                        src = graph.call_function(first, (src, 0))
+                        created.append(src)
+                        infer_meta(src)
+                    made[a] = graph.call_function(target, (src, shape))
+                    created.append(made[a])
+                    infer_meta(made[a])
+                new = graph.call_function(op.target, tuple(made.get(a, a) if isinstance(a, fx.Node) else a
+                                                           for a in op.args), dict(op.kwargs))
+                created.append(new)
+            new_val = infer_meta(new)
+        except RuntimeError:
+            pass  # (sizes the fake tensors cannot compute outside a compile's shape environment)
+        if not (isinstance(new_val, torch.Tensor) and same_shape(new_val.shape, vv.shape)
+                and same_shape(new_val.stride(), vv.stride()) and new_val.dtype == vv.dtype):
             for node in reversed(created):
                 graph.erase_node(node)  # (a layout other than the view's: left as it was)
             return None

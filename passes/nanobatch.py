@@ -8,10 +8,11 @@ schedule.
 An op is *token-wise* when each row of its output (along the token dimension) reads only the same
 row of its token-carrying inputs: elementwise ops, GEMMs (`padded_gemm`, `linear`, `mm` on the
 rows), norms and softmaxes over other dims, embeddings, layout ops that keep the token
-dimension whole, the ops routers and RoPE write per row (top-k, gathers, scatters and slice
-writes off the token dim, fills shaped as a row, complex views), a batched expert GEMM over
-`[E, T, K]` (along its T), and tensor parallelism's collectives: all-reduces (element by element
-over the ranks), and gathers and reduce-scatters off the token dim. Token-wise ops run once per
+dimension whole, the ops routers and RoPE write per row (top-k, gathers and scatters off the
+token dim, slice writes off it or of every row, fills shaped as a row, complex views), a batched
+expert GEMM over `[E, T, K]` (along its T), and tensor parallelism's collectives: all-reduces
+(element by element over the ranks), and gathers and reduce-scatters off the token dim.
+Token-wise ops run once per
 nano-batch over its rows; every other op (attention over one sequence, anything reading across
 tokens) runs once over all rows, after the nano-ops it reads. Each nano-op depends only on the
 producer nano-ops whose rows it reads, never on a global barrier
@@ -25,7 +26,8 @@ the GEMMs on the compute stream.
 The search's cost per token row: a GEMM's FLOPs and bytes, and its weights once per launch;
 attention's share of its sequence's K/V and its FLOPs per key seen (`_attention_profile`); a
 collective's bytes over the interconnect; a routed grouped GEMM's per routed row, k of them a
-token (a batched one's, a row in each expert's block). Over sequences (below) a unit is a sequence: its rows' costs times its rows. A heavy op
+token (a batched one's, a row in each expert's block). Over sequences (below) a unit is a
+sequence: its rows' costs times its rows. A heavy op
 that runs whole (MoE's grouped GEMM where its routing is not proven, one sequence's attention,
 the head over the last token's row) is a barrier in the search's model (`OpProfile.whole`),
 costed per unit by its rows over the count (its time is the same split or not: where it stands
@@ -542,13 +544,13 @@ def _rows_of(cost: OpProfile, rows: float, **changes: Any) -> OpProfile:
 
 
 def _grouped_gemm_profile(node: fx.Node) -> OpProfile:
-    """A mixture of experts' grouped GEMM, a whole op (over offsets it never splits alone: its rows
-    are sorted by expert across the step; the pass runs it per nano-batch where its routing is
-    proven, and a batched one along its tokens),
-    per row routed to an expert (top-k per token; in the batched form `[E, T, K]` every
-    expert's): FLOPs and bytes, and every expert's weights once per launch (at most what a
-    launch reads: a launch over a few tokens reaches few experts). Weights of symbolic sizes
-    leave it a barrier without costs of its own (its costs are the same split or not)."""
+    """A mixture of experts' grouped GEMM as a whole op (over offsets it never splits alone: its
+    rows are sorted by expert across the step; the pass runs it per nano-batch where its routing
+    is proven, and a batched one along its tokens), per row routed to an expert (top-k per
+    token; in the batched form `[E, T, K]` every expert's): FLOPs and bytes, and every expert's
+    weights once per launch (at most what a launch reads: a launch over a few tokens reaches few
+    experts). Weights of symbolic sizes leave it without costs of its own (run whole, a barrier
+    whose costs are the same split or not)."""
     w = meta_val(bind_arguments(node)["weight"])
     if any(isinstance(s, torch.SymInt) for s in w.shape):
         return OpProfile(node.name, "compute", dtype=str(w.dtype).removeprefix("torch."), whole=True)
@@ -875,8 +877,11 @@ class NanoBatch:
                 if split[node.name] and node.name in routed.kinds:
                     prof = dataclasses.replace(prof, whole=False)  # per nano-batch: its k rows a token
                 elif split[node.name] and prof.whole:
-                    # A batched grouped GEMM split along its tokens: a token's row in each expert's block.
-                    prof = _rows_of(prof, int(meta_val(node.args[0]).shape[0]), whole=False)
+                    # A batched grouped GEMM split along its tokens: a token's row in each expert's
+                    # block. (Of a symbolic expert count it has no costs: taking the count's value
+                    # would pin it, a recompile per count.)
+                    experts = meta_val(bind_arguments(node)["x"]).shape[0]
+                    prof = _rows_of(prof, experts if isinstance(experts, int) else 0, whole=False)
                 elif not split[node.name]:
                     # It runs once over the step (MoE's grouped GEMM, one sequence's attention, the
                     # last token's logits): a barrier, costed per unit by its rows over the count.

@@ -863,13 +863,15 @@ def _experts_input(form: str) -> Callable:
             scale = scores.reshape(-1, 1)  # ([T, E] flattened: row r is token r // E's, not expert r // T's)
         if form == "a product":
             rows = routed @ torch.ones(routed.shape[1], 8)
+        elif form == "three operands":
+            rows = torch.addcmul(routed, scale, scale)  # (decomposed in Python: its sizes need the dispatcher)
         else:
             rows = routed + 1 if form == "no scores" else routed * scale
         return torch.relu(rows.view(experts, -1, rows.shape[1] // repeats[1]))  # (canonicalize keeps outputs)
     return fn
 
 
-@pytest.mark.parametrize("form", ["scaled", "no scores"])
+@pytest.mark.parametrize("form", ["scaled", "no scores", "three operands"])
 def test_tokens_repeated_per_expert_become_a_broadcast(form: str) -> None:
     """`x.repeat(E, 1) * s.t().reshape(E*T, 1)` viewed `[E, T, H]` (Llama-4's experts' input, its
     tokens hidden in E*T rows) is `x` broadcast to `[E, T, H]` times `s.t()` as `[E, T, 1]`: no
@@ -879,7 +881,7 @@ def test_tokens_repeated_per_expert_become_a_broadcast(form: str) -> None:
     assert canonicalize(gm)["repeat_as_broadcast"] == 1
     assert aten.repeat.default not in ops(gm) and ops(gm)[aten.expand.default] == 1
     out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
-    assert out.args[0].target in (aten.mul.Tensor, aten.add.Tensor)  # (no view of rows: they are [E, T, H])
+    assert out.args[0].target in (aten.mul.Tensor, aten.add.Tensor, aten.addcmul.default)  # (no view: [E, T, H] rows)
     x, scores = torch.randn(11, 8), torch.randn(11, 4)
     got, want = gm(x, scores), fn(x, scores)
     torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -1529,7 +1529,7 @@ def test_batched_and_max_picked_experts_run_per_nano_batch(plans: list[tuple], s
 
 
 def _routed_experts(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                    defect: str = "", top: int = 2) -> torch.Tensor:
+                    defect: str = "", top: int = 2, residual: bool = True) -> torch.Tensor:
     # A mixture of experts routed as transformers' grouped-GEMM experts route it (top 2 of 4 per
     # token, sort, gather, grouped GEMMs over offsets counted from the sorted ids, weights,
     # unsort, sum), or with one `defect` that makes it read across tokens.
@@ -1549,7 +1549,7 @@ def _routed_experts(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2:
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.size(0))
         y = y[inverse]
-    return y.view(x.shape[0], top, x.shape[1]).sum(1) + x
+    return y.view(x.shape[0], top, x.shape[1]).sum(1) + (x if residual else 0)
 
 
 def _compile_routed(defect: str, k: int, report: tileflow.Report, top: int = 2) -> None:
@@ -1593,6 +1593,27 @@ def test_a_mixture_of_experts_routing_runs_per_nano_batch(plans: list[tuple], sp
     assert info["routed_experts"] == grouped and info["barriers"] == []
 
 
+def test_batched_experts_of_any_count_share_one_graph(plans: list[tuple], split_calls: list[int]) -> None:
+    """A batched grouped GEMM whose expert count is symbolic (its weights an input of
+    `dynamic=True`) splits along its tokens in one graph for every count: costing it per token
+    had read the count's value, pinning it (a recompile per count)."""
+    def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # (Attention's queries tell the token symbol among the inputs' several.)
+        q = x.view(1, x.shape[0], 2, 4).transpose(1, 2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(-1, 8)
+        return torch.ops.tileflow.grouped_gemm(a.unsqueeze(0).expand(w.shape[0], -1, -1), w, None).sum(0)
+
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}), dynamic=True)
+    for tokens, experts in ((5, 4), (8, 3), (7, 5)):
+        x, w = torch.randn(tokens, 8), torch.randn(experts, 16, 8)
+        torch.testing.assert_close(compiled(x, w), fn(x, w), rtol=1e-5, atol=1e-5)
+    assert len(plans) == 1 and len(split_calls) == 3
+    ((gm, plan),) = plans
+    (grouped,) = [n for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
+    cost = next(c for c in plan.costs_at() if c.name == grouped.name)
+    assert plan.split[grouped.name] and not cost.whole
+
+
 def test_router_ids_are_picked_indices() -> None:
     """Expert ids the routing counts from 0 must never be negative: a top-k's indices, a max's or
     a min's (PhiMoE picks one expert at a time), concatenations of such, through views and casts
@@ -1612,6 +1633,34 @@ def test_router_ids_are_picked_indices() -> None:
     gm = make_fx(fn, tracing_mode="symbolic")(torch.randn(5, 4))
     outputs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
     assert [_router_ids(n) for n in outputs] == [True, True, False, False, False, False]
+
+
+@pytest.mark.parametrize("form", ["centred input", "chained layers"])
+def test_routings_beside_values_whole_by_nature_run_per_nano_batch(plans: list[tuple], split_calls: list[int],
+                                                                  form: str) -> None:
+    """A routing whose input a token-wise op computes from a value whole by nature (rows centred
+    by their mean over the tokens), or from another routing's output directly (two MoE layers,
+    no residual between them), runs per nano-batch, equal to eager. (The wider search that finds
+    the ops a top-1 routing's permutation leads to took such values in, and refused them.)"""
+    torch.manual_seed(12)
+    w1, w2 = torch.randn(4, 8, 16) / 4, torch.randn(4, 16, 8) / 4
+    w3, w4 = torch.randn(4, 8, 16) / 4, torch.randn(4, 16, 8) / 4
+    if form == "centred input":
+        fn = lambda x, scores: _routed_experts(x - x.mean(0, keepdim=True), scores, w1, w2)  # noqa: E731
+    else:
+        fn = lambda x, scores: _routed_experts(  # noqa: E731
+            _routed_experts(x, scores, w1, w2, residual=False), scores, w3, w4)
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend({"passes": ("canonicalize", "nanobatch"),
+                                                                   "nano_batches": 2}))
+    for tokens in (5, 9):
+        x, scores = torch.randn(tokens, 16), torch.randn(tokens, 4)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(scores, 0)
+        torch.testing.assert_close(compiled(x, scores), fn(x, scores), rtol=1e-5, atol=1e-5)
+    assert len(split_calls) == 2
+    ((gm, plan),) = plans
+    grouped = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
+    assert len(grouped) == (2 if form == "centred input" else 4) and set(grouped) <= plan.routed
 
 
 @pytest.mark.parametrize(("defect", "op"), [("descending", "sort"), ("unsorted counts", "histc"),

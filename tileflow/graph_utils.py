@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._pytree import tree_map
@@ -116,7 +117,9 @@ def infer_meta(node: fx.Node) -> Any:
     args, kwargs = tree_map(meta_val, (node.args, node.kwargs))
     if mode is None:
         return None
-    with mode:
+    # (The Python dispatcher runs the decompositions symbolic sizes need, as tracing does: without
+    # it an op decomposed in Python, say `lerp`, fails on sizes that are not numbers.)
+    with enable_python_dispatcher(), mode:
         val = node.target(*args, **kwargs)
     node.meta["val"] = val
     return val
@@ -516,7 +519,6 @@ def finite_bound(value: Any) -> int | None:
     return bound if abs(bound) < 2**62 else None
 
 
-_aten = torch.ops.aten
 # Ops a size-and-constant subgraph may use for `evaluate_at_example_sizes`: creation,
 # arithmetic, layout and casts; nothing that reads a tensor input or depends on data.
 _EVALUABLE = {

@@ -19,8 +19,7 @@ stays whole, and the reason says which. Kinds (k rows per token; P a sort node):
 
 - `rows(k)`: `[k*T, ...]` in token order, row r token r // k's (a token-wise input `[T, ...]` is
   `rows(1)`); marked `ids` where its values are expert indices (a router's top-k indices, or its
-  max picks', so
-  never negative, and casts that keep their order);
+  max picks', so never negative, and casts that keep their order);
 - `perm(k, P)`: P's indices; `token_of(k, P)`: P // k, each sorted row's token;
 - `sorted_ids(k, P)`: P's sorted values where P sorts `ids` (and casts and clamps that keep
   them in order and not negative: what the offsets are counted from, a histogram from 0);
@@ -107,29 +106,45 @@ def find_routed_regions(gm: fx.GraphModule, dims: dict[str, int | None], split: 
     if not any(n.op == "call_function" and op_name(n) == "grouped_gemm" and not split.get(n.name) for n in gm.graph.nodes):
         return found  # (no experts: nothing to walk)
     depends = _token_dependent(gm, dims, unit)
+    split = dict(split)  # (a proven region's ops run per nano-batch: the next region reads them so)
     seen: set[str] = set()
     for node in gm.graph.nodes:
         if node.op != "call_function" or op_name(node) != "grouped_gemm" or split.get(node.name) or node.name in seen:
             continue
-        region = _region_of([node], split, depends)
-        while True:
-            joining = _readers_of_whole(region, split, depends)
-            if not joining:
-                tokens = _tokens_of(region, dims, split)
-                if tokens is None:
-                    kinds, why = {}, "its token-wise inputs hold rows of different counts, or none"
-                    break
-                kinds, why, joining = _prove(region, dims, split, depends, tokens)
-                if not joining:
-                    break
-            region = _region_of([*region, *joining], split, depends)
+        # First the ops the routing's own values lead to; then also the split ops reading any
+        # value left whole that depends on the tokens (the sort's permutation with one expert a
+        # token or over sequences: `_readers_of_whole`), which would take in a value whole by
+        # nature (a mean over the tokens) that the narrow proof reads in pieces as it may.
+        region, kinds, why, tokens = _grow_and_prove(node, dims, split, depends, wide=False)
+        if why is not None:
+            wide = _grow_and_prove(node, dims, split, depends, wide=True)
+            if wide[2] is None:
+                region, kinds, why, tokens = wide
         seen |= {n.name for n in region}
         if why is None:
             found.kinds.update(kinds)
             found.tokens_per_unit.update({name: sympy.simplify(tokens / unit) for name in kinds})
+            split.update({name: True for name in kinds})
         else:
             found.refused[node.name] = why
     return found
+
+
+def _grow_and_prove(start: fx.Node, dims: dict[str, int | None], split: dict[str, bool], depends: set[str],
+                    wide: bool) -> tuple[list[fx.Node], dict[str, RoutedKind], str | None, Any]:
+    """The region around grouped GEMM `start`, grown by the ops that must join it, with its
+    nodes' kinds and its token count, or why it cannot run per nano-batch."""
+    region = _region_of([start], split, depends)
+    while True:
+        joining = _readers_of_whole(region, split, depends, wide)
+        if not joining:
+            tokens = _tokens_of(region, dims, split)
+            if tokens is None:
+                return region, {}, "its token-wise inputs hold rows of different counts, or none", None
+            kinds, why, joining = _prove(region, dims, split, depends, tokens)
+            if not joining:
+                return region, kinds, why, tokens
+        region = _region_of([*region, *joining], split, depends)
 
 
 def _tokens_of(region: list[fx.Node], dims: dict[str, int | None], split: dict[str, bool]) -> Any:
@@ -177,17 +192,18 @@ def _region_of(starts: list[fx.Node], split: dict[str, bool], depends: set[str])
     return sorted(inside, key=order.__getitem__)
 
 
-def _readers_of_whole(region: list[fx.Node], split: dict[str, bool], depends: set[str]) -> set[fx.Node]:
-    """The split ops the region's ops read that read a region value, or a value left whole that
-    depends on the tokens: they must join the region. With one expert a token (`[k*T] = [T]`),
-    and over sequences (`[k*B*S]` rows hold `B`), the sort's permutation and sorted rows have a
-    split dim, so the ops after them (`perm // k`, `empty_like(perm)`) split as token-wise,
-    reading rows of a whole value that, run per nano-batch, no longer exists (the region grows
-    from them to the sort)."""
+def _readers_of_whole(region: list[fx.Node], split: dict[str, bool], depends: set[str], wide: bool) -> set[fx.Node]:
+    """The split ops the region's ops read that read a region value (`wide`: or any value left
+    whole that depends on the tokens): they must join the region. With one expert a token
+    (`[k*T] = [T]`), and over sequences (`[k*B*S]` rows hold `B`), the sort's permutation and
+    sorted rows have a split dim, so the ops after them (`perm // k`, `empty_like(perm)`) split as
+    token-wise, reading rows of a whole value that, run per nano-batch, no longer exists (the
+    region grows from them to the sort)."""
     inside = {n.name for n in region}
     return {a for node in region for a in node.all_input_nodes
             if a.name not in inside and a.op == "call_function"
-            and any(b.name in inside or (b.name in depends and split.get(b.name) is False) for b in a.all_input_nodes)}
+            and any(b.name in inside or (wide and b.name in depends and split.get(b.name) is False)
+                    for b in a.all_input_nodes)}
 
 
 def _prove(region: list[fx.Node], dims: dict[str, int | None], split: dict[str, bool], depends: set[str],

@@ -753,12 +753,12 @@ class Canonicalize:
                     made[a] = graph.call_function(target, (src, shape))
                     created.append(made[a])
                     infer_meta(made[a])
-                new = graph.call_function(op.target, tuple(made.get(a, a) if isinstance(a, fx.Node) else a
-                                                           for a in op.args), dict(op.kwargs))
+                args, kwargs = fx.node.map_arg((op.args, op.kwargs), lambda a: made.get(a, a))
+                new = graph.call_function(op.target, args, kwargs)
                 created.append(new)
             new_val = infer_meta(new)
         except RuntimeError:
-            pass  # (sizes the fake tensors cannot compute outside a compile's shape environment)
+            pass  # (fake values it cannot compute: left as it was)
         if not (isinstance(new_val, torch.Tensor) and same_shape(new_val.shape, vv.shape)
                 and same_shape(new_val.stride(), vv.stride()) and new_val.dtype == vv.dtype):
             for node in reversed(created):

@@ -549,8 +549,8 @@ def _grouped_gemm_profile(node: fx.Node) -> OpProfile:
     is proven, and a batched one along its tokens), per row routed to an expert (top-k per
     token; in the batched form `[E, T, K]` every expert's): FLOPs and bytes, and every expert's
     weights once per launch (at most what a launch reads: a launch over a few tokens reaches few
-    experts). Weights of symbolic sizes leave it without costs of its own (run whole, a barrier
-    whose costs are the same split or not)."""
+    experts). Weights of symbolic sizes leave it without costs of its own (the search then sees
+    only the ops around it; a barrier's costs are the same split or not)."""
     w = meta_val(bind_arguments(node)["weight"])
     if any(isinstance(s, torch.SymInt) for s in w.shape):
         return OpProfile(node.name, "compute", dtype=str(w.dtype).removeprefix("torch."), whole=True)

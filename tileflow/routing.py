@@ -99,9 +99,10 @@ def find_routed_regions(gm: fx.GraphModule, dims: dict[str, int | None], split: 
     """The regions around each grouped GEMM left whole (`split` False) whose every op is known to
     keep each token's rows its own (module docstring). `dims` holds each node's split dim, `unit`
     the size symbol the split counts: the tokens, or the sequences of a batch (`B` of `[B*S, H]`
-    rows). A region's inputs are values split with their tokens at dim 0, all of one count T of
-    rows (`unit`, or `B*S`), values that do not depend on the tokens, and that count itself (an
-    `arange`'s length); its outputs, read outside it, must be `[T, ...]` in token order."""
+    rows). A region's inputs are values split with their rows at dim 0, k rows a token for its
+    token count T (`unit`, or `B*S`; `_tokens_of`), values that do not depend on the tokens, and
+    that count itself (an `arange`'s length); its outputs, read outside it, must be `[T, ...]` in
+    token order."""
     found = RoutedRegions()
     if not any(n.op == "call_function" and op_name(n) == "grouped_gemm" and not split.get(n.name) for n in gm.graph.nodes):
         return found  # (no experts: nothing to walk)
@@ -111,15 +112,7 @@ def find_routed_regions(gm: fx.GraphModule, dims: dict[str, int | None], split: 
     for node in gm.graph.nodes:
         if node.op != "call_function" or op_name(node) != "grouped_gemm" or split.get(node.name) or node.name in seen:
             continue
-        # First the ops the routing's own values lead to; then also the split ops reading any
-        # value left whole that depends on the tokens (the sort's permutation with one expert a
-        # token or over sequences: `_readers_of_whole`), which would take in a value whole by
-        # nature (a mean over the tokens) that the narrow proof reads in pieces as it may.
-        region, kinds, why, tokens = _grow_and_prove(node, dims, split, depends, wide=False)
-        if why is not None:
-            wide = _grow_and_prove(node, dims, split, depends, wide=True)
-            if wide[2] is None:
-                region, kinds, why, tokens = wide
+        region, kinds, why, tokens = _grow_and_prove(node, dims, split, depends)
         seen |= {n.name for n in region}
         if why is None:
             found.kinds.update(kinds)
@@ -130,13 +123,13 @@ def find_routed_regions(gm: fx.GraphModule, dims: dict[str, int | None], split: 
     return found
 
 
-def _grow_and_prove(start: fx.Node, dims: dict[str, int | None], split: dict[str, bool], depends: set[str],
-                    wide: bool) -> tuple[list[fx.Node], dict[str, RoutedKind], str | None, Any]:
+def _grow_and_prove(start: fx.Node, dims: dict[str, int | None], split: dict[str, bool],
+                    depends: set[str]) -> tuple[list[fx.Node], dict[str, RoutedKind], str | None, Any]:
     """The region around grouped GEMM `start`, grown by the ops that must join it, with its
     nodes' kinds and its token count, or why it cannot run per nano-batch."""
     region = _region_of([start], split, depends)
     while True:
-        joining = _readers_of_whole(region, split, depends, wide)
+        joining = _readers_of_sorted(region, split, depends)
         if not joining:
             tokens = _tokens_of(region, dims, split)
             if tokens is None:
@@ -192,25 +185,31 @@ def _region_of(starts: list[fx.Node], split: dict[str, bool], depends: set[str])
     return sorted(inside, key=order.__getitem__)
 
 
-def _readers_of_whole(region: list[fx.Node], split: dict[str, bool], depends: set[str], wide: bool) -> set[fx.Node]:
-    """The split ops the region's ops read that read a region value (`wide`: or any value left
-    whole that depends on the tokens): they must join the region. With one expert a token
-    (`[k*T] = [T]`), and over sequences (`[k*B*S]` rows hold `B`), the sort's permutation and
-    sorted rows have a split dim, so the ops after them (`perm // k`, `empty_like(perm)`) split as
-    token-wise, reading rows of a whole value that, run per nano-batch, no longer exists (the
-    region grows from them to the sort)."""
+def _readers_of_sorted(region: list[fx.Node], split: dict[str, bool], depends: set[str]) -> set[fx.Node]:
+    """The split ops the region's ops read that read a region value or an item of a sort left
+    whole: they must join the region. With one expert a token (`[k*T] = [T]`), and over
+    sequences (`[k*B*S]` rows hold `B`), a sort's permutation and sorted ids have a split dim, so
+    the ops after them (`perm // k`, `empty_like(perm)`, a cast of the ids) split as token-wise,
+    reading rows of a whole value that, run per nano-batch, no longer exists (the region grows
+    from them to the sort). Other values left whole (a mean over the tokens) they may read in
+    pieces: those stay outside."""
     inside = {n.name for n in region}
     return {a for node in region for a in node.all_input_nodes
             if a.name not in inside and a.op == "call_function"
-            and any(b.name in inside or (wide and b.name in depends and split.get(b.name) is False)
+            and any(b.name in inside or (_is_sort_item(b) and b.name in depends and split.get(b.name) is False)
                     for b in a.all_input_nodes)}
+
+
+def _is_sort_item(node: fx.Node) -> bool:
+    return (node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+            and node.args[0].target in (aten.sort.default, aten.sort.stable))
 
 
 def _prove(region: list[fx.Node], dims: dict[str, int | None], split: dict[str, bool], depends: set[str],
            tokens: Any) -> tuple[dict[str, RoutedKind], str | None, set[fx.Node]]:
-    """Each node's kind, its tokens `tokens` rows (an expression), or why the region cannot run
-    per nano-batch; or else the ops reading it that must join it first (its values read outside
-    that are not the tokens' rows in their order)."""
+    """Each node's kind (the region's tokens `tokens` rows, an expression), or why the region
+    cannot run per nano-batch; or else the ops reading it that must join it first (its values
+    read outside that are not the tokens' rows in their order)."""
     kinds: dict[str, RoutedKind] = {}
     inside = {n.name for n in region}
     for node in region:

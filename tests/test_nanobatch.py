@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 import torch
@@ -244,11 +245,7 @@ def test_padding_off_the_token_dim_is_split(split_calls: list[int]) -> None:
     report = tileflow.Report()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2}, report=report),
                              dynamic=True)
-    for tokens in (5, 9):
-        ids = torch.randint(0, VOCAB, (1, tokens))
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
-                                       rtol=1e-5, atol=1e-5)
+    _prompts_equal_eager(model, compiled, [(1, 5), (1, 9)])
     assert report.rewrites.get("head_size_padded") == 2 and split_calls
     [graph] = report.graphs
     schedule = Schedule.from_dict(graph.extra["nano_batch"]["schedule"])
@@ -627,11 +624,7 @@ def test_layer_norms_and_fused_qkv_splits_run_per_nano_batch(plans: list[tuple],
     model = build("gpt2")
     opts = {"passes": PASSES, "nano_batches": 3}
     compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts), dynamic=True)
-    for tokens in (7, 13):
-        ids = torch.randint(0, VOCAB, (1, tokens))
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
-                                       rtol=1e-5, atol=1e-5)
+    _prompts_equal_eager(model, compiled, [(1, 7), (1, 13)])
     assert len(split_calls) == 2
     ((gm, plan),) = plans
     norms = [n for n in gm.graph.nodes if n.target is torch.ops.aten.native_layer_norm.default]
@@ -639,6 +632,15 @@ def test_layer_norms_and_fused_qkv_splits_run_per_nano_batch(plans: list[tuple],
     assert len(norms) == 5 and len(splits) == 2
     assert all(plan.split[n.name] for n in norms + splits)
     assert all(plan.split[user.name] for n in norms + splits for user in n.users)  # their getitems
+
+
+def _prompts_equal_eager(model: torch.nn.Module, compiled, shapes: Sequence[tuple[int, int]]) -> None:
+    """`compiled`'s logits over random prompts of each `[B, S]` shape equal `model`'s (fp32, 1e-5)."""
+    for shape in shapes:
+        ids = torch.randint(0, VOCAB, shape)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
 
 
 def _decoded(model: torch.nn.Module, fn, ids: torch.Tensor, steps: int = 3) -> list[torch.Tensor]:
@@ -853,11 +855,7 @@ def test_auto_splits_a_batch_of_prompts_over_them_costing_a_sequences_rows(
     report = tileflow.Report()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": "auto"},
                                                                      report=report), dynamic=True)
-    for batch, length in ((3, 7), (5, 12)):
-        ids = torch.randint(0, VOCAB, (batch, length))
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
-                                       rtol=1e-5, atol=1e-5)
+    _prompts_equal_eager(model, compiled, [(3, 7), (5, 12)])
     assert not [f for g in report.graphs for f in g.fallbacks if f.pass_name == "nanobatch"]
     (info,) = [g.extra["nano_batch"] for g in report.graphs]
     assert info["split_over"] == "sequences" and info["sizes"] == [2, 1]
@@ -1079,11 +1077,7 @@ def test_a_batch_of_sequences_splits_over_them(name: str, k: int, plans: list[tu
     opts = {"passes": PASSES, "nano_batches": k}
     compiled = torch.compile(model, backend=tileflow.TileflowBackend(opts, report=report), dynamic=True)
     shapes = [(3, 7), (2, 5), (5, 3), (4, 6)] + ([(1, 6)] if name == "llama" else [])
-    for shape in shapes:
-        ids = torch.randint(0, VOCAB, shape)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
-                                       rtol=1e-5, atol=1e-5)
+    _prompts_equal_eager(model, compiled, shapes)
     assert len(split_calls) == len(shapes)  # every call ran nano-batched (checked by the fixture)
     infos = [g.extra["nano_batch"] for g in report.graphs]
     assert [i["split_over"] for i in infos] == ["sequences"] + (["tokens"] if name == "llama" else [])
@@ -1295,11 +1289,7 @@ def test_interleaved_rope_stacks_split_like_cats(plans: list[tuple], split_calls
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
                                                                      report=report), dynamic=True)
     shapes = [(1, 7), (3, 7), (2, 5)]  # a graph along the tokens, and one over sequences called twice
-    for shape in shapes:
-        ids = torch.randint(0, VOCAB, shape)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
-                                       rtol=1e-5, atol=1e-5)
+    _prompts_equal_eager(model, compiled, shapes)
     assert len(split_calls) == len(shapes)
     infos = [g.extra["nano_batch"] for g in report.graphs]
     assert [i["split_over"] for i in infos] == ["tokens", "sequences"]
@@ -1494,11 +1484,7 @@ def test_batched_and_max_picked_experts_run_per_nano_batch(plans: list[tuple], s
     report = tileflow.Report()
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": 2},
                                                                      report=report), dynamic=True)
-    for length in (9, 14):
-        ids = torch.randint(0, VOCAB, (1, length))
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
-                                       rtol=1e-5, atol=1e-5)
+    _prompts_equal_eager(model, compiled, [(1, 9), (1, 14)])
     assert len(split_calls) == 2
     ((gm, plan),) = plans
     grouped = [n for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
@@ -1734,11 +1720,7 @@ def test_auto_costs_a_mixture_of_experts_per_nano_batch(
     hidden, ffn = model.config.hidden_size, model.config.intermediate_size
     compiled = torch.compile(model, backend=tileflow.TileflowBackend({"passes": PASSES, "nano_batches": "auto"}),
                              dynamic=True)
-    for shape in ((1, 7), (1, 12), (3, 5)):
-        ids = torch.randint(0, VOCAB, shape)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
-                                       rtol=1e-5, atol=1e-5)
+    _prompts_equal_eager(model, compiled, [(1, 7), (1, 12), (3, 5)])
     assert len(split_calls) == 3
     (tokens_gm, tokens_plan), (seqs_gm, seqs_plan) = plans
     per_row = {  # by output width, (FLOPs, bytes, weight bytes) of a routed row, fp32: gate and up stacked, then down

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from tileflow.graph_utils import (
     copy_source_meta,
@@ -203,10 +203,7 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _static(size: Any) -> int | None:
     """A size's value where it is a number (an int, or a SymInt of a constant), else None."""
-    if isinstance(size, torch.SymInt):
-        expr = size.node.expr
-        return int(expr) if expr.is_number else None
-    return size if isinstance(size, int) else None
+    return int(size) if is_concrete_int(size) else None
 
 
 def _is_unit(size: Any) -> bool:

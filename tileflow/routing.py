@@ -224,7 +224,7 @@ def _prove(region: list[fx.Node], dims: dict[str, int | None], split: dict[str, 
             kind, val = kinds[node.name], meta_val(node)
             in_token_order = (kind.name == "rows" and kind.k == 1 and dims.get(node.name) == 0
                               and isinstance(val, torch.Tensor) and _is_count(val.shape[0], tokens))
-            if not in_token_order or not isinstance(val, torch.Tensor):
+            if not in_token_order:
                 if all(u.op == "call_function" for u in outside):
                     return {}, None, set(outside)
                 return {}, (f"{node.name}, read outside the routing by {outside[0].name}, is not the tokens' rows in "

@@ -132,7 +132,7 @@ class ScheduleState:
         self._any_joined: dict[str, Any] = {}  # split node -> its first whole, on any stream
         self.stream: int | None = None  # the stream of the op being computed (None: the caller's)
         self.nodes = {n.name: n for n in gm.graph.nodes}
-        self.routed: frozenset[str] = getattr(plan, "routed", frozenset())
+        self.routed: frozenset[str] = plan.routed
         index, dim = plan.count_input
         self.tokens = int(args[index].shape[dim])  # the rows (or sequences) a split value's pieces tile
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -26,7 +26,8 @@ the GEMMs on the compute stream.
 The search's cost per token row: a GEMM's FLOPs and bytes, and its weights once per launch;
 attention's share of its sequence's K/V and its FLOPs per key seen (`_attention_profile`); a
 collective's bytes over the interconnect; a routed grouped GEMM's per routed row, k of them a
-token (a batched one's, a row in each expert's block). Over sequences (below) a unit is a
+token, and of its experts' weights those a nano-batch's tokens reach (`_routed`; a batched one's
+per row in each expert's block, every expert's weights). Over sequences (below) a unit is a
 sequence: its rows' costs times its rows. A heavy op
 that runs whole (MoE's grouped GEMM where its routing is not proven, one sequence's attention,
 the head over the last token's row) is a barrier in the search's model (`OpProfile.whole`),
@@ -518,9 +519,9 @@ def gemm_costs(gm: fx.GraphModule) -> list[OpProfile]:
     graph order: FLOPs and bytes per row, and the weights once per launch (how the serving
     engine's `nano_batches="auto"` costs a stage program's dense stages). The engine runs each
     nano-batch's stages on its own rows, experts too, so a grouped GEMM is no barrier there: it
-    costs its rows per token (top-k, or every expert's in the batched form), and its experts'
-    weights once per nano-batch, all of them (at most what it reads). One whose rows per token
-    are not a number is left out."""
+    costs its rows per token (top-k, or every expert's in the batched form), and per nano-batch
+    the weights of the experts its tokens reach (`_routed`; in the batched form all of them).
+    One whose rows per token are not a number is left out."""
     found = token_symbol(gm)
     symbols = _input_symbols(gm)
     costs = []
@@ -531,16 +532,30 @@ def gemm_costs(gm: fx.GraphModule) -> list[OpProfile]:
                 ratio = _rows_over_count(_costed_rows(node, {}), None if found is None else found[0], symbols)
                 if ratio is None or not ratio.is_number:
                     continue
-                cost = _rows_of(cost, float(ratio), whole=False)
+                cost = _rows_of(_routed(cost, node, float(ratio)), float(ratio))
             costs.append(cost)
     return costs
 
 
 def _rows_of(cost: OpProfile, rows: float, **changes: Any) -> OpProfile:
     """`cost` (per row) for `rows` rows per unit: its per-token FLOPs and bytes times `rows`, its
-    weights as they are."""
+    weights as they are (a unit misses an expert's weights only if each of its rows does)."""
+    missed = cost.weights_missed ** rows if cost.weights_missed and rows > 0 else cost.weights_missed
     return dataclasses.replace(cost, flops_per_token=cost.flops_per_token * rows,
-                               bytes_per_token=cost.bytes_per_token * rows, **changes)
+                               bytes_per_token=cost.bytes_per_token * rows, weights_missed=missed, **changes)
+
+
+def _routed(cost: OpProfile, node: fx.Node, picks: float) -> OpProfile:
+    """A grouped GEMM's per-row `cost` run per nano-batch over its tokens' routed rows, `picks`
+    rows (experts) a token: a launch reads the weights of only the experts its rows reach. Under
+    uniform routing a token leaves each of the E experts unread with chance 1 - picks/E, a routed
+    row with that chance's picks-th root (`OpProfile.weights_missed`). A batched grouped GEMM
+    (no offsets: every token meets every expert), or one of a symbolic expert count, reads all."""
+    args = bind_arguments(node)
+    experts = meta_val(args["weight"]).shape[0]
+    if args["offsets"] is None or not isinstance(experts, int) or not 0 < picks < experts:
+        return dataclasses.replace(cost, whole=False)
+    return dataclasses.replace(cost, whole=False, weights_missed=(1.0 - picks / experts) ** (1.0 / picks))
 
 
 def _grouped_gemm_profile(node: fx.Node) -> OpProfile:
@@ -548,8 +563,8 @@ def _grouped_gemm_profile(node: fx.Node) -> OpProfile:
     rows are sorted by expert across the step; the pass runs it per nano-batch where its routing
     is proven, and a batched one along its tokens), per row routed to an expert (top-k per
     token; in the batched form `[E, T, K]` every expert's): FLOPs and bytes, and every expert's
-    weights once per launch (at most what a launch reads: a launch over a few tokens reaches few
-    experts). Weights of symbolic sizes leave it without costs of its own (the search then sees
+    weights once per launch (a barrier over the whole step; per nano-batch `_routed` costs only
+    the experts its tokens reach). Weights of symbolic sizes leave it without costs of its own (the search then sees
     only the ops around it; a barrier's costs are the same split or not)."""
     w = meta_val(bind_arguments(node)["weight"])
     if any(isinstance(s, torch.SymInt) for s in w.shape):
@@ -875,7 +890,7 @@ class NanoBatch:
             prof = _profile(node, dims)
             if prof is not None:
                 if split[node.name] and node.name in routed.kinds:
-                    prof = dataclasses.replace(prof, whole=False)  # per nano-batch: its k rows a token
+                    prof = _routed(prof, node, routed.kinds[node.name].k)  # per nano-batch: its k rows a token
                 elif split[node.name] and prof.whole:
                     # A batched grouped GEMM split along its tokens: a token's row in each expert's
                     # block. (Of a symbolic expert count it has no costs: taking the count's value

@@ -270,7 +270,9 @@ def test_a_programs_dense_costs_are_its_gemms(llama_program) -> None:
 def test_a_mixture_of_experts_programs_dense_costs_hold_its_experts() -> None:
     """Mixtral's grouped GEMMs (gate and up stacked, then down) were left out of a program's
     costs. The engine runs them per nano-batch on its own tokens, so they cost as chain ops, not
-    barriers: the top-2 rows a token routes, and every expert's weights read by each launch."""
+    barriers: the top-2 rows a token routes, and of the experts' weights those its tokens reach
+    (under uniform routing a token misses each expert with chance 1 - 2/4, a routed row with
+    that chance's square root)."""
     import transformers
 
     from tileflow.distributed import CausalLMStep, build_stage_program
@@ -287,6 +289,9 @@ def test_a_mixture_of_experts_programs_dense_costs_hold_its_experts() -> None:
         (top * 2.0 * 2 * ffn * hidden, top * 4.0 * (2 * ffn + hidden), 4.0 * experts * 2 * ffn * hidden, False),
         (top * 2.0 * hidden * ffn, top * 4.0 * (hidden + ffn), 4.0 * experts * hidden * ffn, False),
     ]
+    assert [c.weights_missed for c in last[2:4]] == [pytest.approx(1 - top / experts)] * 2
+    assert last[2].weight_bytes(3) == pytest.approx(last[2].fixed_bytes * (1 - (1 - top / experts) ** 3))
+    assert [c.weights_missed for c in last[:2]] == [0.0, 0.0]  # (dense weights: all read)
     assert [c.flops_per_token for c in last[:2]] == [2.0 * hidden * hidden, 2.0 * hidden * experts]
     assert len(last) == 5 and last[4].flops_per_token == 2.0 * hidden * 64
     # "auto" weighs them: they are in every step's costs, and a step is cut (or not) with them.

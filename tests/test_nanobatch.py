@@ -1511,6 +1511,7 @@ def test_batched_and_max_picked_experts_run_per_nano_batch(plans: list[tuple], s
         n, k = (2 * ffn, hidden) if node.args[3] == "swiglu" else (hidden, ffn)  # gate and up stacked; down
         assert not cost.whole and plan.token_dims[node.name] == 1
         assert (cost.flops_per_token, cost.fixed_bytes) == (2.0 * n * k * experts, 4.0 * experts * n * k)
+        assert cost.weights_missed == 0.0  # (every token meets every expert)
     (graph,) = report.to_dict()["graphs"]
     assert graph["rewrites"]["repeat_as_broadcast"] == 2  # (one per MoE layer)
 
@@ -1708,8 +1709,8 @@ def test_a_mixture_of_experts_routes_per_nano_batch_over_sequences(plans: list[t
 def test_auto_costs_a_mixture_of_experts_per_nano_batch(
         halving_search: list[tuple[list, int]], plans: list[tuple], split_calls: list[int]) -> None:
     """Mixtral's experts (two grouped GEMMs per layer) are in the split search's costs, most of
-    the layer's FLOPs, per token: the top-2 rows a token routes, every expert's weights once per
-    launch. Their routing runs per nano-batch (`tileflow.routing`), along the tokens and over
+    the layer's FLOPs, per token: the top-2 rows a token routes, and per launch the weights of
+    the experts its tokens reach. Their routing runs per nano-batch (`tileflow.routing`), along the tokens and over
     the sequences alike (they ran whole there, barriers), so they are chain ops like any GEMM,
     a sequence counting its S tokens' rows (S at its power-of-two bucket, as the padded GEMMs'
     rows are). A heavy op that runs whole is a barrier (one sequence's attention, whose queries
@@ -1740,6 +1741,8 @@ def test_auto_costs_a_mixture_of_experts_per_nano_batch(
             flops, nbytes, weights = per_row[node.meta["val"].shape[-1]]
             assert not cost.whole and plan.split[node.name] and node.name in plan.routed
             assert (cost.flops_per_token, cost.bytes_per_token, cost.fixed_bytes) == (flops * rows, nbytes * rows, weights)
+            # A unit reads the experts its tokens reach: one token misses each with chance 1 - top/E.
+            assert cost.weights_missed == pytest.approx((1 - top / experts) ** (rows / top))
         barriers.append({c.name for c in plan.costs_at() if c.whole})
         assert barriers[-1] == {name for name in heavy if not plan.split[name]}
     def named(gm: torch.fx.GraphModule, op: str) -> set[str]:

@@ -65,8 +65,9 @@ def same(a: SplitPlan, b: SplitPlan) -> None:
 
 @st.composite
 def profiles(draw, barriers: bool = False):
-    """Random small op chains (2-5 ops) with costs spanning compute- and memory-bound; with
-    `barriers`, about one op in four whole (MoE's grouped GEMM)."""
+    """Random small op chains (2-5 ops) with costs spanning compute- and memory-bound, some
+    weights a mixture of experts' (read as far as a launch's tokens reach); with `barriers`,
+    about one op in four whole (MoE's grouped GEMM)."""
     n = draw(st.integers(2, 5))
     ops = []
     for i in range(n):
@@ -78,6 +79,7 @@ def profiles(draw, barriers: bool = False):
             bytes_per_token=draw(st.sampled_from([0.0, 1e4, 5e5, 4e6])),
             fixed_bytes=draw(st.sampled_from([0.0, 3e7, 2e8])),
             whole=barriers and draw(st.sampled_from([False, False, False, True])),
+            weights_missed=draw(st.sampled_from([0.0, 0.0, 0.5, 0.99])),
         ))
     return ops
 
@@ -191,6 +193,32 @@ def test_roofline_and_contention():
     _, finish = search._list_schedule(ops, 2, streams, times)
     free = max(max(row) for row in finish)
     assert makespan(ops, sizes, share, H100) > free
+
+
+def test_a_launch_reads_the_experts_its_tokens_reach() -> None:
+    """A mixture of experts' launch reads the weights of the experts its tokens reach: 1 - m^n
+    of them for n tokens, m the chance a token misses an expert (1 - k/E). Split in two, it
+    reads more than once but less than twice; the plan cache tells such a profile from dense
+    weights of the same size."""
+    dense = OpProfile("experts", "compute", flops_per_token=1e3, fixed_bytes=6e8)
+    routed = dataclasses.replace(dense, weights_missed=1 - 8 / 256)  # top 8 of 256 (DeepSeek-V3)
+    for n in (1, 16, 64, 1024):
+        assert routed.weight_bytes(n) == pytest.approx(6e8 * (1 - (1 - 8 / 256) ** n), rel=1e-12)
+        assert dense.weight_bytes(n) == 6e8
+        # Weight-bound at these sizes: the time is the bytes read over the bandwidth.
+        assert op_time(routed, n, 1.0, H100)[0] == pytest.approx(
+            routed.weight_bytes(n) / H100.mem_bw_bytes + search.LAUNCH_OVERHEAD_S, rel=1e-12)
+    assert routed.weight_bytes(0) == dense.weight_bytes(0) == 0.0
+    assert routed.weight_bytes(64) < 2 * routed.weight_bytes(32) < 2 * dense.weight_bytes(32)
+    assert search.model_signature([routed]) != search.model_signature([dense])
+    assert search_split([routed], H100, 64, apply_threshold=False).baseline_makespan < search_split(
+        [dense], H100, 64, apply_threshold=False).baseline_makespan
+
+
+@pytest.mark.parametrize("missed", [-0.1, 1.0, float("nan"), "0.5", True, None])
+def test_bad_weights_missed_is_rejected(missed: object) -> None:
+    with pytest.raises(ValueError, match="weights_missed"):
+        OpProfile("x", "compute", fixed_bytes=1e6, weights_missed=missed)
 
 
 def test_plan_becomes_a_valid_schedule():

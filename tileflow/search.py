@@ -8,14 +8,21 @@ Cost model (per nano-op instance: op `o`, `n` tokens, SM share `s` of its stream
 - compute and memory ops follow a roofline::
 
       t = max(F / (peak * s), B / (bw * min(1, s / BW_SATURATION_SHARE))) + LAUNCH_OVERHEAD_S
-      F = flops_per_token * n,   B = fixed_bytes + bytes_per_token * n
+      F = flops_per_token * n,   B = fixed_bytes * reach(n) + bytes_per_token * n
+
+  `reach(n)` is 1 for dense weights (every launch reads all of them). A mixture of experts'
+  launch reads only the experts its rows reach: under uniform routing of k of E experts a token
+  leaves each expert unread with chance m = 1 - k/E (`weights_missed`), so n tokens reach
+  reach(n) = 1 - m^n of the weights on average (uniform routing reaches the most experts, so
+  skewed routing reads less).
 
   `peak` is the device's dense peak for the op's dtype, `bw` its HBM bandwidth. FLOP/s scale
   linearly with the SM share, but bandwidth does not: a memory-bound kernel saturates HBM with a
   minority of the SMs (`BW_SATURATION_SHARE` = 0.4). Without that asymmetry overlap could never
   win (max(C/s, M/(1-s)) >= C + M), and it is exactly what NanoFlow exploits by giving decode
-  attention a small SM partition. `fixed_bytes` (weights) is re-read by every nano-batch, which
-  together with the launch overhead is what makes splitting lose at small token counts.
+  attention a small SM partition. `fixed_bytes` (weights) is re-read by every nano-batch (a
+  mixture of experts' only in part: each nano-batch reaches fewer experts), which together with
+  the launch overhead is what makes splitting lose at small token counts.
 - network ops (collectives) take `B / net_bw + LAUNCH_OVERHEAD_S`; their SM use is ignored.
 - interference: two memory-bound instances (bytes term dominant) that run at the same time on
   different streams share one HBM. The overlapped part of each is stretched by
@@ -96,6 +103,10 @@ class OpProfile:
         bytes_per_token: HBM bytes per token row (activations, a decode sequence's KV cache), or
             interconnect bytes per token for a network op.
         fixed_bytes: bytes read once per launch regardless of tokens (weights).
+        weights_missed: per token, the chance that a given part of `fixed_bytes` goes unread: 0
+            for dense weights (all read every launch); a mixture of experts routing each token
+            to k of its E experts leaves each expert's weights unread with chance 1 - k/E, so a
+            launch over n tokens reads `fixed_bytes * (1 - weights_missed ** n)` (`weight_bytes`).
         dtype: dtype name selecting the device's peak rate.
         whole: the op runs once over the whole step even when it is split (a barrier: an op the
             split leaves whole, as a mixture of experts' grouped GEMM, whose rows are sorted by
@@ -110,6 +121,7 @@ class OpProfile:
     fixed_bytes: float = 0.0
     dtype: str = "bfloat16"
     whole: bool = False
+    weights_missed: float = 0.0
 
     def __post_init__(self) -> None:
         if self.resource not in RESOURCES:
@@ -129,6 +141,24 @@ class OpProfile:
             raise ValueError(f"op {self.name!r}: whole must be a bool, got {self.whole!r}")
         for field_name, cost in zip(("flops_per_token", "bytes_per_token", "fixed_bytes"), costs):
             object.__setattr__(self, field_name, cost)
+        try:
+            if isinstance(self.weights_missed, (str, bytes, bool)):
+                raise TypeError
+            missed = float(self.weights_missed)
+        except (TypeError, ValueError, RuntimeError):
+            missed = math.nan
+        if not 0.0 <= missed < 1.0:  # (NaN fails it too)
+            raise ValueError(f"op {self.name!r}: weights_missed is a chance per token in [0, 1), got {self.weights_missed!r}")
+        object.__setattr__(self, "weights_missed", missed)
+
+    def weight_bytes(self, tokens: float) -> float:
+        """The part of `fixed_bytes` a launch over `tokens` tokens reads: all of it for dense
+        weights; for a mixture of experts, the experts its tokens reach on average."""
+        if tokens <= 0:
+            return 0.0
+        if self.weights_missed == 0.0:
+            return self.fixed_bytes
+        return -self.fixed_bytes * math.expm1(tokens * math.log(self.weights_missed))  # fixed * (1 - m^n)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -140,6 +170,7 @@ class OpProfile:
             "fixed_bytes": self.fixed_bytes,
             "dtype": self.dtype,
             "whole": self.whole,
+            "weights_missed": self.weights_missed,
         }
 
 
@@ -231,7 +262,7 @@ def op_time(
     memory-bound (bytes term dominant; network ops never are). See the module docstring."""
     if tokens <= 0:
         return 0.0, False
-    nbytes = op.fixed_bytes + op.bytes_per_token * tokens
+    nbytes = op.weight_bytes(tokens) + op.bytes_per_token * tokens
     if op.resource == "network":
         return nbytes / (net_bw_gbs * 1e9) + LAUNCH_OVERHEAD_S, False
     t_flops = op.flops_per_token * tokens / (device.peak_flops(op.dtype) * share)
@@ -276,7 +307,7 @@ def _durations(
     # A model's layers repeat the same costs under other op names: each cost is timed once.
     timed_by_cost: dict[tuple, dict[int, tuple[float, bool]]] = {}
     for op in ops:
-        cost = (op.resource, op.flops_per_token, op.bytes_per_token, op.fixed_bytes, op.dtype, op.whole)
+        cost = (op.resource, op.flops_per_token, op.bytes_per_token, op.fixed_bytes, op.dtype, op.whole, op.weights_missed)
         timed = timed_by_cost.get(cost)
         if timed is None:
             if op.whole:  # (on the whole device: nothing else runs beside a barrier)
@@ -448,8 +479,10 @@ def _group_bound(
     """Lower bound on the makespan of every k-way composition of n tokens at this share.
 
     Per stream, the sum over nano-batches of max(flops term, bytes term) is at least the max of
-    the summed terms; weights are read k times; contention only adds time. Nothing runs beside
-    a whole op: their times, the same for every composition, add to every stream's load."""
+    the summed terms; weights are read k times (a mixture of experts' at least as its reach over
+    the most uneven sizes, n - k + 1 tokens and k - 1 single ones: reach is concave, so no
+    composition reads less); contention only adds time. Nothing runs beside a whole op: their
+    times, the same for every composition, add to every stream's load."""
     streams, shares = _streams_and_shares(ops, k, share)
     load: dict[int, float] = {}
     barriers = 0.0
@@ -458,7 +491,7 @@ def _group_bound(
             barriers += op_time(op, n, 1.0, device, net_bw_gbs=net_bw)[0]
             continue
         s = streams[op.resource]
-        nbytes = k * op.fixed_bytes + op.bytes_per_token * n
+        nbytes = op.weight_bytes(n - k + 1) + (k - 1) * op.weight_bytes(1) + op.bytes_per_token * n
         if op.resource == "network":
             t = nbytes / (net_bw * 1e9)
         else:

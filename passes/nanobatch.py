@@ -486,9 +486,21 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRo
         return (bound["offsets"] is None and out_dim == 1 and dims.get(bound["x"].name) == 1
                 and all(dims.get(v.name) is None for k, v in bound.items() if k != "x" and isinstance(v, fx.Node)))
     if (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags) or target in _UNTAGGED_POINTWISE:
-        # Broadcasting aligns dims from the right: each input's token dim must be the output's.
+        # Broadcasting aligns dims from the right: each input's token dim must be the output's,
+        # and every other tensor input must broadcast along it (size 1 there, or no dim there).
+        # A whole input as long as the tokens there, its length an expression the pass does not
+        # take for the token count (Falcon-Mamba's scan: `(T - 1)//2 + (T//2 - 1)//2 + 4`, equal
+        # to T under Dynamo's guards), would meet each nano-batch's rows whole.
         out_rank = meta_val(node).dim()
-        return all(dims[a.name] - meta_val(a).dim() == out_dim - out_rank for a in ins)
+        if not all(dims[a.name] - meta_val(a).dim() == out_dim - out_rank for a in ins):
+            return False
+        for a in node.all_input_nodes:
+            val = meta_val(a)
+            if dims.get(a.name) is None and isinstance(val, torch.Tensor):
+                at = val.dim() - (out_rank - out_dim)
+                if at >= 0 and not statically_known_true(val.shape[at] == 1):
+                    return False
+        return True
     return False
 
 

@@ -1364,6 +1364,25 @@ def test_the_stack_rule_checks_where_the_token_dim_lands() -> None:
     assert not _is_token_wise(last, {**rows, y.name: None})  # an input without the token dim
 
 
+def test_an_elementwise_op_splits_only_beside_operands_that_broadcast_along_the_tokens() -> None:
+    """The pointwise rule on a hand-written graph: beside a split input, every other input must
+    broadcast along the token dim (size 1 there, or no dim there). Falcon-Mamba's scan computes
+    a value whose length is the token count written another way (`(T - 1)//2 + (T//2 - 1)//2 +
+    4`), which the pass does not take for a token dim: split, its product with a per-row norm met
+    each nano-batch's rows with the whole value (a crash at 11 tokens, k = 2)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tileflow.passes.nanobatch import _is_token_wise
+
+    gm = make_fx(lambda x, whole, row, col: (x * whole, x * row, x * col, x + 1.0),
+                 tracing_mode="symbolic")(torch.randn(5, 8), torch.randn(5, 8), torch.randn(1, 8), torch.randn(8))
+    x, whole, row, col, *ops = [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function")]
+    dims = {x.name: 0, whole.name: None, row.name: None, col.name: None, **{n.name: 0 for n in ops}}
+    by_whole, by_row, by_col, by_scalar = ops
+    assert not _is_token_wise(by_whole, dims)  # (as long as the tokens, not known as their dim)
+    assert _is_token_wise(by_row, dims) and _is_token_wise(by_col, dims) and _is_token_wise(by_scalar, dims)
+
+
 def _picks_per_row(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     # `[T, 8]` router-like scores: each row's top 2 (a MoE router), its values sorted, its largest
     # and smallest; and the top 2 rows of every column (along the tokens: reads every row).

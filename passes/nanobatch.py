@@ -576,8 +576,8 @@ def _grouped_gemm_profile(node: fx.Node) -> OpProfile:
     is proven, and a batched one along its tokens), per row routed to an expert (top-k per
     token; in the batched form `[E, T, K]` every expert's): FLOPs and bytes, and every expert's
     weights once per launch (a barrier over the whole step; per nano-batch `_routed` costs only
-    the experts its tokens reach). Weights of symbolic sizes leave it without costs of its own (the search then sees
-    only the ops around it; a barrier's costs are the same split or not)."""
+    the experts its tokens reach). Weights of symbolic sizes leave it without costs of its own
+    (the search then sees only the ops around it; a barrier's costs are the same split or not)."""
     w = meta_val(bind_arguments(node)["weight"])
     if any(isinstance(s, torch.SymInt) for s in w.shape):
         return OpProfile(node.name, "compute", dtype=str(w.dtype).removeprefix("torch."), whole=True)

@@ -17,8 +17,8 @@ where the nano-batches are uneven). A fixed k instead runs each nano-batch on it
 at its token share (`sm_shares`). Both overlap one nano-batch's attention with another's
 GEMMs; the model is the estimate of when that pays. A
 mixture of experts' grouped GEMMs run per nano-batch here, each reading the weights of the
-experts its tokens reach (`OpProfile.weights_missed`). A program whose dense stages hold no padded GEMM
-(built without the GEMM pass) has nothing to cost: its steps run whole.
+experts its tokens reach (`OpProfile.weights_missed`). A program whose dense stages hold no
+padded GEMM (built without the GEMM pass) has nothing to cost: its steps run whole.
 """
 
 from __future__ import annotations

@@ -1546,6 +1546,8 @@ def _routed_experts(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2:
         flat_ids = (flat_ids + 1) % 4  # (still ids of the 4 experts)
     sorted_ids, perm = torch.sort(flat_ids, descending=defect == "descending")
     rows = x[(torch.sort(flat_w)[1] if defect == "rows by another sort" else perm) // top]
+    if defect == "masked rows":  # (not a defect: transformers 5.17 zeroes rows past the experts)
+        rows = rows.masked_fill((sorted_ids >= w1.shape[0]).unsqueeze(-1), 0.0)
     counted = flat_ids if defect == "unsorted counts" else sorted_ids
     # (No range: histc bins over each call's own smallest and largest id.)
     span = {} if defect == "bins over the ids' range" else {"min": 0, "max": w1.shape[0] - 1}
@@ -1695,6 +1697,36 @@ def test_routing_that_reads_across_tokens_runs_whole(plans: list[tuple], defect:
     (why,) = [f["reason"] for f in graph["fallbacks"] if f["node"] == grouped[0]]
     assert why.startswith("the experts run whole, a barrier between nano-batches: ") and f"({op})" in why
     assert set(graph["extra"]["nano_batch"]["barriers"]) == set(grouped)
+
+
+@pytest.mark.parametrize("form", ["", "masked rows"])
+def test_rows_masked_by_their_sorted_ids_route_per_nano_batch_over_sequences(form: str) -> None:
+    """Transformers 5.17 zeroes the gathered rows whose sorted id is past the experts
+    (`masked_fill(hidden[P // k], (sorted_ids >= E).unsqueeze(-1), 0)`). Over sequences the
+    sort's items split, and the comparison and unsqueeze between them and the mask are split ops
+    the routing took in only when they read a sort's item directly: the experts ran whole, a
+    barrier (Mixtral on the GPU machine's transformers). Now ops reading the routing through
+    other split ops join it: both forms route per nano-batch, equal to eager."""
+    torch.manual_seed(11)
+    w1, w2, router = torch.randn(4, 8, 16) / 4, torch.randn(4, 16, 8) / 4, torch.randn(16, 4)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        q = x.view(b, s, 2, 8).transpose(1, 2)  # (attention tells the sequences from the tokens)
+        x = x + torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(b, s, h)
+        flat = x.reshape(b * s, h)
+        return _routed_experts(flat, flat @ router, w1, w2, form).view(b, s, h)
+
+    report = tileflow.Report()
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend(
+        {"passes": ("canonicalize", "attention", "nanobatch"), "nano_batches": 2}, report=report))
+    for batch, length in ((3, 5), (4, 7)):
+        x = torch.randn(batch, length, 16)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(x, 1)
+        torch.testing.assert_close(compiled(x), fn(x), rtol=1e-5, atol=1e-5)
+    (info,) = [g["extra"]["nano_batch"] for g in report.to_dict()["graphs"]]
+    assert info["split_over"] == "sequences" and len(info["routed_experts"]) == 2 and not report.fallbacks
 
 
 def test_a_mixture_of_experts_routes_per_nano_batch_over_sequences(plans: list[tuple], split_calls: list[int]) -> None:

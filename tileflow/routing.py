@@ -194,10 +194,16 @@ def _readers_of_sorted(region: list[fx.Node], split: dict[str, bool], depends: s
     from them to the sort). Other values left whole (a mean over the tokens) they may read in
     pieces: those stay outside."""
     inside = {n.name for n in region}
-    return {a for node in region for a in node.all_input_nodes
-            if a.name not in inside and a.op == "call_function"
-            and any(b.name in inside or (_is_sort_item(b) and b.name in depends and split.get(b.name) is False)
-                    for b in a.all_input_nodes)}
+    # Split ops reading a region value or a whole sort's item, directly or through other split
+    # ops (transformers 5.17 zeroes the gathered rows whose sorted id is past the experts:
+    # `masked_fill(hidden[P // k], (sorted_ids >= E).unsqueeze(-1), 0)`), in graph order.
+    reads: set[str] = set()
+    for n in region[0].graph.nodes:
+        if n.op == "call_function" and n.name not in inside and any(
+                b.name in inside or (_is_sort_item(b) and b.name in depends and split.get(b.name) is False)
+                or (b.name in reads and split.get(b.name)) for b in n.all_input_nodes):
+            reads.add(n.name)
+    return {a for node in region for a in node.all_input_nodes if a.name in reads}
 
 
 def _is_sort_item(node: fx.Node) -> bool:

@@ -466,15 +466,41 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRo
         return dims.get(node.args[0].name) == out_dim
     if target in _NEW_OF_SIZE:
         return True  # (its size at the token dim is the token count: that dim is the output's)
+    if target is aten.repeat.default:
+        # Tiles the input along each dim (new dims first when there are more counts than dims):
+        # each row only its own when the token dim's count is 1 (GPT-J's positions repeated
+        # across the rotary table's width, before transformers 5.24).
+        src, counts = node.args[0], node.args[1]
+        at = dims[src.name] + len(counts) - meta_val(src).dim() if dims.get(src.name) is not None else None
+        return at == out_dim and type(counts[at]) is int and counts[at] == 1
+    if target is aten.index.Tensor:
+        # A lookup in a table without the token dim at one index tensor (GPT-J's rotary table at
+        # the positions, `table[position_ids]`): each output row reads that row of the index and
+        # any of the table, like an embedding. The index's dims replace the table's indexed one.
+        table, indices = node.args[0], node.args[1]
+        tensors = [(j, i) for j, i in enumerate(indices) if i is not None]
+        if dims.get(table.name) is not None or len(tensors) != 1:
+            return False
+        ((at, index),) = tensors
+        val = meta_val(index)
+        return (val.dtype not in (torch.bool, torch.uint8) and dims.get(index.name) is not None
+                and out_dim == at + dims[index.name])
     if target in _INDEXED_ALONG or target is aten.slice_scatter.default:
         # Every tensor argument holds the same rows at the output's token dim (a shorter index
         # would scatter into only some of the rows).
         bound = bind_arguments(node)
+        along_rows = bound["dim"] % meta_val(node).dim() == out_dim
+        if (target is aten.gather.default and along_rows and dims.get(bound["self"].name) is None
+                and dims.get(bound["index"].name) == out_dim):
+            # Along the tokens, from a table without them: each row of the index picks its own
+            # rows of the table, a lookup (GPT-J's rotary table at its repeated positions,
+            # before transformers 5.24). (Along another dim, output row t reads the table's row
+            # t, which a nano-batch's narrowed index would not.)
+            return True
         tensors = [bound[k] for k in ("self", "index", "src") if isinstance(bound.get(k), fx.Node)]
         rows = meta_val(node).shape[out_dim]
         # Along the tokens, a slice write whose source holds every row writes each row its own
         # (a slice assignment `y[:, :4] = x` writes all rows, then the slice of them).
-        along_rows = bound["dim"] % meta_val(node).dim() == out_dim
         return ((not along_rows or target is aten.slice_scatter.default)
                 and all(dims.get(t.name) == out_dim and statically_known_true(meta_val(t).shape[out_dim] == rows)
                         for t in tensors))

@@ -1300,11 +1300,16 @@ def test_interleaved_rope_stacks_split_like_cats(plans: list[tuple], split_calls
         pieces = collections.Counter(op.original for op in Schedule.from_dict(info["schedule"]).ops.values())
         assert all(pieces[n.name] == len(info["sizes"]) == 2 for n in stacks)
         # The whole ops reading split values (barriers): only attention along one sequence's
-        # tokens and there the rotary table's lookup at the positions (before the first layer).
-        barriers = [n for n in gm.graph.nodes if n.op == "call_function" and not plan.split[n.name]
+        # tokens. (The rotary table's lookup at the positions splits too: `table[positions]`, or
+        # before transformers 5.24 a gather at the positions repeated across the table's width.)
+        # (Up to the final norm: before 5.24 the LM head reads `hidden[:, -logits_to_keep:]`,
+        # which torch 2.11 keeps symbolic, the last rows, whole.)
+        nodes = list(gm.graph.nodes)
+        body = nodes[:max(i for i, n in enumerate(nodes) if n.target is torch.ops.aten.native_layer_norm.default)]
+        barriers = [n for n in body if n.op == "call_function" and not plan.split[n.name]
                     and any(plan.split.get(a.name) for a in n.all_input_nodes)]
         kinds = collections.Counter(n.target._opname for n in barriers)
-        assert kinds == ({"meta_attention": 2, "index": 1} if info["split_over"] == "tokens" else {}), barriers
+        assert kinds == ({"meta_attention": 2} if info["split_over"] == "tokens" else {}), barriers
 
 
 def _rows_stacked(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -1336,6 +1341,64 @@ def test_a_stack_off_the_token_dim_splits(plans: list[tuple], split_calls: list[
     assert len(stacks) == 2 and all(plan.split[n.name] for n in stacks)
     assert [plan.token_dims[n.name] for n in stacks] == [0, 1]
     assert all(plan.split[n.name] for n in gm.graph.nodes if n.op == "call_function")
+
+
+_TABLE = torch.randn(32, 8)
+
+
+def _rows_looked_up(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # Positions computed per row, looked up in a table without the token dim the two ways GPT-J
+    # reads its rotary table: `table[positions]` (transformers >= 5.24), and a gather along the
+    # tokens at the positions repeated across the table's width (before).
+    positions = (x[:, 0].abs() * 10).long() % _TABLE.shape[0]
+    indexed = _TABLE[positions] * x
+    repeated = positions[None, :, None].repeat(1, 1, _TABLE.shape[1])
+    gathered = torch.gather(_TABLE[None].expand(1, -1, -1), 1, repeated)[0] * x
+    return indexed, gathered
+
+
+def test_lookups_in_a_table_at_per_row_positions_split(plans: list[tuple], split_calls: list[int]) -> None:
+    """An index, a repeat whose count at the token dim is 1 and a gather along the tokens from a
+    table without them run per nano-batch (each ran whole, a barrier: GPT-J's rotary lookup
+    under transformers 5.17, the GPU machine's), and equal eager."""
+    _split_in_two_equals_eager(_rows_looked_up, 8, split_calls)
+    ((gm, plan),) = plans
+    ops = [n for n in gm.graph.nodes if n.op == "call_function"]
+    lookups = [n for n in ops if n.target in (torch.ops.aten.index.Tensor, torch.ops.aten.repeat.default,
+                                              torch.ops.aten.gather.default)]
+    assert len(lookups) == 3 and all(plan.split[n.name] for n in lookups)
+    assert [plan.token_dims[n.name] for n in lookups] == [0, 1, 1]
+    assert all(plan.split[n.name] for n in ops if plan.token_dims.get(n.name) is not None)
+
+
+def test_the_lookup_rules_check_where_the_rows_are_read() -> None:
+    """On a hand-written graph: a repeat tiling the token dim, a gather along another dim (output
+    row t reads the table's row t), a table holding the tokens, and a boolean mask index (its
+    output's rows are the mask's true ones, however many) stay whole."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tileflow.passes.nanobatch import _is_token_wise
+
+    def lookups(pos, table, rows, mask):
+        return (pos.repeat(1, 2), pos.repeat(2, 1), pos.repeat(3, 1, 1), torch.gather(table[:5], 1, pos),
+                torch.gather(table, 0, pos), rows[pos[:, 0]], table[pos[:, 0]], table[mask])
+
+    gm = make_fx(lookups, tracing_mode="symbolic")(torch.randint(0, 4, (5, 2)), torch.randn(9, 2),
+                                                   torch.randn(5, 2), torch.rand(9) > 0.5)
+    pos, table, rows, mask = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    ops = [n for n in gm.graph.nodes if n.op == "call_function"]
+    wide, tall, stacked, off, along, own, looked, masked = [n for n in ops if n.target in (
+        torch.ops.aten.repeat.default, torch.ops.aten.gather.default, torch.ops.aten.index.Tensor)]
+    columns = [n.args[1][0] for n in (own, looked)]  # pos[:, 0]
+    dims = {pos.name: 0, table.name: None, rows.name: 0, mask.name: None, **{n.name: 0 for n in columns},
+            **{n.name: 0 for n in (wide, tall, off, along, own, looked, masked)}, stacked.name: 1}
+    assert _is_token_wise(wide, dims) and _is_token_wise(stacked, dims)
+    assert _is_token_wise(along, dims) and _is_token_wise(looked, dims)
+    assert not _is_token_wise(tall, dims)  # the tokens tiled twice
+    assert not _is_token_wise(off, dims)  # along dim 1: row t reads the table's row t
+    assert not _is_token_wise(own, dims)  # a table split at the tokens, read at any row
+    assert not _is_token_wise(looked, {**dims, looked.name: 1})  # the index's rows land at dim 0, not 1
+    assert not _is_token_wise(masked, {**dims, mask.name: 0})  # a mask picks rows by value, whatever its dims
 
 
 def test_the_stack_rule_checks_where_the_token_dim_lands() -> None:

@@ -1898,15 +1898,17 @@ def _top_p_filtered(x: torch.Tensor) -> torch.Tensor:
     logits = x @ W10
     ordered, index = torch.sort(logits, -1, descending=True)
     remove = ordered.softmax(-1).cumsum(-1) > 0.9
-    return logits.masked_fill(remove.scatter(-1, index, remove), -1e4) @ W10.t()
+    # (-100 lies below any logit here, std 4; the -1e4 of transformers makes terms of 1e4 that an
+    # output sums and nearly cancels, 7e-4 off in fp32 on torch 2.14 with a seeded draw.)
+    return logits.masked_fill(remove.scatter(-1, index, remove), -100.0) @ W10.t()
 
 
 @pytest.mark.parametrize("fn", [_gathered_by_argsort, _top_p_filtered])
 def test_gathers_at_a_sorts_indices_over_features_are_captured(replay_on_cpu, fn) -> None:
     """A sort's indices over a fixed dim are a permutation of it, padded rows too: refused by the
-    lookup rule until sorts gave their indices a range. Seeded: the -1e4 fills make terms of 1e4
-    that an output sums, and a draw of the global generator (whatever the worker ran before) gave
-    one where they nearly cancelled (2.3 left), whose fp32 rounding (about 1e-3) a summation order
+    lookup rule until sorts gave their indices a range. Seeded, and the top-p fill is -100: with
+    transformers' -1e4 a draw of the global generator (whatever the worker ran before) made terms
+    of 1e4 that nearly cancelled (2.3 left), whose fp32 rounding (about 1e-3) a summation order
     other than eager's moved past the tolerance."""
     torch.manual_seed(0)
     report = _run(fn, _tokens, lengths=(3, 5, 11))

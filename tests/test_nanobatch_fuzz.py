@@ -9,8 +9,8 @@ as rows of one nano-batch meeting another's, values off by whole units, or as an
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,130 +21,10 @@ import tileflow
 import tileflow.runtime.nanobatch as nanobatch_runtime
 from tileflow.schedule import check_schedule
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from random_programs import H, OPS, PROLOGUE, names, program, programs  # noqa: E402
+
 PASSES = ("canonicalize", "attention", "gemm_padding", "nanobatch")
-H = 8
-_GEN = torch.Generator().manual_seed(0)
-W = torch.randn(H, H, generator=_GEN) / math.sqrt(H)
-BIAS = torch.randn(H, generator=_GEN)
-TABLE = torch.randn(16, H, generator=_GEN)
-
-
-def _positions(x: torch.Tensor) -> torch.Tensor:
-    """Per-row integer positions in [0, 16), computed from the row itself."""
-    return (x[..., 0].abs() * 10).long() % TABLE.shape[0]
-
-
-def _rope(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., ::2], x[..., 1::2]
-    return torch.stack((-x2, x1), -1).flatten(-2)
-
-
-def _heads(x: torch.Tensor) -> torch.Tensor:
-    # Two heads of 4 moved before the tokens and back (layout ops around a per-head scale).
-    heads = x.unflatten(-1, (2, H // 2)).transpose(-3, -2) * torch.tensor([[[1.0]], [[-0.5]]])
-    return heads.transpose(-3, -2).flatten(-2)
-
-
-def _topk_scatter(x: torch.Tensor) -> torch.Tensor:
-    values, index = x.topk(2, -1)
-    return torch.zeros_like(x).scatter(-1, index, values.softmax(-1))
-
-
-def _gathered_lookup(x: torch.Tensor) -> torch.Tensor:
-    # GPT-J's rotary lookup before transformers 5.24: positions repeated across the table's width.
-    positions = _positions(x)
-    repeated = positions.unsqueeze(-1).repeat(*([1] * positions.dim()), H)
-    return torch.gather(TABLE.expand(*positions.shape[:-1], -1, -1), -2, repeated)
-
-
-def _causal_scores(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    scores = (x @ y.transpose(-1, -2)) / math.sqrt(H)
-    hidden = torch.ones(scores.shape, dtype=torch.bool).triu(1)
-    return scores.masked_fill(hidden, float("-inf")).softmax(-1) @ y
-
-
-def _attention(x: torch.Tensor) -> torch.Tensor:
-    # One causal head over each sequence (its queries tell the pass which size holds the tokens).
-    return torch.nn.functional.scaled_dot_product_attention(*(x.unsqueeze(-3),) * 3, is_causal=True).squeeze(-3)
-
-
-def _tokens(x: torch.Tensor) -> int:
-    return x.shape[-2]
-
-
-# (name, operands, op): each op maps operands shaped as the input, `[T, 8]` or `[B, S, 8]`, to a
-# value of that shape. The token dim is -2: over sequences, the ops "across tokens" read across
-# one sequence's tokens (the split keeps sequences whole), those along dim 0 across sequences.
-TOKEN_WISE: list[tuple[str, int, Callable[..., torch.Tensor]]] = [
-    ("linear", 1, lambda x: x @ W),
-    ("linear_bias", 1, lambda x: torch.nn.functional.linear(x, W, BIAS)),
-    ("product", 2, lambda x, y: x * y.tanh()),
-    ("silu", 1, torch.nn.functional.silu),
-    ("rms_norm", 1, lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)),
-    ("layer_norm", 1, lambda x: torch.nn.functional.layer_norm(x, (H,))),
-    ("softmax_features", 1, lambda x: x.softmax(-1)),
-    ("heads", 1, _heads),
-    ("rope", 1, _rope),
-    ("cat_features", 2, lambda x, y: torch.cat([x[..., : H // 2], y[..., H // 2:]], -1)),
-    ("topk_scatter", 1, _topk_scatter),
-    ("indexed_lookup", 1, lambda x: TABLE[_positions(x)]),
-    ("gathered_lookup", 1, _gathered_lookup),
-    ("column_scale", 2, lambda x, y: x * y[..., :1]),
-    ("row_max", 1, lambda x: x - x.amax(-1, keepdim=True)),
-    ("expand", 1, lambda x: x[..., :1].expand(x.shape)),
-    ("where", 2, lambda x, y: torch.where(x > 0, x, y)),
-    ("arange_rows", 1, lambda x: x + 0.1 * torch.arange(_tokens(x), dtype=x.dtype)[:, None]),
-    # A whole value as long as the tokens, its length written otherwise: each nano-batch's rows
-    # must meet it whole (it runs whole, with its reader).
-    ("rewritten_length", 1, lambda x: x * torch.arange(_tokens(x) // 2 * 2 + _tokens(x) % 2, dtype=x.dtype)[:, None]),
-]
-ACROSS_TOKENS: list[tuple[str, int, Callable[..., torch.Tensor]]] = [
-    ("cumsum", 1, lambda x: x.cumsum(-2)),
-    ("centered", 1, lambda x: x - x.mean(-2, keepdim=True)),
-    ("whole_layer_norm", 1, lambda x: torch.nn.functional.layer_norm(x, x.shape[-2:])),
-    ("flip", 1, lambda x: x.flip(-2)),
-    ("softmax_tokens", 1, lambda x: x.softmax(-2)),
-    ("roll", 1, lambda x: torch.roll(x, 1, -2)),
-    ("causal_scores", 2, _causal_scores),
-    ("attention", 1, _attention),
-    ("token_gram", 2, lambda x, y: x @ ((x.transpose(-1, -2) @ y) / _tokens(x))),
-    ("sorted_rows", 1, lambda x: torch.gather(x, -2, x[..., :1].argsort(-2).expand(x.shape))),
-    ("indexed_rows", 1, lambda x: x.flatten(0, -2)[x.flatten(0, -2)[:, 0].argsort()].view(x.shape)),
-    ("gathered_rows", 2, lambda x, y: torch.gather(x, -2, (_positions(y) % _tokens(x)).unsqueeze(-1).expand(x.shape))),
-    ("first_row", 1, lambda x: x * x[..., :1, :]),
-    ("flip_dim0", 1, lambda x: x.flip(0)),
-    ("centered_dim0", 1, lambda x: x - x.mean(0, keepdim=True)),
-]
-OPS = TOKEN_WISE + ACROSS_TOKENS
-
-
-# Every program starts with a GEMM (rows to split) and an attention over its rows.
-PROLOGUE = [(0, (0,)), (len(TOKEN_WISE) + [name for name, _, _ in ACROSS_TOKENS].index("attention"), (1,))]
-
-
-@st.composite
-def programs(draw: st.DrawFn) -> list[tuple[int, tuple[int, ...]]]:
-    """The prologue, then a chain of ops each reading earlier values (value 0 is the input), a
-    third of them across tokens."""
-    steps = list(PROLOGUE)
-    for _ in range(draw(st.integers(1, 6))):
-        across = draw(st.integers(0, 2)) == 0
-        op = draw(st.integers(len(TOKEN_WISE), len(OPS) - 1) if across else st.integers(0, len(TOKEN_WISE) - 1))
-        operands = tuple(draw(st.integers(0, len(steps))) for _ in range(OPS[op][1]))
-        steps.append((op, operands))
-    return steps
-
-
-def _program(steps: list[tuple[int, tuple[int, ...]]]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-    def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        values = [x]
-        for op, operands in steps:
-            values.append(OPS[op][2](*(values[i] for i in operands)))
-        return tuple(values[1:])  # (every value live: the prologue's attention tells the token dim)
-
-    return run
-
-
 # The calls' leading sizes: one sequence of T tokens, or B sequences of S (both dims dynamic; the
 # pass splits over whole sequences).
 LAYOUTS = {"tokens": [(5,), (9,), (16,)], "sequences": [(2, 5), (3, 4), (5, 6)]}
@@ -154,7 +34,7 @@ def _split_equals_eager(steps: list[tuple[int, tuple[int, ...]]], k: int, layout
     """The program compiled with k nano-batches equals eager at each of the layout's sizes (fp32;
     a row of one nano-batch meeting another's would be off by whole units), in one graph, and
     each call ran as nano-batches, its schedule passing the checker."""
-    fn = _program(steps)
+    fn = program(steps)
     runs: list[int] = []
     original = nanobatch_runtime.run_schedule
 
@@ -174,11 +54,10 @@ def _split_equals_eager(steps: list[tuple[int, tuple[int, ...]]], k: int, layout
                 torch._dynamo.mark_dynamic(x, dim)
             for got, want in zip(compiled(x), fn(x), strict=True):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    names = [OPS[op][0] for op, _ in steps]
-    assert len(report.graphs) == 1, names  # one graph, the sizes dynamic
+    assert len(report.graphs) == 1, names(steps)  # one graph, the sizes dynamic
     info = report.graphs[0].extra.get("nano_batch")
-    assert info is not None, names
-    assert info["split_over"] == layout and len(runs) == 3, (names, info)  # each call ran as nano-batches
+    assert info is not None, names(steps)
+    assert info["split_over"] == layout and len(runs) == 3, (names(steps), info)  # each call ran as nano-batches
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 
 import tileflow
-import tileflow.runtime.streams
 
 sys.path.insert(0, str(Path(__file__).parent))
-from graph_doubles import ReplayOnCpu  # noqa: E402
+from graph_doubles import ReplayOnCpu, replay_on_cpu_with_noise  # noqa: E402
 from models import BLOOM_ALIBI, MOE, VOCAB, build, one_layer  # noqa: E402
 
 H = 16
@@ -28,24 +27,9 @@ H = 16
 
 @pytest.fixture
 def replay_on_cpu(monkeypatch: pytest.MonkeyPatch) -> type[ReplayOnCpu]:
-    """Replays on the CPU (`ReplayOnCpu`), with the padded rows of float inputs filled with random
-    finite values rather than the runtime's 0: the walk assumes nothing of them but that they are
-    finite, and a leak of padded rows that adds zeros (a sum over the tokens, `x.T @ x`) would
-    give the right outputs over zeros. Integer and bool inputs keep the runtime's pad value, which
-    the walk's index facts rely on (`PAD_VALUE`)."""
-    monkeypatch.setattr(tileflow.runtime.streams, "GRAPH_FACTORY", ReplayOnCpu)
-    fill = tileflow.runtime.streams.CudaGraphBuckets._fill
-    noise = torch.Generator().manual_seed(0)
-
-    def fill_with_noise(self, static: torch.Tensor, value: torch.Tensor, dim: int | None, tokens: int) -> None:
-        fill(self, static, value, dim, tokens)
-        if dim is not None and static.is_floating_point():
-            padded = static.narrow(dim, tokens, static.shape[dim] - tokens)
-            padded.copy_(torch.randn(padded.shape, generator=noise) * 3)
-
-    monkeypatch.setattr(tileflow.runtime.streams.CudaGraphBuckets, "_fill", fill_with_noise)
-    ReplayOnCpu.captures = ReplayOnCpu.replays = 0
-    return ReplayOnCpu
+    """Replays on the CPU, with random values in the padded rows of float inputs
+    (`replay_on_cpu_with_noise`)."""
+    return replay_on_cpu_with_noise(monkeypatch)
 
 
 def _run(fn: Callable[..., torch.Tensor], make_inputs: Callable[[int], tuple], lengths=(3, 5, 11),
@@ -807,6 +791,23 @@ def test_a_step_that_writes_its_input_in_place_is_not_captured(replay_on_cpu) ->
         torch.testing.assert_close(compiled(x, total), x @ W)
         torch.testing.assert_close(total, want)
     _assert_not_captured(report, "writes a tensor in place")
+
+
+def _a_row_broadcast_of_the_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x @ W, x[..., :1].expand(x.shape)
+
+
+def test_an_output_viewing_an_input_is_not_captured(replay_on_cpu) -> None:
+    """A replay returns copies of the graph's outputs, and AOT autograd rebuilds an output that
+    views an input from the caller's input at the copy's strides: captured, the expand of a
+    column (stride 0) came back as the input's own columns (found by the random programs of
+    `test_padding_safety_fuzz.py`). Such a step runs uncaptured, equal to eager, and its output
+    still views the input."""
+    report = _run(_a_row_broadcast_of_the_input, _rows)
+    _assert_not_captured(report, "an output that views input")
+    compiled = torch.compile(_a_row_broadcast_of_the_input, backend=tileflow.TileflowBackend({"cuda_graphs": True}))
+    x = torch.randn(5, H)
+    assert compiled(x)[1].data_ptr() == x.data_ptr()
 
 
 # Second reader's findings: each was captured, and its replay differed from the step.

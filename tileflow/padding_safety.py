@@ -101,7 +101,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .graph_utils import (
     ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, WAIT_TENSOR, any_ancestor, attribute, bind_arguments, meta_val, same_shape,
-    written_arguments,
+    viewed_by, written_arguments,
 )
 
 aten = torch.ops.aten
@@ -394,6 +394,9 @@ def check_padding(gm: fx.GraphModule, token: Any, *, split_asserts: bool = False
     that writes any tensor in place is refused too: a replay writes the static copy of an input.
     With `split_asserts`, an assert over values padded rows would change is no hazard when the
     caller can run it apart, on the call's rows (`PaddingCheck.unpadded_asserts`)."""
+    viewing = _output_viewing_an_input(gm)
+    if viewing:
+        return PaddingCheck(viewing, unpadded_replay=False)
     walk = _Walk(token, split_asserts=split_asserts)
     hazard = walk.run(gm)
     if not hazard:
@@ -405,6 +408,22 @@ def check_padding(gm: fx.GraphModule, token: Any, *, split_asserts: bool = False
     unpadded = (not any(written_arguments(n) for n in gm.graph.nodes)
                 and all(_one_token_dim(walk.dims(v)) for v in outputs if isinstance(v, torch.Tensor)))
     return PaddingCheck(hazard, unpadded_replay=unpadded)
+
+
+def _output_viewing_an_input(gm: fx.GraphModule) -> str | None:
+    """Why no replay could return `gm`'s outputs, when one is a view of an input (`x[:, :1].expand`):
+    a replay returns copies of the graph's static outputs, and the caller (AOT autograd) rebuilds
+    an output that aliases an input from that input with the copy's strides, which a view's are
+    not (an expand's stride 0 became the copy's 1: the caller got the input's other columns).
+    None when no output views an input."""
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    for value in _flat(output.args[0]):
+        if isinstance(value, fx.Node) and value.op != "placeholder":
+            bases = [b for b in viewed_by([value]) if b.op == "placeholder"]
+            if bases:
+                return (f"{value.name}: an output that views input {bases[0].name}, which a replay's copy of its "
+                        "static output would not")
+    return None
 
 
 def _one_token_dim(dims: dict[int, Any] | None) -> bool:

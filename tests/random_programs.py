@@ -17,6 +17,7 @@ _GEN = torch.Generator().manual_seed(0)
 W = torch.randn(H, H, generator=_GEN) / math.sqrt(H)
 BIAS = torch.randn(H, generator=_GEN)
 TABLE = torch.randn(16, H, generator=_GEN)
+CONV = torch.randn(H, 1, 3, generator=_GEN)
 
 
 def _positions(x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +61,23 @@ def _attention(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.scaled_dot_product_attention(heads, heads, heads, is_causal=True).view(x.shape)
 
 
+def _split_halves(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.split(H // 2, -1)
+    return torch.cat([second * 2, first.sigmoid()], -1)
+
+
+def _max_picks(x: torch.Tensor) -> torch.Tensor:
+    values, index = x.max(-1, keepdim=True)
+    return x - values + index.to(x.dtype)
+
+
+def _causal_conv(x: torch.Tensor) -> torch.Tensor:
+    # A depthwise convolution over the last 3 tokens (Mamba's): channels first, padded at the start.
+    channels = x.transpose(-1, -2).reshape(-1, H, _tokens(x))
+    out = torch.nn.functional.conv1d(channels, CONV, padding=2, groups=H)[..., : _tokens(x)]
+    return out.reshape(*x.shape[:-2], H, _tokens(x)).transpose(-1, -2)
+
+
 def _tokens(x: torch.Tensor) -> int:
     return x.shape[-2]
 
@@ -86,12 +104,28 @@ TOKEN_WISE: list[tuple[str, int, Callable[..., torch.Tensor]]] = [
     ("expand", 1, lambda x: x[..., :1].expand(x.shape)),
     ("where", 2, lambda x, y: torch.where(x > 0, x, y)),
     ("arange_rows", 1, lambda x: x + 0.1 * torch.arange(_tokens(x), dtype=x.dtype)[:, None]),
+    ("embedding", 1, lambda x: torch.nn.functional.embedding(_positions(x), TABLE)),
+    ("index_select", 1, lambda x: TABLE.index_select(0, _positions(x).flatten()).view(x.shape)),
+    ("split_halves", 1, _split_halves),
+    ("max_picks", 1, _max_picks),
+    ("sort_features", 1, lambda x: x.sort(-1).values),
+    ("cumsum_features", 1, lambda x: x.cumsum(-1)),
+    ("clamp", 1, lambda x: x.clamp(-0.5, 0.5)),
+    ("bfloat16_round_trip", 1, lambda x: x.to(torch.bfloat16).to(x.dtype)),
+    ("masked_fill_rows", 2, lambda x, y: x.masked_fill(y[..., :1] > 0, 0.0)),
+    ("gelu_tanh", 1, lambda x: torch.nn.functional.gelu(x, approximate="tanh")),
+    ("logsumexp", 1, lambda x: x - x.logsumexp(-1, keepdim=True)),
+    ("einsum_heads", 2, lambda x, y: torch.einsum("...hd,...he->...hd", x.unflatten(-1, (2, 4)),
+                                                  y.unflatten(-1, (2, 4))).flatten(-2)),
     # A whole value as long as the tokens, its length written otherwise: each nano-batch's rows
     # must meet it whole (it runs whole, with its reader).
     ("rewritten_length", 1, lambda x: x * torch.arange(_tokens(x) // 2 * 2 + _tokens(x) % 2, dtype=x.dtype)[:, None]),
 ]
 ACROSS_TOKENS: list[tuple[str, int, Callable[..., torch.Tensor]]] = [
     ("cumsum", 1, lambda x: x.cumsum(-2)),
+    ("cummax", 1, lambda x: x.cummax(-2).values),
+    ("shifted", 1, lambda x: torch.nn.functional.pad(x, (0, 0, 1, 0))[..., :-1, :]),
+    ("causal_conv", 1, _causal_conv),
     ("centered", 1, lambda x: x - x.mean(-2, keepdim=True)),
     ("whole_layer_norm", 1, lambda x: torch.nn.functional.layer_norm(x, x.shape[-2:])),
     ("flip", 1, lambda x: x.flip(-2)),

@@ -797,17 +797,23 @@ def _a_row_broadcast_of_the_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.
     return x @ W, x[..., :1].expand(x.shape)
 
 
-def test_an_output_viewing_an_input_is_not_captured(replay_on_cpu) -> None:
+def _columns_of_the_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x @ W, x[:, 2:]
+
+
+@pytest.mark.parametrize("fn", [_a_row_broadcast_of_the_input, _columns_of_the_input])
+def test_an_output_viewing_an_input_is_not_captured(replay_on_cpu, fn) -> None:
     """A replay returns copies of the graph's outputs, and AOT autograd rebuilds an output that
-    views an input from the caller's input at the copy's strides: captured, the expand of a
-    column (stride 0) came back as the input's own columns (found by the random programs of
-    `test_padding_safety_fuzz.py`). Such a step runs uncaptured, equal to eager, and its output
-    still views the input."""
-    report = _run(_a_row_broadcast_of_the_input, _rows)
+    views an input from the caller's input at the copy's strides and offset (0): captured, the
+    expand of a column (stride 0) came back as the input's own columns (found by the random
+    programs of `test_padding_safety_fuzz.py`), and columns 2: as columns 0:. Such a step runs
+    uncaptured, equal to eager, and its output still views the input. (A row-major reshape of
+    a whole input is rebuilt right: `test_streams.py`'s `x.view(T, 2, 4)` is replayed.)"""
+    report = _run(fn, _rows)
     _assert_not_captured(report, "an output that views input")
-    compiled = torch.compile(_a_row_broadcast_of_the_input, backend=tileflow.TileflowBackend({"cuda_graphs": True}))
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend({"cuda_graphs": True}))
     x = torch.randn(5, H)
-    assert compiled(x)[1].data_ptr() == x.data_ptr()
+    assert compiled(x)[1].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
 
 
 # Second reader's findings: each was captured, and its replay differed from the step.
@@ -1411,6 +1417,33 @@ def test_buckets_stay_within_a_table_read_at_positions(replay_on_cpu, monkeypatc
     report = _run(fn, _rows, lengths=(5, 18, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 20]"]
     assert replay_on_cpu.captures == 2 and not failed
+
+
+def _rotary_rows_gathered(x: torch.Tensor) -> torch.Tensor:
+    # GPT-J before transformers 5.24: the table gathered along the tokens at the positions
+    # repeated across its width.
+    positions = torch.arange(x.shape[0])[None]
+    index = positions.unsqueeze(-1).repeat(1, 1, H)
+    return (x * torch.gather(TABLE20_ROWS[None], 1, index)[0]) @ W
+
+
+def _rows_gathered_at_their_values(x: torch.Tensor) -> torch.Tensor:
+    # Row t picks row `|x[t]| * 10 % 20` of the table, a value of its own: any row, in range.
+    index = ((x[:, :1].abs() * 10).long() % 20).expand(-1, H)
+    return (x + torch.gather(TABLE20_ROWS, 0, index)) @ W
+
+
+@pytest.mark.parametrize("fn", [_rotary_rows_gathered, _rows_gathered_at_their_values])
+def test_a_gather_along_the_tokens_from_a_table_is_a_lookup(replay_on_cpu, fn) -> None:
+    """A gather along the token dim from a table without one reads, for each element, the table
+    at its own index: a lookup, bounded as a lookup at positions (the buckets stop at the
+    table's 20 rows; `repeat` across the width keeps the positions) or by the values' range (a
+    remainder by the rows). Both were refused as gathers along the token dim (GPT-J's step on
+    transformers 5.17 was captured only at exact token counts)."""
+    report = _run(fn, _rows, lengths=(5, 18, 20))
+    bound = "16, 20" if fn is _rotary_rows_gathered else "16, 32"
+    assert _cuda_graphs_notes(report) == [f"whole step, token buckets [{bound}]"]
+    assert replay_on_cpu.captures == 2
 
 
 def _counted_positions(x: torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,6 @@ from random_programs import H, OPS, PROLOGUE, TOKEN_WISE, names, program, progra
 # Token-wise ops the proof does not capture at buckets, with why; the table's other token-wise
 # ops are captured at buckets (of the cross-token ones, those reading only earlier rows too).
 UNCAPTURED = {
-    # Positions `(|x| * 10).long() % 16`: the walk does not take a remainder by a positive
-    # number for a range, so a padded row's position may be past the table (padded inputs
-    # hold 0; it evaluates that, not the noise the test puts there).
-    "indexed_lookup": "index: looks a table's rows up",
-    "gathered_lookup": "gather: gathers or scatters along the token dim",
     # A length equal to T written otherwise (a whole value, not T rows).
     "rewritten_length": "depends on the token count other than as one dim",
 }

@@ -410,19 +410,30 @@ def check_padding(gm: fx.GraphModule, token: Any, *, split_asserts: bool = False
     return PaddingCheck(hazard, unpadded_replay=unpadded)
 
 
+# Views that reinterpret a contiguous tensor row-major: a copy of one has the view's own strides
+# and no offset, from which the caller rebuilds it exactly (`_output_viewing_an_input`).
+_ROW_MAJOR_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default,
+                    aten.detach.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                    aten.squeeze.default}
+
+
 def _output_viewing_an_input(gm: fx.GraphModule) -> str | None:
-    """Why no replay could return `gm`'s outputs, when one is a view of an input (`x[:, :1].expand`):
-    a replay returns copies of the graph's static outputs, and the caller (AOT autograd) rebuilds
-    an output that aliases an input from that input with the copy's strides, which a view's are
-    not (an expand's stride 0 became the copy's 1: the caller got the input's other columns).
-    None when no output views an input."""
+    """Why no replay could return `gm`'s outputs, when one views an input other than as a
+    row-major reshape of all of it (`x[:, :1].expand(...)`, `x[:, 2:]`): a replay returns copies
+    of the graph's static outputs, and the caller (AOT autograd) rebuilds an output that aliases
+    an input from that input at the copy's strides and offset (0), which such a view's are not
+    (an expand's stride 0 became the copy's 1: the caller got the input's other columns). None
+    when every output that views an input is such a reshape of a contiguous one (`x.view(T, 2, 4)`)."""
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     for value in _flat(output.args[0]):
-        if isinstance(value, fx.Node) and value.op != "placeholder":
-            bases = [b for b in viewed_by([value]) if b.op == "placeholder"]
-            if bases:
-                return (f"{value.name}: an output that views input {bases[0].name}, which a replay's copy of its "
-                        "static output would not")
+        if not isinstance(value, fx.Node) or value.op == "placeholder":
+            continue
+        chain = viewed_by([value])
+        bases = [b for b in chain if b.op == "placeholder"]
+        if bases and not (all(n.op == "placeholder" or n.target in _ROW_MAJOR_VIEWS for n in chain)
+                          and all(isinstance(meta_val(b), torch.Tensor) and meta_val(b).is_contiguous() for b in bases)):
+            return (f"{value.name}: an output that views input {bases[0].name} other than as a reshape of all of it, "
+                    "which the caller would rebuild wrongly from a replay's copy")
     return None
 
 
@@ -1461,6 +1472,12 @@ class _Walk:
         dim = args["dim"] % max(meta_val(args["self"]).dim(), 1)
         tensors = [args[k] for k in ("self", "index", "src") if isinstance(args.get(k), fx.Node)]
         dims = [self.dims(meta_val(t)) for t in tensors]
+        index_dims = self.dims(meta_val(args["index"]))
+        if node.target is aten.gather.default and dims[0] == {} and index_dims is not None and set(index_dims) == {dim}:
+            # Along the index's one token dim, from a table without one: each element reads the
+            # table at its own index, elsewhere at coordinates that hold no token (GPT-J's rotary
+            # table at the positions repeated across its width, before transformers 5.24).
+            return self.table_rows_at(node, meta_val(args["self"]).shape[dim], args["index"]) or _CLEAN
         if any(d is None or dim in d for d in dims):
             return self.refuse(node, "gathers or scatters along the token dim")
         if any(d != dims[0] for d in dims):
@@ -1628,12 +1645,17 @@ class _Walk:
         between rows) is refused."""
         src = meta_val(node.args[0])
         shift = len(node.args[1]) - src.dim()
-        for d, prefix in (self.dims(src) or {}).items():
+        s_dims = self.dims(src) or {}
+        for d, prefix in s_dims.items():
             if node.args[1][d + shift] != 1 and not isinstance(prefix, _Blocks) and not _equal(prefix, 0):
                 return self.refuse(node, "repeats a token dim that has rows before its tokens")
-        # A permutation or counts repeated are neither: only the values' facts stay.
-        return replace(self.facts[node.args[0]], causal=None, diagonal=None, position=None, row_source=None,
-                       route=None)
+        # A permutation or counts repeated are neither: only the values' facts stay. Positions
+        # tiled along other dims only (GPT-J's, across its rotary table's width before
+        # transformers 5.24) hold token t's position at token t still.
+        facts = self.facts[node.args[0]]
+        along_others = len(s_dims) == 1 and all(node.args[1][d + shift] == 1 for d in s_dims)
+        return replace(facts, causal=None, diagonal=None, position=facts.position if along_others else None,
+                       row_source=None, route=None)
 
     def sliced(self, node: fx.Node) -> _Facts:
         """`slice`/`select` along a token dim read rows that exist in both runs only when they sit
@@ -2162,6 +2184,12 @@ class _Walk:
                 n = n if high is None else min(n, high + 1)
                 if n >= 1 and (low is None or low <= n - 1):
                     return _Facts(key_range=n)
+        if target is aten.remainder.Scalar and not out.is_floating_point():
+            # Integers modulo a positive number (positions wrapped into a table, `p % rows`): in
+            # [0, divisor), as Python's remainder is, whatever a padded row's dividend holds.
+            divisor = node.args[1]
+            if type(divisor) is int and divisor >= 1:
+                return _Facts(key_range=divisor)
         if target in (aten.add.Tensor, aten.sub.Tensor) and len(tensors) == 1:
             facts = self.facts[tensors[0]]
             other = next((a for a in node.args[1:] if not isinstance(a, fx.Node)), 0)

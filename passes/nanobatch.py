@@ -367,7 +367,11 @@ def _is_token_wise(node: fx.Node, dims: dict[str, int | None], seqs: _SequenceRo
             return out_dim == 0 and dims.get(node.args[0].name) == 0 and all(
                 dims.get(a.name) in (0, None) for a in node.all_input_nodes)
     if name == "padded_gemm":
-        return dims.get(node.args[0].name) == 0
+        # x's rows, and those of a residual fused in: a whole one as long as the tokens, its length
+        # the token count written otherwise (Jamba's Mamba layers), would meet each nano-batch's rows
+        # whole (its shape check refused it: a crash at k = 2).
+        residual = bind_arguments(node)["residual"]
+        return dims.get(node.args[0].name) == 0 and (residual is None or dims.get(residual.name) == 0)
     if target in (aten.linear.default, aten.mm.default):
         return dims.get(node.args[0].name) == 0 and dims.get(node.args[1].name) is None
     if target is aten.embedding.default:

@@ -78,6 +78,11 @@ def _causal_conv(x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-2], H, _tokens(x)).transpose(-1, -2)
 
 
+def _rewritten_length_rows(x: torch.Tensor) -> torch.Tensor:
+    # `[T, 1]` values, T written as `T // 2 * 2 + T % 2`: not taken for the token count.
+    return 0.1 * torch.arange(_tokens(x) // 2 * 2 + _tokens(x) % 2, dtype=x.dtype)[:, None]
+
+
 def _tokens(x: torch.Tensor) -> int:
     return x.shape[-2]
 
@@ -119,7 +124,9 @@ TOKEN_WISE: list[tuple[str, int, Callable[..., torch.Tensor]]] = [
                                                   y.unflatten(-1, (2, 4))).flatten(-2)),
     # A whole value as long as the tokens, its length written otherwise: each nano-batch's rows
     # must meet it whole (it runs whole, with its reader).
-    ("rewritten_length", 1, lambda x: x * torch.arange(_tokens(x) // 2 * 2 + _tokens(x) % 2, dtype=x.dtype)[:, None]),
+    ("rewritten_length", 1, lambda x: x * _rewritten_length_rows(x)),
+    # ... added to a GEMM's output, fused in as its residual (Jamba's Mamba layers).
+    ("residual_of_rewritten_length", 1, lambda x: x @ W + _rewritten_length_rows(x) * x[..., :1, :].exp()),
 ]
 ACROSS_TOKENS: list[tuple[str, int, Callable[..., torch.Tensor]]] = [
     ("cumsum", 1, lambda x: x.cumsum(-2)),

@@ -25,6 +25,7 @@ from random_programs import H, OPS, PROLOGUE, TOKEN_WISE, names, program, progra
 UNCAPTURED = {
     # A length equal to T written otherwise (a whole value, not T rows).
     "rewritten_length": "depends on the token count other than as one dim",
+    "residual_of_rewritten_length": "depends on the token count other than as one dim",
 }
 
 

@@ -61,8 +61,16 @@ def test_each_op_after_a_gemm_and_an_attention_replays_equal_to_eager(op: int) -
         assert note == "whole step, token buckets [16, 32]", note
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps=programs())
-def test_a_random_program_replays_equal_to_eager(steps) -> None:
-    """Chains of up to six ops after the prologue, a third of them across tokens."""
-    _replays_equal_eager(steps)
+@pytest.mark.parametrize("examples, fixed", [(40, True), pytest.param(300, False, marks=pytest.mark.extended)],
+                         ids=["fixed", "fresh"])
+def test_a_random_program_replays_equal_to_eager(examples: int, fixed: bool) -> None:
+    """Chains of up to six ops after the prologue, a third of them across tokens: the same
+    programs at every run by default, fresh ones in the extended run."""
+
+    @settings(max_examples=examples, deadline=None, derandomize=fixed, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(steps=programs())
+    def replays_equal_eager(steps) -> None:
+        _replays_equal_eager(steps)
+
+    replays_equal_eager()

@@ -57,7 +57,7 @@ def _causal_scores(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _attention(x: torch.Tensor) -> torch.Tensor:
     # One causal head over each sequence, `[B, 1, S, 8]` (its queries tell the nanobatch pass
     # which size holds the tokens; one sequence is a batch of 1).
-    heads = x.unsqueeze(-3).expand(*([1] * (4 - x.dim() - 1)), *x.unsqueeze(-3).shape)
+    heads = x.unsqueeze(-3) if x.dim() == 3 else x[None, None]
     return torch.nn.functional.scaled_dot_product_attention(heads, heads, heads, is_causal=True).view(x.shape)
 
 

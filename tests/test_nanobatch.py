@@ -331,6 +331,8 @@ def test_an_input_written_in_place_waits_for_its_readers_on_every_stream(
 # dropped the dim of a one-row piece (a [16] result for [2, 8], or a crash); and with CUDA
 # graphs a nano-batched step returned a number computed from T at its bucket's value.
 SQUEEZED = torch.nn.Linear(8, 8)
+
+
 def _squeezed_and_returned(x: torch.Tensor) -> torch.Tensor:
     return SQUEEZED(x).squeeze(0)
 

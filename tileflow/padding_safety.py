@@ -412,9 +412,8 @@ def check_padding(gm: fx.GraphModule, token: Any, *, split_asserts: bool = False
 
 # Views that reinterpret a contiguous tensor row-major: a copy of one has the view's own strides
 # and no offset, from which the caller rebuilds it exactly (`_output_viewing_an_input`).
-_ROW_MAJOR_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default,
-                    aten.detach.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-                    aten.squeeze.default}
+_ROW_MAJOR_VIEWS = _RESHAPES | {aten.alias.default, aten.detach.default, aten.unsqueeze.default, aten.squeeze.dim,
+                                 aten.squeeze.dims, aten.squeeze.default}
 
 
 def _output_viewing_an_input(gm: fx.GraphModule) -> str | None:

@@ -1783,7 +1783,28 @@ def _unflatten_heads(node: Any) -> fx.Node | None:
     while _is_op(cur, aten.clone.default):  # contiguous copies made only for the flattening view
         cur = cur.args[0]
     val = _val(cur)
-    return cur if isinstance(val, torch.Tensor) and val.dim() == 4 else None
+    if not (isinstance(val, torch.Tensor) and val.dim() == 4):
+        return None
+    if _heads_after_unit_length(val, _val(node)):
+        # One query a sequence (decode): canonicalize folded `view(x, [B, 1, H, D]).transpose(1, 2)`
+        # and the flattening view into views alone, the transpose moving only the unit length.
+        # The same elements read as [B, H, 1, D] (made next to the source; unused, it is dropped).
+        with cur.graph.inserting_after(cur):
+            heads_first = cur.graph.call_function(aten.transpose.int, (cur, 1, 2))
+        infer_meta(heads_first)
+        return heads_first
+    return cur
+
+
+def _heads_after_unit_length(source: torch.Tensor, flat: Any) -> bool:
+    """Whether the 3-D `flat` ([B * H, 1, D]) flattens `source` laid out as [B, 1, H, D] with H > 1
+    (heads after a unit length), rather than as [B, H, 1, D]."""
+    if not (isinstance(flat, torch.Tensor) and flat.dim() == 3):
+        return False
+    b, one, h, d = source.shape
+    return (statically_known_true(one == 1) and statically_known_true(flat.shape[1] == 1)
+            and not statically_known_true(h == 1) and statically_known_true(flat.shape[0] == b * h)
+            and statically_known_true(flat.shape[2] == d))
 
 
 _SCALINGS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)

@@ -230,3 +230,31 @@ def test_static_cache_prefill_over_every_slot_runs_on_the_meta_kernel(name: str)
     assert not reasons, reasons
     # Both layers of every graph (the prefill's, the decode steps') on the meta-kernel.
     assert report.rewrites["meta_attention"] == 2 * len(report.graphs) >= 4, (report.rewrites, len(report.graphs))
+
+
+def test_decode_steps_of_flattened_head_attention_run_on_the_meta_kernel() -> None:
+    """XGLM's attention flattens q to [B * H, S, D] for `bmm`. In a decode step (one query a
+    sequence) canonicalize folds q's `view(B, 1, H, D).transpose(1, 2).reshape(B * H, 1, D)` into
+    views alone, so the 4-D source behind the flattening is [B, 1, H, D], heads after the unit
+    length. Read as [B, H, S, D] it had one head, and every decode step's attention fell back
+    ('1 query heads are not a multiple of 4 KV heads'). Greedy tokens equal eager's, and every
+    graph's two layers (the prompt's and the decode steps') run on the meta-kernel."""
+    torch.manual_seed(0)
+    model = ZOO["xglm"][0]().eval()
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))  # (one sequence: folded)
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    forward = model.forward
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    with torch.no_grad():
+        want = model.generate(ids, **kwargs)
+        model.forward = torch.compile(forward, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
+                                      dynamic=True)
+        try:
+            got = model.generate(ids, **kwargs)
+        finally:
+            model.forward = forward
+    assert torch.equal(got, want)
+    reasons = [f.reason for f in report.fallbacks if f.pass_name == "attention"]
+    assert not reasons, reasons
+    assert report.rewrites["meta_attention"] == 2 * len(report.graphs) >= 4, (report.rewrites, len(report.graphs))

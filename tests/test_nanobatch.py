@@ -1614,7 +1614,14 @@ def _routed_experts(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2:
     # (No range: histc bins over each call's own smallest and largest id.)
     span = {} if defect == "bins over the ids' range" else {"min": 0, "max": w1.shape[0] - 1}
     offsets = torch.cumsum(torch.histc(counted.float(), bins=w1.shape[0], **span), dim=0, dtype=torch.int32)
-    y = torch.ops.tileflow.grouped_gemm(torch.ops.tileflow.grouped_gemm(rows, w1, offsets, "silu"), w2, offsets)
+    if defect == "gate and up halves":  # (not a defect: w1 holds both, the output cut in two)
+        gate, up = torch.ops.tileflow.grouped_gemm(rows, w1, offsets).chunk(2, dim=-1)
+        hidden = torch.nn.functional.silu(gate) * up
+    else:
+        hidden = torch.ops.tileflow.grouped_gemm(rows, w1, offsets, "silu")
+    if defect == "row halves swapped":
+        hidden = torch.cat(hidden.chunk(2, dim=0)[::-1])
+    y = torch.ops.tileflow.grouped_gemm(hidden, w2, offsets)
     y = (y.cumsum(0) if defect == "cumsum over rows" else y) * flat_w[perm].unsqueeze(-1)
     if defect != "no unsort":
         inverse = torch.empty_like(perm)
@@ -1626,7 +1633,7 @@ def _routed_experts(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2:
 def _compile_routed(defect: str, k: int, report: tileflow.Report, top: int = 2) -> None:
     """`_routed_experts` compiled with k nano-batches, equal to eager at 5, 9 and 16 tokens."""
     torch.manual_seed(11)
-    w1, w2 = torch.randn(4, 8, 16) / 4, torch.randn(4, 16, 8) / 4
+    w1, w2 = torch.randn(4, 16 if defect == "gate and up halves" else 8, 16) / 4, torch.randn(4, 16, 8) / 4
     fn = lambda x, scores: _routed_experts(x, scores, w1, w2, defect, top)  # noqa: E731
     compiled = torch.compile(fn, backend=tileflow.TileflowBackend(
         {"passes": ("canonicalize", "nanobatch"), "nano_batches": k}, report=report))
@@ -1637,17 +1644,19 @@ def _compile_routed(defect: str, k: int, report: tileflow.Report, top: int = 2) 
         torch.testing.assert_close(compiled(x, scores), fn(x, scores), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("k", "top"), [(2, 2), (3, 2), (2, 1)])
+@pytest.mark.parametrize(("k", "top", "form"), [(2, 2, ""), (3, 2, ""), (2, 1, ""), (2, 2, "gate and up halves")])
 def test_a_mixture_of_experts_routing_runs_per_nano_batch(plans: list[tuple], split_calls: list[int], k: int,
-                                                          top: int) -> None:
+                                                          top: int, form: str) -> None:
     """The routing of a mixture of experts (sort, gather, grouped GEMMs, unsort) ran whole, a
     barrier between every nano-batch's ops before it and after it. As a whole it computes each
     token's rows from that token's alone (`tileflow.routing` proves it op by op), so each
     nano-batch now runs it over its own tokens: its own sort, counts and grouped GEMMs, equal to
     eager, with each token's top 2 of 4 experts and its top 1 (whose ids `[T, 1] -> [T]` are
-    still the router's). The report names the experts run so; none is a barrier."""
+    still the router's). The report names the experts run so; none is a barrier. So with one
+    expert GEMM over the gate and up weights whose output is cut in two (Hunyuan-V4's and
+    MiniMax-M3's experts: the `split` had stopped the proof)."""
     report = tileflow.Report()
-    _compile_routed("", k, report, top)
+    _compile_routed(form, k, report, top)
     assert len(split_calls) == 3
     ((gm, plan),) = plans
     grouped = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
@@ -1739,12 +1748,13 @@ def test_routings_beside_values_whole_by_nature_run_per_nano_batch(plans: list[t
 @pytest.mark.parametrize(("defect", "op", "top"), [
     ("descending", "sort", 2), ("unsorted counts", "histc", 2), ("cumsum over rows", "cumsum", 2), ("no unsort", "view", 2),
     ("rows by another sort", "grouped_gemm", 2), ("computed ids", "histc", 2), ("bins over the ids' range", "histc", 2),
-    ("descending", "sort", 1), ("unsorted counts", "histc", 1), ("cumsum over rows", "cumsum", 1)])
+    ("descending", "sort", 1), ("unsorted counts", "histc", 1), ("cumsum over rows", "cumsum", 1),
+    ("row halves swapped", "split", 2)])
 def test_routing_that_reads_across_tokens_runs_whole(plans: list[tuple], defect: str, op: str, top: int) -> None:
     """A routing with one op that reads across the tokens (groups sorted the other way from the
     offsets, offsets counted from the unsorted ids, a cumulative sum down the rows, rows left in
-    expert order, rows sorted by something else than their experts) is not proven, runs whole
-    (equal to eager), and the report says which op stopped it. So are offsets counted from ids
+    expert order, rows sorted by something else than their experts, the rows' two halves swapped)
+    is not proven, runs whole (equal to eager), and the report says which op stopped it. So are offsets counted from ids
     the router did not give (here its ids shifted round by one): such values may be
     negative, and a count from 0 would leave their rows out at the front, shifting every group
     after them; and a histogram without a range, whose bins span each call's own smallest and

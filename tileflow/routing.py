@@ -29,7 +29,9 @@ stays whole, and the reason says which. Kinds (k rows per token; P a sort node):
 - `histogram(P)`, `offsets(P)`: the sorted ids' histogram over fixed bins from 0, and its
   cumulative sum (each range of tokens counts its own rows, as the grouped GEMM over them needs);
 - `empty(k, P)`, `arange(k)`, `inverse(k, P)`: the parts of P's inverse permutation;
-- `tuple(k, P)`: the sort's (values, indices).
+- `tuple(k, P)`: the sort's (values, indices);
+- `pieces(k, P)`: `sorted` or `rows` values split along a dim after the rows (an expert GEMM's
+  output cut into its gate and up halves), each item of the kind split.
 
 A grouped GEMM keeps `sorted(k, P)` only over rows `sorted(k, P)` with offsets `offsets(P)` of
 the same P: each row then meets the expert of its own id, whichever rows run beside it. Everything
@@ -60,6 +62,8 @@ _ALONG_DIM = {aten.slice.Tensor, aten.select.int, aten._softmax.default, aten.so
 # Monotone in the ids: sorted ids stay sorted, so counting them still gives each row its group.
 _MONOTONE = {aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default}
 _ROW_KINDS = {"rows", "sorted", "sorted_ids"}
+_NO_ROWS = {"histogram", "offsets", "tuple", "pieces"}  # (counts, and tuples of values)
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 # Casts that keep indices in order (an int8 would wrap past 127).
 _ORDERED_DTYPES = {torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
@@ -73,6 +77,7 @@ class RoutedKind:
     k: int
     sort: str | None = None
     ids: bool = False  # `rows` (and a sort's `tuple`) of expert indices
+    of: str | None = None  # `pieces`: the kind of each item
 
 
 @dataclass
@@ -89,7 +94,7 @@ class RoutedRegions:
         """Rows per unit of the split of a proven node's value along dim 0: k per token (None: a
         value without rows: the counts, the sort's tuple)."""
         kind = self.kinds[name]
-        if kind.name in ("histogram", "offsets", "tuple"):
+        if kind.name in _NO_ROWS:
             return None
         return sympy.Integer(kind.k) * self.tokens_per_unit.get(name, sympy.Integer(1))
 
@@ -302,8 +307,17 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
                 or bound.get("descending")):  # (the offsets count groups in ascending order)
             return None
         return RoutedKind("tuple", src.k, node.name, ids=src.ids)
+    if target in _SPLITS:
+        # Cut along a dim after the rows (an expert GEMM's gate and up halves): each piece keeps
+        # every row where it was.
+        src = kind(args[0])
+        if src is None or src.name not in ("rows", "sorted") or bind_arguments(node)["dim"] % meta_val(args[0]).dim() == 0:
+            return None
+        return RoutedKind("pieces", src.k, src.sort, of=src.name)
     if target is operator.getitem:
         src = kind(args[0])
+        if src is not None and src.name == "pieces":
+            return RoutedKind(src.of, src.k, src.sort)
         if src is None or src.name != "tuple":
             return None
         if args[1] == 1:
@@ -391,7 +405,7 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
         return RoutedKind("sorted", src.k, src.sort) if src.name == "sorted_ids" else src
     if target in _SAME_ROWS or target in _MONOTONE:
         src = kind(args[0])
-        if src is None or src.name in ("tuple", "histogram", "offsets") or not all(token_free(a) for a in args[1:]):
+        if src is None or src.name in _NO_ROWS or not all(token_free(a) for a in args[1:]):
             return None
         if target in _MONOTONE and src.name not in _ROW_KINDS:
             return None

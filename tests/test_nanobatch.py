@@ -1697,8 +1697,9 @@ def test_batched_experts_of_any_count_share_one_graph(plans: list[tuple], split_
 def test_router_ids_are_picked_indices() -> None:
     """Expert ids the routing counts from 0 must never be negative: a top-k's indices, a max's or
     a min's (PhiMoE picks one expert at a time), concatenations of such, through views and casts
-    that keep their order. A pick's values, an argsort's order and a concatenation holding
-    anything else are no such ids."""
+    that keep their order, and such ids with some set to a number not negative (Zaya sends its
+    "no expert" picks to expert 0). A pick's values, an argsort's order, a concatenation holding
+    anything else and ids with some set to -1 are no such ids."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from tileflow.routing import _router_ids
@@ -1708,11 +1709,11 @@ def test_router_ids_are_picked_indices() -> None:
         top = scores.topk(2, -1)
         return (top[1].reshape(-1), torch.cat([first[1], second[1]], -1).int(), top[0],
                 torch.cat([first[1], scores.argsort(-1)[:, :1]], -1), torch.cat([first[1], first[1] - 1], -1),
-                top[1].to(torch.int8))
+                top[1].to(torch.int8), top[1].masked_fill(top[1] == 3, 0), top[1].masked_fill(top[1] == 3, -1))
 
     gm = make_fx(fn, tracing_mode="symbolic")(torch.randn(5, 4))
     outputs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
-    assert [_router_ids(n) for n in outputs] == [True, True, False, False, False, False]
+    assert [_router_ids(n) for n in outputs] == [True, True, False, False, False, False, True, False]
 
 
 @pytest.mark.parametrize(("form", "top"), [("centred input", 2), ("centred input", 1), ("chained layers", 2)])

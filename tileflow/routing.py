@@ -469,13 +469,22 @@ _PICKS = {aten.topk.default, aten.max.dim, aten.min.dim}
 def _router_ids(node: fx.Node) -> bool:
     """Whether a value is a router's expert indices (never negative): the indices of a top-k (or
     of a max or min, PhiMoE's sparse mixer picking one expert at a time), through `_KEEPS_IDS`
-    ops, order-keeping casts and concatenations of such indices."""
+    ops, order-keeping casts and concatenations of such indices, and such indices with some
+    replaced by a number not negative (Zaya's "no expert" picks sent to expert 0)."""
     while True:
         if node.target is operator.getitem:
             src = node.args[0]
             return node.args[1] == 1 and isinstance(src, fx.Node) and src.target in _PICKS
         if node.target is aten.cat.default:
             return all(isinstance(part, fx.Node) and _router_ids(part) for part in node.args[0])
+        if node.target is aten.masked_fill.Scalar:
+            value = node.args[2]
+            if not (type(value) in (int, float) and value >= 0):
+                return False
+            node = node.args[0]
+            if not isinstance(node, fx.Node):
+                return False
+            continue
         if node.target in _KEEPS_IDS or (node.target is aten._to_copy.default
                                          and meta_val(node).dtype in _ORDERED_DTYPES):
             node = node.args[0]

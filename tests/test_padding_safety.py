@@ -1266,6 +1266,26 @@ def test_zoo_models_with_lowest_value_masks_are_captured(replay_on_cpu, arch: st
     assert replay_on_cpu.captures == 2
 
 
+def test_a_padding_mask_of_ones_built_at_the_bucket_is_hidden_by_the_causal_flag(replay_on_cpu) -> None:
+    """BioGPT builds its padding mask in the graph, `ones(B, T)`: in a replay it spans the bucket,
+    so its padded keys hold True, and the key ranges of the mask (`attention_mask_ranges`) reach
+    them. Every attention reading those ranges is causal over the tokens, which hides the padded
+    keys whatever the ranges say: the step is captured at buckets (it ran only at exact token
+    counts) and equals eager."""
+    from models import _causal_lm
+
+    torch.manual_seed(0)
+    model = one_layer(_causal_lm("BioGptConfig", "BioGptForCausalLM", num_key_value_heads=None)().eval())
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids, use_cache=False).logits
+
+    report = _run(logits, lambda t: (torch.randint(0, VOCAB, (1, t)),), lengths=(5, 12, 20))
+    assert report.rewrites["mask_ranges"] == 1, report.rewrites
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    assert replay_on_cpu.captures == 2
+
+
 @pytest.mark.parametrize("arch", ["xglm", "gemma2", pytest.param("bloom", marks=BLOOM_ALIBI)])
 def test_zoo_models_in_float16_are_captured(replay_on_cpu, arch: str) -> None:
     """In float16 the masks hide keys with float16's lowest value (-65504), and for XGLM the

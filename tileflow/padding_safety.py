@@ -1970,7 +1970,22 @@ class _Walk:
             # Padded keys hold False (an attention mask padded with 0, as transformers' padding
             # term `attention_mask[batch_idx, kv_idx]`): a real row's ranges span its real keys.
             return _CLEAN
+        if node.users and all(_short_name(u.target) in _ATTENTION and self.causal_over_tokens(u)
+                              and [name for name, a in bind_arguments(u).items() if a is node] == ["mask_ranges"]
+                              for u in node.users):
+            # Padded keys the mask shows (BioGPT's `ones(B, T)` padding mask, built at the bucket's
+            # size in a replay) widen a real row's ranges only over them, and each attention
+            # reading the ranges hides them by its causal flag.
+            return _CLEAN
         return self.refuse(node, "key ranges of a mask that does not hide the padded keys")
+
+    def causal_over_tokens(self, attention: fx.Node) -> bool:
+        """Whether an attention hides padded keys by its causal flag: its queries are the tokens
+        (the flag aligns the last query with the last key: fixed query rows, a learned query or a
+        pooled row, would see up to the bucket's last, padded, key)."""
+        args = bind_arguments(attention)
+        q_dims = self.dims(meta_val(args["q"])) or {}
+        return bool(args.get("causal")) and 2 in q_dims and not isinstance(q_dims[2], _Blocks)
 
     def attention(self, node: fx.Node) -> _Facts:
         """Attention over token keys: real queries must not see padded keys. They come after every
@@ -1988,11 +2003,9 @@ class _Walk:
             return self.refuse(node, f"values (V) whose padded rows may be inf or NaN (from {self.facts[v].nonfinite}): "
                                      "the kernel's zero weights would turn them into NaN in real rows")
         if args.get("causal"):
-            # The flag aligns the last query with the last key (query i sees keys up to S_kv - S + i):
-            # a causal boundary at the tokens only when the queries are the tokens too. Fixed query
-            # rows (a learned query, a pooled row) would see up to the bucket's last, padded, key.
-            q_dims = self.dims(meta_val(args["q"])) or {}
-            if 2 not in q_dims or isinstance(q_dims[2], _Blocks):
+            # (Query i sees keys up to S_kv - S + i: a causal boundary at the tokens only when the
+            # queries are the tokens too.)
+            if not self.causal_over_tokens(node):
                 return self.refuse(node, "causal attention whose queries are not the tokens: the flag aligns the "
                                          "last query with the last key, a padded one in a replay")
             return _CLEAN

@@ -1605,7 +1605,7 @@ def _routed_experts(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2:
     weights, ids = scores.softmax(-1).topk(top, dim=-1)
     flat_w, flat_ids = weights.reshape(-1), ids.reshape(-1)
     if defect == "computed ids":
-        flat_ids = (flat_ids + 1) % 4  # (still ids of the 4 experts)
+        flat_ids = 3 - flat_ids  # (the experts in reverse: ids of the 4, not known never negative)
     sorted_ids, perm = torch.sort(flat_ids, descending=defect == "descending")
     rows = x[(torch.sort(flat_w)[1] if defect == "rows by another sort" else perm) // top]
     if defect == "masked rows":  # (not a defect: transformers 5.17 zeroes rows past the experts)
@@ -1623,7 +1623,9 @@ def _routed_experts(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2:
         hidden = torch.cat(hidden.chunk(2, dim=0)[::-1])
     y = torch.ops.tileflow.grouped_gemm(hidden, w2, offsets)
     y = (y.cumsum(0) if defect == "cumsum over rows" else y) * flat_w[perm].unsqueeze(-1)
-    if defect != "no unsort":
+    if defect == "put back by argsort":  # (not a defect: argsort(P) is P's inverse too)
+        y = y[torch.argsort(perm)]
+    elif defect != "no unsort":
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.size(0))
         y = y[inverse]
@@ -1644,7 +1646,8 @@ def _compile_routed(defect: str, k: int, report: tileflow.Report, top: int = 2) 
         torch.testing.assert_close(compiled(x, scores), fn(x, scores), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("k", "top", "form"), [(2, 2, ""), (3, 2, ""), (2, 1, ""), (2, 2, "gate and up halves")])
+@pytest.mark.parametrize(("k", "top", "form"), [(2, 2, ""), (3, 2, ""), (2, 1, ""), (2, 2, "gate and up halves"),
+                                                (2, 2, "put back by argsort")])
 def test_a_mixture_of_experts_routing_runs_per_nano_batch(plans: list[tuple], split_calls: list[int], k: int,
                                                           top: int, form: str) -> None:
     """The routing of a mixture of experts (sort, gather, grouped GEMMs, unsort) ran whole, a
@@ -1654,7 +1657,8 @@ def test_a_mixture_of_experts_routing_runs_per_nano_batch(plans: list[tuple], sp
     eager, with each token's top 2 of 4 experts and its top 1 (whose ids `[T, 1] -> [T]` are
     still the router's). The report names the experts run so; none is a barrier. So with one
     expert GEMM over the gate and up weights whose output is cut in two (Hunyuan-V4's and
-    MiniMax-M3's experts: the `split` had stopped the proof)."""
+    MiniMax-M3's experts: the `split` had stopped the proof), and with the rows put back in token
+    order by `argsort(P)` rather than `index_put`."""
     report = tileflow.Report()
     _compile_routed(form, k, report, top)
     assert len(split_calls) == 3
@@ -1663,7 +1667,8 @@ def test_a_mixture_of_experts_routing_runs_per_nano_batch(plans: list[tuple], sp
     routing = {n.name for n in gm.graph.nodes if n.target in (
         torch.ops.aten.sort.default, torch.ops.aten.histc.default, torch.ops.aten.cumsum.default,
         torch.ops.aten.index_put.default, torch.ops.aten.arange.default, torch.ops.aten.empty_like.default)}
-    assert len(grouped) == 2 and len(routing) == 6 and routing | set(grouped) <= plan.routed
+    assert len(grouped) == 2 and len(routing) == (4 if form == "put back by argsort" else 6)
+    assert routing | set(grouped) <= plan.routed
     # Every op holding tensors runs per nano-batch (left whole: only the token count's arithmetic).
     assert all(plan.split[n.name] for n in gm.graph.nodes
                if n.op == "call_function" and isinstance(n.meta.get("val"), (torch.Tensor, tuple)))
@@ -1698,8 +1703,9 @@ def test_router_ids_are_picked_indices() -> None:
     """Expert ids the routing counts from 0 must never be negative: a top-k's indices, a max's or
     a min's (PhiMoE picks one expert at a time), concatenations of such, through views and casts
     that keep their order, and such ids with some set to a number not negative (Zaya sends its
-    "no expert" picks to expert 0). A pick's values, an argsort's order, a concatenation holding
-    anything else and ids with some set to -1 are no such ids."""
+    "no expert" picks to expert 0), and any integers modulo a positive number. A pick's values,
+    an argsort's order, a concatenation holding anything else, ids with some set to -1 and ids
+    otherwise computed (`3 - id`) are no such ids."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from tileflow.routing import _router_ids
@@ -1709,11 +1715,12 @@ def test_router_ids_are_picked_indices() -> None:
         top = scores.topk(2, -1)
         return (top[1].reshape(-1), torch.cat([first[1], second[1]], -1).int(), top[0],
                 torch.cat([first[1], scores.argsort(-1)[:, :1]], -1), torch.cat([first[1], first[1] - 1], -1),
-                top[1].to(torch.int8), top[1].masked_fill(top[1] == 3, 0), top[1].masked_fill(top[1] == 3, -1))
+                top[1].to(torch.int8), top[1].masked_fill(top[1] == 3, 0), top[1].masked_fill(top[1] == 3, -1),
+                (top[1] - 5) % 4, 3 - top[1])
 
     gm = make_fx(fn, tracing_mode="symbolic")(torch.randn(5, 4))
     outputs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
-    assert [_router_ids(n) for n in outputs] == [True, True, False, False, False, False, True, False]
+    assert [_router_ids(n) for n in outputs] == [True, True, False, False, False, False, True, False, True, False]
 
 
 @pytest.mark.parametrize(("form", "top"), [("centred input", 2), ("centred input", 1), ("chained layers", 2)])
@@ -1756,9 +1763,8 @@ def test_routing_that_reads_across_tokens_runs_whole(plans: list[tuple], defect:
     offsets, offsets counted from the unsorted ids, a cumulative sum down the rows, rows left in
     expert order, rows sorted by something else than their experts, the rows' two halves swapped)
     is not proven, runs whole (equal to eager), and the report says which op stopped it. So are offsets counted from ids
-    the router did not give (here its ids shifted round by one): such values may be
-    negative, and a count from 0 would leave their rows out at the front, shifting every group
-    after them; and a histogram without a range, whose bins span each call's own smallest and
+    the router did not give (here 3 - id, not known to be never negative: a negative id's rows
+    would be left out of a count from 0 at the front, shifting every group after them); and a histogram without a range, whose bins span each call's own smallest and
     largest id. With one expert a token too (the report named the gather after the sort, which
     the search for the routing's ops had not reached)."""
     report = tileflow.Report()

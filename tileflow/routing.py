@@ -28,7 +28,9 @@ stays whole, and the reason says which. Kinds (k rows per token; P a sort node):
   such rows and values that do not depend on the tokens);
 - `histogram(P)`, `offsets(P)`: the sorted ids' histogram over fixed bins from 0, and its
   cumulative sum (each range of tokens counts its own rows, as the grouped GEMM over them needs);
-- `empty(k, P)`, `arange(k)`, `inverse(k, P)`: the parts of P's inverse permutation;
+- `empty(k, P)`, `arange(k)`, `inverse(k, P)`: the parts of P's inverse permutation (made by
+  `index_put`), and `perm_order(k, P)`: the sort of P itself, whose indices are that inverse too
+  (`argsort(P)`);
 - `tuple(k, P)`: the sort's (values, indices);
 - `pieces(k, P)`: `sorted` or `rows` values split along a dim after the rows (an expert GEMM's
   output cut into its gate and up halves), each item of the kind split.
@@ -62,7 +64,7 @@ _ALONG_DIM = {aten.slice.Tensor, aten.select.int, aten._softmax.default, aten.so
 # Monotone in the ids: sorted ids stay sorted, so counting them still gives each row its group.
 _MONOTONE = {aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default}
 _ROW_KINDS = {"rows", "sorted", "sorted_ids"}
-_NO_ROWS = {"histogram", "offsets", "tuple", "pieces"}  # (counts, and tuples of values)
+_NO_ROWS = {"histogram", "offsets", "tuple", "pieces", "perm_order"}  # (counts, and tuples of values)
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 # Casts that keep indices in order (an int8 would wrap past 127).
 _ORDERED_DTYPES = {torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64}
@@ -199,14 +201,16 @@ def _readers_of_sorted(region: list[fx.Node], split: dict[str, bool], depends: s
     from them to the sort). Other values left whole (a mean over the tokens) they may read in
     pieces: those stay outside."""
     inside = {n.name for n in region}
-    # Split ops reading a region value or a whole sort's item, directly or through other split
-    # ops (transformers 5.17 zeroes the gathered rows whose sorted id is past the experts:
-    # `masked_fill(hidden[P // k], (sorted_ids >= E).unsqueeze(-1), 0)`), in graph order.
+    # Split ops reading a region value or a whole sort's item, directly or through other ops
+    # outside the region: split ones (transformers 5.17 zeroes the gathered rows whose sorted id
+    # is past the experts: `masked_fill(hidden[P // k], (sorted_ids >= E).unsqueeze(-1), 0)`), and
+    # whole ones, cut off from the region by split ones (top 1's `x[P // 1]`, whole, read by a
+    # slice and a clamp, split as row-wise, before the grouped GEMM). In graph order.
     reads: set[str] = set()
     for n in region[0].graph.nodes:
         if n.op == "call_function" and n.name not in inside and any(
                 b.name in inside or (_is_sort_item(b) and b.name in depends and split.get(b.name) is False)
-                or (b.name in reads and split.get(b.name)) for b in n.all_input_nodes):
+                or b.name in reads for b in n.all_input_nodes):
             reads.add(n.name)
     return {a for node in region for a in node.all_input_nodes if a.name in reads}
 
@@ -303,9 +307,11 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
     if target in (aten.sort.default, aten.sort.stable):
         bound = bind_arguments(node)
         src = kind(args[0])
-        if (src is None or src.name != "rows" or meta_val(args[0]).dim() != 1 or bound.get("dim") not in (0, -1)
-                or bound.get("descending")):  # (the offsets count groups in ascending order)
+        if (src is None or src.name not in ("rows", "perm") or meta_val(args[0]).dim() != 1
+                or bound.get("dim") not in (0, -1) or bound.get("descending")):  # (groups count in ascending order)
             return None
+        if src.name == "perm":  # argsort(P): P's inverse, in its item 1
+            return RoutedKind("perm_order", src.k, src.sort)
         return RoutedKind("tuple", src.k, node.name, ids=src.ids)
     if target in _SPLITS:
         # Cut along a dim after the rows (an expert GEMM's gate and up halves): each piece keeps
@@ -318,6 +324,8 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
         src = kind(args[0])
         if src is not None and src.name == "pieces":
             return RoutedKind(src.of, src.k, src.sort)
+        if src is not None and src.name == "perm_order":
+            return RoutedKind("inverse", src.k, src.sort) if args[1] == 1 else None
         if src is None or src.name != "tuple":
             return None
         if args[1] == 1:
@@ -470,7 +478,8 @@ def _router_ids(node: fx.Node) -> bool:
     """Whether a value is a router's expert indices (never negative): the indices of a top-k (or
     of a max or min, PhiMoE's sparse mixer picking one expert at a time), through `_KEEPS_IDS`
     ops, order-keeping casts and concatenations of such indices, and such indices with some
-    replaced by a number not negative (Zaya's "no expert" picks sent to expert 0)."""
+    replaced by a number not negative (Zaya's "no expert" picks sent to expert 0); or any
+    integers modulo a positive number."""
     while True:
         if node.target is operator.getitem:
             src = node.args[0]
@@ -485,6 +494,10 @@ def _router_ids(node: fx.Node) -> bool:
             if not isinstance(node, fx.Node):
                 return False
             continue
+        if node.target is aten.remainder.Scalar:
+            # Integers modulo a positive number lie in [0, number) whatever they were (floor mod).
+            divisor = node.args[1]
+            return type(divisor) is int and divisor > 0 and not meta_val(node).dtype.is_floating_point
         if node.target in _KEEPS_IDS or (node.target is aten._to_copy.default
                                          and meta_val(node).dtype in _ORDERED_DTYPES):
             node = node.args[0]

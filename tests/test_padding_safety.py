@@ -435,8 +435,19 @@ def _moe_put_back_by_argsort(x: torch.Tensor, top: int) -> torch.Tensor:
     return y[torch.argsort(order)].view(-1, top, H).sum(1)
 
 
+def _moe_with_the_last_expert_picks_sent_to_expert_0(x: torch.Tensor, top: int) -> torch.Tensor:
+    # Zaya's "no expert" picks: the last expert's ids set to 0 (still ids in [0, E)), weight 0.
+    weights, ids = torch.topk((x @ ROUTER.T + ROUTER_BIAS).softmax(-1), top)
+    none = ids == EXPERTS - 1
+    keys, order = torch.sort(ids.masked_fill(none, 0).reshape(-1))
+    rows = x[order // top] if top > 1 else x[order]
+    y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * weights.masked_fill(none, 0.0).reshape(-1)[order, None]
+    return _unsort(y, order, top)
+
+
 @pytest.mark.parametrize("top", [1, 2, 3])
-@pytest.mark.parametrize("moe", [_moe, _moe_with_a_dense_projection, _moe_put_back_by_argsort])
+@pytest.mark.parametrize("moe", [_moe, _moe_with_a_dense_projection, _moe_put_back_by_argsort,
+                                 _moe_with_the_last_expert_picks_sent_to_expert_0])
 def test_expert_routing_is_captured(replay_on_cpu, moe, top: int) -> None:
     report = _run(lambda x: moe(x, top), _rows, lengths=(3, 7, 12, 20))
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
@@ -1691,6 +1702,13 @@ def _rms_normed_values_with_an_eps_below_float32s_range(x: torch.Tensor) -> torc
     return _values_over_rsqrt(x, lambda v: v.pow(2).mean(-1, keepdim=True) + 1e-46)
 
 
+def _values_over_a_root_mean_square(x: torch.Tensor) -> torch.Tensor:
+    # sqrt(mean(v^2)) is only non-negative: 0 at a row of zeros, and v / 0 = NaN.
+    q, k, _ = _heads(x)
+    v = _split(x)
+    return F.scaled_dot_product_attention(q, k, v / v.pow(2).mean(-1, keepdim=True).sqrt(), is_causal=True)
+
+
 def _square_rooted_values(x: torch.Tensor) -> torch.Tensor:
     q, k, _ = _heads(x)
     return F.scaled_dot_product_attention(q, k, _split((x + 100.0).pow(0.5)), is_causal=True)  # (-1) ** 0.5 = NaN
@@ -1698,6 +1716,7 @@ def _square_rooted_values(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("fn, reason", [
     (_values_normalized_without_eps, "values (V) whose padded rows may be inf or NaN (from div"),
+    (_values_over_a_root_mean_square, "values (V) whose padded rows may be inf or NaN (from div"),
     (_values_floor_divided_without_eps, "values (V) whose padded rows may be inf or NaN (from floor_divide"),
     (_router_logits_over_their_sum, "values (V) whose padded rows may be inf or NaN (from div"),
     (_smallest_softmax_weights_over_their_sum, "values (V) whose padded rows may be inf or NaN (from div"),
@@ -1722,6 +1741,14 @@ def _normalized_values(x: torch.Tensor) -> torch.Tensor:
     # F.normalize: x / norm.clamp_min(eps).
     q, k, _ = _heads(x)
     return F.scaled_dot_product_attention(q, k, F.normalize(_split(x), dim=-1), is_causal=True)
+
+
+def _values_over_a_clamped_root_mean_square(x: torch.Tensor) -> torch.Tensor:
+    # Gemma-3n's AltUp: v / sqrt(mean(v^2).clamp(min=1e-5)); the root of a positive value is positive.
+    q, k, _ = _heads(x)
+    v = _split(x)
+    return F.scaled_dot_product_attention(q, k, v / v.pow(2).mean(-1, keepdim=True).clamp(min=1e-5).sqrt(),
+                                          is_causal=True)
 
 
 def _reciprocal_keys_causal(x: torch.Tensor) -> torch.Tensor:
@@ -1768,7 +1795,8 @@ def _rms_normed_values_by_a_product(x: torch.Tensor) -> torch.Tensor:
     return _values_over_rsqrt(x, lambda v: (v * v).mean(-1, keepdim=True) + 1e-6)
 
 
-@pytest.mark.parametrize("fn", [_rms_normed_values, _rms_normed_values_by_a_product, _normalized_values, _reciprocal_keys_causal,
+@pytest.mark.parametrize("fn", [_rms_normed_values, _rms_normed_values_by_a_product, _normalized_values,
+                                _values_over_a_clamped_root_mean_square, _reciprocal_keys_causal,
                                 _softmax_router_weights, _sigmoid_router_weights,
                                 _sigmoid_router_weights_without_eps, _position_scaled_queries])
 def test_padded_rows_kept_finite_or_hidden_are_captured(replay_on_cpu, fn) -> None:

@@ -866,6 +866,10 @@ class _Walk:
         if target is aten.softplus.default and not (
                 isinstance(beta := bind_arguments(op).get("beta", 1), (int, float)) and beta > 0):
             return None  # log(1 + exp(beta * x)) / beta: negative for a negative beta
+        if target is aten.sqrt.default and self.sign(op.args[0], dtype) == "positive":
+            # sqrt(x) >= x for x <= 1: a positive value's root does not round to 0 (Gemma-3n's
+            # AltUp divides by `sqrt(mean(x ** 2).clamp(min=1e-5))`).
+            return "positive"
         if target in _NON_NEGATIVE:
             return "non-negative"
         if not isinstance(target, torch._ops.OpOverload) and target is not operator.getitem:
@@ -2196,6 +2200,13 @@ class _Walk:
                 n = n if high is None else min(n, high + 1)
                 if n >= 1 and (low is None or low <= n - 1):
                     return _Facts(key_range=n)
+        if (target is aten.masked_fill.Scalar and not out.is_floating_point()
+                and self.facts[node.args[0]].key_range is not None):
+            # Indices in [0, n) with some set to a number v >= 0 (Zaya sends its "no expert" picks
+            # to expert 0): in [0, max(n, v + 1)).
+            value = node.args[2]
+            if type(value) is int and value >= 0:
+                return _Facts(key_range=max(self.facts[node.args[0]].key_range, value + 1))
         if target is aten.remainder.Scalar and not out.is_floating_point():
             # Integers modulo a positive number (positions wrapped into a table, `p % rows`): in
             # [0, divisor), as Python's remainder is, whatever a padded row's dividend holds.

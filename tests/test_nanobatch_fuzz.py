@@ -23,6 +23,7 @@ from tileflow.schedule import check_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from random_programs import H, OPS, PROLOGUE, names, program, programs  # noqa: E402
+from random_routings import Routing, routed, routings, sample_routings  # noqa: E402
 
 PASSES = ("canonicalize", "attention", "gemm_padding", "nanobatch")
 # The calls' leading sizes: one sequence of T tokens, or B sequences of S (both dims dynamic; the
@@ -81,5 +82,47 @@ def test_a_random_program_split_into_nano_batches_equals_eager(examples: int, fi
     @given(steps=programs(), k=st.sampled_from([2, 3]), layout=st.sampled_from(list(LAYOUTS)))
     def split_equals_eager(steps, k: int, layout: str) -> None:
         _split_equals_eager(steps, k, layout)
+
+    split_equals_eager()
+
+
+def _routing_split_equals_eager(routing: Routing, k: int) -> None:
+    """The routing compiled with k nano-batches equals eager at 5, 9 and 16 tokens, in one graph.
+    Without a defect its experts run per nano-batch, none a barrier (the routing proven: ids
+    that `tileflow.routing` cannot show are never negative, `reversed`'s, are left unproven,
+    either way); with one they run whole."""
+    fn = routed(routing)
+    torch._dynamo.reset()
+    report = tileflow.Report()
+    backend = tileflow.TileflowBackend({"passes": ("canonicalize", "nanobatch"), "nano_batches": k}, report=report)
+    compiled = torch.compile(fn, dynamic=False, backend=backend)
+    for tokens in (5, 9, 16):
+        x = torch.randn(tokens, 16)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch.testing.assert_close(compiled(x), fn(x), rtol=1e-4, atol=1e-5)
+    assert len(report.graphs) == 1, routing
+    info = report.graphs[0].extra["nano_batch"]
+    proven = bool(info["routed_experts"]) and not info["barriers"]
+    if routing.defects:
+        assert not proven, (routing, info)
+    elif routing.ids != "reversed":
+        assert proven, (routing, info, report.fallbacks)
+
+
+@pytest.mark.parametrize("routing", sample_routings(), ids=lambda r: f"defects={'+'.join(r.defects) or 'none'}")
+def test_a_sampled_routing_split_into_nano_batches_equals_eager(routing: Routing) -> None:
+    """Mixtures of experts routed in the forms models write (`random_routings`), some with a
+    defect that reads across tokens: the same 24 at every run, at k = 2."""
+    _routing_split_equals_eager(routing, 2)
+
+
+@pytest.mark.extended
+def test_a_random_routing_split_into_nano_batches_equals_eager() -> None:
+    """Fresh routings at k = 2 and 3."""
+
+    @settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(routing=routings(), k=st.sampled_from([2, 3]))
+    def split_equals_eager(routing: Routing, k: int) -> None:
+        _routing_split_equals_eager(routing, k)
 
     split_equals_eager()

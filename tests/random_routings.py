@@ -4,7 +4,8 @@ rows by expert, run each expert's rows through grouped GEMMs over offsets counte
 ids, weight the rows, put them back in token order, sum each token's rows) in the forms models
 write it, and with defects that make the routing read across tokens (groups sorted the wrong way,
 counts without a range or from the unsorted ids, rows left in expert order, a scan or a flip over
-the rows). A routing is drawn as a `Routing` (the choices) and run over `[T, 16]` rows by `routed`.
+the rows). A routing is drawn as a `Routing` (the choices) and run over `[T, 16]` rows (or `[B, S, 16]`
+sequences) by `routed`.
 (Ids that may be negative are no choice: eager leaves their rows unwritten, so no run equals it.)"""
 
 from __future__ import annotations
@@ -93,10 +94,11 @@ def sample_routings(count: int = 24, seed: int = 7) -> list[Routing]:
 
 
 def routed(r: Routing) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The routing `r` as a function of `[T, 16]` rows."""
+    """The routing `r` as a function of `[T, 16]` rows, or of `[B, S, 16]` sequences."""
     grouped = tileflow.ops.grouped_gemm
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs.reshape(-1, H)  # (sequences `[B, S, 16]` flattened, as MoE layers take them)
         scores = x @ ROUTER.T
         if r.pick == "max":
             weights, ids = scores.softmax(-1).max(-1, keepdim=True)
@@ -150,6 +152,6 @@ def routed(r: Routing) -> Callable[[torch.Tensor], torch.Tensor]:
         elif r.unsort == "argsort":
             y = y[torch.argsort(perm)]
         out = y.view(x.shape[0], -1, H).sum(1)
-        return out + x if r.residual else out
+        return (out + x if r.residual else out).view(inputs.shape)
 
     return run

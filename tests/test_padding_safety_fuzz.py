@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import tileflow
 
@@ -80,10 +81,11 @@ def test_a_random_program_replays_equal_to_eager(examples: int, fixed: bool) -> 
     replays_equal_eager()
 
 
-def _routing_replays_equal_eager(routing: Routing) -> None:
-    """The routing compiled with `cuda_graphs=True` equals eager at 3, 7, 12 and 20 tokens, its
-    captured graphs replayed padded on the CPU (noise in the padded rows, which the router sends
-    to experts among the real rows'). Without a defect it is captured at buckets (but for ids not
+def _routing_replays_equal_eager(routing: Routing, sequences: bool) -> None:
+    """The routing compiled with `cuda_graphs=True` equals eager at 3, 7, 12 and 20 tokens (of
+    one sequence, or of each of 3 sequences flattened: each padded at its end), its captured
+    graphs replayed padded on the CPU (noise in the padded rows, which the router sends to
+    experts among the real rows'). Without a defect it is captured at buckets (but for ids not
     known never negative, `reversed`'s, either way); with one, only at exact token counts."""
     fn = routed(routing)
     torch._dynamo.reset()
@@ -93,8 +95,8 @@ def _routing_replays_equal_eager(routing: Routing) -> None:
     with pytest.MonkeyPatch.context() as patch:
         replay_on_cpu_with_noise(patch)
         for tokens in (3, 7, 12, 20):
-            x = torch.randn(tokens, 16)
-            torch._dynamo.mark_dynamic(x, 0)
+            x = torch.randn(3, tokens, 16) if sequences else torch.randn(tokens, 16)
+            torch._dynamo.mark_dynamic(x, x.dim() - 2)
             with torch.no_grad():
                 torch.testing.assert_close(compiled(x), fn(x), rtol=1e-4, atol=1e-5)
     assert len(report.graphs) == 1, routing
@@ -105,19 +107,21 @@ def _routing_replays_equal_eager(routing: Routing) -> None:
         assert note == "whole step, token buckets [16, 32]", (routing, note)
 
 
+@pytest.mark.parametrize("layout", ["tokens", "sequences"])
 @pytest.mark.parametrize("routing", sample_routings(), ids=lambda r: f"defects={'+'.join(r.defects) or 'none'}")
-def test_a_sampled_routing_replays_equal_to_eager(routing: Routing) -> None:
+def test_a_sampled_routing_replays_equal_to_eager(routing: Routing, layout: str) -> None:
     """Mixtures of experts routed in the forms models write (`random_routings`), some with a
-    defect that reads across tokens: the same 24 at every run."""
-    _routing_replays_equal_eager(routing)
+    defect that reads across tokens: the same 24 at every run, over one sequence's tokens and
+    over three sequences'."""
+    _routing_replays_equal_eager(routing, layout == "sequences")
 
 
 @pytest.mark.extended
 def test_a_random_routing_replays_equal_to_eager() -> None:
     """Fresh routings."""
     @settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(routing=routings())
-    def replays_equal_eager(routing: Routing) -> None:
-        _routing_replays_equal_eager(routing)
+    @given(routing=routings(), sequences=st.booleans())
+    def replays_equal_eager(routing: Routing, sequences: bool) -> None:
+        _routing_replays_equal_eager(routing, sequences)
 
     replays_equal_eager()

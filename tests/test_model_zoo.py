@@ -212,8 +212,14 @@ def test_static_cache_prefill_over_every_slot_runs_on_the_meta_kernel(name: str)
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :2] = 0  # the second prompt left-padded
-    kwargs = {"attention_mask": attention_mask, "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0,
-              "cache_implementation": "static"}
+    _generate_on_the_meta_kernel(model, ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False,
+                                 pad_token_id=0, cache_implementation="static")
+
+
+def _generate_on_the_meta_kernel(model: torch.nn.Module, ids: torch.Tensor, **kwargs: Any) -> None:
+    """`model.generate(ids, **kwargs)` with its forward compiled (dynamic) gives eager's tokens,
+    no attention falls back, and both layers of every graph (the prompt's, the decode steps')
+    run on the meta-kernel."""
     forward = model.forward
     torch._dynamo.reset()
     report = tileflow.Report()
@@ -228,7 +234,6 @@ def test_static_cache_prefill_over_every_slot_runs_on_the_meta_kernel(name: str)
     assert torch.equal(got, want)
     reasons = [f.reason for f in report.fallbacks if f.pass_name == "attention"]
     assert not reasons, reasons
-    # Both layers of every graph (the prefill's, the decode steps') on the meta-kernel.
     assert report.rewrites["meta_attention"] == 2 * len(report.graphs) >= 4, (report.rewrites, len(report.graphs))
 
 
@@ -242,19 +247,4 @@ def test_decode_steps_of_flattened_head_attention_run_on_the_meta_kernel() -> No
     torch.manual_seed(0)
     model = ZOO["xglm"][0]().eval()
     ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))  # (one sequence: folded)
-    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
-    forward = model.forward
-    torch._dynamo.reset()
-    report = tileflow.Report()
-    with torch.no_grad():
-        want = model.generate(ids, **kwargs)
-        model.forward = torch.compile(forward, backend=tileflow.TileflowBackend({"target": "reference"}, report=report),
-                                      dynamic=True)
-        try:
-            got = model.generate(ids, **kwargs)
-        finally:
-            model.forward = forward
-    assert torch.equal(got, want)
-    reasons = [f.reason for f in report.fallbacks if f.pass_name == "attention"]
-    assert not reasons, reasons
-    assert report.rewrites["meta_attention"] == 2 * len(report.graphs) >= 4, (report.rewrites, len(report.graphs))
+    _generate_on_the_meta_kernel(model, ids, max_new_tokens=3, do_sample=False, pad_token_id=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -31,10 +32,9 @@ UNCAPTURED = {
 }
 
 
-def _replays_equal_eager(steps: list[tuple[int, tuple[int, ...]]]) -> tileflow.Report:
-    """The program compiled with `cuda_graphs=True` equals eager at 3, 5, 11 and 20 tokens, its
-    captured graphs replayed padded on the CPU; returns the report."""
-    fn = program(steps)
+def _replayed(fn: Callable[[torch.Tensor], Any], inputs: list[torch.Tensor]) -> tileflow.Report:
+    """`fn` compiled with `cuda_graphs=True` equals eager on each input (its dim -2, the tokens,
+    marked dynamic), its captured graphs replayed padded on the CPU; returns the report."""
     torch._dynamo.reset()
     report = tileflow.Report()
     # (Static but for the token dim: torch 2.11 made the tables' sizes dynamic across the tests, and
@@ -43,12 +43,17 @@ def _replays_equal_eager(steps: list[tuple[int, tuple[int, ...]]]) -> tileflow.R
     compiled = torch.compile(fn, dynamic=False, backend=backend)
     with pytest.MonkeyPatch.context() as patch:
         replay_on_cpu_with_noise(patch)
-        for tokens in (3, 5, 11, 20):
-            x = torch.randn(tokens, H)
-            torch._dynamo.mark_dynamic(x, 0)
+        for x in inputs:
+            torch._dynamo.mark_dynamic(x, x.dim() - 2)
             with torch.no_grad():
-                for got, want in zip(compiled(x), fn(x), strict=True):
-                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(compiled(x), fn(x), rtol=1e-4, atol=1e-5)
+    return report
+
+
+def _replays_equal_eager(steps: list[tuple[int, tuple[int, ...]]]) -> tileflow.Report:
+    """The program equals eager at 3, 5, 11 and 20 tokens, replayed padded (`_replayed`), in one
+    graph; returns the report."""
+    report = _replayed(program(steps), [torch.randn(tokens, H) for tokens in (3, 5, 11, 20)])
     assert len(report.graphs) == 1, names(steps)
     return report
 
@@ -87,18 +92,7 @@ def _routing_replays_equal_eager(routing: Routing, sequences: bool) -> None:
     graphs replayed padded on the CPU (noise in the padded rows, which the router sends to
     experts among the real rows'). Without a defect it is captured at buckets (but for ids not
     known never negative, `reversed`'s, either way); with one, only at exact token counts."""
-    fn = routed(routing)
-    torch._dynamo.reset()
-    report = tileflow.Report()
-    backend = tileflow.TileflowBackend({"cuda_graphs": True, "max_tokens": 32}, report=report)
-    compiled = torch.compile(fn, dynamic=False, backend=backend)
-    with pytest.MonkeyPatch.context() as patch:
-        replay_on_cpu_with_noise(patch)
-        for tokens in (3, 7, 12, 20):
-            x = torch.randn(3, tokens, 16) if sequences else torch.randn(tokens, 16)
-            torch._dynamo.mark_dynamic(x, x.dim() - 2)
-            with torch.no_grad():
-                torch.testing.assert_close(compiled(x), fn(x), rtol=1e-4, atol=1e-5)
+    report = _replayed(routed(routing), [torch.randn(*((3,) if sequences else ()), tokens, 16) for tokens in (3, 7, 12, 20)])
     assert len(report.graphs) == 1, routing
     note = report.graphs[0].extra.get("cuda_graphs", "")
     if routing.defects:

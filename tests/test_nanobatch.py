@@ -1723,6 +1723,51 @@ def test_router_ids_are_picked_indices() -> None:
     assert [_router_ids(n) for n in outputs] == [True, True, False, False, False, False, True, False, True, False]
 
 
+EXPERT_SCALES = torch.rand(4, 16) + 0.5
+
+
+def _routed_a_route_a_row(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                          top: int) -> torch.Tensor:
+    # ERGO's experts: each token's row repeated once per pick (`repeat_interleave`), routed one
+    # route a row (`P // 1`) with unit weights (`new_ones`), each routed row scaled by its
+    # expert's norm weights (`scale[ids]`), then weighted and summed per token.
+    weights, ids = scores.softmax(-1).topk(top, dim=-1)
+    repeated, flat_ids = x.repeat_interleave(top, dim=0), ids.reshape(-1, 1)
+    sorted_ids, perm = torch.sort(flat_ids.reshape(-1))
+    unit = repeated.new_ones(flat_ids.shape).reshape(-1)
+    offsets = torch.cumsum(torch.histc(sorted_ids.float(), bins=4, min=0, max=3), dim=0, dtype=torch.int32)
+    hidden = torch.ops.tileflow.grouped_gemm(repeated[perm // 1], w1, offsets, "silu")
+    y = torch.ops.tileflow.grouped_gemm(hidden, w2, offsets) * unit[perm].unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.size(0))
+    y = y[inverse] * EXPERT_SCALES[flat_ids.reshape(-1).clamp_max(3)]
+    return (y.view(x.shape[0], top, -1) * weights.unsqueeze(-1)).sum(1)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_routing_of_one_route_a_row_runs_per_nano_batch(plans: list[tuple], k: int) -> None:
+    """ERGO routes each token's row repeated once per pick: its reshapes merge a token's picks
+    into rows (`[T, k, H] -> [k*T, H]`, `[T, k] -> [k*T, 1]`), its permutation is divided by 1,
+    its unit weights are `new_ones` the size of the routed rows and an expert's scales are looked
+    up by the unsorted ids. Each was an op the proof did not know (the experts ran whole, a
+    barrier); now the routing runs per nano-batch, equal to eager."""
+    torch.manual_seed(11)
+    w1, w2 = torch.randn(4, 8, 16) / 4, torch.randn(4, 16, 8) / 4
+    fn = lambda x, scores: _routed_a_route_a_row(x, scores, w1, w2, 2)  # noqa: E731
+    report = tileflow.Report()
+    compiled = torch.compile(fn, backend=tileflow.TileflowBackend(
+        {"passes": ("canonicalize", "nanobatch"), "nano_batches": k}, report=report))
+    for tokens in (5, 9, 16):
+        x, scores = torch.randn(tokens, 16), torch.randn(tokens, 4)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(scores, 0)
+        torch.testing.assert_close(compiled(x, scores), fn(x, scores), rtol=1e-5, atol=1e-5)
+    ((gm, plan),) = plans
+    grouped = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
+    (info,) = [g["extra"]["nano_batch"] for g in report.to_dict()["graphs"]]
+    assert info["routed_experts"] == grouped and info["barriers"] == [], (info, report.fallbacks)
+
+
 @pytest.mark.parametrize(("form", "top"), [("centred input", 2), ("centred input", 1), ("chained layers", 2)])
 def test_routings_beside_values_whole_by_nature_run_per_nano_batch(plans: list[tuple], split_calls: list[int],
                                                                   form: str, top: int) -> None:

@@ -66,6 +66,9 @@ _MONOTONE = {aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default}
 _ROW_KINDS = {"rows", "sorted", "sorted_ids"}
 _NO_ROWS = {"histogram", "offsets", "tuple", "pieces", "perm_order"}  # (counts, and tuples of values)
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+# Tensors of one value, of a given size (the `new_` ones read only their input's dtype and device).
+_NEW_FILLED = {aten.new_ones.default, aten.new_zeros.default, aten.new_full.default}
+_FILLED = {*_NEW_FILLED, aten.ones.default, aten.zeros.default, aten.full.default}
 # Casts that keep indices in order (an int8 would wrap past 127).
 _ORDERED_DTYPES = {torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
@@ -260,6 +263,11 @@ def _rows_per_token(a: Any, dims: dict[str, int | None], split: dict[str, bool],
     return int(ratio) if ratio.is_Integer and ratio >= 1 else None
 
 
+def _same_numel(a: Any, b: Any) -> bool:
+    """Whether two lists of sizes hold as many elements (compared as expressions)."""
+    return sympy.simplify(sympy.Mul(*(_expr(x) for x in a)) - sympy.Mul(*(_expr(y) for y in b))) == 0
+
+
 def _expr(size: Any) -> Any:
     return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
 
@@ -297,13 +305,18 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
         src_val = meta_val(args[0])
         if src is None or src.name not in _ROW_KINDS:
             return None
-        if (src.name == "rows" and src_val.dim() == 2 and len(shape) == 1 and type(src_val.shape[1]) is int
-                and _is_count(src_val.shape[0], tokens, src.k) and _is_count(shape[0], tokens, src.k * src_val.shape[1])):
-            return RoutedKind("rows", src.k * src_val.shape[1], ids=src.ids)  # [T, k] -> [k*T]: token order kept
+        if len(shape) >= 1 and _same_sizes(shape[:1], src_val.shape[:1]) and _same_numel(shape[1:], src_val.shape[1:]):
+            return src  # each row's elements regrouped (`[k*T] -> [k*T, 1]`), rows where they were
+        if (src.name == "rows" and src_val.dim() >= 2 and len(shape) >= 1 and type(src_val.shape[1]) is int
+                and _is_count(src_val.shape[0], tokens, src.k) and _is_count(shape[0], tokens, src.k * src_val.shape[1])
+                and _same_numel(shape[1:], src_val.shape[2:])):
+            # [T, k, ...] -> [k*T, ...]: token order kept (top-k ids flattened, or each token's
+            # rows repeated k times, ERGO's)
+            return RoutedKind("rows", src.k * src_val.shape[1], ids=src.ids)
         if (src.name == "rows" and src_val.dim() >= 1 and len(shape) == src_val.dim() + 1 and type(shape[1]) is int
                 and src.k == shape[1] and _is_count(shape[0], tokens) and _same_sizes(shape[2:], src_val.shape[1:])):
             return RoutedKind("rows", 1)  # [k*T, ...] -> [T, k, ...]
-        return src if _same_sizes(shape, src_val.shape) else None  # the same shape
+        return None
     if target in (aten.sort.default, aten.sort.stable):
         bound = bind_arguments(node)
         src = kind(args[0])
@@ -340,6 +353,8 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
         divisor = bind_arguments(node)["other"]
         if src is not None and src.name == "perm" and mode_ok and type(divisor) is int and divisor == src.k:
             return RoutedKind("token_of", src.k, src.sort)
+        if src is not None and src.name == "perm" and mode_ok and type(divisor) is int and divisor == 1:
+            return src  # P // 1 (ERGO's, over rows already repeated k times a token)
         return None
     if target is aten.index.Tensor:
         src, indices = args[0], args[1]
@@ -355,6 +370,8 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
             return RoutedKind("sorted", index.k, index.sort)  # w[P]
         if index.name == "sorted_ids" and token_free(src):
             return RoutedKind("sorted", index.k, index.sort)  # an expert bias per sorted row
+        if index.name == "rows" and token_free(src):
+            return RoutedKind("rows", index.k)  # a table's row per routed row (ERGO's expert norm scales)
         if index.name == "inverse" and rows is not None and rows.name == "sorted" and rows.sort == index.sort:
             return RoutedKind("rows", index.k)  # y[inv]: back in token order
         return None
@@ -379,6 +396,15 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
         if src is None or src.name != "perm" or node.kwargs.get("dtype") not in (None, torch.int32, torch.int64):
             return None  # (positions in a narrower type may not fit)
         return RoutedKind("empty", src.k, src.sort)
+    if target in _FILLED:
+        # A constant per row (`new_ones(rows, [k*T, 1])`: ERGO's unit weights), sized by the rows.
+        if isinstance(val, torch.Tensor) and val.dim() >= 1 and not any(
+                a.name in depends for a in node.all_input_nodes if isinstance(meta_val(a), torch.Tensor)
+                and a is not (args[0] if target in _NEW_FILLED else None)):
+            ratio = sympy.simplify(_expr(val.shape[0]) / tokens)
+            if ratio.is_Integer and int(ratio) >= 1:
+                return RoutedKind("rows", int(ratio))
+        return None
     if target is aten.arange.default:
         end = args[0]
         end_val = meta_val(end) if isinstance(end, fx.Node) else end
@@ -440,7 +466,8 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
     if src.name not in ("sorted", "rows") or not isinstance(val, torch.Tensor) or val.dim() < 1:
         return None
     first = next(a for a in tensors if not token_free(a))
-    if not (val.dim() == meta_val(first).dim() and _same_sizes(val.shape[:1], meta_val(first).shape[:1])):
+    if not _same_sizes(val.shape[:1], meta_val(first).shape[:1]) or (
+            val.dim() != meta_val(first).dim() and target not in _REDUCTIONS):  # (a reduction may drop its dims)
         return None
     if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
         # Broadcasting aligns dims from the right: a routed operand of lower rank would meet

@@ -3,8 +3,8 @@ proof: transformers' grouped-GEMM experts (route each token to its top experts, 
 rows by expert, run each expert's rows through grouped GEMMs over offsets counted from the sorted
 ids, weight the rows, put them back in token order, sum each token's rows) in the forms models
 write it, and with defects that make the routing read across tokens (groups sorted the wrong way,
-counts without a range or from the unsorted ids, rows left in expert order, a scan or a flip over
-the rows). A routing is drawn as a `Routing` (the choices) and run over `[T, 16]` rows (or `[B, S, 16]`
+counts without a range, rows left in expert order, a scan or a flip over the rows) or that the
+analyses do not follow (counts of the unsorted ids: the same counts, but not tied to the sort). A routing is drawn as a `Routing` (the choices) and run over `[T, 16]` rows (or `[B, S, 16]`
 sequences) by `routed`.
 (Ids that may be negative are no choice: eager leaves their rows unwritten, so no run equals it.)"""
 
@@ -30,7 +30,7 @@ W_DOWN = torch.randn(EXPERTS, H, 8, generator=_GEN) / 4
 @dataclass(frozen=True)
 class Routing:
     """The choices of one routing (`CHOICES`); `defects` names the fields whose values make it
-    read across tokens (`DEFECTS`)."""
+    read across tokens, or that the analyses do not follow (`DEFECTS`)."""
 
     top: int = 2
     weights: str = "softmax_topk"  # softmax then top-k, top-k then softmax, sigmoids over their sum
@@ -51,11 +51,12 @@ class Routing:
 
     @property
     def defects(self) -> list[str]:
-        """The fields whose values make the routing read across tokens."""
+        """The fields holding a defect (`DEFECTS`)."""
         return [name for name, bad in DEFECTS.items() if getattr(self, name) in bad]
 
 
-# Each field's values: those that keep each token's rows its own, and (`DEFECTS`) those that do not.
+# Each field's values: those that keep each token's rows its own, and (`DEFECTS`) those that do
+# not, or that neither analysis follows (the unsorted ids' counts).
 CHOICES: dict[str, list] = {
     "top": [1, 2, 3], "weights": ["softmax_topk", "topk_softmax", "sigmoid_sum"], "pick": ["topk", "max"],
     "ids": ["as_picked", "int32", "no_expert_to_0", "modulo", "reversed"], "stable": [False, True],

@@ -7,7 +7,7 @@ import collections
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pytest
 import torch
@@ -1632,11 +1632,16 @@ def _routed_experts(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2:
     return y.view(x.shape[0], top, x.shape[1]).sum(1) + (x if residual else 0)
 
 
-def _compile_routed(defect: str, k: int, report: tileflow.Report, top: int = 2) -> None:
-    """`_routed_experts` compiled with k nano-batches, equal to eager at 5, 9 and 16 tokens."""
+def _compile_routed(defect: str, k: int, report: tileflow.Report, top: int = 2,
+                    route: Callable[..., torch.Tensor] | None = None) -> None:
+    """`_routed_experts` with `defect` (or `route(x, scores, w1, w2, top)`) compiled with k
+    nano-batches, equal to eager at 5, 9 and 16 tokens."""
     torch.manual_seed(11)
     w1, w2 = torch.randn(4, 16 if defect == "gate and up halves" else 8, 16) / 4, torch.randn(4, 16, 8) / 4
-    fn = lambda x, scores: _routed_experts(x, scores, w1, w2, defect, top)  # noqa: E731
+    if route is None:
+        fn = lambda x, scores: _routed_experts(x, scores, w1, w2, defect, top)  # noqa: E731
+    else:
+        fn = lambda x, scores: route(x, scores, w1, w2, top)  # noqa: E731
     compiled = torch.compile(fn, backend=tileflow.TileflowBackend(
         {"passes": ("canonicalize", "nanobatch"), "nano_batches": k}, report=report))
     for tokens in (5, 9, 16):
@@ -1723,7 +1728,7 @@ def test_router_ids_are_picked_indices() -> None:
     assert [_router_ids(n) for n in outputs] == [True, True, False, False, False, False, True, False, True, False]
 
 
-EXPERT_SCALES = torch.rand(4, 16) + 0.5
+EXPERT_SCALES = torch.rand(4, 16, generator=torch.Generator().manual_seed(3)) + 0.5
 
 
 def _routed_a_route_a_row(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
@@ -1751,17 +1756,8 @@ def test_a_routing_of_one_route_a_row_runs_per_nano_batch(plans: list[tuple], k:
     its unit weights are `new_ones` the size of the routed rows and an expert's scales are looked
     up by the unsorted ids. Each was an op the proof did not know (the experts ran whole, a
     barrier); now the routing runs per nano-batch, equal to eager."""
-    torch.manual_seed(11)
-    w1, w2 = torch.randn(4, 8, 16) / 4, torch.randn(4, 16, 8) / 4
-    fn = lambda x, scores: _routed_a_route_a_row(x, scores, w1, w2, 2)  # noqa: E731
     report = tileflow.Report()
-    compiled = torch.compile(fn, backend=tileflow.TileflowBackend(
-        {"passes": ("canonicalize", "nanobatch"), "nano_batches": k}, report=report))
-    for tokens in (5, 9, 16):
-        x, scores = torch.randn(tokens, 16), torch.randn(tokens, 4)
-        torch._dynamo.mark_dynamic(x, 0)
-        torch._dynamo.mark_dynamic(scores, 0)
-        torch.testing.assert_close(compiled(x, scores), fn(x, scores), rtol=1e-5, atol=1e-5)
+    _compile_routed("", k, report, route=_routed_a_route_a_row)
     ((gm, plan),) = plans
     grouped = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
     (info,) = [g["extra"]["nano_batch"] for g in report.to_dict()["graphs"]]

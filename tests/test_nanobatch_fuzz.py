@@ -56,7 +56,7 @@ def _split_equals_eager(steps: list[tuple[int, tuple[int, ...]]], k: int, layout
             for dim in range(len(sizes)):
                 torch._dynamo.mark_dynamic(x, dim)
             for got, want in zip(compiled(x), fn(x), strict=True):
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert len(report.graphs) == 1, names(steps)  # one graph, the sizes dynamic
     info = report.graphs[0].extra.get("nano_batch")
     assert info is not None, names(steps)

@@ -67,8 +67,8 @@ _ROW_KINDS = {"rows", "sorted", "sorted_ids"}
 _NO_ROWS = {"histogram", "offsets", "tuple", "pieces", "perm_order"}  # (counts, and tuples of values)
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 # Tensors of one value, of a given size (the `new_` ones read only their input's dtype and device).
-_NEW_FILLED = {aten.new_ones.default, aten.new_zeros.default, aten.new_full.default}
-_FILLED = {*_NEW_FILLED, aten.ones.default, aten.zeros.default, aten.full.default}
+_FILLED = {aten.new_ones.default, aten.new_zeros.default, aten.new_full.default, aten.ones.default, aten.zeros.default,
+           aten.full.default}
 # Casts that keep indices in order (an int8 would wrap past 127).
 _ORDERED_DTYPES = {torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
@@ -259,7 +259,12 @@ def _rows_per_token(a: Any, dims: dict[str, int | None], split: dict[str, bool],
     val = meta_val(a)
     if not isinstance(val, torch.Tensor) or val.dim() < 1:
         return None
-    ratio = sympy.simplify(_expr(val.shape[0]) / tokens)
+    return _per_token(val.shape[0], tokens)
+
+
+def _per_token(size: Any, tokens: Any) -> int | None:
+    """k when `size` is k >= 1 times the token count (compared as expressions), else None."""
+    ratio = sympy.simplify(_expr(size) / tokens)
     return int(ratio) if ratio.is_Integer and ratio >= 1 else None
 
 
@@ -397,24 +402,17 @@ def _kind_of(node: fx.Node, kinds: dict[str, RoutedKind], dims: dict[str, int | 
             return None  # (positions in a narrower type may not fit)
         return RoutedKind("empty", src.k, src.sort)
     if target in _FILLED:
-        # A constant per row (`new_ones(rows, [k*T, 1])`: ERGO's unit weights), sized by the rows.
-        if isinstance(val, torch.Tensor) and val.dim() >= 1 and not any(
-                a.name in depends for a in node.all_input_nodes if isinstance(meta_val(a), torch.Tensor)
-                and a is not (args[0] if target in _NEW_FILLED else None)):
-            ratio = sympy.simplify(_expr(val.shape[0]) / tokens)
-            if ratio.is_Integer and int(ratio) >= 1:
-                return RoutedKind("rows", int(ratio))
-        return None
+        # A constant per row (`new_ones(rows, [k*T, 1])`: ERGO's unit weights), sized by the rows;
+        # its only tensor input, a `new_` op's, gives just the dtype and device.
+        k = _per_token(val.shape[0], tokens) if isinstance(val, torch.Tensor) and val.dim() >= 1 else None
+        return None if k is None else RoutedKind("rows", k)
     if target is aten.arange.default:
         end = args[0]
         end_val = meta_val(end) if isinstance(end, fx.Node) else end
         if node.kwargs.get("dtype") not in (None, torch.int32, torch.int64):
             return None  # (positions in a narrower type may not fit)
-        if isinstance(end_val, torch.SymInt):
-            ratio = sympy.simplify(end_val.node.expr / tokens)
-            if ratio.is_Integer and int(ratio) >= 1:
-                return RoutedKind("arange", int(ratio))
-        return None
+        k = _per_token(end_val, tokens) if isinstance(end_val, torch.SymInt) else None
+        return None if k is None else RoutedKind("arange", k)
     if target is aten.index_put.default:
         base, indices, values = kind(args[0]), args[1], kind(args[2])
         accumulate = args[3] if len(args) > 3 else node.kwargs.get("accumulate", False)

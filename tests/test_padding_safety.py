@@ -44,9 +44,10 @@ def _run(fn: Callable[..., torch.Tensor], make_inputs: Callable[[int], tuple], l
         for arg in args:  # only the token dim is dynamic, as in a serving step
             torch._dynamo.mark_dynamic(arg, list(arg.shape).index(tokens))
         with torch.no_grad():
-            # fp32 noise of the kernels against eager reaches 1e-4 of an attention output (a
-            # padded row reaching a real one shows as whole units).
-            torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-4, atol=1e-5)
+            # fp32 noise of the kernels against eager reaches 1e-4 of an attention output, and
+            # 3e-5 absolute where two attentions chain (a padded row reaching a real one shows
+            # as whole units).
+            torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-4, atol=1e-4)
     return report
 
 

@@ -1764,6 +1764,37 @@ def test_a_routing_of_one_route_a_row_runs_per_nano_batch(plans: list[tuple], k:
     assert info["routed_experts"] == grouped and info["barriers"] == [], (info, report.fallbacks)
 
 
+def _routed_with_constants_per_row(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                                   top: int) -> torch.Tensor:
+    # Constants the size of the routed rows made by factories whose first argument is the size.
+    weights, ids = scores.softmax(-1).topk(top, dim=-1)
+    sorted_ids, perm = torch.sort(ids.reshape(-1))
+    offsets = torch.cumsum(torch.histc(sorted_ids.float(), bins=4, min=0, max=3), dim=0, dtype=torch.int32)
+    rows = perm.size(0)
+    hidden = torch.ops.tileflow.grouped_gemm(x[perm // top] * torch.full((rows, 1), 2.0)[perm], w1, offsets, "silu")
+    y = torch.ops.tileflow.grouped_gemm(hidden, w2, offsets)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(rows)
+    y = y[inverse] * torch.ones(rows, 1) + torch.zeros(rows, 1)
+    return (y.view(x.shape[0], top, -1) * weights.unsqueeze(-1)).sum(1) + x
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_constants_sized_by_the_routed_rows_run_per_nano_batch(plans: list[tuple], k: int) -> None:
+    """`torch.ones(k*T, 1)` (and `zeros`, `full`) in a routing: the proof takes them as a
+    constant per routed row, and each nano-batch makes them at its own rows' count. (The runner
+    resized only the `new_` factories, whose size is their second argument: these were made at
+    the whole step's rows, and the first nano-batch's product crashed.)"""
+    report = tileflow.Report()
+    _compile_routed("", k, report, route=_routed_with_constants_per_row)
+    ((gm, plan),) = plans
+    grouped = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
+    (info,) = [g["extra"]["nano_batch"] for g in report.to_dict()["graphs"]]
+    assert info["routed_experts"] == grouped and info["barriers"] == [], (info, report.fallbacks)
+    factories = {n.target for n in gm.graph.nodes if n.name in plan.routed}
+    assert {torch.ops.aten.ones.default, torch.ops.aten.zeros.default, torch.ops.aten.full.default} <= factories
+
+
 @pytest.mark.parametrize(("form", "top"), [("centred input", 2), ("centred input", 1), ("chained layers", 2)])
 def test_routings_beside_values_whole_by_nature_run_per_nano_batch(plans: list[tuple], split_calls: list[int],
                                                                   form: str, top: int) -> None:

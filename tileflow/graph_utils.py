@@ -39,6 +39,9 @@ SIZED_BY_ARGUMENT: frozenset[Any] = frozenset({
     _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.expand.default,
     _aten.new_empty.default, _aten.new_zeros.default, _aten.new_ones.default, _aten.new_full.default,
 })
+# Factories whose first argument is their output's size (`torch.ones(k * T, 1)`): run over some
+# rows (a routing's, per nano-batch), the size at the rows' dim is set as `SIZED_BY_ARGUMENT`'s.
+SIZED_BY_FIRST_ARGUMENT: frozenset[Any] = frozenset({_aten.ones.default, _aten.zeros.default, _aten.full.default})
 
 
 def bind_arguments(node: fx.Node) -> dict[str, Any]:

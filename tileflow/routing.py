@@ -50,7 +50,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from tileflow.graph_utils import bind_arguments, meta_val, op_name
+from tileflow.graph_utils import SIZED_BY_FIRST_ARGUMENT, bind_arguments, meta_val, op_name
 
 __all__ = ["RoutedKind", "RoutedRegions", "find_routed_regions"]
 
@@ -67,8 +67,7 @@ _ROW_KINDS = {"rows", "sorted", "sorted_ids"}
 _NO_ROWS = {"histogram", "offsets", "tuple", "pieces", "perm_order"}  # (counts, and tuples of values)
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 # Tensors of one value, of a given size (the `new_` ones read only their input's dtype and device).
-_FILLED = {aten.new_ones.default, aten.new_zeros.default, aten.new_full.default, aten.ones.default, aten.zeros.default,
-           aten.full.default}
+_FILLED = {aten.new_ones.default, aten.new_zeros.default, aten.new_full.default} | SIZED_BY_FIRST_ARGUMENT
 # Casts that keep indices in order (an int8 would wrap past 127).
 _ORDERED_DTYPES = {torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64}
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from ..graph_utils import SIZED_BY_ARGUMENT, is_view_op, traced_contiguous
+from ..graph_utils import SIZED_BY_ARGUMENT, SIZED_BY_FIRST_ARGUMENT, is_view_op, traced_contiguous
 from .streams import CudaGraphBuckets, CudaStreams, graph_token_dims, run_schedule_on_streams
 
 aten = torch.ops.aten
@@ -231,6 +231,11 @@ class ScheduleState:
             # A slice need not be viewable with the whole's strides: reshape copies when needed.
             target = aten.reshape.default if target in _VIEWS else target
             call_args = (call_args[0], shape, *call_args[2:])
+        elif target in SIZED_BY_FIRST_ARGUMENT and node.name in self.routed:
+            # A constant per routed row (`ones(k * T, 1)`): its nano-batch's own rows.
+            shape = list(call_args[0])
+            shape[dims[node.name]] = (hi - lo) * self.scales[node.name]
+            call_args = (shape, *call_args[1:])
         elif target is aten.arange.default and node.name in self.routed:
             # The routed rows' positions 0 .. k*n - 1 (the graph's length is the whole step's).
             call_args = ((hi - lo) * self.scales[node.name], *call_args[1:])

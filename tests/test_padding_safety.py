@@ -383,10 +383,6 @@ def _unsort(y: torch.Tensor, order: torch.Tensor, top: int) -> torch.Tensor:
     return y[inverse].view(-1, top, H).sum(1)
 
 
-def _rows(tokens: int) -> tuple[torch.Tensor]:
-    return (torch.randn(tokens, H),)
-
-
 def _moe(x: torch.Tensor, top: int = 2) -> torch.Tensor:
     weights, keys, order, rows = _route(x, top)
     y = tileflow.ops.grouped_gemm(rows, EXPERT_W, _offsets(keys)) * weights[:, None]
@@ -1828,6 +1824,88 @@ def test_an_input_eps_is_taken_as_positive_and_checked_at_each_call(replay_on_cp
             replays = replay_on_cpu.replays
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
     assert replay_on_cpu.captures == 1 and replays > 0 and replay_on_cpu.replays == replays
+
+
+def _positions_rounded_in_float32(x: torch.Tensor) -> torch.Tensor:
+    # 0, 0, 2, 4, 4, 4, 6, ...: in a bucket, real query 4 sees padded key 5 (both "4").
+    p = (torch.arange(x.shape[1], dtype=torch.float32) + 2**24) - 2**24
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=p[None, :] <= p[:, None])
+
+
+def _float_positions_cast_to_int(x: torch.Tensor) -> torch.Tensor:
+    p = torch.arange(2**24, 2**24 + x.shape[1], dtype=torch.float32).long()
+    return F.scaled_dot_product_attention(*_heads(x), attn_mask=p[None, :] <= p[:, None])
+
+
+def _int32_positions_wrapping_negative(x: torch.Tensor) -> torch.Tensor:
+    # Padded rows from row 18 wrap past 2**31 - 1: log of a negative, NaN, reaches V.
+    q, k, v = _heads(x)
+    scale = torch.log((torch.arange(x.shape[1], dtype=torch.int32) + (2**31 - 18)).float() + 1)
+    return F.scaled_dot_product_attention(q, k, v * scale[:, None], is_causal=True)
+
+
+def _int32_positions_wrapped_into_a_table(x: torch.Tensor) -> torch.Tensor:
+    # arange(T) after two wraps, though the offsets sum to -2**32: a bucket of 32 reads row 31 of 20.
+    return x + TABLE20[torch.arange(x.shape[0], dtype=torch.int32) - (2**31 - 1) - (2**31 - 1) - 2]
+
+
+@pytest.mark.parametrize("fn, lengths", [(_positions_rounded_in_float32, (3, 5, 11)),
+                                         (_float_positions_cast_to_int, (3, 5, 11)),
+                                         (_int32_positions_wrapping_negative, (17, 18)),
+                                         (_int32_positions_wrapped_into_a_table, (17, 18))])
+def test_positions_a_dtype_cannot_hold_exactly_are_none(replay_on_cpu, fn, lengths) -> None:
+    """A position is a tensor equal to its token index plus a constant, in a replay's padded rows
+    too; float32 rounds past 2**24 and int32 wraps past 2**31, so a position with such a
+    constant is not one (found by a second reader: each was captured at buckets, and masks,
+    signs and table bounds built on it were wrong in a replay: real queries saw padded keys,
+    NaN reached V, a lookup read past its table)."""
+    make = _tokens if fn is not _int32_positions_wrapped_into_a_table else _rows
+    report = _run(fn, make, lengths=lengths)
+    (note,) = _cuda_graphs_notes(report)
+    assert note.startswith("exact token counts only"), note
+
+
+def _router_over_a_float_mask(ids: torch.Tensor) -> torch.Tensor:
+    # `ids.float() > 0.5` is True at real ids (>= 1) and False at padded ones (0), which the proof
+    # cannot see through the float: every padded row is filled with -inf, its softmax is NaN, and
+    # V carries it into real rows.
+    x = EMBED10[ids]
+    q, k, v = _heads(x[None])
+    probs = (x @ ROUTER.T).masked_fill(~(ids.float() > 0.5)[:, None], float("-inf")).softmax(-1)
+    return F.scaled_dot_product_attention(q, k, v * probs[:, :1], is_causal=True)
+
+
+def _router_masked_below_its_largest(x: torch.Tensor, shift: float | None = None) -> torch.Tensor:
+    # PhiMoE's sparse mixer: scores far below the row's largest (then the second largest) are
+    # masked with -inf before a softmax; the output feeds an attention's V.
+    scores = x[0] @ ROUTER.T
+    largest, first = scores.max(dim=-1, keepdim=True)
+    # (With a shift, the fill is of other values than those whose largest the mask keeps.)
+    filled = scores if shift is None else scores + shift
+    gates = filled.masked_fill((largest - scores) / scores.abs().clamp(min=largest) > 0.02, float("-inf"))
+    rest = torch.scatter(scores, -1, first, float("-inf"))
+    second, _ = rest.max(dim=-1, keepdim=True)
+    gates2 = rest.masked_fill((second - scores) / scores.abs().clamp(min=second) > 0.02, float("-inf"))
+    weights = gates.softmax(-1)[:, :1] + gates2.softmax(-1)[:, 1:2]
+    q, k, v = _heads(x)
+    return F.scaled_dot_product_attention(q, k, v * weights, is_causal=True)
+
+
+def test_an_infinite_fill_under_a_mask_unknown_at_padded_rows_is_not_replayed(replay_on_cpu) -> None:
+    """A -inf fill under a mask the proof knows nothing of at padded rows may cover a whole
+    padded row where it covers no real one (found by a second reader: captured, the replay's
+    real rows were NaN). A mask that keeps each row's largest score, as PhiMoE's router's
+    (`_keeps_each_largest`), still is; not when the fill is of other values (`scores + 1`)."""
+    report = _run(_router_over_a_float_mask, lambda t: (torch.randint(1, 10, (t,)),))
+    (note,) = _cuda_graphs_notes(report)
+    assert note.startswith("exact token counts only") and "(from masked_fill)" in note, note
+    torch._dynamo.reset()
+    report = _run(_router_masked_below_its_largest, _tokens)
+    assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]
+    torch._dynamo.reset()
+    report = _run(lambda x: _router_masked_below_its_largest(x, shift=1.0), _tokens)
+    (note,) = _cuda_graphs_notes(report)
+    assert note.startswith("exact token counts only") and "(from masked_fill)" in note, note
 
 
 # A replay pads integer inputs with 0, a row of every table; arithmetic can move it out of one,

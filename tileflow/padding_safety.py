@@ -26,7 +26,8 @@ graph and run it on each call's own rows before the replay (`check_padding(...,
 split_asserts=True)`, `PaddingCheck.unpadded_asserts`).
 
 Positions and fills hold at every element, a replay's padded rows included (its `arange` runs
-over the bucket's rows; an input's padded rows hold `PAD_VALUE` instead, so an input is neither).
+over the bucket's rows; an input's padded rows hold `PAD_VALUE` instead, so an input is neither);
+a position is one only where its dtype holds every such value exactly (`_Walk.representable`).
 The walk carries them through slices from a fixed row (`pos[1:]`, `pos[:, :1] - 1`; one row is a
 fill), a cat that continues a position backwards (torch.diff's `prepend`), indexing at the same
 or an earlier token (`x[arange(1, T) - 1]`), integer arithmetic on fills, and sums, differences
@@ -489,6 +490,8 @@ class _Walk:
                 facts = self.visit(node)
             except Exception as exc:  # an op shape the walk did not expect: refuse, never guess
                 facts = _Facts(hazard=f"{node.name}: not analysed ({type(exc).__name__}: {exc})")
+            if facts.position is not None and not self.representable(node, facts.position):
+                facts = replace(facts, position=None)
             self.facts[node] = facts
             if node.op == "call_function" and node.target in _ASSERTS and facts.hazard:
                 # Reaches no output, but a replay runs it over the padded rows too, where it may
@@ -760,9 +763,10 @@ class _Walk:
     def puts_infinity(self, node: fx.Node) -> bool:
         """Whether `node` fills every padded element with an infinite (or NaN) number while real
         rows may keep finite ones: `masked_fill(~keep, -inf)` or `where(keep, x, -inf)` of a mask
-        whose padded rows are known to select the fill (a bool input pads with False). A softmax
-        over such a row is NaN. (A mask computed from float values, such as PhiMoE's router's
-        relative to its row's largest score, is not known at padded rows: not counted.)"""
+        whose padded rows are known to select the fill (a bool input pads with False), or are not
+        known (`ids.float() > 0.5`: False at padded ids 0). A softmax over such a row is NaN. Not
+        counted: a fill whose mask spares each row's largest element, read only by softmaxes
+        along that row (PhiMoE's router, `_keeps_each_largest`)."""
         target = node.target
 
         def padded(arg: Any) -> Any:
@@ -778,11 +782,16 @@ class _Walk:
             return False
         args = bind_arguments(node)
         if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-            return infinite(args["value"]) and padded(args["mask"]) is True
+            mask = padded(args["mask"])
+            if mask is None and self.carries_tokens(args["mask"]):
+                # Not known at padded rows: it may cover one where it covers no real row.
+                return infinite(args["value"]) and not _keeps_each_largest(node)
+            return infinite(args["value"]) and mask is True
         if target in _WHERES:
             condition = padded(args["condition"])
-            return condition is not None and not isinstance(condition, float) and infinite(
-                args["self" if condition else "other"])
+            if condition is None:
+                return self.carries_tokens(args["condition"]) and (infinite(args["self"]) or infinite(args["other"]))
+            return not isinstance(condition, float) and infinite(args["self" if condition else "other"])
         return False
 
     def out_of_domain(self, node: fx.Node) -> bool:
@@ -1006,6 +1015,18 @@ class _Walk:
             c = sympy.sympify(facts.position)
             return not _floating(val.dtype) and c.is_Integer and abs(int(c)) <= _KNOWN_BOUND
         return True
+
+    def representable(self, node: fx.Node, position: Any) -> bool:
+        """Whether a position's values are exact in `node`'s dtype at every row a replay runs, so
+        that it may be one at all (every rule that makes a position relies on this): any in
+        int64; in int32 or a float dtype, only with a constant part within `_KNOWN_BOUND` (int32
+        wraps past 2**31, float32 rounds past 2**24: `arange(T) + 2**24 - 2**24` holds 0, 0, 2,
+        4, 4, ...). A symbolic part is a size (a cache's length), taken to stay in range as sizes do."""
+        val = meta_val(node)
+        if not isinstance(val, torch.Tensor) or val.dtype == torch.int64:
+            return True
+        constant, _ = sympy.sympify(position).as_coeff_Add()
+        return bool(constant.is_number and abs(constant) <= _KNOWN_BOUND)
 
     def exact(self, node: fx.Node) -> bool:
         """Whether a position's values are exact at every row a replay runs, where a comparison
@@ -2263,6 +2284,36 @@ def _as_dtype(value: Any, dtype: torch.dtype) -> int | bool | None:
         return None
     with unset_fake_temporarily():
         return torch.tensor(value).to(dtype).item()
+
+
+def _keeps_each_largest(fill: fx.Node) -> bool:
+    """Whether `fill` (`z.masked_fill(mask, -inf)`) keeps the largest element of z along a dim d,
+    and only softmaxes along d read it (so it adds no all -inf row to them): the mask is `(max(z,
+    d) - y) / f > c` (or without `/ f`) for a number c >= 0, and z is y, or y with elements set to
+    -inf (PhiMoE's router: `scores`, then `scatter(scores, d, i, -inf)`). At z's largest element
+    the difference is 0 (0 / f is 0 or NaN), never above c; a row of z that is all -inf has no
+    largest element to keep, and the fill's row is all -inf where z's already was."""
+    z, mask = fill.args[0], fill.args[1]
+    if not (isinstance(mask, fx.Node) and mask.target is aten.gt.Scalar and isinstance(mask.args[1], (int, float))
+            and mask.args[1] >= 0 and isinstance(mask.args[0], fx.Node)):
+        return False
+    difference = mask.args[0]
+    if difference.target is aten.div.Tensor and isinstance(difference.args[0], fx.Node):
+        difference = difference.args[0]
+    if difference.target is not aten.sub.Tensor or difference.kwargs.get("alpha", 1) != 1:
+        return False
+    largest, y = difference.args[:2]
+    if not (isinstance(largest, fx.Node) and largest.target is operator.getitem and largest.args[1] == 0
+            and largest.args[0].target is aten.max.dim and largest.args[0].args[0] is z):
+        return False
+    rank = meta_val(z).dim()
+    dim = largest.args[0].args[1] % rank
+    keepdim = bind_arguments(largest.args[0])["keepdim"]
+    hidden_from_y = z is y or (z.target in (aten.scatter.value, aten.masked_fill.Scalar) and z.args[0] is y
+                               and z.args[-1] == float("-inf"))
+    read_along_dim = all(u.target in (aten._softmax.default, aten.softmax.int) and u.args[1] % rank == dim
+                         for u in fill.users)
+    return bool(keepdim and hidden_from_y and read_along_dim and fill.users)
 
 
 def _short_name(target: Any) -> str:

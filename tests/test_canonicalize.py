@@ -434,7 +434,9 @@ def test_the_tanh_gelu_written_out_becomes_one_gelu(form: str) -> None:
     after = ops(gm)
     assert not {aten.tanh.default, aten.pow.Tensor_Scalar, aten.mul.Tensor, aten.add.Tensor} & set(after)
     x2 = torch.randn(9, 8)
-    torch.testing.assert_close(gm(x2, w), fn(x2, w), rtol=1e-6, atol=1e-6)
+    # One gelu rounds otherwise than its written-out ops, by a few ulp (past 1e-6 + 1e-6 relative
+    # in 2 of 4500 draws); the tanh form against the erf one differs by 1e-4 and more.
+    torch.testing.assert_close(gm(x2, w), fn(x2, w), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("form", ["divided", "multiplied", "half_last"])
@@ -456,7 +458,9 @@ def test_the_erf_gelu_written_out_becomes_one_gelu(form: str) -> None:
     assert gelu.kwargs.get("approximate", "none") == "none" and gelu.args[0].target is aten.linear.default
     assert not {aten.erf.default, aten.div.Tensor, aten.mul.Tensor, aten.add.Tensor} & set(ops(gm))
     x2 = torch.randn(9, 8)
-    torch.testing.assert_close(gm(x2, w), fn(x2, w), rtol=1e-6, atol=1e-6)
+    # One gelu rounds otherwise than its written-out ops, by a few ulp (past 1e-6 + 1e-6 relative
+    # in 2 of 4500 draws); the tanh form against the erf one differs by 1e-4 and more.
+    torch.testing.assert_close(gm(x2, w), fn(x2, w), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("change", ["scale", "erf_of_another", "erf_read_again", "scaled_read_again"])

@@ -1749,6 +1749,18 @@ def _routed_a_route_a_row(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tenso
     return (y.view(x.shape[0], top, -1) * weights.unsqueeze(-1)).sum(1)
 
 
+def _assert_routed_per_nano_batch(plans: list[tuple], k: int, route: Callable[..., torch.Tensor]) -> tuple:
+    """Compile `route` with k nano-batches (`_compile_routed`: equal to eager) and check that its
+    grouped GEMMs ran per nano-batch, none a barrier; returns the (graph module, plan) run."""
+    report = tileflow.Report()
+    _compile_routed("", k, report, route=route)
+    ((gm, plan),) = plans
+    grouped = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
+    (info,) = [g["extra"]["nano_batch"] for g in report.to_dict()["graphs"]]
+    assert info["routed_experts"] == grouped and info["barriers"] == [], (info, report.fallbacks)
+    return gm, plan
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_a_routing_of_one_route_a_row_runs_per_nano_batch(plans: list[tuple], k: int) -> None:
     """ERGO routes each token's row repeated once per pick: its reshapes merge a token's picks
@@ -1756,12 +1768,7 @@ def test_a_routing_of_one_route_a_row_runs_per_nano_batch(plans: list[tuple], k:
     its unit weights are `new_ones` the size of the routed rows and an expert's scales are looked
     up by the unsorted ids. Each was an op the proof did not know (the experts ran whole, a
     barrier); now the routing runs per nano-batch, equal to eager."""
-    report = tileflow.Report()
-    _compile_routed("", k, report, route=_routed_a_route_a_row)
-    ((gm, plan),) = plans
-    grouped = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
-    (info,) = [g["extra"]["nano_batch"] for g in report.to_dict()["graphs"]]
-    assert info["routed_experts"] == grouped and info["barriers"] == [], (info, report.fallbacks)
+    _assert_routed_per_nano_batch(plans, k, _routed_a_route_a_row)
 
 
 def _routed_with_constants_per_row(x: torch.Tensor, scores: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
@@ -1785,12 +1792,7 @@ def test_constants_sized_by_the_routed_rows_run_per_nano_batch(plans: list[tuple
     constant per routed row, and each nano-batch makes them at its own rows' count. (The runner
     resized only the `new_` factories, whose size is their second argument: these were made at
     the whole step's rows, and the first nano-batch's product crashed.)"""
-    report = tileflow.Report()
-    _compile_routed("", k, report, route=_routed_with_constants_per_row)
-    ((gm, plan),) = plans
-    grouped = [n.name for n in gm.graph.nodes if getattr(n.target, "_opname", None) == "grouped_gemm"]
-    (info,) = [g["extra"]["nano_batch"] for g in report.to_dict()["graphs"]]
-    assert info["routed_experts"] == grouped and info["barriers"] == [], (info, report.fallbacks)
+    gm, plan = _assert_routed_per_nano_batch(plans, k, _routed_with_constants_per_row)
     factories = {n.target for n in gm.graph.nodes if n.name in plan.routed}
     assert {torch.ops.aten.ones.default, torch.ops.aten.zeros.default, torch.ops.aten.full.default} <= factories
 

@@ -1583,13 +1583,23 @@ def _alibi_slopes(term: Any, over: fx.Node, view: fx.Node | None = None) -> list
         return rows[0, :, 0, 0].tolist()
 
 
+# Dtypes that hold every position of a step exactly (bf16 rounds past 256, int8 wraps past 127).
+_POSITION_DTYPES = (torch.int32, torch.int64, torch.float32, torch.float64)
+
+
 def _is_positions(node: fx.Node) -> bool:
-    """Whether `node` is a unit-step `arange` behind layout ops and shifts by constants."""
+    """Whether `node` is a unit-step `arange` behind layout ops and shifts by constants, each in
+    a dtype that holds every position exactly (the bias is checked linear at the example sizes
+    only: a narrower one is linear there and not at longer sequences)."""
     while node.op == "call_function" and (node.target in _LAYOUTS or (
             node.target in _SHIFTS and _constant(node.args[1]) is not None)):
+        if getattr(_val(node), "dtype", None) not in _POSITION_DTYPES:
+            return False
         node = node.args[0]
         if not isinstance(node, fx.Node):
             return False
+    if getattr(_val(node), "dtype", None) not in _POSITION_DTYPES:
+        return False
     if node.target in (aten.arange.default, aten.arange.start):
         return True
     return node.target is aten.arange.start_step and bind_arguments(node)["step"] == 1

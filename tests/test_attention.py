@@ -643,8 +643,9 @@ def alibi_attention(x: torch.Tensor, w: torch.Tensor, *, form: str, bias: str = 
     `baddbmm(bias, q, k^T)` over flattened heads (BLOOM; "baddbmm_halved": the scores halved
     after it, bias included) or the bias added to the scaled scores (MPT; "add_with_sinks": and
     a sink logit per head joined to the softmax), then a causal mask filled in with finfo.min.
-    `bias`: "alibi" (slope * key position), "squared" (slope * position ** 2: not ALiBi) or
-    "learned" (a tensor: not ALiBi either)."""
+    `bias`: "alibi" (slope * key position), "squared" (slope * position ** 2: not ALiBi),
+    "learned" (a tensor: not ALiBi either), or a dtype's name, "bfloat16" or "int8" (positions
+    in it: linear only while it holds them exactly)."""
     b, s, _ = x.shape
     q, k, v = ((x @ w).split([64, 64, 64], dim=-1))
     q, k, v = (t.view(b, s, 4, 16).transpose(1, 2) for t in (q, k, v))
@@ -652,6 +653,8 @@ def alibi_attention(x: torch.Tensor, w: torch.Tensor, *, form: str, bias: str = 
     positions = torch.arange(s)
     if bias == "squared":
         positions = positions * positions
+    if bias in ("bfloat16", "int8"):
+        positions = positions.to(getattr(torch, bias))
     term = slopes[:, None, None] * positions  # [4, 1, S]
     if bias == "learned":
         term = w[:4, :s, None].transpose(1, 2) * 3.0  # from an input
@@ -898,6 +901,21 @@ def test_position_biases_that_are_not_alibi(bias: str) -> None:
             continue
         assert report.rewrites["meta_attention"] == 1 and "alibi" not in report.rewrites and not report.fallbacks
         assert report.rewrites.get("product_bias") == (None if form == "add" else 1), report.rewrites
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_positions_in_a_dtype_that_cannot_hold_them_are_not_alibi(dtype: str) -> None:
+    """ALiBi's positions cast to bfloat16 (exact up to 256) or int8 (up to 127) are linear at a
+    short example and not at a longer call of the same graph: taken for ALiBi, the kernel's exact
+    distances gave other scores than the model's (found by a second reader). They stay the
+    kernel's additive bias, equal to eager at every length."""
+    w = torch.randn(32, 192) / 32**0.5
+    compiled, _, _, report = compile_attention(lambda x, w: alibi_attention(x, w, form="add", bias=dtype),
+                                               torch.randn(2, 7, 32), w)
+    for s in (11, 300):
+        x = torch.randn(2, s, 32)
+        torch.testing.assert_close(compiled(x, w), alibi_attention(x, w, form="add", bias=dtype), rtol=1e-4, atol=1e-4)
+    assert report.rewrites["meta_attention"] == 1 and "alibi" not in report.rewrites, report.rewrites
 
 
 def _biased_product(x: torch.Tensor, bias: torch.Tensor, *, halved: bool = True, capped: bool = False,

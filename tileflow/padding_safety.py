@@ -395,7 +395,7 @@ def check_padding(gm: fx.GraphModule, token: Any, *, split_asserts: bool = False
     that writes any tensor in place is refused too: a replay writes the static copy of an input.
     With `split_asserts`, an assert over values padded rows would change is no hazard when the
     caller can run it apart, on the call's rows (`PaddingCheck.unpadded_asserts`)."""
-    viewing = _output_viewing_an_input(gm)
+    viewing = _output_viewing_an_input(gm) or _random_draw(gm)
     if viewing:
         return PaddingCheck(viewing, unpadded_replay=False)
     walk = _Walk(token, split_asserts=split_asserts)
@@ -415,6 +415,19 @@ def check_padding(gm: fx.GraphModule, token: Any, *, split_asserts: bool = False
 # and no offset, from which the caller rebuilds it exactly (`_output_viewing_an_input`).
 _ROW_MAJOR_VIEWS = _RESHAPES | {aten.alias.default, aten.detach.default, aten.unsqueeze.default, aten.squeeze.dim,
                                  aten.squeeze.dims, aten.squeeze.default}
+
+
+def _random_draw(gm: fx.GraphModule) -> str | None:
+    """Why no replay of `gm` is right when it draws random numbers (an op tagged
+    `nondeterministic_seeded`: `randn`, `rand_like`, dropout, ...): a capture draws them too, and
+    a replay from the generator's state then, padded to the bucket's rows, not the call's
+    (Reformer seeds its hashing's `randn` at each call: replayed, it hashed with other
+    rotations). None when it draws none."""
+    for node in gm.graph.nodes:
+        if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags:
+            return (f"{node.name}: {node.target.name()} draws random numbers, which a capture draws too and a replay "
+                    "draws again, not as the call would")
+    return None
 
 
 def _output_viewing_an_input(gm: fx.GraphModule) -> str | None:
@@ -506,7 +519,7 @@ class _Walk:
         """Whether the ops an assert reads are few and light enough to run again, uncaptured, on a
         call's own rows (`_MOST_CHECK_OPS`, `_HEAVY_OPS`): ATen's or prims' (and Python's
         arithmetic on sizes), none a GEMM, convolution, distance, decomposition, solve, FFT or
-        attention, and none random (run again, it would check other numbers than the graph's)."""
+        attention. (None random: a step that draws random numbers is never replayed, `_random_draw`.)"""
         ops: set[fx.Node] = set()
         stack = list(node.all_input_nodes)
         while stack:
@@ -516,7 +529,6 @@ class _Walk:
             name = _short_name(cur.target)
             if (cur.op != "call_function" or len(ops) == _MOST_CHECK_OPS or name in _HEAVY_OPS
                     or name.startswith(_HEAVY_PREFIXES) and name not in _LIGHT_LINALG
-                    or torch.Tag.nondeterministic_seeded in getattr(cur.target, "tags", ())
                     or getattr(cur.target, "namespace", "aten") not in ("aten", "prims")):  # (operator's: none)
                 return False
             ops.add(cur)

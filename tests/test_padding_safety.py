@@ -1865,13 +1865,17 @@ def test_positions_a_dtype_cannot_hold_exactly_are_none(replay_on_cpu, fn, lengt
     assert note.startswith("exact token counts only"), note
 
 
-def _router_over_a_float_mask(ids: torch.Tensor) -> torch.Tensor:
+def _router_over_a_float_mask(ids: torch.Tensor, fill: str = "masked_fill") -> torch.Tensor:
     # `ids.float() > 0.5` is True at real ids (>= 1) and False at padded ones (0), which the proof
-    # cannot see through the float: every padded row is filled with -inf, its softmax is NaN, and
-    # V carries it into real rows.
+    # cannot see through the float: every padded row is filled with -inf (by `masked_fill`, or
+    # `where` keeping the scores), its softmax is NaN, and V carries it into real rows.
     x = EMBED10[ids]
     q, k, v = _heads(x[None])
-    probs = (x @ ROUTER.T).masked_fill(~(ids.float() > 0.5)[:, None], float("-inf")).softmax(-1)
+    keep, scores = (ids.float() > 0.5)[:, None], x @ ROUTER.T
+    if fill == "masked_fill":
+        probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+    else:
+        probs = torch.where(keep, scores, float("-inf")).softmax(-1)
     return F.scaled_dot_product_attention(q, k, v * probs[:, :1], is_causal=True)
 
 
@@ -1896,9 +1900,11 @@ def test_an_infinite_fill_under_a_mask_unknown_at_padded_rows_is_not_replayed(re
     padded row where it covers no real one (found by a second reader: captured, the replay's
     real rows were NaN). A mask that keeps each row's largest score, as PhiMoE's router's
     (`_keeps_each_largest`), still is; not when the fill is of other values (`scores + 1`)."""
-    report = _run(_router_over_a_float_mask, lambda t: (torch.randint(1, 10, (t,)),))
-    (note,) = _cuda_graphs_notes(report)
-    assert note.startswith("exact token counts only") and "(from masked_fill)" in note, note
+    for fill in ("masked_fill", "where"):
+        torch._dynamo.reset()
+        report = _run(lambda ids: _router_over_a_float_mask(ids, fill), lambda t: (torch.randint(1, 10, (t,)),))
+        (note,) = _cuda_graphs_notes(report)
+        assert note.startswith("exact token counts only") and f"(from {fill})" in note, note
     torch._dynamo.reset()
     report = _run(_router_masked_below_its_largest, _tokens)
     assert _cuda_graphs_notes(report) == ["whole step, token buckets [16, 32]"]

@@ -395,9 +395,9 @@ def check_padding(gm: fx.GraphModule, token: Any, *, split_asserts: bool = False
     that writes any tensor in place is refused too: a replay writes the static copy of an input.
     With `split_asserts`, an assert over values padded rows would change is no hazard when the
     caller can run it apart, on the call's rows (`PaddingCheck.unpadded_asserts`)."""
-    viewing = _output_viewing_an_input(gm) or _random_draw(gm)
-    if viewing:
-        return PaddingCheck(viewing, unpadded_replay=False)
+    never = _output_viewing_an_input(gm) or _random_draw(gm)
+    if never:
+        return PaddingCheck(never, unpadded_replay=False)
     walk = _Walk(token, split_asserts=split_asserts)
     hazard = walk.run(gm)
     if not hazard:
@@ -1041,13 +1041,12 @@ class _Walk:
         return bool(constant.is_number and abs(constant) <= _KNOWN_BOUND)
 
     def exact(self, node: fx.Node) -> bool:
-        """Whether a position's values are exact at every row a replay runs, where a comparison
-        of them builds a mask: in int64 (no model offsets positions near 2**63), and in a narrower
-        or float dtype only with an integer offset within `_KNOWN_BOUND` (int32 wraps past 2**31,
-        float32 rounds past 2**24: a bucket's padded keys would compare as earlier ones or as
-        the query's own)."""
+        """Whether a position's values are exact whole numbers at every row a replay runs, where a
+        comparison of them builds a mask: in int64 (no model offsets positions near 2**63), and in
+        a narrower or float dtype with an integer offset (one within `_KNOWN_BOUND`, as every
+        position there is: `representable`); not with a size in it, which may reach past 2**24."""
         c = sympy.sympify(self.facts[node].position)
-        return meta_val(node).dtype == torch.int64 or bool(c.is_Integer and abs(int(c)) <= _KNOWN_BOUND)
+        return meta_val(node).dtype == torch.int64 or bool(c.is_Integer)
 
     def affine(self, value: Any, rank: int) -> tuple[int, Any, dict[int, Any] | None] | None:
         """An operand of an elementwise op of `rank` dims as (k, c, dims) when each element holds
